@@ -1,0 +1,177 @@
+//! The synchronous [`Backend`] trait and the engines that implement it.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::InferenceError;
+use crate::tensor::{DataType, NamedTensor};
+
+#[cfg(feature = "ort")]
+pub mod ort;
+#[cfg(feature = "tract")]
+pub mod tract;
+
+/// Name, datatype and shape of one model input or output. `-1` marks a dimension of any size.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<i64>,
+}
+
+impl TensorSpec {
+    /// Whether a concrete shape fits this spec (same rank, fixed dimensions equal).
+    pub fn accepts_shape(&self, shape: &[usize]) -> bool {
+        self.shape.len() == shape.len()
+            && self
+                .shape
+                .iter()
+                .zip(shape)
+                .all(|(&want, &got)| want < 0 || want as u64 == got as u64)
+    }
+
+    /// Whether the first dimension is variable, so requests can be stacked along it.
+    pub fn has_dynamic_batch(&self) -> bool {
+        self.shape.first().is_some_and(|&d| d < 0)
+    }
+}
+
+/// What a loaded model takes and gives, as the backend read it from the model file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelMetadata {
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+impl ModelMetadata {
+    /// True when every input and output has a variable first dimension: the model can run
+    /// several requests stacked along axis 0.
+    pub fn supports_batching(&self) -> bool {
+        !self.inputs.is_empty()
+            && self.inputs.iter().all(TensorSpec::has_dynamic_batch)
+            && self.outputs.iter().all(TensorSpec::has_dynamic_batch)
+    }
+
+    pub fn input(&self, name: &str) -> Option<&TensorSpec> {
+        self.inputs.iter().find(|s| s.name == name)
+    }
+
+    pub fn output(&self, name: &str) -> Option<&TensorSpec> {
+        self.outputs.iter().find(|s| s.name == name)
+    }
+}
+
+/// A loaded model, ready to run. One instance is owned by one worker thread, so `infer`
+/// takes `&mut self` and needs no locking; the plan an engine compiled at load time is shared
+/// between instances where the engine allows it.
+pub trait Backend: Send {
+    /// The engine's name (`"tract"`, `"ort"`).
+    fn name(&self) -> &'static str;
+
+    /// Inputs and outputs as the model file declares them.
+    fn metadata(&self) -> &ModelMetadata;
+
+    /// Cheap liveness check of the engine.
+    fn health(&self) -> Result<(), InferenceError> {
+        Ok(())
+    }
+
+    /// The largest batch this backend can run in one call: `usize::MAX` where the model has a
+    /// variable batch dimension, `0` where it has none (requests run one by one, unbatched).
+    fn max_batch_size(&self) -> usize {
+        if self.metadata().supports_batching() {
+            usize::MAX
+        } else {
+            0
+        }
+    }
+
+    /// Runs the model. `inputs` are already checked against [`Backend::metadata`] and come in
+    /// the order of `metadata().inputs`; the outputs come in the order of `metadata().outputs`.
+    fn infer(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, InferenceError>;
+
+    /// Another instance of the same loaded model for another worker thread, sharing what the
+    /// engine compiled at load time where it can.
+    fn fork(&self) -> Result<Box<dyn Backend>, InferenceError>;
+}
+
+/// Which engine runs a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// tract: pure Rust, always available in the default build.
+    #[default]
+    Tract,
+    /// ONNX Runtime through the `ort` crate (cargo feature `ort`).
+    Ort,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Tract => "tract",
+            BackendKind::Ort => "ort",
+        }
+    }
+
+    /// Whether this build was compiled with the engine.
+    pub fn is_compiled(self) -> bool {
+        match self {
+            BackendKind::Tract => cfg!(feature = "tract"),
+            BackendKind::Ort => cfg!(feature = "ort"),
+        }
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "tract" => Ok(BackendKind::Tract),
+            "ort" | "onnxruntime" => Ok(BackendKind::Ort),
+            other => Err(format!("unknown backend {other:?}; expected tract or ort")),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where ONNX Runtime runs a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionProvider {
+    #[default]
+    Cpu,
+    /// CUDA on the given device, falling back to CPU where no GPU (or no CUDA library) is present.
+    Cuda { device_id: i32 },
+}
+
+/// How to load a model file.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    pub backend: BackendKind,
+    /// Threads one inference may use inside the engine (`0` = the engine's default).
+    pub intra_op_threads: usize,
+    /// ONNX Runtime only.
+    pub execution_provider: ExecutionProvider,
+}
+
+/// Loads an ONNX model file with the chosen backend: parse, optimise and plan once, here.
+pub fn load(path: &Path, options: &LoadOptions) -> Result<Box<dyn Backend>, InferenceError> {
+    match options.backend {
+        #[cfg(feature = "tract")]
+        BackendKind::Tract => Ok(Box::new(tract::TractBackend::load(path, options)?)),
+        #[cfg(feature = "ort")]
+        BackendKind::Ort => Ok(Box::new(ort::OrtBackend::load(path, options)?)),
+        #[allow(unreachable_patterns)]
+        other => Err(InferenceError::BackendNotCompiled {
+            backend: other.as_str(),
+        }),
+    }
+}

@@ -1,0 +1,222 @@
+//! The tract backend: pure Rust, the default engine.
+//!
+//! Loading parses the ONNX file with Nightingale's extra ONNX-ML operators registered
+//! ([`register_onnx_ml_ops`]), turns unknown leading input dimensions into the symbol `N` so the
+//! model accepts any batch, then optimises and plans it once. Each instance owns only its
+//! per-call state; the plan is shared.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tract_onnx::prelude::{
+    DatumType, Framework, InferenceModelExt, TValue, Tensor as TractTensor, TractError, TVec,
+};
+use tract_onnx::tract_core::model::{IntoRunnable, TypedRunnableModel, TypedSimpleState};
+use tract_onnx::tract_hir::infer::{GenericFactoid, InferenceFact};
+use tract_onnx::tract_hir::internal::TDim;
+
+use super::{Backend, LoadOptions, ModelMetadata, TensorSpec};
+use crate::error::InferenceError;
+use crate::tensor::{DataType, NamedTensor, Tensor};
+
+mod ml_ops;
+
+pub use ml_ops::register_onnx_ml_ops;
+
+const NAME: &str = "tract";
+
+/// A model planned by tract, with this instance's run state.
+pub struct TractBackend {
+    plan: Arc<TypedRunnableModel>,
+    state: TypedSimpleState,
+    metadata: Arc<ModelMetadata>,
+}
+
+impl std::fmt::Debug for TractBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TractBackend").field("metadata", &self.metadata).finish_non_exhaustive()
+    }
+}
+
+/// The ONNX front end with Nightingale's ONNX-ML operators added.
+pub fn onnx() -> tract_onnx::Onnx {
+    let mut onnx = tract_onnx::onnx();
+    register_onnx_ml_ops(&mut onnx.op_register);
+    onnx
+}
+
+impl TractBackend {
+    pub fn load(path: &Path, _options: &LoadOptions) -> Result<Self, InferenceError> {
+        let load_err = |e: TractError| InferenceError::load(path, e);
+        let mut model = onnx().model_for_path(path).map_err(load_err)?;
+        let batch = model.symbols.sym("N");
+        for ix in 0..model.inputs.len() {
+            let mut fact: InferenceFact = model.input_fact(ix).map_err(load_err)?.clone();
+            let dims: Vec<_> = fact.shape.dims().cloned().collect();
+            if dims.is_empty() {
+                continue;
+            }
+            let mut changed = false;
+            for (d, dim) in dims.iter().enumerate() {
+                if matches!(dim, GenericFactoid::Any) {
+                    let sym = if d == 0 {
+                        batch.clone()
+                    } else {
+                        model.symbols.sym(&format!("input{ix}_dim{d}"))
+                    };
+                    fact.shape.set_dim(d, TDim::Sym(sym));
+                    changed = true;
+                }
+            }
+            if changed {
+                model.set_input_fact(ix, fact).map_err(load_err)?;
+            }
+        }
+        let typed = model.into_optimized().map_err(load_err)?;
+        let metadata = metadata(&typed).map_err(load_err)?;
+        let plan = typed.into_runnable().map_err(load_err)?;
+        let state = TypedSimpleState::new(&plan).map_err(load_err)?;
+        Ok(TractBackend {
+            plan,
+            state,
+            metadata: Arc::new(metadata),
+        })
+    }
+}
+
+fn metadata(model: &tract_onnx::prelude::TypedModel) -> Result<ModelMetadata, TractError> {
+    let spec = |outlet: tract_onnx::prelude::OutletId| -> Result<TensorSpec, TractError> {
+        let fact = model.outlet_fact(outlet)?;
+        let name = model
+            .outlet_label(outlet)
+            .map(str::to_owned)
+            .unwrap_or_else(|| model.node(outlet.node).name.clone());
+        let datatype = datatype_of(fact.datum_type).ok_or_else(|| {
+            tract_onnx::tract_core::internal::format_err!("{name:?} has datatype {:?}, which KServe v2 cannot carry", fact.datum_type)
+        })?;
+        let shape = fact
+            .shape
+            .iter()
+            .map(|d| d.to_i64().unwrap_or(-1))
+            .collect();
+        Ok(TensorSpec {
+            name,
+            datatype,
+            shape,
+        })
+    };
+    Ok(ModelMetadata {
+        inputs: model.input_outlets()?.iter().map(|&o| spec(o)).collect::<Result<_, _>>()?,
+        outputs: model.output_outlets()?.iter().map(|&o| spec(o)).collect::<Result<_, _>>()?,
+    })
+}
+
+fn datatype_of(dt: DatumType) -> Option<DataType> {
+    Some(match dt {
+        DatumType::Bool => DataType::Bool,
+        DatumType::U8 => DataType::Uint8,
+        DatumType::U16 => DataType::Uint16,
+        DatumType::U32 => DataType::Uint32,
+        DatumType::U64 => DataType::Uint64,
+        DatumType::I8 => DataType::Int8,
+        DatumType::I16 => DataType::Int16,
+        DatumType::I32 => DataType::Int32,
+        DatumType::I64 => DataType::Int64,
+        DatumType::F16 => DataType::Fp16,
+        DatumType::F32 => DataType::Fp32,
+        DatumType::F64 => DataType::Fp64,
+        DatumType::String => DataType::Bytes,
+        _ => return None,
+    })
+}
+
+fn to_tract(tensor: Tensor) -> Result<TValue, InferenceError> {
+    let t: TractTensor = match tensor {
+        Tensor::Bool(a) => a.into(),
+        Tensor::Uint8(a) => a.into(),
+        Tensor::Uint16(a) => a.into(),
+        Tensor::Uint32(a) => a.into(),
+        Tensor::Uint64(a) => a.into(),
+        Tensor::Int8(a) => a.into(),
+        Tensor::Int16(a) => a.into(),
+        Tensor::Int32(a) => a.into(),
+        Tensor::Int64(a) => a.into(),
+        Tensor::Fp16(a) => a.into(),
+        Tensor::Fp32(a) => a.into(),
+        Tensor::Fp64(a) => a.into(),
+        Tensor::Bytes(a) => a
+            .mapv(|b| String::from_utf8_lossy(&b).into_owned())
+            .into(),
+    };
+    Ok(t.into())
+}
+
+fn from_tract(value: &TractTensor) -> Result<Tensor, InferenceError> {
+    let err = |e: TractError| InferenceError::backend(NAME, e);
+    macro_rules! arr {
+        ($t:ty, $variant:ident) => {
+            Tensor::$variant(value.to_plain_array_view::<$t>().map_err(err)?.to_owned())
+        };
+    }
+    Ok(match value.datum_type() {
+        DatumType::Bool => arr!(bool, Bool),
+        DatumType::U8 => arr!(u8, Uint8),
+        DatumType::U16 => arr!(u16, Uint16),
+        DatumType::U32 => arr!(u32, Uint32),
+        DatumType::U64 => arr!(u64, Uint64),
+        DatumType::I8 => arr!(i8, Int8),
+        DatumType::I16 => arr!(i16, Int16),
+        DatumType::I32 => arr!(i32, Int32),
+        DatumType::I64 => arr!(i64, Int64),
+        DatumType::F16 => arr!(half::f16, Fp16),
+        DatumType::F32 => arr!(f32, Fp32),
+        DatumType::F64 => arr!(f64, Fp64),
+        DatumType::String => Tensor::Bytes(
+            value
+                .to_plain_array_view::<String>()
+                .map_err(err)?
+                .mapv(|s| s.into_bytes()),
+        ),
+        other => {
+            return Err(InferenceError::backend(
+                NAME,
+                tract_onnx::tract_core::internal::format_err!("output datatype {other:?} cannot be returned"),
+            ));
+        }
+    })
+}
+
+impl Backend for TractBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn metadata(&self) -> &ModelMetadata {
+        &self.metadata
+    }
+
+    fn infer(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, InferenceError> {
+        let values: TVec<TValue> = inputs
+            .into_iter()
+            .map(|t| to_tract(t.tensor))
+            .collect::<Result<_, _>>()?;
+        let outputs = self
+            .state
+            .run(values)
+            .map_err(|e| InferenceError::backend(NAME, e))?;
+        outputs
+            .iter()
+            .zip(&self.metadata.outputs)
+            .map(|(value, spec)| Ok(NamedTensor::new(spec.name.clone(), from_tract(value)?)))
+            .collect()
+    }
+
+    fn fork(&self) -> Result<Box<dyn Backend>, InferenceError> {
+        let state = TypedSimpleState::new(&self.plan).map_err(|e| InferenceError::backend(NAME, e))?;
+        Ok(Box::new(TractBackend {
+            plan: self.plan.clone(),
+            state,
+            metadata: self.metadata.clone(),
+        }))
+    }
+}

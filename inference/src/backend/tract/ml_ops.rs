@@ -1,0 +1,94 @@
+//! ONNX-ML operators that tract 0.23 lacks, registered into its ONNX front end.
+//!
+//! scikit-learn models exported by skl2onnx use them; users bring such models, so Nightingale
+//! serves them rather than asking for re-exports. Each operator is an `Expansion`: at load it
+//! is rewritten into tract's own core operators, which tract then optimises like any other
+//! graph. Every operator here is checked against ONNX Runtime's outputs on real skl2onnx
+//! exports (`inference/tests/onnx_ml.rs`).
+//!
+//! - `Scaler` (`ai.onnx.ml`): `Y = (X - offset) * scale`, per feature or broadcast.
+
+use tract_onnx::model::{OnnxOpRegister, ParsingContext};
+use tract_onnx::pb::NodeProto;
+use tract_onnx::tract_core::ops::cast::cast;
+use tract_onnx::tract_core::ops::math::{mul, sub};
+use tract_onnx::tract_hir::internal::*;
+use tract_onnx::tract_hir::ops::logic::wire_with_rank_broadcast;
+
+/// Adds Nightingale's ONNX-ML operators to a tract ONNX operator register.
+pub fn register_onnx_ml_ops(register: &mut OnnxOpRegister) {
+    register.insert("Scaler", scaler);
+}
+
+#[derive(Debug, Clone, Hash, PartialEq)]
+struct Scaler {
+    offset: Vec<u32>,
+    scale: Vec<u32>,
+}
+
+fn scaler(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let offset: Vec<f32> = node.get_attr_opt_vec("offset")?.unwrap_or_else(|| vec![0.0]);
+    let scale: Vec<f32> = node.get_attr_opt_vec("scale")?.unwrap_or_else(|| vec![1.0]);
+    ensure!(!offset.is_empty() && !scale.is_empty(), "Scaler: offset and scale must not be empty");
+    // Stored as bit patterns so the op can derive Hash.
+    Ok((
+        expand(Scaler {
+            offset: offset.iter().map(|f| f.to_bits()).collect(),
+            scale: scale.iter().map(|f| f.to_bits()).collect(),
+        }),
+        vec![],
+    ))
+}
+
+impl Expansion for Scaler {
+    fn name(&self) -> StaticName {
+        "Scaler".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, DatumType::F32)?;
+        s.equals(&inputs[0].shape, &outputs[0].shape)?;
+        Ok(())
+    }
+
+    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+        let fact = model.outlet_fact(inputs[0])?.clone();
+        let rank = fact.rank();
+        ensure!(rank >= 1, "Scaler expects an input of rank 1 or more");
+        let features = fact.shape[rank - 1].to_usize().ok();
+        for (what, v) in [("offset", &self.offset), ("scale", &self.scale)] {
+            if let Some(c) = features {
+                ensure!(
+                    v.len() == 1 || v.len() == c,
+                    "Scaler: {what} has {} values for {c} features",
+                    v.len()
+                );
+            }
+        }
+        let mut x = inputs[0];
+        if fact.datum_type != f32::datum_type() {
+            x = model.wire_node(format!("{prefix}.to_f32"), cast(f32::datum_type()), &[x])?[0];
+        }
+        let constant = |v: &[u32]| -> TractResult<Arc<Tensor>> {
+            let floats: Vec<f32> = v.iter().map(|&b| f32::from_bits(b)).collect();
+            let mut shape = vec![1usize; rank];
+            shape[rank - 1] = floats.len();
+            Ok(tensor1(&floats).into_shape(&shape)?.into_arc_tensor())
+        };
+        let offset = model.add_const(format!("{prefix}.offset"), constant(&self.offset)?)?;
+        let scale = model.add_const(format!("{prefix}.scale"), constant(&self.scale)?)?;
+        let centred = wire_with_rank_broadcast(format!("{prefix}.sub"), model, sub(), &[x, offset])?[0];
+        wire_with_rank_broadcast(format!("{prefix}.mul"), model, mul(), &[centred, scale])
+    }
+
+    fn nboutputs(&self) -> TractResult<usize> {
+        Ok(1)
+    }
+}

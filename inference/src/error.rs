@@ -1,0 +1,113 @@
+use std::path::PathBuf;
+
+use crate::tensor::{DataType, TensorError};
+
+type BoxError = std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong loading a model or running a request through it.
+///
+/// Messages name inputs, datatypes and shapes but never tensor contents.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InferenceError {
+    #[error("unknown input {name:?}; the model's inputs are {expected:?}")]
+    UnknownInput { name: String, expected: Vec<String> },
+    #[error("input {name:?} is given more than once")]
+    DuplicateInput { name: String },
+    #[error("missing input {name:?}; the model's inputs are {expected:?}")]
+    MissingInput { name: String, expected: Vec<String> },
+    #[error("input {name:?} has datatype {got} but the model expects {expected}")]
+    DataTypeMismatch {
+        name: String,
+        expected: DataType,
+        got: DataType,
+    },
+    #[error("input {name:?} has shape {got:?} but the model expects {expected:?} (-1 = any size)")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<i64>,
+        got: Vec<usize>,
+    },
+    #[error("inputs disagree on the batch size (first dimension): {sizes:?}")]
+    InconsistentBatch { sizes: Vec<usize> },
+    #[error("batch size {got} is larger than this model's max_batch_size {max}")]
+    BatchTooLarge { got: usize, max: usize },
+    #[error("unknown output {name:?}; the model's outputs are {expected:?}")]
+    UnknownOutput { name: String, expected: Vec<String> },
+    #[error(transparent)]
+    Tensor(#[from] TensorError),
+    #[error("the {backend} backend does not support datatype {datatype}")]
+    UnsupportedDataType {
+        backend: &'static str,
+        datatype: DataType,
+    },
+    #[error("batch size 0: a request must carry at least one row")]
+    EmptyBatch,
+    #[error("the backend panicked while running the model")]
+    Panicked,
+    #[error("the bundle's declared inputs and outputs do not match the model file: {reason}")]
+    MetadataMismatch { reason: String },
+    #[error("the model's queue is full ({capacity} requests waiting); retry later")]
+    Overloaded { capacity: usize },
+    #[error("the model is not available (unloaded or its worker stopped)")]
+    Unavailable,
+    #[error("the {backend} backend was not compiled into this build (cargo feature `{backend}`)")]
+    BackendNotCompiled { backend: &'static str },
+    #[error("cannot load model {path}")]
+    Load {
+        path: PathBuf,
+        #[source]
+        source: BoxError,
+    },
+    #[error("the model's output {name:?} has {rows} rows for a batch of {expected}; it cannot be split back to the requests")]
+    OutputNotBatched {
+        name: String,
+        rows: usize,
+        expected: usize,
+    },
+    #[error("inference failed in the {backend} backend")]
+    Backend {
+        backend: &'static str,
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl InferenceError {
+    /// True when the request itself was wrong (HTTP 400), as opposed to the server.
+    pub fn is_client_error(&self) -> bool {
+        matches!(
+            self,
+            InferenceError::UnknownInput { .. }
+                | InferenceError::DuplicateInput { .. }
+                | InferenceError::MissingInput { .. }
+                | InferenceError::DataTypeMismatch { .. }
+                | InferenceError::ShapeMismatch { .. }
+                | InferenceError::InconsistentBatch { .. }
+                | InferenceError::BatchTooLarge { .. }
+                | InferenceError::EmptyBatch
+                | InferenceError::UnknownOutput { .. }
+                | InferenceError::Tensor(_)
+                | InferenceError::UnsupportedDataType { .. }
+        )
+    }
+
+    pub(crate) fn backend(
+        backend: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        InferenceError::Backend {
+            backend,
+            source: source.into().into(),
+        }
+    }
+
+    pub(crate) fn load(
+        path: &std::path::Path,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        InferenceError::Load {
+            path: path.to_owned(),
+            source: source.into().into(),
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! Tensors, backends and model workers for Nightingale.
+//!
+//! The layers, bottom up:
+//! - [`Tensor`] / [`DataType`]: dense tensors of the KServe v2 datatypes over `ndarray`.
+//! - [`Backend`]: a small synchronous, object-safe trait that runs a loaded model. Backends:
+//!   `tract` (pure Rust, the default) and `ort` (ONNX Runtime, loaded at run time from
+//!   `ORT_DYLIB_PATH`, behind the `ort` feature).
+//! - [`ModelWorker`]: OS threads that each own one backend instance, fed by one bounded queue
+//!   with dynamic batching. Async callers submit and await a oneshot answer; a full queue
+//!   answers [`InferenceError::Overloaded`] at once.
+//!
+//! This crate knows nothing of bundles, HTTP or DICOM.
+
+mod backend;
+mod error;
+mod stats;
+mod tensor;
+mod worker;
+
+pub use backend::{Backend, BackendKind, ExecutionProvider, LoadOptions, ModelMetadata, TensorSpec, load};
+pub use error::InferenceError;
+pub use stats::{BatchStat, Duration as StatDuration, ModelStats, StatsSnapshot};
+pub use tensor::{DataType, Element, MAX_ELEMENTS, NamedTensor, Tensor, TensorError, UnknownDataType, element_count};
+pub use worker::{BatchingConfig, ModelWorker, WorkerConfig};
+
+#[cfg(feature = "tract")]
+pub use backend::tract::register_onnx_ml_ops;

@@ -1,0 +1,469 @@
+//! Model workers: OS threads that own backend instances, fed by one bounded queue, with
+//! dynamic batching.
+//!
+//! ```text
+//!  async callers ──try_send──▶ [bounded queue] ──▶ instance thread 0 ─▶ Backend::infer
+//!      ▲  (full → Overloaded)                  └─▶ instance thread 1 ─▶ Backend::infer
+//!      └──────────── oneshot answer per request ◀──────────┘
+//! ```
+//!
+//! Each instance thread takes the oldest request, then (when batching is on) keeps taking
+//! requests whose inputs have the same datatypes and the same shape beyond the batch axis,
+//! until the batch reaches `max_batch_size` or a preferred size, or `max_queue_delay` has passed
+//! since the first request arrived. The batch is concatenated along axis 0, run once, and the
+//! outputs are split back row-for-row. Requests whose caller has gone are dropped unrun.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
+use tokio::sync::oneshot;
+use tracing::Instrument;
+
+use crate::backend::{Backend, ModelMetadata};
+use crate::error::InferenceError;
+use crate::stats::ModelStats;
+use crate::tensor::{DataType, NamedTensor, Tensor};
+
+/// Dynamic batching settings of one model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchingConfig {
+    /// Largest number of rows one execution may hold; also the largest batch one request may carry.
+    pub max_batch_size: usize,
+    /// How long the first request of a batch may wait for others.
+    pub max_queue_delay: Duration,
+    /// Batch sizes to run at once when reached, without waiting out the delay.
+    pub preferred_batch_sizes: Vec<usize>,
+}
+
+/// How a model is served.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Model name and version, for thread names, metrics and logs.
+    pub model: String,
+    pub version: String,
+    /// Backend instances, each on its own thread.
+    pub instances: usize,
+    /// Requests that may wait in the queue before new ones are refused.
+    pub queue_capacity: usize,
+    /// `None`: every request runs on its own.
+    pub batching: Option<BatchingConfig>,
+    /// Declared inputs/outputs (from the bundle) replacing the backend's, in the backend's order;
+    /// stricter shapes are allowed, other names or datatypes are not.
+    pub metadata: Option<ModelMetadata>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            model: "model".into(),
+            version: "1".into(),
+            instances: 1,
+            queue_capacity: 1024,
+            batching: None,
+            metadata: None,
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<Vec<NamedTensor>, InferenceError>>;
+
+/// The datatypes and non-batch dimensions of a request's inputs: requests with equal
+/// signatures can share an execution.
+type Signature = Vec<(DataType, Vec<usize>)>;
+
+struct Job {
+    inputs: Vec<NamedTensor>,
+    rows: usize,
+    signature: Signature,
+    reply: Reply,
+    enqueued: Instant,
+    span: tracing::Span,
+}
+
+/// A served model version: its queue and the threads that drain it.
+///
+/// Dropping the last handle closes the queue; the threads finish what was queued and exit.
+pub struct ModelWorker {
+    metadata: Arc<ModelMetadata>,
+    backend: &'static str,
+    tx: Sender<Job>,
+    stats: Arc<ModelStats>,
+    config: WorkerConfig,
+    /// Largest rows per request (None: unlimited, the model does not batch).
+    max_rows: Option<usize>,
+    batches: bool,
+}
+
+impl std::fmt::Debug for ModelWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelWorker")
+            .field("model", &self.config.model)
+            .field("version", &self.config.version)
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ModelWorker {
+    /// Starts `config.instances` threads, the first owning `backend`, the others forks of it.
+    pub fn spawn(backend: Box<dyn Backend>, config: WorkerConfig) -> Result<Self, InferenceError> {
+        let metadata = match &config.metadata {
+            Some(declared) => {
+                check_declared(declared, backend.metadata())?;
+                declared.clone()
+            }
+            None => backend.metadata().clone(),
+        };
+        let batches = metadata.supports_batching() && backend.max_batch_size() > 1;
+        let batching = config.batching.clone().filter(|b| batches && b.max_batch_size > 1);
+        let max_rows = batching.as_ref().map(|b| b.max_batch_size);
+        let instances = config.instances.max(1);
+        let mut backends = Vec::with_capacity(instances);
+        for _ in 1..instances {
+            backends.push(backend.fork()?);
+        }
+        backends.insert(0, backend);
+        let name = backends[0].name();
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue_capacity.max(1));
+        let stats = Arc::new(ModelStats::default());
+        for (i, backend) in backends.into_iter().enumerate() {
+            let instance = Instance {
+                backend,
+                rx: rx.clone(),
+                batching: batching.clone(),
+                stats: stats.clone(),
+                labels: [
+                    ("model", config.model.clone()),
+                    ("version", config.version.clone()),
+                ],
+            };
+            std::thread::Builder::new()
+                .name(format!("ng-{}-{}-{i}", config.model, config.version))
+                .spawn(move || instance.run())
+                .map_err(|e| InferenceError::backend(name, e))?;
+        }
+        Ok(ModelWorker {
+            metadata: Arc::new(metadata),
+            backend: name,
+            tx,
+            stats,
+            config: WorkerConfig { batching, ..config },
+            max_rows,
+            batches,
+        })
+    }
+
+    pub fn metadata(&self) -> &ModelMetadata {
+        &self.metadata
+    }
+
+    /// The engine's name (`"tract"`, `"ort"`).
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    pub fn config(&self) -> &WorkerConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> &ModelStats {
+        &self.stats
+    }
+
+    /// Requests waiting for a thread.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Whether requests may stack rows along the first dimension (and so how the batch size
+    /// is counted in statistics).
+    pub fn batches(&self) -> bool {
+        self.batches
+    }
+
+    /// Runs one request: checks its inputs, queues it, waits for the answer. Outputs come in
+    /// the order of [`ModelWorker::metadata`]'s outputs.
+    pub async fn infer(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, InferenceError> {
+        let start = Instant::now();
+        let result = self.submit(inputs).await;
+        self.stats.record_request(result.is_ok(), start.elapsed());
+        result
+    }
+
+    async fn submit(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, InferenceError> {
+        let (inputs, rows, signature) = self.check(inputs)?;
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            inputs,
+            rows,
+            signature,
+            reply,
+            enqueued: Instant::now(),
+            span: tracing::Span::current(),
+        };
+        self.tx.try_send(job).map_err(|e| match e {
+            TrySendError::Full(_) => InferenceError::Overloaded {
+                capacity: self.config.queue_capacity,
+            },
+            TrySendError::Disconnected(_) => InferenceError::Unavailable,
+        })?;
+        metrics::gauge!("nightingale_queue_depth", "model" => self.config.model.clone(), "version" => self.config.version.clone())
+            .set(self.tx.len() as f64);
+        answer
+            .instrument(tracing::trace_span!("wait"))
+            .await
+            .map_err(|_| InferenceError::Unavailable)?
+    }
+
+    /// Validates inputs against the metadata and puts them in the model's input order.
+    fn check(&self, inputs: Vec<NamedTensor>) -> Result<(Vec<NamedTensor>, usize, Signature), InferenceError> {
+        let specs = &self.metadata.inputs;
+        let names = || specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+        let mut slots: Vec<Option<NamedTensor>> = (0..specs.len()).map(|_| None).collect();
+        for input in inputs {
+            let Some(ix) = specs.iter().position(|s| s.name == input.name) else {
+                return Err(InferenceError::UnknownInput {
+                    name: input.name,
+                    expected: names(),
+                });
+            };
+            let spec = &specs[ix];
+            if slots[ix].is_some() {
+                return Err(InferenceError::DuplicateInput { name: input.name });
+            }
+            if input.tensor.datatype() != spec.datatype {
+                return Err(InferenceError::DataTypeMismatch {
+                    name: input.name,
+                    expected: spec.datatype,
+                    got: input.tensor.datatype(),
+                });
+            }
+            if !spec.accepts_shape(input.tensor.shape()) {
+                return Err(InferenceError::ShapeMismatch {
+                    name: input.name,
+                    expected: spec.shape.clone(),
+                    got: input.tensor.shape().to_vec(),
+                });
+            }
+            slots[ix] = Some(input);
+        }
+        let inputs = slots
+            .into_iter()
+            .zip(specs)
+            .map(|(slot, spec)| {
+                slot.ok_or_else(|| InferenceError::MissingInput {
+                    name: spec.name.clone(),
+                    expected: names(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let rows = if self.batches {
+            let sizes: Vec<usize> = inputs.iter().map(|t| t.tensor.shape()[0]).collect();
+            if sizes.iter().any(|&s| s != sizes[0]) {
+                return Err(InferenceError::InconsistentBatch { sizes });
+            }
+            if sizes[0] == 0 {
+                return Err(InferenceError::EmptyBatch);
+            }
+            if let Some(max) = self.max_rows.filter(|&max| sizes[0] > max) {
+                return Err(InferenceError::BatchTooLarge { got: sizes[0], max });
+            }
+            sizes[0]
+        } else {
+            1
+        };
+        let signature = inputs
+            .iter()
+            .map(|t| {
+                let shape = t.tensor.shape();
+                (t.tensor.datatype(), shape.get(1..).unwrap_or_default().to_vec())
+            })
+            .collect();
+        Ok((inputs, rows, signature))
+    }
+}
+
+/// Declared specs may pin dimensions the model leaves open, nothing else.
+fn check_declared(declared: &ModelMetadata, actual: &ModelMetadata) -> Result<(), InferenceError> {
+    let compare = |what: &str, d: &[crate::TensorSpec], a: &[crate::TensorSpec]| -> Result<(), InferenceError> {
+        let mismatch = |reason: String| Err(InferenceError::MetadataMismatch { reason });
+        if d.len() != a.len() {
+            return mismatch(format!("{} {what}s declared, the model has {}", d.len(), a.len()));
+        }
+        for (d, a) in d.iter().zip(a) {
+            if d.name != a.name {
+                return mismatch(format!("{what} {:?} declared where the model has {:?}", d.name, a.name));
+            }
+            if d.datatype != a.datatype {
+                return mismatch(format!(
+                    "{what} {:?} declared {} but the model has {}",
+                    d.name, d.datatype, a.datatype
+                ));
+            }
+            let fits = d.shape.len() == a.shape.len()
+                && d.shape.iter().zip(&a.shape).all(|(&d, &a)| a < 0 || d == a);
+            if !fits {
+                return mismatch(format!(
+                    "{what} {:?} declared with shape {:?} but the model has {:?}",
+                    d.name, d.shape, a.shape
+                ));
+            }
+        }
+        Ok(())
+    };
+    compare("input", &declared.inputs, &actual.inputs)?;
+    compare("output", &declared.outputs, &actual.outputs)
+}
+
+/// One backend instance and the loop that feeds it.
+struct Instance {
+    backend: Box<dyn Backend>,
+    rx: Receiver<Job>,
+    batching: Option<BatchingConfig>,
+    stats: Arc<ModelStats>,
+    labels: [(&'static str, String); 2],
+}
+
+impl Instance {
+    fn run(mut self) {
+        let mut carried: Option<Job> = None;
+        loop {
+            let first = match carried.take() {
+                Some(job) => job,
+                None => match self.rx.recv() {
+                    Ok(job) => job,
+                    Err(_) => return, // every sender is gone: the model was unloaded
+                },
+            };
+            if first.reply.is_closed() {
+                continue;
+            }
+            let mut batch = vec![first];
+            if let Some(cfg) = &self.batching {
+                carried = self.gather(cfg, &mut batch);
+            }
+            metrics::gauge!("nightingale_queue_depth", &self.labels).set(self.rx.len() as f64);
+            self.execute(batch);
+        }
+    }
+
+    /// Adds compatible requests to `batch`; returns a request that did not fit, to start the next.
+    fn gather(&self, cfg: &BatchingConfig, batch: &mut Vec<Job>) -> Option<Job> {
+        let deadline = batch[0].enqueued + cfg.max_queue_delay;
+        let mut rows = batch[0].rows;
+        while rows < cfg.max_batch_size && !cfg.preferred_batch_sizes.contains(&rows) {
+            let job = match self.rx.try_recv() {
+                Ok(job) => job,
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) => match self.rx.recv_deadline(deadline) {
+                    Ok(job) => job,
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
+                },
+            };
+            if job.reply.is_closed() {
+                continue;
+            }
+            if job.signature != batch[0].signature || rows + job.rows > cfg.max_batch_size {
+                return Some(job);
+            }
+            rows += job.rows;
+            batch.push(job);
+        }
+        None
+    }
+
+    fn execute(&mut self, jobs: Vec<Job>) {
+        let started = Instant::now();
+        for job in &jobs {
+            let waited = started - job.enqueued;
+            self.stats.record_queue(waited);
+            metrics::histogram!("nightingale_queue_duration_seconds", &self.labels).record(waited.as_secs_f64());
+        }
+        let sizes: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
+        let rows: usize = sizes.iter().sum();
+        let span = tracing::debug_span!(parent: &jobs[0].span, "execute", requests = jobs.len(), rows);
+        let _entered = span.enter();
+        let (inputs, replies) = match join(jobs) {
+            Ok(joined) => joined,
+            Err((e, replies)) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        let joined = Instant::now();
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.backend.infer(inputs)))
+            .unwrap_or(Err(InferenceError::Panicked));
+        let inferred = Instant::now();
+        let answers = outcome.and_then(|outputs| split(outputs, &sizes));
+        let done = Instant::now();
+        self.stats.record_execution(
+            replies.len() as u64,
+            rows,
+            joined - started,
+            inferred - joined,
+            done - inferred,
+        );
+        metrics::histogram!("nightingale_compute_duration_seconds", &self.labels)
+            .record((done - started).as_secs_f64());
+        metrics::histogram!("nightingale_batch_rows", &self.labels).record(rows as f64);
+        match answers {
+            Ok(answers) => {
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(Ok(answer));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "inference failed");
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Concatenates the requests' inputs along axis 0.
+#[allow(clippy::type_complexity)]
+fn join(mut jobs: Vec<Job>) -> Result<(Vec<NamedTensor>, Vec<Reply>), (InferenceError, Vec<Reply>)> {
+    if jobs.len() == 1 {
+        let job = jobs.pop().expect("one job");
+        return Ok((job.inputs, vec![job.reply]));
+    }
+    let n = jobs[0].inputs.len();
+    let mut joined = Vec::with_capacity(n);
+    for i in 0..n {
+        let parts: Vec<&Tensor> = jobs.iter().map(|j| &j.inputs[i].tensor).collect();
+        match Tensor::concat(&parts) {
+            Ok(t) => joined.push(NamedTensor::new(jobs[0].inputs[i].name.clone(), t)),
+            Err(e) => return Err((e.into(), jobs.into_iter().map(|j| j.reply).collect())),
+        }
+    }
+    Ok((joined, jobs.into_iter().map(|j| j.reply).collect()))
+}
+
+/// Splits each output along axis 0 into the requests' row counts.
+fn split(outputs: Vec<NamedTensor>, sizes: &[usize]) -> Result<Vec<Vec<NamedTensor>>, InferenceError> {
+    if sizes.len() == 1 {
+        return Ok(vec![outputs]);
+    }
+    let expected: usize = sizes.iter().sum();
+    let mut answers: Vec<Vec<NamedTensor>> = sizes.iter().map(|_| Vec::with_capacity(outputs.len())).collect();
+    for output in outputs {
+        let rows = output.tensor.shape().first().copied().unwrap_or(0);
+        if rows != expected {
+            return Err(InferenceError::OutputNotBatched {
+                name: output.name,
+                rows,
+                expected,
+            });
+        }
+        for (answer, part) in answers.iter_mut().zip(output.tensor.split(sizes)?) {
+            answer.push(NamedTensor::new(output.name.clone(), part));
+        }
+    }
+    Ok(answers)
+}

@@ -1,0 +1,79 @@
+//! SHA-256 checks of a version folder against its manifest entry.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::BundleError;
+
+/// Hex SHA-256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Every regular file under `dir`, as `/`-separated relative paths.
+fn list_files(dir: &Path) -> Result<Vec<String>, BundleError> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            let path = entry.path();
+            if kind.is_dir() {
+                walk(root, &path, out)?;
+            } else {
+                let rel = path.strip_prefix(root).unwrap_or(&path);
+                let parts: Vec<String> = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect();
+                out.push(parts.join("/"));
+            }
+        }
+        Ok(())
+    }
+    let mut out = vec![];
+    walk(dir, dir, &mut out).map_err(|source| BundleError::io(dir, source))?;
+    out.sort();
+    Ok(out)
+}
+
+/// Checks that `dir` holds exactly the listed files with the listed checksums.
+pub fn verify_folder(dir: &Path, files: &BTreeMap<String, String>) -> Result<(), BundleError> {
+    for present in list_files(dir)? {
+        if !files.contains_key(&present) {
+            return Err(BundleError::UnlistedFile {
+                path: dir.join(present),
+            });
+        }
+    }
+    for (name, expected) in files {
+        let path: PathBuf = dir.join(name);
+        let meta = fs::symlink_metadata(&path)
+            .map_err(|_| BundleError::MissingFile { path: path.clone() })?;
+        if !meta.is_file() {
+            return Err(BundleError::MissingFile { path });
+        }
+        let actual = sha256_file(&path).map_err(|source| BundleError::io(&path, source))?;
+        if !actual.eq_ignore_ascii_case(expected) {
+            return Err(BundleError::ChecksumMismatch {
+                path,
+                expected: expected.to_ascii_lowercase(),
+                actual,
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,84 @@
+use std::path::PathBuf;
+
+use nightingale_inference::InferenceError;
+
+use crate::manifest::InvalidManifest;
+
+/// Why a bundle cannot be served. Each names the file at fault.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BundleError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::sync::Arc<std::io::Error>,
+    },
+    #[error("{path}: invalid bundle manifest: {source}")]
+    Manifest {
+        path: PathBuf,
+        #[source]
+        source: InvalidManifest,
+    },
+    #[error("{path}: manifest is larger than {limit} bytes")]
+    ManifestTooLarge { path: PathBuf, limit: u64 },
+    #[error("{path}: the manifest names the model {declared:?} but its folder is {folder:?}")]
+    NameMismatch {
+        path: PathBuf,
+        declared: String,
+        folder: String,
+    },
+    #[error(
+        "checksum mismatch for {path}: bundle.toml says sha256 {expected}, the file has {actual}"
+    )]
+    ChecksumMismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error(
+        "{path} is not listed in bundle.toml (every file of a version folder must be checksummed)"
+    )]
+    UnlistedFile { path: PathBuf },
+    #[error("{path} is listed in bundle.toml but missing (or not a regular file)")]
+    MissingFile { path: PathBuf },
+    #[error("{path}: version folder {version} is not listed under [versions] in bundle.toml")]
+    UnlistedVersion { path: PathBuf, version: String },
+    #[error("{path}: no version selected by the version policy is present")]
+    NoVersions { path: PathBuf },
+    #[error("{path}: {source}")]
+    Inference {
+        path: PathBuf,
+        #[source]
+        source: InferenceError,
+    },
+}
+
+impl BundleError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        BundleError::Io {
+            path: path.into(),
+            source: std::sync::Arc::new(source),
+        }
+    }
+}
+
+/// Errors from the repository as a whole.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RepositoryError {
+    #[error("unknown model {name:?}")]
+    UnknownModel { name: String },
+    #[error("model {name:?} has no version {version:?} being served")]
+    UnknownVersion { name: String, version: String },
+    #[error("model {name:?} is not ready: {reason}")]
+    NotReady { name: String, reason: String },
+    #[error("model name {name:?} is not valid")]
+    InvalidName { name: String },
+    #[error("cannot read the model repository {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::sync::Arc<std::io::Error>,
+    },
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+}

@@ -1,0 +1,24 @@
+//! Model bundles for Nightingale: the `bundle.toml` manifest, SHA-256 verification, and a
+//! Triton-style repository that loads, versions, swaps and unloads models at run time.
+//!
+//! ```text
+//! <repository>/
+//!   wdbc-malignancy/
+//!     bundle.toml        name, task, inputs/outputs, thresholds, intended use, provenance,
+//!                        batching, version policy, and the SHA-256 of every version file
+//!     MODEL_CARD.md
+//!     1/model.onnx
+//!     2/model.onnx
+//! ```
+
+mod checksum;
+mod error;
+pub mod manifest;
+mod repository;
+
+pub use checksum::{sha256_file, verify_folder};
+pub use error::{BundleError, RepositoryError};
+pub use manifest::{Manifest, TaskKind};
+pub use repository::{
+    Bundle, IndexEntry, LoadedModel, MANIFEST_FILE, ModelState, Repository, RepositoryOptions,
+};

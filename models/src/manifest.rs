@@ -1,0 +1,588 @@
+//! `bundle.toml`: what a model bundle declares about itself. See `docs/bundle-format.md`.
+
+use std::collections::BTreeMap;
+
+use nightingale_inference::{DataType, ModelMetadata, TensorSpec};
+use serde::{Deserialize, Serialize};
+
+/// The manifest format this build reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A bundle manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub name: String,
+    pub task: TaskKind,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default = "default_platform")]
+    pub platform: String,
+    #[serde(default)]
+    pub backend: BackendPreference,
+    #[serde(default)]
+    pub version_policy: VersionPolicy,
+    #[serde(default)]
+    pub batching: Batching,
+    pub inputs: Vec<InputSpec>,
+    pub outputs: Vec<OutputSpec>,
+    #[serde(default)]
+    pub thresholds: Vec<Threshold>,
+    #[serde(default)]
+    pub intended_use: IntendedUse,
+    #[serde(default)]
+    pub provenance: Provenance,
+    /// Version number (a positive integer, as the folder is named) → its entry.
+    pub versions: BTreeMap<String, VersionEntry>,
+}
+
+fn default_platform() -> String {
+    "onnx".into()
+}
+
+/// What kind of question the model answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskKind {
+    ImageClassification,
+    ImageSegmentation,
+    TabularRisk,
+    Triage,
+    Regression,
+    TextClassification,
+    Other,
+}
+
+/// Which engine the bundle asks for; `any` lets the server choose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendPreference {
+    #[default]
+    Any,
+    Tract,
+    Ort,
+}
+
+/// Which versions on disk are served, as in Triton's `version_policy`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionPolicy {
+    pub policy: PolicyKind,
+    /// With `latest`: how many of the highest versions.
+    #[serde(default = "one")]
+    pub latest: usize,
+    /// With `specific`: which versions.
+    #[serde(default)]
+    pub versions: Vec<u64>,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Default for VersionPolicy {
+    fn default() -> Self {
+        VersionPolicy {
+            policy: PolicyKind::Latest,
+            latest: 1,
+            versions: vec![],
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    Latest,
+    All,
+    Specific,
+}
+
+impl VersionPolicy {
+    /// The versions to serve out of those available (sorted ascending).
+    pub fn select(&self, available: &[u64]) -> Vec<u64> {
+        let mut v: Vec<u64> = match self.policy {
+            PolicyKind::All => available.to_vec(),
+            PolicyKind::Latest => {
+                let mut sorted = available.to_vec();
+                sorted.sort_unstable();
+                sorted.into_iter().rev().take(self.latest.max(1)).collect()
+            }
+            PolicyKind::Specific => available
+                .iter()
+                .copied()
+                .filter(|v| self.versions.contains(v))
+                .collect(),
+        };
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+/// Dynamic batching and instances.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Batching {
+    /// 0 or 1 turns dynamic batching off.
+    #[serde(default)]
+    pub max_batch_size: usize,
+    #[serde(default = "default_delay")]
+    pub max_queue_delay_us: u64,
+    #[serde(default)]
+    pub preferred_batch_sizes: Vec<usize>,
+    #[serde(default = "one")]
+    pub instances: usize,
+    #[serde(default = "default_capacity")]
+    pub queue_capacity: usize,
+}
+
+fn default_delay() -> u64 {
+    100
+}
+
+fn default_capacity() -> usize {
+    1024
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Batching {
+            max_batch_size: 0,
+            max_queue_delay_us: default_delay(),
+            preferred_batch_sizes: vec![],
+            instances: 1,
+            queue_capacity: default_capacity(),
+        }
+    }
+}
+
+/// A model input.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    pub name: String,
+    pub datatype: DataType,
+    /// `-1` for a dimension of any size.
+    pub shape: Vec<i64>,
+    #[serde(default)]
+    pub description: String,
+    /// Tabular models: one entry per column of the last dimension, in order.
+    #[serde(default)]
+    pub features: Vec<FeatureSpec>,
+}
+
+/// One column of a tabular input.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureSpec {
+    pub name: String,
+    #[serde(default)]
+    pub unit: String,
+    #[serde(default)]
+    pub description: String,
+    /// A coding for the feature (e.g. `http://loinc.org|8867-4`), so FHIR data can be mapped to it.
+    #[serde(default)]
+    pub code: Option<String>,
+    /// Range seen in the training data.
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
+}
+
+/// A model output.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<i64>,
+    #[serde(default)]
+    pub description: String,
+    /// Class names for the last dimension of a probability output.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    #[serde(default)]
+    pub positive_label: Option<String>,
+}
+
+/// An operating point on an output.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Threshold {
+    pub name: String,
+    pub output: String,
+    #[serde(default)]
+    pub label: Option<String>,
+    pub value: f64,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IntendedUse {
+    #[serde(default)]
+    pub summary: String,
+    #[serde(default)]
+    pub users: String,
+    #[serde(default)]
+    pub limitations: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Provenance {
+    #[serde(default)]
+    pub training_data: String,
+    #[serde(default)]
+    pub data_licence: String,
+    #[serde(default)]
+    pub model_licence: String,
+    #[serde(default)]
+    pub training_script: String,
+}
+
+/// One version of the model: its folder's files and their SHA-256 checksums.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionEntry {
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub created: String,
+    /// Which file the backend loads (default `model.onnx`).
+    #[serde(default = "default_model_file")]
+    pub model_file: String,
+    /// Path inside the version folder → lowercase hex SHA-256. Every file in the folder is listed.
+    pub files: BTreeMap<String, String>,
+}
+
+fn default_model_file() -> String {
+    "model.onnx".into()
+}
+
+/// A manifest that breaks a rule the parser cannot express.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidManifest(pub String);
+
+/// Names usable in URLs and on file systems: 1–128 of `A-Z a-z 0-9 . _ -`, not starting with `.`.
+pub fn valid_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl Manifest {
+    /// Parses and checks a manifest's text.
+    pub fn parse(text: &str) -> Result<Manifest, InvalidManifest> {
+        let manifest: Manifest =
+            toml::from_str(text).map_err(|e| InvalidManifest(e.to_string()))?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    fn validate(&self) -> Result<(), InvalidManifest> {
+        let fail = |m: String| Err(InvalidManifest(m));
+        if self.format_version != FORMAT_VERSION {
+            return fail(format!(
+                "format_version {} is not supported (this build reads {FORMAT_VERSION})",
+                self.format_version
+            ));
+        }
+        if !valid_name(&self.name) {
+            return fail(format!(
+                "name {:?} must be 1-128 of A-Z a-z 0-9 . _ -",
+                self.name
+            ));
+        }
+        if self.platform != "onnx" {
+            return fail(format!(
+                "platform {:?} is not supported (only \"onnx\")",
+                self.platform
+            ));
+        }
+        if self.inputs.is_empty() || self.outputs.is_empty() {
+            return fail("a bundle declares at least one input and one output".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (what, name, shape) in self
+            .inputs
+            .iter()
+            .map(|i| ("input", &i.name, &i.shape))
+            .chain(self.outputs.iter().map(|o| ("output", &o.name, &o.shape)))
+        {
+            if !seen.insert((what, name)) {
+                return fail(format!("{what} {name:?} is declared twice"));
+            }
+            if shape.iter().any(|&d| d < -1) {
+                return fail(format!(
+                    "{what} {name:?} has a dimension below -1 in {shape:?}"
+                ));
+            }
+        }
+        for input in &self.inputs {
+            if !input.features.is_empty() {
+                let last = input.shape.last().copied().unwrap_or(-1);
+                if last >= 0 && last as usize != input.features.len() {
+                    return fail(format!(
+                        "input {:?} lists {} features but its last dimension is {last}",
+                        input.name,
+                        input.features.len()
+                    ));
+                }
+            }
+        }
+        for output in &self.outputs {
+            if let Some(p) = &output.positive_label
+                && !output.labels.contains(p)
+            {
+                return fail(format!(
+                    "output {:?}: positive_label {p:?} is not among its labels",
+                    output.name
+                ));
+            }
+        }
+        for t in &self.thresholds {
+            let Some(output) = self.outputs.iter().find(|o| o.name == t.output) else {
+                return fail(format!(
+                    "threshold {:?} refers to unknown output {:?}",
+                    t.name, t.output
+                ));
+            };
+            if let Some(label) = &t.label
+                && !output.labels.contains(label)
+            {
+                return fail(format!(
+                    "threshold {:?}: label {label:?} is not among {:?}'s labels",
+                    t.name, t.output
+                ));
+            }
+            if !t.value.is_finite() {
+                return fail(format!("threshold {:?} is not a finite number", t.name));
+            }
+        }
+        if self.versions.is_empty() {
+            return fail("a bundle lists at least one version under [versions]".into());
+        }
+        for (version, entry) in &self.versions {
+            if parse_version(version).is_none() {
+                return fail(format!("version {version:?} must be a positive integer"));
+            }
+            if entry.files.is_empty() {
+                return fail(format!("version {version} lists no files"));
+            }
+            for (file, digest) in &entry.files {
+                if !safe_relative_path(file) {
+                    return fail(format!(
+                        "version {version}: file name {file:?} must be a relative path inside the version folder"
+                    ));
+                }
+                if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return fail(format!(
+                        "version {version}: checksum of {file:?} is not 64 hex digits"
+                    ));
+                }
+            }
+            if !entry.files.contains_key(&entry.model_file) {
+                return fail(format!(
+                    "version {version}: model_file {:?} is not among its files",
+                    entry.model_file
+                ));
+            }
+        }
+        if self.batching.max_batch_size > 1
+            && self.inputs.iter().any(|i| i.shape.first() != Some(&-1))
+        {
+            return fail("dynamic batching (max_batch_size > 1) needs every input's first dimension to be -1".into());
+        }
+        if self.batching.queue_capacity == 0
+            || self.batching.instances == 0
+            || self.batching.instances > 64
+        {
+            return fail(
+                "batching: queue_capacity must be at least 1 and instances 1 to 64".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The inputs and outputs this bundle declares, in the given order of names (the model's).
+    pub fn metadata_in_order(
+        &self,
+        model: &ModelMetadata,
+    ) -> Result<ModelMetadata, InvalidManifest> {
+        let pick = |what: &str, declared: Vec<TensorSpec>, order: &[TensorSpec]| {
+            if declared.len() != order.len() {
+                return Err(InvalidManifest(format!(
+                    "{} {what}s declared but the model file has {} ({:?})",
+                    declared.len(),
+                    order.len(),
+                    order.iter().map(|s| &s.name).collect::<Vec<_>>()
+                )));
+            }
+            order
+                .iter()
+                .map(|m| {
+                    declared
+                        .iter()
+                        .find(|d| d.name == m.name)
+                        .cloned()
+                        .ok_or_else(|| {
+                            InvalidManifest(format!(
+                                "the model file has {what} {:?}, which the bundle does not declare",
+                                m.name
+                            ))
+                        })
+                })
+                .collect()
+        };
+        Ok(ModelMetadata {
+            inputs: pick(
+                "input",
+                self.inputs
+                    .iter()
+                    .map(|i| TensorSpec {
+                        name: i.name.clone(),
+                        datatype: i.datatype,
+                        shape: i.shape.clone(),
+                    })
+                    .collect(),
+                &model.inputs,
+            )?,
+            outputs: pick(
+                "output",
+                self.outputs
+                    .iter()
+                    .map(|o| TensorSpec {
+                        name: o.name.clone(),
+                        datatype: o.datatype,
+                        shape: o.shape.clone(),
+                    })
+                    .collect(),
+                &model.outputs,
+            )?,
+        })
+    }
+}
+
+/// A version folder name: a positive integer without sign or leading zeros.
+pub fn parse_version(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 || s.starts_with('0') || !s.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    s.parse().ok().filter(|&v| v > 0)
+}
+
+/// A `/`-separated path of plain names: no `..`, no leading `/`, no empty or hidden parts.
+fn safe_relative_path(p: &str) -> bool {
+    !p.is_empty()
+        && p.len() <= 512
+        && p.split('/').all(|part| {
+            !part.is_empty()
+                && part != "."
+                && part != ".."
+                && !part.contains('\\')
+                && !part.contains('\0')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+format_version = 1
+name = "m"
+task = "tabular-risk"
+[[inputs]]
+name = "x"
+datatype = "FP32"
+shape = [-1, 2]
+[[outputs]]
+name = "y"
+datatype = "FP32"
+shape = [-1, 2]
+labels = ["a", "b"]
+[versions.1.files]
+"model.onnx" = "0000000000000000000000000000000000000000000000000000000000000000"
+"#;
+
+    #[test]
+    fn minimal_manifest_parses_with_defaults() {
+        let m = Manifest::parse(MINIMAL).unwrap();
+        assert_eq!(m.backend, BackendPreference::Any);
+        assert_eq!(m.version_policy.select(&[1, 3, 2]), vec![3]);
+        assert_eq!(m.batching.instances, 1);
+    }
+
+    #[test]
+    fn rejects_bad_manifests() {
+        let cases = [
+            (MINIMAL.replace("name = \"m\"", "name = \"../m\""), "name"),
+            (
+                MINIMAL.replace("format_version = 1", "format_version = 9"),
+                "format_version",
+            ),
+            (
+                MINIMAL.replace("\"model.onnx\" = \"0000", "\"../model.onnx\" = \"0000"),
+                "relative path",
+            ),
+            (
+                MINIMAL.replace("[versions.1.files]", "[versions.01.files]"),
+                "positive integer",
+            ),
+            (
+                MINIMAL.replace("task = \"tabular-risk\"", "task = \"astrology\""),
+                "unknown variant",
+            ),
+            (
+                MINIMAL.replace(
+                    "shape = [-1, 2]\n[[outputs]]",
+                    "shape = [-1, 2]\nshapes = 1\n[[outputs]]",
+                ),
+                "unknown field",
+            ),
+            (
+                format!("{MINIMAL}\n[[thresholds]]\nname = \"t\"\noutput = \"z\"\nvalue = 0.5\n"),
+                "unknown output",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = Manifest::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+    }
+
+    #[test]
+    fn version_policies() {
+        let p = |policy, latest, versions: Vec<u64>| VersionPolicy {
+            policy,
+            latest,
+            versions,
+        };
+        assert_eq!(
+            p(PolicyKind::Latest, 2, vec![]).select(&[1, 2, 3]),
+            vec![2, 3]
+        );
+        assert_eq!(p(PolicyKind::All, 1, vec![]).select(&[3, 1]), vec![1, 3]);
+        assert_eq!(
+            p(PolicyKind::Specific, 1, vec![1, 7]).select(&[1, 2]),
+            vec![1]
+        );
+    }
+
+    #[test]
+    fn version_names() {
+        assert_eq!(parse_version("12"), Some(12));
+        for bad in ["0", "01", "-1", "", "1a", "99999999999999999999"] {
+            assert_eq!(parse_version(bad), None, "{bad}");
+        }
+    }
+}

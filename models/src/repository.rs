@@ -1,0 +1,464 @@
+//! A Triton-style model repository: `<root>/<model>/bundle.toml` and
+//! `<root>/<model>/<version>/…`, loaded, versioned, swapped and unloaded at run time.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use nightingale_inference::{
+    BackendKind, BatchingConfig, ExecutionProvider, LoadOptions, ModelWorker, NamedTensor, Tensor,
+    WorkerConfig,
+};
+
+use crate::checksum::verify_folder;
+use crate::error::{BundleError, RepositoryError};
+use crate::manifest::{BackendPreference, Manifest, parse_version, valid_name};
+
+/// The manifest file of a bundle.
+pub const MANIFEST_FILE: &str = "bundle.toml";
+const MANIFEST_LIMIT: u64 = 1 << 20;
+
+/// How the repository loads models.
+#[derive(Clone, Debug, Default)]
+pub struct RepositoryOptions {
+    /// The engine for bundles whose `backend` is `any`, and the fallback when a bundle asks
+    /// for an engine this build lacks.
+    pub backend: BackendKind,
+    pub intra_op_threads: usize,
+    pub execution_provider: ExecutionProvider,
+}
+
+/// A bundle folder with its parsed manifest.
+#[derive(Clone, Debug)]
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Bundle {
+    /// Reads and checks `dir/bundle.toml`.
+    pub fn open(dir: &Path) -> Result<Bundle, BundleError> {
+        let path = dir.join(MANIFEST_FILE);
+        let file = fs::File::open(&path).map_err(|e| BundleError::io(&path, e))?;
+        let mut text = String::new();
+        file.take(MANIFEST_LIMIT + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| BundleError::io(&path, e))?;
+        if text.len() as u64 > MANIFEST_LIMIT {
+            return Err(BundleError::ManifestTooLarge {
+                path,
+                limit: MANIFEST_LIMIT,
+            });
+        }
+        let manifest = Manifest::parse(&text).map_err(|source| BundleError::Manifest {
+            path: path.clone(),
+            source,
+        })?;
+        let folder = dir
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if folder != manifest.name {
+            return Err(BundleError::NameMismatch {
+                path,
+                declared: manifest.name,
+                folder,
+            });
+        }
+        Ok(Bundle {
+            dir: dir.to_owned(),
+            manifest,
+        })
+    }
+
+    /// Version folders present on disk, ascending. A folder the manifest does not list is an error.
+    pub fn versions_on_disk(&self) -> Result<Vec<u64>, BundleError> {
+        let mut versions = vec![];
+        for entry in fs::read_dir(&self.dir).map_err(|e| BundleError::io(&self.dir, e))? {
+            let entry = entry.map_err(|e| BundleError::io(&self.dir, e))?;
+            if !entry
+                .file_type()
+                .map_err(|e| BundleError::io(entry.path(), e))?
+                .is_dir()
+            {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(v) = parse_version(&name) else {
+                continue;
+            };
+            if !self.manifest.versions.contains_key(&name) {
+                return Err(BundleError::UnlistedVersion {
+                    path: entry.path(),
+                    version: name,
+                });
+            }
+            versions.push(v);
+        }
+        versions.sort_unstable();
+        Ok(versions)
+    }
+
+    /// The versions the policy serves.
+    pub fn selected_versions(&self) -> Result<Vec<u64>, BundleError> {
+        let selected = self
+            .manifest
+            .version_policy
+            .select(&self.versions_on_disk()?);
+        if selected.is_empty() {
+            return Err(BundleError::NoVersions {
+                path: self.dir.clone(),
+            });
+        }
+        Ok(selected)
+    }
+
+    /// Checks one version folder's files against their checksums.
+    pub fn verify(&self, version: u64) -> Result<(), BundleError> {
+        let entry = &self.manifest.versions[&version.to_string()];
+        verify_folder(&self.dir.join(version.to_string()), &entry.files)
+    }
+
+    /// The engine this bundle runs on under `options`.
+    pub fn backend(&self, options: &RepositoryOptions) -> BackendKind {
+        let wanted = match self.manifest.backend {
+            BackendPreference::Any => return options.backend,
+            BackendPreference::Tract => BackendKind::Tract,
+            BackendPreference::Ort => BackendKind::Ort,
+        };
+        if wanted.is_compiled() {
+            wanted
+        } else {
+            tracing::warn!(model = %self.manifest.name, wanted = %wanted, using = %options.backend,
+                "the bundle prefers a backend this build lacks; using the server default");
+            options.backend
+        }
+    }
+
+    /// Verifies, loads, checks the declared inputs/outputs, warms up and starts serving one version.
+    pub fn load_version(
+        &self,
+        version: u64,
+        options: &RepositoryOptions,
+    ) -> Result<LoadedModel, BundleError> {
+        let vdir = self.dir.join(version.to_string());
+        self.verify(version)?;
+        let entry = &self.manifest.versions[&version.to_string()];
+        let model_path = vdir.join(&entry.model_file);
+        let inference_err = |source| BundleError::Inference {
+            path: model_path.clone(),
+            source,
+        };
+        let load = LoadOptions {
+            backend: self.backend(options),
+            intra_op_threads: options.intra_op_threads,
+            execution_provider: options.execution_provider,
+        };
+        let mut backend = nightingale_inference::load(&model_path, &load).map_err(inference_err)?;
+        let declared = self
+            .manifest
+            .metadata_in_order(backend.metadata())
+            .map_err(|source| BundleError::Manifest {
+                path: self.dir.join(MANIFEST_FILE),
+                source,
+            })?;
+        warm_up(backend.as_mut(), &declared).map_err(inference_err)?;
+        let b = &self.manifest.batching;
+        let config = WorkerConfig {
+            model: self.manifest.name.clone(),
+            version: version.to_string(),
+            instances: b.instances,
+            queue_capacity: b.queue_capacity,
+            batching: (b.max_batch_size > 1).then(|| BatchingConfig {
+                max_batch_size: b.max_batch_size,
+                max_queue_delay: Duration::from_micros(b.max_queue_delay_us),
+                preferred_batch_sizes: b.preferred_batch_sizes.clone(),
+            }),
+            metadata: Some(declared),
+        };
+        let worker = ModelWorker::spawn(backend, config).map_err(inference_err)?;
+        Ok(LoadedModel {
+            name: self.manifest.name.clone(),
+            version,
+            manifest: Arc::new(self.manifest.clone()),
+            model_sha256: entry.files[&entry.model_file].to_ascii_lowercase(),
+            worker,
+        })
+    }
+}
+
+/// Runs the model once on zeros (batch 1) when every input's shape is known but for the
+/// batch: a model that loads but cannot run is refused before it serves.
+fn warm_up(
+    backend: &mut dyn nightingale_inference::Backend,
+    declared: &nightingale_inference::ModelMetadata,
+) -> Result<(), nightingale_inference::InferenceError> {
+    let mut inputs = vec![];
+    for spec in &declared.inputs {
+        let mut shape = vec![];
+        for (i, &d) in spec.shape.iter().enumerate() {
+            match d {
+                -1 if i == 0 => shape.push(1),
+                d if d >= 0 => shape.push(d as usize),
+                _ => return Ok(()),
+            }
+        }
+        let n = nightingale_inference::element_count(&shape)?;
+        let raw = vec![0u8; n * spec.datatype.element_size().unwrap_or(4)];
+        inputs.push(NamedTensor::new(
+            spec.name.clone(),
+            Tensor::from_raw(spec.datatype, shape, &raw)?,
+        ));
+    }
+    backend.infer(inputs).map(|_| ())
+}
+
+/// A model version being served.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub name: String,
+    pub version: u64,
+    pub manifest: Arc<Manifest>,
+    /// SHA-256 of the model file, as verified at load.
+    pub model_sha256: String,
+    pub worker: ModelWorker,
+}
+
+/// Load state of a model, as the repository index reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelState {
+    Ready,
+    Unavailable { reason: String },
+    Unloaded,
+}
+
+impl ModelState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ModelState::Ready => "READY",
+            ModelState::Unavailable { .. } => "UNAVAILABLE",
+            ModelState::Unloaded => "UNLOADED",
+        }
+    }
+}
+
+/// One row of the repository index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub name: String,
+    pub version: Option<u64>,
+    pub state: ModelState,
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    versions: BTreeMap<u64, Arc<LoadedModel>>,
+    state: Option<ModelState>,
+}
+
+/// The served models. Cheap to share behind an `Arc`; loading happens outside the lock and
+/// swaps versions in at once, so requests never see a half-loaded model.
+#[derive(Debug)]
+pub struct Repository {
+    root: PathBuf,
+    options: RepositoryOptions,
+    models: RwLock<BTreeMap<String, Entry>>,
+    /// One load or unload at a time.
+    loading: Mutex<()>,
+}
+
+impl Repository {
+    pub fn new(root: impl Into<PathBuf>, options: RepositoryOptions) -> Self {
+        Repository {
+            root: root.into(),
+            options,
+            models: RwLock::default(),
+            loading: Mutex::default(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Names of the model folders under the root (those holding a `bundle.toml`).
+    pub fn scan(&self) -> Result<Vec<String>, RepositoryError> {
+        let io = |source| RepositoryError::Io {
+            path: self.root.clone(),
+            source: Arc::new(source),
+        };
+        let mut names = vec![];
+        for entry in fs::read_dir(&self.root).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if valid_name(&name) && entry.path().join(MANIFEST_FILE).is_file() {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Loads every bundle in the repository. A bundle that fails is logged and marked
+    /// unavailable; the others serve.
+    pub fn load_all(
+        &self,
+    ) -> Result<Vec<(String, Result<Vec<u64>, RepositoryError>)>, RepositoryError> {
+        let names = self.scan()?;
+        Ok(names
+            .into_iter()
+            .map(|name| {
+                let result = self.load(&name);
+                (name, result)
+            })
+            .collect())
+    }
+
+    /// (Re)loads one model from disk: the versions its policy selects replace those served.
+    pub fn load(&self, name: &str) -> Result<Vec<u64>, RepositoryError> {
+        if !valid_name(name) {
+            return Err(RepositoryError::InvalidName {
+                name: name.chars().take(64).collect(),
+            });
+        }
+        let dir = self.root.join(name);
+        if !dir.join(MANIFEST_FILE).is_file() {
+            return Err(RepositoryError::UnknownModel {
+                name: name.to_owned(),
+            });
+        }
+        let _guard = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        match self.load_versions(&dir) {
+            Ok(loaded) => {
+                let versions: Vec<u64> = loaded.keys().copied().collect();
+                let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+                let entry = models.entry(name.to_owned()).or_default();
+                entry.versions = loaded;
+                entry.state = Some(ModelState::Ready);
+                tracing::info!(model = name, ?versions, "model loaded");
+                Ok(versions)
+            }
+            Err(e) => {
+                tracing::error!(model = name, error = %e, "model failed to load");
+                let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+                let entry = models.entry(name.to_owned()).or_default();
+                // Versions already serving keep serving; the failure is reported.
+                if entry.versions.is_empty() {
+                    entry.state = Some(ModelState::Unavailable {
+                        reason: e.to_string(),
+                    });
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    fn load_versions(&self, dir: &Path) -> Result<BTreeMap<u64, Arc<LoadedModel>>, BundleError> {
+        let bundle = Bundle::open(dir)?;
+        let mut loaded = BTreeMap::new();
+        for version in bundle.selected_versions()? {
+            loaded.insert(
+                version,
+                Arc::new(bundle.load_version(version, &self.options)?),
+            );
+        }
+        Ok(loaded)
+    }
+
+    /// Stops serving a model. Requests already queued still finish.
+    pub fn unload(&self, name: &str) -> Result<(), RepositoryError> {
+        let _guard = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+        match models.get_mut(name) {
+            Some(entry) => {
+                entry.versions.clear();
+                entry.state = Some(ModelState::Unloaded);
+                tracing::info!(model = name, "model unloaded");
+                Ok(())
+            }
+            None if self.root.join(name).join(MANIFEST_FILE).is_file() && valid_name(name) => {
+                Ok(())
+            }
+            None => Err(RepositoryError::UnknownModel {
+                name: name.to_owned(),
+            }),
+        }
+    }
+
+    /// A served version: the given one, or the highest when `version` is `None`.
+    pub fn get(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Arc<LoadedModel>, RepositoryError> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        let entry = models
+            .get(name)
+            .ok_or_else(|| RepositoryError::UnknownModel {
+                name: name.to_owned(),
+            })?;
+        match version {
+            None | Some("") => entry.versions.values().next_back().cloned().ok_or_else(|| {
+                RepositoryError::NotReady {
+                    name: name.to_owned(),
+                    reason: match &entry.state {
+                        Some(ModelState::Unavailable { reason }) => reason.clone(),
+                        Some(ModelState::Unloaded) => "unloaded".into(),
+                        _ => "no version loaded".into(),
+                    },
+                }
+            }),
+            Some(v) => parse_version(v)
+                .and_then(|v| entry.versions.get(&v).cloned())
+                .ok_or_else(|| RepositoryError::UnknownVersion {
+                    name: name.to_owned(),
+                    version: v.chars().take(32).collect(),
+                }),
+        }
+    }
+
+    /// Every version being served.
+    pub fn loaded(&self) -> Vec<Arc<LoadedModel>> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        models
+            .values()
+            .flat_map(|e| e.versions.values().cloned())
+            .collect()
+    }
+
+    /// Every model on disk or known, with its versions and state.
+    pub fn index(&self) -> Vec<IndexEntry> {
+        let on_disk = self.scan().unwrap_or_default();
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        let mut names: Vec<&str> = on_disk.iter().map(String::as_str).collect();
+        names.extend(models.keys().map(String::as_str));
+        names.sort_unstable();
+        names.dedup();
+        let mut out = vec![];
+        for name in names {
+            match models.get(name) {
+                Some(entry) if !entry.versions.is_empty() => {
+                    out.extend(entry.versions.keys().map(|&v| IndexEntry {
+                        name: name.to_owned(),
+                        version: Some(v),
+                        state: ModelState::Ready,
+                    }));
+                }
+                Some(entry) => out.push(IndexEntry {
+                    name: name.to_owned(),
+                    version: None,
+                    state: entry.state.clone().unwrap_or(ModelState::Unloaded),
+                }),
+                None => out.push(IndexEntry {
+                    name: name.to_owned(),
+                    version: None,
+                    state: ModelState::Unloaded,
+                }),
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Rebuild every generated model bundle and the ONNX-ML conformance fixtures.
+#   models/train/build_all.sh            (uses .venv/bin/python at the repo root)
+#   PYTHON=/path/to/python models/train/build_all.sh
+# Set up the venv first:
+#   python3 -m venv .venv && .venv/bin/pip install -r models/train/requirements.txt
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+py="${PYTHON:-$repo/.venv/bin/python}"
+if [[ ! -x "$py" ]]; then
+    echo "error: $py not found; create the venv:" >&2
+    echo "  python3 -m venv $repo/.venv && $repo/.venv/bin/pip install -r $repo/models/train/requirements.txt" >&2
+    exit 1
+fi
+cd "$repo"
+
+"$py" models/train/wdbc.py
+"$py" models/train/make_op_fixtures.py
+
+sha256sum models/bundles/*/[0-9]*/model.onnx

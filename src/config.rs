@@ -1,0 +1,263 @@
+//! Typed configuration: command-line flags, `NIGHTINGALE_*` environment variables and
+//! `nightingale.toml`, in that order of precedence, over built-in defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, ValueEnum};
+use nightingale_inference::{BackendKind, ExecutionProvider};
+use serde::Deserialize;
+
+/// Flags of `nightingale serve`. Each is optional here so that the config file can fill
+/// what the command line and environment leave out.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// Config file (TOML). Default: ./nightingale.toml when it exists.
+    #[arg(long, env = "NIGHTINGALE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Model repository folder. [default: models/bundles]
+    #[arg(long, env = "NIGHTINGALE_REPOSITORY")]
+    pub repository: Option<PathBuf>,
+    /// Address of the HTTP server (KServe v2, metrics). [default: 127.0.0.1:8000]
+    #[arg(long, env = "NIGHTINGALE_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// Engine for bundles that do not ask for one. [default: tract]
+    #[arg(long, env = "NIGHTINGALE_BACKEND", value_enum)]
+    pub backend: Option<BackendArg>,
+    /// Threads one inference may use inside the engine; 0 = engine default. [default: 1]
+    #[arg(long, env = "NIGHTINGALE_INTRA_OP_THREADS")]
+    pub intra_op_threads: Option<usize>,
+    /// ONNX Runtime execution provider (ort backend). [default: cpu]
+    #[arg(long, env = "NIGHTINGALE_EXECUTION_PROVIDER", value_enum)]
+    pub execution_provider: Option<ProviderArg>,
+    /// CUDA device for the cuda execution provider. [default: 0]
+    #[arg(long, env = "NIGHTINGALE_CUDA_DEVICE")]
+    pub cuda_device: Option<i32>,
+    /// Largest request body in bytes. [default: 67108864]
+    #[arg(long, env = "NIGHTINGALE_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Bearer token for model control (repository load/unload). Unset: model control is off.
+    #[arg(long, env = "NIGHTINGALE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Log format. [default: text]
+    #[arg(long, env = "NIGHTINGALE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendArg {
+    Tract,
+    Ort,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `nightingale.toml`: the same settings as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    repository: Option<PathBuf>,
+    http_addr: Option<SocketAddr>,
+    backend: Option<BackendArg>,
+    intra_op_threads: Option<usize>,
+    execution_provider: Option<ProviderArg>,
+    cuda_device: Option<i32>,
+    max_body_bytes: Option<usize>,
+    admin_token: Option<String>,
+    log_format: Option<LogFormat>,
+}
+
+/// The resolved server configuration.
+#[derive(Clone)]
+pub struct ServeConfig {
+    pub repository: PathBuf,
+    pub http_addr: SocketAddr,
+    pub backend: BackendKind,
+    pub intra_op_threads: usize,
+    pub execution_provider: ExecutionProvider,
+    pub max_body_bytes: usize,
+    pub admin_token: Option<String>,
+    pub log_format: LogFormat,
+}
+
+impl std::fmt::Debug for ServeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeConfig")
+            .field("repository", &self.repository)
+            .field("http_addr", &self.http_addr)
+            .field("backend", &self.backend)
+            .field("intra_op_threads", &self.intra_op_threads)
+            .field("execution_provider", &self.execution_provider)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+/// The configuration could not be read or makes no sense.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ServeArgs {
+    /// Merges flags/env over the config file over defaults, and checks the result.
+    pub fn resolve(self) -> Result<ServeConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None if Path::new("nightingale.toml").is_file() => {
+                read_file(Path::new("nightingale.toml"))?
+            }
+            None => FileConfig::default(),
+        };
+        let backend = match self.backend.or(file.backend).unwrap_or(BackendArg::Tract) {
+            BackendArg::Tract => BackendKind::Tract,
+            BackendArg::Ort => BackendKind::Ort,
+        };
+        if !backend.is_compiled() {
+            return Err(ConfigError::Invalid(format!(
+                "backend {backend} is not compiled into this build (rebuild with --features {backend})"
+            )));
+        }
+        let execution_provider = match self
+            .execution_provider
+            .or(file.execution_provider)
+            .unwrap_or(ProviderArg::Cpu)
+        {
+            ProviderArg::Cpu => ExecutionProvider::Cpu,
+            ProviderArg::Cuda => ExecutionProvider::Cuda {
+                device_id: self.cuda_device.or(file.cuda_device).unwrap_or(0),
+            },
+        };
+        let max_body_bytes = self
+            .max_body_bytes
+            .or(file.max_body_bytes)
+            .unwrap_or(64 << 20);
+        if max_body_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "max_body_bytes must be at least 1024".into(),
+            ));
+        }
+        let admin_token = self
+            .admin_token
+            .or(file.admin_token)
+            .filter(|t| !t.is_empty());
+        if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(ConfigError::Invalid(
+                "admin_token must be at least 16 characters".into(),
+            ));
+        }
+        Ok(ServeConfig {
+            repository: self
+                .repository
+                .or(file.repository)
+                .unwrap_or_else(|| PathBuf::from("models/bundles")),
+            http_addr: self
+                .http_addr
+                .or(file.http_addr)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000))),
+            backend,
+            intra_op_threads: self.intra_op_threads.or(file.intra_op_threads).unwrap_or(1),
+            execution_provider,
+            max_body_bytes,
+            admin_token,
+            log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_override_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(
+            &path,
+            "repository = \"/from/file\"\nhttp_addr = \"127.0.0.1:9000\"\nintra_op_threads = 3\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            http_addr: Some("127.0.0.1:7000".parse().unwrap()),
+            ..ServeArgs::default()
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.repository, PathBuf::from("/from/file"));
+        assert_eq!(c.http_addr.port(), 7000);
+        assert_eq!(c.intra_op_threads, 3);
+        assert_eq!(c.max_body_bytes, 64 << 20);
+
+        std::fs::write(&path, "repositry = \"typo\"\n").unwrap();
+        let err = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_and_checked() {
+        let c = ServeArgs {
+            admin_token: Some("0123456789abcdef-secret".into()),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert!(!format!("{c:?}").contains("secret"));
+        assert!(
+            ServeArgs {
+                admin_token: Some("short".into()),
+                ..ServeArgs::default()
+            }
+            .resolve()
+            .is_err()
+        );
+    }
+}

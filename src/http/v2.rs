@@ -1,0 +1,324 @@
+//! KServe v2 / Open Inference Protocol: health, metadata, inference, statistics.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use nightingale_inference::{NamedTensor, StatsSnapshot};
+use nightingale_models::LoadedModel;
+use serde_json::json;
+
+use super::codec::{self, InferResponse, JsonData, OutputTensor};
+use super::{AppError, AppState, read_body};
+
+pub(super) const HEADER_LENGTH: &str = "inference-header-content-length";
+
+pub async fn live() -> StatusCode {
+    StatusCode::OK
+}
+
+pub async fn ready(State(state): State<Arc<AppState>>) -> StatusCode {
+    if state.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+pub async fn server_metadata() -> Json<serde_json::Value> {
+    Json(json!({
+        "name": "nightingale",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data", "classification", "model_repository", "statistics"],
+    }))
+}
+
+fn metadata_body(state: &AppState, model: &LoadedModel, all_versions: bool) -> serde_json::Value {
+    let versions: Vec<String> = if all_versions {
+        state
+            .repository
+            .loaded()
+            .iter()
+            .filter(|m| m.name == model.name)
+            .map(|m| m.version.to_string())
+            .collect()
+    } else {
+        vec![model.version.to_string()]
+    };
+    let meta = model.worker.metadata();
+    let spec = |s: &nightingale_inference::TensorSpec| json!({"name": s.name, "datatype": s.datatype, "shape": s.shape});
+    json!({
+        "name": model.name,
+        "versions": versions,
+        "platform": model.manifest.platform,
+        "inputs": meta.inputs.iter().map(spec).collect::<Vec<_>>(),
+        "outputs": meta.outputs.iter().map(spec).collect::<Vec<_>>(),
+        "parameters": {
+            "task": model.manifest.task,
+            "backend": model.worker.backend(),
+            "max_batch_size": model.worker.config().batching.as_ref().map_or(0, |b| b.max_batch_size),
+        },
+    })
+}
+
+pub async fn model_metadata(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let m = state.repository.get(&model, None)?;
+    Ok(Json(metadata_body(&state, &m, true)))
+}
+
+pub async fn model_metadata_version(
+    State(state): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let m = state.repository.get(&model, Some(&version))?;
+    Ok(Json(metadata_body(&state, &m, false)))
+}
+
+pub async fn model_ready(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> Result<StatusCode, AppError> {
+    state.repository.get(&model, None)?;
+    Ok(StatusCode::OK)
+}
+
+pub async fn model_ready_version(
+    State(state): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<StatusCode, AppError> {
+    state.repository.get(&model, Some(&version))?;
+    Ok(StatusCode::OK)
+}
+
+pub async fn infer(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    run_infer(state, model, None, headers, body).await
+}
+
+pub async fn infer_version(
+    State(state): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    run_infer(state, model, Some(version), headers, body).await
+}
+
+async fn run_infer(
+    state: Arc<AppState>,
+    model: String,
+    version: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let start = Instant::now();
+    let loaded = match state.repository.get(&model, version.as_deref()) {
+        Ok(m) => m,
+        Err(e) => return AppError::from(e).into_response(),
+    };
+    let result = infer_loaded(&state, &loaded, &headers, body).await;
+    let outcome = match &result {
+        Ok(_) => "success",
+        Err(e) if e.status.is_client_error() => "client_error",
+        Err(_) => "server_error",
+    };
+    let labels = [
+        ("model", loaded.name.clone()),
+        ("version", loaded.version.to_string()),
+        ("outcome", outcome.to_owned()),
+    ];
+    metrics::counter!("nightingale_inference_requests_total", &labels).increment(1);
+    metrics::histogram!("nightingale_request_duration_seconds", &labels[..2])
+        .record(start.elapsed().as_secs_f64());
+    match result {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn infer_loaded(
+    state: &AppState,
+    model: &LoadedModel,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, AppError> {
+    let header_len = match headers.get(HEADER_LENGTH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    AppError::bad_request(
+                        "Inference-Header-Content-Length must be a non-negative integer",
+                    )
+                })?,
+        ),
+    };
+    let body = read_body(headers, body, state.config.max_body_bytes).await?;
+    let request = codec::decode_request(&body, header_len)?;
+    drop(body);
+    let meta = model.worker.metadata();
+    // Check the requested outputs before running anything.
+    if let Some(wanted) = &request.outputs {
+        for o in wanted {
+            if meta.output(&o.name).is_none() {
+                return Err(AppError::bad_request(format!(
+                    "unknown output {:?}; the model's outputs are {:?}",
+                    o.name,
+                    meta.outputs.iter().map(|s| &s.name).collect::<Vec<_>>()
+                )));
+            }
+        }
+    }
+    let outputs = model.worker.infer(request.inputs).await?;
+    let (tensors, flags) = select_outputs(
+        model,
+        outputs,
+        request.outputs.as_deref(),
+        request.binary_default,
+    )?;
+    let response = InferResponse {
+        model_name: model.name.clone(),
+        model_version: model.version.to_string(),
+        id: request.id,
+        outputs: tensors,
+    };
+    let encoded = codec::encode_response(response, &flags)?;
+    let mut builder = Response::builder().status(StatusCode::OK);
+    builder = match encoded.header_len {
+        Some(n) => builder
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header(HEADER_LENGTH, HeaderValue::from(n)),
+        None => builder.header(header::CONTENT_TYPE, "application/json"),
+    };
+    builder
+        .body(Body::from(encoded.body))
+        .map_err(|e| AppError::internal(e.to_string()))
+}
+
+/// The outputs to return, in the order asked (or the model's), each with its binary flag.
+fn select_outputs(
+    model: &LoadedModel,
+    outputs: Vec<NamedTensor>,
+    wanted: Option<&[codec::OutputChoice]>,
+    binary_default: bool,
+) -> Result<(Vec<OutputTensor>, Vec<bool>), AppError> {
+    let mut tensors = vec![];
+    let mut flags = vec![];
+    let mut push = |t: nightingale_inference::Tensor, name: String, binary: bool| {
+        tensors.push(OutputTensor {
+            name,
+            datatype: t.datatype(),
+            shape: t.shape().to_vec(),
+            parameters: None,
+            data: Some(JsonData(t)),
+        });
+        flags.push(binary);
+    };
+    match wanted {
+        None => {
+            for o in outputs {
+                push(o.tensor, o.name, binary_default);
+            }
+        }
+        Some(wanted) => {
+            for choice in wanted {
+                let found = outputs
+                    .iter()
+                    .find(|o| o.name == choice.name)
+                    .ok_or_else(|| {
+                        AppError::bad_request(format!("unknown output {:?}", choice.name))
+                    })?;
+                let tensor = match choice.classification {
+                    Some(k) if k > 0 => {
+                        let labels = model
+                            .manifest
+                            .outputs
+                            .iter()
+                            .find(|o| o.name == choice.name)
+                            .map(|o| o.labels.clone())
+                            .unwrap_or_default();
+                        codec::classify(&found.tensor, k, &labels)?
+                    }
+                    _ => found.tensor.clone(),
+                };
+                push(
+                    tensor,
+                    choice.name.clone(),
+                    choice.binary.unwrap_or(binary_default),
+                );
+            }
+        }
+    }
+    Ok((tensors, flags))
+}
+
+fn stats_json(model: &LoadedModel) -> serde_json::Value {
+    let s: StatsSnapshot = model.worker.stats().snapshot();
+    let zero = json!({"count": 0, "ns": 0});
+    json!({
+        "name": model.name,
+        "version": model.version.to_string(),
+        "last_inference": s.last_inference,
+        "inference_count": s.inference_count,
+        "execution_count": s.execution_count,
+        "inference_stats": {
+            "success": s.success,
+            "fail": s.fail,
+            "queue": s.queue,
+            "compute_input": s.compute_input,
+            "compute_infer": s.compute_infer,
+            "compute_output": s.compute_output,
+            "cache_hit": zero,
+            "cache_miss": zero,
+        },
+        "batch_stats": s.batch_stats,
+        "memory_usage": [],
+    })
+}
+
+pub async fn all_stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let stats: Vec<_> = state
+        .repository
+        .loaded()
+        .iter()
+        .map(|m| stats_json(m))
+        .collect();
+    Json(json!({ "model_stats": stats }))
+}
+
+pub async fn model_stats(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    // Every served version, as Triton does when no version is named.
+    state.repository.get(&model, None)?;
+    let stats: Vec<_> = state
+        .repository
+        .loaded()
+        .iter()
+        .filter(|m| m.name == model)
+        .map(|m| stats_json(m))
+        .collect();
+    Ok(Json(json!({ "model_stats": stats })))
+}
+
+pub async fn model_stats_version(
+    State(state): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let m = state.repository.get(&model, Some(&version))?;
+    Ok(Json(json!({ "model_stats": [stats_json(&m)] })))
+}

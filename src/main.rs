@@ -1,0 +1,231 @@
+//! `nightingale`: the server and its command-line tools.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use nightingale::config::{LogFormat, ServeArgs, ServeConfig};
+use nightingale::http::{self, AppState, HttpConfig};
+use nightingale_models::{Bundle, Repository, RepositoryOptions};
+use tracing_subscriber::EnvFilter;
+
+/// Nightingale: a clinical AI inference server (KServe v2 / Open Inference Protocol).
+#[derive(Parser, Debug)]
+#[command(name = "nightingale", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the models of a repository over HTTP.
+    Serve(ServeArgs),
+    /// Inspect model bundles without serving them.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelsCommand {
+    /// List the bundles of a repository, their versions and whether they verify.
+    List {
+        /// Model repository folder.
+        #[arg(long, env = "NIGHTINGALE_REPOSITORY", default_value = "models/bundles")]
+        repository: PathBuf,
+    },
+    /// Validate bundles: manifest, checksums of every file, and that each version loads and
+    /// runs. PATH is a bundle folder or a repository of them. Exit code 1 if any fails.
+    Check {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = args.resolve()?;
+            init_tracing(config.log_format);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("ng-http")
+                .build()?
+                .block_on(serve(config))
+        }
+        Command::Models { command } => {
+            init_tracing(LogFormat::Text);
+            match command {
+                ModelsCommand::List { repository } => list(&repository),
+                ModelsCommand::Check { paths } => {
+                    if check(&paths)? {
+                        Ok(())
+                    } else {
+                        std::process::exit(1)
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter =
+        EnvFilter::try_from_env("NIGHTINGALE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    tracing::info!(
+        ?config,
+        "starting nightingale {}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let repository = Arc::new(Repository::new(
+        config.repository.clone(),
+        RepositoryOptions {
+            backend: config.backend,
+            intra_op_threads: config.intra_op_threads,
+            execution_provider: config.execution_provider,
+        },
+    ));
+    let state = AppState::new(
+        repository.clone(),
+        HttpConfig {
+            max_body_bytes: config.max_body_bytes,
+            admin_token: config.admin_token.clone(),
+        },
+        Some(http::install_recorder()),
+    );
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.http_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "listening (KServe v2 HTTP)");
+
+    // Live at once; ready when the initial load is done (failed bundles are reported, not fatal).
+    let loader = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || {
+            match state.repository.load_all() {
+                Ok(results) => {
+                    let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+                    tracing::info!(models = results.len(), failed, "initial load finished");
+                }
+                Err(e) => tracing::error!(error = %e, "cannot scan the model repository"),
+            }
+            state.set_ready(true);
+        })
+    };
+    axum::serve(listener, http::app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    loader.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+fn list(root: &std::path::Path) -> anyhow::Result<()> {
+    let repository = Repository::new(root, RepositoryOptions::default());
+    let names = repository.scan()?;
+    if names.is_empty() {
+        println!("no bundles under {}", root.display());
+    }
+    for name in names {
+        match Bundle::open(&root.join(&name)) {
+            Ok(bundle) => {
+                let versions = bundle
+                    .versions_on_disk()
+                    .map(|v| format!("{v:?}"))
+                    .unwrap_or_else(|e| format!("error: {e}"));
+                println!(
+                    "{name}\t{:?}\tversions {versions}\t{}",
+                    bundle.manifest.task, bundle.manifest.description
+                );
+            }
+            Err(e) => println!("{name}\tINVALID\t{e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Checks each bundle; prints one line per version. Returns whether all passed.
+fn check(paths: &[PathBuf]) -> anyhow::Result<bool> {
+    let mut all_ok = true;
+    for path in paths {
+        let bundles: Vec<PathBuf> = if path.join(nightingale_models::MANIFEST_FILE).is_file() {
+            vec![path.clone()]
+        } else {
+            let repository = Repository::new(path, RepositoryOptions::default());
+            repository
+                .scan()?
+                .into_iter()
+                .map(|n| path.join(n))
+                .collect()
+        };
+        if bundles.is_empty() {
+            println!("FAIL {}: no bundle.toml found", path.display());
+            all_ok = false;
+        }
+        for dir in bundles {
+            let result = Bundle::open(&dir).and_then(|bundle| {
+                let versions = bundle.versions_on_disk()?;
+                if versions.is_empty() {
+                    return Err(nightingale_models::BundleError::NoVersions { path: dir.clone() });
+                }
+                let mut lines = vec![];
+                for v in versions {
+                    let loaded = bundle.load_version(v, &RepositoryOptions::default())?;
+                    let meta = loaded.worker.metadata();
+                    lines.push(format!(
+                        "ok   {} version {v}: checksums verified, loads and runs on {} ({} inputs, {} outputs)",
+                        bundle.manifest.name,
+                        loaded.worker.backend(),
+                        meta.inputs.len(),
+                        meta.outputs.len()
+                    ));
+                }
+                Ok(lines)
+            });
+            match result {
+                Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+                Err(e) => {
+                    all_ok = false;
+                    println!("FAIL {}: {e}", dir.display());
+                }
+            }
+        }
+    }
+    Ok(all_ok)
+}
