@@ -33,6 +33,10 @@ pub struct ServeArgs {
     /// CUDA device for the cuda execution provider. [default: 0]
     #[arg(long, env = "NIGHTINGALE_CUDA_DEVICE")]
     pub cuda_device: Option<i32>,
+    /// ONNX Runtime shared library for the ort backend (libonnxruntime.so, >= 1.31).
+    /// Unset: ort's own lookup (ORT_DYLIB_PATH, then the library path).
+    #[arg(long, env = "NIGHTINGALE_ORT_LIBRARY")]
+    pub ort_library: Option<PathBuf>,
     /// Largest request body in bytes. [default: 67108864]
     #[arg(long, env = "NIGHTINGALE_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -76,6 +80,7 @@ struct FileConfig {
     intra_op_threads: Option<usize>,
     execution_provider: Option<ProviderArg>,
     cuda_device: Option<i32>,
+    ort_library: Option<PathBuf>,
     max_body_bytes: Option<usize>,
     admin_token: Option<String>,
     log_format: Option<LogFormat>,
@@ -89,6 +94,7 @@ pub struct ServeConfig {
     pub backend: BackendKind,
     pub intra_op_threads: usize,
     pub execution_provider: ExecutionProvider,
+    pub ort_library: Option<PathBuf>,
     pub max_body_bytes: usize,
     pub admin_token: Option<String>,
     pub log_format: LogFormat,
@@ -102,6 +108,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("backend", &self.backend)
             .field("intra_op_threads", &self.intra_op_threads)
             .field("execution_provider", &self.execution_provider)
+            .field("ort_library", &self.ort_library)
             .field("max_body_bytes", &self.max_body_bytes)
             .field(
                 "admin_token",
@@ -190,6 +197,7 @@ impl ServeArgs {
             backend,
             intra_op_threads: self.intra_op_threads.or(file.intra_op_threads).unwrap_or(1),
             execution_provider,
+            ort_library: self.ort_library.or(file.ort_library),
             max_body_bytes,
             admin_token,
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),

@@ -97,6 +97,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             backend: config.backend,
             intra_op_threads: config.intra_op_threads,
             execution_provider: config.execution_provider,
+            ort_library: config.ort_library.clone(),
         },
     ));
     let state = AppState::new(

@@ -58,7 +58,9 @@ pub enum InferenceError {
         #[source]
         source: BoxError,
     },
-    #[error("the model's output {name:?} has {rows} rows for a batch of {expected}; it cannot be split back to the requests")]
+    #[error(
+        "the model's output {name:?} has {rows} rows for a batch of {expected}; it cannot be split back to the requests"
+    )]
     OutputNotBatched {
         name: String,
         rows: usize,

@@ -17,10 +17,15 @@ mod stats;
 mod tensor;
 mod worker;
 
-pub use backend::{Backend, BackendKind, ExecutionProvider, LoadOptions, ModelMetadata, TensorSpec, load};
+pub use backend::{
+    Backend, BackendKind, ExecutionProvider, LoadOptions, ModelMetadata, TensorSpec, load,
+};
 pub use error::InferenceError;
 pub use stats::{BatchStat, Duration as StatDuration, ModelStats, StatsSnapshot};
-pub use tensor::{DataType, Element, MAX_ELEMENTS, NamedTensor, Tensor, TensorError, UnknownDataType, element_count};
+pub use tensor::{
+    DataType, Element, MAX_ELEMENTS, NamedTensor, Tensor, TensorError, UnknownDataType,
+    element_count,
+};
 pub use worker::{BatchingConfig, ModelWorker, WorkerConfig};
 
 #[cfg(feature = "tract")]

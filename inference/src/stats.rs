@@ -17,8 +17,10 @@ struct Counter {
 impl Counter {
     fn add(&self, n: u64, elapsed: StdDuration) {
         self.count.fetch_add(n, Ordering::Relaxed);
-        self.ns
-            .fetch_add(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.ns.fetch_add(
+            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     fn snapshot(&self) -> Duration {
@@ -88,9 +90,13 @@ impl ModelStats {
     /// A request finished, well or not, `total` after it arrived.
     pub fn record_request(&self, ok: bool, total: StdDuration) {
         if ok { &self.success } else { &self.fail }.add(1, total);
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        self.last_inference_ms
-            .store(u64::try_from(now.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.last_inference_ms.store(
+            u64::try_from(now.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     pub(crate) fn record_queue(&self, waited: StdDuration) {
@@ -109,7 +115,8 @@ impl ModelStats {
         self.compute_input.add(requests, input);
         self.compute_infer.add(requests, infer);
         self.compute_output.add(requests, output);
-        self.inference_count.fetch_add(rows as u64, Ordering::Relaxed);
+        self.inference_count
+            .fetch_add(rows as u64, Ordering::Relaxed);
         self.execution_count.fetch_add(1, Ordering::Relaxed);
         let ns = |d: StdDuration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let mut batches = self.batches.lock().unwrap_or_else(|p| p.into_inner());
@@ -136,9 +143,18 @@ impl ModelStats {
                 .iter()
                 .map(|(&batch_size, b)| BatchStat {
                     batch_size,
-                    compute_input: Duration { count: b.count, ns: b.input_ns },
-                    compute_infer: Duration { count: b.count, ns: b.infer_ns },
-                    compute_output: Duration { count: b.count, ns: b.output_ns },
+                    compute_input: Duration {
+                        count: b.count,
+                        ns: b.input_ns,
+                    },
+                    compute_infer: Duration {
+                        count: b.count,
+                        ns: b.infer_ns,
+                    },
+                    compute_output: Duration {
+                        count: b.count,
+                        ns: b.output_ns,
+                    },
                 })
                 .collect(),
         }

@@ -100,7 +100,9 @@ impl fmt::Display for DataType {
 
 /// The text was not one of the protocol's datatype names.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("unknown datatype {0:?}; expected one of BOOL, UINT8, UINT16, UINT32, UINT64, INT8, INT16, INT32, INT64, FP16, FP32, FP64, BYTES")]
+#[error(
+    "unknown datatype {0:?}; expected one of BOOL, UINT8, UINT16, UINT32, UINT64, INT8, INT16, INT32, INT64, FP16, FP32, FP64, BYTES"
+)]
 pub struct UnknownDataType(pub String);
 
 impl FromStr for DataType {
@@ -136,7 +138,10 @@ pub enum TensorError {
     #[error("cannot join tensors: {reason}")]
     Join { reason: String },
     #[error("cannot split a tensor of shape {shape:?} into batches {sizes:?}")]
-    Split { shape: Vec<usize>, sizes: Vec<usize> },
+    Split {
+        shape: Vec<usize>,
+        sizes: Vec<usize>,
+    },
 }
 
 /// A dense tensor of one of the protocol's datatypes.
@@ -264,13 +269,12 @@ impl Tensor {
                 got: data.len(),
             });
         }
-        let array = ArrayD::from_shape_vec(IxDyn(&shape), data).map_err(|_| {
-            TensorError::ElementCount {
+        let array =
+            ArrayD::from_shape_vec(IxDyn(&shape), data).map_err(|_| TensorError::ElementCount {
                 shape: shape.clone(),
                 expected,
                 got: expected,
-            }
-        })?;
+            })?;
         Ok(T::wrap(array))
     }
 
@@ -313,12 +317,18 @@ impl Tensor {
 
     /// Decodes Triton's binary tensor layout: fixed-size elements little-endian, row-major;
     /// `BYTES` elements each prefixed by a 4-byte little-endian length.
-    pub fn from_raw(datatype: DataType, shape: Vec<usize>, raw: &[u8]) -> Result<Tensor, TensorError> {
+    pub fn from_raw(
+        datatype: DataType,
+        shape: Vec<usize>,
+        raw: &[u8],
+    ) -> Result<Tensor, TensorError> {
         let count = element_count(&shape)?;
         if let Some(size) = datatype.element_size() {
-            let expected = count.checked_mul(size).ok_or_else(|| TensorError::TooLarge {
-                shape: shape.clone(),
-            })?;
+            let expected = count
+                .checked_mul(size)
+                .ok_or_else(|| TensorError::TooLarge {
+                    shape: shape.clone(),
+                })?;
             if raw.len() != expected {
                 return Err(TensorError::ByteCount {
                     datatype,
@@ -434,9 +444,10 @@ impl Tensor {
                         }),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                let joined = ndarray::concatenate(Axis(0), &views).map_err(|e| TensorError::Join {
-                    reason: e.to_string(),
-                })?;
+                let joined =
+                    ndarray::concatenate(Axis(0), &views).map_err(|e| TensorError::Join {
+                        reason: e.to_string(),
+                    })?;
                 Tensor::$variant(joined)
             }};
         }
@@ -502,7 +513,10 @@ mod tests {
     fn datatype_names_round_trip() {
         for d in DataType::ALL {
             assert_eq!(d.as_str().parse::<DataType>().unwrap(), d);
-            assert_eq!(serde_json::to_string(&d).unwrap(), format!("\"{}\"", d.as_str()));
+            assert_eq!(
+                serde_json::to_string(&d).unwrap(),
+                format!("\"{}\"", d.as_str())
+            );
         }
         assert!("FLOAT".parse::<DataType>().is_err());
     }
@@ -520,10 +534,18 @@ mod tests {
             Tensor::from_vec(shape.clone(), vec![-1i16, 2, 3, i16::MIN]).unwrap(),
             Tensor::from_vec(shape.clone(), vec![-1i32, 2, 3, i32::MIN]).unwrap(),
             Tensor::from_vec(shape.clone(), vec![-1i64, 2, 3, i64::MIN]).unwrap(),
-            Tensor::from_vec(shape.clone(), vec![f16::from_f32(0.5), f16::ONE, f16::ZERO, f16::MAX]).unwrap(),
+            Tensor::from_vec(
+                shape.clone(),
+                vec![f16::from_f32(0.5), f16::ONE, f16::ZERO, f16::MAX],
+            )
+            .unwrap(),
             Tensor::from_vec(shape.clone(), vec![0.5f32, -1.0, f32::MIN_POSITIVE, 3.25]).unwrap(),
             Tensor::from_vec(shape.clone(), vec![0.5f64, -1.0, 1e-300, 3.25]).unwrap(),
-            Tensor::from_vec(shape.clone(), vec![b"a".to_vec(), vec![], b"hello".to_vec(), vec![0, 1]]).unwrap(),
+            Tensor::from_vec(
+                shape.clone(),
+                vec![b"a".to_vec(), vec![], b"hello".to_vec(), vec![0, 1]],
+            )
+            .unwrap(),
         ];
         for t in cases {
             let raw = t.to_raw();

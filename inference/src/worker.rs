@@ -117,7 +117,10 @@ impl ModelWorker {
             None => backend.metadata().clone(),
         };
         let batches = metadata.supports_batching() && backend.max_batch_size() > 1;
-        let batching = config.batching.clone().filter(|b| batches && b.max_batch_size > 1);
+        let batching = config
+            .batching
+            .clone()
+            .filter(|b| batches && b.max_batch_size > 1);
         let max_rows = batching.as_ref().map(|b| b.max_batch_size);
         let instances = config.instances.max(1);
         let mut backends = Vec::with_capacity(instances);
@@ -185,7 +188,10 @@ impl ModelWorker {
 
     /// Runs one request: checks its inputs, queues it, waits for the answer. Outputs come in
     /// the order of [`ModelWorker::metadata`]'s outputs.
-    pub async fn infer(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, InferenceError> {
+    pub async fn infer(
+        &self,
+        inputs: Vec<NamedTensor>,
+    ) -> Result<Vec<NamedTensor>, InferenceError> {
         let start = Instant::now();
         let result = self.submit(inputs).await;
         self.stats.record_request(result.is_ok(), start.elapsed());
@@ -218,7 +224,10 @@ impl ModelWorker {
     }
 
     /// Validates inputs against the metadata and puts them in the model's input order.
-    fn check(&self, inputs: Vec<NamedTensor>) -> Result<(Vec<NamedTensor>, usize, Signature), InferenceError> {
+    fn check(
+        &self,
+        inputs: Vec<NamedTensor>,
+    ) -> Result<(Vec<NamedTensor>, usize, Signature), InferenceError> {
         let specs = &self.metadata.inputs;
         let names = || specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
         let mut slots: Vec<Option<NamedTensor>> = (0..specs.len()).map(|_| None).collect();
@@ -278,7 +287,10 @@ impl ModelWorker {
             .iter()
             .map(|t| {
                 let shape = t.tensor.shape();
-                (t.tensor.datatype(), shape.get(1..).unwrap_or_default().to_vec())
+                (
+                    t.tensor.datatype(),
+                    shape.get(1..).unwrap_or_default().to_vec(),
+                )
             })
             .collect();
         Ok((inputs, rows, signature))
@@ -287,14 +299,24 @@ impl ModelWorker {
 
 /// Declared specs may pin dimensions the model leaves open, nothing else.
 fn check_declared(declared: &ModelMetadata, actual: &ModelMetadata) -> Result<(), InferenceError> {
-    let compare = |what: &str, d: &[crate::TensorSpec], a: &[crate::TensorSpec]| -> Result<(), InferenceError> {
+    let compare = |what: &str,
+                   d: &[crate::TensorSpec],
+                   a: &[crate::TensorSpec]|
+     -> Result<(), InferenceError> {
         let mismatch = |reason: String| Err(InferenceError::MetadataMismatch { reason });
         if d.len() != a.len() {
-            return mismatch(format!("{} {what}s declared, the model has {}", d.len(), a.len()));
+            return mismatch(format!(
+                "{} {what}s declared, the model has {}",
+                d.len(),
+                a.len()
+            ));
         }
         for (d, a) in d.iter().zip(a) {
             if d.name != a.name {
-                return mismatch(format!("{what} {:?} declared where the model has {:?}", d.name, a.name));
+                return mismatch(format!(
+                    "{what} {:?} declared where the model has {:?}",
+                    d.name, a.name
+                ));
             }
             if d.datatype != a.datatype {
                 return mismatch(format!(
@@ -379,11 +401,13 @@ impl Instance {
         for job in &jobs {
             let waited = started - job.enqueued;
             self.stats.record_queue(waited);
-            metrics::histogram!("nightingale_queue_duration_seconds", &self.labels).record(waited.as_secs_f64());
+            metrics::histogram!("nightingale_queue_duration_seconds", &self.labels)
+                .record(waited.as_secs_f64());
         }
         let sizes: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
         let rows: usize = sizes.iter().sum();
-        let span = tracing::debug_span!(parent: &jobs[0].span, "execute", requests = jobs.len(), rows);
+        let span =
+            tracing::debug_span!(parent: &jobs[0].span, "execute", requests = jobs.len(), rows);
         let _entered = span.enter();
         let (inputs, replies) = match join(jobs) {
             Ok(joined) => joined,
@@ -428,7 +452,9 @@ impl Instance {
 
 /// Concatenates the requests' inputs along axis 0.
 #[allow(clippy::type_complexity)]
-fn join(mut jobs: Vec<Job>) -> Result<(Vec<NamedTensor>, Vec<Reply>), (InferenceError, Vec<Reply>)> {
+fn join(
+    mut jobs: Vec<Job>,
+) -> Result<(Vec<NamedTensor>, Vec<Reply>), (InferenceError, Vec<Reply>)> {
     if jobs.len() == 1 {
         let job = jobs.pop().expect("one job");
         return Ok((job.inputs, vec![job.reply]));
@@ -446,12 +472,18 @@ fn join(mut jobs: Vec<Job>) -> Result<(Vec<NamedTensor>, Vec<Reply>), (Inference
 }
 
 /// Splits each output along axis 0 into the requests' row counts.
-fn split(outputs: Vec<NamedTensor>, sizes: &[usize]) -> Result<Vec<Vec<NamedTensor>>, InferenceError> {
+fn split(
+    outputs: Vec<NamedTensor>,
+    sizes: &[usize],
+) -> Result<Vec<Vec<NamedTensor>>, InferenceError> {
     if sizes.len() == 1 {
         return Ok(vec![outputs]);
     }
     let expected: usize = sizes.iter().sum();
-    let mut answers: Vec<Vec<NamedTensor>> = sizes.iter().map(|_| Vec::with_capacity(outputs.len())).collect();
+    let mut answers: Vec<Vec<NamedTensor>> = sizes
+        .iter()
+        .map(|_| Vec::with_capacity(outputs.len()))
+        .collect();
     for output in outputs {
         let rows = output.tensor.shape().first().copied().unwrap_or(0);
         if rows != expected {

@@ -29,6 +29,8 @@ pub struct RepositoryOptions {
     pub backend: BackendKind,
     pub intra_op_threads: usize,
     pub execution_provider: ExecutionProvider,
+    /// ONNX Runtime shared library (ort backend); `None`: ort's own lookup (`ORT_DYLIB_PATH`).
+    pub ort_library: Option<PathBuf>,
 }
 
 /// A bundle folder with its parsed manifest.
@@ -156,6 +158,7 @@ impl Bundle {
             backend: self.backend(options),
             intra_op_threads: options.intra_op_threads,
             execution_provider: options.execution_provider,
+            ort_library: options.ort_library.clone(),
         };
         let mut backend = nightingale_inference::load(&model_path, &load).map_err(inference_err)?;
         let declared = self

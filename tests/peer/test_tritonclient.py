@@ -37,6 +37,8 @@ from tritonclient.utils import InferenceServerException
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "wdbc-malignancy"
+ADMIN_TOKEN = "peer-test-admin-token-0123456789"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 BUNDLE = REPO / "models" / "bundles" / MODEL
 ONNX_PATH = BUNDLE / "1" / "model.onnx"
 TEST_CSV = BUNDLE / "testdata" / "test.csv"
@@ -101,6 +103,7 @@ def server_url(request) -> str:
     stderr_path = logdir / "stderr.log"
     stdout_path = logdir / "stdout.log"
     env = dict(os.environ)
+    env["NIGHTINGALE_ADMIN_TOKEN"] = ADMIN_TOKEN
     if "ORT_DYLIB_PATH" not in env:
         lib = _ort_dylib()
         if lib:
@@ -274,6 +277,9 @@ def test_model_metadata(client):
     assert [int(d) for d in outputs["label"]["shape"]] == [-1]
     assert outputs["probabilities"]["datatype"] == "FP32"
     assert [int(d) for d in outputs["probabilities"]["shape"]] == [-1, 2]
+    # The engine the server was started with (NIGHTINGALE_BACKEND), default tract.
+    expected_backend = os.environ.get("NIGHTINGALE_BACKEND", "tract")
+    assert md.get("parameters", {}).get("backend") == expected_backend, md
 
 
 def test_unknown_model_metadata_raises(client):
@@ -386,10 +392,19 @@ def test_repository_index(client):
     assert not states or "READY" in states, entries
 
 
+def test_model_control_needs_the_admin_token(client):
+    with pytest.raises(InferenceServerException) as e:
+        client.unload_model(MODEL)
+    assert "token" in str(e.value).lower(), e.value
+    with pytest.raises(InferenceServerException):
+        client.unload_model(MODEL, headers={"Authorization": "Bearer wrong-token-0123456789"})
+    assert client.is_model_ready(MODEL)
+
+
 def test_unload_then_load(client, test_rows, reference):
     """Runs last: unloads the model, checks it is gone, loads it and infers again."""
     try:
-        client.unload_model(MODEL)
+        client.unload_model(MODEL, headers=ADMIN_HEADERS)
         deadline = time.monotonic() + 30
         while client.is_model_ready(MODEL) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -400,7 +415,7 @@ def test_unload_then_load(client, test_rows, reference):
         with pytest.raises(InferenceServerException):
             client.infer(MODEL, [inp])
     finally:
-        client.load_model(MODEL)
+        client.load_model(MODEL, headers=ADMIN_HEADERS)
     deadline = time.monotonic() + 30
     while not client.is_model_ready(MODEL) and time.monotonic() < deadline:
         time.sleep(0.1)

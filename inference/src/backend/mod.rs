@@ -160,6 +160,10 @@ pub struct LoadOptions {
     pub intra_op_threads: usize,
     /// ONNX Runtime only.
     pub execution_provider: ExecutionProvider,
+    /// ONNX Runtime only: the shared library to load (`libonnxruntime.so.*`). `None`: ort's own
+    /// lookup (its `ORT_DYLIB_PATH` variable, then the system library path). Only the first
+    /// ort load in a process chooses the library.
+    pub ort_library: Option<std::path::PathBuf>,
 }
 
 /// Loads an ONNX model file with the chosen backend: parse, optimise and plan once, here.

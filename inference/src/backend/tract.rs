@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tract_onnx::prelude::{
-    DatumType, Framework, InferenceModelExt, TValue, Tensor as TractTensor, TractError, TVec,
+    DatumType, Framework, InferenceModelExt, TValue, TVec, Tensor as TractTensor, TractError,
 };
 use tract_onnx::tract_core::model::{IntoRunnable, TypedRunnableModel, TypedSimpleState};
 use tract_onnx::tract_hir::infer::{GenericFactoid, InferenceFact};
@@ -34,7 +34,9 @@ pub struct TractBackend {
 
 impl std::fmt::Debug for TractBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TractBackend").field("metadata", &self.metadata).finish_non_exhaustive()
+        f.debug_struct("TractBackend")
+            .field("metadata", &self.metadata)
+            .finish_non_exhaustive()
     }
 }
 
@@ -92,7 +94,10 @@ fn metadata(model: &tract_onnx::prelude::TypedModel) -> Result<ModelMetadata, Tr
             .map(str::to_owned)
             .unwrap_or_else(|| model.node(outlet.node).name.clone());
         let datatype = datatype_of(fact.datum_type).ok_or_else(|| {
-            tract_onnx::tract_core::internal::format_err!("{name:?} has datatype {:?}, which KServe v2 cannot carry", fact.datum_type)
+            tract_onnx::tract_core::internal::format_err!(
+                "{name:?} has datatype {:?}, which KServe v2 cannot carry",
+                fact.datum_type
+            )
         })?;
         let shape = fact
             .shape
@@ -106,8 +111,16 @@ fn metadata(model: &tract_onnx::prelude::TypedModel) -> Result<ModelMetadata, Tr
         })
     };
     Ok(ModelMetadata {
-        inputs: model.input_outlets()?.iter().map(|&o| spec(o)).collect::<Result<_, _>>()?,
-        outputs: model.output_outlets()?.iter().map(|&o| spec(o)).collect::<Result<_, _>>()?,
+        inputs: model
+            .input_outlets()?
+            .iter()
+            .map(|&o| spec(o))
+            .collect::<Result<_, _>>()?,
+        outputs: model
+            .output_outlets()?
+            .iter()
+            .map(|&o| spec(o))
+            .collect::<Result<_, _>>()?,
     })
 }
 
@@ -144,9 +157,7 @@ fn to_tract(tensor: Tensor) -> Result<TValue, InferenceError> {
         Tensor::Fp16(a) => a.into(),
         Tensor::Fp32(a) => a.into(),
         Tensor::Fp64(a) => a.into(),
-        Tensor::Bytes(a) => a
-            .mapv(|b| String::from_utf8_lossy(&b).into_owned())
-            .into(),
+        Tensor::Bytes(a) => a.mapv(|b| String::from_utf8_lossy(&b).into_owned()).into(),
     };
     Ok(t.into())
 }
@@ -180,7 +191,9 @@ fn from_tract(value: &TractTensor) -> Result<Tensor, InferenceError> {
         other => {
             return Err(InferenceError::backend(
                 NAME,
-                tract_onnx::tract_core::internal::format_err!("output datatype {other:?} cannot be returned"),
+                tract_onnx::tract_core::internal::format_err!(
+                    "output datatype {other:?} cannot be returned"
+                ),
             ));
         }
     })
@@ -212,7 +225,8 @@ impl Backend for TractBackend {
     }
 
     fn fork(&self) -> Result<Box<dyn Backend>, InferenceError> {
-        let state = TypedSimpleState::new(&self.plan).map_err(|e| InferenceError::backend(NAME, e))?;
+        let state =
+            TypedSimpleState::new(&self.plan).map_err(|e| InferenceError::backend(NAME, e))?;
         Ok(Box::new(TractBackend {
             plan: self.plan.clone(),
             state,

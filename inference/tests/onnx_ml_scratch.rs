@@ -1,0 +1,266 @@
+//! ONNX-ML conformance: scikit-learn models exported by skl2onnx, run by Nightingale's
+//! backends, against the outputs ONNX Runtime gave for the same rows.
+//!
+//! The fixtures live in `tests/data/onnx-ml/` and are written by
+//! `models/train/make_op_fixtures.py`: each `<name>.json` names its `.onnx` model, holds the
+//! input `X` (20 rows) and every output as ONNX Runtime computed it. Probabilities and values
+//! must match within 1e-5, labels exactly. Each model must also give bit-identical results
+//! whether the 20 rows run as one batch or one at a time.
+
+use std::path::{Path, PathBuf};
+
+use nightingale_inference::{
+    Backend, BackendKind, DataType, LoadOptions, NamedTensor, Tensor, load,
+};
+use serde_json::Value;
+
+const TOLERANCE: f32 = 1e-5;
+
+const ALL_FIXTURES: &[&str] = &[
+    "scaler",
+    "logreg_pipeline",
+    "gbr",
+    "gbc_binary",
+    "rf_binary",
+    "logreg_zipmap",
+];
+
+fn data_dir() -> PathBuf {
+    PathBuf::from("/tmp/extra")
+}
+
+/// One expected output of a fixture.
+struct Expected {
+    name: String,
+    datatype: DataType,
+    shape: Vec<usize>,
+    /// FP32 values (also INT64 ones, for the report), in row-major order.
+    floats: Vec<f32>,
+    /// INT64 values, in row-major order; empty for FP32 outputs.
+    ints: Vec<i64>,
+    strings: Vec<String>,
+}
+
+struct Fixture {
+    model: PathBuf,
+    input_shape: Vec<usize>,
+    input: Vec<f32>,
+    outputs: Vec<Expected>,
+}
+
+fn shape_of(v: &Value) -> Vec<usize> {
+    v.as_array()
+        .expect("shape is an array")
+        .iter()
+        .map(|d| d.as_u64().expect("dimension is an unsigned integer") as usize)
+        .collect()
+}
+
+fn floats_of(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("data is an array")
+        .iter()
+        .map(|x| x.as_f64().map(|v| v as f32).unwrap_or(f32::NAN))
+        .collect()
+}
+
+fn read_fixture(name: &str) -> Fixture {
+    let path = data_dir().join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let json: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()));
+    let model = data_dir().join(json["model"].as_str().expect("model is a string"));
+    let x = &json["inputs"]["X"];
+    let input_shape = shape_of(&x["shape"]);
+    let input = floats_of(&x["data"]);
+    let outputs = json["outputs"]
+        .as_object()
+        .expect("outputs is an object")
+        .iter()
+        .map(|(out_name, spec)| {
+            let datatype = match spec["datatype"].as_str() {
+                Some("FP32") => DataType::Fp32,
+                Some("INT64") => DataType::Int64,
+                Some("BYTES") => DataType::Bytes,
+                other => panic!("{name}/{out_name}: unexpected datatype {other:?}"),
+            };
+            let ints = if datatype == DataType::Bytes {
+                Vec::new()
+            } else if datatype == DataType::Int64 {
+                spec["data"]
+                    .as_array()
+                    .expect("data is an array")
+                    .iter()
+                    .map(|x| x.as_i64().expect("INT64 data holds integers"))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            Expected {
+                name: out_name.clone(),
+                datatype,
+                shape: shape_of(&spec["shape"]),
+                floats: if datatype == DataType::Bytes {
+                    Vec::new()
+                } else {
+                    floats_of(&spec["data"])
+                },
+                strings: if datatype == DataType::Bytes {
+                    spec["data"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|s| s.as_str().unwrap().to_string())
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+                ints,
+            }
+        })
+        .collect();
+    Fixture {
+        model,
+        input_shape,
+        input,
+        outputs,
+    }
+}
+
+fn run(backend: &mut dyn Backend, shape: Vec<usize>, data: Vec<f32>) -> Vec<NamedTensor> {
+    let x = Tensor::from_vec(shape, data).expect("input tensor");
+    backend
+        .infer(vec![NamedTensor::new("X", x)])
+        .expect("inference")
+}
+
+fn output<'a>(outputs: &'a [NamedTensor], name: &str, fixture: &str) -> &'a Tensor {
+    let names: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
+    &outputs
+        .iter()
+        .find(|o| o.name == name)
+        .unwrap_or_else(|| panic!("{fixture}: no output {name:?}; outputs are {names:?}"))
+        .tensor
+}
+
+/// Compares one output with ONNX Runtime's; returns the largest absolute difference.
+fn compare(fixture: &str, got: &Tensor, want: &Expected) -> f32 {
+    let what = format!("{fixture}/{}", want.name);
+    assert_eq!(got.datatype(), want.datatype, "{what}: datatype");
+    assert_eq!(got.shape(), want.shape.as_slice(), "{what}: shape");
+    match want.datatype {
+        DataType::Fp32 => {
+            let view = got.view::<f32>().expect("FP32 view");
+            let mut max_diff = 0f32;
+            for (i, (&g, &w)) in view.iter().zip(&want.floats).enumerate() {
+                let diff = if g.is_nan() && w.is_nan() {
+                    0.0
+                } else {
+                    (g - w).abs()
+                };
+                assert!(
+                    diff <= TOLERANCE,
+                    "{what}[{i}]: got {g}, onnxruntime {w} (diff {diff})"
+                );
+                max_diff = max_diff.max(diff);
+            }
+            max_diff
+        }
+        DataType::Int64 => {
+            let view = got.view::<i64>().expect("INT64 view");
+            let got: Vec<i64> = view.iter().copied().collect();
+            assert_eq!(got, want.ints, "{what}: labels");
+            0.0
+        }
+        DataType::Bytes => {
+            let Tensor::Bytes(a) = got else { panic!() };
+            let got: Vec<String> = a
+                .iter()
+                .map(|b| String::from_utf8(b.clone()).unwrap())
+                .collect();
+            assert_eq!(got, want.strings, "{what}: labels");
+            0.0
+        }
+        other => panic!("{what}: no comparison for {other:?}"),
+    }
+}
+
+/// Bit-level equality of two outputs (NaN-safe for floats).
+fn bit_identical(a: &Tensor, b: &Tensor) -> bool {
+    if a.datatype() != b.datatype() || a.shape() != b.shape() {
+        return false;
+    }
+    match a.datatype() {
+        DataType::Fp32 => {
+            let (a, b) = (a.view::<f32>().unwrap(), b.view::<f32>().unwrap());
+            a.iter()
+                .zip(b.iter())
+                .all(|(x, y)| x.to_bits() == y.to_bits())
+        }
+        _ => a == b,
+    }
+}
+
+fn conformance(kind: BackendKind, fixtures: &[&str]) {
+    let options = LoadOptions {
+        backend: kind,
+        ..Default::default()
+    };
+    for &name in fixtures {
+        let fixture = read_fixture(name);
+        let mut backend = load(&fixture.model, &options)
+            .unwrap_or_else(|e| panic!("{kind}: loading {name}: {e}"));
+
+        // The whole batch against ONNX Runtime.
+        let batch = run(
+            backend.as_mut(),
+            fixture.input_shape.clone(),
+            fixture.input.clone(),
+        );
+        for want in &fixture.outputs {
+            let got = output(&batch, &want.name, name);
+            let max_diff = compare(name, got, want);
+            eprintln!("{kind} {name}/{}: max abs diff {max_diff:e}", want.name);
+        }
+
+        // Row by row, against the batch, bit for bit.
+        let rows = fixture.input_shape[0];
+        let width: usize = fixture.input_shape[1..].iter().product();
+        let mut row_shape = fixture.input_shape.clone();
+        row_shape[0] = 1;
+        let mut singles: Vec<Vec<NamedTensor>> = Vec::with_capacity(rows);
+        for r in 0..rows {
+            let row = fixture.input[r * width..(r + 1) * width].to_vec();
+            singles.push(run(backend.as_mut(), row_shape.clone(), row));
+        }
+        for want in &fixture.outputs {
+            let parts: Vec<&Tensor> = singles
+                .iter()
+                .map(|s| output(s, &want.name, name))
+                .collect();
+            let stacked = Tensor::concat(&parts).expect("stacking single-row outputs");
+            let batched = output(&batch, &want.name, name);
+            assert!(
+                bit_identical(&stacked, batched),
+                "{kind} {name}/{}: row-by-row results differ from the batched run",
+                want.name
+            );
+        }
+    }
+}
+
+#[test]
+fn extra() {
+    let names: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string("/tmp/extra/names.json").unwrap()).unwrap();
+    let mut failed = vec![];
+    for n in &names {
+        let r = std::panic::catch_unwind(|| conformance(BackendKind::Tract, &[n.as_str()]));
+        if r.is_err() {
+            failed.push(n.clone());
+        }
+    }
+    eprintln!("FAILED {} of {}: {:?}", failed.len(), names.len(), failed);
+    assert!(failed.is_empty());
+}
