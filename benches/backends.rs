@@ -1,1 +1,69 @@
-fn main() {}
+//! Whole-model inference per backend on the reference bundle (wdbc-malignancy), batch 1 and 64,
+//! straight through `Backend::infer` (no HTTP, no queue).
+//!
+//! Guards against regressions in the engines' per-call overhead and in the tensor conversions
+//! at the backend boundary. `cargo bench --bench backends` (tract);
+//! `ORT_DYLIB_PATH=… cargo bench --features ort --bench backends` adds ONNX Runtime.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use nightingale_inference::{BackendKind, LoadOptions, NamedTensor, Tensor};
+
+fn rows(n: usize) -> Vec<NamedTensor> {
+    let csv = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("models/bundles/wdbc-malignancy/testdata/test.csv"),
+    )
+    .expect("test split");
+    let all: Vec<f32> = csv
+        .lines()
+        .skip(1)
+        .flat_map(|l| {
+            l.split(',')
+                .take(30)
+                .map(|v| v.parse::<f32>().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let data: Vec<f32> = all.iter().cycle().take(n * 30).copied().collect();
+    vec![NamedTensor::new(
+        "features",
+        Tensor::from_vec(vec![n, 30], data).unwrap(),
+    )]
+}
+
+fn backends(c: &mut Criterion) {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models/bundles/wdbc-malignancy/1/model.onnx");
+    let mut kinds = vec![BackendKind::Tract];
+    if cfg!(feature = "ort") {
+        kinds.push(BackendKind::Ort);
+    }
+    let mut group = c.benchmark_group("wdbc-malignancy");
+    for kind in kinds {
+        let mut backend = nightingale_inference::load(
+            &model,
+            &LoadOptions {
+                backend: kind,
+                intra_op_threads: 1,
+                ..LoadOptions::default()
+            },
+        )
+        .expect("model loads");
+        for batch in [1usize, 64] {
+            let input = rows(batch);
+            group.throughput(Throughput::Elements(batch as u64));
+            group.bench_with_input(
+                BenchmarkId::new(kind.as_str(), batch),
+                &input,
+                |b, input| b.iter(|| black_box(backend.infer(input.clone()).unwrap())),
+            );
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, backends);
+criterion_main!(benches);

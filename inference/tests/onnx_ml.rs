@@ -110,6 +110,17 @@ fn read_fixture(name: &str) -> Fixture {
     }
 }
 
+/// An error with its causes, one per line.
+fn report(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(&format!("\n  caused by: {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
 fn run(backend: &mut dyn Backend, shape: Vec<usize>, data: Vec<f32>) -> Vec<NamedTensor> {
     let x = Tensor::from_vec(shape, data).expect("input tensor");
     backend
@@ -155,22 +166,32 @@ fn compare(fixture: &str, got: &Tensor, want: &Expected) -> f32 {
     }
 }
 
-/// Bit-level equality of two outputs (NaN-safe for floats).
-fn bit_identical(a: &Tensor, b: &Tensor) -> bool {
-    if a.datatype() != b.datatype() || a.shape() != b.shape() {
-        return false;
-    }
-    match a.datatype() {
-        DataType::Fp32 => {
-            let (a, b) = (a.view::<f32>().unwrap(), b.view::<f32>().unwrap());
+/// How far apart two outputs are: `None` when they are bit for bit the same, otherwise the
+/// largest absolute difference (infinite where they differ in anything but float values).
+fn difference(a: &Tensor, b: &Tensor) -> Option<f32> {
+    if a.datatype() == DataType::Fp32 && a.shape() == b.shape() && b.datatype() == DataType::Fp32 {
+        let (a, b) = (a.view::<f32>().unwrap(), b.view::<f32>().unwrap());
+        if a.iter()
+            .zip(b.iter())
+            .all(|(x, y)| x.to_bits() == y.to_bits())
+        {
+            return None;
+        }
+        return Some(
             a.iter()
                 .zip(b.iter())
-                .all(|(x, y)| x.to_bits() == y.to_bits())
-        }
-        _ => a == b,
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max),
+        );
     }
+    if a == b { None } else { Some(f32::INFINITY) }
 }
 
+/// Loads every fixture with `kind`, checks each output against ONNX Runtime's, then checks
+/// that running the rows one by one gives what the batch gave. tract must give the same bits
+/// (each row is computed on its own); ONNX Runtime's own kernels take other code paths for
+/// other batch sizes (its linear classifier's GEMM), so for it the rows must agree within the
+/// tolerance.
 fn conformance(kind: BackendKind, fixtures: &[&str]) {
     let options = LoadOptions {
         backend: kind,
@@ -179,7 +200,7 @@ fn conformance(kind: BackendKind, fixtures: &[&str]) {
     for &name in fixtures {
         let fixture = read_fixture(name);
         let mut backend = load(&fixture.model, &options)
-            .unwrap_or_else(|e| panic!("{kind}: loading {name}: {e}"));
+            .unwrap_or_else(|e| panic!("{kind}: loading {name}: {}", report(&e)));
 
         // The whole batch against ONNX Runtime.
         let batch = run(
@@ -193,7 +214,7 @@ fn conformance(kind: BackendKind, fixtures: &[&str]) {
             eprintln!("{kind} {name}/{}: max abs diff {max_diff:e}", want.name);
         }
 
-        // Row by row, against the batch, bit for bit.
+        // Row by row, against the batch.
         let rows = fixture.input_shape[0];
         let width: usize = fixture.input_shape[1..].iter().product();
         let mut row_shape = fixture.input_shape.clone();
@@ -210,11 +231,19 @@ fn conformance(kind: BackendKind, fixtures: &[&str]) {
                 .collect();
             let stacked = Tensor::concat(&parts).expect("stacking single-row outputs");
             let batched = output(&batch, &want.name, name);
-            assert!(
-                bit_identical(&stacked, batched),
-                "{kind} {name}/{}: row-by-row results differ from the batched run",
-                want.name
-            );
+            match difference(&stacked, batched) {
+                None => {}
+                Some(d) if kind != BackendKind::Tract && d <= TOLERANCE => {
+                    eprintln!(
+                        "{kind} {name}/{}: row by row vs batched: max abs diff {d:e}",
+                        want.name
+                    );
+                }
+                Some(d) => panic!(
+                    "{kind} {name}/{}: row-by-row results differ from the batched run (max abs diff {d:e})",
+                    want.name
+                ),
+            }
         }
     }
 }

@@ -20,5 +20,6 @@ pub use checksum::{sha256_file, verify_folder};
 pub use error::{BundleError, RepositoryError};
 pub use manifest::{Manifest, TaskKind};
 pub use repository::{
-    Bundle, IndexEntry, LoadedModel, MANIFEST_FILE, ModelState, Repository, RepositoryOptions,
+    Bundle, IndexEntry, LoadOutcome, LoadedModel, MANIFEST_FILE, ModelState, Repository,
+    RepositoryOptions,
 };

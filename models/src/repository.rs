@@ -21,6 +21,9 @@ use crate::manifest::{BackendPreference, Manifest, parse_version, valid_name};
 pub const MANIFEST_FILE: &str = "bundle.toml";
 const MANIFEST_LIMIT: u64 = 1 << 20;
 
+/// A model's name and the versions it loaded, or why it did not.
+pub type LoadOutcome = (String, Result<Vec<u64>, RepositoryError>);
+
 /// How the repository loads models.
 #[derive(Clone, Debug, Default)]
 pub struct RepositoryOptions {
@@ -307,9 +310,7 @@ impl Repository {
 
     /// Loads every bundle in the repository. A bundle that fails is logged and marked
     /// unavailable; the others serve.
-    pub fn load_all(
-        &self,
-    ) -> Result<Vec<(String, Result<Vec<u64>, RepositoryError>)>, RepositoryError> {
+    pub fn load_all(&self) -> Result<Vec<LoadOutcome>, RepositoryError> {
         let names = self.scan()?;
         Ok(names
             .into_iter()

@@ -134,7 +134,9 @@ fn datatype_of(dt: DatumType) -> Option<DataType> {
         DatumType::I8 => DataType::Int8,
         DatumType::I16 => DataType::Int16,
         DatumType::I32 => DataType::Int32,
-        DatumType::I64 => DataType::Int64,
+        // tract parses ONNX `Cast(to=INT64)` as a cast to TDim (its integer type for shape
+        // arithmetic): at run time such values are plain integers, served as INT64.
+        DatumType::I64 | DatumType::TDim => DataType::Int64,
         DatumType::F16 => DataType::Fp16,
         DatumType::F32 => DataType::Fp32,
         DatumType::F64 => DataType::Fp64,
@@ -179,6 +181,14 @@ fn from_tract(value: &TractTensor) -> Result<Tensor, InferenceError> {
         DatumType::I16 => arr!(i16, Int16),
         DatumType::I32 => arr!(i32, Int32),
         DatumType::I64 => arr!(i64, Int64),
+        DatumType::TDim => Tensor::Int64(
+            value
+                .cast_to::<i64>()
+                .map_err(err)?
+                .to_plain_array_view::<i64>()
+                .map_err(err)?
+                .to_owned(),
+        ),
         DatumType::F16 => arr!(half::f16, Fp16),
         DatumType::F32 => arr!(f32, Fp32),
         DatumType::F64 => arr!(f64, Fp64),

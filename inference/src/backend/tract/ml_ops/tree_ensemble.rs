@@ -17,8 +17,10 @@
 //! same order (trees in model order, votes sorted by tree and node id), so a row gives the
 //! same bits whether it runs alone or in a batch.
 //!
-//! ONNX Runtime's behaviour that is reproduced, including its quirks (from its
-//! `tree_ensemble_aggregator.h` and `ml_common.h`):
+//! ONNX Runtime's behaviour that is reproduced, including its quirks (read in its
+//! `tree_ensemble_aggregator.h` and `ml_common.h`, and checked case by case against
+//! onnxruntime 1.32 on hand-built ensembles: every node mode, NaN routing, every aggregate,
+//! one and two targets, every base-value length and post-transform, binary and multi-class):
 //! - Trees are the runs of equal `nodes_treeids` in attribute order; a tree's root is its first
 //!   listed node. Votes on a leaf are summed in (tree id, node id, attribute index) order; votes
 //!   on branch nodes are ignored; a leaf without a vote is an error.
@@ -26,18 +28,20 @@
 //!   `nodes_missing_value_tracks_true` is set (so NaN takes the true branch of `BRANCH_NEQ`).
 //! - Regressor, one target: each tree adds the *first* vote of its leaf; `base_values[0]` (when
 //!   it is the only base value) is added after aggregation. More targets: `base_values` are
-//!   added per target; MIN/MAX targets that no tree voted for are 0 (plus their base value).
-//!   AVERAGE divides by the number of trees.
+//!   added per target, but a target no tree voted for is 0, base value or not. AVERAGE
+//!   divides by the number of trees.
 //! - Classifier with more than two classes: base values are added, the label is the first
 //!   class with the highest raw score among classes that received a vote or a base value, and
 //!   the post-transform applies to every class score (classes without a score count as 0).
 //! - Classifier with two classes where every vote is for one class id (the "binary case", how
 //!   skl2onnx writes binary gradient boosting and random forests): a single score `s` (plus
 //!   `base_values[0]` when there is one base value) becomes the row `[1 - s, s]` when all
-//!   weights are non-negative (whatever the post-transform; the label is positive when
-//!   `s > 0.5`), or `[sigmoid(-s), sigmoid(s)]` with `LOGISTIC` and `[-s, s]` otherwise when some
-//!   weights are negative (the label is positive when `s > 0`). The positive label is
-//!   `class_labels[1]`.
+//!   weights are non-negative (random forests: `s` is already the positive-class probability;
+//!   with `LOGISTIC`, `[1 - sigmoid(s), sigmoid(s)]`; the label is positive when `s > 0.5`), or
+//!   `[sigmoid(-s), sigmoid(s)]` with `LOGISTIC` and `[-s, s]` otherwise when some weights are
+//!   negative (gradient boosting; the label is positive when `s > 0`). The positive label is
+//!   `class_labels[1]`. If the votes are all for class 1 instead, both class scores are
+//!   transformed as for more classes, class 0 reading 0.
 //!
 //! Where Nightingale deliberately differs from ONNX Runtime:
 //! - Two classes with votes for both class ids and integer labels: ONNX Runtime answers the
@@ -559,7 +563,7 @@ struct Classifier {
 /// How ONNX Runtime widens a single binary score into two columns (its `add_second_class`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SecondColumn {
-    /// Non-negative weights: `[1 - s, s]`.
+    /// Non-negative weights: `[1 - s, s]`, or `[1 - sigmoid(s), sigmoid(s)]` with LOGISTIC.
     Complement,
     /// Some negative weights: `[-s, s]`, or `[sigmoid(-s), sigmoid(s)]` with LOGISTIC.
     Mirror,
@@ -661,6 +665,10 @@ impl Classifier {
         if single {
             let s = value(scores, scored, 0);
             let (a, b) = match second {
+                Some(SecondColumn::Complement) if self.post == PostTransform::Logistic => {
+                    let p = logistic(s);
+                    (1.0 - p, p)
+                }
                 Some(SecondColumn::Complement) => (1.0 - s, s),
                 Some(SecondColumn::Mirror) if self.post == PostTransform::Logistic => {
                     (logistic(-s), logistic(s))
@@ -904,15 +912,14 @@ impl Regressor {
                 scored[vote.to] = true;
             }
         }
+        // A target no tree voted for is 0, without its base value, as in ONNX Runtime.
         let n_trees = self.forest.roots.len() as f32;
         for (t, s) in out.iter_mut().enumerate() {
-            let base = self.base_values.get(t).copied();
+            let base = self.base_values.get(t).copied().unwrap_or(0.0);
             *s = match self.aggregate {
-                Aggregate::Sum => *s + base.unwrap_or(0.0),
-                Aggregate::Average => *s / n_trees + base.unwrap_or(0.0),
-                Aggregate::Min | Aggregate::Max => {
-                    base.unwrap_or(0.0) + if scored[t] { *s } else { 0.0 }
-                }
+                _ if !scored[t] => 0.0,
+                Aggregate::Average => *s / n_trees + base,
+                Aggregate::Sum | Aggregate::Min | Aggregate::Max => *s + base,
             };
         }
     }
@@ -1032,4 +1039,179 @@ impl TypedOp for RegressorOp {
     }
 
     as_op!();
+}
+
+#[cfg(test)]
+mod tests {
+    //! Edge cases of ONNX Runtime's semantics that skl2onnx's exports do not reach. Every
+    //! expected value is what onnxruntime 1.32 answered for the same hand-built ensemble.
+
+    use super::*;
+
+    /// Two trees over features 0 and 1: tree 0 `x0 <= 0.5` (NaN goes false), tree 1 `x1 >= 0`
+    /// (NaN goes true), one vote per leaf: `votes[i] = (id, weight)` for leaves in order.
+    fn forest(votes: [(usize, f32); 4]) -> Forest {
+        let branch = |feature, rule, missing_true, at: usize| Node::Branch {
+            feature,
+            threshold: if feature == 0 { 0.5 } else { 0.0 },
+            rule,
+            missing_true,
+            on_true: at + 1,
+            on_false: at + 2,
+        };
+        let leaf = |first| Node::Leaf { first, count: 1 };
+        let mut ids: Vec<usize> = votes.iter().map(|v| v.0).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        Forest {
+            nodes: vec![
+                branch(0, Rule::Leq, false, 0),
+                leaf(0),
+                leaf(1),
+                branch(1, Rule::Gte, true, 3),
+                leaf(2),
+                leaf(3),
+            ],
+            roots: vec![0, 3],
+            votes: votes
+                .iter()
+                .map(|&(to, weight)| Vote { to, weight })
+                .collect(),
+            max_feature: 1,
+            weights_all_non_negative: !votes.iter().any(|v| v.1 < 0.0),
+            distinct_ids: ids.len(),
+        }
+    }
+
+    fn classifier(
+        votes: [(usize, f32); 4],
+        labels: Vec<i64>,
+        base_values: Vec<f32>,
+        post: PostTransform,
+    ) -> Classifier {
+        let forest = forest(votes);
+        let binary_case = labels.len() == 2 && forest.distinct_ids == 1;
+        Classifier {
+            forest,
+            labels: Labels::Int(labels),
+            base_values,
+            post,
+            binary_case,
+        }
+    }
+
+    /// Runs one row; answers the winning label index and the class scores.
+    fn classify(c: &Classifier, row: [f32; 2]) -> (usize, Vec<f32>) {
+        let n = c.labels.len();
+        let (mut scores, mut scored, mut out) = (vec![0.0; n], vec![false; n], vec![0.0; n]);
+        for &root in &c.forest.roots {
+            for v in c.forest.leaf_votes(root, &row) {
+                scores[v.to] += v.weight;
+                scored[v.to] = true;
+            }
+        }
+        let label = c.finish(&mut scores, &mut scored, &mut out);
+        (label, out)
+    }
+
+    fn close(got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() <= 1e-6, "got {got:?}, want {want:?}");
+        }
+    }
+
+    const MIXED: [(usize, f32); 4] = [(0, 0.1), (0, -0.4), (0, 0.3), (0, -0.05)];
+    const POSITIVE: [(usize, f32); 4] = [(0, 0.1), (0, 0.4), (0, 0.3), (0, 0.05)];
+
+    #[test]
+    fn binary_mixed_weights_logistic_with_one_base_value() {
+        // Gradient boosting: s = 0.1 - 0.05 + 0.2.
+        let c = classifier(MIXED, vec![0, 1], vec![0.2], PostTransform::Logistic);
+        let (label, p) = classify(&c, [0.2, -1.0]);
+        assert_eq!(label, 1);
+        close(&p, &[0.437_823_5, 0.562_176_5]);
+    }
+
+    #[test]
+    fn binary_non_negative_weights_complement() {
+        // Random forest: s = 0.1 + 0.05, served as [1 - s, s]; positive only above 0.5.
+        let c = classifier(POSITIVE, vec![0, 1], vec![], PostTransform::None);
+        let (label, p) = classify(&c, [0.2, -1.0]);
+        assert_eq!(label, 0);
+        close(&p, &[0.85, 0.15]);
+        let (label, p) = classify(&c, [0.9, 1.0]);
+        assert_eq!(label, 1);
+        close(&p, &[0.3, 0.7]);
+        // With LOGISTIC the sigmoid applies before the complement; the label still reads s.
+        let c = classifier(POSITIVE, vec![0, 1], vec![0.2], PostTransform::Logistic);
+        let (label, p) = classify(&c, [0.2, -1.0]);
+        assert_eq!(label, 0);
+        close(&p, &[0.413_382_4, 0.586_617_6]);
+    }
+
+    #[test]
+    fn binary_votes_for_class_one_with_two_base_values() {
+        // ONNX Runtime replaces class 1 by base[1] + score[0]; unscored class 0 reads 0.
+        let votes = [(1, 0.1), (1, -0.4), (1, 0.3), (1, -0.05)];
+        let c = classifier(votes, vec![0, 1], vec![0.2, 0.3], PostTransform::None);
+        let (label, p) = classify(&c, [0.2, -1.0]);
+        assert_eq!(label, 1);
+        close(&p, &[0.0, 0.3]);
+    }
+
+    #[test]
+    fn multiclass_base_values_and_softmax() {
+        let votes = [(0, 0.1), (1, -0.4), (2, 0.3), (0, -0.05)];
+        let c = classifier(
+            votes,
+            vec![5, 6, 7],
+            vec![0.0, 0.5, -0.5],
+            PostTransform::Softmax,
+        );
+        let (label, p) = classify(&c, [0.2, -1.0]);
+        assert_eq!(label, 1);
+        close(&p, &[0.317_938_5, 0.498_626_9, 0.183_434_6]);
+    }
+
+    #[test]
+    fn regressor_targets_nan_routing_and_unscored_targets() {
+        let votes = [(0, 0.25), (1, -1.5), (1, 3.0), (0, 0.75)];
+        let r = Regressor {
+            forest: forest(votes),
+            n_targets: 2,
+            aggregate: Aggregate::Sum,
+            base_values: vec![1.0, -2.0],
+        };
+        let (mut out, mut scored) = (vec![0.0; 2], vec![false; 2]);
+        r.targets(&[0.2, -1.0], &mut out, &mut scored);
+        close(&out, &[2.0, 0.0]); // target 1 got no vote: 0, not its base value
+        r.targets(&[f32::NAN, f32::NAN], &mut out, &mut scored);
+        close(&out, &[0.0, -0.5]); // NaN: false in tree 0, true in tree 1
+
+        let one = |aggregate| Regressor {
+            forest: forest([(0, 0.25), (0, -1.5), (0, 3.0), (0, 0.75)]),
+            n_targets: 1,
+            aggregate,
+            base_values: vec![10.0],
+        };
+        assert_eq!(one(Aggregate::Average).one_target(&[0.2, -1.0]), 10.5);
+        assert_eq!(one(Aggregate::Min).one_target(&[0.2, -1.0]), 10.25);
+        assert_eq!(one(Aggregate::Max).one_target(&[0.9, 1.0]), 13.0);
+    }
+
+    #[test]
+    fn cycles_are_refused() {
+        let leaf = Node::Leaf { first: 0, count: 1 };
+        let branch = |on_true, on_false| Node::Branch {
+            feature: 0,
+            threshold: 0.0,
+            rule: Rule::Leq,
+            missing_true: false,
+            on_true,
+            on_false,
+        };
+        assert!(ensure_acyclic(&[branch(1, 2), leaf, leaf]).is_ok());
+        assert!(ensure_acyclic(&[branch(1, 2), branch(0, 2), leaf]).is_err());
+    }
 }

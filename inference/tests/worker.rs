@@ -1,0 +1,330 @@
+//! Model workers on the real wdbc-malignancy model (tract): dynamic batching gives exactly
+//! the single-request results, a full queue is refused at once, abandoned requests are skipped.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use nightingale_inference::{
+    Backend, BackendKind, BatchingConfig, InferenceError, LoadOptions, ModelMetadata, ModelWorker,
+    NamedTensor, Tensor, WorkerConfig,
+};
+
+fn model_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/bundles/wdbc-malignancy/1/model.onnx")
+}
+
+fn load() -> Box<dyn Backend> {
+    nightingale_inference::load(
+        &model_path(),
+        &LoadOptions {
+            backend: BackendKind::Tract,
+            ..Default::default()
+        },
+    )
+    .expect("the reference model loads")
+}
+
+/// Real rows from the bundle's test split.
+fn rows() -> Vec<Vec<f32>> {
+    let csv = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/bundles/wdbc-malignancy/testdata/test.csv"),
+    )
+    .unwrap();
+    csv.lines()
+        .skip(1)
+        .map(|l| l.split(',').take(30).map(|v| v.parse().unwrap()).collect())
+        .collect()
+}
+
+fn input(rows: &[Vec<f32>]) -> Vec<NamedTensor> {
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    vec![NamedTensor::new(
+        "features",
+        Tensor::from_vec(vec![rows.len(), 30], flat).unwrap(),
+    )]
+}
+
+/// Blocks its first `infer` until released, so tests can fill the queue deterministically.
+struct Gated {
+    inner: Box<dyn Backend>,
+    entered: Arc<AtomicUsize>,
+    gate: Arc<(Mutex<bool>, Condvar)>,
+    calls: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Backend for Gated {
+    fn name(&self) -> &'static str {
+        "gated"
+    }
+    fn metadata(&self) -> &ModelMetadata {
+        self.inner.metadata()
+    }
+    fn infer(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, InferenceError> {
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        let (lock, cv) = &*self.gate;
+        let mut open = lock.lock().unwrap();
+        while !*open {
+            open = cv.wait(open).unwrap();
+        }
+        self.calls.lock().unwrap().push(inputs[0].tensor.shape()[0]);
+        self.inner.infer(inputs)
+    }
+    fn fork(&self) -> Result<Box<dyn Backend>, InferenceError> {
+        Err(InferenceError::Unavailable)
+    }
+}
+
+struct Harness {
+    worker: Arc<ModelWorker>,
+    entered: Arc<AtomicUsize>,
+    gate: Arc<(Mutex<bool>, Condvar)>,
+    calls: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Harness {
+    fn new(capacity: usize, max_batch_size: usize) -> Harness {
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let calls = Arc::new(Mutex::new(vec![]));
+        let entered = Arc::new(AtomicUsize::new(0));
+        let backend = Gated {
+            inner: load(),
+            entered: entered.clone(),
+            gate: gate.clone(),
+            calls: calls.clone(),
+        };
+        let worker = ModelWorker::spawn(
+            Box::new(backend),
+            WorkerConfig {
+                queue_capacity: capacity,
+                batching: Some(BatchingConfig {
+                    max_batch_size,
+                    max_queue_delay: Duration::from_millis(1),
+                    preferred_batch_sizes: vec![],
+                }),
+                ..WorkerConfig::default()
+            },
+        )
+        .unwrap();
+        Harness {
+            worker: Arc::new(worker),
+            entered,
+            gate,
+            calls,
+        }
+    }
+
+    fn open(&self) {
+        *self.gate.0.lock().unwrap() = true;
+        self.gate.1.notify_all();
+    }
+
+    /// Waits until the worker thread is blocked in the gate with its first batch.
+    async fn until_blocked(&self) {
+        while self.entered.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    async fn until_queued(&self, n: usize) {
+        while self.worker.queue_depth() < n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_results_equal_single_results_exactly() {
+    let rows = rows();
+    let n = 40;
+    // Reference: each row run alone, straight on a backend.
+    let mut single = load();
+    let expected: Vec<Vec<NamedTensor>> = rows[..n]
+        .iter()
+        .map(|r| single.infer(input(std::slice::from_ref(r))).unwrap())
+        .collect();
+
+    let h = Harness::new(1024, 64);
+    let first = {
+        let w = h.worker.clone();
+        let x = input(&rows[..1]);
+        tokio::spawn(async move { w.infer(x).await })
+    };
+    h.until_blocked().await; // the first request is inside the (closed) gate
+    let mut tasks = vec![];
+    for row in &rows[1..n] {
+        let w = h.worker.clone();
+        let x = input(std::slice::from_ref(row));
+        tasks.push(tokio::spawn(async move { w.infer(x).await }));
+    }
+    h.until_queued(n - 1).await;
+    h.open();
+    let mut answers = vec![first.await.unwrap().unwrap()];
+    for t in tasks {
+        answers.push(t.await.unwrap().unwrap());
+    }
+    for (i, (got, want)) in answers.iter().zip(&expected).enumerate() {
+        assert_eq!(
+            got, want,
+            "row {i}: the batched answer differs from the single-request answer"
+        );
+    }
+    // The 39 queued requests ran as one batch after the first.
+    assert_eq!(*h.calls.lock().unwrap(), vec![1, n - 1]);
+    let stats = h.worker.stats().snapshot();
+    assert_eq!(stats.execution_count, 2);
+    assert_eq!(stats.inference_count, n as u64);
+    assert_eq!(stats.success.count, n as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_respect_max_batch_size_and_mixed_request_sizes() {
+    let rows = rows();
+    let h = Harness::new(1024, 8);
+    let w = h.worker.clone();
+    let x = input(&rows[..1]);
+    let first = tokio::spawn(async move { w.infer(x).await });
+    h.until_blocked().await;
+    // Requests of 3, 3, 3 and 5 rows: 3+3 fits in 8, the third 3 would make 9.
+    let sizes = [3usize, 3, 3, 5];
+    let mut start = 1;
+    let mut tasks = vec![];
+    for &s in &sizes {
+        let w = h.worker.clone();
+        let x = input(&rows[start..start + s]);
+        start += s;
+        tasks.push((x.clone(), tokio::spawn(async move { w.infer(x).await })));
+        h.until_queued(tasks.len()).await;
+    }
+    h.open();
+    first.await.unwrap().unwrap();
+    let mut reference = load();
+    for (x, t) in tasks {
+        let got = t.await.unwrap().unwrap();
+        assert_eq!(got, reference.infer(x).unwrap());
+    }
+    let calls = h.calls.lock().unwrap().clone();
+    assert_eq!(calls.iter().sum::<usize>(), 15);
+    assert!(calls.iter().all(|&c| c <= 8), "{calls:?}");
+    assert_eq!(calls, vec![1, 6, 8], "3+3 then 3+5");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_answers_overloaded_at_once() {
+    let rows = rows();
+    let h = Harness::new(2, 1);
+    let spawn = |r: usize| {
+        let w = h.worker.clone();
+        let x = input(&rows[r..r + 1]);
+        tokio::spawn(async move { w.infer(x).await })
+    };
+    let first = spawn(0);
+    h.until_blocked().await;
+    let queued = [spawn(1), spawn(2)];
+    h.until_queued(2).await;
+    let refused = h.worker.infer(input(&rows[3..4])).await;
+    assert!(
+        matches!(refused, Err(InferenceError::Overloaded { capacity: 2 })),
+        "{refused:?}"
+    );
+    h.open();
+    first.await.unwrap().unwrap();
+    for q in queued {
+        q.await.unwrap().unwrap();
+    }
+    assert_eq!(h.worker.stats().snapshot().fail.count, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_requests_are_not_run() {
+    let rows = rows();
+    let h = Harness::new(16, 1);
+    let w = h.worker.clone();
+    let x = input(&rows[..1]);
+    let first = tokio::spawn(async move { w.infer(x).await });
+    h.until_blocked().await;
+    let w = h.worker.clone();
+    let x = input(&rows[1..2]);
+    let abandoned = tokio::spawn(async move { w.infer(x).await });
+    h.until_queued(1).await;
+    abandoned.abort(); // the caller hangs up while queued
+    let _ = abandoned.await;
+    let w = h.worker.clone();
+    let x = input(&rows[2..3]);
+    let last = tokio::spawn(async move { w.infer(x).await });
+    h.until_queued(2).await;
+    h.open();
+    first.await.unwrap().unwrap();
+    last.await.unwrap().unwrap();
+    assert_eq!(
+        *h.calls.lock().unwrap(),
+        vec![1, 1],
+        "the abandoned request was skipped"
+    );
+}
+
+#[tokio::test]
+async fn inputs_are_checked_before_queueing() {
+    let worker = ModelWorker::spawn(
+        load(),
+        WorkerConfig {
+            batching: Some(BatchingConfig {
+                max_batch_size: 4,
+                max_queue_delay: Duration::from_micros(100),
+                preferred_batch_sizes: vec![],
+            }),
+            ..WorkerConfig::default()
+        },
+    )
+    .unwrap();
+    let rows = rows();
+    let cases: Vec<(Vec<NamedTensor>, &str)> = vec![
+        (
+            vec![NamedTensor::new(
+                "x",
+                Tensor::from_vec(vec![1, 30], vec![0f32; 30]).unwrap(),
+            )],
+            "unknown input \"x\"",
+        ),
+        (
+            vec![NamedTensor::new(
+                "features",
+                Tensor::from_vec(vec![1, 30], vec![0f64; 30]).unwrap(),
+            )],
+            "datatype FP64",
+        ),
+        (
+            vec![NamedTensor::new(
+                "features",
+                Tensor::from_vec(vec![1, 29], vec![0f32; 29]).unwrap(),
+            )],
+            "shape [1, 29]",
+        ),
+        (
+            input(&rows[..5]),
+            "batch size 5 is larger than this model's max_batch_size 4",
+        ),
+        (vec![], "missing input \"features\""),
+        (
+            [input(&rows[..1]), input(&rows[..1])].concat(),
+            "given more than once",
+        ),
+        (
+            vec![NamedTensor::new(
+                "features",
+                Tensor::from_vec(vec![0, 30], Vec::<f32>::new()).unwrap(),
+            )],
+            "batch size 0",
+        ),
+    ];
+    for (inputs, needle) in cases {
+        let err = worker.infer(inputs).await.unwrap_err();
+        assert!(err.is_client_error(), "{err}");
+        assert!(
+            err.to_string().contains(needle),
+            "expected {needle:?} in {err}"
+        );
+    }
+}

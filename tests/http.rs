@@ -1,0 +1,714 @@
+//! The HTTP contract, driven through the router without a socket: every KServe v2 endpoint,
+//! both tensor encodings, the repository and statistics extensions, metrics, and the error
+//! cases, on a repository holding the real wdbc-malignancy bundle and a tampered copy.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use nightingale::http::{self, AppState, HttpConfig};
+use nightingale_models::{Repository, RepositoryOptions};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const MODEL: &str = "wdbc-malignancy";
+const TOKEN: &str = "test-admin-token-0123456789";
+
+fn bundles() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/bundles")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Test rows and onnxruntime's probabilities for them, from the bundle's test split.
+fn test_split() -> Vec<(Vec<f32>, f32)> {
+    let csv = std::fs::read_to_string(bundles().join(MODEL).join("testdata/test.csv")).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let p_col = header
+        .iter()
+        .position(|h| *h == "expected_p_malignant")
+        .unwrap();
+    lines
+        .map(|l| {
+            let cells: Vec<&str> = l.split(',').collect();
+            (
+                cells[..30].iter().map(|v| v.parse().unwrap()).collect(),
+                cells[p_col].parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    state: Arc<AppState>,
+}
+
+impl Fixture {
+    fn new(config: HttpConfig) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(&bundles().join(MODEL), &dir.path().join(MODEL));
+        // A copy whose model file no longer matches its checksum.
+        let bad = dir.path().join("tampered");
+        copy_dir(&bundles().join(MODEL), &bad);
+        let manifest = std::fs::read_to_string(bad.join("bundle.toml")).unwrap();
+        std::fs::write(
+            bad.join("bundle.toml"),
+            manifest.replace(&format!("name = \"{MODEL}\""), "name = \"tampered\""),
+        )
+        .unwrap();
+        let mut onnx = std::fs::read(bad.join("1/model.onnx")).unwrap();
+        let last = onnx.len() - 1;
+        onnx[last] ^= 0x01;
+        std::fs::write(bad.join("1/model.onnx"), onnx).unwrap();
+
+        let repository = Arc::new(Repository::new(dir.path(), RepositoryOptions::default()));
+        repository.load_all().unwrap();
+        let state = AppState::new(repository, config, Some(http::install_recorder()));
+        state.set_ready(true);
+        Fixture { _dir: dir, state }
+    }
+
+    fn default() -> Fixture {
+        Fixture::new(HttpConfig {
+            admin_token: Some(TOKEN.into()),
+            ..HttpConfig::default()
+        })
+    }
+
+    async fn call(&self, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Bytes) {
+        let res = http::app(self.state.clone()).oneshot(req).await.unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (status, headers, body)
+    }
+
+    async fn get(&self, uri: &str) -> (StatusCode, Bytes) {
+        let (s, _, b) = self
+            .call(Request::get(uri).body(Body::empty()).unwrap())
+            .await;
+        (s, b)
+    }
+
+    /// POSTs JSON without a Content-Type header, as tritonclient does.
+    async fn post_json(&self, uri: &str, body: &Value) -> (StatusCode, Value) {
+        let (s, _, b) = self
+            .call(
+                Request::post(uri)
+                    .body(Body::from(serde_json::to_vec(body).unwrap()))
+                    .unwrap(),
+            )
+            .await;
+        (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
+    }
+
+    async fn post_raw(
+        &self,
+        uri: &str,
+        body: Vec<u8>,
+        header_len: Option<&str>,
+        token: Option<&str>,
+    ) -> (StatusCode, axum::http::HeaderMap, Bytes) {
+        let mut req = Request::builder().method(Method::POST).uri(uri);
+        if let Some(n) = header_len {
+            req = req
+                .header("Inference-Header-Content-Length", n)
+                .header("Content-Type", "application/octet-stream");
+        }
+        if let Some(t) = token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        self.call(req.body(Body::from(body)).unwrap()).await
+    }
+}
+
+fn json_request(rows: &[Vec<f32>]) -> Value {
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    json!({"inputs": [{"name": "features", "shape": [rows.len(), 30], "datatype": "FP32", "data": flat}]})
+}
+
+fn error_of(v: &Value) -> &str {
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error message in {v}"))
+}
+
+fn probabilities(resp: &Value) -> Vec<f32> {
+    let out = resp["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "probabilities")
+        .unwrap();
+    out["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect()
+}
+
+#[tokio::test]
+async fn health_and_server_metadata() {
+    let f = Fixture::default();
+    assert_eq!(f.get("/v2/health/live").await.0, StatusCode::OK);
+    assert_eq!(f.get("/v2/health/ready").await.0, StatusCode::OK);
+    f.state.set_ready(false);
+    assert_eq!(
+        f.get("/v2/health/ready").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(f.get("/v2/health/live").await.0, StatusCode::OK);
+    let (s, b) = f.get("/v2").await;
+    assert_eq!(s, StatusCode::OK);
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["name"], "nightingale");
+    for ext in ["binary_tensor_data", "model_repository", "statistics"] {
+        assert!(
+            v["extensions"].as_array().unwrap().iter().any(|e| e == ext),
+            "{ext}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn model_metadata_and_readiness() {
+    let f = Fixture::default();
+    for uri in [
+        format!("/v2/models/{MODEL}"),
+        format!("/v2/models/{MODEL}/versions/1"),
+    ] {
+        let (s, b) = f.get(&uri).await;
+        assert_eq!(s, StatusCode::OK, "{uri}");
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["name"], MODEL);
+        assert_eq!(v["versions"], json!(["1"]));
+        assert_eq!(
+            v["inputs"],
+            json!([{"name": "features", "datatype": "FP32", "shape": [-1, 30]}])
+        );
+        assert_eq!(
+            v["outputs"][1],
+            json!({"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]})
+        );
+    }
+    assert_eq!(
+        f.get(&format!("/v2/models/{MODEL}/ready")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        f.get(&format!("/v2/models/{MODEL}/versions/1/ready"))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    for uri in [
+        "/v2/models/nope",
+        "/v2/models/nope/ready",
+        &format!("/v2/models/{MODEL}/versions/7"),
+        &format!("/v2/models/{MODEL}/versions/x/ready"),
+    ] {
+        let (s, b) = f.get(uri).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{uri}");
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert!(!error_of(&v).is_empty());
+    }
+}
+
+#[tokio::test]
+async fn json_inference_matches_onnxruntime() {
+    let f = Fixture::default();
+    let split = test_split();
+    let rows: Vec<Vec<f32>> = split.iter().map(|(r, _)| r.clone()).collect();
+    for chunk in [1usize, 64] {
+        for (batch, expected) in rows.chunks(chunk).zip(split.chunks(chunk)).take(3) {
+            let (s, v) = f
+                .post_json(&format!("/v2/models/{MODEL}/infer"), &json_request(batch))
+                .await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            assert_eq!(v["model_name"], MODEL);
+            assert_eq!(v["model_version"], "1");
+            let p = probabilities(&v);
+            assert_eq!(p.len(), batch.len() * 2);
+            for (i, (_, want)) in expected.iter().enumerate() {
+                assert!(
+                    (p[2 * i] - want).abs() <= 1e-5,
+                    "row {i}: {} vs onnxruntime {want}",
+                    p[2 * i]
+                );
+            }
+            let labels = v["outputs"][0]["data"].as_array().unwrap();
+            for (i, l) in labels.iter().enumerate() {
+                let want = if p[2 * i] > p[2 * i + 1] { 0 } else { 1 };
+                assert_eq!(l.as_i64().unwrap(), want);
+            }
+        }
+    }
+    // Nested data, a versioned path, an id and a chosen output.
+    let nested = json!({"id": "req-7", "inputs": [{"name": "features", "shape": [2, 30], "datatype": "FP32", "data": [rows[0], rows[1]]}],
+        "outputs": [{"name": "probabilities"}]});
+    let (s, v) = f
+        .post_json(&format!("/v2/models/{MODEL}/versions/1/infer"), &nested)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["id"], "req-7");
+    assert_eq!(v["outputs"].as_array().unwrap().len(), 1);
+    let (_, flat) = f
+        .post_json(
+            &format!("/v2/models/{MODEL}/infer"),
+            &json_request(&rows[..2]),
+        )
+        .await;
+    assert_eq!(probabilities(&v), probabilities(&flat));
+}
+
+fn binary_body(rows: &[Vec<f32>], outputs: Value) -> (Vec<u8>, String) {
+    let raw: Vec<u8> = rows
+        .iter()
+        .flatten()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let header = json!({"inputs": [{"name": "features", "shape": [rows.len(), 30], "datatype": "FP32",
+        "parameters": {"binary_data_size": raw.len()}}], "outputs": outputs});
+    let mut body = serde_json::to_vec(&header).unwrap();
+    let n = body.len();
+    body.extend_from_slice(&raw);
+    (body, n.to_string())
+}
+
+#[tokio::test]
+async fn binary_tensor_extension_round_trip() {
+    let f = Fixture::default();
+    let split = test_split();
+    let rows: Vec<Vec<f32>> = split.iter().take(64).map(|(r, _)| r.clone()).collect();
+    let (body, n) = binary_body(
+        &rows,
+        json!([{"name": "label", "parameters": {"binary_data": false}}, {"name": "probabilities", "parameters": {"binary_data": true}}]),
+    );
+    let (s, headers, b) = f
+        .post_raw(&format!("/v2/models/{MODEL}/infer"), body, Some(&n), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let header_len: usize = headers["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&b[..header_len]).unwrap();
+    assert_eq!(v["outputs"][0]["name"], "label");
+    assert!(v["outputs"][0]["data"].is_array(), "label stays JSON");
+    let size = v["outputs"][1]["parameters"]["binary_data_size"]
+        .as_u64()
+        .unwrap() as usize;
+    assert_eq!(size, 64 * 2 * 4);
+    assert_eq!(b.len(), header_len + size);
+    let p: Vec<f32> = b[header_len..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    for (i, (_, want)) in split.iter().take(64).enumerate() {
+        assert!((p[2 * i] - want).abs() <= 1e-5);
+    }
+    // binary_data_output at the request level turns every output binary.
+    let raw: Vec<u8> = rows[..1]
+        .iter()
+        .flatten()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let header = json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "parameters": {"binary_data_size": raw.len()}}],
+        "parameters": {"binary_data_output": true}});
+    let mut body = serde_json::to_vec(&header).unwrap();
+    let n = body.len().to_string();
+    body.extend_from_slice(&raw);
+    let (s, headers, b) = f
+        .post_raw(&format!("/v2/models/{MODEL}/infer"), body, Some(&n), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let header_len: usize = headers["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&b[..header_len]).unwrap();
+    assert_eq!(
+        v["outputs"][0]["parameters"]["binary_data_size"], 8,
+        "one INT64 label"
+    );
+    assert_eq!(
+        v["outputs"][1]["parameters"]["binary_data_size"], 8,
+        "two FP32 probabilities"
+    );
+    assert_eq!(b.len(), header_len + 16);
+}
+
+#[tokio::test]
+async fn classification_extension() {
+    let f = Fixture::default();
+    let rows: Vec<Vec<f32>> = test_split().into_iter().take(2).map(|(r, _)| r).collect();
+    let mut req = json_request(&rows);
+    req["outputs"] = json!([{"name": "probabilities", "parameters": {"classification": 1}}]);
+    let (s, v) = f
+        .post_json(&format!("/v2/models/{MODEL}/infer"), &req)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["outputs"][0]["datatype"], "BYTES");
+    assert_eq!(v["outputs"][0]["shape"], json!([2, 1]));
+    let top = v["outputs"][0]["data"][0].as_str().unwrap();
+    assert!(
+        top.ends_with(":0:malignant") || top.ends_with(":1:benign"),
+        "{top}"
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_400_with_the_reason() {
+    let f = Fixture::default();
+    let uri = format!("/v2/models/{MODEL}/infer");
+    let row = vec![0.5f32; 30];
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            json!({"inputs": [{"name": "x", "shape": [1, 30], "datatype": "FP32", "data": row}]}),
+            "unknown input \"x\"",
+        ),
+        (
+            json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP64", "data": row}]}),
+            "datatype FP64",
+        ),
+        (
+            json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FLOAT", "data": row}]}),
+            "unknown datatype",
+        ),
+        (
+            json!({"inputs": [{"name": "features", "shape": [1, 29], "datatype": "FP32", "data": &row[..29]}]}),
+            "shape [1, 29]",
+        ),
+        (
+            json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": &row[..29]}]}),
+            "needs 30",
+        ),
+        (
+            json!({"inputs": [{"name": "features", "shape": [1, -30], "datatype": "FP32", "data": row}]}),
+            "negative",
+        ),
+        (
+            json!({"inputs": [{"name": "features", "shape": [4294967296u64, 4294967296u64], "datatype": "FP32", "data": row}]}),
+            "too large",
+        ),
+        (
+            json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": vec!["a"; 30]}]}),
+            "wrong type",
+        ),
+        (
+            json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32"}]}),
+            "neither data nor binary_data_size",
+        ),
+        (json!({"inputs": []}), "no inputs"),
+        (
+            json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": row}], "outputs": [{"name": "nope"}]}),
+            "unknown output \"nope\"",
+        ),
+        (json_request(&vec![row.clone(); 65]), "max_batch_size 64"),
+        (json!({"input": []}), "malformed inference request JSON"),
+    ];
+    for (body, needle) in cases {
+        let (s, v) = f.post_json(&uri, &body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{needle}: {v}");
+        assert!(error_of(&v).contains(needle), "expected {needle:?} in {v}");
+    }
+    // Errors never echo tensor contents.
+    let secret = json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": vec![123456.5f32; 29]}]});
+    let (_, v) = f.post_json(&uri, &secret).await;
+    assert!(!error_of(&v).contains("123456"), "{v}");
+
+    // Malformed bodies and binary framing.
+    let (s, _, b) = f.post_raw(&uri, b"{not json".to_vec(), None, None).await;
+    assert_eq!(
+        s,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    let (body, n) = binary_body(std::slice::from_ref(&row), json!(null));
+    let framing: Vec<(Vec<u8>, String, &str)> = vec![
+        (body.clone(), "999999".into(), "only"),
+        (body.clone(), "abc".into(), "non-negative integer"),
+        (
+            body[..body.len() - 4].to_vec(),
+            n.clone(),
+            "runs past the end",
+        ),
+        (
+            [body.clone(), vec![0u8; 8]].concat(),
+            n.clone(),
+            "8 bytes of binary data follow",
+        ),
+    ];
+    for (body, n, needle) in framing {
+        let (s, _, b) = f.post_raw(&uri, body, Some(&n), None).await;
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{needle}: {v}");
+        assert!(error_of(&v).contains(needle), "expected {needle:?} in {v}");
+    }
+}
+
+#[tokio::test]
+async fn unknown_models_404_and_oversized_bodies_413() {
+    let f = Fixture::new(HttpConfig {
+        max_body_bytes: 4096,
+        admin_token: None,
+    });
+    let (s, v) = f
+        .post_json("/v2/models/nope/infer", &json_request(&[vec![0.0; 30]]))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(error_of(&v).contains("unknown model"));
+    let (s, v) = f
+        .post_json(
+            &format!("/v2/models/{MODEL}/versions/9/infer"),
+            &json_request(&[vec![0.0; 30]]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let big = json_request(&vec![vec![0.123456f32; 30]; 64]);
+    let (s, v) = f
+        .post_json(&format!("/v2/models/{MODEL}/infer"), &big)
+        .await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert!(error_of(&v).contains("4096"));
+    let (s, b) = f.get("/v3/nothing").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(serde_json::from_slice::<Value>(&b).unwrap()["error"].is_string());
+    let (s, _, _) = f
+        .call(
+            Request::delete("/v2/health/live")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn tampered_bundle_is_refused_and_the_others_serve() {
+    let f = Fixture::default();
+    let (s, _, b) = f.post_raw("/v2/repository/index", vec![], None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let index: Value = serde_json::from_slice(&b).unwrap();
+    let tampered = index
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "tampered")
+        .unwrap();
+    assert_eq!(tampered["state"], "UNAVAILABLE");
+    let reason = tampered["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("checksum mismatch") && reason.contains("model.onnx"),
+        "{reason}"
+    );
+    let good = index
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == MODEL)
+        .unwrap();
+    assert_eq!(good["state"], "READY");
+    assert_eq!(good["version"], "1");
+    let (s, _) = f
+        .post_json(
+            &format!("/v2/models/{MODEL}/infer"),
+            &json_request(&[vec![1.0; 30]]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, b) = f.get("/v2/models/tampered/ready").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(String::from_utf8_lossy(&b).contains("model.onnx"));
+    // Only ready models when asked.
+    let (_, v) = f
+        .post_json("/v2/repository/index", &json!({"ready": true}))
+        .await;
+    assert!(
+        v.as_array().unwrap().iter().all(|e| e["state"] == "READY"),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn model_control_needs_the_admin_token() {
+    let f = Fixture::default();
+    let unload = format!("/v2/repository/models/{MODEL}/unload");
+    let load = format!("/v2/repository/models/{MODEL}/load");
+    let (s, _, _) = f.post_raw(&unload, vec![], None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, _) = f
+        .post_raw(&unload, vec![], None, Some("wrong-token-wrong-token"))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        f.get(&format!("/v2/models/{MODEL}/ready")).await.0,
+        StatusCode::OK
+    );
+
+    let (s, _, _) = f.post_raw(&unload, vec![], None, Some(TOKEN)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        f.get(&format!("/v2/models/{MODEL}/ready")).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let (s, v) = f
+        .post_json(
+            &format!("/v2/models/{MODEL}/infer"),
+            &json_request(&[vec![1.0; 30]]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    let (_, v) = f.post_json("/v2/repository/index", &json!({})).await;
+    assert!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == MODEL && e["state"] == "UNLOADED"),
+        "{v}"
+    );
+
+    let (s, _, _) = f.post_raw(&load, vec![], None, Some(TOKEN)).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = f
+        .post_json(
+            &format!("/v2/models/{MODEL}/infer"),
+            &json_request(&[vec![1.0; 30]]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    // Loading the tampered bundle fails with the reason; unknown names are 404; odd names 400.
+    let (s, _, b) = f
+        .post_raw(
+            "/v2/repository/models/tampered/load",
+            vec![],
+            None,
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&b).contains("checksum mismatch"));
+    let (s, _, _) = f
+        .post_raw("/v2/repository/models/nope/load", vec![], None, Some(TOKEN))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _, _) = f
+        .post_raw(
+            "/v2/repository/models/..%2F..%2Fetc/load",
+            vec![],
+            None,
+            Some(TOKEN),
+        )
+        .await;
+    assert!(
+        s == StatusCode::BAD_REQUEST || s == StatusCode::NOT_FOUND,
+        "{s}"
+    );
+
+    // Without a configured token, model control is off.
+    let off = Fixture::new(HttpConfig::default());
+    let (s, _, _) = off.post_raw(&unload, vec![], None, Some(TOKEN)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn statistics_and_metrics() {
+    let f = Fixture::default();
+    for _ in 0..3 {
+        let (s, _) = f
+            .post_json(
+                &format!("/v2/models/{MODEL}/infer"),
+                &json_request(&[vec![1.0; 30], vec![2.0; 30]]),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    // A well-formed tensor of the wrong shape reaches the model and fails there;
+    // a body that does not decode never reaches it.
+    let wrong_shape = json!({"inputs": [{"name": "features", "shape": [1, 29], "datatype": "FP32", "data": vec![1.0f32; 29]}]});
+    let (s, _) = f
+        .post_json(&format!("/v2/models/{MODEL}/infer"), &wrong_shape)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = f
+        .post_json(
+            &format!("/v2/models/{MODEL}/infer"),
+            &json_request(&[vec![1.0; 29]]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    for uri in [
+        format!("/v2/models/{MODEL}/stats"),
+        format!("/v2/models/{MODEL}/versions/1/stats"),
+        "/v2/models/stats".into(),
+    ] {
+        let (s, b) = f.get(&uri).await;
+        assert_eq!(s, StatusCode::OK, "{uri}");
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        let m = v["model_stats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == MODEL)
+            .unwrap()
+            .clone();
+        assert_eq!(m["version"], "1");
+        assert_eq!(m["inference_stats"]["success"]["count"], 3, "{uri}: {m}");
+        assert_eq!(
+            m["inference_stats"]["fail"]["count"], 1,
+            "the shape error counts as a failed request"
+        );
+        assert_eq!(m["inference_count"], 6);
+        assert!(
+            m["inference_stats"]["compute_infer"]["ns"]
+                .as_u64()
+                .unwrap()
+                > 0
+        );
+        assert!(
+            m["batch_stats"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|b| b["batch_size"] == 2)
+        );
+    }
+    assert_eq!(
+        f.get("/v2/models/nope/stats").await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (s, b) = f.get("/metrics").await;
+    assert_eq!(s, StatusCode::OK);
+    let text = String::from_utf8_lossy(&b);
+    for name in [
+        "nightingale_inference_requests_total",
+        "nightingale_request_duration_seconds_bucket",
+        "nightingale_queue_duration_seconds_bucket",
+        "nightingale_compute_duration_seconds_bucket",
+        "nightingale_queue_depth",
+        "nightingale_models_loaded",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
+    assert!(text.contains("outcome=\"client_error\""));
+}
