@@ -1,0 +1,19 @@
+-- wrk script: POSTs one prepared KServe v2 body (BODY_FILE), with the binary extension's
+-- header when HEADER_LEN is set, and prints a JSON summary line at the end.
+wrk.method = "POST"
+local f = assert(io.open(os.getenv("BODY_FILE"), "rb"))
+wrk.body = f:read("*a")
+f:close()
+local header_len = os.getenv("HEADER_LEN")
+if header_len and header_len ~= "" then
+  wrk.headers["Inference-Header-Content-Length"] = header_len
+  wrk.headers["Content-Type"] = "application/octet-stream"
+end
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_JSON {"requests": %d, "duration_us": %d, "non_2xx_or_errors": %d, "p50_us": %d, "p99_us": %d}\n',
+    summary.requests, summary.duration, e.status + e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
