@@ -43,6 +43,12 @@ pub struct ServeArgs {
     /// Bearer token for model control (repository load/unload). Unset: model control is off.
     #[arg(long, env = "NIGHTINGALE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Audit log (JSON lines, hash-chained). [default: nightingale-audit.jsonl]
+    #[arg(long, env = "NIGHTINGALE_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+    /// fsync the audit log after each group of records (slower; survives power loss).
+    #[arg(long, env = "NIGHTINGALE_AUDIT_FSYNC")]
+    pub audit_fsync: Option<bool>,
     /// Log format. [default: text]
     #[arg(long, env = "NIGHTINGALE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -83,6 +89,8 @@ struct FileConfig {
     ort_library: Option<PathBuf>,
     max_body_bytes: Option<usize>,
     admin_token: Option<String>,
+    audit_log: Option<PathBuf>,
+    audit_fsync: Option<bool>,
     log_format: Option<LogFormat>,
 }
 
@@ -97,6 +105,8 @@ pub struct ServeConfig {
     pub ort_library: Option<PathBuf>,
     pub max_body_bytes: usize,
     pub admin_token: Option<String>,
+    pub audit_log: PathBuf,
+    pub audit_fsync: bool,
     pub log_format: LogFormat,
 }
 
@@ -114,6 +124,8 @@ impl std::fmt::Debug for ServeConfig {
                 "admin_token",
                 &self.admin_token.as_ref().map(|_| "<redacted>"),
             )
+            .field("audit_log", &self.audit_log)
+            .field("audit_fsync", &self.audit_fsync)
             .field("log_format", &self.log_format)
             .finish()
     }
@@ -200,6 +212,11 @@ impl ServeArgs {
             ort_library: self.ort_library.or(file.ort_library),
             max_body_bytes,
             admin_token,
+            audit_log: self
+                .audit_log
+                .or(file.audit_log)
+                .unwrap_or_else(|| PathBuf::from("nightingale-audit.jsonl")),
+            audit_fsync: self.audit_fsync.or(file.audit_fsync).unwrap_or(false),
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
         })
     }

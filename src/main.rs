@@ -22,11 +22,22 @@ struct Cli {
 enum Command {
     /// Serve the models of a repository over HTTP.
     Serve(ServeArgs),
+    /// Check the audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Inspect model bundles without serving them.
     Models {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Verify an audit log's hash chain; exit code 1 at the first broken record.
+    Verify { path: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -57,6 +68,19 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(serve(config))
         }
+        Command::Audit {
+            command: AuditCommand::Verify { path },
+        } => match nightingale::audit::verify(&path) {
+            Ok(last) => {
+                let n = last.map_or(0, |r| r.seq + 1);
+                println!("ok   {}: {n} records, hash chain intact", path.display());
+                Ok(())
+            }
+            Err(e) => {
+                println!("FAIL {e}");
+                std::process::exit(1)
+            }
+        },
         Command::Models { command } => {
             init_tracing(LogFormat::Text);
             match command {
@@ -100,8 +124,11 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             ort_library: config.ort_library.clone(),
         },
     ));
+    let audit = nightingale::audit::AuditLog::open(&config.audit_log, config.audit_fsync)?;
+    tracing::info!(path = %audit.path().display(), fsync = config.audit_fsync, "audit log open");
     let state = AppState::new(
         repository.clone(),
+        audit,
         HttpConfig {
             max_body_bytes: config.max_body_bytes,
             admin_token: config.admin_token.clone(),

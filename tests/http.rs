@@ -9,6 +9,7 @@ use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use nightingale::audit::{self, AuditLog};
 use nightingale::http::{self, AppState, HttpConfig};
 use nightingale_models::{Repository, RepositoryOptions};
 use serde_json::{Value, json};
@@ -79,7 +80,8 @@ impl Fixture {
 
         let repository = Arc::new(Repository::new(dir.path(), RepositoryOptions::default()));
         repository.load_all().unwrap();
-        let state = AppState::new(repository, config, Some(http::install_recorder()));
+        let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
+        let state = AppState::new(repository, audit, config, Some(http::install_recorder()));
         state.set_ready(true);
         Fixture { _dir: dir, state }
     }
@@ -711,4 +713,60 @@ async fn statistics_and_metrics() {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
     assert!(text.contains("outcome=\"client_error\""));
+}
+
+#[tokio::test]
+async fn every_inference_is_audited_without_patient_data() {
+    let f = Fixture::default();
+    let rows: Vec<Vec<f32>> = test_split().into_iter().take(2).map(|(r, _)| r).collect();
+    let req = Request::post(format!("/v2/models/{MODEL}/infer"))
+        .header("x-request-id", "audit-test-1")
+        .body(Body::from(
+            serde_json::to_vec(&json_request(&rows)).unwrap(),
+        ))
+        .unwrap();
+    let (s, headers, _) = f.call(req).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(headers["x-request-id"], "audit-test-1");
+    // The same tensors sent in the binary encoding hash the same.
+    let (body, n) = binary_body(&rows, json!(null));
+    let (s, _, _) = f
+        .post_raw(&format!("/v2/models/{MODEL}/infer"), body, Some(&n), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = f.post_json(&format!("/v2/models/{MODEL}/infer"), &json!({"inputs": [{"name": "features", "shape": [1, 29], "datatype": "FP32", "data": vec![1.0f32; 29]}]})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    let path = f.state.audit.path().to_owned();
+    let last = audit::verify(&path).unwrap().unwrap();
+    assert_eq!(last.seq, 2);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let records: Vec<audit::AuditRecord> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records[0].request_id, "audit-test-1");
+    assert_eq!(records[0].model, MODEL);
+    assert_eq!(records[0].version, "1");
+    assert_eq!(records[0].model_sha256.len(), 64);
+    assert_eq!(records[0].rows, Some(2));
+    assert_eq!(records[0].status, 200);
+    assert!(records[0].output_sha256.is_some());
+    assert_eq!(
+        records[0].input_sha256, records[1].input_sha256,
+        "encoding-independent input digest"
+    );
+    assert_eq!(records[2].status, 400);
+    assert!(records[2].output_sha256.is_none());
+    // Digests only: no feature value appears in the log.
+    for value in rows[0]
+        .iter()
+        .map(|v| v.to_string())
+        .filter(|v| v.contains('.'))
+    {
+        assert!(
+            !text.contains(&value),
+            "the log must not hold input values ({value})"
+        );
+    }
 }

@@ -11,6 +11,8 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use metrics_exporter_prometheus::PrometheusHandle;
 use nightingale_models::Repository;
+
+use crate::audit::AuditLog;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -44,6 +46,7 @@ impl Default for HttpConfig {
 /// What every handler shares.
 pub struct AppState {
     pub repository: Arc<Repository>,
+    pub audit: AuditLog,
     pub config: HttpConfig,
     pub metrics: Option<PrometheusHandle>,
     ready: AtomicBool,
@@ -52,11 +55,13 @@ pub struct AppState {
 impl AppState {
     pub fn new(
         repository: Arc<Repository>,
+        audit: AuditLog,
         config: HttpConfig,
         metrics: Option<PrometheusHandle>,
     ) -> Arc<Self> {
         Arc::new(AppState {
             repository,
+            audit,
             config,
             metrics,
             ready: AtomicBool::new(false),

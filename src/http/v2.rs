@@ -14,6 +14,7 @@ use serde_json::json;
 
 use super::codec::{self, InferResponse, JsonData, OutputTensor};
 use super::{AppError, AppState, read_body};
+use crate::audit::{AuditEvent, tensors_sha256};
 
 pub(super) const HEADER_LENGTH: &str = "inference-header-content-length";
 
@@ -127,7 +128,36 @@ async fn run_infer(
         Ok(m) => m,
         Err(e) => return AppError::from(e).into_response(),
     };
-    let result = infer_loaded(&state, &loaded, &headers, body).await;
+    let mut event = AuditEvent {
+        request_id: headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .chars()
+            .take(128)
+            .collect(),
+        model: loaded.name.clone(),
+        version: loaded.version.to_string(),
+        model_sha256: loaded.model_sha256.clone(),
+        input_sha256: None,
+        output_sha256: None,
+        rows: None,
+        status: 0,
+    };
+    let mut result = infer_loaded(&state, &loaded, &headers, body, &mut event).await;
+    event.status = match &result {
+        Ok(_) => StatusCode::OK.as_u16(),
+        Err(e) => e.status.as_u16(),
+    };
+    // Every request that reached a model is audited before it is answered; without the
+    // audit record there is no answer.
+    if let Err(e) = state.audit.record(event).await {
+        tracing::error!(error = %e, "audit record not written; refusing the response");
+        result = Err(AppError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the audit log cannot be written; no prediction is returned without its audit record",
+        ));
+    }
     let outcome = match &result {
         Ok(_) => "success",
         Err(e) if e.status.is_client_error() => "client_error",
@@ -152,6 +182,7 @@ async fn infer_loaded(
     model: &LoadedModel,
     headers: &HeaderMap,
     body: Body,
+    audit: &mut AuditEvent,
 ) -> Result<Response, AppError> {
     let header_len = match headers.get(HEADER_LENGTH) {
         None => None,
@@ -169,6 +200,11 @@ async fn infer_loaded(
     let body = read_body(headers, body, state.config.max_body_bytes).await?;
     let request = codec::decode_request(&body, header_len)?;
     drop(body);
+    audit.input_sha256 = Some(tensors_sha256(&request.inputs));
+    audit.rows = request
+        .inputs
+        .first()
+        .and_then(|t| t.tensor.shape().first().copied());
     let meta = model.worker.metadata();
     // Check the requested outputs before running anything.
     if let Some(wanted) = &request.outputs {
@@ -183,6 +219,7 @@ async fn infer_loaded(
         }
     }
     let outputs = model.worker.infer(request.inputs).await?;
+    audit.output_sha256 = Some(tensors_sha256(&outputs));
     let (tensors, flags) = select_outputs(
         model,
         outputs,

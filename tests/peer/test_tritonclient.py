@@ -108,7 +108,8 @@ def server_url(request) -> str:
         lib = _ort_dylib()
         if lib:
             env["ORT_DYLIB_PATH"] = lib
-    cmd = [str(binary), "serve", "--repository", "models/bundles", "--http-addr", addr]
+    cmd = [str(binary), "serve", "--repository", "models/bundles", "--http-addr", addr,
+           "--audit-log", str(logdir / "audit.jsonl")]
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, env=env)
 
@@ -149,6 +150,12 @@ def server_url(request) -> str:
     yield addr
 
     stop()
+    # Every inference the session made is in the audit log, and its hash chain holds.
+    check = subprocess.run([str(binary), "audit", "verify", str(logdir / "audit.jsonl")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    n_records = int(check.stdout.split(":")[1].split()[0])
+    assert n_records > 100, check.stdout
     if request.session.testsfailed:
         reporter = request.config.pluginmanager.get_plugin("terminalreporter")
         text = f"--- Nightingale server stderr ({stderr_path}) ---\n{_tail(stderr_path)}"
