@@ -328,3 +328,36 @@ async fn inputs_are_checked_before_queueing() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_instances_share_one_queue() {
+    let rows = rows();
+    let worker = Arc::new(
+        ModelWorker::spawn(
+            load(),
+            WorkerConfig {
+                instances: 3,
+                batching: Some(BatchingConfig {
+                    max_batch_size: 8,
+                    max_queue_delay: Duration::from_micros(200),
+                    preferred_batch_sizes: vec![4],
+                }),
+                ..WorkerConfig::default()
+            },
+        )
+        .unwrap(),
+    );
+    let mut reference = load();
+    let tasks: Vec<_> = (0..60)
+        .map(|i| {
+            let w = worker.clone();
+            let x = input(&rows[i % rows.len()..i % rows.len() + 1]);
+            tokio::spawn(async move { (x.clone(), w.infer(x).await) })
+        })
+        .collect();
+    for t in tasks {
+        let (x, got) = t.await.unwrap();
+        assert_eq!(got.unwrap(), reference.infer(x).unwrap());
+    }
+    assert_eq!(worker.stats().snapshot().inference_count, 60);
+}
