@@ -55,6 +55,17 @@ fn test_split() -> Vec<(Vec<f32>, f32)> {
         .collect()
 }
 
+/// Removes version 2 from a bundle copy, so tests about one version see exactly one.
+fn keep_only_version_1(bundle: &Path) {
+    std::fs::remove_dir_all(bundle.join("2")).unwrap();
+    let manifest = std::fs::read_to_string(bundle.join("bundle.toml")).unwrap();
+    std::fs::write(
+        bundle.join("bundle.toml"),
+        manifest.split("[versions.2]").next().unwrap(),
+    )
+    .unwrap();
+}
+
 struct Fixture {
     _dir: tempfile::TempDir,
     state: Arc<AppState>,
@@ -62,11 +73,19 @@ struct Fixture {
 
 impl Fixture {
     fn new(config: HttpConfig) -> Fixture {
+        Fixture::build(config, false)
+    }
+
+    fn build(config: HttpConfig, all_versions: bool) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         copy_dir(&bundles().join(MODEL), &dir.path().join(MODEL));
+        if !all_versions {
+            keep_only_version_1(&dir.path().join(MODEL));
+        }
         // A copy whose model file no longer matches its checksum.
         let bad = dir.path().join("tampered");
         copy_dir(&bundles().join(MODEL), &bad);
+        keep_only_version_1(&bad);
         let manifest = std::fs::read_to_string(bad.join("bundle.toml")).unwrap();
         std::fs::write(
             bad.join("bundle.toml"),
@@ -447,7 +466,7 @@ async fn bad_requests_get_400_with_the_reason() {
         String::from_utf8_lossy(&b)
     );
     let (body, n) = binary_body(std::slice::from_ref(&row), json!(null));
-    let framing: Vec<(Vec<u8>, String, &str)> = vec![
+    let mut framing: Vec<(Vec<u8>, String, &str)> = vec![
         (body.clone(), "999999".into(), "only"),
         (body.clone(), "abc".into(), "non-negative integer"),
         (
@@ -461,6 +480,11 @@ async fn bad_requests_get_400_with_the_reason() {
             "8 bytes of binary data follow",
         ),
     ];
+    // JSON cannot carry NaN, the binary extension can: refused before any engine sees it.
+    let mut nan_row = row.clone();
+    nan_row[3] = f32::NAN;
+    let (nan_body, nan_n) = binary_body(&[nan_row], json!(null));
+    framing.push((nan_body, nan_n, "NaN or infinite"));
     for (body, n, needle) in framing {
         let (s, _, b) = f.post_raw(&uri, body, Some(&n), None).await;
         let v: Value = serde_json::from_slice(&b).unwrap();
@@ -768,5 +792,43 @@ async fn every_inference_is_audited_without_patient_data() {
             !text.contains(&value),
             "the log must not hold input values ({value})"
         );
+    }
+}
+
+#[tokio::test]
+async fn two_versions_serve_side_by_side() {
+    let f = Fixture::build(HttpConfig::default(), true);
+    let (s, b) = f.get(&format!("/v2/models/{MODEL}")).await;
+    assert_eq!(s, StatusCode::OK);
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["versions"], json!(["1", "2"]));
+    // Each version against onnxruntime's probabilities for it, from the test split.
+    let csv = std::fs::read_to_string(bundles().join(MODEL).join("testdata/test.csv")).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let (c1, c2) = (col("expected_p_malignant"), col("expected_p_malignant_v2"));
+    let table: Vec<Vec<&str>> = lines.take(64).map(|l| l.split(',').collect()).collect();
+    let rows: Vec<Vec<f32>> = table
+        .iter()
+        .map(|c| c[..30].iter().map(|v| v.parse().unwrap()).collect())
+        .collect();
+    for (uri, version, column) in [
+        (format!("/v2/models/{MODEL}/versions/1/infer"), "1", c1),
+        (format!("/v2/models/{MODEL}/versions/2/infer"), "2", c2),
+        (format!("/v2/models/{MODEL}/infer"), "2", c2),
+    ] {
+        let (s, v) = f.post_json(&uri, &json_request(&rows)).await;
+        assert_eq!(s, StatusCode::OK, "{uri}: {v}");
+        assert_eq!(v["model_version"], version, "{uri}");
+        let p = probabilities(&v);
+        for (i, cells) in table.iter().enumerate() {
+            let want: f32 = cells[column].parse().unwrap();
+            assert!(
+                (p[2 * i] - want).abs() <= 1e-5,
+                "{uri} row {i}: {} vs {want}",
+                p[2 * i]
+            );
+        }
     }
 }

@@ -24,7 +24,7 @@ for backend in tract ort; do
     for c in 1 16; do
       threads=$(( c < 2 ? 1 : 2 ))
       line=$(BODY_FILE="$body" HEADER_LEN="$hl" wrk -t"$threads" -c"$c" -d"${DURATION}s" --latency \
-        -s benches/load/post.lua "http://127.0.0.1:$port/v2/models/wdbc-malignancy/infer" | grep WRK_JSON)
+        -s benches/load/post.lua "http://127.0.0.1:$port/v2/models/wdbc-malignancy/versions/1/infer" | grep WRK_JSON)
       echo "SERVER backend=$backend payload=$payload concurrency=$c ${line#WRK_JSON }"
     done
   done

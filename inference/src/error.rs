@@ -40,6 +40,8 @@ pub enum InferenceError {
         backend: &'static str,
         datatype: DataType,
     },
+    #[error("input {name:?} holds NaN or infinite values; this model accepts finite numbers only")]
+    NonFinite { name: String },
     #[error("batch size 0: a request must carry at least one row")]
     EmptyBatch,
     #[error("the backend panicked while running the model")]
@@ -87,6 +89,7 @@ impl InferenceError {
                 | InferenceError::InconsistentBatch { .. }
                 | InferenceError::BatchTooLarge { .. }
                 | InferenceError::EmptyBatch
+                | InferenceError::NonFinite { .. }
                 | InferenceError::UnknownOutput { .. }
                 | InferenceError::Tensor(_)
                 | InferenceError::UnsupportedDataType { .. }

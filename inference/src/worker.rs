@@ -52,6 +52,11 @@ pub struct WorkerConfig {
     /// Declared inputs/outputs (from the bundle) replacing the backend's, in the backend's order;
     /// stricter shapes are allowed, other names or datatypes are not.
     pub metadata: Option<ModelMetadata>,
+    /// Floating-point inputs that may hold NaN or infinities (missing-value aware models);
+    /// every other FP16/FP32/FP64 input must be finite, or the request is refused. Engines
+    /// differ on non-finite input (tract can turn NaN into a confident probability where ONNX
+    /// Runtime returns NaN), so by default it never reaches them.
+    pub allow_non_finite: Vec<String>,
 }
 
 impl Default for WorkerConfig {
@@ -63,6 +68,7 @@ impl Default for WorkerConfig {
             queue_capacity: 1024,
             batching: None,
             metadata: None,
+            allow_non_finite: vec![],
         }
     }
 }
@@ -256,6 +262,9 @@ impl ModelWorker {
                     got: input.tensor.shape().to_vec(),
                 });
             }
+            if !self.config.allow_non_finite.contains(&input.name) && !all_finite(&input.tensor) {
+                return Err(InferenceError::NonFinite { name: input.name });
+            }
             slots[ix] = Some(input);
         }
         let inputs = slots
@@ -294,6 +303,15 @@ impl ModelWorker {
             })
             .collect();
         Ok((inputs, rows, signature))
+    }
+}
+
+fn all_finite(tensor: &Tensor) -> bool {
+    match tensor {
+        Tensor::Fp16(a) => a.iter().all(|x| x.is_finite()),
+        Tensor::Fp32(a) => a.iter().all(|x| x.is_finite()),
+        Tensor::Fp64(a) => a.iter().all(|x| x.is_finite()),
+        _ => true,
     }
 }
 

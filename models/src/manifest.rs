@@ -171,6 +171,9 @@ pub struct InputSpec {
     /// Tabular models: one entry per column of the last dimension, in order.
     #[serde(default)]
     pub features: Vec<FeatureSpec>,
+    /// Accept NaN/infinite values (models that treat NaN as "missing"). Default: refused with 400.
+    #[serde(default)]
+    pub allow_non_finite: bool,
 }
 
 /// One column of a tabular input.

@@ -184,6 +184,13 @@ impl Bundle {
                 preferred_batch_sizes: b.preferred_batch_sizes.clone(),
             }),
             metadata: Some(declared),
+            allow_non_finite: self
+                .manifest
+                .inputs
+                .iter()
+                .filter(|i| i.allow_non_finite)
+                .map(|i| i.name.clone())
+                .collect(),
         };
         let worker = ModelWorker::spawn(backend, config).map_err(inference_err)?;
         Ok(LoadedModel {

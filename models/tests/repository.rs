@@ -28,23 +28,39 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A copy of the bundle holding version 1 only, served under the `latest 1` policy.
 fn repo_with_copy() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join(MODEL);
     copy_dir(&source(), &bundle);
+    std::fs::remove_dir_all(bundle.join("2")).unwrap();
+    let manifest = std::fs::read_to_string(bundle.join("bundle.toml")).unwrap();
+    let v1_only = manifest
+        .split("[versions.2]")
+        .next()
+        .unwrap()
+        .replace("policy = \"all\"", "policy = \"latest\"\nlatest = 1");
+    std::fs::write(bundle.join("bundle.toml"), v1_only).unwrap();
     (dir, bundle)
 }
 
 #[test]
 fn the_shipped_bundle_verifies_and_loads() {
     let bundle = Bundle::open(&source()).unwrap();
-    assert_eq!(bundle.versions_on_disk().unwrap(), vec![1]);
-    bundle.verify(1).unwrap();
-    let loaded = bundle
-        .load_version(1, &RepositoryOptions::default())
-        .unwrap();
-    assert_eq!(loaded.worker.metadata().inputs[0].shape, vec![-1, 30]);
-    assert_eq!(loaded.model_sha256.len(), 64);
+    assert_eq!(bundle.versions_on_disk().unwrap(), vec![1, 2]);
+    assert_eq!(
+        bundle.selected_versions().unwrap(),
+        vec![1, 2],
+        "policy all"
+    );
+    for v in [1, 2] {
+        bundle.verify(v).unwrap();
+        let loaded = bundle
+            .load_version(v, &RepositoryOptions::default())
+            .unwrap();
+        assert_eq!(loaded.worker.metadata().inputs[0].shape, vec![-1, 30]);
+        assert_eq!(loaded.model_sha256.len(), 64);
+    }
 }
 
 #[test]

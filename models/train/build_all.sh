@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild every generated model bundle and the ONNX-ML conformance fixtures.
+# (icu-mortality and pima-diabetes also write their test splits into git-ignored
+# testdata/ folders: that data is GPL-licensed and is not committed.)
 #   models/train/build_all.sh            (uses .venv/bin/python at the repo root)
 #   PYTHON=/path/to/python models/train/build_all.sh
 # Set up the venv first:
@@ -16,6 +18,8 @@ fi
 cd "$repo"
 
 "$py" models/train/wdbc.py
+"$py" models/train/icu_mortality.py
+"$py" models/train/pima_diabetes.py
 "$py" models/train/make_op_fixtures.py
 
 sha256sum models/bundles/*/[0-9]*/model.onnx

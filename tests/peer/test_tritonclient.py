@@ -1,16 +1,17 @@
 """Real-peer tests: Triton's own Python HTTP client against the Nightingale server.
 
-The server binary comes from $NIGHTINGALE_BIN (default target/debug/nightingale,
-relative to the repository root). A session-scoped fixture starts
+The server comes from the session fixture `server_url` in conftest.py: it starts
 
     $NIGHTINGALE_BIN serve --repository models/bundles --http-addr 127.0.0.1:<free port>
 
-from the repository root, waits up to 60 s for GET /v2/health/ready to return 200,
-and stops it at the end. If the binary is missing or never becomes ready the tests
-FAIL (nothing here is skipped).
+($NIGHTINGALE_BIN default target/debug/nightingale) from the repository root, and the
+tests FAIL if it is missing or never becomes ready (nothing here is skipped). Set
+$NIGHTINGALE_URL (host:port) instead to run the same tests against a server that is
+already running (e.g. a real Triton, to compare protocol behaviour).
 
-Set $NIGHTINGALE_URL (host:port) instead to run the same tests against a server
-that is already running (e.g. a real Triton, to compare protocol behaviour).
+These tests exercise the protocol on wdbc-malignancy version 1 (named explicitly in
+every inference: the bundle serves versions 1 and 2, and a request without a version
+gets 2); tests/peer/test_bundles.py checks every version of every bundle.
 
 Run:  .venv/bin/python -m pytest tests/peer -v
 """
@@ -19,10 +20,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,20 +28,17 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-import requests
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "wdbc-malignancy"
-ADMIN_TOKEN = "peer-test-admin-token-0123456789"
-ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+MODEL_VERSION = "1"
 BUNDLE = REPO / "models" / "bundles" / MODEL
-ONNX_PATH = BUNDLE / "1" / "model.onnx"
+ONNX_PATH = BUNDLE / MODEL_VERSION / "model.onnx"
 TEST_CSV = BUNDLE / "testdata" / "test.csv"
 N_FEATURES = 30
 ATOL = 1e-5
-READY_TIMEOUT_S = 60.0
 
 # Successful inferences this session made against MODEL (checked by the stats test).
 _infer_count = 0
@@ -55,124 +49,6 @@ def _count_inference(n: int = 1) -> None:
     global _infer_count
     with _infer_lock:
         _infer_count += n
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ort_dylib() -> str | None:
-    """The libonnxruntime shipped in the onnxruntime wheel, for a server built
-    with ort's load-dynamic feature (it reads ORT_DYLIB_PATH)."""
-    capi = Path(ort.__file__).resolve().parent / "capi"
-    libs = sorted(capi.glob("libonnxruntime.so*"))
-    return str(libs[-1]) if libs else None
-
-
-def _tail(path: Path, n_bytes: int = 20000) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        return f"<cannot read {path}: {e}>"
-    return data[-n_bytes:].decode("utf-8", errors="replace")
-
-
-@pytest.fixture(scope="session")
-def server_url(request) -> str:
-    external = os.environ.get("NIGHTINGALE_URL")
-    if external:
-        yield external
-        return
-
-    bin_env = os.environ.get("NIGHTINGALE_BIN", "target/debug/nightingale")
-    binary = Path(bin_env)
-    if not binary.is_absolute():
-        binary = REPO / binary
-    if not binary.exists():
-        pytest.fail(
-            f"Nightingale server binary not found at {binary} "
-            "(build it with `cargo build` or set NIGHTINGALE_BIN)",
-            pytrace=False,
-        )
-
-    port = _free_port()
-    addr = f"127.0.0.1:{port}"
-    logdir = Path(tempfile.mkdtemp(prefix="nightingale-peer-"))
-    stderr_path = logdir / "stderr.log"
-    stdout_path = logdir / "stdout.log"
-    env = dict(os.environ)
-    env["NIGHTINGALE_ADMIN_TOKEN"] = ADMIN_TOKEN
-    if "ORT_DYLIB_PATH" not in env:
-        lib = _ort_dylib()
-        if lib:
-            env["ORT_DYLIB_PATH"] = lib
-    cmd = [str(binary), "serve", "--repository", "models/bundles", "--http-addr", addr,
-           "--audit-log", str(logdir / "audit.jsonl")]
-    with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, env=env)
-
-    def stop() -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    ready = False
-    last = "no response"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            last = f"server exited with status {proc.returncode}"
-            break
-        try:
-            r = requests.get(f"http://{addr}/v2/health/ready", timeout=2)
-            if r.status_code == 200:
-                ready = True
-                break
-            last = f"HTTP {r.status_code}"
-        except requests.RequestException as e:
-            last = repr(e)
-        time.sleep(0.2)
-    if not ready:
-        stop()
-        pytest.fail(
-            f"server `{' '.join(cmd)}` not ready within {READY_TIMEOUT_S:.0f} s ({last}).\n"
-            f"--- server stderr ---\n{_tail(stderr_path)}\n"
-            f"--- server stdout ---\n{_tail(stdout_path)}",
-            pytrace=False,
-        )
-
-    yield addr
-
-    stop()
-    # Every inference the session made is in the audit log, and its hash chain holds.
-    check = subprocess.run([str(binary), "audit", "verify", str(logdir / "audit.jsonl")],
-                           capture_output=True, text=True)
-    assert check.returncode == 0, check.stdout + check.stderr
-    n_records = int(check.stdout.split(":")[1].split()[0])
-    assert n_records > 100, check.stdout
-    if request.session.testsfailed:
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        text = f"--- Nightingale server stderr ({stderr_path}) ---\n{_tail(stderr_path)}"
-        if reporter is not None:
-            reporter.write_line("")
-            reporter.write_line(text)
-        else:
-            print(text)
-    else:
-        shutil.rmtree(logdir, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def client(server_url):
-    c = httpclient.InferenceServerClient(url=server_url, network_timeout=30.0)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="session")
@@ -217,7 +93,7 @@ def _infer(c, x: np.ndarray, in_binary: bool, out_binary: bool | None = None, ou
             httpclient.InferRequestedOutput("label", binary_data=out_binary),
             httpclient.InferRequestedOutput("probabilities", binary_data=out_binary),
         ]
-    res = c.infer(MODEL, [inp], outputs=requested)
+    res = c.infer(MODEL, [inp], model_version=MODEL_VERSION, outputs=requested)
     _count_inference()
     return res
 
@@ -339,6 +215,19 @@ def test_infer_wrong_shape_raises(client, test_rows, binary):
     assert "29" in msg, msg
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_inputs_are_refused(client, test_rows, bad):
+    """NaN/inf never reach the engine (tract and onnxruntime disagree on them)."""
+    x = np.ascontiguousarray(test_rows[0][:2]).copy()
+    x[1, 4] = bad
+    inp = httpclient.InferInput("features", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    with pytest.raises(InferenceServerException) as excinfo:
+        client.infer(MODEL, [inp], model_version=MODEL_VERSION)
+    msg = str(excinfo.value.message() or excinfo.value)
+    assert "NaN or infinite" in msg, msg
+
+
 def test_concurrent_requests_batch1_binary(server_url, test_rows, reference):
     """16 threads x 20 requests of batch 1, all at once (exercises dynamic batching)."""
     x_all = test_rows[0]
@@ -408,10 +297,10 @@ def test_model_control_needs_the_admin_token(client):
     assert client.is_model_ready(MODEL)
 
 
-def test_unload_then_load(client, test_rows, reference):
+def test_unload_then_load(client, test_rows, reference, admin_headers):
     """Runs last: unloads the model, checks it is gone, loads it and infers again."""
     try:
-        client.unload_model(MODEL, headers=ADMIN_HEADERS)
+        client.unload_model(MODEL, headers=admin_headers)
         deadline = time.monotonic() + 30
         while client.is_model_ready(MODEL) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -422,7 +311,7 @@ def test_unload_then_load(client, test_rows, reference):
         with pytest.raises(InferenceServerException):
             client.infer(MODEL, [inp])
     finally:
-        client.load_model(MODEL, headers=ADMIN_HEADERS)
+        client.load_model(MODEL, headers=admin_headers)
     deadline = time.monotonic() + 30
     while not client.is_model_ready(MODEL) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -1,0 +1,156 @@
+"""Shared fixtures of the real-peer tests (tests/peer/test_*.py).
+
+`server_url` starts ONE Nightingale server for the whole session:
+
+    $NIGHTINGALE_BIN serve --repository models/bundles --http-addr 127.0.0.1:<free port>
+
+from the repository root (binary default target/debug/nightingale), waits up to 60 s
+for GET /v2/health/ready to return 200, and stops it at the end, then checks the
+audit log's hash chain with `audit verify`. If the binary is missing or never becomes
+ready the tests FAIL (nothing here is skipped). Set $NIGHTINGALE_URL (host:port) to run
+against a server that is already running instead.
+
+The admin token the server gets is `ADMIN_TOKEN` (fixture `admin_headers`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+import requests
+import tritonclient.http as httpclient
+
+REPO = Path(__file__).resolve().parents[2]
+ADMIN_TOKEN = "peer-test-admin-token-0123456789"
+READY_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="session")
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ort_dylib() -> str | None:
+    """The libonnxruntime shipped in the onnxruntime wheel, for a server built
+    with ort's load-dynamic feature (it reads ORT_DYLIB_PATH)."""
+    capi = Path(ort.__file__).resolve().parent / "capi"
+    libs = sorted(capi.glob("libonnxruntime.so*"))
+    return str(libs[-1]) if libs else None
+
+
+def _tail(path: Path, n_bytes: int = 20000) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return f"<cannot read {path}: {e}>"
+    return data[-n_bytes:].decode("utf-8", errors="replace")
+
+
+@pytest.fixture(scope="session")
+def server_url(request) -> str:
+    external = os.environ.get("NIGHTINGALE_URL")
+    if external:
+        yield external
+        return
+
+    bin_env = os.environ.get("NIGHTINGALE_BIN", "target/debug/nightingale")
+    binary = Path(bin_env)
+    if not binary.is_absolute():
+        binary = REPO / binary
+    if not binary.exists():
+        pytest.fail(
+            f"Nightingale server binary not found at {binary} "
+            "(build it with `cargo build` or set NIGHTINGALE_BIN)",
+            pytrace=False,
+        )
+
+    port = _free_port()
+    addr = f"127.0.0.1:{port}"
+    logdir = Path(tempfile.mkdtemp(prefix="nightingale-peer-"))
+    stderr_path = logdir / "stderr.log"
+    stdout_path = logdir / "stdout.log"
+    env = dict(os.environ)
+    env["NIGHTINGALE_ADMIN_TOKEN"] = ADMIN_TOKEN
+    if "ORT_DYLIB_PATH" not in env:
+        lib = _ort_dylib()
+        if lib:
+            env["ORT_DYLIB_PATH"] = lib
+    cmd = [str(binary), "serve", "--repository", "models/bundles", "--http-addr", addr,
+           "--audit-log", str(logdir / "audit.jsonl")]
+    with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, env=env)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    ready = False
+    last = "no response"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            last = f"server exited with status {proc.returncode}"
+            break
+        try:
+            r = requests.get(f"http://{addr}/v2/health/ready", timeout=2)
+            if r.status_code == 200:
+                ready = True
+                break
+            last = f"HTTP {r.status_code}"
+        except requests.RequestException as e:
+            last = repr(e)
+        time.sleep(0.2)
+    if not ready:
+        stop()
+        pytest.fail(
+            f"server `{' '.join(cmd)}` not ready within {READY_TIMEOUT_S:.0f} s ({last}).\n"
+            f"--- server stderr ---\n{_tail(stderr_path)}\n"
+            f"--- server stdout ---\n{_tail(stdout_path)}",
+            pytrace=False,
+        )
+
+    yield addr
+
+    stop()
+    # Every inference the session made is in the audit log, and its hash chain holds.
+    check = subprocess.run([str(binary), "audit", "verify", str(logdir / "audit.jsonl")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    n_records = int(check.stdout.split(":")[1].split()[0])
+    assert n_records > 100, check.stdout
+    if request.session.testsfailed:
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        text = f"--- Nightingale server stderr ({stderr_path}) ---\n{_tail(stderr_path)}"
+        if reporter is not None:
+            reporter.write_line("")
+            reporter.write_line(text)
+        else:
+            print(text)
+    else:
+        shutil.rmtree(logdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def client(server_url):
+    c = httpclient.InferenceServerClient(url=server_url, network_timeout=30.0)
+    yield c
+    c.close()
