@@ -43,6 +43,9 @@ pub struct ServeArgs {
     /// Bearer token for model control (repository load/unload). Unset: model control is off.
     #[arg(long, env = "NIGHTINGALE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Deadline for a whole HTTP request in seconds (408 after it). [default: 120]
+    #[arg(long, env = "NIGHTINGALE_REQUEST_TIMEOUT_SECS")]
+    pub request_timeout_secs: Option<u64>,
     /// Audit log (JSON lines, hash-chained). [default: nightingale-audit.jsonl]
     #[arg(long, env = "NIGHTINGALE_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
@@ -89,6 +92,7 @@ struct FileConfig {
     ort_library: Option<PathBuf>,
     max_body_bytes: Option<usize>,
     admin_token: Option<String>,
+    request_timeout_secs: Option<u64>,
     audit_log: Option<PathBuf>,
     audit_fsync: Option<bool>,
     log_format: Option<LogFormat>,
@@ -105,6 +109,7 @@ pub struct ServeConfig {
     pub ort_library: Option<PathBuf>,
     pub max_body_bytes: usize,
     pub admin_token: Option<String>,
+    pub request_timeout: std::time::Duration,
     pub audit_log: PathBuf,
     pub audit_fsync: bool,
     pub log_format: LogFormat,
@@ -124,6 +129,7 @@ impl std::fmt::Debug for ServeConfig {
                 "admin_token",
                 &self.admin_token.as_ref().map(|_| "<redacted>"),
             )
+            .field("request_timeout", &self.request_timeout)
             .field("audit_log", &self.audit_log)
             .field("audit_fsync", &self.audit_fsync)
             .field("log_format", &self.log_format)
@@ -192,6 +198,15 @@ impl ServeArgs {
             .admin_token
             .or(file.admin_token)
             .filter(|t| !t.is_empty());
+        let request_timeout_secs = self
+            .request_timeout_secs
+            .or(file.request_timeout_secs)
+            .unwrap_or(120);
+        if request_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "request_timeout_secs must be at least 1".into(),
+            ));
+        }
         if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(ConfigError::Invalid(
                 "admin_token must be at least 16 characters".into(),
@@ -212,6 +227,7 @@ impl ServeArgs {
             ort_library: self.ort_library.or(file.ort_library),
             max_body_bytes,
             admin_token,
+            request_timeout: std::time::Duration::from_secs(request_timeout_secs),
             audit_log: self
                 .audit_log
                 .or(file.audit_log)

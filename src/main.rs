@@ -132,6 +132,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         HttpConfig {
             max_body_bytes: config.max_body_bytes,
             admin_token: config.admin_token.clone(),
+            request_timeout: config.request_timeout,
         },
         Some(http::install_recorder()),
     );

@@ -42,7 +42,7 @@ fn state(dir: &tempfile::TempDir) -> Arc<AppState> {
         audit,
         HttpConfig {
             max_body_bytes: 1 << 20,
-            admin_token: None,
+            ..HttpConfig::default()
         },
         None,
     );

@@ -497,7 +497,7 @@ async fn bad_requests_get_400_with_the_reason() {
 async fn unknown_models_404_and_oversized_bodies_413() {
     let f = Fixture::new(HttpConfig {
         max_body_bytes: 4096,
-        admin_token: None,
+        ..HttpConfig::default()
     });
     let (s, v) = f
         .post_json("/v2/models/nope/infer", &json_request(&[vec![0.0; 30]]))
@@ -831,4 +831,41 @@ async fn two_versions_serve_side_by_side() {
             );
         }
     }
+}
+
+/// A request body that never finishes arriving (a slow or stalled client).
+struct Stalled;
+
+impl http_body::Body for Stalled {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Pending
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_body_times_out_with_408() {
+    let f = Fixture::new(HttpConfig {
+        request_timeout: std::time::Duration::from_millis(200),
+        ..HttpConfig::default()
+    });
+    let req = Request::post(format!("/v2/models/{MODEL}/infer"))
+        .body(Body::new(Stalled))
+        .unwrap();
+    let (s, _, b) = f.call(req).await;
+    assert_eq!(s, StatusCode::REQUEST_TIMEOUT);
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert!(error_of(&v).contains("did not complete"), "{v}");
+    // The server goes on serving.
+    let (s, _) = f
+        .post_json(
+            &format!("/v2/models/{MODEL}/infer"),
+            &json_request(&[vec![1.0; 30]]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
 }

@@ -7,6 +7,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use bytes::Bytes;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -32,6 +33,10 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// Bearer token for the model-control endpoints; `None` disables them.
     pub admin_token: Option<String>,
+    /// Whole-request deadline (reading the body, queueing, inference, answer): a client that
+    /// trickles its body or a request stuck behind a slow model gets 408 instead of holding
+    /// resources forever.
+    pub request_timeout: std::time::Duration,
 }
 
 impl Default for HttpConfig {
@@ -39,6 +44,7 @@ impl Default for HttpConfig {
         HttpConfig {
             max_body_bytes: 64 << 20,
             admin_token: None,
+            request_timeout: std::time::Duration::from_secs(120),
         }
     }
 }
@@ -80,6 +86,7 @@ impl AppState {
 
 /// The whole router.
 pub fn app(state: Arc<AppState>) -> Router {
+    let timeout = state.config.request_timeout;
     let v2 = Router::new()
         .route("/v2", get(v2::server_metadata))
         .route("/v2/health/live", get(v2::live))
@@ -115,6 +122,16 @@ pub fn app(state: Arc<AppState>) -> Router {
     v2.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+        .layer(axum::middleware::from_fn(move |req: Request, next: axum::middleware::Next| async move {
+            match tokio::time::timeout(timeout, next.run(req)).await {
+                Ok(response) => response,
+                Err(_) => AppError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the request did not complete within {} s", timeout.as_secs_f32()),
+                )
+                .into_response(),
+            }
+        }))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let id = req
