@@ -8,6 +8,11 @@ Prints one JSON document with requests/s, rows/s and p50/p99 latency.
 
   .venv/bin/python benches/load/triton_load.py 127.0.0.1:8000 wdbc-malignancy \\
       --batch 1 --concurrency 16 --duration 10 --binary
+
+With --requests N the load is bounded by count instead of time (for slow models):
+each connection sends --warmup-requests unmeasured requests, then all start together
+and each sends exactly N; the rate is all answered requests over the time from that
+common start to the last answer.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 REPO = Path(__file__).resolve().parents[2]
 
 
-def make_pool(md: dict, model: str, csv_path: Path | None) -> tuple[str, str, np.ndarray]:
+def make_pool(md: dict, model: str, csv_path: Path | None, rows: int = 256) -> tuple[str, str, np.ndarray]:
     """(input name, datatype, a pool of rows) for a single-input model."""
     if len(md["inputs"]) != 1:
         raise SystemExit(f"{model}: only single-input models are supported, got {md['inputs']}")
@@ -47,7 +52,7 @@ def make_pool(md: dict, model: str, csv_path: Path | None) -> tuple[str, str, np
             pool = np.array([[float(v) for v in r[: row_shape[0]]] for r in reader], dtype=dtype)
     else:
         rng = np.random.default_rng(0)
-        pool = rng.standard_normal([256] + row_shape).astype(dtype)
+        pool = rng.standard_normal([rows] + row_shape).astype(dtype)
     return tin["name"], tin["datatype"], pool
 
 
@@ -61,6 +66,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds, not measured")
     ap.add_argument("--binary", action="store_true", help="binary tensor extension for inputs and outputs")
     ap.add_argument("--csv", type=Path, default=None, help="rows to send (first F columns)")
+    ap.add_argument("--requests", type=int, default=0,
+                    help="bound by count instead of --duration: measured requests per connection")
+    ap.add_argument("--warmup-requests", type=int, default=1,
+                    help="with --requests: unmeasured requests per connection before the start")
     args = ap.parse_args()
 
     probe = httpclient.InferenceServerClient(url=args.url)
@@ -70,7 +79,10 @@ def main() -> None:
     out_names = [o["name"] for o in md["outputs"]]
     server_md = probe.get_server_metadata()
     probe.close()
-    in_name, datatype, pool = make_pool(md, args.model, args.csv)
+    # Large rows (images): a pool just big enough that no two connections send the same rows.
+    row_elems = int(np.prod([int(d) for d in md["inputs"][0]["shape"][1:]] or [1]))
+    pool_rows = 256 if row_elems <= 4096 else max(1, min(256, args.batch * args.concurrency))
+    in_name, datatype, pool = make_pool(md, args.model, args.csv, pool_rows)
 
     lock = threading.Lock()
     latencies: list[float] = []
@@ -78,6 +90,7 @@ def main() -> None:
     n_errors = 0
     start_barrier = threading.Barrier(args.concurrency + 1)
     t_measure = [0.0, 0.0]  # start, end of the measured window
+    spans: list[tuple[float, float]] = []  # with --requests: each connection's (start, last answer)
 
     def worker(w: int) -> None:
         nonlocal n_errors
@@ -90,6 +103,34 @@ def main() -> None:
         mine: list[float] = []
         my_errors = 0
         first_error = None
+        if args.requests:
+            for _ in range(args.warmup_requests):
+                try:
+                    c.infer(args.model, [inp], outputs=outs)
+                except InferenceServerException as e:
+                    first_error = first_error or f"warm-up: {e}"
+            start_barrier.wait()
+            t_first = time.perf_counter()
+            try:
+                for _ in range(args.requests):
+                    t0 = time.perf_counter()
+                    try:
+                        c.infer(args.model, [inp], outputs=outs)
+                    except InferenceServerException as e:
+                        my_errors += 1
+                        first_error = first_error or str(e)
+                        continue
+                    mine.append(time.perf_counter() - t0)
+                t_last = time.perf_counter()
+            finally:
+                c.close()
+            with lock:
+                spans.append((t_first, t_last))
+                latencies.extend(mine)
+                n_errors += my_errors
+                if first_error:
+                    errors.append(first_error)
+            return
         start_barrier.wait()
         try:
             while True:
@@ -126,6 +167,8 @@ def main() -> None:
         t.join()
     # Requests that began in the window may finish after it; rate uses the window plus that tail.
     window = args.duration
+    if args.requests:
+        window = max(e for _, e in spans) - min(s for s, _ in spans)
     lat = np.array(latencies, dtype=np.float64)
     n = len(lat)
 
@@ -142,7 +185,9 @@ def main() -> None:
                 "batch": args.batch,
                 "concurrency": args.concurrency,
                 "binary": args.binary,
-                "warmup_s": args.warmup,
+                "warmup_s": None if args.requests else args.warmup,
+                "warmup_requests": args.warmup_requests if args.requests else None,
+                "requests_per_connection": args.requests or None,
                 "duration_s": window,
                 "requests": n,
                 "errors": n_errors,
