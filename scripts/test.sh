@@ -27,8 +27,8 @@ export ORT_DYLIB_PATH
 echo "== Rust tests (default features: tract)"
 cargo test --workspace --locked
 
-echo "== models check on the shipped bundles"
-cargo run --quiet --locked -- models check models/bundles
+echo "== models check on the shipped bundles and the benchmark model"
+cargo run --quiet --locked -- models check models/bundles models/bench
 
 echo "== Real peer: tritonclient against the server (tract)"
 NIGHTINGALE_BIN=target/debug/nightingale NIGHTINGALE_BACKEND=tract \

@@ -25,6 +25,9 @@
 #   BATCHES ["1 8 64"]   CONCURRENCY ["1 2"]   ENGINES ["ort tract"]
 #   MAX_REQUEST_S [15]   a batch size is skipped on an engine when one request is predicted to
 #                        take longer (from the smaller batch's p50, scaled by rows)
+#   TIME_BUDGET_S [480]  a cell is skipped when its predicted time (warm-up + measured requests)
+#                        would end the run after this many seconds; on the 2-core VM this skips
+#                        tract at batch 64 (~12 s a request, ~9 minutes for its two cells)
 #   NIGHTINGALE_BIN [target/release/nightingale]   NIGHTINGALE_VENV [.venv]   ORT_DYLIB_PATH
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -33,6 +36,7 @@ BATCHES=${BATCHES:-"1 8 64"}
 CONCURRENCY=${CONCURRENCY:-"1 2"}
 ENGINES=${ENGINES:-"ort tract"}
 MAX_REQUEST_S=${MAX_REQUEST_S:-15}
+TIME_BUDGET_S=${TIME_BUDGET_S:-480}
 VENV=${NIGHTINGALE_VENV:-.venv}
 PY="$VENV/bin/python"
 BIN=${NIGHTINGALE_BIN:-target/release/nightingale}
@@ -54,7 +58,7 @@ trap cleanup EXIT
 port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 url="127.0.0.1:$port"
 t_start=$(date +%s)
-echo "RUN $(date -u +%FT%TZ) requests_per_cell=$REQUESTS batches=[$BATCHES] concurrency=[$CONCURRENCY] engines=[$ENGINES] cpus=$(nproc) instances=1 intra_op_threads=1"
+echo "RUN $(date -u +%FT%TZ) requests_per_cell=$REQUESTS batches=[$BATCHES] concurrency=[$CONCURRENCY] engines=[$ENGINES] max_request_s=$MAX_REQUEST_S time_budget_s=$TIME_BUDGET_S cpus=$(nproc) instances=1 intra_op_threads=1"
 
 # 1. Raw onnxruntime, 1 intra-op thread, same model file, same batch sizes.
 # shellcheck disable=SC2086
@@ -94,6 +98,15 @@ for engine in $ENGINES; do
     fi
     for c in $CONCURRENCY; do
       per_conn=$(( (REQUESTS + c - 1) / c ))
+      if [ -n "$prev_p50_ms" ]; then
+        # Closed loop, one engine thread: the cell lasts about (per_conn + 1) * c requests' compute.
+        cell_s=$("$PY" -c "print(round($prev_p50_ms / 1000 * $batch / $prev_batch * ($per_conn + 1) * $c))")
+        elapsed=$(( $(date +%s) - t_start ))
+        if [ $(( elapsed + cell_s )) -gt "$TIME_BUDGET_S" ]; then
+          echo "SKIP engine=$engine batch=$batch concurrency=$c: predicted ${cell_s} s would end the run at $(( elapsed + cell_s )) s > TIME_BUDGET_S=$TIME_BUDGET_S"
+          continue
+        fi
+      fi
       cell="$engine-b$batch-c$c"
       stats "$work/$cell.before"
       "$PY" benches/load/triton_load.py "$url" "$MODEL" --binary --batch "$batch" --concurrency "$c" \

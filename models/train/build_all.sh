@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Rebuild every generated model bundle and the ONNX-ML conformance fixtures.
+# Rebuild every generated model bundle (models/bundles, and the benchmark-only
+# models/bench) and the ONNX-ML conformance fixtures.
 # (icu-mortality and pima-diabetes also write their test splits into git-ignored
 # testdata/ folders: that data is GPL-licensed and is not committed.)
 #   models/train/build_all.sh            (uses .venv/bin/python at the repo root)
@@ -21,5 +22,7 @@ cd "$repo"
 "$py" models/train/icu_mortality.py
 "$py" models/train/pima_diabetes.py
 "$py" models/train/make_op_fixtures.py
+# Benchmark-only model (synthetic weights, not clinical), in its own repository models/bench:
+"$py" models/train/resnet50_bench.py
 
-sha256sum models/bundles/*/[0-9]*/model.onnx
+sha256sum models/bundles/*/[0-9]*/model.onnx models/bench/*/[0-9]*/model.onnx
