@@ -1,0 +1,86 @@
+//! The command line as a user runs it: `models check` passes on every shipped bundle and fails
+//! (exit code 1, the file named) on a tampered copy; `audit verify` on a missing log fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_nightingale"))
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn models_check_passes_on_every_shipped_bundle() {
+    let out = bin()
+        .args(["models", "check"])
+        .arg(root().join("models/bundles"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in [
+        "wdbc-malignancy version 1",
+        "wdbc-malignancy version 2",
+        "icu-mortality version 1",
+        "pima-diabetes version 1",
+    ] {
+        assert!(
+            stdout.contains(&format!("ok   {name}")),
+            "{name} missing from:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn models_check_fails_on_a_tampered_file_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("pima-diabetes");
+    copy_dir(&root().join("models/bundles/pima-diabetes"), &bundle);
+    let model = bundle.join("1/model.onnx");
+    let mut bytes = std::fs::read(&model).unwrap();
+    bytes[100] ^= 0x40;
+    std::fs::write(&model, bytes).unwrap();
+    let out = bin()
+        .args(["models", "check"])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FAIL")
+            && stdout.contains("checksum mismatch")
+            && stdout.contains("1/model.onnx"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn audit_verify_fails_on_a_missing_log() {
+    let out = bin()
+        .args(["audit", "verify", "/nonexistent/audit.jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL"));
+}
