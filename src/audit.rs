@@ -82,6 +82,10 @@ pub enum AuditError {
         line: usize,
         reason: String,
     },
+    #[error(
+        "audit log {path}: its last record {reason}; run `nightingale audit verify` and repair or archive the log before appending"
+    )]
+    BrokenTail { path: PathBuf, reason: String },
     #[error("the audit log writer has stopped")]
     Stopped,
 }
@@ -258,15 +262,14 @@ fn last_record(path: &Path) -> Result<Option<AuditRecord>, AuditError> {
     let Some(line) = tail.lines().rev().find(|l| !l.trim().is_empty()) else {
         return Ok(None);
     };
-    let broken = |reason: String| AuditError::Broken {
+    let broken = |reason: String| AuditError::BrokenTail {
         path: path.to_owned(),
-        line: 0,
         reason,
     };
     let record: AuditRecord =
-        serde_json::from_str(line).map_err(|e| broken(format!("last record unreadable: {e}")))?;
+        serde_json::from_str(line).map_err(|e| broken(format!("is unreadable ({e})")))?;
     if record.chain_hash() != record.hash {
-        return Err(broken("last record does not match its hash".into()));
+        return Err(broken("does not match its hash".into()));
     }
     Ok(Some(record))
 }
