@@ -1,8 +1,11 @@
 //! The command line as a user runs it: `models check` passes on every shipped bundle and fails
 //! (exit code 1, the file named) on a tampered copy; `audit verify` on a missing log fails.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
+
+mod support;
+use support::copy_dir;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_nightingale"))
@@ -10,19 +13,6 @@ fn bin() -> Command {
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 #[test]

@@ -15,24 +15,14 @@ use nightingale_models::{Repository, RepositoryOptions};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
+mod support;
+use support::copy_dir;
+
 const MODEL: &str = "wdbc-malignancy";
 const TOKEN: &str = "test-admin-token-0123456789";
 
 fn bundles() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/bundles")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 /// Test rows and onnxruntime's probabilities for them, from the bundle's test split.
