@@ -31,6 +31,8 @@ import onnxruntime as ort
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
 from sklearn.datasets import load_breast_cancer, load_diabetes
+
+from common import dedupe_opsets
 from sklearn.ensemble import (
     GradientBoostingClassifier,
     GradientBoostingRegressor,
@@ -47,19 +49,6 @@ TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "inference" / "tests" / "data" / "onnx-ml"
-
-
-def dedupe_opsets(model: onnx.ModelProto) -> None:
-    """skl2onnx 1.20 with onnx 1.23 declares the default domain twice in
-    opset_import; keep one entry per domain (the highest version)."""
-    best: dict[str, int] = {}
-    for o in model.opset_import:
-        best[o.domain] = max(best.get(o.domain, 0), o.version)
-    del model.opset_import[:]
-    for domain in sorted(best):
-        o = model.opset_import.add()
-        o.domain = domain
-        o.version = best[domain]
 
 
 def rows(n_total: int) -> np.ndarray:
