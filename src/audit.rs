@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// What the server knows about one request; the log adds sequence, time and chain.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AuditEvent {
     pub request_id: String,
     pub model: String,
@@ -40,14 +40,9 @@ pub struct AuditEvent {
 pub struct AuditRecord {
     pub seq: u64,
     pub unix_ms: u64,
-    pub request_id: String,
-    pub model: String,
-    pub version: String,
-    pub model_sha256: String,
-    pub input_sha256: Option<String>,
-    pub output_sha256: Option<String>,
-    pub rows: Option<usize>,
-    pub status: u16,
+    /// Written inline: the line's keys are `request_id`, `model`, … as in [`AuditEvent`].
+    #[serde(flatten)]
+    pub event: AuditEvent,
     pub prev: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub hash: String,
@@ -221,14 +216,7 @@ impl Writer {
             let mut record = AuditRecord {
                 seq: self.seq,
                 unix_ms,
-                request_id: event.request_id.clone(),
-                model: event.model.clone(),
-                version: event.version.clone(),
-                model_sha256: event.model_sha256.clone(),
-                input_sha256: event.input_sha256.clone(),
-                output_sha256: event.output_sha256.clone(),
-                rows: event.rows,
-                status: event.status,
+                event: event.clone(),
                 prev: self.prev.clone(),
                 hash: String::new(),
             };

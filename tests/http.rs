@@ -759,19 +759,19 @@ async fn every_inference_is_audited_without_patient_data() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(records[0].request_id, "audit-test-1");
-    assert_eq!(records[0].model, MODEL);
-    assert_eq!(records[0].version, "1");
-    assert_eq!(records[0].model_sha256.len(), 64);
-    assert_eq!(records[0].rows, Some(2));
-    assert_eq!(records[0].status, 200);
-    assert!(records[0].output_sha256.is_some());
+    assert_eq!(records[0].event.request_id, "audit-test-1");
+    assert_eq!(records[0].event.model, MODEL);
+    assert_eq!(records[0].event.version, "1");
+    assert_eq!(records[0].event.model_sha256.len(), 64);
+    assert_eq!(records[0].event.rows, Some(2));
+    assert_eq!(records[0].event.status, 200);
+    assert!(records[0].event.output_sha256.is_some());
     assert_eq!(
-        records[0].input_sha256, records[1].input_sha256,
+        records[0].event.input_sha256, records[1].event.input_sha256,
         "encoding-independent input digest"
     );
-    assert_eq!(records[2].status, 400);
-    assert!(records[2].output_sha256.is_none());
+    assert_eq!(records[2].event.status, 400);
+    assert!(records[2].event.output_sha256.is_none());
     // Digests only: no feature value appears in the log.
     for value in rows[0]
         .iter()
