@@ -14,11 +14,13 @@
 mod checksum;
 mod error;
 pub mod manifest;
+pub mod preprocess;
 mod repository;
 
 pub use checksum::{sha256_file, verify_folder};
 pub use error::{BundleError, RepositoryError};
 pub use manifest::{Manifest, TaskKind};
+pub use preprocess::{Image, PreprocessError, Preprocessing};
 pub use repository::{
     Bundle, IndexEntry, LoadOutcome, LoadedModel, MANIFEST_FILE, ModelState, Repository,
     RepositoryOptions,

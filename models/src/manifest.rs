@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use nightingale_inference::{DataType, ModelMetadata, TensorSpec};
 use serde::{Deserialize, Serialize};
 
+use crate::preprocess::Preprocessing;
+
 /// The manifest format this build reads.
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -29,6 +31,9 @@ pub struct Manifest {
     pub outputs: Vec<OutputSpec>,
     #[serde(default)]
     pub thresholds: Vec<Threshold>,
+    /// How an image becomes the model's input (image models fed from DICOM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprocessing: Option<Preprocessing>,
     #[serde(default)]
     pub intended_use: IntendedUse,
     #[serde(default)]
@@ -369,6 +374,22 @@ impl Manifest {
             if !t.value.is_finite() {
                 return fail(format!("threshold {:?} is not a finite number", t.name));
             }
+        }
+        if let Some(pre) = &self.preprocessing {
+            let Some(input) = self.inputs.iter().find(|i| i.name == pre.input) else {
+                return fail(format!(
+                    "preprocessing: input {:?} is not among the declared inputs",
+                    pre.input
+                ));
+            };
+            if input.datatype != DataType::Fp32 {
+                return fail(format!(
+                    "preprocessing: input {:?} must be FP32, not {}",
+                    pre.input,
+                    input.datatype.as_str()
+                ));
+            }
+            pre.validate(&input.shape).map_err(InvalidManifest)?;
         }
         if self.versions.is_empty() {
             return fail("a bundle lists at least one version under [versions]".into());

@@ -62,6 +62,8 @@ fn metadata_body(state: &AppState, model: &LoadedModel, all_versions: bool) -> s
             "task": model.manifest.task,
             "backend": model.worker.backend(),
             "max_batch_size": model.worker.config().batching.as_ref().map_or(0, |b| b.max_batch_size),
+            "labels": model.manifest.outputs.iter().filter(|o| !o.labels.is_empty()).map(|o| (o.name.clone(), o.labels.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+            "preprocessing": model.manifest.preprocessing,
         },
     })
 }

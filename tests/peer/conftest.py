@@ -136,7 +136,8 @@ def server_url(request) -> str:
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     n_records = int(check.stdout.split(":")[1].split()[0])
-    assert n_records > 100, check.stdout
+    # The whole suite makes hundreds of inferences; a subset run (-k, one file) fewer.
+    assert n_records > (100 if request.session.testscollected > 50 else 0), check.stdout
     if request.session.testsfailed:
         reporter = request.config.pluginmanager.get_plugin("terminalreporter")
         text = f"--- Nightingale server stderr ({stderr_path}) ---\n{_tail(stderr_path)}"
