@@ -1,5 +1,6 @@
-//! Whole-model inference per backend on the reference bundle (wdbc-malignancy), batch 1 and 64,
-//! straight through `Backend::infer` (no HTTP, no queue).
+//! Whole-model inference per backend, straight through `Backend::infer` (no HTTP, no queue):
+//! the tabular reference bundle (wdbc-malignancy) at batch 1 and 64, and the image bundle
+//! (image-orientation, eight CNN passes per 224 × 224 image) at batch 1 and 16.
 //!
 //! Guards against regressions in the engines' per-call overhead and in the tensor conversions
 //! at the backend boundary. `cargo bench --bench backends` (tract);
@@ -65,5 +66,55 @@ fn backends(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, backends);
+/// Deterministic N(0,1)-ish images (sum of uniforms), the scale the preprocessing produces.
+fn images(n: usize) -> Vec<NamedTensor> {
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut uniform = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f32 / (1u64 << 53) as f32
+    };
+    let data: Vec<f32> = (0..n * 224 * 224)
+        .map(|_| (0..4).map(|_| uniform()).sum::<f32>() - 2.0)
+        .collect();
+    vec![NamedTensor::new(
+        "image",
+        Tensor::from_vec(vec![n, 1, 224, 224], data).unwrap(),
+    )]
+}
+
+fn image_model(c: &mut Criterion) {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models/bundles/image-orientation/1/model.onnx");
+    let mut kinds = vec![BackendKind::Tract];
+    if cfg!(feature = "ort") {
+        kinds.push(BackendKind::Ort);
+    }
+    let mut group = c.benchmark_group("image-orientation");
+    group.sample_size(20);
+    for kind in kinds {
+        let mut backend = nightingale_inference::load(
+            &model,
+            &LoadOptions {
+                backend: kind,
+                intra_op_threads: 1,
+                ..LoadOptions::default()
+            },
+        )
+        .expect("model loads");
+        for batch in [1usize, 16] {
+            let input = images(batch);
+            group.throughput(Throughput::Elements(batch as u64));
+            group.bench_with_input(
+                BenchmarkId::new(kind.as_str(), batch),
+                &input,
+                |b, input| b.iter(|| black_box(backend.infer(input.clone()).unwrap())),
+            );
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, backends, image_model);
 criterion_main!(benches);

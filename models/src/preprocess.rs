@@ -344,23 +344,35 @@ fn bin_mean(prefix: &[f64], start: usize, end: usize, offset: usize, len: usize,
     (inside + outside) / (end - start) as f64
 }
 
-/// The `low`th and `high`th percentiles (numpy's linear method) of `v` (reordered).
+/// The `low`th and `high`th percentiles (numpy's linear method) of `v` (reordered);
+/// the second selection runs only on the part above the first.
 fn percentiles(v: &mut [f64], low: f64, high: f64) -> (f64, f64) {
+    if high < low {
+        let (h, l) = percentiles(v, high, low);
+        return (l, h);
+    }
     let n = v.len();
-    let mut at = |q: f64| -> f64 {
+    let position = |q: f64| {
         let idx = q / 100.0 * (n - 1) as f64;
-        let lo = (idx.floor() as usize).min(n - 1);
-        let t = idx - lo as f64;
-        let (_, a, right) = v.select_nth_unstable_by(lo, f64::total_cmp);
+        let i = (idx.floor() as usize).min(n - 1);
+        (i, idx - i as f64)
+    };
+    // The value at sorted position i of `v[start..]` (all of which are >= everything before
+    // `start`), interpolated towards the next one by t.
+    fn at(v: &mut [f64], i: usize, t: f64) -> f64 {
+        let (_, a, right) = v.select_nth_unstable_by(i, f64::total_cmp);
         let a = *a;
         if t == 0.0 || right.is_empty() {
             return a;
         }
         let b = right.iter().copied().fold(f64::INFINITY, f64::min);
         lerp(a, b, t)
-    };
-    let l = at(low);
-    let h = at(high);
+    }
+    let (il, tl) = position(low);
+    let (ih, th) = position(high);
+    let l = at(v, il, tl);
+    // After selecting il, v[il..] holds the largest n - il values.
+    let h = at(&mut v[il..], ih - il, th);
     (l, h)
 }
 
@@ -400,6 +412,7 @@ mod tests {
         let (a, b) = percentiles(&mut v, 25.0, 90.0);
         assert_eq!(a, 2.0);
         assert!((b - 7.6).abs() < 1e-12, "{b}");
+        assert_eq!(percentiles(&mut v, 90.0, 25.0), (b, a), "either order");
         let mut one = vec![5.0];
         assert_eq!(percentiles(&mut one, 1.0, 99.0), (5.0, 5.0));
     }
