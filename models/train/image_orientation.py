@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from imaging import ORIENTATION_LABELS, Preprocessing, area_resize_axis, d4, preprocess  # noqa: E402
+from imaging import ORIENTATION_LABELS, Preprocessing, area_resize_axis, d4, luma, preprocess  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "models" / "bundles" / "image-orientation"
@@ -219,8 +219,6 @@ def train_frames(frames: list[Frame]) -> list[tuple[np.ndarray, bool, str]]:
     out = []
     for fr in frames:
         v = fr.pixels
-        from imaging import luma
-
         v = luma(v) if v.ndim == 3 else v.astype(np.float64)
         v = v * fr.slope + fr.intercept
         rows, cols = v.shape
@@ -652,13 +650,11 @@ def verdict(metrics: dict) -> str | None:
     return None
 
 
-def toml_str(s: str) -> str:
-    return json.dumps(s, ensure_ascii=False)
-
-
 def write_bundle_toml(metrics: dict) -> None:
+    from common import sha256, toml_str
+
     vdir = BUNDLE / "1"
-    files = {f: hashlib.sha256((vdir / f).read_bytes()).hexdigest() for f in ("model.onnx", "metrics.json")}
+    files = {f: sha256(vdir / f) for f in ("model.onnx", "metrics.json")}
     thr = metrics["threshold"]
     val = metrics["validation"]["misoriented"]["at_threshold"]
     labels = ", ".join(toml_str(l) for l in ORIENTATION_LABELS)
@@ -739,16 +735,13 @@ created = "2026-11-27"
     (BUNDLE / "bundle.toml").write_text(text, encoding="utf-8")
 
 
-def pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
 def write_model_card(metrics: dict) -> None:
     t = metrics["test"]
     v = metrics["validation"]
     tm = t["misoriented"]
     at = tm["at_threshold"]
-    ci = lambda c, p=False: (f"{pct(c[0])} to {pct(c[1])}" if p else f"{c[0]:.3f} to {c[1]:.3f}")  # noqa: E731
+    from common import fmt_ci as ci, pct
+
     L = []
     w = L.append
     w(f"# Model card: {NAME} (version 1)")
