@@ -35,14 +35,27 @@ fn rows(n: usize) -> Vec<NamedTensor> {
     )]
 }
 
-fn backends(c: &mut Criterion) {
+/// Every engine this build has, on one bundle's model file, at each batch size: one
+/// criterion group named after the bundle, one benchmark per engine and batch.
+fn bench_model(
+    c: &mut Criterion,
+    bundle: &str,
+    batches: &[usize],
+    sample_size: Option<usize>,
+    input: fn(usize) -> Vec<NamedTensor>,
+) {
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("models/bundles/wdbc-malignancy/1/model.onnx");
+        .join("models/bundles")
+        .join(bundle)
+        .join("1/model.onnx");
     let mut kinds = vec![BackendKind::Tract];
     if cfg!(feature = "ort") {
         kinds.push(BackendKind::Ort);
     }
-    let mut group = c.benchmark_group("wdbc-malignancy");
+    let mut group = c.benchmark_group(bundle);
+    if let Some(n) = sample_size {
+        group.sample_size(n);
+    }
     for kind in kinds {
         let mut backend = nightingale_inference::load(
             &model,
@@ -53,8 +66,8 @@ fn backends(c: &mut Criterion) {
             },
         )
         .expect("model loads");
-        for batch in [1usize, 64] {
-            let input = rows(batch);
+        for &batch in batches {
+            let input = input(batch);
             group.throughput(Throughput::Elements(batch as u64));
             group.bench_with_input(
                 BenchmarkId::new(kind.as_str(), batch),
@@ -64,6 +77,10 @@ fn backends(c: &mut Criterion) {
         }
     }
     group.finish();
+}
+
+fn backends(c: &mut Criterion) {
+    bench_model(c, "wdbc-malignancy", &[1, 64], None, rows);
 }
 
 /// Deterministic N(0,1)-ish images (sum of uniforms), the scale the preprocessing produces.
@@ -85,35 +102,7 @@ fn images(n: usize) -> Vec<NamedTensor> {
 }
 
 fn image_model(c: &mut Criterion) {
-    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("models/bundles/image-orientation/1/model.onnx");
-    let mut kinds = vec![BackendKind::Tract];
-    if cfg!(feature = "ort") {
-        kinds.push(BackendKind::Ort);
-    }
-    let mut group = c.benchmark_group("image-orientation");
-    group.sample_size(20);
-    for kind in kinds {
-        let mut backend = nightingale_inference::load(
-            &model,
-            &LoadOptions {
-                backend: kind,
-                intra_op_threads: 1,
-                ..LoadOptions::default()
-            },
-        )
-        .expect("model loads");
-        for batch in [1usize, 16] {
-            let input = images(batch);
-            group.throughput(Throughput::Elements(batch as u64));
-            group.bench_with_input(
-                BenchmarkId::new(kind.as_str(), batch),
-                &input,
-                |b, input| b.iter(|| black_box(backend.infer(input.clone()).unwrap())),
-            );
-        }
-    }
-    group.finish();
+    bench_model(c, "image-orientation", &[1, 16], Some(20), images);
 }
 
 criterion_group!(benches, backends, image_model);
