@@ -290,15 +290,14 @@ impl Preprocessing {
         let mut by_rows = vec![0.0f64; out_h * cols];
         for (i, &(start, end)) in row_bins.iter().enumerate() {
             let acc = &mut by_rows[i * cols..(i + 1) * cols];
-            let a = start.clamp(top, top + rows);
-            let b = end.clamp(top, top + rows);
-            for r in a..b {
-                let src = &v[(r - top) * cols..(r - top + 1) * cols];
+            let (inside, padded) = split_bin(start, end, top, rows);
+            for r in inside {
+                let src = &v[r * cols..(r + 1) * cols];
                 for (x, &y) in acc.iter_mut().zip(src) {
                     *x += y;
                 }
             }
-            let outside = ((end - start) - (b - a)) as f64 * pad;
+            let outside = padded as f64 * pad;
             let count = (end - start) as f64;
             for x in acc.iter_mut() {
                 *x = (*x + outside) / count;
@@ -334,14 +333,25 @@ fn bins(big: usize, n: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// Mean over padded positions `start..end` of an axis where positions
-/// `offset..offset + len` hold the image (prefix sums in `prefix`) and the rest `pad`.
-fn bin_mean(prefix: &[f64], start: usize, end: usize, offset: usize, len: usize, pad: f64) -> f64 {
+/// Splits the bin `start..end` of a padded axis, whose positions `offset..offset + len`
+/// hold the image: the image indices it covers, and how many padding positions.
+fn split_bin(
+    start: usize,
+    end: usize,
+    offset: usize,
+    len: usize,
+) -> (std::ops::Range<usize>, usize) {
     let a = start.clamp(offset, offset + len);
     let b = end.clamp(offset, offset + len);
-    let inside = prefix[b - offset] - prefix[a - offset];
-    let outside = ((end - start) - (b - a)) as f64 * pad;
-    (inside + outside) / (end - start) as f64
+    (a - offset..b - offset, (end - start) - (b - a))
+}
+
+/// Mean over padded positions `start..end` of an axis (see [`split_bin`]) whose image part
+/// has prefix sums `prefix`, the rest being `pad`.
+fn bin_mean(prefix: &[f64], start: usize, end: usize, offset: usize, len: usize, pad: f64) -> f64 {
+    let (inside, padded) = split_bin(start, end, offset, len);
+    let sum = prefix[inside.end] - prefix[inside.start];
+    (sum + padded as f64 * pad) / (end - start) as f64
 }
 
 /// The `low`th and `high`th percentiles (numpy's linear method) of `v` (reordered);
