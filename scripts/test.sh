@@ -24,6 +24,34 @@ PY
 )
 export ORT_DYLIB_PATH
 
+# PostgreSQL for the scale-out audit store's tests (required, not skipped): Debian's
+# postgresql, a cluster started with pg_ctlcluster, a role and a database for the tests.
+# Set NIGHTINGALE_TEST_POSTGRES_URL yourself to use another server.
+if [ -z "${NIGHTINGALE_TEST_POSTGRES_URL:-}" ]; then
+  if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+    echo "== installing PostgreSQL (Debian postgresql)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq postgresql >/dev/null 2>&1 || {
+      apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
+    }
+  fi
+  PG_VERSION=$(ls /usr/lib/postgresql | sort -V | tail -1)
+  if ! pg_lsclusters -h | grep -q "^$PG_VERSION main"; then
+    pg_createcluster "$PG_VERSION" main >/dev/null
+  fi
+  if ! pg_lsclusters -h | grep -q "^$PG_VERSION main .* online"; then
+    pg_ctlcluster "$PG_VERSION" main start
+  fi
+  PG_PORT=$(pg_lsclusters -h | awk -v v="$PG_VERSION" '$1==v && $2=="main" {print $3}')
+  runuser -u postgres -- psql -q -p "$PG_PORT" -v ON_ERROR_STOP=1 <<'SQL'
+SELECT 'CREATE ROLE nightingale LOGIN PASSWORD ''nightingale-test'''
+  WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'nightingale') \gexec
+SELECT 'CREATE DATABASE nightingale_test OWNER nightingale'
+  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'nightingale_test') \gexec
+SQL
+  export NIGHTINGALE_TEST_POSTGRES_URL="host=127.0.0.1 port=$PG_PORT user=nightingale password=nightingale-test dbname=nightingale_test"
+fi
+
 echo "== Rust tests (default features: tract)"
 cargo test --workspace --locked
 

@@ -46,10 +46,30 @@ pub struct ServeArgs {
     /// Deadline for a whole HTTP request in seconds (408 after it). [default: 120]
     #[arg(long, env = "NIGHTINGALE_REQUEST_TIMEOUT_SECS")]
     pub request_timeout_secs: Option<u64>,
-    /// Audit log (JSON lines, hash-chained). [default: nightingale-audit.jsonl]
+    /// Deadline for a whole HTTP request in milliseconds (408 after it); overrides
+    /// --request-timeout-secs. [default: 120000]
+    #[arg(long, env = "NIGHTINGALE_REQUEST_TIMEOUT_MS")]
+    pub request_timeout_ms: Option<u64>,
+    /// Folder of every embedded store (the audit trail, and the stores that follow).
+    /// [default: nightingale-data]
+    #[arg(long, env = "NIGHTINGALE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Where audit records go: jsonl (hash-chained JSON lines, rotated), sqlite (in the data
+    /// folder) or postgres (shared by replicas; needs --audit-postgres-url). [default: jsonl]
+    #[arg(long, env = "NIGHTINGALE_AUDIT_STORE", value_enum)]
+    pub audit_store: Option<AuditStoreKind>,
+    /// The live JSON-lines audit file; rotated files sit beside it.
+    /// [default: <data-dir>/audit/audit.jsonl]
     #[arg(long, env = "NIGHTINGALE_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
-    /// fsync the audit log after each group of records (slower; survives power loss).
+    /// Rotate the JSON-lines audit file at this size in bytes; 0 never rotates. [default: 67108864]
+    #[arg(long, env = "NIGHTINGALE_AUDIT_ROTATE_BYTES")]
+    pub audit_rotate_bytes: Option<u64>,
+    /// PostgreSQL connection string for --audit-store postgres
+    /// (postgres://user:password@host/db or "host=… user=… dbname=…").
+    #[arg(long, env = "NIGHTINGALE_AUDIT_POSTGRES_URL", hide_env_values = true)]
+    pub audit_postgres_url: Option<String>,
+    /// fsync the audit trail after each group of records (slower; survives power loss).
     #[arg(long, env = "NIGHTINGALE_AUDIT_FSYNC")]
     pub audit_fsync: Option<bool>,
     /// Log format. [default: text]
@@ -69,6 +89,15 @@ pub enum BackendArg {
 pub enum ProviderArg {
     Cpu,
     Cuda,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditStoreKind {
+    #[default]
+    Jsonl,
+    Sqlite,
+    Postgres,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -93,7 +122,12 @@ struct FileConfig {
     max_body_bytes: Option<usize>,
     admin_token: Option<String>,
     request_timeout_secs: Option<u64>,
+    request_timeout_ms: Option<u64>,
+    data_dir: Option<PathBuf>,
+    audit_store: Option<AuditStoreKind>,
     audit_log: Option<PathBuf>,
+    audit_rotate_bytes: Option<u64>,
+    audit_postgres_url: Option<String>,
     audit_fsync: Option<bool>,
     log_format: Option<LogFormat>,
 }
@@ -110,9 +144,52 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     pub admin_token: Option<String>,
     pub request_timeout: std::time::Duration,
-    pub audit_log: PathBuf,
-    pub audit_fsync: bool,
+    pub data_dir: PathBuf,
+    pub audit: AuditConfig,
     pub log_format: LogFormat,
+}
+
+/// Where the audit trail goes.
+#[derive(Clone)]
+pub enum AuditConfig {
+    Jsonl {
+        path: PathBuf,
+        rotate_bytes: u64,
+        fsync: bool,
+    },
+    Sqlite {
+        path: PathBuf,
+        fsync: bool,
+    },
+    Postgres {
+        url: String,
+    },
+}
+
+impl std::fmt::Debug for AuditConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuditConfig::Jsonl {
+                path,
+                rotate_bytes,
+                fsync,
+            } => f
+                .debug_struct("Jsonl")
+                .field("path", path)
+                .field("rotate_bytes", rotate_bytes)
+                .field("fsync", fsync)
+                .finish(),
+            AuditConfig::Sqlite { path, fsync } => f
+                .debug_struct("Sqlite")
+                .field("path", path)
+                .field("fsync", fsync)
+                .finish(),
+            AuditConfig::Postgres { url } => f
+                .debug_struct("Postgres")
+                .field("url", &crate::audit::postgres::redact(url))
+                .finish(),
+        }
+    }
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -130,8 +207,8 @@ impl std::fmt::Debug for ServeConfig {
                 &self.admin_token.as_ref().map(|_| "<redacted>"),
             )
             .field("request_timeout", &self.request_timeout)
-            .field("audit_log", &self.audit_log)
-            .field("audit_fsync", &self.audit_fsync)
+            .field("data_dir", &self.data_dir)
+            .field("audit", &self.audit)
             .field("log_format", &self.log_format)
             .finish()
     }
@@ -198,15 +275,51 @@ impl ServeArgs {
             .admin_token
             .or(file.admin_token)
             .filter(|t| !t.is_empty());
-        let request_timeout_secs = self
-            .request_timeout_secs
-            .or(file.request_timeout_secs)
-            .unwrap_or(120);
-        if request_timeout_secs == 0 {
+        // Milliseconds win over seconds at each level (flags/env, then file).
+        let request_timeout_ms = match (self.request_timeout_ms, self.request_timeout_secs) {
+            (Some(ms), _) => Some(ms),
+            (None, Some(s)) => Some(s.saturating_mul(1000)),
+            (None, None) => file
+                .request_timeout_ms
+                .or(file.request_timeout_secs.map(|s| s.saturating_mul(1000))),
+        }
+        .unwrap_or(120_000);
+        if request_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
-                "request_timeout_secs must be at least 1".into(),
+                "the request timeout must be at least 1 ms".into(),
             ));
         }
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("nightingale-data"));
+        let audit_fsync = self.audit_fsync.or(file.audit_fsync).unwrap_or(false);
+        let audit_log = self.audit_log.or(file.audit_log);
+        let audit = match self.audit_store.or(file.audit_store).unwrap_or_default() {
+            AuditStoreKind::Jsonl => AuditConfig::Jsonl {
+                path: audit_log.unwrap_or_else(|| data_dir.join("audit").join("audit.jsonl")),
+                rotate_bytes: self
+                    .audit_rotate_bytes
+                    .or(file.audit_rotate_bytes)
+                    .unwrap_or(64 << 20),
+                fsync: audit_fsync,
+            },
+            AuditStoreKind::Sqlite => AuditConfig::Sqlite {
+                path: data_dir.join("audit.sqlite3"),
+                fsync: audit_fsync,
+            },
+            AuditStoreKind::Postgres => AuditConfig::Postgres {
+                url: self
+                    .audit_postgres_url
+                    .or(file.audit_postgres_url)
+                    .filter(|u| !u.is_empty())
+                    .ok_or_else(|| {
+                        ConfigError::Invalid(
+                            "audit_store = postgres needs audit_postgres_url".into(),
+                        )
+                    })?,
+            },
+        };
         if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(ConfigError::Invalid(
                 "admin_token must be at least 16 characters".into(),
@@ -227,12 +340,9 @@ impl ServeArgs {
             ort_library: self.ort_library.or(file.ort_library),
             max_body_bytes,
             admin_token,
-            request_timeout: std::time::Duration::from_secs(request_timeout_secs),
-            audit_log: self
-                .audit_log
-                .or(file.audit_log)
-                .unwrap_or_else(|| PathBuf::from("nightingale-audit.jsonl")),
-            audit_fsync: self.audit_fsync.or(file.audit_fsync).unwrap_or(false),
+            request_timeout: std::time::Duration::from_millis(request_timeout_ms),
+            data_dir,
+            audit,
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
         })
     }

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use nightingale::config::{LogFormat, ServeArgs, ServeConfig};
+use nightingale::audit::AuditLog;
+use nightingale::config::{AuditConfig, LogFormat, ServeArgs, ServeConfig};
 use nightingale::http::{self, AppState, HttpConfig};
 use nightingale_models::{Bundle, Repository, RepositoryOptions};
 use tracing_subscriber::EnvFilter;
@@ -21,7 +22,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve the models of a repository over HTTP.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check the audit trail.
     Audit {
         #[command(subcommand)]
@@ -36,8 +37,16 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum AuditCommand {
-    /// Verify an audit log's hash chain; exit code 1 at the first broken record.
-    Verify { path: PathBuf },
+    /// Verify an audit trail's hash chain; exit code 1 at the first broken record. PATH is the
+    /// live JSON-lines file (its rotated files beside it are checked too), the folder holding
+    /// it, or an SQLite audit database.
+    Verify {
+        #[arg(required_unless_present = "postgres_url")]
+        path: Option<PathBuf>,
+        /// Check the PostgreSQL audit table instead.
+        #[arg(long, env = "NIGHTINGALE_AUDIT_POSTGRES_URL", hide_env_values = true)]
+        postgres_url: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -62,25 +71,51 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = args.resolve()?;
             init_tracing(config.log_format);
+            // Opened before the async runtime starts: the database clients block.
+            let audit = open_audit(&config.audit)?;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("ng-http")
                 .build()?
-                .block_on(serve(config))
+                .block_on(serve(config, audit))
         }
         Command::Audit {
-            command: AuditCommand::Verify { path },
-        } => match nightingale::audit::verify(&path) {
-            Ok(last) => {
-                let n = last.map_or(0, |r| r.seq + 1);
-                println!("ok   {}: {n} records, hash chain intact", path.display());
-                Ok(())
+            command: AuditCommand::Verify { path, postgres_url },
+        } => {
+            let (what, result) = match (&postgres_url, &path) {
+                (Some(url), _) => (
+                    nightingale::audit::postgres::redact(url),
+                    nightingale::audit::postgres::verify(url),
+                ),
+                (None, Some(path)) => {
+                    (path.display().to_string(), nightingale::audit::verify(path))
+                }
+                (None, None) => unreachable!("clap requires a path or --postgres-url"),
+            };
+            match result {
+                Ok(summary) => {
+                    let from = match summary.first_seq {
+                        Some(s) if s > 0 => {
+                            format!(" (from sequence {s}: the files before it are not here)")
+                        }
+                        _ => String::new(),
+                    };
+                    let files = match summary.files.len() {
+                        0 | 1 => String::new(),
+                        n => format!(" in {n} files"),
+                    };
+                    println!(
+                        "ok   {what}: {} records{files}, hash chain intact{from}",
+                        summary.records
+                    );
+                    Ok(())
+                }
+                Err(e) => {
+                    println!("FAIL {e}");
+                    std::process::exit(1)
+                }
             }
-            Err(e) => {
-                println!("FAIL {e}");
-                std::process::exit(1)
-            }
-        },
+        }
         Command::Models { command } => {
             init_tracing(LogFormat::Text);
             match command {
@@ -109,7 +144,27 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+fn open_audit(config: &AuditConfig) -> anyhow::Result<AuditLog> {
+    use nightingale::audit::{jsonl, postgres::PostgresStore, sqlite::SqliteStore};
+    let store: Box<dyn nightingale::audit::AuditStore> = match config {
+        AuditConfig::Jsonl {
+            path,
+            rotate_bytes,
+            fsync,
+        } => Box::new(jsonl::JsonLinesStore::open(
+            path,
+            jsonl::Options {
+                fsync: *fsync,
+                rotate_bytes: *rotate_bytes,
+            },
+        )?),
+        AuditConfig::Sqlite { path, fsync } => Box::new(SqliteStore::open(path, *fsync)?),
+        AuditConfig::Postgres { url } => Box::new(PostgresStore::open(url)?),
+    };
+    Ok(AuditLog::start(store)?)
+}
+
+async fn serve(config: ServeConfig, audit: AuditLog) -> anyhow::Result<()> {
     tracing::info!(
         ?config,
         "starting nightingale {}",
@@ -124,8 +179,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             ort_library: config.ort_library.clone(),
         },
     ));
-    let audit = nightingale::audit::AuditLog::open(&config.audit_log, config.audit_fsync)?;
-    tracing::info!(path = %audit.path().display(), fsync = config.audit_fsync, "audit log open");
+    tracing::info!(store = %audit.location(), "audit trail open");
     let state = AppState::new(
         repository.clone(),
         audit,

@@ -751,9 +751,8 @@ async fn every_inference_is_audited_without_patient_data() {
     let (s, _) = f.post_json(&format!("/v2/models/{MODEL}/infer"), &json!({"inputs": [{"name": "features", "shape": [1, 29], "datatype": "FP32", "data": vec![1.0f32; 29]}]})).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 
-    let path = f.state.audit.path().to_owned();
-    let last = audit::verify(&path).unwrap().unwrap();
-    assert_eq!(last.seq, 2);
+    let path = f._dir.path().join("audit.jsonl");
+    assert_eq!(audit::verify(&path).unwrap().last_seq(), Some(2));
     let text = std::fs::read_to_string(&path).unwrap();
     let records: Vec<audit::AuditRecord> = text
         .lines()
@@ -765,12 +764,15 @@ async fn every_inference_is_audited_without_patient_data() {
     assert_eq!(records[0].event.model_sha256.len(), 64);
     assert_eq!(records[0].event.rows, Some(2));
     assert_eq!(records[0].event.status, 200);
+    assert_eq!(records[0].event.outcome, audit::Outcome::Ok);
+    assert_eq!(records[0].event.kind, audit::EventKind::Inference);
     assert!(records[0].event.output_sha256.is_some());
     assert_eq!(
         records[0].event.input_sha256, records[1].event.input_sha256,
         "encoding-independent input digest"
     );
     assert_eq!(records[2].event.status, 400);
+    assert_eq!(records[2].event.outcome, audit::Outcome::Rejected);
     assert!(records[2].event.output_sha256.is_none());
     // Digests only: no feature value appears in the log.
     for value in rows[0]
@@ -850,6 +852,19 @@ async fn a_stalled_body_times_out_with_408() {
     assert_eq!(s, StatusCode::REQUEST_TIMEOUT);
     let v: Value = serde_json::from_slice(&b).unwrap();
     assert!(error_of(&v).contains("did not complete"), "{v}");
+    // The request reached the model before its body stalled: it is audited as a timeout.
+    let log = f._dir.path().join("audit.jsonl");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while audit::verify(&log).map_or(0, |s| s.records) == 0 && std::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let record: audit::AuditRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (record.event.status, record.event.outcome),
+        (408, audit::Outcome::Timeout)
+    );
+    assert_eq!(record.event.input_sha256, None, "the body never arrived");
     // The server goes on serving.
     let (s, _) = f
         .post_json(

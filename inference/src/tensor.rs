@@ -421,6 +421,59 @@ impl Tensor {
         }
     }
 
+    /// Feeds the tensor's bytes in Triton's binary layout (what [`Tensor::to_raw`] returns) to
+    /// `sink` without building a copy of the tensor: a contiguous numeric tensor goes as one
+    /// borrowed slice (on little-endian machines), anything else through a small buffer.
+    pub fn for_each_raw_chunk(&self, mut sink: impl FnMut(&[u8])) {
+        fn buffered<T, const N: usize>(
+            items: impl Iterator<Item = T>,
+            bytes: impl Fn(T) -> [u8; N],
+            sink: &mut impl FnMut(&[u8]),
+        ) {
+            let mut buf = [0u8; 4096];
+            let mut n = 0;
+            for x in items {
+                if n + N > buf.len() {
+                    sink(&buf[..n]);
+                    n = 0;
+                }
+                buf[n..n + N].copy_from_slice(&bytes(x));
+                n += N;
+            }
+            if n > 0 {
+                sink(&buf[..n]);
+            }
+        }
+        macro_rules! pod {
+            ($a:expr) => {{
+                match $a.as_slice() {
+                    Some(s) if cfg!(target_endian = "little") => sink(bytemuck::cast_slice(s)),
+                    _ => buffered($a.iter(), |x| x.to_le_bytes(), &mut sink),
+                }
+            }};
+        }
+        match self {
+            Tensor::Bool(a) => buffered(a.iter(), |&b| [b as u8], &mut sink),
+            Tensor::Uint8(a) => pod!(a),
+            Tensor::Uint16(a) => pod!(a),
+            Tensor::Uint32(a) => pod!(a),
+            Tensor::Uint64(a) => pod!(a),
+            Tensor::Int8(a) => pod!(a),
+            Tensor::Int16(a) => pod!(a),
+            Tensor::Int32(a) => pod!(a),
+            Tensor::Int64(a) => pod!(a),
+            Tensor::Fp16(a) => pod!(a),
+            Tensor::Fp32(a) => pod!(a),
+            Tensor::Fp64(a) => pod!(a),
+            Tensor::Bytes(a) => {
+                for item in a.iter() {
+                    sink(&(item.len() as u32).to_le_bytes());
+                    sink(item);
+                }
+            }
+        }
+    }
+
     /// Joins tensors of one datatype along axis 0 (the batch axis).
     pub fn concat(parts: &[&Tensor]) -> Result<Tensor, TensorError> {
         let first = parts.first().ok_or_else(|| TensorError::Join {

@@ -49,6 +49,11 @@ impl Default for HttpConfig {
     }
 }
 
+/// When the whole-request deadline fires: handlers that must record what happened to a
+/// request they may not finish (the audit trail) read it from the request's extensions.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestDeadline(pub std::time::Instant);
+
 /// What every handler shares.
 pub struct AppState {
     pub repository: Arc<Repository>,
@@ -122,12 +127,14 @@ pub fn app(state: Arc<AppState>) -> Router {
     v2.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
-        .layer(axum::middleware::from_fn(move |req: Request, next: axum::middleware::Next| async move {
-            match tokio::time::timeout(timeout, next.run(req)).await {
+        .layer(axum::middleware::from_fn(move |mut req: Request, next: axum::middleware::Next| async move {
+            let deadline = tokio::time::Instant::now() + timeout;
+            req.extensions_mut().insert(RequestDeadline(deadline.into_std()));
+            match tokio::time::timeout_at(deadline, next.run(req)).await {
                 Ok(response) => response,
                 Err(_) => AppError::new(
                     StatusCode::REQUEST_TIMEOUT,
-                    format!("the request did not complete within {} s", timeout.as_secs_f32()),
+                    format!("the request did not complete within {} ms", timeout.as_millis()),
                 )
                 .into_response(),
             }

@@ -3,18 +3,18 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use nightingale_inference::{NamedTensor, StatsSnapshot};
 use nightingale_models::LoadedModel;
 use serde_json::json;
 
 use super::codec::{self, InferResponse, JsonData, OutputTensor};
-use super::{AppError, AppState, read_body};
-use crate::audit::{AuditEvent, tensors_sha256};
+use super::{AppError, AppState, RequestDeadline, read_body};
+use crate::audit::{AuditEvent, EventKind, Outcome, tensors_sha256};
 
 pub(super) const HEADER_LENGTH: &str = "inference-header-content-length";
 
@@ -103,25 +103,36 @@ pub async fn model_ready_version(
 pub async fn infer(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
+    deadline: Option<Extension<RequestDeadline>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    run_infer(state, model, None, headers, body).await
+    run_infer(state, model, None, deadline.map(|d| d.0), headers, body).await
 }
 
 pub async fn infer_version(
     State(state): State<Arc<AppState>>,
     Path((model, version)): Path<(String, String)>,
+    deadline: Option<Extension<RequestDeadline>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    run_infer(state, model, Some(version), headers, body).await
+    run_infer(
+        state,
+        model,
+        Some(version),
+        deadline.map(|d| d.0),
+        headers,
+        body,
+    )
+    .await
 }
 
 async fn run_infer(
     state: Arc<AppState>,
     model: String,
     version: Option<String>,
+    deadline: Option<RequestDeadline>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -130,30 +141,36 @@ async fn run_infer(
         Ok(m) => m,
         Err(e) => return AppError::from(e).into_response(),
     };
-    let mut event = AuditEvent {
-        request_id: headers
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .chars()
-            .take(128)
-            .collect(),
-        model: loaded.name.clone(),
-        version: loaded.version.to_string(),
-        model_sha256: loaded.model_sha256.clone(),
-        input_sha256: None,
-        output_sha256: None,
-        rows: None,
-        status: 0,
-    };
-    let mut result = infer_loaded(&state, &loaded, &headers, body, &mut event).await;
-    event.status = match &result {
+    // From here the request has reached a model: it is audited whatever happens, even if
+    // this future is dropped (deadline, client gone) before it answers.
+    let mut audit = state.audit.pending(
+        AuditEvent {
+            kind: EventKind::Inference,
+            request_id: headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .chars()
+                .take(128)
+                .collect(),
+            model: loaded.name.clone(),
+            version: loaded.version.to_string(),
+            model_sha256: loaded.model_sha256.clone(),
+            input_sha256: None,
+            output_sha256: None,
+            rows: None,
+            status: 0,
+            outcome: Outcome::Failed,
+        },
+        deadline.map(|d| d.0),
+    );
+    let mut result = infer_loaded(&state, &loaded, &headers, body, audit.event_mut()).await;
+    let status = match &result {
         Ok(_) => StatusCode::OK.as_u16(),
         Err(e) => e.status.as_u16(),
     };
-    // Every request that reached a model is audited before it is answered; without the
-    // audit record there is no answer.
-    if let Err(e) = state.audit.record(event).await {
+    // Without its audit record there is no answer.
+    if let Err(e) = audit.commit(status).await {
         tracing::error!(error = %e, "audit record not written; refusing the response");
         result = Err(AppError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -1,0 +1,389 @@
+//! The embedded default store: JSON lines, one record a line, rotated by size.
+//!
+//! The live file keeps the configured name (`audit.jsonl`); when it passes the rotation size
+//! it is renamed beside itself to `audit.<first seq, 20 digits>.jsonl` and a new live file
+//! starts, the chain continuing across files. A group of records is written with one
+//! `write`; if that fails (a full disk, say) the file is truncated back to the last good
+//! record before anything else is written, so the file and the writer's chain state never
+//! disagree. A torn last line left by a crash (never acknowledged: acknowledgements follow
+//! the whole group's write) is moved aside to `audit.jsonl.torn-<unix ms>` at start-up.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use super::chain::{ChainChecker, Tail, check_line, seal};
+use super::{AuditError, AuditEvent, AuditStore, ChainSummary};
+
+/// Records are well under 4 KiB; the tail read at start-up holds the last one whole.
+const TAIL_READ: u64 = 64 << 10;
+
+/// Settings of a JSON-lines store.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `fsync` after each group (survives power loss; slower).
+    pub fsync: bool,
+    /// Rotate the live file once it reaches this size; 0 never rotates.
+    pub rotate_bytes: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            fsync: false,
+            rotate_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A JSON-lines audit log.
+#[derive(Debug)]
+pub struct JsonLinesStore {
+    path: PathBuf,
+    options: Options,
+    /// `None` after a rotation whose new live file could not be created yet.
+    file: Option<File>,
+    /// Length of the live file up to its last good record.
+    good_len: u64,
+    /// A failed write may have left bytes past `good_len`: truncate before writing more.
+    dirty: bool,
+    tail: Option<Tail>,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> AuditError + '_ {
+    move |source| AuditError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl JsonLinesStore {
+    /// Opens (or creates) the live file and continues the chain from its last record, or
+    /// from the newest rotated file when the live one is empty. Only that record is checked,
+    /// so start-up does not grow with the log.
+    pub fn open(path: &Path, options: Options) -> Result<Self, AuditError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(io(path))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(path)
+            .map_err(io(path))?;
+        let good_len = repair_torn_tail(path, &file)?;
+        let mut tail = last_record(path, &file, good_len)?;
+        if tail.is_none()
+            && let Some(newest) = LogSet::of(path)?.rotated.last()
+        {
+            let f = File::open(newest).map_err(io(newest))?;
+            let len = f.metadata().map_err(io(newest))?.len();
+            tail = last_record(newest, &f, len)?;
+        }
+        Ok(JsonLinesStore {
+            path: path.to_owned(),
+            options,
+            file: Some(file),
+            good_len,
+            dirty: false,
+            tail,
+        })
+    }
+
+    fn live(&mut self) -> Result<&mut File, AuditError> {
+        if self.file.is_none() {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .read(true)
+                .open(&self.path)
+                .map_err(io(&self.path))?;
+            self.good_len = file.metadata().map_err(io(&self.path))?.len();
+            self.file = Some(file);
+        }
+        Ok(self.file.as_mut().expect("just opened"))
+    }
+
+    /// Truncates the live file back to its last good record.
+    fn repair(&mut self) -> Result<(), AuditError> {
+        let good_len = self.good_len;
+        let path = self.path.clone();
+        let file = self.live()?;
+        file.set_len(good_len).map_err(io(&path))?;
+        self.dirty = false;
+        tracing::warn!(path = %path.display(), len = good_len, "audit log truncated back to its last good record");
+        Ok(())
+    }
+
+    /// Renames the live file to its rotated name and starts a new one.
+    fn rotate(&mut self) -> Result<(), AuditError> {
+        let first_seq = {
+            let file = File::open(&self.path).map_err(io(&self.path))?;
+            let mut first = String::new();
+            BufReader::new(file)
+                .take(TAIL_READ)
+                .read_line(&mut first)
+                .map_err(io(&self.path))?;
+            check_line(first.trim_end())
+                .map_err(|reason| AuditError::Broken {
+                    location: self.path.display().to_string(),
+                    record: 1,
+                    reason,
+                })?
+                .0
+        };
+        let rotated = rotated_name(&self.path, first_seq);
+        if let Some(f) = &self.file {
+            f.sync_all().map_err(io(&self.path))?;
+        }
+        fs::rename(&self.path, &rotated).map_err(io(&rotated))?;
+        // From here on the old handle points at the rotated file: drop it, open a new live one.
+        self.file = None;
+        self.good_len = 0;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = File::open(dir).and_then(|d| d.sync_all());
+        }
+        tracing::info!(rotated = %rotated.display(), "audit log rotated");
+        self.live().map(|_| ())
+    }
+}
+
+impl AuditStore for JsonLinesStore {
+    fn append(&mut self, events: &[&AuditEvent], unix_ms: u64) -> Result<(), AuditError> {
+        if self.dirty {
+            self.repair()?;
+        }
+        let sealed = seal(self.tail.as_ref(), events, unix_ms);
+        let mut text = String::with_capacity(sealed.iter().map(|s| s.line.len() + 1).sum());
+        for s in &sealed {
+            text.push_str(&s.line);
+            text.push('\n');
+        }
+        let fsync = self.options.fsync;
+        let path = self.path.clone();
+        let file = self.live()?;
+        let written = file
+            .write_all(text.as_bytes())
+            .and_then(|()| if fsync { file.sync_data() } else { Ok(()) });
+        if let Err(source) = written {
+            // Part of the group may be in the file: take it out before anything else goes in.
+            self.dirty = true;
+            if let Err(e) = self.repair() {
+                tracing::error!(error = %e, "cannot truncate the audit log yet; retrying before the next write");
+            }
+            return Err(AuditError::Io { path, source });
+        }
+        self.good_len += text.len() as u64;
+        let last = sealed.last().expect("groups are not empty");
+        self.tail = Some(Tail {
+            seq: last.seq,
+            hash: last.hash.clone(),
+        });
+        if self.options.rotate_bytes > 0
+            && self.good_len >= self.options.rotate_bytes
+            && let Err(e) = self.rotate()
+        {
+            // The group is stored; a failed rotation is retried after the next one.
+            tracing::error!(error = %e, "cannot rotate the audit log");
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("JSON lines {}", self.path.display())
+    }
+}
+
+/// `audit.jsonl` → `audit.00000000000000001234.jsonl`.
+fn rotated_name(live: &Path, first_seq: u64) -> PathBuf {
+    let stem = live.file_stem().unwrap_or_default().to_string_lossy();
+    let ext = live
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    live.with_file_name(format!("{stem}.{first_seq:020}{ext}"))
+}
+
+/// Moves a torn last line (no newline: a write cut short by a crash) aside; returns the
+/// length of the file's complete lines.
+fn repair_torn_tail(path: &Path, file: &File) -> Result<u64, AuditError> {
+    let len = file.metadata().map_err(io(path))?.len();
+    if len == 0 {
+        return Ok(0);
+    }
+    let start = len.saturating_sub(TAIL_READ);
+    let mut tail = vec![];
+    let mut f = file;
+    f.seek(SeekFrom::Start(start)).map_err(io(path))?;
+    f.take(TAIL_READ).read_to_end(&mut tail).map_err(io(path))?;
+    if tail.last() == Some(&b'\n') {
+        return Ok(len);
+    }
+    let Some(nl) = tail.iter().rposition(|&b| b == b'\n') else {
+        if start > 0 {
+            return Err(AuditError::BrokenTail {
+                location: path.display().to_string(),
+                reason: format!("is over {TAIL_READ} bytes without a line end"),
+            });
+        }
+        return set_aside(path, file, 0, &tail);
+    };
+    set_aside(path, file, start + nl as u64 + 1, &tail[nl + 1..])
+}
+
+fn set_aside(path: &Path, file: &File, keep: u64, torn: &[u8]) -> Result<u64, AuditError> {
+    let aside = PathBuf::from(format!("{}.torn-{}", path.display(), super::unix_ms()));
+    fs::write(&aside, torn).map_err(io(&aside))?;
+    file.set_len(keep).map_err(io(path))?;
+    tracing::warn!(path = %path.display(), bytes = torn.len(), aside = %aside.display(),
+        "the audit log ended in a torn (never acknowledged) record; moved it aside");
+    Ok(keep)
+}
+
+/// The last record of a file of `len` bytes, checked against its own hash.
+fn last_record(path: &Path, file: &File, len: u64) -> Result<Option<Tail>, AuditError> {
+    let start = len.saturating_sub(TAIL_READ);
+    let mut f = file;
+    f.seek(SeekFrom::Start(start)).map_err(io(path))?;
+    let mut tail = String::new();
+    f.take(len - start)
+        .read_to_string(&mut tail)
+        .map_err(io(path))?;
+    let Some(line) = tail.lines().rev().find(|l| !l.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let (seq, _, hash) = check_line(line).map_err(|reason| AuditError::BrokenTail {
+        location: path.display().to_string(),
+        reason,
+    })?;
+    Ok(Some(Tail { seq, hash }))
+}
+
+/// The files of one log: rotated ones oldest first, then the live one.
+#[derive(Debug)]
+struct LogSet {
+    rotated: Vec<PathBuf>,
+    live: PathBuf,
+}
+
+impl LogSet {
+    /// The set a file belongs to (the live file or one of its rotated siblings).
+    fn of(path: &Path) -> Result<LogSet, AuditError> {
+        let live = live_name(path).unwrap_or_else(|| path.to_owned());
+        let dir = match live.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let mut rotated = vec![];
+        if dir.is_dir() {
+            for entry in fs::read_dir(&dir).map_err(io(&dir))? {
+                let p = entry.map_err(io(&dir))?.path();
+                if live_name(&p).as_deref() == Some(live.as_path()) {
+                    rotated.push(p);
+                }
+            }
+        }
+        rotated.sort();
+        Ok(LogSet { rotated, live })
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        let mut files = self.rotated.clone();
+        if self.live.is_file() {
+            files.push(self.live.clone());
+        }
+        files
+    }
+}
+
+/// For a rotated file `audit.<20 digits>.jsonl`, its live file `audit.jsonl`.
+fn live_name(path: &Path) -> Option<PathBuf> {
+    let stem = path.file_stem()?.to_str()?;
+    let (base, seq) = stem.rsplit_once('.')?;
+    if seq.len() != 20 || !seq.bytes().all(|b| b.is_ascii_digit()) || base.is_empty() {
+        return None;
+    }
+    let ext = path
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    Some(path.with_file_name(format!("{base}{ext}")))
+}
+
+/// Checks a log: given a file, the log it belongs to (its rotated files, then the live one);
+/// given a folder, every log in it (each `*.jsonl` live file with its rotated siblings).
+pub fn verify(path: &Path) -> Result<ChainSummary, AuditError> {
+    if path.is_dir() {
+        let mut lives: Vec<PathBuf> = vec![];
+        for entry in fs::read_dir(path).map_err(io(path))? {
+            let p = entry.map_err(io(path))?.path();
+            if p.extension().is_some_and(|e| e == "jsonl") {
+                lives.push(live_name(&p).unwrap_or(p));
+            }
+        }
+        lives.sort();
+        lives.dedup();
+        if lives.is_empty() {
+            return Err(AuditError::Io {
+                path: path.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no *.jsonl audit log in this folder",
+                ),
+            });
+        }
+        let mut total: Option<ChainSummary> = None;
+        for live in lives {
+            let s = verify_set(&LogSet::of(&live)?)?;
+            total = Some(match total {
+                None => s,
+                Some(mut t) => {
+                    t.files.extend(s.files);
+                    t.records += s.records;
+                    t
+                }
+            });
+        }
+        return Ok(total.expect("at least one log"));
+    }
+    if !path.exists() {
+        return Err(AuditError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        });
+    }
+    verify_set(&LogSet::of(path)?)
+}
+
+fn verify_set(set: &LogSet) -> Result<ChainSummary, AuditError> {
+    let files = set.files();
+    // A log whose oldest files were archived elsewhere is checked from where it starts.
+    let mut checker = ChainChecker::anywhere();
+    for (i, file) in files.iter().enumerate() {
+        let f = File::open(file).map_err(io(file))?;
+        for (n, line) in BufReader::new(f).lines().enumerate() {
+            let line = line.map_err(io(file))?;
+            checker.push(&line).map_err(|reason| AuditError::Broken {
+                location: file.display().to_string(),
+                record: n as u64 + 1,
+                reason,
+            })?;
+            if i == 0 && n == 0 && set.rotated.is_empty() && checker.first_seq != Some(0) {
+                return Err(AuditError::Broken {
+                    location: file.display().to_string(),
+                    record: 1,
+                    reason: format!(
+                        "sequence {} where 0 was expected",
+                        checker.first_seq.unwrap_or_default()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(ChainSummary {
+        files,
+        first_seq: checker.first_seq,
+        records: checker.records,
+        tail: checker.tail,
+    })
+}

@@ -1,0 +1,468 @@
+//! The audit trail: one record per event (today: every inference request that reached a
+//! model), with the model name, version and file checksum, SHA-256 digests of the inputs and
+//! outputs (never the data), the HTTP status and the outcome, in a hash chain that makes any
+//! edit, deletion or reordering detectable (`nightingale audit verify`).
+//!
+//! A dedicated thread appends records to a [`AuditStore`]: JSON lines with rotation
+//! ([`jsonl`], the embedded default), SQLite ([`sqlite`]) or PostgreSQL ([`postgres`], shared by
+//! replicas). Writers wait for their record to be stored (group commit: everything queued is
+//! appended in one go, all or nothing, then all its writers are answered), so a prediction is
+//! never returned before its audit record is stored. If the store cannot be written the request
+//! fails: the server fails closed rather than serve unaudited predictions, and the store
+//! repairs itself before the next group, so the chain on disk always verifies.
+//!
+//! A request that reached a model but whose answer was never delivered (the whole-request
+//! deadline fired, the client went away) is still recorded, with outcome `timeout` or
+//! `client-gone`: see [`PendingRecord`].
+
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use nightingale_inference::NamedTensor;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+mod chain;
+pub mod jsonl;
+pub mod postgres;
+pub mod sqlite;
+
+pub use chain::{GENESIS, Tail};
+
+/// What an audit record is about.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    /// A request to a model's inference endpoint.
+    Inference,
+}
+
+/// How the request ended, as the client saw it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Answered with a prediction.
+    Ok,
+    /// Refused as malformed or not fitting the model (4xx).
+    Rejected,
+    /// The model could not take it now (queue or memory budget full: 503).
+    Overloaded,
+    /// The engine or the server failed (5xx).
+    Failed,
+    /// The whole-request deadline passed before the answer (408).
+    Timeout,
+    /// The client went away before the answer.
+    ClientGone,
+}
+
+impl Outcome {
+    /// The outcome of an answered request with this HTTP status.
+    pub fn from_status(status: u16) -> Outcome {
+        match status {
+            200..=299 => Outcome::Ok,
+            408 => Outcome::Timeout,
+            429 | 503 => Outcome::Overloaded,
+            400..=499 => Outcome::Rejected,
+            _ => Outcome::Failed,
+        }
+    }
+}
+
+/// What the server knows about one request; the store adds sequence, time and chain.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditEvent {
+    pub kind: EventKind,
+    pub request_id: String,
+    pub model: String,
+    pub version: String,
+    pub model_sha256: String,
+    pub input_sha256: Option<String>,
+    pub output_sha256: Option<String>,
+    pub rows: Option<usize>,
+    /// The HTTP status answered (408 for a deadline, 499 when the client went away).
+    pub status: u16,
+    pub outcome: Outcome,
+}
+
+/// One stored record, as read back (the chain fields around the event).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub unix_ms: u64,
+    #[serde(flatten)]
+    pub event: AuditEvent,
+    pub prev: String,
+    pub hash: String,
+}
+
+/// The audit trail could not be opened, written or verified.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("audit database {location}: {source}")]
+    Sqlite {
+        location: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("audit database {location}: {source}")]
+    Postgres {
+        location: String,
+        #[source]
+        source: ::postgres::Error,
+    },
+    #[error("audit trail {location}, record {record}: {reason}")]
+    Broken {
+        location: String,
+        /// Line number in a file (from 1), or sequence number in a database.
+        record: u64,
+        reason: String,
+    },
+    #[error(
+        "audit trail {location}: its last record {reason}; run `nightingale audit verify` and repair or archive it before appending"
+    )]
+    BrokenTail { location: String, reason: String },
+    #[error("audit trail {location}: {reason}")]
+    Write { location: String, reason: String },
+    #[error("the audit writer has stopped")]
+    Stopped,
+}
+
+/// Where records are kept. A store appends groups atomically (all records of a group, or
+/// none, and the chain as stored always verifies) and never decides policy: failing closed is
+/// the caller's business.
+pub trait AuditStore: Send {
+    /// Appends the events, in order, after the chain's last record.
+    fn append(&mut self, events: &[&AuditEvent], unix_ms: u64) -> Result<(), AuditError>;
+    /// Where the records go, for logs (no secrets).
+    fn describe(&self) -> String;
+}
+
+/// What a full check of a chain found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainSummary {
+    /// The files checked, oldest first (empty for a database).
+    pub files: Vec<PathBuf>,
+    /// Sequence number of the first record present (0 unless older files were archived away).
+    pub first_seq: Option<u64>,
+    pub records: u64,
+    pub tail: Option<Tail>,
+}
+
+impl ChainSummary {
+    pub fn last_seq(&self) -> Option<u64> {
+        self.tail.as_ref().map(|t| t.seq)
+    }
+}
+
+/// Canonical digest of named tensors: by name, each with datatype, shape and raw little-endian
+/// bytes, so the same tensors hash the same whichever wire encoding carried them. The bytes are
+/// hashed where they lie, without a copy of the tensor.
+pub fn tensors_sha256(tensors: &[NamedTensor]) -> String {
+    let mut sorted: Vec<&NamedTensor> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut h = Sha256::new();
+    for t in sorted {
+        h.update((t.name.len() as u64).to_le_bytes());
+        h.update(t.name.as_bytes());
+        h.update(t.tensor.datatype().as_str().as_bytes());
+        h.update((t.tensor.shape().len() as u64).to_le_bytes());
+        for &d in t.tensor.shape() {
+            h.update((d as u64).to_le_bytes());
+        }
+        t.tensor.for_each_raw_chunk(|chunk| h.update(chunk));
+    }
+    hex::encode(h.finalize())
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+type Ack = oneshot::Sender<Result<(), String>>;
+type Job = (AuditEvent, Option<Ack>);
+
+/// Most records appended in one group.
+const MAX_GROUP: usize = 1024;
+
+/// Handle to the audit writer thread. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Job>,
+    location: String,
+}
+
+impl AuditLog {
+    /// A JSON-lines log at `path` with the default rotation size.
+    pub fn open(path: &Path, fsync: bool) -> Result<AuditLog, AuditError> {
+        let store = jsonl::JsonLinesStore::open(
+            path,
+            jsonl::Options {
+                fsync,
+                ..jsonl::Options::default()
+            },
+        )?;
+        AuditLog::start(Box::new(store))
+    }
+
+    /// Starts the writer thread over a store.
+    pub fn start(store: Box<dyn AuditStore>) -> Result<AuditLog, AuditError> {
+        let location = store.describe();
+        let (tx, rx) = mpsc::channel::<Job>(4096);
+        std::thread::Builder::new()
+            .name("ng-audit".into())
+            .spawn(move || run_writer(store, rx))
+            .map_err(|source| AuditError::Io {
+                path: PathBuf::from(&location),
+                source,
+            })?;
+        Ok(AuditLog { tx, location })
+    }
+
+    /// Where records go (for logs).
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// Appends a record and waits until it is stored.
+    pub async fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
+        let permit = self.tx.reserve().await.map_err(|_| AuditError::Stopped)?;
+        let (ack, done) = oneshot::channel();
+        permit.send((event, Some(ack)));
+        self.wait(done).await
+    }
+
+    async fn wait(&self, done: oneshot::Receiver<Result<(), String>>) -> Result<(), AuditError> {
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(AuditError::Write {
+                location: self.location.clone(),
+                reason,
+            }),
+            Err(_) => Err(AuditError::Stopped),
+        }
+    }
+
+    /// Starts the record of a request that has reached a model; see [`PendingRecord`].
+    pub fn pending(&self, event: AuditEvent, deadline: Option<Instant>) -> PendingRecord {
+        PendingRecord {
+            log: self.clone(),
+            event: Some(event),
+            deadline,
+        }
+    }
+
+    /// Queues a record without waiting for it (for drop paths, which cannot wait).
+    fn submit_detached(&self, event: AuditEvent) {
+        match self.tx.try_send((event, None)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(job)) => {
+                let tx = self.tx.clone();
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        rt.spawn(async move {
+                            if tx.send(job).await.is_err() {
+                                tracing::error!("audit writer stopped; a record was lost");
+                            }
+                        });
+                    }
+                    Err(_) => {
+                        if tx.blocking_send(job).is_err() {
+                            tracing::error!("audit writer stopped; a record was lost");
+                        }
+                    }
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!("audit writer stopped; a record was lost");
+            }
+        }
+    }
+}
+
+/// The audit record of a request that has reached a model, until it is committed.
+///
+/// The handler fills in what it learns ([`PendingRecord::event_mut`]) and commits the record
+/// with the status it answers before answering. If the handler is dropped first — its
+/// deadline fired, or the client went away — the record is written on drop with outcome
+/// `timeout` (status 408) when the deadline had passed, else `client-gone` (499): a request
+/// that reached a model is audited whatever happens on the HTTP side.
+#[derive(Debug)]
+pub struct PendingRecord {
+    log: AuditLog,
+    event: Option<AuditEvent>,
+    deadline: Option<Instant>,
+}
+
+impl PendingRecord {
+    pub fn event_mut(&mut self) -> &mut AuditEvent {
+        self.event
+            .as_mut()
+            .expect("a pending record holds its event until committed")
+    }
+
+    /// Stores the record with the status about to be answered, and waits until it is stored.
+    pub async fn commit(mut self, status: u16) -> Result<(), AuditError> {
+        // Reserve a slot first: if this future is dropped while waiting for room, the event
+        // is still here and the drop path records it.
+        let permit = self
+            .log
+            .tx
+            .reserve()
+            .await
+            .map_err(|_| AuditError::Stopped)?;
+        let mut event = self.event.take().expect("committed once");
+        event.status = status;
+        event.outcome = Outcome::from_status(status);
+        let (ack, done) = oneshot::channel();
+        permit.send((event, Some(ack)));
+        self.log.wait(done).await
+    }
+}
+
+impl Drop for PendingRecord {
+    fn drop(&mut self) {
+        let Some(mut event) = self.event.take() else {
+            return;
+        };
+        let timed_out = self.deadline.is_some_and(|d| Instant::now() >= d);
+        (event.status, event.outcome) = if timed_out {
+            (408, Outcome::Timeout)
+        } else {
+            (499, Outcome::ClientGone)
+        };
+        tracing::info!(outcome = ?event.outcome, "request dropped before its answer; audited");
+        self.log.submit_detached(event);
+    }
+}
+
+fn run_writer(mut store: Box<dyn AuditStore>, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        let events: Vec<&AuditEvent> = group.iter().map(|(e, _)| e).collect();
+        let result = store.append(&events, unix_ms());
+        match &result {
+            Ok(()) => {
+                metrics::counter!("nightingale_audit_records_total").increment(group.len() as u64)
+            }
+            Err(e) => {
+                metrics::counter!("nightingale_audit_write_failures_total").increment(1);
+                tracing::error!(error = %e, records = group.len(), "cannot write the audit trail");
+            }
+        }
+        let answer = result.map_err(|e| e.to_string());
+        for (_, ack) in group {
+            if let Some(ack) = ack {
+                let _ = ack.send(answer.clone());
+            }
+        }
+    }
+}
+
+/// The tail of a database store from its last row `(seq, record)`, checked against its hash.
+fn checked_tail(location: &str, row: Option<(i64, String)>) -> Result<Option<Tail>, AuditError> {
+    let Some((seq, record)) = row else {
+        return Ok(None);
+    };
+    let broken = |reason: String| AuditError::BrokenTail {
+        location: location.to_owned(),
+        reason,
+    };
+    let (record_seq, _, hash) = chain::check_line(&record).map_err(broken)?;
+    if u64::try_from(seq).ok() != Some(record_seq) {
+        return Err(broken(format!(
+            "is stored as sequence {seq} but says {record_seq}"
+        )));
+    }
+    Ok(Some(Tail {
+        seq: record_seq,
+        hash,
+    }))
+}
+
+/// Checks one database row: the record, and that its key columns agree with it.
+fn check_row(
+    location: &str,
+    checker: &mut chain::ChainChecker,
+    seq: i64,
+    hash: &str,
+    record: &str,
+) -> Result<(), AuditError> {
+    let broken = |reason: String| AuditError::Broken {
+        location: location.to_owned(),
+        record: u64::try_from(seq).unwrap_or_default(),
+        reason,
+    };
+    checker.push(record).map_err(broken)?;
+    let tail = checker.tail.as_ref().expect("just pushed");
+    if u64::try_from(seq).ok() != Some(tail.seq) || hash != tail.hash {
+        return Err(broken(
+            "the row's seq/hash columns disagree with its record".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a whole chain: a JSON-lines file or folder, or an SQLite database (by its header).
+pub fn verify(path: &Path) -> Result<ChainSummary, AuditError> {
+    if sqlite::is_sqlite(path) {
+        sqlite::verify(path)
+    } else {
+        jsonl::verify(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_digest_ignores_order_but_not_content() {
+        use nightingale_inference::Tensor;
+        let a = NamedTensor::new("a", Tensor::from_vec(vec![2], vec![1.0f32, 2.0]).unwrap());
+        let b = NamedTensor::new("b", Tensor::from_vec(vec![1], vec![7i64]).unwrap());
+        assert_eq!(
+            tensors_sha256(&[a.clone(), b.clone()]),
+            tensors_sha256(&[b.clone(), a.clone()])
+        );
+        let a2 = NamedTensor::new(
+            "a",
+            Tensor::from_vec(vec![1, 2], vec![1.0f32, 2.0]).unwrap(),
+        );
+        assert_ne!(tensors_sha256(&[a, b.clone()]), tensors_sha256(&[a2, b]));
+    }
+
+    #[test]
+    fn digest_streams_the_same_bytes_as_the_wire_layout() {
+        use nightingale_inference::Tensor;
+        // The streamed digest equals one over `to_raw`, the binary wire layout, for every
+        // datatype family (including a non-contiguous view's copy and BYTES).
+        let tensors = [
+            Tensor::from_vec(vec![3], vec![true, false, true]).unwrap(),
+            Tensor::from_vec(vec![2, 2], vec![1i64, -2, 3, i64::MIN]).unwrap(),
+            Tensor::from_vec(vec![2], vec![half::f16::from_f32(0.5), half::f16::MAX]).unwrap(),
+            Tensor::from_vec(vec![2], vec![b"ab".to_vec(), vec![]]).unwrap(),
+            Tensor::from_vec(vec![5000], (0..5000).map(|i| i as f32).collect()).unwrap(),
+        ];
+        for t in tensors {
+            let mut streamed = vec![];
+            t.for_each_raw_chunk(|c| streamed.extend_from_slice(c));
+            assert_eq!(streamed, t.to_raw(), "{}", t.datatype());
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! SQLite store (embedded, `rusqlite` with SQLite compiled in): one row per record, the
+//! record's line kept verbatim so it verifies byte for byte like the JSON-lines store. Each
+//! group is one `IMMEDIATE` transaction that reads the chain's tail, checks it, and inserts:
+//! a failed write (a full disk, say) rolls the whole group back.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use super::chain::{ChainChecker, seal};
+use super::{AuditError, AuditEvent, AuditStore, ChainSummary, checked_tail};
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS audit_log (
+    seq INTEGER PRIMARY KEY,
+    hash TEXT NOT NULL,
+    record TEXT NOT NULL
+)";
+
+/// An SQLite audit database.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Connection,
+    location: String,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path, fsync: bool) -> Result<Self, AuditError> {
+        let location = path.display().to_string();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| AuditError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let err = |source| AuditError::Sqlite {
+            location: location.clone(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", if fsync { "FULL" } else { "NORMAL" })
+            .map_err(err)?;
+        conn.execute(SCHEMA, []).map_err(err)?;
+        let store = SqliteStore { conn, location };
+        // Refuse to continue from a forged or unreadable last record, as the file store does.
+        store.tail_row(&store.conn)?;
+        Ok(store)
+    }
+
+    fn tail_row(&self, conn: &Connection) -> Result<Option<super::Tail>, AuditError> {
+        let row: Option<(i64, String)> = conn
+            .query_row(
+                "SELECT seq, record FROM audit_log ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(|source| AuditError::Sqlite {
+                location: self.location.clone(),
+                source,
+            })?;
+        checked_tail(&self.location, row)
+    }
+}
+
+impl AuditStore for SqliteStore {
+    fn append(&mut self, events: &[&AuditEvent], unix_ms: u64) -> Result<(), AuditError> {
+        let location = self.location.clone();
+        let err = |source| AuditError::Sqlite {
+            location: location.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let tail = {
+            let row: Option<(i64, String)> = tx
+                .query_row(
+                    "SELECT seq, record FROM audit_log ORDER BY seq DESC LIMIT 1",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(err)?;
+            checked_tail(&location, row)?
+        };
+        {
+            let mut insert = tx
+                .prepare_cached("INSERT INTO audit_log (seq, hash, record) VALUES (?1, ?2, ?3)")
+                .map_err(err)?;
+            for s in seal(tail.as_ref(), events, unix_ms) {
+                let seq = i64::try_from(s.seq).map_err(|_| AuditError::Write {
+                    location: location.clone(),
+                    reason: "sequence number overflow".into(),
+                })?;
+                insert.execute(params![seq, s.hash, s.line]).map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+
+    fn describe(&self) -> String {
+        format!("SQLite {}", self.location)
+    }
+}
+
+/// Whether a file is an SQLite database (by its 16-byte header).
+pub fn is_sqlite(path: &Path) -> bool {
+    use std::io::Read;
+    let mut header = [0u8; 16];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .is_ok()
+        && &header == b"SQLite format 3\0"
+}
+
+/// Checks every record of an SQLite audit database in sequence order.
+pub fn verify(path: &Path) -> Result<ChainSummary, AuditError> {
+    let location = path.display().to_string();
+    let err = |source| AuditError::Sqlite {
+        location: location.clone(),
+        source,
+    };
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(err)?;
+    let mut stmt = conn
+        .prepare("SELECT seq, hash, record FROM audit_log ORDER BY seq")
+        .map_err(err)?;
+    let mut rows = stmt.query([]).map_err(err)?;
+    let mut checker = ChainChecker::from_genesis();
+    while let Some(row) = rows.next().map_err(err)? {
+        let seq: i64 = row.get(0).map_err(err)?;
+        let hash: String = row.get(1).map_err(err)?;
+        let record: String = row.get(2).map_err(err)?;
+        super::check_row(&location, &mut checker, seq, &hash, &record)?;
+    }
+    Ok(ChainSummary {
+        files: vec![],
+        first_seq: checker.first_seq,
+        records: checker.records,
+        tail: checker.tail,
+    })
+}

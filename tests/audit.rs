@@ -1,0 +1,561 @@
+//! The audit trail under faults, on every store: group appends, restarts, tampering, a
+//! full file system during a burst of requests (a real tmpfs), rotation, torn tails, and
+//! requests whose answer never leaves (deadline): each is recorded, and the chain verifies.
+//!
+//! PostgreSQL is required, not optional: `scripts/test.sh` installs Debian's `postgresql`,
+//! starts a cluster and sets `NIGHTINGALE_TEST_POSTGRES_URL`; without it the PostgreSQL test
+//! fails and says how to set one up.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use nightingale::audit::jsonl::{JsonLinesStore, Options};
+use nightingale::audit::postgres::{self as pg, PostgresStore};
+use nightingale::audit::sqlite::{self, SqliteStore};
+use nightingale::audit::{
+    self, AuditError, AuditEvent, AuditLog, AuditRecord, AuditStore, EventKind, Outcome,
+};
+use nightingale::http::{self, AppState, HttpConfig};
+use nightingale_models::{Repository, RepositoryOptions};
+use tower::ServiceExt;
+
+mod support;
+use support::copy_dir;
+
+const MODEL: &str = "wdbc-malignancy";
+
+fn event(i: usize) -> AuditEvent {
+    AuditEvent {
+        kind: EventKind::Inference,
+        request_id: format!("req-{i}"),
+        model: "m".into(),
+        version: "1".into(),
+        model_sha256: "ab".repeat(32),
+        input_sha256: Some("cd".repeat(32)),
+        output_sha256: None,
+        rows: Some(1),
+        status: 200,
+        outcome: Outcome::Ok,
+    }
+}
+
+fn append(store: &mut dyn AuditStore, range: std::ops::Range<usize>) {
+    let events: Vec<AuditEvent> = range.map(event).collect();
+    let refs: Vec<&AuditEvent> = events.iter().collect();
+    store.append(&refs, 1_700_000_000_000).unwrap();
+}
+
+// ---------------------------------------------------------------- JSON lines
+
+#[test]
+fn jsonl_groups_restarts_and_tampering() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit/audit.jsonl");
+    {
+        let mut store = JsonLinesStore::open(&path, Options::default()).unwrap();
+        append(&mut store, 0..3);
+        append(&mut store, 3..5);
+    }
+    let s = audit::verify(&path).unwrap();
+    assert_eq!((s.records, s.last_seq()), (5, Some(4)));
+    // Reopening continues the chain.
+    let mut store = JsonLinesStore::open(&path, Options::default()).unwrap();
+    append(&mut store, 5..7);
+    drop(store);
+    assert_eq!(audit::verify(&path).unwrap().last_seq(), Some(6));
+
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut swapped = lines.clone();
+    swapped.swap(2, 3);
+    let added_key = lines[1].replacen("{\"seq\"", "{\"note\":1,\"seq\"", 1);
+    let mut with_added_key = lines.clone();
+    with_added_key[1] = &added_key;
+    for (what, tampered, line) in [
+        (
+            "edit",
+            text.replacen("\"status\":200", "\"status\":500", 1),
+            1,
+        ),
+        ("delete", [&lines[..3], &lines[4..]].concat().join("\n"), 4),
+        ("swap", swapped.join("\n"), 3),
+        ("added key", with_added_key.join("\n"), 2),
+        ("first line gone", lines[1..].join("\n"), 1),
+    ] {
+        let p = dir.path().join(format!("{what}.jsonl"));
+        std::fs::write(&p, tampered).unwrap();
+        match audit::verify(&p) {
+            Err(AuditError::Broken { record, .. }) => assert_eq!(record, line, "{what}"),
+            other => panic!("{what} not detected: {other:?}"),
+        }
+    }
+    // A forged last record is not appended to.
+    let p = dir.path().join("last-edited.jsonl");
+    let mut edited = lines.clone();
+    let last = edited
+        .pop()
+        .unwrap()
+        .replacen("\"status\":200", "\"status\":201", 1);
+    edited.push(&last);
+    std::fs::write(&p, edited.join("\n") + "\n").unwrap();
+    assert!(matches!(
+        JsonLinesStore::open(&p, Options::default()),
+        Err(AuditError::BrokenTail { .. })
+    ));
+}
+
+#[test]
+fn jsonl_rotates_and_the_chain_continues_across_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let options = Options {
+        fsync: true,
+        rotate_bytes: 2048,
+    };
+    let mut store = JsonLinesStore::open(&path, options.clone()).unwrap();
+    for g in 0..20 {
+        append(&mut store, g * 3..g * 3 + 3);
+    }
+    drop(store);
+    let s = audit::verify(&path).unwrap();
+    assert_eq!(s.records, 60);
+    assert!(s.files.len() > 3, "rotated into {} files", s.files.len());
+    assert_eq!(s.first_seq, Some(0));
+    // The folder verifies the same; a reopened store continues from the newest file.
+    assert_eq!(audit::verify(dir.path()).unwrap().records, 60);
+    let mut store = JsonLinesStore::open(&path, options).unwrap();
+    append(&mut store, 60..61);
+    drop(store);
+    assert_eq!(audit::verify(&path).unwrap().last_seq(), Some(60));
+    // A missing middle file breaks the chain.
+    let files = audit::verify(&path).unwrap().files;
+    std::fs::remove_file(&files[1]).unwrap();
+    assert!(matches!(
+        audit::verify(&path),
+        Err(AuditError::Broken { .. })
+    ));
+}
+
+#[test]
+fn jsonl_a_torn_last_line_is_moved_aside_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let mut store = JsonLinesStore::open(&path, Options::default()).unwrap();
+    append(&mut store, 0..4);
+    drop(store);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let full = bytes.len();
+    bytes.extend_from_slice(b"{\"seq\":4,\"unix_ms\":1,\"kind\":\"infer");
+    std::fs::write(&path, &bytes).unwrap();
+    let mut store = JsonLinesStore::open(&path, Options::default()).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().len() as usize, full);
+    append(&mut store, 4..5);
+    drop(store);
+    assert_eq!(audit::verify(&path).unwrap().last_seq(), Some(4));
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".torn-"))
+        .collect();
+    assert_eq!(aside.len(), 1);
+}
+
+// ---------------------------------------------------------------- SQLite
+
+#[test]
+fn sqlite_groups_restarts_and_tampering() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.sqlite3");
+    {
+        let mut store = SqliteStore::open(&path, true).unwrap();
+        append(&mut store, 0..3);
+        append(&mut store, 3..5);
+    }
+    assert!(sqlite::is_sqlite(&path));
+    let s = audit::verify(&path).unwrap();
+    assert_eq!((s.records, s.last_seq()), (5, Some(4)));
+    let mut store = SqliteStore::open(&path, false).unwrap();
+    append(&mut store, 5..7);
+    drop(store);
+    assert_eq!(audit::verify(&path).unwrap().last_seq(), Some(6));
+
+    let conn = rusqlite_free_edit(&path);
+    for (what, sql, seq) in [
+        (
+            "edit",
+            "UPDATE audit_log SET record = replace(record, '\"status\":200', '\"status\":500') WHERE seq = 2",
+            2,
+        ),
+        ("delete", "DELETE FROM audit_log WHERE seq = 3", 4),
+    ] {
+        let copy = dir.path().join(format!("{what}.sqlite3"));
+        std::fs::copy(&conn, &copy).unwrap();
+        sqlite_exec(&copy, sql);
+        match audit::verify(&copy) {
+            Err(AuditError::Broken { record, .. }) => assert_eq!(record, seq, "{what}"),
+            other => panic!("{what} not detected: {other:?}"),
+        }
+    }
+    let copy = dir.path().join("last.sqlite3");
+    std::fs::copy(&path, &copy).unwrap();
+    sqlite_exec(
+        &copy,
+        "UPDATE audit_log SET record = replace(record, '\"rows\":1', '\"rows\":2') WHERE seq = 6",
+    );
+    assert!(matches!(
+        SqliteStore::open(&copy, false),
+        Err(AuditError::BrokenTail { .. })
+    ));
+}
+
+/// The database with its WAL folded in, so a plain file copy holds every record.
+fn rusqlite_free_edit(path: &Path) -> PathBuf {
+    sqlite_exec(path, "PRAGMA wal_checkpoint(TRUNCATE)");
+    path.to_owned()
+}
+
+fn sqlite_exec(path: &Path, sql: &str) {
+    // The edit an intruder with file access would make, by a separate SQLite client.
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.execute_batch(sql).unwrap();
+}
+
+// ---------------------------------------------------------------- PostgreSQL
+
+fn postgres_url() -> String {
+    std::env::var("NIGHTINGALE_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        panic!(
+            "NIGHTINGALE_TEST_POSTGRES_URL is not set: the PostgreSQL audit store's tests are \
+             required. scripts/test.sh installs Debian's postgresql, starts a cluster and sets it \
+             (e.g. \"host=/var/run/postgresql user=postgres dbname=nightingale_test\")."
+        )
+    })
+}
+
+#[test]
+fn postgres_groups_restarts_replicas_and_tampering() {
+    let url = postgres_url();
+    let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    admin
+        .batch_execute("DROP TABLE IF EXISTS nightingale_audit")
+        .unwrap();
+    {
+        let mut store = PostgresStore::open(&url).unwrap();
+        append(&mut store, 0..3);
+        append(&mut store, 3..5);
+    }
+    let s = pg::verify(&url).unwrap();
+    assert_eq!((s.records, s.last_seq()), (5, Some(4)));
+    // Two replicas append to one chain in turn.
+    let mut a = PostgresStore::open(&url).unwrap();
+    let mut b = PostgresStore::open(&url).unwrap();
+    let threads: Vec<_> = [(0usize, &mut a), (1, &mut b)]
+        .into_iter()
+        .map(|(r, store)| {
+            let mut store = std::mem::replace(store, PostgresStore::open(&url).unwrap());
+            std::thread::spawn(move || {
+                for g in 0..10 {
+                    let base = 100 + r * 1000 + g * 2;
+                    append(&mut store, base..base + 2);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let s = pg::verify(&url).unwrap();
+    assert_eq!((s.records, s.last_seq()), (45, Some(44)));
+    // A dropped connection is re-opened before the next group.
+    admin
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE pid <> pg_backend_pid() AND datname = current_database()",
+        )
+        .unwrap();
+    // The first group after the server dropped the connection may fail (and is not stored);
+    // the next one goes through on a new connection.
+    let events: Vec<AuditEvent> = (50..51).map(event).collect();
+    let refs: Vec<&AuditEvent> = events.iter().collect();
+    if a.append(&refs, 1).is_err() {
+        a.append(&refs, 1).unwrap();
+    }
+    assert_eq!(pg::verify(&url).unwrap().last_seq(), Some(45));
+
+    admin
+        .batch_execute(
+            "UPDATE nightingale_audit SET record = replace(record, '\"status\":200', '\"status\":500') WHERE seq = 7",
+        )
+        .unwrap();
+    match pg::verify(&url) {
+        Err(AuditError::Broken { record, .. }) => assert_eq!(record, 7),
+        other => panic!("edit not detected: {other:?}"),
+    }
+    admin
+        .batch_execute(
+            "UPDATE nightingale_audit SET record = replace(record, '\"rows\":1', '\"rows\":9') WHERE seq = 45",
+        )
+        .unwrap();
+    assert!(matches!(
+        PostgresStore::open(&url),
+        Err(AuditError::BrokenTail { .. })
+    ));
+    admin.batch_execute("DROP TABLE nightingale_audit").unwrap();
+}
+
+// ---------------------------------------------------------------- full disk
+
+/// A real, small tmpfs, unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` (with the reason printed) where this machine refuses to mount one.
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
+            Ok(o) => {
+                eprintln!(
+                    "SKIPPED: cannot mount a tmpfs here ({}): the full-disk test needs root",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: cannot run mount ({e}): the full-disk test needs root");
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills the file system with `filler` until it refuses more.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let filler = self.path().join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0x5au8; 4096];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(28), "expected ENOSPC, got {e}");
+                    break;
+                }
+            }
+        }
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+fn wdbc_repository(dir: &Path) -> Arc<Repository> {
+    let bundles = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/bundles");
+    copy_dir(&bundles.join(MODEL), &dir.join(MODEL));
+    let repository = Arc::new(Repository::new(dir, RepositoryOptions::default()));
+    for (name, result) in repository.load_all().unwrap() {
+        result.unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    repository
+}
+
+fn one_row() -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": vec![1.0f32; 30]}]
+    }))
+    .unwrap()
+}
+
+async fn infer(state: &Arc<AppState>) -> StatusCode {
+    let req = Request::post(format!("/v2/models/{MODEL}/infer"))
+        .body(Body::from(one_row()))
+        .unwrap();
+    let res = http::app(state.clone()).oneshot(req).await.unwrap();
+    let status = res.status();
+    let _ = res.into_body().collect().await;
+    status
+}
+
+async fn burst(state: &Arc<AppState>, n: usize) -> Vec<StatusCode> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let state = state.clone();
+            tokio::spawn(async move { infer(&state).await })
+        })
+        .collect();
+    let mut out = vec![];
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_during_a_burst_answers_503_recovers_and_the_chain_verifies() {
+    let Some(fs) = Tmpfs::mount("512k") else {
+        return;
+    };
+    let models = tempfile::tempdir().unwrap();
+    let repository = wdbc_repository(models.path());
+    let log = fs.path().join("audit/audit.jsonl");
+    let audit = AuditLog::open(&log, false).unwrap();
+    let state = AppState::new(repository, audit, HttpConfig::default(), None);
+    state.set_ready(true);
+
+    assert_eq!(infer(&state).await, StatusCode::OK);
+    let filler = fs.fill();
+    // Full: bursts of requests, each group failing part-way through the log's last page.
+    let mut ok = 1;
+    let mut refused = 0;
+    for _ in 0..4 {
+        for s in burst(&state, 48).await {
+            match s {
+                StatusCode::OK => ok += 1,
+                StatusCode::SERVICE_UNAVAILABLE => refused += 1,
+                other => panic!("unexpected status {other}"),
+            }
+        }
+    }
+    assert!(refused > 0, "the disk never filled up");
+    // Still full: still refused, and the log still verifies (no half-written records).
+    assert_eq!(audit::verify(&log).unwrap().records, ok);
+    // Space returns: the server recovers by itself.
+    std::fs::remove_file(&filler).unwrap();
+    for s in burst(&state, 32).await {
+        assert_eq!(s, StatusCode::OK);
+        ok += 1;
+    }
+    let summary = audit::verify(&log).unwrap();
+    assert_eq!(summary.records, ok);
+    assert_eq!(summary.last_seq(), Some(ok - 1));
+    // The CLI agrees.
+    let out = Command::new(env!("CARGO_BIN_EXE_nightingale"))
+        .args(["audit", "verify"])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn sqlite_on_a_full_disk_fails_whole_groups_and_recovers() {
+    let Some(fs) = Tmpfs::mount("1m") else {
+        return;
+    };
+    let path = fs.path().join("audit.sqlite3");
+    let mut store = SqliteStore::open(&path, true).unwrap();
+    append(&mut store, 0..2);
+    let filler = fs.fill();
+    let mut next = 2;
+    let mut failures = 0;
+    for _ in 0..200 {
+        let events: Vec<AuditEvent> = (next..next + 8).map(event).collect();
+        let refs: Vec<&AuditEvent> = events.iter().collect();
+        match store.append(&refs, 1) {
+            Ok(()) => next += 8,
+            Err(_) => failures += 1,
+        }
+    }
+    assert!(failures > 0, "the disk never filled up");
+    std::fs::remove_file(&filler).unwrap();
+    append(&mut store, next..next + 3);
+    drop(store);
+    let s = audit::verify(&path).unwrap();
+    assert_eq!(s.records as usize, next + 3);
+}
+
+// ---------------------------------------------------------------- deadlines
+
+fn records(log: &Path) -> Vec<AuditRecord> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Waits (at most 30 s) until the log holds `n` records.
+fn wait_for_records(log: &Path, n: usize) -> Vec<AuditRecord> {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = records(log);
+        if r.len() >= n || Instant::now() > until {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_model_past_its_deadline_answers_408_and_is_audited() {
+    let models = tempfile::tempdir().unwrap();
+    let bench = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/bench/resnet50-arch");
+    copy_dir(&bench, &models.path().join("resnet50-arch"));
+    let repository = Arc::new(Repository::new(models.path(), RepositoryOptions::default()));
+    for (name, result) in repository.load_all().unwrap() {
+        result.unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let state = AppState::new(
+        repository,
+        AuditLog::open(&log, false).unwrap(),
+        HttpConfig {
+            request_timeout: Duration::from_millis(500),
+            ..HttpConfig::default()
+        },
+        None,
+    );
+    state.set_ready(true);
+    // Eight images in Triton's binary framing (quick to decode): seconds of ResNet-50 on
+    // any CPU, far past the 500 ms deadline.
+    let n = 8 * 3 * 224 * 224;
+    let header = serde_json::to_vec(&serde_json::json!({
+        "inputs": [{"name": "image", "shape": [8, 3, 224, 224], "datatype": "FP32",
+                    "parameters": {"binary_data_size": n * 4}}]
+    }))
+    .unwrap();
+    let mut body = header.clone();
+    for _ in 0..n {
+        body.extend_from_slice(&0.5f32.to_le_bytes());
+    }
+    let req = Request::post("/v2/models/resnet50-arch/infer")
+        .header("x-request-id", "slow-1")
+        .header("inference-header-content-length", header.len())
+        .body(Body::from(body))
+        .unwrap();
+    let res = http::app(state.clone()).oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::REQUEST_TIMEOUT);
+    let got = wait_for_records(&log, 1);
+    assert_eq!(got.len(), 1, "the timed-out request was not audited");
+    let r = &got[0].event;
+    assert_eq!(r.request_id, "slow-1");
+    assert_eq!(r.model, "resnet50-arch");
+    assert_eq!((r.status, r.outcome), (408, Outcome::Timeout));
+    assert!(r.input_sha256.is_some(), "the input reached the model");
+    assert_eq!(audit::verify(&log).unwrap().records, 1);
+}
