@@ -394,6 +394,69 @@ mod tests {
     }
 
     #[test]
+    fn request_timeout_in_ms_or_secs_and_audit_under_the_data_dir() {
+        let c = ServeArgs::default().resolve().unwrap();
+        assert_eq!(c.request_timeout, std::time::Duration::from_secs(120));
+        match &c.audit {
+            AuditConfig::Jsonl { path, .. } => {
+                assert_eq!(path, &PathBuf::from("nightingale-data/audit/audit.jsonl"))
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = ServeArgs {
+            request_timeout_secs: Some(3),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.request_timeout, std::time::Duration::from_secs(3));
+        let c = ServeArgs {
+            request_timeout_secs: Some(3),
+            request_timeout_ms: Some(250),
+            data_dir: Some("/srv/ng".into()),
+            audit_store: Some(AuditStoreKind::Sqlite),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.request_timeout, std::time::Duration::from_millis(250));
+        match &c.audit {
+            AuditConfig::Sqlite { path, .. } => {
+                assert_eq!(path, &PathBuf::from("/srv/ng/audit.sqlite3"))
+            }
+            other => panic!("{other:?}"),
+        }
+        let err = ServeArgs {
+            request_timeout_ms: Some(0),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid(_)));
+        // PostgreSQL needs its URL, and the password never reaches the log.
+        assert!(
+            ServeArgs {
+                audit_store: Some(AuditStoreKind::Postgres),
+                ..ServeArgs::default()
+            }
+            .resolve()
+            .is_err()
+        );
+        let c = ServeArgs {
+            audit_store: Some(AuditStoreKind::Postgres),
+            audit_postgres_url: Some("postgres://ng:hunter2secret@db/audit".into()),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2secret") && shown.contains("ng@db/audit"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn secrets_are_redacted_and_checked() {
         let c = ServeArgs {
             admin_token: Some("0123456789abcdef-secret".into()),

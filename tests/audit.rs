@@ -365,7 +365,8 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
+        // Lazily: the audit writer thread may still hold its file for a moment.
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
     }
 }
 
@@ -558,4 +559,61 @@ async fn a_slow_model_past_its_deadline_answers_408_and_is_audited() {
     assert_eq!((r.status, r.outcome), (408, Outcome::Timeout));
     assert!(r.input_sha256.is_some(), "the input reached the model");
     assert_eq!(audit::verify(&log).unwrap().records, 1);
+}
+
+// ---------------------------------------------------------------- the CLI
+
+fn cli_verify(args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nightingale"))
+        .args(["audit", "verify"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn audit_verify_takes_a_file_its_folder_or_a_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let mut store = JsonLinesStore::open(
+        &log,
+        Options {
+            fsync: false,
+            rotate_bytes: 1500,
+        },
+    )
+    .unwrap();
+    for g in 0..10 {
+        append(&mut store, g * 2..g * 2 + 2);
+    }
+    drop(store);
+    let files = audit::verify(&log).unwrap().files.len();
+    assert!(files > 2);
+    for target in [log.as_os_str(), dir.path().as_os_str()] {
+        let (ok, out) = cli_verify(&[target]);
+        assert!(ok, "{out}");
+        assert!(
+            out.contains(&format!("20 records in {files} files")),
+            "{out}"
+        );
+    }
+    let db = dir.path().join("audit.sqlite3");
+    let mut store = SqliteStore::open(&db, false).unwrap();
+    append(&mut store, 0..3);
+    drop(store);
+    let (ok, out) = cli_verify(&[db.as_os_str()]);
+    assert!(ok && out.contains("3 records"), "{out}");
+    sqlite_exec(
+        &db,
+        "UPDATE audit_log SET record = replace(record, '\"rows\":1', '\"rows\":3') WHERE seq = 1",
+    );
+    let (ok, out) = cli_verify(&[db.as_os_str()]);
+    assert!(
+        !ok && out.starts_with("FAIL") && out.contains("record 1"),
+        "{out}"
+    );
 }
