@@ -34,6 +34,7 @@ const ALL_FIXTURES: &[&str] = &[
     "gbc_binary",
     "rf_binary",
     "logreg_zipmap",
+    "binarizer",
     // Multi-class tree ensembles (gradient boosting: post-transform SOFTMAX).
     "gbc_multiclass",
     "rf_multiclass",

@@ -15,7 +15,7 @@ ensembles: a grid over both features, NaN included). Floats are written as the
 shortest decimal that round-trips the float32 value, so parsing them as f32 gives
 the exact tensor onnxruntime saw.
 
-Fixtures (see `build()`): the scaler, logistic regression (with and without ZipMap),
+Fixtures (see `build()`): the scaler, a binarizer, logistic regression (with and without ZipMap),
 tree ensembles (gradient boosting and random forests, binary and multi-class with
 SOFTMAX), k-nearest neighbours (classifier binary, multi-class, distance-weighted;
 regressor), SVMs (SVC binary and multi-class with every kernel, with and without
@@ -56,7 +56,7 @@ from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import Binarizer, StandardScaler
 from sklearn.svm import SVC, SVR, NuSVC, NuSVR, OneClassSVM
 
 SEED = 20261124
@@ -237,6 +237,7 @@ def build() -> list[tuple[str, object, np.ndarray, dict | None, np.ndarray | Non
     add("gbc_binary", GradientBoostingClassifier(n_estimators=20, max_depth=3, random_state=SEED), Xc, yc)
     add("rf_binary", RandomForestClassifier(n_estimators=10, max_depth=4, random_state=SEED), Xc, yc)
     fixtures.append(("logreg_zipmap", logreg_pipeline().fit(Xc, yc), Xc, None, None))
+    fixtures.append(("binarizer", make_pipeline(StandardScaler(), Binarizer()).fit(Xc), Xc, None, None))
     # Multi-class tree ensembles: gradient boosting is written with post_transform SOFTMAX.
     add("gbc_multiclass", GradientBoostingClassifier(n_estimators=10, max_depth=3, random_state=SEED), Xw, yw)
     add("rf_multiclass", RandomForestClassifier(n_estimators=10, max_depth=4, random_state=SEED), Xw, yw)

@@ -6,6 +6,7 @@
 //!
 //! - `ArrayFeatureExtractor` (replacing tract's): ONNX Runtime's output shape, which skl2onnx's
 //!   exports rely on (`ml_ops/array_feature_extractor.rs`).
+//! - `Binarizer`: `1` above the threshold, else `0` (`ml_ops/binarizer.rs`).
 //! - `Imputer`: scikit-learn's `SimpleImputer`, NaN or a numeric missing value replaced by the
 //!   fitted per-feature values (`ml_ops/imputer.rs`).
 //! - `Scan` (replacing tract's): tract's own parser, but the loop state restarts from the
@@ -35,6 +36,7 @@ use tract_onnx::tract_hir::internal::*;
 use tract_onnx::tract_hir::ops::logic::wire_with_rank_broadcast;
 
 mod array_feature_extractor;
+mod binarizer;
 mod imputer;
 mod scan;
 mod svm;
@@ -47,6 +49,7 @@ pub fn register_onnx_ml_ops(register: &mut OnnxOpRegister) {
         "ArrayFeatureExtractor",
         array_feature_extractor::array_feature_extractor,
     );
+    register.insert("Binarizer", binarizer::binarizer);
     register.insert("Imputer", imputer::imputer);
     register.insert("Scaler", scaler);
     register.insert("Scan", scan::scan);
