@@ -72,6 +72,10 @@ const ALL_FIXTURES: &[&str] = &[
     "svr_poly",
     "nusvr_linear",
     "one_class_svm",
+    // Hand-built SVMClassifiers in liblinear's layout (no support vectors).
+    "svm_liblinear_binary_mixed",
+    "svm_liblinear_binary_positive",
+    "svm_liblinear_multiclass",
     // SimpleImputer pipelines: NaN in the rows (and a numeric missing value).
     "imputer_mean",
     "imputer_median",

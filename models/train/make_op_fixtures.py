@@ -20,8 +20,9 @@ tree ensembles (gradient boosting and random forests, binary and multi-class wit
 SOFTMAX), k-nearest neighbours (classifier binary, multi-class, distance-weighted;
 regressor), SVMs (SVC binary and multi-class with every kernel, with and without
 probability=True; NuSVC; SVR, NuSVR, OneClassSVM), SimpleImputer pipelines (mean,
-median, most_frequent, constant on NaN; a numeric missing value), and the hand-built
-tree ensembles `te_*`. For logreg_zipmap the ZipMap output (a sequence of maps) is
+median, most_frequent, constant on NaN; a numeric missing value), the hand-built
+tree ensembles `te_*` and liblinear-layout SVM classifiers `svm_liblinear_*`. For
+logreg_zipmap the ZipMap output (a sequence of maps) is
 stored as a dense FP32 [n, 2] array with columns ordered by class key.
 
 Everything is seeded: running the script twice writes identical bytes.
@@ -198,7 +199,47 @@ def hand_built() -> list[tuple[str, onnx.ModelProto, np.ndarray]]:
         te_regressor("te_regressor_min", one_target, 1, "MIN", [10.0]),
         te_regressor("te_regressor_max", one_target, 1, "MAX", [10.0]),
     ]
-    return [(m.graph.name, m, TE_GRID) for m in models]
+    out = [(m.graph.name, m, TE_GRID) for m in models]
+    grid = TE_GRID[~np.isnan(TE_GRID).any(axis=1)]
+    out += [(m.graph.name, m, grid) for m in liblinear_svms()]
+    return out
+
+
+def svm_liblinear(name, labels, coefficients, rho, post) -> onnx.ModelProto:
+    """An SVMClassifier in liblinear's layout (no support vectors: one weight row per class),
+    which skl2onnx does not write but ONNX Runtime serves."""
+    node = helper.make_node(
+        "SVMClassifier",
+        ["X"],
+        ["label", "probabilities"],
+        domain="ai.onnx.ml",
+        classlabels_ints=labels,
+        coefficients=coefficients,
+        rho=rho,
+        kernel_type="LINEAR",
+        kernel_params=[0.0, 0.0, 0.0],
+        post_transform=post,
+    )
+    return _te_model(
+        name,
+        node,
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, len(labels)]),
+        ],
+    )
+
+
+def liblinear_svms() -> list[onnx.ModelProto]:
+    """Two classes with mixed-sign and with non-negative weights (ONNX Runtime's label rules
+    differ), three classes with a post-transform."""
+    return [
+        svm_liblinear("svm_liblinear_binary_mixed", [0, 1], [0.5, -1.0, -0.25, 0.75], [0.1], "NONE"),
+        svm_liblinear("svm_liblinear_binary_positive", [3, 7], [0.5, 0.25, 0.1, 0.4], [0.05], "NONE"),
+        svm_liblinear(
+            "svm_liblinear_multiclass", [5, 6, 7], [0.5, -1.0, -0.25, 0.75, 0.3, 0.2], [0.1], "SOFTMAX"
+        ),
+    ]
 
 
 # ---------------------------------------------------------------------------------------
