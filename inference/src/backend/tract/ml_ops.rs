@@ -4,6 +4,17 @@
 //! serves them rather than asking for re-exports. Every operator here is checked against ONNX
 //! Runtime's outputs on real skl2onnx exports (`inference/tests/onnx_ml.rs`).
 //!
+//! - `ArrayFeatureExtractor` (replacing tract's): ONNX Runtime's output shape, which skl2onnx's
+//!   exports rely on (`ml_ops/array_feature_extractor.rs`).
+//! - `Binarizer`: `1` above the threshold, else `0` (`ml_ops/binarizer.rs`).
+//! - `Imputer`: scikit-learn's `SimpleImputer`, NaN or a numeric missing value replaced by the
+//!   fitted per-feature values (`ml_ops/imputer.rs`).
+//! - `Scan` (replacing tract's): tract's own parser, but the loop state restarts from the
+//!   node's inputs on every run, as ONNX specifies; tract carried it over from the previous run,
+//!   which made k-nearest-neighbours models answer with the first request's neighbours
+//!   (`ml_ops/scan.rs`).
+//! - `SVMClassifier` and `SVMRegressor`: scikit-learn's SVC, NuSVC, SVR, NuSVR and OneClassSVM,
+//!   with ONNX Runtime's one-vs-one voting and Platt probabilities (`ml_ops/svm.rs`).
 //! - `Scaler`: `Y = (X - offset) * scale`, per feature or broadcast. An `Expansion`: rewritten
 //!   at load into tract's own `Sub` and `Mul`, which tract then optimises like any other graph.
 //! - `TreeEnsembleRegressor` and `TreeEnsembleClassifier` (replacing tract's own classifier):
@@ -24,12 +35,26 @@ use tract_onnx::tract_core::ops::math::{mul, sub};
 use tract_onnx::tract_hir::internal::*;
 use tract_onnx::tract_hir::ops::logic::wire_with_rank_broadcast;
 
+mod array_feature_extractor;
+mod binarizer;
+mod imputer;
+mod scan;
+mod svm;
 mod tree_ensemble;
 
 /// Adds Nightingale's ONNX-ML operators to a tract ONNX operator register, replacing tract's
-/// own `TreeEnsembleClassifier`.
+/// own `ArrayFeatureExtractor`, `Scan` and `TreeEnsembleClassifier`.
 pub fn register_onnx_ml_ops(register: &mut OnnxOpRegister) {
+    register.insert(
+        "ArrayFeatureExtractor",
+        array_feature_extractor::array_feature_extractor,
+    );
+    register.insert("Binarizer", binarizer::binarizer);
+    register.insert("Imputer", imputer::imputer);
     register.insert("Scaler", scaler);
+    register.insert("Scan", scan::scan);
+    register.insert("SVMClassifier", svm::svm_classifier);
+    register.insert("SVMRegressor", svm::svm_regressor);
     register.insert(
         "TreeEnsembleClassifier",
         tree_ensemble::tree_ensemble_classifier,
