@@ -64,7 +64,7 @@ pub enum BundleError {
         path: PathBuf,
         engine: &'static str,
         #[source]
-        source: SelfTestError,
+        source: Box<SelfTestError>,
     },
 }
 

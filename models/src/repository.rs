@@ -176,7 +176,7 @@ impl Bundle {
                 source,
             }) if self.manifest.backend == BackendPreference::Any
                 && BackendKind::Ort.is_compiled()
-                && !matches!(source, SelfTestError::Invalid { .. }) =>
+                && !matches!(*source, SelfTestError::Invalid { .. }) =>
             {
                 tracing::warn!(model = %self.manifest.name, version, file = %path.display(),
                     reason = %source,
@@ -288,7 +288,7 @@ impl Bundle {
                             BundleError::SelfTest {
                                 path: path.clone(),
                                 engine: engine_name,
-                                source,
+                                source: Box::new(source),
                             }
                         })
                     },

@@ -189,7 +189,7 @@ fn a_self_test_mismatch_refuses_the_version_naming_output_element_and_difference
         failing,
         total,
         ..
-    } = source
+    } = source.as_ref()
     else {
         panic!("{source:?}");
     };
