@@ -291,10 +291,13 @@ fn check(paths: &[PathBuf]) -> anyhow::Result<bool> {
                 for v in versions {
                     let loaded = bundle.load_version(v, &RepositoryOptions::default())?;
                     let meta = loaded.worker.metadata();
+                    let selftest = match &loaded.selftest {
+                        Some(report) => report.to_string(),
+                        None => format!("no self-test, runs on {}", loaded.worker.backend()),
+                    };
                     lines.push(format!(
-                        "ok   {} version {v}: checksums verified, loads and runs on {} ({} inputs, {} outputs)",
+                        "ok   {} version {v}: checksums verified, {selftest} ({} inputs, {} outputs)",
                         bundle.manifest.name,
-                        loaded.worker.backend(),
                         meta.inputs.len(),
                         meta.outputs.len()
                     ));

@@ -1,5 +1,6 @@
-//! The command line as a user runs it: `models check` passes on every shipped bundle and fails
-//! (exit code 1, the file named) on a tampered copy; `audit verify` on a missing log fails.
+//! The command line as a user runs it: `models check` passes on every shipped bundle (naming
+//! the engine and the self-test result of each version) and fails (exit code 1, the file
+//! named) on a tampered copy; `audit verify` on a missing log fails.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -28,15 +29,23 @@ fn models_check_passes_on_every_shipped_bundle() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for name in [
-        "wdbc-malignancy version 1",
-        "wdbc-malignancy version 2",
-        "icu-mortality version 1",
-        "pima-diabetes version 1",
+    // Each version: the engine that ran it and its self-test against onnxruntime's outputs.
+    for (name, rows) in [
+        ("wdbc-malignancy version 1", 20),
+        ("wdbc-malignancy version 2", 20),
+        ("icu-mortality version 1", 20),
+        ("pima-diabetes version 1", 20),
+        ("image-orientation version 1", 2),
     ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("ok   {name}:")))
+            .unwrap_or_else(|| panic!("{name} missing from:\n{stdout}"));
         assert!(
-            stdout.contains(&format!("ok   {name}")),
-            "{name} missing from:\n{stdout}"
+            line.contains(&format!(
+                "checksums verified, self-test {rows} rows within atol 1e-5 rtol 1e-4"
+            )) && line.contains(") on tract ("),
+            "{line}"
         );
     }
 }

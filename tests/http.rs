@@ -535,9 +535,12 @@ async fn tampered_bundle_is_refused_and_the_others_serve() {
     assert_eq!(tampered["state"], "UNAVAILABLE");
     let reason = tampered["reason"].as_str().unwrap();
     assert!(
-        reason.contains("checksum mismatch") && reason.contains("model.onnx"),
+        reason.starts_with("checksum mismatch for tampered/1/model.onnx: "),
         "{reason}"
     );
+    // Unauthenticated answers name files relative to the repository, never where it lives.
+    let root = f._dir.path().to_str().unwrap();
+    assert!(!String::from_utf8_lossy(&b).contains(root), "{index}");
     let good = index
         .as_array()
         .unwrap()
@@ -555,7 +558,26 @@ async fn tampered_bundle_is_refused_and_the_others_serve() {
     assert_eq!(s, StatusCode::OK);
     let (s, b) = f.get("/v2/models/tampered/ready").await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(String::from_utf8_lossy(&b).contains("model.onnx"));
+    let body = String::from_utf8_lossy(&b);
+    assert!(
+        body.contains("tampered/1/model.onnx") && !body.contains(root),
+        "{body}"
+    );
+    // A load through the API answers the same relative path.
+    let (s, _, b) = f
+        .post_raw(
+            "/v2/repository/models/tampered/load",
+            vec![],
+            None,
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let body = String::from_utf8_lossy(&b);
+    assert!(
+        body.contains("checksum mismatch for tampered/1/model.onnx") && !body.contains(root),
+        "{body}"
+    );
     // Only ready models when asked.
     let (_, v) = f
         .post_json("/v2/repository/index", &json!({"ready": true}))
@@ -873,4 +895,76 @@ async fn a_stalled_body_times_out_with_408() {
         )
         .await;
     assert_eq!(s, StatusCode::OK);
+}
+
+/// A bundle whose engine panics at warm-up (tract 0.23.9 on an out-of-range Gather; the
+/// fixture is written by models/train/make_load_fixtures.py) is reported while the good one
+/// serves: the initial load finishes, so the server becomes ready.
+#[tokio::test]
+async fn a_bundle_that_panics_in_warm_up_is_reported_and_the_server_becomes_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&bundles().join(MODEL), &dir.path().join(MODEL));
+    keep_only_version_1(&dir.path().join(MODEL));
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models/tests/fixtures/bundles/gather-out-of-range");
+    copy_dir(&fixture, &dir.path().join("gather-out-of-range"));
+    let repository = Arc::new(Repository::new(dir.path(), RepositoryOptions::default()));
+    let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
+    let state = AppState::new(
+        repository.clone(),
+        audit,
+        HttpConfig::default(),
+        Some(http::install_recorder()),
+    );
+    // As `serve` does: load everything off the async threads, then mark the server ready.
+    let loader = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || {
+            let outcomes = state.repository.load_all().unwrap();
+            state.set_ready(true);
+            outcomes
+        })
+    };
+    let outcomes = loader.await.expect("the initial load does not panic");
+    assert_eq!(outcomes.len(), 2);
+    let f = Fixture { _dir: dir, state };
+    assert_eq!(f.get("/v2/health/ready").await.0, StatusCode::OK);
+
+    let (s, index) = f.post_json("/v2/repository/index", &json!({})).await;
+    assert_eq!(s, StatusCode::OK);
+    let row = |name: &str| {
+        index
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing from {index}"))
+            .clone()
+    };
+    let bad = row("gather-out-of-range");
+    assert_eq!(bad["state"], "UNAVAILABLE");
+    let reason = bad["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with(
+            "gather-out-of-range/1/model.onnx: the tract engine panicked while warming up"
+        ),
+        "{reason}"
+    );
+    let root = f._dir.path().to_str().unwrap();
+    assert!(!index.to_string().contains(root), "{index}");
+    let good = row(MODEL);
+    assert_eq!(good["state"], "READY");
+    assert_eq!(good["backend"], "tract");
+
+    let (s, b) = f.get("/v2/models/gather-out-of-range/ready").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    let body = String::from_utf8_lossy(&b);
+    assert!(body.contains("panicked") && !body.contains(root), "{body}");
+    let (s, v) = f
+        .post_json(
+            &format!("/v2/models/{MODEL}/infer"),
+            &json_request(&[vec![1.0; 30]]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
 }

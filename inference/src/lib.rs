@@ -19,6 +19,7 @@ mod worker;
 
 pub use backend::{
     Backend, BackendKind, ExecutionProvider, LoadOptions, ModelMetadata, TensorSpec, load,
+    load_bytes,
 };
 pub use error::InferenceError;
 pub use stats::{BatchStat, Duration as StatDuration, ModelStats, StatsSnapshot};

@@ -52,6 +52,17 @@ fn list_files(dir: &Path) -> Result<Vec<String>, BundleError> {
 
 /// Checks that `dir` holds exactly the listed files with the listed checksums.
 pub fn verify_folder(dir: &Path, files: &BTreeMap<String, String>) -> Result<(), BundleError> {
+    read_verified(dir, files).map(drop)
+}
+
+/// Reads every listed file of `dir` once, checks its SHA-256 against the listing, and returns
+/// the bytes that were hashed: the caller loads the model from these, never from the path
+/// again, so what runs is exactly what was verified. A file present but not listed, or listed
+/// but missing (or not a regular file, e.g. a symbolic link), is an error.
+pub fn read_verified(
+    dir: &Path,
+    files: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, Vec<u8>>, BundleError> {
     for present in list_files(dir)? {
         if !files.contains_key(&present) {
             return Err(BundleError::UnlistedFile {
@@ -59,6 +70,7 @@ pub fn verify_folder(dir: &Path, files: &BTreeMap<String, String>) -> Result<(),
             });
         }
     }
+    let mut out = BTreeMap::new();
     for (name, expected) in files {
         let path: PathBuf = dir.join(name);
         let meta = fs::symlink_metadata(&path)
@@ -66,7 +78,8 @@ pub fn verify_folder(dir: &Path, files: &BTreeMap<String, String>) -> Result<(),
         if !meta.is_file() {
             return Err(BundleError::MissingFile { path });
         }
-        let actual = sha256_file(&path).map_err(|source| BundleError::io(&path, source))?;
+        let bytes = fs::read(&path).map_err(|source| BundleError::io(&path, source))?;
+        let actual = hex::encode(Sha256::digest(&bytes));
         if !actual.eq_ignore_ascii_case(expected) {
             return Err(BundleError::ChecksumMismatch {
                 path,
@@ -74,6 +87,7 @@ pub fn verify_folder(dir: &Path, files: &BTreeMap<String, String>) -> Result<(),
                 actual,
             });
         }
+        out.insert(name.clone(), bytes);
     }
-    Ok(())
+    Ok(out)
 }

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use nightingale_inference::InferenceError;
 
 use crate::manifest::InvalidManifest;
+use crate::selftest::SelfTestError;
 
 /// Why a bundle cannot be served. Each names the file at fault.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -45,15 +46,91 @@ pub enum BundleError {
     UnlistedVersion { path: PathBuf, version: String },
     #[error("{path}: no version selected by the version policy is present")]
     NoVersions { path: PathBuf },
-    #[error("{path}: {source}")]
+    #[error("{path}: {}", chain(source))]
     Inference {
         path: PathBuf,
         #[source]
         source: InferenceError,
     },
+    #[error("{path}: the {engine} engine panicked while {stage}: {message}")]
+    Panicked {
+        path: PathBuf,
+        engine: &'static str,
+        stage: &'static str,
+        message: String,
+    },
+    #[error("{path}: refused, self-test failed on {engine}: {source}")]
+    SelfTest {
+        path: PathBuf,
+        engine: &'static str,
+        #[source]
+        source: Box<SelfTestError>,
+    },
+}
+
+/// An error and its sources, joined with `: ` (the reason a failed load reports).
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
 }
 
 impl BundleError {
+    /// The file or folder at fault.
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            BundleError::Io { path, .. }
+            | BundleError::Manifest { path, .. }
+            | BundleError::ManifestTooLarge { path, .. }
+            | BundleError::NameMismatch { path, .. }
+            | BundleError::ChecksumMismatch { path, .. }
+            | BundleError::UnlistedFile { path }
+            | BundleError::MissingFile { path }
+            | BundleError::UnlistedVersion { path, .. }
+            | BundleError::NoVersions { path }
+            | BundleError::Inference { path, .. }
+            | BundleError::Panicked { path, .. }
+            | BundleError::SelfTest { path, .. } => path,
+        }
+    }
+
+    /// The same error naming its file relative to `root` (the repository), for answers that
+    /// must not show where the server keeps its files. Logs keep the full path.
+    pub fn relative_to(mut self, root: &std::path::Path) -> Self {
+        let relative = self.path().strip_prefix(root).ok().map(|p| {
+            if p.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                p.to_owned()
+            }
+        });
+        if let Some(relative) = relative {
+            match &mut self {
+                BundleError::Io { path, .. }
+                | BundleError::Manifest { path, .. }
+                | BundleError::ManifestTooLarge { path, .. }
+                | BundleError::NameMismatch { path, .. }
+                | BundleError::ChecksumMismatch { path, .. }
+                | BundleError::UnlistedFile { path }
+                | BundleError::MissingFile { path }
+                | BundleError::UnlistedVersion { path, .. }
+                | BundleError::NoVersions { path }
+                | BundleError::Inference { path, .. }
+                | BundleError::Panicked { path, .. }
+                | BundleError::SelfTest { path, .. } => *path = relative,
+            }
+        }
+        self
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         BundleError::Io {
             path: path.into(),

@@ -16,12 +16,14 @@ mod error;
 pub mod manifest;
 pub mod preprocess;
 mod repository;
+pub mod selftest;
 
-pub use checksum::{sha256_file, verify_folder};
+pub use checksum::{read_verified, sha256_file, verify_folder};
 pub use error::{BundleError, RepositoryError};
-pub use manifest::{Manifest, TaskKind};
+pub use manifest::{Manifest, SelfTestSpec, TaskKind, Tolerance};
 pub use preprocess::{Image, PreprocessError, Preprocessing};
 pub use repository::{
     Bundle, IndexEntry, LoadOutcome, LoadedModel, MANIFEST_FILE, ModelState, Repository,
     RepositoryOptions,
 };
+pub use selftest::{SelfTestError, SelfTestReport};

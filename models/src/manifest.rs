@@ -38,6 +38,9 @@ pub struct Manifest {
     pub intended_use: IntendedUse,
     #[serde(default)]
     pub provenance: Provenance,
+    /// The load-time self-test every version runs (see `docs/bundle-format.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selftest: Option<SelfTestSpec>,
     /// Version number (a positive integer, as the folder is named) → its entry.
     pub versions: BTreeMap<String, VersionEntry>,
 }
@@ -253,6 +256,43 @@ pub struct Provenance {
     pub training_script: String,
 }
 
+/// `[selftest]`: each version folder holds `file` (reference inputs and the outputs the
+/// exporting runtime produced); at load the engine must reproduce every output element `e`
+/// as `a` with `|a - e| <= atol + rtol * |e|`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelfTestSpec {
+    #[serde(default = "default_selftest_file")]
+    pub file: String,
+    pub atol: f64,
+    pub rtol: f64,
+    /// Per-output tolerances (output name → atol/rtol), overriding the defaults above.
+    #[serde(default)]
+    pub outputs: BTreeMap<String, Tolerance>,
+}
+
+/// An absolute and a relative tolerance.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tolerance {
+    pub atol: f64,
+    pub rtol: f64,
+}
+
+fn default_selftest_file() -> String {
+    "selftest.json".into()
+}
+
+impl SelfTestSpec {
+    /// The tolerance for one output.
+    pub fn tolerance(&self, output: &str) -> Tolerance {
+        self.outputs.get(output).copied().unwrap_or(Tolerance {
+            atol: self.atol,
+            rtol: self.rtol,
+        })
+    }
+}
+
 /// One version of the model: its folder's files and their SHA-256 checksums.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -418,6 +458,28 @@ impl Manifest {
                     "version {version}: model_file {:?} is not among its files",
                     entry.model_file
                 ));
+            }
+        }
+        if let Some(st) = &self.selftest {
+            let tolerances = std::iter::once(("", st.tolerance("")))
+                .chain(st.outputs.iter().map(|(k, v)| (k.as_str(), *v)));
+            for (output, t) in tolerances {
+                if !(t.atol.is_finite() && t.atol >= 0.0 && t.rtol.is_finite() && t.rtol >= 0.0) {
+                    return fail(format!(
+                        "selftest: atol and rtol must be finite and >= 0 (output {output:?})"
+                    ));
+                }
+                if !output.is_empty() && !self.outputs.iter().any(|o| o.name == output) {
+                    return fail(format!("selftest: {output:?} is not a declared output"));
+                }
+            }
+            for (version, entry) in &self.versions {
+                if !entry.files.contains_key(&st.file) {
+                    return fail(format!(
+                        "version {version}: the self-test file {:?} is not among its files",
+                        st.file
+                    ));
+                }
             }
         }
         if self.batching.max_batch_size > 1

@@ -5,17 +5,19 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use nightingale_inference::{
-    BackendKind, BatchingConfig, ExecutionProvider, LoadOptions, ModelWorker, NamedTensor, Tensor,
-    WorkerConfig,
+    Backend, BackendKind, BatchingConfig, ExecutionProvider, LoadOptions, ModelMetadata,
+    ModelWorker, NamedTensor, Tensor, WorkerConfig,
 };
 
-use crate::checksum::verify_folder;
+use crate::checksum::{read_verified, verify_folder};
 use crate::error::{BundleError, RepositoryError};
-use crate::manifest::{BackendPreference, Manifest, parse_version, valid_name};
+use crate::manifest::{BackendPreference, Manifest, SelfTestSpec, parse_version, valid_name};
+use crate::selftest::{self, SelfTestError, SelfTestReport};
 
 /// The manifest file of a bundle.
 pub const MANIFEST_FILE: &str = "bundle.toml";
@@ -143,35 +145,57 @@ impl Bundle {
         }
     }
 
-    /// Verifies, loads, checks the declared inputs/outputs, warms up and starts serving one version.
+    /// Verifies, loads, checks the declared inputs/outputs, warms up, self-tests and starts
+    /// serving one version. Each file of the version folder is read once; the model is loaded
+    /// from the bytes that were hashed. A panic in the engine is caught and reported as the
+    /// version's error.
     pub fn load_version(
         &self,
         version: u64,
         options: &RepositoryOptions,
     ) -> Result<LoadedModel, BundleError> {
         let vdir = self.dir.join(version.to_string());
-        self.verify(version)?;
         let entry = &self.manifest.versions[&version.to_string()];
+        let mut files = read_verified(&vdir, &entry.files)?;
         let model_path = vdir.join(&entry.model_file);
-        let inference_err = |source| BundleError::Inference {
-            path: model_path.clone(),
-            source,
-        };
-        let load = LoadOptions {
-            backend: self.backend(options),
-            intra_op_threads: options.intra_op_threads,
-            execution_provider: options.execution_provider,
-            ort_library: options.ort_library.clone(),
-        };
-        let mut backend = nightingale_inference::load(&model_path, &load).map_err(inference_err)?;
-        let declared = self
-            .manifest
-            .metadata_in_order(backend.metadata())
-            .map_err(|source| BundleError::Manifest {
-                path: self.dir.join(MANIFEST_FILE),
-                source,
+        let model = files
+            .remove(&entry.model_file)
+            .ok_or_else(|| BundleError::MissingFile {
+                path: model_path.clone(),
             })?;
-        warm_up(backend.as_mut(), &declared).map_err(inference_err)?;
+        let selftest = self
+            .manifest
+            .selftest
+            .as_ref()
+            .and_then(|spec| Some((spec, files.remove(&spec.file)?)));
+        let engine = self.backend(options);
+        let prepared = match self.prepare(engine, version, &model, selftest.as_ref(), options) {
+            Err(BundleError::SelfTest {
+                path,
+                engine: "tract",
+                source,
+            }) if self.manifest.backend == BackendPreference::Any
+                && BackendKind::Ort.is_compiled()
+                && !matches!(*source, SelfTestError::Invalid { .. }) =>
+            {
+                tracing::warn!(model = %self.manifest.name, version, file = %path.display(),
+                    reason = %source,
+                    "self-test failed on tract; the bundle allows any engine, falling back to ort");
+                self.prepare(
+                    BackendKind::Ort,
+                    version,
+                    &model,
+                    selftest.as_ref(),
+                    options,
+                )?
+            }
+            other => other?,
+        };
+        let (backend, declared, report) = prepared;
+        if let Some(report) = &report {
+            tracing::info!(model = %self.manifest.name, version, engine = report.engine,
+                rows = report.rows, max_diff = report.max_diff, "self-test passed");
+        }
         let b = &self.manifest.batching;
         let config = WorkerConfig {
             model: self.manifest.name.clone(),
@@ -192,15 +216,115 @@ impl Bundle {
                 .map(|i| i.name.clone())
                 .collect(),
         };
-        let worker = ModelWorker::spawn(backend, config).map_err(inference_err)?;
+        let engine_name = backend.name();
+        let worker = guarded(&model_path, engine_name, "starting its instances", || {
+            ModelWorker::spawn(backend, config).map_err(|source| BundleError::Inference {
+                path: model_path.clone(),
+                source,
+            })
+        })?;
         Ok(LoadedModel {
             name: self.manifest.name.clone(),
             version,
             manifest: Arc::new(self.manifest.clone()),
             model_sha256: entry.files[&entry.model_file].to_ascii_lowercase(),
+            selftest: report,
             worker,
         })
     }
+
+    /// Loads the model bytes on one engine, checks its metadata, warms it up and runs the
+    /// self-test, each step under `catch_unwind`.
+    #[allow(clippy::type_complexity)]
+    fn prepare(
+        &self,
+        engine: BackendKind,
+        version: u64,
+        model: &[u8],
+        selftest: Option<&(&SelfTestSpec, Vec<u8>)>,
+        options: &RepositoryOptions,
+    ) -> Result<(Box<dyn Backend>, ModelMetadata, Option<SelfTestReport>), BundleError> {
+        let entry = &self.manifest.versions[&version.to_string()];
+        let vdir = self.dir.join(version.to_string());
+        let model_path = vdir.join(&entry.model_file);
+        // Errors from the engine name the model by its place in the repository.
+        let name = Path::new(&self.manifest.name)
+            .join(version.to_string())
+            .join(&entry.model_file);
+        let inference_err = |source| BundleError::Inference {
+            path: model_path.clone(),
+            source,
+        };
+        let load = LoadOptions {
+            backend: engine,
+            intra_op_threads: options.intra_op_threads,
+            execution_provider: options.execution_provider,
+            ort_library: options.ort_library.clone(),
+        };
+        let engine_name = engine.as_str();
+        let mut backend = guarded(&model_path, engine_name, "loading the model", || {
+            nightingale_inference::load_bytes(model, &name, &load).map_err(inference_err)
+        })?;
+        let declared = self
+            .manifest
+            .metadata_in_order(backend.metadata())
+            .map_err(|source| BundleError::Manifest {
+                path: self.dir.join(MANIFEST_FILE),
+                source,
+            })?;
+        guarded(&model_path, engine_name, "warming up", || {
+            warm_up(backend.as_mut(), &declared).map_err(inference_err)
+        })?;
+        let report = match selftest {
+            None => None,
+            Some((spec, bytes)) => {
+                let path = vdir.join(&spec.file);
+                Some(guarded(
+                    &path,
+                    engine_name,
+                    "running the self-test",
+                    || {
+                        selftest::run(backend.as_mut(), &declared, spec, bytes).map_err(|source| {
+                            BundleError::SelfTest {
+                                path: path.clone(),
+                                engine: engine_name,
+                                source: Box::new(source),
+                            }
+                        })
+                    },
+                )?)
+            }
+        };
+        Ok((backend, declared, report))
+    }
+}
+
+/// Runs `f`, turning a panic into [`BundleError::Panicked`]: an engine that panics on a model
+/// fails that model's load and nothing else.
+fn guarded<T>(
+    path: &Path,
+    engine: &'static str,
+    stage: &'static str,
+    f: impl FnOnce() -> Result<T, BundleError>,
+) -> Result<T, BundleError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let message = panic_message(payload.as_ref());
+        tracing::error!(file = %path.display(), engine, stage, %message, "the engine panicked");
+        Err(BundleError::Panicked {
+            path: path.to_owned(),
+            engine,
+            stage,
+            message,
+        })
+    })
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Runs the model once on zeros (batch 1) when every input's shape is known but for the
@@ -237,6 +361,8 @@ pub struct LoadedModel {
     pub manifest: Arc<Manifest>,
     /// SHA-256 of the model file, as verified at load.
     pub model_sha256: String,
+    /// The load-time self-test's result (`None`: the bundle declares no `[selftest]`).
+    pub selftest: Option<SelfTestReport>,
     pub worker: ModelWorker,
 }
 
@@ -264,12 +390,17 @@ pub struct IndexEntry {
     pub name: String,
     pub version: Option<u64>,
     pub state: ModelState,
+    /// The engine serving a ready version (`tract`, `ort`).
+    pub backend: Option<&'static str>,
 }
 
 #[derive(Debug, Default)]
 struct Entry {
     versions: BTreeMap<u64, Arc<LoadedModel>>,
     state: Option<ModelState>,
+    /// The repository's unload count when this model was last unloaded: a load that started
+    /// before it discards what it loaded.
+    unloaded_at: u64,
 }
 
 /// The served models. Cheap to share behind an `Arc`; loading happens outside the lock and
@@ -279,8 +410,11 @@ pub struct Repository {
     root: PathBuf,
     options: RepositoryOptions,
     models: RwLock<BTreeMap<String, Entry>>,
-    /// One load or unload at a time.
+    /// One load at a time. Unloads never wait for it (they run on the async runtime's
+    /// blocking pool, and a load can take minutes).
     loading: Mutex<()>,
+    /// Unloads so far; see `Entry::unloaded_at`.
+    unloads: AtomicU64,
 }
 
 impl Repository {
@@ -290,6 +424,7 @@ impl Repository {
             options,
             models: RwLock::default(),
             loading: Mutex::default(),
+            unloads: AtomicU64::new(0),
         }
     }
 
@@ -315,20 +450,39 @@ impl Repository {
         Ok(names)
     }
 
-    /// Loads every bundle in the repository. A bundle that fails is logged and marked
-    /// unavailable; the others serve.
+    /// Loads every bundle in the repository. A bundle that fails (or whose engine panics) is
+    /// logged and marked unavailable; the others serve.
     pub fn load_all(&self) -> Result<Vec<LoadOutcome>, RepositoryError> {
         let names = self.scan()?;
         Ok(names
             .into_iter()
             .map(|name| {
-                let result = self.load(&name);
+                let result =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.load(&name)))
+                        .unwrap_or_else(|payload| {
+                            let message = panic_message(payload.as_ref());
+                            tracing::error!(model = %name, %message, "loading the model panicked");
+                            let reason = format!("loading panicked: {message}");
+                            let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+                            let entry = models.entry(name.clone()).or_default();
+                            if entry.versions.is_empty() {
+                                entry.state = Some(ModelState::Unavailable {
+                                    reason: reason.clone(),
+                                });
+                            }
+                            Err(RepositoryError::NotReady {
+                                name: name.clone(),
+                                reason,
+                            })
+                        });
                 (name, result)
             })
             .collect())
     }
 
     /// (Re)loads one model from disk: the versions its policy selects replace those served.
+    /// Errors name files relative to the repository root (they are answered over HTTP); the
+    /// log keeps full paths.
     pub fn load(&self, name: &str) -> Result<Vec<u64>, RepositoryError> {
         if !valid_name(name) {
             return Err(RepositoryError::InvalidName {
@@ -342,11 +496,23 @@ impl Repository {
             });
         }
         let _guard = self.loading.lock().unwrap_or_else(|p| p.into_inner());
-        match self.load_versions(&dir) {
+        let started = self.unloads.load(Ordering::SeqCst);
+        let result = self.load_versions(&dir);
+        let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+        let entry = models.entry(name.to_owned()).or_default();
+        if entry.unloaded_at > started {
+            tracing::warn!(
+                model = name,
+                "the model was unloaded while it loaded; load discarded"
+            );
+            return Err(RepositoryError::NotReady {
+                name: name.to_owned(),
+                reason: "unloaded while it was loading".into(),
+            });
+        }
+        match result {
             Ok(loaded) => {
                 let versions: Vec<u64> = loaded.keys().copied().collect();
-                let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
-                let entry = models.entry(name.to_owned()).or_default();
                 entry.versions = loaded;
                 entry.state = Some(ModelState::Ready);
                 tracing::info!(model = name, ?versions, "model loaded");
@@ -354,8 +520,7 @@ impl Repository {
             }
             Err(e) => {
                 tracing::error!(model = name, error = %e, "model failed to load");
-                let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
-                let entry = models.entry(name.to_owned()).or_default();
+                let e = e.relative_to(&self.root);
                 // Versions already serving keep serving; the failure is reported.
                 if entry.versions.is_empty() {
                     entry.state = Some(ModelState::Unavailable {
@@ -379,24 +544,22 @@ impl Repository {
         Ok(loaded)
     }
 
-    /// Stops serving a model. Requests already queued still finish.
+    /// Stops serving a model. Requests already queued still finish. Never waits for a load in
+    /// progress: a load that started before this unload discards its result.
     pub fn unload(&self, name: &str) -> Result<(), RepositoryError> {
-        let _guard = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        let on_disk = valid_name(name) && self.root.join(name).join(MANIFEST_FILE).is_file();
         let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
-        match models.get_mut(name) {
-            Some(entry) => {
-                entry.versions.clear();
-                entry.state = Some(ModelState::Unloaded);
-                tracing::info!(model = name, "model unloaded");
-                Ok(())
-            }
-            None if self.root.join(name).join(MANIFEST_FILE).is_file() && valid_name(name) => {
-                Ok(())
-            }
-            None => Err(RepositoryError::UnknownModel {
+        if !on_disk && !models.contains_key(name) {
+            return Err(RepositoryError::UnknownModel {
                 name: name.to_owned(),
-            }),
+            });
         }
+        let entry = models.entry(name.to_owned()).or_default();
+        entry.versions.clear();
+        entry.state = Some(ModelState::Unloaded);
+        entry.unloaded_at = self.unloads.fetch_add(1, Ordering::SeqCst) + 1;
+        tracing::info!(model = name, "model unloaded");
+        Ok(())
     }
 
     /// A served version: the given one, or the highest when `version` is `None`.
@@ -452,21 +615,24 @@ impl Repository {
         for name in names {
             match models.get(name) {
                 Some(entry) if !entry.versions.is_empty() => {
-                    out.extend(entry.versions.keys().map(|&v| IndexEntry {
+                    out.extend(entry.versions.iter().map(|(&v, m)| IndexEntry {
                         name: name.to_owned(),
                         version: Some(v),
                         state: ModelState::Ready,
+                        backend: Some(m.worker.backend()),
                     }));
                 }
                 Some(entry) => out.push(IndexEntry {
                     name: name.to_owned(),
                     version: None,
                     state: entry.state.clone().unwrap_or(ModelState::Unloaded),
+                    backend: None,
                 }),
                 None => out.push(IndexEntry {
                     name: name.to_owned(),
                     version: None,
                     state: ModelState::Unloaded,
+                    backend: None,
                 }),
             }
         }

@@ -40,6 +40,8 @@ from skl2onnx.common.data_types import FloatTensorType
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
+import selftest
+
 REPO = Path(__file__).resolve().parents[2]
 BUNDLES = REPO / "models" / "bundles"
 
@@ -603,12 +605,24 @@ def build_version(spec: BundleSpec, vs: VersionSpec, ds: Dataset, split: Split) 
         f"specificity {a['specificity']['value']:.3f}, Brier {test['brier']['value']:.4f}"
     )
     print(f"  model.onnx sha256={digest}")
+    # The load-time self-test: seeded rows within the training ranges, onnxruntime's outputs.
+    selftest_path = selftest.write_for_bundle(spec.bundle_dir, vs.version, selftest_manifest(ds))
     return {
         "spec": vs,
         "metrics": metrics,
         "prob_test": prob_test,
-        "files": {"metrics.json": sha256(metrics_path), "model.onnx": digest},
+        "files": {
+            "metrics.json": sha256(metrics_path),
+            "model.onnx": digest,
+            "selftest.json": sha256(selftest_path),
+        },
     }
+
+
+def selftest_manifest(ds: Dataset) -> dict:
+    """The parts of bundle.toml that selftest.py draws its inputs from."""
+    features = [{"min": f.min, "max": f.max} for f in ds.features]
+    return {"inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, len(features)], "features": features}]}
 
 
 def write_test_csv(spec: BundleSpec, ds: Dataset, split: Split, probs: dict[int, np.ndarray], out: Path) -> None:
@@ -779,6 +793,8 @@ def write_bundle_toml(spec: BundleSpec, ds: Dataset, results: list[dict]) -> Non
     w(f"data_licence = {toml_str(spec.data_licence)}")
     w(f"model_licence = {toml_str(spec.model_licence)}")
     w(f"training_script = {toml_str(spec.script)}")
+    w("")
+    out.extend(selftest.selftest_toml(exact=("label",)))
     for r in results:
         vs = r["spec"]
         w("")
@@ -787,7 +803,7 @@ def write_bundle_toml(spec: BundleSpec, ds: Dataset, results: list[dict]) -> Non
         w(f"created = {toml_str(vs.created)}")
         w("")
         w(f"[versions.{vs.version}.files]")
-        for fname in ("model.onnx", "metrics.json"):
+        for fname in ("model.onnx", "metrics.json", "selftest.json"):
             w(f'"{fname}" = "{r["files"][fname]}"')
     text = "\n".join(out) + "\n"
 

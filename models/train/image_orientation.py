@@ -619,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"torch": torch.__version__, "numpy": np.__version__},
     }
     measure(metrics, frames, onnx_path, xv, yv, mv)
+    write_selftest()
     log(json.dumps({k: metrics["test"][k] for k in ("accuracy_8_way", "rotation_accuracy", "mirror_accuracy")}))
     log(json.dumps(metrics["test"]["misoriented"]["auroc"]))
     write_bundle_toml(metrics)
@@ -650,11 +651,25 @@ def verdict(metrics: dict) -> str | None:
     return None
 
 
+SELFTEST_ROWS = 2  # 2 images of 224x224 (base64): about 0.5 MB
+
+
+def write_selftest() -> None:
+    """The load-time self-test (models/train/selftest.py): seeded standard-normal images and
+    onnxruntime's outputs for them. Also `selftest.py models/bundles/image-orientation 1 --rows 2`."""
+    import selftest
+
+    spec = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, SPEC.height, SPEC.width]}]}
+    selftest.write_for_bundle(BUNDLE, 1, spec, rows=SELFTEST_ROWS)
+
+
 def write_bundle_toml(metrics: dict) -> None:
+    import selftest
     from common import sha256, toml_str
 
     vdir = BUNDLE / "1"
-    files = {f: sha256(vdir / f) for f in ("model.onnx", "metrics.json")}
+    files = {f: sha256(vdir / f) for f in ("model.onnx", "metrics.json", "selftest.json")}
+    selftest_section = "\n".join(selftest.selftest_toml())
     thr = metrics["threshold"]
     val = metrics["validation"]["misoriented"]["at_threshold"]
     labels = ", ".join(toml_str(l) for l in ORIENTATION_LABELS)
@@ -720,6 +735,8 @@ data_licence = "MIT (pydicom, pydicom-data, deid-data packages); images not redi
 model_licence = "Apache-2.0"
 training_script = "models/train/image_orientation.py"
 
+{selftest_section}
+
 [versions.1]
 description = "D4-equivariant small CNN (one uprightness score per undone transform, 8-way softmax), PyTorch {metrics['versions']['torch']}, exported to ONNX opset 17"
 created = "2026-11-27"
@@ -727,6 +744,7 @@ created = "2026-11-27"
 [versions.1.files]
 "model.onnx" = "{files['model.onnx']}"
 "metrics.json" = "{files['metrics.json']}"
+"selftest.json" = "{files['selftest.json']}"
 """
     import tomllib
 

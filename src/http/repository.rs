@@ -47,6 +47,9 @@ pub async fn index(
             if let Some(v) = e.version {
                 row["version"] = json!(v.to_string());
             }
+            if let Some(backend) = e.backend {
+                row["backend"] = json!(backend);
+            }
             row
         })
         .collect();
@@ -111,6 +114,10 @@ pub async fn unload(
 ) -> Result<Json<serde_json::Value>, AppError> {
     authorize(&state, &headers)?;
     read_body(&headers, body, CONTROL_BODY_LIMIT).await?;
-    state.repository.unload(&model)?;
+    // The repository's locks are std locks: take them off the async runtime's threads.
+    let repository = state.repository.clone();
+    tokio::task::spawn_blocking(move || repository.unload(&model))
+        .await
+        .map_err(|e| AppError::internal(e.to_string()))??;
     Ok(Json(json!({})))
 }

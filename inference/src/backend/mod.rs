@@ -166,13 +166,30 @@ pub struct LoadOptions {
     pub ort_library: Option<std::path::PathBuf>,
 }
 
-/// Loads an ONNX model file with the chosen backend: parse, optimise and plan once, here.
+/// Loads an ONNX model file with the chosen backend: reads it once, then [`load_bytes`].
 pub fn load(path: &Path, options: &LoadOptions) -> Result<Box<dyn Backend>, InferenceError> {
+    let model = std::fs::read(path).map_err(|e| InferenceError::load(path, e))?;
+    load_bytes(&model, path, options)
+}
+
+/// Loads an ONNX model from its bytes with the chosen backend: parse, optimise and plan once,
+/// here. Neither engine reads anything else from disk: a model whose tensors live in external
+/// data files is refused (bundles ship self-contained models, so what was checksummed is
+/// exactly what runs). `name` only labels errors.
+pub fn load_bytes(
+    model: &[u8],
+    name: &Path,
+    options: &LoadOptions,
+) -> Result<Box<dyn Backend>, InferenceError> {
+    #[cfg(feature = "tract")]
+    tract::refuse_external_data(model, name)?;
     match options.backend {
         #[cfg(feature = "tract")]
-        BackendKind::Tract => Ok(Box::new(tract::TractBackend::load(path, options)?)),
+        BackendKind::Tract => Ok(Box::new(tract::TractBackend::load_bytes(
+            model, name, options,
+        )?)),
         #[cfg(feature = "ort")]
-        BackendKind::Ort => Ok(Box::new(ort::OrtBackend::load(path, options)?)),
+        BackendKind::Ort => Ok(Box::new(ort::OrtBackend::load_bytes(model, name, options)?)),
         #[allow(unreachable_patterns)]
         other => Err(InferenceError::BackendNotCompiled {
             backend: other.as_str(),

@@ -38,16 +38,32 @@ fn environment(library: Option<&Path>) -> Result<Environment, String> {
     Ok(built)
 }
 
-/// An ONNX Runtime session and what it was loaded from (to open more instances).
+/// An ONNX Runtime session and the model bytes it was loaded from (to open more instances
+/// without reading the file again).
 pub struct OrtBackend {
     session: Session,
     metadata: Arc<ModelMetadata>,
-    path: PathBuf,
+    model: Arc<[u8]>,
+    name: PathBuf,
     options: LoadOptions,
 }
 
 impl OrtBackend {
-    pub fn load(path: &Path, options: &LoadOptions) -> Result<Self, InferenceError> {
+    /// Opens a session on the model held in `model` (`name` only labels errors).
+    pub fn load_bytes(
+        model: &[u8],
+        name: &Path,
+        options: &LoadOptions,
+    ) -> Result<Self, InferenceError> {
+        Self::load_shared(Arc::from(model), name, options)
+    }
+
+    fn load_shared(
+        model: Arc<[u8]>,
+        name: &Path,
+        options: &LoadOptions,
+    ) -> Result<Self, InferenceError> {
+        let path = name;
         let load_err = |e: String| InferenceError::load(path, e);
         let env = environment(options.ort_library.as_deref()).map_err(load_err)?;
         let mut builder = Session::builder(&env).map_err(|e| load_err(e.to_string()))?;
@@ -64,7 +80,7 @@ impl OrtBackend {
                 .map_err(|e| load_err(e.to_string()))?;
         }
         let session = builder
-            .commit_from_file(path)
+            .commit_from_memory(&model)
             .map_err(|e| load_err(e.to_string()))?;
         let spec = |o: &ort::value::Outlet| -> Result<TensorSpec, String> {
             match o.dtype() {
@@ -101,7 +117,8 @@ impl OrtBackend {
         Ok(OrtBackend {
             session,
             metadata: Arc::new(metadata),
-            path: path.to_owned(),
+            model,
+            name: name.to_owned(),
             options: options.clone(),
         })
     }
@@ -210,6 +227,10 @@ impl Backend for OrtBackend {
     }
 
     fn fork(&self) -> Result<Box<dyn Backend>, InferenceError> {
-        Ok(Box::new(OrtBackend::load(&self.path, &self.options)?))
+        Ok(Box::new(OrtBackend::load_shared(
+            self.model.clone(),
+            &self.name,
+            &self.options,
+        )?))
     }
 }

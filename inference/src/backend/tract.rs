@@ -48,9 +48,14 @@ pub fn onnx() -> tract_onnx::Onnx {
 }
 
 impl TractBackend {
-    pub fn load(path: &Path, _options: &LoadOptions) -> Result<Self, InferenceError> {
-        let load_err = |e: TractError| InferenceError::load(path, e);
-        let mut model = onnx().model_for_path(path).map_err(load_err)?;
+    /// Parses, optimises and plans the model held in `model` (`name` only labels errors).
+    pub fn load_bytes(
+        model: &[u8],
+        name: &Path,
+        _options: &LoadOptions,
+    ) -> Result<Self, InferenceError> {
+        let load_err = |e: TractError| InferenceError::load(name, e);
+        let mut model = onnx().model_for_read(&mut &model[..]).map_err(load_err)?;
         let batch = model.symbols.sym("N");
         for ix in 0..model.inputs.len() {
             let mut fact: InferenceFact = model.input_fact(ix).map_err(load_err)?.clone();
@@ -84,6 +89,48 @@ impl TractBackend {
             metadata: Arc::new(metadata),
         })
     }
+}
+
+/// Refuses a model whose tensors are stored in external data files: loading from bytes
+/// could not read them, and the engine must not read unverified files beside the model.
+pub(crate) fn refuse_external_data(model: &[u8], name: &Path) -> Result<(), InferenceError> {
+    use tract_onnx::pb::{GraphProto, TensorProto, tensor_proto::DataLocation};
+    fn external(t: &TensorProto) -> bool {
+        t.data_location == Some(DataLocation::External as i32) || !t.external_data.is_empty()
+    }
+    fn walk(g: &GraphProto) -> Option<String> {
+        let sparse = g
+            .sparse_initializer
+            .iter()
+            .flat_map(|s| s.values.iter().chain(s.indices.iter()));
+        if let Some(t) = g.initializer.iter().chain(sparse).find(|t| external(t)) {
+            return Some(t.name.clone());
+        }
+        for node in &g.node {
+            for a in &node.attribute {
+                if let Some(t) = a.t.iter().chain(&a.tensors).find(|t| external(t)) {
+                    return Some(t.name.clone());
+                }
+                if let Some(found) = a.g.iter().chain(&a.graphs).find_map(walk) {
+                    return Some(found);
+                }
+            }
+        }
+        None
+    }
+    let proto = onnx()
+        .proto_model_for_read(&mut &model[..])
+        .map_err(|e| InferenceError::load(name, e))?;
+    if let Some(tensor) = proto.graph.as_ref().and_then(walk) {
+        return Err(InferenceError::load(
+            name,
+            format!(
+                "tensor {tensor:?} is stored in an external data file; only self-contained \
+                 models are loaded (re-export without external data)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn metadata(model: &tract_onnx::prelude::TypedModel) -> Result<ModelMetadata, TractError> {
