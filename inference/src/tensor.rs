@@ -315,6 +315,47 @@ impl Tensor {
         T::view(self)
     }
 
+    /// The length of [`Tensor::to_raw`]'s encoding, without encoding.
+    pub fn raw_len(&self) -> usize {
+        match (self, self.datatype().element_size()) {
+            (Tensor::Bytes(a), _) => a.iter().map(|b| b.len() + 4).sum(),
+            (_, Some(size)) => self.len() * size,
+            (_, None) => 0,
+        }
+    }
+
+    /// Appends [`Tensor::to_raw`]'s encoding to `out`, without an intermediate buffer.
+    pub fn write_raw(&self, out: &mut Vec<u8>) {
+        out.reserve(self.raw_len());
+        macro_rules! le {
+            ($a:expr) => {{
+                for x in $a.iter() {
+                    out.extend_from_slice(&x.to_le_bytes());
+                }
+            }};
+        }
+        match self {
+            Tensor::Bool(a) => out.extend(a.iter().map(|&b| b as u8)),
+            Tensor::Uint8(a) => out.extend(a.iter().copied()),
+            Tensor::Uint16(a) => le!(a),
+            Tensor::Uint32(a) => le!(a),
+            Tensor::Uint64(a) => le!(a),
+            Tensor::Int8(a) => out.extend(a.iter().map(|&b| b as u8)),
+            Tensor::Int16(a) => le!(a),
+            Tensor::Int32(a) => le!(a),
+            Tensor::Int64(a) => le!(a),
+            Tensor::Fp16(a) => le!(a),
+            Tensor::Fp32(a) => le!(a),
+            Tensor::Fp64(a) => le!(a),
+            Tensor::Bytes(a) => {
+                for item in a.iter() {
+                    out.extend_from_slice(&(item.len() as u32).to_le_bytes());
+                    out.extend_from_slice(item);
+                }
+            }
+        }
+    }
+
     /// Decodes Triton's binary tensor layout: fixed-size elements little-endian, row-major;
     /// `BYTES` elements each prefixed by a 4-byte little-endian length.
     pub fn from_raw(

@@ -191,6 +191,7 @@ impl Bundle {
                 .filter(|i| i.allow_non_finite)
                 .map(|i| i.name.clone())
                 .collect(),
+            ..WorkerConfig::default()
         };
         let worker = ModelWorker::spawn(backend, config).map_err(inference_err)?;
         Ok(LoadedModel {
