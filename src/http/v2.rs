@@ -5,15 +5,16 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
 use nightingale_inference::{NamedTensor, StatsSnapshot};
 use nightingale_models::LoadedModel;
 use serde_json::json;
 
 use super::codec::{self, InferResponse, JsonData, OutputTensor};
-use super::{AppError, AppState, read_body};
+use super::{ApiPath as Path, AppError, AppState, read_body_admitted};
 use crate::audit::{AuditEvent, tensors_sha256};
 
 pub(super) const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -199,8 +200,16 @@ async fn infer_loaded(
                 })?,
         ),
     };
-    let body = read_body(headers, body, state.config.max_body_bytes).await?;
-    let request = codec::decode_request(&body, header_len)?;
+    // Admission: a place among the requests in flight, then the body's bytes (before
+    // reading it when Content-Length is given) and what its decoded tensors take beyond that.
+    let mut ticket = state.admission.admit()?;
+    let body = read_body_admitted(headers, body, state.config.max_body_bytes, &mut ticket).await?;
+    let request = match header_len {
+        Some(0) => codec::decode_raw(&body, &model.worker.metadata().inputs)?,
+        _ => codec::decode_request(&body, header_len)?,
+    };
+    let decoded: usize = request.inputs.iter().map(|t| t.tensor.raw_len()).sum();
+    ticket.charge(decoded.saturating_sub(body.len() * (super::BODY_CHARGE_FACTOR - 1)))?;
     drop(body);
     audit.input_sha256 = Some(tensors_sha256(&request.inputs));
     audit.rows = request
@@ -242,8 +251,14 @@ async fn infer_loaded(
             .header(HEADER_LENGTH, HeaderValue::from(n)),
         None => builder.header(header::CONTENT_TYPE, "application/json"),
     };
+    // The ticket goes with the body: its budget is released once the answer has been sent.
+    let body =
+        http_body_util::Full::new(bytes::Bytes::from(encoded.body)).map_frame(move |frame| {
+            let _held = &ticket;
+            frame
+        });
     builder
-        .body(Body::from(encoded.body))
+        .body(Body::new(body))
         .map_err(|e| AppError::internal(e.to_string()))
 }
 
