@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve the models of a repository over HTTP.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check the audit trail.
     Audit {
         #[command(subcommand)]

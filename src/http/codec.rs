@@ -95,7 +95,7 @@ fn param_usize(
 /// `Inference-Header-Content-Length` (absent: the whole body is JSON).
 pub fn decode_request(body: &[u8], header_len: Option<usize>) -> Result<DecodedRequest, AppError> {
     let (json, mut binary) = match header_len {
-        None => (&body[..], &body[body.len()..]),
+        None => (body, &body[body.len()..]),
         Some(n) if n <= body.len() => (&body[..n], &body[n..]),
         Some(n) => {
             return Err(AppError::bad_request(format!(
