@@ -508,8 +508,16 @@ fn concurrent_large_bodies_stay_within_the_memory_budget() {
         peak <= baseline + BUDGET + OVERHEAD,
         "peak RSS {peak} > baseline {baseline} + budget {BUDGET} + overhead {OVERHEAD}"
     );
-    // Still serving.
-    let (status, _, _) = exchange(addr, &small, false).unwrap();
+    // Still serving, and right.
+    let (status, _, answer) = exchange(addr, &small, false).unwrap();
     assert_eq!(status, 200);
+    let v: Value = serde_json::from_slice(&answer)
+        .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&answer)));
+    let p = v["outputs"][1]["data"][0].as_f64().unwrap() as f32;
+    assert!(
+        (p - split[0].1).abs() <= 1e-5,
+        "{p} vs onnxruntime {}",
+        split[0].1
+    );
     drop(server);
 }

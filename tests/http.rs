@@ -628,13 +628,13 @@ async fn model_control_needs_the_admin_token() {
 
     let (s, _, _) = f.post_raw(&load, vec![], None, Some(TOKEN)).await;
     assert_eq!(s, StatusCode::OK);
-    let (s, _) = f
-        .post_json(
-            &format!("/v2/models/{MODEL}/infer"),
-            &json_request(&[vec![1.0; 30]]),
-        )
+    // Loaded again, it answers as onnxruntime does.
+    let (row, p_malignant) = test_split().into_iter().next().unwrap();
+    let (s, v) = f
+        .post_json(&format!("/v2/models/{MODEL}/infer"), &json_request(&[row]))
         .await;
-    assert_eq!(s, StatusCode::OK);
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!((probabilities(&v)[0] - p_malignant).abs() <= 1e-5, "{v}");
     // Loading the tampered bundle fails with the reason; unknown names are 404; odd names 400.
     let (s, _, b) = f
         .post_raw(

@@ -8,7 +8,6 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use http_body_util::BodyExt;
 use nightingale_inference::{NamedTensor, StatsSnapshot};
 use nightingale_models::LoadedModel;
 use serde_json::json;
@@ -252,14 +251,39 @@ async fn infer_loaded(
         None => builder.header(header::CONTENT_TYPE, "application/json"),
     };
     // The ticket goes with the body: its budget is released once the answer has been sent.
-    let body =
-        http_body_util::Full::new(bytes::Bytes::from(encoded.body)).map_frame(move |frame| {
-            let _held = &ticket;
-            frame
-        });
     builder
-        .body(Body::new(body))
+        .body(Body::new(HeldBody {
+            inner: http_body_util::Full::new(bytes::Bytes::from(encoded.body)),
+            _ticket: ticket,
+        }))
         .map_err(|e| AppError::internal(e.to_string()))
+}
+
+/// A response body that holds its request's admission ticket until it has been sent (or
+/// dropped), keeping the body's length for Content-Length.
+struct HeldBody {
+    inner: http_body_util::Full<bytes::Bytes>,
+    _ticket: super::Ticket,
+}
+
+impl http_body::Body for HeldBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The outputs to return, in the order asked (or the model's), each with its binary flag.

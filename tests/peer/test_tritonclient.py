@@ -253,10 +253,9 @@ def test_inference_statistics(client, test_rows):
 
 def test_repository_index(client):
     index = client.get_model_repository_index()
-    entries = [e for e in index if e.get("name") == MODEL]
-    assert entries, index
-    states = [e["state"] for e in entries if "state" in e]
-    assert not states or "READY" in states, entries
+    # The bundle's version policy is "all": versions 1 and 2, both served.
+    entries = sorted((e["version"], e["state"], e["reason"]) for e in index if e.get("name") == MODEL)
+    assert entries == [("1", "READY", ""), ("2", "READY", "")], index
 
 
 def test_model_control_needs_the_admin_token(client):
