@@ -361,6 +361,69 @@ fn proc_status_bytes(pid: u32, field: &str) -> usize {
     kib * 1024
 }
 
+/// Waits (up to 120 s) until the server at `addr` answers ready.
+fn wait_ready(addr: std::net::SocketAddr) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let ready = std::net::TcpStream::connect(addr).is_ok_and(|mut s| {
+            use std::io::{Read, Write};
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            s.write_all(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .is_ok()
+                && {
+                    let mut out = String::new();
+                    let _ = s.read_to_string(&mut out);
+                    out.starts_with("HTTP/1.1 200")
+                }
+        });
+        if ready {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server not ready within 120 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn free_addr() -> std::net::SocketAddr {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}").parse().unwrap()
+}
+
+/// Text logs written to a file (not a terminal) carry no ANSI colour codes.
+#[test]
+fn logs_to_a_file_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let log = dir.path().join("stderr.log");
+    let server = Server(
+        std::process::Command::new(env!("CARGO_BIN_EXE_nightingale"))
+            .args(["serve", "--repository"])
+            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/bundles"))
+            .args(["--http-addr", &addr.to_string(), "--log-format", "text"])
+            .arg("--audit-log")
+            .arg(dir.path().join("audit.jsonl"))
+            .env("NIGHTINGALE_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_ready(addr);
+    drop(server);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("listening"), "{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "escape codes in the log file:\n{text}"
+    );
+}
+
 /// Stops the server when the test ends, however it ends.
 struct Server(std::process::Child);
 
@@ -383,12 +446,7 @@ fn concurrent_large_bodies_stay_within_the_memory_budget() {
     const OVERHEAD: usize = 64 << 20;
     const BODY: usize = 48 << 20;
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = free_addr();
     let server = Server(
         std::process::Command::new(env!("CARGO_BIN_EXE_nightingale"))
             .args(["serve", "--repository"])
@@ -404,28 +462,7 @@ fn concurrent_large_bodies_stay_within_the_memory_budget() {
             .unwrap(),
     );
     let pid = server.0.id();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let ready = std::net::TcpStream::connect(addr).is_ok_and(|mut s| {
-            use std::io::{Read, Write};
-            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-            s.write_all(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .is_ok()
-                && {
-                    let mut out = String::new();
-                    let _ = s.read_to_string(&mut out);
-                    out.starts_with("HTTP/1.1 200")
-                }
-        });
-        if ready {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "server not ready within 120 s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_ready(addr);
     // One ordinary request first, so the baseline includes a served inference.
     let split = test_split();
     let small = serde_json::to_vec(&json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": split[0].0}]})).unwrap();
