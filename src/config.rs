@@ -40,6 +40,14 @@ pub struct ServeArgs {
     /// Largest request body in bytes. [default: 67108864]
     #[arg(long, env = "NIGHTINGALE_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Memory budget of the inference requests in flight, in bytes (each is charged twice
+    /// its body, for the body and its decoded tensors); beyond it: 503 with Retry-After.
+    /// [default: 536870912]
+    #[arg(long, env = "NIGHTINGALE_MAX_INFLIGHT_BYTES")]
+    pub max_inflight_bytes: Option<usize>,
+    /// Most inference requests in flight at once; beyond: 503 with Retry-After. [default: 256]
+    #[arg(long, env = "NIGHTINGALE_MAX_INFLIGHT_REQUESTS")]
+    pub max_inflight_requests: Option<usize>,
     /// Bearer token for model control (repository load/unload). Unset: model control is off.
     #[arg(long, env = "NIGHTINGALE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -120,6 +128,8 @@ struct FileConfig {
     cuda_device: Option<i32>,
     ort_library: Option<PathBuf>,
     max_body_bytes: Option<usize>,
+    max_inflight_bytes: Option<usize>,
+    max_inflight_requests: Option<usize>,
     admin_token: Option<String>,
     request_timeout_secs: Option<u64>,
     request_timeout_ms: Option<u64>,
@@ -142,6 +152,8 @@ pub struct ServeConfig {
     pub execution_provider: ExecutionProvider,
     pub ort_library: Option<PathBuf>,
     pub max_body_bytes: usize,
+    pub max_inflight_bytes: usize,
+    pub max_inflight_requests: usize,
     pub admin_token: Option<String>,
     pub request_timeout: std::time::Duration,
     pub data_dir: PathBuf,
@@ -202,6 +214,8 @@ impl std::fmt::Debug for ServeConfig {
             .field("execution_provider", &self.execution_provider)
             .field("ort_library", &self.ort_library)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_inflight_bytes", &self.max_inflight_bytes)
+            .field("max_inflight_requests", &self.max_inflight_requests)
             .field(
                 "admin_token",
                 &self.admin_token.as_ref().map(|_| "<redacted>"),
@@ -269,6 +283,30 @@ impl ServeArgs {
         if max_body_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "max_body_bytes must be at least 1024".into(),
+            ));
+        }
+        let max_inflight_bytes = self
+            .max_inflight_bytes
+            .or(file.max_inflight_bytes)
+            .unwrap_or(crate::http::DEFAULT_MAX_INFLIGHT_BYTES);
+        // Counted in KiB by a semaphore that takes at most u32::MAX at once.
+        if !(1 << 20..=1 << 40).contains(&max_inflight_bytes) {
+            return Err(ConfigError::Invalid(
+                "max_inflight_bytes must be between 1 MiB and 1 TiB".into(),
+            ));
+        }
+        if max_inflight_bytes < 2 * max_body_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "max_inflight_bytes ({max_inflight_bytes}) must be at least twice max_body_bytes ({max_body_bytes}): a body is charged twice its size"
+            )));
+        }
+        let max_inflight_requests = self
+            .max_inflight_requests
+            .or(file.max_inflight_requests)
+            .unwrap_or(crate::http::DEFAULT_MAX_INFLIGHT_REQUESTS);
+        if max_inflight_requests == 0 {
+            return Err(ConfigError::Invalid(
+                "max_inflight_requests must be at least 1".into(),
             ));
         }
         let admin_token = self
@@ -339,6 +377,8 @@ impl ServeArgs {
             execution_provider,
             ort_library: self.ort_library.or(file.ort_library),
             max_body_bytes,
+            max_inflight_bytes,
+            max_inflight_requests,
             admin_token,
             request_timeout: std::time::Duration::from_millis(request_timeout_ms),
             data_dir,
@@ -382,6 +422,8 @@ mod tests {
         assert_eq!(c.http_addr.port(), 7000);
         assert_eq!(c.intra_op_threads, 3);
         assert_eq!(c.max_body_bytes, 64 << 20);
+        assert_eq!(c.max_inflight_bytes, 512 << 20);
+        assert_eq!(c.max_inflight_requests, 256);
 
         std::fs::write(&path, "repositry = \"typo\"\n").unwrap();
         let err = ServeArgs {

@@ -135,8 +135,10 @@ fn main() -> anyhow::Result<()> {
 fn init_tracing(format: LogFormat) {
     let filter =
         EnvFilter::try_from_env("NIGHTINGALE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only on a terminal: logs written to a file or a pipe carry no escape codes.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -187,6 +189,8 @@ async fn serve(config: ServeConfig, audit: AuditLog) -> anyhow::Result<()> {
             max_body_bytes: config.max_body_bytes,
             admin_token: config.admin_token.clone(),
             request_timeout: config.request_timeout,
+            max_inflight_bytes: config.max_inflight_bytes,
+            max_inflight_requests: config.max_inflight_requests,
         },
         Some(http::install_recorder()),
     );

@@ -32,6 +32,34 @@ impl Rng {
     }
 }
 
+/// Rows of the bundle's test split with onnxruntime's P(malignant) for each from the served
+/// version (the highest, 2: column `expected_p_malignant_v2`).
+fn test_split() -> Vec<(Vec<f32>, f32)> {
+    let csv = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("models/bundles")
+            .join(MODEL)
+            .join("testdata/test.csv"),
+    )
+    .unwrap();
+    let mut lines = csv.lines();
+    let col = lines
+        .next()
+        .unwrap()
+        .split(',')
+        .position(|h| h == "expected_p_malignant_v2")
+        .unwrap();
+    lines
+        .map(|l| {
+            let cells: Vec<&str> = l.split(',').collect();
+            (
+                cells[..30].iter().map(|v| v.parse().unwrap()).collect(),
+                cells[col].parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
 fn state(dir: &tempfile::TempDir) -> Arc<AppState> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/bundles");
     let repository = Arc::new(Repository::new(root, RepositoryOptions::default()));
@@ -155,8 +183,9 @@ async fn mutated_requests_never_crash_or_500() {
         };
         let (status, answer) = send(&state, body, header_len).await;
         *statuses.entry(status.as_u16()).or_insert(0) += 1;
+        // A fixed URI and bodies under the limit: a mutation is either still valid or a 400.
         assert!(
-            status == StatusCode::OK || status.is_client_error(),
+            status == StatusCode::OK || status == StatusCode::BAD_REQUEST,
             "case {i}: {status} {}",
             String::from_utf8_lossy(&answer)
         );
@@ -173,9 +202,23 @@ async fn mutated_requests_never_crash_or_500() {
         statuses.get(&400).copied().unwrap_or(0) > 1000,
         "{statuses:?}"
     );
-    // Still serving, and right.
-    let (status, _) = send(&state, valid_json(2), None).await;
+    // Still serving, and right: onnxruntime's probabilities for real rows of the test split.
+    let split = test_split();
+    let flat: Vec<f32> = split[..2].iter().flat_map(|(r, _)| r.clone()).collect();
+    let body = serde_json::to_vec(&json!({"inputs": [{"name": "features", "shape": [2, 30], "datatype": "FP32", "data": flat}],
+        "outputs": [{"name": "probabilities"}]}))
+    .unwrap();
+    let (status, answer) = send(&state, body, None).await;
     assert_eq!(status, StatusCode::OK);
+    let v: Value = serde_json::from_slice(&answer).unwrap();
+    let p = v["outputs"][0]["data"].as_array().unwrap();
+    for (i, (_, want)) in split[..2].iter().enumerate() {
+        let got = p[2 * i].as_f64().unwrap() as f32;
+        assert!(
+            (got - want).abs() <= 1e-5,
+            "row {i}: {got} vs onnxruntime {want}"
+        );
+    }
     nightingale::audit::verify(&dir.path().join("audit.jsonl")).unwrap();
 }
 
@@ -221,4 +264,297 @@ async fn pathological_payloads_are_refused_cleanly() {
         let v: Value = serde_json::from_slice(&answer).unwrap();
         assert!(v["error"].is_string());
     }
+}
+
+/// One HTTP/1.1 exchange on a fresh connection, as a client that sends its body only after
+/// `100 Continue` (`expect`), or a chunked one that sends it straight away. Returns the final
+/// status, the Retry-After header and the body.
+fn exchange(
+    addr: std::net::SocketAddr,
+    body: &[u8],
+    chunked: bool,
+) -> std::io::Result<(u16, Option<String>, Vec<u8>)> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
+    stream.set_write_timeout(Some(std::time::Duration::from_secs(120)))?;
+    let head = if chunked {
+        format!(
+            "POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: {addr}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+    } else {
+        format!(
+            "POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+    };
+    stream.write_all(head.as_bytes())?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let read_head = |reader: &mut BufReader<std::net::TcpStream>| -> std::io::Result<(u16, Vec<(String, String)>)> {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+        let mut headers = vec![];
+        loop {
+            let mut h = String::new();
+            reader.read_line(&mut h)?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+            }
+        }
+        Ok((status, headers))
+    };
+    let (mut status, mut headers) = if chunked {
+        for part in body.chunks(1 << 20) {
+            stream.write_all(format!("{:x}\r\n", part.len()).as_bytes())?;
+            stream.write_all(part)?;
+            stream.write_all(b"\r\n")?;
+        }
+        stream.write_all(b"0\r\n\r\n")?;
+        read_head(&mut reader)?
+    } else {
+        read_head(&mut reader)?
+    };
+    if status == 100 {
+        stream.write_all(body)?;
+        (status, headers) = read_head(&mut reader)?;
+    }
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let mut answer = vec![];
+    match header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        Some(n) => {
+            answer.resize(n, 0);
+            reader.read_exact(&mut answer)?;
+        }
+        None => {
+            reader.read_to_end(&mut answer)?;
+        }
+    }
+    Ok((status, header("retry-after"), answer))
+}
+
+/// A kernel-reported figure of a process, in bytes (`VmRSS`, `VmHWM`).
+fn proc_status_bytes(pid: u32, field: &str) -> usize {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(field))
+        .unwrap_or_else(|| panic!("{field} missing from /proc/{pid}/status"));
+    let kib: usize = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// Waits (up to 120 s) until the server at `addr` answers ready.
+fn wait_ready(addr: std::net::SocketAddr) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let ready = std::net::TcpStream::connect(addr).is_ok_and(|mut s| {
+            use std::io::{Read, Write};
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            s.write_all(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .is_ok()
+                && {
+                    let mut out = String::new();
+                    let _ = s.read_to_string(&mut out);
+                    out.starts_with("HTTP/1.1 200")
+                }
+        });
+        if ready {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server not ready within 120 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn free_addr() -> std::net::SocketAddr {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}").parse().unwrap()
+}
+
+/// Text logs written to a file (not a terminal) carry no ANSI colour codes.
+#[test]
+fn logs_to_a_file_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let log = dir.path().join("stderr.log");
+    let server = Server(
+        std::process::Command::new(env!("CARGO_BIN_EXE_nightingale"))
+            .args(["serve", "--repository"])
+            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/bundles"))
+            .args(["--http-addr", &addr.to_string(), "--log-format", "text"])
+            .arg("--audit-log")
+            .arg(dir.path().join("audit.jsonl"))
+            .env("NIGHTINGALE_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_ready(addr);
+    drop(server);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("listening"), "{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "escape codes in the log file:\n{text}"
+    );
+}
+
+/// Stops the server when the test ends, however it ends.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// 32 clients each send a 48 MiB JSON body at once (plus 8 chunked ones) to a real server
+/// process whose in-flight budget is 256 MiB: those that do not fit get 503 with Retry-After,
+/// the others are decoded and refused for their row count (4096 per request by default), and the
+/// server's peak resident memory stays under its resident size before the burst plus the
+/// budget plus 64 MiB of fixed overhead (HTTP read buffers of 40 connections, thread stacks,
+/// allocator slack).
+#[test]
+fn concurrent_large_bodies_stay_within_the_memory_budget() {
+    const BUDGET: usize = 256 << 20;
+    const OVERHEAD: usize = 64 << 20;
+    const BODY: usize = 48 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let server = Server(
+        std::process::Command::new(env!("CARGO_BIN_EXE_nightingale"))
+            .args(["serve", "--repository"])
+            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/bundles"))
+            .args(["--http-addr", &addr.to_string()])
+            .args(["--max-inflight-bytes", &BUDGET.to_string()])
+            .args(["--max-body-bytes", &(64usize << 20).to_string()])
+            .arg("--audit-log")
+            .arg(dir.path().join("audit.jsonl"))
+            .env("NIGHTINGALE_LOG", "warn")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = server.0.id();
+    wait_ready(addr);
+    // One ordinary request first, so the baseline includes a served inference.
+    let split = test_split();
+    let small = serde_json::to_vec(&json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": split[0].0}]})).unwrap();
+    let (status, _, _) = exchange(addr, &small, false).unwrap();
+    assert_eq!(status, 200);
+    let baseline = proc_status_bytes(pid, "VmRSS:");
+
+    // 48 MiB of real rows, repeated: ~150 000 rows of 30 FP32.
+    let mut body =
+        br#"{"inputs":[{"name":"features","datatype":"FP32","shape":[ROWS,30],"data":["#.to_vec();
+    let mut rows = 0usize;
+    while body.len() < BODY - 400 {
+        let row = &split[rows % split.len()].0;
+        if rows > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(serde_json::to_string(row).unwrap().as_bytes());
+        rows += 1;
+    }
+    body.extend_from_slice(b"]}]}");
+    let text = String::from_utf8(body)
+        .unwrap()
+        .replacen("ROWS", &rows.to_string(), 1);
+    let body = Arc::new(text.into_bytes());
+
+    let clients = 40;
+    let barrier = Arc::new(std::sync::Barrier::new(clients));
+    let handles: Vec<_> = (0..clients)
+        .map(|i| {
+            let body = body.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                exchange(addr, &body, i >= 32)
+            })
+        })
+        .collect();
+    let mut refused = 0;
+    let mut decoded = 0;
+    for (i, h) in handles.into_iter().enumerate() {
+        let (status, retry_after, answer) = h
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("client {i}: {e}"));
+        let v: Value = serde_json::from_slice(&answer).unwrap_or_else(|_| {
+            panic!("client {i}: {status} {}", String::from_utf8_lossy(&answer))
+        });
+        let error = v["error"].as_str().unwrap_or_default();
+        match status {
+            503 => {
+                assert_eq!(retry_after.as_deref(), Some("1"), "client {i}");
+                assert!(error.contains("max_inflight_bytes"), "client {i}: {error}");
+                refused += 1;
+            }
+            400 => {
+                assert_eq!(
+                    error,
+                    format!(
+                        "the request has {rows} rows; this model takes at most 4096 rows per request (max_rows_per_request)"
+                    ),
+                    "client {i}"
+                );
+                decoded += 1;
+            }
+            other => panic!("client {i}: {other} {error}"),
+        }
+    }
+    let peak = proc_status_bytes(pid, "VmHWM:");
+    eprintln!(
+        "{clients} clients: {decoded} decoded, {refused} refused; baseline RSS {} MiB, peak {} MiB, bound {} MiB",
+        baseline >> 20,
+        peak >> 20,
+        (baseline + BUDGET + OVERHEAD) >> 20
+    );
+    assert!(
+        refused > 0 && decoded > 0,
+        "{decoded} decoded, {refused} refused"
+    );
+    assert!(
+        peak <= baseline + BUDGET + OVERHEAD,
+        "peak RSS {peak} > baseline {baseline} + budget {BUDGET} + overhead {OVERHEAD}"
+    );
+    // Still serving, and right.
+    let (status, _, answer) = exchange(addr, &small, false).unwrap();
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_slice(&answer)
+        .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&answer)));
+    let p = v["outputs"][1]["data"][0].as_f64().unwrap() as f32;
+    assert!(
+        (p - split[0].1).abs() <= 1e-5,
+        "{p} vs onnxruntime {}",
+        split[0].1
+    );
+    drop(server);
 }

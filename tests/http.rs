@@ -154,6 +154,15 @@ fn json_request(rows: &[Vec<f32>]) -> Value {
     json!({"inputs": [{"name": "features", "shape": [rows.len(), 30], "datatype": "FP32", "data": flat}]})
 }
 
+/// The label onnxruntime's probabilities give: the argmax of [P(malignant), P(benign)].
+fn onnxruntime_label(p_malignant: f32) -> i64 {
+    if p_malignant >= 1.0 - p_malignant {
+        0
+    } else {
+        1
+    }
+}
+
 fn error_of(v: &Value) -> &str {
     v["error"]
         .as_str()
@@ -264,10 +273,11 @@ async fn json_inference_matches_onnxruntime() {
                     p[2 * i]
                 );
             }
+            // The label is the argmax of onnxruntime's probabilities (class 0: malignant).
             let labels = v["outputs"][0]["data"].as_array().unwrap();
-            for (i, l) in labels.iter().enumerate() {
-                let want = if p[2 * i] > p[2 * i + 1] { 0 } else { 1 };
-                assert_eq!(l.as_i64().unwrap(), want);
+            assert_eq!(labels.len(), batch.len());
+            for (l, (_, p_malignant)) in labels.iter().zip(expected) {
+                assert_eq!(l.as_i64().unwrap(), onnxruntime_label(*p_malignant));
             }
         }
     }
@@ -371,7 +381,8 @@ async fn binary_tensor_extension_round_trip() {
 #[tokio::test]
 async fn classification_extension() {
     let f = Fixture::default();
-    let rows: Vec<Vec<f32>> = test_split().into_iter().take(2).map(|(r, _)| r).collect();
+    let split: Vec<(Vec<f32>, f32)> = test_split().into_iter().take(2).collect();
+    let rows: Vec<Vec<f32>> = split.iter().map(|(r, _)| r.clone()).collect();
     let mut req = json_request(&rows);
     req["outputs"] = json!([{"name": "probabilities", "parameters": {"classification": 1}}]);
     let (s, v) = f
@@ -380,11 +391,22 @@ async fn classification_extension() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["outputs"][0]["datatype"], "BYTES");
     assert_eq!(v["outputs"][0]["shape"], json!([2, 1]));
-    let top = v["outputs"][0]["data"][0].as_str().unwrap();
-    assert!(
-        top.ends_with(":0:malignant") || top.ends_with(":1:benign"),
-        "{top}"
-    );
+    // Each row's top class is the one onnxruntime's probabilities put first.
+    for (i, (_, p_malignant)) in split.iter().enumerate() {
+        let top = v["outputs"][0]["data"][i].as_str().unwrap();
+        let want = match onnxruntime_label(*p_malignant) {
+            0 => ":0:malignant",
+            _ => ":1:benign",
+        };
+        assert!(top.ends_with(want), "row {i}: {top}, want {want}");
+        let score: f32 = top.split(':').next().unwrap().parse().unwrap();
+        let p_top = if want == ":0:malignant" {
+            *p_malignant
+        } else {
+            1.0 - p_malignant
+        };
+        assert!((score - p_top).abs() <= 1e-5, "row {i}: {score} vs {p_top}");
+    }
 }
 
 #[tokio::test]
@@ -628,13 +650,13 @@ async fn model_control_needs_the_admin_token() {
 
     let (s, _, _) = f.post_raw(&load, vec![], None, Some(TOKEN)).await;
     assert_eq!(s, StatusCode::OK);
-    let (s, _) = f
-        .post_json(
-            &format!("/v2/models/{MODEL}/infer"),
-            &json_request(&[vec![1.0; 30]]),
-        )
+    // Loaded again, it answers as onnxruntime does.
+    let (row, p_malignant) = test_split().into_iter().next().unwrap();
+    let (s, v) = f
+        .post_json(&format!("/v2/models/{MODEL}/infer"), &json_request(&[row]))
         .await;
-    assert_eq!(s, StatusCode::OK);
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!((probabilities(&v)[0] - p_malignant).abs() <= 1e-5, "{v}");
     // Loading the tampered bundle fails with the reason; unknown names are 404; odd names 400.
     let (s, _, b) = f
         .post_raw(
@@ -658,10 +680,8 @@ async fn model_control_needs_the_admin_token() {
             Some(TOKEN),
         )
         .await;
-    assert!(
-        s == StatusCode::BAD_REQUEST || s == StatusCode::NOT_FOUND,
-        "{s}"
-    );
+    // The name decodes to "../../etc": not a model name at all, so 400 (not "no such model").
+    assert_eq!(s, StatusCode::BAD_REQUEST);
 
     // Without a configured token, model control is off.
     let off = Fixture::new(HttpConfig::default());
@@ -967,4 +987,357 @@ async fn a_bundle_that_panics_in_warm_up_is_reported_and_the_server_becomes_read
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+/// Triton's raw binary request (qa/L0_http/http_test.py `test_raw_binary*`): with
+/// `Inference-Header-Content-Length: 0` the body is the one input's bytes, the batch size is
+/// deduced from its length, and every output comes back binary.
+#[tokio::test]
+async fn raw_binary_request_deduces_the_shape() {
+    let f = Fixture::default();
+    let split = test_split();
+    let uri = format!("/v2/models/{MODEL}/infer");
+    let raw: Vec<u8> = split[..3]
+        .iter()
+        .flat_map(|(r, _)| r.iter().flat_map(|x| x.to_le_bytes()))
+        .collect();
+    let check = |status: StatusCode, headers: &axum::http::HeaderMap, b: &Bytes| {
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(b));
+        let n: usize = headers["inference-header-content-length"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&b[..n]).unwrap();
+        assert_eq!(v["outputs"][0]["name"], "label");
+        assert_eq!(v["outputs"][0]["shape"], json!([3]));
+        assert_eq!(v["outputs"][0]["parameters"]["binary_data_size"], 24);
+        assert_eq!(v["outputs"][1]["shape"], json!([3, 2]));
+        assert_eq!(v["outputs"][1]["parameters"]["binary_data_size"], 24);
+        let tail = &b[n..];
+        assert_eq!(tail.len(), 48);
+        for (i, (_, p_malignant)) in split[..3].iter().enumerate() {
+            let label = i64::from_le_bytes(tail[8 * i..8 * i + 8].try_into().unwrap());
+            assert_eq!(label, onnxruntime_label(*p_malignant), "row {i}");
+            let at = 24 + 8 * i;
+            let p = f32::from_le_bytes(tail[at..at + 4].try_into().unwrap());
+            assert!(
+                (p - p_malignant).abs() <= 1e-5,
+                "row {i}: {p} vs {p_malignant}"
+            );
+        }
+    };
+    let (s, headers, b) = f.post_raw(&uri, raw.clone(), Some("0"), None).await;
+    check(s, &headers, &b);
+    // The same bytes in chunks of no declared length (Transfer-Encoding: chunked).
+    let req = Request::post(&uri)
+        .header("Inference-Header-Content-Length", "0")
+        .body(Body::new(Chunks::new(raw.clone(), 100)))
+        .unwrap();
+    let (s, headers, b) = f.call(req).await;
+    check(s, &headers, &b);
+    // Bytes that are not whole rows of 30 FP32.
+    let (s, _, b) = f
+        .post_raw(&uri, raw[..raw.len() - 4].to_vec(), Some("0"), None)
+        .await;
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        error_of(&v)
+            .contains("356 bytes are not a whole number of FP32 elements of shape [-1, 30]"),
+        "{v}"
+    );
+}
+
+/// Duplicate output names (Triton's `test_duplicate_output_names`) and duplicate input names
+/// are refused with 400 before anything runs.
+#[tokio::test]
+async fn duplicate_names_are_refused() {
+    let f = Fixture::default();
+    let uri = format!("/v2/models/{MODEL}/infer");
+    let row = vec![0.5f32; 30];
+    let mut req = json_request(std::slice::from_ref(&row));
+    req["outputs"] = json!([{"name": "label"}, {"name": "label"}]);
+    let (s, v) = f.post_json(&uri, &req).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(error_of(&v), "output \"label\" is requested more than once");
+    let one = json!({"name": "features", "shape": [1, 30], "datatype": "FP32", "data": row});
+    let (s, v) = f
+        .post_json(&uri, &json!({"inputs": [one.clone(), one]}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(error_of(&v), "input \"features\" is given more than once");
+    // Nothing reached the model.
+    let (_, b) = f.get(&format!("/v2/models/{MODEL}/stats")).await;
+    let stats: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(
+        stats["model_stats"][0]["inference_stats"]["fail"]["count"],
+        0
+    );
+}
+
+/// Nested `data` decodes at any depth up to 100 levels, as Triton's limit (its
+/// `test_json_recursion_depth_limit`: 50 passes, 120 is refused); every datatype decodes
+/// straight into its element vector.
+#[tokio::test]
+async fn nested_data_up_to_the_depth_limit() {
+    let f = Fixture::default();
+    let uri = format!("/v2/models/{MODEL}/infer");
+    let (row, p_malignant) = test_split().into_iter().next().unwrap();
+    let nest = |depth: usize| -> String {
+        let inner = serde_json::to_string(&row).unwrap();
+        format!("{}{inner}{}", "[".repeat(depth - 1), "]".repeat(depth - 1))
+    };
+    let body = |depth: usize| {
+        format!(
+            r#"{{"inputs":[{{"name":"features","shape":[1,30],"datatype":"FP32","data":{}}}],"outputs":[{{"name":"probabilities"}}]}}"#,
+            nest(depth)
+        )
+        .into_bytes()
+    };
+    let (s, _, b) = f.post_raw(&uri, body(50), None, None).await;
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!((probabilities(&v)[0] - p_malignant).abs() <= 1e-5);
+    let (s, _, b) = f.post_raw(&uri, body(100), None, None).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let (s, _, b) = f.post_raw(&uri, body(101), None, None).await;
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(
+        error_of(&v),
+        "input \"features\": data is nested deeper than 100 levels"
+    );
+    // More elements than the shape holds: refused as soon as the first extra one arrives.
+    let mut long = row.clone();
+    long.extend_from_slice(&row);
+    let (s, v) = f
+        .post_json(
+            &uri,
+            &json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": [long]}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(
+        error_of(&v),
+        "input \"features\": shape [1, 30] needs 30 FP32 elements but data has more"
+    );
+    // Elements of the wrong kind, in each decoder.
+    for (datatype, data, needle) in [
+        ("FP32", json!([[true]]), "wrong type"),
+        ("INT64", json!([[1.5]]), "wrong type"),
+        ("UINT8", json!([[256]]), "wrong type"),
+        ("BOOL", json!([[1]]), "wrong type"),
+        ("BYTES", json!([[1]]), "BYTES data must be strings"),
+        ("FP32", json!([[null]]), "wrong type"),
+        ("FP32", json!([{"a": 1}]), "wrong type"),
+    ] {
+        let (s, v) = f
+            .post_json(
+                &uri,
+                &json!({"inputs": [{"name": "features", "shape": [1, 1], "datatype": datatype, "data": data}]}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{datatype}: {v}");
+        assert!(error_of(&v).contains(needle), "{datatype}: {v}");
+    }
+}
+
+/// Rejections from axum's extractors answer in the `{"error"}` shape too.
+#[tokio::test]
+async fn extractor_rejections_are_json_errors() {
+    let f = Fixture::default();
+    for (method, uri, want) in [
+        (Method::GET, "/v2/models/%FF/ready", StatusCode::BAD_REQUEST),
+        (
+            Method::POST,
+            "/v2/models/%FF/infer",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            "/v2/models/wdbc-malignancy/versions/%C3%28",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v2/repository/models/%FF/load",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::PUT,
+            "/v2/models/wdbc-malignancy/infer",
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            Method::GET,
+            "/v2/models/wdbc-malignancy/versions/",
+            StatusCode::NOT_FOUND,
+        ),
+    ] {
+        let (s, headers, b) = f
+            .call(
+                Request::builder()
+                    .method(method.clone())
+                    .uri(uri)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(s, want, "{method} {uri}: {}", String::from_utf8_lossy(&b));
+        assert_eq!(
+            headers["content-type"], "application/json",
+            "{method} {uri}"
+        );
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert!(!error_of(&v).is_empty(), "{method} {uri}: {v}");
+    }
+}
+
+/// A request body that arrives in chunks, with no declared length.
+struct Chunks {
+    data: Bytes,
+    chunk: usize,
+}
+
+impl Chunks {
+    fn new(data: Vec<u8>, chunk: usize) -> Chunks {
+        Chunks {
+            data: data.into(),
+            chunk,
+        }
+    }
+}
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.data.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.chunk.min(self.data.len());
+        let part = self.data.split_to(n);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(part))))
+    }
+}
+
+/// Waits (bounded) until `done` holds.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}
+
+/// The in-flight memory budget: a body that could never fit is 413, one that does not fit
+/// now is 503 with Retry-After before its body is read (Content-Length) or as soon as its
+/// chunks overrun the budget; the budget comes back when the request ends.
+#[tokio::test]
+async fn the_inflight_budget_refuses_with_503_and_retry_after() {
+    const BUDGET: usize = 1 << 20;
+    let f = Fixture::new(HttpConfig {
+        max_inflight_bytes: BUDGET,
+        ..HttpConfig::default()
+    });
+    let uri = format!("/v2/models/{MODEL}/infer");
+    let stalled = |len: usize| {
+        Request::post(&uri)
+            .header("content-length", len.to_string())
+            .body(Body::new(Stalled))
+            .unwrap()
+    };
+    // Twice 600 000 bytes is more than the whole budget.
+    let (s, _, b) = f.call(stalled(600_000)).await;
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert!(error_of(&v).contains("max_inflight_bytes"), "{v}");
+    assert_eq!(f.state.inflight_bytes_free(), BUDGET);
+
+    // One stalled request holds twice 300 000 bytes (rounded up to KiB).
+    let app = http::app(f.state.clone());
+    let holder = tokio::spawn(app.oneshot(stalled(300_000)));
+    until("the first request is charged", || {
+        f.state.inflight_bytes_free() < BUDGET
+    })
+    .await;
+    assert_eq!(
+        f.state.inflight_bytes_free(),
+        BUDGET - 600_000usize.div_ceil(1024) * 1024
+    );
+    let (s, headers, b) = f.call(stalled(300_000)).await;
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(headers["retry-after"], "1");
+    assert!(error_of(&v).contains("in-flight memory budget"), "{v}");
+    // A chunked body is charged as it arrives: 4 x 100 000 bytes overrun the 448 KiB left.
+    let req = Request::post(&uri)
+        .body(Body::new(Chunks::new(vec![b' '; 400_000], 100_000)))
+        .unwrap();
+    let (s, headers, _) = f.call(req).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["retry-after"], "1");
+    // A small request still fits and is answered right.
+    let (row, p_malignant) = test_split().into_iter().next().unwrap();
+    let (s, v) = f.post_json(&uri, &json_request(&[row])).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!((probabilities(&v)[0] - p_malignant).abs() <= 1e-5);
+    // The stalled client goes away: its share comes back.
+    holder.abort();
+    let _ = holder.await;
+    until("the budget is whole again", || {
+        f.state.inflight_bytes_free() == BUDGET
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_inflight_request_cap_refuses_with_503_and_retry_after() {
+    let f = Fixture::new(HttpConfig {
+        max_inflight_requests: 1,
+        ..HttpConfig::default()
+    });
+    let uri = format!("/v2/models/{MODEL}/infer");
+    let app = http::app(f.state.clone());
+    let full = f.state.inflight_bytes_free();
+    let holder = tokio::spawn(
+        app.oneshot(
+            Request::post(&uri)
+                .header("content-length", "1000")
+                .body(Body::new(Stalled))
+                .unwrap(),
+        ),
+    );
+    until("the first request is admitted", || {
+        f.state.inflight_bytes_free() < full
+    })
+    .await;
+    let (s, headers, b) = f
+        .call(
+            Request::post(&uri)
+                .body(Body::from(
+                    serde_json::to_vec(&json_request(&[vec![1.0; 30]])).unwrap(),
+                ))
+                .unwrap(),
+        )
+        .await;
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(headers["retry-after"], "1");
+    assert!(error_of(&v).contains("max_inflight_requests"), "{v}");
+    holder.abort();
+    let _ = holder.await;
+    until("the request is released", || {
+        f.state.inflight_bytes_free() == full
+    })
+    .await;
+    let (s, _) = f.post_json(&uri, &json_request(&[vec![1.0; 30]])).await;
+    assert_eq!(s, StatusCode::OK);
 }

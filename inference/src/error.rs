@@ -50,6 +50,14 @@ pub enum InferenceError {
     MetadataMismatch { reason: String },
     #[error("the model's queue is full ({capacity} requests waiting); retry later")]
     Overloaded { capacity: usize },
+    #[error(
+        "the model's queue holds its limit of {limit} bytes of input tensors (queue_bytes); retry later"
+    )]
+    QueueBytesFull { limit: usize },
+    #[error(
+        "the request has {got} rows; this model takes at most {max} rows per request (max_rows_per_request)"
+    )]
+    TooManyRows { got: usize, max: usize },
     #[error("the model is not available (unloaded or its worker stopped)")]
     Unavailable,
     #[error("the {backend} backend was not compiled into this build (cargo feature `{backend}`)")]
@@ -88,6 +96,7 @@ impl InferenceError {
                 | InferenceError::ShapeMismatch { .. }
                 | InferenceError::InconsistentBatch { .. }
                 | InferenceError::BatchTooLarge { .. }
+                | InferenceError::TooManyRows { .. }
                 | InferenceError::EmptyBatch
                 | InferenceError::NonFinite { .. }
                 | InferenceError::UnknownOutput { .. }

@@ -315,6 +315,21 @@ impl Tensor {
         T::view(self)
     }
 
+    /// The length of [`Tensor::to_raw`]'s encoding, without encoding.
+    pub fn raw_len(&self) -> usize {
+        match (self, self.datatype().element_size()) {
+            (Tensor::Bytes(a), _) => a.iter().map(|b| b.len() + 4).sum(),
+            (_, Some(size)) => self.len() * size,
+            (_, None) => 0,
+        }
+    }
+
+    /// Appends [`Tensor::to_raw`]'s encoding to `out`, without an intermediate buffer.
+    pub fn write_raw(&self, out: &mut Vec<u8>) {
+        out.reserve(self.raw_len());
+        self.for_each_raw_chunk(|chunk| out.extend_from_slice(chunk));
+    }
+
     /// Decodes Triton's binary tensor layout: fixed-size elements little-endian, row-major;
     /// `BYTES` elements each prefixed by a 4-byte little-endian length.
     pub fn from_raw(
@@ -388,37 +403,9 @@ impl Tensor {
 
     /// Encodes the tensor in Triton's binary layout (the inverse of [`Tensor::from_raw`]).
     pub fn to_raw(&self) -> Vec<u8> {
-        macro_rules! le {
-            ($a:expr, $n:expr) => {{
-                let mut out = Vec::with_capacity($a.len() * $n);
-                for x in $a.iter() {
-                    out.extend_from_slice(&x.to_le_bytes());
-                }
-                out
-            }};
-        }
-        match self {
-            Tensor::Bool(a) => a.iter().map(|&b| b as u8).collect(),
-            Tensor::Uint8(a) => a.iter().copied().collect(),
-            Tensor::Uint16(a) => le!(a, 2),
-            Tensor::Uint32(a) => le!(a, 4),
-            Tensor::Uint64(a) => le!(a, 8),
-            Tensor::Int8(a) => a.iter().map(|&b| b as u8).collect(),
-            Tensor::Int16(a) => le!(a, 2),
-            Tensor::Int32(a) => le!(a, 4),
-            Tensor::Int64(a) => le!(a, 8),
-            Tensor::Fp16(a) => le!(a, 2),
-            Tensor::Fp32(a) => le!(a, 4),
-            Tensor::Fp64(a) => le!(a, 8),
-            Tensor::Bytes(a) => {
-                let mut out = Vec::with_capacity(a.iter().map(|b| b.len() + 4).sum());
-                for item in a.iter() {
-                    out.extend_from_slice(&(item.len() as u32).to_le_bytes());
-                    out.extend_from_slice(item);
-                }
-                out
-            }
-        }
+        let mut out = Vec::with_capacity(self.raw_len());
+        self.for_each_raw_chunk(|chunk| out.extend_from_slice(chunk));
+        out
     }
 
     /// Feeds the tensor's bytes in Triton's binary layout (what [`Tensor::to_raw`] returns) to

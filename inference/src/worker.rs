@@ -15,6 +15,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
@@ -47,6 +48,14 @@ pub struct WorkerConfig {
     pub instances: usize,
     /// Requests that may wait in the queue before new ones are refused.
     pub queue_capacity: usize,
+    /// Bytes of input tensors that may wait in the queue at once before new requests are
+    /// refused ([`InferenceError::QueueBytesFull`]): the queue's capacity in memory, not only
+    /// in requests. A request larger than this on its own is refused the same way.
+    pub queue_bytes: usize,
+    /// Most rows (first dimension of the inputs) one request may carry, whether or not the
+    /// model batches ([`InferenceError::TooManyRows`]); with batching on, `max_batch_size`
+    /// also applies.
+    pub max_rows_per_request: usize,
     /// `None`: every request runs on its own.
     pub batching: Option<BatchingConfig>,
     /// Declared inputs/outputs (from the bundle) replacing the backend's, in the backend's order;
@@ -66,6 +75,8 @@ impl Default for WorkerConfig {
             version: "1".into(),
             instances: 1,
             queue_capacity: 1024,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
+            max_rows_per_request: DEFAULT_MAX_ROWS_PER_REQUEST,
             batching: None,
             metadata: None,
             allow_non_finite: vec![],
@@ -73,14 +84,33 @@ impl Default for WorkerConfig {
     }
 }
 
+/// Default [`WorkerConfig::queue_bytes`]: 256 MiB.
+pub const DEFAULT_QUEUE_BYTES: usize = 256 << 20;
+/// Default [`WorkerConfig::max_rows_per_request`].
+pub const DEFAULT_MAX_ROWS_PER_REQUEST: usize = 4096;
+
 type Reply = oneshot::Sender<Result<Vec<NamedTensor>, InferenceError>>;
 
 /// The datatypes and non-batch dimensions of a request's inputs: requests with equal
 /// signatures can share an execution.
 type Signature = Vec<(DataType, Vec<usize>)>;
 
+/// Input bytes a job holds against [`WorkerConfig::queue_bytes`], given back when the job is
+/// dropped (taken for a run, refused, or abandoned by its caller).
+struct QueuedBytes {
+    counter: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Drop for QueuedBytes {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
 struct Job {
     inputs: Vec<NamedTensor>,
+    _bytes: QueuedBytes,
     rows: usize,
     signature: Signature,
     reply: Reply,
@@ -97,6 +127,8 @@ pub struct ModelWorker {
     tx: Sender<Job>,
     stats: Arc<ModelStats>,
     config: WorkerConfig,
+    /// Input bytes of the requests waiting in the queue.
+    queued_bytes: Arc<AtomicUsize>,
     /// Largest rows per request (None: unlimited, the model does not batch).
     max_rows: Option<usize>,
     batches: bool,
@@ -159,6 +191,7 @@ impl ModelWorker {
             tx,
             stats,
             config: WorkerConfig { batching, ..config },
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
             max_rows,
             batches,
         })
@@ -186,6 +219,11 @@ impl ModelWorker {
         self.tx.len()
     }
 
+    /// Bytes of input tensors waiting in the queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Acquire)
+    }
+
     /// Whether requests may stack rows along the first dimension (and so how the batch size
     /// is counted in statistics).
     pub fn batches(&self) -> bool {
@@ -206,9 +244,21 @@ impl ModelWorker {
 
     async fn submit(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, InferenceError> {
         let (inputs, rows, signature) = self.check(inputs)?;
+        let bytes: usize = inputs.iter().map(|t| t.tensor.raw_len()).sum();
+        let limit = self.config.queue_bytes;
+        let before = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        let held = QueuedBytes {
+            counter: self.queued_bytes.clone(),
+            bytes,
+        };
+        if before.saturating_add(bytes) > limit {
+            drop(held);
+            return Err(InferenceError::QueueBytesFull { limit });
+        }
         let (reply, answer) = oneshot::channel();
         let job = Job {
             inputs,
+            _bytes: held,
             rows,
             signature,
             reply,
@@ -277,6 +327,16 @@ impl ModelWorker {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let request_rows = inputs
+            .first()
+            .and_then(|t| t.tensor.shape().first().copied())
+            .unwrap_or(1);
+        if request_rows > self.config.max_rows_per_request {
+            return Err(InferenceError::TooManyRows {
+                got: request_rows,
+                max: self.config.max_rows_per_request,
+            });
+        }
         let rows = if self.batches {
             let sizes: Vec<usize> = inputs.iter().map(|t| t.tensor.shape()[0]).collect();
             if sizes.iter().any(|&s| s != sizes[0]) {

@@ -47,12 +47,40 @@ fn input(rows: &[Vec<f32>]) -> Vec<NamedTensor> {
     )]
 }
 
-/// Blocks its first `infer` until released, so tests can fill the queue deterministically.
+/// onnxruntime's P(malignant) for each row of the test split (column `expected_p_malignant`).
+fn expected_p() -> Vec<f32> {
+    let csv = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/bundles/wdbc-malignancy/testdata/test.csv"),
+    )
+    .unwrap();
+    let mut lines = csv.lines();
+    let col = lines
+        .next()
+        .unwrap()
+        .split(',')
+        .position(|h| h == "expected_p_malignant")
+        .unwrap();
+    lines
+        .map(|l| l.split(',').nth(col).unwrap().parse().unwrap())
+        .collect()
+}
+
+/// Longest any wait in these tests may take before it fails.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Blocks each `infer` of the gated instance until released, so tests can fill the queue
+/// deterministically; forks (further instances) are not gated and say which instance ran.
 struct Gated {
     inner: Box<dyn Backend>,
     entered: Arc<AtomicUsize>,
     gate: Arc<(Mutex<bool>, Condvar)>,
     calls: Arc<Mutex<Vec<usize>>>,
+    /// This instance's number (0: the first, gated one).
+    id: usize,
+    forks: Arc<AtomicUsize>,
+    /// Instance number of every execution, in order.
+    ran_on: Arc<Mutex<Vec<usize>>>,
 }
 
 impl Backend for Gated {
@@ -63,17 +91,28 @@ impl Backend for Gated {
         self.inner.metadata()
     }
     fn infer(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, InferenceError> {
-        self.entered.fetch_add(1, Ordering::SeqCst);
-        let (lock, cv) = &*self.gate;
-        let mut open = lock.lock().unwrap();
-        while !*open {
-            open = cv.wait(open).unwrap();
+        if self.id == 0 {
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            let (lock, cv) = &*self.gate;
+            let mut open = lock.lock().unwrap();
+            while !*open {
+                open = cv.wait(open).unwrap();
+            }
         }
         self.calls.lock().unwrap().push(inputs[0].tensor.shape()[0]);
+        self.ran_on.lock().unwrap().push(self.id);
         self.inner.infer(inputs)
     }
     fn fork(&self) -> Result<Box<dyn Backend>, InferenceError> {
-        Err(InferenceError::Unavailable)
+        Ok(Box::new(Gated {
+            inner: self.inner.fork()?,
+            entered: self.entered.clone(),
+            gate: self.gate.clone(),
+            calls: self.calls.clone(),
+            id: self.forks.fetch_add(1, Ordering::SeqCst) + 1,
+            forks: self.forks.clone(),
+            ran_on: self.ran_on.clone(),
+        }))
     }
 }
 
@@ -82,37 +121,43 @@ struct Harness {
     entered: Arc<AtomicUsize>,
     gate: Arc<(Mutex<bool>, Condvar)>,
     calls: Arc<Mutex<Vec<usize>>>,
+    ran_on: Arc<Mutex<Vec<usize>>>,
 }
 
 impl Harness {
     fn new(capacity: usize, max_batch_size: usize) -> Harness {
+        Harness::with(WorkerConfig {
+            queue_capacity: capacity,
+            batching: Some(BatchingConfig {
+                max_batch_size,
+                max_queue_delay: Duration::from_millis(1),
+                preferred_batch_sizes: vec![],
+            }),
+            ..WorkerConfig::default()
+        })
+    }
+
+    fn with(config: WorkerConfig) -> Harness {
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
         let calls = Arc::new(Mutex::new(vec![]));
         let entered = Arc::new(AtomicUsize::new(0));
+        let ran_on = Arc::new(Mutex::new(vec![]));
         let backend = Gated {
             inner: load(),
             entered: entered.clone(),
             gate: gate.clone(),
             calls: calls.clone(),
+            id: 0,
+            forks: Arc::new(AtomicUsize::new(0)),
+            ran_on: ran_on.clone(),
         };
-        let worker = ModelWorker::spawn(
-            Box::new(backend),
-            WorkerConfig {
-                queue_capacity: capacity,
-                batching: Some(BatchingConfig {
-                    max_batch_size,
-                    max_queue_delay: Duration::from_millis(1),
-                    preferred_batch_sizes: vec![],
-                }),
-                ..WorkerConfig::default()
-            },
-        )
-        .unwrap();
+        let worker = ModelWorker::spawn(Box::new(backend), config).unwrap();
         Harness {
             worker: Arc::new(worker),
             entered,
             gate,
             calls,
+            ran_on,
         }
     }
 
@@ -123,17 +168,37 @@ impl Harness {
 
     /// Waits until the worker thread is blocked in the gate with its first batch.
     async fn until_blocked(&self) {
-        while self.entered.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        until("the gated instance starts a batch", || {
+            self.entered.load(Ordering::SeqCst) > 0
+        })
+        .await;
     }
 
     async fn until_queued(&self, n: usize) {
-        while self.worker.queue_depth() < n {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        until("requests are queued", || self.worker.queue_depth() >= n).await;
     }
 }
+
+/// Polls `done` until it holds; fails the test after [`WAIT`].
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Awaits `f`, failing the test after [`WAIT`].
+async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .expect("finished within the bound")
+}
+
+impl Harness {}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_results_equal_single_results_exactly() {
@@ -332,32 +397,123 @@ async fn inputs_are_checked_before_queueing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_instances_share_one_queue() {
     let rows = rows();
-    let worker = Arc::new(
-        ModelWorker::spawn(
-            load(),
-            WorkerConfig {
-                instances: 3,
-                batching: Some(BatchingConfig {
-                    max_batch_size: 8,
-                    max_queue_delay: Duration::from_micros(200),
-                    preferred_batch_sizes: vec![4],
-                }),
-                ..WorkerConfig::default()
-            },
-        )
-        .unwrap(),
-    );
-    let mut reference = load();
-    let tasks: Vec<_> = (0..60)
+    let want = expected_p();
+    // Instance 0 blocks on its first request; the others must serve everything after it.
+    let h = Harness::with(WorkerConfig {
+        instances: 3,
+        ..WorkerConfig::default()
+    });
+    // Whichever instance takes a request is free to: send one at a time until instance 0 holds one.
+    let mut warm = 0;
+    let first = loop {
+        let w = h.worker.clone();
+        let x = input(&rows[..1]);
+        let t = tokio::spawn(async move { w.infer(x).await });
+        until("a request is taken", || {
+            h.entered.load(Ordering::SeqCst) > 0 || t.is_finished()
+        })
+        .await;
+        if h.entered.load(Ordering::SeqCst) > 0 {
+            break t;
+        }
+        bounded(t).await.unwrap().unwrap();
+        warm += 1;
+    };
+    let tasks: Vec<_> = (1..41)
         .map(|i| {
-            let w = worker.clone();
-            let x = input(&rows[i % rows.len()..i % rows.len() + 1]);
-            tokio::spawn(async move { (x.clone(), w.infer(x).await) })
+            let w = h.worker.clone();
+            let x = input(&rows[i..i + 1]);
+            tokio::spawn(async move { w.infer(x).await })
         })
         .collect();
-    for t in tasks {
-        let (x, got) = t.await.unwrap();
-        assert_eq!(got.unwrap(), reference.infer(x).unwrap());
+    for (i, t) in (1..41).zip(tasks) {
+        let out = bounded(t).await.unwrap().unwrap();
+        let p = out[1].tensor.view::<f32>().unwrap();
+        assert!(
+            (p[[0, 0]] - want[i]).abs() <= 1e-5,
+            "row {i}: {} vs onnxruntime {}",
+            p[[0, 0]],
+            want[i]
+        );
     }
-    assert_eq!(worker.stats().snapshot().inference_count, 60);
+    {
+        let ran_on = h.ran_on.lock().unwrap();
+        assert_eq!(ran_on.len(), 40 + warm, "instance 0 is still blocked");
+        assert!(ran_on.iter().all(|&id| id == 1 || id == 2), "{ran_on:?}");
+    }
+    h.open();
+    let out = bounded(first).await.unwrap().unwrap();
+    let p = out[1].tensor.view::<f32>().unwrap();
+    assert!((p[[0, 0]] - want[0]).abs() <= 1e-5);
+    assert_eq!(h.ran_on.lock().unwrap().last(), Some(&0));
+    assert_eq!(
+        h.worker.stats().snapshot().inference_count,
+        41 + warm as u64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_capacity_counts_bytes_too() {
+    let rows = rows();
+    // Room for two one-row requests (30 FP32 = 120 bytes each) in the queue.
+    let h = Harness::with(WorkerConfig {
+        queue_capacity: 16,
+        queue_bytes: 240,
+        ..WorkerConfig::default()
+    });
+    let spawn = |r: usize| {
+        let w = h.worker.clone();
+        let x = input(&rows[r..r + 1]);
+        tokio::spawn(async move { w.infer(x).await })
+    };
+    let first = spawn(0);
+    h.until_blocked().await;
+    let queued = [spawn(1), spawn(2)];
+    h.until_queued(2).await;
+    assert_eq!(h.worker.queued_bytes(), 240);
+    let refused = h.worker.infer(input(&rows[3..4])).await;
+    assert!(
+        matches!(refused, Err(InferenceError::QueueBytesFull { limit: 240 })),
+        "{refused:?}"
+    );
+    // A request larger than the whole limit is refused the same way, even when idle.
+    h.open();
+    bounded(first).await.unwrap().unwrap();
+    for q in queued {
+        bounded(q).await.unwrap().unwrap();
+    }
+    assert_eq!(h.worker.queued_bytes(), 0);
+    let too_big = h.worker.infer(input(&rows[..3])).await;
+    assert!(
+        matches!(too_big, Err(InferenceError::QueueBytesFull { limit: 240 })),
+        "{too_big:?}"
+    );
+    assert_eq!(h.worker.queued_bytes(), 0);
+}
+
+#[tokio::test]
+async fn rows_per_request_are_limited_without_batching() {
+    let rows = rows();
+    let want = expected_p();
+    let worker = ModelWorker::spawn(
+        load(),
+        WorkerConfig {
+            max_rows_per_request: 3,
+            ..WorkerConfig::default()
+        },
+    )
+    .unwrap();
+    assert!(worker.config().batching.is_none());
+    let err = worker.infer(input(&rows[..4])).await.unwrap_err();
+    assert!(
+        matches!(err, InferenceError::TooManyRows { got: 4, max: 3 }),
+        "{err}"
+    );
+    assert!(err.is_client_error());
+    assert!(err.to_string().contains("max_rows_per_request"), "{err}");
+    let out = worker.infer(input(&rows[..3])).await.unwrap();
+    let p = out[1].tensor.view::<f32>().unwrap();
+    for i in 0..3 {
+        assert!((p[[i, 0]] - want[i]).abs() <= 1e-5, "row {i}");
+    }
 }

@@ -448,21 +448,52 @@ mod tests {
     }
 
     #[test]
-    fn digest_streams_the_same_bytes_as_the_wire_layout() {
+    fn digest_streams_the_wire_layout() {
         use nightingale_inference::Tensor;
-        // The streamed digest equals one over `to_raw`, the binary wire layout, for every
-        // datatype family (including a non-contiguous view's copy and BYTES).
-        let tensors = [
-            Tensor::from_vec(vec![3], vec![true, false, true]).unwrap(),
-            Tensor::from_vec(vec![2, 2], vec![1i64, -2, 3, i64::MIN]).unwrap(),
-            Tensor::from_vec(vec![2], vec![half::f16::from_f32(0.5), half::f16::MAX]).unwrap(),
-            Tensor::from_vec(vec![2], vec![b"ab".to_vec(), vec![]]).unwrap(),
-            Tensor::from_vec(vec![5000], (0..5000).map(|i| i as f32).collect()).unwrap(),
+        // The bytes hashed are Triton's binary layout, written out here element by element.
+        let f: Vec<f32> = (0..5000).map(|i| i as f32 * 0.25).collect();
+        let cases: Vec<(Tensor, Vec<u8>)> = vec![
+            (
+                Tensor::from_vec(vec![3], vec![true, false, true]).unwrap(),
+                vec![1, 0, 1],
+            ),
+            (
+                Tensor::from_vec(vec![2, 2], vec![1i64, -2, 3, i64::MIN]).unwrap(),
+                [1i64, -2, 3, i64::MIN]
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+            (
+                Tensor::from_vec(vec![2], vec![half::f16::from_f32(0.5), half::f16::MAX]).unwrap(),
+                vec![0x00, 0x38, 0xff, 0x7b],
+            ),
+            (
+                Tensor::from_vec(vec![2], vec![b"ab".to_vec(), vec![]]).unwrap(),
+                vec![2, 0, 0, 0, b'a', b'b', 0, 0, 0, 0],
+            ),
+            (
+                Tensor::from_vec(vec![5000], f.clone()).unwrap(),
+                f.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
         ];
-        for t in tensors {
+        for (t, expected) in cases {
             let mut streamed = vec![];
             t.for_each_raw_chunk(|c| streamed.extend_from_slice(c));
-            assert_eq!(streamed, t.to_raw(), "{}", t.datatype());
+            assert_eq!(streamed, expected, "{}", t.datatype());
+            assert_eq!(t.raw_len(), expected.len());
         }
+        // A transposed (non-contiguous) tensor streams in logical row-major order.
+        let a = ndarray::arr2(&[[1.0f32, 2.0], [3.0, 4.0]])
+            .reversed_axes()
+            .into_dyn();
+        let t = Tensor::Fp32(a);
+        let mut streamed = vec![];
+        t.for_each_raw_chunk(|c| streamed.extend_from_slice(c));
+        let expected: Vec<u8> = [1.0f32, 3.0, 2.0, 4.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        assert_eq!(streamed, expected);
     }
 }

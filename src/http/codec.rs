@@ -4,36 +4,37 @@
 
 use std::collections::HashMap;
 
-use bytes::Bytes;
-use nightingale_inference::{DataType, Element, NamedTensor, Tensor, element_count};
+use nightingale_inference::{DataType, Element, NamedTensor, Tensor, TensorSpec, element_count};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::error::AppError;
 
 /// Deepest nesting accepted in a JSON `data` array.
-const MAX_NESTING: usize = 32;
+const MAX_NESTING: usize = 100;
 
 #[derive(Debug, Deserialize)]
-pub struct InferRequest {
+pub struct InferRequest<'a> {
     #[serde(default)]
     pub id: Option<String>,
     #[serde(default)]
     pub parameters: Option<HashMap<String, serde_json::Value>>,
-    pub inputs: Vec<InputTensor>,
+    #[serde(borrow)]
+    pub inputs: Vec<InputTensor<'a>>,
     #[serde(default)]
     pub outputs: Option<Vec<RequestedOutput>>,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct InputTensor {
+pub struct InputTensor<'a> {
     pub name: String,
     pub shape: Vec<i64>,
     pub datatype: String,
     #[serde(default)]
     pub parameters: Option<HashMap<String, serde_json::Value>>,
-    #[serde(default)]
-    pub data: Option<Box<RawValue>>,
+    /// The `data` text, borrowed from the body: decoded once the datatype and shape are known.
+    #[serde(default, borrow)]
+    pub data: Option<&'a RawValue>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,9 +93,9 @@ fn param_usize(
 
 /// Splits a body into its JSON header and binary tail, given the header length from
 /// `Inference-Header-Content-Length` (absent: the whole body is JSON).
-pub fn decode_request(body: &Bytes, header_len: Option<usize>) -> Result<DecodedRequest, AppError> {
+pub fn decode_request(body: &[u8], header_len: Option<usize>) -> Result<DecodedRequest, AppError> {
     let (json, mut binary) = match header_len {
-        None => (&body[..], &body[body.len()..]),
+        None => (body, &body[body.len()..]),
         Some(n) if n <= body.len() => (&body[..n], &body[n..]),
         Some(n) => {
             return Err(AppError::bad_request(format!(
@@ -108,8 +109,14 @@ pub fn decode_request(body: &Bytes, header_len: Option<usize>) -> Result<Decoded
     if request.inputs.is_empty() {
         return Err(AppError::bad_request("the request has no inputs"));
     }
-    let mut inputs = Vec::with_capacity(request.inputs.len());
+    let mut inputs: Vec<NamedTensor> = Vec::with_capacity(request.inputs.len());
     for input in request.inputs {
+        if inputs.iter().any(|t| t.name == input.name) {
+            return Err(AppError::bad_request(format!(
+                "input {:?} is given more than once",
+                input.name
+            )));
+        }
         let datatype: DataType = input
             .datatype
             .parse()
@@ -170,6 +177,16 @@ pub fn decode_request(body: &Bytes, header_len: Option<usize>) -> Result<Decoded
         )));
     }
     let binary_default = param_bool(&request.parameters, "binary_data_output")?.unwrap_or(false);
+    if let Some(list) = &request.outputs {
+        for (i, o) in list.iter().enumerate() {
+            if list[..i].iter().any(|earlier| earlier.name == o.name) {
+                return Err(AppError::bad_request(format!(
+                    "output {:?} is requested more than once",
+                    o.name
+                )));
+            }
+        }
+    }
     let outputs = match request.outputs {
         None => None,
         Some(list) => Some(
@@ -192,122 +209,329 @@ pub fn decode_request(body: &Bytes, header_len: Option<usize>) -> Result<Decoded
     })
 }
 
-/// Parses JSON `data`: a flat array of the right element type (the fast path), else nested
-/// arrays flattened in row-major order.
+/// Triton's raw binary request (`Inference-Header-Content-Length: 0`): the whole body is the
+/// one input's tensor in the binary layout, its datatype the model's, its shape the model's
+/// with the one variable dimension deduced from the byte count. Every output comes back binary.
+pub fn decode_raw(body: &[u8], inputs: &[TensorSpec]) -> Result<DecodedRequest, AppError> {
+    let [spec] = inputs else {
+        return Err(AppError::bad_request(format!(
+            "a raw binary request (Inference-Header-Content-Length: 0) needs a model with exactly one input; this model has {}",
+            inputs.len()
+        )));
+    };
+    let variable = spec.shape.iter().filter(|&&d| d < 0).count();
+    let fixed: usize = spec
+        .shape
+        .iter()
+        .filter(|&&d| d >= 0)
+        .map(|&d| d as usize)
+        .product();
+    let deduce = |variable_dim: usize| -> Vec<usize> {
+        spec.shape
+            .iter()
+            .map(|&d| if d < 0 { variable_dim } else { d as usize })
+            .collect()
+    };
+    let tensor = match spec.datatype.element_size() {
+        None => {
+            // BYTES: the body is one element (no length prefix), so the shape must hold one.
+            if fixed != 1 {
+                return Err(AppError::bad_request(format!(
+                    "raw BYTES input {:?}: the model's input shape {:?} must hold exactly one element",
+                    spec.name, spec.shape
+                )));
+            }
+            Tensor::from_vec(deduce(1), vec![body.to_vec()])
+                .map_err(|e| AppError::bad_request(format!("input {:?}: {e}", spec.name)))?
+        }
+        Some(size) => {
+            let shape = match variable {
+                0 => deduce(0),
+                1 => {
+                    let row = fixed * size;
+                    if row == 0 || body.len() % row != 0 {
+                        return Err(AppError::bad_request(format!(
+                            "raw input {:?}: {} bytes are not a whole number of {} elements of shape {:?}",
+                            spec.name,
+                            body.len(),
+                            spec.datatype,
+                            spec.shape
+                        )));
+                    }
+                    deduce(body.len() / row)
+                }
+                _ => {
+                    return Err(AppError::bad_request(format!(
+                        "the shape of raw input {:?} cannot be deduced: {:?} has more than one variable dimension",
+                        spec.name, spec.shape
+                    )));
+                }
+            };
+            Tensor::from_raw(spec.datatype, shape, body)
+                .map_err(|e| AppError::bad_request(format!("input {:?}: {e}", spec.name)))?
+        }
+    };
+    Ok(DecodedRequest {
+        id: None,
+        inputs: vec![NamedTensor::new(spec.name.clone(), tensor)],
+        outputs: None,
+        binary_default: true,
+    })
+}
+
+/// Parses JSON `data` (a flat array, nested arrays of any depth up to [`MAX_NESTING`], or a
+/// lone scalar) straight into the tensor's element vector: no `serde_json::Value` tree, and
+/// decoding stops at the first element beyond what the shape holds.
 fn parse_json_data(
     datatype: DataType,
     shape: Vec<usize>,
     count: usize,
     json: &str,
 ) -> Result<Tensor, String> {
-    fn typed<T: Element + for<'de> Deserialize<'de>>(
+    fn typed<T: Scalar + Element>(
         shape: Vec<usize>,
         count: usize,
         json: &str,
-        from_value: fn(&serde_json::Value) -> Option<T>,
     ) -> Result<Tensor, String> {
-        let values: Vec<T> = match serde_json::from_str::<Vec<T>>(json) {
-            Ok(v) => v,
-            Err(_) => {
-                let value: serde_json::Value =
-                    serde_json::from_str(json).map_err(|e| format!("malformed data: {e}"))?;
-                let mut out = Vec::with_capacity(count.min(1 << 20));
-                flatten(&value, 0, &mut out, from_value)?;
-                out
-            }
-        };
-        if values.len() != count {
-            return Err(format!(
-                "shape {shape:?} needs {count} {} elements but data has {}",
-                T::DATATYPE,
-                values.len()
-            ));
-        }
+        let values = decode_elements::<T>(&shape, count, json)?;
         Tensor::from_vec(shape, values).map_err(|e| e.to_string())
     }
-    fn flatten<T>(
-        v: &serde_json::Value,
-        depth: usize,
-        out: &mut Vec<T>,
-        from_value: fn(&serde_json::Value) -> Option<T>,
-    ) -> Result<(), String> {
-        if depth > MAX_NESTING {
-            return Err(format!("data is nested deeper than {MAX_NESTING} levels"));
-        }
-        match v {
-            serde_json::Value::Array(items) => {
-                for item in items {
-                    flatten(item, depth + 1, out, from_value)?;
-                }
-                Ok(())
-            }
-            other => {
-                out.push(from_value(other).ok_or_else(|| {
-                    "data holds a value of the wrong type for the datatype".to_string()
-                })?);
-                Ok(())
-            }
-        }
-    }
-    fn int<T: TryFrom<i64> + TryFrom<u64>>(v: &serde_json::Value) -> Option<T> {
-        v.as_i64()
-            .and_then(|i| T::try_from(i).ok())
-            .or_else(|| v.as_u64().and_then(|u| T::try_from(u).ok()))
-    }
     match datatype {
-        DataType::Bool => typed::<bool>(shape, count, json, |v| v.as_bool()),
-        DataType::Uint8 => typed::<u8>(shape, count, json, int),
-        DataType::Uint16 => typed::<u16>(shape, count, json, int),
-        DataType::Uint32 => typed::<u32>(shape, count, json, int),
-        DataType::Uint64 => typed::<u64>(shape, count, json, int),
-        DataType::Int8 => typed::<i8>(shape, count, json, int),
-        DataType::Int16 => typed::<i16>(shape, count, json, int),
-        DataType::Int32 => typed::<i32>(shape, count, json, int),
-        DataType::Int64 => typed::<i64>(shape, count, json, int),
-        DataType::Fp16 => {
-            let t = typed::<f32>(shape, count, json, |v| v.as_f64().map(|f| f as f32))?;
-            let a = t
-                .view::<f32>()
-                .expect("f32 tensor")
-                .mapv(half::f16::from_f32);
-            Ok(Tensor::Fp16(a))
-        }
-        DataType::Fp32 => typed::<f32>(shape, count, json, |v| v.as_f64().map(|f| f as f32)),
-        DataType::Fp64 => typed::<f64>(shape, count, json, |v| v.as_f64()),
-        DataType::Bytes => {
-            let strings = typed_strings(count, json)?;
-            Tensor::from_vec(shape, strings).map_err(|e| e.to_string())
-        }
+        DataType::Bool => typed::<bool>(shape, count, json),
+        DataType::Uint8 => typed::<u8>(shape, count, json),
+        DataType::Uint16 => typed::<u16>(shape, count, json),
+        DataType::Uint32 => typed::<u32>(shape, count, json),
+        DataType::Uint64 => typed::<u64>(shape, count, json),
+        DataType::Int8 => typed::<i8>(shape, count, json),
+        DataType::Int16 => typed::<i16>(shape, count, json),
+        DataType::Int32 => typed::<i32>(shape, count, json),
+        DataType::Int64 => typed::<i64>(shape, count, json),
+        DataType::Fp16 => typed::<half::f16>(shape, count, json),
+        DataType::Fp32 => typed::<f32>(shape, count, json),
+        DataType::Fp64 => typed::<f64>(shape, count, json),
+        DataType::Bytes => typed::<Vec<u8>>(shape, count, json),
     }
 }
 
-fn typed_strings(count: usize, json: &str) -> Result<Vec<Vec<u8>>, String> {
-    let value: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| format!("malformed data: {e}"))?;
-    let mut out = Vec::with_capacity(count.min(1 << 20));
-    fn walk(v: &serde_json::Value, depth: usize, out: &mut Vec<Vec<u8>>) -> Result<(), String> {
-        if depth > MAX_NESTING {
-            return Err(format!("data is nested deeper than {MAX_NESTING} levels"));
-        }
-        match v {
-            serde_json::Value::Array(items) => {
-                items.iter().try_for_each(|i| walk(i, depth + 1, out))
-            }
-            serde_json::Value::String(s) => {
-                out.push(s.as_bytes().to_vec());
-                Ok(())
-            }
-            _ => Err("BYTES data must be strings".into()),
-        }
+/// A tensor element as JSON carries it; `None`: the JSON value is of the wrong kind or out of
+/// range for the datatype.
+trait Scalar: Sized {
+    /// What the error says when a value has the wrong kind.
+    const WRONG_TYPE: &'static str = "data holds a value of the wrong type for the datatype";
+    /// The fewest JSON characters one element takes (`1`, `true`, `""`): bounds the vector
+    /// reserved up front by what the text can hold.
+    const MIN_CHARS: usize = 1;
+    fn from_bool(_: bool) -> Option<Self> {
+        None
     }
-    walk(&value, 0, &mut out)?;
-    if out.len() != count {
+    fn from_i64(_: i64) -> Option<Self> {
+        None
+    }
+    fn from_u64(_: u64) -> Option<Self> {
+        None
+    }
+    fn from_f64(_: f64) -> Option<Self> {
+        None
+    }
+    fn from_string(_: &str) -> Option<Self> {
+        None
+    }
+}
+
+impl Scalar for bool {
+    const MIN_CHARS: usize = 4;
+    fn from_bool(b: bool) -> Option<Self> {
+        Some(b)
+    }
+}
+
+macro_rules! int_scalar {
+    ($($t:ty),*) => {$(
+        impl Scalar for $t {
+            fn from_i64(i: i64) -> Option<Self> {
+                <$t>::try_from(i).ok()
+            }
+            fn from_u64(u: u64) -> Option<Self> {
+                <$t>::try_from(u).ok()
+            }
+        }
+    )*};
+}
+int_scalar!(u8, u16, u32, u64, i8, i16, i32, i64);
+
+// Integers and decimals both convert, as serde_json converts them for `f32`/`f64`.
+impl Scalar for f32 {
+    fn from_i64(i: i64) -> Option<Self> {
+        Some(i as f32)
+    }
+    fn from_u64(u: u64) -> Option<Self> {
+        Some(u as f32)
+    }
+    fn from_f64(f: f64) -> Option<Self> {
+        Some(f as f32)
+    }
+}
+
+impl Scalar for f64 {
+    fn from_i64(i: i64) -> Option<Self> {
+        Some(i as f64)
+    }
+    fn from_u64(u: u64) -> Option<Self> {
+        Some(u as f64)
+    }
+    fn from_f64(f: f64) -> Option<Self> {
+        Some(f)
+    }
+}
+
+// FP16 rounds through f32, as the JSON path always has.
+impl Scalar for half::f16 {
+    fn from_i64(i: i64) -> Option<Self> {
+        Some(half::f16::from_f32(i as f32))
+    }
+    fn from_u64(u: u64) -> Option<Self> {
+        Some(half::f16::from_f32(u as f32))
+    }
+    fn from_f64(f: f64) -> Option<Self> {
+        Some(half::f16::from_f32(f as f32))
+    }
+}
+
+impl Scalar for Vec<u8> {
+    const WRONG_TYPE: &'static str = "BYTES data must be strings";
+    const MIN_CHARS: usize = 2;
+    fn from_string(s: &str) -> Option<Self> {
+        Some(s.as_bytes().to_vec())
+    }
+}
+
+/// What a decode builds, and the reason it stopped, if it was ours rather than the JSON's.
+struct Sink<'a, T> {
+    out: Vec<T>,
+    count: usize,
+    shape: &'a [usize],
+    fail: Option<String>,
+}
+
+/// One JSON value inside `data` at a nesting depth: an array (recursed into) or an element.
+struct Node<'s, 'a, T> {
+    sink: &'s mut Sink<'a, T>,
+    depth: usize,
+}
+
+/// Decodes `data` into exactly `count` elements of `T`, row-major.
+fn decode_elements<T: Scalar + Element>(
+    shape: &[usize],
+    count: usize,
+    json: &str,
+) -> Result<Vec<T>, String> {
+    let mut sink = Sink {
+        out: Vec::with_capacity(count.min(json.len() / (T::MIN_CHARS + 1) + 1)),
+        count,
+        shape,
+        fail: None,
+    };
+    let mut de = serde_json::Deserializer::from_str(json);
+    let parsed = serde::de::DeserializeSeed::deserialize(
+        Node {
+            sink: &mut sink,
+            depth: 0,
+        },
+        &mut de,
+    )
+    .and_then(|()| de.end());
+    if let Err(e) = parsed {
+        return Err(sink
+            .fail
+            .take()
+            .unwrap_or_else(|| format!("malformed data: {e}")));
+    }
+    if sink.out.len() != count {
         return Err(format!(
-            "shape needs {count} BYTES elements but data has {}",
-            out.len()
+            "shape {shape:?} needs {count} {} elements but data has {}",
+            T::DATATYPE,
+            sink.out.len()
         ));
     }
-    Ok(out)
+    Ok(sink.out)
+}
+
+impl<T: Scalar + Element> Node<'_, '_, T> {
+    fn stop<E: serde::de::Error>(self, reason: String) -> Result<(), E> {
+        let e = E::custom(&reason);
+        self.sink.fail = Some(reason);
+        Err(e)
+    }
+
+    fn push<E: serde::de::Error>(self, value: Option<T>) -> Result<(), E> {
+        let Some(value) = value else {
+            return self.stop(T::WRONG_TYPE.to_string());
+        };
+        if self.sink.out.len() == self.sink.count {
+            let reason = format!(
+                "shape {:?} needs {} {} elements but data has more",
+                self.sink.shape,
+                self.sink.count,
+                T::DATATYPE
+            );
+            return self.stop(reason);
+        }
+        self.sink.out.push(value);
+        Ok(())
+    }
+}
+
+impl<'de, T: Scalar + Element> serde::de::DeserializeSeed<'de> for Node<'_, '_, T> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, T: Scalar + Element> serde::de::Visitor<'de> for Node<'_, '_, T> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{} tensor data", T::DATATYPE)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        if self.depth >= MAX_NESTING {
+            return self.stop(format!("data is nested deeper than {MAX_NESTING} levels"));
+        }
+        let depth = self.depth + 1;
+        while seq
+            .next_element_seed(Node {
+                sink: &mut *self.sink,
+                depth,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
+        self.push(T::from_bool(v))
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        self.push(T::from_i64(v))
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        self.push(T::from_u64(v))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        self.push(T::from_f64(v))
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        self.push(T::from_string(v))
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        self.push(None)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        self.push(None)
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -395,26 +619,30 @@ pub struct EncodedResponse {
     pub header_len: Option<usize>,
 }
 
-/// Encodes outputs; those flagged binary go after the JSON header as raw bytes.
+/// Encodes outputs; those flagged binary go after the JSON header as raw bytes, written
+/// straight into the body (no per-tensor copy).
 pub fn encode_response(
     mut response: InferResponse,
     binary_flags: &[bool],
 ) -> Result<EncodedResponse, AppError> {
-    let mut tail: Vec<u8> = vec![];
-    for (out, &binary) in response.outputs.iter_mut().zip(binary_flags) {
-        if binary && let Some(JsonData(tensor)) = out.data.take() {
-            let raw = tensor.to_raw();
+    let mut binary: Vec<Tensor> = vec![];
+    for (out, &flag) in response.outputs.iter_mut().zip(binary_flags) {
+        if flag && let Some(JsonData(tensor)) = out.data.take() {
             let mut params = out.parameters.take().unwrap_or_default();
-            params.insert("binary_data_size".into(), raw.len().into());
+            params.insert("binary_data_size".into(), tensor.raw_len().into());
             out.parameters = Some(params);
-            tail.extend_from_slice(&raw);
+            binary.push(tensor);
         }
     }
-    let mut body = serde_json::to_vec(&response)
+    let tail: usize = binary.iter().map(Tensor::raw_len).sum();
+    let mut body = Vec::with_capacity(4096 + tail);
+    serde_json::to_writer(&mut body, &response)
         .map_err(|e| AppError::internal(format!("cannot encode response: {e}")))?;
     if binary_flags.iter().any(|&b| b) {
         let header_len = body.len();
-        body.extend_from_slice(&tail);
+        for tensor in &binary {
+            tensor.write_raw(&mut body);
+        }
         Ok(EncodedResponse {
             body,
             header_len: Some(header_len),
@@ -463,4 +691,22 @@ pub fn classify(tensor: &Tensor, k: usize, labels: &[String]) -> Result<Tensor, 
     let mut out_shape: Vec<usize> = shape[..shape.len().saturating_sub(1)].to_vec();
     out_shape.push(k);
     Tensor::from_vec(out_shape, out).map_err(|e| AppError::internal(e.to_string()))
+}
+
+/// [`decode_request`] for the codec benchmark (benches/codec.rs): the number of input
+/// elements decoded, or the error message.
+pub fn decode_request_for_bench(body: &[u8], header_len: Option<usize>) -> Result<usize, String> {
+    decode_request(body, header_len)
+        .map(|r| r.inputs.iter().map(|t| t.tensor.len()).sum())
+        .map_err(|e| e.message)
+}
+
+/// [`parse_json_data`] for the codec benchmark: the number of elements decoded.
+pub fn parse_json_data_for_bench(
+    datatype: DataType,
+    shape: Vec<usize>,
+    json: &str,
+) -> Result<usize, String> {
+    let count = element_count(&shape).map_err(|e| e.to_string())?;
+    parse_json_data(datatype, shape, count, json).map(|t| t.len())
 }

@@ -1,22 +1,39 @@
 //! The one place errors become HTTP statuses: `{"error": "<message>"}` bodies.
 
-use axum::http::StatusCode;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use nightingale_inference::InferenceError;
 use nightingale_models::RepositoryError;
+use serde::de::DeserializeOwned;
 
 /// An error answered to the client.
 #[derive(Debug)]
 pub struct AppError {
     pub status: StatusCode,
     pub message: String,
+    /// Seconds a client should wait before retrying (`Retry-After`), for load refusals.
+    pub retry_after: Option<u32>,
 }
+
+/// What `Retry-After` says when the server refuses work for lack of room (seconds).
+pub const RETRY_AFTER_SECS: u32 = 1;
 
 impl AppError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         AppError {
             status,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 503 with `Retry-After`: the server is too busy for this request now, not broken.
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        AppError {
+            retry_after: Some(RETRY_AFTER_SECS),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
         }
     }
 
@@ -38,11 +55,17 @@ impl AppError {
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        (
+        let mut response = (
             self.status,
             axum::Json(serde_json::json!({ "error": self.message })),
         )
-            .into_response()
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
     }
 }
 
@@ -52,8 +75,8 @@ impl From<InferenceError> for AppError {
             return AppError::bad_request(e.to_string());
         }
         match e {
-            InferenceError::Overloaded { .. } => {
-                AppError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            InferenceError::Overloaded { .. } | InferenceError::QueueBytesFull { .. } => {
+                AppError::overloaded(e.to_string())
             }
             InferenceError::Unavailable => {
                 AppError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
@@ -86,5 +109,24 @@ impl From<RepositoryError> for AppError {
             RepositoryError::Io { .. } => return AppError::internal(e.to_string()),
         };
         AppError::new(status, e.to_string())
+    }
+}
+
+/// `axum::extract::Path` whose rejections (a segment that is not UTF-8 once percent-decoded,
+/// a missing parameter) answer in the `{"error": ...}` shape like every other error.
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(ApiPath(value)),
+            Err(rejection) => Err(AppError::new(rejection.status(), rejection.body_text())),
+        }
     }
 }

@@ -9,9 +9,11 @@ use axum::extract::Request;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use nightingale_models::Repository;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::audit::AuditLog;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -23,7 +25,8 @@ mod metrics;
 mod repository;
 mod v2;
 
-pub use error::AppError;
+pub use codec::{decode_request_for_bench, parse_json_data_for_bench};
+pub use error::{ApiPath, AppError};
 pub use metrics::install_recorder;
 
 /// HTTP settings.
@@ -37,6 +40,13 @@ pub struct HttpConfig {
     /// trickles its body or a request stuck behind a slow model gets 408 instead of holding
     /// resources forever.
     pub request_timeout: std::time::Duration,
+    /// Memory budget of the inference requests in flight, in bytes: each is charged its body
+    /// plus an equal amount for the decoded tensors (more when decoding yields more) until its
+    /// response has been sent. A request that does not fit gets 503 with `Retry-After`, before
+    /// its body is read when Content-Length says so.
+    pub max_inflight_bytes: usize,
+    /// Most inference requests in flight at once (beyond: 503 with `Retry-After`).
+    pub max_inflight_requests: usize,
 }
 
 impl Default for HttpConfig {
@@ -45,6 +55,8 @@ impl Default for HttpConfig {
             max_body_bytes: 64 << 20,
             admin_token: None,
             request_timeout: std::time::Duration::from_secs(120),
+            max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
+            max_inflight_requests: DEFAULT_MAX_INFLIGHT_REQUESTS,
         }
     }
 }
@@ -60,6 +72,7 @@ pub struct AppState {
     pub audit: AuditLog,
     pub config: HttpConfig,
     pub metrics: Option<PrometheusHandle>,
+    pub(crate) admission: Admission,
     ready: AtomicBool,
 }
 
@@ -73,6 +86,7 @@ impl AppState {
         Arc::new(AppState {
             repository,
             audit,
+            admission: Admission::new(&config),
             config,
             metrics,
             ready: AtomicBool::new(false),
@@ -86,6 +100,11 @@ impl AppState {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Bytes of the in-flight budget ([`HttpConfig::max_inflight_bytes`]) free now.
+    pub fn inflight_bytes_free(&self) -> usize {
+        self.admission.available_bytes()
     }
 }
 
@@ -140,6 +159,7 @@ pub fn app(state: Arc<AppState>) -> Router {
             }
         }))
         .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(axum::middleware::from_fn(json_errors))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let id = req
                 .headers()
@@ -161,6 +181,123 @@ async fn method_not_allowed() -> AppError {
         StatusCode::METHOD_NOT_ALLOWED,
         "method not allowed on this endpoint",
     )
+}
+
+/// Puts error answers that did not come from [`AppError`] (axum's extractor rejections, say)
+/// in the same `{"error": "<message>"}` shape.
+async fn json_errors(req: Request, next: axum::middleware::Next) -> axum::response::Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_owned();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    let mut out = AppError::new(status, message).into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// Reads an inference body up to `limit` bytes (413 beyond it), charging `ticket`
+/// [`BODY_CHARGE_FACTOR`] bytes per body byte: all at once before reading when
+/// Content-Length is given, else as the bytes arrive. Refused mid-body, the rest is read and
+/// thrown away (up to the limit) so that the client receives the answer.
+pub(crate) async fn read_body_admitted(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    ticket: &mut Ticket,
+) -> Result<Bytes, AppError> {
+    let too_large = || {
+        AppError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(too_large());
+    }
+    let declared = declared.map(|len| len as usize);
+    if let Some(len) = declared {
+        ticket.charge(len.saturating_mul(BODY_CHARGE_FACTOR))?;
+    }
+    // With a declared length, one buffer of that size; without, the chunks as they came
+    // (joined once at the end: growing one buffer by doubling would hold up to three times
+    // the bytes received at each reallocation).
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
+    let mut parts: Vec<Bytes> = vec![];
+    let mut body = body;
+    let mut received = 0usize;
+    let mut refused: Option<AppError> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| AppError::bad_request(format!("cannot read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        received = received.saturating_add(data.len());
+        if refused.is_some() {
+            // Throwing the rest away, up to the limit.
+            if received > limit {
+                break;
+            }
+            continue;
+        }
+        if received > limit {
+            return Err(too_large());
+        }
+        let new = received
+            .saturating_sub(declared.unwrap_or(0))
+            .min(data.len());
+        if new > 0
+            && let Err(e) = ticket.charge(new.saturating_mul(BODY_CHARGE_FACTOR))
+        {
+            refused = Some(e);
+            buf = BytesMut::new();
+            parts = vec![];
+            continue;
+        }
+        if declared.is_some() {
+            buf.extend_from_slice(&data);
+        } else {
+            parts.push(data);
+        }
+    }
+    if let Some(e) = refused {
+        return Err(e);
+    }
+    match parts.len() {
+        0 => Ok(buf.freeze()),
+        1 => Ok(parts.pop().expect("one part")),
+        _ => {
+            let mut joined = BytesMut::with_capacity(received);
+            for part in parts.drain(..) {
+                joined.extend_from_slice(&part);
+            }
+            Ok(joined.freeze())
+        }
+    }
 }
 
 /// Reads a body up to the configured limit (413 beyond it).
@@ -192,4 +329,107 @@ pub(crate) async fn read_body(
             AppError::bad_request(format!("cannot read the request body: {e}"))
         }
     })
+}
+
+/// Default [`HttpConfig::max_inflight_bytes`]: 512 MiB.
+pub const DEFAULT_MAX_INFLIGHT_BYTES: usize = 512 << 20;
+/// Default [`HttpConfig::max_inflight_requests`].
+pub const DEFAULT_MAX_INFLIGHT_REQUESTS: usize = 256;
+
+/// How many bytes one request is charged per body byte before decoding: the body itself and
+/// the tensors decoded from it (a JSON FP32 tensor takes about half its text, a binary one
+/// as much as its bytes; decoding that yields more is charged the difference afterwards).
+pub(crate) const BODY_CHARGE_FACTOR: usize = 2;
+
+/// The budget counts in KiB: semaphores take at most `u32::MAX` permits at once.
+const UNIT: usize = 1024;
+
+/// Admission control: a semaphore of in-flight requests and one of in-flight KiB.
+pub(crate) struct Admission {
+    requests: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    max_requests: usize,
+    budget: usize,
+}
+
+impl Admission {
+    fn new(config: &HttpConfig) -> Self {
+        let budget = config.max_inflight_bytes.max(UNIT);
+        let max_requests = config.max_inflight_requests.max(1);
+        Admission {
+            requests: Arc::new(Semaphore::new(max_requests)),
+            bytes: Arc::new(Semaphore::new(budget / UNIT)),
+            max_requests,
+            budget,
+        }
+    }
+
+    /// A place among the requests in flight (503 when all are taken); bytes are charged to it.
+    pub(crate) fn admit(&self) -> Result<Ticket, AppError> {
+        let request = self.requests.clone().try_acquire_owned().map_err(|_| {
+            AppError::overloaded(format!(
+                "the server is handling its limit of {} inference requests (max_inflight_requests); retry later",
+                self.max_requests
+            ))
+        })?;
+        Ok(Ticket {
+            _request: request,
+            bytes: None,
+            charged: 0,
+            semaphore: self.bytes.clone(),
+            budget: self.budget,
+        })
+    }
+
+    /// Bytes of the budget free now.
+    pub fn available_bytes(&self) -> usize {
+        self.bytes.available_permits() * UNIT
+    }
+}
+
+/// One request's hold on the admission budget, released when dropped (after its response
+/// body has gone out).
+pub(crate) struct Ticket {
+    _request: OwnedSemaphorePermit,
+    bytes: Option<OwnedSemaphorePermit>,
+    charged: usize,
+    semaphore: Arc<Semaphore>,
+    budget: usize,
+}
+
+impl Ticket {
+    /// Charges `more` bytes: 503 with `Retry-After` when the budget has no room now, 413 when
+    /// the request would not fit even in an idle server.
+    pub(crate) fn charge(&mut self, more: usize) -> Result<(), AppError> {
+        let total = self.charged.saturating_add(more);
+        if total > self.budget {
+            return Err(AppError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request needs {total} bytes in flight (body and decoded tensors), more than the server's whole budget of {} bytes (max_inflight_bytes)",
+                    self.budget
+                ),
+            ));
+        }
+        let need = total.div_ceil(UNIT) - self.charged.div_ceil(UNIT);
+        if need > 0 {
+            let need = u32::try_from(need).expect("the budget fits u32 KiB");
+            let permit = self
+                .semaphore
+                .clone()
+                .try_acquire_many_owned(need)
+                .map_err(|_| {
+                    AppError::overloaded(format!(
+                        "the server's in-flight memory budget of {} bytes (max_inflight_bytes) is taken by other requests; retry later",
+                        self.budget
+                    ))
+                })?;
+            match &mut self.bytes {
+                Some(held) => held.merge(permit),
+                None => self.bytes = Some(permit),
+            }
+        }
+        self.charged = total;
+        Ok(())
+    }
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -13,7 +13,7 @@ use nightingale_models::LoadedModel;
 use serde_json::json;
 
 use super::codec::{self, InferResponse, JsonData, OutputTensor};
-use super::{AppError, AppState, RequestDeadline, read_body};
+use super::{ApiPath as Path, AppError, AppState, RequestDeadline, read_body_admitted};
 use crate::audit::{AuditEvent, EventKind, Outcome, tensors_sha256};
 
 pub(super) const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -216,8 +216,16 @@ async fn infer_loaded(
                 })?,
         ),
     };
-    let body = read_body(headers, body, state.config.max_body_bytes).await?;
-    let request = codec::decode_request(&body, header_len)?;
+    // Admission: a place among the requests in flight, then the body's bytes (before
+    // reading it when Content-Length is given) and what its decoded tensors take beyond that.
+    let mut ticket = state.admission.admit()?;
+    let body = read_body_admitted(headers, body, state.config.max_body_bytes, &mut ticket).await?;
+    let request = match header_len {
+        Some(0) => codec::decode_raw(&body, &model.worker.metadata().inputs)?,
+        _ => codec::decode_request(&body, header_len)?,
+    };
+    let decoded: usize = request.inputs.iter().map(|t| t.tensor.raw_len()).sum();
+    ticket.charge(decoded.saturating_sub(body.len() * (super::BODY_CHARGE_FACTOR - 1)))?;
     drop(body);
     audit.input_sha256 = Some(tensors_sha256(&request.inputs));
     audit.rows = request
@@ -259,9 +267,40 @@ async fn infer_loaded(
             .header(HEADER_LENGTH, HeaderValue::from(n)),
         None => builder.header(header::CONTENT_TYPE, "application/json"),
     };
+    // The ticket goes with the body: its budget is released once the answer has been sent.
     builder
-        .body(Body::from(encoded.body))
+        .body(Body::new(HeldBody {
+            inner: http_body_util::Full::new(bytes::Bytes::from(encoded.body)),
+            _ticket: ticket,
+        }))
         .map_err(|e| AppError::internal(e.to_string()))
+}
+
+/// A response body that holds its request's admission ticket until it has been sent (or
+/// dropped), keeping the body's length for Content-Length.
+struct HeldBody {
+    inner: http_body_util::Full<bytes::Bytes>,
+    _ticket: super::Ticket,
+}
+
+impl http_body::Body for HeldBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The outputs to return, in the order asked (or the model's), each with its binary flag.

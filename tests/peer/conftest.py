@@ -8,13 +8,17 @@ from the repository root (binary default target/debug/nightingale), waits up to 
 for GET /v2/health/ready to return 200, and stops it at the end, then checks the
 audit log's hash chain with `audit verify`. If the binary is missing or never becomes
 ready the tests FAIL (nothing here is skipped). Set $NIGHTINGALE_URL (host:port) to run
-against a server that is already running instead.
+against a server that is already running instead; when that server is a Nightingale (its
+server metadata says so), $NIGHTINGALE_AUDIT_LOG must name its audit log, and the same
+`audit verify` check runs on it at the end (a session against another server, such as a
+real Triton for comparison, has no audit log to check).
 
 The admin token the server gets is `ADMIN_TOKEN` (fixture `admin_headers`).
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import socket
@@ -23,14 +27,45 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 import requests
 import tritonclient.http as httpclient
 
 REPO = Path(__file__).resolve().parents[2]
+# The model the protocol tests run on (wdbc-malignancy version 1) and its test split.
+WDBC = REPO / "models" / "bundles" / "wdbc-malignancy"
+WDBC_ONNX = WDBC / "1" / "model.onnx"
+WDBC_TEST_CSV = WDBC / "testdata" / "test.csv"
+WDBC_FEATURES = 30
 ADMIN_TOKEN = "peer-test-admin-token-0123456789"
 READY_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="session")
+def test_rows() -> tuple[np.ndarray, np.ndarray]:
+    """(features FP32 [n, 30], expected_p_malignant) from wdbc-malignancy's test split."""
+    with open(WDBC_TEST_CSV, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        rows = [r for r in reader]
+    assert header[WDBC_FEATURES] == "label" and header[WDBC_FEATURES + 1] == "expected_p_malignant"
+    x = np.array([[float(v) for v in r[:WDBC_FEATURES]] for r in rows], dtype=np.float32)
+    p = np.array([float(r[WDBC_FEATURES + 1]) for r in rows], dtype=np.float32)
+    return x, p
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """onnxruntime on wdbc-malignancy version 1: features -> (label, probabilities)."""
+    sess = ort.InferenceSession(str(WDBC_ONNX), providers=["CPUExecutionProvider"])
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        label, prob = sess.run(["label", "probabilities"], {"features": x})
+        return label, prob
+
+    return run
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +99,22 @@ def _tail(path: Path, n_bytes: int = 20000) -> str:
 def server_url(request) -> str:
     external = os.environ.get("NIGHTINGALE_URL")
     if external:
+        md = requests.get(f"http://{external}/v2", timeout=10).json()
+        audit_log = os.environ.get("NIGHTINGALE_AUDIT_LOG")
+        if md.get("name") == "nightingale" and not audit_log:
+            pytest.fail(
+                "NIGHTINGALE_URL names a Nightingale server: set NIGHTINGALE_AUDIT_LOG to its "
+                "audit log so that the session's audit check runs",
+                pytrace=False,
+            )
         yield external
+        if audit_log:
+            binary = Path(os.environ.get("NIGHTINGALE_BIN", "target/debug/nightingale"))
+            if not binary.is_absolute():
+                binary = REPO / binary
+            check = subprocess.run([str(binary), "audit", "verify", audit_log],
+                                   capture_output=True, text=True, timeout=120)
+            assert check.returncode == 0, check.stdout + check.stderr
         return
 
     bin_env = os.environ.get("NIGHTINGALE_BIN", "target/debug/nightingale")

@@ -18,7 +18,6 @@ Run:  .venv/bin/python -m pytest tests/peer -v
 
 from __future__ import annotations
 
-import csv
 import os
 import threading
 import time
@@ -26,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
@@ -35,8 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL = "wdbc-malignancy"
 MODEL_VERSION = "1"
 BUNDLE = REPO / "models" / "bundles" / MODEL
-ONNX_PATH = BUNDLE / MODEL_VERSION / "model.onnx"
-TEST_CSV = BUNDLE / "testdata" / "test.csv"
 N_FEATURES = 30
 ATOL = 1e-5
 
@@ -49,31 +45,6 @@ def _count_inference(n: int = 1) -> None:
     global _infer_count
     with _infer_lock:
         _infer_count += n
-
-
-@pytest.fixture(scope="session")
-def test_rows() -> tuple[np.ndarray, np.ndarray]:
-    """(features FP32 [n, 30], expected_p_malignant) from the bundle's test split."""
-    with open(TEST_CSV, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader)
-        rows = [r for r in reader]
-    assert header[N_FEATURES] == "label" and header[N_FEATURES + 1] == "expected_p_malignant"
-    x = np.array([[float(v) for v in r[:N_FEATURES]] for r in rows], dtype=np.float32)
-    p = np.array([float(r[N_FEATURES + 1]) for r in rows], dtype=np.float32)
-    return x, p
-
-
-@pytest.fixture(scope="session")
-def reference():
-    """onnxruntime on the bundle's model: features -> (label, probabilities)."""
-    sess = ort.InferenceSession(str(ONNX_PATH), providers=["CPUExecutionProvider"])
-
-    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        label, prob = sess.run(["label", "probabilities"], {"features": x})
-        return label, prob
-
-    return run
 
 
 def _batch(x: np.ndarray, n: int, start: int = 0) -> np.ndarray:
@@ -282,10 +253,9 @@ def test_inference_statistics(client, test_rows):
 
 def test_repository_index(client):
     index = client.get_model_repository_index()
-    entries = [e for e in index if e.get("name") == MODEL]
-    assert entries, index
-    states = [e["state"] for e in entries if "state" in e]
-    assert not states or "READY" in states, entries
+    # The bundle's version policy is "all": versions 1 and 2, both served.
+    entries = sorted((e["version"], e["state"], e["reason"]) for e in index if e.get("name") == MODEL)
+    assert entries == [("1", "READY", ""), ("2", "READY", "")], index
 
 
 def test_model_control_needs_the_admin_token(client):

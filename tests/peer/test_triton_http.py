@@ -1,0 +1,166 @@
+"""Triton HTTP parity: the behaviours Triton's own HTTP QA suite (`qa/L0_http/http_test.py`
+in triton-inference-server/server) and its binary-data extension assert, checked with
+`requests` against the live server (session fixture `server_url`, conftest.py), with every
+expected value from onnxruntime on the bundle's model. Error texts are Nightingale's own;
+statuses and behaviour follow Triton's, except where noted.
+
+Not carried over: `test_loading_large_invalid_model` (Nightingale's load endpoint takes no
+model files in the request), `test_content_encoding_unsupported_client` (a client-side check
+of tritonclient), and the queue-full `test_descriptive_status_code` (a 503 needs a full
+queue, which tests/http.rs and inference/tests/worker.rs build deterministically).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import requests
+
+MODEL = "wdbc-malignancy"
+MODEL_VERSION = "1"
+N_FEATURES = 30
+ATOL = 1e-5
+
+TIMEOUT = 30
+
+
+def _url(server_url: str, model: str = MODEL, version: str | None = MODEL_VERSION) -> str:
+    v = f"/versions/{version}" if version else ""
+    return f"http://{server_url}/v2/models/{model}{v}/infer"
+
+
+def _error(r: requests.Response) -> str:
+    assert r.headers.get("content-type") == "application/json", r.headers
+    return r.json()["error"]
+
+
+def _split_binary(r: requests.Response) -> tuple[dict, bytes]:
+    n = int(r.headers["Inference-Header-Content-Length"])
+    return json.loads(r.content[:n]), r.content[n:]
+
+
+def _check_raw_answer(r: requests.Response, x: np.ndarray, reference) -> None:
+    assert r.status_code == 200, r.text
+    header, tail = _split_binary(r)
+    want_label, want_prob = reference(x)
+    outputs = {o["name"]: o for o in header["outputs"]}
+    assert outputs["label"]["shape"] == [len(x)]
+    assert outputs["probabilities"]["shape"] == [len(x), 2]
+    sizes = [o["parameters"]["binary_data_size"] for o in header["outputs"]]
+    assert sum(sizes) == len(tail)
+    offset = 0
+    for o, size in zip(header["outputs"], sizes):
+        part = tail[offset : offset + size]
+        offset += size
+        if o["name"] == "label":
+            np.testing.assert_array_equal(np.frombuffer(part, dtype=np.int64), want_label.astype(np.int64))
+        else:
+            got = np.frombuffer(part, dtype=np.float32).reshape(len(x), 2)
+            np.testing.assert_allclose(got, want_prob, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_raw_binary(server_url, test_rows, reference, rows):
+    """`test_raw_binary`, `test_raw_binary_longer`: the body is the one input's bytes."""
+    x = np.ascontiguousarray(test_rows[0][:rows])
+    r = requests.post(_url(server_url), data=x.tobytes(), headers={"Inference-Header-Content-Length": "0"}, timeout=TIMEOUT)
+    _check_raw_answer(r, x, reference)
+
+
+def test_raw_binary_chunked(server_url, test_rows, reference):
+    """`test_content_encoding_chunked_manually`: the same raw body in chunks, no Content-Length."""
+    x = np.ascontiguousarray(test_rows[0][:5])
+    raw = x.tobytes()
+
+    def chunks():
+        for i in range(0, len(raw), 100):
+            yield raw[i : i + 100]
+
+    r = requests.post(_url(server_url), data=chunks(), headers={"Inference-Header-Content-Length": "0"}, timeout=TIMEOUT)
+    _check_raw_answer(r, x, reference)
+
+
+def test_raw_binary_that_is_not_whole_rows(server_url, test_rows):
+    raw = np.ascontiguousarray(test_rows[0][:2]).tobytes()[:-4]
+    r = requests.post(_url(server_url), data=raw, headers={"Inference-Header-Content-Length": "0"}, timeout=TIMEOUT)
+    assert r.status_code == 400
+    assert _error(r) == (
+        f'raw input "features": {len(raw)} bytes are not a whole number of FP32 elements of shape [-1, {N_FEATURES}]'
+    )
+
+
+def test_duplicate_output_names(server_url, test_rows):
+    """`test_duplicate_output_names`: 400, and the server stays healthy."""
+    x = test_rows[0][:1]
+    payload = {
+        "inputs": [{"name": "features", "datatype": "FP32", "shape": [1, N_FEATURES], "data": x.tolist()}],
+        "outputs": [{"name": "probabilities"}, {"name": "probabilities"}],
+    }
+    r = requests.post(_url(server_url), json=payload, timeout=TIMEOUT)
+    assert r.status_code == 400
+    assert _error(r) == 'output "probabilities" is requested more than once'
+    assert requests.get(f"http://{server_url}/v2/health/live", timeout=TIMEOUT).status_code == 200
+
+
+def test_duplicate_input_names(server_url, test_rows):
+    one = {"name": "features", "datatype": "FP32", "shape": [1, N_FEATURES], "data": test_rows[0][0].tolist()}
+    r = requests.post(_url(server_url), json={"inputs": [one, one]}, timeout=TIMEOUT)
+    assert r.status_code == 400
+    assert _error(r) == 'input "features" is given more than once'
+
+
+@pytest.mark.parametrize("depth,ok", [(50, True), (100, True), (101, False), (120, False)])
+def test_json_nesting_depth_limit(server_url, test_rows, reference, depth, ok):
+    """`test_json_recursion_depth_limit`: nested `data` up to 100 levels decodes, deeper is a 400."""
+    x = np.ascontiguousarray(test_rows[0][:1])
+    data: object = x[0].tolist()
+    for _ in range(depth - 1):
+        data = [data]
+    payload = {
+        "inputs": [{"name": "features", "datatype": "FP32", "shape": [1, N_FEATURES], "data": data}],
+        "outputs": [{"name": "probabilities"}],
+    }
+    r = requests.post(_url(server_url), json=payload, timeout=TIMEOUT)
+    if ok:
+        assert r.status_code == 200, r.text
+        got = np.array(r.json()["outputs"][0]["data"], dtype=np.float32).reshape(1, 2)
+        np.testing.assert_allclose(got, reference(x)[1], rtol=0, atol=ATOL)
+    else:
+        assert r.status_code == 400
+        assert _error(r) == 'input "features": data is nested deeper than 100 levels'
+
+
+@pytest.mark.parametrize("shape", [[2**4, 2**60 + 2], [2**2, 2**60 + 2]])
+def test_element_count_overflow(server_url, shape):
+    """`test_buffer_size_overflow`: a shape whose element or byte count overflows is a 400."""
+    payload = {"inputs": [{"name": "features", "shape": shape, "datatype": "FP32", "data": [1.0]}]}
+    r = requests.post(_url(server_url), json=payload, timeout=TIMEOUT)
+    assert r.status_code == 400
+    assert _error(r) == f'input "features": shape {shape} is too large'.replace("'", '"')
+
+
+def test_negative_dimensions(server_url):
+    """`test_negative_dimensions`: Triton answers 500; a malformed request is the client's
+    error, so Nightingale answers 400."""
+    payload = {"inputs": [{"name": "features", "shape": [2, -5], "datatype": "FP32", "data": [1.0]}]}
+    r = requests.post(_url(server_url), json=payload, timeout=TIMEOUT)
+    assert r.status_code == 400
+    assert _error(r) == 'input "features": shape [2, -5] has a negative dimension'
+
+
+@pytest.mark.parametrize(
+    "method,path,status",
+    [
+        ("GET", "/v2/models/%FF/ready", 400),
+        ("POST", "/v2/models/%FF/infer", 400),
+        ("POST", "/v2/repository/models/%FF/load", 400),
+        ("PUT", f"/v2/models/{MODEL}/infer", 405),
+        ("GET", "/v2/no/such/endpoint", 404),
+    ],
+)
+def test_every_rejection_is_a_json_error(server_url, method, path, status):
+    r = requests.request(method, f"http://{server_url}{path}", timeout=TIMEOUT)
+    assert r.status_code == status
+    assert _error(r)
