@@ -515,7 +515,7 @@ fn wait_for_records(log: &Path, n: usize) -> Vec<AuditRecord> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_model_past_its_deadline_answers_408_and_is_audited() {
+async fn a_slow_model_past_its_deadline_answers_408_and_is_audited_as_is_a_client_that_leaves() {
     let models = tempfile::tempdir().unwrap();
     let bench = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/bench/resnet50-arch");
     copy_dir(&bench, &models.path().join("resnet50-arch"));
@@ -550,7 +550,7 @@ async fn a_slow_model_past_its_deadline_answers_408_and_is_audited() {
     let req = Request::post("/v2/models/resnet50-arch/infer")
         .header("x-request-id", "slow-1")
         .header("inference-header-content-length", header.len())
-        .body(Body::from(body))
+        .body(Body::from(body.clone()))
         .unwrap();
     let res = http::app(state.clone()).oneshot(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::REQUEST_TIMEOUT);
@@ -562,6 +562,34 @@ async fn a_slow_model_past_its_deadline_answers_408_and_is_audited() {
     assert_eq!((r.status, r.outcome), (408, Outcome::Timeout));
     assert!(r.input_sha256.is_some(), "the input reached the model");
     assert_eq!(audit::verify(&log).unwrap().records, 1);
+
+    // A client that goes away before the answer (its request future dropped well before the
+    // deadline) is recorded as client-gone.
+    let log2 = dir.path().join("audit-2.jsonl");
+    let patient = AppState::new(
+        state.repository.clone(),
+        AuditLog::open(&log2, false).unwrap(),
+        HttpConfig {
+            request_timeout: Duration::from_secs(600),
+            ..HttpConfig::default()
+        },
+        None,
+    );
+    patient.set_ready(true);
+    let req = Request::post("/v2/models/resnet50-arch/infer")
+        .header("x-request-id", "gone-1")
+        .header("inference-header-content-length", header.len())
+        .body(Body::from(body))
+        .unwrap();
+    let call = tokio::spawn(http::app(patient.clone()).oneshot(req));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled());
+    let got = wait_for_records(&log2, 1);
+    assert_eq!(got.len(), 1, "the abandoned request was not audited");
+    let r = &got[0].event;
+    assert_eq!(r.request_id, "gone-1");
+    assert_eq!((r.status, r.outcome), (499, Outcome::ClientGone));
 }
 
 // ---------------------------------------------------------------- the CLI
