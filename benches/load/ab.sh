@@ -4,9 +4,11 @@
 # alternated ROUNDS times so that machine noise hits both alike. Prints requests/s per round and
 # the median ratio B/A. Used for the audit-path cost in docs/performance.md:
 #
-#   benches/load/ab.sh OLD/target/release/nightingale target/release/nightingale
+#   REPO_A=OLD/models/bundles benches/load/ab.sh OLD/target/release/nightingale target/release/nightingale
 #
-# Needs wrk (Debian) and .venv (scripts/test.sh). Extra flags for both servers: SERVE_FLAGS.
+# REPO_A / REPO_B: each build's own model repository (an older build may not read newer
+# bundle.toml keys); default models/bundles. Needs wrk (Debian) and .venv (scripts/test.sh).
+# Extra flags for both servers: SERVE_FLAGS.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 A=$1; B=$2
@@ -17,12 +19,12 @@ trap 'rm -rf "$work"' EXIT
 "$VENV/bin/python" benches/load/make_bodies.py "$work"
 port=$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 
-run() { # binary payload -> requests/s
-  local bin=$1 payload=$2 body hl=""
+run() { # binary repository payload -> requests/s
+  local bin=$1 repo=$2 payload=$3 body hl=""
   if [ "${payload%%-*}" = bin ]; then body="$work/$payload.bin"; hl=$(cat "$work/$payload.len"); else body="$work/$payload.json"; fi
   rm -rf "$work/data"
   # shellcheck disable=SC2086
-  "$bin" serve --http-addr "127.0.0.1:$port" --audit-log "$work/data/audit.jsonl" ${SERVE_FLAGS:-} \
+  "$bin" serve --repository "$repo" --http-addr "127.0.0.1:$port" --audit-log "$work/data/audit.jsonl" ${SERVE_FLAGS:-} \
     --log-format json 2>"$work/server.log" &
   local pid=$!
   for _ in $(seq 150); do curl -sf "127.0.0.1:$port/v2/health/ready" >/dev/null && break; sleep 0.2; done
@@ -36,7 +38,7 @@ run() { # binary payload -> requests/s
 for payload in json-1 bin-64; do
   ratios=()
   for r in $(seq "$ROUNDS"); do
-    a=$(run "$A" "$payload"); b=$(run "$B" "$payload")
+    a=$(run "$A" "${REPO_A:-models/bundles}" "$payload"); b=$(run "$B" "${REPO_B:-models/bundles}" "$payload")
     ratio=$("$VENV/bin/python" -c "print(f'{$b/$a:.3f}')")
     ratios+=("$ratio")
     echo "payload=$payload round=$r A=$a req/s B=$b req/s B/A=$ratio"
