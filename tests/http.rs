@@ -1341,3 +1341,50 @@ async fn the_inflight_request_cap_refuses_with_503_and_retry_after() {
     let (s, _) = f.post_json(&uri, &json_request(&[vec![1.0; 30]])).await;
     assert_eq!(s, StatusCode::OK);
 }
+
+/// `[batching] max_rows_per_request` in bundle.toml limits the rows of one request (400 with
+/// the limit named), and `queue_bytes` is read from the manifest too.
+#[tokio::test]
+async fn the_bundle_sets_its_row_limit_per_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join(MODEL);
+    copy_dir(&bundles().join(MODEL), &bundle);
+    keep_only_version_1(&bundle);
+    let manifest = std::fs::read_to_string(bundle.join("bundle.toml")).unwrap();
+    std::fs::write(
+        bundle.join("bundle.toml"),
+        manifest.replacen(
+            "[batching]\n",
+            "[batching]\nmax_rows_per_request = 2\nqueue_bytes = 1048576\n",
+            1,
+        ),
+    )
+    .unwrap();
+    let repository = Arc::new(Repository::new(dir.path(), RepositoryOptions::default()));
+    repository.load(MODEL).unwrap();
+    let config = repository.get(MODEL, None).unwrap().worker.config().clone();
+    assert_eq!(
+        (config.max_rows_per_request, config.queue_bytes),
+        (2, 1 << 20)
+    );
+    let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
+    let state = AppState::new(repository, audit, HttpConfig::default(), None);
+    state.set_ready(true);
+    let f = Fixture { _dir: dir, state };
+    let uri = format!("/v2/models/{MODEL}/infer");
+    let (s, _) = f
+        .post_json(&uri, &json_request(&[vec![1.0; 30], vec![2.0; 30]]))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v) = f
+        .post_json(
+            &uri,
+            &json_request(&[vec![1.0; 30], vec![2.0; 30], vec![3.0; 30]]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        error_of(&v).contains("at most 2 rows per request (max_rows_per_request)"),
+        "{v}"
+    );
+}

@@ -27,7 +27,9 @@ pub use tensor::{
     DataType, Element, MAX_ELEMENTS, NamedTensor, Tensor, TensorError, UnknownDataType,
     element_count,
 };
-pub use worker::{BatchingConfig, ModelWorker, WorkerConfig};
+pub use worker::{
+    BatchingConfig, DEFAULT_MAX_ROWS_PER_REQUEST, DEFAULT_QUEUE_BYTES, ModelWorker, WorkerConfig,
+};
 
 #[cfg(feature = "tract")]
 pub use backend::tract::register_onnx_ml_ops;

@@ -144,6 +144,20 @@ pub struct Batching {
     pub instances: usize,
     #[serde(default = "default_capacity")]
     pub queue_capacity: usize,
+    /// Bytes of inputs that may wait in the queue before new requests get 503.
+    #[serde(default = "default_queue_bytes")]
+    pub queue_bytes: usize,
+    /// Most rows one request may carry, batching or not (beyond: 400).
+    #[serde(default = "default_max_rows")]
+    pub max_rows_per_request: usize,
+}
+
+fn default_queue_bytes() -> usize {
+    nightingale_inference::DEFAULT_QUEUE_BYTES
+}
+
+fn default_max_rows() -> usize {
+    nightingale_inference::DEFAULT_MAX_ROWS_PER_REQUEST
 }
 
 fn default_delay() -> u64 {
@@ -162,6 +176,8 @@ impl Default for Batching {
             preferred_batch_sizes: vec![],
             instances: 1,
             queue_capacity: default_capacity(),
+            queue_bytes: default_queue_bytes(),
+            max_rows_per_request: default_max_rows(),
         }
     }
 }
@@ -488,11 +504,13 @@ impl Manifest {
             return fail("dynamic batching (max_batch_size > 1) needs every input's first dimension to be -1".into());
         }
         if self.batching.queue_capacity == 0
+            || self.batching.queue_bytes == 0
+            || self.batching.max_rows_per_request == 0
             || self.batching.instances == 0
             || self.batching.instances > 64
         {
             return fail(
-                "batching: queue_capacity must be at least 1 and instances 1 to 64".into(),
+                "batching: queue_capacity, queue_bytes and max_rows_per_request must be at least 1, instances 1 to 64".into(),
             );
         }
         Ok(())

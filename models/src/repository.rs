@@ -202,6 +202,8 @@ impl Bundle {
             version: version.to_string(),
             instances: b.instances,
             queue_capacity: b.queue_capacity,
+            queue_bytes: b.queue_bytes,
+            max_rows_per_request: b.max_rows_per_request,
             batching: (b.max_batch_size > 1).then(|| BatchingConfig {
                 max_batch_size: b.max_batch_size,
                 max_queue_delay: Duration::from_micros(b.max_queue_delay_us),
@@ -215,7 +217,6 @@ impl Bundle {
                 .filter(|i| i.allow_non_finite)
                 .map(|i| i.name.clone())
                 .collect(),
-            ..WorkerConfig::default()
         };
         let engine_name = backend.name();
         let worker = guarded(&model_path, engine_name, "starting its instances", || {
