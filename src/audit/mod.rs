@@ -111,7 +111,7 @@ pub enum AuditError {
         #[source]
         source: rusqlite::Error,
     },
-    #[error("audit database {location}: {source}")]
+    #[error("audit database {location}: {}", postgres_detail(source))]
     Postgres {
         location: String,
         #[source]
@@ -132,6 +132,17 @@ pub enum AuditError {
     Write { location: String, reason: String },
     #[error("the audit writer has stopped")]
     Stopped,
+}
+
+/// The PostgreSQL error with the server's own message ("db error" alone says nothing).
+fn postgres_detail(e: &::postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
 }
 
 /// Where records are kept. A store appends groups atomically (all records of a group, or
