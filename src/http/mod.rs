@@ -21,6 +21,7 @@ use tower_http::trace::TraceLayer;
 
 mod codec;
 mod error;
+pub mod identity;
 mod metrics;
 mod repository;
 mod v2;
