@@ -83,6 +83,11 @@ pub struct ServeArgs {
     /// Log format. [default: text]
     #[arg(long, env = "NIGHTINGALE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Serve on an address other than loopback even though no credential is configured
+    /// (anyone who can reach the port gets the anonymous roles: infer, metrics, pacs).
+    /// Without it such a start is refused. API keys and JWT: [auth] in nightingale.toml.
+    #[arg(long, env = "NIGHTINGALE_INSECURE", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
+    pub insecure: Option<bool>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -140,6 +145,8 @@ struct FileConfig {
     audit_postgres_url: Option<String>,
     audit_fsync: Option<bool>,
     log_format: Option<LogFormat>,
+    insecure: Option<bool>,
+    auth: Option<crate::http::auth::AuthSection>,
 }
 
 /// The resolved server configuration.
@@ -159,6 +166,10 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub audit: AuditConfig,
     pub log_format: LogFormat,
+    /// API keys, JWT, client-certificate and anonymous roles (`[auth]`).
+    pub auth: crate::http::auth::AuthConfig,
+    /// `--insecure`: a non-loopback address without credentials was accepted.
+    pub insecure: bool,
 }
 
 /// Where the audit trail goes.
@@ -224,6 +235,8 @@ impl std::fmt::Debug for ServeConfig {
             .field("data_dir", &self.data_dir)
             .field("audit", &self.audit)
             .field("log_format", &self.log_format)
+            .field("auth", &self.auth)
+            .field("insecure", &self.insecure)
             .finish()
     }
 }
@@ -245,6 +258,8 @@ pub enum ConfigError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Auth(#[from] crate::http::auth::AuthConfigError),
 }
 
 impl ServeArgs {
@@ -363,15 +378,26 @@ impl ServeArgs {
                 "admin_token must be at least 16 characters".into(),
             ));
         }
+        // Roles and credentials: `[auth]` (relative paths from the config file's folder), and
+        // the start-up rule for addresses other than loopback.
+        let config_dir = match &self.config {
+            Some(path) => path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            None => PathBuf::new(),
+        };
+        let auth = file.auth.unwrap_or_default().resolve(&config_dir)?;
+        let insecure = self.insecure.or(file.insecure).unwrap_or(false);
+        let http_addr = self
+            .http_addr
+            .or(file.http_addr)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000)));
+        auth.check_bind(http_addr, insecure)?;
+
         Ok(ServeConfig {
             repository: self
                 .repository
                 .or(file.repository)
                 .unwrap_or_else(|| PathBuf::from("models/bundles")),
-            http_addr: self
-                .http_addr
-                .or(file.http_addr)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000))),
+            http_addr,
             backend,
             intra_op_threads: self.intra_op_threads.or(file.intra_op_threads).unwrap_or(1),
             execution_provider,
@@ -384,6 +410,8 @@ impl ServeArgs {
             data_dir,
             audit,
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+            auth,
+            insecure,
         })
     }
 }

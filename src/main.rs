@@ -182,12 +182,14 @@ async fn serve(config: ServeConfig, audit: AuditLog) -> anyhow::Result<()> {
         },
     ));
     tracing::info!(store = %audit.location(), "audit trail open");
+    log_access(&config);
     let state = AppState::new(
         repository.clone(),
         audit,
         HttpConfig {
             max_body_bytes: config.max_body_bytes,
             admin_token: config.admin_token.clone(),
+            auth: config.auth.clone(),
             request_timeout: config.request_timeout,
             max_inflight_bytes: config.max_inflight_bytes,
             max_inflight_requests: config.max_inflight_requests,
@@ -219,6 +221,46 @@ async fn serve(config: ServeConfig, audit: AuditLog) -> anyhow::Result<()> {
     loader.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Says at start-up who may do what (never a key or token), and warns loudly when
+/// `--insecure` opened a network address to anonymous callers.
+fn log_access(config: &ServeConfig) {
+    use nightingale::http::auth::{AuthConfig, Role, Roles, is_loopback};
+    let auth: &AuthConfig = &config.auth;
+    let anonymous = auth.anonymous_roles();
+    let keys: Vec<String> = auth
+        .api_keys
+        .iter()
+        .map(|k| format!("{} ({})", k.name, k.roles))
+        .chain(
+            config
+                .admin_token
+                .as_ref()
+                .map(|_| "admin-token (admin)".to_owned()),
+        )
+        .collect();
+    tracing::info!(
+        anonymous_roles = %anonymous,
+        api_keys = %keys.join(", "),
+        jwt_issuer = auth.jwt.as_ref().map(|j| j.issuer.as_str()).unwrap_or("-"),
+        jwt_keys = %auth.jwt.as_ref().map(|j| j.key_ids().join(", ")).unwrap_or_default(),
+        "access control"
+    );
+    let admin_possible = auth.jwt.is_some()
+        || config.admin_token.is_some()
+        || auth.api_keys.iter().any(|k| k.roles.contains(Role::Admin));
+    if !admin_possible {
+        tracing::info!("model control (admin) is disabled: no admin key configured");
+    }
+    if config.insecure && !is_loopback(config.http_addr) && anonymous != Roles::NONE {
+        tracing::warn!(
+            addr = %config.http_addr,
+            anonymous_roles = %anonymous,
+            "INSECURE: --insecure is set and {} is reachable from the network without credentials: anyone who can connect has the roles {anonymous}. Configure [[auth.api_keys]] or [auth.jwt] before serving patient data.",
+            config.http_addr
+        );
+    }
 }
 
 async fn shutdown_signal() {

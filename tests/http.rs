@@ -1175,11 +1175,13 @@ async fn extractor_rejections_are_json_errors() {
             StatusCode::NOT_FOUND,
         ),
     ] {
+        // With the admin token: authentication comes before the handler's extractors.
         let (s, headers, b) = f
             .call(
                 Request::builder()
                     .method(method.clone())
                     .uri(uri)
+                    .header("Authorization", format!("Bearer {TOKEN}"))
                     .body(Body::empty())
                     .unwrap(),
             )

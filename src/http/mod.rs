@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -19,6 +18,7 @@ use crate::audit::AuditLog;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+pub mod auth;
 mod codec;
 mod error;
 pub mod identity;
@@ -35,8 +35,11 @@ pub use metrics::install_recorder;
 pub struct HttpConfig {
     /// Largest request body accepted, in bytes (larger: 413).
     pub max_body_bytes: usize,
-    /// Bearer token for the model-control endpoints; `None` disables them.
+    /// `--admin-token`: one more API key, with the admin role (model control); `None` and no
+    /// other admin credential disables model control.
     pub admin_token: Option<String>,
+    /// API keys, JWT, client-certificate and anonymous roles ([`auth`]).
+    pub auth: auth::AuthConfig,
     /// Whole-request deadline (reading the body, queueing, inference, answer): a client that
     /// trickles its body or a request stuck behind a slow model gets 408 instead of holding
     /// resources forever.
@@ -55,6 +58,7 @@ impl Default for HttpConfig {
         HttpConfig {
             max_body_bytes: 64 << 20,
             admin_token: None,
+            auth: auth::AuthConfig::default(),
             request_timeout: std::time::Duration::from_secs(120),
             max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
             max_inflight_requests: DEFAULT_MAX_INFLIGHT_REQUESTS,
@@ -74,6 +78,7 @@ pub struct AppState {
     pub config: HttpConfig,
     pub metrics: Option<PrometheusHandle>,
     pub(crate) admission: Admission,
+    pub(crate) auth: auth::Authenticator,
     ready: AtomicBool,
 }
 
@@ -88,6 +93,7 @@ impl AppState {
             repository,
             audit,
             admission: Admission::new(&config),
+            auth: auth::Authenticator::new(&config.auth, config.admin_token.as_deref()),
             config,
             metrics,
             ready: AtomicBool::new(false),
@@ -110,9 +116,10 @@ impl AppState {
 }
 
 /// The whole router.
-pub fn app(state: Arc<AppState>) -> Router {
+pub fn app(state: Arc<AppState>) -> axum::Router {
     let timeout = state.config.request_timeout;
-    let v2 = Router::new()
+    // Every route has a row in `auth::ROUTES` (the role it needs); `auth::enforce` checks it.
+    let v2 = auth::Routes::new()
         .route("/v2", get(v2::server_metadata))
         .route("/v2/health/live", get(v2::live))
         .route("/v2/health/ready", get(v2::ready))
@@ -143,7 +150,12 @@ pub fn app(state: Arc<AppState>) -> Router {
             "/v2/repository/models/{model}/unload",
             post(repository::unload),
         )
-        .route("/metrics", get(metrics::render));
+        .route("/metrics", get(metrics::render))
+        .finish()
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::enforce,
+        ));
     v2.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

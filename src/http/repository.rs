@@ -1,15 +1,14 @@
 //! Triton's model repository extension: index, load, unload. Load and unload change what
-//! is served, so they need the admin bearer token.
+//! is served, so they need the admin role (checked by `auth::enforce`, see `auth::ROUTES`).
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::HeaderMap;
 use nightingale_models::ModelState;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use super::{AppError, AppState, read_body};
 
@@ -56,47 +55,12 @@ pub async fn index(
     Ok(Json(json!(rows)))
 }
 
-/// Compares the bearer token with the configured one, in constant time over their digests.
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
-    let Some(expected) = &state.config.admin_token else {
-        return Err(AppError::new(
-            StatusCode::FORBIDDEN,
-            "model control is disabled: start the server with --admin-token (NIGHTINGALE_ADMIN_TOKEN)",
-        ));
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            AppError::new(
-                StatusCode::UNAUTHORIZED,
-                "model control needs an Authorization: Bearer token",
-            )
-        })?;
-    let a = Sha256::digest(given.trim().as_bytes());
-    let b = Sha256::digest(expected.as_bytes());
-    let diff = a
-        .iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    if diff != 0 {
-        tracing::warn!("model control refused: wrong bearer token");
-        return Err(AppError::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid bearer token",
-        ));
-    }
-    Ok(())
-}
-
 pub async fn load(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, AppError> {
-    authorize(&state, &headers)?;
     read_body(&headers, body, CONTROL_BODY_LIMIT).await?;
     let repository = state.repository.clone();
     let versions = tokio::task::spawn_blocking(move || repository.load(&model))
@@ -112,7 +76,6 @@ pub async fn unload(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, AppError> {
-    authorize(&state, &headers)?;
     read_body(&headers, body, CONTROL_BODY_LIMIT).await?;
     // The repository's locks are std locks: take them off the async runtime's threads.
     let repository = state.repository.clone();

@@ -1,0 +1,1334 @@
+//! Roles and credentials: who may call which route.
+//!
+//! Every route of the router is declared once, in [`ROUTES`], with the role it needs (or as
+//! public, for the health probes). The router is built through [`Routes`], which refuses a
+//! route that has no row there (and a row whose route is gone), and [`enforce`] checks each
+//! request against that table, keyed on axum's [`MatchedPath`]: a route without a row is
+//! refused at run time, never silently open.
+//!
+//! A caller proves who they are with one of:
+//! - an API key, `Authorization: Bearer <key>` or `X-API-Key: <key>`, configured by its SHA-256
+//!   in `[[auth.api_keys]]` (`--admin-token` is a shorthand for one admin key);
+//! - an OIDC/JWT bearer token signed by a key of the configured JWKS file (`[auth.jwt]`),
+//!   asymmetric algorithms only, `iss`, `aud` and `exp` checked, roles from a claim;
+//! - a TLS client certificate the TLS layer verified ([`ClientCertificate`]), which gets the
+//!   roles of `auth.client_certificate_roles`.
+//!
+//! Anyone else is anonymous, with the roles [`AuthConfig::anonymous_roles`] resolves to.
+//! The authenticated [`Caller`] goes into the request's extensions: handlers take it as
+//! `Extension<Caller>` (its `id` is the actor of audit events).
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::MethodRouter;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::identity::ClientCertificate;
+use super::{AppError, AppState};
+
+/// What a caller may do. Each route needs one role (or none, see [`Access::Public`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Inference, model metadata, readiness and statistics, server metadata, the repository
+    /// index.
+    Infer,
+    /// Changing what is served: model load and unload (and, as they land, signing and
+    /// configuration).
+    Admin,
+    /// Validation runs (reserved: no route needs it yet).
+    Researcher,
+    /// DICOMweb and DICOM ingest (reserved: no route needs it yet).
+    Pacs,
+    /// The Prometheus scrape endpoint.
+    Metrics,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [
+        Role::Infer,
+        Role::Admin,
+        Role::Researcher,
+        Role::Pacs,
+        Role::Metrics,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Infer => "infer",
+            Role::Admin => "admin",
+            Role::Researcher => "researcher",
+            Role::Pacs => "pacs",
+            Role::Metrics => "metrics",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A set of roles.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Roles(u8);
+
+impl Roles {
+    pub const NONE: Roles = Roles(0);
+
+    pub fn contains(self, role: Role) -> bool {
+        self.0 & role.bit() != 0
+    }
+
+    pub fn insert(&mut self, role: Role) {
+        self.0 |= role.bit();
+    }
+
+    pub fn union(self, other: Roles) -> Roles {
+        Roles(self.0 | other.0)
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = Role> {
+        Role::ALL.into_iter().filter(move |r| self.contains(*r))
+    }
+
+    /// Whether every role here is `admin` (or there is none).
+    fn only_admin(self) -> bool {
+        self.iter().all(|r| r == Role::Admin)
+    }
+}
+
+impl FromIterator<Role> for Roles {
+    fn from_iter<I: IntoIterator<Item = Role>>(iter: I) -> Self {
+        let mut roles = Roles::NONE;
+        for r in iter {
+            roles.insert(r);
+        }
+        roles
+    }
+}
+
+impl<const N: usize> From<[Role; N]> for Roles {
+    fn from(roles: [Role; N]) -> Self {
+        roles.into_iter().collect()
+    }
+}
+
+impl fmt::Debug for Roles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set()
+            .entries(self.iter().map(Role::as_str))
+            .finish()
+    }
+}
+
+impl fmt::Display for Roles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<_> = self.iter().map(Role::as_str).collect();
+        f.write_str(&names.join(", "))
+    }
+}
+
+/// Who is calling, as the auth middleware established it; in every routed request's
+/// extensions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// A stable, non-secret identifier: `api-key:<name>`, `admin-token`, `jwt:<iss>#<sub>`,
+    /// `tls:<subject>` or `anonymous`. The actor of audit events.
+    pub id: String,
+    pub roles: Roles,
+}
+
+impl Caller {
+    pub const ANONYMOUS: &'static str = "anonymous";
+
+    pub fn has(&self, role: Role) -> bool {
+        self.roles.contains(role)
+    }
+
+    pub fn is_anonymous(&self) -> bool {
+        self.id == Self::ANONYMOUS
+    }
+
+    fn anonymous(roles: Roles) -> Caller {
+        Caller {
+            id: Self::ANONYMOUS.to_owned(),
+            roles,
+        }
+    }
+}
+
+/// What a route needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone, with or without credentials (the health probes).
+    Public,
+    /// Callers holding this role.
+    Role(Role),
+}
+
+/// One row of the route table.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteRule {
+    pub method: &'static str,
+    /// The route as the router declares it (axum's [`MatchedPath`]).
+    pub path: &'static str,
+    pub access: Access,
+}
+
+const fn rule(method: &'static str, path: &'static str, access: Access) -> RouteRule {
+    RouteRule {
+        method,
+        path,
+        access,
+    }
+}
+
+const PUBLIC: Access = Access::Public;
+const INFER: Access = Access::Role(Role::Infer);
+const ADMIN: Access = Access::Role(Role::Admin);
+const METRICS: Access = Access::Role(Role::Metrics);
+
+/// Who may do what: every route of the router and the role it needs. This is the one place
+/// to read it (docs/security.md shows the same table; a test keeps the two equal).
+///
+/// `researcher` (validation runs) and `pacs` (DICOMweb, DICOM ingest) are reserved for the
+/// routes that will come; `infer` covers reading what is served (`POST /v2/repository/index`
+/// included: Triton's clients call it, and it changes nothing).
+pub const ROUTES: &[RouteRule] = &[
+    rule("GET", "/v2/health/live", PUBLIC),
+    rule("GET", "/v2/health/ready", PUBLIC),
+    rule("GET", "/v2", INFER),
+    rule("GET", "/v2/models/stats", INFER),
+    rule("GET", "/v2/models/{model}", INFER),
+    rule("GET", "/v2/models/{model}/ready", INFER),
+    rule("POST", "/v2/models/{model}/infer", INFER),
+    rule("GET", "/v2/models/{model}/stats", INFER),
+    rule("GET", "/v2/models/{model}/versions/{version}", INFER),
+    rule("GET", "/v2/models/{model}/versions/{version}/ready", INFER),
+    rule("POST", "/v2/models/{model}/versions/{version}/infer", INFER),
+    rule("GET", "/v2/models/{model}/versions/{version}/stats", INFER),
+    rule("POST", "/v2/repository/index", INFER),
+    rule("POST", "/v2/repository/models/{model}/load", ADMIN),
+    rule("POST", "/v2/repository/models/{model}/unload", ADMIN),
+    rule("GET", "/metrics", METRICS),
+];
+
+/// The row of `method path`, if the table has one (`HEAD` is served by `GET` routes).
+pub fn rule_for(method: &Method, path: &str) -> Option<&'static RouteRule> {
+    let method = if method == Method::HEAD {
+        "GET"
+    } else {
+        method.as_str()
+    };
+    ROUTES.iter().find(|r| r.path == path && r.method == method)
+}
+
+/// Builds the router from routes that each have a row in [`ROUTES`]: a route without one (or
+/// a row without its route) is a programming error that fails every test that builds the
+/// router, before it can ship.
+pub(crate) struct Routes<S> {
+    router: axum::Router<S>,
+    seen: Vec<&'static str>,
+}
+
+impl<S: Clone + Send + Sync + 'static> Routes<S> {
+    pub(crate) fn new() -> Self {
+        Routes {
+            router: axum::Router::new(),
+            seen: vec![],
+        }
+    }
+
+    pub(crate) fn route(mut self, path: &'static str, method_router: MethodRouter<S>) -> Self {
+        assert!(
+            ROUTES.iter().any(|r| r.path == path),
+            "route {path} has no row in http::auth::ROUTES: declare the role it needs"
+        );
+        self.seen.push(path);
+        self.router = self.router.route(path, method_router);
+        self
+    }
+
+    pub(crate) fn finish(self) -> axum::Router<S> {
+        for r in ROUTES {
+            assert!(
+                self.seen.contains(&r.path),
+                "http::auth::ROUTES lists {} {} but the router has no such route",
+                r.method,
+                r.path
+            );
+        }
+        self.router
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Configuration
+
+/// Default `auth.client_certificate_roles`.
+pub const DEFAULT_CLIENT_CERTIFICATE_ROLES: [Role; 2] = [Role::Infer, Role::Pacs];
+/// What anonymous callers get while no credential grants anything but `admin`.
+pub const OPEN_ROLES: [Role; 3] = [Role::Infer, Role::Metrics, Role::Pacs];
+/// Default clock leeway for `exp` and `nbf`, in seconds.
+pub const DEFAULT_JWT_LEEWAY_SECS: u64 = 30;
+
+/// The resolved auth settings (see docs/security.md).
+#[derive(Clone, Debug)]
+pub struct AuthConfig {
+    pub api_keys: Vec<ApiKey>,
+    pub jwt: Option<Arc<JwtConfig>>,
+    /// Roles of callers that present a verified TLS client certificate.
+    pub client_certificate_roles: Roles,
+    /// `auth.anonymous_roles` when the file sets it; `None`: see [`Self::anonymous_roles`].
+    pub anonymous_roles: Option<Roles>,
+    /// Whether the TLS layer verifies client certificates (a credential for the start-up
+    /// check and the anonymous default). Set by whoever configures TLS.
+    pub client_certificates_verified: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            api_keys: vec![],
+            jwt: None,
+            client_certificate_roles: DEFAULT_CLIENT_CERTIFICATE_ROLES.into(),
+            anonymous_roles: None,
+            client_certificates_verified: false,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Whether some credential (API key, JWT, verified client certificate) can grant a role
+    /// other than `admin`: from then on the server is doing access control, and anonymous
+    /// callers get only what `auth.anonymous_roles` gives them.
+    pub fn controls_access(&self) -> bool {
+        self.jwt.is_some()
+            || self.api_keys.iter().any(|k| !k.roles.only_admin())
+            || (self.client_certificates_verified && !self.client_certificate_roles.is_empty())
+    }
+
+    /// The roles of anonymous callers: `auth.anonymous_roles` when set; otherwise `infer`,
+    /// `metrics` and `pacs` while no credential grants anything but `admin` (zero-config on
+    /// loopback, `--admin-token` alone included), and none once one does.
+    pub fn anonymous_roles(&self) -> Roles {
+        match self.anonymous_roles {
+            Some(roles) => roles,
+            None if self.controls_access() => Roles::NONE,
+            None => OPEN_ROLES.into(),
+        }
+    }
+
+    /// The start-up rule: on an address other than loopback, refuse to serve when the only
+    /// way in is anonymous (roles open to anyone who can reach the port and no credential
+    /// for anything but admin), unless the operator said `--insecure`.
+    pub fn check_bind(&self, addr: SocketAddr, insecure: bool) -> Result<(), AuthConfigError> {
+        if is_loopback(addr) || insecure {
+            return Ok(());
+        }
+        let open = self.anonymous_roles();
+        if !open.is_empty() && !self.controls_access() {
+            return Err(AuthConfigError::OpenOnNetwork { addr, open });
+        }
+        Ok(())
+    }
+}
+
+/// Whether the server only answers this machine.
+pub fn is_loopback(addr: SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
+}
+
+/// An API key, known by the SHA-256 of its text.
+#[derive(Clone)]
+pub struct ApiKey {
+    pub name: String,
+    pub roles: Roles,
+    pub sha256: [u8; 32],
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("name", &self.name)
+            .field("roles", &self.roles)
+            .finish_non_exhaustive()
+    }
+}
+
+/// OIDC/JWT bearer tokens: who issues them, for whom, and the keys that sign them.
+#[derive(Clone, Debug)]
+pub struct JwtConfig {
+    pub issuer: String,
+    pub audience: Vec<String>,
+    pub jwks_file: PathBuf,
+    /// Claim holding the roles: an array of strings or a space-separated string (`scope`);
+    /// dots walk into objects (`realm_access.roles`).
+    pub roles_claim: String,
+    pub leeway_secs: u64,
+    keys: Vec<JwtKey>,
+}
+
+impl JwtConfig {
+    /// Reads and checks the JWKS file now, so that a bad one stops the start, not a request.
+    pub fn new(
+        issuer: String,
+        audience: Vec<String>,
+        jwks_file: PathBuf,
+        roles_claim: String,
+        leeway_secs: u64,
+    ) -> Result<JwtConfig, AuthConfigError> {
+        if issuer.is_empty() {
+            return Err(AuthConfigError::JwtField { field: "issuer" });
+        }
+        if audience.is_empty() || audience.iter().any(String::is_empty) {
+            return Err(AuthConfigError::JwtField { field: "audience" });
+        }
+        if roles_claim.is_empty() {
+            return Err(AuthConfigError::JwtField {
+                field: "roles_claim",
+            });
+        }
+        if leeway_secs > 300 {
+            return Err(AuthConfigError::JwtField {
+                field: "leeway_secs (at most 300)",
+            });
+        }
+        let keys = load_jwks(&jwks_file)?;
+        Ok(JwtConfig {
+            issuer,
+            audience,
+            jwks_file,
+            roles_claim,
+            leeway_secs,
+            keys,
+        })
+    }
+
+    /// Key ids of the signing keys, for the start-up log.
+    pub fn key_ids(&self) -> Vec<&str> {
+        self.keys
+            .iter()
+            .map(|k| k.kid.as_deref().unwrap_or("-"))
+            .collect()
+    }
+}
+
+/// The kind of key, which decides the algorithms it verifies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeyKind {
+    Rsa,
+    P256,
+    P384,
+    Ed25519,
+}
+
+impl KeyKind {
+    fn verifies(self, alg: Algorithm) -> bool {
+        use Algorithm::*;
+        match self {
+            KeyKind::Rsa => matches!(alg, RS256 | RS384 | RS512 | PS256 | PS384 | PS512),
+            KeyKind::P256 => alg == ES256,
+            KeyKind::P384 => alg == ES384,
+            KeyKind::Ed25519 => alg == EdDSA,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct JwtKey {
+    kid: Option<String>,
+    /// The JWK's `alg`, when it names one: tokens must use exactly it.
+    alg: Option<Algorithm>,
+    kind: KeyKind,
+    key: DecodingKey,
+}
+
+impl fmt::Debug for JwtKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtKey")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+fn load_jwks(path: &Path) -> Result<Vec<JwtKey>, AuthConfigError> {
+    let text = std::fs::read(path).map_err(|source| AuthConfigError::ReadJwks {
+        path: path.to_owned(),
+        source,
+    })?;
+    let set: JwkSet =
+        serde_json::from_slice(&text).map_err(|source| AuthConfigError::ParseJwks {
+            path: path.to_owned(),
+            source,
+        })?;
+    let mut keys = vec![];
+    let mut kids = HashSet::new();
+    for (index, jwk) in set.keys.iter().enumerate() {
+        let name = jwk
+            .common
+            .key_id
+            .clone()
+            .unwrap_or_else(|| format!("#{index}"));
+        let bad = |reason: &'static str| AuthConfigError::JwksKey {
+            path: path.to_owned(),
+            key: name.clone(),
+            reason,
+        };
+        // Encryption keys of the same set are not ours to use.
+        if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+            continue;
+        }
+        if let Some(kid) = &jwk.common.key_id
+            && !kids.insert(kid.clone())
+        {
+            return Err(bad("the key id appears twice"));
+        }
+        let kind = key_kind(jwk).map_err(bad)?;
+        let alg = match jwk.common.key_algorithm {
+            None => None,
+            Some(a) => {
+                let alg = Algorithm::try_from(a)
+                    .map_err(|_| bad("its \"alg\" is not a signature algorithm"))?;
+                if !kind.verifies(alg) {
+                    return Err(bad("its \"alg\" does not fit its key type"));
+                }
+                Some(alg)
+            }
+        };
+        let key = DecodingKey::from_jwk(jwk).map_err(|_| bad("its key material is invalid"))?;
+        keys.push(JwtKey {
+            kid: jwk.common.key_id.clone(),
+            alg,
+            kind,
+            key,
+        });
+    }
+    if keys.is_empty() {
+        return Err(AuthConfigError::EmptyJwks {
+            path: path.to_owned(),
+        });
+    }
+    Ok(keys)
+}
+
+fn key_kind(jwk: &Jwk) -> Result<KeyKind, &'static str> {
+    match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => Ok(KeyKind::Rsa),
+        AlgorithmParameters::EllipticCurve(p) => match p.curve {
+            EllipticCurve::P256 => Ok(KeyKind::P256),
+            EllipticCurve::P384 => Ok(KeyKind::P384),
+            _ => Err("unsupported elliptic curve (P-256 and P-384 only)"),
+        },
+        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+            Ok(KeyKind::Ed25519)
+        }
+        AlgorithmParameters::OctetKeyPair(_) => Err("unsupported OKP curve (Ed25519 only)"),
+        AlgorithmParameters::OctetKey(_) => Err(
+            "it is a symmetric (HMAC) key: only asymmetric keys are accepted, a shared secret would let anyone who verifies tokens forge them",
+        ),
+        _ => Err("unsupported key type (RSA, EC or OKP only)"),
+    }
+}
+
+/// The `[auth]` table of `nightingale.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeySection>,
+    pub jwt: Option<JwtSection>,
+    pub client_certificate_roles: Option<Vec<Role>>,
+    pub anonymous_roles: Option<Vec<Role>>,
+}
+
+/// One `[[auth.api_keys]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeySection {
+    pub name: String,
+    pub role: Option<Role>,
+    pub roles: Option<Vec<Role>>,
+    /// Lowercase or uppercase hex SHA-256 of the key: `printf %s "$KEY" | sha256sum`.
+    pub sha256: String,
+}
+
+/// `[auth.jwt]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSection {
+    pub issuer: String,
+    pub audience: OneOrMany,
+    /// Relative paths are read from the config file's folder.
+    pub jwks_file: PathBuf,
+    pub roles_claim: Option<String>,
+    pub leeway_secs: Option<u64>,
+}
+
+/// A string or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl AuthSection {
+    /// Checks the section and resolves it; `base` is the folder relative paths start from.
+    pub fn resolve(self, base: &Path) -> Result<AuthConfig, AuthConfigError> {
+        let mut api_keys: Vec<ApiKey> = vec![];
+        for k in self.api_keys {
+            let valid_name = !k.name.is_empty()
+                && k.name.len() <= 64
+                && k.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !valid_name {
+                return Err(AuthConfigError::KeyName { name: k.name });
+            }
+            if api_keys.iter().any(|o| o.name == k.name) {
+                return Err(AuthConfigError::DuplicateName { name: k.name });
+            }
+            let roles: Roles = k
+                .role
+                .into_iter()
+                .chain(k.roles.into_iter().flatten())
+                .collect();
+            if roles.is_empty() {
+                return Err(AuthConfigError::NoRoles { name: k.name });
+            }
+            let mut sha256 = [0u8; 32];
+            if k.sha256.len() != 64 || hex::decode_to_slice(&k.sha256, &mut sha256).is_err() {
+                return Err(AuthConfigError::Digest { name: k.name });
+            }
+            if let Some(other) = api_keys.iter().find(|o| o.sha256 == sha256) {
+                return Err(AuthConfigError::DuplicateKey {
+                    a: other.name.clone(),
+                    b: k.name,
+                });
+            }
+            api_keys.push(ApiKey {
+                name: k.name,
+                roles,
+                sha256,
+            });
+        }
+        let jwt = match self.jwt {
+            None => None,
+            Some(j) => {
+                let audience = match j.audience {
+                    OneOrMany::One(a) => vec![a],
+                    OneOrMany::Many(a) => a,
+                };
+                Some(Arc::new(JwtConfig::new(
+                    j.issuer,
+                    audience,
+                    base.join(j.jwks_file),
+                    j.roles_claim.unwrap_or_else(|| "roles".to_owned()),
+                    j.leeway_secs.unwrap_or(DEFAULT_JWT_LEEWAY_SECS),
+                )?))
+            }
+        };
+        let anonymous_roles = self
+            .anonymous_roles
+            .map(|r| r.into_iter().collect::<Roles>());
+        if anonymous_roles.is_some_and(|r| r.contains(Role::Admin)) {
+            return Err(AuthConfigError::AnonymousAdmin);
+        }
+        Ok(AuthConfig {
+            api_keys,
+            jwt,
+            client_certificate_roles: self
+                .client_certificate_roles
+                .map(|r| r.into_iter().collect())
+                .unwrap_or_else(|| DEFAULT_CLIENT_CERTIFICATE_ROLES.into()),
+            anonymous_roles,
+            client_certificates_verified: false,
+        })
+    }
+}
+
+/// The auth configuration makes no sense, or a file it names cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthConfigError {
+    #[error(
+        "auth.api_keys: name {name:?} must be 1 to 64 characters of letters, digits, '-', '_' or '.'"
+    )]
+    KeyName { name: String },
+    #[error("auth.api_keys: the name {name:?} is used twice")]
+    DuplicateName { name: String },
+    #[error("auth.api_keys: {name:?} has no role (set role = \"infer\" or roles = [...])")]
+    NoRoles { name: String },
+    #[error(
+        "auth.api_keys: {name:?}: sha256 must be 64 hex characters, the SHA-256 of the key (printf %s \"$KEY\" | sha256sum)"
+    )]
+    Digest { name: String },
+    #[error("auth.api_keys: {a:?} and {b:?} have the same key")]
+    DuplicateKey { a: String, b: String },
+    #[error(
+        "auth.anonymous_roles cannot hold admin: model control needs a key (--admin-token or [[auth.api_keys]])"
+    )]
+    AnonymousAdmin,
+    #[error("auth.jwt: {field} is missing or empty")]
+    JwtField { field: &'static str },
+    #[error("auth.jwt: cannot read the JWKS file {path}: {source}")]
+    ReadJwks {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("auth.jwt: the JWKS file {path} is not a JSON Web Key Set: {source}")]
+    ParseJwks {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("auth.jwt: key {key} of {path} cannot be used: {reason}")]
+    JwksKey {
+        path: PathBuf,
+        key: String,
+        reason: &'static str,
+    },
+    #[error("auth.jwt: the JWKS file {path} holds no signature key")]
+    EmptyJwks { path: PathBuf },
+    #[error(
+        "refusing to listen on {addr}, which is not a loopback address, with no credentials configured: anyone who can reach it would have the roles {open} without a key. Configure [[auth.api_keys]] or [auth.jwt] in nightingale.toml (see docs/security.md), listen on 127.0.0.1, or pass --insecure (NIGHTINGALE_INSECURE=true) to accept the risk"
+    )]
+    OpenOnNetwork { addr: SocketAddr, open: Roles },
+}
+
+// ---------------------------------------------------------------------------------------
+// Authentication
+
+/// Checks credentials; built once from the configuration, shared by every request.
+pub struct Authenticator {
+    keys: Vec<KeyEntry>,
+    jwt: Option<Arc<JwtConfig>>,
+    client_certificate_roles: Roles,
+    anonymous: Roles,
+    /// Roles some credential (or anonymity) can grant; the others are disabled.
+    grantable: Roles,
+}
+
+struct KeyEntry {
+    id: String,
+    roles: Roles,
+    sha256: [u8; 32],
+}
+
+/// Why credentials were refused (401). The texts never repeat the credential.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("the Authorization header must be \"Bearer <API key or token>\"")]
+    Scheme,
+    #[error("invalid API key or token")]
+    Invalid,
+    #[error("invalid API key or token (this server accepts no JWT: [auth.jwt] is not configured)")]
+    JwtNotConfigured,
+    #[error("invalid token: {0}")]
+    Jwt(#[from] JwtError),
+}
+
+/// Why a JWT was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum JwtError {
+    #[error("not a well-formed JWT")]
+    Malformed,
+    #[error(
+        "algorithm {alg:?} is refused: only asymmetric signatures (RS*, PS*, ES256, ES384, EdDSA) are accepted"
+    )]
+    Algorithm { alg: String },
+    #[error("the header has critical extensions this server does not understand")]
+    Critical,
+    #[error("the header names no key (kid) and the JWKS holds more than one")]
+    NoKid,
+    #[error("unknown key id {kid:?}")]
+    UnknownKid { kid: String },
+    #[error("the key {kid:?} does not verify {alg:?} signatures")]
+    KeyMismatch { kid: String, alg: Algorithm },
+    #[error("bad signature")]
+    Signature,
+    #[error("expired")]
+    Expired,
+    #[error("not valid yet (nbf)")]
+    NotYetValid,
+    #[error("wrong issuer")]
+    Issuer,
+    #[error("wrong audience")]
+    Audience,
+    #[error("the claim {claim} is missing")]
+    MissingClaim { claim: String },
+    #[error("the claim {claim} has the wrong type")]
+    ClaimType { claim: String },
+    #[error("rejected ({0:?})")]
+    Other(jsonwebtoken::errors::ErrorKind),
+}
+
+impl Authenticator {
+    /// `admin_token` is `--admin-token`: one more key, with the admin role.
+    pub fn new(config: &AuthConfig, admin_token: Option<&str>) -> Authenticator {
+        let mut keys: Vec<KeyEntry> = config
+            .api_keys
+            .iter()
+            .map(|k| KeyEntry {
+                id: format!("api-key:{}", k.name),
+                roles: k.roles,
+                sha256: k.sha256,
+            })
+            .collect();
+        if let Some(token) = admin_token {
+            keys.push(KeyEntry {
+                id: "admin-token".to_owned(),
+                roles: [Role::Admin].into(),
+                sha256: Sha256::digest(token.as_bytes()).into(),
+            });
+        }
+        let anonymous = config.anonymous_roles();
+        let mut grantable = keys.iter().fold(anonymous, |acc, k| acc.union(k.roles));
+        if config.jwt.is_some() {
+            grantable = Role::ALL.into();
+        }
+        if config.client_certificates_verified {
+            grantable = grantable.union(config.client_certificate_roles);
+        }
+        Authenticator {
+            keys,
+            jwt: config.jwt.clone(),
+            client_certificate_roles: config.client_certificate_roles,
+            anonymous,
+            grantable,
+        }
+    }
+
+    /// Roles of callers without credentials.
+    pub fn anonymous_roles(&self) -> Roles {
+        self.anonymous
+    }
+
+    /// Who sent this request: the holder of its API key or token, of its verified client
+    /// certificate, or anonymous. Credentials that are present but wrong are an error (not
+    /// anonymous): a client with a stale key learns so.
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        extensions: &axum::http::Extensions,
+    ) -> Result<Caller, AuthError> {
+        if let Some(secret) = presented(headers)? {
+            let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+            // Every key is compared, in constant time, whichever matches.
+            let mut found: Option<&KeyEntry> = None;
+            for k in &self.keys {
+                if bool::from(k.sha256.ct_eq(&digest)) {
+                    found = Some(k);
+                }
+            }
+            // An identified caller also holds what is open to everyone.
+            if let Some(k) = found {
+                return Ok(Caller {
+                    id: k.id.clone(),
+                    roles: k.roles.union(self.anonymous),
+                });
+            }
+            if looks_like_jwt(secret) {
+                return match &self.jwt {
+                    Some(jwt) => {
+                        let mut caller = verify_jwt(jwt, secret)?;
+                        caller.roles = caller.roles.union(self.anonymous);
+                        Ok(caller)
+                    }
+                    None => Err(AuthError::JwtNotConfigured),
+                };
+            }
+            return Err(AuthError::Invalid);
+        }
+        if let Some(cert) = extensions.get::<ClientCertificate>() {
+            return Ok(Caller {
+                id: format!("tls:{}", printable(&cert.subject)),
+                roles: self.client_certificate_roles.union(self.anonymous),
+            });
+        }
+        Ok(Caller::anonymous(self.anonymous))
+    }
+}
+
+/// The API key or token of a request: `Authorization: Bearer <x>`, else `X-API-Key: <x>`.
+fn presented(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        let value = value.to_str().map_err(|_| AuthError::Scheme)?.trim();
+        let (scheme, rest) = value.split_once(' ').ok_or(AuthError::Scheme)?;
+        let secret = rest.trim();
+        if !scheme.eq_ignore_ascii_case("bearer") || secret.is_empty() {
+            return Err(AuthError::Scheme);
+        }
+        return Ok(Some(secret));
+    }
+    if let Some(value) = headers.get("x-api-key") {
+        let secret = value.to_str().map_err(|_| AuthError::Invalid)?.trim();
+        if secret.is_empty() {
+            return Err(AuthError::Invalid);
+        }
+        return Ok(Some(secret));
+    }
+    Ok(None)
+}
+
+/// Three base64url segments, the first decoding to a JSON object: a JWS in compact form.
+fn looks_like_jwt(token: &str) -> bool {
+    let mut parts = token.split('.');
+    let (Some(h), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    URL_SAFE_NO_PAD
+        .decode(h)
+        .ok()
+        .is_some_and(|b| b.first() == Some(&b'{'))
+}
+
+/// The header fields read before verifying (so that `alg: none` and HMAC are refused here,
+/// with a reason, whatever the JWT library would do with them).
+#[derive(Deserialize)]
+struct RawHeader {
+    alg: String,
+    kid: Option<String>,
+    crit: Option<serde_json::Value>,
+}
+
+fn verify_jwt(jwt: &JwtConfig, token: &str) -> Result<Caller, JwtError> {
+    let header = token.split('.').next().ok_or(JwtError::Malformed)?;
+    let header: RawHeader = URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or(JwtError::Malformed)?;
+    use Algorithm::*;
+    let alg = match header.alg.as_str() {
+        "RS256" => RS256,
+        "RS384" => RS384,
+        "RS512" => RS512,
+        "PS256" => PS256,
+        "PS384" => PS384,
+        "PS512" => PS512,
+        "ES256" => ES256,
+        "ES384" => ES384,
+        "EdDSA" => EdDSA,
+        other => {
+            return Err(JwtError::Algorithm {
+                alg: printable(other),
+            });
+        }
+    };
+    if header.crit.is_some() {
+        return Err(JwtError::Critical);
+    }
+    let key = match &header.kid {
+        Some(kid) => jwt
+            .keys
+            .iter()
+            .find(|k| k.kid.as_deref() == Some(kid.as_str()))
+            .ok_or_else(|| JwtError::UnknownKid {
+                kid: printable(kid),
+            })?,
+        None if jwt.keys.len() == 1 => &jwt.keys[0],
+        None => return Err(JwtError::NoKid),
+    };
+    if !key.kind.verifies(alg) || key.alg.is_some_and(|a| a != alg) {
+        return Err(JwtError::KeyMismatch {
+            kid: key.kid.clone().unwrap_or_default(),
+            alg,
+        });
+    }
+    let mut validation = Validation::new(alg);
+    validation.set_issuer(&[&jwt.issuer]);
+    validation.set_audience(&jwt.audience);
+    validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    validation.leeway = jwt.leeway_secs;
+    let data =
+        jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            match e.into_kind() {
+                K::InvalidSignature => JwtError::Signature,
+                K::ExpiredSignature => JwtError::Expired,
+                K::ImmatureSignature => JwtError::NotYetValid,
+                K::InvalidIssuer => JwtError::Issuer,
+                K::InvalidAudience => JwtError::Audience,
+                K::MissingRequiredClaim(claim) => JwtError::MissingClaim { claim },
+                K::InvalidClaimFormat(claim) => JwtError::ClaimType { claim },
+                K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => JwtError::Malformed,
+                other => JwtError::Other(other),
+            }
+        })?;
+    let claims = data.claims;
+    let sub = claims
+        .get("sub")
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| JwtError::ClaimType {
+            claim: "sub".into(),
+        })?;
+    let mut value = Some(&claims);
+    for part in jwt.roles_claim.split('.') {
+        value = value.and_then(|v| v.get(part));
+    }
+    let roles: Roles = match value {
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .filter_map(serde_json::Value::as_str)
+            .filter_map(Role::parse)
+            .collect(),
+        Some(serde_json::Value::String(s)) => {
+            s.split_whitespace().filter_map(Role::parse).collect()
+        }
+        _ => Roles::NONE,
+    };
+    Ok(Caller {
+        id: format!("jwt:{}#{}", printable(&jwt.issuer), printable(sub)),
+        roles,
+    })
+}
+
+/// Text from a client, made safe for a log line or an actor field: printable characters,
+/// at most 200 of them.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .take(200)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Enforcement
+
+/// The middleware: finds the route's row, authenticates the caller, checks the role, and
+/// puts the [`Caller`] in the request's extensions. Runs after routing (`route_layer`).
+pub(crate) async fn enforce(
+    State(state): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let Some(path) = req.extensions().get::<MatchedPath>().cloned() else {
+        // Not a route: the fallback answers 404.
+        return next.run(req).await;
+    };
+    let Some(rule) = rule_for(req.method(), path.as_str()) else {
+        if ROUTES.iter().any(|r| r.path == path.as_str()) {
+            // Another method of a declared route: what the router would answer, and a method
+            // added to a route without its row is refused, not open.
+            return AppError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this endpoint",
+            )
+            .into_response();
+        }
+        tracing::error!(method = %req.method(), path = path.as_str(), "route without a row in the role table: refused");
+        return AppError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} {} declares no role, so it is refused (a server bug: please report it)",
+                req.method(),
+                path.as_str()
+            ),
+        )
+        .into_response();
+    };
+    let auth = &state.auth;
+    let caller = match rule.access {
+        Access::Public => auth
+            .authenticate(req.headers(), req.extensions())
+            .unwrap_or_else(|_| Caller::anonymous(auth.anonymous)),
+        Access::Role(role) => {
+            if !auth.grantable.contains(role) {
+                return AppError::new(StatusCode::FORBIDDEN, disabled(role)).into_response();
+            }
+            let caller = match auth.authenticate(req.headers(), req.extensions()) {
+                Ok(caller) => caller,
+                Err(e) => {
+                    tracing::warn!(reason = %e, path = path.as_str(), "credentials refused");
+                    return unauthorized(e.to_string(), true);
+                }
+            };
+            if !caller.has(role) {
+                if caller.is_anonymous() {
+                    return unauthorized(
+                        format!(
+                            "this endpoint needs the {role} role: send Authorization: Bearer <API key or token>"
+                        ),
+                        false,
+                    );
+                }
+                tracing::warn!(caller = %caller.id, %role, path = path.as_str(), "role missing");
+                return AppError::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "{} does not hold the {role} role this endpoint needs",
+                        caller.id
+                    ),
+                )
+                .into_response();
+            }
+            caller
+        }
+    };
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+fn disabled(role: Role) -> String {
+    match role {
+        Role::Admin => "admin is disabled: configure a key ([[auth.api_keys]] with role = \"admin\" in nightingale.toml, or --admin-token / NIGHTINGALE_ADMIN_TOKEN)".to_owned(),
+        role => format!(
+            "{role} is disabled: configure a key ([[auth.api_keys]] with role = \"{role}\"), [auth.jwt], or auth.anonymous_roles in nightingale.toml"
+        ),
+    }
+}
+
+/// 401 with `WWW-Authenticate: Bearer` (RFC 6750; `error="invalid_token"` when credentials
+/// were sent and refused).
+fn unauthorized(message: String, invalid: bool) -> Response {
+    let mut response = AppError::new(StatusCode::UNAUTHORIZED, message).into_response();
+    let challenge = if invalid {
+        "Bearer realm=\"nightingale\", error=\"invalid_token\""
+    } else {
+        "Bearer realm=\"nightingale\""
+    };
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_has_one_row_and_the_router_builds() {
+        let mut seen = HashSet::new();
+        for r in ROUTES {
+            assert!(
+                seen.insert((r.method, r.path)),
+                "{} {} twice",
+                r.method,
+                r.path
+            );
+            assert!(matches!(r.method, "GET" | "POST"), "{}", r.method);
+        }
+        // Builds the real router: a route without a row (or a row without a route) panics.
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::http::AppState::new(
+            Arc::new(nightingale_models::Repository::new(
+                dir.path(),
+                Default::default(),
+            )),
+            crate::audit::AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap(),
+            Default::default(),
+            None,
+        );
+        let _ = crate::http::app(state);
+    }
+
+    #[test]
+    #[should_panic(expected = "has no row")]
+    fn a_route_without_a_row_fails() {
+        let _ = Routes::<()>::new().route("/v2/new-thing", axum::routing::get(|| async {}));
+    }
+
+    #[test]
+    #[should_panic(expected = "no such route")]
+    fn a_row_without_a_route_fails() {
+        let _ = Routes::<()>::new().finish();
+    }
+
+    #[test]
+    fn anonymous_defaults_and_the_bind_rule() {
+        let local: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:8000".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:8000".parse().unwrap();
+        let zero = AuthConfig::default();
+        assert_eq!(zero.anonymous_roles(), OPEN_ROLES.into());
+        assert!(zero.check_bind(local, false).is_ok());
+        assert!(zero.check_bind(mapped, false).is_ok());
+        let err = zero.check_bind(any, false).unwrap_err();
+        assert!(err.to_string().contains("--insecure"), "{err}");
+        assert!(zero.check_bind(any, true).is_ok());
+        // Admin keys alone protect model control and leave the open roles open.
+        let admin_only = AuthConfig {
+            api_keys: vec![ApiKey {
+                name: "ops".into(),
+                roles: [Role::Admin].into(),
+                sha256: [1; 32],
+            }],
+            ..AuthConfig::default()
+        };
+        assert_eq!(admin_only.anonymous_roles(), OPEN_ROLES.into());
+        assert!(admin_only.check_bind(any, false).is_err());
+        // A key for anything else: anonymous gets nothing unless the file says so.
+        let mut keyed = admin_only.clone();
+        keyed.api_keys[0].roles = [Role::Infer].into();
+        assert_eq!(keyed.anonymous_roles(), Roles::NONE);
+        assert!(keyed.check_bind(any, false).is_ok());
+        keyed.anonymous_roles = Some([Role::Metrics].into());
+        assert_eq!(keyed.anonymous_roles(), [Role::Metrics].into());
+        // Nothing open to anyone: nothing to refuse.
+        let closed = AuthConfig {
+            anonymous_roles: Some(Roles::NONE),
+            ..AuthConfig::default()
+        };
+        assert!(closed.check_bind(any, false).is_ok());
+        // Verified client certificates are a credential.
+        let mtls = AuthConfig {
+            client_certificates_verified: true,
+            ..AuthConfig::default()
+        };
+        assert_eq!(mtls.anonymous_roles(), Roles::NONE);
+        assert!(mtls.check_bind(any, false).is_ok());
+    }
+
+    #[test]
+    fn api_key_sections_are_checked() {
+        let parse = |toml_text: &str| {
+            toml::from_str::<AuthSection>(toml_text)
+                .map_err(|e| e.to_string())
+                .and_then(|s| s.resolve(Path::new(".")).map_err(|e| e.to_string()))
+        };
+        let digest = "a".repeat(64);
+        let ok = parse(&format!(
+            "[[api_keys]]\nname = \"ci\"\nrole = \"infer\"\nsha256 = \"{digest}\"\n[[api_keys]]\nname = \"ops\"\nroles = [\"admin\", \"metrics\"]\nsha256 = \"{}\"\n",
+            "B".repeat(64)
+        ))
+        .unwrap();
+        assert_eq!(ok.api_keys[0].roles, [Role::Infer].into());
+        assert_eq!(ok.api_keys[1].roles, [Role::Admin, Role::Metrics].into());
+        assert_eq!(ok.api_keys[1].sha256, [0xbb; 32]);
+        for (bad, expect) in [
+            (
+                format!("[[api_keys]]\nname = \"x\"\nrole = \"root\"\nsha256 = \"{digest}\"\n"),
+                "unknown variant",
+            ),
+            (
+                "[[api_keys]]\nname = \"x\"\nrole = \"infer\"\nsha256 = \"abc\"\n".to_owned(),
+                "64 hex",
+            ),
+            (
+                format!(
+                    "[[api_keys]]\nname = \"x\"\nrole = \"infer\"\nsha256 = \"{}\"\n",
+                    "g".repeat(64)
+                ),
+                "64 hex",
+            ),
+            (
+                format!("[[api_keys]]\nname = \"x\"\nsha256 = \"{digest}\"\n"),
+                "no role",
+            ),
+            (
+                format!("[[api_keys]]\nname = \"x y\"\nrole = \"infer\"\nsha256 = \"{digest}\"\n"),
+                "must be 1 to 64",
+            ),
+            (
+                format!(
+                    "[[api_keys]]\nname = \"x\"\nrole = \"infer\"\nsha256 = \"{digest}\"\n[[api_keys]]\nname = \"x\"\nrole = \"admin\"\nsha256 = \"{}\"\n",
+                    "b".repeat(64)
+                ),
+                "used twice",
+            ),
+            (
+                format!(
+                    "[[api_keys]]\nname = \"x\"\nrole = \"infer\"\nsha256 = \"{digest}\"\n[[api_keys]]\nname = \"y\"\nrole = \"admin\"\nsha256 = \"{digest}\"\n"
+                ),
+                "same key",
+            ),
+            (
+                format!("[[api_keys]]\nname = \"x\"\nrole = \"infer\"\nsha = \"{digest}\"\n"),
+                "unknown field",
+            ),
+            (
+                "anonymous_roles = [\"admin\"]\n".to_owned(),
+                "cannot hold admin",
+            ),
+            (
+                "[jwt]\nissuer = \"i\"\naudience = \"a\"\njwks_file = \"/nonexistent/jwks.json\"\n"
+                    .to_owned(),
+                "cannot read the JWKS file",
+            ),
+        ] {
+            let err = parse(&bad).unwrap_err();
+            assert!(err.contains(expect), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn symmetric_and_mismatched_jwks_keys_are_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        let load = |json: &str| {
+            std::fs::write(&path, json).unwrap();
+            JwtConfig::new(
+                "i".into(),
+                vec!["a".into()],
+                path.clone(),
+                "roles".into(),
+                30,
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        let err = load(r#"{"keys":[{"kty":"oct","kid":"h","k":"c2VjcmV0"}]}"#).unwrap_err();
+        assert!(err.contains("symmetric (HMAC)"), "{err}");
+        let err = load(r#"{"keys":[]}"#).unwrap_err();
+        assert!(err.contains("no signature key"), "{err}");
+        let err = load("not json").unwrap_err();
+        assert!(err.contains("not a JSON Web Key Set"), "{err}");
+        let err = load(r#"{"keys":[{"kty":"RSA","kid":"r","alg":"ES256","n":"AQAB","e":"AQAB"}]}"#)
+            .unwrap_err();
+        assert!(err.contains("does not fit its key type"), "{err}");
+    }
+
+    #[test]
+    fn credentials_are_read_from_bearer_or_x_api_key() {
+        let mut h = HeaderMap::new();
+        assert!(presented(&h).unwrap().is_none());
+        h.insert(header::AUTHORIZATION, "bearer  abc ".parse().unwrap());
+        assert_eq!(presented(&h).unwrap(), Some("abc"));
+        h.insert(header::AUTHORIZATION, "Basic dXNlcjpwYXNz".parse().unwrap());
+        assert!(matches!(presented(&h), Err(AuthError::Scheme)));
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", "k".parse().unwrap());
+        assert_eq!(presented(&h).unwrap(), Some("k"));
+        assert!(!looks_like_jwt("a.b"));
+        assert!(!looks_like_jwt("plain-api-key"));
+        assert!(looks_like_jwt("eyJhbGciOiJub25lIn0.e30."));
+    }
+}
