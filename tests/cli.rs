@@ -83,3 +83,137 @@ fn audit_verify_fails_on_a_missing_log() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL"));
 }
+
+/// Runs `serve` in a temporary folder until it logs that it listens (or exits), then stops
+/// it. Returns whether it was listening, and its log.
+fn serve_until_listening(args: &[&str], envs: &[(&str, &str)]) -> (bool, String) {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("repository")).unwrap();
+    let mut cmd = bin();
+    cmd.current_dir(dir.path())
+        .args(["serve", "--repository", "repository"])
+        .args(args)
+        .env("NIGHTINGALE_LOG", "info")
+        .env_remove("NIGHTINGALE_INSECURE")
+        .env_remove("NIGHTINGALE_HTTP_ADDR")
+        .env_remove("NIGHTINGALE_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut log = String::new();
+    let mut listening = false;
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                log.push_str(&line);
+                log.push('\n');
+                if line.contains("listening") {
+                    listening = true;
+                    break;
+                }
+            }
+            // The process ended (its stderr closed) or the minute is up.
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    (listening, log)
+}
+
+#[test]
+fn a_network_address_without_credentials_refuses_to_start_unless_insecure() {
+    let (listening, log) = serve_until_listening(&["--http-addr", "0.0.0.0:0"], &[]);
+    assert!(!listening, "{log}");
+    assert!(
+        log.contains("refusing to listen on 0.0.0.0:0")
+            && log.contains("not a loopback address")
+            && log.contains("--insecure"),
+        "{log}"
+    );
+    // --admin-token alone leaves inference open to anonymous callers: refused too.
+    let (listening, log) = serve_until_listening(
+        &[
+            "--http-addr",
+            "0.0.0.0:0",
+            "--admin-token",
+            "0123456789abcdef-admin",
+        ],
+        &[],
+    );
+    assert!(!listening, "{log}");
+
+    for (args, envs) in [
+        (vec!["--http-addr", "0.0.0.0:0", "--insecure"], vec![]),
+        (
+            vec!["--http-addr", "0.0.0.0:0"],
+            vec![("NIGHTINGALE_INSECURE", "true")],
+        ),
+    ] {
+        let (listening, log) = serve_until_listening(&args, &envs);
+        assert!(listening, "{args:?} {envs:?}: {log}");
+        assert!(
+            log.contains("INSECURE") && log.contains("without credentials"),
+            "{log}"
+        );
+    }
+    // Loopback needs nothing.
+    let (listening, log) = serve_until_listening(&["--http-addr", "127.0.0.1:0"], &[]);
+    assert!(listening && !log.contains("INSECURE"), "{log}");
+}
+
+#[test]
+fn a_network_address_with_credentials_starts() {
+    let config = root().join("tests/fixtures/auth/nightingale.toml");
+    let (listening, log) = serve_until_listening(
+        &[
+            "--http-addr",
+            "0.0.0.0:0",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(listening, "{log}");
+    // The start-up log says who may do what, and never a key or digest.
+    assert!(
+        log.contains("access control") && log.contains("infer-client (infer)"),
+        "{log}"
+    );
+    let toml = std::fs::read_to_string(&config).unwrap();
+    let digest = toml
+        .lines()
+        .find_map(|l| l.strip_prefix("sha256 = \""))
+        .unwrap()
+        .trim_end_matches('"');
+    assert!(!log.contains(digest), "{log}");
+    // A config naming a JWKS file that is not there stops the start, naming it.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("n.toml");
+    std::fs::write(
+        &bad,
+        "[auth.jwt]\nissuer = \"i\"\naudience = \"a\"\njwks_file = \"missing.json\"\n",
+    )
+    .unwrap();
+    let (listening, log) = serve_until_listening(&["--config", bad.to_str().unwrap()], &[]);
+    assert!(!listening, "{log}");
+    assert!(
+        log.contains("cannot read the JWKS file") && log.contains("missing.json"),
+        "{log}"
+    );
+}

@@ -1,0 +1,501 @@
+//! Roles on every route, driven from the role table itself (`http::auth::ROUTES`): each route
+//! is called without credentials, with a credential holding another role and with one
+//! holding its role; JWTs signed by openssl (tests/fixtures/auth/make_fixtures.py) are
+//! accepted or refused with their reason; TLS client certificates get their configured roles.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use http_body_util::BodyExt;
+use nightingale::audit::AuditLog;
+use nightingale::config::ServeArgs;
+use nightingale::http::auth::{Access, AuthConfig, JwtConfig, ROUTES, Role, RouteRule};
+use nightingale::http::identity::ClientCertificate;
+use nightingale::http::{self, AppState, HttpConfig};
+use nightingale_models::{Repository, RepositoryOptions};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+mod support;
+use support::copy_dir;
+
+const MODEL: &str = "wdbc-malignancy";
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/auth")
+}
+
+/// role → its test API key (plain text; nightingale.toml holds their SHA-256).
+fn api_keys() -> HashMap<String, String> {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("api_keys.json")).unwrap())
+        .unwrap()
+}
+
+fn key(role: Role) -> String {
+    api_keys()[role.as_str()].clone()
+}
+
+/// name → {token, status, reason, roles}, as make_fixtures.py wrote them.
+fn tokens() -> serde_json::Map<String, Value> {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokens.json")).unwrap()).unwrap()
+}
+
+fn token(name: &str) -> String {
+    tokens()[name]["token"].as_str().unwrap().to_owned()
+}
+
+/// The fixture's `[auth]` (a key per role, JWT), read the way the server reads it.
+fn fixture_auth() -> AuthConfig {
+    ServeArgs {
+        config: Some(fixtures().join("nightingale.toml")),
+        ..ServeArgs::default()
+    }
+    .resolve()
+    .unwrap()
+    .auth
+}
+
+struct Server {
+    _dir: tempfile::TempDir,
+    state: Arc<AppState>,
+}
+
+impl Server {
+    fn new(config: HttpConfig) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(
+            &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("models/bundles")
+                .join(MODEL),
+            &dir.path().join(MODEL),
+        );
+        let repository = Arc::new(Repository::new(dir.path(), RepositoryOptions::default()));
+        repository.load_all().unwrap();
+        let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
+        let state = AppState::new(repository, audit, config, Some(http::install_recorder()));
+        state.set_ready(true);
+        Server { _dir: dir, state }
+    }
+
+    fn with_auth(auth: AuthConfig) -> Server {
+        Server::new(HttpConfig {
+            auth,
+            ..HttpConfig::default()
+        })
+    }
+
+    async fn send(&self, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let res = http::app(self.state.clone()).oneshot(req).await.unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let body = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+        (status, headers, body)
+    }
+}
+
+/// A request for a row of the table: path parameters filled with the served model and
+/// version 1, a valid body where the route takes one. A route added to the table gets one
+/// here, or this test fails.
+fn example(rule: &RouteRule, credential: Credential<'_>) -> Request<Body> {
+    let path = rule
+        .path
+        .replace("{model}", MODEL)
+        .replace("{version}", "1");
+    let body = if rule.path.ends_with("/infer") {
+        let row: Vec<f32> = vec![1.0; 30];
+        json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": row}]})
+            .to_string()
+    } else if rule.method == "POST" {
+        "{}".to_owned()
+    } else {
+        String::new()
+    };
+    let method = Method::from_bytes(rule.method.as_bytes()).unwrap();
+    let mut req = Request::builder().method(method).uri(path);
+    match credential {
+        Credential::None => {}
+        Credential::Bearer(k) => req = req.header(header::AUTHORIZATION, format!("Bearer {k}")),
+        Credential::ApiKeyHeader(k) => req = req.header("X-API-Key", k),
+    }
+    req.body(Body::from(body)).unwrap()
+}
+
+#[derive(Clone, Copy)]
+enum Credential<'a> {
+    None,
+    Bearer(&'a str),
+    ApiKeyHeader(&'a str),
+}
+
+fn error_of(v: &Value) -> &str {
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error message in {v}"))
+}
+
+#[tokio::test]
+async fn every_route_without_credentials_with_a_wrong_role_and_with_its_role() {
+    let keys = api_keys();
+    for rule in ROUTES {
+        let what = format!("{} {}", rule.method, rule.path);
+        let server = Server::with_auth(fixture_auth());
+        match rule.access {
+            Access::Public => {
+                let (s, _, v) = server.send(example(rule, Credential::None)).await;
+                assert_eq!(s, StatusCode::OK, "{what}: {v}");
+                // Credentials do not matter there, not even wrong ones (probes carry none).
+                let (s, _, v) = server
+                    .send(example(rule, Credential::Bearer("not-a-key")))
+                    .await;
+                assert_eq!(s, StatusCode::OK, "{what}: {v}");
+            }
+            Access::Role(role) => {
+                let (s, h, v) = server.send(example(rule, Credential::None)).await;
+                assert_eq!(s, StatusCode::UNAUTHORIZED, "{what}: {v}");
+                assert!(
+                    h[header::WWW_AUTHENTICATE]
+                        .to_str()
+                        .unwrap()
+                        .starts_with("Bearer"),
+                    "{what}"
+                );
+                assert!(
+                    error_of(&v).contains(&format!("needs the {role} role")),
+                    "{what}: {v}"
+                );
+                for other in Role::ALL.into_iter().filter(|r| *r != role) {
+                    let (s, _, v) = server
+                        .send(example(rule, Credential::Bearer(&keys[other.as_str()])))
+                        .await;
+                    assert_eq!(s, StatusCode::FORBIDDEN, "{what} as {other}: {v}");
+                    assert_eq!(
+                        error_of(&v),
+                        format!(
+                            "api-key:{other}-client does not hold the {role} role this endpoint needs"
+                        ),
+                        "{what}"
+                    );
+                }
+                let (s, _, v) = server
+                    .send(example(rule, Credential::Bearer(&keys[role.as_str()])))
+                    .await;
+                assert_eq!(s, StatusCode::OK, "{what} as {role}: {v}");
+                // The same key in X-API-Key (a fresh server: load/unload change state).
+                let server = Server::with_auth(fixture_auth());
+                let (s, _, v) = server
+                    .send(example(
+                        rule,
+                        Credential::ApiKeyHeader(&keys[role.as_str()]),
+                    ))
+                    .await;
+                assert_eq!(s, StatusCode::OK, "{what} as {role} (X-API-Key): {v}");
+            }
+        }
+    }
+}
+
+/// The stable interface: on loopback with no keys configured, infer, metrics and pacs are
+/// open and admin and researcher closed (403, saying how to open them).
+#[tokio::test]
+async fn zero_config_opens_infer_metrics_pacs_and_closes_admin_and_researcher() {
+    for rule in ROUTES {
+        let what = format!("{} {}", rule.method, rule.path);
+        let server = Server::new(HttpConfig::default());
+        let (s, _, v) = server.send(example(rule, Credential::None)).await;
+        match rule.access {
+            Access::Public
+            | Access::Role(Role::Infer)
+            | Access::Role(Role::Metrics)
+            | Access::Role(Role::Pacs) => assert_eq!(s, StatusCode::OK, "{what}: {v}"),
+            Access::Role(role @ (Role::Admin | Role::Researcher)) => {
+                assert_eq!(s, StatusCode::FORBIDDEN, "{what}: {v}");
+                assert!(
+                    error_of(&v).starts_with(&format!("{role} is disabled: configure a key")),
+                    "{what}: {v}"
+                );
+            }
+        }
+    }
+    // --admin-token alone opens admin to its holder and leaves the open roles open.
+    let server = Server::new(HttpConfig {
+        admin_token: Some("legacy-admin-token-0123456789".into()),
+        ..HttpConfig::default()
+    });
+    let unload = ROUTES.iter().find(|r| r.path.ends_with("/unload")).unwrap();
+    let (s, _, v) = server.send(example(unload, Credential::None)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    assert!(error_of(&v).contains("token"), "{v}");
+    let (s, _, v) = server
+        .send(example(
+            unload,
+            Credential::Bearer("legacy-admin-token-0123456789"),
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let infer = ROUTES
+        .iter()
+        .find(|r| r.path == "/v2/models/{model}/ready")
+        .unwrap();
+    // Unloaded just now: 503, not 401 (no credential was needed, and the admin token's
+    // holder may call what anyone may).
+    let (s, _, v) = server.send(example(infer, Credential::None)).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    let (s, _, v) = server
+        .send(example(
+            infer,
+            Credential::Bearer("legacy-admin-token-0123456789"),
+        ))
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+}
+
+fn get(path: &str, bearer: Option<&str>) -> Request<Body> {
+    let mut req = Request::get(path);
+    if let Some(b) = bearer {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {b}"));
+    }
+    req.body(Body::empty()).unwrap()
+}
+
+#[tokio::test]
+async fn jwts_signed_by_openssl_are_accepted_or_refused_with_their_reason() {
+    let server = Server::with_auth(fixture_auth());
+    let all = tokens();
+    assert!(all.len() >= 20, "{}", all.len());
+    for (name, t) in &all {
+        let tok = t["token"].as_str().unwrap();
+        match t["status"].as_u64().unwrap() {
+            401 => {
+                let (s, h, v) = server.send(get("/v2", Some(tok))).await;
+                assert_eq!(s, StatusCode::UNAUTHORIZED, "{name}: {v}");
+                assert_eq!(
+                    h[header::WWW_AUTHENTICATE],
+                    "Bearer realm=\"nightingale\", error=\"invalid_token\"",
+                    "{name}"
+                );
+                let reason = t["reason"].as_str().unwrap();
+                assert!(
+                    error_of(&v).starts_with("invalid token: ") && error_of(&v).contains(reason),
+                    "{name}: expected {reason:?} in {v}"
+                );
+                // The message never repeats the token.
+                assert!(!v.to_string().contains(tok.split('.').nth(1).unwrap()));
+            }
+            200 => {
+                let roles: Vec<&str> = t["roles"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.as_str().unwrap())
+                    .collect();
+                // The scope token carries its roles in `scope`, read only when configured.
+                let roles = if name == "rs256_scope" { vec![] } else { roles };
+                for (path, role) in [("/v2", "infer"), ("/metrics", "metrics")] {
+                    let (s, _, v) = server.send(get(path, Some(tok))).await;
+                    if roles.contains(&role) {
+                        assert_eq!(s, StatusCode::OK, "{name} on {path}: {v}");
+                    } else {
+                        assert_eq!(s, StatusCode::FORBIDDEN, "{name} on {path}: {v}");
+                        assert!(
+                            error_of(&v)
+                                .starts_with("jwt:https://idp.test.invalid/realms/nightingale#"),
+                            "{v}"
+                        );
+                    }
+                }
+            }
+            other => panic!("{name}: status {other}"),
+        }
+    }
+    // The admin token's caller may unload; its id names the issuer and subject.
+    let unload = format!("/v2/repository/models/{MODEL}/unload");
+    let req = Request::post(&unload)
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", token("rs256_admin")),
+        )
+        .body(Body::empty())
+        .unwrap();
+    let (s, _, v) = server.send(req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let req = Request::post(&unload)
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", token("ps256_infer")),
+        )
+        .body(Body::empty())
+        .unwrap();
+    let (s, _, v) = server.send(req).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(
+        error_of(&v),
+        "jwt:https://idp.test.invalid/realms/nightingale#bob does not hold the admin role this endpoint needs"
+    );
+}
+
+#[tokio::test]
+async fn roles_from_a_space_separated_scope_claim() {
+    let mut auth = fixture_auth();
+    let jwt = auth.jwt.as_ref().unwrap();
+    auth.jwt = Some(Arc::new(
+        JwtConfig::new(
+            jwt.issuer.clone(),
+            jwt.audience.clone(),
+            jwt.jwks_file.clone(),
+            "scope".into(),
+            jwt.leeway_secs,
+        )
+        .unwrap(),
+    ));
+    let server = Server::with_auth(auth);
+    let (s, _, v) = server.send(get("/v2", Some(&token("rs256_scope")))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // `roles` is not read any more.
+    let (s, _, v) = server.send(get("/v2", Some(&token("rs256_infer")))).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+}
+
+#[tokio::test]
+async fn a_verified_client_certificate_gets_its_configured_roles() {
+    let server = Server::with_auth(fixture_auth());
+    let cert = ClientCertificate {
+        subject: "CN=pacs-gateway,O=Hospital".into(),
+        sha256: "00".repeat(32),
+    };
+    let with_cert = |path: &str, method: Method| {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::empty())
+            .unwrap();
+        req.extensions_mut().insert(cert.clone());
+        req
+    };
+    let (s, _, v) = server.send(with_cert("/v2", Method::GET)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, _, v) = server.send(with_cert("/metrics", Method::GET)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(
+        error_of(&v),
+        "tls:CN=pacs-gateway,O=Hospital does not hold the metrics role this endpoint needs"
+    );
+    let (s, _, v) = server
+        .send(with_cert(
+            &format!("/v2/repository/models/{MODEL}/unload"),
+            Method::POST,
+        ))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    // A key sent beside the certificate speaks for the caller.
+    let mut req = with_cert("/metrics", Method::GET);
+    req.headers_mut().insert(
+        header::AUTHORIZATION,
+        format!("Bearer {}", key(Role::Metrics)).parse().unwrap(),
+    );
+    let (s, _, v) = server.send(req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // Configured roles replace the default ones.
+    let mut auth = fixture_auth();
+    auth.client_certificate_roles = [Role::Metrics].into();
+    let server = Server::with_auth(auth);
+    let (s, _, _) = server.send(with_cert("/metrics", Method::GET)).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, _) = server.send(with_cert("/v2", Method::GET)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn anonymous_roles_open_what_the_file_says_once_credentials_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nightingale.toml");
+    let text = std::fs::read_to_string(fixtures().join("nightingale.toml")).unwrap();
+    std::fs::copy(fixtures().join("jwks.json"), dir.path().join("jwks.json")).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(
+            "[auth.jwt]",
+            "[auth]\nanonymous_roles = [\"metrics\"]\n\n[auth.jwt]",
+        ),
+    )
+    .unwrap();
+    let auth = ServeArgs {
+        config: Some(config),
+        ..ServeArgs::default()
+    }
+    .resolve()
+    .unwrap()
+    .auth;
+    let server = Server::with_auth(auth);
+    let (s, _, v) = server.send(get("/metrics", None)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, _, v) = server.send(get("/v2", None)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    // An identified caller holds what is open to everyone, besides its own roles.
+    let (s, _, v) = server.send(get("/metrics", Some(&key(Role::Infer)))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, _, v) = server.send(get("/v2", Some(&key(Role::Pacs)))).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+}
+
+#[tokio::test]
+async fn bad_credentials_are_refused_with_a_helpful_reason() {
+    let server = Server::with_auth(fixture_auth());
+    let req = Request::get("/v2")
+        .header(header::AUTHORIZATION, "Basic dXNlcjpwYXNz")
+        .body(Body::empty())
+        .unwrap();
+    let (s, _, v) = server.send(req).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        error_of(&v),
+        "the Authorization header must be \"Bearer <API key or token>\""
+    );
+    let (s, _, v) = server
+        .send(get("/v2", Some("test-infer-key-but-wrong")))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_of(&v), "invalid API key or token");
+    // A JWT where none is configured says so.
+    let keys_only = Server::with_auth(AuthConfig {
+        jwt: None,
+        ..fixture_auth()
+    });
+    let (s, _, v) = keys_only
+        .send(get("/v2", Some(&token("rs256_infer"))))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(error_of(&v).contains("[auth.jwt] is not configured"), "{v}");
+    // Routing answers stay as they were: unknown path 404, wrong method 405, unknown model
+    // 404 (with the right role).
+    let (s, _, _) = server.send(get("/v2/nothing/here", None)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _, v) = server
+        .send(get(&format!("/v2/models/{MODEL}/infer"), None))
+        .await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED, "{v}");
+    let (s, _, v) = server
+        .send(get("/v2/models/nope", Some(&key(Role::Infer))))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+}
+
+/// docs/security.md shows the role table: every row, with its role, is there.
+#[test]
+fn the_documented_role_table_matches_the_code() {
+    let doc =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/security.md"))
+            .unwrap();
+    for rule in ROUTES {
+        let access = match rule.access {
+            Access::Public => "public".to_owned(),
+            Access::Role(r) => format!("`{r}`"),
+        };
+        let row = format!("| `{} {}` | {access} |", rule.method, rule.path);
+        assert!(doc.contains(&row), "docs/security.md lacks the row {row}");
+    }
+}
