@@ -544,4 +544,50 @@ mod tests {
             .is_err()
         );
     }
+
+    #[test]
+    fn auth_from_the_file_and_the_non_loopback_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(&path, "http_addr = \"0.0.0.0:8000\"\n").unwrap();
+        let args = || ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        };
+        let err = args().resolve().unwrap_err();
+        assert!(matches!(err, ConfigError::Auth(_)), "{err}");
+        assert!(err.to_string().contains("--insecure"), "{err}");
+        // The flag (or NIGHTINGALE_INSECURE) or the file key accepts the risk.
+        let c = ServeArgs {
+            insecure: Some(true),
+            ..args()
+        }
+        .resolve()
+        .unwrap();
+        assert!(c.insecure);
+        std::fs::write(&path, "http_addr = \"0.0.0.0:8000\"\ninsecure = true\n").unwrap();
+        assert!(args().resolve().unwrap().insecure);
+        // A key for a role other than admin is access control: no flag needed. Relative
+        // paths (the JWKS file) are read from the config file's folder.
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/auth/jwks.json"),
+            dir.path().join("keys.json"),
+        )
+        .unwrap();
+        std::fs::write(
+            &path,
+            format!(
+                "http_addr = \"0.0.0.0:8000\"\n[[auth.api_keys]]\nname = \"ci\"\nrole = \"infer\"\nsha256 = \"{}\"\n[auth.jwt]\nissuer = \"i\"\naudience = [\"a\", \"b\"]\njwks_file = \"keys.json\"\n",
+                "0".repeat(64)
+            ),
+        )
+        .unwrap();
+        let c = args().resolve().unwrap();
+        assert!(!c.insecure);
+        assert_eq!(c.auth.api_keys.len(), 1);
+        let jwt = c.auth.jwt.as_ref().unwrap();
+        assert_eq!(jwt.audience, ["a", "b"]);
+        assert_eq!(jwt.key_ids(), ["rsa-1", "ec-1", "ed-1"]);
+        assert!(!format!("{c:?}").contains(&"0".repeat(64)));
+    }
 }
