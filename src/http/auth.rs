@@ -738,7 +738,15 @@ pub struct Authenticator {
     anonymous: Roles,
     /// Roles some credential (or anonymity) can grant; the others are disabled.
     grantable: Roles,
+    /// Tokens already verified: SHA-256 of the token → its caller and `exp`. A token's bytes
+    /// fix its signature and claims and the JWKS does not change while serving, so only the
+    /// clock can change the answer: an entry serves until `exp` (plus leeway), then the token
+    /// is verified again (and refused as expired). Saves a signature check per request.
+    jwt_cache: std::sync::Mutex<std::collections::HashMap<[u8; 32], (Caller, u64)>>,
 }
+
+/// Most verified tokens remembered (the cache is emptied when full).
+const JWT_CACHE_ENTRIES: usize = 4096;
 
 struct KeyEntry {
     id: String,
@@ -827,7 +835,31 @@ impl Authenticator {
             client_certificate_roles: config.client_certificate_roles,
             anonymous,
             grantable,
+            jwt_cache: Default::default(),
         }
+    }
+
+    fn verify_jwt_cached(&self, jwt: &JwtConfig, token: &str) -> Result<Caller, JwtError> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = jsonwebtoken::get_current_timestamp();
+        let mut cache = self.jwt_cache.lock().unwrap_or_else(|e| e.into_inner());
+        match cache.get(&digest) {
+            Some((caller, exp)) if now <= exp.saturating_add(jwt.leeway_secs) => {
+                return Ok(caller.clone());
+            }
+            Some(_) => {
+                cache.remove(&digest);
+            }
+            None => {}
+        }
+        drop(cache);
+        let (caller, exp) = verify_jwt(jwt, token)?;
+        let mut cache = self.jwt_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= JWT_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(digest, (caller.clone(), exp));
+        Ok(caller)
     }
 
     /// Roles of callers without credentials.
@@ -862,7 +894,7 @@ impl Authenticator {
             if looks_like_jwt(secret) {
                 return match &self.jwt {
                     Some(jwt) => {
-                        let mut caller = verify_jwt(jwt, secret)?;
+                        let mut caller = self.verify_jwt_cached(jwt, secret)?;
                         caller.roles = caller.roles.union(self.anonymous);
                         Ok(caller)
                     }
@@ -925,7 +957,8 @@ struct RawHeader {
     crit: Option<serde_json::Value>,
 }
 
-fn verify_jwt(jwt: &JwtConfig, token: &str) -> Result<Caller, JwtError> {
+/// Verifies a token; returns its caller and its `exp`.
+fn verify_jwt(jwt: &JwtConfig, token: &str) -> Result<(Caller, u64), JwtError> {
     let header = token.split('.').next().ok_or(JwtError::Malformed)?;
     let header: RawHeader = URL_SAFE_NO_PAD
         .decode(header)
@@ -998,6 +1031,13 @@ fn verify_jwt(jwt: &JwtConfig, token: &str) -> Result<Caller, JwtError> {
         .ok_or_else(|| JwtError::ClaimType {
             claim: "sub".into(),
         })?;
+    // Checked present and numeric by the validation above.
+    let exp = claims
+        .get("exp")
+        .and_then(|v| v.as_u64().or_else(|| v.as_f64().map(|f| f as u64)))
+        .ok_or_else(|| JwtError::ClaimType {
+            claim: "exp".into(),
+        })?;
     let mut value = Some(&claims);
     for part in jwt.roles_claim.split('.') {
         value = value.and_then(|v| v.get(part));
@@ -1013,10 +1053,13 @@ fn verify_jwt(jwt: &JwtConfig, token: &str) -> Result<Caller, JwtError> {
         }
         _ => Roles::NONE,
     };
-    Ok(Caller {
-        id: format!("jwt:{}#{}", printable(&jwt.issuer), printable(sub)),
-        roles,
-    })
+    Ok((
+        Caller {
+            id: format!("jwt:{}#{}", printable(&jwt.issuer), printable(sub)),
+            roles,
+        },
+        exp,
+    ))
 }
 
 /// Text from a client, made safe for a log line or an actor field: printable characters,
