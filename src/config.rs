@@ -86,8 +86,8 @@ pub struct ServeArgs {
     /// Serve on an address other than loopback even though no credential is configured
     /// (anyone who can reach the port gets the anonymous roles: infer, metrics, pacs).
     /// Without it such a start is refused. API keys and JWT: [auth] in nightingale.toml.
-    #[arg(long, env = "NIGHTINGALE_INSECURE", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
-    pub insecure: Option<bool>,
+    #[arg(long, env = "NIGHTINGALE_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub insecure: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -385,7 +385,7 @@ impl ServeArgs {
             None => PathBuf::new(),
         };
         let auth = file.auth.unwrap_or_default().resolve(&config_dir)?;
-        let insecure = self.insecure.or(file.insecure).unwrap_or(false);
+        let insecure = self.insecure || file.insecure.unwrap_or(false);
         let http_addr = self
             .http_addr
             .or(file.http_addr)
@@ -559,7 +559,7 @@ mod tests {
         assert!(err.to_string().contains("--insecure"), "{err}");
         // The flag (or NIGHTINGALE_INSECURE) or the file key accepts the risk.
         let c = ServeArgs {
-            insecure: Some(true),
+            insecure: true,
             ..args()
         }
         .resolve()
