@@ -1360,6 +1360,55 @@ mod tests {
     }
 
     #[test]
+    fn a_remembered_token_serves_until_its_exp_and_is_verified_again_after() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/auth");
+        let tokens: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixtures.join("tokens.json")).unwrap()).unwrap();
+        let jwt = Arc::new(
+            JwtConfig::new(
+                "https://idp.test.invalid/realms/nightingale".into(),
+                vec!["nightingale".into()],
+                fixtures.join("jwks.json"),
+                "roles".into(),
+                30,
+            )
+            .unwrap(),
+        );
+        let auth = Authenticator::new(
+            &AuthConfig {
+                jwt: Some(jwt.clone()),
+                ..AuthConfig::default()
+            },
+            None,
+        );
+        let good = tokens["rs256_infer"]["token"].as_str().unwrap();
+        let caller = auth.verify_jwt_cached(&jwt, good).unwrap();
+        assert_eq!(caller.roles, [Role::Infer].into());
+        let digest: [u8; 32] = Sha256::digest(good.as_bytes()).into();
+        // Remembered with the token's own exp (2100-01-01, from make_fixtures.py).
+        assert_eq!(auth.jwt_cache.lock().unwrap()[&digest].1, 4102444800);
+        assert_eq!(auth.verify_jwt_cached(&jwt, good).unwrap(), caller);
+        // An entry past its exp is never served: the token is verified again and refused.
+        let expired = tokens["expired"]["token"].as_str().unwrap();
+        let digest: [u8; 32] = Sha256::digest(expired.as_bytes()).into();
+        auth.jwt_cache.lock().unwrap().insert(
+            digest,
+            (
+                Caller {
+                    id: "jwt:stale".into(),
+                    roles: [Role::Admin].into(),
+                },
+                1,
+            ),
+        );
+        assert!(matches!(
+            auth.verify_jwt_cached(&jwt, expired),
+            Err(JwtError::Expired)
+        ));
+        assert!(!auth.jwt_cache.lock().unwrap().contains_key(&digest));
+    }
+
+    #[test]
     fn credentials_are_read_from_bearer_or_x_api_key() {
         let mut h = HeaderMap::new();
         assert!(presented(&h).unwrap().is_none());
