@@ -83,6 +83,24 @@ pub struct ServeArgs {
     /// Log format. [default: text]
     #[arg(long, env = "NIGHTINGALE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// A minisign public key file trusted to sign bundles (repeatable; the environment
+    /// variable takes a comma-separated list). Bundles signed by a trusted key are verified
+    /// at every load; a signature that does not verify is refused.
+    #[arg(
+        long = "trusted-key",
+        env = "NIGHTINGALE_TRUSTED_KEYS",
+        value_delimiter = ','
+    )]
+    pub trusted_keys: Vec<PathBuf>,
+    /// Serve only bundles signed by a trusted key (unsigned or otherwise signed ones are
+    /// refused, with the reason in the repository index). [default: false]
+    #[arg(
+        long,
+        env = "NIGHTINGALE_REQUIRE_SIGNATURES",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub require_signatures: Option<bool>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -140,6 +158,8 @@ struct FileConfig {
     audit_postgres_url: Option<String>,
     audit_fsync: Option<bool>,
     log_format: Option<LogFormat>,
+    trusted_keys: Option<Vec<PathBuf>>,
+    require_signatures: Option<bool>,
 }
 
 /// The resolved server configuration.
@@ -159,6 +179,8 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub audit: AuditConfig,
     pub log_format: LogFormat,
+    /// Trusted signing keys (loaded) and whether signatures are required.
+    pub signatures: nightingale_models::SignaturePolicy,
 }
 
 /// Where the audit trail goes.
@@ -224,6 +246,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("data_dir", &self.data_dir)
             .field("audit", &self.audit)
             .field("log_format", &self.log_format)
+            .field("signatures", &self.signatures)
             .finish()
     }
 }
@@ -363,6 +386,23 @@ impl ServeArgs {
                 "admin_token must be at least 16 characters".into(),
             ));
         }
+        let trusted_keys = if !self.trusted_keys.is_empty() {
+            self.trusted_keys
+        } else {
+            file.trusted_keys.clone().unwrap_or_default()
+        };
+        let require_signatures = self
+            .require_signatures
+            .or(file.require_signatures)
+            .unwrap_or(false);
+        if require_signatures && trusted_keys.is_empty() {
+            return Err(ConfigError::Invalid(
+                "require_signatures needs at least one trusted key (--trusted-key FILE)".into(),
+            ));
+        }
+        let signatures =
+            nightingale_models::SignaturePolicy::load(&trusted_keys, require_signatures)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(ServeConfig {
             repository: self
                 .repository
@@ -384,6 +424,7 @@ impl ServeArgs {
             data_dir,
             audit,
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+            signatures,
         })
     }
 }

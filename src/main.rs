@@ -56,13 +56,53 @@ enum ModelsCommand {
         /// Model repository folder.
         #[arg(long, env = "NIGHTINGALE_REPOSITORY", default_value = "models/bundles")]
         repository: PathBuf,
+        #[command(flatten)]
+        trust: TrustArgs,
     },
-    /// Validate bundles: manifest, checksums of every file, and that each version loads and
-    /// runs. PATH is a bundle folder or a repository of them. Exit code 1 if any fails.
+    /// Validate bundles: manifest, signature, checksums of every file, and that each version
+    /// loads and passes its self-test. PATH is a bundle folder or a repository of them. Exit
+    /// code 1 if any fails. A signature by a trusted key that does not verify always fails.
     Check {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        #[command(flatten)]
+        trust: TrustArgs,
     },
+    /// Sign bundles: check every version folder against the manifest's checksums, then write
+    /// `bundle.toml.minisig` (minisign format, Ed25519) over bundle.toml. PATH is a bundle
+    /// folder or a repository of them. The same key and manifest always give the same bytes.
+    Sign {
+        /// minisign secret key file (`minisign -G`, `rsign generate`). An encrypted key's
+        /// password is read from NIGHTINGALE_SIGNING_PASSWORD, or asked on a terminal.
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+/// Which signing keys `models check`/`models list` trust.
+#[derive(clap::Args, Debug)]
+struct TrustArgs {
+    /// A minisign public key file trusted to sign bundles (repeatable).
+    #[arg(
+        long = "trusted-key",
+        env = "NIGHTINGALE_TRUSTED_KEYS",
+        value_delimiter = ','
+    )]
+    trusted_keys: Vec<PathBuf>,
+    /// Fail bundles that are unsigned or signed by an untrusted key.
+    #[arg(long, env = "NIGHTINGALE_REQUIRE_SIGNATURES", num_args = 0..=1, default_missing_value = "true")]
+    require_signatures: Option<bool>,
+}
+
+impl TrustArgs {
+    fn policy(&self) -> anyhow::Result<nightingale_models::SignaturePolicy> {
+        Ok(nightingale_models::SignaturePolicy::load(
+            &self.trusted_keys,
+            self.require_signatures.unwrap_or(false),
+        )?)
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -119,9 +159,16 @@ fn main() -> anyhow::Result<()> {
         Command::Models { command } => {
             init_tracing(LogFormat::Text);
             match command {
-                ModelsCommand::List { repository } => list(&repository),
-                ModelsCommand::Check { paths } => {
-                    if check(&paths)? {
+                ModelsCommand::List { repository, trust } => list(&repository, &trust.policy()?),
+                ModelsCommand::Check { paths, trust } => {
+                    if check(&paths, &trust.policy()?)? {
+                        Ok(())
+                    } else {
+                        std::process::exit(1)
+                    }
+                }
+                ModelsCommand::Sign { key, paths } => {
+                    if sign(&key, &paths)? {
                         Ok(())
                     } else {
                         std::process::exit(1)
@@ -179,6 +226,7 @@ async fn serve(config: ServeConfig, audit: AuditLog) -> anyhow::Result<()> {
             intra_op_threads: config.intra_op_threads,
             execution_provider: config.execution_provider,
             ort_library: config.ort_library.clone(),
+            signatures: config.signatures.clone(),
         },
     ));
     tracing::info!(store = %audit.location(), "audit trail open");
@@ -243,55 +291,114 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: finishing in-flight requests");
 }
 
-fn list(root: &std::path::Path) -> anyhow::Result<()> {
+fn list(
+    root: &std::path::Path,
+    policy: &nightingale_models::SignaturePolicy,
+) -> anyhow::Result<()> {
     let repository = Repository::new(root, RepositoryOptions::default());
     let names = repository.scan()?;
     if names.is_empty() {
         println!("no bundles under {}", root.display());
     }
+    println!("MODEL\tVERSION\tSTATE\tSIGNATURE\tSELF-TEST\tDESCRIPTION");
     for name in names {
-        match Bundle::open(&root.join(&name)) {
-            Ok(bundle) => {
-                let versions = bundle
-                    .versions_on_disk()
-                    .map(|v| format!("{v:?}"))
-                    .unwrap_or_else(|e| format!("error: {e}"));
-                println!(
-                    "{name}\t{:?}\tversions {versions}\t{}",
-                    bundle.manifest.task, bundle.manifest.description
-                );
+        let bundle = match Bundle::open_with(&root.join(&name), policy) {
+            Ok(bundle) => bundle,
+            Err(e) => {
+                println!("{name}\t-\tREFUSED\t-\t-\t{e}");
+                continue;
             }
-            Err(e) => println!("{name}\tINVALID\t{e}"),
+        };
+        let signature = signature_column(&bundle.signature);
+        let selftest = match &bundle.manifest.selftest {
+            Some(_) => "declared (models check runs it)",
+            None => "none",
+        };
+        match bundle.versions_on_disk() {
+            Ok(versions) if !versions.is_empty() => {
+                for v in versions {
+                    let state = match bundle.verify(v) {
+                        Ok(()) => "VERIFIED".to_owned(),
+                        Err(e) => format!("REFUSED: {e}"),
+                    };
+                    println!(
+                        "{name}\t{v}\t{state}\t{signature}\t{selftest}\t{}",
+                        bundle.manifest.description
+                    );
+                }
+            }
+            Ok(_) => println!("{name}\t-\tNO VERSIONS\t{signature}\t-\t-"),
+            Err(e) => println!("{name}\t-\tREFUSED\t{signature}\t-\t{e}"),
         }
     }
     Ok(())
 }
 
-/// Checks each bundle; prints one line per version. Returns whether all passed.
-fn check(paths: &[PathBuf]) -> anyhow::Result<bool> {
+fn signature_column(status: &nightingale_models::SignatureStatus) -> String {
+    use nightingale_models::SignatureStatus;
+    match status {
+        SignatureStatus::Unsigned => "unsigned".into(),
+        SignatureStatus::Verified { key_id, .. } => format!("verified {key_id}"),
+        SignatureStatus::UntrustedKey { key_id } => format!("untrusted {key_id}"),
+    }
+}
+
+/// The bundle folders a path names: itself, or the bundles of a repository.
+fn bundle_dirs(path: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
+    if path.join(nightingale_models::MANIFEST_FILE).is_file() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let repository = Repository::new(path, RepositoryOptions::default());
+    Ok(repository
+        .scan()?
+        .into_iter()
+        .map(|n| path.join(n))
+        .collect())
+}
+
+/// Signs each bundle. Returns whether all were signed.
+fn sign(key: &std::path::Path, paths: &[PathBuf]) -> anyhow::Result<bool> {
+    let password = std::env::var("NIGHTINGALE_SIGNING_PASSWORD").ok();
+    let key = nightingale_models::SigningKey::from_file(key, password)?;
     let mut all_ok = true;
     for path in paths {
-        let bundles: Vec<PathBuf> = if path.join(nightingale_models::MANIFEST_FILE).is_file() {
-            vec![path.clone()]
-        } else {
-            let repository = Repository::new(path, RepositoryOptions::default());
-            repository
-                .scan()?
-                .into_iter()
-                .map(|n| path.join(n))
-                .collect()
-        };
+        let bundles = bundle_dirs(path)?;
         if bundles.is_empty() {
             println!("FAIL {}: no bundle.toml found", path.display());
             all_ok = false;
         }
         for dir in bundles {
-            let result = Bundle::open(&dir).and_then(|bundle| {
+            match Bundle::open(&dir).and_then(|b| b.sign(&key)) {
+                Ok(written) => println!("ok   {}: signed by key {}", written.display(), key.id()),
+                Err(e) => {
+                    all_ok = false;
+                    println!("FAIL {}: {e}", dir.display());
+                }
+            }
+        }
+    }
+    Ok(all_ok)
+}
+
+/// Checks each bundle; prints one line per version. Returns whether all passed.
+fn check(paths: &[PathBuf], policy: &nightingale_models::SignaturePolicy) -> anyhow::Result<bool> {
+    let mut all_ok = true;
+    for path in paths {
+        let bundles = bundle_dirs(path)?;
+        if bundles.is_empty() {
+            println!("FAIL {}: no bundle.toml found", path.display());
+            all_ok = false;
+        }
+        for dir in bundles {
+            let result = Bundle::open_with(&dir, policy).and_then(|bundle| {
+                let mut lines = vec![format!(
+                    "ok   {}: {}",
+                    bundle.manifest.name, bundle.signature
+                )];
                 let versions = bundle.versions_on_disk()?;
                 if versions.is_empty() {
                     return Err(nightingale_models::BundleError::NoVersions { path: dir.clone() });
                 }
-                let mut lines = vec![];
                 for v in versions {
                     let loaded = bundle.load_version(v, &RepositoryOptions::default())?;
                     let meta = loaded.worker.metadata();

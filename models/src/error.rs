@@ -66,6 +66,24 @@ pub enum BundleError {
         #[source]
         source: Box<SelfTestError>,
     },
+    #[error(
+        "{path}: refused, the bundle is not signed and signatures are required (sign it with `nightingale models sign --key`)"
+    )]
+    SignatureMissing { path: PathBuf },
+    #[error("{path}: refused, not a minisign signature: {reason}")]
+    SignatureMalformed { path: PathBuf, reason: String },
+    #[error(
+        "{path}: refused, signed by key {key_id}, which is not a trusted key (add its public key with --trusted-key)"
+    )]
+    SignatureUntrusted { path: PathBuf, key_id: String },
+    #[error(
+        "{path}: refused, the signature by key {key_id} does not verify (bundle.toml changed after it was signed, or the signature is corrupt): {reason}"
+    )]
+    SignatureInvalid {
+        path: PathBuf,
+        key_id: String,
+        reason: String,
+    },
 }
 
 /// An error and its sources, joined with `: ` (the reason a failed load reports).
@@ -98,7 +116,11 @@ impl BundleError {
             | BundleError::NoVersions { path }
             | BundleError::Inference { path, .. }
             | BundleError::Panicked { path, .. }
-            | BundleError::SelfTest { path, .. } => path,
+            | BundleError::SelfTest { path, .. }
+            | BundleError::SignatureMissing { path }
+            | BundleError::SignatureMalformed { path, .. }
+            | BundleError::SignatureUntrusted { path, .. }
+            | BundleError::SignatureInvalid { path, .. } => path,
         }
     }
 
@@ -125,7 +147,11 @@ impl BundleError {
                 | BundleError::NoVersions { path }
                 | BundleError::Inference { path, .. }
                 | BundleError::Panicked { path, .. }
-                | BundleError::SelfTest { path, .. } => *path = relative,
+                | BundleError::SelfTest { path, .. }
+                | BundleError::SignatureMissing { path }
+                | BundleError::SignatureMalformed { path, .. }
+                | BundleError::SignatureUntrusted { path, .. }
+                | BundleError::SignatureInvalid { path, .. } => *path = relative,
             }
         }
         self

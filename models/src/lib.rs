@@ -6,6 +6,7 @@
 //!   wdbc-malignancy/
 //!     bundle.toml        name, task, inputs/outputs, thresholds, intended use, provenance,
 //!                        batching, version policy, and the SHA-256 of every version file
+//!     bundle.toml.minisig  minisign (Ed25519) signature over bundle.toml's bytes
 //!     MODEL_CARD.md
 //!     1/model.onnx
 //!     2/model.onnx
@@ -17,6 +18,7 @@ pub mod manifest;
 pub mod preprocess;
 mod repository;
 pub mod selftest;
+pub mod signature;
 
 pub use checksum::{read_verified, sha256_file, verify_folder};
 pub use error::{BundleError, RepositoryError};
@@ -27,3 +29,4 @@ pub use repository::{
     RepositoryOptions,
 };
 pub use selftest::{SelfTestError, SelfTestReport};
+pub use signature::{SignaturePolicy, SignatureStatus, SigningKey, TrustedKey};

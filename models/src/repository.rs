@@ -18,6 +18,7 @@ use crate::checksum::{read_verified, verify_folder};
 use crate::error::{BundleError, RepositoryError};
 use crate::manifest::{BackendPreference, Manifest, SelfTestSpec, parse_version, valid_name};
 use crate::selftest::{self, SelfTestError, SelfTestReport};
+use crate::signature::{self, SignaturePolicy, SignatureStatus, SigningKey};
 
 /// The manifest file of a bundle.
 pub const MANIFEST_FILE: &str = "bundle.toml";
@@ -36,6 +37,8 @@ pub struct RepositoryOptions {
     pub execution_provider: ExecutionProvider,
     /// ONNX Runtime shared library (ort backend); `None`: ort's own lookup (`ORT_DYLIB_PATH`).
     pub ort_library: Option<PathBuf>,
+    /// Which bundle signatures are trusted, and whether one is required.
+    pub signatures: SignaturePolicy,
 }
 
 /// A bundle folder with its parsed manifest.
@@ -43,11 +46,22 @@ pub struct RepositoryOptions {
 pub struct Bundle {
     pub dir: PathBuf,
     pub manifest: Manifest,
+    /// What the manifest's signature established.
+    pub signature: SignatureStatus,
+    /// The manifest's exact text, as parsed (and as its signature covers).
+    text: Arc<str>,
 }
 
 impl Bundle {
-    /// Reads and checks `dir/bundle.toml`.
+    /// Reads and checks `dir/bundle.toml`, trusting no signing key and requiring none (a
+    /// signature is reported, not checked). See [`Bundle::open_with`].
     pub fn open(dir: &Path) -> Result<Bundle, BundleError> {
+        Bundle::open_with(dir, &SignaturePolicy::default())
+    }
+
+    /// Reads and checks `dir/bundle.toml` and its signature under `policy`: the signature is
+    /// checked against the very bytes parsed.
+    pub fn open_with(dir: &Path, policy: &SignaturePolicy) -> Result<Bundle, BundleError> {
         let path = dir.join(MANIFEST_FILE);
         let file = fs::File::open(&path).map_err(|e| BundleError::io(&path, e))?;
         let mut text = String::new();
@@ -75,10 +89,36 @@ impl Bundle {
                 folder,
             });
         }
+        let signature = signature::check_manifest(dir, text.as_bytes(), policy)?;
         Ok(Bundle {
             dir: dir.to_owned(),
             manifest,
+            signature,
+            text: text.into(),
         })
+    }
+
+    /// Signs the manifest with `key` after checking every version folder on disk against its
+    /// checksums (a signature vouches for what is there), writing `bundle.toml.minisig`
+    /// atomically. The signature then verifies with the key's public half (checked).
+    pub fn sign(&self, key: &SigningKey) -> Result<PathBuf, BundleError> {
+        for version in self.versions_on_disk()? {
+            self.verify(version)?;
+        }
+        let text = key.sign(
+            self.text.as_bytes(),
+            &signature::bundle_trusted_comment(&self.manifest.name),
+        );
+        let path = self.dir.join(signature::SIGNATURE_FILE);
+        let tmp = self.dir.join(format!(".{}.tmp", signature::SIGNATURE_FILE));
+        fs::write(&tmp, text.as_bytes()).map_err(|e| BundleError::io(&tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| BundleError::io(&path, e))?;
+        let policy = SignaturePolicy {
+            trusted: vec![key.trusted_key()],
+            require: true,
+        };
+        signature::check_manifest(&self.dir, self.text.as_bytes(), &policy)?;
+        Ok(path)
     }
 
     /// Version folders present on disk, ascending. A folder the manifest does not list is an error.
@@ -231,6 +271,8 @@ impl Bundle {
             manifest: Arc::new(self.manifest.clone()),
             model_sha256: entry.files[&entry.model_file].to_ascii_lowercase(),
             selftest: report,
+            signature: self.signature.clone(),
+            loaded_at: std::time::SystemTime::now(),
             worker,
         })
     }
@@ -365,6 +407,10 @@ pub struct LoadedModel {
     pub model_sha256: String,
     /// The load-time self-test's result (`None`: the bundle declares no `[selftest]`).
     pub selftest: Option<SelfTestReport>,
+    /// What the bundle's signature established when this version was loaded.
+    pub signature: SignatureStatus,
+    /// When this version started serving.
+    pub loaded_at: std::time::SystemTime,
     pub worker: ModelWorker,
 }
 
@@ -535,7 +581,7 @@ impl Repository {
     }
 
     fn load_versions(&self, dir: &Path) -> Result<BTreeMap<u64, Arc<LoadedModel>>, BundleError> {
-        let bundle = Bundle::open(dir)?;
+        let bundle = Bundle::open_with(dir, &self.options.signatures)?;
         let mut loaded = BTreeMap::new();
         for version in bundle.selected_versions()? {
             loaded.insert(
