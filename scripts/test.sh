@@ -24,6 +24,14 @@ PY
 )
 export ORT_DYLIB_PATH
 
+# minisign (Debian) for the signature interop tests (tests/peer/test_signatures.py).
+if ! command -v minisign >/dev/null 2>&1; then
+  echo "== installing minisign (Debian)"
+  apt-get install -y -qq minisign >/dev/null 2>&1 || {
+    apt-get update -qq && apt-get install -y -qq minisign >/dev/null
+  }
+fi
+
 # PostgreSQL for the scale-out audit store's tests (required, not skipped): Debian's
 # postgresql, a cluster started with pg_ctlcluster, a role and a database for the tests.
 # Set NIGHTINGALE_TEST_POSTGRES_URL yourself to use another server.

@@ -94,13 +94,8 @@ pub struct ServeArgs {
     pub trusted_keys: Vec<PathBuf>,
     /// Serve only bundles signed by a trusted key (unsigned or otherwise signed ones are
     /// refused, with the reason in the repository index). [default: false]
-    #[arg(
-        long,
-        env = "NIGHTINGALE_REQUIRE_SIGNATURES",
-        num_args = 0..=1,
-        default_missing_value = "true"
-    )]
-    pub require_signatures: Option<bool>,
+    #[arg(long, env = "NIGHTINGALE_REQUIRE_SIGNATURES")]
+    pub require_signatures: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -391,10 +386,7 @@ impl ServeArgs {
         } else {
             file.trusted_keys.clone().unwrap_or_default()
         };
-        let require_signatures = self
-            .require_signatures
-            .or(file.require_signatures)
-            .unwrap_or(false);
+        let require_signatures = self.require_signatures || file.require_signatures == Some(true);
         if require_signatures && trusted_keys.is_empty() {
             return Err(ConfigError::Invalid(
                 "require_signatures needs at least one trusted key (--trusted-key FILE)".into(),

@@ -92,15 +92,15 @@ struct TrustArgs {
     )]
     trusted_keys: Vec<PathBuf>,
     /// Fail bundles that are unsigned or signed by an untrusted key.
-    #[arg(long, env = "NIGHTINGALE_REQUIRE_SIGNATURES", num_args = 0..=1, default_missing_value = "true")]
-    require_signatures: Option<bool>,
+    #[arg(long, env = "NIGHTINGALE_REQUIRE_SIGNATURES")]
+    require_signatures: bool,
 }
 
 impl TrustArgs {
     fn policy(&self) -> anyhow::Result<nightingale_models::SignaturePolicy> {
         Ok(nightingale_models::SignaturePolicy::load(
             &self.trusted_keys,
-            self.require_signatures.unwrap_or(false),
+            self.require_signatures,
         )?)
     }
 }
