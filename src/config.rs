@@ -96,6 +96,11 @@ pub struct ServeArgs {
     /// refused, with the reason in the repository index). [default: false]
     #[arg(long, env = "NIGHTINGALE_REQUIRE_SIGNATURES")]
     pub require_signatures: bool,
+    /// Watch the repository every N seconds and reload bundles whose files changed (new
+    /// versions swap in once they verify and pass their self-test; a broken one leaves the
+    /// old serving); 0 turns the poller off. [default: 0]
+    #[arg(long, env = "NIGHTINGALE_REPOSITORY_POLL_SECS")]
+    pub repository_poll_secs: Option<f64>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -155,6 +160,7 @@ struct FileConfig {
     log_format: Option<LogFormat>,
     trusted_keys: Option<Vec<PathBuf>>,
     require_signatures: Option<bool>,
+    repository_poll_secs: Option<f64>,
 }
 
 /// The resolved server configuration.
@@ -176,6 +182,8 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
     /// Trusted signing keys (loaded) and whether signatures are required.
     pub signatures: nightingale_models::SignaturePolicy,
+    /// How often the repository poller looks for changes (`None`: it does not run).
+    pub repository_poll: Option<std::time::Duration>,
 }
 
 /// Where the audit trail goes.
@@ -242,6 +250,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("audit", &self.audit)
             .field("log_format", &self.log_format)
             .field("signatures", &self.signatures)
+            .field("repository_poll", &self.repository_poll)
             .finish()
     }
 }
@@ -395,6 +404,17 @@ impl ServeArgs {
         let signatures =
             nightingale_models::SignaturePolicy::load(&trusted_keys, require_signatures)
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let poll_secs = self
+            .repository_poll_secs
+            .or(file.repository_poll_secs)
+            .unwrap_or(0.0);
+        if !(0.0..=86_400.0).contains(&poll_secs) {
+            return Err(ConfigError::Invalid(
+                "repository_poll_secs must be between 0 (off) and 86400".into(),
+            ));
+        }
+        let repository_poll =
+            (poll_secs > 0.0).then(|| std::time::Duration::from_secs_f64(poll_secs.max(0.05)));
         Ok(ServeConfig {
             repository: self
                 .repository
@@ -417,6 +437,7 @@ impl ServeArgs {
             audit,
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             signatures,
+            repository_poll,
         })
     }
 }

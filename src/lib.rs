@@ -5,4 +5,5 @@
 
 pub mod audit;
 pub mod config;
+pub mod deploy;
 pub mod http;

@@ -247,18 +247,25 @@ async fn serve(config: ServeConfig, audit: AuditLog) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.http_addr))?;
     tracing::info!(addr = %listener.local_addr()?, "listening (KServe v2 HTTP)");
 
-    // Live at once; ready when the initial load is done (failed bundles are reported, not fatal).
+    // Live at once; ready when the initial load is done (failed bundles are reported, not
+    // fatal). The poller starts from what the initial load saw.
     let loader = {
         let state = state.clone();
-        tokio::task::spawn_blocking(move || {
-            match state.repository.load_all() {
-                Ok(results) => {
-                    let failed = results.iter().filter(|(_, r)| r.is_err()).count();
-                    tracing::info!(models = results.len(), failed, "initial load finished");
-                }
-                Err(e) => tracing::error!(error = %e, "cannot scan the model repository"),
-            }
+        let poll = config.repository_poll;
+        tokio::spawn(async move {
+            let repository = state.repository.clone();
+            let seen = tokio::task::spawn_blocking(move || repository.fingerprints())
+                .await
+                .unwrap_or_default();
+            nightingale::deploy::load_all(&state).await;
             state.set_ready(true);
+            if let Some(interval) = poll {
+                tracing::info!(
+                    interval_ms = interval.as_millis() as u64,
+                    "watching the model repository"
+                );
+                nightingale::deploy::poll(state, interval, seen).await;
+            }
         })
     };
     axum::serve(listener, http::app(state))

@@ -46,6 +46,8 @@ pub enum BundleError {
     UnlistedVersion { path: PathBuf, version: String },
     #[error("{path}: no version selected by the version policy is present")]
     NoVersions { path: PathBuf },
+    #[error("{path}: no such version folder")]
+    MissingVersion { path: PathBuf },
     #[error("{path}: {}", chain(source))]
     Inference {
         path: PathBuf,
@@ -114,6 +116,7 @@ impl BundleError {
             | BundleError::MissingFile { path }
             | BundleError::UnlistedVersion { path, .. }
             | BundleError::NoVersions { path }
+            | BundleError::MissingVersion { path }
             | BundleError::Inference { path, .. }
             | BundleError::Panicked { path, .. }
             | BundleError::SelfTest { path, .. }
@@ -145,6 +148,7 @@ impl BundleError {
                 | BundleError::MissingFile { path }
                 | BundleError::UnlistedVersion { path, .. }
                 | BundleError::NoVersions { path }
+                | BundleError::MissingVersion { path }
                 | BundleError::Inference { path, .. }
                 | BundleError::Panicked { path, .. }
                 | BundleError::SelfTest { path, .. }

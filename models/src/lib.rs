@@ -25,8 +25,8 @@ pub use error::{BundleError, RepositoryError};
 pub use manifest::{Manifest, SelfTestSpec, TaskKind, Tolerance};
 pub use preprocess::{Image, PreprocessError, Preprocessing};
 pub use repository::{
-    Bundle, IndexEntry, LoadOutcome, LoadedModel, MANIFEST_FILE, ModelState, Repository,
-    RepositoryOptions,
+    Bundle, IndexEntry, LoadOutcome, LoadTarget, LoadedModel, MANIFEST_FILE, ModelState,
+    Repository, RepositoryOptions,
 };
 pub use selftest::{SelfTestError, SelfTestReport};
 pub use signature::{SignaturePolicy, SignatureStatus, SigningKey, TrustedKey};
