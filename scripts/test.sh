@@ -64,7 +64,7 @@ echo "== Rust tests (default features: tract)"
 cargo test --workspace --locked
 
 echo "== models check on the shipped bundles and the benchmark model"
-cargo run --quiet --locked -- models check models/bundles models/bench
+cargo run --quiet --locked -- models check --require-signatures --trusted-key keys/demo/nightingale-demo.pub models/bundles models/bench
 
 echo "== Real peer: tritonclient against the server (tract)"
 NIGHTINGALE_BIN=target/debug/nightingale NIGHTINGALE_BACKEND=tract \
