@@ -589,7 +589,24 @@ impl Repository {
         }
         let _guard = self.loading.lock().unwrap_or_else(|p| p.into_inner());
         let started = self.unloads.load(Ordering::SeqCst);
-        let result = self.load_versions(&dir, target);
+        // The engine steps are guarded already; this catches a panic anywhere else in the
+        // load, so that it fails this model only.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.load_versions(&dir, target)
+        }))
+        .unwrap_or_else(|payload| {
+            let message = panic_message(payload.as_ref());
+            tracing::error!(model = name, %message, "loading the model panicked");
+            Err((
+                None,
+                BundleError::Panicked {
+                    path: dir.clone(),
+                    engine: "none",
+                    stage: "loading the bundle",
+                    message,
+                },
+            ))
+        });
         let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
         let entry = models.entry(name.to_owned()).or_default();
         if entry.unloaded_at > started {
