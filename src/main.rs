@@ -79,6 +79,9 @@ enum ModelsCommand {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Scaffold a bundle around an ONNX file: inputs and outputs as the engine runs them,
+    /// version 1 with checksums, a self-test from sample rows, and TODO fields to fill in.
+    Init(Box<InitArgs>),
 }
 
 /// Which signing keys `models check`/`models list` trust.
@@ -103,6 +106,30 @@ impl TrustArgs {
             self.require_signatures,
         )?)
     }
+}
+
+#[derive(clap::Args, Debug)]
+struct InitArgs {
+    /// The ONNX model file (copied into <repository>/<name>/1/model.onnx).
+    model: PathBuf,
+    /// The bundle's name (its folder): 1-128 of A-Z a-z 0-9 . _ -
+    #[arg(long)]
+    name: String,
+    /// Model repository folder (created when missing).
+    #[arg(long, env = "NIGHTINGALE_REPOSITORY", default_value = "models/bundles")]
+    repository: PathBuf,
+    /// Sample rows (CSV, a header naming the features) for the self-test of a tabular model.
+    #[arg(long)]
+    sample: Option<PathBuf>,
+    /// The bundle's task (tabular-risk, image-classification, regression, ...).
+    #[arg(long, default_value = "other", value_parser = parse_task)]
+    task: nightingale_models::TaskKind,
+    /// The engine that loads the model and computes the self-test's outputs.
+    #[arg(long, env = "NIGHTINGALE_BACKEND", value_enum, default_value = "tract")]
+    backend: nightingale::config::BackendArg,
+    /// ONNX Runtime shared library for --backend ort (default: ORT_DYLIB_PATH).
+    #[arg(long, env = "NIGHTINGALE_ORT_LIBRARY")]
+    ort_library: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -174,6 +201,7 @@ fn main() -> anyhow::Result<()> {
                         std::process::exit(1)
                     }
                 }
+                ModelsCommand::Init(args) => init_bundle(*args),
             }
         }
     }
@@ -420,6 +448,7 @@ fn check(paths: &[PathBuf], policy: &nightingale_models::SignaturePolicy) -> any
                         meta.outputs.len()
                     ));
                 }
+                lines.extend(todo_warnings(&bundle.manifest));
                 Ok(lines)
             });
             match result {
@@ -432,4 +461,105 @@ fn check(paths: &[PathBuf], policy: &nightingale_models::SignaturePolicy) -> any
         }
     }
     Ok(all_ok)
+}
+
+/// `models check`'s warning per documentation field still holding a `TODO` placeholder.
+fn todo_warnings(manifest: &nightingale_models::Manifest) -> Vec<String> {
+    manifest
+        .unfilled_fields()
+        .into_iter()
+        .map(|f| {
+            format!(
+                "warn {}: {f} is still a TODO placeholder: fill it in",
+                manifest.name
+            )
+        })
+        .collect()
+}
+
+fn parse_task(s: &str) -> Result<nightingale_models::TaskKind, String> {
+    use serde::Deserialize;
+    use serde::de::IntoDeserializer;
+    nightingale_models::TaskKind::deserialize(s.into_deserializer())
+        .map_err(|e: serde::de::value::Error| e.to_string())
+}
+
+/// `nightingale models init`: scaffolds the bundle, then prints what it wrote and what to do.
+fn init_bundle(args: InitArgs) -> anyhow::Result<()> {
+    use nightingale::config::BackendArg;
+    use nightingale_inference::BackendKind;
+    let backend = match args.backend {
+        BackendArg::Tract => BackendKind::Tract,
+        BackendArg::Ort => BackendKind::Ort,
+    };
+    if !backend.is_compiled() {
+        anyhow::bail!(
+            "backend {backend} is not compiled into this build (rebuild with --features {backend})"
+        );
+    }
+    let options = nightingale_models::InitOptions {
+        name: args.name,
+        repository: args.repository,
+        sample: args.sample,
+        task: args.task,
+        load: RepositoryOptions {
+            backend,
+            ort_library: args.ort_library,
+            ..RepositoryOptions::default()
+        },
+    };
+    let report = match nightingale_models::init(&args.model, &options) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1)
+        }
+    };
+    for d in &report.disagreements {
+        eprintln!("warning: {d}");
+    }
+    for note in &report.notes {
+        eprintln!("note: {note}");
+    }
+    println!(
+        "wrote {} (version 1, loaded on {}; model from {})",
+        report.bundle_dir.display(),
+        report.engine,
+        if report.producer.is_empty() {
+            "an unnamed producer"
+        } else {
+            &report.producer
+        }
+    );
+    for (kind, specs) in [
+        ("input ", &report.metadata.inputs),
+        ("output", &report.metadata.outputs),
+    ] {
+        for s in specs {
+            println!("  {kind} {:?} {} {:?}", s.name, s.datatype, s.shape);
+        }
+    }
+    match &report.selftest {
+        Some(st) => {
+            println!("  {st}");
+            println!(
+                "hint: the self-test's reference outputs come from {} itself; for an independent \
+                 reference run: models/train/selftest.py {} 1 --reuse-inputs --update-manifest \
+                 (onnxruntime)",
+                report.engine,
+                report.bundle_dir.display()
+            );
+        }
+        None => println!(
+            "  no self-test (give --sample rows.csv, or add one with models/train/selftest.py)"
+        ),
+    }
+    if !report.unfilled.is_empty() {
+        println!(
+            "todo: fill in {} in {}/bundle.toml; `nightingale models check` reports them until then",
+            report.unfilled.join(", "),
+            report.bundle_dir.display()
+        );
+    }
+    Ok(())
 }
