@@ -275,7 +275,6 @@ pub fn init(model: &Path, options: &InitOptions) -> Result<InitReport, InitError
         task: options.task,
         metadata: &metadata,
         declared: &declared,
-        engine: engine.as_str(),
         source_name: &source_name,
         sample: sample.as_ref(),
         checksums: &checksums,
@@ -809,7 +808,6 @@ struct ManifestParts<'a> {
     task: TaskKind,
     metadata: &'a ModelMetadata,
     declared: &'a DeclaredModel,
-    engine: &'a str,
     source_name: &'a str,
     sample: Option<&'a Sample>,
     checksums: &'a [(&'a str, String)],
@@ -935,11 +933,12 @@ fn manifest_text(p: &ManifestParts) -> String {
         line("");
         line("[selftest]");
         line(&format!(
-            "# 1/selftest.json: {} sample rows and the outputs the {} engine gave for them when the",
-            s.rows, p.engine
+            "# 1/selftest.json: {} sample rows and reference outputs; its \"producer\" says which",
+            s.rows
         ));
-        line("# bundle was scaffolded: they catch a later change of engine or build, but they are");
-        line("# not an independent reference. For onnxruntime's outputs run");
+        line("# engine wrote them. `nightingale models init` writes the serving engine's own");
+        line("# outputs: they catch a later change of engine or build but are not an independent");
+        line("# reference. To replace them with onnxruntime's (same inputs):");
         line(&format!(
             "#   models/train/selftest.py <repository>/{} 1 --reuse-inputs --update-manifest",
             p.name
