@@ -218,9 +218,16 @@ pub fn init(model: &Path, options: &InitOptions) -> Result<InitReport, InitError
             source,
         })
     })?;
-    let metadata = backend.metadata().clone();
-    let disagreements = compare(&declared, &metadata);
     let mut notes = vec![];
+    let engine_metadata = backend.metadata().clone();
+    let metadata = probe(
+        backend.as_mut(),
+        &engine_metadata,
+        &mut notes,
+        model,
+        engine.as_str(),
+    )?;
+    let disagreements = compare(&declared, &metadata);
     for input in &metadata.inputs {
         if input.shape.first() == Some(&1) {
             notes.push(format!(
@@ -436,6 +443,98 @@ fn shape_text(shape: &[i64]) -> String {
 
 fn spec_text(spec: &TensorSpec) -> String {
     format!("{} {}", spec.datatype.as_str(), shape_text(&spec.shape))
+}
+
+/// Zeros of every input's shape with the batch (a leading `-1`) set to `batch`; `None` when
+/// another dimension is open or a datatype has no fixed size (nothing to probe with).
+fn zeros(metadata: &ModelMetadata, batch: usize) -> Option<Vec<NamedTensor>> {
+    metadata
+        .inputs
+        .iter()
+        .map(|spec| {
+            let shape = spec
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| match d {
+                    -1 if i == 0 => Some(batch),
+                    d if d >= 0 => Some(d as usize),
+                    _ => None,
+                })
+                .collect::<Option<Vec<usize>>>()?;
+            let n = nightingale_inference::element_count(&shape).ok()?;
+            let raw = vec![0u8; n.checked_mul(spec.datatype.element_size()?)?];
+            let t = Tensor::from_raw(spec.datatype, shape, &raw).ok()?;
+            Some(NamedTensor::new(spec.name.clone(), t))
+        })
+        .collect()
+}
+
+/// The output shapes the engine really produces, where its own metadata is wrong.
+///
+/// The model runs on zeros at batch 1 and (when the batch is open) batch 2. An output whose
+/// reported shape does not fit what came out (another rank, or a fixed size that differs: an
+/// engine that reports the file's wrong declaration, or no shape at all) is declared as it ran:
+/// sizes that changed with the batch as `-1`, the others fixed. A reported shape that fits is
+/// kept as reported (an open dimension stays open). A model that loads but fails on zeros is
+/// refused here, as its warm-up would refuse it at load.
+fn probe(
+    backend: &mut dyn Backend,
+    reported: &ModelMetadata,
+    notes: &mut Vec<String>,
+    model: &Path,
+    engine: &'static str,
+) -> Result<ModelMetadata, InitError> {
+    let mut runs: Vec<Vec<Vec<usize>>> = vec![];
+    let dynamic = reported.inputs.iter().any(TensorSpec::has_dynamic_batch);
+    for batch in if dynamic { &[1, 2][..] } else { &[1][..] } {
+        let Some(inputs) = zeros(reported, *batch) else {
+            return Ok(reported.clone());
+        };
+        let outputs = guarded(model, engine, "running zeros through", || {
+            backend
+                .infer(inputs)
+                .map_err(|source| InitError::SampleRun { engine, source })
+        });
+        match outputs {
+            Ok(outputs) => runs.push(outputs.iter().map(|o| o.tensor.shape().to_vec()).collect()),
+            Err(e) if *batch == 1 => return Err(e),
+            Err(e) => {
+                notes.push(format!(
+                    "the model declares an open batch but fails on a batch of 2 zero rows ({e}): \
+                     send one row per request, or re-export it"
+                ));
+                break;
+            }
+        }
+    }
+    let mut metadata = reported.clone();
+    for (o, spec) in metadata.outputs.iter_mut().enumerate() {
+        let seen: Vec<&Vec<usize>> = runs.iter().filter_map(|r| r.get(o)).collect();
+        let fits = seen.iter().all(|shape| spec.accepts_shape(shape));
+        if fits || seen.is_empty() || seen.iter().any(|s| s.len() != seen[0].len()) {
+            continue;
+        }
+        let ran: Vec<i64> = (0..seen[0].len())
+            .map(|d| {
+                if seen.iter().all(|s| s[d] == seen[0][d]) {
+                    seen[0][d] as i64
+                } else {
+                    -1
+                }
+            })
+            .collect();
+        notes.push(format!(
+            "output {:?}: the {engine} engine reports {} but produces {} (on batches of {}): \
+             the bundle declares what it produces",
+            spec.name,
+            shape_text(&spec.shape),
+            shape_text(&ran),
+            if seen.len() == 2 { "1 and 2" } else { "1" }
+        ));
+        spec.shape = ran;
+    }
+    Ok(metadata)
 }
 
 /// Where the file's declarations and what the engine runs disagree.
