@@ -130,7 +130,7 @@ pub enum InitError {
     NotOnnx {
         path: PathBuf,
         #[source]
-        source: InferenceError,
+        source: Box<InferenceError>,
     },
     #[error(
         "the {engine} engine cannot load {path}: {}{hint}",
@@ -141,7 +141,7 @@ pub enum InitError {
         engine: &'static str,
         hint: &'static str,
         #[source]
-        source: InferenceError,
+        source: Box<InferenceError>,
     },
     #[error("the {engine} engine panicked while {stage} {path}: {message}")]
     Panicked {
@@ -166,7 +166,7 @@ pub enum InitError {
     SampleRun {
         engine: &'static str,
         #[source]
-        source: InferenceError,
+        source: Box<InferenceError>,
     },
     #[error("cannot write {path}: {source}")]
     Write {
@@ -177,7 +177,7 @@ pub enum InitError {
     #[error("the scaffolded bundle does not pass its own check (nothing was written): {source}")]
     Check {
         #[source]
-        source: BundleError,
+        source: Box<BundleError>,
     },
     #[error("the scaffolded manifest is not valid (nothing was written): {reason}")]
     Manifest { reason: String },
@@ -198,7 +198,7 @@ pub fn init(model: &Path, options: &InitOptions) -> Result<InitReport, InitError
     let declared = nightingale_inference::declared_model(&bytes, model).map_err(|source| {
         InitError::NotOnnx {
             path: model.to_owned(),
-            source,
+            source: Box::new(source),
         }
     })?;
 
@@ -215,7 +215,7 @@ pub fn init(model: &Path, options: &InitOptions) -> Result<InitReport, InitError
             path: model.to_owned(),
             engine: engine.as_str(),
             hint: load_hint(engine),
-            source,
+            source: Box::new(source),
         })
     })?;
     let mut notes = vec![];
@@ -290,10 +290,14 @@ pub fn init(model: &Path, options: &InitOptions) -> Result<InitReport, InitError
     write(&bundle_dir.join(MANIFEST_FILE), text.as_bytes())?;
 
     // The same checks as `models check`: checksums, load, declared vs model, warm-up, self-test.
-    let bundle = Bundle::open(&bundle_dir).map_err(|source| InitError::Check { source })?;
+    let bundle = Bundle::open(&bundle_dir).map_err(|source| InitError::Check {
+        source: Box::new(source),
+    })?;
     let loaded = bundle
         .load_version(1, &options.load)
-        .map_err(|source| InitError::Check { source })?;
+        .map_err(|source| InitError::Check {
+            source: Box::new(source),
+        })?;
     let selftest = loaded.selftest.clone();
     drop(loaded);
 
@@ -494,7 +498,10 @@ fn probe(
         let outputs = guarded(model, engine, "running zeros through", || {
             backend
                 .infer(inputs)
-                .map_err(|source| InitError::SampleRun { engine, source })
+                .map_err(|source| InitError::SampleRun {
+                    engine,
+                    source: Box::new(source),
+                })
         });
         match outputs {
             Ok(outputs) => runs.push(outputs.iter().map(|o| o.tensor.shape().to_vec()).collect()),
@@ -824,7 +831,10 @@ fn sample_selftest(
     let outputs = guarded(path, engine, "running the sample rows of", || {
         backend
             .infer(vec![NamedTensor::new(spec.name.clone(), input)])
-            .map_err(|source| InitError::SampleRun { engine, source })
+            .map_err(|source| InitError::SampleRun {
+                engine,
+                source: Box::new(source),
+            })
     })?;
     let mut json_outputs = vec![];
     let mut exact = vec![];
@@ -1074,9 +1084,94 @@ fn manifest_text(p: &ManifestParts) -> String {
 mod tests {
     use super::*;
 
+    fn csv_error(text: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rows.csv");
+        fs::write(&path, text).unwrap();
+        read_csv(&path).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn sample_csv_errors_name_the_line_and_column_not_the_value() {
+        let cases = [
+            ("a,b\n1,2\n3\n", "line 3 has 1 columns, the header 2"),
+            ("a,b\n1,2\n3,secret\n", "line 3, column \"b\": not a number"),
+            ("a,b\n1,\n", "line 2, column \"b\": empty cell"),
+            ("a,b\ninf,2\n", "line 2, column \"a\": not a finite number"),
+            ("1,2\n1,2\n", "the first line must name the columns"),
+            ("a,,c\n1,2,3\n", "header column 2 has no name"),
+            ("a,b\n", "no rows after the header"),
+        ];
+        for (text, needle) in cases {
+            let e = csv_error(text);
+            assert!(e.contains(needle), "{needle}: {e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
+        let many = format!("a\n{}", "1\n".repeat(SAMPLE_MAX_ROWS + 1));
+        assert!(csv_error(&many).contains("more than 1000 rows"));
+    }
+
+    #[test]
+    fn disagreements_name_the_tensor_and_both_shapes() {
+        use nightingale_inference::{DeclaredDim, DeclaredTensor, DeclaredType};
+        let declared = DeclaredModel {
+            inputs: vec![DeclaredTensor {
+                name: "x".into(),
+                ty: DeclaredType::Tensor {
+                    datatype: Some(DataType::Fp32),
+                    elem_type: 1,
+                    shape: Some(vec![
+                        DeclaredDim::Symbol("batch".into()),
+                        DeclaredDim::Fixed(4),
+                    ]),
+                },
+            }],
+            outputs: vec![DeclaredTensor {
+                name: "y".into(),
+                ty: DeclaredType::Tensor {
+                    datatype: Some(DataType::Fp32),
+                    elem_type: 1,
+                    shape: Some(vec![
+                        DeclaredDim::Symbol("batch".into()),
+                        DeclaredDim::Fixed(5),
+                    ]),
+                },
+            }],
+            producer: String::new(),
+            opsets: vec![],
+        };
+        let spec = |name: &str, shape: Vec<i64>| TensorSpec {
+            name: name.into(),
+            datatype: DataType::Fp32,
+            shape,
+        };
+        let runs = ModelMetadata {
+            inputs: vec![spec("x", vec![-1, 4])],
+            outputs: vec![spec("y", vec![-1, 3])],
+        };
+        let d = compare(&declared, &runs);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(
+            d[0].to_string(),
+            "output \"y\": the file declares FP32 [batch, 5], the engine runs it as FP32 [-1, 3]; \
+             the bundle declares what runs"
+        );
+    }
+
     #[test]
     fn toml_strings_are_quoted_and_escaped() {
-        assert_eq!(q("a\"b"), r#""a\"b""#);
+        for tricky in [
+            "a\"b",
+            "it's",
+            "back\\slash",
+            "new\nline",
+            "both ' and \"",
+            "#x",
+            "][",
+        ] {
+            let doc: toml::Table = toml::from_str(&format!("x = {}", q(tricky))).unwrap();
+            assert_eq!(doc["x"].as_str(), Some(tricky));
+        }
         assert_eq!(task_text(TaskKind::TabularRisk), "tabular-risk");
     }
 }

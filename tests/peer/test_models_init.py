@@ -44,7 +44,6 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import requests
