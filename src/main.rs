@@ -561,5 +561,10 @@ fn init_bundle(args: InitArgs) -> anyhow::Result<()> {
             report.bundle_dir.display()
         );
     }
+    println!(
+        "next: once bundle.toml is final, sign it (the signature covers its text): \
+         nightingale models sign --key KEY {}",
+        report.bundle_dir.display()
+    );
     Ok(())
 }

@@ -226,9 +226,10 @@ def test_models_check_passes_and_lists_the_todo_fields(scaffolded, name):
     proc = _run("models", "check", repo / name)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith(f"ok   {name} version 1: checksums verified"), lines
-    assert [ln.split(": ")[1].split(" ")[0] for ln in lines[1:]] == TODO_FIELDS, lines
-    assert all(ln.startswith(f"warn {name}: ") for ln in lines[1:])
+    assert lines[0] == f"ok   {name}: unsigned", lines  # init does not sign: `models sign` after filling in
+    assert lines[1].startswith(f"ok   {name} version 1: checksums verified"), lines
+    assert [ln.split(": ")[1].split(" ")[0] for ln in lines[2:]] == TODO_FIELDS, lines
+    assert all(ln.startswith(f"warn {name}: ") for ln in lines[2:])
 
 
 @pytest.mark.parametrize("name", [m for m in MODELS if m != "torch_cnn"])
@@ -266,7 +267,29 @@ def test_selftest_regenerated_by_onnxruntime_still_checks(scaffolded, tmp_path, 
     assert doc["producer"].startswith("onnxruntime "), doc["producer"]
     check = _run("models", "check", bundle)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert check.stdout.startswith(f"ok   {name} version 1: checksums verified, self-test"), check.stdout
+    assert check.stdout.splitlines()[1].startswith(f"ok   {name} version 1: checksums verified, self-test"), check.stdout
+
+
+def test_filled_in_and_signed_bundle_checks_clean_under_required_signatures(fixtures, tmp_path):
+    """The workflow the docs give: init, fill in the TODO fields, sign, check strictly."""
+    repo = tmp_path / "repo"
+    init = _run("models", "init", fixtures / "skl_logreg.onnx", "--name", "m", "--repository", repo,
+                "--sample", fixtures / "skl_logreg.csv", "--task", "tabular-risk")
+    assert init.returncode == 0, init.stderr
+    manifest = repo / "m" / "bundle.toml"
+    text = manifest.read_text()
+    assert sum('"TODO: ' in ln for ln in text.splitlines() if not ln.startswith("#")) == len(TODO_FIELDS)
+    manifest.write_text(text.replace('"TODO: ', '"Filled in: '))
+    demo = REPO / "keys" / "demo"
+    strict = ["--trusted-key", demo / "nightingale-demo.pub", "--require-signatures"]
+    unsigned = _run("models", "check", repo / "m", *strict)
+    assert unsigned.returncode == 1, unsigned.stdout
+    sign = _run("models", "sign", "--key", demo / "nightingale-demo.key", repo / "m")
+    assert sign.returncode == 0, sign.stdout + sign.stderr
+    check = _run("models", "check", repo / "m", *strict)
+    assert check.returncode == 0, check.stdout + check.stderr
+    lines = check.stdout.splitlines()
+    assert len(lines) == 2 and not any(ln.startswith("warn") for ln in lines), lines
 
 
 def _free_port() -> int:
