@@ -138,13 +138,22 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = args.resolve()?;
             init_tracing(config.log_format);
+            // TLS files are read now, so that a bad certificate or key fails before anything
+            // else starts, naming the file.
+            let tls = match &config.tls {
+                Some(settings) => {
+                    nightingale::tls::install_crypto_provider();
+                    Some(nightingale::tls::load_server_config(settings)?)
+                }
+                None => None,
+            };
             // Opened before the async runtime starts: the database clients block.
             let audit = open_audit(&config.audit)?;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("ng-http")
                 .build()?
-                .block_on(serve(config, audit))
+                .block_on(serve(config, audit, tls))
         }
         Command::Audit {
             command: AuditCommand::Verify { path, postgres_url },
@@ -241,7 +250,11 @@ fn open_audit(config: &AuditConfig) -> anyhow::Result<AuditLog> {
     Ok(AuditLog::start(store)?)
 }
 
-async fn serve(config: ServeConfig, audit: AuditLog) -> anyhow::Result<()> {
+async fn serve(
+    config: ServeConfig,
+    audit: AuditLog,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> anyhow::Result<()> {
     tracing::info!(
         ?config,
         "starting nightingale {}",
@@ -273,7 +286,11 @@ async fn serve(config: ServeConfig, audit: AuditLog) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.http_addr))?;
-    tracing::info!(addr = %listener.local_addr()?, "listening (KServe v2 HTTP)");
+    let local_addr = listener.local_addr()?;
+    match tls {
+        None => tracing::info!(addr = %local_addr, "listening (KServe v2 HTTP)"),
+        Some(_) => tracing::info!(addr = %local_addr, "listening (KServe v2 HTTPS)"),
+    }
 
     // Live at once; ready when the initial load is done (failed bundles are reported, not
     // fatal). The poller starts from what the initial load saw.
@@ -296,12 +313,54 @@ async fn serve(config: ServeConfig, audit: AuditLog) -> anyhow::Result<()> {
             }
         })
     };
-    axum::serve(listener, http::app(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    match (tls, &config.tls) {
+        (Some(server_config), Some(settings)) => {
+            serve_tls(listener, http::app(state), server_config, settings).await?
+        }
+        _ => {
+            axum::serve(listener, http::app(state))
+                .with_graceful_shutdown(shutdown_signal())
+                .await?
+        }
+    }
     loader.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// HTTPS (HTTP/2 by ALPN, else HTTP/1.1) with the certificate reloaded on SIGHUP and the
+/// client certificate, when verified, in each request's extensions.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    server_config: Arc<rustls::ServerConfig>,
+    settings: &nightingale::tls::TlsSettings,
+) -> anyhow::Result<()> {
+    use axum_server::tls_rustls::RustlsConfig;
+    let rustls_config = RustlsConfig::from_config(server_config);
+    #[cfg(unix)]
+    let reload = tokio::spawn(nightingale::tls::reload_on_sighup(
+        settings.clone(),
+        rustls_config.clone(),
+    ));
+    let handle = axum_server::Handle::new();
+    let shutdown = {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            handle.graceful_shutdown(None);
+        })
+    };
+    let result = axum_server::from_tcp(listener.into_std()?)?
+        .acceptor(nightingale::tls::ClientCertAcceptor::new(rustls_config))
+        .accept_error_handler(|_, e| tracing::debug!(error = %e, "TLS connection refused"))
+        .handle(handle)
+        .serve(app.into_make_service())
+        .await;
+    #[cfg(unix)]
+    reload.abort();
+    shutdown.abort();
+    Ok(result?)
 }
 
 async fn shutdown_signal() {
