@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::http::Request;
 use axum_server::accept::Accept;
@@ -25,7 +26,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 
 use crate::http::identity::ClientCertificate;
 
@@ -274,7 +275,8 @@ fn escape_rfc4514(value: &str) -> String {
 
 /// axum-server's rustls acceptor plus the client certificate: after the handshake, a verified
 /// client certificate (rustls checked it against the client CA) becomes a
-/// [`ClientCertificate`] in the extensions of every request on the connection.
+/// [`ClientCertificate`] in the extensions of every request on the connection. A client that
+/// speaks plain HTTP to this port gets `400` saying to use `https://`, and the connection closes.
 #[derive(Clone)]
 pub struct ClientCertAcceptor {
     inner: RustlsAcceptor,
@@ -288,21 +290,27 @@ impl ClientCertAcceptor {
     }
 }
 
-impl<I, S> Accept<I, S> for ClientCertAcceptor
+impl<S> Accept<TcpStream, S> for ClientCertAcceptor
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Send + 'static,
 {
-    type Stream = tokio_rustls::server::TlsStream<I>;
+    type Stream = tokio_rustls::server::TlsStream<TcpStream>;
     type Service = WithClientCert<axum_server::tls::TlsService<S>>;
     type Future = std::pin::Pin<
         Box<dyn Future<Output = std::io::Result<(Self::Stream, Self::Service)>> + Send>,
     >;
 
-    fn accept(&self, stream: I, service: S) -> Self::Future {
-        let handshake = self.inner.accept(stream, service);
+    fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
+        let inner = self.inner.clone();
         Box::pin(async move {
-            let (stream, service) = handshake.await?;
+            if is_plain_http(&stream).await? {
+                answer_plain_http(stream).await;
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "plain HTTP on the HTTPS port: answered 400",
+                ));
+            }
+            let (stream, service) = inner.accept(stream, service).await?;
             let (_, connection) = stream.get_ref();
             let certificate = connection
                 .peer_certificates()
@@ -328,6 +336,53 @@ where
             ))
         })
     }
+}
+
+/// How long a new connection may stay silent before its first byte (the TLS handshake's
+/// deadline, axum-server's default, applies after it).
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether the client started with plain HTTP (a method name in ASCII capitals) instead of a
+/// TLS handshake (a record that starts with byte 0x16). Peeks: nothing is consumed.
+async fn is_plain_http(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut first))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "no TLS handshake within 10 s")
+        })??;
+    Ok(n == 1 && first[0].is_ascii_uppercase())
+}
+
+/// Answers a plain-HTTP request sent to the HTTPS port with 400 and an explanation in the
+/// server's JSON error shape (as Go's net/http does, in text), then closes. What the client sent is read (bounded in size and time) before
+/// closing, so that the close is not a reset that would hide the answer.
+async fn answer_plain_http(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: 60\r\n\r\n{\"error\":\"this port speaks HTTPS: use https:// to reach it\"}";
+    let bounded = async {
+        let mut buf = [0u8; 4096];
+        // The request head (and a small body): enough to empty a typical request.
+        let mut read = 0;
+        while read < 64 << 10 {
+            match tokio::time::timeout(Duration::from_millis(50), stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => read += n,
+                _ => break,
+            }
+        }
+        stream.write_all(ANSWER).await?;
+        stream.shutdown().await?;
+        // Wait (bounded) for the client to close after reading the answer.
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await
+        {
+            if n == 0 {
+                break;
+            }
+        }
+        std::io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), bounded).await;
 }
 
 /// A connection's service that inserts the connection's [`ClientCertificate`] (when there is

@@ -3,7 +3,7 @@
 //! tests expect are openssl's, not computed by the code under test.
 //!
 //! - the server binary serves `/v2/health/ready` over HTTP/2 (ALPN `h2`) and HTTP/1.1; plain
-//!   HTTP to the TLS port gets no HTTP answer and the server stays up;
+//!   HTTP to the TLS port gets 400 saying to use https:// and the server stays up;
 //! - `SIGHUP` swaps in a new certificate for new connections; a broken one is logged and the
 //!   old one keeps serving;
 //! - a bad certificate or key stops the start-up with the file's name;
@@ -239,7 +239,7 @@ fn os(args: &[std::ffi::OsString]) -> Vec<&std::ffi::OsStr> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn https_with_h2_by_alpn_and_http1_and_plain_http_refused() {
+async fn https_with_h2_by_alpn_and_http1_and_plain_http_answered_400() {
     let pki = pki();
     let p = pki.path();
     let args = tls_args(&p.join("server.pem"), &p.join("server.key"));
@@ -286,8 +286,8 @@ async fn https_with_h2_by_alpn_and_http1_and_plain_http_refused() {
     .unwrap_err();
     assert!(err.to_string().contains("UnknownIssuer"), "{err}");
 
-    // Plain HTTP to the TLS port: no HTTP answer, the connection ends (bounded), the server
-    // keeps serving TLS.
+    // Plain HTTP to the TLS port: 400 saying to use https://, the connection closes (bounded),
+    // and the server keeps serving TLS.
     let addr = server.addr;
     let answer = tokio::task::spawn_blocking(move || {
         let mut tcp = std::net::TcpStream::connect(addr).unwrap();
@@ -295,19 +295,19 @@ async fn https_with_h2_by_alpn_and_http1_and_plain_http_refused() {
         tcp.write_all(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
             .unwrap();
         let mut answer = Vec::new();
-        // EOF or reset; a timeout would be an error of kind WouldBlock/TimedOut.
-        match tcp.read_to_end(&mut answer) {
-            Ok(_) => answer,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => answer,
-            Err(e) => panic!("plain HTTP on the TLS port: {e}"),
-        }
+        // Until the server closes; a timeout fails the test.
+        tcp.read_to_end(&mut answer)
+            .expect("plain HTTP on the TLS port: the server closes after its answer");
+        String::from_utf8(answer).unwrap()
     })
     .await
     .unwrap();
     assert!(
-        !answer.starts_with(b"HTTP/"),
-        "{}",
-        String::from_utf8_lossy(&answer)
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n")
+            && answer.ends_with(
+                "\r\n\r\n{\"error\":\"this port speaks HTTPS: use https:// to reach it\"}"
+            ),
+        "{answer}"
     );
     let stream = connect(
         server.addr,
