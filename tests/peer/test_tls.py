@@ -16,13 +16,15 @@ model file (fixture `reference` in conftest.py).
 - plain HTTP to the TLS port gets 400 saying to use https:// (and the connection closes); the
   server stays up;
 - with mutual TLS required, tritonclient with the client certificate is served and one
-  without it is refused.
+  without it is refused;
+- SIGTERM during a request over HTTPS: the request is answered, then the server exits 0.
 
 These tests ignore $NIGHTINGALE_URL: they need a server started with TLS files they made.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import ssl
@@ -241,3 +243,47 @@ def test_mutual_tls_required_serves_the_client_certificate_only(mtls_server, pki
     finally:
         without.close()
     assert mtls_server.proc.poll() is None, mtls_server.log()
+
+
+def test_sigterm_finishes_an_in_flight_https_request(pki, test_rows, reference):
+    """Graceful shutdown over TLS: a request whose body is still arriving when SIGTERM comes
+    is answered (onnxruntime's values), then the server exits 0."""
+    server = TlsServer(pki, [])
+    try:
+        server.wait_ready(None)
+        x, _ = test_rows
+        row = np.ascontiguousarray(x[:1])
+        body = json.dumps({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32",
+                                       "data": row.ravel().tolist()}]}).encode()
+        host, port = server.addr.split(":")
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        with ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=30),
+                             server_hostname=host) as s:
+            s.sendall(b"POST /v2/models/%s/versions/%s/infer HTTP/1.1\r\nHost: %s\r\n"
+                      b"Content-Length: %d\r\n\r\n" % (MODEL.encode(), MODEL_VERSION.encode(),
+                                                     server.addr.encode(), len(body))
+                      + body[:20])
+            # Give the server time to read the request head before the signal (if it has not,
+            # the connection is idle at SIGTERM and closes unanswered: the test fails, it
+            # cannot pass wrongly).
+            time.sleep(1.0)
+            server.proc.terminate()
+            time.sleep(0.5)
+            assert server.proc.poll() is None, "exited with a request in flight"
+            s.sendall(body[20:])
+            raw = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                raw += chunk
+        head, _, payload = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), raw[:500]
+        outputs = {o["name"]: o for o in json.loads(payload)["outputs"]}
+        want_label, want_prob = reference(row)
+        assert outputs["label"]["data"] == want_label.ravel().tolist()
+        np.testing.assert_allclose(np.array(outputs["probabilities"]["data"], dtype=np.float32),
+                                   want_prob.ravel(), rtol=0, atol=ATOL)
+        assert server.proc.wait(timeout=30) == 0, server.log()
+    finally:
+        server.stop()
