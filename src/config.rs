@@ -483,7 +483,7 @@ fn resolve_tls(
         (Some(cert), Some(key)) => {
             if client_auth.is_some() && client_ca.is_none() {
                 return Err(ConfigError::Invalid(
-                    "tls_client_auth needs tls_client_ca (the CAs client certificates chain to)"
+                    "--tls-client-auth (tls_client_auth) needs --tls-client-ca (tls_client_ca): the CAs client certificates chain to"
                         .into(),
                 ));
             }
@@ -496,14 +496,14 @@ fn resolve_tls(
         }
         (None, None) if client_ca.is_none() && client_auth.is_none() => Ok(None),
         (None, None) => Err(ConfigError::Invalid(
-            "tls_client_ca and tls_client_auth need tls_cert and tls_key (mutual TLS is TLS)"
+            "--tls-client-ca and --tls-client-auth need --tls-cert and --tls-key (mutual TLS is TLS)"
                 .into(),
         )),
         (Some(_), None) => Err(ConfigError::Invalid(
-            "tls_cert is set but tls_key is not: give both or neither".into(),
+            "--tls-cert (tls_cert) is set but --tls-key (tls_key) is not: give both or neither".into(),
         )),
         (None, Some(_)) => Err(ConfigError::Invalid(
-            "tls_key is set but tls_cert is not: give both or neither".into(),
+            "--tls-key (tls_key) is set but --tls-cert (tls_cert) is not: give both or neither".into(),
         )),
     }
 }

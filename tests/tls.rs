@@ -452,11 +452,11 @@ fn bad_tls_files_and_settings_stop_the_start_naming_the_file() {
     );
     start_fails(
         &os(&["--tls-cert".into(), cert.clone().into_os_string()]),
-        "give both or neither",
+        "--tls-cert (tls_cert) is set but --tls-key (tls_key) is not: give both or neither",
     );
     start_fails(
         &os(&["--tls-client-ca".into(), p.join("ca.pem").into_os_string()]),
-        "need tls_cert and tls_key",
+        "need --tls-cert and --tls-key",
     );
 }
 
