@@ -24,6 +24,14 @@ PY
 )
 export ORT_DYLIB_PATH
 
+# minisign (Debian) for the signature interop tests (tests/peer/test_signatures.py).
+if ! command -v minisign >/dev/null 2>&1; then
+  echo "== installing minisign (Debian)"
+  apt-get install -y -qq minisign >/dev/null 2>&1 || {
+    apt-get update -qq && apt-get install -y -qq minisign >/dev/null
+  }
+fi
+
 # PostgreSQL for the scale-out audit store's tests (required, not skipped): Debian's
 # postgresql, a cluster started with pg_ctlcluster, a role and a database for the tests.
 # Set NIGHTINGALE_TEST_POSTGRES_URL yourself to use another server.
@@ -52,11 +60,20 @@ SQL
   export NIGHTINGALE_TEST_POSTGRES_URL="host=127.0.0.1 port=$PG_PORT user=nightingale password=nightingale-test dbname=nightingale_test"
 fi
 
+# The TLS tests make a throwaway PKI with the openssl command-line tool (scripts/test-pki.sh).
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "== installing openssl (Debian openssl)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq openssl >/dev/null 2>&1 || {
+    apt-get update -qq && apt-get install -y -qq openssl >/dev/null
+  }
+fi
+
 echo "== Rust tests (default features: tract)"
 cargo test --workspace --locked
 
 echo "== models check on the shipped bundles and the benchmark model"
-cargo run --quiet --locked -- models check models/bundles models/bench
+cargo run --quiet --locked -- models check --require-signatures --trusted-key keys/demo/nightingale-demo.pub models/bundles models/bench
 
 echo "== Real peer: tritonclient against the server (tract)"
 NIGHTINGALE_BIN=target/debug/nightingale NIGHTINGALE_BACKEND=tract \

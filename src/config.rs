@@ -88,6 +88,39 @@ pub struct ServeArgs {
     /// Without it such a start is refused. API keys and JWT: [auth] in nightingale.toml.
     #[arg(long, env = "NIGHTINGALE_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure: bool,
+    /// A minisign public key file trusted to sign bundles (repeatable; the environment
+    /// variable takes a comma-separated list). Bundles signed by a trusted key are verified
+    /// at every load; a signature that does not verify is refused.
+    #[arg(
+        long = "trusted-key",
+        env = "NIGHTINGALE_TRUSTED_KEYS",
+        value_delimiter = ','
+    )]
+    pub trusted_keys: Vec<PathBuf>,
+    /// Serve only bundles signed by a trusted key (unsigned or otherwise signed ones are
+    /// refused, with the reason in the repository index). [default: false]
+    #[arg(long, env = "NIGHTINGALE_REQUIRE_SIGNATURES")]
+    pub require_signatures: bool,
+    /// Watch the repository every N seconds and reload bundles whose files changed (new
+    /// versions swap in once they verify and pass their self-test; a broken one leaves the
+    /// old serving); 0 turns the poller off. [default: 0]
+    #[arg(long, env = "NIGHTINGALE_REPOSITORY_POLL_SECS")]
+    pub repository_poll_secs: Option<f64>,
+    // --- TLS ---
+    /// Serve HTTPS with this PEM certificate chain (leaf first); needs --tls-key. Re-read, with
+    /// the key, on SIGHUP.
+    #[arg(long, env = "NIGHTINGALE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "NIGHTINGALE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: PEM bundle of the CAs that client certificates must chain to.
+    #[arg(long, env = "NIGHTINGALE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// With --tls-client-ca: must every client present a certificate (required), or may
+    /// clients without one connect and authenticate otherwise (optional)? [default: optional]
+    #[arg(long, env = "NIGHTINGALE_TLS_CLIENT_AUTH", value_enum)]
+    pub tls_client_auth: Option<crate::tls::ClientAuth>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -147,6 +180,13 @@ struct FileConfig {
     log_format: Option<LogFormat>,
     insecure: Option<bool>,
     auth: Option<crate::http::auth::AuthSection>,
+    trusted_keys: Option<Vec<PathBuf>>,
+    require_signatures: Option<bool>,
+    repository_poll_secs: Option<f64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    tls_client_auth: Option<crate::tls::ClientAuth>,
 }
 
 /// The resolved server configuration.
@@ -170,6 +210,12 @@ pub struct ServeConfig {
     pub auth: crate::http::auth::AuthConfig,
     /// `--insecure`: a non-loopback address without credentials was accepted.
     pub insecure: bool,
+    /// Trusted signing keys (loaded) and whether signatures are required.
+    pub signatures: nightingale_models::SignaturePolicy,
+    /// How often the repository poller looks for changes (`None`: it does not run).
+    pub repository_poll: Option<std::time::Duration>,
+    /// HTTPS instead of plain HTTP when set.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 /// Where the audit trail goes.
@@ -237,6 +283,9 @@ impl std::fmt::Debug for ServeConfig {
             .field("log_format", &self.log_format)
             .field("auth", &self.auth)
             .field("insecure", &self.insecure)
+            .field("signatures", &self.signatures)
+            .field("repository_poll", &self.repository_poll)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -378,13 +427,46 @@ impl ServeArgs {
                 "admin_token must be at least 16 characters".into(),
             ));
         }
+        let trusted_keys = if !self.trusted_keys.is_empty() {
+            self.trusted_keys
+        } else {
+            file.trusted_keys.clone().unwrap_or_default()
+        };
+        let require_signatures = self.require_signatures || file.require_signatures == Some(true);
+        if require_signatures && trusted_keys.is_empty() {
+            return Err(ConfigError::Invalid(
+                "require_signatures needs at least one trusted key (--trusted-key FILE)".into(),
+            ));
+        }
+        let signatures =
+            nightingale_models::SignaturePolicy::load(&trusted_keys, require_signatures)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let poll_secs = self
+            .repository_poll_secs
+            .or(file.repository_poll_secs)
+            .unwrap_or(0.0);
+        if !(0.0..=86_400.0).contains(&poll_secs) {
+            return Err(ConfigError::Invalid(
+                "repository_poll_secs must be between 0 (off) and 86400".into(),
+            ));
+        }
+        let repository_poll =
+            (poll_secs > 0.0).then(|| std::time::Duration::from_secs_f64(poll_secs.max(0.05)));
+        let tls = resolve_tls(
+            self.tls_cert.or(file.tls_cert),
+            self.tls_key.or(file.tls_key),
+            self.tls_client_ca.or(file.tls_client_ca),
+            self.tls_client_auth.or(file.tls_client_auth),
+        )?;
         // Roles and credentials: `[auth]` (relative paths from the config file's folder), and
         // the start-up rule for addresses other than loopback.
         let config_dir = match &self.config {
             Some(path) => path.parent().map(Path::to_path_buf).unwrap_or_default(),
             None => PathBuf::new(),
         };
-        let auth = file.auth.unwrap_or_default().resolve(&config_dir)?;
+        let mut auth = file.auth.unwrap_or_default().resolve(&config_dir)?;
+        // Verified TLS client certificates are a credential (mutual TLS).
+        auth.client_certificates_verified = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         let insecure = self.insecure || file.insecure.unwrap_or(false);
         let http_addr = self
             .http_addr
@@ -412,7 +494,47 @@ impl ServeArgs {
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             auth,
             insecure,
+            signatures,
+            repository_poll,
+            tls,
         })
+    }
+}
+
+/// TLS settings: certificate and key both or neither; client authentication only with a client
+/// CA. The files themselves are read when the server starts ([`crate::tls::load_server_config`]).
+fn resolve_tls(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    client_auth: Option<crate::tls::ClientAuth>,
+) -> Result<Option<crate::tls::TlsSettings>, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            if client_auth.is_some() && client_ca.is_none() {
+                return Err(ConfigError::Invalid(
+                    "--tls-client-auth (tls_client_auth) needs --tls-client-ca (tls_client_ca): the CAs client certificates chain to"
+                        .into(),
+                ));
+            }
+            Ok(Some(crate::tls::TlsSettings {
+                cert,
+                key,
+                client_ca,
+                client_auth: client_auth.unwrap_or_default(),
+            }))
+        }
+        (None, None) if client_ca.is_none() && client_auth.is_none() => Ok(None),
+        (None, None) => Err(ConfigError::Invalid(
+            "--tls-client-ca and --tls-client-auth need --tls-cert and --tls-key (mutual TLS is TLS)"
+                .into(),
+        )),
+        (Some(_), None) => Err(ConfigError::Invalid(
+            "--tls-cert (tls_cert) is set but --tls-key (tls_key) is not: give both or neither".into(),
+        )),
+        (None, Some(_)) => Err(ConfigError::Invalid(
+            "--tls-key (tls_key) is set but --tls-cert (tls_cert) is not: give both or neither".into(),
+        )),
     }
 }
 
@@ -524,6 +646,70 @@ mod tests {
             !shown.contains("hunter2secret") && shown.contains("ng@db/audit"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn tls_needs_cert_and_key_together() {
+        use crate::tls::ClientAuth;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(
+            &path,
+            "tls_cert = \"/etc/ng/cert.pem\"\ntls_key = \"/etc/ng/key.pem\"\ntls_client_ca = \"/etc/ng/ca.pem\"\n",
+        )
+        .unwrap();
+        let c = ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/etc/ng/cert.pem"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("/etc/ng/ca.pem")));
+        assert_eq!(tls.client_auth, ClientAuth::Optional);
+        // A flag overrides the file; one of the pair from the file, one from a flag is fine.
+        std::fs::write(&path, "tls_key = \"/etc/ng/key.pem\"\ntls_client_auth = \"required\"\ntls_client_ca = \"/ca.pem\"\n").unwrap();
+        let c = ServeArgs {
+            config: Some(path.clone()),
+            tls_cert: Some("/flag/cert.pem".into()),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(
+            (tls.cert, tls.key, tls.client_auth),
+            (
+                PathBuf::from("/flag/cert.pem"),
+                PathBuf::from("/etc/ng/key.pem"),
+                ClientAuth::Required
+            )
+        );
+        assert_eq!(ServeArgs::default().resolve().unwrap().tls, None);
+        for args in [
+            ServeArgs {
+                tls_cert: Some("/c.pem".into()),
+                ..ServeArgs::default()
+            },
+            ServeArgs {
+                tls_key: Some("/k.pem".into()),
+                ..ServeArgs::default()
+            },
+            ServeArgs {
+                tls_client_ca: Some("/ca.pem".into()),
+                ..ServeArgs::default()
+            },
+            ServeArgs {
+                tls_cert: Some("/c.pem".into()),
+                tls_key: Some("/k.pem".into()),
+                tls_client_auth: Some(ClientAuth::Required),
+                ..ServeArgs::default()
+            },
+        ] {
+            let err = args.resolve().unwrap_err();
+            assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+        }
     }
 
     #[test]

@@ -5,4 +5,6 @@
 
 pub mod audit;
 pub mod config;
+pub mod deploy;
 pub mod http;
+pub mod tls;

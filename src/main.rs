@@ -56,13 +56,80 @@ enum ModelsCommand {
         /// Model repository folder.
         #[arg(long, env = "NIGHTINGALE_REPOSITORY", default_value = "models/bundles")]
         repository: PathBuf,
+        #[command(flatten)]
+        trust: TrustArgs,
     },
-    /// Validate bundles: manifest, checksums of every file, and that each version loads and
-    /// runs. PATH is a bundle folder or a repository of them. Exit code 1 if any fails.
+    /// Validate bundles: manifest, signature, checksums of every file, and that each version
+    /// loads and passes its self-test. PATH is a bundle folder or a repository of them. Exit
+    /// code 1 if any fails. A signature by a trusted key that does not verify always fails.
     Check {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        #[command(flatten)]
+        trust: TrustArgs,
     },
+    /// Sign bundles: check every version folder against the manifest's checksums, then write
+    /// `bundle.toml.minisig` (minisign format, Ed25519) over bundle.toml. PATH is a bundle
+    /// folder or a repository of them. The same key and manifest always give the same bytes.
+    Sign {
+        /// minisign secret key file (`minisign -G`, `rsign generate`). An encrypted key's
+        /// password is read from NIGHTINGALE_SIGNING_PASSWORD, or asked on a terminal.
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Scaffold a bundle around an ONNX file: inputs and outputs as the engine runs them,
+    /// version 1 with checksums, a self-test from sample rows, and TODO fields to fill in.
+    Init(Box<InitArgs>),
+}
+
+/// Which signing keys `models check`/`models list` trust.
+#[derive(clap::Args, Debug)]
+struct TrustArgs {
+    /// A minisign public key file trusted to sign bundles (repeatable).
+    #[arg(
+        long = "trusted-key",
+        env = "NIGHTINGALE_TRUSTED_KEYS",
+        value_delimiter = ','
+    )]
+    trusted_keys: Vec<PathBuf>,
+    /// Fail bundles that are unsigned or signed by an untrusted key.
+    #[arg(long, env = "NIGHTINGALE_REQUIRE_SIGNATURES")]
+    require_signatures: bool,
+}
+
+impl TrustArgs {
+    fn policy(&self) -> anyhow::Result<nightingale_models::SignaturePolicy> {
+        Ok(nightingale_models::SignaturePolicy::load(
+            &self.trusted_keys,
+            self.require_signatures,
+        )?)
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct InitArgs {
+    /// The ONNX model file (copied into <repository>/<name>/1/model.onnx).
+    model: PathBuf,
+    /// The bundle's name (its folder): 1-128 of A-Z a-z 0-9 . _ -
+    #[arg(long)]
+    name: String,
+    /// Model repository folder (created when missing).
+    #[arg(long, env = "NIGHTINGALE_REPOSITORY", default_value = "models/bundles")]
+    repository: PathBuf,
+    /// Sample rows (CSV, a header naming the features) for the self-test of a tabular model.
+    #[arg(long)]
+    sample: Option<PathBuf>,
+    /// The bundle's task (tabular-risk, image-classification, regression, ...).
+    #[arg(long, default_value = "other", value_parser = parse_task)]
+    task: nightingale_models::TaskKind,
+    /// The engine that loads the model and computes the self-test's outputs.
+    #[arg(long, env = "NIGHTINGALE_BACKEND", value_enum, default_value = "tract")]
+    backend: nightingale::config::BackendArg,
+    /// ONNX Runtime shared library for --backend ort (default: ORT_DYLIB_PATH).
+    #[arg(long, env = "NIGHTINGALE_ORT_LIBRARY")]
+    ort_library: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,13 +138,22 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = args.resolve()?;
             init_tracing(config.log_format);
+            // TLS files are read now, so that a bad certificate or key fails before anything
+            // else starts, naming the file.
+            let tls = match &config.tls {
+                Some(settings) => {
+                    nightingale::tls::install_crypto_provider();
+                    Some(nightingale::tls::load_server_config(settings)?)
+                }
+                None => None,
+            };
             // Opened before the async runtime starts: the database clients block.
             let audit = open_audit(&config.audit)?;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("ng-http")
                 .build()?
-                .block_on(serve(config, audit))
+                .block_on(serve(config, audit, tls))
         }
         Command::Audit {
             command: AuditCommand::Verify { path, postgres_url },
@@ -119,14 +195,22 @@ fn main() -> anyhow::Result<()> {
         Command::Models { command } => {
             init_tracing(LogFormat::Text);
             match command {
-                ModelsCommand::List { repository } => list(&repository),
-                ModelsCommand::Check { paths } => {
-                    if check(&paths)? {
+                ModelsCommand::List { repository, trust } => list(&repository, &trust.policy()?),
+                ModelsCommand::Check { paths, trust } => {
+                    if check(&paths, &trust.policy()?)? {
                         Ok(())
                     } else {
                         std::process::exit(1)
                     }
                 }
+                ModelsCommand::Sign { key, paths } => {
+                    if sign(&key, &paths)? {
+                        Ok(())
+                    } else {
+                        std::process::exit(1)
+                    }
+                }
+                ModelsCommand::Init(args) => init_bundle(*args),
             }
         }
     }
@@ -166,7 +250,11 @@ fn open_audit(config: &AuditConfig) -> anyhow::Result<AuditLog> {
     Ok(AuditLog::start(store)?)
 }
 
-async fn serve(config: ServeConfig, audit: AuditLog) -> anyhow::Result<()> {
+async fn serve(
+    config: ServeConfig,
+    audit: AuditLog,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> anyhow::Result<()> {
     tracing::info!(
         ?config,
         "starting nightingale {}",
@@ -179,6 +267,7 @@ async fn serve(config: ServeConfig, audit: AuditLog) -> anyhow::Result<()> {
             intra_op_threads: config.intra_op_threads,
             execution_provider: config.execution_provider,
             ort_library: config.ort_library.clone(),
+            signatures: config.signatures.clone(),
         },
     ));
     tracing::info!(store = %audit.location(), "audit trail open");
@@ -199,25 +288,43 @@ async fn serve(config: ServeConfig, audit: AuditLog) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.http_addr))?;
-    tracing::info!(addr = %listener.local_addr()?, "listening (KServe v2 HTTP)");
+    let local_addr = listener.local_addr()?;
+    match tls {
+        None => tracing::info!(addr = %local_addr, "listening (KServe v2 HTTP)"),
+        Some(_) => tracing::info!(addr = %local_addr, "listening (KServe v2 HTTPS)"),
+    }
 
-    // Live at once; ready when the initial load is done (failed bundles are reported, not fatal).
+    // Live at once; ready when the initial load is done (failed bundles are reported, not
+    // fatal). The poller starts from what the initial load saw.
     let loader = {
         let state = state.clone();
-        tokio::task::spawn_blocking(move || {
-            match state.repository.load_all() {
-                Ok(results) => {
-                    let failed = results.iter().filter(|(_, r)| r.is_err()).count();
-                    tracing::info!(models = results.len(), failed, "initial load finished");
-                }
-                Err(e) => tracing::error!(error = %e, "cannot scan the model repository"),
-            }
+        let poll = config.repository_poll;
+        tokio::spawn(async move {
+            let repository = state.repository.clone();
+            let seen = tokio::task::spawn_blocking(move || repository.fingerprints())
+                .await
+                .unwrap_or_default();
+            nightingale::deploy::load_all(&state).await;
             state.set_ready(true);
+            if let Some(interval) = poll {
+                tracing::info!(
+                    interval_ms = interval.as_millis() as u64,
+                    "watching the model repository"
+                );
+                nightingale::deploy::poll(state, interval, seen).await;
+            }
         })
     };
-    axum::serve(listener, http::app(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    match (tls, &config.tls) {
+        (Some(server_config), Some(settings)) => {
+            serve_tls(listener, http::app(state), server_config, settings).await?
+        }
+        _ => {
+            axum::serve(listener, http::app(state))
+                .with_graceful_shutdown(shutdown_signal())
+                .await?
+        }
+    }
     loader.abort();
     tracing::info!("stopped");
     Ok(())
@@ -263,6 +370,41 @@ fn log_access(config: &ServeConfig) {
     }
 }
 
+/// HTTPS (HTTP/2 by ALPN, else HTTP/1.1) with the certificate reloaded on SIGHUP and the
+/// client certificate, when verified, in each request's extensions.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    server_config: Arc<rustls::ServerConfig>,
+    settings: &nightingale::tls::TlsSettings,
+) -> anyhow::Result<()> {
+    use axum_server::tls_rustls::RustlsConfig;
+    let rustls_config = RustlsConfig::from_config(server_config);
+    #[cfg(unix)]
+    let reload = tokio::spawn(nightingale::tls::reload_on_sighup(
+        settings.clone(),
+        rustls_config.clone(),
+    ));
+    let handle = axum_server::Handle::new();
+    let shutdown = {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            handle.graceful_shutdown(None);
+        })
+    };
+    let result = axum_server::from_tcp(listener.into_std()?)?
+        .acceptor(nightingale::tls::ClientCertAcceptor::new(rustls_config))
+        .accept_error_handler(|_, e| tracing::debug!(error = %e, "TLS connection refused"))
+        .handle(handle)
+        .serve(app.into_make_service())
+        .await;
+    #[cfg(unix)]
+    reload.abort();
+    shutdown.abort();
+    Ok(result?)
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -285,55 +427,114 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: finishing in-flight requests");
 }
 
-fn list(root: &std::path::Path) -> anyhow::Result<()> {
+fn list(
+    root: &std::path::Path,
+    policy: &nightingale_models::SignaturePolicy,
+) -> anyhow::Result<()> {
     let repository = Repository::new(root, RepositoryOptions::default());
     let names = repository.scan()?;
     if names.is_empty() {
         println!("no bundles under {}", root.display());
     }
+    println!("MODEL\tVERSION\tSTATE\tSIGNATURE\tSELF-TEST\tDESCRIPTION");
     for name in names {
-        match Bundle::open(&root.join(&name)) {
-            Ok(bundle) => {
-                let versions = bundle
-                    .versions_on_disk()
-                    .map(|v| format!("{v:?}"))
-                    .unwrap_or_else(|e| format!("error: {e}"));
-                println!(
-                    "{name}\t{:?}\tversions {versions}\t{}",
-                    bundle.manifest.task, bundle.manifest.description
-                );
+        let bundle = match Bundle::open_with(&root.join(&name), policy) {
+            Ok(bundle) => bundle,
+            Err(e) => {
+                println!("{name}\t-\tREFUSED\t-\t-\t{e}");
+                continue;
             }
-            Err(e) => println!("{name}\tINVALID\t{e}"),
+        };
+        let signature = signature_column(&bundle.signature);
+        let selftest = match &bundle.manifest.selftest {
+            Some(_) => "declared (models check runs it)",
+            None => "none",
+        };
+        match bundle.versions_on_disk() {
+            Ok(versions) if !versions.is_empty() => {
+                for v in versions {
+                    let state = match bundle.verify(v) {
+                        Ok(()) => "VERIFIED".to_owned(),
+                        Err(e) => format!("REFUSED: {e}"),
+                    };
+                    println!(
+                        "{name}\t{v}\t{state}\t{signature}\t{selftest}\t{}",
+                        bundle.manifest.description
+                    );
+                }
+            }
+            Ok(_) => println!("{name}\t-\tNO VERSIONS\t{signature}\t-\t-"),
+            Err(e) => println!("{name}\t-\tREFUSED\t{signature}\t-\t{e}"),
         }
     }
     Ok(())
 }
 
-/// Checks each bundle; prints one line per version. Returns whether all passed.
-fn check(paths: &[PathBuf]) -> anyhow::Result<bool> {
+fn signature_column(status: &nightingale_models::SignatureStatus) -> String {
+    use nightingale_models::SignatureStatus;
+    match status {
+        SignatureStatus::Unsigned => "unsigned".into(),
+        SignatureStatus::Verified { key_id, .. } => format!("verified {key_id}"),
+        SignatureStatus::UntrustedKey { key_id } => format!("untrusted {key_id}"),
+    }
+}
+
+/// The bundle folders a path names: itself, or the bundles of a repository.
+fn bundle_dirs(path: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
+    if path.join(nightingale_models::MANIFEST_FILE).is_file() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let repository = Repository::new(path, RepositoryOptions::default());
+    Ok(repository
+        .scan()?
+        .into_iter()
+        .map(|n| path.join(n))
+        .collect())
+}
+
+/// Signs each bundle. Returns whether all were signed.
+fn sign(key: &std::path::Path, paths: &[PathBuf]) -> anyhow::Result<bool> {
+    let password = std::env::var("NIGHTINGALE_SIGNING_PASSWORD").ok();
+    let key = nightingale_models::SigningKey::from_file(key, password)?;
     let mut all_ok = true;
     for path in paths {
-        let bundles: Vec<PathBuf> = if path.join(nightingale_models::MANIFEST_FILE).is_file() {
-            vec![path.clone()]
-        } else {
-            let repository = Repository::new(path, RepositoryOptions::default());
-            repository
-                .scan()?
-                .into_iter()
-                .map(|n| path.join(n))
-                .collect()
-        };
+        let bundles = bundle_dirs(path)?;
         if bundles.is_empty() {
             println!("FAIL {}: no bundle.toml found", path.display());
             all_ok = false;
         }
         for dir in bundles {
-            let result = Bundle::open(&dir).and_then(|bundle| {
+            match Bundle::open(&dir).and_then(|b| b.sign(&key)) {
+                Ok(written) => println!("ok   {}: signed by key {}", written.display(), key.id()),
+                Err(e) => {
+                    all_ok = false;
+                    println!("FAIL {}: {e}", dir.display());
+                }
+            }
+        }
+    }
+    Ok(all_ok)
+}
+
+/// Checks each bundle; prints one line per version. Returns whether all passed.
+fn check(paths: &[PathBuf], policy: &nightingale_models::SignaturePolicy) -> anyhow::Result<bool> {
+    let mut all_ok = true;
+    for path in paths {
+        let bundles = bundle_dirs(path)?;
+        if bundles.is_empty() {
+            println!("FAIL {}: no bundle.toml found", path.display());
+            all_ok = false;
+        }
+        for dir in bundles {
+            let result = Bundle::open_with(&dir, policy).and_then(|bundle| {
+                let mut lines = vec![format!(
+                    "ok   {}: {}",
+                    bundle.manifest.name, bundle.signature
+                )];
                 let versions = bundle.versions_on_disk()?;
                 if versions.is_empty() {
                     return Err(nightingale_models::BundleError::NoVersions { path: dir.clone() });
                 }
-                let mut lines = vec![];
                 for v in versions {
                     let loaded = bundle.load_version(v, &RepositoryOptions::default())?;
                     let meta = loaded.worker.metadata();
@@ -348,6 +549,7 @@ fn check(paths: &[PathBuf]) -> anyhow::Result<bool> {
                         meta.outputs.len()
                     ));
                 }
+                lines.extend(todo_warnings(&bundle.manifest));
                 Ok(lines)
             });
             match result {
@@ -360,4 +562,110 @@ fn check(paths: &[PathBuf]) -> anyhow::Result<bool> {
         }
     }
     Ok(all_ok)
+}
+
+/// `models check`'s warning per documentation field still holding a `TODO` placeholder.
+fn todo_warnings(manifest: &nightingale_models::Manifest) -> Vec<String> {
+    manifest
+        .unfilled_fields()
+        .into_iter()
+        .map(|f| {
+            format!(
+                "warn {}: {f} is still a TODO placeholder: fill it in",
+                manifest.name
+            )
+        })
+        .collect()
+}
+
+fn parse_task(s: &str) -> Result<nightingale_models::TaskKind, String> {
+    use serde::Deserialize;
+    use serde::de::IntoDeserializer;
+    nightingale_models::TaskKind::deserialize(s.into_deserializer())
+        .map_err(|e: serde::de::value::Error| e.to_string())
+}
+
+/// `nightingale models init`: scaffolds the bundle, then prints what it wrote and what to do.
+fn init_bundle(args: InitArgs) -> anyhow::Result<()> {
+    use nightingale::config::BackendArg;
+    use nightingale_inference::BackendKind;
+    let backend = match args.backend {
+        BackendArg::Tract => BackendKind::Tract,
+        BackendArg::Ort => BackendKind::Ort,
+    };
+    if !backend.is_compiled() {
+        anyhow::bail!(
+            "backend {backend} is not compiled into this build (rebuild with --features {backend})"
+        );
+    }
+    let options = nightingale_models::InitOptions {
+        name: args.name,
+        repository: args.repository,
+        sample: args.sample,
+        task: args.task,
+        load: RepositoryOptions {
+            backend,
+            ort_library: args.ort_library,
+            ..RepositoryOptions::default()
+        },
+    };
+    let report = match nightingale_models::init(&args.model, &options) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1)
+        }
+    };
+    for d in &report.disagreements {
+        eprintln!("warning: {d}");
+    }
+    for note in &report.notes {
+        eprintln!("note: {note}");
+    }
+    println!(
+        "wrote {} (version 1, loaded on {}; model from {})",
+        report.bundle_dir.display(),
+        report.engine,
+        if report.producer.is_empty() {
+            "an unnamed producer"
+        } else {
+            &report.producer
+        }
+    );
+    for (kind, specs) in [
+        ("input ", &report.metadata.inputs),
+        ("output", &report.metadata.outputs),
+    ] {
+        for s in specs {
+            println!("  {kind} {:?} {} {:?}", s.name, s.datatype, s.shape);
+        }
+    }
+    match &report.selftest {
+        Some(st) => {
+            println!("  {st}");
+            println!(
+                "hint: the self-test's reference outputs come from {} itself; for an independent \
+                 reference run: models/train/selftest.py {} 1 --reuse-inputs --update-manifest \
+                 (onnxruntime)",
+                report.engine,
+                report.bundle_dir.display()
+            );
+        }
+        None => println!(
+            "  no self-test (give --sample rows.csv, or add one with models/train/selftest.py)"
+        ),
+    }
+    if !report.unfilled.is_empty() {
+        println!(
+            "todo: fill in {} in {}/bundle.toml; `nightingale models check` reports them until then",
+            report.unfilled.join(", "),
+            report.bundle_dir.display()
+        );
+    }
+    println!(
+        "next: once bundle.toml is final, sign it (the signature covers its text): \
+         nightingale models sign --key KEY {}",
+        report.bundle_dir.display()
+    );
+    Ok(())
 }

@@ -41,6 +41,8 @@ fn event(i: usize) -> AuditEvent {
         rows: Some(1),
         status: 200,
         outcome: Outcome::Ok,
+        actor: None,
+        detail: None,
     }
 }
 

@@ -217,3 +217,111 @@ fn a_network_address_with_credentials_starts() {
         "{log}"
     );
 }
+
+fn demo_pub() -> PathBuf {
+    root().join("keys/demo/nightingale-demo.pub")
+}
+
+#[test]
+fn models_check_and_list_report_the_signature_of_every_shipped_bundle() {
+    let out = bin()
+        .args(["models", "check", "--require-signatures", "--trusted-key"])
+        .arg(demo_pub())
+        .arg(root().join("models/bundles"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for name in [
+        "wdbc-malignancy",
+        "icu-mortality",
+        "pima-diabetes",
+        "image-orientation",
+    ] {
+        assert!(
+            stdout.contains(&format!(
+                "ok   {name}: signature by trusted key B98C67AF02AD8F31 verified"
+            )),
+            "{name}: {stdout}"
+        );
+    }
+    let out = bin()
+        .args(["models", "list", "--trusted-key"])
+        .arg(demo_pub())
+        .arg("--repository")
+        .arg(root().join("models/bundles"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("wdbc-malignancy\t2\t"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        row.contains("\tVERIFIED\tverified B98C67AF02AD8F31\t"),
+        "{row}"
+    );
+}
+
+#[test]
+fn models_sign_refuses_an_encrypted_key_without_its_password_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("pima-diabetes");
+    copy_dir(&root().join("models/bundles/pima-diabetes"), &bundle);
+    std::fs::remove_file(bundle.join("bundle.toml.minisig")).unwrap();
+    let out = bin()
+        .args(["models", "sign", "--key"])
+        .arg(root().join("models/tests/fixtures/keys/encrypted.key"))
+        .arg(&bundle)
+        .env_remove("NIGHTINGALE_SIGNING_PASSWORD")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NIGHTINGALE_SIGNING_PASSWORD"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!bundle.join("bundle.toml.minisig").exists());
+}
+
+#[test]
+fn serve_refuses_bad_signature_settings_before_listening() {
+    for (args, want) in [
+        (
+            vec!["--require-signatures".to_owned()],
+            "needs at least one trusted key",
+        ),
+        (
+            vec![
+                "--trusted-key".to_owned(),
+                "/nonexistent/key.pub".to_owned(),
+            ],
+            "/nonexistent/key.pub",
+        ),
+        (
+            vec![
+                "--trusted-key".to_owned(),
+                root()
+                    .join("keys/demo/nightingale-demo.key")
+                    .display()
+                    .to_string(),
+            ],
+            "not a minisign public key file",
+        ),
+    ] {
+        // Bounded: were the settings accepted, the server would listen until killed.
+        let out = Command::new("timeout")
+            .arg("60")
+            .arg(env!("CARGO_BIN_EXE_nightingale"))
+            .args(["serve", "--http-addr", "127.0.0.1:0"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+    }
+}

@@ -46,6 +46,8 @@ pub enum BundleError {
     UnlistedVersion { path: PathBuf, version: String },
     #[error("{path}: no version selected by the version policy is present")]
     NoVersions { path: PathBuf },
+    #[error("{path}: no such version folder")]
+    MissingVersion { path: PathBuf },
     #[error("{path}: {}", chain(source))]
     Inference {
         path: PathBuf,
@@ -65,6 +67,24 @@ pub enum BundleError {
         engine: &'static str,
         #[source]
         source: Box<SelfTestError>,
+    },
+    #[error(
+        "{path}: refused, the bundle is not signed and signatures are required (sign it with `nightingale models sign --key`)"
+    )]
+    SignatureMissing { path: PathBuf },
+    #[error("{path}: refused, not a minisign signature: {reason}")]
+    SignatureMalformed { path: PathBuf, reason: String },
+    #[error(
+        "{path}: refused, signed by key {key_id}, which is not a trusted key (add its public key with --trusted-key)"
+    )]
+    SignatureUntrusted { path: PathBuf, key_id: String },
+    #[error(
+        "{path}: refused, the signature by key {key_id} does not verify (bundle.toml changed after it was signed, or the signature is corrupt): {reason}"
+    )]
+    SignatureInvalid {
+        path: PathBuf,
+        key_id: String,
+        reason: String,
     },
 }
 
@@ -96,9 +116,14 @@ impl BundleError {
             | BundleError::MissingFile { path }
             | BundleError::UnlistedVersion { path, .. }
             | BundleError::NoVersions { path }
+            | BundleError::MissingVersion { path }
             | BundleError::Inference { path, .. }
             | BundleError::Panicked { path, .. }
-            | BundleError::SelfTest { path, .. } => path,
+            | BundleError::SelfTest { path, .. }
+            | BundleError::SignatureMissing { path }
+            | BundleError::SignatureMalformed { path, .. }
+            | BundleError::SignatureUntrusted { path, .. }
+            | BundleError::SignatureInvalid { path, .. } => path,
         }
     }
 
@@ -123,9 +148,14 @@ impl BundleError {
                 | BundleError::MissingFile { path }
                 | BundleError::UnlistedVersion { path, .. }
                 | BundleError::NoVersions { path }
+                | BundleError::MissingVersion { path }
                 | BundleError::Inference { path, .. }
                 | BundleError::Panicked { path, .. }
-                | BundleError::SelfTest { path, .. } => *path = relative,
+                | BundleError::SelfTest { path, .. }
+                | BundleError::SignatureMissing { path }
+                | BundleError::SignatureMalformed { path, .. }
+                | BundleError::SignatureUntrusted { path, .. }
+                | BundleError::SignatureInvalid { path, .. } => *path = relative,
             }
         }
         self

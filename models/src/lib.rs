@@ -6,6 +6,7 @@
 //!   wdbc-malignancy/
 //!     bundle.toml        name, task, inputs/outputs, thresholds, intended use, provenance,
 //!                        batching, version policy, and the SHA-256 of every version file
+//!     bundle.toml.minisig  minisign (Ed25519) signature over bundle.toml's bytes
 //!     MODEL_CARD.md
 //!     1/model.onnx
 //!     2/model.onnx
@@ -13,17 +14,21 @@
 
 mod checksum;
 mod error;
+pub mod init;
 pub mod manifest;
 pub mod preprocess;
 mod repository;
 pub mod selftest;
+pub mod signature;
 
 pub use checksum::{read_verified, sha256_file, verify_folder};
 pub use error::{BundleError, RepositoryError};
+pub use init::{InitError, InitOptions, InitReport, init};
 pub use manifest::{Manifest, SelfTestSpec, TaskKind, Tolerance};
 pub use preprocess::{Image, PreprocessError, Preprocessing};
 pub use repository::{
-    Bundle, IndexEntry, LoadOutcome, LoadedModel, MANIFEST_FILE, ModelState, Repository,
-    RepositoryOptions,
+    Bundle, IndexEntry, LoadOutcome, LoadTarget, LoadedModel, MANIFEST_FILE, ModelState,
+    Repository, RepositoryOptions,
 };
 pub use selftest::{SelfTestError, SelfTestReport};
+pub use signature::{SignaturePolicy, SignatureStatus, SigningKey, TrustedKey};

@@ -18,6 +18,7 @@ use crate::checksum::{read_verified, verify_folder};
 use crate::error::{BundleError, RepositoryError};
 use crate::manifest::{BackendPreference, Manifest, SelfTestSpec, parse_version, valid_name};
 use crate::selftest::{self, SelfTestError, SelfTestReport};
+use crate::signature::{self, SignaturePolicy, SignatureStatus, SigningKey};
 
 /// The manifest file of a bundle.
 pub const MANIFEST_FILE: &str = "bundle.toml";
@@ -36,6 +37,8 @@ pub struct RepositoryOptions {
     pub execution_provider: ExecutionProvider,
     /// ONNX Runtime shared library (ort backend); `None`: ort's own lookup (`ORT_DYLIB_PATH`).
     pub ort_library: Option<PathBuf>,
+    /// Which bundle signatures are trusted, and whether one is required.
+    pub signatures: SignaturePolicy,
 }
 
 /// A bundle folder with its parsed manifest.
@@ -43,11 +46,22 @@ pub struct RepositoryOptions {
 pub struct Bundle {
     pub dir: PathBuf,
     pub manifest: Manifest,
+    /// What the manifest's signature established.
+    pub signature: SignatureStatus,
+    /// The manifest's exact text, as parsed (and as its signature covers).
+    text: Arc<str>,
 }
 
 impl Bundle {
-    /// Reads and checks `dir/bundle.toml`.
+    /// Reads and checks `dir/bundle.toml`, trusting no signing key and requiring none (a
+    /// signature is reported, not checked). See [`Bundle::open_with`].
     pub fn open(dir: &Path) -> Result<Bundle, BundleError> {
+        Bundle::open_with(dir, &SignaturePolicy::default())
+    }
+
+    /// Reads and checks `dir/bundle.toml` and its signature under `policy`: the signature is
+    /// checked against the very bytes parsed.
+    pub fn open_with(dir: &Path, policy: &SignaturePolicy) -> Result<Bundle, BundleError> {
         let path = dir.join(MANIFEST_FILE);
         let file = fs::File::open(&path).map_err(|e| BundleError::io(&path, e))?;
         let mut text = String::new();
@@ -75,10 +89,36 @@ impl Bundle {
                 folder,
             });
         }
+        let signature = signature::check_manifest(dir, text.as_bytes(), policy)?;
         Ok(Bundle {
             dir: dir.to_owned(),
             manifest,
+            signature,
+            text: text.into(),
         })
+    }
+
+    /// Signs the manifest with `key` after checking every version folder on disk against its
+    /// checksums (a signature vouches for what is there), writing `bundle.toml.minisig`
+    /// atomically. The signature then verifies with the key's public half (checked).
+    pub fn sign(&self, key: &SigningKey) -> Result<PathBuf, BundleError> {
+        for version in self.versions_on_disk()? {
+            self.verify(version)?;
+        }
+        let text = key.sign(
+            self.text.as_bytes(),
+            &signature::bundle_trusted_comment(&self.manifest.name),
+        );
+        let path = self.dir.join(signature::SIGNATURE_FILE);
+        let tmp = self.dir.join(format!(".{}.tmp", signature::SIGNATURE_FILE));
+        fs::write(&tmp, text.as_bytes()).map_err(|e| BundleError::io(&tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| BundleError::io(&path, e))?;
+        let policy = SignaturePolicy {
+            trusted: vec![key.trusted_key()],
+            require: true,
+        };
+        signature::check_manifest(&self.dir, self.text.as_bytes(), &policy)?;
+        Ok(path)
     }
 
     /// Version folders present on disk, ascending. A folder the manifest does not list is an error.
@@ -231,6 +271,8 @@ impl Bundle {
             manifest: Arc::new(self.manifest.clone()),
             model_sha256: entry.files[&entry.model_file].to_ascii_lowercase(),
             selftest: report,
+            signature: self.signature.clone(),
+            loaded_at: std::time::SystemTime::now(),
             worker,
         })
     }
@@ -365,6 +407,10 @@ pub struct LoadedModel {
     pub model_sha256: String,
     /// The load-time self-test's result (`None`: the bundle declares no `[selftest]`).
     pub selftest: Option<SelfTestReport>,
+    /// What the bundle's signature established when this version was loaded.
+    pub signature: SignatureStatus,
+    /// When this version started serving.
+    pub loaded_at: std::time::SystemTime,
     pub worker: ModelWorker,
 }
 
@@ -394,6 +440,32 @@ pub struct IndexEntry {
     pub state: ModelState,
     /// The engine serving a ready version (`tract`, `ort`).
     pub backend: Option<&'static str>,
+    /// A ready version's signature, as checked when it was loaded.
+    pub signature: Option<SignatureStatus>,
+    /// A ready version's load-time self-test (`None`: none declared, or not ready).
+    pub selftest: Option<String>,
+    /// When a ready version started serving, or when a failed load was refused.
+    pub at: Option<std::time::SystemTime>,
+    /// Served by a rollback to this version (the version policy is set aside until the next
+    /// plain load).
+    pub pinned: bool,
+}
+
+/// What a load asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadTarget {
+    /// The versions the bundle's version policy selects (and clears a rollback's pin).
+    Policy,
+    /// Exactly this version, alone, whatever the policy says (a rollback).
+    Version(u64),
+}
+
+/// A load that was refused while other versions kept serving (shown in the index).
+#[derive(Clone, Debug)]
+struct Refused {
+    version: Option<u64>,
+    reason: String,
+    at: std::time::SystemTime,
 }
 
 #[derive(Debug, Default)]
@@ -403,6 +475,10 @@ struct Entry {
     /// The repository's unload count when this model was last unloaded: a load that started
     /// before it discards what it loaded.
     unloaded_at: u64,
+    /// The last load's failure, while older versions serve (cleared by a good load).
+    refused: Option<Refused>,
+    /// Set by a rollback: the one version served until the next plain load.
+    pinned: Option<u64>,
 }
 
 /// The served models. Cheap to share behind an `Arc`; loading happens outside the lock and
@@ -486,6 +562,20 @@ impl Repository {
     /// Errors name files relative to the repository root (they are answered over HTTP); the
     /// log keeps full paths.
     pub fn load(&self, name: &str) -> Result<Vec<u64>, RepositoryError> {
+        Ok(self
+            .load_target(name, LoadTarget::Policy)?
+            .iter()
+            .map(|m| m.version)
+            .collect())
+    }
+
+    /// Loads what `target` asks for and swaps it in at once; returns what now serves. On
+    /// failure the versions already serving keep serving, and the index shows the refusal.
+    pub fn load_target(
+        &self,
+        name: &str,
+        target: LoadTarget,
+    ) -> Result<Vec<Arc<LoadedModel>>, RepositoryError> {
         if !valid_name(name) {
             return Err(RepositoryError::InvalidName {
                 name: name.chars().take(64).collect(),
@@ -499,7 +589,24 @@ impl Repository {
         }
         let _guard = self.loading.lock().unwrap_or_else(|p| p.into_inner());
         let started = self.unloads.load(Ordering::SeqCst);
-        let result = self.load_versions(&dir);
+        // The engine steps are guarded already; this catches a panic anywhere else in the
+        // load, so that it fails this model only.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.load_versions(&dir, target)
+        }))
+        .unwrap_or_else(|payload| {
+            let message = panic_message(payload.as_ref());
+            tracing::error!(model = name, %message, "loading the model panicked");
+            Err((
+                None,
+                BundleError::Panicked {
+                    path: dir.clone(),
+                    engine: "none",
+                    stage: "loading the bundle",
+                    message,
+                },
+            ))
+        });
         let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
         let entry = models.entry(name.to_owned()).or_default();
         if entry.unloaded_at > started {
@@ -515,12 +622,18 @@ impl Repository {
         match result {
             Ok(loaded) => {
                 let versions: Vec<u64> = loaded.keys().copied().collect();
+                let served: Vec<Arc<LoadedModel>> = loaded.values().cloned().collect();
                 entry.versions = loaded;
                 entry.state = Some(ModelState::Ready);
+                entry.refused = None;
+                entry.pinned = match target {
+                    LoadTarget::Policy => None,
+                    LoadTarget::Version(v) => Some(v),
+                };
                 tracing::info!(model = name, ?versions, "model loaded");
-                Ok(versions)
+                Ok(served)
             }
-            Err(e) => {
+            Err((version, e)) => {
                 tracing::error!(model = name, error = %e, "model failed to load");
                 let e = e.relative_to(&self.root);
                 // Versions already serving keep serving; the failure is reported.
@@ -529,19 +642,59 @@ impl Repository {
                         reason: e.to_string(),
                     });
                 }
+                entry.refused = Some(Refused {
+                    version,
+                    reason: e.to_string(),
+                    at: std::time::SystemTime::now(),
+                });
                 Err(e.into())
             }
         }
     }
 
-    fn load_versions(&self, dir: &Path) -> Result<BTreeMap<u64, Arc<LoadedModel>>, BundleError> {
-        let bundle = Bundle::open(dir)?;
+    /// The version the last refused load of this model failed on, when it got that far.
+    pub fn refused_version(&self, name: &str) -> Option<u64> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        models
+            .get(name)
+            .and_then(|e| e.refused.as_ref())
+            .and_then(|r| r.version)
+    }
+
+    /// The version a rollback pinned this model to, if any.
+    pub fn pinned(&self, name: &str) -> Option<u64> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        models.get(name).and_then(|e| e.pinned)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn load_versions(
+        &self,
+        dir: &Path,
+        target: LoadTarget,
+    ) -> Result<BTreeMap<u64, Arc<LoadedModel>>, (Option<u64>, BundleError)> {
+        let bundle = Bundle::open_with(dir, &self.options.signatures).map_err(|e| (None, e))?;
+        let versions = match target {
+            LoadTarget::Policy => bundle.selected_versions().map_err(|e| (None, e))?,
+            LoadTarget::Version(v) => {
+                let on_disk = bundle.versions_on_disk().map_err(|e| (Some(v), e))?;
+                if !on_disk.contains(&v) {
+                    return Err((
+                        Some(v),
+                        BundleError::MissingVersion {
+                            path: dir.join(v.to_string()),
+                        },
+                    ));
+                }
+                vec![v]
+            }
+        };
         let mut loaded = BTreeMap::new();
-        for version in bundle.selected_versions()? {
-            loaded.insert(
-                version,
-                Arc::new(bundle.load_version(version, &self.options)?),
-            );
+        for version in versions {
+            let model = bundle
+                .load_version(version, &self.options)
+                .map_err(|e| (Some(version), e))?;
+            loaded.insert(version, Arc::new(model));
         }
         Ok(loaded)
     }
@@ -559,6 +712,8 @@ impl Repository {
         let entry = models.entry(name.to_owned()).or_default();
         entry.versions.clear();
         entry.state = Some(ModelState::Unloaded);
+        entry.pinned = None;
+        entry.refused = None;
         entry.unloaded_at = self.unloads.fetch_add(1, Ordering::SeqCst) + 1;
         tracing::info!(model = name, "model unloaded");
         Ok(())
@@ -605,7 +760,8 @@ impl Repository {
             .collect()
     }
 
-    /// Every model on disk or known, with its versions and state.
+    /// Every model on disk or known, with its versions and state; a refused load of a model
+    /// whose older versions still serve is a row of its own.
     pub fn index(&self) -> Vec<IndexEntry> {
         let on_disk = self.scan().unwrap_or_default();
         let models = self.models.read().unwrap_or_else(|p| p.into_inner());
@@ -613,31 +769,116 @@ impl Repository {
         names.extend(models.keys().map(String::as_str));
         names.sort_unstable();
         names.dedup();
+        let row = |name: &str, state: ModelState| IndexEntry {
+            name: name.to_owned(),
+            version: None,
+            state,
+            backend: None,
+            signature: None,
+            selftest: None,
+            at: None,
+            pinned: false,
+        };
         let mut out = vec![];
         for name in names {
             match models.get(name) {
                 Some(entry) if !entry.versions.is_empty() => {
                     out.extend(entry.versions.iter().map(|(&v, m)| IndexEntry {
-                        name: name.to_owned(),
                         version: Some(v),
-                        state: ModelState::Ready,
                         backend: Some(m.worker.backend()),
+                        signature: Some(m.signature.clone()),
+                        selftest: m.selftest.as_ref().map(ToString::to_string),
+                        at: Some(m.loaded_at),
+                        pinned: entry.pinned == Some(v),
+                        ..row(name, ModelState::Ready)
                     }));
+                    if let Some(refused) = &entry.refused {
+                        out.push(IndexEntry {
+                            version: refused.version,
+                            at: Some(refused.at),
+                            ..row(
+                                name,
+                                ModelState::Unavailable {
+                                    reason: refused.reason.clone(),
+                                },
+                            )
+                        });
+                    }
                 }
                 Some(entry) => out.push(IndexEntry {
-                    name: name.to_owned(),
-                    version: None,
-                    state: entry.state.clone().unwrap_or(ModelState::Unloaded),
-                    backend: None,
+                    version: entry.refused.as_ref().and_then(|r| r.version),
+                    at: entry.refused.as_ref().map(|r| r.at),
+                    ..row(name, entry.state.clone().unwrap_or(ModelState::Unloaded))
                 }),
-                None => out.push(IndexEntry {
-                    name: name.to_owned(),
-                    version: None,
-                    state: ModelState::Unloaded,
-                    backend: None,
-                }),
+                None => out.push(row(name, ModelState::Unloaded)),
             }
         }
         out
+    }
+
+    /// A fingerprint of each bundle folder under the root: its manifest's and signature's
+    /// bytes and, for every file below it, its path, size and modification time. Two equal
+    /// fingerprints mean nothing a load reads has changed (the repository poller compares
+    /// them). Unreadable entries count as changes, never as errors.
+    pub fn fingerprints(&self) -> BTreeMap<String, [u8; 32]> {
+        use sha2::{Digest, Sha256};
+        let mut out = BTreeMap::new();
+        for name in self.scan().unwrap_or_default() {
+            let dir = self.root.join(&name);
+            let mut hash = Sha256::new();
+            for file in [MANIFEST_FILE, signature::SIGNATURE_FILE] {
+                let bytes = fs::File::open(dir.join(file)).and_then(|f| {
+                    let mut bytes = vec![];
+                    f.take(MANIFEST_LIMIT + 1).read_to_end(&mut bytes)?;
+                    Ok(bytes)
+                });
+                match bytes {
+                    Ok(b) => {
+                        hash.update((b.len() as u64).to_le_bytes());
+                        hash.update(&b);
+                    }
+                    Err(e) => hash.update(format!("{file}: {:?}", e.kind()).as_bytes()),
+                }
+            }
+            fingerprint_tree(&dir, &dir, 0, &mut hash);
+            out.insert(name, hash.finalize().into());
+        }
+        out
+    }
+}
+
+/// Adds every file below `dir` (path, size, modification time) to `hash`, in name order.
+fn fingerprint_tree(root: &Path, dir: &Path, depth: usize, hash: &mut sha2::Sha256) {
+    use sha2::Digest;
+    if depth > 8 {
+        return;
+    }
+    let mut entries: Vec<_> = match fs::read_dir(dir) {
+        Ok(rd) => rd.filter_map(Result::ok).collect(),
+        Err(e) => {
+            hash.update(format!("{}: {:?}", dir.display(), e.kind()).as_bytes());
+            return;
+        }
+    };
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        let relative = path.strip_prefix(root).unwrap_or(&path);
+        hash.update(relative.to_string_lossy().as_bytes());
+        if meta.is_dir() {
+            hash.update(b"/");
+            fingerprint_tree(root, &path, depth + 1, hash);
+        } else {
+            hash.update(meta.len().to_le_bytes());
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            hash.update(modified.to_le_bytes());
+        }
     }
 }

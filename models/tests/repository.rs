@@ -154,11 +154,24 @@ fn second_version_with_policies_and_hot_reload() {
     std::fs::write(bundle.join("2/metrics.json"), b"{}").unwrap();
     assert!(repo.load(MODEL).is_err());
     assert_eq!(repo.get(MODEL, None).unwrap().version, 2);
+    // The index shows both serving versions and the refused load, with its reason.
     let index = repo.index();
-    assert!(
-        index.iter().all(|e| e.state == ModelState::Ready),
-        "{index:?}"
-    );
+    let ready: Vec<Option<u64>> = index
+        .iter()
+        .filter(|e| e.state == ModelState::Ready)
+        .map(|e| e.version)
+        .collect();
+    assert_eq!(ready, vec![Some(1), Some(2)], "{index:?}");
+    let refused: Vec<&nightingale_models::IndexEntry> = index
+        .iter()
+        .filter(|e| e.state != ModelState::Ready)
+        .collect();
+    assert_eq!(refused.len(), 1, "{index:?}");
+    assert_eq!(refused[0].version, Some(2));
+    let ModelState::Unavailable { reason } = &refused[0].state else {
+        panic!("{index:?}");
+    };
+    assert!(reason.contains("2/metrics.json"), "{reason}");
 
     repo.unload(MODEL).unwrap();
     assert!(matches!(

@@ -41,6 +41,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 import selftest
+from signing import sign_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLES = REPO / "models" / "bundles"
@@ -814,6 +815,7 @@ def write_bundle_toml(spec: BundleSpec, ds: Dataset, results: list[dict]) -> Non
     for f in parsed["inputs"][0]["features"]:
         assert set(f) <= allowed_feature_keys, f
     (spec.bundle_dir / "bundle.toml").write_text(text, encoding="utf-8")
+    sign_bundle(spec.bundle_dir)
 
 
 # --- MODEL_CARD.md -----------------------------------------------------------------

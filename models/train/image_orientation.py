@@ -751,6 +751,9 @@ created = "2026-11-27"
     parsed = tomllib.loads(text)
     assert parsed["preprocessing"]["size"] == [SPEC.height, SPEC.width]
     (BUNDLE / "bundle.toml").write_text(text, encoding="utf-8")
+    from signing import sign_bundle
+
+    sign_bundle(BUNDLE)
 
 
 def write_model_card(metrics: dict) -> None:

@@ -266,6 +266,10 @@ def main() -> int:
     vdir.mkdir(parents=True, exist_ok=True)
     (vdir / "model.onnx").write_bytes(data)
     (BUNDLE / "bundle.toml").write_text(bundle_toml(model_sha), encoding="utf-8")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from signing import sign_bundle
+
+    sign_bundle(BUNDLE)
     (BUNDLE / "MODEL_CARD.md").write_text(model_card(model_sha, len(data)), encoding="utf-8")
     import tomllib
 

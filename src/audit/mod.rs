@@ -1,5 +1,5 @@
-//! The audit trail: one record per event (today: every inference request that reached a
-//! model), with the model name, version and file checksum, SHA-256 digests of the inputs and
+//! The audit trail: one record per event (every inference request that reached a model, and
+//! every model load, unload, rollback and refused bundle with its actor), with the model name, version and file checksum, SHA-256 digests of the inputs and
 //! outputs (never the data), the HTTP status and the outcome, in a hash chain that makes any
 //! edit, deletion or reordering detectable (`nightingale audit verify`).
 //!
@@ -36,6 +36,16 @@ pub use chain::{GENESIS, Tail};
 pub enum EventKind {
     /// A request to a model's inference endpoint.
     Inference,
+    /// Versions of a model started serving (a load through the API, the repository poller
+    /// or start-up). One record per version.
+    ModelLoad,
+    /// A model stopped serving.
+    ModelUnload,
+    /// A rollback: one named version serves alone.
+    ModelRollback,
+    /// A load was refused (bad signature, checksum, self-test, …); what served before still
+    /// serves.
+    ModelRefused,
 }
 
 /// How the request ended, as the client saw it.
@@ -83,6 +93,13 @@ pub struct AuditEvent {
     /// The HTTP status answered (408 for a deadline, 499 when the client went away).
     pub status: u16,
     pub outcome: Outcome,
+    /// Who did it (model-control events): the authenticated caller, `repository-poller`
+    /// or `startup`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// Model-control events: the signature checked, or why a bundle was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// One stored record, as read back (the chain fields around the event).

@@ -130,3 +130,12 @@ where
         }
     }
 }
+
+impl From<crate::deploy::DeployError> for AppError {
+    fn from(e: crate::deploy::DeployError) -> Self {
+        match e {
+            crate::deploy::DeployError::Repository(e) => e.into(),
+            other => AppError::internal(other.to_string()),
+        }
+    }
+}

@@ -5,12 +5,14 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::HeaderMap;
-use nightingale_models::ModelState;
+use nightingale_models::{LoadTarget, ModelState, SignatureStatus};
 use serde_json::json;
 
+use super::auth::Caller;
 use super::{AppError, AppState, read_body};
+use crate::deploy;
 
 const CONTROL_BODY_LIMIT: usize = 64 << 10;
 
@@ -37,50 +39,130 @@ pub async fn index(
     let rows: Vec<_> = entries
         .into_iter()
         .filter(|e| !ready_only || e.state == ModelState::Ready)
-        .map(|e| {
-            let reason = match &e.state {
-                ModelState::Unavailable { reason } => reason.clone(),
-                _ => String::new(),
-            };
-            let mut row = json!({"name": e.name, "state": e.state.as_str(), "reason": reason});
-            if let Some(v) = e.version {
-                row["version"] = json!(v.to_string());
-            }
-            if let Some(backend) = e.backend {
-                row["backend"] = json!(backend);
-            }
-            row
-        })
+        .map(index_row)
         .collect();
     Ok(Json(json!(rows)))
 }
 
+/// One row of the index: Triton's `name`, `version`, `state`, `reason`, and Nightingale's
+/// operator view (engine, signature, self-test, when it started serving or was refused).
+fn index_row(e: nightingale_models::IndexEntry) -> serde_json::Value {
+    let reason = match &e.state {
+        ModelState::Unavailable { reason } => reason.clone(),
+        _ => String::new(),
+    };
+    let mut row = json!({"name": e.name, "state": e.state.as_str(), "reason": reason});
+    if let Some(v) = e.version {
+        row["version"] = json!(v.to_string());
+    }
+    if let Some(backend) = e.backend {
+        row["backend"] = json!(backend);
+    }
+    if let Some(signature) = &e.signature {
+        row["signature"] = match signature {
+            SignatureStatus::Unsigned => json!({"status": "unsigned"}),
+            SignatureStatus::Verified { key_id, .. } => {
+                json!({"status": "verified", "key_id": key_id})
+            }
+            SignatureStatus::UntrustedKey { key_id } => {
+                json!({"status": "untrusted-key", "key_id": key_id})
+            }
+        };
+    }
+    if let Some(selftest) = &e.selftest {
+        row["selftest"] = json!(selftest);
+    } else if e.state == ModelState::Ready {
+        row["selftest"] = json!("none declared");
+    }
+    if let Some(at) = e.at {
+        let key = if e.state == ModelState::Ready {
+            "loaded_at"
+        } else {
+            "refused_at"
+        };
+        row[key] = json!(humantime::format_rfc3339_seconds(at).to_string());
+    }
+    if e.pinned {
+        row["pinned"] = json!(true);
+    }
+    row
+}
+
+/// `POST /v2/repository/models/{model}/load`. Body (optional): `{"parameters": {"version":
+/// "N"}}` rolls back to version N, served alone until the next plain load (a Nightingale
+/// extension; Triton's `config`/`file:` parameters are not supported).
 pub async fn load(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, AppError> {
-    read_body(&headers, body, CONTROL_BODY_LIMIT).await?;
-    let repository = state.repository.clone();
-    let versions = tokio::task::spawn_blocking(move || repository.load(&model))
-        .await
-        .map_err(|e| AppError::internal(e.to_string()))??;
-    tracing::info!(?versions, "model loaded through the repository API");
+    let actor = caller.id;
+    let body = read_body(&headers, body, CONTROL_BODY_LIMIT).await?;
+    let target = load_target(&body)?;
+    let request_id = request_id(&headers);
+    deploy::load(&state, &model, target, &actor, &request_id).await?;
     Ok(Json(json!({})))
+}
+
+/// The load request's target: the version policy, or a rollback to one version.
+fn load_target(body: &[u8]) -> Result<LoadTarget, AppError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(LoadTarget::Policy);
+    }
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| AppError::bad_request(format!("malformed JSON: {e}")))?;
+    let Some(object) = v.as_object() else {
+        return Err(AppError::bad_request(
+            "the load request must be a JSON object",
+        ));
+    };
+    let parameters = match object.get("parameters") {
+        None | Some(serde_json::Value::Null) => return Ok(LoadTarget::Policy),
+        Some(serde_json::Value::Object(p)) => p,
+        Some(_) => return Err(AppError::bad_request("\"parameters\" must be an object")),
+    };
+    let mut target = LoadTarget::Policy;
+    for (key, value) in parameters {
+        if key != "version" {
+            return Err(AppError::bad_request(format!(
+                "load parameter {:?} is not supported (only \"version\", to roll back)",
+                key.chars().take(64).collect::<String>()
+            )));
+        }
+        let version = match value {
+            serde_json::Value::String(s) => nightingale_models::manifest::parse_version(s),
+            serde_json::Value::Number(n) => n.as_u64().filter(|&v| v > 0),
+            _ => None,
+        }
+        .ok_or_else(|| {
+            AppError::bad_request("parameter \"version\" must be a positive integer, e.g. \"1\"")
+        })?;
+        target = LoadTarget::Version(version);
+    }
+    Ok(target)
+}
+
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .chars()
+        .take(128)
+        .collect()
 }
 
 pub async fn unload(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, AppError> {
+    let actor = caller.id;
     read_body(&headers, body, CONTROL_BODY_LIMIT).await?;
-    // The repository's locks are std locks: take them off the async runtime's threads.
-    let repository = state.repository.clone();
-    tokio::task::spawn_blocking(move || repository.unload(&model))
-        .await
-        .map_err(|e| AppError::internal(e.to_string()))??;
+    deploy::unload(&state, &model, &actor, &request_id(&headers)).await?;
     Ok(Json(json!({})))
 }

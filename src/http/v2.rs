@@ -161,6 +161,8 @@ async fn run_infer(
             rows: None,
             status: 0,
             outcome: Outcome::Failed,
+            actor: None,
+            detail: None,
         },
         deadline.map(|d| d.0),
     );

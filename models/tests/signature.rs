@@ -1,0 +1,328 @@
+//! Bundle signatures: what verifies, what is refused and why. The keys under
+//! tests/fixtures/keys and keys/demo were made by the real `minisign` tool (0.11, Debian), so
+//! their ids (in each `.pub` file's comment) and formats come from a peer, not from this code.
+//! Interop with the `minisign` binary both ways is tested in tests/peer/test_signatures.py.
+
+use std::path::{Path, PathBuf};
+
+use nightingale_models::signature::{KeyError, SIGNATURE_FILE};
+use nightingale_models::{
+    Bundle, BundleError, ModelState, Repository, RepositoryOptions, SignaturePolicy,
+    SignatureStatus, SigningKey, TrustedKey, sha256_file,
+};
+
+const BUNDLE: &str = "pima-diabetes";
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn demo_pub() -> PathBuf {
+    repo_root().join("keys/demo/nightingale-demo.pub")
+}
+
+fn demo_key() -> PathBuf {
+    repo_root().join("keys/demo/nightingale-demo.key")
+}
+
+fn fixture_key(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/keys")
+        .join(name)
+}
+
+/// The key id minisign wrote in a public key file's comment.
+fn id_from_comment(pub_file: &Path) -> String {
+    let text = std::fs::read_to_string(pub_file).unwrap();
+    let first = text.lines().next().unwrap();
+    first
+        .strip_prefix("untrusted comment: minisign public key ")
+        .unwrap_or_else(|| panic!("{first:?}"))
+        .trim()
+        .to_owned()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A repository holding a copy of the signed reference bundle.
+fn repository() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join(BUNDLE);
+    copy_dir(&repo_root().join("models/bundles").join(BUNDLE), &bundle);
+    (dir, bundle)
+}
+
+fn trusting(paths: &[PathBuf], require: bool) -> SignaturePolicy {
+    SignaturePolicy::load(paths, require).unwrap()
+}
+
+#[test]
+fn every_reference_bundle_is_signed_by_the_demo_key_and_verifies() {
+    let policy = trusting(&[demo_pub()], true);
+    let want = id_from_comment(&demo_pub());
+    for repo in ["models/bundles", "models/bench"] {
+        let root = repo_root().join(repo);
+        for name in Repository::new(&root, RepositoryOptions::default())
+            .scan()
+            .unwrap()
+        {
+            let bundle = Bundle::open_with(&root.join(&name), &policy)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(
+                bundle.signature,
+                SignatureStatus::Verified {
+                    key_id: want.clone(),
+                    trusted_comment: format!("nightingale bundle {name}"),
+                },
+                "{name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn signing_is_deterministic_and_reproduces_the_committed_signature() {
+    let (_dir, bundle) = repository();
+    let committed = std::fs::read(bundle.join(SIGNATURE_FILE)).unwrap();
+    std::fs::remove_file(bundle.join(SIGNATURE_FILE)).unwrap();
+    let key = SigningKey::from_file(&demo_key(), None).unwrap();
+    assert_eq!(key.id(), id_from_comment(&demo_pub()));
+    Bundle::open(&bundle).unwrap().sign(&key).unwrap();
+    let first = std::fs::read(bundle.join(SIGNATURE_FILE)).unwrap();
+    Bundle::open(&bundle).unwrap().sign(&key).unwrap();
+    let second = std::fs::read(bundle.join(SIGNATURE_FILE)).unwrap();
+    assert_eq!(first, second);
+    assert_eq!(first, committed);
+    // The public key it derives is the one minisign wrote (after the comment line).
+    let pub_text = std::fs::read_to_string(demo_pub()).unwrap();
+    assert_eq!(
+        key.public_key_file().lines().nth(1),
+        pub_text.lines().nth(1)
+    );
+}
+
+#[test]
+fn an_edited_manifest_is_refused_even_when_signatures_are_not_required() {
+    let (_dir, bundle) = repository();
+    let manifest = bundle.join("bundle.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let edited = text.replacen("description = \"", "description = \"Edited: ", 1);
+    assert_ne!(text, edited);
+    std::fs::write(&manifest, edited).unwrap();
+    let err = Bundle::open_with(&bundle, &trusting(&[demo_pub()], false)).unwrap_err();
+    match &err {
+        BundleError::SignatureInvalid { path, key_id, .. } => {
+            assert_eq!(path, &bundle.join(SIGNATURE_FILE));
+            assert_eq!(key_id, &id_from_comment(&demo_pub()));
+        }
+        other => panic!("{other:?}"),
+    }
+    let message = err.to_string();
+    assert!(message.contains(BUNDLE), "{message}");
+    assert!(message.contains(&id_from_comment(&demo_pub())), "{message}");
+}
+
+#[test]
+fn a_tampered_model_file_is_refused_at_load_and_not_signed() {
+    let (dir, bundle) = repository();
+    let model = bundle.join("1/model.onnx");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&model, bytes).unwrap();
+    let options = RepositoryOptions {
+        signatures: trusting(&[demo_pub()], true),
+        ..RepositoryOptions::default()
+    };
+    let repository = Repository::new(dir.path(), options);
+    let err = repository.load(BUNDLE).unwrap_err().to_string();
+    assert!(err.contains("checksum mismatch"), "{err}");
+    assert!(err.contains(&sha256_file(&model).unwrap()), "{err}");
+    let key = SigningKey::from_file(&demo_key(), None).unwrap();
+    let signed = Bundle::open(&bundle).unwrap().sign(&key);
+    assert!(
+        matches!(signed, Err(BundleError::ChecksumMismatch { .. })),
+        "{signed:?}"
+    );
+}
+
+#[test]
+fn a_signature_by_an_untrusted_key_is_refused_when_required_and_reported_otherwise() {
+    let (_dir, bundle) = repository();
+    let other = SigningKey::from_file(&fixture_key("untrusted.key"), None).unwrap();
+    let other_id = id_from_comment(&fixture_key("untrusted.pub"));
+    assert_eq!(other.id(), other_id);
+    Bundle::open(&bundle).unwrap().sign(&other).unwrap();
+
+    let err = Bundle::open_with(&bundle, &trusting(&[demo_pub()], true)).unwrap_err();
+    match &err {
+        BundleError::SignatureUntrusted { key_id, .. } => assert_eq!(key_id, &other_id),
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("not a trusted key"), "{err}");
+
+    let lenient = Bundle::open_with(&bundle, &trusting(&[demo_pub()], false)).unwrap();
+    assert_eq!(
+        lenient.signature,
+        SignatureStatus::UntrustedKey { key_id: other_id }
+    );
+    // Trusting the other key too: verified.
+    let both = trusting(&[demo_pub(), fixture_key("untrusted.pub")], true);
+    assert!(Bundle::open_with(&bundle, &both).is_ok());
+}
+
+#[test]
+fn a_missing_signature_is_refused_only_when_required() {
+    let (dir, bundle) = repository();
+    std::fs::remove_file(bundle.join(SIGNATURE_FILE)).unwrap();
+    let err = Bundle::open_with(&bundle, &trusting(&[demo_pub()], true)).unwrap_err();
+    assert!(
+        matches!(err, BundleError::SignatureMissing { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("not signed"), "{err}");
+    let open = Bundle::open_with(&bundle, &trusting(&[demo_pub()], false)).unwrap();
+    assert_eq!(open.signature, SignatureStatus::Unsigned);
+
+    // Through the repository: the model is unavailable and the index says why.
+    let repository = Repository::new(
+        dir.path(),
+        RepositoryOptions {
+            signatures: trusting(&[demo_pub()], true),
+            ..RepositoryOptions::default()
+        },
+    );
+    assert!(repository.load(BUNDLE).is_err());
+    let index = repository.index();
+    assert_eq!(index.len(), 1);
+    match &index[0].state {
+        ModelState::Unavailable { reason } => {
+            assert!(reason.contains("not signed"), "{reason}");
+            assert!(
+                reason.contains(&format!("{BUNDLE}/{SIGNATURE_FILE}")),
+                "{reason}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn malformed_signature_files_are_refused_with_a_reason() {
+    let (_dir, bundle) = repository();
+    let policy = trusting(&[demo_pub()], false);
+    let sig = bundle.join(SIGNATURE_FILE);
+    let committed = std::fs::read_to_string(&sig).unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", vec![]),
+        ("garbage", b"hello\nworld\n".to_vec()),
+        ("binary", vec![0xff, 0xfe, 0x00, 0x80]),
+        ("huge", vec![b'a'; 1 << 20]),
+        (
+            "truncated",
+            committed
+                .lines()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join("\n")
+                .into_bytes(),
+        ),
+        (
+            "bad base64",
+            committed.replacen("RUQ", "!!!", 1).into_bytes(),
+        ),
+    ];
+    for (what, bytes) in cases {
+        std::fs::write(&sig, &bytes).unwrap();
+        let err = Bundle::open_with(&bundle, &policy).unwrap_err();
+        assert!(
+            matches!(err, BundleError::SignatureMalformed { .. }),
+            "{what}: {err:?}"
+        );
+    }
+    // A signature file that is a directory is an I/O error, not a panic.
+    std::fs::remove_file(&sig).unwrap();
+    std::fs::create_dir(&sig).unwrap();
+    assert!(Bundle::open_with(&bundle, &policy).is_err());
+}
+
+#[test]
+fn key_files_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.pub");
+    std::fs::write(&bad, "untrusted comment: x\nnot base64 at all\n").unwrap();
+    assert!(matches!(
+        TrustedKey::from_file(&bad),
+        Err(KeyError::Malformed { .. })
+    ));
+    assert!(matches!(
+        TrustedKey::from_file(&dir.path().join("missing.pub")),
+        Err(KeyError::Io { .. })
+    ));
+    // A secret key is not a public key, and the reverse.
+    assert!(TrustedKey::from_file(&demo_key()).is_err());
+    assert!(SigningKey::from_file(&demo_pub(), None).is_err());
+    // The same key twice is a configuration mistake.
+    assert!(matches!(
+        SignaturePolicy::load(&[demo_pub(), demo_pub()], false),
+        Err(KeyError::Duplicate { .. })
+    ));
+    // A bare base64 line (as `minisign -P` takes) is accepted.
+    let bare = dir.path().join("bare.pub");
+    let line = std::fs::read_to_string(demo_pub())
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    std::fs::write(&bare, line).unwrap();
+    assert_eq!(
+        TrustedKey::from_file(&bare).unwrap().id(),
+        id_from_comment(&demo_pub())
+    );
+    // A corrupted secret key (one byte of its public half flipped) is refused.
+    let text = std::fs::read_to_string(demo_key()).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    use base64::Engine as _;
+    let mut raw = base64::engine::general_purpose::STANDARD
+        .decode(&lines[1])
+        .unwrap();
+    raw[100] ^= 1;
+    lines[1] = base64::engine::general_purpose::STANDARD.encode(raw);
+    let corrupt = dir.path().join("corrupt.key");
+    std::fs::write(&corrupt, lines.join("\n")).unwrap();
+    assert!(SigningKey::from_file(&corrupt, None).is_err());
+}
+
+#[test]
+fn an_encrypted_minisign_key_signs_with_its_password() {
+    let (_dir, bundle) = repository();
+    let key = SigningKey::from_file(
+        &fixture_key("encrypted.key"),
+        Some("nightingale-test".into()),
+    )
+    .unwrap();
+    assert_eq!(key.id(), id_from_comment(&fixture_key("encrypted.pub")));
+    Bundle::open(&bundle).unwrap().sign(&key).unwrap();
+    let policy = trusting(&[fixture_key("encrypted.pub")], true);
+    assert!(matches!(
+        Bundle::open_with(&bundle, &policy).unwrap().signature,
+        SignatureStatus::Verified { .. }
+    ));
+    // Without a password, off a terminal: refused, not prompted.
+    assert!(matches!(
+        SigningKey::from_file(&fixture_key("encrypted.key"), None),
+        Err(KeyError::Decrypt { .. })
+    ));
+}

@@ -1,0 +1,378 @@
+//! Model control with its audit trail, through the router: rollback to a named version
+//! (`{"parameters": {"version": "N"}}`), unload, refused loads, the operator view of the
+//! repository index, and the repository poller swapping a new version in (or refusing a broken
+//! one while the old keeps serving). The bundle is the real wdbc-malignancy (versions 1 and 2),
+//! signed with the repository's demo key.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use nightingale::audit::{AuditLog, AuditRecord, EventKind, Outcome};
+use nightingale::http::{self, AppState, HttpConfig};
+use nightingale_models::{Repository, RepositoryOptions, SignaturePolicy};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+mod support;
+use support::copy_dir;
+
+const MODEL: &str = "wdbc-malignancy";
+const TOKEN: &str = "test-admin-token-0123456789";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    state: Arc<AppState>,
+}
+
+impl Fixture {
+    /// A repository with the bundle; `versions` are the version folders kept on disk (the
+    /// manifest, and so its signature, is unchanged: it may list versions not on disk).
+    async fn new(versions: &[u64]) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        let bundle = repo.join(MODEL);
+        copy_dir(&root().join("models/bundles").join(MODEL), &bundle);
+        for v in [1u64, 2] {
+            if !versions.contains(&v) {
+                std::fs::remove_dir_all(bundle.join(v.to_string())).unwrap();
+            }
+        }
+        let options = RepositoryOptions {
+            signatures: SignaturePolicy::load(
+                &[root().join("keys/demo/nightingale-demo.pub")],
+                true,
+            )
+            .unwrap(),
+            ..RepositoryOptions::default()
+        };
+        let repository = Arc::new(Repository::new(&repo, options));
+        let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
+        let state = AppState::new(
+            repository,
+            audit,
+            HttpConfig {
+                admin_token: Some(TOKEN.into()),
+                ..HttpConfig::default()
+            },
+            None,
+        );
+        nightingale::deploy::load_all(&state).await;
+        state.set_ready(true);
+        Fixture { dir, state }
+    }
+
+    fn bundle(&self) -> PathBuf {
+        self.dir.path().join("repo").join(MODEL)
+    }
+
+    async fn post(&self, uri: &str, body: &str, token: Option<&str>) -> (StatusCode, Value) {
+        let mut req = Request::post(uri);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let res = http::app(self.state.clone())
+            .oneshot(req.body(Body::from(body.to_owned())).unwrap())
+            .await
+            .unwrap();
+        let status = res.status();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn get(&self, uri: &str) -> (StatusCode, Value) {
+        let res = http::app(self.state.clone())
+            .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = res.status();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn index(&self) -> Vec<Value> {
+        let (s, v) = self.post("/v2/repository/index", "", None).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v.as_array().unwrap().clone()
+    }
+
+    async fn infer_version(&self) -> (StatusCode, Value) {
+        let body = json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32",
+            "data": vec![1.0f32; 30]}]});
+        self.post(
+            &format!("/v2/models/{MODEL}/infer"),
+            &body.to_string(),
+            None,
+        )
+        .await
+    }
+
+    /// Audit records, once the writer has stored them (bounded wait).
+    async fn audit(&self) -> Vec<AuditRecord> {
+        let text = std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn model_sha(bundle: &Path, version: u64) -> String {
+    nightingale_models::sha256_file(&bundle.join(format!("{version}/model.onnx"))).unwrap()
+}
+
+#[tokio::test]
+async fn rollback_serves_the_named_version_alone_and_is_audited_with_its_actor() {
+    let f = Fixture::new(&[1, 2]).await;
+    let (_, v) = f.infer_version().await;
+    assert_eq!(v["model_version"], "2");
+
+    let uri = format!("/v2/repository/models/{MODEL}/load");
+    // Without the token: refused, nothing changes.
+    let (s, _) = f
+        .post(&uri, r#"{"parameters": {"version": "1"}}"#, None)
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    let (s, v) = f
+        .post(&uri, r#"{"parameters": {"version": "1"}}"#, Some(TOKEN))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (_, v) = f.infer_version().await;
+    assert_eq!(v["model_version"], "1");
+    let (s, _) = f.get(&format!("/v2/models/{MODEL}/versions/2/ready")).await;
+    assert_ne!(s, StatusCode::OK, "version 2 no longer serves");
+
+    let index = f.index().await;
+    assert_eq!(index.len(), 1, "{index:?}");
+    let row = &index[0];
+    assert_eq!(row["version"], "1");
+    assert_eq!(row["state"], "READY");
+    assert_eq!(row["pinned"], true);
+    assert_eq!(row["signature"]["status"], "verified");
+    assert_eq!(row["signature"]["key_id"], "B98C67AF02AD8F31");
+    assert!(
+        row["selftest"].as_str().unwrap().starts_with("self-test "),
+        "{row}"
+    );
+    assert!(row["loaded_at"].as_str().unwrap().ends_with('Z'), "{row}");
+
+    // A plain load returns to the version policy (all versions).
+    let (s, _) = f.post(&uri, "", Some(TOKEN)).await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, v) = f.infer_version().await;
+    assert_eq!(v["model_version"], "2");
+    assert!(f.index().await.iter().all(|r| r.get("pinned").is_none()));
+
+    let records = f.audit().await;
+    let control: Vec<&AuditRecord> = records
+        .iter()
+        .filter(|r| r.event.kind != EventKind::Inference)
+        .collect();
+    let summary: Vec<(EventKind, &str, &str)> = control
+        .iter()
+        .map(|r| {
+            (
+                r.event.kind,
+                r.event.version.as_str(),
+                r.event.actor.as_deref().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (EventKind::ModelLoad, "1", "startup"),
+            (EventKind::ModelLoad, "2", "startup"),
+            (EventKind::ModelRollback, "1", "admin-token"),
+            (EventKind::ModelLoad, "1", "admin-token"),
+            (EventKind::ModelLoad, "2", "admin-token"),
+        ]
+    );
+    let rollback = control[2];
+    assert_eq!(rollback.event.model_sha256, model_sha(&f.bundle(), 1));
+    assert_eq!(rollback.event.outcome, Outcome::Ok);
+    assert!(
+        rollback
+            .event
+            .detail
+            .as_deref()
+            .unwrap()
+            .contains("B98C67AF02AD8F31"),
+        "{rollback:?}"
+    );
+    let check = nightingale::audit::verify(&f.dir.path().join("audit.jsonl")).unwrap();
+    assert_eq!(check.records as usize, records.len());
+}
+
+#[tokio::test]
+async fn bad_load_requests_are_refused_and_what_serves_keeps_serving() {
+    let f = Fixture::new(&[1, 2]).await;
+    let uri = format!("/v2/repository/models/{MODEL}/load");
+    for body in [
+        r#"{"parameters": {"version": "0"}}"#,
+        r#"{"parameters": {"version": "one"}}"#,
+        r#"{"parameters": {"version": -1}}"#,
+        r#"{"parameters": {"config": "{}"}}"#,
+        r#"{"parameters": 7}"#,
+        r#"[1]"#,
+        r#"{"parameters": {"version": "1""#,
+    ] {
+        let (s, v) = f.post(&uri, body, Some(TOKEN)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert!(v["error"].is_string(), "{v}");
+    }
+    // A version that is not on disk: refused, audited, version 2 still serves.
+    let (s, v) = f
+        .post(&uri, r#"{"parameters": {"version": "9"}}"#, Some(TOKEN))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("9"), "{v}");
+    let (_, v) = f.infer_version().await;
+    assert_eq!(v["model_version"], "2");
+    let refused: Vec<AuditRecord> = f
+        .audit()
+        .await
+        .into_iter()
+        .filter(|r| r.event.kind == EventKind::ModelRefused)
+        .collect();
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].event.version, "9");
+    assert_eq!(refused[0].event.actor.as_deref(), Some("admin-token"));
+    let index = f.index().await;
+    let failed: Vec<&Value> = index.iter().filter(|r| r["state"] != "READY").collect();
+    assert_eq!(failed.len(), 1, "{index:?}");
+    assert_eq!(failed[0]["version"], "9");
+    assert!(failed[0]["refused_at"].is_string());
+}
+
+#[tokio::test]
+async fn unload_is_audited() {
+    let f = Fixture::new(&[1]).await;
+    let (s, _) = f
+        .post(
+            &format!("/v2/repository/models/{MODEL}/unload"),
+            "",
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = f.infer_version().await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    let last = f.audit().await.pop().unwrap();
+    assert_eq!(last.event.kind, EventKind::ModelUnload);
+    assert_eq!(last.event.actor.as_deref(), Some("admin-token"));
+}
+
+/// Polls `f` until `check` holds, for at most 30 s.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_poller_swaps_a_new_version_in_and_refuses_a_broken_one() {
+    let f = Fixture::new(&[1]).await;
+    let seen = f.state.repository.fingerprints();
+    let poller = tokio::spawn(nightingale::deploy::poll(
+        f.state.clone(),
+        Duration::from_millis(100),
+        seen,
+    ));
+    let (_, v) = f.infer_version().await;
+    assert_eq!(v["model_version"], "1");
+
+    // A broken version 2 (its model file does not match its checksum) appears: refused, 1
+    // keeps serving, the index says why.
+    let staging = f.dir.path().join("staging");
+    copy_dir(
+        &root().join("models/bundles").join(MODEL).join("2"),
+        &staging,
+    );
+    let mut onnx = std::fs::read(staging.join("model.onnx")).unwrap();
+    onnx[100] ^= 0x01;
+    std::fs::write(staging.join("model.onnx"), onnx).unwrap();
+    std::fs::rename(&staging, f.bundle().join("2")).unwrap();
+    eventually("the broken version is refused", async || {
+        f.index().await.iter().any(|r| r["state"] == "UNAVAILABLE")
+    })
+    .await;
+    let index = f.index().await;
+    let refused = index.iter().find(|r| r["state"] == "UNAVAILABLE").unwrap();
+    assert_eq!(refused["version"], "2");
+    let reason = refused["reason"].as_str().unwrap();
+    assert!(reason.contains("checksum mismatch"), "{reason}");
+    assert!(
+        reason.contains(&format!("{MODEL}/2/model.onnx")),
+        "{reason}"
+    );
+    let (s, v) = f.infer_version().await;
+    assert_eq!(
+        (s, v["model_version"].as_str()),
+        (StatusCode::OK, Some("1"))
+    );
+
+    // Replaced by the real version 2: swapped in.
+    std::fs::remove_dir_all(f.bundle().join("2")).unwrap();
+    copy_dir(
+        &root().join("models/bundles").join(MODEL).join("2"),
+        &staging,
+    );
+    std::fs::rename(&staging, f.bundle().join("2")).unwrap();
+    eventually("version 2 serves", async || {
+        f.infer_version().await.1["model_version"] == "2"
+    })
+    .await;
+    assert!(f.index().await.iter().all(|r| r["state"] == "READY"));
+
+    // The bundle removed from disk: unloaded.
+    std::fs::remove_dir_all(f.bundle()).unwrap();
+    eventually("the model is unloaded", async || {
+        f.infer_version().await.0 == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    poller.abort();
+
+    let records = f.audit().await;
+    let by_poller: Vec<(EventKind, String)> = records
+        .iter()
+        .filter(|r| r.event.actor.as_deref() == Some(nightingale::deploy::POLLER))
+        .map(|r| (r.event.kind, r.event.version.clone()))
+        .collect();
+    assert_eq!(
+        by_poller,
+        vec![
+            (EventKind::ModelRefused, "2".into()),
+            (EventKind::ModelLoad, "1".into()),
+            (EventKind::ModelLoad, "2".into()),
+            (EventKind::ModelUnload, String::new()),
+        ]
+    );
+    let refused = records
+        .iter()
+        .find(|r| r.event.kind == EventKind::ModelRefused)
+        .unwrap();
+    assert!(
+        refused
+            .event
+            .detail
+            .as_deref()
+            .unwrap()
+            .contains("checksum mismatch")
+    );
+}
