@@ -95,6 +95,21 @@ def _tail(path: Path, n_bytes: int = 20000) -> str:
     return data[-n_bytes:].decode("utf-8", errors="replace")
 
 
+def wait_ready(proc: subprocess.Popen, addr: str, log: Path, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Waits (bounded) until the server at `addr` answers GET /v2/health/ready with 200; fails
+    with the server's log if it exits or does not become ready in time."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"server exited with {proc.returncode}\n" + _tail(log)
+        try:
+            if requests.get(f"http://{addr}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, f"not ready in {timeout_s:.0f} s\n" + _tail(log)
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def server_url(request) -> str:
     external = os.environ.get("NIGHTINGALE_URL")

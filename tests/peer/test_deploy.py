@@ -24,7 +24,7 @@ import pytest
 import requests
 import tritonclient.http as httpclient
 
-from conftest import REPO, _free_port, _tail
+from conftest import REPO, _free_port, _tail, wait_ready
 
 BUNDLE = REPO / "models" / "bundles" / "wdbc-malignancy"
 CLIENTS = 16
@@ -50,16 +50,7 @@ def server(tmp_path):
     with open(log, "wb") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, env=env)
     url = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, _tail(log)
-        try:
-            if requests.get(f"http://{url}/v2/health/ready", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        assert time.monotonic() < deadline, "not ready in 60 s\n" + _tail(log)
-        time.sleep(0.1)
+    wait_ready(proc, url, log)
     yield url, repo, tmp_path, log
     proc.terminate()
     proc.wait(timeout=30)

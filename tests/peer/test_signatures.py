@@ -8,13 +8,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import REPO, _free_port, _tail
+from conftest import REPO, _free_port, wait_ready
 
 DEMO_PUB = REPO / "keys" / "demo" / "nightingale-demo.pub"
 BUNDLES = REPO / "models" / "bundles"
@@ -120,16 +119,7 @@ def test_a_server_requiring_signatures_serves_only_trusted_bundles(minisign, tmp
     with open(log, "wb") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, _tail(log)
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "not ready in 60 s\n" + _tail(log)
-            time.sleep(0.2)
+        wait_ready(proc, f"127.0.0.1:{port}", log)
         index = requests.post(f"http://127.0.0.1:{port}/v2/repository/index", timeout=10).json()
         rows = {row["name"]: row for row in index}
         assert rows["pima-diabetes"]["state"] == "READY", rows
