@@ -120,7 +120,7 @@ impl Fixture {
         .await
     }
 
-    /// Audit records, once the writer has stored them (bounded wait).
+    /// Audit records (each is stored before its action is answered, so no wait is needed).
     async fn audit(&self) -> Vec<AuditRecord> {
         let text = std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap();
         text.lines()
@@ -129,8 +129,15 @@ impl Fixture {
     }
 }
 
+/// The model file's SHA-256 as bundle.toml lists it (written by the training script with
+/// Python's hashlib), not as the server computes it.
 fn model_sha(bundle: &Path, version: u64) -> String {
-    nightingale_models::sha256_file(&bundle.join(format!("{version}/model.onnx"))).unwrap()
+    let text = std::fs::read_to_string(bundle.join("bundle.toml")).unwrap();
+    let manifest: toml::Value = toml::from_str(&text).unwrap();
+    manifest["versions"][version.to_string()]["files"]["model.onnx"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 #[tokio::test]

@@ -531,28 +531,12 @@ impl Repository {
     /// Loads every bundle in the repository. A bundle that fails (or whose engine panics) is
     /// logged and marked unavailable; the others serve.
     pub fn load_all(&self) -> Result<Vec<LoadOutcome>, RepositoryError> {
-        let names = self.scan()?;
-        Ok(names
+        // `load_target` catches panics itself: a panicking bundle is an error like any other.
+        Ok(self
+            .scan()?
             .into_iter()
             .map(|name| {
-                let result =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.load(&name)))
-                        .unwrap_or_else(|payload| {
-                            let message = panic_message(payload.as_ref());
-                            tracing::error!(model = %name, %message, "loading the model panicked");
-                            let reason = format!("loading panicked: {message}");
-                            let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
-                            let entry = models.entry(name.clone()).or_default();
-                            if entry.versions.is_empty() {
-                                entry.state = Some(ModelState::Unavailable {
-                                    reason: reason.clone(),
-                                });
-                            }
-                            Err(RepositoryError::NotReady {
-                                name: name.clone(),
-                                reason,
-                            })
-                        });
+                let result = self.load(&name);
                 (name, result)
             })
             .collect())

@@ -10,24 +10,16 @@ use nightingale_models::{
     sha256_file,
 };
 
+// The one folder-copy helper of the workspace's integration tests.
+#[path = "../../tests/support/mod.rs"]
+mod support;
+use support::copy_dir;
+
 const GOOD: &str = "wdbc-malignancy";
 const PANICS: &str = "gather-out-of-range";
 
 fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 /// A repository holding the good bundle and the one whose engine panics at warm-up.

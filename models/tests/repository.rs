@@ -7,25 +7,17 @@ use nightingale_models::{
     Bundle, BundleError, ModelState, Repository, RepositoryError, RepositoryOptions,
 };
 
+// The one folder-copy helper of the workspace's integration tests.
+#[path = "../../tests/support/mod.rs"]
+mod support;
+use support::copy_dir;
+
 const MODEL: &str = "wdbc-malignancy";
 
 fn source() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("bundles")
         .join(MODEL)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 /// A copy of the bundle holding version 1 only, served under the `latest 1` policy.

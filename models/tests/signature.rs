@@ -11,6 +11,11 @@ use nightingale_models::{
     SignatureStatus, SigningKey, TrustedKey, sha256_file,
 };
 
+// The one folder-copy helper of the workspace's integration tests.
+#[path = "../../tests/support/mod.rs"]
+mod support;
+use support::copy_dir;
+
 const BUNDLE: &str = "pima-diabetes";
 
 fn repo_root() -> PathBuf {
@@ -40,19 +45,6 @@ fn id_from_comment(pub_file: &Path) -> String {
         .unwrap_or_else(|| panic!("{first:?}"))
         .trim()
         .to_owned()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 /// A repository holding a copy of the signed reference bundle.
