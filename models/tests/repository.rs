@@ -1,7 +1,7 @@
 //! Bundles on disk: checksums, version folders and policies, hot reload, on the real
 //! wdbc-malignancy bundle copied into a temporary repository.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use nightingale_models::{
     Bundle, BundleError, ModelState, Repository, RepositoryError, RepositoryOptions,
