@@ -9,6 +9,7 @@
 pub mod scp;
 pub mod sop;
 pub mod spool;
+pub mod structure;
 
 pub use scp::{AllowedAe, Scp, ScpConfig, ScpError};
 pub use spool::{Incoming, Recovery, Spool, SpoolError, SpoolOptions, StoreError, Stored};

@@ -635,9 +635,9 @@ pub fn status_of(e: &StoreError) -> u16 {
         StoreError::OutOfResources { .. }
         | StoreError::DiskFull { .. }
         | StoreError::TooLarge { .. } => status::OUT_OF_RESOURCES,
-        StoreError::UnknownTransferSyntax { .. } | StoreError::CannotParse { .. } => {
-            status::CANNOT_UNDERSTAND
-        }
+        StoreError::UnknownTransferSyntax { .. }
+        | StoreError::CannotParse { .. }
+        | StoreError::Malformed(_) => status::CANNOT_UNDERSTAND,
         StoreError::MissingAttribute { .. }
         | StoreError::InvalidUid { .. }
         | StoreError::Mismatch { .. }

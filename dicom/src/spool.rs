@@ -112,6 +112,8 @@ pub enum StoreError {
         transfer_syntax: String,
         detail: String,
     },
+    #[error("malformed data set: {0}")]
+    Malformed(#[from] crate::structure::StructureError),
     #[error("missing required attribute {name}")]
     MissingAttribute { name: &'static str },
     #[error("{name} is not a valid UID")]
@@ -140,6 +142,7 @@ impl StoreError {
             self,
             StoreError::UnknownTransferSyntax { .. }
                 | StoreError::CannotParse { .. }
+                | StoreError::Malformed(_)
                 | StoreError::MissingAttribute { .. }
                 | StoreError::InvalidUid { .. }
                 | StoreError::Mismatch { .. }
@@ -155,6 +158,7 @@ impl StoreError {
             StoreError::TooLarge { .. } => "too_large",
             StoreError::UnknownTransferSyntax { .. } => "unknown_transfer_syntax",
             StoreError::CannotParse { .. } => "cannot_parse",
+            StoreError::Malformed(_) => "malformed",
             StoreError::MissingAttribute { .. } => "missing_attribute",
             StoreError::InvalidUid { .. } => "invalid_uid",
             StoreError::Mismatch { .. } => "mismatch",
@@ -608,6 +612,8 @@ fn validate(dataset: &[u8], incoming: &Incoming<'_>) -> Result<Identity, StoreEr
         .ok_or_else(|| StoreError::UnknownTransferSyntax {
             uid: ts_uid.to_owned(),
         })?;
+    // dicom-parser takes a data set cut inside a header as ended: check the structure first.
+    crate::structure::check(dataset, crate::structure::Encoding::of(ts_uid))?;
     let obj = InMemDicomObject::read_dataset_with_ts(dataset, ts).map_err(|e| {
         StoreError::CannotParse {
             transfer_syntax: ts_uid.to_owned(),

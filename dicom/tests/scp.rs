@@ -16,7 +16,8 @@ use dicom_ul::ClientAssociationOptions;
 use dicom_ul::association::client::ClientAssociation;
 use dicom_ul::pdu::{
     AssociationRJResult, AssociationRJServiceProviderPresentationReason, AssociationRJSource,
-    PDataValue, PDataValueType, Pdu, PresentationContextResultReason,
+    AssociationRQ, PDataValue, PDataValueType, Pdu, PresentationContextProposed,
+    PresentationContextResultReason, UserVariableItem,
 };
 use nightingale_dicom::{Scp, ScpConfig, Spool, SpoolOptions};
 
@@ -48,10 +49,17 @@ async fn start(configure: impl FnOnce(&mut ScpConfig)) -> Running {
 }
 
 fn ct(sop: &str) -> Vec<u8> {
+    ct_with(Some(sop))
+}
+
+/// A small CT data set; `None` leaves the SOP Instance UID out.
+fn ct_with(sop: Option<&str>) -> Vec<u8> {
     let mut obj = InMemDicomObject::new_empty();
     let ui = |v: &str| PrimitiveValue::from(v);
     obj.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, ui(CT)));
-    obj.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, ui(sop)));
+    if let Some(sop) = sop {
+        obj.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, ui(sop)));
+    }
     obj.put(DataElement::new(
         tags::STUDY_INSTANCE_UID,
         VR::UI,
@@ -145,7 +153,7 @@ fn pdata(pc: u8, value_type: PDataValueType, is_last: bool, data: Vec<u8>) -> Pd
 fn connect(
     addr: SocketAddr,
     contexts: &[(&str, &str)],
-) -> dicom_ul::association::Result<ClientAssociation<std::net::TcpStream>> {
+) -> Result<ClientAssociation<std::net::TcpStream>, dicom_ul::association::Error> {
     let mut options = ClientAssociationOptions::new()
         .calling_ae_title("RUSTSCU")
         .called_ae_title("NIGHTINGALE")
@@ -197,12 +205,48 @@ fn accepted_pc(assoc: &ClientAssociation<std::net::TcpStream>) -> u8 {
         .id
 }
 
+/// Sends an A-ASSOCIATE-RQ (written by dicom-ul) on a raw socket and reads the answer:
+/// dicom-ul's client lists only accepted contexts, this test needs the rejected ones too.
+fn raw_associate(addr: SocketAddr, contexts: &[(&str, &str)]) -> Pdu {
+    use std::io::{Read, Write};
+    let rq = Pdu::AssociationRQ(AssociationRQ {
+        protocol_version: 1,
+        calling_ae_title: "RUSTSCU".into(),
+        called_ae_title: "NIGHTINGALE".into(),
+        application_context_name: "1.2.840.10008.3.1.1.1".into(),
+        presentation_contexts: contexts
+            .iter()
+            .enumerate()
+            .map(|(i, (abstract_syntax, ts))| PresentationContextProposed {
+                id: (2 * i + 1) as u8,
+                abstract_syntax: abstract_syntax.to_string(),
+                transfer_syntaxes: vec![ts.to_string()],
+            })
+            .collect(),
+        user_variables: vec![UserVariableItem::MaxLength(16_384)],
+    });
+    let mut socket = std::net::TcpStream::connect(addr).unwrap();
+    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut bytes = Vec::new();
+    dicom_ul::write_pdu(&mut bytes, &rq).unwrap();
+    socket.write_all(&bytes).unwrap();
+    let mut header = [0u8; 6];
+    socket.read_exact(&mut header).unwrap();
+    let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]) as usize;
+    let mut pdu = header.to_vec();
+    pdu.resize(6 + len, 0);
+    socket.read_exact(&mut pdu[6..]).unwrap();
+    dicom_ul::read_pdu(pdu.as_slice(), 1 << 20, true)
+        .unwrap()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contexts_are_negotiated_one_by_one() {
     let server = start(|_| {}).await;
     let addr = server.addr;
-    let contexts = tokio::task::spawn_blocking(move || {
-        let assoc = connect(
+    let ac = tokio::task::spawn_blocking(move || {
+        raw_associate(
             addr,
             &[
                 (CT, EXPLICIT_LE),
@@ -210,14 +254,14 @@ async fn contexts_are_negotiated_one_by_one() {
                 (CT, MPEG2),
             ],
         )
-        .unwrap();
-        let pcs = assoc.presentation_contexts().to_vec();
-        assoc.release().unwrap();
-        pcs
     })
     .await
     .unwrap();
-    let reasons: Vec<_> = contexts
+    let Pdu::AssociationAC(ac) = ac else {
+        panic!("expected A-ASSOCIATE-AC, got {ac:?}");
+    };
+    let reasons: Vec<_> = ac
+        .presentation_contexts
         .iter()
         .map(|pc| (pc.id, pc.reason.clone()))
         .collect();
@@ -235,10 +279,16 @@ async fn contexts_are_negotiated_one_by_one() {
             ),
         ]
     );
+    assert_eq!(
+        ac.presentation_contexts[0]
+            .transfer_syntax
+            .trim_end_matches('\0'),
+        EXPLICIT_LE
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_data_set_cut_inside_an_element_header_fails_and_the_association_goes_on() {
+async fn corrupt_data_sets_fail_with_their_status_and_the_association_goes_on() {
     let server = start(|_| {}).await;
     let addr = server.addr;
     let statuses = tokio::task::spawn_blocking(move || {
@@ -252,13 +302,15 @@ async fn a_data_set_cut_inside_an_element_header_fails_and_the_association_goes_
             .unwrap();
         let cut = good[..header + 2].to_vec();
         let a = store(&mut assoc, pc, 1, "1.2.3.100.1.2", cut);
-        let b = store(&mut assoc, pc, 2, "1.2.3.100.1.1", good);
+        // No SOP Instance UID in the data set (the command names one).
+        let b = store(&mut assoc, pc, 2, "1.2.3.100.1.3", ct_with(None));
+        let c = store(&mut assoc, pc, 3, "1.2.3.100.1.1", good);
         assoc.release().unwrap();
-        (a, b)
+        (a, b, c)
     })
     .await
     .unwrap();
-    assert_eq!(statuses, (0xC000, 0x0000));
+    assert_eq!(statuses, (0xC000, 0xA900, 0x0000));
     let uids: Vec<_> = server
         .spool
         .instances()
@@ -267,11 +319,12 @@ async fn a_data_set_cut_inside_an_element_header_fails_and_the_association_goes_
         .map(|s| s.sop_instance_uid)
         .collect();
     assert_eq!(uids, ["1.2.3.100.1.1"]);
+    // Two refused objects, each with its .reason file.
     assert_eq!(
         std::fs::read_dir(server.spool.quarantine_dir())
             .unwrap()
             .count(),
-        2
+        4
     );
 }
 

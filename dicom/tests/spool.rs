@@ -219,7 +219,7 @@ fn refused_objects_are_quarantined_with_their_reason_and_never_indexed() {
     // Cut inside the pixel data element.
     let truncated = &good[..good.len() - 2];
     let e = spool.store(truncated, &incoming()).unwrap_err();
-    assert!(matches!(e, StoreError::CannotParse { .. }), "{e}");
+    assert!(matches!(e, StoreError::Malformed(_)), "{e}");
 
     let e = spool
         .store(&ct(None, Some(vec![1, 0])), &incoming())
@@ -286,8 +286,8 @@ fn refused_objects_are_quarantined_with_their_reason_and_never_indexed() {
     assert_eq!(
         kinds_sorted,
         [
-            "cannot_parse",
             "invalid_uid",
+            "malformed",
             "mismatch",
             "missing_attribute",
             "missing_pixel_data",
