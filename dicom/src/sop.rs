@@ -53,6 +53,8 @@ pub const STORAGE_CLASSES: &[StorageClass] = &[
     image("1.2.840.10008.5.1.4.1.1.3.1", "US multi-frame"),
     image("1.2.840.10008.5.1.4.1.1.6.1", "US"),
     image("1.2.840.10008.5.1.4.1.1.6.2", "enhanced US volume"),
+    image("1.2.840.10008.5.1.4.1.1.6", "US (retired)"),
+    image("1.2.840.10008.5.1.4.1.1.3", "US multi-frame (retired)"),
     image("1.2.840.10008.5.1.4.1.1.4", "MR"),
     image("1.2.840.10008.5.1.4.1.1.4.1", "enhanced MR"),
     image("1.2.840.10008.5.1.4.1.1.4.3", "enhanced MR color"),
@@ -137,6 +139,14 @@ pub fn is_valid_uid(uid: &str) -> bool {
         && !uid.contains("..")
 }
 
+/// A UID the spool keeps even though it may break PS3.5's rules: one value (no backslash),
+/// 1–64 printable ASCII characters.
+pub fn is_acceptable_uid(uid: &str) -> bool {
+    !uid.is_empty()
+        && uid.len() <= 64
+        && uid.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b'\\')
+}
+
 /// A UID value as read from a data element: without its padding.
 pub fn trim_uid(uid: &str) -> &str {
     uid.trim_end_matches(['\0', ' ']).trim_start_matches(' ')
@@ -153,6 +163,9 @@ mod tests {
         assert!(!is_valid_uid("../etc"));
         assert!(!is_valid_uid("1..2"));
         assert!(!is_valid_uid(&"1".repeat(65)));
+        assert!(is_acceptable_uid("dccc9599087131742838cc1162a630fe"));
+        assert!(!is_acceptable_uid("1.2\\1.3"));
+        assert!(!is_acceptable_uid(&"1".repeat(65)));
         assert_eq!(trim_uid("1.2.3\0"), "1.2.3");
         assert!(is_image_class("1.2.840.10008.5.1.4.1.1.2"));
         assert!(!is_image_class("1.2.840.10008.5.1.4.1.1.481.2"));

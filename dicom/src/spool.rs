@@ -625,11 +625,22 @@ fn validate(dataset: &[u8], incoming: &Incoming<'_>) -> Result<Identity, StoreEr
             .element_opt(tag)
             .ok()
             .flatten()
-            .and_then(|e| e.to_str().ok())
+            .and_then(|e| {
+                // A UID sent with VR UN (some converters do) is its text, not bytes to show.
+                if e.vr() == dicom_core::VR::UN {
+                    e.to_bytes()
+                        .ok()
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                } else {
+                    e.to_str().ok().map(|s| s.into_owned())
+                }
+            })
             .map(|s| sop::trim_uid(&s).to_owned())
             .filter(|s| !s.is_empty())
             .ok_or(StoreError::MissingAttribute { name })?;
-        if !sop::is_valid_uid(&value) {
+        // Real senders sometimes use UIDs that break PS3.5's rules (letters, leading zeros):
+        // those are kept (their path is hashed); only what cannot be one value is refused.
+        if !sop::is_acceptable_uid(&value) {
             return Err(StoreError::InvalidUid { name });
         }
         Ok(value)
@@ -669,13 +680,20 @@ fn validate(dataset: &[u8], incoming: &Incoming<'_>) -> Result<Identity, StoreEr
     Ok(identity)
 }
 
-/// `instances/<study>/<series>/<sop>.dcm`. Validated UIDs are digits and dots only, so
-/// they are safe path components.
+/// `instances/<study>/<series>/<sop>.dcm`. A UID that follows PS3.5 (digits and dots) is a
+/// safe path component as it is; any other is replaced by `x` and a hash of it.
 fn instance_path(identity: &Identity) -> PathBuf {
+    fn component(uid: &str) -> String {
+        if sop::is_valid_uid(uid) {
+            uid.to_owned()
+        } else {
+            format!("x{}", &hex::encode(Sha256::digest(uid.as_bytes()))[..32])
+        }
+    }
     Path::new(INSTANCES_DIR)
-        .join(&identity.study_uid)
-        .join(&identity.series_uid)
-        .join(format!("{}.dcm", identity.sop_instance_uid))
+        .join(component(&identity.study_uid))
+        .join(component(&identity.series_uid))
+        .join(format!("{}.dcm", component(&identity.sop_instance_uid)))
 }
 
 fn write_part10(path: &Path, meta: &FileMetaTable, dataset: &[u8]) -> std::io::Result<()> {

@@ -240,7 +240,7 @@ fn refused_objects_are_quarantined_with_their_reason_and_never_indexed() {
     assert!(matches!(e, StoreError::MissingPixelData), "{e}");
 
     let e = spool
-        .store(&ct(Some("1.2/../4"), Some(vec![1, 0])), &incoming())
+        .store(&ct(Some("1.2\\1.3"), Some(vec![1, 0])), &incoming())
         .unwrap_err();
     assert!(
         matches!(
@@ -458,4 +458,31 @@ fn below_the_high_water_mark_a_store_is_refused_as_out_of_resources() {
             .next()
             .is_none()
     );
+}
+
+#[test]
+fn a_non_conformant_uid_is_kept_under_a_hashed_name_inside_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), options()).unwrap();
+    let stored = spool
+        .store(&ct(Some("../../escape"), Some(vec![1, 0])), &incoming())
+        .unwrap();
+    assert!(stored.path.starts_with(spool.root().join("instances")));
+    let name = stored
+        .path
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(name.starts_with('x') && name.ends_with(".dcm"), "{name}");
+    assert_eq!(dcm_files(spool.root()), vec![stored.path.clone()]);
+    assert_eq!(
+        spool.instances().unwrap()[0].sop_instance_uid,
+        "../../escape"
+    );
+    // It survives a reopen (found by its row, not re-indexed).
+    drop(spool);
+    let (_, recovery) = Spool::open(dir.path(), options()).unwrap();
+    assert_eq!(recovery, Default::default());
 }

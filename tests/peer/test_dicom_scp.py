@@ -239,6 +239,81 @@ def test_storescu_files_are_stored_as_sent_and_indexed(server, tmp_path):
     assert server.alive()
 
 
+# The storescu option that proposes each transfer syntax (storescu proposes one kind per run).
+PROPOSE = {
+    "1.2.840.10008.1.2.1": "-xe",
+    "1.2.840.10008.1.2": "-xi",
+    "1.2.840.10008.1.2.2": "-xb",
+    "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.5": "-xr",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+}
+
+
+def _test_sets() -> list[Path]:
+    """Every file of pydicom's test set and of pydicom-data (its `data_store` folder)."""
+    pydicom_dir = Path(get_testdata_file("CT_small.dcm")).parent
+    data_store = Path(pydicom.__file__).resolve().parent.parent / "data_store" / "data"
+    assert data_store.is_dir(), "pydicom-data is not installed (tests/peer/requirements.txt)"
+    return sorted(p for d in (pydicom_dir, data_store) for p in d.iterdir() if p.is_file())
+
+
+def test_every_instance_of_pydicoms_test_sets_is_stored_as_sent(server, tmp_path):
+    """Each file of pydicom's and pydicom-data's test sets that is a storable instance (a
+    Part 10 file with SOP Class/Instance, Study and Series UIDs, in a transfer syntax
+    storescu can propose) is sent in its own transfer syntax and comes back equal."""
+    sent, groups = {}, {}
+    for src in _test_sets():
+        try:
+            ds = pydicom.dcmread(src, stop_before_pixels=True)
+        except Exception:
+            continue  # not a DICOM file (README, JSON, ICC profile, DICOMDIR trees…)
+        ts = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in dir(ds) else None
+        needed = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+        if ts not in PROPOSE or not all(k in ds for k in needed) or ds.SOPClassUID == "1.2.840.10008.1.3.10":
+            continue
+        dst = tmp_path / f"{src.parent.name}-{src.name}"
+        try:
+            uid = _with_new_uid(src, dst)
+        except Exception:
+            continue  # pydicom cannot re-encode it: storescu could not send it as is either
+        sent[uid] = (dst, ts)
+        groups.setdefault(PROPOSE[ts], []).append(dst)
+    assert len(sent) >= 80, len(sent)
+    unreadable = set()
+    for option, files in sorted(groups.items()):
+        r = storescu(server.port, files, option)
+        out = r.stdout + r.stderr
+        # storescu refuses to read the deliberately truncated files (rtplan_truncated, and
+        # emri_small_jpeg_2k_lossless_too_short, whose pixel data has no end): it names each
+        # one it skips, and never sends it.
+        skipped = {Path(line.split("in file: ", 1)[1].rsplit(", ignoring file", 1)[0])
+                   for line in out.splitlines() if line.endswith(", ignoring file")}
+        unreadable |= skipped
+        assert out.count("Received Store Response (Success)") == len(files) - len(skipped), out
+        assert "Store Failed" not in out and "Error:" not in out, out
+    assert {p.name for p in unreadable} <= {
+        "test_files-rtplan_truncated.dcm",
+        "data-emri_small_jpeg_2k_lossless_too_short.dcm",
+    }, unreadable
+    index = server.index()
+    for uid, (path, ts) in sent.items():
+        if path in unreadable:
+            assert uid not in index
+            continue
+        assert uid in index, path.name
+        stored = pydicom.dcmread(server.spool / index[uid]["path"])
+        assert stored.file_meta.TransferSyntaxUID == ts, path.name
+        assert _equal_datasets(pydicom.dcmread(path), stored) == [], path.name
+    assert server.alive()
+
+
 def test_the_same_instance_twice_is_stored_once(server, tmp_path):
     f = tmp_path / "ct.dcm"
     uid = _with_new_uid(Path(get_testdata_file("CT_small.dcm")), f)
