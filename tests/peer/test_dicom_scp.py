@@ -379,3 +379,23 @@ def test_unknown_calling_ae_is_rejected(guarded_server):
     r = echoscu(guarded_server.port, aet="GOODSCU")
     assert r.returncode == 0, r.stdout + r.stderr
     assert guarded_server.alive()
+
+
+def test_a_non_loopback_address_needs_an_allowlist_or_insecure(tmp_path):
+    port = _free_port()
+    base = [str(_binary()), "serve", "--repository", str(tmp_path), "--http-addr",
+            f"127.0.0.1:{_free_port()}", "--data-dir", str(tmp_path / "data"),
+            "--dicom-addr", f"0.0.0.0:{port}"]
+    r = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "allowlist" in r.stderr and "--insecure" in r.stderr, r.stderr
+    assert not (tmp_path / "data" / "spool").exists()
+    # With an allowlist it starts (--dicom-addr wins over the fixture's --dicom-port).
+    work = tmp_path / "with-allowlist"
+    work.mkdir()
+    s = Server(work, ["--dicom-addr", f"0.0.0.0:{port}", "--dicom-allowed-ae", "PACS@127.0.0.1"])
+    try:
+        assert f"listening (DICOM) addr=0.0.0.0:{port}" in s.log()
+        assert echoscu(port, aet="PACS").returncode == 0
+    finally:
+        s.stop()
