@@ -460,3 +460,22 @@ async fn a_pdu_larger_than_negotiated_aborts_the_association_and_the_server_goes
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_in_another_transfer_syntax_than_negotiated_is_refused() {
+    const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
+    let server = start(|_| {}).await;
+    let addr = server.addr;
+    let status = tokio::task::spawn_blocking(move || {
+        let mut assoc = connect(addr, &[(CT, IMPLICIT_LE)]).unwrap();
+        let pc = accepted_pc(&assoc);
+        // Explicit VR Little Endian bytes on an Implicit VR Little Endian context.
+        let status = store(&mut assoc, pc, 1, "1.2.3.100.4.1", ct("1.2.3.100.4.1"));
+        assoc.release().unwrap();
+        status
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 0xC000);
+    assert!(server.spool.instances().unwrap().is_empty());
+}
