@@ -140,6 +140,10 @@ pub struct ServeArgs {
     /// Largest data set of one C-STORE, in bytes. [default: 2147483648]
     #[arg(long, env = "NIGHTINGALE_DICOM_MAX_INSTANCE_BYTES")]
     pub dicom_max_instance_bytes: Option<u64>,
+    /// Bytes of data sets being received at once over all associations (held in memory
+    /// until stored); a C-STORE beyond is answered 0xA700. [default: 4294967296]
+    #[arg(long, env = "NIGHTINGALE_DICOM_MAX_INFLIGHT_BYTES")]
+    pub dicom_max_inflight_bytes: Option<u64>,
     /// Free space to keep on the spool's file system; a C-STORE that would leave less is
     /// answered 0xA700 (out of resources). [default: 1073741824]
     #[arg(long, env = "NIGHTINGALE_DICOM_SPOOL_MIN_FREE_BYTES")]
@@ -226,6 +230,7 @@ struct FileConfig {
     dicom_association_timeout_secs: Option<f64>,
     dicom_idle_timeout_secs: Option<f64>,
     dicom_max_instance_bytes: Option<u64>,
+    dicom_max_inflight_bytes: Option<u64>,
     dicom_spool_min_free_bytes: Option<u64>,
     dicom_sop_classes: Option<Vec<String>>,
     insecure: Option<bool>,
@@ -566,6 +571,10 @@ impl ServeArgs {
                     .dicom_max_instance_bytes
                     .or(file.dicom_max_instance_bytes)
                     .unwrap_or(scp.max_instance_bytes);
+                scp.max_inflight_bytes = self
+                    .dicom_max_inflight_bytes
+                    .or(file.dicom_max_inflight_bytes)
+                    .unwrap_or(scp.max_inflight_bytes);
                 scp.extra_sop_classes = if !self.dicom_sop_classes.is_empty() {
                     self.dicom_sop_classes
                 } else {

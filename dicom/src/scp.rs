@@ -97,6 +97,9 @@ pub struct ScpConfig {
     pub max_associations: usize,
     /// Largest data set of one C-STORE, in bytes.
     pub max_instance_bytes: u64,
+    /// Bytes of data sets being received at once, over all associations (they are held in
+    /// memory until stored); a C-STORE that would go beyond is answered 0xA700.
+    pub max_inflight_bytes: u64,
     /// Storage SOP classes accepted besides the built-in list.
     pub extra_sop_classes: Vec<String>,
 }
@@ -116,6 +119,7 @@ impl ScpConfig {
             idle_timeout: Duration::from_secs(120),
             max_associations: 32,
             max_instance_bytes: 2 << 30,
+            max_inflight_bytes: 4 << 30,
             extra_sop_classes: Vec::new(),
         }
     }
@@ -131,6 +135,11 @@ impl ScpConfig {
         if !(4096..=16 << 20).contains(&self.max_pdu_length) {
             return Err(ScpError::InvalidSetting {
                 what: "max PDU length must be between 4096 and 16777216",
+            });
+        }
+        if self.max_inflight_bytes < self.max_instance_bytes {
+            return Err(ScpError::InvalidSetting {
+                what: "max in-flight bytes must be at least max instance bytes",
             });
         }
         if self.max_associations == 0 {
@@ -193,6 +202,70 @@ pub struct Scp {
     config: Arc<ScpConfig>,
     spool: Arc<Spool>,
     slots: Arc<Semaphore>,
+    budget: Arc<Budget>,
+}
+
+/// Bytes of data sets being received, over all associations.
+#[derive(Debug)]
+pub struct Budget {
+    limit: u64,
+    used: std::sync::atomic::AtomicU64,
+}
+
+impl Budget {
+    pub fn new(limit: u64) -> Arc<Budget> {
+        Arc::new(Budget {
+            limit,
+            used: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes reserved now.
+    pub fn used(&self) -> u64 {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Bytes one data set holds of the [`Budget`]; given back when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    budget: Arc<Budget>,
+    bytes: u64,
+}
+
+impl Reservation {
+    pub fn new(budget: &Arc<Budget>) -> Reservation {
+        Reservation {
+            budget: budget.clone(),
+            bytes: 0,
+        }
+    }
+
+    /// Reserves `n` more bytes; false (nothing reserved) when the budget cannot take them.
+    pub fn grow(&mut self, n: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        let before = self.budget.used.fetch_add(n, Ordering::AcqRel);
+        if before.saturating_add(n) > self.budget.limit {
+            self.budget.used.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        self.bytes += n;
+        true
+    }
+
+    /// Gives every reserved byte back now.
+    pub fn release(&mut self) {
+        self.budget
+            .used
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+        self.bytes = 0;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl Scp {
@@ -208,6 +281,7 @@ impl Scp {
         Ok(Scp {
             listener,
             slots: Arc::new(Semaphore::new(config.max_associations)),
+            budget: Budget::new(config.max_inflight_bytes),
             config: Arc::new(config),
             spool,
         })
@@ -240,8 +314,9 @@ impl Scp {
             match self.slots.clone().try_acquire_owned() {
                 Ok(permit) => {
                     let spool = self.spool.clone();
+                    let budget = self.budget.clone();
                     tokio::spawn(async move {
-                        serve_association(stream, peer, &config, &spool).await;
+                        serve_association(stream, peer, &config, &spool, &budget).await;
                         drop(permit);
                     });
                 }
@@ -325,7 +400,17 @@ struct Pending {
     sop_class_uid: String,
     sop_instance_uid: String,
     data: Vec<u8>,
-    too_large: bool,
+    /// Why the data set is being dropped instead of kept, if it is.
+    overflow: Option<Overflow>,
+    reservation: Reservation,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Overflow {
+    /// Larger than `max_instance_bytes`.
+    Instance,
+    /// Beyond `max_inflight_bytes` with the other data sets being received.
+    Inflight,
 }
 
 async fn serve_association(
@@ -333,6 +418,7 @@ async fn serve_association(
     peer: SocketAddr,
     config: &ScpConfig,
     spool: &Arc<Spool>,
+    budget: &Arc<Budget>,
 ) {
     let mut options = ServerAssociationOptions::new()
         .ae_access_control(Allowlist {
@@ -382,7 +468,14 @@ async fn serve_association(
         accepted,
         "DICOM association accepted"
     );
-    let (stored, failed) = match run_association(&mut association, config, spool, &calling_ae).await
+    let (stored, failed) = match run_association(
+        &mut association,
+        config,
+        spool,
+        budget,
+        &calling_ae,
+    )
+    .await
     {
         Ok(Ending::Released(counts)) => {
             tracing::info!(%peer, calling_ae, stored = counts.0, failed = counts.1, "DICOM association released");
@@ -413,6 +506,7 @@ async fn run_association(
     association: &mut AsyncServerAssociation<TcpStream>,
     config: &ScpConfig,
     spool: &Arc<Spool>,
+    budget: &Arc<Budget>,
     calling_ae: &str,
 ) -> Result<Ending, (&'static str, Counts)> {
     let mut counts: Counts = (0, 0);
@@ -475,7 +569,8 @@ async fn run_association(
                                 sop_class_uid: cmd.sop_class_uid,
                                 sop_instance_uid: cmd.sop_instance_uid,
                                 data: Vec::new(),
-                                too_large: false,
+                                overflow: None,
+                                reservation: Reservation::new(budget),
                             });
                         }
                         field => {
@@ -502,11 +597,20 @@ async fn run_association(
                     if p.presentation_context_id != value.presentation_context_id {
                         return Err(("data set on another presentation context", counts));
                     }
-                    if !p.too_large {
-                        if p.data.len() as u64 + value.data.len() as u64 > config.max_instance_bytes
-                        {
-                            p.too_large = true;
+                    if p.overflow.is_none() {
+                        let n = value.data.len() as u64;
+                        let overflow = if p.data.len() as u64 + n > config.max_instance_bytes {
+                            Some(Overflow::Instance)
+                        } else if !p.reservation.grow(n) {
+                            Some(Overflow::Inflight)
+                        } else {
+                            None
+                        };
+                        if overflow.is_some() {
+                            // Drop what was received; read the rest to answer in turn.
+                            p.overflow = overflow;
                             p.data = Vec::new();
+                            p.reservation.release();
                         } else if p.data.is_empty() {
                             p.data = value.data;
                         } else {
@@ -565,16 +669,30 @@ async fn store(
             Some("SOP class differs from the presentation context"),
         );
     }
-    if p.too_large {
-        counts.1 += 1;
-        tracing::warn!(
-            limit = config.max_instance_bytes,
-            "C-STORE refused: data set over the size limit"
-        );
-        return respond(
-            status::OUT_OF_RESOURCES,
-            Some("data set larger than the configured limit"),
-        );
+    match p.overflow {
+        Some(Overflow::Instance) => {
+            counts.1 += 1;
+            tracing::warn!(
+                limit = config.max_instance_bytes,
+                "C-STORE refused: data set over the size limit"
+            );
+            return respond(
+                status::OUT_OF_RESOURCES,
+                Some("data set larger than the configured limit"),
+            );
+        }
+        Some(Overflow::Inflight) => {
+            counts.1 += 1;
+            tracing::warn!(
+                limit = config.max_inflight_bytes,
+                "C-STORE refused: too many bytes being received at once"
+            );
+            return respond(
+                status::OUT_OF_RESOURCES,
+                Some("busy: too much data in flight, retry later"),
+            );
+        }
+        None => {}
     }
     let transfer_syntax = sop::trim_uid(&context.transfer_syntax).to_owned();
     let size = p.data.len();
@@ -586,6 +704,8 @@ async fn store(
         let sop_instance = p.sop_instance_uid.clone();
         let ts = transfer_syntax.clone();
         let data = p.data;
+        // Held until the spool returned: the bytes are in memory until then.
+        let _reservation = p.reservation;
         tokio::task::spawn_blocking(move || {
             spool.store(
                 &data,
@@ -794,6 +914,26 @@ mod tests {
         c.check().unwrap();
         let c = ScpConfig::new("127.0.0.1:11112".parse().unwrap());
         c.check().unwrap();
+    }
+
+    #[test]
+    fn the_inflight_budget_is_shared_and_given_back() {
+        let budget = Budget::new(100);
+        let mut a = Reservation::new(&budget);
+        let mut b = Reservation::new(&budget);
+        assert!(a.grow(60));
+        assert!(!b.grow(50), "60 + 50 is over 100");
+        assert_eq!(budget.used(), 60);
+        assert!(b.grow(40));
+        assert_eq!(budget.used(), 100);
+        drop(a);
+        assert_eq!(budget.used(), 40);
+        assert!(b.grow(60));
+        b.release();
+        assert_eq!(budget.used(), 0);
+        assert!(b.grow(100));
+        drop(b);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]

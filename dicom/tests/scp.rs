@@ -479,3 +479,54 @@ async fn data_in_another_transfer_syntax_than_negotiated_is_refused() {
     assert_eq!(status, 0xC000);
     assert!(server.spool.instances().unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_set_over_the_size_limit_is_out_of_resources_and_the_next_one_stores() {
+    let server = start(|c| {
+        c.max_instance_bytes = 1_000;
+        c.max_inflight_bytes = 1_000;
+    })
+    .await;
+    let addr = server.addr;
+    let statuses = tokio::task::spawn_blocking(move || {
+        let mut assoc = connect(addr, &[(CT, EXPLICIT_LE)]).unwrap();
+        let pc = accepted_pc(&assoc);
+        let small = ct("1.2.3.100.5.2");
+        assert!(small.len() < 1_000);
+        // The same data set with 2,000 bytes of padding after it: over the limit, sent in
+        // two fragments.
+        let mut big = ct("1.2.3.100.5.1");
+        big.extend_from_slice(&[0xFC, 0xFF, 0xFC, 0xFF, b'O', b'B', 0, 0]);
+        big.extend_from_slice(&2_000u32.to_le_bytes());
+        big.extend_from_slice(&[0u8; 2_000]);
+        assoc
+            .send(&pdata(
+                pc,
+                PDataValueType::Command,
+                true,
+                c_store_rq(1, "1.2.3.100.5.1"),
+            ))
+            .unwrap();
+        assoc
+            .send(&pdata(pc, PDataValueType::Data, false, big[..800].to_vec()))
+            .unwrap();
+        assoc
+            .send(&pdata(pc, PDataValueType::Data, true, big[800..].to_vec()))
+            .unwrap();
+        let a = status_of(assoc.receive().unwrap());
+        let b = store(&mut assoc, pc, 2, "1.2.3.100.5.2", small);
+        assoc.release().unwrap();
+        (a, b)
+    })
+    .await
+    .unwrap();
+    assert_eq!(statuses, (0xA700, 0x0000));
+    let uids: Vec<_> = server
+        .spool
+        .instances()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.sop_instance_uid)
+        .collect();
+    assert_eq!(uids, ["1.2.3.100.5.2"]);
+}
