@@ -321,6 +321,7 @@ impl Scp {
                     });
                 }
                 Err(_) => {
+                    association_outcome("busy");
                     tracing::warn!(%peer, "DICOM association refused: too many associations");
                     tokio::spawn(async move { reject_busy(stream, &config).await });
                 }
@@ -447,14 +448,18 @@ async fn serve_association(
     {
         Ok(Ok(a)) => a,
         Ok(Err(e)) => {
+            association_outcome("not_established");
             tracing::info!(%peer, error = %e, "DICOM association not established");
             return;
         }
         Err(_) => {
+            association_outcome("timeout");
             tracing::info!(%peer, "DICOM association not established: no A-ASSOCIATE-RQ in time");
             return;
         }
     };
+    association_outcome("accepted");
+    let _active = ActiveGauge::new();
     let calling_ae = association.peer_ae_title().trim().to_owned();
     let accepted = association
         .presentation_contexts()
@@ -492,6 +497,26 @@ async fn serve_association(
         }
     };
     tracing::info!(%peer, calling_ae, stored, failed, "DICOM association closed");
+}
+
+fn association_outcome(outcome: &'static str) {
+    metrics::counter!("nightingale_dicom_associations_total", "outcome" => outcome).increment(1);
+}
+
+/// `nightingale_dicom_associations_active`, up while it lives.
+struct ActiveGauge;
+
+impl ActiveGauge {
+    fn new() -> ActiveGauge {
+        metrics::gauge!("nightingale_dicom_associations_active").increment(1.0);
+        ActiveGauge
+    }
+}
+
+impl Drop for ActiveGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("nightingale_dicom_associations_active").decrement(1.0);
+    }
 }
 
 enum Ending {
@@ -656,14 +681,14 @@ async fn store(
         )
     };
     let Some(context) = context else {
-        counts.1 += 1;
+        failed(counts, "context_not_accepted");
         return respond(
             status::SOP_CLASS_NOT_SUPPORTED,
             Some("presentation context not accepted"),
         );
     };
     if sop::trim_uid(&context.abstract_syntax) != sop::trim_uid(&p.sop_class_uid) {
-        counts.1 += 1;
+        failed(counts, "sop_class_not_supported");
         return respond(
             status::SOP_CLASS_NOT_SUPPORTED,
             Some("SOP class differs from the presentation context"),
@@ -671,7 +696,7 @@ async fn store(
     }
     match p.overflow {
         Some(Overflow::Instance) => {
-            counts.1 += 1;
+            failed(counts, "too_large");
             tracing::warn!(
                 limit = config.max_instance_bytes,
                 "C-STORE refused: data set over the size limit"
@@ -682,7 +707,7 @@ async fn store(
             );
         }
         Some(Overflow::Inflight) => {
-            counts.1 += 1;
+            failed(counts, "busy");
             tracing::warn!(
                 limit = config.max_inflight_bytes,
                 "C-STORE refused: too many bytes being received at once"
@@ -707,7 +732,7 @@ async fn store(
         // Held until the spool returned: the bytes are in memory until then.
         let _reservation = p.reservation;
         tokio::task::spawn_blocking(move || {
-            spool.store(
+            let result = spool.store(
                 &data,
                 &Incoming {
                     transfer_syntax: &ts,
@@ -715,7 +740,11 @@ async fn store(
                     expected_sop_class: Some(&sop_class),
                     expected_sop_instance: Some(&sop_instance),
                 },
-            )
+            );
+            if let Ok(free) = spool.free_bytes() {
+                metrics::gauge!("nightingale_dicom_spool_free_bytes").set(free as f64);
+            }
+            result
         })
         .await
     };
@@ -725,6 +754,14 @@ async fn store(
     match result {
         Ok(Ok(stored)) => {
             counts.0 += 1;
+            metrics::counter!(
+                "nightingale_dicom_instances_stored_total",
+                "duplicate" => if stored.duplicate { "true" } else { "false" }
+            )
+            .increment(1);
+            metrics::counter!("nightingale_dicom_received_bytes_total").increment(size as u64);
+            metrics::histogram!("nightingale_dicom_store_seconds")
+                .record(started.elapsed().as_secs_f64());
             tracing::info!(
                 sop_class = class,
                 transfer_syntax,
@@ -736,17 +773,23 @@ async fn store(
             respond(status::SUCCESS, None)
         }
         Ok(Err(e)) => {
-            counts.1 += 1;
+            failed(counts, e.kind());
             tracing::warn!(sop_class = class, transfer_syntax, size, reason = e.kind(), error = %e, "C-STORE refused");
             let comment = error_comment(&e);
             respond(status_of(&e), Some(&comment))
         }
         Err(join) => {
-            counts.1 += 1;
+            failed(counts, "internal");
             tracing::error!(error = %join, "C-STORE: the spool task failed");
             respond(status::PROCESSING_FAILURE, Some("internal error"))
         }
     }
+}
+
+/// Counts a failed C-STORE (per association, and in `nightingale_dicom_instances_failed_total`).
+fn failed(counts: &mut Counts, reason: &'static str) {
+    counts.1 += 1;
+    metrics::counter!("nightingale_dicom_instances_failed_total", "reason" => reason).increment(1);
 }
 
 /// The DIMSE status for a spool error.

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -83,13 +84,14 @@ def _tool(name: str) -> str:
 class Server:
     def __init__(self, workdir: Path, extra: list[str]):
         self.port = _free_port()
+        self.http_port = _free_port()
         self.data = workdir / "data"
         self.spool = self.data / "spool"
         repo = workdir / "models"
         repo.mkdir()
         self.stderr = workdir / "stderr.log"
         cmd = [str(_binary()), "serve", "--repository", str(repo),
-               "--http-addr", f"127.0.0.1:{_free_port()}", "--data-dir", str(self.data),
+               "--http-addr", f"127.0.0.1:{self.http_port}", "--data-dir", str(self.data),
                "--dicom-port", str(self.port), *extra]
         with open(self.stderr, "wb") as err:
             self.proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.DEVNULL, stderr=err)
@@ -126,6 +128,17 @@ class Server:
         finally:
             db.close()
         return {r["sop_instance_uid"]: dict(r) for r in rows}
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a Prometheus counter's samples with these labels (0 when absent)."""
+        text = requests.get(f"http://127.0.0.1:{self.http_port}/metrics", timeout=10).text
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
 
     def quarantine_reasons(self) -> list[str]:
         return sorted(p.read_text() for p in (self.spool / "quarantine").glob("*.reason"))
@@ -399,3 +412,29 @@ def test_a_non_loopback_address_needs_an_allowlist_or_insecure(tmp_path):
         assert echoscu(port, aet="PACS").returncode == 0
     finally:
         s.stop()
+
+
+def test_metrics_count_what_storescu_saw(server, tmp_path):
+    before_ok = server.metric("nightingale_dicom_instances_stored_total", duplicate="false")
+    before_bad = server.metric("nightingale_dicom_instances_failed_total",
+                               reason="missing_pixel_data")
+    before_assoc = server.metric("nightingale_dicom_associations_total", outcome="accepted")
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    files = []
+    for i in range(3):
+        f = tmp_path / f"ct{i}.dcm"
+        _with_new_uid(ct, f)
+        files.append(f)
+    cut = tmp_path / "cut.dcm"
+    _with_new_uid(ct, cut)
+    raw = cut.read_bytes()
+    cut.write_bytes(raw[:raw.rfind(b"\xe0\x7f\x10\x00")])
+    r = storescu(server.port, [*files, cut])
+    out = r.stdout + r.stderr
+    assert out.count("Received Store Response (Success)") == 3, out
+    assert out.count("Received Store Response (Error") == 1, out
+    assert server.metric("nightingale_dicom_instances_stored_total", duplicate="false") == before_ok + 3
+    assert server.metric("nightingale_dicom_instances_failed_total",
+                         reason="missing_pixel_data") == before_bad + 1
+    assert server.metric("nightingale_dicom_associations_total", outcome="accepted") == before_assoc + 1
+    assert server.metric("nightingale_dicom_spool_free_bytes") > 0
