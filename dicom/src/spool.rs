@@ -312,6 +312,10 @@ impl Spool {
         if let Some((existing_sha, existing_path)) = existing {
             let _ = fs::remove_file(&tmp);
             if existing_sha != sha256 {
+                // Another version of a stored instance: the first stays; this one is kept
+                // in quarantine for an operator to look at.
+                drop(db);
+                self.quarantine(dataset, incoming, &StoreError::Conflict);
                 return Err(StoreError::Conflict);
             }
             return Ok(Stored {
@@ -522,7 +526,12 @@ impl Spool {
             transfer_syntax: String::new(),
             detail: "not a DICOM Part 10 file".into(),
         };
-        if bytes.len() < META_OFFSET + 12 || &bytes[128..132] != b"DICM" {
+        // Our files start with (0002,0000) UL, the meta group's length.
+        if bytes.len() < META_OFFSET + 12
+            || &bytes[128..132] != b"DICM"
+            || bytes[132..136] != [0x02, 0x00, 0x00, 0x00]
+            || &bytes[136..138] != b"UL"
+        {
             return Err(not_part10());
         }
         let meta =

@@ -196,6 +196,9 @@ fn duplicates_are_idempotent_and_conflicts_refused() {
         spool.store(&other, &incoming()),
         Err(StoreError::Conflict)
     ));
+    let reasons = quarantined(&spool);
+    assert_eq!(reasons.len(), 1);
+    assert!(reasons[0].contains("kind: conflict"), "{}", reasons[0]);
     assert_eq!(dcm_files(spool.root()).len(), 1);
     assert_eq!(spool.instances().unwrap().len(), 1);
     assert!(
