@@ -70,6 +70,15 @@ SQL
   export NIGHTINGALE_TEST_POSTGRES_URL="host=127.0.0.1 port=$PG_PORT user=nightingale password=nightingale-test dbname=nightingale_test"
 fi
 
+# The TLS tests make a throwaway PKI with the openssl command-line tool (scripts/test-pki.sh).
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "== installing openssl (Debian openssl)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq openssl >/dev/null 2>&1 || {
+    apt-get update -qq && apt-get install -y -qq openssl >/dev/null
+  }
+fi
+
 echo "== Rust tests (default features: tract)"
 cargo test --workspace --locked
 

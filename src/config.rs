@@ -101,6 +101,21 @@ pub struct ServeArgs {
     /// old serving); 0 turns the poller off. [default: 0]
     #[arg(long, env = "NIGHTINGALE_REPOSITORY_POLL_SECS")]
     pub repository_poll_secs: Option<f64>,
+    // --- TLS ---
+    /// Serve HTTPS with this PEM certificate chain (leaf first); needs --tls-key. Re-read, with
+    /// the key, on SIGHUP.
+    #[arg(long, env = "NIGHTINGALE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "NIGHTINGALE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: PEM bundle of the CAs that client certificates must chain to.
+    #[arg(long, env = "NIGHTINGALE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// With --tls-client-ca: must every client present a certificate (required), or may
+    /// clients without one connect and authenticate otherwise (optional)? [default: optional]
+    #[arg(long, env = "NIGHTINGALE_TLS_CLIENT_AUTH", value_enum)]
+    pub tls_client_auth: Option<crate::tls::ClientAuth>,
     // ---- DICOM ingest (issue 8): the DIMSE SCP and its spool ----
     /// Turn the DICOM SCP (C-ECHO, C-STORE) on at 127.0.0.1:PORT. Off unless this or
     /// --dicom-addr is given.
@@ -219,6 +234,10 @@ struct FileConfig {
     trusted_keys: Option<Vec<PathBuf>>,
     require_signatures: Option<bool>,
     repository_poll_secs: Option<f64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    tls_client_auth: Option<crate::tls::ClientAuth>,
     // ---- DICOM ingest (issue 8) ----
     dicom_port: Option<u16>,
     dicom_addr: Option<SocketAddr>,
@@ -258,6 +277,8 @@ pub struct ServeConfig {
     pub signatures: nightingale_models::SignaturePolicy,
     /// How often the repository poller looks for changes (`None`: it does not run).
     pub repository_poll: Option<std::time::Duration>,
+    /// HTTPS instead of plain HTTP when set.
+    pub tls: Option<crate::tls::TlsSettings>,
     /// The DICOM SCP and its spool (`None`: off).
     pub dicom: Option<DicomConfig>,
     /// Listening on non-loopback addresses without access control was allowed.
@@ -337,6 +358,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("log_format", &self.log_format)
             .field("signatures", &self.signatures)
             .field("repository_poll", &self.repository_poll)
+            .field("tls", &self.tls)
             .field("dicom", &self.dicom)
             .field("insecure", &self.insecure)
             .finish()
@@ -503,6 +525,12 @@ impl ServeArgs {
         }
         let repository_poll =
             (poll_secs > 0.0).then(|| std::time::Duration::from_secs_f64(poll_secs.max(0.05)));
+        let tls = resolve_tls(
+            self.tls_cert.or(file.tls_cert),
+            self.tls_key.or(file.tls_key),
+            self.tls_client_ca.or(file.tls_client_ca),
+            self.tls_client_auth.or(file.tls_client_auth),
+        )?;
         // ---- DICOM ingest (issue 8) ----
         let insecure = self.insecure || file.insecure == Some(true);
         let dicom_addr = self
@@ -621,9 +649,47 @@ impl ServeArgs {
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             signatures,
             repository_poll,
+            tls,
             dicom,
             insecure,
         })
+    }
+}
+
+/// TLS settings: certificate and key both or neither; client authentication only with a client
+/// CA. The files themselves are read when the server starts ([`crate::tls::load_server_config`]).
+fn resolve_tls(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    client_auth: Option<crate::tls::ClientAuth>,
+) -> Result<Option<crate::tls::TlsSettings>, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            if client_auth.is_some() && client_ca.is_none() {
+                return Err(ConfigError::Invalid(
+                    "--tls-client-auth (tls_client_auth) needs --tls-client-ca (tls_client_ca): the CAs client certificates chain to"
+                        .into(),
+                ));
+            }
+            Ok(Some(crate::tls::TlsSettings {
+                cert,
+                key,
+                client_ca,
+                client_auth: client_auth.unwrap_or_default(),
+            }))
+        }
+        (None, None) if client_ca.is_none() && client_auth.is_none() => Ok(None),
+        (None, None) => Err(ConfigError::Invalid(
+            "--tls-client-ca and --tls-client-auth need --tls-cert and --tls-key (mutual TLS is TLS)"
+                .into(),
+        )),
+        (Some(_), None) => Err(ConfigError::Invalid(
+            "--tls-cert (tls_cert) is set but --tls-key (tls_key) is not: give both or neither".into(),
+        )),
+        (None, Some(_)) => Err(ConfigError::Invalid(
+            "--tls-key (tls_key) is set but --tls-cert (tls_cert) is not: give both or neither".into(),
+        )),
     }
 }
 
@@ -735,6 +801,70 @@ mod tests {
             !shown.contains("hunter2secret") && shown.contains("ng@db/audit"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn tls_needs_cert_and_key_together() {
+        use crate::tls::ClientAuth;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(
+            &path,
+            "tls_cert = \"/etc/ng/cert.pem\"\ntls_key = \"/etc/ng/key.pem\"\ntls_client_ca = \"/etc/ng/ca.pem\"\n",
+        )
+        .unwrap();
+        let c = ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/etc/ng/cert.pem"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("/etc/ng/ca.pem")));
+        assert_eq!(tls.client_auth, ClientAuth::Optional);
+        // A flag overrides the file; one of the pair from the file, one from a flag is fine.
+        std::fs::write(&path, "tls_key = \"/etc/ng/key.pem\"\ntls_client_auth = \"required\"\ntls_client_ca = \"/ca.pem\"\n").unwrap();
+        let c = ServeArgs {
+            config: Some(path.clone()),
+            tls_cert: Some("/flag/cert.pem".into()),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(
+            (tls.cert, tls.key, tls.client_auth),
+            (
+                PathBuf::from("/flag/cert.pem"),
+                PathBuf::from("/etc/ng/key.pem"),
+                ClientAuth::Required
+            )
+        );
+        assert_eq!(ServeArgs::default().resolve().unwrap().tls, None);
+        for args in [
+            ServeArgs {
+                tls_cert: Some("/c.pem".into()),
+                ..ServeArgs::default()
+            },
+            ServeArgs {
+                tls_key: Some("/k.pem".into()),
+                ..ServeArgs::default()
+            },
+            ServeArgs {
+                tls_client_ca: Some("/ca.pem".into()),
+                ..ServeArgs::default()
+            },
+            ServeArgs {
+                tls_cert: Some("/c.pem".into()),
+                tls_key: Some("/k.pem".into()),
+                tls_client_auth: Some(ClientAuth::Required),
+                ..ServeArgs::default()
+            },
+        ] {
+            let err = args.resolve().unwrap_err();
+            assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+        }
     }
 
     #[test]

@@ -7,3 +7,4 @@ pub mod audit;
 pub mod config;
 pub mod deploy;
 pub mod http;
+pub mod tls;

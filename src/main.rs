@@ -79,6 +79,9 @@ enum ModelsCommand {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Scaffold a bundle around an ONNX file: inputs and outputs as the engine runs them,
+    /// version 1 with checksums, a self-test from sample rows, and TODO fields to fill in.
+    Init(Box<InitArgs>),
 }
 
 /// Which signing keys `models check`/`models list` trust.
@@ -105,19 +108,52 @@ impl TrustArgs {
     }
 }
 
+#[derive(clap::Args, Debug)]
+struct InitArgs {
+    /// The ONNX model file (copied into <repository>/<name>/1/model.onnx).
+    model: PathBuf,
+    /// The bundle's name (its folder): 1-128 of A-Z a-z 0-9 . _ -
+    #[arg(long)]
+    name: String,
+    /// Model repository folder (created when missing).
+    #[arg(long, env = "NIGHTINGALE_REPOSITORY", default_value = "models/bundles")]
+    repository: PathBuf,
+    /// Sample rows (CSV, a header naming the features) for the self-test of a tabular model.
+    #[arg(long)]
+    sample: Option<PathBuf>,
+    /// The bundle's task (tabular-risk, image-classification, regression, ...).
+    #[arg(long, default_value = "other", value_parser = parse_task)]
+    task: nightingale_models::TaskKind,
+    /// The engine that loads the model and computes the self-test's outputs.
+    #[arg(long, env = "NIGHTINGALE_BACKEND", value_enum, default_value = "tract")]
+    backend: nightingale::config::BackendArg,
+    /// ONNX Runtime shared library for --backend ort (default: ORT_DYLIB_PATH).
+    #[arg(long, env = "NIGHTINGALE_ORT_LIBRARY")]
+    ort_library: Option<PathBuf>,
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
             let config = args.resolve()?;
             init_tracing(config.log_format);
+            // TLS files are read now, so that a bad certificate or key fails before anything
+            // else starts, naming the file.
+            let tls = match &config.tls {
+                Some(settings) => {
+                    nightingale::tls::install_crypto_provider();
+                    Some(nightingale::tls::load_server_config(settings)?)
+                }
+                None => None,
+            };
             // Opened before the async runtime starts: the database clients block.
             let audit = open_audit(&config.audit)?;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("ng-http")
                 .build()?
-                .block_on(serve(config, audit))
+                .block_on(serve(config, audit, tls))
         }
         Command::Audit {
             command: AuditCommand::Verify { path, postgres_url },
@@ -174,6 +210,7 @@ fn main() -> anyhow::Result<()> {
                         std::process::exit(1)
                     }
                 }
+                ModelsCommand::Init(args) => init_bundle(*args),
             }
         }
     }
@@ -213,7 +250,11 @@ fn open_audit(config: &AuditConfig) -> anyhow::Result<AuditLog> {
     Ok(AuditLog::start(store)?)
 }
 
-async fn serve(config: ServeConfig, audit: AuditLog) -> anyhow::Result<()> {
+async fn serve(
+    config: ServeConfig,
+    audit: AuditLog,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> anyhow::Result<()> {
     tracing::info!(
         ?config,
         "starting nightingale {}",
@@ -245,7 +286,11 @@ async fn serve(config: ServeConfig, audit: AuditLog) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.http_addr))?;
-    tracing::info!(addr = %listener.local_addr()?, "listening (KServe v2 HTTP)");
+    let local_addr = listener.local_addr()?;
+    match tls {
+        None => tracing::info!(addr = %local_addr, "listening (KServe v2 HTTP)"),
+        Some(_) => tracing::info!(addr = %local_addr, "listening (KServe v2 HTTPS)"),
+    }
 
     // ---- DICOM ingest (issue 8): the SCP runs beside HTTP until shutdown ----
     let dicom = match config.dicom.clone() {
@@ -290,15 +335,57 @@ async fn serve(config: ServeConfig, audit: AuditLog) -> anyhow::Result<()> {
             }
         })
     };
-    axum::serve(listener, http::app(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    match (tls, &config.tls) {
+        (Some(server_config), Some(settings)) => {
+            serve_tls(listener, http::app(state), server_config, settings).await?
+        }
+        _ => {
+            axum::serve(listener, http::app(state))
+                .with_graceful_shutdown(shutdown_signal())
+                .await?
+        }
+    }
     loader.abort();
     if let Some(dicom) = dicom {
         dicom.abort();
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// HTTPS (HTTP/2 by ALPN, else HTTP/1.1) with the certificate reloaded on SIGHUP and the
+/// client certificate, when verified, in each request's extensions.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    server_config: Arc<rustls::ServerConfig>,
+    settings: &nightingale::tls::TlsSettings,
+) -> anyhow::Result<()> {
+    use axum_server::tls_rustls::RustlsConfig;
+    let rustls_config = RustlsConfig::from_config(server_config);
+    #[cfg(unix)]
+    let reload = tokio::spawn(nightingale::tls::reload_on_sighup(
+        settings.clone(),
+        rustls_config.clone(),
+    ));
+    let handle = axum_server::Handle::new();
+    let shutdown = {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            handle.graceful_shutdown(None);
+        })
+    };
+    let result = axum_server::from_tcp(listener.into_std()?)?
+        .acceptor(nightingale::tls::ClientCertAcceptor::new(rustls_config))
+        .accept_error_handler(|_, e| tracing::debug!(error = %e, "TLS connection refused"))
+        .handle(handle)
+        .serve(app.into_make_service())
+        .await;
+    #[cfg(unix)]
+    reload.abort();
+    shutdown.abort();
+    Ok(result?)
 }
 
 async fn shutdown_signal() {
@@ -445,6 +532,7 @@ fn check(paths: &[PathBuf], policy: &nightingale_models::SignaturePolicy) -> any
                         meta.outputs.len()
                     ));
                 }
+                lines.extend(todo_warnings(&bundle.manifest));
                 Ok(lines)
             });
             match result {
@@ -457,4 +545,110 @@ fn check(paths: &[PathBuf], policy: &nightingale_models::SignaturePolicy) -> any
         }
     }
     Ok(all_ok)
+}
+
+/// `models check`'s warning per documentation field still holding a `TODO` placeholder.
+fn todo_warnings(manifest: &nightingale_models::Manifest) -> Vec<String> {
+    manifest
+        .unfilled_fields()
+        .into_iter()
+        .map(|f| {
+            format!(
+                "warn {}: {f} is still a TODO placeholder: fill it in",
+                manifest.name
+            )
+        })
+        .collect()
+}
+
+fn parse_task(s: &str) -> Result<nightingale_models::TaskKind, String> {
+    use serde::Deserialize;
+    use serde::de::IntoDeserializer;
+    nightingale_models::TaskKind::deserialize(s.into_deserializer())
+        .map_err(|e: serde::de::value::Error| e.to_string())
+}
+
+/// `nightingale models init`: scaffolds the bundle, then prints what it wrote and what to do.
+fn init_bundle(args: InitArgs) -> anyhow::Result<()> {
+    use nightingale::config::BackendArg;
+    use nightingale_inference::BackendKind;
+    let backend = match args.backend {
+        BackendArg::Tract => BackendKind::Tract,
+        BackendArg::Ort => BackendKind::Ort,
+    };
+    if !backend.is_compiled() {
+        anyhow::bail!(
+            "backend {backend} is not compiled into this build (rebuild with --features {backend})"
+        );
+    }
+    let options = nightingale_models::InitOptions {
+        name: args.name,
+        repository: args.repository,
+        sample: args.sample,
+        task: args.task,
+        load: RepositoryOptions {
+            backend,
+            ort_library: args.ort_library,
+            ..RepositoryOptions::default()
+        },
+    };
+    let report = match nightingale_models::init(&args.model, &options) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1)
+        }
+    };
+    for d in &report.disagreements {
+        eprintln!("warning: {d}");
+    }
+    for note in &report.notes {
+        eprintln!("note: {note}");
+    }
+    println!(
+        "wrote {} (version 1, loaded on {}; model from {})",
+        report.bundle_dir.display(),
+        report.engine,
+        if report.producer.is_empty() {
+            "an unnamed producer"
+        } else {
+            &report.producer
+        }
+    );
+    for (kind, specs) in [
+        ("input ", &report.metadata.inputs),
+        ("output", &report.metadata.outputs),
+    ] {
+        for s in specs {
+            println!("  {kind} {:?} {} {:?}", s.name, s.datatype, s.shape);
+        }
+    }
+    match &report.selftest {
+        Some(st) => {
+            println!("  {st}");
+            println!(
+                "hint: the self-test's reference outputs come from {} itself; for an independent \
+                 reference run: models/train/selftest.py {} 1 --reuse-inputs --update-manifest \
+                 (onnxruntime)",
+                report.engine,
+                report.bundle_dir.display()
+            );
+        }
+        None => println!(
+            "  no self-test (give --sample rows.csv, or add one with models/train/selftest.py)"
+        ),
+    }
+    if !report.unfilled.is_empty() {
+        println!(
+            "todo: fill in {} in {}/bundle.toml; `nightingale models check` reports them until then",
+            report.unfilled.join(", "),
+            report.bundle_dir.display()
+        );
+    }
+    println!(
+        "next: once bundle.toml is final, sign it (the signature covers its text): \
+         nightingale models sign --key KEY {}",
+        report.bundle_dir.display()
+    );
+    Ok(())
 }

@@ -32,4 +32,6 @@ pub use worker::{
 };
 
 #[cfg(feature = "tract")]
-pub use backend::tract::register_onnx_ml_ops;
+pub use backend::tract::{
+    DeclaredDim, DeclaredModel, DeclaredTensor, DeclaredType, declared_model, register_onnx_ml_ops,
+};

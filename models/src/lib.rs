@@ -14,6 +14,7 @@
 
 mod checksum;
 mod error;
+pub mod init;
 pub mod manifest;
 pub mod preprocess;
 mod repository;
@@ -22,6 +23,7 @@ pub mod signature;
 
 pub use checksum::{read_verified, sha256_file, verify_folder};
 pub use error::{BundleError, RepositoryError};
+pub use init::{InitError, InitOptions, InitReport, init};
 pub use manifest::{Manifest, SelfTestSpec, TaskKind, Tolerance};
 pub use preprocess::{Image, PreprocessError, Preprocessing};
 pub use repository::{

@@ -575,6 +575,33 @@ impl Manifest {
     }
 }
 
+impl Manifest {
+    /// The documentation fields still holding a `TODO` placeholder (as `nightingale models
+    /// init` writes them), by their path in `bundle.toml`: `description`, `intended_use.*`,
+    /// `provenance.*`. `models check` warns about each; they do not stop a bundle serving.
+    pub fn unfilled_fields(&self) -> Vec<&'static str> {
+        let todo = |s: &str| s.trim_start().starts_with(crate::init::TODO_MARKER);
+        let u = &self.intended_use;
+        let p = &self.provenance;
+        [
+            ("description", todo(&self.description)),
+            ("intended_use.summary", todo(&u.summary)),
+            ("intended_use.users", todo(&u.users)),
+            (
+                "intended_use.limitations",
+                u.limitations.iter().any(|l| todo(l)),
+            ),
+            ("provenance.training_data", todo(&p.training_data)),
+            ("provenance.data_licence", todo(&p.data_licence)),
+            ("provenance.model_licence", todo(&p.model_licence)),
+            ("provenance.training_script", todo(&p.training_script)),
+        ]
+        .into_iter()
+        .filter_map(|(field, unfilled)| unfilled.then_some(field))
+        .collect()
+    }
+}
+
 /// A version folder name: a positive integer without sign or leading zeros.
 pub fn parse_version(s: &str) -> Option<u64> {
     if s.is_empty() || s.len() > 19 || s.starts_with('0') || !s.bytes().all(|b| b.is_ascii_digit())
@@ -679,6 +706,25 @@ labels = ["a", "b"]
         assert_eq!(
             p(PolicyKind::Specific, 1, vec![1, 7]).select(&[1, 2]),
             vec![1]
+        );
+    }
+
+    #[test]
+    fn todo_fields_are_reported() {
+        let m = Manifest::parse(MINIMAL).unwrap();
+        assert!(m.unfilled_fields().is_empty());
+        let text = format!(
+            "{}\n[intended_use]\nsummary = \"TODO: fill\"\nlimitations = [\"ok\", \"TODO: x\"]\n",
+            MINIMAL.replace("task = ", "description = \"TODO: what\"\ntask = ")
+        );
+        let m = Manifest::parse(&text).unwrap();
+        assert_eq!(
+            m.unfilled_fields(),
+            [
+                "description",
+                "intended_use.summary",
+                "intended_use.limitations"
+            ]
         );
     }
 

@@ -5,15 +5,22 @@ At load the server runs the same inputs on its engine and must reproduce every o
 element within the tolerance of bundle.toml's `[selftest]` section, or it refuses the
 version (docs/bundle-format.md, "Load-time self-test").
 
-    models/train/selftest.py <bundle-dir> <version> [--rows N] [--update-manifest]
+    models/train/selftest.py <bundle-dir> <version> [--rows N] [--reuse-inputs] [--update-manifest]
 
 The training scripts call `write_for_bundle` after exporting each version. Run it standalone
 for a bundle whose model cannot be retrained here (image-orientation needs torch) or to add
 a self-test to a hand-made bundle; `--update-manifest` then rewrites the file's SHA-256 in
 bundle.toml (and adds the `[selftest]` section when missing).
 
-Inputs are synthetic, drawn with a fixed seed, so no patient data (and no data whose licence
-forbids redistribution) is committed:
+`--reuse-inputs` keeps the inputs of the version's existing selftest.json and recomputes only
+the outputs with onnxruntime: this is how a bundle scaffolded by `nightingale models init`
+(whose self-test outputs come from the serving engine itself, from the user's sample rows)
+gets an independent reference. ZipMap outputs (onnxruntime's list of {label: probability})
+are written dense, [N, C] in the classifier's class order, as Nightingale serves them;
+outputs a self-test cannot compare (strings) are left out.
+
+Otherwise inputs are synthetic, drawn with a fixed seed, so no patient data (and no data whose
+licence forbids redistribution) is committed:
   * tabular inputs (with `[[inputs.features]]` min/max): uniform within each column's
     training range;
   * other FP32 inputs (images): standard normal.
@@ -109,6 +116,34 @@ def _tensor(name: str, datatype: str, a: np.ndarray) -> dict:
     return t
 
 
+def _outputs(outs, results) -> list[dict]:
+    """The outputs a self-test can compare: numeric tensors, and ZipMap's maps made dense."""
+    tensors = []
+    for o, r in zip(outs, results):
+        if o.type.startswith("seq(map("):
+            # dict order is ZipMap's classlabels order: the columns Nightingale serves.
+            tensors.append(_tensor(o.name, "FP32", np.array([list(d.values()) for d in r], dtype=np.float32)))
+        elif o.type in _ORT:
+            tensors.append(_tensor(o.name, _ORT[o.type], r))
+        else:
+            print(f"  self-test: output {o.name!r} ({o.type}) left out: a self-test compares numbers only")
+    return tensors
+
+
+def existing_inputs(path: Path) -> dict[str, np.ndarray]:
+    """The inputs of an existing self-test file (as written by this script or by init)."""
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    out = {}
+    for t in doc["inputs"]:
+        dt = _NP[t["datatype"]]
+        if "data_base64" in t:
+            a = np.frombuffer(base64.b64decode(t["data_base64"]), dtype=np.dtype(dt).newbyteorder("<"))
+        else:
+            a = np.array(t["data"], dtype=np.float64 if t["datatype"].startswith("FP") else np.int64)
+        out[t["name"]] = a.astype(dt).reshape(t["shape"])
+    return out
+
+
 def write_selftest(model: Path, inputs: dict[str, np.ndarray], out: Path) -> dict:
     """Run `inputs` through onnxruntime (CPU) on `model`; write the self-test file `out`."""
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
@@ -121,7 +156,7 @@ def write_selftest(model: Path, inputs: dict[str, np.ndarray], out: Path) -> dic
         "inputs": [
             _tensor(i.name, _ORT[i.type], inputs[i.name]) for i in sess.get_inputs()
         ],
-        "outputs": [_tensor(o.name, _ORT[o.type], r) for o, r in zip(outs, results)],
+        "outputs": _outputs(outs, results),
     }
     text = json.dumps(doc, indent=1) + "\n"
     # One line per tensor's data keeps the file short and diffs readable.
@@ -148,14 +183,21 @@ def selftest_toml(atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, exact:
     return lines
 
 
-def write_for_bundle(bundle_dir: Path, version: int | str, manifest: dict | None = None, rows: int = DEFAULT_ROWS) -> Path:
+def write_for_bundle(bundle_dir: Path, version: int | str, manifest: dict | None = None, rows: int = DEFAULT_ROWS,
+                     reuse_inputs: bool = False) -> Path:
     """Write `<bundle_dir>/<version>/selftest.json` for the version's model.onnx."""
     if manifest is None:
         manifest = tomllib.loads((bundle_dir / "bundle.toml").read_text(encoding="utf-8"))
     vdir = bundle_dir / str(version)
     model_file = manifest.get("versions", {}).get(str(version), {}).get("model_file", "model.onnx")
-    out = vdir / "selftest.json"
-    write_selftest(vdir / model_file, synthetic_inputs(manifest, rows), out)
+    out = vdir / manifest.get("selftest", {}).get("file", "selftest.json")
+    if reuse_inputs:
+        if not out.is_file():
+            raise SystemExit(f"--reuse-inputs: {out} does not exist")
+        inputs = existing_inputs(out)
+    else:
+        inputs = synthetic_inputs(manifest, rows)
+    write_selftest(vdir / model_file, inputs, out)
     return out
 
 
@@ -189,9 +231,10 @@ def main() -> None:
     ap.add_argument("bundle", type=Path)
     ap.add_argument("version")
     ap.add_argument("--rows", type=int, default=DEFAULT_ROWS)
+    ap.add_argument("--reuse-inputs", action="store_true", help="keep the existing selftest.json's inputs")
     ap.add_argument("--update-manifest", action="store_true")
     args = ap.parse_args()
-    out = write_for_bundle(args.bundle, args.version, rows=args.rows)
+    out = write_for_bundle(args.bundle, args.version, rows=args.rows, reuse_inputs=args.reuse_inputs)
     if args.update_manifest:
         import hashlib
 

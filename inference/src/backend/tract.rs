@@ -19,8 +19,10 @@ use super::{Backend, LoadOptions, ModelMetadata, TensorSpec};
 use crate::error::InferenceError;
 use crate::tensor::{DataType, NamedTensor, Tensor};
 
+mod declared;
 mod ml_ops;
 
+pub use declared::{DeclaredDim, DeclaredModel, DeclaredTensor, DeclaredType, declared_model};
 pub use ml_ops::register_onnx_ml_ops;
 
 const NAME: &str = "tract";

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Throwaway PKI for the TLS tests, made with the openssl command-line tool into OUT_DIR.
+# Nothing here is committed or reused: every test run makes fresh keys in a temporary folder.
+#
+#   scripts/test-pki.sh OUT_DIR
+#
+# OUT_DIR/
+#   ca.pem, ca.key                    test CA ("Nightingale Test CA")
+#   server.pem, server.key            server certificate for 127.0.0.1 and localhost (SAN IP + DNS)
+#   server2.pem, server2.key          a second one (another key and serial) for reload tests
+#   client.pem, client.key            client certificate CN=nightingale-test-client,O=Nightingale Tests
+#   other-ca.pem, other-ca.key        an unrelated CA
+#   other-client.pem, other-client.key  a client certificate issued by the unrelated CA
+# Each *.pem's SHA-256 fingerprint (lowercase hex, of the DER) is in *.sha256, and each
+# certificate's subject as `openssl x509 -nameopt RFC2253` prints it in *.subject: the
+# values tests compare against, computed here by openssl, not by the code under test.
+set -euo pipefail
+
+out=${1:?usage: test-pki.sh OUT_DIR}
+mkdir -p "$out"
+cd "$out"
+days=7
+
+newkey() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+
+ca() { # name subject
+    newkey "$1.key"
+    openssl req -x509 -new -key "$1.key" -out "$1.pem" -days "$days" -subj "$2" \
+        -addext "basicConstraints=critical,CA:TRUE" \
+        -addext "keyUsage=critical,keyCertSign,cRLSign" \
+        -addext "subjectKeyIdentifier=hash" 2>/dev/null
+}
+
+leaf() { # name issuer subject extensions
+    newkey "$1.key"
+    openssl req -new -key "$1.key" -out "$1.csr" -subj "$3" 2>/dev/null
+    printf '%s\n' "$4" > "$1.ext"
+    openssl x509 -req -in "$1.csr" -CA "$2.pem" -CAkey "$2.key" -set_serial "0x$(openssl rand -hex 16)" \
+        -days "$days" -extfile "$1.ext" -out "$1.pem" 2>/dev/null
+    rm -f "$1.csr" "$1.ext"
+}
+
+server_ext='basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature
+extendedKeyUsage=serverAuth
+subjectAltName=IP:127.0.0.1,DNS:localhost
+subjectKeyIdentifier=hash
+authorityKeyIdentifier=keyid'
+client_ext='basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature
+extendedKeyUsage=clientAuth
+subjectKeyIdentifier=hash
+authorityKeyIdentifier=keyid'
+
+ca ca "/CN=Nightingale Test CA"
+ca other-ca "/CN=Unrelated Test CA"
+leaf server ca "/CN=localhost" "$server_ext"
+leaf server2 ca "/CN=localhost" "$server_ext"
+leaf client ca "/O=Nightingale Tests/CN=nightingale-test-client" "$client_ext"
+leaf other-client other-ca "/CN=untrusted-client" "$client_ext"
+
+for cert in ca server server2 client other-client; do
+    openssl x509 -in "$cert.pem" -outform DER | openssl dgst -sha256 -r | cut -d' ' -f1 > "$cert.sha256"
+    openssl x509 -in "$cert.pem" -noout -subject -nameopt RFC2253 | sed 's/^subject=//' > "$cert.subject"
+done

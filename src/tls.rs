@@ -1,0 +1,446 @@
+//! HTTPS: the rustls server configuration read from PEM files, its reload, and the acceptor
+//! that hands a verified client certificate to the HTTP layer.
+//!
+//! - One crypto provider for the whole process: aws-lc-rs, installed as rustls' process default
+//!   by [`install_crypto_provider`] before anything builds a TLS configuration.
+//! - [`load_server_config`] reads the certificate chain and the private key (and the client CA
+//!   bundle for mutual TLS) and checks that the key belongs to the certificate; every failure
+//!   names the file. ALPN offers `h2` then `http/1.1`, so clients that speak HTTP/2 get it.
+//! - [`ClientCertAcceptor`] wraps axum-server's rustls acceptor: after the handshake it reads the
+//!   client's certificate (verified by rustls against the client CA) and inserts a
+//!   [`ClientCertificate`] into the extensions of every request on that connection.
+//! - [`reload_on_sighup`] re-reads the files on `SIGHUP`; a pair that does not load is logged
+//!   and the certificate in service stays.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::http::Request;
+use axum_server::accept::Accept;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
+use rustls::RootCertStore;
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpStream;
+
+use crate::http::identity::ClientCertificate;
+
+/// ALPN protocols offered, in order of preference.
+pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// Whether clients must present a certificate when a client CA is configured.
+#[derive(clap::ValueEnum, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// A client may connect without a certificate (and authenticate another way, e.g. an API
+    /// key); one that presents a certificate must chain to the client CA or the handshake fails.
+    #[default]
+    Optional,
+    /// Every client must present a certificate that chains to the client CA.
+    Required,
+}
+
+/// Where the server's TLS material comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM bundle of the CAs that client certificates must chain to (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+    /// Whether a client certificate is required when `client_ca` is set.
+    pub client_auth: ClientAuth,
+}
+
+/// The TLS files could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a PEM file: {source}")]
+    Pem {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{path}: no certificate in the file")]
+    NoCertificate { path: PathBuf },
+    #[error("{path}: no private key in the file")]
+    NoPrivateKey { path: PathBuf },
+    #[error("certificate {cert} and key {key} cannot be used together: {source}")]
+    CertifiedKey {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("client CA {path}: {source}")]
+    ClientCa {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("client CA {path}: {source}")]
+    ClientVerifier {
+        path: PathBuf,
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
+}
+
+/// Installs aws-lc-rs as rustls' process-wide crypto provider. Idempotent: a provider already
+/// installed (by an earlier call) stays.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem {
+            path: path.to_owned(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bytes = read(path)?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|source| match source {
+        rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoPrivateKey {
+            path: path.to_owned(),
+        },
+        source => TlsError::Pem {
+            path: path.to_owned(),
+            source,
+        },
+    })
+}
+
+/// Reads the PEM files and builds the server configuration (ALPN `h2`, `http/1.1`). Call
+/// [`install_crypto_provider`] first.
+pub fn load_server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain = certificates(&settings.cert)?;
+    let key = private_key(&settings.key)?;
+    let builder = ServerConfig::builder();
+    let builder = match &settings.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            for ca in certificates(path)? {
+                roots.add(ca).map_err(|source| TlsError::ClientCa {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+            let verifier = WebPkiClientVerifier::builder(Arc::new(roots));
+            let verifier = match settings.client_auth {
+                ClientAuth::Optional => verifier.allow_unauthenticated(),
+                ClientAuth::Required => verifier,
+            };
+            let verifier = verifier
+                .build()
+                .map_err(|source| TlsError::ClientVerifier {
+                    path: path.clone(),
+                    source,
+                })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config =
+        builder
+            .with_single_cert(chain, key)
+            .map_err(|source| TlsError::CertifiedKey {
+                cert: settings.cert.clone(),
+                key: settings.key.clone(),
+                source,
+            })?;
+    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// Re-reads the TLS files on every `SIGHUP` (until the task is dropped). New connections get
+/// the new certificate; connections already open keep theirs. A pair that does not load is
+/// logged and the configuration in service stays.
+#[cfg(unix)]
+pub async fn reload_on_sighup(settings: TlsSettings, config: RustlsConfig) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP: TLS reload is off");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        let loaded = {
+            let settings = settings.clone();
+            tokio::task::spawn_blocking(move || load_server_config(&settings)).await
+        };
+        match loaded {
+            Ok(Ok(new)) => {
+                config.reload_from_config(new);
+                tracing::info!(
+                    cert = %settings.cert.display(),
+                    "SIGHUP: TLS certificate reloaded"
+                );
+            }
+            Ok(Err(e)) => tracing::error!(
+                error = %e,
+                "SIGHUP: TLS reload failed; the previous certificate stays in service"
+            ),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload task failed"),
+        }
+    }
+}
+
+/// The [`ClientCertificate`] of a DER certificate: its subject as RFC 4514 text (most specific
+/// RDN first, e.g. `CN=pacs-gateway,O=Radiology`, as `openssl x509 -nameopt RFC2253` prints it
+/// for ASCII names) and the SHA-256 of the DER bytes. `None` if the certificate does not parse.
+pub fn client_certificate(der: &[u8]) -> Option<ClientCertificate> {
+    use x509_parser::asn1_rs::ToDer;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let registry = x509_parser::objects::oid_registry();
+    let mut rdns = Vec::new();
+    for rdn in cert
+        .subject()
+        .iter_rdn()
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+    {
+        let mut attrs = Vec::new();
+        for attr in rdn.iter() {
+            let name = x509_parser::objects::oid2abbrev(attr.attr_type(), registry)
+                .map(str::to_owned)
+                .unwrap_or_else(|_| attr.attr_type().to_id_string());
+            let value = match attr.as_str() {
+                Ok(s) => escape_rfc4514(s),
+                // Not a string type: RFC 4514's hex form of the value's DER.
+                Err(_) => format!("#{}", hex::encode(attr.attr_value().to_der_vec().ok()?)),
+            };
+            attrs.push(format!("{name}={value}"));
+        }
+        rdns.push(attrs.join("+"));
+    }
+    Some(ClientCertificate {
+        subject: rdns.join(","),
+        sha256: hex::encode(Sha256::digest(der)),
+    })
+}
+
+/// RFC 4514 section 2.4 escaping of an attribute value.
+fn escape_rfc4514(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        let special = matches!(c, '"' | '+' | ',' | ';' | '<' | '>' | '\\')
+            || (i == 0 && (c == '#' || c == ' '))
+            || (i == last && c == ' ');
+        if special {
+            out.push('\\');
+            out.push(c);
+        } else if c == '\0' {
+            out.push_str("\\00");
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// axum-server's rustls acceptor plus the client certificate: after the handshake, a verified
+/// client certificate (rustls checked it against the client CA) becomes a
+/// [`ClientCertificate`] in the extensions of every request on the connection. A client that
+/// speaks plain HTTP to this port gets `400` saying to use `https://`, and the connection closes.
+#[derive(Clone)]
+pub struct ClientCertAcceptor {
+    inner: RustlsAcceptor,
+}
+
+impl ClientCertAcceptor {
+    pub fn new(config: RustlsConfig) -> Self {
+        ClientCertAcceptor {
+            inner: RustlsAcceptor::new(config),
+        }
+    }
+}
+
+impl<S> Accept<TcpStream, S> for ClientCertAcceptor
+where
+    S: Send + 'static,
+{
+    type Stream = tokio_rustls::server::TlsStream<TcpStream>;
+    type Service = WithClientCert<axum_server::tls::TlsService<S>>;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = std::io::Result<(Self::Stream, Self::Service)>> + Send>,
+    >;
+
+    fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            if is_plain_http(&stream).await? {
+                answer_plain_http(stream).await;
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "plain HTTP on the HTTPS port: answered 400",
+                ));
+            }
+            let (stream, service) = inner.accept(stream, service).await?;
+            let (_, connection) = stream.get_ref();
+            let certificate = connection
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| match client_certificate(leaf) {
+                    Some(c) => Some(Arc::new(c)),
+                    None => {
+                        tracing::warn!(
+                            "verified client certificate whose subject does not parse: ignored"
+                        );
+                        None
+                    }
+                });
+            if let Some(c) = &certificate {
+                tracing::debug!(subject = %c.subject, sha256 = %c.sha256, "TLS client certificate");
+            }
+            Ok((
+                stream,
+                WithClientCert {
+                    inner: service,
+                    certificate,
+                },
+            ))
+        })
+    }
+}
+
+/// How long a new connection may stay silent before its first byte (the TLS handshake's
+/// deadline, axum-server's default, applies after it).
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether the client started with plain HTTP (a method name in ASCII capitals) instead of a
+/// TLS handshake (a record that starts with byte 0x16). Peeks: nothing is consumed.
+async fn is_plain_http(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut first))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "no TLS handshake within 10 s")
+        })??;
+    Ok(n == 1 && first[0].is_ascii_uppercase())
+}
+
+/// Answers a plain-HTTP request sent to the HTTPS port with 400 and an explanation in the
+/// server's JSON error shape (as Go's net/http does, in text), then closes. What the client sent is read (bounded in size and time) before
+/// closing, so that the close is not a reset that would hide the answer.
+async fn answer_plain_http(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: 60\r\n\r\n{\"error\":\"this port speaks HTTPS: use https:// to reach it\"}";
+    let bounded = async {
+        let mut buf = [0u8; 4096];
+        // The request head (and a small body): enough to empty a typical request.
+        let mut read = 0;
+        while read < 64 << 10 {
+            match tokio::time::timeout(Duration::from_millis(50), stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => read += n,
+                _ => break,
+            }
+        }
+        stream.write_all(ANSWER).await?;
+        stream.shutdown().await?;
+        // Wait (bounded) for the client to close after reading the answer.
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await
+        {
+            if n == 0 {
+                break;
+            }
+        }
+        std::io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), bounded).await;
+}
+
+/// A connection's service that inserts the connection's [`ClientCertificate`] (when there is
+/// one) into each request's extensions.
+#[derive(Clone, Debug)]
+pub struct WithClientCert<S> {
+    inner: S,
+    certificate: Option<Arc<ClientCertificate>>,
+}
+
+impl<S, B> tower::Service<Request<B>> for WithClientCert<S>
+where
+    S: tower::Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if let Some(c) = &self.certificate {
+            req.extensions_mut().insert(ClientCertificate::clone(c));
+        }
+        self.inner.call(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc4514_escapes_specials() {
+        assert_eq!(escape_rfc4514("a,b+c"), "a\\,b\\+c");
+        assert_eq!(escape_rfc4514(" #x "), "\\ #x\\ ");
+        assert_eq!(escape_rfc4514("#x"), "\\#x");
+        assert_eq!(escape_rfc4514("plain name"), "plain name");
+    }
+
+    #[test]
+    fn garbage_is_not_a_certificate() {
+        assert_eq!(client_certificate(b"not DER"), None);
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        install_crypto_provider();
+        let err = load_server_config(&TlsSettings {
+            cert: "/nonexistent/cert.pem".into(),
+            key: "/nonexistent/key.pem".into(),
+            client_ca: None,
+            client_auth: ClientAuth::Optional,
+        })
+        .unwrap_err();
+        assert!(matches!(err, TlsError::Read { .. }), "{err:?}");
+        assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
+    }
+}
