@@ -32,6 +32,16 @@ if ! command -v minisign >/dev/null 2>&1; then
   }
 fi
 
+# dcmtk (Debian) for the DICOM SCP's real-peer tests (tests/peer/test_dicom_scp.py):
+# echoscu and storescu.
+if ! command -v storescu >/dev/null 2>&1; then
+  echo "== installing dcmtk (Debian)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq dcmtk >/dev/null 2>&1 || {
+    apt-get update -qq && apt-get install -y -qq dcmtk >/dev/null
+  }
+fi
+
 # PostgreSQL for the scale-out audit store's tests (required, not skipped): Debian's
 # postgresql, a cluster started with pg_ctlcluster, a role and a database for the tests.
 # Set NIGHTINGALE_TEST_POSTGRES_URL yourself to use another server.

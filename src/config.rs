@@ -121,6 +121,61 @@ pub struct ServeArgs {
     /// clients without one connect and authenticate otherwise (optional)? [default: optional]
     #[arg(long, env = "NIGHTINGALE_TLS_CLIENT_AUTH", value_enum)]
     pub tls_client_auth: Option<crate::tls::ClientAuth>,
+    // ---- DICOM ingest (issue 8): the DIMSE SCP and its spool ----
+    /// Turn the DICOM SCP (C-ECHO, C-STORE) on at 127.0.0.1:PORT. Off unless this or
+    /// --dicom-addr is given.
+    #[arg(long, env = "NIGHTINGALE_DICOM_PORT")]
+    pub dicom_port: Option<u16>,
+    /// Turn the DICOM SCP on at ADDR:PORT (wins over --dicom-port). A non-loopback address
+    /// needs --dicom-allowed-ae, or --insecure.
+    #[arg(long, env = "NIGHTINGALE_DICOM_ADDR")]
+    pub dicom_addr: Option<SocketAddr>,
+    /// AE title of the DICOM SCP. [default: NIGHTINGALE]
+    #[arg(long, env = "NIGHTINGALE_DICOM_AE_TITLE")]
+    pub dicom_ae_title: Option<String>,
+    /// Folder of received instances (.dcm files) and their index. [default: <data-dir>/spool]
+    #[arg(long, env = "NIGHTINGALE_DICOM_SPOOL")]
+    pub dicom_spool: Option<PathBuf>,
+    /// Calling AE allowed to associate, as AE or AE@IP (repeatable; the environment variable
+    /// takes a comma-separated list). Unset: any calling AE (only on a loopback address
+    /// unless --insecure).
+    #[arg(
+        long = "dicom-allowed-ae",
+        env = "NIGHTINGALE_DICOM_ALLOWED_AES",
+        value_delimiter = ','
+    )]
+    pub dicom_allowed_aes: Vec<String>,
+    /// Largest PDU the SCP receives, in bytes. [default: 65536]
+    #[arg(long, env = "NIGHTINGALE_DICOM_MAX_PDU")]
+    pub dicom_max_pdu: Option<u32>,
+    /// Associations served at once; beyond: A-ASSOCIATE-RJ (transient). [default: 32]
+    #[arg(long, env = "NIGHTINGALE_DICOM_MAX_ASSOCIATIONS")]
+    pub dicom_max_associations: Option<usize>,
+    /// Seconds a new connection has to request its association (ARTIM). [default: 30]
+    #[arg(long, env = "NIGHTINGALE_DICOM_ASSOCIATION_TIMEOUT_SECS")]
+    pub dicom_association_timeout_secs: Option<f64>,
+    /// Seconds an association may stay silent before it is aborted. [default: 120]
+    #[arg(long, env = "NIGHTINGALE_DICOM_IDLE_TIMEOUT_SECS")]
+    pub dicom_idle_timeout_secs: Option<f64>,
+    /// Largest data set of one C-STORE, in bytes. [default: 2147483648]
+    #[arg(long, env = "NIGHTINGALE_DICOM_MAX_INSTANCE_BYTES")]
+    pub dicom_max_instance_bytes: Option<u64>,
+    /// Bytes of data sets being received at once over all associations (held in memory
+    /// until stored); a C-STORE beyond is answered 0xA700. [default: 4294967296]
+    #[arg(long, env = "NIGHTINGALE_DICOM_MAX_INFLIGHT_BYTES")]
+    pub dicom_max_inflight_bytes: Option<u64>,
+    /// Free space to keep on the spool's file system; a C-STORE that would leave less is
+    /// answered 0xA700 (out of resources). [default: 1073741824]
+    #[arg(long, env = "NIGHTINGALE_DICOM_SPOOL_MIN_FREE_BYTES")]
+    pub dicom_spool_min_free_bytes: Option<u64>,
+    /// A storage SOP class UID accepted besides the built-in ones (repeatable).
+    #[arg(
+        long = "dicom-sop-class",
+        env = "NIGHTINGALE_DICOM_SOP_CLASSES",
+        value_delimiter = ','
+    )]
+    pub dicom_sop_classes: Vec<String>,
+    // ---- end DICOM ----
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -187,6 +242,21 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
     tls_client_auth: Option<crate::tls::ClientAuth>,
+    // ---- DICOM ingest (issue 8) ----
+    dicom_port: Option<u16>,
+    dicom_addr: Option<SocketAddr>,
+    dicom_ae_title: Option<String>,
+    dicom_spool: Option<PathBuf>,
+    dicom_allowed_aes: Option<Vec<String>>,
+    dicom_max_pdu: Option<u32>,
+    dicom_max_associations: Option<usize>,
+    dicom_association_timeout_secs: Option<f64>,
+    dicom_idle_timeout_secs: Option<f64>,
+    dicom_max_instance_bytes: Option<u64>,
+    dicom_max_inflight_bytes: Option<u64>,
+    dicom_spool_min_free_bytes: Option<u64>,
+    dicom_sop_classes: Option<Vec<String>>,
+    // ---- end DICOM ----
 }
 
 /// The resolved server configuration.
@@ -216,6 +286,16 @@ pub struct ServeConfig {
     pub repository_poll: Option<std::time::Duration>,
     /// HTTPS instead of plain HTTP when set.
     pub tls: Option<crate::tls::TlsSettings>,
+    /// The DICOM SCP and its spool (`None`: off).
+    pub dicom: Option<DicomConfig>,
+}
+
+/// The DICOM SCP's settings and where its spool is.
+#[derive(Debug, Clone)]
+pub struct DicomConfig {
+    pub scp: nightingale_dicom::ScpConfig,
+    pub spool: PathBuf,
+    pub spool_options: nightingale_dicom::SpoolOptions,
 }
 
 /// Where the audit trail goes.
@@ -286,6 +366,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("signatures", &self.signatures)
             .field("repository_poll", &self.repository_poll)
             .field("tls", &self.tls)
+            .field("dicom", &self.dicom)
             .finish()
     }
 }
@@ -474,6 +555,100 @@ impl ServeArgs {
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000)));
         auth.check_bind(http_addr, insecure)?;
 
+        // ---- DICOM ingest (issue 8) ----
+        let dicom_addr = self
+            .dicom_addr
+            .or(self
+                .dicom_port
+                .map(|p| SocketAddr::from(([127, 0, 0, 1], p))))
+            .or(file.dicom_addr)
+            .or(file
+                .dicom_port
+                .map(|p| SocketAddr::from(([127, 0, 0, 1], p))));
+        let dicom = match dicom_addr {
+            None => None,
+            Some(addr) => {
+                let secs = |v: Option<f64>, default: f64, what: &str| {
+                    let v = v.unwrap_or(default);
+                    if v.is_finite() && v > 0.0 && v <= 86_400.0 {
+                        Ok(std::time::Duration::from_secs_f64(v))
+                    } else {
+                        Err(ConfigError::Invalid(format!(
+                            "{what} must be between 0 and 86400 seconds"
+                        )))
+                    }
+                };
+                let allowed = if !self.dicom_allowed_aes.is_empty() {
+                    Some(self.dicom_allowed_aes)
+                } else {
+                    file.dicom_allowed_aes
+                };
+                let allowed = allowed
+                    .map(|list| {
+                        list.iter()
+                            .map(|a| a.parse::<nightingale_dicom::AllowedAe>())
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                    .transpose()
+                    .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+                let mut scp = nightingale_dicom::ScpConfig::new(addr);
+                scp.ae_title = self
+                    .dicom_ae_title
+                    .or(file.dicom_ae_title)
+                    .unwrap_or_else(|| scp.ae_title.clone());
+                scp.allowed = allowed;
+                scp.insecure = insecure;
+                scp.max_pdu_length = self
+                    .dicom_max_pdu
+                    .or(file.dicom_max_pdu)
+                    .unwrap_or(scp.max_pdu_length);
+                scp.max_associations = self
+                    .dicom_max_associations
+                    .or(file.dicom_max_associations)
+                    .unwrap_or(scp.max_associations);
+                scp.association_timeout = secs(
+                    self.dicom_association_timeout_secs
+                        .or(file.dicom_association_timeout_secs),
+                    30.0,
+                    "dicom_association_timeout_secs",
+                )?;
+                scp.idle_timeout = secs(
+                    self.dicom_idle_timeout_secs
+                        .or(file.dicom_idle_timeout_secs),
+                    120.0,
+                    "dicom_idle_timeout_secs",
+                )?;
+                scp.max_instance_bytes = self
+                    .dicom_max_instance_bytes
+                    .or(file.dicom_max_instance_bytes)
+                    .unwrap_or(scp.max_instance_bytes);
+                scp.max_inflight_bytes = self
+                    .dicom_max_inflight_bytes
+                    .or(file.dicom_max_inflight_bytes)
+                    .unwrap_or(scp.max_inflight_bytes);
+                scp.extra_sop_classes = if !self.dicom_sop_classes.is_empty() {
+                    self.dicom_sop_classes
+                } else {
+                    file.dicom_sop_classes.unwrap_or_default()
+                };
+                scp.check()
+                    .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+                Some(DicomConfig {
+                    scp,
+                    spool: self
+                        .dicom_spool
+                        .or(file.dicom_spool)
+                        .unwrap_or_else(|| data_dir.join("spool")),
+                    spool_options: nightingale_dicom::SpoolOptions {
+                        min_free_bytes: self
+                            .dicom_spool_min_free_bytes
+                            .or(file.dicom_spool_min_free_bytes)
+                            .unwrap_or(nightingale_dicom::SpoolOptions::default().min_free_bytes),
+                    },
+                })
+            }
+        };
+        // ---- end DICOM ----
         Ok(ServeConfig {
             repository: self
                 .repository
@@ -497,6 +672,7 @@ impl ServeArgs {
             signatures,
             repository_poll,
             tls,
+            dicom,
         })
     }
 }
@@ -776,4 +952,81 @@ mod tests {
         assert_eq!(jwt.key_ids(), ["rsa-1", "ec-1", "ed-1"]);
         assert!(!format!("{c:?}").contains(&"0".repeat(64)));
     }
+
+    // ---- DICOM ingest (issue 8) ----
+    #[test]
+    fn dicom_is_off_by_default_and_turned_on_by_a_port_or_an_address() {
+        let c = ServeArgs::default().resolve().unwrap();
+        assert!(c.dicom.is_none());
+        let c = ServeArgs {
+            dicom_port: Some(11112),
+            data_dir: Some("/srv/ng".into()),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        let d = c.dicom.unwrap();
+        assert_eq!(d.scp.addr, "127.0.0.1:11112".parse().unwrap());
+        assert_eq!(d.scp.ae_title, "NIGHTINGALE");
+        assert_eq!(d.spool, PathBuf::from("/srv/ng/spool"));
+        assert!(d.scp.allowed.is_none());
+
+        // A non-loopback address needs an allowlist, or --insecure.
+        let open = ServeArgs {
+            dicom_addr: Some("0.0.0.0:11112".parse().unwrap()),
+            ..ServeArgs::default()
+        };
+        assert!(matches!(
+            open.clone().resolve(),
+            Err(ConfigError::Invalid(_))
+        ));
+        let c = ServeArgs {
+            insecure: true,
+            ..open.clone()
+        }
+        .resolve()
+        .unwrap();
+        assert!(c.insecure && c.dicom.is_some());
+        let c = ServeArgs {
+            dicom_allowed_aes: vec!["PACS@10.1.2.3".into(), "CT1".into()],
+            dicom_ae_title: Some("AI_NODE".into()),
+            dicom_spool: Some("/spool".into()),
+            ..open
+        }
+        .resolve()
+        .unwrap();
+        let d = c.dicom.unwrap();
+        assert_eq!(d.scp.allowed.as_ref().map(Vec::len), Some(2));
+        assert_eq!(d.scp.ae_title, "AI_NODE");
+        assert_eq!(d.spool, PathBuf::from("/spool"));
+
+        // The same keys in the file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(
+            &path,
+            "dicom_port = 4242\ndicom_ae_title = \"FROMFILE\"\ndicom_idle_timeout_secs = 5\n",
+        )
+        .unwrap();
+        let c = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        let d = c.dicom.unwrap();
+        assert_eq!(d.scp.addr.port(), 4242);
+        assert_eq!(d.scp.ae_title, "FROMFILE");
+        assert_eq!(d.scp.idle_timeout, std::time::Duration::from_secs(5));
+        assert!(
+            ServeArgs {
+                dicom_port: Some(1),
+                dicom_ae_title: Some("FAR_TOO_LONG_AE_TITLE".into()),
+                ..ServeArgs::default()
+            }
+            .resolve()
+            .is_err()
+        );
+    }
+    // ---- end DICOM ----
 }

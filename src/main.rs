@@ -294,6 +294,28 @@ async fn serve(
         Some(_) => tracing::info!(addr = %local_addr, "listening (KServe v2 HTTPS)"),
     }
 
+    // ---- DICOM ingest (issue 8): the SCP runs beside HTTP until shutdown ----
+    let dicom = match config.dicom.clone() {
+        None => None,
+        Some(dicom) => {
+            let path = dicom.spool.clone();
+            let (spool, recovery) = tokio::task::spawn_blocking(move || {
+                nightingale_dicom::Spool::open(&path, dicom.spool_options.clone())
+            })
+            .await?
+            .with_context(|| format!("cannot open the DICOM spool {}", dicom.spool.display()))?;
+            tracing::info!(spool = %spool.root().display(), ?recovery, "DICOM spool open");
+            let scp = nightingale_dicom::Scp::bind(dicom.scp.clone(), Arc::new(spool)).await?;
+            tracing::info!(
+                addr = %scp.local_addr()?,
+                ae_title = %dicom.scp.ae_title,
+                "listening (DICOM)"
+            );
+            Some(tokio::spawn(scp.serve(std::future::pending())))
+        }
+    };
+    // ---- end DICOM ----
+
     // Live at once; ready when the initial load is done (failed bundles are reported, not
     // fatal). The poller starts from what the initial load saw.
     let loader = {
@@ -326,6 +348,9 @@ async fn serve(
         }
     }
     loader.abort();
+    if let Some(dicom) = dicom {
+        dicom.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }

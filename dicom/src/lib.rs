@@ -1,0 +1,15 @@
+//! nightingale-dicom: DICOM ingest for Nightingale.
+//!
+//! - [`spool`]: the durable spool of received instances (Part 10 files + an SQLite index);
+//!   its [`Spool::store`] is the one entry point for every ingest path (DIMSE now,
+//!   STOW-RS later).
+//! - [`scp`]: the DIMSE SCP (C-ECHO, C-STORE) on tokio.
+//! - [`sop`]: the storage SOP classes and transfer syntaxes accepted by default.
+
+pub mod scp;
+pub mod sop;
+pub mod spool;
+pub mod structure;
+
+pub use scp::{AllowedAe, Scp, ScpConfig, ScpError};
+pub use spool::{Incoming, Recovery, Spool, SpoolError, SpoolOptions, StoreError, Stored};

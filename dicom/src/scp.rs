@@ -1,0 +1,1039 @@
+//! The DIMSE SCP: C-ECHO and C-STORE over dicom-ul's async association layer.
+//!
+//! Each association runs in its own task, so a slow peer stalls nobody else; a semaphore
+//! caps how many run at once (beyond it: A-ASSOCIATE-RJ, transient, local limit exceeded).
+//! A C-STORE's success response is sent only after the spool returned, that is after the
+//! instance's file and directory entry were fsynced.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use dicom_ul::association::Association;
+use dicom_ul::association::server::{AccessControl, AsyncServerAssociation};
+use dicom_ul::pdu::{
+    AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
+    AssociationRJServiceUserReason, AssociationRJSource, PDataValue, PDataValueType,
+    PresentationContextResultReason, UserIdentity,
+};
+use dicom_ul::{Pdu, ServerAssociationOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::sop;
+use crate::spool::{Incoming, Spool, StoreError};
+
+const C_STORE_RQ: u16 = 0x0001;
+const C_ECHO_RQ: u16 = 0x0030;
+const NO_DATA_SET: u16 = 0x0101;
+
+/// DIMSE status codes (PS3.4 B.2.3, PS3.7 C).
+pub mod status {
+    pub const SUCCESS: u16 = 0x0000;
+    pub const PROCESSING_FAILURE: u16 = 0x0110;
+    pub const DUPLICATE_SOP_INSTANCE: u16 = 0x0111;
+    pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+    pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
+    pub const OUT_OF_RESOURCES: u16 = 0xA700;
+    pub const DATA_SET_DOES_NOT_MATCH_SOP_CLASS: u16 = 0xA900;
+    pub const CANNOT_UNDERSTAND: u16 = 0xC000;
+}
+
+/// A calling AE allowed to associate, optionally only from one host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedAe {
+    pub ae_title: String,
+    pub host: Option<IpAddr>,
+}
+
+impl std::str::FromStr for AllowedAe {
+    type Err = ScpError;
+
+    /// `AE` or `AE@IP`.
+    fn from_str(s: &str) -> Result<Self, ScpError> {
+        let (ae, host) = match s.rsplit_once('@') {
+            Some((ae, host)) => {
+                let ip = host.parse().map_err(|_| ScpError::InvalidAllowedAe {
+                    entry: s.to_owned(),
+                })?;
+                (ae, Some(ip))
+            }
+            None => (s, None),
+        };
+        let ae = ae.trim();
+        if !valid_ae_title(ae) {
+            return Err(ScpError::InvalidAllowedAe {
+                entry: s.to_owned(),
+            });
+        }
+        Ok(AllowedAe {
+            ae_title: ae.to_owned(),
+            host,
+        })
+    }
+}
+
+/// Settings of the SCP.
+#[derive(Debug, Clone)]
+pub struct ScpConfig {
+    pub addr: SocketAddr,
+    /// This node's AE title.
+    pub ae_title: String,
+    /// Calling AEs allowed to associate; `None`: any (allowed only on loopback unless
+    /// `insecure`).
+    pub allowed: Option<Vec<AllowedAe>>,
+    /// Allow a non-loopback address without an allowlist.
+    pub insecure: bool,
+    /// Largest PDU this node receives.
+    pub max_pdu_length: u32,
+    /// How long a new connection may take to send its A-ASSOCIATE-RQ (ARTIM).
+    pub association_timeout: Duration,
+    /// How long an association may stay silent (or a send may block) before it is aborted.
+    pub idle_timeout: Duration,
+    /// Associations served at once.
+    pub max_associations: usize,
+    /// Largest data set of one C-STORE, in bytes.
+    pub max_instance_bytes: u64,
+    /// Bytes of data sets being received at once, over all associations (they are held in
+    /// memory until stored); a C-STORE that would go beyond is answered 0xA700.
+    pub max_inflight_bytes: u64,
+    /// Storage SOP classes accepted besides the built-in list.
+    pub extra_sop_classes: Vec<String>,
+}
+
+impl ScpConfig {
+    pub const DEFAULT_AE_TITLE: &'static str = "NIGHTINGALE";
+
+    /// The defaults, at `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        ScpConfig {
+            addr,
+            ae_title: Self::DEFAULT_AE_TITLE.into(),
+            allowed: None,
+            insecure: false,
+            max_pdu_length: 65_536,
+            association_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
+            max_associations: 32,
+            max_instance_bytes: 2 << 30,
+            max_inflight_bytes: 4 << 30,
+            extra_sop_classes: Vec::new(),
+        }
+    }
+
+    /// Checks the settings, including the rule that a non-loopback address needs an
+    /// allowlist (or `insecure`).
+    pub fn check(&self) -> Result<(), ScpError> {
+        if !valid_ae_title(&self.ae_title) {
+            return Err(ScpError::InvalidAeTitle {
+                ae_title: self.ae_title.clone(),
+            });
+        }
+        if !(4096..=16 << 20).contains(&self.max_pdu_length) {
+            return Err(ScpError::InvalidSetting {
+                what: "max PDU length must be between 4096 and 16777216",
+            });
+        }
+        if self.max_inflight_bytes < self.max_instance_bytes {
+            return Err(ScpError::InvalidSetting {
+                what: "max in-flight bytes must be at least max instance bytes",
+            });
+        }
+        if self.max_associations == 0 {
+            return Err(ScpError::InvalidSetting {
+                what: "max associations must be at least 1",
+            });
+        }
+        if self.association_timeout.is_zero() || self.idle_timeout.is_zero() {
+            return Err(ScpError::InvalidSetting {
+                what: "DICOM timeouts must be positive",
+            });
+        }
+        if let Some(uid) = self
+            .extra_sop_classes
+            .iter()
+            .find(|u| !sop::is_valid_uid(u))
+        {
+            return Err(ScpError::InvalidSopClass { uid: uid.clone() });
+        }
+        if !self.addr.ip().is_loopback() && self.allowed.is_none() && !self.insecure {
+            return Err(ScpError::OpenWithoutAllowlist { addr: self.addr });
+        }
+        Ok(())
+    }
+}
+
+/// The SCP could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ScpError {
+    #[error(
+        "DICOM address {addr} is not loopback and no calling-AE allowlist is configured: configure one or pass --insecure"
+    )]
+    OpenWithoutAllowlist { addr: SocketAddr },
+    #[error(
+        "invalid AE title {ae_title:?}: 1 to 16 characters, no backslash or control characters"
+    )]
+    InvalidAeTitle { ae_title: String },
+    #[error("invalid allowed AE {entry:?}: expected AE or AE@IP")]
+    InvalidAllowedAe { entry: String },
+    #[error("invalid SOP class UID {uid:?}")]
+    InvalidSopClass { uid: String },
+    #[error("{what}")]
+    InvalidSetting { what: &'static str },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn valid_ae_title(ae: &str) -> bool {
+    let t = ae.trim();
+    !t.is_empty() && ae.len() <= 16 && ae.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
+}
+
+/// A bound, not yet serving, SCP.
+pub struct Scp {
+    listener: TcpListener,
+    config: Arc<ScpConfig>,
+    spool: Arc<Spool>,
+    slots: Arc<Semaphore>,
+    budget: Arc<Budget>,
+}
+
+/// Bytes of data sets being received, over all associations.
+#[derive(Debug)]
+pub struct Budget {
+    limit: u64,
+    used: std::sync::atomic::AtomicU64,
+}
+
+impl Budget {
+    pub fn new(limit: u64) -> Arc<Budget> {
+        Arc::new(Budget {
+            limit,
+            used: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes reserved now.
+    pub fn used(&self) -> u64 {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Bytes one data set holds of the [`Budget`]; given back when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    budget: Arc<Budget>,
+    bytes: u64,
+}
+
+impl Reservation {
+    pub fn new(budget: &Arc<Budget>) -> Reservation {
+        Reservation {
+            budget: budget.clone(),
+            bytes: 0,
+        }
+    }
+
+    /// Reserves `n` more bytes; false (nothing reserved) when the budget cannot take them.
+    pub fn grow(&mut self, n: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        let before = self.budget.used.fetch_add(n, Ordering::AcqRel);
+        if before.saturating_add(n) > self.budget.limit {
+            self.budget.used.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        self.bytes += n;
+        true
+    }
+
+    /// Gives every reserved byte back now.
+    pub fn release(&mut self) {
+        self.budget
+            .used
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+        self.bytes = 0;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl Scp {
+    /// Checks the configuration and binds the listening socket.
+    pub async fn bind(config: ScpConfig, spool: Arc<Spool>) -> Result<Scp, ScpError> {
+        config.check()?;
+        let listener = TcpListener::bind(config.addr)
+            .await
+            .map_err(|source| ScpError::Bind {
+                addr: config.addr,
+                source,
+            })?;
+        Ok(Scp {
+            listener,
+            slots: Arc::new(Semaphore::new(config.max_associations)),
+            budget: Budget::new(config.max_inflight_bytes),
+            config: Arc::new(config),
+            spool,
+        })
+    }
+
+    /// The address actually bound (port 0 picks one).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts associations until `shutdown` completes.
+    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little, keep serving.
+                    tracing::warn!(error = %e, "DICOM accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let config = self.config.clone();
+            match self.slots.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let spool = self.spool.clone();
+                    let budget = self.budget.clone();
+                    tokio::spawn(async move {
+                        serve_association(stream, peer, &config, &spool, &budget).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    association_outcome("busy");
+                    tracing::warn!(%peer, "DICOM association refused: too many associations");
+                    tokio::spawn(async move { reject_busy(stream, &config).await });
+                }
+            }
+        }
+    }
+}
+
+/// Reads the A-ASSOCIATE-RQ (bounded) and answers A-ASSOCIATE-RJ transient, local limit
+/// exceeded.
+async fn reject_busy(mut stream: TcpStream, config: &ScpConfig) {
+    let read_rq = async {
+        let mut header = [0u8; 6];
+        stream.read_exact(&mut header).await?;
+        let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]) as u64;
+        let mut sink = tokio::io::sink();
+        tokio::io::copy(&mut (&mut stream).take(len.min(1 << 20)), &mut sink).await?;
+        Ok::<_, std::io::Error>(header[0])
+    };
+    let Ok(Ok(0x01)) = tokio::time::timeout(config.association_timeout, read_rq).await else {
+        return;
+    };
+    let mut buf = Vec::new();
+    let rj = Pdu::AssociationRJ(AssociationRJ {
+        result: AssociationRJResult::Transient,
+        source: AssociationRJSource::ServiceProviderPresentation(
+            AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+        ),
+    });
+    if dicom_ul::write_pdu(&mut buf, &rj).is_ok() {
+        let _ = tokio::time::timeout(config.idle_timeout, stream.write_all(&buf)).await;
+        let _ = stream.shutdown().await;
+    }
+}
+
+/// The calling-AE allowlist, checked against the peer's address too.
+struct Allowlist {
+    allowed: Option<Vec<AllowedAe>>,
+    peer: IpAddr,
+}
+
+impl AccessControl for Allowlist {
+    fn check_access(
+        &self,
+        _this_ae_title: &str,
+        calling_ae_title: &str,
+        _called_ae_title: &str,
+        _user_identity: Option<&UserIdentity>,
+    ) -> Result<(), AssociationRJServiceUserReason> {
+        let Some(allowed) = &self.allowed else {
+            return Ok(());
+        };
+        let calling = calling_ae_title.trim();
+        let peer = canonical_ip(self.peer);
+        if allowed
+            .iter()
+            .any(|a| a.ae_title == calling && a.host.is_none_or(|h| canonical_ip(h) == peer))
+        {
+            Ok(())
+        } else {
+            Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized)
+        }
+    }
+}
+
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// One pending DIMSE request: its command, and the data set fragments so far.
+struct Pending {
+    presentation_context_id: u8,
+    message_id: u16,
+    sop_class_uid: String,
+    sop_instance_uid: String,
+    data: Vec<u8>,
+    /// Why the data set is being dropped instead of kept, if it is.
+    overflow: Option<Overflow>,
+    reservation: Reservation,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Overflow {
+    /// Larger than `max_instance_bytes`.
+    Instance,
+    /// Beyond `max_inflight_bytes` with the other data sets being received.
+    Inflight,
+}
+
+async fn serve_association(
+    stream: TcpStream,
+    peer: SocketAddr,
+    config: &ScpConfig,
+    spool: &Arc<Spool>,
+    budget: &Arc<Budget>,
+) {
+    let mut options = ServerAssociationOptions::new()
+        .ae_access_control(Allowlist {
+            allowed: config.allowed.clone(),
+            peer: peer.ip(),
+        })
+        .ae_title(config.ae_title.as_str())
+        .max_pdu_length(config.max_pdu_length)
+        .strict(true)
+        .promiscuous(false)
+        .with_abstract_syntax(sop::VERIFICATION);
+    for class in sop::STORAGE_CLASSES {
+        options = options.with_abstract_syntax(class.uid);
+    }
+    for uid in &config.extra_sop_classes {
+        options = options.with_abstract_syntax(uid.as_str());
+    }
+    for ts in sop::TRANSFER_SYNTAXES {
+        options = options.with_transfer_syntax(*ts);
+    }
+    let mut association = match tokio::time::timeout(
+        config.association_timeout,
+        options.establish_async(stream),
+    )
+    .await
+    {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            association_outcome("not_established");
+            tracing::info!(%peer, error = %e, "DICOM association not established");
+            return;
+        }
+        Err(_) => {
+            association_outcome("timeout");
+            tracing::info!(%peer, "DICOM association not established: no A-ASSOCIATE-RQ in time");
+            return;
+        }
+    };
+    association_outcome("accepted");
+    let _active = ActiveGauge::new();
+    let calling_ae = association.peer_ae_title().trim().to_owned();
+    let accepted = association
+        .presentation_contexts()
+        .iter()
+        .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+        .count();
+    tracing::info!(
+        %peer,
+        calling_ae,
+        contexts = association.presentation_contexts().len(),
+        accepted,
+        "DICOM association accepted"
+    );
+    let (stored, failed) = match run_association(
+        &mut association,
+        config,
+        spool,
+        budget,
+        &calling_ae,
+    )
+    .await
+    {
+        Ok(Ending::Released(counts)) => {
+            tracing::info!(%peer, calling_ae, stored = counts.0, failed = counts.1, "DICOM association released");
+            return;
+        }
+        Ok(Ending::AbortedByPeer(counts)) => {
+            tracing::info!(%peer, calling_ae, "DICOM association aborted by the peer");
+            counts
+        }
+        Err((reason, counts)) => {
+            tracing::warn!(%peer, calling_ae, reason, "DICOM association aborted");
+            let _ = tokio::time::timeout(config.idle_timeout, association.abort()).await;
+            counts
+        }
+    };
+    tracing::info!(%peer, calling_ae, stored, failed, "DICOM association closed");
+}
+
+fn association_outcome(outcome: &'static str) {
+    metrics::counter!("nightingale_dicom_associations_total", "outcome" => outcome).increment(1);
+}
+
+/// `nightingale_dicom_associations_active`, up while it lives.
+struct ActiveGauge;
+
+impl ActiveGauge {
+    fn new() -> ActiveGauge {
+        metrics::gauge!("nightingale_dicom_associations_active").increment(1.0);
+        ActiveGauge
+    }
+}
+
+impl Drop for ActiveGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("nightingale_dicom_associations_active").decrement(1.0);
+    }
+}
+
+enum Ending {
+    Released((u64, u64)),
+    AbortedByPeer((u64, u64)),
+}
+
+type Counts = (u64, u64);
+
+/// Runs the DIMSE exchange until release or abort. `Err` carries why this side aborts.
+async fn run_association(
+    association: &mut AsyncServerAssociation<TcpStream>,
+    config: &ScpConfig,
+    spool: &Arc<Spool>,
+    budget: &Arc<Budget>,
+    calling_ae: &str,
+) -> Result<Ending, (&'static str, Counts)> {
+    let mut counts: Counts = (0, 0);
+    let mut command: Vec<u8> = Vec::new();
+    let mut pending: Option<Pending> = None;
+    loop {
+        let pdu = match tokio::time::timeout(config.idle_timeout, association.receive()).await {
+            Ok(Ok(pdu)) => pdu,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "DICOM receive failed");
+                return Err(("cannot read the next PDU", counts));
+            }
+            Err(_) => return Err(("idle timeout", counts)),
+        };
+        let values = match pdu {
+            Pdu::PData { data } => data,
+            Pdu::ReleaseRQ => {
+                if pending.is_some() {
+                    tracing::warn!(
+                        "DICOM release with a request in progress: its data set is dropped"
+                    );
+                }
+                let _ =
+                    tokio::time::timeout(config.idle_timeout, association.send(&Pdu::ReleaseRP))
+                        .await;
+                return Ok(Ending::Released(counts));
+            }
+            Pdu::AbortRQ { .. } => return Ok(Ending::AbortedByPeer(counts)),
+            _ => return Err(("unexpected PDU", counts)),
+        };
+        for value in values {
+            match value.value_type {
+                PDataValueType::Command => {
+                    if pending.is_some() {
+                        return Err(("command while a data set was expected", counts));
+                    }
+                    if command.len() + value.data.len() > 1 << 20 {
+                        return Err(("command set too large", counts));
+                    }
+                    command.extend_from_slice(&value.data);
+                    if !value.is_last {
+                        continue;
+                    }
+                    let bytes = std::mem::take(&mut command);
+                    let Some(cmd) = parse_command(&bytes) else {
+                        return Err(("unreadable command set", counts));
+                    };
+                    let pc = value.presentation_context_id;
+                    match cmd.field {
+                        C_ECHO_RQ => {
+                            let rsp = echo_response(cmd.message_id);
+                            send_command(association, config, pc, rsp)
+                                .await
+                                .map_err(|r| (r, counts))?;
+                        }
+                        C_STORE_RQ if cmd.data_set_type != NO_DATA_SET => {
+                            pending = Some(Pending {
+                                presentation_context_id: pc,
+                                message_id: cmd.message_id,
+                                sop_class_uid: cmd.sop_class_uid,
+                                sop_instance_uid: cmd.sop_instance_uid,
+                                data: Vec::new(),
+                                overflow: None,
+                                reservation: Reservation::new(budget),
+                            });
+                        }
+                        field => {
+                            // A request we do not serve (or a C-STORE without a data set).
+                            let rsp = response(
+                                field | 0x8000,
+                                cmd.message_id,
+                                &cmd.sop_class_uid,
+                                (!cmd.sop_instance_uid.is_empty())
+                                    .then_some(cmd.sop_instance_uid.as_str()),
+                                status::UNRECOGNIZED_OPERATION,
+                                Some("operation not supported"),
+                            );
+                            send_command(association, config, pc, rsp)
+                                .await
+                                .map_err(|r| (r, counts))?;
+                        }
+                    }
+                }
+                PDataValueType::Data => {
+                    let Some(p) = pending.as_mut() else {
+                        return Err(("data set without a command", counts));
+                    };
+                    if p.presentation_context_id != value.presentation_context_id {
+                        return Err(("data set on another presentation context", counts));
+                    }
+                    if p.overflow.is_none() {
+                        let n = value.data.len() as u64;
+                        let overflow = if p.data.len() as u64 + n > config.max_instance_bytes {
+                            Some(Overflow::Instance)
+                        } else if !p.reservation.grow(n) {
+                            Some(Overflow::Inflight)
+                        } else {
+                            None
+                        };
+                        if overflow.is_some() {
+                            // Drop what was received; read the rest to answer in turn.
+                            p.overflow = overflow;
+                            p.data = Vec::new();
+                            p.reservation.release();
+                        } else if p.data.is_empty() {
+                            p.data = value.data;
+                        } else {
+                            p.data.extend_from_slice(&value.data);
+                        }
+                    }
+                    if !value.is_last {
+                        continue;
+                    }
+                    let p = pending.take().expect("pending request");
+                    let pc_id = p.presentation_context_id;
+                    let rsp = store(association, config, spool, calling_ae, p, &mut counts).await;
+                    send_command(association, config, pc_id, rsp)
+                        .await
+                        .map_err(|r| (r, counts))?;
+                }
+            }
+        }
+    }
+}
+
+/// Handles one complete C-STORE: returns the encoded C-STORE-RSP.
+async fn store(
+    association: &AsyncServerAssociation<TcpStream>,
+    config: &ScpConfig,
+    spool: &Arc<Spool>,
+    calling_ae: &str,
+    p: Pending,
+    counts: &mut Counts,
+) -> Vec<u8> {
+    let context = association.presentation_contexts().iter().find(|pc| {
+        pc.id == p.presentation_context_id
+            && pc.reason == PresentationContextResultReason::Acceptance
+    });
+    let respond = |status: u16, comment: Option<&str>| {
+        response(
+            0x8001,
+            p.message_id,
+            &p.sop_class_uid,
+            Some(&p.sop_instance_uid),
+            status,
+            comment,
+        )
+    };
+    let Some(context) = context else {
+        failed(counts, "context_not_accepted");
+        return respond(
+            status::SOP_CLASS_NOT_SUPPORTED,
+            Some("presentation context not accepted"),
+        );
+    };
+    if sop::trim_uid(&context.abstract_syntax) != sop::trim_uid(&p.sop_class_uid) {
+        failed(counts, "sop_class_not_supported");
+        return respond(
+            status::SOP_CLASS_NOT_SUPPORTED,
+            Some("SOP class differs from the presentation context"),
+        );
+    }
+    match p.overflow {
+        Some(Overflow::Instance) => {
+            failed(counts, "too_large");
+            tracing::warn!(
+                limit = config.max_instance_bytes,
+                "C-STORE refused: data set over the size limit"
+            );
+            return respond(
+                status::OUT_OF_RESOURCES,
+                Some("data set larger than the configured limit"),
+            );
+        }
+        Some(Overflow::Inflight) => {
+            failed(counts, "busy");
+            tracing::warn!(
+                limit = config.max_inflight_bytes,
+                "C-STORE refused: too many bytes being received at once"
+            );
+            return respond(
+                status::OUT_OF_RESOURCES,
+                Some("busy: too much data in flight, retry later"),
+            );
+        }
+        None => {}
+    }
+    let transfer_syntax = sop::trim_uid(&context.transfer_syntax).to_owned();
+    let size = p.data.len();
+    let started = std::time::Instant::now();
+    let result = {
+        let spool = spool.clone();
+        let calling_ae = calling_ae.to_owned();
+        let sop_class = p.sop_class_uid.clone();
+        let sop_instance = p.sop_instance_uid.clone();
+        let ts = transfer_syntax.clone();
+        let data = p.data;
+        // Held until the spool returned: the bytes are in memory until then.
+        let _reservation = p.reservation;
+        tokio::task::spawn_blocking(move || {
+            let result = spool.store(
+                &data,
+                &Incoming {
+                    transfer_syntax: &ts,
+                    calling_ae: &calling_ae,
+                    expected_sop_class: Some(&sop_class),
+                    expected_sop_instance: Some(&sop_instance),
+                },
+            );
+            if let Ok(free) = spool.free_bytes() {
+                metrics::gauge!("nightingale_dicom_spool_free_bytes").set(free as f64);
+            }
+            result
+        })
+        .await
+    };
+    let class = sop::storage_class(sop::trim_uid(&p.sop_class_uid))
+        .map(|c| c.name)
+        .unwrap_or("other");
+    match result {
+        Ok(Ok(stored)) => {
+            counts.0 += 1;
+            metrics::counter!(
+                "nightingale_dicom_instances_stored_total",
+                "duplicate" => if stored.duplicate { "true" } else { "false" }
+            )
+            .increment(1);
+            metrics::counter!("nightingale_dicom_received_bytes_total").increment(size as u64);
+            metrics::histogram!("nightingale_dicom_store_seconds")
+                .record(started.elapsed().as_secs_f64());
+            tracing::info!(
+                sop_class = class,
+                transfer_syntax,
+                size,
+                duplicate = stored.duplicate,
+                store_ms = started.elapsed().as_millis() as u64,
+                "C-STORE stored"
+            );
+            respond(status::SUCCESS, None)
+        }
+        Ok(Err(e)) => {
+            failed(counts, e.kind());
+            tracing::warn!(sop_class = class, transfer_syntax, size, reason = e.kind(), error = %e, "C-STORE refused");
+            let comment = error_comment(&e);
+            respond(status_of(&e), Some(&comment))
+        }
+        Err(join) => {
+            failed(counts, "internal");
+            tracing::error!(error = %join, "C-STORE: the spool task failed");
+            respond(status::PROCESSING_FAILURE, Some("internal error"))
+        }
+    }
+}
+
+/// Counts a failed C-STORE (per association, and in `nightingale_dicom_instances_failed_total`).
+fn failed(counts: &mut Counts, reason: &'static str) {
+    counts.1 += 1;
+    metrics::counter!("nightingale_dicom_instances_failed_total", "reason" => reason).increment(1);
+}
+
+/// The DIMSE status for a spool error.
+pub fn status_of(e: &StoreError) -> u16 {
+    match e {
+        StoreError::OutOfResources { .. }
+        | StoreError::DiskFull { .. }
+        | StoreError::TooLarge { .. } => status::OUT_OF_RESOURCES,
+        StoreError::UnknownTransferSyntax { .. }
+        | StoreError::CannotParse { .. }
+        | StoreError::Malformed(_) => status::CANNOT_UNDERSTAND,
+        StoreError::MissingAttribute { .. }
+        | StoreError::InvalidUid { .. }
+        | StoreError::Mismatch { .. }
+        | StoreError::MissingPixelData => status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+        StoreError::Conflict => status::DUPLICATE_SOP_INSTANCE,
+        StoreError::Io { .. } | StoreError::Index(_) => status::PROCESSING_FAILURE,
+    }
+}
+
+/// An Error Comment (LO: at most 64 characters, no backslash) for a spool error.
+fn error_comment(e: &StoreError) -> String {
+    let text = match e {
+        // The parser's message can be long; the kind says enough to the sender.
+        StoreError::CannotParse { .. } => "cannot parse the data set".to_owned(),
+        StoreError::Io { .. } | StoreError::Index(_) => "spool failure".to_owned(),
+        other => other.to_string(),
+    };
+    text.chars()
+        .filter(|c| c.is_ascii() && !c.is_ascii_control() && *c != '\\')
+        .take(64)
+        .collect()
+}
+
+struct Command {
+    field: u16,
+    message_id: u16,
+    data_set_type: u16,
+    sop_class_uid: String,
+    sop_instance_uid: String,
+}
+
+fn parse_command(bytes: &[u8]) -> Option<Command> {
+    let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
+    let obj = InMemDicomObject::read_dataset_with_ts(bytes, &ts).ok()?;
+    let u16_of = |tag| {
+        obj.element_opt(tag)
+            .ok()
+            .flatten()
+            .and_then(|e| e.to_int::<u16>().ok())
+    };
+    let str_of = |tag| {
+        obj.element_opt(tag)
+            .ok()
+            .flatten()
+            .and_then(|e| e.to_str().ok().map(|s| sop::trim_uid(&s).to_owned()))
+            .unwrap_or_default()
+    };
+    Some(Command {
+        field: u16_of(tags::COMMAND_FIELD)?,
+        message_id: u16_of(tags::MESSAGE_ID)?,
+        data_set_type: u16_of(tags::COMMAND_DATA_SET_TYPE).unwrap_or(NO_DATA_SET),
+        sop_class_uid: str_of(tags::AFFECTED_SOP_CLASS_UID),
+        sop_instance_uid: str_of(tags::AFFECTED_SOP_INSTANCE_UID),
+    })
+}
+
+async fn send_command(
+    association: &mut AsyncServerAssociation<TcpStream>,
+    config: &ScpConfig,
+    presentation_context_id: u8,
+    data: Vec<u8>,
+) -> Result<(), &'static str> {
+    let pdu = Pdu::PData {
+        data: vec![PDataValue {
+            presentation_context_id,
+            value_type: PDataValueType::Command,
+            is_last: true,
+            data,
+        }],
+    };
+    match tokio::time::timeout(config.idle_timeout, association.send(&pdu)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err("cannot send the response"),
+        Err(_) => Err("timeout sending the response"),
+    }
+}
+
+fn echo_response(message_id: u16) -> Vec<u8> {
+    response(
+        0x8030,
+        message_id,
+        sop::VERIFICATION,
+        None,
+        status::SUCCESS,
+        None,
+    )
+}
+
+/// Encodes a response command set in Implicit VR Little Endian (PS3.7 E), with its group
+/// length first.
+fn response(
+    field: u16,
+    message_id: u16,
+    sop_class_uid: &str,
+    sop_instance_uid: Option<&str>,
+    status: u16,
+    comment: Option<&str>,
+) -> Vec<u8> {
+    fn element(out: &mut Vec<u8>, element: u16, value: &[u8], pad: u8) {
+        let len = value.len() + value.len() % 2;
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&element.to_le_bytes());
+        out.extend_from_slice(&(len as u32).to_le_bytes());
+        out.extend_from_slice(value);
+        if value.len() % 2 == 1 {
+            out.push(pad);
+        }
+    }
+    let mut body = Vec::with_capacity(160);
+    element(&mut body, 0x0002, sop_class_uid.as_bytes(), 0);
+    element(&mut body, 0x0100, &field.to_le_bytes(), 0);
+    element(&mut body, 0x0120, &message_id.to_le_bytes(), 0);
+    element(&mut body, 0x0800, &NO_DATA_SET.to_le_bytes(), 0);
+    element(&mut body, 0x0900, &status.to_le_bytes(), 0);
+    if let Some(comment) = comment {
+        element(&mut body, 0x0902, comment.as_bytes(), b' ');
+    }
+    if let Some(uid) = sop_instance_uid {
+        element(&mut body, 0x1000, uid.as_bytes(), 0);
+    }
+    let mut out = Vec::with_capacity(body.len() + 12);
+    element(&mut out, 0x0000, &(body.len() as u32).to_le_bytes(), 0);
+    out.extend_from_slice(&body);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowed_ae_entries() {
+        let a: AllowedAe = "PACS@10.0.0.5".parse().unwrap();
+        assert_eq!(a.ae_title, "PACS");
+        assert_eq!(a.host, Some("10.0.0.5".parse().unwrap()));
+        let b: AllowedAe = "MODALITY".parse().unwrap();
+        assert_eq!(b.host, None);
+        assert!("".parse::<AllowedAe>().is_err());
+        assert!("WAY_TOO_LONG_AE_TITLE".parse::<AllowedAe>().is_err());
+        assert!("PACS@not-an-ip".parse::<AllowedAe>().is_err());
+    }
+
+    #[test]
+    fn non_loopback_needs_an_allowlist_or_insecure() {
+        let mut c = ScpConfig::new("0.0.0.0:11112".parse().unwrap());
+        assert!(matches!(
+            c.check(),
+            Err(ScpError::OpenWithoutAllowlist { .. })
+        ));
+        c.insecure = true;
+        c.check().unwrap();
+        c.insecure = false;
+        c.allowed = Some(vec!["PACS".parse().unwrap()]);
+        c.check().unwrap();
+        let c = ScpConfig::new("127.0.0.1:11112".parse().unwrap());
+        c.check().unwrap();
+    }
+
+    #[test]
+    fn the_inflight_budget_is_shared_and_given_back() {
+        let budget = Budget::new(100);
+        let mut a = Reservation::new(&budget);
+        let mut b = Reservation::new(&budget);
+        assert!(a.grow(60));
+        assert!(!b.grow(50), "60 + 50 is over 100");
+        assert_eq!(budget.used(), 60);
+        assert!(b.grow(40));
+        assert_eq!(budget.used(), 100);
+        drop(a);
+        assert_eq!(budget.used(), 40);
+        assert!(b.grow(60));
+        b.release();
+        assert_eq!(budget.used(), 0);
+        assert!(b.grow(100));
+        drop(b);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn allowlist_checks_ae_and_host() {
+        let list = Allowlist {
+            allowed: Some(vec![
+                "PACS@10.0.0.5".parse().unwrap(),
+                "CT1".parse().unwrap(),
+            ]),
+            peer: "10.0.0.5".parse().unwrap(),
+        };
+        assert!(list.check_access("NIGHTINGALE", "PACS", "X", None).is_ok());
+        assert!(list.check_access("NIGHTINGALE", "CT1 ", "X", None).is_ok());
+        assert_eq!(
+            list.check_access("NIGHTINGALE", "OTHER", "X", None),
+            Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized)
+        );
+        let elsewhere = Allowlist {
+            allowed: list.allowed.clone(),
+            peer: "10.0.0.6".parse().unwrap(),
+        };
+        assert!(
+            elsewhere
+                .check_access("NIGHTINGALE", "PACS", "X", None)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn response_round_trips_through_the_parser() {
+        let bytes = response(
+            0x8001,
+            7,
+            "1.2.840.10008.5.1.4.1.1.2",
+            Some("1.2.3"),
+            0xA900,
+            Some("odd"),
+        );
+        let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
+        let obj = InMemDicomObject::read_dataset_with_ts(bytes.as_slice(), &ts).unwrap();
+        let u16_of = |tag| obj.element(tag).unwrap().to_int::<u16>().unwrap();
+        assert_eq!(u16_of(tags::COMMAND_FIELD), 0x8001);
+        assert_eq!(u16_of(tags::MESSAGE_ID_BEING_RESPONDED_TO), 7);
+        assert_eq!(u16_of(tags::STATUS), 0xA900);
+        let len = obj
+            .element(tags::COMMAND_GROUP_LENGTH)
+            .unwrap()
+            .to_int::<u32>()
+            .unwrap();
+        assert_eq!(len as usize, bytes.len() - 12);
+        assert_eq!(
+            obj.element(tags::ERROR_COMMENT)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .trim(),
+            "odd"
+        );
+    }
+}

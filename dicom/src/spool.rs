@@ -1,0 +1,787 @@
+//! The durable spool: every received instance as a DICOM Part 10 file, and an SQLite index.
+//!
+//! Layout under the spool folder:
+//!
+//! ```text
+//! index.sqlite3                         the index (one row per stored instance)
+//! tmp/                                  files being written (deleted on open)
+//! instances/<study>/<series>/<sop>.dcm  stored instances (file meta + the data set as received)
+//! quarantine/<id>.quarantined           refused objects, as received, with <id>.reason beside
+//! ```
+//!
+//! A store writes the file to `tmp/`, fsyncs it, renames it into place, fsyncs the
+//! directory, and only then adds the index row and returns: an instance reported stored is
+//! on disk. The files are the truth; the index is rebuilt from them: on open, leftover
+//! temporary files are deleted, rows whose file is gone are dropped, and files without a
+//! row are indexed (or quarantined when they do not parse).
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dicom_dictionary_std::tags;
+use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
+use dicom_object::InMemDicomObject;
+use dicom_object::meta::{FileMetaTable, FileMetaTableBuilder};
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+
+use crate::sop;
+
+/// Implementation Class UID written into the file meta of stored instances.
+pub const IMPLEMENTATION_CLASS_UID: &str = "1.2.826.0.1.3680043.10.1383.1";
+/// Implementation Version Name written into the file meta of stored instances.
+pub const IMPLEMENTATION_VERSION_NAME: &str = "NIGHTINGALE";
+
+const INDEX_FILE: &str = "index.sqlite3";
+const TMP_DIR: &str = "tmp";
+const INSTANCES_DIR: &str = "instances";
+const QUARANTINE_DIR: &str = "quarantine";
+/// Offset of the file meta group in a Part 10 file: the preamble and "DICM".
+const META_OFFSET: usize = 132;
+
+/// Settings of a spool.
+#[derive(Debug, Clone)]
+pub struct SpoolOptions {
+    /// Free space (bytes) to keep on the spool's file system: a store that would leave less
+    /// is refused as out of resources.
+    pub min_free_bytes: u64,
+}
+
+impl Default for SpoolOptions {
+    fn default() -> Self {
+        SpoolOptions {
+            min_free_bytes: 1 << 30,
+        }
+    }
+}
+
+/// How an instance arrived: what the store checks the data set against.
+#[derive(Debug, Clone, Copy)]
+pub struct Incoming<'a> {
+    /// Transfer syntax UID the data set is encoded in (the negotiated one for DIMSE).
+    pub transfer_syntax: &'a str,
+    /// Calling AE title (DIMSE) or another short sender label (STOW-RS).
+    pub calling_ae: &'a str,
+    /// SOP Class UID the sender announced (C-STORE Affected SOP Class UID), if any.
+    pub expected_sop_class: Option<&'a str>,
+    /// SOP Instance UID the sender announced (C-STORE Affected SOP Instance UID), if any.
+    pub expected_sop_instance: Option<&'a str>,
+}
+
+/// An instance in the spool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub sop_instance_uid: String,
+    pub sop_class_uid: String,
+    pub study_uid: String,
+    pub series_uid: String,
+    pub transfer_syntax: String,
+    pub calling_ae: String,
+    /// Unix time in milliseconds.
+    pub received_at_ms: i64,
+    /// Size of the data set as received, in bytes (the file adds its meta group).
+    pub size: u64,
+    /// SHA-256 of the data set as received, hex.
+    pub sha256: String,
+    /// The `.dcm` file, absolute.
+    pub path: PathBuf,
+    /// True when the same instance (same bytes) was already stored: nothing was written.
+    pub duplicate: bool,
+}
+
+/// Why an object was refused or could not be stored. No patient data in any message.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "out of resources: {free_bytes} bytes free, {needed_bytes} needed with the high-water mark"
+    )]
+    OutOfResources { free_bytes: u64, needed_bytes: u64 },
+    #[error("the spool's file system is full ({op})")]
+    DiskFull { op: &'static str },
+    #[error("object of {size} bytes is larger than the limit of {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("unknown transfer syntax {uid}")]
+    UnknownTransferSyntax { uid: String },
+    #[error("cannot parse the data set ({transfer_syntax}): {detail}")]
+    CannotParse {
+        transfer_syntax: String,
+        detail: String,
+    },
+    #[error("malformed data set: {0}")]
+    Malformed(#[from] crate::structure::StructureError),
+    #[error("missing required attribute {name}")]
+    MissingAttribute { name: &'static str },
+    #[error("{name} is not a valid UID")]
+    InvalidUid { name: &'static str },
+    #[error("{name} in the data set differs from the one announced in the command")]
+    Mismatch { name: &'static str },
+    #[error("image instance without pixel data")]
+    MissingPixelData,
+    #[error("an instance with this SOP Instance UID but other content is already stored")]
+    Conflict,
+    #[error("spool I/O error ({op}): {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spool index error: {0}")]
+    Index(#[from] rusqlite::Error),
+}
+
+impl StoreError {
+    /// Whether the object itself is at fault (and so is quarantined), as opposed to the
+    /// spool being unable to take it now.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            StoreError::UnknownTransferSyntax { .. }
+                | StoreError::CannotParse { .. }
+                | StoreError::Malformed(_)
+                | StoreError::MissingAttribute { .. }
+                | StoreError::InvalidUid { .. }
+                | StoreError::Mismatch { .. }
+                | StoreError::MissingPixelData
+        )
+    }
+
+    /// A short stable label of the reason (for metrics and the quarantine file).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::OutOfResources { .. } => "out_of_resources",
+            StoreError::DiskFull { .. } => "disk_full",
+            StoreError::TooLarge { .. } => "too_large",
+            StoreError::UnknownTransferSyntax { .. } => "unknown_transfer_syntax",
+            StoreError::CannotParse { .. } => "cannot_parse",
+            StoreError::Malformed(_) => "malformed",
+            StoreError::MissingAttribute { .. } => "missing_attribute",
+            StoreError::InvalidUid { .. } => "invalid_uid",
+            StoreError::Mismatch { .. } => "mismatch",
+            StoreError::MissingPixelData => "missing_pixel_data",
+            StoreError::Conflict => "conflict",
+            StoreError::Io { .. } => "io",
+            StoreError::Index(_) => "index",
+        }
+    }
+}
+
+/// The spool could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spool index: {0}")]
+    Index(#[from] rusqlite::Error),
+}
+
+/// What opening the spool found and repaired.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// Temporary files of interrupted stores, deleted.
+    pub temp_files_deleted: usize,
+    /// Index rows whose file was missing, dropped.
+    pub rows_dropped: usize,
+    /// Files without an index row, now indexed.
+    pub files_indexed: usize,
+    /// Files that did not parse or duplicated an indexed instance, moved to quarantine.
+    pub files_quarantined: usize,
+}
+
+/// The durable spool. Safe to share between threads; every call blocks on the file system.
+pub struct Spool {
+    root: PathBuf,
+    options: SpoolOptions,
+    index: Mutex<Connection>,
+    seq: AtomicU64,
+}
+
+/// What a data set says about itself.
+struct Identity {
+    sop_class_uid: String,
+    sop_instance_uid: String,
+    study_uid: String,
+    series_uid: String,
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool in `root` and reconciles the index with the files.
+    pub fn open(root: &Path, options: SpoolOptions) -> Result<(Spool, Recovery), SpoolError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| SpoolError::Io { path, source }
+        };
+        for dir in [TMP_DIR, INSTANCES_DIR, QUARANTINE_DIR] {
+            fs::create_dir_all(root.join(dir)).map_err(io(&root.join(dir)))?;
+        }
+        let root = root.canonicalize().map_err(io(root))?;
+        let db = Connection::open(root.join(INDEX_FILE))?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "NORMAL")?;
+        db.busy_timeout(std::time::Duration::from_secs(10))?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS instances (
+                sop_instance_uid TEXT PRIMARY KEY,
+                sop_class_uid TEXT NOT NULL,
+                study_uid TEXT NOT NULL,
+                series_uid TEXT NOT NULL,
+                transfer_syntax TEXT NOT NULL,
+                calling_ae TEXT NOT NULL,
+                received_at_ms INTEGER NOT NULL,
+                size INTEGER NOT NULL,
+                sha256 TEXT NOT NULL,
+                path TEXT NOT NULL UNIQUE
+            );
+            CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid, series_uid);",
+        )?;
+        let spool = Spool {
+            root,
+            options,
+            index: Mutex::new(db),
+            seq: AtomicU64::new(0),
+        };
+        let recovery = spool.reconcile()?;
+        Ok((spool, recovery))
+    }
+
+    /// The spool folder (absolute).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The quarantine folder.
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.root.join(QUARANTINE_DIR)
+    }
+
+    /// Stores one data set (without file meta, encoded in `incoming.transfer_syntax`, as a
+    /// C-STORE carries it). Returns once the file and its directory entry are durable.
+    /// Refused objects are quarantined before the error is returned.
+    pub fn store(&self, dataset: &[u8], incoming: &Incoming<'_>) -> Result<Stored, StoreError> {
+        let identity = match validate(dataset, incoming) {
+            Ok(identity) => identity,
+            Err(e) => {
+                if e.is_refusal() {
+                    self.quarantine(dataset, incoming, &e);
+                }
+                return Err(e);
+            }
+        };
+        self.check_space(dataset.len() as u64 + 1024)?;
+        let sha256 = hex::encode(Sha256::digest(dataset));
+        let received_at_ms = now_ms();
+
+        // Write and fsync the whole file before it gets its name.
+        let meta = FileMetaTableBuilder::new()
+            .media_storage_sop_class_uid(identity.sop_class_uid.as_str())
+            .media_storage_sop_instance_uid(identity.sop_instance_uid.as_str())
+            .transfer_syntax(sop::trim_uid(incoming.transfer_syntax))
+            .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
+            .implementation_version_name(IMPLEMENTATION_VERSION_NAME)
+            .source_application_entity_title(incoming.calling_ae.trim())
+            .build()
+            .map_err(|e| StoreError::CannotParse {
+                transfer_syntax: incoming.transfer_syntax.to_owned(),
+                detail: e.to_string(),
+            })?;
+        let tmp = self.temp_path();
+        let written = write_part10(&tmp, &meta, dataset);
+        if let Err(source) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_error("write", source));
+        }
+
+        let relative = instance_path(&identity);
+        let path = self.root.join(&relative);
+        let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let existing: Option<(String, String)> = db
+            .query_row(
+                "SELECT sha256, path FROM instances WHERE sop_instance_uid = ?1",
+                [&identity.sop_instance_uid],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if let Some((existing_sha, existing_path)) = existing {
+            let _ = fs::remove_file(&tmp);
+            if existing_sha != sha256 {
+                // Another version of a stored instance: the first stays; this one is kept
+                // in quarantine for an operator to look at.
+                drop(db);
+                self.quarantine(dataset, incoming, &StoreError::Conflict);
+                return Err(StoreError::Conflict);
+            }
+            return Ok(Stored {
+                sop_instance_uid: identity.sop_instance_uid,
+                sop_class_uid: identity.sop_class_uid,
+                study_uid: identity.study_uid,
+                series_uid: identity.series_uid,
+                transfer_syntax: sop::trim_uid(incoming.transfer_syntax).to_owned(),
+                calling_ae: incoming.calling_ae.trim().to_owned(),
+                received_at_ms,
+                size: dataset.len() as u64,
+                sha256,
+                path: self.root.join(existing_path),
+                duplicate: true,
+            });
+        }
+        let placed = (|| -> std::io::Result<()> {
+            let dir = path.parent().expect("instance paths have a parent");
+            create_dirs_durably(&self.root.join(INSTANCES_DIR), dir)?;
+            fs::rename(&tmp, &path)?;
+            sync_dir(dir)
+        })();
+        if let Err(source) = placed {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_error("rename", source));
+        }
+        let stored = Stored {
+            sop_instance_uid: identity.sop_instance_uid,
+            sop_class_uid: identity.sop_class_uid,
+            study_uid: identity.study_uid,
+            series_uid: identity.series_uid,
+            transfer_syntax: sop::trim_uid(incoming.transfer_syntax).to_owned(),
+            calling_ae: incoming.calling_ae.trim().to_owned(),
+            received_at_ms,
+            size: dataset.len() as u64,
+            sha256,
+            path,
+            duplicate: false,
+        };
+        insert_row(&db, &stored, &relative)?;
+        Ok(stored)
+    }
+
+    /// Every indexed instance, ordered by study, series and instance UID.
+    pub fn instances(&self) -> Result<Vec<Stored>, StoreError> {
+        let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stmt = db.prepare(
+            "SELECT sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax,
+                    calling_ae, received_at_ms, size, sha256, path
+             FROM instances ORDER BY study_uid, series_uid, sop_instance_uid",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Stored {
+                sop_instance_uid: r.get(0)?,
+                sop_class_uid: r.get(1)?,
+                study_uid: r.get(2)?,
+                series_uid: r.get(3)?,
+                transfer_syntax: r.get(4)?,
+                calling_ae: r.get(5)?,
+                received_at_ms: r.get(6)?,
+                size: r.get::<_, i64>(7)? as u64,
+                sha256: r.get(8)?,
+                path: self.root.join(r.get::<_, String>(9)?),
+                duplicate: false,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Free bytes on the spool's file system, for the caller's requirement check.
+    pub fn free_bytes(&self) -> Result<u64, StoreError> {
+        free_bytes(&self.root).map_err(|e| io_error("statvfs", e))
+    }
+
+    fn check_space(&self, size: u64) -> Result<(), StoreError> {
+        let free = self.free_bytes()?;
+        let needed = size.saturating_add(self.options.min_free_bytes);
+        if free < needed {
+            return Err(StoreError::OutOfResources {
+                free_bytes: free,
+                needed_bytes: needed,
+            });
+        }
+        Ok(())
+    }
+
+    fn temp_path(&self) -> PathBuf {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.root
+            .join(TMP_DIR)
+            .join(format!("{}-{}-{n}.part", std::process::id(), now_ms()))
+    }
+
+    /// Keeps a refused object with its reason, if space allows. Best effort: a failure to
+    /// quarantine is logged and does not change the answer to the sender.
+    fn quarantine(&self, bytes: &[u8], incoming: &Incoming<'_>, reason: &StoreError) {
+        if self.check_space(bytes.len() as u64 + 1024).is_err() {
+            tracing::warn!(
+                reason = reason.kind(),
+                "refused object not quarantined: spool below its high-water mark"
+            );
+            return;
+        }
+        let sha = hex::encode(Sha256::digest(bytes));
+        let id = format!("{}-{}", now_ms(), &sha[..16]);
+        let dir = self.quarantine_dir();
+        let note = format!(
+            "reason: {}\nkind: {}\ntransfer_syntax: {}\ncalling_ae: {}\nreceived_at_ms: {}\nsize: {}\nsha256: {}\n",
+            reason,
+            reason.kind(),
+            sop::trim_uid(incoming.transfer_syntax),
+            incoming.calling_ae.trim(),
+            now_ms(),
+            bytes.len(),
+            sha
+        );
+        let result = (|| -> std::io::Result<()> {
+            write_durably(&dir.join(format!("{id}.reason")), note.as_bytes())?;
+            write_durably(&dir.join(format!("{id}.quarantined")), bytes)?;
+            sync_dir(&dir)
+        })();
+        match result {
+            Ok(()) => tracing::warn!(reason = reason.kind(), id, "object quarantined"),
+            Err(e) => {
+                tracing::error!(reason = reason.kind(), error = %e, "cannot quarantine object")
+            }
+        }
+    }
+
+    /// Brings the index and the files into agreement (see the module documentation).
+    fn reconcile(&self) -> Result<Recovery, SpoolError> {
+        let mut recovery = Recovery::default();
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| SpoolError::Io { path, source }
+        };
+        let tmp = self.root.join(TMP_DIR);
+        for entry in fs::read_dir(&tmp).map_err(io(&tmp))? {
+            let path = entry.map_err(io(&tmp))?.path();
+            if path.is_file() {
+                fs::remove_file(&path).map_err(io(&path))?;
+                recovery.temp_files_deleted += 1;
+            }
+        }
+
+        let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let rows: Vec<(String, String)> = {
+            let mut stmt = db.prepare("SELECT sop_instance_uid, path FROM instances")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        let mut indexed = std::collections::HashSet::new();
+        for (uid, relative) in rows {
+            if self.root.join(&relative).is_file() {
+                indexed.insert(relative);
+            } else {
+                db.execute("DELETE FROM instances WHERE sop_instance_uid = ?1", [&uid])?;
+                recovery.rows_dropped += 1;
+            }
+        }
+
+        let mut files = Vec::new();
+        collect_dcm(&self.root.join(INSTANCES_DIR), &mut files).map_err(io(&self.root))?;
+        for path in files {
+            let relative = match path.strip_prefix(&self.root) {
+                Ok(r) => r.to_string_lossy().into_owned(),
+                Err(_) => continue,
+            };
+            if indexed.contains(&relative) {
+                continue;
+            }
+            match self.index_orphan(&db, &path, &relative) {
+                Ok(()) => recovery.files_indexed += 1,
+                Err(reason) => {
+                    tracing::warn!(
+                        reason = reason.kind(),
+                        "spool file without index row quarantined"
+                    );
+                    let name = format!(
+                        "{}-recovered-{}",
+                        now_ms(),
+                        self.seq.fetch_add(1, Ordering::Relaxed)
+                    );
+                    let dir = self.quarantine_dir();
+                    fs::rename(&path, dir.join(format!("{name}.quarantined")))
+                        .map_err(io(&path))?;
+                    let note = format!(
+                        "reason: {reason}\nkind: {}\nrecovered_from: {relative}\n",
+                        reason.kind()
+                    );
+                    write_durably(&dir.join(format!("{name}.reason")), note.as_bytes())
+                        .map_err(io(&dir))?;
+                    sync_dir(&dir).map_err(io(&dir))?;
+                    recovery.files_quarantined += 1;
+                }
+            }
+        }
+        if recovery != Recovery::default() {
+            tracing::info!(?recovery, "spool reconciled");
+        }
+        Ok(recovery)
+    }
+
+    /// Indexes a `.dcm` file found without a row (a store interrupted after its rename).
+    fn index_orphan(&self, db: &Connection, path: &Path, relative: &str) -> Result<(), StoreError> {
+        let bytes = fs::read(path).map_err(|e| io_error("read", e))?;
+        let not_part10 = || StoreError::CannotParse {
+            transfer_syntax: String::new(),
+            detail: "not a DICOM Part 10 file".into(),
+        };
+        // Our files start with (0002,0000) UL, the meta group's length.
+        if bytes.len() < META_OFFSET + 12
+            || &bytes[128..132] != b"DICM"
+            || bytes[132..136] != [0x02, 0x00, 0x00, 0x00]
+            || &bytes[136..138] != b"UL"
+        {
+            return Err(not_part10());
+        }
+        let meta =
+            FileMetaTable::from_reader(&bytes[128..]).map_err(|e| StoreError::CannotParse {
+                transfer_syntax: String::new(),
+                detail: e.to_string(),
+            })?;
+        // (0002,0000) UL: tag 4 bytes, VR 2, length 2, value 4.
+        let group_len = u32::from_le_bytes(bytes[140..144].try_into().expect("4 bytes")) as usize;
+        let start = (META_OFFSET + 12).saturating_add(group_len);
+        let dataset = bytes.get(start..).ok_or_else(not_part10)?;
+        let ae = meta
+            .source_application_entity_title()
+            .unwrap_or("")
+            .trim()
+            .to_owned();
+        let ts = sop::trim_uid(meta.transfer_syntax()).to_owned();
+        let identity = validate(
+            dataset,
+            &Incoming {
+                transfer_syntax: &ts,
+                calling_ae: &ae,
+                expected_sop_class: None,
+                expected_sop_instance: None,
+            },
+        )?;
+        let taken: Option<String> = db
+            .query_row(
+                "SELECT path FROM instances WHERE sop_instance_uid = ?1",
+                [&identity.sop_instance_uid],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if taken.is_some() {
+            return Err(StoreError::Conflict);
+        }
+        let received_at_ms = fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_else(now_ms);
+        let stored = Stored {
+            sop_instance_uid: identity.sop_instance_uid,
+            sop_class_uid: identity.sop_class_uid,
+            study_uid: identity.study_uid,
+            series_uid: identity.series_uid,
+            transfer_syntax: ts,
+            calling_ae: ae,
+            received_at_ms,
+            size: dataset.len() as u64,
+            sha256: hex::encode(Sha256::digest(dataset)),
+            path: path.to_owned(),
+            duplicate: false,
+        };
+        insert_row(db, &stored, Path::new(relative))
+    }
+}
+
+fn insert_row(db: &Connection, s: &Stored, relative: &Path) -> Result<(), StoreError> {
+    db.execute(
+        "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid,
+            transfer_syntax, calling_ae, received_at_ms, size, sha256, path)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        params![
+            s.sop_instance_uid,
+            s.sop_class_uid,
+            s.study_uid,
+            s.series_uid,
+            s.transfer_syntax,
+            s.calling_ae,
+            s.received_at_ms,
+            s.size as i64,
+            s.sha256,
+            relative.to_string_lossy(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Parses the data set and checks what the spool needs from it.
+fn validate(dataset: &[u8], incoming: &Incoming<'_>) -> Result<Identity, StoreError> {
+    let ts_uid = sop::trim_uid(incoming.transfer_syntax);
+    let ts = TransferSyntaxRegistry
+        .get(ts_uid)
+        .filter(|ts| !ts.is_unsupported())
+        .ok_or_else(|| StoreError::UnknownTransferSyntax {
+            uid: ts_uid.to_owned(),
+        })?;
+    // dicom-parser takes a data set cut inside a header as ended: check the structure first.
+    crate::structure::check(dataset, crate::structure::Encoding::of(ts_uid))?;
+    let obj = InMemDicomObject::read_dataset_with_ts(dataset, ts).map_err(|e| {
+        StoreError::CannotParse {
+            transfer_syntax: ts_uid.to_owned(),
+            detail: e.to_string(),
+        }
+    })?;
+    let uid = |tag, name: &'static str| -> Result<String, StoreError> {
+        let value = obj
+            .element_opt(tag)
+            .ok()
+            .flatten()
+            .and_then(|e| {
+                // A UID sent with VR UN (some converters do) is its text, not bytes to show.
+                if e.vr() == dicom_core::VR::UN {
+                    e.to_bytes()
+                        .ok()
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                } else {
+                    e.to_str().ok().map(|s| s.into_owned())
+                }
+            })
+            .map(|s| sop::trim_uid(&s).to_owned())
+            .filter(|s| !s.is_empty())
+            .ok_or(StoreError::MissingAttribute { name })?;
+        // Real senders sometimes use UIDs that break PS3.5's rules (letters, leading zeros):
+        // those are kept (their path is hashed); only what cannot be one value is refused.
+        if !sop::is_acceptable_uid(&value) {
+            return Err(StoreError::InvalidUid { name });
+        }
+        Ok(value)
+    };
+    let identity = Identity {
+        sop_class_uid: uid(tags::SOP_CLASS_UID, "SOPClassUID")?,
+        sop_instance_uid: uid(tags::SOP_INSTANCE_UID, "SOPInstanceUID")?,
+        study_uid: uid(tags::STUDY_INSTANCE_UID, "StudyInstanceUID")?,
+        series_uid: uid(tags::SERIES_INSTANCE_UID, "SeriesInstanceUID")?,
+    };
+    if let Some(expected) = incoming.expected_sop_class
+        && sop::trim_uid(expected) != identity.sop_class_uid
+    {
+        return Err(StoreError::Mismatch {
+            name: "SOPClassUID",
+        });
+    }
+    if let Some(expected) = incoming.expected_sop_instance
+        && sop::trim_uid(expected) != identity.sop_instance_uid
+    {
+        return Err(StoreError::Mismatch {
+            name: "SOPInstanceUID",
+        });
+    }
+    if sop::is_image_class(&identity.sop_class_uid) {
+        let has_pixels = [
+            tags::PIXEL_DATA,
+            tags::FLOAT_PIXEL_DATA,
+            tags::DOUBLE_FLOAT_PIXEL_DATA,
+        ]
+        .into_iter()
+        .any(|t| obj.element_opt(t).ok().flatten().is_some());
+        if !has_pixels {
+            return Err(StoreError::MissingPixelData);
+        }
+    }
+    Ok(identity)
+}
+
+/// `instances/<study>/<series>/<sop>.dcm`. A UID that follows PS3.5 (digits and dots) is a
+/// safe path component as it is; any other is replaced by `x` and a hash of it.
+fn instance_path(identity: &Identity) -> PathBuf {
+    fn component(uid: &str) -> String {
+        if sop::is_valid_uid(uid) {
+            uid.to_owned()
+        } else {
+            format!("x{}", &hex::encode(Sha256::digest(uid.as_bytes()))[..32])
+        }
+    }
+    Path::new(INSTANCES_DIR)
+        .join(component(&identity.study_uid))
+        .join(component(&identity.series_uid))
+        .join(format!("{}.dcm", component(&identity.sop_instance_uid)))
+}
+
+fn write_part10(path: &Path, meta: &FileMetaTable, dataset: &[u8]) -> std::io::Result<()> {
+    let mut file = File::create(path)?;
+    let mut head = Vec::with_capacity(512);
+    head.extend_from_slice(&[0u8; 128]);
+    head.extend_from_slice(b"DICM");
+    meta.write(&mut head).map_err(std::io::Error::other)?;
+    file.write_all(&head)?;
+    file.write_all(dataset)?;
+    file.sync_all()
+}
+
+fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` (under `base`, which exists) and fsyncs the parent of each folder created.
+fn create_dirs_durably(base: &Path, dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.is_dir() && at != base {
+        missing.push(at.to_owned());
+        at = match at.parent() {
+            Some(p) => p,
+            None => break,
+        };
+    }
+    for d in missing.iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(parent) = d.parent() {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+fn collect_dcm(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let path = entry.path();
+        if kind.is_dir() {
+            collect_dcm(&path, out)?;
+        } else if kind.is_file() && path.extension().is_some_and(|e| e == "dcm") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(path).map_err(std::io::Error::from)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+fn io_error(op: &'static str, source: std::io::Error) -> StoreError {
+    if source.kind() == std::io::ErrorKind::StorageFull {
+        return StoreError::DiskFull { op };
+    }
+    StoreError::Io { op, source }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,427 @@
+//! A strict walk over the byte structure of an encoded data set.
+//!
+//! dicom-parser is lenient at the end of its input: it treats a data set that stops inside
+//! an element tag, inside an encapsulated pixel data item header, or inside an open
+//! undefined-length sequence as a graceful end. A receiver cannot accept that: such an
+//! object was cut in transit. This walk checks that every element header is whole, every
+//! defined length fits, every undefined-length sequence, item and encapsulated pixel data is
+//! closed by its delimiter, and the walk ends exactly at the last byte. It reads no values.
+
+/// Why a data set's structure is broken (positions are byte offsets into the data set).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StructureError {
+    #[error("data set ends inside an element header at offset {offset}")]
+    TruncatedHeader { offset: usize },
+    #[error("element at offset {offset} declares {length} bytes, past the end of the data set")]
+    LengthPastEnd { offset: usize, length: u32 },
+    #[error("undefined length not allowed for the element at offset {offset}")]
+    UndefinedLength { offset: usize },
+    #[error("sequence or item opened at offset {offset} is never closed")]
+    Unclosed { offset: usize },
+    #[error("unexpected delimiter or item tag at offset {offset}")]
+    UnexpectedDelimiter { offset: usize },
+    #[error("encapsulated pixel data at offset {offset} is malformed")]
+    BadEncapsulation { offset: usize },
+    #[error("sequences nested deeper than {max}")]
+    TooDeep { max: usize },
+    #[error("deflated data set does not inflate: {0}")]
+    Inflate(String),
+}
+
+const UNDEFINED: u32 = 0xFFFF_FFFF;
+const MAX_DEPTH: usize = 64;
+const ITEM: (u16, u16) = (0xFFFE, 0xE000);
+const ITEM_END: (u16, u16) = (0xFFFE, 0xE00D);
+const SEQ_END: (u16, u16) = (0xFFFE, 0xE0DD);
+const PIXEL_DATA: (u16, u16) = (0x7FE0, 0x0010);
+
+/// The encoding of a data set, from its transfer syntax UID.
+#[derive(Debug, Clone, Copy)]
+pub struct Encoding {
+    pub explicit_vr: bool,
+    pub big_endian: bool,
+    pub deflated: bool,
+}
+
+impl Encoding {
+    pub fn of(transfer_syntax: &str) -> Encoding {
+        Encoding {
+            explicit_vr: transfer_syntax != "1.2.840.10008.1.2",
+            big_endian: transfer_syntax == "1.2.840.10008.1.2.2",
+            deflated: matches!(
+                transfer_syntax,
+                "1.2.840.10008.1.2.1.99" | "1.2.840.10008.1.2.4.95" | "1.2.840.10008.1.2.4.205"
+            ),
+        }
+    }
+}
+
+/// Checks the structure of `bytes` (a whole data set encoded as `encoding` says).
+pub fn check(bytes: &[u8], encoding: Encoding) -> Result<(), StructureError> {
+    if encoding.deflated {
+        use std::io::Read;
+        let mut inflated = Vec::new();
+        flate2::read::DeflateDecoder::new(bytes)
+            .read_to_end(&mut inflated)
+            .map_err(|e| StructureError::Inflate(e.to_string()))?;
+        let plain = Encoding {
+            deflated: false,
+            ..encoding
+        };
+        return check(&inflated, plain);
+    }
+    let walker = Walker {
+        bytes,
+        big_endian: encoding.big_endian,
+    };
+    let end = walker.dataset(0, Some(bytes.len()), encoding.explicit_vr, 0)?;
+    debug_assert_eq!(end, bytes.len());
+    Ok(())
+}
+
+struct Walker<'a> {
+    bytes: &'a [u8],
+    big_endian: bool,
+}
+
+struct Header {
+    tag: (u16, u16),
+    vr: Option<[u8; 2]>,
+    length: u32,
+    /// Offset of the value.
+    value: usize,
+}
+
+impl Walker<'_> {
+    fn u16_at(&self, at: usize) -> u16 {
+        let b = [self.bytes[at], self.bytes[at + 1]];
+        if self.big_endian {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        }
+    }
+
+    fn u32_at(&self, at: usize) -> u32 {
+        let b = [
+            self.bytes[at],
+            self.bytes[at + 1],
+            self.bytes[at + 2],
+            self.bytes[at + 3],
+        ];
+        if self.big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
+    }
+
+    fn need(&self, at: usize, n: usize) -> Result<(), StructureError> {
+        if at.checked_add(n).is_none_or(|e| e > self.bytes.len()) {
+            return Err(StructureError::TruncatedHeader { offset: at });
+        }
+        Ok(())
+    }
+
+    /// Reads an element (or item/delimiter) header at `at`.
+    fn header(&self, at: usize, explicit_vr: bool) -> Result<Header, StructureError> {
+        self.need(at, 8)?;
+        let tag = (self.u16_at(at), self.u16_at(at + 2));
+        if tag.0 == 0xFFFE {
+            return Ok(Header {
+                tag,
+                vr: None,
+                length: self.u32_at(at + 4),
+                value: at + 8,
+            });
+        }
+        if !explicit_vr {
+            return Ok(Header {
+                tag,
+                vr: None,
+                length: self.u32_at(at + 4),
+                value: at + 8,
+            });
+        }
+        let vr = [self.bytes[at + 4], self.bytes[at + 5]];
+        let long = matches!(
+            &vr,
+            b"OB"
+                | b"OD"
+                | b"OF"
+                | b"OL"
+                | b"OV"
+                | b"OW"
+                | b"SQ"
+                | b"SV"
+                | b"UC"
+                | b"UN"
+                | b"UR"
+                | b"UT"
+                | b"UV"
+        );
+        if long {
+            self.need(at, 12)?;
+            Ok(Header {
+                tag,
+                vr: Some(vr),
+                length: self.u32_at(at + 8),
+                value: at + 12,
+            })
+        } else {
+            Ok(Header {
+                tag,
+                vr: Some(vr),
+                length: u32::from(self.u16_at(at + 6)),
+                value: at + 8,
+            })
+        }
+    }
+
+    fn skip(&self, h: &Header, at: usize, limit: usize) -> Result<usize, StructureError> {
+        match h.value.checked_add(h.length as usize) {
+            Some(end) if end <= limit => Ok(end),
+            _ => Err(StructureError::LengthPastEnd {
+                offset: at,
+                length: h.length,
+            }),
+        }
+    }
+
+    /// Walks data elements from `at` until `end` (defined length) or an item delimiter
+    /// (`end` None: an undefined-length item, whose delimiter is consumed). Returns the
+    /// offset after it.
+    fn dataset(
+        &self,
+        mut at: usize,
+        end: Option<usize>,
+        explicit_vr: bool,
+        depth: usize,
+    ) -> Result<usize, StructureError> {
+        if depth > MAX_DEPTH {
+            return Err(StructureError::TooDeep { max: MAX_DEPTH });
+        }
+        let opened = at;
+        let limit = end.unwrap_or(self.bytes.len());
+        loop {
+            if Some(at) == end {
+                return Ok(at);
+            }
+            if at >= limit {
+                return match end {
+                    Some(_) => Err(StructureError::LengthPastEnd {
+                        offset: at,
+                        length: 0,
+                    }),
+                    None => Err(StructureError::Unclosed { offset: opened }),
+                };
+            }
+            let h = self.header(at, explicit_vr)?;
+            if h.value > limit {
+                return Err(StructureError::TruncatedHeader { offset: at });
+            }
+            match h.tag {
+                ITEM_END if end.is_none() => return Ok(h.value),
+                ITEM | ITEM_END | SEQ_END => {
+                    return Err(StructureError::UnexpectedDelimiter { offset: at });
+                }
+                _ => {}
+            }
+            let vr = h.vr;
+            at = if h.length != UNDEFINED {
+                let value_end = self.skip(&h, at, limit)?;
+                if vr == Some(*b"SQ") {
+                    self.sequence(h.value, Some(value_end), explicit_vr, depth + 1)?;
+                }
+                value_end
+            } else if h.tag == PIXEL_DATA {
+                self.encapsulated(h.value, limit, at)?
+            } else {
+                match vr {
+                    // Implicit VR: an undefined length can only be a sequence.
+                    None | Some([b'S', b'Q']) => {
+                        self.sequence(h.value, None, explicit_vr, depth + 1)?
+                    }
+                    // UN of undefined length: a sequence encoded in Implicit VR LE.
+                    Some([b'U', b'N']) => self.sequence(h.value, None, false, depth + 1)?,
+                    Some(_) => return Err(StructureError::UndefinedLength { offset: at }),
+                }
+            };
+        }
+    }
+
+    /// Walks the items of a sequence; returns the offset after it (after its delimiter when
+    /// of undefined length).
+    fn sequence(
+        &self,
+        mut at: usize,
+        end: Option<usize>,
+        explicit_vr: bool,
+        depth: usize,
+    ) -> Result<usize, StructureError> {
+        let opened = at;
+        let limit = end.unwrap_or(self.bytes.len());
+        loop {
+            if Some(at) == end {
+                return Ok(at);
+            }
+            if at >= limit {
+                return Err(StructureError::Unclosed { offset: opened });
+            }
+            self.need(at, 8)?;
+            let tag = (self.u16_at(at), self.u16_at(at + 2));
+            let length = self.u32_at(at + 4);
+            let value = at + 8;
+            if value > limit {
+                return Err(StructureError::TruncatedHeader { offset: at });
+            }
+            match tag {
+                SEQ_END if end.is_none() => return Ok(value),
+                ITEM if length == UNDEFINED => {
+                    at = self.dataset(value, None, explicit_vr, depth)?;
+                }
+                ITEM => {
+                    let item_end = value
+                        .checked_add(length as usize)
+                        .filter(|e| *e <= limit)
+                        .ok_or(StructureError::LengthPastEnd { offset: at, length })?;
+                    at = self.dataset(value, Some(item_end), explicit_vr, depth)?;
+                }
+                _ => return Err(StructureError::UnexpectedDelimiter { offset: at }),
+            }
+        }
+    }
+
+    /// Walks encapsulated pixel data fragments up to their sequence delimiter.
+    fn encapsulated(
+        &self,
+        mut at: usize,
+        limit: usize,
+        opened: usize,
+    ) -> Result<usize, StructureError> {
+        loop {
+            if at >= limit {
+                return Err(StructureError::Unclosed { offset: opened });
+            }
+            self.need(at, 8)?;
+            let tag = (self.u16_at(at), self.u16_at(at + 2));
+            let length = self.u32_at(at + 4);
+            let value = at + 8;
+            match tag {
+                SEQ_END => return Ok(value),
+                ITEM if length != UNDEFINED => {
+                    at = value
+                        .checked_add(length as usize)
+                        .filter(|e| *e <= limit)
+                        .ok_or(StructureError::LengthPastEnd { offset: at, length })?;
+                }
+                _ => return Err(StructureError::BadEncapsulation { offset: at }),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LE: Encoding = Encoding {
+        explicit_vr: true,
+        big_endian: false,
+        deflated: false,
+    };
+
+    fn el(group: u16, elem: u16, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&group.to_le_bytes());
+        out.extend_from_slice(&elem.to_le_bytes());
+        out.extend_from_slice(vr);
+        out.extend_from_slice(&(value.len() as u16).to_le_bytes());
+        out.extend_from_slice(value);
+        out
+    }
+
+    fn tag_len(group: u16, elem: u16, len: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&group.to_le_bytes());
+        out.extend_from_slice(&elem.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+        out
+    }
+
+    /// (0008,0060) CS "CT", then an undefined-length SQ with one undefined-length item,
+    /// then encapsulated pixel data with an empty offset table and one fragment.
+    fn sample() -> Vec<u8> {
+        let mut d = el(0x0008, 0x0060, b"CS", b"CT");
+        d.extend_from_slice(&[0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0]);
+        d.extend_from_slice(&UNDEFINED.to_le_bytes());
+        d.extend(tag_len(0xFFFE, 0xE000, UNDEFINED));
+        d.extend(el(0x0008, 0x1150, b"UI", b"1.2\0"));
+        d.extend(tag_len(0xFFFE, 0xE00D, 0));
+        d.extend(tag_len(0xFFFE, 0xE0DD, 0));
+        // (A data set ending here is well-formed too.)
+        d.extend_from_slice(&[0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0]);
+        d.extend_from_slice(&UNDEFINED.to_le_bytes());
+        d.extend(tag_len(0xFFFE, 0xE000, 0));
+        d.extend(tag_len(0xFFFE, 0xE000, 4));
+        d.extend_from_slice(&[1, 2, 3, 4]);
+        d.extend(tag_len(0xFFFE, 0xE0DD, 0));
+        d
+    }
+
+    #[test]
+    fn a_whole_data_set_passes_and_every_cut_fails() {
+        let d = sample();
+        check(&d, LE).unwrap();
+        // Every proper prefix is refused, except the two that end where an element ends at
+        // the top level (shorter but well-formed data sets).
+        let first = el(0x0008, 0x0060, b"CS", b"CT").len();
+        let before_pixels = d.len() - (8 + 4 + 8 + 8 + 4 + 8);
+        for cut in 1..d.len() {
+            let r = check(&d[..cut], LE);
+            if cut == first || cut == before_pixels {
+                assert!(r.is_ok());
+            } else {
+                assert!(r.is_err(), "cut at {cut} passed");
+            }
+        }
+    }
+
+    #[test]
+    fn lengths_past_the_end_and_odd_delimiters_fail() {
+        let mut d = el(0x0010, 0x0010, b"PN", b"AB");
+        d[6] = 0xF0; // length 0x00F0 + 2
+        assert!(matches!(
+            check(&d, LE),
+            Err(StructureError::LengthPastEnd { .. })
+        ));
+        let mut d = vec![0x10, 0x00, 0x10, 0x00, b'O', b'B', 0, 0];
+        d.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+        assert!(matches!(
+            check(&d, LE),
+            Err(StructureError::LengthPastEnd { .. })
+        ));
+        let d = tag_len(0xFFFE, 0xE0DD, 0);
+        assert!(matches!(
+            check(&d, LE),
+            Err(StructureError::UnexpectedDelimiter { .. })
+        ));
+        let mut d = vec![0x10, 0x00, 0x10, 0x00, b'O', b'B', 0, 0];
+        d.extend_from_slice(&UNDEFINED.to_le_bytes());
+        assert!(matches!(
+            check(&d, LE),
+            Err(StructureError::UndefinedLength { .. })
+        ));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_overflowing_the_stack() {
+        let mut d = Vec::new();
+        for _ in 0..10_000 {
+            d.extend_from_slice(&[0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0]);
+            d.extend_from_slice(&UNDEFINED.to_le_bytes());
+            d.extend(tag_len(0xFFFE, 0xE000, UNDEFINED));
+        }
+        assert!(matches!(check(&d, LE), Err(StructureError::TooDeep { .. })));
+    }
+}

@@ -1,0 +1,491 @@
+//! The spool's crash-consistency logic: what a store leaves on disk and in the index, what
+//! opening the spool repairs (leftover temporary files, rows without files, files without
+//! rows), duplicates, quarantine, and the disk high-water mark on a real (tiny) tmpfs.
+//!
+//! The data sets are built here with dicom-object from the values each test states; the
+//! stored files are read back with dicom-object's own Part 10 reader.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use nightingale_dicom::{Incoming, Spool, SpoolOptions, StoreError};
+
+const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+const STUDY: &str = "1.2.826.0.1.3680043.10.1383.9.1";
+const SERIES: &str = "1.2.826.0.1.3680043.10.1383.9.1.1";
+
+fn options() -> SpoolOptions {
+    SpoolOptions { min_free_bytes: 0 }
+}
+
+/// A CT data set in Explicit VR Little Endian; `None` leaves an attribute out.
+fn ct(sop: Option<&str>, pixels: Option<Vec<u8>>) -> Vec<u8> {
+    let mut obj = InMemDicomObject::new_empty();
+    obj.put(DataElement::new(
+        tags::SOP_CLASS_UID,
+        VR::UI,
+        PrimitiveValue::from(CT),
+    ));
+    if let Some(sop) = sop {
+        obj.put(DataElement::new(
+            tags::SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from(sop),
+        ));
+    }
+    obj.put(DataElement::new(
+        tags::STUDY_INSTANCE_UID,
+        VR::UI,
+        PrimitiveValue::from(STUDY),
+    ));
+    obj.put(DataElement::new(
+        tags::SERIES_INSTANCE_UID,
+        VR::UI,
+        PrimitiveValue::from(SERIES),
+    ));
+    obj.put(DataElement::new(
+        tags::MODALITY,
+        VR::CS,
+        PrimitiveValue::from("CT"),
+    ));
+    if let Some(pixels) = pixels {
+        obj.put(DataElement::new(
+            tags::ROWS,
+            VR::US,
+            PrimitiveValue::from(1u16),
+        ));
+        obj.put(DataElement::new(
+            tags::COLUMNS,
+            VR::US,
+            PrimitiveValue::from((pixels.len() / 2) as u16),
+        ));
+        obj.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OW,
+            PrimitiveValue::U8(pixels.into()),
+        ));
+    }
+    let ts = dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased();
+    let mut out = Vec::new();
+    obj.write_dataset_with_ts(&mut out, &ts).unwrap();
+    out
+}
+
+fn incoming() -> Incoming<'static> {
+    Incoming {
+        transfer_syntax: EXPLICIT_LE,
+        calling_ae: "TESTSCU",
+        expected_sop_class: None,
+        expected_sop_instance: None,
+    }
+}
+
+fn dcm_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|e| e == "dcm") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn quarantined(spool: &Spool) -> Vec<String> {
+    let mut reasons: Vec<String> = std::fs::read_dir(spool.quarantine_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "reason"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    reasons.sort();
+    reasons
+}
+
+#[test]
+fn a_stored_instance_is_a_part10_file_with_the_data_set_as_received_and_a_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, recovery) = Spool::open(dir.path(), options()).unwrap();
+    assert_eq!(recovery, Default::default());
+    let data = ct(Some("1.2.3.4.1"), Some(vec![1, 0, 2, 0, 3, 0, 4, 0]));
+    let stored = spool.store(&data, &incoming()).unwrap();
+    assert!(!stored.duplicate);
+    let expected = spool
+        .root()
+        .join("instances")
+        .join(STUDY)
+        .join(SERIES)
+        .join("1.2.3.4.1.dcm");
+    assert_eq!(stored.path, expected);
+    let bytes = std::fs::read(&expected).unwrap();
+    assert!(
+        bytes.ends_with(&data),
+        "the data set is stored byte for byte"
+    );
+    assert_eq!(&bytes[128..132], b"DICM");
+
+    let file = dicom_object::open_file(&expected).unwrap();
+    assert_eq!(
+        file.meta().transfer_syntax().trim_end_matches('\0'),
+        EXPLICIT_LE
+    );
+    assert_eq!(
+        file.meta()
+            .media_storage_sop_instance_uid()
+            .trim_end_matches('\0'),
+        "1.2.3.4.1"
+    );
+    assert_eq!(
+        file.meta().source_application_entity_title().map(str::trim),
+        Some("TESTSCU")
+    );
+    assert_eq!(
+        file.element(tags::PIXEL_DATA)
+            .unwrap()
+            .to_bytes()
+            .unwrap()
+            .as_ref(),
+        &[1, 0, 2, 0, 3, 0, 4, 0]
+    );
+
+    let rows = spool.instances().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].sop_instance_uid, "1.2.3.4.1");
+    assert_eq!(rows[0].study_uid, STUDY);
+    assert_eq!(rows[0].series_uid, SERIES);
+    assert_eq!(rows[0].sop_class_uid, CT);
+    assert_eq!(rows[0].transfer_syntax, EXPLICIT_LE);
+    assert_eq!(rows[0].calling_ae, "TESTSCU");
+    assert_eq!(rows[0].size, data.len() as u64);
+    assert_eq!(rows[0].path, expected);
+    assert!(
+        std::fs::read_dir(spool.root().join("tmp"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+
+    // Reopening finds nothing to repair.
+    drop(spool);
+    let (spool, recovery) = Spool::open(dir.path(), options()).unwrap();
+    assert_eq!(recovery, Default::default());
+    assert_eq!(spool.instances().unwrap().len(), 1);
+}
+
+#[test]
+fn duplicates_are_idempotent_and_conflicts_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), options()).unwrap();
+    let data = ct(Some("1.2.3.4.2"), Some(vec![9, 0]));
+    let first = spool.store(&data, &incoming()).unwrap();
+    let again = spool.store(&data, &incoming()).unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.path, first.path);
+    let other = ct(Some("1.2.3.4.2"), Some(vec![8, 0]));
+    assert!(matches!(
+        spool.store(&other, &incoming()),
+        Err(StoreError::Conflict)
+    ));
+    let reasons = quarantined(&spool);
+    assert_eq!(reasons.len(), 1);
+    assert!(reasons[0].contains("kind: conflict"), "{}", reasons[0]);
+    assert_eq!(dcm_files(spool.root()).len(), 1);
+    assert_eq!(spool.instances().unwrap().len(), 1);
+    assert!(
+        std::fs::read(&first.path).unwrap().ends_with(&data),
+        "the first stays"
+    );
+    assert!(
+        std::fs::read_dir(spool.root().join("tmp"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+}
+
+#[test]
+fn refused_objects_are_quarantined_with_their_reason_and_never_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), options()).unwrap();
+    let good = ct(Some("1.2.3.4.3"), Some(vec![1, 0, 2, 0]));
+
+    // Cut inside the pixel data element.
+    let truncated = &good[..good.len() - 2];
+    let e = spool.store(truncated, &incoming()).unwrap_err();
+    assert!(matches!(e, StoreError::Malformed(_)), "{e}");
+
+    let e = spool
+        .store(&ct(None, Some(vec![1, 0])), &incoming())
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StoreError::MissingAttribute {
+                name: "SOPInstanceUID"
+            }
+        ),
+        "{e}"
+    );
+
+    let e = spool
+        .store(&ct(Some("1.2.3.4.4"), None), &incoming())
+        .unwrap_err();
+    assert!(matches!(e, StoreError::MissingPixelData), "{e}");
+
+    let e = spool
+        .store(&ct(Some("1.2\\1.3"), Some(vec![1, 0])), &incoming())
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StoreError::InvalidUid {
+                name: "SOPInstanceUID"
+            }
+        ),
+        "{e}"
+    );
+
+    let announced = Incoming {
+        expected_sop_instance: Some("1.2.3.4.999"),
+        ..incoming()
+    };
+    let e = spool.store(&good, &announced).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StoreError::Mismatch {
+                name: "SOPInstanceUID"
+            }
+        ),
+        "{e}"
+    );
+
+    let unknown_ts = Incoming {
+        transfer_syntax: "1.2.3.4.5.6",
+        ..incoming()
+    };
+    let e = spool.store(&good, &unknown_ts).unwrap_err();
+    assert!(matches!(e, StoreError::UnknownTransferSyntax { .. }), "{e}");
+
+    assert!(dcm_files(spool.root()).is_empty());
+    assert!(spool.instances().unwrap().is_empty());
+    let reasons = quarantined(&spool);
+    let kinds: Vec<&str> = reasons
+        .iter()
+        .map(|r| r.lines().find_map(|l| l.strip_prefix("kind: ")).unwrap())
+        .collect();
+    let mut kinds_sorted = kinds.clone();
+    kinds_sorted.sort();
+    assert_eq!(
+        kinds_sorted,
+        [
+            "invalid_uid",
+            "malformed",
+            "mismatch",
+            "missing_attribute",
+            "missing_pixel_data",
+            "unknown_transfer_syntax"
+        ]
+    );
+    let objects = std::fs::read_dir(spool.quarantine_dir())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "quarantined")
+        })
+        .count();
+    assert_eq!(objects, 6);
+    // The good one still stores afterwards.
+    spool.store(&good, &incoming()).unwrap();
+}
+
+#[test]
+fn opening_deletes_temp_files_drops_rows_without_files_and_indexes_files_without_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), options()).unwrap();
+    let a = spool
+        .store(&ct(Some("1.2.3.5.1"), Some(vec![1, 0])), &incoming())
+        .unwrap();
+    let b = spool
+        .store(&ct(Some("1.2.3.5.2"), Some(vec![2, 0])), &incoming())
+        .unwrap();
+    let c = spool
+        .store(&ct(Some("1.2.3.5.3"), Some(vec![3, 0])), &incoming())
+        .unwrap();
+    let root = spool.root().to_owned();
+    drop(spool);
+
+    // A store interrupted before its rename: a temp file.
+    std::fs::write(root.join("tmp").join("123-456-0.part"), b"half written").unwrap();
+    // A file lost after its row was written.
+    std::fs::remove_file(&a.path).unwrap();
+    // A store interrupted after its rename, before its row: the file is kept, the row is not.
+    let db = rusqlite::Connection::open(root.join("index.sqlite3")).unwrap();
+    db.execute(
+        "DELETE FROM instances WHERE sop_instance_uid = ?1",
+        [&b.sop_instance_uid],
+    )
+    .unwrap();
+    drop(db);
+    // A file without a row that does not parse.
+    let junk = root
+        .join("instances")
+        .join(STUDY)
+        .join(SERIES)
+        .join("1.2.3.5.9.dcm");
+    std::fs::write(&junk, b"not dicom at all").unwrap();
+
+    let (spool, recovery) = Spool::open(dir.path(), options()).unwrap();
+    assert_eq!(recovery.temp_files_deleted, 1);
+    assert_eq!(recovery.rows_dropped, 1);
+    assert_eq!(recovery.files_indexed, 1);
+    assert_eq!(recovery.files_quarantined, 1);
+    let uids: Vec<String> = spool
+        .instances()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.sop_instance_uid)
+        .collect();
+    assert_eq!(uids, ["1.2.3.5.2", "1.2.3.5.3"]);
+    let recovered = spool
+        .instances()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.sop_instance_uid == "1.2.3.5.2")
+        .unwrap();
+    assert_eq!(recovered.sha256, b.sha256);
+    assert_eq!(recovered.size, b.size);
+    assert_eq!(recovered.calling_ae, "TESTSCU");
+    assert_eq!(recovered.transfer_syntax, EXPLICIT_LE);
+    assert!(!junk.exists());
+    assert_eq!(dcm_files(&root), vec![b.path.clone(), c.path.clone()]);
+    assert!(
+        std::fs::read_dir(root.join("tmp"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    assert_eq!(quarantined(&spool).len(), 1);
+
+    // And again: nothing left to repair.
+    drop(spool);
+    let (_, recovery) = Spool::open(dir.path(), options()).unwrap();
+    assert_eq!(recovery, Default::default());
+}
+
+/// A real, small tmpfs, unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs ({}): this test needs root, as on the project's machines",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Tmpfs { dir }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+#[test]
+fn below_the_high_water_mark_a_store_is_refused_as_out_of_resources() {
+    let fs = Tmpfs::mount("2m");
+    // Keep 1 MiB free on a 2 MiB file system: the first 600 KiB instance fits, the second not.
+    let (spool, _) = Spool::open(
+        fs.dir.path(),
+        SpoolOptions {
+            min_free_bytes: 1 << 20,
+        },
+    )
+    .unwrap();
+    let big = |uid: &str| ct(Some(uid), Some(vec![7u8; 600 << 10]));
+    spool.store(&big("1.2.3.6.1"), &incoming()).unwrap();
+    let e = spool.store(&big("1.2.3.6.2"), &incoming()).unwrap_err();
+    assert!(matches!(e, StoreError::OutOfResources { .. }), "{e}");
+    assert_eq!(spool.instances().unwrap().len(), 1);
+    assert_eq!(dcm_files(spool.root()).len(), 1);
+    assert!(
+        std::fs::read_dir(spool.root().join("tmp"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+
+    // With no high-water mark the file system itself fills: a typed error, no half file.
+    drop(spool);
+    let (spool, _) = Spool::open(fs.dir.path(), SpoolOptions { min_free_bytes: 0 }).unwrap();
+    let e = spool
+        .store(
+            &ct(Some("1.2.3.6.3"), Some(vec![7u8; 3 << 20])),
+            &incoming(),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StoreError::OutOfResources { .. } | StoreError::DiskFull { .. }
+        ),
+        "{e}"
+    );
+    assert_eq!(spool.instances().unwrap().len(), 1);
+    assert!(
+        std::fs::read_dir(spool.root().join("tmp"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+}
+
+#[test]
+fn a_non_conformant_uid_is_kept_under_a_hashed_name_inside_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), options()).unwrap();
+    let stored = spool
+        .store(&ct(Some("../../escape"), Some(vec![1, 0])), &incoming())
+        .unwrap();
+    assert!(stored.path.starts_with(spool.root().join("instances")));
+    let name = stored
+        .path
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(name.starts_with('x') && name.ends_with(".dcm"), "{name}");
+    assert_eq!(dcm_files(spool.root()), vec![stored.path.clone()]);
+    assert_eq!(
+        spool.instances().unwrap()[0].sop_instance_uid,
+        "../../escape"
+    );
+    // It survives a reopen (found by its row, not re-indexed).
+    drop(spool);
+    let (_, recovery) = Spool::open(dir.path(), options()).unwrap();
+    assert_eq!(recovery, Default::default());
+}
