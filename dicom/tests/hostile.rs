@@ -1,0 +1,360 @@
+//! Hostile input at the upper layer and in DIMSE: malformed A-ASSOCIATE-RQs (each with the
+//! answer PS3.8 gives it, or a closed connection where dicom-ul cannot parse the PDU), then
+//! a bounded, seeded proptest corpus of mutated association requests and mutated C-STORE
+//! streams. After every case the server must still serve (a C-ECHO on a new association), and
+//! the spool must hold exactly the instances the server acknowledged with success, each a file
+//! that parses.
+//!
+//! The corpus is deterministic (a fixed ChaCha seed), so a failure reproduces; raise
+//! `NIGHTINGALE_FUZZ_CASES` to run more cases locally.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use dicom_ul::pdu::{
+    AbortRQSource, AssociationRJResult, AssociationRJServiceUserReason, AssociationRJSource,
+    PDataValueType, Pdu,
+};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+use support::*;
+
+fn valid_rq() -> Vec<u8> {
+    pdu_bytes(&Pdu::AssociationRQ(associate_rq(&[(CT, EXPLICIT_LE)])))
+}
+
+fn is_accept(answer: &Answer) -> bool {
+    matches!(answer, Answer::Pdu(Pdu::AssociationAC(_)))
+}
+
+fn is_abort_or_close(answer: &Answer) -> bool {
+    matches!(answer, Answer::Closed | Answer::Pdu(Pdu::AbortRQ { .. }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_association_requests_are_refused_and_the_server_goes_on() {
+    let server = start(|c| {
+        c.association_timeout = Duration::from_secs(2);
+        c.max_pdu_length = 16_384;
+    })
+    .await;
+    let addr = server.addr;
+    tokio::task::spawn_blocking(move || {
+        let valid = valid_rq();
+
+        // Not DICOM at all: the first six bytes read as a PDU type and a huge length.
+        let answer = exchange(addr, b"GET / HTTP/1.1\r\nHost: pacs\r\n\r\n", false);
+        assert!(is_abort_or_close(&answer), "HTTP request: {answer:?}");
+        echo(addr);
+
+        // A declared PDU length of 0xFFFFFFF0, then a megabyte: refused on the header, not
+        // buffered (the write fails or the answer is a close).
+        let mut huge = vec![0x01, 0x00, 0xFF, 0xFF, 0xFF, 0xF0];
+        huge.extend(std::iter::repeat_n(0u8, 1 << 20));
+        let answer = exchange(addr, &huge, false);
+        assert!(is_abort_or_close(&answer), "0xFFFFFFF0: {answer:?}");
+        echo(addr);
+
+        // Cut in half, then the peer stops sending but keeps the connection open: closed after
+        // the association timeout (2 s here; the read is bounded at 20 s).
+        let answer = exchange(addr, &valid[..valid.len() / 2], false);
+        assert!(is_abort_or_close(&answer), "silent half RQ: {answer:?}");
+        // Cut in half and closed.
+        let answer = exchange(addr, &valid[..valid.len() / 2], true);
+        assert!(is_abort_or_close(&answer), "closed half RQ: {answer:?}");
+        echo(addr);
+
+        // The application context item claims 0xFFFF bytes, past the end of the PDU.
+        let mut item = valid.clone();
+        assert_eq!(item[74], 0x10, "the application context item follows the fixed fields");
+        item[76] = 0xFF;
+        item[77] = 0xFF;
+        let answer = exchange(addr, &item, true);
+        assert!(is_abort_or_close(&answer), "item past the end: {answer:?}");
+        echo(addr);
+
+        // A P-DATA-TF before any association: A-ABORT (unexpected PDU).
+        let answer = exchange(
+            addr,
+            &pdu_bytes(&pdata(1, PDataValueType::Data, true, vec![0; 16])),
+            false,
+        );
+        assert!(
+            matches!(
+                answer,
+                Answer::Pdu(Pdu::AbortRQ {
+                    source: AbortRQSource::ServiceProvider(_)
+                })
+            ),
+            "P-DATA first: {answer:?}"
+        );
+        echo(addr);
+
+        // An unknown PDU type: A-ABORT (unrecognized PDU).
+        let answer = exchange(addr, &[0x09, 0, 0, 0, 0, 4, 1, 2, 3, 4], false);
+        assert!(
+            matches!(
+                answer,
+                Answer::Pdu(Pdu::AbortRQ {
+                    source: AbortRQSource::ServiceProvider(_)
+                })
+            ),
+            "unknown PDU type: {answer:?}"
+        );
+        echo(addr);
+
+        // A protocol version the server does not speak: rejected permanently.
+        let mut rq = associate_rq(&[(CT, EXPLICIT_LE)]);
+        rq.protocol_version = 2;
+        let answer = exchange(addr, &pdu_bytes(&Pdu::AssociationRQ(rq)), false);
+        let Answer::Pdu(Pdu::AssociationRJ(rj)) = answer else {
+            panic!("protocol version 2: {answer:?}");
+        };
+        assert_eq!(rj.result, AssociationRJResult::Permanent);
+
+        // Another application context than DICOM's: rejected, with that reason.
+        let mut rq = associate_rq(&[(CT, EXPLICIT_LE)]);
+        rq.application_context_name = "1.2.3.4".into();
+        let answer = exchange(addr, &pdu_bytes(&Pdu::AssociationRQ(rq)), false);
+        let Answer::Pdu(Pdu::AssociationRJ(rj)) = answer else {
+            panic!("application context: {answer:?}");
+        };
+        assert_eq!(rj.result, AssociationRJResult::Permanent);
+        assert_eq!(
+            rj.source,
+            AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::ApplicationContextNameNotSupported
+            )
+        );
+        echo(addr);
+
+        // An A-ABORT or an A-RELEASE-RQ instead of a request: never an association.
+        for pdu in [
+            Pdu::AbortRQ {
+                source: AbortRQSource::ServiceUser,
+            },
+            Pdu::ReleaseRQ,
+        ] {
+            let answer = exchange(addr, &pdu_bytes(&pdu), true);
+            assert!(!is_accept(&answer), "{pdu:?}: {answer:?}");
+        }
+        echo(addr);
+    })
+    .await
+    .unwrap();
+    assert!(server.spool.instances().unwrap().is_empty());
+}
+
+/// One edit of a byte stream.
+#[derive(Debug, Clone)]
+enum Mutation {
+    /// Cut the stream at this fraction of its length (per mille).
+    Truncate(u16),
+    /// Overwrite one byte (position in per mille of the length).
+    Set(u16, u8),
+    /// Insert bytes.
+    Insert(u16, Vec<u8>),
+    /// Overwrite four bytes with a big-endian length (the PDU header's or an item's).
+    Length(u16, u32),
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        (0u16..1000).prop_map(Mutation::Truncate),
+        (0u16..1000, any::<u8>()).prop_map(|(at, b)| Mutation::Set(at, b)),
+        (0u16..1000, prop::collection::vec(any::<u8>(), 1..16))
+            .prop_map(|(at, b)| Mutation::Insert(at, b)),
+        (
+            0u16..1000,
+            prop_oneof![
+                Just(0u32),
+                Just(1),
+                Just(0xFFFF_FFF0),
+                Just(u32::MAX),
+                any::<u32>()
+            ]
+        )
+            .prop_map(|(at, n)| Mutation::Length(at, n)),
+    ]
+}
+
+fn apply(bytes: &mut Vec<u8>, mutations: &[Mutation]) {
+    let at = |per_mille: u16, len: usize| (per_mille as usize * len) / 1000;
+    for m in mutations {
+        let len = bytes.len();
+        match m {
+            Mutation::Truncate(p) => bytes.truncate(at(*p, len)),
+            Mutation::Set(p, b) if len > 0 => bytes[at(*p, len).min(len - 1)] = *b,
+            Mutation::Set(..) => {}
+            Mutation::Insert(p, b) => {
+                let i = at(*p, len);
+                bytes.splice(i..i, b.iter().copied());
+            }
+            Mutation::Length(p, n) => {
+                let i = at(*p, len);
+                if i + 4 <= len {
+                    bytes[i..i + 4].copy_from_slice(&n.to_be_bytes());
+                }
+            }
+        }
+    }
+}
+
+fn cases() -> u32 {
+    std::env::var("NIGHTINGALE_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(96)
+}
+
+fn runner() -> TestRunner {
+    TestRunner::new_with_rng(
+        Config {
+            cases: cases(),
+            failure_persistence: None,
+            ..Config::default()
+        },
+        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutated_association_requests_never_stop_the_server() {
+    let server = start(|c| c.association_timeout = Duration::from_secs(2)).await;
+    let addr = server.addr;
+    tokio::task::spawn_blocking(move || {
+        let valid = valid_rq();
+        runner()
+            .run(
+                &prop::collection::vec(mutation(), 1..4),
+                |mutations| {
+                    let mut bytes = valid.clone();
+                    apply(&mut bytes, &mutations);
+                    // Half-closed after the bytes: whatever the server makes of them, it
+                    // answers or closes at once (no case waits for a timeout).
+                    let _ = exchange(addr, &bytes, true);
+                    echo(addr);
+                    Ok(())
+                },
+            )
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    assert!(server.spool.instances().unwrap().is_empty());
+}
+
+/// Sends `bytes` on an established association, half-closes, and returns every DIMSE
+/// response the server sent before it closed.
+fn send_raw_on_association(addr: SocketAddr, bytes: &[u8]) -> Vec<(u16, Option<String>)> {
+    use std::io::Write;
+    let mut assoc = connect(addr, &[(CT, EXPLICIT_LE)]).expect("an association");
+    let socket = assoc.inner_stream();
+    if socket.write_all(bytes).is_ok() {
+        let _ = socket.shutdown(std::net::Shutdown::Write);
+    }
+    let mut responses = Vec::new();
+    loop {
+        match read_answer(socket) {
+            Answer::Pdu(pdu @ Pdu::PData { .. }) => responses.push(response_of(&pdu)),
+            Answer::Pdu(_) | Answer::Closed => break,
+        }
+    }
+    responses
+}
+
+fn indexed(server: &Running) -> BTreeSet<String> {
+    server
+        .spool
+        .instances()
+        .unwrap()
+        .into_iter()
+        .map(|s| {
+            // Every indexed instance is a whole file that parses, holding that instance.
+            let file = dicom_object::OpenFileOptions::new()
+                .open_file(&s.path)
+                .unwrap_or_else(|e| panic!("indexed file {} does not parse: {e}", s.path.display()));
+            let uid = file
+                .element(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .trim_end_matches('\0')
+                .to_string();
+            assert_eq!(uid, s.sop_instance_uid);
+            uid
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutated_c_store_streams_store_exactly_what_was_acknowledged() {
+    let server = start(|c| {
+        c.association_timeout = Duration::from_secs(2);
+        c.idle_timeout = Duration::from_secs(5);
+    })
+    .await;
+    let addr = server.addr;
+    let server = std::sync::Arc::new(server);
+    let checked = server.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut n = 0u32;
+        runner()
+            .run(&prop::collection::vec(mutation(), 1..3), |mutations| {
+                n += 1;
+                // The presentation context dicom-ul's client proposes first has id 1.
+                let uid = format!("1.2.3.100.77.{n}");
+                let mut bytes = pdu_bytes(&pdata(
+                    1,
+                    PDataValueType::Command,
+                    true,
+                    c_store_rq(1, &uid),
+                ));
+                bytes.extend(pdu_bytes(&pdata(1, PDataValueType::Data, true, ct(&uid))));
+                apply(&mut bytes, &mutations);
+                let before = indexed(&checked);
+                let responses = send_raw_on_association(addr, &bytes);
+                let after = indexed(&checked);
+                let acknowledged: BTreeSet<String> = responses
+                    .iter()
+                    .filter(|(status, _)| *status == 0x0000)
+                    .map(|(_, uid)| uid.clone().expect("a success names its instance"))
+                    .collect();
+                let new: BTreeSet<String> = after.difference(&before).cloned().collect();
+                // Stored ⇔ acknowledged: nothing indexed that the peer was not told about,
+                // nothing acknowledged that is not indexed.
+                prop_assert!(
+                    new.is_subset(&acknowledged),
+                    "stored without success: {new:?} vs {acknowledged:?}"
+                );
+                prop_assert!(
+                    acknowledged.is_subset(&after),
+                    "acknowledged but not stored: {acknowledged:?}"
+                );
+                echo(addr);
+                Ok(())
+            })
+            .unwrap();
+        // The unmutated stream stores (the corpus is not vacuous).
+        let uid = "1.2.3.100.77.0";
+        let mut bytes = pdu_bytes(&pdata(1, PDataValueType::Command, true, c_store_rq(1, uid)));
+        bytes.extend(pdu_bytes(&pdata(1, PDataValueType::Data, true, ct(uid))));
+        assert_eq!(
+            send_raw_on_association(addr, &bytes),
+            [(0x0000, Some(uid.to_string()))]
+        );
+    })
+    .await
+    .unwrap();
+    assert!(indexed(&server).contains("1.2.3.100.77.0"));
+    assert_eq!(
+        std::fs::read_dir(server.spool.root().join("tmp"))
+            .unwrap()
+            .count(),
+        0,
+        "no temp file is left behind"
+    );
+}
