@@ -11,7 +11,8 @@
 //!
 //! A store writes the file to `tmp/`, fsyncs it, renames it into place, fsyncs the
 //! directory, and only then adds the index row and returns: an instance reported stored is
-//! on disk. The files are the truth; the index is rebuilt from them: on open, leftover
+//! on disk. Stores that run at the same time share the directory fsyncs and one index
+//! transaction (group commit, see [`Spool::store`]). The files are the truth; the index is rebuilt from them: on open, leftover
 //! temporary files are deleted, rows whose file is gone are dropped, and files without a
 //! row are indexed (or quarantined when they do not parse).
 
