@@ -11,15 +11,17 @@
 //!
 //! A store writes the file to `tmp/`, fsyncs it, renames it into place, fsyncs the
 //! directory, and only then adds the index row and returns: an instance reported stored is
-//! on disk. The files are the truth; the index is rebuilt from them: on open, leftover
+//! on disk. Stores that run at the same time share the directory fsyncs and one index
+//! transaction (group commit, see [`Spool::store`]). The files are the truth; the index is rebuilt from them: on open, leftover
 //! temporary files are deleted, rows whose file is gone are dropped, and files without a
 //! row are indexed (or quarantined when they do not parse).
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dicom_dictionary_std::tags;
@@ -202,6 +204,61 @@ pub struct Spool {
     options: SpoolOptions,
     index: Mutex<Connection>,
     seq: AtomicU64,
+    /// Stores waiting for the next group commit, and the outcomes not yet collected.
+    commits: Mutex<CommitQueue>,
+    /// Signalled after each group commit.
+    committed: Condvar,
+}
+
+/// A written and fsynced temporary file, waiting to be renamed into place and indexed.
+struct Placement {
+    tmp: PathBuf,
+    relative: PathBuf,
+    stored: Stored,
+}
+
+/// What the index holds for a SOP Instance UID.
+#[derive(Clone)]
+struct Existing {
+    sha256: String,
+    path: String,
+}
+
+#[derive(Default)]
+struct CommitQueue {
+    next_ticket: u64,
+    /// True while one caller commits a group.
+    committing: bool,
+    waiting: Vec<(u64, Placement)>,
+    done: HashMap<u64, Result<Stored, StoreError>>,
+}
+
+/// Hands a group's outcomes to its waiters and lets the next group start, also when the
+/// committing caller unwinds (its waiters then get an error instead of waiting forever).
+struct CommitGuard<'a> {
+    spool: &'a Spool,
+    tickets: Vec<u64>,
+    results: Vec<(u64, Result<Stored, StoreError>)>,
+}
+
+impl Drop for CommitGuard<'_> {
+    fn drop(&mut self) {
+        let mut queue = self.spool.commits.lock().unwrap_or_else(|p| p.into_inner());
+        for (ticket, result) in self.results.drain(..) {
+            queue.done.insert(ticket, result);
+        }
+        for ticket in &self.tickets {
+            queue.done.entry(*ticket).or_insert_with(|| {
+                Err(StoreError::Io {
+                    op: "group commit",
+                    source: std::io::Error::other("the committing thread failed"),
+                })
+            });
+        }
+        queue.committing = false;
+        drop(queue);
+        self.spool.committed.notify_all();
+    }
 }
 
 /// What a data set says about itself.
@@ -247,6 +304,8 @@ impl Spool {
             options,
             index: Mutex::new(db),
             seq: AtomicU64::new(0),
+            commits: Mutex::new(CommitQueue::default()),
+            committed: Condvar::new(),
         };
         let recovery = spool.reconcile()?;
         Ok((spool, recovery))
@@ -263,8 +322,14 @@ impl Spool {
     }
 
     /// Stores one data set (without file meta, encoded in `incoming.transfer_syntax`, as a
-    /// C-STORE carries it). Returns once the file and its directory entry are durable.
-    /// Refused objects are quarantined before the error is returned.
+    /// C-STORE carries it). Returns once the file, its directory entry and its index row
+    /// are durable. Refused objects are quarantined before the error is returned.
+    ///
+    /// Stores that run at the same time share their commits (group commit): each caller
+    /// writes and fsyncs its own temporary file, then one of the waiting callers renames
+    /// every file ready at that moment into place, fsyncs each directory once, adds all
+    /// their rows in one transaction, and wakes the others. No call returns before its own
+    /// data, rename and directory entry are on disk and its row is committed.
     pub fn store(&self, dataset: &[u8], incoming: &Incoming<'_>) -> Result<Stored, StoreError> {
         let identity = match validate(dataset, incoming) {
             Ok(identity) => identity,
@@ -277,86 +342,233 @@ impl Spool {
         };
         self.check_space(dataset.len() as u64 + 1024)?;
         let sha256 = hex::encode(Sha256::digest(dataset));
-        let received_at_ms = now_ms();
-
-        // Write and fsync the whole file before it gets its name.
-        let meta = FileMetaTableBuilder::new()
-            .media_storage_sop_class_uid(identity.sop_class_uid.as_str())
-            .media_storage_sop_instance_uid(identity.sop_instance_uid.as_str())
-            .transfer_syntax(sop::trim_uid(incoming.transfer_syntax))
-            .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
-            .implementation_version_name(IMPLEMENTATION_VERSION_NAME)
-            .source_application_entity_title(incoming.calling_ae.trim())
-            .build()
-            .map_err(|e| StoreError::CannotParse {
-                transfer_syntax: incoming.transfer_syntax.to_owned(),
-                detail: e.to_string(),
-            })?;
-        let tmp = self.temp_path();
-        let written = write_part10(&tmp, &meta, dataset);
-        if let Err(source) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_error("write", source));
-        }
-
         let relative = instance_path(&identity);
-        let path = self.root.join(&relative);
-        let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
-        let existing: Option<(String, String)> = db
-            .query_row(
-                "SELECT sha256, path FROM instances WHERE sop_instance_uid = ?1",
-                [&identity.sop_instance_uid],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        if let Some((existing_sha, existing_path)) = existing {
-            let _ = fs::remove_file(&tmp);
-            if existing_sha != sha256 {
-                // Another version of a stored instance: the first stays; this one is kept
-                // in quarantine for an operator to look at.
-                drop(db);
-                self.quarantine(dataset, incoming, &StoreError::Conflict);
-                return Err(StoreError::Conflict);
-            }
-            return Ok(Stored {
-                sop_instance_uid: identity.sop_instance_uid,
-                sop_class_uid: identity.sop_class_uid,
-                study_uid: identity.study_uid,
-                series_uid: identity.series_uid,
-                transfer_syntax: sop::trim_uid(incoming.transfer_syntax).to_owned(),
-                calling_ae: incoming.calling_ae.trim().to_owned(),
-                received_at_ms,
-                size: dataset.len() as u64,
-                sha256,
-                path: self.root.join(existing_path),
-                duplicate: true,
-            });
-        }
-        let placed = (|| -> std::io::Result<()> {
-            let dir = path.parent().expect("instance paths have a parent");
-            create_dirs_durably(&self.root.join(INSTANCES_DIR), dir)?;
-            fs::rename(&tmp, &path)?;
-            sync_dir(dir)
-        })();
-        if let Err(source) = placed {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_error("rename", source));
-        }
         let stored = Stored {
+            path: self.root.join(&relative),
             sop_instance_uid: identity.sop_instance_uid,
             sop_class_uid: identity.sop_class_uid,
             study_uid: identity.study_uid,
             series_uid: identity.series_uid,
             transfer_syntax: sop::trim_uid(incoming.transfer_syntax).to_owned(),
             calling_ae: incoming.calling_ae.trim().to_owned(),
-            received_at_ms,
+            received_at_ms: now_ms(),
             size: dataset.len() as u64,
             sha256,
-            path,
             duplicate: false,
         };
-        insert_row(&db, &stored, &relative)?;
-        Ok(stored)
+
+        // An instance already indexed needs no write at all.
+        let existing = {
+            let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
+            indexed(&db, &stored.sop_instance_uid)?
+        };
+        let result = match existing {
+            Some(existing) => self.as_duplicate(stored, existing),
+            None => {
+                // Write and fsync the whole file before it gets its name.
+                let meta = FileMetaTableBuilder::new()
+                    .media_storage_sop_class_uid(stored.sop_class_uid.as_str())
+                    .media_storage_sop_instance_uid(stored.sop_instance_uid.as_str())
+                    .transfer_syntax(stored.transfer_syntax.as_str())
+                    .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
+                    .implementation_version_name(IMPLEMENTATION_VERSION_NAME)
+                    .source_application_entity_title(stored.calling_ae.as_str())
+                    .build()
+                    .map_err(|e| StoreError::CannotParse {
+                        transfer_syntax: incoming.transfer_syntax.to_owned(),
+                        detail: e.to_string(),
+                    })?;
+                let tmp = self.temp_path();
+                if let Err(source) = write_part10(&tmp, &meta, dataset) {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(io_error("write", source));
+                }
+                self.commit(Placement {
+                    tmp,
+                    relative,
+                    stored,
+                })
+            }
+        };
+        if let Err(StoreError::Conflict) = result {
+            // Another version of a stored instance: the first stays; this one is kept in
+            // quarantine for an operator to look at.
+            self.quarantine(dataset, incoming, &StoreError::Conflict);
+        }
+        result
+    }
+
+    /// The answer for an instance whose SOP Instance UID is already stored: the stored one
+    /// when the bytes are the same, a conflict otherwise.
+    fn as_duplicate(&self, stored: Stored, existing: Existing) -> Result<Stored, StoreError> {
+        if existing.sha256 != stored.sha256 {
+            return Err(StoreError::Conflict);
+        }
+        Ok(Stored {
+            path: self.root.join(existing.path),
+            duplicate: true,
+            ..stored
+        })
+    }
+
+    /// Queues a written, fsynced temporary file for the next group commit and waits for
+    /// its outcome. The first caller that finds no commit running commits the whole queue.
+    fn commit(&self, placement: Placement) -> Result<Stored, StoreError> {
+        let mut queue = self.commits.lock().unwrap_or_else(|p| p.into_inner());
+        let ticket = queue.next_ticket;
+        queue.next_ticket += 1;
+        queue.waiting.push((ticket, placement));
+        loop {
+            if let Some(result) = queue.done.remove(&ticket) {
+                return result;
+            }
+            if queue.committing {
+                queue = self
+                    .committed
+                    .wait(queue)
+                    .unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            queue.committing = true;
+            let batch = std::mem::take(&mut queue.waiting);
+            drop(queue);
+            let mut guard = CommitGuard {
+                spool: self,
+                tickets: batch.iter().map(|(t, _)| *t).collect(),
+                results: Vec::new(),
+            };
+            guard.results = self.commit_group(batch);
+            drop(guard);
+            queue = self.commits.lock().unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// One group commit: renames, one fsync per directory, one index transaction.
+    fn commit_group(&self, batch: Vec<(u64, Placement)>) -> Vec<(u64, Result<Stored, StoreError>)> {
+        let mut results = Vec::with_capacity(batch.len());
+        metrics::histogram!("nightingale_dicom_spool_group_size").record(batch.len() as f64);
+
+        // What the index already holds, looked up once for the group.
+        let mut known: HashMap<String, Existing> = HashMap::new();
+        {
+            let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
+            for (_, p) in &batch {
+                let uid = &p.stored.sop_instance_uid;
+                if known.contains_key(uid) {
+                    continue;
+                }
+                match indexed(&db, uid) {
+                    Ok(Some(existing)) => {
+                        known.insert(uid.clone(), existing);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        drop(db);
+                        for (ticket, p) in batch {
+                            let _ = fs::remove_file(&p.tmp);
+                            results.push((ticket, Err(index_failure("lookup", &e))));
+                        }
+                        return results;
+                    }
+                }
+            }
+        }
+
+        // Rename every new instance into place (the first of equal UIDs wins).
+        let mut placed: Vec<(u64, Placement)> = Vec::new();
+        for (ticket, p) in batch {
+            if let Some(existing) = known.get(&p.stored.sop_instance_uid) {
+                let _ = fs::remove_file(&p.tmp);
+                results.push((ticket, self.as_duplicate(p.stored, existing.clone())));
+                continue;
+            }
+            let renamed = (|| -> std::io::Result<()> {
+                let dir = p
+                    .stored
+                    .path
+                    .parent()
+                    .expect("instance paths have a parent");
+                create_dirs_durably(&self.root.join(INSTANCES_DIR), dir)?;
+                fs::rename(&p.tmp, &p.stored.path)
+            })();
+            match renamed {
+                Ok(()) => {
+                    known.insert(
+                        p.stored.sop_instance_uid.clone(),
+                        Existing {
+                            sha256: p.stored.sha256.clone(),
+                            path: p.relative.to_string_lossy().into_owned(),
+                        },
+                    );
+                    placed.push((ticket, p));
+                }
+                Err(source) => {
+                    let _ = fs::remove_file(&p.tmp);
+                    results.push((ticket, Err(io_error("rename", source))));
+                }
+            }
+        }
+
+        // Each directory that got an entry, fsynced once for the group.
+        let mut dirs: HashMap<&Path, Option<std::io::ErrorKind>> = HashMap::new();
+        for (_, p) in &placed {
+            let dir = p
+                .stored
+                .path
+                .parent()
+                .expect("instance paths have a parent");
+            dirs.entry(dir).or_insert(None);
+        }
+        for (dir, failed) in dirs.iter_mut() {
+            if let Err(e) = sync_dir(dir) {
+                *failed = Some(e.kind());
+            }
+        }
+        let mut durable = Vec::with_capacity(placed.len());
+        for (ticket, p) in placed.iter() {
+            let dir = p
+                .stored
+                .path
+                .parent()
+                .expect("instance paths have a parent");
+            match dirs.get(dir).copied().flatten() {
+                // The file stays where it is: the next open indexes it (it is complete).
+                Some(kind) => results.push((*ticket, Err(io_error("sync directory", kind.into())))),
+                None => durable.push((*ticket, p)),
+            }
+        }
+
+        // One transaction for the group's rows.
+        let mut db = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let committed = (|| -> Result<Vec<Option<StoreError>>, rusqlite::Error> {
+            let tx = db.transaction()?;
+            let mut row_errors = Vec::with_capacity(durable.len());
+            for (_, p) in &durable {
+                row_errors.push(insert_row(&tx, &p.stored, &p.relative).err());
+            }
+            tx.commit()?;
+            Ok(row_errors)
+        })();
+        drop(db);
+        match committed {
+            Ok(row_errors) => {
+                for ((ticket, p), error) in durable.into_iter().zip(row_errors) {
+                    results.push((
+                        ticket,
+                        match error {
+                            None => Ok(p.stored.clone()),
+                            Some(e) => Err(e),
+                        },
+                    ));
+                }
+            }
+            Err(e) => {
+                for (ticket, _) in durable {
+                    results.push((ticket, Err(index_failure("commit", &e))));
+                }
+            }
+        }
+        results
     }
 
     /// Every indexed instance, ordered by study, series and instance UID.
@@ -588,6 +800,30 @@ impl Spool {
             duplicate: false,
         };
         insert_row(db, &stored, Path::new(relative))
+    }
+}
+
+/// The index's sha256 and path for a SOP Instance UID, if it is stored.
+fn indexed(db: &Connection, sop_instance_uid: &str) -> Result<Option<Existing>, StoreError> {
+    Ok(db
+        .query_row(
+            "SELECT sha256, path FROM instances WHERE sop_instance_uid = ?1",
+            [sop_instance_uid],
+            |r| {
+                Ok(Existing {
+                    sha256: r.get(0)?,
+                    path: r.get(1)?,
+                })
+            },
+        )
+        .optional()?)
+}
+
+/// An index error repeated for each store of a group (the library error is not `Clone`).
+fn index_failure(op: &'static str, e: &dyn std::fmt::Display) -> StoreError {
+    StoreError::Io {
+        op,
+        source: std::io::Error::other(format!("spool index: {e}")),
     }
 }
 

@@ -489,3 +489,146 @@ fn a_non_conformant_uid_is_kept_under_a_hashed_name_inside_the_spool() {
     let (_, recovery) = Spool::open(dir.path(), options()).unwrap();
     assert_eq!(recovery, Default::default());
 }
+
+// Concurrent stores (group commit): many threads store at once, and each result must hold
+// on its own: durable, indexed, byte for byte what that thread sent.
+
+const THREADS: usize = 8;
+
+/// Runs `f(thread)` on `THREADS` threads released together; returns their results in order.
+fn together<T: Send>(f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let start = std::sync::Barrier::new(THREADS);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (f, start) = (&f, &start);
+                s.spawn(move || {
+                    start.wait();
+                    f(t)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn tmp_is_empty(spool: &Spool) -> bool {
+    std::fs::read_dir(spool.root().join("tmp"))
+        .unwrap()
+        .next()
+        .is_none()
+}
+
+#[test]
+fn concurrent_stores_are_each_durable_indexed_and_byte_identical() {
+    const PER_THREAD: usize = 25;
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), options()).unwrap();
+    let data = |t: usize, i: usize| {
+        ct(
+            Some(&format!("1.2.3.5.{t}.{i}")),
+            Some(vec![t as u8, i as u8, 7, 0]),
+        )
+    };
+    let results = together(|t| {
+        (0..PER_THREAD)
+            .map(|i| spool.store(&data(t, i), &incoming()).unwrap())
+            .collect::<Vec<_>>()
+    });
+    for (t, stored) in results.iter().enumerate() {
+        for (i, s) in stored.iter().enumerate() {
+            assert!(!s.duplicate);
+            assert_eq!(s.sop_instance_uid, format!("1.2.3.5.{t}.{i}"));
+            let bytes = std::fs::read(&s.path).unwrap();
+            assert!(bytes.ends_with(&data(t, i)), "{}", s.sop_instance_uid);
+            let file = dicom_object::open_file(&s.path).unwrap();
+            assert_eq!(
+                file.meta()
+                    .media_storage_sop_instance_uid()
+                    .trim_end_matches('\0'),
+                s.sop_instance_uid
+            );
+        }
+    }
+    let rows = spool.instances().unwrap();
+    assert_eq!(rows.len(), THREADS * PER_THREAD);
+    let mut expected: Vec<String> = (0..THREADS)
+        .flat_map(|t| (0..PER_THREAD).map(move |i| format!("1.2.3.5.{t}.{i}")))
+        .collect();
+    expected.sort();
+    let mut indexed: Vec<String> = rows.iter().map(|r| r.sop_instance_uid.clone()).collect();
+    indexed.sort();
+    assert_eq!(indexed, expected);
+    assert_eq!(dcm_files(spool.root()).len(), THREADS * PER_THREAD);
+    assert!(tmp_is_empty(&spool));
+    assert!(quarantined(&spool).is_empty());
+
+    // Every row has its file and every file its row: reopening repairs nothing.
+    drop(spool);
+    let (spool, recovery) = Spool::open(dir.path(), options()).unwrap();
+    assert_eq!(recovery, Default::default());
+    assert_eq!(spool.instances().unwrap().len(), THREADS * PER_THREAD);
+}
+
+#[test]
+fn concurrent_duplicates_are_idempotent() {
+    const UIDS: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), options()).unwrap();
+    let data = |i: usize| ct(Some(&format!("1.2.3.6.{i}")), Some(vec![i as u8, 1]));
+    // Every thread stores the same 20 instances, all at once.
+    let results = together(|_| {
+        (0..UIDS)
+            .map(|i| spool.store(&data(i), &incoming()).unwrap())
+            .collect::<Vec<_>>()
+    });
+    for i in 0..UIDS {
+        let firsts = results.iter().filter(|r| !r[i].duplicate).count();
+        assert_eq!(firsts, 1, "instance {i} written exactly once");
+        let path = &results[0][i].path;
+        assert!(results.iter().all(|r| &r[i].path == path));
+        assert!(std::fs::read(path).unwrap().ends_with(&data(i)));
+    }
+    assert_eq!(spool.instances().unwrap().len(), UIDS);
+    assert_eq!(dcm_files(spool.root()).len(), UIDS);
+    assert!(quarantined(&spool).is_empty());
+    assert!(tmp_is_empty(&spool));
+}
+
+#[test]
+fn concurrent_conflicting_duplicates_keep_one_and_quarantine_the_others() {
+    const UIDS: usize = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), options()).unwrap();
+    // Thread t sends its own content under each shared SOP Instance UID.
+    let data = |t: usize, i: usize| ct(Some(&format!("1.2.3.7.{i}")), Some(vec![t as u8, 2]));
+    let results = together(|t| {
+        (0..UIDS)
+            .map(|i| spool.store(&data(t, i), &incoming()))
+            .collect::<Vec<_>>()
+    });
+    for i in 0..UIDS {
+        let winners: Vec<usize> = (0..THREADS).filter(|&t| results[t][i].is_ok()).collect();
+        assert_eq!(winners.len(), 1, "instance {i}: one version is stored");
+        let winner = winners[0];
+        let stored = results[winner][i].as_ref().unwrap();
+        assert!(!stored.duplicate);
+        for (t, r) in results.iter().enumerate() {
+            if t != winner {
+                assert!(matches!(r[i], Err(StoreError::Conflict)), "thread {t}");
+            }
+        }
+        assert!(
+            std::fs::read(&stored.path)
+                .unwrap()
+                .ends_with(&data(winner, i)),
+            "the stored file is the winner's"
+        );
+    }
+    let reasons = quarantined(&spool);
+    assert_eq!(reasons.len(), UIDS * (THREADS - 1));
+    assert!(reasons.iter().all(|r| r.contains("kind: conflict")));
+    assert_eq!(spool.instances().unwrap().len(), UIDS);
+    assert_eq!(dcm_files(spool.root()).len(), UIDS);
+    assert!(tmp_is_empty(&spool));
+}
