@@ -1070,4 +1070,60 @@ mod tests {
         );
     }
     // ---- end DICOM ----
+
+    // ---- DICOM retention and audit (issue 8, OPS slice) ----
+    #[test]
+    fn dicom_retention_defaults_to_30_days_and_0_keeps_forever() {
+        use crate::audit::dicom::UidAudit;
+        let on = ServeArgs {
+            dicom_port: Some(11112),
+            ..ServeArgs::default()
+        };
+        let d = on.clone().resolve().unwrap().dicom.unwrap();
+        assert_eq!(
+            d.retention,
+            Some(std::time::Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(d.audit_uids, UidAudit::Hash);
+        let d = ServeArgs {
+            dicom_retention_days: Some(0.0),
+            dicom_audit_uids: Some(UidAudit::Omit),
+            ..on.clone()
+        }
+        .resolve()
+        .unwrap()
+        .dicom
+        .unwrap();
+        assert_eq!((d.retention, d.audit_uids), (None, UidAudit::Omit));
+        for bad in [-1.0, f64::NAN, 1e9] {
+            assert!(
+                ServeArgs {
+                    dicom_retention_days: Some(bad),
+                    ..on.clone()
+                }
+                .resolve()
+                .is_err()
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(
+            &path,
+            "dicom_port = 4242\ndicom_retention_days = 7\ndicom_audit_uids = \"omit\"\n",
+        )
+        .unwrap();
+        let d = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap()
+        .dicom
+        .unwrap();
+        assert_eq!(
+            d.retention,
+            Some(std::time::Duration::from_secs(7 * 86_400))
+        );
+        assert_eq!(d.audit_uids, UidAudit::Omit);
+    }
 }

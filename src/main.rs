@@ -337,12 +337,12 @@ async fn serve(
             let scp = nightingale_dicom::Scp::bind(dicom.scp.clone(), spool.clone())
                 .await?
                 .with_events(sink);
+            let retention = dicom_cli::retention_task(spool, dicom.retention);
             tracing::info!(
                 addr = %scp.local_addr()?,
                 ae_title = %dicom.scp.ae_title,
                 "listening (DICOM)"
             );
-            let retention = dicom_cli::retention_task(spool, dicom.retention);
             let scp = tokio::spawn(scp.serve(std::future::pending()));
             Some((scp, retention))
         }

@@ -22,7 +22,7 @@ use dicom_object::meta::FileMetaTable;
 use dicom_ul::ClientAssociationOptions;
 use dicom_ul::association::client::AsyncClientAssociation;
 use dicom_ul::pdu::{AssociationRJResult, PDataValue, PDataValueType, Pdu};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::net::TcpStream;
 
 use crate::sop;
@@ -336,26 +336,41 @@ impl StoreAssociation {
         let message_id = self.take_message_id();
         let command = c_store_rq(message_id, &file.sop_class_uid, &file.sop_instance_uid);
         self.send_command(pc, command).await?;
-        let timeout = self.options.dimse_timeout;
-        let mut writer = self.association.send_pdata(pc);
-        let mut buf = vec![0u8; CHUNK.min(file.dataset_len as usize).max(1)];
+        // One P-DATA PDU per fragment, each within the peer's maximum PDU length (its PDV
+        // item adds 6 bytes). dicom-ul's AsyncPDataWriter is not used: its Drop blocks the
+        // thread (block_in_place), which panics on a current-thread runtime.
+        let fragment = (self.association.acceptor_max_pdu_length().saturating_sub(6) as usize)
+            .clamp(1024, CHUNK);
         let mut left = file.dataset_len;
-        while left > 0 {
-            let n = (buf.len() as u64).min(left) as usize;
+        loop {
+            let n = (fragment as u64).min(left) as usize;
+            let mut data = vec![0u8; n];
             // A file cut short after its header was read: the association cannot carry on
             // (the peer waits for the rest of the data set), so it is an association error.
             reader
-                .read_exact(&mut buf[..n])
+                .read_exact(&mut data)
                 .await
                 .map_err(|e| StoreFailure::Association(ScuError::Io(e)))?;
-            bounded(timeout, "sending the data set", writer.write_all(&buf[..n]))
-                .await?
-                .map_err(ScuError::Io)?;
             left -= n as u64;
-        }
-        bounded(timeout, "sending the data set", writer.finish())
+            let pdu = Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id: pc,
+                    value_type: PDataValueType::Data,
+                    is_last: left == 0,
+                    data,
+                }],
+            };
+            bounded(
+                self.options.dimse_timeout,
+                "sending the data set",
+                self.association.send(&pdu),
+            )
             .await?
-            .map_err(ScuError::Io)?;
+            .map_err(ScuError::from)?;
+            if left == 0 {
+                break;
+            }
+        }
         Ok(self.response(C_STORE_RSP, message_id).await?)
     }
 
