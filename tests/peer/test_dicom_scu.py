@@ -194,8 +194,9 @@ def test_store_a_folder_arrives_as_sent(work):
     assert out.count("\nok   ") + out.startswith("ok   ") == len(SENT), out
     assert f"stored {len(SENT)} of {len(SENT)} files" in out, out
     assert "skip " in out and "README.txt" in out, out
-    # One association for all of them.
-    assert scp.log().count("Association Received") == 1, scp.log()
+    # One association for all of them (the readiness probe's bare connection is never
+    # acknowledged).
+    assert scp.log().count("Association Acknowledged") == 1, scp.log()
 
     received = scp.received()
     assert set(received) == set(sent), (sorted(received), sorted(sent))
