@@ -570,6 +570,9 @@ pub async fn echo(addr: &str, options: &ScuOptions) -> Result<DimseStatus, ScuEr
     }
 }
 
+/// Files sent over one association: its contexts, and the files (with their outcome index).
+type Batch = (Vec<(String, String)>, Vec<(usize, Part10File)>);
+
 /// The outcome of one file of [`store_files`].
 #[derive(Debug)]
 pub struct StoreOutcome {
@@ -617,7 +620,7 @@ pub async fn store_files(
         }
     }
     // Batches of files whose contexts fit one association, in file order.
-    let mut batches: Vec<(Vec<(String, String)>, Vec<(usize, Part10File)>)> = Vec::new();
+    let mut batches: Vec<Batch> = Vec::new();
     for (i, f) in files {
         outcomes[i].sop_instance_uid = Some(f.sop_instance_uid.clone());
         let ctx = f.context();
