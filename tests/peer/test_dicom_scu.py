@@ -11,7 +11,9 @@ expects comes from the files sent and from storescp's output, never from Nightin
 - `dicom echo` against storescp succeeds;
 - a transfer syntax storescp does not accept (its default: uncompressed only) fails that
   file alone, with the context named, and the exit code says so;
-- a refused association and an unreachable host are clear errors, exit code 1.
+- a refused association and an unreachable host are clear errors, exit code 1;
+- `serve --dicom-port` audits what storescu and `dicom store` send: UIDs as SHA-256
+  (hashlib computes the expected ones), none in clear, and `audit verify` passes.
 """
 
 from __future__ import annotations
@@ -247,3 +249,75 @@ def test_refused_association_and_unreachable_host_are_clear_errors(work):
     r = nightingale("dicom", "store", "--addr", f"127.0.0.1:{port}", str(ct))
     assert r.returncode == 1
     assert f"FAIL {ct}: cannot connect" in r.stdout, r.stdout
+
+
+def test_serve_audits_what_dcmtk_and_the_scu_store(work):
+    """`serve --dicom-port`: an instance from dcmtk's storescu and one from `dicom store`
+    each leave a `dicom-instance` record whose UIDs are SHA-256 hashes (computed here with
+    hashlib from the UIDs sent), no UID in clear, and `audit verify` passes."""
+    import hashlib
+    import json
+
+    port, http_port = _free_port(), _free_port()
+    data = work / "data"
+    models = work / "models"
+    models.mkdir()
+    err_path = work / "serve.log"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen([str(_binary()), "serve", "--repository", str(models),
+                                 "--http-addr", f"127.0.0.1:{http_port}", "--data-dir", str(data),
+                                 "--dicom-port", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "listening (DICOM)" not in err_path.read_text(errors="replace"):
+            assert proc.poll() is None, err_path.read_text(errors="replace")
+            assert time.monotonic() < deadline, err_path.read_text(errors="replace")
+            time.sleep(0.1)
+        a, b = work / "a.dcm", work / "b.dcm"
+        uid_a = _with_new_uid(Path(get_testdata_file("CT_small.dcm")), a)
+        uid_b = _with_new_uid(Path(get_testdata_file("MR_small.dcm")), b)
+        r = subprocess.run([_tool("storescu"), "-aet", "PEERSCU", "-aec", "NIGHTINGALE",
+                            "127.0.0.1", str(port), str(a)],
+                           capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=PEER_ENV)
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = nightingale("dicom", "store", "--addr", f"127.0.0.1:{port}", "--called-ae",
+                        "NIGHTINGALE", "--calling-ae", "OPSSCU", str(b))
+        assert r.returncode == 0, r.stdout + r.stderr
+        audit = data / "audit" / "audit.jsonl"
+        # Instance records are written before the C-STORE is answered; the release records
+        # follow the release: wait (bounded) for both.
+        deadline = time.monotonic() + 30
+        while True:
+            records = [json.loads(l) for l in audit.read_text().splitlines()]
+            released = [r for r in records if r["kind"] == "dicom-association"
+                        and "event=released" in r.get("detail", "")]
+            if len(released) == 2:
+                break
+            assert time.monotonic() < deadline, records
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+    instances = [r for r in records if r["kind"] == "dicom-instance"]
+    assert len(instances) == 2, instances
+    for record, uid, path, actor in [(instances[0], uid_a, a, "PEERSCU@127.0.0.1"),
+                                     (instances[1], uid_b, b, "OPSSCU@127.0.0.1")]:
+        sent = pydicom.dcmread(path)
+        fields = dict(kv.split("=", 1) for kv in record["detail"].split(" "))
+        assert record["actor"] == actor
+        assert record["status"] == 0 and record["outcome"] == "ok"
+        assert fields["event"] == "stored"
+        assert fields["sop_class"] == sent.SOPClassUID
+        assert fields["sop_instance_sha256"] == hashlib.sha256(uid.encode()).hexdigest()
+        assert fields["study_sha256"] == hashlib.sha256(sent.StudyInstanceUID.encode()).hexdigest()
+        assert fields["series_sha256"] == hashlib.sha256(sent.SeriesInstanceUID.encode()).hexdigest()
+        assert fields["transfer_syntax"] == sent.file_meta.TransferSyntaxUID
+    text = audit.read_text()
+    for path in (a, b):
+        sent = pydicom.dcmread(path)
+        for uid in (sent.SOPInstanceUID, sent.StudyInstanceUID, sent.SeriesInstanceUID):
+            assert str(uid) not in text, uid
+    r = nightingale("audit", "verify", str(audit))
+    assert r.returncode == 0 and "hash chain intact" in r.stdout, r.stdout + r.stderr
