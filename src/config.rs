@@ -175,6 +175,16 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub dicom_sop_classes: Vec<String>,
+    // -- DICOM retention and audit (issue 8, OPS slice) --
+    /// Delete received instances (and quarantined objects) this many days after they
+    /// arrived; checked at start-up and then hourly. 0 keeps them forever. Patient data is
+    /// not kept forever by default. [default: 30]
+    #[arg(long, env = "NIGHTINGALE_DICOM_RETENTION_DAYS")]
+    pub dicom_retention_days: Option<f64>,
+    /// How the audit trail records instance UIDs (SOP Instance, Study, Series): hash
+    /// (SHA-256 of the UID) or omit. [default: hash]
+    #[arg(long, env = "NIGHTINGALE_DICOM_AUDIT_UIDS", value_enum)]
+    pub dicom_audit_uids: Option<crate::audit::dicom::UidAudit>,
     // ---- end DICOM ----
 }
 
@@ -256,6 +266,9 @@ struct FileConfig {
     dicom_max_inflight_bytes: Option<u64>,
     dicom_spool_min_free_bytes: Option<u64>,
     dicom_sop_classes: Option<Vec<String>>,
+    // -- DICOM retention and audit (issue 8, OPS slice) --
+    dicom_retention_days: Option<f64>,
+    dicom_audit_uids: Option<crate::audit::dicom::UidAudit>,
     // ---- end DICOM ----
 }
 
@@ -296,7 +309,15 @@ pub struct DicomConfig {
     pub scp: nightingale_dicom::ScpConfig,
     pub spool: PathBuf,
     pub spool_options: nightingale_dicom::SpoolOptions,
+    // -- DICOM retention and audit (issue 8, OPS slice) --
+    /// How long received instances are kept (`None`: forever).
+    pub retention: Option<std::time::Duration>,
+    /// How instance UIDs appear in the audit trail.
+    pub audit_uids: crate::audit::dicom::UidAudit,
 }
+
+/// Days of DICOM retention by default: patient data is not kept forever.
+pub const DEFAULT_DICOM_RETENTION_DAYS: f64 = 30.0;
 
 /// Where the audit trail goes.
 #[derive(Clone)]
@@ -645,6 +666,16 @@ impl ServeArgs {
                             .or(file.dicom_spool_min_free_bytes)
                             .unwrap_or(nightingale_dicom::SpoolOptions::default().min_free_bytes),
                     },
+                    // -- DICOM retention and audit (issue 8, OPS slice) --
+                    retention: retention_of(
+                        self.dicom_retention_days
+                            .or(file.dicom_retention_days)
+                            .unwrap_or(DEFAULT_DICOM_RETENTION_DAYS),
+                    )?,
+                    audit_uids: self
+                        .dicom_audit_uids
+                        .or(file.dicom_audit_uids)
+                        .unwrap_or_default(),
                 })
             }
         };
@@ -675,6 +706,16 @@ impl ServeArgs {
             dicom,
         })
     }
+}
+
+/// `dicom_retention_days` as a duration; 0 (keep forever) is `None`. (Issue 8, OPS slice.)
+fn retention_of(days: f64) -> Result<Option<std::time::Duration>, ConfigError> {
+    if !days.is_finite() || !(0.0..=36_500.0).contains(&days) {
+        return Err(ConfigError::Invalid(
+            "dicom_retention_days must be between 0 (keep forever) and 36500".into(),
+        ));
+    }
+    Ok((days > 0.0).then(|| std::time::Duration::from_secs_f64(days * 86_400.0)))
 }
 
 /// TLS settings: certificate and key both or neither; client authentication only with a client
@@ -1029,4 +1070,60 @@ mod tests {
         );
     }
     // ---- end DICOM ----
+
+    // ---- DICOM retention and audit (issue 8, OPS slice) ----
+    #[test]
+    fn dicom_retention_defaults_to_30_days_and_0_keeps_forever() {
+        use crate::audit::dicom::UidAudit;
+        let on = ServeArgs {
+            dicom_port: Some(11112),
+            ..ServeArgs::default()
+        };
+        let d = on.clone().resolve().unwrap().dicom.unwrap();
+        assert_eq!(
+            d.retention,
+            Some(std::time::Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(d.audit_uids, UidAudit::Hash);
+        let d = ServeArgs {
+            dicom_retention_days: Some(0.0),
+            dicom_audit_uids: Some(UidAudit::Omit),
+            ..on.clone()
+        }
+        .resolve()
+        .unwrap()
+        .dicom
+        .unwrap();
+        assert_eq!((d.retention, d.audit_uids), (None, UidAudit::Omit));
+        for bad in [-1.0, f64::NAN, 1e9] {
+            assert!(
+                ServeArgs {
+                    dicom_retention_days: Some(bad),
+                    ..on.clone()
+                }
+                .resolve()
+                .is_err()
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(
+            &path,
+            "dicom_port = 4242\ndicom_retention_days = 7\ndicom_audit_uids = \"omit\"\n",
+        )
+        .unwrap();
+        let d = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap()
+        .dicom
+        .unwrap();
+        assert_eq!(
+            d.retention,
+            Some(std::time::Duration::from_secs(7 * 86_400))
+        );
+        assert_eq!(d.audit_uids, UidAudit::Omit);
+    }
 }

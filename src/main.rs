@@ -11,6 +11,8 @@ use nightingale::http::{self, AppState, HttpConfig};
 use nightingale_models::{Bundle, Repository, RepositoryOptions};
 use tracing_subscriber::EnvFilter;
 
+mod dicom_cli; // issue 8, OPS slice: `dicom echo|store`, `spool check|purge`
+
 /// Nightingale: a clinical AI inference server (KServe v2 / Open Inference Protocol).
 #[derive(Parser, Debug)]
 #[command(name = "nightingale", version, about)]
@@ -33,6 +35,18 @@ enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    // ---- DICOM operator tools (issue 8, OPS slice) ----
+    /// A small DICOM SCU: C-ECHO and C-STORE to a PACS or any storage SCP.
+    Dicom {
+        #[command(subcommand)]
+        command: dicom_cli::DicomCommand,
+    },
+    /// Maintain the DICOM spool: check the index against the files, purge old instances.
+    Spool {
+        #[command(subcommand)]
+        command: dicom_cli::SpoolCommand,
+    },
+    // ---- end DICOM ----
 }
 
 #[derive(Subcommand, Debug)]
@@ -213,6 +227,15 @@ fn main() -> anyhow::Result<()> {
                 ModelsCommand::Init(args) => init_bundle(*args),
             }
         }
+        // ---- DICOM operator tools (issue 8, OPS slice) ----
+        Command::Dicom { command } => {
+            init_tracing(LogFormat::Text);
+            dicom_cli::dicom(command)
+        }
+        Command::Spool { command } => {
+            init_tracing(LogFormat::Text);
+            dicom_cli::spool(command)
+        } // ---- end DICOM ----
     }
 }
 
@@ -305,13 +328,23 @@ async fn serve(
             .await?
             .with_context(|| format!("cannot open the DICOM spool {}", dicom.spool.display()))?;
             tracing::info!(spool = %spool.root().display(), ?recovery, "DICOM spool open");
-            let scp = nightingale_dicom::Scp::bind(dicom.scp.clone(), Arc::new(spool)).await?;
+            let spool = Arc::new(spool);
+            // Every association and instance is audited (OPS slice).
+            let sink = nightingale::audit::dicom::DicomAuditSink::new(
+                state.audit.clone(),
+                dicom.audit_uids,
+            );
+            let scp = nightingale_dicom::Scp::bind(dicom.scp.clone(), spool.clone())
+                .await?
+                .with_events(sink);
+            let retention = dicom_cli::retention_task(spool, dicom.retention);
             tracing::info!(
                 addr = %scp.local_addr()?,
                 ae_title = %dicom.scp.ae_title,
                 "listening (DICOM)"
             );
-            Some(tokio::spawn(scp.serve(std::future::pending())))
+            let scp = tokio::spawn(scp.serve(std::future::pending()));
+            Some((scp, retention))
         }
     };
     // ---- end DICOM ----
@@ -348,8 +381,11 @@ async fn serve(
         }
     }
     loader.abort();
-    if let Some(dicom) = dicom {
-        dicom.abort();
+    if let Some((scp, retention)) = dicom {
+        scp.abort();
+        if let Some(retention) = retention {
+            retention.abort();
+        }
     }
     tracing::info!("stopped");
     Ok(())

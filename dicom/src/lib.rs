@@ -4,12 +4,19 @@
 //!   its [`Spool::store`] is the one entry point for every ingest path (DIMSE now,
 //!   STOW-RS later).
 //! - [`scp`]: the DIMSE SCP (C-ECHO, C-STORE) on tokio.
+//! - [`events`]: what the SCP reports for the audit trail.
+//! - [`maintenance`]: `check` (index ↔ files) and `purge` (retention) of the spool.
+//! - [`scu`]: a C-ECHO/C-STORE client (the operator CLI, and results sent back to PACS).
 //! - [`sop`]: the storage SOP classes and transfer syntaxes accepted by default.
 
+pub mod events;
+pub mod maintenance;
 pub mod scp;
+pub mod scu;
 pub mod sop;
 pub mod spool;
 pub mod structure;
 
+pub use events::{DicomEvent, EventSink, InstanceEvent};
 pub use scp::{AllowedAe, Scp, ScpConfig, ScpError};
 pub use spool::{Incoming, Recovery, Spool, SpoolError, SpoolOptions, StoreError, Stored};

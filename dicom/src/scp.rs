@@ -23,6 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use crate::events::{AbortedBy, DicomEvent, EventSink, InstanceEvent, NoEvents};
 use crate::sop;
 use crate::spool::{Incoming, Spool, StoreError};
 
@@ -203,6 +204,7 @@ pub struct Scp {
     spool: Arc<Spool>,
     slots: Arc<Semaphore>,
     budget: Arc<Budget>,
+    events: Arc<dyn EventSink>,
 }
 
 /// Bytes of data sets being received, over all associations.
@@ -284,7 +286,15 @@ impl Scp {
             budget: Budget::new(config.max_inflight_bytes),
             config: Arc::new(config),
             spool,
+            events: Arc::new(NoEvents),
         })
+    }
+
+    /// Sends association and instance events to `sink` (the audit trail): see
+    /// [`EventSink`] for what the SCP waits for.
+    pub fn with_events(mut self, sink: Arc<dyn EventSink>) -> Scp {
+        self.events = sink;
+        self
     }
 
     /// The address actually bound (port 0 picks one).
@@ -315,15 +325,26 @@ impl Scp {
                 Ok(permit) => {
                     let spool = self.spool.clone();
                     let budget = self.budget.clone();
+                    let events = self.events.clone();
                     tokio::spawn(async move {
-                        serve_association(stream, peer, &config, &spool, &budget).await;
+                        serve_association(stream, peer, &config, &spool, &budget, events).await;
                         drop(permit);
                     });
                 }
                 Err(_) => {
                     association_outcome("busy");
                     tracing::warn!(%peer, "DICOM association refused: too many associations");
-                    tokio::spawn(async move { reject_busy(stream, &config).await });
+                    let events = self.events.clone();
+                    tokio::spawn(async move {
+                        let rejected = DicomEvent::AssociationRejected {
+                            peer,
+                            reason: "busy",
+                        };
+                        if let Err(e) = events.event(rejected).await {
+                            tracing::error!(error = %e, "DICOM event not recorded");
+                        }
+                        reject_busy(stream, &config).await
+                    });
                 }
             }
         }
@@ -420,6 +441,7 @@ async fn serve_association(
     config: &ScpConfig,
     spool: &Arc<Spool>,
     budget: &Arc<Budget>,
+    events: Arc<dyn EventSink>,
 ) {
     let mut options = ServerAssociationOptions::new()
         .ae_access_control(Allowlist {
@@ -450,11 +472,21 @@ async fn serve_association(
         Ok(Err(e)) => {
             association_outcome("not_established");
             tracing::info!(%peer, error = %e, "DICOM association not established");
+            let rejected = DicomEvent::AssociationRejected {
+                peer,
+                reason: "not_established",
+            };
+            Reporter::send(&events, rejected).await;
             return;
         }
         Err(_) => {
             association_outcome("timeout");
             tracing::info!(%peer, "DICOM association not established: no A-ASSOCIATE-RQ in time");
+            let rejected = DicomEvent::AssociationRejected {
+                peer,
+                reason: "timeout",
+            };
+            Reporter::send(&events, rejected).await;
             return;
         }
     };
@@ -473,15 +505,18 @@ async fn serve_association(
         accepted,
         "DICOM association accepted"
     );
-    let (stored, failed) = match run_association(
-        &mut association,
-        config,
-        spool,
-        budget,
-        &calling_ae,
-    )
-    .await
-    {
+    let reporter = Reporter::new(events, peer, &calling_ae);
+    let accepted_event = DicomEvent::AssociationAccepted {
+        association: reporter.association,
+        peer,
+        calling_ae: calling_ae.clone(),
+        contexts_proposed: association.presentation_contexts().len(),
+        contexts_accepted: accepted,
+    };
+    Reporter::send(&reporter.events, accepted_event).await;
+    let ending = run_association(&mut association, config, spool, budget, &reporter).await;
+    reporter.ended(&ending).await;
+    let (stored, failed) = match ending {
         Ok(Ending::Released(counts)) => {
             tracing::info!(%peer, calling_ae, stored = counts.0, failed = counts.1, "DICOM association released");
             return;
@@ -532,8 +567,9 @@ async fn run_association(
     config: &ScpConfig,
     spool: &Arc<Spool>,
     budget: &Arc<Budget>,
-    calling_ae: &str,
+    reporter: &Reporter,
 ) -> Result<Ending, (&'static str, Counts)> {
+    let calling_ae = reporter.calling_ae.as_str();
     let mut counts: Counts = (0, 0);
     let mut command: Vec<u8> = Vec::new();
     let mut pending: Option<Pending> = None;
@@ -647,7 +683,21 @@ async fn run_association(
                     }
                     let p = pending.take().expect("pending request");
                     let pc_id = p.presentation_context_id;
-                    let rsp = store(association, config, spool, calling_ae, p, &mut counts).await;
+                    let mut event = reporter.instance(&p);
+                    let message_id = p.message_id;
+                    let (status, rsp) = store(
+                        association,
+                        config,
+                        spool,
+                        calling_ae,
+                        p,
+                        &mut counts,
+                        &mut event,
+                    )
+                    .await;
+                    let rsp = reporter
+                        .instance_done(event, status, message_id, rsp, &mut counts)
+                        .await;
                     send_command(association, config, pc_id, rsp)
                         .await
                         .map_err(|r| (r, counts))?;
@@ -665,30 +715,32 @@ async fn store(
     calling_ae: &str,
     p: Pending,
     counts: &mut Counts,
-) -> Vec<u8> {
+    event: &mut InstanceEvent,
+) -> (u16, Vec<u8>) {
     let context = association.presentation_contexts().iter().find(|pc| {
         pc.id == p.presentation_context_id
             && pc.reason == PresentationContextResultReason::Acceptance
     });
     let respond = |status: u16, comment: Option<&str>| {
-        response(
+        let rsp = response(
             0x8001,
             p.message_id,
             &p.sop_class_uid,
             Some(&p.sop_instance_uid),
             status,
             comment,
-        )
+        );
+        (status, rsp)
     };
     let Some(context) = context else {
-        failed(counts, "context_not_accepted");
+        failed(counts, event, "context_not_accepted");
         return respond(
             status::SOP_CLASS_NOT_SUPPORTED,
             Some("presentation context not accepted"),
         );
     };
     if sop::trim_uid(&context.abstract_syntax) != sop::trim_uid(&p.sop_class_uid) {
-        failed(counts, "sop_class_not_supported");
+        failed(counts, event, "sop_class_not_supported");
         return respond(
             status::SOP_CLASS_NOT_SUPPORTED,
             Some("SOP class differs from the presentation context"),
@@ -696,7 +748,7 @@ async fn store(
     }
     match p.overflow {
         Some(Overflow::Instance) => {
-            failed(counts, "too_large");
+            failed(counts, event, "too_large");
             tracing::warn!(
                 limit = config.max_instance_bytes,
                 "C-STORE refused: data set over the size limit"
@@ -707,7 +759,7 @@ async fn store(
             );
         }
         Some(Overflow::Inflight) => {
-            failed(counts, "busy");
+            failed(counts, event, "busy");
             tracing::warn!(
                 limit = config.max_inflight_bytes,
                 "C-STORE refused: too many bytes being received at once"
@@ -720,6 +772,7 @@ async fn store(
         None => {}
     }
     let transfer_syntax = sop::trim_uid(&context.transfer_syntax).to_owned();
+    event.transfer_syntax = transfer_syntax.clone();
     let size = p.data.len();
     let started = std::time::Instant::now();
     let result = {
@@ -754,6 +807,11 @@ async fn store(
     match result {
         Ok(Ok(stored)) => {
             counts.0 += 1;
+            event.sop_class_uid = stored.sop_class_uid.clone();
+            event.study_uid = Some(stored.study_uid.clone());
+            event.series_uid = Some(stored.series_uid.clone());
+            event.sha256 = Some(stored.sha256.clone());
+            event.duplicate = stored.duplicate;
             metrics::counter!(
                 "nightingale_dicom_instances_stored_total",
                 "duplicate" => if stored.duplicate { "true" } else { "false" }
@@ -773,22 +831,148 @@ async fn store(
             respond(status::SUCCESS, None)
         }
         Ok(Err(e)) => {
-            failed(counts, e.kind());
+            failed(counts, event, e.kind());
             tracing::warn!(sop_class = class, transfer_syntax, size, reason = e.kind(), error = %e, "C-STORE refused");
             let comment = error_comment(&e);
             respond(status_of(&e), Some(&comment))
         }
         Err(join) => {
-            failed(counts, "internal");
+            failed(counts, event, "internal");
             tracing::error!(error = %join, "C-STORE: the spool task failed");
             respond(status::PROCESSING_FAILURE, Some("internal error"))
         }
     }
 }
 
+// ---- audit events (issue 8, OPS slice) ----
+
+/// Numbers associations in this process (from 1) for the events.
+static ASSOCIATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Sends one association's events to the sink.
+struct Reporter {
+    events: Arc<dyn EventSink>,
+    association: u64,
+    peer: SocketAddr,
+    calling_ae: String,
+}
+
+impl Reporter {
+    fn new(events: Arc<dyn EventSink>, peer: SocketAddr, calling_ae: &str) -> Reporter {
+        Reporter {
+            events,
+            association: ASSOCIATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            peer,
+            calling_ae: calling_ae.to_owned(),
+        }
+    }
+
+    /// Sends an event; a sink failure is logged (association events do not change answers).
+    async fn send(events: &Arc<dyn EventSink>, event: DicomEvent) -> bool {
+        match events.event(event).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "DICOM event not recorded");
+                false
+            }
+        }
+    }
+
+    /// The event of a C-STORE about to be handled, from its command.
+    fn instance(&self, p: &Pending) -> InstanceEvent {
+        InstanceEvent {
+            association: self.association,
+            peer: self.peer,
+            calling_ae: self.calling_ae.clone(),
+            sop_class_uid: p.sop_class_uid.clone(),
+            sop_instance_uid: p.sop_instance_uid.clone(),
+            study_uid: None,
+            series_uid: None,
+            transfer_syntax: String::new(),
+            size: p.data.len() as u64,
+            status: status::SUCCESS,
+            sha256: None,
+            duplicate: false,
+            reason: None,
+        }
+    }
+
+    /// Records a handled C-STORE before its response goes out. A stored instance whose
+    /// record cannot be written is answered 0x0110 instead of success.
+    async fn instance_done(
+        &self,
+        mut event: InstanceEvent,
+        status: u16,
+        message_id: u16,
+        rsp: Vec<u8>,
+        counts: &mut Counts,
+    ) -> Vec<u8> {
+        event.status = status;
+        let success = status == status::SUCCESS;
+        let (class, instance) = (event.sop_class_uid.clone(), event.sop_instance_uid.clone());
+        let event = if success {
+            DicomEvent::InstanceStored(event)
+        } else {
+            DicomEvent::InstanceRefused(event)
+        };
+        if Reporter::send(&self.events, event).await || !success {
+            return rsp;
+        }
+        counts.0 -= 1;
+        counts.1 += 1;
+        metrics::counter!("nightingale_dicom_instances_failed_total", "reason" => "audit")
+            .increment(1);
+        response(
+            0x8001,
+            message_id,
+            &class,
+            Some(&instance),
+            status::PROCESSING_FAILURE,
+            Some("audit trail unavailable"),
+        )
+    }
+
+    /// Records how the association ended.
+    async fn ended(&self, ending: &Result<Ending, (&'static str, Counts)>) {
+        let (association, peer, calling_ae) =
+            (self.association, self.peer, self.calling_ae.clone());
+        let event = match ending {
+            Ok(Ending::Released((stored, failed))) => DicomEvent::AssociationReleased {
+                association,
+                peer,
+                calling_ae,
+                stored: *stored,
+                failed: *failed,
+            },
+            Ok(Ending::AbortedByPeer((stored, failed))) => DicomEvent::AssociationAborted {
+                association,
+                peer,
+                calling_ae,
+                by: AbortedBy::Peer,
+                reason: None,
+                stored: *stored,
+                failed: *failed,
+            },
+            Err((reason, (stored, failed))) => DicomEvent::AssociationAborted {
+                association,
+                peer,
+                calling_ae,
+                by: AbortedBy::Local,
+                reason: Some(reason),
+                stored: *stored,
+                failed: *failed,
+            },
+        };
+        Reporter::send(&self.events, event).await;
+    }
+}
+
+// ---- end audit events ----
+
 /// Counts a failed C-STORE (per association, and in `nightingale_dicom_instances_failed_total`).
-fn failed(counts: &mut Counts, reason: &'static str) {
+fn failed(counts: &mut Counts, event: &mut InstanceEvent, reason: &'static str) {
     counts.1 += 1;
+    event.reason = Some(reason);
     metrics::counter!("nightingale_dicom_instances_failed_total", "reason" => reason).increment(1);
 }
 

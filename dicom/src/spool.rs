@@ -39,10 +39,10 @@ pub const IMPLEMENTATION_CLASS_UID: &str = "1.2.826.0.1.3680043.10.1383.1";
 /// Implementation Version Name written into the file meta of stored instances.
 pub const IMPLEMENTATION_VERSION_NAME: &str = "NIGHTINGALE";
 
-const INDEX_FILE: &str = "index.sqlite3";
-const TMP_DIR: &str = "tmp";
-const INSTANCES_DIR: &str = "instances";
-const QUARANTINE_DIR: &str = "quarantine";
+pub(crate) const INDEX_FILE: &str = "index.sqlite3";
+pub(crate) const TMP_DIR: &str = "tmp";
+pub(crate) const INSTANCES_DIR: &str = "instances";
+pub(crate) const QUARANTINE_DIR: &str = "quarantine";
 /// Offset of the file meta group in a Part 10 file: the preamble and "DICM".
 const META_OFFSET: usize = 132;
 
@@ -200,10 +200,10 @@ pub struct Recovery {
 
 /// The durable spool. Safe to share between threads; every call blocks on the file system.
 pub struct Spool {
-    root: PathBuf,
-    options: SpoolOptions,
-    index: Mutex<Connection>,
-    seq: AtomicU64,
+    pub(crate) root: PathBuf,
+    pub(crate) options: SpoolOptions,
+    pub(crate) index: Mutex<Connection>,
+    pub(crate) seq: AtomicU64,
     /// Stores waiting for the next group commit, and the outcomes not yet collected.
     commits: Mutex<CommitQueue>,
     /// Signalled after each group commit.
@@ -272,6 +272,16 @@ struct Identity {
 impl Spool {
     /// Opens (creating if needed) the spool in `root` and reconciles the index with the files.
     pub fn open(root: &Path, options: SpoolOptions) -> Result<(Spool, Recovery), SpoolError> {
+        let spool = Spool::open_unreconciled(root, options)?;
+        let recovery = spool.reconcile()?;
+        Ok((spool, recovery))
+    }
+
+    /// Opens (creating if needed) the spool without touching its files (maintenance).
+    pub(crate) fn open_unreconciled(
+        root: &Path,
+        options: SpoolOptions,
+    ) -> Result<Spool, SpoolError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| SpoolError::Io { path, source }
@@ -299,16 +309,14 @@ impl Spool {
             );
             CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid, series_uid);",
         )?;
-        let spool = Spool {
+        Ok(Spool {
             root,
             options,
             index: Mutex::new(db),
             seq: AtomicU64::new(0),
             commits: Mutex::new(CommitQueue::default()),
             committed: Condvar::new(),
-        };
-        let recovery = spool.reconcile()?;
-        Ok((spool, recovery))
+        })
     }
 
     /// The spool folder (absolute).
@@ -732,7 +740,12 @@ impl Spool {
     }
 
     /// Indexes a `.dcm` file found without a row (a store interrupted after its rename).
-    fn index_orphan(&self, db: &Connection, path: &Path, relative: &str) -> Result<(), StoreError> {
+    pub(crate) fn index_orphan(
+        &self,
+        db: &Connection,
+        path: &Path,
+        relative: &str,
+    ) -> Result<(), StoreError> {
         let bytes = fs::read(path).map_err(|e| io_error("read", e))?;
         let not_part10 = || StoreError::CannotParse {
             transfer_syntax: String::new(),
@@ -952,13 +965,13 @@ fn write_part10(path: &Path, meta: &FileMetaTable, dataset: &[u8]) -> std::io::R
     file.sync_all()
 }
 
-fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut file = File::create(path)?;
     file.write_all(bytes)?;
     file.sync_all()
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
@@ -989,7 +1002,7 @@ fn create_dirs_durably(base: &Path, dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn collect_dcm(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+pub(crate) fn collect_dcm(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let kind = entry.file_type()?;
@@ -1015,7 +1028,7 @@ fn io_error(op: &'static str, source: std::io::Error) -> StoreError {
     StoreError::Io { op, source }
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 mod chain;
+pub mod dicom;
 pub mod jsonl;
 pub mod postgres;
 pub mod sqlite;
@@ -46,6 +47,12 @@ pub enum EventKind {
     /// A load was refused (bad signature, checksum, self-test, …); what served before still
     /// serves.
     ModelRefused,
+    // ---- DICOM ingest (issue 8, OPS slice): see [`dicom`] ----
+    /// A DICOM association was accepted, rejected, released or aborted.
+    DicomAssociation,
+    /// A DICOM instance was stored or refused (C-STORE).
+    DicomInstance,
+    // ---- end DICOM ----
 }
 
 /// How the request ended, as the client saw it.

@@ -1,0 +1,442 @@
+//! Spool maintenance: [`Spool::check`] (the index against the files) and [`Spool::purge`]
+//! (retention: instances received before a cutoff are deleted).
+//!
+//! Both work on a spool opened with [`Spool::open_for_maintenance`], which, unlike
+//! [`Spool::open`], changes nothing on disk: a check of a spool a running server writes
+//! into reports what it finds and repairs only what is settled (files older than
+//! [`CheckOptions::settle`]), so an instance being stored right now is never touched.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::params;
+use sha2::{Digest, Sha256};
+
+use crate::spool::{
+    INSTANCES_DIR, QUARANTINE_DIR, Spool, SpoolError, SpoolOptions, StoreError, TMP_DIR,
+    collect_dcm, now_ms, sync_dir, write_durably,
+};
+
+/// A maintenance operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MaintenanceError {
+    #[error(transparent)]
+    Open(#[from] SpoolError),
+    #[error("spool {path}: {op}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spool index: {0}")]
+    Index(#[from] rusqlite::Error),
+    #[error("no spool at {path} (no index.sqlite3 there)")]
+    NoSpool { path: PathBuf },
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> MaintenanceError {
+    let path = path.to_owned();
+    move |source| MaintenanceError::Io { op, path, source }
+}
+
+/// How [`Spool::check`] runs.
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    /// Repair what was found: drop rows whose file is missing, index files without a row
+    /// once they pass the same checks as a received instance (quarantine them otherwise),
+    /// move files whose content differs from the index to quarantine, delete leftover
+    /// temporary files.
+    pub repair: bool,
+    /// Files modified more recently than this are reported but never repaired: a running
+    /// server may be storing them.
+    pub settle: Duration,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            repair: false,
+            settle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What is wrong with an indexed file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// The file is gone.
+    Missing,
+    /// The data set's size differs from the index.
+    Size { indexed: u64, actual: u64 },
+    /// Same size, other bytes (SHA-256 differs).
+    Hash,
+    /// The file is no longer a readable Part 10 file.
+    Unreadable,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Problem::Missing => write!(f, "file missing"),
+            Problem::Size { indexed, actual } => {
+                write!(f, "data set is {actual} bytes, the index says {indexed}")
+            }
+            Problem::Hash => write!(f, "SHA-256 differs from the index"),
+            Problem::Unreadable => write!(f, "not a readable Part 10 file"),
+        }
+    }
+}
+
+/// An index row whose file is not what was stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRow {
+    /// The file, relative to the spool.
+    pub path: PathBuf,
+    pub problem: Problem,
+}
+
+/// What [`Spool::check`] repaired.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Repaired {
+    /// Rows whose file was missing, dropped.
+    pub rows_dropped: usize,
+    /// Files without a row that passed the checks, indexed.
+    pub files_indexed: usize,
+    /// Files moved to quarantine (unindexed ones that failed the checks, indexed ones whose
+    /// content changed; their rows are dropped).
+    pub files_quarantined: usize,
+    /// Leftover temporary files, deleted.
+    pub temp_files_deleted: usize,
+    /// Problems left as they are because their files are too recent (a store in progress).
+    pub skipped_recent: usize,
+}
+
+/// What [`Spool::check`] found. Paths are relative to the spool.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Index rows checked.
+    pub rows: usize,
+    /// `.dcm` files found under `instances/`.
+    pub files: usize,
+    /// Rows whose file is missing or differs.
+    pub bad_rows: Vec<BadRow>,
+    /// `.dcm` files without an index row.
+    pub unindexed: Vec<PathBuf>,
+    /// Files in `tmp/` (left by an interrupted store, or a store in progress).
+    pub temp_files: Vec<PathBuf>,
+    /// What was repaired (with `repair`).
+    pub repaired: Option<Repaired>,
+}
+
+impl CheckReport {
+    /// True when the index and the files agreed (before any repair).
+    pub fn is_consistent(&self) -> bool {
+        self.bad_rows.is_empty() && self.unindexed.is_empty() && self.temp_files.is_empty()
+    }
+
+    /// True when nothing is left to repair: consistent, or everything found was repaired.
+    pub fn is_clean_now(&self) -> bool {
+        match &self.repaired {
+            None => self.is_consistent(),
+            Some(r) => r.skipped_recent == 0,
+        }
+    }
+}
+
+/// What [`Spool::purge`] deleted (or, in a dry run, would delete).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PurgeReport {
+    /// Instances deleted (file and index row).
+    pub instances: usize,
+    /// Bytes of their data sets.
+    pub bytes: u64,
+    /// Files deleted from quarantine (objects and their reason notes).
+    pub quarantine_files: usize,
+    pub dry_run: bool,
+}
+
+/// Rows deleted per lock: a live server's stores wait at most this many file deletions.
+const PURGE_BATCH: i64 = 256;
+
+impl Spool {
+    /// Opens an existing spool without reconciling it: nothing on disk changes. Fails if
+    /// `root` holds no spool index.
+    pub fn open_for_maintenance(root: &Path) -> Result<Spool, MaintenanceError> {
+        if !root.join(crate::spool::INDEX_FILE).is_file() {
+            return Err(MaintenanceError::NoSpool {
+                path: root.to_owned(),
+            });
+        }
+        Ok(Spool::open_unreconciled(root, SpoolOptions::default())?)
+    }
+
+    /// Compares the index with the files (every indexed file is read and hashed) and, with
+    /// `options.repair`, repairs what it found (see [`CheckOptions::repair`]).
+    pub fn check(&self, options: &CheckOptions) -> Result<CheckReport, MaintenanceError> {
+        let mut report = CheckReport::default();
+        let settled = |path: &Path| -> bool {
+            fs::symlink_metadata(path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .is_some_and(|age| age >= options.settle)
+        };
+        let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let rows: Vec<(String, String, i64, String)> = {
+            let mut stmt =
+                db.prepare("SELECT sop_instance_uid, path, size, sha256 FROM instances")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        report.rows = rows.len();
+        let mut bad_uids = Vec::new();
+        let mut indexed = std::collections::HashSet::new();
+        for (uid, relative, size, sha256) in rows {
+            let path = self.root.join(&relative);
+            indexed.insert(PathBuf::from(&relative));
+            let problem = match fs::read(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(Problem::Missing),
+                Err(e) => return Err(io("read", &path)(e)),
+                Ok(bytes) => match dataset_of(&bytes) {
+                    None => Some(Problem::Unreadable),
+                    Some(ds) if ds.len() as u64 != size as u64 => Some(Problem::Size {
+                        indexed: size as u64,
+                        actual: ds.len() as u64,
+                    }),
+                    Some(ds) if hex::encode(Sha256::digest(ds)) != sha256 => Some(Problem::Hash),
+                    Some(_) => None,
+                },
+            };
+            if let Some(problem) = problem {
+                bad_uids.push(uid);
+                report.bad_rows.push(BadRow {
+                    path: PathBuf::from(relative),
+                    problem,
+                });
+            }
+        }
+        let mut files = Vec::new();
+        let instances = self.root.join(INSTANCES_DIR);
+        collect_dcm(&instances, &mut files).map_err(io("list", &instances))?;
+        report.files = files.len();
+        let mut unindexed_abs = Vec::new();
+        for path in files {
+            let Ok(relative) = path.strip_prefix(&self.root) else {
+                continue;
+            };
+            if !indexed.contains(relative) {
+                report.unindexed.push(relative.to_owned());
+                unindexed_abs.push(path.clone());
+            }
+        }
+        let tmp = self.root.join(TMP_DIR);
+        for entry in fs::read_dir(&tmp).map_err(io("list", &tmp))? {
+            let path = entry.map_err(io("list", &tmp))?.path();
+            if path.is_file()
+                && let Ok(relative) = path.strip_prefix(&self.root)
+            {
+                report.temp_files.push(relative.to_owned());
+            }
+        }
+        report.bad_rows.sort_by(|a, b| a.path.cmp(&b.path));
+        report.unindexed.sort();
+        report.temp_files.sort();
+        if !options.repair {
+            return Ok(report);
+        }
+
+        let mut repaired = Repaired::default();
+        for (bad, uid) in report.bad_rows.iter().zip(&bad_uids) {
+            let path = self.root.join(&bad.path);
+            if bad.problem == Problem::Missing {
+                db.execute("DELETE FROM instances WHERE sop_instance_uid = ?1", [uid])?;
+                repaired.rows_dropped += 1;
+            } else if settled(&path) {
+                let reason = format!("content differs from the index: {}", bad.problem);
+                self.quarantine_file(&path, &reason, "changed")?;
+                db.execute("DELETE FROM instances WHERE sop_instance_uid = ?1", [uid])?;
+                repaired.files_quarantined += 1;
+            } else {
+                repaired.skipped_recent += 1;
+            }
+        }
+        for path in unindexed_abs {
+            if !settled(&path) {
+                repaired.skipped_recent += 1;
+                continue;
+            }
+            let relative = path
+                .strip_prefix(&self.root)
+                .map(|r| r.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            match self.index_orphan(&db, &path, &relative) {
+                Ok(()) => repaired.files_indexed += 1,
+                Err(StoreError::Io { source, .. }) => return Err(io("read", &path)(source)),
+                Err(StoreError::Index(e)) => return Err(e.into()),
+                Err(reason) => {
+                    let note = format!("{reason} ({})", reason.kind());
+                    self.quarantine_file(&path, &note, "orphan")?;
+                    repaired.files_quarantined += 1;
+                }
+            }
+        }
+        for relative in &report.temp_files {
+            let path = self.root.join(relative);
+            if !settled(&path) {
+                repaired.skipped_recent += 1;
+                continue;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => repaired.temp_files_deleted += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("delete", &path)(e)),
+            }
+        }
+        report.repaired = Some(repaired);
+        Ok(report)
+    }
+
+    /// Deletes every instance received before `cutoff` (its file, then its index row, then
+    /// the study and series folders left empty) and every quarantined file older than
+    /// `cutoff`. With `dry_run`, counts what would go and deletes nothing.
+    pub fn purge(
+        &self,
+        cutoff: SystemTime,
+        dry_run: bool,
+    ) -> Result<PurgeReport, MaintenanceError> {
+        let cutoff_ms = cutoff
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let mut report = PurgeReport {
+            dry_run,
+            ..PurgeReport::default()
+        };
+        if dry_run {
+            let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
+            let (n, bytes): (i64, i64) = db.query_row(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances WHERE received_at_ms < ?1",
+                [cutoff_ms],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            report.instances = n as usize;
+            report.bytes = bytes as u64;
+        } else {
+            let instances = self.root.join(INSTANCES_DIR);
+            loop {
+                // The lock is held per batch: a store cannot place a file in a folder this
+                // is removing, or answer "duplicate" for an instance being deleted.
+                let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
+                let batch: Vec<(String, String, i64)> = {
+                    let mut stmt = db.prepare(
+                        "SELECT sop_instance_uid, path, size FROM instances
+                         WHERE received_at_ms < ?1 ORDER BY received_at_ms LIMIT ?2",
+                    )?;
+                    stmt.query_map(params![cutoff_ms, PURGE_BATCH], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })?
+                    .collect::<Result<_, _>>()?
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                for (uid, relative, size) in batch {
+                    let path = self.root.join(&relative);
+                    // The file first: a crash between the two leaves a row without a file,
+                    // which the next open drops; never a file the index forgot.
+                    match fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(io("delete", &path)(e)),
+                    }
+                    db.execute("DELETE FROM instances WHERE sop_instance_uid = ?1", [&uid])?;
+                    remove_empty_parents(&path, &instances);
+                    report.instances += 1;
+                    report.bytes += size as u64;
+                }
+            }
+        }
+        let quarantine = self.root.join(QUARANTINE_DIR);
+        for entry in fs::read_dir(&quarantine).map_err(io("list", &quarantine))? {
+            let entry = entry.map_err(io("list", &quarantine))?;
+            let path = entry.path();
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t < cutoff);
+            if !(old && path.is_file()) {
+                continue;
+            }
+            if !dry_run {
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io("delete", &path)(e)),
+                }
+            }
+            report.quarantine_files += 1;
+        }
+        if !dry_run && (report.instances > 0 || report.quarantine_files > 0) {
+            tracing::info!(
+                instances = report.instances,
+                bytes = report.bytes,
+                quarantine_files = report.quarantine_files,
+                "spool purged"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Moves a file of the spool into quarantine with a note of why.
+    fn quarantine_file(
+        &self,
+        path: &Path,
+        reason: &str,
+        what: &str,
+    ) -> Result<(), MaintenanceError> {
+        let dir = self.root.join(QUARANTINE_DIR);
+        let name = format!(
+            "{}-{what}-{}",
+            now_ms(),
+            self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let relative = path.strip_prefix(&self.root).unwrap_or(path);
+        let note = format!(
+            "reason: {reason}\nkind: {what}\nrecovered_from: {}\n",
+            relative.display()
+        );
+        write_durably(&dir.join(format!("{name}.reason")), note.as_bytes())
+            .map_err(io("write", &dir))?;
+        fs::rename(path, dir.join(format!("{name}.quarantined"))).map_err(io("move", path))?;
+        sync_dir(&dir).map_err(io("sync", &dir))?;
+        tracing::warn!(kind = what, "spool file moved to quarantine");
+        Ok(())
+    }
+}
+
+/// Removes the folders above `file` that are now empty, up to (not including) `base`.
+fn remove_empty_parents(file: &Path, base: &Path) {
+    let mut at = file.parent();
+    while let Some(dir) = at {
+        if dir == base || !dir.starts_with(base) || fs::remove_dir(dir).is_err() {
+            break;
+        }
+        at = dir.parent();
+    }
+}
+
+/// The data set of a Part 10 file as the spool writes it (the meta group starts with its
+/// group length), or `None`.
+fn dataset_of(bytes: &[u8]) -> Option<&[u8]> {
+    if bytes.len() < 144
+        || &bytes[128..132] != b"DICM"
+        || bytes[132..136] != [0x02, 0x00, 0x00, 0x00]
+        || &bytes[136..138] != b"UL"
+    {
+        return None;
+    }
+    let group_len = u32::from_le_bytes(bytes[140..144].try_into().ok()?) as usize;
+    bytes.get(144usize.checked_add(group_len)?..)
+}

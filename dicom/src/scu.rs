@@ -1,0 +1,816 @@
+//! A DIMSE SCU: C-ECHO, and C-STORE of DICOM Part 10 files, over dicom-ul's async client.
+//!
+//! Files are sent as they are on disk: each file's SOP class is proposed with the file's own
+//! transfer syntax (one presentation context per distinct pair, at most 128 per
+//! association), and its data set is streamed from the file without being decoded or
+//! re-encoded. Many files share one association ([`store_files`]); each gets its own
+//! outcome. A context the peer rejects fails only the files that needed it.
+//!
+//! Every network wait is bounded: connecting and the association request by
+//! [`ScuOptions::connect_timeout`], each write and each response by
+//! [`ScuOptions::dimse_timeout`].
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use dicom_object::meta::FileMetaTable;
+use dicom_ul::ClientAssociationOptions;
+use dicom_ul::association::client::AsyncClientAssociation;
+use dicom_ul::pdu::{AssociationRJResult, PDataValue, PDataValueType, Pdu};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::net::TcpStream;
+
+use crate::sop;
+
+const C_STORE_RQ: u16 = 0x0001;
+const C_STORE_RSP: u16 = 0x8001;
+const C_ECHO_RQ: u16 = 0x0030;
+const C_ECHO_RSP: u16 = 0x8030;
+/// Most presentation contexts in one association (odd IDs 1..=255).
+pub const MAX_CONTEXTS: usize = 128;
+/// Bytes of a data set written per bounded write.
+const CHUNK: usize = 1 << 20;
+
+/// Settings of the SCU.
+#[derive(Debug, Clone)]
+pub struct ScuOptions {
+    /// This node's AE title.
+    pub calling_ae_title: String,
+    /// The peer's AE title.
+    pub called_ae_title: String,
+    /// Largest PDU this node receives (announced to the peer).
+    pub max_pdu_length: u32,
+    /// Bound on the TCP connection plus the association request and its answer.
+    pub connect_timeout: Duration,
+    /// Bound on each write of a request and on the wait for each response.
+    pub dimse_timeout: Duration,
+}
+
+impl Default for ScuOptions {
+    fn default() -> Self {
+        ScuOptions {
+            calling_ae_title: "NIGHTINGALE".into(),
+            called_ae_title: "ANY-SCP".into(),
+            max_pdu_length: 65_536,
+            connect_timeout: Duration::from_secs(10),
+            dimse_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// An association could not be set up, or broke.
+#[derive(Debug, thiserror::Error)]
+pub enum ScuError {
+    #[error(
+        "invalid AE title {ae_title:?}: 1 to 16 characters, no backslash or control characters"
+    )]
+    InvalidAeTitle { ae_title: String },
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{addr} did not answer the association request within {timeout:?}")]
+    ConnectTimeout { addr: String, timeout: Duration },
+    #[error("association rejected by {addr} ({}): {reason}", if *.permanent { "permanent" } else { "transient" })]
+    Rejected {
+        addr: String,
+        permanent: bool,
+        /// The A-ASSOCIATE-RJ source and reason, as dicom-ul words it.
+        reason: String,
+    },
+    #[error("{addr} accepted none of the proposed presentation contexts")]
+    NoContextAccepted { addr: String },
+    #[error("the peer aborted the association")]
+    Aborted,
+    #[error("no answer from the peer within {timeout:?} ({what})")]
+    Timeout {
+        what: &'static str,
+        timeout: Duration,
+    },
+    #[error("protocol error: {what}")]
+    Protocol { what: &'static str },
+    #[error("association error: {0}")]
+    Association(#[from] dicom_ul::association::Error),
+    #[error("I/O error while sending: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A file cannot be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a DICOM Part 10 file (no DICM preamble)")]
+    NotPart10 { path: PathBuf },
+    #[error("{path}: unreadable file meta information: {detail}")]
+    Meta { path: PathBuf, detail: String },
+}
+
+/// Why one file was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreFailure {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("the peer rejected the presentation context {sop_class_uid} / {transfer_syntax}")]
+    ContextRejected {
+        sop_class_uid: String,
+        transfer_syntax: String,
+    },
+    #[error(transparent)]
+    Association(#[from] ScuError),
+    #[error("not sent: the association failed before this file")]
+    NotSent,
+}
+
+/// A DIMSE response status with its Error Comment, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DimseStatus {
+    pub status: u16,
+    pub error_comment: Option<String>,
+}
+
+impl DimseStatus {
+    pub fn is_success(&self) -> bool {
+        self.status == 0x0000
+    }
+
+    /// Warning statuses (0001, Bxxx): the instance was stored with a coercion or the like.
+    pub fn is_warning(&self) -> bool {
+        self.status == 0x0001 || (self.status & 0xF000) == 0xB000
+    }
+}
+
+impl std::fmt::Display for DimseStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "0x{:04X}", self.status)?;
+        if let Some(c) = &self.error_comment {
+            write!(f, " ({c})")?;
+        }
+        Ok(())
+    }
+}
+
+/// A Part 10 file ready to send: what its meta says, and where its data set lies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part10File {
+    pub path: PathBuf,
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub transfer_syntax: String,
+    /// Offset of the data set in the file (after the meta group).
+    pub dataset_offset: u64,
+    /// Bytes of the data set.
+    pub dataset_len: u64,
+}
+
+impl Part10File {
+    /// Reads the preamble and the file meta group (not the data set).
+    pub fn open(path: &Path) -> Result<Part10File, FileError> {
+        let io = |source| FileError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        let mut head = [0u8; 144];
+        if file_len < head.len() as u64 {
+            return Err(FileError::NotPart10 {
+                path: path.to_owned(),
+            });
+        }
+        file.read_exact(&mut head).map_err(io)?;
+        if &head[128..132] != b"DICM" {
+            return Err(FileError::NotPart10 {
+                path: path.to_owned(),
+            });
+        }
+        let meta_error = |detail: String| FileError::Meta {
+            path: path.to_owned(),
+            detail,
+        };
+        // (0002,0000) UL group length first, as PS3.10 requires.
+        if head[132..136] != [0x02, 0x00, 0x00, 0x00] || &head[136..138] != b"UL" {
+            return Err(meta_error("no (0002,0000) group length first".into()));
+        }
+        let group_len = u32::from_le_bytes(head[140..144].try_into().expect("4 bytes")) as u64;
+        if group_len > 1 << 20 || 144 + group_len > file_len {
+            return Err(meta_error(format!("group length {group_len} out of range")));
+        }
+        let mut meta_bytes = head[128..].to_vec();
+        let mut rest = vec![0u8; group_len as usize];
+        file.read_exact(&mut rest).map_err(io)?;
+        meta_bytes.extend_from_slice(&rest);
+        let meta = FileMetaTable::from_reader(meta_bytes.as_slice())
+            .map_err(|e| meta_error(e.to_string()))?;
+        let dataset_offset = 144 + group_len;
+        Ok(Part10File {
+            path: path.to_owned(),
+            sop_class_uid: sop::trim_uid(meta.media_storage_sop_class_uid()).to_owned(),
+            sop_instance_uid: sop::trim_uid(meta.media_storage_sop_instance_uid()).to_owned(),
+            transfer_syntax: sop::trim_uid(meta.transfer_syntax()).to_owned(),
+            dataset_offset,
+            dataset_len: file_len - dataset_offset,
+        })
+    }
+
+    fn context(&self) -> (String, String) {
+        (self.sop_class_uid.clone(), self.transfer_syntax.clone())
+    }
+}
+
+/// Every file under `paths` (folders recursively, in name order). Entries that cannot be
+/// listed are returned as errors in place.
+pub fn collect_files(paths: &[PathBuf]) -> Vec<Result<PathBuf, FileError>> {
+    fn walk(dir: &Path, out: &mut Vec<Result<PathBuf, FileError>>) {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(source) => {
+                out.push(Err(FileError::Io {
+                    path: dir.to_owned(),
+                    source,
+                }));
+                return;
+            }
+        };
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for p in paths {
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.is_file() {
+                out.push(Ok(p));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            walk(p, &mut out);
+        } else {
+            out.push(Ok(p.clone()));
+        }
+    }
+    out
+}
+
+fn valid_ae_title(ae: &str) -> bool {
+    !ae.trim().is_empty()
+        && ae.len() <= 16
+        && ae.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
+}
+
+/// An open association to a storage SCP.
+pub struct StoreAssociation {
+    association: AsyncClientAssociation<TcpStream>,
+    options: ScuOptions,
+    next_message_id: u16,
+}
+
+impl StoreAssociation {
+    /// Connects to `addr` (`host:port`) and proposes the `(SOP class, transfer syntax)`
+    /// contexts (at most [`MAX_CONTEXTS`]). Fails when none is accepted.
+    pub async fn open(
+        addr: &str,
+        options: &ScuOptions,
+        contexts: &[(String, String)],
+    ) -> Result<StoreAssociation, ScuError> {
+        if contexts.len() > MAX_CONTEXTS {
+            return Err(ScuError::Protocol {
+                what: "more than 128 presentation contexts",
+            });
+        }
+        let association = associate(addr, options, contexts).await?;
+        Ok(StoreAssociation {
+            association,
+            options: options.clone(),
+            next_message_id: 1,
+        })
+    }
+
+    /// Whether the peer accepted `(sop_class, transfer_syntax)`.
+    pub fn accepts(&self, sop_class_uid: &str, transfer_syntax: &str) -> bool {
+        self.context_id(sop_class_uid, transfer_syntax).is_some()
+    }
+
+    fn context_id(&self, sop_class_uid: &str, transfer_syntax: &str) -> Option<u8> {
+        self.association
+            .presentation_contexts()
+            .iter()
+            .find(|pc| {
+                sop::trim_uid(&pc.abstract_syntax) == sop_class_uid
+                    && sop::trim_uid(&pc.transfer_syntax) == transfer_syntax
+            })
+            .map(|pc| pc.id)
+    }
+
+    /// Sends one C-STORE of `file` and returns the peer's status. A `ContextRejected` or
+    /// `File` failure leaves the association usable; an `Association` failure does not.
+    pub async fn store(&mut self, file: &Part10File) -> Result<DimseStatus, StoreFailure> {
+        let Some(pc) = self.context_id(&file.sop_class_uid, &file.transfer_syntax) else {
+            return Err(StoreFailure::ContextRejected {
+                sop_class_uid: file.sop_class_uid.clone(),
+                transfer_syntax: file.transfer_syntax.clone(),
+            });
+        };
+        // Open the data set before anything is sent: a file that vanished fails alone.
+        let io = |source| FileError::Io {
+            path: file.path.clone(),
+            source,
+        };
+        let mut reader = tokio::fs::File::open(&file.path).await.map_err(io)?;
+        reader
+            .seek(std::io::SeekFrom::Start(file.dataset_offset))
+            .await
+            .map_err(io)?;
+        let message_id = self.take_message_id();
+        let command = c_store_rq(message_id, &file.sop_class_uid, &file.sop_instance_uid);
+        self.send_command(pc, command).await?;
+        // One P-DATA PDU per fragment, each within the peer's maximum PDU length (its PDV
+        // item adds 6 bytes). dicom-ul's AsyncPDataWriter is not used: its Drop blocks the
+        // thread (block_in_place), which panics on a current-thread runtime.
+        let fragment = (self.association.acceptor_max_pdu_length().saturating_sub(6) as usize)
+            .clamp(1024, CHUNK);
+        let mut left = file.dataset_len;
+        loop {
+            let n = (fragment as u64).min(left) as usize;
+            let mut data = vec![0u8; n];
+            // A file cut short after its header was read: the association cannot carry on
+            // (the peer waits for the rest of the data set), so it is an association error.
+            reader
+                .read_exact(&mut data)
+                .await
+                .map_err(|e| StoreFailure::Association(ScuError::Io(e)))?;
+            left -= n as u64;
+            let pdu = Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id: pc,
+                    value_type: PDataValueType::Data,
+                    is_last: left == 0,
+                    data,
+                }],
+            };
+            bounded(
+                self.options.dimse_timeout,
+                "sending the data set",
+                self.association.send(&pdu),
+            )
+            .await?
+            .map_err(ScuError::from)?;
+            if left == 0 {
+                break;
+            }
+        }
+        Ok(self.response(C_STORE_RSP, message_id).await?)
+    }
+
+    /// Sends a C-ECHO on this association (it needs the Verification context).
+    pub async fn echo(&mut self) -> Result<DimseStatus, ScuError> {
+        let pc = self
+            .association
+            .presentation_contexts()
+            .iter()
+            .find(|pc| sop::trim_uid(&pc.abstract_syntax) == sop::VERIFICATION)
+            .map(|pc| pc.id)
+            .ok_or(ScuError::Protocol {
+                what: "Verification context not accepted",
+            })?;
+        let message_id = self.take_message_id();
+        self.send_command(pc, c_echo_rq(message_id)).await?;
+        self.response(C_ECHO_RSP, message_id).await
+    }
+
+    /// Releases the association (A-RELEASE), bounded by the DIMSE timeout.
+    pub async fn release(self) -> Result<(), ScuError> {
+        bounded(
+            self.options.dimse_timeout,
+            "the release",
+            self.association.release(),
+        )
+        .await??;
+        Ok(())
+    }
+
+    /// Aborts the association (A-ABORT).
+    pub async fn abort(self) {
+        let _ = bounded(
+            self.options.dimse_timeout,
+            "the abort",
+            self.association.abort(),
+        )
+        .await;
+    }
+
+    fn take_message_id(&mut self) -> u16 {
+        let id = self.next_message_id;
+        self.next_message_id = self.next_message_id.wrapping_add(1).max(1);
+        id
+    }
+
+    async fn send_command(&mut self, pc: u8, command: Vec<u8>) -> Result<(), ScuError> {
+        let pdu = Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data: command,
+            }],
+        };
+        bounded(
+            self.options.dimse_timeout,
+            "sending a command",
+            self.association.send(&pdu),
+        )
+        .await??;
+        Ok(())
+    }
+
+    /// Reads PDUs until a whole command set arrives and returns its status.
+    async fn response(
+        &mut self,
+        expected_field: u16,
+        message_id: u16,
+    ) -> Result<DimseStatus, ScuError> {
+        let mut command = Vec::new();
+        loop {
+            let pdu = bounded(
+                self.options.dimse_timeout,
+                "waiting for the response",
+                self.association.receive(),
+            )
+            .await??;
+            let values = match pdu {
+                Pdu::PData { data } => data,
+                Pdu::AbortRQ { .. } => return Err(ScuError::Aborted),
+                _ => {
+                    return Err(ScuError::Protocol {
+                        what: "unexpected PDU instead of a response",
+                    });
+                }
+            };
+            for value in values {
+                if value.value_type != PDataValueType::Command {
+                    return Err(ScuError::Protocol {
+                        what: "data set in a response",
+                    });
+                }
+                if command.len() + value.data.len() > 1 << 20 {
+                    return Err(ScuError::Protocol {
+                        what: "response command set too large",
+                    });
+                }
+                command.extend_from_slice(&value.data);
+                if value.is_last {
+                    return parse_response(&command, expected_field, message_id);
+                }
+            }
+        }
+    }
+}
+
+/// Runs `fut` within `timeout`.
+async fn bounded<T>(
+    timeout: Duration,
+    what: &'static str,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, ScuError> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| ScuError::Timeout { what, timeout })
+}
+
+async fn associate(
+    addr: &str,
+    options: &ScuOptions,
+    contexts: &[(String, String)],
+) -> Result<AsyncClientAssociation<TcpStream>, ScuError> {
+    for ae in [&options.calling_ae_title, &options.called_ae_title] {
+        if !valid_ae_title(ae) {
+            return Err(ScuError::InvalidAeTitle {
+                ae_title: ae.clone(),
+            });
+        }
+    }
+    let mut client = ClientAssociationOptions::new()
+        .calling_ae_title(options.calling_ae_title.as_str())
+        .called_ae_title(options.called_ae_title.as_str())
+        .max_pdu_length(options.max_pdu_length)
+        .connection_timeout(options.connect_timeout)
+        .read_timeout(options.dimse_timeout)
+        .write_timeout(options.dimse_timeout);
+    for (class, ts) in contexts {
+        client = client.with_presentation_context(class.as_str(), vec![ts.as_str()]);
+    }
+    let established = tokio::time::timeout(options.connect_timeout, client.establish_async(addr))
+        .await
+        .map_err(|_| ScuError::ConnectTimeout {
+            addr: addr.to_owned(),
+            timeout: options.connect_timeout,
+        })?;
+    use dicom_ul::association::Error as UlError;
+    let mut association = match established {
+        Ok(a) => a,
+        Err(UlError::Connect { source, .. }) => {
+            return Err(ScuError::Connect {
+                addr: addr.to_owned(),
+                source,
+            });
+        }
+        Err(UlError::Timeout { .. }) => {
+            return Err(ScuError::ConnectTimeout {
+                addr: addr.to_owned(),
+                timeout: options.connect_timeout,
+            });
+        }
+        Err(UlError::Rejected { association_rj, .. }) => {
+            return Err(ScuError::Rejected {
+                addr: addr.to_owned(),
+                permanent: association_rj.result == AssociationRJResult::Permanent,
+                reason: association_rj.source.to_string(),
+            });
+        }
+        Err(UlError::NoAcceptedPresentationContexts { .. }) => {
+            return Err(ScuError::NoContextAccepted {
+                addr: addr.to_owned(),
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // dcmtk and most SCPs answer each PDU at once: Nagle would hold every small write.
+    let _ = association.inner_stream().set_nodelay(true);
+    Ok(association)
+}
+
+/// C-ECHO to `addr`: connects, proposes Verification, echoes, releases.
+pub async fn echo(addr: &str, options: &ScuOptions) -> Result<DimseStatus, ScuError> {
+    let verification = [(
+        sop::VERIFICATION.to_owned(),
+        "1.2.840.10008.1.2".to_owned(), // Implicit VR Little Endian: every SCP takes it
+    )];
+    let mut association = StoreAssociation::open(addr, options, &verification).await?;
+    match association.echo().await {
+        Ok(status) => {
+            association.release().await?;
+            Ok(status)
+        }
+        Err(e) => {
+            association.abort().await;
+            Err(e)
+        }
+    }
+}
+
+/// Files sent over one association: its contexts, and the files (with their outcome index).
+type Batch = (Vec<(String, String)>, Vec<(usize, Part10File)>);
+
+/// The outcome of one file of [`store_files`].
+#[derive(Debug)]
+pub struct StoreOutcome {
+    pub path: PathBuf,
+    /// The SOP Instance UID from the file's meta, when it could be read.
+    pub sop_instance_uid: Option<String>,
+    pub result: Result<DimseStatus, StoreFailure>,
+}
+
+impl StoreOutcome {
+    /// Stored: success or warning status.
+    pub fn is_stored(&self) -> bool {
+        matches!(&self.result, Ok(s) if s.is_success() || s.is_warning())
+    }
+}
+
+/// Sends every file to `addr` over as few associations as the contexts allow (one unless
+/// the files need more than [`MAX_CONTEXTS`] distinct contexts), in order, and returns one
+/// outcome per file, in order. A file that cannot be read fails alone; when an association
+/// fails, the file being sent gets its error and the files after it are [`NotSent`].
+///
+/// [`NotSent`]: StoreFailure::NotSent
+pub async fn store_files(
+    addr: &str,
+    options: &ScuOptions,
+    paths: Vec<PathBuf>,
+) -> Vec<StoreOutcome> {
+    let mut outcomes: Vec<StoreOutcome> = Vec::with_capacity(paths.len());
+    let mut files: Vec<(usize, Part10File)> = Vec::new();
+    for path in paths {
+        match Part10File::open(&path) {
+            Ok(f) => {
+                files.push((outcomes.len(), f));
+                outcomes.push(StoreOutcome {
+                    path,
+                    sop_instance_uid: None,
+                    result: Err(StoreFailure::NotSent),
+                });
+            }
+            Err(e) => outcomes.push(StoreOutcome {
+                path,
+                sop_instance_uid: None,
+                result: Err(e.into()),
+            }),
+        }
+    }
+    // Batches of files whose contexts fit one association, in file order.
+    let mut batches: Vec<Batch> = Vec::new();
+    for (i, f) in files {
+        outcomes[i].sop_instance_uid = Some(f.sop_instance_uid.clone());
+        let ctx = f.context();
+        let fits = batches
+            .last()
+            .is_some_and(|(contexts, _)| contexts.contains(&ctx) || contexts.len() < MAX_CONTEXTS);
+        if !fits {
+            batches.push((Vec::new(), Vec::new()));
+        }
+        let (contexts, members) = batches.last_mut().expect("a batch");
+        if !contexts.contains(&ctx) {
+            contexts.push(ctx);
+        }
+        members.push((i, f));
+    }
+    let mut broken = false;
+    for (contexts, members) in batches {
+        if broken {
+            break;
+        }
+        let mut association = match StoreAssociation::open(addr, options, &contexts).await {
+            Ok(a) => a,
+            Err(ScuError::NoContextAccepted { .. }) => {
+                // Every context of this batch was rejected: each file says which.
+                for (i, f) in members {
+                    outcomes[i].result = Err(StoreFailure::ContextRejected {
+                        sop_class_uid: f.sop_class_uid,
+                        transfer_syntax: f.transfer_syntax,
+                    });
+                }
+                continue;
+            }
+            Err(e) => {
+                if let Some((i, _)) = members.first() {
+                    outcomes[*i].result = Err(e.into());
+                }
+                broken = true;
+                continue;
+            }
+        };
+        let unique: BTreeSet<&(String, String)> = contexts.iter().collect();
+        tracing::debug!(
+            contexts = unique.len(),
+            files = members.len(),
+            "association open"
+        );
+        let mut failed = false;
+        for (i, f) in members {
+            let result = association.store(&f).await;
+            let fatal = matches!(result, Err(StoreFailure::Association(_)));
+            outcomes[i].result = result;
+            if fatal {
+                failed = true;
+                break;
+            }
+        }
+        if failed {
+            association.abort().await;
+            broken = true;
+        } else if let Err(e) = association.release().await {
+            tracing::warn!(error = %e, "association release failed");
+        }
+    }
+    outcomes
+}
+
+fn put_u16(obj: &mut InMemDicomObject, tag: dicom_core::Tag, v: u16) {
+    obj.put(DataElement::new(tag, VR::US, PrimitiveValue::from(v)));
+}
+
+fn put_ui(obj: &mut InMemDicomObject, tag: dicom_core::Tag, v: &str) {
+    obj.put(DataElement::new(tag, VR::UI, PrimitiveValue::from(v)));
+}
+
+/// Encodes a command set in Implicit VR Little Endian with its group length first.
+fn encode_command(mut obj: InMemDicomObject) -> Vec<u8> {
+    let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
+    let encode = |obj: &InMemDicomObject| {
+        let mut out = Vec::new();
+        obj.write_dataset_with_ts(&mut out, &ts)
+            .expect("command sets encode");
+        out
+    };
+    let body = encode(&obj);
+    obj.put(DataElement::new(
+        tags::COMMAND_GROUP_LENGTH,
+        VR::UL,
+        PrimitiveValue::from(body.len() as u32),
+    ));
+    encode(&obj)
+}
+
+fn c_store_rq(message_id: u16, sop_class_uid: &str, sop_instance_uid: &str) -> Vec<u8> {
+    let mut obj = InMemDicomObject::new_empty();
+    put_ui(&mut obj, tags::AFFECTED_SOP_CLASS_UID, sop_class_uid);
+    put_u16(&mut obj, tags::COMMAND_FIELD, C_STORE_RQ);
+    put_u16(&mut obj, tags::MESSAGE_ID, message_id);
+    put_u16(&mut obj, tags::PRIORITY, 0x0000);
+    put_u16(&mut obj, tags::COMMAND_DATA_SET_TYPE, 0x0000);
+    put_ui(&mut obj, tags::AFFECTED_SOP_INSTANCE_UID, sop_instance_uid);
+    encode_command(obj)
+}
+
+fn c_echo_rq(message_id: u16) -> Vec<u8> {
+    let mut obj = InMemDicomObject::new_empty();
+    put_ui(&mut obj, tags::AFFECTED_SOP_CLASS_UID, sop::VERIFICATION);
+    put_u16(&mut obj, tags::COMMAND_FIELD, C_ECHO_RQ);
+    put_u16(&mut obj, tags::MESSAGE_ID, message_id);
+    put_u16(&mut obj, tags::COMMAND_DATA_SET_TYPE, 0x0101);
+    encode_command(obj)
+}
+
+fn parse_response(
+    bytes: &[u8],
+    expected_field: u16,
+    message_id: u16,
+) -> Result<DimseStatus, ScuError> {
+    let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
+    let obj =
+        InMemDicomObject::read_dataset_with_ts(bytes, &ts).map_err(|_| ScuError::Protocol {
+            what: "unreadable response command set",
+        })?;
+    let u16_of = |tag| {
+        obj.element_opt(tag)
+            .ok()
+            .flatten()
+            .and_then(|e| e.to_int::<u16>().ok())
+    };
+    if u16_of(tags::COMMAND_FIELD) != Some(expected_field) {
+        return Err(ScuError::Protocol {
+            what: "response of another kind than the request",
+        });
+    }
+    if u16_of(tags::MESSAGE_ID_BEING_RESPONDED_TO) != Some(message_id) {
+        return Err(ScuError::Protocol {
+            what: "response to another message",
+        });
+    }
+    let status = u16_of(tags::STATUS).ok_or(ScuError::Protocol {
+        what: "response without a status",
+    })?;
+    let error_comment = obj
+        .element_opt(tags::ERROR_COMMENT)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_str().ok().map(|s| s.trim().to_owned()))
+        .filter(|s| !s.is_empty());
+    Ok(DimseStatus {
+        status,
+        error_comment,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_carry_their_group_length() {
+        let bytes = c_store_rq(7, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4");
+        let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
+        let obj = InMemDicomObject::read_dataset_with_ts(bytes.as_slice(), &ts).unwrap();
+        let len = obj
+            .element(tags::COMMAND_GROUP_LENGTH)
+            .unwrap()
+            .to_int::<u32>()
+            .unwrap();
+        assert_eq!(len as usize, bytes.len() - 12);
+        assert_eq!(
+            obj.element(tags::MESSAGE_ID)
+                .unwrap()
+                .to_int::<u16>()
+                .unwrap(),
+            7
+        );
+    }
+
+    #[test]
+    fn a_file_without_preamble_is_not_part10() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.dcm");
+        std::fs::write(&path, vec![0u8; 400]).unwrap();
+        assert!(matches!(
+            Part10File::open(&path),
+            Err(FileError::NotPart10 { .. })
+        ));
+        std::fs::write(&path, b"short").unwrap();
+        assert!(matches!(
+            Part10File::open(&path),
+            Err(FileError::NotPart10 { .. })
+        ));
+    }
+}

@@ -1,0 +1,188 @@
+//! The SCP's event hook: the events of an association in order (accepted, one per C-STORE,
+//! released), and the fail-closed rule: when the sink cannot record an instance, the
+//! instance is not acknowledged (0x0110), and the sender's retry is an idempotent duplicate.
+//! The files are written with dicom-object here and sent with this crate's SCU.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use dicom_object::meta::FileMetaTableBuilder;
+use nightingale_dicom::events::{ChannelSink, EventSink, SinkError, SinkFuture};
+use nightingale_dicom::scu::{self, ScuOptions};
+use nightingale_dicom::{DicomEvent, Scp, ScpConfig, Spool, SpoolOptions};
+
+const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+
+fn write_ct(path: &Path, sop: &str) {
+    let mut obj = InMemDicomObject::new_empty();
+    let ui = |v: &str| PrimitiveValue::from(v);
+    obj.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, ui(CT)));
+    obj.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, ui(sop)));
+    obj.put(DataElement::new(
+        tags::STUDY_INSTANCE_UID,
+        VR::UI,
+        ui("1.2.3.7"),
+    ));
+    obj.put(DataElement::new(
+        tags::SERIES_INSTANCE_UID,
+        VR::UI,
+        ui("1.2.3.7.1"),
+    ));
+    obj.put(DataElement::new(
+        tags::ROWS,
+        VR::US,
+        PrimitiveValue::from(1u16),
+    ));
+    obj.put(DataElement::new(
+        tags::COLUMNS,
+        VR::US,
+        PrimitiveValue::from(2u16),
+    ));
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OW,
+        PrimitiveValue::U8(vec![1, 0, 2, 0].into()),
+    ));
+    let file = obj
+        .with_meta(
+            FileMetaTableBuilder::new()
+                .media_storage_sop_class_uid(CT)
+                .media_storage_sop_instance_uid(sop)
+                .transfer_syntax(EXPLICIT_LE),
+        )
+        .unwrap();
+    file.write_to_file(path).unwrap();
+}
+
+async fn start(sink: Arc<dyn EventSink>) -> (String, Arc<Spool>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), SpoolOptions { min_free_bytes: 0 }).unwrap();
+    let spool = Arc::new(spool);
+    let scp = Scp::bind(
+        ScpConfig::new("127.0.0.1:0".parse().unwrap()),
+        spool.clone(),
+    )
+    .await
+    .unwrap()
+    .with_events(sink);
+    let addr = scp.local_addr().unwrap().to_string();
+    tokio::spawn(scp.serve(std::future::pending()));
+    (addr, spool, dir)
+}
+
+fn options() -> ScuOptions {
+    ScuOptions {
+        calling_ae_title: "EVENTSCU".into(),
+        called_ae_title: "NIGHTINGALE".into(),
+        connect_timeout: Duration::from_secs(10),
+        dimse_timeout: Duration::from_secs(20),
+        ..ScuOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_association_reports_accepted_each_instance_and_released() {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let (addr, _spool, _dir) = start(Arc::new(ChannelSink(tx))).await;
+    let files = tempfile::tempdir().unwrap();
+    let paths: Vec<_> = (1..=2)
+        .map(|i| {
+            let p = files.path().join(format!("{i}.dcm"));
+            write_ct(&p, &format!("1.2.3.7.1.{i}"));
+            p
+        })
+        .collect();
+    let outcomes = scu::store_files(&addr, &options(), paths).await;
+    assert!(outcomes.iter().all(|o| o.is_stored()), "{outcomes:?}");
+
+    let mut events = Vec::new();
+    while events.len() < 4 {
+        let e = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("the events within 20 s")
+            .expect("the channel is open");
+        events.push(e);
+    }
+    let DicomEvent::AssociationAccepted {
+        association,
+        calling_ae,
+        contexts_accepted,
+        ..
+    } = &events[0]
+    else {
+        panic!("{events:#?}");
+    };
+    assert_eq!((calling_ae.as_str(), *contexts_accepted), ("EVENTSCU", 1));
+    for (i, e) in events[1..3].iter().enumerate() {
+        let DicomEvent::InstanceStored(instance) = e else {
+            panic!("{events:#?}");
+        };
+        assert_eq!(instance.association, *association);
+        assert_eq!(instance.sop_instance_uid, format!("1.2.3.7.1.{}", i + 1));
+        assert_eq!(instance.study_uid.as_deref(), Some("1.2.3.7"));
+        assert_eq!(instance.transfer_syntax, EXPLICIT_LE);
+        assert_eq!(instance.status, 0);
+    }
+    assert!(matches!(
+        &events[3],
+        DicomEvent::AssociationReleased {
+            stored: 2,
+            failed: 0,
+            ..
+        }
+    ));
+}
+
+/// A sink that fails instance events while `failing` is set.
+struct Flaky {
+    failing: AtomicBool,
+}
+
+impl EventSink for Flaky {
+    fn event(&self, event: DicomEvent) -> SinkFuture<'_> {
+        let fail =
+            self.failing.load(Ordering::SeqCst) && matches!(event, DicomEvent::InstanceStored(_));
+        Box::pin(async move {
+            if fail {
+                Err(SinkError {
+                    reason: "audit store down".into(),
+                })
+            } else {
+                Ok(())
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_record_fails_is_not_acknowledged() {
+    let sink = Arc::new(Flaky {
+        failing: AtomicBool::new(true),
+    });
+    let (addr, spool, _dir) = start(sink.clone()).await;
+    let files = tempfile::tempdir().unwrap();
+    let path = files.path().join("1.dcm");
+    write_ct(&path, "1.2.3.7.1.9");
+
+    let outcomes = scu::store_files(&addr, &options(), vec![path.clone()]).await;
+    let status = outcomes[0].result.as_ref().unwrap();
+    assert_eq!(status.status, 0x0110, "{status}");
+    assert_eq!(
+        status.error_comment.as_deref(),
+        Some("audit trail unavailable")
+    );
+
+    // Once the sink works again, the retry succeeds: the same instance, stored once.
+    sink.failing.store(false, Ordering::SeqCst);
+    let outcomes = scu::store_files(&addr, &options(), vec![path]).await;
+    assert_eq!(outcomes[0].result.as_ref().unwrap().status, 0x0000);
+    let stored = spool.instances().unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].sop_instance_uid, "1.2.3.7.1.9");
+}

@@ -1,0 +1,328 @@
+//! Spool maintenance: `check` finds each kind of disagreement between the index and the
+//! files (and `repair` fixes it), and `purge` deletes what was received before a cutoff,
+//! file then row, leaving no empty folders, and old quarantined objects too.
+//!
+//! The data sets are written by dicom-object here; what the tests expect (sizes, which
+//! instances remain) follows from what the test stored and changed, not from the spool.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use nightingale_dicom::maintenance::{CheckOptions, MaintenanceError, Problem};
+use nightingale_dicom::{Incoming, Spool, SpoolOptions};
+
+const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+
+/// A small CT data set in Explicit VR Little Endian.
+fn ct(study: &str, series: &str, sop: &str) -> Vec<u8> {
+    let mut obj = InMemDicomObject::new_empty();
+    let ui = |v: &str| PrimitiveValue::from(v);
+    obj.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, ui(CT)));
+    obj.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, ui(sop)));
+    obj.put(DataElement::new(
+        tags::STUDY_INSTANCE_UID,
+        VR::UI,
+        ui(study),
+    ));
+    obj.put(DataElement::new(
+        tags::SERIES_INSTANCE_UID,
+        VR::UI,
+        ui(series),
+    ));
+    obj.put(DataElement::new(
+        tags::ROWS,
+        VR::US,
+        PrimitiveValue::from(1u16),
+    ));
+    obj.put(DataElement::new(
+        tags::COLUMNS,
+        VR::US,
+        PrimitiveValue::from(2u16),
+    ));
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OW,
+        PrimitiveValue::U8(vec![1, 0, 2, 0].into()),
+    ));
+    let ts = dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased();
+    let mut out = Vec::new();
+    obj.write_dataset_with_ts(&mut out, &ts).unwrap();
+    out
+}
+
+fn incoming() -> Incoming<'static> {
+    Incoming {
+        transfer_syntax: EXPLICIT_LE,
+        calling_ae: "TESTSCU",
+        expected_sop_class: None,
+        expected_sop_instance: None,
+    }
+}
+
+fn open(dir: &Path) -> Spool {
+    Spool::open(dir, SpoolOptions { min_free_bytes: 0 })
+        .unwrap()
+        .0
+}
+
+/// Stores `n` instances of one series; returns their files.
+fn store_some(spool: &Spool, study: &str, n: usize) -> Vec<PathBuf> {
+    (0..n)
+        .map(|i| {
+            let ds = ct(
+                study,
+                &format!("{study}.1"),
+                &format!("{study}.1.{}", i + 1),
+            );
+            spool.store(&ds, &incoming()).unwrap().path
+        })
+        .collect()
+}
+
+fn now_check(repair: bool) -> CheckOptions {
+    CheckOptions {
+        repair,
+        settle: Duration::ZERO,
+    }
+}
+
+fn uids(spool: &Spool) -> Vec<String> {
+    spool
+        .instances()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.sop_instance_uid)
+        .collect()
+}
+
+fn rel(spool: &Spool, path: &Path) -> PathBuf {
+    path.strip_prefix(spool.root()).unwrap().to_owned()
+}
+
+#[test]
+fn a_consistent_spool_checks_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    store_some(&spool, "1.2.3.10", 3);
+    drop(spool);
+    let spool = Spool::open_for_maintenance(dir.path()).unwrap();
+    let report = spool.check(&CheckOptions::default()).unwrap();
+    assert_eq!((report.rows, report.files), (3, 3));
+    assert!(
+        report.is_consistent() && report.is_clean_now(),
+        "{report:?}"
+    );
+}
+
+#[test]
+fn maintenance_needs_an_existing_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        Spool::open_for_maintenance(&dir.path().join("nothing-here")),
+        Err(MaintenanceError::NoSpool { .. })
+    ));
+}
+
+#[test]
+fn missing_and_changed_files_are_found_and_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let files = store_some(&spool, "1.2.3.20", 4);
+    drop(spool);
+    // 0: deleted; 1: one byte of the data set flipped (same size); 2: cut short.
+    std::fs::remove_file(&files[0]).unwrap();
+    let mut bytes = std::fs::read(&files[1]).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&files[1], &bytes).unwrap();
+    let full = std::fs::read(&files[2]).unwrap();
+    std::fs::write(&files[2], &full[..full.len() - 2]).unwrap();
+
+    let spool = Spool::open_for_maintenance(dir.path()).unwrap();
+    let report = spool.check(&now_check(false)).unwrap();
+    let problems: Vec<(PathBuf, Problem)> = report
+        .bad_rows
+        .iter()
+        .map(|b| (b.path.clone(), b.problem.clone()))
+        .collect();
+    let ds_len = ct("1.2.3.20", "1.2.3.20.1", "1.2.3.20.1.3").len() as u64;
+    let mut expected = vec![
+        (rel(&spool, &files[0]), Problem::Missing),
+        (rel(&spool, &files[1]), Problem::Hash),
+        (
+            rel(&spool, &files[2]),
+            Problem::Size {
+                indexed: ds_len,
+                actual: ds_len - 2,
+            },
+        ),
+    ];
+    expected.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(problems, expected);
+    assert!(!report.is_consistent());
+    // A check without --repair changes nothing.
+    assert!(!files[0].exists() && files[1].exists() && files[2].exists());
+    assert_eq!(uids(&spool).len(), 4);
+
+    let report = spool.check(&now_check(true)).unwrap();
+    let repaired = report.repaired.clone().unwrap();
+    assert_eq!(repaired.rows_dropped, 1);
+    assert_eq!(repaired.files_quarantined, 2);
+    assert!(report.is_clean_now());
+    assert!(!files[1].exists() && !files[2].exists());
+    assert_eq!(uids(&spool), vec!["1.2.3.20.1.4".to_owned()]);
+    let after = spool.check(&now_check(false)).unwrap();
+    assert!(after.is_consistent(), "{after:?}");
+    // Each quarantined file has its reason beside it.
+    let quarantined = std::fs::read_dir(spool.quarantine_dir()).unwrap().count();
+    assert_eq!(quarantined, 4);
+}
+
+#[test]
+fn unindexed_files_are_indexed_only_when_they_pass_the_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let files = store_some(&spool, "1.2.3.30", 2);
+    drop(spool);
+    // Forget one row (a store interrupted between its rename and its row), and put a file
+    // that is not DICOM where an instance would be.
+    let db = rusqlite::Connection::open(dir.path().join("index.sqlite3")).unwrap();
+    db.execute(
+        "DELETE FROM instances WHERE sop_instance_uid = '1.2.3.30.1.2'",
+        [],
+    )
+    .unwrap();
+    drop(db);
+    let junk = dir
+        .path()
+        .join("instances/1.2.3.99/1.2.3.99.1/1.2.3.99.1.1.dcm");
+    std::fs::create_dir_all(junk.parent().unwrap()).unwrap();
+    std::fs::write(&junk, b"not a DICOM file at all").unwrap();
+
+    let spool = Spool::open_for_maintenance(dir.path()).unwrap();
+    let report = spool.check(&now_check(false)).unwrap();
+    let mut expected = vec![rel(&spool, &files[1]), rel(&spool, &junk)];
+    expected.sort();
+    assert_eq!(report.unindexed, expected);
+    assert!(report.bad_rows.is_empty());
+
+    let report = spool.check(&now_check(true)).unwrap();
+    let repaired = report.repaired.unwrap();
+    assert_eq!((repaired.files_indexed, repaired.files_quarantined), (1, 1));
+    assert_eq!(
+        uids(&spool),
+        vec!["1.2.3.30.1.1".to_owned(), "1.2.3.30.1.2".to_owned()]
+    );
+    assert!(files[1].exists() && !junk.exists());
+    assert!(spool.check(&now_check(false)).unwrap().is_consistent());
+}
+
+#[test]
+fn temp_files_are_reported_and_only_settled_ones_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    store_some(&spool, "1.2.3.40", 1);
+    drop(spool);
+    let tmp = dir.path().join("tmp/12345-1-0.part");
+    std::fs::write(&tmp, b"half an instance").unwrap();
+
+    // Opening for maintenance leaves it (Spool::open would delete it).
+    let spool = Spool::open_for_maintenance(dir.path()).unwrap();
+    assert!(tmp.exists());
+    // Fresh: a running server may be writing it; repair leaves it.
+    let report = spool
+        .check(&CheckOptions {
+            repair: true,
+            settle: Duration::from_secs(3600),
+        })
+        .unwrap();
+    assert_eq!(report.temp_files, vec![PathBuf::from("tmp/12345-1-0.part")]);
+    assert_eq!(report.repaired.as_ref().unwrap().skipped_recent, 1);
+    assert!(!report.is_clean_now());
+    assert!(tmp.exists());
+    let report = spool.check(&now_check(true)).unwrap();
+    assert_eq!(report.repaired.unwrap().temp_files_deleted, 1);
+    assert!(!tmp.exists());
+}
+
+#[test]
+fn purge_deletes_what_is_older_than_the_cutoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let old = store_some(&spool, "1.2.3.50", 2);
+    let new = store_some(&spool, "1.2.3.51", 1);
+    // A refused object (no pixel data in a CT) goes to quarantine.
+    let mut obj = InMemDicomObject::new_empty();
+    for (tag, v) in [
+        (tags::SOP_CLASS_UID, CT),
+        (tags::SOP_INSTANCE_UID, "1.2.3.52.1.1"),
+        (tags::STUDY_INSTANCE_UID, "1.2.3.52"),
+        (tags::SERIES_INSTANCE_UID, "1.2.3.52.1"),
+    ] {
+        obj.put(DataElement::new(tag, VR::UI, PrimitiveValue::from(v)));
+    }
+    let ts = dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased();
+    let mut refused = Vec::new();
+    obj.write_dataset_with_ts(&mut refused, &ts).unwrap();
+    assert!(spool.store(&refused, &incoming()).is_err());
+    drop(spool);
+
+    // Make study 1.2.3.50 and the quarantined object 40 days old.
+    let forty_days = Duration::from_secs(40 * 86_400);
+    let then = SystemTime::now() - forty_days;
+    let then_ms = then
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let db = rusqlite::Connection::open(dir.path().join("index.sqlite3")).unwrap();
+    db.execute(
+        "UPDATE instances SET received_at_ms = ?1 WHERE study_uid = '1.2.3.50'",
+        [then_ms],
+    )
+    .unwrap();
+    drop(db);
+    let quarantine: Vec<PathBuf> = std::fs::read_dir(dir.path().join("quarantine"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(quarantine.len(), 2, "the object and its reason");
+    for q in &quarantine {
+        std::fs::File::options()
+            .write(true)
+            .open(q)
+            .unwrap()
+            .set_modified(then)
+            .unwrap();
+    }
+
+    let spool = Spool::open_for_maintenance(dir.path()).unwrap();
+    let cutoff = SystemTime::now() - Duration::from_secs(30 * 86_400);
+    let size = ct("1.2.3.50", "1.2.3.50.1", "1.2.3.50.1.1").len() as u64;
+
+    let dry = spool.purge(cutoff, true).unwrap();
+    assert_eq!(
+        (dry.instances, dry.bytes, dry.quarantine_files),
+        (2, 2 * size, 2)
+    );
+    assert!(old.iter().all(|p| p.exists()) && quarantine.iter().all(|q| q.exists()));
+    assert_eq!(uids(&spool).len(), 3);
+
+    let done = spool.purge(cutoff, false).unwrap();
+    assert_eq!(
+        (done.instances, done.bytes, done.quarantine_files),
+        (2, 2 * size, 2)
+    );
+    assert!(old.iter().all(|p| !p.exists()) && quarantine.iter().all(|q| !q.exists()));
+    // The study's folders went with its last instance; the other study stays whole.
+    assert!(!dir.path().join("instances/1.2.3.50").exists());
+    assert!(dir.path().join("instances").is_dir());
+    assert!(new[0].exists());
+    assert_eq!(uids(&spool), vec!["1.2.3.51.1.1".to_owned()]);
+    assert!(spool.check(&now_check(false)).unwrap().is_consistent());
+    // Nothing is left to purge.
+    assert_eq!(spool.purge(cutoff, false).unwrap().instances, 0);
+}

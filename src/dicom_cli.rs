@@ -1,0 +1,334 @@
+//! Operator tools of DICOM ingest (issue 8): `nightingale dicom echo|store` (a small SCU) and
+//! `nightingale spool check|purge`, and the retention task of `serve`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Subcommand};
+use nightingale_dicom::maintenance::CheckOptions;
+use nightingale_dicom::scu::{self, FileError, Part10File, ScuOptions, StoreFailure};
+
+#[derive(Subcommand, Debug)]
+pub enum DicomCommand {
+    /// C-ECHO: check that a DICOM node answers (exit code 1 if not).
+    Echo {
+        #[command(flatten)]
+        peer: PeerArgs,
+    },
+    /// C-STORE Part 10 files (folders are searched recursively; files in them that are not
+    /// DICOM are skipped) over one association, each with its own SOP class and transfer
+    /// syntax, sent as they are. One line per file; exit code 1 if any was not stored.
+    Store {
+        #[command(flatten)]
+        peer: PeerArgs,
+        /// Files and folders to send.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+/// Where and as whom to connect.
+#[derive(Args, Debug)]
+pub struct PeerArgs {
+    /// The peer, HOST:PORT.
+    #[arg(long)]
+    addr: String,
+    /// The peer's AE title.
+    #[arg(long, default_value = "ANY-SCP")]
+    called_ae: String,
+    /// This node's AE title.
+    #[arg(long, default_value = "NIGHTINGALE")]
+    calling_ae: String,
+    /// Largest PDU this node receives.
+    #[arg(long, default_value_t = 65_536)]
+    max_pdu: u32,
+    /// Seconds to connect and associate.
+    #[arg(long, default_value_t = 10.0)]
+    connect_timeout_secs: f64,
+    /// Seconds to wait for each response (and each write).
+    #[arg(long, default_value_t = 60.0)]
+    timeout_secs: f64,
+}
+
+impl PeerArgs {
+    fn options(&self) -> anyhow::Result<ScuOptions> {
+        let secs = |v: f64, what: &str| {
+            anyhow::ensure!(
+                v.is_finite() && v > 0.0 && v <= 86_400.0,
+                "{what} must be between 0 and 86400 seconds"
+            );
+            Ok(Duration::from_secs_f64(v))
+        };
+        anyhow::ensure!(
+            (4096..=16 << 20).contains(&self.max_pdu),
+            "--max-pdu must be between 4096 and 16777216"
+        );
+        Ok(ScuOptions {
+            calling_ae_title: self.calling_ae.clone(),
+            called_ae_title: self.called_ae.clone(),
+            max_pdu_length: self.max_pdu,
+            connect_timeout: secs(self.connect_timeout_secs, "--connect-timeout-secs")?,
+            dimse_timeout: secs(self.timeout_secs, "--timeout-secs")?,
+        })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SpoolCommand {
+    /// Check the spool's index against its files: rows whose file is missing or differs,
+    /// .dcm files without a row, leftover temporary files. Exit code 1 if anything was
+    /// found (and, with --repair, not repaired).
+    Check {
+        #[command(flatten)]
+        spool: SpoolArgs,
+        /// Repair: drop rows whose file is missing, index files without a row that pass the
+        /// same checks as a received instance (quarantine the others and files whose content
+        /// changed), delete leftover temporary files. Files changed in the last minute (a
+        /// running server may be storing them) are left alone.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Delete instances received before a cutoff (file, then index row) and quarantined
+    /// objects older than it.
+    Purge {
+        #[command(flatten)]
+        spool: SpoolArgs,
+        /// Age of what is deleted: 30d, 12h, 90m, ...
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Duration,
+        /// Say what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Which spool.
+#[derive(Args, Debug)]
+pub struct SpoolArgs {
+    /// The spool folder (as `serve --dicom-spool`).
+    #[arg(long, env = "NIGHTINGALE_DICOM_SPOOL", conflicts_with = "data_dir")]
+    spool: Option<PathBuf>,
+    /// The data folder of `serve`; the spool is its `spool` folder.
+    #[arg(long, env = "NIGHTINGALE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+impl SpoolArgs {
+    fn path(&self) -> PathBuf {
+        match (&self.spool, &self.data_dir) {
+            (Some(spool), _) => spool.clone(),
+            (None, Some(data)) => data.join("spool"),
+            (None, None) => PathBuf::from("nightingale-data").join("spool"),
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// `nightingale dicom ...`
+pub fn dicom(command: DicomCommand) -> anyhow::Result<()> {
+    match command {
+        DicomCommand::Echo { peer } => {
+            let options = peer.options()?;
+            match runtime()?.block_on(scu::echo(&peer.addr, &options)) {
+                Ok(status) if status.is_success() => {
+                    println!(
+                        "ok   C-ECHO {} ({}): status {status}",
+                        peer.addr, options.called_ae_title
+                    );
+                    Ok(())
+                }
+                Ok(status) => {
+                    println!(
+                        "FAIL C-ECHO {} ({}): status {status}",
+                        peer.addr, options.called_ae_title
+                    );
+                    std::process::exit(1)
+                }
+                Err(e) => {
+                    println!("FAIL C-ECHO {}: {e}", peer.addr);
+                    std::process::exit(1)
+                }
+            }
+        }
+        DicomCommand::Store { peer, paths } => {
+            let options = peer.options()?;
+            let mut files = Vec::new();
+            let mut failures = 0usize;
+            let mut skipped = 0usize;
+            for (found, from_dir) in paths.iter().flat_map(|p| {
+                let in_dir = p.is_dir();
+                scu::collect_files(std::slice::from_ref(p))
+                    .into_iter()
+                    .map(move |f| (f, in_dir))
+            }) {
+                match found {
+                    Err(e) => {
+                        println!("FAIL {e}");
+                        failures += 1;
+                    }
+                    Ok(path) => {
+                        // In a folder, what is not DICOM (a README, a DICOMDIR's notes) is
+                        // skipped; a file named on the command line must be DICOM.
+                        if from_dir
+                            && matches!(Part10File::open(&path), Err(FileError::NotPart10 { .. }))
+                        {
+                            println!("skip {}: not a DICOM Part 10 file", path.display());
+                            skipped += 1;
+                            continue;
+                        }
+                        files.push(path);
+                    }
+                }
+            }
+            let total = files.len();
+            let outcomes = runtime()?.block_on(scu::store_files(&peer.addr, &options, files));
+            let mut stored = 0usize;
+            for o in &outcomes {
+                match &o.result {
+                    Ok(status) if o.is_stored() => {
+                        stored += 1;
+                        println!("ok   {}: status {status}", o.path.display());
+                    }
+                    Ok(status) => {
+                        failures += 1;
+                        println!("FAIL {}: status {status}", o.path.display());
+                    }
+                    Err(StoreFailure::File(e)) => {
+                        failures += 1;
+                        println!("FAIL {e}");
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        println!("FAIL {}: {e}", o.path.display());
+                    }
+                }
+            }
+            println!(
+                "stored {stored} of {total} files to {} ({skipped} skipped, {failures} failed)",
+                peer.addr
+            );
+            if failures > 0 {
+                std::process::exit(1)
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `nightingale spool ...`
+pub fn spool(command: SpoolCommand) -> anyhow::Result<()> {
+    match command {
+        SpoolCommand::Check { spool, repair } => {
+            let path = spool.path();
+            let opened = nightingale_dicom::Spool::open_for_maintenance(&path)?;
+            let report = opened.check(&CheckOptions {
+                repair,
+                ..CheckOptions::default()
+            })?;
+            for bad in &report.bad_rows {
+                println!("bad-row   {}: {}", bad.path.display(), bad.problem);
+            }
+            for f in &report.unindexed {
+                println!("unindexed {}", f.display());
+            }
+            for f in &report.temp_files {
+                println!("temp-file {}", f.display());
+            }
+            println!(
+                "{} {}: {} index rows, {} files; {} bad rows, {} unindexed files, {} temporary files",
+                if report.is_consistent() {
+                    "ok  "
+                } else {
+                    "FAIL"
+                },
+                path.display(),
+                report.rows,
+                report.files,
+                report.bad_rows.len(),
+                report.unindexed.len(),
+                report.temp_files.len()
+            );
+            if let Some(r) = &report.repaired {
+                println!(
+                    "repaired: {} rows dropped, {} files indexed, {} files quarantined, {} temporary files deleted, {} left (changed in the last minute)",
+                    r.rows_dropped,
+                    r.files_indexed,
+                    r.files_quarantined,
+                    r.temp_files_deleted,
+                    r.skipped_recent
+                );
+            }
+            if report.is_clean_now() {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
+        SpoolCommand::Purge {
+            spool,
+            older_than,
+            dry_run,
+        } => {
+            let path = spool.path();
+            let opened = nightingale_dicom::Spool::open_for_maintenance(&path)?;
+            let cutoff = SystemTime::now()
+                .checked_sub(older_than)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            let report = opened.purge(cutoff, dry_run)?;
+            println!(
+                "{} {}: {} instances ({} bytes) and {} quarantine files older than {}",
+                if dry_run { "would purge" } else { "purged" },
+                path.display(),
+                report.instances,
+                report.bytes,
+                report.quarantine_files,
+                humantime::format_duration(older_than)
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The retention task of `serve`: purges what is older than `retention` at start-up, then
+/// every hour (or every quarter of the retention period, if shorter). `None` when data is
+/// kept forever.
+pub fn retention_task(
+    spool: Arc<nightingale_dicom::Spool>,
+    retention: Option<Duration>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let retention = retention?;
+    let every = (retention / 4).clamp(Duration::from_millis(100), Duration::from_secs(3600));
+    tracing::info!(
+        retention = %humantime::format_duration(retention),
+        "DICOM retention: older instances are purged"
+    );
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let spool = spool.clone();
+            let purged = tokio::task::spawn_blocking(move || {
+                let cutoff = SystemTime::now()
+                    .checked_sub(retention)
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                spool.purge(cutoff, false)
+            })
+            .await;
+            match purged {
+                Ok(Ok(report)) => {
+                    metrics::counter!("nightingale_dicom_purged_instances_total")
+                        .increment(report.instances as u64);
+                }
+                Ok(Err(e)) => tracing::error!(error = %e, "DICOM retention purge failed"),
+                Err(e) => tracing::error!(error = %e, "DICOM retention task failed"),
+            }
+        }
+    }))
+}
