@@ -2,13 +2,18 @@
 //!
 //! - [`spool`]: the durable spool of received instances (Part 10 files + an SQLite index);
 //!   its [`Spool::store`] is the one entry point for every ingest path (DIMSE now,
-//!   STOW-RS later).
+//!   STOW-RS).
+//! - [`multipart`], [`stow`]: STOW-RS bodies, part by part into the spool; [`qido`]: QIDO-RS
+//!   queries over the spool's index.
 //! - [`scp`]: the DIMSE SCP (C-ECHO, C-STORE) on tokio.
 //! - [`sop`]: the storage SOP classes and transfer syntaxes accepted by default.
 
+pub mod multipart;
+pub mod qido;
 pub mod scp;
 pub mod sop;
 pub mod spool;
+pub mod stow;
 pub mod structure;
 
 pub use scp::{AllowedAe, Scp, ScpConfig, ScpError};
