@@ -48,9 +48,9 @@ fn parse(body: &[u8], chunks: &[usize], limits: Limits) -> (Vec<Part>, Result<()
 #[test]
 fn content_types() {
     assert_eq!(
-        parse_content_type("multipart/related; type=\"application/dicom\"; boundary=\"a;b\""),
+        parse_content_type("multipart/related; type=\"application/dicom\"; boundary=\"a b:c=d\""),
         Ok(RelatedType {
-            boundary: "a;b".into(),
+            boundary: "a b:c=d".into(),
             root_type: Some("application/dicom".into())
         })
     );
@@ -75,6 +75,11 @@ fn content_types() {
     assert_eq!(
         parse_content_type("multipart/related; type=\"application/dicom\""),
         Err(MultipartError::MissingBoundary)
+    );
+    // `;` is not a boundary character (RFC 2046), quoted or not.
+    assert_eq!(
+        parse_content_type("multipart/related; boundary=\"a;b\""),
+        Err(MultipartError::InvalidBoundary)
     );
     assert_eq!(
         parse_content_type(&format!("multipart/related; boundary={}", "a".repeat(71))),
@@ -137,7 +142,7 @@ proptest! {
         prop_assert_eq!(got.len(), bodies.len());
         for (g, want) in got.iter().zip(&bodies) {
             prop_assert_eq!(&g.body, want);
-            prop_assert_eq!(g.media_type().as_deref(), Some("application/dicom"));
+            prop_assert_eq!(g.media_type(), Some("application/dicom".to_owned()));
         }
     }
 
