@@ -1115,4 +1115,49 @@ mod tests {
         );
     }
     // ---- end DICOM ----
+
+    // ---- DICOMweb (issue 8) ----
+    #[test]
+    fn dicomweb_is_on_with_the_spool_and_off_without() {
+        assert!(ServeArgs::default().resolve().unwrap().dicomweb.is_none());
+        // --dicom-spool alone: DICOMweb without the SCP.
+        let c = ServeArgs {
+            dicom_spool: Some("/spool".into()),
+            dicomweb_max_part_bytes: Some(1000),
+            dicomweb_max_request_bytes: Some(5000),
+            dicomweb_timeout_secs: Some(30.0),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert!(c.dicom.is_none());
+        let w = c.dicomweb.unwrap();
+        assert_eq!(w.spool, PathBuf::from("/spool"));
+        assert_eq!(w.limits.max_part_bytes, 1000);
+        assert_eq!(w.limits.max_request_bytes, 5000);
+        assert_eq!(w.limits.request_timeout, std::time::Duration::from_secs(30));
+        // With the SCP: the SCP's spool, the defaults.
+        let c = ServeArgs {
+            dicom_port: Some(11112),
+            data_dir: Some("/srv/ng".into()),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        let w = c.dicomweb.unwrap();
+        assert_eq!(w.spool, PathBuf::from("/srv/ng/spool"));
+        assert_eq!(w.limits.max_request_bytes, 4 << 30);
+        // A part larger than the request cannot be.
+        assert!(
+            ServeArgs {
+                dicom_spool: Some("/spool".into()),
+                dicomweb_max_part_bytes: Some(10),
+                dicomweb_max_request_bytes: Some(5),
+                ..ServeArgs::default()
+            }
+            .resolve()
+            .is_err()
+        );
+    }
+    // ---- end DICOMweb ----
 }
