@@ -573,7 +573,8 @@ proptest! {
                 }
             }
             let (s, v) = server.stow("/dicomweb/studies", body).await;
-            let stored = server.stored();
+            let mut stored = server.stored();
+            stored.sort();
             match s {
                 StatusCode::BAD_REQUEST => prop_assert!(stored.is_empty(), "{v}"),
                 StatusCode::OK | StatusCode::ACCEPTED | StatusCode::CONFLICT => {

@@ -53,6 +53,9 @@ pub struct DicomWeb {
 
 const DICOM_JSON: &str = "application/dicom+json";
 
+/// STOW-RS parts stored at once (within one part's memory limit together).
+const STORE_CONCURRENCY: usize = 4;
+
 /// The deadline of a request to `path` when DICOMweb is on and the path is one of its own.
 pub(crate) fn deadline_for(state: &AppState, path: &str) -> Option<Duration> {
     if path.starts_with("/dicomweb/") {
@@ -222,20 +225,38 @@ async fn store_inner(
     }
     metrics::counter!("nightingale_dicom_stow_received_bytes_total").increment(received);
 
-    // Store, part by part.
+    // Store, in order. Small parts are stored several at a time (their fsyncs overlap),
+    // as long as the parts in memory together stay within one part's limit.
     let mut stored = vec![];
     let mut failed = vec![];
-    for part in staged {
-        let spool = spool.clone();
-        let study = study.clone();
-        let started = Instant::now();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let part = part.load()?;
-            let size = part.body.len();
-            Ok::<_, std::io::Error>((stow::store_part(&spool, &part, study.as_deref()), size))
-        })
-        .await
-        .map_err(|e| AppError::internal(e.to_string()))?;
+    let mut parts = staged.into_iter().peekable();
+    let mut pending = std::collections::VecDeque::new();
+    let mut in_memory = 0usize;
+    loop {
+        while let Some(next) = parts.peek() {
+            let len = next.len();
+            if !pending.is_empty()
+                && (pending.len() >= STORE_CONCURRENCY
+                    || (in_memory + len) as u64 > limits.max_part_bytes)
+            {
+                break;
+            }
+            let part = parts.next().expect("peeked");
+            let spool = spool.clone();
+            let study = study.clone();
+            in_memory += len;
+            let task = tokio::task::spawn_blocking(move || {
+                let part = part.load()?;
+                let size = part.body.len();
+                Ok::<_, std::io::Error>((stow::store_part(&spool, &part, study.as_deref()), size))
+            });
+            pending.push_back((task, len, Instant::now()));
+        }
+        let Some((task, len, started)) = pending.pop_front() else {
+            break;
+        };
+        let outcome = task.await.map_err(|e| AppError::internal(e.to_string()))?;
+        in_memory -= len;
         match outcome {
             Ok((PartOutcome::Stored(s), size)) => {
                 metrics::counter!(
