@@ -16,7 +16,6 @@ Nightingale:
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import sqlite3
