@@ -41,6 +41,10 @@ struct Server {
 
 impl Server {
     fn new(limits: DicomWebConfig) -> Server {
+        Server::with_spool(limits, SpoolOptions { min_free_bytes: 0 })
+    }
+
+    fn with_spool(limits: DicomWebConfig, options: SpoolOptions) -> Server {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("models")).unwrap();
         let repository = Arc::new(Repository::new(
@@ -49,11 +53,7 @@ impl Server {
         ));
         let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
         let state = AppState::new(repository, audit, HttpConfig::default(), None);
-        let (spool, _) = Spool::open(
-            &dir.path().join("spool"),
-            SpoolOptions { min_free_bytes: 0 },
-        )
-        .unwrap();
+        let (spool, _) = Spool::open(&dir.path().join("spool"), options).unwrap();
         let spool = Arc::new(spool);
         assert!(state.set_dicomweb(DicomWeb {
             spool: spool.clone(),
@@ -328,6 +328,28 @@ async fn a_declared_length_over_the_limit_is_413_before_the_body_is_read() {
         .unwrap();
     let (s, _, v) = server.send(req).await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "request: {v}");
+    assert!(server.stored().is_empty());
+}
+
+#[tokio::test]
+async fn a_spool_at_its_high_water_mark_is_503_before_the_body_is_read() {
+    // More free space asked for than any file system has.
+    let server = Server::with_spool(
+        DicomWebConfig::default(),
+        SpoolOptions {
+            min_free_bytes: u64::MAX / 2,
+        },
+    );
+    let req = Request::post("/dicomweb/studies")
+        .header(header::CONTENT_TYPE, content_type())
+        .header(header::CONTENT_LENGTH, 1000)
+        .body(Body::new(Endless))
+        .unwrap();
+    let (s, h, v) = tokio::time::timeout(Duration::from_secs(30), server.send(req))
+        .await
+        .expect("answered without reading the body");
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(h.contains_key(header::RETRY_AFTER));
     assert!(server.stored().is_empty());
 }
 
