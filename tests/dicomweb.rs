@@ -354,6 +354,24 @@ async fn a_spool_at_its_high_water_mark_is_503_before_the_body_is_read() {
 }
 
 #[tokio::test]
+async fn a_body_that_stalls_gets_408_at_the_dicomweb_deadline() {
+    // The DICOMweb deadline, not the API's (120 s by default), applies.
+    let server = Server::new(DicomWebConfig {
+        request_timeout: Duration::from_secs(1),
+        ..DicomWebConfig::default()
+    });
+    let req = Request::post("/dicomweb/studies")
+        .header(header::CONTENT_TYPE, content_type())
+        .body(Body::new(Endless))
+        .unwrap();
+    let (s, _, v) = tokio::time::timeout(Duration::from_secs(60), server.send(req))
+        .await
+        .expect("answered at the DICOMweb deadline");
+    assert_eq!(s, StatusCode::REQUEST_TIMEOUT, "{v}");
+    assert!(server.stored().is_empty());
+}
+
+#[tokio::test]
 async fn duplicates_are_idempotent_and_conflicts_refused() {
     let server = Server::default();
     let file = part10(STUDY, SERIES, &sop(1), 1);
