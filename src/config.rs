@@ -186,6 +186,20 @@ pub struct ServeArgs {
     #[arg(long, env = "NIGHTINGALE_DICOM_AUDIT_UIDS", value_enum)]
     pub dicom_audit_uids: Option<crate::audit::dicom::UidAudit>,
     // ---- end DICOM ----
+    // ---- DICOMweb (issue 8: STOW-RS, QIDO-RS): on whenever the DICOM spool is ----
+    /// Largest STOW-RS part (one DICOM file) in bytes; it is held in memory while stored.
+    /// [default: 1073741824]
+    #[arg(long, env = "NIGHTINGALE_DICOMWEB_MAX_PART_BYTES")]
+    pub dicomweb_max_part_bytes: Option<u64>,
+    /// Largest STOW-RS request body in bytes (a larger declared Content-Length is refused
+    /// with 413 before the body is read). [default: 4294967296]
+    #[arg(long, env = "NIGHTINGALE_DICOMWEB_MAX_REQUEST_BYTES")]
+    pub dicomweb_max_request_bytes: Option<u64>,
+    /// Whole-request deadline of DICOMweb requests, in seconds (instead of
+    /// --request-timeout-ms). [default: 600]
+    #[arg(long, env = "NIGHTINGALE_DICOMWEB_TIMEOUT_SECS")]
+    pub dicomweb_timeout_secs: Option<f64>,
+    // ---- end DICOMweb ----
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -270,6 +284,11 @@ struct FileConfig {
     dicom_retention_days: Option<f64>,
     dicom_audit_uids: Option<crate::audit::dicom::UidAudit>,
     // ---- end DICOM ----
+    // ---- DICOMweb (issue 8) ----
+    dicomweb_max_part_bytes: Option<u64>,
+    dicomweb_max_request_bytes: Option<u64>,
+    dicomweb_timeout_secs: Option<f64>,
+    // ---- end DICOMweb ----
 }
 
 /// The resolved server configuration.
@@ -301,6 +320,18 @@ pub struct ServeConfig {
     pub tls: Option<crate::tls::TlsSettings>,
     /// The DICOM SCP and its spool (`None`: off).
     pub dicom: Option<DicomConfig>,
+    /// DICOMweb over the DICOM spool (`None`: off; on with --dicom-spool or the SCP).
+    pub dicomweb: Option<DicomWebSettings>,
+}
+
+/// DICOMweb (STOW-RS, QIDO-RS): its spool (the SCP's when both run) and limits.
+#[derive(Debug, Clone)]
+pub struct DicomWebSettings {
+    pub spool: PathBuf,
+    pub spool_options: nightingale_dicom::SpoolOptions,
+    pub limits: crate::http::dicomweb::DicomWebConfig,
+    /// How long received instances are kept (`None`: forever): the SCP's setting.
+    pub retention: Option<std::time::Duration>,
 }
 
 /// The DICOM SCP's settings and where its spool is.
@@ -388,6 +419,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("repository_poll", &self.repository_poll)
             .field("tls", &self.tls)
             .field("dicom", &self.dicom)
+            .field("dicomweb", &self.dicomweb)
             .finish()
     }
 }
@@ -576,6 +608,8 @@ impl ServeArgs {
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000)));
         auth.check_bind(http_addr, insecure)?;
 
+        // DICOMweb (issue 8): read before the DICOM block takes the spool path.
+        let dicomweb_spool = self.dicom_spool.clone().or(file.dicom_spool.clone());
         // ---- DICOM ingest (issue 8) ----
         let dicom_addr = self
             .dicom_addr
@@ -680,6 +714,65 @@ impl ServeArgs {
             }
         };
         // ---- end DICOM ----
+        // ---- DICOMweb (issue 8): on whenever the DICOM spool is (--dicom-spool or the SCP) ----
+        let dicomweb = match (&dicom, dicomweb_spool) {
+            (None, None) => None,
+            (dicom, spool) => {
+                let defaults = crate::http::dicomweb::DicomWebConfig::default();
+                let timeout = self
+                    .dicomweb_timeout_secs
+                    .or(file.dicomweb_timeout_secs)
+                    .unwrap_or(defaults.request_timeout.as_secs_f64());
+                if !(timeout.is_finite() && timeout > 0.0 && timeout <= 86_400.0) {
+                    return Err(ConfigError::Invalid(
+                        "dicomweb_timeout_secs must be between 0 and 86400 seconds".into(),
+                    ));
+                }
+                let limits = crate::http::dicomweb::DicomWebConfig {
+                    max_part_bytes: self
+                        .dicomweb_max_part_bytes
+                        .or(file.dicomweb_max_part_bytes)
+                        .unwrap_or(defaults.max_part_bytes),
+                    max_request_bytes: self
+                        .dicomweb_max_request_bytes
+                        .or(file.dicomweb_max_request_bytes)
+                        .unwrap_or(defaults.max_request_bytes),
+                    request_timeout: std::time::Duration::from_secs_f64(timeout),
+                };
+                if limits.max_part_bytes == 0 || limits.max_part_bytes > limits.max_request_bytes {
+                    return Err(ConfigError::Invalid(
+                        "dicomweb_max_part_bytes must be between 1 and dicomweb_max_request_bytes"
+                            .into(),
+                    ));
+                }
+                Some(match dicom {
+                    Some(d) => DicomWebSettings {
+                        spool: d.spool.clone(),
+                        spool_options: d.spool_options.clone(),
+                        limits,
+                        retention: d.retention,
+                    },
+                    None => DicomWebSettings {
+                        spool: spool.expect("one of the two is set"),
+                        spool_options: nightingale_dicom::SpoolOptions {
+                            min_free_bytes: self
+                                .dicom_spool_min_free_bytes
+                                .or(file.dicom_spool_min_free_bytes)
+                                .unwrap_or(
+                                    nightingale_dicom::SpoolOptions::default().min_free_bytes,
+                                ),
+                        },
+                        limits,
+                        retention: retention_of(
+                            self.dicom_retention_days
+                                .or(file.dicom_retention_days)
+                                .unwrap_or(DEFAULT_DICOM_RETENTION_DAYS),
+                        )?,
+                    },
+                })
+            }
+        };
+        // ---- end DICOMweb ----
         Ok(ServeConfig {
             repository: self
                 .repository
@@ -704,6 +797,7 @@ impl ServeArgs {
             repository_poll,
             tls,
             dicom,
+            dicomweb,
         })
     }
 }
@@ -1126,4 +1220,49 @@ mod tests {
         );
         assert_eq!(d.audit_uids, UidAudit::Omit);
     }
+
+    // ---- DICOMweb (issue 8) ----
+    #[test]
+    fn dicomweb_is_on_with_the_spool_and_off_without() {
+        assert!(ServeArgs::default().resolve().unwrap().dicomweb.is_none());
+        // --dicom-spool alone: DICOMweb without the SCP.
+        let c = ServeArgs {
+            dicom_spool: Some("/spool".into()),
+            dicomweb_max_part_bytes: Some(1000),
+            dicomweb_max_request_bytes: Some(5000),
+            dicomweb_timeout_secs: Some(30.0),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert!(c.dicom.is_none());
+        let w = c.dicomweb.unwrap();
+        assert_eq!(w.spool, PathBuf::from("/spool"));
+        assert_eq!(w.limits.max_part_bytes, 1000);
+        assert_eq!(w.limits.max_request_bytes, 5000);
+        assert_eq!(w.limits.request_timeout, std::time::Duration::from_secs(30));
+        // With the SCP: the SCP's spool, the defaults.
+        let c = ServeArgs {
+            dicom_port: Some(11112),
+            data_dir: Some("/srv/ng".into()),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        let w = c.dicomweb.unwrap();
+        assert_eq!(w.spool, PathBuf::from("/srv/ng/spool"));
+        assert_eq!(w.limits.max_request_bytes, 4 << 30);
+        // A part larger than the request cannot be.
+        assert!(
+            ServeArgs {
+                dicom_spool: Some("/spool".into()),
+                dicomweb_max_part_bytes: Some(10),
+                dicomweb_max_request_bytes: Some(5),
+                ..ServeArgs::default()
+            }
+            .resolve()
+            .is_err()
+        );
+    }
+    // ---- end DICOMweb ----
 }

@@ -317,35 +317,61 @@ async fn serve(
         Some(_) => tracing::info!(addr = %local_addr, "listening (KServe v2 HTTPS)"),
     }
 
-    // ---- DICOM ingest (issue 8): the SCP runs beside HTTP until shutdown ----
-    let dicom = match config.dicom.clone() {
+    // ---- DICOM ingest (issue 8): the SCP runs beside HTTP until shutdown; DICOMweb shares
+    // its spool (or has one of its own with --dicom-spool alone) ----
+    let spool_at = config
+        .dicom
+        .as_ref()
+        .map(|d| (d.spool.clone(), d.spool_options.clone()))
+        .or_else(|| {
+            config
+                .dicomweb
+                .as_ref()
+                .map(|w| (w.spool.clone(), w.spool_options.clone()))
+        });
+    let spool = match spool_at {
         None => None,
-        Some(dicom) => {
-            let path = dicom.spool.clone();
-            let (spool, recovery) = tokio::task::spawn_blocking(move || {
-                nightingale_dicom::Spool::open(&path, dicom.spool_options.clone())
-            })
-            .await?
-            .with_context(|| format!("cannot open the DICOM spool {}", dicom.spool.display()))?;
+        Some((path, options)) => {
+            let at = path.clone();
+            let (spool, recovery) =
+                tokio::task::spawn_blocking(move || nightingale_dicom::Spool::open(&at, options))
+                    .await?
+                    .with_context(|| format!("cannot open the DICOM spool {}", path.display()))?;
             tracing::info!(spool = %spool.root().display(), ?recovery, "DICOM spool open");
-            let spool = Arc::new(spool);
+            Some(Arc::new(spool))
+        }
+    };
+    if let (Some(web), Some(spool)) = (config.dicomweb.clone(), spool.clone()) {
+        state.set_dicomweb(http::dicomweb::DicomWeb {
+            spool,
+            config: web.limits,
+        });
+        tracing::info!("DICOMweb on: STOW-RS and QIDO-RS at /dicomweb");
+    }
+    // Retention (OPS slice) runs on the spool whichever way it was opened.
+    let retention = match (&spool, &config.dicom, &config.dicomweb) {
+        (Some(spool), Some(d), _) => dicom_cli::retention_task(spool.clone(), d.retention),
+        (Some(spool), None, Some(w)) => dicom_cli::retention_task(spool.clone(), w.retention),
+        _ => None,
+    };
+    let dicom = match (config.dicom.clone(), spool) {
+        (Some(dicom), Some(spool)) => {
             // Every association and instance is audited (OPS slice).
             let sink = nightingale::audit::dicom::DicomAuditSink::new(
                 state.audit.clone(),
                 dicom.audit_uids,
             );
-            let scp = nightingale_dicom::Scp::bind(dicom.scp.clone(), spool.clone())
+            let scp = nightingale_dicom::Scp::bind(dicom.scp.clone(), spool)
                 .await?
                 .with_events(sink);
-            let retention = dicom_cli::retention_task(spool, dicom.retention);
             tracing::info!(
                 addr = %scp.local_addr()?,
                 ae_title = %dicom.scp.ae_title,
                 "listening (DICOM)"
             );
-            let scp = tokio::spawn(scp.serve(std::future::pending()));
-            Some((scp, retention))
+            Some(tokio::spawn(scp.serve(std::future::pending())))
         }
+        _ => None,
     };
     // ---- end DICOM ----
 
@@ -381,11 +407,11 @@ async fn serve(
         }
     }
     loader.abort();
-    if let Some((scp, retention)) = dicom {
+    if let Some(scp) = dicom {
         scp.abort();
-        if let Some(retention) = retention {
-            retention.abort();
-        }
+    }
+    if let Some(retention) = retention {
+        retention.abort();
     }
     tracing::info!("stopped");
     Ok(())

@@ -21,8 +21,12 @@ use tower::ServiceExt;
 
 mod support;
 use support::copy_dir;
+#[path = "support/dicom.rs"]
+mod dicom;
 
 const MODEL: &str = "wdbc-malignancy";
+const STUDY: &str = "1.2.826.0.1.3680043.10.1383.8.1";
+const SERIES: &str = "1.2.826.0.1.3680043.10.1383.8.1.1";
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/auth")
@@ -60,6 +64,7 @@ fn fixture_auth() -> AuthConfig {
 
 struct Server {
     _dir: tempfile::TempDir,
+    _spool: tempfile::TempDir,
     state: Arc<AppState>,
 }
 
@@ -77,7 +82,22 @@ impl Server {
         let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
         let state = AppState::new(repository, audit, config, Some(http::install_recorder()));
         state.set_ready(true);
-        Server { _dir: dir, state }
+        // DICOMweb over a spool of its own, so that its routes answer 200 with their role.
+        let spool_dir = tempfile::tempdir().unwrap();
+        let (spool, _) = nightingale_dicom::Spool::open(
+            spool_dir.path(),
+            nightingale_dicom::SpoolOptions { min_free_bytes: 0 },
+        )
+        .unwrap();
+        state.set_dicomweb(http::dicomweb::DicomWeb {
+            spool: Arc::new(spool),
+            config: http::dicomweb::DicomWebConfig::default(),
+        });
+        Server {
+            _dir: dir,
+            _spool: spool_dir,
+            state,
+        }
     }
 
     fn with_auth(auth: AuthConfig) -> Server {
@@ -105,7 +125,27 @@ fn example(rule: &RouteRule, credential: Credential<'_>) -> Request<Body> {
     let path = rule
         .path
         .replace("{model}", MODEL)
-        .replace("{version}", "1");
+        .replace("{version}", "1")
+        .replace("{study}", STUDY)
+        .replace("{series}", SERIES);
+    let method = Method::from_bytes(rule.method.as_bytes()).unwrap();
+    let mut req = Request::builder().method(method).uri(path);
+    match credential {
+        Credential::None => {}
+        Credential::Bearer(k) => req = req.header(header::AUTHORIZATION, format!("Bearer {k}")),
+        Credential::ApiKeyHeader(k) => req = req.header("X-API-Key", k),
+    }
+    if rule.method == "POST" && rule.path.starts_with("/dicomweb/studies") {
+        // STOW-RS: one instance of STUDY (stored again each time: a duplicate, 200).
+        let file = dicom::part10(STUDY, SERIES, "1.2.826.0.1.3680043.10.1383.8.1.1.1", 1);
+        return req
+            .header(header::CONTENT_TYPE, dicom::content_type())
+            .body(Body::from(dicom::multipart(&[(
+                "application/dicom",
+                &file,
+            )])))
+            .unwrap();
+    }
     let body = if rule.path.ends_with("/infer") {
         let row: Vec<f32> = vec![1.0; 30];
         json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": row}]})
@@ -115,13 +155,6 @@ fn example(rule: &RouteRule, credential: Credential<'_>) -> Request<Body> {
     } else {
         String::new()
     };
-    let method = Method::from_bytes(rule.method.as_bytes()).unwrap();
-    let mut req = Request::builder().method(method).uri(path);
-    match credential {
-        Credential::None => {}
-        Credential::Bearer(k) => req = req.header(header::AUTHORIZATION, format!("Bearer {k}")),
-        Credential::ApiKeyHeader(k) => req = req.header("X-API-Key", k),
-    }
     req.body(Body::from(body)).unwrap()
 }
 
@@ -154,7 +187,19 @@ async fn every_route_without_credentials_with_a_wrong_role_and_with_its_role() {
                     .await;
                 assert_eq!(s, StatusCode::OK, "{what}: {v}");
             }
-            Access::Role(role) => {
+            Access::Role(_) | Access::AnyOf(_) => {
+                let roles = rule.access.roles();
+                let needs = match roles {
+                    [role] => format!("the {role} role"),
+                    _ => format!(
+                        "one of the roles {}",
+                        roles
+                            .iter()
+                            .map(|r| r.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                };
                 let (s, h, v) = server.send(example(rule, Credential::None)).await;
                 assert_eq!(s, StatusCode::UNAUTHORIZED, "{what}: {v}");
                 assert!(
@@ -165,35 +210,36 @@ async fn every_route_without_credentials_with_a_wrong_role_and_with_its_role() {
                     "{what}"
                 );
                 assert!(
-                    error_of(&v).contains(&format!("needs the {role} role")),
+                    error_of(&v).contains(&format!("needs {needs}")),
                     "{what}: {v}"
                 );
-                for other in Role::ALL.into_iter().filter(|r| *r != role) {
+                for other in Role::ALL.into_iter().filter(|r| !roles.contains(r)) {
                     let (s, _, v) = server
                         .send(example(rule, Credential::Bearer(&keys[other.as_str()])))
                         .await;
                     assert_eq!(s, StatusCode::FORBIDDEN, "{what} as {other}: {v}");
                     assert_eq!(
                         error_of(&v),
-                        format!(
-                            "api-key:{other}-client does not hold the {role} role this endpoint needs"
-                        ),
+                        format!("api-key:{other}-client does not hold {needs} this endpoint needs"),
                         "{what}"
                     );
                 }
-                let (s, _, v) = server
-                    .send(example(rule, Credential::Bearer(&keys[role.as_str()])))
-                    .await;
-                assert_eq!(s, StatusCode::OK, "{what} as {role}: {v}");
-                // The same key in X-API-Key (a fresh server: load/unload change state).
-                let server = Server::with_auth(fixture_auth());
-                let (s, _, v) = server
-                    .send(example(
-                        rule,
-                        Credential::ApiKeyHeader(&keys[role.as_str()]),
-                    ))
-                    .await;
-                assert_eq!(s, StatusCode::OK, "{what} as {role} (X-API-Key): {v}");
+                for role in roles {
+                    let server = Server::with_auth(fixture_auth());
+                    let (s, _, v) = server
+                        .send(example(rule, Credential::Bearer(&keys[role.as_str()])))
+                        .await;
+                    assert_eq!(s, StatusCode::OK, "{what} as {role}: {v}");
+                    // The same key in X-API-Key (a fresh server: load/unload change state).
+                    let server = Server::with_auth(fixture_auth());
+                    let (s, _, v) = server
+                        .send(example(
+                            rule,
+                            Credential::ApiKeyHeader(&keys[role.as_str()]),
+                        ))
+                        .await;
+                    assert_eq!(s, StatusCode::OK, "{what} as {role} (X-API-Key): {v}");
+                }
             }
         }
     }
@@ -208,10 +254,12 @@ async fn zero_config_opens_infer_metrics_pacs_and_closes_admin_and_researcher() 
         let server = Server::new(HttpConfig::default());
         let (s, _, v) = server.send(example(rule, Credential::None)).await;
         match rule.access {
+            // QIDO-RS: pacs (open) or admin or researcher.
             Access::Public
             | Access::Role(Role::Infer)
             | Access::Role(Role::Metrics)
-            | Access::Role(Role::Pacs) => assert_eq!(s, StatusCode::OK, "{what}: {v}"),
+            | Access::Role(Role::Pacs)
+            | Access::AnyOf(_) => assert_eq!(s, StatusCode::OK, "{what}: {v}"),
             Access::Role(role @ (Role::Admin | Role::Researcher)) => {
                 assert_eq!(s, StatusCode::FORBIDDEN, "{what}: {v}");
                 assert!(
@@ -494,6 +542,11 @@ fn the_documented_role_table_matches_the_code() {
         let access = match rule.access {
             Access::Public => "public".to_owned(),
             Access::Role(r) => format!("`{r}`"),
+            Access::AnyOf(roles) => roles
+                .iter()
+                .map(|r| format!("`{r}`"))
+                .collect::<Vec<_>>()
+                .join(" or "),
         };
         let row = format!("| `{} {}` | {access} |", rule.method, rule.path);
         assert!(doc.contains(&row), "docs/security.md lacks the row {row}");

@@ -2,7 +2,9 @@
 //!
 //! - [`spool`]: the durable spool of received instances (Part 10 files + an SQLite index);
 //!   its [`Spool::store`] is the one entry point for every ingest path (DIMSE now,
-//!   STOW-RS later).
+//!   STOW-RS).
+//! - [`multipart`], [`stow`]: STOW-RS bodies, part by part into the spool; [`qido`]: QIDO-RS
+//!   queries over the spool's index.
 //! - [`scp`]: the DIMSE SCP (C-ECHO, C-STORE) on tokio.
 //! - [`events`]: what the SCP reports for the audit trail.
 //! - [`maintenance`]: `check` (index ↔ files) and `purge` (retention) of the spool.
@@ -11,10 +13,13 @@
 
 pub mod events;
 pub mod maintenance;
+pub mod multipart;
+pub mod qido;
 pub mod scp;
 pub mod scu;
 pub mod sop;
 pub mod spool;
+pub mod stow;
 pub mod structure;
 
 pub use events::{DicomEvent, EventSink, InstanceEvent};

@@ -324,6 +324,16 @@ impl Spool {
         &self.root
     }
 
+    /// The index connection, for queries in sibling modules (QIDO-RS: `qido.rs`).
+    pub(crate) fn index(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The free space the spool keeps (its high-water mark), in bytes.
+    pub fn min_free_bytes(&self) -> u64 {
+        self.options.min_free_bytes
+    }
+
     /// The quarantine folder.
     pub fn quarantine_dir(&self) -> PathBuf {
         self.root.join(QUARANTINE_DIR)

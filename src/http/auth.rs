@@ -50,9 +50,9 @@ pub enum Role {
     /// Changing what is served: model load and unload (and, as they land, signing and
     /// configuration).
     Admin,
-    /// Validation runs (reserved: no route needs it yet).
+    /// Validation runs; listing what DICOM ingest received (QIDO-RS).
     Researcher,
-    /// DICOMweb and DICOM ingest (reserved: no route needs it yet).
+    /// DICOMweb (STOW-RS, QIDO-RS) and DICOM ingest.
     Pacs,
     /// The Prometheus scrape endpoint.
     Metrics,
@@ -192,6 +192,23 @@ pub enum Access {
     Public,
     /// Callers holding this role.
     Role(Role),
+    /// Callers holding any of these roles (QIDO-RS: `pacs`, `admin` or `researcher`).
+    AnyOf(&'static [Role]),
+}
+
+impl Access {
+    /// The roles that open the route (none for a public one).
+    pub fn roles(self) -> &'static [Role] {
+        match self {
+            Access::Public => &[],
+            Access::Role(Role::Infer) => &[Role::Infer],
+            Access::Role(Role::Admin) => &[Role::Admin],
+            Access::Role(Role::Researcher) => &[Role::Researcher],
+            Access::Role(Role::Pacs) => &[Role::Pacs],
+            Access::Role(Role::Metrics) => &[Role::Metrics],
+            Access::AnyOf(roles) => roles,
+        }
+    }
 }
 
 /// One row of the route table.
@@ -215,6 +232,11 @@ const PUBLIC: Access = Access::Public;
 const INFER: Access = Access::Role(Role::Infer);
 const ADMIN: Access = Access::Role(Role::Admin);
 const METRICS: Access = Access::Role(Role::Metrics);
+// ---- DICOMweb (issue 8, STOW-RS/QIDO-RS) ----
+const PACS: Access = Access::Role(Role::Pacs);
+/// QIDO-RS: what was received is listed to PACS, operators and researchers.
+const QIDO: Access = Access::AnyOf(&[Role::Pacs, Role::Admin, Role::Researcher]);
+// ---- end DICOMweb ----
 
 /// Who may do what: every route of the router and the role it needs. This is the one place
 /// to read it (docs/security.md shows the same table; a test keeps the two equal).
@@ -239,6 +261,20 @@ pub const ROUTES: &[RouteRule] = &[
     rule("POST", "/v2/repository/models/{model}/load", ADMIN),
     rule("POST", "/v2/repository/models/{model}/unload", ADMIN),
     rule("GET", "/metrics", METRICS),
+    // ---- DICOMweb (issue 8): STOW-RS and QIDO-RS ----
+    rule("POST", "/dicomweb/studies", PACS),
+    rule("POST", "/dicomweb/studies/{study}", PACS),
+    rule("GET", "/dicomweb/studies", QIDO),
+    rule("GET", "/dicomweb/studies/{study}/series", QIDO),
+    rule("GET", "/dicomweb/studies/{study}/instances", QIDO),
+    rule(
+        "GET",
+        "/dicomweb/studies/{study}/series/{series}/instances",
+        QIDO,
+    ),
+    rule("GET", "/dicomweb/series", QIDO),
+    rule("GET", "/dicomweb/instances", QIDO),
+    // ---- end DICOMweb ----
 ];
 
 /// The row of `method path`, if the table has one (`HEAD` is served by `GET` routes).
@@ -1111,9 +1147,21 @@ pub(crate) async fn enforce(
         Access::Public => auth
             .authenticate(req.headers(), req.extensions())
             .unwrap_or_else(|_| Caller::anonymous(auth.anonymous)),
-        Access::Role(role) => {
-            if !auth.grantable.contains(role) {
-                return AppError::new(StatusCode::FORBIDDEN, disabled(role)).into_response();
+        Access::Role(_) | Access::AnyOf(_) => {
+            let roles = rule.access.roles();
+            let needs = match roles {
+                [role] => format!("the {role} role"),
+                _ => format!(
+                    "one of the roles {}",
+                    roles
+                        .iter()
+                        .map(|r| r.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            if !roles.iter().any(|r| auth.grantable.contains(*r)) {
+                return AppError::new(StatusCode::FORBIDDEN, disabled(roles[0])).into_response();
             }
             let caller = match auth.authenticate(req.headers(), req.extensions()) {
                 Ok(caller) => caller,
@@ -1122,22 +1170,19 @@ pub(crate) async fn enforce(
                     return unauthorized(e.to_string(), true);
                 }
             };
-            if !caller.has(role) {
+            if !roles.iter().any(|r| caller.has(*r)) {
                 if caller.is_anonymous() {
                     return unauthorized(
                         format!(
-                            "this endpoint needs the {role} role: send Authorization: Bearer <API key or token>"
+                            "this endpoint needs {needs}: send Authorization: Bearer <API key or token>"
                         ),
                         false,
                     );
                 }
-                tracing::warn!(caller = %caller.id, %role, path = path.as_str(), "role missing");
+                tracing::warn!(caller = %caller.id, needs, path = path.as_str(), "role missing");
                 return AppError::new(
                     StatusCode::FORBIDDEN,
-                    format!(
-                        "{} does not hold the {role} role this endpoint needs",
-                        caller.id
-                    ),
+                    format!("{} does not hold {needs} this endpoint needs", caller.id),
                 )
                 .into_response();
             }

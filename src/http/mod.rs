@@ -20,6 +20,7 @@ use tower_http::trace::TraceLayer;
 
 pub mod auth;
 mod codec;
+pub mod dicomweb;
 mod error;
 pub mod identity;
 mod metrics;
@@ -80,6 +81,8 @@ pub struct AppState {
     pub(crate) admission: Admission,
     pub(crate) auth: auth::Authenticator,
     ready: AtomicBool,
+    /// DICOMweb (STOW-RS, QIDO-RS) over the DICOM spool; unset: those routes answer 404.
+    dicomweb: std::sync::OnceLock<dicomweb::DicomWeb>,
 }
 
 impl AppState {
@@ -97,7 +100,19 @@ impl AppState {
             config,
             metrics,
             ready: AtomicBool::new(false),
+            dicomweb: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Turns DICOMweb on over `dicomweb`'s spool (once; a second call changes nothing and
+    /// returns false).
+    pub fn set_dicomweb(&self, dicomweb: dicomweb::DicomWeb) -> bool {
+        self.dicomweb.set(dicomweb).is_ok()
+    }
+
+    /// DICOMweb, when it is on.
+    pub fn dicomweb(&self) -> Option<&dicomweb::DicomWeb> {
+        self.dicomweb.get()
     }
 
     /// Marks the initial model load as done: `GET /v2/health/ready` answers 200 from now on.
@@ -151,26 +166,59 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
             post(repository::unload),
         )
         .route("/metrics", get(metrics::render))
+        // ---- DICOMweb (issue 8): STOW-RS and QIDO-RS ----
+        .route(
+            "/dicomweb/studies",
+            post(dicomweb::stow).get(dicomweb::search_studies),
+        )
+        .route("/dicomweb/studies/{study}", post(dicomweb::stow_study))
+        .route(
+            "/dicomweb/studies/{study}/series",
+            get(dicomweb::search_study_series),
+        )
+        .route(
+            "/dicomweb/studies/{study}/instances",
+            get(dicomweb::search_study_instances),
+        )
+        .route(
+            "/dicomweb/studies/{study}/series/{series}/instances",
+            get(dicomweb::search_series_instances),
+        )
+        .route("/dicomweb/series", get(dicomweb::search_series))
+        .route("/dicomweb/instances", get(dicomweb::search_instances))
+        // ---- end DICOMweb ----
         .finish()
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::enforce,
         ));
+    // STOW-RS has its own deadline (studies of hundreds of MB), instead of the API's.
+    let deadlines = state.clone();
     v2.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
-        .layer(axum::middleware::from_fn(move |mut req: Request, next: axum::middleware::Next| async move {
-            let deadline = tokio::time::Instant::now() + timeout;
-            req.extensions_mut().insert(RequestDeadline(deadline.into_std()));
-            match tokio::time::timeout_at(deadline, next.run(req)).await {
-                Ok(response) => response,
-                Err(_) => AppError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!("the request did not complete within {} ms", timeout.as_millis()),
-                )
-                .into_response(),
-            }
-        }))
+        .layer(axum::middleware::from_fn(
+            move |mut req: Request, next: axum::middleware::Next| {
+                let timeout =
+                    dicomweb::deadline_for(&deadlines, req.uri().path()).unwrap_or(timeout);
+                async move {
+                    let deadline = tokio::time::Instant::now() + timeout;
+                    req.extensions_mut()
+                        .insert(RequestDeadline(deadline.into_std()));
+                    match tokio::time::timeout_at(deadline, next.run(req)).await {
+                        Ok(response) => response,
+                        Err(_) => AppError::new(
+                            StatusCode::REQUEST_TIMEOUT,
+                            format!(
+                                "the request did not complete within {} ms",
+                                timeout.as_millis()
+                            ),
+                        )
+                        .into_response(),
+                    }
+                }
+            },
+        ))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(axum::middleware::from_fn(json_errors))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
@@ -205,7 +253,9 @@ async fn json_errors(req: Request, next: axum::middleware::Next) -> axum::respon
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/json"));
+        .is_some_and(|ct| {
+            ct.starts_with("application/json") || ct.starts_with("application/dicom+json")
+        });
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response;
     }

@@ -1,0 +1,194 @@
+//! STOW-RS, one part at a time: a part of a `multipart/related` body (a DICOM Part 10 file)
+//! into the spool, with the PS3.18 failure reason when it cannot be stored.
+//!
+//! The HTTP side (src/http/dicomweb.rs in the root package) streams the body through
+//! [`crate::multipart::Parser`] and calls [`store_part`] for each part on a blocking thread.
+
+use dicom_dictionary_std::tags;
+use dicom_object::OpenFileOptions;
+use dicom_object::file::ReadPreamble;
+use dicom_object::meta::FileMetaTable;
+
+use crate::multipart::Part;
+use crate::sop;
+use crate::spool::{Incoming, Spool, StoreError, Stored};
+
+/// The sender label recorded as the calling AE of instances received over STOW-RS.
+pub const STOW_SENDER: &str = "STOW-RS";
+
+/// Failure reasons of the Store Instances Response (PS3.18 §10.5.3, PS3.4 Annex B).
+pub mod reason {
+    pub const PROCESSING_FAILURE: u16 = 0x0110;
+    pub const DUPLICATE_CONFLICT: u16 = 0x0111;
+    pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+    pub const OUT_OF_RESOURCES: u16 = 0xA700;
+    pub const DATA_SET_DOES_NOT_MATCH: u16 = 0xA900;
+    pub const CANNOT_UNDERSTAND: u16 = 0xC000;
+    pub const TRANSFER_SYNTAX_NOT_SUPPORTED: u16 = 0xC122;
+}
+
+/// What became of one part.
+#[derive(Debug)]
+pub enum PartOutcome {
+    Stored(Stored),
+    Failed(Failure),
+}
+
+/// A part that was not stored. UIDs come from the part's file meta when it had one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub sop_class_uid: Option<String>,
+    pub sop_instance_uid: Option<String>,
+    /// PS3.18 Failure Reason.
+    pub reason: u16,
+    /// A short stable label (metrics).
+    pub kind: &'static str,
+    /// What went wrong, without patient data.
+    pub detail: String,
+}
+
+/// The failure reason of a spool error.
+pub fn reason_of(e: &StoreError) -> u16 {
+    match e {
+        StoreError::UnknownTransferSyntax { .. } => reason::TRANSFER_SYNTAX_NOT_SUPPORTED,
+        StoreError::Conflict => reason::DUPLICATE_CONFLICT,
+        other => crate::scp::status_of(other),
+    }
+}
+
+/// Splits a Part 10 file into its file meta and the data set after it.
+pub fn split_part10(bytes: &[u8]) -> Result<(FileMetaTable, &[u8]), String> {
+    if bytes.len() < 132 || &bytes[128..132] != b"DICM" {
+        return Err("not a DICOM Part 10 file (no preamble and DICM prefix)".into());
+    }
+    let mut rest = &bytes[128..];
+    let meta = FileMetaTable::from_reader(&mut rest)
+        .map_err(|e| format!("cannot read the file meta information: {e}"))?;
+    Ok((meta, rest))
+}
+
+/// Stores one part (blocking: call it off the async runtime). `expected_study` is the study
+/// of a `POST /studies/{study}` request: an instance of another study is refused (0xA900).
+pub fn store_part(spool: &Spool, part: &Part, expected_study: Option<&str>) -> PartOutcome {
+    let fail = |meta: Option<&FileMetaTable>, reason, kind, detail: String| {
+        PartOutcome::Failed(Failure {
+            sop_class_uid: meta.map(|m| sop::trim_uid(m.media_storage_sop_class_uid()).to_owned()),
+            sop_instance_uid: meta
+                .map(|m| sop::trim_uid(m.media_storage_sop_instance_uid()).to_owned()),
+            reason,
+            kind,
+            detail,
+        })
+    };
+    match part.media_type().as_deref() {
+        Some("application/dicom") => {}
+        other => {
+            return fail(
+                None,
+                reason::CANNOT_UNDERSTAND,
+                "content_type",
+                format!(
+                    "part Content-Type is {}, not application/dicom",
+                    other.unwrap_or("missing")
+                ),
+            );
+        }
+    }
+    let (meta, dataset) = match split_part10(&part.body) {
+        Ok(split) => split,
+        Err(detail) => return fail(None, reason::CANNOT_UNDERSTAND, "not_part10", detail),
+    };
+    let ts = sop::trim_uid(meta.transfer_syntax()).to_owned();
+    if let Some(param) = part.transfer_syntax_param()
+        && sop::trim_uid(&param) != ts
+    {
+        return fail(
+            Some(&meta),
+            reason::CANNOT_UNDERSTAND,
+            "transfer_syntax_mismatch",
+            "the part's transfer-syntax parameter differs from its file meta".into(),
+        );
+    }
+    if let Some(study) = expected_study {
+        // A data set the spool would refuse anyway is left to it (and its quarantine).
+        if crate::structure::check(dataset, crate::structure::Encoding::of(&ts)).is_ok()
+            && let Some(found) = study_of(&part.body)
+            && found != sop::trim_uid(study)
+        {
+            return fail(
+                Some(&meta),
+                reason::DATA_SET_DOES_NOT_MATCH,
+                "study_mismatch",
+                "the instance's Study Instance UID differs from the study in the request URL"
+                    .into(),
+            );
+        }
+    }
+    let sop_class = sop::trim_uid(meta.media_storage_sop_class_uid()).to_owned();
+    let sop_instance = sop::trim_uid(meta.media_storage_sop_instance_uid()).to_owned();
+    let incoming = Incoming {
+        transfer_syntax: &ts,
+        calling_ae: STOW_SENDER,
+        expected_sop_class: Some(&sop_class),
+        expected_sop_instance: Some(&sop_instance),
+    };
+    match spool.store(dataset, &incoming) {
+        Ok(stored) => PartOutcome::Stored(stored),
+        Err(e) => fail(Some(&meta), reason_of(&e), e.kind(), e.to_string()),
+    }
+}
+
+/// The Study Instance UID of a Part 10 file, reading no further than the Series UID.
+fn study_of(file: &[u8]) -> Option<String> {
+    let obj = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Never)
+        .read_until(tags::SERIES_INSTANCE_UID)
+        .from_reader(file.get(128..)?)
+        .ok()?;
+    let value = obj.element(tags::STUDY_INSTANCE_UID).ok()?.to_str().ok()?;
+    Some(sop::trim_uid(&value).to_owned())
+}
+
+/// A part written aside (an unnamed file in the spool's `tmp/`) until the whole body has
+/// arrived: a body that ends early or breaks the multipart syntax stores nothing.
+#[derive(Debug)]
+pub struct StagedPart {
+    content_type: Option<String>,
+    file: std::fs::File,
+    len: usize,
+}
+
+impl StagedPart {
+    /// Writes `part` aside (blocking). The file has no name: it disappears when dropped, or
+    /// with the process.
+    pub fn stage(spool: &Spool, part: Part) -> std::io::Result<StagedPart> {
+        use std::io::Write;
+        let mut file = tempfile::tempfile_in(spool.root().join("tmp"))?;
+        file.write_all(&part.body)?;
+        Ok(StagedPart {
+            content_type: part.content_type,
+            file,
+            len: part.body.len(),
+        })
+    }
+
+    /// The part, read back (blocking).
+    pub fn load(mut self) -> std::io::Result<Part> {
+        use std::io::{Read, Seek};
+        self.file.seek(std::io::SeekFrom::Start(0))?;
+        let mut body = Vec::with_capacity(self.len);
+        self.file.read_to_end(&mut body)?;
+        Ok(Part {
+            content_type: self.content_type,
+            body,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}

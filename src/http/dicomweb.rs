@@ -1,0 +1,543 @@
+//! DICOMweb on the HTTP port: STOW-RS (`POST /dicomweb/studies[/{study}]`) into the DICOM
+//! spool, and QIDO-RS (`GET /dicomweb/studies`, `/series`, `/instances`) over its index.
+//!
+//! STOW-RS reads the `multipart/related` body as it arrives, one part at a time (at most
+//! [`DicomWebConfig::max_part_bytes`] in memory), writing each part aside in the spool's
+//! `tmp/` until the close delimiter has arrived; only then is each part stored through
+//! [`nightingale_dicom::Spool::store`] (fsynced before the answer). A body that ends early
+//! or breaks the multipart syntax stores nothing. A declared Content-Length over
+//! [`DicomWebConfig::max_request_bytes`] is refused with 413 before the body is read.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use nightingale_dicom::Spool;
+use nightingale_dicom::multipart::{self, MultipartError, Parser};
+use nightingale_dicom::qido;
+use nightingale_dicom::stow::{self, PartOutcome, StagedPart};
+use serde_json::{Map, Value, json};
+
+use super::{AppError, AppState};
+
+/// STOW-RS limits.
+#[derive(Debug, Clone)]
+pub struct DicomWebConfig {
+    /// Largest part (one DICOM file), in bytes: it is held in memory while stored.
+    pub max_part_bytes: u64,
+    /// Largest request body, in bytes.
+    pub max_request_bytes: u64,
+    /// Whole-request deadline of STOW-RS and QIDO-RS (instead of the API's).
+    pub request_timeout: Duration,
+}
+
+impl Default for DicomWebConfig {
+    fn default() -> Self {
+        DicomWebConfig {
+            max_part_bytes: 1 << 30,
+            max_request_bytes: 4 << 30,
+            request_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// DICOMweb over a spool.
+pub struct DicomWeb {
+    pub spool: Arc<Spool>,
+    pub config: DicomWebConfig,
+}
+
+const DICOM_JSON: &str = "application/dicom+json";
+
+/// STOW-RS parts stored at once (within one part's memory limit together).
+const STORE_CONCURRENCY: usize = 4;
+
+/// The deadline of a request to `path` when DICOMweb is on and the path is one of its own.
+pub(crate) fn deadline_for(state: &AppState, path: &str) -> Option<Duration> {
+    if path.starts_with("/dicomweb/") {
+        state.dicomweb().map(|d| d.config.request_timeout)
+    } else {
+        None
+    }
+}
+
+fn dicomweb(state: &AppState) -> Result<&DicomWeb, AppError> {
+    state.dicomweb().ok_or_else(|| {
+        AppError::not_found(
+            "DICOMweb is off: it runs over the DICOM spool, which --dicom-spool, --dicom-port or --dicom-addr turns on",
+        )
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// STOW-RS
+
+/// `POST /dicomweb/studies`.
+pub(crate) async fn stow(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    store(&state, None, &headers, body).await
+}
+
+/// `POST /dicomweb/studies/{study}`: every instance must belong to `study`.
+pub(crate) async fn stow_study(
+    State(state): State<Arc<AppState>>,
+    Path(study): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    store(&state, Some(study), &headers, body).await
+}
+
+async fn store(
+    state: &AppState,
+    study: Option<String>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let response = match store_inner(state, study, headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    metrics::counter!(
+        "nightingale_dicom_stow_requests_total",
+        "status" => response.status().as_u16().to_string()
+    )
+    .increment(1);
+    metrics::histogram!("nightingale_dicom_stow_request_seconds")
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn store_inner(
+    state: &AppState,
+    study: Option<String>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, AppError> {
+    let web = dicomweb(state)?;
+    let limits = &web.config;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let related = multipart::parse_content_type(content_type).map_err(|e| match e {
+        MultipartError::NotMultipartRelated(_) | MultipartError::UnsupportedType(_) => {
+            AppError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("{e}: send multipart/related; type=\"application/dicom\""),
+            )
+        }
+        other => AppError::bad_request(other.to_string()),
+    })?;
+    let too_large = || {
+        AppError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body is larger than the STOW-RS limit of {} bytes (--dicomweb-max-request-bytes)",
+                limits.max_request_bytes
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limits.max_request_bytes) {
+        return Err(too_large());
+    }
+    // The body is written aside, then stored: both need room above the high-water mark.
+    let spool = web.spool.clone();
+    let free = {
+        let spool = spool.clone();
+        tokio::task::spawn_blocking(move || spool.free_bytes())
+            .await
+            .map_err(|e| AppError::internal(e.to_string()))?
+            .map_err(|e| AppError::internal(e.to_string()))?
+    };
+    let needed = spool
+        .min_free_bytes()
+        .saturating_add(declared.unwrap_or(0).saturating_mul(2));
+    if free < needed {
+        metrics::gauge!("nightingale_dicom_spool_free_bytes").set(free as f64);
+        return Err(AppError::overloaded(
+            "the DICOM spool is at its high-water mark (--dicom-spool-min-free-bytes); retry later",
+        ));
+    }
+
+    // Read and stage, part by part.
+    let mut parser = Parser::new(
+        &related.boundary,
+        multipart::Limits {
+            max_part_bytes: limits.max_part_bytes,
+            ..multipart::Limits::default()
+        },
+    );
+    let malformed = |e: MultipartError| match e {
+        MultipartError::PartTooLarge { limit } => AppError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "a part is larger than the STOW-RS limit of {limit} bytes (--dicomweb-max-part-bytes)"
+            ),
+        ),
+        other => AppError::bad_request(format!("malformed multipart body: {other}")),
+    };
+    let mut staged: Vec<StagedPart> = vec![];
+    let mut received = 0u64;
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| AppError::bad_request(format!("cannot read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        received = received.saturating_add(data.len() as u64);
+        if received > limits.max_request_bytes {
+            return Err(too_large());
+        }
+        for part in parser.feed(&data).map_err(malformed)? {
+            let spool = spool.clone();
+            let part = tokio::task::spawn_blocking(move || StagedPart::stage(&spool, part))
+                .await
+                .map_err(|e| AppError::internal(e.to_string()))?
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::StorageFull {
+                        AppError::overloaded("the DICOM spool's file system is full; retry later")
+                    } else {
+                        AppError::internal(format!("cannot stage a STOW-RS part: {e}"))
+                    }
+                })?;
+            staged.push(part);
+        }
+    }
+    parser.finish().map_err(malformed)?;
+    if staged.is_empty() {
+        return Err(AppError::bad_request(
+            "the multipart body holds no part: nothing to store",
+        ));
+    }
+    metrics::counter!("nightingale_dicom_stow_received_bytes_total").increment(received);
+
+    // Store, in order. Small parts are stored several at a time (their fsyncs overlap),
+    // as long as the parts in memory together stay within one part's limit.
+    let mut stored = vec![];
+    let mut failed = vec![];
+    let mut parts = staged.into_iter().peekable();
+    let mut pending = std::collections::VecDeque::new();
+    let mut in_memory = 0usize;
+    loop {
+        while let Some(next) = parts.peek() {
+            let len = next.len();
+            if !pending.is_empty()
+                && (pending.len() >= STORE_CONCURRENCY
+                    || (in_memory + len) as u64 > limits.max_part_bytes)
+            {
+                break;
+            }
+            let part = parts.next().expect("peeked");
+            let spool = spool.clone();
+            let study = study.clone();
+            in_memory += len;
+            let task = tokio::task::spawn_blocking(move || {
+                let part = part.load()?;
+                let size = part.body.len();
+                Ok::<_, std::io::Error>((stow::store_part(&spool, &part, study.as_deref()), size))
+            });
+            pending.push_back((task, len, Instant::now()));
+        }
+        let Some((task, len, started)) = pending.pop_front() else {
+            break;
+        };
+        let outcome = task.await.map_err(|e| AppError::internal(e.to_string()))?;
+        in_memory -= len;
+        match outcome {
+            Ok((PartOutcome::Stored(s), size)) => {
+                metrics::counter!(
+                    "nightingale_dicom_stow_instances_stored_total",
+                    "duplicate" => if s.duplicate { "true" } else { "false" }
+                )
+                .increment(1);
+                metrics::histogram!("nightingale_dicom_stow_store_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                tracing::info!(
+                    transfer_syntax = %s.transfer_syntax,
+                    size,
+                    duplicate = s.duplicate,
+                    "STOW-RS stored"
+                );
+                stored.push(s);
+            }
+            Ok((PartOutcome::Failed(f), size)) => {
+                metrics::counter!("nightingale_dicom_stow_instances_failed_total", "reason" => f.kind)
+                    .increment(1);
+                tracing::warn!(reason = f.kind, failure = f.reason, size, detail = %f.detail, "STOW-RS part refused");
+                failed.push(f);
+            }
+            Err(e) => {
+                metrics::counter!("nightingale_dicom_stow_instances_failed_total", "reason" => "io")
+                    .increment(1);
+                tracing::error!(error = %e, "STOW-RS: cannot read a staged part back");
+                failed.push(stow::Failure {
+                    sop_class_uid: None,
+                    sop_instance_uid: None,
+                    reason: stow::reason::PROCESSING_FAILURE,
+                    kind: "io",
+                    detail: "cannot read the staged part back".into(),
+                });
+            }
+        }
+    }
+    if let Ok(free) = spool.free_bytes() {
+        metrics::gauge!("nightingale_dicom_spool_free_bytes").set(free as f64);
+    }
+    let status = match (stored.is_empty(), failed.is_empty()) {
+        (false, true) => StatusCode::OK,
+        (false, false) => StatusCode::ACCEPTED,
+        (true, _) => StatusCode::CONFLICT,
+    };
+    let mut response = Map::new();
+    if !failed.is_empty() {
+        let items: Vec<Value> = failed
+            .iter()
+            .map(|f| {
+                let mut item = Map::new();
+                if let Some(c) = &f.sop_class_uid {
+                    item.insert("00081150".into(), ui(c));
+                }
+                if let Some(i) = &f.sop_instance_uid {
+                    item.insert("00081155".into(), ui(i));
+                }
+                item.insert("00081197".into(), json!({"vr": "US", "Value": [f.reason]}));
+                Value::Object(item)
+            })
+            .collect();
+        response.insert("00081198".into(), json!({"vr": "SQ", "Value": items}));
+    }
+    if !stored.is_empty() {
+        let items: Vec<Value> = stored
+            .iter()
+            .map(|s| {
+                json!({
+                    "00081150": ui(&s.sop_class_uid),
+                    "00081155": ui(&s.sop_instance_uid),
+                })
+            })
+            .collect();
+        response.insert("00081199".into(), json!({"vr": "SQ", "Value": items}));
+    }
+    Ok(dicom_json(status, Value::Object(response), None))
+}
+
+// ---------------------------------------------------------------------------------------
+// QIDO-RS
+
+type Params = Query<Vec<(String, String)>>;
+
+/// `GET /dicomweb/studies`.
+pub(crate) async fn search_studies(
+    State(state): State<Arc<AppState>>,
+    Query(params): Params,
+) -> Response {
+    search(&state, Level::Studies, None, None, params).await
+}
+
+/// `GET /dicomweb/studies/{study}/series`.
+pub(crate) async fn search_study_series(
+    State(state): State<Arc<AppState>>,
+    Path(study): Path<String>,
+    Query(params): Params,
+) -> Response {
+    search(&state, Level::Series, Some(study), None, params).await
+}
+
+/// `GET /dicomweb/studies/{study}/instances`.
+pub(crate) async fn search_study_instances(
+    State(state): State<Arc<AppState>>,
+    Path(study): Path<String>,
+    Query(params): Params,
+) -> Response {
+    search(&state, Level::Instances, Some(study), None, params).await
+}
+
+/// `GET /dicomweb/studies/{study}/series/{series}/instances`.
+pub(crate) async fn search_series_instances(
+    State(state): State<Arc<AppState>>,
+    Path((study, series)): Path<(String, String)>,
+    Query(params): Params,
+) -> Response {
+    search(&state, Level::Instances, Some(study), Some(series), params).await
+}
+
+/// `GET /dicomweb/series`.
+pub(crate) async fn search_series(
+    State(state): State<Arc<AppState>>,
+    Query(params): Params,
+) -> Response {
+    search(&state, Level::Series, None, None, params).await
+}
+
+/// `GET /dicomweb/instances`.
+pub(crate) async fn search_instances(
+    State(state): State<Arc<AppState>>,
+    Query(params): Params,
+) -> Response {
+    search(&state, Level::Instances, None, None, params).await
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Studies,
+    Series,
+    Instances,
+}
+
+/// The query of `params` (keyword or tag), with the attributes it cannot match on.
+fn query_of(
+    level: Level,
+    params: Vec<(String, String)>,
+) -> Result<(qido::Query, Vec<String>), AppError> {
+    let mut q = qido::Query::default();
+    let mut ignored = vec![];
+    let list = |v: &str| -> Vec<String> {
+        v.split([',', '\\'])
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect()
+    };
+    for (key, value) in params {
+        match (key.as_str(), level) {
+            ("StudyInstanceUID" | "0020000D", _) => q.study_uids.extend(list(&value)),
+            ("SeriesInstanceUID" | "0020000E", Level::Series | Level::Instances) => {
+                q.series_uids.extend(list(&value))
+            }
+            ("SOPInstanceUID" | "00080018", Level::Instances) => {
+                q.sop_instance_uids.extend(list(&value))
+            }
+            ("SOPClassUID" | "00080016", Level::Instances) => q.sop_class_uids.extend(list(&value)),
+            ("limit", _) => {
+                q.limit = Some(value.parse().map_err(|_| {
+                    AppError::bad_request(format!("limit={value:?} is not a count"))
+                })?)
+            }
+            ("offset", _) => {
+                q.offset = value.parse().map_err(|_| {
+                    AppError::bad_request(format!("offset={value:?} is not a count"))
+                })?
+            }
+            ("includefield" | "fuzzymatching", _) => {}
+            _ => ignored.push(key),
+        }
+    }
+    Ok((q, ignored))
+}
+
+async fn search(
+    state: &AppState,
+    level: Level,
+    study: Option<String>,
+    series: Option<String>,
+    params: Vec<(String, String)>,
+) -> Response {
+    let result = async {
+        let web = dicomweb(state)?;
+        let (mut q, ignored) = query_of(level, params)?;
+        // A path key narrows the query: a query key for the same attribute must agree.
+        if let Some(study) = study {
+            narrow(&mut q.study_uids, study);
+        }
+        if let Some(series) = series {
+            narrow(&mut q.series_uids, series);
+        }
+        let spool = web.spool.clone();
+        let body = tokio::task::spawn_blocking(move || -> Result<Value, nightingale_dicom::StoreError> {
+            Ok(match level {
+                Level::Studies => spool.query_studies(&q)?.iter().map(study_json).collect(),
+                Level::Series => spool.query_series(&q)?.iter().map(series_json).collect(),
+                Level::Instances => spool
+                    .query_instances(&q)?
+                    .iter()
+                    .map(instance_json)
+                    .collect(),
+            })
+        })
+        .await
+        .map_err(|e| AppError::internal(e.to_string()))?
+        .map_err(|e| AppError::internal(e.to_string()))?;
+        let warning = (!ignored.is_empty()).then(|| {
+            format!(
+                "299 nightingale \"The following attributes are not supported for matching at this level and were ignored: {}\"",
+                ignored
+                    .iter()
+                    .map(|k| k.chars().filter(|c| c.is_ascii_alphanumeric()).take(64).collect::<String>())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        });
+        Ok::<_, AppError>(dicom_json(StatusCode::OK, body, warning))
+    }
+    .await;
+    result.unwrap_or_else(|e| e.into_response())
+}
+
+/// `values` AND `key`: only `key` when the query did not name it, nothing matches when the
+/// query named other values.
+fn narrow(values: &mut Vec<String>, key: String) {
+    if values.is_empty() || values.contains(&key) {
+        *values = vec![key];
+    } else {
+        // No UID is empty: this matches nothing.
+        *values = vec![String::new()];
+    }
+}
+
+fn ui(v: &str) -> Value {
+    json!({"vr": "UI", "Value": [v]})
+}
+
+fn is(n: u64) -> Value {
+    json!({"vr": "IS", "Value": [n]})
+}
+
+fn study_json(r: &qido::StudyRow) -> Value {
+    json!({
+        "0020000D": ui(&r.study_uid),
+        "00201206": is(r.series),
+        "00201208": is(r.instances),
+    })
+}
+
+fn series_json(r: &qido::SeriesRow) -> Value {
+    json!({
+        "0020000D": ui(&r.study_uid),
+        "0020000E": ui(&r.series_uid),
+        "00201209": is(r.instances),
+    })
+}
+
+fn instance_json(r: &qido::InstanceRow) -> Value {
+    json!({
+        "00080016": ui(&r.sop_class_uid),
+        "00080018": ui(&r.sop_instance_uid),
+        "0020000D": ui(&r.study_uid),
+        "0020000E": ui(&r.series_uid),
+        "00083002": ui(&r.transfer_syntax),
+    })
+}
+
+fn dicom_json(status: StatusCode, body: Value, warning: Option<String>) -> Response {
+    let mut response = (status, body.to_string()).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(DICOM_JSON));
+    if let Some(w) = warning.and_then(|w| HeaderValue::from_str(&w).ok()) {
+        response.headers_mut().insert(header::WARNING, w);
+    }
+    response
+}

@@ -1,0 +1,644 @@
+//! DICOMweb through the router: STOW-RS (store, partial failure, refusal, limits, bodies that
+//! break the multipart syntax) and QIDO-RS over what was stored. The instances are built
+//! with dicom-rs in tests/support/dicom.rs; the expected UIDs and counts are the test's own.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use nightingale::audit::AuditLog;
+use nightingale::http::dicomweb::{DicomWeb, DicomWebConfig};
+use nightingale::http::{self, AppState, HttpConfig};
+use nightingale_dicom::{Spool, SpoolOptions};
+use nightingale_models::{Repository, RepositoryOptions};
+use proptest::prelude::*;
+use serde_json::Value;
+use tower::ServiceExt;
+
+#[path = "support/dicom.rs"]
+mod dicom;
+use dicom::{BOUNDARY, content_type, multipart, part10};
+
+const STUDY: &str = "1.2.826.0.1.3680043.10.1383.9.1";
+const SERIES: &str = "1.2.826.0.1.3680043.10.1383.9.1.1";
+const OTHER_STUDY: &str = "1.2.826.0.1.3680043.10.1383.9.2";
+
+fn sop(n: u32) -> String {
+    format!("1.2.826.0.1.3680043.10.1383.9.1.1.{n}")
+}
+
+struct Server {
+    _dir: tempfile::TempDir,
+    state: Arc<AppState>,
+    spool: Arc<Spool>,
+}
+
+impl Server {
+    fn new(limits: DicomWebConfig) -> Server {
+        Server::with_spool(limits, SpoolOptions { min_free_bytes: 0 })
+    }
+
+    fn with_spool(limits: DicomWebConfig, options: SpoolOptions) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("models")).unwrap();
+        let repository = Arc::new(Repository::new(
+            dir.path().join("models"),
+            RepositoryOptions::default(),
+        ));
+        let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
+        let state = AppState::new(repository, audit, HttpConfig::default(), None);
+        let (spool, _) = Spool::open(&dir.path().join("spool"), options).unwrap();
+        let spool = Arc::new(spool);
+        assert!(state.set_dicomweb(DicomWeb {
+            spool: spool.clone(),
+            config: limits,
+        }));
+        Server {
+            _dir: dir,
+            state,
+            spool,
+        }
+    }
+
+    fn default() -> Server {
+        Server::new(DicomWebConfig::default())
+    }
+
+    async fn send(&self, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let res = http::app(self.state.clone()).oneshot(req).await.unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let body = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+        (status, headers, body)
+    }
+
+    async fn stow(&self, path: &str, body: Vec<u8>) -> (StatusCode, Value) {
+        let (s, h, v) = self.send(stow_request(path, &content_type(), body)).await;
+        if s != StatusCode::NOT_FOUND && s.as_u16() < 400 || s == StatusCode::CONFLICT {
+            assert_eq!(h[header::CONTENT_TYPE], "application/dicom+json", "{v}");
+        }
+        (s, v)
+    }
+
+    async fn get(&self, uri: &str) -> (StatusCode, Value) {
+        let (s, _, v) = self
+            .send(Request::get(uri).body(Body::empty()).unwrap())
+            .await;
+        (s, v)
+    }
+
+    /// SOP Instance UIDs in the spool's index.
+    fn stored(&self) -> Vec<String> {
+        self.spool
+            .instances()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.sop_instance_uid)
+            .collect()
+    }
+}
+
+fn stow_request(path: &str, content_type: &str, body: Vec<u8>) -> Request<Body> {
+    Request::post(path)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(Body::from(body))
+        .unwrap()
+}
+
+/// The UIDs and reasons of a sequence of a Store Instances Response.
+fn items(v: &Value, tag: &str) -> Vec<(Option<String>, Option<u64>)> {
+    v.get(tag).map_or(vec![], |sq| {
+        assert_eq!(sq["vr"], "SQ");
+        sq["Value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| {
+                (
+                    item["00081155"]["Value"][0].as_str().map(str::to_owned),
+                    item["00081197"]["Value"][0].as_u64(),
+                )
+            })
+            .collect()
+    })
+}
+
+fn referenced(v: &Value) -> Vec<String> {
+    items(v, "00081199")
+        .into_iter()
+        .map(|(uid, _)| uid.unwrap())
+        .collect()
+}
+
+fn failed(v: &Value) -> Vec<(Option<String>, u64)> {
+    items(v, "00081198")
+        .into_iter()
+        .map(|(uid, reason)| (uid, reason.unwrap()))
+        .collect()
+}
+
+#[tokio::test]
+async fn one_part_and_several_parts_are_stored_and_referenced() {
+    let server = Server::default();
+    let one = part10(STUDY, SERIES, &sop(1), 1);
+    let (s, v) = server
+        .stow(
+            "/dicomweb/studies",
+            multipart(&[("application/dicom", &one)]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(referenced(&v), vec![sop(1)]);
+    assert_eq!(v["00081199"]["Value"][0]["00081150"]["Value"][0], dicom::CT);
+    assert!(v.get("00081198").is_none(), "{v}");
+    assert_eq!(server.stored(), vec![sop(1)]);
+
+    let files: Vec<Vec<u8>> = (2..5).map(|n| part10(STUDY, SERIES, &sop(n), 1)).collect();
+    let parts: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|f| ("application/dicom", f.as_slice()))
+        .collect();
+    let (s, v) = server
+        .stow(&format!("/dicomweb/studies/{STUDY}"), multipart(&parts))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(referenced(&v), vec![sop(2), sop(3), sop(4)]);
+    assert_eq!(server.stored(), (1..5).map(sop).collect::<Vec<_>>());
+    // The stored file holds the data set as sent (after its file meta).
+    let stored = server.spool.instances().unwrap();
+    let on_disk = std::fs::read(&stored[0].path).unwrap();
+    let sent = part10(STUDY, SERIES, &sop(1), 1);
+    let data_set = |f: &[u8]| nightingale_dicom::stow::split_part10(f).unwrap().1.to_vec();
+    assert_eq!(data_set(&on_disk), data_set(&sent));
+}
+
+#[tokio::test]
+async fn a_part_with_a_wrong_content_type_fails_alone() {
+    let server = Server::default();
+    let good = part10(STUDY, SERIES, &sop(1), 1);
+    let other = part10(STUDY, SERIES, &sop(2), 1);
+    let (s, v) = server
+        .stow(
+            "/dicomweb/studies",
+            multipart(&[("application/dicom", &good), ("text/plain", &other)]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(referenced(&v), vec![sop(1)]);
+    assert_eq!(failed(&v), vec![(None, 0xC000)]);
+    assert_eq!(server.stored(), vec![sop(1)]);
+}
+
+#[tokio::test]
+async fn a_wrong_media_type_is_415_and_a_missing_boundary_400() {
+    let server = Server::default();
+    let body = multipart(&[("application/dicom", &part10(STUDY, SERIES, &sop(1), 1))]);
+    for (ct, status) in [
+        ("application/json", StatusCode::UNSUPPORTED_MEDIA_TYPE),
+        (
+            "multipart/form-data; boundary=x",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "multipart/related; type=\"application/dicom+xml\"; boundary=x",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "multipart/related; type=\"application/dicom\"",
+            StatusCode::BAD_REQUEST,
+        ),
+        ("", StatusCode::UNSUPPORTED_MEDIA_TYPE),
+    ] {
+        let (s, _, v) = server
+            .send(stow_request("/dicomweb/studies", ct, body.clone()))
+            .await;
+        assert_eq!(s, status, "{ct}: {v}");
+        assert!(v["error"].is_string(), "{v}");
+    }
+    // A boundary that does not occur in the body: no delimiter.
+    let (s, _, v) = server
+        .send(stow_request(
+            "/dicomweb/studies",
+            "multipart/related; type=\"application/dicom\"; boundary=elsewhere",
+            body,
+        ))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(server.stored().is_empty());
+}
+
+#[tokio::test]
+async fn a_body_that_ends_early_stores_nothing() {
+    let server = Server::default();
+    let first = part10(STUDY, SERIES, &sop(1), 1);
+    let second = part10(STUDY, SERIES, &sop(2), 1);
+    let whole = multipart(&[
+        ("application/dicom", &first),
+        ("application/dicom", &second),
+    ]);
+    // Cut after the first part is complete, inside the second, and before the close
+    // delimiter's final dashes.
+    let first_end = whole
+        .windows(BOUNDARY.len())
+        .enumerate()
+        .filter(|(_, w)| *w == BOUNDARY.as_bytes())
+        .nth(1)
+        .unwrap()
+        .0;
+    for cut in [
+        first_end + BOUNDARY.len() + 2,
+        whole.len() - 400,
+        whole.len() - 4,
+    ] {
+        let (s, v) = server
+            .stow("/dicomweb/studies", whole[..cut].to_vec())
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "cut at {cut}: {v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("malformed multipart body"),
+            "{v}"
+        );
+        assert!(server.stored().is_empty(), "cut at {cut}");
+    }
+    let (s, v) = server.stow("/dicomweb/studies", whole).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+/// A body that never ends: the handler must answer from the headers alone.
+struct Endless;
+
+impl http_body::Body for Endless {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        Poll::Pending
+    }
+}
+
+#[tokio::test]
+async fn a_declared_length_over_the_limit_is_413_before_the_body_is_read() {
+    let server = Server::new(DicomWebConfig {
+        max_part_bytes: 1 << 20,
+        max_request_bytes: 4 << 20,
+        ..DicomWebConfig::default()
+    });
+    let req = Request::post("/dicomweb/studies")
+        .header(header::CONTENT_TYPE, content_type())
+        .header(header::CONTENT_LENGTH, (4u64 << 20) + 1)
+        .body(Body::new(Endless))
+        .unwrap();
+    // Bounded wait: reading the endless body would never return.
+    let (s, _, v) = tokio::time::timeout(Duration::from_secs(30), server.send(req))
+        .await
+        .expect("answered without reading the body");
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+
+    // Without Content-Length, the limits apply as the bytes arrive.
+    let big = vec![0u8; (1 << 20) + 1];
+    let body = multipart(&[("application/dicom", &big)]);
+    let req = Request::post("/dicomweb/studies")
+        .header(header::CONTENT_TYPE, content_type())
+        .body(Body::from(body))
+        .unwrap();
+    let (s, _, v) = server.send(req).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "part: {v}");
+    let small = vec![0u8; 1 << 19];
+    let parts: Vec<(&str, &[u8])> = (0..9)
+        .map(|_| ("application/dicom", small.as_slice()))
+        .collect();
+    let req = Request::post("/dicomweb/studies")
+        .header(header::CONTENT_TYPE, content_type())
+        .body(Body::from(multipart(&parts)))
+        .unwrap();
+    let (s, _, v) = server.send(req).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "request: {v}");
+    assert!(server.stored().is_empty());
+}
+
+#[tokio::test]
+async fn a_spool_at_its_high_water_mark_is_503_before_the_body_is_read() {
+    // More free space asked for than any file system has.
+    let server = Server::with_spool(
+        DicomWebConfig::default(),
+        SpoolOptions {
+            min_free_bytes: u64::MAX / 2,
+        },
+    );
+    let req = Request::post("/dicomweb/studies")
+        .header(header::CONTENT_TYPE, content_type())
+        .header(header::CONTENT_LENGTH, 1000)
+        .body(Body::new(Endless))
+        .unwrap();
+    let (s, h, v) = tokio::time::timeout(Duration::from_secs(30), server.send(req))
+        .await
+        .expect("answered without reading the body");
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(h.contains_key(header::RETRY_AFTER));
+    assert!(server.stored().is_empty());
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_gets_408_at_the_dicomweb_deadline() {
+    // The DICOMweb deadline, not the API's (120 s by default), applies.
+    let server = Server::new(DicomWebConfig {
+        request_timeout: Duration::from_secs(1),
+        ..DicomWebConfig::default()
+    });
+    let req = Request::post("/dicomweb/studies")
+        .header(header::CONTENT_TYPE, content_type())
+        .body(Body::new(Endless))
+        .unwrap();
+    let (s, _, v) = tokio::time::timeout(Duration::from_secs(60), server.send(req))
+        .await
+        .expect("answered at the DICOMweb deadline");
+    assert_eq!(s, StatusCode::REQUEST_TIMEOUT, "{v}");
+    assert!(server.stored().is_empty());
+}
+
+#[tokio::test]
+async fn duplicates_are_idempotent_and_conflicts_refused() {
+    let server = Server::default();
+    let file = part10(STUDY, SERIES, &sop(1), 1);
+    for _ in 0..2 {
+        let (s, v) = server
+            .stow(
+                "/dicomweb/studies",
+                multipart(&[("application/dicom", &file)]),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(referenced(&v), vec![sop(1)]);
+    }
+    let conflicting = part10(STUDY, SERIES, &sop(1), 2);
+    let (s, v) = server
+        .stow(
+            "/dicomweb/studies",
+            multipart(&[("application/dicom", &conflicting)]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(failed(&v), vec![(Some(sop(1)), 0x0111)]);
+    assert_eq!(server.stored(), vec![sop(1)]);
+    // The first version stays.
+    let kept = std::fs::read(&server.spool.instances().unwrap()[0].path).unwrap();
+    assert_eq!(
+        nightingale_dicom::stow::split_part10(&kept).unwrap().1,
+        nightingale_dicom::stow::split_part10(&file).unwrap().1
+    );
+}
+
+#[tokio::test]
+async fn corrupt_parts_are_refused_with_their_reason() {
+    let server = Server::default();
+    let good = part10(STUDY, SERIES, &sop(1), 1);
+    let truncated = {
+        let f = part10(STUDY, SERIES, &sop(2), 1);
+        f[..f.len() - 3].to_vec()
+    };
+    let not_dicom = b"hello, this is not DICOM".to_vec();
+    let (s, v) = server
+        .stow(
+            "/dicomweb/studies",
+            multipart(&[
+                ("application/dicom", &truncated),
+                ("application/dicom", &not_dicom),
+            ]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(failed(&v), vec![(Some(sop(2)), 0xC000), (None, 0xC000)]);
+    assert!(v.get("00081199").is_none(), "{v}");
+    assert!(server.stored().is_empty());
+
+    let (s, v) = server
+        .stow(
+            "/dicomweb/studies",
+            multipart(&[
+                ("application/dicom", &good),
+                ("application/dicom", &truncated),
+            ]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(referenced(&v), vec![sop(1)]);
+    assert_eq!(failed(&v), vec![(Some(sop(2)), 0xC000)]);
+    assert_eq!(server.stored(), vec![sop(1)]);
+}
+
+#[tokio::test]
+async fn an_instance_of_another_study_is_refused_on_the_study_url() {
+    let server = Server::default();
+    let ours = part10(STUDY, SERIES, &sop(1), 1);
+    let theirs = part10(OTHER_STUDY, "1.2.826.0.1.3680043.10.1383.9.2.1", &sop(2), 1);
+    let (s, v) = server
+        .stow(
+            &format!("/dicomweb/studies/{STUDY}"),
+            multipart(&[("application/dicom", &ours), ("application/dicom", &theirs)]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(referenced(&v), vec![sop(1)]);
+    assert_eq!(failed(&v), vec![(Some(sop(2)), 0xA900)]);
+    assert_eq!(server.stored(), vec![sop(1)]);
+}
+
+#[tokio::test]
+async fn qido_lists_what_was_stored() {
+    let server = Server::default();
+    let series2 = "1.2.826.0.1.3680043.10.1383.9.1.2";
+    let other_series = "1.2.826.0.1.3680043.10.1383.9.2.1";
+    let files = [
+        part10(STUDY, SERIES, &sop(1), 1),
+        part10(STUDY, SERIES, &sop(2), 1),
+        part10(STUDY, series2, &sop(3), 1),
+        part10(OTHER_STUDY, other_series, &sop(4), 1),
+    ];
+    let parts: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|f| ("application/dicom", f.as_slice()))
+        .collect();
+    let (s, v) = server.stow("/dicomweb/studies", multipart(&parts)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+
+    let uid = |item: &Value, tag: &str| item[tag]["Value"][0].as_str().unwrap().to_owned();
+    let count = |item: &Value, tag: &str| item[tag]["Value"][0].as_u64().unwrap();
+    let (s, v) = server.get("/dicomweb/studies").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let studies = v.as_array().unwrap();
+    assert_eq!(studies.len(), 2);
+    assert_eq!(uid(&studies[0], "0020000D"), STUDY);
+    assert_eq!(count(&studies[0], "00201206"), 2);
+    assert_eq!(count(&studies[0], "00201208"), 3);
+    assert_eq!(uid(&studies[1], "0020000D"), OTHER_STUDY);
+    assert_eq!(count(&studies[1], "00201208"), 1);
+
+    let (_, v) = server
+        .get(&format!("/dicomweb/studies?StudyInstanceUID={OTHER_STUDY}"))
+        .await;
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    let (_, v) = server.get("/dicomweb/studies?limit=1&offset=1").await;
+    assert_eq!(uid(&v[0], "0020000D"), OTHER_STUDY);
+
+    let (_, v) = server
+        .get(&format!("/dicomweb/studies/{STUDY}/series"))
+        .await;
+    let series: Vec<(String, u64)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (uid(s, "0020000E"), count(s, "00201209")))
+        .collect();
+    assert_eq!(series, vec![(SERIES.into(), 2), (series2.into(), 1)]);
+    let (_, v) = server.get("/dicomweb/series").await;
+    assert_eq!(v.as_array().unwrap().len(), 3);
+
+    let (_, v) = server
+        .get(&format!(
+            "/dicomweb/studies/{STUDY}/series/{SERIES}/instances"
+        ))
+        .await;
+    let instances: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| uid(i, "00080018"))
+        .collect();
+    assert_eq!(instances, vec![sop(1), sop(2)]);
+    assert_eq!(uid(&v[0], "00080016"), dicom::CT);
+    assert_eq!(uid(&v[0], "00083002"), dicom::EXPLICIT_LE);
+    let (_, v) = server
+        .get(&format!("/dicomweb/instances?00080018={}", sop(4)))
+        .await;
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    assert_eq!(uid(&v[0], "0020000D"), OTHER_STUDY);
+    let (_, v) = server
+        .get(&format!("/dicomweb/studies/{STUDY}/instances"))
+        .await;
+    assert_eq!(v.as_array().unwrap().len(), 3);
+    // A query key that contradicts the path matches nothing.
+    let (_, v) = server
+        .get(&format!(
+            "/dicomweb/studies/{STUDY}/series?StudyInstanceUID={OTHER_STUDY}"
+        ))
+        .await;
+    assert_eq!(v, Value::Array(vec![]));
+    // Unsupported matching keys are ignored with a Warning header.
+    let (s, h, v) = server
+        .send(
+            Request::get("/dicomweb/studies?PatientName=X")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(h[header::WARNING].to_str().unwrap().contains("PatientName"));
+    let (s, v) = server.get("/dicomweb/studies?limit=many").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+}
+
+#[tokio::test]
+async fn dicomweb_is_404_without_a_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let repository = Arc::new(Repository::new(dir.path(), RepositoryOptions::default()));
+    let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
+    let state = AppState::new(repository, audit, HttpConfig::default(), None);
+    for req in [
+        Request::get("/dicomweb/studies")
+            .body(Body::empty())
+            .unwrap(),
+        stow_request("/dicomweb/studies", &content_type(), vec![]),
+    ] {
+        let res = http::app(state.clone()).oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::NOT_FOUND);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert!(
+            v["error"].as_str().unwrap().contains("--dicom-spool"),
+            "{v}"
+        );
+    }
+}
+
+/// Mutations of a valid two-part body: cut short, one byte changed, bytes inserted.
+#[derive(Debug, Clone)]
+enum Mutation {
+    Cut(usize),
+    Flip(usize, u8),
+    Insert(usize, Vec<u8>),
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Whatever the body, the server answers (never panics), and a body refused as malformed
+    /// (400) stores nothing; what is reported stored is in the index, and nothing else is.
+    #[test]
+    fn mutated_bodies_never_store_from_a_malformed_body(mutation in prop_oneof![
+        (0usize..2000).prop_map(Mutation::Cut),
+        (0usize..2000, any::<u8>()).prop_map(|(i, b)| Mutation::Flip(i, b)),
+        (0usize..2000, proptest::collection::vec(any::<u8>(), 1..64))
+            .prop_map(|(i, b)| Mutation::Insert(i, b)),
+    ]) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let server = Server::default();
+            let a = part10(STUDY, SERIES, &sop(1), 1);
+            let b = part10(STUDY, SERIES, &sop(2), 1);
+            let mut body = multipart(&[("application/dicom", &a), ("application/dicom", &b)]);
+            match mutation {
+                Mutation::Cut(i) => body.truncate(i % body.len()),
+                Mutation::Flip(i, x) => {
+                    let i = i % body.len();
+                    body[i] ^= x.max(1);
+                }
+                Mutation::Insert(i, bytes) => {
+                    let i = i % body.len();
+                    body.splice(i..i, bytes);
+                }
+            }
+            let (s, v) = server.stow("/dicomweb/studies", body).await;
+            let mut stored = server.stored();
+            stored.sort();
+            match s {
+                StatusCode::BAD_REQUEST => prop_assert!(stored.is_empty(), "{v}"),
+                StatusCode::OK | StatusCode::ACCEPTED | StatusCode::CONFLICT => {
+                    let mut reported = referenced(&v);
+                    reported.sort();
+                    prop_assert_eq!(reported, stored);
+                }
+                other => prop_assert!(false, "unexpected {other}: {v}"),
+            }
+            Ok(())
+        })?;
+    }
+
+    /// Arbitrary bytes as a body: 400 (or 409 when they happen to be a multipart body of
+    /// refused parts), never a panic, nothing stored.
+    #[test]
+    fn arbitrary_bodies_store_nothing(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let server = Server::default();
+            let (s, v) = server.stow("/dicomweb/studies", body).await;
+            prop_assert!(s == StatusCode::BAD_REQUEST || s == StatusCode::CONFLICT, "{s}: {v}");
+            prop_assert!(server.stored().is_empty());
+            Ok(())
+        })?;
+    }
+}

@@ -1,0 +1,219 @@
+"""DICOMweb against a real peer: `dicomweb-client` (the PyPI package) stores pydicom's test
+files over STOW-RS and searches them over QIDO-RS; pydicom is the judge.
+
+The server runs with `--dicom-spool DIR` and no DIMSE port: DICOMweb is on whenever the
+spool is. What a test expects comes from the files sent (read by pydicom), never from
+Nightingale:
+
+- every instance dicomweb-client stores is referenced in the Store Instances Response, listed
+  in the spool's index with the transfer syntax it was sent in, and stored as a `.dcm` file
+  whose data set equals (element by element, pydicom) the one sent;
+- QIDO-RS (search_for_studies / series / instances) lists exactly the studies, series and
+  instances pydicom reads from the files, with their counts;
+- a wrong media type is 415, a body that ends early 400 with nothing stored, and the server
+  keeps serving.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sqlite3
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from test_dicom_scp import SENT, _binary, _equal_datasets, _with_new_uid
+
+START_TIMEOUT_S = 60.0
+HTTP_TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, workdir: Path):
+        self.http_port = _free_port()
+        self.spool = workdir / "spool"
+        repo = workdir / "models"
+        repo.mkdir()
+        self.stderr = workdir / "stderr.log"
+        cmd = [str(_binary()), "serve", "--repository", str(repo),
+               "--http-addr", f"127.0.0.1:{self.http_port}", "--data-dir", str(workdir / "data"),
+               "--dicom-spool", str(self.spool)]
+        with open(self.stderr, "wb") as err:
+            self.proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited ({self.proc.returncode}):\n{self.log()}", pytrace=False)
+            if "DICOMweb on" in self.log() and "listening (KServe v2 HTTP)" in self.log():
+                return
+            time.sleep(0.1)
+        self.stop()
+        pytest.fail(f"DICOMweb not up within {START_TIMEOUT_S} s:\n{self.log()}", pytrace=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicomweb"
+
+    def log(self) -> str:
+        return self.stderr.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def index(self) -> dict[str, dict]:
+        db = sqlite3.connect(f"file:{self.spool / 'index.sqlite3'}?mode=ro", uri=True, timeout=10)
+        try:
+            db.row_factory = sqlite3.Row
+            rows = db.execute("SELECT * FROM instances").fetchall()
+        finally:
+            db.close()
+        return {r["sop_instance_uid"]: dict(r) for r in rows}
+
+
+@pytest.fixture(scope="module")
+def server():
+    work = Path(tempfile.mkdtemp(prefix="nightingale-dicomweb-"))
+    s = Server(work)
+    yield s
+    s.stop()
+    print(s.log()[-4000:])
+    shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def sent(server, tmp_path_factory) -> list[pydicom.Dataset]:
+    """pydicom's test files (every transfer syntax of test_dicom_scp's list), each with a
+    fresh SOP Instance UID, stored by dicomweb-client in one STOW-RS request."""
+    out = tmp_path_factory.mktemp("sent")
+    datasets = []
+    for name, _ts, _opt in SENT:
+        dst = out / name
+        _with_new_uid(Path(get_testdata_file(name)), dst)
+        datasets.append(pydicom.dcmread(dst))
+    client = DICOMwebClient(url=server.url)
+    response = client.store_instances(datasets=datasets)
+    referenced = [item.ReferencedSOPInstanceUID for item in response.ReferencedSOPSequence]
+    assert referenced == [ds.SOPInstanceUID for ds in datasets]
+    assert "FailedSOPSequence" not in response
+    return datasets
+
+
+def test_stored_instances_are_indexed_and_equal_to_what_was_sent(server, sent):
+    index = server.index()
+    for ds in sent:
+        row = index[ds.SOPInstanceUID]
+        assert row["study_uid"] == ds.StudyInstanceUID
+        assert row["series_uid"] == ds.SeriesInstanceUID
+        assert row["sop_class_uid"] == ds.SOPClassUID
+        assert row["transfer_syntax"] == ds.file_meta.TransferSyntaxUID
+        assert row["calling_ae"] == "STOW-RS"
+        stored = pydicom.dcmread(server.spool / row["path"])
+        assert stored.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+        assert _equal_datasets(ds, stored) == [], ds.SOPInstanceUID
+
+
+def test_qido_lists_what_pydicom_reads(server, sent):
+    client = DICOMwebClient(url=server.url)
+    per_study = Counter(ds.StudyInstanceUID for ds in sent)
+    series_of = {}
+    for ds in sent:
+        series_of.setdefault(ds.StudyInstanceUID, Counter())[ds.SeriesInstanceUID] += 1
+
+    studies = client.search_for_studies()
+    found = {s["0020000D"]["Value"][0]: s for s in studies}
+    assert set(found) == set(per_study)
+    for uid, study in found.items():
+        assert study["00201208"]["Value"][0] == per_study[uid]
+        assert study["00201206"]["Value"][0] == len(series_of[uid])
+
+    for study_uid, series_counts in series_of.items():
+        series = client.search_for_series(study_instance_uid=study_uid)
+        assert {s["0020000E"]["Value"][0]: s["00201209"]["Value"][0] for s in series} == dict(series_counts)
+        for series_uid in series_counts:
+            instances = client.search_for_instances(
+                study_instance_uid=study_uid, series_instance_uid=series_uid)
+            expected = {ds.SOPInstanceUID: ds for ds in sent
+                        if ds.StudyInstanceUID == study_uid and ds.SeriesInstanceUID == series_uid}
+            got = {i["00080018"]["Value"][0]: i for i in instances}
+            assert set(got) == set(expected)
+            for uid, item in got.items():
+                assert item["00080016"]["Value"][0] == expected[uid].SOPClassUID
+                assert item["00083002"]["Value"][0] == expected[uid].file_meta.TransferSyntaxUID
+
+    one = sent[0]
+    hits = client.search_for_instances(search_filters={"SOPInstanceUID": one.SOPInstanceUID})
+    assert [i["00080018"]["Value"][0] for i in hits] == [one.SOPInstanceUID]
+
+
+def test_bad_requests_are_refused_and_the_server_keeps_serving(server, sent, tmp_path):
+    before = server.index()
+    src = tmp_path / "ct.dcm"
+    _with_new_uid(Path(get_testdata_file("CT_small.dcm")), src)
+    data = src.read_bytes()
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data
+            + f"\r\n--{boundary}--\r\n".encode())
+    url = f"{server.url}/studies"
+    r = requests.post(url, data=body, headers={"Content-Type": "application/octet-stream"},
+                      timeout=HTTP_TIMEOUT_S)
+    assert r.status_code == 415, r.text
+    related = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    r = requests.post(url, data=body[:-10], headers={"Content-Type": related}, timeout=HTTP_TIMEOUT_S)
+    assert r.status_code == 400, r.text
+    r = requests.post(url, data=body, headers={"Content-Type": "multipart/related"},
+                      timeout=HTTP_TIMEOUT_S)
+    assert r.status_code == 400, r.text
+    assert server.index() == before
+
+    # A truncated instance is refused with a failure reason; the server keeps serving.
+    cut = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data[:-100]
+           + f"\r\n--{boundary}--\r\n".encode())
+    r = requests.post(url, data=cut, headers={"Content-Type": related}, timeout=HTTP_TIMEOUT_S)
+    assert r.status_code == 409, r.text
+    assert r.headers["Content-Type"] == "application/dicom+json"
+    failed = r.json()["00081198"]["Value"]
+    assert failed[0]["00081197"]["Value"][0] == 0xC000
+    assert server.index() == before
+
+    r = requests.post(url, data=body, headers={"Content-Type": related}, timeout=HTTP_TIMEOUT_S)
+    assert r.status_code == 200, r.text
+    assert pydicom.dcmread(src).SOPInstanceUID in server.index()
+
+
+def test_a_study_url_refuses_instances_of_another_study(server, sent, tmp_path):
+    src = tmp_path / "mr.dcm"
+    _with_new_uid(Path(get_testdata_file("MR_small.dcm")), src)
+    ds = pydicom.dcmread(src)
+    client = DICOMwebClient(url=server.url)
+    other_study = generate_uid()
+    with pytest.raises(requests.HTTPError) as refused:
+        client.store_instances(datasets=[ds], study_instance_uid=other_study)
+    assert refused.value.response.status_code == 409
+    failed = refused.value.response.json()["00081198"]["Value"][0]
+    assert failed["00081155"]["Value"][0] == ds.SOPInstanceUID
+    assert failed["00081197"]["Value"][0] == 0xA900
+    assert ds.SOPInstanceUID not in server.index()
+    response = client.store_instances(datasets=[ds], study_instance_uid=ds.StudyInstanceUID)
+    assert response.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
