@@ -332,6 +332,8 @@ pub struct DicomWebSettings {
     pub limits: crate::http::dicomweb::DicomWebConfig,
     /// How long received instances are kept (`None`: forever): the SCP's setting.
     pub retention: Option<std::time::Duration>,
+    /// How instance UIDs appear in the audit records of STOW-RS parts.
+    pub audit_uids: crate::audit::dicom::UidAudit,
 }
 
 /// The DICOM SCP's settings and where its spool is.
@@ -751,6 +753,7 @@ impl ServeArgs {
                         spool_options: d.spool_options.clone(),
                         limits,
                         retention: d.retention,
+                        audit_uids: d.audit_uids,
                     },
                     None => DicomWebSettings {
                         spool: spool.expect("one of the two is set"),
@@ -768,6 +771,10 @@ impl ServeArgs {
                                 .or(file.dicom_retention_days)
                                 .unwrap_or(DEFAULT_DICOM_RETENTION_DAYS),
                         )?,
+                        audit_uids: self
+                            .dicom_audit_uids
+                            .or(file.dicom_audit_uids)
+                            .unwrap_or_default(),
                     },
                 })
             }

@@ -345,6 +345,7 @@ async fn serve(
         state.set_dicomweb(http::dicomweb::DicomWeb {
             spool,
             config: web.limits,
+            audit_uids: web.audit_uids,
         });
         tracing::info!("DICOMweb on: STOW-RS and QIDO-RS at /dicomweb");
     }

@@ -92,6 +92,7 @@ impl Server {
         state.set_dicomweb(http::dicomweb::DicomWeb {
             spool: Arc::new(spool),
             config: http::dicomweb::DicomWebConfig::default(),
+            audit_uids: Default::default(),
         });
         Server {
             _dir: dir,

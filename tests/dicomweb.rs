@@ -58,6 +58,7 @@ impl Server {
         assert!(state.set_dicomweb(DicomWeb {
             spool: spool.clone(),
             config: limits,
+            audit_uids: Default::default(),
         }));
         Server {
             _dir: dir,
@@ -412,17 +413,32 @@ async fn corrupt_parts_are_refused_with_their_reason() {
         f[..f.len() - 3].to_vec()
     };
     let not_dicom = b"hello, this is not DICOM".to_vec();
+    // A file meta element (File Meta Information Version, OB) claiming 0xFFFFFFF0 bytes:
+    // refused on its length, never allocated.
+    let huge_meta = {
+        let mut f = part10(STUDY, SERIES, &sop(3), 1);
+        let at = f
+            .windows(8)
+            .position(|w| w == b"\x02\x00\x01\x00OB\x00\x00")
+            .expect("the meta version element");
+        f[at + 8..at + 12].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+        f
+    };
     let (s, v) = server
         .stow(
             "/dicomweb/studies",
             multipart(&[
                 ("application/dicom", &truncated),
                 ("application/dicom", &not_dicom),
+                ("application/dicom", &huge_meta),
             ]),
         )
         .await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
-    assert_eq!(failed(&v), vec![(Some(sop(2)), 0xC000), (None, 0xC000)]);
+    assert_eq!(
+        failed(&v),
+        vec![(Some(sop(2)), 0xC000), (None, 0xC000), (None, 0xC000)]
+    );
     assert!(v.get("00081199").is_none(), "{v}");
     assert!(server.stored().is_empty());
 
@@ -641,4 +657,81 @@ proptest! {
             Ok(())
         })?;
     }
+}
+
+/// Every STOW-RS part is in the audit trail before the response reports it: kind
+/// `dicom-instance`, the caller as actor, the HTTP request id, the SHA-256 of the data set and
+/// of each UID (computed here with sha2), and the refusal reason of a part that failed.
+#[tokio::test]
+async fn every_part_is_audited_with_hashed_uids() {
+    use nightingale::audit::{AuditRecord, EventKind, Outcome};
+    use sha2::{Digest, Sha256};
+    let sha = |b: &[u8]| hex::encode(Sha256::digest(b));
+    let server = Server::default();
+    let good = part10(STUDY, SERIES, &sop(1), 1);
+    let truncated = {
+        let f = part10(STUDY, SERIES, &sop(2), 1);
+        f[..f.len() - 3].to_vec()
+    };
+    let (s, v) = server
+        .stow(
+            "/dicomweb/studies",
+            multipart(&[
+                ("application/dicom", &good),
+                ("application/dicom", &truncated),
+            ]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let records: Vec<AuditRecord> = std::fs::read_to_string(server._dir.path().join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &AuditRecord| r.event.kind == EventKind::DicomInstance)
+        .collect();
+    assert_eq!(records.len(), 2, "{records:#?}");
+    let detail = |r: &AuditRecord| -> std::collections::BTreeMap<String, String> {
+        r.event
+            .detail
+            .as_deref()
+            .unwrap_or("")
+            .split(' ')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    };
+    let (stored, refused) = (&records[0], &records[1]);
+    assert_eq!(
+        (stored.event.status, stored.event.outcome),
+        (0, Outcome::Ok)
+    );
+    assert!(
+        stored
+            .event
+            .actor
+            .as_deref()
+            .is_some_and(|a| a.starts_with("STOW-RS:")),
+        "{:?}",
+        stored.event.actor
+    );
+    assert_ne!(stored.event.request_id, "-");
+    assert_eq!(stored.event.request_id, refused.event.request_id);
+    let data_set = nightingale_dicom::stow::split_part10(&good).unwrap().1;
+    assert_eq!(
+        stored.event.input_sha256.as_deref(),
+        Some(sha(data_set).as_str())
+    );
+    let d = detail(stored);
+    assert_eq!(d["event"], "stored");
+    assert_eq!(d["sop_instance_sha256"], sha(sop(1).as_bytes()));
+    assert_eq!(d["study_sha256"], sha(STUDY.as_bytes()));
+    assert_eq!(d["series_sha256"], sha(SERIES.as_bytes()));
+    assert_eq!(refused.event.status, 0xC000);
+    assert_ne!(refused.event.outcome, Outcome::Ok);
+    let d = detail(refused);
+    assert_eq!(d["event"], "refused");
+    assert_eq!(d["sop_instance_sha256"], sha(sop(2).as_bytes()));
+    // No UID in clear anywhere in the trail.
+    let trail = std::fs::read_to_string(server._dir.path().join("audit.jsonl")).unwrap();
+    assert!(!trail.contains(&sop(1)) && !trail.contains(STUDY));
 }

@@ -1017,6 +1017,10 @@ struct Command {
 }
 
 fn parse_command(bytes: &[u8]) -> Option<Command> {
+    // The strict walk first: dicom-parser believes an element's length (a command element
+    // claiming 0xFFFFFFF0 bytes made it allocate and fill gigabytes on the async worker,
+    // stalling every association; found by dicom/tests/hostile.rs).
+    crate::structure::check(bytes, crate::structure::Encoding::of("1.2.840.10008.1.2")).ok()?;
     let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
     let obj = InMemDicomObject::read_dataset_with_ts(bytes, &ts).ok()?;
     let u16_of = |tag| {

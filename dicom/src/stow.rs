@@ -61,10 +61,45 @@ pub fn split_part10(bytes: &[u8]) -> Result<(FileMetaTable, &[u8]), String> {
     if bytes.len() < 132 || &bytes[128..132] != b"DICM" {
         return Err("not a DICOM Part 10 file (no preamble and DICM prefix)".into());
     }
+    check_meta_lengths(&bytes[132..])?;
     let mut rest = &bytes[128..];
     let meta = FileMetaTable::from_reader(&mut rest)
         .map_err(|e| format!("cannot read the file meta information: {e}"))?;
     Ok((meta, rest))
+}
+
+/// Every element of the file meta group (group 0002, Explicit VR Little Endian) must fit in
+/// what follows it: dicom-object's meta reader reserves and zero-fills an element's declared
+/// length before reading it, so a crafted 0xFFFFFFF0 would cost gigabytes.
+fn check_meta_lengths(mut rest: &[u8]) -> Result<(), String> {
+    while rest.len() >= 2 && rest[..2] == [0x02, 0x00] {
+        if rest.len() < 8 {
+            return Err("the file meta information ends inside an element header".into());
+        }
+        let vr = [rest[4], rest[5]];
+        let long = matches!(
+            &vr,
+            b"OB" | b"OW" | b"OF" | b"OD" | b"OL" | b"OV" | b"SQ" | b"UC" | b"UR" | b"UT" | b"UN"
+        );
+        let (header, len) = if long {
+            if rest.len() < 12 {
+                return Err("the file meta information ends inside an element header".into());
+            }
+            (
+                12,
+                u32::from_le_bytes([rest[8], rest[9], rest[10], rest[11]]) as usize,
+            )
+        } else {
+            (8, u16::from_le_bytes([rest[6], rest[7]]) as usize)
+        };
+        if len > rest.len() - header {
+            return Err(format!(
+                "a file meta element claims {len} bytes, more than the part holds"
+            ));
+        }
+        rest = &rest[header + len..];
+    }
+    Ok(())
 }
 
 /// Stores one part (blocking: call it off the async runtime). `expected_study` is the study

@@ -69,7 +69,10 @@ async fn malformed_association_requests_are_refused_and_the_server_goes_on() {
 
         // The application context item claims 0xFFFF bytes, past the end of the PDU.
         let mut item = valid.clone();
-        assert_eq!(item[74], 0x10, "the application context item follows the fixed fields");
+        assert_eq!(
+            item[74], 0x10,
+            "the application context item follows the fixed fields"
+        );
         item[76] = 0xFF;
         item[77] = 0xFF;
         let answer = exchange(addr, &item, true);
@@ -228,18 +231,15 @@ async fn mutated_association_requests_never_stop_the_server() {
     tokio::task::spawn_blocking(move || {
         let valid = valid_rq();
         runner()
-            .run(
-                &prop::collection::vec(mutation(), 1..4),
-                |mutations| {
-                    let mut bytes = valid.clone();
-                    apply(&mut bytes, &mutations);
-                    // Half-closed after the bytes: whatever the server makes of them, it
-                    // answers or closes at once (no case waits for a timeout).
-                    let _ = exchange(addr, &bytes, true);
-                    echo(addr);
-                    Ok(())
-                },
-            )
+            .run(&prop::collection::vec(mutation(), 1..4), |mutations| {
+                let mut bytes = valid.clone();
+                apply(&mut bytes, &mutations);
+                // Half-closed after the bytes: whatever the server makes of them, it
+                // answers or closes at once (no case waits for a timeout).
+                let _ = exchange(addr, &bytes, true);
+                echo(addr);
+                Ok(())
+            })
             .unwrap();
     })
     .await
@@ -257,11 +257,9 @@ fn send_raw_on_association(addr: SocketAddr, bytes: &[u8]) -> Vec<(u16, Option<S
         let _ = socket.shutdown(std::net::Shutdown::Write);
     }
     let mut responses = Vec::new();
-    loop {
-        match read_answer(socket) {
-            Answer::Pdu(pdu @ Pdu::PData { .. }) => responses.push(response_of(&pdu)),
-            Answer::Pdu(_) | Answer::Closed => break,
-        }
+    // Until the server closes, aborts or releases.
+    while let Answer::Pdu(pdu @ Pdu::PData { .. }) = read_answer(socket) {
+        responses.push(response_of(&pdu));
     }
     responses
 }
@@ -276,7 +274,9 @@ fn indexed(server: &Running) -> BTreeSet<String> {
             // Every indexed instance is a whole file that parses, holding that instance.
             let file = dicom_object::OpenFileOptions::new()
                 .open_file(&s.path)
-                .unwrap_or_else(|e| panic!("indexed file {} does not parse: {e}", s.path.display()));
+                .unwrap_or_else(|e| {
+                    panic!("indexed file {} does not parse: {e}", s.path.display())
+                });
             let uid = file
                 .element(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
                 .unwrap()
@@ -301,12 +301,12 @@ async fn mutated_c_store_streams_store_exactly_what_was_acknowledged() {
     let server = std::sync::Arc::new(server);
     let checked = server.clone();
     tokio::task::spawn_blocking(move || {
-        let mut n = 0u32;
+        let n = std::cell::Cell::new(0u32);
         runner()
             .run(&prop::collection::vec(mutation(), 1..3), |mutations| {
-                n += 1;
+                n.set(n.get() + 1);
                 // The presentation context dicom-ul's client proposes first has id 1.
-                let uid = format!("1.2.3.100.77.{n}");
+                let uid = format!("1.2.3.100.77.{}", n.get());
                 let mut bytes = pdu_bytes(&pdata(
                     1,
                     PDataValueType::Command,

@@ -188,6 +188,45 @@ impl DicomAuditSink {
     }
 }
 
+/// One STOW-RS part, as the audit sees it.
+pub struct StowPart<'a> {
+    /// The HTTP request's id (`x-request-id`): shared by the records of its parts.
+    pub request_id: &'a str,
+    /// The authenticated caller (`Caller::id`).
+    pub caller: &'a str,
+    /// What the part became: the instance's fields, `status` 0 when stored, else the
+    /// PS3.18 failure reason.
+    pub instance: InstanceEvent,
+}
+
+impl DicomAuditSink {
+    /// The audit record of a STOW-RS part: kind `dicom-instance` like a C-STORE, actor
+    /// `STOW-RS:<caller id>`, the HTTP request id, the same `detail` keys.
+    pub fn stow_record(&self, part: &StowPart<'_>) -> AuditEvent {
+        let event = if part.instance.status == 0 {
+            DicomEvent::InstanceStored(part.instance.clone())
+        } else {
+            DicomEvent::InstanceRefused(part.instance.clone())
+        };
+        let mut record = self.record_of(&event);
+        record.request_id = part.request_id.chars().take(128).collect();
+        record.actor = Some(format!(
+            "STOW-RS:{}",
+            part.caller
+                .chars()
+                .filter(|c| c.is_ascii_graphic())
+                .take(200)
+                .collect::<String>()
+        ));
+        record
+    }
+
+    /// Stores the record of a STOW-RS part (before the part is reported as stored).
+    pub async fn record_stow(&self, part: &StowPart<'_>) -> Result<(), super::AuditError> {
+        self.log.record(self.stow_record(part)).await
+    }
+}
+
 impl EventSink for DicomAuditSink {
     fn event(&self, event: DicomEvent) -> SinkFuture<'_> {
         let record = self.record_of(&event);

@@ -22,7 +22,11 @@ use nightingale_dicom::qido;
 use nightingale_dicom::stow::{self, PartOutcome, StagedPart};
 use serde_json::{Map, Value, json};
 
+use super::auth::Caller;
 use super::{AppError, AppState};
+use crate::audit::dicom::{DicomAuditSink, StowPart};
+use axum::extract::Extension;
+use nightingale_dicom::InstanceEvent;
 
 /// STOW-RS limits.
 #[derive(Debug, Clone)]
@@ -49,6 +53,8 @@ impl Default for DicomWebConfig {
 pub struct DicomWeb {
     pub spool: Arc<Spool>,
     pub config: DicomWebConfig,
+    /// How instance UIDs appear in the audit records of STOW-RS parts.
+    pub audit_uids: crate::audit::dicom::UidAudit,
 }
 
 const DICOM_JSON: &str = "application/dicom+json";
@@ -79,30 +85,37 @@ fn dicomweb(state: &AppState) -> Result<&DicomWeb, AppError> {
 /// `POST /dicomweb/studies`.
 pub(crate) async fn stow(
     State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    store(&state, None, &headers, body).await
+    store(&state, None, caller_id(&caller), &headers, body).await
 }
 
 /// `POST /dicomweb/studies/{study}`: every instance must belong to `study`.
 pub(crate) async fn stow_study(
     State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     Path(study): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    store(&state, Some(study), &headers, body).await
+    store(&state, Some(study), caller_id(&caller), &headers, body).await
+}
+
+fn caller_id(caller: &Option<Extension<Caller>>) -> &str {
+    caller.as_ref().map_or("anonymous", |c| c.0.id.as_str())
 }
 
 async fn store(
     state: &AppState,
     study: Option<String>,
+    caller: &str,
     headers: &HeaderMap,
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let response = match store_inner(state, study, headers, body).await {
+    let response = match store_inner(state, study, caller, headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -119,10 +132,19 @@ async fn store(
 async fn store_inner(
     state: &AppState,
     study: Option<String>,
+    caller: &str,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, AppError> {
     let web = dicomweb(state)?;
+    // Every part is audited before the response reports it (a stored part whose record cannot
+    // be written is reported as failed, 0x0110, like a C-STORE).
+    let audit = DicomAuditSink::new(state.audit.clone(), web.audit_uids);
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
     let limits = &web.config;
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -259,6 +281,22 @@ async fn store_inner(
         in_memory -= len;
         match outcome {
             Ok((PartOutcome::Stored(s), size)) => {
+                let record = StowPart {
+                    request_id: &request_id,
+                    caller,
+                    instance: stored_event(&s, size),
+                };
+                if let Err(e) = audit.record_stow(&record).await {
+                    tracing::error!(error = %e, "STOW-RS: the audit record of a stored part cannot be written; reported as failed");
+                    failed.push(stow::Failure {
+                        sop_class_uid: Some(s.sop_class_uid.clone()),
+                        sop_instance_uid: Some(s.sop_instance_uid.clone()),
+                        reason: stow::reason::PROCESSING_FAILURE,
+                        kind: "audit",
+                        detail: "the audit record cannot be written".into(),
+                    });
+                    continue;
+                }
                 metrics::counter!(
                     "nightingale_dicom_stow_instances_stored_total",
                     "duplicate" => if s.duplicate { "true" } else { "false" }
@@ -278,6 +316,14 @@ async fn store_inner(
                 metrics::counter!("nightingale_dicom_stow_instances_failed_total", "reason" => f.kind)
                     .increment(1);
                 tracing::warn!(reason = f.kind, failure = f.reason, size, detail = %f.detail, "STOW-RS part refused");
+                let record = StowPart {
+                    request_id: &request_id,
+                    caller,
+                    instance: failed_event(&f, size),
+                };
+                if let Err(e) = audit.record_stow(&record).await {
+                    tracing::error!(error = %e, "STOW-RS: the audit record of a refused part cannot be written");
+                }
                 failed.push(f);
             }
             Err(e) => {
@@ -333,6 +379,44 @@ async fn store_inner(
         response.insert("00081199".into(), json!({"vr": "SQ", "Value": items}));
     }
     Ok(dicom_json(status, Value::Object(response), None))
+}
+
+/// The audit view of a stored part.
+fn stored_event(s: &nightingale_dicom::Stored, size: usize) -> InstanceEvent {
+    InstanceEvent {
+        association: 0,
+        peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        calling_ae: stow::STOW_SENDER.into(),
+        sop_class_uid: s.sop_class_uid.clone(),
+        sop_instance_uid: s.sop_instance_uid.clone(),
+        study_uid: Some(s.study_uid.clone()),
+        series_uid: Some(s.series_uid.clone()),
+        transfer_syntax: s.transfer_syntax.clone(),
+        size: size as u64,
+        status: 0,
+        sha256: Some(s.sha256.clone()),
+        duplicate: s.duplicate,
+        reason: None,
+    }
+}
+
+/// The audit view of a refused part (status: its PS3.18 failure reason).
+fn failed_event(f: &stow::Failure, size: usize) -> InstanceEvent {
+    InstanceEvent {
+        association: 0,
+        peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        calling_ae: stow::STOW_SENDER.into(),
+        sop_class_uid: f.sop_class_uid.clone().unwrap_or_default(),
+        sop_instance_uid: f.sop_instance_uid.clone().unwrap_or_default(),
+        study_uid: None,
+        series_uid: None,
+        transfer_syntax: String::new(),
+        size: size as u64,
+        status: f.reason,
+        sha256: None,
+        duplicate: false,
+        reason: Some(f.kind),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
