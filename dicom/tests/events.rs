@@ -8,47 +8,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use dicom_core::{DataElement, PrimitiveValue, VR};
-use dicom_dictionary_std::tags;
-use dicom_object::InMemDicomObject;
 use dicom_object::meta::FileMetaTableBuilder;
 use nightingale_dicom::events::{ChannelSink, EventSink, SinkError, SinkFuture};
 use nightingale_dicom::scu::{self, ScuOptions};
 use nightingale_dicom::{DicomEvent, Scp, ScpConfig, Spool, SpoolOptions};
 
+mod support;
+
 const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
 const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 
 fn write_ct(path: &Path, sop: &str) {
-    let mut obj = InMemDicomObject::new_empty();
-    let ui = |v: &str| PrimitiveValue::from(v);
-    obj.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, ui(CT)));
-    obj.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, ui(sop)));
-    obj.put(DataElement::new(
-        tags::STUDY_INSTANCE_UID,
-        VR::UI,
-        ui("1.2.3.7"),
-    ));
-    obj.put(DataElement::new(
-        tags::SERIES_INSTANCE_UID,
-        VR::UI,
-        ui("1.2.3.7.1"),
-    ));
-    obj.put(DataElement::new(
-        tags::ROWS,
-        VR::US,
-        PrimitiveValue::from(1u16),
-    ));
-    obj.put(DataElement::new(
-        tags::COLUMNS,
-        VR::US,
-        PrimitiveValue::from(2u16),
-    ));
-    obj.put(DataElement::new(
-        tags::PIXEL_DATA,
-        VR::OW,
-        PrimitiveValue::U8(vec![1, 0, 2, 0].into()),
-    ));
+    let obj = support::ct_object("1.2.3.7", "1.2.3.7.1", Some(sop), Some(vec![1, 0, 2, 0]));
     let file = obj
         .with_meta(
             FileMetaTableBuilder::new()

@@ -14,44 +14,19 @@ use dicom_object::InMemDicomObject;
 use nightingale_dicom::maintenance::{CheckOptions, MaintenanceError, Problem};
 use nightingale_dicom::{Incoming, Spool, SpoolOptions};
 
+mod support;
+
 const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
 const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 
 /// A small CT data set in Explicit VR Little Endian.
 fn ct(study: &str, series: &str, sop: &str) -> Vec<u8> {
-    let mut obj = InMemDicomObject::new_empty();
-    let ui = |v: &str| PrimitiveValue::from(v);
-    obj.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, ui(CT)));
-    obj.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, ui(sop)));
-    obj.put(DataElement::new(
-        tags::STUDY_INSTANCE_UID,
-        VR::UI,
-        ui(study),
-    ));
-    obj.put(DataElement::new(
-        tags::SERIES_INSTANCE_UID,
-        VR::UI,
-        ui(series),
-    ));
-    obj.put(DataElement::new(
-        tags::ROWS,
-        VR::US,
-        PrimitiveValue::from(1u16),
-    ));
-    obj.put(DataElement::new(
-        tags::COLUMNS,
-        VR::US,
-        PrimitiveValue::from(2u16),
-    ));
-    obj.put(DataElement::new(
-        tags::PIXEL_DATA,
-        VR::OW,
-        PrimitiveValue::U8(vec![1, 0, 2, 0].into()),
-    ));
-    let ts = dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased();
-    let mut out = Vec::new();
-    obj.write_dataset_with_ts(&mut out, &ts).unwrap();
-    out
+    support::explicit_le(&support::ct_object(
+        study,
+        series,
+        Some(sop),
+        Some(vec![1, 0, 2, 0]),
+    ))
 }
 
 fn incoming() -> Incoming<'static> {

@@ -8,10 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
-use dicom_object::InMemDicomObject;
 use nightingale_dicom::{Incoming, Spool, SpoolOptions, StoreError};
+
+mod support;
 
 const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
 const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
@@ -24,55 +24,7 @@ fn options() -> SpoolOptions {
 
 /// A CT data set in Explicit VR Little Endian; `None` leaves an attribute out.
 fn ct(sop: Option<&str>, pixels: Option<Vec<u8>>) -> Vec<u8> {
-    let mut obj = InMemDicomObject::new_empty();
-    obj.put(DataElement::new(
-        tags::SOP_CLASS_UID,
-        VR::UI,
-        PrimitiveValue::from(CT),
-    ));
-    if let Some(sop) = sop {
-        obj.put(DataElement::new(
-            tags::SOP_INSTANCE_UID,
-            VR::UI,
-            PrimitiveValue::from(sop),
-        ));
-    }
-    obj.put(DataElement::new(
-        tags::STUDY_INSTANCE_UID,
-        VR::UI,
-        PrimitiveValue::from(STUDY),
-    ));
-    obj.put(DataElement::new(
-        tags::SERIES_INSTANCE_UID,
-        VR::UI,
-        PrimitiveValue::from(SERIES),
-    ));
-    obj.put(DataElement::new(
-        tags::MODALITY,
-        VR::CS,
-        PrimitiveValue::from("CT"),
-    ));
-    if let Some(pixels) = pixels {
-        obj.put(DataElement::new(
-            tags::ROWS,
-            VR::US,
-            PrimitiveValue::from(1u16),
-        ));
-        obj.put(DataElement::new(
-            tags::COLUMNS,
-            VR::US,
-            PrimitiveValue::from((pixels.len() / 2) as u16),
-        ));
-        obj.put(DataElement::new(
-            tags::PIXEL_DATA,
-            VR::OW,
-            PrimitiveValue::U8(pixels.into()),
-        ));
-    }
-    let ts = dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased();
-    let mut out = Vec::new();
-    obj.write_dataset_with_ts(&mut out, &ts).unwrap();
-    out
+    support::explicit_le(&support::ct_object(STUDY, SERIES, sop, pixels))
 }
 
 fn incoming() -> Incoming<'static> {

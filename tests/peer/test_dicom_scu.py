@@ -30,6 +30,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+from dicom_support import binary as _binary, free_port as _free_port, tool as _tool  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 30.0
@@ -51,28 +52,6 @@ SENT = [
     ("rtdose.dcm", "1.2.840.10008.1.2"),
     ("test-SR.dcm", "1.2.840.10008.1.2.1"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _binary() -> Path:
-    binary = Path(os.environ.get("NIGHTINGALE_BIN", "target/debug/nightingale"))
-    if not binary.is_absolute():
-        binary = REPO / binary
-    if not binary.exists():
-        pytest.fail(f"Nightingale binary not found at {binary} (cargo build)", pytrace=False)
-    return binary
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} not found: install Debian's dcmtk (scripts/test.sh does)", pytrace=False)
-    return path
 
 
 class StoreScp:

@@ -50,6 +50,22 @@ pub fn ct(sop: &str) -> Vec<u8> {
 
 /// A small CT data set; `None` leaves the SOP Instance UID out.
 pub fn ct_with(sop: Option<&str>) -> Vec<u8> {
+    explicit_le(&ct_object(
+        "1.2.3.100",
+        "1.2.3.100.1",
+        sop,
+        Some(vec![1, 0, 2, 0]),
+    ))
+}
+
+/// A CT object (shared by every test of this crate); `None` leaves the SOP Instance UID, or
+/// the image attributes and pixel data, out. One row of `pixels.len() / 2` 16-bit pixels.
+pub fn ct_object(
+    study: &str,
+    series: &str,
+    sop: Option<&str>,
+    pixels: Option<Vec<u8>>,
+) -> InMemDicomObject {
     let mut obj = InMemDicomObject::new_empty();
     let ui = |v: &str| PrimitiveValue::from(v);
     obj.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, ui(CT)));
@@ -59,28 +75,36 @@ pub fn ct_with(sop: Option<&str>) -> Vec<u8> {
     obj.put(DataElement::new(
         tags::STUDY_INSTANCE_UID,
         VR::UI,
-        ui("1.2.3.100"),
+        ui(study),
     ));
     obj.put(DataElement::new(
         tags::SERIES_INSTANCE_UID,
         VR::UI,
-        ui("1.2.3.100.1"),
+        ui(series),
     ));
-    obj.put(DataElement::new(
-        tags::ROWS,
-        VR::US,
-        PrimitiveValue::from(1u16),
-    ));
-    obj.put(DataElement::new(
-        tags::COLUMNS,
-        VR::US,
-        PrimitiveValue::from(2u16),
-    ));
-    obj.put(DataElement::new(
-        tags::PIXEL_DATA,
-        VR::OW,
-        PrimitiveValue::U8(vec![1, 0, 2, 0].into()),
-    ));
+    obj.put(DataElement::new(tags::MODALITY, VR::CS, ui("CT")));
+    if let Some(pixels) = pixels {
+        obj.put(DataElement::new(
+            tags::ROWS,
+            VR::US,
+            PrimitiveValue::from(1u16),
+        ));
+        obj.put(DataElement::new(
+            tags::COLUMNS,
+            VR::US,
+            PrimitiveValue::from((pixels.len() / 2) as u16),
+        ));
+        obj.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OW,
+            PrimitiveValue::U8(pixels.into()),
+        ));
+    }
+    obj
+}
+
+/// The data set in Explicit VR Little Endian.
+pub fn explicit_le(obj: &InMemDicomObject) -> Vec<u8> {
     let ts = dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased();
     let mut out = Vec::new();
     obj.write_dataset_with_ts(&mut out, &ts).unwrap();
