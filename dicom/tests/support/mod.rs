@@ -113,7 +113,19 @@ pub fn explicit_le(obj: &InMemDicomObject) -> Vec<u8> {
 
 /// A C-STORE-RQ command set in Implicit VR Little Endian, written by dicom-object.
 pub fn c_store_rq(message_id: u16, sop: &str) -> Vec<u8> {
+    command_set(0x0001, message_id, CT, Some(sop), 0x0000)
+}
+
+/// A DIMSE request command set (Implicit VR Little Endian, group length first).
+pub fn command_set(
+    field: u16,
+    message_id: u16,
+    sop_class: &str,
+    sop_instance: Option<&str>,
+    data_set_type: u16,
+) -> Vec<u8> {
     let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
+    let us = |v: u16| PrimitiveValue::from(v);
     let build = |group_length: u32| {
         let mut obj = InMemDicomObject::new_empty();
         obj.put(DataElement::new(
@@ -124,33 +136,25 @@ pub fn c_store_rq(message_id: u16, sop: &str) -> Vec<u8> {
         obj.put(DataElement::new(
             tags::AFFECTED_SOP_CLASS_UID,
             VR::UI,
-            PrimitiveValue::from(CT),
+            PrimitiveValue::from(sop_class),
         ));
-        obj.put(DataElement::new(
-            tags::COMMAND_FIELD,
-            VR::US,
-            PrimitiveValue::from(0x0001u16),
-        ));
-        obj.put(DataElement::new(
-            tags::MESSAGE_ID,
-            VR::US,
-            PrimitiveValue::from(message_id),
-        ));
-        obj.put(DataElement::new(
-            tags::PRIORITY,
-            VR::US,
-            PrimitiveValue::from(0u16),
-        ));
+        obj.put(DataElement::new(tags::COMMAND_FIELD, VR::US, us(field)));
+        obj.put(DataElement::new(tags::MESSAGE_ID, VR::US, us(message_id)));
+        if field == 0x0001 {
+            obj.put(DataElement::new(tags::PRIORITY, VR::US, us(0)));
+        }
         obj.put(DataElement::new(
             tags::COMMAND_DATA_SET_TYPE,
             VR::US,
-            PrimitiveValue::from(0x0000u16),
+            us(data_set_type),
         ));
-        obj.put(DataElement::new(
-            tags::AFFECTED_SOP_INSTANCE_UID,
-            VR::UI,
-            PrimitiveValue::from(sop),
-        ));
+        if let Some(sop) = sop_instance {
+            obj.put(DataElement::new(
+                tags::AFFECTED_SOP_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from(sop),
+            ));
+        }
         let mut out = Vec::new();
         obj.write_dataset_with_ts(&mut out, &ts).unwrap();
         out
@@ -340,40 +344,7 @@ pub fn echo(addr: SocketAddr) {
     const VERIFICATION: &str = "1.2.840.10008.1.1";
     let mut assoc = connect(addr, &[(VERIFICATION, EXPLICIT_LE)]).expect("an association");
     let pc = accepted_pc(&assoc);
-    let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
-    let build = |group_length: u32| {
-        let mut obj = InMemDicomObject::new_empty();
-        obj.put(DataElement::new(
-            tags::COMMAND_GROUP_LENGTH,
-            VR::UL,
-            PrimitiveValue::from(group_length),
-        ));
-        obj.put(DataElement::new(
-            tags::AFFECTED_SOP_CLASS_UID,
-            VR::UI,
-            PrimitiveValue::from(VERIFICATION),
-        ));
-        obj.put(DataElement::new(
-            tags::COMMAND_FIELD,
-            VR::US,
-            PrimitiveValue::from(0x0030u16),
-        ));
-        obj.put(DataElement::new(
-            tags::MESSAGE_ID,
-            VR::US,
-            PrimitiveValue::from(7u16),
-        ));
-        obj.put(DataElement::new(
-            tags::COMMAND_DATA_SET_TYPE,
-            VR::US,
-            PrimitiveValue::from(0x0101u16),
-        ));
-        let mut out = Vec::new();
-        obj.write_dataset_with_ts(&mut out, &ts).unwrap();
-        out
-    };
-    let first = build(0);
-    let command = build(first.len() as u32 - 12);
+    let command = command_set(0x0030, 7, VERIFICATION, None, 0x0101);
     assoc
         .send(&pdata(pc, PDataValueType::Command, true, command))
         .unwrap();
