@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,25 @@ def tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} not found: install Debian's dcmtk (scripts/test.sh does)", pytrace=False)
     return path
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 10 s (each wait bounded)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def spool_index(spool: Path) -> dict[str, dict]:
+    """The spool's SQLite index, read-only, by SOP Instance UID."""
+    db = sqlite3.connect(f"file:{spool / 'index.sqlite3'}?mode=ro", uri=True, timeout=10)
+    try:
+        db.row_factory = sqlite3.Row
+        rows = db.execute("SELECT * FROM instances").fetchall()
+    finally:
+        db.close()
+    return {r["sop_instance_uid"]: dict(r) for r in rows}

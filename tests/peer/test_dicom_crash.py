@@ -34,7 +34,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
-from dicom_support import binary as _binary, free_port as _free_port, tool as _tool  # noqa: E402
+from dicom_support import binary as _binary, free_port as _free_port, spool_index, tool as _tool  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60.0
@@ -92,13 +92,7 @@ class Server:
                 self.kill()
 
     def index(self) -> dict[str, dict]:
-        db = sqlite3.connect(f"file:{self.spool / 'index.sqlite3'}?mode=ro", uri=True, timeout=10)
-        try:
-            db.row_factory = sqlite3.Row
-            rows = db.execute("SELECT * FROM instances").fetchall()
-        finally:
-            db.close()
-        return {r["sop_instance_uid"]: dict(r) for r in rows}
+        return spool_index(self.spool)
 
     def indexed_count(self) -> int:
         try:

@@ -26,7 +26,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-pynetdicom = pytest.importorskip("pynetdicom")
+# pynetdicom is in tests/peer/requirements.txt: a missing one fails the import, not a skip.
 from pynetdicom import AE  # noqa: E402
 from pynetdicom.sop_class import CTImageStorage, Verification  # noqa: E402
 

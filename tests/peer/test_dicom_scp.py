@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import subprocess
 import tempfile
 import time
@@ -29,7 +28,7 @@ import pytest
 import requests
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
-from dicom_support import binary as _binary, free_port as _free_port, tool as _tool  # noqa: E402
+from dicom_support import binary as _binary, free_port as _free_port, spool_index, stop, tool as _tool  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60.0
@@ -90,22 +89,10 @@ class Server:
         return self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop(self.proc)
 
     def index(self) -> dict[str, dict]:
-        db = sqlite3.connect(f"file:{self.spool / 'index.sqlite3'}?mode=ro", uri=True, timeout=10)
-        try:
-            db.row_factory = sqlite3.Row
-            rows = db.execute("SELECT * FROM instances").fetchall()
-        finally:
-            db.close()
-        return {r["sop_instance_uid"]: dict(r) for r in rows}
+        return spool_index(self.spool)
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of a Prometheus counter's samples with these labels (0 when absent)."""

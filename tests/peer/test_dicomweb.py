@@ -17,8 +17,6 @@ Nightingale:
 from __future__ import annotations
 
 import shutil
-import socket
-import sqlite3
 import subprocess
 import tempfile
 import time
@@ -32,16 +30,11 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from dicom_support import free_port as _free_port, spool_index, stop  # noqa: E402
 from test_dicom_scp import SENT, _binary, _equal_datasets, _with_new_uid
 
 START_TIMEOUT_S = 60.0
 HTTP_TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -74,22 +67,10 @@ class Server:
         return self.stderr.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop(self.proc)
 
     def index(self) -> dict[str, dict]:
-        db = sqlite3.connect(f"file:{self.spool / 'index.sqlite3'}?mode=ro", uri=True, timeout=10)
-        try:
-            db.row_factory = sqlite3.Row
-            rows = db.execute("SELECT * FROM instances").fetchall()
-        finally:
-            db.close()
-        return {r["sop_instance_uid"]: dict(r) for r in rows}
+        return spool_index(self.spool)
 
 
 @pytest.fixture(scope="module")
