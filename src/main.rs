@@ -319,16 +319,12 @@ async fn serve(
 
     // ---- DICOM ingest (issue 8): the SCP runs beside HTTP until shutdown; DICOMweb shares
     // its spool (or has one of its own with --dicom-spool alone) ----
+    // DICOMweb's settings exist whenever a spool is configured (with or without the SCP) and
+    // carry the spool's path, options, retention and audit settings.
     let spool_at = config
-        .dicom
+        .dicomweb
         .as_ref()
-        .map(|d| (d.spool.clone(), d.spool_options.clone()))
-        .or_else(|| {
-            config
-                .dicomweb
-                .as_ref()
-                .map(|w| (w.spool.clone(), w.spool_options.clone()))
-        });
+        .map(|w| (w.spool.clone(), w.spool_options.clone()));
     let spool = match spool_at {
         None => None,
         Some((path, options)) => {
@@ -350,9 +346,8 @@ async fn serve(
         tracing::info!("DICOMweb on: STOW-RS and QIDO-RS at /dicomweb");
     }
     // Retention (OPS slice) runs on the spool whichever way it was opened.
-    let retention = match (&spool, &config.dicom, &config.dicomweb) {
-        (Some(spool), Some(d), _) => dicom_cli::retention_task(spool.clone(), d.retention),
-        (Some(spool), None, Some(w)) => dicom_cli::retention_task(spool.clone(), w.retention),
+    let retention = match (&spool, &config.dicomweb) {
+        (Some(spool), Some(w)) => dicom_cli::retention_task(spool.clone(), w.retention),
         _ => None,
     };
     let dicom = match (config.dicom.clone(), spool) {
