@@ -91,17 +91,22 @@ send() { # port called-AE associations -> prints seconds
 
 count_indexed() { "$PY" -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("SELECT count(*) FROM instances").fetchone()[0])' "$1/spool/index.sqlite3"; }
 
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system, clock ticks
+
 rate() { printf '%.0f' "$(echo "$COUNT / $1" | bc -l)"; }
 mbs() { printf '%.1f' "$(echo "$BYTES / $1 / 1000000" | bc -l)"; }
 
-echo "| associations | receiver | seconds | instances/s | MB/s | Nightingale ÷ dcmtk |"
-echo "|---|---|---|---|---|---|"
+echo "| associations | receiver | seconds | instances/s | MB/s | Nightingale ÷ dcmtk | server CPU ms/instance |"
+echo "|---|---|---|---|---|---|---|"
 for round in $(seq "$ROUNDS"); do
     for assoc in 1 4; do
         run="$WORK/r$round-a$assoc"
         start_nightingale "$run-ng"
         start_storescp "$run-dcmtk"
+        cpu0=$(cpu_ticks "$NG_PID")
         ng=$(send "$NG_PORT" NIGHTINGALE "$assoc")
+        cpu1=$(cpu_ticks "$NG_PID")
+        ng_cpu=$(printf '%.2f' "$(echo "($cpu1 - $cpu0) * 1000 / $(getconf CLK_TCK) / $COUNT" | bc -l)")
         dc=$(send "$SCP_PORT" STORESCP "$assoc")
         indexed=$(count_indexed "$run-ng")
         received=$(find "$run-dcmtk" -type f ! -name '*.log' | wc -l)
@@ -112,8 +117,8 @@ for round in $(seq "$ROUNDS"); do
             exit 1
         fi
         ratio=$(printf '%.2f' "$(echo "$dc / $ng" | bc -l)")
-        echo "| $assoc | Nightingale (fsync) | $(printf '%.2f' "$ng") | $(rate "$ng") | $(mbs "$ng") | **${ratio}×** |"
-        echo "| $assoc | dcmtk storescp (no fsync) | $(printf '%.2f' "$dc") | $(rate "$dc") | $(mbs "$dc") | 1 |"
+        echo "| $assoc | Nightingale (fsync) | $(printf '%.2f' "$ng") | $(rate "$ng") | $(mbs "$ng") | **${ratio}×** | $ng_cpu |"
+        echo "| $assoc | dcmtk storescp (no fsync) | $(printf '%.2f' "$dc") | $(rate "$dc") | $(mbs "$dc") | 1 | |"
         rm -rf "$run-ng" "$run-dcmtk"
     done
 done

@@ -24,9 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dicom_dictionary_std::tags;
 use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
-use dicom_object::InMemDicomObject;
 use dicom_object::meta::{FileMetaTable, FileMetaTableBuilder};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -829,16 +827,13 @@ impl Spool {
 /// The index's sha256 and path for a SOP Instance UID, if it is stored.
 fn indexed(db: &Connection, sop_instance_uid: &str) -> Result<Option<Existing>, StoreError> {
     Ok(db
-        .query_row(
-            "SELECT sha256, path FROM instances WHERE sop_instance_uid = ?1",
-            [sop_instance_uid],
-            |r| {
-                Ok(Existing {
-                    sha256: r.get(0)?,
-                    path: r.get(1)?,
-                })
-            },
-        )
+        .prepare_cached("SELECT sha256, path FROM instances WHERE sop_instance_uid = ?1")?
+        .query_row([sop_instance_uid], |r| {
+            Ok(Existing {
+                sha256: r.get(0)?,
+                path: r.get(1)?,
+            })
+        })
         .optional()?)
 }
 
@@ -851,61 +846,68 @@ fn index_failure(op: &'static str, e: &dyn std::fmt::Display) -> StoreError {
 }
 
 fn insert_row(db: &Connection, s: &Stored, relative: &Path) -> Result<(), StoreError> {
-    db.execute(
+    db.prepare_cached(
         "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid,
             transfer_syntax, calling_ae, received_at_ms, size, sha256, path)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        params![
-            s.sop_instance_uid,
-            s.sop_class_uid,
-            s.study_uid,
-            s.series_uid,
-            s.transfer_syntax,
-            s.calling_ae,
-            s.received_at_ms,
-            s.size as i64,
-            s.sha256,
-            relative.to_string_lossy(),
-        ],
-    )?;
+    )?
+    .execute(params![
+        s.sop_instance_uid,
+        s.sop_class_uid,
+        s.study_uid,
+        s.series_uid,
+        s.transfer_syntax,
+        s.calling_ae,
+        s.received_at_ms,
+        s.size as i64,
+        s.sha256,
+        relative.to_string_lossy(),
+    ])?;
     Ok(())
 }
 
-/// Parses the data set and checks what the spool needs from it.
+/// The top-level elements [`validate`] reads: the four UIDs, then the pixel data tags.
+const IDENTITY_TAGS: [(u16, u16); 7] = [
+    (0x0008, 0x0016), // SOP Class UID
+    (0x0008, 0x0018), // SOP Instance UID
+    (0x0020, 0x000D), // Study Instance UID
+    (0x0020, 0x000E), // Series Instance UID
+    (0x7FE0, 0x0010), // Pixel Data
+    (0x7FE0, 0x0008), // Float Pixel Data
+    (0x7FE0, 0x0009), // Double Float Pixel Data
+];
+
+/// Checks the data set's structure and takes what the spool needs from it. One walk over
+/// the element headers does both: the data set is not parsed into an object (which would
+/// copy its pixel data), since the spool stores it as received.
 fn validate(dataset: &[u8], incoming: &Incoming<'_>) -> Result<Identity, StoreError> {
     let ts_uid = sop::trim_uid(incoming.transfer_syntax);
-    let ts = TransferSyntaxRegistry
+    TransferSyntaxRegistry
         .get(ts_uid)
         .filter(|ts| !ts.is_unsupported())
         .ok_or_else(|| StoreError::UnknownTransferSyntax {
             uid: ts_uid.to_owned(),
         })?;
-    // dicom-parser takes a data set cut inside a header as ended: check the structure first.
-    crate::structure::check(dataset, crate::structure::Encoding::of(ts_uid))?;
-    let obj = InMemDicomObject::read_dataset_with_ts(dataset, ts).map_err(|e| {
-        StoreError::CannotParse {
-            transfer_syntax: ts_uid.to_owned(),
-            detail: e.to_string(),
+    // dicom-parser takes a data set cut inside a header as ended: the strict walk does not.
+    let found = crate::structure::walk(
+        dataset,
+        crate::structure::Encoding::of(ts_uid),
+        &IDENTITY_TAGS,
+    )?;
+    let uid = |i: usize, name: &'static str| -> Result<String, StoreError> {
+        let value = match &found[i] {
+            // A UID is text whatever its VR (some converters send UIDs as UN).
+            Some(crate::structure::Found::Value(bytes)) => {
+                let text =
+                    std::str::from_utf8(bytes).map_err(|_| StoreError::InvalidUid { name })?;
+                sop::trim_uid(text).to_owned()
+            }
+            Some(crate::structure::Found::Long) => return Err(StoreError::InvalidUid { name }),
+            None => String::new(),
+        };
+        if value.is_empty() {
+            return Err(StoreError::MissingAttribute { name });
         }
-    })?;
-    let uid = |tag, name: &'static str| -> Result<String, StoreError> {
-        let value = obj
-            .element_opt(tag)
-            .ok()
-            .flatten()
-            .and_then(|e| {
-                // A UID sent with VR UN (some converters do) is its text, not bytes to show.
-                if e.vr() == dicom_core::VR::UN {
-                    e.to_bytes()
-                        .ok()
-                        .map(|b| String::from_utf8_lossy(&b).into_owned())
-                } else {
-                    e.to_str().ok().map(|s| s.into_owned())
-                }
-            })
-            .map(|s| sop::trim_uid(&s).to_owned())
-            .filter(|s| !s.is_empty())
-            .ok_or(StoreError::MissingAttribute { name })?;
         // Real senders sometimes use UIDs that break PS3.5's rules (letters, leading zeros):
         // those are kept (their path is hashed); only what cannot be one value is refused.
         if !sop::is_acceptable_uid(&value) {
@@ -914,10 +916,10 @@ fn validate(dataset: &[u8], incoming: &Incoming<'_>) -> Result<Identity, StoreEr
         Ok(value)
     };
     let identity = Identity {
-        sop_class_uid: uid(tags::SOP_CLASS_UID, "SOPClassUID")?,
-        sop_instance_uid: uid(tags::SOP_INSTANCE_UID, "SOPInstanceUID")?,
-        study_uid: uid(tags::STUDY_INSTANCE_UID, "StudyInstanceUID")?,
-        series_uid: uid(tags::SERIES_INSTANCE_UID, "SeriesInstanceUID")?,
+        sop_class_uid: uid(0, "SOPClassUID")?,
+        sop_instance_uid: uid(1, "SOPInstanceUID")?,
+        study_uid: uid(2, "StudyInstanceUID")?,
+        series_uid: uid(3, "SeriesInstanceUID")?,
     };
     if let Some(expected) = incoming.expected_sop_class
         && sop::trim_uid(expected) != identity.sop_class_uid
@@ -934,14 +936,7 @@ fn validate(dataset: &[u8], incoming: &Incoming<'_>) -> Result<Identity, StoreEr
         });
     }
     if sop::is_image_class(&identity.sop_class_uid) {
-        let has_pixels = [
-            tags::PIXEL_DATA,
-            tags::FLOAT_PIXEL_DATA,
-            tags::DOUBLE_FLOAT_PIXEL_DATA,
-        ]
-        .into_iter()
-        .any(|t| obj.element_opt(t).ok().flatten().is_some());
-        if !has_pixels {
+        if found[4..].iter().all(Option::is_none) {
             return Err(StoreError::MissingPixelData);
         }
     }

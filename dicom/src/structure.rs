@@ -5,7 +5,9 @@
 //! undefined-length sequence as a graceful end. A receiver cannot accept that: such an
 //! object was cut in transit. This walk checks that every element header is whole, every
 //! defined length fits, every undefined-length sequence, item and encapsulated pixel data is
-//! closed by its delimiter, and the walk ends exactly at the last byte. It reads no values.
+//! closed by its delimiter, and the walk ends exactly at the last byte. It reads no values,
+//! except the few top-level ones a caller asks for ([`walk`]): the spool takes the UIDs it
+//! indexes from here instead of parsing the whole data set (and copying its pixel data).
 
 /// Why a data set's structure is broken (positions are byte offsets into the data set).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,6 +26,8 @@ pub enum StructureError {
     BadEncapsulation { offset: usize },
     #[error("sequences nested deeper than {max}")]
     TooDeep { max: usize },
+    #[error("element at offset {offset} has an unknown value representation")]
+    UnknownVr { offset: usize },
     #[error("deflated data set does not inflate: {0}")]
     Inflate(String),
 }
@@ -34,6 +38,12 @@ const ITEM: (u16, u16) = (0xFFFE, 0xE000);
 const ITEM_END: (u16, u16) = (0xFFFE, 0xE00D);
 const SEQ_END: (u16, u16) = (0xFFFE, 0xE0DD);
 const PIXEL_DATA: (u16, u16) = (0x7FE0, 0x0010);
+/// The value representations of PS3.5 6.2.
+const KNOWN_VRS: [[u8; 2]; 34] = [
+    *b"AE", *b"AS", *b"AT", *b"CS", *b"DA", *b"DS", *b"DT", *b"FD", *b"FL", *b"IS", *b"LO", *b"LT",
+    *b"OB", *b"OD", *b"OF", *b"OL", *b"OV", *b"OW", *b"PN", *b"SH", *b"SL", *b"SQ", *b"SS", *b"ST",
+    *b"SV", *b"TM", *b"UC", *b"UI", *b"UL", *b"UN", *b"UR", *b"US", *b"UT", *b"UV",
+];
 
 /// The encoding of a data set, from its transfer syntax UID.
 #[derive(Debug, Clone, Copy)]
@@ -56,8 +66,31 @@ impl Encoding {
     }
 }
 
+/// Values longer than this are not copied out by [`walk`] ([`Found::Long`]).
+pub const MAX_FOUND_VALUE: usize = 1024;
+
+/// A top-level element [`walk`] was asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// Its value, as encoded (at most [`MAX_FOUND_VALUE`] bytes).
+    Value(Vec<u8>),
+    /// Present, with a longer or undefined-length value (not copied).
+    Long,
+}
+
 /// Checks the structure of `bytes` (a whole data set encoded as `encoding` says).
 pub fn check(bytes: &[u8], encoding: Encoding) -> Result<(), StructureError> {
+    walk(bytes, encoding, &[]).map(|_| ())
+}
+
+/// Checks the structure of `bytes` like [`check`], and returns, for each tag of `wanted`,
+/// the first element with that tag at the top level of the data set (not inside a
+/// sequence), if there is one.
+pub fn walk(
+    bytes: &[u8],
+    encoding: Encoding,
+    wanted: &[(u16, u16)],
+) -> Result<Vec<Option<Found>>, StructureError> {
     if encoding.deflated {
         use std::io::Read;
         let mut inflated = Vec::new();
@@ -68,20 +101,25 @@ pub fn check(bytes: &[u8], encoding: Encoding) -> Result<(), StructureError> {
             deflated: false,
             ..encoding
         };
-        return check(&inflated, plain);
+        return walk(&inflated, plain, wanted);
     }
     let walker = Walker {
         bytes,
         big_endian: encoding.big_endian,
+        wanted,
+        found: std::cell::RefCell::new(vec![None; wanted.len()]),
     };
     let end = walker.dataset(0, Some(bytes.len()), encoding.explicit_vr, 0)?;
     debug_assert_eq!(end, bytes.len());
-    Ok(())
+    Ok(walker.found.into_inner())
 }
 
 struct Walker<'a> {
     bytes: &'a [u8],
     big_endian: bool,
+    /// Top-level tags to report, and what was found for each.
+    wanted: &'a [(u16, u16)],
+    found: std::cell::RefCell<Vec<Option<Found>>>,
 }
 
 struct Header {
@@ -144,6 +182,11 @@ impl Walker<'_> {
             });
         }
         let vr = [self.bytes[at + 4], self.bytes[at + 5]];
+        // An unknown VR is refused: its length field's size is unknown, and the readers
+        // downstream (dicom-rs, pydicom) refuse it too.
+        if !KNOWN_VRS.contains(&vr) {
+            return Err(StructureError::UnknownVr { offset: at });
+        }
         let long = matches!(
             &vr,
             b"OB"
@@ -176,6 +219,31 @@ impl Walker<'_> {
                 value: at + 8,
             })
         }
+    }
+
+    /// Records a top-level element if it is wanted (the first one of each tag).
+    fn note(&self, h: &Header) {
+        let Some(i) = self.wanted.iter().position(|t| *t == h.tag) else {
+            return;
+        };
+        let mut found = self.found.borrow_mut();
+        if found[i].is_some() {
+            return;
+        }
+        let len = h.length as usize;
+        found[i] = Some(
+            match h
+                .value
+                .checked_add(len)
+                .and_then(|e| self.bytes.get(h.value..e))
+            {
+                Some(value) if h.length != UNDEFINED && len <= MAX_FOUND_VALUE => {
+                    Found::Value(value.to_vec())
+                }
+                // Past the end is refused by the walk right after; longer is only present.
+                _ => Found::Long,
+            },
+        );
     }
 
     fn skip(&self, h: &Header, at: usize, limit: usize) -> Result<usize, StructureError> {
@@ -226,6 +294,9 @@ impl Walker<'_> {
                     return Err(StructureError::UnexpectedDelimiter { offset: at });
                 }
                 _ => {}
+            }
+            if depth == 0 {
+                self.note(&h);
             }
             let vr = h.vr;
             at = if h.length != UNDEFINED {
@@ -412,6 +483,32 @@ mod tests {
             check(&d, LE),
             Err(StructureError::UndefinedLength { .. })
         ));
+    }
+
+    #[test]
+    fn walk_reports_top_level_values_only() {
+        let mut d = sample();
+        d.splice(0..0, el(0x0008, 0x0018, b"UI", b"1.2.3\0"));
+        let found = walk(
+            &d,
+            LE,
+            &[
+                (0x0008, 0x0018),
+                (0x0008, 0x1150),
+                (0x7FE0, 0x0010),
+                (0x0020, 0x000D),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            found,
+            vec![
+                Some(Found::Value(b"1.2.3\0".to_vec())),
+                None, // only inside the sequence's item
+                Some(Found::Long),
+                None,
+            ]
+        );
     }
 
     #[test]
