@@ -200,6 +200,30 @@ pub struct ServeArgs {
     #[arg(long, env = "NIGHTINGALE_DICOMWEB_TIMEOUT_SECS")]
     pub dicomweb_timeout_secs: Option<f64>,
     // ---- end DICOMweb ----
+    // ---- DICOM pipeline (issue 9): on whenever the DICOM spool is ----
+    /// Send every result (SR and SC) to this PACS by C-STORE: AE@HOST:PORT (repeat for
+    /// several). Without one, results are kept in <data-dir>/results and the results API.
+    #[arg(long = "results-destination", env = "NIGHTINGALE_RESULTS_DESTINATION", value_delimiter = ',')]
+    pub results_destinations: Vec<String>,
+    /// A series is complete after this many seconds with no new instance. [default: 10]
+    #[arg(long, env = "NIGHTINGALE_SERIES_QUIET_SECS")]
+    pub series_quiet_secs: Option<f64>,
+    /// ... or at once when it has this many instances.
+    #[arg(long, env = "NIGHTINGALE_SERIES_COMPLETE_INSTANCES")]
+    pub series_complete_instances: Option<u64>,
+    /// Instances arriving for a series already processed: rerun (a new result series; the
+    /// old one is kept, superseded) or ignore. [default: rerun]
+    #[arg(long, env = "NIGHTINGALE_LATE_INSTANCES", value_enum)]
+    pub late_instances: Option<LateArg>,
+    // ---- end DICOM pipeline ----
+}
+
+/// What to do with instances that arrive for a series already processed.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LateArg {
+    Rerun,
+    Ignore,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -289,6 +313,12 @@ struct FileConfig {
     dicomweb_max_request_bytes: Option<u64>,
     dicomweb_timeout_secs: Option<f64>,
     // ---- end DICOMweb ----
+    // ---- DICOM pipeline (issue 9) ----
+    results_destinations: Option<Vec<String>>,
+    series_quiet_secs: Option<f64>,
+    series_complete_instances: Option<u64>,
+    late_instances: Option<LateArg>,
+    // ---- end DICOM pipeline ----
 }
 
 /// The resolved server configuration.
@@ -322,6 +352,19 @@ pub struct ServeConfig {
     pub dicom: Option<DicomConfig>,
     /// DICOMweb over the DICOM spool (`None`: off; on with --dicom-spool or the SCP).
     pub dicomweb: Option<DicomWebSettings>,
+    /// The DICOM pipeline over the spool (`None`: off; on whenever the spool is).
+    pub pipeline: Option<PipelineSettings>,
+}
+
+/// The DICOM pipeline's settings (issue 9).
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    pub destinations: Vec<crate::pipeline::route::Destination>,
+    pub quiet: std::time::Duration,
+    pub complete_at: Option<u64>,
+    pub late: crate::pipeline::Late,
+    /// The AE title results are sent from (the SCP's).
+    pub calling_ae_title: String,
 }
 
 /// DICOMweb (STOW-RS, QIDO-RS): its spool (the SCP's when both run) and limits.
@@ -780,6 +823,52 @@ impl ServeArgs {
             }
         };
         // ---- end DICOMweb ----
+        // ---- DICOM pipeline (issue 9): on whenever the spool is ----
+        let pipeline = match &dicomweb {
+            None => None,
+            Some(_) => {
+                let raw = if !self.results_destinations.is_empty() {
+                    self.results_destinations.clone()
+                } else {
+                    file.results_destinations.clone().unwrap_or_default()
+                };
+                let destinations = raw
+                    .iter()
+                    .map(|d| d.parse().map_err(ConfigError::Invalid))
+                    .collect::<Result<Vec<crate::pipeline::route::Destination>, _>>()?;
+                let quiet = self
+                    .series_quiet_secs
+                    .or(file.series_quiet_secs)
+                    .unwrap_or(10.0);
+                if !(quiet.is_finite() && (0.0..=86_400.0).contains(&quiet)) {
+                    return Err(ConfigError::Invalid(
+                        "series_quiet_secs must be between 0 and 86400 seconds".into(),
+                    ));
+                }
+                let complete_at = self
+                    .series_complete_instances
+                    .or(file.series_complete_instances);
+                if complete_at == Some(0) {
+                    return Err(ConfigError::Invalid(
+                        "series_complete_instances must be at least 1".into(),
+                    ));
+                }
+                Some(PipelineSettings {
+                    destinations,
+                    quiet: std::time::Duration::from_secs_f64(quiet),
+                    complete_at,
+                    late: match self.late_instances.or(file.late_instances) {
+                        Some(LateArg::Ignore) => crate::pipeline::Late::Ignore,
+                        _ => crate::pipeline::Late::Rerun,
+                    },
+                    calling_ae_title: dicom
+                        .as_ref()
+                        .map(|d| d.scp.ae_title.clone())
+                        .unwrap_or_else(|| "NIGHTINGALE".into()),
+                })
+            }
+        };
+        // ---- end DICOM pipeline ----
         Ok(ServeConfig {
             repository: self
                 .repository
@@ -805,6 +894,7 @@ impl ServeArgs {
             tls,
             dicom,
             dicomweb,
+            pipeline,
         })
     }
 }
@@ -1226,6 +1316,36 @@ mod tests {
             Some(std::time::Duration::from_secs(7 * 86_400))
         );
         assert_eq!(d.audit_uids, UidAudit::Omit);
+    }
+
+    // ---- DICOM pipeline (issue 9) ----
+    #[test]
+    fn the_pipeline_runs_with_the_spool_and_checks_its_destinations() {
+        assert!(ServeArgs::default().resolve().unwrap().pipeline.is_none());
+        let c = ServeArgs {
+            dicom_port: Some(11112),
+            results_destinations: vec!["PACS@127.0.0.1:4242".into()],
+            series_quiet_secs: Some(2.5),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        let p = c.pipeline.unwrap();
+        assert_eq!(p.destinations[0].to_string(), "PACS@127.0.0.1:4242");
+        assert_eq!(p.quiet, std::time::Duration::from_millis(2500));
+        assert_eq!(p.calling_ae_title, "NIGHTINGALE");
+        for bad in ["PACS", "PACS@host", "PACS@host:0"] {
+            assert!(
+                ServeArgs {
+                    dicom_port: Some(11112),
+                    results_destinations: vec![bad.into()],
+                    ..ServeArgs::default()
+                }
+                .resolve()
+                .is_err(),
+                "{bad} accepted"
+            );
+        }
     }
 
     // ---- DICOMweb (issue 8) ----

@@ -7,4 +7,6 @@ pub mod audit;
 pub mod config;
 pub mod deploy;
 pub mod http;
+// ---- issue 9: the DICOM pipeline (series → models → results to PACS) ----
+pub mod pipeline;
 pub mod tls;

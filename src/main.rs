@@ -350,6 +350,31 @@ async fn serve(
         (Some(spool), Some(w)) => dicom_cli::retention_task(spool.clone(), w.retention),
         _ => None,
     };
+    // ---- DICOM pipeline (issue 9): series in the spool → routed bundles → SR/SC to PACS ----
+    let pipeline = match (&config.pipeline, &spool) {
+        (Some(settings), Some(spool)) => {
+            let mut pc = nightingale::pipeline::PipelineConfig::new(config.data_dir.join("results"));
+            pc.destinations = settings.destinations.clone();
+            pc.quiet = settings.quiet;
+            pc.complete_at = settings.complete_at;
+            pc.late = settings.late;
+            pc.calling_ae_title = settings.calling_ae_title.clone();
+            let pipeline =
+                nightingale::pipeline::Pipeline::open(pc, spool.clone(), state.clone())
+                    .context("cannot start the DICOM pipeline")?;
+            state.set_results(http::results::Results {
+                store: pipeline.store.clone(),
+            });
+            tracing::info!(
+                destinations = settings.destinations.len(),
+                quiet_secs = settings.quiet.as_secs_f64(),
+                "DICOM pipeline on: results at /results/studies/{{study}}"
+            );
+            Some(tokio::spawn(pipeline.run()))
+        }
+        _ => None,
+    };
+    // ---- end DICOM pipeline ----
     let dicom = match (config.dicom.clone(), spool) {
         (Some(dicom), Some(spool)) => {
             // Every association and instance is audited (OPS slice).
@@ -408,6 +433,9 @@ async fn serve(
     }
     if let Some(retention) = retention {
         retention.abort();
+    }
+    if let Some(pipeline) = pipeline {
+        pipeline.abort();
     }
     tracing::info!("stopped");
     Ok(())

@@ -17,6 +17,8 @@ pub mod multipart;
 pub mod qido;
 pub mod scp;
 pub mod scu;
+// ---- issue 9, coordinator: series over the spool for the pipeline ----
+pub mod series;
 pub mod sop;
 pub mod spool;
 pub mod stow;

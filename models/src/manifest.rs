@@ -34,6 +34,9 @@ pub struct Manifest {
     /// How an image becomes the model's input (image models fed from DICOM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preprocessing: Option<Preprocessing>,
+    /// The DICOM series the imaging pipeline may route to this bundle (`None`: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dicom: Option<DicomAccepts>,
     #[serde(default)]
     pub intended_use: IntendedUse,
     #[serde(default)]
@@ -233,6 +236,31 @@ pub struct OutputSpec {
     pub labels: Vec<String>,
     #[serde(default)]
     pub positive_label: Option<String>,
+}
+
+/// `[dicom]`: what a bundle accepts from the DICOM pipeline. Every list left empty accepts
+/// anything; the router never sends a series outside what is declared here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DicomAccepts {
+    /// Modality (0008,0060) values, e.g. `["CR", "DX"]`.
+    #[serde(default)]
+    pub modalities: Vec<String>,
+    /// Body Part Examined (0018,0015) values.
+    #[serde(default)]
+    pub body_parts: Vec<String>,
+    /// Photometric Interpretation (0028,0004) values, e.g. `["MONOCHROME1", "MONOCHROME2"]`.
+    #[serde(default)]
+    pub photometric: Vec<String>,
+    /// SOP Class UIDs.
+    #[serde(default)]
+    pub sop_classes: Vec<String>,
+    /// Most frames per instance (each frame is one model input).
+    #[serde(default)]
+    pub max_frames: Option<u32>,
+    /// Outputs reported in the result objects (default: those with a threshold).
+    #[serde(default)]
+    pub report: Vec<String>,
 }
 
 /// An operating point on an output.
@@ -446,6 +474,23 @@ impl Manifest {
                 ));
             }
             pre.validate(&input.shape).map_err(InvalidManifest)?;
+        }
+        if let Some(dicom) = &self.dicom {
+            if self.preprocessing.is_none() {
+                return fail(
+                    "[dicom] needs [preprocessing]: how an image becomes the model's input".into(),
+                );
+            }
+            for name in &dicom.report {
+                if !self.outputs.iter().any(|o| &o.name == name) {
+                    return fail(format!(
+                        "[dicom] report: output {name:?} is not among the declared outputs"
+                    ));
+                }
+            }
+            if dicom.max_frames == Some(0) {
+                return fail("[dicom] max_frames must be at least 1".into());
+            }
         }
         if self.versions.is_empty() {
             return fail("a bundle lists at least one version under [versions]".into());

@@ -722,6 +722,13 @@ description = {toml_str(f"threshold on P(misoriented) maximising Youden's J on t
 
 {SPEC.toml("image").rstrip()}
 
+# The DICOM series the imaging pipeline routes to this bundle (one model input per frame).
+[dicom]
+modalities = ["CR", "DX", "CT", "MR"]
+photometric = ["MONOCHROME1", "MONOCHROME2"]
+max_frames = 1
+report = ["misoriented"]
+
 [intended_use]
 summary = "Research and demonstration of Nightingale's imaging pipeline (DICOM in, preprocessing, inference, results out): flag images displayed rotated or mirrored. NOT for clinical use without local validation."
 users = "Developers and PACS/MLOps engineers exercising Nightingale's DICOM pipeline; researchers, before any local validation"

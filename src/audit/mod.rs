@@ -53,6 +53,9 @@ pub enum EventKind {
     /// A DICOM instance was stored or refused (C-STORE).
     DicomInstance,
     // ---- end DICOM ----
+    /// A result object (SR, SC) made by the DICOM pipeline from a model's output (issue 9):
+    /// its SOP Instance UID (hashed), the model and version that made it.
+    DicomResult,
 }
 
 /// How the request ended, as the client saw it.

@@ -275,6 +275,8 @@ pub const ROUTES: &[RouteRule] = &[
     rule("GET", "/dicomweb/series", QIDO),
     rule("GET", "/dicomweb/instances", QIDO),
     // ---- end DICOMweb ----
+    // The DICOM pipeline's results (issue 9): PACS, operators and researchers.
+    rule("GET", "/results/studies/{study}", QIDO),
 ];
 
 /// The row of `method path`, if the table has one (`HEAD` is served by `GET` routes).

@@ -21,6 +21,8 @@ use tower_http::trace::TraceLayer;
 pub mod auth;
 mod codec;
 pub mod dicomweb;
+// ---- issue 9: the DICOM pipeline's results ----
+pub mod results;
 mod error;
 pub mod identity;
 mod metrics;
@@ -83,6 +85,8 @@ pub struct AppState {
     ready: AtomicBool,
     /// DICOMweb (STOW-RS, QIDO-RS) over the DICOM spool; unset: those routes answer 404.
     dicomweb: std::sync::OnceLock<dicomweb::DicomWeb>,
+    /// The DICOM pipeline's results store; unset: `/results` answers 404.
+    results: std::sync::OnceLock<results::Results>,
 }
 
 impl AppState {
@@ -101,6 +105,7 @@ impl AppState {
             metrics,
             ready: AtomicBool::new(false),
             dicomweb: std::sync::OnceLock::new(),
+            results: std::sync::OnceLock::new(),
         })
     }
 
@@ -108,6 +113,16 @@ impl AppState {
     /// returns false).
     pub fn set_dicomweb(&self, dicomweb: dicomweb::DicomWeb) -> bool {
         self.dicomweb.set(dicomweb).is_ok()
+    }
+
+    /// Turns the results API on (once).
+    pub fn set_results(&self, results: results::Results) -> bool {
+        self.results.set(results).is_ok()
+    }
+
+    /// The pipeline's results, when the pipeline runs.
+    pub fn results(&self) -> Option<&results::Results> {
+        self.results.get()
     }
 
     /// DICOMweb, when it is on.
@@ -187,6 +202,7 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route("/dicomweb/series", get(dicomweb::search_series))
         .route("/dicomweb/instances", get(dicomweb::search_instances))
         // ---- end DICOMweb ----
+        .route("/results/studies/{study}", get(results::study))
         .finish()
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -1,0 +1,193 @@
+//! Series over the spool, for the pipeline that assembles and routes them (issue 9).
+//!
+//! - [`Spool::series_touched_since`]: which series got new instances after an index row
+//!   (the pipeline's cursor), with their instance count and last arrival;
+//! - [`Spool::series_instances`]: the instances of one series, in instance order;
+//! - [`SeriesHeader::read`]: the attributes routing looks at, read from a stored file up to
+//!   its pixel data (never the pixels).
+
+use std::path::Path;
+
+use dicom_dictionary_std::tags;
+use dicom_object::{DefaultDicomObject, OpenFileOptions};
+
+use crate::spool::{Spool, StoreError, Stored};
+
+/// A series that got instances after the cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesActivity {
+    pub study_uid: String,
+    pub series_uid: String,
+    /// Instances of the series in the index now.
+    pub instances: u64,
+    /// When its last instance arrived (Unix ms).
+    pub last_received_ms: i64,
+    /// The highest index row of the series (the cursor to pass next time, at most).
+    pub last_row: i64,
+}
+
+/// What a stored instance says about its series, for routing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeriesHeader {
+    pub sop_class_uid: String,
+    pub modality: String,
+    pub body_part: String,
+    pub series_description: String,
+    pub photometric: String,
+    pub rows: Option<u32>,
+    pub columns: Option<u32>,
+    /// Number of Frames (1 when absent).
+    pub frames: u32,
+    pub transfer_syntax: String,
+    pub instance_number: Option<i64>,
+}
+
+/// A stored file's header could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the header of {path}: {detail}")]
+pub struct HeaderError {
+    pub path: std::path::PathBuf,
+    pub detail: String,
+}
+
+impl SeriesHeader {
+    /// Reads the attributes of a stored Part 10 file, stopping before its pixel data.
+    pub fn read(path: &Path) -> Result<SeriesHeader, HeaderError> {
+        let error = |detail: String| HeaderError {
+            path: path.to_owned(),
+            detail,
+        };
+        let obj = OpenFileOptions::new()
+            .read_until(tags::PIXEL_DATA)
+            .open_file(path)
+            .map_err(|e| error(e.to_string()))?;
+        Ok(SeriesHeader::of(&obj))
+    }
+
+    /// The attributes of an object already read.
+    pub fn of(obj: &DefaultDicomObject) -> SeriesHeader {
+        let text = |tag| -> String {
+            obj.element_opt(tag)
+                .ok()
+                .flatten()
+                .and_then(|e| e.to_str().ok())
+                .map(|s| s.trim_matches(|c: char| c == '\0' || c == ' ').to_owned())
+                .unwrap_or_default()
+        };
+        let int = |tag| -> Option<i64> {
+            obj.element_opt(tag)
+                .ok()
+                .flatten()
+                .and_then(|e| e.to_int::<i64>().ok())
+        };
+        SeriesHeader {
+            sop_class_uid: crate::sop::trim_uid(&text(tags::SOP_CLASS_UID)).to_owned(),
+            modality: text(tags::MODALITY),
+            body_part: text(tags::BODY_PART_EXAMINED),
+            series_description: text(tags::SERIES_DESCRIPTION),
+            photometric: text(tags::PHOTOMETRIC_INTERPRETATION),
+            rows: int(tags::ROWS).and_then(|v| u32::try_from(v).ok()),
+            columns: int(tags::COLUMNS).and_then(|v| u32::try_from(v).ok()),
+            frames: int(tags::NUMBER_OF_FRAMES)
+                .and_then(|v| u32::try_from(v).ok())
+                .filter(|v| *v > 0)
+                .unwrap_or(1),
+            transfer_syntax: crate::sop::trim_uid(obj.meta().transfer_syntax()).to_owned(),
+            instance_number: int(tags::INSTANCE_NUMBER),
+        }
+    }
+}
+
+impl Spool {
+    /// The series with an index row after `after_row`, each with its whole instance count
+    /// and last arrival, and the cursor to pass next time. At most `limit` series and
+    /// 10,000 rows are read per call; the rest come on the next one.
+    pub fn series_touched_since(
+        &self,
+        after_row: i64,
+        limit: usize,
+    ) -> Result<(Vec<SeriesActivity>, i64), StoreError> {
+        let db = self.index();
+        // New rows, oldest first: their series, and how far this call reads.
+        let mut touched: Vec<(String, String)> = Vec::new();
+        let mut cursor = after_row;
+        {
+            let mut stmt = db.prepare_cached(
+                "SELECT rowid, study_uid, series_uid FROM instances WHERE rowid > ?1
+                 ORDER BY rowid LIMIT 10000",
+            )?;
+            let rows = stmt.query_map([after_row], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?;
+            for row in rows {
+                let (rowid, study, series) = row?;
+                let key = (study, series);
+                if !touched.contains(&key) {
+                    if touched.len() == limit {
+                        break;
+                    }
+                    touched.push(key);
+                }
+                cursor = rowid;
+            }
+        }
+        let mut out = Vec::with_capacity(touched.len());
+        let mut stmt = db.prepare_cached(
+            "SELECT count(*), max(received_at_ms), max(rowid) FROM instances
+             WHERE study_uid = ?1 AND series_uid = ?2",
+        )?;
+        for (study_uid, series_uid) in touched {
+            let (instances, last_received_ms, last_row) =
+                stmt.query_row([&study_uid, &series_uid], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, Option<i64>>(1)?,
+                        r.get::<_, Option<i64>>(2)?,
+                    ))
+                })?;
+            out.push(SeriesActivity {
+                study_uid,
+                series_uid,
+                instances: instances.max(0) as u64,
+                last_received_ms: last_received_ms.unwrap_or(0),
+                last_row: last_row.unwrap_or(0),
+            });
+        }
+        Ok((out, cursor))
+    }
+
+    /// The instances of one series, oldest arrival first.
+    pub fn series_instances(
+        &self,
+        study_uid: &str,
+        series_uid: &str,
+    ) -> Result<Vec<Stored>, StoreError> {
+        let db = self.index();
+        let mut stmt = db.prepare_cached(
+            "SELECT sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax,
+                    calling_ae, received_at_ms, size, sha256, path
+             FROM instances WHERE study_uid = ?1 AND series_uid = ?2
+             ORDER BY received_at_ms, rowid",
+        )?;
+        let rows = stmt.query_map([study_uid, series_uid], |r| {
+            Ok(Stored {
+                sop_instance_uid: r.get(0)?,
+                sop_class_uid: r.get(1)?,
+                study_uid: r.get(2)?,
+                series_uid: r.get(3)?,
+                transfer_syntax: r.get(4)?,
+                calling_ae: r.get(5)?,
+                received_at_ms: r.get(6)?,
+                size: r.get::<_, i64>(7)?.max(0) as u64,
+                sha256: r.get(8)?,
+                path: self.root().join(r.get::<_, String>(9)?),
+                duplicate: false,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+}

@@ -1,0 +1,90 @@
+//! `GET /results/studies/{study}`: what the DICOM pipeline did with a study, per series:
+//! its assembly state, and per (series, bundle) job its state, bundle and version, findings
+//! and result objects with their delivery (roles `pacs`, `admin`, `researcher`).
+
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::AppState;
+use super::error::AppError;
+use crate::pipeline::store::ResultsStore;
+
+/// The results API's view of the pipeline's store.
+#[derive(Clone)]
+pub struct Results {
+    pub store: Arc<Mutex<ResultsStore>>,
+}
+
+pub async fn study(State(state): State<Arc<AppState>>, Path(study): Path<String>) -> Response {
+    let Some(results) = state.results().cloned() else {
+        return AppError::new(
+            StatusCode::NOT_FOUND,
+            "the DICOM pipeline is off (serve --dicom-port or --dicom-spool turns it on)",
+        )
+        .into_response();
+    };
+    if study.is_empty() || study.len() > 64 || !study.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+    {
+        return AppError::bad_request("a Study Instance UID is 1-64 digits and dots")
+            .into_response();
+    }
+    let answer = tokio::task::spawn_blocking(move || -> rusqlite::Result<serde_json::Value> {
+        let store = results.store.lock().unwrap_or_else(|p| p.into_inner());
+        let series = store.series(&study)?;
+        let jobs = store.jobs_of_study(&study)?;
+        if series.is_empty() && jobs.is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        let mut out = Vec::new();
+        for s in &series {
+            let mut job_list = Vec::new();
+            for j in jobs.iter().filter(|j| j.series_uid == s.series_uid) {
+                let objects = store.objects_of_job(j.id)?;
+                job_list.push(json!({
+                    "job": j.id,
+                    "state": j.state,
+                    "reason": j.reason,
+                    "route": j.route,
+                    "bundle": j.bundle,
+                    "version": j.bundle_version,
+                    "instances": j.instances,
+                    "created_ms": j.created_ms,
+                    "updated_ms": j.updated_ms,
+                    "findings": j.findings,
+                    "objects": objects.iter().map(|o| json!({
+                        "kind": o.kind,
+                        "sop_instance_uid": o.sop_instance_uid,
+                        "series_instance_uid": o.series_uid,
+                        "sop_class_uid": o.sop_class_uid,
+                        "destination": o.destination,
+                        "delivery": o.delivery,
+                        "attempts": o.attempts,
+                        "last_error": o.last_error,
+                    })).collect::<Vec<_>>(),
+                }));
+            }
+            out.push(json!({
+                "series_instance_uid": s.series_uid,
+                "instances": s.instances,
+                "state": s.state,
+                "reason": s.reason,
+                "jobs": job_list,
+            }));
+        }
+        Ok(json!({ "study_instance_uid": study, "series": out }))
+    })
+    .await;
+    match answer {
+        Ok(Ok(serde_json::Value::Null)) => {
+            AppError::new(StatusCode::NOT_FOUND, "no such study in the pipeline").into_response()
+        }
+        Ok(Ok(body)) => Json(body).into_response(),
+        Ok(Err(e)) => AppError::internal(format!("results store: {e}")).into_response(),
+        Err(e) => AppError::internal(e.to_string()).into_response(),
+    }
+}

@@ -1,0 +1,361 @@
+//! The DICOM pipeline (issue 9): from series received into the spool to results sent back
+//! to PACS.
+//!
+//! ```text
+//! spool index ──(assembler: quiet time / count)──> series ready
+//!   ──(router: routes, each bundle's [dicom])──> jobs (series × bundle)
+//!   ──(runner: decode, preprocess, infer, audit)──> SR + SC files in the results folder
+//!   ──(outbox: C-STORE with bounded retries)──> destination, or the dead-letter folder
+//! ```
+//!
+//! Every step's state is in [`store::ResultsStore`] (`<data-dir>/results/results.sqlite3`)
+//! and the result files sit in `<data-dir>/results/objects/` before they are sent, so a
+//! restart goes on where it stopped: the assembler from its spool cursor, a job that was
+//! running runs again, an object not yet acknowledged is sent again.
+
+pub mod outbox;
+pub mod process;
+pub mod route;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nightingale_dicom::Spool;
+use nightingale_dicom::series::SeriesHeader;
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+
+use crate::http::AppState;
+use route::{Destination, Match, Route};
+use store::{ResultsStore, SeriesRow};
+
+/// What to do when instances arrive for a series already processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Late {
+    /// Process the series again (a new result series; the old one is kept, superseded).
+    #[default]
+    Rerun,
+    /// Keep the first results.
+    Ignore,
+}
+
+/// The pipeline's settings.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Where results go on the default routes (`--results-destination`; empty: kept only in
+    /// the results folder).
+    pub destinations: Vec<Destination>,
+    /// A series is complete after this long with no new instance (`--series-quiet-secs`).
+    pub quiet: Duration,
+    /// ... or at once with this many instances.
+    pub complete_at: Option<u64>,
+    pub late: Late,
+    /// This node's AE title when it sends results.
+    pub calling_ae_title: String,
+    /// Delivery attempts per object before it goes to the dead-letter folder.
+    pub max_attempts: u32,
+    /// First retry delay (doubled after each failed attempt, up to `max_backoff`).
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    /// `<data-dir>/results`.
+    pub results_dir: PathBuf,
+    /// Configured routes (empty: one per bundle with a `[dicom]` section).
+    pub routes: Vec<Route>,
+    /// How often the spool index is looked at.
+    pub poll: Duration,
+}
+
+impl PipelineConfig {
+    pub fn new(results_dir: PathBuf) -> PipelineConfig {
+        PipelineConfig {
+            destinations: Vec::new(),
+            quiet: Duration::from_secs(10),
+            complete_at: None,
+            late: Late::Rerun,
+            calling_ae_title: "NIGHTINGALE".into(),
+            max_attempts: 6,
+            backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(300),
+            results_dir,
+            routes: Vec::new(),
+            poll: Duration::from_millis(250),
+        }
+    }
+}
+
+/// A short, non-reversible tag for a UID in logs (UIDs are not written to logs).
+pub fn uid_tag(uid: &str) -> String {
+    hex::encode(&Sha256::digest(uid.as_bytes())[..6])
+}
+
+/// The running pipeline, shared by its tasks and the results API.
+pub struct Pipeline {
+    pub config: PipelineConfig,
+    pub spool: Arc<Spool>,
+    pub state: Arc<AppState>,
+    pub store: Arc<Mutex<ResultsStore>>,
+    /// Wakes the job runner.
+    jobs: Notify,
+    /// Wakes the outbox sender.
+    outbox: Notify,
+}
+
+/// The pipeline could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("results folder {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("results store: {0}")]
+    Store(#[from] rusqlite::Error),
+}
+
+impl Pipeline {
+    pub fn open(
+        config: PipelineConfig,
+        spool: Arc<Spool>,
+        state: Arc<AppState>,
+    ) -> Result<Arc<Pipeline>, PipelineError> {
+        for dir in [
+            config.results_dir.clone(),
+            config.results_dir.join(outbox::OBJECTS_DIR),
+            config.results_dir.join(outbox::DEAD_LETTER_DIR),
+        ] {
+            std::fs::create_dir_all(&dir).map_err(|source| PipelineError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let store = ResultsStore::open(&config.results_dir.join("results.sqlite3"))?;
+        Ok(Arc::new(Pipeline {
+            config,
+            spool,
+            state,
+            store: Arc::new(Mutex::new(store)),
+            jobs: Notify::new(),
+            outbox: Notify::new(),
+        }))
+    }
+
+    pub(crate) fn store(&self) -> std::sync::MutexGuard<'_, ResultsStore> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs the assembler, the job runner and the outbox until the task is dropped.
+    pub async fn run(self: Arc<Self>) {
+        let assembler = tokio::spawn(self.clone().assemble_forever());
+        let runner = tokio::spawn(self.clone().run_jobs_forever());
+        let sender = tokio::spawn(self.clone().send_forever());
+        let _ = tokio::join!(assembler, runner, sender);
+    }
+
+    async fn assemble_forever(self: Arc<Self>) {
+        loop {
+            let me = self.clone();
+            match tokio::task::spawn_blocking(move || me.assemble_once()).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(_)) => self.jobs.notify_one(),
+                Ok(Err(e)) => tracing::error!(error = %e, "series assembly failed; retrying"),
+                Err(e) => tracing::error!(error = %e, "series assembly panicked; retrying"),
+            }
+            tokio::time::sleep(self.config.poll).await;
+        }
+    }
+
+    /// One pass: new index rows → series; series complete → routed. Returns the jobs made.
+    pub fn assemble_once(&self) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
+        let cursor = self.store().cursor()?;
+        let (touched, next) = self.spool.series_touched_since(cursor, 1000)?;
+        {
+            let store = self.store();
+            for s in &touched {
+                store.note_series(
+                    &s.study_uid,
+                    &s.series_uid,
+                    s.instances,
+                    s.last_received_ms,
+                )?;
+            }
+            if next != cursor {
+                store.set_cursor(next)?;
+            }
+        }
+        let quiet_before = store::now_ms() - self.config.quiet.as_millis() as i64;
+        let ready = self
+            .store()
+            .series_ready(quiet_before, self.config.complete_at, 100)?;
+        let mut made = 0;
+        for row in ready {
+            made += self.route_series(&row)?;
+        }
+        Ok(made)
+    }
+
+    /// Routes one complete series: jobs for every matching route's bundles.
+    fn route_series(
+        &self,
+        row: &SeriesRow,
+    ) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
+        let tag = uid_tag(&row.series_uid);
+        if row.routed_instances > 0 && self.config.late == Late::Ignore {
+            tracing::info!(series = %tag, "late instances ignored (late = ignore)");
+            self.store()
+                .settle_series(row, "routed", Some("late instances ignored"))?;
+            return Ok(0);
+        }
+        let instances = self
+            .spool
+            .series_instances(&row.study_uid, &row.series_uid)?;
+        let Some(first) = instances.first() else {
+            // Purged meanwhile.
+            self.store()
+                .settle_series(row, "unmatched", Some("no instances left in the spool"))?;
+            return Ok(0);
+        };
+        let header = match SeriesHeader::read(&first.path) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(series = %tag, error = %e.detail, "series header unreadable");
+                self.store()
+                    .settle_series(row, "failed", Some("the series' header cannot be read"))?;
+                return Ok(0);
+            }
+        };
+        let mut made = 0;
+        let mut refusals: Vec<String> = Vec::new();
+        for route in self.routes() {
+            if let Some(why) = route.matcher.mismatch(&header, &first.calling_ae) {
+                refusals.push(format!("{}: {why}", route.name));
+                continue;
+            }
+            for bundle in &route.bundles {
+                // The bundle's own [dicom] section has the last word.
+                let accepts = self
+                    .state
+                    .repository
+                    .get(bundle, None)
+                    .ok()
+                    .and_then(|m| m.manifest.dicom.clone());
+                let Some(accepts) = accepts else {
+                    refusals.push(format!(
+                        "{}: bundle {bundle} is not serving or declares no [dicom]",
+                        route.name
+                    ));
+                    continue;
+                };
+                if let Some(why) = Match::of_bundle(&accepts).mismatch(&header, &first.calling_ae)
+                {
+                    refusals.push(format!("{}: bundle {bundle} refuses: {why}", route.name));
+                    continue;
+                }
+                let destinations = route
+                    .destinations
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                self.store().add_job(
+                    &row.study_uid,
+                    &row.series_uid,
+                    &route.name,
+                    bundle,
+                    row.instances,
+                    &destinations,
+                )?;
+                made += 1;
+            }
+        }
+        if made == 0 {
+            let reason = if refusals.is_empty() {
+                "no route configured".to_owned()
+            } else {
+                refusals.join("; ")
+            };
+            tracing::info!(series = %tag, %reason, "series not routed: stored, not processed");
+            metrics::counter!("nightingale_pipeline_series_total", "outcome" => "unmatched")
+                .increment(1);
+            self.store().settle_series(row, "unmatched", Some(&reason))?;
+        } else {
+            tracing::info!(series = %tag, jobs = made, "series routed");
+            metrics::counter!("nightingale_pipeline_series_total", "outcome" => "routed")
+                .increment(1);
+            self.store().settle_series(row, "routed", None)?;
+        }
+        Ok(made)
+    }
+
+    /// The configured routes, or one per serving bundle with a `[dicom]` section.
+    fn routes(&self) -> Vec<Route> {
+        if !self.config.routes.is_empty() {
+            return self.config.routes.clone();
+        }
+        let mut names: Vec<String> = self
+            .state
+            .repository
+            .loaded()
+            .iter()
+            .filter(|m| m.manifest.dicom.is_some())
+            .map(|m| m.name.clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|name| Route {
+                name: format!("bundle:{name}"),
+                matcher: Match::default(),
+                bundles: vec![name],
+                destinations: self.config.destinations.clone(),
+            })
+            .collect()
+    }
+
+    async fn run_jobs_forever(self: Arc<Self>) {
+        loop {
+            let job = {
+                let me = self.clone();
+                tokio::task::spawn_blocking(move || me.store().take_job()).await
+            };
+            match job {
+                Ok(Ok(Some(job))) => {
+                    self.clone().run_job(job).await;
+                    self.outbox.notify_one();
+                }
+                Ok(Ok(None)) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), self.jobs.notified())
+                        .await;
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "results store: cannot take a job");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "job runner panicked");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    async fn send_forever(self: Arc<Self>) {
+        loop {
+            let wait = match self.clone().send_due().await {
+                Ok(Some(next_ms)) => {
+                    Duration::from_millis((next_ms - store::now_ms()).clamp(10, 1000) as u64)
+                }
+                Ok(None) => Duration::from_secs(1),
+                Err(e) => {
+                    tracing::error!(error = %e, "outbox failed; retrying");
+                    Duration::from_secs(1)
+                }
+            };
+            let _ = tokio::time::timeout(wait, self.outbox.notified()).await;
+        }
+    }
+}

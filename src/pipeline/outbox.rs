@@ -1,0 +1,207 @@
+//! The outbox: result objects sent to their destination by C-STORE (the SCU of
+//! `nightingale_dicom::scu`), with bounded retries and back-off; after the last failed
+//! attempt an object is copied to the dead-letter folder and counted
+//! (`nightingale_pipeline_dead_letters_total`), never retried in a loop. Objects are files
+//! in the results folder and rows in the results store, so a restart resumes sending.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nightingale_dicom::scu::{Part10File, ScuOptions, StoreAssociation};
+
+use super::Pipeline;
+use super::route::Destination;
+use super::store::{ResultObject, now_ms};
+
+/// Result files waiting to be sent (and kept after), under the results folder.
+pub const OBJECTS_DIR: &str = "objects";
+/// Objects given up on, under the results folder.
+pub const DEAD_LETTER_DIR: &str = "dead-letter";
+
+/// The delay before attempt `attempts + 1`.
+pub fn backoff(base: Duration, max: Duration, attempts: u32) -> Duration {
+    let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(20));
+    base.saturating_mul(factor).min(max)
+}
+
+impl Pipeline {
+    /// Sends every object that is due, one association per destination. Returns when the
+    /// next pending object is due.
+    pub(crate) async fn send_due(
+        self: Arc<Self>,
+    ) -> Result<Option<i64>, Box<dyn std::error::Error + Send + Sync>> {
+        let due = {
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || me.store().objects_due(now_ms(), 200)).await??
+        };
+        let mut by_destination: BTreeMap<String, Vec<ResultObject>> = BTreeMap::new();
+        for o in due {
+            by_destination
+                .entry(o.destination.clone())
+                .or_default()
+                .push(o);
+        }
+        for (destination, objects) in by_destination {
+            self.send_to(&destination, objects).await;
+        }
+        let me = self.clone();
+        Ok(tokio::task::spawn_blocking(move || me.store().next_due()).await??)
+    }
+
+    async fn send_to(&self, destination: &str, objects: Vec<ResultObject>) {
+        let target: Destination = match destination.parse() {
+            Ok(d) => d,
+            Err(e) => {
+                for o in &objects {
+                    self.give_up(o, &format!("bad destination: {e}"));
+                }
+                return;
+            }
+        };
+        let mut files = Vec::new();
+        for o in objects {
+            match Part10File::open(&self.config.results_dir.join(&o.path)) {
+                Ok(f) => files.push((o, f)),
+                Err(e) => self.give_up(&o, &format!("result file unreadable: {e}")),
+            }
+        }
+        if files.is_empty() {
+            return;
+        }
+        let options = ScuOptions {
+            calling_ae_title: self.config.calling_ae_title.clone(),
+            called_ae_title: target.ae_title.clone(),
+            connect_timeout: Duration::from_secs(10),
+            dimse_timeout: Duration::from_secs(60),
+            ..ScuOptions::default()
+        };
+        let mut contexts: Vec<(String, String)> = files
+            .iter()
+            .map(|(_, f)| (f.sop_class_uid.clone(), f.transfer_syntax.clone()))
+            .collect();
+        contexts.sort();
+        contexts.dedup();
+        let mut association = match StoreAssociation::open(&target.addr, &options, &contexts).await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                for (o, _) in &files {
+                    self.failed_attempt(o, &format!("association: {e}"));
+                }
+                return;
+            }
+        };
+        let mut broken: Option<String> = None;
+        for (o, file) in &files {
+            if let Some(why) = &broken {
+                self.failed_attempt(o, why);
+                continue;
+            }
+            match association.store(file).await {
+                Ok(status) if status.is_success() || status.is_warning() => {
+                    self.delivered(o);
+                }
+                Ok(status) => self.failed_attempt(
+                    o,
+                    &format!("the destination answered status 0x{:04X}", status.status),
+                ),
+                Err(e) => {
+                    let why = format!("C-STORE: {e}");
+                    if matches!(e, nightingale_dicom::scu::StoreFailure::Association(_)) {
+                        broken = Some(why.clone());
+                    }
+                    self.failed_attempt(o, &why);
+                }
+            }
+        }
+        if broken.is_none() {
+            let _ = association.release().await;
+        }
+    }
+
+    fn delivered(&self, o: &ResultObject) {
+        metrics::counter!("nightingale_pipeline_objects_sent_total", "kind" => o.kind.clone())
+            .increment(1);
+        tracing::info!(kind = %o.kind, attempts = o.attempts + 1, "result object delivered");
+        if let Err(e) =
+            self.store()
+                .delivery(&o.sop_instance_uid, &o.destination, "sent", o.attempts + 1, 0, None, None)
+        {
+            tracing::error!(error = %e, "results store: delivery not recorded");
+        }
+    }
+
+    fn failed_attempt(&self, o: &ResultObject, why: &str) {
+        let attempts = o.attempts + 1;
+        if attempts >= self.config.max_attempts {
+            self.give_up(o, why);
+            return;
+        }
+        let delay = backoff(self.config.backoff, self.config.max_backoff, attempts);
+        tracing::warn!(
+            kind = %o.kind,
+            attempts,
+            retry_in_ms = delay.as_millis() as u64,
+            error = why,
+            "result object not delivered; will retry"
+        );
+        metrics::counter!("nightingale_pipeline_send_failures_total").increment(1);
+        if let Err(e) = self.store().delivery(
+            &o.sop_instance_uid,
+            &o.destination,
+            "pending",
+            attempts,
+            now_ms() + delay.as_millis() as i64,
+            Some(why),
+            None,
+        ) {
+            tracing::error!(error = %e, "results store: attempt not recorded");
+        }
+    }
+
+    /// Copies the object to the dead-letter folder (other destinations may still send the
+    /// file); it is not sent to this destination again.
+    fn give_up(&self, o: &ResultObject, why: &str) {
+        let from = self.config.results_dir.join(&o.path);
+        let relative = std::path::Path::new(DEAD_LETTER_DIR).join(format!(
+            "{}-{}-{}.dcm",
+            o.kind,
+            super::uid_tag(&o.sop_instance_uid),
+            super::uid_tag(&o.destination)
+        ));
+        let moved = std::fs::copy(&from, self.config.results_dir.join(&relative)).is_ok();
+        metrics::counter!("nightingale_pipeline_dead_letters_total").increment(1);
+        tracing::error!(
+            kind = %o.kind,
+            attempts = o.attempts + 1,
+            error = why,
+            "result object given up: copied to the dead-letter folder"
+        );
+        let path = moved.then(|| relative.to_string_lossy().into_owned());
+        if let Err(e) = self.store().delivery(
+            &o.sop_instance_uid,
+            &o.destination,
+            "dead",
+            o.attempts + 1,
+            0,
+            Some(why),
+            path.as_deref(),
+        ) {
+            tracing::error!(error = %e, "results store: dead letter not recorded");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let (b, m) = (Duration::from_secs(2), Duration::from_secs(60));
+        let got: Vec<u64> = (1..=7).map(|a| backoff(b, m, a).as_secs()).collect();
+        assert_eq!(got, vec![2, 4, 8, 16, 32, 60, 60]);
+        assert_eq!(backoff(b, m, 10_000), m);
+    }
+}

@@ -1,0 +1,608 @@
+//! Running one job: the series' instances decoded (`nightingale_dicom::pixels`), each frame
+//! preprocessed as the bundle declares and run through the same model worker as the KServe
+//! API (same batching, one audit record per inference), the findings taken from the
+//! reported outputs, and one SR and one SC written (`nightingale_dicom::results`) into the
+//! results folder and queued for their destinations.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use nightingale_dicom::pixels::{
+    self, Colour, DecodeOptions, Limits, PixelSource, RenderWindow, Voi, render8,
+};
+use nightingale_dicom::results::{
+    self, Code, Finding, RenderedImage, RenderedPixels, ResultContext, SourceSeries, Uid,
+};
+use nightingale_inference::{NamedTensor, Tensor};
+use nightingale_models::{Image, LoadedModel};
+
+use super::Pipeline;
+use super::outbox::OBJECTS_DIR;
+use super::store::{Job, JobState, ResultObject, now_ms};
+use crate::audit::{AuditEvent, EventKind, Outcome, tensors_sha256};
+
+/// The most instances one job reads (a larger series fails with a reason).
+pub const MAX_SERIES_INSTANCES: usize = 5_000;
+
+/// Why a job failed: a stable code (metrics, API) and a detail without patient data.
+#[derive(Debug, Clone)]
+pub struct JobFailure {
+    pub code: &'static str,
+    pub detail: String,
+}
+
+impl JobFailure {
+    fn new(code: &'static str, detail: impl Into<String>) -> JobFailure {
+        JobFailure {
+            code,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for JobFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.detail)
+    }
+}
+
+/// One reported output, aggregated over the series' frames (the highest probability).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SeriesFinding {
+    pub output: String,
+    pub label: String,
+    pub probability: f32,
+    pub threshold: f32,
+    pub positive: bool,
+    /// Which instance (its position in the series, by arrival) and frame had it.
+    pub instance_index: usize,
+    pub frame: u32,
+}
+
+/// What one frame's inference said for each reported output.
+struct FrameResult {
+    instance_index: usize,
+    frame: u32,
+    probabilities: Vec<f32>,
+}
+
+/// A reported output: where its probability is in the model's outputs.
+struct Reported {
+    output: String,
+    label: String,
+    /// Position among the model's outputs, and of the positive label within it.
+    position: usize,
+    label_index: usize,
+    threshold: f32,
+}
+
+impl Pipeline {
+    /// Runs a job to its end (done or failed) and records it.
+    pub(crate) async fn run_job(self: Arc<Self>, job: Job) {
+        let started = Instant::now();
+        let series = super::uid_tag(&job.series_uid);
+        let version = self
+            .state
+            .repository
+            .get(&job.bundle, None)
+            .map(|m| m.version.to_string())
+            .unwrap_or_default();
+        let outcome = self.clone().process(&job).await;
+        let store = self.store();
+        match outcome {
+            Ok(findings) => {
+                let json = serde_json::to_value(&findings).ok();
+                tracing::info!(
+                    job = job.id,
+                    %series,
+                    bundle = %job.bundle,
+                    ms = started.elapsed().as_millis() as u64,
+                    "series processed"
+                );
+                metrics::counter!("nightingale_pipeline_jobs_total", "outcome" => "done")
+                    .increment(1);
+                metrics::histogram!("nightingale_pipeline_job_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                if let Err(e) =
+                    store.finish_job(job.id, JobState::Done, &version, None, json.as_ref())
+                {
+                    tracing::error!(error = %e, "results store: job end not recorded");
+                }
+            }
+            Err(failure) => {
+                tracing::warn!(
+                    job = job.id,
+                    %series,
+                    bundle = %job.bundle,
+                    reason = failure.code,
+                    detail = %failure.detail,
+                    "series failed"
+                );
+                metrics::counter!(
+                    "nightingale_pipeline_jobs_total",
+                    "outcome" => "failed",
+                    "reason" => failure.code
+                )
+                .increment(1);
+                if let Err(e) = store.finish_job(
+                    job.id,
+                    JobState::Failed,
+                    &version,
+                    Some(&failure.to_string()),
+                    None,
+                ) {
+                    tracing::error!(error = %e, "results store: job end not recorded");
+                }
+            }
+        }
+    }
+
+    async fn process(self: Arc<Self>, job: &Job) -> Result<Vec<SeriesFinding>, JobFailure> {
+        let model = self
+            .state
+            .repository
+            .get(&job.bundle, None)
+            .map_err(|e| JobFailure::new("bundle_unavailable", e.to_string()))?;
+        let manifest = model.manifest.clone();
+        let (Some(pre), Some(accepts)) = (manifest.preprocessing.clone(), manifest.dicom.clone())
+        else {
+            return Err(JobFailure::new(
+                "bundle_not_imaging",
+                "the bundle declares no [preprocessing] or [dicom]",
+            ));
+        };
+        let reported = reported_outputs(&model, &accepts.report)?;
+        let input_shape = model_input_shape(&model, &pre)?;
+
+        // The series, its headers, and one check that it is one kind of image.
+        let instances = self
+            .spool
+            .series_instances(&job.study_uid, &job.series_uid)
+            .map_err(|e| JobFailure::new("spool", e.to_string()))?;
+        if instances.is_empty() {
+            return Err(JobFailure::new("no_instances", "the series is no longer in the spool"));
+        }
+        if instances.len() > MAX_SERIES_INSTANCES {
+            return Err(JobFailure::new(
+                "too_many_instances",
+                format!(
+                    "{} instances; at most {MAX_SERIES_INSTANCES} per series",
+                    instances.len()
+                ),
+            ));
+        }
+        let paths: Vec<PathBuf> = instances.iter().map(|s| s.path.clone()).collect();
+        let max_frames = accepts.max_frames.unwrap_or(u32::MAX);
+        let limits = Limits::default();
+        {
+            let (paths, limits) = (paths.clone(), limits.clone());
+            blocking(move || {
+                let headers = paths
+                    .iter()
+                    .map(|p| pixels::read_header(p, &limits))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(pixel_failure)?;
+                pixels::check_series(&headers).map_err(pixel_failure)?;
+                if let Some(h) = headers.iter().find(|h| h.frames > max_frames) {
+                    return Err(JobFailure::new(
+                        "too_many_frames",
+                        format!(
+                            "an instance has {} frames; the bundle takes at most {max_frames}",
+                            h.frames
+                        ),
+                    ));
+                }
+                Ok(())
+            })
+            .await?;
+        }
+
+        // Each frame: decode, preprocess, infer (the worker batches with other callers).
+        let mut results: Vec<FrameResult> = Vec::new();
+        for (index, path) in paths.iter().enumerate() {
+            let (path, pre, limits, shape) = (
+                path.clone(),
+                pre.clone(),
+                limits.clone(),
+                input_shape.clone(),
+            );
+            let tensors = blocking(move || {
+                let source = PixelSource::open(&path, &limits).map_err(pixel_failure)?;
+                let options = DecodeOptions {
+                    colour: Colour::Grey,
+                    limits: limits.clone(),
+                    ..DecodeOptions::default()
+                };
+                let mut out = Vec::new();
+                for frame in source.frames(&options) {
+                    let frame = frame.map_err(pixel_failure)?;
+                    let image = Image {
+                        rows: frame.rows,
+                        cols: frame.cols,
+                        samples: frame.samples,
+                        data: &frame.data,
+                        slope: frame.slope,
+                        intercept: frame.intercept,
+                        monochrome1: frame.monochrome1,
+                    };
+                    let values = pre
+                        .apply_to_vec(&image)
+                        .map_err(|e| JobFailure::new("preprocess", e.to_string()))?;
+                    let tensor = Tensor::from_vec(shape.clone(), values)
+                        .map_err(|e| JobFailure::new("input_shape", e.to_string()))?;
+                    out.push((frame.index, tensor));
+                }
+                Ok(out)
+            })
+            .await?;
+            for (frame, tensor) in tensors {
+                let probabilities = self
+                    .infer(job, &model, &pre.input, tensor, &reported)
+                    .await?;
+                results.push(FrameResult {
+                    instance_index: index,
+                    frame,
+                    probabilities,
+                });
+            }
+        }
+        if results.is_empty() {
+            return Err(JobFailure::new("no_frames", "no frame was decoded"));
+        }
+
+        // The series' finding per reported output: its highest probability.
+        let findings: Vec<SeriesFinding> = reported
+            .iter()
+            .enumerate()
+            .map(|(k, r)| {
+                let best = results
+                    .iter()
+                    .max_by(|a, b| a.probabilities[k].total_cmp(&b.probabilities[k]))
+                    .expect("at least one frame");
+                let probability = best.probabilities[k];
+                SeriesFinding {
+                    output: r.output.clone(),
+                    label: r.label.clone(),
+                    probability,
+                    threshold: r.threshold,
+                    positive: probability >= r.threshold,
+                    instance_index: best.instance_index,
+                    frame: best.frame,
+                }
+            })
+            .collect();
+
+        // The result objects, written before they are queued.
+        let objects = {
+            let me = self.clone();
+            let job = job.clone();
+            let findings = findings.clone();
+            let model = model.clone();
+            let sop_uids: Vec<String> = instances
+                .iter()
+                .map(|s| s.sop_instance_uid.clone())
+                .collect();
+            blocking(move || me.write_results(&job, &model, &paths, &sop_uids, &findings))
+                .await?
+        };
+        for (object, kind) in objects {
+            self.audit_result(job, &model, &object, kind).await;
+        }
+        Ok(findings)
+    }
+
+    /// One inference, audited like a KServe request; returns the reported probabilities.
+    async fn infer(
+        &self,
+        job: &Job,
+        model: &Arc<LoadedModel>,
+        input: &str,
+        tensor: Tensor,
+        reported: &[Reported],
+    ) -> Result<Vec<f32>, JobFailure> {
+        let inputs = vec![NamedTensor::new(input, tensor)];
+        let mut event = AuditEvent {
+            kind: EventKind::Inference,
+            request_id: format!("pipeline-job-{}", job.id),
+            model: model.name.clone(),
+            version: model.version.to_string(),
+            model_sha256: model.model_sha256.clone(),
+            input_sha256: Some(tensors_sha256(&inputs)),
+            output_sha256: None,
+            rows: Some(1),
+            status: 500,
+            outcome: Outcome::Failed,
+            actor: Some("dicom-pipeline".into()),
+            detail: Some(format!(
+                "study_sha256={} series_sha256={}",
+                super::uid_tag(&job.study_uid),
+                super::uid_tag(&job.series_uid)
+            )),
+        };
+        let outputs = model.worker.infer(inputs).await;
+        if let Ok(outputs) = &outputs {
+            event.output_sha256 = Some(tensors_sha256(outputs));
+            event.status = 200;
+            event.outcome = Outcome::Ok;
+        }
+        // Without its audit record a prediction is not used.
+        self.state
+            .audit
+            .record(event)
+            .await
+            .map_err(|e| JobFailure::new("audit", e.to_string()))?;
+        let outputs = outputs.map_err(|e| JobFailure::new("inference", e.to_string()))?;
+        reported
+            .iter()
+            .map(|r| {
+                let value = outputs
+                    .get(r.position)
+                    .and_then(|o| o.tensor.view::<f32>())
+                    .and_then(|v| v.iter().nth(r.label_index).copied())
+                    .filter(|p| p.is_finite())
+                    .ok_or_else(|| {
+                        JobFailure::new(
+                            "output",
+                            format!("output {:?} has no finite FP32 value there", r.output),
+                        )
+                    })?;
+                Ok(value.clamp(0.0, 1.0))
+            })
+            .collect()
+    }
+
+    /// Builds the SR and the SC, writes them durably into the results folder and queues
+    /// them for every destination of the job. Runs on a blocking thread.
+    fn write_results(
+        &self,
+        job: &Job,
+        model: &LoadedModel,
+        paths: &[PathBuf],
+        sop_uids: &[String],
+        findings: &[SeriesFinding],
+    ) -> Result<Vec<(ResultObject, &'static str)>, JobFailure> {
+        let headers = paths
+            .iter()
+            .map(|p| {
+                dicom_object::OpenFileOptions::new()
+                    .read_until(dicom_dictionary_std::tags::PIXEL_DATA)
+                    .open_file(p)
+                    .map_err(|e| JobFailure::new("unreadable", e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let source = SourceSeries::from_instances(headers.iter().map(|h| &**h))
+            .map_err(|e| JobFailure::new("source_attributes", e.to_string()))?;
+        let ctx = ResultContext::new(
+            &model.name,
+            &model.version.to_string(),
+            &model.model_sha256,
+            &model.manifest.intended_use.summary,
+        );
+        let coded: Vec<Finding> = findings
+            .iter()
+            .map(|f| Finding {
+                label: Code::local(&f.output, &f.label),
+                probability: f.probability,
+                threshold: f.threshold,
+                positive: f.positive,
+            })
+            .collect();
+        let sr = results::build_sr(&source, &ctx, &coded)
+            .map_err(|e| JobFailure::new("result_sr", e.to_string()))?;
+
+        // The SC shows the frame with the first reported output's highest probability.
+        let shown = &findings[0];
+        let pixels_source = PixelSource::open(&paths[shown.instance_index], &Limits::default())
+            .map_err(pixel_failure)?;
+        let frame = pixels_source
+            .frame(
+                shown.frame,
+                &DecodeOptions {
+                    voi: Voi::None,
+                    ..DecodeOptions::default()
+                },
+            )
+            .map_err(pixel_failure)?;
+        let rendered = render8(&frame, RenderWindow::Auto).map_err(pixel_failure)?;
+        let multi_frame = pixels_source.header().frames > 1;
+        let source_uid = Uid::parse(&sop_uids[shown.instance_index]).ok_or_else(|| {
+            JobFailure::new("source_attributes", "the shown instance's UID is not valid")
+        })?;
+        let image = RenderedImage {
+            rows: rendered.rows,
+            columns: rendered.cols,
+            pixels: if rendered.samples == 3 {
+                RenderedPixels::Rgb(rendered.data)
+            } else {
+                RenderedPixels::Grey(rendered.data)
+            },
+            source_sop_instance_uid: source_uid,
+            frame: multi_frame.then_some(shown.frame + 1),
+        };
+        let sc = results::build_sc(&source, &ctx, &coded, image)
+            .map_err(|e| JobFailure::new("result_sc", e.to_string()))?;
+
+        let dir = Path::new(OBJECTS_DIR).join(job.id.to_string());
+        let destinations: Vec<&str> = job
+            .destinations
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .collect();
+        let mut out = Vec::new();
+        for (object, kind) in [(sr, "SR"), (sc, "SC")] {
+            let relative = dir.join(format!("{kind}-{}.dcm", object.sop_instance_uid));
+            write_durably(&self.config.results_dir, &relative, &object.bytes)
+                .map_err(|e| JobFailure::new("write", e.to_string()))?;
+            let row = |destination: &str| ResultObject {
+                sop_instance_uid: object.sop_instance_uid.to_string(),
+                job_id: job.id,
+                kind: kind.to_owned(),
+                series_uid: object.series_instance_uid.to_string(),
+                sop_class_uid: object.sop_class_uid.to_owned(),
+                path: relative.to_string_lossy().into_owned(),
+                destination: destination.to_owned(),
+                delivery: if destination.is_empty() {
+                    "local".into()
+                } else {
+                    "pending".into()
+                },
+                attempts: 0,
+                next_attempt_ms: now_ms(),
+                last_error: None,
+            };
+            let rows: Vec<ResultObject> = if destinations.is_empty() {
+                vec![row("")]
+            } else {
+                destinations.iter().map(|d| row(d)).collect()
+            };
+            let store = self.store();
+            for r in &rows {
+                store
+                    .add_object(r)
+                    .map_err(|e| JobFailure::new("store", e.to_string()))?;
+            }
+            out.push((rows.into_iter().next().expect("one row at least"), kind));
+        }
+        Ok(out)
+    }
+
+    async fn audit_result(
+        &self,
+        job: &Job,
+        model: &LoadedModel,
+        object: &ResultObject,
+        kind: &str,
+    ) {
+        let event = AuditEvent {
+            kind: EventKind::DicomResult,
+            request_id: format!("pipeline-job-{}", job.id),
+            model: model.name.clone(),
+            version: model.version.to_string(),
+            model_sha256: model.model_sha256.clone(),
+            input_sha256: None,
+            output_sha256: None,
+            rows: None,
+            status: 200,
+            outcome: Outcome::Ok,
+            actor: Some("dicom-pipeline".into()),
+            detail: Some(format!(
+                "kind={kind} sop_instance_sha256={} study_sha256={} series_sha256={}",
+                super::uid_tag(&object.sop_instance_uid),
+                super::uid_tag(&job.study_uid),
+                super::uid_tag(&job.series_uid)
+            )),
+        };
+        if let Err(e) = self.state.audit.record(event).await {
+            tracing::error!(error = %e, "audit record of a result object not written");
+        }
+    }
+}
+
+/// The outputs a bundle reports, with their positive label and threshold.
+fn reported_outputs(model: &LoadedModel, wanted: &[String]) -> Result<Vec<Reported>, JobFailure> {
+    let manifest = &model.manifest;
+    let names: Vec<String> = if wanted.is_empty() {
+        let mut n: Vec<String> = manifest.thresholds.iter().map(|t| t.output.clone()).collect();
+        n.dedup();
+        n
+    } else {
+        wanted.to_vec()
+    };
+    if names.is_empty() {
+        return Err(JobFailure::new(
+            "bundle_not_imaging",
+            "the bundle reports no output ([dicom] report or [[thresholds]])",
+        ));
+    }
+    let order = &model.worker.metadata().outputs;
+    names
+        .iter()
+        .map(|name| {
+            let spec = manifest
+                .outputs
+                .iter()
+                .find(|o| &o.name == name)
+                .ok_or_else(|| JobFailure::new("bundle_not_imaging", format!("no output {name:?}")))?;
+            let position = order.iter().position(|o| &o.name == name).ok_or_else(|| {
+                JobFailure::new("bundle_not_imaging", format!("the model has no output {name:?}"))
+            })?;
+            let label = spec
+                .positive_label
+                .clone()
+                .or_else(|| spec.labels.last().cloned())
+                .unwrap_or_else(|| name.clone());
+            let label_index = spec
+                .labels
+                .iter()
+                .position(|l| *l == label)
+                .unwrap_or(spec.labels.len().saturating_sub(1));
+            let threshold = manifest
+                .thresholds
+                .iter()
+                .find(|t| &t.output == name)
+                .map(|t| t.value)
+                .unwrap_or(0.5) as f32;
+            Ok(Reported {
+                output: name.clone(),
+                label,
+                position,
+                label_index,
+                threshold: threshold.clamp(0.0, 1.0),
+            })
+        })
+        .collect()
+}
+
+/// The model input's shape for one image (batch 1), checked against the preprocessing.
+fn model_input_shape(
+    model: &LoadedModel,
+    pre: &nightingale_models::Preprocessing,
+) -> Result<Vec<usize>, JobFailure> {
+    let spec = model
+        .worker
+        .metadata()
+        .inputs
+        .iter()
+        .find(|i| i.name == pre.input)
+        .ok_or_else(|| JobFailure::new("bundle_not_imaging", "the preprocessed input is unknown"))?;
+    let shape: Vec<usize> = spec
+        .shape
+        .iter()
+        .map(|&d| if d < 0 { 1 } else { d as usize })
+        .collect();
+    let [h, w] = pre.size;
+    if shape.iter().product::<usize>() != h * w {
+        return Err(JobFailure::new(
+            "bundle_not_imaging",
+            format!("input shape {:?} does not hold one {h}x{w} image", spec.shape),
+        ));
+    }
+    Ok(shape)
+}
+
+fn pixel_failure(e: pixels::PixelError) -> JobFailure {
+    JobFailure::new(e.reason(), e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, JobFailure> + Send + 'static,
+) -> Result<T, JobFailure> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| JobFailure::new("panic", e.to_string()))?
+}
+
+/// Temporary file, fsync, rename, directory fsync: a queued object is on disk.
+fn write_durably(root: &Path, relative: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = root.join(relative);
+    let dir = path.parent().expect("result paths have a folder");
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(&path).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()
+}

@@ -1,0 +1,554 @@
+//! The pipeline's state: series being assembled, jobs (series × bundle), and the result
+//! objects waiting to be sent, in one embedded SQLite database (`results.sqlite3` in the
+//! results folder). Every state is derived from here after a restart: the spool cursor says
+//! which index rows were already seen, a job found `processing` is queued again, and an
+//! object found `pending` is sent again.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+/// What a job is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Processing,
+    Done,
+    Failed,
+    /// A later job (late instances, a reprocess) replaced this one; its results are kept.
+    Superseded,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Processing => "processing",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Superseded => "superseded",
+        }
+    }
+
+    fn parse(s: &str) -> JobState {
+        match s {
+            "queued" => JobState::Queued,
+            "processing" => JobState::Processing,
+            "done" => JobState::Done,
+            "superseded" => JobState::Superseded,
+            _ => JobState::Failed,
+        }
+    }
+}
+
+/// One (series, bundle) job.
+#[derive(Debug, Clone, Serialize)]
+pub struct Job {
+    pub id: i64,
+    pub study_uid: String,
+    pub series_uid: String,
+    pub route: String,
+    pub bundle: String,
+    /// The version that ran (empty until it ran).
+    pub bundle_version: String,
+    pub state: JobState,
+    /// Why it failed (no patient data).
+    pub reason: Option<String>,
+    /// Instances of the series when the job was made.
+    pub instances: u64,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    /// The findings, as the results report them (JSON), once done.
+    pub findings: Option<serde_json::Value>,
+    /// Where results go (`AE@host:port`, comma-separated).
+    pub destinations: String,
+}
+
+/// A result object (SR or SC) and its delivery.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResultObject {
+    pub sop_instance_uid: String,
+    pub job_id: i64,
+    /// `SR` or `SC`.
+    pub kind: String,
+    pub series_uid: String,
+    pub sop_class_uid: String,
+    /// The Part 10 file, relative to the results folder.
+    pub path: String,
+    /// `AE@host:port`, or empty when kept locally only.
+    pub destination: String,
+    /// `pending`, `sent`, `dead` (given up: moved to the dead-letter folder) or `local`.
+    pub delivery: String,
+    pub attempts: u32,
+    pub next_attempt_ms: i64,
+    pub last_error: Option<String>,
+}
+
+/// A series the assembler knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesRow {
+    pub study_uid: String,
+    pub series_uid: String,
+    pub instances: u64,
+    pub last_received_ms: i64,
+    /// The instance count when it was last routed (0: never).
+    pub routed_instances: u64,
+    /// `assembling`, `routed`, `unmatched` or `failed`.
+    pub state: String,
+    pub reason: Option<String>,
+}
+
+pub struct ResultsStore {
+    db: Connection,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl ResultsStore {
+    pub fn open(path: &Path) -> rusqlite::Result<ResultsStore> {
+        let db = Connection::open(path)?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "FULL")?;
+        db.busy_timeout(std::time::Duration::from_secs(10))?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS cursor (
+                id INTEGER PRIMARY KEY CHECK (id = 1),
+                spool_row INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS series (
+                study_uid TEXT NOT NULL,
+                series_uid TEXT NOT NULL,
+                instances INTEGER NOT NULL,
+                last_received_ms INTEGER NOT NULL,
+                routed_instances INTEGER NOT NULL DEFAULT 0,
+                state TEXT NOT NULL,
+                reason TEXT,
+                updated_ms INTEGER NOT NULL,
+                PRIMARY KEY (study_uid, series_uid)
+            );
+            CREATE INDEX IF NOT EXISTS series_state ON series (state, last_received_ms);
+            CREATE TABLE IF NOT EXISTS jobs (
+                id INTEGER PRIMARY KEY,
+                study_uid TEXT NOT NULL,
+                series_uid TEXT NOT NULL,
+                route TEXT NOT NULL,
+                bundle TEXT NOT NULL,
+                bundle_version TEXT NOT NULL DEFAULT '',
+                state TEXT NOT NULL,
+                reason TEXT,
+                instances INTEGER NOT NULL,
+                created_ms INTEGER NOT NULL,
+                updated_ms INTEGER NOT NULL,
+                findings TEXT,
+                destinations TEXT NOT NULL DEFAULT ''
+            );
+            CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_uid, series_uid);
+            CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+            CREATE TABLE IF NOT EXISTS objects (
+                sop_instance_uid TEXT NOT NULL,
+                job_id INTEGER NOT NULL,
+                kind TEXT NOT NULL,
+                series_uid TEXT NOT NULL,
+                sop_class_uid TEXT NOT NULL,
+                path TEXT NOT NULL,
+                destination TEXT NOT NULL,
+                delivery TEXT NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                next_attempt_ms INTEGER NOT NULL DEFAULT 0,
+                last_error TEXT,
+                PRIMARY KEY (sop_instance_uid, destination)
+            );
+            CREATE INDEX IF NOT EXISTS objects_delivery ON objects (delivery, next_attempt_ms);
+            CREATE INDEX IF NOT EXISTS objects_job ON objects (job_id);",
+        )?;
+        // A job that was running when the server stopped runs again.
+        db.execute(
+            "UPDATE jobs SET state = 'queued', updated_ms = ?1 WHERE state = 'processing'",
+            [now_ms()],
+        )?;
+        Ok(ResultsStore { db })
+    }
+
+    pub fn cursor(&self) -> rusqlite::Result<i64> {
+        Ok(self
+            .db
+            .query_row("SELECT spool_row FROM cursor WHERE id = 1", [], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0))
+    }
+
+    pub fn set_cursor(&self, row: i64) -> rusqlite::Result<()> {
+        self.db.execute(
+            "INSERT INTO cursor (id, spool_row) VALUES (1, ?1)
+             ON CONFLICT (id) DO UPDATE SET spool_row = excluded.spool_row",
+            [row],
+        )?;
+        Ok(())
+    }
+
+    /// Records what the spool says about a series (new instances re-open a routed one).
+    pub fn note_series(
+        &self,
+        study_uid: &str,
+        series_uid: &str,
+        instances: u64,
+        last_received_ms: i64,
+    ) -> rusqlite::Result<()> {
+        self.db.execute(
+            "INSERT INTO series (study_uid, series_uid, instances, last_received_ms, state,
+                                 updated_ms)
+             VALUES (?1, ?2, ?3, ?4, 'assembling', ?5)
+             ON CONFLICT (study_uid, series_uid) DO UPDATE SET
+                instances = excluded.instances,
+                last_received_ms = excluded.last_received_ms,
+                state = CASE WHEN excluded.instances != series.routed_instances
+                             THEN 'assembling' ELSE series.state END,
+                updated_ms = excluded.updated_ms",
+            params![
+                study_uid,
+                series_uid,
+                instances as i64,
+                last_received_ms,
+                now_ms()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Series still assembling whose last instance arrived at or before `quiet_before_ms`,
+    /// or that have at least `complete_at` instances.
+    pub fn series_ready(
+        &self,
+        quiet_before_ms: i64,
+        complete_at: Option<u64>,
+        limit: usize,
+    ) -> rusqlite::Result<Vec<SeriesRow>> {
+        let mut stmt = self.db.prepare_cached(
+            "SELECT study_uid, series_uid, instances, last_received_ms, routed_instances,
+                    state, reason
+             FROM series WHERE state = 'assembling'
+               AND (last_received_ms <= ?1 OR (?2 IS NOT NULL AND instances >= ?2))
+             ORDER BY last_received_ms LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(
+            params![
+                quiet_before_ms,
+                complete_at.map(|c| c as i64),
+                limit as i64
+            ],
+            series_row,
+        )?;
+        rows.collect()
+    }
+
+    pub fn series(&self, study_uid: &str) -> rusqlite::Result<Vec<SeriesRow>> {
+        let mut stmt = self.db.prepare_cached(
+            "SELECT study_uid, series_uid, instances, last_received_ms, routed_instances,
+                    state, reason
+             FROM series WHERE study_uid = ?1 ORDER BY series_uid",
+        )?;
+        let rows = stmt.query_map([study_uid], series_row)?;
+        rows.collect()
+    }
+
+    /// Marks a series routed (`routed`), unmatched or failed, at its current count.
+    pub fn settle_series(
+        &self,
+        row: &SeriesRow,
+        state: &str,
+        reason: Option<&str>,
+    ) -> rusqlite::Result<()> {
+        self.db.execute(
+            "UPDATE series SET state = ?3, reason = ?4, routed_instances = ?5, updated_ms = ?6
+             WHERE study_uid = ?1 AND series_uid = ?2",
+            params![
+                row.study_uid,
+                row.series_uid,
+                state,
+                reason,
+                row.instances as i64,
+                now_ms()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// A new queued job; earlier jobs of the same series and bundle become superseded.
+    pub fn add_job(
+        &self,
+        study_uid: &str,
+        series_uid: &str,
+        route: &str,
+        bundle: &str,
+        instances: u64,
+        destinations: &str,
+    ) -> rusqlite::Result<i64> {
+        let now = now_ms();
+        self.db.execute(
+            "UPDATE jobs SET state = 'superseded', updated_ms = ?4
+             WHERE study_uid = ?1 AND series_uid = ?2 AND bundle = ?3
+               AND state IN ('queued', 'done', 'failed')",
+            params![study_uid, series_uid, bundle, now],
+        )?;
+        self.db.execute(
+            "INSERT INTO jobs (study_uid, series_uid, route, bundle, state, instances,
+                               created_ms, updated_ms, destinations)
+             VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?6, ?7)",
+            params![
+                study_uid,
+                series_uid,
+                route,
+                bundle,
+                instances as i64,
+                now,
+                destinations
+            ],
+        )?;
+        Ok(self.db.last_insert_rowid())
+    }
+
+    /// The oldest queued job, marked processing.
+    pub fn take_job(&self) -> rusqlite::Result<Option<Job>> {
+        let job = self
+            .db
+            .query_row(
+                &format!("{JOB_SELECT} WHERE state = 'queued' ORDER BY id LIMIT 1"),
+                [],
+                job_row,
+            )
+            .optional()?;
+        if let Some(job) = &job {
+            self.db.execute(
+                "UPDATE jobs SET state = 'processing', updated_ms = ?2 WHERE id = ?1",
+                params![job.id, now_ms()],
+            )?;
+        }
+        Ok(job.map(|j| Job {
+            state: JobState::Processing,
+            ..j
+        }))
+    }
+
+    /// Ends a job (done or failed).
+    pub fn finish_job(
+        &self,
+        id: i64,
+        state: JobState,
+        bundle_version: &str,
+        reason: Option<&str>,
+        findings: Option<&serde_json::Value>,
+    ) -> rusqlite::Result<()> {
+        self.db.execute(
+            "UPDATE jobs SET state = ?2, bundle_version = ?3, reason = ?4, findings = ?5,
+                             updated_ms = ?6
+             WHERE id = ?1 AND state = 'processing'",
+            params![
+                id,
+                state.as_str(),
+                bundle_version,
+                reason,
+                findings.map(|f| f.to_string()),
+                now_ms()
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn jobs_of_study(&self, study_uid: &str) -> rusqlite::Result<Vec<Job>> {
+        let mut stmt = self
+            .db
+            .prepare_cached(&format!("{JOB_SELECT} WHERE study_uid = ?1 ORDER BY id"))?;
+        let rows = stmt.query_map([study_uid], job_row)?;
+        rows.collect()
+    }
+
+    /// Adds a result object of a job, with its delivery state.
+    pub fn add_object(&self, o: &ResultObject) -> rusqlite::Result<()> {
+        self.db.execute(
+            "INSERT OR REPLACE INTO objects (sop_instance_uid, job_id, kind, series_uid,
+                sop_class_uid, path, destination, delivery, attempts, next_attempt_ms,
+                last_error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                o.sop_instance_uid,
+                o.job_id,
+                o.kind,
+                o.series_uid,
+                o.sop_class_uid,
+                o.path,
+                o.destination,
+                o.delivery,
+                o.attempts,
+                o.next_attempt_ms,
+                o.last_error
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn objects_of_job(&self, job_id: i64) -> rusqlite::Result<Vec<ResultObject>> {
+        let mut stmt = self.db.prepare_cached(&format!(
+            "{OBJECT_SELECT} WHERE job_id = ?1 ORDER BY kind DESC, sop_instance_uid"
+        ))?;
+        let rows = stmt.query_map([job_id], object_row)?;
+        rows.collect()
+    }
+
+    /// Objects due for a delivery attempt.
+    pub fn objects_due(&self, now: i64, limit: usize) -> rusqlite::Result<Vec<ResultObject>> {
+        let mut stmt = self.db.prepare_cached(&format!(
+            "{OBJECT_SELECT} WHERE delivery = 'pending' AND next_attempt_ms <= ?1
+             ORDER BY next_attempt_ms LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![now, limit as i64], object_row)?;
+        rows.collect()
+    }
+
+    /// The next time an object is due (`None`: nothing pending).
+    pub fn next_due(&self) -> rusqlite::Result<Option<i64>> {
+        self.db.query_row(
+            "SELECT min(next_attempt_ms) FROM objects WHERE delivery = 'pending'",
+            [],
+            |r| r.get(0),
+        )
+    }
+
+    /// Records a delivery attempt's outcome.
+    pub fn delivery(
+        &self,
+        sop_instance_uid: &str,
+        destination: &str,
+        delivery: &str,
+        attempts: u32,
+        next_attempt_ms: i64,
+        last_error: Option<&str>,
+        path: Option<&str>,
+    ) -> rusqlite::Result<()> {
+        self.db.execute(
+            "UPDATE objects SET delivery = ?3, attempts = ?4, next_attempt_ms = ?5,
+                                last_error = ?6, path = coalesce(?7, path)
+             WHERE sop_instance_uid = ?1 AND destination = ?2",
+            params![
+                sop_instance_uid,
+                destination,
+                delivery,
+                attempts,
+                next_attempt_ms,
+                last_error,
+                path
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+const JOB_SELECT: &str = "SELECT id, study_uid, series_uid, route, bundle, bundle_version, state,
+    reason, instances, created_ms, updated_ms, findings, destinations FROM jobs";
+
+fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
+    Ok(Job {
+        id: r.get(0)?,
+        study_uid: r.get(1)?,
+        series_uid: r.get(2)?,
+        route: r.get(3)?,
+        bundle: r.get(4)?,
+        bundle_version: r.get(5)?,
+        state: JobState::parse(&r.get::<_, String>(6)?),
+        reason: r.get(7)?,
+        instances: r.get::<_, i64>(8)?.max(0) as u64,
+        created_ms: r.get(9)?,
+        updated_ms: r.get(10)?,
+        findings: r
+            .get::<_, Option<String>>(11)?
+            .and_then(|s| serde_json::from_str(&s).ok()),
+        destinations: r.get(12)?,
+    })
+}
+
+const OBJECT_SELECT: &str = "SELECT sop_instance_uid, job_id, kind, series_uid, sop_class_uid,
+    path, destination, delivery, attempts, next_attempt_ms, last_error FROM objects";
+
+fn object_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ResultObject> {
+    Ok(ResultObject {
+        sop_instance_uid: r.get(0)?,
+        job_id: r.get(1)?,
+        kind: r.get(2)?,
+        series_uid: r.get(3)?,
+        sop_class_uid: r.get(4)?,
+        path: r.get(5)?,
+        destination: r.get(6)?,
+        delivery: r.get(7)?,
+        attempts: r.get(8)?,
+        next_attempt_ms: r.get(9)?,
+        last_error: r.get(10)?,
+    })
+}
+
+fn series_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SeriesRow> {
+    Ok(SeriesRow {
+        study_uid: r.get(0)?,
+        series_uid: r.get(1)?,
+        instances: r.get::<_, i64>(2)?.max(0) as u64,
+        last_received_ms: r.get(3)?,
+        routed_instances: r.get::<_, i64>(4)?.max(0) as u64,
+        state: r.get(5)?,
+        reason: r.get(6)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_reopen_on_new_instances_and_jobs_supersede() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
+        store.note_series("1.2", "1.2.3", 2, 1_000).unwrap();
+        let ready = store.series_ready(1_000, None, 10).unwrap();
+        assert_eq!(ready.len(), 1);
+        assert!(store.series_ready(999, None, 10).unwrap().is_empty());
+        assert_eq!(store.series_ready(999, Some(2), 10).unwrap().len(), 1);
+        store.settle_series(&ready[0], "routed", None).unwrap();
+        assert!(store.series_ready(i64::MAX, None, 10).unwrap().is_empty());
+        // The same count again changes nothing; a late instance re-opens it.
+        store.note_series("1.2", "1.2.3", 2, 1_000).unwrap();
+        assert!(store.series_ready(i64::MAX, None, 10).unwrap().is_empty());
+        store.note_series("1.2", "1.2.3", 3, 2_000).unwrap();
+        assert_eq!(store.series_ready(i64::MAX, None, 10).unwrap().len(), 1);
+
+        let first = store.add_job("1.2", "1.2.3", "r", "m", 2, "").unwrap();
+        let job = store.take_job().unwrap().unwrap();
+        assert_eq!(job.id, first);
+        store
+            .finish_job(first, JobState::Done, "1", None, None)
+            .unwrap();
+        let second = store.add_job("1.2", "1.2.3", "r", "m", 3, "").unwrap();
+        let jobs = store.jobs_of_study("1.2").unwrap();
+        assert_eq!(
+            jobs.iter().map(|j| (j.id, j.state)).collect::<Vec<_>>(),
+            vec![(first, JobState::Superseded), (second, JobState::Queued)]
+        );
+    }
+
+    #[test]
+    fn a_job_processing_at_a_restart_is_queued_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sqlite3");
+        {
+            let store = ResultsStore::open(&path).unwrap();
+            store.add_job("1.2", "1.2.3", "r", "m", 1, "").unwrap();
+            assert!(store.take_job().unwrap().is_some());
+            assert!(store.take_job().unwrap().is_none());
+        }
+        let store = ResultsStore::open(&path).unwrap();
+        assert!(store.take_job().unwrap().is_some());
+    }
+}
