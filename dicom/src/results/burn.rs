@@ -25,6 +25,50 @@ pub(crate) fn scale_for(columns: usize, lines: &[String]) -> usize {
     wanted.min(fits).max(1)
 }
 
+/// Fewer characters than this per line is too narrow to wrap into: lines are clipped.
+const MIN_WRAP: usize = 8;
+/// At most this many lines after wrapping (the band stays a band on narrow images).
+pub(crate) const MAX_WRAPPED: usize = 64;
+
+/// The scale and the lines to draw: on an image too narrow for a line at scale 1, lines are
+/// wrapped at spaces (long words cut) so the warning stays whole; under [`MIN_WRAP`]
+/// characters per line they are clipped instead.
+pub(crate) fn layout(columns: usize, lines: &[String]) -> (usize, Vec<String>) {
+    let s = scale_for(columns, lines);
+    let room = (columns / (GLYPH * s)).saturating_sub(2);
+    if room < MIN_WRAP {
+        return (s, lines.iter().take(MAX_WRAPPED).cloned().collect());
+    }
+    let mut out = Vec::new();
+    for line in lines {
+        let mut current = String::new();
+        for word in line.split(' ') {
+            let mut word = word;
+            loop {
+                let sep = usize::from(!current.is_empty());
+                if current.len() + sep + word.len() <= room {
+                    if sep == 1 {
+                        current.push(' ');
+                    }
+                    current.push_str(word);
+                    break;
+                }
+                if !current.is_empty() {
+                    out.push(std::mem::take(&mut current));
+                    continue;
+                }
+                // A word longer than a line: cut it.
+                let (head, tail) = word.split_at(room);
+                out.push(head.to_owned());
+                word = tail;
+            }
+        }
+        out.push(current);
+    }
+    out.truncate(MAX_WRAPPED);
+    (s, out)
+}
+
 /// Rows the band takes at scale `s`: a glyph-high margin above and below the text, and
 /// lines 10 glyph pixels apart.
 pub(crate) fn band_rows(lines: usize, s: usize) -> usize {
@@ -53,7 +97,7 @@ pub(crate) fn burn(
     samples: usize,
     lines: &[String],
 ) -> usize {
-    let s = scale_for(columns, lines);
+    let (s, lines) = layout(columns, lines);
     let band = band_rows(lines.len(), s);
     let stride = columns * samples;
     let (top, total) = if rows + band <= usize::from(u16::MAX) {
@@ -150,6 +194,33 @@ mod tests {
             assert!(total <= 65535);
             assert_eq!(px.len(), total * columns * samples);
         }
+    }
+
+    #[test]
+    fn narrow_images_wrap_lines_at_spaces() {
+        let l = lines(&[
+            "AI RESULT - NOT FOR DIAGNOSIS WITHOUT REVIEW",
+            "abcdefghijklmnopqrstuvwxyz",
+        ]);
+        // 128 columns at scale 1: 16 glyphs, 14 characters between the margins.
+        let (s, wrapped) = layout(128, &l);
+        assert_eq!(s, 1);
+        assert_eq!(
+            wrapped,
+            [
+                "AI RESULT -",
+                "NOT FOR",
+                "DIAGNOSIS",
+                "WITHOUT REVIEW",
+                "abcdefghijklmn",
+                "opqrstuvwxyz"
+            ]
+        );
+        // Too narrow to wrap into: clipped, as given.
+        assert_eq!(layout(40, &l).1, l);
+        // Wide enough: untouched.
+        assert_eq!(layout(2000, &l).1, l);
+        assert!(layout(128, &lines(&[&"word ".repeat(1000)])).1.len() <= MAX_WRAPPED);
     }
 
     #[test]

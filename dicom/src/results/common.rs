@@ -125,7 +125,8 @@ fn software_versions(ctx: &ResultContext) -> Vec<String> {
     ]
 }
 
-/// General Equipment module: the bundle on Nightingale as the equipment.
+/// General Equipment module: the bundle on Nightingale as the equipment. (Its Device UID
+/// goes in the Contributing Equipment Sequence only: dicom3tools' General Equipment has none.)
 pub(crate) fn put_equipment(obj: &mut InMemDicomObject, ctx: &ResultContext) {
     put(obj, tags::MANUFACTURER, VR::LO, MANUFACTURER);
     put(

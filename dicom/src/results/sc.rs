@@ -146,6 +146,18 @@ pub fn build_sc(
         VR::LO,
         &short(&format!("{} ({})", AI_RESULT_LABEL, ctx.bundle_name), 64),
     );
+    // Laterality (Type 2C, on the source's body part) and Body Part Examined as the source
+    // has them; with neither, Laterality is empty (unknown), as a paired body part needs it.
+    for e in &source.series_attributes {
+        obj.put(e.clone());
+    }
+    if source.series_attributes.is_empty() {
+        obj.put(DataElement::new(
+            tags::LATERALITY,
+            VR::CS,
+            PrimitiveValue::Empty,
+        ));
+    }
     let mut related = InMemDicomObject::new_empty();
     put(
         &mut related,

@@ -88,6 +88,9 @@ pub struct SourceSeries {
     pub(crate) charset: Option<String>,
     /// The procedure codes of the source (Procedure Code Sequence), for "Procedure reported".
     pub(crate) procedures: Vec<Code>,
+    /// Laterality and Body Part Examined of the first instance, for the secondary capture's
+    /// General Series.
+    pub(crate) series_attributes: Vec<InMemElement>,
     /// Patient Orientation of each instance, for the secondary capture.
     pub(crate) orientations: Vec<Option<InMemElement>>,
     /// Lossy Image Compression (and its ratio and method) of each instance, when "01".
@@ -150,6 +153,10 @@ impl SourceSeries {
             .collect();
         let charset = text(first, tags::SPECIFIC_CHARACTER_SET).filter(|c| !c.is_empty());
         let procedures = codes(first, tags::PROCEDURE_CODE_SEQUENCE);
+        let series_attributes = [tags::LATERALITY, tags::BODY_PART_EXAMINED]
+            .iter()
+            .filter_map(|t| first.element_opt(*t).ok().flatten().cloned())
+            .collect();
 
         let mut out = Vec::new();
         let mut orientations = Vec::new();
@@ -197,6 +204,7 @@ impl SourceSeries {
             copied,
             charset,
             procedures,
+            series_attributes,
             orientations,
             lossy,
         })
