@@ -206,14 +206,17 @@ pub(crate) fn all_ascii<'a>(texts: impl IntoIterator<Item = &'a str>) -> bool {
 
 /// Part 10 bytes in Explicit VR Little Endian.
 pub(crate) fn to_part10(obj: InMemDicomObject) -> Result<Vec<u8>, ResultError> {
-    let file = obj.with_meta(
-        FileMetaTableBuilder::new()
-            .transfer_syntax(EXPLICIT_VR_LITTLE_ENDIAN)
-            .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
-            .implementation_version_name(IMPLEMENTATION_VERSION_NAME),
-    )?;
+    let file = obj
+        .with_meta(
+            FileMetaTableBuilder::new()
+                .transfer_syntax(EXPLICIT_VR_LITTLE_ENDIAN)
+                .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
+                .implementation_version_name(IMPLEMENTATION_VERSION_NAME),
+        )
+        .map_err(|e| ResultError::Meta(Box::new(e)))?;
     let mut out = Vec::new();
-    file.write_all(&mut out)?;
+    file.write_all(&mut out)
+        .map_err(|e| ResultError::Write(Box::new(e)))?;
     Ok(out)
 }
 

@@ -223,9 +223,9 @@ pub enum ResultError {
     #[error("the rendered image's source instance is not one of the series' instances")]
     UnknownSourceInstance,
     #[error("building the file meta group")]
-    Meta(#[from] dicom_object::WithMetaError),
+    Meta(#[source] Box<dicom_object::WithMetaError>),
     #[error("writing the Part 10 object")]
-    Write(#[from] dicom_object::WriteError),
+    Write(#[source] Box<dicom_object::WriteError>),
 }
 
 fn check_findings(findings: &[Finding]) -> Result<(), ResultError> {
