@@ -11,6 +11,7 @@
 //! series as well, each written to a temporary folder with its results, then
 //! - `dciodvfy` (Debian dicom3tools) on every result object: its `Error` lines must all be
 //!   errors dciodvfy also reports on the source instance it copies from (none, on these);
+//! - `dsrdump -v` (dcmtk) reads each SR's document tree without an error;
 //! - `tests/peer/check_result_objects.py` (pydicom) reads each SR's content tree and each
 //!   SC against the sources and the inputs listed in a manifest: concept codes from pydicom's
 //!   own code dictionary, the probability and threshold values, the device UID derived
@@ -588,6 +589,19 @@ fn real_files_pass_dciodvfy_and_pydicom() {
                 extra.is_empty(),
                 "{name} {kind}: dciodvfy errors not in the source: {extra:#?}"
             );
+            if kind == "sr" {
+                // dcmtk reads the document tree and checks its relationship constraints.
+                let out = Command::new("dsrdump")
+                    .arg("-v")
+                    .arg(&path)
+                    .output()
+                    .expect("dsrdump (Debian dcmtk) is installed");
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(
+                    out.status.success() && !err.lines().any(|l| l.starts_with("E:")),
+                    "{name} sr: dsrdump: {err}"
+                );
+            }
             verified.push(format!("{name} {kind}"));
             cases.push(serde_json::json!({
                 "name": name,

@@ -150,6 +150,10 @@ def check_sr(result, sources, m, label):
     refs = {(r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID) for r in series[0].ReferencedSOPSequence}
     check(refs == expected_refs, f"{label}: evidence references {refs} != {expected_refs}")
 
+    private = {f["scheme"] for f in m["findings"] if f["scheme"].startswith("99")}
+    declared = {i.CodingSchemeDesignator for i in result.get("CodingSchemeIdentificationSequence", [])}
+    check(private <= declared, f"{label}: private coding schemes {private} not identified")
+
     print(f"-- {label} content tree")
     print_tree(result)
     check(concept(result) == code_tuple(codes.DCM.ImagingMeasurementReport), f"{label}: document title")
@@ -185,10 +189,12 @@ def check_sr(result, sources, m, label):
         check(code_of(one(g, "CODE", codes.DCM.Finding).ConceptCodeSequence[0]) == want, f"{label}: finding code")
         check(one(g, "TEXT", codes.DCM.TrackingIdentifier).TextValue, f"{label}: tracking id")
         check(one(g, "UIDREF", codes.DCM.TrackingUniqueIdentifier).UID.startswith("2.25."), f"{label}: tracking uid")
-        check(one(g, "TEXT", codes.DCM.AlgorithmName).TextValue == m["bundle_name"], f"{label}: algorithm name")
-        check(one(g, "TEXT", codes.DCM.AlgorithmVersion).TextValue == m["bundle_version"], f"{label}: algorithm version")
         for name, key in [(codes.DCM.Probability, "probability"), (codes.DCM.ThresholdValue, "threshold")]:
-            mv = one(g, "NUM", name).MeasuredValueSequence[0]
+            n = one(g, "NUM", name)
+            check(one(n, "TEXT", codes.DCM.AlgorithmName).TextValue == m["bundle_name"], f"{label}: algorithm name")
+            check(one(n, "TEXT", codes.DCM.AlgorithmVersion).TextValue == m["bundle_version"],
+                  f"{label}: algorithm version")
+            mv = n.MeasuredValueSequence[0]
             check(code_of(mv.MeasurementUnitsCodeSequence[0])[:2] == ("1", "UCUM"), f"{label}: {key} unit")
             check(float32(mv.NumericValue) == float32(f[key]), f"{label}: {key} {mv.NumericValue} != {f[key]}")
             check(float32(mv.FloatingPointValue) == float32(f[key]), f"{label}: {key} floating point value")

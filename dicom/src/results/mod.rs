@@ -168,10 +168,10 @@ pub struct Finding {
     pub label: Code,
     /// The model's probability for it, in [0, 1].
     pub probability: f32,
-    /// The operating threshold, in [0, 1]: positive when `probability >= threshold` unless
-    /// the bundle says otherwise through `positive`.
+    /// The operating threshold, in [0, 1].
     pub threshold: f32,
-    /// Whether the finding is reported as present.
+    /// Whether the finding is reported as present (the caller decides, usually
+    /// `probability >= threshold`; written as SCT Present/Absent and POSITIVE/NEGATIVE).
     pub positive: bool,
 }
 

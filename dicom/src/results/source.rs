@@ -134,9 +134,10 @@ fn codes(obj: &InMemDicomObject, tag: Tag) -> Vec<Code> {
 }
 
 impl SourceSeries {
-    /// Read a series from its instances (parsed objects, pixel data not needed). All must
-    /// share the Study and Series Instance UIDs and have SOP Class and Instance UIDs; the
-    /// patient/study attributes come from the first one.
+    /// Read a series from its instances (parsed objects, pixel data not needed: files opened
+    /// with `read_until(PIXEL_DATA)` do; pass `FileDicomObject`s as `files.iter().map(|f|
+    /// &**f)`). All must share the Study and Series Instance UIDs and have SOP Class and
+    /// Instance UIDs; the patient/study attributes come from the first one.
     pub fn from_instances<'a, I>(instances: I) -> Result<Self, ResultError>
     where
         I: IntoIterator<Item = &'a InMemDicomObject>,

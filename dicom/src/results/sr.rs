@@ -16,9 +16,10 @@
 //!    HAS OBS CONTEXT TEXT (112039, DCM, "Tracking Identifier") = "<bundle> <label>"
 //!    HAS OBS CONTEXT UIDREF (112040, DCM, "Tracking Unique Identifier") = new UID
 //!    HAS CONCEPT MOD CODE (121071, DCM, "Finding") = the label's code
-//!    HAS CONCEPT MOD TEXT (111001, DCM, "Algorithm Name") / (111003, "Algorithm Version")
-//!    CONTAINS NUM (122157, DCM, "Probability") = p, unit ("1", UCUM, "no units")
-//!    CONTAINS NUM (122411, DCM, "Threshold Value") = operating threshold, unit "1"
+//!    CONTAINS NUM (122157, DCM, "Probability") = p, unit ("1", UCUM, "no units")  [TID 300]
+//!     HAS CONCEPT MOD TEXT (111001, DCM, "Algorithm Name") = bundle name         [TID 4019]
+//!     HAS CONCEPT MOD TEXT (111003, DCM, "Algorithm Version") = bundle version
+//!    CONTAINS NUM (122411, DCM, "Threshold Value") = operating threshold, unit "1" (same)
 //!    CONTAINS CODE <label> = (52101004, SCT, "Present") | (272519000, SCT, "Absent")
 //!    CONTAINS TEXT (121106, DCM, "Comment") = "Intended use: <text>"
 //! ```
@@ -33,8 +34,8 @@ use super::common::{
 };
 use super::source::SourceSeries;
 use super::{
-    AI_RESULT_LABEL, COMPREHENSIVE_SR, Code, Finding, MANUFACTURER, ResultContext, ResultError,
-    ResultObject, SR_SERIES_NUMBER, Uid, check_findings,
+    AI_RESULT_LABEL, COMPREHENSIVE_SR, Code, Finding, LOCAL_SCHEME, MANUFACTURER, ResultContext,
+    ResultError, ResultObject, SR_SERIES_NUMBER, Uid, check_findings,
 };
 
 fn dcm(value: &str, meaning: &str) -> Code {
@@ -83,8 +84,9 @@ fn uidref(relationship: &str, concept: &Code, value: &Uid) -> InMemDicomObject {
     obj
 }
 
-/// A NUM with no units (UCUM "1"): DS text plus the exact binary value.
-fn num(concept: &Code, value: f32) -> InMemDicomObject {
+/// A NUM with no units (UCUM "1"): DS text plus the exact binary value, and the algorithm
+/// that measured it (TID 300's TID 4019 Algorithm Identification).
+fn num(ctx: &ResultContext, concept: &Code, value: f32) -> InMemDicomObject {
     let mut obj = item(Some("CONTAINS"), "NUM", Some(concept));
     let mut measured = InMemDicomObject::new_empty();
     put_code(
@@ -99,6 +101,22 @@ fn num(concept: &Code, value: f32) -> InMemDicomObject {
         PrimitiveValue::from(f64::from(value)),
     ));
     put_seq(&mut obj, tags::MEASURED_VALUE_SEQUENCE, vec![measured]);
+    put_seq(
+        &mut obj,
+        tags::CONTENT_SEQUENCE,
+        vec![
+            text(
+                "HAS CONCEPT MOD",
+                &dcm("111001", "Algorithm Name"),
+                &ctx.bundle_name,
+            ),
+            text(
+                "HAS CONCEPT MOD",
+                &dcm("111003", "Algorithm Version"),
+                &ctx.bundle_version,
+            ),
+        ],
+    );
     obj
 }
 
@@ -150,18 +168,8 @@ fn measurement_group(ctx: &ResultContext, f: &Finding) -> InMemDicomObject {
                 &Uid::generate(),
             ),
             code("HAS CONCEPT MOD", &dcm("121071", "Finding"), &f.label),
-            text(
-                "HAS CONCEPT MOD",
-                &dcm("111001", "Algorithm Name"),
-                &ctx.bundle_name,
-            ),
-            text(
-                "HAS CONCEPT MOD",
-                &dcm("111003", "Algorithm Version"),
-                &ctx.bundle_version,
-            ),
-            num(&dcm("122157", "Probability"), f.probability),
-            num(&dcm("122411", "Threshold Value"), f.threshold),
+            num(ctx, &dcm("122157", "Probability"), f.probability),
+            num(ctx, &dcm("122411", "Threshold Value"), f.threshold),
             code("CONTAINS", &f.label, &presence),
             text(
                 "CONTAINS",
@@ -202,6 +210,38 @@ pub fn build_sr(
     let mut obj = InMemDicomObject::new_empty();
     put_sop_common(&mut obj, COMPREHENSIVE_SR, &sop_instance_uid, ctx);
     copy_source(&mut obj, source, ascii);
+
+    // Private coding schemes used (the `99` prefix, e.g. Code::local's) are identified in
+    // the Coding Scheme Identification Sequence (SOP Common).
+    let mut private: Vec<&str> = findings
+        .iter()
+        .map(|f| f.label.scheme.as_str())
+        .filter(|s| s.starts_with("99"))
+        .collect();
+    private.sort_unstable();
+    private.dedup();
+    if !private.is_empty() {
+        let items = private
+            .iter()
+            .map(|scheme| {
+                let mut item = InMemDicomObject::new_empty();
+                put(
+                    &mut item,
+                    tags::CODING_SCHEME_DESIGNATOR,
+                    VR::SH,
+                    &short(scheme, 16),
+                );
+                let name = if *scheme == LOCAL_SCHEME {
+                    "Nightingale bundle output names"
+                } else {
+                    scheme
+                };
+                put(&mut item, tags::CODING_SCHEME_NAME, VR::ST, name);
+                item
+            })
+            .collect();
+        put_seq(&mut obj, tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE, items);
+    }
 
     // SR Document Series
     put(&mut obj, tags::MODALITY, VR::CS, "SR");
