@@ -223,6 +223,28 @@ mod tests {
         assert!(layout(128, &lines(&[&"word ".repeat(1000)])).1.len() <= MAX_WRAPPED);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Any size, either sample count, any printable text: no panic, a whole image back,
+        /// never over 65535 rows, the image untouched when the band is appended.
+        #[test]
+        fn burn_never_panics(
+            rows in 1usize..400,
+            columns in 1usize..400,
+            rgb in proptest::bool::ANY,
+            texts in proptest::collection::vec("[ -~]{0,120}", 0..30),
+        ) {
+            let samples = if rgb { 3 } else { 1 };
+            let mut px = vec![9u8; rows * columns * samples];
+            let total = burn(&mut px, rows, columns, samples, &texts);
+            proptest::prop_assert!(total >= rows && total <= 65535);
+            proptest::prop_assert_eq!(px.len(), total * columns * samples);
+            if total > rows {
+                proptest::prop_assert!(px[..rows * columns * samples].iter().all(|&v| v == 9));
+            }
+        }
+    }
+
     #[test]
     fn non_ascii_becomes_question_marks() {
         assert_eq!(ascii_line("Lésion\tx"), "L?sion?x");
