@@ -204,6 +204,21 @@ fn synthetic_series_sr_and_sc_read_back() {
         );
     }
 
+    // The results SCU sends Part 10 files as scu::Part10File reads them.
+    let dir = tempfile::tempdir().unwrap();
+    for (obj, name) in [(&sr, "sr.dcm"), (&sc, "sc.dcm")] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, &obj.bytes).unwrap();
+        let file = nightingale_dicom::scu::Part10File::open(&path).unwrap();
+        assert_eq!(file.sop_class_uid, obj.sop_class_uid);
+        assert_eq!(file.sop_instance_uid, obj.sop_instance_uid.as_str());
+        assert_eq!(file.transfer_syntax, "1.2.840.10008.1.2.1");
+        assert_eq!(
+            file.dataset_offset + file.dataset_len,
+            obj.bytes.len() as u64
+        );
+    }
+
     let o = read_back(&sr);
     assert_eq!(text(&o, tags::MODALITY).as_deref(), Some("SR"));
     assert_eq!(
