@@ -42,6 +42,18 @@ if ! command -v storescu >/dev/null 2>&1; then
   }
 fi
 
+# dicom3tools (Debian) for the DICOM result objects' checks (dicom/tests/results.rs, issue 9
+# RESULTS slice): dciodvfy on every SR and SC. NIGHTINGALE_PEERS=1 makes that test run dciodvfy
+# and tests/peer/check_result_objects.py (pydicom, from $NIGHTINGALE_VENV) and fail without them.
+if ! command -v dciodvfy >/dev/null 2>&1; then
+  echo "== installing dicom3tools (Debian)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq dicom3tools >/dev/null 2>&1 || {
+    apt-get update -qq && apt-get install -y -qq dicom3tools >/dev/null
+  }
+fi
+export NIGHTINGALE_PEERS=1 NIGHTINGALE_VENV="$VENV"
+
 # PostgreSQL for the scale-out audit store's tests (required, not skipped): Debian's
 # postgresql, a cluster started with pg_ctlcluster, a role and a database for the tests.
 # Set NIGHTINGALE_TEST_POSTGRES_URL yourself to use another server.

@@ -9,12 +9,15 @@
 //! - [`events`]: what the SCP reports for the audit trail.
 //! - [`maintenance`]: `check` (index ↔ files) and `purge` (retention) of the spool.
 //! - [`scu`]: a C-ECHO/C-STORE client (the operator CLI, and results sent back to PACS).
+//! - [`results`]: AI results as DICOM (TID 1500 SR, secondary capture with burned-in text).
 //! - [`sop`]: the storage SOP classes and transfer syntaxes accepted by default.
 
 pub mod events;
 pub mod maintenance;
 pub mod multipart;
 pub mod qido;
+// DICOM results (issue 9, RESULTS slice)
+pub mod results;
 pub mod scp;
 pub mod scu;
 // ---- issue 9, coordinator: series over the spool for the pipeline ----

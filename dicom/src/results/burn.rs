@@ -1,0 +1,252 @@
+//! Burned-in text: ASCII lines in the public-domain 8×8 bitmap font of the `font8x8` crate,
+//! white on a black band added below the image, scaled to the image's width.
+//!
+//! The band is appended (the image itself is not covered) unless that would take the image
+//! past 65535 rows; then it covers the bottom rows. Text that does not fit is clipped: a
+//! 2-pixel-wide image gets an illegible but valid band, never a panic.
+
+use font8x8::legacy::BASIC_LEGACY;
+
+/// At most this many text lines; more findings are summarised on the last line.
+pub(crate) const MAX_LINES: usize = 24;
+/// Glyph size of the font in pixels, before scaling.
+const GLYPH: usize = 8;
+/// The widest scale used (64-pixel glyphs), whatever the image's width.
+const MAX_SCALE: usize = 8;
+
+/// The scale for `lines` on an image `columns` wide: one glyph pixel per 512 image columns
+/// (a 2000-pixel radiograph gets 24-pixel glyphs), reduced until the longest line fits, never
+/// under 1.
+pub(crate) fn scale_for(columns: usize, lines: &[String]) -> usize {
+    let longest = lines.iter().map(|l| l.len()).max().unwrap_or(0).max(1);
+    let wanted = (columns / 512).clamp(1, MAX_SCALE);
+    // Width of the longest line at scale s, with a glyph's width of margin on each side.
+    let fits = columns / (GLYPH * (longest + 2));
+    wanted.min(fits).max(1)
+}
+
+/// Fewer characters than this per line is too narrow to wrap into: lines are clipped.
+const MIN_WRAP: usize = 8;
+/// At most this many lines after wrapping (the band stays a band on narrow images).
+pub(crate) const MAX_WRAPPED: usize = 64;
+
+/// The scale and the lines to draw: on an image too narrow for a line at scale 1, lines are
+/// wrapped at spaces (long words cut) so the warning stays whole; under [`MIN_WRAP`]
+/// characters per line they are clipped instead.
+pub(crate) fn layout(columns: usize, lines: &[String]) -> (usize, Vec<String>) {
+    let s = scale_for(columns, lines);
+    let room = (columns / (GLYPH * s)).saturating_sub(2);
+    if room < MIN_WRAP {
+        return (s, lines.iter().take(MAX_WRAPPED).cloned().collect());
+    }
+    let mut out = Vec::new();
+    for line in lines {
+        let mut current = String::new();
+        for word in line.split(' ') {
+            let mut word = word;
+            loop {
+                let sep = usize::from(!current.is_empty());
+                if current.len() + sep + word.len() <= room {
+                    if sep == 1 {
+                        current.push(' ');
+                    }
+                    current.push_str(word);
+                    break;
+                }
+                if !current.is_empty() {
+                    out.push(std::mem::take(&mut current));
+                    continue;
+                }
+                // A word longer than a line: cut it.
+                let (head, tail) = word.split_at(room);
+                out.push(head.to_owned());
+                word = tail;
+            }
+        }
+        out.push(current);
+    }
+    out.truncate(MAX_WRAPPED);
+    (s, out)
+}
+
+/// Rows the band takes at scale `s`: a glyph-high margin above and below the text, and
+/// lines 10 glyph pixels apart.
+pub(crate) fn band_rows(lines: usize, s: usize) -> usize {
+    s * (GLYPH + lines * (GLYPH + 2))
+}
+
+/// ASCII only (the font's basic block): anything else becomes `?`.
+pub(crate) fn ascii_line(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii() && !c.is_ascii_control() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
+/// Burn `lines` into `pixels` (`rows`×`columns`, `samples` bytes per pixel, interleaved).
+/// Returns the new row count; `pixels` grows by the band when it is appended.
+pub(crate) fn burn(
+    pixels: &mut Vec<u8>,
+    rows: usize,
+    columns: usize,
+    samples: usize,
+    lines: &[String],
+) -> usize {
+    let (s, lines) = layout(columns, lines);
+    let band = band_rows(lines.len(), s);
+    let stride = columns * samples;
+    let (top, total) = if rows + band <= usize::from(u16::MAX) {
+        pixels.resize((rows + band) * stride, 0);
+        (rows, rows + band)
+    } else {
+        let top = rows.saturating_sub(band);
+        pixels[top * stride..].fill(0);
+        (top, rows)
+    };
+    for (n, line) in lines.iter().enumerate() {
+        let y0 = top + s * (GLYPH / 2 + n * (GLYPH + 2));
+        for (k, ch) in line.bytes().enumerate() {
+            let x0 = s * GLYPH * (k + 1);
+            if x0 >= columns {
+                break;
+            }
+            let glyph = BASIC_LEGACY[usize::from(ch & 0x7f)];
+            for (gy, bits) in glyph.iter().enumerate() {
+                for gx in 0..GLYPH {
+                    if bits & (1 << gx) == 0 {
+                        continue;
+                    }
+                    for dy in 0..s {
+                        let y = y0 + gy * s + dy;
+                        if y >= total {
+                            break;
+                        }
+                        for dx in 0..s {
+                            let x = x0 + gx * s + dx;
+                            if x >= columns {
+                                break;
+                            }
+                            let at = y * stride + x * samples;
+                            pixels[at..at + samples].fill(255);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(texts: &[&str]) -> Vec<String> {
+        texts.iter().map(|t| t.to_string()).collect()
+    }
+
+    #[test]
+    fn scale_follows_width_and_fits_the_longest_line() {
+        let l = lines(&["AI RESULT - NOT FOR DIAGNOSIS WITHOUT REVIEW"]);
+        assert_eq!(scale_for(1841, &l), 3);
+        assert_eq!(scale_for(128, &l), 1);
+        // 44 characters + 2 margins at scale 2 need 736 columns.
+        assert_eq!(scale_for(1100, &l), 2);
+        assert_eq!(scale_for(735, &l), 1);
+        assert_eq!(scale_for(100_000, &l), MAX_SCALE);
+    }
+
+    #[test]
+    fn band_is_appended_black_with_white_text() {
+        let l = lines(&["I"]);
+        let (rows, columns) = (4, 40);
+        let mut px = vec![100u8; rows * columns];
+        let total = burn(&mut px, rows, columns, 1, &l);
+        assert_eq!(total, rows + band_rows(1, 1));
+        assert_eq!(px.len(), total * columns);
+        // The image is untouched; the band holds only 0 and 255, and some 255.
+        assert!(px[..rows * columns].iter().all(|&v| v == 100));
+        let band = &px[rows * columns..];
+        assert!(band.iter().all(|&v| v == 0 || v == 255));
+        assert!(band.contains(&255));
+    }
+
+    #[test]
+    fn tiny_and_tall_images_do_not_panic() {
+        let l = lines(&[
+            "AI RESULT - NOT FOR DIAGNOSIS WITHOUT REVIEW",
+            &"x".repeat(5000),
+        ]);
+        for (rows, columns, samples) in [
+            (1, 1, 1),
+            (1, 1, 3),
+            (2, 3, 3),
+            (65535, 2, 1),
+            (65530, 1, 3),
+        ] {
+            let mut px = vec![7u8; rows * columns * samples];
+            let total = burn(&mut px, rows, columns, samples, &l);
+            assert!(total <= 65535);
+            assert_eq!(px.len(), total * columns * samples);
+        }
+    }
+
+    #[test]
+    fn narrow_images_wrap_lines_at_spaces() {
+        let l = lines(&[
+            "AI RESULT - NOT FOR DIAGNOSIS WITHOUT REVIEW",
+            "abcdefghijklmnopqrstuvwxyz",
+        ]);
+        // 128 columns at scale 1: 16 glyphs, 14 characters between the margins.
+        let (s, wrapped) = layout(128, &l);
+        assert_eq!(s, 1);
+        assert_eq!(
+            wrapped,
+            [
+                "AI RESULT -",
+                "NOT FOR",
+                "DIAGNOSIS",
+                "WITHOUT REVIEW",
+                "abcdefghijklmn",
+                "opqrstuvwxyz"
+            ]
+        );
+        // Too narrow to wrap into: clipped, as given.
+        assert_eq!(layout(40, &l).1, l);
+        // Wide enough: untouched.
+        assert_eq!(layout(2000, &l).1, l);
+        assert!(layout(128, &lines(&[&"word ".repeat(1000)])).1.len() <= MAX_WRAPPED);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Any size, either sample count, any printable text: no panic, a whole image back,
+        /// never over 65535 rows, the image untouched when the band is appended.
+        #[test]
+        fn burn_never_panics(
+            rows in 1usize..400,
+            columns in 1usize..400,
+            rgb in proptest::bool::ANY,
+            texts in proptest::collection::vec("[ -~]{0,120}", 0..30),
+        ) {
+            let samples = if rgb { 3 } else { 1 };
+            let mut px = vec![9u8; rows * columns * samples];
+            let total = burn(&mut px, rows, columns, samples, &texts);
+            proptest::prop_assert!(total >= rows && total <= 65535);
+            proptest::prop_assert_eq!(px.len(), total * columns * samples);
+            if total > rows {
+                proptest::prop_assert!(px[..rows * columns * samples].iter().all(|&v| v == 9));
+            }
+        }
+    }
+
+    #[test]
+    fn non_ascii_becomes_question_marks() {
+        assert_eq!(ascii_line("Lésion\tx"), "L?sion?x");
+    }
+}

@@ -1,0 +1,231 @@
+//! The source series, read once: the attributes a result copies and the instances it
+//! references.
+
+use dicom_core::Tag;
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use dicom_object::mem::InMemElement;
+
+use super::{Code, ResultError, Uid};
+
+/// The patient and study attributes a result copies exactly (PS3.3 Patient, Clinical Trial
+/// Subject, General Study, Patient Study and Clinical Trial Study modules): every one the
+/// source has is copied with its value untouched.
+pub(crate) const COPIED: &[Tag] = &[
+    // Patient
+    tags::PATIENT_NAME,
+    tags::PATIENT_ID,
+    tags::ISSUER_OF_PATIENT_ID,
+    tags::ISSUER_OF_PATIENT_ID_QUALIFIERS_SEQUENCE,
+    tags::TYPE_OF_PATIENT_ID,
+    tags::PATIENT_BIRTH_DATE,
+    tags::PATIENT_BIRTH_TIME,
+    tags::PATIENT_SEX,
+    tags::OTHER_PATIENT_I_DS_SEQUENCE,
+    tags::PATIENT_COMMENTS,
+    tags::PATIENT_SPECIES_DESCRIPTION,
+    tags::PATIENT_SPECIES_CODE_SEQUENCE,
+    tags::PATIENT_BREED_DESCRIPTION,
+    tags::PATIENT_BREED_CODE_SEQUENCE,
+    tags::RESPONSIBLE_PERSON,
+    tags::RESPONSIBLE_PERSON_ROLE,
+    tags::RESPONSIBLE_ORGANIZATION,
+    tags::PATIENT_IDENTITY_REMOVED,
+    tags::DEIDENTIFICATION_METHOD,
+    tags::DEIDENTIFICATION_METHOD_CODE_SEQUENCE,
+    // Clinical Trial Subject
+    tags::CLINICAL_TRIAL_SPONSOR_NAME,
+    tags::CLINICAL_TRIAL_PROTOCOL_ID,
+    tags::CLINICAL_TRIAL_PROTOCOL_NAME,
+    tags::CLINICAL_TRIAL_SITE_ID,
+    tags::CLINICAL_TRIAL_SITE_NAME,
+    tags::CLINICAL_TRIAL_SUBJECT_ID,
+    tags::CLINICAL_TRIAL_SUBJECT_READING_ID,
+    // General Study
+    tags::STUDY_INSTANCE_UID,
+    tags::STUDY_DATE,
+    tags::STUDY_TIME,
+    tags::REFERRING_PHYSICIAN_NAME,
+    tags::STUDY_ID,
+    tags::ACCESSION_NUMBER,
+    tags::ISSUER_OF_ACCESSION_NUMBER_SEQUENCE,
+    tags::STUDY_DESCRIPTION,
+    tags::PHYSICIANS_OF_RECORD,
+    tags::NAME_OF_PHYSICIANS_READING_STUDY,
+    tags::REFERENCED_STUDY_SEQUENCE,
+    tags::PROCEDURE_CODE_SEQUENCE,
+    // Patient Study
+    tags::ADMITTING_DIAGNOSES_DESCRIPTION,
+    tags::PATIENT_AGE,
+    tags::PATIENT_SIZE,
+    tags::PATIENT_WEIGHT,
+    tags::OCCUPATION,
+    tags::ADDITIONAL_PATIENT_HISTORY,
+    tags::PATIENT_SEX_NEUTERED,
+    // Clinical Trial Study
+    tags::CLINICAL_TRIAL_TIME_POINT_ID,
+    tags::CLINICAL_TRIAL_TIME_POINT_DESCRIPTION,
+];
+
+/// One instance of the source series, as a result references it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceInstance {
+    pub sop_class_uid: Uid,
+    pub sop_instance_uid: Uid,
+}
+
+/// The source series of a result: the patient/study attributes of its first instance (copied
+/// exactly), its UIDs, and every instance (referenced from the SR's evidence and image
+/// library).
+#[derive(Debug, Clone)]
+pub struct SourceSeries {
+    pub(crate) study_instance_uid: Uid,
+    pub(crate) series_instance_uid: Uid,
+    pub(crate) instances: Vec<SourceInstance>,
+    /// The [`COPIED`] elements the first instance has, in tag order.
+    pub(crate) copied: Vec<InMemElement>,
+    /// The source's Specific Character Set, when it has one.
+    pub(crate) charset: Option<String>,
+    /// The procedure codes of the source (Procedure Code Sequence), for "Procedure reported".
+    pub(crate) procedures: Vec<Code>,
+    /// Laterality and Body Part Examined of the first instance, for the secondary capture's
+    /// General Series.
+    pub(crate) series_attributes: Vec<InMemElement>,
+    /// Patient Orientation of each instance, for the secondary capture.
+    pub(crate) orientations: Vec<Option<InMemElement>>,
+    /// Lossy Image Compression (and its ratio and method) of each instance, when "01".
+    pub(crate) lossy: Vec<Vec<InMemElement>>,
+}
+
+fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
+    let e = obj.element_opt(tag).ok().flatten()?;
+    let s = e.to_str().ok()?;
+    Some(s.trim_end_matches(['\0', ' ']).trim_start().to_owned())
+}
+
+fn uid(
+    obj: &InMemDicomObject,
+    tag: Tag,
+    index: usize,
+    attribute: &'static str,
+) -> Result<Uid, ResultError> {
+    text(obj, tag)
+        .and_then(|t| Uid::parse(&t))
+        .ok_or(ResultError::MissingAttribute { index, attribute })
+}
+
+fn codes(obj: &InMemDicomObject, tag: Tag) -> Vec<Code> {
+    let Some(items) = obj.element_opt(tag).ok().flatten().and_then(|e| e.items()) else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| {
+            let value = text(item, tags::CODE_VALUE).filter(|v| !v.is_empty())?;
+            let scheme = text(item, tags::CODING_SCHEME_DESIGNATOR).filter(|v| !v.is_empty())?;
+            let meaning = text(item, tags::CODE_MEANING).filter(|v| !v.is_empty())?;
+            Some(Code {
+                value,
+                scheme,
+                meaning,
+            })
+        })
+        .collect()
+}
+
+impl SourceSeries {
+    /// Read a series from its instances (parsed objects, pixel data not needed: files opened
+    /// with `read_until(PIXEL_DATA)` do; pass `FileDicomObject`s as `files.iter().map(|f|
+    /// &**f)`). All must share the Study and Series Instance UIDs and have SOP Class and
+    /// Instance UIDs; the patient/study attributes come from the first one.
+    pub fn from_instances<'a, I>(instances: I) -> Result<Self, ResultError>
+    where
+        I: IntoIterator<Item = &'a InMemDicomObject>,
+    {
+        let mut iter = instances.into_iter().enumerate().peekable();
+        let Some((_, first)) = iter.peek() else {
+            return Err(ResultError::EmptySeries);
+        };
+        let study_instance_uid = uid(first, tags::STUDY_INSTANCE_UID, 0, "Study Instance UID")?;
+        let series_instance_uid = uid(first, tags::SERIES_INSTANCE_UID, 0, "Series Instance UID")?;
+        let copied = COPIED
+            .iter()
+            .filter_map(|t| first.element_opt(*t).ok().flatten().cloned())
+            .collect();
+        let charset = text(first, tags::SPECIFIC_CHARACTER_SET).filter(|c| !c.is_empty());
+        let procedures = codes(first, tags::PROCEDURE_CODE_SEQUENCE);
+        let series_attributes = [tags::LATERALITY, tags::BODY_PART_EXAMINED]
+            .iter()
+            .filter_map(|t| first.element_opt(*t).ok().flatten().cloned())
+            .collect();
+
+        let mut out = Vec::new();
+        let mut orientations = Vec::new();
+        let mut lossy = Vec::new();
+        for (index, obj) in iter {
+            if uid(obj, tags::STUDY_INSTANCE_UID, index, "Study Instance UID")?
+                != study_instance_uid
+            {
+                return Err(ResultError::MixedStudies { index });
+            }
+            if uid(obj, tags::SERIES_INSTANCE_UID, index, "Series Instance UID")?
+                != series_instance_uid
+            {
+                return Err(ResultError::MixedSeries { index });
+            }
+            out.push(SourceInstance {
+                sop_class_uid: uid(obj, tags::SOP_CLASS_UID, index, "SOP Class UID")?,
+                sop_instance_uid: uid(obj, tags::SOP_INSTANCE_UID, index, "SOP Instance UID")?,
+            });
+            orientations.push(
+                obj.element_opt(tags::PATIENT_ORIENTATION)
+                    .ok()
+                    .flatten()
+                    .cloned(),
+            );
+            lossy.push(
+                if text(obj, tags::LOSSY_IMAGE_COMPRESSION).as_deref() == Some("01") {
+                    [
+                        tags::LOSSY_IMAGE_COMPRESSION,
+                        tags::LOSSY_IMAGE_COMPRESSION_RATIO,
+                        tags::LOSSY_IMAGE_COMPRESSION_METHOD,
+                    ]
+                    .iter()
+                    .filter_map(|t| obj.element_opt(*t).ok().flatten().cloned())
+                    .collect()
+                } else {
+                    Vec::new()
+                },
+            );
+        }
+        Ok(SourceSeries {
+            study_instance_uid,
+            series_instance_uid,
+            instances: out,
+            copied,
+            charset,
+            procedures,
+            series_attributes,
+            orientations,
+            lossy,
+        })
+    }
+
+    pub fn study_instance_uid(&self) -> &Uid {
+        &self.study_instance_uid
+    }
+
+    pub fn series_instance_uid(&self) -> &Uid {
+        &self.series_instance_uid
+    }
+
+    pub fn instances(&self) -> &[SourceInstance] {
+        &self.instances
+    }
+
+    pub(crate) fn position(&self, sop_instance_uid: &Uid) -> Option<usize> {
+        self.instances
+            .iter()
+            .position(|i| &i.sop_instance_uid == sop_instance_uid)
+    }
+}
