@@ -10,10 +10,14 @@
 //! - [`maintenance`]: `check` (index ↔ files) and `purge` (retention) of the spool.
 //! - [`scu`]: a C-ECHO/C-STORE client (the operator CLI, and results sent back to PACS).
 //! - [`sop`]: the storage SOP classes and transfer syntaxes accepted by default.
+//! - [`pixels`]: pixel decode (Modality/VOI LUT, MONOCHROME1, colour) into `f32` frames for
+//!   the preprocessing, an 8-bit rendering, and a budget of pixels decoded at once.
 
 pub mod events;
 pub mod maintenance;
 pub mod multipart;
+// Pixel decode (issue 9, PIXELS slice)
+pub mod pixels;
 pub mod qido;
 pub mod scp;
 pub mod scu;
