@@ -91,6 +91,14 @@ if ! command -v openssl >/dev/null 2>&1; then
   }
 fi
 
+# Pixel decode tests (issue 9, PIXELS slice): dicom/tests/pixels.rs reads real DICOM files
+# from the installed pydicom and pydicom-data wheels (nothing copied into the repository);
+# with NIGHTINGALE_PEERS=1 a missing package fails the test instead of skipping it.
+NIGHTINGALE_PYDICOM_DIR=$("$VENV/bin/python" -c 'import os, pydicom; print(os.path.dirname(pydicom.__file__))')
+NIGHTINGALE_PYDICOM_DATA_DIR=$("$VENV/bin/python" -c 'import os, data_store; print(os.path.dirname(data_store.__file__))')
+export NIGHTINGALE_PYDICOM_DIR NIGHTINGALE_PYDICOM_DATA_DIR
+export NIGHTINGALE_PEERS=1
+
 echo "== Rust tests (default features: tract)"
 cargo test --workspace --locked
 

@@ -11,10 +11,14 @@
 //! - [`scu`]: a C-ECHO/C-STORE client (the operator CLI, and results sent back to PACS).
 //! - [`results`]: AI results as DICOM (TID 1500 SR, secondary capture with burned-in text).
 //! - [`sop`]: the storage SOP classes and transfer syntaxes accepted by default.
+//! - [`pixels`]: pixel decode (Modality/VOI LUT, MONOCHROME1, colour) into `f32` frames for
+//!   the preprocessing, an 8-bit rendering, and a budget of pixels decoded at once.
 
 pub mod events;
 pub mod maintenance;
 pub mod multipart;
+// Pixel decode (issue 9, PIXELS slice)
+pub mod pixels;
 pub mod qido;
 // DICOM results (issue 9, RESULTS slice)
 pub mod results;

@@ -1,0 +1,701 @@
+//! Pixel decode (dicom/src/pixels.rs) against pydicom + numpy on real files, and hostile
+//! headers built here.
+//!
+//! The expected values come from `tests/peer/make_pixel_fixtures.py` (pydicom 3.0.2 with the
+//! pylibjpeg plug-ins) in `tests/fixtures/pixels/cases.json`; the files themselves are read
+//! from the installed pydicom / pydicom-data packages, whose directories scripts/test.sh
+//! exports as NIGHTINGALE_PYDICOM_DIR and NIGHTINGALE_PYDICOM_DATA_DIR. Without them the
+//! real-file tests are skipped (with a message), unless NIGHTINGALE_PEERS=1 says the peers
+//! must be there.
+//!
+//! Tolerances: lossless data must be equal value for value (stored values are integers);
+//! modality and VOI values are computed in f32 here and f64 by numpy: |Δ| ≤ 1e-5 × max(1, |v|);
+//! lossy codecs (JPEG baseline, JPEG 2000 irreversible) are decoded by different
+//! implementations (jpeg-decoder and OpenJPEG's Rust port vs libjpeg and OpenJPEG), which may
+//! round differently (YCbCr → RGB, IDCT): |Δ| ≤ 2 per sample on 8-bit data (seen: ≤ 2 on
+//! JPEG baseline, 0 on JPEG 2000) and a mean Δ (through the sums) ≤ 0.5;
+//! 8-bit renderings: |Δ| ≤ 1 (f32 vs f64 at a rounding edge).
+
+use std::path::{Path, PathBuf};
+
+use dicom_core::value::PixelFragmentSequence;
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::{DefaultDicomObject, FileMetaTableBuilder, InMemDicomObject};
+use nightingale_dicom::pixels::{
+    DecodeBudget, DecodeOptions, ImageHeader, Limits, PixelError, PixelSource, RenderWindow,
+    Values, Voi, check_series, render8,
+};
+use serde_json::Value as Json;
+
+const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
+const RLE: &str = "1.2.840.10008.1.2.5";
+const J2K: &str = "1.2.840.10008.1.2.4.90";
+const SC: &str = "1.2.840.10008.5.1.4.1.1.7";
+
+fn fixtures() -> Json {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pixels/cases.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The package directories, or None (skip) when the peers are not installed.
+fn packages() -> Option<(PathBuf, PathBuf)> {
+    let dirs = (
+        std::env::var_os("NIGHTINGALE_PYDICOM_DIR").map(PathBuf::from),
+        std::env::var_os("NIGHTINGALE_PYDICOM_DATA_DIR").map(PathBuf::from),
+    );
+    match dirs {
+        (Some(a), Some(b)) if a.is_dir() && b.is_dir() => Some((a, b)),
+        _ if std::env::var("NIGHTINGALE_PEERS").as_deref() == Ok("1") => panic!(
+            "NIGHTINGALE_PEERS=1 but NIGHTINGALE_PYDICOM_DIR / NIGHTINGALE_PYDICOM_DATA_DIR do \
+             not name the installed pydicom and pydicom-data packages (scripts/test.sh exports them)"
+        ),
+        _ => {
+            eprintln!(
+                "skipped: set NIGHTINGALE_PYDICOM_DIR and NIGHTINGALE_PYDICOM_DATA_DIR to the \
+                 pydicom and pydicom-data package directories (scripts/test.sh does)"
+            );
+            None
+        }
+    }
+}
+
+fn file_of(case: &Json, dirs: &(PathBuf, PathBuf)) -> PathBuf {
+    let root = match case["package"].as_str().unwrap() {
+        "pydicom" => &dirs.0,
+        "data_store" => &dirs.1,
+        other => panic!("unknown package {other}"),
+    };
+    root.join(case["path"].as_str().unwrap())
+}
+
+fn options_for(values: &str) -> DecodeOptions {
+    match values {
+        "stored" => DecodeOptions::default(),
+        "modality" => DecodeOptions {
+            modality_lut: true,
+            ..Default::default()
+        },
+        "voi" => DecodeOptions {
+            voi: Voi::FromObject,
+            ..Default::default()
+        },
+        other => panic!("unknown values {other}"),
+    }
+}
+
+/// Compares decoded values with a fixture record; returns what differs.
+fn compare(data: &[f32], record: &Json, tolerance: Tolerance) -> Vec<String> {
+    let mut problems = Vec::new();
+    let stride = record["stride"].as_u64().unwrap() as usize;
+    let sample: Vec<f64> = record["sample"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let n = data.len();
+    let got: Vec<f64> = data.iter().step_by(stride).map(|&v| f64::from(v)).collect();
+    if got.len() != sample.len() {
+        problems.push(format!(
+            "{} values sampled, expected {} (size {n})",
+            got.len(),
+            sample.len()
+        ));
+        return problems;
+    }
+    let mut worst = 0f64;
+    for (i, (g, e)) in got.iter().zip(&sample).enumerate() {
+        let d = (g - e).abs();
+        if d > tolerance.sample(*e) && problems.len() < 5 {
+            problems.push(format!("value {} is {g}, expected {e}", i * stride));
+        }
+        worst = worst.max(d);
+    }
+    let sum: f64 = data.iter().map(|&v| f64::from(v)).sum();
+    let sum_sq: f64 = data.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let min = data.iter().copied().fold(f32::INFINITY, f32::min);
+    let max = data.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let esum = record["sum"].as_f64().unwrap();
+    if (sum - esum).abs() > tolerance.sum(esum, n) {
+        problems.push(format!(
+            "sum {sum}, expected {esum} (worst sample diff {worst})"
+        ));
+    }
+    let esq = record["sum_sq"].as_f64().unwrap();
+    if matches!(tolerance, Tolerance::Exact) && sum_sq != esq {
+        problems.push(format!("sum of squares {sum_sq}, expected {esq}"));
+    }
+    for (what, g, e) in [("min", min, &record["min"]), ("max", max, &record["max"])] {
+        let e = e.as_f64().unwrap();
+        if (f64::from(g) - e).abs() > tolerance.sample(e) {
+            problems.push(format!("{what} {g}, expected {e}"));
+        }
+    }
+    problems
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Tolerance {
+    /// Integers, equal.
+    Exact,
+    /// f32 vs f64 arithmetic.
+    Float,
+    /// Different lossy decoders.
+    Lossy,
+    /// 8-bit rendering: one grey level.
+    OneLevel,
+}
+
+impl Tolerance {
+    fn sample(self, expected: f64) -> f64 {
+        match self {
+            Tolerance::Exact => 0.0,
+            Tolerance::Float => 1e-5 * expected.abs().max(1.0),
+            Tolerance::Lossy => 2.0,
+            Tolerance::OneLevel => 1.0,
+        }
+    }
+
+    fn sum(self, expected: f64, n: usize) -> f64 {
+        match self {
+            Tolerance::Exact => 0.0,
+            Tolerance::Float => 1e-5 * expected.abs().max(n as f64),
+            Tolerance::Lossy => 0.5 * n as f64,
+            Tolerance::OneLevel => n as f64,
+        }
+    }
+}
+
+#[test]
+fn real_files_decode_as_pydicom_decodes_them() {
+    let Some(dirs) = packages() else { return };
+    let fixtures = fixtures();
+    let mut failures = Vec::new();
+    let mut decoded = 0;
+    for case in fixtures["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let path = file_of(case, &dirs);
+        let options = options_for(case["values"].as_str().unwrap());
+        let result = PixelSource::open(&path, &options.limits).and_then(|source| {
+            source
+                .frames(&options)
+                .map(|f| f.map(|f| (f.index, f)))
+                .collect::<Result<Vec<_>, _>>()
+                .map(|frames| (source.header().clone(), frames))
+        });
+        if let Some(reason) = case["error"].as_str() {
+            match result {
+                Err(e) if e.reason() == reason => {}
+                Err(e) => failures.push(format!(
+                    "{name}: expected {reason}, got {} ({e})",
+                    e.reason()
+                )),
+                Ok(_) => failures.push(format!("{name}: expected {reason}, but it decoded")),
+            }
+            continue;
+        }
+        let (header, frames) = match result {
+            Ok(ok) => ok,
+            Err(e) => {
+                failures.push(format!("{name}: {} ({e}; {e:?})", e.reason()));
+                continue;
+            }
+        };
+        decoded += 1;
+        assert_eq!(header.rows, case["rows"].as_u64().unwrap() as u32, "{name}");
+        assert_eq!(header.cols, case["cols"].as_u64().unwrap() as u32, "{name}");
+        assert_eq!(
+            frames.len() as u64,
+            case["frames"].as_u64().unwrap(),
+            "{name}"
+        );
+        let lossy = case["lossy"].as_bool().unwrap();
+        let tolerance = match (lossy, case["values"].as_str().unwrap()) {
+            (true, _) => Tolerance::Lossy,
+            (false, "stored") => Tolerance::Exact,
+            _ => Tolerance::Float,
+        };
+        for record in case["checked"].as_array().unwrap() {
+            let index = record["index"].as_u64().unwrap() as usize;
+            let frame = &frames[index].1;
+            assert_eq!(
+                frame.samples as u64,
+                case["samples"].as_u64().unwrap(),
+                "{name}"
+            );
+            for p in compare(&frame.data, record, tolerance) {
+                failures.push(format!("{name} frame {index}: {p}"));
+            }
+        }
+        if let Some(record) = case.get("render") {
+            let window = match record["window"].as_str().unwrap() {
+                "auto" => RenderWindow::Auto,
+                _ => RenderWindow::Percentiles {
+                    low: 0.5,
+                    high: 99.5,
+                },
+            };
+            let stored = PixelSource::open(&path, &Limits::default())
+                .and_then(|s| s.frame(0, &DecodeOptions::default()))
+                .unwrap();
+            let rendered = render8(&stored, window).unwrap();
+            assert_eq!(
+                (rendered.rows, rendered.cols, rendered.samples),
+                (stored.rows, stored.cols, 1)
+            );
+            let as_f32: Vec<f32> = rendered.data.iter().map(|&b| f32::from(b)).collect();
+            for p in compare(&as_f32, record, Tolerance::OneLevel) {
+                failures.push(format!("{name} rendered: {p}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(decoded > 20, "only {decoded} files decoded");
+}
+
+// --- hostile and synthetic inputs ----------------------------------------------------------
+
+fn element(tag: dicom_core::Tag, vr: VR, value: PrimitiveValue) -> DataElement<InMemDicomObject> {
+    DataElement::new(tag, vr, value)
+}
+
+/// A grey native image with the given header and 16-bit (or 8-bit) pixel values.
+fn grey(
+    rows: u32,
+    cols: u32,
+    frames: u32,
+    bits: u16,
+    pixels: PrimitiveValue,
+) -> DefaultDicomObject {
+    let mut obj = InMemDicomObject::new_empty();
+    obj.put(element(tags::SOP_CLASS_UID, VR::UI, SC.into()));
+    obj.put(element(tags::SOP_INSTANCE_UID, VR::UI, "1.2.3.4.5".into()));
+    obj.put(element(
+        tags::ROWS,
+        VR::US,
+        PrimitiveValue::from(rows as u16),
+    ));
+    obj.put(element(
+        tags::COLUMNS,
+        VR::US,
+        PrimitiveValue::from(cols as u16),
+    ));
+    if frames != 1 {
+        obj.put(element(
+            tags::NUMBER_OF_FRAMES,
+            VR::IS,
+            frames.to_string().into(),
+        ));
+    }
+    obj.put(element(
+        tags::SAMPLES_PER_PIXEL,
+        VR::US,
+        PrimitiveValue::from(1u16),
+    ));
+    obj.put(element(
+        tags::PHOTOMETRIC_INTERPRETATION,
+        VR::CS,
+        "MONOCHROME2".into(),
+    ));
+    obj.put(element(
+        tags::BITS_ALLOCATED,
+        VR::US,
+        PrimitiveValue::from(bits),
+    ));
+    obj.put(element(
+        tags::BITS_STORED,
+        VR::US,
+        PrimitiveValue::from(bits),
+    ));
+    obj.put(element(
+        tags::HIGH_BIT,
+        VR::US,
+        PrimitiveValue::from(bits.saturating_sub(1)),
+    ));
+    obj.put(element(
+        tags::PIXEL_REPRESENTATION,
+        VR::US,
+        PrimitiveValue::from(0u16),
+    ));
+    let vr = if bits == 8 { VR::OB } else { VR::OW };
+    obj.put(element(tags::PIXEL_DATA, vr, pixels));
+    with_ts(obj, EXPLICIT_LE)
+}
+
+fn with_ts(obj: InMemDicomObject, ts: &str) -> DefaultDicomObject {
+    obj.with_meta(FileMetaTableBuilder::new().transfer_syntax(ts))
+        .unwrap()
+}
+
+fn put(obj: &mut DefaultDicomObject, tag: dicom_core::Tag, vr: VR, value: PrimitiveValue) {
+    obj.put(element(tag, vr, value));
+}
+
+#[test]
+fn a_60000_by_2_image_decodes() {
+    // Rows is US (at most 65535): 60000 x 2 is a legal, very thin image.
+    let values: Vec<u16> = (0..120_000u32).map(|i| (i % 4096) as u16).collect();
+    let obj = grey(60_000, 2, 1, 16, PrimitiveValue::U16(values.clone().into()));
+    let source = PixelSource::from_object(obj, &Limits::default()).unwrap();
+    let frame = source.frame(0, &DecodeOptions::default()).unwrap();
+    assert_eq!((frame.rows, frame.cols, frame.samples), (60_000, 2, 1));
+    let expected: Vec<f32> = values.iter().map(|&v| f32::from(v)).collect();
+    assert_eq!(frame.data, expected);
+}
+
+#[test]
+fn too_many_pixels_is_refused_from_the_header_before_decoding() {
+    // 8192 x 8193 > 64 Mi pixels, with a pixel data element of 4 bytes: refused on the header.
+    let obj = grey(8193, 8192, 1, 16, PrimitiveValue::U16(vec![0u16, 0].into()));
+    let err = PixelSource::from_object(obj, &Limits::default()).unwrap_err();
+    assert!(matches!(err, PixelError::TooManyPixels { .. }), "{err:?}");
+    // The same from a file: only the header is read.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.dcm");
+    grey(8193, 8192, 1, 16, PrimitiveValue::U16(vec![0u16, 0].into()))
+        .write_to_file(&path)
+        .unwrap();
+    let err = PixelSource::open(&path, &Limits::default()).unwrap_err();
+    assert_eq!(err.reason(), "too_many_pixels", "{err}");
+    // Exactly 64 Mi pixels in one frame is within the limit (the check is on the header; the
+    // pixel data here is then too short).
+    let obj = grey(8192, 8192, 1, 8, PrimitiveValue::U8(vec![0u8; 16].into()));
+    let err = PixelSource::from_object(obj, &Limits::default()).unwrap_err();
+    assert_eq!(err.reason(), "pixel_data_too_short", "{err}");
+    // Frames count towards a volume.
+    let obj = grey(4096, 4096, 5, 8, PrimitiveValue::U8(vec![0u8; 16].into()));
+    let h = ImageHeader::from_object(&obj, &Limits::default()).unwrap();
+    assert_eq!(h.total_pixels(), 5 * 4096 * 4096);
+}
+
+#[test]
+fn a_thousand_frames_decode_one_at_a_time() {
+    let (rows, cols, frames) = (16u32, 16u32, 1000u32);
+    let per = (rows * cols) as usize;
+    let data: Vec<u8> = (0..frames as usize * per)
+        .map(|i| ((i / per) % 251) as u8)
+        .collect();
+    let obj = grey(rows, cols, frames, 8, PrimitiveValue::U8(data.into()));
+    let source = PixelSource::from_object(obj, &Limits::default()).unwrap();
+    let options = DecodeOptions::default();
+    let mut count = 0;
+    for frame in source.frames(&options) {
+        let frame = frame.unwrap();
+        let want = (frame.index % 251) as f32;
+        assert_eq!(frame.data.len(), per);
+        assert!(
+            frame.data.iter().all(|&v| v == want),
+            "frame {}",
+            frame.index
+        );
+        count += 1;
+    }
+    assert_eq!(count, 1000);
+    // As a volume only within the volume limit.
+    let small = Limits {
+        max_volume_pixels: u64::from(rows * cols) * 999,
+        ..Limits::default()
+    };
+    let err = source
+        .volume(&DecodeOptions {
+            limits: small,
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert_eq!(err.reason(), "too_many_pixels");
+    let volume = source.volume(&options).unwrap();
+    assert_eq!(volume.data.len(), per * 1000);
+    assert_eq!(volume.data[per * 999], (999 % 251) as f32);
+    // A frame limit refuses it from the header.
+    let obj = grey(
+        rows,
+        cols,
+        frames,
+        8,
+        PrimitiveValue::U8(vec![0u8; 4].into()),
+    );
+    let err = PixelSource::from_object(
+        obj,
+        &Limits {
+            max_frames: 999,
+            ..Limits::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(
+        err,
+        PixelError::TooManyFrames {
+            frames: 1000,
+            limit: 999
+        }
+    ));
+}
+
+#[test]
+fn headers_that_cannot_be_decoded_fail_with_their_reason() {
+    let ok = || grey(4, 4, 1, 16, PrimitiveValue::U16(vec![1u16; 16].into()));
+    let reason = |obj: DefaultDicomObject| {
+        PixelSource::from_object(obj, &Limits::default())
+            .and_then(|s| s.frame(0, &DecodeOptions::default()))
+            .unwrap_err()
+            .reason()
+    };
+    let mut obj = ok();
+    put(
+        &mut obj,
+        tags::BITS_ALLOCATED,
+        VR::US,
+        PrimitiveValue::from(32u16),
+    );
+    put(
+        &mut obj,
+        tags::BITS_STORED,
+        VR::US,
+        PrimitiveValue::from(32u16),
+    );
+    assert_eq!(reason(obj), "unsupported_bits_allocated");
+    let mut obj = ok();
+    obj.remove_element(tags::PIXEL_DATA);
+    assert_eq!(reason(obj), "no_pixel_data");
+    let mut obj = ok();
+    obj.remove_element(tags::ROWS);
+    assert_eq!(reason(obj), "bad_attribute");
+    let mut obj = ok();
+    put(&mut obj, tags::ROWS, VR::US, PrimitiveValue::from(0u16));
+    assert_eq!(reason(obj), "bad_attribute");
+    let mut obj = ok();
+    put(
+        &mut obj,
+        tags::BITS_STORED,
+        VR::US,
+        PrimitiveValue::from(17u16),
+    );
+    assert_eq!(reason(obj), "bad_attribute");
+    let mut obj = ok();
+    put(
+        &mut obj,
+        tags::PHOTOMETRIC_INTERPRETATION,
+        VR::CS,
+        "CMYK".into(),
+    );
+    assert_eq!(reason(obj), "unsupported_photometric");
+    let mut obj = ok();
+    put(
+        &mut obj,
+        tags::SAMPLES_PER_PIXEL,
+        VR::US,
+        PrimitiveValue::from(3u16),
+    );
+    assert_eq!(reason(obj), "unsupported_photometric");
+    let mut obj = ok();
+    put(&mut obj, tags::NUMBER_OF_FRAMES, VR::IS, "2".into());
+    assert_eq!(reason(obj), "pixel_data_too_short");
+    let mut obj = ok();
+    put(&mut obj, tags::NUMBER_OF_FRAMES, VR::IS, "-1".into());
+    assert_eq!(reason(obj), "bad_attribute");
+    let mut obj = ok();
+    put(&mut obj, tags::RESCALE_SLOPE, VR::DS, "0".into());
+    assert_eq!(reason(obj), "bad_attribute");
+    // An undecodable transfer syntax (JPEG-LS has no codec in this build).
+    let obj = with_ts(ok().into_inner(), "1.2.840.10008.1.2.4.80");
+    assert_eq!(reason(obj), "unsupported_transfer_syntax");
+}
+
+/// Encapsulated data that is not what the header says never panics: a typed error.
+#[test]
+fn corrupt_compressed_frames_are_errors_not_panics() {
+    let garbage: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0xFF, 0xD8, 0xFF, 0xD9],
+        vec![
+            0xFF, 0xD8, 0xFF, 0xC0, 0x00, 0x11, 0x08, 0x01, 0x00, 0x01, 0x00, 0x01,
+        ],
+        (0..=255u8).cycle().take(4096).collect(),
+        vec![0x01, 0, 0, 0, 64, 0, 0, 0]
+            .into_iter()
+            .chain(std::iter::repeat_n(0u8, 56))
+            .collect(),
+        vec![0xFF, 0x4F, 0xFF, 0x51, 0x00, 0x2F, 0x00, 0x00],
+    ];
+    for ts in [JPEG_BASELINE, RLE, J2K] {
+        for (g, bytes) in garbage.iter().enumerate() {
+            let mut obj = grey(64, 64, 1, 8, PrimitiveValue::U8(vec![0u8; 2].into()));
+            let mut bytes = bytes.clone();
+            if bytes.len() % 2 == 1 {
+                bytes.push(0);
+            }
+            obj.put(DataElement::new(
+                tags::PIXEL_DATA,
+                VR::OB,
+                PixelFragmentSequence::new(Vec::<u32>::new(), vec![bytes]),
+            ));
+            let obj = with_ts(obj.into_inner(), ts);
+            let result = PixelSource::from_object(obj, &Limits::default())
+                .and_then(|s| s.frame(0, &DecodeOptions::default()));
+            let err = result.expect_err(&format!("{ts} garbage {g} decoded"));
+            assert!(
+                matches!(
+                    err.reason(),
+                    "decode_failed" | "decoded_size" | "no_pixel_data"
+                ),
+                "{ts} garbage {g}: {err:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_series_must_agree_in_size_and_photometric() {
+    let h = |rows, pi: &str| {
+        let mut obj = grey(
+            rows,
+            4,
+            1,
+            8,
+            PrimitiveValue::U8(vec![0u8; 4 * rows as usize].into()),
+        );
+        put(
+            &mut obj,
+            tags::PHOTOMETRIC_INTERPRETATION,
+            VR::CS,
+            pi.into(),
+        );
+        ImageHeader::from_object(&obj, &Limits::default()).unwrap()
+    };
+    assert!(check_series(&[h(4, "MONOCHROME2"), h(4, "MONOCHROME2")]).is_ok());
+    let err = check_series(&[
+        h(4, "MONOCHROME2"),
+        h(4, "MONOCHROME2"),
+        h(6, "MONOCHROME2"),
+    ])
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PixelError::MixedSeries {
+                index: 2,
+                attribute: "Rows",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = check_series(&[h(4, "MONOCHROME2"), h(4, "MONOCHROME1")]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PixelError::MixedSeries {
+                attribute: "PhotometricInterpretation",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.reason(), "mixed_series");
+}
+
+#[test]
+fn modality_voi_and_monochrome1_options() {
+    // 12-bit stored values 0, 1000, 2000, 4095 with slope 2 and intercept -1000, MONOCHROME1.
+    let mut obj = grey(
+        1,
+        4,
+        1,
+        16,
+        PrimitiveValue::U16(vec![0u16, 1000, 2000, 4095].into()),
+    );
+    put(
+        &mut obj,
+        tags::BITS_STORED,
+        VR::US,
+        PrimitiveValue::from(12u16),
+    );
+    put(&mut obj, tags::RESCALE_SLOPE, VR::DS, "2".into());
+    put(&mut obj, tags::RESCALE_INTERCEPT, VR::DS, "-1000".into());
+    put(
+        &mut obj,
+        tags::PHOTOMETRIC_INTERPRETATION,
+        VR::CS,
+        "MONOCHROME1".into(),
+    );
+    put(&mut obj, tags::WINDOW_CENTER, VR::DS, "1000".into());
+    put(&mut obj, tags::WINDOW_WIDTH, VR::DS, "2001".into());
+    let source = PixelSource::from_object(obj, &Limits::default()).unwrap();
+    let stored = source.frame(0, &DecodeOptions::default()).unwrap();
+    assert_eq!(stored.data, vec![0.0, 1000.0, 2000.0, 4095.0]);
+    assert_eq!(
+        (stored.slope, stored.intercept, stored.monochrome1),
+        (2.0, -1000.0, true)
+    );
+    let modality = source
+        .frame(
+            0,
+            &DecodeOptions {
+                modality_lut: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(modality.data, vec![-1000.0, 1000.0, 3000.0, 7190.0]);
+    assert_eq!(
+        (modality.slope, modality.intercept, modality.values),
+        (1.0, 0.0, Values::Modality)
+    );
+    // LINEAR window c=1000, w=2001: [0, 2000] maps to 0..1 (PS3.3 C.11.2.1.2.1).
+    let voi = source
+        .frame(
+            0,
+            &DecodeOptions {
+                voi: Voi::FromObject,
+                invert_monochrome1: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(voi.values, Values::Voi);
+    assert!(!voi.monochrome1);
+    // x = 1000: (1000 - 999.5) / 2000 + 0.5 = 0.50025, inverted 0.49975.
+    let want = [1.0, 0.49975, 0.0, 0.0];
+    for (g, w) in voi.data.iter().zip(want) {
+        assert!((f64::from(*g) - w).abs() < 1e-6, "{:?}", voi.data);
+    }
+    // Inverting modality values reflects them over the rescaled stored range [-1000, 7190].
+    let inv = source
+        .frame(
+            0,
+            &DecodeOptions {
+                modality_lut: true,
+                invert_monochrome1: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(inv.data, vec![7190.0, 5190.0, 3190.0, -1000.0]);
+}
+
+#[tokio::test]
+async fn the_decode_budget_bounds_pixels_in_flight() {
+    let budget = DecodeBudget::new(1 << 20);
+    let a = budget
+        .acquire(700_000, std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
+    let err = budget
+        .acquire(700_000, std::time::Duration::from_millis(50))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "budget_timeout");
+    drop(a);
+    let b = budget
+        .acquire(700_000, std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(b.pixels(), 700_000);
+}
