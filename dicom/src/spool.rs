@@ -648,7 +648,9 @@ impl Spool {
             return;
         }
         let sha = hex::encode(Sha256::digest(bytes));
-        let id = format!("{}-{}", now_ms(), &sha[..16]);
+        // Unique even for the same bytes refused twice within a millisecond.
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{}-{}-{n}", now_ms(), &sha[..16], std::process::id());
         let dir = self.quarantine_dir();
         let note = format!(
             "reason: {}\nkind: {}\ntransfer_syntax: {}\ncalling_ae: {}\nreceived_at_ms: {}\nsize: {}\nsha256: {}\n",

@@ -201,13 +201,14 @@ impl Pipeline {
         // Each frame: decode, preprocess, infer (the worker batches with other callers).
         let mut results: Vec<FrameResult> = Vec::new();
         for (index, path) in paths.iter().enumerate() {
-            let (path, pre, limits, shape) = (
+            let (path, preprocessing, limits, shape) = (
                 path.clone(),
                 pre.clone(),
                 limits.clone(),
                 input_shape.clone(),
             );
             let tensors = blocking(move || {
+                let pre = preprocessing;
                 let source = PixelSource::open(&path, &limits).map_err(pixel_failure)?;
                 let options = DecodeOptions {
                     colour: Colour::Grey,
