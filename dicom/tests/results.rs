@@ -6,8 +6,9 @@
 //! copied patient/study attributes, references; hostile inputs end as typed errors.
 //!
 //! With `NIGHTINGALE_PEERS=1` (scripts/test.sh sets it; then a missing peer fails the test):
-//! real files from pydicom's test data (CT_small.dcm, the RG1_UNCR.dcm CR chest and the
-//! SC_rgb.dcm RGB image of pydicom-data, located by the venv's pydicom) and the synthetic
+//! real files from pydicom's test data (CT_small.dcm, the RG1_UNCR.dcm CR chest, its lossy
+//! JPEG 2000 twin RG1_J2KI.dcm and the SC_rgb.dcm RGB image of pydicom-data, located by the
+//! venv's pydicom) and the synthetic
 //! series as well, each written to a temporary folder with its results, then
 //! - `dciodvfy` (Debian dicom3tools) on every result object: its `Error` lines must all be
 //!   errors dciodvfy also reports on the source instance it copies from (none, on these);
@@ -346,6 +347,58 @@ fn rgb_tiny_and_many_findings() {
 }
 
 #[test]
+fn sc_keeps_the_source_images_lossy_history_and_orientation() {
+    let mut series = synthetic_series(2, true);
+    s(&mut series[1], tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "01");
+    s(
+        &mut series[1],
+        tags::LOSSY_IMAGE_COMPRESSION_RATIO,
+        VR::DS,
+        "10",
+    );
+    s(
+        &mut series[1],
+        tags::LOSSY_IMAGE_COMPRESSION_METHOD,
+        VR::CS,
+        "ISO_15444_1",
+    );
+    s(&mut series[1], tags::PATIENT_ORIENTATION, VR::CS, "L\\F");
+    let source = SourceSeries::from_instances(&series).unwrap();
+    let ctx = ctx("Research use.");
+    let lossy = build_sc(
+        &source,
+        &ctx,
+        &findings(),
+        grey_image("1.2.826.0.1.3680043.10.1383.9.1.1.2", 8, 8),
+    )
+    .unwrap();
+    let o = read_back(&lossy);
+    for tag in [
+        tags::LOSSY_IMAGE_COMPRESSION,
+        tags::LOSSY_IMAGE_COMPRESSION_RATIO,
+        tags::LOSSY_IMAGE_COMPRESSION_METHOD,
+        tags::PATIENT_ORIENTATION,
+    ] {
+        assert_eq!(text(&o, tag), text(&series[1], tag), "{tag}");
+    }
+    // The other instance was never lossy: nothing is claimed; its orientation is unknown.
+    let plain = build_sc(
+        &source,
+        &ctx,
+        &findings(),
+        grey_image("1.2.826.0.1.3680043.10.1383.9.1.1.1", 8, 8),
+    )
+    .unwrap();
+    let o = read_back(&plain);
+    assert!(
+        o.element_opt(tags::LOSSY_IMAGE_COMPRESSION)
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(text(&o, tags::PATIENT_ORIENTATION).as_deref(), Some(""));
+}
+
+#[test]
 fn hostile_inputs_are_typed_errors() {
     let ctx = ctx("Research use.");
     assert!(matches!(
@@ -565,6 +618,8 @@ fn real_files_pass_dciodvfy_and_pydicom() {
         ("ct_small".into(), vec![testdata("CT_small.dcm")], "minmax"),
         ("cr_rg1".into(), vec![testdata("RG1_UNCR.dcm")], "minmax"),
         ("sc_rgb".into(), vec![testdata("SC_rgb.dcm")], "raw"),
+        // Lossy JPEG 2000, not decoded here: a synthetic rendering, the lossy history copied.
+        ("cr_rg1_j2ki".into(), vec![testdata("RG1_J2KI.dcm")], "none"),
     ];
     for (name, full) in [("synthetic_full", true), ("synthetic_bare", false)] {
         let paths = synthetic_series(3, full)

@@ -243,6 +243,11 @@ def check_sc(result, sources, case, m, label):
         expected = None
     if expected is not None:
         check(np.array_equal(px[:rows], expected), f"{label}: the image area is not the source's rendering")
+    for kw in ["LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"]:
+        if src.get("LossyImageCompression") == "01" and kw in src:
+            check(result.get(kw) == src[kw].value, f"{label}: {kw} not kept")
+        elif kw in result:
+            fail(f"{label}: {kw} claimed for a source that was not lossy")
     band = px[rows:]
     check(set(np.unique(band)) <= {0, 255} and (band == 255).any(), f"{label}: band is black with white text")
     check(rgb == (src.get("SamplesPerPixel", 1) == 3 and case["rendering"] == "raw"), f"{label}: colour kept")
