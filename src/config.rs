@@ -203,7 +203,11 @@ pub struct ServeArgs {
     // ---- DICOM pipeline (issue 9): on whenever the DICOM spool is ----
     /// Send every result (SR and SC) to this PACS by C-STORE: AE@HOST:PORT (repeat for
     /// several). Without one, results are kept in <data-dir>/results and the results API.
-    #[arg(long = "results-destination", env = "NIGHTINGALE_RESULTS_DESTINATION", value_delimiter = ',')]
+    #[arg(
+        long = "results-destination",
+        env = "NIGHTINGALE_RESULTS_DESTINATION",
+        value_delimiter = ','
+    )]
     pub results_destinations: Vec<String>,
     /// A series is complete after this many seconds with no new instance. [default: 10]
     #[arg(long, env = "NIGHTINGALE_SERIES_QUIET_SECS")]

@@ -353,15 +353,15 @@ async fn serve(
     // ---- DICOM pipeline (issue 9): series in the spool → routed bundles → SR/SC to PACS ----
     let pipeline = match (&config.pipeline, &spool) {
         (Some(settings), Some(spool)) => {
-            let mut pc = nightingale::pipeline::PipelineConfig::new(config.data_dir.join("results"));
+            let mut pc =
+                nightingale::pipeline::PipelineConfig::new(config.data_dir.join("results"));
             pc.destinations = settings.destinations.clone();
             pc.quiet = settings.quiet;
             pc.complete_at = settings.complete_at;
             pc.late = settings.late;
             pc.calling_ae_title = settings.calling_ae_title.clone();
-            let pipeline =
-                nightingale::pipeline::Pipeline::open(pc, spool.clone(), state.clone())
-                    .context("cannot start the DICOM pipeline")?;
+            let pipeline = nightingale::pipeline::Pipeline::open(pc, spool.clone(), state.clone())
+                .context("cannot start the DICOM pipeline")?;
             state.set_results(http::results::Results {
                 store: pipeline.store.clone(),
             });

@@ -937,10 +937,8 @@ fn validate(dataset: &[u8], incoming: &Incoming<'_>) -> Result<Identity, StoreEr
             name: "SOPInstanceUID",
         });
     }
-    if sop::is_image_class(&identity.sop_class_uid) {
-        if found[4..].iter().all(Option::is_none) {
-            return Err(StoreError::MissingPixelData);
-        }
+    if sop::is_image_class(&identity.sop_class_uid) && found[4..].iter().all(Option::is_none) {
+        return Err(StoreError::MissingPixelData);
     }
     Ok(identity)
 }

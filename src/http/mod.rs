@@ -22,11 +22,11 @@ pub mod auth;
 mod codec;
 pub mod dicomweb;
 // ---- issue 9: the DICOM pipeline's results ----
-pub mod results;
 mod error;
 pub mod identity;
 mod metrics;
 mod repository;
+pub mod results;
 mod v2;
 
 pub use codec::{decode_request_for_bench, parse_json_data_for_bench};

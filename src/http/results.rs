@@ -28,7 +28,9 @@ pub async fn study(State(state): State<Arc<AppState>>, Path(study): Path<String>
         )
         .into_response();
     };
-    if study.is_empty() || study.len() > 64 || !study.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+    if study.is_empty()
+        || study.len() > 64
+        || !study.bytes().all(|b| b.is_ascii_digit() || b == b'.')
     {
         return AppError::bad_request("a Study Instance UID is 1-64 digits and dots")
             .into_response();

@@ -175,12 +175,7 @@ impl Pipeline {
         {
             let store = self.store();
             for s in &touched {
-                store.note_series(
-                    &s.study_uid,
-                    &s.series_uid,
-                    s.instances,
-                    s.last_received_ms,
-                )?;
+                store.note_series(&s.study_uid, &s.series_uid, s.instances, s.last_received_ms)?;
             }
             if next != cursor {
                 store.set_cursor(next)?;
@@ -222,8 +217,11 @@ impl Pipeline {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(series = %tag, error = %e.detail, "series header unreadable");
-                self.store()
-                    .settle_series(row, "failed", Some("the series' header cannot be read"))?;
+                self.store().settle_series(
+                    row,
+                    "failed",
+                    Some("the series' header cannot be read"),
+                )?;
                 return Ok(0);
             }
         };
@@ -249,8 +247,7 @@ impl Pipeline {
                     ));
                     continue;
                 };
-                if let Some(why) = Match::of_bundle(&accepts).mismatch(&header, &first.calling_ae)
-                {
+                if let Some(why) = Match::of_bundle(&accepts).mismatch(&header, &first.calling_ae) {
                     refusals.push(format!("{}: bundle {bundle} refuses: {why}", route.name));
                     continue;
                 }
@@ -280,7 +277,8 @@ impl Pipeline {
             tracing::info!(series = %tag, %reason, "series not routed: stored, not processed");
             metrics::counter!("nightingale_pipeline_series_total", "outcome" => "unmatched")
                 .increment(1);
-            self.store().settle_series(row, "unmatched", Some(&reason))?;
+            self.store()
+                .settle_series(row, "unmatched", Some(&reason))?;
         } else {
             tracing::info!(series = %tag, jobs = made, "series routed");
             metrics::counter!("nightingale_pipeline_series_total", "outcome" => "routed")
@@ -328,8 +326,8 @@ impl Pipeline {
                     self.outbox.notify_one();
                 }
                 Ok(Ok(None)) => {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), self.jobs.notified())
-                        .await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), self.jobs.notified()).await;
                 }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "results store: cannot take a job");

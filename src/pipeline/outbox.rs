@@ -124,10 +124,13 @@ impl Pipeline {
         metrics::counter!("nightingale_pipeline_objects_sent_total", "kind" => o.kind.clone())
             .increment(1);
         tracing::info!(kind = %o.kind, attempts = o.attempts + 1, "result object delivered");
-        if let Err(e) =
-            self.store()
-                .delivery(&o.sop_instance_uid, &o.destination, "sent", o.attempts + 1, 0, None, None)
-        {
+        let sent = ResultObject {
+            delivery: "sent".into(),
+            attempts: o.attempts + 1,
+            last_error: None,
+            ..o.clone()
+        };
+        if let Err(e) = self.store().delivery(&sent) {
             tracing::error!(error = %e, "results store: delivery not recorded");
         }
     }
@@ -147,15 +150,14 @@ impl Pipeline {
             "result object not delivered; will retry"
         );
         metrics::counter!("nightingale_pipeline_send_failures_total").increment(1);
-        if let Err(e) = self.store().delivery(
-            &o.sop_instance_uid,
-            &o.destination,
-            "pending",
+        let retry = ResultObject {
+            delivery: "pending".into(),
             attempts,
-            now_ms() + delay.as_millis() as i64,
-            Some(why),
-            None,
-        ) {
+            next_attempt_ms: now_ms() + delay.as_millis() as i64,
+            last_error: Some(why.to_owned()),
+            ..o.clone()
+        };
+        if let Err(e) = self.store().delivery(&retry) {
             tracing::error!(error = %e, "results store: attempt not recorded");
         }
     }
@@ -178,16 +180,18 @@ impl Pipeline {
             error = why,
             "result object given up: copied to the dead-letter folder"
         );
-        let path = moved.then(|| relative.to_string_lossy().into_owned());
-        if let Err(e) = self.store().delivery(
-            &o.sop_instance_uid,
-            &o.destination,
-            "dead",
-            o.attempts + 1,
-            0,
-            Some(why),
-            path.as_deref(),
-        ) {
+        let dead = ResultObject {
+            delivery: "dead".into(),
+            attempts: o.attempts + 1,
+            last_error: Some(why.to_owned()),
+            path: if moved {
+                relative.to_string_lossy().into_owned()
+            } else {
+                o.path.clone()
+            },
+            ..o.clone()
+        };
+        if let Err(e) = self.store().delivery(&dead) {
             tracing::error!(error = %e, "results store: dead letter not recorded");
         }
     }

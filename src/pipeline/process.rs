@@ -161,7 +161,10 @@ impl Pipeline {
             .series_instances(&job.study_uid, &job.series_uid)
             .map_err(|e| JobFailure::new("spool", e.to_string()))?;
         if instances.is_empty() {
-            return Err(JobFailure::new("no_instances", "the series is no longer in the spool"));
+            return Err(JobFailure::new(
+                "no_instances",
+                "the series is no longer in the spool",
+            ));
         }
         if instances.len() > MAX_SERIES_INSTANCES {
             return Err(JobFailure::new(
@@ -284,8 +287,7 @@ impl Pipeline {
                 .iter()
                 .map(|s| s.sop_instance_uid.clone())
                 .collect();
-            blocking(move || me.write_results(&job, &model, &paths, &sop_uids, &findings))
-                .await?
+            blocking(move || me.write_results(&job, &model, &paths, &sop_uids, &findings)).await?
         };
         for (object, kind) in objects {
             self.audit_result(job, &model, &object, kind).await;
@@ -505,7 +507,11 @@ impl Pipeline {
 fn reported_outputs(model: &LoadedModel, wanted: &[String]) -> Result<Vec<Reported>, JobFailure> {
     let manifest = &model.manifest;
     let names: Vec<String> = if wanted.is_empty() {
-        let mut n: Vec<String> = manifest.thresholds.iter().map(|t| t.output.clone()).collect();
+        let mut n: Vec<String> = manifest
+            .thresholds
+            .iter()
+            .map(|t| t.output.clone())
+            .collect();
         n.dedup();
         n
     } else {
@@ -525,9 +531,14 @@ fn reported_outputs(model: &LoadedModel, wanted: &[String]) -> Result<Vec<Report
                 .outputs
                 .iter()
                 .find(|o| &o.name == name)
-                .ok_or_else(|| JobFailure::new("bundle_not_imaging", format!("no output {name:?}")))?;
+                .ok_or_else(|| {
+                    JobFailure::new("bundle_not_imaging", format!("no output {name:?}"))
+                })?;
             let position = order.iter().position(|o| &o.name == name).ok_or_else(|| {
-                JobFailure::new("bundle_not_imaging", format!("the model has no output {name:?}"))
+                JobFailure::new(
+                    "bundle_not_imaging",
+                    format!("the model has no output {name:?}"),
+                )
             })?;
             let label = spec
                 .positive_label
@@ -567,7 +578,9 @@ fn model_input_shape(
         .inputs
         .iter()
         .find(|i| i.name == pre.input)
-        .ok_or_else(|| JobFailure::new("bundle_not_imaging", "the preprocessed input is unknown"))?;
+        .ok_or_else(|| {
+            JobFailure::new("bundle_not_imaging", "the preprocessed input is unknown")
+        })?;
     let shape: Vec<usize> = spec
         .shape
         .iter()
@@ -577,7 +590,10 @@ fn model_input_shape(
     if shape.iter().product::<usize>() != h * w {
         return Err(JobFailure::new(
             "bundle_not_imaging",
-            format!("input shape {:?} does not hold one {h}x{w} image", spec.shape),
+            format!(
+                "input shape {:?} does not hold one {h}x{w} image",
+                spec.shape
+            ),
         ));
     }
     Ok(shape)

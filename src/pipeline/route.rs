@@ -69,7 +69,10 @@ pub struct Match {
 }
 
 fn listed(list: &[String], value: &str) -> bool {
-    list.is_empty() || list.iter().any(|v| v.trim().eq_ignore_ascii_case(value.trim()))
+    list.is_empty()
+        || list
+            .iter()
+            .any(|v| v.trim().eq_ignore_ascii_case(value.trim()))
 }
 
 fn within(range: Option<(u32, u32)>, value: Option<u32>) -> bool {
@@ -110,7 +113,10 @@ impl Match {
             return Some("image size out of the route's range".into());
         }
         if !within(self.frames, Some(header.frames)) {
-            return Some(format!("{} frames: out of the route's range", header.frames));
+            return Some(format!(
+                "{} frames: out of the route's range",
+                header.frames
+            ));
         }
         None
     }

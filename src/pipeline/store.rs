@@ -179,7 +179,9 @@ impl ResultsStore {
     pub fn cursor(&self) -> rusqlite::Result<i64> {
         Ok(self
             .db
-            .query_row("SELECT spool_row FROM cursor WHERE id = 1", [], |r| r.get(0))
+            .query_row("SELECT spool_row FROM cursor WHERE id = 1", [], |r| {
+                r.get(0)
+            })
             .optional()?
             .unwrap_or(0))
     }
@@ -238,11 +240,7 @@ impl ResultsStore {
              ORDER BY last_received_ms LIMIT ?3",
         )?;
         let rows = stmt.query_map(
-            params![
-                quiet_before_ms,
-                complete_at.map(|c| c as i64),
-                limit as i64
-            ],
+            params![quiet_before_ms, complete_at.map(|c| c as i64), limit as i64],
             series_row,
         )?;
         rows.collect()
@@ -420,29 +418,21 @@ impl ResultsStore {
         )
     }
 
-    /// Records a delivery attempt's outcome.
-    pub fn delivery(
-        &self,
-        sop_instance_uid: &str,
-        destination: &str,
-        delivery: &str,
-        attempts: u32,
-        next_attempt_ms: i64,
-        last_error: Option<&str>,
-        path: Option<&str>,
-    ) -> rusqlite::Result<()> {
+    /// Records a delivery attempt's outcome: `o`'s delivery, attempts, next attempt, last
+    /// error and path, for its (SOP Instance UID, destination).
+    pub fn delivery(&self, o: &ResultObject) -> rusqlite::Result<()> {
         self.db.execute(
             "UPDATE objects SET delivery = ?3, attempts = ?4, next_attempt_ms = ?5,
-                                last_error = ?6, path = coalesce(?7, path)
+                                last_error = ?6, path = ?7
              WHERE sop_instance_uid = ?1 AND destination = ?2",
             params![
-                sop_instance_uid,
-                destination,
-                delivery,
-                attempts,
-                next_attempt_ms,
-                last_error,
-                path
+                o.sop_instance_uid,
+                o.destination,
+                o.delivery,
+                o.attempts,
+                o.next_attempt_ms,
+                o.last_error,
+                o.path
             ],
         )?;
         Ok(())
