@@ -322,6 +322,8 @@ struct FileConfig {
     series_quiet_secs: Option<f64>,
     series_complete_instances: Option<u64>,
     late_instances: Option<LateArg>,
+    /// `[[routes]]`: routing rules (none: one route per bundle with a `[dicom]` section).
+    routes: Option<Vec<crate::pipeline::route::RouteConfig>>,
     // ---- end DICOM pipeline ----
 }
 
@@ -369,6 +371,8 @@ pub struct PipelineSettings {
     pub late: crate::pipeline::Late,
     /// The AE title results are sent from (the SCP's).
     pub calling_ae_title: String,
+    /// Configured routes (empty: one per bundle with a `[dicom]` section).
+    pub routes: Vec<crate::pipeline::route::Route>,
 }
 
 /// DICOMweb (STOW-RS, QIDO-RS): its spool (the SCP's when both run) and limits.
@@ -857,7 +861,19 @@ impl ServeArgs {
                         "series_complete_instances must be at least 1".into(),
                     ));
                 }
+                let routes = file
+                    .routes
+                    .iter()
+                    .flatten()
+                    .map(|r| r.compile(&destinations).map_err(ConfigError::Invalid))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+                names.sort_unstable();
+                if names.windows(2).any(|w| w[0] == w[1]) {
+                    return Err(ConfigError::Invalid("two routes have the same name".into()));
+                }
                 Some(PipelineSettings {
+                    routes,
                     destinations,
                     quiet: std::time::Duration::from_secs_f64(quiet),
                     complete_at,

@@ -115,6 +115,18 @@ pub struct SpoolArgs {
 }
 
 impl SpoolArgs {
+    /// The pipeline's results folder of the same data folder, when it has one (issue 9).
+    fn results(&self) -> Option<PathBuf> {
+        let dir = match (&self.spool, &self.data_dir) {
+            (_, Some(data)) => data.join("results"),
+            (Some(_), None) => return None,
+            (None, None) => PathBuf::from("nightingale-data").join("results"),
+        };
+        dir.join(nightingale::pipeline::STORE_FILE)
+            .is_file()
+            .then_some(dir)
+    }
+
     fn path(&self) -> PathBuf {
         match (&self.spool, &self.data_dir) {
             (Some(spool), _) => spool.clone(),
@@ -290,6 +302,19 @@ pub fn spool(command: SpoolCommand) -> anyhow::Result<()> {
                 report.quarantine_files,
                 humantime::format_duration(older_than)
             );
+            // The pipeline's results follow the same retention (issue 9).
+            if let Some(results) = spool.results() {
+                let counts = nightingale::pipeline::purge_results(&results, cutoff, dry_run)?;
+                println!(
+                    "{} {}: {} jobs, {} result objects ({} files), {} series",
+                    if dry_run { "would purge" } else { "purged" },
+                    results.display(),
+                    counts.jobs,
+                    counts.objects,
+                    counts.files.len(),
+                    counts.series
+                );
+            }
             Ok(())
         }
     }

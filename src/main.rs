@@ -12,6 +12,7 @@ use nightingale_models::{Bundle, Repository, RepositoryOptions};
 use tracing_subscriber::EnvFilter;
 
 mod dicom_cli; // issue 8, OPS slice: `dicom echo|store`, `spool check|purge`
+mod results_cli; // issue 9: `results reprocess`
 
 /// Nightingale: a clinical AI inference server (KServe v2 / Open Inference Protocol).
 #[derive(Parser, Debug)]
@@ -47,6 +48,11 @@ enum Command {
         command: dicom_cli::SpoolCommand,
     },
     // ---- end DICOM ----
+    /// The DICOM pipeline's results: reprocess a study.
+    Results {
+        #[command(subcommand)]
+        command: results_cli::ResultsCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -236,6 +242,10 @@ fn main() -> anyhow::Result<()> {
             init_tracing(LogFormat::Text);
             dicom_cli::spool(command)
         } // ---- end DICOM ----
+        Command::Results { command } => {
+            init_tracing(LogFormat::Text);
+            results_cli::results(command)
+        }
     }
 }
 
@@ -360,6 +370,8 @@ async fn serve(
             pc.complete_at = settings.complete_at;
             pc.late = settings.late;
             pc.calling_ae_title = settings.calling_ae_title.clone();
+            pc.routes = settings.routes.clone();
+            pc.retention = config.dicomweb.as_ref().and_then(|w| w.retention);
             let pipeline = nightingale::pipeline::Pipeline::open(pc, spool.clone(), state.clone())
                 .context("cannot start the DICOM pipeline")?;
             state.set_results(http::results::Results {

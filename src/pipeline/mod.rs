@@ -66,6 +66,8 @@ pub struct PipelineConfig {
     pub routes: Vec<Route>,
     /// How often the spool index is looked at.
     pub poll: Duration,
+    /// How long finished results are kept (the spool's retention; `None`: forever).
+    pub retention: Option<Duration>,
 }
 
 impl PipelineConfig {
@@ -82,8 +84,43 @@ impl PipelineConfig {
             results_dir,
             routes: Vec::new(),
             poll: Duration::from_millis(250),
+            retention: None,
         }
     }
+}
+
+/// The results store's file in a results folder.
+pub const STORE_FILE: &str = "results.sqlite3";
+
+/// Retention of results: jobs finished (done, failed, superseded) before `cutoff`, their
+/// objects not waiting to be sent, and those objects' files. `nightingale spool purge` and
+/// the server's retention task both call it, with the spool's cutoff.
+pub fn purge_results(
+    results_dir: &std::path::Path,
+    cutoff: std::time::SystemTime,
+    dry_run: bool,
+) -> Result<store::PurgeCounts, PipelineError> {
+    let cutoff_ms = cutoff
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let mut store = ResultsStore::open(&results_dir.join(STORE_FILE))?;
+    let counts = store.purge(cutoff_ms, dry_run)?;
+    if !dry_run {
+        for file in &counts.files {
+            let path = results_dir.join(file);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(PipelineError::Io { path, source }),
+            }
+            if let Some(dir) = path.parent() {
+                // Empty job folders go too (not an error when others remain).
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+    Ok(counts)
 }
 
 /// A short, non-reversible tag for a UID in logs (UIDs are not written to logs).
@@ -132,7 +169,7 @@ impl Pipeline {
                 source,
             })?;
         }
-        let store = ResultsStore::open(&config.results_dir.join("results.sqlite3"))?;
+        let store = ResultsStore::open(&config.results_dir.join(STORE_FILE))?;
         Ok(Arc::new(Pipeline {
             config,
             spool,
@@ -156,7 +193,33 @@ impl Pipeline {
     }
 
     async fn assemble_forever(self: Arc<Self>) {
+        let mut last_purge: Option<std::time::Instant> = None;
         loop {
+            if let Some(retention) = self.config.retention
+                && last_purge.is_none_or(|t| {
+                    t.elapsed()
+                        >= (retention / 4)
+                            .clamp(Duration::from_millis(100), Duration::from_secs(3600))
+                })
+            {
+                last_purge = Some(std::time::Instant::now());
+                let dir = self.config.results_dir.clone();
+                let cutoff = std::time::SystemTime::now()
+                    .checked_sub(retention)
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                match tokio::task::spawn_blocking(move || purge_results(&dir, cutoff, false)).await
+                {
+                    Ok(Ok(c)) if c.jobs + c.series > 0 => tracing::info!(
+                        jobs = c.jobs,
+                        objects = c.objects,
+                        series = c.series,
+                        "results retention: old results purged"
+                    ),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "results retention failed"),
+                    Err(e) => tracing::error!(error = %e, "results retention panicked"),
+                }
+            }
             let me = self.clone();
             match tokio::task::spawn_blocking(move || me.assemble_once()).await {
                 Ok(Ok(0)) => {}

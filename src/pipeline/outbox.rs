@@ -43,7 +43,9 @@ impl Pipeline {
                 .push(o);
         }
         for (destination, objects) in by_destination {
+            let started = std::time::Instant::now();
             self.send_to(&destination, objects).await;
+            super::process::stage("send", started.elapsed());
         }
         let me = self.clone();
         Ok(tokio::task::spawn_blocking(move || me.store().next_due()).await??)

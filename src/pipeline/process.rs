@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nightingale_dicom::pixels::{
     self, Colour, DecodeOptions, Limits, PixelSource, RenderWindow, Voi, render8,
@@ -203,6 +203,7 @@ impl Pipeline {
 
         // Each frame: decode, preprocess, infer (the worker batches with other callers).
         let mut results: Vec<FrameResult> = Vec::new();
+        let (mut decode_time, mut infer_time) = (Duration::ZERO, Duration::ZERO);
         for (index, path) in paths.iter().enumerate() {
             let (path, preprocessing, limits, shape) = (
                 path.clone(),
@@ -210,6 +211,7 @@ impl Pipeline {
                 limits.clone(),
                 input_shape.clone(),
             );
+            let started = Instant::now();
             let tensors = blocking(move || {
                 let pre = preprocessing;
                 let source = PixelSource::open(&path, &limits).map_err(pixel_failure)?;
@@ -240,10 +242,13 @@ impl Pipeline {
                 Ok(out)
             })
             .await?;
+            decode_time += started.elapsed();
             for (frame, tensor) in tensors {
+                let started = Instant::now();
                 let probabilities = self
                     .infer(job, &model, &pre.input, tensor, &reported)
                     .await?;
+                infer_time += started.elapsed();
                 results.push(FrameResult {
                     instance_index: index,
                     frame,
@@ -277,7 +282,11 @@ impl Pipeline {
             })
             .collect();
 
+        stage("decode_preprocess", decode_time);
+        stage("inference", infer_time);
+
         // The result objects, written before they are queued.
+        let started = Instant::now();
         let objects = {
             let me = self.clone();
             let job = job.clone();
@@ -289,6 +298,7 @@ impl Pipeline {
                 .collect();
             blocking(move || me.write_results(&job, &model, &paths, &sop_uids, &findings)).await?
         };
+        stage("results", started.elapsed());
         for (object, kind) in objects {
             self.audit_result(job, &model, &object, kind).await;
         }
@@ -597,6 +607,13 @@ fn model_input_shape(
         ));
     }
     Ok(shape)
+}
+
+/// Per-stage latency of the pipeline (`nightingale_pipeline_stage_seconds{stage}`; the
+/// series' quiet time is not a stage).
+pub(crate) fn stage(name: &'static str, took: Duration) {
+    metrics::histogram!("nightingale_pipeline_stage_seconds", "stage" => name)
+        .record(took.as_secs_f64());
 }
 
 fn pixel_failure(e: pixels::PixelError) -> JobFailure {

@@ -134,6 +134,92 @@ impl Match {
     }
 }
 
+/// A `[[routes]]` table of the config file.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    #[serde(default)]
+    pub calling_ae: Vec<String>,
+    #[serde(default)]
+    pub modality: Vec<String>,
+    #[serde(default)]
+    pub body_part: Vec<String>,
+    #[serde(default)]
+    pub photometric: Vec<String>,
+    #[serde(default)]
+    pub sop_class: Vec<String>,
+    /// A regular expression the Series Description must match (anywhere; anchor it with
+    /// `^…$` to match the whole).
+    #[serde(default)]
+    pub series_description: Option<String>,
+    /// `[min, max]`, inclusive.
+    #[serde(default)]
+    pub rows: Option<[u32; 2]>,
+    #[serde(default)]
+    pub columns: Option<[u32; 2]>,
+    #[serde(default)]
+    pub frames: Option<[u32; 2]>,
+    pub bundles: Vec<String>,
+    /// `AE@HOST:PORT` (default: `--results-destination`).
+    #[serde(default)]
+    pub destinations: Option<Vec<String>>,
+}
+
+impl RouteConfig {
+    /// The route, with `default_destinations` where it names none.
+    pub fn compile(&self, default_destinations: &[Destination]) -> Result<Route, String> {
+        let fail = |m: String| Err(format!("route {:?}: {m}", self.name));
+        if self.name.trim().is_empty() || self.name.len() > 64 {
+            return Err("every route has a name of 1-64 characters".into());
+        }
+        if self.bundles.is_empty() {
+            return fail("it names no bundle".into());
+        }
+        let range = |what: &str, r: Option<[u32; 2]>| -> Result<Option<(u32, u32)>, String> {
+            match r {
+                Some([lo, hi]) if lo > hi => Err(format!(
+                    "route {:?}: {what} range [{lo}, {hi}] is empty",
+                    self.name
+                )),
+                Some([lo, hi]) => Ok(Some((lo, hi))),
+                None => Ok(None),
+            }
+        };
+        let series_description = match &self.series_description {
+            None => None,
+            Some(re) => match regex::RegexBuilder::new(re).size_limit(1 << 20).build() {
+                Ok(re) => Some(re),
+                Err(e) => return fail(format!("series_description is not a valid regex: {e}")),
+            },
+        };
+        let destinations = match &self.destinations {
+            None => default_destinations.to_vec(),
+            Some(list) => list
+                .iter()
+                .map(|d| d.parse())
+                .collect::<Result<Vec<Destination>, String>>()
+                .map_err(|e| format!("route {:?}: {e}", self.name))?,
+        };
+        Ok(Route {
+            name: self.name.clone(),
+            matcher: Match {
+                calling_aes: self.calling_ae.clone(),
+                modalities: self.modality.clone(),
+                body_parts: self.body_part.clone(),
+                photometric: self.photometric.clone(),
+                sop_classes: self.sop_class.clone(),
+                series_description,
+                rows: range("rows", self.rows)?,
+                columns: range("columns", self.columns)?,
+                frames: range("frames", self.frames)?,
+            },
+            bundles: self.bundles.clone(),
+            destinations,
+        })
+    }
+}
+
 /// A route: a match, the bundles it feeds and where their results go.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -165,6 +251,54 @@ mod tests {
         ] {
             assert!(bad.parse::<Destination>().is_err(), "{bad} parsed");
         }
+    }
+
+    #[test]
+    fn configured_routes_compile_or_say_why_not() {
+        let default: Vec<Destination> = vec!["PACS@h:104".parse().unwrap()];
+        let config: RouteConfig = toml::from_str(
+            r#"
+            name = "chest"
+            modality = ["CR", "DX"]
+            series_description = "(?i)chest"
+            rows = [256, 4096]
+            bundles = ["image-orientation"]
+            "#,
+        )
+        .unwrap();
+        let route = config.compile(&default).unwrap();
+        assert_eq!(route.destinations, default);
+        let h = SeriesHeader {
+            modality: "DX".into(),
+            series_description: "PA Chest".into(),
+            rows: Some(2000),
+            frames: 1,
+            ..SeriesHeader::default()
+        };
+        assert_eq!(route.matcher.mismatch(&h, "ANY"), None);
+        let small = SeriesHeader {
+            rows: Some(100),
+            ..h.clone()
+        };
+        assert!(route.matcher.mismatch(&small, "ANY").is_some());
+        let knee = SeriesHeader {
+            series_description: "knee".into(),
+            ..h
+        };
+        assert!(route.matcher.mismatch(&knee, "ANY").is_some());
+
+        for bad in [
+            "name = \"x\"\nbundles = []",
+            "name = \"x\"\nbundles = [\"m\"]\nrows = [5, 1]",
+            "name = \"x\"\nbundles = [\"m\"]\nseries_description = \"(\"",
+            "name = \"x\"\nbundles = [\"m\"]\ndestinations = [\"nope\"]",
+        ] {
+            let c: RouteConfig = toml::from_str(bad).unwrap();
+            assert!(c.compile(&default).is_err(), "{bad} compiled");
+        }
+        assert!(
+            toml::from_str::<RouteConfig>("name = \"x\"\nbundles = [\"m\"]\nmodalty = []").is_err()
+        );
     }
 
     #[test]

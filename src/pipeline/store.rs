@@ -100,6 +100,16 @@ pub struct SeriesRow {
     pub reason: Option<String>,
 }
 
+/// What a purge deleted.
+#[derive(Debug, Default)]
+pub struct PurgeCounts {
+    pub jobs: usize,
+    pub objects: usize,
+    pub series: usize,
+    /// Result files to delete (relative to the results folder).
+    pub files: Vec<String>,
+}
+
 pub struct ResultsStore {
     db: Connection,
 }
@@ -310,6 +320,86 @@ impl ResultsStore {
             ],
         )?;
         Ok(self.db.last_insert_rowid())
+    }
+
+    /// Queues the study again (`nightingale results reprocess`): a new job for the latest
+    /// job of each (series, bundle) of the study, or of `bundle` only, with the same route
+    /// and destinations. The earlier jobs are kept, superseded. Returns the new jobs' ids.
+    pub fn reprocess(&self, study_uid: &str, bundle: Option<&str>) -> rusqlite::Result<Vec<i64>> {
+        let latest: Vec<(String, String, String, u64, String)> = {
+            let mut stmt = self.db.prepare(
+                "SELECT series_uid, route, bundle, instances, destinations FROM jobs
+                 WHERE id IN (SELECT max(id) FROM jobs WHERE study_uid = ?1
+                              AND (?2 IS NULL OR bundle = ?2)
+                              GROUP BY series_uid, bundle)
+                 ORDER BY id",
+            )?;
+            let rows = stmt.query_map(params![study_uid, bundle], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get::<_, i64>(3)?.max(0) as u64,
+                    r.get(4)?,
+                ))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut ids = Vec::with_capacity(latest.len());
+        for (series, route, bundle, instances, destinations) in latest {
+            ids.push(self.add_job(
+                study_uid,
+                &series,
+                &route,
+                &bundle,
+                instances,
+                &destinations,
+            )?);
+        }
+        Ok(ids)
+    }
+
+    /// Deletes what finished before `cutoff_ms` (retention): jobs done, failed or superseded
+    /// and their objects not waiting to be sent, and series no longer assembling. Returns
+    /// the result files (relative to the results folder) that are no longer referenced.
+    /// With `dry_run`, nothing is deleted (the counts say what would be).
+    pub fn purge(&mut self, cutoff_ms: i64, dry_run: bool) -> rusqlite::Result<PurgeCounts> {
+        let tx = self.db.transaction()?;
+        let files: Vec<String> = {
+            let mut stmt = tx.prepare(
+                "SELECT DISTINCT o.path FROM objects o JOIN jobs j ON j.id = o.job_id
+                 WHERE j.updated_ms < ?1 AND j.state IN ('done', 'failed', 'superseded')
+                   AND o.delivery != 'pending'",
+            )?;
+            let rows = stmt.query_map([cutoff_ms], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let objects = tx.execute(
+            "DELETE FROM objects WHERE delivery != 'pending' AND job_id IN
+                (SELECT id FROM jobs WHERE updated_ms < ?1
+                 AND state IN ('done', 'failed', 'superseded'))",
+            [cutoff_ms],
+        )?;
+        let jobs = tx.execute(
+            "DELETE FROM jobs WHERE updated_ms < ?1 AND state IN ('done', 'failed', 'superseded')
+               AND id NOT IN (SELECT job_id FROM objects)",
+            [cutoff_ms],
+        )?;
+        let series = tx.execute(
+            "DELETE FROM series WHERE updated_ms < ?1 AND state != 'assembling'
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = series.study_uid
+                               AND j.series_uid = series.series_uid)",
+            [cutoff_ms],
+        )?;
+        if !dry_run {
+            tx.commit()?;
+        }
+        Ok(PurgeCounts {
+            jobs,
+            objects,
+            series,
+            files,
+        })
     }
 
     /// The oldest queued job, marked processing.
@@ -526,6 +616,55 @@ mod tests {
             jobs.iter().map(|j| (j.id, j.state)).collect::<Vec<_>>(),
             vec![(first, JobState::Superseded), (second, JobState::Queued)]
         );
+    }
+
+    #[test]
+    fn reprocess_supersedes_and_purge_keeps_what_is_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
+        store.note_series("1.2", "1.2.3", 1, 1_000).unwrap();
+        let first = store.add_job("1.2", "1.2.3", "r", "m", 1, "P@h:1").unwrap();
+        store.take_job().unwrap();
+        store
+            .finish_job(first, JobState::Done, "1", None, None)
+            .unwrap();
+        let object = |uid: &str, job_id, delivery: &str| ResultObject {
+            sop_instance_uid: uid.into(),
+            job_id,
+            kind: "SR".into(),
+            series_uid: "9".into(),
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.88.33".into(),
+            path: format!("objects/{job_id}/{uid}.dcm"),
+            destination: "P@h:1".into(),
+            delivery: delivery.into(),
+            attempts: 0,
+            next_attempt_ms: 0,
+            last_error: None,
+        };
+        store.add_object(&object("5.1", first, "sent")).unwrap();
+        assert!(store.reprocess("1.2", Some("other")).unwrap().is_empty());
+        let again = store.reprocess("1.2", None).unwrap();
+        assert_eq!(again.len(), 1);
+        let jobs = store.jobs_of_study("1.2").unwrap();
+        assert_eq!(jobs[0].state, JobState::Superseded);
+        assert_eq!(jobs[1].state, JobState::Queued);
+        assert_eq!(jobs[1].destinations, "P@h:1");
+        store.take_job().unwrap();
+        store
+            .finish_job(again[0], JobState::Done, "2", None, None)
+            .unwrap();
+        store
+            .add_object(&object("5.2", again[0], "pending"))
+            .unwrap();
+
+        let dry = store.purge(i64::MAX, true).unwrap();
+        assert_eq!((dry.jobs, dry.objects), (1, 1));
+        let purged = store.purge(i64::MAX, false).unwrap();
+        // The superseded job and its sent object go; the job with a pending object stays.
+        assert_eq!((purged.jobs, purged.objects), (1, 1));
+        assert_eq!(purged.files, vec![format!("objects/{first}/5.1.dcm")]);
+        assert_eq!(store.jobs_of_study("1.2").unwrap().len(), 1);
+        assert_eq!(store.series("1.2").unwrap().len(), 1);
     }
 
     #[test]
