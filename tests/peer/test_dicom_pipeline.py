@@ -290,3 +290,37 @@ def test_a_destination_that_is_down_ends_in_the_dead_letter_folder(work):
                        check=True, timeout=30, capture_output=True)
     finally:
         stop(server.proc)
+
+
+def test_reprocess_makes_a_new_result_series_and_keeps_the_old(work):
+    pacs = StoreScp(work)
+    server = Server(work, f"STORESCP@127.0.0.1:{pacs.port}")
+    try:
+        source = work / "source.dcm"
+        ds = with_new_uids(get_testdata_file("CT_small.dcm"), source)
+        study = str(ds.StudyInstanceUID)
+        store(server.port, [source])
+        wait_for(lambda: len(pacs.files()) >= 2, RESULT_TIMEOUT_S, "the first SR and SC")
+        out = subprocess.run([str(binary()), "results", "reprocess", "--study", study,
+                              "--data-dir", str(server.data)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "queued 1 job" in out.stdout
+        files = wait_for(lambda: len(pacs.files()) >= 4 and pacs.files(), RESULT_TIMEOUT_S,
+                         "the second SR and SC")
+        series = {str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID) for f in files}
+        assert len(series) == 4  # SR and SC series of each run: new series every time
+        report = wait_for(
+            lambda: (r := server.results(study)) and len(r["series"][0]["jobs"]) == 2
+            and r["series"][0]["jobs"][1]["state"] == "done" and r,
+            RESULT_TIMEOUT_S, "the reprocessed job done")
+        states = [j["state"] for j in report["series"][0]["jobs"]]
+        assert states == ["superseded", "done"]
+        # An unknown study is a clear error, exit code 1.
+        out = subprocess.run([str(binary()), "results", "reprocess", "--study", "1.2.3.4",
+                              "--data-dir", str(server.data)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "nothing to reprocess" in out.stderr
+    finally:
+        stop(server.proc)
+        stop(pacs.proc)
