@@ -94,6 +94,14 @@ impl Server {
             config: http::dicomweb::DicomWebConfig::default(),
             audit_uids: Default::default(),
         });
+        // The pipeline's results, knowing STUDY, so that `/results/...` answers 200 too.
+        let results =
+            nightingale::pipeline::store::ResultsStore::open(&dir.path().join("results.sqlite3"))
+                .unwrap();
+        results.note_series(STUDY, SERIES, 1, 0).unwrap();
+        state.set_results(http::results::Results {
+            store: Arc::new(std::sync::Mutex::new(results)),
+        });
         Server {
             _dir: dir,
             _spool: spool_dir,
