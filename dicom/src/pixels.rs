@@ -94,6 +94,12 @@ pub enum PixelError {
         #[source]
         source: dicom_pixeldata::Error,
     },
+    #[error("JPEG frame {frame} could not be decoded")]
+    DecodeJpeg {
+        frame: u32,
+        #[source]
+        source: jpeg_decoder::Error,
+    },
     #[error("the codec failed (panicked) on frame {frame}")]
     CodecPanicked { frame: u32 },
     #[error("frame {frame} decoded to {got} bytes; the header says {expected}")]
@@ -130,7 +136,9 @@ impl PixelError {
             PixelError::TooManyFrames { .. } => "too_many_frames",
             PixelError::FrameOutOfRange { .. } => "frame_out_of_range",
             PixelError::PixelDataTooShort { .. } => "pixel_data_too_short",
-            PixelError::Decode { .. } | PixelError::CodecPanicked { .. } => "decode_failed",
+            PixelError::Decode { .. }
+            | PixelError::DecodeJpeg { .. }
+            | PixelError::CodecPanicked { .. } => "decode_failed",
             PixelError::DecodedSize { .. } => "decoded_size",
             PixelError::MixedSeries { .. } => "mixed_series",
             PixelError::BudgetTimeout { .. } => "budget_timeout",
@@ -820,19 +828,20 @@ impl PixelSource {
     fn decode_encapsulated(&self, index: u32) -> Result<(Vec<i64>, Photometric), PixelError> {
         let h = &self.header;
         let obj = &self.obj;
-        if h.samples == 3
-            && h.bits_allocated == 8
-            && JPEG_PROCESSES.contains(&h.transfer_syntax.as_str())
-        {
+        // JPEG: jpeg-decoder directly on the frame's own fragments (dicom-pixeldata's JPEG
+        // adapter copies the whole pixel sequence for every frame, and does not follow the
+        // Photometric Interpretation for colour).
+        if JPEG_PROCESSES.contains(&h.transfer_syntax.as_str()) {
             if let Some(fragment) = self.frame_fragment(index) {
-                let rgb = catch_unwind(AssertUnwindSafe(|| decode_colour_jpeg(&fragment, h)))
-                    .map_err(|_| PixelError::CodecPanicked { frame: index })?
-                    .ok_or(PixelError::DecodedSize {
-                        frame: index,
-                        expected: h.frame_pixels() as usize * 3,
-                        got: 0,
-                    })?;
-                return Ok((rgb.into_iter().map(i64::from).collect(), Photometric::Rgb));
+                let mut out = catch_unwind(AssertUnwindSafe(|| decode_jpeg(&fragment, h, index)))
+                    .map_err(|_| PixelError::CodecPanicked { frame: index })??;
+                mask_all(&mut out, h);
+                let pending = if h.samples == 3 {
+                    Photometric::Rgb
+                } else {
+                    h.photometric
+                };
+                return Ok((out, pending));
             }
         }
         let decoded = catch_unwind(AssertUnwindSafe(|| {
@@ -874,21 +883,51 @@ const JPEG_PROCESSES: &[&str] = &[
 ];
 
 impl PixelSource {
-    /// The compressed bytes of frame `index` when frames and fragments can be matched
-    /// simply (one frame in all fragments, or one fragment per frame).
+    /// The compressed bytes of frame `index`: all fragments for one frame, one fragment
+    /// per frame, the Basic Offset Table's grouping, or (JPEG) fragments grouped from each
+    /// one that starts with an SOI marker. None when none of these fits.
     fn frame_fragment(&self, index: u32) -> Option<Vec<u8>> {
         let element = self.obj.element(tags::PIXEL_DATA).ok()?;
         let Value::PixelSequence(seq) = element.value() else {
             return None;
         };
         let fragments = seq.fragments();
-        if self.header.frames == 1 {
-            Some(fragments.concat())
-        } else if fragments.len() == self.header.frames as usize {
-            fragments.get(index as usize).cloned()
-        } else {
-            None
+        let frames = self.header.frames as usize;
+        let index = index as usize;
+        if frames == 1 {
+            return Some(fragments.concat());
         }
+        if fragments.len() == frames {
+            return fragments.get(index).cloned();
+        }
+        // Start of each frame, as an index into `fragments`.
+        let bot = seq.offset_table();
+        let starts: Vec<usize> = if bot.len() == frames {
+            let mut offset = 0u64;
+            let item_offsets: Vec<u64> = fragments
+                .iter()
+                .map(|f| {
+                    let here = offset;
+                    offset += 8 + f.len() as u64;
+                    here
+                })
+                .collect();
+            bot.iter()
+                .map(|&b| item_offsets.iter().position(|&o| o == u64::from(b)))
+                .collect::<Option<Vec<usize>>>()?
+        } else {
+            fragments
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| f.starts_with(&[0xFF, 0xD8]))
+                .map(|(i, _)| i)
+                .collect()
+        };
+        if starts.len() != frames || starts.windows(2).any(|w| w[0] >= w[1]) {
+            return None;
+        }
+        let end = starts.get(index + 1).copied().unwrap_or(fragments.len());
+        Some(fragments[starts[index]..end].concat())
     }
 }
 
@@ -922,24 +961,50 @@ fn jpeg_colour_markers(data: &[u8]) -> (Option<[u8; 3]>, bool) {
     (None, jfif)
 }
 
-/// Decodes an 8-bit, 3-component JPEG frame to RGB with the colour transform the
-/// Photometric Interpretation implies (RGB: none; YBR: YCbCr → RGB), conformed to the
-/// codestream as pydicom does (component ids "RGB" mean RGB; a JFIF marker means YBR).
-fn decode_colour_jpeg(data: &[u8], h: &ImageHeader) -> Option<Vec<u8>> {
-    let (ids, jfif) = jpeg_colour_markers(data);
-    let rgb_ids = matches!(ids, Some([82, 71, 66]) | Some([114, 103, 98]));
-    let is_rgb = rgb_ids || (h.photometric == Photometric::Rgb && !jfif);
+/// Decodes one JPEG frame to its samples: grey as stored (8 or 16 bits); colour (8 bits) to
+/// RGB with the colour transform the Photometric Interpretation implies (RGB: none; YBR:
+/// YCbCr → RGB), conformed to the codestream as pydicom does (component ids "RGB" mean RGB;
+/// a JFIF marker means YBR).
+fn decode_jpeg(data: &[u8], h: &ImageHeader, frame: u32) -> Result<Vec<i64>, PixelError> {
+    let expected = h.frame_pixels() as usize * usize::from(h.samples);
     let mut decoder = jpeg_decoder::Decoder::new(data);
-    decoder.set_max_decoding_buffer_size(h.frame_pixels() as usize * 3 + 1);
-    decoder.set_color_transform(if is_rgb {
-        jpeg_decoder::ColorTransform::None
-    } else {
-        jpeg_decoder::ColorTransform::YCbCr
-    });
-    let pixels = decoder.decode().ok()?;
-    let info = decoder.info()?;
-    let dims_ok = u32::from(info.width) == h.cols && u32::from(info.height) == h.rows;
-    (dims_ok && info.pixel_format == jpeg_decoder::PixelFormat::RGB24).then_some(pixels)
+    decoder.set_max_decoding_buffer_size(expected * 2 + 1024);
+    if h.samples == 3 {
+        let (ids, jfif) = jpeg_colour_markers(data);
+        let rgb_ids = matches!(ids, Some([82, 71, 66]) | Some([114, 103, 98]));
+        let is_rgb = rgb_ids || (h.photometric == Photometric::Rgb && !jfif);
+        decoder.set_color_transform(if is_rgb {
+            jpeg_decoder::ColorTransform::None
+        } else {
+            jpeg_decoder::ColorTransform::YCbCr
+        });
+    }
+    let bytes = decoder
+        .decode()
+        .map_err(|source| PixelError::DecodeJpeg { frame, source })?;
+    let size_error = |got| PixelError::DecodedSize {
+        frame,
+        expected,
+        got,
+    };
+    let info = decoder.info().ok_or(size_error(0))?;
+    if u32::from(info.width) != h.cols || u32::from(info.height) != h.rows {
+        return Err(size_error(bytes.len()));
+    }
+    let values: Vec<i64> = match (info.pixel_format, h.samples) {
+        (jpeg_decoder::PixelFormat::L8, 1) | (jpeg_decoder::PixelFormat::RGB24, 3) => {
+            bytes.iter().map(|&b| i64::from(b)).collect()
+        }
+        (jpeg_decoder::PixelFormat::L16, 1) => bytes
+            .chunks_exact(2)
+            .map(|c| i64::from(u16::from_ne_bytes([c[0], c[1]])))
+            .collect(),
+        _ => return Err(size_error(bytes.len())),
+    };
+    if values.len() != expected {
+        return Err(size_error(values.len()));
+    }
+    Ok(values)
 }
 
 /// Checks that the instances of a series can be stacked: same rows, columns, samples per pixel
@@ -1596,6 +1661,51 @@ mod tests {
         let mut v = vec![0xFFFF, 0x1234];
         mask_all(&mut v, &h);
         assert_eq!(v, vec![0x0FFF, 0x0234]);
+    }
+
+    #[test]
+    fn errors_travel_between_threads() {
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send_sync::<PixelError>();
+        send_sync::<PixelSource>();
+    }
+
+    #[test]
+    fn rgb_renders_by_bit_depth_and_grey_by_window() {
+        let frame = Frame {
+            index: 0,
+            rows: 1,
+            cols: 2,
+            samples: 3,
+            data: vec![0.0, 65535.0, 32768.0, 255.0, 1.0, 0.0],
+            slope: 1.0,
+            intercept: 0.0,
+            monochrome1: false,
+            values: Values::Stored,
+            window: None,
+            bits_stored: 16,
+        };
+        let r = render8(&frame, RenderWindow::Auto).unwrap();
+        // v / 65535 * 255, rounded half up.
+        assert_eq!(r.data, vec![0, 255, 128, 1, 0, 0]);
+        let grey = Frame {
+            samples: 1,
+            cols: 4,
+            data: vec![-100.0, 0.0, 50.0, 200.0],
+            monochrome1: true,
+            bits_stored: 12,
+            ..frame
+        };
+        let r = render8(
+            &grey,
+            RenderWindow::Fixed {
+                center: 50.0,
+                width: 100.0,
+            },
+        )
+        .unwrap();
+        // [0, 100] → 0..255, then inverted for MONOCHROME1.
+        assert_eq!(r.data, vec![255, 255, 128, 0]);
     }
 
     #[test]
