@@ -4,11 +4,17 @@
 //!
 //! What is done, in DICOM's order (PS3.4 N.2.1):
 //!
-//! 1. decode the frame: native data here (any BitsAllocated of 1, 8 or 16, either planar
-//!    configuration, big or little endian, deflated), encapsulated data by `dicom-pixeldata`
-//!    (JPEG baseline/extended 8-bit, JPEG lossless, RLE, JPEG 2000; no JPEG-LS in this build:
-//!    the `charls` codec needs cmake). Values are the stored values, masked to BitsStored and
-//!    sign-extended as PixelRepresentation says (what pydicom's `pixel_array` returns);
+//! 1. decode the frame, one frame's fragments at a time: native data here (BitsAllocated 1, 8
+//!    or 16, either planar configuration, big or little endian, deflated), RLE here, JPEG
+//!    (baseline, 8-bit extended, lossless) with `jpeg-decoder` and JPEG 2000 with `jpeg2k`
+//!    (the pure-Rust OpenJPEG port): the codecs `dicom-pixeldata` 0.10.1 uses, called
+//!    directly because its adapters panic when a frame is smaller than the header says
+//!    (index out of bounds), its JPEG adapter copies the whole pixel sequence for every
+//!    frame, and it ignores the Photometric Interpretation for colour JPEG. Other syntaxes its
+//!    registry can decode go through `dicom-pixeldata`. No JPEG-LS in this build (the
+//!    `charls` codec needs cmake); no 12-bit JPEG. Values are the stored values, masked to
+//!    BitsStored and sign-extended as PixelRepresentation says (what pydicom's `pixel_array`
+//!    returns);
 //! 2. colour: YBR_FULL and YBR_FULL_422 become RGB (pydicom's conversion, to 8 bits), PALETTE
 //!    COLOR is looked up to RGB; [`Colour::Grey`] reduces RGB to luma;
 //! 3. Modality LUT (rescale slope/intercept) when [`DecodeOptions::modality_lut`] asks;
@@ -100,6 +106,16 @@ pub enum PixelError {
         #[source]
         source: jpeg_decoder::Error,
     },
+    #[error("JPEG 2000 frame {frame} could not be decoded")]
+    DecodeJ2k {
+        frame: u32,
+        #[source]
+        source: jpeg2k::error::Error,
+    },
+    #[error("the fragments of frame {frame} cannot be found")]
+    FrameFragments { frame: u32 },
+    #[error("RLE frame {frame} does not hold the segments its header needs")]
+    RleFrame { frame: u32 },
     #[error("the codec failed (panicked) on frame {frame}")]
     CodecPanicked { frame: u32 },
     #[error("frame {frame} decoded to {got} bytes; the header says {expected}")]
@@ -138,6 +154,9 @@ impl PixelError {
             PixelError::PixelDataTooShort { .. } => "pixel_data_too_short",
             PixelError::Decode { .. }
             | PixelError::DecodeJpeg { .. }
+            | PixelError::RleFrame { .. }
+            | PixelError::DecodeJ2k { .. }
+            | PixelError::FrameFragments { .. }
             | PixelError::CodecPanicked { .. } => "decode_failed",
             PixelError::DecodedSize { .. } => "decoded_size",
             PixelError::MixedSeries { .. } => "mixed_series",
@@ -831,18 +850,43 @@ impl PixelSource {
         // JPEG: jpeg-decoder directly on the frame's own fragments (dicom-pixeldata's JPEG
         // adapter copies the whole pixel sequence for every frame, and does not follow the
         // Photometric Interpretation for colour).
-        if JPEG_PROCESSES.contains(&h.transfer_syntax.as_str()) {
-            if let Some(fragment) = self.frame_fragment(index) {
-                let mut out = catch_unwind(AssertUnwindSafe(|| decode_jpeg(&fragment, h, index)))
-                    .map_err(|_| PixelError::CodecPanicked { frame: index })??;
-                mask_all(&mut out, h);
-                let pending = if h.samples == 3 {
-                    Photometric::Rgb
+        // JPEG 2000 likewise, to check each frame's size before it is copied out.
+        let jpeg = JPEG_PROCESSES.contains(&h.transfer_syntax.as_str());
+        let j2k = J2K.contains(&h.transfer_syntax.as_str());
+        if jpeg || j2k {
+            let fragment = self
+                .frame_fragment(index)
+                .ok_or(PixelError::FrameFragments { frame: index })?;
+            let mut out = catch_unwind(AssertUnwindSafe(|| {
+                if jpeg {
+                    decode_jpeg(&fragment, h, index)
                 } else {
-                    h.photometric
-                };
-                return Ok((out, pending));
-            }
+                    decode_j2k(&fragment, h, index)
+                }
+            }))
+            .map_err(|_| PixelError::CodecPanicked { frame: index })??;
+            mask_all(&mut out, h);
+            let pending = if h.samples == 3 {
+                Photometric::Rgb
+            } else {
+                h.photometric
+            };
+            return Ok((out, pending));
+        }
+        // RLE: decoded here (dicom-pixeldata's RLE adapter indexes past a short segment).
+        if h.transfer_syntax == RLE_LOSSLESS {
+            let fragment = self
+                .frame_fragment(index)
+                .ok_or(PixelError::RleFrame { frame: index })?;
+            let mut out = decode_rle(&fragment, h).ok_or(PixelError::RleFrame { frame: index })?;
+            mask_all(&mut out, h);
+            // RLE keeps the stored colour space: YBR_FULL is converted by the caller.
+            let pending = match h.photometric {
+                Photometric::YbrFull => Photometric::YbrFull,
+                _ if h.samples == 3 => Photometric::Rgb,
+                p => p,
+            };
+            return Ok((out, pending));
         }
         let decoded = catch_unwind(AssertUnwindSafe(|| {
             obj.decode_pixel_data_frame(index)
@@ -915,13 +959,15 @@ impl PixelSource {
             bot.iter()
                 .map(|&b| item_offsets.iter().position(|&o| o == u64::from(b)))
                 .collect::<Option<Vec<usize>>>()?
-        } else {
+        } else if JPEG_PROCESSES.contains(&self.header.transfer_syntax.as_str()) {
             fragments
                 .iter()
                 .enumerate()
                 .filter(|(_, f)| f.starts_with(&[0xFF, 0xD8]))
                 .map(|(i, _)| i)
                 .collect()
+        } else {
+            return None;
         };
         if starts.len() != frames || starts.windows(2).any(|w| w[0] >= w[1]) {
             return None;
@@ -929,6 +975,37 @@ impl PixelSource {
         let end = starts.get(index + 1).copied().unwrap_or(fragments.len());
         Some(fragments[starts[index]..end].concat())
     }
+}
+
+/// JPEG 2000 (lossless only, and lossy).
+const J2K: &[&str] = &["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"];
+
+/// Decodes one JPEG 2000 frame: its components (the codec has already undone YBR_RCT /
+/// YBR_ICT) interleaved, checked against the header's size and samples.
+fn decode_j2k(data: &[u8], h: &ImageHeader, frame: u32) -> Result<Vec<i64>, PixelError> {
+    let image = jpeg2k::Image::from_bytes(data)
+        .map_err(|source| PixelError::DecodeJ2k { frame, source })?;
+    let samples = usize::from(h.samples);
+    let pixels = h.frame_pixels() as usize;
+    let components = image.components();
+    let size_error = |got| PixelError::DecodedSize {
+        frame,
+        expected: pixels * samples,
+        got,
+    };
+    if components.len() < samples {
+        return Err(size_error(components.len() * pixels));
+    }
+    let mut out = vec![0i64; pixels * samples];
+    for (s, c) in components.iter().take(samples).enumerate() {
+        if c.width() != h.cols || c.height() != h.rows || c.data().len() != pixels {
+            return Err(size_error(c.data().len() * samples));
+        }
+        for (p, &v) in c.data().iter().enumerate() {
+            out[p * samples + s] = i64::from(v);
+        }
+    }
+    Ok(out)
 }
 
 /// What a JPEG codestream says about its colour (pydicom's `_get_jpg_parameters`): the
@@ -1005,6 +1082,67 @@ fn decode_jpeg(data: &[u8], h: &ImageHeader, frame: u32) -> Result<Vec<i64>, Pix
         return Err(size_error(values.len()));
     }
     Ok(values)
+}
+
+/// Decodes one RLE Lossless frame (PS3.5 Annex G): a 64-byte header of segment offsets, then
+/// one PackBits segment per byte of each sample, most significant first. Returns the samples
+/// interleaved, or None when the frame does not hold what the header says.
+fn decode_rle(fragment: &[u8], h: &ImageHeader) -> Option<Vec<i64>> {
+    let pixels = h.frame_pixels() as usize;
+    let samples = usize::from(h.samples);
+    let bytes = usize::from(h.bits_allocated / 8);
+    let segments = samples * bytes;
+    let header = fragment.get(..64)?;
+    let word = |i: usize| u32::from_le_bytes(header[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+    if word(0) as usize != segments || segments == 0 || segments > 15 {
+        return None;
+    }
+    let mut offsets: Vec<usize> = (1..=segments).map(|i| word(i) as usize).collect();
+    offsets.push(fragment.len());
+    if offsets.windows(2).any(|w| w[0] > w[1]) || offsets[0] < 64 {
+        return None;
+    }
+    let mut out = vec![0i64; pixels * samples];
+    let mut segment = Vec::with_capacity(pixels);
+    for s in 0..samples {
+        for b in 0..bytes {
+            let k = s * bytes + b;
+            packbits(&fragment[offsets[k]..offsets[k + 1]], pixels, &mut segment)?;
+            let shift = 8 * (bytes - 1 - b);
+            for (p, &v) in segment.iter().enumerate() {
+                out[p * samples + s] |= i64::from(v) << shift;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// PackBits into exactly `n` bytes (a trailing pad byte is ignored; fewer bytes is None).
+fn packbits(src: &[u8], n: usize, out: &mut Vec<u8>) -> Option<()> {
+    out.clear();
+    let mut i = 0;
+    while out.len() < n && i < src.len() {
+        let header = src[i] as i8;
+        i += 1;
+        match header {
+            0..=127 => {
+                let len = header as usize + 1;
+                out.extend_from_slice(src.get(i..i + len)?);
+                i += len;
+            }
+            -127..=-1 => {
+                let value = *src.get(i)?;
+                i += 1;
+                out.extend(std::iter::repeat_n(value, (1 - i16::from(header)) as usize));
+            }
+            -128 => {}
+        }
+    }
+    if out.len() < n {
+        return None;
+    }
+    out.truncate(n);
+    Some(())
 }
 
 /// Checks that the instances of a series can be stacked: same rows, columns, samples per pixel
@@ -1342,10 +1480,7 @@ fn primitive_len(p: &PrimitiveValue) -> u64 {
         PrimitiveValue::U8(b) => b.len() as u64,
         PrimitiveValue::U16(w) => 2 * w.len() as u64,
         PrimitiveValue::I16(w) => 2 * w.len() as u64,
-        PrimitiveValue::U32(w) => 4 * w.len() as u64,
-        PrimitiveValue::I32(w) => 4 * w.len() as u64,
-        PrimitiveValue::F32(w) => 4 * w.len() as u64,
-        PrimitiveValue::F64(w) => 8 * w.len() as u64,
+        // Other value types are not pixel data this module reads: as if empty.
         _ => 0,
     }
 }
@@ -1431,6 +1566,15 @@ fn ybr_full_to_rgb(ybr: &[i64]) -> Vec<f32> {
     out
 }
 
+/// The number of entries a LUT descriptor's first value gives (0 means 65536; the value is
+/// 16 bits, whatever VR it was read with).
+fn lut_entries(first: i64) -> usize {
+    match (first & 0xFFFF) as usize {
+        0 => 65536,
+        n => n,
+    }
+}
+
 /// A palette colour lookup table (PS3.3 C.7.6.3.1.5), non-segmented.
 struct Palette {
     entries: usize,
@@ -1453,11 +1597,7 @@ impl Palette {
             .ok_or(PixelError::MissingAttribute {
                 name: "RedPaletteColorLookupTableDescriptor",
             })?;
-        let entries = if desc[0] == 0 {
-            65536
-        } else {
-            (desc[0] & 0xFFFF) as usize
-        };
+        let entries = lut_entries(desc[0]);
         let first = desc[1];
         let mut rgb: [Vec<u16>; 3] = Default::default();
         let mut depth = 0;
@@ -1544,11 +1684,7 @@ impl VoiLut {
             .ok_or(PixelError::UnsupportedLut {
                 what: "a VOI LUT without a descriptor",
             })?;
-        let entries = if desc[0] == 0 {
-            65536
-        } else {
-            (desc[0] & 0xFFFF) as usize
-        };
+        let entries = lut_entries(desc[0]);
         let bits = u16::try_from(desc[2]).ok().filter(|b| (1..=16).contains(b));
         let data: Vec<u32> = item
             .element_opt(tags::LUT_DATA)
