@@ -841,16 +841,17 @@ impl PixelSource {
         Ok(out)
     }
 
-    /// Decodes one encapsulated frame with `dicom-pixeldata`; returns its samples (colour
-    /// interleaved) and the colour conversion still due (the JPEG and JPEG 2000 codecs
-    /// return RGB; RLE returns the stored colour space).
+    /// Decodes one encapsulated frame (JPEG, JPEG 2000 and RLE here, anything else the
+    /// registry can decode with `dicom-pixeldata`); returns its samples (colour interleaved)
+    /// and the colour conversion still due (the JPEG and JPEG 2000 codecs return RGB; RLE
+    /// returns the stored colour space).
     fn decode_encapsulated(&self, index: u32) -> Result<(Vec<i64>, Photometric), PixelError> {
         let h = &self.header;
         let obj = &self.obj;
         // JPEG: jpeg-decoder directly on the frame's own fragments (dicom-pixeldata's JPEG
-        // adapter copies the whole pixel sequence for every frame, and does not follow the
-        // Photometric Interpretation for colour).
-        // JPEG 2000 likewise, to check each frame's size before it is copied out.
+        // adapter copies the whole pixel sequence for every frame, does not follow the
+        // Photometric Interpretation for colour, and panics on a frame larger than the header
+        // says). JPEG 2000 likewise, to check each frame's size before it is copied out.
         let jpeg = JPEG_PROCESSES.contains(&h.transfer_syntax.as_str());
         let j2k = J2K.contains(&h.transfer_syntax.as_str());
         if jpeg || j2k {
