@@ -826,3 +826,58 @@ fn mutated_headers_never_panic() {
         panics.join("\n")
     );
 }
+
+/// A multi-frame JPEG whose frames span several fragments decodes as the one-fragment-per-frame
+/// original: through the Basic Offset Table, and without one by the SOI markers.
+#[test]
+fn frames_split_over_fragments_are_found() {
+    let Some(dirs) = packages() else { return };
+    let path = dirs.0.join("data/test_files/examples_ybr_color.dcm");
+    let path = if path.is_file() {
+        path
+    } else {
+        dirs.1.join("data/examples_ybr_color.dcm")
+    };
+    let original = dicom_object::open_file(&path).unwrap();
+    let options = DecodeOptions::default();
+    let want: Vec<_> = {
+        let s = PixelSource::from_object(original.clone(), &Limits::default()).unwrap();
+        [0u32, 7, 29]
+            .map(|i| s.frame(i, &options).unwrap().data)
+            .to_vec()
+    };
+    let fragments: Vec<Vec<u8>> = match original.element(tags::PIXEL_DATA).unwrap().value() {
+        dicom_core::value::Value::PixelSequence(seq) => seq.fragments().to_vec(),
+        _ => panic!("encapsulated"),
+    };
+    assert_eq!(fragments.len(), 30);
+    // Each frame in two fragments (even lengths), with and without a Basic Offset Table.
+    let mut split = Vec::new();
+    let mut bot = Vec::new();
+    let mut offset = 0u32;
+    for f in &fragments {
+        bot.push(offset);
+        let cut = (f.len() / 2) & !1;
+        for part in [&f[..cut], &f[cut..]] {
+            split.push(part.to_vec());
+            offset += 8 + part.len() as u32;
+        }
+    }
+    for table in [bot, Vec::new()] {
+        let mut obj = original.clone();
+        obj.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OB,
+            PixelFragmentSequence::new(table.clone(), split.clone()),
+        ));
+        let s = PixelSource::from_object(obj, &Limits::default()).unwrap();
+        for (k, i) in [0u32, 7, 29].into_iter().enumerate() {
+            let got = s.frame(i, &options).unwrap().data;
+            assert!(
+                got == want[k],
+                "frame {i}, offset table of {} entries",
+                table.len()
+            );
+        }
+    }
+}
