@@ -4,11 +4,17 @@
 //!
 //! What is done, in DICOM's order (PS3.4 N.2.1):
 //!
-//! 1. decode the frame: native data here (any BitsAllocated of 1, 8 or 16, either planar
-//!    configuration, big or little endian, deflated), encapsulated data by `dicom-pixeldata`
-//!    (JPEG baseline/extended 8-bit, JPEG lossless, RLE, JPEG 2000; no JPEG-LS in this build:
-//!    the `charls` codec needs cmake). Values are the stored values, masked to BitsStored and
-//!    sign-extended as PixelRepresentation says (what pydicom's `pixel_array` returns);
+//! 1. decode the frame, one frame's fragments at a time: native data here (BitsAllocated 1, 8
+//!    or 16, either planar configuration, big or little endian, deflated), RLE here, JPEG
+//!    (baseline, 8-bit extended, lossless) with `jpeg-decoder` and JPEG 2000 with `jpeg2k`
+//!    (the pure-Rust OpenJPEG port): the codecs `dicom-pixeldata` 0.10.1 uses, called
+//!    directly because its adapters panic when a frame is smaller than the header says
+//!    (index out of bounds), its JPEG adapter copies the whole pixel sequence for every
+//!    frame, and it ignores the Photometric Interpretation for colour JPEG. Other syntaxes its
+//!    registry can decode go through `dicom-pixeldata`. No JPEG-LS in this build (the
+//!    `charls` codec needs cmake); no 12-bit JPEG. Values are the stored values, masked to
+//!    BitsStored and sign-extended as PixelRepresentation says (what pydicom's `pixel_array`
+//!    returns);
 //! 2. colour: YBR_FULL and YBR_FULL_422 become RGB (pydicom's conversion, to 8 bits), PALETTE
 //!    COLOR is looked up to RGB; [`Colour::Grey`] reduces RGB to luma;
 //! 3. Modality LUT (rescale slope/intercept) when [`DecodeOptions::modality_lut`] asks;
@@ -94,6 +100,22 @@ pub enum PixelError {
         #[source]
         source: dicom_pixeldata::Error,
     },
+    #[error("JPEG frame {frame} could not be decoded")]
+    DecodeJpeg {
+        frame: u32,
+        #[source]
+        source: jpeg_decoder::Error,
+    },
+    #[error("JPEG 2000 frame {frame} could not be decoded")]
+    DecodeJ2k {
+        frame: u32,
+        #[source]
+        source: jpeg2k::error::Error,
+    },
+    #[error("the fragments of frame {frame} cannot be found")]
+    FrameFragments { frame: u32 },
+    #[error("RLE frame {frame} does not hold the segments its header needs")]
+    RleFrame { frame: u32 },
     #[error("the codec failed (panicked) on frame {frame}")]
     CodecPanicked { frame: u32 },
     #[error("frame {frame} decoded to {got} bytes; the header says {expected}")]
@@ -130,7 +152,12 @@ impl PixelError {
             PixelError::TooManyFrames { .. } => "too_many_frames",
             PixelError::FrameOutOfRange { .. } => "frame_out_of_range",
             PixelError::PixelDataTooShort { .. } => "pixel_data_too_short",
-            PixelError::Decode { .. } | PixelError::CodecPanicked { .. } => "decode_failed",
+            PixelError::Decode { .. }
+            | PixelError::DecodeJpeg { .. }
+            | PixelError::RleFrame { .. }
+            | PixelError::DecodeJ2k { .. }
+            | PixelError::FrameFragments { .. }
+            | PixelError::CodecPanicked { .. } => "decode_failed",
             PixelError::DecodedSize { .. } => "decoded_size",
             PixelError::MixedSeries { .. } => "mixed_series",
             PixelError::BudgetTimeout { .. } => "budget_timeout",
@@ -814,26 +841,53 @@ impl PixelSource {
         Ok(out)
     }
 
-    /// Decodes one encapsulated frame with `dicom-pixeldata`; returns its samples (colour
-    /// interleaved) and the colour conversion still due (the JPEG and JPEG 2000 codecs
-    /// return RGB; RLE returns the stored colour space).
+    /// Decodes one encapsulated frame (JPEG, JPEG 2000 and RLE here, anything else the
+    /// registry can decode with `dicom-pixeldata`); returns its samples (colour interleaved)
+    /// and the colour conversion still due (the JPEG and JPEG 2000 codecs return RGB; RLE
+    /// returns the stored colour space).
     fn decode_encapsulated(&self, index: u32) -> Result<(Vec<i64>, Photometric), PixelError> {
         let h = &self.header;
         let obj = &self.obj;
-        if h.samples == 3
-            && h.bits_allocated == 8
-            && JPEG_PROCESSES.contains(&h.transfer_syntax.as_str())
-        {
-            if let Some(fragment) = self.frame_fragment(index) {
-                let rgb = catch_unwind(AssertUnwindSafe(|| decode_colour_jpeg(&fragment, h)))
-                    .map_err(|_| PixelError::CodecPanicked { frame: index })?
-                    .ok_or(PixelError::DecodedSize {
-                        frame: index,
-                        expected: h.frame_pixels() as usize * 3,
-                        got: 0,
-                    })?;
-                return Ok((rgb.into_iter().map(i64::from).collect(), Photometric::Rgb));
-            }
+        // JPEG: jpeg-decoder directly on the frame's own fragments (dicom-pixeldata's JPEG
+        // adapter copies the whole pixel sequence for every frame, does not follow the
+        // Photometric Interpretation for colour, and panics on a frame larger than the header
+        // says). JPEG 2000 likewise, to check each frame's size before it is copied out.
+        let jpeg = JPEG_PROCESSES.contains(&h.transfer_syntax.as_str());
+        let j2k = J2K.contains(&h.transfer_syntax.as_str());
+        if jpeg || j2k {
+            let fragment = self
+                .frame_fragment(index)
+                .ok_or(PixelError::FrameFragments { frame: index })?;
+            let mut out = catch_unwind(AssertUnwindSafe(|| {
+                if jpeg {
+                    decode_jpeg(&fragment, h, index)
+                } else {
+                    decode_j2k(&fragment, h, index)
+                }
+            }))
+            .map_err(|_| PixelError::CodecPanicked { frame: index })??;
+            mask_all(&mut out, h);
+            let pending = if h.samples == 3 {
+                Photometric::Rgb
+            } else {
+                h.photometric
+            };
+            return Ok((out, pending));
+        }
+        // RLE: decoded here (dicom-pixeldata's RLE adapter indexes past a short segment).
+        if h.transfer_syntax == RLE_LOSSLESS {
+            let fragment = self
+                .frame_fragment(index)
+                .ok_or(PixelError::RleFrame { frame: index })?;
+            let mut out = decode_rle(&fragment, h).ok_or(PixelError::RleFrame { frame: index })?;
+            mask_all(&mut out, h);
+            // RLE keeps the stored colour space: YBR_FULL is converted by the caller.
+            let pending = match h.photometric {
+                Photometric::YbrFull => Photometric::YbrFull,
+                _ if h.samples == 3 => Photometric::Rgb,
+                p => p,
+            };
+            return Ok((out, pending));
         }
         let decoded = catch_unwind(AssertUnwindSafe(|| {
             obj.decode_pixel_data_frame(index)
@@ -874,22 +928,85 @@ const JPEG_PROCESSES: &[&str] = &[
 ];
 
 impl PixelSource {
-    /// The compressed bytes of frame `index` when frames and fragments can be matched
-    /// simply (one frame in all fragments, or one fragment per frame).
+    /// The compressed bytes of frame `index`: all fragments for one frame, one fragment
+    /// per frame, the Basic Offset Table's grouping, or (JPEG) fragments grouped from each
+    /// one that starts with an SOI marker. None when none of these fits.
     fn frame_fragment(&self, index: u32) -> Option<Vec<u8>> {
         let element = self.obj.element(tags::PIXEL_DATA).ok()?;
         let Value::PixelSequence(seq) = element.value() else {
             return None;
         };
         let fragments = seq.fragments();
-        if self.header.frames == 1 {
-            Some(fragments.concat())
-        } else if fragments.len() == self.header.frames as usize {
-            fragments.get(index as usize).cloned()
+        let frames = self.header.frames as usize;
+        let index = index as usize;
+        if frames == 1 {
+            return Some(fragments.concat());
+        }
+        if fragments.len() == frames {
+            return fragments.get(index).cloned();
+        }
+        // Start of each frame, as an index into `fragments`.
+        let bot = seq.offset_table();
+        let starts: Vec<usize> = if bot.len() == frames {
+            let mut offset = 0u64;
+            let item_offsets: Vec<u64> = fragments
+                .iter()
+                .map(|f| {
+                    let here = offset;
+                    offset += 8 + f.len() as u64;
+                    here
+                })
+                .collect();
+            bot.iter()
+                .map(|&b| item_offsets.iter().position(|&o| o == u64::from(b)))
+                .collect::<Option<Vec<usize>>>()?
+        } else if JPEG_PROCESSES.contains(&self.header.transfer_syntax.as_str()) {
+            fragments
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| f.starts_with(&[0xFF, 0xD8]))
+                .map(|(i, _)| i)
+                .collect()
         } else {
-            None
+            return None;
+        };
+        if starts.len() != frames || starts.windows(2).any(|w| w[0] >= w[1]) {
+            return None;
+        }
+        let end = starts.get(index + 1).copied().unwrap_or(fragments.len());
+        Some(fragments[starts[index]..end].concat())
+    }
+}
+
+/// JPEG 2000 (lossless only, and lossy).
+const J2K: &[&str] = &["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"];
+
+/// Decodes one JPEG 2000 frame: its components (the codec has already undone YBR_RCT /
+/// YBR_ICT) interleaved, checked against the header's size and samples.
+fn decode_j2k(data: &[u8], h: &ImageHeader, frame: u32) -> Result<Vec<i64>, PixelError> {
+    let image = jpeg2k::Image::from_bytes(data)
+        .map_err(|source| PixelError::DecodeJ2k { frame, source })?;
+    let samples = usize::from(h.samples);
+    let pixels = h.frame_pixels() as usize;
+    let components = image.components();
+    let size_error = |got| PixelError::DecodedSize {
+        frame,
+        expected: pixels * samples,
+        got,
+    };
+    if components.len() < samples {
+        return Err(size_error(components.len() * pixels));
+    }
+    let mut out = vec![0i64; pixels * samples];
+    for (s, c) in components.iter().take(samples).enumerate() {
+        if c.width() != h.cols || c.height() != h.rows || c.data().len() != pixels {
+            return Err(size_error(c.data().len() * samples));
+        }
+        for (p, &v) in c.data().iter().enumerate() {
+            out[p * samples + s] = i64::from(v);
         }
     }
+    Ok(out)
 }
 
 /// What a JPEG codestream says about its colour (pydicom's `_get_jpg_parameters`): the
@@ -922,24 +1039,111 @@ fn jpeg_colour_markers(data: &[u8]) -> (Option<[u8; 3]>, bool) {
     (None, jfif)
 }
 
-/// Decodes an 8-bit, 3-component JPEG frame to RGB with the colour transform the
-/// Photometric Interpretation implies (RGB: none; YBR: YCbCr → RGB), conformed to the
-/// codestream as pydicom does (component ids "RGB" mean RGB; a JFIF marker means YBR).
-fn decode_colour_jpeg(data: &[u8], h: &ImageHeader) -> Option<Vec<u8>> {
-    let (ids, jfif) = jpeg_colour_markers(data);
-    let rgb_ids = matches!(ids, Some([82, 71, 66]) | Some([114, 103, 98]));
-    let is_rgb = rgb_ids || (h.photometric == Photometric::Rgb && !jfif);
+/// Decodes one JPEG frame to its samples: grey as stored (8 or 16 bits); colour (8 bits) to
+/// RGB with the colour transform the Photometric Interpretation implies (RGB: none; YBR:
+/// YCbCr → RGB), conformed to the codestream as pydicom does (component ids "RGB" mean RGB;
+/// a JFIF marker means YBR).
+fn decode_jpeg(data: &[u8], h: &ImageHeader, frame: u32) -> Result<Vec<i64>, PixelError> {
+    let expected = h.frame_pixels() as usize * usize::from(h.samples);
     let mut decoder = jpeg_decoder::Decoder::new(data);
-    decoder.set_max_decoding_buffer_size(h.frame_pixels() as usize * 3 + 1);
-    decoder.set_color_transform(if is_rgb {
-        jpeg_decoder::ColorTransform::None
-    } else {
-        jpeg_decoder::ColorTransform::YCbCr
-    });
-    let pixels = decoder.decode().ok()?;
-    let info = decoder.info()?;
-    let dims_ok = u32::from(info.width) == h.cols && u32::from(info.height) == h.rows;
-    (dims_ok && info.pixel_format == jpeg_decoder::PixelFormat::RGB24).then_some(pixels)
+    decoder.set_max_decoding_buffer_size(expected * 2 + 1024);
+    if h.samples == 3 {
+        let (ids, jfif) = jpeg_colour_markers(data);
+        let rgb_ids = matches!(ids, Some([82, 71, 66]) | Some([114, 103, 98]));
+        let is_rgb = rgb_ids || (h.photometric == Photometric::Rgb && !jfif);
+        decoder.set_color_transform(if is_rgb {
+            jpeg_decoder::ColorTransform::None
+        } else {
+            jpeg_decoder::ColorTransform::YCbCr
+        });
+    }
+    let bytes = decoder
+        .decode()
+        .map_err(|source| PixelError::DecodeJpeg { frame, source })?;
+    let size_error = |got| PixelError::DecodedSize {
+        frame,
+        expected,
+        got,
+    };
+    let info = decoder.info().ok_or(size_error(0))?;
+    if u32::from(info.width) != h.cols || u32::from(info.height) != h.rows {
+        return Err(size_error(bytes.len()));
+    }
+    let values: Vec<i64> = match (info.pixel_format, h.samples) {
+        (jpeg_decoder::PixelFormat::L8, 1) | (jpeg_decoder::PixelFormat::RGB24, 3) => {
+            bytes.iter().map(|&b| i64::from(b)).collect()
+        }
+        (jpeg_decoder::PixelFormat::L16, 1) => bytes
+            .chunks_exact(2)
+            .map(|c| i64::from(u16::from_ne_bytes([c[0], c[1]])))
+            .collect(),
+        _ => return Err(size_error(bytes.len())),
+    };
+    if values.len() != expected {
+        return Err(size_error(values.len()));
+    }
+    Ok(values)
+}
+
+/// Decodes one RLE Lossless frame (PS3.5 Annex G): a 64-byte header of segment offsets, then
+/// one PackBits segment per byte of each sample, most significant first. Returns the samples
+/// interleaved, or None when the frame does not hold what the header says.
+fn decode_rle(fragment: &[u8], h: &ImageHeader) -> Option<Vec<i64>> {
+    let pixels = h.frame_pixels() as usize;
+    let samples = usize::from(h.samples);
+    let bytes = usize::from(h.bits_allocated / 8);
+    let segments = samples * bytes;
+    let header = fragment.get(..64)?;
+    let word = |i: usize| u32::from_le_bytes(header[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+    if word(0) as usize != segments || segments == 0 || segments > 15 {
+        return None;
+    }
+    let mut offsets: Vec<usize> = (1..=segments).map(|i| word(i) as usize).collect();
+    offsets.push(fragment.len());
+    if offsets.windows(2).any(|w| w[0] > w[1]) || offsets[0] < 64 {
+        return None;
+    }
+    let mut out = vec![0i64; pixels * samples];
+    let mut segment = Vec::with_capacity(pixels);
+    for s in 0..samples {
+        for b in 0..bytes {
+            let k = s * bytes + b;
+            packbits(&fragment[offsets[k]..offsets[k + 1]], pixels, &mut segment)?;
+            let shift = 8 * (bytes - 1 - b);
+            for (p, &v) in segment.iter().enumerate() {
+                out[p * samples + s] |= i64::from(v) << shift;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// PackBits into exactly `n` bytes (a trailing pad byte is ignored; fewer bytes is None).
+fn packbits(src: &[u8], n: usize, out: &mut Vec<u8>) -> Option<()> {
+    out.clear();
+    let mut i = 0;
+    while out.len() < n && i < src.len() {
+        let header = src[i] as i8;
+        i += 1;
+        match header {
+            0..=127 => {
+                let len = header as usize + 1;
+                out.extend_from_slice(src.get(i..i + len)?);
+                i += len;
+            }
+            -127..=-1 => {
+                let value = *src.get(i)?;
+                i += 1;
+                out.extend(std::iter::repeat_n(value, (1 - i16::from(header)) as usize));
+            }
+            -128 => {}
+        }
+    }
+    if out.len() < n {
+        return None;
+    }
+    out.truncate(n);
+    Some(())
 }
 
 /// Checks that the instances of a series can be stacked: same rows, columns, samples per pixel
@@ -1277,10 +1481,7 @@ fn primitive_len(p: &PrimitiveValue) -> u64 {
         PrimitiveValue::U8(b) => b.len() as u64,
         PrimitiveValue::U16(w) => 2 * w.len() as u64,
         PrimitiveValue::I16(w) => 2 * w.len() as u64,
-        PrimitiveValue::U32(w) => 4 * w.len() as u64,
-        PrimitiveValue::I32(w) => 4 * w.len() as u64,
-        PrimitiveValue::F32(w) => 4 * w.len() as u64,
-        PrimitiveValue::F64(w) => 8 * w.len() as u64,
+        // Other value types are not pixel data this module reads: as if empty.
         _ => 0,
     }
 }
@@ -1366,6 +1567,15 @@ fn ybr_full_to_rgb(ybr: &[i64]) -> Vec<f32> {
     out
 }
 
+/// The number of entries a LUT descriptor's first value gives (0 means 65536; the value is
+/// 16 bits, whatever VR it was read with).
+fn lut_entries(first: i64) -> usize {
+    match (first & 0xFFFF) as usize {
+        0 => 65536,
+        n => n,
+    }
+}
+
 /// A palette colour lookup table (PS3.3 C.7.6.3.1.5), non-segmented.
 struct Palette {
     entries: usize,
@@ -1388,11 +1598,7 @@ impl Palette {
             .ok_or(PixelError::MissingAttribute {
                 name: "RedPaletteColorLookupTableDescriptor",
             })?;
-        let entries = if desc[0] == 0 {
-            65536
-        } else {
-            (desc[0] & 0xFFFF) as usize
-        };
+        let entries = lut_entries(desc[0]);
         let first = desc[1];
         let mut rgb: [Vec<u16>; 3] = Default::default();
         let mut depth = 0;
@@ -1479,11 +1685,7 @@ impl VoiLut {
             .ok_or(PixelError::UnsupportedLut {
                 what: "a VOI LUT without a descriptor",
             })?;
-        let entries = if desc[0] == 0 {
-            65536
-        } else {
-            (desc[0] & 0xFFFF) as usize
-        };
+        let entries = lut_entries(desc[0]);
         let bits = u16::try_from(desc[2]).ok().filter(|b| (1..=16).contains(b));
         let data: Vec<u32> = item
             .element_opt(tags::LUT_DATA)
@@ -1596,6 +1798,51 @@ mod tests {
         let mut v = vec![0xFFFF, 0x1234];
         mask_all(&mut v, &h);
         assert_eq!(v, vec![0x0FFF, 0x0234]);
+    }
+
+    #[test]
+    fn errors_travel_between_threads() {
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send_sync::<PixelError>();
+        send_sync::<PixelSource>();
+    }
+
+    #[test]
+    fn rgb_renders_by_bit_depth_and_grey_by_window() {
+        let frame = Frame {
+            index: 0,
+            rows: 1,
+            cols: 2,
+            samples: 3,
+            data: vec![0.0, 65535.0, 32768.0, 255.0, 1.0, 0.0],
+            slope: 1.0,
+            intercept: 0.0,
+            monochrome1: false,
+            values: Values::Stored,
+            window: None,
+            bits_stored: 16,
+        };
+        let r = render8(&frame, RenderWindow::Auto).unwrap();
+        // v / 65535 * 255, rounded half up.
+        assert_eq!(r.data, vec![0, 255, 128, 1, 0, 0]);
+        let grey = Frame {
+            samples: 1,
+            cols: 4,
+            data: vec![-100.0, 0.0, 50.0, 200.0],
+            monochrome1: true,
+            bits_stored: 12,
+            ..frame
+        };
+        let r = render8(
+            &grey,
+            RenderWindow::Fixed {
+                center: 50.0,
+                width: 100.0,
+            },
+        )
+        .unwrap();
+        // [0, 100] → 0..255, then inverted for MONOCHROME1.
+        assert_eq!(r.data, vec![255, 255, 128, 0]);
     }
 
     #[test]

@@ -699,3 +699,185 @@ async fn the_decode_budget_bounds_pixels_in_flight() {
         .unwrap();
     assert_eq!(b.pixels(), 700_000);
 }
+
+/// Hostile values of the image attributes, one and two at a time, on native and (when the
+/// peers are installed) real compressed files: every decode ends in a value or a typed error.
+#[test]
+fn mutated_headers_never_panic() {
+    let us = |v: u16| (VR::US, PrimitiveValue::from(v));
+    let mutations: Vec<(dicom_core::Tag, VR, PrimitiveValue)> = [
+        (tags::ROWS, us(0)),
+        (tags::ROWS, us(1)),
+        (tags::ROWS, us(65535)),
+        (tags::COLUMNS, us(3)),
+        (tags::COLUMNS, us(65535)),
+        (tags::BITS_ALLOCATED, us(1)),
+        (tags::BITS_ALLOCATED, us(8)),
+        (tags::BITS_ALLOCATED, us(12)),
+        (tags::BITS_ALLOCATED, us(16)),
+        (tags::BITS_STORED, us(0)),
+        (tags::BITS_STORED, us(1)),
+        (tags::BITS_STORED, us(16)),
+        (tags::SAMPLES_PER_PIXEL, us(3)),
+        (tags::SAMPLES_PER_PIXEL, us(0)),
+        (tags::PIXEL_REPRESENTATION, us(1)),
+        (tags::PLANAR_CONFIGURATION, us(1)),
+        (tags::NUMBER_OF_FRAMES, (VR::IS, "3".into())),
+        (tags::NUMBER_OF_FRAMES, (VR::IS, "0".into())),
+        (tags::NUMBER_OF_FRAMES, (VR::IS, "x".into())),
+        (tags::PHOTOMETRIC_INTERPRETATION, (VR::CS, "RGB".into())),
+        (
+            tags::PHOTOMETRIC_INTERPRETATION,
+            (VR::CS, "YBR_FULL_422".into()),
+        ),
+        (
+            tags::PHOTOMETRIC_INTERPRETATION,
+            (VR::CS, "PALETTE COLOR".into()),
+        ),
+        (tags::PHOTOMETRIC_INTERPRETATION, (VR::CS, "".into())),
+        (
+            tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+            (VR::US, PrimitiveValue::U16(vec![0, 0, 8].into())),
+        ),
+        (tags::RESCALE_SLOPE, (VR::DS, "nan".into())),
+        (tags::WINDOW_WIDTH, (VR::DS, "0".into())),
+    ]
+    .into_iter()
+    .map(|(t, (vr, v))| (t, vr, v))
+    .collect();
+    let mut bases: Vec<(String, DefaultDicomObject)> = vec![
+        (
+            "native 16-bit".into(),
+            grey(
+                4,
+                4,
+                1,
+                16,
+                PrimitiveValue::U16((0..16u16).collect::<Vec<_>>().into()),
+            ),
+        ),
+        (
+            "native 8-bit".into(),
+            grey(
+                4,
+                4,
+                2,
+                8,
+                PrimitiveValue::U8((0..32u8).collect::<Vec<_>>().into()),
+            ),
+        ),
+    ];
+    if let Some(dirs) = packages() {
+        for name in [
+            "MR_small_RLE.dcm",
+            "SC_rgb_jpeg_dcmtk.dcm",
+            "MR_small_jp2klossless.dcm",
+            "SC_rgb_rle.dcm",
+            "JPGLosslessP14SV1_1s_1f_8b.dcm",
+        ] {
+            let path = [&dirs.0.join("data/test_files"), &dirs.1.join("data")]
+                .into_iter()
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+                .unwrap_or_else(|| panic!("{name} not found"));
+            bases.push((name.into(), dicom_object::open_file(&path).unwrap()));
+        }
+    }
+    let options = [
+        DecodeOptions::default(),
+        DecodeOptions {
+            voi: Voi::FromObject,
+            invert_monochrome1: true,
+            colour: nightingale_dicom::pixels::Colour::Grey,
+            ..Default::default()
+        },
+    ];
+    let mut panics = Vec::new();
+    let mut runs = 0;
+    for (name, base) in &bases {
+        for (i, a) in mutations.iter().enumerate() {
+            for b in std::iter::once(None).chain(mutations[i + 1..].iter().map(Some)) {
+                let mut obj = base.clone();
+                put(&mut obj, a.0, a.1, a.2.clone());
+                if let Some(b) = b {
+                    put(&mut obj, b.0, b.1, b.2.clone());
+                }
+                for o in &options {
+                    runs += 1;
+                    let result = PixelSource::from_object(obj.clone(), &o.limits).and_then(|s| {
+                        s.frames(o)
+                            .take(3)
+                            .map(|f| f.and_then(|f| render8(&f, RenderWindow::Auto)))
+                            .collect::<Result<Vec<_>, _>>()
+                    });
+                    if let Err(PixelError::CodecPanicked { .. }) = result {
+                        panics.push(format!("{name}: {:?} {:?}", a.0, b.map(|b| b.0)));
+                    }
+                }
+            }
+        }
+    }
+    // The codecs run under catch_unwind as the last resort; the checks before them should
+    // leave nothing for it to catch on these inputs.
+    assert!(
+        panics.is_empty(),
+        "codec panics caught ({} of {runs}):\n{}",
+        panics.len(),
+        panics.join("\n")
+    );
+}
+
+/// A multi-frame JPEG whose frames span several fragments decodes as the one-fragment-per-frame
+/// original: through the Basic Offset Table, and without one by the SOI markers.
+#[test]
+fn frames_split_over_fragments_are_found() {
+    let Some(dirs) = packages() else { return };
+    let path = dirs.0.join("data/test_files/examples_ybr_color.dcm");
+    let path = if path.is_file() {
+        path
+    } else {
+        dirs.1.join("data/examples_ybr_color.dcm")
+    };
+    let original = dicom_object::open_file(&path).unwrap();
+    let options = DecodeOptions::default();
+    let want: Vec<_> = {
+        let s = PixelSource::from_object(original.clone(), &Limits::default()).unwrap();
+        [0u32, 7, 29]
+            .map(|i| s.frame(i, &options).unwrap().data)
+            .to_vec()
+    };
+    let fragments: Vec<Vec<u8>> = match original.element(tags::PIXEL_DATA).unwrap().value() {
+        dicom_core::value::Value::PixelSequence(seq) => seq.fragments().to_vec(),
+        _ => panic!("encapsulated"),
+    };
+    assert_eq!(fragments.len(), 30);
+    // Each frame in two fragments (even lengths), with and without a Basic Offset Table.
+    let mut split = Vec::new();
+    let mut bot = Vec::new();
+    let mut offset = 0u32;
+    for f in &fragments {
+        bot.push(offset);
+        let cut = (f.len() / 2) & !1;
+        for part in [&f[..cut], &f[cut..]] {
+            split.push(part.to_vec());
+            offset += 8 + part.len() as u32;
+        }
+    }
+    for table in [bot, Vec::new()] {
+        let mut obj = original.clone();
+        obj.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OB,
+            PixelFragmentSequence::new(table.clone(), split.clone()),
+        ));
+        let s = PixelSource::from_object(obj, &Limits::default()).unwrap();
+        for (k, i) in [0u32, 7, 29].into_iter().enumerate() {
+            let got = s.frame(i, &options).unwrap().data;
+            assert!(
+                got == want[k],
+                "frame {i}, offset table of {} entries",
+                table.len()
+            );
+        }
+    }
+}

@@ -15,12 +15,16 @@
 //! `models/train/imaging.py` is the same contract in numpy (the training side); the
 //! fixtures in `models/tests/fixtures/preprocess/` hold the two to each other.
 //! Arithmetic is in f64. The padding is virtual: a 65535 × 300 image is not materialised
-//! as a 65535² square.
+//! as a 65535² square. Nor are the modality values: they are computed row by row from the
+//! stored values, and the percentile window selects on the stored values (a histogram when
+//! they are integers, else one f32 copy; luma: one f64 copy), so the scratch at the
+//! 64 Mi-pixel limit is megabytes, not the 1 GiB of an f64 copy plus a scratch copy.
 
 use nightingale_inference::Tensor;
 use serde::{Deserialize, Serialize};
 
-/// The largest image accepted, in pixels (a 64-megapixel image needs 512 MiB of scratch).
+/// The largest image accepted, in pixels (a 64-megapixel grey image of integer values needs
+/// a few MiB of scratch; of fractional values, a 256 MiB f32 copy; RGB, a 512 MiB f64 luma copy).
 pub const MAX_PIXELS: usize = 64 << 20;
 /// The largest output side a manifest may declare.
 pub const MAX_SIDE: usize = 4096;
@@ -233,46 +237,79 @@ impl Preprocessing {
             });
         }
 
-        // 1–2: luma and modality values.
-        let mut v: Vec<f64> = Vec::with_capacity(pixels);
-        if image.samples == 1 {
-            for (i, &s) in image.data.iter().enumerate() {
-                if !s.is_finite() {
-                    return Err(PreprocessError::NonFinite { index: i });
-                }
-                v.push(f64::from(s) * image.slope + image.intercept);
-            }
-        } else {
-            for (i, px) in image.data.chunks_exact(3).enumerate() {
+        // 1–2: luma and modality values, computed where they are needed (never stored: at
+        // the 64 Mi-pixel limit an f64 copy alone would be 512 MiB).
+        let (data, slope, intercept) = (image.data, image.slope, image.intercept);
+        let rgb = image.samples == 3;
+        if rgb {
+            for (i, px) in data.chunks_exact(3).enumerate() {
                 if !px.iter().all(|s| s.is_finite()) {
                     return Err(PreprocessError::NonFinite { index: i });
                 }
-                let y =
-                    0.299 * f64::from(px[0]) + 0.587 * f64::from(px[1]) + 0.114 * f64::from(px[2]);
-                v.push(y * image.slope + image.intercept);
+            }
+        } else {
+            for (i, &s) in data.iter().enumerate() {
+                if !s.is_finite() {
+                    return Err(PreprocessError::NonFinite { index: i });
+                }
             }
         }
+        let luma = |i: usize| {
+            let px = &data[3 * i..3 * i + 3];
+            0.299 * f64::from(px[0]) + 0.587 * f64::from(px[1]) + 0.114 * f64::from(px[2])
+        };
 
         // 3–4: window, invert.
         let (lo, hi) = match self.window {
             Window::Percentile { low, high } => {
-                let mut scratch = v.clone();
-                percentiles(&mut scratch, low, high)
+                // Selection on the stored values (or luma): modality values are a monotonic
+                // map of them, so the same ranks give numpy's percentiles of the modality
+                // values exactly; the scratch is a histogram for integer values, else one
+                // f32 (grey) or f64 (luma) copy.
+                let to_modality = |x: f64| x * slope + intercept;
+                if rgb {
+                    let mut scratch: Vec<f64> = (0..pixels).map(luma).collect();
+                    modality_percentiles(
+                        &mut Selection::new(&mut scratch),
+                        slope,
+                        low,
+                        high,
+                        to_modality,
+                    )
+                } else if let Some(mut hist) = Histogram::new(data) {
+                    modality_percentiles(&mut hist, slope, low, high, to_modality)
+                } else {
+                    let mut scratch = data.to_vec();
+                    modality_percentiles(
+                        &mut Selection::new(&mut scratch),
+                        slope,
+                        low,
+                        high,
+                        to_modality,
+                    )
+                }
             }
             Window::Fixed { center, width } => (center - width / 2.0, center + width / 2.0),
         };
         let span = hi - lo;
-        for x in &mut v {
-            let mut y = if span > 0.0 {
-                ((*x - lo) / span).clamp(0.0, 1.0)
-            } else {
-                0.0
-            };
-            if image.monochrome1 {
-                y = 1.0 - y;
+        let monochrome1 = image.monochrome1;
+        // Row r of windowed values into `row`.
+        let window_row = |r: usize, row: &mut [f64]| {
+            for (c, y) in row.iter_mut().enumerate() {
+                let i = r * cols + c;
+                let s = if rgb { luma(i) } else { f64::from(data[i]) };
+                let x = s * slope + intercept;
+                let mut v = if span > 0.0 {
+                    ((x - lo) / span).clamp(0.0, 1.0)
+                } else {
+                    0.0
+                };
+                if monochrome1 {
+                    v = 1.0 - v;
+                }
+                *y = v;
             }
-            *x = y;
-        }
+        };
 
         // 5–6: (virtual) padding and area resize, rows then columns.
         let [out_h, out_w] = self.size;
@@ -285,15 +322,20 @@ impl Preprocessing {
         };
         let pad = self.pad_value;
         // Rows: [out_h × cols], each the mean over its bin of padded rows (summed row by
-        // row, so memory is read in order).
+        // row, so memory is read in order; a row shared by neighbouring bins is windowed once).
         let row_bins = bins(side_r, out_h);
         let mut by_rows = vec![0.0f64; out_h * cols];
+        let mut row = vec![0.0f64; cols];
+        let mut row_index = usize::MAX;
         for (i, &(start, end)) in row_bins.iter().enumerate() {
             let acc = &mut by_rows[i * cols..(i + 1) * cols];
             let (inside, padded) = split_bin(start, end, top, rows);
             for r in inside {
-                let src = &v[r * cols..(r + 1) * cols];
-                for (x, &y) in acc.iter_mut().zip(src) {
+                if r != row_index {
+                    window_row(r, &mut row);
+                    row_index = r;
+                }
+                for (x, &y) in acc.iter_mut().zip(&row) {
                     *x += y;
                 }
             }
@@ -354,11 +396,133 @@ fn bin_mean(prefix: &[f64], start: usize, end: usize, offset: usize, len: usize,
     (sum + padded as f64 * pad) / (end - start) as f64
 }
 
-/// The `low`th and `high`th percentiles (numpy's linear method) of `v` (reordered);
-/// the second selection runs only on the part above the first.
-fn percentiles(v: &mut [f64], low: f64, high: f64) -> (f64, f64) {
+/// Values that can be ranked: the value at ascending rank `k`, for ranks asked in
+/// increasing order.
+trait Ranked {
+    fn len(&self) -> usize;
+    /// The value at ascending rank `k`; `k` never decreases between calls.
+    fn at_rank(&mut self, k: usize) -> f64;
+}
+
+/// An f32 copy (grey) or f64 copy (luma), reordered by selection: after selecting rank k,
+/// `v[k..]` holds the ranks from k up (in some order), so a later rank selects in there.
+struct Selection<'a, T> {
+    v: &'a mut [T],
+    start: usize,
+}
+
+impl<'a, T> Selection<'a, T> {
+    fn new(v: &'a mut [T]) -> Self {
+        Selection { v, start: 0 }
+    }
+}
+
+macro_rules! ranked_selection {
+    ($ty:ty) => {
+        impl Ranked for Selection<'_, $ty> {
+            fn len(&self) -> usize {
+                self.v.len()
+            }
+
+            fn at_rank(&mut self, k: usize) -> f64 {
+                let start = self.start;
+                if k == start + 1 && start > 0 {
+                    // The next rank: the least of those above the last selected.
+                    let x = self.v[k..]
+                        .iter()
+                        .copied()
+                        .fold(<$ty>::INFINITY, <$ty>::min);
+                    // v[..k] are the k least, v[k..] the rest: later ranks select in there.
+                    let (i, _) = self.v[k..]
+                        .iter()
+                        .enumerate()
+                        .find(|(_, y)| y.total_cmp(&x).is_eq())
+                        .expect("the minimum is present");
+                    self.v.swap(k, k + i);
+                    self.start = k;
+                    return f64::from(x);
+                }
+                let (_, x, _) = self.v[start..].select_nth_unstable_by(k - start, <$ty>::total_cmp);
+                let x = *x;
+                self.start = k;
+                f64::from(x)
+            }
+        }
+    };
+}
+ranked_selection!(f32);
+ranked_selection!(f64);
+
+/// Counts of integer values over `[min, max]` (at most 2^20 bins, 4 MiB).
+struct Histogram {
+    min: i64,
+    counts: Vec<u32>,
+    n: usize,
+    // The walk's position: bins before `bin` hold `below` values.
+    bin: usize,
+    below: usize,
+}
+
+impl Histogram {
+    const MAX_BINS: i64 = 1 << 20;
+
+    /// None when the values are not integers in a small enough range.
+    fn new(data: &[f32]) -> Option<Self> {
+        let (mut min, mut max) = (f32::INFINITY, f32::NEG_INFINITY);
+        for &v in data {
+            min = min.min(v);
+            max = max.max(v);
+        }
+        if data.is_empty() || f64::from(max) - f64::from(min) >= Self::MAX_BINS as f64 {
+            return None;
+        }
+        let min = min as i64;
+        let mut counts = vec![0u32; (max as i64 - min + 1) as usize];
+        for &v in data {
+            if v.fract() != 0.0 {
+                return None;
+            }
+            counts[(v as i64 - min) as usize] += 1;
+        }
+        Some(Histogram {
+            min,
+            counts,
+            n: data.len(),
+            bin: 0,
+            below: 0,
+        })
+    }
+}
+
+impl Ranked for Histogram {
+    fn len(&self) -> usize {
+        self.n
+    }
+
+    fn at_rank(&mut self, k: usize) -> f64 {
+        while self.below + self.counts[self.bin] as usize <= k {
+            self.below += self.counts[self.bin] as usize;
+            self.bin += 1;
+        }
+        (self.min + self.bin as i64) as f64
+    }
+}
+
+/// numpy's linear `low`th and `high`th percentiles of the modality values
+/// `to_modality(v)` of the ranked stored values `v`, `to_modality` being `x · slope +
+/// intercept` (increasing for a positive slope, decreasing for a negative one): the
+/// modality value at ascending rank j is `to_modality` of the stored value at rank j, or at
+/// rank n − 1 − j when the slope is negative. Equal, value for value, to selecting on the
+/// modality values themselves.
+fn modality_percentiles(
+    v: &mut impl Ranked,
+    slope: f64,
+    low: f64,
+    high: f64,
+    to_modality: impl Fn(f64) -> f64,
+) -> (f64, f64) {
     if high < low {
-        let (h, l) = percentiles(v, high, low);
+        let (h, l) = modality_percentiles(v, slope, high, low, to_modality);
         return (l, h);
     }
     let n = v.len();
@@ -367,23 +531,38 @@ fn percentiles(v: &mut [f64], low: f64, high: f64) -> (f64, f64) {
         let i = (idx.floor() as usize).min(n - 1);
         (i, idx - i as f64)
     };
-    // The value at sorted position i of `v[start..]` (all of which are >= everything before
-    // `start`), interpolated towards the next one by t.
-    fn at(v: &mut [f64], i: usize, t: f64) -> f64 {
-        let (_, a, right) = v.select_nth_unstable_by(i, f64::total_cmp);
-        let a = *a;
-        if t == 0.0 || right.is_empty() {
-            return a;
-        }
-        let b = right.iter().copied().fold(f64::INFINITY, f64::min);
-        lerp(a, b, t)
-    }
     let (il, tl) = position(low);
     let (ih, th) = position(high);
-    let l = at(v, il, tl);
-    // After selecting il, v[il..] holds the largest n - il values.
-    let h = at(&mut v[il..], ih - il, th);
-    (l, h)
+    // Modality ranks needed: il (+1 when interpolating), ih (+1).
+    let mut ranks: Vec<usize> = vec![il, ih];
+    if tl != 0.0 && il + 1 < n {
+        ranks.push(il + 1);
+    }
+    if th != 0.0 && ih + 1 < n {
+        ranks.push(ih + 1);
+    }
+    let stored_rank = |j: usize| if slope < 0.0 { n - 1 - j } else { j };
+    let mut stored: Vec<usize> = ranks.iter().map(|&j| stored_rank(j)).collect();
+    stored.sort_unstable();
+    stored.dedup();
+    let values: Vec<(usize, f64)> = stored.iter().map(|&k| (k, v.at_rank(k))).collect();
+    let modality_at = |j: usize| {
+        let k = stored_rank(j);
+        let x = values
+            .iter()
+            .find(|(r, _)| *r == k)
+            .expect("rank selected")
+            .1;
+        to_modality(x)
+    };
+    let at = |i: usize, t: f64| {
+        let a = modality_at(i);
+        if t == 0.0 || i + 1 >= n {
+            return a;
+        }
+        lerp(a, modality_at(i + 1), t)
+    };
+    (at(il, tl), at(ih, th))
 }
 
 /// numpy's `_lerp`: a + (b − a) t, computed from the nearer end for t ≥ ½.
@@ -414,17 +593,100 @@ mod tests {
         }
     }
 
+    /// numpy.percentile's linear method by a full sort (the definition).
+    fn numpy_percentile(v: &[f64], q: f64) -> f64 {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        let idx = q / 100.0 * (s.len() - 1) as f64;
+        let i = idx.floor() as usize;
+        let t = idx - i as f64;
+        if t == 0.0 || i + 1 >= s.len() {
+            s[i]
+        } else {
+            lerp(s[i], s[i + 1], t)
+        }
+    }
+
     #[test]
     fn percentiles_match_numpy_linear() {
         // numpy.percentile([1, 2, 3, 4, 10], [0, 25, 90, 100]) = [1, 2, 7.6, 10]
-        let mut v = vec![10.0, 3.0, 1.0, 4.0, 2.0];
-        assert_eq!(percentiles(&mut v, 0.0, 100.0), (1.0, 10.0));
-        let (a, b) = percentiles(&mut v, 25.0, 90.0);
+        let id = |x: f64| x;
+        let data = [10.0f32, 3.0, 1.0, 4.0, 2.0];
+        let mut v = data.to_vec();
+        assert_eq!(
+            modality_percentiles(&mut Selection::new(&mut v), 1.0, 0.0, 100.0, id),
+            (1.0, 10.0)
+        );
+        let mut v = data.to_vec();
+        let (a, b) = modality_percentiles(&mut Selection::new(&mut v), 1.0, 25.0, 90.0, id);
         assert_eq!(a, 2.0);
         assert!((b - 7.6).abs() < 1e-12, "{b}");
-        assert_eq!(percentiles(&mut v, 90.0, 25.0), (b, a), "either order");
-        let mut one = vec![5.0];
-        assert_eq!(percentiles(&mut one, 1.0, 99.0), (5.0, 5.0));
+        let mut h = Histogram::new(&data).unwrap();
+        assert_eq!(modality_percentiles(&mut h, 1.0, 25.0, 90.0, id), (a, b));
+        let mut v = data.to_vec();
+        assert_eq!(
+            modality_percentiles(&mut Selection::new(&mut v), 1.0, 90.0, 25.0, id),
+            (b, a),
+            "either order"
+        );
+        let mut one = vec![5.0f32];
+        assert_eq!(
+            modality_percentiles(&mut Selection::new(&mut one), 1.0, 1.0, 99.0, id),
+            (5.0, 5.0)
+        );
+    }
+
+    #[test]
+    fn selecting_on_stored_values_equals_selecting_on_modality_values() {
+        // Integer and fractional values, positive and negative slopes, ties: every way of
+        // selecting equals numpy's definition on the modality values, bit for bit.
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = |m: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % m
+        };
+        for n in [1usize, 2, 3, 10, 999, 4096] {
+            let ints: Vec<f32> = (0..n).map(|_| next(300) as f32 - 100.0).collect();
+            let fracs: Vec<f32> = ints.iter().map(|&x| x + 0.37).collect();
+            for (slope, intercept) in [(1.0, 0.0), (2.5, -1024.0), (-0.7, 33.0), (-1.0, 0.0)] {
+                let f = |x: f64| x * slope + intercept;
+                for (low, high) in [(0.5, 99.5), (0.0, 100.0), (25.0, 75.0), (1.0, 2.0)] {
+                    for data in [&ints, &fracs] {
+                        let modality: Vec<f64> = data.iter().map(|&x| f(f64::from(x))).collect();
+                        let want = (
+                            numpy_percentile(&modality, low),
+                            numpy_percentile(&modality, high),
+                        );
+                        let mut copy = data.clone();
+                        let got = modality_percentiles(
+                            &mut Selection::new(&mut copy),
+                            slope,
+                            low,
+                            high,
+                            f,
+                        );
+                        assert_eq!(got, want, "select n={n} slope={slope} q={low},{high}");
+                        if let Some(mut h) = Histogram::new(data) {
+                            let got = modality_percentiles(&mut h, slope, low, high, f);
+                            assert_eq!(got, want, "histogram n={n} slope={slope}");
+                        }
+                        let mut wide: Vec<f64> = data.iter().map(|&x| f64::from(x)).collect();
+                        let got = modality_percentiles(
+                            &mut Selection::new(&mut wide),
+                            slope,
+                            low,
+                            high,
+                            f,
+                        );
+                        assert_eq!(got, want, "f64 n={n} slope={slope}");
+                    }
+                }
+            }
+        }
+        assert!(Histogram::new(&[0.5, 1.0]).is_none(), "fractions");
+        assert!(Histogram::new(&[0.0, 2e6]).is_none(), "too wide");
     }
 
     #[test]

@@ -15,19 +15,18 @@ relative to it; the Rust test (dicom/tests/pixels.rs) finds the packages through
 environment variables NIGHTINGALE_PYDICOM_DIR / NIGHTINGALE_PYDICOM_DATA_DIR that
 scripts/test.sh exports.
 
-Needs, besides pydicom 3.0.2 / pydicom-data 1.0.0 / numpy, the JPEG plug-ins (same pins as
-models/train/requirements-imaging.txt):
+Needs, besides pydicom 3.0.2 / pydicom-data 1.0.0 / numpy, the JPEG plug-ins
+(tests/peer/requirements-pixels.txt):
     python3 -m venv .venv-pixels
-    .venv-pixels/bin/pip install numpy==2.4.6 pydicom==3.0.2 pydicom-data==1.0.0 \
-        pylibjpeg==2.1.0 pylibjpeg-libjpeg==2.5.0 pylibjpeg-openjpeg==2.6.0 pillow==13.0.0
+    .venv-pixels/bin/pip install -r tests/peer/requirements-pixels.txt
     .venv-pixels/bin/python tests/peer/make_pixel_fixtures.py
+The output is deterministic (re-running it leaves the fixture byte for byte unchanged).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 
