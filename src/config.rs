@@ -219,6 +219,15 @@ pub struct ServeArgs {
     /// old one is kept, superseded) or ignore. [default: rerun]
     #[arg(long, env = "NIGHTINGALE_LATE_INSTANCES", value_enum)]
     pub late_instances: Option<LateArg>,
+    // -- results delivery retries (issue 9, PEERS slice) --
+    /// Delay before the first retry of a result object not delivered, in seconds (doubled
+    /// after each failed attempt, up to 300 s). [default: 2]
+    #[arg(long, env = "NIGHTINGALE_RESULTS_RETRY_SECS")]
+    pub results_retry_secs: Option<f64>,
+    /// Delivery attempts per result object before it goes to the dead-letter folder.
+    /// [default: 6]
+    #[arg(long, env = "NIGHTINGALE_RESULTS_MAX_ATTEMPTS")]
+    pub results_max_attempts: Option<u32>,
     // ---- end DICOM pipeline ----
 }
 
@@ -324,6 +333,9 @@ struct FileConfig {
     late_instances: Option<LateArg>,
     /// `[[routes]]`: routing rules (none: one route per bundle with a `[dicom]` section).
     routes: Option<Vec<crate::pipeline::route::RouteConfig>>,
+    // -- results delivery retries (issue 9, PEERS slice) --
+    results_retry_secs: Option<f64>,
+    results_max_attempts: Option<u32>,
     // ---- end DICOM pipeline ----
 }
 
@@ -373,6 +385,11 @@ pub struct PipelineSettings {
     pub calling_ae_title: String,
     /// Configured routes (empty: one per bundle with a `[dicom]` section).
     pub routes: Vec<crate::pipeline::route::Route>,
+    // -- results delivery retries (issue 9, PEERS slice) --
+    /// First retry delay (`None`: the pipeline's default).
+    pub retry: Option<std::time::Duration>,
+    /// Delivery attempts per object (`None`: the pipeline's default).
+    pub max_attempts: Option<u32>,
 }
 
 /// DICOMweb (STOW-RS, QIDO-RS): its spool (the SCP's when both run) and limits.
@@ -872,8 +889,28 @@ impl ServeArgs {
                 if names.windows(2).any(|w| w[0] == w[1]) {
                     return Err(ConfigError::Invalid("two routes have the same name".into()));
                 }
+                // -- results delivery retries (issue 9, PEERS slice) --
+                let retry = match self.results_retry_secs.or(file.results_retry_secs) {
+                    None => None,
+                    Some(s) if s.is_finite() && (0.01..=3_600.0).contains(&s) => {
+                        Some(std::time::Duration::from_secs_f64(s))
+                    }
+                    Some(_) => {
+                        return Err(ConfigError::Invalid(
+                            "results_retry_secs must be between 0.01 and 3600 seconds".into(),
+                        ));
+                    }
+                };
+                let max_attempts = self.results_max_attempts.or(file.results_max_attempts);
+                if matches!(max_attempts, Some(n) if !(1..=100).contains(&n)) {
+                    return Err(ConfigError::Invalid(
+                        "results_max_attempts must be between 1 and 100".into(),
+                    ));
+                }
                 Some(PipelineSettings {
                     routes,
+                    retry,
+                    max_attempts,
                     destinations,
                     quiet: std::time::Duration::from_secs_f64(quiet),
                     complete_at,
@@ -1364,6 +1401,31 @@ mod tests {
                 .resolve()
                 .is_err(),
                 "{bad} accepted"
+            );
+        }
+    }
+
+    // -- results delivery retries (issue 9, PEERS slice) --
+    #[test]
+    fn results_retries_are_configurable_and_bounded() {
+        let with = |retry: Option<f64>, attempts: Option<u32>| {
+            ServeArgs {
+                dicom_port: Some(11112),
+                results_retry_secs: retry,
+                results_max_attempts: attempts,
+                ..ServeArgs::default()
+            }
+            .resolve()
+        };
+        let p = with(None, None).unwrap().pipeline.unwrap();
+        assert_eq!((p.retry, p.max_attempts), (None, None));
+        let p = with(Some(0.2), Some(2)).unwrap().pipeline.unwrap();
+        assert_eq!(p.retry, Some(std::time::Duration::from_millis(200)));
+        assert_eq!(p.max_attempts, Some(2));
+        for (retry, attempts) in [(Some(0.0), None), (Some(f64::NAN), None), (None, Some(0))] {
+            assert!(
+                with(retry, attempts).is_err(),
+                "{retry:?} {attempts:?} accepted"
             );
         }
     }

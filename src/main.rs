@@ -372,6 +372,13 @@ async fn serve(
             pc.calling_ae_title = settings.calling_ae_title.clone();
             pc.routes = settings.routes.clone();
             pc.retention = config.dicomweb.as_ref().and_then(|w| w.retention);
+            // -- results delivery retries (issue 9, PEERS slice) --
+            if let Some(retry) = settings.retry {
+                pc.backoff = retry;
+            }
+            if let Some(n) = settings.max_attempts {
+                pc.max_attempts = n;
+            }
             let pipeline = nightingale::pipeline::Pipeline::open(pc, spool.clone(), state.clone())
                 .context("cannot start the DICOM pipeline")?;
             state.set_results(http::results::Results {
