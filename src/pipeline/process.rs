@@ -422,13 +422,22 @@ impl Pipeline {
         let source_uid = Uid::parse(&sop_uids[shown.instance_index]).ok_or_else(|| {
             JobFailure::new("source_attributes", "the shown instance's UID is not valid")
         })?;
+        // A narrow image (a 60000 x 2 sliver) is widened with black columns so that the
+        // burned-in warning is legible on one line.
+        let (columns, data) = widen(
+            rendered.rows,
+            rendered.cols,
+            rendered.samples,
+            rendered.data,
+            SC_MIN_COLUMNS,
+        );
         let image = RenderedImage {
             rows: rendered.rows,
-            columns: rendered.cols,
+            columns,
             pixels: if rendered.samples == 3 {
-                RenderedPixels::Rgb(rendered.data)
+                RenderedPixels::Rgb(data)
             } else {
-                RenderedPixels::Grey(rendered.data)
+                RenderedPixels::Grey(data)
             },
             source_sop_instance_uid: source_uid,
             frame: multi_frame.then_some(shown.frame + 1),
@@ -616,6 +625,25 @@ pub(crate) fn stage(name: &'static str, took: Duration) {
         .record(took.as_secs_f64());
 }
 
+/// The narrowest Secondary Capture: the warning label in the 8-pixel font with a glyph of
+/// margin on each side, so it is never clipped or wrapped.
+const SC_MIN_COLUMNS: usize = 8 * (results::AI_RESULT_LABEL.len() + 2);
+
+/// `data` (`rows` x `cols`, `samples` bytes per pixel) centred on black columns up to `min`
+/// columns; unchanged when it is already that wide. Returns the new width and pixels.
+fn widen(rows: usize, cols: usize, samples: usize, data: Vec<u8>, min: usize) -> (usize, Vec<u8>) {
+    if cols >= min {
+        return (cols, data);
+    }
+    let left = (min - cols) / 2;
+    let (from, to) = (cols * samples, min * samples);
+    let mut out = vec![0u8; rows * to];
+    for (dst, src) in out.chunks_exact_mut(to).zip(data.chunks_exact(from)) {
+        dst[left * samples..left * samples + from].copy_from_slice(src);
+    }
+    (min, out)
+}
+
 fn pixel_failure(e: pixels::PixelError) -> JobFailure {
     JobFailure::new(e.reason(), e.to_string())
 }
@@ -639,4 +667,25 @@ fn write_durably(root: &Path, relative: &Path, bytes: &[u8]) -> std::io::Result<
     tmp.as_file().sync_all()?;
     tmp.persist(&path).map_err(|e| e.error)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn narrow_images_are_centred_on_black_columns() {
+        // 3 rows x 2 columns, RGB: each row's pixels land in columns 3 and 4 of 8.
+        let data: Vec<u8> = (1..=18).collect();
+        let (cols, out) = widen(3, 2, 3, data.clone(), 8);
+        assert_eq!(cols, 8);
+        assert_eq!(out.len(), 3 * 8 * 3);
+        for row in 0..3 {
+            let line = &out[row * 24..(row + 1) * 24];
+            assert_eq!(&line[9..15], &data[row * 6..(row + 1) * 6]);
+            assert!(line[..9].iter().chain(&line[15..]).all(|&v| v == 0));
+        }
+        assert_eq!(widen(1, 8, 1, vec![7; 8], 8), (8, vec![7; 8]));
+        assert!(SC_MIN_COLUMNS >= 8 * results::AI_RESULT_LABEL.len());
+    }
 }
