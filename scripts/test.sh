@@ -54,6 +54,17 @@ if ! command -v dciodvfy >/dev/null 2>&1; then
 fi
 export NIGHTINGALE_PEERS=1 NIGHTINGALE_VENV="$VENV"
 
+# Orthanc (Debian) as the real PACS of the DICOM pipeline's peer test
+# (tests/peer/test_dicom_orthanc.py, issue 9 PEERS slice): the test starts its own Orthanc on
+# free loopback ports with a generated configuration (the packaged service is not used).
+if ! command -v Orthanc >/dev/null 2>&1 && [ ! -x /usr/sbin/Orthanc ]; then
+  echo "== installing orthanc (Debian)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends orthanc >/dev/null 2>&1 || {
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends orthanc >/dev/null
+  }
+fi
+
 # PostgreSQL for the scale-out audit store's tests (required, not skipped): Debian's
 # postgresql, a cluster started with pg_ctlcluster, a role and a database for the tests.
 # Set NIGHTINGALE_TEST_POSTGRES_URL yourself to use another server.

@@ -20,136 +20,18 @@ What is checked, and against what:
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 
-from dicom_support import binary, free_port, stop, tool
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "models" / "train"))
-import imaging  # noqa: E402  (the numpy reference of the bundle's preprocessing)
-
-START_TIMEOUT_S = 60.0
-RESULT_TIMEOUT_S = 120.0
-PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
-BUNDLE = REPO / "models" / "bundles" / "image-orientation"
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
-SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
-
-
-class StoreScp:
-    """dcmtk's storescp on a free port: the PACS the results go to."""
-
-    def __init__(self, work: Path):
-        self.port = free_port()
-        self.out = work / "pacs"
-        self.out.mkdir()
-        self.log_path = work / "storescp.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [tool("storescp"), "-aet", "STORESCP", "-od", str(self.out), str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT, env=PEER_ENV)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        stop(self.proc)
-        pytest.fail("storescp did not listen", pytrace=False)
-
-    def files(self) -> list[Path]:
-        return sorted(p for p in self.out.iterdir() if p.is_file())
-
-
-class Server:
-    def __init__(self, work: Path, destination: str):
-        self.port = free_port()
-        self.http = free_port()
-        self.data = work / "data"
-        repo = work / "models"
-        repo.mkdir()
-        shutil.copytree(BUNDLE, repo / BUNDLE.name)
-        self.stderr = work / "server.log"
-        cmd = [str(binary()), "serve", "--repository", str(repo),
-               "--http-addr", f"127.0.0.1:{self.http}", "--data-dir", str(self.data),
-               "--dicom-port", str(self.port), "--results-destination", destination,
-               "--series-quiet-secs", "1"]
-        env = {**os.environ, "NIGHTINGALE_LOG": "info"}
-        with open(self.stderr, "wb") as err:
-            self.proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=err, env=env)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited:\n{self.log()}", pytrace=False)
-            if "listening (DICOM)" in self.log() and self.ready():
-                return
-            time.sleep(0.2)
-        stop(self.proc)
-        pytest.fail(f"server not ready:\n{self.log()}", pytrace=False)
-
-    def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def log(self) -> str:
-        return self.stderr.read_text(errors="replace")
-
-    def results(self, study: str) -> dict | None:
-        try:
-            with urllib.request.urlopen(
-                    f"http://127.0.0.1:{self.http}/results/studies/{study}", timeout=10) as r:
-                return json.load(r)
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                return None
-            raise
-
-
-def with_new_uids(src: str, dst: Path) -> pydicom.Dataset:
-    """A copy of a test file with fresh Study/Series/SOP Instance UIDs (tests do not collide)."""
-    ds = pydicom.dcmread(src)
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.save_as(dst, enforce_file_format=True)
-    return ds
-
-
-def store(port: int, files: list[Path]) -> None:
-    subprocess.run([tool("storescu"), "-aec", "NIGHTINGALE", "127.0.0.1", str(port),
-                    *map(str, files)], check=True, timeout=120, env=PEER_ENV,
-                   capture_output=True)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}", pytrace=False)
+from dicom_support import (RESULT_TIMEOUT_S, SC_CLASS, SR_CLASS, Server, StoreScp,
+                           expected_probability, free_port, referenced_uids, sr_numbers, stop,
+                           store, tool, wait_for, with_new_uids)
 
 
 def dciodvfy_errors(path: Path) -> set[str]:
@@ -161,47 +43,6 @@ def dciodvfy_errors(path: Path) -> set[str]:
     out = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
     return {line.strip() for line in (out.stdout + out.stderr).splitlines()
             if line.startswith("Error")}
-
-
-def expected_probability(source: Path) -> float:
-    """P(misoriented) from onnxruntime on the image preprocessed by the numpy reference."""
-    ds = pydicom.dcmread(source)
-    spec = imaging.Preprocessing(height=224, width=224, window="percentile", low=0.5,
-                                 high=99.5, aspect="pad", pad_value=0.0, mean=0.5, std=0.25)
-    x = imaging.preprocess(ds.pixel_array, spec,
-                           slope=float(getattr(ds, "RescaleSlope", 1.0)),
-                           intercept=float(getattr(ds, "RescaleIntercept", 0.0)),
-                           monochrome1=ds.PhotometricInterpretation == "MONOCHROME1")
-    session = ort.InferenceSession(str(BUNDLE / "1" / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    out = session.run(None, {"image": x[None, :, :, :].astype(np.float32)})
-    return float(out[names.index("misoriented")][0][1])
-
-
-def sr_numbers(ds: pydicom.Dataset) -> dict[str, float]:
-    """Every NUM content item of the SR tree: concept meaning → value."""
-    found: dict[str, float] = {}
-
-    def walk(items):
-        for item in items:
-            if item.get("ValueType") == "NUM":
-                name = item.ConceptNameCodeSequence[0].CodeMeaning
-                found[name] = float(item.MeasuredValueSequence[0].NumericValue)
-            if "ContentSequence" in item:
-                walk(item.ContentSequence)
-
-    walk(ds.ContentSequence)
-    return found
-
-
-def referenced_uids(ds: pydicom.Dataset) -> set[str]:
-    out = set()
-    for study in ds.get("CurrentRequestedProcedureEvidenceSequence", []):
-        for series in study.ReferencedSeriesSequence:
-            for sop in series.ReferencedSOPSequence:
-                out.add(str(sop.ReferencedSOPInstanceUID))
-    return out
 
 
 @pytest.fixture

@@ -1,0 +1,356 @@
+"""Bad input through the DICOM pipeline, with real peers: dcmtk's `storescu` sends each bad
+series to `nightingale serve --dicom-port P --results-destination ...` (the shipped
+image-orientation bundle routes CR/DX/CT/MR, MONOCHROME1/2, one frame), and each must end
+as a clear failed (or unmatched) state with its reason in `GET /results/studies/{study}`,
+while the pipeline goes on: a good series (pydicom's CT_small) sent after each bad one is
+processed and its SR and SC reach dcmtk's `storescp`.
+
+The bad inputs are built here with pydicom from pydicom's own test files (dcmtk's
+`dcmcjpeg` makes the JPEG that is then corrupted):
+- a series whose two instances differ in Rows/Columns, and one whose two instances differ in
+  photometric interpretation → failed, `mixed_series`;
+- a JPEG-LS image (pydicom's MR_small_jpeg_ls_lossless.dcm; this build has no JPEG-LS codec,
+  see dicom/src/pixels.rs) → failed, `unsupported_transfer_syntax`;
+- a JPEG baseline image whose compressed scan is cut off and overwritten → failed,
+  `decode_failed`;
+- a 60000 x 2 image is NOT refused: the bundle pads it square and scales it to 224 x 224,
+  which is well defined; the probability in the results API equals onnxruntime's on the
+  numpy reference's tensor (computed without the 60000 x 60000 padded array), and its SC is
+  widened so that the burned-in warning fits (Columns at least the label's width in the
+  8-pixel font);
+- an 8200 x 8200 image (67,240,000 pixels, over the 64 Mi-pixel limit) → failed,
+  `too_many_pixels`;
+- a 1,000-frame enhanced MR object (the bundle takes one frame) → unmatched, the bundle
+  refuses it for its frame count;
+- a destination that refuses every association (`storescp --refuse`) and one that is down
+  (nothing listens): the job is done, each result object ends `dead` after the configured
+  attempts, with the reason, and a copy sits in the dead-letter folder.
+Every source carries a distinctive PatientName/PatientID, and neither is in the server's
+log at the end.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dicom_support import (BUNDLE, RESULT_TIMEOUT_S, SC_CLASS, Server, StoreScp, free_port,
+                           imaging, stop, store, tool, wait_for)
+
+# Short waits: the failures come from the first look at the series.
+CASE_TIMEOUT_S = 60.0
+# A result object not delivered: retried after 0.2 s, 0.4 s, given up after 3 attempts.
+RETRY_FLAGS = ("--results-retry-secs", "0.2", "--results-max-attempts", "3")
+PATIENT_NAME = "Hostile^Pipeline^Peer"
+PATIENT_ID = "HOSTILE-PID-73519"
+
+
+def _fresh(ds: pydicom.Dataset, study: str, series: str) -> pydicom.Dataset:
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PatientName = PATIENT_NAME
+    ds.PatientID = PATIENT_ID
+    return ds
+
+
+def _ct(study: str, series: str) -> pydicom.Dataset:
+    return _fresh(pydicom.dcmread(get_testdata_file("CT_small.dcm")), study, series)
+
+
+def _uncompressed(ds: pydicom.Dataset) -> None:
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+
+def _set_pixels(ds: pydicom.Dataset, pixels: np.ndarray, photometric: str = "MONOCHROME2",
+                frames: int | None = None) -> None:
+    """Uncompressed pixels (8 or 16 bit unsigned), with the header that says so."""
+    _uncompressed(ds)
+    bits = pixels.dtype.itemsize * 8
+    ds.Rows, ds.Columns = int(pixels.shape[-2]), int(pixels.shape[-1])
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = bits
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+    for keyword in ("SmallestImagePixelValue", "LargestImagePixelValue", "WindowCenter",
+                    "WindowWidth"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    if frames is not None:
+        ds.NumberOfFrames = frames
+    ds.PixelData = pixels.astype(f"<u{pixels.dtype.itemsize}").tobytes()
+
+
+def _save(ds: pydicom.Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def mixed_sizes(d: Path, study: str, series: str) -> list[Path]:
+    a = _ct(study, series)
+    b = _ct(study, series)
+    b.InstanceNumber = 2
+    _set_pixels(b, b.pixel_array[:64, :96].astype(np.uint16))
+    return [_save(a, d / "a.dcm"), _save(b, d / "b.dcm")]
+
+
+def mixed_photometric(d: Path, study: str, series: str) -> list[Path]:
+    a = _ct(study, series)
+    b = _ct(study, series)
+    b.InstanceNumber = 2
+    _set_pixels(b, b.pixel_array.astype(np.uint16), photometric="MONOCHROME1")
+    return [_save(a, d / "a.dcm"), _save(b, d / "b.dcm")]
+
+
+def jpeg_ls(d: Path, study: str, series: str) -> list[Path]:
+    ds = _fresh(pydicom.dcmread(get_testdata_file("MR_small_jpeg_ls_lossless.dcm")), study,
+                series)
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"
+    return [_save(ds, d / "jls.dcm")]
+
+
+def corrupt_jpeg(d: Path, study: str, series: str) -> list[Path]:
+    """CT_small as 8-bit, JPEG baseline by dcmtk's dcmcjpeg, then the scan data after the
+    start-of-scan header overwritten: the frame keeps its length and markers up to SOS."""
+    ds = _ct(study, series)
+    x = ds.pixel_array.astype(np.float64)
+    _set_pixels(ds, np.round(255 * (x - x.min()) / (x.max() - x.min())).astype(np.uint8))
+    plain = _save(ds, d / "plain.dcm")
+    jpeg = d / "jpeg.dcm"
+    subprocess.run([tool("dcmcjpeg"), "+eb", str(plain), str(jpeg)], check=True, timeout=60,
+                   capture_output=True)
+    plain.unlink()
+    out = pydicom.dcmread(jpeg)
+    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    [frame] = list(pydicom.encaps.generate_frames(out.PixelData, number_of_frames=1))
+    sos = frame.index(b"\xff\xda")
+    header_end = sos + 2 + int.from_bytes(frame[sos + 2:sos + 4], "big")
+    # A few scan bytes, then bytes that are no Huffman code and no marker, up to the end.
+    broken = frame[:header_end + 4] + b"\xff\x01" * ((len(frame) - header_end - 4) // 2)
+    broken = broken.ljust(len(frame), b"\x00")
+    out.PixelData = pydicom.encaps.encapsulate([broken])
+    jpeg.unlink()
+    return [_save(out, d / "corrupt-jpeg.dcm")]
+
+
+def sliver(d: Path, study: str, series: str) -> list[Path]:
+    ds = _ct(study, series)
+    _set_pixels(ds, (np.arange(120_000, dtype=np.uint32) % 251).astype(np.uint8).reshape(2, 60_000)
+                .T.copy())
+    return [_save(ds, d / "sliver.dcm")]
+
+
+def huge(d: Path, study: str, series: str) -> list[Path]:
+    ds = _ct(study, series)
+    _set_pixels(ds, np.zeros((8200, 8200), dtype=np.uint8))
+    return [_save(ds, d / "huge.dcm")]
+
+
+def thousand_frames(d: Path, study: str, series: str) -> list[Path]:
+    ds = _ct(study, series)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.Modality = "MR"
+    frames = (np.arange(1000 * 16 * 16, dtype=np.uint32) % 4096).astype(np.uint16)
+    _set_pixels(ds, frames.reshape(1000, 16, 16), frames=1000)
+    return [_save(ds, d / "frames.dcm")]
+
+
+# case → (builder, storescu's transfer syntax flags, series state, code that starts the
+# reason, text also in the reason)
+CASES = {
+    "mixed-sizes": (mixed_sizes, (), "failed", "mixed_series", "Rows"),
+    "mixed-photometric": (mixed_photometric, (), "failed", "mixed_series",
+                          "PhotometricInterpretation"),
+    "jpeg-ls": (jpeg_ls, ("-xt",), "failed", "unsupported_transfer_syntax",
+                "1.2.840.10008.1.2.4.80"),
+    "corrupt-jpeg": (corrupt_jpeg, ("-xy",), "failed", "decode_failed", "frame 0"),
+    "8200x8200": (huge, (), "failed", "too_many_pixels", "8200 x 8200"),
+    "1000-frames": (thousand_frames, (), "unmatched", "", "1000 frames"),
+}
+
+
+def job_state(report: dict) -> tuple[str, str]:
+    """(state, reason) of the study's one series: the job's when it has one, else the
+    series' own (unmatched, or failed before routing)."""
+    [series] = report["series"]
+    if series["jobs"]:
+        [job] = series["jobs"]
+        return job["state"], job["reason"] or ""
+    return series["state"], series["reason"] or ""
+
+
+def settled(server: Server, study: str) -> dict | None:
+    report = server.results(study)
+    if not report or not report["series"]:
+        return None
+    state, _ = job_state(report)
+    return report if state in ("done", "failed", "unmatched") else None
+
+
+@pytest.fixture(scope="module")
+def work():
+    d = Path(tempfile.mkdtemp(prefix="nightingale-hostile-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pipeline(work):
+    """One server for every bad series (each followed by a good one), results to storescp."""
+    pacs = StoreScp(work)
+    server = Server(work, f"STORESCP@127.0.0.1:{pacs.port}", RETRY_FLAGS)
+    yield server, pacs
+    stop(server.proc)
+    stop(pacs.proc)
+    log = server.log()
+    assert PATIENT_NAME not in log and PATIENT_NAME.replace("^", " ") not in log
+    assert PATIENT_ID not in log
+
+
+def send_good_series(server: Server, pacs: StoreScp, d: Path) -> None:
+    """CT_small in a new study: done, and its SR and SC acknowledged by storescp."""
+    before = len(pacs.files())
+    study = generate_uid()
+    store(server.port, [_save(_ct(study, generate_uid()), d / "good.dcm")])
+    report = wait_for(lambda: settled(server, study), RESULT_TIMEOUT_S,
+                      "the good series to be processed")
+    assert job_state(report) == ("done", ""), report
+    wait_for(lambda: (r := server.results(study)) and all(
+        o["delivery"] == "sent" for o in r["series"][0]["jobs"][0]["objects"]),
+        RESULT_TIMEOUT_S, "the good series' results to be sent")
+    assert len(pacs.files()) == before + 2
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_series_fails_with_a_reason_and_the_next_one_is_done(pipeline, work, case):
+    server, pacs = pipeline
+    build, flags, want_state, code, detail = CASES[case]
+    d = work / case
+    d.mkdir()
+    study = generate_uid()
+    store(server.port, build(d, study, generate_uid()), flags)
+    report = wait_for(lambda: settled(server, study), CASE_TIMEOUT_S,
+                      f"{case}: a settled state in the results API")
+    state, reason = job_state(report)
+    print(f"{case}: {state}: {reason}")
+    assert state == want_state, report
+    assert reason, report
+    assert reason.startswith(code), reason
+    assert detail in reason, reason
+    assert PATIENT_ID not in reason and "Hostile" not in reason
+    if state == "failed":
+        assert not report["series"][0]["jobs"][0]["objects"]
+    send_good_series(server, pacs, d)
+
+
+def sliver_reference(path: Path) -> float:
+    """P(misoriented) from onnxruntime on the numpy reference's tensor of a rows x 2 image.
+
+    `imaging.preprocess` pads to rows x rows (60000^2 float64: 29 GB), then area-resizes the
+    rows, then the columns. Resizing rows works column by column and the padding columns stay
+    0, so the same tensor is: window, resize the 2 columns' rows to 224, place them at the
+    padded image's columns, resize the columns to 224."""
+    ds = pydicom.dcmread(path)
+    spec = imaging.Preprocessing(height=224, width=224, window="percentile", low=0.5,
+                                 high=99.5, aspect="pad", pad_value=0.0, mean=0.5, std=0.25)
+    v = ds.pixel_array.astype(np.float64) * float(getattr(ds, "RescaleSlope", 1.0)) \
+        + float(getattr(ds, "RescaleIntercept", 0.0))
+    rows, cols = v.shape
+    x = imaging.area_resize_axis(imaging.window01(v, spec), spec.height, 0)
+    padded = np.full((spec.height, rows), spec.pad_value)
+    left = (rows - cols) // 2
+    padded[:, left:left + cols] = x
+    x = imaging.area_resize_axis(padded, spec.width, 1)
+    y = ((x - spec.mean) / spec.std).astype(np.float32)[None, None, :, :]
+    session = ort.InferenceSession(str(BUNDLE / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return float(session.run(None, {"image": y})[names.index("misoriented")][0][1])
+
+
+def test_a_60000_by_2_image_is_processed_as_the_reference_and_its_sc_is_legible(pipeline, work):
+    server, pacs = pipeline
+    d = work / "sliver"
+    d.mkdir()
+    study = generate_uid()
+    [source] = sliver(d, study, generate_uid())
+    before = set(pacs.files())
+    store(server.port, [source])
+    report = wait_for(lambda: (r := settled(server, study)) and all(
+        o["delivery"] == "sent" for j in r["series"][0]["jobs"] for o in j["objects"]) and r,
+        RESULT_TIMEOUT_S, "the sliver's results to be sent")
+    [job] = report["series"][0]["jobs"]
+    assert job["state"] == "done", report
+    expected = sliver_reference(source)
+    print(f"60000x2: served {job['findings'][0]['probability']} onnxruntime {expected}")
+    assert abs(job["findings"][0]["probability"] - expected) < 1e-4
+    [sc] = [f for f in set(pacs.files()) - before
+            if pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID == SC_CLASS]
+    sc = pydicom.dcmread(sc, stop_before_pixels=True)
+    assert sc.BurnedInAnnotation == "YES"
+    label = "AI RESULT - NOT FOR DIAGNOSIS WITHOUT REVIEW"
+    assert sc.Columns >= 8 * (len(label) + 2), sc.Columns
+    assert sc.Rows > 60_000
+    send_good_series(server, pacs, d)
+
+
+def refusing(work: Path):
+    """storescp that refuses every association (A-ASSOCIATE-RJ)."""
+    pacs = StoreScp(work, name="refusing", extra=("--refuse",))
+    return f"STORESCP@127.0.0.1:{pacs.port}", pacs
+
+
+def down(work: Path):
+    """Nothing listens on the port."""
+    return f"DOWN@127.0.0.1:{free_port()}", None
+
+
+@pytest.mark.parametrize("destination", [refusing, down], ids=["refusing", "down"])
+def test_an_unreachable_destination_ends_in_the_dead_letter_folder(destination):
+    work = Path(tempfile.mkdtemp(prefix="nightingale-hostile-destination-"))
+    address, pacs = destination(work)
+    server = Server(work, address, RETRY_FLAGS)
+    try:
+        for n in range(2):  # the second series: the pipeline goes on after the first
+            study = generate_uid()
+            store(server.port, [_save(_ct(study, generate_uid()), work / f"ct{n}.dcm")])
+            report = wait_for(
+                lambda: (r := settled(server, study)) and all(
+                    o["delivery"] == "dead" for o in r["series"][0]["jobs"][0]["objects"]) and r,
+                RESULT_TIMEOUT_S, "every result object to be given up")
+            [job] = report["series"][0]["jobs"]
+            assert job["state"] == "done", report
+            assert {o["kind"] for o in job["objects"]} == {"SR", "SC"}
+            for o in job["objects"]:
+                assert o["attempts"] == 3, o
+                assert o["destination"] == address
+                assert o["last_error"].startswith("association"), o
+        dead = sorted((work / "data" / "results" / "dead-letter").iterdir())
+        assert len(dead) == 4, dead
+        for path in dead:
+            assert pydicom.dcmread(path, stop_before_pixels=True).PatientID == PATIENT_ID
+        # Still serving: a C-ECHO gets through.
+        subprocess.run([tool("echoscu"), "-aec", "NIGHTINGALE", "127.0.0.1", str(server.port)],
+                       check=True, timeout=30, capture_output=True)
+        log = server.log()
+        assert "given up" in log
+        assert PATIENT_ID not in log and PATIENT_NAME not in log
+        assert PATIENT_NAME.replace("^", " ") not in log
+    finally:
+        stop(server.proc)
+        if pacs is not None:
+            stop(pacs.proc)
+        shutil.rmtree(work, ignore_errors=True)
