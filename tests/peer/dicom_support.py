@@ -2,7 +2,7 @@
 server binary under test, and a dcmtk tool by name; for the pipeline tests
 (test_dicom_pipeline*.py, test_dicom_orthanc.py) `Server` (serve with the DICOM port and the
 pipeline on), `StoreScp` (dcmtk's storescp as the results' PACS), `store` (storescu),
-`with_new_uids`, the bounded `wait_for`, and the SR checks (`expected_probability` from
+`with_new_uids`, the bounded `wait_for`, and the result checks (`dciodvfy_errors`, `expected_probability` from
 onnxruntime on the numpy reference's tensor, `sr_numbers`, `referenced_uids`)."""
 
 from __future__ import annotations
@@ -150,6 +150,18 @@ class Server:
     def log(self) -> str:
         return self.stderr.read_text(errors="replace")
 
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a Prometheus counter's samples with these labels (0 when absent)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
     def results(self, study: str) -> dict | None:
         try:
             with urllib.request.urlopen(
@@ -232,3 +244,14 @@ def referenced_uids(ds: pydicom.Dataset) -> set[str]:
             for sop in series.ReferencedSOPSequence:
                 out.add(str(sop.ReferencedSOPInstanceUID))
     return out
+
+
+def dciodvfy_errors(path: Path) -> set[str]:
+    """dciodvfy's error lines, with the element path only (values differ between objects)."""
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        pytest.fail("dciodvfy not found: install Debian's dicom3tools (scripts/test.sh does)",
+                    pytrace=False)
+    out = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    return {line.strip() for line in (out.stdout + out.stderr).splitlines()
+            if line.startswith("Error")}

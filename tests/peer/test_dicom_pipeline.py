@@ -30,19 +30,8 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from dicom_support import (RESULT_TIMEOUT_S, SC_CLASS, SR_CLASS, Server, StoreScp,
-                           expected_probability, free_port, referenced_uids, sr_numbers, stop,
-                           store, tool, wait_for, with_new_uids)
-
-
-def dciodvfy_errors(path: Path) -> set[str]:
-    """dciodvfy's error lines, with the element path only (values differ between objects)."""
-    exe = shutil.which("dciodvfy")
-    if exe is None:
-        pytest.fail("dciodvfy not found: install Debian's dicom3tools (scripts/test.sh does)",
-                    pytrace=False)
-    out = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
-    return {line.strip() for line in (out.stdout + out.stderr).splitlines()
-            if line.startswith("Error")}
+                           dciodvfy_errors, expected_probability, free_port, referenced_uids,
+                           sr_numbers, stop, store, tool, wait_for, with_new_uids)
 
 
 @pytest.fixture

@@ -2,7 +2,9 @@
 series to `nightingale serve --dicom-port P --results-destination ...` (the shipped
 image-orientation bundle routes CR/DX/CT/MR, MONOCHROME1/2, one frame), and each must end
 as a clear failed (or unmatched) state with its reason in `GET /results/studies/{study}`,
-while the pipeline goes on: a good series (pydicom's CT_small) sent after each bad one is
+counted once in the metrics (`nightingale_pipeline_jobs_total{outcome="failed",reason=...}`,
+or `nightingale_pipeline_series_total{outcome="unmatched"}`) and logged, while the pipeline
+goes on: a good series (pydicom's CT_small) sent after each bad one is
 processed and its SR and SC reach dcmtk's `storescp`.
 
 The bad inputs are built here with pydicom from pydicom's own test files (dcmtk's
@@ -43,8 +45,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicom_support import (BUNDLE, RESULT_TIMEOUT_S, SC_CLASS, Server, StoreScp, free_port,
-                           imaging, stop, store, tool, wait_for)
+from dicom_support import (BUNDLE, RESULT_TIMEOUT_S, SC_CLASS, Server, StoreScp,
+                           dciodvfy_errors, free_port, imaging, stop, store, tool, wait_for)
 
 # Short waits: the failures come from the first look at the series.
 CASE_TIMEOUT_S = 60.0
@@ -241,6 +243,10 @@ def test_bad_series_fails_with_a_reason_and_the_next_one_is_done(pipeline, work,
     d = work / case
     d.mkdir()
     study = generate_uid()
+    counter = (("nightingale_pipeline_jobs_total", {"outcome": "failed", "reason": code})
+               if want_state == "failed" else
+               ("nightingale_pipeline_series_total", {"outcome": "unmatched"}))
+    before = server.metric(counter[0], **counter[1])
     store(server.port, build(d, study, generate_uid()), flags)
     report = wait_for(lambda: settled(server, study), CASE_TIMEOUT_S,
                       f"{case}: a settled state in the results API")
@@ -253,6 +259,10 @@ def test_bad_series_fails_with_a_reason_and_the_next_one_is_done(pipeline, work,
     assert PATIENT_ID not in reason and "Hostile" not in reason
     if state == "failed":
         assert not report["series"][0]["jobs"][0]["objects"]
+        assert f'reason="{code}"' in server.log()
+    else:
+        assert "series not routed" in server.log()
+    assert server.metric(counter[0], **counter[1]) == before + 1
     send_good_series(server, pacs, d)
 
 
@@ -297,9 +307,11 @@ def test_a_60000_by_2_image_is_processed_as_the_reference_and_its_sc_is_legible(
     expected = sliver_reference(source)
     print(f"60000x2: served {job['findings'][0]['probability']} onnxruntime {expected}")
     assert abs(job["findings"][0]["probability"] - expected) < 1e-4
-    [sc] = [f for f in set(pacs.files()) - before
-            if pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID == SC_CLASS]
-    sc = pydicom.dcmread(sc, stop_before_pixels=True)
+    [sc_path] = [f for f in set(pacs.files()) - before
+                 if pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID == SC_CLASS]
+    new_errors = dciodvfy_errors(sc_path) - dciodvfy_errors(source)
+    assert not new_errors, sorted(new_errors)
+    sc = pydicom.dcmread(sc_path, stop_before_pixels=True)
     assert sc.BurnedInAnnotation == "YES"
     label = "AI RESULT - NOT FOR DIAGNOSIS WITHOUT REVIEW"
     assert sc.Columns >= 8 * (len(label) + 2), sc.Columns
@@ -340,6 +352,7 @@ def test_an_unreachable_destination_ends_in_the_dead_letter_folder(destination):
                 assert o["last_error"].startswith("association"), o
         dead = sorted((work / "data" / "results" / "dead-letter").iterdir())
         assert len(dead) == 4, dead
+        assert server.metric("nightingale_pipeline_dead_letters_total") == 4
         for path in dead:
             assert pydicom.dcmread(path, stop_before_pixels=True).PatientID == PATIENT_ID
         # Still serving: a C-ECHO gets through.
