@@ -204,7 +204,8 @@ def test_orthanc_sends_a_study_and_gets_the_sr_and_sc_back(work):
         assert job["state"] == "done"
         assert {o["destination"] for o in job["objects"]} == {
             f"{ORTHANC_AET}@127.0.0.1:{orthanc.dicom}"}
-        assert str(ds.PatientID) not in server.log()
+        log = server.log()
+        assert str(ds.PatientID) not in log and str(ds.PatientName) not in log
     finally:
         if server is not None:
             stop(server.proc)
