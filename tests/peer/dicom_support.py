@@ -89,8 +89,9 @@ SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 class StoreScp:
     """dcmtk's storescp on a free port: the PACS the results go to."""
 
-    def __init__(self, work: Path, name: str = "pacs", extra: tuple[str, ...] = ()):
-        self.port = free_port()
+    def __init__(self, work: Path, name: str = "pacs", extra: tuple[str, ...] = (),
+                 port: int | None = None):
+        self.port = port or free_port()
         self.out = work / name
         self.out.mkdir()
         self.log_path = work / f"storescp-{name}.log"
@@ -120,8 +121,9 @@ class Server:
         self.http = free_port()
         self.data = work / "data"
         repo = work / "models"
-        repo.mkdir()
-        shutil.copytree(BUNDLE, repo / BUNDLE.name)
+        if not repo.exists():  # a restart in the same folder keeps the first copy
+            repo.mkdir()
+            shutil.copytree(BUNDLE, repo / BUNDLE.name)
         self.stderr = work / "server.log"
         cmd = [str(binary()), "serve", "--repository", str(repo),
                "--http-addr", f"127.0.0.1:{self.http}", "--data-dir", str(self.data),

@@ -26,7 +26,9 @@ The bad inputs are built here with pydicom from pydicom's own test files (dcmtk'
   refuses it for its frame count;
 - a destination that refuses every association (`storescp --refuse`) and one that is down
   (nothing listens): the job is done, each result object ends `dead` after the configured
-  attempts, with the reason, and a copy sits in the dead-letter folder.
+  attempts, with the reason, and a copy sits in the dead-letter folder;
+- a destination that is down while the results are made and comes back (a dcmtk storescp
+  on its port) after Nightingale was restarted: the pending objects are sent, none lost.
 Every source carries a distinctive PatientName/PatientID, and neither is in the server's
 log at the end.
 """
@@ -330,8 +332,10 @@ def down(work: Path):
     return f"DOWN@127.0.0.1:{free_port()}", None
 
 
-@pytest.mark.parametrize("destination", [refusing, down], ids=["refusing", "down"])
-def test_an_unreachable_destination_ends_in_the_dead_letter_folder(destination):
+@pytest.mark.parametrize("destination,why", [(refusing, "association rejected"),
+                                             (down, "cannot connect")],
+                         ids=["refusing", "down"])
+def test_an_unreachable_destination_ends_in_the_dead_letter_folder(destination, why):
     work = Path(tempfile.mkdtemp(prefix="nightingale-hostile-destination-"))
     address, pacs = destination(work)
     server = Server(work, address, RETRY_FLAGS)
@@ -349,7 +353,8 @@ def test_an_unreachable_destination_ends_in_the_dead_letter_folder(destination):
             for o in job["objects"]:
                 assert o["attempts"] == 3, o
                 assert o["destination"] == address
-                assert o["last_error"].startswith("association"), o
+                assert o["last_error"].startswith(f"association: {why}"), o
+                print(f"{destination.__name__}: {o['kind']} dead: {o['last_error']}")
         dead = sorted((work / "data" / "results" / "dead-letter").iterdir())
         assert len(dead) == 4, dead
         assert server.metric("nightingale_pipeline_dead_letters_total") == 4
@@ -362,6 +367,40 @@ def test_an_unreachable_destination_ends_in_the_dead_letter_folder(destination):
         assert "given up" in log
         assert PATIENT_ID not in log and PATIENT_NAME not in log
         assert PATIENT_NAME.replace("^", " ") not in log
+    finally:
+        stop(server.proc)
+        if pacs is not None:
+            stop(pacs.proc)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_results_pending_across_a_restart_reach_a_destination_that_comes_back():
+    work = Path(tempfile.mkdtemp(prefix="nightingale-hostile-comeback-"))
+    port = free_port()  # nothing listens there yet
+    address = f"STORESCP@127.0.0.1:{port}"
+    flags = ("--results-retry-secs", "0.5", "--results-max-attempts", "20")
+    server = Server(work, address, flags)
+    pacs = None
+    try:
+        study = generate_uid()
+        store(server.port, [_save(_ct(study, generate_uid()), work / "ct.dcm")])
+        wait_for(lambda: (r := settled(server, study)) and all(
+            o["attempts"] >= 1 and o["delivery"] == "pending"
+            for o in r["series"][0]["jobs"][0]["objects"]),
+            RESULT_TIMEOUT_S, "a failed attempt for each result object")
+        stop(server.proc)
+        # The destination comes up on its port, then Nightingale again on the same data.
+        pacs = StoreScp(work, port=port)
+        server = Server(work, address, flags)
+        report = wait_for(lambda: (r := server.results(study)) and all(
+            o["delivery"] == "sent" for o in r["series"][0]["jobs"][0]["objects"]) and r,
+            RESULT_TIMEOUT_S, "the pending objects to be sent after the restart")
+        [job] = report["series"][0]["jobs"]
+        assert job["state"] == "done"
+        assert all(o["attempts"] >= 2 for o in job["objects"]), job
+        received = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                    for f in pacs.files()}
+        assert received == {o["sop_instance_uid"] for o in job["objects"]}
     finally:
         stop(server.proc)
         if pacs is not None:
