@@ -21,7 +21,9 @@ The bad inputs are built here with pydicom from pydicom's own test files (dcmtk'
   widened so that the burned-in warning fits (Columns at least the label's width in the
   8-pixel font);
 - an 8200 x 8200 image (67,240,000 pixels, over the 64 Mi-pixel limit) → failed,
-  `too_many_pixels`;
+  `too_many_pixels`; an 8192 x 8192 one (exactly 64 Mi pixels) is processed, and its
+  probability equals onnxruntime's on the numpy reference's tensor (the server's peak RSS
+  is printed, not asserted);
 - a 1,000-frame enhanced MR object (the bundle takes one frame) → unmatched, the bundle
   refuses it for its frame count;
 - a destination that refuses every association (`storescp --refuse`) and one that is down
@@ -48,7 +50,8 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_support import (BUNDLE, RESULT_TIMEOUT_S, SC_CLASS, Server, StoreScp,
-                           dciodvfy_errors, free_port, imaging, stop, store, tool, wait_for)
+                           dciodvfy_errors, expected_probability, free_port, imaging, stop,
+                           store, tool, wait_for)
 
 # Short waits: the failures come from the first look at the series.
 CASE_TIMEOUT_S = 60.0
@@ -160,6 +163,17 @@ def huge(d: Path, study: str, series: str) -> list[Path]:
     ds = _ct(study, series)
     _set_pixels(ds, np.zeros((8200, 8200), dtype=np.uint8))
     return [_save(ds, d / "huge.dcm")]
+
+
+def at_the_limit(d: Path, study: str, series: str) -> list[Path]:
+    """8192 x 8192 = 64 Mi pixels, the most one frame may have: CT_small as 8-bit, each
+    pixel a 64 x 64 block."""
+    ds = _ct(study, series)
+    x = ds.pixel_array.astype(np.float64)
+    small = np.round(255 * (x - x.min()) / (x.max() - x.min())).astype(np.uint8)
+    _set_pixels(ds, np.kron(small, np.ones((64, 64), dtype=np.uint8)))
+    assert ds.Rows * ds.Columns == 64 << 20
+    return [_save(ds, d / "limit.dcm")]
 
 
 def thousand_frames(d: Path, study: str, series: str) -> list[Path]:
@@ -318,6 +332,34 @@ def test_a_60000_by_2_image_is_processed_as_the_reference_and_its_sc_is_legible(
     label = "AI RESULT - NOT FOR DIAGNOSIS WITHOUT REVIEW"
     assert sc.Columns >= 8 * (len(label) + 2), sc.Columns
     assert sc.Rows > 60_000
+    send_good_series(server, pacs, d)
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory (VmHWM), for the log (not asserted)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def test_an_image_at_the_64_mi_pixel_limit_is_processed_as_the_reference(pipeline, work):
+    server, pacs = pipeline
+    d = work / "limit"
+    d.mkdir()
+    study = generate_uid()
+    [source] = at_the_limit(d, study, generate_uid())
+    store(server.port, [source])
+    # A debug build takes tens of seconds on 64 Mi pixels: a longer (still bounded) wait.
+    report = wait_for(lambda: (r := settled(server, study)) and all(
+        o["delivery"] == "sent" for j in r["series"][0]["jobs"] for o in j["objects"]) and r,
+        3 * RESULT_TIMEOUT_S, "the 64 Mi-pixel image's results to be sent")
+    [job] = report["series"][0]["jobs"]
+    assert job["state"] == "done", report
+    expected = expected_probability(source)
+    print(f"8192x8192: served {job['findings'][0]['probability']} onnxruntime {expected}; "
+          f"server peak RSS {peak_rss_mib(server.proc.pid):.0f} MiB")
+    assert abs(job["findings"][0]["probability"] - expected) < 1e-4
     send_good_series(server, pacs, d)
 
 
