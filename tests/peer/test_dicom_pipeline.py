@@ -29,7 +29,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from dicom_support import (RESULT_TIMEOUT_S, SC_CLASS, SR_CLASS, Server, StoreScp,
+from dicom_support import (RESULT_TIMEOUT_S, SC_CLASS, SR_CLASS, Server, StoreScp, binary,
                            dciodvfy_errors, expected_probability, free_port, referenced_uids,
                            sr_numbers, stop, store, tool, wait_for, with_new_uids)
 
