@@ -383,6 +383,7 @@ async fn serve(
                 .context("cannot start the DICOM pipeline")?;
             state.set_results(http::results::Results {
                 store: pipeline.store.clone(),
+                dir: pipeline.config.results_dir.clone(),
             });
             tracing::info!(
                 destinations = settings.destinations.len(),

@@ -27,6 +27,7 @@ mod dicom;
 const MODEL: &str = "wdbc-malignancy";
 const STUDY: &str = "1.2.826.0.1.3680043.10.1383.8.1";
 const SERIES: &str = "1.2.826.0.1.3680043.10.1383.8.1.1";
+const SOP: &str = "1.2.826.0.1.3680043.10.1383.8.1.1.1";
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/auth")
@@ -99,8 +100,27 @@ impl Server {
             nightingale::pipeline::store::ResultsStore::open(&dir.path().join("results.sqlite3"))
                 .unwrap();
         results.note_series(STUDY, SERIES, 1, 0).unwrap();
+        // ... and one result object of it, so that WADO-RS retrieve answers 200.
+        let job = results.add_job(STUDY, SERIES, "r", MODEL, 1, "").unwrap();
+        std::fs::write(dir.path().join("result.dcm"), b"DICM").unwrap();
+        results
+            .add_object(&nightingale::pipeline::store::ResultObject {
+                sop_instance_uid: SOP.into(),
+                job_id: job,
+                kind: "SR".into(),
+                series_uid: SERIES.into(),
+                sop_class_uid: "1.2.840.10008.5.1.4.1.1.88.33".into(),
+                path: "result.dcm".into(),
+                destination: String::new(),
+                delivery: "local".into(),
+                attempts: 0,
+                next_attempt_ms: 0,
+                last_error: None,
+            })
+            .unwrap();
         state.set_results(http::results::Results {
             store: Arc::new(std::sync::Mutex::new(results)),
+            dir: dir.path().to_path_buf(),
         });
         Server {
             _dir: dir,
@@ -136,7 +156,8 @@ fn example(rule: &RouteRule, credential: Credential<'_>) -> Request<Body> {
         .replace("{model}", MODEL)
         .replace("{version}", "1")
         .replace("{study}", STUDY)
-        .replace("{series}", SERIES);
+        .replace("{series}", SERIES)
+        .replace("{sop}", SOP);
     let method = Method::from_bytes(rule.method.as_bytes()).unwrap();
     let mut req = Request::builder().method(method).uri(path);
     match credential {

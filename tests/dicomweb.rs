@@ -735,3 +735,90 @@ async fn every_part_is_audited_with_hashed_uids() {
     let trail = std::fs::read_to_string(server._dir.path().join("audit.jsonl")).unwrap();
     assert!(!trail.contains(&sop(1)) && !trail.contains(STUDY));
 }
+
+#[tokio::test]
+async fn wado_rs_retrieves_an_instance_as_stored() {
+    let server = Server::default();
+    let one = part10(STUDY, SERIES, &sop(1), 1);
+    let (s, v) = server
+        .stow(
+            "/dicomweb/studies",
+            multipart(&[("application/dicom", &one)]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let uri = format!("/dicomweb/studies/{STUDY}/series/{SERIES}/instances/{}", sop(1));
+    let stored = std::fs::read(&server.spool.instances().unwrap()[0].path).unwrap();
+
+    for accept in [
+        None,
+        Some("multipart/related; type=\"application/dicom\""),
+        Some("multipart/related; type=\"application/dicom\"; transfer-syntax=*"),
+        Some("multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.1"),
+    ] {
+        let mut req = Request::get(&uri);
+        if let Some(a) = accept {
+            req = req.header(header::ACCEPT, a);
+        }
+        let res = http::app(server.state.clone())
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{accept:?}");
+        let ct = res.headers()[header::CONTENT_TYPE].to_str().unwrap().to_owned();
+        assert!(ct.starts_with("multipart/related; type=\"application/dicom\""), "{ct}");
+        let boundary = ct.rsplit_once("boundary=").unwrap().1.to_owned();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        // One part: its headers, the file byte for byte, the close delimiter.
+        let head = format!(
+            "--{boundary}\r\nContent-Type: application/dicom; transfer-syntax=1.2.840.10008.1.2.1\r\n\r\n"
+        );
+        let tail = format!("\r\n--{boundary}--\r\n");
+        assert!(body.starts_with(head.as_bytes()));
+        assert!(body.ends_with(tail.as_bytes()));
+        assert_eq!(&body[head.len()..body.len() - tail.len()], &stored[..]);
+    }
+
+    // Another transfer syntax (no transcoding), another media type: 406.
+    for accept in [
+        "multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.4.50",
+        "application/dicom+json",
+        "multipart/related; type=\"application/octet-stream\"",
+    ] {
+        let (s, _, v) = server
+            .send(
+                Request::get(&uri)
+                    .header(header::ACCEPT, accept)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::NOT_ACCEPTABLE, "{accept}: {v}");
+    }
+    // Unknown instance, instance under another series or study: 404; not a UID: 400.
+    for (uri, status) in [
+        (
+            format!("/dicomweb/studies/{STUDY}/series/{SERIES}/instances/{}", sop(9)),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            format!("/dicomweb/studies/{OTHER_STUDY}/series/{SERIES}/instances/{}", sop(1)),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            format!("/dicomweb/studies/{STUDY}/series/1.2/instances/{}", sop(1)),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            format!("/dicomweb/studies/{STUDY}/series/{SERIES}/instances/..%2Findex"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            format!("/dicomweb/studies/{STUDY}/series/{SERIES}/instances/1.x"),
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let (s, v) = server.get(&uri).await;
+        assert_eq!(s, status, "{uri}: {v}");
+    }
+}

@@ -160,6 +160,38 @@ impl Spool {
         Ok((out, cursor))
     }
 
+    /// One instance, by its study, series and SOP Instance UIDs (WADO-RS retrieve).
+    pub fn instance(
+        &self,
+        study_uid: &str,
+        series_uid: &str,
+        sop_instance_uid: &str,
+    ) -> Result<Option<Stored>, StoreError> {
+        let db = self.index();
+        let mut stmt = db.prepare_cached(
+            "SELECT sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax,
+                    calling_ae, received_at_ms, size, sha256, path
+             FROM instances
+             WHERE sop_instance_uid = ?3 AND study_uid = ?1 AND series_uid = ?2",
+        )?;
+        let mut rows = stmt.query_map([study_uid, series_uid, sop_instance_uid], |r| {
+            Ok(Stored {
+                sop_instance_uid: r.get(0)?,
+                sop_class_uid: r.get(1)?,
+                study_uid: r.get(2)?,
+                series_uid: r.get(3)?,
+                transfer_syntax: r.get(4)?,
+                calling_ae: r.get(5)?,
+                received_at_ms: r.get(6)?,
+                size: r.get::<_, i64>(7)?.max(0) as u64,
+                sha256: r.get(8)?,
+                path: self.root().join(r.get::<_, String>(9)?),
+                duplicate: false,
+            })
+        })?;
+        Ok(rows.next().transpose()?)
+    }
+
     /// The instances of one series, oldest arrival first.
     pub fn series_instances(
         &self,

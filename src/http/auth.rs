@@ -274,6 +274,12 @@ pub const ROUTES: &[RouteRule] = &[
     ),
     rule("GET", "/dicomweb/series", QIDO),
     rule("GET", "/dicomweb/instances", QIDO),
+    // WADO-RS retrieve of one instance (received or made by the pipeline).
+    rule(
+        "GET",
+        "/dicomweb/studies/{study}/series/{series}/instances/{sop}",
+        QIDO,
+    ),
     // ---- end DICOMweb ----
     // The DICOM pipeline's results (issue 9): PACS, operators and researchers.
     rule("GET", "/results/studies/{study}", QIDO),

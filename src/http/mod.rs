@@ -27,6 +27,8 @@ pub mod identity;
 mod metrics;
 mod repository;
 pub mod results;
+// WADO-RS retrieve (issue 9: result objects and received instances)
+pub mod wado;
 mod v2;
 
 pub use codec::{decode_request_for_bench, parse_json_data_for_bench};
@@ -198,6 +200,10 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route(
             "/dicomweb/studies/{study}/series/{series}/instances",
             get(dicomweb::search_series_instances),
+        )
+        .route(
+            "/dicomweb/studies/{study}/series/{series}/instances/{sop}",
+            get(wado::retrieve_instance),
         )
         .route("/dicomweb/series", get(dicomweb::search_series))
         .route("/dicomweb/instances", get(dicomweb::search_instances))

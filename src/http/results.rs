@@ -18,6 +18,8 @@ use crate::pipeline::store::ResultsStore;
 #[derive(Clone)]
 pub struct Results {
     pub store: Arc<Mutex<ResultsStore>>,
+    /// The results folder (the objects' paths are relative to it).
+    pub dir: std::path::PathBuf,
 }
 
 pub async fn study(State(state): State<Arc<AppState>>, Path(study): Path<String>) -> Response {
@@ -60,6 +62,10 @@ pub async fn study(State(state): State<Arc<AppState>>, Path(study): Path<String>
                     "findings": j.findings,
                     "objects": objects.iter().map(|o| json!({
                         "kind": o.kind,
+                        "retrieve_url": format!(
+                            "/dicomweb/studies/{}/series/{}/instances/{}",
+                            study, o.series_uid, o.sop_instance_uid
+                        ),
                         "sop_instance_uid": o.sop_instance_uid,
                         "series_instance_uid": o.series_uid,
                         "sop_class_uid": o.sop_class_uid,

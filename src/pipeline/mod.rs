@@ -244,10 +244,26 @@ impl Pipeline {
                 store.set_cursor(next)?;
             }
         }
-        let quiet_before = store::now_ms() - self.config.quiet.as_millis() as i64;
-        let ready = self
-            .store()
-            .series_ready(quiet_before, self.config.complete_at, 100)?;
+        // The shortest quiet time and smallest count of any route let a series through
+        // here; `route_series` then waits for the longest quiet time of the routes that
+        // match it.
+        let quiet = self
+            .config
+            .routes
+            .iter()
+            .filter_map(|r| r.quiet)
+            .chain([self.config.quiet])
+            .min()
+            .unwrap_or(self.config.quiet);
+        let complete_at = self
+            .config
+            .routes
+            .iter()
+            .filter_map(|r| r.complete_at)
+            .chain(self.config.complete_at)
+            .min();
+        let quiet_before = store::now_ms() - quiet.as_millis() as i64;
+        let ready = self.store().series_ready(quiet_before, complete_at, 100)?;
         let mut made = 0;
         for row in ready {
             made += self.route_series(&row)?;
@@ -288,13 +304,36 @@ impl Pipeline {
                 return Ok(0);
             }
         };
-        let mut made = 0;
         let mut refusals: Vec<String> = Vec::new();
+        let mut matching = Vec::new();
         for route in self.routes() {
-            if let Some(why) = route.matcher.mismatch(&header, &first.calling_ae) {
-                refusals.push(format!("{}: {why}", route.name));
-                continue;
+            match route.matcher.mismatch(&header, &first.calling_ae) {
+                Some(why) => refusals.push(format!("{}: {why}", route.name)),
+                None => matching.push(route),
             }
+        }
+        // A series is complete once every route that matches it says so: its quiet time
+        // has passed, or its instance count is reached.
+        let now = store::now_ms();
+        let wait_until = matching
+            .iter()
+            .filter_map(|r| {
+                r.complete(
+                    row.instances,
+                    row.last_received_ms,
+                    now,
+                    self.config.quiet,
+                    self.config.complete_at,
+                )
+                .err()
+            })
+            .max();
+        if let Some(until) = wait_until {
+            self.store().defer_series(row, until)?;
+            return Ok(0);
+        }
+        let mut made = 0;
+        for route in matching {
             for bundle in &route.bundles {
                 // The bundle's own [dicom] section has the last word.
                 let accepts = self
@@ -373,6 +412,9 @@ impl Pipeline {
                 matcher: Match::default(),
                 bundles: vec![name],
                 destinations: self.config.destinations.clone(),
+                quiet: None,
+                complete_at: None,
+                report: Vec::new(),
             })
             .collect()
     }

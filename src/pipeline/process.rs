@@ -152,7 +152,14 @@ impl Pipeline {
                 "the bundle declares no [preprocessing] or [dicom]",
             ));
         };
-        let reported = reported_outputs(&model, &accepts.report)?;
+        // The route's `report` list, where it has one, else the bundle's.
+        let route_report = self
+            .config
+            .routes
+            .iter()
+            .find(|r| r.name == job.route && !r.report.is_empty())
+            .map(|r| r.report.clone());
+        let reported = reported_outputs(&model, route_report.as_ref().unwrap_or(&accepts.report))?;
         let input_shape = model_input_shape(&model, &pre)?;
 
         // The series, its headers, and one check that it is one kind of image.

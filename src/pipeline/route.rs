@@ -164,6 +164,17 @@ pub struct RouteConfig {
     /// `AE@HOST:PORT` (default: `--results-destination`).
     #[serde(default)]
     pub destinations: Option<Vec<String>>,
+    /// This route's quiet time in seconds (default: `--series-quiet-secs`).
+    #[serde(default)]
+    pub quiet_secs: Option<f64>,
+    /// This route's instance count that completes a series at once (default:
+    /// `--series-complete-instances`).
+    #[serde(default)]
+    pub complete_instances: Option<u64>,
+    /// The outputs reported in the result objects (default: the bundle's `[dicom] report`).
+    /// Every bundle of the route must have them.
+    #[serde(default)]
+    pub report: Vec<String>,
 }
 
 impl RouteConfig {
@@ -193,6 +204,24 @@ impl RouteConfig {
                 Err(e) => return fail(format!("series_description is not a valid regex: {e}")),
             },
         };
+        let quiet = match self.quiet_secs {
+            None => None,
+            Some(q) if q.is_finite() && (0.0..=86_400.0).contains(&q) => {
+                Some(std::time::Duration::from_secs_f64(q))
+            }
+            Some(q) => return fail(format!("quiet_secs {q} is not between 0 and 86400")),
+        };
+        if self.complete_instances == Some(0) {
+            return fail("complete_instances must be at least 1".into());
+        }
+        let mut report = Vec::with_capacity(self.report.len());
+        for name in &self.report {
+            let name = name.trim();
+            if name.is_empty() || report.iter().any(|r: &String| r == name) {
+                return fail(format!("report: {name:?} is empty or listed twice"));
+            }
+            report.push(name.to_owned());
+        }
         let destinations = match &self.destinations {
             None => default_destinations.to_vec(),
             Some(list) => list
@@ -216,6 +245,9 @@ impl RouteConfig {
             },
             bundles: self.bundles.clone(),
             destinations,
+            quiet,
+            complete_at: self.complete_instances,
+            report,
         })
     }
 }
@@ -227,6 +259,38 @@ pub struct Route {
     pub matcher: Match,
     pub bundles: Vec<String>,
     pub destinations: Vec<Destination>,
+    /// The route's own quiet time (`None`: the pipeline's).
+    pub quiet: Option<std::time::Duration>,
+    /// The route's own instance count that completes a series (`None`: the pipeline's).
+    pub complete_at: Option<u64>,
+    /// Outputs to report (empty: the bundle's `[dicom] report`).
+    pub report: Vec<String>,
+}
+
+impl Route {
+    /// Whether a series last touched at `last_received_ms` with `instances` instances is
+    /// complete for this route at `now_ms`, given the pipeline's defaults; when it is not,
+    /// the time at which the quiet time will have passed.
+    pub fn complete(
+        &self,
+        instances: u64,
+        last_received_ms: i64,
+        now_ms: i64,
+        default_quiet: std::time::Duration,
+        default_complete_at: Option<u64>,
+    ) -> Result<(), i64> {
+        let quiet = self.quiet.unwrap_or(default_quiet).as_millis() as i64;
+        let quiet_until = last_received_ms.saturating_add(quiet);
+        let count_reached = self
+            .complete_at
+            .or(default_complete_at)
+            .is_some_and(|n| instances >= n);
+        if count_reached || now_ms >= quiet_until {
+            Ok(())
+        } else {
+            Err(quiet_until)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -299,6 +363,49 @@ mod tests {
         assert!(
             toml::from_str::<RouteConfig>("name = \"x\"\nbundles = [\"m\"]\nmodalty = []").is_err()
         );
+    }
+
+    #[test]
+    fn a_route_has_its_own_quiet_time_count_and_outputs() {
+        let config: RouteConfig = toml::from_str(
+            r#"
+            name = "ct"
+            modality = ["CT"]
+            quiet_secs = 30
+            complete_instances = 100
+            report = ["misoriented"]
+            bundles = ["image-orientation"]
+            "#,
+        )
+        .unwrap();
+        let route = config.compile(&[]).unwrap();
+        assert_eq!(route.quiet, Some(std::time::Duration::from_secs(30)));
+        assert_eq!(route.report, vec!["misoriented".to_owned()]);
+        let ten = std::time::Duration::from_secs(10);
+        // Quiet for 20 s of its 30: not yet, and it says until when.
+        assert_eq!(route.complete(5, 1_000, 21_000, ten, None), Err(31_000));
+        assert_eq!(route.complete(5, 1_000, 31_000, ten, None), Ok(()));
+        // 100 instances complete it at once; the pipeline's count does not apply.
+        assert_eq!(route.complete(100, 1_000, 1_000, ten, Some(1_000)), Ok(()));
+        assert!(route.complete(99, 1_000, 1_000, ten, Some(2)).is_err());
+        // A route without its own settings uses the pipeline's.
+        let plain: RouteConfig = toml::from_str("name = \"x\"\nbundles = [\"m\"]").unwrap();
+        let plain = plain.compile(&[]).unwrap();
+        assert_eq!(plain.complete(1, 1_000, 10_999, ten, None), Err(11_000));
+        assert_eq!(plain.complete(2, 1_000, 1_000, ten, Some(2)), Ok(()));
+
+        for bad in [
+            "quiet_secs = -1",
+            "quiet_secs = 86401",
+            "quiet_secs = nan",
+            "complete_instances = 0",
+            "report = [\"\"]",
+            "report = [\"a\", \"a\"]",
+        ] {
+            let c: RouteConfig =
+                toml::from_str(&format!("name = \"x\"\nbundles = [\"m\"]\n{bad}")).unwrap();
+            assert!(c.compile(&[]).is_err(), "{bad} compiled");
+        }
     }
 
     #[test]

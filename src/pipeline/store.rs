@@ -141,6 +141,7 @@ impl ResultsStore {
                 state TEXT NOT NULL,
                 reason TEXT,
                 updated_ms INTEGER NOT NULL,
+                not_before_ms INTEGER NOT NULL DEFAULT 0,
                 PRIMARY KEY (study_uid, series_uid)
             );
             CREATE INDEX IF NOT EXISTS series_state ON series (state, last_received_ms);
@@ -222,6 +223,8 @@ impl ResultsStore {
                 last_received_ms = excluded.last_received_ms,
                 state = CASE WHEN excluded.instances != series.routed_instances
                              THEN 'assembling' ELSE series.state END,
+                not_before_ms = CASE WHEN excluded.instances != series.instances
+                                     THEN 0 ELSE series.not_before_ms END,
                 updated_ms = excluded.updated_ms",
             params![
                 study_uid,
@@ -245,15 +248,31 @@ impl ResultsStore {
         let mut stmt = self.db.prepare_cached(
             "SELECT study_uid, series_uid, instances, last_received_ms, routed_instances,
                     state, reason
-             FROM series WHERE state = 'assembling'
+             FROM series WHERE state = 'assembling' AND not_before_ms <= ?4
                AND (last_received_ms <= ?1 OR (?2 IS NOT NULL AND instances >= ?2))
              ORDER BY last_received_ms LIMIT ?3",
         )?;
         let rows = stmt.query_map(
-            params![quiet_before_ms, complete_at.map(|c| c as i64), limit as i64],
+            params![
+                quiet_before_ms,
+                complete_at.map(|c| c as i64),
+                limit as i64,
+                now_ms()
+            ],
             series_row,
         )?;
         rows.collect()
+    }
+
+    /// A series some of whose routes want a longer quiet time: not looked at again before
+    /// `until_ms` (or a new instance).
+    pub fn defer_series(&self, row: &SeriesRow, until_ms: i64) -> rusqlite::Result<()> {
+        self.db.execute(
+            "UPDATE series SET not_before_ms = ?3, updated_ms = ?4
+             WHERE study_uid = ?1 AND series_uid = ?2",
+            params![row.study_uid, row.series_uid, until_ms, now_ms()],
+        )?;
+        Ok(())
     }
 
     pub fn series(&self, study_uid: &str) -> rusqlite::Result<Vec<SeriesRow>> {
@@ -490,6 +509,26 @@ impl ResultsStore {
     }
 
     /// Objects due for a delivery attempt.
+    /// The file of a result object (relative to the results folder), by its study, series
+    /// and SOP Instance UIDs: the copy waiting in or sent from the objects folder first,
+    /// else a dead letter's copy.
+    pub fn object_path(
+        &self,
+        study_uid: &str,
+        series_uid: &str,
+        sop_instance_uid: &str,
+    ) -> rusqlite::Result<Option<String>> {
+        let mut stmt = self.db.prepare_cached(
+            "SELECT o.path FROM objects o JOIN jobs j ON j.id = o.job_id
+             WHERE o.sop_instance_uid = ?3 AND o.series_uid = ?2 AND j.study_uid = ?1
+             ORDER BY o.delivery = 'dead' LIMIT 1",
+        )?;
+        let mut rows = stmt.query_map(params![study_uid, series_uid, sop_instance_uid], |r| {
+            r.get::<_, String>(0)
+        })?;
+        rows.next().transpose()
+    }
+
     pub fn objects_due(&self, now: i64, limit: usize) -> rusqlite::Result<Vec<ResultObject>> {
         let mut stmt = self.db.prepare_cached(&format!(
             "{OBJECT_SELECT} WHERE delivery = 'pending' AND next_attempt_ms <= ?1
@@ -602,6 +641,17 @@ mod tests {
         store.note_series("1.2", "1.2.3", 2, 1_000).unwrap();
         assert!(store.series_ready(i64::MAX, None, 10).unwrap().is_empty());
         store.note_series("1.2", "1.2.3", 3, 2_000).unwrap();
+        let ready = store.series_ready(i64::MAX, None, 10).unwrap();
+        assert_eq!(ready.len(), 1);
+        // Deferred (a route wants a longer quiet time): not ready until then, unless a new
+        // instance arrives.
+        store.defer_series(&ready[0], i64::MAX).unwrap();
+        assert!(store.series_ready(i64::MAX, None, 10).unwrap().is_empty());
+        store.note_series("1.2", "1.2.3", 3, 2_000).unwrap();
+        assert!(store.series_ready(i64::MAX, None, 10).unwrap().is_empty());
+        store.note_series("1.2", "1.2.3", 4, 3_000).unwrap();
+        assert_eq!(store.series_ready(i64::MAX, None, 10).unwrap().len(), 1);
+        store.defer_series(&ready[0], now_ms() - 1).unwrap();
         assert_eq!(store.series_ready(i64::MAX, None, 10).unwrap().len(), 1);
 
         let first = store.add_job("1.2", "1.2.3", "r", "m", 2, "").unwrap();

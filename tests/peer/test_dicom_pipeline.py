@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from dicomweb_client.api import DICOMwebClient
 from pydicom.data import get_testdata_file
 
 from dicom_support import (RESULT_TIMEOUT_S, SC_CLASS, SR_CLASS, Server, StoreScp, binary,
@@ -89,6 +90,20 @@ def test_a_stored_image_comes_back_as_sr_and_sc(work, name):
         assert job["state"] == "done" and job["bundle"] == "image-orientation"
         assert {o["kind"] for o in job["objects"]} == {"SR", "SC"}
         assert abs(job["findings"][0]["probability"] - numbers["Probability"]) < 1e-6
+
+        # WADO-RS (dicomweb-client) retrieves the result objects and the source instance as
+        # they were sent and received.
+        client = DICOMwebClient(url=f"http://127.0.0.1:{server.http}/dicomweb")
+        for o in job["objects"]:
+            assert o["retrieve_url"] == (f"/dicomweb/studies/{ds.StudyInstanceUID}/series/"
+                                         f"{o['series_instance_uid']}/instances/{o['sop_instance_uid']}")
+            got = client.retrieve_instance(str(ds.StudyInstanceUID), o["series_instance_uid"],
+                                           o["sop_instance_uid"])
+            sent = pydicom.dcmread(objects[o["sop_class_uid"]])
+            assert got == sent, o["kind"]
+        got = client.retrieve_instance(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                                       str(ds.SOPInstanceUID))
+        assert got == pydicom.dcmread(source)
         assert str(ds.PatientID) not in server.log()
     finally:
         stop(server.proc)

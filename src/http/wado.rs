@@ -1,0 +1,300 @@
+//! WADO-RS retrieve of one instance:
+//! `GET /dicomweb/studies/{study}/series/{series}/instances/{sop}` (roles `pacs`, `admin`,
+//! `researcher`, like QIDO-RS).
+//!
+//! The instance is looked up in the DICOM spool (what PACS sent) and then among the DICOM
+//! pipeline's result objects (the SR and SC it made), and answered as PS3.18 asks:
+//! `multipart/related; type="application/dicom"` with one part, the Part 10 file as stored
+//! (no transcoding: a request for another transfer syntax gets 406). The file is streamed
+//! from disk in 64 KiB chunks, never read whole into memory.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Extension, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use tokio::io::AsyncReadExt;
+
+use super::auth::Caller;
+use super::{AppError, AppState};
+use crate::pipeline::uid_tag;
+
+/// Chunk size of the streamed file.
+const CHUNK: usize = 64 * 1024;
+
+fn valid_uid(uid: &str) -> bool {
+    !uid.is_empty()
+        && uid.len() <= 64
+        && uid.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && !uid.starts_with('.')
+        && !uid.ends_with('.')
+        && !uid.contains("..")
+}
+
+/// What the `Accept` header allows: `Ok(None)` for anything, `Ok(Some(ts))` for one
+/// transfer syntax, `Err` when no `application/dicom` answer is acceptable.
+fn accepted_syntaxes(headers: &HeaderMap) -> Result<Vec<Option<String>>, String> {
+    let Some(accept) = headers.get(header::ACCEPT) else {
+        return Ok(vec![None]);
+    };
+    let accept = accept
+        .to_str()
+        .map_err(|_| "the Accept header is not ASCII".to_owned())?;
+    if accept.len() > 4096 {
+        return Err("the Accept header is longer than 4096 bytes".into());
+    }
+    let mut out = Vec::new();
+    for range in accept.split(',') {
+        let mut params = range.split(';').map(str::trim);
+        let media = params.next().unwrap_or("").to_ascii_lowercase();
+        let mut kind: Option<String> = None;
+        let mut syntax: Option<String> = None;
+        let mut q_zero = false;
+        for p in params {
+            let Some((k, v)) = p.split_once('=') else {
+                continue;
+            };
+            let v = v.trim().trim_matches('"');
+            match k.trim().to_ascii_lowercase().as_str() {
+                "type" => kind = Some(v.to_ascii_lowercase()),
+                "transfer-syntax" => syntax = Some(v.to_owned()),
+                "q" => q_zero = v.parse::<f32>().is_ok_and(|q| q <= 0.0),
+                _ => {}
+            }
+        }
+        if q_zero {
+            continue;
+        }
+        let wants_dicom = match media.as_str() {
+            "*/*" | "multipart/*" => kind.as_deref().is_none_or(|k| k == "application/dicom"),
+            "multipart/related" => kind.as_deref().is_none_or(|k| k == "application/dicom"),
+            _ => false,
+        };
+        if wants_dicom {
+            out.push(syntax.filter(|s| s != "*"));
+        }
+    }
+    if out.is_empty() {
+        Err(format!(
+            "cannot answer {accept:?}: an instance is sent as multipart/related; type=\"application/dicom\""
+        ))
+    } else {
+        Ok(out)
+    }
+}
+
+/// Where an instance's file is, and its transfer syntax.
+struct Found {
+    path: PathBuf,
+    transfer_syntax: String,
+    size: u64,
+    source: &'static str,
+}
+
+fn find(
+    state: &AppState,
+    study: &str,
+    series: &str,
+    sop: &str,
+) -> Result<Option<Found>, AppError> {
+    if let Some(web) = state.dicomweb()
+        && let Some(s) = web
+            .spool
+            .instance(study, series, sop)
+            .map_err(|e| AppError::internal(format!("spool index: {e}")))?
+    {
+        return Ok(Some(Found {
+            path: s.path,
+            transfer_syntax: s.transfer_syntax,
+            size: s.size,
+            source: "spool",
+        }));
+    }
+    if let Some(results) = state.results() {
+        let path = results
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .object_path(study, series, sop)
+            .map_err(|e| AppError::internal(format!("results store: {e}")))?;
+        if let Some(relative) = path {
+            let path = results.dir.join(relative);
+            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            return Ok(Some(Found {
+                path,
+                transfer_syntax: nightingale_dicom::results::EXPLICIT_VR_LITTLE_ENDIAN.into(),
+                size,
+                source: "results",
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// `GET /dicomweb/studies/{study}/series/{series}/instances/{sop}`.
+pub(crate) async fn retrieve_instance(
+    State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
+    Path((study, series, sop)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if state.dicomweb().is_none() && state.results().is_none() {
+        return AppError::not_found(
+            "DICOMweb is off: it runs over the DICOM spool, which --dicom-spool, --dicom-port or --dicom-addr turns on",
+        )
+        .into_response();
+    }
+    for (what, uid) in [("study", &study), ("series", &series), ("SOP instance", &sop)] {
+        if !valid_uid(uid) {
+            return AppError::bad_request(format!(
+                "the {what} UID is not a UID (1-64 digits and dots)"
+            ))
+            .into_response();
+        }
+    }
+    let wanted = match accepted_syntaxes(&headers) {
+        Ok(w) => w,
+        Err(why) => return AppError::new(StatusCode::NOT_ACCEPTABLE, why).into_response(),
+    };
+    let lookup = {
+        let state = state.clone();
+        let (study, series, sop) = (study.clone(), series.clone(), sop.clone());
+        tokio::task::spawn_blocking(move || find(&state, &study, &series, &sop)).await
+    };
+    let found = match lookup {
+        Ok(Ok(Some(f))) => f,
+        Ok(Ok(None)) => {
+            return AppError::not_found("no such instance").into_response();
+        }
+        Ok(Err(e)) => return e.into_response(),
+        Err(e) => return AppError::internal(e.to_string()).into_response(),
+    };
+    if !wanted
+        .iter()
+        .any(|w| w.as_deref().is_none_or(|ts| ts == found.transfer_syntax))
+    {
+        return AppError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            format!(
+                "the instance is stored as {} and is not transcoded",
+                found.transfer_syntax
+            ),
+        )
+        .into_response();
+    }
+    let file = match tokio::fs::File::open(&found.path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Indexed but gone (purged meanwhile).
+            return AppError::not_found("no such instance").into_response();
+        }
+        Err(e) => {
+            return AppError::internal(format!("{}: {e}", found.path.display())).into_response();
+        }
+    };
+    let caller = caller.as_ref().map_or("anonymous", |c| c.0.id.as_str());
+    tracing::info!(
+        caller,
+        source = found.source,
+        sop = %uid_tag(&sop),
+        bytes = found.size,
+        "WADO-RS: instance retrieved"
+    );
+    metrics::counter!("nightingale_dicomweb_retrieved_total", "source" => found.source)
+        .increment(1);
+
+    let boundary = format!("nightingale-{}", &uid_tag(&format!("{sop}/{}", found.size)));
+    let head = Bytes::from(format!(
+        "--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={}\r\n\r\n",
+        found.transfer_syntax
+    ));
+    let tail = Bytes::from(format!("\r\n--{boundary}--\r\n"));
+    let body = Body::from_stream(stream_file(head, file, tail));
+    let content_type = format!(
+        "multipart/related; type=\"application/dicom\"; transfer-syntax={}; boundary={boundary}",
+        found.transfer_syntax
+    );
+    let mut response = (StatusCode::OK, body).into_response();
+    if let Ok(v) = HeaderValue::from_str(&content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    response
+}
+
+enum Part {
+    Head(Bytes, tokio::fs::File, Bytes),
+    File(tokio::fs::File, Bytes),
+    Done,
+}
+
+/// The multipart body: head, the file in chunks, tail.
+fn stream_file(
+    head: Bytes,
+    file: tokio::fs::File,
+    tail: Bytes,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send {
+    futures_util::stream::unfold(Part::Head(head, file, tail), |part| async move {
+        match part {
+            Part::Head(head, file, tail) => Some((Ok(head), Part::File(file, tail))),
+            Part::File(mut file, tail) => {
+                let mut buf = vec![0u8; CHUNK];
+                match file.read(&mut buf).await {
+                    Ok(0) => Some((Ok(tail), Part::Done)),
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Some((Ok(Bytes::from(buf)), Part::File(file, tail)))
+                    }
+                    Err(e) => Some((Err(e), Part::Done)),
+                }
+            }
+            Part::Done => None,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accept(v: &str) -> Result<Vec<Option<String>>, String> {
+        let mut h = HeaderMap::new();
+        h.insert(header::ACCEPT, HeaderValue::from_str(v).unwrap());
+        accepted_syntaxes(&h)
+    }
+
+    #[test]
+    fn accept_headers_are_read_as_ps3_18_writes_them() {
+        assert_eq!(accepted_syntaxes(&HeaderMap::new()), Ok(vec![None]));
+        assert_eq!(accept("*/*"), Ok(vec![None]));
+        assert_eq!(
+            accept("multipart/related; type=\"application/dicom\"; transfer-syntax=*"),
+            Ok(vec![None])
+        );
+        assert_eq!(
+            accept("multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.1"),
+            Ok(vec![Some("1.2.840.10008.1.2.1".into())])
+        );
+        assert_eq!(
+            accept("multipart/related; type=application/dicom, */*;q=0.5"),
+            Ok(vec![None, None])
+        );
+        for bad in [
+            "application/json",
+            "multipart/related; type=\"application/octet-stream\"",
+            "image/jpeg",
+            "*/*;q=0",
+        ] {
+            assert!(accept(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn uids_are_checked() {
+        assert!(valid_uid("1.2.840.10008.1.2"));
+        for bad in ["", ".1", "1.", "1..2", "1.a", "../x", &"1".repeat(65)] {
+            assert!(!valid_uid(bad), "{bad}");
+        }
+    }
+}
