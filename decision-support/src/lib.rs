@@ -1,0 +1,3 @@
+//! nightingale-decision-support (crate documentation written in a later commit).
+
+pub mod fhir;
