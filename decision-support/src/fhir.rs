@@ -315,12 +315,15 @@ impl From<Resource> for Resources {
     }
 }
 
-/// A `Coding`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+/// A `Coding` (also written in cards: a source topic, an override reason).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Coding {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub display: Option<String>,
 }
 
