@@ -3,6 +3,7 @@
 pub mod cards;
 pub mod fhir;
 pub mod hooks;
+pub mod jwt;
 pub mod news2;
 pub mod service;
 pub mod vitals;
