@@ -441,6 +441,18 @@ impl Service {
         }
         let assessment = assess(&resources, now, Some(patient_id), &self.news2);
         let card = news2_card(&assessment, &self.config.wording);
+        // No patient data: the service, the invocation and the kind of outcome.
+        tracing::debug!(
+            service = %self.config.id,
+            hook_instance = %request.hook_instance,
+            outcome = match &assessment {
+                Assessment::Scored(s) => s.score.risk.name(),
+                Assessment::Incomplete(_) => "incomplete",
+                Assessment::NotApplicable(_) => "not applicable",
+            },
+            card = %card.uuid,
+            "NEWS2 evaluated"
+        );
         Ok(News2Outcome {
             response: CdsResponse {
                 cards: vec![card],
