@@ -583,6 +583,30 @@ mod tests {
     }
 
     #[test]
+    fn reads_an_order_select_request_and_urn_uuids() {
+        // The shape of the specification's order-select example: draft orders in context.
+        let r: HookRequest = serde_json::from_value(json!({
+            "hook": "order-select",
+            "hookInstance": "urn:uuid:d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+            "context": {
+                "userId": "Practitioner/123",
+                "patientId": "1288992",
+                "encounterId": "89284",
+                "selections": ["MedicationRequest/smart-MedicationRequest-103"],
+                "draftOrders": {"resourceType": "Bundle", "entry": [{"resource": {
+                    "resourceType": "MedicationRequest", "id": "smart-MedicationRequest-103",
+                    "status": "draft", "intent": "order",
+                    "subject": {"reference": "Patient/1288992"}}}]}
+            }
+        }))
+        .unwrap();
+        r.validate("order-select").unwrap();
+        assert_eq!(r.patient_id(), Some("1288992"));
+        assert!(r.context.get("draftOrders").is_some());
+        assert!(r.prefetch.is_none());
+    }
+
+    #[test]
     fn renders_prefetch_templates() {
         let r: HookRequest = serde_json::from_value(spec_request()).unwrap();
         assert_eq!(
