@@ -8,8 +8,12 @@
 //!   score);
 //! - not applicable (under 16, pregnancy): an info card saying so.
 //!
-//! The source of every card cites RCP NEWS2 (2017) ([`Wording::source_label`],
+//! The source of every NEWS2 card cites RCP NEWS2 (2017) ([`Wording::source_label`],
 //! [`Wording::source_url`]).
+//!
+//! Risk-model cards ([`risk_card`], [`risk_missing_card`]) show a model's risk against its
+//! operating threshold, the model and version, the top contributing factors, the intended
+//! use and the caveat; or, when inputs are missing, which ones (never imputed).
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -246,4 +250,207 @@ fn not_applicable_card(n: NotApplicable, wording: &Wording) -> Card {
     Card::builder(summary, Indicator::Info, wording.source())
         .detail(wording.finish(detail.to_owned()))
         .build()
+}
+
+/// One input's contribution to a risk model's output, in logit space against the bundle's
+/// reference point (for a logistic model, wᵢ·(xᵢ − x̄ᵢ) on the model's own inputs).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Contribution {
+    /// The feature's name as the bundle declares it.
+    pub feature: String,
+    /// The patient's value as shown (with its unit), if it is shown.
+    pub value: Option<String>,
+    /// The contribution to the logit (positive: raises the risk).
+    pub logit: f64,
+}
+
+/// What a risk-model card says.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RiskCard {
+    /// What is predicted ("ICU mortality").
+    pub title: String,
+    /// The model's name and version.
+    pub model_name: String,
+    pub model_version: String,
+    /// The predicted probability, in [0, 1].
+    pub risk: f64,
+    /// The bundle's operating threshold, in (0, 1).
+    pub threshold: f64,
+    /// Every input's contribution; the card shows the `top` largest in magnitude.
+    pub contributions: Vec<Contribution>,
+    /// How many contributions the card shows.
+    pub top: usize,
+    /// The bundle's intended use and population (e.g. "adult Pima women").
+    pub intended_use: String,
+    /// The bundle's caveat ("Not for clinical use without local validation").
+    pub caveat: String,
+    /// The card's source (the model card's label and URL).
+    pub source: Source,
+}
+
+fn percent(p: f64) -> String {
+    let v = p * 100.0;
+    if v > 0.0 && v < 1.0 {
+        "<1%".to_owned()
+    } else {
+        format!("{v:.0}%")
+    }
+}
+
+/// The card of a risk model's prediction: the risk against the operating threshold (at or
+/// above it: warning; below: info), the model and version, the top contributing factors
+/// for this patient, the intended use and the caveat.
+pub fn risk_card(r: &RiskCard) -> Card {
+    let above = r.risk >= r.threshold;
+    let summary = format!(
+        "{} risk {} ({} the {} threshold) — {} {}",
+        r.title,
+        percent(r.risk),
+        if above { "at or above" } else { "below" },
+        percent(r.threshold),
+        r.model_name,
+        r.model_version
+    );
+    let mut contributions: Vec<&Contribution> = r.contributions.iter().collect();
+    contributions.sort_by(|a, b| b.logit.abs().total_cmp(&a.logit.abs()));
+    let mut detail = format!(
+        "**{}**: {} (operating threshold {}), model {} version {}.\n\n",
+        escape(&r.title),
+        percent(r.risk),
+        percent(r.threshold),
+        escape(&r.model_name),
+        escape(&r.model_version)
+    );
+    if !contributions.is_empty() {
+        detail.push_str(
+            "Top contributing factors for this patient (log-odds against the reference patient):\n\n| Factor | Value | Contribution |\n|---|---|---:|\n",
+        );
+        for c in contributions.iter().take(r.top) {
+            detail.push_str(&format!(
+                "| {} | {} | {}{:.3} |\n",
+                escape(&c.feature),
+                c.value.as_deref().map(escape).unwrap_or_default(),
+                if c.logit >= 0.0 { "+" } else { "" },
+                c.logit
+            ));
+        }
+        detail.push('\n');
+    }
+    detail.push_str(&format!(
+        "**Intended use:** {}\n\n*{}*\n",
+        escape(&r.intended_use),
+        escape(&r.caveat)
+    ));
+    Card::builder(
+        &summary,
+        if above {
+            Indicator::Warning
+        } else {
+            Indicator::Info
+        },
+        r.source.clone(),
+    )
+    .detail(detail)
+    .build()
+}
+
+/// The card of a risk model that could not run because inputs are missing (never imputed).
+pub fn risk_missing_card(title: &str, model: &str, missing: &[String], source: Source) -> Card {
+    let summary = format!(
+        "{title} risk not calculated: missing {}",
+        missing.join(", ")
+    );
+    let mut detail = format!(
+        "The model {} needs every input; missing inputs are never imputed. Missing:\n\n",
+        escape(model)
+    );
+    for m in missing {
+        detail.push_str(&format!("- {}\n", escape(m)));
+    }
+    Card::builder(&summary, Indicator::Info, source)
+        .detail(detail)
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn risk(risk: f64) -> RiskCard {
+        RiskCard {
+            title: "ICU mortality".into(),
+            model_name: "icu-mortality".into(),
+            model_version: "1".into(),
+            risk,
+            threshold: 0.3,
+            contributions: vec![
+                Contribution {
+                    feature: "age".into(),
+                    value: Some("81 years".into()),
+                    logit: 0.8,
+                },
+                Contribution {
+                    feature: "systolic".into(),
+                    value: Some("85 mmHg".into()),
+                    logit: 1.2,
+                },
+                Contribution {
+                    feature: "type".into(),
+                    value: None,
+                    logit: -0.4,
+                },
+            ],
+            top: 2,
+            intended_use: "Adult ICU admissions".into(),
+            caveat: "Not for clinical use without local validation".into(),
+            source: Source {
+                label: "icu-mortality model card".into(),
+                url: None,
+                icon: None,
+                topic: None,
+            },
+        }
+    }
+
+    #[test]
+    fn risk_cards() {
+        let c = risk_card(&risk(0.34));
+        assert_eq!(c.indicator, Indicator::Warning);
+        assert_eq!(
+            c.summary,
+            "ICU mortality risk 34% (at or above the 30% threshold) — icu-mortality 1"
+        );
+        let d = c.detail.unwrap();
+        // Largest first, only the top two.
+        let sys = d.find("| systolic | 85 mmHg | +1.200 |").unwrap();
+        let age = d.find("| age | 81 years | +0.800 |").unwrap();
+        assert!(sys < age);
+        assert!(!d.contains("| type |"));
+        assert!(d.contains("*Not for clinical use without local validation*"));
+        assert_eq!(risk_card(&risk(0.1)).indicator, Indicator::Info);
+        let m = risk_missing_card(
+            "Diabetes",
+            "pima-diabetes",
+            &["pedigree function".into()],
+            risk(0.1).source,
+        );
+        assert_eq!(m.indicator, Indicator::Info);
+        assert_eq!(
+            m.summary,
+            "Diabetes risk not calculated: missing pedigree function"
+        );
+    }
+
+    #[test]
+    fn indicators_follow_the_band() {
+        assert_eq!(indicator(ClinicalRisk::Low), Indicator::Info);
+        assert_eq!(indicator(ClinicalRisk::LowMedium), Indicator::Warning);
+        assert_eq!(indicator(ClinicalRisk::Medium), Indicator::Warning);
+        assert_eq!(indicator(ClinicalRisk::High), Indicator::Critical);
+    }
+
+    #[test]
+    fn markdown_from_input_is_escaped() {
+        assert_eq!(escape("a|b*c\n"), "a\\|b\\*c");
+    }
 }
