@@ -501,6 +501,10 @@ pub fn assess(
         Some(p) => match p.birth_date() {
             None => Err(AgeProblem::NoBirthDate),
             Some(Err(_)) => Err(AgeProblem::MalformedBirthDate),
+            // Born after today: not a date of birth.
+            Some(Ok(born)) if born.earliest() > now.date_naive() => {
+                Err(AgeProblem::MalformedBirthDate)
+            }
             Some(Ok(born)) => Ok(born.age_on(now.date_naive())),
         },
     };

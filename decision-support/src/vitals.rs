@@ -3,8 +3,10 @@
 //! # Which observations count
 //! - status `final`, `amended` or `corrected` only (not `preliminary`, `registered`,
 //!   `cancelled`, `entered-in-error`, `unknown`);
-//! - when a patient id is given, an observation whose `subject` references another Patient
-//!   is left out (one without a subject is kept: a prefetch is already the patient's);
+//! - when a patient id is given, an observation whose `subject` is not a reference to that
+//!   Patient (`Patient/{id}`, relative or absolute) is left out — a `urn:uuid:` or contained
+//!   reference included, as it cannot be matched; one without a subject is kept (a prefetch
+//!   is already the patient's);
 //! - its time ([`Observation::effective`]: `effectiveDateTime`, `effectiveInstant`,
 //!   `effectivePeriod` end-else-start, else `issued`) must lie within
 //!   [`VitalsOptions::look_back`] before `now` and no later than

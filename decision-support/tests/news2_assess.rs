@@ -167,6 +167,13 @@ fn under_sixteen_is_not_applicable() {
         panic!("scored with an uncertain age")
     };
     assert_eq!(i.age, Some(AgeProblem::Imprecise));
+    // Born after today.
+    let mut items = vec![patient("2030-01-01")];
+    items.extend(vitals());
+    let Assessment::Incomplete(i) = run(items, &News2Settings::default()) else {
+        panic!("a future birth date")
+    };
+    assert_eq!(i.age, Some(AgeProblem::MalformedBirthDate));
     // No Patient at all.
     let Assessment::Incomplete(i) = run(vitals(), &News2Settings::default()) else {
         panic!("scored without a patient")
