@@ -8,47 +8,15 @@ use nightingale_decision_support::news2::Assessment;
 use nightingale_decision_support::service::{DEFAULT_NEWS2_ID, ServiceError, Services};
 use serde_json::{Value, json};
 
-const LOINC: &str = "http://loinc.org";
-const SNOMED: &str = "http://snomed.info/sct";
-const UCUM: &str = "http://unitsofmeasure.org";
-
 fn now() -> DateTime<Utc> {
     "2024-05-01T12:00:00Z".parse().unwrap()
 }
 
-fn obs(code: &str, value: Value, time: &str) -> Value {
-    let mut o = json!({"resourceType": "Observation", "id": format!("o-{code}"), "status": "final",
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}]}],
-        "code": {"coding": [{"system": LOINC, "code": code}]},
-        "subject": {"reference": "Patient/1288992"}, "effectiveDateTime": time});
-    if value.get("coding").is_some() {
-        o["valueCodeableConcept"] = value;
-    } else {
-        o["valueQuantity"] = value;
-    }
-    o
-}
-
-fn qty(v: f64, unit: &str) -> Value {
-    json!({"value": v, "unit": unit, "system": UCUM, "code": unit})
-}
-
 /// RR 25 (3), SpO2 91 % (3), FiO2 28 % = oxygen (2), SBP 95 (2), pulse 115 (2), new
-/// confusion (3), 101.3 °F = 38.5 °C (1): 16 by RCP NEWS2 Chart 1, high.
+/// confusion (3), 101.3 °F = 38.5 °C (1): 16 by RCP NEWS2 Chart 1, high. The fixture is
+/// valid FHIR (R4B models of `fhir.resources`: tests/validate_fixtures.py).
 fn vitals_bundle() -> Value {
-    let t = "2024-05-01T11:30:00Z";
-    json!({"resourceType": "Bundle", "type": "searchset", "entry": [
-        {"resource": obs("9279-1", qty(25.0, "/min"), t)},
-        {"resource": obs("59408-5", qty(91.0, "%"), t)},
-        {"resource": obs("3150-0", qty(28.0, "%"), t)},
-        {"resource": {"resourceType": "Observation", "status": "final", "id": "bp",
-            "code": {"coding": [{"system": LOINC, "code": "85354-9"}]},
-            "subject": {"reference": "Patient/1288992"}, "effectiveDateTime": t,
-            "component": [{"code": {"coding": [{"system": LOINC, "code": "8480-6"}]}, "valueQuantity": qty(95.0, "mm[Hg]")}]}},
-        {"resource": obs("8867-4", qty(115.0, "/min"), t)},
-        {"resource": obs("67775-7", json!({"coding": [{"system": SNOMED, "code": "130987000"}]}), t)},
-        {"resource": obs("8310-5", qty(101.3, "[degF]"), t)}
-    ]})
+    serde_json::from_str(include_str!("fixtures/news2-vitals-bundle.json")).unwrap()
 }
 
 fn request(patient: Value, vitals: Value) -> HookRequest {
@@ -68,8 +36,12 @@ fn request(patient: Value, vitals: Value) -> HookRequest {
     .unwrap()
 }
 
+/// The Patient of the specification's patient-view example (fixtures/patient.json), born
+/// on `birth`.
 fn patient(birth: &str) -> Value {
-    json!({"resourceType": "Patient", "gender": "male", "birthDate": birth, "id": "1288992", "active": true})
+    let mut p: Value = serde_json::from_str(include_str!("fixtures/patient.json")).unwrap();
+    p["birthDate"] = json!(birth);
+    p
 }
 
 fn card_json(response: &CdsResponse) -> Value {
