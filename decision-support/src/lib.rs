@@ -78,6 +78,8 @@
 //!   feedback.
 //! - [`cards`]: the NEWS2 cards.
 //! - [`service`]: services from `[[cds.services]]`, validated; the NEWS2 service.
+//! - [`feedback`]: feedback joined to the card (service, model version) it is about, and
+//!   override rates.
 //! - [`jwt`]: verification of the EHR's JWT (asymmetric algorithms, trusted issuers' JWKS,
 //!   audience, times, `jti` replay).
 //!
@@ -106,6 +108,7 @@
 //! service call is unauthorised.
 
 pub mod cards;
+pub mod feedback;
 pub mod fhir;
 pub mod hooks;
 pub mod jwt;
