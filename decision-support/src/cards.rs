@@ -1,0 +1,456 @@
+//! Cards for a NEWS2 [`Assessment`]: the score, what is missing, or why it does not apply.
+//!
+//! - a score: the indicator follows the clinical risk (low → info; low–medium and medium
+//!   → warning; high → critical), the summary reads "NEWS2 7 — high clinical risk", the
+//!   detail is a markdown table of each parameter's value, unit, time and sub-score, then
+//!   the response the chart recommends;
+//! - missing or unusable data: an info card listing what is missing (never a partial
+//!   score);
+//! - not applicable (under 16, pregnancy): an info card saying so.
+//!
+//! The source of every NEWS2 card cites RCP NEWS2 (2017) ([`Wording::source_label`],
+//! [`Wording::source_url`]).
+//!
+//! Risk-model cards ([`risk_card`], [`risk_missing_card`]) show a model's risk against its
+//! operating threshold, the model and version, the top contributing factors, the intended
+//! use and the caveat; or, when inputs are missing, which ones (never imputed).
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+use crate::hooks::{Card, Indicator, Source};
+use crate::news2::{Assessment, ClinicalRisk, Incomplete, NotApplicable, Scored, SpO2Scale};
+use crate::vitals::Parameter;
+
+/// The words of NEWS2 cards (configurable per service).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Wording {
+    /// The card source's label.
+    pub source_label: String,
+    /// The card source's URL.
+    pub source_url: String,
+    /// A line added at the end of every card's detail (e.g. local escalation policy).
+    pub footer: Option<String>,
+}
+
+/// The RCP's NEWS2 page.
+pub const RCP_NEWS2_URL: &str =
+    "https://www.rcp.ac.uk/improving-care/resources/national-early-warning-score-news-2/";
+
+impl Default for Wording {
+    fn default() -> Self {
+        Wording {
+            source_label: "Royal College of Physicians NEWS2 (2017)".to_owned(),
+            source_url: RCP_NEWS2_URL.to_owned(),
+            footer: None,
+        }
+    }
+}
+
+impl Wording {
+    fn source(&self) -> Source {
+        Source {
+            label: self.source_label.clone(),
+            url: Some(self.source_url.clone()),
+            icon: None,
+            topic: None,
+        }
+    }
+
+    fn finish(&self, mut detail: String) -> String {
+        if let Some(f) = &self.footer {
+            detail.push_str("\n\n");
+            detail.push_str(f);
+        }
+        detail
+    }
+}
+
+/// The indicator of a clinical risk band.
+pub fn indicator(risk: ClinicalRisk) -> Indicator {
+    match risk {
+        ClinicalRisk::Low => Indicator::Info,
+        ClinicalRisk::LowMedium | ClinicalRisk::Medium => Indicator::Warning,
+        ClinicalRisk::High => Indicator::Critical,
+    }
+}
+
+/// The card of an assessment.
+pub fn news2_card(assessment: &Assessment, wording: &Wording) -> Card {
+    match assessment {
+        Assessment::Scored(s) => scored_card(s, wording),
+        Assessment::Incomplete(i) => incomplete_card(i, wording),
+        Assessment::NotApplicable(n) => not_applicable_card(*n, wording),
+    }
+}
+
+/// Markdown-escapes text that may come from input (a unit name).
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if "\\`*_{}[]()<>#+-.!|~".contains(c) {
+            out.push('\\');
+        }
+        if !c.is_control() {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M UTC").to_string()
+}
+
+fn number(v: f64, decimals: usize) -> String {
+    let s = format!("{v:.decimals$}");
+    if decimals > 0 {
+        s.trim_end_matches('0').trim_end_matches('.').to_owned()
+    } else {
+        s
+    }
+}
+
+fn scored_card(s: &Scored, wording: &Wording) -> Card {
+    let score = &s.score;
+    let v = &s.vitals;
+    let mut rows = String::from("| Parameter | Value | Time | Score |\n|---|---|---|---:|\n");
+    for (p, sub) in score.sub_scores {
+        let value = match p {
+            Parameter::RespirationRate => v
+                .respiration_rate
+                .as_ref()
+                .map(|r| (number(r.value, 1), r.converted_from.clone())),
+            Parameter::OxygenSaturation => v
+                .oxygen_saturation
+                .as_ref()
+                .map(|r| (number(r.value, 1), r.converted_from.clone())),
+            Parameter::AirOrOxygen => v
+                .air_or_oxygen
+                .as_ref()
+                .map(|r| (r.value.name().to_owned(), None)),
+            Parameter::SystolicBloodPressure => v
+                .systolic_blood_pressure
+                .as_ref()
+                .map(|r| (number(r.value, 1), r.converted_from.clone())),
+            Parameter::PulseRate => v
+                .pulse_rate
+                .as_ref()
+                .map(|r| (number(r.value, 1), r.converted_from.clone())),
+            Parameter::Consciousness => v
+                .consciousness
+                .as_ref()
+                .map(|r| (r.value.name().to_owned(), None)),
+            Parameter::Temperature => v
+                .temperature
+                .as_ref()
+                .map(|r| (number(r.value, 2), r.converted_from.clone())),
+        };
+        let (value, from) = value.unwrap_or_default();
+        let unit = p.display_unit();
+        let mut cell = if unit.is_empty() {
+            value
+        } else {
+            format!("{value} {unit}")
+        };
+        if let Some(from) = from {
+            cell.push_str(&format!(" (converted from {})", escape(&from)));
+        }
+        let when = v.time(p).map(time).unwrap_or_default();
+        let name = match (p, score.scale) {
+            (Parameter::OxygenSaturation, SpO2Scale::Scale2) => "SpO2 (scale 2)",
+            (Parameter::OxygenSaturation, SpO2Scale::Scale1) => "SpO2 (scale 1)",
+            _ => p.name(),
+        };
+        rows.push_str(&format!("| {name} | {cell} | {when} | {sub} |\n"));
+    }
+    rows.push_str(&format!("| **Total** | | | **{}** |\n", score.total));
+    let response = score.response();
+    let mut detail = rows;
+    detail.push_str(&format!(
+        "\n**Clinical risk: {}** ({}): {}.\n\n**Monitoring:** {}.\n\n**Clinical response** (RCP NEWS2 Chart 4, {}):\n",
+        score.risk.name(),
+        response.trigger,
+        score.risk.response(),
+        response.monitoring,
+        response.trigger,
+    ));
+    for a in response.actions {
+        detail.push_str(&format!("- {a}\n"));
+    }
+    if score.has_red_score() && score.risk != ClinicalRisk::LowMedium {
+        detail.push_str("\nA single parameter scores 3 (a red score).\n");
+    }
+    let summary = format!(
+        "NEWS2 {} — {} clinical risk{}",
+        score.total,
+        score.risk.name(),
+        if score.scale == SpO2Scale::Scale2 {
+            " (SpO2 scale 2)"
+        } else {
+            ""
+        }
+    );
+    Card::builder(&summary, indicator(score.risk), wording.source())
+        .detail(wording.finish(detail))
+        .build()
+}
+
+fn incomplete_card(i: &Incomplete, wording: &Wording) -> Card {
+    let mut items: Vec<String> = vec![];
+    if let Some(age) = i.age {
+        items.push(format!("Age: {age}"));
+    }
+    for p in &i.missing {
+        items.push(format!(
+            "{}: no value recorded in the look-back window",
+            p.name()
+        ));
+    }
+    for u in &i.unusable {
+        let when = u
+            .time
+            .map(|t| format!(" ({})", time(t)))
+            .unwrap_or_default();
+        items.push(format!(
+            "{}: latest value cannot be used{when}: {}",
+            u.parameter.name(),
+            escape(&u.reason.to_string())
+        ));
+    }
+    let mut names: Vec<&str> = i.missing.iter().map(|p| p.name()).collect();
+    names.extend(i.unusable.iter().map(|u| u.parameter.name()));
+    if i.age.is_some() {
+        names.insert(0, "age");
+    }
+    let summary = format!("NEWS2 not calculated: missing {}", names.join(", "));
+    let mut detail = String::from(
+        "NEWS2 needs all seven parameters; no partial score is given. Missing or unusable:\n\n",
+    );
+    for item in items {
+        detail.push_str(&format!("- {item}\n"));
+    }
+    Card::builder(&summary, Indicator::Info, wording.source())
+        .detail(wording.finish(detail))
+        .build()
+}
+
+fn not_applicable_card(n: NotApplicable, wording: &Wording) -> Card {
+    let (summary, detail) = match n {
+        NotApplicable::UnderSixteen { .. } => (
+            "NEWS2 not applicable: patient under 16",
+            "NEWS2 is not validated for use in children under 16 years of age; use a paediatric early warning score.",
+        ),
+        NotApplicable::Pregnancy => (
+            "NEWS2 not applicable: pregnancy",
+            "NEWS2 is not validated in pregnancy; use an obstetric early warning score.",
+        ),
+    };
+    Card::builder(summary, Indicator::Info, wording.source())
+        .detail(wording.finish(detail.to_owned()))
+        .build()
+}
+
+/// One input's contribution to a risk model's output, in logit space against the bundle's
+/// reference point (for a logistic model, wᵢ·(xᵢ − x̄ᵢ) on the model's own inputs).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Contribution {
+    /// The feature's name as the bundle declares it.
+    pub feature: String,
+    /// The patient's value as shown (with its unit), if it is shown.
+    pub value: Option<String>,
+    /// The contribution to the logit (positive: raises the risk).
+    pub logit: f64,
+}
+
+/// What a risk-model card says.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RiskCard {
+    /// What is predicted ("ICU mortality").
+    pub title: String,
+    /// The model's name and version.
+    pub model_name: String,
+    pub model_version: String,
+    /// The predicted probability, in [0, 1].
+    pub risk: f64,
+    /// The bundle's operating threshold, in (0, 1).
+    pub threshold: f64,
+    /// Every input's contribution; the card shows the `top` largest in magnitude.
+    pub contributions: Vec<Contribution>,
+    /// How many contributions the card shows.
+    pub top: usize,
+    /// The bundle's intended use and population (e.g. "adult Pima women").
+    pub intended_use: String,
+    /// The bundle's caveat ("Not for clinical use without local validation").
+    pub caveat: String,
+    /// The card's source (the model card's label and URL).
+    pub source: Source,
+}
+
+fn percent(p: f64) -> String {
+    let v = p * 100.0;
+    if v > 0.0 && v < 1.0 {
+        "<1%".to_owned()
+    } else {
+        format!("{v:.0}%")
+    }
+}
+
+/// The card of a risk model's prediction: the risk against the operating threshold (at or
+/// above it: warning; below: info), the model and version, the top contributing factors
+/// for this patient, the intended use and the caveat.
+pub fn risk_card(r: &RiskCard) -> Card {
+    let above = r.risk >= r.threshold;
+    let summary = format!(
+        "{} risk {} ({} the {} threshold) — {} {}",
+        r.title,
+        percent(r.risk),
+        if above { "at or above" } else { "below" },
+        percent(r.threshold),
+        r.model_name,
+        r.model_version
+    );
+    let mut contributions: Vec<&Contribution> = r.contributions.iter().collect();
+    contributions.sort_by(|a, b| b.logit.abs().total_cmp(&a.logit.abs()));
+    let mut detail = format!(
+        "**{}**: {} (operating threshold {}), model {} version {}.\n\n",
+        escape(&r.title),
+        percent(r.risk),
+        percent(r.threshold),
+        escape(&r.model_name),
+        escape(&r.model_version)
+    );
+    if !contributions.is_empty() {
+        detail.push_str(
+            "Top contributing factors for this patient (log-odds against the reference patient):\n\n| Factor | Value | Contribution |\n|---|---|---:|\n",
+        );
+        for c in contributions.iter().take(r.top) {
+            detail.push_str(&format!(
+                "| {} | {} | {}{:.3} |\n",
+                escape(&c.feature),
+                c.value.as_deref().map(escape).unwrap_or_default(),
+                if c.logit >= 0.0 { "+" } else { "" },
+                c.logit
+            ));
+        }
+        detail.push('\n');
+    }
+    detail.push_str(&format!(
+        "**Intended use:** {}\n\n*{}*\n",
+        escape(&r.intended_use),
+        escape(&r.caveat)
+    ));
+    Card::builder(
+        &summary,
+        if above {
+            Indicator::Warning
+        } else {
+            Indicator::Info
+        },
+        r.source.clone(),
+    )
+    .detail(detail)
+    .build()
+}
+
+/// The card of a risk model that could not run because inputs are missing (never imputed).
+pub fn risk_missing_card(title: &str, model: &str, missing: &[String], source: Source) -> Card {
+    let summary = format!(
+        "{title} risk not calculated: missing {}",
+        missing.join(", ")
+    );
+    let mut detail = format!(
+        "The model {} needs every input; missing inputs are never imputed. Missing:\n\n",
+        escape(model)
+    );
+    for m in missing {
+        detail.push_str(&format!("- {}\n", escape(m)));
+    }
+    Card::builder(&summary, Indicator::Info, source)
+        .detail(detail)
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn risk(risk: f64) -> RiskCard {
+        RiskCard {
+            title: "ICU mortality".into(),
+            model_name: "icu-mortality".into(),
+            model_version: "1".into(),
+            risk,
+            threshold: 0.3,
+            contributions: vec![
+                Contribution {
+                    feature: "age".into(),
+                    value: Some("81 years".into()),
+                    logit: 0.8,
+                },
+                Contribution {
+                    feature: "systolic".into(),
+                    value: Some("85 mmHg".into()),
+                    logit: 1.2,
+                },
+                Contribution {
+                    feature: "type".into(),
+                    value: None,
+                    logit: -0.4,
+                },
+            ],
+            top: 2,
+            intended_use: "Adult ICU admissions".into(),
+            caveat: "Not for clinical use without local validation".into(),
+            source: Source {
+                label: "icu-mortality model card".into(),
+                url: None,
+                icon: None,
+                topic: None,
+            },
+        }
+    }
+
+    #[test]
+    fn risk_cards() {
+        let c = risk_card(&risk(0.34));
+        assert_eq!(c.indicator, Indicator::Warning);
+        assert_eq!(
+            c.summary,
+            "ICU mortality risk 34% (at or above the 30% threshold) — icu-mortality 1"
+        );
+        let d = c.detail.unwrap();
+        // Largest first, only the top two.
+        let sys = d.find("| systolic | 85 mmHg | +1.200 |").unwrap();
+        let age = d.find("| age | 81 years | +0.800 |").unwrap();
+        assert!(sys < age);
+        assert!(!d.contains("| type |"));
+        assert!(d.contains("*Not for clinical use without local validation*"));
+        assert_eq!(risk_card(&risk(0.1)).indicator, Indicator::Info);
+        let m = risk_missing_card(
+            "Diabetes",
+            "pima-diabetes",
+            &["pedigree function".into()],
+            risk(0.1).source,
+        );
+        assert_eq!(m.indicator, Indicator::Info);
+        assert_eq!(
+            m.summary,
+            "Diabetes risk not calculated: missing pedigree function"
+        );
+    }
+
+    #[test]
+    fn indicators_follow_the_band() {
+        assert_eq!(indicator(ClinicalRisk::Low), Indicator::Info);
+        assert_eq!(indicator(ClinicalRisk::LowMedium), Indicator::Warning);
+        assert_eq!(indicator(ClinicalRisk::Medium), Indicator::Warning);
+        assert_eq!(indicator(ClinicalRisk::High), Indicator::Critical);
+    }
+
+    #[test]
+    fn markdown_from_input_is_escaped() {
+        assert_eq!(escape("a|b*c\n"), "a\\|b\\*c");
+    }
+}

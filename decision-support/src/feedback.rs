@@ -1,0 +1,309 @@
+//! Feedback on cards (`POST /cds-services/{id}/feedback`), joined to the card it is about.
+//!
+//! A [`CardLedger`] remembers, for a bounded number of recent cards, which service and which
+//! model version issued each; [`CardLedger::accept`] checks a [`FeedbackRequest`] against it
+//! (every card must have been issued by the service the feedback is posted to) and turns
+//! it into [`FeedbackEvent`]s for the caller to store and count. [`OverrideStats`] counts
+//! outcomes per service and model version (the override rate the metrics expose).
+//!
+//! The ledger is in memory: after a restart, or once a card has been pushed out by
+//! [`CardLedger::capacity`] newer ones, feedback on it is refused as
+//! [`FeedbackRefused::UnknownCard`] (the caller may still store it, unjoined).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use chrono::{DateTime, Utc};
+
+use crate::fhir::Coding;
+use crate::hooks::{Card, FeedbackError, FeedbackRequest, Outcome};
+
+/// What is remembered of an issued card.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssuedCard {
+    /// The service that issued it.
+    pub service: String,
+    /// The model (bundle) and version behind it; `None` for NEWS2 cards.
+    pub model: Option<(String, String)>,
+    /// When it was issued.
+    pub issued_at: DateTime<Utc>,
+}
+
+/// Recent cards by uuid, at most `capacity` (the oldest forgotten first).
+#[derive(Debug)]
+pub struct CardLedger {
+    capacity: usize,
+    cards: HashMap<String, IssuedCard>,
+    order: VecDeque<String>,
+}
+
+/// One feedback item joined to its card.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeedbackEvent {
+    pub card: String,
+    pub service: String,
+    pub model: Option<(String, String)>,
+    pub outcome: Outcome,
+    /// The uuids of the accepted suggestions.
+    pub accepted_suggestions: Vec<String>,
+    /// The override reason's coding, when given.
+    pub override_reason: Option<Coding>,
+    /// Whether the clinician wrote a comment (the comment itself is free text that may name
+    /// the patient: the caller decides whether and where to keep it).
+    pub has_comment: bool,
+    pub outcome_timestamp: DateTime<Utc>,
+}
+
+/// Why feedback was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FeedbackRefused {
+    /// The body is not valid feedback.
+    #[error(transparent)]
+    Invalid(#[from] FeedbackError),
+    /// A card this ledger does not know (never issued, issued long ago, or before a restart).
+    #[error("feedback item {index}: unknown card")]
+    UnknownCard { index: usize },
+    /// A card issued by another service.
+    #[error("feedback item {index}: the card was issued by another service")]
+    OtherService { index: usize },
+}
+
+impl CardLedger {
+    /// A ledger of at most `capacity` cards.
+    pub fn new(capacity: usize) -> CardLedger {
+        CardLedger {
+            capacity: capacity.max(1),
+            cards: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// How many cards it holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// How many cards it holds.
+    pub fn len(&self) -> usize {
+        self.cards.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.cards.is_empty()
+    }
+
+    /// Remembers the cards of a response.
+    pub fn record<'a>(
+        &mut self,
+        cards: impl IntoIterator<Item = &'a Card>,
+        service: &str,
+        model: Option<(&str, &str)>,
+        now: DateTime<Utc>,
+    ) {
+        for card in cards {
+            if self.cards.len() >= self.capacity
+                && let Some(oldest) = self.order.pop_front()
+            {
+                self.cards.remove(&oldest);
+            }
+            self.order.push_back(card.uuid.clone());
+            self.cards.insert(
+                card.uuid.clone(),
+                IssuedCard {
+                    service: service.to_owned(),
+                    model: model.map(|(m, v)| (m.to_owned(), v.to_owned())),
+                    issued_at: now,
+                },
+            );
+        }
+    }
+
+    /// The card with this uuid, if remembered.
+    pub fn get(&self, uuid: &str) -> Option<&IssuedCard> {
+        self.cards.get(uuid)
+    }
+
+    /// Validates feedback posted to `service` and joins every item to its card. All or
+    /// nothing: one bad item refuses the request.
+    pub fn accept(
+        &self,
+        service: &str,
+        request: &FeedbackRequest,
+    ) -> Result<Vec<FeedbackEvent>, FeedbackRefused> {
+        request.validate()?;
+        let mut events = vec![];
+        for (index, f) in request.feedback.iter().enumerate() {
+            let key = uuid::Uuid::parse_str(&f.card)
+                .map(|u| u.hyphenated().to_string())
+                .unwrap_or_default();
+            let card = self
+                .cards
+                .get(&key)
+                .or_else(|| self.cards.get(&f.card))
+                .ok_or(FeedbackRefused::UnknownCard { index })?;
+            if card.service != service {
+                return Err(FeedbackRefused::OtherService { index });
+            }
+            let outcome_timestamp = DateTime::parse_from_rfc3339(&f.outcome_timestamp)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|_| FeedbackError::Timestamp { index })?;
+            events.push(FeedbackEvent {
+                card: key,
+                service: card.service.clone(),
+                model: card.model.clone(),
+                outcome: f.outcome,
+                accepted_suggestions: f
+                    .accepted_suggestions
+                    .iter()
+                    .map(|s| s.id.clone())
+                    .collect(),
+                override_reason: f.override_reason.as_ref().and_then(|r| r.reason.clone()),
+                has_comment: f
+                    .override_reason
+                    .as_ref()
+                    .is_some_and(|r| r.user_comment.is_some()),
+                outcome_timestamp,
+            });
+        }
+        Ok(events)
+    }
+}
+
+/// (service, (model, version)).
+type StatsKey = (String, Option<(String, String)>);
+
+/// Outcomes counted per service and model version.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OverrideStats {
+    /// (accepted, overridden) by key.
+    counts: BTreeMap<StatsKey, (u64, u64)>,
+}
+
+impl OverrideStats {
+    /// Counts events.
+    pub fn add(&mut self, events: &[FeedbackEvent]) {
+        for e in events {
+            let c = self
+                .counts
+                .entry((e.service.clone(), e.model.clone()))
+                .or_default();
+            match e.outcome {
+                Outcome::Accepted => c.0 += 1,
+                Outcome::Overridden => c.1 += 1,
+            }
+        }
+    }
+
+    /// (accepted, overridden) for a service and model version.
+    pub fn counts(&self, service: &str, model: Option<(&str, &str)>) -> (u64, u64) {
+        let key = (
+            service.to_owned(),
+            model.map(|(m, v)| (m.to_owned(), v.to_owned())),
+        );
+        self.counts.get(&key).copied().unwrap_or_default()
+    }
+
+    /// The share of feedback that overrode the cards, `None` before any feedback.
+    pub fn override_rate(&self, service: &str, model: Option<(&str, &str)>) -> Option<f64> {
+        let (accepted, overridden) = self.counts(service, model);
+        let total = accepted + overridden;
+        (total > 0).then(|| overridden as f64 / total as f64)
+    }
+
+    /// Every (service, model) with its (accepted, overridden) counts.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, Option<(&str, &str)>, u64, u64)> {
+        self.counts.iter().map(|((s, m), (a, o))| {
+            (
+                s.as_str(),
+                m.as_ref().map(|(m, v)| (m.as_str(), v.as_str())),
+                *a,
+                *o,
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hooks::{Indicator, Source};
+    use serde_json::json;
+
+    fn card() -> Card {
+        Card::builder(
+            "x",
+            Indicator::Info,
+            Source {
+                label: "s".into(),
+                url: None,
+                icon: None,
+                topic: None,
+            },
+        )
+        .build()
+    }
+
+    fn feedback(card: &str, outcome: &str) -> FeedbackRequest {
+        let mut item = json!({"card": card, "outcome": outcome,
+            "outcomeTimestamp": "2024-05-01T12:05:00Z"});
+        if outcome == "accepted" {
+            item["acceptedSuggestions"] = json!([{"id": "e56e1945-20b3-4393-8503-a1a20fd73152"}]);
+        } else {
+            item["overrideReason"] = json!({"reason": {"system": "http://example.org/r", "code": "not-relevant"},
+                "userComment": "free text"});
+        }
+        serde_json::from_value(json!({"feedback": [item]})).unwrap()
+    }
+
+    #[test]
+    fn joins_feedback_to_cards_and_counts_overrides() {
+        let now = "2024-05-01T12:00:00Z".parse().unwrap();
+        let mut ledger = CardLedger::new(2);
+        let (a, b, c) = (card(), card(), card());
+        ledger.record([&a], "risk", Some(("icu-mortality", "1")), now);
+        ledger.record([&b], "nightingale-news2", None, now);
+        let mut stats = OverrideStats::default();
+        let e = ledger
+            .accept("risk", &feedback(&a.uuid, "overridden"))
+            .unwrap();
+        assert_eq!(e[0].model, Some(("icu-mortality".into(), "1".into())));
+        assert!(e[0].has_comment);
+        assert_eq!(
+            e[0].override_reason.as_ref().unwrap().code.as_deref(),
+            Some("not-relevant")
+        );
+        stats.add(&e);
+        stats.add(
+            &ledger
+                .accept("risk", &feedback(&a.uuid, "accepted"))
+                .unwrap(),
+        );
+        assert_eq!(
+            stats.override_rate("risk", Some(("icu-mortality", "1"))),
+            Some(0.5)
+        );
+        assert_eq!(
+            stats.override_rate("risk", Some(("icu-mortality", "2"))),
+            None
+        );
+        // Feedback posted to the wrong service.
+        assert!(matches!(
+            ledger.accept("risk", &feedback(&b.uuid, "overridden")),
+            Err(FeedbackRefused::OtherService { index: 0 })
+        ));
+        // A third card pushes the first out.
+        ledger.record([&c], "risk", None, now);
+        assert_eq!(ledger.len(), 2);
+        assert!(matches!(
+            ledger.accept("risk", &feedback(&a.uuid, "overridden")),
+            Err(FeedbackRefused::UnknownCard { index: 0 })
+        ));
+        // Upper-case uuids name the same card.
+        assert!(
+            ledger
+                .accept("risk", &feedback(&c.uuid.to_uppercase(), "overridden"))
+                .is_ok()
+        );
+    }
+}

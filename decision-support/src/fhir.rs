@@ -1,0 +1,976 @@
+//! A hand-written serde subset of FHIR R4: the few resources and fields a CDS service reads.
+//!
+//! Why not a FHIR crate: `fhirbolt` 0.4 is the only Rust crate with R4 models, calls itself
+//! experimental, and takes ~80 s and ~2.8 GB of memory to `cargo check` (measured in the
+//! project's TESTBED.md); `fhir-sdk` has no R4 at all. A CDS service reads a handful of
+//! elements of four resources, so a subset it can audit line by line costs less than a
+//! generated model of the whole specification.
+//!
+//! What is read:
+//! - [`Patient`]: `id`, `birthDate`, `gender`, `identifier`;
+//! - [`Observation`]: `id`, `status`, `category`, `code`, `subject`, `effectiveDateTime` /
+//!   `effectivePeriod` / `effectiveInstant`, `issued`, `valueQuantity`,
+//!   `valueCodeableConcept`, `dataAbsentReason`, `component[]`;
+//! - [`Condition`]: `id`, `code`, `clinicalStatus`, `verificationStatus`, `subject`;
+//! - [`Bundle`]: `entry[].fullUrl`, `entry[].resource`.
+//!
+//! Rules (lenient on input, as the CDS Hooks specification asks of services):
+//! - unknown fields are ignored;
+//! - resources of other types are kept as [`Resource::Other`] (their type name only) and
+//!   skipped by [`Resources`];
+//! - the input is bounded: [`Limits::max_bytes`] before parsing, serde_json's recursion limit
+//!   (128 levels) stays on, [`Limits::max_resources`] resources at most, Bundles nested
+//!   [`MAX_BUNDLE_DEPTH`] deep at most;
+//! - dates are kept as written and parsed when read ([`Observation::effective`],
+//!   [`Patient::birth_date`]), so one malformed date on an unrelated resource does not
+//!   reject the whole prefetch; a malformed *structure* (a string where an object belongs)
+//!   is an error naming where it is, never the value (errors carry no patient data).
+
+use std::fmt;
+
+use chrono::{DateTime, Datelike, FixedOffset, NaiveDate, Utc};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The code system URI of LOINC.
+pub const LOINC: &str = "http://loinc.org";
+/// The code system URI of SNOMED CT.
+pub const SNOMED: &str = "http://snomed.info/sct";
+/// The code system URI of UCUM (units).
+pub const UCUM: &str = "http://unitsofmeasure.org";
+
+/// How deep Bundles may nest inside Bundles.
+pub const MAX_BUNDLE_DEPTH: usize = 4;
+
+/// Bounds on FHIR input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest input accepted, in bytes (default 4 MiB).
+    pub max_bytes: usize,
+    /// The most resources accepted, Bundles and their entries counted (default 10,000).
+    pub max_resources: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bytes: 4 << 20,
+            max_resources: 10_000,
+        }
+    }
+}
+
+/// Why FHIR input was refused. No variant carries a value read from the input other than
+/// its shape (a field name, a resource type truncated to 64 characters, a position).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FhirError {
+    /// The input is over [`Limits::max_bytes`].
+    #[error("the FHIR input is {size} bytes, over the limit of {limit}")]
+    TooLarge { size: usize, limit: usize },
+    /// The input is not JSON (or nests deeper than serde_json's recursion limit).
+    #[error("the FHIR input is not valid JSON ({category} at line {line}, column {column})")]
+    Json {
+        category: &'static str,
+        line: usize,
+        column: usize,
+    },
+    /// A JSON value where a resource belongs is not an object with a `resourceType` string.
+    #[error("{path}: not a FHIR resource (no \"resourceType\")")]
+    NotAResource { path: String },
+    /// A resource of a type this crate reads does not have the structure FHIR R4 gives it.
+    #[error("{path}: invalid {resource_type}: {reason}")]
+    InvalidResource {
+        path: String,
+        resource_type: &'static str,
+        reason: String,
+    },
+    /// More than [`Limits::max_resources`] resources.
+    #[error("more than {limit} FHIR resources")]
+    TooManyResources { limit: usize },
+    /// Bundles nested deeper than [`MAX_BUNDLE_DEPTH`].
+    #[error("{path}: Bundles nested more than {limit} deep")]
+    TooDeep { path: String, limit: usize },
+}
+
+/// A FHIR resource of a type this crate reads, or the type name of one it skips.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Resource {
+    Patient(Box<Patient>),
+    Observation(Box<Observation>),
+    Condition(Box<Condition>),
+    Bundle(Bundle),
+    /// Another resource type (its `resourceType`, at most 64 characters): skipped.
+    Other(String),
+}
+
+impl Resource {
+    /// Parses one resource (a Bundle included) from JSON bytes.
+    pub fn from_json(bytes: &[u8], limits: &Limits) -> Result<Resource, FhirError> {
+        if bytes.len() > limits.max_bytes {
+            return Err(FhirError::TooLarge {
+                size: bytes.len(),
+                limit: limits.max_bytes,
+            });
+        }
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| FhirError::Json {
+            category: match e.classify() {
+                serde_json::error::Category::Io => "read error",
+                serde_json::error::Category::Syntax => "syntax error",
+                serde_json::error::Category::Data => "data error",
+                serde_json::error::Category::Eof => "unexpected end",
+            },
+            line: e.line(),
+            column: e.column(),
+        })?;
+        Resource::from_value(&value, limits)
+    }
+
+    /// Reads one resource from an already parsed JSON value (a CDS Hooks prefetch entry).
+    /// The byte bound is the caller's (the HTTP body limit); the resource count is checked.
+    pub fn from_value(value: &Value, limits: &Limits) -> Result<Resource, FhirError> {
+        let mut count = 0;
+        read_resource(value, "$", 0, limits, &mut count)
+    }
+
+    /// The `resourceType` of this resource.
+    pub fn resource_type(&self) -> &str {
+        match self {
+            Resource::Patient(_) => "Patient",
+            Resource::Observation(_) => "Observation",
+            Resource::Condition(_) => "Condition",
+            Resource::Bundle(_) => "Bundle",
+            Resource::Other(t) => t,
+        }
+    }
+}
+
+fn read_resource(
+    value: &Value,
+    path: &str,
+    depth: usize,
+    limits: &Limits,
+    count: &mut usize,
+) -> Result<Resource, FhirError> {
+    *count += 1;
+    if *count > limits.max_resources {
+        return Err(FhirError::TooManyResources {
+            limit: limits.max_resources,
+        });
+    }
+    let kind = value
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .ok_or_else(|| FhirError::NotAResource {
+            path: path.to_owned(),
+        })?;
+    fn typed<'a, T: Deserialize<'a>>(
+        value: &'a Value,
+        path: &str,
+        resource_type: &'static str,
+    ) -> Result<T, FhirError> {
+        T::deserialize(value).map_err(|e| FhirError::InvalidResource {
+            path: path.to_owned(),
+            resource_type,
+            reason: sanitise(&e.to_string()),
+        })
+    }
+    Ok(match kind {
+        "Patient" => Resource::Patient(Box::new(typed(value, path, "Patient")?)),
+        "Observation" => Resource::Observation(Box::new(typed(value, path, "Observation")?)),
+        "Condition" => Resource::Condition(Box::new(typed(value, path, "Condition")?)),
+        "Bundle" => {
+            if depth >= MAX_BUNDLE_DEPTH {
+                return Err(FhirError::TooDeep {
+                    path: path.to_owned(),
+                    limit: MAX_BUNDLE_DEPTH,
+                });
+            }
+            let raw: RawBundle = typed(value, path, "Bundle")?;
+            let mut entry = Vec::with_capacity(raw.entry.len());
+            for (i, e) in raw.entry.iter().enumerate() {
+                let resource = match &e.resource {
+                    None | Some(Value::Null) => None,
+                    Some(v) => Some(read_resource(
+                        v,
+                        &format!("{path}.entry[{i}].resource"),
+                        depth + 1,
+                        limits,
+                        count,
+                    )?),
+                };
+                entry.push(BundleEntry {
+                    full_url: e.full_url.clone(),
+                    resource,
+                });
+            }
+            Resource::Bundle(Bundle {
+                id: raw.id,
+                bundle_type: raw.bundle_type,
+                entry,
+            })
+        }
+        other => Resource::Other(other.chars().take(64).collect()),
+    })
+}
+
+/// serde's messages may quote the offending value ("invalid type: string \"…\""): keep the
+/// shape of the complaint, never the value.
+fn sanitise(message: &str) -> String {
+    // serde_json::Value errors carry no position; strip one if present anyway.
+    let message = message.split(" at line ").next().unwrap_or(message);
+    if message.starts_with("missing field") || message.starts_with("duplicate field") {
+        return message.to_owned();
+    }
+    for prefix in ["invalid type", "invalid value", "invalid length"] {
+        if message.starts_with(prefix) {
+            return match message.find(", expected ") {
+                Some(at) => format!("{prefix}{}", &message[at..]),
+                None => prefix.to_owned(),
+            };
+        }
+    }
+    if message.starts_with("unknown variant") {
+        return match message.find(", expected ") {
+            Some(at) => format!("unknown code{}", &message[at..]),
+            None => "unknown code".to_owned(),
+        };
+    }
+    "malformed".to_owned()
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawBundle {
+    id: Option<String>,
+    #[serde(rename = "type")]
+    bundle_type: Option<String>,
+    #[serde(default)]
+    entry: Vec<RawEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawEntry {
+    full_url: Option<String>,
+    resource: Option<Value>,
+}
+
+/// A Bundle (a search result set, a collection…): its entries' resources.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Bundle {
+    pub id: Option<String>,
+    /// `Bundle.type` as written (`searchset`, `collection`, …).
+    pub bundle_type: Option<String>,
+    pub entry: Vec<BundleEntry>,
+}
+
+/// One `Bundle.entry`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BundleEntry {
+    pub full_url: Option<String>,
+    /// `None` when the entry has no resource (e.g. a search outcome without one).
+    pub resource: Option<Resource>,
+}
+
+/// The resources of one or more inputs, Bundles flattened, by type.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Resources {
+    pub patients: Vec<Patient>,
+    pub observations: Vec<Observation>,
+    pub conditions: Vec<Condition>,
+    /// How many resources of other types were skipped.
+    pub skipped: usize,
+}
+
+impl Resources {
+    /// An empty set.
+    pub fn new() -> Resources {
+        Resources::default()
+    }
+
+    /// Adds a resource, flattening Bundles.
+    pub fn add(&mut self, resource: Resource) {
+        match resource {
+            Resource::Patient(p) => self.patients.push(*p),
+            Resource::Observation(o) => self.observations.push(*o),
+            Resource::Condition(c) => self.conditions.push(*c),
+            Resource::Bundle(b) => {
+                for e in b.entry {
+                    if let Some(r) = e.resource {
+                        self.add(r);
+                    }
+                }
+            }
+            Resource::Other(_) => self.skipped += 1,
+        }
+    }
+}
+
+impl From<Resource> for Resources {
+    fn from(resource: Resource) -> Self {
+        let mut all = Resources::new();
+        all.add(resource);
+        all
+    }
+}
+
+/// A `Coding` (also written in cards: a source topic, an override reason).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Coding {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub display: Option<String>,
+}
+
+impl Coding {
+    /// Whether this is `code` of `system` (both compared exactly, as FHIR codes are).
+    pub fn is(&self, system: &str, code: &str) -> bool {
+        self.system.as_deref() == Some(system) && self.code.as_deref() == Some(code)
+    }
+}
+
+/// A `CodeableConcept`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CodeableConcept {
+    #[serde(default)]
+    pub coding: Vec<Coding>,
+    pub text: Option<String>,
+}
+
+impl CodeableConcept {
+    /// Whether any coding is `code` of `system`.
+    pub fn has(&self, system: &str, code: &str) -> bool {
+        self.coding.iter().any(|c| c.is(system, code))
+    }
+
+    /// Whether any coding is one of `codes` (system, code).
+    pub fn has_any(&self, codes: &[SystemCode]) -> bool {
+        codes.iter().any(|c| self.has(&c.system, &c.code))
+    }
+
+    /// The first coding of `system`, if any.
+    pub fn code_in(&self, system: &str) -> Option<&str> {
+        self.coding
+            .iter()
+            .find(|c| c.system.as_deref() == Some(system))
+            .and_then(|c| c.code.as_deref())
+    }
+}
+
+/// A code with its system, written `system|code` in configuration (as FHIR search does).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SystemCode {
+    pub system: String,
+    pub code: String,
+}
+
+impl SystemCode {
+    /// `system` and `code`.
+    pub fn new(system: &str, code: &str) -> SystemCode {
+        SystemCode {
+            system: system.to_owned(),
+            code: code.to_owned(),
+        }
+    }
+
+    /// Parses `system|code` (both non-empty).
+    pub fn parse(text: &str) -> Option<SystemCode> {
+        let (system, code) = text.split_once('|')?;
+        (!system.is_empty() && !code.is_empty() && !code.contains('|'))
+            .then(|| SystemCode::new(system, code))
+    }
+}
+
+impl fmt::Display for SystemCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}|{}", self.system, self.code)
+    }
+}
+
+impl<'de> Deserialize<'de> for SystemCode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        SystemCode::parse(&text).ok_or_else(|| {
+            serde::de::Error::custom(
+                "expected \"system|code\", e.g. \"http://snomed.info/sct|77386006\"",
+            )
+        })
+    }
+}
+
+impl serde::Serialize for SystemCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A `Quantity`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Quantity {
+    pub value: Option<f64>,
+    /// `<`, `<=`, `>=`, `>`: the value is a bound, not a measurement.
+    pub comparator: Option<String>,
+    /// The human-readable unit.
+    pub unit: Option<String>,
+    pub system: Option<String>,
+    /// The coded unit (UCUM when `system` is [`UCUM`]).
+    pub code: Option<String>,
+}
+
+/// A `Reference` (only its literal reference).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reference {
+    pub reference: Option<String>,
+}
+
+impl Reference {
+    /// The id when this is a relative reference to a Patient (`Patient/{id}`, or an absolute
+    /// URL ending so), `None` otherwise.
+    pub fn patient_id(&self) -> Option<&str> {
+        let r = self.reference.as_deref()?;
+        let r = r.split("/_history/").next().unwrap_or(r);
+        let (before, id) = r.rsplit_once('/')?;
+        (before == "Patient" || before.ends_with("/Patient")).then_some(id)
+    }
+}
+
+/// A `Period` (as written; parsed when read).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Period {
+    pub start: Option<String>,
+    pub end: Option<String>,
+}
+
+/// An `Identifier`. Its `Debug` hides the value (an NHS number is a patient identifier).
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Identifier {
+    pub system: Option<String>,
+    pub value: Option<String>,
+}
+
+impl fmt::Debug for Identifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identifier")
+            .field("system", &self.system)
+            .field("value", &self.value.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// `Patient.gender`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Gender {
+    Male,
+    Female,
+    Other,
+    Unknown,
+}
+
+/// A Patient.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Patient {
+    pub id: Option<String>,
+    /// As written: `YYYY`, `YYYY-MM` or `YYYY-MM-DD` (read with [`Patient::birth_date`]).
+    pub birth_date: Option<String>,
+    pub gender: Option<Gender>,
+    #[serde(default)]
+    pub identifier: Vec<Identifier>,
+}
+
+impl Patient {
+    /// `birthDate` parsed; `None` when absent, `Err` when malformed.
+    pub fn birth_date(&self) -> Option<Result<FhirDate, DateError>> {
+        self.birth_date.as_deref().map(FhirDate::parse)
+    }
+
+    /// The value of the first identifier of `system`.
+    pub fn identifier_value(&self, system: &str) -> Option<&str> {
+        self.identifier
+            .iter()
+            .find(|i| i.system.as_deref() == Some(system))
+            .and_then(|i| i.value.as_deref())
+    }
+}
+
+/// `Observation.status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ObservationStatus {
+    Registered,
+    Preliminary,
+    Final,
+    Amended,
+    Corrected,
+    Cancelled,
+    EnteredInError,
+    Unknown,
+}
+
+impl ObservationStatus {
+    /// `final`, `amended` or `corrected`: a result that may be acted on.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            ObservationStatus::Final | ObservationStatus::Amended | ObservationStatus::Corrected
+        )
+    }
+}
+
+/// An Observation.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Observation {
+    pub id: Option<String>,
+    pub status: ObservationStatus,
+    #[serde(default)]
+    pub category: Vec<CodeableConcept>,
+    pub code: CodeableConcept,
+    pub subject: Option<Reference>,
+    pub effective_date_time: Option<String>,
+    pub effective_instant: Option<String>,
+    pub effective_period: Option<Period>,
+    pub issued: Option<String>,
+    pub value_quantity: Option<Quantity>,
+    pub value_codeable_concept: Option<CodeableConcept>,
+    pub data_absent_reason: Option<CodeableConcept>,
+    #[serde(default)]
+    pub component: Vec<ObservationComponent>,
+}
+
+/// One `Observation.component`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservationComponent {
+    pub code: CodeableConcept,
+    pub value_quantity: Option<Quantity>,
+    pub value_codeable_concept: Option<CodeableConcept>,
+    pub data_absent_reason: Option<CodeableConcept>,
+}
+
+/// Where an observation's time came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeSource {
+    EffectiveDateTime,
+    EffectiveInstant,
+    /// `effectivePeriod.end`, or its `start` when it has no end.
+    EffectivePeriod,
+    /// `issued`, used when no `effective[x]` is given.
+    Issued,
+}
+
+impl Observation {
+    /// When the observation was made, to the second: `effectiveDateTime`,
+    /// `effectiveInstant`, `effectivePeriod` (its end, else its start), else `issued`.
+    /// `Ok(None)` when none is given; `Err` when the one given is malformed or only a date
+    /// (a vital sign needs a time).
+    pub fn effective(&self) -> Result<Option<(DateTime<Utc>, TimeSource)>, DateError> {
+        let (text, source) = if let Some(t) = &self.effective_date_time {
+            (t.as_str(), TimeSource::EffectiveDateTime)
+        } else if let Some(t) = &self.effective_instant {
+            (t.as_str(), TimeSource::EffectiveInstant)
+        } else if let Some(p) = &self.effective_period {
+            match p.end.as_deref().or(p.start.as_deref()) {
+                Some(t) => (t, TimeSource::EffectivePeriod),
+                None => return Ok(None),
+            }
+        } else if let Some(t) = &self.issued {
+            (t.as_str(), TimeSource::Issued)
+        } else {
+            return Ok(None);
+        };
+        match FhirDateTime::parse(text)? {
+            FhirDateTime::Instant(t) => Ok(Some((t.with_timezone(&Utc), source))),
+            FhirDateTime::Date(_) => Err(DateError::NoTime),
+        }
+    }
+
+    /// `issued`, parsed (`None` when absent or malformed).
+    pub fn issued(&self) -> Option<DateTime<Utc>> {
+        match FhirDateTime::parse(self.issued.as_deref()?) {
+            Ok(FhirDateTime::Instant(t)) => Some(t.with_timezone(&Utc)),
+            _ => None,
+        }
+    }
+}
+
+/// A Condition.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    pub id: Option<String>,
+    pub code: Option<CodeableConcept>,
+    pub clinical_status: Option<CodeableConcept>,
+    pub verification_status: Option<CodeableConcept>,
+    pub subject: Option<Reference>,
+}
+
+/// The code system of `Condition.clinicalStatus`.
+pub const CONDITION_CLINICAL: &str = "http://terminology.hl7.org/CodeSystem/condition-clinical";
+/// The code system of `Condition.verificationStatus`.
+pub const CONDITION_VER_STATUS: &str = "http://terminology.hl7.org/CodeSystem/condition-ver-status";
+
+impl Condition {
+    /// Whether the condition holds now: its clinical status is `active`, `recurrence` or
+    /// `relapse` (R4 requires one unless the record was entered in error), and it is not
+    /// `refuted` or `entered-in-error`. `unconfirmed`, `provisional` and `differential`
+    /// count: a service that withholds a score for a condition errs on the safe side.
+    pub fn is_active(&self) -> bool {
+        let active = self
+            .clinical_status
+            .as_ref()
+            .and_then(|c| c.code_in(CONDITION_CLINICAL))
+            .is_some_and(|c| matches!(c, "active" | "recurrence" | "relapse"));
+        let refuted = self
+            .verification_status
+            .as_ref()
+            .and_then(|c| c.code_in(CONDITION_VER_STATUS))
+            .is_some_and(|c| matches!(c, "refuted" | "entered-in-error"));
+        active && !refuted
+    }
+
+    /// Whether the condition is active and coded as one of `codes`.
+    pub fn is_active_one_of(&self, codes: &[SystemCode]) -> bool {
+        self.is_active() && self.code.as_ref().is_some_and(|c| c.has_any(codes))
+    }
+}
+
+/// Why a FHIR date or dateTime could not be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DateError {
+    /// Not of the form FHIR R4 gives (`YYYY[-MM[-DD[Thh:mm:ss[.s+](Z|±hh:mm)]]]`).
+    #[error("not a FHIR date/dateTime")]
+    Malformed,
+    /// A date without a time where a time is needed.
+    #[error("a date without a time")]
+    NoTime,
+}
+
+/// A FHIR `date`, to the precision written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FhirDate {
+    Year(i32),
+    YearMonth(i32, u32),
+    Day(NaiveDate),
+}
+
+impl FhirDate {
+    /// Parses `YYYY`, `YYYY-MM` or `YYYY-MM-DD`.
+    pub fn parse(text: &str) -> Result<FhirDate, DateError> {
+        let b = text.as_bytes();
+        let digits = |r: std::ops::Range<usize>| {
+            b.get(r.clone())
+                .filter(|s| s.iter().all(u8::is_ascii_digit))
+                .map(|_| text[r].parse::<u32>().unwrap_or(0))
+        };
+        let year = digits(0..4).ok_or(DateError::Malformed)? as i32;
+        match b.len() {
+            4 => Ok(FhirDate::Year(year)),
+            7 if b[4] == b'-' => {
+                let m = digits(5..7).ok_or(DateError::Malformed)?;
+                if !(1..=12).contains(&m) {
+                    return Err(DateError::Malformed);
+                }
+                Ok(FhirDate::YearMonth(year, m))
+            }
+            10 if b[4] == b'-' && b[7] == b'-' => {
+                let m = digits(5..7).ok_or(DateError::Malformed)?;
+                let d = digits(8..10).ok_or(DateError::Malformed)?;
+                NaiveDate::from_ymd_opt(year, m, d)
+                    .map(FhirDate::Day)
+                    .ok_or(DateError::Malformed)
+            }
+            _ => Err(DateError::Malformed),
+        }
+    }
+
+    /// The earliest day this date may be.
+    pub fn earliest(self) -> NaiveDate {
+        match self {
+            FhirDate::Year(y) => NaiveDate::from_ymd_opt(y, 1, 1).unwrap_or(NaiveDate::MIN),
+            FhirDate::YearMonth(y, m) => NaiveDate::from_ymd_opt(y, m, 1).unwrap_or(NaiveDate::MIN),
+            FhirDate::Day(d) => d,
+        }
+    }
+
+    /// The latest day this date may be.
+    pub fn latest(self) -> NaiveDate {
+        match self {
+            FhirDate::Year(y) => NaiveDate::from_ymd_opt(y, 12, 31).unwrap_or(NaiveDate::MAX),
+            FhirDate::YearMonth(y, m) => {
+                let next = if m == 12 {
+                    NaiveDate::from_ymd_opt(y + 1, 1, 1)
+                } else {
+                    NaiveDate::from_ymd_opt(y, m + 1, 1)
+                };
+                next.and_then(|d| d.pred_opt()).unwrap_or(NaiveDate::MAX)
+            }
+            FhirDate::Day(d) => d,
+        }
+    }
+
+    /// The age in whole years on `today` of someone born on this date: the least and the
+    /// greatest it can be, given the precision written (equal for a full date).
+    pub fn age_on(self, today: NaiveDate) -> (i32, i32) {
+        (
+            whole_years(self.latest(), today),
+            whole_years(self.earliest(), today),
+        )
+    }
+}
+
+/// Whole years from `born` to `today` (a 29 February birthday comes on 1 March in other
+/// years, as in UK law).
+fn whole_years(born: NaiveDate, today: NaiveDate) -> i32 {
+    let mut years = today.year() - born.year();
+    if (today.month(), today.day()) < (born.month(), born.day()) {
+        years -= 1;
+    }
+    years
+}
+
+/// A FHIR `dateTime` or `instant`: a time when one is written, else a date.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FhirDateTime {
+    Date(FhirDate),
+    Instant(DateTime<FixedOffset>),
+}
+
+impl FhirDateTime {
+    /// Parses a FHIR R4 `dateTime` (a time needs seconds and a zone, as R4 requires).
+    pub fn parse(text: &str) -> Result<FhirDateTime, DateError> {
+        if text.len() > 40 {
+            return Err(DateError::Malformed);
+        }
+        if text.len() <= 10 {
+            return FhirDate::parse(text).map(FhirDateTime::Date);
+        }
+        // R4: "T" and an upper-case "Z" only; chrono also accepts a space and lower case.
+        if text.as_bytes().get(10) != Some(&b'T') || text.contains('z') {
+            return Err(DateError::Malformed);
+        }
+        DateTime::parse_from_rfc3339(text)
+            .map(FhirDateTime::Instant)
+            .map_err(|_| DateError::Malformed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<Resource, FhirError> {
+        Resource::from_json(v.to_string().as_bytes(), &Limits::default())
+    }
+
+    #[test]
+    fn reads_a_patient_and_ignores_unknown_fields() {
+        let r = parse(json!({
+            "resourceType": "Patient", "id": "p1", "birthDate": "1950-03-04",
+            "gender": "female", "active": true, "name": [{"family": "X"}],
+            "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9000000009"}]
+        }))
+        .unwrap();
+        let Resource::Patient(p) = r else {
+            panic!("not a patient")
+        };
+        assert_eq!(p.gender, Some(Gender::Female));
+        assert_eq!(
+            p.birth_date().unwrap().unwrap(),
+            FhirDate::Day(NaiveDate::from_ymd_opt(1950, 3, 4).unwrap())
+        );
+        assert_eq!(
+            p.identifier_value("https://fhir.nhs.uk/Id/nhs-number"),
+            Some("9000000009")
+        );
+        // The identifier's value is not in its Debug form.
+        assert!(!format!("{p:?}").contains("9000000009"));
+    }
+
+    #[test]
+    fn bundle_entries_dispatch_by_type_and_others_are_skipped() {
+        let r = parse(json!({
+            "resourceType": "Bundle", "type": "searchset",
+            "entry": [
+                {"fullUrl": "urn:a", "resource": {"resourceType": "Observation", "status": "final",
+                  "code": {"coding": [{"system": LOINC, "code": "9279-1"}]},
+                  "valueQuantity": {"value": 18, "unit": "/min", "system": UCUM, "code": "/min"},
+                  "effectiveDateTime": "2024-01-01T10:00:00Z"}},
+                {"resource": {"resourceType": "MedicationRequest", "status": "active"}},
+                {"resource": {"resourceType": "Condition", "code": {"coding": [{"system": SNOMED, "code": "77386006"}]},
+                  "clinicalStatus": {"coding": [{"system": CONDITION_CLINICAL, "code": "active"}]}}},
+                {"search": {"mode": "outcome"}}
+            ]
+        }))
+        .unwrap();
+        let all = Resources::from(r);
+        assert_eq!(all.observations.len(), 1);
+        assert_eq!(all.conditions.len(), 1);
+        assert_eq!(all.skipped, 1);
+        assert!(all.conditions[0].is_active());
+        let q = all.observations[0].value_quantity.as_ref().unwrap();
+        assert_eq!(q.value, Some(18.0));
+    }
+
+    #[test]
+    fn malformed_structure_is_an_error_that_names_the_place_not_the_value() {
+        let e = parse(json!({
+            "resourceType": "Bundle",
+            "entry": [{"resource": {"resourceType": "Observation", "status": "final",
+                "code": {"coding": [{"system": LOINC, "code": "8867-4"}]},
+                "valueQuantity": {"value": "SECRET-NAME"}}}]
+        }))
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("$.entry[0].resource"), "{text}");
+        assert!(text.contains("Observation"), "{text}");
+        assert!(!text.contains("SECRET-NAME"), "{text}");
+        let e = parse(
+            json!({"resourceType": "Observation", "status": "nonsense-SECRET",
+            "code": {}}),
+        )
+        .unwrap_err();
+        assert!(!e.to_string().contains("SECRET"), "{e}");
+        let e = parse(json!({"resourceType": "Observation", "code": {}})).unwrap_err();
+        assert!(e.to_string().contains("missing field `status`"), "{e}");
+    }
+
+    #[test]
+    fn bounds() {
+        let limits = Limits {
+            max_bytes: 10,
+            max_resources: 2,
+        };
+        assert!(matches!(
+            Resource::from_json(br#"{"resourceType": "Patient"}"#, &limits),
+            Err(FhirError::TooLarge {
+                size: 27,
+                limit: 10
+            })
+        ));
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            max_resources: 2,
+        };
+        let bundle = json!({"resourceType": "Bundle", "entry": [
+            {"resource": {"resourceType": "Patient"}}, {"resource": {"resourceType": "Patient"}}]});
+        assert!(matches!(
+            Resource::from_value(&bundle, &limits),
+            Err(FhirError::TooManyResources { limit: 2 })
+        ));
+        // Nesting: serde_json's recursion limit stays on.
+        let deep = "[".repeat(10_000);
+        assert!(matches!(
+            Resource::from_json(deep.as_bytes(), &Limits::default()),
+            Err(FhirError::Json { .. })
+        ));
+        let mut nested = json!({"resourceType": "Patient"});
+        for _ in 0..6 {
+            nested = json!({"resourceType": "Bundle", "entry": [{"resource": nested}]});
+        }
+        assert!(matches!(
+            Resource::from_value(&nested, &Limits::default()),
+            Err(FhirError::TooDeep { .. })
+        ));
+        assert!(matches!(
+            parse(json!({"id": "x"})),
+            Err(FhirError::NotAResource { .. })
+        ));
+        assert!(matches!(
+            Resource::from_json(b"{not json", &Limits::default()),
+            Err(FhirError::Json { .. })
+        ));
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(FhirDate::parse("2010"), Ok(FhirDate::Year(2010)));
+        assert_eq!(FhirDate::parse("2010-02"), Ok(FhirDate::YearMonth(2010, 2)));
+        assert_eq!(FhirDate::parse("2010-13"), Err(DateError::Malformed));
+        assert_eq!(FhirDate::parse("2010-02-30"), Err(DateError::Malformed));
+        assert_eq!(FhirDate::parse("20100230"), Err(DateError::Malformed));
+        let d = |y, m, d| NaiveDate::from_ymd_opt(y, m, d).unwrap();
+        assert_eq!(FhirDate::YearMonth(2012, 2).latest(), d(2012, 2, 29));
+        assert_eq!(FhirDate::Year(2012).latest(), d(2012, 12, 31));
+        // Age on the day before, on and after the 16th birthday.
+        let born = FhirDate::Day(d(2008, 6, 15));
+        assert_eq!(born.age_on(d(2024, 6, 14)), (15, 15));
+        assert_eq!(born.age_on(d(2024, 6, 15)), (16, 16));
+        // Only the year known: 15 or 16 in mid-2024.
+        assert_eq!(FhirDate::Year(2008).age_on(d(2024, 6, 15)), (15, 16));
+        assert!(matches!(
+            FhirDateTime::parse("2024-01-01T10:00:00+01:00"),
+            Ok(FhirDateTime::Instant(_))
+        ));
+        assert!(matches!(
+            FhirDateTime::parse("2024-01-01"),
+            Ok(FhirDateTime::Date(_))
+        ));
+        // R4 requires seconds and a zone with a time.
+        assert_eq!(
+            FhirDateTime::parse("2024-01-01T10:00"),
+            Err(DateError::Malformed)
+        );
+        assert_eq!(
+            FhirDateTime::parse("2024-01-01T10:00:00"),
+            Err(DateError::Malformed)
+        );
+        assert_eq!(
+            FhirDateTime::parse("2024-01-01 10:00:00Z"),
+            Err(DateError::Malformed)
+        );
+    }
+
+    #[test]
+    fn effective_time_sources() {
+        let mut o: Observation = serde_json::from_value(json!({
+            "status": "final", "code": {},
+            "effectivePeriod": {"start": "2024-01-01T09:00:00Z", "end": "2024-01-01T10:00:00Z"},
+            "issued": "2024-01-01T11:00:00Z"
+        }))
+        .unwrap();
+        let (t, s) = o.effective().unwrap().unwrap();
+        assert_eq!(s, TimeSource::EffectivePeriod);
+        assert_eq!(t.to_rfc3339(), "2024-01-01T10:00:00+00:00");
+        o.effective_period = None;
+        assert_eq!(o.effective().unwrap().unwrap().1, TimeSource::Issued);
+        o.effective_date_time = Some("2024-01-01".into());
+        assert_eq!(o.effective(), Err(DateError::NoTime));
+    }
+
+    #[test]
+    fn references_and_conditions() {
+        let r = |s: &str| Reference {
+            reference: Some(s.into()),
+        };
+        assert_eq!(r("Patient/123").patient_id(), Some("123"));
+        assert_eq!(
+            r("https://ehr.example/fhir/Patient/123/_history/2").patient_id(),
+            Some("123")
+        );
+        assert_eq!(r("Group/123").patient_id(), None);
+        let c: Condition = serde_json::from_value(json!({
+            "clinicalStatus": {"coding": [{"system": CONDITION_CLINICAL, "code": "active"}]},
+            "verificationStatus": {"coding": [{"system": CONDITION_VER_STATUS, "code": "refuted"}]}
+        }))
+        .unwrap();
+        assert!(!c.is_active());
+        assert_eq!(
+            SystemCode::parse("http://snomed.info/sct|77386006"),
+            Some(SystemCode::new(SNOMED, "77386006"))
+        );
+        assert_eq!(SystemCode::parse("77386006"), None);
+    }
+}

@@ -1,0 +1,574 @@
+//! NEWS2, the National Early Warning Score 2 of the Royal College of Physicians (2017).
+//!
+//! [`score`] is the chart itself (Chart 1, the scoring system; Chart 3, thresholds and
+//! triggers; Chart 4, the clinical response); [`assess`] applies it to a patient's FHIR
+//! data: it gives a score only when every parameter has a usable value, and never for a
+//! patient NEWS2 is not validated for (under 16, or pregnant).
+//!
+//! # Values between the chart's bands
+//! The chart is used with values as they are charted: respiration rate, SpO2, systolic
+//! pressure and pulse as whole numbers, temperature to one decimal place. A value with more
+//! precision (a device average of 11.5 breaths/min, an SpO2 of 93.5 %, 35.05 °C) is first
+//! rounded as it would be charted, to the nearest, halves away from zero (11.5 → 12,
+//! 93.5 → 94, 35.05 → 35.1), then scored. The rounding allows 1e-9 for binary floating
+//! point (35.05 is stored as 35.04999…; so is a value converted from °F).
+//!
+//! # SpO2 scale 2
+//! Scale 2 is for patients with hypercapnic respiratory failure who have a prescribed
+//! target of 88–92 %; it is used only when the patient has an active Condition coded as
+//! one of [`News2Settings::scale2_conditions`] (empty by default: a trust lists the codes
+//! it records such a prescription with; a diagnosis alone is not a prescribed target).
+
+use std::fmt;
+
+use chrono::{DateTime, Duration, Utc};
+
+use crate::fhir::{CodeableConcept, LOINC, Patient, Resources, SNOMED, SystemCode};
+use crate::vitals::{self, Acvpu, OxygenSupply, Parameter, Unusable, Vitals, VitalsOptions};
+
+/// The SpO2 scale in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SpO2Scale {
+    /// Scale 1: every patient not on scale 2.
+    Scale1,
+    /// Scale 2: hypercapnic respiratory failure with a prescribed 88–92 % target.
+    Scale2,
+}
+
+/// One set of observations, in the chart's units (breaths/min, %, mmHg, beats/min, °C).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct News2Inputs {
+    pub respiration_rate: f64,
+    pub spo2: f64,
+    pub air_or_oxygen: OxygenSupply,
+    pub systolic_blood_pressure: f64,
+    pub pulse: f64,
+    pub consciousness: Acvpu,
+    pub temperature: f64,
+}
+
+/// The clinical risk band of a score (Chart 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ClinicalRisk {
+    /// Aggregate 0–4, no single parameter scoring 3.
+    Low,
+    /// A single parameter scoring 3 (aggregate 0–4): "red score".
+    LowMedium,
+    /// Aggregate 5–6.
+    Medium,
+    /// Aggregate 7 or more.
+    High,
+}
+
+impl ClinicalRisk {
+    /// The chart's name of the band.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClinicalRisk::Low => "low",
+            ClinicalRisk::LowMedium => "low–medium",
+            ClinicalRisk::Medium => "medium",
+            ClinicalRisk::High => "high",
+        }
+    }
+
+    /// The chart's response for the band (Chart 3).
+    pub fn response(self) -> &'static str {
+        match self {
+            ClinicalRisk::Low => "Ward-based response",
+            ClinicalRisk::LowMedium => "Urgent ward-based response",
+            ClinicalRisk::Medium => "Key threshold for urgent response",
+            ClinicalRisk::High => "Urgent or emergency response",
+        }
+    }
+}
+
+impl fmt::Display for ClinicalRisk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What Chart 4 recommends for a score.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Response {
+    /// The row of Chart 4 ("0", "Total 1–4", "3 in single parameter", …).
+    pub trigger: &'static str,
+    /// Frequency of monitoring.
+    pub monitoring: &'static str,
+    /// The clinical response, one action per item.
+    pub actions: &'static [&'static str],
+}
+
+/// A NEWS2 score.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Score {
+    /// The aggregate score (0–20).
+    pub total: u8,
+    /// Each parameter's score, in chart order.
+    pub sub_scores: [(Parameter, u8); 7],
+    pub scale: SpO2Scale,
+    pub risk: ClinicalRisk,
+}
+
+impl Score {
+    /// The sub-score of `parameter`.
+    pub fn sub_score(&self, parameter: Parameter) -> u8 {
+        self.sub_scores
+            .iter()
+            .find(|(p, _)| *p == parameter)
+            .map_or(0, |(_, s)| *s)
+    }
+
+    /// Whether a single parameter scores 3 (a "red score").
+    pub fn has_red_score(&self) -> bool {
+        self.sub_scores.iter().any(|(_, s)| *s == 3)
+    }
+
+    /// Chart 4's recommendation for this score.
+    pub fn response(&self) -> Response {
+        const ZERO: &[&str] = &["Continue routine NEWS monitoring"];
+        const LOW: &[&str] = &[
+            "Inform registered nurse, who must assess the patient",
+            "Registered nurse decides whether increased frequency of clinical monitoring or escalation of care is required",
+        ];
+        const RED: &[&str] = &[
+            "Registered nurse to inform medical team caring for the patient, who will review and decide whether escalation of care is necessary",
+        ];
+        const URGENT: &[&str] = &[
+            "Registered nurse to immediately inform the medical team caring for the patient",
+            "Registered nurse to request urgent assessment by a clinician or team with core competencies in the care of acutely ill patients",
+            "Provide clinical care in an environment with monitoring facilities",
+        ];
+        const EMERGENCY: &[&str] = &[
+            "Registered nurse to immediately inform the medical team caring for the patient – this should be at least at specialist registrar level",
+            "Emergency assessment by a team with critical care competencies, including practitioner(s) with advanced airway management skills",
+            "Consider transfer of care to a level 2 or 3 clinical care facility, ie higher-dependency unit or ICU",
+            "Clinical care in an environment with monitoring facilities",
+        ];
+        match self.risk {
+            ClinicalRisk::High => Response {
+                trigger: "Total 7 or more (emergency response threshold)",
+                monitoring: "Continuous monitoring of vital signs",
+                actions: EMERGENCY,
+            },
+            ClinicalRisk::Medium => Response {
+                trigger: "Total 5 or more (urgent response threshold)",
+                monitoring: "Minimum 1 hourly",
+                actions: URGENT,
+            },
+            ClinicalRisk::LowMedium => Response {
+                trigger: "3 in single parameter",
+                monitoring: "Minimum 1 hourly",
+                actions: RED,
+            },
+            ClinicalRisk::Low if self.total == 0 => Response {
+                trigger: "0",
+                monitoring: "Minimum 12 hourly",
+                actions: ZERO,
+            },
+            ClinicalRisk::Low => Response {
+                trigger: "Total 1–4",
+                monitoring: "Minimum 4–6 hourly",
+                actions: LOW,
+            },
+        }
+    }
+}
+
+/// Rounds a non-negative value to `decimals` places, halves up, allowing 1e-9 of binary
+/// floating-point error; returns it scaled (× 10^decimals) as an integer.
+fn charted(value: f64, decimals: i32) -> i64 {
+    let scaled = value * 10f64.powi(decimals);
+    (scaled + 0.5 + 1e-9).floor() as i64
+}
+
+/// Chart 1: respiration rate (breaths/min).
+pub fn respiration_rate_score(rate: f64) -> u8 {
+    match charted(rate, 0) {
+        ..=8 => 3,
+        9..=11 => 1,
+        12..=20 => 0,
+        21..=24 => 2,
+        _ => 3,
+    }
+}
+
+/// Chart 1: SpO2 (%), on the given scale; `supply` matters on scale 2 only.
+pub fn spo2_score(spo2: f64, scale: SpO2Scale, supply: OxygenSupply) -> u8 {
+    let s = charted(spo2, 0);
+    match scale {
+        SpO2Scale::Scale1 => match s {
+            ..=91 => 3,
+            92..=93 => 2,
+            94..=95 => 1,
+            _ => 0,
+        },
+        SpO2Scale::Scale2 => match (s, supply) {
+            (..=83, _) => 3,
+            (84..=85, _) => 2,
+            (86..=87, _) => 1,
+            (88..=92, _) => 0,
+            (_, OxygenSupply::Air) => 0,
+            (93..=94, OxygenSupply::Oxygen) => 1,
+            (95..=96, OxygenSupply::Oxygen) => 2,
+            (_, OxygenSupply::Oxygen) => 3,
+        },
+    }
+}
+
+/// Chart 1: air (0) or supplemental oxygen (2).
+pub fn air_or_oxygen_score(supply: OxygenSupply) -> u8 {
+    match supply {
+        OxygenSupply::Air => 0,
+        OxygenSupply::Oxygen => 2,
+    }
+}
+
+/// Chart 1: systolic blood pressure (mmHg).
+pub fn systolic_score(mmhg: f64) -> u8 {
+    match charted(mmhg, 0) {
+        ..=90 => 3,
+        91..=100 => 2,
+        101..=110 => 1,
+        111..=219 => 0,
+        _ => 3,
+    }
+}
+
+/// Chart 1: pulse (beats/min).
+pub fn pulse_score(rate: f64) -> u8 {
+    match charted(rate, 0) {
+        ..=40 => 3,
+        41..=50 => 1,
+        51..=90 => 0,
+        91..=110 => 1,
+        111..=130 => 2,
+        _ => 3,
+    }
+}
+
+/// Chart 1: consciousness (Alert 0; new Confusion, Voice, Pain, Unresponsive 3).
+pub fn consciousness_score(level: Acvpu) -> u8 {
+    match level {
+        Acvpu::Alert => 0,
+        Acvpu::NewConfusion | Acvpu::Voice | Acvpu::Pain | Acvpu::Unresponsive => 3,
+    }
+}
+
+/// Chart 1: temperature (°C), charted to one decimal place.
+pub fn temperature_score(celsius: f64) -> u8 {
+    match charted(celsius, 1) {
+        ..=350 => 3,
+        351..=360 => 1,
+        361..=380 => 0,
+        381..=390 => 1,
+        _ => 2,
+    }
+}
+
+/// The chart's score of one set of observations.
+pub fn score(inputs: &News2Inputs, scale: SpO2Scale) -> Score {
+    let sub_scores = [
+        (
+            Parameter::RespirationRate,
+            respiration_rate_score(inputs.respiration_rate),
+        ),
+        (
+            Parameter::OxygenSaturation,
+            spo2_score(inputs.spo2, scale, inputs.air_or_oxygen),
+        ),
+        (
+            Parameter::AirOrOxygen,
+            air_or_oxygen_score(inputs.air_or_oxygen),
+        ),
+        (
+            Parameter::SystolicBloodPressure,
+            systolic_score(inputs.systolic_blood_pressure),
+        ),
+        (Parameter::PulseRate, pulse_score(inputs.pulse)),
+        (
+            Parameter::Consciousness,
+            consciousness_score(inputs.consciousness),
+        ),
+        (
+            Parameter::Temperature,
+            temperature_score(inputs.temperature),
+        ),
+    ];
+    let total: u8 = sub_scores.iter().map(|(_, s)| s).sum();
+    let red = sub_scores.iter().any(|(_, s)| *s == 3);
+    let risk = match total {
+        7.. => ClinicalRisk::High,
+        5..=6 => ClinicalRisk::Medium,
+        _ if red => ClinicalRisk::LowMedium,
+        _ => ClinicalRisk::Low,
+    };
+    Score {
+        total,
+        sub_scores,
+        scale,
+        risk,
+    }
+}
+
+/// Settings of [`assess`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct News2Settings {
+    /// Which observations count (look-back window, clock skew).
+    pub vitals: VitalsOptions,
+    /// Active Conditions that put the patient on SpO2 scale 2 (none by default).
+    pub scale2_conditions: Vec<SystemCode>,
+    /// Active Conditions that mean the patient is pregnant (default: SNOMED 77386006
+    /// *Pregnancy*, 72892002 *Normal pregnancy*).
+    pub pregnancy_conditions: Vec<SystemCode>,
+    /// How far back a pregnancy-status Observation (LOINC 82810-3) is read (default 280
+    /// days).
+    pub pregnancy_look_back: Duration,
+}
+
+impl Default for News2Settings {
+    fn default() -> Self {
+        News2Settings {
+            vitals: VitalsOptions::default(),
+            scale2_conditions: vec![],
+            pregnancy_conditions: default_pregnancy_conditions(),
+            pregnancy_look_back: Duration::days(280),
+        }
+    }
+}
+
+/// SNOMED 77386006 *Pregnancy*, 72892002 *Normal pregnancy*.
+pub fn default_pregnancy_conditions() -> Vec<SystemCode> {
+    vec![
+        SystemCode::new(SNOMED, "77386006"),
+        SystemCode::new(SNOMED, "72892002"),
+    ]
+}
+
+/// The minimum age NEWS2 is validated for.
+pub const MINIMUM_AGE: i32 = 16;
+
+/// Why NEWS2 does not apply to a patient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotApplicable {
+    /// Under 16 (the greatest age the birth date allows).
+    UnderSixteen { age: i32 },
+    /// Pregnant: an active pregnancy Condition, or the latest pregnancy-status Observation.
+    Pregnancy,
+}
+
+impl fmt::Display for NotApplicable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NotApplicable::UnderSixteen { .. } => {
+                f.write_str("NEWS2 is not validated for patients under 16 years of age")
+            }
+            NotApplicable::Pregnancy => f.write_str("NEWS2 is not validated in pregnancy"),
+        }
+    }
+}
+
+/// Why the patient's age is not known well enough.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgeProblem {
+    /// No Patient resource (or none with the expected id).
+    NoPatient,
+    /// The Patient has no `birthDate`.
+    NoBirthDate,
+    /// `birthDate` is malformed.
+    MalformedBirthDate,
+    /// Only a year or month is given, and the patient may be 15 or 16.
+    Imprecise,
+}
+
+impl fmt::Display for AgeProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AgeProblem::NoPatient => "the Patient resource was not available",
+            AgeProblem::NoBirthDate => "the patient's date of birth is not recorded",
+            AgeProblem::MalformedBirthDate => "the patient's date of birth is malformed",
+            AgeProblem::Imprecise => {
+                "the patient's date of birth is too imprecise to tell whether they are 16"
+            }
+        })
+    }
+}
+
+/// What is missing for a score.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Incomplete {
+    /// Parameters with no value in the look-back window.
+    pub missing: Vec<Parameter>,
+    /// Parameters whose latest value cannot be used, with the reason.
+    pub unusable: Vec<Unusable>,
+    /// When the age could not be established.
+    pub age: Option<AgeProblem>,
+}
+
+/// A score with the values it came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scored {
+    pub score: Score,
+    pub inputs: News2Inputs,
+    /// The readings (their times and source observations).
+    pub vitals: Vitals,
+}
+
+/// The outcome of [`assess`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Assessment {
+    /// Every parameter has a usable value: the score.
+    Scored(Box<Scored>),
+    /// Something needed is missing or unusable: no score.
+    Incomplete(Incomplete),
+    /// NEWS2 is not validated for this patient: no score.
+    NotApplicable(NotApplicable),
+}
+
+fn find_patient<'a>(resources: &'a Resources, patient_id: Option<&str>) -> Option<&'a Patient> {
+    match patient_id {
+        Some(id) => resources
+            .patients
+            .iter()
+            .find(|p| p.id.as_deref() == Some(id))
+            .or_else(|| match resources.patients.as_slice() {
+                [only] if only.id.is_none() => Some(only),
+                _ => None,
+            }),
+        None => match resources.patients.as_slice() {
+            [only] => Some(only),
+            _ => None,
+        },
+    }
+}
+
+fn of_patient(subject: Option<&crate::fhir::Reference>, patient_id: Option<&str>) -> bool {
+    match (patient_id, subject) {
+        (Some(want), Some(s)) if s.reference.is_some() => s.patient_id() == Some(want),
+        _ => true,
+    }
+}
+
+fn pregnant(
+    resources: &Resources,
+    now: DateTime<Utc>,
+    patient_id: Option<&str>,
+    settings: &News2Settings,
+) -> bool {
+    if resources.conditions.iter().any(|c| {
+        of_patient(c.subject.as_ref(), patient_id)
+            && c.is_active_one_of(&settings.pregnancy_conditions)
+    }) {
+        return true;
+    }
+    // The latest final pregnancy-status observation in the window.
+    let latest = resources
+        .observations
+        .iter()
+        .filter(|o| o.code.has(LOINC, "82810-3") && o.status.is_final())
+        .filter(|o| of_patient(o.subject.as_ref(), patient_id))
+        .filter_map(|o| match o.effective() {
+            Ok(Some((t, _)))
+                if t <= now + settings.vitals.future_skew
+                    && t >= now - settings.pregnancy_look_back =>
+            {
+                Some((t, o))
+            }
+            _ => None,
+        })
+        .max_by_key(|(t, _)| *t);
+    latest.is_some_and(|(_, o)| {
+        o.value_codeable_concept
+            .as_ref()
+            .is_some_and(|v: &CodeableConcept| {
+                v.has(LOINC, "LA15173-0") || v.has(SNOMED, "77386006")
+            })
+    })
+}
+
+/// NEWS2 for the patient whose resources these are, as of `now`.
+///
+/// `patient_id` (the CDS Hooks `context.patientId`): when given, resources of another
+/// patient are left out and the Patient with that id is used.
+pub fn assess(
+    resources: &Resources,
+    now: DateTime<Utc>,
+    patient_id: Option<&str>,
+    settings: &News2Settings,
+) -> Assessment {
+    let age = match find_patient(resources, patient_id) {
+        None => Err(AgeProblem::NoPatient),
+        Some(p) => match p.birth_date() {
+            None => Err(AgeProblem::NoBirthDate),
+            Some(Err(_)) => Err(AgeProblem::MalformedBirthDate),
+            // Born after today: not a date of birth.
+            Some(Ok(born)) if born.earliest() > now.date_naive() => {
+                Err(AgeProblem::MalformedBirthDate)
+            }
+            Some(Ok(born)) => Ok(born.age_on(now.date_naive())),
+        },
+    };
+    if let Ok((_, oldest)) = age
+        && oldest < MINIMUM_AGE
+    {
+        return Assessment::NotApplicable(NotApplicable::UnderSixteen { age: oldest });
+    }
+    if pregnant(resources, now, patient_id, settings) {
+        return Assessment::NotApplicable(NotApplicable::Pregnancy);
+    }
+    let age_problem = match age {
+        Err(p) => Some(p),
+        Ok((youngest, _)) if youngest < MINIMUM_AGE => Some(AgeProblem::Imprecise),
+        Ok(_) => None,
+    };
+    let vitals = vitals::extract(&resources.observations, now, patient_id, &settings.vitals);
+    let unusable_params: Vec<Parameter> = vitals.unusable.iter().map(|u| u.parameter).collect();
+    let missing: Vec<Parameter> = vitals
+        .missing()
+        .into_iter()
+        .filter(|p| !unusable_params.contains(p))
+        .collect();
+    let inputs = match (
+        &vitals.respiration_rate,
+        &vitals.oxygen_saturation,
+        &vitals.air_or_oxygen,
+        &vitals.systolic_blood_pressure,
+        &vitals.pulse_rate,
+        &vitals.consciousness,
+        &vitals.temperature,
+        age_problem,
+    ) {
+        (Some(rr), Some(spo2), Some(o2), Some(sbp), Some(hr), Some(acvpu), Some(t), None) => {
+            News2Inputs {
+                respiration_rate: rr.value,
+                spo2: spo2.value,
+                air_or_oxygen: o2.value,
+                systolic_blood_pressure: sbp.value,
+                pulse: hr.value,
+                consciousness: acvpu.value,
+                temperature: t.value,
+            }
+        }
+        _ => {
+            return Assessment::Incomplete(Incomplete {
+                missing,
+                unusable: vitals.unusable,
+                age: age_problem,
+            });
+        }
+    };
+    let scale2 = resources.conditions.iter().any(|c| {
+        of_patient(c.subject.as_ref(), patient_id)
+            && c.is_active_one_of(&settings.scale2_conditions)
+    });
+    let scale = if scale2 {
+        SpO2Scale::Scale2
+    } else {
+        SpO2Scale::Scale1
+    };
+    Assessment::Scored(Box::new(Scored {
+        score: score(&inputs, scale),
+        inputs,
+        vitals,
+    }))
+}

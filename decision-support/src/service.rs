@@ -1,0 +1,572 @@
+//! CDS services declared in configuration (`[[cds.services]]`), validated once into
+//! [`Services`]; a NEWS2 service answers a [`HookRequest`] with its card.
+//!
+//! ```toml
+//! [[cds.services]]
+//! id = "nightingale-news2"
+//! hook = "patient-view"
+//! title = "NEWS2 early warning score"
+//! description = "National Early Warning Score 2 from the latest vital signs"
+//! kind = "news2"
+//! look_back_minutes = 720
+//! scale2_conditions = ["http://example.org/local-codes|spo2-target-88-92"]
+//! [cds.services.wording]
+//! footer = "Escalate per the trust's deteriorating patient policy."
+//! ```
+//!
+//! With no `[[cds.services]]`, [`CdsSection::default`] offers the built-in NEWS2 service
+//! (id `nightingale-news2`, hook `patient-view`) with the prefetch templates
+//! [`news2_prefetch`].
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Duration, Utc};
+use serde::Deserialize;
+
+use crate::cards::{Wording, news2_card};
+use crate::fhir::{Limits, Resource, Resources, SystemCode};
+use crate::hooks::{CdsResponse, HookRequest, RequestError, ServiceDescriptor, render_prefetch};
+use crate::news2::{Assessment, News2Settings, assess, default_pregnancy_conditions};
+use crate::vitals::VitalsOptions;
+
+/// What a service computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    /// NEWS2 from vital signs.
+    News2,
+    /// Risk-model cards from model bundles (served by the root package).
+    Risk,
+}
+
+/// One `[[cds.services]]` entry, as written.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// The `{id}` of `POST /cds-services/{id}`: letters, digits, `-`, `_`, `.`.
+    pub id: String,
+    /// `patient-view`, `order-select`, `order-sign`, …
+    pub hook: String,
+    pub title: Option<String>,
+    pub description: String,
+    pub kind: ServiceKind,
+    /// Risk services: the model bundles to run.
+    #[serde(default)]
+    pub bundles: Vec<String>,
+    /// Risk services: operating thresholds by bundle (each in (0, 1)), overriding the
+    /// bundle's own.
+    #[serde(default)]
+    pub thresholds: BTreeMap<String, f64>,
+    /// How far back vital signs are read, in minutes (default 720: 12 hours).
+    pub look_back_minutes: Option<u32>,
+    /// Active Conditions (`system|code`) that put the patient on SpO2 scale 2.
+    #[serde(default)]
+    pub scale2_conditions: Vec<SystemCode>,
+    /// Active Conditions (`system|code`) meaning pregnancy (default SNOMED 77386006,
+    /// 72892002).
+    pub pregnancy_conditions: Option<Vec<SystemCode>>,
+    /// Prefetch templates (default: [`news2_prefetch`] for NEWS2 services, none for risk).
+    pub prefetch: Option<BTreeMap<String, String>>,
+    pub usage_requirements: Option<String>,
+    #[serde(default)]
+    pub wording: Wording,
+}
+
+/// The `[cds]` table.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CdsSection {
+    #[serde(default = "default_services")]
+    pub services: Vec<ServiceConfig>,
+}
+
+impl Default for CdsSection {
+    fn default() -> Self {
+        CdsSection {
+            services: default_services(),
+        }
+    }
+}
+
+/// The id of the built-in NEWS2 service.
+pub const DEFAULT_NEWS2_ID: &str = "nightingale-news2";
+
+fn default_services() -> Vec<ServiceConfig> {
+    vec![ServiceConfig {
+        id: DEFAULT_NEWS2_ID.to_owned(),
+        hook: "patient-view".to_owned(),
+        title: Some("NEWS2 early warning score".to_owned()),
+        description: "National Early Warning Score 2 (Royal College of Physicians, 2017) from the patient's latest vital signs, with the clinical response the chart recommends".to_owned(),
+        kind: ServiceKind::News2,
+        bundles: vec![],
+        thresholds: BTreeMap::new(),
+        look_back_minutes: None,
+        scale2_conditions: vec![],
+        pregnancy_conditions: None,
+        prefetch: None,
+        usage_requirements: Some(
+            "Read access to the patient's Patient, Observation and Condition resources".to_owned(),
+        ),
+        wording: Wording::default(),
+    }]
+}
+
+/// The prefetch templates of a NEWS2 service.
+pub fn news2_prefetch() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "patient".to_owned(),
+            "Patient/{{context.patientId}}".to_owned(),
+        ),
+        (
+            "vitals".to_owned(),
+            "Observation?patient={{context.patientId}}&category=vital-signs&_sort=-date&_count=100"
+                .to_owned(),
+        ),
+        (
+            "conditions".to_owned(),
+            "Condition?patient={{context.patientId}}".to_owned(),
+        ),
+    ])
+}
+
+/// Why the CDS configuration is refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cds service id {id:?}: {reason}")]
+    Id { id: String, reason: &'static str },
+    #[error("cds service id {id:?} is declared twice")]
+    DuplicateId { id: String },
+    #[error(
+        "cds service {id:?}: hook {hook:?} is not a hook name (lower-case letters, digits, '-')"
+    )]
+    Hook { id: String, hook: String },
+    #[error("cds service {id:?}: {reason}")]
+    Invalid { id: String, reason: &'static str },
+    #[error("cds service {id:?}: threshold of bundle {bundle:?} must lie in (0, 1)")]
+    Threshold { id: String, bundle: String },
+    #[error(
+        "cds service {id:?}: prefetch template {key:?} uses a token other than {{{{context.NAME}}}}"
+    )]
+    Prefetch { id: String, key: String },
+}
+
+/// A validated service.
+#[derive(Clone, Debug)]
+pub struct Service {
+    config: ServiceConfig,
+    prefetch: BTreeMap<String, String>,
+    news2: News2Settings,
+}
+
+/// The validated services, by id.
+#[derive(Clone, Debug)]
+pub struct Services {
+    services: Vec<Service>,
+}
+
+fn valid_id(id: &str) -> Result<(), &'static str> {
+    if id.is_empty() || id.len() > 64 {
+        return Err("must be 1 to 64 characters");
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        || id.starts_with('.')
+    {
+        return Err("may hold only letters, digits, '-', '_' and '.' (and not start with '.')");
+    }
+    if id == "feedback" {
+        return Err("is reserved");
+    }
+    Ok(())
+}
+
+/// Whether every `{{…}}` token of `template` is `{{context.NAME}}`.
+fn template_ok(template: &str) -> bool {
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        let after = &rest[start + 2..];
+        let Some(end) = after.find("}}") else {
+            return false;
+        };
+        let token = after[..end].trim();
+        match token.strip_prefix("context.") {
+            Some(name) if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric()) => {}
+            _ => return false,
+        }
+        rest = &after[end + 2..];
+    }
+    true
+}
+
+impl CdsSection {
+    /// Checks every service and builds them.
+    pub fn validate(self) -> Result<Services, ConfigError> {
+        let mut seen = BTreeSet::new();
+        let mut services = vec![];
+        for c in self.services {
+            valid_id(&c.id).map_err(|reason| ConfigError::Id {
+                id: c.id.clone(),
+                reason,
+            })?;
+            if !seen.insert(c.id.clone()) {
+                return Err(ConfigError::DuplicateId { id: c.id });
+            }
+            if c.hook.is_empty()
+                || c.hook.len() > 64
+                || !c
+                    .hook
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return Err(ConfigError::Hook {
+                    id: c.id,
+                    hook: c.hook,
+                });
+            }
+            let invalid = |reason| ConfigError::Invalid {
+                id: c.id.clone(),
+                reason,
+            };
+            if c.description.trim().is_empty() {
+                return Err(invalid("description is empty"));
+            }
+            match c.kind {
+                ServiceKind::Risk if c.bundles.is_empty() => {
+                    return Err(invalid("a risk service names no bundles"));
+                }
+                ServiceKind::News2 if !c.bundles.is_empty() || !c.thresholds.is_empty() => {
+                    return Err(invalid("a NEWS2 service takes no bundles or thresholds"));
+                }
+                _ => {}
+            }
+            for (bundle, t) in &c.thresholds {
+                if !c.bundles.contains(bundle) {
+                    return Err(invalid(
+                        "a threshold names a bundle the service does not run",
+                    ));
+                }
+                if !(*t > 0.0 && *t < 1.0) {
+                    return Err(ConfigError::Threshold {
+                        id: c.id.clone(),
+                        bundle: bundle.clone(),
+                    });
+                }
+            }
+            let look_back = c.look_back_minutes.unwrap_or(720);
+            if look_back == 0 || look_back > 7 * 24 * 60 {
+                return Err(invalid("look_back_minutes must lie in 1..=10080 (a week)"));
+            }
+            if c.wording.source_label.trim().is_empty() {
+                return Err(invalid("wording.source_label is empty"));
+            }
+            if !(c.wording.source_url.starts_with("https://")
+                || c.wording.source_url.starts_with("http://"))
+            {
+                return Err(invalid("wording.source_url is not an http(s) URL"));
+            }
+            let prefetch = match (&c.prefetch, c.kind) {
+                (Some(p), _) => p.clone(),
+                (None, ServiceKind::News2) => news2_prefetch(),
+                (None, ServiceKind::Risk) => BTreeMap::new(),
+            };
+            for (key, template) in &prefetch {
+                if !template_ok(template) {
+                    return Err(ConfigError::Prefetch {
+                        id: c.id.clone(),
+                        key: key.clone(),
+                    });
+                }
+            }
+            let news2 = News2Settings {
+                vitals: VitalsOptions {
+                    look_back: Duration::minutes(i64::from(look_back)),
+                    ..VitalsOptions::default()
+                },
+                scale2_conditions: c.scale2_conditions.clone(),
+                pregnancy_conditions: c
+                    .pregnancy_conditions
+                    .clone()
+                    .unwrap_or_else(default_pregnancy_conditions),
+                ..News2Settings::default()
+            };
+            services.push(Service {
+                config: c,
+                prefetch,
+                news2,
+            });
+        }
+        Ok(Services { services })
+    }
+}
+
+impl Services {
+    /// The built-in services ([`CdsSection::default`]).
+    pub fn builtin() -> Services {
+        CdsSection::default()
+            .validate()
+            .unwrap_or_else(|_| Services { services: vec![] })
+    }
+
+    /// The service with this id.
+    pub fn get(&self, id: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.config.id == id)
+    }
+
+    /// Every service, in configuration order.
+    pub fn iter(&self) -> impl Iterator<Item = &Service> {
+        self.services.iter()
+    }
+
+    /// The discovery response (`GET /cds-services`).
+    pub fn discovery(&self) -> crate::hooks::Discovery {
+        crate::hooks::Discovery {
+            services: self.services.iter().map(Service::descriptor).collect(),
+        }
+    }
+}
+
+/// What a NEWS2 service answered, with the assessment behind it (for audit and metrics).
+#[derive(Clone, Debug)]
+pub struct News2Outcome {
+    pub response: CdsResponse,
+    pub assessment: Assessment,
+}
+
+/// Why a service could not answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// The request itself is wrong (answer 400).
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// The service is not a NEWS2 service.
+    #[error("service {id:?} is not a NEWS2 service")]
+    NotNews2 { id: String },
+}
+
+impl Service {
+    /// The configuration it was built from.
+    pub fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    /// Its id.
+    pub fn id(&self) -> &str {
+        &self.config.id
+    }
+
+    /// Its kind.
+    pub fn kind(&self) -> ServiceKind {
+        self.config.kind
+    }
+
+    /// Its prefetch templates.
+    pub fn prefetch(&self) -> &BTreeMap<String, String> {
+        &self.prefetch
+    }
+
+    /// Its NEWS2 settings (meaningful for NEWS2 services).
+    pub fn news2_settings(&self) -> &News2Settings {
+        &self.news2
+    }
+
+    /// Its entry in the discovery response.
+    pub fn descriptor(&self) -> ServiceDescriptor {
+        ServiceDescriptor {
+            hook: self.config.hook.clone(),
+            title: self.config.title.clone(),
+            description: self.config.description.clone(),
+            id: self.config.id.clone(),
+            prefetch: self.prefetch.clone(),
+            usage_requirements: self.config.usage_requirements.clone(),
+        }
+    }
+
+    /// The prefetch keys the request did not fill (absent or `null`), each with its
+    /// template rendered for this request (a FHIR query relative to `fhirServer`), for the
+    /// caller to fetch.
+    pub fn missing_prefetch(
+        &self,
+        request: &HookRequest,
+    ) -> Result<Vec<(String, String)>, RequestError> {
+        let mut out = vec![];
+        for (key, template) in &self.prefetch {
+            if request.prefetched(key).is_none() {
+                out.push((key.clone(), render_prefetch(template, request)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Answers a NEWS2 hook request as of `now`: the request's prefetch (every entry, a
+    /// resource or a Bundle; `null` skipped) plus `fetched` (what the caller fetched for
+    /// [`Service::missing_prefetch`]) are assessed for `context.patientId`, and the
+    /// response holds one card (the score, what is missing, or why NEWS2 does not apply).
+    pub fn evaluate_news2(
+        &self,
+        request: &HookRequest,
+        fetched: Vec<Resource>,
+        now: DateTime<Utc>,
+        limits: &Limits,
+    ) -> Result<News2Outcome, ServiceError> {
+        if self.config.kind != ServiceKind::News2 {
+            return Err(ServiceError::NotNews2 {
+                id: self.config.id.clone(),
+            });
+        }
+        request.validate(&self.config.hook)?;
+        let patient_id = request
+            .patient_id()
+            .ok_or(RequestError::Context { field: "patientId" })?;
+        let mut resources = Resources::new();
+        if let Some(prefetch) = &request.prefetch {
+            for (key, value) in prefetch {
+                if value.is_null() {
+                    continue;
+                }
+                let r = Resource::from_value(value, limits).map_err(|source| {
+                    RequestError::Prefetch {
+                        key: key.chars().take(64).collect(),
+                        source,
+                    }
+                })?;
+                resources.add(r);
+            }
+        }
+        for r in fetched {
+            resources.add(r);
+        }
+        let assessment = assess(&resources, now, Some(patient_id), &self.news2);
+        let card = news2_card(&assessment, &self.config.wording);
+        // No patient data: the service, the invocation and the kind of outcome.
+        tracing::debug!(
+            service = %self.config.id,
+            hook_instance = %request.hook_instance,
+            outcome = match &assessment {
+                Assessment::Scored(s) => s.score.risk.name(),
+                Assessment::Incomplete(_) => "incomplete",
+                Assessment::NotApplicable(_) => "not applicable",
+            },
+            card = %card.uuid,
+            "NEWS2 evaluated"
+        );
+        Ok(News2Outcome {
+            response: CdsResponse {
+                cards: vec![card],
+                system_actions: vec![],
+            },
+            assessment,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct Doc {
+        cds: CdsSection,
+    }
+
+    fn parse(text: &str) -> Result<Services, ConfigError> {
+        toml::from_str::<Doc>(text).unwrap().cds.validate()
+    }
+
+    #[test]
+    fn builtin_news2_service() {
+        let s = Services::builtin();
+        let d = s.discovery();
+        assert_eq!(d.services.len(), 1);
+        let news2 = &d.services[0];
+        assert!(news2.id.contains("news2"));
+        assert_eq!(news2.hook, "patient-view");
+        assert_eq!(news2.prefetch["patient"], "Patient/{{context.patientId}}");
+        assert_eq!(
+            news2.prefetch["vitals"],
+            "Observation?patient={{context.patientId}}&category=vital-signs&_sort=-date&_count=100"
+        );
+        assert_eq!(
+            news2.prefetch["conditions"],
+            "Condition?patient={{context.patientId}}"
+        );
+        // An empty [cds] table keeps the defaults.
+        let s = parse("[cds]\n").unwrap();
+        assert!(s.get(DEFAULT_NEWS2_ID).is_some());
+    }
+
+    #[test]
+    fn configured_services() {
+        let s = parse(
+            r#"
+            [[cds.services]]
+            id = "ward-news2"
+            hook = "patient-view"
+            description = "NEWS2"
+            kind = "news2"
+            look_back_minutes = 240
+            scale2_conditions = ["http://example.org/codes|target-88-92"]
+            [cds.services.wording]
+            footer = "Call the outreach team on 1234."
+
+            [[cds.services]]
+            id = "icu-mortality"
+            hook = "order-select"
+            description = "ICU mortality risk"
+            kind = "risk"
+            bundles = ["icu-mortality"]
+            thresholds = { icu-mortality = 0.3 }
+            "#,
+        )
+        .unwrap();
+        let w = s.get("ward-news2").unwrap();
+        assert_eq!(w.news2_settings().vitals.look_back, Duration::hours(4));
+        assert_eq!(w.news2_settings().scale2_conditions.len(), 1);
+        assert_eq!(
+            w.config().wording.source_label,
+            Wording::default().source_label
+        );
+        assert_eq!(s.get("icu-mortality").unwrap().kind(), ServiceKind::Risk);
+        assert!(s.get("icu-mortality").unwrap().prefetch().is_empty());
+    }
+
+    #[test]
+    fn invalid_configurations() {
+        let svc = |extra: &str| {
+            format!(
+                "[[cds.services]]\nid = \"a\"\nhook = \"patient-view\"\ndescription = \"d\"\nkind = \"news2\"\n{extra}"
+            )
+        };
+        let bad_id = svc("").replace("id = \"a\"", "id = \"a/b\"");
+        assert!(matches!(parse(&bad_id), Err(ConfigError::Id { .. })));
+        let twice = format!("{}\n{}", svc(""), svc(""));
+        assert!(matches!(
+            parse(&twice),
+            Err(ConfigError::DuplicateId { .. })
+        ));
+        let hook = svc("").replace("patient-view", "Patient View");
+        assert!(matches!(parse(&hook), Err(ConfigError::Hook { .. })));
+        assert!(matches!(
+            parse(&svc("look_back_minutes = 0")),
+            Err(ConfigError::Invalid { .. })
+        ));
+        assert!(matches!(
+            parse(&svc("bundles = [\"x\"]")),
+            Err(ConfigError::Invalid { .. })
+        ));
+        assert!(matches!(
+            parse(&svc(
+                "prefetch = { p = \"Patient/{{userPractitionerId}}\" }"
+            )),
+            Err(ConfigError::Prefetch { .. })
+        ));
+        let risk = svc("bundles = [\"m\"]\nthresholds = { m = 1.5 }").replace("news2", "risk");
+        assert!(matches!(parse(&risk), Err(ConfigError::Threshold { .. })));
+        // Unknown keys are configuration errors.
+        assert!(toml::from_str::<Doc>(&svc("colour = \"red\"")).is_err());
+        assert!(toml::from_str::<Doc>(&svc("scale2_conditions = [\"77386006\"]")).is_err());
+    }
+}

@@ -1,0 +1,936 @@
+//! Vital signs from FHIR Observations: the latest usable value of each NEWS2 parameter.
+//!
+//! # Which observations count
+//! - status `final`, `amended` or `corrected` only (not `preliminary`, `registered`,
+//!   `cancelled`, `entered-in-error`, `unknown`);
+//! - when a patient id is given, an observation whose `subject` is not a reference to that
+//!   Patient (`Patient/{id}`, relative or absolute) is left out — a `urn:uuid:` or contained
+//!   reference included, as it cannot be matched; one without a subject is kept (a prefetch
+//!   is already the patient's);
+//! - its time ([`Observation::effective`]: `effectiveDateTime`, `effectiveInstant`,
+//!   `effectivePeriod` end-else-start, else `issued`) must lie within
+//!   [`VitalsOptions::look_back`] before `now` and no later than
+//!   [`VitalsOptions::future_skew`] after it. A time that is malformed or only a date makes
+//!   the value unusable (a vital sign needs a time).
+//!
+//! Of the observations that count, the **latest** one of each parameter decides (ties: the
+//! later `issued`, then the later in the input). If that latest value is unusable (a unit
+//! that cannot be converted, a comparator such as `<`, no value, an answer code not listed
+//! below, a value outside what a living patient can have), the parameter is reported
+//! unusable with the reason: an older value is never silently taken in its place.
+//!
+//! # Codes accepted
+//! | parameter | Observation (or component) code | value |
+//! |---|---|---|
+//! | respiration rate | LOINC 9279-1 | `/min` (any UCUM annotation, e.g. `{breaths}/min`) |
+//! | SpO2 | LOINC 59408-5 (pulse oximetry), 2708-6 (arterial saturation) | `%`, or a fraction (`1`, `{ratio}`) × 100 |
+//! | air or oxygen | LOINC 3150-0 inhaled oxygen concentration | `%` or fraction; ≤ 21 % is air (room air is 20.9 %), more is oxygen |
+//! | | LOINC 3151-8 inhaled oxygen flow rate | `L/min` (`l/min`, `mL/min`); 0 is air, more is oxygen |
+//! | | SNOMED 722742002 *Breathing room air*, 371825009 *Patient on oxygen* (as the code, or as the value of a 3150-0/3151-8 observation) | — |
+//! | systolic BP | LOINC 8480-6, alone or as a component (of the BP panel 85354-9 or any other) | `mm[Hg]`, `kPa` (× 7.500617) |
+//! | pulse | LOINC 8867-4 | `/min` (e.g. `{beats}/min`) |
+//! | consciousness | LOINC 67775-7 *Level of responsiveness*, SNOMED 1104441000000107 *ACVPU scale score* (UK) | see below |
+//! | temperature | LOINC 8310-5 | `Cel`, `[degF]`, `K` |
+//!
+//! The oxygen components 3150-0 and 3151-8 are also read from any observation's components
+//! (the FHIR pulse-oximetry profile puts them on the SpO2 observation).
+//!
+//! Consciousness answers (`valueCodeableConcept`), as the UK NEWS2 FHIR messages code them
+//! (SNOMED) and from the LOINC answer list of 67775-7:
+//! - Alert: SNOMED 248234008 *Mentally alert*, LOINC LA9340-6 *Alert*;
+//! - new Confusion: SNOMED 130987000 *Acute confusion* (NEWS2 scores *new* confusion only,
+//!   so the GCS answer LA6560-2 *Confused* is not accepted);
+//! - Voice: SNOMED 300202002 *Responds to voice*, LOINC LA17108-4 *Verbal*;
+//! - Pain: SNOMED 450847001 *Responds to pain*, LOINC LA17107-6 *Painful*;
+//! - Unresponsive: SNOMED 422768004 *Unresponsive*, LOINC LA9343-0 *Unresponsive*.
+//!
+//! Units are read from `Quantity.code` when `Quantity.system` is UCUM (or absent), else from
+//! `Quantity.unit` written as a UCUM code; a quantity of another unit system is unusable.
+
+use std::fmt;
+
+use chrono::{DateTime, Duration, Utc};
+
+use crate::fhir::{
+    CodeableConcept, DateError, LOINC, Observation, ObservationComponent, Quantity, SNOMED, UCUM,
+};
+
+/// A NEWS2 parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Parameter {
+    RespirationRate,
+    OxygenSaturation,
+    AirOrOxygen,
+    SystolicBloodPressure,
+    PulseRate,
+    Consciousness,
+    Temperature,
+}
+
+impl Parameter {
+    /// The seven parameters, in the chart's order.
+    pub const ALL: [Parameter; 7] = [
+        Parameter::RespirationRate,
+        Parameter::OxygenSaturation,
+        Parameter::AirOrOxygen,
+        Parameter::SystolicBloodPressure,
+        Parameter::PulseRate,
+        Parameter::Consciousness,
+        Parameter::Temperature,
+    ];
+
+    /// The chart's name of the parameter.
+    pub fn name(self) -> &'static str {
+        match self {
+            Parameter::RespirationRate => "Respiration rate",
+            Parameter::OxygenSaturation => "SpO2",
+            Parameter::AirOrOxygen => "Air or oxygen",
+            Parameter::SystolicBloodPressure => "Systolic blood pressure",
+            Parameter::PulseRate => "Pulse",
+            Parameter::Consciousness => "Consciousness",
+            Parameter::Temperature => "Temperature",
+        }
+    }
+
+    /// The unit values are given in after conversion (UCUM; empty for coded values).
+    pub fn unit(self) -> &'static str {
+        match self {
+            Parameter::RespirationRate | Parameter::PulseRate => "/min",
+            Parameter::OxygenSaturation => "%",
+            Parameter::SystolicBloodPressure => "mm[Hg]",
+            Parameter::Temperature => "Cel",
+            Parameter::AirOrOxygen | Parameter::Consciousness => "",
+        }
+    }
+
+    /// The unit as a clinician reads it.
+    pub fn display_unit(self) -> &'static str {
+        match self {
+            Parameter::RespirationRate => "breaths/min",
+            Parameter::PulseRate => "beats/min",
+            Parameter::OxygenSaturation => "%",
+            Parameter::SystolicBloodPressure => "mmHg",
+            Parameter::Temperature => "°C",
+            Parameter::AirOrOxygen | Parameter::Consciousness => "",
+        }
+    }
+}
+
+impl fmt::Display for Parameter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Level of consciousness on the ACVPU scale.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Acvpu {
+    Alert,
+    /// New-onset confusion (or disorientation/agitation).
+    NewConfusion,
+    Voice,
+    Pain,
+    Unresponsive,
+}
+
+impl Acvpu {
+    /// The chart's wording.
+    pub fn name(self) -> &'static str {
+        match self {
+            Acvpu::Alert => "Alert",
+            Acvpu::NewConfusion => "New confusion",
+            Acvpu::Voice => "Responds to voice",
+            Acvpu::Pain => "Responds to pain",
+            Acvpu::Unresponsive => "Unresponsive",
+        }
+    }
+}
+
+/// Whether the patient breathes air or receives supplemental oxygen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OxygenSupply {
+    Air,
+    Oxygen,
+}
+
+impl OxygenSupply {
+    /// The chart's wording.
+    pub fn name(self) -> &'static str {
+        match self {
+            OxygenSupply::Air => "Air",
+            OxygenSupply::Oxygen => "Oxygen",
+        }
+    }
+}
+
+/// A value with the time it was observed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reading<T> {
+    /// The value, in [`Parameter::unit`] for numbers.
+    pub value: T,
+    /// When it was observed.
+    pub time: DateTime<Utc>,
+    /// The id of the Observation it came from.
+    pub observation_id: Option<String>,
+    /// The unit it was written in, when it was converted from another.
+    pub converted_from: Option<String>,
+}
+
+/// Why the latest value of a parameter cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UnusableReason {
+    /// A unit this crate does not convert (the unit, at most 32 characters; "" when none).
+    Unit(String),
+    /// A quantity of another unit system than UCUM.
+    UnitSystem,
+    /// No value (or only `dataAbsentReason`).
+    NoValue,
+    /// A bound (`<`, `>`…), not a measurement.
+    Comparator,
+    /// Outside what a living patient can have (e.g. SpO2 above 100 %): likely a unit error.
+    Implausible,
+    /// A coded answer that is not in the accepted list.
+    UnknownAnswer,
+    /// The observation's time is malformed or only a date.
+    Time(DateError),
+    /// The observation has no time at all.
+    NoTime,
+}
+
+impl fmt::Display for UnusableReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnusableReason::Unit(u) if u.is_empty() => f.write_str("no unit"),
+            UnusableReason::Unit(u) => write!(f, "unit \"{u}\" not convertible"),
+            UnusableReason::UnitSystem => f.write_str("unit not coded in UCUM"),
+            UnusableReason::NoValue => f.write_str("no value"),
+            UnusableReason::Comparator => f.write_str("a bound (<, >), not a measurement"),
+            UnusableReason::Implausible => f.write_str("value outside the possible range"),
+            UnusableReason::UnknownAnswer => f.write_str("answer code not recognised"),
+            UnusableReason::Time(e) => write!(f, "time unusable ({e})"),
+            UnusableReason::NoTime => f.write_str("no time recorded"),
+        }
+    }
+}
+
+/// A parameter whose latest value cannot be used.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unusable {
+    pub parameter: Parameter,
+    pub reason: UnusableReason,
+    /// When the unusable value was observed, if known.
+    pub time: Option<DateTime<Utc>>,
+    pub observation_id: Option<String>,
+}
+
+/// How many matching observations were left out, and why (they are not errors).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Excluded {
+    /// Status other than final, amended, corrected.
+    pub not_final: usize,
+    /// Subject is another patient.
+    pub other_patient: usize,
+    /// Older than the look-back window.
+    pub too_old: usize,
+    /// Later than `now` plus the allowed skew.
+    pub in_the_future: usize,
+}
+
+/// Options of [`extract`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VitalsOptions {
+    /// How far back a value may be (default 12 hours: the chart's least frequent
+    /// monitoring interval).
+    pub look_back: Duration,
+    /// How far after `now` a time may be, for clocks that differ (default 5 minutes).
+    pub future_skew: Duration,
+}
+
+impl Default for VitalsOptions {
+    fn default() -> Self {
+        VitalsOptions {
+            look_back: Duration::hours(12),
+            future_skew: Duration::minutes(5),
+        }
+    }
+}
+
+/// The latest usable value of each NEWS2 parameter.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Vitals {
+    pub respiration_rate: Option<Reading<f64>>,
+    pub oxygen_saturation: Option<Reading<f64>>,
+    pub air_or_oxygen: Option<Reading<OxygenSupply>>,
+    pub systolic_blood_pressure: Option<Reading<f64>>,
+    pub pulse_rate: Option<Reading<f64>>,
+    pub consciousness: Option<Reading<Acvpu>>,
+    pub temperature: Option<Reading<f64>>,
+    /// Parameters whose latest value cannot be used, with the reason.
+    pub unusable: Vec<Unusable>,
+    pub excluded: Excluded,
+}
+
+impl Vitals {
+    /// Whether a usable value of `parameter` was found.
+    pub fn has(&self, parameter: Parameter) -> bool {
+        match parameter {
+            Parameter::RespirationRate => self.respiration_rate.is_some(),
+            Parameter::OxygenSaturation => self.oxygen_saturation.is_some(),
+            Parameter::AirOrOxygen => self.air_or_oxygen.is_some(),
+            Parameter::SystolicBloodPressure => self.systolic_blood_pressure.is_some(),
+            Parameter::PulseRate => self.pulse_rate.is_some(),
+            Parameter::Consciousness => self.consciousness.is_some(),
+            Parameter::Temperature => self.temperature.is_some(),
+        }
+    }
+
+    /// The parameters without a usable value (unusable ones included), in chart order.
+    pub fn missing(&self) -> Vec<Parameter> {
+        Parameter::ALL
+            .into_iter()
+            .filter(|p| !self.has(*p))
+            .collect()
+    }
+
+    /// The time of the value of `parameter`, if there is one.
+    pub fn time(&self, parameter: Parameter) -> Option<DateTime<Utc>> {
+        match parameter {
+            Parameter::RespirationRate => self.respiration_rate.as_ref().map(|r| r.time),
+            Parameter::OxygenSaturation => self.oxygen_saturation.as_ref().map(|r| r.time),
+            Parameter::AirOrOxygen => self.air_or_oxygen.as_ref().map(|r| r.time),
+            Parameter::SystolicBloodPressure => {
+                self.systolic_blood_pressure.as_ref().map(|r| r.time)
+            }
+            Parameter::PulseRate => self.pulse_rate.as_ref().map(|r| r.time),
+            Parameter::Consciousness => self.consciousness.as_ref().map(|r| r.time),
+            Parameter::Temperature => self.temperature.as_ref().map(|r| r.time),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Value {
+    Number(f64, Option<String>),
+    Supply(OxygenSupply),
+    Acvpu(Acvpu),
+}
+
+struct Candidate {
+    parameter: Parameter,
+    value: Result<Value, UnusableReason>,
+    time: Option<DateTime<Utc>>,
+    issued: Option<DateTime<Utc>>,
+    index: usize,
+    observation_id: Option<String>,
+}
+
+fn loinc(c: &CodeableConcept, code: &str) -> bool {
+    c.has(LOINC, code)
+}
+
+/// Which parameter a code stands for (an observation's or a component's).
+fn parameter_of(code: &CodeableConcept) -> Option<Parameter> {
+    if loinc(code, "9279-1") {
+        Some(Parameter::RespirationRate)
+    } else if loinc(code, "59408-5") || loinc(code, "2708-6") {
+        Some(Parameter::OxygenSaturation)
+    } else if loinc(code, "3150-0")
+        || loinc(code, "3151-8")
+        || code.has(SNOMED, ROOM_AIR)
+        || code.has(SNOMED, ON_OXYGEN)
+    {
+        Some(Parameter::AirOrOxygen)
+    } else if loinc(code, "8480-6") {
+        Some(Parameter::SystolicBloodPressure)
+    } else if loinc(code, "8867-4") {
+        Some(Parameter::PulseRate)
+    } else if loinc(code, "67775-7") || code.has(SNOMED, "1104441000000107") {
+        Some(Parameter::Consciousness)
+    } else if loinc(code, "8310-5") {
+        Some(Parameter::Temperature)
+    } else {
+        None
+    }
+}
+
+const ROOM_AIR: &str = "722742002";
+const ON_OXYGEN: &str = "371825009";
+
+fn truncate(s: &str) -> String {
+    s.chars().take(32).collect()
+}
+
+/// A quantity's value and UCUM unit (annotations `{…}` removed), or why not.
+fn ucum(q: &Quantity) -> Result<(f64, String, String), UnusableReason> {
+    if q.comparator.is_some() {
+        return Err(UnusableReason::Comparator);
+    }
+    let value = q.value.ok_or(UnusableReason::NoValue)?;
+    if !value.is_finite() {
+        return Err(UnusableReason::Implausible);
+    }
+    let written = match (&q.system, &q.code) {
+        (Some(s), Some(c)) if s == UCUM => c.clone(),
+        (Some(_), _) => return Err(UnusableReason::UnitSystem),
+        (None, Some(c)) => c.clone(),
+        (None, None) => q.unit.clone().unwrap_or_default(),
+    };
+    // `{beats}/min` is `/min`; `{ratio}` is `1`; `1/min` is `/min`.
+    let mut bare = String::new();
+    let mut depth = 0usize;
+    for ch in written.chars() {
+        match ch {
+            '{' => depth += 1,
+            '}' => depth = depth.saturating_sub(1),
+            c if depth == 0 => bare.push(c),
+            _ => {}
+        }
+    }
+    let bare = match bare.as_str() {
+        "" if !written.is_empty() => "1".to_owned(),
+        "1/min" => "/min".to_owned(),
+        _ => bare,
+    };
+    Ok((value, bare, written))
+}
+
+fn unit_error(written: &str) -> UnusableReason {
+    UnusableReason::Unit(truncate(written))
+}
+
+fn within(v: f64, lo: f64, hi: f64) -> Result<f64, UnusableReason> {
+    if (lo..=hi).contains(&v) {
+        Ok(v)
+    } else {
+        Err(UnusableReason::Implausible)
+    }
+}
+
+/// Converts a quantity to the parameter's unit; the original unit is returned when it
+/// differs.
+fn number(parameter: Parameter, q: &Quantity) -> Result<Value, UnusableReason> {
+    let (v, unit, written) = ucum(q)?;
+    let conv = |canonical: &str| (unit != canonical).then(|| truncate(&written));
+    let (value, from) = match parameter {
+        Parameter::RespirationRate | Parameter::PulseRate => match unit.as_str() {
+            "/min" => (v, None),
+            _ => return Err(unit_error(&written)),
+        },
+        Parameter::OxygenSaturation => match unit.as_str() {
+            "%" => (v, None),
+            "1" => (v * 100.0, conv("%")),
+            _ => return Err(unit_error(&written)),
+        },
+        Parameter::SystolicBloodPressure => match unit.as_str() {
+            "mm[Hg]" => (v, None),
+            // 1 kPa = 1000 Pa / 133.322387415 Pa per mmHg.
+            "kPa" => (v * 1000.0 / 133.322_387_415, conv("mm[Hg]")),
+            _ => return Err(unit_error(&written)),
+        },
+        Parameter::Temperature => match unit.as_str() {
+            "Cel" => (v, None),
+            "[degF]" => ((v - 32.0) * 5.0 / 9.0, conv("Cel")),
+            "K" => (v - 273.15, conv("Cel")),
+            _ => return Err(unit_error(&written)),
+        },
+        Parameter::AirOrOxygen | Parameter::Consciousness => return Err(UnusableReason::NoValue),
+    };
+    // Wider than any living patient, narrow enough to catch a unit written wrongly (98.6
+    // "Cel").
+    let value = match parameter {
+        Parameter::RespirationRate => within(value, 0.0, 120.0)?,
+        Parameter::PulseRate => within(value, 0.0, 350.0)?,
+        Parameter::OxygenSaturation => within(value, 0.0, 100.0)?,
+        Parameter::SystolicBloodPressure => within(value, 0.0, 400.0)?,
+        Parameter::Temperature => within(value, 10.0, 47.0)?,
+        _ => value,
+    };
+    Ok(Value::Number(value, from))
+}
+
+fn supply_from_code(c: &CodeableConcept) -> Option<OxygenSupply> {
+    if c.has(SNOMED, ROOM_AIR) {
+        Some(OxygenSupply::Air)
+    } else if c.has(SNOMED, ON_OXYGEN) {
+        Some(OxygenSupply::Oxygen)
+    } else {
+        None
+    }
+}
+
+fn supply(
+    code: &CodeableConcept,
+    quantity: Option<&Quantity>,
+    concept: Option<&CodeableConcept>,
+) -> Result<Value, UnusableReason> {
+    if let Some(s) = supply_from_code(code) {
+        return Ok(Value::Supply(s));
+    }
+    if let Some(s) = concept.and_then(supply_from_code) {
+        return Ok(Value::Supply(s));
+    }
+    if concept.is_some() && quantity.is_none() {
+        return Err(UnusableReason::UnknownAnswer);
+    }
+    let q = quantity.ok_or(UnusableReason::NoValue)?;
+    let (v, unit, written) = ucum(q)?;
+    if loinc(code, "3150-0") {
+        let percent = match unit.as_str() {
+            "%" => v,
+            "1" => v * 100.0,
+            _ => return Err(unit_error(&written)),
+        };
+        let percent = within(percent, 15.0, 100.0)?;
+        Ok(Value::Supply(if percent <= 21.0 {
+            OxygenSupply::Air
+        } else {
+            OxygenSupply::Oxygen
+        }))
+    } else {
+        let per_min = match unit.as_str() {
+            "L/min" | "l/min" => v,
+            "mL/min" | "ml/min" => v / 1000.0,
+            _ => return Err(unit_error(&written)),
+        };
+        let per_min = within(per_min, 0.0, 100.0)?;
+        Ok(Value::Supply(if per_min == 0.0 {
+            OxygenSupply::Air
+        } else {
+            OxygenSupply::Oxygen
+        }))
+    }
+}
+
+fn acvpu(concept: Option<&CodeableConcept>) -> Result<Value, UnusableReason> {
+    let c = concept.ok_or(UnusableReason::NoValue)?;
+    let table: [(&str, &str, Acvpu); 9] = [
+        (SNOMED, "248234008", Acvpu::Alert),
+        (LOINC, "LA9340-6", Acvpu::Alert),
+        (SNOMED, "130987000", Acvpu::NewConfusion),
+        (SNOMED, "300202002", Acvpu::Voice),
+        (LOINC, "LA17108-4", Acvpu::Voice),
+        (SNOMED, "450847001", Acvpu::Pain),
+        (LOINC, "LA17107-6", Acvpu::Pain),
+        (SNOMED, "422768004", Acvpu::Unresponsive),
+        (LOINC, "LA9343-0", Acvpu::Unresponsive),
+    ];
+    let found: Vec<Acvpu> = table
+        .iter()
+        .filter(|(s, code, _)| c.has(s, code))
+        .map(|(_, _, a)| *a)
+        .collect();
+    match found.as_slice() {
+        [] => Err(UnusableReason::UnknownAnswer),
+        // Two codings of one concept agree; if they disagree, the answer is not usable.
+        [first, rest @ ..] if rest.iter().all(|a| a == first) => Ok(Value::Acvpu(*first)),
+        _ => Err(UnusableReason::UnknownAnswer),
+    }
+}
+
+fn value_of(
+    parameter: Parameter,
+    code: &CodeableConcept,
+    quantity: Option<&Quantity>,
+    concept: Option<&CodeableConcept>,
+    absent: bool,
+) -> Result<Value, UnusableReason> {
+    if absent && quantity.is_none() && concept.is_none() {
+        return Err(UnusableReason::NoValue);
+    }
+    match parameter {
+        Parameter::AirOrOxygen => supply(code, quantity, concept),
+        Parameter::Consciousness => acvpu(concept),
+        _ => number(parameter, quantity.ok_or(UnusableReason::NoValue)?),
+    }
+}
+
+/// The latest usable value of each NEWS2 parameter in `observations`, as of `now`.
+/// `patient_id`: when given, observations of another Patient are left out.
+pub fn extract(
+    observations: &[Observation],
+    now: DateTime<Utc>,
+    patient_id: Option<&str>,
+    options: &VitalsOptions,
+) -> Vitals {
+    let mut vitals = Vitals::default();
+    let mut best: Vec<Candidate> = vec![];
+    for (index, o) in observations.iter().enumerate() {
+        let mut found: Vec<(Parameter, Result<Value, UnusableReason>)> = vec![];
+        if let Some(p) = parameter_of(&o.code) {
+            found.push((
+                p,
+                value_of(
+                    p,
+                    &o.code,
+                    o.value_quantity.as_ref(),
+                    o.value_codeable_concept.as_ref(),
+                    o.data_absent_reason.is_some(),
+                ),
+            ));
+        }
+        for c in &o.component {
+            let ObservationComponent {
+                code,
+                value_quantity,
+                value_codeable_concept,
+                data_absent_reason,
+            } = c;
+            if let Some(p) = parameter_of(code) {
+                // A component of its own parameter (e.g. an SpO2 observation that repeats
+                // its code) adds nothing; a panel's components do.
+                if found.iter().any(|(q, _)| *q == p) && parameter_of(&o.code) == Some(p) {
+                    continue;
+                }
+                found.push((
+                    p,
+                    value_of(
+                        p,
+                        code,
+                        value_quantity.as_ref(),
+                        value_codeable_concept.as_ref(),
+                        data_absent_reason.is_some(),
+                    ),
+                ));
+            }
+        }
+        if found.is_empty() {
+            continue;
+        }
+        if !o.status.is_final() {
+            vitals.excluded.not_final += 1;
+            continue;
+        }
+        if let (Some(want), Some(subject)) = (patient_id, &o.subject)
+            && subject.reference.is_some()
+            && subject.patient_id() != Some(want)
+        {
+            vitals.excluded.other_patient += 1;
+            continue;
+        }
+        let (time, time_error) = match o.effective() {
+            Ok(Some((t, _))) => (Some(t), None),
+            Ok(None) => (None, Some(UnusableReason::NoTime)),
+            Err(e) => (None, Some(UnusableReason::Time(e))),
+        };
+        if let Some(t) = time {
+            if t > now + options.future_skew {
+                vitals.excluded.in_the_future += 1;
+                continue;
+            }
+            if t < now - options.look_back {
+                vitals.excluded.too_old += 1;
+                continue;
+            }
+        }
+        let issued = o.issued();
+        for (parameter, value) in found {
+            let value = match &time_error {
+                Some(e) => Err(e.clone()),
+                None => value,
+            };
+            let candidate = Candidate {
+                parameter,
+                value,
+                time,
+                issued,
+                index,
+                observation_id: o.id.clone(),
+            };
+            match best.iter_mut().find(|b| b.parameter == parameter) {
+                None => best.push(candidate),
+                Some(b) => {
+                    // A value without a usable time cannot be placed: it is unusable and,
+                    // being undatable, it wins over dated ones only if nothing is dated.
+                    // Within one observation, at one time, oxygen wins over air (a
+                    // flow of 2 L/min beside an FiO2 of 21 % is oxygen).
+                    let key = |c: &Candidate| {
+                        let oxygen = matches!(c.value, Ok(Value::Supply(OxygenSupply::Oxygen)));
+                        (c.time.is_some(), c.time, c.issued, c.index, oxygen)
+                    };
+                    if key(&candidate) > key(b) {
+                        *b = candidate;
+                    }
+                }
+            }
+        }
+    }
+    best.sort_by_key(|c| c.parameter);
+    for c in best {
+        let value = match c.value {
+            Ok(v) => v,
+            Err(reason) => {
+                vitals.unusable.push(Unusable {
+                    parameter: c.parameter,
+                    reason,
+                    time: c.time,
+                    observation_id: c.observation_id,
+                });
+                continue;
+            }
+        };
+        let Some(time) = c.time else { continue };
+        let id = c.observation_id;
+        match (c.parameter, value) {
+            (p, Value::Number(v, from)) => {
+                let r = Some(Reading {
+                    value: v,
+                    time,
+                    observation_id: id,
+                    converted_from: from,
+                });
+                match p {
+                    Parameter::RespirationRate => vitals.respiration_rate = r,
+                    Parameter::OxygenSaturation => vitals.oxygen_saturation = r,
+                    Parameter::SystolicBloodPressure => vitals.systolic_blood_pressure = r,
+                    Parameter::PulseRate => vitals.pulse_rate = r,
+                    Parameter::Temperature => vitals.temperature = r,
+                    Parameter::AirOrOxygen | Parameter::Consciousness => {}
+                }
+            }
+            (_, Value::Supply(s)) => {
+                vitals.air_or_oxygen = Some(Reading {
+                    value: s,
+                    time,
+                    observation_id: id,
+                    converted_from: None,
+                })
+            }
+            (_, Value::Acvpu(a)) => {
+                vitals.consciousness = Some(Reading {
+                    value: a,
+                    time,
+                    observation_id: id,
+                    converted_from: None,
+                })
+            }
+        }
+    }
+    vitals
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value as Json, json};
+
+    const NOW: &str = "2024-05-01T12:00:00Z";
+
+    fn now() -> DateTime<Utc> {
+        NOW.parse().unwrap()
+    }
+
+    fn obs(v: Json) -> Observation {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn quantity(code: &str, value: f64, unit: &str, time: &str) -> Observation {
+        obs(json!({
+            "resourceType": "Observation", "id": format!("{code}-{time}"), "status": "final",
+            "code": {"coding": [{"system": LOINC, "code": code}]},
+            "subject": {"reference": "Patient/p1"},
+            "effectiveDateTime": time,
+            "valueQuantity": {"value": value, "unit": unit, "system": UCUM, "code": unit}
+        }))
+    }
+
+    fn coded(
+        code_system: &str,
+        code: &str,
+        answer: Option<(&str, &str)>,
+        time: &str,
+    ) -> Observation {
+        let mut v = json!({
+            "resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": code_system, "code": code}]},
+            "effectiveDateTime": time
+        });
+        if let Some((s, c)) = answer {
+            v["valueCodeableConcept"] = json!({"coding": [{"system": s, "code": c}]});
+        }
+        obs(v)
+    }
+
+    fn run(o: &[Observation]) -> Vitals {
+        extract(o, now(), Some("p1"), &VitalsOptions::default())
+    }
+
+    #[test]
+    fn a_full_set() {
+        let t = "2024-05-01T11:00:00Z";
+        let v = run(&[
+            quantity("9279-1", 18.0, "{breaths}/min", t),
+            quantity("59408-5", 96.0, "%", t),
+            quantity("3151-8", 0.0, "L/min", t),
+            quantity("8480-6", 120.0, "mm[Hg]", t),
+            quantity("8867-4", 80.0, "{beats}/min", t),
+            coded(LOINC, "67775-7", Some((SNOMED, "248234008")), t),
+            quantity("8310-5", 37.0, "Cel", t),
+        ]);
+        assert!(v.missing().is_empty(), "{v:?}");
+        assert_eq!(v.respiration_rate.as_ref().unwrap().value, 18.0);
+        assert_eq!(v.air_or_oxygen.as_ref().unwrap().value, OxygenSupply::Air);
+        assert_eq!(v.consciousness.as_ref().unwrap().value, Acvpu::Alert);
+        assert!(v.unusable.is_empty());
+    }
+
+    #[test]
+    fn latest_within_the_window_wins_and_old_or_future_values_are_left_out() {
+        let v = run(&[
+            quantity("8867-4", 70.0, "/min", "2024-05-01T08:00:00Z"),
+            quantity("8867-4", 90.0, "/min", "2024-05-01T11:30:00+01:00"), // 10:30Z
+            quantity("8867-4", 60.0, "/min", "2024-05-01T10:00:00Z"),
+            quantity("8867-4", 150.0, "/min", "2024-05-01T12:10:00Z"), // future, beyond skew
+            quantity("8867-4", 40.0, "/min", "2024-04-30T23:00:00Z"),  // 13 h old
+        ]);
+        assert_eq!(v.pulse_rate.as_ref().unwrap().value, 90.0);
+        assert_eq!(v.excluded.in_the_future, 1);
+        assert_eq!(v.excluded.too_old, 1);
+        // Within the skew: taken.
+        let v = run(&[quantity("8867-4", 100.0, "/min", "2024-05-01T12:04:00Z")]);
+        assert_eq!(v.pulse_rate.as_ref().unwrap().value, 100.0);
+    }
+
+    #[test]
+    fn only_final_results_of_this_patient() {
+        let mut p = quantity("9279-1", 30.0, "/min", "2024-05-01T11:00:00Z");
+        p.status = crate::fhir::ObservationStatus::Preliminary;
+        let mut e = quantity("9279-1", 31.0, "/min", "2024-05-01T11:00:00Z");
+        e.status = crate::fhir::ObservationStatus::EnteredInError;
+        let mut other = quantity("9279-1", 32.0, "/min", "2024-05-01T11:00:00Z");
+        other.subject = Some(crate::fhir::Reference {
+            reference: Some("Patient/p2".into()),
+        });
+        let mut amended = quantity("9279-1", 14.0, "/min", "2024-05-01T10:00:00Z");
+        amended.status = crate::fhir::ObservationStatus::Amended;
+        let v = run(&[p, e, other, amended]);
+        assert_eq!(v.respiration_rate.as_ref().unwrap().value, 14.0);
+        assert_eq!(v.excluded.not_final, 2);
+        assert_eq!(v.excluded.other_patient, 1);
+    }
+
+    #[test]
+    fn unit_conversions() {
+        let t = "2024-05-01T11:00:00Z";
+        let v = run(&[quantity("8310-5", 98.6, "[degF]", t)]);
+        let temp = v.temperature.unwrap();
+        assert!((temp.value - 37.0).abs() < 1e-9, "{}", temp.value);
+        assert_eq!(temp.converted_from.as_deref(), Some("[degF]"));
+        let v = run(&[quantity("8310-5", 310.15, "K", t)]);
+        assert!((v.temperature.unwrap().value - 37.0).abs() < 1e-9);
+        let v = run(&[quantity("59408-5", 0.94, "1", t)]);
+        assert!((v.oxygen_saturation.unwrap().value - 94.0).abs() < 1e-9);
+        let v = run(&[quantity("2708-6", 0.97, "{ratio}", t)]);
+        assert!((v.oxygen_saturation.unwrap().value - 97.0).abs() < 1e-9);
+        // 16 kPa = 120.01 mmHg (1 mmHg = 133.322387415 Pa, the conventional definition).
+        let v = run(&[quantity("8480-6", 16.0, "kPa", t)]);
+        assert!((v.systolic_blood_pressure.unwrap().value - 120.0099).abs() < 1e-3);
+        let v = run(&[quantity("3150-0", 0.28, "1", t)]);
+        assert_eq!(v.air_or_oxygen.unwrap().value, OxygenSupply::Oxygen);
+        let v = run(&[quantity("3150-0", 21.0, "%", t)]);
+        assert_eq!(v.air_or_oxygen.unwrap().value, OxygenSupply::Air);
+        let v = run(&[quantity("3151-8", 2000.0, "mL/min", t)]);
+        assert_eq!(v.air_or_oxygen.unwrap().value, OxygenSupply::Oxygen);
+    }
+
+    #[test]
+    fn values_that_cannot_be_used_are_reported_never_taken() {
+        let t = "2024-05-01T11:00:00Z";
+        let old = "2024-05-01T09:00:00Z";
+        // The latest temperature is in a unit not converted: unusable, and the older usable
+        // one is not taken in its place.
+        let v = run(&[
+            quantity("8310-5", 37.0, "Cel", old),
+            quantity("8310-5", 37.0, "[degR]", t),
+        ]);
+        assert!(v.temperature.is_none());
+        assert_eq!(v.unusable[0].reason, UnusableReason::Unit("[degR]".into()));
+        assert_eq!(v.missing(), Parameter::ALL.to_vec());
+        // 98.6 written as Celsius: implausible.
+        let v = run(&[quantity("8310-5", 98.6, "Cel", t)]);
+        assert_eq!(v.unusable[0].reason, UnusableReason::Implausible);
+        // SpO2 as 95 with unit "1" is 9500 %.
+        let v = run(&[quantity("59408-5", 95.0, "1", t)]);
+        assert_eq!(v.unusable[0].reason, UnusableReason::Implausible);
+        // No unit.
+        let mut o = quantity("9279-1", 18.0, "/min", t);
+        let q = o.value_quantity.as_mut().unwrap();
+        q.unit = None;
+        q.code = None;
+        q.system = None;
+        let v = run(&[o]);
+        assert_eq!(v.unusable[0].reason, UnusableReason::Unit(String::new()));
+        // Another unit system.
+        let mut o = quantity("9279-1", 18.0, "/min", t);
+        o.value_quantity.as_mut().unwrap().system = Some("http://example.org/units".into());
+        assert_eq!(run(&[o]).unusable[0].reason, UnusableReason::UnitSystem);
+        // A comparator.
+        let mut o = quantity("59408-5", 85.0, "%", t);
+        o.value_quantity.as_mut().unwrap().comparator = Some("<".into());
+        assert_eq!(run(&[o]).unusable[0].reason, UnusableReason::Comparator);
+        // A date without a time.
+        let o = quantity("8867-4", 80.0, "/min", "2024-05-01");
+        assert_eq!(
+            run(&[o]).unusable[0].reason,
+            UnusableReason::Time(DateError::NoTime)
+        );
+        // An unknown consciousness answer; the GCS "Confused" is not "new confusion".
+        let o = coded(LOINC, "67775-7", Some((LOINC, "LA6560-2")), t);
+        assert_eq!(run(&[o]).unusable[0].reason, UnusableReason::UnknownAnswer);
+        // data absent.
+        let mut o = quantity("8867-4", 80.0, "/min", t);
+        o.value_quantity = None;
+        o.data_absent_reason = Some(CodeableConcept::default());
+        assert_eq!(run(&[o]).unusable[0].reason, UnusableReason::NoValue);
+    }
+
+    #[test]
+    fn blood_pressure_panel_and_pulse_oximetry_components() {
+        let t = "2024-05-01T11:00:00Z";
+        let bp = obs(json!({
+            "resourceType": "Observation", "status": "final", "effectiveDateTime": t,
+            "code": {"coding": [{"system": LOINC, "code": "85354-9"}]},
+            "component": [
+                {"code": {"coding": [{"system": LOINC, "code": "8480-6"}]},
+                 "valueQuantity": {"value": 109, "unit": "mmHg", "system": UCUM, "code": "mm[Hg]"}},
+                {"code": {"coding": [{"system": LOINC, "code": "8462-4"}]},
+                 "valueQuantity": {"value": 70, "unit": "mmHg", "system": UCUM, "code": "mm[Hg]"}}
+            ]
+        }));
+        let ox = obs(json!({
+            "resourceType": "Observation", "status": "final", "effectiveDateTime": t,
+            "code": {"coding": [{"system": LOINC, "code": "59408-5"}, {"system": LOINC, "code": "2708-6"}]},
+            "valueQuantity": {"value": 93, "unit": "%", "system": UCUM, "code": "%"},
+            "component": [
+                {"code": {"coding": [{"system": LOINC, "code": "3151-8"}]},
+                 "valueQuantity": {"value": 2, "unit": "L/min", "system": UCUM, "code": "L/min"}}
+            ]
+        }));
+        let v = run(&[bp, ox]);
+        assert_eq!(v.systolic_blood_pressure.unwrap().value, 109.0);
+        assert_eq!(v.oxygen_saturation.unwrap().value, 93.0);
+        assert_eq!(v.air_or_oxygen.unwrap().value, OxygenSupply::Oxygen);
+    }
+
+    #[test]
+    fn coded_air_oxygen_and_acvpu() {
+        let t = "2024-05-01T11:00:00Z";
+        let v = run(&[coded(SNOMED, ROOM_AIR, None, t)]);
+        assert_eq!(v.air_or_oxygen.unwrap().value, OxygenSupply::Air);
+        let v = run(&[coded(SNOMED, ON_OXYGEN, None, t)]);
+        assert_eq!(v.air_or_oxygen.unwrap().value, OxygenSupply::Oxygen);
+        for (system, code, want) in [
+            (SNOMED, "248234008", Acvpu::Alert),
+            (LOINC, "LA9340-6", Acvpu::Alert),
+            (SNOMED, "130987000", Acvpu::NewConfusion),
+            (SNOMED, "300202002", Acvpu::Voice),
+            (LOINC, "LA17108-4", Acvpu::Voice),
+            (SNOMED, "450847001", Acvpu::Pain),
+            (LOINC, "LA17107-6", Acvpu::Pain),
+            (SNOMED, "422768004", Acvpu::Unresponsive),
+            (LOINC, "LA9343-0", Acvpu::Unresponsive),
+        ] {
+            let v = run(&[coded(SNOMED, "1104441000000107", Some((system, code)), t)]);
+            assert_eq!(v.consciousness.unwrap().value, want, "{code}");
+        }
+    }
+}

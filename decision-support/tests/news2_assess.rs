@@ -1,0 +1,233 @@
+//! NEWS2 from FHIR resources: a score only with every parameter, never for patients under
+//! 16 or in pregnancy. Expected scores are summed by hand from RCP NEWS2 (2017) Chart 1.
+
+use chrono::{DateTime, Utc};
+use nightingale_decision_support::fhir::{Limits, Resource, Resources, SystemCode};
+use nightingale_decision_support::news2::{
+    AgeProblem, Assessment, ClinicalRisk, News2Settings, NotApplicable, SpO2Scale, assess,
+};
+use nightingale_decision_support::vitals::{Parameter, UnusableReason};
+use serde_json::{Value, json};
+
+const LOINC: &str = "http://loinc.org";
+const SNOMED: &str = "http://snomed.info/sct";
+const UCUM: &str = "http://unitsofmeasure.org";
+const T: &str = "2024-05-01T11:00:00Z";
+
+fn now() -> DateTime<Utc> {
+    "2024-05-01T12:00:00Z".parse().unwrap()
+}
+
+fn q(code: &str, value: f64, unit: &str) -> Value {
+    json!({"resourceType": "Observation", "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}]}],
+        "code": {"coding": [{"system": LOINC, "code": code}]},
+        "subject": {"reference": "Patient/p1"}, "effectiveDateTime": T,
+        "valueQuantity": {"value": value, "unit": unit, "system": UCUM, "code": unit}})
+}
+
+fn coded(system: &str, code: &str, answer: Option<(&str, &str)>) -> Value {
+    let mut v = json!({"resourceType": "Observation", "status": "final",
+        "code": {"coding": [{"system": system, "code": code}]},
+        "subject": {"reference": "Patient/p1"}, "effectiveDateTime": T});
+    if let Some((s, c)) = answer {
+        v["valueCodeableConcept"] = json!({"coding": [{"system": s, "code": c}]});
+    }
+    v
+}
+
+fn condition(system: &str, code: &str) -> Value {
+    json!({"resourceType": "Condition", "subject": {"reference": "Patient/p1"},
+        "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
+        "code": {"coding": [{"system": system, "code": code}]}})
+}
+
+fn patient(birth: &str) -> Value {
+    json!({"resourceType": "Patient", "id": "p1", "birthDate": birth, "gender": "female"})
+}
+
+/// RR 22 (2), SpO2 95 (1 on scale 1), oxygen (2), SBP 105 (1), pulse 95 (1), alert (0),
+/// 38.5 °C (1): 8, high.
+fn vitals() -> Vec<Value> {
+    vec![
+        q("9279-1", 22.0, "/min"),
+        q("59408-5", 95.0, "%"),
+        coded(SNOMED, "371825009", None),
+        q("8480-6", 105.0, "mm[Hg]"),
+        q("8867-4", 95.0, "/min"),
+        coded(LOINC, "67775-7", Some((SNOMED, "248234008"))),
+        q("8310-5", 38.5, "Cel"),
+    ]
+}
+
+fn resources(items: Vec<Value>) -> Resources {
+    let bundle = json!({"resourceType": "Bundle", "type": "collection",
+        "entry": items.into_iter().map(|r| json!({"resource": r})).collect::<Vec<_>>()});
+    Resources::from(Resource::from_value(&bundle, &Limits::default()).unwrap())
+}
+
+fn run(items: Vec<Value>, settings: &News2Settings) -> Assessment {
+    assess(&resources(items), now(), Some("p1"), settings)
+}
+
+#[test]
+fn a_complete_set_is_scored() {
+    let mut items = vec![patient("1950-01-01")];
+    items.extend(vitals());
+    let Assessment::Scored(s) = run(items, &News2Settings::default()) else {
+        panic!("not scored")
+    };
+    assert_eq!(s.score.total, 8);
+    assert_eq!(s.score.risk, ClinicalRisk::High);
+    assert_eq!(s.score.scale, SpO2Scale::Scale1);
+    assert_eq!(s.score.sub_score(Parameter::AirOrOxygen), 2);
+    assert_eq!(
+        s.vitals.time(Parameter::Temperature),
+        Some(T.parse().unwrap())
+    );
+}
+
+#[test]
+fn scale_2_when_a_listed_condition_is_active() {
+    let mut items = vec![
+        patient("1950-01-01"),
+        condition(SNOMED, "local-target-88-92"),
+    ];
+    items.extend(vitals());
+    let settings = News2Settings {
+        scale2_conditions: vec![SystemCode::new(SNOMED, "local-target-88-92")],
+        ..Default::default()
+    };
+    let Assessment::Scored(s) = run(items.clone(), &settings) else {
+        panic!("not scored")
+    };
+    // SpO2 95 on oxygen on scale 2 scores 2: 2+2+2+1+1+0+1 = 9.
+    assert_eq!(s.score.scale, SpO2Scale::Scale2);
+    assert_eq!(s.score.total, 9);
+    // Without the setting, the same condition does nothing.
+    let Assessment::Scored(s) = run(items, &News2Settings::default()) else {
+        panic!("not scored")
+    };
+    assert_eq!(s.score.scale, SpO2Scale::Scale1);
+}
+
+#[test]
+fn any_missing_parameter_means_no_score_and_says_which() {
+    let mut items = vec![patient("1950-01-01")];
+    let mut v = vitals();
+    v.remove(2); // air or oxygen
+    v.remove(5); // temperature (index after the removal)
+    items.extend(v);
+    let Assessment::Incomplete(i) = run(items, &News2Settings::default()) else {
+        panic!("scored without every parameter")
+    };
+    assert_eq!(
+        i.missing,
+        vec![Parameter::AirOrOxygen, Parameter::Temperature]
+    );
+    assert!(i.unusable.is_empty());
+    assert_eq!(i.age, None);
+}
+
+#[test]
+fn an_unusable_latest_value_is_reported() {
+    let mut items = vec![patient("1950-01-01")];
+    let mut v = vitals();
+    v[6] = q("8310-5", 101.3, "degF"); // "degF" is not UCUM ("[degF]" is)
+    items.extend(v);
+    let Assessment::Incomplete(i) = run(items, &News2Settings::default()) else {
+        panic!("scored with an unusable value")
+    };
+    assert!(i.missing.is_empty());
+    assert_eq!(i.unusable.len(), 1);
+    assert_eq!(i.unusable[0].parameter, Parameter::Temperature);
+    assert_eq!(i.unusable[0].reason, UnusableReason::Unit("degF".into()));
+}
+
+#[test]
+fn under_sixteen_is_not_applicable() {
+    // 16 on 2024-05-02: still 15 on 2024-05-01.
+    let mut items = vec![patient("2008-05-02")];
+    items.extend(vitals());
+    assert_eq!(
+        run(items, &News2Settings::default()),
+        Assessment::NotApplicable(NotApplicable::UnderSixteen { age: 15 })
+    );
+    // 16 today: scored.
+    let mut items = vec![patient("2008-05-01")];
+    items.extend(vitals());
+    assert!(matches!(
+        run(items, &News2Settings::default()),
+        Assessment::Scored(_)
+    ));
+    // Born in 2008, day unknown: 15 or 16: no score, and the reason is the age.
+    let mut items = vec![patient("2008")];
+    items.extend(vitals());
+    let Assessment::Incomplete(i) = run(items, &News2Settings::default()) else {
+        panic!("scored with an uncertain age")
+    };
+    assert_eq!(i.age, Some(AgeProblem::Imprecise));
+    // Born after today.
+    let mut items = vec![patient("2030-01-01")];
+    items.extend(vitals());
+    let Assessment::Incomplete(i) = run(items, &News2Settings::default()) else {
+        panic!("a future birth date")
+    };
+    assert_eq!(i.age, Some(AgeProblem::MalformedBirthDate));
+    // No Patient at all.
+    let Assessment::Incomplete(i) = run(vitals(), &News2Settings::default()) else {
+        panic!("scored without a patient")
+    };
+    assert_eq!(i.age, Some(AgeProblem::NoPatient));
+}
+
+#[test]
+fn pregnancy_is_not_applicable() {
+    let mut items = vec![patient("1990-01-01"), condition(SNOMED, "77386006")];
+    items.extend(vitals());
+    assert_eq!(
+        run(items, &News2Settings::default()),
+        Assessment::NotApplicable(NotApplicable::Pregnancy)
+    );
+    // A pregnancy-status observation (LOINC 82810-3 = LA15173-0 Pregnant).
+    let mut items = vec![
+        patient("1990-01-01"),
+        coded(LOINC, "82810-3", Some((LOINC, "LA15173-0"))),
+    ];
+    items.extend(vitals());
+    assert_eq!(
+        run(items, &News2Settings::default()),
+        Assessment::NotApplicable(NotApplicable::Pregnancy)
+    );
+    // "Not pregnant" (LA26683-5): scored.
+    let mut items = vec![
+        patient("1990-01-01"),
+        coded(LOINC, "82810-3", Some((LOINC, "LA26683-5"))),
+    ];
+    items.extend(vitals());
+    assert!(matches!(
+        run(items, &News2Settings::default()),
+        Assessment::Scored(_)
+    ));
+    // A resolved pregnancy condition: scored.
+    let mut resolved = condition(SNOMED, "77386006");
+    resolved["clinicalStatus"]["coding"][0]["code"] = json!("resolved");
+    let mut items = vec![patient("1990-01-01"), resolved];
+    items.extend(vitals());
+    assert!(matches!(
+        run(items, &News2Settings::default()),
+        Assessment::Scored(_)
+    ));
+}
+
+#[test]
+fn another_patients_observations_do_not_count() {
+    let mut items = vec![patient("1950-01-01")];
+    let mut v = vitals();
+    v[0]["subject"]["reference"] = json!("Patient/p2");
+    items.extend(v);
+    let Assessment::Incomplete(i) = run(items, &News2Settings::default()) else {
+        panic!("scored with another patient's value")
+    };
+    assert_eq!(i.missing, vec![Parameter::RespirationRate]);
+}
