@@ -747,7 +747,10 @@ async fn wado_rs_retrieves_an_instance_as_stored() {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    let uri = format!("/dicomweb/studies/{STUDY}/series/{SERIES}/instances/{}", sop(1));
+    let uri = format!(
+        "/dicomweb/studies/{STUDY}/series/{SERIES}/instances/{}",
+        sop(1)
+    );
     let stored = std::fs::read(&server.spool.instances().unwrap()[0].path).unwrap();
 
     for accept in [
@@ -765,8 +768,14 @@ async fn wado_rs_retrieves_an_instance_as_stored() {
             .await
             .unwrap();
         assert_eq!(res.status(), StatusCode::OK, "{accept:?}");
-        let ct = res.headers()[header::CONTENT_TYPE].to_str().unwrap().to_owned();
-        assert!(ct.starts_with("multipart/related; type=\"application/dicom\""), "{ct}");
+        let ct = res.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            ct.starts_with("multipart/related; type=\"application/dicom\""),
+            "{ct}"
+        );
         let boundary = ct.rsplit_once("boundary=").unwrap().1.to_owned();
         let body = res.into_body().collect().await.unwrap().to_bytes();
         // One part: its headers, the file byte for byte, the close delimiter.
@@ -798,11 +807,17 @@ async fn wado_rs_retrieves_an_instance_as_stored() {
     // Unknown instance, instance under another series or study: 404; not a UID: 400.
     for (uri, status) in [
         (
-            format!("/dicomweb/studies/{STUDY}/series/{SERIES}/instances/{}", sop(9)),
+            format!(
+                "/dicomweb/studies/{STUDY}/series/{SERIES}/instances/{}",
+                sop(9)
+            ),
             StatusCode::NOT_FOUND,
         ),
         (
-            format!("/dicomweb/studies/{OTHER_STUDY}/series/{SERIES}/instances/{}", sop(1)),
+            format!(
+                "/dicomweb/studies/{OTHER_STUDY}/series/{SERIES}/instances/{}",
+                sop(1)
+            ),
             StatusCode::NOT_FOUND,
         ),
         (

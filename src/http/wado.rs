@@ -93,12 +93,7 @@ struct Found {
     source: &'static str,
 }
 
-fn find(
-    state: &AppState,
-    study: &str,
-    series: &str,
-    sop: &str,
-) -> Result<Option<Found>, AppError> {
+fn find(state: &AppState, study: &str, series: &str, sop: &str) -> Result<Option<Found>, AppError> {
     if let Some(web) = state.dicomweb()
         && let Some(s) = web
             .spool
@@ -146,7 +141,11 @@ pub(crate) async fn retrieve_instance(
         )
         .into_response();
     }
-    for (what, uid) in [("study", &study), ("series", &series), ("SOP instance", &sop)] {
+    for (what, uid) in [
+        ("study", &study),
+        ("series", &series),
+        ("SOP instance", &sop),
+    ] {
         if !valid_uid(uid) {
             return AppError::bad_request(format!(
                 "the {what} UID is not a UID (1-64 digits and dots)"
@@ -273,7 +272,9 @@ mod tests {
             Ok(vec![None])
         );
         assert_eq!(
-            accept("multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.1"),
+            accept(
+                "multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.1"
+            ),
             Ok(vec![Some("1.2.840.10008.1.2.1".into())])
         );
         assert_eq!(
