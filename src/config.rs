@@ -229,6 +229,31 @@ pub struct ServeArgs {
     #[arg(long, env = "NIGHTINGALE_RESULTS_MAX_ATTEMPTS")]
     pub results_max_attempts: Option<u32>,
     // ---- end DICOM pipeline ----
+    // ---- CDS Hooks (issue 10) ----
+    /// Trust an EHR: ISSUER=JWKS_FILE (repeatable). Its JWTs (ES384, RS384, …) open the CDS
+    /// services; with none, every CDS call answers 401 (discovery stays open).
+    #[arg(
+        long = "cds-trust",
+        env = "NIGHTINGALE_CDS_TRUST",
+        value_delimiter = ','
+    )]
+    pub cds_trust: Vec<String>,
+    /// What the CDS service URLs start with (the JWTs' `aud` is
+    /// <base>/cds-services/{id}); default: http(s)://<Host header>.
+    #[arg(long, env = "NIGHTINGALE_CDS_BASE_URL")]
+    pub cds_base_url: Option<String>,
+    /// A FHIR server (URL prefix) the CDS services may fetch missing prefetch from, with
+    /// the EHR's token (repeatable); with none, they never fetch.
+    #[arg(
+        long = "cds-fhir-server",
+        env = "NIGHTINGALE_CDS_FHIR_SERVER",
+        value_delimiter = ','
+    )]
+    pub cds_fhir_servers: Vec<String>,
+    /// Deadline of the fetch from fhirServer, in milliseconds. [default: 1500]
+    #[arg(long, env = "NIGHTINGALE_CDS_FETCH_TIMEOUT_MS")]
+    pub cds_fetch_timeout_ms: Option<u64>,
+    // ---- end CDS Hooks ----
 }
 
 /// What to do with instances that arrive for a series already processed.
@@ -337,6 +362,14 @@ struct FileConfig {
     results_retry_secs: Option<f64>,
     results_max_attempts: Option<u32>,
     // ---- end DICOM pipeline ----
+    // ---- CDS Hooks (issue 10) ----
+    /// `[cds]`: the services (`[[cds.services]]`).
+    cds: Option<nightingale_decision_support::service::CdsSection>,
+    cds_trust: Option<Vec<String>>,
+    cds_base_url: Option<String>,
+    cds_fhir_servers: Option<Vec<String>>,
+    cds_fetch_timeout_ms: Option<u64>,
+    // ---- end CDS Hooks ----
 }
 
 /// The resolved server configuration.
@@ -372,6 +405,8 @@ pub struct ServeConfig {
     pub dicomweb: Option<DicomWebSettings>,
     /// The DICOM pipeline over the spool (`None`: off; on whenever the spool is).
     pub pipeline: Option<PipelineSettings>,
+    /// CDS Hooks (always on: discovery open, calls need a trusted EHR's JWT).
+    pub cds: crate::cds::CdsSettings,
 }
 
 /// The DICOM pipeline's settings (issue 9).
@@ -926,6 +961,56 @@ impl ServeArgs {
             }
         };
         // ---- end DICOM pipeline ----
+        // ---- CDS Hooks (issue 10) ----
+        let cds_trust = if self.cds_trust.is_empty() {
+            file.cds_trust.clone().unwrap_or_default()
+        } else {
+            self.cds_trust.clone()
+        };
+        let trust = cds_trust
+            .iter()
+            .map(|t| t.parse().map_err(ConfigError::Invalid))
+            .collect::<Result<Vec<crate::cds::TrustedIssuer>, _>>()?;
+        let cds_base_url = self.cds_base_url.clone().or(file.cds_base_url.clone());
+        if let Some(base) = &cds_base_url
+            && !(base.starts_with("http://") || base.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid(
+                "cds_base_url must be an http(s) URL".into(),
+            ));
+        }
+        let fhir_servers = if self.cds_fhir_servers.is_empty() {
+            file.cds_fhir_servers.clone().unwrap_or_default()
+        } else {
+            self.cds_fhir_servers.clone()
+        };
+        if let Some(bad) = fhir_servers
+            .iter()
+            .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "cds_fhir_servers: {bad:?} is not an http(s) URL"
+            )));
+        }
+        let fetch_ms = self
+            .cds_fetch_timeout_ms
+            .or(file.cds_fetch_timeout_ms)
+            .unwrap_or(1500);
+        if !(1..=60_000).contains(&fetch_ms) {
+            return Err(ConfigError::Invalid(
+                "cds_fetch_timeout_ms must be between 1 and 60000".into(),
+            ));
+        }
+        let cds = crate::cds::CdsSettings {
+            section: file.cds.clone().unwrap_or_default(),
+            trust,
+            base_url: cds_base_url,
+            fhir_servers,
+            fetch_timeout: std::time::Duration::from_millis(fetch_ms),
+            https: tls.is_some(),
+            ..crate::cds::CdsSettings::default()
+        };
+        // ---- end CDS Hooks ----
         Ok(ServeConfig {
             repository: self
                 .repository
@@ -952,6 +1037,7 @@ impl ServeArgs {
             dicom,
             dicomweb,
             pipeline,
+            cds,
         })
     }
 }

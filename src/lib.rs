@@ -4,6 +4,7 @@
 //! configuration ([`config`]), the audit trail ([`audit`]) and the HTTP layer ([`http::app`]).
 
 pub mod audit;
+pub mod cds;
 pub mod config;
 pub mod deploy;
 pub mod http;

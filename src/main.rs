@@ -318,6 +318,20 @@ async fn serve(
         },
         Some(http::install_recorder()),
     );
+    // CDS Hooks (issue 10): the services, the trusted EHRs' keys.
+    let cds =
+        nightingale::cds::Cds::new(&config.cds).context("cannot start the CDS Hooks service")?;
+    tracing::info!(
+        services = cds.services.iter().count(),
+        trusted_issuers = config.cds.trust.len(),
+        "CDS Hooks at /cds-services{}",
+        if config.cds.trust.is_empty() {
+            " (no --cds-trust: every call answers 401)"
+        } else {
+            ""
+        }
+    );
+    state.set_cds(cds);
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.http_addr))?;

@@ -157,7 +157,8 @@ fn example(rule: &RouteRule, credential: Credential<'_>) -> Request<Body> {
         .replace("{version}", "1")
         .replace("{study}", STUDY)
         .replace("{series}", SERIES)
-        .replace("{sop}", SOP);
+        .replace("{sop}", SOP)
+        .replace("{id}", "nightingale-news2");
     let method = Method::from_bytes(rule.method.as_bytes()).unwrap();
     let mut req = Request::builder().method(method).uri(path);
     match credential {
@@ -208,6 +209,19 @@ async fn every_route_without_credentials_with_a_wrong_role_and_with_its_role() {
         let what = format!("{} {}", rule.method, rule.path);
         let server = Server::with_auth(fixture_auth());
         match rule.access {
+            Access::CdsHooks => {
+                // Only a trusted EHR's JWT opens it (tests/cds.rs): no credentials, any API
+                // key, a JWT of this server's own [auth.jwt] issuer: 401.
+                let (s, _, v) = server.send(example(rule, Credential::None)).await;
+                assert_eq!(s, StatusCode::UNAUTHORIZED, "{what}: {v}");
+                for role in Role::ALL {
+                    let (s, _, v) = server
+                        .send(example(rule, Credential::Bearer(&keys[role.as_str()])))
+                        .await;
+                    assert_eq!(s, StatusCode::UNAUTHORIZED, "{what} as {role}: {v}");
+                    assert!(error_of(&v).contains("trusted EHR"), "{what}: {v}");
+                }
+            }
             Access::Public => {
                 let (s, _, v) = server.send(example(rule, Credential::None)).await;
                 assert_eq!(s, StatusCode::OK, "{what}: {v}");
@@ -290,6 +304,8 @@ async fn zero_config_opens_infer_metrics_pacs_and_closes_admin_and_researcher() 
             | Access::Role(Role::Metrics)
             | Access::Role(Role::Pacs)
             | Access::AnyOf(_) => assert_eq!(s, StatusCode::OK, "{what}: {v}"),
+            // No --cds-trust: every CDS call is 401.
+            Access::CdsHooks => assert_eq!(s, StatusCode::UNAUTHORIZED, "{what}: {v}"),
             Access::Role(role @ (Role::Admin | Role::Researcher)) => {
                 assert_eq!(s, StatusCode::FORBIDDEN, "{what}: {v}");
                 assert!(
@@ -571,6 +587,7 @@ fn the_documented_role_table_matches_the_code() {
     for rule in ROUTES {
         let access = match rule.access {
             Access::Public => "public".to_owned(),
+            Access::CdsHooks => "a trusted EHR's JWT (`--cds-trust`)".to_owned(),
             Access::Role(r) => format!("`{r}`"),
             Access::AnyOf(roles) => roles
                 .iter()

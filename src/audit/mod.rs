@@ -56,6 +56,10 @@ pub enum EventKind {
     /// A result object (SR, SC) made by the DICOM pipeline from a model's output (issue 9):
     /// its SOP Instance UID (hashed), the model and version that made it.
     DicomResult,
+    /// A CDS Hooks call answered (issue 10): the service, hookInstance, cards and latency.
+    CdsHook,
+    /// Feedback on a CDS card: accepted or overridden, and why (coded).
+    CdsFeedback,
 }
 
 /// How the request ended, as the client saw it.

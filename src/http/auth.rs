@@ -194,6 +194,10 @@ pub enum Access {
     Role(Role),
     /// Callers holding any of these roles (QIDO-RS: `pacs`, `admin` or `researcher`).
     AnyOf(&'static [Role]),
+    /// An EHR calling a CDS Hooks service: a JWT signed by a trusted issuer, for this
+    /// service's URL (`aud`), checked by `decision-support`'s rules (no role: API keys and
+    /// the other credentials do not open it).
+    CdsHooks,
 }
 
 impl Access {
@@ -207,6 +211,7 @@ impl Access {
             Access::Role(Role::Pacs) => &[Role::Pacs],
             Access::Role(Role::Metrics) => &[Role::Metrics],
             Access::AnyOf(roles) => roles,
+            Access::CdsHooks => &[],
         }
     }
 }
@@ -283,6 +288,10 @@ pub const ROUTES: &[RouteRule] = &[
     // ---- end DICOMweb ----
     // The DICOM pipeline's results (issue 9): PACS, operators and researchers.
     rule("GET", "/results/studies/{study}", QIDO),
+    // CDS Hooks (issue 10): discovery is open; services and feedback need the EHR's JWT.
+    rule("GET", "/cds-services", PUBLIC),
+    rule("POST", "/cds-services/{id}", Access::CdsHooks),
+    rule("POST", "/cds-services/{id}/feedback", Access::CdsHooks),
 ];
 
 /// The row of `method path`, if the table has one (`HEAD` is served by `GET` routes).
@@ -1152,6 +1161,45 @@ pub(crate) async fn enforce(
     };
     let auth = &state.auth;
     let caller = match rule.access {
+        Access::CdsHooks => {
+            let audience = match super::cds::audience(&state, &req) {
+                Ok(a) => a,
+                Err(why) => {
+                    return unauthorized(
+                        format!(
+                            "CDS Hooks needs a JWT from a trusted EHR for this service's URL, which cannot be told: {why}"
+                        ),
+                        false,
+                    );
+                }
+            };
+            let header = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+            match state.cds().verifier.verify_header(
+                header,
+                &audience,
+                jsonwebtoken::get_current_timestamp(),
+            ) {
+                Ok(v) => Caller {
+                    id: format!(
+                        "cds:{}#{}",
+                        printable(&v.issuer),
+                        printable(v.subject.as_deref().unwrap_or("-"))
+                    ),
+                    roles: Roles::NONE,
+                },
+                Err(e) => {
+                    tracing::warn!(reason = %e, path = path.as_str(), "CDS Hooks token refused");
+                    metrics::counter!("nightingale_cds_unauthorized_total").increment(1);
+                    return unauthorized(
+                        format!("CDS Hooks needs a JWT from a trusted EHR: {e}"),
+                        header.is_some(),
+                    );
+                }
+            }
+        }
         Access::Public => auth
             .authenticate(req.headers(), req.extensions())
             .unwrap_or_else(|_| Caller::anonymous(auth.anonymous)),

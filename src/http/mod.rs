@@ -19,6 +19,8 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 pub mod auth;
+// CDS Hooks 2.0 (issue 10)
+pub mod cds;
 mod codec;
 pub mod dicomweb;
 // ---- issue 9: the DICOM pipeline's results ----
@@ -28,8 +30,8 @@ mod metrics;
 mod repository;
 pub mod results;
 // WADO-RS retrieve (issue 9: result objects and received instances)
-pub mod wado;
 mod v2;
+pub mod wado;
 
 pub use codec::{decode_request_for_bench, parse_json_data_for_bench};
 pub use error::{ApiPath, AppError};
@@ -89,6 +91,8 @@ pub struct AppState {
     dicomweb: std::sync::OnceLock<dicomweb::DicomWeb>,
     /// The DICOM pipeline's results store; unset: `/results` answers 404.
     results: std::sync::OnceLock<results::Results>,
+    /// CDS Hooks; unset until first used: the built-in services, no trusted issuer.
+    cds: std::sync::OnceLock<crate::cds::Cds>,
 }
 
 impl AppState {
@@ -108,6 +112,7 @@ impl AppState {
             ready: AtomicBool::new(false),
             dicomweb: std::sync::OnceLock::new(),
             results: std::sync::OnceLock::new(),
+            cds: std::sync::OnceLock::new(),
         })
     }
 
@@ -115,6 +120,17 @@ impl AppState {
     /// returns false).
     pub fn set_dicomweb(&self, dicomweb: dicomweb::DicomWeb) -> bool {
         self.dicomweb.set(dicomweb).is_ok()
+    }
+
+    /// Sets the CDS Hooks service (once, before the first request; later calls change
+    /// nothing and return false).
+    pub fn set_cds(&self, cds: crate::cds::Cds) -> bool {
+        self.cds.set(cds).is_ok()
+    }
+
+    /// The CDS Hooks service (the built-in one, with no trusted issuer, unless set).
+    pub fn cds(&self) -> &crate::cds::Cds {
+        self.cds.get_or_init(crate::cds::Cds::builtin)
     }
 
     /// Turns the results API on (once).
@@ -209,6 +225,9 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route("/dicomweb/instances", get(dicomweb::search_instances))
         // ---- end DICOMweb ----
         .route("/results/studies/{study}", get(results::study))
+        .route("/cds-services", get(cds::discovery))
+        .route("/cds-services/{id}", post(cds::call))
+        .route("/cds-services/{id}/feedback", post(cds::feedback))
         .finish()
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

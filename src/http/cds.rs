@@ -1,0 +1,336 @@
+//! CDS Hooks 2.0 (issue 10): `GET /cds-services` (discovery, open), `POST /cds-services/{id}`
+//! (a hook call) and `POST /cds-services/{id}/feedback`, both with the EHR's JWT, checked by
+//! the auth layer against the trusted issuers (`--cds-trust`) with `aud` = the service's URL
+//! as called (`audience`).
+//!
+//! A call is answered within the EHR's patience: what the EHR did not prefetch is fetched
+//! from its `fhirServer` (only an allow-listed one, `--cds-fhir-server`) within a deadline,
+//! and whatever is still missing is said on an info card, never guessed. Every call and
+//! every feedback is audited (service, hookInstance, cards, latency; no patient data).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Extension, Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use nightingale_decision_support::hooks::{FeedbackRequest, HookRequest, Outcome as Feedback};
+use nightingale_decision_support::news2::Assessment;
+use nightingale_decision_support::service::ServiceError;
+use sha2::{Digest, Sha256};
+
+use super::auth::Caller;
+use super::{AppError, AppState};
+use crate::audit::{AuditEvent, EventKind, Outcome};
+
+/// The largest hook request or feedback body, in bytes (a prefetch of a few hundred
+/// Observations is well under 1 MiB).
+pub const MAX_BODY_BYTES: usize = 8 << 20;
+
+/// The NEWS2 "model" cards and feedback are counted under.
+const NEWS2_MODEL: (&str, &str) = ("news2", "rcp-2017");
+
+/// The service URL a JWT's `aud` must name: `--cds-base-url` or `http(s)://<Host>`, then
+/// `/cds-services/{id}` (the feedback endpoint's tokens name the service's URL too).
+pub(crate) fn audience(state: &AppState, req: &Request) -> Result<String, String> {
+    let path = req.uri().path();
+    let service_path = path.strip_suffix("/feedback").unwrap_or(path);
+    let cds = state.cds();
+    if let Some(base) = &cds.base_url {
+        return Ok(format!("{base}{service_path}"));
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .ok_or("the request names no Host")?;
+    if host.is_empty()
+        || host.len() > 255
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
+    {
+        return Err("the Host header is not a host name".into());
+    }
+    let scheme = if cds.https { "https" } else { "http" };
+    Ok(format!("{scheme}://{host}{service_path}"))
+}
+
+/// `GET /cds-services`.
+pub(crate) async fn discovery(State(state): State<Arc<AppState>>) -> Response {
+    Json(state.cds().services.discovery()).into_response()
+}
+
+async fn body_of(body: Body) -> Result<Bytes, AppError> {
+    axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| {
+            AppError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("a CDS Hooks body is at most {MAX_BODY_BYTES} bytes"),
+            )
+        })
+}
+
+fn caller_id(caller: &Option<Extension<Caller>>) -> String {
+    caller
+        .as_ref()
+        .map_or_else(|| "anonymous".to_owned(), |c| c.0.id.clone())
+}
+
+/// `POST /cds-services/{id}`.
+pub(crate) async fn call(
+    State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let cds = state.cds();
+    let Some(service) = cds.services.get(&id) else {
+        return AppError::not_found("no such CDS service (GET /cds-services lists them)")
+            .into_response();
+    };
+    let bytes = match body_of(body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let request: HookRequest = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            metrics::counter!("nightingale_cds_requests_total", "service" => service.id().to_owned(), "outcome" => "rejected").increment(1);
+            return AppError::bad_request(format!("not a CDS Hooks request: {}", serde_error(&e)))
+                .into_response();
+        }
+    };
+    if let Err(e) = request.validate(&service.config().hook) {
+        metrics::counter!("nightingale_cds_requests_total", "service" => service.id().to_owned(), "outcome" => "rejected").increment(1);
+        return AppError::bad_request(e.to_string()).into_response();
+    }
+
+    // What the EHR did not prefetch, from its FHIR server when it may be asked.
+    let mut fetched = Vec::new();
+    let missing = match service.missing_prefetch(&request) {
+        Ok(m) => m,
+        Err(e) => return AppError::bad_request(e.to_string()).into_response(),
+    };
+    if !missing.is_empty()
+        && let Some(server) = &request.fhir_server
+    {
+        if cds.may_fetch(server) {
+            let token = request
+                .fhir_authorization
+                .as_ref()
+                .map(|a| a.access_token.as_str());
+            fetched = cds.fetch(server, token, &missing).await;
+        } else {
+            tracing::info!(
+                service = %service.id(),
+                missing = missing.len(),
+                "prefetch incomplete and fhirServer not allow-listed (--cds-fhir-server): not fetched"
+            );
+        }
+    }
+
+    let outcome = match service.evaluate_news2(&request, fetched, chrono::Utc::now(), &cds.limits) {
+        Ok(o) => o,
+        Err(ServiceError::Request(e)) => {
+            metrics::counter!("nightingale_cds_requests_total", "service" => service.id().to_owned(), "outcome" => "rejected").increment(1);
+            return AppError::bad_request(e.to_string()).into_response();
+        }
+        Err(e) => return AppError::internal(e.to_string()).into_response(),
+    };
+    let kind = match &outcome.assessment {
+        Assessment::Scored(s) => match s.score.risk.name() {
+            "low–medium" => "low-medium",
+            other => other,
+        },
+        Assessment::Incomplete(_) => "incomplete",
+        Assessment::NotApplicable(_) => "not-applicable",
+    };
+    cds.ledger.lock().unwrap_or_else(|p| p.into_inner()).record(
+        &outcome.response.cards,
+        service.id(),
+        Some(NEWS2_MODEL),
+        chrono::Utc::now(),
+    );
+    let body = match serde_json::to_vec(&outcome.response) {
+        Ok(b) => b,
+        Err(e) => return AppError::internal(e.to_string()).into_response(),
+    };
+    let elapsed = started.elapsed();
+    metrics::counter!("nightingale_cds_requests_total", "service" => service.id().to_owned(), "outcome" => kind).increment(1);
+    metrics::histogram!("nightingale_cds_request_seconds", "service" => service.id().to_owned())
+        .record(elapsed.as_secs_f64());
+    let cards: Vec<&str> = outcome
+        .response
+        .cards
+        .iter()
+        .map(|c| c.uuid.as_str())
+        .collect();
+    let event = AuditEvent {
+        kind: EventKind::CdsHook,
+        request_id: printable(&request.hook_instance),
+        model: NEWS2_MODEL.0.into(),
+        version: NEWS2_MODEL.1.into(),
+        model_sha256: String::new(),
+        input_sha256: Some(hex::encode(Sha256::digest(&bytes))),
+        output_sha256: Some(hex::encode(Sha256::digest(&body))),
+        rows: None,
+        status: 200,
+        outcome: Outcome::Ok,
+        actor: Some(caller_id(&caller)),
+        detail: Some(format!(
+            "service={} hook={} outcome={kind} cards={} latency_ms={:.1}",
+            service.id(),
+            service.config().hook,
+            cards.join(","),
+            elapsed.as_secs_f64() * 1e3
+        )),
+    };
+    if let Err(e) = state.audit.record(event).await {
+        // Fail closed: an answer that cannot be audited is not given.
+        tracing::error!(error = %e, "audit record of a CDS call not written");
+        return AppError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the audit trail cannot be written",
+        )
+        .into_response();
+    }
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
+/// `POST /cds-services/{id}/feedback`.
+pub(crate) async fn feedback(
+    State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Response {
+    let cds = state.cds();
+    let Some(service) = cds.services.get(&id) else {
+        return AppError::not_found("no such CDS service (GET /cds-services lists them)")
+            .into_response();
+    };
+    let bytes = match body_of(body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let request: FeedbackRequest = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            return AppError::bad_request(format!(
+                "not a CDS Hooks feedback request: {}",
+                serde_error(&e)
+            ))
+            .into_response();
+        }
+    };
+    let events = {
+        let ledger = cds.ledger.lock().unwrap_or_else(|p| p.into_inner());
+        ledger.accept(service.id(), &request)
+    };
+    let events = match events {
+        Ok(e) => e,
+        Err(e) => {
+            metrics::counter!("nightingale_cds_feedback_refused_total", "service" => service.id().to_owned()).increment(1);
+            return AppError::bad_request(e.to_string()).into_response();
+        }
+    };
+    let actor = caller_id(&caller);
+    for e in &events {
+        let (model, version) = e.model.clone().unwrap_or_default();
+        let outcome = match e.outcome {
+            Feedback::Accepted => "accepted",
+            Feedback::Overridden => "overridden",
+        };
+        let event = AuditEvent {
+            kind: EventKind::CdsFeedback,
+            request_id: e.card.clone(),
+            model: model.clone(),
+            version: version.clone(),
+            model_sha256: String::new(),
+            input_sha256: Some(hex::encode(Sha256::digest(&bytes))),
+            output_sha256: None,
+            rows: None,
+            status: 200,
+            outcome: Outcome::Ok,
+            actor: Some(actor.clone()),
+            detail: Some(format!(
+                "service={} outcome={outcome} accepted_suggestions={} override_reason={} comment={} outcome_timestamp={}",
+                e.service,
+                e.accepted_suggestions.len(),
+                e.override_reason
+                    .as_ref()
+                    .map(|c| printable(&format!(
+                        "{}|{}",
+                        c.system.as_deref().unwrap_or(""),
+                        c.code.as_deref().unwrap_or("")
+                    )))
+                    .unwrap_or_else(|| "-".into()),
+                e.has_comment,
+                e.outcome_timestamp.to_rfc3339()
+            )),
+        };
+        if let Err(err) = state.audit.record(event).await {
+            tracing::error!(error = %err, "audit record of CDS feedback not written");
+            return AppError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the audit trail cannot be written",
+            )
+            .into_response();
+        }
+        metrics::counter!(
+            "nightingale_cds_feedback_total",
+            "service" => e.service.clone(),
+            "model" => model.clone(),
+            "version" => version.clone(),
+            "outcome" => outcome
+        )
+        .increment(1);
+    }
+    let mut stats = cds.stats.lock().unwrap_or_else(|p| p.into_inner());
+    stats.add(&events);
+    for e in &events {
+        let model = e.model.as_ref().map(|(m, v)| (m.as_str(), v.as_str()));
+        if let Some(rate) = stats.override_rate(&e.service, model) {
+            let (m, v) = e.model.clone().unwrap_or_default();
+            metrics::gauge!(
+                "nightingale_cds_override_rate",
+                "service" => e.service.clone(),
+                "model" => m,
+                "version" => v
+            )
+            .set(rate);
+        }
+    }
+    StatusCode::OK.into_response()
+}
+
+/// A serde error without the input's text (it may hold patient data): where it failed.
+fn serde_error(e: &serde_json::Error) -> String {
+    let what = match e.classify() {
+        serde_json::error::Category::Io => "cannot be read",
+        serde_json::error::Category::Syntax => "malformed JSON",
+        serde_json::error::Category::Data => "a field is missing or has the wrong type",
+        serde_json::error::Category::Eof => "the JSON ends early",
+    };
+    format!("{what} (line {}, column {})", e.line(), e.column())
+}
+
+/// Text from a client, safe in a log line or an audit field: printable, at most 100 chars.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .take(100)
+        .collect()
+}

@@ -1,0 +1,566 @@
+//! CDS Hooks through the router: discovery, a NEWS2 call with a real ES384 JWT (keys made
+//! by the `openssl` CLI), the token's audience and replay, feedback joined to the card, the
+//! fetch of missing prefetch from an allow-listed FHIR server (a real HTTP server on port 0:
+//! answering, slow, failing), hostile bodies, and the audit records. Expected NEWS2 values
+//! are read off the RCP 2017 chart by hand in each test, not computed by the code.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use nightingale::audit::AuditLog;
+use nightingale::cds::{Cds, CdsSettings, TrustedIssuer};
+use nightingale::http::{self, AppState, HttpConfig};
+use nightingale_models::{Repository, RepositoryOptions};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const ISS: &str = "https://ehr.example.nhs.uk";
+const HOST: &str = "nightingale.test:8000";
+const SERVICE: &str = "nightingale-news2";
+const PATIENT: &str = "1288992";
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the openssl CLI runs");
+    assert!(out.status.success(), "openssl {args:?}");
+}
+
+struct Ehr {
+    key: EncodingKey,
+    jwks: std::path::PathBuf,
+}
+
+impl Ehr {
+    fn new(dir: &Path) -> Ehr {
+        openssl(
+            dir,
+            &[
+                "ecparam",
+                "-name",
+                "secp384r1",
+                "-genkey",
+                "-noout",
+                "-out",
+                "ec.pem",
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "pkcs8", "-topk8", "-nocrypt", "-in", "ec.pem", "-outform", "DER", "-out", "ec.der",
+            ],
+        );
+        let key = EncodingKey::from_ec_der(&std::fs::read(dir.join("ec.der")).unwrap());
+        let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES384).unwrap();
+        jwk.common.key_id = Some("ec-1".into());
+        let jwks = dir.join("jwks.json");
+        std::fs::write(
+            &jwks,
+            serde_json::to_vec(&JwkSet { keys: vec![jwk] }).unwrap(),
+        )
+        .unwrap();
+        Ehr { key, jwks }
+    }
+
+    fn token(&self, aud: &str) -> String {
+        let now = jsonwebtoken::get_current_timestamp();
+        let mut header = Header::new(Algorithm::ES384);
+        header.kid = Some("ec-1".into());
+        let claims = json!({"iss": ISS, "sub": "ehr-client", "aud": aud, "iat": now,
+                            "exp": now + 300, "jti": uuid()});
+        jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
+    }
+}
+
+fn uuid() -> String {
+    // A v4-shaped UUID from the clock and a counter (unique within the test run).
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        t as u32,
+        (t >> 32) as u16,
+        n & 0xfff,
+        (n >> 12) & 0xfff,
+        (t ^ n) & 0xffff_ffff_ffff
+    )
+}
+
+struct Server {
+    dir: tempfile::TempDir,
+    state: Arc<AppState>,
+    ehr: Ehr,
+}
+
+impl Server {
+    fn new(fhir_servers: Vec<String>, fetch_timeout: Duration) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let ehr = Ehr::new(dir.path());
+        std::fs::create_dir(dir.path().join("models")).unwrap();
+        let repository = Arc::new(Repository::new(
+            dir.path().join("models"),
+            RepositoryOptions::default(),
+        ));
+        let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
+        let state = AppState::new(repository, audit, HttpConfig::default(), None);
+        let cds = Cds::new(&CdsSettings {
+            trust: vec![TrustedIssuer {
+                issuer: ISS.into(),
+                jwks: ehr.jwks.clone(),
+            }],
+            fhir_servers,
+            fetch_timeout,
+            ..CdsSettings::default()
+        })
+        .unwrap();
+        assert!(state.set_cds(cds));
+        Server { dir, state, ehr }
+    }
+
+    async fn send(&self, req: Request<Body>) -> (StatusCode, Value) {
+        let res = http::app(self.state.clone()).oneshot(req).await.unwrap();
+        let status = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let v = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+        (status, v)
+    }
+
+    fn post(&self, path: &str, token: Option<&str>, body: Vec<u8>) -> Request<Body> {
+        let mut req = Request::post(path)
+            .header(header::HOST, HOST)
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        req.body(Body::from(body)).unwrap()
+    }
+
+    /// A hook call with a fresh valid token.
+    async fn call(&self, request: &Value) -> (StatusCode, Value) {
+        let token = self
+            .ehr
+            .token(&format!("http://{HOST}/cds-services/{SERVICE}"));
+        self.send(self.post(
+            &format!("/cds-services/{SERVICE}"),
+            Some(&token),
+            request.to_string().into_bytes(),
+        ))
+        .await
+    }
+
+    fn audit(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn when(minutes_ago: i64) -> String {
+    (chrono::Utc::now() - chrono::Duration::minutes(minutes_ago)).to_rfc3339()
+}
+
+fn obs(n: u32, code: &str, value: Value) -> Value {
+    let mut o = json!({
+        "resourceType": "Observation", "id": format!("obs-{n}"), "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+        "subject": {"reference": format!("Patient/{PATIENT}")},
+        "effectiveDateTime": when(30),
+    });
+    o.as_object_mut()
+        .unwrap()
+        .extend(value.as_object().unwrap().clone());
+    o
+}
+
+fn qty(v: f64, unit: &str) -> Value {
+    json!({"valueQuantity": {"value": v, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}})
+}
+
+/// RR 22 (2), SpO2 94 (scale 1: 1), air (0), systolic 105 (1), pulse 115 (2), alert (0),
+/// 38.5 °C (1): NEWS2 7, high clinical risk (RCP 2017 Charts 1 and 3).
+fn vitals_bundle() -> Value {
+    let entries = vec![
+        obs(1, "9279-1", qty(22.0, "/min")),
+        obs(2, "59408-5", qty(94.0, "%")),
+        obs(3, "3151-8", qty(0.0, "L/min")),
+        obs(4, "8480-6", qty(105.0, "mm[Hg]")),
+        obs(5, "8867-4", qty(115.0, "/min")),
+        obs(
+            6,
+            "67775-7",
+            json!({"valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "248234008"}]}}),
+        ),
+        // 101.3 °F = 38.5 °C
+        obs(7, "8310-5", qty(101.3, "[degF]")),
+    ];
+    json!({"resourceType": "Bundle", "type": "searchset",
+           "entry": entries.into_iter().map(|r| json!({"resource": r})).collect::<Vec<_>>()})
+}
+
+fn patient() -> Value {
+    json!({"resourceType": "Patient", "id": PATIENT, "gender": "male", "birthDate": "1955-12-23"})
+}
+
+/// The specification's patient-view example, with this service's prefetch.
+fn patient_view(prefetch: Option<Value>, fhir_server: Option<&str>) -> Value {
+    let mut r = json!({
+        "hookInstance": uuid(),
+        "hook": "patient-view",
+        "context": {"userId": "Practitioner/example", "patientId": PATIENT, "encounterId": "89284"},
+    });
+    if let Some(p) = prefetch {
+        r["prefetch"] = p;
+    }
+    if let Some(s) = fhir_server {
+        r["fhirServer"] = json!(s);
+        r["fhirAuthorization"] = json!({"access_token": "opaque-fhir-token", "token_type": "Bearer",
+            "expires_in": 300, "scope": "user/Patient.read user/Observation.read", "subject": "cds-service4"});
+    }
+    r
+}
+
+#[tokio::test]
+async fn discovery_is_open_and_lists_the_news2_service() {
+    let server = Server::new(vec![], Duration::from_secs(1));
+    let (s, v) = server
+        .send(Request::get("/cds-services").body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let services = v["services"].as_array().unwrap();
+    let news2 = services
+        .iter()
+        .find(|s| s["id"].as_str().unwrap().contains("news2"))
+        .unwrap();
+    assert_eq!(news2["hook"], "patient-view");
+    assert_eq!(
+        news2["prefetch"]["patient"],
+        "Patient/{{context.patientId}}"
+    );
+    assert!(
+        news2["description"].as_str().unwrap().contains("NEWS2")
+            || news2["title"].as_str().unwrap().contains("NEWS2")
+    );
+}
+
+#[tokio::test]
+async fn a_patient_view_call_gets_its_news2_card_and_feedback_is_joined_to_it() {
+    let server = Server::new(vec![], Duration::from_secs(1));
+    let request = patient_view(
+        Some(json!({"patient": patient(), "vitals": vitals_bundle(), "conditions": null})),
+        None,
+    );
+    let (s, v) = server.call(&request).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let cards = v["cards"].as_array().unwrap();
+    assert_eq!(cards.len(), 1, "{v}");
+    let card = &cards[0];
+    assert!(
+        card["summary"].as_str().unwrap().starts_with("NEWS2 7 "),
+        "{card}"
+    );
+    assert_eq!(card["indicator"], "critical");
+    assert!(card["summary"].as_str().unwrap().chars().count() < 140);
+    assert!(card["source"]["label"].as_str().unwrap().contains("NEWS2"));
+    let detail = card["detail"].as_str().unwrap();
+    assert!(detail.contains("38.5"), "{detail}");
+    assert!(v["systemActions"].is_array(), "{v}");
+
+    // The audit record: service, hookInstance, card, no patient id.
+    let audit = server.audit();
+    let record = audit.iter().find(|r| r["kind"] == "cds-hook").unwrap();
+    assert_eq!(record["request_id"], request["hookInstance"]);
+    assert!(
+        record["detail"]
+            .as_str()
+            .unwrap()
+            .contains(card["uuid"].as_str().unwrap())
+    );
+    assert!(record["actor"].as_str().unwrap().starts_with("cds:"));
+    assert!(!record.to_string().contains(PATIENT));
+
+    // Feedback: overridden, with a reason.
+    let fb = json!({"feedback": [{"card": card["uuid"], "outcome": "overridden",
+        "overrideReason": {"reason": {"system": "http://example.org/reasons", "code": "not-relevant"}, "userComment": "post-op"},
+        "outcomeTimestamp": chrono::Utc::now().to_rfc3339()}]});
+    let token = server
+        .ehr
+        .token(&format!("http://{HOST}/cds-services/{SERVICE}"));
+    let (s, v) = server
+        .send(server.post(
+            &format!("/cds-services/{SERVICE}/feedback"),
+            Some(&token),
+            fb.to_string().into_bytes(),
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let stats = server.state.cds().stats.lock().unwrap().clone();
+    assert_eq!(
+        stats.override_rate(SERVICE, Some(("news2", "rcp-2017"))),
+        Some(1.0)
+    );
+    assert!(
+        server
+            .audit()
+            .iter()
+            .any(|r| r["kind"] == "cds-feedback" && r["request_id"] == card["uuid"])
+    );
+    // Feedback on a card never issued: 400.
+    let token = server
+        .ehr
+        .token(&format!("http://{HOST}/cds-services/{SERVICE}"));
+    let unknown = json!({"feedback": [{"card": "0b5f0c1e-8a7e-4b1e-9d5c-1b2c3d4e5f60", "outcome": "overridden",
+        "outcomeTimestamp": chrono::Utc::now().to_rfc3339()}]});
+    let (s, v) = server
+        .send(server.post(
+            &format!("/cds-services/{SERVICE}/feedback"),
+            Some(&token),
+            unknown.to_string().into_bytes(),
+        ))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+}
+
+#[tokio::test]
+async fn tokens_for_another_url_replayed_or_absent_are_401() {
+    let server = Server::new(vec![], Duration::from_secs(1));
+    let body = patient_view(Some(json!({"patient": patient()})), None).to_string();
+    let path = format!("/cds-services/{SERVICE}");
+    let (s, _) = server
+        .send(server.post(&path, None, body.clone().into_bytes()))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // aud: another host, another service.
+    for aud in [
+        format!("http://other.host:8000/cds-services/{SERVICE}"),
+        format!("http://{HOST}/cds-services/other"),
+        format!("https://{HOST}/cds-services/{SERVICE}"),
+    ] {
+        let t = server.ehr.token(&aud);
+        let (s, v) = server
+            .send(server.post(&path, Some(&t), body.clone().into_bytes()))
+            .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{aud}: {v}");
+    }
+    // Accepted once, then replayed.
+    let t = server.ehr.token(&format!("http://{HOST}{path}"));
+    let (s, v) = server
+        .send(server.post(&path, Some(&t), body.clone().into_bytes()))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = server
+        .send(server.post(&path, Some(&t), body.clone().into_bytes()))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("already used"), "{v}");
+    // A service that does not exist (with a token for it): 404.
+    let t = server
+        .ehr
+        .token(&format!("http://{HOST}/cds-services/nope"));
+    let (s, _) = server
+        .send(server.post("/cds-services/nope", Some(&t), body.into_bytes()))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn hostile_bodies_are_400_or_413_and_say_nothing_of_their_content() {
+    let server = Server::new(vec![], Duration::from_secs(1));
+    let cases: Vec<(Vec<u8>, StatusCode)> = vec![
+        (b"not json".to_vec(), StatusCode::BAD_REQUEST),
+        (b"{}".to_vec(), StatusCode::BAD_REQUEST),
+        (
+            json!({"hook": "order-sign", "hookInstance": uuid(), "context": {"patientId": PATIENT}})
+                .to_string()
+                .into_bytes(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({"hook": "patient-view", "hookInstance": "not-a-uuid", "context": {"patientId": PATIENT}})
+                .to_string()
+                .into_bytes(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            // A prefetch that is not FHIR: 400 with where, not what.
+            json!({"hook": "patient-view", "hookInstance": uuid(), "context": {"patientId": PATIENT},
+                   "prefetch": {"patient": {"resourceType": "Patient", "birthDate": 19551223}}})
+                .to_string()
+                .into_bytes(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            vec![b' '; nightingale::http::cds::MAX_BODY_BYTES + 1],
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+    ];
+    for (body, want) in cases {
+        let t = server
+            .ehr
+            .token(&format!("http://{HOST}/cds-services/{SERVICE}"));
+        let (s, v) = server
+            .send(server.post(&format!("/cds-services/{SERVICE}"), Some(&t), body))
+            .await;
+        assert_eq!(s, want, "{v}");
+        assert!(!v.to_string().contains("19551223"), "{v}");
+    }
+}
+
+#[tokio::test]
+async fn missing_vitals_or_a_child_get_an_info_card_not_a_score() {
+    let server = Server::new(vec![], Duration::from_secs(1));
+    let (s, v) = server
+        .call(&patient_view(Some(json!({"patient": patient()})), None))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let card = &v["cards"][0];
+    assert_eq!(card["indicator"], "info");
+    assert!(
+        card["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("NEWS2 not calculated"),
+        "{card}"
+    );
+    let child = json!({"resourceType": "Patient", "id": PATIENT, "birthDate": (chrono::Utc::now() - chrono::Duration::days(365 * 10)).format("%Y-%m-%d").to_string()});
+    let (s, v) = server
+        .call(&patient_view(
+            Some(json!({"patient": child, "vitals": vitals_bundle()})),
+            None,
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["cards"][0]["indicator"], "info");
+    assert!(
+        v["cards"][0]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("under 16"),
+        "{v}"
+    );
+}
+
+/// What the FHIR server was asked: (URI, Authorization header).
+type Seen = Arc<Mutex<Vec<(String, String)>>>;
+
+/// A FHIR server on port 0: answers the service's queries, slowly, or with 500.
+#[derive(Clone, Copy)]
+enum Fhir {
+    Answers,
+    Slow,
+    Fails,
+}
+
+async fn fhir_server(mode: Fhir, seen: Seen) -> String {
+    use axum::extract::State;
+    async fn any(
+        State((mode, seen)): State<(Fhir, Seen)>,
+        uri: axum::http::Uri,
+        headers: axum::http::HeaderMap,
+    ) -> (StatusCode, String) {
+        let auth = headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        seen.lock().unwrap().push((uri.to_string(), auth));
+        match mode {
+            Fhir::Fails => return (StatusCode::INTERNAL_SERVER_ERROR, "{}".into()),
+            Fhir::Slow => tokio::time::sleep(Duration::from_secs(5)).await,
+            Fhir::Answers => {}
+        }
+        let path = uri.path();
+        let body = if path.ends_with(&format!("/Patient/{PATIENT}")) {
+            patient()
+        } else if path.ends_with("/Observation") {
+            vitals_bundle()
+        } else {
+            json!({"resourceType": "Bundle", "type": "searchset", "entry": []})
+        };
+        (StatusCode::OK, body.to_string())
+    }
+    let app = axum::Router::new().fallback(any).with_state((mode, seen));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/fhir")
+}
+
+#[tokio::test]
+async fn what_is_not_prefetched_is_fetched_from_an_allow_listed_fhir_server() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let fhir = fhir_server(Fhir::Answers, seen.clone()).await;
+    let server = Server::new(vec![fhir.clone()], Duration::from_secs(5));
+    let (s, v) = server.call(&patient_view(None, Some(&fhir))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(
+        v["cards"][0]["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("NEWS2 7 "),
+        "{v}"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(
+        seen.iter()
+            .all(|(_, auth)| auth == "Bearer opaque-fhir-token")
+    );
+    assert!(
+        seen.iter()
+            .any(|(uri, _)| uri.starts_with("/fhir/Observation?patient=1288992")),
+        "{seen:?}"
+    );
+
+    // Not allow-listed: not fetched, an info card says what is missing.
+    let other = Server::new(vec![], Duration::from_secs(5));
+    let (s, v) = other.call(&patient_view(None, Some(&fhir))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["cards"][0]["indicator"], "info", "{v}");
+}
+
+#[tokio::test]
+async fn a_slow_or_failing_fhir_server_ends_in_a_missing_data_card_in_bounded_time() {
+    for mode in [Fhir::Slow, Fhir::Fails] {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let fhir = fhir_server(mode, seen.clone()).await;
+        let server = Server::new(vec![fhir.clone()], Duration::from_millis(300));
+        let (s, v) = tokio::time::timeout(
+            Duration::from_secs(4),
+            server.call(&patient_view(None, Some(&fhir))),
+        )
+        .await
+        .expect("answered before the slow server would have");
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let card = &v["cards"][0];
+        assert_eq!(card["indicator"], "info", "{v}");
+        assert!(
+            card["summary"]
+                .as_str()
+                .unwrap()
+                .starts_with("NEWS2 not calculated"),
+            "{v}"
+        );
+        assert_eq!(seen.lock().unwrap().len(), 3);
+    }
+}

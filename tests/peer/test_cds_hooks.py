@@ -1,0 +1,296 @@
+"""CDS Hooks 2.0 against the running server, as an EHR calls it: discovery, patient-view
+requests shaped as the specification's example with FHIR R4 prefetch (validated by
+fhir.resources), JWTs signed with PyJWT (ES384, RS384) against `--cds-trust`, every kind of
+bad token, the fetch of missing prefetch from a FHIR server started here (answering, slow,
+failing), and feedback counted in the metrics. Expected NEWS2 scores come from
+news2_reference.py (the RCP 2017 chart written out independently of the Rust code)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from cds_support import (SNOMED, Ehr, Server, condition, patient, patient_view, searchset,
+                         vitals)
+from dicom_support import stop
+from news2_reference import news2
+
+SERVICE = "nightingale-news2"
+PID = "1288992"
+
+
+@pytest.fixture(scope="module")
+def work():
+    d = Path(tempfile.mkdtemp(prefix="nightingale-cds-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ehr(work):
+    return Ehr(work)
+
+
+@pytest.fixture(scope="module")
+def server(work, ehr):
+    s = Server(work, ehr)
+    yield s
+    stop(s.proc)
+
+
+def ago(minutes: int) -> str:
+    return (datetime.now(timezone.utc) - timedelta(minutes=minutes)).isoformat(timespec="seconds")
+
+
+def adult() -> dict:
+    return patient(PID, "1950-03-14")
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forged(header: dict, claims: dict, secret: bytes | None) -> str:
+    """A token PyJWT refuses to make: `alg: none`, or HS256 keyed with a public key."""
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+    if secret is None:
+        return signing_input + "."
+    mac = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(mac)}"
+
+
+def test_discovery_is_open_and_offers_news2_on_patient_view(server):
+    status, body = server.get("/cds-services")
+    assert status == 200, body
+    news2_services = [s for s in body["services"] if "news2" in s["id"]]
+    assert news2_services, body
+    s = news2_services[0]
+    assert s["hook"] == "patient-view"
+    assert s["description"]
+    assert "{{context.patientId}}" in s["prefetch"]["patient"]
+
+
+CASES = [
+    # rr, spo2, oxygen, sbp, hr, alert, temp (°C unless °F given)
+    (16, 97, False, 125, 72, True, 36.8),     # 0: low
+    (21, 95, False, 112, 91, True, 38.1),     # every edge of a 1 or 2
+    (8, 96, False, 150, 80, True, 37.0),      # a single 3: low-medium
+    (24, 93, True, 100, 111, True, 39.1),     # oxygen, medium/high
+    (25, 91, True, 90, 131, False, 35.0),     # everything red
+    (12, 94, False, 219, 51, True, 36.1),
+    (20, 92, False, 220, 40, True, 38.0),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_news2_cards_match_the_chart(server, ehr, case):
+    rr, spo2, oxygen, sbp, hr, alert, temp = case
+    prefetch = {"patient": adult(),
+                "vitals": searchset(vitals(PID, ago(20), rr, spo2, oxygen, sbp, hr, alert, temp)),
+                "conditions": searchset([])}
+    status, body = server.call(SERVICE, patient_view(PID, prefetch), ehr)
+    assert status == 200, body
+    [card] = body["cards"]
+    total, band, subs = news2(rr, spo2, oxygen, sbp, hr, alert, temp)
+    assert card["summary"].startswith(f"NEWS2 {total} "), (card["summary"], subs)
+    want = {"low": "info", "low-medium": "warning", "medium": "warning", "high": "critical"}[band]
+    assert card["indicator"] == want, (card, band)
+    assert len(card["summary"]) < 140
+    assert "NEWS2" in card["source"]["label"]
+    uuid.UUID(card["uuid"])
+
+
+def test_fahrenheit_and_scale_2_for_a_hypercapnic_patient(work, ehr):
+    # Scale 2 needs the service told which Condition means a prescribed 88-92 % target.
+    cfg = work / "scale2.toml"
+    cfg.write_text(f'''
+[[cds.services]]
+id = "news2-scale2"
+hook = "patient-view"
+description = "NEWS2 with SpO2 scale 2 for hypercapnic respiratory failure"
+kind = "news2"
+scale2_conditions = ["{SNOMED}|65710008"]
+''')
+    s = Server(work, ehr, extra=("--config", str(cfg)))
+    try:
+        obs = vitals(PID, ago(10), 18, 95, True, 130, 80, True, 99.5, temp_unit="[degF]")
+        prefetch = {"patient": adult(), "vitals": searchset(obs),
+                    "conditions": searchset([condition(PID, 1, SNOMED, "65710008",
+                                                       "Acute respiratory failure")])}
+        status, body = s.call("news2-scale2", patient_view(PID, prefetch), ehr)
+        assert status == 200, body
+        [card] = body["cards"]
+        total, band, subs = news2(18, 95, True, 130, 80, True, (99.5 - 32) * 5 / 9, scale2=True)
+        assert card["summary"].startswith(f"NEWS2 {total} "), (card, subs)
+        assert "scale 2" in card["summary"]
+    finally:
+        stop(s.proc)
+
+
+def test_missing_vitals_and_a_child_get_info_cards(server, ehr):
+    status, body = server.call(SERVICE, patient_view(PID, {"patient": adult()}), ehr)
+    assert status == 200, body
+    [card] = body["cards"]
+    assert card["indicator"] == "info" and "missing" in card["summary"], card
+    child = patient(PID, (datetime.now(timezone.utc) - timedelta(days=3650)).strftime("%Y-%m-%d"))
+    prefetch = {"patient": child,
+                "vitals": searchset(vitals(PID, ago(5), 16, 97, False, 125, 72, True, 36.8))}
+    status, body = server.call(SERVICE, patient_view(PID, prefetch), ehr)
+    assert status == 200, body
+    assert "under 16" in body["cards"][0]["summary"]
+
+
+def test_rs384_tokens_are_accepted(server, ehr):
+    status, body = server.call(SERVICE, patient_view(PID, {"patient": adult()}), ehr, kid="rsa-1")
+    assert status == 200, body
+
+
+def test_every_bad_token_is_401_and_gets_no_card(server, ehr, work):
+    aud = server.url(SERVICE)
+    request = patient_view(PID, {"patient": adult()})
+    now = int(time.time())
+    stranger = Ehr(work, issuer="https://not-trusted.example.org")
+    replayed = ehr.token(aud)
+    assert server.request("POST", f"/cds-services/{SERVICE}", request, token=replayed)[0] == 200
+    public_pem = ehr.public_pem("rsa-1")
+    base = {"iss": ehr.issuer, "sub": "ehr-client", "aud": aud, "iat": now, "exp": now + 300}
+    tokens = {
+        "none": None,
+        "expired": ehr.token(aud, iat=now - 900, exp=now - 600),
+        "not yet valid": ehr.token(aud, nbf=now + 600),
+        "issued in the future": ehr.token(aud, iat=now + 600, exp=now + 900),
+        "wrong audience": ehr.token("http://127.0.0.1:1/cds-services/" + SERVICE),
+        "another service": ehr.token(server.url("other-service")),
+        "unknown issuer": stranger.token(aud),
+        "unknown kid": forged_kid(ehr, aud),
+        "replayed": replayed,
+        "no jti": ehr.token(aud, jti=None),
+        "HS256 keyed with the public key": forged(
+            {"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}, {**base, "jti": str(uuid.uuid4())},
+            public_pem),
+        "alg none": forged({"alg": "none", "typ": "JWT", "kid": "ec-1"},
+                           {**base, "jti": str(uuid.uuid4())}, None),
+        "oversized": ehr.token(aud, padding="x" * 40_000),
+        "garbage": "not.a.jwt",
+    }
+    for what, token in tokens.items():
+        status, body = server.request("POST", f"/cds-services/{SERVICE}", request, token=token)
+        assert status == 401, (what, status, body)
+        assert "cards" not in body, what
+    # Feedback needs a token too.
+    status, _ = server.request("POST", f"/cds-services/{SERVICE}/feedback", {"feedback": []})
+    assert status == 401
+
+
+def forged_kid(ehr: Ehr, aud: str) -> str:
+    import jwt
+
+    key, _ = ehr.keys["ec-1"]
+    now = int(time.time())
+    return jwt.encode({"iss": ehr.issuer, "aud": aud, "iat": now, "exp": now + 300,
+                       "jti": str(uuid.uuid4())}, key, algorithm="ES384",
+                      headers={"kid": "no-such-key"})
+
+
+class Fhir(BaseHTTPRequestHandler):
+    """A FHIR server for one test: what it serves and how (set on the class)."""
+
+    mode = "answer"
+    seen: list = []
+    resources: dict = {}
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        Fhir.seen.append((self.path, self.headers.get("Authorization")))
+        if Fhir.mode == "fail":
+            self.send_response(500)
+            self.end_headers()
+            return
+        if Fhir.mode == "slow":
+            time.sleep(3)
+        parts = self.path.split("?")[0].split("/")  # ['', 'fhir', 'Observation', ...]
+        body = Fhir.resources.get(parts[2] if len(parts) > 2 else "", searchset([]))
+        data = json.dumps(body).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/fhir+json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:
+            pass  # the server under test gave up (the slow case)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fhir():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Fhir)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    Fhir.seen = []
+    Fhir.resources = {
+        "Patient": adult(),
+        "Observation": searchset(vitals(PID, ago(15), 22, 94, False, 105, 115, True, 38.5)),
+        "Condition": searchset([]),
+    }
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/fhir"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize("mode", ["answer", "slow", "fail"])
+def test_missing_prefetch_is_fetched_from_the_fhir_server(work, ehr, fhir, mode):
+    Fhir.mode = mode
+    s = Server(work, ehr, extra=("--cds-fhir-server", fhir, "--cds-fetch-timeout-ms", "500"))
+    try:
+        started = time.monotonic()
+        status, body = s.call(SERVICE, patient_view(PID, None, fhir_server=fhir,
+                                                    token="opaque-token-123"), ehr)
+        elapsed = time.monotonic() - started
+        assert status == 200, body
+        [card] = body["cards"]
+        if mode == "answer":
+            total, band, _ = news2(22, 94, False, 105, 115, True, 38.5)
+            assert card["summary"].startswith(f"NEWS2 {total} "), card
+            assert {a for _, a in Fhir.seen} == {"Bearer opaque-token-123"}
+            assert any(p.startswith(f"/fhir/Observation?patient={PID}") for p, _ in Fhir.seen)
+        else:
+            assert card["indicator"] == "info" and "missing" in card["summary"], card
+        print(f"{mode}: answered in {elapsed * 1e3:.0f} ms")
+        assert PID not in s.log()
+    finally:
+        stop(s.proc)
+
+
+def test_feedback_is_counted_per_service_and_model_version(server, ehr):
+    prefetch = {"patient": adult(),
+                "vitals": searchset(vitals(PID, ago(20), 16, 97, False, 125, 72, True, 36.8))}
+    status, body = server.call(SERVICE, patient_view(PID, prefetch), ehr)
+    assert status == 200, body
+    card = body["cards"][0]["uuid"]
+    before = server.metric("nightingale_cds_feedback_total", service=SERVICE, outcome="overridden")
+    feedback = {"feedback": [{
+        "card": card, "outcome": "overridden",
+        "overrideReason": {"reason": {"system": "http://example.org/reasons", "code": "known"},
+                           "userComment": "already escalated"},
+        "outcomeTimestamp": datetime.now(timezone.utc).isoformat()}]}
+    status, body = server.request("POST", f"/cds-services/{SERVICE}/feedback", feedback,
+                                  token=ehr.token(server.url(SERVICE)))
+    assert status == 200, body
+    after = server.metric("nightingale_cds_feedback_total", service=SERVICE, outcome="overridden")
+    assert after == before + 1
+    assert server.metric("nightingale_cds_override_rate", service=SERVICE) > 0
