@@ -10,10 +10,5 @@ if header_len and header_len ~= "" then
   wrk.headers["Content-Type"] = "application/octet-stream"
 end
 
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRK_JSON {"requests": %d, "duration_us": %d, "non_2xx_or_errors": %d, "p50_us": %d, "p99_us": %d}\n',
-    summary.requests, summary.duration, e.status + e.connect + e.read + e.write + e.timeout,
-    latency:percentile(50), latency:percentile(99)))
-end
+-- The JSON summary line (run from the repository root).
+dofile("benches/load/summary.lua")

@@ -294,3 +294,60 @@ def test_feedback_is_counted_per_service_and_model_version(server, ehr):
     after = server.metric("nightingale_cds_feedback_total", service=SERVICE, outcome="overridden")
     assert after == before + 1
     assert server.metric("nightingale_cds_override_rate", service=SERVICE) > 0
+
+
+def order_select(pid: str, prefetch: dict) -> dict:
+    """An order-select request shaped as the CDS Hooks 2.0 specification's example: the
+    clinician selected a draft order in a Bundle of draft orders."""
+    draft = {
+        "resourceType": "MedicationRequest", "id": "smart-MedicationRequest-103",
+        "status": "draft", "intent": "order",
+        "medicationCodeableConcept": {"text": "Amoxicillin 120 MG/ML / clavulanate potassium"
+                                              " 8.58 MG/ML Oral Suspension",
+                                      "coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                                                  "code": "617993"}]},
+        "subject": {"reference": f"Patient/{pid}"},
+        "dosageInstruction": [{"text": "5 mL bid x 10 days",
+                               "timing": {"repeat": {"frequency": 2, "period": 1,
+                                                     "periodUnit": "d"}}}],
+    }
+    from fhir.resources.R4B.medicationrequest import MedicationRequest
+
+    MedicationRequest.model_validate(draft)
+    return {
+        "hookInstance": str(uuid.uuid4()),
+        "hook": "order-select",
+        "context": {"userId": "PractitionerRole/123", "patientId": pid, "encounterId": "89284",
+                    "selections": [f"MedicationRequest/{draft['id']}"],
+                    "draftOrders": {"resourceType": "Bundle", "type": "collection",
+                                    "entry": [{"resource": draft}]}},
+        "prefetch": prefetch,
+    }
+
+
+def test_an_order_select_service_and_a_hook_its_service_does_not_answer(work, server, ehr):
+    cfg = work / "orders.toml"
+    cfg.write_text('''
+[[cds.services]]
+id = "news2-on-order"
+hook = "order-select"
+description = "NEWS2 shown while an order is selected"
+kind = "news2"
+''')
+    s = Server(work, ehr, extra=("--config", str(cfg)))
+    try:
+        _, discovery = s.get("/cds-services")
+        assert [x["hook"] for x in discovery["services"]] == ["order-select"], discovery
+        prefetch = {"patient": adult(),
+                    "vitals": searchset(vitals(PID, ago(20), 8, 96, False, 150, 80, True, 37.0))}
+        request = order_select(PID, prefetch)
+        status, body = s.call("news2-on-order", request, ehr)
+        assert status == 200, body
+        total, band, _ = news2(8, 96, False, 150, 80, True, 37.0)
+        assert body["cards"][0]["summary"].startswith(f"NEWS2 {total} "), body
+        assert body["cards"][0]["indicator"] == "warning"  # a single red score: low-medium
+    finally:
+        stop(s.proc)
+    # The patient-view service refuses an order-select call: 400, no card.
+    status, body = server.call(SERVICE, order_select(PID, {"patient": adult()}), ehr)
+    assert status == 400 and "cards" not in body, body
