@@ -58,6 +58,9 @@ pub struct CdsSettings {
     pub fetch_max_bytes: usize,
     /// The server speaks HTTPS (the service URLs start `https://`).
     pub https: bool,
+    /// `--cds-imaging-identifier-system`: the FHIR Patient identifier system whose value is
+    /// the DICOM Patient ID; set, patient-view answers carry the imaging pipeline's results.
+    pub imaging_identifier_system: Option<String>,
 }
 
 impl Default for CdsSettings {
@@ -70,6 +73,7 @@ impl Default for CdsSettings {
             fetch_timeout: Duration::from_millis(1500),
             fetch_max_bytes: 4 << 20,
             https: false,
+            imaging_identifier_system: None,
         }
     }
 }
@@ -97,6 +101,7 @@ pub struct Cds {
     pub verifier: Verifier,
     pub base_url: Option<String>,
     pub https: bool,
+    pub imaging_identifier_system: Option<String>,
     pub fhir_servers: Vec<String>,
     pub fetch_timeout: Duration,
     pub fetch_max_bytes: usize,
@@ -146,6 +151,7 @@ impl Cds {
                 .as_ref()
                 .map(|b| b.trim_end_matches('/').to_owned()),
             https: settings.https,
+            imaging_identifier_system: settings.imaging_identifier_system.clone(),
             fhir_servers: settings.fhir_servers.clone(),
             fetch_timeout: settings.fetch_timeout,
             fetch_max_bytes: settings.fetch_max_bytes,

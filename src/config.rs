@@ -253,6 +253,11 @@ pub struct ServeArgs {
     /// Deadline of the fetch from fhirServer, in milliseconds. [default: 1500]
     #[arg(long, env = "NIGHTINGALE_CDS_FETCH_TIMEOUT_MS")]
     pub cds_fetch_timeout_ms: Option<u64>,
+    /// The FHIR Patient identifier system whose value is the DICOM Patient ID (e.g.
+    /// https://fhir.nhs.uk/Id/nhs-number): patient-view answers then carry a card per
+    /// finding the DICOM pipeline made for the patient.
+    #[arg(long, env = "NIGHTINGALE_CDS_IMAGING_IDENTIFIER_SYSTEM")]
+    pub cds_imaging_identifier_system: Option<String>,
     // ---- end CDS Hooks ----
 }
 
@@ -369,6 +374,7 @@ struct FileConfig {
     cds_base_url: Option<String>,
     cds_fhir_servers: Option<Vec<String>>,
     cds_fetch_timeout_ms: Option<u64>,
+    cds_imaging_identifier_system: Option<String>,
     // ---- end CDS Hooks ----
 }
 
@@ -1008,6 +1014,11 @@ impl ServeArgs {
             fhir_servers,
             fetch_timeout: std::time::Duration::from_millis(fetch_ms),
             https: tls.is_some(),
+            imaging_identifier_system: self
+                .cds_imaging_identifier_system
+                .clone()
+                .or(file.cds_imaging_identifier_system.clone())
+                .filter(|s| !s.trim().is_empty()),
             ..crate::cds::CdsSettings::default()
         };
         // ---- end CDS Hooks ----

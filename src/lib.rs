@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod cds;
+pub mod cds_imaging;
 pub mod config;
 pub mod deploy;
 pub mod http;

@@ -40,6 +40,9 @@ pub struct SeriesHeader {
     pub frames: u32,
     pub transfer_syntax: String,
     pub instance_number: Option<i64>,
+    /// SHA-256 (hex) of the Patient ID, when there is one: enough to match a patient's
+    /// results later (CDS imaging cards) without keeping the identifier itself.
+    pub patient_id_sha256: Option<String>,
 }
 
 /// A stored file's header could not be read.
@@ -94,6 +97,9 @@ impl SeriesHeader {
                 .unwrap_or(1),
             transfer_syntax: crate::sop::trim_uid(obj.meta().transfer_syntax()).to_owned(),
             instance_number: int(tags::INSTANCE_NUMBER),
+            patient_id_sha256: Some(text(tags::PATIENT_ID))
+                .filter(|id| !id.is_empty())
+                .map(|id| patient_id_sha256(&id)),
         }
     }
 }
@@ -222,4 +228,11 @@ impl Spool {
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
+}
+
+/// The key a Patient ID is matched by: SHA-256 (hex) of the ID with surrounding spaces
+/// removed (DICOM pads values with spaces; FHIR identifiers are compared the same way).
+pub fn patient_id_sha256(id: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(id.trim().as_bytes()))
 }

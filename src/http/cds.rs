@@ -87,6 +87,7 @@ pub(crate) async fn call(
     State(state): State<Arc<AppState>>,
     caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Response {
     let started = Instant::now();
@@ -144,6 +145,9 @@ pub(crate) async fn call(
         }
         Err(e) => return AppError::internal(e.to_string()).into_response(),
     };
+    let mut outcome = outcome;
+    // Imaging results of this patient (patient-view, when configured).
+    let imaging = imaging_cards(&state, &request, &headers, service.config().hook.as_str()).await;
     let kind = match &outcome.assessment {
         Assessment::Scored(s) => match s.score.risk.name() {
             "low–medium" => "low-medium",
@@ -152,12 +156,27 @@ pub(crate) async fn call(
         Assessment::Incomplete(_) => "incomplete",
         Assessment::NotApplicable(_) => "not-applicable",
     };
-    cds.ledger.lock().unwrap_or_else(|p| p.into_inner()).record(
-        &outcome.response.cards,
-        service.id(),
-        Some(NEWS2_MODEL),
-        chrono::Utc::now(),
-    );
+    {
+        let mut ledger = cds.ledger.lock().unwrap_or_else(|p| p.into_inner());
+        ledger.record(
+            &outcome.response.cards,
+            service.id(),
+            Some(NEWS2_MODEL),
+            chrono::Utc::now(),
+        );
+        for (card, (bundle, version)) in &imaging {
+            ledger.record(
+                [card],
+                service.id(),
+                Some((bundle.as_str(), version.as_str())),
+                chrono::Utc::now(),
+            );
+        }
+    }
+    outcome
+        .response
+        .cards
+        .extend(imaging.into_iter().map(|(card, _)| card));
     let body = match serde_json::to_vec(&outcome.response) {
         Ok(b) => b,
         Err(e) => return AppError::internal(e.to_string()).into_response(),
@@ -314,6 +333,63 @@ pub(crate) async fn feedback(
         }
     }
     StatusCode::OK.into_response()
+}
+
+/// Cards of the imaging pipeline's results for the request's patient: on patient-view, when
+/// `--cds-imaging-identifier-system` is set and the pipeline runs.
+async fn imaging_cards(
+    state: &Arc<AppState>,
+    request: &HookRequest,
+    headers: &axum::http::HeaderMap,
+    hook: &str,
+) -> Vec<(nightingale_decision_support::hooks::Card, (String, String))> {
+    let cds = state.cds();
+    let (Some(system), Some(results)) = (&cds.imaging_identifier_system, state.results()) else {
+        return Vec::new();
+    };
+    if hook != "patient-view" {
+        return Vec::new();
+    }
+    let Some(id) = crate::cds_imaging::patient_identifier(request, system, &cds.limits) else {
+        return Vec::new();
+    };
+    let key = nightingale_dicom::series::patient_id_sha256(&id);
+    let store = results.store.clone();
+    let jobs = tokio::task::spawn_blocking(move || {
+        store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .done_jobs_of_patient(&key, crate::cds_imaging::MAX_CARDS)
+    })
+    .await;
+    let jobs = match jobs {
+        Ok(Ok(jobs)) => jobs,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "results store: imaging results not read");
+            return Vec::new();
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "imaging results lookup panicked");
+            return Vec::new();
+        }
+    };
+    let base = match &cds.base_url {
+        Some(b) => b.clone(),
+        None => {
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .filter(|h| {
+                    !h.is_empty()
+                        && h.len() <= 255
+                        && h.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
+                })
+                .unwrap_or("localhost");
+            format!("{}://{host}", if cds.https { "https" } else { "http" })
+        }
+    };
+    crate::cds_imaging::cards(&jobs, &base)
 }
 
 /// A serde error without the input's text (it may hold patient data): where it failed.

@@ -304,6 +304,9 @@ impl Pipeline {
                 return Ok(0);
             }
         };
+        // The Patient ID's hash, for the CDS imaging cards (the ID itself is not kept).
+        self.store()
+            .set_patient(row, header.patient_id_sha256.as_deref())?;
         let mut refusals: Vec<String> = Vec::new();
         let mut matching = Vec::new();
         for route in self.routes() {

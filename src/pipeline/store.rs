@@ -142,8 +142,10 @@ impl ResultsStore {
                 reason TEXT,
                 updated_ms INTEGER NOT NULL,
                 not_before_ms INTEGER NOT NULL DEFAULT 0,
+                patient_sha256 TEXT,
                 PRIMARY KEY (study_uid, series_uid)
             );
+            CREATE INDEX IF NOT EXISTS series_patient ON series (patient_sha256);
             CREATE INDEX IF NOT EXISTS series_state ON series (state, last_received_ms);
             CREATE TABLE IF NOT EXISTS jobs (
                 id INTEGER PRIMARY KEY,
@@ -261,6 +263,39 @@ impl ResultsStore {
             ],
             series_row,
         )?;
+        rows.collect()
+    }
+
+    /// Records the SHA-256 of the series' Patient ID (CDS imaging cards find a patient's
+    /// results by it).
+    pub fn set_patient(
+        &self,
+        row: &SeriesRow,
+        patient_sha256: Option<&str>,
+    ) -> rusqlite::Result<()> {
+        self.db.execute(
+            "UPDATE series SET patient_sha256 = ?3 WHERE study_uid = ?1 AND series_uid = ?2",
+            params![row.study_uid, row.series_uid, patient_sha256],
+        )?;
+        Ok(())
+    }
+
+    /// The latest finished (`done`) jobs of a patient's series, newest first.
+    pub fn done_jobs_of_patient(
+        &self,
+        patient_sha256: &str,
+        limit: usize,
+    ) -> rusqlite::Result<Vec<Job>> {
+        let mut stmt = self.db.prepare_cached(
+            "SELECT j.id, j.study_uid, j.series_uid, j.route, j.bundle, j.bundle_version,
+                    j.state, j.reason, j.instances, j.created_ms, j.updated_ms, j.findings,
+                    j.destinations
+             FROM jobs j JOIN series s
+               ON s.study_uid = j.study_uid AND s.series_uid = j.series_uid
+             WHERE s.patient_sha256 = ?1 AND j.state = 'done'
+             ORDER BY j.updated_ms DESC, j.id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![patient_sha256, limit as i64], job_row)?;
         rows.collect()
     }
 
@@ -715,6 +750,40 @@ mod tests {
         assert_eq!(purged.files, vec![format!("objects/{first}/5.1.dcm")]);
         assert_eq!(store.jobs_of_study("1.2").unwrap().len(), 1);
         assert_eq!(store.series("1.2").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_patients_done_jobs_are_found_by_the_hash_of_the_patient_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
+        let key = nightingale_dicom::series::patient_id_sha256("9434765919 ");
+        assert_eq!(
+            key,
+            nightingale_dicom::series::patient_id_sha256("9434765919")
+        );
+        for (series, patient) in [("1.2.1", Some(key.as_str())), ("1.2.2", None)] {
+            store.note_series("1.2", series, 1, 1_000).unwrap();
+            let row = store.series_ready(i64::MAX, None, 10).unwrap().remove(0);
+            store.set_patient(&row, patient).unwrap();
+            store.settle_series(&row, "routed", None).unwrap();
+            let job = store.add_job("1.2", series, "r", "m", 1, "").unwrap();
+            store.take_job().unwrap();
+            store
+                .finish_job(job, JobState::Done, "3", None, None)
+                .unwrap();
+        }
+        let failed = store.add_job("1.2", "1.2.1", "r", "other", 1, "").unwrap();
+        store
+            .finish_job(failed, JobState::Failed, "1", Some("why"), None)
+            .unwrap();
+        let jobs = store.done_jobs_of_patient(&key, 10).unwrap();
+        assert_eq!(
+            jobs.iter()
+                .map(|j| (j.series_uid.as_str(), j.bundle.as_str(), j.state))
+                .collect::<Vec<_>>(),
+            vec![("1.2.1", "m", JobState::Done)]
+        );
+        assert!(store.done_jobs_of_patient("00", 10).unwrap().is_empty());
     }
 
     #[test]

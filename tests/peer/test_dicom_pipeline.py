@@ -20,9 +20,11 @@ What is checked, and against what:
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import pydicom
@@ -173,3 +175,55 @@ def test_reprocess_makes_a_new_result_series_and_keeps_the_old(work):
     finally:
         stop(server.proc)
         stop(pacs.proc)
+
+
+def test_the_result_comes_to_the_ehr_as_a_cds_card(work):
+    """Imaging results as CDS cards: a CR image stored by storescu is processed, then an EHR's
+    patient-view call for the patient whose NHS number is the image's Patient ID gets a card
+    with the finding, the bundle and version, and a link to the study's results."""
+    from cds_support import Ehr, patient_view
+
+    ehr = Ehr(work)
+    system = "https://fhir.nhs.uk/Id/nhs-number"
+    server = Server(work, "NOWHERE@127.0.0.1:1",
+                    extra=("--cds-trust", f"{ehr.issuer}={ehr.jwks_path}",
+                           "--cds-imaging-identifier-system", system))
+    try:
+        source = work / "source.dcm"
+        ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+        ds.PatientID = "9434765919"
+        ds.save_as(work / "nhs.dcm", enforce_file_format=True)
+        ds = with_new_uids(str(work / "nhs.dcm"), source)
+        store(server.port, [source])
+        report = wait_for(
+            lambda: (r := server.results(str(ds.StudyInstanceUID))) and any(
+                j["state"] == "done" for s in r["series"] for j in s["jobs"]) and r,
+            RESULT_TIMEOUT_S, "the job done")
+        [job] = report["series"][0]["jobs"]
+        patient = {"resourceType": "Patient", "id": "p-1", "birthDate": "1950-01-01",
+                   "identifier": [{"system": system, "value": "9434765919"}]}
+        aud = f"http://127.0.0.1:{server.http}/cds-services/nightingale-news2"
+        body = json.dumps(patient_view("p-1", {"patient": patient})).encode()
+        req = urllib.request.Request(aud, data=body, method="POST", headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {ehr.token(aud)}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            cards = json.load(r)["cards"]
+        imaging = [c for c in cards if c["summary"].startswith("AI imaging result")]
+        assert len(imaging) == 1, cards
+        card = imaging[0]
+        finding = job["findings"][0]
+        assert f"(image-orientation v{job['version']})" in card["summary"]
+        assert f"{finding['probability']:.2f}" in card["summary"]
+        assert card["indicator"] == ("warning" if finding["positive"] else "info")
+        assert card["links"][0]["url"].endswith(f"/results/studies/{ds.StudyInstanceUID}")
+        # Another patient gets no imaging card; the ID is not in the log.
+        other = {**patient, "identifier": [{"system": system, "value": "9999999999"}]}
+        body = json.dumps(patient_view("p-1", {"patient": other})).encode()
+        req = urllib.request.Request(aud, data=body, method="POST", headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {ehr.token(aud)}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert not [c for c in json.load(r)["cards"]
+                        if c["summary"].startswith("AI imaging result")]
+        assert "9434765919" not in server.log()
+    finally:
+        stop(server.proc)
