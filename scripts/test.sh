@@ -121,8 +121,10 @@ NIGHTINGALE_BIN=target/debug/nightingale NIGHTINGALE_BACKEND=tract \
   "$VENV/bin/python" -m pytest -q tests/peer
 
 echo "== Rust tests with --features ort (ONNX Runtime from $ORT_DYLIB_PATH)"
-# nightingale-dicom has no engine in it: its tests ran above and are not run twice.
-cargo test --workspace --locked --features ort --exclude nightingale-dicom
+# nightingale-dicom and nightingale-decision-support have no engine in them: their tests ran
+# above and are not run twice.
+cargo test --workspace --locked --features ort --exclude nightingale-dicom \
+  --exclude nightingale-decision-support
 
 echo "== Real peer: tritonclient against the server (ort)"
 # The DICOM ingest peers (test_dicom_*.py, test_dicomweb.py) do not touch an engine: run once.
