@@ -6,14 +6,29 @@
 //! HTTP meaning (routes, status codes) is in `http/cds.rs`; the rules (NEWS2, cards, JWT
 //! checks) are in the `decision-support` crate.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nightingale_decision_support::cards::{
+    AttributionMethod, Contribution, RiskCard, risk_card, risk_missing_card, risk_unavailable_card,
+};
 use nightingale_decision_support::feedback::{CardLedger, OverrideStats};
-use nightingale_decision_support::fhir::{Limits, Resource};
+use nightingale_decision_support::fhir::{Limits, Resource, Resources};
+use nightingale_decision_support::hooks::{Card, HookRequest, Source};
 use nightingale_decision_support::jwt::{JwtOptions, Verifier};
-use nightingale_decision_support::service::{CdsSection, Services};
+use nightingale_decision_support::risk::{MappingContext, map_features, plain_name};
+use nightingale_decision_support::service::{
+    CdsSection, Service, ServiceKind, Services, builtin_risk_service, risk_prefetch,
+};
+use nightingale_inference::explain::{LinearLogistic, logit};
+use nightingale_inference::{NamedTensor, Tensor};
+use nightingale_models::manifest::{FeatureSpec, Manifest, TaskKind};
+use nightingale_models::{LoadedModel, Repository};
+
+use crate::audit::{AuditEvent, EventKind, Outcome, tensors_sha256};
+use crate::http::AppState;
 
 /// `--cds-trust ISSUER=JWKS_FILE`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +76,9 @@ pub struct CdsSettings {
     /// `--cds-imaging-identifier-system`: the FHIR Patient identifier system whose value is
     /// the DICOM Patient ID; set, patient-view answers carry the imaging pipeline's results.
     pub imaging_identifier_system: Option<String>,
+    /// No `[cds]` in the configuration: besides NEWS2, offer a risk service for every bundle
+    /// in the repository that declares FHIR sources for its features.
+    pub builtin_risk: bool,
 }
 
 impl Default for CdsSettings {
@@ -74,6 +92,7 @@ impl Default for CdsSettings {
             fetch_max_bytes: 4 << 20,
             https: false,
             imaging_identifier_system: None,
+            builtin_risk: true,
         }
     }
 }
@@ -110,24 +129,103 @@ pub struct Cds {
     pub ledger: Mutex<CardLedger>,
     pub stats: Mutex<OverrideStats>,
     client: reqwest::Client,
+    /// The linear-logistic form of each served model version, read once from its ONNX file
+    /// (`None`: another kind of model, attributed one input at a time).
+    linear: Mutex<LinearForms>,
+}
+
+/// (model, version) → its linear-logistic form, if it has one.
+type LinearForms = BTreeMap<(String, u64), Option<Arc<LinearLogistic>>>;
+
+/// The bundles of `root` whose manifests declare a FHIR source for a tabular feature, with
+/// their manifests (unreadable ones are skipped: the repository reports them).
+fn bundles_with_fhir_sources(repository: &Repository) -> Vec<Manifest> {
+    let Ok(names) = repository.scan() else {
+        return vec![];
+    };
+    names
+        .iter()
+        .filter_map(|name| {
+            let text =
+                std::fs::read_to_string(repository.root().join(name).join("bundle.toml")).ok()?;
+            let m = Manifest::parse(&text).ok()?;
+            (m.task == TaskKind::TabularRisk && !features_of(&m).is_empty() && {
+                let f = features_of(&m);
+                f.iter().any(|f| f.code.is_some() || f.fhir.is_some())
+            })
+            .then_some(m)
+        })
+        .collect()
+}
+
+/// The features of a manifest's (first) tabular input.
+fn features_of(m: &Manifest) -> &[FeatureSpec] {
+    m.inputs
+        .iter()
+        .find(|i| !i.features.is_empty())
+        .map(|i| i.features.as_slice())
+        .unwrap_or_default()
+}
+
+/// A bundle's answer to a risk service call.
+pub struct RiskAnswer {
+    pub card: Card,
+    /// The bundle and version behind the card (version `-` when none served).
+    pub model: (String, String),
+    /// `warning`, `info`, `missing` or `unavailable`.
+    pub outcome: &'static str,
+}
+
+/// A risk call could not be answered at all.
+#[derive(Debug, thiserror::Error)]
+pub enum RiskError {
+    /// An inference's audit record could not be written (fail closed).
+    #[error("the audit trail cannot be written: {0}")]
+    Audit(String),
 }
 
 /// Cards remembered for feedback.
 const LEDGER_CAPACITY: usize = 100_000;
 
 impl Cds {
-    /// The service as configured.
-    pub fn new(settings: &CdsSettings) -> Result<Cds, CdsError> {
-        let services = settings.section.clone().validate()?;
-        if let Some(s) = services
-            .iter()
-            .find(|s| s.kind() != nightingale_decision_support::service::ServiceKind::News2)
-        {
-            return Err(CdsError::Unsupported(format!(
-                "service {:?}: risk-model services are not served yet (only kind = \"news2\")",
-                s.id()
-            )));
+    /// The service as configured. Risk services without `prefetch` get the templates their
+    /// bundles' features need (read from the manifests in `repository`); with
+    /// `builtin_risk`, every bundle there that declares FHIR sources gets a risk service
+    /// `nightingale-{bundle}` on `patient-view`.
+    pub fn new(settings: &CdsSettings, repository: &Repository) -> Result<Cds, CdsError> {
+        let mut section = settings.section.clone();
+        let manifests = bundles_with_fhir_sources(repository);
+        if settings.builtin_risk {
+            for m in &manifests {
+                if m.thresholds.is_empty()
+                    || section
+                        .services
+                        .iter()
+                        .any(|s| s.id == format!("nightingale-{}", m.name))
+                {
+                    continue;
+                }
+                section.services.push(builtin_risk_service(
+                    &m.name,
+                    &format!(
+                        "Risk from the {} model bundle, with the factors behind it for this patient. {}",
+                        m.name, m.description
+                    ),
+                    risk_prefetch(features_of(m)),
+                ));
+            }
         }
+        for s in &mut section.services {
+            if s.kind == ServiceKind::Risk && s.prefetch.is_none() {
+                let features = s
+                    .bundles
+                    .iter()
+                    .filter_map(|b| manifests.iter().find(|m| &m.name == b))
+                    .flat_map(|m| features_of(m).iter());
+                s.prefetch = Some(risk_prefetch(features));
+            }
+        }
+        let services = section.validate()?;
         let mut verifier = Verifier::new(JwtOptions::default());
         for t in &settings.trust {
             verifier
@@ -159,12 +257,15 @@ impl Cds {
             ledger: Mutex::new(CardLedger::new(LEDGER_CAPACITY)),
             stats: Mutex::new(OverrideStats::default()),
             client,
+            linear: Mutex::new(BTreeMap::new()),
         })
     }
 
-    /// The built-in services and no trusted issuer: discovery answers, every call is 401.
-    pub fn builtin() -> Cds {
-        Cds::new(&CdsSettings::default()).expect("the built-in CDS configuration is valid")
+    /// The built-in services of `repository` and no trusted issuer: discovery answers,
+    /// every call is 401.
+    pub fn builtin(repository: &Repository) -> Cds {
+        Cds::new(&CdsSettings::default(), repository)
+            .expect("the built-in CDS configuration is valid")
     }
 
     /// Whether the service may fetch from this `fhirServer`.
@@ -187,7 +288,7 @@ impl Cds {
         fhir_server: &str,
         token: Option<&str>,
         queries: &[(String, String)],
-    ) -> Vec<Resource> {
+    ) -> Vec<(String, Resource)> {
         let base = fhir_server.trim_end_matches('/');
         let fetches = queries.iter().map(|(key, query)| {
             let url = format!("{base}/{}", query.trim_start_matches('/'));
@@ -197,7 +298,7 @@ impl Cds {
                     Ok(Ok(r)) => {
                         metrics::counter!("nightingale_cds_fhir_fetches_total", "outcome" => "ok")
                             .increment(1);
-                        Some(r)
+                        Some((key.clone(), r))
                     }
                     Ok(Err(why)) => {
                         tracing::warn!(prefetch = %key, reason = %why, "FHIR fetch failed");
@@ -268,6 +369,327 @@ impl Cds {
     }
 }
 
+/// How many contributing factors a risk card names in words.
+const TOP_FACTORS: usize = 3;
+
+impl Cds {
+    /// Answers a risk service call: one card per bundle of the service, each run through the
+    /// repository's worker for that model (the same batching as KServe calls) with one audit
+    /// record per inference (`actor`: the CDS caller), as the imaging pipeline does.
+    pub async fn evaluate_risk(
+        &self,
+        state: &AppState,
+        service: &Service,
+        request: &HookRequest,
+        resources: &Resources,
+        conditions_read: bool,
+        actor: &str,
+    ) -> Result<Vec<RiskAnswer>, RiskError> {
+        let Some(patient_id) = request.patient_id() else {
+            return Ok(vec![]);
+        };
+        let context = MappingContext {
+            patient_id,
+            encounter_id: request.context_str("encounterId"),
+            now: chrono::Utc::now(),
+            look_back: service.look_back(),
+            future_skew: chrono::Duration::minutes(5),
+            conditions_read,
+        };
+        let mut answers = Vec::with_capacity(service.config().bundles.len());
+        for bundle in &service.config().bundles {
+            let source = Source {
+                label: format!("Nightingale model bundle {bundle}"),
+                url: None,
+                icon: None,
+                topic: None,
+            };
+            let unavailable = |why: &str| RiskAnswer {
+                card: risk_unavailable_card(bundle, bundle, why, source.clone()),
+                model: (bundle.clone(), "-".to_owned()),
+                outcome: "unavailable",
+            };
+            let model = match state.repository.get(bundle, None) {
+                Ok(m) => m,
+                Err(_) => {
+                    answers.push(unavailable("the model is not serving"));
+                    continue;
+                }
+            };
+            let version = model.version.to_string();
+            let manifest = model.manifest.clone();
+            let Some(input) = manifest.inputs.iter().find(|i| !i.features.is_empty()) else {
+                answers.push(unavailable("the model declares no tabular features"));
+                continue;
+            };
+            let Some((output, column, threshold)) =
+                operating_point(&manifest, service.config().thresholds.get(bundle).copied())
+            else {
+                answers.push(unavailable("the model declares no operating threshold"));
+                continue;
+            };
+            let mapped = map_features(&input.features, resources, &context);
+            let Some(values) = mapped.values() else {
+                answers.push(RiskAnswer {
+                    card: risk_missing_card(
+                        bundle,
+                        &format!("{bundle} {version}"),
+                        &mapped.missing(),
+                        source.clone(),
+                    ),
+                    model: (bundle.clone(), version),
+                    outcome: "missing",
+                });
+                continue;
+            };
+            // What the model sees: FP32.
+            let x: Vec<f64> = values.iter().map(|&v| f64::from(v as f32)).collect();
+            let reference = manifest.attribution.as_ref().map(|a| a.means.clone());
+            let linear = self.linear_form(state, &model, input.features.len(), column);
+            // One batch: the patient, then (model-agnostic attribution only) one row per
+            // input with that input at its reference value.
+            let mut rows = vec![x.clone()];
+            if let (None, Some(r)) = (&linear, &reference) {
+                for i in 0..x.len() {
+                    let mut row = x.clone();
+                    row[i] = r[i];
+                    rows.push(row);
+                }
+            }
+            let probabilities = match self
+                .infer(
+                    state,
+                    &model,
+                    &input.name,
+                    &output,
+                    column,
+                    &rows,
+                    request,
+                    actor,
+                )
+                .await?
+            {
+                Ok(p) => p,
+                Err(why) => {
+                    answers.push(RiskAnswer {
+                        model: (bundle.clone(), version),
+                        ..unavailable(&why)
+                    });
+                    continue;
+                }
+            };
+            let risk = probabilities[0];
+            let (contributions, reference_risk, method) = match (&linear, &reference) {
+                (Some(m), Some(r)) => (
+                    m.contributions(&x, r),
+                    Some(sigmoid(m.logit(r))),
+                    AttributionMethod::LinearExact,
+                ),
+                (None, Some(_)) => (
+                    probabilities[1..]
+                        .iter()
+                        .map(|&p| logit(risk) - logit(p))
+                        .collect(),
+                    None,
+                    AttributionMethod::OneAtATime,
+                ),
+                (_, None) => (vec![], None, AttributionMethod::OneAtATime),
+            };
+            let contributions = contributions
+                .into_iter()
+                .zip(&mapped.features)
+                .map(|(c, f)| Contribution {
+                    feature: plain_name(&f.name),
+                    value: f.shown.clone(),
+                    logit: c,
+                })
+                .collect();
+            let card = risk_card(&RiskCard {
+                title: bundle.clone(),
+                model_name: bundle.clone(),
+                model_version: version.clone(),
+                risk,
+                threshold,
+                contributions,
+                top: TOP_FACTORS,
+                reference_risk,
+                method,
+                intended_use: intended_use(&manifest),
+                caveat: caveat(&manifest),
+                source: source.clone(),
+            });
+            answers.push(RiskAnswer {
+                outcome: if risk >= threshold { "warning" } else { "info" },
+                card,
+                model: (bundle.clone(), version),
+            });
+        }
+        Ok(answers)
+    }
+
+    /// The linear-logistic form of a served model version (read once; `None`: not one).
+    fn linear_form(
+        &self,
+        state: &AppState,
+        model: &LoadedModel,
+        n_features: usize,
+        positive: usize,
+    ) -> Option<Arc<LinearLogistic>> {
+        let key = (model.name.clone(), model.version);
+        let mut cache = self.linear.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = cache.get(&key) {
+            return v.clone();
+        }
+        let read = || -> Option<Arc<LinearLogistic>> {
+            let entry = model.manifest.versions.get(&model.version.to_string())?;
+            let path = state
+                .repository
+                .root()
+                .join(&model.name)
+                .join(model.version.to_string())
+                .join(&entry.model_file);
+            let bytes = std::fs::read(&path).ok()?;
+            // Only the bytes that were verified and loaded.
+            use sha2::Digest;
+            if hex::encode(sha2::Sha256::digest(&bytes)) != model.model_sha256 {
+                tracing::warn!(model = %model.name, version = model.version,
+                    "the model file changed since it was loaded: attributing one input at a time");
+                return None;
+            }
+            match LinearLogistic::from_onnx(&bytes, n_features, positive) {
+                Ok(m) => m.map(Arc::new),
+                Err(e) => {
+                    tracing::warn!(model = %model.name, error = %e, "cannot read the ONNX graph");
+                    None
+                }
+            }
+        };
+        let value = read();
+        cache.insert(key, value.clone());
+        value
+    }
+
+    /// Runs `rows` through the model's worker and returns the positive class's probability
+    /// of each row; one audit record. `Err(RiskError)` only when the audit fails.
+    #[allow(clippy::too_many_arguments)]
+    async fn infer(
+        &self,
+        state: &AppState,
+        model: &LoadedModel,
+        input: &str,
+        output: &str,
+        column: usize,
+        rows: &[Vec<f64>],
+        request: &HookRequest,
+        actor: &str,
+    ) -> Result<Result<Vec<f64>, String>, RiskError> {
+        let n = rows.first().map_or(0, Vec::len);
+        let data: Vec<f32> = rows.iter().flatten().map(|&v| v as f32).collect();
+        let tensor = match Tensor::from_vec(vec![rows.len(), n], data) {
+            Ok(t) => t,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let inputs = vec![NamedTensor::new(input, tensor)];
+        let mut event = AuditEvent {
+            kind: EventKind::Inference,
+            request_id: format!(
+                "cds-{}",
+                request
+                    .hook_instance
+                    .chars()
+                    .map(|c| if c.is_control() { '?' } else { c })
+                    .take(100)
+                    .collect::<String>()
+            ),
+            model: model.name.clone(),
+            version: model.version.to_string(),
+            model_sha256: model.model_sha256.clone(),
+            input_sha256: Some(tensors_sha256(&inputs)),
+            output_sha256: None,
+            rows: Some(rows.len()),
+            status: 500,
+            outcome: Outcome::Failed,
+            actor: Some(actor.to_owned()),
+            detail: Some("cds risk".to_owned()),
+        };
+        let outputs = model.worker.infer(inputs).await;
+        if let Ok(outputs) = &outputs {
+            event.output_sha256 = Some(tensors_sha256(outputs));
+            event.status = 200;
+            event.outcome = Outcome::Ok;
+        }
+        // Without its audit record a prediction is not used.
+        state
+            .audit
+            .record(event)
+            .await
+            .map_err(|e| RiskError::Audit(e.to_string()))?;
+        let outputs = match outputs {
+            Ok(o) => o,
+            Err(e) => return Ok(Err(format!("inference failed: {e}"))),
+        };
+        let Some(view) = outputs
+            .iter()
+            .find(|o| o.name == output)
+            .and_then(|o| o.tensor.view::<f32>())
+        else {
+            return Ok(Err(format!("no FP32 output {output:?}")));
+        };
+        let width = view.shape().last().copied().unwrap_or(0);
+        let flat: Vec<f32> = view.iter().copied().collect();
+        let mut out = Vec::with_capacity(rows.len());
+        for r in 0..rows.len() {
+            match flat.get(r * width + column) {
+                Some(p) if p.is_finite() && (0.0..=1.0).contains(p) => out.push(f64::from(*p)),
+                _ => return Ok(Err("the model returned no probability".to_owned())),
+            }
+        }
+        Ok(Ok(out))
+    }
+}
+
+fn sigmoid(z: f64) -> f64 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// The output, the positive label's column in it, and the threshold: the service's override,
+/// else the bundle's first `[[thresholds]]` on an output's positive label.
+fn operating_point(m: &Manifest, over: Option<f64>) -> Option<(String, usize, f64)> {
+    let (output, label) = m
+        .outputs
+        .iter()
+        .find_map(|o| o.positive_label.as_ref().map(|p| (o, p)))?;
+    let column = output.labels.iter().position(|l| l == label)?;
+    let threshold = match over {
+        Some(t) => t,
+        None => {
+            m.thresholds
+                .iter()
+                .find(|t| t.output == output.name && t.label.as_ref() == Some(label))?
+                .value
+        }
+    };
+    Some((output.name.clone(), column, threshold))
+}
+
+/// The bundle's intended use and population, from its manifest.
+fn intended_use(m: &Manifest) -> String {
+    let mut s = m.description.clone();
+    if !m.intended_use.users.is_empty() {
+        s.push_str(&format!(" Intended users: {}.", m.intended_use.users));
+    }
+    s
+}
+
+/// The bundle's "not for clinical use" line (its intended-use summary).
+fn caveat(m: &Manifest) -> String {
+    if m.intended_use.summary.is_empty() {
+        "NOT for clinical use without local validation.".to_owned()
+    } else {
+        m.intended_use.summary.clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,10 +708,14 @@ mod tests {
 
     #[test]
     fn only_allow_listed_fhir_servers_are_fetched_from() {
-        let cds = Cds::new(&CdsSettings {
-            fhir_servers: vec!["https://fhir.example.org/r4/".into()],
-            ..CdsSettings::default()
-        })
+        let repository = Repository::new("/nonexistent", Default::default());
+        let cds = Cds::new(
+            &CdsSettings {
+                fhir_servers: vec!["https://fhir.example.org/r4/".into()],
+                ..CdsSettings::default()
+            },
+            &repository,
+        )
         .unwrap();
         assert!(cds.may_fetch("https://fhir.example.org/r4"));
         assert!(cds.may_fetch("https://fhir.example.org/r4/sub"));
@@ -301,6 +727,6 @@ mod tests {
         ] {
             assert!(!cds.may_fetch(bad), "{bad}");
         }
-        assert!(!Cds::builtin().may_fetch("https://fhir.example.org/r4"));
+        assert!(!Cds::builtin(&repository).may_fetch("https://fhir.example.org/r4"));
     }
 }

@@ -1009,6 +1009,7 @@ impl ServeArgs {
         }
         let cds = crate::cds::CdsSettings {
             section: file.cds.clone().unwrap_or_default(),
+            builtin_risk: file.cds.is_none(),
             trust,
             base_url: cds_base_url,
             fhir_servers,

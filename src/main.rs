@@ -319,8 +319,8 @@ async fn serve(
         Some(http::install_recorder()),
     );
     // CDS Hooks (issue 10): the services, the trusted EHRs' keys.
-    let cds =
-        nightingale::cds::Cds::new(&config.cds).context("cannot start the CDS Hooks service")?;
+    let cds = nightingale::cds::Cds::new(&config.cds, &repository)
+        .context("cannot start the CDS Hooks service")?;
     tracing::info!(
         services = cds.services.iter().count(),
         trusted_issuers = config.cds.trust.len(),

@@ -21,6 +21,9 @@ use nightingale_models::{Repository, RepositoryOptions};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
+mod support;
+use support::copy_dir;
+
 const ISS: &str = "https://ehr.example.nhs.uk";
 const HOST: &str = "nightingale.test:8000";
 const SERVICE: &str = "nightingale-news2";
@@ -108,24 +111,47 @@ struct Server {
 
 impl Server {
     fn new(fhir_servers: Vec<String>, fetch_timeout: Duration) -> Server {
+        Server::with_bundles(fhir_servers, fetch_timeout, &[])
+    }
+
+    /// A server whose repository holds copies of these reference bundles, loaded.
+    fn with_bundles(
+        fhir_servers: Vec<String>,
+        fetch_timeout: Duration,
+        bundles: &[&str],
+    ) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let ehr = Ehr::new(dir.path());
         std::fs::create_dir(dir.path().join("models")).unwrap();
+        for b in bundles {
+            copy_dir(
+                &Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("models/bundles")
+                    .join(b),
+                &dir.path().join("models").join(b),
+            );
+        }
         let repository = Arc::new(Repository::new(
             dir.path().join("models"),
             RepositoryOptions::default(),
         ));
+        for b in bundles {
+            repository.load(b).unwrap();
+        }
         let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
         let state = AppState::new(repository, audit, HttpConfig::default(), None);
-        let cds = Cds::new(&CdsSettings {
-            trust: vec![TrustedIssuer {
-                issuer: ISS.into(),
-                jwks: ehr.jwks.clone(),
-            }],
-            fhir_servers,
-            fetch_timeout,
-            ..CdsSettings::default()
-        })
+        let cds = Cds::new(
+            &CdsSettings {
+                trust: vec![TrustedIssuer {
+                    issuer: ISS.into(),
+                    jwks: ehr.jwks.clone(),
+                }],
+                fhir_servers,
+                fetch_timeout,
+                ..CdsSettings::default()
+            },
+            &state.repository,
+        )
         .unwrap();
         assert!(state.set_cds(cds));
         Server { dir, state, ehr }
@@ -152,11 +178,14 @@ impl Server {
 
     /// A hook call with a fresh valid token.
     async fn call(&self, request: &Value) -> (StatusCode, Value) {
-        let token = self
-            .ehr
-            .token(&format!("http://{HOST}/cds-services/{SERVICE}"));
+        self.call_service(SERVICE, request).await
+    }
+
+    /// A call of service `id` with a fresh valid token.
+    async fn call_service(&self, id: &str, request: &Value) -> (StatusCode, Value) {
+        let token = self.ehr.token(&format!("http://{HOST}/cds-services/{id}"));
         self.send(self.post(
-            &format!("/cds-services/{SERVICE}"),
+            &format!("/cds-services/{id}"),
             Some(&token),
             request.to_string().into_bytes(),
         ))
@@ -563,4 +592,342 @@ async fn a_slow_or_failing_fhir_server_ends_in_a_missing_data_card_in_bounded_ti
         );
         assert_eq!(seen.lock().unwrap().len(), 3);
     }
+}
+
+// ---- Risk-model cards (issue 10 item 4) ----------------------------------------------------
+//
+// Expected values come from tests/fixtures/attribution/*.json, written by
+// models/train/make_attribution_fixtures.py: numpy float64 from the ONNX graph's own
+// attributes (the `onnx` package), and onnxruntime's probability, not from the code under test.
+
+fn fixture(bundle: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/attribution")
+        .join(format!("{bundle}.json"));
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn logit(p: f64) -> f64 {
+    (p / (1.0 - p)).ln()
+}
+
+#[tokio::test]
+async fn linear_contributions_equal_the_graph_weights_in_f64_and_sum_to_the_logit_change() {
+    let server = Server::with_bundles(
+        vec![],
+        Duration::from_secs(1),
+        &["icu-mortality", "pima-diabetes"],
+    );
+    for bundle in ["icu-mortality", "pima-diabetes"] {
+        let f = fixture(bundle);
+        let model = server.state.repository.get(bundle, None).unwrap();
+        let bytes = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("models/bundles")
+                .join(bundle)
+                .join("1/model.onnx"),
+        )
+        .unwrap();
+        let reference = floats(&f["reference"]);
+        let column = f["positive_column"].as_u64().unwrap() as usize;
+        let linear = nightingale_inference::explain::LinearLogistic::from_onnx(
+            &bytes,
+            reference.len(),
+            column,
+        )
+        .unwrap()
+        .expect("a Scaler + LinearClassifier graph");
+        let reference_logit = f["reference_logit"].as_f64().unwrap();
+        assert!((linear.logit(&reference) - reference_logit).abs() < 1e-9);
+        for case in f["cases"].as_array().unwrap() {
+            let x = floats(&case["x"]);
+            let expected = floats(&case["contributions"]);
+            let got = linear.contributions(&x, &reference);
+            for (g, e) in got.iter().zip(&expected) {
+                assert!((g - e).abs() < 1e-4, "{bundle}: {got:?} vs {expected:?}");
+            }
+            // The model's own output, through the engine (the served worker).
+            let tensor = nightingale_inference::Tensor::from_vec(
+                vec![1, x.len()],
+                x.iter().map(|&v| v as f32).collect(),
+            )
+            .unwrap();
+            let out = model
+                .worker
+                .infer(vec![nightingale_inference::NamedTensor::new(
+                    "features", tensor,
+                )])
+                .await
+                .unwrap();
+            let p = out
+                .iter()
+                .find(|o| o.name == "probabilities")
+                .unwrap()
+                .tensor
+                .view::<f32>()
+                .unwrap()
+                .iter()
+                .nth(column)
+                .copied()
+                .unwrap() as f64;
+            let ort = case["onnxruntime_probability"].as_f64().unwrap();
+            assert!(
+                (p - ort).abs() < 1e-5,
+                "{bundle}: engine {p} vs onnxruntime {ort}"
+            );
+            let sum: f64 = got.iter().sum();
+            assert!(
+                (sum - (logit(p) - reference_logit)).abs() < 1e-4,
+                "{bundle}: Σ {sum} vs logit(p) − logit(reference) {}",
+                logit(p) - reference_logit
+            );
+        }
+    }
+}
+
+/// The FHIR data of the first icu-mortality fixture case: 81 years, systolic 88 mmHg (as
+/// 11.7324 kPa), pulse 124/min, female, sepsis, an emergency encounter.
+fn icu_prefetch(with_conditions: bool) -> Value {
+    let today = chrono::Utc::now().date_naive();
+    // Born 81 years and 40 days ago: 81 whole years today.
+    let born = today
+        .checked_sub_months(chrono::Months::new(81 * 12))
+        .unwrap()
+        - chrono::Duration::days(40);
+    let patient = json!({"resourceType": "Patient", "id": PATIENT, "gender": "female",
+        "birthDate": born.format("%Y-%m-%d").to_string()});
+    let observations = json!({"resourceType": "Bundle", "type": "searchset", "entry": [
+        {"resource": obs(1, "8480-6", qty(88.0 / 7.500617, "kPa"))},
+        {"resource": obs(2, "8867-4", qty(124.0, "/min"))},
+    ]});
+    let conditions = json!({"resourceType": "Bundle", "type": "searchset", "entry": [
+        {"resource": {"resourceType": "Condition", "id": "c1",
+            "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "91302008"}]},
+            "subject": {"reference": format!("Patient/{PATIENT}")}}}]});
+    let encounters = json!({"resourceType": "Bundle", "type": "searchset", "entry": [
+        {"resource": {"resourceType": "Encounter", "id": "89284", "status": "in-progress",
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "EMER"},
+            "subject": {"reference": format!("Patient/{PATIENT}")}}}]});
+    let mut p = json!({"patient": patient, "observations": observations, "encounters": encounters});
+    if with_conditions {
+        p["conditions"] = conditions;
+    }
+    p
+}
+
+/// The six-decimal numbers of a risk card's detail: p, and the contribution table.
+fn card_numbers(detail: &str) -> (f64, f64, Vec<f64>) {
+    let after = |s: &str, key: &str| -> f64 {
+        let at = s.find(key).unwrap() + key.len();
+        s[at..]
+            .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-'))
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let p = after(detail, "(p = ");
+    let reference = after(detail, "training mean of every input: p = ");
+    let contributions = detail
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| Factor"))
+        .map(|l| {
+            l.trim_end_matches(" |")
+                .rsplit("| ")
+                .next()
+                .unwrap()
+                .trim()
+                .parse::<f64>()
+                .unwrap()
+        })
+        .collect();
+    (p, reference, contributions)
+}
+
+#[tokio::test]
+async fn a_risk_service_answers_with_the_risk_its_reasons_and_the_model_version() {
+    let server = Server::with_bundles(
+        vec![],
+        Duration::from_secs(1),
+        &["icu-mortality", "pima-diabetes"],
+    );
+    // Built-in: NEWS2 plus one risk service per reference bundle with FHIR sources.
+    let (s, v) = server
+        .send(Request::get("/cds-services").body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let ids: Vec<&str> = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "nightingale-news2",
+            "nightingale-icu-mortality",
+            "nightingale-pima-diabetes"
+        ]
+    );
+    let icu = &v["services"][1];
+    assert_eq!(icu["hook"], "patient-view");
+    assert_eq!(icu["prefetch"]["patient"], "Patient/{{context.patientId}}");
+    assert_eq!(
+        icu["prefetch"]["observations"],
+        "Observation?patient={{context.patientId}}&code=http://loinc.org|8480-6,http://loinc.org|8867-4&_sort=-date&_count=100"
+    );
+    assert!(
+        icu["prefetch"]["conditions"]
+            .as_str()
+            .unwrap()
+            .starts_with("Condition?")
+    );
+    assert!(
+        icu["prefetch"]["encounters"]
+            .as_str()
+            .unwrap()
+            .starts_with("Encounter?")
+    );
+
+    let request = patient_view(Some(icu_prefetch(true)), None);
+    let (s, v) = server
+        .call_service("nightingale-icu-mortality", &request)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let cards = v["cards"].as_array().unwrap();
+    assert_eq!(cards.len(), 1);
+    let card = &cards[0];
+    let f = fixture("icu-mortality");
+    let case = &f["cases"][0];
+    let expected_p = case["onnxruntime_probability"].as_f64().unwrap();
+    // The detail is markdown with its special characters escaped: read it unescaped.
+    let detail = &card["detail"].as_str().unwrap().replace('\\', "");
+    let (p, reference, contributions) = card_numbers(detail);
+    assert!(
+        (p - expected_p).abs() < 1e-5,
+        "{p} vs onnxruntime {expected_p}"
+    );
+    // Above the bundle's Youden threshold (0.183632): a warning.
+    assert!(expected_p >= 0.183632);
+    assert_eq!(card["indicator"], "warning");
+    assert!(
+        card["summary"]
+            .as_str()
+            .unwrap()
+            .contains("icu-mortality 1"),
+        "{card}"
+    );
+    assert!(detail.contains("model icu-mortality version 1"));
+    assert!(detail.contains("NOT for clinical use without local validation"));
+    assert!(detail.contains("Stat2Data ICU"));
+    // The top factors in words: systolic 88 mmHg (converted from kPa) raised the risk most.
+    assert!(
+        detail.contains("- systolic bp 88 mm[Hg] raised the risk (+1.07 logit)"),
+        "{detail}"
+    );
+    let expected = floats(&case["contributions"]);
+    assert_eq!(contributions.len(), expected.len());
+    for (g, e) in contributions.iter().zip(&expected) {
+        assert!((g - e).abs() < 1e-4, "{contributions:?} vs {expected:?}");
+    }
+    let reference_logit = f["reference_logit"].as_f64().unwrap();
+    assert!((logit(reference) - reference_logit).abs() < 1e-4);
+    let sum: f64 = contributions.iter().sum();
+    assert!((sum - (logit(p) - reference_logit)).abs() < 1e-4);
+
+    // One inference audit record, by the CDS caller, and the hook record naming the model.
+    let audit = server.audit();
+    let inference = audit
+        .iter()
+        .find(|e| e["kind"] == "inference" && e["model"] == "icu-mortality")
+        .expect("an inference record");
+    assert_eq!(inference["version"], "1");
+    assert!(
+        inference["request_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("cds-")
+    );
+    assert!(
+        inference["actor"].as_str().unwrap().starts_with("cds:"),
+        "{inference}"
+    );
+    let hook = audit.iter().find(|e| e["kind"] == "cds-hook").unwrap();
+    assert_eq!(hook["model"], "icu-mortality");
+
+    // Feedback is counted per model version.
+    let token = server.ehr.token(&format!(
+        "http://{HOST}/cds-services/nightingale-icu-mortality"
+    ));
+    let fb = json!({"feedback": [{"card": card["uuid"], "outcome": "overridden",
+        "overrideReason": {"reason": {"system": "http://example.org/reasons", "code": "not-relevant"}},
+        "outcomeTimestamp": chrono::Utc::now().to_rfc3339()}]});
+    let (s, v) = server
+        .send(server.post(
+            "/cds-services/nightingale-icu-mortality/feedback",
+            Some(&token),
+            fb.to_string().into_bytes(),
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let fb = server
+        .audit()
+        .into_iter()
+        .find(|e| e["kind"] == "cds-feedback")
+        .unwrap();
+    assert_eq!(
+        (fb["model"].as_str(), fb["version"].as_str()),
+        (Some("icu-mortality"), Some("1"))
+    );
+}
+
+#[tokio::test]
+async fn missing_inputs_are_named_on_an_info_card_never_imputed() {
+    let server = Server::with_bundles(
+        vec![],
+        Duration::from_secs(1),
+        &["icu-mortality", "pima-diabetes"],
+    );
+    // No Condition search in the prefetch: infection is unknown, not 0.
+    let (s, v) = server
+        .call_service(
+            "nightingale-icu-mortality",
+            &patient_view(Some(icu_prefetch(false)), None),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let card = &v["cards"][0];
+    assert_eq!(card["indicator"], "info");
+    let summary = card["summary"].as_str().unwrap();
+    assert!(summary.contains("not calculated"), "{summary}");
+    assert!(summary.contains("infection"), "{summary}");
+    assert!(!card["detail"].as_str().unwrap().contains("p = "));
+    // Pima: the pedigree function has no FHIR source; it is always named missing.
+    let (s, v) = server
+        .call_service(
+            "nightingale-pima-diabetes",
+            &patient_view(Some(icu_prefetch(true)), None),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let card = &v["cards"][0];
+    assert_eq!(card["indicator"], "info");
+    let detail = card["detail"].as_str().unwrap().replace('\\', "");
+    assert!(
+        detail.contains("pedigree (no FHIR source declared by the model)"),
+        "{detail}"
+    );
+    assert!(detail.contains("triceps skinfold"), "{detail}");
+    // No inference was run for a missing card.
+    assert!(!server.audit().iter().any(|e| e["kind"] == "inference"));
 }

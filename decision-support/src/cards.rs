@@ -256,12 +256,23 @@ fn not_applicable_card(n: NotApplicable, wording: &Wording) -> Card {
 /// reference point (for a logistic model, wᵢ·(xᵢ − x̄ᵢ) on the model's own inputs).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Contribution {
-    /// The feature's name as the bundle declares it.
+    /// The feature in plain words ("systolic bp").
     pub feature: String,
     /// The patient's value as shown (with its unit), if it is shown.
     pub value: Option<String>,
     /// The contribution to the logit (positive: raises the risk).
     pub logit: f64,
+}
+
+/// How the contributions were computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttributionMethod {
+    /// Exact for a linear-logistic model: wᵢ·(zᵢ − z̄ᵢ) on the model's scaled inputs, read
+    /// from the ONNX graph; they sum to logit(risk) − logit(reference).
+    LinearExact,
+    /// Model-agnostic: the change of the logit when one input at a time is replaced by its
+    /// reference value (they need not sum to the total).
+    OneAtATime,
 }
 
 /// What a risk-model card says.
@@ -278,8 +289,12 @@ pub struct RiskCard {
     pub threshold: f64,
     /// Every input's contribution; the card shows the `top` largest in magnitude.
     pub contributions: Vec<Contribution>,
-    /// How many contributions the card shows.
+    /// How many contributions the card shows in words.
     pub top: usize,
+    /// The probability at the reference point (the training mean), when known.
+    pub reference_risk: Option<f64>,
+    /// How the contributions were computed.
+    pub method: AttributionMethod,
     /// The bundle's intended use and population (e.g. "adult Pima women").
     pub intended_use: String,
     /// The bundle's caveat ("Not for clinical use without local validation").
@@ -297,9 +312,15 @@ fn percent(p: f64) -> String {
     }
 }
 
+fn logit_of(p: f64) -> f64 {
+    let p = p.clamp(1e-12, 1.0 - 1e-12);
+    (p / (1.0 - p)).ln()
+}
+
 /// The card of a risk model's prediction: the risk against the operating threshold (at or
 /// above it: warning; below: info), the model and version, the top contributing factors
-/// for this patient, the intended use and the caveat.
+/// for this patient in words ("systolic bp 88 mm[Hg] raised the risk (+0.62 logit)"), every
+/// contribution to six decimals, the intended use and the caveat.
 pub fn risk_card(r: &RiskCard) -> Card {
     let above = r.risk >= r.threshold;
     let summary = format!(
@@ -314,20 +335,47 @@ pub fn risk_card(r: &RiskCard) -> Card {
     let mut contributions: Vec<&Contribution> = r.contributions.iter().collect();
     contributions.sort_by(|a, b| b.logit.abs().total_cmp(&a.logit.abs()));
     let mut detail = format!(
-        "**{}**: {} (operating threshold {}), model {} version {}.\n\n",
+        "**{}**: {} (p = {:.6}; operating threshold {}, p = {:.6}), model {} version {}.\n\n",
         escape(&r.title),
         percent(r.risk),
+        r.risk,
         percent(r.threshold),
+        r.threshold,
         escape(&r.model_name),
         escape(&r.model_version)
     );
     if !contributions.is_empty() {
-        detail.push_str(
-            "Top contributing factors for this patient (log-odds against the reference patient):\n\n| Factor | Value | Contribution |\n|---|---|---:|\n",
-        );
+        detail.push_str("Top contributing factors for this patient:\n\n");
         for c in contributions.iter().take(r.top) {
             detail.push_str(&format!(
-                "| {} | {} | {}{:.3} |\n",
+                "- {}{} {} the risk ({}{:.2} logit)\n",
+                escape(&c.feature),
+                c.value
+                    .as_deref()
+                    .map(|v| format!(" {}", escape(v)))
+                    .unwrap_or_default(),
+                if c.logit >= 0.0 { "raised" } else { "lowered" },
+                if c.logit >= 0.0 { "+" } else { "" },
+                c.logit
+            ));
+        }
+        detail.push('\n');
+        if let Some(reference) = r.reference_risk {
+            detail.push_str(&format!(
+                "Contributions are log-odds against the reference patient (the training mean of every input: p = {:.6}, logit {:.6}; this patient: logit {:.6}). {}\n\n",
+                reference,
+                logit_of(reference),
+                logit_of(r.risk),
+                match r.method {
+                    AttributionMethod::LinearExact => "Exact for this logistic model: they sum to the difference of the logits.",
+                    AttributionMethod::OneAtATime => "Model-agnostic: each is the change of the logit when that input alone is set to its reference value; they need not sum to the difference.",
+                }
+            ));
+        }
+        detail.push_str("| Factor | Value | Contribution (logit) |\n|---|---|---:|\n");
+        for c in &r.contributions {
+            detail.push_str(&format!(
+                "| {} | {} | {}{:.6} |\n",
                 escape(&c.feature),
                 c.value.as_deref().map(escape).unwrap_or_default(),
                 if c.logit >= 0.0 { "+" } else { "" },
@@ -372,6 +420,21 @@ pub fn risk_missing_card(title: &str, model: &str, missing: &[String], source: S
         .build()
 }
 
+/// The card of a risk model that cannot answer now (not serving, failed): no score.
+pub fn risk_unavailable_card(title: &str, model: &str, why: &str, source: Source) -> Card {
+    Card::builder(
+        &format!("{title} risk not available: {why}"),
+        Indicator::Info,
+        source,
+    )
+    .detail(format!(
+        "The model {} could not be run ({}); no risk is shown.\n",
+        escape(model),
+        escape(why)
+    ))
+    .build()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,6 +464,8 @@ mod tests {
                 },
             ],
             top: 2,
+            reference_risk: Some(0.2),
+            method: AttributionMethod::LinearExact,
             intended_use: "Adult ICU admissions".into(),
             caveat: "Not for clinical use without local validation".into(),
             source: Source {
@@ -422,10 +487,17 @@ mod tests {
         );
         let d = c.detail.unwrap();
         // Largest first, only the top two.
-        let sys = d.find("| systolic | 85 mmHg | +1.200 |").unwrap();
-        let age = d.find("| age | 81 years | +0.800 |").unwrap();
+        let sys = d
+            .find("- systolic 85 mmHg raised the risk (+1.20 logit)")
+            .unwrap();
+        let age = d
+            .find("- age 81 years raised the risk (+0.80 logit)")
+            .unwrap();
         assert!(sys < age);
-        assert!(!d.contains("| type |"));
+        assert!(!d.contains("- type"));
+        // Every contribution, to six decimals, in the table.
+        assert!(d.contains("| type |  | -0.400000 |"));
+        assert!(d.contains("p = 0.340000"));
         assert!(d.contains("*Not for clinical use without local validation*"));
         assert_eq!(risk_card(&risk(0.1)).indicator, Indicator::Info);
         let m = risk_missing_card(

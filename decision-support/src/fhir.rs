@@ -12,6 +12,7 @@
 //!   `effectivePeriod` / `effectiveInstant`, `issued`, `valueQuantity`,
 //!   `valueCodeableConcept`, `dataAbsentReason`, `component[]`;
 //! - [`Condition`]: `id`, `code`, `clinicalStatus`, `verificationStatus`, `subject`;
+//! - [`Encounter`]: `id`, `status`, `class`, `subject`;
 //! - [`Bundle`]: `entry[].fullUrl`, `entry[].resource`.
 //!
 //! Rules (lenient on input, as the CDS Hooks specification asks of services):
@@ -99,6 +100,7 @@ pub enum Resource {
     Patient(Box<Patient>),
     Observation(Box<Observation>),
     Condition(Box<Condition>),
+    Encounter(Box<Encounter>),
     Bundle(Bundle),
     /// Another resource type (its `resourceType`, at most 64 characters): skipped.
     Other(String),
@@ -139,6 +141,7 @@ impl Resource {
             Resource::Patient(_) => "Patient",
             Resource::Observation(_) => "Observation",
             Resource::Condition(_) => "Condition",
+            Resource::Encounter(_) => "Encounter",
             Resource::Bundle(_) => "Bundle",
             Resource::Other(t) => t,
         }
@@ -179,6 +182,7 @@ fn read_resource(
         "Patient" => Resource::Patient(Box::new(typed(value, path, "Patient")?)),
         "Observation" => Resource::Observation(Box::new(typed(value, path, "Observation")?)),
         "Condition" => Resource::Condition(Box::new(typed(value, path, "Condition")?)),
+        "Encounter" => Resource::Encounter(Box::new(typed(value, path, "Encounter")?)),
         "Bundle" => {
             if depth >= MAX_BUNDLE_DEPTH {
                 return Err(FhirError::TooDeep {
@@ -279,6 +283,7 @@ pub struct Resources {
     pub patients: Vec<Patient>,
     pub observations: Vec<Observation>,
     pub conditions: Vec<Condition>,
+    pub encounters: Vec<Encounter>,
     /// How many resources of other types were skipped.
     pub skipped: usize,
 }
@@ -295,6 +300,7 @@ impl Resources {
             Resource::Patient(p) => self.patients.push(*p),
             Resource::Observation(o) => self.observations.push(*o),
             Resource::Condition(c) => self.conditions.push(*c),
+            Resource::Encounter(e) => self.encounters.push(*e),
             Resource::Bundle(b) => {
                 for e in b.entry {
                     if let Some(r) = e.resource {
@@ -645,6 +651,21 @@ impl Condition {
         self.is_active() && self.code.as_ref().is_some_and(|c| c.has_any(codes))
     }
 }
+
+/// An Encounter.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Encounter {
+    pub id: Option<String>,
+    /// As written (`planned`, `arrived`, `in-progress`, `finished`, …).
+    pub status: Option<String>,
+    /// `Encounter.class` (R4: one Coding, HL7 v3 ActCode: `EMER`, `IMP`, `AMB`, …).
+    pub class: Option<Coding>,
+    pub subject: Option<Reference>,
+}
+
+/// The code system of `Encounter.class` (HL7 v3 ActCode).
+pub const ACT_CODE: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
 
 /// Why a FHIR date or dateTime could not be read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

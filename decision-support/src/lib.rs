@@ -113,5 +113,6 @@ pub mod fhir;
 pub mod hooks;
 pub mod jwt;
 pub mod news2;
+pub mod risk;
 pub mod service;
 pub mod vitals;

@@ -425,7 +425,10 @@ pub enum Assessment {
     NotApplicable(NotApplicable),
 }
 
-fn find_patient<'a>(resources: &'a Resources, patient_id: Option<&str>) -> Option<&'a Patient> {
+pub(crate) fn find_patient<'a>(
+    resources: &'a Resources,
+    patient_id: Option<&str>,
+) -> Option<&'a Patient> {
     match patient_id {
         Some(id) => resources
             .patients
@@ -442,7 +445,10 @@ fn find_patient<'a>(resources: &'a Resources, patient_id: Option<&str>) -> Optio
     }
 }
 
-fn of_patient(subject: Option<&crate::fhir::Reference>, patient_id: Option<&str>) -> bool {
+pub(crate) fn of_patient(
+    subject: Option<&crate::fhir::Reference>,
+    patient_id: Option<&str>,
+) -> bool {
     match (patient_id, subject) {
         (Some(want), Some(s)) if s.reference.is_some() => s.patient_id() == Some(want),
         _ => true,

@@ -23,6 +23,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Duration, Utc};
 use serde::Deserialize;
 
+use nightingale_models::manifest::{FeatureSpec, FhirSource};
+
 use crate::cards::{Wording, news2_card};
 use crate::fhir::{Limits, Resource, Resources, SystemCode};
 use crate::hooks::{CdsResponse, HookRequest, RequestError, ServiceDescriptor, render_prefetch};
@@ -128,6 +130,81 @@ pub fn news2_prefetch() -> BTreeMap<String, String> {
             "Condition?patient={{context.patientId}}".to_owned(),
         ),
     ])
+}
+
+/// The prefetch templates a risk service needs for these features: the Patient (age, sex),
+/// the Observations of the declared codes, the active Conditions, the in-progress Encounters.
+pub fn risk_prefetch<'a>(
+    features: impl IntoIterator<Item = &'a FeatureSpec>,
+) -> BTreeMap<String, String> {
+    let mut codes = BTreeSet::new();
+    let (mut patient, mut conditions, mut encounter) = (false, false, false);
+    for f in features {
+        if let Some(c) = &f.code {
+            codes.insert(c.clone());
+        }
+        match f.fhir {
+            Some(FhirSource::PatientAge | FhirSource::PatientFemale) => patient = true,
+            Some(FhirSource::Condition) => conditions = true,
+            Some(FhirSource::EncounterClass) => encounter = true,
+            None => {}
+        }
+    }
+    let mut out = BTreeMap::new();
+    if patient {
+        out.insert(
+            "patient".to_owned(),
+            "Patient/{{context.patientId}}".to_owned(),
+        );
+    }
+    if !codes.is_empty() {
+        out.insert(
+            "observations".to_owned(),
+            format!(
+                "Observation?patient={{{{context.patientId}}}}&code={}&_sort=-date&_count=100",
+                codes.into_iter().collect::<Vec<_>>().join(",")
+            ),
+        );
+    }
+    if conditions {
+        out.insert(
+            "conditions".to_owned(),
+            "Condition?patient={{context.patientId}}&clinical-status=active".to_owned(),
+        );
+    }
+    if encounter {
+        out.insert(
+            "encounters".to_owned(),
+            "Encounter?patient={{context.patientId}}&status=in-progress".to_owned(),
+        );
+    }
+    out
+}
+
+/// The built-in risk service of one bundle: id `nightingale-{bundle}`, hook `patient-view`.
+pub fn builtin_risk_service(
+    bundle: &str,
+    description: &str,
+    prefetch: BTreeMap<String, String>,
+) -> ServiceConfig {
+    ServiceConfig {
+        id: format!("nightingale-{bundle}"),
+        hook: "patient-view".to_owned(),
+        title: Some(format!("{bundle} risk model")),
+        description: description.to_owned(),
+        kind: ServiceKind::Risk,
+        bundles: vec![bundle.to_owned()],
+        thresholds: BTreeMap::new(),
+        look_back_minutes: None,
+        scale2_conditions: vec![],
+        pregnancy_conditions: None,
+        prefetch: Some(prefetch),
+        usage_requirements: Some(
+            "Read access to the patient's Patient, Observation, Condition and Encounter resources"
+                .to_owned(),
+        ),
+        wording: Wording::default(),
+    }
 }
 
 /// Why the CDS configuration is refused.
@@ -399,6 +476,49 @@ impl Service {
             }
         }
         Ok(out)
+    }
+
+    /// The request's prefetch (every entry, a resource or a Bundle; `null` skipped) plus
+    /// `fetched` (key, resource) as one set, and whether the patient's Conditions were read
+    /// (a prefetch or fetch answered a key whose template searches `Condition`).
+    pub fn collect(
+        &self,
+        request: &HookRequest,
+        fetched: Vec<(String, Resource)>,
+        limits: &Limits,
+    ) -> Result<(Resources, bool), ServiceError> {
+        let searches_conditions = |key: &str| {
+            self.prefetch
+                .get(key)
+                .is_some_and(|t| t.starts_with("Condition?") || t.starts_with("Condition/"))
+        };
+        let mut resources = Resources::new();
+        let mut conditions_read = false;
+        if let Some(prefetch) = &request.prefetch {
+            for (key, value) in prefetch {
+                if value.is_null() {
+                    continue;
+                }
+                let r = Resource::from_value(value, limits).map_err(|source| {
+                    RequestError::Prefetch {
+                        key: key.chars().take(64).collect(),
+                        source,
+                    }
+                })?;
+                conditions_read |= searches_conditions(key) && matches!(r, Resource::Bundle(_));
+                resources.add(r);
+            }
+        }
+        for (key, r) in fetched {
+            conditions_read |= searches_conditions(&key) && matches!(r, Resource::Bundle(_));
+            resources.add(r);
+        }
+        Ok((resources, conditions_read))
+    }
+
+    /// How far back Observations are read.
+    pub fn look_back(&self) -> Duration {
+        self.news2.vitals.look_back
     }
 
     /// Answers a NEWS2 hook request as of `now`: the request's prefetch (every entry, a

@@ -356,12 +356,12 @@ fn parameter_of(code: &CodeableConcept) -> Option<Parameter> {
 const ROOM_AIR: &str = "722742002";
 const ON_OXYGEN: &str = "371825009";
 
-fn truncate(s: &str) -> String {
+pub(crate) fn truncate(s: &str) -> String {
     s.chars().take(32).collect()
 }
 
 /// A quantity's value and UCUM unit (annotations `{…}` removed), or why not.
-fn ucum(q: &Quantity) -> Result<(f64, String, String), UnusableReason> {
+pub(crate) fn ucum(q: &Quantity) -> Result<(f64, String, String), UnusableReason> {
     if q.comparator.is_some() {
         return Err(UnusableReason::Comparator);
     }

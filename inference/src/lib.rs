@@ -13,6 +13,7 @@
 
 mod backend;
 mod error;
+pub mod explain;
 mod stats;
 mod tensor;
 mod worker;

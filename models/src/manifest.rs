@@ -44,6 +44,9 @@ pub struct Manifest {
     /// The load-time self-test every version runs (see `docs/bundle-format.md`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selftest: Option<SelfTestSpec>,
+    /// Tabular models: the reference point of attributions (see `docs/cds-hooks.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<Attribution>,
     /// Version number (a positive integer, as the folder is named) → its entry.
     pub versions: BTreeMap<String, VersionEntry>,
 }
@@ -212,14 +215,124 @@ pub struct FeatureSpec {
     pub unit: String,
     #[serde(default)]
     pub description: String,
-    /// A coding for the feature (e.g. `http://loinc.org|8867-4`), so FHIR data can be mapped to it.
+    /// A coding for the feature (e.g. `http://loinc.org|8867-4`), so FHIR data can be mapped to it:
+    /// the latest FHIR Observation with this code (or a component with it), converted to `unit`.
     #[serde(default)]
     pub code: Option<String>,
+    /// Where the feature comes from in FHIR when it is not an Observation (`code`): the two
+    /// are exclusive; a feature with neither has no FHIR source (a CDS service reports it
+    /// missing, never imputes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fhir: Option<FhirSource>,
+    /// `fhir = "condition"`: the Condition codes (`system|code`) whose active presence makes
+    /// the feature 1 (else 0, when the patient's Conditions were read).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<String>,
+    /// `fhir = "encounter-class"`: the Encounter.class codes (HL7 v3 ActCode, e.g. `EMER`)
+    /// that make the feature 1 (else 0) for the current Encounter.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub encounter_class: Vec<String>,
     /// Range seen in the training data.
     #[serde(default)]
     pub min: Option<f64>,
     #[serde(default)]
     pub max: Option<f64>,
+}
+
+/// A FHIR source of a feature other than an Observation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FhirSource {
+    /// Whole years from `Patient.birthDate` to the time of the call (unit `a`).
+    PatientAge,
+    /// 1 when `Patient.gender` is `female`, 0 when `male`; other values are missing.
+    PatientFemale,
+    /// 1 when an active Condition has one of `conditions`, else 0.
+    Condition,
+    /// 1 when the current Encounter's class is one of `encounter_class`, else 0.
+    EncounterClass,
+}
+
+/// `[attribution]`: the reference point a prediction's contributions are measured from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attribution {
+    /// What the reference is; only `"training-mean"` (the mean of each feature over the
+    /// data the model was trained on).
+    pub reference: AttributionReference,
+    /// The reference value of each feature of the (single) tabular input, in column order.
+    pub means: Vec<f64>,
+}
+
+/// The kinds of attribution reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttributionReference {
+    /// The training data's mean of each feature.
+    TrainingMean,
+}
+
+/// Checks that a feature names at most one FHIR source, completely.
+fn check_feature_source(f: &FeatureSpec) -> Result<(), String> {
+    let code_ok = |c: &str| {
+        c.split_once('|').is_some_and(|(system, code)| {
+            !system.is_empty()
+                && !code.is_empty()
+                && !code.contains('|')
+                && c.len() <= 256
+                && !c.chars().any(char::is_whitespace)
+        })
+    };
+    if let Some(c) = &f.code
+        && !code_ok(c)
+    {
+        return Err(format!("code {c:?} is not SYSTEM|CODE"));
+    }
+    if f.code.is_some() && f.fhir.is_some() {
+        return Err("code (an Observation) and fhir are exclusive".into());
+    }
+    match f.fhir {
+        Some(FhirSource::Condition) => {
+            if f.conditions.is_empty() {
+                return Err("fhir = \"condition\" needs a conditions list".into());
+            }
+            if let Some(c) = f.conditions.iter().find(|c| !code_ok(c)) {
+                return Err(format!("condition {c:?} is not SYSTEM|CODE"));
+            }
+        }
+        _ if !f.conditions.is_empty() => {
+            return Err("conditions is only for fhir = \"condition\"".into());
+        }
+        _ => {}
+    }
+    let bad_class =
+        |c: &String| c.is_empty() || c.len() > 64 || !c.bytes().all(|b| b.is_ascii_alphanumeric());
+    match f.fhir {
+        Some(FhirSource::EncounterClass)
+            if f.encounter_class.is_empty() || f.encounter_class.iter().any(bad_class) =>
+        {
+            return Err(
+                "fhir = \"encounter-class\" needs encounter_class codes (letters and digits)"
+                    .into(),
+            );
+        }
+        Some(FhirSource::EncounterClass) => {}
+        _ if !f.encounter_class.is_empty() => {
+            return Err("encounter_class is only for fhir = \"encounter-class\"".into());
+        }
+        _ => {}
+    }
+    if f.fhir == Some(FhirSource::PatientAge) && f.unit != "a" {
+        return Err("fhir = \"patient-age\" gives years: unit must be \"a\"".into());
+    }
+    if matches!(
+        f.fhir,
+        Some(FhirSource::PatientFemale | FhirSource::Condition | FhirSource::EncounterClass)
+    ) && f.unit != "1"
+    {
+        return Err("a 0/1 indicator from FHIR must have unit \"1\"".into());
+    }
+    Ok(())
 }
 
 /// A model output.
@@ -428,6 +541,36 @@ impl Manifest {
                         input.features.len()
                     ));
                 }
+            }
+            for f in &input.features {
+                check_feature_source(f).map_err(|reason| {
+                    InvalidManifest(format!(
+                        "input {:?} feature {:?}: {reason}",
+                        input.name, f.name
+                    ))
+                })?;
+            }
+        }
+        if let Some(a) = &self.attribution {
+            let tabular: Vec<&InputSpec> = self
+                .inputs
+                .iter()
+                .filter(|i| !i.features.is_empty())
+                .collect();
+            let [input] = tabular.as_slice() else {
+                return fail(
+                    "[attribution] needs exactly one input with [[inputs.features]]".to_owned(),
+                );
+            };
+            if a.means.len() != input.features.len() {
+                return fail(format!(
+                    "[attribution] has {} means for {} features",
+                    a.means.len(),
+                    input.features.len()
+                ));
+            }
+            if a.means.iter().any(|m| !m.is_finite()) {
+                return fail("[attribution] means must be finite".to_owned());
             }
         }
         for output in &self.outputs {
@@ -696,6 +839,93 @@ labels = ["a", "b"]
         assert_eq!(m.backend, BackendPreference::Any);
         assert_eq!(m.version_policy.select(&[1, 3, 2]), vec![3]);
         assert_eq!(m.batching.instances, 1);
+    }
+
+    #[test]
+    fn feature_sources_and_attribution() {
+        let with = |features: &str, attribution: &str| {
+            MINIMAL.replace(
+                "shape = [-1, 2]\n[[outputs]]",
+                &format!("shape = [-1, 2]\n{features}\n{attribution}\n[[outputs]]"),
+            )
+        };
+        let good_features = r#"
+[[inputs.features]]
+name = "age"
+unit = "a"
+fhir = "patient-age"
+[[inputs.features]]
+name = "sepsis"
+unit = "1"
+fhir = "condition"
+conditions = ["http://snomed.info/sct|91302008"]
+"#;
+        // [attribution] is a top-level table: put it after the versions.
+        let text = format!(
+            "{}\n[attribution]\nreference = \"training-mean\"\nmeans = [60.5, 0.25]\n",
+            with(good_features, "")
+        );
+        let m = Manifest::parse(&text).unwrap();
+        assert_eq!(m.inputs[0].features[0].fhir, Some(FhirSource::PatientAge));
+        assert_eq!(m.attribution.unwrap().means, vec![60.5, 0.25]);
+        let bad = [
+            (
+                good_features.replace(
+                    "fhir = \"patient-age\"",
+                    "fhir = \"patient-age\"\ncode = \"http://loinc.org|30525-0\"",
+                ),
+                "exclusive",
+            ),
+            (
+                good_features.replace("fhir = \"patient-age\"", "fhir = \"horoscope\""),
+                "unknown variant",
+            ),
+            (
+                good_features.replace("conditions = [\"http://snomed.info/sct|91302008\"]", ""),
+                "conditions list",
+            ),
+            (
+                good_features.replace("http://snomed.info/sct|91302008", "91302008"),
+                "SYSTEM|CODE",
+            ),
+            (
+                good_features.replace("unit = \"a\"", "unit = \"mo\""),
+                "unit must be",
+            ),
+            (
+                good_features.replace(
+                    "fhir = \"patient-age\"",
+                    "fhir = \"patient-age\"\nencounter_class = [\"EMER\"]",
+                ),
+                "only for",
+            ),
+            (
+                good_features.replace("fhir = \"condition\"", "fhir = \"condition\"\nsource = 1"),
+                "unknown field",
+            ),
+        ];
+        for (features, why) in bad {
+            let err = Manifest::parse(&with(&features, "")).unwrap_err();
+            assert!(err.0.contains(why), "{why}: {}", err.0);
+        }
+        for (attribution, why) in [
+            ("means = [1.0]\nreference = \"training-mean\"", "2 features"),
+            (
+                "means = [1.0, 2.0]\nreference = \"median\"",
+                "unknown variant",
+            ),
+            (
+                "means = [1.0, 2.0]\nreference = \"training-mean\"\nextra = 1",
+                "unknown field",
+            ),
+        ] {
+            let text = format!(
+                "{}\n[attribution]\n{attribution}\n",
+                with(good_features, "")
+            );
+            let err = Manifest::parse(&text).unwrap_err();
+            assert!(err.0.contains(why), "{why}: {}", err.0);
+        }
     }
 
     #[test]

@@ -101,9 +101,16 @@ class Feature:
     name: str
     unit: str
     description: str = ""
-    code: str | None = None
+    code: str | None = None  # a FHIR Observation's code (SYSTEM|CODE), exclusive with `fhir`
     min: float | None = None  # filled from the training split
     max: float | None = None
+    # Where the feature comes from in FHIR when not an Observation: "patient-age",
+    # "patient-female", "condition" (with `conditions`) or "encounter-class" (with
+    # `encounter_class`); see docs/cds-hooks.md.
+    fhir: str | None = None
+    conditions: list[str] | None = None
+    encounter_class: list[str] | None = None
+    mean: float | None = None  # filled from the training split: the attribution reference
 
 
 @dataclass
@@ -477,9 +484,13 @@ def expected_columns(spec: BundleSpec, ds: Dataset) -> list[tuple[int, str]]:
 
 
 def fill_ranges(ds: Dataset, split: Split) -> None:
+    """Training-split min, max and mean of each feature (the mean is the `[attribution]`
+    reference point: in float64, as numpy computes it)."""
     mins, maxs = ds.X[split.train].min(axis=0), ds.X[split.train].max(axis=0)
+    means = ds.X[split.train].mean(axis=0, dtype=np.float64)
     for j, f in enumerate(ds.features):
         f.min, f.max = float(mins[j]), float(maxs[j])
+        f.mean = float(means[j])
 
 
 def build_version(spec: BundleSpec, vs: VersionSpec, ds: Dataset, split: Split) -> dict:
@@ -668,6 +679,11 @@ def parse_args(spec: BundleSpec, argv: list[str] | None):
         help="only (re)write the test split CSV from the data and the committed model files",
     )
     ap.add_argument(
+        "--manifest-only",
+        action="store_true",
+        help="only rewrite (and re-sign) bundle.toml from the data and the committed version files, without retraining",
+    )
+    ap.add_argument(
         "--out",
         type=Path,
         default=spec.bundle_dir / "testdata" / "test.csv",
@@ -686,6 +702,9 @@ def run(spec: BundleSpec, ds: Dataset, argv: list[str] | None = None, check_spli
         regenerate_testdata(spec, ds, split, args.out)
         return 0
     fill_ranges(ds, split)
+    if args.manifest_only:
+        write_bundle_toml(spec, ds, committed_results(spec))
+        return 0
     results = [build_version(spec, vs, ds, split) for vs in spec.versions]
     write_test_csv(spec, ds, split, {r["spec"].version: r["prob_test"] for r in results},
                    spec.bundle_dir / "testdata" / "test.csv")
@@ -695,6 +714,17 @@ def run(spec: BundleSpec, ds: Dataset, argv: list[str] | None = None, check_spli
 
 
 # --- bundle.toml -------------------------------------------------------------------
+
+
+def committed_results(spec: BundleSpec) -> list[dict]:
+    """What write_bundle_toml needs of each version, from the committed files (no retraining)."""
+    out = []
+    for vs in spec.versions:
+        vdir = spec.bundle_dir / str(vs.version)
+        metrics = json.loads((vdir / "metrics.json").read_text(encoding="utf-8"))
+        files = {f: sha256(vdir / f) for f in ("model.onnx", "metrics.json", "selftest.json")}
+        out.append({"spec": vs, "metrics": metrics, "files": files})
+    return out
 
 
 def toml_str(s: str) -> str:
@@ -739,6 +769,12 @@ def write_bundle_toml(spec: BundleSpec, ds: Dataset, results: list[dict]) -> Non
             w(f"description = {toml_str(f.description)}")
         if f.code:
             w(f"code = {toml_str(f.code)}")
+        if f.fhir:
+            w(f"fhir = {toml_str(f.fhir)}")
+        if f.conditions:
+            w("conditions = [" + ", ".join(toml_str(c) for c in f.conditions) + "]")
+        if f.encounter_class:
+            w("encounter_class = [" + ", ".join(toml_str(c) for c in f.encounter_class) + "]")
         w(f"min = {f.min!r}")
         w(f"max = {f.max!r}")
     w("")
@@ -795,6 +831,11 @@ def write_bundle_toml(spec: BundleSpec, ds: Dataset, results: list[dict]) -> Non
     w(f"model_licence = {toml_str(spec.model_licence)}")
     w(f"training_script = {toml_str(spec.script)}")
     w("")
+    w("[attribution]")
+    w("# contributions to a prediction are measured from the training split's mean of each feature")
+    w('reference = "training-mean"')
+    w("means = [" + ", ".join(repr(f.mean) for f in ds.features) + "]")
+    w("")
     out.extend(selftest.selftest_toml(exact=("label",)))
     for r in results:
         vs = r["spec"]
@@ -811,7 +852,7 @@ def write_bundle_toml(spec: BundleSpec, ds: Dataset, results: list[dict]) -> Non
     parsed = tomllib.loads(text)  # fail here rather than in the server
     assert len(parsed["inputs"][0]["features"]) == nf
     assert [t["value"] for t in parsed["thresholds"]] == [r["metrics"]["threshold"]["value"] for r in results]
-    allowed_feature_keys = {"name", "unit", "description", "code", "min", "max"}
+    allowed_feature_keys = {"name", "unit", "description", "code", "fhir", "conditions", "encounter_class", "min", "max"}
     for f in parsed["inputs"][0]["features"]:
         assert set(f) <= allowed_feature_keys, f
     (spec.bundle_dir / "bundle.toml").write_text(text, encoding="utf-8")

@@ -20,6 +20,7 @@ Run with the repository venv:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import numpy as np
@@ -35,13 +36,30 @@ SEED = 20261125
 LABELS = ["survived", "died"]
 NUMERIC = 3  # the first three columns are standardised; the rest are 0/1 indicators
 
+# Active Conditions (SNOMED CT) that count as an infection at admission: infectious disease,
+# sepsis, pneumonia, urinary tract infection.
+INFECTION_CONDITIONS = [
+    "http://snomed.info/sct|40733004",
+    "http://snomed.info/sct|91302008",
+    "http://snomed.info/sct|233604007",
+    "http://snomed.info/sct|68566005",
+]
+
 FEATURES = [
-    Feature("age", "a", "age at admission, years", "http://loinc.org|30525-0"),
+    Feature("age", "a", "age at admission, years", fhir="patient-age"),
     Feature("systolic_bp", "mm[Hg]", "systolic blood pressure at admission", "http://loinc.org|8480-6"),
     Feature("heart_rate", "/min", "heart rate (pulse) at admission", "http://loinc.org|8867-4"),
-    Feature("female", "1", "1 = female, 0 = male"),
-    Feature("infection", "1", "1 = infection suspected at admission, 0 = not"),
-    Feature("emergency", "1", "1 = emergency admission, 0 = elective"),
+    Feature("female", "1", "1 = female, 0 = male", fhir="patient-female"),
+    Feature(
+        "infection",
+        "1",
+        "1 = infection suspected at admission, 0 = not",
+        fhir="condition",
+        conditions=INFECTION_CONDITIONS,
+    ),
+    Feature(
+        "emergency", "1", "1 = emergency admission, 0 = elective", fhir="encounter-class", encounter_class=["EMER"]
+    ),
 ]
 COLUMNS = ["Age", "SysBP", "Pulse", "Sex", "Infection", "Emergency"]
 
@@ -61,7 +79,7 @@ def load() -> Dataset:
         y=y,
         labels=LABELS,
         positive=1,
-        features=[Feature(f.name, f.unit, f.description, f.code) for f in FEATURES],
+        features=[dataclasses.replace(f) for f in FEATURES],
         subgroups={
             "age_band": age_band,
             "sex": np.where(df["Sex"].to_numpy() == 1, "female", "male").astype(object),

@@ -20,6 +20,7 @@ Run with the repository venv:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import numpy as np
@@ -38,13 +39,13 @@ LABELS = ["no diabetes", "diabetes"]
 
 # (column in MASS, feature). LOINC codes only where the mapping is unambiguous and known.
 FEATURES = [
-    ("npreg", Feature("pregnancies", "1", "number of pregnancies (count)")),
-    ("glu", Feature("glucose_2h_ogtt", "mg/dL", "plasma glucose 2 hours into an oral glucose tolerance test (unit not stated by the source; values 56-199 imply mg/dL)")),
+    ("npreg", Feature("pregnancies", "1", "number of pregnancies (count)", "http://loinc.org|11996-6")),
+    ("glu", Feature("glucose_2h_ogtt", "mg/dL", "plasma glucose 2 hours into an oral glucose tolerance test (unit not stated by the source; values 56-199 imply mg/dL)", "http://loinc.org|1518-0")),
     ("bp", Feature("diastolic_bp", "mm[Hg]", "diastolic blood pressure", "http://loinc.org|8462-4")),
     ("skin", Feature("triceps_skinfold", "mm", "triceps skin fold thickness")),
     ("bmi", Feature("bmi", "kg/m2", "body mass index", "http://loinc.org|39156-5")),
     ("ped", Feature("pedigree", "1", "diabetes pedigree function (family-history score)")),
-    ("age", Feature("age", "a", "age, years", "http://loinc.org|30525-0")),
+    ("age", Feature("age", "a", "age, years", fhir="patient-age")),
 ]
 
 
@@ -71,7 +72,7 @@ def load() -> Dataset:
         y=y,
         labels=LABELS,
         positive=1,
-        features=[Feature(f.name, f.unit, f.description, f.code) for _, f in FEATURES],
+        features=[dataclasses.replace(f) for _, f in FEATURES],
         subgroups={
             "age_band": np.array([age_band(a) for a in df["age"]], dtype=object),
             "bmi_band": np.where(df["bmi"].to_numpy() >= 30, ">=30", "<30").astype(object),

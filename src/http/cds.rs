@@ -16,9 +16,11 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Extension, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use nightingale_decision_support::hooks::{FeedbackRequest, HookRequest, Outcome as Feedback};
+use nightingale_decision_support::hooks::{
+    CdsResponse, FeedbackRequest, HookRequest, Outcome as Feedback,
+};
 use nightingale_decision_support::news2::Assessment;
-use nightingale_decision_support::service::ServiceError;
+use nightingale_decision_support::service::{ServiceError, ServiceKind};
 use sha2::{Digest, Sha256};
 
 use super::auth::Caller;
@@ -137,47 +139,123 @@ pub(crate) async fn call(
         }
     }
 
-    let outcome = match service.evaluate_news2(&request, fetched, chrono::Utc::now(), &cds.limits) {
-        Ok(o) => o,
-        Err(ServiceError::Request(e)) => {
-            metrics::counter!("nightingale_cds_requests_total", "service" => service.id().to_owned(), "outcome" => "rejected").increment(1);
-            return AppError::bad_request(e.to_string()).into_response();
+    let now = chrono::Utc::now();
+    let (response, kind, models): (CdsResponse, &'static str, Vec<(String, String)>) = match service
+        .kind()
+    {
+        ServiceKind::News2 => {
+            let fetched = fetched.into_iter().map(|(_, r)| r).collect();
+            let outcome = match service.evaluate_news2(&request, fetched, now, &cds.limits) {
+                Ok(o) => o,
+                Err(ServiceError::Request(e)) => {
+                    metrics::counter!("nightingale_cds_requests_total", "service" => service.id().to_owned(), "outcome" => "rejected").increment(1);
+                    return AppError::bad_request(e.to_string()).into_response();
+                }
+                Err(e) => return AppError::internal(e.to_string()).into_response(),
+            };
+            let kind = match &outcome.assessment {
+                Assessment::Scored(s) => match s.score.risk.name() {
+                    "low–medium" => "low-medium",
+                    other => other,
+                },
+                Assessment::Incomplete(_) => "incomplete",
+                Assessment::NotApplicable(_) => "not-applicable",
+            };
+            cds.ledger.lock().unwrap_or_else(|p| p.into_inner()).record(
+                &outcome.response.cards,
+                service.id(),
+                Some(NEWS2_MODEL),
+                now,
+            );
+            (
+                outcome.response,
+                kind,
+                vec![(NEWS2_MODEL.0.to_owned(), NEWS2_MODEL.1.to_owned())],
+            )
         }
-        Err(e) => return AppError::internal(e.to_string()).into_response(),
+        ServiceKind::Risk => {
+            if request.patient_id().is_none() {
+                metrics::counter!("nightingale_cds_requests_total", "service" => service.id().to_owned(), "outcome" => "rejected").increment(1);
+                return AppError::bad_request("the hook context has no patientId").into_response();
+            }
+            let (resources, conditions_read) = match service.collect(&request, fetched, &cds.limits)
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    metrics::counter!("nightingale_cds_requests_total", "service" => service.id().to_owned(), "outcome" => "rejected").increment(1);
+                    return AppError::bad_request(e.to_string()).into_response();
+                }
+            };
+            let answers = match cds
+                .evaluate_risk(
+                    &state,
+                    service,
+                    &request,
+                    &resources,
+                    conditions_read,
+                    &caller_id(&caller),
+                )
+                .await
+            {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::error!(error = %e, "audit record of a CDS risk inference not written");
+                    return AppError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the audit trail cannot be written",
+                    )
+                    .into_response();
+                }
+            };
+            {
+                let mut ledger = cds.ledger.lock().unwrap_or_else(|p| p.into_inner());
+                for a in &answers {
+                    ledger.record(
+                        [&a.card],
+                        service.id(),
+                        Some((a.model.0.as_str(), a.model.1.as_str())),
+                        now,
+                    );
+                }
+            }
+            // The most urgent outcome names the call.
+            let kind = ["warning", "info", "missing", "unavailable"]
+                .into_iter()
+                .find(|k| answers.iter().any(|a| a.outcome == *k))
+                .unwrap_or("empty");
+            let models = answers.iter().map(|a| a.model.clone()).collect();
+            (
+                CdsResponse {
+                    cards: answers.into_iter().map(|a| a.card).collect(),
+                    system_actions: vec![],
+                },
+                kind,
+                models,
+            )
+        }
     };
-    let mut outcome = outcome;
     // Imaging results of this patient (patient-view, when configured).
     let imaging = imaging_cards(&state, &request, &headers, service.config().hook.as_str()).await;
-    let kind = match &outcome.assessment {
-        Assessment::Scored(s) => match s.score.risk.name() {
-            "low–medium" => "low-medium",
-            other => other,
-        },
-        Assessment::Incomplete(_) => "incomplete",
-        Assessment::NotApplicable(_) => "not-applicable",
-    };
-    {
+    let mut response = response;
+    let mut models = models;
+    if !imaging.is_empty() {
         let mut ledger = cds.ledger.lock().unwrap_or_else(|p| p.into_inner());
-        ledger.record(
-            &outcome.response.cards,
-            service.id(),
-            Some(NEWS2_MODEL),
-            chrono::Utc::now(),
-        );
         for (card, (bundle, version)) in &imaging {
             ledger.record(
                 [card],
                 service.id(),
                 Some((bundle.as_str(), version.as_str())),
-                chrono::Utc::now(),
+                now,
             );
+            if !models.iter().any(|m| &m.0 == bundle && &m.1 == version) {
+                models.push((bundle.clone(), version.clone()));
+            }
         }
     }
-    outcome
-        .response
+    response
         .cards
         .extend(imaging.into_iter().map(|(card, _)| card));
-    let body = match serde_json::to_vec(&outcome.response) {
+    let body = match serde_json::to_vec(&response) {
         Ok(b) => b,
         Err(e) => return AppError::internal(e.to_string()).into_response(),
     };
@@ -185,17 +263,20 @@ pub(crate) async fn call(
     metrics::counter!("nightingale_cds_requests_total", "service" => service.id().to_owned(), "outcome" => kind).increment(1);
     metrics::histogram!("nightingale_cds_request_seconds", "service" => service.id().to_owned())
         .record(elapsed.as_secs_f64());
-    let cards: Vec<&str> = outcome
-        .response
-        .cards
-        .iter()
-        .map(|c| c.uuid.as_str())
-        .collect();
+    let cards: Vec<&str> = response.cards.iter().map(|c| c.uuid.as_str()).collect();
     let event = AuditEvent {
         kind: EventKind::CdsHook,
         request_id: printable(&request.hook_instance),
-        model: NEWS2_MODEL.0.into(),
-        version: NEWS2_MODEL.1.into(),
+        model: models
+            .iter()
+            .map(|m| m.0.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+        version: models
+            .iter()
+            .map(|m| m.1.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
         model_sha256: String::new(),
         input_sha256: Some(hex::encode(Sha256::digest(&bytes))),
         output_sha256: Some(hex::encode(Sha256::digest(&body))),

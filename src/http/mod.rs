@@ -130,7 +130,8 @@ impl AppState {
 
     /// The CDS Hooks service (the built-in one, with no trusted issuer, unless set).
     pub fn cds(&self) -> &crate::cds::Cds {
-        self.cds.get_or_init(crate::cds::Cds::builtin)
+        self.cds
+            .get_or_init(|| crate::cds::Cds::builtin(&self.repository))
     }
 
     /// Turns the results API on (once).

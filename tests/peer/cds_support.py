@@ -245,3 +245,15 @@ def patient_view(pid: str, prefetch: dict | None, fhir_server: str | None = None
     if prefetch is not None:
         req["prefetch"] = prefetch
     return req
+
+
+def encounter(pid: str, eid: str, klass: str, status: str = "in-progress") -> dict:
+    return validate({
+        "resourceType": "Encounter", "id": eid, "status": status,
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": klass},
+        "subject": {"reference": f"Patient/{pid}"}})
+
+
+def observation(pid: str, n: int, when: str, code: str, display: str, value: float,
+                unit: str) -> dict:
+    return _obs(pid, n, when, (LOINC, code, display), **quantity(value, unit))

@@ -351,3 +351,91 @@ kind = "news2"
     # The patient-view service refuses an order-select call: 400, no card.
     status, body = server.call(SERVICE, order_select(PID, {"patient": adult()}), ehr)
     assert status == 400 and "cards" not in body, body
+
+
+# --- risk-model cards (icu-mortality, served from models/bundles) ---
+
+RISK = "nightingale-icu-mortality"
+
+
+def card_numbers(detail: str) -> tuple[float, list[float]]:
+    """p and the six-decimal contribution table of a risk card's detail."""
+    import re
+
+    p = float(re.search(r"\(p = ([0-9.]+);", detail).group(1))
+    rows = [line for line in detail.splitlines()
+            if line.startswith("| ") and not line.startswith("| Factor")]
+    return p, [float(line.rstrip(" |").rsplit("| ", 1)[1]) for line in rows]
+
+
+def test_a_risk_card_has_onnxruntimes_risk_and_contributions_that_sum_to_the_logit_change(
+        server, ehr):
+    import tomllib
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from cds_support import REPO, encounter, observation
+
+    status, body = server.get("/cds-services")
+    assert status == 200
+    service = next(s for s in body["services"] if s["id"] == RISK)
+    assert service["hook"] == "patient-view"
+    assert set(service["prefetch"]) == {"patient", "observations", "conditions", "encounters"}
+
+    today = datetime.now(timezone.utc).date()
+    born = today.replace(year=today.year - 67) - timedelta(days=30)  # 67 whole years
+    sbp_kpa, hr = 12.4, 118.0
+    prefetch = {
+        "patient": patient(PID, born.isoformat(), gender="male"),
+        "observations": searchset([
+            observation(PID, 1, ago(15), "8480-6", "Systolic blood pressure", sbp_kpa, "kPa"),
+            observation(PID, 2, ago(15), "8867-4", "Heart rate", hr, "/min"),
+            # Older values of the same codes: the latest decides.
+            observation(PID, 3, ago(300), "8480-6", "Systolic blood pressure", 160, "mm[Hg]"),
+        ]),
+        "conditions": searchset([condition(PID, 1, SNOMED, "233604007", "Pneumonia")]),
+        "encounters": searchset([encounter(PID, "89284", "EMER")]),
+    }
+    status, body = server.call(RISK, patient_view(PID, prefetch), ehr)
+    assert status == 200, body
+    [card] = body["cards"]
+    assert "icu-mortality 1" in card["summary"], card
+    assert len(card["summary"]) < 140
+    detail = card["detail"].replace("\\", "")  # markdown-escaped: read it unescaped
+    assert "NOT for clinical use without local validation" in detail
+
+    # The feature vector from the FHIR values sent: age, SBP (kPa -> mmHg), HR, female,
+    # infection, emergency; the risk by onnxruntime on it.
+    x = np.array([[67, sbp_kpa * 7.500617, hr, 0, 1, 1]], dtype=np.float32)
+    bundle = REPO / "models" / "bundles" / "icu-mortality"
+    session = ort.InferenceSession(str(bundle / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    expected = float(session.run(None, {"features": x})[1][0, 1])
+    p, contributions = card_numbers(detail)
+    assert abs(p - expected) < 1e-5, (p, expected)
+    manifest = tomllib.loads((bundle / "bundle.toml").read_text())
+    threshold = manifest["thresholds"][0]["value"]
+    assert card["indicator"] == ("warning" if expected >= threshold else "info")
+
+    means = np.array([manifest["attribution"]["means"]], dtype=np.float32)
+    p_ref = float(session.run(None, {"features": means})[1][0, 1])
+    logit = lambda q: float(np.log(q / (1 - q)))  # noqa: E731
+    assert len(contributions) == 6
+    assert abs(sum(contributions) - (logit(p) - logit(p_ref))) < 1e-4, (
+        sum(contributions), logit(p) - logit(p_ref))
+    assert " raised the risk (+" in detail or " lowered the risk (" in detail
+
+
+def test_a_risk_card_names_missing_inputs_and_gives_no_score(server, ehr):
+    prefetch = {"patient": adult(), "observations": searchset([]),
+                "conditions": searchset([]), "encounters": searchset([])}
+    status, body = server.call(RISK, patient_view(PID, prefetch), ehr)
+    assert status == 200, body
+    [card] = body["cards"]
+    assert card["indicator"] == "info"
+    assert "not calculated" in card["summary"]
+    detail = card["detail"].replace("\\", "")
+    for name in ("systolic bp", "heart rate", "emergency"):
+        assert name in detail, detail
+    assert "(p = " not in detail

@@ -1,0 +1,526 @@
+//! FHIR data → a tabular model's feature vector, by the bundle's declared sources
+//! (`[[inputs.features]]` `code`, or `fhir` = `patient-age` | `patient-female` | `condition` |
+//! `encounter-class`; see `docs/cds-hooks.md`), with no code per model.
+//!
+//! Rules:
+//! - **Observation** (`code = "SYSTEM|CODE"`): the Observations (or components) with that
+//!   code, `final`/`amended`/`corrected`, of this patient, dated within the look-back window
+//!   (and not after `now` plus the skew). The **latest** decides; if its value cannot be used
+//!   (unit not convertible to the feature's `unit`, a comparator, no value, no time) the
+//!   feature is missing with that reason — an older value is never taken in its place (as
+//!   in [`crate::vitals`], whose unit reading this reuses). Conversions: identical UCUM
+//!   units (annotations such as `{beats}` dropped), `kPa` ↔ `mm[Hg]`, `[degF]`/`K` → `Cel`,
+//!   `cm` ↔ `mm`, `m` → `cm`, `g` ↔ `kg`.
+//! - **patient-age**: whole years from `Patient.birthDate` to `now`; a birth date too
+//!   imprecise to give one number (only a year, near the birthday) is missing.
+//! - **patient-female**: `Patient.gender` female → 1, male → 0; other or absent: missing.
+//! - **condition**: 1 when an active Condition of this patient has one of the codes
+//!   ([`crate::fhir::Condition::is_active`]); 0 only when the patient's Conditions were read
+//!   (a Condition search was prefetched or fetched), else missing.
+//! - **encounter-class**: the current Encounter is the one named by `context.encounterId`,
+//!   else the only `in-progress` Encounter of this patient; 1 when its class (HL7 v3
+//!   ActCode) is listed, else 0; no or several current Encounters, or no class: missing.
+//! - A feature with no source is missing (never imputed).
+
+use std::fmt;
+
+use chrono::{DateTime, Duration, Utc};
+use nightingale_models::manifest::{FeatureSpec, FhirSource};
+
+use crate::fhir::{ACT_CODE, Observation, Quantity, Resources, SystemCode};
+use crate::news2::{find_patient, of_patient};
+use crate::vitals::{UnusableReason, truncate, ucum};
+
+/// What the mapping needs besides the resources.
+#[derive(Clone, Debug)]
+pub struct MappingContext<'a> {
+    /// `context.patientId`.
+    pub patient_id: &'a str,
+    /// `context.encounterId`, when the hook gives one.
+    pub encounter_id: Option<&'a str>,
+    /// The time of the call.
+    pub now: DateTime<Utc>,
+    /// How far back an Observation may be.
+    pub look_back: Duration,
+    /// How far after `now` an Observation's time may be.
+    pub future_skew: Duration,
+    /// Whether the patient's Conditions were read (a Condition search was answered).
+    pub conditions_read: bool,
+}
+
+/// Why a feature has no value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Missing {
+    /// The bundle declares no FHIR source for it.
+    NoSource,
+    /// No Observation with the code within the look-back window.
+    NoObservation,
+    /// The latest Observation cannot be used.
+    Unusable(UnusableReason),
+    /// No Patient resource (or no birthDate / gender on it).
+    NoPatientData(&'static str),
+    /// `birthDate` is malformed or too imprecise for whole years.
+    BirthDate,
+    /// The patient's Conditions were not available.
+    NoConditions,
+    /// No current Encounter could be told apart (none, several, or one without a class).
+    Encounter(&'static str),
+}
+
+impl fmt::Display for Missing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Missing::NoSource => f.write_str("no FHIR source declared by the model"),
+            Missing::NoObservation => f.write_str("no recent result"),
+            Missing::Unusable(r) => write!(f, "latest result unusable: {r}"),
+            Missing::NoPatientData(what) => write!(f, "{what}"),
+            Missing::BirthDate => f.write_str("birth date unusable for an age in years"),
+            Missing::NoConditions => f.write_str("the patient's conditions were not available"),
+            Missing::Encounter(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+/// One feature's value, or why it has none.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MappedFeature {
+    /// The feature's name (as the bundle declares it).
+    pub name: String,
+    /// Its unit (UCUM) as the model expects it.
+    pub unit: String,
+    /// The value in `unit`, or why it is missing.
+    pub value: Result<f64, Missing>,
+    /// The value as a clinician reads it ("88 mm[Hg]", "71 years", "female", "yes").
+    pub shown: Option<String>,
+    /// When it was observed (Observations only).
+    pub time: Option<DateTime<Utc>>,
+    /// The unit it was written in, when it was converted.
+    pub converted_from: Option<String>,
+}
+
+/// The feature vector of one model for one patient.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mapped {
+    pub features: Vec<MappedFeature>,
+}
+
+impl Mapped {
+    /// The values in column order, when none is missing.
+    pub fn values(&self) -> Option<Vec<f64>> {
+        self.features
+            .iter()
+            .map(|f| f.value.as_ref().ok().copied())
+            .collect()
+    }
+
+    /// Each missing feature with why ("pedigree (no FHIR source declared by the model)").
+    pub fn missing(&self) -> Vec<String> {
+        self.features
+            .iter()
+            .filter_map(|f| match &f.value {
+                Err(m) => Some(format!("{} ({m})", plain_name(&f.name))),
+                Ok(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// A feature name in plain words (`systolic_bp` → `systolic bp`).
+pub fn plain_name(name: &str) -> String {
+    name.replace('_', " ")
+}
+
+fn number(v: f64) -> String {
+    let r = (v * 100.0).round() / 100.0;
+    if r == r.trunc() {
+        format!("{r:.0}")
+    } else {
+        format!("{r}")
+    }
+}
+
+/// Maps the resources to the features, in column order.
+pub fn map_features(
+    features: &[FeatureSpec],
+    resources: &Resources,
+    context: &MappingContext<'_>,
+) -> Mapped {
+    Mapped {
+        features: features
+            .iter()
+            .map(|f| map_one(f, resources, context))
+            .collect(),
+    }
+}
+
+fn map_one(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -> MappedFeature {
+    let mut out = MappedFeature {
+        name: f.name.clone(),
+        unit: f.unit.clone(),
+        value: Err(Missing::NoSource),
+        shown: None,
+        time: None,
+        converted_from: None,
+    };
+    let patient = || find_patient(resources, Some(cx.patient_id));
+    let flag = |out: &mut MappedFeature, yes: bool, shown_yes: &str, shown_no: &str| {
+        out.value = Ok(if yes { 1.0 } else { 0.0 });
+        out.shown = Some(if yes { shown_yes } else { shown_no }.to_owned());
+    };
+    match (f.code.as_deref(), f.fhir) {
+        (Some(code), _) => match SystemCode::parse(code) {
+            None => out.value = Err(Missing::NoSource),
+            Some(code) => observation(&code, &f.unit, resources, cx, &mut out),
+        },
+        (None, None) => {}
+        (None, Some(FhirSource::PatientAge)) => {
+            out.value = match patient() {
+                None => Err(Missing::NoPatientData("no Patient resource")),
+                Some(p) => match p.birth_date() {
+                    None => Err(Missing::NoPatientData("no birth date on the Patient")),
+                    Some(Err(_)) => Err(Missing::BirthDate),
+                    Some(Ok(d)) => match d.age_on(cx.now.date_naive()) {
+                        (lo, hi) if lo == hi && lo >= 0 => {
+                            out.shown = Some(format!("{lo} years"));
+                            Ok(f64::from(lo))
+                        }
+                        _ => Err(Missing::BirthDate),
+                    },
+                },
+            }
+        }
+        (None, Some(FhirSource::PatientFemale)) => match patient().map(|p| p.gender) {
+            None => out.value = Err(Missing::NoPatientData("no Patient resource")),
+            Some(Some(crate::fhir::Gender::Female)) => flag(&mut out, true, "female", "male"),
+            Some(Some(crate::fhir::Gender::Male)) => flag(&mut out, false, "female", "male"),
+            Some(_) => {
+                out.value = Err(Missing::NoPatientData(
+                    "the Patient's gender is neither female nor male",
+                ))
+            }
+        },
+        (None, Some(FhirSource::Condition)) => {
+            let codes: Vec<SystemCode> = f
+                .conditions
+                .iter()
+                .filter_map(|c| SystemCode::parse(c))
+                .collect();
+            let present = resources.conditions.iter().any(|c| {
+                of_patient(c.subject.as_ref(), Some(cx.patient_id)) && c.is_active_one_of(&codes)
+            });
+            if present || cx.conditions_read {
+                flag(&mut out, present, "yes (active condition)", "no");
+            } else {
+                out.value = Err(Missing::NoConditions);
+            }
+        }
+        (None, Some(FhirSource::EncounterClass)) => {
+            let mine: Vec<_> = resources
+                .encounters
+                .iter()
+                .filter(|e| of_patient(e.subject.as_ref(), Some(cx.patient_id)))
+                .collect();
+            let current: Vec<_> = match cx.encounter_id {
+                Some(id) => mine
+                    .iter()
+                    .filter(|e| e.id.as_deref() == Some(id))
+                    .collect(),
+                None => mine
+                    .iter()
+                    .filter(|e| e.status.as_deref() == Some("in-progress"))
+                    .collect(),
+            };
+            match current.as_slice() {
+                [] => out.value = Err(Missing::Encounter("no current encounter")),
+                [e] => match &e.class {
+                    Some(class)
+                        if class.system.as_deref().is_none_or(|s| s == ACT_CODE)
+                            && class.code.is_some() =>
+                    {
+                        let code = class.code.as_deref().unwrap_or_default();
+                        let yes = f.encounter_class.iter().any(|c| c == code);
+                        out.value = Ok(if yes { 1.0 } else { 0.0 });
+                        out.shown = Some(format!("{} encounter", truncate(code)));
+                    }
+                    _ => {
+                        out.value = Err(Missing::Encounter(
+                            "the current encounter has no class (HL7 v3 ActCode)",
+                        ))
+                    }
+                },
+                _ => out.value = Err(Missing::Encounter("several current encounters")),
+            }
+        }
+    }
+    out
+}
+
+/// Converts a quantity to `unit`; the unit it was written in is returned when it differs.
+pub fn convert(q: &Quantity, unit: &str) -> Result<(f64, Option<String>), UnusableReason> {
+    let (v, bare, written) = ucum(q)?;
+    let target = if unit.is_empty() { "1" } else { unit };
+    if bare == target {
+        return Ok((v, None));
+    }
+    let value = match (bare.as_str(), target) {
+        ("kPa", "mm[Hg]") => v * 7.500_617,
+        ("mm[Hg]", "kPa") => v / 7.500_617,
+        ("[degF]", "Cel") => (v - 32.0) * 5.0 / 9.0,
+        ("K", "Cel") => v - 273.15,
+        ("cm", "mm") => v * 10.0,
+        ("mm", "cm") => v / 10.0,
+        ("m", "cm") => v * 100.0,
+        ("g", "kg") => v / 1000.0,
+        ("kg", "g") => v * 1000.0,
+        _ => return Err(UnusableReason::Unit(truncate(&written))),
+    };
+    Ok((value, Some(truncate(&written))))
+}
+
+fn observation(
+    code: &SystemCode,
+    unit: &str,
+    resources: &Resources,
+    cx: &MappingContext<'_>,
+    out: &mut MappedFeature,
+) {
+    // (time, issued, index) of the latest, with its value or why it is unusable.
+    type Found<'a> = (
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+        usize,
+        Result<&'a Quantity, UnusableReason>,
+    );
+    let mut best: Option<Found<'_>> = None;
+    for (index, o) in resources.observations.iter().enumerate() {
+        let Some(quantity) = value_with_code(o, code) else {
+            continue;
+        };
+        if !o.status.is_final() || !of_patient(o.subject.as_ref(), Some(cx.patient_id)) {
+            continue;
+        }
+        let (time, quantity) = match o.effective() {
+            Ok(Some((t, _))) => {
+                if t > cx.now + cx.future_skew || t < cx.now - cx.look_back {
+                    continue;
+                }
+                (Some(t), quantity)
+            }
+            Ok(None) => (None, Err(UnusableReason::NoTime)),
+            Err(e) => (None, Err(UnusableReason::Time(e))),
+        };
+        let candidate = (time, o.issued(), index, quantity);
+        let key = |c: &Found<'_>| (c.0.is_some(), c.0, c.1, c.2);
+        if best.as_ref().is_none_or(|b| key(&candidate) > key(b)) {
+            best = Some(candidate);
+        }
+    }
+    let Some((time, _, _, quantity)) = best else {
+        out.value = Err(Missing::NoObservation);
+        return;
+    };
+    out.time = time;
+    match quantity.and_then(|q| convert(q, unit)) {
+        Ok((v, from)) => {
+            out.value = Ok(v);
+            out.shown = Some(if unit.is_empty() || unit == "1" {
+                number(v)
+            } else {
+                format!("{} {unit}", number(v))
+            });
+            out.converted_from = from;
+        }
+        Err(reason) => out.value = Err(Missing::Unusable(reason)),
+    }
+}
+
+/// The quantity of `o` (or of its component) coded `code`; `Some(Err)` when coded so but
+/// without a usable quantity.
+fn value_with_code<'a>(
+    o: &'a Observation,
+    code: &SystemCode,
+) -> Option<Result<&'a Quantity, UnusableReason>> {
+    let pick = |q: Option<&'a Quantity>| q.ok_or(UnusableReason::NoValue);
+    if o.code.has(&code.system, &code.code) {
+        if let Some(q) = &o.value_quantity {
+            return Some(Ok(q));
+        }
+        if let Some(c) = o
+            .component
+            .iter()
+            .find(|c| c.code.has(&code.system, &code.code))
+        {
+            return Some(pick(c.value_quantity.as_ref()));
+        }
+        return Some(Err(UnusableReason::NoValue));
+    }
+    o.component
+        .iter()
+        .find(|c| c.code.has(&code.system, &code.code))
+        .map(|c| pick(c.value_quantity.as_ref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fhir::{Limits, Resource};
+    use serde_json::{Value, json};
+
+    const NOW: &str = "2024-05-01T12:00:00Z";
+
+    fn now() -> DateTime<Utc> {
+        NOW.parse().unwrap()
+    }
+
+    fn resources(items: Vec<Value>) -> Resources {
+        let mut r = Resources::new();
+        for v in items {
+            r.add(Resource::from_value(&v, &Limits::default()).unwrap());
+        }
+        r
+    }
+
+    fn features() -> Vec<FeatureSpec> {
+        let toml = r#"
+            [[f]]
+            name = "age"
+            unit = "a"
+            fhir = "patient-age"
+            [[f]]
+            name = "systolic_bp"
+            unit = "mm[Hg]"
+            code = "http://loinc.org|8480-6"
+            [[f]]
+            name = "female"
+            unit = "1"
+            fhir = "patient-female"
+            [[f]]
+            name = "infection"
+            unit = "1"
+            fhir = "condition"
+            conditions = ["http://snomed.info/sct|91302008"]
+            [[f]]
+            name = "emergency"
+            unit = "1"
+            fhir = "encounter-class"
+            encounter_class = ["EMER"]
+            [[f]]
+            name = "pedigree"
+            unit = "1"
+        "#;
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            f: Vec<FeatureSpec>,
+        }
+        toml::from_str::<Doc>(toml).unwrap().f
+    }
+
+    fn context(conditions_read: bool) -> MappingContext<'static> {
+        MappingContext {
+            patient_id: "p1",
+            encounter_id: None,
+            now: now(),
+            look_back: Duration::hours(12),
+            future_skew: Duration::minutes(5),
+            conditions_read,
+        }
+    }
+
+    fn sbp(value: f64, unit: &str, time: &str) -> Value {
+        json!({"resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+            "subject": {"reference": "Patient/p1"}, "effectiveDateTime": time,
+            "valueQuantity": {"value": value, "system": "http://unitsofmeasure.org", "code": unit}})
+    }
+
+    fn base() -> Vec<Value> {
+        vec![
+            json!({"resourceType": "Patient", "id": "p1", "birthDate": "1950-06-15", "gender": "female"}),
+            json!({"resourceType": "Condition", "subject": {"reference": "Patient/p1"},
+                "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": "91302008"}]}}),
+            json!({"resourceType": "Encounter", "id": "e1", "status": "in-progress",
+                "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "EMER"},
+                "subject": {"reference": "Patient/p1"}}),
+        ]
+    }
+
+    #[test]
+    fn every_source_kind() {
+        let mut items = base();
+        items.push(sbp(12.0, "kPa", "2024-05-01T10:00:00Z"));
+        let m = map_features(&features(), &resources(items), &context(true));
+        let v: Vec<Result<f64, Missing>> = m.features.iter().map(|f| f.value.clone()).collect();
+        // 1950-06-15 to 2024-05-01: 73 whole years.
+        assert_eq!(v[0], Ok(73.0));
+        // 12 kPa × 7.500617 mmHg/kPa.
+        assert!((v[1].clone().unwrap() - 90.007_404).abs() < 1e-9);
+        assert_eq!(m.features[1].converted_from.as_deref(), Some("kPa"));
+        assert_eq!(&v[2..5], &[Ok(1.0), Ok(1.0), Ok(1.0)]);
+        assert_eq!(v[5], Err(Missing::NoSource));
+        assert_eq!(m.values(), None);
+        assert_eq!(
+            m.missing(),
+            vec!["pedigree (no FHIR source declared by the model)"]
+        );
+    }
+
+    #[test]
+    fn zero_only_when_the_data_was_read() {
+        let items = vec![
+            json!({"resourceType": "Patient", "id": "p1", "birthDate": "1950-06-15", "gender": "male"}),
+            json!({"resourceType": "Encounter", "id": "e1", "status": "in-progress",
+                "class": {"code": "IMP"}, "subject": {"reference": "Patient/p1"}}),
+        ];
+        let m = map_features(&features(), &resources(items.clone()), &context(true));
+        assert_eq!(m.features[2].value, Ok(0.0));
+        assert_eq!(m.features[3].value, Ok(0.0));
+        assert_eq!(m.features[4].value, Ok(0.0));
+        assert_eq!(m.features[1].value, Err(Missing::NoObservation));
+        let m = map_features(&features(), &resources(items), &context(false));
+        assert_eq!(m.features[3].value, Err(Missing::NoConditions));
+    }
+
+    #[test]
+    fn the_latest_decides_and_an_unusable_latest_is_missing() {
+        let mut items = base();
+        items.push(sbp(120.0, "mm[Hg]", "2024-05-01T08:00:00Z"));
+        items.push(sbp(88.0, "mm[Hg]", "2024-05-01T11:00:00Z"));
+        // Older than 12 hours: left out.
+        items.push(sbp(200.0, "mm[Hg]", "2024-04-30T20:00:00Z"));
+        let m = map_features(&features(), &resources(items.clone()), &context(true));
+        assert_eq!(m.features[1].value, Ok(88.0));
+        assert_eq!(m.features[1].shown.as_deref(), Some("88 mm[Hg]"));
+        items.push(sbp(3.0, "[psi]", "2024-05-01T11:30:00Z"));
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert_eq!(
+            m.features[1].value,
+            Err(Missing::Unusable(UnusableReason::Unit("[psi]".into())))
+        );
+    }
+
+    #[test]
+    fn ambiguous_patient_data_is_missing() {
+        let items = vec![
+            json!({"resourceType": "Patient", "id": "p1", "birthDate": "1950", "gender": "other"}),
+            json!({"resourceType": "Encounter", "id": "e1", "status": "in-progress", "class": {"code": "EMER"}}),
+            json!({"resourceType": "Encounter", "id": "e2", "status": "in-progress", "class": {"code": "IMP"}}),
+        ];
+        let r = resources(items);
+        let m = map_features(&features(), &r, &context(true));
+        assert_eq!(m.features[0].value, Err(Missing::BirthDate));
+        assert!(matches!(
+            m.features[2].value,
+            Err(Missing::NoPatientData(_))
+        ));
+        assert!(matches!(m.features[4].value, Err(Missing::Encounter(_))));
+        let cx = MappingContext {
+            encounter_id: Some("e2"),
+            ..context(true)
+        };
+        assert_eq!(
+            map_features(&features(), &r, &cx).features[4].value,
+            Ok(0.0)
+        );
+    }
+}
