@@ -11,7 +11,7 @@ use std::path::Path;
 use dicom_dictionary_std::tags;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
 
-use crate::spool::{Spool, StoreError, Stored};
+use crate::spool::{INSTANCE_COLUMNS, Spool, StoreError, Stored};
 
 /// A series that got instances after the cursor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,26 +174,12 @@ impl Spool {
         sop_instance_uid: &str,
     ) -> Result<Option<Stored>, StoreError> {
         let db = self.index();
-        let mut stmt = db.prepare_cached(
-            "SELECT sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax,
-                    calling_ae, received_at_ms, size, sha256, path
-             FROM instances
-             WHERE sop_instance_uid = ?3 AND study_uid = ?1 AND series_uid = ?2",
-        )?;
+        let mut stmt = db.prepare_cached(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances
+             WHERE sop_instance_uid = ?3 AND study_uid = ?1 AND series_uid = ?2"
+        ))?;
         let mut rows = stmt.query_map([study_uid, series_uid, sop_instance_uid], |r| {
-            Ok(Stored {
-                sop_instance_uid: r.get(0)?,
-                sop_class_uid: r.get(1)?,
-                study_uid: r.get(2)?,
-                series_uid: r.get(3)?,
-                transfer_syntax: r.get(4)?,
-                calling_ae: r.get(5)?,
-                received_at_ms: r.get(6)?,
-                size: r.get::<_, i64>(7)?.max(0) as u64,
-                sha256: r.get(8)?,
-                path: self.root().join(r.get::<_, String>(9)?),
-                duplicate: false,
-            })
+            self.stored_row(r)
         })?;
         Ok(rows.next().transpose()?)
     }
@@ -205,27 +191,11 @@ impl Spool {
         series_uid: &str,
     ) -> Result<Vec<Stored>, StoreError> {
         let db = self.index();
-        let mut stmt = db.prepare_cached(
-            "SELECT sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax,
-                    calling_ae, received_at_ms, size, sha256, path
-             FROM instances WHERE study_uid = ?1 AND series_uid = ?2
-             ORDER BY received_at_ms, rowid",
-        )?;
-        let rows = stmt.query_map([study_uid, series_uid], |r| {
-            Ok(Stored {
-                sop_instance_uid: r.get(0)?,
-                sop_class_uid: r.get(1)?,
-                study_uid: r.get(2)?,
-                series_uid: r.get(3)?,
-                transfer_syntax: r.get(4)?,
-                calling_ae: r.get(5)?,
-                received_at_ms: r.get(6)?,
-                size: r.get::<_, i64>(7)?.max(0) as u64,
-                sha256: r.get(8)?,
-                path: self.root().join(r.get::<_, String>(9)?),
-                duplicate: false,
-            })
-        })?;
+        let mut stmt = db.prepare_cached(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE study_uid = ?1 AND series_uid = ?2
+             ORDER BY received_at_ms, rowid"
+        ))?;
+        let rows = stmt.query_map([study_uid, series_uid], |r| self.stored_row(r))?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 }

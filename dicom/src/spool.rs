@@ -73,6 +73,10 @@ pub struct Incoming<'a> {
     pub expected_sop_instance: Option<&'a str>,
 }
 
+/// The index columns [`Spool::stored_row`] reads, in its order.
+pub(crate) const INSTANCE_COLUMNS: &str = "sop_instance_uid, sop_class_uid, study_uid, series_uid, \
+     transfer_syntax, calling_ae, received_at_ms, size, sha256, path";
+
 /// An instance in the spool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
@@ -590,27 +594,29 @@ impl Spool {
     /// Every indexed instance, ordered by study, series and instance UID.
     pub fn instances(&self) -> Result<Vec<Stored>, StoreError> {
         let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
-        let mut stmt = db.prepare(
-            "SELECT sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax,
-                    calling_ae, received_at_ms, size, sha256, path
-             FROM instances ORDER BY study_uid, series_uid, sop_instance_uid",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(Stored {
-                sop_instance_uid: r.get(0)?,
-                sop_class_uid: r.get(1)?,
-                study_uid: r.get(2)?,
-                series_uid: r.get(3)?,
-                transfer_syntax: r.get(4)?,
-                calling_ae: r.get(5)?,
-                received_at_ms: r.get(6)?,
-                size: r.get::<_, i64>(7)? as u64,
-                sha256: r.get(8)?,
-                path: self.root.join(r.get::<_, String>(9)?),
-                duplicate: false,
-            })
-        })?;
+        let mut stmt = db.prepare(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances
+             ORDER BY study_uid, series_uid, sop_instance_uid"
+        ))?;
+        let rows = stmt.query_map([], |r| self.stored_row(r))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// An index row selected with [`INSTANCE_COLUMNS`], as a [`Stored`].
+    pub(crate) fn stored_row(&self, r: &rusqlite::Row<'_>) -> rusqlite::Result<Stored> {
+        Ok(Stored {
+            sop_instance_uid: r.get(0)?,
+            sop_class_uid: r.get(1)?,
+            study_uid: r.get(2)?,
+            series_uid: r.get(3)?,
+            transfer_syntax: r.get(4)?,
+            calling_ae: r.get(5)?,
+            received_at_ms: r.get(6)?,
+            size: r.get::<_, i64>(7)?.max(0) as u64,
+            sha256: r.get(8)?,
+            path: self.root.join(r.get::<_, String>(9)?),
+            duplicate: false,
+        })
     }
 
     /// Free bytes on the spool's file system, for the caller's requirement check.
