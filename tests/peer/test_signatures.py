@@ -5,6 +5,8 @@ Nightingale, through `models check` and through a running server's repository in
 
 from __future__ import annotations
 
+import base64
+
 import os
 import shutil
 import subprocess
@@ -44,7 +46,10 @@ def _key_pair(minisign: str, folder: Path, name: str) -> tuple[Path, Path]:
 
 
 def _key_id(pub: Path) -> str:
-    return pub.read_text().splitlines()[0].rsplit(" ", 1)[1]
+    """The key id as 16 hex digits, from the key itself (bytes 2..10, little-endian): the
+    comment minisign writes drops leading zeros (`BFF2D8B0A72CA45` for 0BFF2D8B0A72CA45)."""
+    raw = base64.b64decode(pub.read_text().splitlines()[1].strip())
+    return f"{int.from_bytes(raw[2:10], 'little'):016X}"
 
 
 @pytest.mark.parametrize("bundle", sorted(p.name for p in BUNDLES.iterdir() if (p / "bundle.toml").is_file()))
