@@ -807,7 +807,7 @@ fn tripod_items(
     t.insert(
         "software".to_owned(),
         format!(
-            "Nightingale {} (`nightingale validate`)",
+            "Nightingale {} (nightingale validate)",
             env!("CARGO_PKG_VERSION")
         ),
     );
