@@ -65,6 +65,16 @@ if ! command -v Orthanc >/dev/null 2>&1 && [ ! -x /usr/sbin/Orthanc ]; then
   }
 fi
 
+# Chromium (Debian) renders the validation report headless in tests/peer/test_validation.py
+# (no console errors; a screenshot in target/test-artifacts/validation).
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-headless-shell >/dev/null 2>&1; then
+  echo "== installing chromium (Debian)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || {
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  }
+fi
+
 # PostgreSQL for the scale-out audit store's tests (required, not skipped): Debian's
 # postgresql, a cluster started with pg_ctlcluster, a role and a database for the tests.
 # Set NIGHTINGALE_TEST_POSTGRES_URL yourself to use another server.
@@ -121,10 +131,10 @@ NIGHTINGALE_BIN=target/debug/nightingale NIGHTINGALE_BACKEND=tract \
   "$VENV/bin/python" -m pytest -q tests/peer
 
 echo "== Rust tests with --features ort (ONNX Runtime from $ORT_DYLIB_PATH)"
-# nightingale-dicom and nightingale-decision-support have no engine in them: their tests ran
-# above and are not run twice.
+# nightingale-dicom, nightingale-decision-support and nightingale-validation have no engine in
+# them: their tests ran above and are not run twice.
 cargo test --workspace --locked --features ort --exclude nightingale-dicom \
-  --exclude nightingale-decision-support
+  --exclude nightingale-decision-support --exclude nightingale-validation
 
 echo "== Real peer: tritonclient against the server (ort)"
 # The DICOM ingest peers (test_dicom_*.py, test_dicomweb.py) do not touch an engine: run once.

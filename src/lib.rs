@@ -12,3 +12,4 @@ pub mod http;
 // ---- issue 9: the DICOM pipeline (series → models → results to PACS) ----
 pub mod pipeline;
 pub mod tls;
+pub mod validate;

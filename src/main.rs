@@ -48,6 +48,10 @@ enum Command {
         command: dicom_cli::SpoolCommand,
     },
     // ---- end DICOM ----
+    /// Validate a model on a labelled dataset: metrics with confidence intervals,
+    /// calibration, subgroups, decision curve; report.json + report.html in --out; exit 0
+    /// when the bundle's gate passes, 1 when a criterion fails, 2 on a usage or data error.
+    Validate(Box<nightingale::validate::ValidateArgs>),
     /// The DICOM pipeline's results: reprocess a study.
     Results {
         #[command(subcommand)]
@@ -242,6 +246,10 @@ fn main() -> anyhow::Result<()> {
             init_tracing(LogFormat::Text);
             dicom_cli::spool(command)
         } // ---- end DICOM ----
+        Command::Validate(args) => {
+            init_tracing(LogFormat::Text);
+            std::process::exit(nightingale::validate::run(&args))
+        }
         Command::Results { command } => {
             init_tracing(LogFormat::Text);
             results_cli::results(command)

@@ -47,6 +47,9 @@ pub struct Manifest {
     /// Tabular models: the reference point of attributions (see `docs/cds-hooks.md`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attribution: Option<Attribution>,
+    /// The floors `nightingale validate` holds a version to (see `docs/validation.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<ValidationSpec>,
     /// Version number (a positive integer, as the folder is named) → its entry.
     pub versions: BTreeMap<String, VersionEntry>,
 }
@@ -262,6 +265,167 @@ pub struct Attribution {
     pub reference: AttributionReference,
     /// The reference value of each feature of the (single) tabular input, in column order.
     pub means: Vec<f64>,
+}
+
+/// `[validation]`: the deployment gate. `nightingale validate` exits 1 when a criterion fails.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationSpec {
+    /// Every criterion must hold (`[[validation.gate]]`).
+    #[serde(default)]
+    pub gate: Vec<GateCriterion>,
+}
+
+/// One floor (or ceiling) on one metric of a validation report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateCriterion {
+    /// One of [`GATE_METRICS`].
+    pub metric: String,
+    /// For the metrics at an operating point ([`THRESHOLD_METRICS`]): the `[[thresholds]]`
+    /// entry's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<String>,
+    /// Which number of the metric is held to the bound: its value or a confidence limit.
+    #[serde(default)]
+    pub bound: GateBound,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// The versions the criterion holds for (empty: every version), e.g. for a threshold
+    /// that only one version uses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub versions: Vec<u64>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+}
+
+impl ValidationSpec {
+    /// The criteria that hold for `version` (`None`: a predictions file without a version:
+    /// every criterion).
+    pub fn gate_for(&self, version: Option<u64>) -> Vec<GateCriterion> {
+        self.gate
+            .iter()
+            .filter(|c| match version {
+                Some(v) => c.versions.is_empty() || c.versions.contains(&v),
+                None => true,
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+/// The number of a metric a gate criterion reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GateBound {
+    /// The point estimate.
+    #[default]
+    Value,
+    /// The lower limit of its confidence interval.
+    CiLower,
+    /// The upper limit of its confidence interval.
+    CiUpper,
+}
+
+impl GateBound {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GateBound::Value => "value",
+            GateBound::CiLower => "ci_lower",
+            GateBound::CiUpper => "ci_upper",
+        }
+    }
+}
+
+/// The metrics a gate criterion may name (the keys of `report.json`).
+pub const GATE_METRICS: &[&str] = &[
+    "auroc",
+    "auprc",
+    "brier",
+    "calibration_intercept",
+    "calibration_slope",
+    "ece",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "f1",
+    "accuracy",
+];
+
+/// The gate metrics measured at an operating point (they need `threshold`).
+pub const THRESHOLD_METRICS: &[&str] =
+    &["sensitivity", "specificity", "ppv", "npv", "f1", "accuracy"];
+
+/// The gate metrics reported without a confidence interval.
+pub const METRICS_WITHOUT_CI: &[&str] = &["ece", "f1"];
+
+impl GateCriterion {
+    /// A short name: `sensitivity@screening-v1.ci_lower`.
+    pub fn label(&self) -> String {
+        let mut s = self.metric.clone();
+        if let Some(t) = &self.threshold {
+            s.push('@');
+            s.push_str(t);
+        }
+        if self.bound != GateBound::Value {
+            s.push('.');
+            s.push_str(self.bound.as_str());
+        }
+        s
+    }
+
+    fn check(&self, thresholds: &[Threshold]) -> Result<(), String> {
+        let label = self.label();
+        if !GATE_METRICS.contains(&self.metric.as_str()) {
+            return Err(format!(
+                "gate metric {:?} is not one of {}",
+                self.metric,
+                GATE_METRICS.join(", ")
+            ));
+        }
+        let at_threshold = THRESHOLD_METRICS.contains(&self.metric.as_str());
+        match (&self.threshold, at_threshold) {
+            (None, true) => {
+                return Err(format!(
+                    "gate {label}: {} needs `threshold` (a [[thresholds]] name)",
+                    self.metric
+                ));
+            }
+            (Some(_), false) => {
+                return Err(format!(
+                    "gate {label}: {} is not measured at a threshold",
+                    self.metric
+                ));
+            }
+            (Some(t), true) if !thresholds.iter().any(|x| &x.name == t) => {
+                return Err(format!(
+                    "gate {label}: threshold {t:?} is not among [[thresholds]]"
+                ));
+            }
+            _ => {}
+        }
+        if self.bound != GateBound::Value && METRICS_WITHOUT_CI.contains(&self.metric.as_str()) {
+            return Err(format!(
+                "gate {label}: {} has no confidence interval",
+                self.metric
+            ));
+        }
+        if self.min.is_none() && self.max.is_none() {
+            return Err(format!("gate {label}: needs `min`, `max` or both"));
+        }
+        if self.min.is_some_and(|v| !v.is_finite()) || self.max.is_some_and(|v| !v.is_finite()) {
+            return Err(format!("gate {label}: bounds must be finite"));
+        }
+        if let (Some(lo), Some(hi)) = (self.min, self.max)
+            && lo > hi
+        {
+            return Err(format!("gate {label}: min {lo} is above max {hi}"));
+        }
+        Ok(())
+    }
 }
 
 /// The kinds of attribution reference.
@@ -602,6 +766,21 @@ impl Manifest {
                 return fail(format!("threshold {:?} is not a finite number", t.name));
             }
         }
+        if let Some(v) = &self.validation {
+            for c in &v.gate {
+                c.check(&self.thresholds).map_err(InvalidManifest)?;
+                if let Some(missing) = c
+                    .versions
+                    .iter()
+                    .find(|v| !self.versions.contains_key(&v.to_string()))
+                {
+                    return fail(format!(
+                        "gate {}: version {missing} is not among [versions]",
+                        c.label()
+                    ));
+                }
+            }
+        }
         if let Some(pre) = &self.preprocessing {
             let Some(input) = self.inputs.iter().find(|i| i.name == pre.input) else {
                 return fail(format!(
@@ -832,6 +1011,57 @@ labels = ["a", "b"]
 [versions.1.files]
 "model.onnx" = "0000000000000000000000000000000000000000000000000000000000000000"
 "#;
+
+    #[test]
+    fn validation_gates_are_checked() {
+        let with = |gate: &str| {
+            format!(
+                "{MINIMAL}\n[[thresholds]]\nname = \"t\"\noutput = \"y\"\nlabel = \"a\"\nvalue = 0.5\n{gate}"
+            )
+        };
+        let good = with(
+            "[[validation.gate]]\nmetric = \"auroc\"\nbound = \"ci_lower\"\nmin = 0.8\n\
+             [[validation.gate]]\nmetric = \"sensitivity\"\nthreshold = \"t\"\nmin = 0.9\nversions = [1]\n\
+             [[validation.gate]]\nmetric = \"calibration_slope\"\nmin = 0.5\nmax = 2.0\n",
+        );
+        let m = Manifest::parse(&good).unwrap();
+        let v = m.validation.as_ref().unwrap();
+        assert_eq!(v.gate.len(), 3);
+        assert_eq!(v.gate[0].bound, GateBound::CiLower);
+        assert_eq!(v.gate[1].label(), "sensitivity@t");
+        assert_eq!(v.gate[0].label(), "auroc.ci_lower");
+        assert_eq!(v.gate_for(Some(2)).len(), 2);
+        assert_eq!(v.gate_for(Some(1)).len(), 3);
+        for (gate, why) in [
+            ("metric = \"auc\"\nmin = 0.5", "is not one of"),
+            ("metric = \"sensitivity\"\nmin = 0.5", "needs `threshold`"),
+            (
+                "metric = \"sensitivity\"\nthreshold = \"nope\"\nmin = 0.5",
+                "not among [[thresholds]]",
+            ),
+            (
+                "metric = \"auroc\"\nthreshold = \"t\"\nmin = 0.5",
+                "not measured at a threshold",
+            ),
+            (
+                "metric = \"ece\"\nbound = \"ci_upper\"\nmax = 0.1",
+                "no confidence interval",
+            ),
+            ("metric = \"auroc\"", "needs `min`, `max` or both"),
+            ("metric = \"auroc\"\nmin = 0.9\nmax = 0.8", "above max"),
+            ("metric = \"auroc\"\nmin = nan", "finite"),
+            (
+                "metric = \"auroc\"\nmin = 0.5\nversions = [7]",
+                "version 7 is not among",
+            ),
+            ("metric = \"auroc\"\nmin = 0.5\nbogus = 1", "unknown field"),
+        ] {
+            let e = Manifest::parse(&with(&format!("[[validation.gate]]\n{gate}\n")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{gate}: {e}");
+        }
+    }
 
     #[test]
     fn minimal_manifest_parses_with_defaults() {

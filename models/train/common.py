@@ -460,6 +460,10 @@ class BundleSpec:
     # Other model recipes considered (name -> fit), compared with each version's recipe by
     # out-of-fold AUROC on training+validation (recorded in metrics.json and the card).
     compare_recipes: dict[str, Callable] = field(default_factory=dict)
+    # The deployment gate (`[[validation.gate]]`): floors `nightingale validate` holds each
+    # version to on its test split; keys metric, threshold, bound, min, max, versions,
+    # description (docs/validation.md).
+    gate: list[dict] = field(default_factory=list)
 
     @property
     def bundle_dir(self) -> Path:
@@ -847,6 +851,7 @@ def write_bundle_toml(spec: BundleSpec, ds: Dataset, results: list[dict]) -> Non
         w(f"[versions.{vs.version}.files]")
         for fname in ("model.onnx", "metrics.json", "selftest.json"):
             w(f'"{fname}" = "{r["files"][fname]}"')
+    out.extend(gate_toml(spec))
     text = "\n".join(out) + "\n"
 
     parsed = tomllib.loads(text)  # fail here rather than in the server
@@ -857,6 +862,27 @@ def write_bundle_toml(spec: BundleSpec, ds: Dataset, results: list[dict]) -> Non
         assert set(f) <= allowed_feature_keys, f
     (spec.bundle_dir / "bundle.toml").write_text(text, encoding="utf-8")
     sign_bundle(spec.bundle_dir)
+
+
+def gate_toml(spec: BundleSpec) -> list[str]:
+    """The `[[validation.gate]]` tables of bundle.toml (appended after the versions)."""
+    lines: list[str] = []
+    for i, g in enumerate(spec.gate):
+        lines.append("")
+        if i == 0:
+            lines.append("# `nightingale validate` exits 1 when a version misses one of these on a dataset")
+        lines.append("[[validation.gate]]")
+        for key in ("metric", "threshold", "bound", "min", "max", "versions", "description"):
+            if key not in g:
+                continue
+            v = g[key]
+            if isinstance(v, str):
+                lines.append(f"{key} = {toml_str(v)}")
+            elif isinstance(v, list):
+                lines.append(f"{key} = [" + ", ".join(str(int(x)) for x in v) + "]")
+            else:
+                lines.append(f"{key} = {float(v)!r}")
+    return lines
 
 
 # --- MODEL_CARD.md -----------------------------------------------------------------

@@ -155,6 +155,12 @@ SPEC = BundleSpec(
         "woman of Pima heritage, so sex and ethnicity cannot be assessed. Both banding variables are also",
         "model inputs (as continuous values).",
     ],
+    gate=[
+        {"metric": "auroc", "bound": "ci_lower", "min": 0.75, "description": "DeLong lower 95% limit; test split: 0.818"},
+        {"metric": "brier", "max": 0.2, "description": "test split: 0.134"},
+        {"metric": "calibration_slope", "min": 0.5, "max": 2.0, "description": "test split: 0.84"},
+        {"metric": "sensitivity", "threshold": "screening", "min": 0.85, "description": "test split: 35/36"},
+    ],
     versions=[
         VersionSpec(
             version=1,

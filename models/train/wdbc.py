@@ -140,6 +140,15 @@ SPEC = BundleSpec(
         "breaking the target, and gave 83.3% (35/42) sensitivity on the test split; it was replaced by the",
         "rule above. The model file did not change.",
     ],
+    gate=[
+        {"metric": "auroc", "bound": "ci_lower", "min": 0.9,
+         "description": "DeLong lower 95% limit; test split: v1 0.982, v2 0.943"},
+        {"metric": "brier", "max": 0.1, "description": "test split: v1 0.034, v2 0.056"},
+        {"metric": "sensitivity", "threshold": "screening-v1", "min": 0.85, "versions": [1],
+         "description": "test split: 37/42"},
+        {"metric": "sensitivity", "threshold": "screening-v2", "min": 0.85, "versions": [2],
+         "description": "test split: 38/42"},
+    ],
     versions=[
         VersionSpec(
             version=1,

@@ -1,0 +1,875 @@
+//! `nightingale validate` (issue 11): a bundle over a labelled dataset through the same
+//! repository, workers, engine and audit trail as serving, then the report and the gate.
+//!
+//! Exit codes: 0 every gate criterion passes (or the bundle declares none), 1 a criterion
+//! fails (each is named), 2 a usage or data error.
+
+use std::collections::VecDeque;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, anyhow, bail};
+use nightingale_inference::{BackendKind, NamedTensor, Tensor};
+use nightingale_models::{
+    LoadTarget, LoadedModel, Manifest, Repository, RepositoryOptions, SignaturePolicy,
+};
+use nightingale_validation::dataset::{Columns, CsvDataset, LabelSpec};
+use nightingale_validation::report::{
+    self, DatasetSection, ModelIdentity, NamedThreshold, Report, Scored, Settings,
+};
+use nightingale_validation::{Unusable, check_gate, html};
+
+use crate::audit::{AuditEvent, AuditLog, EventKind, Outcome, tensors_sha256};
+use crate::config::BackendArg;
+
+/// Unusable rows listed in the report (all are counted).
+const LISTED_UNUSABLE: usize = 1000;
+
+/// `nightingale validate`.
+#[derive(clap::Args, Debug)]
+pub struct ValidateArgs {
+    /// Model repository folder.
+    #[arg(long, env = "NIGHTINGALE_REPOSITORY", default_value = "models/bundles")]
+    pub repository: PathBuf,
+    /// The bundle, as NAME or NAME@VERSION (default: its highest version the policy serves).
+    /// With --predictions it supplies the labels, thresholds and gate.
+    #[arg(long, required_unless_present_any = ["predictions", "compare"])]
+    pub model: Option<String>,
+    /// Two versions on the same rows, NAME@V1,NAME@V2: the report is V2's, with DeLong's test
+    /// of the AUROC difference (V2 − V1) and V2's gate.
+    #[arg(long, conflicts_with_all = ["model", "predictions"])]
+    pub compare: Option<String>,
+    /// Labelled dataset: a CSV with the bundle's feature names as columns and a label column.
+    #[arg(long, required_unless_present = "predictions")]
+    pub dataset: Option<PathBuf>,
+    /// Evaluate predictions made elsewhere: a CSV with a label column and a score column.
+    #[arg(long, conflicts_with = "dataset")]
+    pub predictions: Option<PathBuf>,
+    /// Where report.json and report.html are written (created).
+    #[arg(long, default_value = "validation-report")]
+    pub out: PathBuf,
+    /// The label column: 0/1 (1 = the bundle's positive label) or class names.
+    #[arg(long, default_value = "label")]
+    pub label_column: String,
+    /// The score column of a --predictions file (the positive class's probability).
+    #[arg(long, default_value = "score")]
+    pub score_column: String,
+    /// A column whose values define subgroups (repeatable, or comma-separated).
+    #[arg(long = "subgroup", value_delimiter = ',')]
+    pub subgroups: Vec<String>,
+    /// Patient (cluster) id column: bootstrap resamples patients, not rows.
+    #[arg(long)]
+    pub patient_id_column: Option<String>,
+    /// Bootstrap replicates (0: none).
+    #[arg(long, default_value_t = 2000)]
+    pub bootstrap: usize,
+    #[arg(long, default_value_t = 20_261_202)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 0.95)]
+    pub confidence: f64,
+    /// Subgroups with fewer rows are reported as insufficient.
+    #[arg(long, default_value_t = 30)]
+    pub min_subgroup_n: usize,
+    #[arg(long, default_value_t = 10)]
+    pub calibration_bins: usize,
+    /// Operating points chosen on the dataset for these sensitivities.
+    #[arg(long, value_delimiter = ',', default_value = "0.9,0.95")]
+    pub target_sensitivity: Vec<f64>,
+    /// Operating points chosen on the dataset for these specificities.
+    #[arg(long, value_delimiter = ',', default_value = "0.9,0.95")]
+    pub target_specificity: Vec<f64>,
+    /// The engine for bundles whose backend is `any`.
+    #[arg(long, value_enum, default_value = "tract")]
+    pub backend: BackendArg,
+    /// ONNX Runtime shared library (ort backend).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_library: Option<PathBuf>,
+    /// A minisign public key trusted to sign bundles (repeatable).
+    #[arg(long = "trusted-key", value_delimiter = ',')]
+    pub trusted_keys: Vec<PathBuf>,
+    /// Refuse bundles that are unsigned or signed by an untrusted key.
+    #[arg(long)]
+    pub require_signatures: bool,
+    /// The JSON-lines audit trail of this run's predictions [default: <out>/audit.jsonl]. Its
+    /// own hash chain: never a file a running server appends to.
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// A usage or data error (exit 2), as opposed to a failed gate (exit 1).
+#[derive(Debug)]
+pub struct UsageError(pub anyhow::Error);
+
+/// Runs `validate`; returns the process exit code.
+pub fn run(args: &ValidateArgs) -> i32 {
+    match execute(args) {
+        Ok(passed) => {
+            if passed {
+                0
+            } else {
+                1
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            2
+        }
+    }
+}
+
+fn settings(args: &ValidateArgs) -> anyhow::Result<Settings> {
+    if !(args.confidence > 0.5 && args.confidence < 1.0) {
+        bail!("--confidence must be in (0.5, 1)");
+    }
+    for t in args
+        .target_sensitivity
+        .iter()
+        .chain(&args.target_specificity)
+    {
+        if !(*t > 0.0 && *t <= 1.0) {
+            bail!("target sensitivities and specificities must be in (0, 1]");
+        }
+    }
+    if args.calibration_bins == 0 || args.calibration_bins > 1000 {
+        bail!("--calibration-bins must be 1 to 1000");
+    }
+    if args.bootstrap > 1_000_000 {
+        bail!("--bootstrap must be at most 1,000,000");
+    }
+    Ok(Settings {
+        confidence: args.confidence,
+        bootstrap_replicates: args.bootstrap,
+        seed: args.seed,
+        min_subgroup_n: args.min_subgroup_n,
+        calibration_bins: args.calibration_bins,
+        target_sensitivities: args.target_sensitivity.clone(),
+        target_specificities: args.target_specificity.clone(),
+        ..Settings::default()
+    })
+}
+
+/// NAME or NAME@VERSION.
+fn parse_model(s: &str) -> anyhow::Result<(String, Option<u64>)> {
+    match s.split_once('@') {
+        None => Ok((s.to_owned(), None)),
+        Some((name, v)) => {
+            let v: u64 =
+                v.parse().ok().filter(|v| *v > 0).ok_or_else(|| {
+                    anyhow!("{s:?}: the version after @ must be a positive integer")
+                })?;
+            Ok((name.to_owned(), Some(v)))
+        }
+    }
+}
+
+/// What is scored: the output with a positive label, that label's column, the thresholds on
+/// it.
+struct Target {
+    output: String,
+    column: usize,
+    labels: LabelSpec,
+    thresholds: Vec<NamedThreshold>,
+}
+
+fn target(m: &Manifest) -> anyhow::Result<Target> {
+    let Some(output) = m.outputs.iter().find(|o| o.positive_label.is_some()) else {
+        bail!(
+            "bundle {:?} declares no output with a positive_label: this version of `validate` \
+             evaluates binary classifiers only (multi-class is not yet supported)",
+            m.name
+        );
+    };
+    let positive = output.positive_label.clone().unwrap_or_default();
+    let column = output
+        .labels
+        .iter()
+        .position(|l| *l == positive)
+        .ok_or_else(|| anyhow!("positive_label {positive:?} is not among the labels"))?;
+    let thresholds = m
+        .thresholds
+        .iter()
+        .filter(|t| t.output == output.name && t.label.as_ref().is_none_or(|l| *l == positive))
+        .map(|t| NamedThreshold {
+            name: t.name.clone(),
+            value: t.value,
+            description: t.description.clone(),
+        })
+        .collect();
+    Ok(Target {
+        output: output.name.clone(),
+        column,
+        labels: LabelSpec {
+            positive,
+            classes: output.labels.clone(),
+        },
+        thresholds,
+    })
+}
+
+struct Loaded {
+    model: Arc<LoadedModel>,
+    identity: ModelIdentity,
+}
+
+fn load(
+    repository: &Repository,
+    args: &ValidateArgs,
+    name: &str,
+    version: Option<u64>,
+) -> anyhow::Result<Loaded> {
+    let manifest_path = args.repository.join(name).join("bundle.toml");
+    let manifest_sha256 = nightingale_models::sha256_file(&manifest_path)
+        .with_context(|| format!("cannot read {}", manifest_path.display()))?;
+    let target = match version {
+        Some(v) => LoadTarget::Version(v),
+        None => LoadTarget::Policy,
+    };
+    repository
+        .load_target(name, target)
+        .with_context(|| format!("cannot load {name}"))?;
+    let model = repository
+        .get(name, version.map(|v| v.to_string()).as_deref())
+        .with_context(|| format!("{name} is not serving"))?;
+    let t = target_of(&model)?;
+    let identity = ModelIdentity {
+        name: model.name.clone(),
+        version: model.version,
+        manifest_sha256,
+        model_sha256: model.model_sha256.clone(),
+        signature_key_id: match &model.signature {
+            nightingale_models::SignatureStatus::Unsigned => None,
+            nightingale_models::SignatureStatus::Verified { key_id, .. }
+            | nightingale_models::SignatureStatus::UntrustedKey { key_id } => Some(key_id.clone()),
+        },
+        backend: Some(model.worker.backend().to_owned()),
+        output: t.output,
+        positive_label: t.labels.positive,
+    };
+    Ok(Loaded { model, identity })
+}
+
+fn target_of(model: &LoadedModel) -> anyhow::Result<Target> {
+    target(&model.manifest)
+}
+
+/// The single tabular input: its name and feature names.
+fn tabular_input(m: &Manifest) -> anyhow::Result<(String, Vec<String>)> {
+    if m.preprocessing.is_some() {
+        bail!(
+            "bundle {:?} takes images: imaging datasets (DICOM folders, .npy) are not yet \
+             supported by `validate`; evaluate its predictions with --predictions",
+            m.name
+        );
+    }
+    let [input] = m.inputs.as_slice() else {
+        bail!(
+            "bundle {:?} has {} inputs; `validate` runs tabular bundles with one",
+            m.name,
+            m.inputs.len()
+        );
+    };
+    if input.features.is_empty() {
+        bail!(
+            "input {:?} of {:?} names no [[inputs.features]]: the dataset's columns cannot be \
+             matched to it",
+            input.name,
+            m.name
+        );
+    }
+    if input.datatype != nightingale_inference::DataType::Fp32 {
+        bail!(
+            "input {:?} is {}, not FP32",
+            input.name,
+            input.datatype.as_str()
+        );
+    }
+    Ok((
+        input.name.clone(),
+        input.features.iter().map(|f| f.name.clone()).collect(),
+    ))
+}
+
+/// Progress on a terminal (a bar) or in a log (a line every 10 %).
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: u64,
+    next_line: u64,
+    quiet: bool,
+    started: Instant,
+}
+
+impl Progress {
+    fn new(total_bytes: u64, quiet: bool) -> Progress {
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(total_bytes);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg} (ETA {eta})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        Progress {
+            bar,
+            total: total_bytes.max(1),
+            next_line: 10,
+            quiet,
+            started: Instant::now(),
+        }
+    }
+
+    fn update(&mut self, bytes: u64, rows: usize) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(bytes);
+            bar.set_message(format!("{rows} rows"));
+        } else if !self.quiet {
+            let pct = bytes.saturating_mul(100) / self.total;
+            if pct >= self.next_line {
+                let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+                eprintln!(
+                    "validate: {pct}% of the dataset, {rows} rows, {:.0} rows/s",
+                    rows as f64 / secs
+                );
+                self.next_line = (pct / 10 + 1) * 10;
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// The scored rows of one run.
+#[derive(Default)]
+struct Collected {
+    y: Vec<bool>,
+    /// One score vector per model (two with --compare).
+    p: Vec<Vec<f64>>,
+    subgroups: Vec<Vec<String>>,
+    clusters: Vec<String>,
+    unusable: Vec<Unusable>,
+    unusable_count: usize,
+}
+
+/// A batch in flight: its rows' scores, per model.
+type InFlight = tokio::task::JoinHandle<anyhow::Result<Vec<Vec<f64>>>>;
+
+async fn score_batch(
+    models: Vec<Arc<LoadedModel>>,
+    audit: AuditLog,
+    input: String,
+    rows: Vec<Vec<f32>>,
+    request_id: String,
+) -> anyhow::Result<Vec<Vec<f64>>> {
+    let width = rows.first().map_or(0, Vec::len);
+    let n = rows.len();
+    let data: Vec<f32> = rows.into_iter().flatten().collect();
+    let mut out = Vec::with_capacity(models.len());
+    for model in models {
+        let t = target_of(&model)?;
+        let tensor = Tensor::from_vec(vec![n, width], data.clone())?;
+        let inputs = vec![NamedTensor::new(input.clone(), tensor)];
+        let mut event = AuditEvent {
+            kind: EventKind::Inference,
+            request_id: request_id.clone(),
+            model: model.name.clone(),
+            version: model.version.to_string(),
+            model_sha256: model.model_sha256.clone(),
+            input_sha256: Some(tensors_sha256(&inputs)),
+            output_sha256: None,
+            rows: Some(n),
+            status: 500,
+            outcome: Outcome::Failed,
+            actor: Some("validate".to_owned()),
+            detail: Some("validation run".to_owned()),
+        };
+        let outputs = model.worker.infer(inputs).await;
+        if let Ok(o) = &outputs {
+            event.output_sha256 = Some(tensors_sha256(o));
+            event.status = 200;
+            event.outcome = Outcome::Ok;
+        }
+        // No prediction is used without its audit record.
+        audit
+            .record(event)
+            .await
+            .context("the audit trail cannot be written")?;
+        let outputs = outputs.with_context(|| format!("inference on {} failed", model.name))?;
+        let view = outputs
+            .iter()
+            .find(|o| o.name == t.output)
+            .and_then(|o| o.tensor.view::<f32>())
+            .ok_or_else(|| anyhow!("{} returned no FP32 output {:?}", model.name, t.output))?;
+        let cols = view.shape().last().copied().unwrap_or(0);
+        let flat: Vec<f32> = view.iter().copied().collect();
+        let mut scores = Vec::with_capacity(n);
+        for r in 0..n {
+            match flat.get(r * cols + t.column) {
+                Some(p) if p.is_finite() => scores.push(f64::from(*p)),
+                _ => bail!(
+                    "{} returned a non-finite score for a row of batch {request_id}",
+                    model.name
+                ),
+            }
+        }
+        out.push(scores);
+    }
+    Ok(out)
+}
+
+fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
+    let settings = settings(args)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let policy = SignaturePolicy::load(&args.trusted_keys, args.require_signatures)?;
+    let repository = Repository::new(
+        args.repository.clone(),
+        RepositoryOptions {
+            backend: match args.backend {
+                BackendArg::Tract => BackendKind::Tract,
+                BackendArg::Ort => BackendKind::Ort,
+            },
+            ort_library: args.ort_library.clone(),
+            signatures: policy,
+            ..RepositoryOptions::default()
+        },
+    );
+    // Which models: one, two (compare) or none (predictions without --model).
+    let names: Vec<(String, Option<u64>)> = match (&args.compare, &args.model) {
+        (Some(c), _) => {
+            let parts: Vec<&str> = c.split(',').map(str::trim).collect();
+            let [a, b] = parts.as_slice() else {
+                bail!("--compare takes NAME@V1,NAME@V2");
+            };
+            let (a, b) = (parse_model(a)?, parse_model(b)?);
+            if a.1.is_none() || b.1.is_none() {
+                bail!("--compare needs both versions: NAME@V1,NAME@V2");
+            }
+            vec![a, b]
+        }
+        (None, Some(m)) => vec![parse_model(m)?],
+        (None, None) => Vec::new(),
+    };
+    let mut loaded = Vec::new();
+    for (name, version) in &names {
+        loaded.push(load(&repository, args, name, *version)?);
+    }
+    // The report's model is the last one (V2 when comparing).
+    let main = loaded.last();
+    let target = match main {
+        Some(l) => Some(target_of(&l.model)?),
+        None => None,
+    };
+    let labels = target.as_ref().map_or_else(
+        || LabelSpec {
+            positive: "1".to_owned(),
+            classes: vec!["0".to_owned(), "1".to_owned()],
+        },
+        |t| t.labels.clone(),
+    );
+    let predictions = args.predictions.is_some();
+    let (path, input) = match (&args.predictions, &args.dataset) {
+        (Some(p), _) => (p.clone(), None),
+        (None, Some(d)) => {
+            let l = main.ok_or_else(|| anyhow!("--dataset needs --model or --compare"))?;
+            (d.clone(), Some(tabular_input(&l.model.manifest)?))
+        }
+        (None, None) => bail!("give --dataset or --predictions"),
+    };
+    if let Some(a) = loaded.first()
+        && let Some(b) = loaded.get(1)
+        && tabular_input(&a.model.manifest)?.1 != tabular_input(&b.model.manifest)?.1
+    {
+        bail!("the two versions take different features: they cannot be compared on one dataset");
+    }
+    let columns = Columns {
+        features: input.as_ref().map(|i| i.1.clone()).unwrap_or_default(),
+        label: args.label_column.clone(),
+        score: predictions.then(|| args.score_column.clone()),
+        subgroups: args.subgroups.clone(),
+        cluster: args.patient_id_column.clone(),
+    };
+    let mut dataset = CsvDataset::open(&path, &columns, labels.clone())?;
+    let total_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let audit_path = args
+        .audit_log
+        .clone()
+        .unwrap_or_else(|| args.out.join("audit.jsonl"));
+    let run_id = uuid::Uuid::new_v4().to_string();
+
+    let mut collected = Collected::default();
+    let mut progress = Progress::new(total_bytes, args.quiet);
+    let started = Instant::now();
+    let mut usable = 0usize;
+    if predictions {
+        let mut scores = Vec::new();
+        while let Some(row) = dataset.next_row()? {
+            match row {
+                Ok(r) => {
+                    collected.y.push(r.label);
+                    scores.push(r.score.unwrap_or(f64::NAN));
+                    collected.subgroups.push(r.subgroups);
+                    if let Some(c) = r.cluster {
+                        collected.clusters.push(c);
+                    }
+                    usable += 1;
+                }
+                Err(u) => push_unusable(&mut collected, u),
+            }
+            progress.update(dataset.bytes_read(), usable);
+        }
+        collected.p.push(scores);
+    } else {
+        let (input_name, _) = input.clone().unwrap_or_default();
+        let models: Vec<Arc<LoadedModel>> = loaded.iter().map(|l| l.model.clone()).collect();
+        let batch_size = models
+            .iter()
+            .map(|m| m.manifest.batching.max_batch_size)
+            .min()
+            .unwrap_or(1)
+            .clamp(1, 1024);
+        let audit = AuditLog::open(&audit_path, false)
+            .with_context(|| format!("cannot open the audit trail {}", audit_path.display()))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        collected.p = vec![Vec::new(); models.len()];
+        runtime.block_on(async {
+            let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+            let mut batch: Vec<Vec<f32>> = Vec::with_capacity(batch_size);
+            let mut batches = 0usize;
+            let drain = |collected: &mut Collected, scores: Vec<Vec<f64>>| {
+                for (k, s) in scores.into_iter().enumerate() {
+                    collected.p[k].extend(s);
+                }
+            };
+            loop {
+                let row = dataset.next_row()?;
+                let end = row.is_none();
+                match row {
+                    Some(Ok(r)) => {
+                        collected.y.push(r.label);
+                        collected.subgroups.push(r.subgroups);
+                        if let Some(c) = r.cluster {
+                            collected.clusters.push(c);
+                        }
+                        batch.push(r.features);
+                        usable += 1;
+                    }
+                    Some(Err(u)) => push_unusable(&mut collected, u),
+                    None => {}
+                }
+                if batch.len() == batch_size || (end && !batch.is_empty()) {
+                    batches += 1;
+                    in_flight.push_back(tokio::spawn(score_batch(
+                        models.clone(),
+                        audit.clone(),
+                        input_name.clone(),
+                        std::mem::replace(&mut batch, Vec::with_capacity(batch_size)),
+                        format!("validate-{run_id}-{batches}"),
+                    )));
+                    // a few batches in flight keep the worker's batcher busy; order is kept
+                    while in_flight.len() > 4 {
+                        let done = in_flight.pop_front().expect("non-empty");
+                        drain(&mut collected, done.await??);
+                    }
+                    progress.update(dataset.bytes_read(), usable);
+                }
+                if end {
+                    break;
+                }
+            }
+            while let Some(done) = in_flight.pop_front() {
+                drain(&mut collected, done.await??);
+            }
+            anyhow::Ok(())
+        })?;
+    }
+    progress.finish();
+    let infer_secs = started.elapsed().as_secs_f64();
+    let summary = dataset.finish()?;
+    if collected.y.is_empty() {
+        bail!(
+            "{}: no usable rows ({} read, {} unusable{})",
+            path.display(),
+            summary.rows_read,
+            collected.unusable_count,
+            collected
+                .unusable
+                .first()
+                .map(|u| format!("; row {}: {}", u.row, u.reason))
+                .unwrap_or_default()
+        );
+    }
+
+    let subgroup_columns: Vec<(String, Vec<String>)> = args
+        .subgroups
+        .iter()
+        .enumerate()
+        .map(|(k, c)| {
+            (
+                c.clone(),
+                collected.subgroups.iter().map(|v| v[k].clone()).collect(),
+            )
+        })
+        .collect();
+    let p = collected.p.last().cloned().unwrap_or_default();
+    let scored = Scored {
+        y: &collected.y,
+        p: &p,
+        subgroups: &subgroup_columns,
+        clusters: args
+            .patient_id_column
+            .is_some()
+            .then_some(collected.clusters.as_slice()),
+    };
+    let thresholds = target
+        .as_ref()
+        .map(|t| t.thresholds.clone())
+        .unwrap_or_default();
+    let (metrics, curves, subgroups, clusters) = report::evaluate(&scored, &thresholds, &settings);
+    let comparison = match (loaded.first(), loaded.get(1)) {
+        (Some(a), Some(b)) => Some(report::compare(
+            &collected.y,
+            &collected.p[0],
+            &collected.p[1],
+            (
+                format!("{}@{}", a.identity.name, a.identity.version),
+                format!("{}@{}", b.identity.name, b.identity.version),
+            ),
+            settings.confidence,
+        )),
+        _ => None,
+    };
+    let gate = main.and_then(|l| {
+        let spec = l.model.manifest.validation.as_ref()?;
+        let version = Some(l.model.version);
+        (!spec.gate_for(version).is_empty()).then(|| check_gate(spec, version, &metrics))
+    });
+    let mut identity = main.map(|l| l.identity.clone());
+    if predictions && let Some(i) = identity.as_mut() {
+        i.backend = None;
+    }
+    let tripod = tripod_items(
+        &identity,
+        &summary,
+        &metrics,
+        &collected,
+        &settings,
+        &args.subgroups,
+    );
+    let report = Report {
+        schema: report::SCHEMA,
+        created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        nightingale_version: env!("CARGO_PKG_VERSION").to_owned(),
+        source: if predictions {
+            "predictions"
+        } else {
+            "inference"
+        },
+        model: identity,
+        dataset: DatasetSection {
+            summary,
+            kind: if predictions {
+                "predictions-csv"
+            } else {
+                "tabular-csv"
+            },
+            label_column: args.label_column.clone(),
+            score_column: predictions.then(|| args.score_column.clone()),
+            subgroup_columns: args.subgroups.clone(),
+            cluster_column: args.patient_id_column.clone(),
+            clusters,
+            rows_used: collected.y.len(),
+            rows_unusable: collected.unusable_count,
+            unusable: collected.unusable,
+            unusable_truncated: collected.unusable_count > LISTED_UNUSABLE,
+        },
+        settings,
+        metrics,
+        curves,
+        subgroups,
+        comparison,
+        gate,
+        tripod_ai: tripod,
+    };
+    write_report(&args.out, &report)?;
+    if !args.quiet {
+        print_summary(&report, &args.out, infer_secs, predictions);
+    }
+    Ok(report.gate.as_ref().is_none_or(|g| g.passed))
+}
+
+fn push_unusable(c: &mut Collected, u: Unusable) {
+    c.unusable_count += 1;
+    if c.unusable.len() < LISTED_UNUSABLE {
+        c.unusable.push(u);
+    }
+}
+
+fn write_report(out: &Path, report: &Report) -> anyhow::Result<()> {
+    let json = serde_json::to_vec_pretty(report)?;
+    write_atomic(&out.join("report.json"), &json)?;
+    write_atomic(&out.join("report.html"), html::render(report).as_bytes())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn tripod_items(
+    model: &Option<ModelIdentity>,
+    data: &nightingale_validation::DatasetSummary,
+    m: &report::Metrics,
+    c: &Collected,
+    s: &Settings,
+    subgroups: &[String],
+) -> std::collections::BTreeMap<String, String> {
+    let mut t = std::collections::BTreeMap::new();
+    t.insert(
+        "data source".to_owned(),
+        format!(
+            "{} (SHA-256 {}, {} bytes)",
+            data.path, data.sha256, data.bytes
+        ),
+    );
+    t.insert(
+        "participants and outcome events".to_owned(),
+        format!(
+            "{} rows used of {} read; {} with the outcome ({:.1} %)",
+            m.n,
+            data.rows_read,
+            m.positives,
+            100.0 * m.positives as f64 / m.n.max(1) as f64
+        ),
+    );
+    t.insert(
+        "missing data".to_owned(),
+        format!(
+            "complete-case: {} rows with a missing or non-numeric feature, or a label outside \
+             the model's classes, were excluded and are listed by row number; nothing was imputed",
+            c.unusable_count
+        ),
+    );
+    if let Some(i) = model {
+        t.insert(
+            "model".to_owned(),
+            format!(
+                "{} version {} (model SHA-256 {}, manifest SHA-256 {}, signature {}), run by {}",
+                i.name,
+                i.version,
+                i.model_sha256,
+                i.manifest_sha256,
+                i.signature_key_id.as_deref().unwrap_or("none"),
+                i.backend
+                    .as_deref()
+                    .unwrap_or("another system (predictions file)")
+            ),
+        );
+    }
+    t.insert(
+        "performance measures".to_owned(),
+        format!(
+            "discrimination: AUROC with DeLong {ci} CI and a {b}-replicate percentile bootstrap \
+             (seed {seed}), average precision; calibration: intercept and slope (logistic \
+             recalibration, Wald CIs), Brier score, expected calibration error over {bins} \
+             equal-width bins; classification at the declared thresholds with Wilson CIs; \
+             clinical utility: net benefit (decision curve)",
+            ci = format_args!("{:.0} %", s.confidence * 100.0),
+            b = s.bootstrap_replicates,
+            seed = s.seed,
+            bins = s.calibration_bins
+        ),
+    );
+    if !subgroups.is_empty() {
+        t.insert(
+            "fairness (subgroups)".to_owned(),
+            format!(
+                "metrics per value of {}; subgroups under {} rows or without both classes are \
+                 reported as insufficient",
+                subgroups.join(", "),
+                s.min_subgroup_n
+            ),
+        );
+    }
+    t.insert(
+        "software".to_owned(),
+        format!(
+            "Nightingale {} (nightingale validate)",
+            env!("CARGO_PKG_VERSION")
+        ),
+    );
+    t
+}
+
+fn print_summary(r: &Report, out: &Path, secs: f64, predictions: bool) {
+    let m = &r.metrics;
+    let ci = |x: &report::Metric| match (x.value, x.ci_lower, x.ci_upper) {
+        (Some(v), Some(l), Some(u)) => format!("{v:.4} ({l:.4}-{u:.4})"),
+        (Some(v), _, _) => format!("{v:.4}"),
+        _ => "not defined".to_owned(),
+    };
+    if let Some(i) = &r.model {
+        println!(
+            "model     {}@{} ({}), manifest sha256 {}",
+            i.name,
+            i.version,
+            i.backend.as_deref().unwrap_or("predictions file"),
+            i.manifest_sha256
+        );
+    }
+    println!(
+        "dataset   {} rows used, {} unusable, {} positives{}",
+        m.n,
+        r.dataset.rows_unusable,
+        m.positives,
+        if predictions {
+            String::new()
+        } else {
+            format!(", {:.0} rows/s", m.n as f64 / secs.max(1e-9))
+        }
+    );
+    println!("auroc     {}", ci(&m.auroc));
+    println!("auprc     {}", ci(&m.auprc));
+    println!("brier     {}", ci(&m.brier));
+    println!("cal slope {}", ci(&m.calibration_slope));
+    for op in m.operating_points.iter().filter(|o| o.source == "bundle") {
+        println!(
+            "@{}  sensitivity {}  specificity {}",
+            op.name,
+            ci(&op.sensitivity),
+            ci(&op.specificity)
+        );
+    }
+    if let Some(c) = &r.comparison
+        && let Some(d) = &c.auroc_difference
+    {
+        println!(
+            "compare   {} - {}: AUROC difference {:+.4} (p = {:.4}, DeLong)",
+            c.b, c.a, d.difference, d.p_value
+        );
+    }
+    if let Some(g) = &r.gate {
+        for c in &g.criteria {
+            println!(
+                "gate      {} {}: {}",
+                if c.passed { "PASS" } else { "FAIL" },
+                c.criterion,
+                c.reason.as_deref().unwrap_or("ok")
+            );
+        }
+    }
+    println!("report    {}", out.join("report.html").display());
+}

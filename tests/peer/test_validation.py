@@ -1,0 +1,491 @@
+"""`nightingale validate` (issue 11) against scikit-learn, statsmodels and onnxruntime.
+
+* Exact definitions: onnxruntime scores each shipped tabular bundle's test split (rebuilt
+  from its PyPI package where the data are GPL and not committed, as test_bundles.py does);
+  the scores go to `validate --predictions` (so both sides see the same numbers) and every
+  metric in report.json is compared with scikit-learn / statsmodels, or with an independent
+  implementation here (DeLong by its O(m·n) structural components, net benefit from its
+  definition), to 1e-9 (1e-6 for the iterative logistic fits).
+* The served path: `validate --dataset` runs the same split through the bundle on the
+  engine under test (NIGHTINGALE_BACKEND); its AUROC equals scikit-learn's on onnxruntime's
+  scores within 1e-4, every prediction is in the run's audit trail, and the hash chain
+  verifies.
+* Edge cases, hostile files (NaN / inf / out-of-range predictions refused with the row
+  number, unusable rows listed), reproducible bootstrap, the gate's exit codes (a
+  deliberately worse version in a test repository fails it; the shipped versions pass),
+  and the HTML report rendered by headless Chromium (no console errors; a screenshot in
+  target/test-artifacts/validation).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from sklearn import metrics as skm
+from sklearn.calibration import calibration_curve
+import statsmodels.api as sm
+from statsmodels.stats.proportion import proportion_confint
+from scipy.stats import norm
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLES = REPO / "models" / "bundles"
+BIN = Path(os.environ.get("NIGHTINGALE_BIN", REPO / "target" / "debug" / "nightingale"))
+if not BIN.is_absolute():
+    BIN = REPO / BIN
+BACKEND = os.environ.get("NIGHTINGALE_BACKEND", "tract")
+ARTIFACTS = REPO / "target" / "test-artifacts" / "validation"
+EXACT = 1e-9
+FIT = 1e-6
+RUN_TIMEOUT_S = 300
+CLIP = 1e-12
+
+
+def _manifest(name: str) -> dict:
+    return tomllib.loads((BUNDLES / name / "bundle.toml").read_text(encoding="utf-8"))
+
+
+def _tabular() -> list[tuple[str, int]]:
+    out = []
+    for p in sorted(BUNDLES.glob("*/bundle.toml")):
+        m = tomllib.loads(p.read_text(encoding="utf-8"))
+        if m["task"] == "tabular-risk":
+            out += [(m["name"], int(v)) for v in sorted(m["versions"], key=int)]
+    return out
+
+
+class Split:
+    """A bundle's test split: features, 0/1 labels, subgroup columns."""
+
+    def __init__(self, name: str, path: Path):
+        m = _manifest(name)
+        self.name = name
+        self.path = path
+        self.features = [f["name"] for f in m["inputs"][0]["features"]]
+        out = next(o for o in m["outputs"] if o.get("positive_label"))
+        self.positive = out["labels"].index(out["positive_label"])
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            self.header = reader.fieldnames
+            rows = list(reader)
+        self.x = np.array([[float(r[c]) for c in self.features] for r in rows], dtype=np.float32)
+        self.y = np.array([int(r["label"]) for r in rows], dtype=np.int64)
+        after = self.header[self.header.index("label") + 1:]
+        self.subgroups = [c for c in after if not c.startswith("expected_p_")]
+        self.columns = {c: [r[c] for r in rows] for c in self.header}
+
+
+@pytest.fixture(scope="session")
+def splits(tmp_path_factory):
+    cache: dict[str, Split] = {}
+
+    def get(name: str) -> Split:
+        if name not in cache:
+            path = BUNDLES / name / "testdata" / "test.csv"
+            if not path.exists():
+                script = _manifest(name)["provenance"]["training_script"]
+                path = tmp_path_factory.mktemp(f"split-{name}") / "test.csv"
+                proc = subprocess.run(
+                    [sys.executable, str(REPO / script), "--testdata-only", "--out", str(path)],
+                    cwd=REPO, capture_output=True, text=True, timeout=300,
+                )
+                assert proc.returncode == 0, proc.stdout + proc.stderr
+            cache[name] = Split(name, path)
+        return cache[name]
+
+    return get
+
+
+def _scores(name: str, version: int, x: np.ndarray, positive: int) -> np.ndarray:
+    sess = ort.InferenceSession(str(BUNDLES / name / str(version) / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    (prob,) = sess.run(["probabilities"], {"features": x})
+    return prob[:, positive].astype(np.float64)
+
+
+def validate(*args: str, out: Path, expect: int | None = 0) -> tuple[int, dict | None, str]:
+    cmd = [str(BIN), "validate", "--out", str(out), "--quiet", *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    text = proc.stdout + proc.stderr
+    if expect is not None:
+        assert proc.returncode == expect, f"{cmd}\nexit {proc.returncode}\n{text}"
+    report = None
+    if (out / "report.json").exists():
+        report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    return proc.returncode, report, text
+
+
+def write_predictions(path: Path, y, p, extra: dict[str, list[str]] | None = None) -> None:
+    extra = extra or {}
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "score", *extra])
+        for i, (yy, pp) in enumerate(zip(y, p)):
+            w.writerow([int(yy), repr(float(pp)), *(extra[c][i] for c in extra)])
+
+
+def delong_reference(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+    """DeLong et al. (1988) directly: the structural components from every (positive,
+    negative) pair's kernel ψ (1 above, ½ tied, 0 below)."""
+    x, z = p[y == 1], p[y == 0]
+    psi = (x[:, None] > z[None, :]).astype(float) + 0.5 * (x[:, None] == z[None, :])
+    v10, v01 = psi.mean(axis=1), psi.mean(axis=0)
+    auc = v10.mean()
+    var = v10.var(ddof=1) / len(x) + v01.var(ddof=1) / len(z)
+    return auc, var
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    q = np.clip(p, CLIP, 1 - CLIP)
+    return np.log(q / (1 - q))
+
+
+def check_against_references(report: dict, y: np.ndarray, p: np.ndarray, thresholds: dict[str, float]) -> None:
+    z = norm.ppf(0.975)
+    assert report["n"] == len(y) and report["positives"] == int(y.sum())
+    # discrimination
+    auc, var = delong_reference(y, p)
+    assert abs(report["auroc"]["value"] - skm.roc_auc_score(y, p)) < EXACT
+    assert abs(report["auroc"]["value"] - auc) < EXACT
+    assert report["auroc"]["ci_method"] == "delong"
+    assert abs(report["auroc"]["ci_lower"] - max(0.0, auc - z * math.sqrt(var))) < EXACT
+    assert abs(report["auroc"]["ci_upper"] - min(1.0, auc + z * math.sqrt(var))) < EXACT
+    assert abs(report["auprc"]["value"] - skm.average_precision_score(y, p)) < EXACT
+    assert abs(report["brier"]["value"] - skm.brier_score_loss(y, p)) < EXACT
+    # calibration: statsmodels' maximum-likelihood fits
+    lp = logit(p)
+    slope_fit = sm.Logit(y, sm.add_constant(lp)).fit(method="newton", disp=0, tol=1e-12, maxiter=200)
+    ci = slope_fit.conf_int(alpha=0.05)
+    s = report["calibration_slope"]
+    assert abs(s["value"] - slope_fit.params[1]) < FIT, (s, slope_fit.params)
+    assert abs(s["ci_lower"] - ci[1][0]) < FIT and abs(s["ci_upper"] - ci[1][1]) < FIT
+    glm = sm.GLM(y, np.ones((len(y), 1)), family=sm.families.Binomial(), offset=lp).fit(tol=1e-12)
+    i = report["calibration_intercept"]
+    assert abs(i["value"] - glm.params[0]) < FIT, (i, glm.params)
+    gci = glm.conf_int(alpha=0.05)
+    assert abs(i["ci_lower"] - gci[0][0]) < FIT and abs(i["ci_upper"] - gci[0][1]) < FIT
+    # expected calibration error over scikit-learn's uniform bins
+    prob_true, prob_pred = calibration_curve(y, p, n_bins=10, strategy="uniform")
+    counts = np.bincount(np.searchsorted(np.linspace(0, 1, 11)[1:-1], p, side="right"), minlength=10)
+    ece = float(np.sum(counts[counts > 0] / len(y) * np.abs(prob_true - prob_pred)))
+    assert abs(report["ece"]["value"] - ece) < EXACT
+    nonempty = [b for b in report["curves"]["reliability"]["bins"] if b["n"] > 0]
+    assert [b["n"] for b in nonempty] == [int(c) for c in counts if c > 0]
+    for b, t, q in zip(nonempty, prob_true, prob_pred):
+        assert abs(b["observed"] - t) < EXACT and abs(b["mean_predicted"] - q) < EXACT
+    # operating points declared in the bundle
+    ops = {o["name"]: o for o in report["operating_points"]}
+    for name, thr in thresholds.items():
+        o = ops[name]
+        pred = (p >= thr).astype(int)
+        tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
+        assert o["confusion"] == {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
+        for key, (k, n) in {
+            "sensitivity": (tp, tp + fn), "specificity": (tn, tn + fp),
+            "ppv": (tp, tp + fp), "npv": (tn, tn + fn), "accuracy": (tp + tn, len(y)),
+        }.items():
+            if n == 0:
+                assert o[key]["value"] is None
+                continue
+            lo, hi = proportion_confint(k, n, alpha=0.05, method="wilson")
+            assert abs(o[key]["value"] - k / n) < EXACT
+            assert abs(o[key]["ci_lower"] - lo) < EXACT and abs(o[key]["ci_upper"] - hi) < EXACT, (key, o[key], lo, hi)
+        assert abs(o["sensitivity"]["value"] - skm.recall_score(y, pred, zero_division=0)) < EXACT
+        assert abs(o["f1"]["value"] - skm.f1_score(y, pred)) < EXACT
+    # thresholds chosen for a target sensitivity: the largest with tpr >= target
+    fpr, tpr, thr = skm.roc_curve(y, p, drop_intermediate=False)
+    for target in (0.9, 0.95):
+        want = thr[np.argmax(tpr >= target - 1e-15)]
+        assert ops[f"sensitivity>={target}"]["threshold"] == pytest.approx(want, abs=0)
+    # decision curve, from its definition (Vickers & Elkin 2006)
+    prev = y.mean()
+    for d in report["curves"]["decision"]:
+        t = d["threshold"]
+        treated = p >= t
+        nb = (np.sum(treated & (y == 1)) - np.sum(treated & (y == 0)) * t / (1 - t)) / len(y)
+        assert abs(d["net_benefit"] - nb) < EXACT
+        assert abs(d["treat_all"] - (prev - (1 - prev) * t / (1 - t))) < EXACT
+
+
+@pytest.mark.parametrize("name,version", _tabular())
+def test_metrics_match_scikit_learn_and_statsmodels(name, version, splits, tmp_path):
+    split = splits(name)
+    p = _scores(name, version, split.x, split.positive)
+    pred = tmp_path / "predictions.csv"
+    write_predictions(pred, split.y, p, {c: split.columns[c] for c in split.subgroups})
+    sub_args = [a for c in split.subgroups for a in ("--subgroup", c)]
+    _, report, _ = validate("--model", f"{name}@{version}", "--predictions", str(pred),
+                            *sub_args, "--bootstrap", "200", out=tmp_path / "r", expect=None)
+    m = _manifest(name)
+    out = next(o for o in m["outputs"] if o.get("positive_label"))
+    thresholds = {t["name"]: t["value"] for t in m.get("thresholds", [])
+                  if t["output"] == out["name"] and t.get("label", out["positive_label"]) == out["positive_label"]}
+    check_against_references(report, split.y, p, thresholds)
+    # subgroups: scikit-learn on each subset with enough rows and both classes
+    for sg in report["subgroups"]:
+        col = np.array(split.columns[sg["column"]])
+        value = "" if sg["value"] == "(missing)" else sg["value"]
+        mask = col == value
+        assert sg["n"] == int(mask.sum())
+        ys, ps = split.y[mask], p[mask]
+        if sg["n"] >= 30 and 0 < ys.sum() < len(ys):
+            assert sg["status"] == "ok"
+            assert abs(sg["metrics"]["auroc"]["value"] - skm.roc_auc_score(ys, ps)) < EXACT
+            assert abs(sg["metrics"]["brier"]["value"] - skm.brier_score_loss(ys, ps)) < EXACT
+        else:
+            assert sg["status"] == "insufficient" and "metrics" not in sg, sg
+    assert report["source"] == "predictions"
+    assert report["model"]["name"] == name and report["model"]["version"] == version
+
+
+@pytest.mark.parametrize("name,version", _tabular())
+def test_served_path_scores_like_onnxruntime_and_audits_every_row(name, version, splits, tmp_path):
+    split = splits(name)
+    p = _scores(name, version, split.x, split.positive)
+    out = tmp_path / "r"
+    code, report, text = validate("--model", f"{name}@{version}", "--dataset", str(split.path),
+                                  "--backend", BACKEND, "--bootstrap", "100", out=out, expect=None)
+    assert code in (0, 1), text
+    assert report["source"] == "inference"
+    model = report["model"]
+    assert model["backend"] == BACKEND and model["version"] == version
+    assert model["model_sha256"] == _manifest(name)["versions"][str(version)]["files"]["model.onnx"]
+    import hashlib
+    assert model["manifest_sha256"] == hashlib.sha256((BUNDLES / name / "bundle.toml").read_bytes()).hexdigest()
+    assert report["dataset"]["sha256"] == hashlib.sha256(split.path.read_bytes()).hexdigest()
+    assert report["dataset"]["rows_used"] == len(split.y) and report["dataset"]["rows_unusable"] == 0
+    assert abs(report["auroc"]["value"] - skm.roc_auc_score(split.y, p)) < 1e-4
+    assert abs(report["brier"]["value"] - skm.brier_score_loss(split.y, p)) < 1e-5
+    # every prediction audited: model, version, input hash; the chain verifies
+    records = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    inference = [r for r in records if r["kind"] == "inference"]
+    assert sum(r["rows"] for r in inference) == len(split.y)
+    assert all(r["model"] == name and r["version"] == str(version) and r["input_sha256"]
+               and r["outcome"] == "ok" for r in inference)
+    verify = subprocess.run([str(BIN), "audit", "verify", str(out / "audit.jsonl")],
+                            capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_bootstrap_is_reproducible_and_seeded(splits, tmp_path):
+    split = splits("wdbc-malignancy")
+    p = _scores("wdbc-malignancy", 1, split.x, split.positive)
+    pred = tmp_path / "p.csv"
+    write_predictions(pred, split.y, p)
+    runs = []
+    for k, seed in enumerate(("7", "7", "8")):
+        _, r, _ = validate("--predictions", str(pred), "--bootstrap", "500", "--seed", seed,
+                           out=tmp_path / f"r{k}")
+        runs.append(r)
+    assert runs[0]["auroc"]["bootstrap"] == runs[1]["auroc"]["bootstrap"]
+    assert runs[0]["auprc"]["ci_lower"] == runs[1]["auprc"]["ci_lower"]
+    assert runs[0]["auroc"]["bootstrap"] != runs[2]["auroc"]["bootstrap"]
+    b = runs[0]["auroc"]["bootstrap"]
+    assert b["replicates"] + b["replicates_skipped"] == 500
+    assert b["ci_lower"] <= runs[0]["auroc"]["value"] <= b["ci_upper"]
+    assert len(runs[0]["curves"]["roc_band"]) == 51
+
+
+def test_cluster_bootstrap_by_patient(tmp_path):
+    rng = np.random.default_rng(3)
+    patients = np.repeat(np.arange(60), 3)
+    y = (rng.random(60) < 0.4).astype(int)[patients]
+    p = np.clip(0.3 + 0.4 * y + rng.normal(0, 0.2, len(y)), 0, 1)
+    pred = tmp_path / "p.csv"
+    write_predictions(pred, y, p, {"patient": [f"P{i}" for i in patients]})
+    _, r, _ = validate("--predictions", str(pred), "--patient-id-column", "patient",
+                       "--bootstrap", "300", out=tmp_path / "r")
+    assert r["dataset"]["clusters"] == 60
+    assert abs(r["auroc"]["value"] - skm.roc_auc_score(y, p)) < EXACT
+
+
+@pytest.mark.parametrize("cell,why", [("nan", "is NaN"), ("inf", "is infinite"), ("-inf", "is infinite"),
+                                       ("1.5", "outside [0, 1]"), ("-0.1", "outside [0, 1]"), ("x", "not a number")])
+def test_hostile_predictions_are_refused_with_the_row(cell, why, tmp_path):
+    pred = tmp_path / "p.csv"
+    pred.write_text("label,score\n1,0.9\n0,0.2\n1," + cell + "\n0,0.1\n")
+    code, report, text = validate("--predictions", str(pred), out=tmp_path / "r", expect=2)
+    assert "row 3" in text and why in text, text
+    assert report is None
+
+
+def test_edge_cases_are_reported_not_nan(tmp_path):
+    # one class only
+    pred = tmp_path / "one.csv"
+    write_predictions(pred, [1, 1, 1, 1], [0.2, 0.4, 0.6, 0.8])
+    _, r, _ = validate("--predictions", str(pred), "--bootstrap", "50", out=tmp_path / "one")
+    assert r["auroc"]["value"] is None and "class" in r["auroc"]["undefined"]
+    assert r["calibration_slope"]["value"] is None
+    assert r["brier"]["value"] == pytest.approx(skm.brier_score_loss([1, 1, 1, 1], [0.2, 0.4, 0.6, 0.8]), abs=EXACT)
+    # ties and all-equal scores
+    pred = tmp_path / "equal.csv"
+    y = [1, 0, 1, 0, 0, 1]
+    write_predictions(pred, y, [0.5] * 6)
+    _, r, _ = validate("--predictions", str(pred), "--bootstrap", "50", out=tmp_path / "equal")
+    assert r["auroc"]["value"] == 0.5 and r["auprc"]["value"] == pytest.approx(0.5, abs=EXACT)
+    assert r["calibration_slope"]["value"] is None and r["calibration_slope"]["undefined"]
+    text = json.dumps(r)
+    assert "NaN" not in text and "Infinity" not in text
+    # an empty subgroup cell and a subgroup below the minimum n
+    pred = tmp_path / "sub.csv"
+    rng = np.random.default_rng(1)
+    yy = (rng.random(80) < 0.5).astype(int)
+    pp = np.clip(0.5 * yy + rng.random(80) * 0.5, 0, 1)
+    site = ["A"] * 70 + ["B"] * 5 + [""] * 5
+    write_predictions(pred, yy, pp, {"site": site})
+    _, r, _ = validate("--predictions", str(pred), "--subgroup", "site", "--bootstrap", "0", out=tmp_path / "sub")
+    by = {s["value"]: s for s in r["subgroups"]}
+    assert by["A"]["status"] == "ok" and by["A"]["n"] == 70
+    assert by["B"]["status"] == "insufficient" and "fewer than the minimum of 30" in by["B"]["reason"]
+    assert by["(missing)"]["n"] == 5
+
+
+def test_unusable_rows_are_counted_and_listed(splits, tmp_path):
+    split = splits("wdbc-malignancy")
+    rows = list(csv.reader(split.path.read_text().splitlines()))
+    header, body = rows[0], rows[1:]
+    body[4][0] = ""            # missing feature
+    body[9][3] = "n/a"         # not a number
+    body[20][header.index("label")] = "2"   # outside the classes
+    bad = tmp_path / "bad.csv"
+    with open(bad, "w", newline="") as f:
+        csv.writer(f).writerows([header, *body, ["1", "2"]])  # a short row
+    _, r, _ = validate("--model", "wdbc-malignancy@1", "--dataset", str(bad), "--bootstrap", "0",
+                       "--backend", BACKEND, out=tmp_path / "r", expect=None)
+    d = r["dataset"]
+    assert d["rows_read"] == len(body) + 1 and d["rows_unusable"] == 4
+    assert d["rows_used"] == len(body) - 3
+    reasons = {u["row"]: u["reason"] for u in d["unusable"]}
+    assert reasons[5] == 'feature "mean radius" is empty'
+    assert reasons[10] == 'feature "mean area" is not a number'
+    assert reasons[21].startswith('label "2" is not 0, 1 or one of')
+    assert "fields where the header has" in reasons[len(body) + 1]
+    assert "expected_p_malignant" in d["columns_ignored"]
+
+
+def test_missing_columns_and_unknown_models_exit_2(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("mean radius,label\n1,1\n")
+    code, _, text = validate("--model", "wdbc-malignancy", "--dataset", str(bad), out=tmp_path / "a", expect=2)
+    assert "missing column" in text and '"mean texture"' in text
+    code, _, text = validate("--model", "no-such-model", "--dataset", str(bad), out=tmp_path / "b", expect=2)
+    code, _, text = validate("--model", "wdbc-malignancy@0", "--dataset", str(bad), out=tmp_path / "c", expect=2)
+    assert "positive integer" in text
+
+
+def _worse_repository(tmp: Path) -> Path:
+    """A test repository holding a deliberately worse wdbc-malignancy: version 1 replaced by a
+    logistic regression on four weak features fitted on 10 % of the data (never served)."""
+    sys.path.insert(0, str(REPO / "models" / "train"))
+    from common import export_onnx  # the same export as the shipped bundles
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.linear_model import LogisticRegression
+
+    repo = tmp / "repo"
+    shutil.copytree(BUNDLES / "wdbc-malignancy", repo / "wdbc-malignancy",
+                    ignore=shutil.ignore_patterns("testdata", "*.minisig"))
+    ds = load_breast_cancer()
+    weak = [list(ds.feature_names).index(f) for f in
+            ("mean fractal dimension", "texture error", "smoothness error", "symmetry error")]
+    rng = np.random.default_rng(11)
+    few = rng.choice(len(ds.target), size=len(ds.target) // 10, replace=False)
+    small = LogisticRegression(max_iter=1000).fit(ds.data[few][:, weak], ds.target[few])
+    # a 30-feature estimator to carry the weak coefficients (its own fit is discarded)
+    full = LogisticRegression(max_iter=1000).fit(ds.data[few] / ds.data.max(axis=0), ds.target[few])
+    full.coef_ = np.zeros_like(full.coef_)
+    full.coef_[0, weak] = small.coef_[0]
+    full.intercept_ = small.intercept_.copy()
+    onnx_path = repo / "wdbc-malignancy" / "1" / "model.onnx"
+    export_onnx(full, "weak", 30, "deliberately worse test model", onnx_path)
+    import hashlib
+    text = (repo / "wdbc-malignancy" / "bundle.toml").read_text()
+    m = tomllib.loads(text)
+    old = m["versions"]["1"]["files"]["model.onnx"]
+    text = text.replace(old, hashlib.sha256(onnx_path.read_bytes()).hexdigest())
+    # no self-test: its reference outputs are the shipped model's
+    start = text.index("[selftest]")
+    end = text.index("[versions.1]")
+    text = text[:start] + text[end:]
+    (repo / "wdbc-malignancy" / "bundle.toml").write_text(text)
+    return repo
+
+
+def test_gate_fails_a_worse_version_and_passes_the_shipped_ones(splits, tmp_path):
+    split = splits("wdbc-malignancy")
+    assert _manifest("wdbc-malignancy").get("validation", {}).get("gate"), "wdbc declares no gate"
+    repo = _worse_repository(tmp_path)
+    code, report, text = validate("--repository", str(repo), "--model", "wdbc-malignancy@1",
+                                  "--dataset", str(split.path), "--bootstrap", "200",
+                                  "--backend", BACKEND, out=tmp_path / "worse", expect=1)
+    failed = [c for c in report["gate"]["criteria"] if not c["passed"]]
+    assert failed and report["gate"]["passed"] is False
+    for name, version in _tabular():
+        if not _manifest(name).get("validation", {}).get("gate"):
+            continue
+        s = splits(name)
+        code, report, text = validate("--model", f"{name}@{version}", "--dataset", str(s.path),
+                                      "--backend", BACKEND, out=tmp_path / f"{name}-{version}", expect=0)
+        assert report["gate"]["passed"] is True, report["gate"]
+
+
+def test_compare_two_versions_paired_delong(splits, tmp_path):
+    split = splits("wdbc-malignancy")
+    _, r, _ = validate("--compare", "wdbc-malignancy@1,wdbc-malignancy@2", "--dataset", str(split.path),
+                       "--backend", BACKEND, "--bootstrap", "100", out=tmp_path / "c", expect=None)
+    c = r["comparison"]
+    assert c["a"] == "wdbc-malignancy@1" and c["b"] == "wdbc-malignancy@2"
+    p1 = _scores("wdbc-malignancy", 1, split.x, split.positive)
+    p2 = _scores("wdbc-malignancy", 2, split.x, split.positive)
+    y = split.y
+    # paired DeLong from the O(m·n) components
+    def comps(p):
+        x, z = p[y == 1], p[y == 0]
+        psi = (x[:, None] > z[None, :]).astype(float) + 0.5 * (x[:, None] == z[None, :])
+        return psi.mean(axis=1), psi.mean(axis=0)
+    a10, a01 = comps(p1)
+    b10, b01 = comps(p2)
+    m, n = len(a10), len(a01)
+    var = (np.var(a10, ddof=1) + np.var(b10, ddof=1) - 2 * np.cov(a10, b10)[0, 1]) / m \
+        + (np.var(a01, ddof=1) + np.var(b01, ddof=1) - 2 * np.cov(a01, b01)[0, 1]) / n
+    diff = b10.mean() - a10.mean()
+    d = c["auroc_difference"]
+    assert abs(d["difference"] - diff) < 1e-4
+    assert abs(d["standard_error"] - math.sqrt(var)) < 1e-4
+    assert 0 <= d["p_value"] <= 1
+
+
+def test_html_report_renders_in_headless_chromium(splits, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-headless-shell")
+    assert chromium, "chromium is not installed (scripts/test.sh installs Debian's chromium)"
+    split = splits("pima-diabetes")
+    out = tmp_path / "r"
+    validate("--model", "pima-diabetes", "--dataset", str(split.path), "--backend", BACKEND,
+             "--subgroup", ",".join(split.subgroups), "--bootstrap", "200", out=out, expect=None)
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert html.count("<svg") >= 5, "ROC, PR, calibration, decision curve and forest plot"
+    assert "<script" not in html and "http://" not in html.replace("http://www.w3.org", "")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / f"report-{BACKEND}.png"
+    shot.unlink(missing_ok=True)
+    profile = tmp_path / "chromium-profile"
+    proc = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+         "--window-size=1100,4000", f"--screenshot={shot}", (out / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert shot.exists() and shot.stat().st_size > 10_000
+    console = [l for l in proc.stderr.splitlines() if "CONSOLE" in l or "Uncaught" in l]
+    assert not console, console
+    shutil.copy(out / "report.html", ARTIFACTS / f"report-{BACKEND}.html")

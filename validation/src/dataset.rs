@@ -1,0 +1,488 @@
+//! Labelled datasets, streamed: a CSV of features (a tabular bundle's feature names as
+//! columns), or a CSV of predictions made elsewhere. Each row is either used or reported as
+//! unusable with its row number and the reason; only a problem with the file itself (a
+//! missing column, an unreadable file, a prediction that is not a probability) stops the run.
+//!
+//! Labels are `0`/`1` (1 = the bundle's positive label) or one of the output's class names.
+//! Reasons never quote feature, subgroup or patient-id values (they may identify someone).
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// A problem with the dataset as a whole (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: not a readable CSV file at row {row}: {reason}")]
+    Csv {
+        path: PathBuf,
+        row: u64,
+        reason: String,
+    },
+    #[error("{path}: missing column(s) {}", .missing.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>().join(", "))]
+    MissingColumns { path: PathBuf, missing: Vec<String> },
+    #[error("{path}: column {column:?} appears more than once in the header")]
+    DuplicateColumn { path: PathBuf, column: String },
+    #[error("{path}: row {row}: the prediction in column {column:?} {reason}")]
+    BadPrediction {
+        path: PathBuf,
+        row: u64,
+        column: String,
+        reason: String,
+    },
+}
+
+/// Which columns mean what.
+#[derive(Clone, Debug, Default)]
+pub struct Columns {
+    /// The model's input features, in the input's column order (none for predictions).
+    pub features: Vec<String>,
+    /// The label column (`label` by default).
+    pub label: String,
+    /// The positive class's score (predictions files only).
+    pub score: Option<String>,
+    /// Columns that define subgroups (each value a subgroup).
+    pub subgroups: Vec<String>,
+    /// Patient (or other cluster) identifier for the cluster bootstrap.
+    pub cluster: Option<String>,
+}
+
+/// How label values map to the positive class.
+#[derive(Clone, Debug)]
+pub struct LabelSpec {
+    /// The bundle's positive class name.
+    pub positive: String,
+    /// Every class name of the output.
+    pub classes: Vec<String>,
+}
+
+impl LabelSpec {
+    /// `Some(true)` for the positive class, `Some(false)` for another known class.
+    pub fn parse(&self, s: &str) -> Option<bool> {
+        let s = s.trim();
+        match s {
+            "1" | "1.0" => return Some(true),
+            "0" | "0.0" => return Some(false),
+            _ => {}
+        }
+        if s == self.positive {
+            Some(true)
+        } else if self.classes.iter().any(|c| c == s) {
+            Some(false)
+        } else {
+            None
+        }
+    }
+}
+
+/// One usable row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    /// 1-based data row number (the header is not counted).
+    pub row: u64,
+    pub features: Vec<f32>,
+    /// The given prediction (predictions files).
+    pub score: Option<f64>,
+    pub label: bool,
+    /// One value per subgroup column (an empty cell is the subgroup `""`, reported as
+    /// "(missing)").
+    pub subgroups: Vec<String>,
+    pub cluster: Option<String>,
+}
+
+/// A row that could not be used.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Unusable {
+    pub row: u64,
+    pub reason: String,
+}
+
+/// What the reader saw of the file, once it has been read to the end.
+#[derive(Clone, Debug, Serialize)]
+pub struct DatasetSummary {
+    pub path: String,
+    /// SHA-256 of the file's bytes.
+    pub sha256: String,
+    pub bytes: u64,
+    pub rows_read: u64,
+    /// Columns that were neither features, label, score, subgroup nor cluster.
+    pub columns_ignored: Vec<String>,
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// A CSV dataset read row by row.
+pub struct CsvDataset {
+    path: PathBuf,
+    reader: csv::Reader<HashingReader<File>>,
+    labels: LabelSpec,
+    feature_idx: Vec<usize>,
+    feature_names: Vec<String>,
+    label_idx: usize,
+    score: Option<(usize, String)>,
+    subgroup_idx: Vec<usize>,
+    cluster_idx: Option<usize>,
+    columns_ignored: Vec<String>,
+    record: csv::StringRecord,
+    rows: u64,
+}
+
+impl CsvDataset {
+    pub fn open(path: &Path, columns: &Columns, labels: LabelSpec) -> Result<Self, DatasetError> {
+        let file = File::open(path).map_err(|source| DatasetError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .flexible(false)
+            .from_reader(HashingReader {
+                inner: file,
+                hasher: Sha256::new(),
+                bytes: 0,
+            });
+        let header = reader
+            .headers()
+            .map_err(|e| DatasetError::Csv {
+                path: path.to_owned(),
+                row: 0,
+                reason: e.to_string(),
+            })?
+            .clone();
+        let names: Vec<String> = header.iter().map(|h| h.trim().to_owned()).collect();
+        let mut seen = HashSet::new();
+        for n in &names {
+            if !seen.insert(n.as_str()) {
+                return Err(DatasetError::DuplicateColumn {
+                    path: path.to_owned(),
+                    column: n.clone(),
+                });
+            }
+        }
+        let find = |c: &str| names.iter().position(|n| n == c);
+        let mut missing = Vec::new();
+        let mut need = |c: &str| {
+            let i = find(c);
+            if i.is_none() {
+                missing.push(c.to_owned());
+            }
+            i.unwrap_or(0)
+        };
+        let feature_idx: Vec<usize> = columns.features.iter().map(|f| need(f)).collect();
+        let label_idx = need(&columns.label);
+        let score_idx = columns.score.as_ref().map(|s| need(s));
+        let subgroup_idx: Vec<usize> = columns.subgroups.iter().map(|s| need(s)).collect();
+        let cluster_idx = columns.cluster.as_ref().map(|c| need(c));
+        if !missing.is_empty() {
+            return Err(DatasetError::MissingColumns {
+                path: path.to_owned(),
+                missing,
+            });
+        }
+        let used: HashSet<usize> = feature_idx
+            .iter()
+            .chain(&subgroup_idx)
+            .copied()
+            .chain([label_idx])
+            .chain(score_idx)
+            .chain(cluster_idx)
+            .collect();
+        let columns_ignored = names
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !used.contains(i))
+            .map(|(_, n)| n.clone())
+            .collect();
+        Ok(CsvDataset {
+            path: path.to_owned(),
+            reader,
+            labels,
+            feature_idx,
+            feature_names: columns.features.clone(),
+            label_idx,
+            score: score_idx.zip(columns.score.clone()),
+            subgroup_idx,
+            cluster_idx,
+            columns_ignored,
+            record: csv::StringRecord::new(),
+            rows: 0,
+        })
+    }
+
+    /// The next row: `Ok(None)` at the end of the file.
+    pub fn next_row(&mut self) -> Result<Option<Result<Row, Unusable>>, DatasetError> {
+        match self.reader.read_record(&mut self.record) {
+            Ok(false) => return Ok(None),
+            Ok(true) => {}
+            Err(e) => {
+                // an unequal number of fields is the row's problem; anything else the file's
+                let row = self.rows + 1;
+                if let csv::ErrorKind::UnequalLengths {
+                    len, expected_len, ..
+                } = e.kind()
+                {
+                    self.rows += 1;
+                    return Ok(Some(Err(Unusable {
+                        row,
+                        reason: format!("{len} fields where the header has {expected_len}"),
+                    })));
+                }
+                return Err(DatasetError::Csv {
+                    path: self.path.clone(),
+                    row,
+                    reason: e.to_string(),
+                });
+            }
+        }
+        self.rows += 1;
+        let row = self.rows;
+        let rec = &self.record;
+        let label_text = rec.get(self.label_idx).unwrap_or("");
+        let Some(label) = self.labels.parse(label_text) else {
+            let shown: String = label_text.trim().chars().take(32).collect();
+            return Ok(Some(Err(Unusable {
+                row,
+                reason: format!(
+                    "label {shown:?} is not 0, 1 or one of the bundle's classes ({})",
+                    self.labels.classes.join(", ")
+                ),
+            })));
+        };
+        let mut features = Vec::with_capacity(self.feature_idx.len());
+        for (k, &i) in self.feature_idx.iter().enumerate() {
+            let cell = rec.get(i).unwrap_or("").trim();
+            let reason = if cell.is_empty() {
+                "is empty"
+            } else {
+                match cell.parse::<f32>() {
+                    Ok(v) if v.is_finite() => {
+                        features.push(v);
+                        continue;
+                    }
+                    Ok(_) => "is not finite",
+                    Err(_) => "is not a number",
+                }
+            };
+            return Ok(Some(Err(Unusable {
+                row,
+                reason: format!("feature {:?} {reason}", self.feature_names[k]),
+            })));
+        }
+        let score = match &self.score {
+            None => None,
+            Some((i, name)) => {
+                let cell = rec.get(*i).unwrap_or("").trim();
+                let bad = |reason: &str| DatasetError::BadPrediction {
+                    path: self.path.clone(),
+                    row,
+                    column: name.clone(),
+                    reason: reason.to_owned(),
+                };
+                match cell.parse::<f64>() {
+                    Ok(v) if v.is_nan() => return Err(bad("is NaN")),
+                    Ok(v) if v.is_infinite() => return Err(bad("is infinite")),
+                    Ok(v) if !(0.0..=1.0).contains(&v) => {
+                        return Err(bad("is outside [0, 1]"));
+                    }
+                    Ok(v) => Some(v),
+                    Err(_) if cell.is_empty() => return Err(bad("is empty")),
+                    Err(_) => return Err(bad("is not a number")),
+                }
+            }
+        };
+        let subgroups = self
+            .subgroup_idx
+            .iter()
+            .map(|&i| rec.get(i).unwrap_or("").trim().to_owned())
+            .collect();
+        let cluster = match self.cluster_idx {
+            None => None,
+            Some(i) => {
+                let c = rec.get(i).unwrap_or("").trim();
+                if c.is_empty() {
+                    return Ok(Some(Err(Unusable {
+                        row,
+                        reason: "the patient-id (cluster) column is empty".to_owned(),
+                    })));
+                }
+                Some(c.to_owned())
+            }
+        };
+        Ok(Some(Ok(Row {
+            row,
+            features,
+            score,
+            label,
+            subgroups,
+            cluster,
+        })))
+    }
+
+    /// Bytes of the file read so far (ahead of the rows returned by the reader's buffer).
+    pub fn bytes_read(&self) -> u64 {
+        self.reader.get_ref().bytes
+    }
+
+    /// Reads whatever is left (so the hash covers the whole file) and sums up.
+    pub fn finish(mut self) -> Result<DatasetSummary, DatasetError> {
+        let mut rest = Vec::new();
+        self.reader
+            .get_mut()
+            .read_to_end(&mut rest)
+            .map_err(|source| DatasetError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        let inner = self.reader.into_inner();
+        Ok(DatasetSummary {
+            path: self.path.display().to_string(),
+            sha256: hex::encode(inner.hasher.finalize()),
+            bytes: inner.bytes,
+            rows_read: self.rows,
+            columns_ignored: self.columns_ignored,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels() -> LabelSpec {
+        LabelSpec {
+            positive: "malignant".into(),
+            classes: vec!["malignant".into(), "benign".into()],
+        }
+    }
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        use std::io::Write;
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn read_all(ds: &mut CsvDataset) -> Vec<Result<Row, Unusable>> {
+        let mut out = Vec::new();
+        while let Some(r) = ds.next_row().unwrap() {
+            out.push(r);
+        }
+        out
+    }
+
+    #[test]
+    fn rows_used_and_unusable_with_reasons() {
+        let f = write(
+            "a,b,label,site,extra\n1,2,1,x,9\n3,,0,y,9\n4,5,2,x,9\n6,nan,benign,y,9\n7,8,malignant,,9\n1,2\n",
+        );
+        let cols = Columns {
+            features: vec!["a".into(), "b".into()],
+            label: "label".into(),
+            subgroups: vec!["site".into()],
+            ..Columns::default()
+        };
+        let mut ds = CsvDataset::open(f.path(), &cols, labels()).unwrap();
+        let rows = read_all(&mut ds);
+        assert_eq!(rows.len(), 6);
+        assert_eq!(
+            rows[0],
+            Ok(Row {
+                row: 1,
+                features: vec![1.0, 2.0],
+                score: None,
+                label: true,
+                subgroups: vec!["x".into()],
+                cluster: None
+            })
+        );
+        assert_eq!(
+            rows[1].as_ref().unwrap_err().reason,
+            "feature \"b\" is empty"
+        );
+        assert!(
+            rows[2]
+                .as_ref()
+                .unwrap_err()
+                .reason
+                .starts_with("label \"2\"")
+        );
+        assert_eq!(
+            rows[3].as_ref().unwrap_err().reason,
+            "feature \"b\" is not finite"
+        );
+        assert!(rows[4].as_ref().unwrap().label);
+        assert_eq!(rows[5].as_ref().unwrap_err().row, 6);
+        let s = ds.finish().unwrap();
+        assert_eq!(s.rows_read, 6);
+        assert_eq!(s.columns_ignored, vec!["extra".to_owned()]);
+        assert_eq!(s.sha256.len(), 64);
+    }
+
+    #[test]
+    fn missing_and_duplicate_columns_stop_the_run() {
+        let f = write("a,label\n1,1\n");
+        let cols = Columns {
+            features: vec!["a".into(), "b".into()],
+            label: "y".into(),
+            ..Columns::default()
+        };
+        let e = CsvDataset::open(f.path(), &cols, labels()).err().unwrap();
+        assert!(e.to_string().contains("\"b\", \"y\""), "{e}");
+        let f = write("a,a,label\n1,1,1\n");
+        let cols = Columns {
+            label: "label".into(),
+            ..Columns::default()
+        };
+        assert!(matches!(
+            CsvDataset::open(f.path(), &cols, labels()),
+            Err(DatasetError::DuplicateColumn { .. })
+        ));
+    }
+
+    #[test]
+    fn predictions_must_be_probabilities() {
+        for (cell, why) in [
+            ("nan", "is NaN"),
+            ("inf", "is infinite"),
+            ("-inf", "is infinite"),
+            ("1.5", "outside [0, 1]"),
+            ("", "is empty"),
+            ("abc", "is not a number"),
+        ] {
+            let f = write(&format!("label,p\n1,0.5\n0,{cell}\n"));
+            let cols = Columns {
+                label: "label".into(),
+                score: Some("p".into()),
+                ..Columns::default()
+            };
+            let mut ds = CsvDataset::open(f.path(), &cols, labels()).unwrap();
+            assert!(ds.next_row().unwrap().unwrap().is_ok());
+            let e = ds.next_row().unwrap_err();
+            assert!(e.to_string().contains("row 2"), "{e}");
+            assert!(e.to_string().contains(why), "{e}");
+        }
+    }
+}

@@ -1,0 +1,570 @@
+//! The report: every metric of a labelled dataset's predictions, with its interval and n, as
+//! `report.json` (schema in `docs/validation.md`) and the input of `report.html`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+
+use crate::bootstrap::{self, BootstrapCi, BootstrapSpec};
+use crate::dataset::{DatasetSummary, Unusable};
+use crate::gate::GateResult;
+use crate::metrics::{
+    self, Confusion, DecisionPoint, PairedDeLong, PrPoint, Proportion, Reliability, RocPoint,
+};
+
+/// The `schema` field of every report this version writes.
+pub const SCHEMA: &str = "nightingale.validation.report/1";
+
+/// How the numbers are computed.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Settings {
+    /// Confidence level of every interval (0.95).
+    pub confidence: f64,
+    /// Bootstrap replicates (0: no bootstrap).
+    pub bootstrap_replicates: usize,
+    pub seed: u64,
+    /// Subgroups with fewer rows (or without both classes) are reported as insufficient.
+    pub min_subgroup_n: usize,
+    pub calibration_bins: usize,
+    /// Operating points chosen on this dataset for these sensitivities / specificities.
+    pub target_sensitivities: Vec<f64>,
+    pub target_specificities: Vec<f64>,
+    /// Threshold probabilities of the decision curve.
+    pub decision_thresholds: Vec<f64>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            confidence: 0.95,
+            bootstrap_replicates: 2000,
+            seed: 20_261_202,
+            min_subgroup_n: 30,
+            calibration_bins: 10,
+            target_sensitivities: vec![0.90, 0.95],
+            target_specificities: vec![0.90, 0.95],
+            decision_thresholds: (1..100).map(|i| f64::from(i) / 100.0).collect(),
+        }
+    }
+}
+
+/// A declared operating point (a bundle's `[[thresholds]]` entry on the scored label).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NamedThreshold {
+    pub name: String,
+    pub value: f64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub description: String,
+}
+
+/// One number with its interval: the shape of every metric in `report.json`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Metric {
+    /// `null` when the metric is not defined on these rows (see `undefined`).
+    pub value: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ci_lower: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ci_upper: Option<f64>,
+    /// How the interval was computed: `delong`, `wilson`, `bootstrap-percentile`, `wald`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ci_method: Option<&'static str>,
+    /// Rows (or, for proportions, the denominator) behind the number.
+    pub n: usize,
+    /// Numerator of a proportion.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub k: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standard_error: Option<f64>,
+    /// The percentile bootstrap interval, where one was computed besides the main one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<BootstrapCi>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub undefined: Option<String>,
+}
+
+impl Metric {
+    fn undefined(n: usize, why: &str) -> Metric {
+        Metric {
+            n,
+            undefined: Some(why.to_owned()),
+            ..Metric::default()
+        }
+    }
+    fn point(value: Option<f64>, n: usize, why: &str) -> Metric {
+        match value {
+            Some(v) => Metric {
+                value: Some(v),
+                n,
+                ..Metric::default()
+            },
+            None => Metric::undefined(n, why),
+        }
+    }
+    fn proportion(p: Option<Proportion>, why: &str) -> Metric {
+        match p {
+            Some(p) => Metric {
+                value: Some(p.value),
+                ci_lower: Some(p.ci_lower),
+                ci_upper: Some(p.ci_upper),
+                ci_method: Some("wilson"),
+                n: p.n,
+                k: Some(p.k),
+                ..Metric::default()
+            },
+            None => Metric::undefined(0, why),
+        }
+    }
+    /// The value, `ci_lower` or `ci_upper`, as a gate reads it.
+    pub fn get(&self, bound: &str) -> Option<f64> {
+        match bound {
+            "value" => self.value,
+            "ci_lower" => self.ci_lower,
+            "ci_upper" => self.ci_upper,
+            _ => None,
+        }
+    }
+}
+
+/// The metrics at one threshold.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OperatingPoint {
+    pub name: String,
+    /// `bundle` (declared in bundle.toml) or `target-sensitivity` / `target-specificity`
+    /// (chosen on this dataset: optimistic, for orientation only).
+    pub source: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<f64>,
+    pub threshold: f64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    pub confusion: Confusion,
+    pub sensitivity: Metric,
+    pub specificity: Metric,
+    pub ppv: Metric,
+    pub npv: Metric,
+    pub accuracy: Metric,
+    pub f1: Metric,
+}
+
+impl OperatingPoint {
+    #[allow(clippy::too_many_arguments)]
+    fn at(
+        name: String,
+        source: &'static str,
+        target: Option<f64>,
+        threshold: f64,
+        description: String,
+        y: &[bool],
+        p: &[f64],
+        confidence: f64,
+    ) -> OperatingPoint {
+        let c = metrics::confusion(y, p, threshold);
+        OperatingPoint {
+            name,
+            source,
+            target,
+            threshold,
+            description,
+            sensitivity: Metric::proportion(c.sensitivity(confidence), "no positives"),
+            specificity: Metric::proportion(c.specificity(confidence), "no negatives"),
+            ppv: Metric::proportion(c.ppv(confidence), "no row at or above the threshold"),
+            npv: Metric::proportion(c.npv(confidence), "no row below the threshold"),
+            accuracy: Metric::proportion(c.accuracy(confidence), "no rows"),
+            f1: Metric::point(c.f1(), c.n(), "no positives and no positive calls"),
+            confusion: c,
+        }
+    }
+
+    /// A metric by its gate name.
+    pub fn metric(&self, name: &str) -> Option<&Metric> {
+        Some(match name {
+            "sensitivity" => &self.sensitivity,
+            "specificity" => &self.specificity,
+            "ppv" => &self.ppv,
+            "npv" => &self.npv,
+            "accuracy" => &self.accuracy,
+            "f1" => &self.f1,
+            _ => return None,
+        })
+    }
+}
+
+/// The metrics of a set of rows (the whole dataset, or a subgroup).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Metrics {
+    pub n: usize,
+    pub positives: usize,
+    pub negatives: usize,
+    pub prevalence: Metric,
+    pub auroc: Metric,
+    pub auprc: Metric,
+    pub brier: Metric,
+    pub calibration_intercept: Metric,
+    pub calibration_slope: Metric,
+    pub ece: Metric,
+    /// The largest |observed − predicted| over the reliability bins.
+    pub mce: Metric,
+    pub operating_points: Vec<OperatingPoint>,
+}
+
+impl Metrics {
+    /// A threshold-free metric by its gate name.
+    pub fn metric(&self, name: &str) -> Option<&Metric> {
+        Some(match name {
+            "auroc" => &self.auroc,
+            "auprc" => &self.auprc,
+            "brier" => &self.brier,
+            "calibration_intercept" => &self.calibration_intercept,
+            "calibration_slope" => &self.calibration_slope,
+            "ece" => &self.ece,
+            _ => return None,
+        })
+    }
+}
+
+/// Curves and tables drawn in the HTML report.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Curves {
+    /// At most 500 points, evenly spaced along the curve.
+    pub roc: Vec<RocPoint>,
+    /// Bootstrap band around the ROC curve (empty without bootstrap).
+    pub roc_band: Vec<bootstrap::RocBandPoint>,
+    pub precision_recall: Vec<PrPoint>,
+    pub reliability: Option<Reliability>,
+    pub decision: Vec<DecisionPoint>,
+}
+
+/// One subgroup's metrics, or why there are none.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Subgroup {
+    pub column: String,
+    /// The cell value; an empty cell is `"(missing)"`.
+    pub value: String,
+    pub n: usize,
+    pub positives: usize,
+    /// `ok` or `insufficient`.
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+}
+
+/// Two versions on the same rows.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Comparison {
+    pub a: String,
+    pub b: String,
+    /// DeLong's test for `auroc(b) − auroc(a)`.
+    pub auroc_difference: Option<PairedDeLong>,
+    pub n: usize,
+}
+
+/// What was validated.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ModelIdentity {
+    pub name: String,
+    pub version: u64,
+    /// SHA-256 of `bundle.toml` as read.
+    pub manifest_sha256: String,
+    /// SHA-256 of the version's `model.onnx`.
+    pub model_sha256: String,
+    /// The minisign key id of the manifest's signature (`None`: unsigned).
+    pub signature_key_id: Option<String>,
+    /// The engine that made the predictions (`tract`, `ort`); `None` for a predictions file.
+    pub backend: Option<String>,
+    pub output: String,
+    pub positive_label: String,
+}
+
+/// The dataset as read.
+#[derive(Clone, Debug, Serialize)]
+pub struct DatasetSection {
+    #[serde(flatten)]
+    pub summary: DatasetSummary,
+    /// `tabular-csv` or `predictions-csv`.
+    pub kind: &'static str,
+    pub label_column: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score_column: Option<String>,
+    pub subgroup_columns: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_column: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clusters: Option<usize>,
+    pub rows_used: usize,
+    pub rows_unusable: usize,
+    /// The first 1,000 unusable rows with their reasons.
+    pub unusable: Vec<Unusable>,
+    pub unusable_truncated: bool,
+}
+
+/// The whole report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub schema: &'static str,
+    /// RFC 3339, UTC.
+    pub created: String,
+    pub nightingale_version: String,
+    /// `inference` (the bundle ran on the dataset) or `predictions` (a predictions file).
+    pub source: &'static str,
+    pub model: Option<ModelIdentity>,
+    pub dataset: DatasetSection,
+    pub settings: Settings,
+    #[serde(flatten)]
+    pub metrics: Metrics,
+    pub curves: Curves,
+    pub subgroups: Vec<Subgroup>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comparison: Option<Comparison>,
+    pub gate: Option<GateResult>,
+    /// The TRIPOD+AI items this report can fill, by item.
+    pub tripod_ai: BTreeMap<String, String>,
+}
+
+/// Predictions with their labels, subgroups and clusters.
+pub struct Scored<'a> {
+    pub y: &'a [bool],
+    pub p: &'a [f64],
+    /// (column, value of each row).
+    pub subgroups: &'a [(String, Vec<String>)],
+    pub clusters: Option<&'a [String]>,
+}
+
+fn with_bootstrap(mut m: Metric, ci: Option<BootstrapCi>, primary: bool) -> Metric {
+    if let Some(ci) = ci {
+        if primary {
+            m.ci_lower = Some(ci.ci_lower);
+            m.ci_upper = Some(ci.ci_upper);
+            m.ci_method = Some("bootstrap-percentile");
+        }
+        m.bootstrap = Some(ci);
+    }
+    m
+}
+
+/// The metrics of rows `y`, `p` (with bootstrap intervals when `bootstrap` is given).
+pub fn compute_metrics(
+    y: &[bool],
+    p: &[f64],
+    thresholds: &[NamedThreshold],
+    settings: &Settings,
+    bootstrap: Option<&bootstrap::BootstrapResult>,
+    with_targets: bool,
+) -> Metrics {
+    let conf = settings.confidence;
+    let n = y.len();
+    let (positives, negatives) = metrics::class_counts(y);
+    let one_class = if n == 0 { "no rows" } else { "only one class" };
+    let auroc = match metrics::delong(y, p, conf) {
+        Some(d) => Metric {
+            value: Some(d.auc),
+            ci_lower: Some(d.ci_lower),
+            ci_upper: Some(d.ci_upper),
+            ci_method: Some("delong"),
+            n,
+            standard_error: Some(d.variance.sqrt()),
+            ..Metric::default()
+        },
+        None => Metric::point(
+            metrics::auroc(y, p),
+            n,
+            "needs at least two rows of each class",
+        ),
+    };
+    let auroc = with_bootstrap(auroc, bootstrap.and_then(|b| b.auroc), false);
+    let auprc = with_bootstrap(
+        Metric::point(metrics::average_precision(y, p), n, "no positives"),
+        bootstrap.and_then(|b| b.auprc),
+        true,
+    );
+    let brier = with_bootstrap(
+        Metric::point(metrics::brier(y, p), n, "no rows"),
+        bootstrap.and_then(|b| b.brier),
+        true,
+    );
+    let (calibration_intercept, calibration_slope) = match metrics::calibration(y, p, conf) {
+        Some(c) => {
+            let m = |e: metrics::Estimate| Metric {
+                value: Some(e.value),
+                ci_lower: Some(e.ci_lower),
+                ci_upper: Some(e.ci_upper),
+                ci_method: Some("wald"),
+                n,
+                standard_error: Some(e.standard_error),
+                ..Metric::default()
+            };
+            (m(c.intercept), m(c.slope))
+        }
+        None => {
+            let why = if positives == 0 || negatives == 0 {
+                one_class
+            } else {
+                "the logistic recalibration fit did not converge (e.g. all scores equal or separable)"
+            };
+            (Metric::undefined(n, why), Metric::undefined(n, why))
+        }
+    };
+    let rel = metrics::reliability(y, p, settings.calibration_bins);
+    let ece = Metric::point(rel.as_ref().map(|r| r.ece), n, "no rows");
+    let mce = Metric::point(rel.as_ref().map(|r| r.mce), n, "no rows");
+    let mut operating_points: Vec<OperatingPoint> = thresholds
+        .iter()
+        .map(|t| {
+            OperatingPoint::at(
+                t.name.clone(),
+                "bundle",
+                None,
+                t.value,
+                t.description.clone(),
+                y,
+                p,
+                conf,
+            )
+        })
+        .collect();
+    if with_targets {
+        for &s in &settings.target_sensitivities {
+            if let Some(t) = metrics::threshold_for_sensitivity(y, p, s) {
+                operating_points.push(OperatingPoint::at(
+                    format!("sensitivity>={s}"),
+                    "target-sensitivity",
+                    Some(s),
+                    t,
+                    String::new(),
+                    y,
+                    p,
+                    conf,
+                ));
+            }
+        }
+        for &s in &settings.target_specificities {
+            if let Some(t) = metrics::threshold_for_specificity(y, p, s) {
+                operating_points.push(OperatingPoint::at(
+                    format!("specificity>={s}"),
+                    "target-specificity",
+                    Some(s),
+                    t,
+                    String::new(),
+                    y,
+                    p,
+                    conf,
+                ));
+            }
+        }
+    }
+    Metrics {
+        n,
+        positives,
+        negatives,
+        prevalence: Metric::proportion(metrics::wilson(positives, n, conf), "no rows"),
+        auroc,
+        auprc,
+        brier,
+        calibration_intercept,
+        calibration_slope,
+        ece,
+        mce,
+        operating_points,
+    }
+}
+
+/// The overall metrics, curves and subgroups of scored rows.
+pub fn evaluate(
+    scored: &Scored<'_>,
+    thresholds: &[NamedThreshold],
+    settings: &Settings,
+) -> (Metrics, Curves, Vec<Subgroup>, Option<usize>) {
+    let (y, p) = (scored.y, scored.p);
+    let mut n_clusters = None;
+    let cluster_index: Option<Vec<usize>> = scored.clusters.map(|c| {
+        let mut ids: HashMap<&str, usize> = HashMap::new();
+        let idx = c
+            .iter()
+            .map(|s| {
+                let k = ids.len();
+                *ids.entry(s.as_str()).or_insert(k)
+            })
+            .collect();
+        n_clusters = Some(ids.len());
+        idx
+    });
+    let spec = BootstrapSpec {
+        replicates: settings.bootstrap_replicates,
+        seed: settings.seed,
+        confidence: settings.confidence,
+    };
+    let boot = (settings.bootstrap_replicates > 0)
+        .then(|| bootstrap::bootstrap(y, p, cluster_index.as_deref().zip(n_clusters), spec));
+    let overall = compute_metrics(y, p, thresholds, settings, boot.as_ref(), true);
+    let curves = Curves {
+        roc: metrics::thin(&metrics::roc_curve(y, p), 500),
+        roc_band: boot
+            .as_ref()
+            .map(|b| b.roc_band.clone())
+            .unwrap_or_default(),
+        precision_recall: metrics::thin(&metrics::pr_curve(y, p), 500),
+        reliability: metrics::reliability(y, p, settings.calibration_bins),
+        decision: metrics::decision_curve(y, p, &settings.decision_thresholds),
+    };
+    let mut subgroups = Vec::new();
+    for (column, values) in scored.subgroups {
+        let mut by_value: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, v) in values.iter().enumerate() {
+            by_value.entry(v.as_str()).or_default().push(i);
+        }
+        for (value, rows) in by_value {
+            let sy: Vec<bool> = rows.iter().map(|&i| y[i]).collect();
+            let sp: Vec<f64> = rows.iter().map(|&i| p[i]).collect();
+            let (pos, neg) = metrics::class_counts(&sy);
+            let reason = if rows.len() < settings.min_subgroup_n {
+                Some(format!(
+                    "{} rows, fewer than the minimum of {}",
+                    rows.len(),
+                    settings.min_subgroup_n
+                ))
+            } else if pos == 0 || neg == 0 {
+                Some("only one class".to_owned())
+            } else {
+                None
+            };
+            subgroups.push(Subgroup {
+                column: column.clone(),
+                value: if value.is_empty() {
+                    "(missing)".to_owned()
+                } else {
+                    value.to_owned()
+                },
+                n: rows.len(),
+                positives: pos,
+                status: if reason.is_some() {
+                    "insufficient"
+                } else {
+                    "ok"
+                },
+                metrics: reason
+                    .is_none()
+                    .then(|| compute_metrics(&sy, &sp, thresholds, settings, None, false)),
+                reason,
+            });
+        }
+    }
+    (overall, curves, subgroups, n_clusters)
+}
+
+/// Paired comparison of two score vectors on the same rows.
+pub fn compare(
+    y: &[bool],
+    a: &[f64],
+    b: &[f64],
+    names: (String, String),
+    confidence: f64,
+) -> Comparison {
+    Comparison {
+        a: names.0,
+        b: names.1,
+        auroc_difference: metrics::delong_paired(y, a, b, confidence),
+        n: y.len(),
+    }
+}
