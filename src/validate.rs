@@ -108,9 +108,36 @@ pub struct ValidateArgs {
     pub quiet: bool,
 }
 
-/// A usage or data error (exit 2), as opposed to a failed gate (exit 1).
-#[derive(Debug)]
-pub struct UsageError(pub anyhow::Error);
+/// What a caller other than the command line supplies (the server's validation runs).
+#[derive(Default)]
+pub struct RunContext {
+    /// How to load the bundle (the server's engine and signature policy) instead of the
+    /// flags'.
+    pub options: Option<RepositoryOptions>,
+    /// The audit trail to record predictions in (the server's) instead of `--audit-log`.
+    pub audit: Option<AuditLog>,
+    /// Counters a watcher reads while the run goes.
+    pub progress: Option<Arc<RunProgress>>,
+    /// Who asked, for the audit records (default `validate`).
+    pub actor: Option<String>,
+}
+
+/// How far a run has read its dataset.
+#[derive(Debug, Default)]
+pub struct RunProgress {
+    pub rows: std::sync::atomic::AtomicU64,
+    pub bytes_read: std::sync::atomic::AtomicU64,
+    pub total_bytes: std::sync::atomic::AtomicU64,
+}
+
+/// `nightingale validate`'s flags parsed from an argument list (the server builds its runs
+/// with the same parser, so they get the same defaults and checks).
+#[derive(clap::Parser, Debug)]
+#[command(name = "validate")]
+pub struct ValidateCommand {
+    #[command(flatten)]
+    pub args: ValidateArgs,
+}
 
 /// Runs `validate`; returns the process exit code.
 pub fn run(args: &ValidateArgs) -> i32 {
@@ -383,10 +410,15 @@ struct Progress {
     next_line: u64,
     quiet: bool,
     started: Instant,
+    shared: Option<Arc<RunProgress>>,
 }
 
 impl Progress {
-    fn new(total_bytes: u64, quiet: bool) -> Progress {
+    fn new(total_bytes: u64, quiet: bool, shared: Option<Arc<RunProgress>>) -> Progress {
+        if let Some(s) = &shared {
+            s.total_bytes
+                .store(total_bytes, std::sync::atomic::Ordering::Relaxed);
+        }
         let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
             let bar = indicatif::ProgressBar::new(total_bytes);
             bar.set_style(
@@ -403,10 +435,16 @@ impl Progress {
             next_line: 10,
             quiet,
             started: Instant::now(),
+            shared,
         }
     }
 
     fn update(&mut self, bytes: u64, rows: usize) {
+        if let Some(s) = &self.shared {
+            use std::sync::atomic::Ordering::Relaxed;
+            s.bytes_read.store(bytes, Relaxed);
+            s.rows.store(rows as u64, Relaxed);
+        }
         if let Some(bar) = &self.bar {
             bar.set_position(bytes);
             bar.set_message(format!("{rows} rows"));
@@ -452,6 +490,7 @@ type InFlight = tokio::task::JoinHandle<anyhow::Result<Vec<Vec<f64>>>>;
 async fn score_batch(
     models: Vec<(Arc<LoadedModel>, Target)>,
     audit: AuditLog,
+    actor: String,
     input: String,
     row_shape: Vec<usize>,
     rows: Vec<Vec<f32>>,
@@ -476,7 +515,7 @@ async fn score_batch(
             rows: Some(n),
             status: 500,
             outcome: Outcome::Failed,
-            actor: Some("validate".to_owned()),
+            actor: Some(actor.clone()),
             detail: Some("validation run".to_owned()),
         };
         let outputs = model.worker.infer(inputs).await;
@@ -523,22 +562,38 @@ async fn score_batch(
 }
 
 fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let report = run_job(args, RunContext::default())?;
+    if !args.quiet {
+        print_summary(
+            &report,
+            &args.out,
+            started.elapsed().as_secs_f64(),
+            report.source == "predictions",
+        );
+    }
+    Ok(report.gate.as_ref().is_none_or(|g| g.passed))
+}
+
+/// Runs one validation and writes `report.json` and `report.html` into `args.out`.
+pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
     let settings = settings(args)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
-    let policy = SignaturePolicy::load(&args.trusted_keys, args.require_signatures)?;
-    let repository = Repository::new(
-        args.repository.clone(),
-        RepositoryOptions {
+    let options = match ctx.options.clone() {
+        Some(o) => o,
+        None => RepositoryOptions {
             backend: match args.backend {
                 BackendArg::Tract => BackendKind::Tract,
                 BackendArg::Ort => BackendKind::Ort,
             },
             ort_library: args.ort_library.clone(),
-            signatures: policy,
+            signatures: SignaturePolicy::load(&args.trusted_keys, args.require_signatures)?,
             ..RepositoryOptions::default()
         },
-    );
+    };
+    let repository = Repository::new(args.repository.clone(), options);
+    let actor = ctx.actor.clone().unwrap_or_else(|| "validate".to_owned());
     // Which models: one, two (compare) or none (predictions without --model).
     let names: Vec<(String, Option<u64>)> = match (&args.compare, &args.model) {
         (Some(c), _) => {
@@ -639,7 +694,7 @@ fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
     let run_id = uuid::Uuid::new_v4().to_string();
 
     let mut collected = Collected::default();
-    let mut progress = Progress::new(total_bytes, args.quiet);
+    let mut progress = Progress::new(total_bytes, args.quiet, ctx.progress.clone());
     let started = Instant::now();
     let mut usable = 0usize;
     if predictions {
@@ -678,8 +733,11 @@ fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
             .min()
             .unwrap_or(1)
             .clamp(1, 1024);
-        let audit = AuditLog::open(&audit_path, false)
-            .with_context(|| format!("cannot open the audit trail {}", audit_path.display()))?;
+        let audit = match &ctx.audit {
+            Some(a) => a.clone(),
+            None => AuditLog::open(&audit_path, false)
+                .with_context(|| format!("cannot open the audit trail {}", audit_path.display()))?,
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -716,6 +774,7 @@ fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
                     in_flight.push_back(tokio::spawn(score_batch(
                         models.clone(),
                         audit.clone(),
+                        actor.clone(),
                         input_name.clone(),
                         row_shape.clone(),
                         std::mem::replace(&mut batch, Vec::with_capacity(batch_size)),
@@ -878,10 +937,13 @@ fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
         tripod_ai: tripod,
     };
     write_report(&args.out, &report)?;
-    if !args.quiet {
-        print_summary(&report, &args.out, infer_secs, predictions);
-    }
-    Ok(report.gate.as_ref().is_none_or(|g| g.passed))
+    tracing::info!(
+        rows = report.dataset.rows_used,
+        secs = infer_secs,
+        gate = ?report.gate.as_ref().map(|g| g.passed),
+        "validation report written"
+    );
+    Ok(report)
 }
 
 fn push_unusable(c: &mut Collected, u: Unusable) {
