@@ -238,6 +238,14 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub cds_trust: Vec<String>,
+    /// A folder whose datasets researchers may name in `POST /validation/runs` (JSON
+    /// requests); without it, datasets are uploaded in the request (text/csv).
+    #[arg(long, env = "NIGHTINGALE_VALIDATION_ROOT")]
+    pub validation_root: Option<PathBuf>,
+    /// The largest dataset `POST /validation/runs` accepts as an upload, in bytes.
+    /// [default: 268435456]
+    #[arg(long, env = "NIGHTINGALE_VALIDATION_MAX_UPLOAD_BYTES")]
+    pub validation_max_upload_bytes: Option<u64>,
     /// What the CDS service URLs start with (the JWTs' `aud` is
     /// <base>/cds-services/{id}); default: http(s)://<Host header>.
     #[arg(long, env = "NIGHTINGALE_CDS_BASE_URL")]
@@ -372,6 +380,8 @@ struct FileConfig {
     cds: Option<nightingale_decision_support::service::CdsSection>,
     cds_trust: Option<Vec<String>>,
     cds_base_url: Option<String>,
+    validation_root: Option<PathBuf>,
+    validation_max_upload_bytes: Option<u64>,
     cds_fhir_servers: Option<Vec<String>>,
     cds_fetch_timeout_ms: Option<u64>,
     cds_imaging_identifier_system: Option<String>,
@@ -393,6 +403,9 @@ pub struct ServeConfig {
     pub admin_token: Option<String>,
     pub request_timeout: std::time::Duration,
     pub data_dir: PathBuf,
+    /// Validation runs: the server-side datasets' folder, and the upload cap.
+    pub validation_root: Option<PathBuf>,
+    pub validation_max_upload_bytes: u64,
     pub audit: AuditConfig,
     pub log_format: LogFormat,
     /// API keys, JWT, client-certificate and anonymous roles (`[auth]`).
@@ -1039,6 +1052,14 @@ impl ServeArgs {
             admin_token,
             request_timeout: std::time::Duration::from_millis(request_timeout_ms),
             data_dir,
+            validation_root: self
+                .validation_root
+                .clone()
+                .or(file.validation_root.clone()),
+            validation_max_upload_bytes: self
+                .validation_max_upload_bytes
+                .or(file.validation_max_upload_bytes)
+                .unwrap_or(256 << 20),
             audit,
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             auth,

@@ -301,15 +301,16 @@ async fn serve(
         "starting nightingale {}",
         env!("CARGO_PKG_VERSION")
     );
+    let load_options = RepositoryOptions {
+        backend: config.backend,
+        intra_op_threads: config.intra_op_threads,
+        execution_provider: config.execution_provider,
+        ort_library: config.ort_library.clone(),
+        signatures: config.signatures.clone(),
+    };
     let repository = Arc::new(Repository::new(
         config.repository.clone(),
-        RepositoryOptions {
-            backend: config.backend,
-            intra_op_threads: config.intra_op_threads,
-            execution_provider: config.execution_provider,
-            ort_library: config.ort_library.clone(),
-            signatures: config.signatures.clone(),
-        },
+        load_options.clone(),
     ));
     tracing::info!(store = %audit.location(), "audit trail open");
     log_access(&config);
@@ -340,6 +341,13 @@ async fn serve(
         }
     );
     state.set_cds(cds);
+    // Validation runs (issue 11): role researcher; each run loads its own copy of the bundle.
+    state.set_validation(http::validation::Validation::new(
+        config.validation_root.clone(),
+        &config.data_dir,
+        config.validation_max_upload_bytes,
+        load_options,
+    ));
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.http_addr))?;

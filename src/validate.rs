@@ -15,11 +15,13 @@ use nightingale_inference::{BackendKind, NamedTensor, Tensor};
 use nightingale_models::{
     LoadTarget, LoadedModel, Manifest, Repository, RepositoryOptions, SignaturePolicy,
 };
-use nightingale_validation::dataset::{Columns, CsvDataset, LabelSpec};
+use nightingale_validation::bootstrap::BootstrapSpec;
+use nightingale_validation::dataset::{Columns, CsvDataset, DatasetError, LabelSpec, NpyDataset};
 use nightingale_validation::report::{
     self, DatasetSection, ModelIdentity, NamedThreshold, Report, Scored, Settings,
 };
-use nightingale_validation::{Unusable, check_gate, html};
+use nightingale_validation::{DatasetSummary, Row};
+use nightingale_validation::{Unusable, check_gate, check_gate_multiclass, html, multiclass};
 
 use crate::audit::{AuditEvent, AuditLog, EventKind, Outcome, tensors_sha256};
 use crate::config::BackendArg;
@@ -41,9 +43,14 @@ pub struct ValidateArgs {
     /// of the AUROC difference (V2 − V1) and V2's gate.
     #[arg(long, conflicts_with_all = ["model", "predictions"])]
     pub compare: Option<String>,
-    /// Labelled dataset: a CSV with the bundle's feature names as columns and a label column.
+    /// Labelled dataset: a CSV with the bundle's feature names as columns and a label column,
+    /// or a folder with images.npy (preprocessed model inputs) and labels.npy (class indices).
     #[arg(long, required_unless_present = "predictions")]
     pub dataset: Option<PathBuf>,
+    /// The output to evaluate [default: the output with a positive_label (binary), else the
+    /// first with class labels (multi-class, one-vs-rest)].
+    #[arg(long)]
+    pub output: Option<String>,
     /// Evaluate predictions made elsewhere: a CSV with a label column and a score column.
     #[arg(long, conflicts_with = "dataset")]
     pub predictions: Option<PathBuf>,
@@ -101,9 +108,36 @@ pub struct ValidateArgs {
     pub quiet: bool,
 }
 
-/// A usage or data error (exit 2), as opposed to a failed gate (exit 1).
-#[derive(Debug)]
-pub struct UsageError(pub anyhow::Error);
+/// What a caller other than the command line supplies (the server's validation runs).
+#[derive(Default)]
+pub struct RunContext {
+    /// How to load the bundle (the server's engine and signature policy) instead of the
+    /// flags'.
+    pub options: Option<RepositoryOptions>,
+    /// The audit trail to record predictions in (the server's) instead of `--audit-log`.
+    pub audit: Option<AuditLog>,
+    /// Counters a watcher reads while the run goes.
+    pub progress: Option<Arc<RunProgress>>,
+    /// Who asked, for the audit records (default `validate`).
+    pub actor: Option<String>,
+}
+
+/// How far a run has read its dataset.
+#[derive(Debug, Default)]
+pub struct RunProgress {
+    pub rows: std::sync::atomic::AtomicU64,
+    pub bytes_read: std::sync::atomic::AtomicU64,
+    pub total_bytes: std::sync::atomic::AtomicU64,
+}
+
+/// `nightingale validate`'s flags parsed from an argument list (the server builds its runs
+/// with the same parser, so they get the same defaults and checks).
+#[derive(clap::Parser, Debug)]
+#[command(name = "validate")]
+pub struct ValidateCommand {
+    #[command(flatten)]
+    pub args: ValidateArgs,
+}
 
 /// Runs `validate`; returns the process exit code.
 pub fn run(args: &ValidateArgs) -> i32 {
@@ -167,24 +201,65 @@ fn parse_model(s: &str) -> anyhow::Result<(String, Option<u64>)> {
     }
 }
 
-/// What is scored: the output with a positive label, that label's column, the thresholds on
-/// it.
+/// What is scored: the output, and for a binary output its positive label's column and the
+/// thresholds on it; a multi-class output's every column.
+#[derive(Clone)]
 struct Target {
     output: String,
+    /// Binary: the positive label's column.
     column: usize,
+    /// Columns of the output (K).
+    width: usize,
     labels: LabelSpec,
     thresholds: Vec<NamedThreshold>,
 }
 
-fn target(m: &Manifest) -> anyhow::Result<Target> {
-    let Some(output) = m.outputs.iter().find(|o| o.positive_label.is_some()) else {
+impl Target {
+    fn multiclass(&self) -> bool {
+        self.labels.multiclass
+    }
+}
+
+fn scored_output(m: &Manifest, wanted: Option<&str>) -> anyhow::Result<Target> {
+    let output = match wanted {
+        Some(w) => m
+            .outputs
+            .iter()
+            .find(|o| o.name == w)
+            .ok_or_else(|| anyhow!("bundle {:?} has no output {w:?}", m.name))?,
+        None => m
+            .outputs
+            .iter()
+            .find(|o| o.positive_label.is_some())
+            .or_else(|| m.outputs.iter().find(|o| o.labels.len() > 2))
+            .ok_or_else(|| {
+                anyhow!(
+                    "bundle {:?} declares no output with a positive_label or class labels: \
+                     there is nothing `validate` can score",
+                    m.name
+                )
+            })?,
+    };
+    if output.labels.len() < 2 {
         bail!(
-            "bundle {:?} declares no output with a positive_label: this version of `validate` \
-             evaluates binary classifiers only (multi-class is not yet supported)",
+            "output {:?} of {:?} declares no class labels",
+            output.name,
             m.name
         );
+    }
+    let Some(positive) = output.positive_label.clone() else {
+        return Ok(Target {
+            output: output.name.clone(),
+            column: 0,
+            width: output.labels.len(),
+            labels: LabelSpec {
+                positive: String::new(),
+                classes: output.labels.clone(),
+                multiclass: true,
+            },
+            thresholds: Vec::new(),
+        });
     };
-    let positive = output.positive_label.clone().unwrap_or_default();
     let column = output
         .labels
         .iter()
@@ -203,9 +278,11 @@ fn target(m: &Manifest) -> anyhow::Result<Target> {
     Ok(Target {
         output: output.name.clone(),
         column,
+        width: output.labels.len(),
         labels: LabelSpec {
             positive,
             classes: output.labels.clone(),
+            multiclass: false,
         },
         thresholds,
     })
@@ -235,7 +312,7 @@ fn load(
     let model = repository
         .get(name, version.map(|v| v.to_string()).as_deref())
         .with_context(|| format!("{name} is not serving"))?;
-    let t = target_of(&model)?;
+    let t = scored_output(&model.manifest, args.output.as_deref())?;
     let identity = ModelIdentity {
         name: model.name.clone(),
         version: model.version,
@@ -253,34 +330,21 @@ fn load(
     Ok(Loaded { model, identity })
 }
 
-fn target_of(model: &LoadedModel) -> anyhow::Result<Target> {
-    target(&model.manifest)
+/// The model's single input: its name, declared shape and feature names (tabular).
+struct Input {
+    name: String,
+    shape: Vec<i64>,
+    features: Vec<String>,
 }
 
-/// The single tabular input: its name and feature names.
-fn tabular_input(m: &Manifest) -> anyhow::Result<(String, Vec<String>)> {
-    if m.preprocessing.is_some() {
-        bail!(
-            "bundle {:?} takes images: imaging datasets (DICOM folders, .npy) are not yet \
-             supported by `validate`; evaluate its predictions with --predictions",
-            m.name
-        );
-    }
+fn model_input(m: &Manifest, tensors: bool) -> anyhow::Result<Input> {
     let [input] = m.inputs.as_slice() else {
         bail!(
-            "bundle {:?} has {} inputs; `validate` runs tabular bundles with one",
+            "bundle {:?} has {} inputs; `validate` runs bundles with one",
             m.name,
             m.inputs.len()
         );
     };
-    if input.features.is_empty() {
-        bail!(
-            "input {:?} of {:?} names no [[inputs.features]]: the dataset's columns cannot be \
-             matched to it",
-            input.name,
-            m.name
-        );
-    }
     if input.datatype != nightingale_inference::DataType::Fp32 {
         bail!(
             "input {:?} is {}, not FP32",
@@ -288,10 +352,55 @@ fn tabular_input(m: &Manifest) -> anyhow::Result<(String, Vec<String>)> {
             input.datatype.as_str()
         );
     }
-    Ok((
-        input.name.clone(),
-        input.features.iter().map(|f| f.name.clone()).collect(),
-    ))
+    if !tensors {
+        if m.preprocessing.is_some() {
+            bail!(
+                "bundle {:?} takes images: give a folder with images.npy and labels.npy \
+                 (DICOM folders are not yet supported), or --predictions",
+                m.name
+            );
+        }
+        if input.features.is_empty() {
+            bail!(
+                "input {:?} of {:?} names no [[inputs.features]]: the dataset's columns \
+                 cannot be matched to it",
+                input.name,
+                m.name
+            );
+        }
+    }
+    Ok(Input {
+        name: input.name.clone(),
+        shape: input.shape.clone(),
+        features: input.features.iter().map(|f| f.name.clone()).collect(),
+    })
+}
+
+/// The dataset being read.
+enum Data {
+    Csv(CsvDataset),
+    Npy(NpyDataset),
+}
+
+impl Data {
+    fn next_row(&mut self) -> Result<Option<Result<Row, Unusable>>, DatasetError> {
+        match self {
+            Data::Csv(d) => d.next_row(),
+            Data::Npy(d) => d.next_row(),
+        }
+    }
+    fn bytes_read(&self) -> u64 {
+        match self {
+            Data::Csv(d) => d.bytes_read(),
+            Data::Npy(d) => d.bytes_read(),
+        }
+    }
+    fn finish(self) -> Result<DatasetSummary, DatasetError> {
+        match self {
+            Data::Csv(d) => d.finish(),
+            Data::Npy(d) => Ok(d.finish()),
+        }
+    }
 }
 
 /// Progress on a terminal (a bar) or in a log (a line every 10 %).
@@ -301,10 +410,15 @@ struct Progress {
     next_line: u64,
     quiet: bool,
     started: Instant,
+    shared: Option<Arc<RunProgress>>,
 }
 
 impl Progress {
-    fn new(total_bytes: u64, quiet: bool) -> Progress {
+    fn new(total_bytes: u64, quiet: bool, shared: Option<Arc<RunProgress>>) -> Progress {
+        if let Some(s) = &shared {
+            s.total_bytes
+                .store(total_bytes, std::sync::atomic::Ordering::Relaxed);
+        }
         let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
             let bar = indicatif::ProgressBar::new(total_bytes);
             bar.set_style(
@@ -321,10 +435,16 @@ impl Progress {
             next_line: 10,
             quiet,
             started: Instant::now(),
+            shared,
         }
     }
 
     fn update(&mut self, bytes: u64, rows: usize) {
+        if let Some(s) = &self.shared {
+            use std::sync::atomic::Ordering::Relaxed;
+            s.bytes_read.store(bytes, Relaxed);
+            s.rows.store(rows as u64, Relaxed);
+        }
         if let Some(bar) = &self.bar {
             bar.set_position(bytes);
             bar.set_message(format!("{rows} rows"));
@@ -352,6 +472,8 @@ impl Progress {
 #[derive(Default)]
 struct Collected {
     y: Vec<bool>,
+    /// Class indices (multi-class).
+    classes: Vec<usize>,
     /// One score vector per model (two with --compare).
     p: Vec<Vec<f64>>,
     subgroups: Vec<Vec<String>>,
@@ -363,20 +485,24 @@ struct Collected {
 /// A batch in flight: its rows' scores, per model.
 type InFlight = tokio::task::JoinHandle<anyhow::Result<Vec<Vec<f64>>>>;
 
+/// Scores one batch with each model: per model, the scored columns of each row, row after
+/// row (binary: the positive label's probability; multi-class: all K).
 async fn score_batch(
-    models: Vec<Arc<LoadedModel>>,
+    models: Vec<(Arc<LoadedModel>, Target)>,
     audit: AuditLog,
+    actor: String,
     input: String,
+    row_shape: Vec<usize>,
     rows: Vec<Vec<f32>>,
     request_id: String,
 ) -> anyhow::Result<Vec<Vec<f64>>> {
-    let width = rows.first().map_or(0, Vec::len);
     let n = rows.len();
+    let mut shape = vec![n];
+    shape.extend_from_slice(&row_shape);
     let data: Vec<f32> = rows.into_iter().flatten().collect();
     let mut out = Vec::with_capacity(models.len());
-    for model in models {
-        let t = target_of(&model)?;
-        let tensor = Tensor::from_vec(vec![n, width], data.clone())?;
+    for (model, t) in models {
+        let tensor = Tensor::from_vec(shape.clone(), data.clone())?;
         let inputs = vec![NamedTensor::new(input.clone(), tensor)];
         let mut event = AuditEvent {
             kind: EventKind::Inference,
@@ -389,7 +515,7 @@ async fn score_batch(
             rows: Some(n),
             status: 500,
             outcome: Outcome::Failed,
-            actor: Some("validate".to_owned()),
+            actor: Some(actor.clone()),
             detail: Some("validation run".to_owned()),
         };
         let outputs = model.worker.infer(inputs).await;
@@ -410,39 +536,64 @@ async fn score_batch(
             .and_then(|o| o.tensor.view::<f32>())
             .ok_or_else(|| anyhow!("{} returned no FP32 output {:?}", model.name, t.output))?;
         let cols = view.shape().last().copied().unwrap_or(0);
-        let flat: Vec<f32> = view.iter().copied().collect();
-        let mut scores = Vec::with_capacity(n);
-        for r in 0..n {
-            match flat.get(r * cols + t.column) {
-                Some(p) if p.is_finite() => scores.push(f64::from(*p)),
-                _ => bail!(
-                    "{} returned a non-finite score for a row of batch {request_id}",
-                    model.name
-                ),
-            }
+        if cols != t.width || view.len() != n * cols {
+            bail!(
+                "{} answered {:?} for {n} rows; its manifest declares {} columns",
+                model.name,
+                view.shape(),
+                t.width
+            );
         }
-        out.push(scores);
+        let flat: Vec<f32> = view.iter().copied().collect();
+        let scored: Vec<f32> = if t.multiclass() {
+            flat
+        } else {
+            flat.chunks(cols).map(|r| r[t.column]).collect()
+        };
+        if scored.iter().any(|p| !p.is_finite()) {
+            bail!(
+                "{} returned a non-finite score in batch {request_id}",
+                model.name
+            );
+        }
+        out.push(scored.into_iter().map(f64::from).collect());
     }
     Ok(out)
 }
 
 fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let report = run_job(args, RunContext::default())?;
+    if !args.quiet {
+        print_summary(
+            &report,
+            &args.out,
+            started.elapsed().as_secs_f64(),
+            report.source == "predictions",
+        );
+    }
+    Ok(report.gate.as_ref().is_none_or(|g| g.passed))
+}
+
+/// Runs one validation and writes `report.json` and `report.html` into `args.out`.
+pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
     let settings = settings(args)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
-    let policy = SignaturePolicy::load(&args.trusted_keys, args.require_signatures)?;
-    let repository = Repository::new(
-        args.repository.clone(),
-        RepositoryOptions {
+    let options = match ctx.options.clone() {
+        Some(o) => o,
+        None => RepositoryOptions {
             backend: match args.backend {
                 BackendArg::Tract => BackendKind::Tract,
                 BackendArg::Ort => BackendKind::Ort,
             },
             ort_library: args.ort_library.clone(),
-            signatures: policy,
+            signatures: SignaturePolicy::load(&args.trusted_keys, args.require_signatures)?,
             ..RepositoryOptions::default()
         },
-    );
+    };
+    let repository = Repository::new(args.repository.clone(), options);
+    let actor = ctx.actor.clone().unwrap_or_else(|| "validate".to_owned());
     // Which models: one, two (compare) or none (predictions without --model).
     let names: Vec<(String, Option<u64>)> = match (&args.compare, &args.model) {
         (Some(c), _) => {
@@ -466,40 +617,76 @@ fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
     // The report's model is the last one (V2 when comparing).
     let main = loaded.last();
     let target = match main {
-        Some(l) => Some(target_of(&l.model)?),
+        Some(l) => Some(scored_output(&l.model.manifest, args.output.as_deref())?),
         None => None,
     };
+    let multiclass = target.as_ref().is_some_and(Target::multiclass);
     let labels = target.as_ref().map_or_else(
         || LabelSpec {
             positive: "1".to_owned(),
             classes: vec!["0".to_owned(), "1".to_owned()],
+            multiclass: false,
         },
         |t| t.labels.clone(),
     );
     let predictions = args.predictions.is_some();
+    if multiclass && (predictions || loaded.len() > 1 || !args.subgroups.is_empty()) {
+        bail!(
+            "output {:?} is multi-class: --predictions, --compare and --subgroup are supported \
+             for binary outputs only in this version",
+            target
+                .as_ref()
+                .map(|t| t.output.as_str())
+                .unwrap_or_default()
+        );
+    }
+    let tensors = args
+        .dataset
+        .as_deref()
+        .is_some_and(|d| d.is_dir() && NpyDataset::is_npy_folder(d));
     let (path, input) = match (&args.predictions, &args.dataset) {
         (Some(p), _) => (p.clone(), None),
         (None, Some(d)) => {
             let l = main.ok_or_else(|| anyhow!("--dataset needs --model or --compare"))?;
-            (d.clone(), Some(tabular_input(&l.model.manifest)?))
+            if d.is_dir() && !tensors {
+                bail!(
+                    "{}: a folder dataset holds images.npy and labels.npy",
+                    d.display()
+                );
+            }
+            (d.clone(), Some(model_input(&l.model.manifest, tensors)?))
         }
         (None, None) => bail!("give --dataset or --predictions"),
     };
     if let Some(a) = loaded.first()
         && let Some(b) = loaded.get(1)
-        && tabular_input(&a.model.manifest)?.1 != tabular_input(&b.model.manifest)?.1
+        && model_input(&a.model.manifest, tensors)?.features
+            != model_input(&b.model.manifest, tensors)?.features
     {
         bail!("the two versions take different features: they cannot be compared on one dataset");
     }
-    let columns = Columns {
-        features: input.as_ref().map(|i| i.1.clone()).unwrap_or_default(),
-        label: args.label_column.clone(),
-        score: predictions.then(|| args.score_column.clone()),
-        subgroups: args.subgroups.clone(),
-        cluster: args.patient_id_column.clone(),
+    let (mut dataset, total_bytes, row_shape) = if tensors {
+        let shape = input.as_ref().map(|i| i.shape.clone()).unwrap_or_default();
+        let d = NpyDataset::open(&path, &shape, &labels)?;
+        let rows = d.row_shape().to_vec();
+        let bytes = std::fs::metadata(path.join("images.npy")).map_or(0, |m| m.len());
+        (Data::Npy(d), bytes, rows)
+    } else {
+        let columns = Columns {
+            features: input
+                .as_ref()
+                .map(|i| i.features.clone())
+                .unwrap_or_default(),
+            label: args.label_column.clone(),
+            score: predictions.then(|| args.score_column.clone()),
+            subgroups: args.subgroups.clone(),
+            cluster: args.patient_id_column.clone(),
+        };
+        let width = columns.features.len();
+        let d = CsvDataset::open(&path, &columns, labels.clone())?;
+        let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+        (Data::Csv(d), bytes, vec![width])
     };
-    let mut dataset = CsvDataset::open(&path, &columns, labels.clone())?;
-    let total_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let audit_path = args
         .audit_log
         .clone()
@@ -507,7 +694,7 @@ fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
     let run_id = uuid::Uuid::new_v4().to_string();
 
     let mut collected = Collected::default();
-    let mut progress = Progress::new(total_bytes, args.quiet);
+    let mut progress = Progress::new(total_bytes, args.quiet, ctx.progress.clone());
     let started = Instant::now();
     let mut usable = 0usize;
     if predictions {
@@ -516,6 +703,7 @@ fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
             match row {
                 Ok(r) => {
                     collected.y.push(r.label);
+                    collected.classes.push(r.class);
                     scores.push(r.score.unwrap_or(f64::NAN));
                     collected.subgroups.push(r.subgroups);
                     if let Some(c) = r.cluster {
@@ -529,16 +717,27 @@ fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
         }
         collected.p.push(scores);
     } else {
-        let (input_name, _) = input.clone().unwrap_or_default();
-        let models: Vec<Arc<LoadedModel>> = loaded.iter().map(|l| l.model.clone()).collect();
+        let input_name = input.as_ref().map(|i| i.name.clone()).unwrap_or_default();
+        let models: Vec<(Arc<LoadedModel>, Target)> = loaded
+            .iter()
+            .map(|l| {
+                Ok((
+                    l.model.clone(),
+                    scored_output(&l.model.manifest, args.output.as_deref())?,
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?;
         let batch_size = models
             .iter()
-            .map(|m| m.manifest.batching.max_batch_size)
+            .map(|(m, _)| m.manifest.batching.max_batch_size)
             .min()
             .unwrap_or(1)
             .clamp(1, 1024);
-        let audit = AuditLog::open(&audit_path, false)
-            .with_context(|| format!("cannot open the audit trail {}", audit_path.display()))?;
+        let audit = match &ctx.audit {
+            Some(a) => a.clone(),
+            None => AuditLog::open(&audit_path, false)
+                .with_context(|| format!("cannot open the audit trail {}", audit_path.display()))?,
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -559,6 +758,7 @@ fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
                 match row {
                     Some(Ok(r)) => {
                         collected.y.push(r.label);
+                        collected.classes.push(r.class);
                         collected.subgroups.push(r.subgroups);
                         if let Some(c) = r.cluster {
                             collected.clusters.push(c);
@@ -574,7 +774,9 @@ fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
                     in_flight.push_back(tokio::spawn(score_batch(
                         models.clone(),
                         audit.clone(),
+                        actor.clone(),
                         input_name.clone(),
+                        row_shape.clone(),
                         std::mem::replace(&mut batch, Vec::with_capacity(batch_size)),
                         format!("validate-{run_id}-{batches}"),
                     )));
@@ -637,7 +839,22 @@ fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
         .as_ref()
         .map(|t| t.thresholds.clone())
         .unwrap_or_default();
-    let (metrics, curves, subgroups, clusters) = report::evaluate(&scored, &thresholds, &settings);
+    let spec = (settings.bootstrap_replicates > 0).then_some(BootstrapSpec {
+        replicates: settings.bootstrap_replicates,
+        seed: settings.seed,
+        confidence: settings.confidence,
+    });
+    let (metrics, curves, subgroups, clusters, multi) = if multiclass {
+        let labels = target
+            .as_ref()
+            .map(|t| t.labels.classes.clone())
+            .unwrap_or_default();
+        let m = multiclass::evaluate(&collected.classes, &p, &labels, settings.confidence, spec);
+        (None, None, Vec::new(), None, Some(m))
+    } else {
+        let (m, c, s, k) = report::evaluate(&scored, &thresholds, &settings);
+        (Some(m), Some(c), s, k, None)
+    };
     let comparison = match (loaded.first(), loaded.get(1)) {
         (Some(a), Some(b)) => Some(report::compare(
             &collected.y,
@@ -654,16 +871,28 @@ fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
     let gate = main.and_then(|l| {
         let spec = l.model.manifest.validation.as_ref()?;
         let version = Some(l.model.version);
-        (!spec.gate_for(version).is_empty()).then(|| check_gate(spec, version, &metrics))
+        if spec.gate_for(version).is_empty() {
+            return None;
+        }
+        match (&metrics, &multi) {
+            (Some(m), _) => Some(check_gate(spec, version, m)),
+            (None, Some(m)) => Some(check_gate_multiclass(spec, version, m)),
+            (None, None) => None,
+        }
     });
     let mut identity = main.map(|l| l.identity.clone());
     if predictions && let Some(i) = identity.as_mut() {
         i.backend = None;
     }
+    let (n, positives) = match (&metrics, &multi) {
+        (Some(m), _) => (m.n, Some(m.positives)),
+        (None, Some(m)) => (m.n, None),
+        (None, None) => (0, None),
+    };
     let tripod = tripod_items(
         &identity,
         &summary,
-        &metrics,
+        (n, positives),
         &collected,
         &settings,
         &args.subgroups,
@@ -682,6 +911,8 @@ fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
             summary,
             kind: if predictions {
                 "predictions-csv"
+            } else if tensors {
+                "npy-tensors"
             } else {
                 "tabular-csv"
             },
@@ -696,7 +927,9 @@ fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
             unusable_truncated: collected.unusable_count > LISTED_UNUSABLE,
         },
         settings,
+        task: if multiclass { "multiclass" } else { "binary" },
         metrics,
+        multiclass: multi,
         curves,
         subgroups,
         comparison,
@@ -704,10 +937,13 @@ fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
         tripod_ai: tripod,
     };
     write_report(&args.out, &report)?;
-    if !args.quiet {
-        print_summary(&report, &args.out, infer_secs, predictions);
-    }
-    Ok(report.gate.as_ref().is_none_or(|g| g.passed))
+    tracing::info!(
+        rows = report.dataset.rows_used,
+        secs = infer_secs,
+        gate = ?report.gate.as_ref().map(|g| g.passed),
+        "validation report written"
+    );
+    Ok(report)
 }
 
 fn push_unusable(c: &mut Collected, u: Unusable) {
@@ -732,7 +968,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 fn tripod_items(
     model: &Option<ModelIdentity>,
     data: &nightingale_validation::DatasetSummary,
-    m: &report::Metrics,
+    (n, positives): (usize, Option<usize>),
     c: &Collected,
     s: &Settings,
     subgroups: &[String],
@@ -747,13 +983,17 @@ fn tripod_items(
     );
     t.insert(
         "participants and outcome events".to_owned(),
-        format!(
-            "{} rows used of {} read; {} with the outcome ({:.1} %)",
-            m.n,
-            data.rows_read,
-            m.positives,
-            100.0 * m.positives as f64 / m.n.max(1) as f64
-        ),
+        match positives {
+            Some(pos) => format!(
+                "{n} rows used of {} read; {pos} with the outcome ({:.1} %)",
+                data.rows_read,
+                100.0 * pos as f64 / n.max(1) as f64
+            ),
+            None => format!(
+                "{n} rows used of {} read (class counts in the report)",
+                data.rows_read
+            ),
+        },
     );
     t.insert(
         "missing data".to_owned(),
@@ -815,7 +1055,6 @@ fn tripod_items(
 }
 
 fn print_summary(r: &Report, out: &Path, secs: f64, predictions: bool) {
-    let m = &r.metrics;
     let ci = |x: &report::Metric| match (x.value, x.ci_lower, x.ci_upper) {
         (Some(v), Some(l), Some(u)) => format!("{v:.4} ({l:.4}-{u:.4})"),
         (Some(v), _, _) => format!("{v:.4}"),
@@ -830,28 +1069,45 @@ fn print_summary(r: &Report, out: &Path, secs: f64, predictions: bool) {
             i.manifest_sha256
         );
     }
-    println!(
-        "dataset   {} rows used, {} unusable, {} positives{}",
-        m.n,
-        r.dataset.rows_unusable,
-        m.positives,
+    let rate = |n: usize| {
         if predictions {
             String::new()
         } else {
-            format!(", {:.0} rows/s", m.n as f64 / secs.max(1e-9))
+            format!(", {:.0} rows/s", n as f64 / secs.max(1e-9))
         }
-    );
-    println!("auroc     {}", ci(&m.auroc));
-    println!("auprc     {}", ci(&m.auprc));
-    println!("brier     {}", ci(&m.brier));
-    println!("cal slope {}", ci(&m.calibration_slope));
-    for op in m.operating_points.iter().filter(|o| o.source == "bundle") {
+    };
+    if let Some(m) = &r.metrics {
         println!(
-            "@{}  sensitivity {}  specificity {}",
-            op.name,
-            ci(&op.sensitivity),
-            ci(&op.specificity)
+            "dataset   {} rows used, {} unusable, {} positives{}",
+            m.n,
+            r.dataset.rows_unusable,
+            m.positives,
+            rate(m.n)
         );
+        println!("auroc     {}", ci(&m.auroc));
+        println!("auprc     {}", ci(&m.auprc));
+        println!("brier     {}", ci(&m.brier));
+        println!("cal slope {}", ci(&m.calibration_slope));
+        for op in m.operating_points.iter().filter(|o| o.source == "bundle") {
+            println!(
+                "@{}  sensitivity {}  specificity {}",
+                op.name,
+                ci(&op.sensitivity),
+                ci(&op.specificity)
+            );
+        }
+    }
+    if let Some(m) = &r.multiclass {
+        println!(
+            "dataset   {} rows used, {} unusable, {} classes{}",
+            m.n,
+            r.dataset.rows_unusable,
+            m.labels.len(),
+            rate(m.n)
+        );
+        println!("auroc     {} (macro, one-vs-rest)", ci(&m.auroc));
+        println!("accuracy  {}", ci(&m.accuracy));
+        println!("macro F1  {}", ci(&m.macro_f1));
     }
     if let Some(c) = &r.comparison
         && let Some(d) = &c.auroc_difference

@@ -239,6 +239,8 @@ const ADMIN: Access = Access::Role(Role::Admin);
 const METRICS: Access = Access::Role(Role::Metrics);
 // ---- DICOMweb (issue 8, STOW-RS/QIDO-RS) ----
 const PACS: Access = Access::Role(Role::Pacs);
+/// Validation runs: researchers.
+const RESEARCHER: Access = Access::Role(Role::Researcher);
 /// QIDO-RS: what was received is listed to PACS, operators and researchers.
 const QIDO: Access = Access::AnyOf(&[Role::Pacs, Role::Admin, Role::Researcher]);
 // ---- end DICOMweb ----
@@ -246,8 +248,7 @@ const QIDO: Access = Access::AnyOf(&[Role::Pacs, Role::Admin, Role::Researcher])
 /// Who may do what: every route of the router and the role it needs. This is the one place
 /// to read it (docs/security.md shows the same table; a test keeps the two equal).
 ///
-/// `researcher` (validation runs) and `pacs` (DICOMweb, DICOM ingest) are reserved for the
-/// routes that will come; `infer` covers reading what is served (`POST /v2/repository/index`
+/// `researcher` runs validations; `pacs` stores DICOM; `infer` covers reading what is served (`POST /v2/repository/index`
 /// included: Triton's clients call it, and it changes nothing).
 pub const ROUTES: &[RouteRule] = &[
     rule("GET", "/v2/health/live", PUBLIC),
@@ -292,6 +293,11 @@ pub const ROUTES: &[RouteRule] = &[
     rule("GET", "/cds-services", PUBLIC),
     rule("POST", "/cds-services/{id}", Access::CdsHooks),
     rule("POST", "/cds-services/{id}/feedback", Access::CdsHooks),
+    // Validation runs (issue 11).
+    rule("POST", "/validation/runs", RESEARCHER),
+    rule("GET", "/validation/runs/{id}", RESEARCHER),
+    rule("GET", "/validation/runs/{id}/report.json", RESEARCHER),
+    rule("GET", "/validation/runs/{id}/report.html", RESEARCHER),
 ];
 
 /// The row of `method path`, if the table has one (`HEAD` is served by `GET` routes).

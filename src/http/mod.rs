@@ -29,6 +29,7 @@ pub mod identity;
 mod metrics;
 mod repository;
 pub mod results;
+pub mod validation;
 // WADO-RS retrieve (issue 9: result objects and received instances)
 mod v2;
 pub mod wado;
@@ -93,6 +94,8 @@ pub struct AppState {
     results: std::sync::OnceLock<results::Results>,
     /// CDS Hooks; unset until first used: the built-in services, no trusted issuer.
     cds: std::sync::OnceLock<crate::cds::Cds>,
+    /// Validation runs (issue 11); unset: `/validation/runs` answers 404.
+    validation: std::sync::OnceLock<validation::Validation>,
 }
 
 impl AppState {
@@ -113,7 +116,18 @@ impl AppState {
             dicomweb: std::sync::OnceLock::new(),
             results: std::sync::OnceLock::new(),
             cds: std::sync::OnceLock::new(),
+            validation: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Turns validation runs on (once).
+    pub fn set_validation(&self, v: validation::Validation) -> bool {
+        self.validation.set(v).is_ok()
+    }
+
+    /// Validation runs, when they are on.
+    pub fn validation(&self) -> Option<&validation::Validation> {
+        self.validation.get()
     }
 
     /// Turns DICOMweb on over `dicomweb`'s spool (once; a second call changes nothing and
@@ -229,6 +243,16 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route("/cds-services", get(cds::discovery))
         .route("/cds-services/{id}", post(cds::call))
         .route("/cds-services/{id}/feedback", post(cds::feedback))
+        .route("/validation/runs", post(validation::create))
+        .route("/validation/runs/{id}", get(validation::status))
+        .route(
+            "/validation/runs/{id}/report.json",
+            get(validation::report_json),
+        )
+        .route(
+            "/validation/runs/{id}/report.html",
+            get(validation::report_html),
+        )
         .finish()
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -23,6 +23,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -220,3 +221,19 @@ def client(server_url):
     c = httpclient.InferenceServerClient(url=server_url, network_timeout=30.0)
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def orientation_testdata(tmp_path_factory) -> Path:
+    """The folder of image-orientation's held-out test split (images.npy, labels.npy,
+    samples.json): the bundle's testdata/ when present, else rebuilt once per session by the
+    training script's --testdata-only from the real DICOM files in the PyPI packages."""
+    folder = REPO / "models" / "bundles" / "image-orientation" / "testdata"
+    if not (folder / "images.npy").exists():
+        folder = tmp_path_factory.mktemp("image-orientation-testdata")
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "models/train/image_orientation.py"), "--testdata-only", "--out", str(folder)],
+            cwd=REPO, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, f"--testdata-only failed:\n{proc.stdout}\n{proc.stderr}"
+    return folder

@@ -10,8 +10,6 @@ preprocessed at full resolution as bundle.toml declares).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -43,15 +41,8 @@ def test_there_is_an_image_bundle():
 
 
 @pytest.fixture(scope="session")
-def orientation_split(tmp_path_factory):
-    folder = BUNDLES / "image-orientation" / "testdata"
-    if not (folder / "images.npy").exists():
-        folder = tmp_path_factory.mktemp("image-orientation-testdata")
-        proc = subprocess.run(
-            [sys.executable, str(REPO / "models/train/image_orientation.py"), "--testdata-only", "--out", str(folder)],
-            cwd=REPO, capture_output=True, text=True, timeout=600,
-        )
-        assert proc.returncode == 0, f"--testdata-only failed:\n{proc.stdout}\n{proc.stderr}"
+def orientation_split(orientation_testdata):
+    folder = orientation_testdata
     x = np.load(folder / "images.npy")
     y = np.load(folder / "labels.npy")
     meta = json.loads((folder / "samples.json").read_text())

@@ -489,3 +489,63 @@ def test_html_report_renders_in_headless_chromium(splits, tmp_path):
     console = [l for l in proc.stderr.splitlines() if "CONSOLE" in l or "Uncaught" in l]
     assert not console, console
     shutil.copy(out / "report.html", ARTIFACTS / f"report-{BACKEND}.html")
+
+
+def test_multiclass_tensor_split_matches_scikit_learn(orientation_testdata, tmp_path):
+    """The 8-way `orientation` output on the image bundle's test split: one-vs-rest and macro
+    metrics against scikit-learn on onnxruntime's probabilities of the same tensors."""
+    image_split = orientation_testdata
+    x = np.load(image_split / "images.npy")
+    y = np.load(image_split / "labels.npy")
+    m = _manifest("image-orientation")
+    labels = next(o for o in m["outputs"] if o["name"] == "orientation")["labels"]
+    sess = ort.InferenceSession(str(BUNDLES / "image-orientation" / "1" / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    (prob,) = sess.run(["orientation"], {m["inputs"][0]["name"]: x})
+    prob = prob.astype(np.float64)
+    out = tmp_path / "r"
+    _, r, text = validate("--model", "image-orientation", "--output", "orientation", "--dataset", str(image_split),
+                          "--backend", BACKEND, "--bootstrap", "200", out=out, expect=0)
+    assert r["task"] == "multiclass" and r["labels"] == labels
+    assert r["dataset"]["kind"] == "npy-tensors" and r["dataset"]["rows_used"] == len(y)
+    import hashlib
+    files = r["dataset"]["files"]
+    assert files["images.npy"] == hashlib.sha256((image_split / "images.npy").read_bytes()).hexdigest()
+    # the engine's probabilities differ from onnxruntime's by < 1e-5: ranks and argmax agree
+    # except at near-ties, so compare within one row's worth
+    n = len(y)
+    assert abs(r["auroc"]["value"] - skm.roc_auc_score(y, prob, multi_class="ovr", average="macro")) < 1e-3
+    assert r["auroc"]["ci_method"] == "bootstrap-percentile"
+    assert r["auroc"]["ci_lower"] <= r["auroc"]["value"] <= r["auroc"]["ci_upper"]
+    onehot = np.eye(len(labels))[y]
+    assert abs(r["auprc"]["value"] - skm.average_precision_score(onehot, prob, average="macro")) < 1e-3
+    pred = prob.argmax(axis=1)
+    assert abs(r["accuracy"]["value"] - skm.accuracy_score(y, pred)) <= 1 / n + 1e-12
+    present = np.unique(y)
+    assert abs(r["macro_sensitivity"]["value"] - skm.recall_score(y, pred, labels=present, average="macro")) <= 1 / n
+    assert abs(r["macro_f1"]["value"] - skm.f1_score(y, pred, labels=present, average="macro")) <= 2 / n
+    assert abs(r["brier"]["value"] - np.mean(np.sum((prob - onehot) ** 2, axis=1))) < 1e-4
+    cm = skm.confusion_matrix(y, pred, labels=list(range(len(labels))))
+    assert np.abs(np.array(r["confusion"]) - cm).sum() <= 2, (r["confusion"], cm.tolist())
+    for k, c in enumerate(r["classes"]):
+        assert c["label"] == labels[k] and c["n"] == int((y == k).sum())
+        assert abs(c["auroc"]["value"] - skm.roc_auc_score(y == k, prob[:, k])) < 1e-3
+    html = (out / "report.html").read_text()
+    assert "Confusion matrix" in html and "macro AUROC" in html
+
+
+def test_multiclass_npy_labels_outside_the_classes_are_listed(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    np.save(folder / "images.npy", rng.random((6, 1, 224, 224), dtype=np.float32))
+    np.save(folder / "labels.npy", np.array([0, 1, 9, 3, -1, 7], dtype=np.int64))
+    _, r, _ = validate("--model", "image-orientation", "--output", "orientation", "--dataset", str(folder),
+                       "--backend", BACKEND, "--bootstrap", "0", out=tmp_path / "r", expect=0)
+    reasons = {u["row"]: u["reason"] for u in r["dataset"]["unusable"]}
+    assert set(reasons) == {3, 5} and "below 8" in reasons[3]
+    # a wrong row shape is refused before anything runs
+    np.save(folder / "images.npy", np.zeros((6, 1, 32, 32), dtype=np.float32))
+    _, _, text = validate("--model", "image-orientation", "--output", "orientation", "--dataset", str(folder),
+                          out=tmp_path / "s", expect=2)
+    assert "do not fit the model input" in text

@@ -151,6 +151,62 @@ fn generator(seed: u64, replicate: usize) -> Xoshiro256PlusPlus {
     )
 }
 
+/// A percentile interval of the macro (unweighted mean) one-vs-rest AUROC: each replicate
+/// draws one set of row weights and averages the classes' weighted AUROCs (classes without
+/// both outcomes in a replicate are left out of its mean).
+pub fn bootstrap_macro_auroc(
+    columns: &[(Vec<bool>, Vec<f64>)],
+    spec: BootstrapSpec,
+) -> Option<BootstrapCi> {
+    let n = columns.first()?.0.len();
+    if n == 0 || spec.replicates == 0 {
+        return None;
+    }
+    let sorted: Vec<Sorted> = columns.iter().map(|(_, p)| Sorted::new(p)).collect();
+    let reps: Vec<Option<f64>> = (0..spec.replicates)
+        .into_par_iter()
+        .map_init(
+            || vec![0u32; n],
+            |w, b| {
+                draw_rows(w, spec.seed, b);
+                let aucs: Vec<f64> = columns
+                    .iter()
+                    .zip(&sorted)
+                    .filter_map(|((y, p), s)| weighted_metrics(s, y, p, w).0)
+                    .collect();
+                (!aucs.is_empty()).then(|| aucs.iter().sum::<f64>() / aucs.len() as f64)
+            },
+        )
+        .collect();
+    percentile_ci(reps, spec.confidence)
+}
+
+/// Replicate `b`'s weights: how many times each of the `w.len()` rows was drawn.
+fn draw_rows(w: &mut [u32], seed: u64, b: usize) {
+    let n = w.len();
+    w.iter_mut().for_each(|v| *v = 0);
+    let mut rng = generator(seed, b);
+    for _ in 0..n {
+        w[rng.random_range(0..n)] += 1;
+    }
+}
+
+fn percentile_ci(values: Vec<Option<f64>>, confidence: f64) -> Option<BootstrapCi> {
+    let total = values.len();
+    let mut v: Vec<f64> = values.into_iter().flatten().collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable_by(f64::total_cmp);
+    let alpha = (1.0 - confidence) / 2.0;
+    Some(BootstrapCi {
+        ci_lower: quantile_sorted(&v, alpha)?,
+        ci_upper: quantile_sorted(&v, 1.0 - alpha)?,
+        replicates: v.len(),
+        replicates_skipped: total - v.len(),
+    })
+}
+
 /// Bootstrap intervals for AUROC, AUPRC and Brier. `clusters[i]` is row `i`'s cluster
 /// (patient) index in `0..n_clusters`; with it whole clusters are resampled.
 pub fn bootstrap(
@@ -182,15 +238,11 @@ pub fn bootstrap(
         .map_init(
             || vec![0u32; n],
             |w, b| {
-                w.iter_mut().for_each(|v| *v = 0);
-                let mut rng = generator(spec.seed, b);
                 match &members {
-                    None => {
-                        for _ in 0..n {
-                            w[rng.random_range(0..n)] += 1;
-                        }
-                    }
+                    None => draw_rows(w, spec.seed, b),
                     Some(m) => {
+                        w.iter_mut().for_each(|v| *v = 0);
+                        let mut rng = generator(spec.seed, b);
                         for _ in 0..m.len() {
                             for &row in &m[rng.random_range(0..m.len())] {
                                 w[row] += 1;
@@ -202,21 +254,7 @@ pub fn bootstrap(
             },
         )
         .collect();
-    let ci = |values: Vec<Option<f64>>| {
-        let total = values.len();
-        let mut v: Vec<f64> = values.into_iter().flatten().collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_unstable_by(f64::total_cmp);
-        let alpha = (1.0 - spec.confidence) / 2.0;
-        Some(BootstrapCi {
-            ci_lower: quantile_sorted(&v, alpha)?,
-            ci_upper: quantile_sorted(&v, 1.0 - alpha)?,
-            replicates: v.len(),
-            replicates_skipped: total - v.len(),
-        })
-    };
+    let ci = |values: Vec<Option<f64>>| percentile_ci(values, spec.confidence);
     let roc_band = (0..ROC_BAND_GRID)
         .filter_map(|k| {
             let c = ci(reps.iter().map(|r| r.3.map(|b| b[k])).collect())?;

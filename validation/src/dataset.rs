@@ -29,6 +29,8 @@ pub enum DatasetError {
         row: u64,
         reason: String,
     },
+    #[error("{path}: not a usable .npy file: {reason}")]
+    Npy { path: PathBuf, reason: String },
     #[error("{path}: missing column(s) {}", .missing.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>().join(", "))]
     MissingColumns { path: PathBuf, missing: Vec<String> },
     #[error("{path}: column {column:?} appears more than once in the header")]
@@ -64,9 +66,24 @@ pub struct LabelSpec {
     pub positive: String,
     /// Every class name of the output.
     pub classes: Vec<String>,
+    /// Multi-class: a label is a class index (`0`..K−1) or name, not a 0/1 outcome.
+    pub multiclass: bool,
 }
 
 impl LabelSpec {
+    /// The class index of a label: for a binary output 1 (positive) or 0; for a multi-class
+    /// one the index given, or the index of the name given.
+    pub fn class_of(&self, s: &str) -> Option<usize> {
+        if !self.multiclass {
+            return self.parse(s).map(usize::from);
+        }
+        let s = s.trim();
+        if let Ok(i) = s.parse::<usize>() {
+            return (i < self.classes.len()).then_some(i);
+        }
+        self.classes.iter().position(|c| c == s)
+    }
+
     /// `Some(true)` for the positive class, `Some(false)` for another known class.
     pub fn parse(&self, s: &str) -> Option<bool> {
         let s = s.trim();
@@ -93,7 +110,10 @@ pub struct Row {
     pub features: Vec<f32>,
     /// The given prediction (predictions files).
     pub score: Option<f64>,
+    /// Binary: the positive class.
     pub label: bool,
+    /// The class index (binary: 1 positive, 0 negative).
+    pub class: usize,
     /// One value per subgroup column (an empty cell is the subgroup `""`, reported as
     /// "(missing)").
     pub subgroups: Vec<String>,
@@ -117,6 +137,10 @@ pub struct DatasetSummary {
     pub rows_read: u64,
     /// Columns that were neither features, label, score, subgroup nor cluster.
     pub columns_ignored: Vec<String>,
+    /// A tensor dataset's files and their SHA-256 (`sha256` above is that of their
+    /// `sha256sum`-style listing).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub files: std::collections::BTreeMap<String, String>,
 }
 
 struct HashingReader<R> {
@@ -261,16 +285,22 @@ impl CsvDataset {
         let row = self.rows;
         let rec = &self.record;
         let label_text = rec.get(self.label_idx).unwrap_or("");
-        let Some(label) = self.labels.parse(label_text) else {
+        let Some(class) = self.labels.class_of(label_text) else {
             let shown: String = label_text.trim().chars().take(32).collect();
+            let allowed = if self.labels.multiclass {
+                format!("a class index below {} or", self.labels.classes.len())
+            } else {
+                "0, 1 or".to_owned()
+            };
             return Ok(Some(Err(Unusable {
                 row,
                 reason: format!(
-                    "label {shown:?} is not 0, 1 or one of the bundle's classes ({})",
+                    "label {shown:?} is not {allowed} one of the bundle's classes ({})",
                     self.labels.classes.join(", ")
                 ),
             })));
         };
+        let label = class == 1 && !self.labels.multiclass;
         let mut features = Vec::with_capacity(self.feature_idx.len());
         for (k, &i) in self.feature_idx.iter().enumerate() {
             let cell = rec.get(i).unwrap_or("").trim();
@@ -336,6 +366,7 @@ impl CsvDataset {
             features,
             score,
             label,
+            class,
             subgroups,
             cluster,
         })))
@@ -363,7 +394,218 @@ impl CsvDataset {
             bytes: inner.bytes,
             rows_read: self.rows,
             columns_ignored: self.columns_ignored,
+            files: std::collections::BTreeMap::new(),
         })
+    }
+}
+
+/// A tensor dataset: a folder with `images.npy` (float32, C order, `[n, …]`: each row one
+/// model input, already preprocessed) and `labels.npy` (int64 or int32 `[n]`: class indices),
+/// the layout of the image bundles' test splits. Rows are read one at a time.
+pub struct NpyDataset {
+    path: PathBuf,
+    data: npyz::NpyReader<f32, io::BufReader<File>>,
+    labels: Vec<i64>,
+    classes: usize,
+    multiclass: bool,
+    /// Elements per row, and the row's shape.
+    row_len: usize,
+    row_shape: Vec<usize>,
+    rows: u64,
+    bytes_per_row: u64,
+    files: Vec<(String, String)>,
+}
+
+fn npy_error(path: &Path, reason: impl std::fmt::Display) -> DatasetError {
+    DatasetError::Npy {
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+impl NpyDataset {
+    /// Whether `path` is a folder holding `images.npy` and `labels.npy`.
+    pub fn is_npy_folder(path: &Path) -> bool {
+        path.join("images.npy").is_file() && path.join("labels.npy").is_file()
+    }
+
+    /// `input_shape`: the model input's declared shape (`-1` any size), batch dimension first.
+    pub fn open(dir: &Path, input_shape: &[i64], labels: &LabelSpec) -> Result<Self, DatasetError> {
+        let images = dir.join("images.npy");
+        let label_path = dir.join("labels.npy");
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| DatasetError::Io { path, source }
+        };
+        let mut files = Vec::new();
+        for f in [&images, &label_path] {
+            let mut h = Sha256::new();
+            let mut file = File::open(f).map_err(io_err(f))?;
+            io::copy(&mut file, &mut h).map_err(io_err(f))?;
+            let name = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            files.push((name, hex::encode(h.finalize())));
+        }
+        let lf = npyz::NpyFile::new(io::BufReader::new(
+            File::open(&label_path).map_err(io_err(&label_path))?,
+        ))
+        .map_err(|e| npy_error(&label_path, e))?;
+        if lf.shape().len() != 1 {
+            return Err(npy_error(
+                &label_path,
+                format!("shape {:?}: expected [n]", lf.shape()),
+            ));
+        }
+        let descr = lf.dtype().descr();
+        let label_values: Vec<i64> = match descr.trim_matches(|c| c == '\'' || c == '"') {
+            "<i8" => lf
+                .into_vec::<i64>()
+                .map_err(|e| npy_error(&label_path, e))?,
+            "<i4" => lf
+                .into_vec::<i32>()
+                .map_err(|e| npy_error(&label_path, e))?
+                .into_iter()
+                .map(i64::from)
+                .collect(),
+            other => {
+                return Err(npy_error(
+                    &label_path,
+                    format!("dtype {other}: expected <i8 or <i4"),
+                ));
+            }
+        };
+        let f = npyz::NpyFile::new(io::BufReader::new(
+            File::open(&images).map_err(io_err(&images))?,
+        ))
+        .map_err(|e| npy_error(&images, e))?;
+        if f.order() != npyz::Order::C {
+            return Err(npy_error(&images, "Fortran order: expected C order"));
+        }
+        let shape: Vec<usize> = f
+            .shape()
+            .iter()
+            .map(|&d| usize::try_from(d).unwrap_or(usize::MAX))
+            .collect();
+        let Some((&n, row_shape)) = shape.split_first() else {
+            return Err(npy_error(&images, "a 0-dimensional array"));
+        };
+        if n != label_values.len() {
+            return Err(npy_error(
+                &images,
+                format!("{n} rows but labels.npy has {}", label_values.len()),
+            ));
+        }
+        let declared = input_shape.get(1..).unwrap_or(&[]);
+        let fits = declared.len() == row_shape.len()
+            && declared
+                .iter()
+                .zip(row_shape)
+                .all(|(&d, &r)| d < 0 || usize::try_from(d).is_ok_and(|d| d == r));
+        if !fits {
+            return Err(npy_error(
+                &images,
+                format!("rows of shape {row_shape:?} do not fit the model input {input_shape:?}"),
+            ));
+        }
+        let row_len: usize = row_shape.iter().product();
+        if row_len == 0 || row_len > 1 << 28 {
+            return Err(npy_error(&images, format!("{row_len} elements per row")));
+        }
+        let data = f.data::<f32>().map_err(|e| npy_error(&images, e))?;
+        Ok(NpyDataset {
+            path: dir.to_owned(),
+            data,
+            labels: label_values,
+            classes: labels.classes.len(),
+            multiclass: labels.multiclass,
+            row_len,
+            row_shape: row_shape.to_vec(),
+            rows: 0,
+            bytes_per_row: row_len as u64 * 4,
+            files,
+        })
+    }
+
+    /// The shape of one row (the model input without its batch dimension).
+    pub fn row_shape(&self) -> &[usize] {
+        &self.row_shape
+    }
+
+    pub fn next_row(&mut self) -> Result<Option<Result<Row, Unusable>>, DatasetError> {
+        let Some(&label) = self.labels.get(self.rows as usize) else {
+            return Ok(None);
+        };
+        let mut features = Vec::with_capacity(self.row_len);
+        for _ in 0..self.row_len {
+            match self.data.next() {
+                Some(Ok(v)) => features.push(v),
+                Some(Err(e)) => return Err(npy_error(&self.path, e)),
+                None => return Err(npy_error(&self.path, "images.npy ends early")),
+            }
+        }
+        self.rows += 1;
+        let row = self.rows;
+        let class = usize::try_from(label).ok().filter(|&c| {
+            if self.multiclass {
+                c < self.classes
+            } else {
+                c <= 1
+            }
+        });
+        let Some(class) = class else {
+            return Ok(Some(Err(Unusable {
+                row,
+                reason: format!(
+                    "label {label} is not a class index below {}",
+                    if self.multiclass { self.classes } else { 2 }
+                ),
+            })));
+        };
+        if features.iter().any(|v| !v.is_finite()) {
+            return Ok(Some(Err(Unusable {
+                row,
+                reason: "the image holds non-finite values".to_owned(),
+            })));
+        }
+        Ok(Some(Ok(Row {
+            row,
+            features,
+            score: None,
+            label: !self.multiclass && class == 1,
+            class,
+            subgroups: Vec::new(),
+            cluster: None,
+        })))
+    }
+
+    pub fn bytes_read(&self) -> u64 {
+        self.rows * self.bytes_per_row
+    }
+
+    /// The summary: `sha256` is the SHA-256 of the `sha256sum`-style listing of both files
+    /// (`<sha256>  images.npy\n<sha256>  labels.npy\n`); each file's own is in `files`.
+    pub fn finish(self) -> DatasetSummary {
+        let listing: String = self
+            .files
+            .iter()
+            .map(|(name, sha)| format!("{sha}  {name}\n"))
+            .collect();
+        let bytes = self
+            .files
+            .iter()
+            .filter_map(|(name, _)| std::fs::metadata(self.path.join(name)).ok())
+            .map(|m| m.len())
+            .sum();
+        DatasetSummary {
+            path: self.path.display().to_string(),
+            sha256: hex::encode(Sha256::digest(listing.as_bytes())),
+            bytes,
+            rows_read: self.rows,
+            columns_ignored: Vec::new(),
+            files: self.files.into_iter().collect(),
+        }
     }
 }
 
@@ -375,6 +617,7 @@ mod tests {
         LabelSpec {
             positive: "malignant".into(),
             classes: vec!["malignant".into(), "benign".into()],
+            multiclass: false,
         }
     }
 
@@ -414,6 +657,7 @@ mod tests {
                 features: vec![1.0, 2.0],
                 score: None,
                 label: true,
+                class: 1,
                 subgroups: vec!["x".into()],
                 cluster: None
             })
@@ -439,6 +683,60 @@ mod tests {
         assert_eq!(s.rows_read, 6);
         assert_eq!(s.columns_ignored, vec!["extra".to_owned()]);
         assert_eq!(s.sha256.len(), 64);
+    }
+
+    /// A version 1.0 .npy file of `descr` with `shape`, data as given.
+    fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+        let mut header =
+            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend_from_slice(&u16::try_from(header.len()).unwrap().to_le_bytes());
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    #[test]
+    fn npy_tensor_rows_and_class_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let pixels: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, f32::NAN, 6.0, 7.0, 8.0, 9.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        std::fs::write(
+            dir.path().join("images.npy"),
+            npy("<f4", "(3, 1, 3)", &pixels),
+        )
+        .unwrap();
+        let labels: Vec<u8> = [2i64, 1, 5].iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(dir.path().join("labels.npy"), npy("<i8", "(3,)", &labels)).unwrap();
+        assert!(NpyDataset::is_npy_folder(dir.path()));
+        let spec = LabelSpec {
+            positive: String::new(),
+            classes: vec!["a".into(), "b".into(), "c".into()],
+            multiclass: true,
+        };
+        assert!(NpyDataset::open(dir.path(), &[-1, 1, 4], &spec).is_err());
+        let mut ds = NpyDataset::open(dir.path(), &[-1, 1, 3], &spec).unwrap();
+        assert_eq!(ds.row_shape(), &[1, 3]);
+        let first = ds.next_row().unwrap().unwrap().unwrap();
+        assert_eq!((first.features, first.class), (vec![1.0, 2.0, 3.0], 2));
+        let second = ds.next_row().unwrap().unwrap().unwrap_err();
+        assert_eq!(second.reason, "the image holds non-finite values");
+        let third = ds.next_row().unwrap().unwrap().unwrap_err();
+        assert!(third.reason.contains("below 3"), "{}", third.reason);
+        assert!(ds.next_row().unwrap().is_none());
+        let s = ds.finish();
+        assert_eq!(s.rows_read, 3);
+        assert_eq!(s.files.len(), 2);
+        // class names and indices in a CSV label column
+        assert_eq!(spec.class_of("b"), Some(1));
+        assert_eq!(spec.class_of("2"), Some(2));
+        assert_eq!(spec.class_of("3"), None);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use nightingale_models::manifest::{GateCriterion, ValidationSpec};
 use serde::Serialize;
 
+use crate::multiclass::MulticlassMetrics;
 use crate::report::{Metric, Metrics};
 
 /// One criterion and what the report says.
@@ -45,15 +46,38 @@ fn find<'m>(metrics: &'m Metrics, c: &GateCriterion) -> Option<&'m Metric> {
     }
 }
 
-/// Checks each criterion that holds for `version`; a metric the report does not define
-/// fails its criterion.
+/// Checks each criterion that holds for `version` against a binary report; a metric the
+/// report does not define fails its criterion.
 pub fn check(spec: &ValidationSpec, version: Option<u64>, metrics: &Metrics) -> GateResult {
+    check_with(spec, version, |c| find(metrics, c))
+}
+
+/// Checks against a multi-class report: `auroc`, `auprc` (macro means) and `brier`; a
+/// criterion on any other metric fails ("not in the report").
+pub fn check_multiclass(
+    spec: &ValidationSpec,
+    version: Option<u64>,
+    m: &MulticlassMetrics,
+) -> GateResult {
+    check_with(spec, version, |c| match (c.metric.as_str(), &c.threshold) {
+        ("auroc", None) => Some(&m.auroc),
+        ("auprc", None) => Some(&m.auprc),
+        ("brier", None) => Some(&m.brier),
+        _ => None,
+    })
+}
+
+fn check_with<'m>(
+    spec: &ValidationSpec,
+    version: Option<u64>,
+    find: impl Fn(&GateCriterion) -> Option<&'m Metric>,
+) -> GateResult {
     let criteria: Vec<CriterionResult> = spec
         .gate_for(version)
         .iter()
         .map(|c| {
             let bound = c.bound.as_str();
-            let metric = find(metrics, c);
+            let metric = find(c);
             let observed = metric.and_then(|m| m.get(bound));
             let (passed, reason) = match observed {
                 None => (

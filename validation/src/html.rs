@@ -7,7 +7,8 @@ use plotters::coord::Shift;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
-use crate::report::{Metric, OperatingPoint, Report};
+use crate::multiclass::MulticlassMetrics;
+use crate::report::{Curves, Metric, Metrics, OperatingPoint, Report};
 
 /// HTML-escapes text (element content and attribute values).
 pub fn escape(s: &str) -> String {
@@ -127,8 +128,7 @@ fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, at: SeriesLabelPosition) -> Res
         .map_err(err)
 }
 
-fn roc_plot(r: &Report) -> String {
-    let c = &r.curves;
+fn roc_plot(m: &Metrics, c: &Curves) -> String {
     svg(460, 420, |root| {
         let mut chart = new_chart(
             root,
@@ -158,14 +158,9 @@ fn roc_plot(r: &Report) -> String {
             &mut chart,
             c.roc.iter().map(|p| (p.fpr, p.tpr)),
             BLUE.stroke_width(2),
-            Some(format!("model (AUROC {})", num(r.metrics.auroc.value))),
+            Some(format!("model (AUROC {})", num(m.auroc.value))),
         )?;
-        for op in r
-            .metrics
-            .operating_points
-            .iter()
-            .filter(|o| o.source == "bundle")
-        {
+        for op in m.operating_points.iter().filter(|o| o.source == "bundle") {
             if let (Some(se), Some(sp)) = (op.sensitivity.value, op.specificity.value) {
                 chart
                     .draw_series(std::iter::once(Circle::new(
@@ -180,9 +175,8 @@ fn roc_plot(r: &Report) -> String {
     })
 }
 
-fn pr_plot(r: &Report) -> String {
-    let c = &r.curves;
-    let prevalence = r.metrics.prevalence.value.unwrap_or(0.0);
+fn pr_plot(m: &Metrics, c: &Curves) -> String {
+    let prevalence = m.prevalence.value.unwrap_or(0.0);
     svg(460, 420, |root| {
         let mut chart = new_chart(
             root,
@@ -200,14 +194,14 @@ fn pr_plot(r: &Report) -> String {
             &mut chart,
             c.precision_recall.iter().map(|p| (p.recall, p.precision)),
             GREEN.stroke_width(2),
-            Some(format!("model (AP {})", num(r.metrics.auprc.value))),
+            Some(format!("model (AP {})", num(m.auprc.value))),
         )?;
         legend(&mut chart, SeriesLabelPosition::LowerLeft)
     })
 }
 
-fn calibration_plot(r: &Report) -> String {
-    let Some(rel) = &r.curves.reliability else {
+fn calibration_plot(c: &Curves) -> String {
+    let Some(rel) = &c.reliability else {
         return String::new();
     };
     svg(460, 520, |root| {
@@ -251,12 +245,12 @@ fn calibration_plot(r: &Report) -> String {
     })
 }
 
-fn decision_plot(r: &Report) -> String {
-    let d = &r.curves.decision;
+fn decision_plot(m: &Metrics, c: &Curves) -> String {
+    let d = &c.decision;
     if d.is_empty() {
         return String::new();
     }
-    let prevalence = r.metrics.prevalence.value.unwrap_or(0.0);
+    let prevalence = m.prevalence.value.unwrap_or(0.0);
     let y_max = prevalence.max(0.01) * 1.1;
     let y_min = -y_max * 0.25;
     let clamp = |v: f64| v.clamp(y_min, y_max);
@@ -308,7 +302,7 @@ fn forest_plot(r: &Report) -> String {
     }
     let lo = rows.iter().map(|r| r.2).fold(1.0, f64::min).min(0.5);
     let h = 90 + 28 * rows.len() as u32;
-    let overall = r.metrics.auroc.value;
+    let overall = r.metrics.as_ref().and_then(|m| m.auroc.value);
     svg(620, h, |root| {
         let n = rows.len();
         let mut chart = ChartBuilder::on(root)
@@ -467,19 +461,80 @@ pub fn render(r: &Report) -> String {
             d.summary.rows_read, d.rows_used, d.rows_unusable
         )),
     );
-    kv(
-        "outcome",
-        escape(&format!(
-            "{} positives, {} negatives; prevalence {}",
-            r.metrics.positives,
-            r.metrics.negatives,
-            metric_cell(&r.metrics.prevalence)
-        )),
-    );
+    if let Some(m) = &r.metrics {
+        kv(
+            "outcome",
+            escape(&format!(
+                "{} positives, {} negatives; prevalence {}",
+                m.positives,
+                m.negatives,
+                metric_cell(&m.prevalence)
+            )),
+        );
+    }
+    if let Some(mc) = &r.multiclass {
+        kv("classes", escape(&mc.labels.join(", ")));
+    }
     h.push_str("</table>");
+    if let (Some(m), Some(c)) = (&r.metrics, &r.curves) {
+        binary_sections(&mut h, r, m, c);
+    }
+    if let Some(mc) = &r.multiclass {
+        multiclass_sections(&mut h, mc);
+    }
+    rest(&mut h, r);
+    h
+}
 
+fn multiclass_sections(h: &mut String, mc: &MulticlassMetrics) {
+    h.push_str("<h2>Discrimination (one-vs-rest) and accuracy</h2><table><tr><th>metric</th><th>value (95% CI)</th><th>interval</th></tr>");
+    for (name, metric) in [
+        ("macro AUROC (one-vs-rest)", &mc.auroc),
+        ("macro average precision", &mc.auprc),
+        ("accuracy (top-1)", &mc.accuracy),
+        ("macro sensitivity (recall)", &mc.macro_sensitivity),
+        ("macro F1", &mc.macro_f1),
+        ("Brier score (multi-class)", &mc.brier),
+    ] {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            name,
+            metric_cell(metric),
+            metric.ci_method.unwrap_or("—")
+        );
+    }
+    h.push_str("</table><h2>Classes</h2><table><tr><th>class</th><th>n</th><th>AUROC (95% CI)</th><th>AP</th><th>sensitivity</th><th>PPV</th><th>F1</th></tr>");
+    for c in &mc.classes {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&c.label),
+            c.n,
+            metric_cell(&c.auroc),
+            metric_cell(&c.auprc),
+            metric_cell(&c.sensitivity),
+            metric_cell(&c.ppv),
+            metric_cell(&c.f1)
+        );
+    }
+    h.push_str("</table><h2>Confusion matrix</h2><p class=\"note\">Rows: true class; columns: predicted class (argmax).</p><table><tr><th></th>");
+    for l in &mc.labels {
+        let _ = write!(h, "<th>{}</th>", escape(l));
+    }
+    h.push_str("</tr>");
+    for (t, row) in mc.confusion.iter().enumerate() {
+        let _ = write!(h, "<tr><th>{}</th>", escape(&mc.labels[t]));
+        for v in row {
+            let _ = write!(h, "<td>{v}</td>");
+        }
+        h.push_str("</tr>");
+    }
+    h.push_str("</table>");
+}
+
+fn binary_sections(h: &mut String, r: &Report, m: &Metrics, c: &Curves) {
     h.push_str("<h2>Discrimination and calibration</h2><table><tr><th>metric</th><th>value (95% CI)</th><th>interval</th></tr>");
-    let m = &r.metrics;
     for (name, metric) in [
         ("AUROC", &m.auroc),
         ("AUPRC (average precision)", &m.auprc),
@@ -510,17 +565,17 @@ pub fn render(r: &Report) -> String {
     h.push_str("</table>");
 
     h.push_str("<h2>Operating points</h2><table><tr><th>name</th><th>source</th><th>threshold</th><th>sensitivity</th><th>specificity</th><th>PPV</th><th>NPV</th><th>F1</th><th>TP / FP / TN / FN</th></tr>");
-    op_rows(&mut h, &m.operating_points);
+    op_rows(h, &m.operating_points);
     h.push_str(
         "</table><p class=\"note\"><code>bundle</code> thresholds are declared in bundle.toml; \
         target thresholds are chosen on this dataset and are optimistic.</p>",
     );
 
     h.push_str("<h2>Plots</h2><div class=\"plots\">");
-    h.push_str(&roc_plot(r));
-    h.push_str(&pr_plot(r));
-    h.push_str(&calibration_plot(r));
-    h.push_str(&decision_plot(r));
+    h.push_str(&roc_plot(m, c));
+    h.push_str(&pr_plot(m, c));
+    h.push_str(&calibration_plot(c));
+    h.push_str(&decision_plot(m, c));
     h.push_str("</div>");
 
     if !r.subgroups.is_empty() {
@@ -546,6 +601,10 @@ pub fn render(r: &Report) -> String {
         }
         h.push_str("</table>");
     }
+}
+
+fn rest(h: &mut String, r: &Report) {
+    let d = &r.dataset;
     if let Some(c) = &r.comparison
         && let Some(d) = &c.auroc_difference
     {
@@ -597,5 +656,4 @@ pub fn render(r: &Report) -> String {
         r.settings.calibration_bins,
         r.settings.min_subgroup_n
     );
-    h
 }

@@ -22,8 +22,11 @@ pub mod dataset;
 pub mod gate;
 pub mod html;
 pub mod metrics;
+pub mod multiclass;
 pub mod report;
 
-pub use dataset::{Columns, CsvDataset, DatasetError, DatasetSummary, LabelSpec, Row, Unusable};
-pub use gate::{GateResult, check as check_gate};
+pub use dataset::{
+    Columns, CsvDataset, DatasetError, DatasetSummary, LabelSpec, NpyDataset, Row, Unusable,
+};
+pub use gate::{GateResult, check as check_gate, check_multiclass as check_gate_multiclass};
 pub use report::{NamedThreshold, Report, Settings};

@@ -11,6 +11,7 @@ use crate::gate::GateResult;
 use crate::metrics::{
     self, Confusion, DecisionPoint, PairedDeLong, PrPoint, Proportion, Reliability, RocPoint,
 };
+use crate::multiclass::MulticlassMetrics;
 
 /// The `schema` field of every report this version writes.
 pub const SCHEMA: &str = "nightingale.validation.report/1";
@@ -84,14 +85,32 @@ pub struct Metric {
 }
 
 impl Metric {
-    fn undefined(n: usize, why: &str) -> Metric {
+    /// AUROC with its DeLong interval (the point estimate alone with fewer than two rows of
+    /// a class; `why` when it is not defined at all).
+    pub(crate) fn auroc(y: &[bool], p: &[f64], confidence: f64, why: &str) -> Metric {
+        let n = y.len();
+        match metrics::delong(y, p, confidence) {
+            Some(d) => Metric {
+                value: Some(d.auc),
+                ci_lower: Some(d.ci_lower),
+                ci_upper: Some(d.ci_upper),
+                ci_method: Some("delong"),
+                n,
+                standard_error: Some(d.variance.sqrt()),
+                ..Metric::default()
+            },
+            None => Metric::point(metrics::auroc(y, p), n, why),
+        }
+    }
+
+    pub(crate) fn undefined(n: usize, why: &str) -> Metric {
         Metric {
             n,
             undefined: Some(why.to_owned()),
             ..Metric::default()
         }
     }
-    fn point(value: Option<f64>, n: usize, why: &str) -> Metric {
+    pub(crate) fn point(value: Option<f64>, n: usize, why: &str) -> Metric {
         match value {
             Some(v) => Metric {
                 value: Some(v),
@@ -101,7 +120,7 @@ impl Metric {
             None => Metric::undefined(n, why),
         }
     }
-    fn proportion(p: Option<Proportion>, why: &str) -> Metric {
+    pub(crate) fn proportion(p: Option<Proportion>, why: &str) -> Metric {
         match p {
             Some(p) => Metric {
                 value: Some(p.value),
@@ -312,9 +331,17 @@ pub struct Report {
     pub model: Option<ModelIdentity>,
     pub dataset: DatasetSection,
     pub settings: Settings,
+    /// `binary` (one positive label's probability) or `multiclass` (one output's K class
+    /// probabilities: one-vs-rest and macro averages).
+    pub task: &'static str,
+    /// Binary: the metrics at the top level of report.json.
     #[serde(flatten)]
-    pub metrics: Metrics,
-    pub curves: Curves,
+    pub metrics: Option<Metrics>,
+    /// Multi-class: its metrics at the top level of report.json (`auroc` is the macro mean).
+    #[serde(flatten)]
+    pub multiclass: Option<MulticlassMetrics>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub curves: Option<Curves>,
     pub subgroups: Vec<Subgroup>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub comparison: Option<Comparison>,
@@ -357,23 +384,11 @@ pub fn compute_metrics(
     let n = y.len();
     let (positives, negatives) = metrics::class_counts(y);
     let one_class = if n == 0 { "no rows" } else { "only one class" };
-    let auroc = match metrics::delong(y, p, conf) {
-        Some(d) => Metric {
-            value: Some(d.auc),
-            ci_lower: Some(d.ci_lower),
-            ci_upper: Some(d.ci_upper),
-            ci_method: Some("delong"),
-            n,
-            standard_error: Some(d.variance.sqrt()),
-            ..Metric::default()
-        },
-        None => Metric::point(
-            metrics::auroc(y, p),
-            n,
-            "needs at least two rows of each class",
-        ),
-    };
-    let auroc = with_bootstrap(auroc, bootstrap.and_then(|b| b.auroc), false);
+    let auroc = with_bootstrap(
+        Metric::auroc(y, p, conf, "needs at least two rows of each class"),
+        bootstrap.and_then(|b| b.auroc),
+        false,
+    );
     let auprc = with_bootstrap(
         Metric::point(metrics::average_precision(y, p), n, "no positives"),
         bootstrap.and_then(|b| b.auprc),

@@ -1,0 +1,492 @@
+//! Validation runs over HTTP (issue 11, role `researcher`): `POST /validation/runs` starts
+//! `nightingale validate` on a dataset uploaded in the body (`text/csv`, streamed to disk with
+//! a size cap) or named under the server's `--validation-root` (JSON), `GET
+//! /validation/runs/{id}` says how far it is, and `GET /validation/runs/{id}/report.json` /
+//! `report.html` serve the report. One run at a time per model; the run loads its own copy
+//! of the bundle from the served repository (same verification, same engine) so serving is
+//! never touched, and its predictions go to the server's audit trail.
+
+use std::collections::HashMap;
+use std::path::{Component, Path as FsPath, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use axum::Extension;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use clap::Parser;
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::AppError;
+use crate::validate::{RunContext, RunProgress, ValidateCommand};
+
+/// Runs kept in memory (the oldest finished ones are forgotten; their reports stay on disk).
+const KEPT_RUNS: usize = 256;
+
+/// The validation service of a server.
+pub struct Validation {
+    /// Where server-side datasets may be named from (`None`: uploads only).
+    pub root: Option<PathBuf>,
+    /// `<data-dir>/validation/runs`.
+    pub runs_dir: PathBuf,
+    pub max_upload_bytes: u64,
+    /// The engine and signature policy runs load with (the server's).
+    pub options: nightingale_models::RepositoryOptions,
+    runs: Mutex<HashMap<String, Arc<Run>>>,
+    order: Mutex<Vec<String>>,
+}
+
+#[derive(Debug)]
+struct Run {
+    id: String,
+    model: String,
+    version: Option<u64>,
+    created: String,
+    progress: Arc<RunProgress>,
+    state: Mutex<RunState>,
+}
+
+#[derive(Clone, Debug)]
+enum RunState {
+    Running,
+    Done { gate_passed: Option<bool> },
+    Failed { error: String },
+}
+
+impl Validation {
+    pub fn new(
+        root: Option<PathBuf>,
+        data_dir: &FsPath,
+        max_upload_bytes: u64,
+        options: nightingale_models::RepositoryOptions,
+    ) -> Validation {
+        Validation {
+            root,
+            runs_dir: data_dir.join("validation").join("runs"),
+            max_upload_bytes,
+            options,
+            runs: Mutex::new(HashMap::new()),
+            order: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn get(&self, id: &str) -> Option<Arc<Run>> {
+        self.runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Registers a run unless one for the same model is still running.
+    fn start(&self, run: Arc<Run>) -> Result<(), AppError> {
+        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(busy) = runs.values().find(|r| {
+            r.model == run.model
+                && matches!(
+                    *r.state.lock().unwrap_or_else(|p| p.into_inner()),
+                    RunState::Running
+                )
+        }) {
+            return Err(AppError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "validation run {} of {} is still running (one run per model at a time)",
+                    busy.id, busy.model
+                ),
+            ));
+        }
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        while order.len() >= KEPT_RUNS {
+            let old = order.remove(0);
+            runs.remove(&old);
+        }
+        order.push(run.id.clone());
+        runs.insert(run.id.clone(), run);
+        Ok(())
+    }
+}
+
+/// The options of a run: the query string of an upload, or the JSON body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    /// NAME or NAME@VERSION.
+    pub model: String,
+    /// A CSV or a tensor folder under `--validation-root` (JSON requests only).
+    #[serde(default)]
+    pub dataset: Option<String>,
+    #[serde(default)]
+    pub output: Option<String>,
+    #[serde(default)]
+    pub label_column: Option<String>,
+    /// Comma-separated subgroup columns.
+    #[serde(default)]
+    pub subgroup: Option<String>,
+    #[serde(default)]
+    pub patient_id_column: Option<String>,
+    #[serde(default)]
+    pub bootstrap: Option<usize>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+fn model_name(m: &str) -> &str {
+    m.split_once('@').map_or(m, |(n, _)| n)
+}
+
+/// A path under `root` from a relative name, refusing anything that leaves it (`..`, an
+/// absolute path, a symbolic link pointing out).
+fn under_root(root: &FsPath, rel: &str) -> Result<PathBuf, AppError> {
+    let candidate = FsPath::new(rel);
+    if rel.is_empty()
+        || rel.len() > 1024
+        || !candidate
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+    {
+        return Err(AppError::bad_request(
+            "dataset must be a relative path under the server's validation root, without ..",
+        ));
+    }
+    let root = root
+        .canonicalize()
+        .map_err(|_| AppError::new(StatusCode::NOT_FOUND, "the validation root is missing"))?;
+    let full = root
+        .join(candidate)
+        .canonicalize()
+        .map_err(|_| AppError::not_found("no such dataset under the validation root"))?;
+    if !full.starts_with(&root) {
+        return Err(AppError::bad_request(
+            "dataset leads outside the validation root",
+        ));
+    }
+    Ok(full)
+}
+
+/// `POST /validation/runs`.
+pub(crate) async fn create(
+    State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match create_run(&state, caller, query, &headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn create_run(
+    state: &Arc<AppState>,
+    caller: Option<Extension<Caller>>,
+    query: HashMap<String, String>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, AppError> {
+    let Some(validation) = state.validation() else {
+        return Err(AppError::not_found(
+            "validation runs are off on this server",
+        ));
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let id = uuid::Uuid::new_v4().to_string();
+    let dir = validation.runs_dir.join(&id);
+    let (request, dataset, uploaded) = match content_type.as_str() {
+        "application/json" => {
+            let bytes = axum::body::to_bytes(body, 64 << 10).await.map_err(|_| {
+                AppError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "the JSON body is at most 64 KiB",
+                )
+            })?;
+            let request: RunRequest = serde_json::from_slice(&bytes)
+                .map_err(|e| AppError::bad_request(format!("the request is not valid: {e}")))?;
+            let Some(root) = &validation.root else {
+                return Err(AppError::bad_request(
+                    "this server names no --validation-root: upload the dataset as text/csv",
+                ));
+            };
+            let rel = request.dataset.as_deref().ok_or_else(|| {
+                AppError::bad_request("dataset (a path under the validation root) is required")
+            })?;
+            let path = under_root(root, rel)?;
+            (request, path, false)
+        }
+        "text/csv" => {
+            let request = RunRequest {
+                model: query.get("model").cloned().unwrap_or_default(),
+                dataset: None,
+                output: query.get("output").cloned(),
+                label_column: query.get("label_column").cloned(),
+                subgroup: query.get("subgroup").cloned(),
+                patient_id_column: query.get("patient_id_column").cloned(),
+                bootstrap: parse_query(&query, "bootstrap")?,
+                seed: parse_query(&query, "seed")?,
+            };
+            if let Some(len) = headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                && len > validation.max_upload_bytes
+            {
+                return Err(AppError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the dataset declares {len} bytes; uploads are at most {}",
+                        validation.max_upload_bytes
+                    ),
+                ));
+            }
+            if request.model.is_empty() {
+                return Err(AppError::bad_request("?model=NAME[@VERSION] is required"));
+            }
+            let path = dir.join("dataset.csv");
+            receive(body, &dir, &path, validation.max_upload_bytes).await?;
+            (request, path, true)
+        }
+        _ => {
+            return Err(AppError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "send application/json naming a dataset under the validation root, or the dataset as text/csv",
+            ));
+        }
+    };
+    let name = model_name(&request.model).to_owned();
+    if state.repository.index().iter().all(|e| e.name != name) {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(AppError::not_found(format!("unknown model {name:?}")));
+    }
+    let mut argv: Vec<String> = vec![
+        "validate".into(),
+        "--repository".into(),
+        state.repository.root().display().to_string(),
+        "--model".into(),
+        request.model.clone(),
+        "--dataset".into(),
+        dataset.display().to_string(),
+        "--out".into(),
+        dir.display().to_string(),
+        "--quiet".into(),
+    ];
+    for (flag, value) in [
+        ("--output", request.output.clone()),
+        ("--label-column", request.label_column.clone()),
+        ("--subgroup", request.subgroup.clone()),
+        ("--patient-id-column", request.patient_id_column.clone()),
+        ("--bootstrap", request.bootstrap.map(|v| v.to_string())),
+        ("--seed", request.seed.map(|v| v.to_string())),
+    ] {
+        if let Some(v) = value {
+            argv.push(flag.into());
+            argv.push(v);
+        }
+    }
+    let command = match ValidateCommand::try_parse_from(&argv) {
+        Ok(c) => c,
+        Err(e) => {
+            if uploaded {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid options").to_owned();
+            return Err(AppError::bad_request(first));
+        }
+    };
+    let run = Arc::new(Run {
+        id: id.clone(),
+        model: name,
+        version: request
+            .model
+            .split_once('@')
+            .and_then(|(_, v)| v.parse().ok()),
+        created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        progress: Arc::new(RunProgress::default()),
+        state: Mutex::new(RunState::Running),
+    });
+    if let Err(e) = validation.start(run.clone()) {
+        if uploaded {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        return Err(e);
+    }
+    let ctx = RunContext {
+        options: Some(validation.options.clone()),
+        audit: Some(state.audit.clone()),
+        progress: Some(run.progress.clone()),
+        actor: Some(
+            caller
+                .as_ref()
+                .map_or_else(|| Caller::ANONYMOUS.to_owned(), |c| c.0.id.clone()),
+        ),
+    };
+    let worker = run.clone();
+    tracing::info!(run = %id, model = %run.model, uploaded, "validation run started");
+    tokio::task::spawn_blocking(move || {
+        let outcome = crate::validate::run_job(&command.args, ctx);
+        if uploaded {
+            // the upload may hold patient data: only the report is kept
+            let _ = std::fs::remove_file(&dataset);
+        }
+        let next = match outcome {
+            Ok(report) => RunState::Done {
+                gate_passed: report.gate.as_ref().map(|g| g.passed),
+            },
+            Err(e) => RunState::Failed {
+                error: format!("{e:#}"),
+            },
+        };
+        tracing::info!(run = %worker.id, state = ?next, "validation run ended");
+        *worker.state.lock().unwrap_or_else(|p| p.into_inner()) = next;
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/validation/runs/{id}"))],
+        Json(describe(&run)),
+    )
+        .into_response())
+}
+
+fn parse_query<T: std::str::FromStr>(
+    query: &HashMap<String, String>,
+    key: &str,
+) -> Result<Option<T>, AppError> {
+    query
+        .get(key)
+        .map(|v| {
+            v.parse()
+                .map_err(|_| AppError::bad_request(format!("?{key} is not a number")))
+        })
+        .transpose()
+}
+
+/// Streams the body to `path` (created in `dir`), at most `limit` bytes.
+async fn receive(body: Body, dir: &FsPath, path: &FsPath, limit: u64) -> Result<(), AppError> {
+    let io = |e: std::io::Error| {
+        AppError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot store the upload: {e}"),
+        )
+    };
+    tokio::fs::create_dir_all(dir).await.map_err(io)?;
+    let mut file = tokio::fs::File::create(path).await.map_err(io)?;
+    let mut body = body;
+    let mut written = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| AppError::bad_request(format!("the upload was cut: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            written += data.len() as u64;
+            if written > limit {
+                drop(file);
+                let _ = tokio::fs::remove_dir_all(dir).await;
+                return Err(AppError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("uploads are at most {limit} bytes"),
+                ));
+            }
+            file.write_all(&data).await.map_err(io)?;
+        }
+    }
+    file.flush().await.map_err(io)?;
+    if written == 0 {
+        let _ = tokio::fs::remove_dir_all(dir).await;
+        return Err(AppError::bad_request("the upload is empty"));
+    }
+    Ok(())
+}
+
+fn describe(run: &Run) -> serde_json::Value {
+    let state = run.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let base = format!("/validation/runs/{}", run.id);
+    let (status, gate, error) = match state {
+        RunState::Running => ("running", None, None),
+        RunState::Done { gate_passed } => ("done", gate_passed, None),
+        RunState::Failed { error } => ("failed", None, Some(error)),
+    };
+    let p = &run.progress;
+    json!({
+        "id": run.id,
+        "model": run.model,
+        "version": run.version,
+        "created": run.created,
+        "status": status,
+        "progress": {
+            "rows": p.rows.load(Ordering::Relaxed),
+            "bytes_read": p.bytes_read.load(Ordering::Relaxed),
+            "total_bytes": p.total_bytes.load(Ordering::Relaxed),
+        },
+        "gate_passed": gate,
+        "error": error,
+        "report": (status == "done").then(|| json!({
+            "json": format!("{base}/report.json"),
+            "html": format!("{base}/report.html"),
+        })),
+    })
+}
+
+fn valid_id(id: &str) -> bool {
+    id.len() == 36 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+}
+
+/// `GET /validation/runs/{id}`.
+pub(crate) async fn status(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    let Some(validation) = state.validation() else {
+        return AppError::not_found("validation runs are off on this server").into_response();
+    };
+    match valid_id(&id).then(|| validation.get(&id)).flatten() {
+        Some(run) => Json(describe(&run)).into_response(),
+        None => AppError::not_found("no such validation run").into_response(),
+    }
+}
+
+async fn report_file(state: &AppState, id: &str, file: &str, mime: &'static str) -> Response {
+    let Some(validation) = state.validation() else {
+        return AppError::not_found("validation runs are off on this server").into_response();
+    };
+    let Some(run) = valid_id(id).then(|| validation.get(id)).flatten() else {
+        return AppError::not_found("no such validation run").into_response();
+    };
+    if !matches!(
+        *run.state.lock().unwrap_or_else(|p| p.into_inner()),
+        RunState::Done { .. }
+    ) {
+        return AppError::new(StatusCode::CONFLICT, "the run has no report (yet)").into_response();
+    }
+    match tokio::fs::read(validation.runs_dir.join(id).join(file)).await {
+        Ok(bytes) => ([(header::CONTENT_TYPE, mime)], bytes).into_response(),
+        Err(_) => AppError::not_found("the report is gone").into_response(),
+    }
+}
+
+/// `GET /validation/runs/{id}/report.json`.
+pub(crate) async fn report_json(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Response {
+    report_file(&state, &id, "report.json", "application/json").await
+}
+
+/// `GET /validation/runs/{id}/report.html`.
+pub(crate) async fn report_html(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Response {
+    report_file(&state, &id, "report.html", "text/html; charset=utf-8").await
+}

@@ -1,0 +1,401 @@
+//! Validation runs over HTTP (issue 11): `POST /validation/runs` with a dataset under the
+//! server's validation root (JSON) or uploaded (text/csv), `GET /validation/runs/{id}` until
+//! done, the report served, predictions in the server's audit trail with the caller as
+//! actor; one run per model at a time; hostile requests (paths out of the root, oversized
+//! and empty uploads, wrong types, unknown fields and models) refused with their reason.
+//! The expected AUROC is the one the training script measured with scikit-learn on the same
+//! test split (the bundle's metrics.json).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use nightingale::audit::AuditLog;
+use nightingale::config::ServeArgs;
+use nightingale::http::{self, AppState, HttpConfig};
+use nightingale_models::{Repository, RepositoryOptions};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+mod support;
+use support::copy_dir;
+
+const MODEL: &str = "wdbc-malignancy";
+const UPLOAD_LIMIT: u64 = 64 << 10;
+
+fn repo_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn key(role: &str) -> String {
+    let keys: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_dir().join("tests/fixtures/auth/api_keys.json")).unwrap(),
+    )
+    .unwrap();
+    keys[role].as_str().unwrap().to_owned()
+}
+
+struct Server {
+    dir: tempfile::TempDir,
+    state: Arc<AppState>,
+}
+
+impl Server {
+    fn new() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        copy_dir(
+            &repo_dir().join("models/bundles").join(MODEL),
+            &repo.join(MODEL),
+        );
+        let repository = Arc::new(Repository::new(&repo, RepositoryOptions::default()));
+        repository.load_all().unwrap();
+        let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
+        let auth = ServeArgs {
+            config: Some(repo_dir().join("tests/fixtures/auth/nightingale.toml")),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap()
+        .auth;
+        let state = AppState::new(
+            repository,
+            audit,
+            HttpConfig {
+                auth,
+                ..HttpConfig::default()
+            },
+            None,
+        );
+        state.set_ready(true);
+        let root = dir.path().join("datasets");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::copy(test_csv(), root.join("sub/test.csv")).unwrap();
+        std::fs::write(dir.path().join("outside.csv"), "label\n1\n").unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(dir.path().join("outside.csv"), root.join("escape.csv"))
+            .unwrap();
+        state.set_validation(http::validation::Validation::new(
+            Some(root),
+            &dir.path().join("data"),
+            UPLOAD_LIMIT,
+            RepositoryOptions::default(),
+        ));
+        Server { dir, state }
+    }
+
+    async fn send(&self, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let res = http::app(self.state.clone()).oneshot(req).await.unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let v = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+        (status, headers, v)
+    }
+
+    async fn post_json(&self, body: Value) -> (StatusCode, Value) {
+        let req = Request::post("/validation/runs")
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", key("researcher")),
+            )
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let (s, _, v) = self.send(req).await;
+        (s, v)
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let req = Request::get(path)
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", key("researcher")),
+            )
+            .body(Body::empty())
+            .unwrap();
+        let (s, _, v) = self.send(req).await;
+        (s, v)
+    }
+
+    /// Polls a run until it is no longer running (bounded).
+    async fn wait(&self, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let (s, v) = self.get(&format!("/validation/runs/{id}")).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            if v["status"] != "running" {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "run {id} still running: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn test_csv() -> PathBuf {
+    repo_dir()
+        .join("models/bundles")
+        .join(MODEL)
+        .join("testdata/test.csv")
+}
+
+/// scikit-learn's AUROC of version 1 on the test split, from the training script.
+fn sklearn_auroc() -> f64 {
+    let m: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            repo_dir()
+                .join("models/bundles")
+                .join(MODEL)
+                .join("1/metrics.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    m["test"]["auroc"]["value"].as_f64().unwrap()
+}
+
+fn audit_records(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_run_on_a_server_side_dataset_reports_scikit_learns_auroc_and_is_audited() {
+    let server = Server::new();
+    let (s, v) = server
+        .post_json(
+            json!({"model": format!("{MODEL}@1"), "dataset": "sub/test.csv", "bootstrap": 100}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert_eq!(v["status"], "running");
+    let done = server.wait(&id).await;
+    assert_eq!(done["status"], "done", "{done}");
+    assert_eq!(done["gate_passed"], true, "{done}");
+    assert_eq!(done["progress"]["rows"], 114);
+    let (s, report) = server.get(done["report"]["json"].as_str().unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!((report["auroc"]["value"].as_f64().unwrap() - sklearn_auroc()).abs() < 1e-9);
+    assert_eq!(report["model"]["version"], 1);
+    let (s, html) = server.get(done["report"]["html"].as_str().unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(html.as_str().unwrap().contains("<svg"));
+    // every prediction in the server's trail, with the caller as actor
+    let records = audit_records(server.dir.path());
+    let rows: u64 = records
+        .iter()
+        .filter(|r| r["kind"] == "inference" && r["actor"] == "api-key:researcher-client")
+        .map(|r| r["rows"].as_u64().unwrap())
+        .sum();
+    assert_eq!(rows, 114);
+}
+
+#[tokio::test]
+async fn an_uploaded_dataset_is_validated_then_deleted() {
+    let server = Server::new();
+    let csv = std::fs::read(test_csv()).unwrap();
+    let req = Request::post(format!(
+        "/validation/runs?model={MODEL}@2&bootstrap=50&seed=3"
+    ))
+    .header(
+        header::AUTHORIZATION,
+        format!("Bearer {}", key("researcher")),
+    )
+    .header(header::CONTENT_TYPE, "text/csv; charset=utf-8")
+    .body(Body::from(csv))
+    .unwrap();
+    let (s, h, v) = server.send(req).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert_eq!(h[header::LOCATION], format!("/validation/runs/{id}"));
+    let done = server.wait(&id).await;
+    assert_eq!(done["status"], "done", "{done}");
+    let run_dir = server.dir.path().join("data/validation/runs").join(&id);
+    assert!(run_dir.join("report.json").is_file());
+    assert!(
+        !run_dir.join("dataset.csv").exists(),
+        "the upload must not be kept"
+    );
+    let (_, report) = server
+        .get(&format!("/validation/runs/{id}/report.json"))
+        .await;
+    assert_eq!(report["model"]["version"], 2);
+    assert_eq!(report["settings"]["seed"], 3);
+}
+
+#[tokio::test]
+async fn one_run_per_model_at_a_time() {
+    let server = Server::new();
+    // a long bootstrap keeps the first run busy while the second is asked for
+    let (s, v) = server
+        .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 400000}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let (s, v) = server
+        .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 0}))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(v["error"].as_str().unwrap().contains(&id), "{v}");
+    // the report is not there before the run ends
+    let (s, v) = server
+        .get(&format!("/validation/runs/{id}/report.json"))
+        .await;
+    assert!(s == StatusCode::CONFLICT || s == StatusCode::OK, "{s} {v}");
+    assert_eq!(server.wait(&id).await["status"], "done");
+    let (s, v) = server
+        .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 0}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    server.wait(v["id"].as_str().unwrap()).await;
+}
+
+#[tokio::test]
+async fn hostile_requests_are_refused_with_their_reason() {
+    let server = Server::new();
+    for (body, status, why) in [
+        (
+            json!({"model": MODEL, "dataset": "../outside.csv"}),
+            StatusCode::BAD_REQUEST,
+            "without ..",
+        ),
+        (
+            json!({"model": MODEL, "dataset": "/etc/passwd"}),
+            StatusCode::BAD_REQUEST,
+            "relative path",
+        ),
+        (
+            json!({"model": MODEL, "dataset": "escape.csv"}),
+            StatusCode::BAD_REQUEST,
+            "outside the validation root",
+        ),
+        (
+            json!({"model": MODEL, "dataset": "nope.csv"}),
+            StatusCode::NOT_FOUND,
+            "no such dataset",
+        ),
+        (json!({"model": MODEL}), StatusCode::BAD_REQUEST, "dataset"),
+        (
+            json!({"model": "no-such-model", "dataset": "sub/test.csv"}),
+            StatusCode::NOT_FOUND,
+            "unknown model",
+        ),
+        (
+            json!({"model": MODEL, "dataset": "sub/test.csv", "bogus": 1}),
+            StatusCode::BAD_REQUEST,
+            "unknown field",
+        ),
+        (
+            json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": -1}),
+            StatusCode::BAD_REQUEST,
+            "not valid",
+        ),
+    ] {
+        let (s, v) = server.post_json(body.clone()).await;
+        assert_eq!(s, status, "{body}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(why), "{body}: {v}");
+    }
+    // a version that does not exist fails the run (not the request), with the reason
+    let (s, v) = server
+        .post_json(json!({"model": format!("{MODEL}@9"), "dataset": "sub/test.csv"}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let failed = server.wait(v["id"].as_str().unwrap()).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("load"),
+        "{failed}"
+    );
+    let (s, _) = server
+        .get(&format!(
+            "/validation/runs/{}/report.json",
+            v["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    // uploads: declared too large (refused before reading), streamed too large, empty, wrong type
+    let runs = server.dir.path().join("data/validation/runs");
+    let count = || std::fs::read_dir(&runs).map(|d| d.count()).unwrap_or(0);
+    let before = count();
+    let big = vec![b'1'; UPLOAD_LIMIT as usize + 1];
+    let req = Request::post(format!("/validation/runs?model={MODEL}"))
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", key("researcher")),
+        )
+        .header(header::CONTENT_TYPE, "text/csv")
+        .header(header::CONTENT_LENGTH, big.len())
+        .body(Body::from(big.clone()))
+        .unwrap();
+    let (s, _, v) = server.send(req).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    let stream = futures_util::stream::iter(
+        big.chunks(4096)
+            .map(|c| Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(c)))
+            .collect::<Vec<_>>(),
+    );
+    let req = Request::post(format!("/validation/runs?model={MODEL}"))
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", key("researcher")),
+        )
+        .header(header::CONTENT_TYPE, "text/csv")
+        .body(Body::from_stream(stream))
+        .unwrap();
+    let (s, _, v) = server.send(req).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert_eq!(count(), before, "a refused upload leaves nothing behind");
+    for (ct, body, status) in [
+        ("text/csv", Vec::new(), StatusCode::BAD_REQUEST),
+        (
+            "application/octet-stream",
+            b"x".to_vec(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+    ] {
+        let req = Request::post(format!("/validation/runs?model={MODEL}"))
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", key("researcher")),
+            )
+            .header(header::CONTENT_TYPE, ct)
+            .body(Body::from(body))
+            .unwrap();
+        let (s, _, v) = server.send(req).await;
+        assert_eq!(s, status, "{ct}: {v}");
+    }
+    let req = Request::post("/validation/runs?bootstrap=abc&model=x")
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", key("researcher")),
+        )
+        .header(header::CONTENT_TYPE, "text/csv")
+        .body(Body::from("label\n1\n"))
+        .unwrap();
+    let (s, _, v) = server.send(req).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    // unknown or malformed run ids
+    for id in ["00000000-0000-0000-0000-000000000000", "..%2F..%2Fetc", "x"] {
+        let (s, _) = server.get(&format!("/validation/runs/{id}")).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{id}");
+    }
+    // another role may not start runs
+    let req = Request::post("/validation/runs")
+        .header(header::AUTHORIZATION, format!("Bearer {}", key("infer")))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(
+            json!({"model": MODEL, "dataset": "sub/test.csv"}).to_string(),
+        ))
+        .unwrap();
+    let (s, _, _) = server.send(req).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}
