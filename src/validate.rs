@@ -1129,3 +1129,78 @@ fn print_summary(r: &Report, out: &Path, secs: f64, predictions: bool) {
     }
     println!("report    {}", out.join("report.html").display());
 }
+
+/// What `--require-validation` reads of a report.
+#[derive(serde::Deserialize)]
+struct ReportHead {
+    source: String,
+    model: Option<ReportModel>,
+    gate: Option<ReportGate>,
+}
+
+#[derive(serde::Deserialize)]
+struct ReportModel {
+    name: String,
+    version: u64,
+    manifest_sha256: String,
+}
+
+#[derive(serde::Deserialize)]
+struct ReportGate {
+    passed: bool,
+}
+
+/// Reports larger than this are not read (a report is ~100 KB).
+const MAX_REPORT_BYTES: u64 = 32 << 20;
+
+/// The deployment policy of `serve --require-validation`: a version serves only when a
+/// `report.json` in a folder under `reports` (or in `reports` itself) ran that version
+/// through the served path (`source` `inference`) for the exact manifest SHA-256 being
+/// loaded and passed a gate that is not empty.
+pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionCheck {
+    nightingale_models::PromotionCheck(Arc::new(move |name, version, manifest_sha256| {
+        let mut candidates = vec![reports.join("report.json")];
+        if let Ok(entries) = std::fs::read_dir(&reports) {
+            candidates.extend(entries.flatten().map(|e| e.path().join("report.json")));
+        }
+        let mut failed_gate = false;
+        for path in candidates {
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if !meta.is_file() || meta.len() > MAX_REPORT_BYTES {
+                continue;
+            }
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            let Ok(head) = serde_json::from_slice::<ReportHead>(&bytes) else {
+                continue;
+            };
+            let Some(model) = head.model else { continue };
+            if head.source != "inference"
+                || model.name != name
+                || model.version != version
+                || model.manifest_sha256 != manifest_sha256
+            {
+                continue;
+            }
+            match head.gate {
+                Some(g) if g.passed => return Ok(()),
+                _ => failed_gate = true,
+            }
+        }
+        Err(if failed_gate {
+            format!(
+                "its validation reports for manifest {manifest_sha256} do not pass a gate \
+                 (--require-validation)"
+            )
+        } else {
+            format!(
+                "no validation report of {name} version {version} for manifest \
+                 {manifest_sha256} under {} (--require-validation)",
+                reports.display()
+            )
+        })
+    }))
+}
