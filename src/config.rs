@@ -238,6 +238,16 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub cds_trust: Vec<String>,
+    /// Serve a version only when a validation report says it passed its bundle's gate for
+    /// the exact manifest (SHA-256) being loaded: `report.json` files in the folders under
+    /// --validation-reports (what `nightingale validate --out` and `POST /validation/runs`
+    /// write). A version without one is refused like a bad signature.
+    #[arg(long, env = "NIGHTINGALE_REQUIRE_VALIDATION")]
+    pub require_validation: bool,
+    /// Where --require-validation looks for reports (each in its own folder).
+    /// [default: <data-dir>/validation/runs]
+    #[arg(long, env = "NIGHTINGALE_VALIDATION_REPORTS")]
+    pub validation_reports: Option<PathBuf>,
     /// A folder whose datasets researchers may name in `POST /validation/runs` (JSON
     /// requests); without it, datasets are uploaded in the request (text/csv).
     #[arg(long, env = "NIGHTINGALE_VALIDATION_ROOT")]
@@ -382,6 +392,8 @@ struct FileConfig {
     cds_base_url: Option<String>,
     validation_root: Option<PathBuf>,
     validation_max_upload_bytes: Option<u64>,
+    require_validation: Option<bool>,
+    validation_reports: Option<PathBuf>,
     cds_fhir_servers: Option<Vec<String>>,
     cds_fetch_timeout_ms: Option<u64>,
     cds_imaging_identifier_system: Option<String>,
@@ -406,6 +418,8 @@ pub struct ServeConfig {
     /// Validation runs: the server-side datasets' folder, and the upload cap.
     pub validation_root: Option<PathBuf>,
     pub validation_max_upload_bytes: u64,
+    /// `--require-validation`: the folder of reports a version needs a passing one in.
+    pub require_validation: Option<PathBuf>,
     pub audit: AuditConfig,
     pub log_format: LogFormat,
     /// API keys, JWT, client-certificate and anonymous roles (`[auth]`).
@@ -1036,6 +1050,13 @@ impl ServeArgs {
             ..crate::cds::CdsSettings::default()
         };
         // ---- end CDS Hooks ----
+        let require_validation = (self.require_validation || file.require_validation == Some(true))
+            .then(|| {
+                self.validation_reports
+                    .clone()
+                    .or(file.validation_reports.clone())
+                    .unwrap_or_else(|| data_dir.join("validation").join("runs"))
+            });
         Ok(ServeConfig {
             repository: self
                 .repository
@@ -1060,6 +1081,7 @@ impl ServeArgs {
                 .validation_max_upload_bytes
                 .or(file.validation_max_upload_bytes)
                 .unwrap_or(256 << 20),
+            require_validation,
             audit,
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             auth,

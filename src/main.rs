@@ -307,6 +307,16 @@ async fn serve(
         execution_provider: config.execution_provider,
         ort_library: config.ort_library.clone(),
         signatures: config.signatures.clone(),
+        promotion: None,
+    };
+    // Validation runs load versions that have no report yet: without the deployment policy.
+    let validation_options = load_options.clone();
+    let load_options = RepositoryOptions {
+        promotion: config.require_validation.clone().map(|dir| {
+            tracing::info!(reports = %dir.display(), "versions serve only with a passing validation report");
+            nightingale::validate::require_validation(dir)
+        }),
+        ..load_options
     };
     let repository = Arc::new(Repository::new(
         config.repository.clone(),
@@ -346,7 +356,7 @@ async fn serve(
         config.validation_root.clone(),
         &config.data_dir,
         config.validation_max_upload_bytes,
-        load_options,
+        validation_options,
     ));
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await

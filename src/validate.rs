@@ -376,10 +376,163 @@ fn model_input(m: &Manifest, tensors: bool) -> anyhow::Result<Input> {
     })
 }
 
+/// An image dataset: a folder with `manifest.csv` naming DICOM files under it (a `file`
+/// column, the label column, optional subgroup and patient-id columns). Each file is decoded
+/// and preprocessed as the imaging pipeline does (`nightingale_dicom::pixels` with its
+/// limits, grey, then the bundle's `[preprocessing]`); each frame is one row with its file's
+/// label. A file that cannot be read, decoded or preprocessed makes its row unusable, with
+/// the reason.
+struct DicomDataset {
+    manifest: CsvDataset,
+    /// The folder, canonical.
+    dir: PathBuf,
+    pre: nightingale_models::Preprocessing,
+    limits: nightingale_dicom::pixels::Limits,
+    pending: VecDeque<Row>,
+    /// (path relative to the folder, SHA-256) of each file read, in manifest order.
+    files: Vec<(String, String)>,
+    bytes: u64,
+}
+
+/// The largest DICOM file a dataset row may name.
+const MAX_DICOM_FILE_BYTES: u64 = 2 << 30;
+
+impl DicomDataset {
+    fn is_dicom_folder(dir: &Path) -> bool {
+        dir.join("manifest.csv").is_file()
+    }
+
+    fn open(
+        dir: &Path,
+        columns: &Columns,
+        labels: LabelSpec,
+        pre: nightingale_models::Preprocessing,
+    ) -> anyhow::Result<DicomDataset> {
+        let manifest = CsvDataset::open(&dir.join("manifest.csv"), columns, labels)?;
+        Ok(DicomDataset {
+            manifest,
+            dir: dir
+                .canonicalize()
+                .with_context(|| format!("cannot read {}", dir.display()))?,
+            pre,
+            limits: nightingale_dicom::pixels::Limits::default(),
+            pending: VecDeque::new(),
+            files: Vec::new(),
+            bytes: 0,
+        })
+    }
+
+    fn next_row(&mut self) -> Result<Option<Result<Row, Unusable>>, DatasetError> {
+        if let Some(r) = self.pending.pop_front() {
+            return Ok(Some(Ok(r)));
+        }
+        let r = match self.manifest.next_row()? {
+            None => return Ok(None),
+            Some(Err(u)) => return Ok(Some(Err(u))),
+            Some(Ok(r)) => r,
+        };
+        let rel = r.file.clone().unwrap_or_default();
+        match self.decode(&rel) {
+            Ok(frames) => {
+                for features in frames {
+                    self.pending.push_back(Row {
+                        features,
+                        file: None,
+                        ..r.clone()
+                    });
+                }
+                Ok(self.pending.pop_front().map(Ok))
+            }
+            Err(reason) => Ok(Some(Err(Unusable { row: r.row, reason }))),
+        }
+    }
+
+    /// The preprocessed frames of one file.
+    fn decode(&mut self, rel: &str) -> Result<Vec<Vec<f32>>, String> {
+        use nightingale_dicom::pixels::{Colour, DecodeOptions, PixelSource};
+        let relative = Path::new(rel);
+        let outside = || "the file is outside the dataset folder".to_owned();
+        if !relative
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(outside());
+        }
+        let full = self
+            .dir
+            .join(relative)
+            .canonicalize()
+            .map_err(|_| "the file is missing".to_owned())?;
+        if !full.starts_with(&self.dir) {
+            return Err(outside());
+        }
+        let meta = std::fs::metadata(&full).map_err(|_| "the file cannot be read".to_owned())?;
+        if !meta.is_file() || meta.len() > MAX_DICOM_FILE_BYTES {
+            return Err(format!(
+                "not a regular file of at most {MAX_DICOM_FILE_BYTES} bytes"
+            ));
+        }
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        let mut file =
+            std::fs::File::open(&full).map_err(|_| "the file cannot be read".to_owned())?;
+        std::io::copy(&mut file, &mut hasher).map_err(|_| "the file cannot be read".to_owned())?;
+        self.files
+            .push((rel.to_owned(), hex::encode(sha2::Digest::finalize(hasher))));
+        self.bytes += meta.len();
+        let source = PixelSource::open(&full, &self.limits).map_err(|e| e.to_string())?;
+        let options = DecodeOptions {
+            colour: Colour::Grey,
+            limits: self.limits.clone(),
+            ..DecodeOptions::default()
+        };
+        let mut out = Vec::new();
+        for frame in source.frames(&options) {
+            let frame = frame.map_err(|e| e.to_string())?;
+            let image = nightingale_models::Image {
+                rows: frame.rows,
+                cols: frame.cols,
+                samples: frame.samples,
+                data: &frame.data,
+                slope: frame.slope,
+                intercept: frame.intercept,
+                monochrome1: frame.monochrome1,
+            };
+            out.push(self.pre.apply_to_vec(&image).map_err(|e| e.to_string())?);
+        }
+        if out.is_empty() {
+            return Err("no frame was decoded".to_owned());
+        }
+        Ok(out)
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.manifest.bytes_read()
+    }
+
+    /// `sha256` is that of the `sha256sum`-style listing of manifest.csv and every file read,
+    /// in manifest order; each file's own is in `files`.
+    fn finish(self) -> Result<DatasetSummary, DatasetError> {
+        let mut summary = self.manifest.finish()?;
+        let mut listing = format!("{}  manifest.csv\n", summary.sha256);
+        summary
+            .files
+            .insert("manifest.csv".to_owned(), summary.sha256.clone());
+        for (name, sha) in self.files {
+            listing.push_str(&format!("{sha}  {name}\n"));
+            summary.files.insert(name, sha);
+        }
+        summary.sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(listing.as_bytes()));
+        summary.path = self.dir.display().to_string();
+        summary.bytes += self.bytes;
+        Ok(summary)
+    }
+}
+
 /// The dataset being read.
 enum Data {
-    Csv(CsvDataset),
-    Npy(NpyDataset),
+    Csv(Box<CsvDataset>),
+    Npy(Box<NpyDataset>),
+    Dicom(Box<DicomDataset>),
 }
 
 impl Data {
@@ -387,18 +540,21 @@ impl Data {
         match self {
             Data::Csv(d) => d.next_row(),
             Data::Npy(d) => d.next_row(),
+            Data::Dicom(d) => d.next_row(),
         }
     }
     fn bytes_read(&self) -> u64 {
         match self {
             Data::Csv(d) => d.bytes_read(),
             Data::Npy(d) => d.bytes_read(),
+            Data::Dicom(d) => d.bytes_read(),
         }
     }
     fn finish(self) -> Result<DatasetSummary, DatasetError> {
         match self {
-            Data::Csv(d) => d.finish(),
-            Data::Npy(d) => Ok(d.finish()),
+            Data::Csv(d) => (*d).finish(),
+            Data::Npy(d) => Ok((*d).finish()),
+            Data::Dicom(d) => d.finish(),
         }
     }
 }
@@ -640,17 +796,25 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
                 .unwrap_or_default()
         );
     }
-    let tensors = args
+    let npy = args
         .dataset
         .as_deref()
         .is_some_and(|d| d.is_dir() && NpyDataset::is_npy_folder(d));
+    let dicom = !npy
+        && args
+            .dataset
+            .as_deref()
+            .is_some_and(|d| d.is_dir() && DicomDataset::is_dicom_folder(d));
+    // Image rows come ready-made (npy) or through the pipeline's decoder (DICOM).
+    let tensors = npy || dicom;
     let (path, input) = match (&args.predictions, &args.dataset) {
         (Some(p), _) => (p.clone(), None),
         (None, Some(d)) => {
             let l = main.ok_or_else(|| anyhow!("--dataset needs --model or --compare"))?;
             if d.is_dir() && !tensors {
                 bail!(
-                    "{}: a folder dataset holds images.npy and labels.npy",
+                    "{}: a folder dataset holds images.npy and labels.npy, or manifest.csv \
+                     naming DICOM files",
                     d.display()
                 );
             }
@@ -665,12 +829,43 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
     {
         bail!("the two versions take different features: they cannot be compared on one dataset");
     }
-    let (mut dataset, total_bytes, row_shape) = if tensors {
+    let (mut dataset, total_bytes, row_shape) = if dicom {
+        let manifest = main
+            .map(|l| l.model.manifest.clone())
+            .ok_or_else(|| anyhow!("a DICOM dataset needs --model"))?;
+        let Some(pre) = manifest.preprocessing.clone() else {
+            bail!(
+                "bundle {:?} declares no [preprocessing]: DICOM images cannot become its input",
+                manifest.name
+            );
+        };
+        let shape = input.as_ref().map(|i| i.shape.clone()).unwrap_or_default();
+        let row: Vec<usize> = shape
+            .get(1..)
+            .unwrap_or(&[])
+            .iter()
+            .map(|&d| usize::try_from(d).unwrap_or(1))
+            .collect();
+        let [h, w] = pre.size;
+        if row.iter().product::<usize>() != h * w {
+            bail!("input shape {shape:?} does not hold one {h}x{w} grey image");
+        }
+        let columns = Columns {
+            label: args.label_column.clone(),
+            subgroups: args.subgroups.clone(),
+            cluster: args.patient_id_column.clone(),
+            file: Some("file".to_owned()),
+            ..Columns::default()
+        };
+        let d = DicomDataset::open(&path, &columns, labels.clone(), pre)?;
+        let bytes = std::fs::metadata(path.join("manifest.csv")).map_or(0, |m| m.len());
+        (Data::Dicom(Box::new(d)), bytes, row)
+    } else if tensors {
         let shape = input.as_ref().map(|i| i.shape.clone()).unwrap_or_default();
         let d = NpyDataset::open(&path, &shape, &labels)?;
         let rows = d.row_shape().to_vec();
         let bytes = std::fs::metadata(path.join("images.npy")).map_or(0, |m| m.len());
-        (Data::Npy(d), bytes, rows)
+        (Data::Npy(Box::new(d)), bytes, rows)
     } else {
         let columns = Columns {
             features: input
@@ -681,11 +876,12 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
             score: predictions.then(|| args.score_column.clone()),
             subgroups: args.subgroups.clone(),
             cluster: args.patient_id_column.clone(),
+            file: None,
         };
         let width = columns.features.len();
         let d = CsvDataset::open(&path, &columns, labels.clone())?;
         let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
-        (Data::Csv(d), bytes, vec![width])
+        (Data::Csv(Box::new(d)), bytes, vec![width])
     };
     let audit_path = args
         .audit_log
@@ -911,7 +1107,9 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
             summary,
             kind: if predictions {
                 "predictions-csv"
-            } else if tensors {
+            } else if dicom {
+                "dicom-folder"
+            } else if npy {
                 "npy-tensors"
             } else {
                 "tabular-csv"
@@ -1128,4 +1326,79 @@ fn print_summary(r: &Report, out: &Path, secs: f64, predictions: bool) {
         }
     }
     println!("report    {}", out.join("report.html").display());
+}
+
+/// What `--require-validation` reads of a report.
+#[derive(serde::Deserialize)]
+struct ReportHead {
+    source: String,
+    model: Option<ReportModel>,
+    gate: Option<ReportGate>,
+}
+
+#[derive(serde::Deserialize)]
+struct ReportModel {
+    name: String,
+    version: u64,
+    manifest_sha256: String,
+}
+
+#[derive(serde::Deserialize)]
+struct ReportGate {
+    passed: bool,
+}
+
+/// Reports larger than this are not read (a report is ~100 KB).
+const MAX_REPORT_BYTES: u64 = 32 << 20;
+
+/// The deployment policy of `serve --require-validation`: a version serves only when a
+/// `report.json` in a folder under `reports` (or in `reports` itself) ran that version
+/// through the served path (`source` `inference`) for the exact manifest SHA-256 being
+/// loaded and passed a gate that is not empty.
+pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionCheck {
+    nightingale_models::PromotionCheck(Arc::new(move |name, version, manifest_sha256| {
+        let mut candidates = vec![reports.join("report.json")];
+        if let Ok(entries) = std::fs::read_dir(&reports) {
+            candidates.extend(entries.flatten().map(|e| e.path().join("report.json")));
+        }
+        let mut failed_gate = false;
+        for path in candidates {
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if !meta.is_file() || meta.len() > MAX_REPORT_BYTES {
+                continue;
+            }
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            let Ok(head) = serde_json::from_slice::<ReportHead>(&bytes) else {
+                continue;
+            };
+            let Some(model) = head.model else { continue };
+            if head.source != "inference"
+                || model.name != name
+                || model.version != version
+                || model.manifest_sha256 != manifest_sha256
+            {
+                continue;
+            }
+            match head.gate {
+                Some(g) if g.passed => return Ok(()),
+                _ => failed_gate = true,
+            }
+        }
+        Err(if failed_gate {
+            format!(
+                "its validation reports for manifest {manifest_sha256} do not pass a gate \
+                 (--require-validation)"
+            )
+        } else {
+            format!(
+                "no validation report of {name} version {version} for manifest \
+                 {manifest_sha256} under {} (--require-validation)",
+                reports.display()
+            )
+        })
+    }))
 }

@@ -399,3 +399,73 @@ async fn hostile_requests_are_refused_with_their_reason() {
     let (s, _, _) = server.send(req).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
 }
+
+/// `serve --require-validation`: a version serves only with a passing report for its exact
+/// manifest; reports come from the same `validate` runs (here the library call behind the
+/// command line).
+#[test]
+fn require_validation_promotes_only_versions_with_a_passing_report() {
+    use clap::Parser;
+    use nightingale::validate::{RunContext, ValidateCommand, require_validation, run_job};
+
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    copy_dir(
+        &repo_dir().join("models/bundles").join(MODEL),
+        &repo.join(MODEL),
+    );
+    let reports = dir.path().join("reports");
+    std::fs::create_dir_all(&reports).unwrap();
+    let gated = || {
+        Repository::new(
+            &repo,
+            RepositoryOptions {
+                promotion: Some(require_validation(reports.clone())),
+                ..RepositoryOptions::default()
+            },
+        )
+    };
+    // no report: refused, and the index says why
+    let repository = gated();
+    let err = repository.load(MODEL).unwrap_err().to_string();
+    assert!(err.contains("no validation report"), "{err}");
+    assert!(err.contains("--require-validation"), "{err}");
+    // a passing report for each served version (versions 1 and 2)
+    for v in [1, 2] {
+        let out = reports.join(format!("v{v}"));
+        let args = ValidateCommand::try_parse_from([
+            "validate",
+            "--repository",
+            repo.to_str().unwrap(),
+            "--model",
+            &format!("{MODEL}@{v}"),
+            "--dataset",
+            test_csv().to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--bootstrap",
+            "100",
+            "--quiet",
+        ])
+        .unwrap()
+        .args;
+        let report = run_job(&args, RunContext::default()).unwrap();
+        assert_eq!(report.gate.as_ref().map(|g| g.passed), Some(true));
+    }
+    let repository = gated();
+    assert_eq!(repository.load(MODEL).unwrap(), vec![1, 2]);
+    // a failing gate in the only report of version 2 refuses version 2
+    let path = reports.join("v2/report.json");
+    let mut report: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    report["gate"]["passed"] = json!(false);
+    std::fs::write(&path, report.to_string()).unwrap();
+    let err = gated().load(MODEL).unwrap_err().to_string();
+    assert!(err.contains("do not pass a gate"), "{err}");
+    // an edited manifest is a different manifest: its reports must be made again
+    let manifest = repo.join(MODEL).join("bundle.toml");
+    let mut text = std::fs::read_to_string(&manifest).unwrap();
+    text.push_str("# edited after validation\n");
+    std::fs::write(&manifest, text).unwrap();
+    let err = gated().load(MODEL).unwrap_err().to_string();
+    assert!(err.contains("no validation report"), "{err}");
+}

@@ -27,7 +27,7 @@ p = 1 / (1 + np.exp(-(rng.normal(0, 1, n) + 1.5 * y - 1.0)))
 with open(sys.argv[1], "w") as f:
     f.write("label,score\n")
     for a, b in zip(y, p):
-        f.write(f"{a},{b!r}\n")
+        f.write(f"{int(a)},{float(b)!r}\n")
 PY
 start=$(date +%s.%N)
 "$BIN" validate --predictions "$work/pred.csv" --bootstrap "$REPLICATES" --out "$work/r" --quiet

@@ -61,6 +61,12 @@ pub enum BundleError {
         stage: &'static str,
         message: String,
     },
+    #[error("{path}: version {version} refused by the deployment policy: {reason}")]
+    NotPromoted {
+        path: PathBuf,
+        version: u64,
+        reason: String,
+    },
     #[error("{path}: refused, self-test failed on {engine}: {source}")]
     SelfTest {
         path: PathBuf,
@@ -120,6 +126,7 @@ impl BundleError {
             | BundleError::Inference { path, .. }
             | BundleError::Panicked { path, .. }
             | BundleError::SelfTest { path, .. }
+            | BundleError::NotPromoted { path, .. }
             | BundleError::SignatureMissing { path }
             | BundleError::SignatureMalformed { path, .. }
             | BundleError::SignatureUntrusted { path, .. }
@@ -152,6 +159,7 @@ impl BundleError {
                 | BundleError::Inference { path, .. }
                 | BundleError::Panicked { path, .. }
                 | BundleError::SelfTest { path, .. }
+                | BundleError::NotPromoted { path, .. }
                 | BundleError::SignatureMissing { path }
                 | BundleError::SignatureMalformed { path, .. }
                 | BundleError::SignatureUntrusted { path, .. }

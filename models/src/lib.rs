@@ -28,7 +28,7 @@ pub use manifest::{Manifest, SelfTestSpec, TaskKind, Tolerance};
 pub use preprocess::{Image, PreprocessError, Preprocessing};
 pub use repository::{
     Bundle, IndexEntry, LoadOutcome, LoadTarget, LoadedModel, MANIFEST_FILE, ModelState,
-    Repository, RepositoryOptions,
+    PromotionCheck, Repository, RepositoryOptions,
 };
 pub use selftest::{SelfTestError, SelfTestReport};
 pub use signature::{SignaturePolicy, SignatureStatus, SigningKey, TrustedKey};

@@ -39,6 +39,24 @@ pub struct RepositoryOptions {
     pub ort_library: Option<PathBuf>,
     /// Which bundle signatures are trusted, and whether one is required.
     pub signatures: SignaturePolicy,
+    /// Asked before each version loads (after checksums and signature): may it serve? (The
+    /// server's `--require-validation`: a passing validation report for the manifest.)
+    pub promotion: Option<PromotionCheck>,
+}
+
+/// A deployment policy consulted before a version serves: `(model, version, manifest
+/// SHA-256)` → `Err(reason)` to refuse it (it is then refused like a bad signature: what
+/// served before keeps serving, and the index says why).
+#[derive(Clone)]
+pub struct PromotionCheck(pub Arc<PromotionFn>);
+
+/// `(model, version, manifest SHA-256)` → may it serve.
+pub type PromotionFn = dyn Fn(&str, u64, &str) -> Result<(), String> + Send + Sync;
+
+impl std::fmt::Debug for PromotionCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PromotionCheck(..)")
+    }
 }
 
 /// A bundle folder with its parsed manifest.
@@ -675,6 +693,21 @@ impl Repository {
         };
         let mut loaded = BTreeMap::new();
         for version in versions {
+            if let Some(check) = &self.options.promotion {
+                let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+                    bundle.text.as_bytes(),
+                ));
+                check.0(&bundle.manifest.name, version, &sha).map_err(|reason| {
+                    (
+                        Some(version),
+                        BundleError::NotPromoted {
+                            path: dir.join(MANIFEST_FILE),
+                            version,
+                            reason,
+                        },
+                    )
+                })?;
+            }
             let model = bundle
                 .load_version(version, &self.options)
                 .map_err(|e| (Some(version), e))?;

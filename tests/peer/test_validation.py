@@ -549,3 +549,82 @@ def test_multiclass_npy_labels_outside_the_classes_are_listed(tmp_path):
     _, _, text = validate("--model", "image-orientation", "--output", "orientation", "--dataset", str(folder),
                           out=tmp_path / "s", expect=2)
     assert "do not fit the model input" in text
+
+
+def _dicom_dataset(folder: Path) -> tuple[list[np.ndarray], list[int], list[str]]:
+    """Real CT and MR images from pydicom's test files in the 8 orientations (written as new
+    uncompressed DICOM files with pydicom), a manifest.csv (file, label, source), a truncated
+    file and a path leaving the folder. Returns the numpy-preprocessed inputs, labels and
+    sources of the usable rows, in manifest order."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    sys.path.insert(0, str(REPO / "models" / "train"))
+    import imaging  # the numpy reference of the image bundles' preprocessing
+
+    spec = imaging.Preprocessing(height=224, width=224, window="percentile", low=0.5, high=99.5,
+                                 aspect="pad", pad_value=0.0, mean=0.5, std=0.25)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, inputs, labels, sources = [], [], [], []
+    for source in ("CT_small.dcm", "MR_small.dcm"):
+        ds = pydicom.dcmread(get_testdata_file(source))
+        pixels = ds.pixel_array
+        for k in range(8):
+            out = ds.copy()
+            img = imaging.d4(pixels, k)
+            out.Rows, out.Columns = img.shape
+            out.PixelData = img.astype(pixels.dtype).tobytes()
+            out.SOPInstanceUID = generate_uid()
+            out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+            out.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+            name = f"{source[:2].lower()}/{k}.dcm"
+            (folder / name).parent.mkdir(exist_ok=True)
+            out.save_as(folder / name, enforce_file_format=True)
+            rows.append((name, k, source))
+            back = pydicom.dcmread(folder / name)
+            inputs.append(imaging.preprocess(
+                back.pixel_array, spec,
+                slope=float(getattr(back, "RescaleSlope", 1.0)),
+                intercept=float(getattr(back, "RescaleIntercept", 0.0)),
+                monochrome1=back.PhotometricInterpretation == "MONOCHROME1"))
+            labels.append(k)
+            sources.append(source)
+    (folder / "broken.dcm").write_bytes((folder / rows[0][0]).read_bytes()[:700])
+    with open(folder / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "label", "source"])
+        w.writerows(rows)
+        w.writerow(["broken.dcm", 0, "x"])
+        w.writerow(["../outside.dcm", 1, "x"])
+    return inputs, labels, sources
+
+
+def test_a_dicom_folder_is_decoded_and_preprocessed_as_the_pipeline_does(tmp_path):
+    """A folder of DICOM files with a manifest: decoded and preprocessed as the imaging
+    pipeline does, the 8-way output against scikit-learn on onnxruntime's probabilities of
+    the numpy-preprocessed images; unreadable files and paths out of the folder are listed."""
+    folder = tmp_path / "dicom"
+    inputs, y, _ = _dicom_dataset(folder)
+    m = _manifest("image-orientation")
+    sess = ort.InferenceSession(str(BUNDLES / "image-orientation" / "1" / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    (prob,) = sess.run(["orientation"], {m["inputs"][0]["name"]: np.stack(inputs).astype(np.float32)})
+    prob = prob.astype(np.float64)
+    y = np.array(y)
+    _, r, text = validate("--model", "image-orientation", "--output", "orientation", "--dataset", str(folder),
+                          "--backend", BACKEND, "--bootstrap", "100", out=tmp_path / "r", expect=0)
+    d = r["dataset"]
+    assert d["kind"] == "dicom-folder" and d["rows_used"] == len(y), d
+    reasons = {u["row"]: u["reason"] for u in d["unusable"]}
+    assert set(reasons) == {len(y) + 1, len(y) + 2}, reasons
+    assert "outside the dataset folder" in reasons[len(y) + 2]
+    assert abs(r["auroc"]["value"] - skm.roc_auc_score(y, prob, multi_class="ovr", average="macro")) < 1e-3
+    pred = prob.argmax(axis=1)
+    assert abs(r["accuracy"]["value"] - skm.accuracy_score(y, pred)) <= 1 / len(y) + 1e-12
+    for k, c in enumerate(r["classes"]):
+        assert abs(c["auroc"]["value"] - skm.roc_auc_score(y == k, prob[:, k])) < 1e-3
+    # every file's SHA-256 is in the dataset's digest listing
+    import hashlib
+    assert d["files"]["manifest.csv"] == hashlib.sha256((folder / "manifest.csv").read_bytes()).hexdigest()
+    assert d["files"]["ct/0.dcm"] == hashlib.sha256((folder / "ct/0.dcm").read_bytes()).hexdigest()

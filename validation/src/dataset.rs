@@ -57,6 +57,8 @@ pub struct Columns {
     pub subgroups: Vec<String>,
     /// Patient (or other cluster) identifier for the cluster bootstrap.
     pub cluster: Option<String>,
+    /// A file each row names (an image dataset's manifest).
+    pub file: Option<String>,
 }
 
 /// How label values map to the positive class.
@@ -118,6 +120,8 @@ pub struct Row {
     /// "(missing)").
     pub subgroups: Vec<String>,
     pub cluster: Option<String>,
+    /// The file the row names (an image dataset's manifest).
+    pub file: Option<String>,
 }
 
 /// A row that could not be used.
@@ -169,6 +173,7 @@ pub struct CsvDataset {
     score: Option<(usize, String)>,
     subgroup_idx: Vec<usize>,
     cluster_idx: Option<usize>,
+    file_idx: Option<usize>,
     columns_ignored: Vec<String>,
     record: csv::StringRecord,
     rows: u64,
@@ -220,6 +225,7 @@ impl CsvDataset {
         let score_idx = columns.score.as_ref().map(|s| need(s));
         let subgroup_idx: Vec<usize> = columns.subgroups.iter().map(|s| need(s)).collect();
         let cluster_idx = columns.cluster.as_ref().map(|c| need(c));
+        let file_idx = columns.file.as_ref().map(|c| need(c));
         if !missing.is_empty() {
             return Err(DatasetError::MissingColumns {
                 path: path.to_owned(),
@@ -233,6 +239,7 @@ impl CsvDataset {
             .chain([label_idx])
             .chain(score_idx)
             .chain(cluster_idx)
+            .chain(file_idx)
             .collect();
         let columns_ignored = names
             .iter()
@@ -250,6 +257,7 @@ impl CsvDataset {
             score: score_idx.zip(columns.score.clone()),
             subgroup_idx,
             cluster_idx,
+            file_idx,
             columns_ignored,
             record: csv::StringRecord::new(),
             rows: 0,
@@ -361,6 +369,19 @@ impl CsvDataset {
                 Some(c.to_owned())
             }
         };
+        let file = match self.file_idx {
+            None => None,
+            Some(i) => {
+                let f = rec.get(i).unwrap_or("").trim();
+                if f.is_empty() {
+                    return Ok(Some(Err(Unusable {
+                        row,
+                        reason: "the file column is empty".to_owned(),
+                    })));
+                }
+                Some(f.to_owned())
+            }
+        };
         Ok(Some(Ok(Row {
             row,
             features,
@@ -369,6 +390,7 @@ impl CsvDataset {
             class,
             subgroups,
             cluster,
+            file,
         })))
     }
 
@@ -577,6 +599,7 @@ impl NpyDataset {
             class,
             subgroups: Vec::new(),
             cluster: None,
+            file: None,
         })))
     }
 
@@ -659,7 +682,8 @@ mod tests {
                 label: true,
                 class: 1,
                 subgroups: vec!["x".into()],
-                cluster: None
+                cluster: None,
+                file: None
             })
         );
         assert_eq!(
