@@ -268,6 +268,68 @@ pub struct Subgroup {
     pub reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Metrics>,
+    /// A multi-class report's subgroup metrics.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multiclass: Option<MulticlassMetrics>,
+}
+
+/// Subgroups of a multi-class evaluation: each value of each column, or why it has no
+/// metrics (fewer rows than the minimum, fewer than two classes present).
+pub fn multiclass_subgroups(
+    y: &[usize],
+    p: &[f64],
+    labels: &[String],
+    subgroups: &[(String, Vec<String>)],
+    settings: &Settings,
+) -> Vec<Subgroup> {
+    let k = labels.len();
+    let mut out = Vec::new();
+    for (column, values) in subgroups {
+        let mut by_value: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, v) in values.iter().enumerate() {
+            by_value.entry(v.as_str()).or_default().push(i);
+        }
+        for (value, rows) in by_value {
+            let sy: Vec<usize> = rows.iter().map(|&i| y[i]).collect();
+            let sp: Vec<f64> = rows
+                .iter()
+                .flat_map(|&i| p[i * k..(i + 1) * k].iter().copied())
+                .collect();
+            let present = sy.iter().collect::<std::collections::BTreeSet<_>>().len();
+            let reason = if rows.len() < settings.min_subgroup_n {
+                Some(format!(
+                    "{} rows, fewer than the minimum of {}",
+                    rows.len(),
+                    settings.min_subgroup_n
+                ))
+            } else if present < 2 {
+                Some("only one class".to_owned())
+            } else {
+                None
+            };
+            out.push(Subgroup {
+                column: column.clone(),
+                value: if value.is_empty() {
+                    "(missing)".to_owned()
+                } else {
+                    value.to_owned()
+                },
+                n: rows.len(),
+                positives: 0,
+                status: if reason.is_some() {
+                    "insufficient"
+                } else {
+                    "ok"
+                },
+                metrics: None,
+                multiclass: reason.is_none().then(|| {
+                    crate::multiclass::evaluate(&sy, &sp, labels, settings.confidence, None)
+                }),
+                reason,
+            });
+        }
+    }
+    out
 }
 
 /// Two versions on the same rows.
@@ -561,6 +623,7 @@ pub fn evaluate(
                 metrics: reason
                     .is_none()
                     .then(|| compute_metrics(&sy, &sp, thresholds, settings, None, false)),
+                multiclass: None,
                 reason,
             });
         }
