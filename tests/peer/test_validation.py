@@ -497,12 +497,7 @@ def test_multiclass_tensor_split_matches_scikit_learn(orientation_testdata, tmp_
     image_split = orientation_testdata
     x = np.load(image_split / "images.npy")
     y = np.load(image_split / "labels.npy")
-    m = _manifest("image-orientation")
-    labels = next(o for o in m["outputs"] if o["name"] == "orientation")["labels"]
-    sess = ort.InferenceSession(str(BUNDLES / "image-orientation" / "1" / "model.onnx"),
-                                providers=["CPUExecutionProvider"])
-    (prob,) = sess.run(["orientation"], {m["inputs"][0]["name"]: x})
-    prob = prob.astype(np.float64)
+    labels, prob = _orientation_probabilities(x)
     out = tmp_path / "r"
     _, r, text = validate("--model", "image-orientation", "--output", "orientation", "--dataset", str(image_split),
                           "--backend", BACKEND, "--bootstrap", "200", out=out, expect=0)
@@ -606,11 +601,7 @@ def test_a_dicom_folder_is_decoded_and_preprocessed_as_the_pipeline_does(tmp_pat
     the numpy-preprocessed images; unreadable files and paths out of the folder are listed."""
     folder = tmp_path / "dicom"
     inputs, y, _ = _dicom_dataset(folder)
-    m = _manifest("image-orientation")
-    sess = ort.InferenceSession(str(BUNDLES / "image-orientation" / "1" / "model.onnx"),
-                                providers=["CPUExecutionProvider"])
-    (prob,) = sess.run(["orientation"], {m["inputs"][0]["name"]: np.stack(inputs).astype(np.float32)})
-    prob = prob.astype(np.float64)
+    _, prob = _orientation_probabilities(np.stack(inputs))
     y = np.array(y)
     _, r, text = validate("--model", "image-orientation", "--output", "orientation", "--dataset", str(folder),
                           "--backend", BACKEND, "--bootstrap", "100", out=tmp_path / "r", expect=0)
@@ -638,12 +629,7 @@ def test_multiclass_predictions_and_subgroups_match_scikit_learn_exactly(orienta
     samples = json.loads((orientation_testdata / "samples.json").read_text())
     rows = samples["samples"] if isinstance(samples, dict) else samples
     source = [str(s["source"]) for s in rows]
-    m = _manifest("image-orientation")
-    labels = next(o for o in m["outputs"] if o["name"] == "orientation")["labels"]
-    sess = ort.InferenceSession(str(BUNDLES / "image-orientation" / "1" / "model.onnx"),
-                                providers=["CPUExecutionProvider"])
-    (prob,) = sess.run(["orientation"], {m["inputs"][0]["name"]: x})
-    prob = prob.astype(np.float64)
+    labels, prob = _orientation_probabilities(x)
     pred_csv = tmp_path / "pred.csv"
     with open(pred_csv, "w", newline="") as f:
         w = csv.writer(f)
@@ -676,3 +662,13 @@ def test_multiclass_predictions_and_subgroups_match_scikit_learn_exactly(orienta
             check(sg["multiclass"], y[mask], prob[mask])
         else:
             assert sg["n"] < 30 or len(np.unique(y[mask])) < 2, sg
+
+
+def _orientation_probabilities(x: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """onnxruntime's 8-way `orientation` probabilities of preprocessed images, and the labels."""
+    m = _manifest("image-orientation")
+    labels = next(o for o in m["outputs"] if o["name"] == "orientation")["labels"]
+    sess = ort.InferenceSession(str(BUNDLES / "image-orientation" / "1" / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    (prob,) = sess.run(["orientation"], {m["inputs"][0]["name"]: x.astype(np.float32)})
+    return labels, prob.astype(np.float64)

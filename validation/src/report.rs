@@ -273,6 +273,29 @@ pub struct Subgroup {
     pub multiclass: Option<MulticlassMetrics>,
 }
 
+/// Why a subgroup of `n` rows gets no metrics, if it does not.
+fn insufficient(n: usize, one_class: bool, settings: &Settings) -> Option<String> {
+    if n < settings.min_subgroup_n {
+        Some(format!(
+            "{n} rows, fewer than the minimum of {}",
+            settings.min_subgroup_n
+        ))
+    } else if one_class {
+        Some("only one class".to_owned())
+    } else {
+        None
+    }
+}
+
+/// A subgroup's value as reported (an empty cell is `(missing)`).
+fn shown(value: &str) -> String {
+    if value.is_empty() {
+        "(missing)".to_owned()
+    } else {
+        value.to_owned()
+    }
+}
+
 /// Subgroups of a multi-class evaluation: each value of each column, or why it has no
 /// metrics (fewer rows than the minimum, fewer than two classes present).
 pub fn multiclass_subgroups(
@@ -296,24 +319,10 @@ pub fn multiclass_subgroups(
                 .flat_map(|&i| p[i * k..(i + 1) * k].iter().copied())
                 .collect();
             let present = sy.iter().collect::<std::collections::BTreeSet<_>>().len();
-            let reason = if rows.len() < settings.min_subgroup_n {
-                Some(format!(
-                    "{} rows, fewer than the minimum of {}",
-                    rows.len(),
-                    settings.min_subgroup_n
-                ))
-            } else if present < 2 {
-                Some("only one class".to_owned())
-            } else {
-                None
-            };
+            let reason = insufficient(rows.len(), present < 2, settings);
             out.push(Subgroup {
                 column: column.clone(),
-                value: if value.is_empty() {
-                    "(missing)".to_owned()
-                } else {
-                    value.to_owned()
-                },
+                value: shown(value),
                 n: rows.len(),
                 positives: 0,
                 status: if reason.is_some() {
@@ -595,24 +604,10 @@ pub fn evaluate(
             let sy: Vec<bool> = rows.iter().map(|&i| y[i]).collect();
             let sp: Vec<f64> = rows.iter().map(|&i| p[i]).collect();
             let (pos, neg) = metrics::class_counts(&sy);
-            let reason = if rows.len() < settings.min_subgroup_n {
-                Some(format!(
-                    "{} rows, fewer than the minimum of {}",
-                    rows.len(),
-                    settings.min_subgroup_n
-                ))
-            } else if pos == 0 || neg == 0 {
-                Some("only one class".to_owned())
-            } else {
-                None
-            };
+            let reason = insufficient(rows.len(), pos == 0 || neg == 0, settings);
             subgroups.push(Subgroup {
                 column: column.clone(),
-                value: if value.is_empty() {
-                    "(missing)".to_owned()
-                } else {
-                    value.to_owned()
-                },
+                value: shown(value),
                 n: rows.len(),
                 positives: pos,
                 status: if reason.is_some() {
