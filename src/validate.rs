@@ -63,6 +63,10 @@ pub struct ValidateArgs {
     /// The score column of a --predictions file (the positive class's probability).
     #[arg(long, default_value = "score")]
     pub score_column: String,
+    /// A multi-class --predictions file's probability columns, one per class in the output's
+    /// label order [default: score_<label> for each label].
+    #[arg(long, value_delimiter = ',')]
+    pub score_columns: Vec<String>,
     /// A column whose values define subgroups (repeatable, or comma-separated).
     #[arg(long = "subgroup", value_delimiter = ',')]
     pub subgroups: Vec<String>,
@@ -786,16 +790,36 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
         |t| t.labels.clone(),
     );
     let predictions = args.predictions.is_some();
-    if multiclass && (predictions || loaded.len() > 1 || !args.subgroups.is_empty()) {
+    if multiclass && loaded.len() > 1 {
         bail!(
-            "output {:?} is multi-class: --predictions, --compare and --subgroup are supported \
-             for binary outputs only in this version",
+            "output {:?} is multi-class: --compare is supported for binary outputs only in \
+             this version",
             target
                 .as_ref()
                 .map(|t| t.output.as_str())
                 .unwrap_or_default()
         );
     }
+    let class_score_columns: Vec<String> = match (&target, predictions && multiclass) {
+        (Some(t), true) if args.score_columns.is_empty() => t
+            .labels
+            .classes
+            .iter()
+            .map(|l| format!("score_{l}"))
+            .collect(),
+        (Some(t), true) => {
+            if args.score_columns.len() != t.labels.classes.len() {
+                bail!(
+                    "--score-columns names {} columns; output {:?} has {} classes",
+                    args.score_columns.len(),
+                    t.output,
+                    t.labels.classes.len()
+                );
+            }
+            args.score_columns.clone()
+        }
+        _ => Vec::new(),
+    };
     let npy = args
         .dataset
         .as_deref()
@@ -873,7 +897,8 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
                 .map(|i| i.features.clone())
                 .unwrap_or_default(),
             label: args.label_column.clone(),
-            score: predictions.then(|| args.score_column.clone()),
+            score: (predictions && !multiclass).then(|| args.score_column.clone()),
+            class_scores: class_score_columns.clone(),
             subgroups: args.subgroups.clone(),
             cluster: args.patient_id_column.clone(),
             file: None,
@@ -900,7 +925,11 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
                 Ok(r) => {
                     collected.y.push(r.label);
                     collected.classes.push(r.class);
-                    scores.push(r.score.unwrap_or(f64::NAN));
+                    if multiclass {
+                        scores.extend_from_slice(&r.class_scores);
+                    } else {
+                        scores.push(r.score.unwrap_or(f64::NAN));
+                    }
                     collected.subgroups.push(r.subgroups);
                     if let Some(c) = r.cluster {
                         collected.clusters.push(c);
@@ -1046,7 +1075,14 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
             .map(|t| t.labels.classes.clone())
             .unwrap_or_default();
         let m = multiclass::evaluate(&collected.classes, &p, &labels, settings.confidence, spec);
-        (None, None, Vec::new(), None, Some(m))
+        let subgroups = report::multiclass_subgroups(
+            &collected.classes,
+            &p,
+            &labels,
+            &subgroup_columns,
+            &settings,
+        );
+        (None, None, subgroups, None, Some(m))
     } else {
         let (m, c, s, k) = report::evaluate(&scored, &thresholds, &settings);
         (Some(m), Some(c), s, k, None)
@@ -1115,7 +1151,7 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
                 "tabular-csv"
             },
             label_column: args.label_column.clone(),
-            score_column: predictions.then(|| args.score_column.clone()),
+            score_column: (predictions && !multiclass).then(|| args.score_column.clone()),
             subgroup_columns: args.subgroups.clone(),
             cluster_column: args.patient_id_column.clone(),
             clusters,

@@ -497,12 +497,7 @@ def test_multiclass_tensor_split_matches_scikit_learn(orientation_testdata, tmp_
     image_split = orientation_testdata
     x = np.load(image_split / "images.npy")
     y = np.load(image_split / "labels.npy")
-    m = _manifest("image-orientation")
-    labels = next(o for o in m["outputs"] if o["name"] == "orientation")["labels"]
-    sess = ort.InferenceSession(str(BUNDLES / "image-orientation" / "1" / "model.onnx"),
-                                providers=["CPUExecutionProvider"])
-    (prob,) = sess.run(["orientation"], {m["inputs"][0]["name"]: x})
-    prob = prob.astype(np.float64)
+    labels, prob = _orientation_probabilities(x)
     out = tmp_path / "r"
     _, r, text = validate("--model", "image-orientation", "--output", "orientation", "--dataset", str(image_split),
                           "--backend", BACKEND, "--bootstrap", "200", out=out, expect=0)
@@ -606,11 +601,7 @@ def test_a_dicom_folder_is_decoded_and_preprocessed_as_the_pipeline_does(tmp_pat
     the numpy-preprocessed images; unreadable files and paths out of the folder are listed."""
     folder = tmp_path / "dicom"
     inputs, y, _ = _dicom_dataset(folder)
-    m = _manifest("image-orientation")
-    sess = ort.InferenceSession(str(BUNDLES / "image-orientation" / "1" / "model.onnx"),
-                                providers=["CPUExecutionProvider"])
-    (prob,) = sess.run(["orientation"], {m["inputs"][0]["name"]: np.stack(inputs).astype(np.float32)})
-    prob = prob.astype(np.float64)
+    _, prob = _orientation_probabilities(np.stack(inputs))
     y = np.array(y)
     _, r, text = validate("--model", "image-orientation", "--output", "orientation", "--dataset", str(folder),
                           "--backend", BACKEND, "--bootstrap", "100", out=tmp_path / "r", expect=0)
@@ -628,3 +619,56 @@ def test_a_dicom_folder_is_decoded_and_preprocessed_as_the_pipeline_does(tmp_pat
     import hashlib
     assert d["files"]["manifest.csv"] == hashlib.sha256((folder / "manifest.csv").read_bytes()).hexdigest()
     assert d["files"]["ct/0.dcm"] == hashlib.sha256((folder / "ct/0.dcm").read_bytes()).hexdigest()
+
+
+def test_multiclass_predictions_and_subgroups_match_scikit_learn_exactly(orientation_testdata, tmp_path):
+    """Multi-class metrics on a predictions file (onnxruntime's probabilities of the image
+    split, the same numbers on both sides): to 1e-9 against scikit-learn, per subgroup too."""
+    x = np.load(orientation_testdata / "images.npy")
+    y = np.load(orientation_testdata / "labels.npy")
+    samples = json.loads((orientation_testdata / "samples.json").read_text())
+    rows = samples["samples"] if isinstance(samples, dict) else samples
+    source = [str(s["source"]) for s in rows]
+    labels, prob = _orientation_probabilities(x)
+    pred_csv = tmp_path / "pred.csv"
+    with open(pred_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "source", *[f"score_{l}" for l in labels]])
+        for i in range(len(y)):
+            w.writerow([labels[y[i]], source[i], *[repr(float(v)) for v in prob[i]]])
+    _, r, _ = validate("--model", "image-orientation", "--output", "orientation", "--predictions", str(pred_csv),
+                       "--subgroup", "source", "--bootstrap", "0", out=tmp_path / "r", expect=0)
+
+    def check(rep, yy, pp):
+        present = np.unique(yy)
+        pred = pp.argmax(axis=1)
+        onehot = np.eye(len(labels))[yy]
+        assert abs(rep["auroc"]["value"] - skm.roc_auc_score(yy, pp, multi_class="ovr", average="macro")) < EXACT
+        assert abs(rep["auprc"]["value"] - skm.average_precision_score(onehot[:, present], pp[:, present],
+                                                                       average="macro")) < EXACT
+        assert abs(rep["accuracy"]["value"] - skm.accuracy_score(yy, pred)) < EXACT
+        assert abs(rep["macro_sensitivity"]["value"] - skm.recall_score(yy, pred, labels=present,
+                                                                        average="macro")) < EXACT
+        assert abs(rep["macro_f1"]["value"] - skm.f1_score(yy, pred, labels=present, average="macro")) < EXACT
+        assert abs(rep["brier"]["value"] - np.mean(np.sum((pp - onehot) ** 2, axis=1))) < EXACT
+        assert rep["confusion"] == skm.confusion_matrix(yy, pred, labels=list(range(len(labels)))).tolist()
+
+    check(r, y, prob)
+    assert r["subgroups"], "one subgroup per held-out source image"
+    for sg in r["subgroups"]:
+        mask = np.array(source) == sg["value"]
+        assert sg["n"] == int(mask.sum())
+        if sg["status"] == "ok":
+            check(sg["multiclass"], y[mask], prob[mask])
+        else:
+            assert sg["n"] < 30 or len(np.unique(y[mask])) < 2, sg
+
+
+def _orientation_probabilities(x: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """onnxruntime's 8-way `orientation` probabilities of preprocessed images, and the labels."""
+    m = _manifest("image-orientation")
+    labels = next(o for o in m["outputs"] if o["name"] == "orientation")["labels"]
+    sess = ort.InferenceSession(str(BUNDLES / "image-orientation" / "1" / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    (prob,) = sess.run(["orientation"], {m["inputs"][0]["name"]: x.astype(np.float32)})
+    return labels, prob.astype(np.float64)

@@ -53,6 +53,8 @@ pub struct Columns {
     pub label: String,
     /// The positive class's score (predictions files only).
     pub score: Option<String>,
+    /// Each class's probability, in the output's label order (multi-class predictions files).
+    pub class_scores: Vec<String>,
     /// Columns that define subgroups (each value a subgroup).
     pub subgroups: Vec<String>,
     /// Patient (or other cluster) identifier for the cluster bootstrap.
@@ -112,6 +114,8 @@ pub struct Row {
     pub features: Vec<f32>,
     /// The given prediction (predictions files).
     pub score: Option<f64>,
+    /// The given class probabilities (multi-class predictions files).
+    pub class_scores: Vec<f64>,
     /// Binary: the positive class.
     pub label: bool,
     /// The class index (binary: 1 positive, 0 negative).
@@ -171,6 +175,7 @@ pub struct CsvDataset {
     feature_names: Vec<String>,
     label_idx: usize,
     score: Option<(usize, String)>,
+    class_scores: Vec<(usize, String)>,
     subgroup_idx: Vec<usize>,
     cluster_idx: Option<usize>,
     file_idx: Option<usize>,
@@ -223,6 +228,7 @@ impl CsvDataset {
         let feature_idx: Vec<usize> = columns.features.iter().map(|f| need(f)).collect();
         let label_idx = need(&columns.label);
         let score_idx = columns.score.as_ref().map(|s| need(s));
+        let class_score_idx: Vec<usize> = columns.class_scores.iter().map(|c| need(c)).collect();
         let subgroup_idx: Vec<usize> = columns.subgroups.iter().map(|s| need(s)).collect();
         let cluster_idx = columns.cluster.as_ref().map(|c| need(c));
         let file_idx = columns.file.as_ref().map(|c| need(c));
@@ -238,6 +244,7 @@ impl CsvDataset {
             .copied()
             .chain([label_idx])
             .chain(score_idx)
+            .chain(class_score_idx.iter().copied())
             .chain(cluster_idx)
             .chain(file_idx)
             .collect();
@@ -255,6 +262,10 @@ impl CsvDataset {
             feature_names: columns.features.clone(),
             label_idx,
             score: score_idx.zip(columns.score.clone()),
+            class_scores: class_score_idx
+                .into_iter()
+                .zip(columns.class_scores.iter().cloned())
+                .collect(),
             subgroup_idx,
             cluster_idx,
             file_idx,
@@ -329,28 +340,29 @@ impl CsvDataset {
                 reason: format!("feature {:?} {reason}", self.feature_names[k]),
             })));
         }
-        let score = match &self.score {
-            None => None,
-            Some((i, name)) => {
-                let cell = rec.get(*i).unwrap_or("").trim();
-                let bad = |reason: &str| DatasetError::BadPrediction {
-                    path: self.path.clone(),
-                    row,
-                    column: name.clone(),
-                    reason: reason.to_owned(),
-                };
-                match cell.parse::<f64>() {
-                    Ok(v) if v.is_nan() => return Err(bad("is NaN")),
-                    Ok(v) if v.is_infinite() => return Err(bad("is infinite")),
-                    Ok(v) if !(0.0..=1.0).contains(&v) => {
-                        return Err(bad("is outside [0, 1]"));
-                    }
-                    Ok(v) => Some(v),
-                    Err(_) if cell.is_empty() => return Err(bad("is empty")),
-                    Err(_) => return Err(bad("is not a number")),
-                }
+        let probability = |(i, name): &(usize, String)| {
+            let cell = rec.get(*i).unwrap_or("").trim();
+            let bad = |reason: &str| DatasetError::BadPrediction {
+                path: self.path.clone(),
+                row,
+                column: name.clone(),
+                reason: reason.to_owned(),
+            };
+            match cell.parse::<f64>() {
+                Ok(v) if v.is_nan() => Err(bad("is NaN")),
+                Ok(v) if v.is_infinite() => Err(bad("is infinite")),
+                Ok(v) if !(0.0..=1.0).contains(&v) => Err(bad("is outside [0, 1]")),
+                Ok(v) => Ok(v),
+                Err(_) if cell.is_empty() => Err(bad("is empty")),
+                Err(_) => Err(bad("is not a number")),
             }
         };
+        let score = self.score.as_ref().map(probability).transpose()?;
+        let class_scores = self
+            .class_scores
+            .iter()
+            .map(probability)
+            .collect::<Result<Vec<f64>, _>>()?;
         let subgroups = self
             .subgroup_idx
             .iter()
@@ -386,6 +398,7 @@ impl CsvDataset {
             row,
             features,
             score,
+            class_scores,
             label,
             class,
             subgroups,
@@ -595,6 +608,7 @@ impl NpyDataset {
             row,
             features,
             score: None,
+            class_scores: Vec::new(),
             label: !self.multiclass && class == 1,
             class,
             subgroups: Vec::new(),
@@ -679,6 +693,7 @@ mod tests {
                 row: 1,
                 features: vec![1.0, 2.0],
                 score: None,
+                class_scores: Vec::new(),
                 label: true,
                 class: 1,
                 subgroups: vec!["x".into()],

@@ -288,7 +288,11 @@ fn forest_plot(r: &Report) -> String {
         .subgroups
         .iter()
         .filter_map(|s| {
-            let m = &s.metrics.as_ref()?.auroc;
+            let m = match (&s.metrics, &s.multiclass) {
+                (Some(m), _) => &m.auroc,
+                (None, Some(m)) => &m.auroc,
+                (None, None) => return None,
+            };
             Some((
                 format!("{} = {} (n {})", s.column, s.value, s.n),
                 m.value?,
@@ -302,7 +306,12 @@ fn forest_plot(r: &Report) -> String {
     }
     let lo = rows.iter().map(|r| r.2).fold(1.0, f64::min).min(0.5);
     let h = 90 + 28 * rows.len() as u32;
-    let overall = r.metrics.as_ref().and_then(|m| m.auroc.value);
+    let overall = r
+        .metrics
+        .as_ref()
+        .map(|m| &m.auroc)
+        .or(r.multiclass.as_ref().map(|m| &m.auroc))
+        .and_then(|m| m.value);
     svg(620, h, |root| {
         let n = rows.len();
         let mut chart = ChartBuilder::on(root)
@@ -477,7 +486,7 @@ pub fn render(r: &Report) -> String {
     }
     h.push_str("</table>");
     if let (Some(m), Some(c)) = (&r.metrics, &r.curves) {
-        binary_sections(&mut h, r, m, c);
+        binary_sections(&mut h, m, c);
     }
     if let Some(mc) = &r.multiclass {
         multiclass_sections(&mut h, mc);
@@ -533,7 +542,7 @@ fn multiclass_sections(h: &mut String, mc: &MulticlassMetrics) {
     h.push_str("</table>");
 }
 
-fn binary_sections(h: &mut String, r: &Report, m: &Metrics, c: &Curves) {
+fn binary_sections(h: &mut String, m: &Metrics, c: &Curves) {
     h.push_str("<h2>Discrimination and calibration</h2><table><tr><th>metric</th><th>value (95% CI)</th><th>interval</th></tr>");
     for (name, metric) in [
         ("AUROC", &m.auroc),
@@ -577,15 +586,18 @@ fn binary_sections(h: &mut String, r: &Report, m: &Metrics, c: &Curves) {
     h.push_str(&calibration_plot(c));
     h.push_str(&decision_plot(m, c));
     h.push_str("</div>");
+}
 
+fn rest(h: &mut String, r: &Report) {
     if !r.subgroups.is_empty() {
         h.push_str("<h2>Subgroups</h2>");
         h.push_str(&forest_plot(r));
         h.push_str("<table><tr><th>subgroup</th><th>n</th><th>positives</th><th>AUROC (95% CI)</th><th>Brier</th><th>status</th></tr>");
         for s in &r.subgroups {
-            let (auc, brier) = match &s.metrics {
-                Some(m) => (metric_cell(&m.auroc), metric_cell(&m.brier)),
-                None => ("—".to_owned(), "—".to_owned()),
+            let (auc, brier) = match (&s.metrics, &s.multiclass) {
+                (Some(m), _) => (metric_cell(&m.auroc), metric_cell(&m.brier)),
+                (None, Some(m)) => (metric_cell(&m.auroc), metric_cell(&m.brier)),
+                (None, None) => ("—".to_owned(), "—".to_owned()),
             };
             let _ = write!(
                 h,
@@ -601,9 +613,6 @@ fn binary_sections(h: &mut String, r: &Report, m: &Metrics, c: &Curves) {
         }
         h.push_str("</table>");
     }
-}
-
-fn rest(h: &mut String, r: &Report) {
     let d = &r.dataset;
     if let Some(c) = &r.comparison
         && let Some(d) = &c.auroc_difference

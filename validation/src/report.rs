@@ -268,6 +268,77 @@ pub struct Subgroup {
     pub reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Metrics>,
+    /// A multi-class report's subgroup metrics.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multiclass: Option<MulticlassMetrics>,
+}
+
+/// Why a subgroup of `n` rows gets no metrics, if it does not.
+fn insufficient(n: usize, one_class: bool, settings: &Settings) -> Option<String> {
+    if n < settings.min_subgroup_n {
+        Some(format!(
+            "{n} rows, fewer than the minimum of {}",
+            settings.min_subgroup_n
+        ))
+    } else if one_class {
+        Some("only one class".to_owned())
+    } else {
+        None
+    }
+}
+
+/// A subgroup's value as reported (an empty cell is `(missing)`).
+fn shown(value: &str) -> String {
+    if value.is_empty() {
+        "(missing)".to_owned()
+    } else {
+        value.to_owned()
+    }
+}
+
+/// Subgroups of a multi-class evaluation: each value of each column, or why it has no
+/// metrics (fewer rows than the minimum, fewer than two classes present).
+pub fn multiclass_subgroups(
+    y: &[usize],
+    p: &[f64],
+    labels: &[String],
+    subgroups: &[(String, Vec<String>)],
+    settings: &Settings,
+) -> Vec<Subgroup> {
+    let k = labels.len();
+    let mut out = Vec::new();
+    for (column, values) in subgroups {
+        let mut by_value: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, v) in values.iter().enumerate() {
+            by_value.entry(v.as_str()).or_default().push(i);
+        }
+        for (value, rows) in by_value {
+            let sy: Vec<usize> = rows.iter().map(|&i| y[i]).collect();
+            let sp: Vec<f64> = rows
+                .iter()
+                .flat_map(|&i| p[i * k..(i + 1) * k].iter().copied())
+                .collect();
+            let present = sy.iter().collect::<std::collections::BTreeSet<_>>().len();
+            let reason = insufficient(rows.len(), present < 2, settings);
+            out.push(Subgroup {
+                column: column.clone(),
+                value: shown(value),
+                n: rows.len(),
+                positives: 0,
+                status: if reason.is_some() {
+                    "insufficient"
+                } else {
+                    "ok"
+                },
+                metrics: None,
+                multiclass: reason.is_none().then(|| {
+                    crate::multiclass::evaluate(&sy, &sp, labels, settings.confidence, None)
+                }),
+                reason,
+            });
+        }
+    }
+    out
 }
 
 /// Two versions on the same rows.
@@ -533,24 +604,10 @@ pub fn evaluate(
             let sy: Vec<bool> = rows.iter().map(|&i| y[i]).collect();
             let sp: Vec<f64> = rows.iter().map(|&i| p[i]).collect();
             let (pos, neg) = metrics::class_counts(&sy);
-            let reason = if rows.len() < settings.min_subgroup_n {
-                Some(format!(
-                    "{} rows, fewer than the minimum of {}",
-                    rows.len(),
-                    settings.min_subgroup_n
-                ))
-            } else if pos == 0 || neg == 0 {
-                Some("only one class".to_owned())
-            } else {
-                None
-            };
+            let reason = insufficient(rows.len(), pos == 0 || neg == 0, settings);
             subgroups.push(Subgroup {
                 column: column.clone(),
-                value: if value.is_empty() {
-                    "(missing)".to_owned()
-                } else {
-                    value.to_owned()
-                },
+                value: shown(value),
                 n: rows.len(),
                 positives: pos,
                 status: if reason.is_some() {
@@ -561,6 +618,7 @@ pub fn evaluate(
                 metrics: reason
                     .is_none()
                     .then(|| compute_metrics(&sy, &sp, thresholds, settings, None, false)),
+                multiclass: None,
                 reason,
             });
         }
