@@ -43,8 +43,9 @@ pub struct ValidateArgs {
     /// of the AUROC difference (V2 − V1) and V2's gate.
     #[arg(long, conflicts_with_all = ["model", "predictions"])]
     pub compare: Option<String>,
-    /// Labelled dataset: a CSV with the bundle's feature names as columns and a label column,
-    /// or a folder with images.npy (preprocessed model inputs) and labels.npy (class indices).
+    /// Labelled dataset: a CSV with the bundle's feature names as columns and a label column;
+    /// a folder with images.npy (preprocessed model inputs) and labels.npy (class indices); or
+    /// a folder with manifest.csv naming DICOM files (`file`, the label column).
     #[arg(long, required_unless_present = "predictions")]
     pub dataset: Option<PathBuf>,
     /// The output to evaluate [default: the output with a positive_label (binary), else the
