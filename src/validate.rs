@@ -296,6 +296,8 @@ fn scored_output(m: &Manifest, wanted: Option<&str>) -> anyhow::Result<Target> {
 struct Loaded {
     model: Arc<LoadedModel>,
     identity: ModelIdentity,
+    /// The output scored and how.
+    target: Target,
 }
 
 fn load(
@@ -329,10 +331,14 @@ fn load(
             | nightingale_models::SignatureStatus::UntrustedKey { key_id } => Some(key_id.clone()),
         },
         backend: Some(model.worker.backend().to_owned()),
-        output: t.output,
-        positive_label: t.labels.positive,
+        output: t.output.clone(),
+        positive_label: t.labels.positive.clone(),
     };
-    Ok(Loaded { model, identity })
+    Ok(Loaded {
+        model,
+        identity,
+        target: t,
+    })
 }
 
 /// The model's single input: its name, declared shape and feature names (tabular).
@@ -379,6 +385,43 @@ fn model_input(m: &Manifest, tensors: bool) -> anyhow::Result<Input> {
         shape: input.shape.clone(),
         features: input.features.iter().map(|f| f.name.clone()).collect(),
     })
+}
+
+/// Why a relative path was refused by [`path_under`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum PathRefused {
+    /// Empty, too long, absolute, or with `.`/`..` components.
+    NotRelative,
+    /// The root folder does not exist.
+    RootMissing,
+    /// Nothing at that path.
+    Missing,
+    /// It leads out of the root (a symbolic link).
+    Outside,
+}
+
+/// The canonical path `rel` leads to under `root`, refusing anything that leaves it (an
+/// absolute path, `..`, a symbolic link pointing out). Used for datasets named under the
+/// server's validation root and for the files a DICOM dataset's manifest names.
+pub fn path_under(root: &Path, rel: &str) -> Result<PathBuf, PathRefused> {
+    let relative = Path::new(rel);
+    if rel.is_empty()
+        || rel.len() > 1024
+        || !relative
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(PathRefused::NotRelative);
+    }
+    let root = root.canonicalize().map_err(|_| PathRefused::RootMissing)?;
+    let full = root
+        .join(relative)
+        .canonicalize()
+        .map_err(|_| PathRefused::Missing)?;
+    if !full.starts_with(&root) {
+        return Err(PathRefused::Outside);
+    }
+    Ok(full)
 }
 
 /// An image dataset: a folder with `manifest.csv` naming DICOM files under it (a `file`
@@ -455,34 +498,19 @@ impl DicomDataset {
     /// The preprocessed frames of one file.
     fn decode(&mut self, rel: &str) -> Result<Vec<Vec<f32>>, String> {
         use nightingale_dicom::pixels::{Colour, DecodeOptions, PixelSource};
-        let relative = Path::new(rel);
-        let outside = || "the file is outside the dataset folder".to_owned();
-        if !relative
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)))
-        {
-            return Err(outside());
-        }
-        let full = self
-            .dir
-            .join(relative)
-            .canonicalize()
-            .map_err(|_| "the file is missing".to_owned())?;
-        if !full.starts_with(&self.dir) {
-            return Err(outside());
-        }
+        let full = path_under(&self.dir, rel).map_err(|e| match e {
+            PathRefused::Missing => "the file is missing".to_owned(),
+            _ => "the file is outside the dataset folder".to_owned(),
+        })?;
         let meta = std::fs::metadata(&full).map_err(|_| "the file cannot be read".to_owned())?;
         if !meta.is_file() || meta.len() > MAX_DICOM_FILE_BYTES {
             return Err(format!(
                 "not a regular file of at most {MAX_DICOM_FILE_BYTES} bytes"
             ));
         }
-        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
-        let mut file =
-            std::fs::File::open(&full).map_err(|_| "the file cannot be read".to_owned())?;
-        std::io::copy(&mut file, &mut hasher).map_err(|_| "the file cannot be read".to_owned())?;
-        self.files
-            .push((rel.to_owned(), hex::encode(sha2::Digest::finalize(hasher))));
+        let sha256 = nightingale_models::sha256_file(&full)
+            .map_err(|_| "the file cannot be read".to_owned())?;
+        self.files.push((rel.to_owned(), sha256));
         self.bytes += meta.len();
         let source = PixelSource::open(&full, &self.limits).map_err(|e| e.to_string())?;
         let options = DecodeOptions {
@@ -660,10 +688,17 @@ async fn score_batch(
     let n = rows.len();
     let mut shape = vec![n];
     shape.extend_from_slice(&row_shape);
-    let data: Vec<f32> = rows.into_iter().flatten().collect();
-    let mut out = Vec::with_capacity(models.len());
-    for (model, t) in models {
-        let tensor = Tensor::from_vec(shape.clone(), data.clone())?;
+    let mut data: Vec<f32> = rows.into_iter().flatten().collect();
+    let count = models.len();
+    let mut out = Vec::with_capacity(count);
+    for (k, (model, t)) in models.into_iter().enumerate() {
+        // the batch's values: copied for each model but the last, which takes them
+        let values = if k + 1 == count {
+            std::mem::take(&mut data)
+        } else {
+            data.clone()
+        };
+        let tensor = Tensor::from_vec(shape.clone(), values)?;
         let inputs = vec![NamedTensor::new(input.clone(), tensor)];
         let mut event = AuditEvent {
             kind: EventKind::Inference,
@@ -777,10 +812,7 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
     }
     // The report's model is the last one (V2 when comparing).
     let main = loaded.last();
-    let target = match main {
-        Some(l) => Some(scored_output(&l.model.manifest, args.output.as_deref())?),
-        None => None,
-    };
+    let target = main.map(|l| l.target.clone());
     let multiclass = target.as_ref().is_some_and(Target::multiclass);
     let labels = target.as_ref().map_or_else(
         || LabelSpec {
@@ -946,13 +978,8 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
         let input_name = input.as_ref().map(|i| i.name.clone()).unwrap_or_default();
         let models: Vec<(Arc<LoadedModel>, Target)> = loaded
             .iter()
-            .map(|l| {
-                Ok((
-                    l.model.clone(),
-                    scored_output(&l.model.manifest, args.output.as_deref())?,
-                ))
-            })
-            .collect::<anyhow::Result<_>>()?;
+            .map(|l| (l.model.clone(), l.target.clone()))
+            .collect();
         let batch_size = models
             .iter()
             .map(|(m, _)| m.manifest.batching.max_batch_size)

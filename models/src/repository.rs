@@ -691,13 +691,16 @@ impl Repository {
                 vec![v]
             }
         };
+        // The deployment policy judges the manifest exactly as parsed (and signed).
+        let manifest_sha = self.options.promotion.as_ref().map(|_| {
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+                bundle.text.as_bytes(),
+            ))
+        });
         let mut loaded = BTreeMap::new();
         for version in versions {
-            if let Some(check) = &self.options.promotion {
-                let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
-                    bundle.text.as_bytes(),
-                ));
-                check.0(&bundle.manifest.name, version, &sha).map_err(|reason| {
+            if let (Some(check), Some(sha)) = (&self.options.promotion, &manifest_sha) {
+                check.0(&bundle.manifest.name, version, sha).map_err(|reason| {
                     (
                         Some(version),
                         BundleError::NotPromoted {

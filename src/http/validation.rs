@@ -7,7 +7,7 @@
 //! never touched, and its predictions go to the server's audit trail.
 
 use std::collections::HashMap;
-use std::path::{Component, Path as FsPath, PathBuf};
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -26,7 +26,7 @@ use tokio::io::AsyncWriteExt;
 use super::AppState;
 use super::auth::Caller;
 use super::error::AppError;
-use crate::validate::{RunContext, RunProgress, ValidateCommand};
+use crate::validate::{PathRefused, RunContext, RunProgress, ValidateCommand, path_under};
 
 /// Runs kept in memory (the oldest finished ones are forgotten; their reports stay on disk).
 const KEPT_RUNS: usize = 256;
@@ -143,33 +143,18 @@ fn model_name(m: &str) -> &str {
     m.split_once('@').map_or(m, |(n, _)| n)
 }
 
-/// A path under `root` from a relative name, refusing anything that leaves it (`..`, an
-/// absolute path, a symbolic link pointing out).
+/// A dataset under the validation root (see [`path_under`]).
 fn under_root(root: &FsPath, rel: &str) -> Result<PathBuf, AppError> {
-    let candidate = FsPath::new(rel);
-    if rel.is_empty()
-        || rel.len() > 1024
-        || !candidate
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)))
-    {
-        return Err(AppError::bad_request(
+    path_under(root, rel).map_err(|e| match e {
+        PathRefused::NotRelative => AppError::bad_request(
             "dataset must be a relative path under the server's validation root, without ..",
-        ));
-    }
-    let root = root
-        .canonicalize()
-        .map_err(|_| AppError::new(StatusCode::NOT_FOUND, "the validation root is missing"))?;
-    let full = root
-        .join(candidate)
-        .canonicalize()
-        .map_err(|_| AppError::not_found("no such dataset under the validation root"))?;
-    if !full.starts_with(&root) {
-        return Err(AppError::bad_request(
-            "dataset leads outside the validation root",
-        ));
-    }
-    Ok(full)
+        ),
+        PathRefused::RootMissing => {
+            AppError::new(StatusCode::NOT_FOUND, "the validation root is missing")
+        }
+        PathRefused::Missing => AppError::not_found("no such dataset under the validation root"),
+        PathRefused::Outside => AppError::bad_request("dataset leads outside the validation root"),
+    })
 }
 
 /// `POST /validation/runs`.

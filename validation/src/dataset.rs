@@ -474,14 +474,12 @@ impl NpyDataset {
         };
         let mut files = Vec::new();
         for f in [&images, &label_path] {
-            let mut h = Sha256::new();
-            let mut file = File::open(f).map_err(io_err(f))?;
-            io::copy(&mut file, &mut h).map_err(io_err(f))?;
+            let sha256 = nightingale_models::sha256_file(f).map_err(io_err(f))?;
             let name = f
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            files.push((name, hex::encode(h.finalize())));
+            files.push((name, sha256));
         }
         let lf = npyz::NpyFile::new(io::BufReader::new(
             File::open(&label_path).map_err(io_err(&label_path))?,

@@ -495,16 +495,9 @@ pub fn render(r: &Report) -> String {
     h
 }
 
-fn multiclass_sections(h: &mut String, mc: &MulticlassMetrics) {
-    h.push_str("<h2>Discrimination (one-vs-rest) and accuracy</h2><table><tr><th>metric</th><th>value (95% CI)</th><th>interval</th></tr>");
-    for (name, metric) in [
-        ("macro AUROC (one-vs-rest)", &mc.auroc),
-        ("macro average precision", &mc.auprc),
-        ("accuracy (top-1)", &mc.accuracy),
-        ("macro sensitivity (recall)", &mc.macro_sensitivity),
-        ("macro F1", &mc.macro_f1),
-        ("Brier score (multi-class)", &mc.brier),
-    ] {
+/// Rows of a metric table: name, value with its interval, how the interval was made.
+fn metric_rows(h: &mut String, rows: &[(&str, &Metric)]) {
+    for (name, metric) in rows {
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -513,6 +506,21 @@ fn multiclass_sections(h: &mut String, mc: &MulticlassMetrics) {
             metric.ci_method.unwrap_or("—")
         );
     }
+}
+
+fn multiclass_sections(h: &mut String, mc: &MulticlassMetrics) {
+    h.push_str("<h2>Discrimination (one-vs-rest) and accuracy</h2><table><tr><th>metric</th><th>value (95% CI)</th><th>interval</th></tr>");
+    metric_rows(
+        h,
+        &[
+            ("macro AUROC (one-vs-rest)", &mc.auroc),
+            ("macro average precision", &mc.auprc),
+            ("accuracy (top-1)", &mc.accuracy),
+            ("macro sensitivity (recall)", &mc.macro_sensitivity),
+            ("macro F1", &mc.macro_f1),
+            ("Brier score (multi-class)", &mc.brier),
+        ],
+    );
     h.push_str("</table><h2>Classes</h2><table><tr><th>class</th><th>n</th><th>AUROC (95% CI)</th><th>AP</th><th>sensitivity</th><th>PPV</th><th>F1</th></tr>");
     for c in &mc.classes {
         let _ = write!(
@@ -544,26 +552,21 @@ fn multiclass_sections(h: &mut String, mc: &MulticlassMetrics) {
 
 fn binary_sections(h: &mut String, m: &Metrics, c: &Curves) {
     h.push_str("<h2>Discrimination and calibration</h2><table><tr><th>metric</th><th>value (95% CI)</th><th>interval</th></tr>");
-    for (name, metric) in [
-        ("AUROC", &m.auroc),
-        ("AUPRC (average precision)", &m.auprc),
-        ("Brier score", &m.brier),
-        (
-            "calibration intercept (in the large)",
-            &m.calibration_intercept,
-        ),
-        ("calibration slope", &m.calibration_slope),
-        ("expected calibration error", &m.ece),
-        ("maximum calibration error", &m.mce),
-    ] {
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-            name,
-            metric_cell(metric),
-            metric.ci_method.unwrap_or("—")
-        );
-    }
+    metric_rows(
+        h,
+        &[
+            ("AUROC", &m.auroc),
+            ("AUPRC (average precision)", &m.auprc),
+            ("Brier score", &m.brier),
+            (
+                "calibration intercept (in the large)",
+                &m.calibration_intercept,
+            ),
+            ("calibration slope", &m.calibration_slope),
+            ("expected calibration error", &m.ece),
+            ("maximum calibration error", &m.mce),
+        ],
+    );
     if let Some(b) = m.auroc.bootstrap {
         let _ = write!(
             h,
