@@ -353,6 +353,15 @@ async fn the_poller_swaps_a_new_version_in_and_refuses_a_broken_one() {
         f.infer_version().await.0 == StatusCode::SERVICE_UNAVAILABLE
     })
     .await;
+    // The unload's audit record follows the unload itself: wait for it (bounded) rather
+    // than read the trail the moment the model stops answering.
+    eventually("the unload is audited", async || {
+        f.audit()
+            .await
+            .iter()
+            .any(|r| r.event.kind == EventKind::ModelUnload)
+    })
+    .await;
     poller.abort();
 
     let records = f.audit().await;
