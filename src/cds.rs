@@ -528,7 +528,7 @@ impl Cds {
     }
 
     /// The linear-logistic form of a served model version (read once; `None`: not one).
-    fn linear_form(
+    pub(crate) fn linear_form(
         &self,
         state: &AppState,
         model: &LoadedModel,

@@ -244,6 +244,15 @@ pub struct ServeArgs {
     /// write). A version without one is refused like a bad signature.
     #[arg(long, env = "NIGHTINGALE_REQUIRE_VALIDATION")]
     pub require_validation: bool,
+    /// Offer every explanation method (`POST /v2/models/{m}/explain`) for every bundle,
+    /// also those without an `[explain]` section (theirs still sets their own methods and
+    /// budget).
+    #[arg(long, env = "NIGHTINGALE_EXPLAIN")]
+    pub explain: bool,
+    /// The forward-pass budget of one explanation for bundles without `[explain]`, under
+    /// --explain. [default: 4096]
+    #[arg(long, env = "NIGHTINGALE_EXPLAIN_MAX_FORWARD_PASSES")]
+    pub explain_max_forward_passes: Option<usize>,
     /// Where --require-validation looks for reports (each in its own folder).
     /// [default: <data-dir>/validation/runs]
     #[arg(long, env = "NIGHTINGALE_VALIDATION_REPORTS")]
@@ -393,6 +402,8 @@ struct FileConfig {
     validation_root: Option<PathBuf>,
     validation_max_upload_bytes: Option<u64>,
     require_validation: Option<bool>,
+    explain: Option<bool>,
+    explain_max_forward_passes: Option<usize>,
     validation_reports: Option<PathBuf>,
     cds_fhir_servers: Option<Vec<String>>,
     cds_fetch_timeout_ms: Option<u64>,
@@ -420,6 +431,8 @@ pub struct ServeConfig {
     pub validation_max_upload_bytes: u64,
     /// `--require-validation`: the folder of reports a version needs a passing one in.
     pub require_validation: Option<PathBuf>,
+    /// `--explain`, `--explain-max-forward-passes`.
+    pub explain: crate::http::ExplainPolicy,
     pub audit: AuditConfig,
     pub log_format: LogFormat,
     /// API keys, JWT, client-certificate and anonymous roles (`[auth]`).
@@ -1050,6 +1063,21 @@ impl ServeArgs {
             ..crate::cds::CdsSettings::default()
         };
         // ---- end CDS Hooks ----
+        let explain = crate::http::ExplainPolicy {
+            all_methods: self.explain || file.explain == Some(true),
+            max_forward_passes: self
+                .explain_max_forward_passes
+                .or(file.explain_max_forward_passes)
+                .unwrap_or(nightingale_models::manifest::DEFAULT_EXPLAIN_FORWARD_PASSES),
+        };
+        if explain.max_forward_passes == 0
+            || explain.max_forward_passes > nightingale_models::manifest::MAX_EXPLAIN_FORWARD_PASSES
+        {
+            return Err(ConfigError::Invalid(format!(
+                "explain_max_forward_passes must be 1..={}",
+                nightingale_models::manifest::MAX_EXPLAIN_FORWARD_PASSES
+            )));
+        }
         let require_validation = (self.require_validation || file.require_validation == Some(true))
             .then(|| {
                 self.validation_reports
@@ -1082,6 +1110,7 @@ impl ServeArgs {
                 .or(file.validation_max_upload_bytes)
                 .unwrap_or(256 << 20),
             require_validation,
+            explain,
             audit,
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             auth,

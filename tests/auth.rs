@@ -282,6 +282,11 @@ fn example(rule: &RouteRule, credential: Credential<'_>) -> Request<Body> {
         let row: Vec<f32> = vec![1.0; 30];
         json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": row}]})
             .to_string()
+    } else if rule.path.ends_with("/explain") {
+        let row: Vec<f32> = vec![1.0; 30];
+        json!({"parameters": {"method": "kernel_shap", "samples": 2},
+               "inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": row}]})
+        .to_string()
     } else if rule.method == "POST" {
         "{}".to_owned()
     } else {

@@ -50,6 +50,10 @@ pub struct Manifest {
     /// The floors `nightingale validate` holds a version to (see `docs/validation.md`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<ValidationSpec>,
+    /// Which explanation methods `/explain` offers for this bundle, and at what cost
+    /// (see `docs/explain.md`). `None`: none, unless the server runs with `--explain`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explain: Option<ExplainSpec>,
     /// Version number (a positive integer, as the folder is named) → its entry.
     pub versions: BTreeMap<String, VersionEntry>,
 }
@@ -265,6 +269,43 @@ pub struct Attribution {
     pub reference: AttributionReference,
     /// The reference value of each feature of the (single) tabular input, in column order.
     pub means: Vec<f64>,
+}
+
+/// The explanation methods of `/explain` (the kept-stable names of `parameters.method`).
+pub const EXPLAIN_METHODS: &[&str] = &[
+    "occlusion",
+    "rise",
+    "kernel_shap",
+    "linear",
+    "grad_cam",
+    "integrated_gradients",
+];
+
+/// Most forward passes a bundle may allow one explanation: 2²⁰ model rows.
+pub const MAX_EXPLAIN_FORWARD_PASSES: usize = 1 << 20;
+
+/// Most rows of a KernelSHAP background declared in `[explain]`.
+pub const MAX_EXPLAIN_BACKGROUND_ROWS: usize = 1024;
+
+/// `[explain]`: what `/explain` may compute for this bundle.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExplainSpec {
+    /// The methods allowed (from [`EXPLAIN_METHODS`]).
+    pub methods: Vec<String>,
+    /// Most forward passes (model rows) one explain request may cost.
+    #[serde(default = "default_explain_budget")]
+    pub max_forward_passes: usize,
+    /// KernelSHAP's background sample: rows of the (single) tabular input, in feature order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub background: Vec<Vec<f64>>,
+}
+
+/// The default [`ExplainSpec::max_forward_passes`] (and the server's under `--explain`).
+pub const DEFAULT_EXPLAIN_FORWARD_PASSES: usize = 4096;
+
+fn default_explain_budget() -> usize {
+    DEFAULT_EXPLAIN_FORWARD_PASSES
 }
 
 /// `[validation]`: the deployment gate. `nightingale validate` exits 1 when a criterion fails.
@@ -656,6 +697,53 @@ impl Manifest {
         Ok(manifest)
     }
 
+    fn check_explain(&self, e: &ExplainSpec) -> Result<(), String> {
+        for m in &e.methods {
+            if !EXPLAIN_METHODS.contains(&m.as_str()) {
+                return Err(format!(
+                    "unknown method {m:?}; the methods are {EXPLAIN_METHODS:?}"
+                ));
+            }
+        }
+        if e.max_forward_passes == 0 || e.max_forward_passes > MAX_EXPLAIN_FORWARD_PASSES {
+            return Err(format!(
+                "max_forward_passes must be 1..={MAX_EXPLAIN_FORWARD_PASSES}, not {}",
+                e.max_forward_passes
+            ));
+        }
+        if e.background.len() > MAX_EXPLAIN_BACKGROUND_ROWS {
+            return Err(format!(
+                "the background has {} rows; at most {MAX_EXPLAIN_BACKGROUND_ROWS}",
+                e.background.len()
+            ));
+        }
+        if !e.background.is_empty() {
+            let features = match self.inputs.as_slice() {
+                [input] if !input.features.is_empty() => input.features.len(),
+                _ => {
+                    return Err(
+                        "a background needs exactly one input, with [[inputs.features]]".into(),
+                    );
+                }
+            };
+            for (i, row) in e.background.iter().enumerate() {
+                if row.len() != features {
+                    return Err(format!(
+                        "background row {i} has {} values for {features} features",
+                        row.len()
+                    ));
+                }
+                if row.iter().any(|v| !v.is_finite()) {
+                    return Err(format!("background row {i} holds a non-finite value"));
+                }
+            }
+        }
+        if e.methods.iter().any(|m| m == "kernel_shap") && e.background.is_empty() {
+            return Err("kernel_shap needs a background".into());
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), InvalidManifest> {
         let fail = |m: String| Err(InvalidManifest(m));
         if self.format_version != FORMAT_VERSION {
@@ -736,6 +824,10 @@ impl Manifest {
             if a.means.iter().any(|m| !m.is_finite()) {
                 return fail("[attribution] means must be finite".to_owned());
             }
+        }
+        if let Some(e) = &self.explain {
+            self.check_explain(e)
+                .map_err(|m| InvalidManifest(format!("[explain] {m}")))?;
         }
         for output in &self.outputs {
             if let Some(p) = &output.positive_label
@@ -1069,6 +1161,65 @@ labels = ["a", "b"]
         assert_eq!(m.backend, BackendPreference::Any);
         assert_eq!(m.version_policy.select(&[1, 3, 2]), vec![3]);
         assert_eq!(m.batching.instances, 1);
+    }
+
+    #[test]
+    fn explain_sections_are_checked() {
+        let features = "[[inputs.features]]\nname = \"a\"\n[[inputs.features]]\nname = \"b\"\n";
+        let tabular = MINIMAL.replace(
+            "shape = [-1, 2]\n[[outputs]]",
+            &format!("shape = [-1, 2]\n{features}[[outputs]]"),
+        );
+        let with = |base: &str, explain: &str| format!("{base}\n[explain]\n{explain}\n");
+        let m = Manifest::parse(&with(
+            &tabular,
+            "methods = [\"kernel_shap\", \"linear\"]\nbackground = [[1.0, 2.0], [3.0, 4.0]]",
+        ))
+        .unwrap();
+        let e = m.explain.unwrap();
+        assert_eq!(e.max_forward_passes, DEFAULT_EXPLAIN_FORWARD_PASSES);
+        assert_eq!(e.background.len(), 2);
+        let m = Manifest::parse(&with(
+            MINIMAL,
+            "methods = [\"occlusion\"]\nmax_forward_passes = 100",
+        ))
+        .unwrap();
+        assert_eq!(m.explain.unwrap().max_forward_passes, 100);
+        for (base, explain, why) in [
+            (MINIMAL, "methods = [\"lime\"]", "unknown method"),
+            (
+                MINIMAL,
+                "methods = []\nmax_forward_passes = 0",
+                "max_forward_passes must be",
+            ),
+            (
+                MINIMAL,
+                "methods = []\nmax_forward_passes = 1048577",
+                "max_forward_passes must be",
+            ),
+            (MINIMAL, "methods = [\"kernel_shap\"]", "needs a background"),
+            (
+                MINIMAL,
+                "methods = []\nbackground = [[1.0, 2.0]]",
+                "needs exactly one input",
+            ),
+            (
+                &tabular,
+                "methods = []\nbackground = [[1.0]]",
+                "1 values for 2 features",
+            ),
+            (
+                &tabular,
+                "methods = []\nbackground = [[1.0, nan]]",
+                "non-finite",
+            ),
+            (MINIMAL, "methods = []\nbudget = 3", "unknown field"),
+        ] {
+            let err = Manifest::parse(&with(base, explain))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{explain:?}: {err}");
+        }
     }
 
     #[test]

@@ -707,12 +707,12 @@ def run(spec: BundleSpec, ds: Dataset, argv: list[str] | None = None, check_spli
         return 0
     fill_ranges(ds, split)
     if args.manifest_only:
-        write_bundle_toml(spec, ds, committed_results(spec))
+        write_bundle_toml(spec, ds, committed_results(spec), split)
         return 0
     results = [build_version(spec, vs, ds, split) for vs in spec.versions]
     write_test_csv(spec, ds, split, {r["spec"].version: r["prob_test"] for r in results},
                    spec.bundle_dir / "testdata" / "test.csv")
-    write_bundle_toml(spec, ds, results)
+    write_bundle_toml(spec, ds, results, split)
     write_model_card(spec, ds, split, results)
     return 0
 
@@ -735,7 +735,20 @@ def toml_str(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)
 
 
-def write_bundle_toml(spec: BundleSpec, ds: Dataset, results: list[dict]) -> None:
+# `[explain]` of the tabular bundles (docs/explain.md): KernelSHAP against a background of
+# EXPLAIN_BACKGROUND training rows (seeded), and the exact linear contributions.
+EXPLAIN_BACKGROUND = 32
+EXPLAIN_MAX_FORWARD_PASSES = 65536
+
+
+def explain_background(ds: Dataset, split: Split, seed: int) -> np.ndarray:
+    """EXPLAIN_BACKGROUND rows of the training split (seeded), as the FP32 the model reads."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(split.train, size=min(EXPLAIN_BACKGROUND, len(split.train)), replace=False))
+    return ds.X[rows].astype(np.float32)
+
+
+def write_bundle_toml(spec: BundleSpec, ds: Dataset, results: list[dict], split: Split) -> None:
     out: list[str] = []
     w = out.append
     nf = len(ds.features)
@@ -839,6 +852,17 @@ def write_bundle_toml(spec: BundleSpec, ds: Dataset, results: list[dict]) -> Non
     w("# contributions to a prediction are measured from the training split's mean of each feature")
     w('reference = "training-mean"')
     w("means = [" + ", ".join(repr(f.mean) for f in ds.features) + "]")
+    w("")
+    w("[explain]")
+    w("# POST /v2/models/{m}/explain: KernelSHAP against training rows, and (linear-logistic")
+    w("# versions) the exact contributions from the [attribution] means")
+    w('methods = ["kernel_shap", "linear"]')
+    w(f"max_forward_passes = {EXPLAIN_MAX_FORWARD_PASSES}")
+    w(f"# {EXPLAIN_BACKGROUND} rows of the training split, drawn with the bundle's seed")
+    w("background = [")
+    for row in explain_background(ds, split, spec.seed):
+        w("  [" + ", ".join(repr(float(v)) for v in row) + "],")
+    w("]")
     w("")
     out.extend(selftest.selftest_toml(exact=("label",)))
     for r in results:

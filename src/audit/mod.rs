@@ -37,6 +37,9 @@ pub use chain::{GENESIS, Tail};
 pub enum EventKind {
     /// A request to a model's inference endpoint.
     Inference,
+    /// A request to a model's explain endpoint: the inference and the forward passes of its
+    /// explanation (method and count in `detail`).
+    Explain,
     /// Versions of a model started serving (a load through the API, the repository poller
     /// or start-up). One record per version.
     ModelLoad,

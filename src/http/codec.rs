@@ -53,6 +53,8 @@ pub struct DecodedRequest {
     pub outputs: Option<Vec<OutputChoice>>,
     /// Request-level `binary_data_output`.
     pub binary_default: bool,
+    /// The request's `parameters` (`/explain` reads its method and options from them).
+    pub parameters: HashMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone)]
@@ -206,6 +208,7 @@ pub fn decode_request(body: &[u8], header_len: Option<usize>) -> Result<DecodedR
         inputs,
         outputs,
         binary_default,
+        parameters: request.parameters.unwrap_or_default(),
     })
 }
 
@@ -276,6 +279,7 @@ pub fn decode_raw(body: &[u8], inputs: &[TensorSpec]) -> Result<DecodedRequest, 
         inputs: vec![NamedTensor::new(spec.name.clone(), tensor)],
         outputs: None,
         binary_default: true,
+        parameters: HashMap::new(),
     })
 }
 

@@ -25,6 +25,7 @@ mod codec;
 pub mod dicomweb;
 // ---- issue 9: the DICOM pipeline's results ----
 mod error;
+mod explain;
 pub mod identity;
 mod metrics;
 mod repository;
@@ -59,6 +60,27 @@ pub struct HttpConfig {
     pub max_inflight_bytes: usize,
     /// Most inference requests in flight at once (beyond: 503 with `Retry-After`).
     pub max_inflight_requests: usize,
+    /// `/explain` for bundles without an `[explain]` section (`serve --explain`).
+    pub explain: ExplainPolicy,
+}
+
+/// What `/explain` offers bundles that do not declare `[explain]` themselves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExplainPolicy {
+    /// `--explain`: every method for every bundle (a bundle's `[explain]` still sets its
+    /// own methods and budget).
+    pub all_methods: bool,
+    /// The forward-pass budget of one explanation under `--explain`.
+    pub max_forward_passes: usize,
+}
+
+impl Default for ExplainPolicy {
+    fn default() -> Self {
+        ExplainPolicy {
+            all_methods: false,
+            max_forward_passes: nightingale_models::manifest::DEFAULT_EXPLAIN_FORWARD_PASSES,
+        }
+    }
 }
 
 impl Default for HttpConfig {
@@ -70,6 +92,7 @@ impl Default for HttpConfig {
             request_timeout: std::time::Duration::from_secs(120),
             max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
             max_inflight_requests: DEFAULT_MAX_INFLIGHT_REQUESTS,
+            explain: ExplainPolicy::default(),
         }
     }
 }
@@ -190,6 +213,7 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route("/v2/models/{model}", get(v2::model_metadata))
         .route("/v2/models/{model}/ready", get(v2::model_ready))
         .route("/v2/models/{model}/infer", post(v2::infer))
+        .route("/v2/models/{model}/explain", post(explain::explain))
         .route("/v2/models/{model}/stats", get(v2::model_stats))
         .route(
             "/v2/models/{model}/versions/{version}",
@@ -198,6 +222,10 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route(
             "/v2/models/{model}/versions/{version}/ready",
             get(v2::model_ready_version),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/explain",
+            post(explain::explain_version),
         )
         .route(
             "/v2/models/{model}/versions/{version}/infer",

@@ -34,7 +34,7 @@ pub async fn server_metadata() -> Json<serde_json::Value> {
     Json(json!({
         "name": "nightingale",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "classification", "model_repository", "statistics"],
+        "extensions": ["binary_tensor_data", "classification", "model_repository", "statistics", "nightingale_explain"],
     }))
 }
 
@@ -64,6 +64,7 @@ fn metadata_body(state: &AppState, model: &LoadedModel, all_versions: bool) -> s
             "max_batch_size": model.worker.config().batching.as_ref().map_or(0, |b| b.max_batch_size),
             "labels": model.manifest.outputs.iter().filter(|o| !o.labels.is_empty()).map(|o| (o.name.clone(), o.labels.clone())).collect::<std::collections::BTreeMap<_, _>>(),
             "preprocessing": model.manifest.preprocessing,
+            "explain": super::explain::offer(state, model),
         },
     })
 }
@@ -128,7 +129,26 @@ pub async fn infer_version(
     .await
 }
 
-async fn run_infer(
+/// What a model request asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Op {
+    Infer,
+    Explain,
+}
+
+pub(super) async fn run_infer(
+    state: Arc<AppState>,
+    model: String,
+    version: Option<String>,
+    deadline: Option<RequestDeadline>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    run_model_request(Op::Infer, state, model, version, deadline, headers, body).await
+}
+
+pub(super) async fn run_model_request(
+    op: Op,
     state: Arc<AppState>,
     model: String,
     version: Option<String>,
@@ -145,7 +165,10 @@ async fn run_infer(
     // this future is dropped (deadline, client gone) before it answers.
     let mut audit = state.audit.pending(
         AuditEvent {
-            kind: EventKind::Inference,
+            kind: match op {
+                Op::Infer => EventKind::Inference,
+                Op::Explain => EventKind::Explain,
+            },
             request_id: headers
                 .get("x-request-id")
                 .and_then(|v| v.to_str().ok())
@@ -166,7 +189,12 @@ async fn run_infer(
         },
         deadline.map(|d| d.0),
     );
-    let mut result = infer_loaded(&state, &loaded, &headers, body, audit.event_mut()).await;
+    let mut result = match op {
+        Op::Infer => infer_loaded(&state, &loaded, &headers, body, audit.event_mut()).await,
+        Op::Explain => {
+            super::explain::explain_loaded(&state, &loaded, &headers, body, audit.event_mut()).await
+        }
+    };
     let status = match &result {
         Ok(_) => StatusCode::OK.as_u16(),
         Err(e) => e.status.as_u16(),
@@ -189,9 +217,18 @@ async fn run_infer(
         ("version", loaded.version.to_string()),
         ("outcome", outcome.to_owned()),
     ];
-    metrics::counter!("nightingale_inference_requests_total", &labels).increment(1);
-    metrics::histogram!("nightingale_request_duration_seconds", &labels[..2])
-        .record(start.elapsed().as_secs_f64());
+    let (requests, duration) = match op {
+        Op::Infer => (
+            "nightingale_inference_requests_total",
+            "nightingale_request_duration_seconds",
+        ),
+        Op::Explain => (
+            "nightingale_explain_requests_total",
+            "nightingale_explain_duration_seconds",
+        ),
+    };
+    metrics::counter!(requests, &labels).increment(1);
+    metrics::histogram!(duration, &labels[..2]).record(start.elapsed().as_secs_f64());
     match result {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -205,19 +242,7 @@ async fn infer_loaded(
     body: Body,
     audit: &mut AuditEvent,
 ) -> Result<Response, AppError> {
-    let header_len = match headers.get(HEADER_LENGTH) {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|s| s.trim().parse::<usize>().ok())
-                .ok_or_else(|| {
-                    AppError::bad_request(
-                        "Inference-Header-Content-Length must be a non-negative integer",
-                    )
-                })?,
-        ),
-    };
+    let header_len = header_length(headers)?;
     // Admission: a place among the requests in flight, then the body's bytes (before
     // reading it when Content-Length is given) and what its decoded tensors take beyond that.
     let mut ticket = state.admission.admit()?;
@@ -261,7 +286,33 @@ async fn infer_loaded(
         id: request.id,
         outputs: tensors,
     };
-    let encoded = codec::encode_response(response, &flags)?;
+    respond(response, &flags, ticket)
+}
+
+/// `Inference-Header-Content-Length`, if given.
+pub(super) fn header_length(headers: &HeaderMap) -> Result<Option<usize>, AppError> {
+    match headers.get(HEADER_LENGTH) {
+        None => Ok(None),
+        Some(v) => Ok(Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    AppError::bad_request(
+                        "Inference-Header-Content-Length must be a non-negative integer",
+                    )
+                })?,
+        )),
+    }
+}
+
+/// Encodes an answer (JSON or binary) holding the request's admission ticket until sent.
+pub(super) fn respond(
+    response: InferResponse,
+    flags: &[bool],
+    ticket: super::Ticket,
+) -> Result<Response, AppError> {
+    let encoded = codec::encode_response(response, flags)?;
     let mut builder = Response::builder().status(StatusCode::OK);
     builder = match encoded.header_len {
         Some(n) => builder
@@ -306,7 +357,7 @@ impl http_body::Body for HeldBody {
 }
 
 /// The outputs to return, in the order asked (or the model's), each with its binary flag.
-fn select_outputs(
+pub(super) fn select_outputs(
     model: &LoadedModel,
     outputs: Vec<NamedTensor>,
     wanted: Option<&[codec::OutputChoice]>,

@@ -1,26 +1,13 @@
-//! Attributions of a tabular prediction to its inputs, in logit space against a reference
-//! point (for example the training data's mean of each feature).
+//! Exact attributions of linear-logistic models, read from the ONNX graph.
 //!
-//! **Linear-logistic models** ([`LinearLogistic`]): the model is
-//! `p = σ(b + Σᵢ wᵢ·zᵢ)` with `zᵢ = (xᵢ − oᵢ)·sᵢ` (an ONNX-ML `Scaler`, optional, then a
-//! `LinearClassifier` with a logistic post-transform, as scikit-learn's
+//! The model is `p = σ(b + Σᵢ wᵢ·zᵢ)` with `zᵢ = (xᵢ − oᵢ)·sᵢ` (an ONNX-ML `Scaler`, optional,
+//! then a `LinearClassifier` with a logistic post-transform, as scikit-learn's
 //! `StandardScaler + LogisticRegression` is exported by skl2onnx). The contribution of input
 //! `i` is `wᵢ·(zᵢ − z̄ᵢ) = wᵢ·sᵢ·(xᵢ − x̄ᵢ)`: exact, and the contributions sum to
 //! `logit(p(x)) − logit(p(x̄))`. The weights are read from the ONNX graph itself
 //! ([`LinearLogistic::from_onnx`]), never from a copy that could drift from it.
-//!
-//! Other models get the model-agnostic attribution of the caller (one input at a time
-//! replaced by its reference value, the change of the logit; see `docs/cds-hooks.md`),
-//! which does not in general sum to the total.
 
-/// Why a model's linear-logistic form could not be read.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ExplainError {
-    /// The bytes are not an ONNX model.
-    #[error("not an ONNX model: {reason}")]
-    NotOnnx { reason: String },
-}
+use super::ExplainError;
 
 /// A binary linear-logistic model on the model's own inputs: optional scaler, then weights.
 #[derive(Clone, Debug, PartialEq)]

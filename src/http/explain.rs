@@ -1,0 +1,873 @@
+//! `POST /v2/models/{m}[/versions/{v}]/explain`: a Nightingale extension of the KServe v2
+//! protocol. The body is an `/infer` body whose `parameters` name the method and its options;
+//! the answer is the `/infer` answer plus one attribution tensor, `<output>_saliency`
+//! (images: `[N, H, W]`, FP32) or `<output>_attribution` (tables: `[N, F]`, FP64, the
+//! features in the input's order), in JSON or binary as the request asks. See
+//! `docs/explain.md`.
+//!
+//! The explanation is made by the very model version that made the prediction: its forward
+//! passes go through the model's worker in batches of its `max_batch_size`, like any other
+//! request, and the whole request is audited once (event `explain`, with the method and the
+//! number of forward passes).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Extension;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use nightingale_inference::explain::{
+    Explanation, ImageShape, KernelShap, KernelShapOptions, Link, Occlusion, OcclusionOptions,
+    Perturber, Rise, RiseOptions, logit,
+};
+use nightingale_inference::{DataType, NamedTensor, Tensor};
+use nightingale_models::LoadedModel;
+use nightingale_models::manifest::EXPLAIN_METHODS;
+use serde_json::Value;
+
+use super::codec::{self, InferResponse, JsonData, OutputTensor};
+use super::v2::{Op, header_length, respond, run_model_request, select_outputs};
+use super::{ApiPath as Path, AppError, AppState, RequestDeadline, read_body_admitted};
+use crate::audit::{AuditEvent, tensors_sha256};
+
+pub async fn explain(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    deadline: Option<Extension<RequestDeadline>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    run_model_request(
+        Op::Explain,
+        state,
+        model,
+        None,
+        deadline.map(|d| d.0),
+        headers,
+        body,
+    )
+    .await
+}
+
+pub async fn explain_version(
+    State(state): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+    deadline: Option<Extension<RequestDeadline>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    run_model_request(
+        Op::Explain,
+        state,
+        model,
+        Some(version),
+        deadline.map(|d| d.0),
+        headers,
+        body,
+    )
+    .await
+}
+
+/// The methods (`parameters.method`, kept stable).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Method {
+    Occlusion,
+    Rise,
+    KernelShap,
+    Linear,
+    GradCam,
+    IntegratedGradients,
+}
+
+impl Method {
+    fn parse(s: &str) -> Option<Method> {
+        Some(match s {
+            "occlusion" => Method::Occlusion,
+            "rise" => Method::Rise,
+            "kernel_shap" => Method::KernelShap,
+            "linear" => Method::Linear,
+            "grad_cam" => Method::GradCam,
+            "integrated_gradients" => Method::IntegratedGradients,
+            _ => return None,
+        })
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Method::Occlusion => "occlusion",
+            Method::Rise => "rise",
+            Method::KernelShap => "kernel_shap",
+            Method::Linear => "linear",
+            Method::GradCam => "grad_cam",
+            Method::IntegratedGradients => "integrated_gradients",
+        }
+    }
+
+    /// Whether the method explains images (a saliency map) rather than tables.
+    fn is_image(self) -> bool {
+        matches!(
+            self,
+            Method::Occlusion | Method::Rise | Method::GradCam | Method::IntegratedGradients
+        )
+    }
+}
+
+/// `parameters.target`.
+#[derive(Clone, Debug, PartialEq)]
+enum Target {
+    Label(String),
+    Index(usize),
+}
+
+/// What the request asks for (`parameters`).
+#[derive(Debug, Default)]
+struct Params {
+    method: Option<Method>,
+    target: Option<Target>,
+    output: Option<String>,
+    link: Option<Link>,
+    patch: Option<usize>,
+    stride: Option<usize>,
+    baseline: Option<f32>,
+    samples: Option<usize>,
+    grid: Option<usize>,
+    keep: Option<f64>,
+    seed: Option<u64>,
+    max_forward_passes: Option<usize>,
+}
+
+/// Request parameters of the KServe protocol that `/explain` accepts and leaves to the codec.
+const PROTOCOL_PARAMETERS: &[&str] = &[
+    "binary_data_output",
+    "priority",
+    "timeout",
+    "sequence_id",
+    "sequence_start",
+    "sequence_end",
+];
+
+const EXPLAIN_PARAMETERS: &[&str] = &[
+    "method",
+    "target",
+    "output",
+    "link",
+    "patch",
+    "stride",
+    "baseline",
+    "samples",
+    "grid",
+    "p",
+    "seed",
+    "max_forward_passes",
+];
+
+/// Largest count a request may give for sizes and samples (well beyond any budget).
+const MAX_COUNT: u64 = 1 << 24;
+
+fn parse_params(map: &HashMap<String, Value>) -> Result<Params, AppError> {
+    let bad = |m: String| Err(AppError::bad_request(m));
+    let count = |key: &str, v: &Value| -> Result<usize, AppError> {
+        match v.as_u64() {
+            Some(n) if n <= MAX_COUNT => Ok(n as usize),
+            _ => Err(AppError::bad_request(format!(
+                "parameters.{key} must be a whole number 0..={MAX_COUNT}, not {v}"
+            ))),
+        }
+    };
+    let number = |key: &str, v: &Value| -> Result<f64, AppError> {
+        v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
+            AppError::bad_request(format!("parameters.{key} must be a finite number, not {v}"))
+        })
+    };
+    let text = |key: &str, v: &Value| -> Result<String, AppError> {
+        v.as_str().map(str::to_owned).ok_or_else(|| {
+            AppError::bad_request(format!("parameters.{key} must be a string, not {v}"))
+        })
+    };
+    let mut p = Params::default();
+    for (key, v) in map {
+        match key.as_str() {
+            "method" => {
+                let name = text(key, v)?;
+                p.method = Some(Method::parse(&name).ok_or_else(|| {
+                    AppError::bad_request(format!(
+                        "unknown explanation method {name:?}; the methods are {EXPLAIN_METHODS:?}"
+                    ))
+                })?);
+            }
+            "target" => {
+                p.target = Some(match v {
+                    Value::String(s) => Target::Label(s.clone()),
+                    Value::Number(_) => Target::Index(count(key, v)?),
+                    _ => {
+                        return bad(format!(
+                            "parameters.target must be a class label or index, not {v}"
+                        ));
+                    }
+                })
+            }
+            "output" => p.output = Some(text(key, v)?),
+            "link" => {
+                p.link = Some(match text(key, v)?.as_str() {
+                    "identity" => Link::Identity,
+                    "logit" => Link::Logit,
+                    other => {
+                        return bad(format!(
+                            "parameters.link must be \"identity\" or \"logit\", not {other:?}"
+                        ));
+                    }
+                })
+            }
+            "patch" => p.patch = Some(count(key, v)?),
+            "stride" => p.stride = Some(count(key, v)?),
+            "samples" => p.samples = Some(count(key, v)?),
+            "grid" => p.grid = Some(count(key, v)?),
+            "max_forward_passes" => p.max_forward_passes = Some(count(key, v)?),
+            "seed" => {
+                p.seed = Some(v.as_u64().ok_or_else(|| {
+                    AppError::bad_request(format!(
+                        "parameters.seed must be a non-negative integer, not {v}"
+                    ))
+                })?)
+            }
+            "baseline" => {
+                let b = number(key, v)?;
+                if b.abs() > f64::from(f32::MAX) {
+                    return bad("parameters.baseline is out of the FP32 range".into());
+                }
+                p.baseline = Some(b as f32);
+            }
+            "p" => p.keep = Some(number(key, v)?),
+            k if PROTOCOL_PARAMETERS.contains(&k) => {}
+            other => {
+                return bad(format!(
+                    "unknown parameter {other:?}; /explain takes {EXPLAIN_PARAMETERS:?}"
+                ));
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// The methods and budget this model offers, or why it offers none.
+fn allowance(state: &AppState, model: &LoadedModel) -> (Vec<String>, usize) {
+    match &model.manifest.explain {
+        Some(e) => {
+            let mut methods = e.methods.clone();
+            if state.config.explain.all_methods {
+                methods = EXPLAIN_METHODS.iter().map(|m| (*m).to_owned()).collect();
+            }
+            (methods, e.max_forward_passes)
+        }
+        None if state.config.explain.all_methods => (
+            EXPLAIN_METHODS.iter().map(|m| (*m).to_owned()).collect(),
+            state.config.explain.max_forward_passes,
+        ),
+        None => (vec![], 0),
+    }
+}
+
+/// The model's explain offer, for its metadata.
+pub(super) fn offer(state: &AppState, model: &LoadedModel) -> Value {
+    let (methods, budget) = allowance(state, model);
+    serde_json::json!({ "methods": methods, "max_forward_passes": budget })
+}
+
+/// What one row's explanation is made from.
+enum Plan {
+    Perturb(Vec<Box<dyn Perturber>>),
+    Linear,
+}
+
+pub(super) async fn explain_loaded(
+    state: &AppState,
+    model: &LoadedModel,
+    headers: &HeaderMap,
+    body: Body,
+    audit: &mut AuditEvent,
+) -> Result<Response, AppError> {
+    let header_len = header_length(headers)?;
+    if header_len == Some(0) {
+        return Err(AppError::bad_request(
+            "/explain needs a JSON request header (its parameters name the method); a raw binary body has none",
+        ));
+    }
+    let mut ticket = state.admission.admit()?;
+    let body = read_body_admitted(headers, body, state.config.max_body_bytes, &mut ticket).await?;
+    let request = codec::decode_request(&body, header_len)?;
+    let decoded: usize = request.inputs.iter().map(|t| t.tensor.raw_len()).sum();
+    ticket.charge(decoded.saturating_sub(body.len() * (super::BODY_CHARGE_FACTOR - 1)))?;
+    drop(body);
+    audit.input_sha256 = Some(tensors_sha256(&request.inputs));
+    audit.rows = request
+        .inputs
+        .first()
+        .and_then(|t| t.tensor.shape().first().copied());
+
+    let params = parse_params(&request.parameters)?;
+    let method = params.method.ok_or_else(|| {
+        AppError::bad_request(format!(
+            "parameters.method is missing; the methods are {EXPLAIN_METHODS:?}"
+        ))
+    })?;
+    // The one input, and what kind of data it is.
+    let meta = model.worker.metadata();
+    let [input_spec] = meta.inputs.as_slice() else {
+        return Err(AppError::bad_request(format!(
+            "/explain explains models with one input; {} has {}",
+            model.name,
+            meta.inputs.len()
+        )));
+    };
+    if input_spec.datatype != DataType::Fp32 {
+        return Err(AppError::bad_request(format!(
+            "/explain perturbs FP32 inputs; {}'s input {:?} is {}",
+            model.name,
+            input_spec.name,
+            input_spec.datatype.as_str()
+        )));
+    }
+    let Some(input) = request.inputs.iter().find(|t| t.name == input_spec.name) else {
+        return Err(AppError::bad_request(format!(
+            "the request has no input {:?}",
+            input_spec.name
+        )));
+    };
+    let shape = input.tensor.shape().to_vec();
+    let image = match shape.len() {
+        4 => Some(ImageShape {
+            channels: shape[1],
+            height: shape[2],
+            width: shape[3],
+        }),
+        3 => Some(ImageShape {
+            channels: 1,
+            height: shape[1],
+            width: shape[2],
+        }),
+        _ => None,
+    };
+    let tabular = (shape.len() == 2).then(|| shape[1]);
+    if method.is_image() && image.is_none() {
+        return Err(AppError::bad_request(format!(
+            "{} explains images (an input [N, C, H, W]); {}'s input {:?} is {:?}: use kernel_shap or linear",
+            method.as_str(),
+            model.name,
+            input_spec.name,
+            input_spec.shape
+        )));
+    }
+    if !method.is_image() && tabular.is_none() {
+        return Err(AppError::bad_request(format!(
+            "{} explains tables (an input [N, features]); {}'s input {:?} is {:?}: use occlusion or rise",
+            method.as_str(),
+            model.name,
+            input_spec.name,
+            input_spec.shape
+        )));
+    }
+    let (allowed, budget) = allowance(state, model);
+    if !allowed.iter().any(|m| m == method.as_str()) {
+        return Err(AppError::bad_request(if allowed.is_empty() {
+            format!(
+                "explanations are off for {}: its bundle has no [explain] section and the server runs without --explain",
+                model.name
+            )
+        } else {
+            format!(
+                "{} is not enabled for {}; its methods are {allowed:?}",
+                method.as_str(),
+                model.name
+            )
+        }));
+    }
+    let budget = match params.max_forward_passes {
+        Some(asked) if asked > budget => {
+            return Err(AppError::bad_request(format!(
+                "parameters.max_forward_passes {asked} is above {}'s budget of {budget} forward passes",
+                model.name
+            )));
+        }
+        Some(asked) => asked,
+        None => budget,
+    };
+
+    if matches!(method, Method::GradCam | Method::IntegratedGradients) {
+        return Err(AppError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            format!(
+                "{} needs the model's gradients, which only a native candle bundle gives; {} runs on {} (not built yet: see docs/explain.md)",
+                method.as_str(),
+                model.name,
+                model.worker.backend()
+            ),
+        ));
+    }
+
+    // The explained output: named, or the one with a positive label, or the first.
+    let output_spec = match &params.output {
+        Some(name) => model
+            .manifest
+            .outputs
+            .iter()
+            .find(|o| &o.name == name)
+            .ok_or_else(|| {
+                AppError::bad_request(format!(
+                    "parameters.output {name:?} is not an output of {}",
+                    model.name
+                ))
+            })?,
+        None => model
+            .manifest
+            .outputs
+            .iter()
+            .find(|o| o.positive_label.is_some())
+            .unwrap_or(&model.manifest.outputs[0]),
+    };
+    let out_ix = meta
+        .outputs
+        .iter()
+        .position(|o| o.name == output_spec.name)
+        .ok_or_else(|| AppError::internal("the explained output is not served"))?;
+    let labels = &output_spec.labels;
+    let attribution_name = format!(
+        "{}_{}",
+        output_spec.name,
+        if method.is_image() {
+            "saliency"
+        } else {
+            "attribution"
+        }
+    );
+
+    // The prediction itself.
+    let data: Vec<f32> = input
+        .tensor
+        .view::<f32>()
+        .ok_or_else(|| AppError::bad_request("the input is not FP32"))?
+        .iter()
+        .copied()
+        .collect();
+    let rows = shape[0];
+    if rows == 0 {
+        return Err(AppError::bad_request("/explain needs at least one row"));
+    }
+    let row_len = data.len() / rows;
+    let outputs = model.worker.infer(request.inputs).await?;
+    let scores = score_table(&outputs[out_ix].tensor, rows)?;
+    let classes = scores.len() / rows;
+    let fixed_target = match &params.target {
+        None => output_spec
+            .positive_label
+            .as_ref()
+            .and_then(|p| labels.iter().position(|l| l == p)),
+        Some(Target::Index(i)) => Some(*i),
+        Some(Target::Label(l)) => Some(
+            labels
+                .iter()
+                .position(|x| x == l)
+                .or_else(|| l.parse::<usize>().ok())
+                .ok_or_else(|| {
+                    AppError::bad_request(format!(
+                        "parameters.target {l:?} is not a label of output {:?} ({labels:?})",
+                        output_spec.name
+                    ))
+                })?,
+        ),
+    };
+    if let Some(t) = fixed_target
+        && t >= classes
+    {
+        return Err(AppError::bad_request(format!(
+            "parameters.target {t} is out of range: output {:?} has {classes} classes",
+            output_spec.name
+        )));
+    }
+    let targets: Vec<usize> = (0..rows)
+        .map(|r| fixed_target.unwrap_or_else(|| argmax(&scores[r * classes..(r + 1) * classes])))
+        .collect();
+    let link = params.link.unwrap_or(if labels.is_empty() {
+        Link::Identity
+    } else {
+        Link::Logit
+    });
+    // KernelSHAP averages in the link's space: the handler takes the scores there itself
+    // (two-class log-odds from both columns, see `Score`) and the method sees the identity.
+    let score = match (method, link) {
+        (Method::KernelShap, Link::Logit) => Score::LogOdds,
+        _ => Score::Value,
+    };
+    let score_of = |r: usize| score.of(&scores[r * classes..(r + 1) * classes], targets[r]);
+
+    let seed = params.seed.unwrap_or(0);
+    let row = |r: usize| data[r * row_len..(r + 1) * row_len].to_vec();
+    let invalid = |e: nightingale_inference::explain::ExplainError| {
+        AppError::bad_request(format!("{}: {e}", method.as_str()))
+    };
+    let plan = match method {
+        Method::Occlusion => {
+            let shape = image.expect("checked");
+            let defaults = OcclusionOptions::for_image(shape);
+            let options = OcclusionOptions {
+                patch: params.patch.unwrap_or(defaults.patch),
+                stride: params
+                    .stride
+                    .unwrap_or_else(|| params.patch.map_or(defaults.stride, |p| (p / 2).max(1))),
+                baseline: params.baseline.unwrap_or(defaults.baseline),
+            };
+            check_budget(method, Occlusion::passes(shape, options), rows, budget)?;
+            Plan::Perturb(
+                (0..rows)
+                    .map(|r| {
+                        Occlusion::new(row(r), shape, score_of(r), options)
+                            .map(|m| Box::new(m) as Box<dyn Perturber>)
+                    })
+                    .collect::<Result<_, _>>()
+                    .map_err(invalid)?,
+            )
+        }
+        Method::Rise => {
+            let shape = image.expect("checked");
+            let defaults = RiseOptions::default();
+            let options = RiseOptions {
+                samples: params.samples.unwrap_or(defaults.samples),
+                grid: params.grid.unwrap_or(defaults.grid),
+                keep: params.keep.unwrap_or(defaults.keep),
+                baseline: params.baseline.unwrap_or(defaults.baseline),
+                seed,
+            };
+            check_budget(method, options.samples, rows, budget)?;
+            Plan::Perturb(
+                (0..rows)
+                    .map(|r| {
+                        Rise::new(row(r), shape, options).map(|m| Box::new(m) as Box<dyn Perturber>)
+                    })
+                    .collect::<Result<_, _>>()
+                    .map_err(invalid)?,
+            )
+        }
+        Method::KernelShap => {
+            let features = tabular.expect("checked");
+            let background: Vec<Vec<f32>> = model
+                .manifest
+                .explain
+                .as_ref()
+                .map(|e| {
+                    e.background
+                        .iter()
+                        .map(|r| r.iter().map(|&v| v as f32).collect())
+                        .collect()
+                })
+                .unwrap_or_default();
+            if background.is_empty() {
+                return Err(AppError::bad_request(format!(
+                    "kernel_shap needs a background sample, and {}'s bundle declares none ([explain] background)",
+                    model.name
+                )));
+            }
+            let options = KernelShapOptions {
+                samples: params.samples.unwrap_or(512),
+                link: Link::Identity,
+                seed,
+            };
+            check_budget(
+                method,
+                KernelShap::passes(features, background.len(), options.samples),
+                rows,
+                budget,
+            )?;
+            Plan::Perturb(
+                (0..rows)
+                    .map(|r| {
+                        KernelShap::new(row(r), background.clone(), score_of(r), options)
+                            .map(|m| Box::new(m) as Box<dyn Perturber>)
+                    })
+                    .collect::<Result<_, _>>()
+                    .map_err(invalid)?,
+            )
+        }
+        Method::Linear => Plan::Linear,
+        Method::GradCam | Method::IntegratedGradients => unreachable!("answered above"),
+    };
+
+    // The explanations, row by row, their forward passes through the worker.
+    let mut explanations = Vec::with_capacity(rows);
+    match plan {
+        Plan::Perturb(methods) => {
+            let chunk = model
+                .worker
+                .config()
+                .batching
+                .as_ref()
+                .map_or(64, |b| b.max_batch_size)
+                .clamp(1, model.worker.config().max_rows_per_request.max(1));
+            let row_shape = &shape[1..];
+            for (r, m) in methods.into_iter().enumerate() {
+                let e = drive(
+                    model,
+                    &input_spec.name,
+                    row_shape,
+                    (out_ix, targets[r], score),
+                    m,
+                    chunk,
+                )
+                .await?;
+                explanations.push(e);
+            }
+        }
+        Plan::Linear => {
+            let features = tabular.expect("checked");
+            let means = model
+                .manifest
+                .attribution
+                .as_ref()
+                .map(|a| a.means.clone())
+                .ok_or_else(|| {
+                    AppError::bad_request(format!(
+                        "linear measures contributions from the bundle's reference point, and {} declares none ([attribution] means)",
+                        model.name
+                    ))
+                })?;
+            for (r, &target) in targets.iter().enumerate() {
+                let form = state
+                    .cds()
+                    .linear_form(state, model, features, target)
+                    .ok_or_else(|| {
+                        AppError::bad_request(format!(
+                            "linear needs a linear-logistic model (an ONNX-ML Scaler then LinearClassifier, logistic, two classes); {} is not one: use kernel_shap",
+                            model.name
+                        ))
+                    })?;
+                let x: Vec<f64> = row(r).iter().map(|&v| f64::from(v)).collect();
+                explanations.push(Explanation {
+                    values: form.contributions(&x, &means),
+                    base_value: Some(form.logit(&means)),
+                    forward_passes: 0,
+                });
+            }
+        }
+    }
+    let passes: usize = explanations.iter().map(|e| e.forward_passes).sum();
+    metrics::counter!("nightingale_explain_forward_passes_total",
+        "model" => model.name.clone(), "version" => model.version.to_string(), "method" => method.as_str())
+    .increment(passes as u64);
+
+    // The attribution tensor.
+    let attribution = match image {
+        Some(s) if method.is_image() => Tensor::from_vec(
+            vec![rows, s.height, s.width],
+            explanations
+                .iter()
+                .flat_map(|e| e.values.iter().map(|&v| v as f32))
+                .collect::<Vec<f32>>(),
+        ),
+        _ => Tensor::from_vec(
+            vec![rows, tabular.unwrap_or(0)],
+            explanations
+                .iter()
+                .flat_map(|e| e.values.iter().copied())
+                .collect::<Vec<f64>>(),
+        ),
+    }
+    .map_err(|e| AppError::internal(e.to_string()))?;
+    let mut all = outputs.clone();
+    all.push(NamedTensor::new(
+        attribution_name.clone(),
+        attribution.clone(),
+    ));
+    audit.output_sha256 = Some(tensors_sha256(&all));
+    let target_names: Vec<String> = targets
+        .iter()
+        .map(|&t| labels.get(t).cloned().unwrap_or_else(|| t.to_string()))
+        .collect();
+    audit.detail = Some(format!(
+        "method={} forward_passes={passes} output={} target={}",
+        method.as_str(),
+        output_spec.name,
+        target_names.join(",")
+    ));
+
+    // The answer: the outputs asked for (the attribution may be among them), then it.
+    let mut wanted = request.outputs;
+    let mut attribution_binary = request.binary_default;
+    if let Some(list) = &mut wanted {
+        if let Some(i) = list.iter().position(|o| o.name == attribution_name) {
+            attribution_binary = list[i].binary.unwrap_or(request.binary_default);
+            list.remove(i);
+        }
+    }
+    let (mut tensors, mut flags) = if wanted.as_ref().is_some_and(|w| w.is_empty()) {
+        (vec![], vec![])
+    } else {
+        select_outputs(model, outputs, wanted.as_deref(), request.binary_default)?
+    };
+    let mut parameters = serde_json::Map::new();
+    parameters.insert("method".into(), method.as_str().into());
+    parameters.insert("explained_output".into(), output_spec.name.clone().into());
+    parameters.insert("target".into(), target_names.join(",").into());
+    parameters.insert("forward_passes".into(), passes.into());
+    if method == Method::KernelShap || method == Method::Linear {
+        parameters.insert(
+            "link".into(),
+            (if method == Method::Linear {
+                "logit"
+            } else {
+                link.as_str()
+            })
+            .into(),
+        );
+        let bases: Vec<String> = explanations
+            .iter()
+            .filter_map(|e| e.base_value)
+            .map(|b| format!("{b:.17e}"))
+            .collect();
+        parameters.insert("base_value".into(), bases.join(",").into());
+    }
+    tensors.push(OutputTensor {
+        name: attribution_name,
+        datatype: attribution.datatype(),
+        shape: attribution.shape().to_vec(),
+        parameters: Some(parameters),
+        data: Some(JsonData(attribution)),
+    });
+    flags.push(attribution_binary);
+    let response = InferResponse {
+        model_name: model.name.clone(),
+        model_version: model.version.to_string(),
+        id: request.id,
+        outputs: tensors,
+    };
+    respond(response, &flags, ticket)
+}
+
+fn check_budget(
+    method: Method,
+    per_row: usize,
+    rows: usize,
+    budget: usize,
+) -> Result<(), AppError> {
+    let total = per_row.saturating_mul(rows);
+    if total > budget {
+        return Err(AppError::bad_request(format!(
+            "{} would take {total} forward passes ({per_row} per row × {rows} rows); the budget is {budget}: ask for fewer samples, a larger stride, or fewer rows",
+            method.as_str()
+        )));
+    }
+    Ok(())
+}
+
+/// An output of `rows` rows as f64 scores, row-major.
+fn score_table(t: &Tensor, rows: usize) -> Result<Vec<f64>, AppError> {
+    let values: Vec<f64> = match t.datatype() {
+        DataType::Fp32 => t
+            .view::<f32>()
+            .map(|v| v.iter().map(|&x| f64::from(x)).collect())
+            .unwrap_or_default(),
+        DataType::Fp64 => t
+            .view::<f64>()
+            .map(|v| v.iter().copied().collect())
+            .unwrap_or_default(),
+        other => {
+            return Err(AppError::bad_request(format!(
+                "the explained output is {}; /explain explains FP32 or FP64 scores",
+                other.as_str()
+            )));
+        }
+    };
+    if t.shape().len() != 2 || t.shape()[0] != rows || values.is_empty() {
+        return Err(AppError::bad_request(format!(
+            "the explained output has shape {:?}; /explain explains scores of shape [N, classes]",
+            t.shape()
+        )));
+    }
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(AppError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the model's score is not finite; there is nothing to explain",
+        ));
+    }
+    Ok(values)
+}
+
+/// What an explanation attributes: the target's score itself, or its log-odds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Score {
+    Value,
+    /// `logit p`. For two classes it is taken as `ln p_target − ln p_other`: the same value
+    /// when the columns sum to 1, but exact where `p_target` is within a few FP32 ulps of 1
+    /// (a probability like 1 − 1.5e-7 keeps no digits of its complement, while the other
+    /// column, computed by the model on its own, does). Each probability is clamped at 1e-12.
+    LogOdds,
+}
+
+impl Score {
+    fn of(self, row: &[f64], target: usize) -> f64 {
+        match self {
+            Score::Value => row[target],
+            Score::LogOdds if row.len() == 2 => {
+                let ln = |p: f64| p.max(1e-12).ln();
+                ln(row[target]) - ln(row[1 - target])
+            }
+            Score::LogOdds => logit(row[target]),
+        }
+    }
+}
+
+fn argmax(v: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Runs one explanation's forward passes through the model's worker, two batches in
+/// flight, and returns the method's result.
+async fn drive(
+    model: &LoadedModel,
+    input: &str,
+    row_shape: &[usize],
+    (out_ix, target, score): (usize, usize, Score),
+    mut method: Box<dyn Perturber>,
+    chunk: usize,
+) -> Result<Explanation, AppError> {
+    let mut pending = FuturesOrdered::new();
+    let mut done = false;
+    loop {
+        while !done && pending.len() < 2 {
+            let mut rows = Vec::with_capacity(chunk * method.row_len());
+            let n = method.next_rows(chunk, &mut rows);
+            if n == 0 {
+                done = true;
+                break;
+            }
+            let mut shape = Vec::with_capacity(1 + row_shape.len());
+            shape.push(n);
+            shape.extend_from_slice(row_shape);
+            let tensor =
+                Tensor::from_vec(shape, rows).map_err(|e| AppError::internal(e.to_string()))?;
+            pending.push_back(model.worker.infer(vec![NamedTensor::new(input, tensor)]));
+        }
+        let Some(result) = pending.next().await else {
+            break;
+        };
+        let outputs = result?;
+        let t = &outputs[out_ix].tensor;
+        let n = t.shape().first().copied().unwrap_or(0);
+        let table = score_table(t, n)?;
+        let classes = table.len() / n.max(1);
+        let scores: Vec<f64> = (0..n)
+            .map(|r| score.of(&table[r * classes..(r + 1) * classes], target))
+            .collect();
+        method.absorb(&scores);
+    }
+    method
+        .finish()
+        .map_err(|e| AppError::internal(e.to_string()))
+}
