@@ -32,7 +32,7 @@ import pytest
 import requests
 import shap
 import tritonclient.http as httpclient
-from conftest import REPO, _free_port, wait_ready
+from conftest import REPO, _free_port, _ort_dylib, wait_ready
 
 BUNDLES = REPO / "models" / "bundles"
 
@@ -53,8 +53,11 @@ def url():
     cmd = [str(binary), "serve", "--repository", "models/bundles", "--http-addr", addr,
            "--audit-log", str(logdir / "audit.jsonl"), "--data-dir", str(logdir / "data"),
            "--explain", "--explain-max-forward-passes", "20000"]
+    env = dict(os.environ)
+    if "ORT_DYLIB_PATH" not in env and _ort_dylib():
+        env["ORT_DYLIB_PATH"] = _ort_dylib()
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         wait_ready(proc, addr, log)
         yield addr
