@@ -14,7 +14,7 @@ use std::time::Duration;
 use nightingale_decision_support::cards::{
     AttributionMethod, Contribution, RiskCard, risk_card, risk_missing_card, risk_unavailable_card,
 };
-use nightingale_decision_support::feedback::{CardLedger, OverrideStats};
+use nightingale_decision_support::feedback::{CardLedger, IssuedCard, OverrideStats};
 use nightingale_decision_support::fhir::{Limits, Resource, Resources};
 use nightingale_decision_support::hooks::{Card, HookRequest, Source};
 use nightingale_decision_support::jwt::{JwtOptions, Verifier};
@@ -128,6 +128,8 @@ pub struct Cds {
     /// Cards issued, for feedback (bounded; the oldest are forgotten first).
     pub ledger: Mutex<CardLedger>,
     pub stats: Mutex<OverrideStats>,
+    /// Where cards and feedback are kept across restarts (`None`: in memory only).
+    pub store: Option<crate::cds_store::CdsStore>,
     client: reqwest::Client,
     /// The linear-logistic form of each served model version, read once from its ONNX file
     /// (`None`: another kind of model, attributed one input at a time).
@@ -256,9 +258,56 @@ impl Cds {
             limits: Limits::default(),
             ledger: Mutex::new(CardLedger::new(LEDGER_CAPACITY)),
             stats: Mutex::new(OverrideStats::default()),
+            store: None,
             client,
             linear: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Keeps cards and feedback in `store` from now on, after refilling the ledger of issued
+    /// cards and the override counts from it.
+    pub fn with_store(
+        mut self,
+        store: crate::cds_store::CdsStore,
+    ) -> Result<Cds, crate::cds_store::StoreError> {
+        let ledger = self.ledger.get_mut().unwrap_or_else(|p| p.into_inner());
+        let stats = self.stats.get_mut().unwrap_or_else(|p| p.into_inner());
+        let (cards, feedback) = store.restore(ledger, stats)?;
+        for (service, model, accepted, overridden) in stats.iter() {
+            let (m, v) = model.unwrap_or_default();
+            metrics::gauge!("nightingale_cds_override_rate", "service" => service.to_owned(),
+                "model" => m.to_owned(), "version" => v.to_owned())
+            .set(overridden as f64 / (accepted + overridden).max(1) as f64);
+        }
+        tracing::info!(store = %store.path().display(), cards, feedback, "CDS feedback store open");
+        self.store = Some(store);
+        Ok(self)
+    }
+
+    /// Remembers the cards of an answer for their feedback (the ledger, and the store).
+    pub fn remember_cards(
+        &self,
+        cards: &[&Card],
+        service: &str,
+        model: Option<(&str, &str)>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) {
+        self.ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(cards.iter().copied(), service, model, now);
+        if let Some(store) = &self.store {
+            store.record_cards(cards.iter().map(|c| {
+                (
+                    c.uuid.clone(),
+                    IssuedCard {
+                        service: service.to_owned(),
+                        model: model.map(|(m, v)| (m.to_owned(), v.to_owned())),
+                        issued_at: now,
+                    },
+                )
+            }));
+        }
     }
 
     /// The built-in services of `repository` and no trusted issuer: discovery answers,

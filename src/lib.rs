@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod cds;
 pub mod cds_imaging;
+pub mod cds_store;
 pub mod config;
 pub mod deploy;
 pub mod http;

@@ -344,7 +344,11 @@ async fn serve(
     );
     // CDS Hooks (issue 10): the services, the trusted EHRs' keys.
     let cds = nightingale::cds::Cds::new(&config.cds, &repository)
-        .context("cannot start the CDS Hooks service")?;
+        .context("cannot start the CDS Hooks service")?
+        .with_store(nightingale::cds_store::CdsStore::open(
+            &config.data_dir.join("cds"),
+        )?)
+        .context("cannot open the CDS feedback store")?;
     tracing::info!(
         services = cds.services.iter().count(),
         trusted_issuers = config.cds.trust.len(),

@@ -16,6 +16,7 @@ use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use nightingale::audit::AuditLog;
 use nightingale::cds::{Cds, CdsSettings, TrustedIssuer};
+use nightingale::cds_store::CdsStore;
 use nightingale::http::{self, AppState, HttpConfig};
 use nightingale_models::{Repository, RepositoryOptions};
 use serde_json::{Value, json};
@@ -131,14 +132,26 @@ impl Server {
                 &dir.path().join("models").join(b),
             );
         }
+        let state = Server::state(dir.path(), &ehr, fhir_servers, fetch_timeout, bundles);
+        Server { dir, state, ehr }
+    }
+
+    /// The server's state over the folder `dir` (models, audit trail, CDS store).
+    fn state(
+        dir: &Path,
+        ehr: &Ehr,
+        fhir_servers: Vec<String>,
+        fetch_timeout: Duration,
+        bundles: &[&str],
+    ) -> Arc<AppState> {
         let repository = Arc::new(Repository::new(
-            dir.path().join("models"),
+            dir.join("models"),
             RepositoryOptions::default(),
         ));
         for b in bundles {
             repository.load(b).unwrap();
         }
-        let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
+        let audit = AuditLog::open(&dir.join("audit.jsonl"), false).unwrap();
         let state = AppState::new(repository, audit, HttpConfig::default(), None);
         let cds = Cds::new(
             &CdsSettings {
@@ -152,8 +165,18 @@ impl Server {
             },
             &state.repository,
         )
+        .unwrap()
+        .with_store(CdsStore::open(&dir.join("cds")).unwrap())
         .unwrap();
         assert!(state.set_cds(cds));
+        state
+    }
+
+    /// The same server stopped and started again (same folder, same EHR keys).
+    fn restart(self) -> Server {
+        let Server { dir, state, ehr } = self;
+        drop(state);
+        let state = Server::state(dir.path(), &ehr, vec![], Duration::from_secs(1), &[]);
         Server { dir, state, ehr }
     }
 
@@ -365,6 +388,30 @@ async fn a_patient_view_call_gets_its_news2_card_and_feedback_is_joined_to_it() 
         ))
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+
+    // After a restart the card is still known (the store), and the counts carry on.
+    let server = server.restart();
+    let stats = server.state.cds().stats.lock().unwrap().clone();
+    assert_eq!(stats.counts(SERVICE, Some(("news2", "rcp-2017"))), (0, 1));
+    let token = server
+        .ehr
+        .token(&format!("http://{HOST}/cds-services/{SERVICE}"));
+    let again = json!({"feedback": [{"card": card["uuid"], "outcome": "overridden",
+        "outcomeTimestamp": chrono::Utc::now().to_rfc3339()}]});
+    let (s, v) = server
+        .send(server.post(
+            &format!("/cds-services/{SERVICE}/feedback"),
+            Some(&token),
+            again.to_string().into_bytes(),
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let stats = server.state.cds().stats.lock().unwrap().clone();
+    assert_eq!(stats.counts(SERVICE, Some(("news2", "rcp-2017"))), (0, 2));
+    // The store holds no comment text and no patient identifier.
+    let db = std::fs::read(server.dir.path().join("cds/feedback.sqlite3")).unwrap();
+    let text = String::from_utf8_lossy(&db);
+    assert!(!text.contains("post-op") && !text.contains(PATIENT));
 }
 
 #[tokio::test]

@@ -329,7 +329,11 @@ async fn bad_explain_requests_get_their_reason() {
         ),
     ] {
         let (s, v) = server
-            .send("POST", &uri, tabular(std::slice::from_ref(&x), parameters.clone()))
+            .send(
+                "POST",
+                &uri,
+                tabular(std::slice::from_ref(&x), parameters.clone()),
+            )
             .await;
         assert_eq!(s.as_u16(), status, "{parameters}: {v}");
         let e = v["error"].as_str().unwrap();

@@ -3,7 +3,9 @@
 Starts a release `serve --explain` on models/bundles (tract), then for each case times
 `/explain` (median of --reps) and, in the same run, `/infer` of the same number of rows sent
 as the explanation sends them: batches of the model's max_batch_size, two in flight, binary
-tensors. The overhead is explain ÷ infer − 1 (target < 20 %).
+tensors; and the engine time spent inside each explanation (the statistics extension's
+compute_input + compute_infer + compute_output, before and after). The overhead is
+explain ÷ engine − 1 (target < 20 %): what the explanation costs beyond its forward passes.
 
     cargo build --release
     .venv/bin/python benches/explain/bench.py [--reps 5]
@@ -38,19 +40,27 @@ def body(name: str, x: np.ndarray, parameters: dict | None, outputs: list[str] |
     return b, {"Inference-Header-Content-Length": str(n)}
 
 
+def engine_ns(session, url, model) -> int:
+    """The model's engine time so far (statistics extension: compute input + infer + output)."""
+    st = session.get(f"http://{url}/v2/models/{model}/stats", timeout=30).json()["model_stats"]
+    return sum(s["inference_stats"][k]["ns"] for s in st for k in ("compute_input", "compute_infer", "compute_output"))
+
+
 def time_explain(session, url, model, name, x, parameters, reps):
     b, h = body(name, x, parameters, None)
-    times, passes = [], None
+    times, engine, passes = [], [], None
     for _ in range(reps):
+        before = engine_ns(session, url, model)
         t = time.perf_counter()
         r = session.post(f"http://{url}/v2/models/{model}/explain", data=b, headers=h, timeout=600)
         times.append(time.perf_counter() - t)
+        engine.append((engine_ns(session, url, model) - before) / 1e9)
         assert r.status_code == 200, r.text
         hl = int(r.headers["Inference-Header-Content-Length"])
         res = httpclient.InferResult.from_response_body(r.content, header_length=hl)
         out = [o for o in res.get_response()["outputs"] if o["name"].endswith(("_saliency", "_attribution"))][0]
         passes = out["parameters"]["forward_passes"]
-    return statistics.median(times), passes
+    return statistics.median(times), statistics.median(engine), passes
 
 
 def time_infer(url, model, name, row, rows, batch, output, reps):
@@ -105,15 +115,15 @@ def main() -> int:
             ("image-orientation", "image", x_img, {"method": "occlusion", "patch": 16, "stride": 16}, 16, "misoriented"),
             ("image-orientation", "image", x_img, {"method": "rise", "samples": 500, "grid": 8}, 16, "misoriented"),
         ]
-        print("| model | method | forward passes | explain (median) | passes/s | /infer of as many rows | explain ÷ infer |")
-        print("|---|---|---|---|---|---|---|")
+        print("| model | method | forward passes | explain (median) | passes/s | engine time in it | explain ÷ engine | /infer of as many rows (Python client) | explain ÷ infer |")
+        print("|---|---|---|---|---|---|---|---|---|")
         with requests.Session() as s:
             for model, name, x, params, batch, output in cases:
-                t_exp, passes = time_explain(s, url, model, name, x, params, args.reps)
+                t_exp, t_eng, passes = time_explain(s, url, model, name, x, params, args.reps)
                 t_inf = time_infer(url, model, name, x[0], passes, batch, output, args.reps)
                 label = params["method"] + "".join(f" {k}={v}" for k, v in params.items() if k != "method")
                 print(f"| {model} | {label} | {passes} | {t_exp * 1000:.1f} ms | {passes / t_exp:,.0f} | "
-                      f"{t_inf * 1000:.1f} ms | {t_exp / t_inf:.2f}× |")
+                      f"{t_eng * 1000:.1f} ms | {t_exp / t_eng:.2f}× | {t_inf * 1000:.1f} ms | {t_exp / t_inf:.2f}× |")
     finally:
         proc.terminate()
         proc.wait(timeout=10)

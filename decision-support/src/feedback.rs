@@ -6,9 +6,10 @@
 //! it into [`FeedbackEvent`]s for the caller to store and count. [`OverrideStats`] counts
 //! outcomes per service and model version (the override rate the metrics expose).
 //!
-//! The ledger is in memory: after a restart, or once a card has been pushed out by
-//! [`CardLedger::capacity`] newer ones, feedback on it is refused as
-//! [`FeedbackRefused::UnknownCard`] (the caller may still store it, unjoined).
+//! The ledger is in memory, bounded by [`CardLedger::capacity`]: once a card has been pushed
+//! out by newer ones, feedback on it is refused as [`FeedbackRefused::UnknownCard`]. The
+//! server keeps the cards and the feedback in a store of its own and puts them back with
+//! [`CardLedger::remember`] and [`OverrideStats::count`] after a restart.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -102,13 +103,7 @@ impl CardLedger {
         now: DateTime<Utc>,
     ) {
         for card in cards {
-            if self.cards.len() >= self.capacity
-                && let Some(oldest) = self.order.pop_front()
-            {
-                self.cards.remove(&oldest);
-            }
-            self.order.push_back(card.uuid.clone());
-            self.cards.insert(
+            self.remember(
                 card.uuid.clone(),
                 IssuedCard {
                     service: service.to_owned(),
@@ -117,6 +112,21 @@ impl CardLedger {
                 },
             );
         }
+    }
+
+    /// Remembers one card by its uuid (the oldest is forgotten when full).
+    pub fn remember(&mut self, uuid: String, card: IssuedCard) {
+        if let Some(known) = self.cards.get_mut(&uuid) {
+            *known = card;
+            return;
+        }
+        if self.cards.len() >= self.capacity
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.cards.remove(&oldest);
+        }
+        self.order.push_back(uuid.clone());
+        self.cards.insert(uuid, card);
     }
 
     /// The card with this uuid, if remembered.
@@ -184,14 +194,22 @@ impl OverrideStats {
     /// Counts events.
     pub fn add(&mut self, events: &[FeedbackEvent]) {
         for e in events {
-            let c = self
-                .counts
-                .entry((e.service.clone(), e.model.clone()))
-                .or_default();
-            match e.outcome {
-                Outcome::Accepted => c.0 += 1,
-                Outcome::Overridden => c.1 += 1,
-            }
+            self.count(&e.service, e.model.clone(), e.outcome, 1);
+        }
+    }
+
+    /// Counts `n` outcomes of one service and model version.
+    pub fn count(
+        &mut self,
+        service: &str,
+        model: Option<(String, String)>,
+        outcome: Outcome,
+        n: u64,
+    ) {
+        let c = self.counts.entry((service.to_owned(), model)).or_default();
+        match outcome {
+            Outcome::Accepted => c.0 += n,
+            Outcome::Overridden => c.1 += n,
         }
     }
 

@@ -161,8 +161,8 @@ pub(crate) async fn call(
                 Assessment::Incomplete(_) => "incomplete",
                 Assessment::NotApplicable(_) => "not-applicable",
             };
-            cds.ledger.lock().unwrap_or_else(|p| p.into_inner()).record(
-                &outcome.response.cards,
+            cds.remember_cards(
+                &outcome.response.cards.iter().collect::<Vec<_>>(),
                 service.id(),
                 Some(NEWS2_MODEL),
                 now,
@@ -207,16 +207,13 @@ pub(crate) async fn call(
                     .into_response();
                 }
             };
-            {
-                let mut ledger = cds.ledger.lock().unwrap_or_else(|p| p.into_inner());
-                for a in &answers {
-                    ledger.record(
-                        [&a.card],
-                        service.id(),
-                        Some((a.model.0.as_str(), a.model.1.as_str())),
-                        now,
-                    );
-                }
+            for a in &answers {
+                cds.remember_cards(
+                    &[&a.card],
+                    service.id(),
+                    Some((a.model.0.as_str(), a.model.1.as_str())),
+                    now,
+                );
             }
             // The most urgent outcome names the call.
             let kind = ["warning", "info", "missing", "unavailable"]
@@ -239,10 +236,9 @@ pub(crate) async fn call(
     let mut response = response;
     let mut models = models;
     if !imaging.is_empty() {
-        let mut ledger = cds.ledger.lock().unwrap_or_else(|p| p.into_inner());
         for (card, (bundle, version)) in &imaging {
-            ledger.record(
-                [card],
+            cds.remember_cards(
+                &[card],
                 service.id(),
                 Some((bundle.as_str(), version.as_str())),
                 now,
@@ -397,6 +393,16 @@ pub(crate) async fn feedback(
             "outcome" => outcome
         )
         .increment(1);
+    }
+    if let Some(store) = &cds.store
+        && let Err(e) = store.record_feedback(&events)
+    {
+        tracing::error!(error = %e, "CDS feedback not stored");
+        return AppError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the feedback could not be stored; retry later",
+        )
+        .into_response();
     }
     let mut stats = cds.stats.lock().unwrap_or_else(|p| p.into_inner());
     stats.add(&events);

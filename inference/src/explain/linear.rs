@@ -7,6 +7,7 @@
 //! `logit(p(x)) − logit(p(x̄))`. The weights are read from the ONNX graph itself
 //! ([`LinearLogistic::from_onnx`]), never from a copy that could drift from it.
 
+#[cfg(feature = "tract")]
 use super::ExplainError;
 
 /// A binary linear-logistic model on the model's own inputs: optional scaler, then weights.

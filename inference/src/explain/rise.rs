@@ -50,6 +50,8 @@ pub struct Rise {
     absorbed: usize,
     sum: Vec<f64>,
     mask: Vec<f32>,
+    /// Masks of the rows handed out and not yet scored (at most the rows in flight).
+    pending: std::collections::VecDeque<Vec<f32>>,
 }
 
 impl Rise {
@@ -87,6 +89,7 @@ impl Rise {
             absorbed: 0,
             sum: vec![0.0; shape.pixels()],
             mask: vec![0.0; shape.pixels()],
+            pending: std::collections::VecDeque::new(),
         })
     }
 
@@ -150,6 +153,7 @@ impl Perturber for Rise {
                         .map(|(&v, &m)| v * m + b * (1.0 - m)),
                 );
             }
+            self.pending.push_back(self.mask.clone());
         }
         self.handed += n;
         n
@@ -157,11 +161,10 @@ impl Perturber for Rise {
 
     fn absorb(&mut self, scores: &[f64]) {
         for &s in scores {
-            if self.absorbed >= self.handed {
+            let Some(mask) = self.pending.pop_front() else {
                 break;
-            }
-            self.make_mask(self.absorbed);
-            for (acc, &m) in self.sum.iter_mut().zip(&self.mask) {
+            };
+            for (acc, &m) in self.sum.iter_mut().zip(&mask) {
                 *acc += s * f64::from(m);
             }
             self.absorbed += 1;
