@@ -30,27 +30,67 @@ use nightingale_models::{LoadedModel, Repository};
 use crate::audit::{AuditEvent, EventKind, Outcome, tensors_sha256};
 use crate::http::AppState;
 
-/// `--cds-trust ISSUER=JWKS_FILE`.
+/// `--cds-trust ISSUER=JWKS_FILE` or `ISSUER=JWKS_URL`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrustedIssuer {
     pub issuer: String,
-    pub jwks: PathBuf,
+    pub jwks: JwksSource,
 }
+
+/// Where a trusted issuer's keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    /// A JWKS file, read once at start-up.
+    File(PathBuf),
+    /// A JWKS URL (`https://`, or `http://` on a loopback host), fetched at start-up, every
+    /// [`JWKS_REFRESH`], and when a token names a key it does not know (at most every
+    /// [`JWKS_MIN_REFETCH`]). A token's `jku` equal to it is accepted.
+    Url(String),
+}
+
+/// How often a JWKS URL is fetched again.
+pub const JWKS_REFRESH: Duration = Duration::from_secs(600);
+/// The least time between two fetches of a JWKS URL prompted by unknown keys.
+pub const JWKS_MIN_REFETCH: Duration = Duration::from_secs(30);
 
 impl std::str::FromStr for TrustedIssuer {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        // The issuer is a URL (it has `=` only in a query, rarely): split at the last `=`.
-        let (issuer, file) = s
-            .rsplit_once('=')
-            .ok_or_else(|| format!("{s:?}: expected ISSUER=JWKS_FILE"))?;
-        if issuer.trim().is_empty() || file.trim().is_empty() {
-            return Err(format!("{s:?}: expected ISSUER=JWKS_FILE"));
+        let usage = || format!("{s:?}: expected ISSUER=JWKS_FILE or ISSUER=https://…/jwks.json");
+        // A URL after the `=`; otherwise the issuer is a URL (it has `=` only in a query,
+        // rarely): split at the last `=`.
+        let (issuer, source) = match s.find("=https://").or_else(|| s.find("=http://")) {
+            Some(i) => (&s[..i], &s[i + 1..]),
+            None => s.rsplit_once('=').ok_or_else(usage)?,
+        };
+        let (issuer, source) = (issuer.trim(), source.trim());
+        if issuer.is_empty() || source.is_empty() {
+            return Err(usage());
         }
+        let jwks = if source.starts_with("https://") || source.starts_with("http://") {
+            let url = reqwest::Url::parse(source).map_err(|e| format!("{source:?}: {e}"))?;
+            let loopback = match url.host_str() {
+                Some("localhost") => true,
+                Some(h) => h
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback()),
+                None => false,
+            };
+            if url.scheme() != "https" && !loopback {
+                return Err(format!(
+                    "{source:?}: a JWKS URL must be https:// (http:// only on a loopback host)"
+                ));
+            }
+            JwksSource::Url(source.to_owned())
+        } else {
+            JwksSource::File(PathBuf::from(source))
+        };
         Ok(TrustedIssuer {
-            issuer: issuer.trim().to_owned(),
-            jwks: PathBuf::from(file.trim()),
+            issuer: issuer.to_owned(),
+            jwks,
         })
     }
 }
@@ -79,6 +119,9 @@ pub struct CdsSettings {
     /// No `[cds]` in the configuration: besides NEWS2, offer a risk service for every bundle
     /// in the repository that declares FHIR sources for its features.
     pub builtin_risk: bool,
+    /// The least time between two fetches of a JWKS URL prompted by unknown keys
+    /// ([`JWKS_MIN_REFETCH`]).
+    pub jwks_min_refetch: Duration,
 }
 
 impl Default for CdsSettings {
@@ -93,6 +136,7 @@ impl Default for CdsSettings {
             https: false,
             imaging_identifier_system: None,
             builtin_risk: true,
+            jwks_min_refetch: JWKS_MIN_REFETCH,
         }
     }
 }
@@ -134,6 +178,9 @@ pub struct Cds {
     /// The linear-logistic form of each served model version, read once from its ONNX file
     /// (`None`: another kind of model, attributed one input at a time).
     linear: Mutex<LinearForms>,
+    /// When each JWKS URL was last fetched because a token named an unknown key.
+    jwks_refetched: Mutex<BTreeMap<String, std::time::Instant>>,
+    jwks_min_refetch: Duration,
 }
 
 /// (model, version) → its linear-logistic form, if it has one.
@@ -230,12 +277,14 @@ impl Cds {
         let services = section.validate()?;
         let mut verifier = Verifier::new(JwtOptions::default());
         for t in &settings.trust {
-            verifier
-                .trust_file(&t.issuer, &t.jwks)
-                .map_err(|source| CdsError::Jwks {
-                    issuer: t.issuer.clone(),
-                    source,
-                })?;
+            match &t.jwks {
+                JwksSource::File(path) => verifier.trust_file(&t.issuer, path),
+                JwksSource::Url(url) => verifier.trust_url(&t.issuer, url),
+            }
+            .map_err(|source| CdsError::Jwks {
+                issuer: t.issuer.clone(),
+                source,
+            })?;
         }
         let client = reqwest::Client::builder()
             .timeout(settings.fetch_timeout)
@@ -261,6 +310,8 @@ impl Cds {
             store: None,
             client,
             linear: Mutex::new(BTreeMap::new()),
+            jwks_refetched: Mutex::new(BTreeMap::new()),
+            jwks_min_refetch: settings.jwks_min_refetch,
         })
     }
 
@@ -282,6 +333,103 @@ impl Cds {
         tracing::info!(store = %store.path().display(), cards, feedback, "CDS feedback store open");
         self.store = Some(store);
         Ok(self)
+    }
+
+    /// Fetches the JWKS of every issuer trusted by URL and replaces its keys; a failed fetch
+    /// is logged and counted, and the keys the issuer had stay. Returns how many succeeded.
+    pub async fn refresh_jwks(&self) -> usize {
+        let urls: Vec<(String, String)> = self
+            .verifier
+            .urls()
+            .map(|(i, u)| (i.to_owned(), u.to_owned()))
+            .collect();
+        let mut ok = 0;
+        for (issuer, url) in urls {
+            match self.fetch_jwks(&issuer, &url).await {
+                Ok(keys) => {
+                    ok += 1;
+                    tracing::info!(issuer = %issuer, url = %url, keys, "JWKS fetched");
+                }
+                Err(why) => {
+                    metrics::counter!("nightingale_cds_jwks_fetch_failures_total").increment(1);
+                    tracing::warn!(issuer = %issuer, url = %url, reason = %why, "JWKS not fetched; the keys it had stay");
+                }
+            }
+        }
+        ok
+    }
+
+    /// A token named a key no trusted issuer has: fetch the JWKS URLs again (keys rotate),
+    /// each at most every [`CdsSettings::jwks_min_refetch`]. Whether any was fetched.
+    pub async fn refetch_jwks(&self) -> bool {
+        let due = {
+            let mut last = self
+                .jwks_refetched
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            let due: Vec<(String, String)> = self
+                .verifier
+                .urls()
+                .filter(|(i, _)| {
+                    last.get(*i)
+                        .is_none_or(|t| now - *t >= self.jwks_min_refetch)
+                })
+                .map(|(i, u)| (i.to_owned(), u.to_owned()))
+                .collect();
+            for (i, _) in &due {
+                last.insert(i.clone(), now);
+            }
+            due
+        };
+        let mut any = false;
+        for (issuer, url) in due {
+            match self.fetch_jwks(&issuer, &url).await {
+                Ok(_) => any = true,
+                Err(why) => {
+                    metrics::counter!("nightingale_cds_jwks_fetch_failures_total").increment(1);
+                    tracing::warn!(issuer = %issuer, url = %url, reason = %why, "JWKS not fetched");
+                }
+            }
+        }
+        any
+    }
+
+    async fn fetch_jwks(&self, issuer: &str, url: &str) -> Result<usize, String> {
+        let limit = nightingale_decision_support::jwt::MAX_JWKS_BYTES as usize;
+        let mut res = self
+            .client
+            .get(url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    "timed out".to_owned()
+                } else {
+                    "cannot connect".to_owned()
+                }
+            })?;
+        if !res.status().is_success() {
+            return Err(format!("HTTP {}", res.status().as_u16()));
+        }
+        if res.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(format!("the JWKS is over {limit} bytes"));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = res
+            .chunk()
+            .await
+            .map_err(|_| "the response broke off".to_owned())?
+        {
+            if body.len() + chunk.len() > limit {
+                return Err(format!("the JWKS is over {limit} bytes"));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        self.verifier
+            .refresh(issuer, &body)
+            .map_err(|e| e.to_string())
     }
 
     /// Remembers the cards of an answer for their feedback (the ledger, and the store).
@@ -747,10 +895,28 @@ mod tests {
     fn trusted_issuers_parse() {
         let t: TrustedIssuer = "https://ehr.example.org=/etc/jwks.json".parse().unwrap();
         assert_eq!(t.issuer, "https://ehr.example.org");
-        assert_eq!(t.jwks, PathBuf::from("/etc/jwks.json"));
+        assert_eq!(t.jwks, JwksSource::File(PathBuf::from("/etc/jwks.json")));
         let t: TrustedIssuer = "https://ehr.example.org/?a=b=keys.json".parse().unwrap();
         assert_eq!(t.issuer, "https://ehr.example.org/?a=b");
-        for bad in ["no-equals", "=file", "issuer=", " = "] {
+        let t: TrustedIssuer =
+            "https://ehr.example.org=https://ehr.example.org/.well-known/jwks.json?v=2"
+                .parse()
+                .unwrap();
+        assert_eq!(t.issuer, "https://ehr.example.org");
+        assert_eq!(
+            t.jwks,
+            JwksSource::Url("https://ehr.example.org/.well-known/jwks.json?v=2".into())
+        );
+        let t: TrustedIssuer = "ehr=http://127.0.0.1:9000/jwks".parse().unwrap();
+        assert_eq!(t.jwks, JwksSource::Url("http://127.0.0.1:9000/jwks".into()));
+        for bad in [
+            "no-equals",
+            "=file",
+            "issuer=",
+            " = ",
+            "ehr=http://ehr.example.org/jwks",
+            "ehr=https://",
+        ] {
             assert!(bad.parse::<TrustedIssuer>().is_err(), "{bad}");
         }
     }

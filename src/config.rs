@@ -230,8 +230,9 @@ pub struct ServeArgs {
     pub results_max_attempts: Option<u32>,
     // ---- end DICOM pipeline ----
     // ---- CDS Hooks (issue 10) ----
-    /// Trust an EHR: ISSUER=JWKS_FILE (repeatable). Its JWTs (ES384, RS384, …) open the CDS
-    /// services; with none, every CDS call answers 401 (discovery stays open).
+    /// Trust an EHR: ISSUER=JWKS_FILE or ISSUER=https://…/jwks.json (repeatable; a URL is
+    /// fetched at start-up, every 10 minutes and when keys rotate). Its JWTs (ES384, RS384,
+    /// …) open the CDS services; with none, every CDS call answers 401 (discovery stays open).
     #[arg(
         long = "cds-trust",
         env = "NIGHTINGALE_CDS_TRUST",

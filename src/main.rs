@@ -360,6 +360,18 @@ async fn serve(
         }
     );
     state.set_cds(cds);
+    // JWKS by URL: fetched before serving (a failure is logged; its tokens are refused until
+    // a later fetch works), then every JWKS_REFRESH, and when a token names an unknown key.
+    if state.cds().verifier.urls().next().is_some() {
+        state.cds().refresh_jwks().await;
+        let st = state.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(nightingale::cds::JWKS_REFRESH).await;
+                st.cds().refresh_jwks().await;
+            }
+        });
+    }
     // Validation runs (issue 11): role researcher; each run loads its own copy of the bundle.
     state.set_validation(http::validation::Validation::new(
         config.validation_root.clone(),

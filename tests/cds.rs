@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use nightingale::audit::AuditLog;
-use nightingale::cds::{Cds, CdsSettings, TrustedIssuer};
+use nightingale::cds::{Cds, CdsSettings, JwksSource, TrustedIssuer};
 use nightingale::cds_store::CdsStore;
 use nightingale::http::{self, AppState, HttpConfig};
 use nightingale_models::{Repository, RepositoryOptions};
@@ -42,10 +42,16 @@ fn openssl(dir: &Path, args: &[&str]) {
 struct Ehr {
     key: EncodingKey,
     jwks: std::path::PathBuf,
+    kid: String,
 }
 
 impl Ehr {
     fn new(dir: &Path) -> Ehr {
+        Ehr::keyed(dir, "ec-1")
+    }
+
+    /// A fresh P-384 key named `kid`, its JWKS in `dir/jwks.json`.
+    fn keyed(dir: &Path, kid: &str) -> Ehr {
         openssl(
             dir,
             &[
@@ -66,20 +72,29 @@ impl Ehr {
         );
         let key = EncodingKey::from_ec_der(&std::fs::read(dir.join("ec.der")).unwrap());
         let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES384).unwrap();
-        jwk.common.key_id = Some("ec-1".into());
+        jwk.common.key_id = Some(kid.into());
         let jwks = dir.join("jwks.json");
         std::fs::write(
             &jwks,
             serde_json::to_vec(&JwkSet { keys: vec![jwk] }).unwrap(),
         )
         .unwrap();
-        Ehr { key, jwks }
+        Ehr {
+            key,
+            jwks,
+            kid: kid.into(),
+        }
     }
 
     fn token(&self, aud: &str) -> String {
+        self.token_with_jku(aud, None)
+    }
+
+    fn token_with_jku(&self, aud: &str, jku: Option<&str>) -> String {
         let now = jsonwebtoken::get_current_timestamp();
         let mut header = Header::new(Algorithm::ES384);
-        header.kid = Some("ec-1".into());
+        header.kid = Some(self.kid.clone());
+        header.jku = jku.map(str::to_owned);
         let claims = json!({"iss": ISS, "sub": "ehr-client", "aud": aud, "iat": now,
                             "exp": now + 300, "jti": uuid()});
         jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
@@ -157,7 +172,7 @@ impl Server {
             &CdsSettings {
                 trust: vec![TrustedIssuer {
                     issuer: ISS.into(),
-                    jwks: ehr.jwks.clone(),
+                    jwks: JwksSource::File(ehr.jwks.clone()),
                 }],
                 fhir_servers,
                 fetch_timeout,
@@ -977,4 +992,95 @@ async fn missing_inputs_are_named_on_an_info_card_never_imputed() {
     assert!(detail.contains("triceps skinfold"), "{detail}");
     // No inference was run for a missing card.
     assert!(!server.audit().iter().any(|e| e["kind"] == "inference"));
+}
+
+/// `--cds-trust ISSUER=URL`: the JWKS is fetched when a token names a key not yet known (keys
+/// rotate), and a `jku` header is accepted only when it is that very URL.
+#[tokio::test]
+async fn a_jwks_url_is_fetched_again_when_keys_rotate_and_is_the_only_accepted_jku() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Ehr::new(dir.path());
+    std::fs::create_dir(dir.path().join("rotated")).unwrap();
+    let rotated = Ehr::keyed(&dir.path().join("rotated"), "ec-2");
+    // The EHR's JWKS endpoint: what it serves can change; it counts its fetches.
+    let served = Arc::new(std::sync::Mutex::new(std::fs::read(&first.jwks).unwrap()));
+    let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get({
+            let (served, fetches) = (served.clone(), fetches.clone());
+            move || async move {
+                fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                served.lock().unwrap().clone()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    std::fs::create_dir(dir.path().join("models")).unwrap();
+    let repository = Arc::new(Repository::new(
+        dir.path().join("models"),
+        RepositoryOptions::default(),
+    ));
+    let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
+    let state = AppState::new(repository, audit, HttpConfig::default(), None);
+    let trust: TrustedIssuer = format!("{ISS}={url}").parse().unwrap();
+    assert_eq!(trust.jwks, JwksSource::Url(url.clone()));
+    let cds = Cds::new(
+        &CdsSettings {
+            trust: vec![trust],
+            jwks_min_refetch: Duration::ZERO,
+            ..CdsSettings::default()
+        },
+        &state.repository,
+    )
+    .unwrap();
+    assert!(state.set_cds(cds));
+    let server = Server {
+        dir,
+        state,
+        ehr: first,
+    };
+    let body = patient_view(Some(json!({"patient": patient()})), None).to_string();
+    let path = format!("/cds-services/{SERVICE}");
+    let aud = format!("http://{HOST}{path}");
+    let call = |token: String| {
+        let req = server.post(&path, Some(&token), body.clone().into_bytes());
+        server.send(req)
+    };
+    let count = || fetches.load(std::sync::atomic::Ordering::SeqCst);
+
+    // Nothing fetched yet: the key is unknown, so the JWKS is fetched, then the token passes.
+    let (s, v) = call(server.ehr.token(&aud)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(count(), 1);
+    let (s, _) = call(server.ehr.token(&aud)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(count(), 1, "a known key needs no fetch");
+
+    // The EHR rotates its key: the new kid prompts a fetch; the old key is gone with it.
+    *served.lock().unwrap() = std::fs::read(&rotated.jwks).unwrap();
+    let (s, v) = call(rotated.token(&aud)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(count(), 2);
+    let (s, v) = call(server.ehr.token(&aud)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+
+    // jku: the configured URL is accepted, any other refused before any key is looked at.
+    let (s, v) = call(rotated.token_with_jku(&aud, Some(&url))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) =
+        call(rotated.token_with_jku(&aud, Some("https://attacker.example/jwks.json"))).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(v["error"].as_str().unwrap().contains("jku"), "{v}");
+
+    // A JWKS that turns bad keeps the keys it had.
+    *served.lock().unwrap() =
+        b"{\"keys\": [{\"kty\": \"oct\", \"k\": \"c2VjcmV0\", \"kid\": \"h\"}]}".to_vec();
+    let fetched = server.state.cds().refresh_jwks().await;
+    assert_eq!(fetched, 0);
+    let (s, v) = call(rotated.token(&aud)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
 }

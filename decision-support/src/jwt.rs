@@ -7,8 +7,10 @@
 //!   (`none` and the HMAC algorithms are refused before any key is looked at: an HMAC
 //!   "verified" with a public key would let anyone who has the public key forge tokens);
 //! - it has no `crit` header, and a `jku` header only if that URL is in
-//!   [`JwtOptions::allowed_jku`] (empty by default); keys are never fetched from `jku`:
-//!   they always come from the issuer's configured JWKS;
+//!   [`JwtOptions::allowed_jku`] (empty by default) or is the very URL the issuer's JWKS is
+//!   configured to come from ([`Verifier::trust_url`]); keys are never fetched from a `jku`
+//!   the token names: they always come from the issuer's configured JWKS (a file, or a URL
+//!   the server refreshes them from, [`Verifier::refresh`]);
 //! - its `iss` is a trusted issuer ([`Verifier::trust`]) and its `kid` names a signing key
 //!   of that issuer's JWKS that fits the algorithm; the signature verifies
 //!   (`jsonwebtoken`, aws-lc-rs);
@@ -27,7 +29,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -221,7 +223,10 @@ struct ReplayCache {
 #[derive(Debug)]
 pub struct Verifier {
     options: JwtOptions,
-    issuers: HashMap<String, Vec<Key>>,
+    /// Each trusted issuer's signing keys (replaced whole by [`Verifier::refresh`]).
+    issuers: RwLock<HashMap<String, Vec<Key>>>,
+    /// Issuers whose JWKS comes from a URL: that URL (a `jku` equal to it is accepted).
+    urls: HashMap<String, String>,
     replay: Mutex<ReplayCache>,
 }
 
@@ -255,6 +260,61 @@ fn algorithm(name: &str) -> Option<Algorithm> {
     })
 }
 
+/// The signature keys of a JWKS (encryption keys are skipped; an HMAC key, an unsupported
+/// curve, a duplicate or missing `kid`, or an `alg` that does not fit the key is an error).
+fn parse_keys(issuer: &str, jwks: &JwkSet) -> Result<Vec<Key>, JwksError> {
+    let mut keys = vec![];
+    let mut kids = HashSet::new();
+    for (index, jwk) in jwks.keys.iter().enumerate() {
+        let name = jwk
+            .common
+            .key_id
+            .clone()
+            .unwrap_or_else(|| format!("#{index}"));
+        let bad = |reason| JwksError::Key {
+            issuer: issuer.to_owned(),
+            key: printable(&name),
+            reason,
+        };
+        if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+            continue;
+        }
+        let kid = jwk
+            .common
+            .key_id
+            .clone()
+            .ok_or_else(|| bad("it has no kid (CDS Hooks tokens name their key)"))?;
+        if !kids.insert(kid.clone()) {
+            return Err(bad("the kid appears twice"));
+        }
+        let kind = key_kind(jwk).map_err(bad)?;
+        let alg = match jwk.common.key_algorithm {
+            None => None,
+            Some(a) => {
+                let alg = Algorithm::try_from(a)
+                    .map_err(|_| bad("its alg is not a signature algorithm"))?;
+                if !kind.verifies(alg) {
+                    return Err(bad("its alg does not fit its key type"));
+                }
+                Some(alg)
+            }
+        };
+        let key = DecodingKey::from_jwk(jwk).map_err(|_| bad("its key material is invalid"))?;
+        keys.push(Key {
+            kid,
+            alg,
+            kind,
+            key,
+        });
+    }
+    if keys.is_empty() {
+        return Err(JwksError::Empty {
+            issuer: issuer.to_owned(),
+        });
+    }
+    Ok(keys)
+}
+
 fn number_claim(claims: &Value, claim: &'static str) -> Result<Option<u64>, JwtError> {
     match claims.get(claim) {
         None | Some(Value::Null) => Ok(None),
@@ -272,75 +332,86 @@ impl Verifier {
     pub fn new(options: JwtOptions) -> Verifier {
         Verifier {
             options,
-            issuers: HashMap::new(),
+            issuers: RwLock::new(HashMap::new()),
+            urls: HashMap::new(),
             replay: Mutex::new(ReplayCache::default()),
         }
     }
 
     /// Whether any issuer is trusted.
     pub fn has_issuers(&self) -> bool {
-        !self.issuers.is_empty()
+        !self.read_issuers().is_empty() || !self.urls.is_empty()
+    }
+
+    fn read_issuers(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Vec<Key>>> {
+        self.issuers.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Trusts `issuer` with the JWKS at `url`, which has no keys until the caller fetches it
+    /// and hands it to [`Verifier::refresh`] (tokens are refused as naming an unknown key
+    /// until then). A token's `jku` equal to `url` is accepted.
+    pub fn trust_url(&mut self, issuer: &str, url: &str) -> Result<(), JwksError> {
+        if issuer.is_empty()
+            || self.read_issuers().contains_key(issuer)
+            || self.urls.contains_key(issuer)
+        {
+            return Err(JwksError::Issuer {
+                issuer: issuer.to_owned(),
+            });
+        }
+        self.urls.insert(issuer.to_owned(), url.to_owned());
+        Ok(())
+    }
+
+    /// The issuers whose JWKS comes from a URL, with the URL.
+    pub fn urls(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.urls.iter().map(|(i, u)| (i.as_str(), u.as_str()))
+    }
+
+    /// Replaces the keys of `issuer` (trusted by [`Verifier::trust_url`]) with those of the
+    /// JWKS `bytes` (at most [`MAX_JWKS_BYTES`]); on any error the keys it had stay.
+    pub fn refresh(&self, issuer: &str, bytes: &[u8]) -> Result<usize, JwksError> {
+        let Some(url) = self.urls.get(issuer) else {
+            return Err(JwksError::Issuer {
+                issuer: issuer.to_owned(),
+            });
+        };
+        if bytes.len() as u64 > MAX_JWKS_BYTES {
+            return Err(JwksError::TooLarge {
+                path: PathBuf::from(url),
+                limit: MAX_JWKS_BYTES,
+            });
+        }
+        let set: JwkSet = serde_json::from_slice(bytes).map_err(|source| JwksError::Parse {
+            issuer: issuer.to_owned(),
+            source,
+        })?;
+        let keys = parse_keys(issuer, &set)?;
+        let n = keys.len();
+        self.issuers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(issuer.to_owned(), keys);
+        Ok(n)
     }
 
     /// Trusts `issuer` with the signature keys of `jwks` (encryption keys are skipped; an
     /// HMAC key, an unsupported curve, a duplicate or missing `kid`, or an `alg` that does
     /// not fit the key is an error).
     pub fn trust(&mut self, issuer: &str, jwks: &JwkSet) -> Result<(), JwksError> {
-        if issuer.is_empty() || self.issuers.contains_key(issuer) {
+        if issuer.is_empty()
+            || self.read_issuers().contains_key(issuer)
+            || self.urls.contains_key(issuer)
+        {
             return Err(JwksError::Issuer {
                 issuer: issuer.to_owned(),
             });
         }
-        let mut keys = vec![];
-        let mut kids = HashSet::new();
-        for (index, jwk) in jwks.keys.iter().enumerate() {
-            let name = jwk
-                .common
-                .key_id
-                .clone()
-                .unwrap_or_else(|| format!("#{index}"));
-            let bad = |reason| JwksError::Key {
-                issuer: issuer.to_owned(),
-                key: printable(&name),
-                reason,
-            };
-            if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
-                continue;
-            }
-            let kid = jwk
-                .common
-                .key_id
-                .clone()
-                .ok_or_else(|| bad("it has no kid (CDS Hooks tokens name their key)"))?;
-            if !kids.insert(kid.clone()) {
-                return Err(bad("the kid appears twice"));
-            }
-            let kind = key_kind(jwk).map_err(bad)?;
-            let alg = match jwk.common.key_algorithm {
-                None => None,
-                Some(a) => {
-                    let alg = Algorithm::try_from(a)
-                        .map_err(|_| bad("its alg is not a signature algorithm"))?;
-                    if !kind.verifies(alg) {
-                        return Err(bad("its alg does not fit its key type"));
-                    }
-                    Some(alg)
-                }
-            };
-            let key = DecodingKey::from_jwk(jwk).map_err(|_| bad("its key material is invalid"))?;
-            keys.push(Key {
-                kid,
-                alg,
-                kind,
-                key,
-            });
-        }
-        if keys.is_empty() {
-            return Err(JwksError::Empty {
-                issuer: issuer.to_owned(),
-            });
-        }
-        self.issuers.insert(issuer.to_owned(), keys);
+        let keys = parse_keys(issuer, jwks)?;
+        self.issuers
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(issuer.to_owned(), keys);
         Ok(())
     }
 
@@ -414,13 +485,6 @@ impl Verifier {
         if header.crit.is_some() {
             return Err(JwtError::Critical);
         }
-        if let Some(jku) = &header.jku
-            && !o.allowed_jku.iter().any(|a| a == jku)
-        {
-            return Err(JwtError::Jku {
-                jku: printable(jku),
-            });
-        }
         // The issuer picks the keys, so it is read before the signature is checked; it is
         // checked again, verified, by the library below.
         let unverified: Value = URL_SAFE_NO_PAD
@@ -433,12 +497,25 @@ impl Verifier {
             Some(Value::String(s)) => s.as_str(),
             Some(_) => return Err(JwtError::ClaimType { claim: "iss" }),
         };
-        let keys = self
-            .issuers
-            .get(iss)
-            .ok_or_else(|| JwtError::UntrustedIssuer {
-                iss: printable(iss),
-            })?;
+        if let Some(jku) = &header.jku
+            && !o.allowed_jku.iter().any(|a| a == jku)
+            && self.urls.get(iss) != Some(jku)
+        {
+            return Err(JwtError::Jku {
+                jku: printable(jku),
+            });
+        }
+        let issuers = self.read_issuers();
+        let keys: &[Key] = match issuers.get(iss) {
+            Some(keys) => keys,
+            // Trusted by URL, its JWKS not fetched yet.
+            None if self.urls.contains_key(iss) => &[],
+            None => {
+                return Err(JwtError::UntrustedIssuer {
+                    iss: printable(iss),
+                });
+            }
+        };
         let kid = header.kid.as_deref().ok_or(JwtError::NoKid)?;
         let key = keys
             .iter()

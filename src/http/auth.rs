@@ -1189,11 +1189,24 @@ pub(crate) async fn enforce(
                 .headers()
                 .get(header::AUTHORIZATION)
                 .map(|v| v.to_str().unwrap_or("\u{fffd}"));
-            match state.cds().verifier.verify_header(
-                header,
-                &audience,
-                jsonwebtoken::get_current_timestamp(),
-            ) {
+            let verify = || {
+                state.cds().verifier.verify_header(
+                    header,
+                    &audience,
+                    jsonwebtoken::get_current_timestamp(),
+                )
+            };
+            let mut verified = verify();
+            // An issuer trusted by URL may have rotated its keys: fetch them again (rate
+            // limited) and try once more.
+            if matches!(
+                verified,
+                Err(nightingale_decision_support::jwt::JwtError::UnknownKid { .. })
+            ) && state.cds().refetch_jwks().await
+            {
+                verified = verify();
+            }
+            match verified {
                 Ok(v) => Caller {
                     id: format!(
                         "cds:{}#{}",
