@@ -170,7 +170,7 @@ fn map_one(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -> M
     match (f.code.as_deref(), f.fhir) {
         (Some(code), _) => match SystemCode::parse(code) {
             None => out.value = Err(Missing::NoSource),
-            Some(code) => observation(&code, &f.unit, resources, cx, &mut out),
+            Some(code) => observation(&code, f, resources, cx, &mut out),
         },
         (None, None) => {}
         (None, Some(FhirSource::PatientAge)) => {
@@ -257,10 +257,59 @@ fn map_one(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -> M
 
 /// Converts a quantity to `unit`; the unit it was written in is returned when it differs.
 pub fn convert(q: &Quantity, unit: &str) -> Result<(f64, Option<String>), UnusableReason> {
+    convert_analyte(q, unit, None)
+}
+
+/// Mass concentrations in mg/L.
+fn mass_per_litre(unit: &str) -> Option<f64> {
+    Some(match unit {
+        "mg/dL" => 10.0,
+        "g/L" => 1000.0,
+        "mg/L" => 1.0,
+        _ => return None,
+    })
+}
+
+/// Molar concentrations in mmol/L.
+fn mmol_per_litre(unit: &str) -> Option<f64> {
+    Some(match unit {
+        "mmol/L" => 1.0,
+        "umol/L" => 1e-3,
+        "mol/L" => 1e3,
+        _ => return None,
+    })
+}
+
+/// [`convert`], and with the analyte's molar mass (g/mol) also between molar and mass
+/// concentrations (mmol/L × g/mol = mg/L).
+pub fn convert_analyte(
+    q: &Quantity,
+    unit: &str,
+    molar_mass: Option<f64>,
+) -> Result<(f64, Option<String>), UnusableReason> {
     let (v, bare, written) = ucum(q)?;
     let target = if unit.is_empty() { "1" } else { unit };
     if bare == target {
         return Ok((v, None));
+    }
+    if let Some(mm) = molar_mass {
+        let value = match (
+            mmol_per_litre(&bare),
+            mass_per_litre(&bare),
+            mmol_per_litre(target),
+            mass_per_litre(target),
+        ) {
+            // molar → mass: mmol/L · g/mol = mg/L.
+            (Some(from), _, _, Some(to)) => Some(v * from * mm / to),
+            // mass → molar.
+            (_, Some(from), Some(to), _) => Some(v * from / mm / to),
+            (Some(from), _, Some(to), _) => Some(v * from / to),
+            (_, Some(from), _, Some(to)) => Some(v * from / to),
+            _ => None,
+        };
+        if let Some(value) = value {
+            return Ok((value, Some(truncate(&written))));
+        }
     }
     let value = match (bare.as_str(), target) {
         ("kPa", "mm[Hg]") => v * 7.500_617,
@@ -279,11 +328,15 @@ pub fn convert(q: &Quantity, unit: &str) -> Result<(f64, Option<String>), Unusab
 
 fn observation(
     code: &SystemCode,
-    unit: &str,
+    feature: &FeatureSpec,
     resources: &Resources,
     cx: &MappingContext<'_>,
     out: &mut MappedFeature,
 ) {
+    let unit = feature.unit.as_str();
+    let look_back = feature
+        .look_back_hours
+        .map_or(cx.look_back, |h| Duration::seconds((h * 3600.0) as i64));
     // (time, issued, index) of the latest, with its value or why it is unusable.
     type Found<'a> = (
         Option<DateTime<Utc>>,
@@ -301,7 +354,7 @@ fn observation(
         }
         let (time, quantity) = match o.effective() {
             Ok(Some((t, _))) => {
-                if t > cx.now + cx.future_skew || t < cx.now - cx.look_back {
+                if t > cx.now + cx.future_skew || t < cx.now - look_back {
                     continue;
                 }
                 (Some(t), quantity)
@@ -320,7 +373,7 @@ fn observation(
         return;
     };
     out.time = time;
-    match quantity.and_then(|q| convert(q, unit)) {
+    match quantity.and_then(|q| convert_analyte(q, unit, feature.molar_mass)) {
         Ok((v, from)) => {
             out.value = Ok(v);
             out.shown = Some(if unit.is_empty() || unit == "1" {
@@ -463,6 +516,61 @@ mod tests {
             m.missing(),
             vec!["pedigree (no FHIR source declared by the model)"]
         );
+    }
+
+    #[test]
+    fn molar_units_with_a_molar_mass_and_a_look_back_of_its_own() {
+        let glucose = |value: f64, unit: &str, time: &str| {
+            json!({"resourceType": "Observation", "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "1518-0"}]},
+                "subject": {"reference": "Patient/p1"}, "effectiveDateTime": time,
+                "valueQuantity": {"value": value, "system": "http://unitsofmeasure.org", "code": unit}})
+        };
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            f: Vec<FeatureSpec>,
+        }
+        let spec = |extra: &str| {
+            toml::from_str::<Doc>(&format!(
+                "[[f]]\nname = \"glucose\"\nunit = \"mg/dL\"\ncode = \"http://loinc.org|1518-0\"\n{extra}"
+            ))
+            .unwrap()
+            .f
+        };
+        // A UK laboratory writes mmol/L: 7.8 mmol/L × 180.156 g/mol = 140.52 mg/dL.
+        let items = vec![glucose(7.8, "mmol/L", "2024-05-01T09:00:00Z")];
+        let m = map_features(
+            &spec("molar_mass = 180.156"),
+            &resources(items.clone()),
+            &context(true),
+        );
+        let v = m.features[0].value.clone().unwrap();
+        assert!((v - 7.8 * 18.0156).abs() < 1e-9, "{v}");
+        assert_eq!(m.features[0].converted_from.as_deref(), Some("mmol/L"));
+        // Without a molar mass the unit cannot be converted: missing, never guessed.
+        let m = map_features(&spec(""), &resources(items), &context(true));
+        assert_eq!(
+            m.features[0].value,
+            Err(Missing::Unusable(UnusableReason::Unit("mmol/L".into())))
+        );
+        // Mass to molar: 100 mg/dL = 1000 mg/L / 180.156 g/mol = 5.5508 mmol/L.
+        let q: Quantity = serde_json::from_value(
+            json!({"value": 100.0, "system": "http://unitsofmeasure.org", "code": "mg/dL"}),
+        )
+        .unwrap();
+        let (v, _) = convert_analyte(&q, "mmol/L", Some(180.156)).unwrap();
+        assert!((v - 1000.0 / 180.156).abs() < 1e-12);
+        // A test from three weeks ago: outside the service's 12 hours, inside the feature's
+        // own 30 days.
+        let old = vec![glucose(140.0, "mg/dL", "2024-04-10T09:00:00Z")];
+        let m = map_features(&spec(""), &resources(old.clone()), &context(true));
+        assert_eq!(m.features[0].value, Err(Missing::NoObservation));
+        let m = map_features(
+            &spec("look_back_hours = 720"),
+            &resources(old),
+            &context(true),
+        );
+        assert_eq!(m.features[0].value, Ok(140.0));
     }
 
     #[test]

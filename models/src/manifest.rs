@@ -244,6 +244,16 @@ pub struct FeatureSpec {
     pub min: Option<f64>,
     #[serde(default)]
     pub max: Option<f64>,
+    /// `code` features: how old (in hours) an Observation may be to count, instead of the CDS
+    /// service's look-back (e.g. a glucose tolerance test from last month, a heart rate
+    /// from the last hours).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub look_back_hours: Option<f64>,
+    /// `code` features: the analyte's molar mass in g/mol, which lets a value written in a
+    /// molar unit (`mmol/L`) be converted to a mass unit (`mg/dL`, `g/L`) and back (e.g.
+    /// glucose 180.156: 1 mmol/L = 18.0156 mg/dL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub molar_mass: Option<f64>,
 }
 
 /// A FHIR source of a feature other than an Observation.
@@ -495,6 +505,21 @@ fn check_feature_source(f: &FeatureSpec) -> Result<(), String> {
     }
     if f.code.is_some() && f.fhir.is_some() {
         return Err("code (an Observation) and fhir are exclusive".into());
+    }
+    if f.code.is_none() && (f.look_back_hours.is_some() || f.molar_mass.is_some()) {
+        return Err("look_back_hours and molar_mass are for code (Observation) features".into());
+    }
+    if let Some(h) = f.look_back_hours
+        && !(h > 0.0 && h <= 24.0 * 366.0 * 10.0)
+    {
+        return Err(format!(
+            "look_back_hours {h} must be above 0 and at most ten years"
+        ));
+    }
+    if let Some(m) = f.molar_mass
+        && !(m > 0.0 && m < 1e7)
+    {
+        return Err(format!("molar_mass {m} must be a positive g/mol"));
     }
     match f.fhir {
         Some(FhirSource::Condition) => {
@@ -1283,6 +1308,27 @@ conditions = ["http://snomed.info/sct|91302008"]
             (
                 good_features.replace("fhir = \"condition\"", "fhir = \"condition\"\nsource = 1"),
                 "unknown field",
+            ),
+            (
+                good_features.replace(
+                    "fhir = \"patient-age\"",
+                    "fhir = \"patient-age\"\nlook_back_hours = 24.0",
+                ),
+                "for code (Observation) features",
+            ),
+            (
+                good_features.replace(
+                    "fhir = \"patient-age\"",
+                    "code = \"http://loinc.org|30525-0\"\nlook_back_hours = -1.0",
+                ),
+                "must be above 0",
+            ),
+            (
+                good_features.replace(
+                    "fhir = \"patient-age\"",
+                    "code = \"http://loinc.org|30525-0\"\nmolar_mass = 0.0",
+                ),
+                "positive g/mol",
             ),
         ];
         for (features, why) in bad {

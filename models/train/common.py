@@ -111,6 +111,10 @@ class Feature:
     conditions: list[str] | None = None
     encounter_class: list[str] | None = None
     mean: float | None = None  # filled from the training split: the attribution reference
+    # `code` features (docs/cds-hooks.md): how old an Observation may be, instead of the CDS
+    # service's look-back; the analyte's molar mass (g/mol) for mmol/L <-> mg/dL.
+    look_back_hours: float | None = None
+    molar_mass: float | None = None
 
 
 @dataclass
@@ -792,6 +796,10 @@ def write_bundle_toml(spec: BundleSpec, ds: Dataset, results: list[dict], split:
             w("conditions = [" + ", ".join(toml_str(c) for c in f.conditions) + "]")
         if f.encounter_class:
             w("encounter_class = [" + ", ".join(toml_str(c) for c in f.encounter_class) + "]")
+        if f.look_back_hours is not None:
+            w(f"look_back_hours = {float(f.look_back_hours)!r}")
+        if f.molar_mass is not None:
+            w(f"molar_mass = {float(f.molar_mass)!r}")
         w(f"min = {f.min!r}")
         w(f"max = {f.max!r}")
     w("")
@@ -881,7 +889,8 @@ def write_bundle_toml(spec: BundleSpec, ds: Dataset, results: list[dict], split:
     parsed = tomllib.loads(text)  # fail here rather than in the server
     assert len(parsed["inputs"][0]["features"]) == nf
     assert [t["value"] for t in parsed["thresholds"]] == [r["metrics"]["threshold"]["value"] for r in results]
-    allowed_feature_keys = {"name", "unit", "description", "code", "fhir", "conditions", "encounter_class", "min", "max"}
+    allowed_feature_keys = {"name", "unit", "description", "code", "fhir", "conditions", "encounter_class", "min", "max",
+                            "look_back_hours", "molar_mass"}
     for f in parsed["inputs"][0]["features"]:
         assert set(f) <= allowed_feature_keys, f
     (spec.bundle_dir / "bundle.toml").write_text(text, encoding="utf-8")

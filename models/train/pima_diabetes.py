@@ -39,11 +39,16 @@ LABELS = ["no diabetes", "diabetes"]
 
 # (column in MASS, feature). LOINC codes only where the mapping is unambiguous and known.
 FEATURES = [
-    ("npreg", Feature("pregnancies", "1", "number of pregnancies (count)", "http://loinc.org|11996-6")),
-    ("glu", Feature("glucose_2h_ogtt", "mg/dL", "plasma glucose 2 hours into an oral glucose tolerance test (unit not stated by the source; values 56-199 imply mg/dL)", "http://loinc.org|1518-0")),
+    # Look-backs of their own (docs/cds-hooks.md): a pregnancy count is history (ten years);
+    # an OGTT is not repeated daily (90 days; glucose in mmol/L, as UK laboratories report
+    # it, is converted with its molar mass); BMI changes slowly (a year).
+    ("npreg", Feature("pregnancies", "1", "number of pregnancies (count)", "http://loinc.org|11996-6",
+                      look_back_hours=87600.0)),
+    ("glu", Feature("glucose_2h_ogtt", "mg/dL", "plasma glucose 2 hours into an oral glucose tolerance test (unit not stated by the source; values 56-199 imply mg/dL)", "http://loinc.org|1518-0",
+                    look_back_hours=2160.0, molar_mass=180.156)),
     ("bp", Feature("diastolic_bp", "mm[Hg]", "diastolic blood pressure", "http://loinc.org|8462-4")),
     ("skin", Feature("triceps_skinfold", "mm", "triceps skin fold thickness")),
-    ("bmi", Feature("bmi", "kg/m2", "body mass index", "http://loinc.org|39156-5")),
+    ("bmi", Feature("bmi", "kg/m2", "body mass index", "http://loinc.org|39156-5", look_back_hours=8760.0)),
     ("ped", Feature("pedigree", "1", "diabetes pedigree function (family-history score)")),
     ("age", Feature("age", "a", "age, years", fhir="patient-age")),
 ]
