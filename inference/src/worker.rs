@@ -10,7 +10,11 @@
 //! Each instance thread takes the oldest request, then (when batching is on) keeps taking
 //! requests whose inputs have the same datatypes and the same shape beyond the batch axis,
 //! until the batch reaches `max_batch_size` or a preferred size, or `max_queue_delay` has passed
-//! since the first request arrived. The batch is concatenated along axis 0, run once, and the
+//! since the first request arrived. The wait is adaptive: when the queue is empty and this
+//! instance's previous batch held a single request (no sign of concurrent callers), the
+//! batch runs at once instead of waiting for company that is not coming; once batches hold
+//! several requests, an empty queue is waited on up to `max_queue_delay` again. Results do
+//! not depend on it (each row's answer is the same whatever it is batched with). The batch is concatenated along axis 0, run once, and the
 //! outputs are split back row-for-row. Requests whose caller has gone are dropped unrun.
 
 use std::panic::AssertUnwindSafe;
@@ -179,6 +183,7 @@ impl ModelWorker {
                     ("model", config.model.clone()),
                     ("version", config.version.clone()),
                 ],
+                last_batch: 0,
             };
             std::thread::Builder::new()
                 .name(format!("ng-{}-{}-{i}", config.model, config.version))
@@ -424,6 +429,9 @@ struct Instance {
     batching: Option<BatchingConfig>,
     stats: Arc<ModelStats>,
     labels: [(&'static str, String); 2],
+    /// Requests in this instance's previous batch: above one, callers are arriving together
+    /// and an empty queue is worth waiting on.
+    last_batch: usize,
 }
 
 impl Instance {
@@ -445,6 +453,7 @@ impl Instance {
                 carried = self.gather(cfg, &mut batch);
             }
             metrics::gauge!("nightingale_queue_depth", &self.labels).set(self.rx.len() as f64);
+            self.last_batch = batch.len();
             self.execute(batch);
         }
     }
@@ -457,6 +466,8 @@ impl Instance {
             let job = match self.rx.try_recv() {
                 Ok(job) => job,
                 Err(TryRecvError::Disconnected) => return None,
+                // Nothing queued and no sign of concurrent callers: run now.
+                Err(TryRecvError::Empty) if self.last_batch <= 1 => return None,
                 Err(TryRecvError::Empty) => match self.rx.recv_deadline(deadline) {
                     Ok(job) => job,
                     Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,

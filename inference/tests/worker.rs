@@ -517,3 +517,27 @@ async fn rows_per_request_are_limited_without_batching() {
         assert!((p[[i, 0]] - want[i]).abs() <= 1e-5, "row {i}");
     }
 }
+
+/// Adaptive batching (issue 13): a lone request is not held for company that is not coming.
+/// With a queue delay of ten minutes, the old behaviour would answer after ten minutes; the
+/// bound here is [`WAIT`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_request_runs_at_once_whatever_the_queue_delay() {
+    let rows = rows();
+    let h = Harness::with(WorkerConfig {
+        batching: Some(BatchingConfig {
+            max_batch_size: 8,
+            max_queue_delay: Duration::from_secs(600),
+            preferred_batch_sizes: vec![],
+        }),
+        ..WorkerConfig::default()
+    });
+    h.open();
+    let mut reference = load();
+    for i in 0..3 {
+        let x = input(&rows[i..i + 1]);
+        let got = bounded(h.worker.infer(x.clone())).await.unwrap();
+        assert_eq!(got, reference.infer(x).unwrap());
+    }
+    assert_eq!(h.calls.lock().unwrap().clone(), vec![1, 1, 1]);
+}
