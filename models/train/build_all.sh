@@ -26,17 +26,18 @@ cd "$repo"
 "$py" models/train/resnet50_bench.py
 "$py" models/train/make_preprocess_fixtures.py
 
-# The image bundle trains with torch, kept out of .venv in its own venv (SKIP_IMAGING=1 skips it):
+# The image bundles train with torch, kept out of .venv in its own venv (SKIP_IMAGING=1 skips it):
 #   python3 -m venv .venv-train
 #   .venv-train/bin/pip install -r models/train/requirements.txt -r models/train/requirements-imaging.txt
 if [[ "${SKIP_IMAGING:-0}" != 1 ]]; then
     torch_py="${PYTHON_TORCH:-$repo/.venv-train/bin/python}"
     if [[ ! -x "$torch_py" ]]; then
-        echo "error: $torch_py not found (set SKIP_IMAGING=1 to skip image-orientation); create it with:" >&2
+        echo "error: $torch_py not found (set SKIP_IMAGING=1 to skip image-orientation and lesion-detection); create it with:" >&2
         echo "  python3 -m venv $repo/.venv-train && $repo/.venv-train/bin/pip install -r $repo/models/train/requirements.txt -r $repo/models/train/requirements-imaging.txt" >&2
         exit 1
     fi
     "$torch_py" models/train/image_orientation.py
+    "$torch_py" models/train/lesion_detection.py
 fi
 
 sha256sum models/bundles/*/[0-9]*/model.onnx models/bench/*/[0-9]*/model.onnx
