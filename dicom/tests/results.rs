@@ -131,6 +131,7 @@ fn grey_image(sop: &str, rows: usize, columns: usize) -> RenderedImage {
         pixels: RenderedPixels::Grey((0..rows * columns).map(|i| (i % 251) as u8).collect()),
         source_sop_instance_uid: Uid::parse(sop).unwrap(),
         frame: None,
+        heatmap: None,
     }
 }
 
@@ -332,6 +333,7 @@ fn rgb_tiny_and_many_findings() {
             pixels: RenderedPixels::Rgb(vec![128; rows * columns * 3]),
             source_sop_instance_uid: Uid::parse(sop).unwrap(),
             frame: Some(1),
+            heatmap: None,
         };
         let sc = build_sc(&source, &ctx("Research use."), &many, rgb).unwrap();
         let o = read_back(&sc);
@@ -553,6 +555,7 @@ fn render(obj: &InMemDicomObject) -> RenderedImage {
             pixels,
             source_sop_instance_uid: sop,
             frame: None,
+            heatmap: None,
         };
     }
     assert_eq!((allocated, samples), (16, 1));
@@ -584,6 +587,7 @@ fn render(obj: &InMemDicomObject) -> RenderedImage {
         pixels: RenderedPixels::Grey(pixels),
         source_sop_instance_uid: sop,
         frame: None,
+        heatmap: None,
     }
 }
 

@@ -583,7 +583,7 @@ pub struct OutputSpec {
 
 /// `[dicom]`: what a bundle accepts from the DICOM pipeline. Every list left empty accepts
 /// anything; the router never sends a series outside what is declared here.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct DicomAccepts {
     /// Modality (0008,0060) values, e.g. `["CR", "DX"]`.
@@ -604,7 +604,39 @@ pub struct DicomAccepts {
     /// Outputs reported in the result objects (default: those with a threshold).
     #[serde(default)]
     pub report: Vec<String>,
+    /// A saliency heatmap over the secondary capture (`[dicom.heatmap]`).
+    #[serde(default)]
+    pub heatmap: Option<DicomHeatmap>,
 }
+
+/// `[dicom.heatmap]`: the secondary capture shows where the model found its first reported
+/// finding, computed by an `/explain` image method (one of `[explain] methods`) with these
+/// options (the `/explain` parameters of the same names; absent ones take their defaults),
+/// on the frame the secondary capture shows.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DicomHeatmap {
+    /// `occlusion`, `rise`, `grad_cam` or `integrated_gradients`.
+    pub method: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stride: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+/// The `/explain` methods that make an image's saliency map.
+pub const IMAGE_EXPLAIN_METHODS: &[&str] =
+    &["occlusion", "rise", "grad_cam", "integrated_gradients"];
 
 /// An operating point on an output.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -929,6 +961,31 @@ impl Manifest {
             }
             if dicom.max_frames == Some(0) {
                 return fail("[dicom] max_frames must be at least 1".into());
+            }
+            if let Some(h) = &dicom.heatmap {
+                if !IMAGE_EXPLAIN_METHODS.contains(&h.method.as_str()) {
+                    return fail(format!(
+                        "[dicom.heatmap] method {:?} does not make a saliency map; the image methods are {IMAGE_EXPLAIN_METHODS:?}",
+                        h.method
+                    ));
+                }
+                if !self
+                    .explain
+                    .as_ref()
+                    .is_some_and(|e| e.methods.contains(&h.method))
+                {
+                    return fail(format!(
+                        "[dicom.heatmap] method {:?} must be enabled in [explain] methods (with its forward-pass budget)",
+                        h.method
+                    ));
+                }
+                if [h.baseline, h.p]
+                    .into_iter()
+                    .flatten()
+                    .any(|v| !v.is_finite())
+                {
+                    return fail("[dicom.heatmap] baseline and p must be finite".into());
+                }
             }
         }
         if self.versions.is_empty() {

@@ -56,6 +56,83 @@ fn one() -> f64 {
     1.0
 }
 
+/// How one source image maps onto the model input ([`Preprocessing::geometry`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct InputGeometry {
+    /// The model input's `height × width`.
+    pub height: usize,
+    pub width: usize,
+    scale_r: f64,
+    scale_c: f64,
+    top: f64,
+    left: f64,
+}
+
+impl InputGeometry {
+    /// The geometry of an image that is the model input itself (`height × width`).
+    pub fn identity(height: usize, width: usize) -> InputGeometry {
+        InputGeometry {
+            height,
+            width,
+            scale_r: 1.0,
+            scale_c: 1.0,
+            top: 0.0,
+            left: 0.0,
+        }
+    }
+
+    /// The continuous model-input position (row, column; pixel centres at integers) of the
+    /// centre of source pixel (`r`, `c`).
+    pub fn input_position(&self, r: usize, c: usize) -> (f64, f64) {
+        (
+            (r as f64 + 0.5 + self.top) * self.scale_r - 0.5,
+            (c as f64 + 0.5 + self.left) * self.scale_c - 0.5,
+        )
+    }
+
+    /// `map` (`height × width`, row-major, on the model input) resampled bilinearly onto the
+    /// source's `rows × cols` pixel grid (edges clamped), one source row at a time: `each`
+    /// gets the row index and its `cols` values (so a large source never needs the whole
+    /// resampled map in memory).
+    pub fn for_each_source_row(
+        &self,
+        map: &[f32],
+        rows: usize,
+        cols: usize,
+        mut each: impl FnMut(usize, &[f32]),
+    ) {
+        let (h, w) = (self.height, self.width);
+        assert_eq!(map.len(), h * w, "a map of the model input's size");
+        let axis = |p: f64, n: usize| -> (usize, usize, f32) {
+            let p = p.clamp(0.0, (n - 1) as f64);
+            let i = p.floor() as usize;
+            let j = (i + 1).min(n - 1);
+            (i, j, (p - i as f64) as f32)
+        };
+        let columns: Vec<(usize, usize, f32)> = (0..cols)
+            .map(|c| axis(self.input_position(0, c).1, w))
+            .collect();
+        let mut row = vec![0.0f32; cols];
+        for r in 0..rows {
+            let (i0, i1, fy) = axis(self.input_position(r, 0).0, h);
+            let (a, b) = (&map[i0 * w..(i0 + 1) * w], &map[i1 * w..(i1 + 1) * w]);
+            for (x, &(j0, j1, fx)) in row.iter_mut().zip(&columns) {
+                let top = a[j0] + (a[j1] - a[j0]) * fx;
+                let bottom = b[j0] + (b[j1] - b[j0]) * fx;
+                *x = top + (bottom - top) * fy;
+            }
+            each(r, &row);
+        }
+    }
+
+    /// [`for_each_source_row`](Self::for_each_source_row) collected into one row-major vector.
+    pub fn to_source(&self, map: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(rows * cols);
+        self.for_each_source_row(map, rows, cols, |_, row| out.extend_from_slice(row));
+        out
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PreprocessingKind {
@@ -202,6 +279,28 @@ impl Preprocessing {
         let values = self.apply_to_vec(image)?;
         let [h, w] = self.size;
         Ok(Tensor::from_vec(vec![1, h, w], values).expect("size matches the data"))
+    }
+
+    /// Where a `rows × cols` source image's pixels land in the model input: the inverse of
+    /// the padding and resize steps, for drawing what was computed on the model input (a
+    /// saliency map) back over the source.
+    pub fn geometry(&self, rows: usize, cols: usize) -> InputGeometry {
+        let [out_h, out_w] = self.size;
+        let (side_r, side_c, top, left) = match self.aspect {
+            Aspect::Pad => {
+                let side = rows.max(cols).max(1);
+                (side, side, (side - rows) / 2, (side - cols) / 2)
+            }
+            Aspect::Stretch => (rows.max(1), cols.max(1), 0, 0),
+        };
+        InputGeometry {
+            height: out_h,
+            width: out_w,
+            scale_r: out_h as f64 / side_r as f64,
+            scale_c: out_w as f64 / side_c as f64,
+            top: top as f64,
+            left: left as f64,
+        }
     }
 
     /// As [`apply`](Self::apply), as a row-major `height × width` vector.
@@ -590,6 +689,53 @@ mod tests {
             window,
             mean: 0.0,
             std: 1.0,
+        }
+    }
+
+    /// The model input mapped back over the source lands where it came from: a linear ramp
+    /// preprocessed (pad + area resize) and resampled onto the source grid is the ramp again
+    /// (to the resize's averaging), padding and all, for both aspects.
+    #[test]
+    fn geometry_maps_the_model_input_back_onto_the_source() {
+        for (aspect, rows, cols) in [
+            (Aspect::Pad, 40, 80),
+            (Aspect::Pad, 80, 40),
+            (Aspect::Stretch, 40, 80),
+        ] {
+            let p = spec(
+                Window::Fixed {
+                    center: 0.5,
+                    width: 1.0,
+                },
+                aspect,
+                [20, 20],
+            );
+            // Value = column fraction + row fraction / 4, on the 0-1 display scale.
+            let data: Vec<f32> = (0..rows * cols)
+                .map(|i| {
+                    ((i % cols) as f32 + 0.5) / cols as f32 * 0.75
+                        + ((i / cols) as f32 + 0.5) / rows as f32 * 0.25
+                })
+                .collect();
+            let image = Image::grey(rows, cols, &data);
+            let input = p.apply_to_vec(&image).unwrap();
+            let g = p.geometry(rows, cols);
+            assert_eq!((g.height, g.width), (20, 20));
+            let back = g.to_source(&input, rows, cols);
+            assert_eq!(back.len(), rows * cols);
+            // Away from the edges (where clamping and the padding's zeros enter), back = data
+            // within the resize's half-bin of blur on a linear ramp (exact for a linear ramp).
+            let margin_r = rows / 5;
+            let margin_c = cols / 5;
+            for r in margin_r..rows - margin_r {
+                for c in margin_c..cols - margin_c {
+                    let (got, want) = (back[r * cols + c], data[r * cols + c]);
+                    assert!(
+                        (got - want).abs() < 0.02,
+                        "{aspect:?} {rows}x{cols} at ({r},{c}): {got} vs {want}"
+                    );
+                }
+            }
         }
     }
 

@@ -1134,6 +1134,21 @@ description = {toml_str(f"threshold on P(present) maximising Youden's J on the v
 methods = ["occlusion", "rise"]
 max_forward_passes = 4096
 
+# What the DICOM pipeline sends it (with no routes configured, every such series), and the
+# heatmap on its secondary capture: occlusion as in the card's pointing game
+# ({(128 - OCC_PATCH) // OCC_STRIDE + 1}^2 + 1 forward passes per image).
+[dicom]
+modalities = ["CR", "DX", "CT", "MR"]
+photometric = ["MONOCHROME1", "MONOCHROME2"]
+max_frames = 1
+report = ["lesion"]
+
+[dicom.heatmap]
+method = "occlusion"
+patch = {OCC_PATCH}
+stride = {OCC_STRIDE}
+baseline = {OCC_BASELINE}
+
 [intended_use]
 summary = "A technical reference whose right answer is known, for testing explanation methods (occlusion, RISE, Grad-CAM) and Nightingale's imaging pipeline. NOT a clinical detector; never use it on patients."
 users = "Developers and researchers testing explanations and the imaging pipeline"
@@ -1160,7 +1175,7 @@ created = "2026-12-02"
 """
     parsed = tomllib.loads(text)
     assert parsed["preprocessing"]["size"] == [SPEC.height, SPEC.width]
-    assert "dicom" not in parsed
+    assert parsed["dicom"]["heatmap"]["method"] in parsed["explain"]["methods"]
     (BUNDLE / "bundle.toml").write_text(text, encoding="utf-8")
 
 

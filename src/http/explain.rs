@@ -138,6 +138,8 @@ struct Params {
     keep: Option<f64>,
     seed: Option<u64>,
     max_forward_passes: Option<usize>,
+    /// Also return `<output>_heatmap`: a PNG of each image with its map laid over it.
+    heatmap: bool,
 }
 
 /// Request parameters of the KServe protocol that `/explain` accepts and leaves to the codec.
@@ -163,6 +165,7 @@ const EXPLAIN_PARAMETERS: &[&str] = &[
     "p",
     "seed",
     "max_forward_passes",
+    "heatmap",
 ];
 
 /// Largest count a request may give for sizes and samples (well beyond any budget).
@@ -242,6 +245,13 @@ fn parse_params(map: &HashMap<String, Value>) -> Result<Params, AppError> {
                 p.baseline = Some(b as f32);
             }
             "p" => p.keep = Some(number(key, v)?),
+            "heatmap" => {
+                p.heatmap = v.as_bool().ok_or_else(|| {
+                    AppError::bad_request(format!(
+                        "parameters.heatmap must be true or false, not {v}"
+                    ))
+                })?
+            }
             k if PROTOCOL_PARAMETERS.contains(&k) => {}
             other => {
                 return bad(format!(
@@ -302,6 +312,92 @@ pub(super) async fn explain_loaded(
     let decoded: usize = request.inputs.iter().map(|t| t.tensor.raw_len()).sum();
     ticket.charge(decoded.saturating_sub(body.len() * (super::BODY_CHARGE_FACTOR - 1)))?;
     drop(body);
+    let explained = explain_decoded(state, model, request, audit).await?;
+    let Explained {
+        id,
+        wanted,
+        binary_default,
+        outputs,
+        attribution,
+        parameters,
+        heatmap,
+    } = explained;
+    let attribution_name = attribution.name.clone();
+    let attribution = attribution.tensor;
+
+    // The answer: the outputs asked for (the attribution may be among them), then it.
+    let mut wanted = wanted;
+    let mut attribution_binary = binary_default;
+    if let Some(list) = &mut wanted {
+        if let Some(i) = list.iter().position(|o| o.name == attribution_name) {
+            attribution_binary = list[i].binary.unwrap_or(binary_default);
+            list.remove(i);
+        }
+        if let Some(h) = &heatmap {
+            list.retain(|o| o.name != h.name);
+        }
+    }
+    let (mut tensors, mut flags) = if wanted.as_ref().is_some_and(|w| w.is_empty()) {
+        (vec![], vec![])
+    } else {
+        select_outputs(model, outputs, wanted.as_deref(), binary_default)?
+    };
+    tensors.push(OutputTensor {
+        name: attribution_name,
+        datatype: attribution.datatype(),
+        shape: attribution.shape().to_vec(),
+        parameters: Some(parameters),
+        data: Some(JsonData(attribution)),
+    });
+    flags.push(attribution_binary);
+    // PNG bytes are not text: the heatmap always travels as a binary tensor.
+    if let Some(h) = heatmap {
+        tensors.push(OutputTensor {
+            name: h.name,
+            datatype: h.tensor.datatype(),
+            shape: h.tensor.shape().to_vec(),
+            parameters: Some(serde_json::Map::from_iter([(
+                "content_type".to_owned(),
+                Value::from("image/png"),
+            )])),
+            data: Some(JsonData(h.tensor)),
+        });
+        flags.push(true);
+    }
+    let response = InferResponse {
+        model_name: model.name.clone(),
+        model_version: model.version.to_string(),
+        id,
+        outputs: tensors,
+    };
+    respond(response, &flags, ticket)
+}
+
+/// An explanation made: the prediction's outputs, the attribution tensor and its
+/// parameters, and what the request asked for of the answer.
+pub(crate) struct Explained {
+    id: Option<String>,
+    wanted: Option<Vec<codec::OutputChoice>>,
+    binary_default: bool,
+    pub(crate) outputs: Vec<NamedTensor>,
+    /// `<output>_saliency` or `<output>_attribution`.
+    pub(crate) attribution: NamedTensor,
+    /// method, explained_output, target, forward_passes (and link, base_value).
+    pub(crate) parameters: serde_json::Map<String, Value>,
+    /// `<output>_heatmap` (BYTES `[N]`, one PNG per row) when the request asked for it.
+    pub(crate) heatmap: Option<NamedTensor>,
+}
+
+/// `/explain` on a decoded request: checks, the prediction, the explanation's forward
+/// passes through the model's worker, the audit fields (`output_sha256`, `detail`). The
+/// DICOM pipeline's heatmaps come through here too, with the bundle's `[dicom.heatmap]` as
+/// the parameters.
+pub(crate) async fn explain_decoded(
+    state: &AppState,
+    model: &LoadedModel,
+    request: codec::DecodedRequest,
+    audit: &mut AuditEvent,
+) -> Result<Explained, AppError> {
     audit.input_sha256 = Some(tensors_sha256(&request.inputs));
     audit.rows = request
         .inputs
@@ -368,6 +464,12 @@ pub(super) async fn explain_loaded(
             model.name,
             input_spec.name,
             input_spec.shape
+        )));
+    }
+    if params.heatmap && !method.is_image() {
+        return Err(AppError::bad_request(format!(
+            "parameters.heatmap draws an image's saliency map; {} explains tables",
+            method.as_str()
         )));
     }
     let (allowed, budget) = allowance(state, model);
@@ -691,20 +793,6 @@ pub(super) async fn explain_loaded(
         target_names.join(",")
     ));
 
-    // The answer: the outputs asked for (the attribution may be among them), then it.
-    let mut wanted = request.outputs;
-    let mut attribution_binary = request.binary_default;
-    if let Some(list) = &mut wanted {
-        if let Some(i) = list.iter().position(|o| o.name == attribution_name) {
-            attribution_binary = list[i].binary.unwrap_or(request.binary_default);
-            list.remove(i);
-        }
-    }
-    let (mut tensors, mut flags) = if wanted.as_ref().is_some_and(|w| w.is_empty()) {
-        (vec![], vec![])
-    } else {
-        select_outputs(model, outputs, wanted.as_deref(), request.binary_default)?
-    };
     let mut parameters = serde_json::Map::new();
     parameters.insert("method".into(), method.as_str().into());
     parameters.insert("explained_output".into(), output_spec.name.clone().into());
@@ -727,21 +815,61 @@ pub(super) async fn explain_loaded(
             .collect();
         parameters.insert("base_value".into(), bases.join(",").into());
     }
-    tensors.push(OutputTensor {
-        name: attribution_name,
-        datatype: attribution.datatype(),
-        shape: attribution.shape().to_vec(),
-        parameters: Some(parameters),
-        data: Some(JsonData(attribution)),
-    });
-    flags.push(attribution_binary);
-    let response = InferResponse {
-        model_name: model.name.clone(),
-        model_version: model.version.to_string(),
-        id: request.id,
-        outputs: tensors,
+    let heatmap = match image {
+        Some(s) if params.heatmap => {
+            let plane = s.height * s.width;
+            let pngs = explanations
+                .iter()
+                .zip(&target_names)
+                .enumerate()
+                .map(|(r, (e, target))| {
+                    let map: Vec<f32> = e.values.iter().map(|&v| v as f32).collect();
+                    let lines = vec![
+                        crate::heatmap::caption(method.as_str(), target, &map),
+                        format!(
+                            "{} {} - Nightingale {}",
+                            model.name,
+                            model.version,
+                            env!("CARGO_PKG_VERSION")
+                        ),
+                    ];
+                    let lines: Vec<String> = lines
+                        .iter()
+                        .map(|l| {
+                            l.chars()
+                                .map(|c| if c.is_ascii() { c } else { '?' })
+                                .collect()
+                        })
+                        .collect();
+                    let start = r * row_len;
+                    crate::heatmap::input_png(
+                        &data[start..start + s.channels * plane],
+                        s.channels,
+                        s.height,
+                        s.width,
+                        &map,
+                        &lines,
+                    )
+                    .map_err(|e| AppError::internal(format!("heatmap PNG: {e}")))
+                })
+                .collect::<Result<Vec<Vec<u8>>, AppError>>()?;
+            Some(NamedTensor::new(
+                format!("{}_heatmap", output_spec.name),
+                Tensor::from_vec(vec![rows], pngs)
+                    .map_err(|e| AppError::internal(e.to_string()))?,
+            ))
+        }
+        _ => None,
     };
-    respond(response, &flags, ticket)
+    Ok(Explained {
+        heatmap,
+        id: request.id,
+        wanted: request.outputs,
+        binary_default: request.binary_default,
+        outputs,
+        attribution: NamedTensor::new(attribution_name, attribution),
+        parameters,
+    })
 }
 
 fn check_budget(

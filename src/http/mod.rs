@@ -21,11 +21,11 @@ use tower_http::trace::TraceLayer;
 pub mod auth;
 // CDS Hooks 2.0 (issue 10)
 pub mod cds;
-mod codec;
+pub(crate) mod codec;
 pub mod dicomweb;
 // ---- issue 9: the DICOM pipeline's results ----
 mod error;
-mod explain;
+pub(crate) mod explain;
 pub mod identity;
 mod metrics;
 mod repository;

@@ -67,6 +67,12 @@ struct FrameResult {
     probabilities: Vec<f32>,
 }
 
+/// A saliency map on the model input (`[preprocessing] size`, row-major) and its caption.
+struct HeatmapMap {
+    map: Vec<f32>,
+    caption: String,
+}
+
 /// A reported output: where its probability is in the model's outputs.
 struct Reported {
     output: String,
@@ -292,6 +298,38 @@ impl Pipeline {
         stage("decode_preprocess", decode_time);
         stage("inference", infer_time);
 
+        // The heatmap of the first finding on the frame the SC shows, where the bundle asks
+        // for one. A heatmap that cannot be made is logged and left out: the result stands.
+        let heatmap = match &accepts.heatmap {
+            Some(spec) => {
+                let started = Instant::now();
+                let shown = &findings[0];
+                let made = self
+                    .heatmap(
+                        job,
+                        &model,
+                        &pre,
+                        &input_shape,
+                        &paths[shown.instance_index],
+                        shown,
+                        spec,
+                    )
+                    .await;
+                stage("heatmap", started.elapsed());
+                match made {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        metrics::counter!("nightingale_pipeline_heatmaps_failed_total", "reason" => e.code)
+                            .increment(1);
+                        tracing::warn!(job = job.id, bundle = %model.name, reason = e.code, detail = %e.detail,
+                            "the heatmap could not be made; the results go without it");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+
         // The result objects, written before they are queued.
         let started = Instant::now();
         let objects = {
@@ -303,7 +341,8 @@ impl Pipeline {
                 .iter()
                 .map(|s| s.sop_instance_uid.clone())
                 .collect();
-            blocking(move || me.write_results(&job, &model, &paths, &sop_uids, &findings)).await?
+            blocking(move || me.write_results(&job, &model, &paths, &sop_uids, &findings, heatmap))
+                .await?
         };
         stage("results", started.elapsed());
         for (object, kind) in objects {
@@ -372,6 +411,148 @@ impl Pipeline {
             .collect()
     }
 
+    /// The saliency map of `shown`'s finding on its frame: the frame preprocessed again, and
+    /// `/explain` run on it (same methods, budget and worker) with the bundle's
+    /// `[dicom.heatmap]` as parameters; audited as an `explain` event of the pipeline.
+    #[allow(clippy::too_many_arguments)]
+    async fn heatmap(
+        &self,
+        job: &Job,
+        model: &Arc<LoadedModel>,
+        pre: &nightingale_models::Preprocessing,
+        input_shape: &[usize],
+        path: &Path,
+        shown: &SeriesFinding,
+        spec: &nightingale_models::manifest::DicomHeatmap,
+    ) -> Result<HeatmapMap, JobFailure> {
+        let tensor = {
+            let (path, pre, shape, frame) = (
+                path.to_path_buf(),
+                pre.clone(),
+                input_shape.to_vec(),
+                shown.frame,
+            );
+            blocking(move || {
+                let limits = Limits::default();
+                let source = PixelSource::open(&path, &limits).map_err(pixel_failure)?;
+                let options = DecodeOptions {
+                    colour: Colour::Grey,
+                    limits: limits.clone(),
+                    ..DecodeOptions::default()
+                };
+                let frame = source.frame(frame, &options).map_err(pixel_failure)?;
+                let image = Image {
+                    rows: frame.rows,
+                    cols: frame.cols,
+                    samples: frame.samples,
+                    data: &frame.data,
+                    slope: frame.slope,
+                    intercept: frame.intercept,
+                    monochrome1: frame.monochrome1,
+                };
+                let values = pre
+                    .apply_to_vec(&image)
+                    .map_err(|e| JobFailure::new("preprocess", e.to_string()))?;
+                Tensor::from_vec(shape, values)
+                    .map_err(|e| JobFailure::new("input_shape", e.to_string()))
+            })
+            .await?
+        };
+        let mut parameters = std::collections::HashMap::new();
+        let mut put = |k: &str, v: serde_json::Value| {
+            parameters.insert(k.to_owned(), v);
+        };
+        put("method", spec.method.clone().into());
+        put("output", shown.output.clone().into());
+        put("target", shown.label.clone().into());
+        if let Some(v) = spec.patch {
+            put("patch", v.into());
+        }
+        if let Some(v) = spec.stride {
+            put("stride", v.into());
+        }
+        if let Some(v) = spec.baseline {
+            put("baseline", v.into());
+        }
+        if let Some(v) = spec.samples {
+            put("samples", v.into());
+        }
+        if let Some(v) = spec.grid {
+            put("grid", v.into());
+        }
+        if let Some(v) = spec.p {
+            put("p", v.into());
+        }
+        if let Some(v) = spec.seed {
+            put("seed", v.into());
+        }
+        let request = crate::http::codec::DecodedRequest {
+            id: None,
+            inputs: vec![NamedTensor::new(pre.input.clone(), tensor)],
+            outputs: Some(vec![]),
+            binary_default: false,
+            parameters,
+        };
+        let mut event = AuditEvent {
+            kind: EventKind::Explain,
+            request_id: format!("pipeline-job-{}", job.id),
+            model: model.name.clone(),
+            version: model.version.to_string(),
+            model_sha256: model.model_sha256.clone(),
+            input_sha256: None,
+            output_sha256: None,
+            rows: Some(1),
+            status: 500,
+            outcome: Outcome::Failed,
+            actor: Some("dicom-pipeline".into()),
+            detail: None,
+        };
+        let explained =
+            crate::http::explain::explain_decoded(&self.state, model, request, &mut event).await;
+        if explained.is_ok() {
+            event.status = 200;
+            event.outcome = Outcome::Ok;
+        }
+        event.detail = Some(format!(
+            "study_sha256={} series_sha256={}{}",
+            super::uid_tag(&job.study_uid),
+            super::uid_tag(&job.series_uid),
+            event
+                .detail
+                .as_ref()
+                .map(|d| format!(" {d}"))
+                .unwrap_or_default()
+        ));
+        self.state
+            .audit
+            .record(event)
+            .await
+            .map_err(|e| JobFailure::new("audit", e.to_string()))?;
+        let explained = explained.map_err(|e| JobFailure::new("heatmap", e.message))?;
+        let t = &explained.attribution.tensor;
+        let (&[1, h, w], Some(values)) = (t.shape(), t.view::<f32>()) else {
+            return Err(JobFailure::new(
+                "heatmap",
+                format!(
+                    "the saliency map has shape {:?}, not [1, H, W] FP32",
+                    t.shape()
+                ),
+            ));
+        };
+        if [h, w] != pre.size {
+            return Err(JobFailure::new(
+                "heatmap",
+                format!(
+                    "the saliency map is {h}x{w}, the model input {:?}",
+                    pre.size
+                ),
+            ));
+        }
+        let map: Vec<f32> = values.iter().copied().collect();
+        let caption = crate::heatmap::caption(&spec.method, &shown.label, &map);
+        Ok(HeatmapMap { map, caption })
+    }
+
     /// Builds the SR and the SC, writes them durably into the results folder and queues
     /// them for every destination of the job. Runs on a blocking thread.
     fn write_results(
@@ -381,6 +562,7 @@ impl Pipeline {
         paths: &[PathBuf],
         sop_uids: &[String],
         findings: &[SeriesFinding],
+        heatmap: Option<HeatmapMap>,
     ) -> Result<Vec<(ResultObject, &'static str)>, JobFailure> {
         let headers = paths
             .iter()
@@ -408,9 +590,6 @@ impl Pipeline {
                 positive: f.positive,
             })
             .collect();
-        let sr = results::build_sr(&source, &ctx, &coded)
-            .map_err(|e| JobFailure::new("result_sr", e.to_string()))?;
-
         // The SC shows the frame with the first reported output's highest probability.
         let shown = &findings[0];
         let pixels_source = PixelSource::open(&paths[shown.instance_index], &Limits::default())
@@ -424,7 +603,28 @@ impl Pipeline {
                 },
             )
             .map_err(pixel_failure)?;
-        let rendered = render8(&frame, RenderWindow::Auto).map_err(pixel_failure)?;
+        let mut rendered = render8(&frame, RenderWindow::Auto).map_err(pixel_failure)?;
+        // The heatmap over the rendered frame (the map resampled from the model input onto
+        // the frame's pixels through the bundle's preprocessing geometry).
+        let legend = match (&heatmap, &model.manifest.preprocessing) {
+            (Some(h), Some(pre)) => {
+                let geometry = pre.geometry(rendered.rows, rendered.cols);
+                rendered.data = crate::heatmap::overlay(
+                    &rendered.data,
+                    rendered.samples,
+                    rendered.rows,
+                    rendered.cols,
+                    &geometry,
+                    &h.map,
+                );
+                rendered.samples = 3;
+                Some(results::Heatmap {
+                    caption: h.caption.clone(),
+                    colours: crate::heatmap::colours(),
+                })
+            }
+            _ => None,
+        };
         let multi_frame = pixels_source.header().frames > 1;
         let source_uid = Uid::parse(&sop_uids[shown.instance_index]).ok_or_else(|| {
             JobFailure::new("source_attributes", "the shown instance's UID is not valid")
@@ -448,9 +648,15 @@ impl Pipeline {
             },
             source_sop_instance_uid: source_uid,
             frame: multi_frame.then_some(shown.frame + 1),
+            heatmap: legend,
         };
+        let illustrated = image.heatmap.is_some();
         let sc = results::build_sc(&source, &ctx, &coded, image)
             .map_err(|e| JobFailure::new("result_sc", e.to_string()))?;
+        // The SR refers to the SC as the illustration of its first finding when the SC
+        // shows that finding's heatmap.
+        let sr = results::build_sr_illustrated(&source, &ctx, &coded, illustrated.then_some(&sc))
+            .map_err(|e| JobFailure::new("result_sr", e.to_string()))?;
 
         let dir = Path::new(OBJECTS_DIR).join(job.id.to_string());
         let destinations: Vec<&str> = job

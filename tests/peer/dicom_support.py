@@ -116,14 +116,15 @@ class StoreScp:
 
 class Server:
     def __init__(self, work: Path, destination: str, extra: tuple[str, ...] = (),
-                 port: int | None = None):
+                 port: int | None = None, bundles: tuple[Path, ...] = (BUNDLE,)):
         self.port = port or free_port()
         self.http = free_port()
         self.data = work / "data"
         repo = work / "models"
         if not repo.exists():  # a restart in the same folder keeps the first copy
             repo.mkdir()
-            shutil.copytree(BUNDLE, repo / BUNDLE.name)
+            for bundle in bundles:
+                shutil.copytree(bundle, repo / bundle.name, ignore=shutil.ignore_patterns("testdata"))
         self.stderr = work / "server.log"
         cmd = [str(binary()), "serve", "--repository", str(repo),
                "--http-addr", f"127.0.0.1:{self.http}", "--data-dir", str(self.data),

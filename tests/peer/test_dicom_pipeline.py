@@ -15,26 +15,37 @@ What is checked, and against what:
 - the SC says BurnedInAnnotation YES and references the source image;
 - `GET /results/studies/{study}` says done, with both objects sent;
 - a destination that is down: the job is done, the objects are retried and then given up
-  (dead letter) with the reason, and the server keeps serving.
+  (dead letter) with the reason, and the server keeps serving;
+- a bundle with `[dicom.heatmap]` (lesion-detection, occlusion): the SC is RGB with the
+  heatmap where the numpy + onnxruntime occlusion of the same preprocessed image peaks and
+  plain grey where it finds no evidence, and the SR refers to it as the illustration of its
+  finding (and lists it as evidence); both pass dciodvfy.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 import subprocess
 import tempfile
 import urllib.request
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom.data import get_testdata_file
 
-from dicom_support import (RESULT_TIMEOUT_S, SC_CLASS, SR_CLASS, Server, StoreScp, binary,
-                           dciodvfy_errors, expected_probability, free_port, referenced_uids,
-                           spool_index, sr_numbers, stop, store, tool, wait_for, with_new_uids)
+from dicom_support import (REPO, RESULT_TIMEOUT_S, SC_CLASS, SR_CLASS, Server, StoreScp, binary,
+                           dciodvfy_errors, expected_probability, free_port, imaging,
+                           referenced_uids, spool_index, sr_numbers, stop, store, tool, wait_for,
+                           with_new_uids)
+
+sys.path.insert(0, str(REPO / "models" / "train"))
+import lesion_detection as ld  # noqa: E402  (the reference occlusion of the lesion bundle)
 
 
 @pytest.fixture
@@ -227,3 +238,81 @@ def test_the_result_comes_to_the_ehr_as_a_cds_card(work):
         assert "9434765919" not in server.log()
     finally:
         stop(server.proc)
+
+
+def test_a_heatmap_bundle_sends_its_saliency_in_the_sc(work):
+    lesion = REPO / "models" / "bundles" / "lesion-detection"
+    pacs = StoreScp(work)
+    server = Server(work, f"STORESCP@127.0.0.1:{pacs.port}", bundles=(lesion,))
+    try:
+        source = work / "source.dcm"
+        ds = with_new_uids(get_testdata_file("CT_small.dcm"), source)
+        store(server.port, [source])
+        files = wait_for(lambda: len(pacs.files()) >= 2 and pacs.files(), RESULT_TIMEOUT_S,
+                         "the SR and the SC at storescp")
+        objects = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID): f for f in files}
+        assert set(objects) == {SR_CLASS, SC_CLASS}, objects
+        source_errors = dciodvfy_errors(source)
+        for path in objects.values():
+            new = dciodvfy_errors(path) - source_errors
+            assert not new, f"dciodvfy errors in {path.name}: {sorted(new)}"
+
+        sc = pydicom.dcmread(objects[SC_CLASS])
+        assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
+        assert "heatmap" in sc.DerivationDescription
+        sr = pydicom.dcmread(objects[SR_CLASS])
+        illustrations = []
+
+        def walk(items):
+            for item in items:
+                if item.get("ValueType") == "IMAGE" and "ConceptNameCodeSequence" in item:
+                    code = item.ConceptNameCodeSequence[0]
+                    illustrations.append((code.CodeValue, code.CodingSchemeDesignator,
+                                          str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)))
+                if "ContentSequence" in item:
+                    walk(item.ContentSequence)
+
+        walk(sr.ContentSequence)
+        assert illustrations == [("121200", "DCM", str(sc.SOPInstanceUID))], illustrations
+        evidence = sr.PertinentOtherEvidenceSequence[0].ReferencedSeriesSequence[0]
+        assert str(evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) == str(sc.SOPInstanceUID)
+
+        # Where the heatmap is: the reference occlusion map of the same preprocessed image,
+        # mapped from the 128 x 128 model input back onto the source's pixels (centred pad,
+        # area resize), coloured at its peak and grey where it is below the drawing floor.
+        spec = imaging.Preprocessing(height=128, width=128, window="percentile", low=0.5,
+                                     high=99.5, aspect="pad", pad_value=0.0, mean=0.5, std=0.25)
+        x = imaging.preprocess(ds.pixel_array, spec,
+                               slope=float(getattr(ds, "RescaleSlope", 1.0)),
+                               intercept=float(getattr(ds, "RescaleIntercept", 0.0)),
+                               monochrome1=ds.PhotometricInterpretation == "MONOCHROME1")
+        sess = ort.InferenceSession(str(lesion / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        ref, _ = ld.occlusion_saliency(sess, x.astype(np.float32))
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        side = max(rows, cols)
+        top, left, scale = (side - rows) // 2, (side - cols) // 2, 128 / side
+        # A narrow image is centred on black columns, so the warning fits on one line.
+        widened = (int(sc.Columns) - cols) // 2
+        pixels = sc.pixel_array[:rows, widened:widened + cols].astype(int)
+
+        def at(py, px):
+            r = int(round((py + 0.5) / scale - 0.5 - top))
+            c = int(round((px + 0.5) / scale - 0.5 - left))
+            return pixels[min(max(r, 0), rows - 1), min(max(c, 0), cols - 1)]
+
+        assert ref.max() > 0, "the reference finds evidence somewhere"
+        py, px = ld.saliency_peak(ref)
+        peak = at(py, px)
+        assert not (peak[0] == peak[1] == peak[2]), f"grey at the saliency peak: {peak}"
+        ys, xs = np.nonzero(ref <= 0.0)
+        assert len(ys) > 0
+        # A point of no evidence well away from the evidence (the heatmap is bilinear).
+        far = np.argmax((ys - py) ** 2 + (xs - px) ** 2)
+        quiet = at(ys[far], xs[far])
+        assert quiet[0] == quiet[1] == quiet[2], f"colour where there is no evidence: {quiet}"
+        job = wait_for(lambda: (r := server.results(str(ds.StudyInstanceUID))) and r["series"][0]["jobs"][0],
+                       RESULT_TIMEOUT_S, "the job in the results API")
+        assert job["bundle"] == "lesion-detection"
+    finally:
+        stop(server.proc)
+        stop(pacs.proc)

@@ -90,6 +90,7 @@ pub(crate) fn ascii_line(text: &str) -> String {
 
 /// Burn `lines` into `pixels` (`rows`×`columns`, `samples` bytes per pixel, interleaved).
 /// Returns the new row count; `pixels` grows by the band when it is appended.
+#[cfg(test)]
 pub(crate) fn burn(
     pixels: &mut Vec<u8>,
     rows: usize,
@@ -97,8 +98,24 @@ pub(crate) fn burn(
     samples: usize,
     lines: &[String],
 ) -> usize {
+    burn_band(pixels, rows, columns, samples, lines, None)
+}
+
+/// [`burn`], and under the text, where the image is RGB and `bar` is given, a colour bar:
+/// `LOW`, the colours of `bar` from left to right across the band, `HIGH` (the legend of a
+/// heatmap). A grey image gets no bar. This is the band of every Nightingale result image,
+/// public so that the heatmap PNG of `/explain` carries the same legend.
+pub fn burn_band(
+    pixels: &mut Vec<u8>,
+    rows: usize,
+    columns: usize,
+    samples: usize,
+    lines: &[String],
+    bar: Option<&[[u8; 3]]>,
+) -> usize {
+    let bar = bar.filter(|b| samples == 3 && !b.is_empty());
     let (s, lines) = layout(columns, lines);
-    let band = band_rows(lines.len(), s);
+    let band = band_rows(lines.len() + usize::from(bar.is_some()), s);
     let stride = columns * samples;
     let (top, total) = if rows + band <= usize::from(u16::MAX) {
         pixels.resize((rows + band) * stride, 0);
@@ -108,10 +125,52 @@ pub(crate) fn burn(
         pixels[top * stride..].fill(0);
         (top, rows)
     };
+    let canvas = Canvas {
+        columns,
+        samples,
+        total,
+        s,
+    };
     for (n, line) in lines.iter().enumerate() {
         let y0 = top + s * (GLYPH / 2 + n * (GLYPH + 2));
-        for (k, ch) in line.bytes().enumerate() {
-            let x0 = s * GLYPH * (k + 1);
+        canvas.text(pixels, s * GLYPH, y0, line);
+    }
+    if let Some(bar) = bar {
+        let y0 = top + s * (GLYPH / 2 + lines.len() * (GLYPH + 2));
+        let (low, high) = ("LOW", "HIGH");
+        let x_bar = s * GLYPH * (low.len() + 2);
+        let x_end = columns.saturating_sub(s * GLYPH * (high.len() + 2));
+        canvas.text(pixels, s * GLYPH, y0, low);
+        if x_end > x_bar {
+            let width = x_end - x_bar;
+            for x in x_bar..x_end {
+                let colour = bar[((x - x_bar) * bar.len() / width).min(bar.len() - 1)];
+                for y in y0..(y0 + s * GLYPH).min(total) {
+                    let at = y * columns * 3 + x * 3;
+                    pixels[at..at + 3].copy_from_slice(&colour);
+                }
+            }
+            canvas.text(pixels, x_end + s * GLYPH, y0, high);
+        }
+    }
+    total
+}
+
+/// Where text is drawn: the image's geometry and the glyph scale.
+struct Canvas {
+    columns: usize,
+    samples: usize,
+    total: usize,
+    s: usize,
+}
+
+impl Canvas {
+    /// White `text` with its top-left corner at (`x0`, `y0`), clipped to the image.
+    fn text(&self, pixels: &mut [u8], x0: usize, y0: usize, text: &str) {
+        let (s, columns, samples) = (self.s, self.columns, self.samples);
+        let stride = columns * samples;
+        for (k, ch) in text.bytes().enumerate() {
+            let x0 = x0 + s * GLYPH * k;
             if x0 >= columns {
                 break;
             }
@@ -123,7 +182,7 @@ pub(crate) fn burn(
                     }
                     for dy in 0..s {
                         let y = y0 + gy * s + dy;
-                        if y >= total {
+                        if y >= self.total {
                             break;
                         }
                         for dx in 0..s {
@@ -139,7 +198,6 @@ pub(crate) fn burn(
             }
         }
     }
-    total
 }
 
 #[cfg(test)]
@@ -243,6 +301,30 @@ mod tests {
                 proptest::prop_assert!(px[..rows * columns * samples].iter().all(|&v| v == 9));
             }
         }
+    }
+
+    #[test]
+    fn a_colour_bar_runs_low_to_high_under_the_text_of_an_rgb_image() {
+        let l = lines(&["HEATMAP"]);
+        let bar: Vec<[u8; 3]> = (0..=255u8).map(|v| [v, 0, 255 - v]).collect();
+        let (rows, columns) = (10, 300);
+        let mut px = vec![50u8; rows * columns * 3];
+        let total = burn_band(&mut px, rows, columns, 3, &l, Some(&bar));
+        assert_eq!(total, rows + band_rows(2, 1));
+        assert!(px[..rows * columns * 3].iter().all(|&v| v == 50));
+        // The bar's row: its first coloured pixel is the low end, its last the high end.
+        let y = rows + GLYPH / 2 + (GLYPH + 2) + GLYPH / 2;
+        let row = &px[y * columns * 3..(y + 1) * columns * 3];
+        let coloured: Vec<&[u8]> = row.chunks(3).filter(|p| p[2] > 0 && p[0] != 255).collect();
+        assert!(coloured.len() > 200, "{}", coloured.len());
+        assert_eq!(coloured.first().unwrap(), &&[0u8, 0, 255][..]);
+        assert_eq!(coloured.last().unwrap(), &&[254u8, 0, 1][..]);
+        // A grey image gets no bar (and no extra line).
+        let mut grey = vec![50u8; rows * columns];
+        assert_eq!(
+            burn_band(&mut grey, rows, columns, 1, &l, Some(&bar)),
+            rows + band_rows(1, 1)
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
-use super::burn::{MAX_LINES, ascii_line, burn};
+use super::burn::{MAX_LINES, ascii_line, burn_band};
 use super::common::{
     all_ascii, copy_source, date_time, ds, put, put_code, put_equipment, put_multi, put_seq,
     put_sop_common, short, to_part10,
@@ -36,6 +36,19 @@ pub struct RenderedImage {
     pub source_sop_instance_uid: Uid,
     /// The frame it shows, for a multi-frame source (1-based, as DICOM numbers frames).
     pub frame: Option<u32>,
+    /// A saliency heatmap laid over the image (RGB pixels only): named in the burned-in
+    /// text, its colour bar drawn under it, and declared in the derivation description.
+    pub heatmap: Option<Heatmap>,
+}
+
+/// What a heatmap overlaid on a [`RenderedImage`] shows.
+#[derive(Debug, Clone)]
+pub struct Heatmap {
+    /// One line of ASCII saying what the colours mean, e.g.
+    /// `HEATMAP: occlusion saliency for "present" (evidence for it)`.
+    pub caption: String,
+    /// The colour map from low to high, for the legend.
+    pub colours: Vec<[u8; 3]>,
 }
 
 impl RenderedImage {
@@ -66,10 +79,10 @@ impl RenderedImage {
 }
 
 /// The lines burned in: the warning, one line per finding (at most [`MAX_LINES`] in all),
-/// and the model.
-fn lines(ctx: &ResultContext, findings: &[Finding]) -> Vec<String> {
+/// the model, and what a heatmap shows.
+fn lines(ctx: &ResultContext, findings: &[Finding], heatmap: Option<&Heatmap>) -> Vec<String> {
     let mut out = vec![AI_RESULT_LABEL.to_owned()];
-    let room = MAX_LINES - 2;
+    let room = MAX_LINES - 2 - usize::from(heatmap.is_some());
     let shown = if findings.len() > room {
         room - 1
     } else {
@@ -94,6 +107,9 @@ fn lines(ctx: &ResultContext, findings: &[Finding]) -> Vec<String> {
         "{} {} - {MANUFACTURER} {}",
         ctx.bundle_name, ctx.bundle_version, ctx.nightingale_version
     )));
+    if let Some(h) = heatmap {
+        out.push(ascii_line(&h.caption));
+    }
     out
 }
 
@@ -236,7 +252,11 @@ pub fn build_sc(
         &mut obj,
         tags::DERIVATION_DESCRIPTION,
         VR::ST,
-        "Rendered for display, AI result burned in",
+        if image.heatmap.is_some() {
+            "Rendered for display, AI saliency heatmap overlaid, AI result burned in"
+        } else {
+            "Rendered for display, AI result burned in"
+        },
     );
     put(&mut obj, tags::BURNED_IN_ANNOTATION, VR::CS, "YES");
     for e in &source.lossy[index] {
@@ -271,12 +291,14 @@ pub fn build_sc(
         RenderedPixels::Grey(p) => (1u16, "MONOCHROME2", p),
         RenderedPixels::Rgb(p) => (3u16, "RGB", p),
     };
-    let rows = burn(
+    let heatmap = image.heatmap.as_ref().filter(|_| samples == 3);
+    let rows = burn_band(
         &mut pixels,
         image.rows,
         image.columns,
         usize::from(samples),
-        &lines(ctx, findings),
+        &lines(ctx, findings, heatmap),
+        heatmap.map(|h| h.colours.as_slice()),
     );
     if pixels.len() % 2 == 1 {
         pixels.push(0);
@@ -341,14 +363,14 @@ mod tests {
     #[test]
     fn lines_are_bounded_and_summarised() {
         let many: Vec<_> = (0..100).map(finding).collect();
-        let l = lines(&ctx(), &many);
+        let l = lines(&ctx(), &many, None);
         assert_eq!(l.len(), MAX_LINES);
         assert_eq!(l[0], AI_RESULT_LABEL);
         assert_eq!(
             l[MAX_LINES - 2],
             "... 79 more findings in the structured report"
         );
-        let few = lines(&ctx(), &[finding(1)]);
+        let few = lines(&ctx(), &[finding(1)], None);
         assert_eq!(
             few,
             vec![
@@ -360,6 +382,18 @@ mod tests {
                 ),
             ]
         );
+        // With a heatmap: its caption last, and still at most MAX_LINES.
+        let h = Heatmap {
+            caption: "HEATMAP: occlusion saliency for present".into(),
+            colours: vec![[0, 0, 0], [255, 255, 255]],
+        };
+        let l = lines(&ctx(), &many, Some(&h));
+        assert_eq!(l.len(), MAX_LINES);
+        assert_eq!(l[MAX_LINES - 1], h.caption);
+        assert_eq!(
+            l[MAX_LINES - 3],
+            "... 80 more findings in the structured report"
+        );
     }
 
     #[test]
@@ -370,6 +404,7 @@ mod tests {
             pixels,
             source_sop_instance_uid: Uid::generate(),
             frame: None,
+            heatmap: None,
         };
         assert!(matches!(
             img(0, 5, RenderedPixels::Grey(vec![])).check(),

@@ -147,7 +147,11 @@ pub(crate) fn sop_ref(sop_class: &Uid, sop_instance: &Uid) -> InMemDicomObject {
     r
 }
 
-fn measurement_group(ctx: &ResultContext, f: &Finding) -> InMemDicomObject {
+fn measurement_group(
+    ctx: &ResultContext,
+    f: &Finding,
+    illustration: Option<&ResultObject>,
+) -> InMemDicomObject {
     let presence = if f.positive {
         Code::new("52101004", "SCT", "Present")
     } else {
@@ -176,7 +180,23 @@ fn measurement_group(ctx: &ResultContext, f: &Finding) -> InMemDicomObject {
                 &dcm("121106", "Comment"),
                 &format!("Intended use: {}", ctx.intended_use),
             ),
-        ],
+        ]
+        .into_iter()
+        .chain(illustration.map(|sc| {
+            let mut obj = item(
+                Some("CONTAINS"),
+                "IMAGE",
+                Some(&dcm("121200", "Illustration of ROI")),
+            );
+            let class = Uid::parse(sc.sop_class_uid).expect("a constant UID");
+            put_seq(
+                &mut obj,
+                tags::REFERENCED_SOP_SEQUENCE,
+                vec![sop_ref(&class, &sc.sop_instance_uid)],
+            );
+            obj
+        }))
+        .collect(),
     )
 }
 
@@ -185,6 +205,20 @@ pub fn build_sr(
     source: &SourceSeries,
     ctx: &ResultContext,
     findings: &[Finding],
+) -> Result<ResultObject, ResultError> {
+    build_sr_illustrated(source, ctx, findings, None)
+}
+
+/// [`build_sr`], with the first finding's measurement group referring to `illustration`
+/// (the secondary capture that shows that finding's saliency heatmap) as
+/// `CONTAINS IMAGE (121200, DCM, "Illustration of ROI")`, and the secondary capture listed
+/// in the Pertinent Other Evidence Sequence (every instance an SR's content refers to is in
+/// one of its evidence sequences, PS3.3 C.17.2.3).
+pub fn build_sr_illustrated(
+    source: &SourceSeries,
+    ctx: &ResultContext,
+    findings: &[Finding],
+    illustration: Option<&ResultObject>,
 ) -> Result<ResultObject, ResultError> {
     check_findings(findings)?;
     let sop_instance_uid = Uid::generate();
@@ -309,6 +343,34 @@ pub fn build_sr(
         tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE,
         vec![study],
     );
+    if let Some(sc) = illustration {
+        let class = Uid::parse(sc.sop_class_uid).expect("a constant UID");
+        let mut series = InMemDicomObject::new_empty();
+        put(
+            &mut series,
+            tags::SERIES_INSTANCE_UID,
+            VR::UI,
+            sc.series_instance_uid.as_str(),
+        );
+        put_seq(
+            &mut series,
+            tags::REFERENCED_SOP_SEQUENCE,
+            vec![sop_ref(&class, &sc.sop_instance_uid)],
+        );
+        let mut study = InMemDicomObject::new_empty();
+        put(
+            &mut study,
+            tags::STUDY_INSTANCE_UID,
+            VR::UI,
+            sc.study_instance_uid.as_str(),
+        );
+        put_seq(&mut study, tags::REFERENCED_SERIES_SEQUENCE, vec![series]);
+        put_seq(
+            &mut obj,
+            tags::PERTINENT_OTHER_EVIDENCE_SEQUENCE,
+            vec![study],
+        );
+    }
 
     // SR Document Content
     let mut template = InMemDicomObject::new_empty();
@@ -373,7 +435,11 @@ pub fn build_sr(
     children.push(container(
         Some("CONTAINS"),
         &dcm("126010", "Imaging Measurements"),
-        findings.iter().map(|f| measurement_group(ctx, f)).collect(),
+        findings
+            .iter()
+            .enumerate()
+            .map(|(k, f)| measurement_group(ctx, f, illustration.filter(|_| k == 0)))
+            .collect(),
     ));
     let root = container(None, &dcm("126000", "Imaging Measurement Report"), children);
     for e in root {
