@@ -271,6 +271,122 @@ struct Identity {
     series_uid: String,
 }
 
+/// A data set being received into its temporary file ([`Spool::begin`]). Dropping it
+/// before [`Spool::finish`] deletes the file.
+pub struct Upload {
+    /// The temporary file; `None` once handed to the commit.
+    tmp: Option<PathBuf>,
+    /// Open for writing; `None` after a write error.
+    file: Option<File>,
+    /// The first write error: the data set is still received (and kept in memory) so that
+    /// the C-STORE is answered in turn, with this error.
+    error: Option<std::io::Error>,
+    hasher: Sha256,
+    /// The data set so far, for the structure walk at the end (and for quarantine).
+    data: Vec<u8>,
+    /// What the file meta says.
+    sop_class_uid: String,
+    sop_instance_uid: String,
+}
+
+impl Upload {
+    /// Writes the next fragment of the data set to the file (the page cache: the fsync
+    /// comes at [`Spool::finish`]) and hashes it.
+    pub fn append(&mut self, fragment: Vec<u8>) {
+        if let Some(file) = self.file.as_mut()
+            && let Err(e) = file.write_all(&fragment)
+        {
+            self.error = Some(e);
+            self.file = None;
+        }
+        self.hasher.update(&fragment);
+        if self.data.is_empty() && self.data.capacity() < fragment.len() {
+            self.data = fragment;
+        } else {
+            self.data.extend_from_slice(&fragment);
+        }
+    }
+
+    /// Bytes of the data set received so far.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// True before the first fragment.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// The memory that held the data set, emptied, for the next [`Spool::begin`] (a
+    /// receiver that reuses it spares the allocator and the page faults of a fresh buffer).
+    pub fn into_buffer(mut self) -> Vec<u8> {
+        self.discard();
+        let mut data = std::mem::take(&mut self.data);
+        data.clear();
+        data
+    }
+
+    /// Closes the temporary file and deletes it, unless it was handed to the commit.
+    fn discard(&mut self) {
+        self.file = None;
+        if let Some(tmp) = self.tmp.take() {
+            let _ = fs::remove_file(tmp);
+        }
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        self.discard();
+    }
+}
+
+/// The index row of a checked data set in the spool at `root`, and its path relative to it.
+fn stored_of(
+    root: &Path,
+    identity: Identity,
+    incoming: &Incoming<'_>,
+    size: u64,
+    sha256: String,
+) -> (Stored, PathBuf) {
+    let relative = instance_path(&identity);
+    let stored = Stored {
+        path: root.join(&relative),
+        sop_instance_uid: identity.sop_instance_uid,
+        sop_class_uid: identity.sop_class_uid,
+        study_uid: identity.study_uid,
+        series_uid: identity.series_uid,
+        transfer_syntax: sop::trim_uid(incoming.transfer_syntax).to_owned(),
+        calling_ae: incoming.calling_ae.trim().to_owned(),
+        received_at_ms: now_ms(),
+        size,
+        sha256,
+        duplicate: false,
+    };
+    (stored, relative)
+}
+
+/// The file meta group of a stored instance.
+fn file_meta(
+    sop_class_uid: &str,
+    sop_instance_uid: &str,
+    transfer_syntax: &str,
+    calling_ae: &str,
+) -> Result<FileMetaTable, StoreError> {
+    FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(sop_class_uid)
+        .media_storage_sop_instance_uid(sop_instance_uid)
+        .transfer_syntax(transfer_syntax)
+        .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
+        .implementation_version_name(IMPLEMENTATION_VERSION_NAME)
+        .source_application_entity_title(calling_ae)
+        .build()
+        .map_err(|e| StoreError::CannotParse {
+            transfer_syntax: transfer_syntax.to_owned(),
+            detail: e.to_string(),
+        })
+}
+
 impl Spool {
     /// Opens (creating if needed) the spool in `root` and reconciles the index with the files.
     pub fn open(root: &Path, options: SpoolOptions) -> Result<(Spool, Recovery), SpoolError> {
@@ -362,21 +478,154 @@ impl Spool {
         };
         self.check_space(dataset.len() as u64 + 1024)?;
         let sha256 = hex::encode(Sha256::digest(dataset));
-        let relative = instance_path(&identity);
-        let stored = Stored {
-            path: self.root.join(&relative),
-            sop_instance_uid: identity.sop_instance_uid,
-            sop_class_uid: identity.sop_class_uid,
-            study_uid: identity.study_uid,
-            series_uid: identity.series_uid,
-            transfer_syntax: sop::trim_uid(incoming.transfer_syntax).to_owned(),
-            calling_ae: incoming.calling_ae.trim().to_owned(),
-            received_at_ms: now_ms(),
-            size: dataset.len() as u64,
-            sha256,
-            duplicate: false,
-        };
+        let (stored, relative) =
+            stored_of(&self.root, identity, incoming, dataset.len() as u64, sha256);
+        self.settle(dataset, incoming, stored, relative, |stored| {
+            // Write and fsync the whole file before it gets its name.
+            let meta = file_meta(
+                &stored.sop_class_uid,
+                &stored.sop_instance_uid,
+                &stored.transfer_syntax,
+                &stored.calling_ae,
+            )?;
+            let tmp = self.temp_path();
+            if let Err(source) = write_part10(&tmp, &meta, dataset) {
+                let _ = fs::remove_file(&tmp);
+                return Err(io_error("write", source));
+            }
+            Ok(tmp)
+        })
+    }
 
+    /// Starts receiving a data set straight into a temporary file (the DIMSE SCP's path):
+    /// the file meta is written now, from what the C-STORE command announced, and each
+    /// fragment is written and hashed as it arrives ([`Upload::append`]); [`Spool::finish`]
+    /// then checks, fsyncs and commits it like [`Spool::store`]. Fails (and the caller
+    /// falls back to [`Spool::store`]) when the announced values cannot make a file meta,
+    /// the spool is below its high-water mark, or the file cannot be created. `buffer`
+    /// (emptied) holds the data set in memory too, for the checks at the end: pass the one
+    /// [`Upload::into_buffer`] gave back, or `Vec::new()`.
+    pub fn begin(&self, announced: &Incoming<'_>, buffer: Vec<u8>) -> Result<Upload, StoreError> {
+        let (Some(class), Some(instance)) = (
+            announced.expected_sop_class,
+            announced.expected_sop_instance,
+        ) else {
+            return Err(StoreError::MissingAttribute {
+                name: "SOPInstanceUID",
+            });
+        };
+        let (class, instance) = (sop::trim_uid(class), sop::trim_uid(instance));
+        if !sop::is_acceptable_uid(class) || !sop::is_acceptable_uid(instance) {
+            return Err(StoreError::InvalidUid {
+                name: "SOPInstanceUID",
+            });
+        }
+        self.check_space(1024)?;
+        let transfer_syntax = sop::trim_uid(announced.transfer_syntax).to_owned();
+        let calling_ae = announced.calling_ae.trim().to_owned();
+        let meta = file_meta(class, instance, &transfer_syntax, &calling_ae)?;
+        let mut head = Vec::with_capacity(512);
+        head.extend_from_slice(&[0u8; 128]);
+        head.extend_from_slice(b"DICM");
+        meta.write(&mut head).map_err(|e| StoreError::CannotParse {
+            transfer_syntax: transfer_syntax.clone(),
+            detail: e.to_string(),
+        })?;
+        let tmp = self.temp_path();
+        let mut file = File::create(&tmp).map_err(|e| io_error("create", e))?;
+        let mut upload = Upload {
+            tmp: Some(tmp),
+            file: None,
+            error: None,
+            hasher: Sha256::new(),
+            data: {
+                let mut buffer = buffer;
+                buffer.clear();
+                buffer
+            },
+            sop_class_uid: class.to_owned(),
+            sop_instance_uid: instance.to_owned(),
+        };
+        match file.write_all(&head) {
+            Ok(()) => upload.file = Some(file),
+            Err(e) => return Err(io_error("write", e)),
+        }
+        Ok(upload)
+    }
+
+    /// Ends an [`Upload`] whose last fragment arrived: the same checks, answers and
+    /// guarantees as [`Spool::store`] (`incoming` must be what [`Spool::begin`] got).
+    /// Returns once the file, its directory entry and its index row are durable. The
+    /// upload is spent (its temporary file committed or deleted), its buffer kept for
+    /// [`Upload::into_buffer`].
+    pub fn finish(
+        &self,
+        upload: &mut Upload,
+        incoming: &Incoming<'_>,
+    ) -> Result<Stored, StoreError> {
+        let data = std::mem::take(&mut upload.data);
+        let result = self.finish_with(upload, &data, incoming);
+        upload.discard();
+        upload.data = data;
+        result
+    }
+
+    fn finish_with(
+        &self,
+        upload: &mut Upload,
+        data: &[u8],
+        incoming: &Incoming<'_>,
+    ) -> Result<Stored, StoreError> {
+        let identity = match validate(data, incoming) {
+            Ok(identity) => identity,
+            Err(e) => {
+                upload.discard();
+                if e.is_refusal() {
+                    self.quarantine(data, incoming, &e);
+                }
+                return Err(e);
+            }
+        };
+        if identity.sop_class_uid != upload.sop_class_uid
+            || identity.sop_instance_uid != upload.sop_instance_uid
+        {
+            // The file meta says otherwise (only when the caller announced nothing):
+            // write the file again from the data set.
+            upload.discard();
+            return self.store(data, incoming);
+        }
+        self.check_space(data.len() as u64 + 1024)?;
+        if let Some(e) = upload.error.take() {
+            return Err(io_error("write", e));
+        }
+        let sha256 = hex::encode(std::mem::take(&mut upload.hasher).finalize());
+        let (stored, relative) =
+            stored_of(&self.root, identity, incoming, data.len() as u64, sha256);
+        self.settle(data, incoming, stored, relative, |_| {
+            let file = upload
+                .file
+                .take()
+                .expect("an upload without error has its file");
+            file.sync_all().map_err(|e| io_error("write", e))?;
+            drop(file);
+            // From here the commit owns (and on failure deletes) the temporary file.
+            Ok(upload
+                .tmp
+                .take()
+                .expect("an upload owns its file until finished"))
+        })
+    }
+
+    /// The end of a store whose data set was checked: a duplicate is answered from the
+    /// index; otherwise `write` gives the fsynced temporary file, which is committed.
+    fn settle(
+        &self,
+        dataset: &[u8],
+        incoming: &Incoming<'_>,
+        stored: Stored,
+        relative: PathBuf,
+        write: impl FnOnce(&Stored) -> Result<PathBuf, StoreError>,
+    ) -> Result<Stored, StoreError> {
         // An instance already indexed needs no write at all.
         let existing = {
             let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
@@ -384,31 +633,13 @@ impl Spool {
         };
         let result = match existing {
             Some(existing) => self.as_duplicate(stored, existing),
-            None => {
-                // Write and fsync the whole file before it gets its name.
-                let meta = FileMetaTableBuilder::new()
-                    .media_storage_sop_class_uid(stored.sop_class_uid.as_str())
-                    .media_storage_sop_instance_uid(stored.sop_instance_uid.as_str())
-                    .transfer_syntax(stored.transfer_syntax.as_str())
-                    .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
-                    .implementation_version_name(IMPLEMENTATION_VERSION_NAME)
-                    .source_application_entity_title(stored.calling_ae.as_str())
-                    .build()
-                    .map_err(|e| StoreError::CannotParse {
-                        transfer_syntax: incoming.transfer_syntax.to_owned(),
-                        detail: e.to_string(),
-                    })?;
-                let tmp = self.temp_path();
-                if let Err(source) = write_part10(&tmp, &meta, dataset) {
-                    let _ = fs::remove_file(&tmp);
-                    return Err(io_error("write", source));
-                }
+            None => write(&stored).and_then(|tmp| {
                 self.commit(Placement {
                     tmp,
                     relative,
                     stored,
                 })
-            }
+            }),
         };
         if let Err(StoreError::Conflict) = result {
             // Another version of a stored instance: the first stays; this one is kept in
