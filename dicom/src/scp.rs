@@ -1066,7 +1066,9 @@ pub fn status_of(e: &StoreError) -> u16 {
         | StoreError::Mismatch { .. }
         | StoreError::MissingPixelData => status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
         StoreError::Conflict => status::DUPLICATE_SOP_INSTANCE,
-        StoreError::Io { .. } | StoreError::Index(_) => status::PROCESSING_FAILURE,
+        StoreError::Io { .. } | StoreError::Index(_) | StoreError::Torn => {
+            status::PROCESSING_FAILURE
+        }
     }
 }
 
