@@ -852,6 +852,14 @@ impl Spool {
         let linked = match fs::hard_link(&tmp, &stored.path) {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            // A file system without hard links (FAT and the like): the old order, data
+            // durable before it gets its name.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::PermissionDenied
+                    || e.kind() == std::io::ErrorKind::Unsupported =>
+            {
+                return self.place_serially(tmp, file, relative, stored, dir);
+            }
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
                 return Err(io_error("rename", e));
@@ -875,6 +883,34 @@ impl Spool {
             relative,
             stored,
             linked,
+        })
+    }
+
+    /// [`Spool::place`] where the file system cannot link: fsync the file, rename it into
+    /// place (replacing at worst a file with the same name, so the same bytes, already
+    /// durable too), then fsync the folder: two flushes one after the other.
+    fn place_serially(
+        &self,
+        tmp: PathBuf,
+        file: File,
+        relative: PathBuf,
+        stored: Stored,
+        dir: PathBuf,
+    ) -> Result<Placed, StoreError> {
+        let renamed = file
+            .sync_all()
+            .and_then(|()| fs::rename(&tmp, &stored.path));
+        drop(file);
+        if let Err(e) = renamed {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_error("rename", e));
+        }
+        let ticket = self.dirs.request(dir);
+        self.dirs.wait(ticket).map_err(|e| io_error("sync", e))?;
+        Ok(Placed {
+            relative,
+            stored,
+            linked: true,
         })
     }
 
