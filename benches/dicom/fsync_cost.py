@@ -1,7 +1,13 @@
 #!/usr/bin/env python3
-"""What one durable store costs the file system: write a 512 KB file to a temporary folder,
-fsync it, rename it into another folder, fsync that folder (the spool's sequence for one
-instance, see dicom/src/spool.rs). Prints the median and the 10th/90th percentiles of N runs.
+"""What one durable store costs the file system, in the two orders the spool has used
+(see dicom/src/spool.rs), interleaved run by run on the same disk:
+
+- "serial" (before 2026-12-02): write a 512 KB file to a temporary folder, fsync it, rename
+  it into another folder, fsync that folder: two device flushes one after the other;
+- "parallel" (now): write the file, link it into the other folder, then fsync the file and
+  the folder at the same time (two threads), so that one flush can cover both.
+
+Prints the median and the 10th/90th percentiles of N runs of each.
 
     python3 benches/dicom/fsync_cost.py [DIR] [--runs N] [--size BYTES]
 
@@ -15,8 +21,53 @@ import argparse
 import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def serial(tmp: Path, dest: Path, i: int, payload: bytes) -> float:
+    t0 = time.perf_counter()
+    part = tmp / f"{i}.part"
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, payload)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(part, dest / f"{i}.dcm")
+    fsync_path(dest)
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def parallel(tmp: Path, dest: Path, i: int, payload: bytes) -> float:
+    t0 = time.perf_counter()
+    part = tmp / f"{i}.part"
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, payload)
+        os.link(part, dest / f"{i}.dcm")
+        os.unlink(part)
+        folder = threading.Thread(target=fsync_path, args=(dest,))
+        folder.start()
+        os.fsync(fd)
+        folder.join()
+    finally:
+        os.close(fd)
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def summary(name: str, times: list[float]) -> str:
+    q = statistics.quantiles(sorted(times), n=10)
+    return f"{name}: median {statistics.median(times):.2f} ms, p10 {q[0]:.2f} ms, p90 {q[-1]:.2f} ms"
 
 
 def main() -> None:
@@ -28,35 +79,18 @@ def main() -> None:
     base = Path(args.dir) if args.dir else Path(__file__).resolve().parents[2] / "target"
     base.mkdir(parents=True, exist_ok=True)
     payload = os.urandom(args.size)
-    times = []
+    times: dict[str, list[float]] = {"serial": [], "parallel": []}
     with tempfile.TemporaryDirectory(dir=base, prefix="fsync-cost-") as root:
         tmp = Path(root) / "tmp"
         dest = Path(root) / "instances"
         tmp.mkdir()
         dest.mkdir()
         for i in range(args.runs):
-            t0 = time.perf_counter()
-            part = tmp / f"{i}.part"
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                os.write(fd, payload)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(part, dest / f"{i}.dcm")
-            dfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-            times.append((time.perf_counter() - t0) * 1000.0)
-    times.sort()
-    q = statistics.quantiles(times, n=10)
-    print(
-        f"write+fsync+rename+dir fsync of {args.size} bytes on {base}: "
-        f"median {statistics.median(times):.2f} ms, p10 {q[0]:.2f} ms, p90 {q[-1]:.2f} ms "
-        f"({args.runs} runs)"
-    )
+            times["serial"].append(serial(tmp, dest, 2 * i, payload))
+            times["parallel"].append(parallel(tmp, dest, 2 * i + 1, payload))
+    print(f"durable store of {args.size} bytes on {base}, {args.runs} runs each, interleaved:")
+    print("  " + summary("write, fsync, rename, folder fsync (serial)", times["serial"]))
+    print("  " + summary("write, link, file and folder fsync together (parallel)", times["parallel"]))
 
 
 if __name__ == "__main__":

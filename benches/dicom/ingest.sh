@@ -92,11 +92,22 @@ send() { # port called-AE associations -> prints seconds
 count_indexed() { "$PY" -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("SELECT count(*) FROM instances").fetchone()[0])' "$1/spool/index.sqlite3"; }
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system, clock ticks
+# storescp --fork: the parent's time, its reaped children's, and that of the children
+# (running or not yet reaped) it has now.
+tree_ticks() {
+    local t c
+    t=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$1/stat")
+    for c in $(ps -o pid= --ppid "$1"); do
+        t=$((t + $(awk '{print $14 + $15}' "/proc/$c/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$t"
+}
+ms_per_instance() { printf '%.2f' "$(echo "($2 - $1) * 1000 / $(getconf CLK_TCK) / $COUNT" | bc -l)"; }
 
 rate() { printf '%.0f' "$(echo "$COUNT / $1" | bc -l)"; }
 mbs() { printf '%.1f' "$(echo "$BYTES / $1 / 1000000" | bc -l)"; }
 
-echo "| associations | receiver | seconds | instances/s | MB/s | Nightingale ÷ dcmtk | server CPU ms/instance |"
+echo "| associations | receiver | seconds | instances/s | MB/s | Nightingale ÷ dcmtk | receiver CPU ms/instance |"
 echo "|---|---|---|---|---|---|---|"
 for round in $(seq "$ROUNDS"); do
     for assoc in 1 4; do
@@ -106,8 +117,12 @@ for round in $(seq "$ROUNDS"); do
         cpu0=$(cpu_ticks "$NG_PID")
         ng=$(send "$NG_PORT" NIGHTINGALE "$assoc")
         cpu1=$(cpu_ticks "$NG_PID")
-        ng_cpu=$(printf '%.2f' "$(echo "($cpu1 - $cpu0) * 1000 / $(getconf CLK_TCK) / $COUNT" | bc -l)")
+        ng_cpu=$(ms_per_instance "$cpu0" "$cpu1")
+        dcpu0=$(tree_ticks "$SCP_PID")
         dc=$(send "$SCP_PORT" STORESCP "$assoc")
+        sleep 0.2 # the children exit after the release
+        dcpu1=$(tree_ticks "$SCP_PID")
+        dc_cpu=$(ms_per_instance "$dcpu0" "$dcpu1")
         indexed=$(count_indexed "$run-ng")
         received=$(find "$run-dcmtk" -type f ! -name '*.log' | wc -l)
         kill "$NG_PID" "$SCP_PID" 2>/dev/null || true
@@ -118,7 +133,7 @@ for round in $(seq "$ROUNDS"); do
         fi
         ratio=$(printf '%.2f' "$(echo "$dc / $ng" | bc -l)")
         echo "| $assoc | Nightingale (fsync) | $(printf '%.2f' "$ng") | $(rate "$ng") | $(mbs "$ng") | **${ratio}×** | $ng_cpu |"
-        echo "| $assoc | dcmtk storescp (no fsync) | $(printf '%.2f' "$dc") | $(rate "$dc") | $(mbs "$dc") | 1 | |"
+        echo "| $assoc | dcmtk storescp (no fsync) | $(printf '%.2f' "$dc") | $(rate "$dc") | $(mbs "$dc") | 1 | $dc_cpu |"
         rm -rf "$run-ng" "$run-dcmtk"
     done
 done

@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 
 use crate::events::{AbortedBy, DicomEvent, EventSink, InstanceEvent, NoEvents};
 use crate::sop;
-use crate::spool::{Incoming, Spool, StoreError};
+use crate::spool::{Incoming, Spool, StoreError, Upload};
 
 const C_STORE_RQ: u16 = 0x0001;
 const C_ECHO_RQ: u16 = 0x0030;
@@ -421,10 +421,21 @@ struct Pending {
     message_id: u16,
     sop_class_uid: String,
     sop_instance_uid: String,
+    /// The data set so far, when it is not received straight into the spool.
     data: Vec<u8>,
+    /// The data set being written to its temporary file as it arrives (see
+    /// [`Spool::begin`]); `None`: kept in `data`, stored at the end with [`Spool::store`].
+    upload: Option<Upload>,
     /// Why the data set is being dropped instead of kept, if it is.
     overflow: Option<Overflow>,
     reservation: Reservation,
+}
+
+impl Pending {
+    /// Bytes of the data set received (and kept) so far.
+    fn received(&self) -> usize {
+        self.upload.as_ref().map_or(self.data.len(), Upload::len)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -573,6 +584,8 @@ async fn run_association(
     let mut counts: Counts = (0, 0);
     let mut command: Vec<u8> = Vec::new();
     let mut pending: Option<Pending> = None;
+    // The memory of the last data set received into the spool, for the next one.
+    let mut spare: Vec<u8> = Vec::new();
     loop {
         let pdu = match tokio::time::timeout(config.idle_timeout, association.receive()).await {
             Ok(Ok(pdu)) => pdu,
@@ -624,12 +637,21 @@ async fn run_association(
                                 .map_err(|r| (r, counts))?;
                         }
                         C_STORE_RQ if cmd.data_set_type != NO_DATA_SET => {
+                            let upload = begin_upload(
+                                association,
+                                spool,
+                                calling_ae,
+                                pc,
+                                &cmd,
+                                std::mem::take(&mut spare),
+                            );
                             pending = Some(Pending {
                                 presentation_context_id: pc,
                                 message_id: cmd.message_id,
                                 sop_class_uid: cmd.sop_class_uid,
                                 sop_instance_uid: cmd.sop_instance_uid,
                                 data: Vec::new(),
+                                upload,
                                 overflow: None,
                                 reservation: Reservation::new(budget),
                             });
@@ -660,7 +682,7 @@ async fn run_association(
                     }
                     if p.overflow.is_none() {
                         let n = value.data.len() as u64;
-                        let overflow = if p.data.len() as u64 + n > config.max_instance_bytes {
+                        let overflow = if p.received() as u64 + n > config.max_instance_bytes {
                             Some(Overflow::Instance)
                         } else if !p.reservation.grow(n) {
                             Some(Overflow::Inflight)
@@ -671,7 +693,12 @@ async fn run_association(
                             // Drop what was received; read the rest to answer in turn.
                             p.overflow = overflow;
                             p.data = Vec::new();
+                            p.upload = None; // deletes its temporary file
                             p.reservation.release();
+                        } else if let Some(upload) = p.upload.as_mut() {
+                            // A blocking write on the async worker: at most one PDU into
+                            // the page cache (the fsync runs on a blocking thread).
+                            upload.append(value.data);
                         } else if p.data.is_empty() {
                             p.data = value.data;
                         } else {
@@ -685,7 +712,7 @@ async fn run_association(
                     let pc_id = p.presentation_context_id;
                     let mut event = reporter.instance(&p);
                     let message_id = p.message_id;
-                    let (status, rsp) = store(
+                    let (status, rsp, buffer) = store(
                         association,
                         config,
                         spool,
@@ -695,6 +722,9 @@ async fn run_association(
                         &mut event,
                     )
                     .await;
+                    if let Some(buffer) = buffer.filter(|b| b.capacity() <= MAX_SPARE_BYTES) {
+                        spare = buffer;
+                    }
                     let rsp = reporter
                         .instance_done(event, status, message_id, rsp, &mut counts)
                         .await;
@@ -707,7 +737,43 @@ async fn run_association(
     }
 }
 
-/// Handles one complete C-STORE: returns the encoded C-STORE-RSP.
+/// Starts receiving a C-STORE's data set straight into the spool, when its presentation
+/// context was accepted for its SOP class (anything else is answered at the end by
+/// [`store`], from the data kept in memory, as is any data set the spool cannot begin).
+fn begin_upload(
+    association: &AsyncServerAssociation<TcpStream>,
+    spool: &Spool,
+    calling_ae: &str,
+    presentation_context_id: u8,
+    cmd: &Command,
+    buffer: Vec<u8>,
+) -> Option<Upload> {
+    let context = association.presentation_contexts().iter().find(|pc| {
+        pc.id == presentation_context_id && pc.reason == PresentationContextResultReason::Acceptance
+    })?;
+    if sop::trim_uid(&context.abstract_syntax) != sop::trim_uid(&cmd.sop_class_uid) {
+        return None;
+    }
+    // A blocking file creation on the async worker, like the writes that follow.
+    spool
+        .begin(
+            &Incoming {
+                transfer_syntax: &context.transfer_syntax,
+                calling_ae,
+                expected_sop_class: Some(&cmd.sop_class_uid),
+                expected_sop_instance: Some(&cmd.sop_instance_uid),
+            },
+            buffer,
+        )
+        .ok()
+}
+
+/// The largest buffer an association keeps between data sets (beyond, it is freed): what
+/// idle associations hold is bounded by this times the association cap.
+const MAX_SPARE_BYTES: usize = 4 << 20;
+
+/// Handles one complete C-STORE: returns the status, the encoded C-STORE-RSP, and the
+/// buffer of a data set received into the spool (for the next one).
 async fn store(
     association: &AsyncServerAssociation<TcpStream>,
     config: &ScpConfig,
@@ -716,7 +782,7 @@ async fn store(
     p: Pending,
     counts: &mut Counts,
     event: &mut InstanceEvent,
-) -> (u16, Vec<u8>) {
+) -> (u16, Vec<u8>, Option<Vec<u8>>) {
     let context = association.presentation_contexts().iter().find(|pc| {
         pc.id == p.presentation_context_id
             && pc.reason == PresentationContextResultReason::Acceptance
@@ -730,7 +796,7 @@ async fn store(
             status,
             comment,
         );
-        (status, rsp)
+        (status, rsp, None)
     };
     let Some(context) = context else {
         failed(counts, event, "context_not_accepted");
@@ -773,7 +839,7 @@ async fn store(
     }
     let transfer_syntax = sop::trim_uid(&context.transfer_syntax).to_owned();
     event.transfer_syntax = transfer_syntax.clone();
-    let size = p.data.len();
+    let size = p.received();
     let started = std::time::Instant::now();
     let result = {
         let spool = spool.clone();
@@ -782,29 +848,38 @@ async fn store(
         let sop_instance = p.sop_instance_uid.clone();
         let ts = transfer_syntax.clone();
         let data = p.data;
+        let upload = p.upload;
         // Held until the spool returned: the bytes are in memory until then.
         let _reservation = p.reservation;
         tokio::task::spawn_blocking(move || {
-            let result = spool.store(
-                &data,
-                &Incoming {
-                    transfer_syntax: &ts,
-                    calling_ae: &calling_ae,
-                    expected_sop_class: Some(&sop_class),
-                    expected_sop_instance: Some(&sop_instance),
-                },
-            );
+            let incoming = Incoming {
+                transfer_syntax: &ts,
+                calling_ae: &calling_ae,
+                expected_sop_class: Some(&sop_class),
+                expected_sop_instance: Some(&sop_instance),
+            };
+            let (result, buffer) = match upload {
+                Some(mut upload) => {
+                    let result = spool.finish(&mut upload, &incoming);
+                    (result, Some(upload.into_buffer()))
+                }
+                None => (spool.store(&data, &incoming), None),
+            };
             if let Ok(free) = spool.free_bytes() {
                 metrics::gauge!("nightingale_dicom_spool_free_bytes").set(free as f64);
             }
-            result
+            (result, buffer)
         })
         .await
+    };
+    let (result, buffer) = match result {
+        Ok((result, buffer)) => (Ok(result), buffer),
+        Err(join) => (Err(join), None),
     };
     let class = sop::storage_class(sop::trim_uid(&p.sop_class_uid))
         .map(|c| c.name)
         .unwrap_or("other");
-    match result {
+    let (status, rsp, _) = match result {
         Ok(Ok(stored)) => {
             counts.0 += 1;
             event.sop_class_uid = stored.sop_class_uid.clone();
@@ -841,7 +916,8 @@ async fn store(
             tracing::error!(error = %join, "C-STORE: the spool task failed");
             respond(status::PROCESSING_FAILURE, Some("internal error"))
         }
-    }
+    };
+    (status, rsp, buffer)
 }
 
 // ---- audit events (issue 8, OPS slice) ----
@@ -889,7 +965,7 @@ impl Reporter {
             study_uid: None,
             series_uid: None,
             transfer_syntax: String::new(),
-            size: p.data.len() as u64,
+            size: p.received() as u64,
             status: status::SUCCESS,
             sha256: None,
             duplicate: false,
@@ -990,7 +1066,9 @@ pub fn status_of(e: &StoreError) -> u16 {
         | StoreError::Mismatch { .. }
         | StoreError::MissingPixelData => status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
         StoreError::Conflict => status::DUPLICATE_SOP_INSTANCE,
-        StoreError::Io { .. } | StoreError::Index(_) => status::PROCESSING_FAILURE,
+        StoreError::Io { .. } | StoreError::Index(_) | StoreError::Torn => {
+            status::PROCESSING_FAILURE
+        }
     }
 }
 

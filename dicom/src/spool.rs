@@ -5,23 +5,29 @@
 //! ```text
 //! index.sqlite3                         the index (one row per stored instance)
 //! tmp/                                  files being written (deleted on open)
-//! instances/<study>/<series>/<sop>.dcm  stored instances (file meta + the data set as received)
+//! instances/<study>/<series>/<sop>_<h>.dcm  stored instances (file meta + the data set as
+//!                                       received; <h>: the first 16 hex digits of the data
+//!                                       set's SHA-256)
 //! quarantine/<id>.quarantined           refused objects, as received, with <id>.reason beside
 //! ```
 //!
-//! A store writes the file to `tmp/`, fsyncs it, renames it into place, fsyncs the
-//! directory, and only then adds the index row and returns: an instance reported stored is
-//! on disk. Stores that run at the same time share the directory fsyncs and one index
-//! transaction (group commit, see [`Spool::store`]). The files are the truth; the index is rebuilt from them: on open, leftover
-//! temporary files are deleted, rows whose file is gone are dropped, and files without a
-//! row are indexed (or quarantined when they do not parse).
+//! A store writes the file to `tmp/`, links it under its final name, then fsyncs the file
+//! and its directory at the same time (one device flush covers both), and only then adds
+//! the index row and returns: an instance reported stored is on disk, and an index row
+//! always names a durable, complete file. Stores that run at the same time share the
+//! directory fsyncs (one syncer thread) and one index transaction (group commit, see
+//! [`Spool::store`]). The files are the truth; the index is rebuilt from them: on open,
+//! leftover temporary files are deleted, rows whose file is gone are dropped, and files
+//! without a row are indexed, or quarantined when they do not parse or do not match the
+//! content hash in their name (a crash between the link and the end of the fsyncs can
+//! leave a named file whose data did not all reach the disk: it was never acknowledged).
 
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
@@ -128,6 +134,8 @@ pub enum StoreError {
     MissingPixelData,
     #[error("an instance with this SOP Instance UID but other content is already stored")]
     Conflict,
+    #[error("the file's content does not match the hash in its name (a store cut by a crash)")]
+    Torn,
     #[error("spool I/O error ({op}): {source}")]
     Io {
         op: &'static str,
@@ -168,6 +176,7 @@ impl StoreError {
             StoreError::Mismatch { .. } => "mismatch",
             StoreError::MissingPixelData => "missing_pixel_data",
             StoreError::Conflict => "conflict",
+            StoreError::Torn => "torn",
             StoreError::Io { .. } => "io",
             StoreError::Index(_) => "index",
         }
@@ -210,11 +219,121 @@ pub struct Spool {
     commits: Mutex<CommitQueue>,
     /// Signalled after each group commit.
     committed: Condvar,
+    /// Fsyncs the directories that got new entries.
+    dirs: Arc<DirSyncer>,
 }
 
-/// A written and fsynced temporary file, waiting to be renamed into place and indexed.
+impl Drop for Spool {
+    fn drop(&mut self) {
+        self.dirs.stop();
+    }
+}
+
+/// Directory fsyncs requested by stores, done by one thread in batches: a store links its
+/// file into place, asks for its directory, and fsyncs its file while the directory is
+/// synced, so the two fsyncs share a device flush.
+#[derive(Default)]
+struct DirSyncer {
+    state: Mutex<DirSyncState>,
+    /// Work for the syncer thread.
+    wake: Condvar,
+    /// A batch synced.
+    synced: Condvar,
+}
+
+#[derive(Default)]
+struct DirSyncState {
+    /// The last ticket handed out.
+    next: u64,
+    pending: Vec<(u64, PathBuf)>,
+    /// Every ticket up to this one is settled.
+    done: u64,
+    failed: HashMap<u64, std::io::ErrorKind>,
+    stopped: bool,
+}
+
+impl DirSyncer {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DirSyncState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks for `dir` to be fsynced (after an entry was added to it); returns the ticket.
+    fn request(&self, dir: PathBuf) -> u64 {
+        let mut state = self.lock();
+        state.next += 1;
+        let ticket = state.next;
+        state.pending.push((ticket, dir));
+        drop(state);
+        self.wake.notify_one();
+        ticket
+    }
+
+    /// Waits until the fsync asked for with `ticket` is done.
+    fn wait(&self, ticket: u64) -> std::io::Result<()> {
+        let mut state = self.lock();
+        while state.done < ticket && !state.stopped {
+            state = self.synced.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        if let Some(kind) = state.failed.remove(&ticket) {
+            return Err(kind.into());
+        }
+        if state.done < ticket {
+            return Err(std::io::Error::other("the spool is closing"));
+        }
+        Ok(())
+    }
+
+    fn stop(&self) {
+        self.lock().stopped = true;
+        self.wake.notify_all();
+        self.synced.notify_all();
+    }
+
+    /// The syncer thread: each batch of requests, one fsync per distinct directory.
+    fn run(&self) {
+        loop {
+            let mut state = self.lock();
+            while state.pending.is_empty() && !state.stopped {
+                state = self.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+            }
+            if state.pending.is_empty() {
+                return;
+            }
+            let batch = std::mem::take(&mut state.pending);
+            drop(state);
+            let mut outcome: HashMap<&Path, Option<std::io::ErrorKind>> = HashMap::new();
+            for (_, dir) in &batch {
+                outcome
+                    .entry(dir.as_path())
+                    .or_insert_with(|| sync_dir(dir).err().map(|e| e.kind()));
+            }
+            let mut state = self.lock();
+            for (ticket, dir) in &batch {
+                if let Some(kind) = outcome[dir.as_path()] {
+                    state.failed.insert(*ticket, kind);
+                }
+            }
+            state.done = batch.last().map_or(state.done, |(t, _)| *t);
+            drop(state);
+            self.synced.notify_all();
+        }
+    }
+}
+
+/// A file linked under its final name and durable (file and directory), to be indexed.
+struct Placed {
+    relative: PathBuf,
+    stored: Stored,
+    /// False when the name already held the same bytes (another store's file): not ours
+    /// to delete.
+    linked: bool,
+}
+
+/// A complete temporary file (written, not yet fsynced), to be placed and indexed.
 struct Placement {
     tmp: PathBuf,
+    /// The temporary file, open: fsynced once it has its name.
+    file: File,
     relative: PathBuf,
     stored: Stored,
 }
@@ -231,7 +350,7 @@ struct CommitQueue {
     next_ticket: u64,
     /// True while one caller commits a group.
     committing: bool,
-    waiting: Vec<(u64, Placement)>,
+    waiting: Vec<(u64, Placed)>,
     done: HashMap<u64, Result<Stored, StoreError>>,
 }
 
@@ -269,6 +388,122 @@ struct Identity {
     sop_instance_uid: String,
     study_uid: String,
     series_uid: String,
+}
+
+/// A data set being received into its temporary file ([`Spool::begin`]). Dropping it
+/// before [`Spool::finish`] deletes the file.
+pub struct Upload {
+    /// The temporary file; `None` once handed to the commit.
+    tmp: Option<PathBuf>,
+    /// Open for writing; `None` after a write error.
+    file: Option<File>,
+    /// The first write error: the data set is still received (and kept in memory) so that
+    /// the C-STORE is answered in turn, with this error.
+    error: Option<std::io::Error>,
+    hasher: Sha256,
+    /// The data set so far, for the structure walk at the end (and for quarantine).
+    data: Vec<u8>,
+    /// What the file meta says.
+    sop_class_uid: String,
+    sop_instance_uid: String,
+}
+
+impl Upload {
+    /// Writes the next fragment of the data set to the file (the page cache: the fsync
+    /// comes at [`Spool::finish`]) and hashes it.
+    pub fn append(&mut self, fragment: Vec<u8>) {
+        if let Some(file) = self.file.as_mut()
+            && let Err(e) = file.write_all(&fragment)
+        {
+            self.error = Some(e);
+            self.file = None;
+        }
+        self.hasher.update(&fragment);
+        if self.data.is_empty() && self.data.capacity() < fragment.len() {
+            self.data = fragment;
+        } else {
+            self.data.extend_from_slice(&fragment);
+        }
+    }
+
+    /// Bytes of the data set received so far.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// True before the first fragment.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// The memory that held the data set, emptied, for the next [`Spool::begin`] (a
+    /// receiver that reuses it spares the allocator and the page faults of a fresh buffer).
+    pub fn into_buffer(mut self) -> Vec<u8> {
+        self.discard();
+        let mut data = std::mem::take(&mut self.data);
+        data.clear();
+        data
+    }
+
+    /// Closes the temporary file and deletes it, unless it was handed to the commit.
+    fn discard(&mut self) {
+        self.file = None;
+        if let Some(tmp) = self.tmp.take() {
+            let _ = fs::remove_file(tmp);
+        }
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        self.discard();
+    }
+}
+
+/// The index row of a checked data set in the spool at `root`, and its path relative to it.
+fn stored_of(
+    root: &Path,
+    identity: Identity,
+    incoming: &Incoming<'_>,
+    size: u64,
+    sha256: String,
+) -> (Stored, PathBuf) {
+    let relative = instance_path(&identity, &sha256);
+    let stored = Stored {
+        path: root.join(&relative),
+        sop_instance_uid: identity.sop_instance_uid,
+        sop_class_uid: identity.sop_class_uid,
+        study_uid: identity.study_uid,
+        series_uid: identity.series_uid,
+        transfer_syntax: sop::trim_uid(incoming.transfer_syntax).to_owned(),
+        calling_ae: incoming.calling_ae.trim().to_owned(),
+        received_at_ms: now_ms(),
+        size,
+        sha256,
+        duplicate: false,
+    };
+    (stored, relative)
+}
+
+/// The file meta group of a stored instance.
+fn file_meta(
+    sop_class_uid: &str,
+    sop_instance_uid: &str,
+    transfer_syntax: &str,
+    calling_ae: &str,
+) -> Result<FileMetaTable, StoreError> {
+    FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(sop_class_uid)
+        .media_storage_sop_instance_uid(sop_instance_uid)
+        .transfer_syntax(transfer_syntax)
+        .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
+        .implementation_version_name(IMPLEMENTATION_VERSION_NAME)
+        .source_application_entity_title(calling_ae)
+        .build()
+        .map_err(|e| StoreError::CannotParse {
+            transfer_syntax: transfer_syntax.to_owned(),
+            detail: e.to_string(),
+        })
 }
 
 impl Spool {
@@ -311,6 +546,12 @@ impl Spool {
             );
             CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid, series_uid);",
         )?;
+        let dirs = Arc::new(DirSyncer::default());
+        let syncer = dirs.clone();
+        std::thread::Builder::new()
+            .name("ng-spool-dirsync".into())
+            .spawn(move || syncer.run())
+            .map_err(io(&root))?;
         Ok(Spool {
             root,
             options,
@@ -318,6 +559,7 @@ impl Spool {
             seq: AtomicU64::new(0),
             commits: Mutex::new(CommitQueue::default()),
             committed: Condvar::new(),
+            dirs,
         })
     }
 
@@ -362,21 +604,155 @@ impl Spool {
         };
         self.check_space(dataset.len() as u64 + 1024)?;
         let sha256 = hex::encode(Sha256::digest(dataset));
-        let relative = instance_path(&identity);
-        let stored = Stored {
-            path: self.root.join(&relative),
-            sop_instance_uid: identity.sop_instance_uid,
-            sop_class_uid: identity.sop_class_uid,
-            study_uid: identity.study_uid,
-            series_uid: identity.series_uid,
-            transfer_syntax: sop::trim_uid(incoming.transfer_syntax).to_owned(),
-            calling_ae: incoming.calling_ae.trim().to_owned(),
-            received_at_ms: now_ms(),
-            size: dataset.len() as u64,
-            sha256,
-            duplicate: false,
-        };
+        let (stored, relative) =
+            stored_of(&self.root, identity, incoming, dataset.len() as u64, sha256);
+        self.settle(dataset, incoming, stored, relative, |stored| {
+            let meta = file_meta(
+                &stored.sop_class_uid,
+                &stored.sop_instance_uid,
+                &stored.transfer_syntax,
+                &stored.calling_ae,
+            )?;
+            let tmp = self.temp_path();
+            match write_part10(&tmp, &meta, dataset) {
+                Ok(file) => Ok((tmp, file)),
+                Err(source) => {
+                    let _ = fs::remove_file(&tmp);
+                    Err(io_error("write", source))
+                }
+            }
+        })
+    }
 
+    /// Starts receiving a data set straight into a temporary file (the DIMSE SCP's path):
+    /// the file meta is written now, from what the C-STORE command announced, and each
+    /// fragment is written and hashed as it arrives ([`Upload::append`]); [`Spool::finish`]
+    /// then checks, fsyncs and commits it like [`Spool::store`]. Fails (and the caller
+    /// falls back to [`Spool::store`]) when the announced values cannot make a file meta,
+    /// the spool is below its high-water mark, or the file cannot be created. `buffer`
+    /// (emptied) holds the data set in memory too, for the checks at the end: pass the one
+    /// [`Upload::into_buffer`] gave back, or `Vec::new()`.
+    pub fn begin(&self, announced: &Incoming<'_>, buffer: Vec<u8>) -> Result<Upload, StoreError> {
+        let (Some(class), Some(instance)) = (
+            announced.expected_sop_class,
+            announced.expected_sop_instance,
+        ) else {
+            return Err(StoreError::MissingAttribute {
+                name: "SOPInstanceUID",
+            });
+        };
+        let (class, instance) = (sop::trim_uid(class), sop::trim_uid(instance));
+        if !sop::is_acceptable_uid(class) || !sop::is_acceptable_uid(instance) {
+            return Err(StoreError::InvalidUid {
+                name: "SOPInstanceUID",
+            });
+        }
+        self.check_space(1024)?;
+        let transfer_syntax = sop::trim_uid(announced.transfer_syntax).to_owned();
+        let calling_ae = announced.calling_ae.trim().to_owned();
+        let meta = file_meta(class, instance, &transfer_syntax, &calling_ae)?;
+        let mut head = Vec::with_capacity(512);
+        head.extend_from_slice(&[0u8; 128]);
+        head.extend_from_slice(b"DICM");
+        meta.write(&mut head).map_err(|e| StoreError::CannotParse {
+            transfer_syntax: transfer_syntax.clone(),
+            detail: e.to_string(),
+        })?;
+        let tmp = self.temp_path();
+        let mut file = File::create(&tmp).map_err(|e| io_error("create", e))?;
+        let mut upload = Upload {
+            tmp: Some(tmp),
+            file: None,
+            error: None,
+            hasher: Sha256::new(),
+            data: {
+                let mut buffer = buffer;
+                buffer.clear();
+                buffer
+            },
+            sop_class_uid: class.to_owned(),
+            sop_instance_uid: instance.to_owned(),
+        };
+        match file.write_all(&head) {
+            Ok(()) => upload.file = Some(file),
+            Err(e) => return Err(io_error("write", e)),
+        }
+        Ok(upload)
+    }
+
+    /// Ends an [`Upload`] whose last fragment arrived: the same checks, answers and
+    /// guarantees as [`Spool::store`] (`incoming` must be what [`Spool::begin`] got).
+    /// Returns once the file, its directory entry and its index row are durable. The
+    /// upload is spent (its temporary file committed or deleted), its buffer kept for
+    /// [`Upload::into_buffer`].
+    pub fn finish(
+        &self,
+        upload: &mut Upload,
+        incoming: &Incoming<'_>,
+    ) -> Result<Stored, StoreError> {
+        let data = std::mem::take(&mut upload.data);
+        let result = self.finish_with(upload, &data, incoming);
+        upload.discard();
+        upload.data = data;
+        result
+    }
+
+    fn finish_with(
+        &self,
+        upload: &mut Upload,
+        data: &[u8],
+        incoming: &Incoming<'_>,
+    ) -> Result<Stored, StoreError> {
+        let identity = match validate(data, incoming) {
+            Ok(identity) => identity,
+            Err(e) => {
+                upload.discard();
+                if e.is_refusal() {
+                    self.quarantine(data, incoming, &e);
+                }
+                return Err(e);
+            }
+        };
+        if identity.sop_class_uid != upload.sop_class_uid
+            || identity.sop_instance_uid != upload.sop_instance_uid
+        {
+            // The file meta says otherwise (only when the caller announced nothing):
+            // write the file again from the data set.
+            upload.discard();
+            return self.store(data, incoming);
+        }
+        self.check_space(data.len() as u64 + 1024)?;
+        if let Some(e) = upload.error.take() {
+            return Err(io_error("write", e));
+        }
+        let sha256 = hex::encode(std::mem::take(&mut upload.hasher).finalize());
+        let (stored, relative) =
+            stored_of(&self.root, identity, incoming, data.len() as u64, sha256);
+        self.settle(data, incoming, stored, relative, |_| {
+            let file = upload
+                .file
+                .take()
+                .expect("an upload without error has its file");
+            // From here the commit owns (and on failure deletes) the temporary file.
+            let tmp = upload
+                .tmp
+                .take()
+                .expect("an upload owns its file until finished");
+            Ok((tmp, file))
+        })
+    }
+
+    /// The end of a store whose data set was checked: a duplicate is answered from the
+    /// index; otherwise `write` gives the complete (not yet fsynced) temporary file, which
+    /// is placed, made durable and committed ([`Spool::commit`]).
+    fn settle(
+        &self,
+        dataset: &[u8],
+        incoming: &Incoming<'_>,
+        stored: Stored,
+        relative: PathBuf,
+        write: impl FnOnce(&Stored) -> Result<(PathBuf, File), StoreError>,
+    ) -> Result<Stored, StoreError> {
         // An instance already indexed needs no write at all.
         let existing = {
             let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
@@ -384,31 +760,14 @@ impl Spool {
         };
         let result = match existing {
             Some(existing) => self.as_duplicate(stored, existing),
-            None => {
-                // Write and fsync the whole file before it gets its name.
-                let meta = FileMetaTableBuilder::new()
-                    .media_storage_sop_class_uid(stored.sop_class_uid.as_str())
-                    .media_storage_sop_instance_uid(stored.sop_instance_uid.as_str())
-                    .transfer_syntax(stored.transfer_syntax.as_str())
-                    .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
-                    .implementation_version_name(IMPLEMENTATION_VERSION_NAME)
-                    .source_application_entity_title(stored.calling_ae.as_str())
-                    .build()
-                    .map_err(|e| StoreError::CannotParse {
-                        transfer_syntax: incoming.transfer_syntax.to_owned(),
-                        detail: e.to_string(),
-                    })?;
-                let tmp = self.temp_path();
-                if let Err(source) = write_part10(&tmp, &meta, dataset) {
-                    let _ = fs::remove_file(&tmp);
-                    return Err(io_error("write", source));
-                }
+            None => write(&stored).and_then(|(tmp, file)| {
                 self.commit(Placement {
                     tmp,
+                    file,
                     relative,
                     stored,
                 })
-            }
+            }),
         };
         if let Err(StoreError::Conflict) = result {
             // Another version of a stored instance: the first stays; this one is kept in
@@ -431,13 +790,15 @@ impl Spool {
         })
     }
 
-    /// Queues a written, fsynced temporary file for the next group commit and waits for
-    /// its outcome. The first caller that finds no commit running commits the whole queue.
+    /// Places a complete temporary file ([`Spool::place`]), queues it for the next group
+    /// commit of index rows and waits for its outcome. The first caller that finds no
+    /// commit running commits the whole queue.
     fn commit(&self, placement: Placement) -> Result<Stored, StoreError> {
+        let placed = self.place(placement)?;
         let mut queue = self.commits.lock().unwrap_or_else(|p| p.into_inner());
         let ticket = queue.next_ticket;
         queue.next_ticket += 1;
-        queue.waiting.push((ticket, placement));
+        queue.waiting.push((ticket, placed));
         loop {
             if let Some(result) = queue.done.remove(&ticket) {
                 return result;
@@ -463,8 +824,98 @@ impl Spool {
         }
     }
 
-    /// One group commit: renames, one fsync per directory, one index transaction.
-    fn commit_group(&self, batch: Vec<(u64, Placement)>) -> Vec<(u64, Result<Stored, StoreError>)> {
+    /// Gives a complete temporary file its final name and makes both durable: the file is
+    /// linked under its name first, then its own fsync and its directory's (by the
+    /// directory syncer, shared with the stores of the moment) run at the same time, so
+    /// that one device flush covers both instead of one after the other. Until both are
+    /// done nothing is indexed or answered; a crash in between can leave a named file whose
+    /// data is not all on disk, which the next open recognises by the content hash in its
+    /// name (see [`Spool::index_orphan`]).
+    fn place(&self, placement: Placement) -> Result<Placed, StoreError> {
+        let Placement {
+            tmp,
+            file,
+            relative,
+            stored,
+        } = placement;
+        let dir = stored
+            .path
+            .parent()
+            .expect("instance paths have a parent")
+            .to_owned();
+        if let Err(e) = create_dirs_durably(&self.root.join(INSTANCES_DIR), &dir) {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_error("create directory", e));
+        }
+        // A link, not a rename: it never replaces a file. The name holds the SOP Instance
+        // UID and the content hash, so a name taken already holds these very bytes.
+        let linked = match fs::hard_link(&tmp, &stored.path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            // A file system without hard links (FAT and the like): the old order, data
+            // durable before it gets its name.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::PermissionDenied
+                    || e.kind() == std::io::ErrorKind::Unsupported =>
+            {
+                return self.place_serially(tmp, file, relative, stored, dir);
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(io_error("rename", e));
+            }
+        };
+        let _ = fs::remove_file(&tmp);
+        let ticket = self.dirs.request(dir);
+        let file_synced = if linked {
+            file.sync_all()
+        } else {
+            File::open(&stored.path).and_then(|f| f.sync_all())
+        };
+        drop(file);
+        let dir_synced = self.dirs.wait(ticket);
+        // On failure the file stays where it is, without a row (another store of the same
+        // bytes may have found it there): the next open checks it against its name's hash.
+        if let Err(e) = file_synced.and(dir_synced) {
+            return Err(io_error("sync", e));
+        }
+        Ok(Placed {
+            relative,
+            stored,
+            linked,
+        })
+    }
+
+    /// [`Spool::place`] where the file system cannot link: fsync the file, rename it into
+    /// place (replacing at worst a file with the same name, so the same bytes, already
+    /// durable too), then fsync the folder: two flushes one after the other.
+    fn place_serially(
+        &self,
+        tmp: PathBuf,
+        file: File,
+        relative: PathBuf,
+        stored: Stored,
+        dir: PathBuf,
+    ) -> Result<Placed, StoreError> {
+        let renamed = file
+            .sync_all()
+            .and_then(|()| fs::rename(&tmp, &stored.path));
+        drop(file);
+        if let Err(e) = renamed {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_error("rename", e));
+        }
+        let ticket = self.dirs.request(dir);
+        self.dirs.wait(ticket).map_err(|e| io_error("sync", e))?;
+        Ok(Placed {
+            relative,
+            stored,
+            linked: true,
+        })
+    }
+
+    /// One group commit: one index transaction for the rows of the durable files.
+    fn commit_group(&self, batch: Vec<(u64, Placed)>) -> Vec<(u64, Result<Stored, StoreError>)> {
         let mut results = Vec::with_capacity(batch.len());
         metrics::histogram!("nightingale_dicom_spool_group_size").record(batch.len() as f64);
 
@@ -484,8 +935,8 @@ impl Spool {
                     Ok(None) => {}
                     Err(e) => {
                         drop(db);
-                        for (ticket, p) in batch {
-                            let _ = fs::remove_file(&p.tmp);
+                        // The files stay (complete and durable): the next open indexes them.
+                        for (ticket, _) in batch {
                             results.push((ticket, Err(index_failure("lookup", &e))));
                         }
                         return results;
@@ -494,68 +945,24 @@ impl Spool {
             }
         }
 
-        // Rename every new instance into place (the first of equal UIDs wins).
-        let mut placed: Vec<(u64, Placement)> = Vec::new();
+        // The first of equal UIDs wins; a conflicting copy placed meanwhile is removed.
+        let mut durable = Vec::with_capacity(batch.len());
         for (ticket, p) in batch {
             if let Some(existing) = known.get(&p.stored.sop_instance_uid) {
-                let _ = fs::remove_file(&p.tmp);
+                if p.linked && Path::new(&existing.path) != p.relative {
+                    let _ = fs::remove_file(&p.stored.path);
+                }
                 results.push((ticket, self.as_duplicate(p.stored, existing.clone())));
                 continue;
             }
-            let renamed = (|| -> std::io::Result<()> {
-                let dir = p
-                    .stored
-                    .path
-                    .parent()
-                    .expect("instance paths have a parent");
-                create_dirs_durably(&self.root.join(INSTANCES_DIR), dir)?;
-                fs::rename(&p.tmp, &p.stored.path)
-            })();
-            match renamed {
-                Ok(()) => {
-                    known.insert(
-                        p.stored.sop_instance_uid.clone(),
-                        Existing {
-                            sha256: p.stored.sha256.clone(),
-                            path: p.relative.to_string_lossy().into_owned(),
-                        },
-                    );
-                    placed.push((ticket, p));
-                }
-                Err(source) => {
-                    let _ = fs::remove_file(&p.tmp);
-                    results.push((ticket, Err(io_error("rename", source))));
-                }
-            }
-        }
-
-        // Each directory that got an entry, fsynced once for the group.
-        let mut dirs: HashMap<&Path, Option<std::io::ErrorKind>> = HashMap::new();
-        for (_, p) in &placed {
-            let dir = p
-                .stored
-                .path
-                .parent()
-                .expect("instance paths have a parent");
-            dirs.entry(dir).or_insert(None);
-        }
-        for (dir, failed) in dirs.iter_mut() {
-            if let Err(e) = sync_dir(dir) {
-                *failed = Some(e.kind());
-            }
-        }
-        let mut durable = Vec::with_capacity(placed.len());
-        for (ticket, p) in placed.iter() {
-            let dir = p
-                .stored
-                .path
-                .parent()
-                .expect("instance paths have a parent");
-            match dirs.get(dir).copied().flatten() {
-                // The file stays where it is: the next open indexes it (it is complete).
-                Some(kind) => results.push((*ticket, Err(io_error("sync directory", kind.into())))),
-                None => durable.push((*ticket, p)),
-            }
+            known.insert(
+                p.stored.sop_instance_uid.clone(),
+                Existing {
+                    sha256: p.stored.sha256.clone(),
+                    path: p.relative.to_string_lossy().into_owned(),
+                },
+            );
+            durable.push((ticket, p));
         }
 
         // One transaction for the group's rows.
@@ -784,6 +1191,14 @@ impl Spool {
         let group_len = u32::from_le_bytes(bytes[140..144].try_into().expect("4 bytes")) as usize;
         let start = (META_OFFSET + 12).saturating_add(group_len);
         let dataset = bytes.get(start..).ok_or_else(not_part10)?;
+        // Named before its data was durable: a crash may have cut it (it was never
+        // acknowledged). The hash in its name tells.
+        let sha256 = hex::encode(Sha256::digest(dataset));
+        if let Some(expected) = name_hash(path)
+            && !sha256.starts_with(&expected.to_ascii_lowercase())
+        {
+            return Err(StoreError::Torn);
+        }
         let ae = meta
             .source_application_entity_title()
             .unwrap_or("")
@@ -824,7 +1239,7 @@ impl Spool {
             calling_ae: ae,
             received_at_ms,
             size: dataset.len() as u64,
-            sha256: hex::encode(Sha256::digest(dataset)),
+            sha256,
             path: path.to_owned(),
             duplicate: false,
         };
@@ -949,9 +1364,13 @@ fn validate(dataset: &[u8], incoming: &Incoming<'_>) -> Result<Identity, StoreEr
     Ok(identity)
 }
 
-/// `instances/<study>/<series>/<sop>.dcm`. A UID that follows PS3.5 (digits and dots) is a
-/// safe path component as it is; any other is replaced by `x` and a hash of it.
-fn instance_path(identity: &Identity) -> PathBuf {
+/// Hex digits of the data set's SHA-256 in a stored file's name.
+const NAME_HASH_LEN: usize = 16;
+
+/// `instances/<study>/<series>/<sop>_<h>.dcm`, `<h>` the first [`NAME_HASH_LEN`] hex digits
+/// of the data set's SHA-256 (`sha256`, hex). A UID that follows PS3.5 (digits and dots) is
+/// a safe path component as it is; any other is replaced by `x` and a hash of it.
+fn instance_path(identity: &Identity, sha256: &str) -> PathBuf {
     fn component(uid: &str) -> String {
         if sop::is_valid_uid(uid) {
             uid.to_owned()
@@ -962,10 +1381,23 @@ fn instance_path(identity: &Identity) -> PathBuf {
     Path::new(INSTANCES_DIR)
         .join(component(&identity.study_uid))
         .join(component(&identity.series_uid))
-        .join(format!("{}.dcm", component(&identity.sop_instance_uid)))
+        .join(format!(
+            "{}_{}.dcm",
+            component(&identity.sop_instance_uid),
+            &sha256[..NAME_HASH_LEN]
+        ))
 }
 
-fn write_part10(path: &Path, meta: &FileMetaTable, dataset: &[u8]) -> std::io::Result<()> {
+/// The content hash a stored file's name carries (see [`instance_path`]), if it has one
+/// (files stored before the name carried it do not).
+fn name_hash(path: &Path) -> Option<&str> {
+    let stem = path.file_stem()?.to_str()?;
+    let (_, hash) = stem.rsplit_once('_')?;
+    (hash.len() == NAME_HASH_LEN && hash.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hash)
+}
+
+/// Writes a Part 10 file (not fsynced: the commit does that) and returns it, open.
+fn write_part10(path: &Path, meta: &FileMetaTable, dataset: &[u8]) -> std::io::Result<File> {
     let mut file = File::create(path)?;
     let mut head = Vec::with_capacity(512);
     head.extend_from_slice(&[0u8; 128]);
@@ -973,7 +1405,7 @@ fn write_part10(path: &Path, meta: &FileMetaTable, dataset: &[u8]) -> std::io::R
     meta.write(&mut head).map_err(std::io::Error::other)?;
     file.write_all(&head)?;
     file.write_all(dataset)?;
-    file.sync_all()
+    Ok(file)
 }
 
 pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

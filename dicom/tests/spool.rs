@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use dicom_dictionary_std::tags;
-use nightingale_dicom::{Incoming, Spool, SpoolOptions, StoreError};
+use nightingale_dicom::{Incoming, Spool, SpoolOptions, StoreError, Stored};
 
 mod support;
 
@@ -77,7 +77,7 @@ fn a_stored_instance_is_a_part10_file_with_the_data_set_as_received_and_a_row() 
         .join("instances")
         .join(STUDY)
         .join(SERIES)
-        .join("1.2.3.4.1.dcm");
+        .join(format!("1.2.3.4.1_{}.dcm", &stored.sha256[..16]));
     assert_eq!(stored.path, expected);
     let bytes = std::fs::read(&expected).unwrap();
     assert!(
@@ -583,4 +583,107 @@ fn concurrent_conflicting_duplicates_keep_one_and_quarantine_the_others() {
     assert_eq!(spool.instances().unwrap().len(), UIDS);
     assert_eq!(dcm_files(spool.root()).len(), UIDS);
     assert!(tmp_is_empty(&spool));
+}
+
+// ---- data sets received straight into their temporary file (Spool::begin / finish) ----
+
+fn announced<'a>(sop: &'a str) -> Incoming<'a> {
+    Incoming {
+        transfer_syntax: EXPLICIT_LE,
+        calling_ae: "TESTSCU",
+        expected_sop_class: Some(CT),
+        expected_sop_instance: Some(sop),
+    }
+}
+
+/// Sends `data` through an upload in fragments of `chunk` bytes.
+fn upload(spool: &Spool, sop: &str, data: &[u8], chunk: usize) -> Result<Stored, StoreError> {
+    let mut upload = spool.begin(&announced(sop), Vec::new()).unwrap();
+    for fragment in data.chunks(chunk) {
+        upload.append(fragment.to_vec());
+    }
+    let result = spool.finish(&mut upload, &announced(sop));
+    // The buffer comes back empty, for the next data set.
+    let buffer = upload.into_buffer();
+    assert!(buffer.is_empty() && buffer.capacity() >= data.len());
+    result
+}
+
+#[test]
+fn a_streamed_instance_is_the_same_file_and_row_as_a_stored_one() {
+    let pixels: Vec<u8> = (0..=255u8).cycle().take(64 * 1024).collect();
+    let streamed_dir = tempfile::tempdir().unwrap();
+    let (streamed, _) = Spool::open(streamed_dir.path(), options()).unwrap();
+    let data = ct(Some("1.2.3.9.1"), Some(pixels));
+    let a = upload(&streamed, "1.2.3.9.1", &data, 1000).unwrap();
+    let buffered_dir = tempfile::tempdir().unwrap();
+    let (buffered, _) = Spool::open(buffered_dir.path(), options()).unwrap();
+    let b = buffered.store(&data, &announced("1.2.3.9.1")).unwrap();
+    assert_eq!(
+        std::fs::read(&a.path).unwrap(),
+        std::fs::read(&b.path).unwrap()
+    );
+    assert_eq!((a.sha256.as_str(), a.size), (b.sha256.as_str(), b.size));
+    assert_eq!(streamed.instances().unwrap().len(), 1);
+    assert!(tmp_is_empty(&streamed));
+    // The same again: an idempotent duplicate, nothing left in tmp/.
+    let again = upload(&streamed, "1.2.3.9.1", &data, 4096).unwrap();
+    assert!(again.duplicate);
+    assert!(tmp_is_empty(&streamed));
+}
+
+#[test]
+fn an_upload_dropped_or_refused_leaves_no_file_and_no_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), options()).unwrap();
+    let data = ct(Some("1.2.3.9.2"), Some(vec![0; 512]));
+    let mut dropped = spool.begin(&announced("1.2.3.9.2"), Vec::new()).unwrap();
+    dropped.append(data[..100].to_vec());
+    assert!(!tmp_is_empty(&spool));
+    drop(dropped); // the association ended mid-object
+    assert!(tmp_is_empty(&spool));
+    // Cut inside the data set: refused, quarantined, not indexed.
+    let e = upload(&spool, "1.2.3.9.2", &data[..data.len() - 3], 64).unwrap_err();
+    assert!(e.is_refusal(), "{e}");
+    // Another instance than announced: refused as a mismatch.
+    let e = upload(&spool, "1.2.3.9.3", &data, 64).unwrap_err();
+    assert!(matches!(e, StoreError::Mismatch { .. }), "{e}");
+    assert!(spool.instances().unwrap().is_empty());
+    assert!(tmp_is_empty(&spool));
+    assert_eq!(quarantined(&spool).len(), 2);
+    assert!(dcm_files(spool.root()).is_empty());
+}
+
+#[test]
+fn a_named_file_whose_data_does_not_match_its_name_is_quarantined_not_indexed() {
+    // What a crash between the link and the end of the fsyncs can leave: a file under its
+    // final name (no row) whose data did not all reach the disk. Simulated by changing one
+    // pixel byte of a stored file and forgetting its row: it still parses, but its data no
+    // longer matches the hash in its name.
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), options()).unwrap();
+    let data = ct(Some("1.2.3.9.7"), Some(vec![7; 64]));
+    let kept = ct(Some("1.2.3.9.8"), Some(vec![8; 64]));
+    let a = spool.store(&data, &incoming()).unwrap();
+    let b = spool.store(&kept, &incoming()).unwrap();
+    drop(spool);
+    let db = rusqlite::Connection::open(dir.path().join("index.sqlite3")).unwrap();
+    db.execute("DELETE FROM instances", []).unwrap();
+    drop(db);
+    let mut bytes = std::fs::read(&a.path).unwrap();
+    *bytes.last_mut().unwrap() ^= 0xFF;
+    std::fs::write(&a.path, &bytes).unwrap();
+
+    let (spool, recovery) = Spool::open(dir.path(), options()).unwrap();
+    assert_eq!((recovery.files_indexed, recovery.files_quarantined), (1, 1));
+    let uids: Vec<String> = spool
+        .instances()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.sop_instance_uid)
+        .collect();
+    assert_eq!(uids, ["1.2.3.9.8"]);
+    assert_eq!(spool.instances().unwrap()[0].path, b.path);
+    assert!(!a.path.exists());
+    assert!(quarantined(&spool).iter().any(|r| r.contains("kind: torn")));
 }

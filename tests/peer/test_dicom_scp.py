@@ -299,7 +299,8 @@ def test_the_same_instance_twice_is_stored_once(server, tmp_path):
         r = storescu(server.port, [f])
         assert r.returncode == 0 and "Store Response (Success)" in r.stdout + r.stderr, r.stdout + r.stderr
     assert uid in server.index()
-    assert len(list(server.spool.rglob(f"{uid}.dcm"))) == 1
+    # One file, named by the SOP Instance UID and the content hash.
+    assert len(list(server.spool.rglob(f"{uid}_*.dcm"))) == 1
 
 
 def test_corrupt_objects_fail_are_quarantined_and_the_server_keeps_serving(server, tmp_path):
@@ -336,7 +337,7 @@ def test_corrupt_objects_fail_are_quarantined_and_the_server_keeps_serving(serve
     index = server.index()
     assert uid_good in index
     assert uid_truncated not in index and uid_missing not in index
-    assert not list(server.spool.rglob(f"{uid_truncated}.dcm"))
+    assert not list(server.spool.rglob(f"{uid_truncated}*.dcm"))
     reasons = server.quarantine_reasons()
     assert len(reasons) == before + 2, reasons
     assert any("kind: missing_pixel_data" in r for r in reasons)
