@@ -28,7 +28,7 @@ use tracing::Instrument;
 use super::auth::{self, Caller};
 use super::codec::{self, DecodedRequest, OutputChoice, OutputTensor};
 use super::v2::{self, ModelCall, Op};
-use super::{AppError, AppState, BODY_CHARGE_FACTOR};
+use super::{AppError, AppState, BODY_CHARGE_FACTOR, Ticket};
 use crate::deploy;
 
 /// The messages, service and client generated from proto/grpc_service.proto (package
@@ -269,21 +269,27 @@ impl GrpcInferenceService for Service {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        self.serve("ModelInfer", request, |state, call| async move {
-            let message = call.message;
-            let mut model_call = ModelCall::begin(
-                &state,
-                Op::Infer,
-                &message.model_name,
-                version_of(&message.model_version),
-                call.request_id,
-                Some(call.deadline),
-            )?;
-            let model = model_call.model.clone();
-            let result = infer(&state, &model, message, model_call.audit()).await;
-            model_call.finish(result).await
-        })
-        .await
+        let response = self
+            .serve("ModelInfer", request, |state, call| async move {
+                let message = call.message;
+                let mut model_call = ModelCall::begin(
+                    &state,
+                    Op::Infer,
+                    &message.model_name,
+                    version_of(&message.model_version),
+                    call.request_id,
+                    Some(call.deadline),
+                )?;
+                let model = model_call.model.clone();
+                let result = infer(&state, &model, message, model_call.audit()).await;
+                model_call.finish(result).await
+            })
+            .await?;
+        // The admission ticket goes with the answer (in its extensions, dropped once the
+        // HTTP/2 layer has taken the response), as an HTTP body holds it until sent.
+        let (metadata, (message, ticket), mut extensions) = response.into_parts();
+        extensions.insert(Arc::new(ticket));
+        Ok(Response::from_parts(metadata, message, extensions))
     }
 
     async fn model_statistics(
@@ -454,7 +460,7 @@ async fn infer(
     model: &LoadedModel,
     message: ModelInferRequest,
     audit: &mut crate::audit::AuditEvent,
-) -> Result<ModelInferResponse, AppError> {
+) -> Result<(ModelInferResponse, Ticket), AppError> {
     let mut ticket = state.admission.admit()?;
     // tonic has read the message (at most `max_body_bytes`): it is charged as an HTTP body of
     // that length is, before decoding.
@@ -465,9 +471,7 @@ async fn infer(
     ticket.charge(decoded.saturating_sub(wire * (BODY_CHARGE_FACTOR - 1)))?;
     let id = request.id.clone();
     let (outputs, _) = v2::infer_decoded(model, request, audit).await?;
-    let response = encode_response(model, id, outputs, raw_out);
-    drop(ticket);
-    Ok(response)
+    Ok((encode_response(model, id, outputs, raw_out), ticket))
 }
 
 /// A `ModelInferRequest` as the codec-neutral [`DecodedRequest`], and whether the outputs go
