@@ -702,6 +702,43 @@ fn encode_response(
 mod tests {
     use super::*;
 
+    /// Every RPC of the proto has a row in the role table, and every row an RPC: a method
+    /// added to the proto without its role is caught here (and refused at run time).
+    #[test]
+    fn every_rpc_has_one_role_row() {
+        let proto = include_str!("../../proto/grpc_service.proto");
+        let mut rpcs: Vec<&str> = proto
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("rpc "))
+            .map(|l| l.split('(').next().unwrap_or_default())
+            .collect();
+        let mut rows: Vec<&str> = auth::GRPC_METHODS.iter().map(|r| r.method).collect();
+        rpcs.sort_unstable();
+        rows.sort_unstable();
+        assert_eq!(rpcs, rows);
+    }
+
+    #[test]
+    fn http_statuses_become_grpc_codes_with_the_same_message() {
+        use tonic::Code;
+        for (status, code) in [
+            (StatusCode::BAD_REQUEST, Code::InvalidArgument),
+            (StatusCode::UNAUTHORIZED, Code::Unauthenticated),
+            (StatusCode::FORBIDDEN, Code::PermissionDenied),
+            (StatusCode::NOT_FOUND, Code::NotFound),
+            (StatusCode::REQUEST_TIMEOUT, Code::DeadlineExceeded),
+            (StatusCode::PAYLOAD_TOO_LARGE, Code::ResourceExhausted),
+            (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
+            (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
+        ] {
+            let s = Status::from(AppError::new(status, "why"));
+            assert_eq!((s.code(), s.message()), (code, "why"), "{status}");
+        }
+        let s = Status::from(AppError::overloaded("full"));
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(s.metadata().get("retry-after").unwrap(), "1");
+    }
+
     #[test]
     fn grpc_timeouts_are_read_in_every_unit() {
         let mut h = HeaderMap::new();
