@@ -7,7 +7,10 @@
 //! the other. Three request kinds, the same row:
 //! - `http-json`: a JSON body, as wrk posts it in docs/performance.md;
 //! - `http-binary`: Triton's binary tensor extension (tritonclient.http with binary data);
-//! - `grpc`: `ModelInfer` with `raw_input_contents` (what tritonclient.grpc sends).
+//! - `grpc`: `ModelInfer` with `raw_input_contents` (what tritonclient.grpc sends), tonic's
+//!   client;
+//! - `grpc-hyper`: the same message framed by hand over hyper's HTTP/2 client (no tonic
+//!   `Channel` buffer task), to tell the client's share of the latency from the server's.
 //!
 //! Rounds are interleaved (every kind at every concurrency, then again) and medians reported.
 //!
@@ -51,6 +54,9 @@ mod load {
         HttpJson,
         HttpBinary,
         Grpc,
+        /// The same `ModelInfer` framed by hand over hyper's HTTP/2 client: no tonic
+        /// `Channel` (and its buffer task) on the client side.
+        GrpcHyper,
     }
 
     impl Kind {
@@ -59,6 +65,7 @@ mod load {
                 Kind::HttpJson => "http-json",
                 Kind::HttpBinary => "http-binary",
                 Kind::Grpc => "grpc",
+                Kind::GrpcHyper => "grpc-hyper",
             }
         }
     }
@@ -198,6 +205,48 @@ mod load {
                     }
                 }
             }
+            Kind::GrpcHyper => {
+                use prost::Message;
+                let msg = grpc_request(row).encode_to_vec();
+                let mut framed = vec![0u8];
+                framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+                framed.extend_from_slice(&msg);
+                let framed = Bytes::from(framed);
+                let tcp = tokio::net::TcpStream::connect(args.grpc).await?;
+                tcp.set_nodelay(true)?;
+                let (mut sender, conn) = hyper::client::conn::http2::handshake(
+                    hyper_util::rt::TokioExecutor::new(),
+                    hyper_util::rt::TokioIo::new(tcp),
+                )
+                .await?;
+                let conn = tokio::spawn(conn);
+                let uri = format!(
+                    "http://{}/inference.GRPCInferenceService/ModelInfer",
+                    args.grpc
+                );
+                loop {
+                    let t = Instant::now();
+                    if t >= until {
+                        break;
+                    }
+                    let req = Request::post(uri.as_str())
+                        .header("content-type", "application/grpc")
+                        .header("te", "trailers")
+                        .body(Full::new(framed.clone()))?;
+                    let res = sender.send_request(req).await?;
+                    let body = res.into_body().collect().await?;
+                    let ok = body
+                        .trailers()
+                        .and_then(|t| t.get("grpc-status"))
+                        .is_some_and(|v| v == "0");
+                    anyhow::ensure!(ok, "gRPC call failed");
+                    if t >= warm_until {
+                        lat.push(t.elapsed().as_micros() as u32);
+                    }
+                }
+                drop(sender);
+                conn.abort();
+            }
             Kind::HttpJson | Kind::HttpBinary => {
                 let (body, header_len) = http_body(kind, row);
                 let tcp = tokio::net::TcpStream::connect(args.http).await?;
@@ -279,7 +328,12 @@ mod load {
             .worker_threads(args.threads.max(1))
             .enable_all()
             .build()?;
-        let kinds = [Kind::HttpJson, Kind::HttpBinary, Kind::Grpc];
+        let kinds = [
+            Kind::HttpJson,
+            Kind::HttpBinary,
+            Kind::Grpc,
+            Kind::GrpcHyper,
+        ];
         let mut results: Vec<(Kind, usize, Vec<Run>)> = vec![];
         for &c in &args.clients {
             for &k in &kinds {
