@@ -21,6 +21,10 @@ pub struct ServeArgs {
     /// Address of the HTTP server (KServe v2, metrics). [default: 127.0.0.1:8000]
     #[arg(long, env = "NIGHTINGALE_HTTP_ADDR")]
     pub http_addr: Option<SocketAddr>,
+    /// Also serve KServe v2 over gRPC (`inference.GRPCInferenceService`) on this address, with
+    /// the HTTP side's auth, audit, admission limits and TLS settings. [default: off]
+    #[arg(long, env = "NIGHTINGALE_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
     /// Engine for bundles that do not ask for one. [default: tract]
     #[arg(long, env = "NIGHTINGALE_BACKEND", value_enum)]
     pub backend: Option<BackendArg>,
@@ -334,6 +338,7 @@ pub enum LogFormat {
 struct FileConfig {
     repository: Option<PathBuf>,
     http_addr: Option<SocketAddr>,
+    grpc_addr: Option<SocketAddr>,
     backend: Option<BackendArg>,
     intra_op_threads: Option<usize>,
     execution_provider: Option<ProviderArg>,
@@ -417,6 +422,8 @@ struct FileConfig {
 pub struct ServeConfig {
     pub repository: PathBuf,
     pub http_addr: SocketAddr,
+    /// `--grpc-addr`: KServe v2 gRPC beside HTTP; `None`: off.
+    pub grpc_addr: Option<SocketAddr>,
     pub backend: BackendKind,
     pub intra_op_threads: usize,
     pub execution_provider: ExecutionProvider,
@@ -550,6 +557,7 @@ impl std::fmt::Debug for ServeConfig {
         f.debug_struct("ServeConfig")
             .field("repository", &self.repository)
             .field("http_addr", &self.http_addr)
+            .field("grpc_addr", &self.grpc_addr)
             .field("backend", &self.backend)
             .field("intra_op_threads", &self.intra_op_threads)
             .field("execution_provider", &self.execution_provider)
@@ -759,6 +767,10 @@ impl ServeArgs {
             .or(file.http_addr)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000)));
         auth.check_bind(http_addr, insecure)?;
+        let grpc_addr = self.grpc_addr.or(file.grpc_addr);
+        if let Some(addr) = grpc_addr {
+            auth.check_bind(addr, insecure)?;
+        }
 
         // DICOMweb (issue 8): read before the DICOM block takes the spool path.
         let dicomweb_spool = self.dicom_spool.clone().or(file.dicom_spool.clone());
@@ -1092,6 +1104,7 @@ impl ServeArgs {
                 .or(file.repository)
                 .unwrap_or_else(|| PathBuf::from("models/bundles")),
             http_addr,
+            grpc_addr,
             backend,
             intra_op_threads: self.intra_op_threads.or(file.intra_op_threads).unwrap_or(1),
             execution_provider,

@@ -387,6 +387,28 @@ async fn serve(
         None => tracing::info!(addr = %local_addr, "listening (KServe v2 HTTP)"),
         Some(_) => tracing::info!(addr = %local_addr, "listening (KServe v2 HTTPS)"),
     }
+    // KServe v2 gRPC (issue 13) on its own port, with the same TLS settings as HTTP.
+    #[cfg(not(feature = "grpc"))]
+    if config.grpc_addr.is_some() {
+        anyhow::bail!(
+            "--grpc-addr: this nightingale was built without gRPC (cargo build --features grpc)"
+        );
+    }
+    #[cfg(feature = "grpc")]
+    let grpc_listener = match config.grpc_addr {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--grpc-addr)"))?;
+            let at = listener.local_addr()?;
+            match tls {
+                None => tracing::info!(addr = %at, "listening (KServe v2 gRPC, plaintext h2c)"),
+                Some(_) => tracing::info!(addr = %at, "listening (KServe v2 gRPC over TLS)"),
+            }
+            Some(listener)
+        }
+    };
 
     // ---- DICOM ingest (issue 8): the SCP runs beside HTTP until shutdown; DICOMweb shares
     // its spool (or has one of its own with --dicom-spool alone) ----
@@ -498,16 +520,20 @@ async fn serve(
             }
         })
     };
-    match (tls, &config.tls) {
-        (Some(server_config), Some(settings)) => {
-            serve_tls(listener, http::app(state), server_config, settings).await?
+    let tls = tls.zip(config.tls.as_ref());
+    let http_server = serve_router(listener, http::app(state.clone()), tls.clone(), false);
+    #[cfg(feature = "grpc")]
+    let grpc_server = async {
+        match grpc_listener {
+            Some(listener) => {
+                serve_router(listener, http::grpc::router(state.clone()), tls, true).await
+            }
+            None => Ok(()),
         }
-        _ => {
-            axum::serve(listener, http::app(state))
-                .with_graceful_shutdown(shutdown_signal())
-                .await?
-        }
-    }
+    };
+    #[cfg(not(feature = "grpc"))]
+    let grpc_server = async { anyhow::Ok(()) };
+    tokio::try_join!(http_server, grpc_server)?;
     loader.abort();
     if let Some(scp) = dicom {
         scp.abort();
@@ -559,6 +585,32 @@ fn log_access(config: &ServeConfig) {
             "INSECURE: --insecure is set and {} is reachable from the network without credentials: anyone who can connect has the roles {anonymous}. Configure [[auth.api_keys]] or [auth.jwt] before serving patient data.",
             config.http_addr
         );
+    }
+}
+
+/// Serves `app` until the shutdown signal: over TLS when it is configured, else plaintext
+/// (HTTP/1.1, or HTTP/2 with prior knowledge: gRPC's h2c), with TCP_NODELAY when `nodelay`
+/// (gRPC: a response is headers, data and trailers frames, which Nagle's algorithm could hold
+/// back behind a delayed ACK).
+async fn serve_router(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    tls: Option<(Arc<rustls::ServerConfig>, &nightingale::tls::TlsSettings)>,
+    nodelay: bool,
+) -> anyhow::Result<()> {
+    use axum::serve::ListenerExt;
+    match tls {
+        Some((server_config, settings)) => serve_tls(listener, app, server_config, settings).await,
+        None => {
+            let listener = listener.tap_io(move |tcp| {
+                if nodelay {
+                    let _ = tcp.set_nodelay(true);
+                }
+            });
+            Ok(axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown_signal())
+                .await?)
+        }
     }
 }
 

@@ -12,7 +12,9 @@ use axum::http::{Method, Request, StatusCode, header};
 use http_body_util::BodyExt;
 use nightingale::audit::AuditLog;
 use nightingale::config::ServeArgs;
-use nightingale::http::auth::{Access, AuthConfig, JwtConfig, ROUTES, Role, RouteRule};
+use nightingale::http::auth::{
+    Access, AuthConfig, GRPC_METHODS, JwtConfig, ROUTES, Role, RouteRule,
+};
 use nightingale::http::identity::ClientCertificate;
 use nightingale::http::{self, AppState, HttpConfig};
 use nightingale_models::{Repository, RepositoryOptions};
@@ -702,6 +704,15 @@ fn the_documented_role_table_matches_the_code() {
                 .join(" or "),
         };
         let row = format!("| `{} {}` | {access} |", rule.method, rule.path);
+        assert!(doc.contains(&row), "docs/security.md lacks the row {row}");
+    }
+    for rule in GRPC_METHODS {
+        let access = match rule.access {
+            Access::Public => "public".to_owned(),
+            Access::Role(r) => format!("`{r}`"),
+            other => panic!("gRPC method {} has access {other:?}", rule.method),
+        };
+        let row = format!("| `gRPC {}` | {access} |", rule.method);
         assert!(doc.contains(&row), "docs/security.md lacks the row {row}");
     }
 }

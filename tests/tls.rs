@@ -319,6 +319,60 @@ async fn https_with_h2_by_alpn_and_http1_and_plain_http_answered_400() {
     assert_eq!(status, StatusCode::OK);
 }
 
+/// `serve --grpc-addr` with `--tls-cert`: the gRPC port speaks TLS with the same certificate
+/// (ALPN h2), and a raw gRPC call (`ServerLive`, framed by hand) is answered `live: true`.
+#[cfg(feature = "grpc")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_port_speaks_tls_with_the_same_certificate() {
+    let pki = pki();
+    let p = pki.path();
+    let grpc = free_addr();
+    let mut args = tls_args(&p.join("server.pem"), &p.join("server.key"));
+    args.extend(["--grpc-addr".into(), grpc.to_string().into()]);
+    let mut server = Server::start(&os(&args));
+    server
+        .wait_ready(client_config(&p.join("ca.pem"), &[b"h2"], None))
+        .await;
+    assert!(
+        server.log().contains("listening (KServe v2 gRPC over TLS)"),
+        "{}",
+        server.log()
+    );
+    let stream = connect(grpc, client_config(&p.join("ca.pem"), &[b"h2"], None))
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    assert_eq!(server_sha256(&stream), openssl_says(p, "server.sha256"));
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // An empty ServerLiveRequest: uncompressed flag, length 0.
+    let req = Request::post(format!(
+        "https://{grpc}/inference.GRPCInferenceService/ServerLive"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(http_body_util::Full::new(Bytes::from_static(&[
+        0, 0, 0, 0, 0,
+    ])))
+    .unwrap();
+    let response = tokio::time::timeout(WAIT, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = tokio::time::timeout(WAIT, response.into_body().collect())
+        .await
+        .unwrap()
+        .unwrap();
+    let trailers = body.trailers().cloned().unwrap_or_default();
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0", "{trailers:?}");
+    // ServerLiveResponse { live: true }: field 1, varint 1.
+    assert_eq!(&body.to_bytes()[..], &[0, 0, 0, 0, 2, 0x08, 0x01]);
+}
+
 /// Polls (bounded) until a new connection shows the certificate `want`.
 async fn wait_for_certificate(server: &Server, ca: &Path, want: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -316,6 +316,38 @@ pub fn rule_for(method: &Method, path: &str) -> Option<&'static RouteRule> {
     ROUTES.iter().find(|r| r.path == path && r.method == method)
 }
 
+/// One method of the gRPC service (`inference.GRPCInferenceService`, `serve --grpc-addr`) and
+/// what it needs: the role of the HTTP route that does the same.
+#[derive(Clone, Copy, Debug)]
+pub struct GrpcRule {
+    pub method: &'static str,
+    pub access: Access,
+}
+
+const fn grpc(method: &'static str, access: Access) -> GrpcRule {
+    GrpcRule { method, access }
+}
+
+/// Who may call which gRPC method (docs/security.md shows the same table; a test keeps the two
+/// equal). A method without a row is refused (`http::grpc` looks every call up here).
+pub const GRPC_METHODS: &[GrpcRule] = &[
+    grpc("ServerLive", PUBLIC),
+    grpc("ServerReady", PUBLIC),
+    grpc("ServerMetadata", INFER),
+    grpc("ModelReady", INFER),
+    grpc("ModelMetadata", INFER),
+    grpc("ModelInfer", INFER),
+    grpc("ModelStatistics", INFER),
+    grpc("RepositoryIndex", INFER),
+    grpc("RepositoryModelLoad", ADMIN),
+    grpc("RepositoryModelUnload", ADMIN),
+];
+
+/// The row of a gRPC method, if the table has one.
+pub fn grpc_rule_for(method: &str) -> Option<&'static GrpcRule> {
+    GRPC_METHODS.iter().find(|r| r.method == method)
+}
+
 /// Builds the router from routes that each have a row in [`ROUTES`]: a route without one (or
 /// a row without its route) is a programming error that fails every test that builds the
 /// router, before it can ship.
@@ -1225,11 +1257,65 @@ pub(crate) async fn enforce(
                 }
             }
         }
-        Access::Public => auth
-            .authenticate(req.headers(), req.extensions())
-            .unwrap_or_else(|_| Caller::anonymous(auth.anonymous)),
+        Access::Public | Access::Role(_) | Access::AnyOf(_) => {
+            match authorize(
+                auth,
+                rule.access,
+                req.headers(),
+                req.extensions(),
+                path.as_str(),
+            ) {
+                Ok(caller) => caller,
+                Err(denied) => return denied.into_response(),
+            }
+        }
+    };
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// Why a caller may not use an endpoint: the error to answer and, for 401, the
+/// `WWW-Authenticate` challenge (`invalid`: credentials were sent and refused).
+#[derive(Debug)]
+pub(crate) struct Denied {
+    pub(crate) error: AppError,
+    pub(crate) challenge: Option<bool>,
+}
+
+impl IntoResponse for Denied {
+    fn into_response(self) -> Response {
+        match self.challenge {
+            Some(invalid) => unauthorized(self.error.message, invalid),
+            None => self.error.into_response(),
+        }
+    }
+}
+
+/// The check behind every endpoint that needs a role (or none): authenticates the caller from
+/// the request's headers (HTTP headers or gRPC metadata) and extensions (a verified client
+/// certificate), and checks it holds one of the roles `access` names. HTTP ([`enforce`]) and
+/// gRPC (`http::grpc`) both call it, so the two answer alike. `endpoint` names the route or
+/// method in the log.
+pub(crate) fn authorize(
+    auth: &Authenticator,
+    access: Access,
+    headers: &HeaderMap,
+    extensions: &axum::http::Extensions,
+    endpoint: &str,
+) -> Result<Caller, Denied> {
+    match access {
+        Access::Public => Ok(auth
+            .authenticate(headers, extensions)
+            .unwrap_or_else(|_| Caller::anonymous(auth.anonymous))),
+        Access::CdsHooks => Err(Denied {
+            error: AppError::new(
+                StatusCode::FORBIDDEN,
+                "CDS Hooks services are checked by their own rules",
+            ),
+            challenge: None,
+        }),
         Access::Role(_) | Access::AnyOf(_) => {
-            let roles = rule.access.roles();
+            let roles = access.roles();
             let needs = match roles {
                 [role] => format!("the {role} role"),
                 _ => format!(
@@ -1242,36 +1328,45 @@ pub(crate) async fn enforce(
                 ),
             };
             if !roles.iter().any(|r| auth.grantable.contains(*r)) {
-                return AppError::new(StatusCode::FORBIDDEN, disabled(roles[0])).into_response();
+                return Err(Denied {
+                    error: AppError::new(StatusCode::FORBIDDEN, disabled(roles[0])),
+                    challenge: None,
+                });
             }
-            let caller = match auth.authenticate(req.headers(), req.extensions()) {
+            let caller = match auth.authenticate(headers, extensions) {
                 Ok(caller) => caller,
                 Err(e) => {
-                    tracing::warn!(reason = %e, path = path.as_str(), "credentials refused");
-                    return unauthorized(e.to_string(), true);
+                    tracing::warn!(reason = %e, endpoint, "credentials refused");
+                    return Err(Denied {
+                        error: AppError::new(StatusCode::UNAUTHORIZED, e.to_string()),
+                        challenge: Some(true),
+                    });
                 }
             };
             if !roles.iter().any(|r| caller.has(*r)) {
                 if caller.is_anonymous() {
-                    return unauthorized(
-                        format!(
-                            "this endpoint needs {needs}: send Authorization: Bearer <API key or token>"
+                    return Err(Denied {
+                        error: AppError::new(
+                            StatusCode::UNAUTHORIZED,
+                            format!(
+                                "this endpoint needs {needs}: send Authorization: Bearer <API key or token>"
+                            ),
                         ),
-                        false,
-                    );
+                        challenge: Some(false),
+                    });
                 }
-                tracing::warn!(caller = %caller.id, needs, path = path.as_str(), "role missing");
-                return AppError::new(
-                    StatusCode::FORBIDDEN,
-                    format!("{} does not hold {needs} this endpoint needs", caller.id),
-                )
-                .into_response();
+                tracing::warn!(caller = %caller.id, needs, endpoint, "role missing");
+                return Err(Denied {
+                    error: AppError::new(
+                        StatusCode::FORBIDDEN,
+                        format!("{} does not hold {needs} this endpoint needs", caller.id),
+                    ),
+                    challenge: None,
+                });
             }
-            caller
+            Ok(caller)
         }
-    };
-    req.extensions_mut().insert(caller);
-    next.run(req).await
+    }
 }
 
 fn disabled(role: Role) -> String {

@@ -119,27 +119,7 @@ pub fn decode_request(body: &[u8], header_len: Option<usize>) -> Result<DecodedR
                 input.name
             )));
         }
-        let datatype: DataType = input
-            .datatype
-            .parse()
-            .map_err(|e| AppError::bad_request(format!("input {:?}: {e}", input.name)))?;
-        let shape = input
-            .shape
-            .iter()
-            .map(|&d| usize::try_from(d))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| {
-                AppError::bad_request(format!(
-                    "input {:?}: shape {:?} has a negative dimension",
-                    input.name, input.shape
-                ))
-            })?;
-        let count = element_count(&shape).map_err(|_| {
-            AppError::bad_request(format!(
-                "input {:?}: shape {:?} is too large",
-                input.name, input.shape
-            ))
-        })?;
+        let (datatype, shape, count) = input_header(&input.name, &input.datatype, &input.shape)?;
         let binary_size = param_usize(&input.parameters, "binary_data_size")?;
         let tensor = match (binary_size, input.data) {
             (Some(_), Some(_)) => {
@@ -210,6 +190,41 @@ pub fn decode_request(body: &[u8], header_len: Option<usize>) -> Result<DecodedR
         binary_default,
         parameters: request.parameters.unwrap_or_default(),
     })
+}
+
+/// An input's datatype, shape and element count as the wire gives them (JSON or gRPC): an
+/// unknown datatype, a negative dimension or a shape too large is a 400.
+pub(super) fn input_header(
+    name: &str,
+    datatype: &str,
+    wire_shape: &[i64],
+) -> Result<(DataType, Vec<usize>, usize), AppError> {
+    let datatype: DataType = datatype
+        .parse()
+        .map_err(|e| AppError::bad_request(format!("input {name:?}: {e}")))?;
+    let shape = wire_shape
+        .iter()
+        .map(|&d| usize::try_from(d))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| {
+            AppError::bad_request(format!(
+                "input {name:?}: shape {wire_shape:?} has a negative dimension"
+            ))
+        })?;
+    let count = element_count(&shape).map_err(|_| {
+        AppError::bad_request(format!("input {name:?}: shape {wire_shape:?} is too large"))
+    })?;
+    Ok((datatype, shape, count))
+}
+
+/// What is said when a tensor's data holds `got` elements where its shape needs `count`.
+pub(super) fn element_count_mismatch(
+    shape: &[usize],
+    count: usize,
+    datatype: DataType,
+    got: usize,
+) -> String {
+    format!("shape {shape:?} needs {count} {datatype} elements but data has {got}")
 }
 
 /// Triton's raw binary request (`Inference-Header-Content-Length: 0`): the whole body is the
@@ -451,10 +466,11 @@ fn decode_elements<T: Scalar + Element>(
             .unwrap_or_else(|| format!("malformed data: {e}")));
     }
     if sink.out.len() != count {
-        return Err(format!(
-            "shape {shape:?} needs {count} {} elements but data has {}",
+        return Err(element_count_mismatch(
+            shape,
+            count,
             T::DATATYPE,
-            sink.out.len()
+            sink.out.len(),
         ));
     }
     Ok(sink.out)

@@ -69,6 +69,39 @@ impl IntoResponse for AppError {
     }
 }
 
+/// The gRPC answer of an error: the code gRPC's HTTP mapping gives the status (400 →
+/// INVALID_ARGUMENT, 401 → UNAUTHENTICATED, 403 → PERMISSION_DENIED, 404 → NOT_FOUND, 408 →
+/// DEADLINE_EXCEEDED, 413 and 429 → RESOURCE_EXHAUSTED, 503 → UNAVAILABLE, ...), the same
+/// message, and `retry-after` in the trailers for load refusals.
+#[cfg(feature = "grpc")]
+impl From<AppError> for tonic::Status {
+    fn from(e: AppError) -> Self {
+        use tonic::Code;
+        let code = match e.status {
+            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => Code::InvalidArgument,
+            StatusCode::UNAUTHORIZED => Code::Unauthenticated,
+            StatusCode::FORBIDDEN => Code::PermissionDenied,
+            StatusCode::NOT_FOUND => Code::NotFound,
+            StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED => Code::Unimplemented,
+            StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT => Code::DeadlineExceeded,
+            StatusCode::CONFLICT => Code::Aborted,
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::TOO_MANY_REQUESTS => {
+                Code::ResourceExhausted
+            }
+            StatusCode::SERVICE_UNAVAILABLE => Code::Unavailable,
+            s if s.is_client_error() => Code::FailedPrecondition,
+            _ => Code::Internal,
+        };
+        let mut status = tonic::Status::new(code, e.message);
+        if let Some(secs) = e.retry_after {
+            status
+                .metadata_mut()
+                .insert("retry-after", tonic::metadata::MetadataValue::from(secs));
+        }
+        status
+    }
+}
+
 impl From<InferenceError> for AppError {
     fn from(e: InferenceError) -> Self {
         if e.is_client_error() {

@@ -26,6 +26,9 @@ pub mod dicomweb;
 // ---- issue 9: the DICOM pipeline's results ----
 mod error;
 pub(crate) mod explain;
+// KServe v2 gRPC (issue 13): `serve --grpc-addr`.
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod identity;
 mod metrics;
 mod repository;

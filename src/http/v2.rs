@@ -34,12 +34,18 @@ pub async fn server_metadata() -> Json<serde_json::Value> {
     Json(json!({
         "name": "nightingale",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "classification", "model_repository", "statistics", "nightingale_explain"],
+        "extensions": EXTENSIONS,
     }))
 }
 
-fn metadata_body(state: &AppState, model: &LoadedModel, all_versions: bool) -> serde_json::Value {
-    let versions: Vec<String> = if all_versions {
+/// The versions model metadata lists: every served version of the model when none was named,
+/// else the one named.
+pub(super) fn served_versions(
+    state: &AppState,
+    model: &LoadedModel,
+    all_versions: bool,
+) -> Vec<String> {
+    if all_versions {
         state
             .repository
             .loaded()
@@ -49,7 +55,20 @@ fn metadata_body(state: &AppState, model: &LoadedModel, all_versions: bool) -> s
             .collect()
     } else {
         vec![model.version.to_string()]
-    };
+    }
+}
+
+/// Server metadata's extensions.
+pub(super) const EXTENSIONS: [&str; 5] = [
+    "binary_tensor_data",
+    "classification",
+    "model_repository",
+    "statistics",
+    "nightingale_explain",
+];
+
+fn metadata_body(state: &AppState, model: &LoadedModel, all_versions: bool) -> serde_json::Value {
+    let versions = served_versions(state, model, all_versions);
     let meta = model.worker.metadata();
     let spec = |s: &nightingale_inference::TensorSpec| json!({"name": s.name, "datatype": s.datatype, "shape": s.shape});
     json!({
@@ -156,82 +175,133 @@ pub(super) async fn run_model_request(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let start = Instant::now();
-    let loaded = match state.repository.get(&model, version.as_deref()) {
-        Ok(m) => m,
-        Err(e) => return AppError::from(e).into_response(),
-    };
-    // From here the request has reached a model: it is audited whatever happens, even if
-    // this future is dropped (deadline, client gone) before it answers.
-    let mut audit = state.audit.pending(
-        AuditEvent {
-            kind: match op {
-                Op::Infer => EventKind::Inference,
-                Op::Explain => EventKind::Explain,
-            },
-            request_id: headers
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-")
-                .chars()
-                .take(128)
-                .collect(),
-            model: loaded.name.clone(),
-            version: loaded.version.to_string(),
-            model_sha256: loaded.model_sha256.clone(),
-            input_sha256: None,
-            output_sha256: None,
-            rows: None,
-            status: 0,
-            outcome: Outcome::Failed,
-            actor: None,
-            detail: None,
-        },
+    let request_id: String = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .chars()
+        .take(128)
+        .collect();
+    let mut call = match ModelCall::begin(
+        &state,
+        op,
+        &model,
+        version.as_deref(),
+        request_id,
         deadline.map(|d| d.0),
-    );
-    let mut result = match op {
-        Op::Infer => infer_loaded(&state, &loaded, &headers, body, audit.event_mut()).await,
+    ) {
+        Ok(call) => call,
+        Err(e) => return e.into_response(),
+    };
+    let loaded = call.model.clone();
+    let result = match op {
+        Op::Infer => infer_loaded(&state, &loaded, &headers, body, call.audit()).await,
         Op::Explain => {
-            super::explain::explain_loaded(&state, &loaded, &headers, body, audit.event_mut()).await
+            super::explain::explain_loaded(&state, &loaded, &headers, body, call.audit()).await
         }
     };
-    let status = match &result {
-        Ok(_) => StatusCode::OK.as_u16(),
-        Err(e) => e.status.as_u16(),
-    };
-    // Without its audit record there is no answer.
-    if let Err(e) = audit.commit(status).await {
-        tracing::error!(error = %e, "audit record not written; refusing the response");
-        result = Err(AppError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the audit log cannot be written; no prediction is returned without its audit record",
-        ));
-    }
-    let outcome = match &result {
-        Ok(_) => "success",
-        Err(e) if e.status.is_client_error() => "client_error",
-        Err(_) => "server_error",
-    };
-    let labels = [
-        ("model", loaded.name.clone()),
-        ("version", loaded.version.to_string()),
-        ("outcome", outcome.to_owned()),
-    ];
-    let (requests, duration) = match op {
-        Op::Infer => (
-            "nightingale_inference_requests_total",
-            "nightingale_request_duration_seconds",
-        ),
-        Op::Explain => (
-            "nightingale_explain_requests_total",
-            "nightingale_explain_duration_seconds",
-        ),
-    };
-    metrics::counter!(requests, &labels).increment(1);
-    metrics::histogram!(duration, &labels[..2]).record(start.elapsed().as_secs_f64());
-    match result {
+    match call.finish(result).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
+    }
+}
+
+/// One request to a model, from the moment it reaches the model to its answer, whatever the
+/// protocol (HTTP here, gRPC in `super::grpc`): the audit record is pending from
+/// [`ModelCall::begin`] (and written even if the request's future is dropped), and
+/// [`ModelCall::finish`] commits it, refuses an answer whose record cannot be written, and
+/// counts the request in the metrics.
+pub(crate) struct ModelCall {
+    op: Op,
+    start: Instant,
+    pub(crate) model: Arc<LoadedModel>,
+    audit: crate::audit::PendingRecord,
+}
+
+impl ModelCall {
+    /// Finds the model (404 when unknown: such a request reached no model and is not audited)
+    /// and opens its audit record.
+    pub(crate) fn begin(
+        state: &AppState,
+        op: Op,
+        model: &str,
+        version: Option<&str>,
+        request_id: String,
+        deadline: Option<Instant>,
+    ) -> Result<ModelCall, AppError> {
+        let start = Instant::now();
+        let loaded = state.repository.get(model, version)?;
+        let audit = state.audit.pending(
+            AuditEvent {
+                kind: match op {
+                    Op::Infer => EventKind::Inference,
+                    Op::Explain => EventKind::Explain,
+                },
+                request_id,
+                model: loaded.name.clone(),
+                version: loaded.version.to_string(),
+                model_sha256: loaded.model_sha256.clone(),
+                input_sha256: None,
+                output_sha256: None,
+                rows: None,
+                status: 0,
+                outcome: Outcome::Failed,
+                actor: None,
+                detail: None,
+            },
+            deadline,
+        );
+        Ok(ModelCall {
+            op,
+            start,
+            model: loaded,
+            audit,
+        })
+    }
+
+    /// The pending audit record, for the digests and row count.
+    pub(crate) fn audit(&mut self) -> &mut AuditEvent {
+        self.audit.event_mut()
+    }
+
+    /// Writes the audit record with the answer's status (HTTP's, whatever the protocol) and
+    /// counts the request; without its record, the answer becomes a 503.
+    pub(crate) async fn finish<T>(self, mut result: Result<T, AppError>) -> Result<T, AppError> {
+        let status = match &result {
+            Ok(_) => StatusCode::OK.as_u16(),
+            Err(e) => e.status.as_u16(),
+        };
+        // Without its audit record there is no answer.
+        if let Err(e) = self.audit.commit(status).await {
+            tracing::error!(error = %e, "audit record not written; refusing the response");
+            result = Err(AppError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the audit log cannot be written; no prediction is returned without its audit record",
+            ));
+        }
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(e) if e.status.is_client_error() => "client_error",
+            Err(_) => "server_error",
+        };
+        let labels = [
+            ("model", self.model.name.clone()),
+            ("version", self.model.version.to_string()),
+            ("outcome", outcome.to_owned()),
+        ];
+        let (requests, duration) = match self.op {
+            Op::Infer => (
+                "nightingale_inference_requests_total",
+                "nightingale_request_duration_seconds",
+            ),
+            Op::Explain => (
+                "nightingale_explain_requests_total",
+                "nightingale_explain_duration_seconds",
+            ),
+        };
+        metrics::counter!(requests, &labels).increment(1);
+        metrics::histogram!(duration, &labels[..2]).record(self.start.elapsed().as_secs_f64());
+        result
     }
 }
 
@@ -254,6 +324,26 @@ async fn infer_loaded(
     let decoded: usize = request.inputs.iter().map(|t| t.tensor.raw_len()).sum();
     ticket.charge(decoded.saturating_sub(body.len() * (super::BODY_CHARGE_FACTOR - 1)))?;
     drop(body);
+    let id = request.id.clone();
+    let (tensors, flags) = infer_decoded(model, request, audit).await?;
+    let response = InferResponse {
+        model_name: model.name.clone(),
+        model_version: model.version.to_string(),
+        id,
+        outputs: tensors,
+    };
+    respond(response, &flags, ticket)
+}
+
+/// The protocol-neutral middle of an inference, shared by HTTP and gRPC: records the inputs'
+/// digest and row count, checks the requested outputs, runs the model through its worker
+/// (batcher, back-pressure), records the outputs' digest, and picks the outputs to return
+/// (with the classification extension), each with its binary flag.
+pub(crate) async fn infer_decoded(
+    model: &LoadedModel,
+    request: codec::DecodedRequest,
+    audit: &mut AuditEvent,
+) -> Result<(Vec<OutputTensor>, Vec<bool>), AppError> {
     audit.input_sha256 = Some(tensors_sha256(&request.inputs));
     audit.rows = request
         .inputs
@@ -274,19 +364,12 @@ async fn infer_loaded(
     }
     let outputs = model.worker.infer(request.inputs).await?;
     audit.output_sha256 = Some(tensors_sha256(&outputs));
-    let (tensors, flags) = select_outputs(
+    select_outputs(
         model,
         outputs,
         request.outputs.as_deref(),
         request.binary_default,
-    )?;
-    let response = InferResponse {
-        model_name: model.name.clone(),
-        model_version: model.version.to_string(),
-        id: request.id,
-        outputs: tensors,
-    };
-    respond(response, &flags, ticket)
+    )
 }
 
 /// `Inference-Header-Content-Length`, if given.

@@ -1,0 +1,780 @@
+//! KServe v2 over gRPC: `inference.GRPCInferenceService` (proto/grpc_service.proto, Triton's
+//! messages and field numbers), served by tonic inside an axum router, so it runs on the same
+//! HTTP/2 stack as the HTTP API (plaintext h2c, or HTTPS with the same certificate, client CA
+//! and reload as `--tls-cert`).
+//!
+//! Nothing here decides anything the HTTP side decides differently: every call is checked
+//! against [`auth::GRPC_METHODS`] by the same [`auth::authorize`] as the HTTP routes (API key
+//! or bearer token in the `authorization` / `x-api-key` metadata, or a verified client
+//! certificate); an inference goes through the same [`ModelCall`] (audit record, metrics) and
+//! [`v2::infer_decoded`] (digests, output checks, the model's worker, classification) under
+//! the same admission budget; errors are the HTTP layer's [`AppError`]s, mapped to gRPC codes
+//! in `super::error` with the same message. Only the wire codec is this file's.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use nightingale_inference::{DataType, Element, NamedTensor, Tensor};
+use nightingale_inference::{StatDuration, StatsSnapshot};
+use nightingale_models::{LoadTarget, LoadedModel, ModelState};
+use prost::Message;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use super::auth::{self, Caller};
+use super::codec::{self, DecodedRequest, OutputChoice, OutputTensor};
+use super::v2::{self, ModelCall, Op};
+use super::{AppError, AppState, BODY_CHARGE_FACTOR, Ticket};
+use crate::deploy;
+
+/// The messages, service and client generated from proto/grpc_service.proto (package
+/// `inference`) at build time.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("inference");
+}
+
+use proto::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+use proto::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+use proto::model_infer_response::InferOutputTensor;
+use proto::model_metadata_response::TensorMetadata;
+use proto::{
+    InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse,
+    ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
+    ModelStatisticsRequest, ModelStatisticsResponse, RepositoryIndexRequest,
+    RepositoryIndexResponse, RepositoryModelLoadRequest, RepositoryModelLoadResponse,
+    RepositoryModelUnloadRequest, RepositoryModelUnloadResponse, ServerLiveRequest,
+    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
+    ServerReadyResponse, infer_parameter::ParameterChoice,
+};
+
+/// The gRPC service as an axum router: messages up to the HTTP body limit (`max_body_bytes`)
+/// are accepted, larger ones get RESOURCE_EXHAUSTED before they reach a handler.
+pub fn router(state: Arc<AppState>) -> axum::Router {
+    let max = state.config.max_body_bytes;
+    let service = GrpcInferenceServiceServer::new(Service { state })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(usize::MAX);
+    tonic::service::Routes::new(service).into_axum_router()
+}
+
+struct Service {
+    state: Arc<AppState>,
+}
+
+/// A call that passed the role check.
+struct Call<T> {
+    caller: Caller,
+    request_id: String,
+    deadline: Instant,
+    message: T,
+}
+
+impl Service {
+    /// Checks the caller against the method's row, then runs `handler` under the request
+    /// deadline (the HTTP `--request-timeout`, or the client's `grpc-timeout` if sooner) in a
+    /// span with the request id, which the answer carries back as `x-request-id`.
+    async fn serve<T, R, F, Fut>(
+        &self,
+        method: &'static str,
+        request: Request<T>,
+        handler: F,
+    ) -> Result<Response<R>, Status>
+    where
+        F: FnOnce(Arc<AppState>, Call<T>) -> Fut,
+        Fut: Future<Output = Result<R, AppError>>,
+    {
+        let (metadata, extensions, message) = request.into_parts();
+        let headers = metadata.into_headers();
+        let request_id = request_id(&headers);
+        let Some(rule) = auth::grpc_rule_for(method) else {
+            tracing::error!(
+                method,
+                "gRPC method without a row in the role table: refused"
+            );
+            return Err(to_status(
+                AppError::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "{method} declares no role, so it is refused (a server bug: please report it)"
+                    ),
+                ),
+                &request_id,
+            ));
+        };
+        let caller = auth::authorize(&self.state.auth, rule.access, &headers, &extensions, method)
+            .map_err(|denied| to_status(denied.error, &request_id))?;
+        let mut timeout = self.state.config.request_timeout;
+        if let Some(asked) = grpc_timeout(&headers) {
+            timeout = timeout.min(asked);
+        }
+        let deadline = Instant::now() + timeout;
+        let call = Call {
+            caller,
+            request_id: request_id.clone(),
+            deadline,
+            message,
+        };
+        let span = tracing::info_span!("grpc", method, request_id = %request_id);
+        let result = tokio::time::timeout_at(deadline.into(), handler(self.state.clone(), call))
+            .instrument(span)
+            .await
+            .unwrap_or_else(|_| {
+                Err(AppError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request did not complete within {} ms",
+                        timeout.as_millis()
+                    ),
+                ))
+            });
+        match result {
+            Ok(message) => {
+                let mut response = Response::new(message);
+                if let Ok(v) = request_id.parse() {
+                    response.metadata_mut().insert("x-request-id", v);
+                }
+                Ok(response)
+            }
+            Err(e) => Err(to_status(e, &request_id)),
+        }
+    }
+}
+
+/// The client's `x-request-id` (at most 128 characters), else a new UUID.
+fn request_id(headers: &HeaderMap) -> String {
+    match headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+        Some(id) if !id.is_empty() => id.chars().take(128).collect(),
+        _ => uuid::Uuid::new_v4().to_string(),
+    }
+}
+
+/// The `grpc-timeout` header: an integer of up to 8 digits and a unit (H, M, S, m, u, n).
+fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (n, unit) = v.split_at(v.len() - 1);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn to_status(e: AppError, request_id: &str) -> Status {
+    let mut status = Status::from(e);
+    if let Ok(v) = request_id.parse() {
+        status.metadata_mut().insert("x-request-id", v);
+    }
+    status
+}
+
+fn version_of(v: &str) -> Option<&str> {
+    (!v.is_empty()).then_some(v)
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for Service {
+    async fn server_live(
+        &self,
+        request: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        self.serve("ServerLive", request, |_, _| async {
+            Ok(ServerLiveResponse { live: true })
+        })
+        .await
+    }
+
+    async fn server_ready(
+        &self,
+        request: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        self.serve("ServerReady", request, |state, _| async move {
+            Ok(ServerReadyResponse {
+                ready: state.is_ready(),
+            })
+        })
+        .await
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        self.serve("ModelReady", request, |state, call| async move {
+            let m = call.message;
+            // As over HTTP, where an unknown or unready model answers 404/503 and clients
+            // read "not ready": the answer is false, not an error.
+            Ok(ModelReadyResponse {
+                ready: state
+                    .repository
+                    .get(&m.name, version_of(&m.version))
+                    .is_ok(),
+            })
+        })
+        .await
+    }
+
+    async fn server_metadata(
+        &self,
+        request: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        self.serve("ServerMetadata", request, |_, _| async {
+            Ok(ServerMetadataResponse {
+                name: "nightingale".to_owned(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                extensions: v2::EXTENSIONS.iter().map(|e| (*e).to_owned()).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        self.serve("ModelMetadata", request, |state, call| async move {
+            let m = call.message;
+            let version = version_of(&m.version);
+            let model = state.repository.get(&m.name, version)?;
+            let meta = model.worker.metadata();
+            let spec = |s: &nightingale_inference::TensorSpec| TensorMetadata {
+                name: s.name.clone(),
+                datatype: s.datatype.as_str().to_owned(),
+                shape: s.shape.clone(),
+            };
+            Ok(ModelMetadataResponse {
+                name: model.name.clone(),
+                versions: v2::served_versions(&state, &model, version.is_none()),
+                platform: model.manifest.platform.clone(),
+                inputs: meta.inputs.iter().map(spec).collect(),
+                outputs: meta.outputs.iter().map(spec).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        let response = self
+            .serve("ModelInfer", request, |state, call| async move {
+                let message = call.message;
+                let mut model_call = ModelCall::begin(
+                    &state,
+                    Op::Infer,
+                    &message.model_name,
+                    version_of(&message.model_version),
+                    call.request_id,
+                    Some(call.deadline),
+                )?;
+                let model = model_call.model.clone();
+                let result = infer(&state, &model, message, model_call.audit()).await;
+                model_call.finish(result).await
+            })
+            .await?;
+        // The admission ticket goes with the answer (in its extensions, dropped once the
+        // HTTP/2 layer has taken the response), as an HTTP body holds it until sent.
+        let (metadata, (message, ticket), mut extensions) = response.into_parts();
+        extensions.insert(Arc::new(ticket));
+        Ok(Response::from_parts(metadata, message, extensions))
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<ModelStatisticsRequest>,
+    ) -> Result<Response<ModelStatisticsResponse>, Status> {
+        self.serve("ModelStatistics", request, |state, call| async move {
+            let m = call.message;
+            let models: Vec<Arc<LoadedModel>> = if m.name.is_empty() {
+                state.repository.loaded()
+            } else if let Some(version) = version_of(&m.version) {
+                vec![state.repository.get(&m.name, Some(version))?]
+            } else {
+                // Every served version, as Triton does when no version is named.
+                state.repository.get(&m.name, None)?;
+                state
+                    .repository
+                    .loaded()
+                    .into_iter()
+                    .filter(|l| l.name == m.name)
+                    .collect()
+            };
+            Ok(ModelStatisticsResponse {
+                model_stats: models.iter().map(|l| statistics(l)).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        self.serve("RepositoryIndex", request, |state, call| async move {
+            let ready_only = call.message.ready;
+            let repository = state.repository.clone();
+            let entries = tokio::task::spawn_blocking(move || repository.index())
+                .await
+                .map_err(|e| AppError::internal(e.to_string()))?;
+            Ok(RepositoryIndexResponse {
+                models: entries
+                    .into_iter()
+                    .filter(|e| !ready_only || e.state == ModelState::Ready)
+                    .map(|e| proto::repository_index_response::ModelIndex {
+                        reason: match &e.state {
+                            ModelState::Unavailable { reason } => reason.clone(),
+                            _ => String::new(),
+                        },
+                        state: e.state.as_str().to_owned(),
+                        version: e.version.map(|v| v.to_string()).unwrap_or_default(),
+                        name: e.name,
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<RepositoryModelLoadRequest>,
+    ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        self.serve("RepositoryModelLoad", request, |state, call| async move {
+            let m = call.message;
+            let target = load_target(&m.parameters)?;
+            deploy::load(
+                &state,
+                &m.model_name,
+                target,
+                &call.caller.id,
+                &call.request_id,
+            )
+            .await?;
+            Ok(RepositoryModelLoadResponse {})
+        })
+        .await
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<RepositoryModelUnloadRequest>,
+    ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        self.serve("RepositoryModelUnload", request, |state, call| async move {
+            deploy::unload(
+                &state,
+                &call.message.model_name,
+                &call.caller.id,
+                &call.request_id,
+            )
+            .await?;
+            Ok(RepositoryModelUnloadResponse {})
+        })
+        .await
+    }
+}
+
+/// A load's target from its parameters: the version policy, or `version` to roll back to
+/// (as over HTTP; Triton's `config`/`file:` parameters are not supported).
+fn load_target(
+    parameters: &HashMap<String, proto::ModelRepositoryParameter>,
+) -> Result<LoadTarget, AppError> {
+    use proto::model_repository_parameter::ParameterChoice as P;
+    let mut target = LoadTarget::Policy;
+    for (key, value) in parameters {
+        if key != "version" {
+            return Err(AppError::bad_request(format!(
+                "load parameter {:?} is not supported (only \"version\", to roll back)",
+                key.chars().take(64).collect::<String>()
+            )));
+        }
+        let version = match &value.parameter_choice {
+            Some(P::StringParam(s)) => nightingale_models::manifest::parse_version(s),
+            Some(P::Int64Param(n)) => u64::try_from(*n).ok().filter(|&v| v > 0),
+            _ => None,
+        }
+        .ok_or_else(|| {
+            AppError::bad_request("parameter \"version\" must be a positive integer, e.g. \"1\"")
+        })?;
+        target = LoadTarget::Version(version);
+    }
+    Ok(target)
+}
+
+/// Statistics as over HTTP (`GET /v2/models/{m}/stats`), in the proto's messages.
+fn statistics(model: &LoadedModel) -> proto::ModelStatistics {
+    let s: StatsSnapshot = model.worker.stats().snapshot();
+    let d = |d: StatDuration| {
+        Some(proto::StatisticDuration {
+            count: d.count,
+            ns: d.ns,
+        })
+    };
+    proto::ModelStatistics {
+        name: model.name.clone(),
+        version: model.version.to_string(),
+        last_inference: s.last_inference,
+        inference_count: s.inference_count,
+        execution_count: s.execution_count,
+        inference_stats: Some(proto::InferStatistics {
+            success: d(s.success),
+            fail: d(s.fail),
+            queue: d(s.queue),
+            compute_input: d(s.compute_input),
+            compute_infer: d(s.compute_infer),
+            compute_output: d(s.compute_output),
+            cache_hit: d(Default::default()),
+            cache_miss: d(Default::default()),
+        }),
+        batch_stats: s
+            .batch_stats
+            .iter()
+            .map(|b| proto::InferBatchStatistics {
+                batch_size: b.batch_size as u64,
+                compute_input: d(b.compute_input),
+                compute_infer: d(b.compute_infer),
+                compute_output: d(b.compute_output),
+            })
+            .collect(),
+        memory_usage: vec![],
+        response_stats: HashMap::new(),
+    }
+}
+
+/// One inference: admission (the message's bytes, then what its decoded tensors take beyond
+/// them), decode, the shared middle ([`v2::infer_decoded`]), encode.
+async fn infer(
+    state: &AppState,
+    model: &LoadedModel,
+    message: ModelInferRequest,
+    audit: &mut crate::audit::AuditEvent,
+) -> Result<(ModelInferResponse, Ticket), AppError> {
+    let mut ticket = state.admission.admit()?;
+    // tonic has read the message (at most `max_body_bytes`): it is charged as an HTTP body of
+    // that length is, before decoding.
+    let wire = message.encoded_len();
+    ticket.charge(wire.saturating_mul(BODY_CHARGE_FACTOR))?;
+    let (request, raw_out) = decode_request(message)?;
+    let decoded: usize = request.inputs.iter().map(|t| t.tensor.raw_len()).sum();
+    ticket.charge(decoded.saturating_sub(wire * (BODY_CHARGE_FACTOR - 1)))?;
+    let id = request.id.clone();
+    let (outputs, _) = v2::infer_decoded(model, request, audit).await?;
+    Ok((encode_response(model, id, outputs, raw_out), ticket))
+}
+
+/// A `ModelInferRequest` as the codec-neutral [`DecodedRequest`], and whether the outputs go
+/// back as `raw_output_contents` (the inputs came raw, as tritonclient sends them) or as typed
+/// `contents` (the inputs came typed).
+fn decode_request(message: ModelInferRequest) -> Result<(DecodedRequest, bool), AppError> {
+    let ModelInferRequest {
+        id,
+        parameters,
+        inputs: wire_inputs,
+        outputs: wire_outputs,
+        raw_input_contents: raw,
+        ..
+    } = message;
+    if wire_inputs.is_empty() {
+        return Err(AppError::bad_request("the request has no inputs"));
+    }
+    if !raw.is_empty() && raw.len() != wire_inputs.len() {
+        return Err(AppError::bad_request(format!(
+            "raw_input_contents has {} entries for {} inputs: when it is used, it holds every input's data, in the order of the inputs",
+            raw.len(),
+            wire_inputs.len()
+        )));
+    }
+    let mut inputs: Vec<NamedTensor> = Vec::with_capacity(wire_inputs.len());
+    for (i, input) in wire_inputs.into_iter().enumerate() {
+        let InferInputTensor {
+            name,
+            datatype,
+            shape,
+            contents,
+            ..
+        } = input;
+        if inputs.iter().any(|t| t.name == name) {
+            return Err(AppError::bad_request(format!(
+                "input {name:?} is given more than once"
+            )));
+        }
+        let (datatype, shape, count) = codec::input_header(&name, &datatype, &shape)?;
+        let tensor = match (raw.get(i), contents) {
+            (Some(_), Some(_)) => {
+                return Err(AppError::bad_request(format!(
+                    "input {name:?} has both contents and raw_input_contents"
+                )));
+            }
+            (Some(bytes), None) => Tensor::from_raw(datatype, shape, bytes)
+                .map_err(|e| AppError::bad_request(format!("input {name:?}: {e}")))?,
+            (None, Some(contents)) => typed_tensor(datatype, shape, count, contents)
+                .map_err(|e| AppError::bad_request(format!("input {name:?}: {e}")))?,
+            (None, None) => {
+                return Err(AppError::bad_request(format!(
+                    "input {name:?} has neither contents nor raw_input_contents"
+                )));
+            }
+        };
+        inputs.push(NamedTensor::new(name, tensor));
+    }
+    let mut outputs: Vec<OutputChoice> = Vec::with_capacity(wire_outputs.len());
+    for InferRequestedOutputTensor { name, parameters } in wire_outputs {
+        if outputs.iter().any(|o| o.name == name) {
+            return Err(AppError::bad_request(format!(
+                "output {name:?} is requested more than once"
+            )));
+        }
+        let classification = match parameters
+            .get("classification")
+            .and_then(|p| p.parameter_choice.as_ref())
+        {
+            None => None,
+            Some(ParameterChoice::Int64Param(n)) => Some(usize::try_from(*n).map_err(|_| {
+                AppError::bad_request("parameter \"classification\" must be a non-negative integer")
+            })?),
+            Some(ParameterChoice::Uint64Param(n)) => Some(usize::try_from(*n).map_err(|_| {
+                AppError::bad_request("parameter \"classification\" must be a non-negative integer")
+            })?),
+            Some(_) => {
+                return Err(AppError::bad_request(
+                    "parameter \"classification\" must be a non-negative integer",
+                ));
+            }
+        };
+        outputs.push(OutputChoice {
+            name,
+            binary: None,
+            classification,
+        });
+    }
+    let raw_out = !raw.is_empty();
+    Ok((
+        DecodedRequest {
+            id: (!id.is_empty()).then_some(id),
+            inputs,
+            outputs: (!outputs.is_empty()).then_some(outputs),
+            binary_default: raw_out,
+            parameters: parameters
+                .into_iter()
+                .map(|(k, v)| (k, parameter_json(v)))
+                .collect(),
+        },
+        raw_out,
+    ))
+}
+
+fn parameter_json(p: InferParameter) -> serde_json::Value {
+    match p.parameter_choice {
+        None => serde_json::Value::Null,
+        Some(ParameterChoice::BoolParam(b)) => b.into(),
+        Some(ParameterChoice::Int64Param(n)) => n.into(),
+        Some(ParameterChoice::Uint64Param(n)) => n.into(),
+        Some(ParameterChoice::DoubleParam(x)) => x.into(),
+        Some(ParameterChoice::StringParam(s)) => s.into(),
+    }
+}
+
+/// A tensor from typed `contents`: the field of the datatype (INT8-INT32 in `int_contents`,
+/// UINT8-UINT32 in `uint_contents`, ...) must hold exactly the shape's element count, each in
+/// the datatype's range. FP16 has no typed field: it goes raw.
+fn typed_tensor(
+    datatype: DataType,
+    shape: Vec<usize>,
+    count: usize,
+    c: InferTensorContents,
+) -> Result<Tensor, String> {
+    fn take<S, T: Element>(
+        datatype: DataType,
+        shape: Vec<usize>,
+        count: usize,
+        values: Vec<S>,
+        convert: impl Fn(S) -> Option<T>,
+    ) -> Result<Tensor, String> {
+        if values.len() != count {
+            return Err(codec::element_count_mismatch(
+                &shape,
+                count,
+                datatype,
+                values.len(),
+            ));
+        }
+        let values = values
+            .into_iter()
+            .map(convert)
+            .collect::<Option<Vec<T>>>()
+            .ok_or_else(|| format!("contents hold a value out of range for {datatype}"))?;
+        Tensor::from_vec(shape, values).map_err(|e| e.to_string())
+    }
+    use DataType as D;
+    let (d, s, n) = (datatype, shape, count);
+    match datatype {
+        D::Bool => take(d, s, n, c.bool_contents, Some),
+        D::Int8 => take(d, s, n, c.int_contents, |x| i8::try_from(x).ok()),
+        D::Int16 => take(d, s, n, c.int_contents, |x| i16::try_from(x).ok()),
+        D::Int32 => take(d, s, n, c.int_contents, Some),
+        D::Int64 => take(d, s, n, c.int64_contents, Some),
+        D::Uint8 => take(d, s, n, c.uint_contents, |x| u8::try_from(x).ok()),
+        D::Uint16 => take(d, s, n, c.uint_contents, |x| u16::try_from(x).ok()),
+        D::Uint32 => take(d, s, n, c.uint_contents, Some),
+        D::Uint64 => take(d, s, n, c.uint64_contents, Some),
+        D::Fp32 => take(d, s, n, c.fp32_contents, Some),
+        D::Fp64 => take(d, s, n, c.fp64_contents, Some),
+        D::Bytes => take(d, s, n, c.bytes_contents, Some),
+        D::Fp16 => Err("FP16 has no typed contents field: send it in raw_input_contents".into()),
+    }
+}
+
+/// The typed `contents` of an output (FP16 has none: see [`encode_response`]).
+fn typed_contents(tensor: &Tensor) -> InferTensorContents {
+    let mut c = InferTensorContents::default();
+    match tensor {
+        Tensor::Bool(a) => c.bool_contents = a.iter().copied().collect(),
+        Tensor::Int8(a) => c.int_contents = a.iter().map(|&x| i32::from(x)).collect(),
+        Tensor::Int16(a) => c.int_contents = a.iter().map(|&x| i32::from(x)).collect(),
+        Tensor::Int32(a) => c.int_contents = a.iter().copied().collect(),
+        Tensor::Int64(a) => c.int64_contents = a.iter().copied().collect(),
+        Tensor::Uint8(a) => c.uint_contents = a.iter().map(|&x| u32::from(x)).collect(),
+        Tensor::Uint16(a) => c.uint_contents = a.iter().map(|&x| u32::from(x)).collect(),
+        Tensor::Uint32(a) => c.uint_contents = a.iter().copied().collect(),
+        Tensor::Uint64(a) => c.uint64_contents = a.iter().copied().collect(),
+        Tensor::Fp32(a) => c.fp32_contents = a.iter().copied().collect(),
+        Tensor::Fp64(a) => c.fp64_contents = a.iter().copied().collect(),
+        Tensor::Bytes(a) => c.bytes_contents = a.iter().cloned().collect(),
+        Tensor::Fp16(_) => {}
+    }
+    c
+}
+
+/// The answer: outputs in `raw_output_contents` (Triton's layout, as Triton answers) when the
+/// request came raw or an output is FP16, else typed `contents`.
+fn encode_response(
+    model: &LoadedModel,
+    id: Option<String>,
+    outputs: Vec<OutputTensor>,
+    raw: bool,
+) -> ModelInferResponse {
+    let raw = raw || outputs.iter().any(|o| o.datatype == DataType::Fp16);
+    let mut tensors = Vec::with_capacity(outputs.len());
+    let mut raw_output_contents = Vec::with_capacity(if raw { outputs.len() } else { 0 });
+    for o in outputs {
+        let Some(codec::JsonData(tensor)) = o.data else {
+            continue;
+        };
+        let contents = if raw {
+            let mut bytes = Vec::with_capacity(tensor.raw_len());
+            tensor.write_raw(&mut bytes);
+            raw_output_contents.push(Bytes::from(bytes));
+            None
+        } else {
+            Some(typed_contents(&tensor))
+        };
+        tensors.push(InferOutputTensor {
+            name: o.name,
+            datatype: o.datatype.as_str().to_owned(),
+            shape: tensor.shape().iter().map(|&d| d as i64).collect(),
+            parameters: HashMap::new(),
+            contents,
+        });
+    }
+    ModelInferResponse {
+        model_name: model.name.clone(),
+        model_version: model.version.to_string(),
+        id: id.unwrap_or_default(),
+        parameters: HashMap::new(),
+        outputs: tensors,
+        raw_output_contents,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every RPC of the proto has a row in the role table, and every row an RPC: a method
+    /// added to the proto without its role is caught here (and refused at run time).
+    #[test]
+    fn every_rpc_has_one_role_row() {
+        let proto = include_str!("../../proto/grpc_service.proto");
+        let mut rpcs: Vec<&str> = proto
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("rpc "))
+            .map(|l| l.split('(').next().unwrap_or_default())
+            .collect();
+        let mut rows: Vec<&str> = auth::GRPC_METHODS.iter().map(|r| r.method).collect();
+        rpcs.sort_unstable();
+        rows.sort_unstable();
+        assert_eq!(rpcs, rows);
+    }
+
+    #[test]
+    fn http_statuses_become_grpc_codes_with_the_same_message() {
+        use tonic::Code;
+        for (status, code) in [
+            (StatusCode::BAD_REQUEST, Code::InvalidArgument),
+            (StatusCode::UNAUTHORIZED, Code::Unauthenticated),
+            (StatusCode::FORBIDDEN, Code::PermissionDenied),
+            (StatusCode::NOT_FOUND, Code::NotFound),
+            (StatusCode::REQUEST_TIMEOUT, Code::DeadlineExceeded),
+            (StatusCode::PAYLOAD_TOO_LARGE, Code::ResourceExhausted),
+            (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
+            (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
+        ] {
+            let s = Status::from(AppError::new(status, "why"));
+            assert_eq!((s.code(), s.message()), (code, "why"), "{status}");
+        }
+        let s = Status::from(AppError::overloaded("full"));
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(s.metadata().get("retry-after").unwrap(), "1");
+    }
+
+    #[test]
+    fn grpc_timeouts_are_read_in_every_unit() {
+        let mut h = HeaderMap::new();
+        for (text, want) in [
+            ("5S", Some(Duration::from_secs(5))),
+            ("250m", Some(Duration::from_millis(250))),
+            ("1H", Some(Duration::from_secs(3600))),
+            ("7u", Some(Duration::from_micros(7))),
+            ("x", None),
+            ("5", None),
+            ("123456789S", None),
+        ] {
+            h.insert("grpc-timeout", text.parse().unwrap());
+            assert_eq!(grpc_timeout(&h), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn typed_contents_check_count_and_range() {
+        let c = InferTensorContents {
+            int_contents: vec![1, 300],
+            ..Default::default()
+        };
+        let e = typed_tensor(DataType::Int8, vec![2], 2, c).unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
+        let c = InferTensorContents {
+            fp32_contents: vec![1.0; 3],
+            ..Default::default()
+        };
+        let e = typed_tensor(DataType::Fp32, vec![1, 2], 2, c).unwrap_err();
+        assert_eq!(e, "shape [1, 2] needs 2 FP32 elements but data has 3");
+        let t = InferTensorContents {
+            bytes_contents: vec![b"a".to_vec()],
+            ..Default::default()
+        };
+        let t = typed_tensor(DataType::Bytes, vec![1], 1, t).unwrap();
+        assert_eq!(typed_contents(&t).bytes_contents, vec![b"a".to_vec()]);
+    }
+}

@@ -1,0 +1,511 @@
+//! KServe v2 gRPC (`serve --grpc-addr`) driven by a tonic client over a real loopback port:
+//! health, metadata, inference with typed and raw contents (answers equal to the HTTP JSON
+//! path's), errors with the HTTP path's messages and their gRPC codes, roles, the audit trail.
+#![cfg(feature = "grpc")]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use nightingale::audit::AuditLog;
+use nightingale::config::ServeArgs;
+use nightingale::http::grpc::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+use nightingale::http::grpc::proto::model_infer_request::{
+    InferInputTensor, InferRequestedOutputTensor,
+};
+use nightingale::http::grpc::proto::{
+    InferTensorContents, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
+    ModelReadyRequest, ModelStatisticsRequest, RepositoryIndexRequest, RepositoryModelLoadRequest,
+    ServerLiveRequest, ServerMetadataRequest, ServerReadyRequest,
+};
+use nightingale::http::{self, AppState, HttpConfig};
+use nightingale_models::{Repository, RepositoryOptions};
+use serde_json::{Value, json};
+use tonic::Code;
+use tonic::transport::Channel;
+use tower::ServiceExt;
+
+mod support;
+use support::copy_dir;
+
+const MODEL: &str = "wdbc-malignancy";
+
+struct Server {
+    dir: tempfile::TempDir,
+    state: Arc<AppState>,
+    client: GrpcInferenceServiceClient<Channel>,
+    _serve: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    async fn start(config: HttpConfig) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(
+            &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("models/bundles")
+                .join(MODEL),
+            &dir.path().join(MODEL),
+        );
+        let repository = Arc::new(Repository::new(dir.path(), RepositoryOptions::default()));
+        repository.load_all().unwrap();
+        let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
+        let state = AppState::new(repository, audit, config, Some(http::install_recorder()));
+        state.set_ready(true);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = http::grpc::router(state.clone());
+        let serve = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        let channel = tokio::time::timeout(
+            Duration::from_secs(30),
+            Channel::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect(),
+        )
+        .await
+        .expect("connects within 30 s")
+        .unwrap();
+        Server {
+            dir,
+            state,
+            client: GrpcInferenceServiceClient::new(channel),
+            _serve: serve,
+        }
+    }
+
+    fn client(&self) -> GrpcInferenceServiceClient<Channel> {
+        self.client.clone()
+    }
+
+    /// The same request over HTTP (the router, no socket): status and JSON body.
+    async fn http(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let req = Request::post(path)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let res = http::app(self.state.clone()).oneshot(req).await.unwrap();
+        let status = res.status();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+}
+
+/// Rows of the bundle's test split (30 features each).
+fn rows(n: usize) -> Vec<Vec<f32>> {
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("models/bundles")
+            .join(MODEL)
+            .join("testdata/test.csv"),
+    )
+    .unwrap();
+    text.lines()
+        .skip(1)
+        .take(n)
+        .map(|l| l.split(',').take(30).map(|v| v.parse().unwrap()).collect())
+        .collect()
+}
+
+fn typed_request(rows: &[Vec<f32>], shape: Vec<i64>) -> ModelInferRequest {
+    ModelInferRequest {
+        model_name: MODEL.into(),
+        model_version: "1".into(),
+        id: "grpc-typed".into(),
+        inputs: vec![InferInputTensor {
+            name: "features".into(),
+            datatype: "FP32".into(),
+            shape,
+            parameters: Default::default(),
+            contents: Some(InferTensorContents {
+                fp32_contents: rows.iter().flatten().copied().collect(),
+                ..Default::default()
+            }),
+        }],
+        ..Default::default()
+    }
+}
+
+fn raw_request(rows: &[Vec<f32>]) -> ModelInferRequest {
+    let mut raw = Vec::new();
+    for x in rows.iter().flatten() {
+        raw.extend_from_slice(&x.to_le_bytes());
+    }
+    ModelInferRequest {
+        model_name: MODEL.into(),
+        model_version: "1".into(),
+        inputs: vec![InferInputTensor {
+            name: "features".into(),
+            datatype: "FP32".into(),
+            shape: vec![rows.len() as i64, 30],
+            parameters: Default::default(),
+            contents: None,
+        }],
+        outputs: vec![
+            InferRequestedOutputTensor {
+                name: "probabilities".into(),
+                parameters: Default::default(),
+            },
+            InferRequestedOutputTensor {
+                name: "label".into(),
+                parameters: Default::default(),
+            },
+        ],
+        raw_input_contents: vec![raw.into()],
+        ..Default::default()
+    }
+}
+
+fn json_request(rows: &[Vec<f32>], shape: Vec<i64>) -> Value {
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    json!({"inputs": [{"name": "features", "shape": shape, "datatype": "FP32", "data": flat}]})
+}
+
+/// An output's elements as f64, from typed contents or raw bytes.
+fn output_values(r: &ModelInferResponse, name: &str) -> Vec<f64> {
+    let i = r.outputs.iter().position(|o| o.name == name).unwrap();
+    let o = &r.outputs[i];
+    if let Some(raw) = r.raw_output_contents.get(i) {
+        return match o.datatype.as_str() {
+            "FP32" => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            "INT64" => raw
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            other => panic!("unexpected datatype {other}"),
+        };
+    }
+    let c = o.contents.as_ref().unwrap();
+    match o.datatype.as_str() {
+        "FP32" => c.fp32_contents.iter().map(|&x| x as f64).collect(),
+        "INT64" => c.int64_contents.iter().map(|&x| x as f64).collect(),
+        other => panic!("unexpected datatype {other}"),
+    }
+}
+
+fn json_values(v: &Value, name: &str) -> Vec<f64> {
+    v["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == name)
+        .unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        // JSON writes an FP32 in its shortest form: back to f32, it is the same bits.
+        .map(|x| x.as_f64().unwrap() as f32 as f64)
+        .collect()
+}
+
+#[tokio::test]
+async fn health_and_metadata() {
+    let server = Server::start(HttpConfig::default()).await;
+    let mut c = server.client();
+    assert!(
+        c.server_live(ServerLiveRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .live
+    );
+    assert!(
+        c.server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    let meta = c
+        .server_metadata(ServerMetadataRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(meta.name, "nightingale");
+    assert!(meta.extensions.iter().any(|e| e == "model_repository"));
+    let ready = |name: &str, version: &str| ModelReadyRequest {
+        name: name.into(),
+        version: version.into(),
+    };
+    assert!(
+        c.model_ready(ready(MODEL, "1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    assert!(
+        !c.model_ready(ready("nope", ""))
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    let m = c
+        .model_metadata(ModelMetadataRequest {
+            name: MODEL.into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.name, MODEL);
+    assert_eq!(m.versions, vec!["1", "2"]);
+    assert_eq!(m.inputs[0].name, "features");
+    assert_eq!(m.inputs[0].datatype, "FP32");
+    assert_eq!(m.inputs[0].shape, vec![-1, 30]);
+    let index = c
+        .repository_index(RepositoryIndexRequest {
+            repository_name: String::new(),
+            ready: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        index
+            .models
+            .iter()
+            .any(|m| m.name == MODEL && m.state == "READY")
+    );
+}
+
+#[tokio::test]
+async fn typed_and_raw_contents_answer_as_the_http_json_path() {
+    let server = Server::start(HttpConfig::default()).await;
+    let mut c = server.client();
+    let x = rows(5);
+    let (status, body) = server
+        .http(
+            &format!("/v2/models/{MODEL}/versions/1/infer"),
+            json_request(&x, vec![5, 30]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Typed contents in, typed contents out, every output.
+    let typed = c
+        .model_infer(typed_request(&x, vec![5, 30]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(typed.id, "grpc-typed");
+    assert_eq!(typed.model_version, "1");
+    assert!(typed.raw_output_contents.is_empty());
+    for name in ["label", "probabilities"] {
+        assert_eq!(
+            output_values(&typed, name),
+            json_values(&body, name),
+            "{name}"
+        );
+    }
+    let p = typed
+        .outputs
+        .iter()
+        .find(|o| o.name == "probabilities")
+        .unwrap();
+    assert_eq!(p.shape, vec![5, 2]);
+
+    // Raw in, raw out (as tritonclient does), in the order asked.
+    let raw = c.model_infer(raw_request(&x)).await.unwrap().into_inner();
+    assert_eq!(raw.outputs.len(), 2);
+    assert_eq!(raw.outputs[0].name, "probabilities");
+    assert_eq!(raw.raw_output_contents.len(), 2);
+    for name in ["label", "probabilities"] {
+        assert_eq!(
+            output_values(&raw, name),
+            json_values(&body, name),
+            "{name}"
+        );
+    }
+
+    // Statistics count them, as over HTTP.
+    let stats = c
+        .model_statistics(ModelStatisticsRequest {
+            name: MODEL.into(),
+            version: "1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let s = &stats.model_stats[0];
+    assert_eq!(s.version, "1");
+    assert!(s.inference_count >= 15, "{s:?}");
+    assert!(s.inference_stats.as_ref().unwrap().success.unwrap().count >= 3);
+}
+
+#[tokio::test]
+async fn errors_carry_the_http_message_and_their_grpc_code() {
+    let server = Server::start(HttpConfig::default()).await;
+    let mut c = server.client();
+    let x = rows(1);
+    let short: Vec<Vec<f32>> = vec![x[0][..29].to_vec()];
+
+    // Wrong shape: INVALID_ARGUMENT with HTTP's 400 message.
+    let (status, body) = server
+        .http(
+            &format!("/v2/models/{MODEL}/versions/1/infer"),
+            json_request(&short, vec![1, 29]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let e = c
+        .model_infer(typed_request(&short, vec![1, 29]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(e.message(), body["error"].as_str().unwrap());
+
+    // Data that does not fill the shape.
+    let e = c
+        .model_infer(typed_request(&short, vec![1, 30]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(
+        e.message(),
+        "input \"features\": shape [1, 30] needs 30 FP32 elements but data has 29"
+    );
+
+    // Unknown model: NOT_FOUND with HTTP's 404 message.
+    let (status, body) = server
+        .http("/v2/models/nope/infer", json_request(&x, vec![1, 30]))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let mut req = typed_request(&x, vec![1, 30]);
+    req.model_name = "nope".into();
+    req.model_version.clear();
+    let e = c.model_infer(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(e.message(), body["error"].as_str().unwrap());
+
+    // An unknown requested output.
+    let mut req = raw_request(&x);
+    req.outputs[0].name = "nope".into();
+    let e = c.model_infer(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("unknown output \"nope\""), "{e:?}");
+
+    // raw_input_contents that do not match the inputs.
+    let mut req = raw_request(&x);
+    req.raw_input_contents.push(Vec::new().into());
+    let e = c.model_infer(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn roles_are_the_http_routes_and_inferences_are_audited() {
+    let auth = ServeArgs {
+        config: Some(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/auth/nightingale.toml"),
+        ),
+        ..ServeArgs::default()
+    }
+    .resolve()
+    .unwrap()
+    .auth;
+    let keys: std::collections::HashMap<String, String> = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/auth/api_keys.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let server = Server::start(HttpConfig {
+        auth,
+        ..HttpConfig::default()
+    })
+    .await;
+    let mut c = server.client();
+    let x = rows(1);
+    let with = |key: Option<(&'static str, String)>, id: &str| {
+        let mut r = tonic::Request::new(raw_request(&x));
+        r.metadata_mut().insert("x-request-id", id.parse().unwrap());
+        if let Some((name, value)) = key {
+            r.metadata_mut().insert(name, value.parse().unwrap());
+        }
+        r
+    };
+
+    // Health is public; inference needs `infer`.
+    assert!(
+        c.server_live(ServerLiveRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .live
+    );
+    let e = c.model_infer(with(None, "anon-1")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("needs the infer role"), "{e:?}");
+    let e = c
+        .model_infer(with(
+            Some(("authorization", "Bearer not-a-key".into())),
+            "bad-1",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = c
+        .model_infer(with(
+            Some(("authorization", format!("Bearer {}", keys["metrics"]))),
+            "metrics-1",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let ok = c
+        .model_infer(with(
+            Some(("authorization", format!("Bearer {}", keys["infer"]))),
+            "grpc-infer-1",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        ok.metadata().get("x-request-id").unwrap().to_str().unwrap(),
+        "grpc-infer-1"
+    );
+    c.model_infer(with(
+        Some(("x-api-key", keys["infer"].clone())),
+        "grpc-infer-2",
+    ))
+    .await
+    .unwrap();
+
+    // Model control needs `admin`.
+    let mut load = tonic::Request::new(RepositoryModelLoadRequest {
+        repository_name: String::new(),
+        model_name: MODEL.into(),
+        parameters: Default::default(),
+    });
+    load.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", keys["infer"]).parse().unwrap(),
+    );
+    let e = c.repository_model_load(load).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // The two inferences that reached the model are in the audit trail, with their ids; the
+    // refused ones are not (as over HTTP).
+    let log = std::fs::read_to_string(server.dir.path().join("audit.jsonl")).unwrap();
+    let records: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for id in ["grpc-infer-1", "grpc-infer-2"] {
+        let r = records
+            .iter()
+            .find(|r| r["request_id"] == id)
+            .unwrap_or_else(|| panic!("no audit record for {id}: {log}"));
+        assert_eq!(r["model"], MODEL);
+        assert_eq!(r["status"], 200);
+        assert!(r["input_sha256"].is_string() && r["output_sha256"].is_string());
+    }
+    assert!(!log.contains("anon-1") && !log.contains("metrics-1"));
+}
