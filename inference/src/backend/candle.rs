@@ -19,9 +19,9 @@
 //! `max_pool2d` kernels. Gradients use a path whose backward pass is PyTorch's: candle 0.11's
 //! `max_pool2d` backward scales the gradient of a window's single maximum by
 //! `ties / window` (¼ for 2×2) instead of passing it whole, and its `relu` passes the
-//! gradient at exactly 0; the gradient path pools by reshaping each window into its own axes
-//! and taking `max` (whose backward routes the gradient to the maximum) and applies ReLU as
-//! `x · [x > 0]`.
+//! gradient at exactly 0; the gradient path pools by reshaping each window into its own axis
+//! and selecting its first maximum with a constant one-hot mask (PyTorch's routing, ties
+//! included) and applies ReLU as `x · [x > 0]`.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -566,11 +566,24 @@ fn relu_grad_path(x: &CTensor) -> CResult<CTensor> {
     x.mul(&mask)
 }
 
-/// A `k×k`, stride-`k` max pool whose backward routes the gradient to each window's
-/// maximum (the gradient path; the sizes were checked to tile at load).
+/// A `k×k`, stride-`k` max pool whose backward passes each window's gradient to the window's
+/// first maximum in row-major order, as PyTorch's `max_pool2d` does (the sizes were checked
+/// to tile at load). Each window becomes its own axis; a one-hot mask of its first arg-max
+/// (computed on detached values, so it is a constant to autograd) selects the maximum:
+/// `Σ window·mask` is exactly the maximum (the others are multiplied by 0) and its gradient is
+/// the mask. Ties are common on real images (constant or padded areas give equal activations)
+/// and are where routing matters: candle's own backward splits or scales the gradient there.
 fn max_pool_grad_path(x: &CTensor, k: usize) -> CResult<CTensor> {
     let (n, c, h, w) = x.dims4()?;
-    x.reshape((n, c, h / k, k, w / k, k))?.max(5)?.max(3)
+    let windows = x
+        .reshape((n, c, h / k, k, w / k, k))?
+        .permute((0, 1, 2, 4, 3, 5))?
+        .contiguous()?
+        .reshape((n, c, h / k, w / k, k * k))?;
+    let first = windows.detach().argmax_keepdim(4)?;
+    let ids = CTensor::arange(0u32, (k * k) as u32, x.device())?.reshape((1, 1, 1, 1, k * k))?;
+    let mask = ids.broadcast_eq(&first)?.to_dtype(x.dtype())?;
+    windows.mul(&mask)?.sum(4)
 }
 
 impl Net {
@@ -1192,6 +1205,26 @@ mod tests {
             assert!((sum - want).abs() < 1e-3, "row {r}: {sum} vs {want}");
             assert!((s.baseline_score[r] - f64::from(p0[t])).abs() < 1e-6);
             assert!((s.completeness_gap[r] - (sum - want)).abs() < 1e-5);
+        }
+    }
+
+    /// Equal activations in a pooling window (constant areas of real images) must pass the
+    /// gradient once, to one of them, or completeness breaks.
+    #[test]
+    fn integrated_gradients_are_complete_where_pools_tie() {
+        let mut b = load(&architecture(), &weights()).unwrap();
+        // Four constant quadrants.
+        let data: Vec<f32> = (0..64)
+            .map(|i| [1.5f32, -0.5, 0.75, 2.0][(i / 32) * 2 + (i % 8) / 4])
+            .collect();
+        let p = probabilities(&mut b, &data);
+        let p0 = probabilities(&mut b, &[0.0; 64]);
+        let x = NamedTensor::new("image", Tensor::from_vec(vec![1, 1, 8, 8], data).unwrap());
+        for t in [0, 1] {
+            let s = ig(&mut b, x.clone(), vec![t], 2000, 64);
+            let sum: f64 = s.values.iter().map(|&v| f64::from(v)).sum();
+            let want = f64::from(p[t]) - f64::from(p0[t]);
+            assert!((sum - want).abs() < 1e-3, "target {t}: {sum} vs {want}");
         }
     }
 
