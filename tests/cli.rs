@@ -36,15 +36,23 @@ fn models_check_passes_on_every_shipped_bundle() {
         ("icu-mortality version 1", 20),
         ("pima-diabetes version 1", 20),
         ("image-orientation version 1", 2),
+        ("lesion-detection version 1", 4),
+        ("lesion-detection-candle version 1", 4),
     ] {
         let line = stdout
             .lines()
             .find(|l| l.starts_with(&format!("ok   {name}:")))
             .unwrap_or_else(|| panic!("{name} missing from:\n{stdout}"));
+        // The candle bundle runs its (onnxruntime-made) self-test on the candle engine.
+        let engine = if name.contains("candle") {
+            "candle"
+        } else {
+            "tract"
+        };
         assert!(
             line.contains(&format!(
                 "checksums verified, self-test {rows} rows within atol 1e-5 rtol 1e-4"
-            )) && line.contains(") on tract ("),
+            )) && line.contains(&format!(") on {engine} (")),
             "{line}"
         );
     }
@@ -237,6 +245,8 @@ fn models_check_and_list_report_the_signature_of_every_shipped_bundle() {
         "icu-mortality",
         "pima-diabetes",
         "image-orientation",
+        "lesion-detection",
+        "lesion-detection-candle",
     ] {
         assert!(
             stdout.contains(&format!(

@@ -484,3 +484,167 @@ async fn occlusion_equals_the_score_drop_of_each_occluded_copy() {
         assert!(v["error"].as_str().unwrap().contains(why), "{method}: {v}");
     }
 }
+
+/// Grad-CAM and integrated gradients on the candle bundle, through the router: the saliency
+/// tensor, its parameters, the budget, the audit record; the same methods on the ONNX bundle
+/// of the same weights (tract) answer 501.
+#[tokio::test]
+async fn gradient_methods_on_the_candle_bundle() {
+    const CANDLE: &str = "lesion-detection-candle";
+    const ONNX: &str = "lesion-detection";
+    let server = Server::new(&[CANDLE, ONNX], ExplainPolicy::default());
+    let (_, meta) = server
+        .send("GET", &format!("/v2/models/{CANDLE}"), Value::Null)
+        .await;
+    assert_eq!(meta["platform"], "candle", "{meta}");
+    assert_eq!(
+        meta["parameters"]["explain"]["methods"],
+        json!(["occlusion", "rise", "grad_cam", "integrated_gradients"])
+    );
+    // The self-test's reference rows (committed) and the numpy reference of Grad-CAM on them.
+    let st: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            repo_dir().join("models/bundles/lesion-detection/1/selftest.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    use base64::Engine;
+    let decode = |b64: &str| -> Vec<f32> {
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let pixels = 128 * 128;
+    let rows = decode(st["inputs"][0]["data_base64"].as_str().unwrap())[..2 * pixels].to_vec();
+    let body = |parameters: Value| {
+        json!({"parameters": parameters,
+               "inputs": [{"name": "image", "shape": [2, 1, 128, 128], "datatype": "FP32", "data": rows}]})
+    };
+    let uri = format!("/v2/models/{CANDLE}/explain");
+
+    let (s, v) = server
+        .send("POST", &uri, body(json!({"method": "grad_cam"})))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let sal = output(&v, "lesion_saliency");
+    assert_eq!(sal["datatype"], "FP32");
+    assert_eq!(sal["shape"], json!([2, 128, 128]));
+    let p = &sal["parameters"];
+    assert_eq!(p["method"], "grad_cam");
+    assert_eq!(p["target"], "present,present");
+    assert_eq!(p["forward_passes"], 2);
+    assert_eq!(p["score"], "logit");
+    let got = floats(sal);
+    let numpy: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_dir().join("tests/fixtures/gradients/gradcam-numpy.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let want = decode(numpy["cam_128_row0_target1_f32_base64"].as_str().unwrap());
+    let worst = want
+        .iter()
+        .zip(&got[..pixels])
+        .map(|(a, b)| (f64::from(*a) - b).abs())
+        .fold(0f64, f64::max);
+    assert!(worst < 1e-5, "Grad-CAM vs numpy: {worst}");
+    // The prediction is returned beside it.
+    assert_eq!(output(&v, "lesion")["shape"], json!([2, 2]));
+
+    let (s, v) = server
+        .send(
+            "POST",
+            &uri,
+            body(json!({"method": "integrated_gradients", "steps": 16, "target": 1})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let sal = output(&v, "lesion_saliency");
+    let p = &sal["parameters"];
+    assert_eq!(p["forward_passes"], 2 * 17);
+    assert_eq!(p["steps"], 16);
+    assert_eq!(p["baseline"], 0.0);
+    let gaps: Vec<f64> = p["completeness_gap"]
+        .as_str()
+        .unwrap()
+        .split(',')
+        .map(|g| g.parse().unwrap())
+        .collect();
+    let bases: Vec<f64> = p["baseline_score"]
+        .as_str()
+        .unwrap()
+        .split(',')
+        .map(|g| g.parse().unwrap())
+        .collect();
+    let probs = floats(output(&v, "lesion"));
+    let attr = floats(sal);
+    for r in 0..2 {
+        let sum: f64 = attr[r * pixels..(r + 1) * pixels].iter().sum();
+        let want = probs[r * 2 + 1] - bases[r];
+        assert!((gaps[r] - (sum - want)).abs() < 1e-4, "row {r}");
+        assert!(
+            gaps[r].abs() < 0.05 * want.abs().max(0.01),
+            "row {r}: gap {}",
+            gaps[r]
+        );
+    }
+    let records = server.audit_records();
+    let last = records.last().unwrap();
+    assert_eq!(last["kind"], "explain");
+    assert_eq!(last["model"], CANDLE);
+    let detail = last["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("method=integrated_gradients") && detail.contains("forward_passes=34"),
+        "{detail}"
+    );
+
+    // The budget counts every path point of every row (+1 for the baseline).
+    for (parameters, why) in [
+        (
+            json!({"method": "integrated_gradients", "steps": 3000}),
+            "would take 6002 forward passes",
+        ),
+        (
+            json!({"method": "integrated_gradients", "steps": 0}),
+            "steps must be at least 1",
+        ),
+    ] {
+        let (s, v) = server.send("POST", &uri, body(parameters.clone())).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{parameters}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(why), "{v}");
+    }
+
+    // The ONNX bundle of the same weights offers neither (not in its [explain]); with every
+    // method allowed, tract answers 501.
+    let (s, v) = server
+        .send(
+            "POST",
+            &format!("/v2/models/{ONNX}/explain"),
+            body(json!({"method": "grad_cam"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("not enabled"), "{v}");
+    let all = Server::new(
+        &[ONNX],
+        ExplainPolicy {
+            all_methods: true,
+            max_forward_passes: 4096,
+        },
+    );
+    let (s, v) = all
+        .send(
+            "POST",
+            &format!("/v2/models/{ONNX}/explain"),
+            body(json!({"method": "integrated_gradients"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_IMPLEMENTED, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("runs on tract"),
+        "{v}"
+    );
+}

@@ -62,6 +62,10 @@ pub enum InferenceError {
     Unavailable,
     #[error("the {backend} backend was not compiled into this build (cargo feature `{backend}`)")]
     BackendNotCompiled { backend: &'static str },
+    #[error(
+        "the {backend} backend cannot differentiate its model: gradient explanations need a native candle bundle"
+    )]
+    GradientsUnsupported { backend: &'static str },
     #[error("cannot load model {path}")]
     Load {
         path: PathBuf,

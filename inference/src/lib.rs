@@ -4,7 +4,9 @@
 //! - [`Tensor`] / [`DataType`]: dense tensors of the KServe v2 datatypes over `ndarray`.
 //! - [`Backend`]: a small synchronous, object-safe trait that runs a loaded model. Backends:
 //!   `tract` (pure Rust, the default) and `ort` (ONNX Runtime, loaded at run time from
-//!   `ORT_DYLIB_PATH`, behind the `ort` feature).
+//!   `ORT_DYLIB_PATH`, behind the `ort` feature) run ONNX files; `candle` (pure Rust, default
+//!   feature `candle`) runs native architectures from safetensors weights and is the one that
+//!   gives gradients ([`Backend::gradients`]: Grad-CAM, integrated gradients).
 //! - [`ModelWorker`]: OS threads that each own one backend instance, fed by one bounded queue
 //!   with dynamic batching. Async callers submit and await a oneshot answer; a full queue
 //!   answers [`InferenceError::Overloaded`] at once.
@@ -20,7 +22,7 @@ mod worker;
 
 pub use backend::{
     Backend, BackendKind, ExecutionProvider, LoadOptions, ModelMetadata, TensorSpec, load,
-    load_bytes,
+    load_bytes, load_candle,
 };
 pub use error::InferenceError;
 pub use stats::{BatchStat, Duration as StatDuration, ModelStats, StatsSnapshot};
@@ -36,3 +38,6 @@ pub use worker::{
 pub use backend::tract::{
     DeclaredDim, DeclaredModel, DeclaredTensor, DeclaredType, declared_model, register_onnx_ml_ops,
 };
+
+#[cfg(feature = "candle")]
+pub use backend::candle::{ARCHITECTURES as CANDLE_ARCHITECTURES, CONV_CLASSIFIER};

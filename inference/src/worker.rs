@@ -28,6 +28,7 @@ use tracing::Instrument;
 
 use crate::backend::{Backend, ModelMetadata};
 use crate::error::InferenceError;
+use crate::explain::{GradientRequest, GradientSaliency};
 use crate::stats::ModelStats;
 use crate::tensor::{DataType, NamedTensor, Tensor};
 
@@ -122,6 +123,17 @@ struct Job {
     span: tracing::Span,
 }
 
+type GradientReply = oneshot::Sender<Result<GradientSaliency, InferenceError>>;
+
+/// A gradient explanation waiting for an instance thread (its own queue: it runs alone, never
+/// batched with inference requests, and holds its input bytes against `queue_bytes` too).
+struct GradientJob {
+    request: GradientRequest,
+    _bytes: QueuedBytes,
+    reply: GradientReply,
+    span: tracing::Span,
+}
+
 /// A served model version: its queue and the threads that drain it.
 ///
 /// Dropping the last handle closes the queue; the threads finish what was queued and exit.
@@ -129,6 +141,9 @@ pub struct ModelWorker {
     metadata: Arc<ModelMetadata>,
     backend: &'static str,
     tx: Sender<Job>,
+    gradient_tx: Sender<GradientJob>,
+    /// Whether the backend can differentiate the model ([`Backend::supports_gradients`]).
+    gradients: bool,
     stats: Arc<ModelStats>,
     config: WorkerConfig,
     /// Input bytes of the requests waiting in the queue.
@@ -171,12 +186,16 @@ impl ModelWorker {
         }
         backends.insert(0, backend);
         let name = backends[0].name();
+        let gradients = backends[0].supports_gradients();
         let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue_capacity.max(1));
+        let (gradient_tx, gradient_rx) =
+            crossbeam_channel::bounded::<GradientJob>(config.queue_capacity.max(1));
         let stats = Arc::new(ModelStats::default());
         for (i, backend) in backends.into_iter().enumerate() {
             let instance = Instance {
                 backend,
                 rx: rx.clone(),
+                gradient_rx: gradient_rx.clone(),
                 batching: batching.clone(),
                 stats: stats.clone(),
                 labels: [
@@ -194,6 +213,8 @@ impl ModelWorker {
             metadata: Arc::new(metadata),
             backend: name,
             tx,
+            gradient_tx,
+            gradients,
             stats,
             config: WorkerConfig { batching, ..config },
             queued_bytes: Arc::new(AtomicUsize::new(0)),
@@ -282,6 +303,62 @@ impl ModelWorker {
             .instrument(tracing::trace_span!("wait"))
             .await
             .map_err(|_| InferenceError::Unavailable)?
+    }
+
+    /// Whether [`ModelWorker::gradients`] can answer: the backend differentiates the model.
+    pub fn supports_gradients(&self) -> bool {
+        self.gradients
+    }
+
+    /// Computes gradient saliency maps (Grad-CAM, integrated gradients) on one of the model's
+    /// instance threads. The input is checked like an inference request's; the job waits in
+    /// its own bounded queue (full: [`InferenceError::Overloaded`]) and runs alone, its rows
+    /// in chunks of `request.max_batch`. A backend without gradients answers
+    /// [`InferenceError::GradientsUnsupported`] at once.
+    pub async fn gradients(
+        &self,
+        mut request: GradientRequest,
+    ) -> Result<GradientSaliency, InferenceError> {
+        if !self.gradients {
+            return Err(InferenceError::GradientsUnsupported {
+                backend: self.backend,
+            });
+        }
+        let start = Instant::now();
+        let result = async {
+            let (mut inputs, _, _) = self.check(vec![request.input.clone()])?;
+            request.input = inputs.pop().ok_or(InferenceError::EmptyBatch)?;
+            let bytes = request.input.tensor.raw_len();
+            let limit = self.config.queue_bytes;
+            let before = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+            let held = QueuedBytes {
+                counter: self.queued_bytes.clone(),
+                bytes,
+            };
+            if before.saturating_add(bytes) > limit {
+                return Err(InferenceError::QueueBytesFull { limit });
+            }
+            let (reply, answer) = oneshot::channel();
+            let job = GradientJob {
+                request,
+                _bytes: held,
+                reply,
+                span: tracing::Span::current(),
+            };
+            self.gradient_tx.try_send(job).map_err(|e| match e {
+                TrySendError::Full(_) => InferenceError::Overloaded {
+                    capacity: self.config.queue_capacity,
+                },
+                TrySendError::Disconnected(_) => InferenceError::Unavailable,
+            })?;
+            answer
+                .instrument(tracing::trace_span!("wait"))
+                .await
+                .map_err(|_| InferenceError::Unavailable)?
+        }
+        .await;
+        self.stats.record_request(result.is_ok(), start.elapsed());
+        result
     }
 
     /// Validates inputs against the metadata and puts them in the model's input order.
@@ -426,6 +503,7 @@ fn check_declared(declared: &ModelMetadata, actual: &ModelMetadata) -> Result<()
 struct Instance {
     backend: Box<dyn Backend>,
     rx: Receiver<Job>,
+    gradient_rx: Receiver<GradientJob>,
     batching: Option<BatchingConfig>,
     stats: Arc<ModelStats>,
     labels: [(&'static str, String); 2],
@@ -440,9 +518,22 @@ impl Instance {
         loop {
             let first = match carried.take() {
                 Some(job) => job,
-                None => match self.rx.recv() {
-                    Ok(job) => job,
-                    Err(_) => return, // every sender is gone: the model was unloaded
+                None => crossbeam_channel::select! {
+                    recv(self.rx) -> job => match job {
+                        Ok(job) => job,
+                        Err(_) => return, // every sender is gone: the model was unloaded
+                    },
+                    recv(self.gradient_rx) -> job => {
+                        match job {
+                            Ok(job) => self.gradients(job),
+                            // Unloaded: finish the inference queue, then stop.
+                            Err(_) => match self.rx.recv() {
+                                Ok(job) => carried = Some(job),
+                                Err(_) => return,
+                            },
+                        }
+                        continue;
+                    },
                 },
             };
             if first.reply.is_closed() {
@@ -456,6 +547,33 @@ impl Instance {
             self.last_batch = batch.len();
             self.execute(batch);
         }
+    }
+
+    /// Runs one gradient job alone, the backend's panics caught.
+    fn gradients(&mut self, job: GradientJob) {
+        if job.reply.is_closed() {
+            return;
+        }
+        let rows = job
+            .request
+            .input
+            .tensor
+            .shape()
+            .first()
+            .copied()
+            .unwrap_or(0);
+        let span = tracing::debug_span!(parent: &job.span, "gradients", rows);
+        let _entered = span.enter();
+        let started = Instant::now();
+        let outcome =
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.backend.gradients(&job.request)))
+                .unwrap_or(Err(InferenceError::Panicked));
+        metrics::histogram!("nightingale_compute_duration_seconds", &self.labels)
+            .record(started.elapsed().as_secs_f64());
+        if let Err(e) = &outcome {
+            tracing::warn!(error = %e, "gradient explanation failed");
+        }
+        let _ = job.reply.send(outcome);
     }
 
     /// Adds compatible requests to `batch`; returns a request that did not fit, to start the next.

@@ -321,7 +321,7 @@ fn load_hint(engine: nightingale_inference::BackendKind) -> &'static str {
             " (this build also has ONNX Runtime: try --backend ort)"
         }
         BackendKind::Tract => " (a build with --features ort can try ONNX Runtime: --backend ort)",
-        BackendKind::Ort => "",
+        BackendKind::Ort | BackendKind::Candle => "",
     }
 }
 

@@ -54,6 +54,10 @@ pub struct Manifest {
     /// (see `docs/explain.md`). `None`: none, unless the server runs with `--explain`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub explain: Option<ExplainSpec>,
+    /// `platform = "candle"`: which native architecture runs the weights, and the file that
+    /// configures it (see `docs/bundle-format.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candle: Option<CandleSpec>,
     /// Version number (a positive integer, as the folder is named) → its entry.
     pub versions: BTreeMap<String, VersionEntry>,
 }
@@ -61,6 +65,30 @@ pub struct Manifest {
 fn default_platform() -> String {
     "onnx".into()
 }
+
+/// The platforms a bundle may declare: ONNX files (tract or ONNX Runtime) or native candle
+/// architectures with safetensors weights.
+pub const PLATFORMS: &[&str] = &["onnx", "candle"];
+
+/// `[candle]`: a native candle model. Each version folder holds the architecture file
+/// (`config`) and the safetensors weights (the version's `model_file`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CandleSpec {
+    /// The architecture Nightingale builds (implemented in Rust with candle-nn), e.g.
+    /// `conv-classifier`.
+    pub architecture: String,
+    /// The architecture file in each version folder: its layers and their tensors' names.
+    #[serde(default = "default_candle_config")]
+    pub config: String,
+}
+
+fn default_candle_config() -> String {
+    "architecture.json".into()
+}
+
+/// Explanation methods that need the model's gradients (a `platform = "candle"` bundle).
+pub const GRADIENT_METHODS: &[&str] = &["grad_cam", "integrated_gradients"];
 
 /// What kind of question the model answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -815,10 +843,63 @@ impl Manifest {
                 self.name
             ));
         }
-        if self.platform != "onnx" {
+        if !PLATFORMS.contains(&self.platform.as_str()) {
             return fail(format!(
-                "platform {:?} is not supported (only \"onnx\")",
+                "platform {:?} is not supported (one of {PLATFORMS:?})",
                 self.platform
+            ));
+        }
+        match (self.platform.as_str(), &self.candle) {
+            ("candle", None) => {
+                return fail(
+                    "platform \"candle\" needs a [candle] section (architecture, config)".into(),
+                );
+            }
+            ("candle", Some(c)) => {
+                if c.architecture.is_empty() {
+                    return fail("[candle] architecture must name an architecture".into());
+                }
+                if !safe_relative_path(&c.config) {
+                    return fail(format!(
+                        "[candle] config {:?} must be a relative path inside the version folder",
+                        c.config
+                    ));
+                }
+                if self.backend != BackendPreference::Any {
+                    return fail(
+                        "a platform \"candle\" bundle runs on the candle engine: leave backend = \"any\""
+                            .into(),
+                    );
+                }
+                for (version, entry) in &self.versions {
+                    if !entry.files.contains_key(&c.config) {
+                        return fail(format!(
+                            "version {version}: the candle architecture file {:?} is not among its files",
+                            c.config
+                        ));
+                    }
+                    if entry.model_file == c.config || !entry.model_file.ends_with(".safetensors") {
+                        return fail(format!(
+                            "version {version}: model_file {:?} must name the safetensors weights",
+                            entry.model_file
+                        ));
+                    }
+                }
+            }
+            (_, Some(_)) => {
+                return fail("a [candle] section needs platform = \"candle\"".into());
+            }
+            _ => {}
+        }
+        if let Some(e) = &self.explain
+            && self.platform != "candle"
+            && let Some(m) = e
+                .methods
+                .iter()
+                .find(|m| GRADIENT_METHODS.contains(&m.as_str()))
+        {
+            return fail(format!(
+                "[explain] method {m:?} needs the model's gradients, which only a platform = \"candle\" bundle gives"
             ));
         }
         if self.inputs.is_empty() || self.outputs.is_empty() {
@@ -1234,6 +1315,67 @@ labels = ["a", "b"]
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(why), "{gate}: {e}");
+        }
+    }
+
+    #[test]
+    fn candle_bundles_are_checked() {
+        let zeros = "0".repeat(64);
+        let candle = |platform: &str, section: &str, model_file: &str, extra: &str| {
+            MINIMAL
+                .replace(
+                    "task = \"tabular-risk\"\n",
+                    &format!("task = \"tabular-risk\"\nplatform = \"{platform}\"\n"),
+                )
+                .replace(
+                    "[versions.1.files]\n\"model.onnx\"",
+                    &format!(
+                        "{section}\n{extra}\n[versions.1]\nmodel_file = \"{model_file}\"\n[versions.1.files]\n\"architecture.json\" = \"{zeros}\"\n\"model.safetensors\" = \"{zeros}\"\n\"model.onnx\""
+                    ),
+                )
+        };
+        let section = "[candle]\narchitecture = \"conv-classifier\"";
+        let m = Manifest::parse(&candle("candle", section, "model.safetensors", "")).unwrap();
+        let c = m.candle.as_ref().unwrap();
+        assert_eq!(
+            (c.architecture.as_str(), c.config.as_str()),
+            ("conv-classifier", "architecture.json")
+        );
+        let explain = "[explain]\nmethods = [\"grad_cam\", \"integrated_gradients\"]";
+        assert!(Manifest::parse(&candle("candle", section, "model.safetensors", explain)).is_ok());
+        for (text, why) in [
+            (
+                candle("candle", "", "model.safetensors", ""),
+                "needs a [candle] section",
+            ),
+            (
+                candle("onnx", section, "model.onnx", ""),
+                "a [candle] section needs platform = \"candle\"",
+            ),
+            (
+                candle("candle", section, "model.onnx", ""),
+                "must name the safetensors weights",
+            ),
+            (
+                candle(
+                    "candle",
+                    "[candle]\narchitecture = \"conv-classifier\"\nconfig = \"other.json\"",
+                    "model.safetensors",
+                    "",
+                ),
+                "\"other.json\" is not among its files",
+            ),
+            (
+                candle("tflite", "", "model.onnx", ""),
+                "platform \"tflite\"",
+            ),
+            (
+                format!("{MINIMAL}\n{explain}\n"),
+                "only a platform = \"candle\" bundle gives",
+            ),
+        ] {
+            let e = Manifest::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(why), "{why:?} not in {e:?}\n{text}");
         }
     }
 

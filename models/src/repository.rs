@@ -189,6 +189,9 @@ impl Bundle {
 
     /// The engine this bundle runs on under `options`.
     pub fn backend(&self, options: &RepositoryOptions) -> BackendKind {
+        if self.manifest.candle.is_some() {
+            return BackendKind::Candle;
+        }
         let wanted = match self.manifest.backend {
             BackendPreference::Any => return options.backend,
             BackendPreference::Tract => BackendKind::Tract,
@@ -226,8 +229,23 @@ impl Bundle {
             .selftest
             .as_ref()
             .and_then(|spec| Some((spec, files.remove(&spec.file)?)));
+        // A candle bundle's architecture file, verified with the rest of the folder.
+        let candle_config = match &self.manifest.candle {
+            Some(c) => Some(
+                files
+                    .remove(&c.config)
+                    .ok_or_else(|| BundleError::MissingFile {
+                        path: vdir.join(&c.config),
+                    })?,
+            ),
+            None => None,
+        };
+        let model = Model {
+            bytes: &model,
+            candle_config: candle_config.as_deref(),
+        };
         let engine = self.backend(options);
-        let prepared = match self.prepare(engine, version, &model, selftest.as_ref(), options) {
+        let prepared = match self.prepare(engine, version, model, selftest.as_ref(), options) {
             Err(BundleError::SelfTest {
                 path,
                 engine: "tract",
@@ -239,13 +257,7 @@ impl Bundle {
                 tracing::warn!(model = %self.manifest.name, version, file = %path.display(),
                     reason = %source,
                     "self-test failed on tract; the bundle allows any engine, falling back to ort");
-                self.prepare(
-                    BackendKind::Ort,
-                    version,
-                    &model,
-                    selftest.as_ref(),
-                    options,
-                )?
+                self.prepare(BackendKind::Ort, version, model, selftest.as_ref(), options)?
             }
             other => other?,
         };
@@ -302,7 +314,7 @@ impl Bundle {
         &self,
         engine: BackendKind,
         version: u64,
-        model: &[u8],
+        model: Model<'_>,
         selftest: Option<&(&SelfTestSpec, Vec<u8>)>,
         options: &RepositoryOptions,
     ) -> Result<(Box<dyn Backend>, ModelMetadata, Option<SelfTestReport>), BundleError> {
@@ -325,7 +337,17 @@ impl Bundle {
         };
         let engine_name = engine.as_str();
         let mut backend = guarded(&model_path, engine_name, "loading the model", || {
-            nightingale_inference::load_bytes(model, &name, &load).map_err(inference_err)
+            match (&self.manifest.candle, model.candle_config) {
+                (Some(spec), Some(config)) => nightingale_inference::load_candle(
+                    &spec.architecture,
+                    config,
+                    model.bytes,
+                    &name,
+                    &load,
+                ),
+                _ => nightingale_inference::load_bytes(model.bytes, &name, &load),
+            }
+            .map_err(inference_err)
         })?;
         let declared = self
             .manifest
@@ -359,6 +381,13 @@ impl Bundle {
         };
         Ok((backend, declared, report))
     }
+}
+
+/// The verified bytes an engine loads: the model file, and a candle bundle's architecture file.
+#[derive(Clone, Copy)]
+struct Model<'a> {
+    bytes: &'a [u8],
+    candle_config: Option<&'a [u8]>,
 }
 
 /// Runs `f`, turning a panic into [`BundleError::Panicked`]: an engine that panics on a model

@@ -114,6 +114,9 @@ impl From<InferenceError> for AppError {
             InferenceError::Unavailable => {
                 AppError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             }
+            InferenceError::GradientsUnsupported { .. } => {
+                AppError::new(StatusCode::NOT_IMPLEMENTED, e.to_string())
+            }
             other => {
                 // Backend failures: log the whole chain, answer without internals.
                 let mut detail = other.to_string();

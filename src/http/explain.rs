@@ -21,8 +21,8 @@ use axum::response::Response;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use nightingale_inference::explain::{
-    Explanation, ImageShape, KernelShap, KernelShapOptions, Link, Occlusion, OcclusionOptions,
-    Perturber, Rise, RiseOptions, logit,
+    Explanation, GradientMethod, GradientRequest, ImageShape, KernelShap, KernelShapOptions, Link,
+    Occlusion, OcclusionOptions, Perturber, Rise, RiseOptions, logit,
 };
 use nightingale_inference::{DataType, NamedTensor, Tensor};
 use nightingale_models::LoadedModel;
@@ -107,6 +107,11 @@ impl Method {
         }
     }
 
+    /// Whether the method needs the model's gradients (a native candle bundle).
+    fn is_gradient(self) -> bool {
+        matches!(self, Method::GradCam | Method::IntegratedGradients)
+    }
+
     /// Whether the method explains images (a saliency map) rather than tables.
     fn is_image(self) -> bool {
         matches!(
@@ -137,6 +142,7 @@ struct Params {
     grid: Option<usize>,
     keep: Option<f64>,
     seed: Option<u64>,
+    steps: Option<usize>,
     max_forward_passes: Option<usize>,
     /// Also return `<output>_heatmap`: a PNG of each image with its map laid over it.
     heatmap: bool,
@@ -164,6 +170,7 @@ const EXPLAIN_PARAMETERS: &[&str] = &[
     "grid",
     "p",
     "seed",
+    "steps",
     "max_forward_passes",
     "heatmap",
 ];
@@ -229,6 +236,7 @@ fn parse_params(map: &HashMap<String, Value>) -> Result<Params, AppError> {
             "stride" => p.stride = Some(count(key, v)?),
             "samples" => p.samples = Some(count(key, v)?),
             "grid" => p.grid = Some(count(key, v)?),
+            "steps" => p.steps = Some(count(key, v)?),
             "max_forward_passes" => p.max_forward_passes = Some(count(key, v)?),
             "seed" => {
                 p.seed = Some(v.as_u64().ok_or_else(|| {
@@ -291,7 +299,11 @@ pub(super) fn offer(state: &AppState, model: &LoadedModel) -> Value {
 enum Plan {
     Perturb(Vec<Box<dyn Perturber>>),
     Linear,
+    Gradients(GradientMethod),
 }
+
+/// Integrated gradients' default path points (captum's default is 50).
+const DEFAULT_IG_STEPS: usize = 64;
 
 pub(super) async fn explain_loaded(
     state: &AppState,
@@ -498,11 +510,11 @@ pub(crate) async fn explain_decoded(
         None => budget,
     };
 
-    if matches!(method, Method::GradCam | Method::IntegratedGradients) {
+    if method.is_gradient() && !model.worker.supports_gradients() {
         return Err(AppError::new(
             StatusCode::NOT_IMPLEMENTED,
             format!(
-                "{} needs the model's gradients, which only a native candle bundle gives; {} runs on {} (not built yet: see docs/explain.md)",
+                "{} needs the model's gradients, which only a native candle bundle (platform = \"candle\") gives; {} runs on {}, which cannot differentiate it: use occlusion or rise",
                 method.as_str(),
                 model.name,
                 model.worker.backend()
@@ -693,20 +705,77 @@ pub(crate) async fn explain_decoded(
             )
         }
         Method::Linear => Plan::Linear,
-        Method::GradCam | Method::IntegratedGradients => unreachable!("answered above"),
+        Method::GradCam => {
+            let gm = GradientMethod::GradCam;
+            check_budget(method, gm.passes_per_row(), rows, budget)?;
+            Plan::Gradients(gm)
+        }
+        Method::IntegratedGradients => {
+            let gm = GradientMethod::IntegratedGradients {
+                baseline: params.baseline.unwrap_or(0.0),
+                steps: params.steps.unwrap_or(DEFAULT_IG_STEPS),
+            };
+            if params.steps == Some(0) {
+                return Err(AppError::bad_request(
+                    "integrated_gradients: parameters.steps must be at least 1",
+                ));
+            }
+            check_budget(method, gm.passes_per_row(), rows, budget)?;
+            Plan::Gradients(gm)
+        }
     };
+    let chunk = model
+        .worker
+        .config()
+        .batching
+        .as_ref()
+        .map_or(64, |b| b.max_batch_size)
+        .clamp(1, model.worker.config().max_rows_per_request.max(1));
+    let gradient_method = match &plan {
+        Plan::Gradients(gm) => Some(gm.clone()),
+        _ => None,
+    };
+    // Integrated gradients: per row, f(baseline) and the completeness gap.
+    let mut completeness: Option<(Vec<f64>, Vec<f64>)> = None;
 
     // The explanations, row by row, their forward passes through the worker.
     let mut explanations = Vec::with_capacity(rows);
     match plan {
-        Plan::Perturb(methods) => {
-            let chunk = model
+        Plan::Gradients(gm) => {
+            let per_row = gm.passes_per_row();
+            let tensor = Tensor::from_vec(shape.clone(), data.clone())
+                .map_err(|e| AppError::internal(e.to_string()))?;
+            let saliency = model
                 .worker
-                .config()
-                .batching
-                .as_ref()
-                .map_or(64, |b| b.max_batch_size)
-                .clamp(1, model.worker.config().max_rows_per_request.max(1));
+                .gradients(GradientRequest {
+                    input: NamedTensor::new(input_spec.name.clone(), tensor),
+                    output: out_ix,
+                    targets: targets.clone(),
+                    method: gm,
+                    max_batch: chunk,
+                })
+                .await?;
+            let pixels = saliency.height * saliency.width;
+            if saliency.values.len() != rows * pixels {
+                return Err(AppError::internal(
+                    "the backend returned saliency maps of the wrong size",
+                ));
+            }
+            for r in 0..rows {
+                explanations.push(Explanation {
+                    values: saliency.values[r * pixels..(r + 1) * pixels]
+                        .iter()
+                        .map(|&v| f64::from(v))
+                        .collect(),
+                    base_value: None,
+                    forward_passes: per_row,
+                });
+            }
+            if method == Method::IntegratedGradients {
+                completeness = Some((saliency.baseline_score, saliency.completeness_gap));
+            }
+        }
+        Plan::Perturb(methods) => {
             let row_shape = &shape[1..];
             for (r, m) in methods.into_iter().enumerate() {
                 let e = drive(
@@ -814,6 +883,31 @@ pub(crate) async fn explain_decoded(
             .map(|b| format!("{b:.17e}"))
             .collect();
         parameters.insert("base_value".into(), bases.join(",").into());
+    }
+    let join = |v: &[f64]| {
+        v.iter()
+            .map(|b| format!("{b:.9e}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    match method {
+        Method::GradCam => {
+            parameters.insert("score".into(), "logit".into());
+            parameters.insert("interpolation".into(), "bilinear".into());
+        }
+        Method::IntegratedGradients => {
+            parameters.insert("score".into(), "output".into());
+            if let Some(GradientMethod::IntegratedGradients { baseline, steps }) = &gradient_method
+            {
+                parameters.insert("steps".into(), (*steps).into());
+                parameters.insert("baseline".into(), f64::from(*baseline).into());
+            }
+            if let Some((bases, gaps)) = &completeness {
+                parameters.insert("baseline_score".into(), join(bases).into());
+                parameters.insert("completeness_gap".into(), join(gaps).into());
+            }
+        }
+        _ => {}
     }
     let heatmap = match image {
         Some(s) if params.heatmap => {

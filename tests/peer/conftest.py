@@ -237,3 +237,20 @@ def orientation_testdata(tmp_path_factory) -> Path:
         )
         assert proc.returncode == 0, f"--testdata-only failed:\n{proc.stdout}\n{proc.stderr}"
     return folder
+
+
+@pytest.fixture(scope="session")
+def lesion_testdata(tmp_path_factory) -> Path:
+    """The folder of lesion-detection's held-out test split (images.npy [300, 1, 128, 128],
+    labels.npy, masks.npy): the bundle's testdata/ when present, else rebuilt once per session
+    by the training script's --testdata-only (numpy + pydicom) from the real DICOM files in the
+    PyPI packages."""
+    folder = REPO / "models" / "bundles" / "lesion-detection" / "testdata"
+    if not (folder / "images.npy").exists():
+        folder = tmp_path_factory.mktemp("lesion-detection-testdata")
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "models/train/lesion_detection.py"), "--testdata-only", "--out", str(folder)],
+            cwd=REPO, capture_output=True, text=True, timeout=900,
+        )
+        assert proc.returncode == 0, f"--testdata-only failed:\n{proc.stdout}\n{proc.stderr}"
+    return folder

@@ -6,8 +6,11 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::InferenceError;
+use crate::explain::{GradientRequest, GradientSaliency};
 use crate::tensor::{DataType, NamedTensor};
 
+#[cfg(feature = "candle")]
+pub mod candle;
 #[cfg(feature = "ort")]
 pub mod ort;
 #[cfg(feature = "tract")]
@@ -92,6 +95,20 @@ pub trait Backend: Send {
     /// the order of `metadata().inputs`; the outputs come in the order of `metadata().outputs`.
     fn infer(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, InferenceError>;
 
+    /// Whether [`Backend::gradients`] works: the engine can differentiate the model (the
+    /// native candle backend; tract and ONNX Runtime run inference graphs only).
+    fn supports_gradients(&self) -> bool {
+        false
+    }
+
+    /// Gradient saliency maps (Grad-CAM, integrated gradients) of the request's rows.
+    fn gradients(&mut self, request: &GradientRequest) -> Result<GradientSaliency, InferenceError> {
+        let _ = request;
+        Err(InferenceError::GradientsUnsupported {
+            backend: self.name(),
+        })
+    }
+
     /// Another instance of the same loaded model for another worker thread, sharing what the
     /// engine compiled at load time where it can.
     fn fork(&self) -> Result<Box<dyn Backend>, InferenceError>;
@@ -106,6 +123,9 @@ pub enum BackendKind {
     Tract,
     /// ONNX Runtime through the `ort` crate (cargo feature `ort`).
     Ort,
+    /// Native candle models (`platform = "candle"` bundles; cargo feature `candle`, default).
+    /// It runs architectures written in Rust, not ONNX files.
+    Candle,
 }
 
 impl BackendKind {
@@ -113,6 +133,7 @@ impl BackendKind {
         match self {
             BackendKind::Tract => "tract",
             BackendKind::Ort => "ort",
+            BackendKind::Candle => "candle",
         }
     }
 
@@ -121,6 +142,7 @@ impl BackendKind {
         match self {
             BackendKind::Tract => cfg!(feature = "tract"),
             BackendKind::Ort => cfg!(feature = "ort"),
+            BackendKind::Candle => cfg!(feature = "candle"),
         }
     }
 }
@@ -190,9 +212,40 @@ pub fn load_bytes(
         )?)),
         #[cfg(feature = "ort")]
         BackendKind::Ort => Ok(Box::new(ort::OrtBackend::load_bytes(model, name, options)?)),
+        BackendKind::Candle => Err(InferenceError::load(
+            name,
+            "the candle backend runs native architectures (platform = \"candle\" bundles), not ONNX files",
+        )),
         #[allow(unreachable_patterns)]
         other => Err(InferenceError::BackendNotCompiled {
             backend: other.as_str(),
         }),
+    }
+}
+
+/// Loads a native candle model: `architecture` (a name this build implements, e.g.
+/// `conv-classifier`), its architecture file's bytes and its safetensors weights. Everything
+/// is checked before anything runs (see the candle backend's docs). `name` only labels errors.
+pub fn load_candle(
+    architecture: &str,
+    config: &[u8],
+    weights: &[u8],
+    name: &Path,
+    options: &LoadOptions,
+) -> Result<Box<dyn Backend>, InferenceError> {
+    #[cfg(feature = "candle")]
+    {
+        Ok(Box::new(candle::CandleBackend::load(
+            architecture,
+            config,
+            weights,
+            name,
+            options,
+        )?))
+    }
+    #[cfg(not(feature = "candle"))]
+    {
+        let _ = (architecture, config, weights, name, options);
+        Err(InferenceError::BackendNotCompiled { backend: "candle" })
     }
 }

@@ -6,17 +6,23 @@
 //!   [`Occlusion`] and [`Rise`] for images (a saliency map at input resolution), and
 //!   [`KernelShap`] for tabular models (one attribution per feature).
 //!
+//! - Gradient methods, where the backend can differentiate its model (the native candle
+//!   backend): Grad-CAM and integrated gradients ([`GradientRequest`], computed by
+//!   [`crate::Backend::gradients`] on the model's worker thread).
+//!
 //! The model-agnostic methods are [`Perturber`]s: they hand out perturbed copies of the
 //! input in batches, take the model's score of each back (in the order handed out), and
 //! turn the scores into an [`Explanation`]. They never call a model themselves, so the
 //! caller decides how the forward passes run: through a model's worker (batched with its
 //! other requests, in the server), or by a closure ([`run`], in tests and tools).
 
+mod gradients;
 mod kernel_shap;
 mod linear;
 mod occlusion;
 mod rise;
 
+pub use gradients::{GradientMethod, GradientRequest, GradientSaliency};
 pub use kernel_shap::{KernelShap, KernelShapOptions, Link};
 pub use linear::{LinearLogistic, logit};
 pub use occlusion::{Occlusion, OcclusionOptions};
