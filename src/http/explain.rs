@@ -918,7 +918,7 @@ pub(crate) async fn explain_decoded(
                 .enumerate()
                 .map(|(r, (e, target))| {
                     let map: Vec<f32> = e.values.iter().map(|&v| v as f32).collect();
-                    let lines = vec![
+                    let lines = [
                         crate::heatmap::caption(method.as_str(), target, &map),
                         format!(
                             "{} {} - Nightingale {}",
