@@ -236,21 +236,7 @@ impl Pipeline {
                 let mut out = Vec::new();
                 for frame in source.frames(&options) {
                     let frame = frame.map_err(pixel_failure)?;
-                    let image = Image {
-                        rows: frame.rows,
-                        cols: frame.cols,
-                        samples: frame.samples,
-                        data: &frame.data,
-                        slope: frame.slope,
-                        intercept: frame.intercept,
-                        monochrome1: frame.monochrome1,
-                    };
-                    let values = pre
-                        .apply_to_vec(&image)
-                        .map_err(|e| JobFailure::new("preprocess", e.to_string()))?;
-                    let tensor = Tensor::from_vec(shape.clone(), values)
-                        .map_err(|e| JobFailure::new("input_shape", e.to_string()))?;
-                    out.push((frame.index, tensor));
+                    out.push((frame.index, model_input(&pre, &frame, &shape)?));
                 }
                 Ok(out)
             })
@@ -441,20 +427,7 @@ impl Pipeline {
                     ..DecodeOptions::default()
                 };
                 let frame = source.frame(frame, &options).map_err(pixel_failure)?;
-                let image = Image {
-                    rows: frame.rows,
-                    cols: frame.cols,
-                    samples: frame.samples,
-                    data: &frame.data,
-                    slope: frame.slope,
-                    intercept: frame.intercept,
-                    monochrome1: frame.monochrome1,
-                };
-                let values = pre
-                    .apply_to_vec(&image)
-                    .map_err(|e| JobFailure::new("preprocess", e.to_string()))?;
-                Tensor::from_vec(shape, values)
-                    .map_err(|e| JobFailure::new("input_shape", e.to_string()))
+                model_input(&pre, &frame, &shape)
             })
             .await?
         };
@@ -829,6 +802,28 @@ fn model_input_shape(
         ));
     }
     Ok(shape)
+}
+
+/// One decoded frame preprocessed as the bundle declares, as the model's input tensor.
+fn model_input(
+    pre: &nightingale_models::Preprocessing,
+    frame: &pixels::Frame,
+    shape: &[usize],
+) -> Result<Tensor, JobFailure> {
+    let image = Image {
+        rows: frame.rows,
+        cols: frame.cols,
+        samples: frame.samples,
+        data: &frame.data,
+        slope: frame.slope,
+        intercept: frame.intercept,
+        monochrome1: frame.monochrome1,
+    };
+    let values = pre
+        .apply_to_vec(&image)
+        .map_err(|e| JobFailure::new("preprocess", e.to_string()))?;
+    Tensor::from_vec(shape.to_vec(), values)
+        .map_err(|e| JobFailure::new("input_shape", e.to_string()))
 }
 
 /// Per-stage latency of the pipeline (`nightingale_pipeline_stage_seconds{stage}`; the
