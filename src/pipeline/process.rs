@@ -14,8 +14,10 @@ use nightingale_dicom::pixels::{
 use nightingale_dicom::results::{
     self, Code, Finding, RenderedImage, RenderedPixels, ResultContext, SourceSeries, Uid,
 };
+use nightingale_dicom::volume::{self, InstanceGeometry, VolumePlan};
 use nightingale_inference::{NamedTensor, Tensor};
-use nightingale_models::{Image, LoadedModel};
+use nightingale_models::manifest::DicomAccepts;
+use nightingale_models::{Image, LoadedModel, PreprocessError, Preprocessing, VolumeValues};
 
 use super::Pipeline;
 use super::outbox::OBJECTS_DIR;
@@ -24,6 +26,13 @@ use crate::audit::{AuditEvent, EventKind, Outcome, tensors_sha256};
 
 /// The most instances one job reads (a larger series fails with a reason).
 pub const MAX_SERIES_INSTANCES: usize = 5_000;
+
+/// The most source pixels (slices × rows × columns) one volume may have: 256 Mi, e.g. 1,024
+/// slices of 512 × 512. Checked from the headers before any slice is decoded. The slices are
+/// decoded one at a time into the model input, so memory is the model input plus one slice
+/// (plus, for a multi-frame object, the object itself, which is read whole: at most 512 MiB
+/// of 16-bit pixel data at this limit).
+pub const MAX_VOLUME_SOURCE_PIXELS: u64 = 256 << 20;
 
 /// Why a job failed: a stable code (metrics, API) and a detail without patient data.
 #[derive(Debug, Clone)]
@@ -55,9 +64,35 @@ pub struct SeriesFinding {
     pub probability: f32,
     pub threshold: f32,
     pub positive: bool,
-    /// Which instance (its position in the series, by arrival) and frame had it.
+    /// Which instance (its position in the series, by arrival) and frame had it (a volume:
+    /// the middle slice, the one the SC shows).
     pub instance_index: usize,
     pub frame: u32,
+    /// A volume bundle's input: how the series became one volume.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume: Option<VolumeSummary>,
+}
+
+/// How a series became a volume model input (`[dicom] inference = "volume"`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VolumeSummary {
+    /// Slices of the series.
+    pub slices: usize,
+    /// Slices of the model input (after resampling along the slice axis).
+    pub depth: usize,
+    /// `position`, `instance-number` or `frame-order`.
+    pub order: &'static str,
+    /// The median gap between slices (ordered by position).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spacing_mm: Option<f64>,
+}
+
+/// What a volume bundle's input is: its rank (5: `[N, 1, D, H, W]`, 4: `[N, D, H, W]`) and
+/// depth (None: any, the series' own slice count).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct VolumeShape {
+    pub rank: usize,
+    pub depth: Option<usize>,
 }
 
 /// What one frame's inference said for each reported output.
@@ -166,28 +201,13 @@ impl Pipeline {
             .find(|r| r.name == job.route && !r.report.is_empty())
             .map(|r| r.report.clone());
         let reported = reported_outputs(&model, route_report.as_ref().unwrap_or(&accepts.report))?;
+        if accepts.is_volume() {
+            return self.process_volume(job, model, pre, &accepts, reported).await;
+        }
         let input_shape = model_input_shape(&model, &pre)?;
 
         // The series, its headers, and one check that it is one kind of image.
-        let instances = self
-            .spool
-            .series_instances(&job.study_uid, &job.series_uid)
-            .map_err(|e| JobFailure::new("spool", e.to_string()))?;
-        if instances.is_empty() {
-            return Err(JobFailure::new(
-                "no_instances",
-                "the series is no longer in the spool",
-            ));
-        }
-        if instances.len() > MAX_SERIES_INSTANCES {
-            return Err(JobFailure::new(
-                "too_many_instances",
-                format!(
-                    "{} instances; at most {MAX_SERIES_INSTANCES} per series",
-                    instances.len()
-                ),
-            ));
-        }
+        let instances = self.series_instances(job)?;
         let paths: Vec<PathBuf> = instances.iter().map(|s| s.path.clone()).collect();
         let max_frames = accepts.max_frames.unwrap_or(u32::MAX);
         let limits = Limits::default();
@@ -277,6 +297,7 @@ impl Pipeline {
                     positive: probability >= r.threshold,
                     instance_index: best.instance_index,
                     frame: best.frame,
+                    volume: None,
                 }
             })
             .collect();
@@ -316,12 +337,50 @@ impl Pipeline {
             None => None,
         };
 
-        // The result objects, written before they are queued.
+        self.deliver(job, &model, &instances, paths, &findings, heatmap)
+            .await?;
+        Ok(findings)
+    }
+
+    /// The series' instances in the spool (arrival order), bounded.
+    fn series_instances(&self, job: &Job) -> Result<Vec<nightingale_dicom::Stored>, JobFailure> {
+        let instances = self
+            .spool
+            .series_instances(&job.study_uid, &job.series_uid)
+            .map_err(|e| JobFailure::new("spool", e.to_string()))?;
+        if instances.is_empty() {
+            return Err(JobFailure::new(
+                "no_instances",
+                "the series is no longer in the spool",
+            ));
+        }
+        if instances.len() > MAX_SERIES_INSTANCES {
+            return Err(JobFailure::new(
+                "too_many_instances",
+                format!(
+                    "{} instances; at most {MAX_SERIES_INSTANCES} per series",
+                    instances.len()
+                ),
+            ));
+        }
+        Ok(instances)
+    }
+
+    /// The result objects, written before they are queued, and their audit records.
+    async fn deliver(
+        self: &Arc<Self>,
+        job: &Job,
+        model: &Arc<LoadedModel>,
+        instances: &[nightingale_dicom::Stored],
+        paths: Vec<PathBuf>,
+        findings: &[SeriesFinding],
+        heatmap: Option<HeatmapMap>,
+    ) -> Result<(), JobFailure> {
         let started = Instant::now();
         let objects = {
             let me = self.clone();
             let job = job.clone();
-            let findings = findings.clone();
+            let findings = findings.to_vec();
             let model = model.clone();
             let sop_uids: Vec<String> = instances
                 .iter()
@@ -332,8 +391,65 @@ impl Pipeline {
         };
         stage("results", started.elapsed());
         for (object, kind) in objects {
-            self.audit_result(job, &model, &object, kind).await;
+            self.audit_result(job, model, &object, kind).await;
         }
+        Ok(())
+    }
+
+    /// A volume bundle's job: the series assembled into one volume (slice order, one window,
+    /// resampled to the model's depth; [`assemble_volume`]), ONE inference, and the results
+    /// as for frames (the SC shows the volume's middle slice; the SR references every
+    /// instance).
+    async fn process_volume(
+        self: &Arc<Self>,
+        job: &Job,
+        model: Arc<LoadedModel>,
+        pre: Preprocessing,
+        accepts: &DicomAccepts,
+        reported: Vec<Reported>,
+    ) -> Result<Vec<SeriesFinding>, JobFailure> {
+        let shape = model_volume_shape(&model, &pre)?;
+        let instances = self.series_instances(job)?;
+        let paths: Vec<PathBuf> = instances.iter().map(|s| s.path.clone()).collect();
+        let (min, max) = accepts.slices();
+        let started = Instant::now();
+        let (tensor, plan) = {
+            let (paths, pre) = (paths.clone(), pre.clone());
+            blocking(move || assemble_volume(&paths, &pre, shape, min, max)).await?
+        };
+        stage("decode_preprocess", started.elapsed());
+        let depth = match tensor.shape() {
+            [_, _, d, _, _] | [_, d, _, _] => *d,
+            _ => 0,
+        };
+        let started = Instant::now();
+        let probabilities = self
+            .infer(job, &model, &pre.input, tensor, &reported)
+            .await?;
+        stage("inference", started.elapsed());
+        let shown = plan.middle();
+        let summary = VolumeSummary {
+            slices: plan.slices.len(),
+            depth,
+            order: plan.order.as_str(),
+            spacing_mm: plan.spacing_mm,
+        };
+        let findings: Vec<SeriesFinding> = reported
+            .iter()
+            .zip(&probabilities)
+            .map(|(r, &probability)| SeriesFinding {
+                output: r.output.clone(),
+                label: r.label.clone(),
+                probability,
+                threshold: r.threshold,
+                positive: probability >= r.threshold,
+                instance_index: shown.instance,
+                frame: shown.frame,
+                volume: Some(summary.clone()),
+            })
+            .collect();
+        self.deliver(job, &model, &instances, paths, &findings, None)
+            .await?;
         Ok(findings)
     }
 
@@ -802,6 +918,147 @@ fn model_input_shape(
         ));
     }
     Ok(shape)
+}
+
+/// A volume bundle's input shape, from the model itself (the engine's metadata).
+fn model_volume_shape(model: &LoadedModel, pre: &Preprocessing) -> Result<VolumeShape, JobFailure> {
+    let spec = model
+        .worker
+        .metadata()
+        .inputs
+        .iter()
+        .find(|i| i.name == pre.input)
+        .ok_or_else(|| {
+            JobFailure::new("bundle_not_imaging", "the preprocessed input is unknown")
+        })?;
+    let depth = pre
+        .volume_depth(&spec.shape)
+        .map_err(|e| JobFailure::new("bundle_not_imaging", e))?;
+    Ok(VolumeShape {
+        rank: spec.shape.len(),
+        depth,
+    })
+}
+
+/// The series (`paths`, arrival order) as one volume model input: every header read and
+/// checked (one size and grey photometric interpretation, the slices' geometry and count:
+/// [`volume::plan_volume`], the source pixels under [`MAX_VOLUME_SOURCE_PIXELS`]) before any
+/// pixel is decoded; then the window (fixed, or the percentiles of every voxel, counted in a
+/// first pass over the slices), and the slices decoded one at a time, in volume order, into
+/// the resampled input ([`Preprocessing::volume_input`]). Runs on a blocking thread.
+pub(crate) fn assemble_volume(
+    paths: &[PathBuf],
+    pre: &Preprocessing,
+    shape: VolumeShape,
+    min_slices: u32,
+    max_slices: u32,
+) -> Result<(Tensor, VolumePlan), JobFailure> {
+    let limits = Limits::default();
+    let mut headers = Vec::with_capacity(paths.len());
+    let mut geometry = Vec::with_capacity(paths.len());
+    for path in paths {
+        let obj = dicom_object::OpenFileOptions::new()
+            .read_until(dicom_dictionary_std::tags::PIXEL_DATA)
+            .open_file(path)
+            .map_err(|e| {
+                pixel_failure(pixels::PixelError::Open {
+                    source: Box::new(e),
+                })
+            })?;
+        let header = pixels::ImageHeader::from_object(&obj, &limits).map_err(pixel_failure)?;
+        geometry.push(InstanceGeometry::read(&obj, header.frames).map_err(pixel_failure)?);
+        headers.push(header);
+    }
+    pixels::check_series(&headers).map_err(pixel_failure)?;
+    let first = &headers[0];
+    if !matches!(
+        first.photometric,
+        pixels::Photometric::Monochrome1 | pixels::Photometric::Monochrome2
+    ) {
+        return Err(JobFailure::new(
+            "unsupported_photometric",
+            format!(
+                "a volume is grey-scale (MONOCHROME1 or MONOCHROME2); the series is {}",
+                first.photometric.as_str()
+            ),
+        ));
+    }
+    let plan = volume::plan_volume(&geometry, min_slices, max_slices)
+        .map_err(|e| JobFailure::new(e.reason(), e.to_string()))?;
+    let source_pixels = first.frame_pixels() * plan.slices.len() as u64;
+    if source_pixels > MAX_VOLUME_SOURCE_PIXELS {
+        return Err(JobFailure::new(
+            "volume_too_large",
+            format!(
+                "{} slices of {} x {} are {source_pixels} pixels; at most {MAX_VOLUME_SOURCE_PIXELS} per volume",
+                plan.slices.len(),
+                first.rows,
+                first.cols
+            ),
+        ));
+    }
+    let preprocess_failure = |e: PreprocessError| match e {
+        PreprocessError::VolumeTooLarge { .. } => JobFailure::new("volume_too_large", e.to_string()),
+        e => JobFailure::new("preprocess", e.to_string()),
+    };
+    let options = DecodeOptions {
+        colour: Colour::Grey,
+        limits: limits.clone(),
+        ..DecodeOptions::default()
+    };
+    // Each slice of the plan, decoded in order; an instance stays open while its frames are
+    // read (a multi-frame object is opened once).
+    let each_slice = |f: &mut dyn FnMut(&Image<'_>) -> Result<(), JobFailure>| {
+        let mut open: Option<(usize, PixelSource)> = None;
+        for slice in &plan.slices {
+            if open.as_ref().is_none_or(|(i, _)| *i != slice.instance) {
+                drop(open.take());
+                let source =
+                    PixelSource::open(&paths[slice.instance], &limits).map_err(pixel_failure)?;
+                open = Some((slice.instance, source));
+            }
+            let (_, source) = open.as_ref().expect("opened above");
+            let frame = source.frame(slice.frame, &options).map_err(pixel_failure)?;
+            let (slope, intercept) = slice.rescale.unwrap_or((frame.slope, frame.intercept));
+            f(&Image {
+                rows: frame.rows,
+                cols: frame.cols,
+                samples: frame.samples,
+                data: &frame.data,
+                slope,
+                intercept,
+                monochrome1: frame.monochrome1,
+            })?;
+        }
+        Ok::<(), JobFailure>(())
+    };
+    // The model input's size, checked before anything is decoded.
+    pre.volume_values(plan.slices.len(), shape.depth)
+        .map_err(preprocess_failure)?;
+    let window = match pre.fixed_window() {
+        Some(w) => w,
+        None => {
+            let mut values = VolumeValues::new();
+            each_slice(&mut |image| values.add(image).map_err(preprocess_failure))?;
+            pre.volume_window(&values)
+                .ok_or_else(|| JobFailure::new("no_frames", "no slice was decoded"))?
+        }
+    };
+    let mut input = pre
+        .volume_input(plan.slices.len(), shape.depth, window)
+        .map_err(preprocess_failure)?;
+    each_slice(&mut |image| input.push(image).map_err(preprocess_failure))?;
+    let depth = input.depth();
+    let data = input.finish().map_err(preprocess_failure)?;
+    let [h, w] = pre.size;
+    let dims = if shape.rank == 5 {
+        vec![1, 1, depth, h, w]
+    } else {
+        vec![1, depth, h, w]
+    };
+    let tensor = Tensor::from_vec(dims, data)
+        .map_err(|e| JobFailure::new("input_shape", e.to_string()))?;
+    Ok((tensor, plan))
 }
 
 /// One decoded frame preprocessed as the bundle declares, as the model's input tensor.
