@@ -24,6 +24,7 @@
 //! patient data.
 
 use dicom_core::Tag;
+use dicom_core::header::HasLength;
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 

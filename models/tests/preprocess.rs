@@ -339,7 +339,7 @@ inference = "volume"
     }
     let cases = [
         (
-            base.replace("[-1, 1, 16, 8, 8]", "[-1, 1, 8, 8]"),
+            base.replace("[-1, 1, 16, 8, 8]", "[-1, 8, 8]"),
             "needs [-1, 1, D, 8, 8] or [-1, D, 8, 8]",
         ),
         (
@@ -363,7 +363,8 @@ inference = "volume"
             "max_frames is for inference = \"frame\"",
         ),
         (
-            base.replace("inference = \"volume\"", "min_slices = 2"),
+            base.replace("inference = \"volume\"", "min_slices = 2")
+                .replace("[-1, 1, 16, 8, 8]", "[-1, 1, 8, 8]"),
             "need inference = \"volume\"",
         ),
         (

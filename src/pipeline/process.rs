@@ -1137,6 +1137,138 @@ fn write_durably(root: &Path, relative: &Path, bytes: &[u8]) -> std::io::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    use dicom_object::InMemDicomObject;
+    use dicom_object::meta::FileMetaTableBuilder;
+
+    /// A grey 16-bit CT slice of `rows x cols`, every pixel `value` in each of `frames` frames,
+    /// at `z` (axial) unless `z` is None.
+    fn slice(dir: &Path, name: &str, z: Option<f64>, size: (u32, u32), frames: u32, value: u16) -> PathBuf {
+        let mut obj = InMemDicomObject::new_empty();
+        let mut put = |tag, vr, v: PrimitiveValue| obj.put(DataElement::new(tag, vr, v));
+        // The names differ in length: one UID each.
+        let sop = format!("1.2.826.0.1.3680043.10.1234.3.{}", name.len());
+        put(tags::SOP_CLASS_UID, VR::UI, "1.2.840.10008.5.1.4.1.1.2".into());
+        put(tags::SOP_INSTANCE_UID, VR::UI, sop.as_str().into());
+        put(tags::STUDY_INSTANCE_UID, VR::UI, "1.2.826.0.1.3680043.10.1234.1".into());
+        put(tags::SERIES_INSTANCE_UID, VR::UI, "1.2.826.0.1.3680043.10.1234.2".into());
+        put(tags::MODALITY, VR::CS, "CT".into());
+        put(tags::ROWS, VR::US, PrimitiveValue::from(size.0 as u16));
+        put(tags::COLUMNS, VR::US, PrimitiveValue::from(size.1 as u16));
+        put(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16));
+        put(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2".into());
+        put(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(16u16));
+        put(tags::BITS_STORED, VR::US, PrimitiveValue::from(16u16));
+        put(tags::HIGH_BIT, VR::US, PrimitiveValue::from(15u16));
+        put(tags::PIXEL_REPRESENTATION, VR::US, PrimitiveValue::from(0u16));
+        if frames > 1 {
+            put(tags::NUMBER_OF_FRAMES, VR::IS, frames.to_string().as_str().into());
+        }
+        if let Some(z) = z {
+            put(tags::IMAGE_POSITION_PATIENT, VR::DS, format!("-10\\-10\\{z}").as_str().into());
+            put(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, "1\\0\\0\\0\\1\\0".into());
+        }
+        let n = (size.0 * size.1 * frames) as usize;
+        put(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(vec![value; n].into()));
+        let file = obj
+            .with_meta(FileMetaTableBuilder::new().transfer_syntax("1.2.840.10008.1.2.1"))
+            .unwrap();
+        let path = dir.join(name);
+        file.write_to_file(&path).unwrap();
+        path
+    }
+
+    fn fixed(size: usize) -> Preprocessing {
+        toml::from_str(&format!(
+            "kind = \"image\"\ninput = \"volume\"\nsize = [{size}, {size}]\n\
+             [window]\nmethod = \"fixed\"\ncenter = 200.0\nwidth = 400.0\n"
+        ))
+        .unwrap()
+    }
+
+    /// Three slices arriving out of order are stacked by position, windowed with the fixed
+    /// window and resampled to two: bins {0, 1} and {1, 2} of the sorted slices (arithmetic:
+    /// values 100, 200, 300 over the window 0-400 are 0.25, 0.5, 0.75).
+    #[test]
+    fn a_series_becomes_one_resampled_volume_in_slice_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = vec![
+            slice(dir.path(), "a", Some(10.0), (4, 4), 1, 300),
+            slice(dir.path(), "bb", Some(0.0), (4, 4), 1, 100),
+            slice(dir.path(), "ccc", Some(5.0), (4, 4), 1, 200),
+        ];
+        let shape = VolumeShape {
+            rank: 5,
+            depth: Some(2),
+        };
+        let (tensor, plan) = assemble_volume(&paths, &fixed(4), shape, 2, 10).unwrap();
+        assert_eq!(tensor.shape(), &[1, 1, 2, 4, 4]);
+        let values: Vec<f32> = tensor.view::<f32>().unwrap().iter().copied().collect();
+        assert!(values[..16].iter().all(|v| (v - 0.375).abs() < 1e-6), "{values:?}");
+        assert!(values[16..].iter().all(|v| (v - 0.625).abs() < 1e-6), "{values:?}");
+        let order: Vec<usize> = plan.slices.iter().map(|s| s.instance).collect();
+        assert_eq!(order, vec![1, 2, 0]);
+        assert_eq!(plan.middle().instance, 2);
+        // Any depth, as [N, D, H, W]: the slices themselves.
+        let (tensor, _) = assemble_volume(
+            &paths,
+            &fixed(4),
+            VolumeShape {
+                rank: 4,
+                depth: None,
+            },
+            2,
+            10,
+        )
+        .unwrap();
+        assert_eq!(tensor.shape(), &[1, 3, 4, 4]);
+    }
+
+    #[test]
+    fn series_that_cannot_be_a_volume_fail_with_their_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let shape = VolumeShape {
+            rank: 5,
+            depth: None,
+        };
+        let code = |paths: &[PathBuf], min: u32, max: u32| {
+            assemble_volume(paths, &fixed(4), shape, min, max)
+                .unwrap_err()
+                .code
+        };
+        let a = slice(d, "a", Some(0.0), (4, 4), 1, 1);
+        let b = slice(d, "bb", Some(0.0), (4, 4), 1, 1);
+        assert_eq!(code(&[a.clone(), b], 2, 10), "duplicate_position");
+        let wide = slice(d, "ccc", Some(1.0), (4, 6), 1, 1);
+        assert_eq!(code(&[a.clone(), wide], 2, 10), "mixed_series");
+        let multi = slice(d, "dddd", None, (4, 4), 3, 1);
+        assert_eq!(code(&[a.clone(), multi.clone()], 2, 10), "multiframe_mixed");
+        assert_eq!(code(&[multi.clone()], 4, 10), "too_few_slices");
+        assert_eq!(code(&[multi], 1, 2), "too_many_slices");
+        let unplaced = slice(d, "eeeee", None, (4, 4), 1, 1);
+        assert_eq!(code(&[a.clone(), unplaced], 2, 10), "incomplete_geometry");
+        // A model input over the value limit is refused before anything is decoded.
+        let big: Preprocessing = toml::from_str(
+            "kind = \"image\"\ninput = \"volume\"\nsize = [4096, 4096]\n\
+             [window]\nmethod = \"fixed\"\ncenter = 0.0\nwidth = 1.0\n",
+        )
+        .unwrap();
+        let c = slice(d, "ffffff", Some(1.0), (4, 4), 1, 1);
+        let err = assemble_volume(
+            &[a, c],
+            &big,
+            VolumeShape {
+                rank: 5,
+                depth: Some(8),
+            },
+            2,
+            10,
+        )
+        .unwrap_err();
+        assert_eq!(err.code, "volume_too_large");
+    }
 
     #[test]
     fn narrow_images_are_centred_on_black_columns() {
