@@ -96,17 +96,13 @@ impl InstanceGeometry {
             };
             // A single-frame object's own position; a multi-frame object's per frame (its
             // top-level Image Position, if any, is not one frame's).
-            let position = own.position.or(shared.position).or(if frames == 1 {
-                top.position
-            } else {
-                None
-            });
+            let position =
+                own.position
+                    .or(shared.position)
+                    .or(if frames == 1 { top.position } else { None });
             out.push(SliceGeometry {
                 position,
-                orientation: own
-                    .orientation
-                    .or(shared.orientation)
-                    .or(top.orientation),
+                orientation: own.orientation.or(shared.orientation).or(top.orientation),
                 rescale: own.rescale.or(shared.rescale),
             });
         }
@@ -125,7 +121,11 @@ fn functional_group(group: &InMemDicomObject) -> Result<SliceGeometry, PixelErro
         None => None,
     };
     let orientation = match item(group, tags::PLANE_ORIENTATION_SEQUENCE, 0) {
-        Some(i) => vector::<6>(i, tags::IMAGE_ORIENTATION_PATIENT, "ImageOrientationPatient")?,
+        Some(i) => vector::<6>(
+            i,
+            tags::IMAGE_ORIENTATION_PATIENT,
+            "ImageOrientationPatient",
+        )?,
         None => None,
     };
     let rescale = match item(group, tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, 0) {
@@ -191,7 +191,10 @@ pub enum VolumeError {
     #[error(
         "{multi_frame} multi-frame instance(s) among {instances} instances: a volume is one multi-frame instance or single-frame instances"
     )]
-    MultiFrameMixed { multi_frame: usize, instances: usize },
+    MultiFrameMixed {
+        multi_frame: usize,
+        instances: usize,
+    },
     #[error("{slices} slice(s); the bundle takes a volume of at least {min}")]
     TooFewSlices { slices: usize, min: u32 },
     #[error("{slices} slices; the bundle takes a volume of at most {max}")]
@@ -380,7 +383,10 @@ fn by_position(
             return Err(VolumeError::MixedOrientation { index });
         }
     }
-    let (r, c) = ([first[0], first[1], first[2]], [first[3], first[4], first[5]]);
+    let (r, c) = (
+        [first[0], first[1], first[2]],
+        [first[3], first[4], first[5]],
+    );
     let normal = [
         r[1] * c[2] - r[2] * c[1],
         r[2] * c[0] - r[0] * c[2],
@@ -411,7 +417,10 @@ fn by_position(
         sorted.sort_by(f64::total_cmp);
         let median = sorted[(sorted.len() - 1) / 2];
         let (min, max) = (sorted[0], sorted[sorted.len() - 1]);
-        if gaps.iter().any(|g| (g - median).abs() > 0.1 * median + 0.01) {
+        if gaps
+            .iter()
+            .any(|g| (g - median).abs() > 0.1 * median + 0.01)
+        {
             return Err(VolumeError::UnevenSpacing {
                 min_mm: min,
                 max_mm: max,
@@ -526,14 +535,20 @@ mod tests {
             "uneven_spacing"
         );
         assert_eq!(
-            reason(&[at(0.0, [1.0, 0.0, 0.0, 1.0, 0.0, 0.0], 1), at(1.0, AXIAL, 2)]),
+            reason(&[
+                at(0.0, [1.0, 0.0, 0.0, 1.0, 0.0, 0.0], 1),
+                at(1.0, AXIAL, 2)
+            ]),
             "mixed_orientation"
         );
         assert_eq!(
             plan_volume(&ok, 4, 10).unwrap_err(),
             VolumeError::TooFewSlices { slices: 3, min: 4 }
         );
-        assert_eq!(plan_volume(&ok, 1, 2).unwrap_err().reason(), "too_many_slices");
+        assert_eq!(
+            plan_volume(&ok, 1, 2).unwrap_err().reason(),
+            "too_many_slices"
+        );
         // One slice without a position among placed ones.
         let mut partial = ok.clone();
         partial[1].frames[0].position = None;

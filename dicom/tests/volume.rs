@@ -1,8 +1,8 @@
 //! A series as one volume (`nightingale_dicom::volume`) on real multi-frame objects from the
 //! pydicom wheel (eCT_Supplemental: an Enhanced CT with per-frame positions and a shared
 //! orientation and rescale; emri_small: an Enhanced MR with no functional groups), and hostile
-//! geometry attributes. The real files are found as in tests/pixels.rs (NIGHTINGALE_PYDICOM_DIR;
-//! skipped without it unless NIGHTINGALE_PEERS=1). The expected geometry is the files' own
+//! geometry attributes. The real files are found as in tests/pixels.rs (NIGHTINGALE_PYDICOM_DIR
+//! and NIGHTINGALE_PYDICOM_DATA_DIR; skipped without them unless NIGHTINGALE_PEERS=1). The expected geometry is the files' own
 //! attributes as pydicom prints them.
 
 use std::path::PathBuf;
@@ -14,14 +14,32 @@ use dicom_object::{InMemDicomObject, OpenFileOptions};
 use nightingale_dicom::pixels::{ImageHeader, Limits, PixelError};
 use nightingale_dicom::volume::{InstanceGeometry, SliceOrder, plan_volume};
 
-fn pydicom_dir() -> Option<PathBuf> {
-    match std::env::var_os("NIGHTINGALE_PYDICOM_DIR").map(PathBuf::from) {
-        Some(d) if d.is_dir() => Some(d),
-        _ if std::env::var("NIGHTINGALE_PEERS").as_deref() == Ok("1") => {
-            panic!("NIGHTINGALE_PEERS=1 but NIGHTINGALE_PYDICOM_DIR does not name pydicom")
+/// A test file of the pydicom wheel or of pydicom-data (where pydicom's `get_testdata_file`
+/// finds it), or None (skip) when the packages are not installed.
+fn test_file(name: &str) -> Option<PathBuf> {
+    let dirs = (
+        std::env::var_os("NIGHTINGALE_PYDICOM_DIR").map(PathBuf::from),
+        std::env::var_os("NIGHTINGALE_PYDICOM_DATA_DIR").map(PathBuf::from),
+    );
+    match dirs {
+        (Some(a), Some(b)) if a.is_dir() && b.is_dir() => {
+            let found = [
+                a.join("data/test_files").join(name),
+                b.join("data").join(name),
+            ]
+            .into_iter()
+            .find(|p| p.is_file());
+            Some(found.unwrap_or_else(|| panic!("{name} is in neither package")))
         }
+        _ if std::env::var("NIGHTINGALE_PEERS").as_deref() == Ok("1") => panic!(
+            "NIGHTINGALE_PEERS=1 but NIGHTINGALE_PYDICOM_DIR / NIGHTINGALE_PYDICOM_DATA_DIR do \
+             not name the pydicom and pydicom-data packages"
+        ),
         _ => {
-            eprintln!("skipped: set NIGHTINGALE_PYDICOM_DIR (scripts/test.sh does)");
+            eprintln!(
+                "skipped: set NIGHTINGALE_PYDICOM_DIR and NIGHTINGALE_PYDICOM_DATA_DIR \
+                 (scripts/test.sh does)"
+            );
             None
         }
     }
@@ -39,9 +57,14 @@ fn geometry_of(path: PathBuf) -> (ImageHeader, InstanceGeometry) {
 
 #[test]
 fn an_enhanced_ct_is_ordered_by_its_frame_positions_with_its_shared_rescale() {
-    let Some(dir) = pydicom_dir() else { return };
-    let (header, g) = geometry_of(dir.join("data/test_files/eCT_Supplemental.dcm"));
-    assert_eq!((header.frames, header.slope, header.intercept), (2, 1.0, 0.0));
+    let Some(path) = test_file("eCT_Supplemental.dcm") else {
+        return;
+    };
+    let (header, g) = geometry_of(path);
+    assert_eq!(
+        (header.frames, header.slope, header.intercept),
+        (2, 1.0, 0.0)
+    );
     assert_eq!(g.frames.len(), 2);
     assert_eq!(g.frames[0].position, Some([99.5, -301.5, -159.0]));
     assert_eq!(g.frames[1].position, Some([99.5, -301.5, -149.0]));
@@ -60,24 +83,38 @@ fn an_enhanced_ct_is_ordered_by_its_frame_positions_with_its_shared_rescale() {
 
 #[test]
 fn an_enhanced_mr_without_functional_groups_goes_in_frame_order() {
-    let Some(dir) = pydicom_dir() else { return };
-    let (header, g) = geometry_of(dir.join("data/test_files/emri_small.dcm"));
+    let Some(path) = test_file("emri_small.dcm") else {
+        return;
+    };
+    let (header, g) = geometry_of(path);
     assert_eq!(header.frames, 10);
-    assert!(g.frames.iter().all(|f| f.position.is_none() && f.rescale.is_none()));
-    let plan = plan_volume(&[g.clone()], 2, 10).unwrap();
+    assert!(
+        g.frames
+            .iter()
+            .all(|f| f.position.is_none() && f.rescale.is_none())
+    );
+    let plan = plan_volume(std::slice::from_ref(&g), 2, 10).unwrap();
     assert_eq!(plan.order, SliceOrder::FrameOrder);
     assert_eq!(plan.slices.len(), 10);
     assert_eq!(plan.middle().frame, 4);
-    assert_eq!(plan_volume(&[g], 11, 20).unwrap_err().reason(), "too_few_slices");
+    assert_eq!(
+        plan_volume(&[g], 11, 20).unwrap_err().reason(),
+        "too_few_slices"
+    );
 }
 
+/// A multi-valued text element as a parser reads it (one string per value).
 fn ds(values: &str) -> PrimitiveValue {
-    PrimitiveValue::from(values)
+    PrimitiveValue::Strs(values.split('\\').map(str::to_owned).collect())
 }
 
 fn with_frames(frames: usize, items: usize) -> InMemDicomObject {
     let mut obj = InMemDicomObject::new_empty();
-    obj.put(DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, ds(&frames.to_string())));
+    obj.put(DataElement::new(
+        tags::NUMBER_OF_FRAMES,
+        VR::IS,
+        ds(&frames.to_string()),
+    ));
     let item = |z: usize| {
         let mut position = InMemDicomObject::new_empty();
         position.put(DataElement::new(

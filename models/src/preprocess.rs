@@ -235,7 +235,9 @@ pub enum PreprocessError {
     NonFinite { index: usize },
     #[error("a volume of {slices} slices was given slice {index}")]
     VolumeSlices { slices: usize, index: usize },
-    #[error("a {depth} x {height} x {width} volume input is {values} values; at most {MAX_VOLUME_VALUES} are accepted")]
+    #[error(
+        "a {depth} x {height} x {width} volume input is {values} values; at most {MAX_VOLUME_VALUES} are accepted"
+    )]
     VolumeTooLarge {
         depth: usize,
         height: usize,

@@ -172,10 +172,9 @@ struct VolumeCase {
 /// axis, against `imaging.preprocess_volume` (numpy).
 #[test]
 fn rust_volume_preprocessing_matches_the_numpy_reference() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/preprocess/volume_cases.json");
-    let fixtures: VolumeFixtures =
-        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/preprocess/volume_cases.json");
+    let fixtures: VolumeFixtures = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     assert!(fixtures.cases.len() >= 4);
     for case in &fixtures.cases {
         let pre = &case.preprocessing;
@@ -333,7 +332,10 @@ inference = "volume"
     for ok in [
         base.replace("[-1, 1, 16, 8, 8]", "[-1, 1, -1, 8, 8]"),
         base.replace("[-1, 1, 16, 8, 8]", "[-1, 16, 8, 8]"),
-        base.replace("inference = \"volume\"", "inference = \"volume\"\nmin_slices = 3\nmax_slices = 64"),
+        base.replace(
+            "inference = \"volume\"",
+            "inference = \"volume\"\nmin_slices = 3\nmax_slices = 64",
+        ),
     ] {
         Manifest::parse(&ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
     }
@@ -359,7 +361,10 @@ inference = "volume"
             "unknown variant",
         ),
         (
-            base.replace("inference = \"volume\"", "inference = \"volume\"\nmax_frames = 1"),
+            base.replace(
+                "inference = \"volume\"",
+                "inference = \"volume\"\nmax_frames = 1",
+            ),
             "max_frames is for inference = \"frame\"",
         ),
         (
@@ -368,11 +373,17 @@ inference = "volume"
             "need inference = \"volume\"",
         ),
         (
-            base.replace("inference = \"volume\"", "inference = \"volume\"\nmin_slices = 9\nmax_slices = 4"),
+            base.replace(
+                "inference = \"volume\"",
+                "inference = \"volume\"\nmin_slices = 9\nmax_slices = 4",
+            ),
             "1 <= min_slices <= max_slices <= 4096",
         ),
         (
-            base.replace("inference = \"volume\"", "inference = \"volume\"\nmax_slices = 5000"),
+            base.replace(
+                "inference = \"volume\"",
+                "inference = \"volume\"\nmax_slices = 5000",
+            ),
             "max_slices <= 4096",
         ),
         (

@@ -202,7 +202,9 @@ impl Pipeline {
             .map(|r| r.report.clone());
         let reported = reported_outputs(&model, route_report.as_ref().unwrap_or(&accepts.report))?;
         if accepts.is_volume() {
-            return self.process_volume(job, model, pre, &accepts, reported).await;
+            return self
+                .process_volume(job, model, pre, &accepts, reported)
+                .await;
         }
         let input_shape = model_input_shape(&model, &pre)?;
 
@@ -998,7 +1000,9 @@ pub(crate) fn assemble_volume(
         ));
     }
     let preprocess_failure = |e: PreprocessError| match e {
-        PreprocessError::VolumeTooLarge { .. } => JobFailure::new("volume_too_large", e.to_string()),
+        PreprocessError::VolumeTooLarge { .. } => {
+            JobFailure::new("volume_too_large", e.to_string())
+        }
         e => JobFailure::new("preprocess", e.to_string()),
     };
     let options = DecodeOptions {
@@ -1056,8 +1060,8 @@ pub(crate) fn assemble_volume(
     } else {
         vec![1, depth, h, w]
     };
-    let tensor = Tensor::from_vec(dims, data)
-        .map_err(|e| JobFailure::new("input_shape", e.to_string()))?;
+    let tensor =
+        Tensor::from_vec(dims, data).map_err(|e| JobFailure::new("input_shape", e.to_string()))?;
     Ok((tensor, plan))
 }
 
@@ -1144,33 +1148,76 @@ mod tests {
 
     /// A grey 16-bit CT slice of `rows x cols`, every pixel `value` in each of `frames` frames,
     /// at `z` (axial) unless `z` is None.
-    fn slice(dir: &Path, name: &str, z: Option<f64>, size: (u32, u32), frames: u32, value: u16) -> PathBuf {
+    fn slice(
+        dir: &Path,
+        name: &str,
+        z: Option<f64>,
+        size: (u32, u32),
+        frames: u32,
+        value: u16,
+    ) -> PathBuf {
         let mut obj = InMemDicomObject::new_empty();
         let mut put = |tag, vr, v: PrimitiveValue| obj.put(DataElement::new(tag, vr, v));
         // The names differ in length: one UID each.
         let sop = format!("1.2.826.0.1.3680043.10.1234.3.{}", name.len());
-        put(tags::SOP_CLASS_UID, VR::UI, "1.2.840.10008.5.1.4.1.1.2".into());
+        put(
+            tags::SOP_CLASS_UID,
+            VR::UI,
+            "1.2.840.10008.5.1.4.1.1.2".into(),
+        );
         put(tags::SOP_INSTANCE_UID, VR::UI, sop.as_str().into());
-        put(tags::STUDY_INSTANCE_UID, VR::UI, "1.2.826.0.1.3680043.10.1234.1".into());
-        put(tags::SERIES_INSTANCE_UID, VR::UI, "1.2.826.0.1.3680043.10.1234.2".into());
+        put(
+            tags::STUDY_INSTANCE_UID,
+            VR::UI,
+            "1.2.826.0.1.3680043.10.1234.1".into(),
+        );
+        put(
+            tags::SERIES_INSTANCE_UID,
+            VR::UI,
+            "1.2.826.0.1.3680043.10.1234.2".into(),
+        );
         put(tags::MODALITY, VR::CS, "CT".into());
         put(tags::ROWS, VR::US, PrimitiveValue::from(size.0 as u16));
         put(tags::COLUMNS, VR::US, PrimitiveValue::from(size.1 as u16));
         put(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16));
-        put(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2".into());
+        put(
+            tags::PHOTOMETRIC_INTERPRETATION,
+            VR::CS,
+            "MONOCHROME2".into(),
+        );
         put(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(16u16));
         put(tags::BITS_STORED, VR::US, PrimitiveValue::from(16u16));
         put(tags::HIGH_BIT, VR::US, PrimitiveValue::from(15u16));
-        put(tags::PIXEL_REPRESENTATION, VR::US, PrimitiveValue::from(0u16));
+        put(
+            tags::PIXEL_REPRESENTATION,
+            VR::US,
+            PrimitiveValue::from(0u16),
+        );
         if frames > 1 {
-            put(tags::NUMBER_OF_FRAMES, VR::IS, frames.to_string().as_str().into());
+            put(
+                tags::NUMBER_OF_FRAMES,
+                VR::IS,
+                frames.to_string().as_str().into(),
+            );
         }
         if let Some(z) = z {
-            put(tags::IMAGE_POSITION_PATIENT, VR::DS, format!("-10\\-10\\{z}").as_str().into());
-            put(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, "1\\0\\0\\0\\1\\0".into());
+            put(
+                tags::IMAGE_POSITION_PATIENT,
+                VR::DS,
+                format!("-10\\-10\\{z}").as_str().into(),
+            );
+            put(
+                tags::IMAGE_ORIENTATION_PATIENT,
+                VR::DS,
+                "1\\0\\0\\0\\1\\0".into(),
+            );
         }
         let n = (size.0 * size.1 * frames) as usize;
-        put(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(vec![value; n].into()));
+        put(
+            tags::PIXEL_DATA,
+            VR::OW,
+            PrimitiveValue::U16(vec![value; n].into()),
+        );
         let file = obj
             .with_meta(FileMetaTableBuilder::new().transfer_syntax("1.2.840.10008.1.2.1"))
             .unwrap();
@@ -1205,8 +1252,14 @@ mod tests {
         let (tensor, plan) = assemble_volume(&paths, &fixed(4), shape, 2, 10).unwrap();
         assert_eq!(tensor.shape(), &[1, 1, 2, 4, 4]);
         let values: Vec<f32> = tensor.view::<f32>().unwrap().iter().copied().collect();
-        assert!(values[..16].iter().all(|v| (v - 0.375).abs() < 1e-6), "{values:?}");
-        assert!(values[16..].iter().all(|v| (v - 0.625).abs() < 1e-6), "{values:?}");
+        assert!(
+            values[..16].iter().all(|v| (v - 0.375).abs() < 1e-6),
+            "{values:?}"
+        );
+        assert!(
+            values[16..].iter().all(|v| (v - 0.625).abs() < 1e-6),
+            "{values:?}"
+        );
         let order: Vec<usize> = plan.slices.iter().map(|s| s.instance).collect();
         assert_eq!(order, vec![1, 2, 0]);
         assert_eq!(plan.middle().instance, 2);
@@ -1245,7 +1298,7 @@ mod tests {
         assert_eq!(code(&[a.clone(), wide], 2, 10), "mixed_series");
         let multi = slice(d, "dddd", None, (4, 4), 3, 1);
         assert_eq!(code(&[a.clone(), multi.clone()], 2, 10), "multiframe_mixed");
-        assert_eq!(code(&[multi.clone()], 4, 10), "too_few_slices");
+        assert_eq!(code(std::slice::from_ref(&multi), 4, 10), "too_few_slices");
         assert_eq!(code(&[multi], 1, 2), "too_many_slices");
         let unplaced = slice(d, "eeeee", None, (4, 4), 1, 1);
         assert_eq!(code(&[a.clone(), unplaced], 2, 10), "incomplete_geometry");

@@ -138,7 +138,11 @@ impl Match {
 /// header of its first instance and its instance count tell: a multi-frame instance among
 /// others, too few or too many slices, colour. `None`: it may (the job checks every
 /// instance's geometry, and fails with the reason when the series is not a volume after all).
-pub fn volume_mismatch(accepts: &DicomAccepts, header: &SeriesHeader, instances: u64) -> Option<String> {
+pub fn volume_mismatch(
+    accepts: &DicomAccepts,
+    header: &SeriesHeader,
+    instances: u64,
+) -> Option<String> {
     if !accepts.is_volume() {
         return None;
     }
@@ -164,7 +168,10 @@ pub fn volume_mismatch(accepts: &DicomAccepts, header: &SeriesHeader, instances:
         ));
     }
     let grey = ["MONOCHROME1", "MONOCHROME2"];
-    if !grey.iter().any(|g| header.photometric.trim().eq_ignore_ascii_case(g)) {
+    if !grey
+        .iter()
+        .any(|g| header.photometric.trim().eq_ignore_ascii_case(g))
+    {
         return Some(format!(
             "photometric interpretation {:?}: a volume is grey-scale",
             header.photometric
@@ -491,19 +498,35 @@ mod tests {
         };
         assert_eq!(volume_mismatch(&volume, &single, 3), None);
         assert_eq!(volume_mismatch(&volume, &single, 100), None);
-        assert!(volume_mismatch(&volume, &single, 2).unwrap().contains("at least 3"));
-        assert!(volume_mismatch(&volume, &single, 101).unwrap().contains("at most 100"));
+        assert!(
+            volume_mismatch(&volume, &single, 2)
+                .unwrap()
+                .contains("at least 3")
+        );
+        assert!(
+            volume_mismatch(&volume, &single, 101)
+                .unwrap()
+                .contains("at most 100")
+        );
         let multi = SeriesHeader {
             frames: 40,
             ..single.clone()
         };
         assert_eq!(volume_mismatch(&volume, &multi, 1), None);
-        assert!(volume_mismatch(&volume, &multi, 2).unwrap().contains("multi-frame"));
+        assert!(
+            volume_mismatch(&volume, &multi, 2)
+                .unwrap()
+                .contains("multi-frame")
+        );
         let colour = SeriesHeader {
             photometric: "RGB".into(),
             ..single.clone()
         };
-        assert!(volume_mismatch(&volume, &colour, 10).unwrap().contains("grey"));
+        assert!(
+            volume_mismatch(&volume, &colour, 10)
+                .unwrap()
+                .contains("grey")
+        );
         // A per-frame bundle is not concerned.
         assert_eq!(volume_mismatch(&DicomAccepts::default(), &single, 1), None);
     }
