@@ -12,7 +12,8 @@ instance was stored, from the spool index, plus the configured quiet time), as i
 benches/pipeline/latency.py. The per-stage times are the server's own
 `nightingale_pipeline_stage_seconds` (mean per job): `decode_preprocess` (every header, two
 decode passes for the percentile window, the slice-axis resampling), `inference` (one call),
-`results` (SR referencing every slice + SC).
+`results` (SR referencing every slice + SC). Beside them, once: pydicom + numpy
+(`imaging.preprocess_volume`) building the same model input from the same files.
 
     cargo build --release
     .venv/bin/python benches/pipeline/volume_latency.py [--bin target/release/nightingale] [--rounds 3] [--slices 100]
@@ -149,6 +150,21 @@ def main() -> int:
             done = sr_file.stat().st_mtime * 1000.0
             runs.append((done - (last + QUIET_MS), done - job["created_ms"], job["findings"][0]["volume"]))
         per_stage = stages(http)
+        # pydicom + numpy building the same volume (read every slice, sort, one window,
+        # preprocess each slice): imaging.preprocess_volume, same machine, same run.
+        sys.path.insert(0, str(REPO / "models" / "train"))
+        import imaging
+
+        spec = imaging.Preprocessing(height=128, width=128, window="percentile", low=0.5, high=99.5,
+                                     aspect="pad", pad_value=0.0, mean=0.5, std=0.25)
+        make_volume(work / "reference", args.slices)
+        t0 = time.perf_counter()
+        datasets = sorted((pydicom.dcmread(p) for p in (work / "reference").iterdir()),
+                          key=lambda d: float(d.ImagePositionPatient[2]))
+        imaging.preprocess_volume([d.pixel_array for d in datasets], spec, None,
+                                  [float(d.RescaleSlope) for d in datasets],
+                                  [float(d.RescaleIntercept) for d in datasets])
+        reference_ms = (time.perf_counter() - t0) * 1000
         print(f"| round | end to end ms (quiet time excluded) | after the job was made ms | volume |")
         print("|---|---|---|---|")
         for i, (total, after, volume) in enumerate(runs):
@@ -158,6 +174,7 @@ def main() -> int:
             s, c = per_stage.get(stage, (0.0, 0.0))
             if c:
                 print(f"stage {stage}: {s / c * 1000:.0f} ms per job (mean of {c:.0f})")
+        print(f"pydicom + numpy, the same volume (read, sort, window, preprocess): {reference_ms:.0f} ms (one run)")
         return 0
     finally:
         for p in procs:
