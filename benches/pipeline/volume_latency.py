@@ -165,7 +165,7 @@ def main() -> int:
                                   [float(d.RescaleSlope) for d in datasets],
                                   [float(d.RescaleIntercept) for d in datasets])
         reference_ms = (time.perf_counter() - t0) * 1000
-        print(f"| round | end to end ms (quiet time excluded) | after the job was made ms | volume |")
+        print("| round | end to end ms (quiet time excluded) | after the job was made ms | volume |")
         print("|---|---|---|---|")
         for i, (total, after, volume) in enumerate(runs):
             print(f"| {i + 1} | {total:.0f} | {after:.0f} | {volume} |")
