@@ -1212,7 +1212,8 @@ mod tests {
                 "1\\0\\0\\0\\1\\0".into(),
             );
         }
-        let n = (size.0 * size.1 * frames) as usize;
+        // At most 64 Ki values: a larger header is a giant whose pixels are never read.
+        let n = ((size.0 * size.1 * frames) as usize).min(1 << 16);
         put(
             tags::PIXEL_DATA,
             VR::OW,
@@ -1302,6 +1303,21 @@ mod tests {
         assert_eq!(code(&[multi], 1, 2), "too_many_slices");
         let unplaced = slice(d, "eeeee", None, (4, 4), 1, 1);
         assert_eq!(code(&[a.clone(), unplaced], 2, 10), "incomplete_geometry");
+        // Over 256 Mi source pixels (5 slices of 8192 x 8192, from their headers): refused
+        // before any slice is decoded (their pixel data is not even there).
+        let giants: Vec<PathBuf> = (0..5)
+            .map(|k| {
+                let name = "g".repeat(10 + k);
+                slice(d, &name, Some(k as f64), (8192, 8192), 1, 1)
+            })
+            .collect();
+        let err = assemble_volume(&giants, &fixed(4), shape, 2, 10).unwrap_err();
+        assert_eq!(err.code, "volume_too_large");
+        assert!(
+            err.detail.contains("5 slices of 8192 x 8192"),
+            "{}",
+            err.detail
+        );
         // A model input over the value limit is refused before anything is decoded.
         let big: Preprocessing = toml::from_str(
             "kind = \"image\"\ninput = \"volume\"\nsize = [4096, 4096]\n\
