@@ -22,7 +22,9 @@ use nightingale_decision_support::risk::{MappingContext, map_features, plain_nam
 use nightingale_decision_support::service::{
     CdsSection, Service, ServiceKind, Services, builtin_risk_service, risk_prefetch,
 };
-use nightingale_inference::explain::{LinearLogistic, logit};
+use nightingale_inference::explain::{
+    KernelShap, KernelShapOptions, LinearLogistic, Link, Perturber, logit,
+};
 use nightingale_inference::{NamedTensor, Tensor};
 use nightingale_models::manifest::{FeatureSpec, Manifest, TaskKind};
 use nightingale_models::{LoadedModel, Repository};
@@ -569,6 +571,25 @@ impl Cds {
 /// How many contributing factors a risk card names in words.
 const TOP_FACTORS: usize = 3;
 
+/// Most forward passes (model rows) a risk card's KernelSHAP attribution may take; the
+/// bundle's `[explain] max_forward_passes` lowers it. With a background of `B` rows that is
+/// `⌊4096 / B⌋ − 1` coalitions: every coalition of up to 6 inputs with 32 background rows
+/// (2,016 rows), a sampled estimate beyond.
+const CARD_SHAP_MAX_PASSES: usize = 4096;
+
+/// KernelSHAP's coalitions for a card: at most this many, as `/explain`'s default.
+const CARD_SHAP_MAX_SAMPLES: usize = 512;
+
+/// A risk card's KernelSHAP attribution.
+struct CardShap {
+    values: Vec<f64>,
+    /// The mean logit over the background rows.
+    base_logit: f64,
+    background_rows: usize,
+    coalitions: usize,
+    exact: bool,
+}
+
 impl Cds {
     /// Answers a risk service call: one card per bundle of the service, each run through the
     /// repository's worker for that model (the same batching as KServe calls) with one audit
@@ -643,10 +664,21 @@ impl Cds {
             let x: Vec<f64> = values.iter().map(|&v| f64::from(v as f32)).collect();
             let reference = manifest.attribution.as_ref().map(|a| a.means.clone());
             let linear = self.linear_form(state, &model, input.features.len(), column);
-            // One batch: the patient, then (model-agnostic attribution only) one row per
-            // input with that input at its reference value.
+            // Models that are not linear-logistic: KernelSHAP against the bundle's background
+            // sample where it declares one ([explain] background), else one input at a time
+            // against the reference point.
+            let background = match &linear {
+                None => manifest
+                    .explain
+                    .as_ref()
+                    .map(|e| e.background.clone())
+                    .filter(|b| !b.is_empty() && b.iter().all(|r| r.len() == x.len())),
+                Some(_) => None,
+            };
+            // One batch: the patient, then (one input at a time only) one row per input
+            // with that input at its reference value.
             let mut rows = vec![x.clone()];
-            if let (None, Some(r)) = (&linear, &reference) {
+            if let (None, None, Some(r)) = (&linear, &background, &reference) {
                 for i in 0..x.len() {
                     let mut row = x.clone();
                     row[i] = r[i];
@@ -676,13 +708,50 @@ impl Cds {
                 }
             };
             let risk = probabilities[0];
-            let (contributions, reference_risk, method) = match (&linear, &reference) {
-                (Some(m), Some(r)) => (
+            let shap = match &background {
+                Some(b) => {
+                    let budget = manifest.explain.as_ref().map_or(CARD_SHAP_MAX_PASSES, |e| {
+                        e.max_forward_passes.min(CARD_SHAP_MAX_PASSES)
+                    });
+                    match self
+                        .kernel_shap(
+                            state,
+                            &model,
+                            (&input.name, &output, column),
+                            (&x, risk),
+                            b,
+                            budget,
+                            request,
+                            actor,
+                        )
+                        .await?
+                    {
+                        Ok(s) => Some(s),
+                        Err(why) => {
+                            tracing::warn!(model = %model.name, version = model.version, reason = %why,
+                                "no KernelSHAP attribution for the risk card: the card goes without factors");
+                            None
+                        }
+                    }
+                }
+                None => None,
+            };
+            let (contributions, reference_risk, method) = match (&linear, &reference, shap) {
+                (Some(m), Some(r), _) => (
                     m.contributions(&x, r),
                     Some(sigmoid(m.logit(r))),
                     AttributionMethod::LinearExact,
                 ),
-                (None, Some(_)) => (
+                (None, _, Some(s)) => (
+                    s.values,
+                    Some(sigmoid(s.base_logit)),
+                    AttributionMethod::KernelShap {
+                        background_rows: s.background_rows,
+                        coalitions: s.coalitions,
+                        exact: s.exact,
+                    },
+                ),
+                (None, Some(_), None) if background.is_none() => (
                     probabilities[1..]
                         .iter()
                         .map(|&p| logit(risk) - logit(p))
@@ -690,7 +759,7 @@ impl Cds {
                     None,
                     AttributionMethod::OneAtATime,
                 ),
-                (_, None) => (vec![], None, AttributionMethod::OneAtATime),
+                _ => (vec![], None, AttributionMethod::OneAtATime),
             };
             let contributions = contributions
                 .into_iter()
@@ -766,6 +835,139 @@ impl Cds {
         value
     }
 
+    /// KernelSHAP of the patient's row `x` (whose risk is `risk`) in logit space against the
+    /// background rows, within `budget` forward passes, through the model's worker in
+    /// batches of its `max_batch_size`; one audit record (event `explain`: the passes, the
+    /// patient's row hashed). `Err(RiskError)` only when the audit fails.
+    #[allow(clippy::too_many_arguments)]
+    async fn kernel_shap(
+        &self,
+        state: &AppState,
+        model: &LoadedModel,
+        (input, output, column): (&str, &str, usize),
+        (x, risk): (&[f64], f64),
+        background: &[Vec<f64>],
+        budget: usize,
+        request: &HookRequest,
+        actor: &str,
+    ) -> Result<Result<CardShap, String>, RiskError> {
+        let samples = (budget / background.len())
+            .saturating_sub(1)
+            .min(CARD_SHAP_MAX_SAMPLES);
+        if samples < 2 {
+            return Ok(Err(format!(
+                "{} background rows leave no coalition within {budget} forward passes",
+                background.len()
+            )));
+        }
+        let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+        let rows_of = |r: &[f64]| r.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+        let method = match KernelShap::new(
+            x32.clone(),
+            background.iter().map(|r| rows_of(r)).collect(),
+            risk,
+            KernelShapOptions {
+                samples,
+                link: Link::Logit,
+                seed: 0,
+            },
+        ) {
+            Ok(m) => m,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let exact = method.is_exact();
+        let passes = method.forward_passes();
+        let coalitions = passes / background.len() - 1;
+        let mut method: Box<dyn Perturber> = Box::new(method);
+        let chunk = model
+            .worker
+            .config()
+            .batching
+            .as_ref()
+            .map_or(64, |b| b.max_batch_size)
+            .clamp(1, model.worker.config().max_rows_per_request.max(1));
+        let patient = match Tensor::from_vec(vec![1, x32.len()], x32) {
+            Ok(t) => vec![NamedTensor::new(input, t)],
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let mut event = AuditEvent {
+            kind: EventKind::Explain,
+            request_id: audit_request_id(request),
+            model: model.name.clone(),
+            version: model.version.to_string(),
+            model_sha256: model.model_sha256.clone(),
+            input_sha256: Some(tensors_sha256(&patient)),
+            output_sha256: None,
+            rows: Some(passes),
+            status: 500,
+            outcome: Outcome::Failed,
+            actor: Some(actor.to_owned()),
+            detail: Some(format!(
+                "cds risk attribution: kernel_shap, {passes} forward passes, {}",
+                if exact { "exact" } else { "sampled" }
+            )),
+        };
+        let width = x.len();
+        let mut rows = Vec::with_capacity(chunk * width);
+        let mut failure = None;
+        loop {
+            rows.clear();
+            let n = method.next_rows(chunk, &mut rows);
+            if n == 0 {
+                break;
+            }
+            let tensor = match Tensor::from_vec(vec![n, width], std::mem::take(&mut rows)) {
+                Ok(t) => t,
+                Err(e) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
+            };
+            let scores = match model
+                .worker
+                .infer(vec![NamedTensor::new(input, tensor)])
+                .await
+            {
+                Ok(outputs) => positive_column(&outputs, output, column, n),
+                Err(e) => Err(format!("inference failed: {e}")),
+            };
+            match scores {
+                Ok(p) => method.absorb(&p),
+                Err(why) => {
+                    failure = Some(why);
+                    break;
+                }
+            }
+        }
+        let explained = match failure {
+            Some(why) => Err(why),
+            None => method.finish().map_err(|e| e.to_string()),
+        };
+        if let Ok(e) = &explained {
+            let values: Vec<f32> = e.values.iter().map(|&v| v as f32).collect();
+            if let Ok(t) = Tensor::from_vec(vec![1, values.len()], values) {
+                event.output_sha256 = Some(tensors_sha256(&[NamedTensor::new(
+                    format!("{output}_attribution"),
+                    t,
+                )]));
+            }
+            event.status = 200;
+            event.outcome = Outcome::Ok;
+        }
+        state
+            .audit
+            .record(event)
+            .await
+            .map_err(|e| RiskError::Audit(e.to_string()))?;
+        Ok(explained.map(|e| CardShap {
+            base_logit: e.base_value.unwrap_or(f64::NAN),
+            values: e.values,
+            background_rows: background.len(),
+            coalitions,
+            exact,
+        }))
+    }
+
     /// Runs `rows` through the model's worker and returns the positive class's probability
     /// of each row; one audit record. `Err(RiskError)` only when the audit fails.
     #[allow(clippy::too_many_arguments)]
@@ -789,15 +991,7 @@ impl Cds {
         let inputs = vec![NamedTensor::new(input, tensor)];
         let mut event = AuditEvent {
             kind: EventKind::Inference,
-            request_id: format!(
-                "cds-{}",
-                request
-                    .hook_instance
-                    .chars()
-                    .map(|c| if c.is_control() { '?' } else { c })
-                    .take(100)
-                    .collect::<String>()
-            ),
+            request_id: audit_request_id(request),
             model: model.name.clone(),
             version: model.version.to_string(),
             model_sha256: model.model_sha256.clone(),
@@ -825,28 +1019,48 @@ impl Cds {
             Ok(o) => o,
             Err(e) => return Ok(Err(format!("inference failed: {e}"))),
         };
-        let Some(view) = outputs
-            .iter()
-            .find(|o| o.name == output)
-            .and_then(|o| o.tensor.view::<f32>())
-        else {
-            return Ok(Err(format!("no FP32 output {output:?}")));
-        };
-        let width = view.shape().last().copied().unwrap_or(0);
-        let flat: Vec<f32> = view.iter().copied().collect();
-        let mut out = Vec::with_capacity(rows.len());
-        for r in 0..rows.len() {
-            match flat.get(r * width + column) {
-                Some(p) if p.is_finite() && (0.0..=1.0).contains(p) => out.push(f64::from(*p)),
-                _ => return Ok(Err("the model returned no probability".to_owned())),
-            }
-        }
-        Ok(Ok(out))
+        Ok(positive_column(&outputs, output, column, rows.len()))
     }
+}
+
+/// The audit records' request id of a hook call: `cds-` and its hookInstance (control
+/// characters replaced, at most 100 characters).
+fn audit_request_id(request: &HookRequest) -> String {
+    format!(
+        "cds-{}",
+        request
+            .hook_instance
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .take(100)
+            .collect::<String>()
+    )
 }
 
 fn sigmoid(z: f64) -> f64 {
     1.0 / (1.0 + (-z).exp())
+}
+
+/// The probability in `column` of the FP32 output `output` for each of `n` rows.
+fn positive_column(
+    outputs: &[NamedTensor],
+    output: &str,
+    column: usize,
+    n: usize,
+) -> Result<Vec<f64>, String> {
+    let view = outputs
+        .iter()
+        .find(|o| o.name == output)
+        .and_then(|o| o.tensor.view::<f32>())
+        .ok_or_else(|| format!("no FP32 output {output:?}"))?;
+    let width = view.shape().last().copied().unwrap_or(0);
+    let flat: Vec<f32> = view.iter().copied().collect();
+    (0..n)
+        .map(|r| match flat.get(r * width + column) {
+            Some(p) if p.is_finite() && (0.0..=1.0).contains(p) => Ok(f64::from(*p)),
+            _ => Err("the model returned no probability".to_owned()),
+        })
+        .collect()
 }
 
 /// The output, the positive label's column in it, and the threshold: the service's override,

@@ -139,13 +139,16 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let ehr = Ehr::new(dir.path());
         std::fs::create_dir(dir.path().join("models")).unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         for b in bundles {
-            copy_dir(
-                &Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("models/bundles")
-                    .join(b),
-                &dir.path().join("models").join(b),
-            );
+            // A reference bundle, or a test fixture bundle (tests/fixtures/attribution).
+            let shipped = root.join("models/bundles").join(b);
+            let from = if shipped.is_dir() {
+                shipped
+            } else {
+                root.join("tests/fixtures/attribution").join(b)
+            };
+            copy_dir(&from, &dir.path().join("models").join(b));
         }
         let state = Server::state(dir.path(), &ehr, fhir_servers, fetch_timeout, bundles);
         Server { dir, state, ehr }
@@ -951,6 +954,94 @@ async fn a_risk_service_answers_with_the_risk_its_reasons_and_the_model_version(
         (fb["model"].as_str(), fb["version"].as_str()),
         (Some("icu-mortality"), Some("1"))
     );
+}
+
+/// A model that is not linear-logistic (a gradient-boosting test bundle with the ICU inputs
+/// and a KernelSHAP background): the card's factors are its Shapley values in logit space
+/// against the background, every coalition evaluated. Expected: numpy's enumeration of every
+/// coalition with onnxruntime scoring each row (tests/fixtures/attribution/icu-mortality-gbm.json,
+/// models/train/make_attribution_fixtures.py).
+#[tokio::test]
+async fn a_non_linear_model_card_gets_kernel_shap_factors_against_its_background() {
+    let server = Server::with_bundles(vec![], Duration::from_secs(1), &["icu-mortality-gbm"]);
+    let f = fixture("icu-mortality-gbm");
+    let case = &f["cases"][0];
+    let (s, v) = server
+        .call_service(
+            "nightingale-icu-mortality-gbm",
+            &patient_view(Some(icu_prefetch(true)), None),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let card = &v["cards"][0];
+    let detail = card["detail"].as_str().unwrap().replace('\\', "");
+    let after = |key: &str| -> f64 {
+        let at = detail
+            .find(key)
+            .unwrap_or_else(|| panic!("{key:?} in {detail}"))
+            + key.len();
+        detail[at..]
+            .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-'))
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let p = after("(p = ");
+    let expected_p = case["onnxruntime_probability"].as_f64().unwrap();
+    assert!(
+        (p - expected_p).abs() < 1e-5,
+        "{p} vs onnxruntime {expected_p}"
+    );
+    let base = after("32 training rows: mean logit ");
+    let expected_base = f["background_mean_logit"].as_f64().unwrap();
+    assert!(
+        (base - expected_base).abs() < 1e-4,
+        "{base} vs {expected_base}"
+    );
+    assert!(
+        detail.contains("KernelSHAP with every coalition of the inputs evaluated"),
+        "{detail}"
+    );
+    assert!(!detail.contains("training mean"), "{detail}");
+    let contributions: Vec<f64> = detail
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| Factor"))
+        .map(|l| {
+            l.trim_end_matches(" |")
+                .rsplit("| ")
+                .next()
+                .unwrap()
+                .trim()
+                .parse::<f64>()
+                .unwrap()
+        })
+        .collect();
+    let expected = floats(&case["shapley_logit"]);
+    assert_eq!(contributions.len(), expected.len());
+    for (g, e) in contributions.iter().zip(&expected) {
+        assert!((g - e).abs() < 1e-4, "{contributions:?} vs {expected:?}");
+    }
+    // They sum to logit(p) minus the background's mean logit.
+    let sum: f64 = contributions.iter().sum();
+    assert!((sum - (logit(p) - expected_base)).abs() < 1e-4, "{sum}");
+
+    // The patient's inference and the attribution's forward passes (2^6 − 2 coalitions and
+    // the background itself, over 32 rows) are both audited, by the CDS caller.
+    let audit = server.audit();
+    let inference = audit
+        .iter()
+        .find(|e| e["kind"] == "inference" && e["model"] == "icu-mortality-gbm")
+        .expect("an inference record");
+    assert_eq!(inference["rows"], 1);
+    let explain = audit
+        .iter()
+        .find(|e| e["kind"] == "explain" && e["model"] == "icu-mortality-gbm")
+        .expect("an explain record for the attribution");
+    assert_eq!(explain["rows"], 32 * 63);
+    assert_eq!(explain["outcome"], "ok", "{explain}");
+    assert_eq!(explain["input_sha256"], inference["input_sha256"]);
+    assert!(explain["actor"].as_str().unwrap().starts_with("cds:"));
 }
 
 #[tokio::test]

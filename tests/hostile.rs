@@ -361,30 +361,19 @@ fn proc_status_bytes(pid: u32, field: &str) -> usize {
     kib * 1024
 }
 
-/// Waits (up to 120 s) until the server at `addr` answers ready.
-fn wait_ready(addr: std::net::SocketAddr) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let ready = std::net::TcpStream::connect(addr).is_ok_and(|mut s| {
-            use std::io::{Read, Write};
-            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-            s.write_all(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .is_ok()
-                && {
-                    let mut out = String::new();
-                    let _ = s.read_to_string(&mut out);
-                    out.starts_with("HTTP/1.1 200")
-                }
-        });
-        if ready {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "server not ready within 120 s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+/// Whether the server at `addr` answers ready.
+fn answers_ready(addr: std::net::SocketAddr) -> bool {
+    std::net::TcpStream::connect(addr).is_ok_and(|mut s| {
+        use std::io::{Read, Write};
+        let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+        s.write_all(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .is_ok()
+            && {
+                let mut out = String::new();
+                let _ = s.read_to_string(&mut out);
+                out.starts_with("HTTP/1.1 200")
+            }
+    })
 }
 
 fn free_addr() -> std::net::SocketAddr {
@@ -396,27 +385,66 @@ fn free_addr() -> std::net::SocketAddr {
     format!("127.0.0.1:{port}").parse().unwrap()
 }
 
+/// Starts `nightingale serve` on the reference bundles with `args`, its data and audit log in
+/// `dir` and its stderr in `dir/stderr.log`, and waits (up to 120 s) until it answers ready.
+/// The port is picked free just before the start, so another process (e.g. a client of a test
+/// running beside this one) may take it first: a server that exits before it is ready is
+/// started again on another port (at most 5 tries); one that exits for another reason fails
+/// the test with its log.
+fn start_server(
+    dir: &std::path::Path,
+    args: &[&str],
+    log_level: &str,
+) -> (Server, std::net::SocketAddr) {
+    let log = dir.join("stderr.log");
+    for _ in 0..5 {
+        let addr = free_addr();
+        let mut server = Server(
+            std::process::Command::new(env!("CARGO_BIN_EXE_nightingale"))
+                .args(["serve", "--repository"])
+                .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/bundles"))
+                .args(["--http-addr", &addr.to_string()])
+                .args(args)
+                .arg("--audit-log")
+                .arg(dir.join("audit.jsonl"))
+                .arg("--data-dir")
+                .arg(dir.join("data"))
+                .env("NIGHTINGALE_LOG", log_level)
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if answers_ready(addr) {
+                return (server, addr);
+            }
+            if let Some(status) = server.0.try_wait().unwrap() {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                assert!(
+                    text.contains("in use"),
+                    "the server exited ({status}) before it was ready:\n{text}"
+                );
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "server not ready within 120 s:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    panic!("no free port for the server in 5 tries");
+}
+
 /// Text logs written to a file (not a terminal) carry no ANSI colour codes.
 #[test]
 fn logs_to_a_file_carry_no_colour_codes() {
     let dir = tempfile::tempdir().unwrap();
-    let addr = free_addr();
-    let log = dir.path().join("stderr.log");
-    let server = Server(
-        std::process::Command::new(env!("CARGO_BIN_EXE_nightingale"))
-            .args(["serve", "--repository"])
-            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/bundles"))
-            .args(["--http-addr", &addr.to_string(), "--log-format", "text"])
-            .arg("--audit-log")
-            .arg(dir.path().join("audit.jsonl"))
-            .env("NIGHTINGALE_LOG", "info")
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    wait_ready(addr);
+    let (server, _) = start_server(dir.path(), &["--log-format", "text"], "info");
     drop(server);
-    let text = std::fs::read_to_string(&log).unwrap();
+    let text = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
     assert!(text.contains("listening"), "{text}");
     assert!(
         !text.contains('\x1b'),
@@ -446,23 +474,17 @@ fn concurrent_large_bodies_stay_within_the_memory_budget() {
     const OVERHEAD: usize = 64 << 20;
     const BODY: usize = 48 << 20;
     let dir = tempfile::tempdir().unwrap();
-    let addr = free_addr();
-    let server = Server(
-        std::process::Command::new(env!("CARGO_BIN_EXE_nightingale"))
-            .args(["serve", "--repository"])
-            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/bundles"))
-            .args(["--http-addr", &addr.to_string()])
-            .args(["--max-inflight-bytes", &BUDGET.to_string()])
-            .args(["--max-body-bytes", &(64usize << 20).to_string()])
-            .arg("--audit-log")
-            .arg(dir.path().join("audit.jsonl"))
-            .env("NIGHTINGALE_LOG", "warn")
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
+    let (server, addr) = start_server(
+        dir.path(),
+        &[
+            "--max-inflight-bytes",
+            &BUDGET.to_string(),
+            "--max-body-bytes",
+            &(64usize << 20).to_string(),
+        ],
+        "warn",
     );
     let pid = server.0.id();
-    wait_ready(addr);
     // One ordinary request first, so the baseline includes a served inference.
     let split = test_split();
     let small = serde_json::to_vec(&json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": split[0].0}]})).unwrap();

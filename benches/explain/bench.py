@@ -110,10 +110,15 @@ def main() -> int:
         x_tab = bg[:1] * np.float32(1.1)
         rng = np.random.default_rng(0)
         x_img = rng.normal(0, 1, (1, 1, 224, 224)).astype(np.float32)
+        x_les = rng.normal(0, 1, (1, 1, 128, 128)).astype(np.float32)
         cases = [
             ("wdbc-malignancy", "features", x_tab, {"method": "kernel_shap", "samples": 512}, 64, "probabilities"),
             ("image-orientation", "image", x_img, {"method": "occlusion", "patch": 16, "stride": 16}, 16, "misoriented"),
             ("image-orientation", "image", x_img, {"method": "rise", "samples": 500, "grid": 8}, 16, "misoriented"),
+            # The lesion model (128×128): occlusion as its card's pointing game and the DICOM
+            # heatmap (patch 16, stride 8: a 15×15 grid), and RISE.
+            ("lesion-detection", "image", x_les, {"method": "occlusion", "patch": 16, "stride": 8}, 32, "lesion"),
+            ("lesion-detection", "image", x_les, {"method": "rise", "samples": 500, "grid": 8}, 32, "lesion"),
         ]
         print("| model | method | forward passes | explain (median) | passes/s | engine time in it | explain ÷ engine | /infer of as many rows (Python client) | explain ÷ infer |")
         print("|---|---|---|---|---|---|---|---|---|")

@@ -273,6 +273,15 @@ pub enum AttributionMethod {
     /// Model-agnostic: the change of the logit when one input at a time is replaced by its
     /// reference value (they need not sum to the total).
     OneAtATime,
+    /// Model-agnostic Shapley values (KernelSHAP) of the game v(S) = mean over the bundle's
+    /// background rows b of logit f(x_S, b_S̄): they sum to logit(risk) minus the mean logit
+    /// of the background (the reference). `exact`: every coalition was evaluated (the exact
+    /// Shapley values of that game), else `coalitions` were sampled (an estimate).
+    KernelShap {
+        background_rows: usize,
+        coalitions: usize,
+        exact: bool,
+    },
 }
 
 /// What a risk-model card says.
@@ -361,15 +370,31 @@ pub fn risk_card(r: &RiskCard) -> Card {
         }
         detail.push('\n');
         if let Some(reference) = r.reference_risk {
+            let against = match r.method {
+                AttributionMethod::KernelShap {
+                    background_rows, ..
+                } => format!(
+                    "the average over the bundle's background sample ({background_rows} training rows: mean logit {:.6}, p = {:.6}",
+                    logit_of(reference),
+                    reference
+                ),
+                _ => format!(
+                    "the reference patient (the training mean of every input: p = {:.6}, logit {:.6}",
+                    reference,
+                    logit_of(reference)
+                ),
+            };
+            let how = match r.method {
+                AttributionMethod::LinearExact => "Exact for this logistic model: they sum to the difference of the logits.".to_owned(),
+                AttributionMethod::OneAtATime => "Model-agnostic: each is the change of the logit when that input alone is set to its reference value; they need not sum to the difference.".to_owned(),
+                AttributionMethod::KernelShap { exact: true, .. } => "Model-agnostic Shapley values (KernelSHAP with every coalition of the inputs evaluated: exact against that sample): they sum to the difference of the logits.".to_owned(),
+                AttributionMethod::KernelShap { exact: false, coalitions, .. } => format!(
+                    "Model-agnostic Shapley values estimated by KernelSHAP from {coalitions} sampled coalitions of the inputs: they sum to the difference of the logits; each is an estimate."
+                ),
+            };
             detail.push_str(&format!(
-                "Contributions are log-odds against the reference patient (the training mean of every input: p = {:.6}, logit {:.6}; this patient: logit {:.6}). {}\n\n",
-                reference,
-                logit_of(reference),
+                "Contributions are log-odds against {against}; this patient: logit {:.6}). {how}\n\n",
                 logit_of(r.risk),
-                match r.method {
-                    AttributionMethod::LinearExact => "Exact for this logistic model: they sum to the difference of the logits.",
-                    AttributionMethod::OneAtATime => "Model-agnostic: each is the change of the logit when that input alone is set to its reference value; they need not sum to the difference.",
-                }
             ));
         }
         detail.push_str("| Factor | Value | Contribution (logit) |\n|---|---|---:|\n");
@@ -511,6 +536,30 @@ mod tests {
             m.summary,
             "Diabetes risk not calculated: missing pedigree function"
         );
+    }
+
+    #[test]
+    fn kernel_shap_cards_say_what_they_are_measured_from() {
+        let mut r = risk(0.34);
+        r.method = AttributionMethod::KernelShap {
+            background_rows: 32,
+            coalitions: 62,
+            exact: true,
+        };
+        let d = risk_card(&r).detail.unwrap();
+        assert!(
+            d.contains("against the average over the bundle's background sample (32 training rows: mean logit -1.386294, p = 0.200000; this patient: logit -0.663294)."),
+            "{d}"
+        );
+        assert!(d.contains("every coalition of the inputs evaluated"));
+        r.method = AttributionMethod::KernelShap {
+            background_rows: 32,
+            coalitions: 126,
+            exact: false,
+        };
+        let d = risk_card(&r).detail.unwrap();
+        assert!(d.contains("estimated by KernelSHAP from 126 sampled coalitions"));
+        assert!(!d.contains("training mean"));
     }
 
     #[test]

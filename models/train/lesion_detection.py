@@ -863,6 +863,22 @@ def saliency_peak(sal: np.ndarray) -> tuple[int, int]:
     return int(ys[k]), int(xs[k])
 
 
+def pointing_score(maps, masks: np.ndarray) -> dict:
+    """The pointing game of saliency maps against their lesion masks: a hit is the map's
+    maximum (`saliency_peak`) inside the mask dilated by DILATE_PX; the reference is a point
+    drawn uniformly over the image (P(hit) = the dilated mask's area fraction, exactly), and
+    `p_random_at_least` the exact probability that such points hit at least as often."""
+    hits, fractions = [], []
+    for sal, mask in zip(maps, masks):
+        region = dilate(mask, DILATE_PX)
+        hits.append(bool(region[saliency_peak(np.asarray(sal))]))
+        fractions.append(float(region.mean()))
+    k, n = int(sum(hits)), len(hits)
+    frac = np.asarray(fractions)
+    return {"n": n, "hits": k, "hit_rate": k / n if n else None, "random_expected_hits": float(frac.sum()),
+            "p_random_at_least": poisson_binomial_tail(frac, k), "per_image_hit": hits}
+
+
 def poisson_binomial_tail(probs: np.ndarray, k: int) -> float:
     """P(at least k successes) for independent trials with success probabilities `probs`."""
     dist = np.zeros(len(probs) + 1)
