@@ -13,6 +13,8 @@
 //! - [`sop`]: the storage SOP classes and transfer syntaxes accepted by default.
 //! - [`pixels`]: pixel decode (Modality/VOI LUT, MONOCHROME1, colour) into `f32` frames for
 //!   the preprocessing, an 8-bit rendering, and a budget of pixels decoded at once.
+//! - [`volume`]: a series as one volume: slice geometry, order, and the series that cannot be
+//!   one.
 
 pub mod events;
 pub mod maintenance;
@@ -30,6 +32,7 @@ pub mod sop;
 pub mod spool;
 pub mod stow;
 pub mod structure;
+pub mod volume;
 
 pub use events::{DicomEvent, EventSink, InstanceEvent};
 pub use scp::{AllowedAe, Scp, ScpConfig, ScpError};

@@ -25,7 +25,9 @@ pub use checksum::{read_verified, sha256_file, verify_folder};
 pub use error::{BundleError, RepositoryError};
 pub use init::{InitError, InitOptions, InitReport, init};
 pub use manifest::{Manifest, SelfTestSpec, TaskKind, Tolerance};
-pub use preprocess::{Image, InputGeometry, PreprocessError, Preprocessing};
+pub use preprocess::{
+    Image, InputGeometry, PreprocessError, Preprocessing, VolumeInput, VolumeValues,
+};
 pub use repository::{
     Bundle, IndexEntry, LoadOutcome, LoadTarget, LoadedModel, MANIFEST_FILE, ModelState,
     PromotionCheck, Repository, RepositoryOptions,

@@ -626,15 +626,68 @@ pub struct DicomAccepts {
     /// SOP Class UIDs.
     #[serde(default)]
     pub sop_classes: Vec<String>,
-    /// Most frames per instance (each frame is one model input).
+    /// Most frames per instance (each frame is one model input); `inference = "frame"` only.
     #[serde(default)]
     pub max_frames: Option<u32>,
+    /// How the pipeline feeds the series to the model: each frame one input (`frame`, the
+    /// default) or the whole series one volume (`volume`; docs/bundle-format.md).
+    #[serde(default, skip_serializing_if = "DicomInference::is_frame")]
+    pub inference: DicomInference,
+    /// `inference = "volume"`: the fewest slices a volume may have (default
+    /// [`DEFAULT_MIN_SLICES`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_slices: Option<u32>,
+    /// `inference = "volume"`: the most slices (default [`DEFAULT_MAX_SLICES`], at most
+    /// [`MAX_SLICES`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_slices: Option<u32>,
     /// Outputs reported in the result objects (default: those with a threshold).
     #[serde(default)]
     pub report: Vec<String>,
     /// A saliency heatmap over the secondary capture (`[dicom.heatmap]`).
     #[serde(default)]
     pub heatmap: Option<DicomHeatmap>,
+}
+
+/// `[dicom] inference`: what one model input is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DicomInference {
+    /// Each frame of each instance is one model input; a series' finding is its highest
+    /// probability over the frames.
+    #[default]
+    Frame,
+    /// The series is one volume and one model input: the frames of its one multi-frame
+    /// instance, or its single-frame instances, in slice order.
+    Volume,
+}
+
+impl DicomInference {
+    fn is_frame(&self) -> bool {
+        *self == DicomInference::Frame
+    }
+}
+
+/// A volume's fewest slices unless `[dicom] min_slices` says otherwise.
+pub const DEFAULT_MIN_SLICES: u32 = 2;
+/// A volume's most slices unless `[dicom] max_slices` says otherwise.
+pub const DEFAULT_MAX_SLICES: u32 = 1024;
+/// The most slices `[dicom] max_slices` may allow.
+pub const MAX_SLICES: u32 = 4096;
+
+impl DicomAccepts {
+    /// `inference = "volume"`.
+    pub fn is_volume(&self) -> bool {
+        self.inference == DicomInference::Volume
+    }
+
+    /// The fewest and most slices of a volume.
+    pub fn slices(&self) -> (u32, u32) {
+        (
+            self.min_slices.unwrap_or(DEFAULT_MIN_SLICES),
+            self.max_slices.unwrap_or(DEFAULT_MAX_SLICES),
+        )
+    }
 }
 
 /// `[dicom.heatmap]`: the secondary capture shows where the model found its first reported
@@ -1025,7 +1078,31 @@ impl Manifest {
                     input.datatype.as_str()
                 ));
             }
-            pre.validate(&input.shape).map_err(InvalidManifest)?;
+            match self.dicom.as_ref().filter(|d| d.is_volume()) {
+                None => pre.validate(&input.shape).map_err(InvalidManifest)?,
+                Some(dicom) => {
+                    let depth = pre.volume_depth(&input.shape).map_err(InvalidManifest)?;
+                    let (min, max) = dicom.slices();
+                    if min == 0 || max < min || max > MAX_SLICES {
+                        return fail(format!(
+                            "[dicom] min_slices {min} and max_slices {max} need 1 <= min_slices <= max_slices <= {MAX_SLICES}"
+                        ));
+                    }
+                    // The model input at its largest: D slices, or max_slices when D is any.
+                    let [h, w] = pre.size;
+                    let values = depth
+                        .unwrap_or(max as usize)
+                        .saturating_mul(h)
+                        .saturating_mul(w);
+                    if values > crate::preprocess::MAX_VOLUME_VALUES {
+                        return fail(format!(
+                            "[dicom] a volume input of {} x {h} x {w} is {values} values; at most {} (lower max_slices or the depth)",
+                            depth.map_or(format!("up to {max}"), |d| d.to_string()),
+                            crate::preprocess::MAX_VOLUME_VALUES
+                        ));
+                    }
+                }
+            }
         }
         if let Some(dicom) = &self.dicom {
             if self.preprocessing.is_none() {
@@ -1042,6 +1119,22 @@ impl Manifest {
             }
             if dicom.max_frames == Some(0) {
                 return fail("[dicom] max_frames must be at least 1".into());
+            }
+            if dicom.is_volume() {
+                if dicom.max_frames.is_some() {
+                    return fail(
+                        "[dicom] max_frames is for inference = \"frame\"; a volume bounds its slices with min_slices and max_slices".into(),
+                    );
+                }
+                if dicom.heatmap.is_some() {
+                    return fail(
+                        "[dicom.heatmap] is not available with inference = \"volume\" (a heatmap is drawn over one image; see docs/bundle-format.md)".into(),
+                    );
+                }
+            } else if dicom.min_slices.is_some() || dicom.max_slices.is_some() {
+                return fail(
+                    "[dicom] min_slices and max_slices need inference = \"volume\"".into(),
+                );
             }
             if let Some(h) = &dicom.heatmap {
                 if !IMAGE_EXPLAIN_METHODS.contains(&h.method.as_str()) {

@@ -14,7 +14,15 @@
 //!
 //! `models/train/imaging.py` is the same contract in numpy (the training side); the
 //! fixtures in `models/tests/fixtures/preprocess/` hold the two to each other.
-//! Arithmetic is in f64. The padding is virtual: a 65535 × 300 image is not materialised
+//!
+//! Volumes (`[dicom] inference = "volume"`, docs/bundle-format.md): the same steps per slice,
+//! with ONE window for the whole volume ([`VolumeValues`]: the percentiles of every voxel's
+//! modality value, exactly as numpy's over the stacked slices; or the fixed window), then
+//! 8. the slices, in volume order, resampled along the slice axis to the model's depth by the
+//!    same area rule as step 6 ([`VolumeInput`], which takes one slice at a time, so a volume
+//!    never needs more than the model input and one slice in memory).
+//!
+//! `imaging.preprocess_volume` is the numpy side. Arithmetic is in f64. The padding is virtual: a 65535 × 300 image is not materialised
 //! as a 65535² square. Nor are the modality values: they are computed row by row from the
 //! stored values, and the percentile window selects on the stored values (a histogram when
 //! they are integers, else one f32 copy; luma: one f64 copy), so the scratch at the
@@ -28,6 +36,10 @@ use serde::{Deserialize, Serialize};
 pub const MAX_PIXELS: usize = 64 << 20;
 /// The largest output side a manifest may declare.
 pub const MAX_SIDE: usize = 4096;
+/// The most values a volume model input may hold (64 Mi f32 values: 256 MiB).
+pub const MAX_VOLUME_VALUES: usize = 64 << 20;
+/// The most distinct (rescale, stored value) pairs [`VolumeValues`] keeps (16 Mi: 256 MiB).
+pub const MAX_VOLUME_DISTINCT: usize = 16 << 20;
 
 /// A bundle's `[preprocessing]` section.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -221,19 +233,29 @@ pub enum PreprocessError {
     Rescale { slope: f64, intercept: f64 },
     #[error("pixel {index} is not a finite number")]
     NonFinite { index: usize },
+    #[error("a volume of {slices} slices was given slice {index}")]
+    VolumeSlices { slices: usize, index: usize },
+    #[error(
+        "a {depth} x {height} x {width} volume input is {values} values; at most {MAX_VOLUME_VALUES} are accepted"
+    )]
+    VolumeTooLarge {
+        depth: usize,
+        height: usize,
+        width: usize,
+        values: usize,
+    },
+    #[error(
+        "a volume's percentile window counts grey integer values (within a range of 2^20 per rescale, at most {MAX_VOLUME_DISTINCT} distinct); these are not"
+    )]
+    VolumeValues,
 }
 
 impl Preprocessing {
     /// Checks the numbers a manifest cannot express in its types; `input_shape` is the
     /// shape declared for `self.input`.
     pub fn validate(&self, input_shape: &[i64]) -> Result<(), String> {
+        self.validate_numbers()?;
         let [h, w] = self.size;
-        if !(1..=MAX_SIDE).contains(&h) || !(1..=MAX_SIDE).contains(&w) {
-            return Err(format!(
-                "preprocessing: size {:?} must be 1 to {MAX_SIDE} on each side",
-                self.size
-            ));
-        }
         let tail = [1, h as i64, w as i64];
         let ok = input_shape.len() >= 3
             && input_shape.len() <= 4
@@ -246,6 +268,45 @@ impl Preprocessing {
             return Err(format!(
                 "preprocessing: input {:?} has shape {input_shape:?}, but an image of size {:?} needs [-1, 1, {h}, {w}]",
                 self.input, self.size
+            ));
+        }
+        Ok(())
+    }
+
+    /// For a volume bundle (`[dicom] inference = "volume"`): checks the section as
+    /// [`validate`](Self::validate) does, with the input a volume of slices of `size`:
+    /// `[-1, 1, D, height, width]` or `[-1, D, height, width]` (batch -1 or 1). Returns the
+    /// depth the model takes: `Some(D)` (the slices are resampled to D), or `None` for
+    /// `D = -1` (any: the series' own slices).
+    pub fn volume_depth(&self, input_shape: &[i64]) -> Result<Option<usize>, String> {
+        self.validate_numbers()?;
+        let [h, w] = self.size;
+        let bad = || {
+            Err(format!(
+                "preprocessing: input {:?} has shape {input_shape:?}, but a volume of {h}x{w} slices needs [-1, 1, D, {h}, {w}] or [-1, D, {h}, {w}] (D fixed, or -1 for any)",
+                self.input
+            ))
+        };
+        let (batch, depth, plane) = match input_shape {
+            [b, 1, d, y, x] | [b, d, y, x] => (*b, *d, [*y, *x]),
+            _ => return bad(),
+        };
+        let plane_ok = plane
+            .iter()
+            .zip([h as i64, w as i64])
+            .all(|(&d, t)| d == t || d == -1);
+        if !(batch == -1 || batch == 1) || !plane_ok || depth == 0 {
+            return bad();
+        }
+        Ok(usize::try_from(depth).ok())
+    }
+
+    fn validate_numbers(&self) -> Result<(), String> {
+        let [h, w] = self.size;
+        if !(1..=MAX_SIDE).contains(&h) || !(1..=MAX_SIDE).contains(&w) {
+            return Err(format!(
+                "preprocessing: size {:?} must be 1 to {MAX_SIDE} on each side",
+                self.size
             ));
         }
         if !(self.mean.is_finite() && self.std.is_finite() && self.std > 0.0) {
@@ -305,61 +366,31 @@ impl Preprocessing {
 
     /// As [`apply`](Self::apply), as a row-major `height × width` vector.
     pub fn apply_to_vec(&self, image: &Image<'_>) -> Result<Vec<f32>, PreprocessError> {
-        let (rows, cols) = (image.rows, image.cols);
-        if rows == 0 || cols == 0 {
-            return Err(PreprocessError::Empty { rows, cols });
-        }
-        let pixels = rows.checked_mul(cols).filter(|&p| p <= MAX_PIXELS).ok_or(
-            PreprocessError::TooLarge {
-                pixels: rows.saturating_mul(cols),
-            },
-        )?;
-        if image.samples != 1 && image.samples != 3 {
-            return Err(PreprocessError::Samples {
-                samples: image.samples,
-            });
-        }
-        let expected = pixels * image.samples;
-        if image.data.len() != expected {
-            return Err(PreprocessError::Length {
-                rows,
-                cols,
-                samples: image.samples,
-                expected,
-                got: image.data.len(),
-            });
-        }
-        if !(image.slope.is_finite() && image.slope != 0.0 && image.intercept.is_finite()) {
-            return Err(PreprocessError::Rescale {
-                slope: image.slope,
-                intercept: image.intercept,
-            });
-        }
+        let pixels = check_image(image)?;
+        let window = self.image_window(image, pixels);
+        Ok(self.windowed(image, window))
+    }
 
-        // 1–2: luma and modality values, computed where they are needed (never stored: at
-        // the 64 Mi-pixel limit an f64 copy alone would be 512 MiB).
+    /// As [`apply_to_vec`](Self::apply_to_vec) with the window given (`(low, high)` in
+    /// modality units) instead of taken from the image: a volume's slices share one.
+    pub fn apply_windowed(
+        &self,
+        image: &Image<'_>,
+        window: (f64, f64),
+    ) -> Result<Vec<f32>, PreprocessError> {
+        check_image(image)?;
+        Ok(self.windowed(image, window))
+    }
+
+    /// The window of `self.window` for one image (checked by [`check_image`]).
+    fn image_window(&self, image: &Image<'_>, pixels: usize) -> (f64, f64) {
         let (data, slope, intercept) = (image.data, image.slope, image.intercept);
         let rgb = image.samples == 3;
-        if rgb {
-            for (i, px) in data.chunks_exact(3).enumerate() {
-                if !px.iter().all(|s| s.is_finite()) {
-                    return Err(PreprocessError::NonFinite { index: i });
-                }
-            }
-        } else {
-            for (i, &s) in data.iter().enumerate() {
-                if !s.is_finite() {
-                    return Err(PreprocessError::NonFinite { index: i });
-                }
-            }
-        }
         let luma = |i: usize| {
             let px = &data[3 * i..3 * i + 3];
             0.299 * f64::from(px[0]) + 0.587 * f64::from(px[1]) + 0.114 * f64::from(px[2])
         };
-
-        // 3–4: window, invert.
-        let (lo, hi) = match self.window {
+        match self.window {
             Window::Percentile { low, high } => {
                 // Selection on the stored values (or luma): modality values are a monotonic
                 // map of them, so the same ranks give numpy's percentiles of the modality
@@ -389,6 +420,25 @@ impl Preprocessing {
                 }
             }
             Window::Fixed { center, width } => (center - width / 2.0, center + width / 2.0),
+        }
+    }
+
+    /// The fixed window's `(low, high)`, or None for a percentile window.
+    pub fn fixed_window(&self) -> Option<(f64, f64)> {
+        match self.window {
+            Window::Fixed { center, width } => Some((center - width / 2.0, center + width / 2.0)),
+            Window::Percentile { .. } => None,
+        }
+    }
+
+    /// Steps 1 and 3–7 of one checked image with the window `(lo, hi)`.
+    fn windowed(&self, image: &Image<'_>, (lo, hi): (f64, f64)) -> Vec<f32> {
+        let (rows, cols) = (image.rows, image.cols);
+        let (data, slope, intercept) = (image.data, image.slope, image.intercept);
+        let rgb = image.samples == 3;
+        let luma = |i: usize| {
+            let px = &data[3 * i..3 * i + 3];
+            0.299 * f64::from(px[0]) + 0.587 * f64::from(px[1]) + 0.114 * f64::from(px[2])
         };
         let span = hi - lo;
         let monochrome1 = image.monochrome1;
@@ -459,7 +509,319 @@ impl Preprocessing {
                 out.push(((m - self.mean) / self.std) as f32);
             }
         }
-        Ok(out)
+        out
+    }
+}
+
+/// Checks an image for preprocessing; returns its pixel count.
+fn check_image(image: &Image<'_>) -> Result<usize, PreprocessError> {
+    let (rows, cols) = (image.rows, image.cols);
+    if rows == 0 || cols == 0 {
+        return Err(PreprocessError::Empty { rows, cols });
+    }
+    let pixels =
+        rows.checked_mul(cols)
+            .filter(|&p| p <= MAX_PIXELS)
+            .ok_or(PreprocessError::TooLarge {
+                pixels: rows.saturating_mul(cols),
+            })?;
+    if image.samples != 1 && image.samples != 3 {
+        return Err(PreprocessError::Samples {
+            samples: image.samples,
+        });
+    }
+    let expected = pixels * image.samples;
+    if image.data.len() != expected {
+        return Err(PreprocessError::Length {
+            rows,
+            cols,
+            samples: image.samples,
+            expected,
+            got: image.data.len(),
+        });
+    }
+    if !(image.slope.is_finite() && image.slope != 0.0 && image.intercept.is_finite()) {
+        return Err(PreprocessError::Rescale {
+            slope: image.slope,
+            intercept: image.intercept,
+        });
+    }
+    // 1–2: luma and modality values are computed where they are needed (never stored: at
+    // the 64 Mi-pixel limit an f64 copy alone would be 512 MiB).
+    if let Some(index) = image.data.iter().position(|s| !s.is_finite()) {
+        return Err(PreprocessError::NonFinite {
+            index: index / image.samples,
+        });
+    }
+    Ok(pixels)
+}
+
+/// The modality values of a volume's grey slices, counted, for a percentile window over the
+/// whole volume: the `low`th and `high`th percentiles of every voxel (numpy's linear method
+/// over the stacked slices, exactly). Slices are added one at a time and not kept: the
+/// counts of stored values per rescale (slope, intercept) are.
+#[derive(Debug, Default, Clone)]
+pub struct VolumeValues {
+    groups: Vec<ValueGroup>,
+    voxels: u64,
+    /// Non-zero counts over all groups.
+    distinct: usize,
+}
+
+#[derive(Debug, Clone)]
+struct ValueGroup {
+    slope: f64,
+    intercept: f64,
+    /// Counts of stored values `min ..= min + counts.len() - 1`.
+    min: i64,
+    counts: Vec<u64>,
+}
+
+impl VolumeValues {
+    /// No values yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Voxels counted so far.
+    pub fn voxels(&self) -> u64 {
+        self.voxels
+    }
+
+    /// Counts one grey slice's values (stored values with their rescale): integers within a
+    /// range of 2^20 per rescale, as decoded DICOM stored values are.
+    pub fn add(&mut self, image: &Image<'_>) -> Result<(), PreprocessError> {
+        check_image(image)?;
+        if image.samples != 1 {
+            return Err(PreprocessError::Samples {
+                samples: image.samples,
+            });
+        }
+        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+        for &v in image.data {
+            if v.fract() != 0.0 {
+                return Err(PreprocessError::VolumeValues);
+            }
+            lo = lo.min(v);
+            hi = hi.max(v);
+        }
+        let (lo, hi) = (lo as i64, hi as i64);
+        let group = match self
+            .groups
+            .iter()
+            .position(|g| g.slope == image.slope && g.intercept == image.intercept)
+        {
+            Some(i) => &mut self.groups[i],
+            None => {
+                self.groups.push(ValueGroup {
+                    slope: image.slope,
+                    intercept: image.intercept,
+                    min: lo,
+                    counts: Vec::new(),
+                });
+                self.groups.last_mut().expect("just pushed")
+            }
+        };
+        // Widen the group's range to [min(lo), max(hi)].
+        let old_max = group.min + group.counts.len() as i64 - 1;
+        let new_min = group.min.min(lo);
+        let new_max = if group.counts.is_empty() {
+            hi
+        } else {
+            old_max.max(hi)
+        };
+        if new_max - new_min >= 1 << 20 {
+            return Err(PreprocessError::VolumeValues);
+        }
+        let len = (new_max - new_min + 1) as usize;
+        if new_min < group.min || len > group.counts.len() {
+            let mut counts = vec![0u64; len];
+            let shift = (group.min - new_min) as usize;
+            counts[shift..shift + group.counts.len()].copy_from_slice(&group.counts);
+            group.counts = counts;
+            group.min = new_min;
+        }
+        for &v in image.data {
+            let c = &mut group.counts[(v as i64 - group.min) as usize];
+            if *c == 0 {
+                self.distinct += 1;
+            }
+            *c += 1;
+        }
+        self.voxels += image.data.len() as u64;
+        if self.distinct > MAX_VOLUME_DISTINCT {
+            return Err(PreprocessError::VolumeValues);
+        }
+        Ok(())
+    }
+
+    /// numpy's linear `low`th and `high`th percentiles of all the modality values
+    /// (stored × slope + intercept, in f64) counted; None before any slice.
+    pub fn percentiles(&self, low: f64, high: f64) -> Option<(f64, f64)> {
+        if self.voxels == 0 {
+            return None;
+        }
+        // Every distinct modality value with its count, ascending.
+        let mut entries: Vec<(f64, u64)> = self
+            .groups
+            .iter()
+            .flat_map(|g| {
+                g.counts
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| **c > 0)
+                    .map(move |(i, &c)| ((g.min + i as i64) as f64 * g.slope + g.intercept, c))
+            })
+            .collect();
+        entries.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut ranked = SortedCounts {
+            entries,
+            n: self.voxels as usize,
+            pos: 0,
+            below: 0,
+        };
+        Some(modality_percentiles(&mut ranked, 1.0, low, high, |x| x))
+    }
+}
+
+/// Ascending values with their counts, ranked by walking the counts.
+struct SortedCounts {
+    entries: Vec<(f64, u64)>,
+    n: usize,
+    pos: usize,
+    below: u64,
+}
+
+impl Ranked for SortedCounts {
+    fn len(&self) -> usize {
+        self.n
+    }
+
+    fn at_rank(&mut self, k: usize) -> f64 {
+        while self.below + self.entries[self.pos].1 <= k as u64 {
+            self.below += self.entries[self.pos].1;
+            self.pos += 1;
+        }
+        self.entries[self.pos].0
+    }
+}
+
+impl Preprocessing {
+    /// The window of a volume: the fixed window, or the percentiles of `values` (every slice
+    /// counted); None for a percentile window with no values.
+    pub fn volume_window(&self, values: &VolumeValues) -> Option<(f64, f64)> {
+        match self.window {
+            Window::Fixed { .. } => self.fixed_window(),
+            Window::Percentile { low, high } => values.percentiles(low, high),
+        }
+    }
+
+    /// How many values the model input of a volume of `slices` slices resampled to `depth`
+    /// (`None`: kept) holds; refused over [`MAX_VOLUME_VALUES`].
+    pub fn volume_values(
+        &self,
+        slices: usize,
+        depth: Option<usize>,
+    ) -> Result<usize, PreprocessError> {
+        let [height, width] = self.size;
+        let depth = depth.unwrap_or(slices);
+        if slices == 0 || depth == 0 {
+            return Err(PreprocessError::VolumeSlices { slices, index: 0 });
+        }
+        depth
+            .checked_mul(height * width)
+            .filter(|&v| v <= MAX_VOLUME_VALUES)
+            .ok_or(PreprocessError::VolumeTooLarge {
+                depth,
+                height,
+                width,
+                values: depth.saturating_mul(height).saturating_mul(width),
+            })
+    }
+
+    /// A volume input of `slices` slices (given one at a time, in volume order, to
+    /// [`VolumeInput::push`]) resampled to `depth` slices (`None`: kept as they are), each
+    /// slice preprocessed with the volume's `window`.
+    pub fn volume_input(
+        &self,
+        slices: usize,
+        depth: Option<usize>,
+        window: (f64, f64),
+    ) -> Result<VolumeInput, PreprocessError> {
+        let [height, width] = self.size;
+        let values = self.volume_values(slices, depth)?;
+        let depth = depth.unwrap_or(slices);
+        Ok(VolumeInput {
+            pre: self.clone(),
+            window,
+            slices,
+            bins: bins(slices, depth),
+            plane: height * width,
+            data: vec![0.0; values],
+            next: 0,
+        })
+    }
+}
+
+/// A volume model input being filled slice by slice ([`Preprocessing::volume_input`]): each
+/// slice is preprocessed (steps 1–7 with the volume's window) and added to every output
+/// slice whose bin holds it: output slice `i` of `D` from `N` slices is the mean of slices
+/// `⌊iN/D⌋ .. ⌈(i+1)N/D⌉ − 1` (step 6's area rule along the slice axis: averaging when
+/// `N > D`, replication when `N < D`, the slices themselves when `N = D`).
+#[derive(Debug)]
+pub struct VolumeInput {
+    pre: Preprocessing,
+    window: (f64, f64),
+    slices: usize,
+    bins: Vec<(usize, usize)>,
+    plane: usize,
+    data: Vec<f32>,
+    next: usize,
+}
+
+impl VolumeInput {
+    /// Slices of the model input (`D`).
+    pub fn depth(&self) -> usize {
+        self.bins.len()
+    }
+
+    /// Slices given so far.
+    pub fn pushed(&self) -> usize {
+        self.next
+    }
+
+    /// The next slice, in volume order.
+    pub fn push(&mut self, image: &Image<'_>) -> Result<(), PreprocessError> {
+        let k = self.next;
+        if k >= self.slices {
+            return Err(PreprocessError::VolumeSlices {
+                slices: self.slices,
+                index: k,
+            });
+        }
+        let slice = self.pre.apply_windowed(image, self.window)?;
+        for (i, &(start, end)) in self.bins.iter().enumerate() {
+            if (start..end).contains(&k) {
+                let weight = 1.0 / (end - start) as f64;
+                let out = &mut self.data[i * self.plane..(i + 1) * self.plane];
+                for (o, &v) in out.iter_mut().zip(&slice) {
+                    *o += (f64::from(v) * weight) as f32;
+                }
+            }
+        }
+        self.next += 1;
+        Ok(())
+    }
+
+    /// The model input, `D × height × width` row-major, once every slice is given.
+    pub fn finish(self) -> Result<Vec<f32>, PreprocessError> {
+        if self.next != self.slices {
+            return Err(PreprocessError::VolumeSlices {
+                slices: self.slices,
+                index: self.next,
+            });
+        }
+        Ok(self.data)
     }
 }
 

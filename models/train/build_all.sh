@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Rebuild every generated model bundle (models/bundles, and the benchmark-only
-# models/bench) and the ONNX-ML conformance fixtures.
+# Rebuild every generated model bundle (models/bundles, the benchmark-only models/bench, and
+# the not-shipped volume reference models/volume) and the ONNX-ML conformance fixtures.
 # (icu-mortality and pima-diabetes also write their test splits into git-ignored
 # testdata/ folders: that data is GPL-licensed and is not committed.)
 #   models/train/build_all.sh            (uses .venv/bin/python at the repo root)
@@ -39,5 +39,8 @@ if [[ "${SKIP_IMAGING:-0}" != 1 ]]; then
     "$torch_py" models/train/image_orientation.py
     "$torch_py" models/train/lesion_detection.py
 fi
+# The reference VOLUME bundle (not shipped: models/volume, git-ignored), built from
+# lesion-detection's committed model with the onnx helper (no torch):
+"$py" models/train/lesion_detection_mip.py --out models/volume
 
 sha256sum models/bundles/*/[0-9]*/model.onnx models/bench/*/[0-9]*/model.onnx

@@ -18,6 +18,12 @@ the same order, computed in float64 and returned as float32. The fixtures writte
      ceil((i + 1) N / n) - 1 (exact box filter for downsampling, pixel replication for
      upsampling); done along rows, then along columns;
   7. normalise: (x - mean) / std; the result has shape [1, height, width].
+
+`preprocess_volume` is the same for a volume (`[dicom] inference = "volume"`): the slices, in
+volume order, share ONE window (the percentiles of all their modality values together, or the
+fixed window), each slice then goes through steps 4-7, and
+  8. the stack of slices is resized along the slice axis to the model's depth by the area
+     rule of step 6 (no resize when the model takes any depth).
 """
 
 from __future__ import annotations
@@ -75,13 +81,17 @@ def percentile(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values.astype(np.float64), q, method="linear"))
 
 
-def window01(v: np.ndarray, spec: Preprocessing) -> np.ndarray:
+def window_bounds(v: np.ndarray, spec: Preprocessing) -> tuple[float, float]:
+    """The window's (low, high) in modality units for the values `v` (any shape)."""
     if spec.window == "percentile":
-        lo, hi = percentile(v, spec.low), percentile(v, spec.high)
-    elif spec.window == "fixed":
-        lo, hi = spec.window_center - spec.window_width / 2.0, spec.window_center + spec.window_width / 2.0
-    else:
-        raise ValueError(spec.window)
+        return percentile(v, spec.low), percentile(v, spec.high)
+    if spec.window == "fixed":
+        return spec.window_center - spec.window_width / 2.0, spec.window_center + spec.window_width / 2.0
+    raise ValueError(spec.window)
+
+
+def window01(v: np.ndarray, spec: Preprocessing, bounds: tuple[float, float] | None = None) -> np.ndarray:
+    lo, hi = bounds if bounds is not None else window_bounds(v, spec)
     if not hi > lo:
         return np.zeros_like(v, dtype=np.float64)
     return np.clip((v - lo) / (hi - lo), 0.0, 1.0)
@@ -133,6 +143,41 @@ def preprocess(
     x = area_resize_axis(x, spec.width, 1)
     y = (x - spec.mean) / spec.std
     return y.astype(np.float32)[None, :, :]
+
+
+def preprocess_volume(
+    slices: list[np.ndarray],
+    spec: Preprocessing,
+    depth: int | None = None,
+    slopes: list[float] | None = None,
+    intercepts: list[float] | None = None,
+    monochrome1: bool = False,
+) -> np.ndarray:
+    """Grey 2-D stored-value slices, in volume order, with each slice's rescale -> float32
+    [depth, height, width] (depth None: one output slice per input slice)."""
+    n = len(slices)
+    if n == 0:
+        raise ValueError("a volume needs at least one slice")
+    slopes = slopes if slopes is not None else [1.0] * n
+    intercepts = intercepts if intercepts is not None else [0.0] * n
+    modality = [s.astype(np.float64) * a + b for s, a, b in zip(slices, slopes, intercepts)]
+    if any(m.ndim != 2 or m.shape != modality[0].shape for m in modality):
+        raise ValueError("the slices must be 2-D and of one size")
+    bounds = window_bounds(np.concatenate([m.ravel() for m in modality]), spec)
+    out = []
+    for v in modality:
+        x = window01(v, spec, bounds)
+        if monochrome1:
+            x = 1.0 - x
+        if spec.aspect == "pad":
+            x = pad_square(x, spec.pad_value)
+        x = area_resize_axis(x, spec.height, 0)
+        x = area_resize_axis(x, spec.width, 1)
+        out.append((x - spec.mean) / spec.std)
+    vol = np.stack(out)
+    if depth is not None:
+        vol = area_resize_axis(vol, depth, 0)
+    return vol.astype(np.float32)
 
 
 # --- the dihedral group D4: the eight ways an image can be displayed ------------------

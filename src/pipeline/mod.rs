@@ -352,7 +352,10 @@ impl Pipeline {
                     ));
                     continue;
                 };
-                if let Some(why) = Match::of_bundle(&accepts).mismatch(&header, &first.calling_ae) {
+                if let Some(why) = Match::of_bundle(&accepts)
+                    .mismatch(&header, &first.calling_ae)
+                    .or_else(|| route::volume_mismatch(&accepts, &header, instances.len() as u64))
+                {
                     refusals.push(format!("{}: bundle {bundle} refuses: {why}", route.name));
                     continue;
                 }

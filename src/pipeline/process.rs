@@ -14,8 +14,10 @@ use nightingale_dicom::pixels::{
 use nightingale_dicom::results::{
     self, Code, Finding, RenderedImage, RenderedPixels, ResultContext, SourceSeries, Uid,
 };
+use nightingale_dicom::volume::{self, InstanceGeometry, VolumePlan};
 use nightingale_inference::{NamedTensor, Tensor};
-use nightingale_models::{Image, LoadedModel};
+use nightingale_models::manifest::DicomAccepts;
+use nightingale_models::{Image, LoadedModel, PreprocessError, Preprocessing, VolumeValues};
 
 use super::Pipeline;
 use super::outbox::OBJECTS_DIR;
@@ -24,6 +26,13 @@ use crate::audit::{AuditEvent, EventKind, Outcome, tensors_sha256};
 
 /// The most instances one job reads (a larger series fails with a reason).
 pub const MAX_SERIES_INSTANCES: usize = 5_000;
+
+/// The most source pixels (slices × rows × columns) one volume may have: 256 Mi, e.g. 1,024
+/// slices of 512 × 512. Checked from the headers before any slice is decoded. The slices are
+/// decoded one at a time into the model input, so memory is the model input plus one slice
+/// (plus, for a multi-frame object, the object itself, which is read whole: at most 512 MiB
+/// of 16-bit pixel data at this limit).
+pub const MAX_VOLUME_SOURCE_PIXELS: u64 = 256 << 20;
 
 /// Why a job failed: a stable code (metrics, API) and a detail without patient data.
 #[derive(Debug, Clone)]
@@ -55,9 +64,35 @@ pub struct SeriesFinding {
     pub probability: f32,
     pub threshold: f32,
     pub positive: bool,
-    /// Which instance (its position in the series, by arrival) and frame had it.
+    /// Which instance (its position in the series, by arrival) and frame had it (a volume:
+    /// the middle slice, the one the SC shows).
     pub instance_index: usize,
     pub frame: u32,
+    /// A volume bundle's input: how the series became one volume.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume: Option<VolumeSummary>,
+}
+
+/// How a series became a volume model input (`[dicom] inference = "volume"`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VolumeSummary {
+    /// Slices of the series.
+    pub slices: usize,
+    /// Slices of the model input (after resampling along the slice axis).
+    pub depth: usize,
+    /// `position`, `instance-number` or `frame-order`.
+    pub order: &'static str,
+    /// The median gap between slices (ordered by position).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spacing_mm: Option<f64>,
+}
+
+/// What a volume bundle's input is: its rank (5: `[N, 1, D, H, W]`, 4: `[N, D, H, W]`) and
+/// depth (None: any, the series' own slice count).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct VolumeShape {
+    pub rank: usize,
+    pub depth: Option<usize>,
 }
 
 /// What one frame's inference said for each reported output.
@@ -166,28 +201,15 @@ impl Pipeline {
             .find(|r| r.name == job.route && !r.report.is_empty())
             .map(|r| r.report.clone());
         let reported = reported_outputs(&model, route_report.as_ref().unwrap_or(&accepts.report))?;
+        if accepts.is_volume() {
+            return self
+                .process_volume(job, model, pre, &accepts, reported)
+                .await;
+        }
         let input_shape = model_input_shape(&model, &pre)?;
 
         // The series, its headers, and one check that it is one kind of image.
-        let instances = self
-            .spool
-            .series_instances(&job.study_uid, &job.series_uid)
-            .map_err(|e| JobFailure::new("spool", e.to_string()))?;
-        if instances.is_empty() {
-            return Err(JobFailure::new(
-                "no_instances",
-                "the series is no longer in the spool",
-            ));
-        }
-        if instances.len() > MAX_SERIES_INSTANCES {
-            return Err(JobFailure::new(
-                "too_many_instances",
-                format!(
-                    "{} instances; at most {MAX_SERIES_INSTANCES} per series",
-                    instances.len()
-                ),
-            ));
-        }
+        let instances = self.series_instances(job)?;
         let paths: Vec<PathBuf> = instances.iter().map(|s| s.path.clone()).collect();
         let max_frames = accepts.max_frames.unwrap_or(u32::MAX);
         let limits = Limits::default();
@@ -277,6 +299,7 @@ impl Pipeline {
                     positive: probability >= r.threshold,
                     instance_index: best.instance_index,
                     frame: best.frame,
+                    volume: None,
                 }
             })
             .collect();
@@ -316,12 +339,50 @@ impl Pipeline {
             None => None,
         };
 
-        // The result objects, written before they are queued.
+        self.deliver(job, &model, &instances, paths, &findings, heatmap)
+            .await?;
+        Ok(findings)
+    }
+
+    /// The series' instances in the spool (arrival order), bounded.
+    fn series_instances(&self, job: &Job) -> Result<Vec<nightingale_dicom::Stored>, JobFailure> {
+        let instances = self
+            .spool
+            .series_instances(&job.study_uid, &job.series_uid)
+            .map_err(|e| JobFailure::new("spool", e.to_string()))?;
+        if instances.is_empty() {
+            return Err(JobFailure::new(
+                "no_instances",
+                "the series is no longer in the spool",
+            ));
+        }
+        if instances.len() > MAX_SERIES_INSTANCES {
+            return Err(JobFailure::new(
+                "too_many_instances",
+                format!(
+                    "{} instances; at most {MAX_SERIES_INSTANCES} per series",
+                    instances.len()
+                ),
+            ));
+        }
+        Ok(instances)
+    }
+
+    /// The result objects, written before they are queued, and their audit records.
+    async fn deliver(
+        self: &Arc<Self>,
+        job: &Job,
+        model: &Arc<LoadedModel>,
+        instances: &[nightingale_dicom::Stored],
+        paths: Vec<PathBuf>,
+        findings: &[SeriesFinding],
+        heatmap: Option<HeatmapMap>,
+    ) -> Result<(), JobFailure> {
         let started = Instant::now();
         let objects = {
             let me = self.clone();
             let job = job.clone();
-            let findings = findings.clone();
+            let findings = findings.to_vec();
             let model = model.clone();
             let sop_uids: Vec<String> = instances
                 .iter()
@@ -332,8 +393,65 @@ impl Pipeline {
         };
         stage("results", started.elapsed());
         for (object, kind) in objects {
-            self.audit_result(job, &model, &object, kind).await;
+            self.audit_result(job, model, &object, kind).await;
         }
+        Ok(())
+    }
+
+    /// A volume bundle's job: the series assembled into one volume (slice order, one window,
+    /// resampled to the model's depth; [`assemble_volume`]), ONE inference, and the results
+    /// as for frames (the SC shows the volume's middle slice; the SR references every
+    /// instance).
+    async fn process_volume(
+        self: &Arc<Self>,
+        job: &Job,
+        model: Arc<LoadedModel>,
+        pre: Preprocessing,
+        accepts: &DicomAccepts,
+        reported: Vec<Reported>,
+    ) -> Result<Vec<SeriesFinding>, JobFailure> {
+        let shape = model_volume_shape(&model, &pre)?;
+        let instances = self.series_instances(job)?;
+        let paths: Vec<PathBuf> = instances.iter().map(|s| s.path.clone()).collect();
+        let (min, max) = accepts.slices();
+        let started = Instant::now();
+        let (tensor, plan) = {
+            let (paths, pre) = (paths.clone(), pre.clone());
+            blocking(move || assemble_volume(&paths, &pre, shape, min, max)).await?
+        };
+        stage("decode_preprocess", started.elapsed());
+        let depth = match tensor.shape() {
+            [_, _, d, _, _] | [_, d, _, _] => *d,
+            _ => 0,
+        };
+        let started = Instant::now();
+        let probabilities = self
+            .infer(job, &model, &pre.input, tensor, &reported)
+            .await?;
+        stage("inference", started.elapsed());
+        let shown = plan.middle();
+        let summary = VolumeSummary {
+            slices: plan.slices.len(),
+            depth,
+            order: plan.order.as_str(),
+            spacing_mm: plan.spacing_mm,
+        };
+        let findings: Vec<SeriesFinding> = reported
+            .iter()
+            .zip(&probabilities)
+            .map(|(r, &probability)| SeriesFinding {
+                output: r.output.clone(),
+                label: r.label.clone(),
+                probability,
+                threshold: r.threshold,
+                positive: probability >= r.threshold,
+                instance_index: shown.instance,
+                frame: shown.frame,
+                volume: Some(summary.clone()),
+            })
+            .collect();
+        self.deliver(job, &model, &instances, paths, &findings, None)
+            .await?;
         Ok(findings)
     }
 
@@ -804,6 +922,149 @@ fn model_input_shape(
     Ok(shape)
 }
 
+/// A volume bundle's input shape, from the model itself (the engine's metadata).
+fn model_volume_shape(model: &LoadedModel, pre: &Preprocessing) -> Result<VolumeShape, JobFailure> {
+    let spec = model
+        .worker
+        .metadata()
+        .inputs
+        .iter()
+        .find(|i| i.name == pre.input)
+        .ok_or_else(|| {
+            JobFailure::new("bundle_not_imaging", "the preprocessed input is unknown")
+        })?;
+    let depth = pre
+        .volume_depth(&spec.shape)
+        .map_err(|e| JobFailure::new("bundle_not_imaging", e))?;
+    Ok(VolumeShape {
+        rank: spec.shape.len(),
+        depth,
+    })
+}
+
+/// The series (`paths`, arrival order) as one volume model input: every header read and
+/// checked (one size and grey photometric interpretation, the slices' geometry and count:
+/// [`volume::plan_volume`], the source pixels under [`MAX_VOLUME_SOURCE_PIXELS`]) before any
+/// pixel is decoded; then the window (fixed, or the percentiles of every voxel, counted in a
+/// first pass over the slices), and the slices decoded one at a time, in volume order, into
+/// the resampled input ([`Preprocessing::volume_input`]). Runs on a blocking thread.
+pub(crate) fn assemble_volume(
+    paths: &[PathBuf],
+    pre: &Preprocessing,
+    shape: VolumeShape,
+    min_slices: u32,
+    max_slices: u32,
+) -> Result<(Tensor, VolumePlan), JobFailure> {
+    let limits = Limits::default();
+    let mut headers = Vec::with_capacity(paths.len());
+    let mut geometry = Vec::with_capacity(paths.len());
+    for path in paths {
+        let obj = dicom_object::OpenFileOptions::new()
+            .read_until(dicom_dictionary_std::tags::PIXEL_DATA)
+            .open_file(path)
+            .map_err(|e| {
+                pixel_failure(pixels::PixelError::Open {
+                    source: Box::new(e),
+                })
+            })?;
+        let header = pixels::ImageHeader::from_object(&obj, &limits).map_err(pixel_failure)?;
+        geometry.push(InstanceGeometry::read(&obj, header.frames).map_err(pixel_failure)?);
+        headers.push(header);
+    }
+    pixels::check_series(&headers).map_err(pixel_failure)?;
+    let first = &headers[0];
+    if !matches!(
+        first.photometric,
+        pixels::Photometric::Monochrome1 | pixels::Photometric::Monochrome2
+    ) {
+        return Err(JobFailure::new(
+            "unsupported_photometric",
+            format!(
+                "a volume is grey-scale (MONOCHROME1 or MONOCHROME2); the series is {}",
+                first.photometric.as_str()
+            ),
+        ));
+    }
+    let plan = volume::plan_volume(&geometry, min_slices, max_slices)
+        .map_err(|e| JobFailure::new(e.reason(), e.to_string()))?;
+    let source_pixels = first.frame_pixels() * plan.slices.len() as u64;
+    if source_pixels > MAX_VOLUME_SOURCE_PIXELS {
+        return Err(JobFailure::new(
+            "volume_too_large",
+            format!(
+                "{} slices of {} x {} are {source_pixels} pixels; at most {MAX_VOLUME_SOURCE_PIXELS} per volume",
+                plan.slices.len(),
+                first.rows,
+                first.cols
+            ),
+        ));
+    }
+    let preprocess_failure = |e: PreprocessError| match e {
+        PreprocessError::VolumeTooLarge { .. } => {
+            JobFailure::new("volume_too_large", e.to_string())
+        }
+        e => JobFailure::new("preprocess", e.to_string()),
+    };
+    let options = DecodeOptions {
+        colour: Colour::Grey,
+        limits: limits.clone(),
+        ..DecodeOptions::default()
+    };
+    // Each slice of the plan, decoded in order; an instance stays open while its frames are
+    // read (a multi-frame object is opened once).
+    let each_slice = |f: &mut dyn FnMut(&Image<'_>) -> Result<(), JobFailure>| {
+        let mut open: Option<(usize, PixelSource)> = None;
+        for slice in &plan.slices {
+            if open.as_ref().is_none_or(|(i, _)| *i != slice.instance) {
+                drop(open.take());
+                let source =
+                    PixelSource::open(&paths[slice.instance], &limits).map_err(pixel_failure)?;
+                open = Some((slice.instance, source));
+            }
+            let (_, source) = open.as_ref().expect("opened above");
+            let frame = source.frame(slice.frame, &options).map_err(pixel_failure)?;
+            let (slope, intercept) = slice.rescale.unwrap_or((frame.slope, frame.intercept));
+            f(&Image {
+                rows: frame.rows,
+                cols: frame.cols,
+                samples: frame.samples,
+                data: &frame.data,
+                slope,
+                intercept,
+                monochrome1: frame.monochrome1,
+            })?;
+        }
+        Ok::<(), JobFailure>(())
+    };
+    // The model input's size, checked before anything is decoded.
+    pre.volume_values(plan.slices.len(), shape.depth)
+        .map_err(preprocess_failure)?;
+    let window = match pre.fixed_window() {
+        Some(w) => w,
+        None => {
+            let mut values = VolumeValues::new();
+            each_slice(&mut |image| values.add(image).map_err(preprocess_failure))?;
+            pre.volume_window(&values)
+                .ok_or_else(|| JobFailure::new("no_frames", "no slice was decoded"))?
+        }
+    };
+    let mut input = pre
+        .volume_input(plan.slices.len(), shape.depth, window)
+        .map_err(preprocess_failure)?;
+    each_slice(&mut |image| input.push(image).map_err(preprocess_failure))?;
+    let depth = input.depth();
+    let data = input.finish().map_err(preprocess_failure)?;
+    let [h, w] = pre.size;
+    let dims = if shape.rank == 5 {
+        vec![1, 1, depth, h, w]
+    } else {
+        vec![1, depth, h, w]
+    };
+    let tensor =
+        Tensor::from_vec(dims, data).map_err(|e| JobFailure::new("input_shape", e.to_string()))?;
+    Ok((tensor, plan))
+}
+
 /// One decoded frame preprocessed as the bundle declares, as the model's input tensor.
 fn model_input(
     pre: &nightingale_models::Preprocessing,
@@ -880,6 +1141,203 @@ fn write_durably(root: &Path, relative: &Path, bytes: &[u8]) -> std::io::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    use dicom_object::InMemDicomObject;
+    use dicom_object::meta::FileMetaTableBuilder;
+
+    /// A grey 16-bit CT slice of `rows x cols`, every pixel `value` in each of `frames` frames,
+    /// at `z` (axial) unless `z` is None.
+    fn slice(
+        dir: &Path,
+        name: &str,
+        z: Option<f64>,
+        size: (u32, u32),
+        frames: u32,
+        value: u16,
+    ) -> PathBuf {
+        let mut obj = InMemDicomObject::new_empty();
+        let mut put = |tag, vr, v: PrimitiveValue| obj.put(DataElement::new(tag, vr, v));
+        // The names differ in length: one UID each.
+        let sop = format!("1.2.826.0.1.3680043.10.1234.3.{}", name.len());
+        put(
+            tags::SOP_CLASS_UID,
+            VR::UI,
+            "1.2.840.10008.5.1.4.1.1.2".into(),
+        );
+        put(tags::SOP_INSTANCE_UID, VR::UI, sop.as_str().into());
+        put(
+            tags::STUDY_INSTANCE_UID,
+            VR::UI,
+            "1.2.826.0.1.3680043.10.1234.1".into(),
+        );
+        put(
+            tags::SERIES_INSTANCE_UID,
+            VR::UI,
+            "1.2.826.0.1.3680043.10.1234.2".into(),
+        );
+        put(tags::MODALITY, VR::CS, "CT".into());
+        put(tags::ROWS, VR::US, PrimitiveValue::from(size.0 as u16));
+        put(tags::COLUMNS, VR::US, PrimitiveValue::from(size.1 as u16));
+        put(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16));
+        put(
+            tags::PHOTOMETRIC_INTERPRETATION,
+            VR::CS,
+            "MONOCHROME2".into(),
+        );
+        put(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(16u16));
+        put(tags::BITS_STORED, VR::US, PrimitiveValue::from(16u16));
+        put(tags::HIGH_BIT, VR::US, PrimitiveValue::from(15u16));
+        put(
+            tags::PIXEL_REPRESENTATION,
+            VR::US,
+            PrimitiveValue::from(0u16),
+        );
+        if frames > 1 {
+            put(
+                tags::NUMBER_OF_FRAMES,
+                VR::IS,
+                frames.to_string().as_str().into(),
+            );
+        }
+        if let Some(z) = z {
+            put(
+                tags::IMAGE_POSITION_PATIENT,
+                VR::DS,
+                format!("-10\\-10\\{z}").as_str().into(),
+            );
+            put(
+                tags::IMAGE_ORIENTATION_PATIENT,
+                VR::DS,
+                "1\\0\\0\\0\\1\\0".into(),
+            );
+        }
+        // At most 64 Ki values: a larger header is a giant whose pixels are never read.
+        let n = ((size.0 * size.1 * frames) as usize).min(1 << 16);
+        put(
+            tags::PIXEL_DATA,
+            VR::OW,
+            PrimitiveValue::U16(vec![value; n].into()),
+        );
+        let file = obj
+            .with_meta(FileMetaTableBuilder::new().transfer_syntax("1.2.840.10008.1.2.1"))
+            .unwrap();
+        let path = dir.join(name);
+        file.write_to_file(&path).unwrap();
+        path
+    }
+
+    fn fixed(size: usize) -> Preprocessing {
+        toml::from_str(&format!(
+            "kind = \"image\"\ninput = \"volume\"\nsize = [{size}, {size}]\n\
+             [window]\nmethod = \"fixed\"\ncenter = 200.0\nwidth = 400.0\n"
+        ))
+        .unwrap()
+    }
+
+    /// Three slices arriving out of order are stacked by position, windowed with the fixed
+    /// window and resampled to two: bins {0, 1} and {1, 2} of the sorted slices (arithmetic:
+    /// values 100, 200, 300 over the window 0-400 are 0.25, 0.5, 0.75).
+    #[test]
+    fn a_series_becomes_one_resampled_volume_in_slice_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = vec![
+            slice(dir.path(), "a", Some(10.0), (4, 4), 1, 300),
+            slice(dir.path(), "bb", Some(0.0), (4, 4), 1, 100),
+            slice(dir.path(), "ccc", Some(5.0), (4, 4), 1, 200),
+        ];
+        let shape = VolumeShape {
+            rank: 5,
+            depth: Some(2),
+        };
+        let (tensor, plan) = assemble_volume(&paths, &fixed(4), shape, 2, 10).unwrap();
+        assert_eq!(tensor.shape(), &[1, 1, 2, 4, 4]);
+        let values: Vec<f32> = tensor.view::<f32>().unwrap().iter().copied().collect();
+        assert!(
+            values[..16].iter().all(|v| (v - 0.375).abs() < 1e-6),
+            "{values:?}"
+        );
+        assert!(
+            values[16..].iter().all(|v| (v - 0.625).abs() < 1e-6),
+            "{values:?}"
+        );
+        let order: Vec<usize> = plan.slices.iter().map(|s| s.instance).collect();
+        assert_eq!(order, vec![1, 2, 0]);
+        assert_eq!(plan.middle().instance, 2);
+        // Any depth, as [N, D, H, W]: the slices themselves.
+        let (tensor, _) = assemble_volume(
+            &paths,
+            &fixed(4),
+            VolumeShape {
+                rank: 4,
+                depth: None,
+            },
+            2,
+            10,
+        )
+        .unwrap();
+        assert_eq!(tensor.shape(), &[1, 3, 4, 4]);
+    }
+
+    #[test]
+    fn series_that_cannot_be_a_volume_fail_with_their_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let shape = VolumeShape {
+            rank: 5,
+            depth: None,
+        };
+        let code = |paths: &[PathBuf], min: u32, max: u32| {
+            assemble_volume(paths, &fixed(4), shape, min, max)
+                .unwrap_err()
+                .code
+        };
+        let a = slice(d, "a", Some(0.0), (4, 4), 1, 1);
+        let b = slice(d, "bb", Some(0.0), (4, 4), 1, 1);
+        assert_eq!(code(&[a.clone(), b], 2, 10), "duplicate_position");
+        let wide = slice(d, "ccc", Some(1.0), (4, 6), 1, 1);
+        assert_eq!(code(&[a.clone(), wide], 2, 10), "mixed_series");
+        let multi = slice(d, "dddd", None, (4, 4), 3, 1);
+        assert_eq!(code(&[a.clone(), multi.clone()], 2, 10), "multiframe_mixed");
+        assert_eq!(code(std::slice::from_ref(&multi), 4, 10), "too_few_slices");
+        assert_eq!(code(&[multi], 1, 2), "too_many_slices");
+        let unplaced = slice(d, "eeeee", None, (4, 4), 1, 1);
+        assert_eq!(code(&[a.clone(), unplaced], 2, 10), "incomplete_geometry");
+        // Over 256 Mi source pixels (5 slices of 8192 x 8192, from their headers): refused
+        // before any slice is decoded (their pixel data is not even there).
+        let giants: Vec<PathBuf> = (0..5)
+            .map(|k| {
+                let name = "g".repeat(10 + k);
+                slice(d, &name, Some(k as f64), (8192, 8192), 1, 1)
+            })
+            .collect();
+        let err = assemble_volume(&giants, &fixed(4), shape, 2, 10).unwrap_err();
+        assert_eq!(err.code, "volume_too_large");
+        assert!(
+            err.detail.contains("5 slices of 8192 x 8192"),
+            "{}",
+            err.detail
+        );
+        // A model input over the value limit is refused before anything is decoded.
+        let big: Preprocessing = toml::from_str(
+            "kind = \"image\"\ninput = \"volume\"\nsize = [4096, 4096]\n\
+             [window]\nmethod = \"fixed\"\ncenter = 0.0\nwidth = 1.0\n",
+        )
+        .unwrap();
+        let c = slice(d, "ffffff", Some(1.0), (4, 4), 1, 1);
+        let err = assemble_volume(
+            &[a, c],
+            &big,
+            VolumeShape {
+                rank: 5,
+                depth: Some(8),
+            },
+            2,
+            10,
+        )
+        .unwrap_err();
+        assert_eq!(err.code, "volume_too_large");
+    }
 
     #[test]
     fn narrow_images_are_centred_on_black_columns() {

@@ -134,6 +134,52 @@ impl Match {
     }
 }
 
+/// Why a volume bundle (`[dicom] inference = "volume"`) cannot take a series, as far as the
+/// header of its first instance and its instance count tell: a multi-frame instance among
+/// others, too few or too many slices, colour. `None`: it may (the job checks every
+/// instance's geometry, and fails with the reason when the series is not a volume after all).
+pub fn volume_mismatch(
+    accepts: &DicomAccepts,
+    header: &SeriesHeader,
+    instances: u64,
+) -> Option<String> {
+    if !accepts.is_volume() {
+        return None;
+    }
+    if header.frames > 1 && instances > 1 {
+        return Some(format!(
+            "not a volume: a multi-frame instance among {instances} instances"
+        ));
+    }
+    let slices = if header.frames > 1 {
+        u64::from(header.frames)
+    } else {
+        instances
+    };
+    let (min, max) = accepts.slices();
+    if slices < u64::from(min) {
+        return Some(format!(
+            "{slices} slice(s): the bundle takes a volume of at least {min}"
+        ));
+    }
+    if slices > u64::from(max) {
+        return Some(format!(
+            "{slices} slices: the bundle takes a volume of at most {max}"
+        ));
+    }
+    let grey = ["MONOCHROME1", "MONOCHROME2"];
+    if !grey
+        .iter()
+        .any(|g| header.photometric.trim().eq_ignore_ascii_case(g))
+    {
+        return Some(format!(
+            "photometric interpretation {:?}: a volume is grey-scale",
+            header.photometric
+        ));
+    }
+    None
+}
+
 /// A `[[routes]]` table of the config file.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -433,5 +479,55 @@ mod tests {
         h.photometric = "MONOCHROME2".into();
         h.modality = "US".into();
         assert!(m.mismatch(&h, "ANY").unwrap().contains("US"));
+    }
+
+    #[test]
+    fn a_volume_bundle_is_not_sent_what_cannot_be_a_volume() {
+        use nightingale_models::manifest::DicomInference;
+        let volume = DicomAccepts {
+            inference: DicomInference::Volume,
+            min_slices: Some(3),
+            max_slices: Some(100),
+            ..DicomAccepts::default()
+        };
+        let single = SeriesHeader {
+            modality: "CT".into(),
+            photometric: "MONOCHROME2".into(),
+            frames: 1,
+            ..SeriesHeader::default()
+        };
+        assert_eq!(volume_mismatch(&volume, &single, 3), None);
+        assert_eq!(volume_mismatch(&volume, &single, 100), None);
+        assert!(
+            volume_mismatch(&volume, &single, 2)
+                .unwrap()
+                .contains("at least 3")
+        );
+        assert!(
+            volume_mismatch(&volume, &single, 101)
+                .unwrap()
+                .contains("at most 100")
+        );
+        let multi = SeriesHeader {
+            frames: 40,
+            ..single.clone()
+        };
+        assert_eq!(volume_mismatch(&volume, &multi, 1), None);
+        assert!(
+            volume_mismatch(&volume, &multi, 2)
+                .unwrap()
+                .contains("multi-frame")
+        );
+        let colour = SeriesHeader {
+            photometric: "RGB".into(),
+            ..single.clone()
+        };
+        assert!(
+            volume_mismatch(&volume, &colour, 10)
+                .unwrap()
+                .contains("grey")
+        );
+        // A per-frame bundle is not concerned.
+        assert_eq!(volume_mismatch(&DicomAccepts::default(), &single, 1), None);
     }
 }
