@@ -562,6 +562,9 @@ pub struct Volume {
 pub struct PixelSource {
     obj: DefaultDicomObject,
     header: ImageHeader,
+    /// Per frame, the functional groups' rescale where an enhanced object has one (it
+    /// replaces the header's Rescale Slope/Intercept for that frame); empty otherwise.
+    rescale: Vec<Option<(f64, f64)>>,
 }
 
 impl std::fmt::Debug for PixelSource {
@@ -599,7 +602,12 @@ impl PixelSource {
     /// An object already in memory.
     pub fn from_object(obj: DefaultDicomObject, limits: &Limits) -> Result<Self, PixelError> {
         let header = ImageHeader::from_object(&obj, limits)?;
-        let source = PixelSource { obj, header };
+        let rescale = crate::volume::frame_rescales(&obj, header.frames)?;
+        let source = PixelSource {
+            obj,
+            header,
+            rescale,
+        };
         source.check_pixel_data()?;
         Ok(source)
     }
@@ -655,6 +663,13 @@ impl PixelSource {
             });
         }
         let pixels = h.frame_pixels() as usize;
+        // The frame's rescale: an enhanced object's functional groups, else the header's.
+        let (slope, intercept) = self
+            .rescale
+            .get(index as usize)
+            .copied()
+            .flatten()
+            .unwrap_or((h.slope, h.intercept));
         // 1. Stored values (colour interleaved), plus what colour conversion is still due.
         let (raw, pending) = if h.encapsulated() {
             self.decode_encapsulated(index)?
@@ -688,8 +703,8 @@ impl PixelSource {
             cols: h.cols as usize,
             samples,
             data: Vec::new(),
-            slope: h.slope,
-            intercept: h.intercept,
+            slope,
+            intercept,
             monochrome1: h.photometric == Photometric::Monochrome1,
             values: Values::Stored,
             window: h.window,
@@ -714,7 +729,7 @@ impl PixelSource {
                     what: "Modality LUT Sequence",
                 });
             }
-            let (s, i) = (h.slope, h.intercept);
+            let (s, i) = (slope, intercept);
             for x in &mut data {
                 *x = (f64::from(*x) * s + i) as f32;
             }
@@ -765,9 +780,21 @@ impl PixelSource {
         (0..self.header.frames).map(move |i| self.frame(i, options))
     }
 
-    /// All frames as one volume (refused over [`Limits::max_volume_pixels`]).
+    /// All frames as one volume (refused over [`Limits::max_volume_pixels`]). An enhanced
+    /// object whose frames have different rescales (functional groups) gets modality values,
+    /// since one slope and intercept cannot describe its stored values.
     pub fn volume(&self, options: &DecodeOptions) -> Result<Volume, PixelError> {
         let h = &self.header;
+        let rescaled;
+        let options = if !options.modality_lut && self.rescale.windows(2).any(|w| w[0] != w[1]) {
+            rescaled = DecodeOptions {
+                modality_lut: true,
+                ..options.clone()
+            };
+            &rescaled
+        } else {
+            options
+        };
         if h.total_pixels() > options.limits.max_volume_pixels {
             return Err(PixelError::TooManyPixels {
                 rows: h.rows,

@@ -128,27 +128,63 @@ fn functional_group(group: &InMemDicomObject) -> Result<SliceGeometry, PixelErro
         )?,
         None => None,
     };
-    let rescale = match item(group, tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, 0) {
-        Some(i) => {
-            let slope = vector::<1>(i, tags::RESCALE_SLOPE, "RescaleSlope")?;
-            let intercept = vector::<1>(i, tags::RESCALE_INTERCEPT, "RescaleIntercept")?;
-            match (slope, intercept) {
-                (Some([s]), Some([b])) if s != 0.0 => Some((s, b)),
-                (None, None) => None,
-                _ => {
-                    return Err(PixelError::InvalidAttribute {
-                        name: "PixelValueTransformationSequence",
-                    });
-                }
-            }
-        }
-        None => None,
-    };
     Ok(SliceGeometry {
         position,
         orientation,
-        rescale,
+        rescale: pixel_value_transformation(group)?,
     })
+}
+
+/// The rescale (slope, intercept) of one functional group item's Pixel Value Transformation,
+/// if it has one.
+fn pixel_value_transformation(group: &InMemDicomObject) -> Result<Option<(f64, f64)>, PixelError> {
+    let Some(i) = item(group, tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, 0) else {
+        return Ok(None);
+    };
+    let slope = vector::<1>(i, tags::RESCALE_SLOPE, "RescaleSlope")?;
+    let intercept = vector::<1>(i, tags::RESCALE_INTERCEPT, "RescaleIntercept")?;
+    match (slope, intercept) {
+        (Some([s]), Some([b])) if s != 0.0 && s.is_finite() && b.is_finite() => Ok(Some((s, b))),
+        (None, None) => Ok(None),
+        _ => Err(PixelError::InvalidAttribute {
+            name: "PixelValueTransformationSequence",
+        }),
+    }
+}
+
+/// The rescale of each of an object's `frames` frames from its functional groups (the
+/// frame's own Pixel Value Transformation, else the shared one; `None`: the object's
+/// top-level Rescale Slope/Intercept apply). Empty when the object has no functional groups.
+/// Only the rescale is read: the per-frame path needs no geometry (and none of the volume
+/// path's strictness about it).
+pub fn frame_rescales(
+    obj: &InMemDicomObject,
+    frames: u32,
+) -> Result<Vec<Option<(f64, f64)>>, PixelError> {
+    let shared = match item(obj, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, 0) {
+        Some(group) => pixel_value_transformation(group)?,
+        None => None,
+    };
+    let per_frame = obj
+        .element_opt(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
+        .ok()
+        .flatten()
+        .is_some();
+    if shared.is_none() && !per_frame {
+        return Ok(vec![]);
+    }
+    // Lenient on the item count (real objects, e.g. pydicom's liver_1frame SEG, carry more
+    // per-frame items than frames): a frame without its own item takes the shared rescale.
+    // A Pixel Value Transformation that is there but malformed is still an error.
+    (0..frames as usize)
+        .map(|f| {
+            let own = match item(obj, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, f) {
+                Some(group) => pixel_value_transformation(group)?,
+                None => None,
+            };
+            Ok(own.or(shared))
+        })
+        .collect()
 }
 
 fn item(obj: &InMemDicomObject, tag: Tag, index: usize) -> Option<&InMemDicomObject> {

@@ -11,7 +11,9 @@ use dicom_core::value::DataSetSequence;
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::{InMemDicomObject, OpenFileOptions};
-use nightingale_dicom::pixels::{ImageHeader, Limits, PixelError};
+use nightingale_dicom::pixels::{
+    DecodeOptions, ImageHeader, Limits, PixelError, PixelSource, Values,
+};
 use nightingale_dicom::volume::{InstanceGeometry, SliceOrder, plan_volume};
 
 /// A test file of the pydicom wheel or of pydicom-data (where pydicom's `get_testdata_file`
@@ -79,6 +81,38 @@ fn an_enhanced_ct_is_ordered_by_its_frame_positions_with_its_shared_rescale() {
     assert_eq!(order, vec![1, 0]);
     assert_eq!(plan.spacing_mm, Some(10.0));
     assert_eq!(plan.slices[0].rescale, Some((1.0, -1024.0)));
+}
+
+/// Frame by frame too (the per-frame pipeline, validation datasets), an enhanced object's
+/// rescale comes from its functional groups: eCT_Supplemental has no top-level Rescale
+/// Slope/Intercept, and pydicom reads its Shared Functional Groups' Pixel Value
+/// Transformation as slope 1, intercept -1024 (`ds.SharedFunctionalGroupsSequence[0]
+/// .PixelValueTransformationSequence[0]`). (pydicom's own `apply_modality_lut` ignores it.)
+#[test]
+fn an_enhanced_ct_frame_carries_its_functional_group_rescale() {
+    let Some(path) = test_file("eCT_Supplemental.dcm") else {
+        return;
+    };
+    let source = PixelSource::open(&path, &Limits::default()).unwrap();
+    let stored = DecodeOptions::default();
+    let modality = DecodeOptions {
+        modality_lut: true,
+        ..DecodeOptions::default()
+    };
+    for index in 0..source.header().frames {
+        let raw = source.frame(index, &stored).unwrap();
+        assert_eq!(raw.values, Values::Stored);
+        assert_eq!((raw.slope, raw.intercept), (1.0, -1024.0));
+        let hu = source.frame(index, &modality).unwrap();
+        assert_eq!(hu.values, Values::Modality);
+        assert_eq!((hu.slope, hu.intercept), (1.0, 0.0));
+        for (s, m) in raw.data.iter().zip(&hu.data) {
+            assert_eq!(*m, *s - 1024.0);
+        }
+    }
+    // The whole object as one volume: one rescale for both frames, kept as stored values.
+    let volume = source.volume(&stored).unwrap();
+    assert_eq!((volume.slope, volume.intercept), (1.0, -1024.0));
 }
 
 #[test]
