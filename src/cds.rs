@@ -671,7 +671,7 @@ impl Cds {
                 None => manifest
                     .explain
                     .as_ref()
-                    .map(|e| e.background.clone())
+                    .map(|e| &e.background)
                     .filter(|b| !b.is_empty() && b.iter().all(|r| r.len() == x.len())),
                 Some(_) => None,
             };
@@ -879,34 +879,21 @@ impl Cds {
         let passes = method.forward_passes();
         let coalitions = passes / background.len() - 1;
         let mut method: Box<dyn Perturber> = Box::new(method);
-        let chunk = model
-            .worker
-            .config()
-            .batching
-            .as_ref()
-            .map_or(64, |b| b.max_batch_size)
-            .clamp(1, model.worker.config().max_rows_per_request.max(1));
+        let chunk = crate::http::explain::forward_pass_chunk(model);
         let patient = match Tensor::from_vec(vec![1, x32.len()], x32) {
             Ok(t) => vec![NamedTensor::new(input, t)],
             Err(e) => return Ok(Err(e.to_string())),
         };
-        let mut event = AuditEvent {
-            kind: EventKind::Explain,
-            request_id: audit_request_id(request),
-            model: model.name.clone(),
-            version: model.version.to_string(),
-            model_sha256: model.model_sha256.clone(),
-            input_sha256: Some(tensors_sha256(&patient)),
-            output_sha256: None,
-            rows: Some(passes),
-            status: 500,
-            outcome: Outcome::Failed,
-            actor: Some(actor.to_owned()),
-            detail: Some(format!(
+        let mut event = audit_event(
+            (EventKind::Explain, request, actor),
+            model,
+            &patient,
+            passes,
+            format!(
                 "cds risk attribution: kernel_shap, {passes} forward passes, {}",
                 if exact { "exact" } else { "sampled" }
-            )),
-        };
+            ),
+        );
         let width = x.len();
         let mut rows = Vec::with_capacity(chunk * width);
         let mut failure = None;
@@ -989,20 +976,13 @@ impl Cds {
             Err(e) => return Ok(Err(e.to_string())),
         };
         let inputs = vec![NamedTensor::new(input, tensor)];
-        let mut event = AuditEvent {
-            kind: EventKind::Inference,
-            request_id: audit_request_id(request),
-            model: model.name.clone(),
-            version: model.version.to_string(),
-            model_sha256: model.model_sha256.clone(),
-            input_sha256: Some(tensors_sha256(&inputs)),
-            output_sha256: None,
-            rows: Some(rows.len()),
-            status: 500,
-            outcome: Outcome::Failed,
-            actor: Some(actor.to_owned()),
-            detail: Some("cds risk".to_owned()),
-        };
+        let mut event = audit_event(
+            (EventKind::Inference, request, actor),
+            model,
+            &inputs,
+            rows.len(),
+            "cds risk".to_owned(),
+        );
         let outputs = model.worker.infer(inputs).await;
         if let Ok(outputs) = &outputs {
             event.output_sha256 = Some(tensors_sha256(outputs));
@@ -1023,18 +1003,38 @@ impl Cds {
     }
 }
 
-/// The audit records' request id of a hook call: `cds-` and its hookInstance (control
-/// characters replaced, at most 100 characters).
-fn audit_request_id(request: &HookRequest) -> String {
-    format!(
-        "cds-{}",
-        request
-            .hook_instance
-            .chars()
-            .map(|c| if c.is_control() { '?' } else { c })
-            .take(100)
-            .collect::<String>()
-    )
+/// A hook call's audit record of `rows` model rows of `inputs`, failed until the caller
+/// says otherwise. Its request id is `cds-` and the hookInstance (control characters
+/// replaced, at most 100 characters); the actor is the CDS caller.
+fn audit_event(
+    (kind, request, actor): (EventKind, &HookRequest, &str),
+    model: &LoadedModel,
+    inputs: &[NamedTensor],
+    rows: usize,
+    detail: String,
+) -> AuditEvent {
+    AuditEvent {
+        kind,
+        request_id: format!(
+            "cds-{}",
+            request
+                .hook_instance
+                .chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .take(100)
+                .collect::<String>()
+        ),
+        model: model.name.clone(),
+        version: model.version.to_string(),
+        model_sha256: model.model_sha256.clone(),
+        input_sha256: Some(tensors_sha256(inputs)),
+        output_sha256: None,
+        rows: Some(rows),
+        status: 500,
+        outcome: Outcome::Failed,
+        actor: Some(actor.to_owned()),
+        detail: Some(detail),
+    }
 }
 
 fn sigmoid(z: f64) -> f64 {

@@ -789,20 +789,30 @@ fn icu_prefetch(with_conditions: bool) -> Value {
     p
 }
 
+/// The number right after `key` in a card's detail.
+fn number_after(detail: &str, key: &str) -> f64 {
+    let at = detail
+        .find(key)
+        .unwrap_or_else(|| panic!("{key:?} in {detail}"))
+        + key.len();
+    detail[at..]
+        .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-'))
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// The six-decimal numbers of a risk card's detail: p, and the contribution table.
 fn card_numbers(detail: &str) -> (f64, f64, Vec<f64>) {
-    let after = |s: &str, key: &str| -> f64 {
-        let at = s.find(key).unwrap() + key.len();
-        s[at..]
-            .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-'))
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    let p = after(detail, "(p = ");
-    let reference = after(detail, "training mean of every input: p = ");
-    let contributions = detail
+    let p = number_after(detail, "(p = ");
+    let reference = number_after(detail, "training mean of every input: p = ");
+    (p, reference, contribution_table(detail))
+}
+
+/// The contribution column of a risk card's table.
+fn contribution_table(detail: &str) -> Vec<f64> {
+    detail
         .lines()
         .filter(|l| l.starts_with("| ") && !l.starts_with("| Factor"))
         .map(|l| {
@@ -814,8 +824,7 @@ fn card_numbers(detail: &str) -> (f64, f64, Vec<f64>) {
                 .parse::<f64>()
                 .unwrap()
         })
-        .collect();
-    (p, reference, contributions)
+        .collect()
 }
 
 #[tokio::test]
@@ -975,25 +984,13 @@ async fn a_non_linear_model_card_gets_kernel_shap_factors_against_its_background
     assert_eq!(s, StatusCode::OK, "{v}");
     let card = &v["cards"][0];
     let detail = card["detail"].as_str().unwrap().replace('\\', "");
-    let after = |key: &str| -> f64 {
-        let at = detail
-            .find(key)
-            .unwrap_or_else(|| panic!("{key:?} in {detail}"))
-            + key.len();
-        detail[at..]
-            .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-'))
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    let p = after("(p = ");
+    let p = number_after(&detail, "(p = ");
     let expected_p = case["onnxruntime_probability"].as_f64().unwrap();
     assert!(
         (p - expected_p).abs() < 1e-5,
         "{p} vs onnxruntime {expected_p}"
     );
-    let base = after("32 training rows: mean logit ");
+    let base = number_after(&detail, "32 training rows: mean logit ");
     let expected_base = f["background_mean_logit"].as_f64().unwrap();
     assert!(
         (base - expected_base).abs() < 1e-4,
@@ -1004,19 +1001,7 @@ async fn a_non_linear_model_card_gets_kernel_shap_factors_against_its_background
         "{detail}"
     );
     assert!(!detail.contains("training mean"), "{detail}");
-    let contributions: Vec<f64> = detail
-        .lines()
-        .filter(|l| l.starts_with("| ") && !l.starts_with("| Factor"))
-        .map(|l| {
-            l.trim_end_matches(" |")
-                .rsplit("| ")
-                .next()
-                .unwrap()
-                .trim()
-                .parse::<f64>()
-                .unwrap()
-        })
-        .collect();
+    let contributions = contribution_table(&detail);
     let expected = floats(&case["shapley_logit"]);
     assert_eq!(contributions.len(), expected.len());
     for (g, e) in contributions.iter().zip(&expected) {

@@ -14,6 +14,7 @@ explain ÷ engine − 1 (target < 20 %): what the explanation costs beyond its f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import concurrent.futures as cf
 import statistics
 import subprocess
@@ -30,6 +31,26 @@ import tritonclient.http as httpclient
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "peer"))
 from conftest import _free_port, wait_ready  # noqa: E402
+
+
+@contextlib.contextmanager
+def explain_server(binary: str, max_forward_passes: int):
+    """A `serve --explain` on models/bundles on a free port, its data in a temporary folder;
+    yields its address and stops it afterwards."""
+    url = f"127.0.0.1:{_free_port()}"
+    tmp = Path(tempfile.mkdtemp(prefix="nightingale-explain-bench-"))
+    log = tmp / "server.log"
+    cmd = [binary, "serve", "--repository", "models/bundles", "--http-addr", url,
+           "--audit-log", str(tmp / "audit.jsonl"), "--data-dir", str(tmp / "data"),
+           "--explain", "--explain-max-forward-passes", str(max_forward_passes)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(proc, url, log)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def body(name: str, x: np.ndarray, parameters: dict | None, outputs: list[str] | None):
@@ -94,17 +115,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--bin", default=str(REPO / "target" / "release" / "nightingale"))
     args = ap.parse_args()
-    port = _free_port()
-    url = f"127.0.0.1:{port}"
-    tmp = Path(tempfile.mkdtemp(prefix="nightingale-explain-bench-"))
-    log = tmp / "server.log"
-    cmd = [args.bin, "serve", "--repository", "models/bundles", "--http-addr", url,
-           "--audit-log", str(tmp / "audit.jsonl"), "--data-dir", str(tmp / "data"),
-           "--explain", "--explain-max-forward-passes", "100000"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_ready(proc, url, log)
+    with explain_server(args.bin, 100000) as url:
         wdbc = tomllib.loads((REPO / "models/bundles/wdbc-malignancy/bundle.toml").read_text())
         bg = np.array(wdbc["explain"]["background"], dtype=np.float32)
         x_tab = bg[:1] * np.float32(1.1)
@@ -129,9 +140,6 @@ def main() -> int:
                 label = params["method"] + "".join(f" {k}={v}" for k, v in params.items() if k != "method")
                 print(f"| {model} | {label} | {passes} | {t_exp * 1000:.1f} ms | {passes / t_exp:,.0f} | "
                       f"{t_eng * 1000:.1f} ms | {t_exp / t_eng:.2f}× | {t_inf * 1000:.1f} ms | {t_exp / t_inf:.2f}× |")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
     return 0
 
 

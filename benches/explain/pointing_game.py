@@ -38,7 +38,8 @@ import tritonclient.http as httpclient
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "peer"))
 sys.path.insert(0, str(REPO / "models" / "train"))
-from conftest import _free_port, wait_ready  # noqa: E402
+sys.path.insert(0, str(REPO / "benches" / "explain"))
+from bench import explain_server  # noqa: E402
 import lesion_detection as ld  # noqa: E402
 
 ONNX_BUNDLE = "lesion-detection"
@@ -101,18 +102,8 @@ def main() -> int:
     x, y, masks, meta = load_split(args.testdata)
     positives = np.flatnonzero(y == 1)
 
-    port = _free_port()
-    url = f"127.0.0.1:{port}"
-    tmp = Path(tempfile.mkdtemp(prefix="nightingale-pointing-"))
-    log = tmp / "server.log"
-    cmd = [args.bin, "serve", "--repository", "models/bundles", "--http-addr", url,
-           "--audit-log", str(tmp / "audit.jsonl"), "--data-dir", str(tmp / "data"),
-           "--explain", "--explain-max-forward-passes", "1000000"]
     results = {}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_ready(proc, url, log)
+    with explain_server(args.bin, 1000000) as url:
         for method in args.methods.split(","):
             model, params = method_parameters(method, args.steps)
             started = time.perf_counter()
@@ -133,9 +124,6 @@ def main() -> int:
                   f"{r['random_expected_hits']:.2f}, P(>= {r['hits']}) = {r['p_random_at_least']:.1e}; per source "
                   + ", ".join(f"{s} {h}/{n}" for s, (h, n) in per_source.items())
                   + f" ({r['seconds']:.0f} s)", flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

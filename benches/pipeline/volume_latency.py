@@ -22,10 +22,7 @@ decode passes for the percentile window, the slice-axis resampling), `inference`
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -39,33 +36,10 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "TCP_NODELAY": "1"}
-QUIET_MS = 500
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from latency import ENV, QUIET_MS, free_port, results, wait  # noqa: E402  (the CR-study bench's helpers)
+
 BUNDLE = "lesion-detection-mip"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = predicate()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
-def results(http: int, study: str):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{http}/results/studies/{study}", timeout=5) as r:
-            return json.load(r)
-    except urllib.error.HTTPError:
-        return None
 
 
 def stages(http: int) -> dict[str, tuple[float, float]]:

@@ -134,15 +134,19 @@ def preprocess(
     if v.ndim != 2 or v.size == 0:
         raise ValueError(f"expected a non-empty 2-D image, got shape {pixels.shape}")
     v = v * slope + intercept
-    x = window01(v, spec)
+    y = after_window(window01(v, spec), spec, monochrome1)
+    return y.astype(np.float32)[None, :, :]
+
+
+def after_window(x: np.ndarray, spec: Preprocessing, monochrome1: bool) -> np.ndarray:
+    """Steps 4-7 on a windowed 0-1 image: MONOCHROME1 inversion, pad, area resize, normalise."""
     if monochrome1:
         x = 1.0 - x
     if spec.aspect == "pad":
         x = pad_square(x, spec.pad_value)
     x = area_resize_axis(x, spec.height, 0)
     x = area_resize_axis(x, spec.width, 1)
-    y = (x - spec.mean) / spec.std
-    return y.astype(np.float32)[None, :, :]
+    return (x - spec.mean) / spec.std
 
 
 def preprocess_volume(
@@ -166,14 +170,7 @@ def preprocess_volume(
     bounds = window_bounds(np.concatenate([m.ravel() for m in modality]), spec)
     out = []
     for v in modality:
-        x = window01(v, spec, bounds)
-        if monochrome1:
-            x = 1.0 - x
-        if spec.aspect == "pad":
-            x = pad_square(x, spec.pad_value)
-        x = area_resize_axis(x, spec.height, 0)
-        x = area_resize_axis(x, spec.width, 1)
-        out.append((x - spec.mean) / spec.std)
+        out.append(after_window(window01(v, spec, bounds), spec, monochrome1))
     vol = np.stack(out)
     if depth is not None:
         vol = area_resize_axis(vol, depth, 0)

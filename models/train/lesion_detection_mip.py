@@ -254,7 +254,7 @@ training_script = "{SCRIPT}"
 
 [versions.1]
 description = {toml_str(f"ReduceMax over the slice axis (the MIP) + lesion-detection version 1 (sha256 {sha256(LESION / '1' / 'model.onnx')[:16]}...), ONNX opset 17; input depth {depth_text}")}
-created = "2026-12-03"
+created = "2026-12-02"
 
 [versions.1.files]
 {chr(10).join(f'"{f}" = "{h}"' for f, h in files.items())}

@@ -724,13 +724,7 @@ pub(crate) async fn explain_decoded(
             Plan::Gradients(gm)
         }
     };
-    let chunk = model
-        .worker
-        .config()
-        .batching
-        .as_ref()
-        .map_or(64, |b| b.max_batch_size)
-        .clamp(1, model.worker.config().max_rows_per_request.max(1));
+    let chunk = forward_pass_chunk(model);
     let gradient_method = match &plan {
         Plan::Gradients(gm) => Some(gm.clone()),
         _ => None,
@@ -964,6 +958,18 @@ pub(crate) async fn explain_decoded(
         attribution: NamedTensor::new(attribution_name, attribution),
         parameters,
     })
+}
+
+/// Rows per batch an explanation's forward passes go to the model's worker in: its
+/// `max_batch_size` (64 without batching), within its rows-per-request limit.
+pub(crate) fn forward_pass_chunk(model: &LoadedModel) -> usize {
+    model
+        .worker
+        .config()
+        .batching
+        .as_ref()
+        .map_or(64, |b| b.max_batch_size)
+        .clamp(1, model.worker.config().max_rows_per_request.max(1))
 }
 
 fn check_budget(

@@ -890,20 +890,26 @@ fn reported_outputs(model: &LoadedModel, wanted: &[String]) -> Result<Vec<Report
         .collect()
 }
 
-/// The model input's shape for one image (batch 1), checked against the preprocessing.
-fn model_input_shape(
-    model: &LoadedModel,
-    pre: &nightingale_models::Preprocessing,
-) -> Result<Vec<usize>, JobFailure> {
-    let spec = model
+/// The model's input that the bundle's `[preprocessing]` fills.
+fn preprocessed_input<'m>(
+    model: &'m LoadedModel,
+    pre: &Preprocessing,
+) -> Result<&'m nightingale_inference::TensorSpec, JobFailure> {
+    model
         .worker
         .metadata()
         .inputs
         .iter()
         .find(|i| i.name == pre.input)
-        .ok_or_else(|| {
-            JobFailure::new("bundle_not_imaging", "the preprocessed input is unknown")
-        })?;
+        .ok_or_else(|| JobFailure::new("bundle_not_imaging", "the preprocessed input is unknown"))
+}
+
+/// The model input's shape for one image (batch 1), checked against the preprocessing.
+fn model_input_shape(
+    model: &LoadedModel,
+    pre: &nightingale_models::Preprocessing,
+) -> Result<Vec<usize>, JobFailure> {
+    let spec = preprocessed_input(model, pre)?;
     let shape: Vec<usize> = spec
         .shape
         .iter()
@@ -924,15 +930,7 @@ fn model_input_shape(
 
 /// A volume bundle's input shape, from the model itself (the engine's metadata).
 fn model_volume_shape(model: &LoadedModel, pre: &Preprocessing) -> Result<VolumeShape, JobFailure> {
-    let spec = model
-        .worker
-        .metadata()
-        .inputs
-        .iter()
-        .find(|i| i.name == pre.input)
-        .ok_or_else(|| {
-            JobFailure::new("bundle_not_imaging", "the preprocessed input is unknown")
-        })?;
+    let spec = preprocessed_input(model, pre)?;
     let depth = pre
         .volume_depth(&spec.shape)
         .map_err(|e| JobFailure::new("bundle_not_imaging", e))?;
