@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -196,6 +197,21 @@ def store(port: int, files: list[Path], extra: tuple[str, ...] = ()) -> None:
     if done.returncode != 0:
         pytest.fail(f"storescu failed ({done.returncode}):\n{done.stdout}{done.stderr}",
                     pytrace=False)
+
+
+def identifiers_in(log: str, *identifiers: str) -> list[str]:
+    """The patient identifiers that occur in `log` as whole tokens (not inside a longer run of
+    letters and digits: PatientID "0010" is no leak in a timestamp's "...720010Z"). Empty
+    identifiers are ignored; a person name is also looked for with its carets as spaces."""
+    found = []
+    for identifier in identifiers:
+        identifier = str(identifier)
+        if not identifier:
+            continue
+        for form in {identifier, identifier.replace("^", " ")}:
+            if re.search(rf"(?<![0-9A-Za-z]){re.escape(form)}(?![0-9A-Za-z])", log):
+                found.append(form)
+    return found
 
 
 def wait_for(predicate, timeout: float, what: str):

@@ -35,7 +35,7 @@ import pytest
 import requests
 from pydicom.data import get_testdata_file
 
-from dicom_support import (RESULT_TIMEOUT_S, SC_CLASS, SR_CLASS, START_TIMEOUT_S, Server,
+from dicom_support import (identifiers_in, RESULT_TIMEOUT_S, SC_CLASS, SR_CLASS, START_TIMEOUT_S, Server,
                            expected_probability, free_port, referenced_uids, sr_numbers, stop,
                            wait_for, with_new_uids)
 
@@ -205,7 +205,7 @@ def test_orthanc_sends_a_study_and_gets_the_sr_and_sc_back(work):
         assert {o["destination"] for o in job["objects"]} == {
             f"{ORTHANC_AET}@127.0.0.1:{orthanc.dicom}"}
         log = server.log()
-        assert str(ds.PatientID) not in log and str(ds.PatientName) not in log
+        assert not identifiers_in(log, ds.PatientID, ds.PatientName)
     finally:
         if server is not None:
             stop(server.proc)

@@ -39,7 +39,7 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom.data import get_testdata_file
 
-from dicom_support import (REPO, RESULT_TIMEOUT_S, SC_CLASS, SR_CLASS, Server, StoreScp, binary,
+from dicom_support import (identifiers_in, REPO, RESULT_TIMEOUT_S, SC_CLASS, SR_CLASS, Server, StoreScp, binary,
                            dciodvfy_errors, expected_probability, free_port, imaging,
                            referenced_uids, spool_index, sr_numbers, stop, store, tool, wait_for,
                            with_new_uids)
@@ -121,7 +121,7 @@ def test_a_stored_image_comes_back_as_sr_and_sc(work, name):
         stored = pydicom.dcmread(spool / spool_index(spool)[str(ds.SOPInstanceUID)]["path"])
         assert got == stored
         assert got.PixelData == ds.PixelData
-        assert str(ds.PatientID) not in server.log()
+        assert not identifiers_in(server.log(), ds.PatientID, ds.PatientName)
     finally:
         stop(server.proc)
         stop(pacs.proc)
