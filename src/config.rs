@@ -863,6 +863,7 @@ impl ServeArgs {
                             .dicom_spool_min_free_bytes
                             .or(file.dicom_spool_min_free_bytes)
                             .unwrap_or(nightingale_dicom::SpoolOptions::default().min_free_bytes),
+                        ..Default::default()
                     },
                     // -- DICOM retention and audit (issue 8, OPS slice) --
                     retention: retention_of(
@@ -926,6 +927,7 @@ impl ServeArgs {
                                 .unwrap_or(
                                     nightingale_dicom::SpoolOptions::default().min_free_bytes,
                                 ),
+                            ..Default::default()
                         },
                         limits,
                         retention: retention_of(

@@ -4,14 +4,17 @@
 //!
 //! ```text
 //! index.sqlite3                         the index (one row per stored instance)
-//! tmp/                                  files being written (deleted on open)
+//! tmp/                                  files being written, where the file system cannot
+//!                                       create them without a name (deleted on open)
 //! instances/<study>/<series>/<sop>_<h>.dcm  stored instances (file meta + the data set as
 //!                                       received; <h>: the first 16 hex digits of the data
 //!                                       set's SHA-256)
 //! quarantine/<id>.quarantined           refused objects, as received, with <id>.reason beside
 //! ```
 //!
-//! A store writes the file to `tmp/`, links it under its final name, then fsyncs the file
+//! A store writes the file as an anonymous temporary file (`O_TMPFILE` in `tmp/`: it has no
+//! name until it is linked, and a crash leaves nothing behind; a named file in `tmp/` where
+//! the file system cannot), links it under its final name, then fsyncs the file
 //! and its directory at the same time (one device flush covers both), and only then adds
 //! the index row and returns: an instance reported stored is on disk, and an index row
 //! always names a durable, complete file. Stores that run at the same time share the
@@ -56,12 +59,16 @@ pub struct SpoolOptions {
     /// Free space (bytes) to keep on the spool's file system: a store that would leave less
     /// is refused as out of resources.
     pub min_free_bytes: u64,
+    /// Write temporary files under a name in `tmp/` even where the file system can create
+    /// them anonymously (`O_TMPFILE`, the default where it works).
+    pub named_temp_files: bool,
 }
 
 impl Default for SpoolOptions {
     fn default() -> Self {
         SpoolOptions {
             min_free_bytes: 1 << 30,
+            named_temp_files: false,
         }
     }
 }
@@ -221,6 +228,8 @@ pub struct Spool {
     committed: Condvar,
     /// Fsyncs the directories that got new entries.
     dirs: Arc<DirSyncer>,
+    /// Temporary files are anonymous (`O_TMPFILE`, linked by `linkat`): probed at open.
+    anonymous_temps: bool,
 }
 
 impl Drop for Spool {
@@ -331,9 +340,8 @@ struct Placed {
 
 /// A complete temporary file (written, not yet fsynced), to be placed and indexed.
 struct Placement {
-    tmp: PathBuf,
     /// The temporary file, open: fsynced once it has its name.
-    file: File,
+    tmp: TempFile,
     relative: PathBuf,
     stored: Stored,
 }
@@ -394,11 +402,10 @@ struct Identity {
 /// before [`Spool::finish`] deletes the file.
 pub struct Upload {
     /// The temporary file; `None` once handed to the commit.
-    tmp: Option<PathBuf>,
-    /// Open for writing; `None` after a write error.
-    file: Option<File>,
-    /// The first write error: the data set is still received (and kept in memory) so that
-    /// the C-STORE is answered in turn, with this error.
+    tmp: Option<TempFile>,
+    /// The first write error (nothing more is written after it): the data set is still
+    /// received (and kept in memory) so that the C-STORE is answered in turn, with this
+    /// error.
     error: Option<std::io::Error>,
     hasher: Sha256,
     /// The data set so far, for the structure walk at the end (and for quarantine).
@@ -412,11 +419,11 @@ impl Upload {
     /// Writes the next fragment of the data set to the file (the page cache: the fsync
     /// comes at [`Spool::finish`]) and hashes it.
     pub fn append(&mut self, fragment: Vec<u8>) {
-        if let Some(file) = self.file.as_mut()
-            && let Err(e) = file.write_all(&fragment)
+        if self.error.is_none()
+            && let Some(tmp) = self.tmp.as_mut()
+            && let Err(e) = tmp.file.write_all(&fragment)
         {
             self.error = Some(e);
-            self.file = None;
         }
         self.hasher.update(&fragment);
         if self.data.is_empty() && self.data.capacity() < fragment.len() {
@@ -447,9 +454,8 @@ impl Upload {
 
     /// Closes the temporary file and deletes it, unless it was handed to the commit.
     fn discard(&mut self) {
-        self.file = None;
         if let Some(tmp) = self.tmp.take() {
-            let _ = fs::remove_file(tmp);
+            tmp.remove();
         }
     }
 }
@@ -458,6 +464,92 @@ impl Drop for Upload {
     fn drop(&mut self) {
         self.discard();
     }
+}
+
+/// A temporary file being written: anonymous (`O_TMPFILE`: no directory entry until
+/// [`TempFile::link`], nothing left behind by a crash) or, where the file system cannot do
+/// that, named in `tmp/`.
+struct TempFile {
+    file: File,
+    /// The name of a named temporary file.
+    path: Option<PathBuf>,
+}
+
+impl TempFile {
+    /// Creates a temporary file in `dir`: anonymous when `anonymous`, else at `named`.
+    fn create(
+        dir: &Path,
+        anonymous: bool,
+        named: impl FnOnce() -> PathBuf,
+    ) -> std::io::Result<TempFile> {
+        if anonymous {
+            let fd = rustix::fs::openat(
+                rustix::fs::CWD,
+                dir,
+                rustix::fs::OFlags::WRONLY
+                    | rustix::fs::OFlags::TMPFILE
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::from_raw_mode(0o666),
+            )?;
+            return Ok(TempFile {
+                file: File::from(fd),
+                path: None,
+            });
+        }
+        let path = named();
+        Ok(TempFile {
+            file: File::create(&path)?,
+            path: Some(path),
+        })
+    }
+
+    /// Gives the file the name `dest` without replacing anything there: `Ok(false)` when
+    /// the name exists.
+    fn link(&self, dest: &Path) -> std::io::Result<bool> {
+        let linked = match &self.path {
+            Some(path) => fs::hard_link(path, dest),
+            None => {
+                use std::os::fd::AsRawFd;
+                // The file's `/proc` link, followed: how an `O_TMPFILE` file gets a name
+                // without `CAP_DAC_READ_SEARCH` (open(2)).
+                let fd = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+                rustix::fs::linkat(
+                    rustix::fs::CWD,
+                    fd.as_str(),
+                    rustix::fs::CWD,
+                    dest,
+                    rustix::fs::AtFlags::SYMLINK_FOLLOW,
+                )
+                .map_err(std::io::Error::from)
+            }
+        };
+        match linked {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Closes the file and deletes its temporary name (an anonymous file is gone once
+    /// closed, unless it was linked).
+    fn remove(self) {
+        drop(self.file);
+        if let Some(path) = self.path {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+/// Whether the file system of `dir` can create anonymous temporary files and link them
+/// (Linux `O_TMPFILE` and a mounted `/proc`): tried once, with a probe file.
+fn anonymous_temps_work(dir: &Path) -> bool {
+    let probe = dir.join(format!(".probe-{}", std::process::id()));
+    let _ = fs::remove_file(&probe);
+    let works = TempFile::create(dir, true, || unreachable!())
+        .and_then(|tmp| tmp.link(&probe))
+        .unwrap_or(false);
+    let _ = fs::remove_file(&probe);
+    works
 }
 
 /// The index row of a checked data set in the spool at `root`, and its path relative to it.
@@ -560,6 +652,7 @@ impl Spool {
             commits: Mutex::new(CommitQueue::default()),
             committed: Condvar::new(),
             dirs,
+            anonymous_temps: !options.named_temp_files && anonymous_temps_work(&root.join(TMP_DIR)),
         })
     }
 
@@ -571,6 +664,11 @@ impl Spool {
     /// The index connection, for queries in sibling modules (QIDO-RS: `qido.rs`).
     pub(crate) fn index(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether temporary files are anonymous (`O_TMPFILE`) rather than named in `tmp/`.
+    pub fn anonymous_temp_files(&self) -> bool {
+        self.anonymous_temps
     }
 
     /// The free space the spool keeps (its high-water mark), in bytes.
@@ -613,11 +711,11 @@ impl Spool {
                 &stored.transfer_syntax,
                 &stored.calling_ae,
             )?;
-            let tmp = self.temp_path();
-            match write_part10(&tmp, &meta, dataset) {
-                Ok(file) => Ok((tmp, file)),
+            let mut tmp = self.temp_file().map_err(|e| io_error("create", e))?;
+            match write_part10(&mut tmp.file, &meta, dataset) {
+                Ok(()) => Ok(tmp),
                 Err(source) => {
-                    let _ = fs::remove_file(&tmp);
+                    tmp.remove();
                     Err(io_error("write", source))
                 }
             }
@@ -658,11 +756,13 @@ impl Spool {
             transfer_syntax: transfer_syntax.clone(),
             detail: e.to_string(),
         })?;
-        let tmp = self.temp_path();
-        let mut file = File::create(&tmp).map_err(|e| io_error("create", e))?;
-        let mut upload = Upload {
+        let mut tmp = self.temp_file().map_err(|e| io_error("create", e))?;
+        if let Err(e) = tmp.file.write_all(&head) {
+            tmp.remove();
+            return Err(io_error("write", e));
+        }
+        Ok(Upload {
             tmp: Some(tmp),
-            file: None,
             error: None,
             hasher: Sha256::new(),
             data: {
@@ -672,12 +772,7 @@ impl Spool {
             },
             sop_class_uid: class.to_owned(),
             sop_instance_uid: instance.to_owned(),
-        };
-        match file.write_all(&head) {
-            Ok(()) => upload.file = Some(file),
-            Err(e) => return Err(io_error("write", e)),
-        }
-        Ok(upload)
+        })
     }
 
     /// Ends an [`Upload`] whose last fragment arrived: the same checks, answers and
@@ -729,16 +824,11 @@ impl Spool {
         let (stored, relative) =
             stored_of(&self.root, identity, incoming, data.len() as u64, sha256);
         self.settle(data, incoming, stored, relative, |_| {
-            let file = upload
-                .file
-                .take()
-                .expect("an upload without error has its file");
             // From here the commit owns (and on failure deletes) the temporary file.
-            let tmp = upload
+            Ok(upload
                 .tmp
                 .take()
-                .expect("an upload owns its file until finished");
-            Ok((tmp, file))
+                .expect("an upload owns its file until finished"))
         })
     }
 
@@ -751,7 +841,7 @@ impl Spool {
         incoming: &Incoming<'_>,
         stored: Stored,
         relative: PathBuf,
-        write: impl FnOnce(&Stored) -> Result<(PathBuf, File), StoreError>,
+        write: impl FnOnce(&Stored) -> Result<TempFile, StoreError>,
     ) -> Result<Stored, StoreError> {
         // An instance already indexed needs no write at all.
         let existing = {
@@ -760,10 +850,9 @@ impl Spool {
         };
         let result = match existing {
             Some(existing) => self.as_duplicate(stored, existing),
-            None => write(&stored).and_then(|(tmp, file)| {
+            None => write(&stored).and_then(|tmp| {
                 self.commit(Placement {
                     tmp,
-                    file,
                     relative,
                     stored,
                 })
@@ -834,7 +923,6 @@ impl Spool {
     fn place(&self, placement: Placement) -> Result<Placed, StoreError> {
         let Placement {
             tmp,
-            file,
             relative,
             stored,
         } = placement;
@@ -844,28 +932,32 @@ impl Spool {
             .expect("instance paths have a parent")
             .to_owned();
         if let Err(e) = create_dirs_durably(&self.root.join(INSTANCES_DIR), &dir) {
-            let _ = fs::remove_file(&tmp);
+            tmp.remove();
             return Err(io_error("create directory", e));
         }
         // A link, not a rename: it never replaces a file. The name holds the SOP Instance
         // UID and the content hash, so a name taken already holds these very bytes.
-        let linked = match fs::hard_link(&tmp, &stored.path) {
-            Ok(()) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
-            // A file system without hard links (FAT and the like): the old order, data
-            // durable before it gets its name.
+        let linked = match tmp.link(&stored.path) {
+            Ok(linked) => linked,
+            // A file system without hard links (FAT and the like; its temporary files are
+            // named, see `anonymous_temps_work`): the old order, data durable before it
+            // gets its name.
             Err(e)
-                if e.kind() == std::io::ErrorKind::PermissionDenied
-                    || e.kind() == std::io::ErrorKind::Unsupported =>
+                if tmp.path.is_some()
+                    && (e.kind() == std::io::ErrorKind::PermissionDenied
+                        || e.kind() == std::io::ErrorKind::Unsupported) =>
             {
-                return self.place_serially(tmp, file, relative, stored, dir);
+                return self.place_serially(tmp, relative, stored, dir);
             }
             Err(e) => {
-                let _ = fs::remove_file(&tmp);
+                tmp.remove();
                 return Err(io_error("rename", e));
             }
         };
-        let _ = fs::remove_file(&tmp);
+        let TempFile { file, path } = tmp;
+        if let Some(path) = path {
+            let _ = fs::remove_file(path);
+        }
         let ticket = self.dirs.request(dir);
         let file_synced = if linked {
             file.sync_all()
@@ -891,18 +983,19 @@ impl Spool {
     /// durable too), then fsync the folder: two flushes one after the other.
     fn place_serially(
         &self,
-        tmp: PathBuf,
-        file: File,
+        tmp: TempFile,
         relative: PathBuf,
         stored: Stored,
         dir: PathBuf,
     ) -> Result<Placed, StoreError> {
+        let TempFile { file, path } = tmp;
+        let path = path.expect("only named temporary files are placed serially");
         let renamed = file
             .sync_all()
-            .and_then(|()| fs::rename(&tmp, &stored.path));
+            .and_then(|()| fs::rename(&path, &stored.path));
         drop(file);
         if let Err(e) = renamed {
-            let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(&path);
             return Err(io_error("rename", e));
         }
         let ticket = self.dirs.request(dir);
@@ -1043,11 +1136,13 @@ impl Spool {
         Ok(())
     }
 
-    fn temp_path(&self) -> PathBuf {
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.root
-            .join(TMP_DIR)
-            .join(format!("{}-{}-{n}.part", std::process::id(), now_ms()))
+    /// A new temporary file in `tmp/` (see [`TempFile`]).
+    fn temp_file(&self) -> std::io::Result<TempFile> {
+        let dir = self.root.join(TMP_DIR);
+        TempFile::create(&dir, self.anonymous_temps, || {
+            let n = self.seq.fetch_add(1, Ordering::Relaxed);
+            dir.join(format!("{}-{}-{n}.part", std::process::id(), now_ms()))
+        })
     }
 
     /// Keeps a refused object with its reason, if space allows. Best effort: a failure to
@@ -1396,16 +1491,14 @@ fn name_hash(path: &Path) -> Option<&str> {
     (hash.len() == NAME_HASH_LEN && hash.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hash)
 }
 
-/// Writes a Part 10 file (not fsynced: the commit does that) and returns it, open.
-fn write_part10(path: &Path, meta: &FileMetaTable, dataset: &[u8]) -> std::io::Result<File> {
-    let mut file = File::create(path)?;
+/// Writes a Part 10 file into `file` (not fsynced: the commit does that).
+fn write_part10(file: &mut File, meta: &FileMetaTable, dataset: &[u8]) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     head.extend_from_slice(&[0u8; 128]);
     head.extend_from_slice(b"DICM");
     meta.write(&mut head).map_err(std::io::Error::other)?;
     file.write_all(&head)?;
-    file.write_all(dataset)?;
-    Ok(file)
+    file.write_all(dataset)
 }
 
 pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

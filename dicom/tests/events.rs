@@ -33,7 +33,14 @@ fn write_ct(path: &Path, sop: &str) {
 
 async fn start(sink: Arc<dyn EventSink>) -> (String, Arc<Spool>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let (spool, _) = Spool::open(dir.path(), SpoolOptions { min_free_bytes: 0 }).unwrap();
+    let (spool, _) = Spool::open(
+        dir.path(),
+        SpoolOptions {
+            min_free_bytes: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let spool = Arc::new(spool);
     let scp = Scp::bind(
         ScpConfig::new("127.0.0.1:0".parse().unwrap()),

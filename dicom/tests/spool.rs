@@ -19,7 +19,10 @@ const STUDY: &str = "1.2.826.0.1.3680043.10.1383.9.1";
 const SERIES: &str = "1.2.826.0.1.3680043.10.1383.9.1.1";
 
 fn options() -> SpoolOptions {
-    SpoolOptions { min_free_bytes: 0 }
+    SpoolOptions {
+        min_free_bytes: 0,
+        ..Default::default()
+    }
 }
 
 /// A CT data set in Explicit VR Little Endian; `None` leaves an attribute out.
@@ -374,6 +377,7 @@ fn below_the_high_water_mark_a_store_is_refused_as_out_of_resources() {
         fs.dir.path(),
         SpoolOptions {
             min_free_bytes: 1 << 20,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -392,7 +396,7 @@ fn below_the_high_water_mark_a_store_is_refused_as_out_of_resources() {
 
     // With no high-water mark the file system itself fills: a typed error, no half file.
     drop(spool);
-    let (spool, _) = Spool::open(fs.dir.path(), SpoolOptions { min_free_bytes: 0 }).unwrap();
+    let (spool, _) = Spool::open(fs.dir.path(), options()).unwrap();
     let e = spool
         .store(
             &ct(Some("1.2.3.6.3"), Some(vec![7u8; 3 << 20])),
@@ -609,49 +613,80 @@ fn upload(spool: &Spool, sop: &str, data: &[u8], chunk: usize) -> Result<Stored,
     result
 }
 
+/// The spool options with temporary files named in `tmp/` (`named`) or anonymous where
+/// the file system allows (the default).
+fn temp_options(named: bool) -> SpoolOptions {
+    SpoolOptions {
+        named_temp_files: named,
+        ..options()
+    }
+}
+
 #[test]
 fn a_streamed_instance_is_the_same_file_and_row_as_a_stored_one() {
-    let pixels: Vec<u8> = (0..=255u8).cycle().take(64 * 1024).collect();
-    let streamed_dir = tempfile::tempdir().unwrap();
-    let (streamed, _) = Spool::open(streamed_dir.path(), options()).unwrap();
-    let data = ct(Some("1.2.3.9.1"), Some(pixels));
-    let a = upload(&streamed, "1.2.3.9.1", &data, 1000).unwrap();
-    let buffered_dir = tempfile::tempdir().unwrap();
-    let (buffered, _) = Spool::open(buffered_dir.path(), options()).unwrap();
-    let b = buffered.store(&data, &announced("1.2.3.9.1")).unwrap();
-    assert_eq!(
-        std::fs::read(&a.path).unwrap(),
-        std::fs::read(&b.path).unwrap()
-    );
-    assert_eq!((a.sha256.as_str(), a.size), (b.sha256.as_str(), b.size));
-    assert_eq!(streamed.instances().unwrap().len(), 1);
-    assert!(tmp_is_empty(&streamed));
-    // The same again: an idempotent duplicate, nothing left in tmp/.
-    let again = upload(&streamed, "1.2.3.9.1", &data, 4096).unwrap();
-    assert!(again.duplicate);
-    assert!(tmp_is_empty(&streamed));
+    for named in [false, true] {
+        let pixels: Vec<u8> = (0..=255u8).cycle().take(64 * 1024).collect();
+        let streamed_dir = tempfile::tempdir().unwrap();
+        let (streamed, _) = Spool::open(streamed_dir.path(), temp_options(named)).unwrap();
+        let data = ct(Some("1.2.3.9.1"), Some(pixels));
+        let a = upload(&streamed, "1.2.3.9.1", &data, 1000).unwrap();
+        let buffered_dir = tempfile::tempdir().unwrap();
+        let (buffered, _) = Spool::open(buffered_dir.path(), temp_options(!named)).unwrap();
+        let b = buffered.store(&data, &announced("1.2.3.9.1")).unwrap();
+        assert_eq!(
+            std::fs::read(&a.path).unwrap(),
+            std::fs::read(&b.path).unwrap()
+        );
+        assert_eq!((a.sha256.as_str(), a.size), (b.sha256.as_str(), b.size));
+        assert_eq!(streamed.instances().unwrap().len(), 1);
+        assert!(tmp_is_empty(&streamed));
+        // The same again: an idempotent duplicate, nothing left in tmp/.
+        let again = upload(&streamed, "1.2.3.9.1", &data, 4096).unwrap();
+        assert!(again.duplicate);
+        assert!(tmp_is_empty(&streamed));
+    }
+}
+
+#[test]
+fn temporary_files_are_anonymous_where_the_file_system_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), options()).unwrap();
+    let (named, _) = Spool::open(&dir.path().join("named"), temp_options(true)).unwrap();
+    assert!(!named.anonymous_temp_files());
+    #[cfg(target_os = "linux")]
+    {
+        // ext4, xfs, btrfs and tmpfs have O_TMPFILE; the probe's file is gone.
+        let fs = rustix::fs::statfs(dir.path()).unwrap();
+        if [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994].contains(&(fs.f_type as i64)) {
+            assert!(spool.anonymous_temp_files());
+        }
+    }
+    assert!(tmp_is_empty(&spool));
 }
 
 #[test]
 fn an_upload_dropped_or_refused_leaves_no_file_and_no_row() {
-    let dir = tempfile::tempdir().unwrap();
-    let (spool, _) = Spool::open(dir.path(), options()).unwrap();
-    let data = ct(Some("1.2.3.9.2"), Some(vec![0; 512]));
-    let mut dropped = spool.begin(&announced("1.2.3.9.2"), Vec::new()).unwrap();
-    dropped.append(data[..100].to_vec());
-    assert!(!tmp_is_empty(&spool));
-    drop(dropped); // the association ended mid-object
-    assert!(tmp_is_empty(&spool));
-    // Cut inside the data set: refused, quarantined, not indexed.
-    let e = upload(&spool, "1.2.3.9.2", &data[..data.len() - 3], 64).unwrap_err();
-    assert!(e.is_refusal(), "{e}");
-    // Another instance than announced: refused as a mismatch.
-    let e = upload(&spool, "1.2.3.9.3", &data, 64).unwrap_err();
-    assert!(matches!(e, StoreError::Mismatch { .. }), "{e}");
-    assert!(spool.instances().unwrap().is_empty());
-    assert!(tmp_is_empty(&spool));
-    assert_eq!(quarantined(&spool).len(), 2);
-    assert!(dcm_files(spool.root()).is_empty());
+    for named in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path(), temp_options(named)).unwrap();
+        let data = ct(Some("1.2.3.9.2"), Some(vec![0; 512]));
+        let mut dropped = spool.begin(&announced("1.2.3.9.2"), Vec::new()).unwrap();
+        dropped.append(data[..100].to_vec());
+        // Receiving: a named file in tmp/, or an anonymous one (no name anywhere).
+        assert_eq!(tmp_is_empty(&spool), spool.anonymous_temp_files());
+        drop(dropped); // the association ended mid-object
+        assert!(tmp_is_empty(&spool));
+        // Cut inside the data set: refused, quarantined, not indexed.
+        let e = upload(&spool, "1.2.3.9.2", &data[..data.len() - 3], 64).unwrap_err();
+        assert!(e.is_refusal(), "{e}");
+        // Another instance than announced: refused as a mismatch.
+        let e = upload(&spool, "1.2.3.9.3", &data, 64).unwrap_err();
+        assert!(matches!(e, StoreError::Mismatch { .. }), "{e}");
+        assert!(spool.instances().unwrap().is_empty());
+        assert!(tmp_is_empty(&spool));
+        assert_eq!(quarantined(&spool).len(), 2);
+        assert!(dcm_files(spool.root()).is_empty());
+    }
 }
 
 #[test]
