@@ -638,6 +638,8 @@ impl Spool {
             );
             CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid, series_uid);",
         )?;
+        let anonymous_temps =
+            !options.named_temp_files && anonymous_temps_work(&root.join(TMP_DIR));
         let dirs = Arc::new(DirSyncer::default());
         let syncer = dirs.clone();
         std::thread::Builder::new()
@@ -652,7 +654,7 @@ impl Spool {
             commits: Mutex::new(CommitQueue::default()),
             committed: Condvar::new(),
             dirs,
-            anonymous_temps: !options.named_temp_files && anonymous_temps_work(&root.join(TMP_DIR)),
+            anonymous_temps,
         })
     }
 
