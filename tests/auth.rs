@@ -89,7 +89,10 @@ impl Server {
         let spool_dir = tempfile::tempdir().unwrap();
         let (spool, _) = nightingale_dicom::Spool::open(
             spool_dir.path(),
-            nightingale_dicom::SpoolOptions { min_free_bytes: 0 },
+            nightingale_dicom::SpoolOptions {
+                min_free_bytes: 0,
+                ..Default::default()
+            },
         )
         .unwrap();
         state.set_dicomweb(http::dicomweb::DicomWeb {

@@ -95,7 +95,10 @@ async fn start(uids: UidAudit, configure: impl FnOnce(&mut ScpConfig)) -> Node {
     let log = AuditLog::open(&audit, false).unwrap();
     let (spool, _) = Spool::open(
         &dir.path().join("spool"),
-        SpoolOptions { min_free_bytes: 0 },
+        SpoolOptions {
+            min_free_bytes: 0,
+            ..Default::default()
+        },
     )
     .unwrap();
     let mut config = ScpConfig::new("127.0.0.1:0".parse().unwrap());

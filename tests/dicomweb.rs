@@ -41,7 +41,13 @@ struct Server {
 
 impl Server {
     fn new(limits: DicomWebConfig) -> Server {
-        Server::with_spool(limits, SpoolOptions { min_free_bytes: 0 })
+        Server::with_spool(
+            limits,
+            SpoolOptions {
+                min_free_bytes: 0,
+                ..Default::default()
+            },
+        )
     }
 
     fn with_spool(limits: DicomWebConfig, options: SpoolOptions) -> Server {
@@ -339,6 +345,7 @@ async fn a_spool_at_its_high_water_mark_is_503_before_the_body_is_read() {
         DicomWebConfig::default(),
         SpoolOptions {
             min_free_bytes: u64::MAX / 2,
+            ..Default::default()
         },
     );
     let req = Request::post("/dicomweb/studies")

@@ -52,7 +52,14 @@ fn ct(study: &str, sop: &str) -> Vec<u8> {
 /// A spool at `dir` with instances `<study>.1.<n>` of studies 1.2.3.1 and 1.2.3.2; returns
 /// their files.
 fn seed(dir: &Path) -> Vec<PathBuf> {
-    let (spool, _) = Spool::open(dir, SpoolOptions { min_free_bytes: 0 }).unwrap();
+    let (spool, _) = Spool::open(
+        dir,
+        SpoolOptions {
+            min_free_bytes: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let incoming = Incoming {
         transfer_syntax: "1.2.840.10008.1.2.1",
         calling_ae: "SEED",

@@ -9,8 +9,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dicom_dictionary_std::tags;
-use dicom_object::InMemDicomObject;
 use dicom_ul::association::Association;
 use dicom_ul::association::server::{AccessControl, AsyncServerAssociation};
 use dicom_ul::pdu::{
@@ -696,9 +694,9 @@ async fn run_association(
                             p.upload = None; // deletes its temporary file
                             p.reservation.release();
                         } else if let Some(upload) = p.upload.as_mut() {
-                            // A blocking write on the async worker: at most one PDU into
-                            // the page cache (the fsync runs on a blocking thread).
-                            upload.append(value.data);
+                            // Hashed and kept in memory; written at the end, on a
+                            // blocking thread.
+                            upload.append(&value.data);
                         } else if p.data.is_empty() {
                             p.data = value.data;
                         } else {
@@ -754,7 +752,6 @@ fn begin_upload(
     if sop::trim_uid(&context.abstract_syntax) != sop::trim_uid(&cmd.sop_class_uid) {
         return None;
     }
-    // A blocking file creation on the async worker, like the writes that follow.
     spool
         .begin(
             &Incoming {
@@ -1095,31 +1092,42 @@ struct Command {
 }
 
 fn parse_command(bytes: &[u8]) -> Option<Command> {
-    // The strict walk first: dicom-parser believes an element's length (a command element
-    // claiming 0xFFFFFFF0 bytes made it allocate and fill gigabytes on the async worker,
-    // stalling every association; found by dicom/tests/hostile.rs).
-    crate::structure::check(bytes, crate::structure::Encoding::of("1.2.840.10008.1.2")).ok()?;
-    let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
-    let obj = InMemDicomObject::read_dataset_with_ts(bytes, &ts).ok()?;
-    let u16_of = |tag| {
-        obj.element_opt(tag)
-            .ok()
-            .flatten()
-            .and_then(|e| e.to_int::<u16>().ok())
+    // One strict walk over the element headers (no object tree: this runs for every
+    // message). Strict, since a parser that believes an element's length (a command element
+    // claiming 0xFFFFFFF0 bytes) would allocate and fill gigabytes on the async worker,
+    // stalling every association (found by dicom/tests/hostile.rs).
+    const WANTED: [(u16, u16); 5] = [
+        (0x0000, 0x0100), // Command Field
+        (0x0000, 0x0110), // Message ID
+        (0x0000, 0x0800), // Command Data Set Type
+        (0x0000, 0x0002), // Affected SOP Class UID
+        (0x0000, 0x1000), // Affected SOP Instance UID
+    ];
+    let found = crate::structure::walk(
+        bytes,
+        crate::structure::Encoding::of("1.2.840.10008.1.2"),
+        &WANTED,
+    )
+    .ok()?;
+    // US: the first value (little endian).
+    let u16_of = |i: usize| match &found[i] {
+        Some(crate::structure::Found::Value(v)) if v.len() >= 2 => {
+            Some(u16::from_le_bytes([v[0], v[1]]))
+        }
+        _ => None,
     };
-    let str_of = |tag| {
-        obj.element_opt(tag)
-            .ok()
-            .flatten()
-            .and_then(|e| e.to_str().ok().map(|s| sop::trim_uid(&s).to_owned()))
-            .unwrap_or_default()
+    let str_of = |i: usize| match &found[i] {
+        Some(crate::structure::Found::Value(v)) => {
+            sop::trim_uid(&String::from_utf8_lossy(v)).to_owned()
+        }
+        _ => String::new(),
     };
     Some(Command {
-        field: u16_of(tags::COMMAND_FIELD)?,
-        message_id: u16_of(tags::MESSAGE_ID)?,
-        data_set_type: u16_of(tags::COMMAND_DATA_SET_TYPE).unwrap_or(NO_DATA_SET),
-        sop_class_uid: str_of(tags::AFFECTED_SOP_CLASS_UID),
-        sop_instance_uid: str_of(tags::AFFECTED_SOP_INSTANCE_UID),
+        field: u16_of(0)?,
+        message_id: u16_of(1)?,
+        data_set_type: u16_of(2).unwrap_or(NO_DATA_SET),
+        sop_class_uid: str_of(3),
+        sop_instance_uid: str_of(4),
     })
 }
 
@@ -1196,6 +1204,8 @@ fn response(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dicom_dictionary_std::tags;
+    use dicom_object::InMemDicomObject;
 
     #[test]
     fn allowed_ae_entries() {

@@ -62,6 +62,9 @@ pub struct SpoolOptions {
     /// Write temporary files under a name in `tmp/` even where the file system can create
     /// them anonymously (`O_TMPFILE`, the default where it works).
     pub named_temp_files: bool,
+    /// Write received data sets through the page cache even where the file system takes
+    /// `O_DIRECT` writes (the default where it works).
+    pub buffered_writes: bool,
 }
 
 impl Default for SpoolOptions {
@@ -69,6 +72,7 @@ impl Default for SpoolOptions {
         SpoolOptions {
             min_free_bytes: 1 << 30,
             named_temp_files: false,
+            buffered_writes: false,
         }
     }
 }
@@ -230,6 +234,8 @@ pub struct Spool {
     dirs: Arc<DirSyncer>,
     /// Temporary files are anonymous (`O_TMPFILE`, linked by `linkat`): probed at open.
     anonymous_temps: bool,
+    /// Received data sets are written with `O_DIRECT`: probed at open.
+    direct_writes: bool,
 }
 
 impl Drop for Spool {
@@ -398,73 +404,70 @@ struct Identity {
     series_uid: String,
 }
 
-/// A data set being received into its temporary file ([`Spool::begin`]). Dropping it
-/// before [`Spool::finish`] deletes the file.
+/// A data set being received ([`Spool::begin`]): kept in memory, as the Part 10 file it
+/// will be (file meta, then the data set), in a buffer whose file image starts on a
+/// [`DIRECT_ALIGN`] boundary, so that [`Spool::finish`] can write it with `O_DIRECT`.
+/// Nothing is on disk until then; dropping it leaves nothing behind.
 pub struct Upload {
-    /// The temporary file; `None` once handed to the commit.
-    tmp: Option<TempFile>,
-    /// The first write error (nothing more is written after it): the data set is still
-    /// received (and kept in memory) so that the C-STORE is answered in turn, with this
-    /// error.
-    error: Option<std::io::Error>,
     hasher: Sha256,
-    /// The data set so far, for the structure walk at the end (and for quarantine).
-    data: Vec<u8>,
+    /// Alignment padding, then the file image: the file meta, then the data set so far.
+    buf: Vec<u8>,
+    /// Where the file image starts in `buf`.
+    start: usize,
+    /// Where the data set starts in `buf`.
+    data_start: usize,
     /// What the file meta says.
     sop_class_uid: String,
     sop_instance_uid: String,
 }
 
 impl Upload {
-    /// Writes the next fragment of the data set to the file (the page cache: the fsync
-    /// comes at [`Spool::finish`]) and hashes it.
-    pub fn append(&mut self, fragment: Vec<u8>) {
-        if self.error.is_none()
-            && let Some(tmp) = self.tmp.as_mut()
-            && let Err(e) = tmp.file.write_all(&fragment)
-        {
-            self.error = Some(e);
-        }
-        self.hasher.update(&fragment);
-        if self.data.is_empty() && self.data.capacity() < fragment.len() {
-            self.data = fragment;
-        } else {
-            self.data.extend_from_slice(&fragment);
-        }
+    /// Adds the next fragment of the data set (hashed as it arrives).
+    pub fn append(&mut self, fragment: &[u8]) {
+        self.hasher.update(fragment);
+        self.buf.extend_from_slice(fragment);
     }
 
     /// Bytes of the data set received so far.
     pub fn len(&self) -> usize {
-        self.data.len()
+        self.buf.len() - self.data_start
     }
 
     /// True before the first fragment.
     pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
+        self.len() == 0
     }
 
     /// The memory that held the data set, emptied, for the next [`Spool::begin`] (a
     /// receiver that reuses it spares the allocator and the page faults of a fresh buffer).
     pub fn into_buffer(mut self) -> Vec<u8> {
-        self.discard();
-        let mut data = std::mem::take(&mut self.data);
-        data.clear();
-        data
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        buf
     }
 
-    /// Closes the temporary file and deletes it, unless it was handed to the commit.
-    fn discard(&mut self) {
-        if let Some(tmp) = self.tmp.take() {
-            tmp.remove();
+    /// Moves the file image to an aligned address if a reallocation while growing moved it
+    /// off one (one copy; a reused buffer with room to spare never moves).
+    fn realign(&mut self) {
+        if (self.buf.as_ptr() as usize + self.start) % DIRECT_ALIGN == 0 {
+            return;
         }
+        let len = self.buf.len() - self.start;
+        self.buf.reserve(DIRECT_ALIGN);
+        let to = self.buf.as_ptr().align_offset(DIRECT_ALIGN);
+        if to > self.start {
+            self.buf.resize(to + len, 0);
+        }
+        self.buf.copy_within(self.start..self.start + len, to);
+        self.buf.truncate(to + len);
+        self.data_start = self.data_start - self.start + to;
+        self.start = to;
     }
 }
 
-impl Drop for Upload {
-    fn drop(&mut self) {
-        self.discard();
-    }
-}
+/// Alignment (of memory, file offsets and lengths) for `O_DIRECT` writes: a multiple of
+/// the logical block size of every common device.
+const DIRECT_ALIGN: usize = 4096;
 
 /// A temporary file being written: anonymous (`O_TMPFILE`: no directory entry until
 /// [`TempFile::link`], nothing left behind by a crash) or, where the file system cannot do
@@ -476,31 +479,73 @@ struct TempFile {
 }
 
 impl TempFile {
-    /// Creates a temporary file in `dir`: anonymous when `anonymous`, else at `named`.
+    /// Creates a temporary file in `dir`: anonymous when `anonymous`, else at `named`;
+    /// opened with `O_DIRECT` when `direct`.
     fn create(
         dir: &Path,
         anonymous: bool,
+        direct: bool,
         named: impl FnOnce() -> PathBuf,
     ) -> std::io::Result<TempFile> {
+        use rustix::fs::OFlags;
+        let mut flags = OFlags::WRONLY | OFlags::CLOEXEC;
+        if direct {
+            flags |= OFlags::DIRECT;
+        }
+        let mode = rustix::fs::Mode::from_raw_mode(0o666);
         if anonymous {
-            let fd = rustix::fs::openat(
-                rustix::fs::CWD,
-                dir,
-                rustix::fs::OFlags::WRONLY
-                    | rustix::fs::OFlags::TMPFILE
-                    | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::from_raw_mode(0o666),
-            )?;
+            let fd = rustix::fs::openat(rustix::fs::CWD, dir, flags | OFlags::TMPFILE, mode)?;
             return Ok(TempFile {
                 file: File::from(fd),
                 path: None,
             });
         }
         let path = named();
+        let fd = rustix::fs::openat(
+            rustix::fs::CWD,
+            &path,
+            flags | OFlags::CREATE | OFlags::TRUNC,
+            mode,
+        )?;
         Ok(TempFile {
-            file: File::create(&path)?,
+            file: File::from(fd),
             path: Some(path),
         })
+    }
+
+    /// Writes `image` (the whole file, at offset 0): with `O_DIRECT` when the file was
+    /// opened so (`direct`) and `image` starts on a [`DIRECT_ALIGN`] boundary, the aligned
+    /// part goes from memory to the device without the page cache (no copy into it, no
+    /// write-back work left for the fsync) and the short tail after it buffered.
+    fn write_image(&mut self, image: &[u8], direct: bool) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let aligned = if direct && (image.as_ptr() as usize) % DIRECT_ALIGN == 0 {
+            image.len() / DIRECT_ALIGN * DIRECT_ALIGN
+        } else {
+            0
+        };
+        if aligned > 0 {
+            match self.file.write_all_at(&image[..aligned], 0) {
+                Ok(()) => {}
+                // A device or file system that wants another alignment: all buffered.
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                    self.buffered()?;
+                    return self.file.write_all_at(image, 0);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if direct {
+            self.buffered()?;
+        }
+        self.file.write_all_at(&image[aligned..], aligned as u64)
+    }
+
+    /// Turns `O_DIRECT` off (for the unaligned tail of a file).
+    fn buffered(&self) -> std::io::Result<()> {
+        let flags = rustix::fs::fcntl_getfl(&self.file)?;
+        rustix::fs::fcntl_setfl(&self.file, flags - rustix::fs::OFlags::DIRECT)?;
+        Ok(())
     }
 
     /// Gives the file the name `dest` without replacing anything there: `Ok(false)` when
@@ -545,11 +590,28 @@ impl TempFile {
 fn anonymous_temps_work(dir: &Path) -> bool {
     let probe = dir.join(format!(".probe-{}", std::process::id()));
     let _ = fs::remove_file(&probe);
-    let works = TempFile::create(dir, true, || unreachable!())
+    let works = TempFile::create(dir, true, false, || unreachable!())
         .and_then(|tmp| tmp.link(&probe))
         .unwrap_or(false);
     let _ = fs::remove_file(&probe);
     works
+}
+
+/// Whether the file system of `dir` takes `O_DIRECT` writes of [`DIRECT_ALIGN`]-aligned
+/// blocks (tmpfs before Linux 6.6 and some network file systems do not): tried once.
+fn direct_writes_work(dir: &Path, anonymous: bool) -> bool {
+    use std::os::unix::fs::FileExt;
+    let probe = dir.join(format!(".probe-direct-{}", std::process::id()));
+    let works = TempFile::create(dir, anonymous, true, || probe.clone()).and_then(|tmp| {
+        let mut block = vec![0u8; 2 * DIRECT_ALIGN];
+        let at = block.as_ptr().align_offset(DIRECT_ALIGN);
+        block.truncate(at + DIRECT_ALIGN);
+        let written = tmp.file.write_all_at(&block[at..], 0);
+        tmp.remove();
+        written
+    });
+    let _ = fs::remove_file(&probe);
+    works.is_ok()
 }
 
 /// The index row of a checked data set in the spool at `root`, and its path relative to it.
@@ -640,6 +702,8 @@ impl Spool {
         )?;
         let anonymous_temps =
             !options.named_temp_files && anonymous_temps_work(&root.join(TMP_DIR));
+        let direct_writes =
+            !options.buffered_writes && direct_writes_work(&root.join(TMP_DIR), anonymous_temps);
         let dirs = Arc::new(DirSyncer::default());
         let syncer = dirs.clone();
         std::thread::Builder::new()
@@ -655,6 +719,7 @@ impl Spool {
             committed: Condvar::new(),
             dirs,
             anonymous_temps,
+            direct_writes,
         })
     }
 
@@ -671,6 +736,11 @@ impl Spool {
     /// Whether temporary files are anonymous (`O_TMPFILE`) rather than named in `tmp/`.
     pub fn anonymous_temp_files(&self) -> bool {
         self.anonymous_temps
+    }
+
+    /// Whether received data sets are written with `O_DIRECT` (see [`Spool::finish`]).
+    pub fn direct_writes(&self) -> bool {
+        self.direct_writes
     }
 
     /// The free space the spool keeps (its high-water mark), in bytes.
@@ -713,7 +783,7 @@ impl Spool {
                 &stored.transfer_syntax,
                 &stored.calling_ae,
             )?;
-            let mut tmp = self.temp_file().map_err(|e| io_error("create", e))?;
+            let mut tmp = self.temp_file(false).map_err(|e| io_error("create", e))?;
             match write_part10(&mut tmp.file, &meta, dataset) {
                 Ok(()) => Ok(tmp),
                 Err(source) => {
@@ -724,14 +794,13 @@ impl Spool {
         })
     }
 
-    /// Starts receiving a data set straight into a temporary file (the DIMSE SCP's path):
-    /// the file meta is written now, from what the C-STORE command announced, and each
-    /// fragment is written and hashed as it arrives ([`Upload::append`]); [`Spool::finish`]
-    /// then checks, fsyncs and commits it like [`Spool::store`]. Fails (and the caller
-    /// falls back to [`Spool::store`]) when the announced values cannot make a file meta,
-    /// the spool is below its high-water mark, or the file cannot be created. `buffer`
-    /// (emptied) holds the data set in memory too, for the checks at the end: pass the one
-    /// [`Upload::into_buffer`] gave back, or `Vec::new()`.
+    /// Starts receiving a data set (the DIMSE SCP's path): the file meta is made now, from
+    /// what the C-STORE command announced, and each fragment is hashed and added to the
+    /// file image in memory as it arrives ([`Upload::append`]); [`Spool::finish`] then
+    /// checks, writes, fsyncs and commits it like [`Spool::store`]. Fails (and the caller
+    /// falls back to [`Spool::store`]) when the announced values cannot make a file meta or
+    /// the spool is below its high-water mark. `buffer` (emptied) is the memory to receive
+    /// into: pass the one [`Upload::into_buffer`] gave back, or `Vec::new()`.
     pub fn begin(&self, announced: &Incoming<'_>, buffer: Vec<u8>) -> Result<Upload, StoreError> {
         let (Some(class), Some(instance)) = (
             announced.expected_sop_class,
@@ -758,52 +827,39 @@ impl Spool {
             transfer_syntax: transfer_syntax.clone(),
             detail: e.to_string(),
         })?;
-        let mut tmp = self.temp_file().map_err(|e| io_error("create", e))?;
-        if let Err(e) = tmp.file.write_all(&head) {
-            tmp.remove();
-            return Err(io_error("write", e));
-        }
+        let mut buf = buffer;
+        buf.clear();
+        buf.reserve(DIRECT_ALIGN + head.len());
+        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        buf.resize(start, 0);
+        buf.extend_from_slice(&head);
         Ok(Upload {
-            tmp: Some(tmp),
-            error: None,
             hasher: Sha256::new(),
-            data: {
-                let mut buffer = buffer;
-                buffer.clear();
-                buffer
-            },
+            data_start: buf.len(),
+            buf,
+            start,
             sop_class_uid: class.to_owned(),
             sop_instance_uid: instance.to_owned(),
         })
     }
 
     /// Ends an [`Upload`] whose last fragment arrived: the same checks, answers and
-    /// guarantees as [`Spool::store`] (`incoming` must be what [`Spool::begin`] got).
-    /// Returns once the file, its directory entry and its index row are durable. The
-    /// upload is spent (its temporary file committed or deleted), its buffer kept for
-    /// [`Upload::into_buffer`].
+    /// guarantees as [`Spool::store`] (`incoming` must be what [`Spool::begin`] got). The
+    /// file is written in one go, with `O_DIRECT` where the file system takes it: from the
+    /// upload's memory to the device, with no copy into the page cache, so that the fsync
+    /// only has the last partial block and the metadata left to write. Returns once the
+    /// file, its directory entry and its index row are durable. The upload's buffer is
+    /// kept for [`Upload::into_buffer`].
     pub fn finish(
         &self,
         upload: &mut Upload,
         incoming: &Incoming<'_>,
     ) -> Result<Stored, StoreError> {
-        let data = std::mem::take(&mut upload.data);
-        let result = self.finish_with(upload, &data, incoming);
-        upload.discard();
-        upload.data = data;
-        result
-    }
-
-    fn finish_with(
-        &self,
-        upload: &mut Upload,
-        data: &[u8],
-        incoming: &Incoming<'_>,
-    ) -> Result<Stored, StoreError> {
+        upload.realign();
+        let data = &upload.buf[upload.data_start..];
         let identity = match validate(data, incoming) {
             Ok(identity) => identity,
             Err(e) => {
-                upload.discard();
                 if e.is_refusal() {
                     self.quarantine(data, incoming, &e);
                 }
@@ -814,23 +870,24 @@ impl Spool {
             || identity.sop_instance_uid != upload.sop_instance_uid
         {
             // The file meta says otherwise (only when the caller announced nothing):
-            // write the file again from the data set.
-            upload.discard();
+            // write the file from the data set.
             return self.store(data, incoming);
         }
         self.check_space(data.len() as u64 + 1024)?;
-        if let Some(e) = upload.error.take() {
-            return Err(io_error("write", e));
-        }
         let sha256 = hex::encode(std::mem::take(&mut upload.hasher).finalize());
         let (stored, relative) =
             stored_of(&self.root, identity, incoming, data.len() as u64, sha256);
+        let image = &upload.buf[upload.start..];
         self.settle(data, incoming, stored, relative, |_| {
-            // From here the commit owns (and on failure deletes) the temporary file.
-            Ok(upload
-                .tmp
-                .take()
-                .expect("an upload owns its file until finished"))
+            let direct = self.direct_writes;
+            let mut tmp = self.temp_file(direct).map_err(|e| io_error("create", e))?;
+            match tmp.write_image(image, direct) {
+                Ok(()) => Ok(tmp),
+                Err(e) => {
+                    tmp.remove();
+                    Err(io_error("write", e))
+                }
+            }
         })
     }
 
@@ -1139,9 +1196,9 @@ impl Spool {
     }
 
     /// A new temporary file in `tmp/` (see [`TempFile`]).
-    fn temp_file(&self) -> std::io::Result<TempFile> {
+    fn temp_file(&self, direct: bool) -> std::io::Result<TempFile> {
         let dir = self.root.join(TMP_DIR);
-        TempFile::create(&dir, self.anonymous_temps, || {
+        TempFile::create(&dir, self.anonymous_temps, direct, || {
             let n = self.seq.fetch_add(1, Ordering::Relaxed);
             dir.join(format!("{}-{}-{n}.part", std::process::id(), now_ms()))
         })
@@ -1571,4 +1628,71 @@ pub(crate) fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `write_image` writes exactly the image, whatever its length and alignment, with
+    /// `O_DIRECT` (where the file system takes it) or without.
+    #[test]
+    fn a_file_image_is_written_exactly_with_or_without_o_direct() {
+        let dir = tempfile::tempdir().unwrap();
+        let direct_works = direct_writes_work(dir.path(), false);
+        for direct in [false, true] {
+            if direct && !direct_works {
+                continue;
+            }
+            for len in [0, 1, 132, 4095, 4096, 4097, 8192, 100_003] {
+                for misaligned in [false, true] {
+                    let mut buf = vec![0u8; len + 2 * DIRECT_ALIGN];
+                    let at = buf.as_ptr().align_offset(DIRECT_ALIGN) + usize::from(misaligned);
+                    for (i, b) in buf[at..at + len].iter_mut().enumerate() {
+                        *b = (i % 251) as u8;
+                    }
+                    let image = &buf[at..at + len];
+                    let path = dir.path().join(format!("{direct}-{len}-{misaligned}"));
+                    let mut tmp =
+                        TempFile::create(dir.path(), false, direct, || path.clone()).unwrap();
+                    tmp.write_image(image, direct).unwrap();
+                    drop(tmp);
+                    assert_eq!(
+                        fs::read(&path).unwrap(),
+                        image,
+                        "{direct} {len} {misaligned}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// An upload whose buffer moved while it grew is realigned before the write.
+    #[test]
+    fn an_upload_moved_by_a_reallocation_is_realigned() {
+        let mut upload = Upload {
+            hasher: Sha256::new(),
+            buf: Vec::new(),
+            start: 0,
+            data_start: 0,
+            sop_class_uid: String::new(),
+            sop_instance_uid: String::new(),
+        };
+        upload.buf.reserve(DIRECT_ALIGN + 10);
+        upload.start = upload.buf.as_ptr().align_offset(DIRECT_ALIGN);
+        upload.buf.resize(upload.start, 0);
+        upload.buf.extend_from_slice(b"head");
+        upload.data_start = upload.buf.len();
+        let mut expected = b"head".to_vec();
+        for i in 0..2000u32 {
+            let fragment = i.to_le_bytes().repeat(7);
+            upload.append(&fragment);
+            expected.extend_from_slice(&fragment);
+        }
+        upload.realign();
+        let image = &upload.buf[upload.start..];
+        assert!((image.as_ptr() as usize) % DIRECT_ALIGN == 0);
+        assert_eq!(image, expected);
+        assert_eq!(&upload.buf[upload.data_start..], &expected[4..]);
+    }
 }

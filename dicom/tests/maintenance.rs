@@ -39,9 +39,15 @@ fn incoming() -> Incoming<'static> {
 }
 
 fn open(dir: &Path) -> Spool {
-    Spool::open(dir, SpoolOptions { min_free_bytes: 0 })
-        .unwrap()
-        .0
+    Spool::open(
+        dir,
+        SpoolOptions {
+            min_free_bytes: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .0
 }
 
 /// Stores `n` instances of one series; returns their files.

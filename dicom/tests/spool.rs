@@ -604,7 +604,7 @@ fn announced<'a>(sop: &'a str) -> Incoming<'a> {
 fn upload(spool: &Spool, sop: &str, data: &[u8], chunk: usize) -> Result<Stored, StoreError> {
     let mut upload = spool.begin(&announced(sop), Vec::new()).unwrap();
     for fragment in data.chunks(chunk) {
-        upload.append(fragment.to_vec());
+        upload.append(fragment);
     }
     let result = spool.finish(&mut upload, &announced(sop));
     // The buffer comes back empty, for the next data set.
@@ -614,36 +614,42 @@ fn upload(spool: &Spool, sop: &str, data: &[u8], chunk: usize) -> Result<Stored,
 }
 
 /// The spool options with temporary files named in `tmp/` (`named`) or anonymous where
-/// the file system allows (the default).
-fn temp_options(named: bool) -> SpoolOptions {
+/// the file system allows (the default), and received data sets written through the page
+/// cache (`buffered`) or with `O_DIRECT` where the file system allows (the default).
+fn temp_options(named: bool, buffered: bool) -> SpoolOptions {
     SpoolOptions {
         named_temp_files: named,
+        buffered_writes: buffered,
         ..options()
     }
 }
 
 #[test]
 fn a_streamed_instance_is_the_same_file_and_row_as_a_stored_one() {
-    for named in [false, true] {
-        let pixels: Vec<u8> = (0..=255u8).cycle().take(64 * 1024).collect();
-        let streamed_dir = tempfile::tempdir().unwrap();
-        let (streamed, _) = Spool::open(streamed_dir.path(), temp_options(named)).unwrap();
-        let data = ct(Some("1.2.3.9.1"), Some(pixels));
-        let a = upload(&streamed, "1.2.3.9.1", &data, 1000).unwrap();
-        let buffered_dir = tempfile::tempdir().unwrap();
-        let (buffered, _) = Spool::open(buffered_dir.path(), temp_options(!named)).unwrap();
-        let b = buffered.store(&data, &announced("1.2.3.9.1")).unwrap();
-        assert_eq!(
-            std::fs::read(&a.path).unwrap(),
-            std::fs::read(&b.path).unwrap()
-        );
-        assert_eq!((a.sha256.as_str(), a.size), (b.sha256.as_str(), b.size));
-        assert_eq!(streamed.instances().unwrap().len(), 1);
-        assert!(tmp_is_empty(&streamed));
-        // The same again: an idempotent duplicate, nothing left in tmp/.
-        let again = upload(&streamed, "1.2.3.9.1", &data, 4096).unwrap();
-        assert!(again.duplicate);
-        assert!(tmp_is_empty(&streamed));
+    for (named, buffered) in [(false, false), (true, false), (false, true), (true, true)] {
+        // Data sets whose files end at every kind of tail after the last 4 KiB block.
+        for extra in [0usize, 2, 1000, 4094] {
+            let pixels: Vec<u8> = (0..=255u8).cycle().take(64 * 1024 + extra).collect();
+            let streamed_dir = tempfile::tempdir().unwrap();
+            let (streamed, _) =
+                Spool::open(streamed_dir.path(), temp_options(named, buffered)).unwrap();
+            let data = ct(Some("1.2.3.9.1"), Some(pixels));
+            let a = upload(&streamed, "1.2.3.9.1", &data, 1000).unwrap();
+            let buffered_dir = tempfile::tempdir().unwrap();
+            let (plain, _) =
+                Spool::open(buffered_dir.path(), temp_options(!named, !buffered)).unwrap();
+            let b = plain.store(&data, &announced("1.2.3.9.1")).unwrap();
+            let file = std::fs::read(&a.path).unwrap();
+            assert_eq!(file, std::fs::read(&b.path).unwrap());
+            assert!(file.ends_with(&data));
+            assert_eq!((a.sha256.as_str(), a.size), (b.sha256.as_str(), b.size));
+            assert_eq!(streamed.instances().unwrap().len(), 1);
+            assert!(tmp_is_empty(&streamed));
+            // The same again: an idempotent duplicate, nothing left in tmp/.
+            let again = upload(&streamed, "1.2.3.9.1", &data, 4096).unwrap();
+            assert!(again.duplicate);
+            assert!(tmp_is_empty(&streamed));
+        }
     }
 }
 
@@ -651,14 +657,18 @@ fn a_streamed_instance_is_the_same_file_and_row_as_a_stored_one() {
 fn temporary_files_are_anonymous_where_the_file_system_allows() {
     let dir = tempfile::tempdir().unwrap();
     let (spool, _) = Spool::open(dir.path(), options()).unwrap();
-    let (named, _) = Spool::open(&dir.path().join("named"), temp_options(true)).unwrap();
-    assert!(!named.anonymous_temp_files());
+    let (named, _) = Spool::open(&dir.path().join("named"), temp_options(true, true)).unwrap();
+    assert!(!named.anonymous_temp_files() && !named.direct_writes());
     #[cfg(target_os = "linux")]
     {
         // ext4, xfs, btrfs and tmpfs have O_TMPFILE; the probe's file is gone.
         let fs = rustix::fs::statfs(dir.path()).unwrap();
         if [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994].contains(&(fs.f_type as i64)) {
             assert!(spool.anonymous_temp_files());
+        }
+        // ext4, xfs and btrfs take O_DIRECT writes.
+        if [0xEF53, 0x5846_5342, 0x9123_683E].contains(&(fs.f_type as i64)) {
+            assert!(spool.direct_writes());
         }
     }
     assert!(tmp_is_empty(&spool));
@@ -668,12 +678,12 @@ fn temporary_files_are_anonymous_where_the_file_system_allows() {
 fn an_upload_dropped_or_refused_leaves_no_file_and_no_row() {
     for named in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path(), temp_options(named)).unwrap();
+        let (spool, _) = Spool::open(dir.path(), temp_options(named, false)).unwrap();
         let data = ct(Some("1.2.3.9.2"), Some(vec![0; 512]));
         let mut dropped = spool.begin(&announced("1.2.3.9.2"), Vec::new()).unwrap();
-        dropped.append(data[..100].to_vec());
-        // Receiving: a named file in tmp/, or an anonymous one (no name anywhere).
-        assert_eq!(tmp_is_empty(&spool), spool.anonymous_temp_files());
+        dropped.append(&data[..100]);
+        // Receiving: in memory only, no file yet.
+        assert!(tmp_is_empty(&spool));
         drop(dropped); // the association ended mid-object
         assert!(tmp_is_empty(&spool));
         // Cut inside the data set: refused, quarantined, not indexed.

@@ -30,7 +30,14 @@ pub struct Running {
 
 pub async fn start(configure: impl FnOnce(&mut ScpConfig)) -> Running {
     let dir = tempfile::tempdir().unwrap();
-    let (spool, _) = Spool::open(dir.path(), SpoolOptions { min_free_bytes: 0 }).unwrap();
+    let (spool, _) = Spool::open(
+        dir.path(),
+        SpoolOptions {
+            min_free_bytes: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let spool = Arc::new(spool);
     let mut config = ScpConfig::new("127.0.0.1:0".parse().unwrap());
     configure(&mut config);
