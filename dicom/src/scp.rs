@@ -6,11 +6,13 @@
 //! instance's file and directory entry were fsynced.
 
 use std::net::{IpAddr, SocketAddr};
+
+use bytes::Buf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dicom_ul::association::Association;
 use dicom_ul::association::server::{AccessControl, AsyncServerAssociation};
+use dicom_ul::association::{Association, AsyncAssociation};
 use dicom_ul::pdu::{
     AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
     AssociationRJServiceUserReason, AssociationRJSource, PDataValue, PDataValueType,
@@ -585,7 +587,12 @@ async fn run_association(
     // The memory of the last data set received into the spool, for the next one.
     let mut spare: Vec<u8> = Vec::new();
     loop {
-        let pdu = match tokio::time::timeout(config.idle_timeout, association.receive()).await {
+        let next = tokio::time::timeout(
+            config.idle_timeout,
+            receive(association, config.max_pdu_length),
+        )
+        .await;
+        let pdu = match next {
             Ok(Ok(pdu)) => pdu,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "DICOM receive failed");
@@ -593,9 +600,9 @@ async fn run_association(
             }
             Err(_) => return Err(("idle timeout", counts)),
         };
-        let values = match pdu {
-            Pdu::PData { data } => data,
-            Pdu::ReleaseRQ => {
+        let (values, len) = match pdu {
+            Received::PData { values, len } => (values, len),
+            Received::Other(Pdu::ReleaseRQ) => {
                 if pending.is_some() {
                     tracing::warn!(
                         "DICOM release with a request in progress: its data set is dropped"
@@ -606,19 +613,20 @@ async fn run_association(
                         .await;
                 return Ok(Ending::Released(counts));
             }
-            Pdu::AbortRQ { .. } => return Ok(Ending::AbortedByPeer(counts)),
-            _ => return Err(("unexpected PDU", counts)),
+            Received::Other(Pdu::AbortRQ { .. }) => return Ok(Ending::AbortedByPeer(counts)),
+            Received::Other(_) => return Err(("unexpected PDU", counts)),
         };
         for value in values {
+            let data = &association.get_mut().1[value.range.clone()];
             match value.value_type {
                 PDataValueType::Command => {
                     if pending.is_some() {
                         return Err(("command while a data set was expected", counts));
                     }
-                    if command.len() + value.data.len() > 1 << 20 {
+                    if command.len() + data.len() > 1 << 20 {
                         return Err(("command set too large", counts));
                     }
-                    command.extend_from_slice(&value.data);
+                    command.extend_from_slice(data);
                     if !value.is_last {
                         continue;
                     }
@@ -679,7 +687,7 @@ async fn run_association(
                         return Err(("data set on another presentation context", counts));
                     }
                     if p.overflow.is_none() {
-                        let n = value.data.len() as u64;
+                        let n = data.len() as u64;
                         let overflow = if p.received() as u64 + n > config.max_instance_bytes {
                             Some(Overflow::Instance)
                         } else if !p.reservation.grow(n) {
@@ -696,11 +704,9 @@ async fn run_association(
                         } else if let Some(upload) = p.upload.as_mut() {
                             // Hashed and kept in memory; written at the end, on a
                             // blocking thread.
-                            upload.append(&value.data);
-                        } else if p.data.is_empty() {
-                            p.data = value.data;
+                            upload.append(data);
                         } else {
-                            p.data.extend_from_slice(&value.data);
+                            p.data.extend_from_slice(data);
                         }
                     }
                     if !value.is_last {
@@ -732,7 +738,105 @@ async fn run_association(
                 }
             }
         }
+        // The PDU's values are handled: its bytes leave the read buffer.
+        association.get_mut().1.advance(len);
     }
+}
+
+/// A received PDU ([`receive`]).
+enum Received {
+    /// A P-DATA-TF PDU, left in the association's read buffer: its presentation data
+    /// values as ranges of that buffer, and its length (to consume once they are handled).
+    PData { values: Vec<Pdv>, len: usize },
+    /// Any other PDU, consumed.
+    Other(Pdu),
+}
+
+/// A presentation data value of a P-DATA-TF PDU in the read buffer.
+struct Pdv {
+    presentation_context_id: u8,
+    value_type: PDataValueType,
+    is_last: bool,
+    range: std::ops::Range<usize>,
+}
+
+/// Reads the next PDU. P-DATA-TF PDUs (nearly every byte of a C-STORE) are parsed in place,
+/// with dicom-ul's checks (length within the negotiated maximum, item lengths within the
+/// PDU), so that their values are read from the read buffer without being copied (dicom-ul's
+/// own reader copies every value twice); any other PDU is dicom-ul's.
+async fn receive(
+    association: &mut AsyncServerAssociation<TcpStream>,
+    max_pdu_length: u32,
+) -> Result<Received, String> {
+    loop {
+        let (socket, buf) = association.get_mut();
+        if buf.len() >= 6 {
+            let len = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]);
+            if buf[0] == 0x04 {
+                if len > max_pdu_length {
+                    return Err(format!(
+                        "P-DATA-TF of {len} bytes over the maximum of {max_pdu_length}"
+                    ));
+                }
+                let end = 6 + len as usize;
+                if buf.len() >= end {
+                    return pdata_values(&buf[..end])
+                        .map(|values| Received::PData { values, len: end });
+                }
+                buf.reserve(end - buf.len());
+            } else {
+                let mut cursor = std::io::Cursor::new(&buf[..]);
+                match dicom_ul::pdu::read_pdu(&mut cursor, max_pdu_length, true) {
+                    Ok(Some(pdu)) => {
+                        let used = cursor.position() as usize;
+                        buf.advance(used);
+                        return Ok(Received::Other(pdu));
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        }
+        if socket.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("connection closed".into());
+        }
+    }
+}
+
+/// The presentation data values of the complete P-DATA-TF PDU `pdu` (its 6-byte header
+/// included), as ranges of it.
+fn pdata_values(pdu: &[u8]) -> Result<Vec<Pdv>, String> {
+    let mut values = Vec::new();
+    let mut at = 6;
+    while at < pdu.len() {
+        if pdu.len() - at < 4 + 1 + 1 {
+            return Err("P-DATA-TF item cut short".into());
+        }
+        let item_length =
+            u32::from_be_bytes([pdu[at], pdu[at + 1], pdu[at + 2], pdu[at + 3]]) as usize;
+        if item_length < 2 {
+            return Err(format!("P-DATA-TF item of length {item_length}"));
+        }
+        let presentation_context_id = pdu[at + 4];
+        let header = pdu[at + 5];
+        let start = at + 6;
+        let end = at + 4 + item_length;
+        if end > pdu.len() {
+            return Err("P-DATA-TF item longer than its PDU".into());
+        }
+        values.push(Pdv {
+            presentation_context_id,
+            value_type: if header & 0x01 != 0 {
+                PDataValueType::Command
+            } else {
+                PDataValueType::Data
+            },
+            is_last: header & 0x02 != 0,
+            range: start..end,
+        });
+        at = end;
+    }
+    Ok(values)
 }
 
 /// Starts receiving a C-STORE's data set straight into the spool, when its presentation
