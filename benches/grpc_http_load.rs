@@ -77,6 +77,8 @@ mod load {
         rounds: usize,
         clients: Vec<usize>,
         threads: usize,
+        /// Request kinds to run (by name); all when empty.
+        kinds: Vec<String>,
     }
 
     fn args() -> anyhow::Result<Args> {
@@ -87,6 +89,7 @@ mod load {
             rounds: 3,
             clients: vec![1, 16],
             threads: 2,
+            kinds: vec![],
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -101,6 +104,7 @@ mod load {
                 "--seconds" => a.seconds = value.parse()?,
                 "--rounds" => a.rounds = value.parse()?,
                 "--threads" => a.threads = value.parse()?,
+                "--kinds" => a.kinds = value.split(',').map(str::to_owned).collect(),
                 "--clients" => {
                     a.clients = value.split(',').map(str::parse).collect::<Result<_, _>>()?
                 }
@@ -337,6 +341,9 @@ mod load {
         let mut results: Vec<(Kind, usize, Vec<Run>)> = vec![];
         for &c in &args.clients {
             for &k in &kinds {
+                if !args.kinds.is_empty() && !args.kinds.iter().any(|n| n == k.name()) {
+                    continue;
+                }
                 results.push((k, c, vec![]));
             }
         }
@@ -359,27 +366,32 @@ mod load {
             args.rounds
         );
         println!("|---|---|---|---|---|---|---|");
-        let med = |k: Kind, c: usize| -> (f64, f64, f64) {
+        let med = |k: Kind, c: usize| -> Option<(f64, f64, f64)> {
             let (_, _, runs) = results
                 .iter()
-                .find(|(kind, clients, _)| *kind == k && *clients == c)
-                .expect("measured");
-            (
+                .find(|(kind, clients, _)| *kind == k && *clients == c)?;
+            Some((
                 median(runs.iter().map(|r| r.rps).collect()),
                 median(runs.iter().map(|r| r.p50_us as f64).collect()),
                 median(runs.iter().map(|r| r.p99_us as f64).collect()),
-            )
+            ))
+        };
+        let ratio = |rps: f64, of: Option<(f64, f64, f64)>| match of {
+            Some((base, _, _)) => format!("{:.2}×", rps / base),
+            None => "-".to_owned(),
         };
         for &c in &args.clients {
-            let json = med(Kind::HttpJson, c).0;
-            let binary = med(Kind::HttpBinary, c).0;
+            let json = med(Kind::HttpJson, c);
+            let binary = med(Kind::HttpBinary, c);
             for &k in &kinds {
-                let (rps, p50, p99) = med(k, c);
+                let Some((rps, p50, p99)) = med(k, c) else {
+                    continue;
+                };
                 println!(
-                    "| {c} | {} | {rps:.0} | {p50:.0} | {p99:.0} | {:.2}× | {:.2}× |",
+                    "| {c} | {} | {rps:.0} | {p50:.0} | {p99:.0} | {} | {} |",
                     k.name(),
-                    rps / json,
-                    rps / binary
+                    ratio(rps, json),
+                    ratio(rps, binary)
                 );
             }
         }

@@ -5,7 +5,7 @@
 # binary tensor extension) and gRPC (raw_input_contents, as tritonclient.grpc sends them);
 # rounds interleaved, medians printed as a markdown table (docs/performance.md §15).
 #
-#   benches/load/grpc.sh                  # SECONDS_PER_RUN=5 ROUNDS=3 CLIENTS=1,16
+#   benches/load/grpc.sh                  # SECONDS_PER_RUN=5 ROUNDS=3 CLIENTS=1,16 [KINDS=grpc,http-json]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-5}
@@ -30,6 +30,6 @@ done
 curl -sf "127.0.0.1:$http_port/v2/health/ready" >/dev/null || { echo "server not ready"; cat "$work/server.log"; exit 1; }
 echo "server: $bin ($(git rev-parse --short HEAD)); $(nproc) cores; load generator: 2 threads"
 "$load" --http "127.0.0.1:$http_port" --grpc "127.0.0.1:$grpc_port" \
-  --seconds "$SECONDS_PER_RUN" --rounds "$ROUNDS" --clients "$CLIENTS"
+  --seconds "$SECONDS_PER_RUN" --rounds "$ROUNDS" --clients "$CLIENTS" ${KINDS:+--kinds "$KINDS"}
 # Every measured request was audited: the chain must verify.
 "$bin" audit verify "$work/audit.jsonl"
