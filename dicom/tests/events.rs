@@ -11,7 +11,7 @@ use std::time::Duration;
 use dicom_object::meta::FileMetaTableBuilder;
 use nightingale_dicom::events::{ChannelSink, EventSink, SinkError, SinkFuture};
 use nightingale_dicom::scu::{self, ScuOptions};
-use nightingale_dicom::{DicomEvent, Scp, ScpConfig, Spool, SpoolOptions};
+use nightingale_dicom::{DicomEvent, Scp, ScpConfig, Spool};
 
 mod support;
 
@@ -32,16 +32,7 @@ fn write_ct(path: &Path, sop: &str) {
 }
 
 async fn start(sink: Arc<dyn EventSink>) -> (String, Arc<Spool>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let (spool, _) = Spool::open(
-        dir.path(),
-        SpoolOptions {
-            min_free_bytes: 0,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let spool = Arc::new(spool);
+    let (spool, dir) = support::temp_spool();
     let scp = Scp::bind(
         ScpConfig::new("127.0.0.1:0".parse().unwrap()),
         spool.clone(),

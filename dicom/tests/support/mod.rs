@@ -28,7 +28,8 @@ pub struct Running {
     pub _dir: tempfile::TempDir,
 }
 
-pub async fn start(configure: impl FnOnce(&mut ScpConfig)) -> Running {
+/// A spool in a new temporary folder, without a high-water mark.
+pub fn temp_spool() -> (Arc<Spool>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let (spool, _) = Spool::open(
         dir.path(),
@@ -38,7 +39,11 @@ pub async fn start(configure: impl FnOnce(&mut ScpConfig)) -> Running {
         },
     )
     .unwrap();
-    let spool = Arc::new(spool);
+    (Arc::new(spool), dir)
+}
+
+pub async fn start(configure: impl FnOnce(&mut ScpConfig)) -> Running {
+    let (spool, dir) = temp_spool();
     let mut config = ScpConfig::new("127.0.0.1:0".parse().unwrap());
     configure(&mut config);
     let scp = Scp::bind(config, spool.clone()).await.unwrap();
