@@ -16,10 +16,18 @@
 //! several requests, an empty queue is waited on up to `max_queue_delay` again. Results do
 //! not depend on it (each row's answer is the same whatever it is batched with). The batch is concatenated along axis 0, run once, and the
 //! outputs are split back row-for-row. Requests whose caller has gone are dropped unrun.
+//!
+//! A lone request of a small model does not go through the queue at all: when no other
+//! request of the model is in flight, the model's last execution took under [`INLINE_MAX`],
+//! and the engine's forks share the loaded model (tract, candle), it runs on the caller's
+//! thread on a fork kept for that, with the same panic catching and statistics. That saves
+//! the two thread wake-ups of the hand-off to an instance thread and back, most of a small
+//! model's latency on an idle server; under load requests overlap and take the queue (and
+//! its batching) as before.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
@@ -151,6 +159,26 @@ pub struct ModelWorker {
     /// Largest rows per request (None: unlimited, the model does not batch).
     max_rows: Option<usize>,
     batches: bool,
+    /// The fork that runs lone requests on the caller's thread (engines whose forks share
+    /// the model only).
+    inline: Option<std::sync::Mutex<Box<dyn Backend>>>,
+    /// Requests of this model submitted and not yet answered (queued, running, or inline).
+    in_flight: AtomicUsize,
+    /// How long the model's last execution took (ns); `u64::MAX` before the first.
+    last_compute_ns: Arc<AtomicU64>,
+}
+
+/// Longest execution (the model's last) for which a lone request runs on the caller's thread
+/// (an async runtime's worker, which must not be held for long).
+pub const INLINE_MAX: Duration = Duration::from_micros(200);
+
+/// One request counted in [`ModelWorker`]'s `in_flight` while it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for ModelWorker {
@@ -180,6 +208,12 @@ impl ModelWorker {
             .filter(|b| batches && b.max_batch_size > 1);
         let max_rows = batching.as_ref().map(|b| b.max_batch_size);
         let instances = config.instances.max(1);
+        let inline = if backend.forks_share_the_model() {
+            Some(std::sync::Mutex::new(backend.fork()?))
+        } else {
+            None
+        };
+        let last_compute_ns = Arc::new(AtomicU64::new(u64::MAX));
         let mut backends = Vec::with_capacity(instances);
         for _ in 1..instances {
             backends.push(backend.fork()?);
@@ -203,6 +237,7 @@ impl ModelWorker {
                     ("version", config.version.clone()),
                 ],
                 last_batch: 0,
+                last_compute_ns: last_compute_ns.clone(),
             };
             std::thread::Builder::new()
                 .name(format!("ng-{}-{}-{i}", config.model, config.version))
@@ -220,6 +255,9 @@ impl ModelWorker {
             queued_bytes: Arc::new(AtomicUsize::new(0)),
             max_rows,
             batches,
+            inline,
+            in_flight: AtomicUsize::new(0),
+            last_compute_ns,
         })
     }
 
@@ -270,6 +308,15 @@ impl ModelWorker {
 
     async fn submit(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, InferenceError> {
         let (inputs, rows, signature) = self.check(inputs)?;
+        let alone = self.in_flight.fetch_add(1, Ordering::AcqRel) == 0;
+        let _in_flight = InFlight(&self.in_flight);
+        if alone
+            && self.last_compute_ns.load(Ordering::Relaxed) <= INLINE_MAX.as_nanos() as u64
+            && let Some(inline) = &self.inline
+            && let Ok(mut backend) = inline.try_lock()
+        {
+            return self.run_inline(&mut **backend, inputs, rows);
+        }
         let bytes: usize = inputs.iter().map(|t| t.tensor.raw_len()).sum();
         let limit = self.config.queue_bytes;
         let before = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
@@ -303,6 +350,39 @@ impl ModelWorker {
             .instrument(tracing::trace_span!("wait"))
             .await
             .map_err(|_| InferenceError::Unavailable)?
+    }
+
+    /// Runs a lone request on the caller's thread (see the module documentation).
+    fn run_inline(
+        &self,
+        backend: &mut dyn Backend,
+        inputs: Vec<NamedTensor>,
+        rows: usize,
+    ) -> Result<Vec<NamedTensor>, InferenceError> {
+        let labels = [
+            ("model", self.config.model.clone()),
+            ("version", self.config.version.clone()),
+        ];
+        let _entered = tracing::debug_span!("execute", requests = 1, rows, inline = true).entered();
+        self.stats.record_queue(Duration::ZERO);
+        metrics::histogram!("nightingale_queue_duration_seconds", &labels).record(0.0);
+        let started = Instant::now();
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| backend.infer(inputs)))
+            .unwrap_or(Err(InferenceError::Panicked));
+        let took = started.elapsed();
+        self.last_compute_ns.store(
+            took.as_nanos().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
+        self.stats
+            .record_execution(1, rows, Duration::ZERO, took, Duration::ZERO);
+        metrics::histogram!("nightingale_compute_duration_seconds", &labels)
+            .record(took.as_secs_f64());
+        metrics::histogram!("nightingale_batch_rows", &labels).record(rows as f64);
+        if let Err(e) = &outcome {
+            tracing::warn!(error = %e, "inference failed");
+        }
+        outcome
     }
 
     /// Whether [`ModelWorker::gradients`] can answer: the backend differentiates the model.
@@ -510,6 +590,8 @@ struct Instance {
     /// Requests in this instance's previous batch: above one, callers are arriving together
     /// and an empty queue is worth waiting on.
     last_batch: usize,
+    /// Shared with the worker: how long the last execution took (ns).
+    last_compute_ns: Arc<AtomicU64>,
 }
 
 impl Instance {
@@ -629,6 +711,10 @@ impl Instance {
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.backend.infer(inputs)))
             .unwrap_or(Err(InferenceError::Panicked));
         let inferred = Instant::now();
+        self.last_compute_ns.store(
+            (inferred - joined).as_nanos().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
         let answers = outcome.and_then(|outputs| split(outputs, &sizes));
         let done = Instant::now();
         self.stats.record_execution(

@@ -541,3 +541,119 @@ async fn a_lone_request_runs_at_once_whatever_the_queue_delay() {
     }
     assert_eq!(h.calls.lock().unwrap().clone(), vec![1, 1, 1]);
 }
+
+/// Records the name of the thread each execution ran on; executions on an instance thread
+/// (named `ng-…`) wait for the gate. Its forks share the model, as tract's do.
+struct OnThread {
+    inner: Box<dyn Backend>,
+    threads: Arc<Mutex<Vec<String>>>,
+    gate: Arc<(Mutex<bool>, Condvar)>,
+    entered: Arc<AtomicUsize>,
+}
+
+impl Backend for OnThread {
+    fn name(&self) -> &'static str {
+        "on-thread"
+    }
+    fn metadata(&self) -> &ModelMetadata {
+        self.inner.metadata()
+    }
+    fn infer(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, InferenceError> {
+        let name = std::thread::current().name().unwrap_or("").to_owned();
+        if name.starts_with("ng-") {
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            let (lock, cv) = &*self.gate;
+            let mut open = lock.lock().unwrap();
+            while !*open {
+                open = cv.wait_timeout(open, WAIT).unwrap().0;
+            }
+        }
+        self.threads.lock().unwrap().push(name);
+        self.inner.infer(inputs)
+    }
+    fn fork(&self) -> Result<Box<dyn Backend>, InferenceError> {
+        Ok(Box::new(OnThread {
+            inner: self.inner.fork()?,
+            threads: self.threads.clone(),
+            gate: self.gate.clone(),
+            entered: self.entered.clone(),
+        }))
+    }
+    fn forks_share_the_model(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_request_of_a_small_model_runs_on_the_callers_thread_and_overlapping_ones_queue() {
+    let threads = Arc::new(Mutex::new(vec![]));
+    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let entered = Arc::new(AtomicUsize::new(0));
+    let backend = OnThread {
+        inner: load(),
+        threads: threads.clone(),
+        gate: gate.clone(),
+        entered: entered.clone(),
+    };
+    let worker = Arc::new(
+        ModelWorker::spawn(
+            Box::new(backend),
+            WorkerConfig {
+                batching: Some(BatchingConfig {
+                    max_batch_size: 8,
+                    max_queue_delay: Duration::from_millis(1),
+                    preferred_batch_sizes: vec![],
+                }),
+                ..WorkerConfig::default()
+            },
+        )
+        .unwrap(),
+    );
+    let rows = rows();
+    let p = |out: &[NamedTensor]| out[1].tensor.view::<f32>().unwrap()[[0, 0]];
+    // The first request: the model's cost is unknown, so it goes to an instance thread (held
+    // at the gate); a second one overlapping it is not alone and queues too.
+    let first = tokio::spawn({
+        let (worker, row) = (worker.clone(), rows[0].clone());
+        async move { worker.infer(input(&[row])).await }
+    });
+    let deadline = std::time::Instant::now() + WAIT;
+    while entered.load(Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first request never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let second = tokio::spawn({
+        let (worker, row) = (worker.clone(), rows[1].clone());
+        async move { worker.infer(input(&[row])).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    {
+        let (lock, cv) = &*gate;
+        *lock.lock().unwrap() = true;
+        cv.notify_all();
+    }
+    let first = first.await.unwrap().unwrap();
+    let second = second.await.unwrap().unwrap();
+    {
+        let ran = threads.lock().unwrap();
+        assert_eq!(ran.len(), 2, "{ran:?}");
+        assert!(ran.iter().all(|t| t.starts_with("ng-")), "{ran:?}");
+    }
+    // Now alone and known to be fast (wdbc runs in microseconds): on the caller's thread,
+    // with the very same answers.
+    let again = worker.infer(input(&rows[..1])).await.unwrap();
+    let again2 = worker.infer(input(&rows[1..2])).await.unwrap();
+    let ran = threads.lock().unwrap().clone();
+    assert_eq!(ran.len(), 4, "{ran:?}");
+    assert!(ran[2..].iter().all(|t| !t.starts_with("ng-")), "{ran:?}");
+    assert_eq!(p(&again).to_bits(), p(&first).to_bits());
+    assert_eq!(p(&again2).to_bits(), p(&second).to_bits());
+    let expected = expected_p();
+    assert!((p(&again) - expected[0]).abs() < 1e-5);
+    // Statistics count both paths.
+    let stats = worker.stats().snapshot();
+    assert_eq!(stats.inference_count, 4, "{stats:?}");
+}

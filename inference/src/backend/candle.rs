@@ -853,6 +853,10 @@ impl Backend for CandleBackend {
         })
     }
 
+    fn forks_share_the_model(&self) -> bool {
+        true
+    }
+
     fn fork(&self) -> Result<Box<dyn Backend>, InferenceError> {
         Ok(Box::new(CandleBackend {
             net: self.net.clone(),

@@ -112,6 +112,13 @@ pub trait Backend: Send {
     /// Another instance of the same loaded model for another worker thread, sharing what the
     /// engine compiled at load time where it can.
     fn fork(&self) -> Result<Box<dyn Backend>, InferenceError>;
+
+    /// Whether [`Backend::fork`] shares the loaded model (no second copy of the weights): a
+    /// worker then keeps one more fork to run lone requests of small models on the caller's
+    /// thread (see [`crate::ModelWorker`]).
+    fn forks_share_the_model(&self) -> bool {
+        false
+    }
 }
 
 /// Which engine runs a model.

@@ -283,6 +283,10 @@ impl Backend for TractBackend {
             .collect()
     }
 
+    fn forks_share_the_model(&self) -> bool {
+        true
+    }
+
     fn fork(&self) -> Result<Box<dyn Backend>, InferenceError> {
         let state =
             TypedSimpleState::new(&self.plan).map_err(|e| InferenceError::backend(NAME, e))?;
