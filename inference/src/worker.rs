@@ -18,7 +18,8 @@
 //! outputs are split back row-for-row. Requests whose caller has gone are dropped unrun.
 //!
 //! A lone request of a small model does not go through the queue at all: when no other
-//! request of the model is in flight, the model's last execution took under [`INLINE_MAX`],
+//! request of the model is in flight, the model's last execution took under
+//! [`WorkerConfig::inline_max`] ([`INLINE_MAX`] by default),
 //! and the engine's forks share the loaded model (tract, candle), it runs on the caller's
 //! thread on a fork kept for that, with the same panic catching and statistics. That saves
 //! the two thread wake-ups of the hand-off to an instance thread and back, most of a small
@@ -79,6 +80,10 @@ pub struct WorkerConfig {
     /// differ on non-finite input (tract can turn NaN into a confident probability where ONNX
     /// Runtime returns NaN), so by default it never reaches them.
     pub allow_non_finite: Vec<String>,
+    /// Longest execution (the model's last) for which a lone request runs on the caller's
+    /// thread (an async runtime's worker, which must not be held for long); see the module
+    /// documentation.
+    pub inline_max: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -93,6 +98,7 @@ impl Default for WorkerConfig {
             batching: None,
             metadata: None,
             allow_non_finite: vec![],
+            inline_max: INLINE_MAX,
         }
     }
 }
@@ -166,10 +172,13 @@ pub struct ModelWorker {
     in_flight: AtomicUsize,
     /// How long the model's last execution took (ns); `u64::MAX` before the first.
     last_compute_ns: Arc<AtomicU64>,
+    /// Metric labels: model and version.
+    labels: Labels,
 }
 
-/// Longest execution (the model's last) for which a lone request runs on the caller's thread
-/// (an async runtime's worker, which must not be held for long).
+type Labels = [(&'static str, String); 2];
+
+/// Default [`WorkerConfig::inline_max`].
 pub const INLINE_MAX: Duration = Duration::from_micros(200);
 
 /// One request counted in [`ModelWorker`]'s `in_flight` while it lives.
@@ -214,6 +223,10 @@ impl ModelWorker {
             None
         };
         let last_compute_ns = Arc::new(AtomicU64::new(u64::MAX));
+        let labels: Labels = [
+            ("model", config.model.clone()),
+            ("version", config.version.clone()),
+        ];
         let mut backends = Vec::with_capacity(instances);
         for _ in 1..instances {
             backends.push(backend.fork()?);
@@ -232,10 +245,7 @@ impl ModelWorker {
                 gradient_rx: gradient_rx.clone(),
                 batching: batching.clone(),
                 stats: stats.clone(),
-                labels: [
-                    ("model", config.model.clone()),
-                    ("version", config.version.clone()),
-                ],
+                labels: labels.clone(),
                 last_batch: 0,
                 last_compute_ns: last_compute_ns.clone(),
             };
@@ -258,6 +268,7 @@ impl ModelWorker {
             inline,
             in_flight: AtomicUsize::new(0),
             last_compute_ns,
+            labels,
         })
     }
 
@@ -311,7 +322,8 @@ impl ModelWorker {
         let alone = self.in_flight.fetch_add(1, Ordering::AcqRel) == 0;
         let _in_flight = InFlight(&self.in_flight);
         if alone
-            && self.last_compute_ns.load(Ordering::Relaxed) <= INLINE_MAX.as_nanos() as u64
+            && self.last_compute_ns.load(Ordering::Relaxed)
+                <= u64::try_from(self.config.inline_max.as_nanos()).unwrap_or(u64::MAX)
             && let Some(inline) = &self.inline
             && let Ok(mut backend) = inline.try_lock()
         {
@@ -344,8 +356,7 @@ impl ModelWorker {
             },
             TrySendError::Disconnected(_) => InferenceError::Unavailable,
         })?;
-        metrics::gauge!("nightingale_queue_depth", "model" => self.config.model.clone(), "version" => self.config.version.clone())
-            .set(self.tx.len() as f64);
+        metrics::gauge!("nightingale_queue_depth", &self.labels).set(self.tx.len() as f64);
         answer
             .instrument(tracing::trace_span!("wait"))
             .await
@@ -359,26 +370,13 @@ impl ModelWorker {
         inputs: Vec<NamedTensor>,
         rows: usize,
     ) -> Result<Vec<NamedTensor>, InferenceError> {
-        let labels = [
-            ("model", self.config.model.clone()),
-            ("version", self.config.version.clone()),
-        ];
         let _entered = tracing::debug_span!("execute", requests = 1, rows, inline = true).entered();
         self.stats.record_queue(Duration::ZERO);
-        metrics::histogram!("nightingale_queue_duration_seconds", &labels).record(0.0);
+        metrics::histogram!("nightingale_queue_duration_seconds", &self.labels).record(0.0);
         let started = Instant::now();
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| backend.infer(inputs)))
-            .unwrap_or(Err(InferenceError::Panicked));
-        let took = started.elapsed();
-        self.last_compute_ns.store(
-            took.as_nanos().min(u64::MAX as u128) as u64,
-            Ordering::Relaxed,
-        );
-        self.stats
-            .record_execution(1, rows, Duration::ZERO, took, Duration::ZERO);
-        metrics::histogram!("nightingale_compute_duration_seconds", &labels)
-            .record(took.as_secs_f64());
-        metrics::histogram!("nightingale_batch_rows", &labels).record(rows as f64);
+        let outcome = infer_caught(backend, inputs, &self.last_compute_ns);
+        let phases = [Duration::ZERO, started.elapsed(), Duration::ZERO];
+        record_execution(&self.stats, &self.labels, 1, rows, phases);
         if let Err(e) = &outcome {
             tracing::warn!(error = %e, "inference failed");
         }
@@ -586,7 +584,7 @@ struct Instance {
     gradient_rx: Receiver<GradientJob>,
     batching: Option<BatchingConfig>,
     stats: Arc<ModelStats>,
-    labels: [(&'static str, String); 2],
+    labels: Labels,
     /// Requests in this instance's previous batch: above one, callers are arriving together
     /// and an empty queue is worth waiting on.
     last_batch: usize,
@@ -708,25 +706,12 @@ impl Instance {
             }
         };
         let joined = Instant::now();
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.backend.infer(inputs)))
-            .unwrap_or(Err(InferenceError::Panicked));
+        let outcome = infer_caught(&mut *self.backend, inputs, &self.last_compute_ns);
         let inferred = Instant::now();
-        self.last_compute_ns.store(
-            (inferred - joined).as_nanos().min(u64::MAX as u128) as u64,
-            Ordering::Relaxed,
-        );
         let answers = outcome.and_then(|outputs| split(outputs, &sizes));
         let done = Instant::now();
-        self.stats.record_execution(
-            replies.len() as u64,
-            rows,
-            joined - started,
-            inferred - joined,
-            done - inferred,
-        );
-        metrics::histogram!("nightingale_compute_duration_seconds", &self.labels)
-            .record((done - started).as_secs_f64());
-        metrics::histogram!("nightingale_batch_rows", &self.labels).record(rows as f64);
+        let phases = [joined - started, inferred - joined, done - inferred];
+        record_execution(&self.stats, &self.labels, replies.len(), rows, phases);
         match answers {
             Ok(answers) => {
                 for (reply, answer) in replies.into_iter().zip(answers) {
@@ -741,6 +726,37 @@ impl Instance {
             }
         }
     }
+}
+
+/// Runs `backend` with its panics caught, and keeps how long it took as the model's last
+/// execution time.
+fn infer_caught(
+    backend: &mut dyn Backend,
+    inputs: Vec<NamedTensor>,
+    last_compute_ns: &AtomicU64,
+) -> Result<Vec<NamedTensor>, InferenceError> {
+    let started = Instant::now();
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| backend.infer(inputs)))
+        .unwrap_or(Err(InferenceError::Panicked));
+    let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    last_compute_ns.store(took, Ordering::Relaxed);
+    outcome
+}
+
+/// Statistics and metrics of one execution of `requests` requests holding `rows` rows;
+/// `phases`: joining the inputs, the engine, splitting the outputs.
+fn record_execution(
+    stats: &ModelStats,
+    labels: &Labels,
+    requests: usize,
+    rows: usize,
+    phases: [Duration; 3],
+) {
+    let [input, infer, output] = phases;
+    stats.record_execution(requests as u64, rows, input, infer, output);
+    metrics::histogram!("nightingale_compute_duration_seconds", labels)
+        .record((input + infer + output).as_secs_f64());
+    metrics::histogram!("nightingale_batch_rows", labels).record(rows as f64);
 }
 
 /// Concatenates the requests' inputs along axis 0.

@@ -287,6 +287,7 @@ impl Bundle {
                 .filter(|i| i.allow_non_finite)
                 .map(|i| i.name.clone())
                 .collect(),
+            ..WorkerConfig::default()
         };
         let engine_name = backend.name();
         let worker = guarded(&model_path, engine_name, "starting its instances", || {
