@@ -6,11 +6,10 @@
 //! instance's file and directory entry were fsynced.
 
 use std::net::{IpAddr, SocketAddr};
-
-use bytes::Buf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Buf;
 use dicom_ul::association::server::{AccessControl, AsyncServerAssociation};
 use dicom_ul::association::{Association, AsyncAssociation};
 use dicom_ul::pdu::{
@@ -699,7 +698,7 @@ async fn run_association(
                             // Drop what was received; read the rest to answer in turn.
                             p.overflow = overflow;
                             p.data = Vec::new();
-                            p.upload = None; // deletes its temporary file
+                            p.upload = None; // frees its buffer
                             p.reservation.release();
                         } else if let Some(upload) = p.upload.as_mut() {
                             // Hashed and kept in memory; written at the end, on a

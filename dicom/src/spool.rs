@@ -575,6 +575,15 @@ impl TempFile {
         }
     }
 
+    /// The file, its temporary name (if it has one) deleted: for a file linked under its
+    /// final name.
+    fn into_file(self) -> File {
+        if let Some(path) = &self.path {
+            let _ = fs::remove_file(path);
+        }
+        self.file
+    }
+
     /// Closes the file and deletes its temporary name (an anonymous file is gone once
     /// closed, unless it was linked).
     fn remove(self) {
@@ -820,19 +829,15 @@ impl Spool {
         let transfer_syntax = sop::trim_uid(announced.transfer_syntax).to_owned();
         let calling_ae = announced.calling_ae.trim().to_owned();
         let meta = file_meta(class, instance, &transfer_syntax, &calling_ae)?;
-        let mut head = Vec::with_capacity(512);
-        head.extend_from_slice(&[0u8; 128]);
-        head.extend_from_slice(b"DICM");
-        meta.write(&mut head).map_err(|e| StoreError::CannotParse {
+        let mut buf = buffer;
+        buf.clear();
+        buf.reserve(DIRECT_ALIGN + 512);
+        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        buf.resize(start, 0);
+        push_part10_head(&mut buf, &meta).map_err(|e| StoreError::CannotParse {
             transfer_syntax: transfer_syntax.clone(),
             detail: e.to_string(),
         })?;
-        let mut buf = buffer;
-        buf.clear();
-        buf.reserve(DIRECT_ALIGN + head.len());
-        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-        buf.resize(start, 0);
-        buf.extend_from_slice(&head);
         Ok(Upload {
             hasher: Sha256::new(),
             data_start: buf.len(),
@@ -1013,10 +1018,7 @@ impl Spool {
                 return Err(io_error("rename", e));
             }
         };
-        let TempFile { file, path } = tmp;
-        if let Some(path) = path {
-            let _ = fs::remove_file(path);
-        }
+        let file = tmp.into_file();
         let ticket = self.dirs.request(dir);
         let file_synced = if linked {
             file.sync_all()
@@ -1550,12 +1552,21 @@ fn name_hash(path: &Path) -> Option<&str> {
     (hash.len() == NAME_HASH_LEN && hash.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hash)
 }
 
+/// Appends what precedes the data set in a Part 10 file: the preamble, "DICM", the file meta
+/// group.
+fn push_part10_head(
+    out: &mut Vec<u8>,
+    meta: &FileMetaTable,
+) -> Result<(), dicom_object::meta::Error> {
+    out.extend_from_slice(&[0u8; 128]);
+    out.extend_from_slice(b"DICM");
+    meta.write(out)
+}
+
 /// Writes a Part 10 file into `file` (not fsynced: the commit does that).
 fn write_part10(file: &mut File, meta: &FileMetaTable, dataset: &[u8]) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
-    head.extend_from_slice(&[0u8; 128]);
-    head.extend_from_slice(b"DICM");
-    meta.write(&mut head).map_err(std::io::Error::other)?;
+    push_part10_head(&mut head, meta).map_err(std::io::Error::other)?;
     file.write_all(&head)?;
     file.write_all(dataset)
 }
