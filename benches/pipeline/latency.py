@@ -97,6 +97,33 @@ def make_series(src: str, out: Path, n: int) -> tuple[str, str]:
     return study, series
 
 
+def start_pipeline(binary: str, work: Path, repo: Path, procs: list, ready_within: float):
+    """dcmtk's storescp as the PACS (files in work/pacs), then `nightingale serve` over `repo`
+    with the DICOM port and the pipeline sending results to it (log in work/server.log);
+    returns (the PACS folder, the DICOM port, the HTTP port) once the server is ready. Both
+    processes are appended to `procs`."""
+    pacs_port, dicom_port, http = free_port(), free_port(), free_port()
+    pacs = work / "pacs"
+    pacs.mkdir()
+    procs.append(subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(pacs), str(pacs_port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV))
+    log = open(work / "server.log", "wb")
+    procs.append(subprocess.Popen(
+        [binary, "serve", "--repository", str(repo), "--http-addr", f"127.0.0.1:{http}",
+         "--data-dir", str(work / "data"), "--dicom-port", str(dicom_port),
+         "--results-destination", f"PACS@127.0.0.1:{pacs_port}", "--series-quiet-secs", str(QUIET_MS / 1000)],
+        stdout=subprocess.DEVNULL, stderr=log))
+
+    def ready():
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=1).status == 200
+        except OSError:
+            return False
+
+    wait(ready, ready_within, "the server")
+    return pacs, dicom_port, http
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default=str(REPO / "target" / "release" / "nightingale"))
@@ -108,28 +135,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="nightingale-latency-"))
     procs = []
     try:
-        pacs_port, dicom_port, http = free_port(), free_port(), free_port()
-        pacs = work / "pacs"
-        pacs.mkdir()
-        procs.append(subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(pacs), str(pacs_port)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV))
         repo = work / "models"
         repo.mkdir()
         shutil.copytree(REPO / "models" / "bundles" / "image-orientation", repo / "image-orientation")
-        log = open(work / "server.log", "wb")
-        procs.append(subprocess.Popen(
-            [args.bin, "serve", "--repository", str(repo), "--http-addr", f"127.0.0.1:{http}",
-             "--data-dir", str(work / "data"), "--dicom-port", str(dicom_port),
-             "--results-destination", f"PACS@127.0.0.1:{pacs_port}", "--series-quiet-secs", str(QUIET_MS / 1000)],
-            stdout=subprocess.DEVNULL, stderr=log))
-
-        def ready():
-            try:
-                return urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=1).status == 200
-            except OSError:
-                return False
-
-        wait(ready, 60, "the server")
+        pacs, dicom_port, http = start_pipeline(args.bin, work, repo, procs, 60)
 
         def run(src: str, n: int, tag: str) -> float:
             study, _ = make_series(src, work / tag, n)

@@ -37,7 +37,7 @@ from pydicom.uid import generate_uid
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import ENV, QUIET_MS, free_port, results, wait  # noqa: E402  (the CR-study bench's helpers)
+from latency import ENV, QUIET_MS, results, start_pipeline, wait  # noqa: E402  (the CR-study bench's helpers)
 
 BUNDLE = "lesion-detection-mip"
 
@@ -83,25 +83,7 @@ def main() -> int:
         repo = work / "models"
         subprocess.run([sys.executable, str(REPO / "models/train/lesion_detection_mip.py"), "--out", str(repo),
                         "--no-sign"], check=True, cwd=REPO, capture_output=True, timeout=600)
-        pacs_port, dicom_port, http = free_port(), free_port(), free_port()
-        pacs = work / "pacs"
-        pacs.mkdir()
-        procs.append(subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(pacs), str(pacs_port)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV))
-        log = open(work / "server.log", "wb")
-        procs.append(subprocess.Popen(
-            [args.bin, "serve", "--repository", str(repo), "--http-addr", f"127.0.0.1:{http}",
-             "--data-dir", str(work / "data"), "--dicom-port", str(dicom_port),
-             "--results-destination", f"PACS@127.0.0.1:{pacs_port}", "--series-quiet-secs", str(QUIET_MS / 1000)],
-            stdout=subprocess.DEVNULL, stderr=log))
-
-        def ready():
-            try:
-                return urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=1).status == 200
-            except OSError:
-                return False
-
-        wait(ready, 120, "the server")
+        pacs, dicom_port, http = start_pipeline(args.bin, work, repo, procs, 120)
         runs = []
         for r in range(args.rounds):
             tag = f"ct{r}"

@@ -7,6 +7,14 @@ use std::path::Path;
 use nightingale_models::{Image, Manifest, PreprocessError, Preprocessing, VolumeValues};
 use serde::Deserialize;
 
+/// Each manifest text is refused with an error that says `needle`.
+fn assert_each_refused<const N: usize>(cases: [(String, &str); N]) {
+    for (text, needle) in cases {
+        let err = Manifest::parse(&text).unwrap_err().to_string();
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+}
+
 #[derive(Deserialize)]
 struct Fixtures {
     cases: Vec<Case>,
@@ -141,10 +149,7 @@ high = 99.0
             "must be FP32",
         ),
     ];
-    for (text, needle) in cases {
-        let err = Manifest::parse(&text).unwrap_err().to_string();
-        assert!(err.contains(needle), "{needle}: {err}");
-    }
+    assert_each_refused(cases);
 }
 
 #[derive(Deserialize)]
@@ -399,8 +404,5 @@ inference = "volume"
             "not available with inference = \"volume\"",
         ),
     ];
-    for (text, needle) in cases {
-        let err = Manifest::parse(&text).unwrap_err().to_string();
-        assert!(err.contains(needle), "{needle}: {err}");
-    }
+    assert_each_refused(cases);
 }
