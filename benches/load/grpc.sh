@@ -5,14 +5,14 @@
 # binary tensor extension) and gRPC (raw_input_contents, as tritonclient.grpc sends them);
 # rounds interleaved, medians printed as a markdown table (docs/performance.md §15).
 #
-#   benches/load/grpc.sh                  # SECONDS_PER_RUN=5 ROUNDS=3 CLIENTS=1,16 [KINDS=grpc,http-json]
+#   benches/load/grpc.sh                  # SECONDS_PER_RUN=5 ROUNDS=3 CLIENTS=1,16 [KINDS=grpc,http-json] [NIGHTINGALE_BIN=…]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-5}
 ROUNDS=${ROUNDS:-3}
 CLIENTS=${CLIENTS:-1,16}
 cargo build --release --locked --features grpc --bin nightingale --bench grpc_http_load
-bin=target/release/nightingale
+bin=${NIGHTINGALE_BIN:-target/release/nightingale} # another build to compare: NIGHTINGALE_BIN=…
 load=$(ls -t target/release/deps/grpc_http_load-* | grep -v '\.d$' | head -1)
 work=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT

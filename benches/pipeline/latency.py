@@ -124,6 +124,17 @@ def start_pipeline(binary: str, work: Path, repo: Path, procs: list, ready_withi
     return pacs, dicom_port, http
 
 
+def stop_all(procs: list, work: Path) -> None:
+    """Stops the processes (SIGTERM, SIGKILL after 10 s) and deletes the work folder."""
+    for p in procs:
+        p.terminate()
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default=str(REPO / "target" / "release" / "nightingale"))
@@ -196,13 +207,7 @@ def main() -> int:
               f"pydicom + numpy {py_ms:.1f} ms (median of {args.repeat}); ratio {py_ms / ng_ms:.2f}x")
         return 0
     finally:
-        for p in procs:
-            p.terminate()
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(procs, work)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from pydicom.uid import generate_uid
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import ENV, QUIET_MS, results, start_pipeline, wait  # noqa: E402  (the CR-study bench's helpers)
+from latency import ENV, QUIET_MS, results, start_pipeline, stop_all, wait  # noqa: E402  (the CR-study bench's helpers)
 
 BUNDLE = "lesion-detection-mip"
 
@@ -133,13 +133,7 @@ def main() -> int:
         print(f"pydicom + numpy, the same volume (read, sort, window, preprocess): {reference_ms:.0f} ms (one run)")
         return 0
     finally:
-        for p in procs:
-            p.terminate()
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(procs, work)
 
 
 if __name__ == "__main__":
