@@ -318,24 +318,7 @@ impl ImageHeader {
                 name: "RescaleIntercept",
             });
         }
-        let window = match (
-            first_float(obj, tags::WINDOW_CENTER),
-            first_float(obj, tags::WINDOW_WIDTH),
-        ) {
-            (Some(center), Some(width)) if center.is_finite() && width.is_finite() => {
-                let function = match optional_str(obj, tags::VOILUT_FUNCTION).as_deref() {
-                    Some("LINEAR_EXACT") => VoiFunction::LinearExact,
-                    Some("SIGMOID") => VoiFunction::Sigmoid,
-                    _ => VoiFunction::Linear,
-                };
-                Some(WindowLevel {
-                    center,
-                    width,
-                    function,
-                })
-            }
-            _ => None,
-        };
+        let window = window_of(obj);
         Ok(ImageHeader {
             transfer_syntax,
             rows,
@@ -565,6 +548,9 @@ pub struct PixelSource {
     /// Per frame, the functional groups' rescale where an enhanced object has one (it
     /// replaces the header's Rescale Slope/Intercept for that frame); empty otherwise.
     rescale: Vec<Option<(f64, f64)>>,
+    /// Per frame, the functional groups' Frame VOI LUT window where an enhanced object has
+    /// one (it replaces the header's Window Center/Width for that frame); empty otherwise.
+    windows: Vec<Option<WindowLevel>>,
 }
 
 impl std::fmt::Debug for PixelSource {
@@ -603,10 +589,12 @@ impl PixelSource {
     pub fn from_object(obj: DefaultDicomObject, limits: &Limits) -> Result<Self, PixelError> {
         let header = ImageHeader::from_object(&obj, limits)?;
         let rescale = crate::volume::frame_rescales(&obj, header.frames)?;
+        let windows = crate::volume::frame_windows(&obj, header.frames);
         let source = PixelSource {
             obj,
             header,
             rescale,
+            windows,
         };
         source.check_pixel_data()?;
         Ok(source)
@@ -670,6 +658,13 @@ impl PixelSource {
             .copied()
             .flatten()
             .unwrap_or((h.slope, h.intercept));
+        // Its window likewise (the Frame VOI LUT functional group, else the header's).
+        let window = self
+            .windows
+            .get(index as usize)
+            .copied()
+            .flatten()
+            .or(h.window);
         // 1. Stored values (colour interleaved), plus what colour conversion is still due.
         let (raw, pending) = if h.encapsulated() {
             self.decode_encapsulated(index)?
@@ -707,7 +702,7 @@ impl PixelSource {
             intercept,
             monochrome1: h.photometric == Photometric::Monochrome1,
             values: Values::Stored,
-            window: h.window,
+            window,
             bits_stored: bits,
         };
         if samples == 3 && options.colour == Colour::Grey {
@@ -752,7 +747,7 @@ impl PixelSource {
                 _ if h.voi_lut_sequence => VoiLut::read(&self.obj)?.apply(&mut data),
                 _ => window01(
                     &mut data,
-                    h.window.ok_or(PixelError::MissingAttribute {
+                    window.ok_or(PixelError::MissingAttribute {
                         name: "WindowCenter/WindowWidth",
                     })?,
                 )?,
@@ -1477,6 +1472,26 @@ fn optional_float(
     e.to_float64()
         .map(Some)
         .map_err(|_| PixelError::InvalidAttribute { name })
+}
+
+/// The first Window Center/Width pair of `obj` (a data set, or a Frame VOI LUT functional
+/// group item) with its VOI LUT Function, if both are there and finite.
+pub(crate) fn window_of(obj: &InMemDicomObject) -> Option<WindowLevel> {
+    let center = first_float(obj, tags::WINDOW_CENTER)?;
+    let width = first_float(obj, tags::WINDOW_WIDTH)?;
+    if !(center.is_finite() && width.is_finite()) {
+        return None;
+    }
+    let function = match optional_str(obj, tags::VOILUT_FUNCTION).as_deref() {
+        Some("LINEAR_EXACT") => VoiFunction::LinearExact,
+        Some("SIGMOID") => VoiFunction::Sigmoid,
+        _ => VoiFunction::Linear,
+    };
+    Some(WindowLevel {
+        center,
+        width,
+        function,
+    })
 }
 
 fn first_float(obj: &InMemDicomObject, tag: Tag) -> Option<f64> {

@@ -28,7 +28,7 @@ use dicom_core::header::HasLength;
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
-use crate::pixels::PixelError;
+use crate::pixels::{PixelError, WindowLevel};
 
 /// Largest difference between two slices' direction cosines that is still one orientation
 /// (about 0.06 degrees).
@@ -183,6 +183,32 @@ pub fn frame_rescales(
                 None => None,
             };
             Ok(own.or(shared))
+        })
+        .collect()
+}
+
+/// The window of each of an object's `frames` frames from its functional groups (the frame's
+/// own Frame VOI LUT, else the shared one; `None`: the object's top-level Window
+/// Center/Width apply). Empty when the object has no functional groups. As with the
+/// top-level attributes, a window that is absent, incomplete or not a number is no window.
+pub fn frame_windows(obj: &InMemDicomObject, frames: u32) -> Vec<Option<WindowLevel>> {
+    let voi = |group: &InMemDicomObject| {
+        item(group, tags::FRAME_VOILUT_SEQUENCE, 0).and_then(crate::pixels::window_of)
+    };
+    let shared = item(obj, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, 0).and_then(voi);
+    let per_frame = obj
+        .element_opt(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
+        .ok()
+        .flatten()
+        .is_some();
+    if shared.is_none() && !per_frame {
+        return vec![];
+    }
+    (0..frames as usize)
+        .map(|f| {
+            item(obj, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, f)
+                .and_then(voi)
+                .or(shared)
         })
         .collect()
 }

@@ -12,9 +12,10 @@ use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::{InMemDicomObject, OpenFileOptions};
 use nightingale_dicom::pixels::{
-    DecodeOptions, ImageHeader, Limits, PixelError, PixelSource, Values,
+    DecodeOptions, ImageHeader, Limits, PixelError, PixelSource, Values, Voi, VoiFunction,
+    WindowLevel,
 };
-use nightingale_dicom::volume::{InstanceGeometry, SliceOrder, plan_volume};
+use nightingale_dicom::volume::{InstanceGeometry, SliceOrder, frame_windows, plan_volume};
 
 /// A test file of the pydicom wheel or of pydicom-data (where pydicom's `get_testdata_file`
 /// finds it), or None (skip) when the packages are not installed.
@@ -113,6 +114,109 @@ fn an_enhanced_ct_frame_carries_its_functional_group_rescale() {
     // The whole object as one volume: one rescale for both frames, kept as stored values.
     let volume = source.volume(&stored).unwrap();
     assert_eq!((volume.slope, volume.intercept), (1.0, -1024.0));
+}
+
+/// An enhanced object's window comes from its Frame VOI LUT functional group: eCT_Supplemental
+/// has no top-level Window Center/Width, and pydicom reads its shared group's as centre 49,
+/// width 102 (`ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]`, no VOI LUT
+/// Function: LINEAR). A decode asked for the object's own window applies it (it was refused
+/// as missing before), and the frame carries it for the Secondary Capture's rendering.
+#[test]
+fn an_enhanced_ct_frame_carries_its_functional_group_window() {
+    let Some(path) = test_file("eCT_Supplemental.dcm") else {
+        return;
+    };
+    let source = PixelSource::open(&path, &Limits::default()).unwrap();
+    assert_eq!(source.header().window, None);
+    let expected = WindowLevel {
+        center: 49.0,
+        width: 102.0,
+        function: VoiFunction::Linear,
+    };
+    let own = DecodeOptions {
+        voi: Voi::FromObject,
+        ..DecodeOptions::default()
+    };
+    let given = DecodeOptions {
+        voi: Voi::Window {
+            center: 49.0,
+            width: 102.0,
+        },
+        ..DecodeOptions::default()
+    };
+    for index in 0..source.header().frames {
+        let stored = source.frame(index, &DecodeOptions::default()).unwrap();
+        assert_eq!(stored.window, Some(expected));
+        let windowed = source.frame(index, &own).unwrap();
+        assert_eq!(windowed.values, Values::Voi);
+        assert_eq!(windowed.data, source.frame(index, &given).unwrap().data);
+        // Soft tissue: both ends of the window are reached in a CT of the head.
+        assert!(windowed.data.contains(&0.0));
+        assert!(windowed.data.contains(&1.0));
+    }
+}
+
+/// A Frame VOI LUT item with a centre and a width (and optionally a function).
+fn voi_group(center: &str, width: &str, function: Option<&str>) -> InMemDicomObject {
+    let mut voi = InMemDicomObject::new_empty();
+    voi.put(DataElement::new(tags::WINDOW_CENTER, VR::DS, ds(center)));
+    voi.put(DataElement::new(tags::WINDOW_WIDTH, VR::DS, ds(width)));
+    if let Some(f) = function {
+        voi.put(DataElement::new(
+            tags::VOILUT_FUNCTION,
+            VR::CS,
+            PrimitiveValue::from(f),
+        ));
+    }
+    let mut group = InMemDicomObject::new_empty();
+    group.put(DataElement::new(
+        tags::FRAME_VOILUT_SEQUENCE,
+        VR::SQ,
+        DataSetSequence::from(vec![voi]),
+    ));
+    group
+}
+
+#[test]
+fn a_frames_own_window_overrides_the_shared_one_and_a_broken_one_is_no_window() {
+    let window = |center, width, function| {
+        Some(WindowLevel {
+            center,
+            width,
+            function,
+        })
+    };
+    // No functional groups: nothing to say (the top-level attributes apply).
+    assert!(frame_windows(&InMemDicomObject::new_empty(), 3).is_empty());
+
+    let mut obj = InMemDicomObject::new_empty();
+    obj.put(DataElement::new(
+        tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE,
+        VR::SQ,
+        DataSetSequence::from(vec![voi_group("40", "400", None)]),
+    ));
+    obj.put(DataElement::new(
+        tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE,
+        VR::SQ,
+        DataSetSequence::from(vec![
+            InMemDicomObject::new_empty(),
+            // Several windows: the first pair, as for the top-level attributes.
+            voi_group("-600\\40", "1500\\400", Some("SIGMOID")),
+            voi_group("x", "400", None),
+        ]),
+    ));
+    let shared = window(40.0, 400.0, VoiFunction::Linear);
+    assert_eq!(
+        frame_windows(&obj, 4),
+        vec![
+            shared,
+            window(-600.0, 1500.0, VoiFunction::Sigmoid),
+            // Not a number: no window of its own, so the shared one.
+            shared,
+            // More frames than per-frame items: the shared one.
+            shared,
+        ]
+    );
 }
 
 #[test]
