@@ -12,6 +12,15 @@
 #   cargo build --release          # or NIGHTINGALE_BIN=target/debug/nightingale
 #   benches/dicom/ingest.sh        # COUNT=1000 ROUNDS=1 by default
 #
+# Each timed run starts after a `sync` and the order of the receivers alternates between
+# rounds: dcmtk leaves its files to the kernel's write-back, which would otherwise run during
+# the next receiver's run (the time that sync takes after dcmtk is printed at the end).
+# Nothing is deleted between rounds: ext4 without a journal (this project's VM) will not
+# reuse an inode freed in the last minutes, and every file created after a mass deletion
+# pays a scan past the freed ones (`recently_deleted` in a profile), which would charge one
+# round's clean-up to the next receiver. KEEP_WORK=1 leaves $WORK for the caller to delete
+# after its last run (so that back-to-back runs do not charge each other either).
+#
 # Needs: dcmtk (storescu, storescp, echoscu), Python with pydicom and pydicom-data (.venv).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,7 +41,7 @@ PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$WORK"
+    [ "${KEEP_WORK:-0}" = 1 ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
@@ -109,20 +118,31 @@ mbs() { printf '%.1f' "$(echo "$BYTES / $1 / 1000000" | bc -l)"; }
 
 echo "| associations | receiver | seconds | instances/s | MB/s | Nightingale ÷ dcmtk | receiver CPU ms/instance |"
 echo "|---|---|---|---|---|---|---|"
+SYNCS=() # dcmtk's deferred writes: how long a sync took after each of its runs
 for round in $(seq "$ROUNDS"); do
+    # Odd rounds Nightingale first, even rounds dcmtk first; each timed run starts after a
+    # sync (untimed), so that no receiver's deferred write-back lands in the other's run.
+    if [ $((round % 2)) = 1 ]; then order="ng dcmtk"; else order="dcmtk ng"; fi
     for assoc in 1 4; do
         run="$WORK/r$round-a$assoc"
         start_nightingale "$run-ng"
         start_storescp "$run-dcmtk"
-        cpu0=$(cpu_ticks "$NG_PID")
-        ng=$(send "$NG_PORT" NIGHTINGALE "$assoc")
-        cpu1=$(cpu_ticks "$NG_PID")
-        ng_cpu=$(ms_per_instance "$cpu0" "$cpu1")
-        dcpu0=$(tree_ticks "$SCP_PID")
-        dc=$(send "$SCP_PORT" STORESCP "$assoc")
-        sleep 0.2 # the children exit after the release
-        dcpu1=$(tree_ticks "$SCP_PID")
-        dc_cpu=$(ms_per_instance "$dcpu0" "$dcpu1")
+        for who in $order; do
+            sync
+            if [ "$who" = ng ]; then
+                cpu0=$(cpu_ticks "$NG_PID")
+                ng=$(send "$NG_PORT" NIGHTINGALE "$assoc")
+                cpu1=$(cpu_ticks "$NG_PID")
+                ng_cpu=$(ms_per_instance "$cpu0" "$cpu1")
+            else
+                dcpu0=$(tree_ticks "$SCP_PID")
+                dc=$(send "$SCP_PORT" STORESCP "$assoc")
+                sleep 0.2 # the children exit after the release
+                dcpu1=$(tree_ticks "$SCP_PID")
+                dc_cpu=$(ms_per_instance "$dcpu0" "$dcpu1")
+                t0=$(now); sync; SYNCS+=("$(echo "$(now) - $t0" | bc -l)")
+            fi
+        done
         indexed=$(count_indexed "$run-ng")
         received=$(find "$run-dcmtk" -type f ! -name '*.log' | wc -l)
         kill "$NG_PID" "$SCP_PID" 2>/dev/null || true
@@ -134,9 +154,10 @@ for round in $(seq "$ROUNDS"); do
         ratio=$(printf '%.2f' "$(echo "$dc / $ng" | bc -l)")
         echo "| $assoc | Nightingale (fsync) | $(printf '%.2f' "$ng") | $(rate "$ng") | $(mbs "$ng") | **${ratio}×** | $ng_cpu |"
         echo "| $assoc | dcmtk storescp (no fsync) | $(printf '%.2f' "$dc") | $(rate "$dc") | $(mbs "$dc") | 1 | $dc_cpu |"
-        rm -rf "$run-ng" "$run-dcmtk"
     done
 done
+echo
+echo "sync after each dcmtk run (its data reaching the disk, not timed above): $(printf '%.2f s ' "${SYNCS[@]}")"
 echo
 echo "$COUNT instances, $BYTES bytes of Part 10 files; receivers on $(df --output=source,fstype "$WORK" | tail -1)"
 "$PY" benches/dicom/fsync_cost.py "$WORK" --runs 200

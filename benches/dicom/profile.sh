@@ -23,7 +23,7 @@ unset RUST_BACKTRACE RUST_LIB_BACKTRACE # errors the parsers expect must not cap
 
 mkdir -p target
 WORK=${WORK:-$(mktemp -d "$PWD/target/dicom-profile.XXXXXX")}
-trap 'rm -rf "$WORK"' EXIT
+trap '[ "${KEEP_WORK:-0}" = 1 ] || rm -rf "$WORK"' EXIT # KEEP_WORK=1: the caller deletes it
 "$PY" benches/dicom/make_instances.py "$WORK/in" --count "$COUNT" --parts 4 >/dev/null
 cat "$WORK"/in/part*/*.dcm >/dev/null # warm the page cache
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
