@@ -161,8 +161,32 @@ pub fn frame_rescales(
     obj: &InMemDicomObject,
     frames: u32,
 ) -> Result<Vec<Option<(f64, f64)>>, PixelError> {
+    // A Pixel Value Transformation that is there but malformed is an error.
+    per_frame_groups(obj, frames, pixel_value_transformation)
+}
+
+/// The window of each of an object's `frames` frames from its functional groups (the frame's
+/// own Frame VOI LUT, else the shared one; `None`: the object's top-level Window
+/// Center/Width apply). Empty when the object has no functional groups. As with the
+/// top-level attributes, a window that is absent, incomplete or not a number is no window.
+pub fn frame_windows(obj: &InMemDicomObject, frames: u32) -> Vec<Option<WindowLevel>> {
+    let voi = |group: &InMemDicomObject| {
+        Ok(item(group, tags::FRAME_VOILUT_SEQUENCE, 0).and_then(crate::pixels::window_of))
+    };
+    per_frame_groups(obj, frames, voi).unwrap_or_default()
+}
+
+/// What `read` finds in each frame's functional groups: the frame's own item, else the
+/// shared one. Empty when the object has neither functional group sequence. Lenient on the
+/// item count (real objects, e.g. pydicom's liver_1frame SEG, carry more per-frame items than
+/// frames): a frame without its own item takes the shared value.
+fn per_frame_groups<T: Copy>(
+    obj: &InMemDicomObject,
+    frames: u32,
+    read: impl Fn(&InMemDicomObject) -> Result<Option<T>, PixelError>,
+) -> Result<Vec<Option<T>>, PixelError> {
     let shared = match item(obj, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, 0) {
-        Some(group) => pixel_value_transformation(group)?,
+        Some(group) => read(group)?,
         None => None,
     };
     let per_frame = obj
@@ -173,42 +197,13 @@ pub fn frame_rescales(
     if shared.is_none() && !per_frame {
         return Ok(vec![]);
     }
-    // Lenient on the item count (real objects, e.g. pydicom's liver_1frame SEG, carry more
-    // per-frame items than frames): a frame without its own item takes the shared rescale.
-    // A Pixel Value Transformation that is there but malformed is still an error.
     (0..frames as usize)
         .map(|f| {
             let own = match item(obj, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, f) {
-                Some(group) => pixel_value_transformation(group)?,
+                Some(group) => read(group)?,
                 None => None,
             };
             Ok(own.or(shared))
-        })
-        .collect()
-}
-
-/// The window of each of an object's `frames` frames from its functional groups (the frame's
-/// own Frame VOI LUT, else the shared one; `None`: the object's top-level Window
-/// Center/Width apply). Empty when the object has no functional groups. As with the
-/// top-level attributes, a window that is absent, incomplete or not a number is no window.
-pub fn frame_windows(obj: &InMemDicomObject, frames: u32) -> Vec<Option<WindowLevel>> {
-    let voi = |group: &InMemDicomObject| {
-        item(group, tags::FRAME_VOILUT_SEQUENCE, 0).and_then(crate::pixels::window_of)
-    };
-    let shared = item(obj, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, 0).and_then(voi);
-    let per_frame = obj
-        .element_opt(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
-        .ok()
-        .flatten()
-        .is_some();
-    if shared.is_none() && !per_frame {
-        return vec![];
-    }
-    (0..frames as usize)
-        .map(|f| {
-            item(obj, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, f)
-                .and_then(voi)
-                .or(shared)
         })
         .collect()
 }
