@@ -334,8 +334,11 @@ async fn the_poller_swaps_a_new_version_in_and_refuses_a_broken_one() {
         (StatusCode::OK, Some("1"))
     );
 
-    // Replaced by the real version 2: swapped in.
-    std::fs::remove_dir_all(f.bundle().join("2")).unwrap();
+    // Replaced by the real version 2: swapped in. The broken one leaves in one rename (a
+    // deletion file by file could show the poller a half-deleted version, refused again).
+    let trash = f.dir.path().join("trash");
+    std::fs::rename(f.bundle().join("2"), &trash).unwrap();
+    std::fs::remove_dir_all(&trash).unwrap();
     copy_dir(
         &root().join("models/bundles").join(MODEL).join("2"),
         &staging,
@@ -347,8 +350,9 @@ async fn the_poller_swaps_a_new_version_in_and_refuses_a_broken_one() {
     .await;
     assert!(f.index().await.iter().all(|r| r["state"] == "READY"));
 
-    // The bundle removed from disk: unloaded.
-    std::fs::remove_dir_all(f.bundle()).unwrap();
+    // The bundle removed from disk (in one rename, as above): unloaded.
+    std::fs::rename(f.bundle(), &trash).unwrap();
+    std::fs::remove_dir_all(&trash).unwrap();
     eventually("the model is unloaded", async || {
         f.infer_version().await.0 == StatusCode::SERVICE_UNAVAILABLE
     })
