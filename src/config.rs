@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
-use nightingale_inference::{BackendKind, ExecutionProvider};
+use nightingale_inference::{BackendKind, ExecutionProvider, TractKernels};
 use serde::Deserialize;
 
 /// Flags of `nightingale serve`. Each is optional here so that the config file can fill
@@ -41,6 +41,10 @@ pub struct ServeArgs {
     /// Unset: ort's own lookup (ORT_DYLIB_PATH, then the library path).
     #[arg(long, env = "NIGHTINGALE_ORT_LIBRARY")]
     pub ort_library: Option<PathBuf>,
+    /// Whose kernels run 2-D convolutions and max pooling on the tract engine: Nightingale's
+    /// (2-2.4x faster on the image bundles) or tract's own. [default: nightingale]
+    #[arg(long, env = "NIGHTINGALE_TRACT_KERNELS", value_enum)]
+    pub tract_kernels: Option<TractKernelsArg>,
     /// Largest request body in bytes. [default: 67108864]
     #[arg(long, env = "NIGHTINGALE_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -310,6 +314,13 @@ pub enum BackendArg {
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
+pub enum TractKernelsArg {
+    Nightingale,
+    Tract,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ProviderArg {
     Cpu,
     Cuda,
@@ -344,6 +355,7 @@ struct FileConfig {
     execution_provider: Option<ProviderArg>,
     cuda_device: Option<i32>,
     ort_library: Option<PathBuf>,
+    tract_kernels: Option<TractKernelsArg>,
     max_body_bytes: Option<usize>,
     max_inflight_bytes: Option<usize>,
     max_inflight_requests: Option<usize>,
@@ -428,6 +440,7 @@ pub struct ServeConfig {
     pub intra_op_threads: usize,
     pub execution_provider: ExecutionProvider,
     pub ort_library: Option<PathBuf>,
+    pub tract_kernels: TractKernels,
     pub max_body_bytes: usize,
     pub max_inflight_bytes: usize,
     pub max_inflight_requests: usize,
@@ -562,6 +575,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("intra_op_threads", &self.intra_op_threads)
             .field("execution_provider", &self.execution_provider)
             .field("ort_library", &self.ort_library)
+            .field("tract_kernels", &self.tract_kernels)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_inflight_bytes", &self.max_inflight_bytes)
             .field("max_inflight_requests", &self.max_inflight_requests)
@@ -1111,6 +1125,14 @@ impl ServeArgs {
             intra_op_threads: self.intra_op_threads.or(file.intra_op_threads).unwrap_or(1),
             execution_provider,
             ort_library: self.ort_library.or(file.ort_library),
+            tract_kernels: match self
+                .tract_kernels
+                .or(file.tract_kernels)
+                .unwrap_or(TractKernelsArg::Nightingale)
+            {
+                TractKernelsArg::Nightingale => TractKernels::Nightingale,
+                TractKernelsArg::Tract => TractKernels::Tract,
+            },
             max_body_bytes,
             max_inflight_bytes,
             max_inflight_requests,

@@ -310,6 +310,7 @@ async fn serve(
         intra_op_threads: config.intra_op_threads,
         execution_provider: config.execution_provider,
         ort_library: config.ort_library.clone(),
+        tract_kernels: config.tract_kernels,
         signatures: config.signatures.clone(),
         promotion: None,
     };

@@ -21,8 +21,8 @@ mod tensor;
 mod worker;
 
 pub use backend::{
-    Backend, BackendKind, ExecutionProvider, LoadOptions, ModelMetadata, TensorSpec, load,
-    load_bytes, load_candle,
+    Backend, BackendKind, ExecutionProvider, LoadOptions, ModelMetadata, TensorSpec, TractKernels,
+    load, load_bytes, load_candle,
 };
 pub use error::InferenceError;
 pub use stats::{BatchStat, Duration as StatDuration, ModelStats, StatsSnapshot};
@@ -37,6 +37,7 @@ pub use worker::{
 #[cfg(feature = "tract")]
 pub use backend::tract::{
     DeclaredDim, DeclaredModel, DeclaredTensor, DeclaredType, declared_model, register_onnx_ml_ops,
+    use_nightingale_kernels,
 };
 
 #[cfg(feature = "candle")]

@@ -208,6 +208,7 @@ pub fn init(model: &Path, options: &InitOptions) -> Result<InitReport, InitError
         intra_op_threads: options.load.intra_op_threads,
         execution_provider: options.load.execution_provider,
         ort_library: options.load.ort_library.clone(),
+        tract_kernels: options.load.tract_kernels,
     };
     let label = Path::new(&options.name).join("1").join(MODEL_FILE);
     let mut backend = guarded(model, engine.as_str(), "loading", || {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use nightingale_inference::{
     Backend, BackendKind, BatchingConfig, ExecutionProvider, LoadOptions, ModelMetadata,
-    ModelWorker, NamedTensor, Tensor, WorkerConfig,
+    ModelWorker, NamedTensor, Tensor, TractKernels, WorkerConfig,
 };
 
 use crate::checksum::{read_verified, verify_folder};
@@ -37,6 +37,8 @@ pub struct RepositoryOptions {
     pub execution_provider: ExecutionProvider,
     /// ONNX Runtime shared library (ort backend); `None`: ort's own lookup (`ORT_DYLIB_PATH`).
     pub ort_library: Option<PathBuf>,
+    /// tract only: whose convolution and max-pool kernels run (Nightingale's by default).
+    pub tract_kernels: TractKernels,
     /// Which bundle signatures are trusted, and whether one is required.
     pub signatures: SignaturePolicy,
     /// Asked before each version loads (after checksums and signature): may it serve? (The
@@ -335,6 +337,7 @@ impl Bundle {
             intra_op_threads: options.intra_op_threads,
             execution_provider: options.execution_provider,
             ort_library: options.ort_library.clone(),
+            tract_kernels: options.tract_kernels,
         };
         let engine_name = engine.as_str();
         let mut backend = guarded(&model_path, engine_name, "loading the model", || {

@@ -181,6 +181,17 @@ pub enum ExecutionProvider {
     Cuda { device_id: i32 },
 }
 
+/// Which kernels run 2-D convolutions and max pooling on the tract engine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TractKernels {
+    /// Nightingale's (im2col + one matrix product per group of images; a plain max pool):
+    /// 2–2.4× faster on the image bundles (docs/performance.md §16.2).
+    #[default]
+    Nightingale,
+    /// tract's own.
+    Tract,
+}
+
 /// How to load a model file.
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
@@ -193,6 +204,8 @@ pub struct LoadOptions {
     /// lookup (its `ORT_DYLIB_PATH` variable, then the system library path). Only the first
     /// ort load in a process chooses the library.
     pub ort_library: Option<std::path::PathBuf>,
+    /// tract only: whose convolution and max-pool kernels run.
+    pub tract_kernels: TractKernels,
 }
 
 /// Loads an ONNX model file with the chosen backend: reads it once, then [`load_bytes`].

@@ -2,7 +2,9 @@
 //!
 //! Loading parses the ONNX file with Nightingale's extra ONNX-ML operators registered
 //! ([`register_onnx_ml_ops`]), turns unknown leading input dimensions into the symbol `N` so the
-//! model accepts any batch, then optimises and plans it once. Each instance owns only its
+//! model accepts any batch, puts Nightingale's convolution and max-pool kernels in place of
+//! tract's ([`use_nightingale_kernels`], unless [`TractKernels::Tract`] is asked for), then
+//! optimises and plans it once. Each instance owns only its
 //! per-call state; the plan is shared.
 
 use std::path::Path;
@@ -15,14 +17,16 @@ use tract_onnx::tract_core::model::{IntoRunnable, TypedRunnableModel, TypedSimpl
 use tract_onnx::tract_hir::infer::{GenericFactoid, InferenceFact};
 use tract_onnx::tract_hir::internal::TDim;
 
-use super::{Backend, LoadOptions, ModelMetadata, TensorSpec};
+use super::{Backend, LoadOptions, ModelMetadata, TensorSpec, TractKernels};
 use crate::error::InferenceError;
 use crate::tensor::{DataType, NamedTensor, Tensor};
 
 mod declared;
+mod kernels;
 mod ml_ops;
 
 pub use declared::{DeclaredDim, DeclaredModel, DeclaredTensor, DeclaredType, declared_model};
+pub use kernels::use_nightingale_kernels;
 pub use ml_ops::register_onnx_ml_ops;
 
 const NAME: &str = "tract";
@@ -54,7 +58,7 @@ impl TractBackend {
     pub fn load_bytes(
         model: &[u8],
         name: &Path,
-        _options: &LoadOptions,
+        options: &LoadOptions,
     ) -> Result<Self, InferenceError> {
         let load_err = |e: TractError| InferenceError::load(name, e);
         let mut model = onnx().model_for_read(&mut &model[..]).map_err(load_err)?;
@@ -81,7 +85,14 @@ impl TractBackend {
                 model.set_input_fact(ix, fact).map_err(load_err)?;
             }
         }
-        let typed = model.into_optimized().map_err(load_err)?;
+        let mut typed = model
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .map_err(load_err)?;
+        if options.tract_kernels == TractKernels::Nightingale {
+            use_nightingale_kernels(&mut typed).map_err(load_err)?;
+        }
+        let typed = typed.into_optimized().map_err(load_err)?;
         let metadata = metadata(&typed).map_err(load_err)?;
         let plan = typed.into_runnable().map_err(load_err)?;
         let state = TypedSimpleState::new(&plan).map_err(load_err)?;

@@ -1,0 +1,91 @@
+//! Per-node time of a model on tract (the optimised plan the tract backend runs), one thread.
+//!
+//! ```sh
+//! cargo run --release -p nightingale-inference --example tract_profile -- MODEL.onnx [BATCH] [REPS]
+//! ```
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use tract_onnx::prelude::tract_ndarray::{ArrayD, Dimension};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::internal::DimLike;
+
+fn main() -> TractResult<()> {
+    let mut args = std::env::args().skip(1);
+    let path = args
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("usage: MODEL.onnx [BATCH] [REPS]"))?;
+    let batch: usize = args.next().map(|r| r.parse()).transpose()?.unwrap_or(1);
+    let reps: usize = args.next().map(|r| r.parse()).transpose()?.unwrap_or(30);
+    let bytes = std::fs::read(&path)?;
+    let mut model = tract_onnx::onnx().model_for_read(&mut &bytes[..])?;
+    let n = model.symbols.sym("N");
+    let mut fact: InferenceFact = model.input_fact(0)?.clone();
+    fact.shape.set_dim(0, TDim::Sym(n.clone()));
+    model.set_input_fact(0, fact)?;
+    let typed = model.into_typed()?;
+    let item: Vec<usize> = typed
+        .input_fact(0)?
+        .shape
+        .iter()
+        .skip(1)
+        .map(|d| d.to_usize())
+        .collect::<Result<_, _>>()?;
+    // FIXED=1: plan with the batch dimension fixed to BATCH instead of the symbol N.
+    let typed = if std::env::var("FIXED").is_ok_and(|v| v == "1") {
+        typed.set_symbols(&HashMap::from([(n.clone(), TDim::Val(batch as i64))]))?
+    } else {
+        typed
+    };
+    // KERNELS=nightingale: Nightingale's convolution and max pool instead of tract's.
+    let mut typed = typed.into_decluttered()?;
+    if std::env::var("KERNELS").is_ok_and(|v| v == "nightingale") {
+        let n = nightingale_inference::use_nightingale_kernels(&mut typed)?;
+        println!("{n} nodes on Nightingale's kernels");
+    }
+    let plan = typed.into_optimized()?.into_runnable()?;
+    let shape: Vec<usize> = std::iter::once(batch).chain(item.iter().copied()).collect();
+    let input: Tensor =
+        ArrayD::<f32>::from_shape_fn(shape, |ix| (ix.as_array_view().sum() % 7) as f32 / 7.0)
+            .into();
+    let mut state = TypedSimpleState::new(&plan)?;
+    for _ in 0..3 {
+        state.run(tvec!(input.clone().into()))?;
+    }
+    let mut per_node: HashMap<usize, f64> = HashMap::new();
+    let started = Instant::now();
+    for _ in 0..reps {
+        state.run_plan_with_eval(tvec!(input.clone().into()), |ctx, st, node, inputs| {
+            let t = Instant::now();
+            let out = tract_onnx::tract_core::plan::eval(ctx, st, node, inputs);
+            *per_node.entry(node.id).or_default() += t.elapsed().as_secs_f64();
+            out
+        })?;
+    }
+    let total = started.elapsed().as_secs_f64() * 1e3 / reps as f64;
+    let model = plan.model();
+    let mut rows: Vec<_> = per_node.into_iter().collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!("total {total:.3} ms per run (batch {batch})");
+    for (id, secs) in rows {
+        let node = model.node(id);
+        let ms = secs * 1e3 / reps as f64;
+        if ms < 0.005 {
+            continue;
+        }
+        let facts: Vec<String> = node
+            .outputs
+            .iter()
+            .map(|o| format!("{:?}", o.fact))
+            .collect();
+        println!(
+            "{ms:8.3} ms {:5.1}% #{id} {} {} -> {}",
+            100.0 * ms / total,
+            node.op().name(),
+            node.name,
+            facts.join(", ")
+        );
+    }
+    Ok(())
+}

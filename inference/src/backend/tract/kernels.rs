@@ -1,0 +1,522 @@
+//! Nightingale's own kernels for the two operators that dominate small image CNNs on tract:
+//! 2-D convolution (im2col into a plain matrix, then one `gemm` product per image) and 2-D max
+//! pooling. They replace tract's `Conv` and `MaxPool` nodes in the typed model before tract
+//! optimises it ([`use_nightingale_kernels`]); everything else stays tract's.
+//!
+//! Why by hand: tract 0.23.9 plans a model with a symbolic batch `N` through its eager im2col,
+//! which packs one element at a time (2.6 ns per element on the image-orientation model), and
+//! its `MaxPool` walks a generic patch iterator (0.7 ms for one 16 × 128 × 128 plane set on
+//! the lesion model, 20 % of the whole model). The matrix product itself is ndarray's
+//! (`matrixmultiply`, safe to call, 35–45 GMAC/s on these shapes on one core here); what is
+//! written here is the data movement around it (docs/performance.md §16.2).
+//!
+//! Each image of a batch is computed on its own, with the same shapes whatever the batch
+//! size, so a row's answer is the same bits whether it runs alone or batched with others.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use ndarray::linalg::general_mat_mul;
+use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::cnn::conv::Conv;
+use tract_onnx::tract_core::ops::cnn::{MaxPool, PoolSpec};
+use tract_onnx::tract_core::ops::nn::DataFormat;
+use tract_onnx::tract_hir::internal::*;
+
+/// Replaces every 2-D f32 NCHW `Conv` (one group, constant kernel and bias) and every 2-D f32
+/// NCHW `MaxPool` without index output of `model` with Nightingale's kernels. Returns how many
+/// nodes were replaced.
+pub fn use_nightingale_kernels(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        if id >= model.nodes().len() {
+            continue;
+        }
+        let node = model.node(id);
+        let patch = if let Some(conv) = node.op_as::<Conv>() {
+            match GemmConv::for_node(model, node, conv)? {
+                None => None,
+                Some(mut op) => Some(match relu_after(model, node)? {
+                    // The ReLU is applied inside the convolution, and its node goes.
+                    Some(relu) => {
+                        op.relu = true;
+                        let mut patch = TypedModelPatch::new("nightingale conv + relu");
+                        let input = patch.tap_model(model, node.inputs[0])?;
+                        let wire = patch.wire_node(&*node.name, op, &[input])?[0];
+                        patch.shunt_outside(model, OutletId::new(relu, 0), wire)?;
+                        patch.obliterate(node.id)?;
+                        Ok(patch)
+                    }
+                    None => TypedModelPatch::replace_single_op(model, node, &node.inputs[0..1], op),
+                }),
+            }
+        } else if let Some(pool) = node.op_as::<MaxPool>() {
+            PlaneMaxPool::for_node(model, node, pool)?
+                .map(|op| TypedModelPatch::replace_single_op(model, node, &node.inputs[0..1], op))
+        } else {
+            None
+        };
+        if let Some(patch) = patch {
+            patch?.apply(model)?;
+            replaced += 1;
+        }
+    }
+    Ok(replaced)
+}
+
+/// The node that applies ReLU (`Max` with a constant 0, as tract's ONNX front end wires it)
+/// to `node`'s only output and is its only reader, if there is one.
+fn relu_after(model: &TypedModel, node: &TypedNode) -> TractResult<Option<usize>> {
+    let [only] = &node.outputs[..] else {
+        return Ok(None);
+    };
+    let [next] = &only.successors[..] else {
+        return Ok(None);
+    };
+    if model.output_outlets()?.contains(&OutletId::new(node.id, 0)) {
+        return Ok(None);
+    }
+    let next = model.node(next.node);
+    let Some(op) = next.op_as::<TypedBinOp>() else {
+        return Ok(None);
+    };
+    if op.0.name() != "Max" || next.inputs.len() != 2 || op.1.is_some() {
+        return Ok(None);
+    }
+    let other = next.inputs.iter().find(|i| i.node != node.id);
+    let zero = match other {
+        Some(o) => model.outlet_fact(*o)?.konst.clone(),
+        None => None,
+    };
+    let is_zero = zero.is_some_and(|t| {
+        t.datum_type() == f32::datum_type()
+            && t.try_as_plain_ram()
+                .ok()
+                .and_then(|p| {
+                    p.as_slice::<f32>()
+                        .ok()
+                        .map(|v| v.iter().all(|x| *x == 0.0))
+                })
+                .unwrap_or(false)
+    });
+    let out = model.outlet_fact(OutletId::new(next.id, 0))?;
+    let input = model.outlet_fact(OutletId::new(node.id, 0))?;
+    Ok(
+        (is_zero && out.shape == input.shape && out.datum_type == f32::datum_type())
+            .then_some(next.id),
+    )
+}
+
+/// Whether `spec` describes a 2-D NCHW pooling or convolution geometry.
+fn is_nchw_2d(spec: &PoolSpec) -> bool {
+    spec.data_format == DataFormat::NCHW && spec.rank() == 2
+}
+
+/// The concrete geometry of one image: input and output planes, the kernel, strides,
+/// dilations and the padding before each axis.
+#[derive(Debug, Clone, Copy)]
+struct Plane {
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    kh: usize,
+    kw: usize,
+    sy: usize,
+    sx: usize,
+    dy: usize,
+    dx: usize,
+    pad_top: usize,
+    pad_left: usize,
+}
+
+impl Plane {
+    fn of(spec: &PoolSpec, h: usize, w: usize) -> TractResult<Plane> {
+        let padding = spec.computed_padding(&[h, w]);
+        Ok(Plane {
+            h,
+            w,
+            oh: padding[0].convoluted,
+            ow: padding[1].convoluted,
+            kh: spec.kernel_shape[0],
+            kw: spec.kernel_shape[1],
+            sy: spec.stride(0),
+            sx: spec.stride(1),
+            dy: spec.dilation(0),
+            dx: spec.dilation(1),
+            pad_top: padding[0].pad_before,
+            pad_left: padding[1].pad_before,
+        })
+    }
+
+    /// The output columns `ox` whose input column `ox * sx + kx * dx - pad_left` lies inside
+    /// the image, as a half-open range.
+    fn valid_x(&self, kx: usize) -> (usize, usize) {
+        let offset = kx * self.dx;
+        // ox * sx + offset >= pad_left
+        let start = self
+            .pad_left
+            .saturating_sub(offset)
+            .div_ceil(self.sx)
+            .min(self.ow);
+        // ox * sx + offset < w + pad_left
+        let end = (self.w + self.pad_left)
+            .saturating_sub(offset)
+            .div_ceil(self.sx)
+            .min(self.ow);
+        (start, end.max(start))
+    }
+
+    /// The input row read by output row `oy` for kernel row `ky`, if inside the image.
+    fn input_y(&self, oy: usize, ky: usize) -> Option<usize> {
+        (oy * self.sy + ky * self.dy)
+            .checked_sub(self.pad_top)
+            .filter(|&y| y < self.h)
+    }
+}
+
+/// A 2-D convolution as im2col + one matrix product per image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GemmConv {
+    pool_spec: PoolSpec,
+    /// `[output channels, input channels × kh × kw]`, row-major.
+    weights: Arc<Vec<f32>>,
+    /// One value per output channel.
+    bias: Arc<Vec<f32>>,
+    /// Whether a ReLU follows (fused here).
+    relu: bool,
+}
+
+impl Eq for GemmConv {}
+
+impl GemmConv {
+    fn for_node(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Option<Self>> {
+        let spec = &conv.pool_spec;
+        if conv.q_params.is_some() || conv.group != 1 || !is_nchw_2d(spec) || node.inputs.len() != 3
+        {
+            return Ok(None);
+        }
+        let input = model.outlet_fact(node.inputs[0])?;
+        let (Some(kernel), Some(bias)) = (
+            model.outlet_fact(node.inputs[1])?.konst.clone(),
+            model.outlet_fact(node.inputs[2])?.konst.clone(),
+        ) else {
+            return Ok(None);
+        };
+        if input.datum_type != f32::datum_type()
+            || kernel.datum_type() != f32::datum_type()
+            || bias.datum_type() != f32::datum_type()
+            || input.rank() != 4
+            || input.shape[2].to_usize().is_err()
+            || input.shape[3].to_usize().is_err()
+        {
+            return Ok(None);
+        }
+        let (co, ci) = (spec.output_channels, spec.input_channels);
+        let (kh, kw) = (spec.kernel_shape[0], spec.kernel_shape[1]);
+        // The kernel as [1, O, I × H × W] (one group), whatever its stored format.
+        let o_ihw = conv.kernel_fmt.kernel_as_group_o_ihw(&kernel, 1)?;
+        ensure!(
+            o_ihw.shape() == [1, co, ci * kh * kw],
+            "unexpected kernel shape {:?}",
+            o_ihw.shape()
+        );
+        let weights = o_ihw.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        let bias_values = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        let bias = match bias_values.len() {
+            0 => vec![0.0; co],
+            1 => vec![bias_values[0]; co],
+            n if n == co => bias_values,
+            n => bail!("bias has {n} values for {co} output channels"),
+        };
+        Ok(Some(GemmConv {
+            pool_spec: spec.clone(),
+            weights: Arc::new(weights),
+            bias: Arc::new(bias),
+            relu: false,
+        }))
+    }
+
+    fn k(&self) -> usize {
+        self.pool_spec.input_channels * self.pool_spec.kernel_shape.iter().product::<usize>()
+    }
+}
+
+thread_local! {
+    /// The im2col matrix of the convolution running on this thread, reused between calls.
+    static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The row stride of an im2col matrix of `n` columns: `n`, moved off multiples of 128 floats,
+/// whose rows would all map to the same cache sets (a 4096-column matrix ran at 24 instead
+/// of 38 GMAC/s).
+fn column_stride(n: usize) -> usize {
+    if n >= 128 && n % 128 == 0 { n + 16 } else { n }
+}
+
+/// A tensor of `shape` owning `values` (no copy).
+fn tensor(shape: &[usize], values: Vec<f32>) -> TractResult<Tensor> {
+    Ok(tract_ndarray::ArrayD::from_shape_vec(shape, values)?.into_tensor())
+}
+
+/// The columns of one product: up to this many output points (of one or more images).
+const GROUP_COLUMNS: usize = 4096;
+
+/// Writes the im2col matrix of one image (`[ci, h, w]`) into the first `oh × ow` columns of
+/// `cols` (`k` rows, one every `ld` values).
+fn im2col(image: &[f32], ci: usize, p: &Plane, cols: &mut [f32], ld: usize) {
+    let n = p.oh * p.ow;
+    let mut row = 0;
+    for c in 0..ci {
+        let channel = &image[c * p.h * p.w..(c + 1) * p.h * p.w];
+        for ky in 0..p.kh {
+            for kx in 0..p.kw {
+                let out = &mut cols[row * ld..row * ld + n];
+                let (x0, x1) = p.valid_x(kx);
+                for oy in 0..p.oh {
+                    let dst = &mut out[oy * p.ow..(oy + 1) * p.ow];
+                    let Some(y) = p.input_y(oy, ky) else {
+                        dst.fill(0.0);
+                        continue;
+                    };
+                    dst[..x0].fill(0.0);
+                    dst[x1..].fill(0.0);
+                    if x1 > x0 {
+                        let line = &channel[y * p.w..(y + 1) * p.w];
+                        let first = x0 * p.sx + kx * p.dx - p.pad_left;
+                        if p.sx == 1 {
+                            dst[x0..x1].copy_from_slice(&line[first..first + (x1 - x0)]);
+                        } else {
+                            for (i, d) in dst[x0..x1].iter_mut().enumerate() {
+                                *d = line[first + i * p.sx];
+                            }
+                        }
+                    }
+                }
+                row += 1;
+            }
+        }
+    }
+}
+
+impl Op for GemmConv {
+    fn name(&self) -> StaticName {
+        "NightingaleConv".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "{}x{} kernel, {} -> {} channels, strides {:?}, dilations {:?}, padding {:?}, relu {}",
+            self.pool_spec.kernel_shape[0],
+            self.pool_spec.kernel_shape[1],
+            self.pool_spec.input_channels,
+            self.pool_spec.output_channels,
+            self.pool_spec.strides(),
+            self.pool_spec.dilations(),
+            self.pool_spec.padding,
+            self.relu
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for GemmConv {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let shape = input.shape();
+        ensure!(
+            shape.len() == 4,
+            "convolution input of rank {}",
+            shape.len()
+        );
+        let (batch, ci, h, w) = (shape[0], shape[1], shape[2], shape[3]);
+        ensure!(ci == self.pool_spec.input_channels, "{ci} input channels");
+        let p = Plane::of(&self.pool_spec, h, w)?;
+        let co = self.pool_spec.output_channels;
+        let (k, n) = (self.k(), p.oh * p.ow);
+        let mut output = vec![0f32; batch * co * n];
+        ensure!(
+            ci * h * w > 0,
+            "convolution of an empty {ci} x {h} x {w} image"
+        );
+        if batch == 0 || n == 0 || co == 0 {
+            let output = tensor(&[batch, co, p.oh, p.ow], output)?;
+            return Ok(tvec!(output.into_tvalue()));
+        }
+        let input = input.try_as_plain_ram()?;
+        let input = input.as_slice::<f32>()?;
+        let weights = ArrayView2::from_shape((co, k), &self.weights[..])?;
+        // Images are multiplied together, side by side in one matrix of up to GROUP_COLUMNS
+        // columns: small planes make thin products that run at half speed. A column's value
+        // does not depend on its neighbours (every column of one product sees the same
+        // sequence of operations), so an image's answer does not depend on the batch.
+        let per_group = (GROUP_COLUMNS / n).clamp(1, batch);
+        let mut scratch = Vec::new();
+        COLUMNS.with_borrow_mut(|cols| {
+            for (images, outputs) in input
+                .chunks(per_group * ci * h * w)
+                .zip(output.chunks_mut(per_group * co * n))
+            {
+                let g = outputs.len() / (co * n);
+                let width = g * n;
+                let ld = column_stride(width);
+                if cols.len() < k * ld {
+                    cols.resize(k * ld, 0.0);
+                }
+                for (j, image) in images.chunks_exact(ci * h * w).enumerate() {
+                    im2col(image, ci, &p, &mut cols[j * n..], ld);
+                }
+                // One image: straight into its output; several: through a scratch matrix
+                // whose row holds each image's plane of that channel in turn.
+                let direct = g == 1;
+                let product: &mut [f32] = if direct {
+                    outputs
+                } else {
+                    scratch.resize(co * width, 0.0);
+                    &mut scratch[..]
+                };
+                for (row, b) in product.chunks_exact_mut(width).zip(self.bias.iter()) {
+                    row.fill(*b);
+                }
+                if k > 0 {
+                    let columns = ArrayView2::from_shape((k, width).strides((ld, 1)), &cols[..])
+                        .expect("the column buffer holds k rows of ld");
+                    let mut out = ArrayViewMut2::from_shape((co, width), &mut product[..])
+                        .expect("co × width outputs");
+                    general_mat_mul(1.0, &weights, &columns, 1.0, &mut out);
+                }
+                if self.relu {
+                    product.iter_mut().for_each(|v| *v = v.max(0.0));
+                }
+                if !direct {
+                    for (c, row) in scratch.chunks_exact(width).enumerate() {
+                        for (j, plane) in row.chunks_exact(n).enumerate() {
+                            outputs[(j * co + c) * n..][..n].copy_from_slice(plane);
+                        }
+                    }
+                }
+            }
+        });
+        let output = tensor(&[batch, co, p.oh, p.ow], output)?;
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for GemmConv {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs[0].datum_type == f32::datum_type());
+        let shape = self.pool_spec.output_shape(&inputs[0].shape)?;
+        Ok(tvec!(f32::fact(shape.shape)))
+    }
+
+    as_op!();
+}
+
+/// 2-D max pooling over NCHW planes; the padding is never the maximum (as in ONNX).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlaneMaxPool {
+    pool_spec: PoolSpec,
+}
+
+impl PlaneMaxPool {
+    fn for_node(model: &TypedModel, node: &TypedNode, pool: &MaxPool) -> TractResult<Option<Self>> {
+        let input = model.outlet_fact(node.inputs[0])?;
+        if pool.with_index_outputs.is_some()
+            || !is_nchw_2d(&pool.pool_spec)
+            || node.inputs.len() != 1
+            || input.datum_type != f32::datum_type()
+            || input.rank() != 4
+            || input.shape[2].to_usize().is_err()
+            || input.shape[3].to_usize().is_err()
+        {
+            return Ok(None);
+        }
+        Ok(Some(PlaneMaxPool {
+            pool_spec: pool.pool_spec.clone(),
+        }))
+    }
+}
+
+/// Max-pools one plane (`h × w`) into `out` (`oh × ow`).
+fn max_pool_plane(plane: &[f32], p: &Plane, out: &mut [f32]) {
+    if p.kh == 2
+        && p.kw == 2
+        && p.sy == 2
+        && p.sx == 2
+        && p.pad_top == 0
+        && p.pad_left == 0
+        && p.dy == 1
+        && p.dx == 1
+    {
+        for (oy, dst) in out.chunks_exact_mut(p.ow).enumerate() {
+            let a = &plane[2 * oy * p.w..][..2 * p.ow];
+            let b = &plane[(2 * oy + 1) * p.w..][..2 * p.ow];
+            for ((d, a), b) in dst.iter_mut().zip(a.chunks_exact(2)).zip(b.chunks_exact(2)) {
+                *d = a[0].max(a[1]).max(b[0].max(b[1]));
+            }
+        }
+        return;
+    }
+    for oy in 0..p.oh {
+        let dst = &mut out[oy * p.ow..(oy + 1) * p.ow];
+        dst.fill(f32::NEG_INFINITY);
+        for ky in 0..p.kh {
+            let Some(y) = p.input_y(oy, ky) else { continue };
+            let line = &plane[y * p.w..(y + 1) * p.w];
+            for kx in 0..p.kw {
+                let (x0, x1) = p.valid_x(kx);
+                for ox in x0..x1 {
+                    let v = line[ox * p.sx + kx * p.dx - p.pad_left];
+                    dst[ox] = dst[ox].max(v);
+                }
+            }
+        }
+    }
+}
+
+impl Op for PlaneMaxPool {
+    fn name(&self) -> StaticName {
+        "NightingaleMaxPool".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for PlaneMaxPool {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let shape = input.shape();
+        ensure!(shape.len() == 4, "max pool input of rank {}", shape.len());
+        let (batch, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
+        let p = Plane::of(&self.pool_spec, h, w)?;
+        let input = input.try_as_plain_ram()?;
+        let input = input.as_slice::<f32>()?;
+        let mut output = vec![0f32; batch * c * p.oh * p.ow];
+        if p.oh * p.ow > 0 && h * w > 0 {
+            for (plane, out) in input
+                .chunks_exact(h * w)
+                .zip(output.chunks_exact_mut(p.oh * p.ow))
+            {
+                max_pool_plane(plane, &p, out);
+            }
+        }
+        let output = tensor(&[batch, c, p.oh, p.ow], output)?;
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for PlaneMaxPool {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs[0].datum_type == f32::datum_type());
+        let shape = self.pool_spec.output_shape(&inputs[0].shape)?;
+        Ok(tvec!(f32::fact(shape.shape)))
+    }
+
+    as_op!();
+}
