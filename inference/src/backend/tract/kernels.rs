@@ -349,7 +349,8 @@ impl EvalOp for GemmConv {
         }
         let input = input.try_as_plain_ram()?;
         let input = input.as_slice::<f32>()?;
-        let weights = ArrayView2::from_shape((co, k), &self.weights[..])?;
+        // weightsᵀ: k × co, over the co × k weights.
+        let weights = ArrayView2::from_shape((k, co).strides((1, k)), &self.weights[..])?;
         // Images are multiplied together, side by side in one matrix of up to GROUP_COLUMNS
         // columns: small planes make thin products that run at half speed. A column's value
         // does not depend on its neighbours (every column of one product sees the same
@@ -383,11 +384,17 @@ impl EvalOp for GemmConv {
                     row.fill(*b);
                 }
                 if k > 0 {
-                    let columns = ArrayView2::from_shape((k, width).strides((ld, 1)), &cols[..])
+                    // The product transposed, outputᵀ = columnsᵀ · weightsᵀ, on the same memory
+                    // (views with swapped strides): matrixmultiply runs these shapes 3–70 %
+                    // faster that way round, most where k is small (performance §16.2).
+                    let columns = ArrayView2::from_shape((width, k).strides((1, ld)), &cols[..])
                         .expect("the column buffer holds k rows of ld");
-                    let mut out = ArrayViewMut2::from_shape((co, width), &mut product[..])
-                        .expect("co × width outputs");
-                    general_mat_mul(1.0, &weights, &columns, 1.0, &mut out);
+                    let mut out = ArrayViewMut2::from_shape(
+                        (width, co).strides((1, width)),
+                        &mut product[..],
+                    )
+                    .expect("co × width outputs");
+                    general_mat_mul(1.0, &columns, &weights, 1.0, &mut out);
                 }
                 if self.relu {
                     product.iter_mut().for_each(|v| *v = v.max(0.0));
