@@ -14,6 +14,7 @@
 //! size, so a row's answer is the same bits whether it runs alone or batched with others.
 
 use std::cell::RefCell;
+use std::ops::Range;
 use std::sync::Arc;
 
 use ndarray::linalg::general_mat_mul;
@@ -260,13 +261,14 @@ fn tensor(shape: &[usize], values: Vec<f32>) -> TractResult<Tensor> {
     Ok(tract_ndarray::ArrayD::from_shape_vec(shape, values)?.into_tensor())
 }
 
-/// The columns of one product: up to this many output points (of one or more images).
+/// The columns of one product: up to this many output points (of one or more images, or a
+/// band of rows of one large image).
 const GROUP_COLUMNS: usize = 4096;
 
-/// Writes the im2col matrix of one image (`[ci, h, w]`) into the first `oh × ow` columns of
-/// `cols` (`k` rows, one every `ld` values).
-fn im2col(image: &[f32], ci: usize, p: &Plane, cols: &mut [f32], ld: usize) {
-    let n = p.oh * p.ow;
+/// Writes the im2col columns of output rows `rows` of one image (`[ci, h, w]`) into the first
+/// `rows.len() × ow` columns of `cols` (`k` rows, one every `ld` values).
+fn im2col(image: &[f32], ci: usize, p: &Plane, rows: Range<usize>, cols: &mut [f32], ld: usize) {
+    let n = rows.len() * p.ow;
     let mut row = 0;
     for c in 0..ci {
         let channel = &image[c * p.h * p.w..(c + 1) * p.h * p.w];
@@ -274,8 +276,7 @@ fn im2col(image: &[f32], ci: usize, p: &Plane, cols: &mut [f32], ld: usize) {
             for kx in 0..p.kw {
                 let out = &mut cols[row * ld..row * ld + n];
                 let (x0, x1) = p.valid_x(kx);
-                for oy in 0..p.oh {
-                    let dst = &mut out[oy * p.ow..(oy + 1) * p.ow];
+                for (oy, dst) in rows.clone().zip(out.chunks_exact_mut(p.ow)) {
                     let Some(y) = p.input_y(oy, ky) else {
                         dst.fill(0.0);
                         continue;
@@ -295,6 +296,46 @@ fn im2col(image: &[f32], ci: usize, p: &Plane, cols: &mut [f32], ld: usize) {
                     }
                 }
                 row += 1;
+            }
+        }
+    }
+}
+
+/// Makes `cols` at least `len` long.
+fn grow(cols: &mut Vec<f32>, len: usize) {
+    if cols.len() < len {
+        cols.resize(len, 0.0);
+    }
+}
+
+impl GemmConv {
+    /// `width` output points of every channel from their im2col columns (`k` rows of `ld` in
+    /// `cols`): bias, the product, then the ReLU if fused; channel `c`'s points go to
+    /// `out[c * stride..][..width]`.
+    fn multiply(&self, cols: &[f32], ld: usize, width: usize, out: &mut [f32], stride: usize) {
+        let (k, co) = (self.k(), self.pool_spec.output_channels);
+        for (c, b) in self.bias.iter().enumerate() {
+            out[c * stride..][..width].fill(*b);
+        }
+        if k > 0 {
+            // The product transposed, outputᵀ = columnsᵀ · weightsᵀ, on the same memory
+            // (views with swapped strides): matrixmultiply runs these shapes 3–70 % faster
+            // that way round, most where k is small (performance §16.2). A column's value
+            // does not depend on the columns beside it, so neither an image's nor a band's
+            // answer depends on what shares its product.
+            let columns = ArrayView2::from_shape((width, k).strides((1, ld)), cols)
+                .expect("the column buffer holds k rows of ld");
+            let weights = ArrayView2::from_shape((k, co).strides((1, k)), &self.weights[..])
+                .expect("co × k weights");
+            let mut product = ArrayViewMut2::from_shape((width, co).strides((1, stride)), out)
+                .expect("co rows of width outputs, one every stride");
+            general_mat_mul(1.0, &columns, &weights, 1.0, &mut product);
+        }
+        if self.relu {
+            for c in 0..co {
+                out[c * stride..][..width]
+                    .iter_mut()
+                    .for_each(|v| *v = v.max(0.0));
             }
         }
     }
@@ -349,61 +390,55 @@ impl EvalOp for GemmConv {
         }
         let input = input.try_as_plain_ram()?;
         let input = input.as_slice::<f32>()?;
-        // weightsᵀ: k × co, over the co × k weights.
-        let weights = ArrayView2::from_shape((k, co).strides((1, k)), &self.weights[..])?;
-        // Images are multiplied together, side by side in one matrix of up to GROUP_COLUMNS
-        // columns: small planes make thin products that run at half speed. A column's value
-        // does not depend on its neighbours (every column of one product sees the same
-        // sequence of operations), so an image's answer does not depend on the batch.
-        let per_group = (GROUP_COLUMNS / n).clamp(1, batch);
+        // No product has more than GROUP_COLUMNS columns (output points), so the column
+        // buffer stays under k × GROUP_COLUMNS values (or k × one output row) whatever the
+        // plane and the batch.
+        let image_len = ci * h * w;
         let mut scratch = Vec::new();
         COLUMNS.with_borrow_mut(|cols| {
+            if n > GROUP_COLUMNS {
+                // A large plane: bands of output rows, each multiplied straight into its
+                // columns of the output, so that the column buffer stays small.
+                let band_rows = (GROUP_COLUMNS / p.ow).max(1);
+                for (image, out) in input
+                    .chunks_exact(image_len)
+                    .zip(output.chunks_exact_mut(co * n))
+                {
+                    for first in (0..p.oh).step_by(band_rows) {
+                        let rows = first..(first + band_rows).min(p.oh);
+                        let width = rows.len() * p.ow;
+                        let ld = column_stride(width);
+                        grow(cols, k * ld);
+                        im2col(image, ci, &p, rows, cols, ld);
+                        self.multiply(cols, ld, width, &mut out[first * p.ow..], n);
+                    }
+                }
+                return;
+            }
+            // Small planes: several images side by side in one product of up to
+            // GROUP_COLUMNS columns (thin products run at half speed), through a scratch
+            // matrix whose row holds each image's plane of that channel in turn.
+            let per_group = (GROUP_COLUMNS / n).clamp(1, batch);
             for (images, outputs) in input
-                .chunks(per_group * ci * h * w)
+                .chunks(per_group * image_len)
                 .zip(output.chunks_mut(per_group * co * n))
             {
                 let g = outputs.len() / (co * n);
                 let width = g * n;
                 let ld = column_stride(width);
-                if cols.len() < k * ld {
-                    cols.resize(k * ld, 0.0);
+                grow(cols, k * ld);
+                for (j, image) in images.chunks_exact(image_len).enumerate() {
+                    im2col(image, ci, &p, 0..p.oh, &mut cols[j * n..], ld);
                 }
-                for (j, image) in images.chunks_exact(ci * h * w).enumerate() {
-                    im2col(image, ci, &p, &mut cols[j * n..], ld);
+                if g == 1 {
+                    self.multiply(cols, ld, width, outputs, n);
+                    continue;
                 }
-                // One image: straight into its output; several: through a scratch matrix
-                // whose row holds each image's plane of that channel in turn.
-                let direct = g == 1;
-                let product: &mut [f32] = if direct {
-                    outputs
-                } else {
-                    scratch.resize(co * width, 0.0);
-                    &mut scratch[..]
-                };
-                for (row, b) in product.chunks_exact_mut(width).zip(self.bias.iter()) {
-                    row.fill(*b);
-                }
-                if k > 0 {
-                    // The product transposed, outputᵀ = columnsᵀ · weightsᵀ, on the same memory
-                    // (views with swapped strides): matrixmultiply runs these shapes 3–70 %
-                    // faster that way round, most where k is small (performance §16.2).
-                    let columns = ArrayView2::from_shape((width, k).strides((1, ld)), &cols[..])
-                        .expect("the column buffer holds k rows of ld");
-                    let mut out = ArrayViewMut2::from_shape(
-                        (width, co).strides((1, width)),
-                        &mut product[..],
-                    )
-                    .expect("co × width outputs");
-                    general_mat_mul(1.0, &columns, &weights, 1.0, &mut out);
-                }
-                if self.relu {
-                    product.iter_mut().for_each(|v| *v = v.max(0.0));
-                }
-                if !direct {
-                    for (c, row) in scratch.chunks_exact(width).enumerate() {
-                        for (j, plane) in row.chunks_exact(n).enumerate() {
-                            outputs[(j * co + c) * n..][..n].copy_from_slice(plane);
-                        }
+                scratch.resize(co * width, 0.0);
+                self.multiply(cols, ld, width, &mut scratch, width);
+                for (c, row) in scratch.chunks_exact(width).enumerate() {
+                    for (j, plane) in row.chunks_exact(n).enumerate() {
+                        outputs[(j * co + c) * n..][..n].copy_from_slice(plane);
                     }
                 }
             }
