@@ -1227,6 +1227,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tract_kernels_come_from_the_file_and_the_flag_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(&path, "tract_kernels = \"tract\"\n").unwrap();
+        let from_file = ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(from_file.resolve().unwrap().tract_kernels, TractKernels::Tract);
+        let flag = ServeArgs {
+            config: Some(path.clone()),
+            tract_kernels: Some(TractKernelsArg::Nightingale),
+            ..ServeArgs::default()
+        };
+        assert_eq!(flag.resolve().unwrap().tract_kernels, TractKernels::Nightingale);
+        std::fs::write(&path, "tract_kernels = \"fastest\"\n").unwrap();
+        let bad = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        assert!(bad.resolve().is_err());
+    }
+
+    #[test]
     fn flags_override_file_override_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("n.toml");
@@ -1244,6 +1268,7 @@ mod tests {
         assert_eq!(c.repository, PathBuf::from("/from/file"));
         assert_eq!(c.http_addr.port(), 7000);
         assert_eq!(c.intra_op_threads, 3);
+        assert_eq!(c.tract_kernels, TractKernels::Nightingale);
         assert_eq!(c.max_body_bytes, 64 << 20);
         assert_eq!(c.max_inflight_bytes, 512 << 20);
         assert_eq!(c.max_inflight_requests, 256);
