@@ -1235,13 +1235,19 @@ mod tests {
             config: Some(path.clone()),
             ..ServeArgs::default()
         };
-        assert_eq!(from_file.resolve().unwrap().tract_kernels, TractKernels::Tract);
+        assert_eq!(
+            from_file.resolve().unwrap().tract_kernels,
+            TractKernels::Tract
+        );
         let flag = ServeArgs {
             config: Some(path.clone()),
             tract_kernels: Some(TractKernelsArg::Nightingale),
             ..ServeArgs::default()
         };
-        assert_eq!(flag.resolve().unwrap().tract_kernels, TractKernels::Nightingale);
+        assert_eq!(
+            flag.resolve().unwrap().tract_kernels,
+            TractKernels::Nightingale
+        );
         std::fs::write(&path, "tract_kernels = \"fastest\"\n").unwrap();
         let bad = ServeArgs {
             config: Some(path),
