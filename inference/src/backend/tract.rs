@@ -7,12 +7,14 @@
 //! optimises and plans it once. Each instance owns only its
 //! per-call state; the plan is shared.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use tract_onnx::prelude::{
     DatumType, Framework, InferenceModelExt, TValue, TVec, Tensor as TractTensor, TractError,
 };
+use tract_onnx::prelude::{OutletId, Symbol, TypedModel};
 use tract_onnx::tract_core::model::{IntoRunnable, TypedRunnableModel, TypedSimpleState};
 use tract_onnx::tract_hir::infer::{GenericFactoid, InferenceFact};
 use tract_onnx::tract_hir::internal::TDim;
@@ -36,6 +38,9 @@ pub struct TractBackend {
     plan: Arc<TypedRunnableModel>,
     state: TypedSimpleState,
     metadata: Arc<ModelMetadata>,
+    /// The plan was made for a batch of one row, and a batch runs one row at a time (see
+    /// [`runs_row_by_row`]).
+    per_row: bool,
 }
 
 impl std::fmt::Debug for TractBackend {
@@ -89,19 +94,63 @@ impl TractBackend {
             .into_typed()
             .and_then(|m| m.into_decluttered())
             .map_err(load_err)?;
-        if options.tract_kernels == TractKernels::Nightingale {
+        let nightingale = options.tract_kernels == TractKernels::Nightingale;
+        let per_row = nightingale && runs_row_by_row(&typed, &batch).map_err(load_err)?;
+        // Row by row, the model answers as declared (the batch open), from a plan for one row.
+        let declared = if per_row {
+            let declared = metadata(&typed).map_err(load_err)?;
+            let one = HashMap::from([(batch.clone(), TDim::Val(1))]);
+            typed = typed.set_symbols(&one).map_err(load_err)?;
+            Some(declared)
+        } else {
+            None
+        };
+        if nightingale {
             use_nightingale_kernels(&mut typed).map_err(load_err)?;
         }
         let typed = typed.into_optimized().map_err(load_err)?;
-        let metadata = metadata(&typed).map_err(load_err)?;
+        let metadata = match declared {
+            Some(declared) => declared,
+            None => metadata(&typed).map_err(load_err)?,
+        };
         let plan = typed.into_runnable().map_err(load_err)?;
         let state = TypedSimpleState::new(&plan).map_err(load_err)?;
         Ok(TractBackend {
             plan,
             state,
             metadata: Arc::new(metadata),
+            per_row,
         })
     }
+}
+
+/// Whether `model` (decluttered, its batch the symbol `batch`) is planned for one row and run a
+/// row at a time: when it has a convolution, and every input and output has the batch as its
+/// first dimension and nowhere else. tract plans a symbolic batch with generic element-wise
+/// operations and layout moves around its matrix products; with the batch fixed it fuses them
+/// (ResNet-50: 195 → 120 ms per image, docs/performance.md §16.3). A CNN gains nothing from
+/// batching on one thread (§16.1), and a row computed alone is the same bits whatever batch it
+/// came in.
+fn runs_row_by_row(model: &TypedModel, batch: &Symbol) -> Result<bool, TractError> {
+    let has_conv = model.nodes().iter().any(|n| {
+        n.op_as::<tract_onnx::tract_core::ops::cnn::Conv>()
+            .is_some()
+    });
+    if !has_conv {
+        return Ok(false);
+    }
+    let leading = |outlet: OutletId| -> Result<bool, TractError> {
+        let shape = &model.outlet_fact(outlet)?.shape;
+        Ok(shape.rank() > 0
+            && shape[0] == TDim::Sym(batch.clone())
+            && shape.iter().skip(1).all(|d| !d.symbols().contains(batch)))
+    };
+    for outlet in model.input_outlets()?.iter().chain(model.output_outlets()?) {
+        if !leading(*outlet)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Refuses a model whose tensors are stored in external data files: loading from bytes
@@ -269,6 +318,48 @@ fn from_tract(value: &TractTensor) -> Result<Tensor, InferenceError> {
     })
 }
 
+impl TractBackend {
+    /// Runs each row of the batch on the one-row plan and stacks the rows' outputs.
+    fn run_row_by_row(&mut self, values: TVec<TValue>) -> Result<TVec<TValue>, InferenceError> {
+        let err = |e: TractError| InferenceError::backend(NAME, e);
+        let sizes: Vec<usize> = values
+            .iter()
+            .map(|v| v.shape().first().copied().unwrap_or(0))
+            .collect();
+        let rows = sizes.first().copied().unwrap_or(0);
+        if sizes.iter().any(|&s| s != rows) {
+            return Err(InferenceError::InconsistentBatch { sizes });
+        }
+        if rows == 0 {
+            return Err(InferenceError::EmptyBatch);
+        }
+        if rows == 1 {
+            return self.state.run(values).map_err(err);
+        }
+        let mut per_output: Vec<Vec<TValue>> = vec![];
+        for r in 0..rows {
+            let row: TVec<TValue> = values
+                .iter()
+                .map(|v| v.slice(0, r, r + 1).map(TValue::from))
+                .collect::<Result<_, _>>()
+                .map_err(err)?;
+            let outputs = self.state.run(row).map_err(err)?;
+            per_output.resize_with(outputs.len(), Vec::new);
+            for (all, out) in per_output.iter_mut().zip(outputs) {
+                all.push(out);
+            }
+        }
+        per_output
+            .iter()
+            .map(|rows| {
+                let rows: Vec<&TractTensor> = rows.iter().map(|v| &**v).collect();
+                TractTensor::stack_tensors(0, &rows).map(TValue::from)
+            })
+            .collect::<Result<_, _>>()
+            .map_err(err)
+    }
+}
+
 impl Backend for TractBackend {
     fn name(&self) -> &'static str {
         NAME
@@ -283,10 +374,13 @@ impl Backend for TractBackend {
             .into_iter()
             .map(|t| to_tract(t.tensor))
             .collect::<Result<_, _>>()?;
-        let outputs = self
-            .state
-            .run(values)
-            .map_err(|e| InferenceError::backend(NAME, e))?;
+        let outputs = if self.per_row {
+            self.run_row_by_row(values)?
+        } else {
+            self.state
+                .run(values)
+                .map_err(|e| InferenceError::backend(NAME, e))?
+        };
         outputs
             .iter()
             .zip(&self.metadata.outputs)
@@ -305,6 +399,59 @@ impl Backend for TractBackend {
             plan: self.plan.clone(),
             state,
             metadata: self.metadata.clone(),
+            per_row: self.per_row,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(path: &str, kernels: TractKernels) -> TractBackend {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+        let bytes = std::fs::read(&path).unwrap();
+        let options = LoadOptions {
+            tract_kernels: kernels,
+            ..Default::default()
+        };
+        TractBackend::load_bytes(&bytes, &path, &options).unwrap()
+    }
+
+    #[test]
+    fn cnns_run_row_by_row_on_a_one_row_plan_and_declare_an_open_batch() {
+        let cnn = load("tests/data/cnn/small_cnn.onnx", TractKernels::Nightingale);
+        assert!(cnn.per_row);
+        assert_eq!(cnn.metadata.inputs[0].shape, vec![-1, 1, 70, 70]);
+        assert_eq!(cnn.metadata.outputs[0].shape, vec![-1, 8, 1, 1]);
+        // tract's own kernels: tract's own symbolic plan.
+        let tract = load("tests/data/cnn/small_cnn.onnx", TractKernels::Tract);
+        assert!(!tract.per_row);
+        assert_eq!(tract.metadata, cnn.metadata);
+        // No convolution (a pool alone), or a tabular model: one plan for any batch.
+        assert!(!load("tests/data/cnn/maxpool_2x2.onnx", TractKernels::Nightingale).per_row);
+        assert!(
+            !load(
+                "../models/bundles/wdbc-malignancy/1/model.onnx",
+                TractKernels::Nightingale
+            )
+            .per_row
+        );
+    }
+
+    #[test]
+    fn row_by_row_refuses_an_empty_batch_and_stacks_the_rows() {
+        let mut cnn = load("tests/data/cnn/small_cnn.onnx", TractKernels::Nightingale);
+        let empty = vec![NamedTensor::new(
+            "x",
+            Tensor::from_vec(vec![0, 1, 70, 70], Vec::<f32>::new()).unwrap(),
+        )];
+        assert!(matches!(cnn.infer(empty), Err(InferenceError::EmptyBatch)));
+        let two = vec![NamedTensor::new(
+            "x",
+            Tensor::from_vec(vec![2, 1, 70, 70], vec![0.5f32; 2 * 70 * 70]).unwrap(),
+        )];
+        let out = cnn.infer(two).unwrap();
+        assert_eq!(out[0].tensor.shape(), &[2, 8, 1, 1]);
     }
 }
