@@ -4,7 +4,7 @@
 //! ```sh
 //! cargo run --release -p nightingale-inference --example cnn_kernels -- MODEL.onnx [BATCH...]
 //! ```
-//! Prints one line per kernel set and batch: the median and the mean of 30 timed calls after
+//! Prints one line per kernel set and batch: the median and the mean of 30 (`REPS`) timed calls after
 //! 3 warm-up calls, and the largest difference between the two kernel sets' outputs.
 
 use std::time::Instant;
@@ -20,7 +20,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         batches
     };
-    let reps = 30;
+    let reps: usize = std::env::var("REPS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(30);
     for batch in batches {
         let mut outputs = vec![];
         for kernels in [TractKernels::Nightingale, TractKernels::Tract] {
