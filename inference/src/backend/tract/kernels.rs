@@ -109,9 +109,17 @@ fn relu_after(model: &TypedModel, node: &TypedNode) -> TractResult<Option<usize>
     )
 }
 
-/// Whether `spec` describes a 2-D NCHW pooling or convolution geometry.
+/// Whether `spec` describes a 2-D NCHW pooling or convolution geometry these kernels take:
+/// a kernel of at least one tap, strides and dilations of at least one (anything else is
+/// left to tract, which refuses or handles it).
 fn is_nchw_2d(spec: &PoolSpec) -> bool {
-    spec.data_format == DataFormat::NCHW && spec.rank() == 2
+    spec.data_format == DataFormat::NCHW
+        && spec.rank() == 2
+        && spec.kernel_shape.len() == 2
+        && spec.kernel_shape.iter().all(|&k| k >= 1)
+        && [spec.strides(), spec.dilations()]
+            .iter()
+            .all(|v| v.len() == 2 && v.iter().all(|&x| x >= 1))
 }
 
 /// The concrete geometry of one image: input and output planes, the kernel, strides,
