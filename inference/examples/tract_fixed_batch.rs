@@ -11,7 +11,9 @@ use std::time::Instant;
 
 use tract_onnx::prelude::tract_ndarray::{ArrayD, Dimension};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_hir::internal::DimLike;
+
+#[path = "common/symbolic.rs"]
+mod symbolic;
 
 fn main() -> TractResult<()> {
     let mut args = std::env::args().skip(1);
@@ -19,20 +21,7 @@ fn main() -> TractResult<()> {
         .next()
         .ok_or_else(|| anyhow::anyhow!("usage: MODEL.onnx [REPS]"))?;
     let reps: usize = args.next().map(|r| r.parse()).transpose()?.unwrap_or(30);
-    let bytes = std::fs::read(&path)?;
-    let mut model = tract_onnx::onnx().model_for_read(&mut &bytes[..])?;
-    let n = model.symbols.sym("N");
-    let mut fact: InferenceFact = model.input_fact(0)?.clone();
-    fact.shape.set_dim(0, TDim::Sym(n.clone()));
-    model.set_input_fact(0, fact)?;
-    let typed = model.into_typed()?;
-    let item: Vec<usize> = typed
-        .input_fact(0)?
-        .shape
-        .iter()
-        .skip(1)
-        .map(|d| d.to_usize())
-        .collect::<Result<_, _>>()?;
+    let (typed, n, item) = symbolic::typed_with_symbolic_batch(&path)?;
     let symbolic = typed.clone().into_optimized()?.into_runnable()?;
     println!("| batch | symbolic N ms | fixed N ms | fixed / symbolic | max |difference| |");
     println!("|---|---|---|---|---|");
