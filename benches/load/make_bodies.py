@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Writes KServe v2 request bodies for the load test from the wdbc test split:
-json-<b>.json (JSON tensors) and bin-<b>.bin + bin-<b>.len (binary extension, binary outputs)."""
+json-<b>.json (JSON tensors; json-<b>-probabilities.json asking for that output only) and bin-<b>.bin + bin-<b>.len (binary extension, binary outputs)."""
 
 import csv
 import json
@@ -21,6 +21,9 @@ for batch in (1, 64):
     flat = [v for r in chosen for v in r]
     body = {"inputs": [{"name": "features", "shape": [batch, 30], "datatype": "FP32", "data": flat}]}
     (out / f"json-{batch}.json").write_text(json.dumps(body))
+    # The issue-13 load (benches/load/targets.sh): the same rows asking for `probabilities`.
+    body["outputs"] = [{"name": "probabilities"}]
+    (out / f"json-{batch}-probabilities.json").write_text(json.dumps(body))
     raw = struct.pack(f"<{len(flat)}f", *flat)
     header = {
         "inputs": [{"name": "features", "shape": [batch, 30], "datatype": "FP32",
