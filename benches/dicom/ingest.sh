@@ -111,13 +111,20 @@ tree_ticks() {
     done
     echo "$t"
 }
+# The whole machine (/proc/stat's cpu line): "busy idle" clock ticks, iowait counted as idle.
+machine_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8, $5 + $6}' /proc/stat; }
+idle_share() { # "busy idle" before, after -> percent of the machine's time idle
+    local b0 i0 b1 i1
+    read -r b0 i0 <<<"$1"; read -r b1 i1 <<<"$2"
+    printf '%.0f' "$(echo "100 * ($i1 - $i0) / ($b1 - $b0 + $i1 - $i0)" | bc -l)"
+}
 ms_per_instance() { printf '%.2f' "$(echo "($2 - $1) * 1000 / $(getconf CLK_TCK) / $COUNT" | bc -l)"; }
 
 rate() { printf '%.0f' "$(echo "$COUNT / $1" | bc -l)"; }
 mbs() { printf '%.1f' "$(echo "$BYTES / $1 / 1000000" | bc -l)"; }
 
-echo "| associations | receiver | seconds | instances/s | MB/s | Nightingale ÷ dcmtk | receiver CPU ms/instance |"
-echo "|---|---|---|---|---|---|---|"
+echo "| associations | receiver | seconds | instances/s | MB/s | Nightingale ÷ dcmtk | receiver CPU ms/instance | machine idle % |"
+echo "|---|---|---|---|---|---|---|---|"
 SYNCS=() # dcmtk's deferred writes: how long a sync took after each of its runs
 for round in $(seq "$ROUNDS"); do
     # Odd rounds Nightingale first, even rounds dcmtk first; each timed run starts after a
@@ -130,13 +137,14 @@ for round in $(seq "$ROUNDS"); do
         for who in $order; do
             sync
             if [ "$who" = ng ]; then
-                cpu0=$(cpu_ticks "$NG_PID")
+                cpu0=$(cpu_ticks "$NG_PID"); m0=$(machine_ticks)
                 ng=$(send "$NG_PORT" NIGHTINGALE "$assoc")
-                cpu1=$(cpu_ticks "$NG_PID")
+                cpu1=$(cpu_ticks "$NG_PID"); ng_idle=$(idle_share "$m0" "$(machine_ticks)")
                 ng_cpu=$(ms_per_instance "$cpu0" "$cpu1")
             else
-                dcpu0=$(tree_ticks "$SCP_PID")
+                dcpu0=$(tree_ticks "$SCP_PID"); m0=$(machine_ticks)
                 dc=$(send "$SCP_PORT" STORESCP "$assoc")
+                dc_idle=$(idle_share "$m0" "$(machine_ticks)")
                 sleep 0.2 # the children exit after the release
                 dcpu1=$(tree_ticks "$SCP_PID")
                 dc_cpu=$(ms_per_instance "$dcpu0" "$dcpu1")
@@ -152,8 +160,8 @@ for round in $(seq "$ROUNDS"); do
             exit 1
         fi
         ratio=$(printf '%.2f' "$(echo "$dc / $ng" | bc -l)")
-        echo "| $assoc | Nightingale (fsync) | $(printf '%.2f' "$ng") | $(rate "$ng") | $(mbs "$ng") | **${ratio}×** | $ng_cpu |"
-        echo "| $assoc | dcmtk storescp (no fsync) | $(printf '%.2f' "$dc") | $(rate "$dc") | $(mbs "$dc") | 1 | $dc_cpu |"
+        echo "| $assoc | Nightingale (fsync) | $(printf '%.2f' "$ng") | $(rate "$ng") | $(mbs "$ng") | **${ratio}×** | $ng_cpu | $ng_idle |"
+        echo "| $assoc | dcmtk storescp (no fsync) | $(printf '%.2f' "$dc") | $(rate "$dc") | $(mbs "$dc") | 1 | $dc_cpu | $dc_idle |"
     done
 done
 echo

@@ -17,6 +17,7 @@
 #   benches/load/targets.sh                       # ROUNDS=3 DURATION=10; ~10 minutes
 #   WRITE_DOCS=1 benches/load/targets.sh          # and replace the table in docs/performance.md
 #   SKIP_TRITON=1 / SKIP_GRPC=1 / SKIP_CNN=1      # leave a part out
+#   (the raw cells are kept in OUT=target/targets: targets_table.py can rewrite the table)
 #
 # Needs: wrk, curl, the test venv (.venv: onnxruntime, numpy) and, for Triton, a venv with
 # nvidia-pytriton made with /usr/bin/python3.11 (created in target/pytriton on first use,
@@ -37,6 +38,9 @@ ceiling_bin=$(newest http_ceiling)
 load_bin=$(newest grpc_http_load)
 
 work=$(mktemp -d)
+# The raw cells stay after the run (the table can be written again from them).
+out=${OUT:-target/targets}
+mkdir -p "$out"
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -125,8 +129,12 @@ if [ "${SKIP_CNN:-0}" != 1 ]; then
   ROUNDS=$ROUNDS benches/cnn/kernels.sh | tee "$work/cnn.txt"
 fi
 
-"$VENV/bin/python" benches/load/targets_table.py --results "$results" \
-  $( [ -f "$work/grpc.md" ] && echo --grpc "$work/grpc.md" ) \
-  $( [ -f "$work/cnn.txt" ] && echo --cnn "$work/cnn.txt" ) \
+cp "$results" "$out/results.txt"
+rm -f "$out/grpc.md" "$out/cnn.txt"
+[ -f "$work/grpc.md" ] && cp "$work/grpc.md" "$out/"
+[ -f "$work/cnn.txt" ] && cp "$work/cnn.txt" "$out/"
+"$VENV/bin/python" benches/load/targets_table.py --results "$out/results.txt" \
+  $( [ -f "$out/grpc.md" ] && echo --grpc "$out/grpc.md" ) \
+  $( [ -f "$out/cnn.txt" ] && echo --cnn "$out/cnn.txt" ) \
   --commit "$(git rev-parse --short HEAD)" --rounds "$ROUNDS" --duration "$DURATION" \
   $( [ "${WRITE_DOCS:-0}" = 1 ] && echo --write docs/performance.md )

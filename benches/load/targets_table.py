@@ -88,7 +88,7 @@ def grpc_section(path: Path) -> list[str]:
 def cnn_section(path: Path) -> list[str]:
     times: dict[tuple[str, int, str], list[float]] = defaultdict(list)
     for line in path.read_text().splitlines():
-        m = re.match(r"(\S+) batch (\d+) (Nightingale|Tract|onnxruntime)\S*: median ([\d.]+) ms", line)
+        m = re.match(r"(\S+) batch (\d+) (Nightingale|Tract|onnxruntime)[^:]*: median ([\d.]+) ms", line)
         if m:
             model = m[1].split("/")[-3]
             times[(model, int(m[2]), m[3])].append(float(m[4]))
