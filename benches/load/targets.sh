@@ -9,8 +9,9 @@
 #      reads the POST and answers a fixed JSON). All three are up for the whole run; the cells
 #      are interleaved, ROUNDS rounds of DURATION seconds, the order rotating each round;
 #      medians reported.
-#   2. gRPC vs HTTP on the same Nightingale (benches/grpc_http_load.rs: http-json, http-binary,
-#      grpc with raw_input_contents as tritonclient.grpc sends them).
+#   2. gRPC vs HTTP on the same Nightingale: benches/grpc_http_load.rs (Rust clients: http-json,
+#      http-binary, grpc with raw_input_contents as tritonclient.grpc sends them), then Triton's
+#      own Python clients (tritonclient.http JSON vs tritonclient.grpc, benches/load/triton_load.py).
 #   3. The pure-Rust engine vs onnxruntime on the image bundles and ResNet-50 (one thread each:
 #      benches/cnn/kernels.sh).
 #
@@ -120,6 +121,23 @@ done
 if [ "${SKIP_GRPC:-0}" != 1 ]; then
   "$load_bin" --http "127.0.0.1:$ng_http" --grpc "127.0.0.1:$ng_grpc" --seconds 5 \
     --rounds "$ROUNDS" --clients 1,16 --kinds http-json,http-binary,grpc | tee "$work/grpc.md"
+fi
+if [ "${SKIP_GRPC:-0}" != 1 ]; then
+  # The same comparison the way Triton's users load a server: Triton's own Python clients,
+  # tritonclient.http (JSON) against tritonclient.grpc (raw contents), one thread per
+  # connection (benches/load/triton_load.py; the client's own CPU is part of what it measures).
+  for round in $(seq "$ROUNDS"); do
+    for c in 1 16; do
+      if [ $((round % 2)) = 1 ]; then protocols="http grpc"; else protocols="grpc http"; fi
+      for proto in $protocols; do
+        line=$("$VENV/bin/python" benches/load/triton_load.py "127.0.0.1:$ng_http" wdbc-malignancy \
+          --outputs probabilities --concurrency "$c" --duration "$DURATION" --warmup 1 \
+          $( [ "$proto" = grpc ] && echo --grpc "127.0.0.1:$ng_grpc" ) |
+          "$VENV/bin/python" -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))')
+        echo "tritonclient protocol=$proto concurrency=$c round=$round $line" | tee -a "$results"
+      done
+    done
+  done
 fi
 # Every request Nightingale answered was audited: the chain must verify.
 "$bin" audit verify "$work/audit.jsonl"

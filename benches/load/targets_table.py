@@ -85,6 +85,41 @@ def grpc_section(path: Path) -> list[str]:
     return out
 
 
+def tritonclient_section(path: Path) -> list[str]:
+    cells: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for line in path.read_text().splitlines():
+        m = re.match(r"tritonclient protocol=(\S+) concurrency=(\d+) round=\d+ (\{.*\})$", line)
+        if m:
+            cells[(m[1], int(m[2]))].append(json.loads(m[3]))
+    if not cells:
+        return []
+    out = [
+        "| connections | client | req/s | p50 µs | p99 µs | errors |",
+        "|---|---|---|---|---|---|",
+    ]
+    rps: dict[tuple[str, int], float] = {}
+    for c in (1, 16):
+        for proto in ("http", "grpc"):
+            runs = cells.get((proto, c))
+            if not runs:
+                continue
+            rps[(proto, c)] = statistics.median(r["requests_per_s"] for r in runs)
+            p50 = statistics.median(r["latency_ms"]["p50"] for r in runs) * 1e3
+            p99 = statistics.median(r["latency_ms"]["p99"] for r in runs) * 1e3
+            errors = sum(r["errors"] for r in runs)
+            name = "tritonclient.grpc" if proto == "grpc" else "tritonclient.http (JSON)"
+            out.append(f"| {c} | {name} | {rps[(proto, c)]:,.0f} | {p50:.0f} | {p99:.0f} | {errors} |")
+    out += ["", "| target | measured | verdict |", "|---|---|---|"]
+    for c in (1, 16):
+        if ("http", c) in rps and ("grpc", c) in rps:
+            ratio = rps[("grpc", c)] / rps[("http", c)]
+            out.append(
+                f"| {c} connection(s): gRPC ≥ HTTP with Triton's own clients | {ratio:.2f}× "
+                f"| {verdict(ratio >= 1)} |"
+            )
+    return out
+
+
 def cnn_section(path: Path) -> list[str]:
     times: dict[tuple[str, int, str], list[float]] = defaultdict(list)
     for line in path.read_text().splitlines():
@@ -130,6 +165,10 @@ def main() -> None:
     if a.grpc:
         lines += ["", "**gRPC vs HTTP on the same server** (benches/grpc_http_load.rs)", ""]
         lines += grpc_section(a.grpc)
+    triton_clients = tritonclient_section(a.results)
+    if triton_clients:
+        lines += ["", "**gRPC vs HTTP with Triton's own clients** (benches/load/triton_load.py)", ""]
+        lines += triton_clients
     if a.cnn:
         lines += ["", "**Pure-Rust engine vs onnxruntime, one thread each** (benches/cnn/kernels.sh)", ""]
         lines += cnn_section(a.cnn)

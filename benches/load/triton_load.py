@@ -8,6 +8,9 @@ Prints one JSON document with requests/s, rows/s and p50/p99 latency.
 
   .venv/bin/python benches/load/triton_load.py 127.0.0.1:8000 wdbc-malignancy \\
       --batch 1 --concurrency 16 --duration 10 --binary
+  # the same over gRPC with tritonclient.grpc (metadata still read over HTTP):
+  .venv/bin/python benches/load/triton_load.py 127.0.0.1:8000 wdbc-malignancy \\
+      --grpc 127.0.0.1:8001 --outputs probabilities --concurrency 16
 
 With --requests N the load is bounded by count instead of time (for slow models):
 each connection sends --warmup-requests unmeasured requests, then all start together
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
@@ -70,13 +74,18 @@ def main() -> None:
                     help="bound by count instead of --duration: measured requests per connection")
     ap.add_argument("--warmup-requests", type=int, default=1,
                     help="with --requests: unmeasured requests per connection before the start")
+    ap.add_argument("--grpc", metavar="HOST:PORT", default=None,
+                    help="send the infers with tritonclient.grpc to this gRPC endpoint (raw "
+                         "contents, as tritonclient.grpc sends them) instead of over HTTP")
+    ap.add_argument("--outputs", default=None,
+                    help="comma-separated outputs to ask for (default: all of the model's)")
     args = ap.parse_args()
 
     probe = httpclient.InferenceServerClient(url=args.url)
     if not probe.is_model_ready(args.model):
         raise SystemExit(f"model {args.model} is not ready at {args.url}")
     md = probe.get_model_metadata(args.model)
-    out_names = [o["name"] for o in md["outputs"]]
+    out_names = args.outputs.split(",") if args.outputs else [o["name"] for o in md["outputs"]]
     server_md = probe.get_server_metadata()
     probe.close()
     # Large rows (images): a pool just big enough that no two connections send the same rows.
@@ -94,12 +103,18 @@ def main() -> None:
 
     def worker(w: int) -> None:
         nonlocal n_errors
-        c = httpclient.InferenceServerClient(url=args.url, network_timeout=120.0)
         idx = (w * args.batch + np.arange(args.batch)) % len(pool)
         x = np.ascontiguousarray(pool[idx])
-        inp = httpclient.InferInput(in_name, list(x.shape), datatype)
-        inp.set_data_from_numpy(x, binary_data=args.binary)
-        outs = [httpclient.InferRequestedOutput(n, binary_data=args.binary) for n in out_names]
+        if args.grpc:
+            c = grpcclient.InferenceServerClient(url=args.grpc)
+            inp = grpcclient.InferInput(in_name, list(x.shape), datatype)
+            inp.set_data_from_numpy(x)
+            outs = [grpcclient.InferRequestedOutput(n) for n in out_names]
+        else:
+            c = httpclient.InferenceServerClient(url=args.url, network_timeout=120.0)
+            inp = httpclient.InferInput(in_name, list(x.shape), datatype)
+            inp.set_data_from_numpy(x, binary_data=args.binary)
+            outs = [httpclient.InferRequestedOutput(n, binary_data=args.binary) for n in out_names]
         mine: list[float] = []
         my_errors = 0
         first_error = None
@@ -185,6 +200,8 @@ def main() -> None:
                 "batch": args.batch,
                 "concurrency": args.concurrency,
                 "binary": args.binary,
+                "protocol": "grpc" if args.grpc else "http",
+                "outputs": out_names,
                 "warmup_s": None if args.requests else args.warmup,
                 "warmup_requests": args.warmup_requests if args.requests else None,
                 "requests_per_connection": args.requests or None,
