@@ -11,7 +11,21 @@ use std::time::Instant;
 
 use nightingale_inference::{BackendKind, LoadOptions, NamedTensor, Tensor, TractKernels, load};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+fn main() -> Result<(), Error> {
+    // On a thread of its own, as the server runs a model on its instance thread: glibc then
+    // serves the run's tensors from that thread's arena. On the main thread its heap is
+    // trimmed between runs and every run faults its multi-megabyte tensors in again
+    // (~185 page faults per run of the lesion model, twice its time).
+    std::thread::Builder::new()
+        .name("ng-model".into())
+        .spawn(run)?
+        .join()
+        .map_err(|_| "the timing thread panicked")?
+}
+
+fn run() -> Result<(), Error> {
     let mut args = std::env::args().skip(1);
     let path = std::path::PathBuf::from(args.next().ok_or("usage: MODEL.onnx [BATCH...]")?);
     let batches: Vec<usize> = args.map(|a| a.parse()).collect::<Result<_, _>>()?;

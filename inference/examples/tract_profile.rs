@@ -14,6 +14,17 @@ use tract_onnx::prelude::*;
 mod symbolic;
 
 fn main() -> TractResult<()> {
+    // On a thread of its own, as the server runs a model on its instance thread (see the
+    // cnn_kernels example: on the main thread glibc trims its heap between runs and the
+    // tensors are faulted in again every run).
+    std::thread::Builder::new()
+        .name("ng-model".into())
+        .spawn(run)?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the profiling thread panicked"))?
+}
+
+fn run() -> TractResult<()> {
     let mut args = std::env::args().skip(1);
     let path = args
         .next()
