@@ -121,8 +121,6 @@ done
 if [ "${SKIP_GRPC:-0}" != 1 ]; then
   "$load_bin" --http "127.0.0.1:$ng_http" --grpc "127.0.0.1:$ng_grpc" --seconds 5 \
     --rounds "$ROUNDS" --clients 1,16 --kinds http-json,http-binary,grpc | tee "$work/grpc.md"
-fi
-if [ "${SKIP_GRPC:-0}" != 1 ]; then
   # The same comparison the way Triton's users load a server: Triton's own Python clients,
   # tritonclient.http (JSON) against tritonclient.grpc (raw contents), one thread per
   # connection (benches/load/triton_load.py; the client's own CPU is part of what it measures).
