@@ -22,12 +22,19 @@ def verdict(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
 
 
-def http_section(path: Path) -> list[str]:
+def read_cells(path: Path, kind: str, key: str) -> dict[tuple[str, int], list[dict]]:
+    """The JSON cells of targets.sh's lines `KIND KEY=… concurrency=N round=R {…}`, by (KEY, N)."""
     cells: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    pattern = re.compile(rf"{kind} {key}=(\S+) concurrency=(\d+) round=\d+ (\{{.*\}})$")
     for line in path.read_text().splitlines():
-        m = re.match(r"http server=(\S+) concurrency=(\d+) round=\d+ (\{.*\})$", line)
+        m = pattern.match(line)
         if m:
             cells[(m[1], int(m[2]))].append(json.loads(m[3]))
+    return cells
+
+
+def http_section(path: Path) -> list[str]:
+    cells = read_cells(path, "http", "server")
 
     def med(server: str, c: int) -> tuple[float, float, float, int] | None:
         runs = cells.get((server, c))
@@ -86,11 +93,7 @@ def grpc_section(path: Path) -> list[str]:
 
 
 def tritonclient_section(path: Path) -> list[str]:
-    cells: dict[tuple[str, int], list[dict]] = defaultdict(list)
-    for line in path.read_text().splitlines():
-        m = re.match(r"tritonclient protocol=(\S+) concurrency=(\d+) round=\d+ (\{.*\})$", line)
-        if m:
-            cells[(m[1], int(m[2]))].append(json.loads(m[3]))
+    cells = read_cells(path, "tritonclient", "protocol")
     if not cells:
         return []
     out = [

@@ -110,18 +110,20 @@ def main() -> None:
             inp = grpcclient.InferInput(in_name, list(x.shape), datatype)
             inp.set_data_from_numpy(x)
             outs = [grpcclient.InferRequestedOutput(n) for n in out_names]
+            bound = {"client_timeout": 120.0}  # as the HTTP client's network_timeout
         else:
             c = httpclient.InferenceServerClient(url=args.url, network_timeout=120.0)
             inp = httpclient.InferInput(in_name, list(x.shape), datatype)
             inp.set_data_from_numpy(x, binary_data=args.binary)
             outs = [httpclient.InferRequestedOutput(n, binary_data=args.binary) for n in out_names]
+            bound = {}
         mine: list[float] = []
         my_errors = 0
         first_error = None
         if args.requests:
             for _ in range(args.warmup_requests):
                 try:
-                    c.infer(args.model, [inp], outputs=outs)
+                    c.infer(args.model, [inp], outputs=outs, **bound)
                 except InferenceServerException as e:
                     first_error = first_error or f"warm-up: {e}"
             start_barrier.wait()
@@ -130,7 +132,7 @@ def main() -> None:
                 for _ in range(args.requests):
                     t0 = time.perf_counter()
                     try:
-                        c.infer(args.model, [inp], outputs=outs)
+                        c.infer(args.model, [inp], outputs=outs, **bound)
                     except InferenceServerException as e:
                         my_errors += 1
                         first_error = first_error or str(e)
@@ -153,7 +155,7 @@ def main() -> None:
                 if t0 >= t_measure[1]:
                     break
                 try:
-                    c.infer(args.model, [inp], outputs=outs)
+                    c.infer(args.model, [inp], outputs=outs, **bound)
                 except InferenceServerException as e:
                     if t0 >= t_measure[0]:
                         my_errors += 1
