@@ -55,13 +55,16 @@ fi
 export NIGHTINGALE_PEERS=1 NIGHTINGALE_VENV="$VENV"
 
 # Orthanc (Debian) as the real PACS of the DICOM pipeline's peer test
-# (tests/peer/test_dicom_orthanc.py, issue 9 PEERS slice): the test starts its own Orthanc on
-# free loopback ports with a generated configuration (the packaged service is not used).
-if ! command -v Orthanc >/dev/null 2>&1 && [ ! -x /usr/sbin/Orthanc ]; then
-  echo "== installing orthanc (Debian)"
+# (tests/peer/test_dicom_orthanc.py, issue 9 PEERS slice), and with its DICOMweb plugin as a
+# STOW/QIDO/WADO client (tests/peer/test_dicomweb_orthanc.py): the tests start their own
+# Orthanc on free loopback ports with a generated configuration (the packaged service is not
+# used).
+if { ! command -v Orthanc >/dev/null 2>&1 && [ ! -x /usr/sbin/Orthanc ]; } \
+  || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then
+  echo "== installing orthanc and orthanc-dicomweb (Debian)"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -qq --no-install-recommends orthanc >/dev/null 2>&1 || {
-    apt-get update -qq && apt-get install -y -qq --no-install-recommends orthanc >/dev/null
+  apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb >/dev/null 2>&1 || {
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb >/dev/null
   }
 fi
 

@@ -573,6 +573,46 @@ async fn qido_lists_what_was_stored() {
     assert!(h[header::WARNING].to_str().unwrap().contains("PatientName"));
     let (s, v) = server.get("/dicomweb/studies?limit=many").await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+
+    // The attributes the index keeps: every stored object is a CT with no study date.
+    let (_, v) = server.get("/dicomweb/studies?ModalitiesInStudy=CT").await;
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    assert_eq!(v[0]["00080061"]["Value"], serde_json::json!(["CT"]));
+    assert_eq!(v[0]["00080020"], serde_json::json!({"vr": "DA"}));
+    let (_, v) = server.get("/dicomweb/series?Modality=MR,C?").await;
+    assert_eq!(v.as_array().unwrap().len(), 3);
+    let (_, v) = server.get("/dicomweb/series?Modality=MR").await;
+    assert_eq!(v, Value::Array(vec![]));
+    // A study without a date matches no date range.
+    let (s, v) = server.get("/dicomweb/studies?StudyDate=19000101-").await;
+    assert_eq!((s, v), (StatusCode::OK, Value::Array(vec![])));
+    // Modality is a series key: at the study level it is ignored with a warning.
+    let (s, h, v) = server
+        .send(
+            Request::get("/dicomweb/studies?Modality=MR")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    assert!(h[header::WARNING].to_str().unwrap().contains("Modality"));
+    // Malformed or oversized keys: 400 naming the key.
+    let many = vec!["CT"; 300].join(",");
+    for query in [
+        "StudyDate=20200101&StudyDate=20200102".to_owned(),
+        "StudyDate=-".to_owned(),
+        "StudyDate=20200230".to_owned(),
+        "StudyDate=20200101-20200102-20200103".to_owned(),
+        format!("ModalitiesInStudy={many}"),
+        "ModalitiesInStudy=%27%20OR%201%3D1".to_owned(),
+        "SeriesNumber=99999999999999".to_owned(),
+    ] {
+        let (s, v) = server.get(&format!("/dicomweb/series?{query}")).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{query}: {v}");
+        let key = query.split('=').next().unwrap();
+        assert!(v.to_string().contains(key), "{query}: {v}");
+    }
 }
 
 #[tokio::test]

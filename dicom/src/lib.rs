@@ -16,6 +16,7 @@
 //! - [`volume`]: a series as one volume: slice geometry, order, and the series that cannot be
 //!   one.
 
+pub mod attributes;
 pub mod events;
 pub mod maintenance;
 pub mod multipart;
@@ -34,6 +35,7 @@ pub mod stow;
 pub mod structure;
 pub mod volume;
 
+pub use attributes::Attributes;
 pub use events::{DicomEvent, EventSink, InstanceEvent};
 pub use scp::{AllowedAe, Scp, ScpConfig, ScpError};
 pub use spool::{Incoming, Recovery, Spool, SpoolError, SpoolOptions, StoreError, Stored};

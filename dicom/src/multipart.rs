@@ -38,7 +38,7 @@ pub enum MultipartError {
     UnsupportedType(String),
     #[error("the Content-Type has no boundary parameter")]
     MissingBoundary,
-    #[error("the boundary parameter is not 1 to 70 valid characters (RFC 2046)")]
+    #[error("the boundary parameter is not 1 to 200 valid characters (RFC 2046's, 70 in the RFC)")]
     InvalidBoundary,
     #[error("a part is larger than the limit of {limit} bytes")]
     PartTooLarge { limit: u64 },
@@ -145,9 +145,14 @@ fn unquote(v: &str) -> String {
     }
 }
 
-/// RFC 2046 bchars: 1 to 70 of digits, letters and `'()+_,-./:=? ` (not ending in a space).
+/// The longest boundary taken. RFC 2046 allows 70 characters, but real clients send more:
+/// Orthanc's DICOMweb plugin (1.7) makes its boundary of two UUIDs, 73 characters.
+pub const MAX_BOUNDARY_LEN: usize = 200;
+
+/// RFC 2046 bchars: digits, letters and `'()+_,-./:=? ` (not ending in a space), 1 to
+/// [`MAX_BOUNDARY_LEN`] of them.
 fn valid_boundary(b: &str) -> bool {
-    (1..=70).contains(&b.len())
+    (1..=MAX_BOUNDARY_LEN).contains(&b.len())
         && !b.ends_with(' ')
         && b.bytes()
             .all(|c| c.is_ascii_alphanumeric() || b"'()+_,-./:=? ".contains(&c))

@@ -1,9 +1,12 @@
 //! QIDO-RS queries over the spool's index: what was received, by study, series and
-//! instance. Only UIDs, SOP class, transfer syntax, counts and receive times are indexed,
-//! so only those are answered: no patient or study attributes (names, IDs, dates).
+//! instance. The index holds UIDs, SOP class, transfer syntax, counts, receive times and
+//! the [`Attributes`] (modality, study date and time, series and instance numbers, image
+//! size), so only those are matched and answered: no patient attribute (name, ID, birth
+//! date, sex) and no free text.
 
 use rusqlite::types::Value;
 
+use crate::attributes::Attributes;
 use crate::spool::{Spool, StoreError};
 
 /// Largest page a query returns.
@@ -16,9 +19,28 @@ pub struct Query {
     pub series_uids: Vec<String>,
     pub sop_instance_uids: Vec<String>,
     pub sop_class_uids: Vec<String>,
+    /// Modality (0008,0060) of the series or instance: values or `*`/`?` wildcard patterns
+    /// ([`is_code_pattern`]).
+    pub modalities: Vec<String>,
+    /// Modalities in Study (0008,0061): studies with a series of any of these (patterns).
+    pub modalities_in_study: Vec<String>,
+    /// Study Date (0008,0020) range, both ends included, `YYYYMMDD`: `None` for an open end.
+    pub study_date: Option<(Option<String>, Option<String>)>,
+    pub series_numbers: Vec<i64>,
+    pub instance_numbers: Vec<i64>,
     /// At most [`MAX_LIMIT`]; `None`: [`MAX_LIMIT`].
     pub limit: Option<u32>,
     pub offset: u64,
+}
+
+/// Whether `s` is a CS value or a pattern of one (`*` any run, `?` one character): the
+/// characters of PS3.5's CS repertoire and the two wildcards, at most 64.
+pub fn is_code_pattern(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| {
+            b.is_ascii_uppercase() || b.is_ascii_digit() || matches!(b, b'_' | b' ' | b'*' | b'?')
+        })
 }
 
 /// A study as the index knows it.
@@ -29,6 +51,10 @@ pub struct StudyRow {
     pub instances: u64,
     /// Last instance received, Unix milliseconds.
     pub last_received_ms: i64,
+    pub study_date: Option<String>,
+    pub study_time: Option<String>,
+    /// The distinct modalities of its instances, sorted.
+    pub modalities: Vec<String>,
 }
 
 /// A series as the index knows it.
@@ -38,6 +64,10 @@ pub struct SeriesRow {
     pub series_uid: String,
     pub instances: u64,
     pub last_received_ms: i64,
+    pub modality: Option<String>,
+    pub series_number: Option<i64>,
+    pub study_date: Option<String>,
+    pub study_time: Option<String>,
 }
 
 /// An instance as the index knows it.
@@ -50,11 +80,42 @@ pub struct InstanceRow {
     pub transfer_syntax: String,
     pub received_at_ms: i64,
     pub size: u64,
+    pub attributes: Attributes,
+}
+
+/// The keys a level matches on besides the UIDs.
+#[derive(Clone, Copy)]
+struct Keys {
+    modality: bool,
+    series_number: bool,
+    instance_number: bool,
+}
+
+/// `column IN (...)` or, for values with wildcards, `(column GLOB ? OR ...)`.
+fn any_of(column: &str, values: &[String], clauses: &mut Vec<String>, params: &mut Vec<Value>) {
+    let (patterns, exact): (Vec<&String>, Vec<&String>) =
+        values.iter().partition(|v| v.contains(['*', '?']));
+    let mut alternatives = vec![];
+    if !exact.is_empty() {
+        alternatives.push(format!(
+            "{column} IN ({})",
+            vec!["?"; exact.len()].join(", ")
+        ));
+        params.extend(exact.iter().map(|v| Value::Text((*v).clone())));
+    }
+    for p in patterns {
+        // GLOB's `*` and `?` are DICOM's; `[` (its only other special) is not in the
+        // CS repertoire, which the caller checked.
+        alternatives.push(format!("{column} GLOB ?"));
+        params.push(Value::Text(p.clone()));
+    }
+    clauses.push(format!("({})", alternatives.join(" OR ")));
 }
 
 impl Query {
-    /// `WHERE ...` over the given columns and its parameters.
-    fn filter(&self, columns: &[(&str, &[String])]) -> (String, Vec<Value>) {
+    /// `WHERE ...` over the given UID columns and the attribute keys of `keys`, and its
+    /// parameters.
+    fn filter(&self, columns: &[(&str, &[String])], keys: Keys) -> (String, Vec<Value>) {
         let mut clauses = vec![];
         let mut params = vec![];
         for (column, values) in columns {
@@ -64,6 +125,51 @@ impl Query {
             let marks = vec!["?"; values.len()].join(", ");
             clauses.push(format!("{column} IN ({marks})"));
             params.extend(values.iter().map(|v| Value::Text(v.clone())));
+        }
+        let universal =
+            |v: &[String]| v.is_empty() || v.iter().any(|p| p.bytes().all(|b| b == b'*'));
+        if keys.modality && !universal(&self.modalities) {
+            any_of("modality", &self.modalities, &mut clauses, &mut params);
+        }
+        if !universal(&self.modalities_in_study) {
+            let mut inner = vec![];
+            any_of(
+                "modality",
+                &self.modalities_in_study,
+                &mut inner,
+                &mut params,
+            );
+            clauses.push(format!(
+                "study_uid IN (SELECT study_uid FROM instances WHERE {})",
+                inner.join(" AND ")
+            ));
+        }
+        if let Some((from, to)) = &self.study_date {
+            clauses.push("study_date IS NOT NULL".into());
+            if let Some(from) = from {
+                clauses.push("study_date >= ?".into());
+                params.push(Value::Text(from.clone()));
+            }
+            if let Some(to) = to {
+                clauses.push("study_date <= ?".into());
+                params.push(Value::Text(to.clone()));
+            }
+        }
+        for (on, column, values) in [
+            (keys.series_number, "series_number", &self.series_numbers),
+            (
+                keys.instance_number,
+                "instance_number",
+                &self.instance_numbers,
+            ),
+        ] {
+            if on && !values.is_empty() {
+                clauses.push(format!(
+                    "{column} IN ({})",
+                    vec!["?"; values.len()].join(", ")
+                ));
+                params.extend(values.iter().map(|n| Value::Integer(*n)));
+            }
         }
         let sql = if clauses.is_empty() {
             String::new()
@@ -84,34 +190,57 @@ impl Query {
 }
 
 impl Spool {
-    /// Studies matching `StudyInstanceUID` (the other keys are not study-level).
+    /// Studies matching `StudyInstanceUID`, `ModalitiesInStudy` and `StudyDate`.
     pub fn query_studies(&self, q: &Query) -> Result<Vec<StudyRow>, StoreError> {
-        let (filter, mut params) = q.filter(&[("study_uid", &q.study_uids)]);
+        let keys = Keys {
+            modality: false,
+            series_number: false,
+            instance_number: false,
+        };
+        let (filter, mut params) = q.filter(&[("study_uid", &q.study_uids)], keys);
         let page = q.page(&mut params);
         let sql = format!(
-            "SELECT study_uid, COUNT(DISTINCT series_uid), COUNT(*), MAX(received_at_ms)
+            "SELECT study_uid, COUNT(DISTINCT series_uid), COUNT(*), MAX(received_at_ms),
+                    MIN(study_date), MIN(study_time), GROUP_CONCAT(DISTINCT modality)
              FROM instances {filter} GROUP BY study_uid ORDER BY study_uid {page}"
         );
         let db = self.index();
         let mut stmt = db.prepare(&sql)?;
         let rows = stmt.query_map(rusqlite::params_from_iter(params), |r| {
+            let mut modalities: Vec<String> = r
+                .get::<_, Option<String>>(6)?
+                .map(|m| m.split(',').map(str::to_owned).collect())
+                .unwrap_or_default();
+            modalities.sort();
             Ok(StudyRow {
                 study_uid: r.get(0)?,
                 series: r.get::<_, i64>(1)? as u64,
                 instances: r.get::<_, i64>(2)? as u64,
                 last_received_ms: r.get(3)?,
+                study_date: r.get(4)?,
+                study_time: r.get(5)?,
+                modalities,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Series matching `StudyInstanceUID` and `SeriesInstanceUID`.
+    /// Series matching `StudyInstanceUID`, `SeriesInstanceUID`, `Modality`,
+    /// `ModalitiesInStudy`, `SeriesNumber` and `StudyDate`.
     pub fn query_series(&self, q: &Query) -> Result<Vec<SeriesRow>, StoreError> {
-        let (filter, mut params) =
-            q.filter(&[("study_uid", &q.study_uids), ("series_uid", &q.series_uids)]);
+        let keys = Keys {
+            modality: true,
+            series_number: true,
+            instance_number: false,
+        };
+        let (filter, mut params) = q.filter(
+            &[("study_uid", &q.study_uids), ("series_uid", &q.series_uids)],
+            keys,
+        );
         let page = q.page(&mut params);
         let sql = format!(
-            "SELECT study_uid, series_uid, COUNT(*), MAX(received_at_ms)
+            "SELECT study_uid, series_uid, COUNT(*), MAX(received_at_ms), MIN(modality),
+                    MIN(series_number), MIN(study_date), MIN(study_time)
              FROM instances {filter} GROUP BY study_uid, series_uid
              ORDER BY study_uid, series_uid {page}"
         );
@@ -123,6 +252,10 @@ impl Spool {
                 series_uid: r.get(1)?,
                 instances: r.get::<_, i64>(2)? as u64,
                 last_received_ms: r.get(3)?,
+                modality: r.get(4)?,
+                series_number: r.get(5)?,
+                study_date: r.get(6)?,
+                study_time: r.get(7)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -130,16 +263,25 @@ impl Spool {
 
     /// Instances matching every key of `q`.
     pub fn query_instances(&self, q: &Query) -> Result<Vec<InstanceRow>, StoreError> {
-        let (filter, mut params) = q.filter(&[
-            ("study_uid", &q.study_uids),
-            ("series_uid", &q.series_uids),
-            ("sop_instance_uid", &q.sop_instance_uids),
-            ("sop_class_uid", &q.sop_class_uids),
-        ]);
+        let keys = Keys {
+            modality: true,
+            series_number: true,
+            instance_number: true,
+        };
+        let (filter, mut params) = q.filter(
+            &[
+                ("study_uid", &q.study_uids),
+                ("series_uid", &q.series_uids),
+                ("sop_instance_uid", &q.sop_instance_uids),
+                ("sop_class_uid", &q.sop_class_uids),
+            ],
+            keys,
+        );
         let page = q.page(&mut params);
         let sql = format!(
             "SELECT study_uid, series_uid, sop_instance_uid, sop_class_uid, transfer_syntax,
-                    received_at_ms, size
+                    received_at_ms, size, modality, study_date, study_time, series_number,
+                    instance_number, rows, columns, number_of_frames
              FROM instances {filter} ORDER BY study_uid, series_uid, sop_instance_uid {page}"
         );
         let db = self.index();
@@ -153,6 +295,7 @@ impl Spool {
                 transfer_syntax: r.get(4)?,
                 received_at_ms: r.get(5)?,
                 size: r.get::<_, i64>(6)? as u64,
+                attributes: Attributes::from_row(r, 7)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

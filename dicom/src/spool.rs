@@ -39,6 +39,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
+use crate::attributes::{self, Attributes};
 use crate::sop;
 
 /// Implementation Class UID written into the file meta of stored instances.
@@ -92,7 +93,8 @@ pub struct Incoming<'a> {
 
 /// The index columns [`Spool::stored_row`] reads, in its order.
 pub(crate) const INSTANCE_COLUMNS: &str = "sop_instance_uid, sop_class_uid, study_uid, series_uid, \
-     transfer_syntax, calling_ae, received_at_ms, size, sha256, path";
+     transfer_syntax, calling_ae, received_at_ms, size, sha256, path, modality, study_date, \
+     study_time, series_number, instance_number, rows, columns, number_of_frames";
 
 /// An instance in the spool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +115,8 @@ pub struct Stored {
     pub path: PathBuf,
     /// True when the same instance (same bytes) was already stored: nothing was written.
     pub duplicate: bool,
+    /// What the index keeps of it beyond the UIDs (for QIDO-RS).
+    pub attributes: Attributes,
 }
 
 /// Why an object was refused or could not be stored. No patient data in any message.
@@ -218,6 +222,8 @@ pub struct Recovery {
     pub files_indexed: usize,
     /// Files that did not parse or duplicated an indexed instance, moved to quarantine.
     pub files_quarantined: usize,
+    /// Rows indexed by an older version whose attributes were read from their files.
+    pub rows_reindexed: usize,
 }
 
 /// The durable spool. Safe to share between threads; every call blocks on the file system.
@@ -402,6 +408,7 @@ struct Identity {
     sop_instance_uid: String,
     study_uid: String,
     series_uid: String,
+    attributes: Attributes,
 }
 
 /// A data set being received ([`Spool::begin`]): kept in memory, as the Part 10 file it
@@ -644,6 +651,7 @@ fn stored_of(
         size,
         sha256,
         duplicate: false,
+        attributes: identity.attributes,
     };
     (stored, relative)
 }
@@ -709,6 +717,7 @@ impl Spool {
             );
             CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid, series_uid);",
         )?;
+        add_attribute_columns(&db)?;
         let anonymous_temps =
             !options.named_temp_files && anonymous_temps_work(&root.join(TMP_DIR));
         let direct_writes =
@@ -1177,6 +1186,7 @@ impl Spool {
             sha256: r.get(8)?,
             path: self.root.join(r.get::<_, String>(9)?),
             duplicate: false,
+            attributes: Attributes::from_row(r, 10)?,
         })
     }
 
@@ -1312,10 +1322,75 @@ impl Spool {
                 }
             }
         }
+        recovery.rows_reindexed = self.reindex_attributes(&db)?;
         if recovery != Recovery::default() {
             tracing::info!(?recovery, "spool reconciled");
         }
         Ok(recovery)
+    }
+
+    /// Fills the attribute columns of rows indexed by an older version from their files
+    /// (once: a file that cannot be read keeps empty attributes and is not read again;
+    /// `spool check` reports files that do not match their row).
+    fn reindex_attributes(&self, db: &Connection) -> Result<usize, SpoolError> {
+        let rows: Vec<(String, String)> = {
+            let mut stmt = db.prepare(
+                "SELECT sop_instance_uid, path FROM instances WHERE attributes_version < ?1",
+            )?;
+            stmt.query_map([ATTRIBUTES_VERSION], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let started = std::time::Instant::now();
+        tracing::info!(
+            instances = rows.len(),
+            "indexing the attributes of instances stored by an older version"
+        );
+        let mut unreadable = 0usize;
+        for chunk in rows.chunks(1000) {
+            let tx = db.unchecked_transaction()?;
+            for (uid, relative) in chunk {
+                let attributes = match read_attributes(&self.root.join(relative)) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        unreadable += 1;
+                        tracing::warn!(
+                            reason = e.kind(),
+                            "spool file unreadable: its attributes stay empty"
+                        );
+                        Attributes::default()
+                    }
+                };
+                tx.execute(
+                    "UPDATE instances SET modality = ?2, study_date = ?3, study_time = ?4,
+                        series_number = ?5, instance_number = ?6, rows = ?7, columns = ?8,
+                        number_of_frames = ?9, attributes_version = ?10
+                     WHERE sop_instance_uid = ?1",
+                    params![
+                        uid,
+                        attributes.modality,
+                        attributes.study_date,
+                        attributes.study_time,
+                        attributes.series_number,
+                        attributes.instance_number,
+                        attributes.rows,
+                        attributes.columns,
+                        attributes.number_of_frames,
+                        ATTRIBUTES_VERSION,
+                    ],
+                )?;
+            }
+            tx.commit()?;
+        }
+        tracing::info!(
+            instances = rows.len(),
+            unreadable,
+            ms = started.elapsed().as_millis() as u64,
+            "attributes indexed"
+        );
+        Ok(rows.len())
     }
 
     /// Indexes a `.dcm` file found without a row (a store interrupted after its rename).
@@ -1326,27 +1401,7 @@ impl Spool {
         relative: &str,
     ) -> Result<(), StoreError> {
         let bytes = fs::read(path).map_err(|e| io_error("read", e))?;
-        let not_part10 = || StoreError::CannotParse {
-            transfer_syntax: String::new(),
-            detail: "not a DICOM Part 10 file".into(),
-        };
-        // Our files start with (0002,0000) UL, the meta group's length.
-        if bytes.len() < META_OFFSET + 12
-            || &bytes[128..132] != b"DICM"
-            || bytes[132..136] != [0x02, 0x00, 0x00, 0x00]
-            || &bytes[136..138] != b"UL"
-        {
-            return Err(not_part10());
-        }
-        let meta =
-            FileMetaTable::from_reader(&bytes[128..]).map_err(|e| StoreError::CannotParse {
-                transfer_syntax: String::new(),
-                detail: e.to_string(),
-            })?;
-        // (0002,0000) UL: tag 4 bytes, VR 2, length 2, value 4.
-        let group_len = u32::from_le_bytes(bytes[140..144].try_into().expect("4 bytes")) as usize;
-        let start = (META_OFFSET + 12).saturating_add(group_len);
-        let dataset = bytes.get(start..).ok_or_else(not_part10)?;
+        let (meta, dataset) = part10(&bytes)?;
         // Named before its data was durable: a crash may have cut it (it was never
         // acknowledged). The hash in its name tells.
         let sha256 = hex::encode(Sha256::digest(dataset));
@@ -1398,9 +1453,76 @@ impl Spool {
             sha256,
             path: path.to_owned(),
             duplicate: false,
+            attributes: identity.attributes,
         };
         insert_row(db, &stored, Path::new(relative))
     }
+}
+
+/// A file the spool wrote: its meta group and its data set.
+fn part10(bytes: &[u8]) -> Result<(FileMetaTable, &[u8]), StoreError> {
+    let not_part10 = || StoreError::CannotParse {
+        transfer_syntax: String::new(),
+        detail: "not a DICOM Part 10 file".into(),
+    };
+    // Our files start with (0002,0000) UL, the meta group's length.
+    if bytes.len() < META_OFFSET + 12
+        || &bytes[128..132] != b"DICM"
+        || bytes[132..136] != [0x02, 0x00, 0x00, 0x00]
+        || &bytes[136..138] != b"UL"
+    {
+        return Err(not_part10());
+    }
+    let meta = FileMetaTable::from_reader(&bytes[128..]).map_err(|e| StoreError::CannotParse {
+        transfer_syntax: String::new(),
+        detail: e.to_string(),
+    })?;
+    // (0002,0000) UL: tag 4 bytes, VR 2, length 2, value 4.
+    let group_len = u32::from_le_bytes(bytes[140..144].try_into().expect("4 bytes")) as usize;
+    let start = (META_OFFSET + 12).saturating_add(group_len);
+    let dataset = bytes.get(start..).ok_or_else(not_part10)?;
+    Ok((meta, dataset))
+}
+
+/// The [`Attributes`] of a stored file.
+fn read_attributes(path: &Path) -> Result<Attributes, StoreError> {
+    let bytes = fs::read(path).map_err(|e| io_error("read", e))?;
+    let (meta, dataset) = part10(&bytes)?;
+    let ts = sop::trim_uid(meta.transfer_syntax()).to_owned();
+    let encoding = crate::structure::Encoding::of(&ts);
+    let found = crate::structure::walk(dataset, encoding, &attributes::TAGS)?;
+    Ok(Attributes::from_found(&found, encoding.big_endian))
+}
+
+/// The version of [`Attributes`] a row was indexed with: a row below it (indexed before
+/// the attribute columns, or with fewer of them) is read again from its file at open.
+const ATTRIBUTES_VERSION: i64 = 1;
+
+/// The attribute columns (added after the first release: an older index gets them, empty,
+/// with `attributes_version` 0 so that [`Spool::open`] fills them from the files).
+const ATTRIBUTE_COLUMNS: [(&str, &str); 9] = [
+    ("modality", "TEXT"),
+    ("study_date", "TEXT"),
+    ("study_time", "TEXT"),
+    ("series_number", "INTEGER"),
+    ("instance_number", "INTEGER"),
+    ("rows", "INTEGER"),
+    ("columns", "INTEGER"),
+    ("number_of_frames", "INTEGER"),
+    ("attributes_version", "INTEGER NOT NULL DEFAULT 0"),
+];
+
+fn add_attribute_columns(db: &Connection) -> rusqlite::Result<()> {
+    let existing: std::collections::HashSet<String> = db
+        .prepare("SELECT name FROM pragma_table_info('instances')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for (name, kind) in ATTRIBUTE_COLUMNS {
+        if !existing.contains(name) {
+            db.execute_batch(&format!("ALTER TABLE instances ADD COLUMN {name} {kind}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// The index's sha256 and path for a SOP Instance UID, if it is stored.
@@ -1427,8 +1549,11 @@ fn index_failure(op: &'static str, e: &dyn std::fmt::Display) -> StoreError {
 fn insert_row(db: &Connection, s: &Stored, relative: &Path) -> Result<(), StoreError> {
     db.prepare_cached(
         "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid,
-            transfer_syntax, calling_ae, received_at_ms, size, sha256, path)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            transfer_syntax, calling_ae, received_at_ms, size, sha256, path, modality,
+            study_date, study_time, series_number, instance_number, rows, columns,
+            number_of_frames, attributes_version)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+            ?18, ?19)",
     )?
     .execute(params![
         s.sop_instance_uid,
@@ -1441,20 +1566,43 @@ fn insert_row(db: &Connection, s: &Stored, relative: &Path) -> Result<(), StoreE
         s.size as i64,
         s.sha256,
         relative.to_string_lossy(),
+        s.attributes.modality,
+        s.attributes.study_date,
+        s.attributes.study_time,
+        s.attributes.series_number,
+        s.attributes.instance_number,
+        s.attributes.rows,
+        s.attributes.columns,
+        s.attributes.number_of_frames,
+        ATTRIBUTES_VERSION,
     ])?;
     Ok(())
 }
 
-/// The top-level elements [`validate`] reads: the four UIDs, then the pixel data tags.
-const IDENTITY_TAGS: [(u16, u16); 7] = [
-    (0x0008, 0x0016), // SOP Class UID
-    (0x0008, 0x0018), // SOP Instance UID
-    (0x0020, 0x000D), // Study Instance UID
-    (0x0020, 0x000E), // Series Instance UID
-    (0x7FE0, 0x0010), // Pixel Data
-    (0x7FE0, 0x0008), // Float Pixel Data
-    (0x7FE0, 0x0009), // Double Float Pixel Data
-];
+/// The top-level elements [`validate`] reads: the four UIDs, the pixel data tags, then the
+/// indexed [`attributes::TAGS`].
+const IDENTITY_TAGS: [(u16, u16); 7 + attributes::TAGS.len()] = {
+    let mut tags = [(0, 0); 7 + attributes::TAGS.len()];
+    let head = [
+        (0x0008, 0x0016), // SOP Class UID
+        (0x0008, 0x0018), // SOP Instance UID
+        (0x0020, 0x000D), // Study Instance UID
+        (0x0020, 0x000E), // Series Instance UID
+        (0x7FE0, 0x0010), // Pixel Data
+        (0x7FE0, 0x0008), // Float Pixel Data
+        (0x7FE0, 0x0009), // Double Float Pixel Data
+    ];
+    let mut i = 0;
+    while i < tags.len() {
+        tags[i] = if i < 7 {
+            head[i]
+        } else {
+            attributes::TAGS[i - 7]
+        };
+        i += 1;
+    }
+    tags
+};
 
 /// Checks the data set's structure and takes what the spool needs from it. One walk over
 /// the element headers does both: the data set is not parsed into an object (which would
@@ -1499,6 +1647,10 @@ fn validate(dataset: &[u8], incoming: &Incoming<'_>) -> Result<Identity, StoreEr
         sop_instance_uid: uid(1, "SOPInstanceUID")?,
         study_uid: uid(2, "StudyInstanceUID")?,
         series_uid: uid(3, "SeriesInstanceUID")?,
+        attributes: Attributes::from_found(
+            &found[7..],
+            crate::structure::Encoding::of(ts_uid).big_endian,
+        ),
     };
     if let Some(expected) = incoming.expected_sop_class
         && sop::trim_uid(expected) != identity.sop_class_uid
@@ -1514,7 +1666,7 @@ fn validate(dataset: &[u8], incoming: &Incoming<'_>) -> Result<Identity, StoreEr
             name: "SOPInstanceUID",
         });
     }
-    if sop::is_image_class(&identity.sop_class_uid) && found[4..].iter().all(Option::is_none) {
+    if sop::is_image_class(&identity.sop_class_uid) && found[4..7].iter().all(Option::is_none) {
         return Err(StoreError::MissingPixelData);
     }
     Ok(identity)

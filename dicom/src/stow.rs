@@ -30,7 +30,7 @@ pub mod reason {
 /// What became of one part.
 #[derive(Debug)]
 pub enum PartOutcome {
-    Stored(Stored),
+    Stored(Box<Stored>),
     Failed(Failure),
 }
 
@@ -168,7 +168,7 @@ pub fn store_part(spool: &Spool, part: &Part, expected_study: Option<&str>) -> P
         expected_sop_instance: Some(&sop_instance),
     };
     match spool.store(dataset, &incoming) {
-        Ok(stored) => PartOutcome::Stored(stored),
+        Ok(stored) => PartOutcome::Stored(Box::new(stored)),
         Err(e) => fail(Some(&meta), reason_of(&e), e.kind(), e.to_string()),
     }
 }

@@ -81,8 +81,22 @@ fn content_types() {
         parse_content_type("multipart/related; boundary=\"a;b\""),
         Err(MultipartError::InvalidBoundary)
     );
+    // Longer than RFC 2046's 70, as Orthanc's DICOMweb plugin sends (two UUIDs): taken, up
+    // to a bound.
+    let orthanc = "4d9c7270-b4d5-46c3-95f7-0feebdc9be9f-4d9c7270-b4d5-46c3-95f7-0feebdc9be9f";
     assert_eq!(
-        parse_content_type(&format!("multipart/related; boundary={}", "a".repeat(71))),
+        parse_content_type(&format!(
+            "multipart/related; type=\"application/dicom\"; boundary={orthanc}"
+        ))
+        .unwrap()
+        .boundary,
+        orthanc
+    );
+    assert_eq!(
+        parse_content_type(&format!(
+            "multipart/related; boundary={}",
+            "a".repeat(nightingale_dicom::multipart::MAX_BOUNDARY_LEN + 1)
+        )),
         Err(MultipartError::InvalidBoundary)
     );
 }

@@ -732,3 +732,51 @@ fn a_named_file_whose_data_does_not_match_its_name_is_quarantined_not_indexed() 
     assert!(!a.path.exists());
     assert!(quarantined(&spool).iter().any(|r| r.contains("kind: torn")));
 }
+
+#[test]
+fn an_index_from_before_the_attribute_columns_gets_them_from_the_files_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), options()).unwrap();
+    // Explicit VR Little Endian: Modality CT, Rows 1, Columns 3 (ct_object's values).
+    let a = spool
+        .store(
+            &ct(Some("1.2.3.9.1"), Some(vec![1, 0, 2, 0, 3, 0])),
+            &incoming(),
+        )
+        .unwrap();
+    assert_eq!(a.attributes.modality.as_deref(), Some("CT"));
+    assert_eq!(
+        (a.attributes.rows, a.attributes.columns),
+        (Some(1), Some(3))
+    );
+    let root = spool.root().to_owned();
+    drop(spool);
+
+    // The index as the previous version made it: no attribute columns at all.
+    let db = rusqlite::Connection::open(root.join("index.sqlite3")).unwrap();
+    for column in [
+        "modality",
+        "study_date",
+        "study_time",
+        "series_number",
+        "instance_number",
+        "rows",
+        "columns",
+        "number_of_frames",
+        "attributes_version",
+    ] {
+        db.execute_batch(&format!("ALTER TABLE instances DROP COLUMN {column}"))
+            .unwrap();
+    }
+    drop(db);
+
+    let (spool, recovery) = Spool::open(&root, options()).unwrap();
+    assert_eq!(recovery.rows_reindexed, 1);
+    let rows = spool.instances().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].attributes, a.attributes);
+    drop(spool);
+    // Once: the next open reads nothing again.
+    let (_, recovery) = Spool::open(&root, options()).unwrap();
+    assert_eq!(recovery.rows_reindexed, 0);
+}

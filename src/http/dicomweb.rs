@@ -505,6 +505,26 @@ fn query_of(
                 q.sop_instance_uids.extend(list(&value))
             }
             ("SOPClassUID" | "00080016", Level::Instances) => q.sop_class_uids.extend(list(&value)),
+            ("Modality" | "00080060", Level::Series | Level::Instances) => {
+                q.modalities.extend(codes(&key, &value)?)
+            }
+            ("ModalitiesInStudy" | "00080061", _) => {
+                q.modalities_in_study.extend(codes(&key, &value)?)
+            }
+            ("StudyDate" | "00080020", _) => {
+                if q.study_date.is_some() {
+                    return Err(AppError::bad_request(format!(
+                        "{key} is given twice: give one date or range"
+                    )));
+                }
+                q.study_date = Some(date_range(&key, &value)?);
+            }
+            ("SeriesNumber" | "00200011", Level::Series | Level::Instances) => {
+                q.series_numbers.extend(numbers(&key, &value)?)
+            }
+            ("InstanceNumber" | "00200013", Level::Instances) => {
+                q.instance_numbers.extend(numbers(&key, &value)?)
+            }
             ("limit", _) => {
                 q.limit = Some(value.parse().map_err(|_| {
                     AppError::bad_request(format!("limit={value:?} is not a count"))
@@ -520,6 +540,108 @@ fn query_of(
         }
     }
     Ok((q, ignored))
+}
+
+/// Values of a query key, at most this many (a list longer than any real query is refused).
+const MAX_KEY_VALUES: usize = 256;
+
+/// The values of a CS key (`Modality=CT,MR`, wildcards `*` and `?`).
+fn codes(key: &str, value: &str) -> Result<Vec<String>, AppError> {
+    let values: Vec<String> = value
+        .split([',', '\\'])
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if values.len() > MAX_KEY_VALUES {
+        return Err(AppError::bad_request(format!(
+            "{}: more than {MAX_KEY_VALUES} values",
+            printable(key)
+        )));
+    }
+    if let Some(bad) = values.iter().find(|v| !qido::is_code_pattern(v)) {
+        return Err(AppError::bad_request(format!(
+            "{}={:?} is not a code string (upper-case letters, digits, _ and the wildcards * ?)",
+            printable(key),
+            printable(bad)
+        )));
+    }
+    Ok(values)
+}
+
+/// A DA key: `YYYYMMDD`, `YYYYMMDD-YYYYMMDD`, `-YYYYMMDD` or `YYYYMMDD-` (PS3.4 C.2.2.2.5).
+fn date_range(key: &str, value: &str) -> Result<(Option<String>, Option<String>), AppError> {
+    let bad = || {
+        AppError::bad_request(format!(
+            "{}={:?} is not a date (YYYYMMDD) or a date range (YYYYMMDD-YYYYMMDD, -YYYYMMDD, YYYYMMDD-)",
+            printable(key),
+            printable(value)
+        ))
+    };
+    let end = |d: &str| -> Result<Option<String>, AppError> {
+        if d.is_empty() {
+            Ok(None)
+        } else if nightingale_dicom::attributes::valid_date(d) {
+            Ok(Some(d.to_owned()))
+        } else {
+            Err(bad())
+        }
+    };
+    let value = value.trim();
+    let range = match value.split_once('-') {
+        Some((from, to)) => (end(from)?, end(to)?),
+        None => {
+            let day = end(value)?;
+            (day.clone(), day)
+        }
+    };
+    match &range {
+        (None, None) => Err(bad()),
+        (Some(from), Some(to)) if from > to => Err(AppError::bad_request(format!(
+            "{}={:?}: the range ends before it starts",
+            printable(key),
+            printable(value)
+        ))),
+        _ => Ok(range),
+    }
+}
+
+/// The values of an IS key (`SeriesNumber=1,2`).
+fn numbers(key: &str, value: &str) -> Result<Vec<i64>, AppError> {
+    let values: Vec<&str> = value
+        .split([',', '\\'])
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    if values.len() > MAX_KEY_VALUES {
+        return Err(AppError::bad_request(format!(
+            "{}: more than {MAX_KEY_VALUES} values",
+            printable(key)
+        )));
+    }
+    values
+        .iter()
+        .map(|v| {
+            v.parse::<i64>()
+                .ok()
+                .filter(|_| v.len() <= 12)
+                .ok_or_else(|| {
+                    AppError::bad_request(format!(
+                        "{}={:?} is not an integer",
+                        printable(key),
+                        printable(v)
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// `s` cut to 64 printable ASCII characters, for an error message.
+fn printable(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(64)
+        .collect()
 }
 
 async fn search(
@@ -589,8 +711,32 @@ fn is(n: u64) -> Value {
     json!({"vr": "IS", "Value": [n]})
 }
 
+/// `{"vr": vr, "Value": [v]}`, or the attribute without a value when `v` is unknown (a
+/// QIDO-RS response lists its return keys either way).
+fn text(vr: &str, v: Option<&str>) -> Value {
+    match v {
+        Some(v) => json!({"vr": vr, "Value": [v]}),
+        None => json!({ "vr": vr }),
+    }
+}
+
+fn number(vr: &str, v: Option<i64>) -> Value {
+    match v {
+        Some(v) => json!({"vr": vr, "Value": [v]}),
+        None => json!({ "vr": vr }),
+    }
+}
+
 fn study_json(r: &qido::StudyRow) -> Value {
+    let modalities = if r.modalities.is_empty() {
+        json!({"vr": "CS"})
+    } else {
+        json!({"vr": "CS", "Value": r.modalities})
+    };
     json!({
+        "00080020": text("DA", r.study_date.as_deref()),
+        "00080030": text("TM", r.study_time.as_deref()),
+        "00080061": modalities,
         "0020000D": ui(&r.study_uid),
         "00201206": is(r.series),
         "00201208": is(r.instances),
@@ -599,18 +745,31 @@ fn study_json(r: &qido::StudyRow) -> Value {
 
 fn series_json(r: &qido::SeriesRow) -> Value {
     json!({
+        "00080020": text("DA", r.study_date.as_deref()),
+        "00080030": text("TM", r.study_time.as_deref()),
+        "00080060": text("CS", r.modality.as_deref()),
         "0020000D": ui(&r.study_uid),
         "0020000E": ui(&r.series_uid),
+        "00200011": number("IS", r.series_number),
         "00201209": is(r.instances),
     })
 }
 
 fn instance_json(r: &qido::InstanceRow) -> Value {
+    let a = &r.attributes;
     json!({
         "00080016": ui(&r.sop_class_uid),
         "00080018": ui(&r.sop_instance_uid),
+        "00080020": text("DA", a.study_date.as_deref()),
+        "00080030": text("TM", a.study_time.as_deref()),
+        "00080060": text("CS", a.modality.as_deref()),
         "0020000D": ui(&r.study_uid),
         "0020000E": ui(&r.series_uid),
+        "00200011": number("IS", a.series_number),
+        "00200013": number("IS", a.instance_number),
+        "00280008": number("IS", a.number_of_frames.map(i64::from)),
+        "00280010": number("US", a.rows.map(i64::from)),
+        "00280011": number("US", a.columns.map(i64::from)),
         "00083002": ui(&r.transfer_syntax),
     })
 }

@@ -55,7 +55,7 @@ class Orthanc:
     """Orthanc on free loopback ports, its configuration and storage in `work`; started
     when its `--verbose` log says "Orthanc has started"."""
 
-    def __init__(self, work: Path, nightingale_port: int):
+    def __init__(self, work: Path, nightingale_port: int, extra: dict | None = None):
         self.http = free_port()
         self.dicom = free_port()
         self.url = f"http://127.0.0.1:{self.http}"
@@ -76,6 +76,7 @@ class Orthanc:
             "DicomAlwaysAllowStore": True,
             "DicomCheckModalityHost": False,
         }
+        config.update(extra or {})
         self.config_path = work / "orthanc.json"
         self.config_path.write_text(json.dumps(config, indent=2))
         self.log_path = work / "orthanc.log"

@@ -148,6 +148,141 @@ def test_qido_lists_what_pydicom_reads(server, sent):
     assert [i["00080018"]["Value"][0] for i in hits] == [one.SOPInstanceUID]
 
 
+def _value(item: dict, tag: str):
+    values = item.get(tag, {}).get("Value")
+    return values[0] if values else None
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
+    """The first value of a text attribute as the file has it, padding removed."""
+    if keyword not in ds or ds[keyword].value in (None, ""):
+        return None
+    raw = ds[keyword].value
+    first = raw[0] if isinstance(raw, pydicom.multival.MultiValue) else raw
+    text = str(getattr(first, "original_string", first) or "")
+    if isinstance(text, bytes):
+        text = text.decode("ascii")
+    return text.strip(" \0") or None
+
+
+def _expected_attributes(ds: pydicom.Dataset) -> dict:
+    """What QIDO-RS should answer for one instance, read by pydicom and checked against
+    PS3.5's rules for each VR here (a value the standard does not allow is expected absent)."""
+    import datetime
+    import re
+
+    modality = _text(ds, "Modality")
+    if modality is not None and not re.fullmatch(r"[A-Z0-9_ ]{1,16}", modality):
+        modality = None
+    date = _text(ds, "StudyDate")
+    if date is not None:
+        date = date.replace(".", "") if re.fullmatch(r"\d{4}\.\d{2}\.\d{2}", date) else date
+        try:
+            datetime.datetime.strptime(date, "%Y%m%d")
+            assert len(date) == 8
+        except (ValueError, AssertionError):
+            date = None
+    time_ = _text(ds, "StudyTime")
+    if time_ is not None:
+        time_ = time_.replace(":", "")
+        m = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?", time_)
+        ok = bool(m) and int(m.group(1)) < 24 and (m.group(2) is None or int(m.group(2)) < 60) \
+            and (m.group(3) is None or int(m.group(3)) < 61) \
+            and (m.group(4) is None or m.group(3) is not None)
+        time_ = time_ if ok else None
+
+    def integer(keyword):
+        v = _text(ds, keyword)
+        return int(v) if v is not None and re.fullmatch(r"[+-]?\d{1,11}", v) else None
+
+    frames = integer("NumberOfFrames")
+    return {
+        "00080060": modality,
+        "00080020": date,
+        "00080030": time_,
+        "00200011": integer("SeriesNumber"),
+        "00200013": integer("InstanceNumber"),
+        "00280010": int(ds.Rows) if "Rows" in ds else None,
+        "00280011": int(ds.Columns) if "Columns" in ds else None,
+        "00280008": frames if frames is not None and frames >= 0 else None,
+    }
+
+
+def test_qido_answers_and_matches_the_attributes_pydicom_reads(server, sent):
+    """Modality, study date and time, series and instance numbers and the image size, as
+    pydicom reads them from the files sent; and matching on them (Modality,
+    ModalitiesInStudy, StudyDate single and range, SeriesNumber, InstanceNumber)."""
+    client = DICOMwebClient(url=server.url)
+    expected = {ds.SOPInstanceUID: _expected_attributes(ds) for ds in sent}
+    assert any(e["00080060"] for e in expected.values()), "no modality in the test set"
+    instances = client.search_for_instances()
+    assert {_value(i, "00080018") for i in instances} == set(expected)
+    for item in instances:
+        want = expected[_value(item, "00080018")]
+        got = {tag: _value(item, tag) for tag in want}
+        assert got == want, _value(item, "00080018")
+
+    by_study: dict[str, list[dict]] = {}
+    for ds in sent:
+        by_study.setdefault(ds.StudyInstanceUID, []).append(expected[ds.SOPInstanceUID])
+    for study in client.search_for_studies():
+        rows = by_study[_value(study, "0020000D")]
+        modalities = sorted({r["00080060"] for r in rows if r["00080060"]})
+        assert study.get("00080061", {}).get("Value", []) == modalities
+        dates = sorted(r["00080020"] for r in rows if r["00080020"])
+        assert _value(study, "00080020") == (dates[0] if dates else None)
+
+    # Matching: each answer equals the selection pydicom's values give.
+    def series_where(pred):
+        return {(ds.StudyInstanceUID, ds.SeriesInstanceUID) for ds in sent
+                if pred(expected[ds.SOPInstanceUID])}
+
+    def series_keys(found):
+        return {(_value(s, "0020000D"), _value(s, "0020000E")) for s in found}
+
+    modality = sorted({e["00080060"] for e in expected.values() if e["00080060"]})[0]
+    got = client.search_for_series(search_filters={"Modality": modality})
+    assert series_keys(got) == series_where(lambda e: e["00080060"] == modality)
+    assert all(_value(s, "00080060") == modality for s in got)
+    pattern = modality[0] + "*"
+    got = client.search_for_series(search_filters={"Modality": pattern})
+    assert series_keys(got) == series_where(
+        lambda e: (e["00080060"] or "").startswith(modality[0]))
+
+    got = client.search_for_studies(search_filters={"ModalitiesInStudy": modality})
+    assert {_value(s, "0020000D") for s in got} == {
+        uid for uid, rows in by_study.items() if any(r["00080060"] == modality for r in rows)}
+
+    dates = sorted({e["00080020"] for e in expected.values() if e["00080020"]})
+    assert len(dates) >= 2, "the test set needs two study dates"
+    for query, keep in [
+        (dates[0], lambda d: d == dates[0]),
+        (f"-{dates[1]}", lambda d: d <= dates[1]),
+        (f"{dates[1]}-", lambda d: d >= dates[1]),
+        (f"{dates[0]}-{dates[-1]}", lambda d: dates[0] <= d <= dates[-1]),
+    ]:
+        got = client.search_for_studies(search_filters={"StudyDate": query})
+        want = {uid for uid, rows in by_study.items()
+                if any(r["00080020"] and keep(r["00080020"]) for r in rows)}
+        assert {_value(s, "0020000D") for s in got} == want, query
+
+    number = next(e["00200011"] for e in expected.values() if e["00200011"] is not None)
+    got = client.search_for_series(search_filters={"SeriesNumber": str(number)})
+    assert series_keys(got) == series_where(lambda e: e["00200011"] == number)
+    number = next(e["00200013"] for e in expected.values() if e["00200013"] is not None)
+    got = client.search_for_instances(search_filters={"InstanceNumber": str(number)})
+    assert {_value(i, "00080018") for i in got} == {
+        uid for uid, e in expected.items() if e["00200013"] == number}
+
+    # Malformed keys are refused with the reason; nothing about them is matched.
+    for params in [{"StudyDate": "2020-01-01"}, {"StudyDate": "20201301"},
+                   {"StudyDate": "20200102-20200101"}, {"Modality": "ct"},
+                   {"Modality": "C[T]"}, {"SeriesNumber": "one"}]:
+        r = requests.get(f"{server.url}/series", params=params, timeout=HTTP_TIMEOUT_S)
+        assert r.status_code == 400, (params, r.status_code, r.text)
+        assert next(iter(params)) in r.text
+
+
 def test_bad_requests_are_refused_and_the_server_keeps_serving(server, sent, tmp_path):
     before = server.index()
     src = tmp_path / "ct.dcm"
