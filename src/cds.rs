@@ -454,6 +454,11 @@ impl Cds {
                         service: service.to_owned(),
                         model: model.map(|(m, v)| (m.to_owned(), v.to_owned())),
                         issued_at: now,
+                        suggestions: c
+                            .suggestions
+                            .iter()
+                            .filter_map(|s| s.uuid.clone())
+                            .collect(),
                     },
                 )
             }));
@@ -467,8 +472,14 @@ impl Cds {
             .expect("the built-in CDS configuration is valid")
     }
 
-    /// Whether the service may fetch from this `fhirServer`.
+    /// Whether the service may fetch from this `fhirServer`: an allow-listed URL or a path
+    /// below one. A URL with a dot segment (`/r4/../other`), a percent-escape (`%2e%2e`), a
+    /// backslash, a query or a fragment is refused whatever its prefix: a URL library
+    /// resolves those, so the text compared would not be where the request goes.
     pub fn may_fetch(&self, fhir_server: &str) -> bool {
+        if !plain_url(fhir_server) {
+            return false;
+        }
         self.fhir_servers.iter().any(|allowed| {
             let allowed = allowed.trim_end_matches('/');
             fhir_server == allowed
@@ -478,7 +489,7 @@ impl Cds {
         })
     }
 
-    /// Fetches FHIR queries (relative to `fhir_server`) with the EHR's bearer token, all at
+    /// Fetches FHIR queries (relative to `fhir_server`, which [`Cds::may_fetch`] allowed) with the EHR's bearer token, all at
     /// once, within the fetch deadline. Returns what could be read; each failure is logged
     /// (without the query: it holds the patient's id) and counted, and left for the
     /// assessment to report as missing data.
@@ -490,8 +501,22 @@ impl Cds {
     ) -> Vec<(String, Resource)> {
         let base = fhir_server.trim_end_matches('/');
         let fetches = queries.iter().map(|(key, query)| {
-            let url = format!("{base}/{}", query.trim_start_matches('/'));
+            let query = query.trim_start_matches('/');
+            // A path that a URL library would resolve elsewhere is not sent (the
+            // templates are rendered with dot-only values refused; this is the last guard).
+            let path = query.split(['?', '#']).next().unwrap_or_default();
+            let resolvable = path
+                .split('/')
+                .any(|seg| seg == "." || seg == ".." || seg.to_ascii_lowercase().contains("%2e"))
+                || path.contains('\\');
+            let url = format!("{base}/{query}");
             async move {
+                if resolvable {
+                    tracing::warn!(prefetch = %key, "FHIR fetch refused: its path has a dot segment");
+                    metrics::counter!("nightingale_cds_fhir_fetches_total", "outcome" => "refused")
+                        .increment(1);
+                    return None;
+                }
                 let outcome = tokio::time::timeout(self.fetch_timeout, self.get(&url, token)).await;
                 match outcome {
                     Ok(Ok(r)) => {
@@ -1101,6 +1126,22 @@ fn caveat(m: &Manifest) -> String {
     }
 }
 
+/// An http(s) URL with nothing a URL library would rewrite in its path: no `.`/`..`
+/// segment, no percent-escape, no backslash, no query, no fragment, no user info.
+fn plain_url(url: &str) -> bool {
+    let Some(rest) = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    !authority.is_empty()
+        && !authority.contains('@')
+        && !url.contains(['%', '\\', '?', '#'])
+        && !path.split('/').any(|seg| seg == "." || seg == "..")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1153,9 +1194,20 @@ mod tests {
             "https://fhir.example.org",
             "https://fhir.example.org.evil.com/r4",
             "http://169.254.169.254/latest",
+            // Below the allowed prefix as text, elsewhere once a URL library resolves it.
+            "https://fhir.example.org/r4/../admin",
+            "https://fhir.example.org/r4/%2e%2e/admin",
+            "https://fhir.example.org/r4/%2E%2E/admin",
+            "https://fhir.example.org/r4/./..",
+            "https://fhir.example.org/r4/..",
+            "https://fhir.example.org/r4/sub\\..\\..\\admin",
+            "https://fhir.example.org/r4?x=/../",
+            "https://fhir.example.org/r4#/../",
+            "https://user@fhir.example.org/r4",
         ] {
             assert!(!cds.may_fetch(bad), "{bad}");
         }
+        assert!(cds.may_fetch("https://fhir.example.org/r4/a..b"));
         assert!(!Cds::builtin(&repository).may_fetch("https://fhir.example.org/r4"));
     }
 }

@@ -237,6 +237,7 @@ impl CdsStore {
                     service,
                     model: model.zip(version),
                     issued_at: issued_at.with_timezone(&Utc),
+                    suggestions: vec![],
                 },
             );
             n_cards += 1;
@@ -325,6 +326,7 @@ mod tests {
             service: service.into(),
             model: model.map(|(m, v)| (m.into(), v.into())),
             issued_at: at,
+            suggestions: vec![],
         }
     }
 

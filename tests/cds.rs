@@ -519,6 +519,36 @@ async fn hostile_bodies_are_400_or_413_and_say_nothing_of_their_content() {
         assert_eq!(s, want, "{v}");
         assert!(!v.to_string().contains("19551223"), "{v}");
     }
+    // The 400 says which field, or that the JSON is nested too deeply; never the value.
+    for (body, says) in [
+        (
+            json!({"hook": "patient-view", "context": {"patientId": "DOE-12345"}}).to_string(),
+            "missing field `hookInstance`",
+        ),
+        (
+            json!({"hook": "patient-view", "hookInstance": 12345, "context": {"patientId": "DOE-12345"}})
+                .to_string(),
+            "invalid type, expected a string",
+        ),
+        (
+            format!(
+                r#"{{"hook": "patient-view", "context": {{"x": {}{}}}}}"#,
+                "[".repeat(200),
+                "]".repeat(200)
+            ),
+            "nested too deeply",
+        ),
+    ] {
+        let t = server
+            .ehr
+            .token(&format!("http://{HOST}/cds-services/{SERVICE}"));
+        let (s, v) = server
+            .send(server.post(&format!("/cds-services/{SERVICE}"), Some(&t), body.into_bytes()))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v.to_string().contains(says), "{says}: {v}");
+        assert!(!v.to_string().contains("DOE-12345") && !v.to_string().contains("12345"), "{v}");
+    }
 }
 
 #[tokio::test]

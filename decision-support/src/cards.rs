@@ -203,10 +203,18 @@ fn incomplete_card(i: &Incomplete, wording: &Wording) -> Card {
         items.push(format!("Age: {age}"));
     }
     for p in &i.missing {
-        items.push(format!(
-            "{}: no value recorded in the look-back window",
-            p.name()
-        ));
+        if i.future_dated.contains(p) {
+            items.push(format!(
+                "{}: no value in the look-back window; a value dated in the future was not \
+                 used (check the device or charting clock)",
+                p.name()
+            ));
+        } else {
+            items.push(format!(
+                "{}: no value recorded in the look-back window",
+                p.name()
+            ));
+        }
     }
     for u in &i.unusable {
         let when = u
@@ -434,7 +442,9 @@ pub fn risk_missing_card(title: &str, model: &str, missing: &[String], source: S
         missing.join(", ")
     );
     let mut detail = format!(
-        "The model {} needs every input; missing inputs are never imputed. Missing:\n\n",
+        "The model {} needs every input, each within the range it was trained on; inputs are \
+         never imputed, and a value outside that range is never used (the model would \
+         extrapolate). Missing or unusable:\n\n",
         escape(model)
     );
     for m in missing {
@@ -463,6 +473,26 @@ pub fn risk_unavailable_card(title: &str, model: &str, why: &str, source: Source
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_value_dated_in_the_future_is_named_not_called_unrecorded() {
+        let i = Incomplete {
+            missing: vec![Parameter::PulseRate, Parameter::Temperature],
+            unusable: vec![],
+            age: None,
+            future_dated: vec![Parameter::PulseRate],
+        };
+        let card = news2_card(&Assessment::Incomplete(i), &Wording::default());
+        let detail = card.detail.unwrap();
+        assert!(
+            detail.contains("a value dated in the future was not used"),
+            "{detail}"
+        );
+        assert!(
+            detail.contains("no value recorded in the look-back window"),
+            "{detail}"
+        );
+    }
 
     fn risk(risk: f64) -> RiskCard {
         RiskCard {

@@ -27,6 +27,10 @@ pub struct IssuedCard {
     pub model: Option<(String, String)>,
     /// When it was issued.
     pub issued_at: DateTime<Utc>,
+    /// The uuids of its suggestions, which feedback may name as accepted (kept in memory
+    /// only: a card remembered from the store after a restart has none, and Nightingale's
+    /// own cards carry no suggestions today).
+    pub suggestions: Vec<String>,
 }
 
 /// Recent cards by uuid, at most `capacity` (the oldest forgotten first).
@@ -67,6 +71,12 @@ pub enum FeedbackRefused {
     /// A card issued by another service.
     #[error("feedback item {index}: the card was issued by another service")]
     OtherService { index: usize },
+    /// An accepted suggestion the card does not have.
+    #[error("feedback item {index}: the card has no suggestion with that id")]
+    UnknownSuggestion { index: usize },
+    /// A second item about the same card in one request (each card's outcome counts once).
+    #[error("feedback item {index}: repeats the card of item {first}")]
+    RepeatedCard { index: usize, first: usize },
 }
 
 impl CardLedger {
@@ -109,6 +119,11 @@ impl CardLedger {
                     service: service.to_owned(),
                     model: model.map(|(m, v)| (m.to_owned(), v.to_owned())),
                     issued_at: now,
+                    suggestions: card
+                        .suggestions
+                        .iter()
+                        .filter_map(|s| s.uuid.clone())
+                        .collect(),
                 },
             );
         }
@@ -143,6 +158,7 @@ impl CardLedger {
     ) -> Result<Vec<FeedbackEvent>, FeedbackRefused> {
         request.validate()?;
         let mut events = vec![];
+        let mut seen: HashMap<String, usize> = HashMap::new();
         for (index, f) in request.feedback.iter().enumerate() {
             let key = uuid::Uuid::parse_str(&f.card)
                 .map(|u| u.hyphenated().to_string())
@@ -154,6 +170,16 @@ impl CardLedger {
                 .ok_or(FeedbackRefused::UnknownCard { index })?;
             if card.service != service {
                 return Err(FeedbackRefused::OtherService { index });
+            }
+            if let Some(&first) = seen.get(&key) {
+                return Err(FeedbackRefused::RepeatedCard { index, first });
+            }
+            seen.insert(key.clone(), index);
+            if f.accepted_suggestions
+                .iter()
+                .any(|s| !card.suggestions.contains(&s.id))
+            {
+                return Err(FeedbackRefused::UnknownSuggestion { index });
             }
             let outcome_timestamp = DateTime::parse_from_rfc3339(&f.outcome_timestamp)
                 .map(|t| t.with_timezone(&Utc))
@@ -259,6 +285,12 @@ mod tests {
                 topic: None,
             },
         )
+        .suggestion(crate::hooks::Suggestion {
+            label: "do it".into(),
+            uuid: Some("e56e1945-20b3-4393-8503-a1a20fd73152".into()),
+            is_recommended: None,
+            actions: vec![],
+        })
         .build()
     }
 
@@ -323,5 +355,20 @@ mod tests {
                 .accept("risk", &feedback(&c.uuid.to_uppercase(), "overridden"))
                 .is_ok()
         );
+        // A suggestion the card does not have, and one card twice in one request (which
+        // would count its outcome twice), are refused.
+        let mut made_up = feedback(&c.uuid, "accepted");
+        made_up.feedback[0].accepted_suggestions[0].id = "not-on-the-card".into();
+        assert!(matches!(
+            ledger.accept("risk", &made_up),
+            Err(FeedbackRefused::UnknownSuggestion { index: 0 })
+        ));
+        let mut twice = feedback(&c.uuid, "overridden");
+        let again = twice.feedback[0].clone();
+        twice.feedback.push(again);
+        assert!(matches!(
+            ledger.accept("risk", &twice),
+            Err(FeedbackRefused::RepeatedCard { index: 1, first: 0 })
+        ));
     }
 }

@@ -220,7 +220,7 @@ fn read_resource(
 
 /// serde's messages may quote the offending value ("invalid type: string \"…\""): keep the
 /// shape of the complaint, never the value.
-fn sanitise(message: &str) -> String {
+pub fn sanitise(message: &str) -> String {
     // serde_json::Value errors carry no position; strip one if present anyway.
     let message = message.split(" at line ").next().unwrap_or(message);
     if message.starts_with("missing field") || message.starts_with("duplicate field") {

@@ -119,6 +119,10 @@ pub enum RequestError {
     /// A prefetch template uses a token this crate does not fill.
     #[error("prefetch template token {{{{{token}}}}} is not supported")]
     Template { token: String },
+    /// A context value that would be a path segment of its own (`.` or `..`), which a URL
+    /// resolves away: `Patient/..` would read the server's base.
+    #[error("context.{field} is not a FHIR id")]
+    DotSegment { field: String },
 }
 
 impl HookRequest {
@@ -176,6 +180,15 @@ pub fn render_prefetch(template: &str, request: &HookRequest) -> Result<String, 
             .ok_or_else(|| RequestError::Template {
                 token: token.chars().take(40).collect(),
             })?;
+        if !value.is_empty() && value.bytes().all(|b| b == b'.') {
+            return Err(RequestError::DotSegment {
+                field: token
+                    .trim_start_matches("context.")
+                    .chars()
+                    .take(40)
+                    .collect(),
+            });
+        }
         for b in value.bytes() {
             if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
                 out.push(b as char);
@@ -626,6 +639,20 @@ mod tests {
         assert!(render_prefetch("Patient/{{userPractitionerId}}", &r).is_err());
         assert!(render_prefetch("Patient/{{context.nothing}}", &r).is_err());
         assert!(render_prefetch("Patient/{{context.patientId", &r).is_err());
+        // `Patient/..` would be the server's base once a URL resolves it.
+        for dots in [".", "..", "..."] {
+            let mut r3 = r.clone();
+            r3.context.insert("patientId".into(), json!(dots));
+            assert!(matches!(
+                render_prefetch("Patient/{{context.patientId}}", &r3),
+                Err(RequestError::DotSegment { .. })
+            ));
+        }
+        r2.context.insert("patientId".into(), json!("a.b..c"));
+        assert_eq!(
+            render_prefetch("Patient/{{context.patientId}}", &r2).unwrap(),
+            "Patient/a.b..c"
+        );
     }
 
     #[test]

@@ -403,6 +403,8 @@ pub struct Incomplete {
     pub unusable: Vec<Unusable>,
     /// When the age could not be established.
     pub age: Option<AgeProblem>,
+    /// Missing parameters whose only values were dated in the future (not used).
+    pub future_dated: Vec<Parameter>,
 }
 
 /// A score with the values it came from.
@@ -556,10 +558,17 @@ pub fn assess(
             }
         }
         _ => {
+            let future_dated = vitals
+                .future_dated
+                .iter()
+                .copied()
+                .filter(|p| missing.contains(p))
+                .collect();
             return Assessment::Incomplete(Incomplete {
                 missing,
                 unusable: vitals.unusable,
                 age: age_problem,
+                future_dated,
             });
         }
     };

@@ -65,6 +65,10 @@ pub enum Missing {
     NoConditions,
     /// No current Encounter could be told apart (none, several, or one without a class).
     Encounter(&'static str),
+    /// Outside the range the bundle says the model was trained on (`min`/`max`): the model
+    /// would extrapolate (an SBP of 1200 is a typing error, not a low risk), so the value is
+    /// not used. `value` as shown, `range` with its unit.
+    OutOfRange { value: String, range: String },
 }
 
 impl fmt::Display for Missing {
@@ -77,6 +81,10 @@ impl fmt::Display for Missing {
             Missing::BirthDate => f.write_str("birth date unusable for an age in years"),
             Missing::NoConditions => f.write_str("the patient's conditions were not available"),
             Missing::Encounter(why) => write!(f, "{why}"),
+            Missing::OutOfRange { value, range } => write!(
+                f,
+                "{value} is outside the range the model was trained on, {range}"
+            ),
         }
     }
 }
@@ -154,6 +162,34 @@ pub fn map_features(
 }
 
 fn map_one(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -> MappedFeature {
+    let mut out = map_source(f, resources, cx);
+    if let Ok(v) = out.value {
+        let below = f.min.is_some_and(|min| v < min);
+        let above = f.max.is_some_and(|max| v > max);
+        if below || above {
+            let unit = if f.unit.is_empty() || f.unit == "1" {
+                String::new()
+            } else {
+                format!(" {}", f.unit)
+            };
+            let range = match (f.min, f.max) {
+                (Some(min), Some(max)) => format!("{}–{}{unit}", number(min), number(max)),
+                (Some(min), None) => format!("at least {}{unit}", number(min)),
+                (None, Some(max)) => format!("at most {}{unit}", number(max)),
+                (None, None) => unreachable!("a bound was crossed"),
+            };
+            let value = out
+                .shown
+                .clone()
+                .unwrap_or_else(|| format!("{}{unit}", number(v)));
+            out.value = Err(Missing::OutOfRange { value, range });
+        }
+    }
+    out
+}
+
+/// The feature's value from its declared source, before the range check of [`map_one`].
+fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -> MappedFeature {
     let mut out = MappedFeature {
         name: f.name.clone(),
         unit: f.unit.clone(),
@@ -515,6 +551,60 @@ mod tests {
         assert_eq!(
             m.missing(),
             vec!["pedigree (no FHIR source declared by the model)"]
+        );
+    }
+
+    #[test]
+    fn a_value_outside_the_training_range_is_not_used() {
+        let mut specs = features();
+        // The ranges the icu-mortality bundle declares for these two.
+        specs[0].min = Some(16.0);
+        specs[0].max = Some(92.0);
+        specs[1].min = Some(56.0);
+        specs[1].max = Some(212.0);
+        let mapped = |sbp_mm_hg: f64| {
+            let mut items = base();
+            items.push(sbp(sbp_mm_hg, "mm[Hg]", "2024-05-01T10:00:00Z"));
+            map_features(&specs, &resources(items), &context(true))
+        };
+        // In range, the bounds included.
+        for ok in [56.0, 120.0, 212.0] {
+            assert_eq!(mapped(ok).features[1].value, Ok(ok));
+        }
+        // A typing error (1200 for 120) or a sign error is not a low or a high risk.
+        for (bad, shown) in [
+            (1200.0, "1200 mm[Hg]"),
+            (-80.0, "-80 mm[Hg]"),
+            (212.5, "212.5 mm[Hg]"),
+        ] {
+            let m = mapped(bad);
+            let err = Missing::OutOfRange {
+                value: shown.into(),
+                range: "56–212 mm[Hg]".into(),
+            };
+            assert_eq!(m.features[1].value, Err(err));
+            let why = format!(
+                "systolic bp ({shown} is outside the range the model was trained on, 56–212 mm[Hg])"
+            );
+            assert!(m.missing().contains(&why), "{:?}", m.missing());
+        }
+        // Age 73 is within 16–92; a converted value is checked in the model's unit.
+        let mut items = base();
+        items.push(sbp(40.0, "kPa", "2024-05-01T10:00:00Z"));
+        let m = map_features(&specs, &resources(items), &context(true));
+        assert_eq!(m.features[0].value, Ok(73.0));
+        assert!(matches!(
+            m.features[1].value,
+            Err(Missing::OutOfRange { .. })
+        ));
+        specs[0].max = Some(60.0);
+        let m = map_features(&specs, &resources(base()), &context(true));
+        assert_eq!(
+            m.features[0].value,
+            Err(Missing::OutOfRange {
+                value: "73 years".into(),
+                range: "16–60 a".into()
+            })
         );
     }
 

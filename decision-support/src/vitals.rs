@@ -268,6 +268,9 @@ pub struct Vitals {
     /// Parameters whose latest value cannot be used, with the reason.
     pub unusable: Vec<Unusable>,
     pub excluded: Excluded,
+    /// Parameters with an observation dated after `now` plus the skew (left out: a device
+    /// or charting clock error a clinician should hear of, not "no value recorded").
+    pub future_dated: Vec<Parameter>,
 }
 
 impl Vitals {
@@ -440,7 +443,9 @@ fn number(parameter: Parameter, q: &Quantity) -> Result<Value, UnusableReason> {
     let value = match parameter {
         Parameter::RespirationRate => within(value, 0.0, 120.0)?,
         Parameter::PulseRate => within(value, 0.0, 350.0)?,
-        Parameter::OxygenSaturation => within(value, 0.0, 100.0)?,
+        // No oximeter reads below ~20 % in a living patient: a lower value is a fraction
+        // written as a percentage (0.95 "%"), not a saturation of 0.95 %.
+        Parameter::OxygenSaturation => within(value, 20.0, 100.0)?,
         Parameter::SystolicBloodPressure => within(value, 0.0, 400.0)?,
         Parameter::Temperature => within(value, 10.0, 47.0)?,
         _ => value,
@@ -615,6 +620,11 @@ pub fn extract(
         if let Some(t) = time {
             if t > now + options.future_skew {
                 vitals.excluded.in_the_future += 1;
+                for (p, _) in &found {
+                    if !vitals.future_dated.contains(p) {
+                        vitals.future_dated.push(*p);
+                    }
+                }
                 continue;
             }
             if t < now - options.look_back {
@@ -784,6 +794,7 @@ mod tests {
         ]);
         assert_eq!(v.pulse_rate.as_ref().unwrap().value, 90.0);
         assert_eq!(v.excluded.in_the_future, 1);
+        assert_eq!(v.future_dated, vec![Parameter::PulseRate]);
         assert_eq!(v.excluded.too_old, 1);
         // Within the skew: taken.
         let v = run(&[quantity("8867-4", 100.0, "/min", "2024-05-01T12:04:00Z")]);
@@ -851,6 +862,14 @@ mod tests {
         // SpO2 as 95 with unit "1" is 9500 %.
         let v = run(&[quantity("59408-5", 95.0, "1", t)]);
         assert_eq!(v.unusable[0].reason, UnusableReason::Implausible);
+        // And 0.95 written with "%" is a fraction, not a saturation of 0.95 % (which would
+        // score 3 and escalate): refused; 20 % is the lowest taken.
+        let v = run(&[quantity("59408-5", 0.95, "%", t)]);
+        assert_eq!(v.unusable[0].reason, UnusableReason::Implausible);
+        let v = run(&[quantity("59408-5", 19.9, "%", t)]);
+        assert_eq!(v.unusable[0].reason, UnusableReason::Implausible);
+        let v = run(&[quantity("59408-5", 20.0, "%", t)]);
+        assert!(v.unusable.is_empty());
         // No unit.
         let mut o = quantity("9279-1", 18.0, "/min", t);
         let q = o.value_quantity.as_mut().unwrap();

@@ -481,11 +481,23 @@ async fn imaging_cards(
 
 /// A serde error without the input's text (it may hold patient data): where it failed.
 fn serde_error(e: &serde_json::Error) -> String {
+    let message = e.to_string();
     let what = match e.classify() {
-        serde_json::error::Category::Io => "cannot be read",
-        serde_json::error::Category::Syntax => "malformed JSON",
-        serde_json::error::Category::Data => "a field is missing or has the wrong type",
-        serde_json::error::Category::Eof => "the JSON ends early",
+        serde_json::error::Category::Io => "cannot be read".to_owned(),
+        serde_json::error::Category::Syntax if message.starts_with("recursion limit exceeded") => {
+            "JSON nested too deeply".to_owned()
+        }
+        serde_json::error::Category::Syntax => "malformed JSON".to_owned(),
+        // serde's own wording names the field or the expected type, never the value sent
+        // (which may be patient data): "missing field `hookInstance`", "invalid type,
+        // expected a string".
+        serde_json::error::Category::Data => {
+            match nightingale_decision_support::fhir::sanitise(&message) {
+                m if m == "malformed" => "a field is missing or has the wrong type".to_owned(),
+                m => m,
+            }
+        }
+        serde_json::error::Category::Eof => "the JSON ends early".to_owned(),
     };
     format!("{what} (line {}, column {})", e.line(), e.column())
 }
