@@ -169,7 +169,9 @@ pub struct ServeArgs {
     #[arg(long, env = "NIGHTINGALE_DICOM_MAX_INSTANCE_BYTES")]
     pub dicom_max_instance_bytes: Option<u64>,
     /// Bytes of data sets being received at once over all associations (held in memory
-    /// until stored); a C-STORE beyond is answered 0xA700. [default: 4294967296]
+    /// until stored); a C-STORE beyond is answered 0xA700. STOW-RS has a budget of the same
+    /// size of its own (parts held in memory until staged); a request beyond is answered
+    /// 503 with Retry-After. [default: 4294967296]
     #[arg(long, env = "NIGHTINGALE_DICOM_MAX_INFLIGHT_BYTES")]
     pub dicom_max_inflight_bytes: Option<u64>,
     /// Free space to keep on the spool's file system; a C-STORE that would leave less is
@@ -917,7 +919,16 @@ impl ServeArgs {
                         .or(file.dicomweb_max_request_bytes)
                         .unwrap_or(defaults.max_request_bytes),
                     request_timeout: std::time::Duration::from_secs_f64(timeout),
+                    max_inflight_bytes: self
+                        .dicom_max_inflight_bytes
+                        .or(file.dicom_max_inflight_bytes)
+                        .unwrap_or(defaults.max_inflight_bytes),
                 };
+                if limits.max_inflight_bytes < limits.max_part_bytes {
+                    return Err(ConfigError::Invalid(
+                        "dicom_max_inflight_bytes must be at least dicomweb_max_part_bytes: a STOW-RS part is held in memory whole".into(),
+                    ));
+                }
                 if limits.max_part_bytes == 0 || limits.max_part_bytes > limits.max_request_bytes {
                     return Err(ConfigError::Invalid(
                         "dicomweb_max_part_bytes must be between 1 and dicomweb_max_request_bytes"

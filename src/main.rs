@@ -432,11 +432,11 @@ async fn serve(
         }
     };
     if let (Some(web), Some(spool)) = (config.dicomweb.clone(), spool.clone()) {
-        state.set_dicomweb(http::dicomweb::DicomWeb {
+        state.set_dicomweb(http::dicomweb::DicomWeb::new(
             spool,
-            config: web.limits,
-            audit_uids: web.audit_uids,
-        });
+            web.limits,
+            web.audit_uids,
+        ));
         tracing::info!("DICOMweb on: STOW-RS and QIDO-RS at /dicomweb");
     }
     // Retention (OPS slice) runs on the spool whichever way it was opened.

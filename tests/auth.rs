@@ -95,11 +95,11 @@ impl Server {
             },
         )
         .unwrap();
-        state.set_dicomweb(http::dicomweb::DicomWeb {
-            spool: Arc::new(spool),
-            config: http::dicomweb::DicomWebConfig::default(),
-            audit_uids: Default::default(),
-        });
+        state.set_dicomweb(http::dicomweb::DicomWeb::new(
+            Arc::new(spool),
+            http::dicomweb::DicomWebConfig::default(),
+            Default::default(),
+        ));
         // The pipeline's results, knowing STUDY, so that `/results/...` answers 200 too.
         let results =
             nightingale::pipeline::store::ResultsStore::open(&dir.path().join("results.sqlite3"))

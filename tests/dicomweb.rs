@@ -61,11 +61,7 @@ impl Server {
         let state = AppState::new(repository, audit, HttpConfig::default(), None);
         let (spool, _) = Spool::open(&dir.path().join("spool"), options).unwrap();
         let spool = Arc::new(spool);
-        assert!(state.set_dicomweb(DicomWeb {
-            spool: spool.clone(),
-            config: limits,
-            audit_uids: Default::default(),
-        }));
+        assert!(state.set_dicomweb(DicomWeb::new(spool.clone(), limits, Default::default(),)));
         Server {
             _dir: dir,
             state,
@@ -296,6 +292,68 @@ impl http_body::Body for Endless {
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
         Poll::Pending
     }
+}
+
+#[tokio::test]
+async fn parts_in_memory_over_all_requests_are_bounded_503_beyond() {
+    let server = Server::new(DicomWebConfig {
+        max_part_bytes: 1 << 20,
+        max_inflight_bytes: 3 << 19, // 1.5 MiB: one part being read, not two
+        ..DicomWebConfig::default()
+    });
+    // Request A: the start of a part of ~1 MiB, then nothing (its sender stalls).
+    let mut start = format!("--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n").into_bytes();
+    start.extend(vec![0u8; 1 << 20]);
+    use futures_util::StreamExt;
+    let chunks = futures_util::stream::iter([Ok::<_, Infallible>(Bytes::from(start))])
+        .chain(futures_util::stream::pending());
+    let stalled = Request::post("/dicomweb/studies")
+        .header(header::CONTENT_TYPE, content_type())
+        .body(Body::from_stream(chunks))
+        .unwrap();
+    let app = http::app(server.state.clone());
+    let a = tokio::spawn(async move { app.oneshot(stalled).await });
+    let web = server.state.dicomweb().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while web.inflight_bytes() < 1 << 20 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "request A never read"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Request B: a whole body of ~1 MiB does not fit beside A's part: 503, Retry-After.
+    let file = part10(STUDY, SERIES, &sop(70), 1);
+    let body = multipart(&[("application/dicom", file.as_slice())]);
+    let big = multipart(&[("application/octet-stream", &vec![0u8; 900 << 10])]);
+    let (s, h, v) = server
+        .send(stow_request(
+            "/dicomweb/studies",
+            &content_type(),
+            big.clone(),
+        ))
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(h.contains_key(header::RETRY_AFTER));
+    assert!(v.to_string().contains("dicom-max-inflight-bytes"), "{v}");
+    // A small one still fits; and once A is gone, B's size does too.
+    let (s, v) = server.stow("/dicomweb/studies", body).await;
+    assert!(s == StatusCode::OK || s == StatusCode::ACCEPTED, "{s}: {v}");
+    a.abort();
+    let _ = a.await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while web.inflight_bytes() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "request A's bytes never given back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (s, _, v) = server
+        .send(stow_request("/dicomweb/studies", &content_type(), big))
+        .await;
+    // Not a DICOM part: refused as such (409), but read, not 503.
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
 }
 
 #[tokio::test]

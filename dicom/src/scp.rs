@@ -481,7 +481,7 @@ async fn serve_association(
         Ok(Ok(a)) => a,
         Ok(Err(e)) => {
             association_outcome("not_established");
-            tracing::info!(%peer, error = %e, "DICOM association not established");
+            tracing::info!(%peer, error = %error_summary(&e), "DICOM association not established");
             let rejected = DicomEvent::AssociationRejected {
                 peer,
                 reason: "not_established",
@@ -542,6 +542,21 @@ async fn serve_association(
         }
     };
     tracing::info!(%peer, calling_ae, stored, failed, "DICOM association closed");
+}
+
+/// An association-layer error for the log: its words only, up to the first structure it
+/// prints (dicom-ul's messages can embed a whole PDU, `PData { data: [40, 48, …] }`, which
+/// would put whatever a peer sent, patient data included, into the log), at most 120
+/// printable characters.
+fn error_summary(e: &dyn std::fmt::Display) -> String {
+    let text = e.to_string();
+    let words = text.split(['{', '[', '(']).next().unwrap_or_default();
+    words
+        .trim()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(120)
+        .collect()
 }
 
 fn association_outcome(outcome: &'static str) {
@@ -634,6 +649,15 @@ async fn run_association(
                         return Err(("unreadable command set", counts));
                     };
                     let pc = value.presentation_context_id;
+                    // A context the association never negotiated: a protocol error (PS3.8
+                    // 9.3.5), not a request to answer.
+                    if !association
+                        .presentation_contexts()
+                        .iter()
+                        .any(|c| c.id == pc)
+                    {
+                        return Err(("command on a presentation context never negotiated", counts));
+                    }
                     match cmd.field {
                         C_ECHO_RQ => {
                             let rsp = echo_response(cmd.message_id);
@@ -1309,6 +1333,15 @@ mod tests {
     use super::*;
     use dicom_dictionary_std::tags;
     use dicom_object::InMemDicomObject;
+
+    #[test]
+    fn association_errors_are_logged_without_what_the_peer_sent() {
+        let e = "unexpected response from peer PData { data: [68, 79, 69, 94, 74, 65, 78, 69] }";
+        assert_eq!(error_summary(&e), "unexpected response from peer PData");
+        let long = "x".repeat(500);
+        assert_eq!(error_summary(&long).len(), 120);
+        assert_eq!(error_summary(&"bad\nline\u{7}"), "badline");
+    }
 
     #[test]
     fn allowed_ae_entries() {

@@ -230,7 +230,10 @@ impl Part10File {
 }
 
 /// Every file under `paths` (folders recursively, in name order). Entries that cannot be
-/// listed are returned as errors in place.
+/// listed are returned as errors in place. Inside a folder, links to folders are not
+/// followed (a link to `..` would send the same files again and again), and only regular
+/// files (or links to them) are taken: reading a FIFO would wait forever. A path named on
+/// the command line that is neither a folder nor a regular file is an error.
 pub fn collect_files(paths: &[PathBuf]) -> Vec<Result<PathBuf, FileError>> {
     fn walk(dir: &Path, out: &mut Vec<Result<PathBuf, FileError>>) {
         let entries = match std::fs::read_dir(dir) {
@@ -246,8 +249,13 @@ pub fn collect_files(paths: &[PathBuf]) -> Vec<Result<PathBuf, FileError>> {
         let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
         paths.sort();
         for p in paths {
+            let linked = p
+                .symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_symlink());
             if p.is_dir() {
-                walk(&p, out);
+                if !linked {
+                    walk(&p, out);
+                }
             } else if p.is_file() {
                 out.push(Ok(p));
             }
@@ -257,6 +265,11 @@ pub fn collect_files(paths: &[PathBuf]) -> Vec<Result<PathBuf, FileError>> {
     for p in paths {
         if p.is_dir() {
             walk(p, &mut out);
+        } else if p.exists() && !p.is_file() {
+            out.push(Err(FileError::Io {
+                path: p.clone(),
+                source: std::io::Error::other("not a regular file"),
+            }));
         } else {
             out.push(Ok(p.clone()));
         }
@@ -777,6 +790,31 @@ fn parse_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn folder_links_are_not_followed_and_fifos_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub/a.dcm"), b"x").unwrap();
+        std::os::unix::fs::symlink("..", root.join("sub/up")).unwrap();
+        std::os::unix::fs::symlink("a.dcm", root.join("sub/b.dcm")).unwrap();
+        let fifo = root.join("fifo.dcm");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let found: Vec<_> = collect_files(&[root.to_owned()])
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(found, vec![root.join("sub/a.dcm"), root.join("sub/b.dcm")]);
+        let named = collect_files(&[fifo]);
+        assert!(matches!(named[..], [Err(FileError::Io { .. })]));
+    }
 
     #[test]
     fn commands_carry_their_group_length() {

@@ -184,35 +184,61 @@ fn study_of(file: &[u8]) -> Option<String> {
     Some(sop::trim_uid(&value).to_owned())
 }
 
-/// A part written aside (an unnamed file in the spool's `tmp/`) until the whole body has
-/// arrived: a body that ends early or breaks the multipart syntax stores nothing.
+/// The most parts one STOW-RS request may hold (each staged part is a few words of
+/// bookkeeping; a study of a few thousand instances is the usual upper end).
+pub const MAX_PARTS: usize = 100_000;
+
+/// Where a request's parts wait until the whole body has arrived (a body that ends early or
+/// breaks the multipart syntax stores nothing): one unnamed file in the spool's `tmp/` per
+/// request, the parts appended to it. One file, not one per part: a body of 20,000 tiny
+/// parts held open would otherwise hold 20,000 file descriptors and starve the process.
+#[derive(Debug, Clone)]
+pub struct Staging {
+    file: std::sync::Arc<std::fs::File>,
+    end: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Staging {
+    /// A new staging file (blocking). It has no name: it disappears when the last part
+    /// staged in it is dropped, or with the process.
+    pub fn new(spool: &Spool) -> std::io::Result<Staging> {
+        Ok(Staging {
+            file: std::sync::Arc::new(tempfile::tempfile_in(spool.root().join("tmp"))?),
+            end: Default::default(),
+        })
+    }
+
+    /// Writes `part` aside (blocking), after the parts staged before it.
+    pub fn stage(&self, part: Part) -> std::io::Result<StagedPart> {
+        use std::os::unix::fs::FileExt;
+        use std::sync::atomic::Ordering;
+        let len = part.body.len();
+        let offset = self.end.fetch_add(len as u64, Ordering::SeqCst);
+        self.file.write_all_at(&part.body, offset)?;
+        Ok(StagedPart {
+            content_type: part.content_type,
+            file: self.file.clone(),
+            offset,
+            len,
+        })
+    }
+}
+
+/// A part written aside in a [`Staging`] file.
 #[derive(Debug)]
 pub struct StagedPart {
     content_type: Option<String>,
-    file: std::fs::File,
+    file: std::sync::Arc<std::fs::File>,
+    offset: u64,
     len: usize,
 }
 
 impl StagedPart {
-    /// Writes `part` aside (blocking). The file has no name: it disappears when dropped, or
-    /// with the process.
-    pub fn stage(spool: &Spool, part: Part) -> std::io::Result<StagedPart> {
-        use std::io::Write;
-        let mut file = tempfile::tempfile_in(spool.root().join("tmp"))?;
-        file.write_all(&part.body)?;
-        Ok(StagedPart {
-            content_type: part.content_type,
-            file,
-            len: part.body.len(),
-        })
-    }
-
     /// The part, read back (blocking).
-    pub fn load(mut self) -> std::io::Result<Part> {
-        use std::io::{Read, Seek};
-        self.file.seek(std::io::SeekFrom::Start(0))?;
-        let mut body = Vec::with_capacity(self.len);
-        self.file.read_to_end(&mut body)?;
+    pub fn load(self) -> std::io::Result<Part> {
+        use std::os::unix::fs::FileExt;
+        let mut body = vec![0; self.len];
+        self.file.read_exact_at(&mut body, self.offset)?;
         Ok(Part {
             content_type: self.content_type,
             body,

@@ -30,7 +30,18 @@ pub enum StructureError {
     UnknownVr { offset: usize },
     #[error("deflated data set does not inflate: {0}")]
     Inflate(String),
+    #[error("deflated data set inflates to more than {max} bytes")]
+    InflatesTooLarge { max: usize },
 }
+
+/// The most a deflated data set may inflate to ([`walk`] holds it in memory): a deflate
+/// bomb of 1 MB inflates to 1 GB. Deflated transfer syntaxes carry structured reports and
+/// small objects in practice; a larger one is refused (0xC000) with this reason.
+pub const MAX_INFLATED_BYTES: usize = 256 << 20;
+
+/// One deflated data set inflated at a time, so that concurrent stores hold at most one
+/// [`MAX_INFLATED_BYTES`] buffer between them.
+static INFLATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 const UNDEFINED: u32 = 0xFFFF_FFFF;
 const MAX_DEPTH: usize = 64;
@@ -93,10 +104,17 @@ pub fn walk(
 ) -> Result<Vec<Option<Found>>, StructureError> {
     if encoding.deflated {
         use std::io::Read;
+        let _one_at_a_time = INFLATING.lock().unwrap_or_else(|p| p.into_inner());
         let mut inflated = Vec::new();
         flate2::read::DeflateDecoder::new(bytes)
+            .take(MAX_INFLATED_BYTES as u64 + 1)
             .read_to_end(&mut inflated)
             .map_err(|e| StructureError::Inflate(e.to_string()))?;
+        if inflated.len() > MAX_INFLATED_BYTES {
+            return Err(StructureError::InflatesTooLarge {
+                max: MAX_INFLATED_BYTES,
+            });
+        }
         let plain = Encoding {
             deflated: false,
             ..encoding
@@ -410,6 +428,41 @@ mod tests {
         out.extend_from_slice(&(value.len() as u16).to_le_bytes());
         out.extend_from_slice(value);
         out
+    }
+
+    #[test]
+    fn a_deflate_bomb_is_refused_at_the_inflated_limit() {
+        use std::io::Write;
+        let deflated = Encoding {
+            deflated: true,
+            ..LE
+        };
+        // A small valid data set inflates and is walked.
+        let mut small = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        small.write_all(&el(0x0008, 0x0060, b"CS", b"CT")).unwrap();
+        let small = small.finish().unwrap();
+        let found = walk(&small, deflated, &[(0x0008, 0x0060)]).unwrap();
+        assert_eq!(found[0], Some(Found::Value(b"CT".to_vec())));
+        // One OB element of zeros just past the limit: ~300 KB deflated.
+        let mut bomb = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        let mut header = Vec::new();
+        header.extend_from_slice(&0x0009u16.to_le_bytes());
+        header.extend_from_slice(&0x0010u16.to_le_bytes());
+        header.extend_from_slice(b"OB\0\0");
+        header.extend_from_slice(&((MAX_INFLATED_BYTES as u32) + 2).to_le_bytes());
+        bomb.write_all(&header).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..=MAX_INFLATED_BYTES >> 20 {
+            bomb.write_all(&zeros).unwrap();
+        }
+        let bomb = bomb.finish().unwrap();
+        assert!(bomb.len() < MAX_INFLATED_BYTES / 100);
+        assert_eq!(
+            walk(&bomb, deflated, &[]),
+            Err(StructureError::InflatesTooLarge {
+                max: MAX_INFLATED_BYTES
+            })
+        );
     }
 
     fn tag_len(group: u16, elem: u16, len: u32) -> Vec<u8> {

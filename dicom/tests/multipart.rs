@@ -7,6 +7,8 @@ use nightingale_dicom::multipart::{
 };
 use proptest::prelude::*;
 
+mod support;
+
 const BOUNDARY: &str = "x-b0und4ry";
 
 fn body(parts: &[(Option<&str>, &[u8])], preamble: &[u8], crlf_first: bool) -> Vec<u8> {
@@ -200,5 +202,37 @@ proptest! {
         let (got, _) = parse(&b, &chunks, limits);
         prop_assert!(got.len() <= 2);
         prop_assert!(got.iter().all(|p| p.body.len() <= 256));
+    }
+}
+
+#[test]
+fn the_parts_of_a_request_are_staged_in_one_file_and_read_back_equal() {
+    use nightingale_dicom::stow::Staging;
+    let (spool, _dir) = support::temp_spool();
+    let open_fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let staging = Staging::new(&spool).unwrap();
+    let before = open_fds();
+    // As many parts as a hostile body of tiny parts would send: one descriptor for all
+    // (other tests of this binary may open a few files meanwhile; 2,000 would show).
+    let staged: Vec<_> = (0..2000u32)
+        .map(|i| {
+            staging
+                .stage(Part {
+                    content_type: Some(format!("application/dicom; n={i}")),
+                    body: i.to_le_bytes().repeat(1 + (i as usize % 7)),
+                })
+                .unwrap()
+        })
+        .collect();
+    assert!(open_fds() < before + 50, "{} -> {}", before, open_fds());
+    drop(staging);
+    for (i, part) in staged.into_iter().enumerate().rev() {
+        let i = i as u32;
+        let part = part.load().unwrap();
+        assert_eq!(part.body, i.to_le_bytes().repeat(1 + (i as usize % 7)));
+        assert_eq!(
+            part.content_type.unwrap(),
+            format!("application/dicom; n={i}")
+        );
     }
 }

@@ -241,6 +241,29 @@ async fn a_pdu_larger_than_negotiated_aborts_the_association_and_the_server_goes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_on_a_context_never_negotiated_aborts_the_association() {
+    let server = start(|_| {}).await;
+    let addr = server.addr;
+    tokio::task::spawn_blocking(move || {
+        let mut assoc = connect(addr, &[(CT, EXPLICIT_LE)]).unwrap();
+        let pc = accepted_pc(&assoc);
+        let unknown = if pc == 77 { 79 } else { 77 };
+        // A C-ECHO-RQ on context 77, which the client never proposed.
+        let command = command_set(0x0030, 1, "1.2.840.10008.1.1", None, 0x0101);
+        assoc
+            .send(&pdata(unknown, PDataValueType::Command, true, command))
+            .unwrap();
+        match assoc.receive() {
+            Ok(Pdu::AbortRQ { .. }) => {}
+            other => panic!("expected A-ABORT, got {other:?}"),
+        }
+        echo(addr);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_in_another_transfer_syntax_than_negotiated_is_refused() {
     const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
     let server = start(|_| {}).await;

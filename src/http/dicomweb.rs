@@ -19,6 +19,7 @@ use http_body_util::BodyExt;
 use nightingale_dicom::Spool;
 use nightingale_dicom::multipart::{self, MultipartError, Parser};
 use nightingale_dicom::qido;
+use nightingale_dicom::scp::{Budget, Reservation};
 use nightingale_dicom::stow::{self, PartOutcome, StagedPart};
 use serde_json::{Map, Value, json};
 
@@ -37,6 +38,10 @@ pub struct DicomWebConfig {
     pub max_request_bytes: u64,
     /// Whole-request deadline of STOW-RS and QIDO-RS (instead of the API's).
     pub request_timeout: Duration,
+    /// Bytes of STOW-RS parts held in memory at once over all requests (a part is read
+    /// whole before it is staged): beyond, a request is answered 503 with Retry-After
+    /// (`--dicom-max-inflight-bytes`, a budget of its own beside the DIMSE one).
+    pub max_inflight_bytes: u64,
 }
 
 impl Default for DicomWebConfig {
@@ -45,6 +50,7 @@ impl Default for DicomWebConfig {
             max_part_bytes: 1 << 30,
             max_request_bytes: 4 << 30,
             request_timeout: Duration::from_secs(600),
+            max_inflight_bytes: 4 << 30,
         }
     }
 }
@@ -55,6 +61,28 @@ pub struct DicomWeb {
     pub config: DicomWebConfig,
     /// How instance UIDs appear in the audit records of STOW-RS parts.
     pub audit_uids: crate::audit::dicom::UidAudit,
+    /// The STOW-RS bytes in memory, over all requests ([`DicomWebConfig::max_inflight_bytes`]).
+    budget: Arc<Budget>,
+}
+
+impl DicomWeb {
+    /// Bytes of STOW-RS parts in memory now, over all requests.
+    pub fn inflight_bytes(&self) -> u64 {
+        self.budget.used()
+    }
+
+    pub fn new(
+        spool: Arc<Spool>,
+        config: DicomWebConfig,
+        audit_uids: crate::audit::dicom::UidAudit,
+    ) -> DicomWeb {
+        DicomWeb {
+            budget: Budget::new(config.max_inflight_bytes),
+            spool,
+            config,
+            audit_uids,
+        }
+    }
 }
 
 const DICOM_JSON: &str = "application/dicom+json";
@@ -212,7 +240,10 @@ async fn store_inner(
         other => AppError::bad_request(format!("malformed multipart body: {other}")),
     };
     let mut staged: Vec<StagedPart> = vec![];
+    let mut staging: Option<stow::Staging> = None;
     let mut received = 0u64;
+    // What the parser holds of the part being read (bytes fed, less the parts staged).
+    let mut in_parser = Reservation::new(&web.budget);
     let mut body = body;
     while let Some(frame) = body.frame().await {
         let frame = frame
@@ -224,21 +255,54 @@ async fn store_inner(
         if received > limits.max_request_bytes {
             return Err(too_large());
         }
-        for part in parser.feed(&data).map_err(malformed)? {
+        if !in_parser.grow(data.len() as u64) {
+            metrics::counter!("nightingale_dicom_stow_busy_total").increment(1);
+            return Err(AppError::overloaded(
+                "busy: too much STOW-RS data in memory at once (--dicom-max-inflight-bytes); retry later",
+            ));
+        }
+        let parts = parser.feed(&data).map_err(malformed)?;
+        let staged_some = !parts.is_empty();
+        for part in parts {
+            if staged.len() >= stow::MAX_PARTS {
+                return Err(AppError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "more than {} parts in one STOW-RS request: send the study in several",
+                        stow::MAX_PARTS
+                    ),
+                ));
+            }
             let spool = spool.clone();
-            let part = tokio::task::spawn_blocking(move || StagedPart::stage(&spool, part))
-                .await
-                .map_err(|e| AppError::internal(e.to_string()))?
-                .map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::StorageFull {
-                        AppError::overloaded("the DICOM spool's file system is full; retry later")
-                    } else {
-                        AppError::internal(format!("cannot stage a STOW-RS part: {e}"))
-                    }
-                })?;
+            let into = staging.clone();
+            let part = tokio::task::spawn_blocking(move || {
+                let staging = match into {
+                    Some(s) => s,
+                    None => stow::Staging::new(&spool)?,
+                };
+                staging.stage(part).map(|p| (staging, p))
+            })
+            .await
+            .map_err(|e| AppError::internal(e.to_string()))?
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::StorageFull {
+                    AppError::overloaded("the DICOM spool's file system is full; retry later")
+                } else {
+                    AppError::internal(format!("cannot stage a STOW-RS part: {e}"))
+                }
+            })?;
+            let (into, part) = part;
+            staging = Some(into);
             staged.push(part);
         }
+        if staged_some {
+            // The complete parts are on disk; the parser holds at most the start of the
+            // next one: the reservation becomes that.
+            in_parser.release();
+            let _ = in_parser.grow(parser.buffered() as u64);
+        }
     }
+    drop(in_parser);
     parser.finish().map_err(malformed)?;
     if staged.is_empty() {
         return Err(AppError::bad_request(
