@@ -24,6 +24,45 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// Why [`open_regular`] did not open a path.
+#[derive(Debug)]
+pub(crate) enum NotRegular {
+    /// The path exists but is not a regular file itself: a symbolic link, a folder, a FIFO,
+    /// a socket or a device (or it was swapped for another file while it was opened).
+    Kind,
+    /// It could not be inspected or opened (`NotFound`: there is nothing there).
+    Io(std::io::Error),
+}
+
+/// Opens `path` for reading only when it is a regular file itself. A bundle's files are
+/// refused when they are anything else: a symbolic link could point anywhere on the server
+/// (and a parse error would then quote what it points to), opening a FIFO blocks until a
+/// writer comes, and a device never ends. The path is inspected without following links, and
+/// the file opened must be the very file inspected, so swapping one in between is refused too.
+pub(crate) fn open_regular(path: &Path) -> Result<fs::File, NotRegular> {
+    let inspected = fs::symlink_metadata(path).map_err(NotRegular::Io)?;
+    if !inspected.is_file() {
+        return Err(NotRegular::Kind);
+    }
+    let file = fs::File::open(path).map_err(NotRegular::Io)?;
+    let opened = file.metadata().map_err(NotRegular::Io)?;
+    if !opened.is_file() || !same_file(&inspected, &opened) {
+        return Err(NotRegular::Kind);
+    }
+    Ok(file)
+}
+
+#[cfg(unix)]
+fn same_file(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &fs::Metadata, _: &fs::Metadata) -> bool {
+    true
+}
+
 /// Every regular file under `dir`, as `/`-separated relative paths.
 fn list_files(dir: &Path) -> Result<Vec<String>, BundleError> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
@@ -73,12 +112,16 @@ pub fn read_verified(
     let mut out = BTreeMap::new();
     for (name, expected) in files {
         let path: PathBuf = dir.join(name);
-        let meta = fs::symlink_metadata(&path)
-            .map_err(|_| BundleError::MissingFile { path: path.clone() })?;
-        if !meta.is_file() {
-            return Err(BundleError::MissingFile { path });
-        }
-        let bytes = fs::read(&path).map_err(|source| BundleError::io(&path, source))?;
+        let mut file = match open_regular(&path) {
+            Ok(file) => file,
+            Err(NotRegular::Io(e)) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(BundleError::io(&path, e));
+            }
+            Err(_) => return Err(BundleError::MissingFile { path }),
+        };
+        let mut bytes = vec![];
+        file.read_to_end(&mut bytes)
+            .map_err(|source| BundleError::io(&path, source))?;
         let actual = hex::encode(Sha256::digest(&bytes));
         if !actual.eq_ignore_ascii_case(expected) {
             return Err(BundleError::ChecksumMismatch {

@@ -42,6 +42,10 @@ pub enum BundleError {
     UnlistedFile { path: PathBuf },
     #[error("{path} is listed in bundle.toml but missing (or not a regular file)")]
     MissingFile { path: PathBuf },
+    #[error(
+        "{path} is not a regular file (a symbolic link, folder, FIFO or device is refused: the bundle's own files must be in its folder)"
+    )]
+    NotRegularFile { path: PathBuf },
     #[error("{path}: version folder {version} is not listed under [versions] in bundle.toml")]
     UnlistedVersion { path: PathBuf, version: String },
     #[error("{path}: no version selected by the version policy is present")]
@@ -120,6 +124,7 @@ impl BundleError {
             | BundleError::ChecksumMismatch { path, .. }
             | BundleError::UnlistedFile { path }
             | BundleError::MissingFile { path }
+            | BundleError::NotRegularFile { path }
             | BundleError::UnlistedVersion { path, .. }
             | BundleError::NoVersions { path }
             | BundleError::MissingVersion { path }
@@ -153,6 +158,7 @@ impl BundleError {
                 | BundleError::ChecksumMismatch { path, .. }
                 | BundleError::UnlistedFile { path }
                 | BundleError::MissingFile { path }
+                | BundleError::NotRegularFile { path }
                 | BundleError::UnlistedVersion { path, .. }
                 | BundleError::NoVersions { path }
                 | BundleError::MissingVersion { path }

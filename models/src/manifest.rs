@@ -817,6 +817,34 @@ fn default_model_file() -> String {
 #[error("{0}")]
 pub struct InvalidManifest(pub String);
 
+/// A TOML error as `TOML parse error at line L, column C: message`, without the quoted line
+/// and caret that `toml`'s own text carries: the reason is answered over HTTP and kept in the
+/// audit trail, where the file's contents have no place (and a file that is not a manifest at
+/// all must not be echoed).
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let Some(span) = e.span() else {
+        return format!("TOML parse error: {message}");
+    };
+    let before = &text.as_bytes()[..span.start.min(text.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |nl| nl + 1);
+    let column = String::from_utf8_lossy(&before[line_start..])
+        .chars()
+        .count()
+        + 1;
+    format!("TOML parse error at line {line}, column {column}: {message}")
+}
+
 /// Names usable in URLs and on file systems: 1–128 of `A-Z a-z 0-9 . _ -`, not starting with `.`.
 pub fn valid_name(name: &str) -> bool {
     (1..=128).contains(&name.len())
@@ -830,7 +858,7 @@ impl Manifest {
     /// Parses and checks a manifest's text.
     pub fn parse(text: &str) -> Result<Manifest, InvalidManifest> {
         let manifest: Manifest =
-            toml::from_str(text).map_err(|e| InvalidManifest(e.to_string()))?;
+            toml::from_str(text).map_err(|e| InvalidManifest(toml_error(text, &e)))?;
         manifest.validate()?;
         Ok(manifest)
     }

@@ -14,7 +14,7 @@ use nightingale_inference::{
     ModelWorker, NamedTensor, Tensor, TractKernels, WorkerConfig,
 };
 
-use crate::checksum::{read_verified, verify_folder};
+use crate::checksum::{NotRegular, open_regular, read_verified, verify_folder};
 use crate::error::{BundleError, RepositoryError};
 use crate::manifest::{BackendPreference, Manifest, SelfTestSpec, parse_version, valid_name};
 use crate::selftest::{self, SelfTestError, SelfTestReport};
@@ -80,10 +80,16 @@ impl Bundle {
     }
 
     /// Reads and checks `dir/bundle.toml` and its signature under `policy`: the signature is
-    /// checked against the very bytes parsed.
+    /// checked against the very bytes parsed, before they are parsed (with signatures
+    /// required, only signed text reaches the TOML parser). The manifest must be a regular
+    /// file in the bundle's folder: a symbolic link is refused unread, as a version's files
+    /// are, since it could point anywhere on the server and a parse error would quote it.
     pub fn open_with(dir: &Path, policy: &SignaturePolicy) -> Result<Bundle, BundleError> {
         let path = dir.join(MANIFEST_FILE);
-        let file = fs::File::open(&path).map_err(|e| BundleError::io(&path, e))?;
+        let file = open_regular(&path).map_err(|e| match e {
+            NotRegular::Kind => BundleError::NotRegularFile { path: path.clone() },
+            NotRegular::Io(e) => BundleError::io(&path, e),
+        })?;
         let mut text = String::new();
         file.take(MANIFEST_LIMIT + 1)
             .read_to_string(&mut text)
@@ -94,6 +100,7 @@ impl Bundle {
                 limit: MANIFEST_LIMIT,
             });
         }
+        let signature = signature::check_manifest(dir, text.as_bytes(), policy)?;
         let manifest = Manifest::parse(&text).map_err(|source| BundleError::Manifest {
             path: path.clone(),
             source,
@@ -109,7 +116,6 @@ impl Bundle {
                 folder,
             });
         }
-        let signature = signature::check_manifest(dir, text.as_bytes(), policy)?;
         Ok(Bundle {
             dir: dir.to_owned(),
             manifest,
@@ -880,9 +886,12 @@ impl Repository {
             let dir = self.root.join(&name);
             let mut hash = Sha256::new();
             for file in [MANIFEST_FILE, signature::SIGNATURE_FILE] {
-                let bytes = fs::File::open(dir.join(file)).and_then(|f| {
+                // Opened as a load opens them: a FIFO here must not block the poller.
+                let bytes = open_regular(&dir.join(file)).and_then(|f| {
                     let mut bytes = vec![];
-                    f.take(MANIFEST_LIMIT + 1).read_to_end(&mut bytes)?;
+                    f.take(MANIFEST_LIMIT + 1)
+                        .read_to_end(&mut bytes)
+                        .map_err(NotRegular::Io)?;
                     Ok(bytes)
                 });
                 match bytes {
@@ -890,7 +899,10 @@ impl Repository {
                         hash.update((b.len() as u64).to_le_bytes());
                         hash.update(&b);
                     }
-                    Err(e) => hash.update(format!("{file}: {:?}", e.kind()).as_bytes()),
+                    Err(NotRegular::Io(e)) => {
+                        hash.update(format!("{file}: {:?}", e.kind()).as_bytes())
+                    }
+                    Err(NotRegular::Kind) => hash.update(format!("{file}: not regular").as_bytes()),
                 }
             }
             fingerprint_tree(&dir, &dir, 0, &mut hash);

@@ -22,6 +22,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use blake2::Digest as _;
 
+use crate::checksum::{NotRegular, open_regular};
 use crate::error::BundleError;
 
 /// The signature file of a bundle, beside `bundle.toml`.
@@ -67,32 +68,53 @@ pub enum KeyError {
     },
 }
 
+/// Why a small file (a key or a signature) could not be read. Its reasons name no path: a
+/// signature's reason is answered over HTTP, where the server's paths must not show.
+enum SmallFileError {
+    Io(std::io::Error),
+    NotUtf8,
+    TooLarge,
+}
+
+impl SmallFileError {
+    fn reason(&self) -> String {
+        match self {
+            SmallFileError::Io(e) => e.to_string(),
+            SmallFileError::NotUtf8 => "not UTF-8 text".into(),
+            SmallFileError::TooLarge => format!("larger than {SMALL_FILE_LIMIT} bytes"),
+        }
+    }
+}
+
+/// Reads at most [`SMALL_FILE_LIMIT`] bytes of UTF-8 text; more is an error.
+fn read_limited(file: fs::File) -> Result<String, SmallFileError> {
+    let mut text = String::new();
+    file.take(SMALL_FILE_LIMIT + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => SmallFileError::NotUtf8,
+            _ => SmallFileError::Io(e),
+        })?;
+    if text.len() as u64 > SMALL_FILE_LIMIT {
+        return Err(SmallFileError::TooLarge);
+    }
+    Ok(text)
+}
+
+/// Reads a key file the operator named (it may be a symbolic link: mounted secrets often are).
 fn read_small(path: &Path, what: &'static str) -> Result<String, KeyError> {
     let io = |e: std::io::Error| KeyError::Io {
         path: path.to_owned(),
         source: Arc::new(e),
     };
-    let mut text = String::new();
-    fs::File::open(path)
-        .map_err(io)?
-        .take(SMALL_FILE_LIMIT + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidData => KeyError::Malformed {
-                path: path.to_owned(),
-                what,
-                reason: "not UTF-8 text".into(),
-            },
-            _ => io(e),
-        })?;
-    if text.len() as u64 > SMALL_FILE_LIMIT {
-        return Err(KeyError::Malformed {
+    read_limited(fs::File::open(path).map_err(io)?).map_err(|e| match e {
+        SmallFileError::Io(e) => io(e),
+        other => KeyError::Malformed {
             path: path.to_owned(),
             what,
-            reason: format!("larger than {SMALL_FILE_LIMIT} bytes"),
-        });
-    }
-    Ok(text)
+            reason: other.reason(),
+        },
+    })
 }
 
 /// A public key trusted to sign bundles (a minisign `.pub` file).
@@ -229,26 +251,28 @@ pub fn check_manifest(
     policy: &SignaturePolicy,
 ) -> Result<SignatureStatus, BundleError> {
     let path = dir.join(SIGNATURE_FILE);
-    let text = match fs::symlink_metadata(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    // Part of the bundle, so a regular file in its folder, like the manifest (never a link
+    // out of it). Errors name the file by `path` alone, which the repository makes relative
+    // to its root before answering.
+    let file = match open_regular(&path) {
+        Ok(file) => file,
+        Err(NotRegular::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
             return if policy.require {
                 Err(BundleError::SignatureMissing { path })
             } else {
                 Ok(SignatureStatus::Unsigned)
             };
         }
-        Err(e) => return Err(BundleError::io(&path, e)),
-        Ok(_) => read_small(&path, "signature").map_err(|e| match e {
-            KeyError::Io { source, .. } => BundleError::Io {
-                path: path.clone(),
-                source,
-            },
-            other => BundleError::SignatureMalformed {
-                path: path.clone(),
-                reason: other.to_string(),
-            },
-        })?,
+        Err(NotRegular::Io(e)) => return Err(BundleError::io(&path, e)),
+        Err(NotRegular::Kind) => return Err(BundleError::NotRegularFile { path }),
     };
+    let text = read_limited(file).map_err(|e| match e {
+        SmallFileError::Io(e) => BundleError::io(&path, e),
+        other => BundleError::SignatureMalformed {
+            path: path.clone(),
+            reason: other.reason(),
+        },
+    })?;
     let signature = minisign::SignatureBox::from_string(&text).map_err(|e| {
         BundleError::SignatureMalformed {
             path: path.clone(),

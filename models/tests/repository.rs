@@ -182,3 +182,84 @@ fn second_version_with_policies_and_hot_reload() {
         Err(RepositoryError::UnknownModel { .. })
     ));
 }
+
+/// A secret-looking line written outside the repository, for links to point at.
+const SECRET: &str = "root:x:0:0:secret-7f3a91:/root:/bin/bash";
+
+fn outside_file(dir: &tempfile::TempDir) -> PathBuf {
+    let path = dir.path().join("outside-passwd");
+    std::fs::write(&path, format!("{SECRET}\n")).unwrap();
+    path
+}
+
+/// The reason the index gives for the model's refused load.
+fn refused_reason(repo: &Repository, version: Option<u64>) -> String {
+    let index = repo.index();
+    let row = index
+        .iter()
+        .find(|e| e.name == MODEL && e.state != ModelState::Ready)
+        .unwrap_or_else(|| panic!("no refused row: {index:?}"));
+    assert_eq!(row.version, version, "{index:?}");
+    match &row.state {
+        ModelState::Unavailable { reason } => reason.clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn a_symlinked_manifest_is_refused_unread() {
+    let (dir, bundle) = repo_with_copy();
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside_file(&outside);
+    std::fs::remove_file(bundle.join("bundle.toml")).unwrap();
+    std::os::unix::fs::symlink(&target, bundle.join("bundle.toml")).unwrap();
+
+    let err = Bundle::open(&bundle).unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("not a regular file"), "{message}");
+    assert!(!message.contains("secret-7f3a91"), "{message}");
+
+    // Through the repository: the load error and the index both name the problem, relative
+    // to the repository, and neither quotes the file linked to.
+    let repo = Repository::new(dir.path(), RepositoryOptions::default());
+    let err = repo.load(MODEL).unwrap_err().to_string();
+    let reason = refused_reason(&repo, None);
+    for text in [&err, &reason] {
+        assert!(
+            text.contains(&format!("{MODEL}/bundle.toml is not a regular file")),
+            "{text}"
+        );
+        assert!(!text.contains("secret-7f3a91"), "{text}");
+        assert!(!text.contains(&*dir.path().to_string_lossy()), "{text}");
+    }
+}
+
+#[test]
+fn a_malformed_manifest_error_gives_its_place_not_its_text() {
+    let (_dir, bundle) = repo_with_copy();
+    let manifest = std::fs::read_to_string(bundle.join("bundle.toml")).unwrap();
+    std::fs::write(bundle.join("bundle.toml"), format!("{SECRET}\n{manifest}")).unwrap();
+    let err = Bundle::open(&bundle).unwrap_err();
+    assert!(matches!(err, BundleError::Manifest { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(message.contains("line 1, column"), "{message}");
+    assert!(!message.contains("secret-7f3a91"), "{message}");
+    assert!(!message.contains("root:x"), "{message}");
+
+    // A type error deep in the file: its line, and the message, still without the line.
+    let wrong = manifest.replacen("format_version = 1", "format_version = \"one\"", 1);
+    assert_ne!(wrong, manifest);
+    std::fs::write(bundle.join("bundle.toml"), &wrong).unwrap();
+    let message = Bundle::open(&bundle).unwrap_err().to_string();
+    let line = wrong
+        .lines()
+        .position(|l| l.starts_with("format_version"))
+        .unwrap()
+        + 1;
+    assert!(
+        message.contains(&format!("line {line}, column")),
+        "{message}"
+    );
+    assert!(!message.contains("format_version = "), "{message}");
+}

@@ -318,3 +318,84 @@ fn an_encrypted_minisign_key_signs_with_its_password() {
         Err(KeyError::Decrypt { .. })
     ));
 }
+
+#[test]
+fn signature_errors_answered_over_http_name_the_file_relative_to_the_repository() {
+    let (dir, bundle) = repository();
+    let root = dir.path().to_string_lossy().into_owned();
+    let repository = Repository::new(
+        dir.path(),
+        RepositoryOptions {
+            signatures: trusting(&[demo_pub()], true),
+            ..RepositoryOptions::default()
+        },
+    );
+    let sig = bundle.join(SIGNATURE_FILE);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("huge", vec![b'a'; 1 << 20]),
+        ("binary", vec![0xff, 0xfe, 0x00, 0x80]),
+        ("garbage", b"hello\nworld\n".to_vec()),
+    ];
+    for (what, bytes) in cases {
+        std::fs::write(&sig, &bytes).unwrap();
+        let err = repository.load(BUNDLE).unwrap_err().to_string();
+        let index = repository.index();
+        let ModelState::Unavailable { reason } = &index[0].state else {
+            panic!("{what}: {index:?}");
+        };
+        for text in [&err, reason] {
+            assert!(
+                text.starts_with(&format!("{BUNDLE}/{SIGNATURE_FILE}: refused")),
+                "{what}: {text}"
+            );
+            assert!(!text.contains(&root), "{what}: {text}");
+        }
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn a_signature_file_that_is_not_a_regular_file_is_refused_unread() {
+    let (dir, bundle) = repository();
+    let outside = tempfile::tempdir().unwrap();
+    let sig = bundle.join(SIGNATURE_FILE);
+    // A link to the bundle's own (valid) signature kept elsewhere: refused all the same.
+    let kept = outside.path().join("kept.minisig");
+    std::fs::rename(&sig, &kept).unwrap();
+    std::os::unix::fs::symlink(&kept, &sig).unwrap();
+    for require in [false, true] {
+        let err = Bundle::open_with(&bundle, &trusting(&[demo_pub()], require)).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+    let repository = Repository::new(
+        dir.path(),
+        RepositoryOptions {
+            signatures: trusting(&[demo_pub()], true),
+            ..RepositoryOptions::default()
+        },
+    );
+    let err = repository.load(BUNDLE).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!("{BUNDLE}/{SIGNATURE_FILE} is not a regular file")),
+        "{err}"
+    );
+
+    // A FIFO would block a plain open until a writer came: refused without opening it.
+    std::fs::remove_file(&sig).unwrap();
+    let made = std::process::Command::new("mkfifo").arg(&sig).status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("mkfifo unavailable; FIFO case skipped");
+        return;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let policy = trusting(&[demo_pub()], false);
+    let bundle_dir = bundle.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(Bundle::open_with(&bundle_dir, &policy).map(|_| ()));
+    });
+    let result = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("opening a bundle whose signature is a FIFO must not block");
+    let err = result.unwrap_err();
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+}
