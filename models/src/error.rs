@@ -46,6 +46,10 @@ pub enum BundleError {
         "{path} is not a regular file (a symbolic link, folder, FIFO or device is refused: the bundle's own files must be in its folder)"
     )]
     NotRegularFile { path: PathBuf },
+    #[error(
+        "{path}: version {version} is not a folder of its own (a symbolic link or file is refused: a version's files must be in the bundle's folder)"
+    )]
+    VersionNotAFolder { path: PathBuf, version: u64 },
     #[error("{path}: version folder {version} is not listed under [versions] in bundle.toml")]
     UnlistedVersion { path: PathBuf, version: String },
     #[error("{path}: no version selected by the version policy is present")]
@@ -125,6 +129,7 @@ impl BundleError {
             | BundleError::UnlistedFile { path }
             | BundleError::MissingFile { path }
             | BundleError::NotRegularFile { path }
+            | BundleError::VersionNotAFolder { path, .. }
             | BundleError::UnlistedVersion { path, .. }
             | BundleError::NoVersions { path }
             | BundleError::MissingVersion { path }
@@ -159,6 +164,7 @@ impl BundleError {
                 | BundleError::UnlistedFile { path }
                 | BundleError::MissingFile { path }
                 | BundleError::NotRegularFile { path }
+                | BundleError::VersionNotAFolder { path, .. }
                 | BundleError::UnlistedVersion { path, .. }
                 | BundleError::NoVersions { path }
                 | BundleError::MissingVersion { path }
@@ -173,6 +179,15 @@ impl BundleError {
             }
         }
         self
+    }
+
+    /// The version the error is about, when it is about one version folder.
+    pub(crate) fn version(&self) -> Option<u64> {
+        match self {
+            BundleError::VersionNotAFolder { version, .. }
+            | BundleError::NotPromoted { version, .. } => Some(*version),
+            _ => None,
+        }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

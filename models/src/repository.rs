@@ -147,22 +147,29 @@ impl Bundle {
         Ok(path)
     }
 
-    /// Version folders present on disk, ascending. A folder the manifest does not list is an error.
+    /// Version folders present on disk, ascending. A folder the manifest does not list is an
+    /// error, and so is an entry named like a version that is not a folder itself (a symbolic
+    /// link to a folder, a file): skipping it would silently stop serving a version the
+    /// manifest lists and the policy selects, with nothing in the index to say why.
     pub fn versions_on_disk(&self) -> Result<Vec<u64>, BundleError> {
         let mut versions = vec![];
         for entry in fs::read_dir(&self.dir).map_err(|e| BundleError::io(&self.dir, e))? {
             let entry = entry.map_err(|e| BundleError::io(&self.dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(v) = parse_version(&name) else {
+                continue;
+            };
+            // `DirEntry::file_type` does not follow symbolic links.
             if !entry
                 .file_type()
                 .map_err(|e| BundleError::io(entry.path(), e))?
                 .is_dir()
             {
-                continue;
+                return Err(BundleError::VersionNotAFolder {
+                    path: entry.path(),
+                    version: v,
+                });
             }
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(v) = parse_version(&name) else {
-                continue;
-            };
             if !self.manifest.versions.contains_key(&name) {
                 return Err(BundleError::UnlistedVersion {
                     path: entry.path(),
@@ -177,10 +184,23 @@ impl Bundle {
 
     /// The versions the policy serves.
     pub fn selected_versions(&self) -> Result<Vec<u64>, BundleError> {
-        let selected = self
+        let policy = &self.manifest.version_policy;
+        let on_disk = self.versions_on_disk()?;
+        let selected = policy.select(&on_disk);
+        // The policy picks among the folders present (a retired version's folder may go), so
+        // a listed version without one is not an error; but it should not vanish unsaid.
+        let listed: Vec<u64> = self
             .manifest
-            .version_policy
-            .select(&self.versions_on_disk()?);
+            .versions
+            .keys()
+            .filter_map(|k| parse_version(k))
+            .collect();
+        for missing in policy.select(&listed) {
+            if !on_disk.contains(&missing) {
+                tracing::warn!(model = %self.manifest.name, version = missing,
+                    "bundle.toml lists this version and the policy would serve it, but it has no folder: not served");
+            }
+        }
         if selected.is_empty() {
             return Err(BundleError::NoVersions {
                 path: self.dir.clone(),
@@ -716,7 +736,7 @@ impl Repository {
     ) -> Result<BTreeMap<u64, Arc<LoadedModel>>, (Option<u64>, BundleError)> {
         let bundle = Bundle::open_with(dir, &self.options.signatures).map_err(|e| (None, e))?;
         let versions = match target {
-            LoadTarget::Policy => bundle.selected_versions().map_err(|e| (None, e))?,
+            LoadTarget::Policy => bundle.selected_versions().map_err(|e| (e.version(), e))?,
             LoadTarget::Version(v) => {
                 let on_disk = bundle.versions_on_disk().map_err(|e| (Some(v), e))?;
                 if !on_disk.contains(&v) {

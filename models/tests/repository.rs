@@ -263,3 +263,74 @@ fn a_malformed_manifest_error_gives_its_place_not_its_text() {
     );
     assert!(!message.contains("format_version = "), "{message}");
 }
+
+/// The bundle with versions 1 and 2 (the same files), policy `all`.
+fn repo_with_two_versions() -> (tempfile::TempDir, PathBuf) {
+    let (dir, bundle) = repo_with_copy();
+    copy_dir(&bundle.join("1"), &bundle.join("2"));
+    let manifest = std::fs::read_to_string(bundle.join("bundle.toml")).unwrap();
+    let v1 = manifest.split("[versions.1]").nth(1).unwrap();
+    let with_v2 = format!(
+        "{manifest}\n[versions.2]{}",
+        v1.replace("[versions.1.files]", "[versions.2.files]")
+    )
+    .replace("policy = \"latest\"\nlatest = 1", "policy = \"all\"");
+    std::fs::write(bundle.join("bundle.toml"), with_v2).unwrap();
+    (dir, bundle)
+}
+
+#[cfg(unix)]
+#[test]
+fn a_symlinked_version_folder_is_refused_not_skipped() {
+    let (dir, bundle) = repo_with_two_versions();
+    let repo = Repository::new(dir.path(), RepositoryOptions::default());
+    assert_eq!(repo.load(MODEL).unwrap(), vec![1, 2], "real folders serve");
+
+    // Version 2's folder becomes a link to the same files kept elsewhere.
+    let outside = tempfile::tempdir().unwrap();
+    let moved = outside.path().join("v2");
+    copy_dir(&bundle.join("2"), &moved);
+    std::fs::remove_dir_all(bundle.join("2")).unwrap();
+    std::os::unix::fs::symlink(&moved, bundle.join("2")).unwrap();
+
+    let err = Bundle::open(&bundle)
+        .unwrap()
+        .versions_on_disk()
+        .unwrap_err();
+    assert!(err.to_string().contains("not a folder of its own"), "{err}");
+
+    // The reload is refused: what served keeps serving, and the index says why, on a row
+    // for version 2.
+    let err = repo.load(MODEL).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("{MODEL}/2: version 2 is not a folder of its own")),
+        "{err}"
+    );
+    assert!(!err.contains(&*dir.path().to_string_lossy()), "{err}");
+    assert_eq!(repo.get(MODEL, None).unwrap().version, 2);
+    let reason = refused_reason(&repo, Some(2));
+    assert!(reason.contains("not a folder of its own"), "{reason}");
+
+    // A rollback to it is refused the same way.
+    let err = repo
+        .load_target(MODEL, nightingale_models::LoadTarget::Version(2))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a folder of its own"), "{err}");
+
+    // Loaded fresh, the model is unavailable with the reason (not served as version 1 alone).
+    let fresh = Repository::new(dir.path(), RepositoryOptions::default());
+    assert!(fresh.load(MODEL).is_err());
+    assert!(matches!(
+        fresh.get(MODEL, None),
+        Err(RepositoryError::NotReady { .. })
+    ));
+    let reason = refused_reason(&fresh, Some(2));
+    assert!(reason.contains("not a folder of its own"), "{reason}");
+
+    // A plain file named like a version is refused too.
+    std::fs::remove_file(bundle.join("2")).unwrap();
+    std::fs::write(bundle.join("2"), b"not a folder").unwrap();
+    let err = fresh.load(MODEL).unwrap_err().to_string();
+    assert!(err.contains("not a folder of its own"), "{err}");
+}
