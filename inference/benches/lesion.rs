@@ -100,7 +100,7 @@ fn lesion(c: &mut Criterion) {
     let cam = request(32, GradientMethod::GradCam);
     group.throughput(Throughput::Elements(32));
     group.bench_function("candle-grad_cam/32", |b| {
-        b.iter(|| black_box(candle.gradients(&cam).unwrap()))
+        b.iter(|| black_box(candle.gradients(&cam, &|| false).unwrap()))
     });
     let ig = request(
         1,
@@ -111,7 +111,7 @@ fn lesion(c: &mut Criterion) {
     );
     group.throughput(Throughput::Elements(33));
     group.bench_function("candle-integrated_gradients-32-steps/1", |b| {
-        b.iter(|| black_box(candle.gradients(&ig).unwrap()))
+        b.iter(|| black_box(candle.gradients(&ig, &|| false).unwrap()))
     });
     group.finish();
 }

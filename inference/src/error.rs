@@ -66,6 +66,8 @@ pub enum InferenceError {
         "the {backend} backend cannot differentiate its model: gradient explanations need a native candle bundle"
     )]
     GradientsUnsupported { backend: &'static str },
+    #[error("the request was cancelled: its caller had gone before it finished")]
+    Cancelled,
     #[error("cannot load model {path}")]
     Load {
         path: PathBuf,

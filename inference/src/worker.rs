@@ -645,13 +645,21 @@ impl Instance {
         let span = tracing::debug_span!(parent: &job.span, "gradients", rows);
         let _entered = span.enter();
         let started = Instant::now();
-        let outcome =
-            std::panic::catch_unwind(AssertUnwindSafe(|| self.backend.gradients(&job.request)))
-                .unwrap_or(Err(InferenceError::Panicked));
+        // Asked between passes: a caller that has gone (timed out, disconnected) closes its
+        // answer, and the job stops there instead of holding this instance to its end.
+        let cancelled = || job.reply.is_closed();
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.backend.gradients(&job.request, &cancelled)
+        }))
+        .unwrap_or(Err(InferenceError::Panicked));
         metrics::histogram!("nightingale_compute_duration_seconds", &self.labels)
             .record(started.elapsed().as_secs_f64());
-        if let Err(e) = &outcome {
-            tracing::warn!(error = %e, "gradient explanation failed");
+        match &outcome {
+            Err(InferenceError::Cancelled) => {
+                tracing::info!("gradient explanation stopped: its caller has gone");
+            }
+            Err(e) => tracing::warn!(error = %e, "gradient explanation failed"),
+            Ok(_) => {}
         }
         let _ = job.reply.send(outcome);
     }

@@ -656,3 +656,113 @@ async fn a_lone_request_of_a_small_model_runs_on_the_callers_thread_and_overlapp
     let stats = worker.stats().snapshot();
     assert_eq!(stats.inference_count, 4, "{stats:?}");
 }
+
+/// The lesion CNN on candle (the lesion-detection-candle bundle), counting the passes of its
+/// gradient jobs: the backend asks `cancelled` once before each.
+#[cfg(feature = "candle")]
+struct CountingPasses {
+    inner: Box<dyn Backend>,
+    passes: Arc<AtomicUsize>,
+}
+
+#[cfg(feature = "candle")]
+impl Backend for CountingPasses {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn metadata(&self) -> &ModelMetadata {
+        self.inner.metadata()
+    }
+    fn infer(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, InferenceError> {
+        self.inner.infer(inputs)
+    }
+    fn supports_gradients(&self) -> bool {
+        true
+    }
+    fn gradients(
+        &mut self,
+        request: &nightingale_inference::explain::GradientRequest,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<nightingale_inference::explain::GradientSaliency, InferenceError> {
+        let passes = &self.passes;
+        self.inner.gradients(request, &|| {
+            passes.fetch_add(1, Ordering::SeqCst);
+            cancelled()
+        })
+    }
+    fn fork(&self) -> Result<Box<dyn Backend>, InferenceError> {
+        Ok(Box::new(CountingPasses {
+            inner: self.inner.fork()?,
+            passes: self.passes.clone(),
+        }))
+    }
+}
+
+/// The reviewer's case (finding 3): integrated gradients with a huge step count on the
+/// model's only instance, whose caller gives up (the HTTP layer drops the request at its
+/// deadline). The job must stop at its next pass and free the instance for the requests
+/// queued behind it, instead of running all its steps.
+#[cfg(feature = "candle")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_gradient_job_stops_and_frees_the_instance() {
+    use nightingale_inference::explain::{GradientMethod, GradientRequest};
+    const STEPS: usize = 1_000_000;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/bundles/lesion-detection-candle/1");
+    let read = |f: &str| std::fs::read(dir.join(f)).expect("the candle bundle's file");
+    let candle = nightingale_inference::load_candle(
+        "conv-classifier",
+        &read("architecture.json"),
+        &read("model.safetensors"),
+        &dir,
+        &LoadOptions {
+            backend: BackendKind::Candle,
+            ..Default::default()
+        },
+    )
+    .expect("the candle bundle loads");
+    let name = candle.metadata().inputs[0].name.clone();
+    let image = move || {
+        NamedTensor::new(
+            name.clone(),
+            Tensor::from_vec(vec![1, 1, 128, 128], vec![0.5f32; 128 * 128]).unwrap(),
+        )
+    };
+    let passes = Arc::new(AtomicUsize::new(0));
+    let backend = CountingPasses {
+        inner: candle,
+        passes: passes.clone(),
+    };
+    let worker = Arc::new(ModelWorker::spawn(Box::new(backend), WorkerConfig::default()).unwrap());
+    assert!(worker.supports_gradients());
+
+    let w = worker.clone();
+    let request = GradientRequest {
+        input: image(),
+        output: 0,
+        targets: vec![1],
+        method: GradientMethod::IntegratedGradients {
+            baseline: 0.0,
+            steps: STEPS,
+        },
+        max_batch: 1,
+    };
+    let job = tokio::spawn(async move { w.gradients(request).await });
+    until("the gradient job is running", || {
+        passes.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    job.abort(); // the caller gives up
+    let _ = job.await;
+
+    // A plain request queued behind it is answered: the instance is free again.
+    bounded(worker.infer(vec![image()]))
+        .await
+        .expect("the plain request is served");
+    // One instance runs one job at a time, so the gradient job has returned by now.
+    let ran = passes.load(Ordering::SeqCst);
+    assert!(
+        ran < STEPS / 1000,
+        "the abandoned job ran {ran} of its {STEPS} passes"
+    );
+}

@@ -669,7 +669,8 @@ impl Net {
     }
 
     /// Integrated gradients of one image (`C·H·W` values) for `target`: the attribution
-    /// map `[H, W]` (summed over channels) and `f(baseline)`.
+    /// map `[H, W]` (summed over channels) and `f(baseline)`. The path points run in chunks
+    /// of `chunk`; `cancelled` is asked before each (see [`Backend::gradients`]).
     fn integrated_gradients(
         &self,
         x: &[f32],
@@ -677,29 +678,20 @@ impl Net {
         baseline: f32,
         steps: usize,
         chunk: usize,
-    ) -> CResult<(Vec<f32>, f64)> {
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(Vec<f32>, f64), InferenceError> {
         let [c, h, w] = self.input;
         let len = c * h * w;
         let mut grad_sum = vec![0f64; len];
         let mut k = 0;
         while k < steps {
-            let n = chunk.min(steps - k);
-            let mut path = Vec::with_capacity(n * len);
-            for j in k..k + n {
-                let alpha = (j as f64 + 0.5) / steps as f64;
-                path.extend(x.iter().map(|&v| {
-                    (f64::from(baseline) + alpha * (f64::from(v) - f64::from(baseline))) as f32
-                }));
+            if cancelled() {
+                return Err(InferenceError::Cancelled);
             }
-            let input = Var::from_tensor(&self.rows_tensor(&path, n)?)?;
-            let out = self.run(input.as_tensor().clone(), 0, self.layers.len(), true)?;
-            let score = out.mul(&self.one_hot(&vec![target; n])?)?.sum_all()?;
-            let grads = score.backward()?;
-            let g = grads
-                .get(input.as_tensor())
-                .ok_or_else(|| candle_core::Error::Msg("no gradient reached the input".into()))?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
+            let n = chunk.min(steps - k);
+            let g = self
+                .path_gradients(x, target, baseline, steps, k..k + n)
+                .map_err(engine)?;
             for chunk in g.chunks_exact(len) {
                 for (s, &v) in grad_sum.iter_mut().zip(chunk) {
                     *s += f64::from(v);
@@ -714,8 +706,37 @@ impl Net {
         }
         let map: Vec<f32> = map.into_iter().map(|v| v as f32).collect();
         let base = vec![baseline; len];
-        let f0 = self.outputs(&base, 1)?[target];
+        let f0 = self.outputs(&base, 1).map_err(engine)?[target];
         Ok((map, f64::from(f0)))
+    }
+
+    /// The gradients of `target`'s score at the path points `points` of `steps` (one forward
+    /// and one backward pass of `points.len()` rows): `C·H·W` values per point, in order.
+    fn path_gradients(
+        &self,
+        x: &[f32],
+        target: usize,
+        baseline: f32,
+        steps: usize,
+        points: std::ops::Range<usize>,
+    ) -> CResult<Vec<f32>> {
+        let n = points.len();
+        let mut path = Vec::with_capacity(n * x.len());
+        for j in points {
+            let alpha = (j as f64 + 0.5) / steps as f64;
+            path.extend(x.iter().map(|&v| {
+                (f64::from(baseline) + alpha * (f64::from(v) - f64::from(baseline))) as f32
+            }));
+        }
+        let input = Var::from_tensor(&self.rows_tensor(&path, n)?)?;
+        let out = self.run(input.as_tensor().clone(), 0, self.layers.len(), true)?;
+        let score = out.mul(&self.one_hot(&vec![target; n])?)?.sum_all()?;
+        let grads = score.backward()?;
+        grads
+            .get(input.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg("no gradient reached the input".into()))?
+            .flatten_all()?
+            .to_vec1::<f32>()
     }
 }
 
@@ -768,7 +789,11 @@ impl Backend for CandleBackend {
         true
     }
 
-    fn gradients(&mut self, request: &GradientRequest) -> Result<GradientSaliency, InferenceError> {
+    fn gradients(
+        &mut self,
+        request: &GradientRequest,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<GradientSaliency, InferenceError> {
         let spec = &self.metadata.inputs[0];
         let input = &request.input;
         if input.name != spec.name || !spec.accepts_shape(input.tensor.shape()) {
@@ -807,6 +832,9 @@ impl Backend for CandleBackend {
         match request.method {
             GradientMethod::GradCam => {
                 for start in (0..rows).step_by(chunk) {
+                    if cancelled() {
+                        return Err(InferenceError::Cancelled);
+                    }
                     let end = (start + chunk).min(rows);
                     let maps = self
                         .net
@@ -825,16 +853,14 @@ impl Backend for CandleBackend {
                 let scores = self.net.outputs(&data, rows).map_err(engine)?;
                 for r in 0..rows {
                     let target = request.targets[r];
-                    let (map, f0) = self
-                        .net
-                        .integrated_gradients(
-                            &data[r * len..(r + 1) * len],
-                            target,
-                            baseline,
-                            steps,
-                            chunk,
-                        )
-                        .map_err(engine)?;
+                    let (map, f0) = self.net.integrated_gradients(
+                        &data[r * len..(r + 1) * len],
+                        target,
+                        baseline,
+                        steps,
+                        chunk,
+                        cancelled,
+                    )?;
                     let fx = f64::from(scores[r * self.net.classes + target]);
                     let sum: f64 = map.iter().map(|&v| f64::from(v)).sum();
                     gaps.push(sum - (fx - f0));
@@ -1173,16 +1199,19 @@ mod tests {
         steps: usize,
         batch: usize,
     ) -> GradientSaliency {
-        b.gradients(&GradientRequest {
-            input: x,
-            output: 0,
-            targets,
-            method: GradientMethod::IntegratedGradients {
-                baseline: 0.0,
-                steps,
+        b.gradients(
+            &GradientRequest {
+                input: x,
+                output: 0,
+                targets,
+                method: GradientMethod::IntegratedGradients {
+                    baseline: 0.0,
+                    steps,
+                },
+                max_batch: batch,
             },
-            max_batch: batch,
-        })
+            &|| false,
+        )
         .unwrap()
     }
 
@@ -1241,13 +1270,16 @@ mod tests {
             assert!((x - y).abs() < 1e-6);
         }
         let cam = |b: &mut CandleBackend, batch| {
-            b.gradients(&GradientRequest {
-                input: image(5, 8),
-                output: 0,
-                targets: vec![1, 1, 0, 1, 0],
-                method: GradientMethod::GradCam,
-                max_batch: batch,
-            })
+            b.gradients(
+                &GradientRequest {
+                    input: image(5, 8),
+                    output: 0,
+                    targets: vec![1, 1, 0, 1, 0],
+                    method: GradientMethod::GradCam,
+                    max_batch: batch,
+                },
+                &|| false,
+            )
             .unwrap()
         };
         let a = cam(&mut b, 5);
@@ -1256,6 +1288,55 @@ mod tests {
         for (x, y) in a.values.iter().zip(&c.values) {
             assert!((x - y).abs() < 1e-6);
         }
+    }
+
+    /// A cancelled job stops before its next pass: the check runs between chunks, and the
+    /// answer says why. Asking it changes nothing otherwise.
+    #[test]
+    fn cancellation_is_asked_between_passes_and_stops_the_job() {
+        let mut b = load(&architecture(), &weights()).unwrap();
+        let polls = std::cell::Cell::new(0usize);
+        let after_three = || {
+            polls.set(polls.get() + 1);
+            polls.get() > 3
+        };
+        let request = |steps, max_batch| GradientRequest {
+            input: image(1, 5),
+            output: 0,
+            targets: vec![1],
+            method: GradientMethod::IntegratedGradients {
+                baseline: 0.0,
+                steps,
+            },
+            max_batch,
+        };
+        let e = b
+            .gradients(&request(1_000_000, 1), &after_three)
+            .unwrap_err();
+        assert!(matches!(e, InferenceError::Cancelled), "{e:?}");
+        assert_eq!(
+            polls.get(),
+            4,
+            "three chunks ran, the fourth was not started"
+        );
+
+        let cam = GradientRequest {
+            method: GradientMethod::GradCam,
+            ..request(1, 1)
+        };
+        let e = b.gradients(&cam, &|| true).unwrap_err();
+        assert!(matches!(e, InferenceError::Cancelled), "{e:?}");
+
+        // Never cancelled: asked once per chunk, and the same bits as without asking.
+        polls.set(0);
+        let counting = || {
+            polls.set(polls.get() + 1);
+            false
+        };
+        let asked = b.gradients(&request(10, 3), &counting).unwrap();
+        assert_eq!(polls.get(), 4, "chunks of 3, 3, 3 and 1 path points");
+        let plain = b.gradients(&request(10, 3), &|| false).unwrap();
+        assert_eq!(asked, plain);
     }
 
     /// Grad-CAM of this head has a closed form: the logit is Σ_k fc[c,k]·mean(A_k) + b, so
@@ -1278,13 +1359,16 @@ mod tests {
             .unwrap();
         let fc = values(8, 5, 1.5);
         let s = b
-            .gradients(&GradientRequest {
-                input: x,
-                output: 0,
-                targets: vec![1, 0],
-                method: GradientMethod::GradCam,
-                max_batch: 8,
-            })
+            .gradients(
+                &GradientRequest {
+                    input: x,
+                    output: 0,
+                    targets: vec![1, 0],
+                    method: GradientMethod::GradCam,
+                    max_batch: 8,
+                },
+                &|| false,
+            )
             .unwrap();
         for (r, t) in [(0usize, 1usize), (1, 0)] {
             let mut small = [0f64; 16];

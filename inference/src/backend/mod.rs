@@ -102,8 +102,19 @@ pub trait Backend: Send {
     }
 
     /// Gradient saliency maps (Grad-CAM, integrated gradients) of the request's rows.
-    fn gradients(&mut self, request: &GradientRequest) -> Result<GradientSaliency, InferenceError> {
-        let _ = request;
+    ///
+    /// `cancelled` is asked before each forward/backward pass (each chunk of rows or of path
+    /// points): once it answers `true` (the caller has gone: the HTTP layer gave up on the
+    /// request and dropped its answer), the backend stops and returns
+    /// [`InferenceError::Cancelled`]. A long explanation nobody waits for would otherwise hold
+    /// the model's instance, and every request queued behind it, to its end. It never changes
+    /// a result: a job that is not cancelled computes exactly what it would without it.
+    fn gradients(
+        &mut self,
+        request: &GradientRequest,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<GradientSaliency, InferenceError> {
+        let _ = (request, cancelled);
         Err(InferenceError::GradientsUnsupported {
             backend: self.name(),
         })
