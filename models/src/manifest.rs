@@ -353,7 +353,27 @@ pub struct ValidationSpec {
     /// Every criterion must hold (`[[validation.gate]]`).
     #[serde(default)]
     pub gate: Vec<GateCriterion>,
+    /// The fewest rows of the positive class a dataset needs for the gate to pass
+    /// (default [`DEFAULT_MIN_POSITIVES`]). A floor against a gate passing on a handful of
+    /// rows, where the report's large-sample intervals say nothing; not a sample-size
+    /// calculation (docs/validation.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_positives: Option<u64>,
+    /// The same floor on the rows of the other class(es) (default [`DEFAULT_MIN_NEGATIVES`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_negatives: Option<u64>,
 }
+
+/// [`ValidationSpec::min_positives`] when a bundle does not set it: ten rows of each class.
+/// Below ten, one row moves a sensitivity or specificity by more than ten points; see
+/// docs/validation.md for why ten and not more.
+pub const DEFAULT_MIN_POSITIVES: u64 = 10;
+/// [`ValidationSpec::min_negatives`] when a bundle does not set it.
+pub const DEFAULT_MIN_NEGATIVES: u64 = 10;
+
+/// The smallest `min_positives` / `min_negatives` a bundle may declare: DeLong's interval
+/// needs two rows of each class, so a lower floor could never be met by an interval.
+pub const MIN_EVENTS_FLOOR: u64 = 2;
 
 /// One floor (or ceiling) on one metric of a validation report.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -392,6 +412,16 @@ impl ValidationSpec {
             })
             .cloned()
             .collect()
+    }
+
+    /// The positive rows a dataset needs for the gate to pass (the bundle's or the default).
+    pub fn min_positives(&self) -> u64 {
+        self.min_positives.unwrap_or(DEFAULT_MIN_POSITIVES)
+    }
+
+    /// The negative rows a dataset needs for the gate to pass (the bundle's or the default).
+    pub fn min_negatives(&self) -> u64 {
+        self.min_negatives.unwrap_or(DEFAULT_MIN_NEGATIVES)
     }
 }
 
@@ -1078,6 +1108,16 @@ impl Manifest {
             }
         }
         if let Some(v) = &self.validation {
+            for (key, value) in [
+                ("min_positives", v.min_positives),
+                ("min_negatives", v.min_negatives),
+            ] {
+                if let Some(n) = value.filter(|&n| n < MIN_EVENTS_FLOOR) {
+                    return fail(format!(
+                        "[validation] {key} = {n}: at least {MIN_EVENTS_FLOOR} (DeLong's interval needs two rows of each class)"
+                    ));
+                }
+            }
             for c in &v.gate {
                 c.check(&self.thresholds).map_err(InvalidManifest)?;
                 if let Some(missing) = c
@@ -1408,6 +1448,22 @@ labels = ["a", "b"]
         assert_eq!(v.gate[0].label(), "auroc.ci_lower");
         assert_eq!(v.gate_for(Some(2)).len(), 2);
         assert_eq!(v.gate_for(Some(1)).len(), 3);
+        assert_eq!((v.min_positives(), v.min_negatives()), (10, 10));
+        let floors = Manifest::parse(&with(
+            "[validation]\nmin_positives = 8\nmin_negatives = 30\n\
+             [[validation.gate]]\nmetric = \"auroc\"\nmin = 0.6\n",
+        ))
+        .unwrap();
+        let v = floors.validation.as_ref().unwrap();
+        assert_eq!((v.min_positives(), v.min_negatives()), (8, 30));
+        for floor in ["min_positives = 1", "min_negatives = 0"] {
+            let e = Manifest::parse(&with(&format!(
+                "[validation]\n{floor}\n[[validation.gate]]\nmetric = \"auroc\"\nmin = 0.6\n"
+            )))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("at least 2"), "{floor}: {e}");
+        }
         for (gate, why) in [
             ("metric = \"auc\"\nmin = 0.5", "is not one of"),
             ("metric = \"sensitivity\"\nmin = 0.5", "needs `threshold`"),

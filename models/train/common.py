@@ -468,6 +468,9 @@ class BundleSpec:
     # version to on its test split; keys metric, threshold, bound, min, max, versions,
     # description (docs/validation.md).
     gate: list[dict] = field(default_factory=list)
+    # The gate's minimum-sample rule (`[validation] min_positives` / `min_negatives`, default 10
+    # each): set only where the test split holds fewer, with "why" said in bundle.toml.
+    gate_min_rows: dict = field(default_factory=dict)
 
     @property
     def bundle_dir(self) -> Path:
@@ -900,6 +903,13 @@ def write_bundle_toml(spec: BundleSpec, ds: Dataset, results: list[dict], split:
 def gate_toml(spec: BundleSpec) -> list[str]:
     """The `[[validation.gate]]` tables of bundle.toml (appended after the versions)."""
     lines: list[str] = []
+    floors = {k: v for k, v in spec.gate_min_rows.items() if k in ("min_positives", "min_negatives")}
+    if floors:
+        lines.append("")
+        if "why" in spec.gate_min_rows:
+            lines.append(f"# {spec.gate_min_rows['why']}")
+        lines.append("[validation]")
+        lines += [f"{k} = {int(v)}" for k, v in floors.items()]
     for i, g in enumerate(spec.gate):
         lines.append("")
         if i == 0:

@@ -175,6 +175,11 @@ SPEC = BundleSpec(
         {"metric": "brier", "max": 0.25, "description": "test split: 0.156"},
         {"metric": "sensitivity", "threshold": "youden", "min": 0.5, "description": "test split: 5/8"},
     ],
+    gate_min_rows={
+        "min_positives": 8,
+        "why": ("the test split holds 8 deaths, below the default minimum of 10 positive rows: "
+                "accepted for this demonstration bundle, whose gate is thin evidence (MODEL_CARD.md)"),
+    },
     versions=[
         VersionSpec(
             version=1,

@@ -1,4 +1,6 @@
-//! The deployment gate: a bundle's `[[validation.gate]]` criteria checked against a report.
+//! The deployment gate: a bundle's `[[validation.gate]]` criteria checked against a report,
+//! after a minimum-sample rule (`[validation] min_positives` / `min_negatives`): a gate does
+//! not pass on too few rows of either class, however good its numbers look on them.
 
 use nightingale_models::manifest::{GateCriterion, ValidationSpec};
 use serde::Serialize;
@@ -46,73 +48,405 @@ fn find<'m>(metrics: &'m Metrics, c: &GateCriterion) -> Option<&'m Metric> {
     }
 }
 
+/// One side of the minimum-sample rule: the count the gate reads and, when it is short, why.
+struct Count {
+    has: usize,
+    /// `needs at least {min} …`, given the minimum.
+    short: Box<dyn Fn(u64) -> String>,
+}
+
+/// The gate's minimum-sample rule as two criteria, `min_positives` and `min_negatives`, listed
+/// before the bundle's own. They are criteria like the others (in the report, the HTML page,
+/// the printed summary and the exit code) so that a gate failed for want of rows says so
+/// where every other failure is said.
+fn sample_criteria(
+    spec: &ValidationSpec,
+    positives: Count,
+    negatives: Count,
+) -> [CriterionResult; 2] {
+    let rule = |key: &str, metric: &str, declared: Option<u64>, min: u64, count: Count| {
+        let passed = count.has as u64 >= min;
+        CriterionResult {
+            criterion: key.to_owned(),
+            metric: metric.to_owned(),
+            threshold: None,
+            bound: "value",
+            min: Some(min as f64),
+            max: None,
+            observed: Some(count.has as f64),
+            passed,
+            reason: (!passed).then(|| (count.short)(min)),
+            description: match declared {
+                Some(_) => format!("[validation] {key} of the bundle"),
+                None => format!("default {key} (docs/validation.md)"),
+            },
+        }
+    };
+    [
+        rule(
+            "min_positives",
+            "positives",
+            spec.min_positives,
+            spec.min_positives(),
+            positives,
+        ),
+        rule(
+            "min_negatives",
+            "negatives",
+            spec.min_negatives,
+            spec.min_negatives(),
+            negatives,
+        ),
+    ]
+}
+
 /// Checks each criterion that holds for `version` against a binary report; a metric the
-/// report does not define fails its criterion.
+/// report does not define fails its criterion, and so does a dataset with fewer positive or
+/// negative rows than the bundle's minimum (default 10 of each).
 pub fn check(spec: &ValidationSpec, version: Option<u64>, metrics: &Metrics) -> GateResult {
-    check_with(spec, version, |c| find(metrics, c))
+    let (pos, neg) = (metrics.positives, metrics.negatives);
+    let sample = sample_criteria(
+        spec,
+        Count {
+            has: pos,
+            short: Box::new(move |min| format!("needs at least {min} positive rows, has {pos}")),
+        },
+        Count {
+            has: neg,
+            short: Box::new(move |min| format!("needs at least {min} negative rows, has {neg}")),
+        },
+    );
+    check_with(spec, version, sample, |c| find(metrics, c))
 }
 
 /// Checks against a multi-class report: `auroc`, `auprc` (macro means) and `brier`; a
-/// criterion on any other metric fails ("not in the report").
+/// criterion on any other metric fails ("not in the report"). The minimum-sample rule holds
+/// one-vs-rest for every class present (the classes the macro means average): each needs
+/// `min_positives` rows of its own and `min_negatives` rows of the other classes; a class
+/// absent from the dataset is left out of the means and of the rule.
 pub fn check_multiclass(
     spec: &ValidationSpec,
     version: Option<u64>,
     m: &MulticlassMetrics,
 ) -> GateResult {
-    check_with(spec, version, |c| match (c.metric.as_str(), &c.threshold) {
-        ("auroc", None) => Some(&m.auroc),
-        ("auprc", None) => Some(&m.auprc),
-        ("brier", None) => Some(&m.brier),
-        _ => None,
+    let present = || m.classes.iter().filter(|c| c.n > 0);
+    let fewest = present()
+        .min_by_key(|c| c.n)
+        .map_or((0, "(none)".to_owned()), |c| (c.n, c.label.clone()));
+    // the most frequent class has the fewest rows outside it
+    let outside = present()
+        .max_by_key(|c| c.n)
+        .map_or((0, "(none)".to_owned()), |c| (m.n - c.n, c.label.clone()));
+    let sample = sample_criteria(
+        spec,
+        Count {
+            has: fewest.0,
+            short: Box::new(move |min| {
+                format!(
+                    "needs at least {min} rows of each class present, class {:?} has {}",
+                    fewest.1, fewest.0
+                )
+            }),
+        },
+        Count {
+            has: outside.0,
+            short: Box::new(move |min| {
+                format!(
+                    "needs at least {min} rows outside each class present, class {:?} has {}",
+                    outside.1, outside.0
+                )
+            }),
+        },
+    );
+    check_with(spec, version, sample, |c| {
+        match (c.metric.as_str(), &c.threshold) {
+            ("auroc", None) => Some(&m.auroc),
+            ("auprc", None) => Some(&m.auprc),
+            ("brier", None) => Some(&m.brier),
+            _ => None,
+        }
     })
 }
 
 fn check_with<'m>(
     spec: &ValidationSpec,
     version: Option<u64>,
+    sample: [CriterionResult; 2],
     find: impl Fn(&GateCriterion) -> Option<&'m Metric>,
 ) -> GateResult {
-    let criteria: Vec<CriterionResult> = spec
-        .gate_for(version)
-        .iter()
-        .map(|c| {
-            let bound = c.bound.as_str();
-            let metric = find(c);
-            let observed = metric.and_then(|m| m.get(bound));
-            let (passed, reason) = match observed {
-                None => (
-                    false,
-                    Some(match metric.and_then(|m| m.undefined.clone()) {
-                        Some(why) => format!("not defined on this dataset: {why}"),
-                        None => "not in the report".to_owned(),
-                    }),
-                ),
-                Some(v) => {
-                    let low = c.min.filter(|&m| v < m);
-                    let high = c.max.filter(|&m| v > m);
-                    match (low, high) {
-                        (Some(m), _) => (false, Some(format!("{v:.4} is below the minimum {m}"))),
-                        (_, Some(m)) => (false, Some(format!("{v:.4} is above the maximum {m}"))),
-                        _ => (true, None),
-                    }
+    let declared = spec.gate_for(version).into_iter().map(|c| {
+        let bound = c.bound.as_str();
+        let metric = find(&c);
+        let observed = metric.and_then(|m| m.get(bound));
+        // the value's reason when there is no value; the interval's when only it is missing
+        let why = metric.and_then(|m| match (m.value, bound) {
+            (None, _) => m.undefined.clone(),
+            (Some(_), "ci_lower" | "ci_upper") => m.ci_undefined.clone(),
+            _ => None,
+        });
+        let (passed, reason) = match observed {
+            None => (
+                false,
+                Some(match why {
+                    Some(why) => format!("not defined on this dataset: {why}"),
+                    None => "not in the report".to_owned(),
+                }),
+            ),
+            Some(v) => {
+                let low = c.min.filter(|&m| v < m);
+                let high = c.max.filter(|&m| v > m);
+                match (low, high) {
+                    (Some(m), _) => (false, Some(format!("{v:.4} is below the minimum {m}"))),
+                    (_, Some(m)) => (false, Some(format!("{v:.4} is above the maximum {m}"))),
+                    _ => (true, None),
                 }
-            };
-            CriterionResult {
-                criterion: c.label(),
-                metric: c.metric.clone(),
-                threshold: c.threshold.clone(),
-                bound,
-                min: c.min,
-                max: c.max,
-                observed,
-                passed,
-                reason,
-                description: c.description.clone(),
             }
-        })
-        .collect();
+        };
+        CriterionResult {
+            criterion: c.label(),
+            metric: c.metric.clone(),
+            threshold: c.threshold.clone(),
+            bound,
+            min: c.min,
+            max: c.max,
+            observed,
+            passed,
+            reason,
+            description: c.description,
+        }
+    });
+    let criteria: Vec<CriterionResult> = sample.into_iter().chain(declared).collect();
     GateResult {
         passed: criteria.iter().all(|c| c.passed),
         criteria,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nightingale_models::manifest::GateBound;
+
+    use super::*;
+    use crate::report::{self, NamedThreshold, Settings};
+
+    fn criterion(
+        metric: &str,
+        bound: GateBound,
+        min: Option<f64>,
+        max: Option<f64>,
+    ) -> GateCriterion {
+        GateCriterion {
+            metric: metric.to_owned(),
+            threshold: None,
+            bound,
+            min,
+            max,
+            versions: Vec::new(),
+            description: String::new(),
+        }
+    }
+
+    /// wdbc-malignancy@2's gate: AUROC's DeLong lower limit, Brier, sensitivity at its
+    /// screening threshold.
+    fn wdbc_gate(min_positives: Option<u64>, min_negatives: Option<u64>) -> ValidationSpec {
+        ValidationSpec {
+            gate: vec![
+                criterion("auroc", GateBound::CiLower, Some(0.9), None),
+                criterion("brier", GateBound::Value, None, Some(0.1)),
+                GateCriterion {
+                    threshold: Some("screening".to_owned()),
+                    ..criterion("sensitivity", GateBound::Value, Some(0.85), None)
+                },
+            ],
+            min_positives,
+            min_negatives,
+        }
+    }
+
+    fn metrics_of(y: &[bool], p: &[f64]) -> Metrics {
+        let thresholds = [NamedThreshold {
+            name: "screening".to_owned(),
+            value: 0.5,
+            description: String::new(),
+        }];
+        let settings = Settings {
+            bootstrap_replicates: 0,
+            ..Settings::default()
+        };
+        report::compute_metrics(y, p, &thresholds, &settings, None, true)
+    }
+
+    fn by_name<'g>(g: &'g GateResult, name: &str) -> &'g CriterionResult {
+        g.criteria
+            .iter()
+            .find(|c| c.criterion == name)
+            .unwrap_or_else(|| panic!("no criterion {name} in {g:?}"))
+    }
+
+    /// The review's repro: two malignant and two benign rows ranked perfectly passed every
+    /// criterion (AUROC 1 with DeLong interval [1, 1], Brier 0.025, sensitivity 2/2).
+    #[test]
+    fn four_rows_ranked_perfectly_do_not_pass_the_gate() {
+        let m = metrics_of(&[true, true, false, false], &[0.9, 0.8, 0.1, 0.2]);
+        assert_eq!(m.auroc.value, Some(1.0));
+        let g = check(&wdbc_gate(None, None), Some(2), &m);
+        assert!(!g.passed, "{g:?}");
+        let names: Vec<&str> = g.criteria.iter().map(|c| c.criterion.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "min_positives",
+                "min_negatives",
+                "auroc.ci_lower",
+                "brier",
+                "sensitivity@screening"
+            ]
+        );
+        let pos = by_name(&g, "min_positives");
+        assert!(!pos.passed);
+        assert_eq!((pos.observed, pos.min), (Some(2.0), Some(10.0)));
+        assert_eq!(
+            pos.reason.as_deref(),
+            Some("needs at least 10 positive rows, has 2")
+        );
+        assert_eq!(
+            by_name(&g, "min_negatives").reason.as_deref(),
+            Some("needs at least 10 negative rows, has 2")
+        );
+        // the zero-width interval is not reported, so its floor fails as undefined
+        let auroc = by_name(&g, "auroc.ci_lower");
+        assert!(!auroc.passed && auroc.observed.is_none());
+        let why = auroc.reason.as_deref().unwrap();
+        assert!(
+            why.starts_with("not defined on this dataset: DeLong's variance is 0"),
+            "{why}"
+        );
+        // the criteria that are met on these rows still say so
+        assert!(by_name(&g, "brier").passed && by_name(&g, "sensitivity@screening").passed);
+    }
+
+    /// Lowering the minimums (as a bundle may, down to 2) does not let a zero-width interval
+    /// through: the two guards are independent.
+    #[test]
+    fn a_zero_width_interval_fails_even_when_the_minimums_are_met() {
+        let m = metrics_of(&[true, true, false, false], &[0.9, 0.8, 0.1, 0.2]);
+        let g = check(&wdbc_gate(Some(2), Some(2)), Some(2), &m);
+        assert!(!g.passed);
+        let failed: Vec<&str> = g
+            .criteria
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| c.criterion.as_str())
+            .collect();
+        assert_eq!(failed, ["auroc.ci_lower"]);
+        let pos = by_name(&g, "min_positives");
+        assert_eq!(pos.description, "[validation] min_positives of the bundle");
+        // in report.json: a value, no interval, and why
+        let json = serde_json::to_value(&m.auroc).unwrap();
+        assert_eq!(json["value"], 1.0);
+        assert!(json.get("ci_lower").is_none() && json.get("standard_error").is_none());
+        assert!(
+            json["ci_undefined"]
+                .as_str()
+                .unwrap()
+                .contains("zero width")
+        );
+    }
+
+    /// One positive: the AUROC is a point estimate and its missing interval says why.
+    #[test]
+    fn one_positive_row_has_no_interval_and_says_why() {
+        let m = metrics_of(&[true, false, false], &[0.9, 0.1, 0.2]);
+        let g = check(&wdbc_gate(Some(2), Some(2)), None, &m);
+        let auroc = by_name(&g, "auroc.ci_lower");
+        assert!(!auroc.passed);
+        assert!(
+            auroc
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("at least two rows of each class"),
+            "{auroc:?}"
+        );
+        assert!(!by_name(&g, "min_positives").passed);
+    }
+
+    /// 40 positives and 60 negatives, well but not perfectly ranked: every criterion passes,
+    /// the minimum-sample rule with them.
+    #[test]
+    fn enough_rows_ranked_well_pass_the_gate() {
+        let mut y = Vec::new();
+        let mut p = Vec::new();
+        for i in 0..40 {
+            y.push(true);
+            // two positives scored low, among the negatives
+            p.push(if i < 2 {
+                0.2
+            } else {
+                0.95 - 0.005 * f64::from(i)
+            });
+        }
+        for j in 0..60 {
+            y.push(false);
+            // one negative scored high, among the positives
+            p.push(if j == 0 {
+                0.8
+            } else {
+                0.05 + 0.004 * f64::from(j)
+            });
+        }
+        let m = metrics_of(&y, &p);
+        let g = check(&wdbc_gate(None, None), Some(2), &m);
+        assert!(g.passed, "{g:?}");
+        assert_eq!(by_name(&g, "min_positives").observed, Some(40.0));
+        assert_eq!(by_name(&g, "min_negatives").observed, Some(60.0));
+        assert_eq!(
+            by_name(&g, "min_negatives").description,
+            "default min_negatives (docs/validation.md)"
+        );
+        let lower = by_name(&g, "auroc.ci_lower").observed.unwrap();
+        assert!(lower >= 0.9 && lower < m.auroc.value.unwrap(), "{lower}");
+        assert!(g.criteria.iter().all(|c| c.reason.is_none()));
+    }
+
+    /// Multi-class: the smallest class present is held to `min_positives`, the rows outside
+    /// the largest to `min_negatives`; a class absent from the dataset is not counted.
+    #[test]
+    fn multiclass_minimums_name_the_class_that_is_short() {
+        let labels: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        // 12 of a, 12 of b, 3 of c, none of d
+        let y: Vec<usize> = (0..27)
+            .map(|i| {
+                if i < 12 {
+                    0
+                } else if i < 24 {
+                    1
+                } else {
+                    2
+                }
+            })
+            .collect();
+        let p: Vec<f64> = y
+            .iter()
+            .flat_map(|&t| (0..4).map(move |k| if k == t { 0.7 } else { 0.1 }))
+            .collect();
+        let m = crate::multiclass::evaluate(&y, &p, &labels, 0.95, None);
+        let spec = ValidationSpec {
+            gate: vec![criterion("brier", GateBound::Value, None, Some(0.5))],
+            min_positives: None,
+            min_negatives: None,
+        };
+        let g = check_multiclass(&spec, None, &m);
+        assert!(!g.passed);
+        let pos = by_name(&g, "min_positives");
+        assert_eq!(pos.observed, Some(3.0));
+        assert_eq!(
+            pos.reason.as_deref(),
+            Some("needs at least 10 rows of each class present, class \"c\" has 3")
+        );
+        // 27 rows, 12 of the largest class: 15 outside it
+        let neg = by_name(&g, "min_negatives");
+        assert!(neg.passed && neg.observed == Some(15.0), "{neg:?}");
+        assert!(by_name(&g, "brier").passed);
     }
 }

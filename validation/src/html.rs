@@ -38,7 +38,10 @@ fn num(v: Option<f64>) -> String {
 fn metric_cell(m: &Metric) -> String {
     match (m.value, m.ci_lower, m.ci_upper) {
         (Some(v), Some(lo), Some(hi)) => format!("{v:.4} ({lo:.4}–{hi:.4})"),
-        (Some(v), _, _) => format!("{v:.4}"),
+        (Some(v), _, _) => match &m.ci_undefined {
+            Some(why) => format!("{v:.4} (interval not defined: {})", escape(why)),
+            None => format!("{v:.4}"),
+        },
         (None, _, _) => format!(
             "not defined: {}",
             escape(m.undefined.as_deref().unwrap_or("—"))
@@ -417,12 +420,17 @@ pub fn render(r: &Report) -> String {
             if g.passed { "PASSED" } else { "FAILED" }
         );
         for c in &g.criteria {
+            // the minimum-sample rule's numbers are row counts
+            let shown = |v: Option<f64>| match (c.metric.as_str(), v) {
+                ("positives" | "negatives", Some(v)) => format!("{v:.0}"),
+                _ => num(v),
+            };
             let _ = write!(
                 h,
                 "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
                 escape(&c.criterion),
-                num(c.observed),
-                num(c.min),
+                shown(c.observed),
+                shown(c.min),
                 num(c.max),
                 if c.passed { "pass" } else { "fail" },
                 escape(c.reason.as_deref().unwrap_or("pass"))

@@ -125,11 +125,22 @@ fn cov(a: &[f64], b: &[f64]) -> f64 {
 pub struct DeLong {
     pub auc: f64,
     pub variance: f64,
-    pub ci_lower: f64,
-    pub ci_upper: f64,
+    /// `None` (with `ci_upper`) when the variance is degenerate: see [`delong`].
+    pub ci_lower: Option<f64>,
+    pub ci_upper: Option<f64>,
 }
 
 /// DeLong, DeLong & Clarke-Pearson (1988). `None` with fewer than two of either class.
+///
+/// The interval is `None` when the estimated variance is zero because every structural
+/// component of each class is the same: every positive outranks the same share of negatives
+/// and every negative is outranked by the same share of positives. That is the case at
+/// AUROC 0 or 1 (a perfect ranking of any number of rows, two and two included) and when each
+/// class's scores are all tied. The variance estimate is then zero by construction, not
+/// because the AUROC is known exactly; a Wald interval of zero width ([1, 1] for a perfect
+/// ranking of four rows) would pass any floor on its lower limit with no evidence behind it.
+/// The test is on the components, not on `variance == 0.0`, so that rounding in the
+/// covariance of equal components cannot leave a width of ~1e-17 that looks like an interval.
 pub fn delong(y: &[bool], p: &[f64], confidence: f64) -> Option<DeLong> {
     let (m, n) = class_counts(y);
     if m < 2 || n < 2 {
@@ -138,12 +149,18 @@ pub fn delong(y: &[bool], p: &[f64], confidence: f64) -> Option<DeLong> {
     let c = components(y, p);
     let auc = mean(&c.v10);
     let variance = cov(&c.v10, &c.v10) / m as f64 + cov(&c.v01, &c.v01) / n as f64;
-    let half = z_for(confidence) * variance.sqrt();
+    let constant = |v: &[f64]| v.iter().all(|&x| x == v[0]);
+    let (ci_lower, ci_upper) = if constant(&c.v10) && constant(&c.v01) {
+        (None, None)
+    } else {
+        let half = z_for(confidence) * variance.sqrt();
+        (Some((auc - half).max(0.0)), Some((auc + half).min(1.0)))
+    };
     Some(DeLong {
         auc,
         variance,
-        ci_lower: (auc - half).max(0.0),
-        ci_upper: (auc + half).min(1.0),
+        ci_lower,
+        ci_upper,
     })
 }
 
@@ -776,7 +793,30 @@ mod tests {
         let d = delong(&[true, true, false, false], &[0.9, 0.8, 0.1, 0.2], 0.95).unwrap();
         assert_eq!(d.auc, 1.0);
         assert_eq!(d.variance, 0.0);
-        assert_eq!((d.ci_lower, d.ci_upper), (1.0, 1.0));
+        // a zero-variance interval is not reported: [1, 1] would pass any floor
+        assert_eq!((d.ci_lower, d.ci_upper), (None, None));
+        // one swapped pair: a real interval, clipped at 1
+        let y = [true, true, true, false, false, false];
+        let d = delong(&y, &[0.9, 0.8, 0.3, 0.4, 0.2, 0.1], 0.95).unwrap();
+        assert!(d.variance > 0.0);
+        let (lo, hi) = (d.ci_lower.unwrap(), d.ci_upper.unwrap());
+        assert!(lo < d.auc && hi == 1.0, "{d:?}");
+    }
+
+    #[test]
+    fn delong_interval_is_undefined_whenever_the_components_are_constant() {
+        // AUROC 0 (a perfectly inverted ranking), of more rows
+        let y = [true, true, true, false, false, false];
+        let d = delong(&y, &[0.1, 0.2, 0.3, 0.7, 0.8, 0.9], 0.95).unwrap();
+        assert_eq!((d.auc, d.ci_lower, d.ci_upper), (0.0, None, None));
+        // each class tied at its own score, the classes tied with each other
+        let d = delong(&y, &[0.4, 0.4, 0.4, 0.4, 0.4, 0.4], 0.95).unwrap();
+        assert_eq!((d.auc, d.ci_lower), (0.5, None));
+        // perfect separation with scores (0.1 repeated) whose mean rounds: still undefined
+        let y: Vec<bool> = (0..30).map(|i| i < 10).collect();
+        let p: Vec<f64> = (0..30).map(|i| if i < 10 { 0.7 } else { 0.1 }).collect();
+        let d = delong(&y, &p, 0.95).unwrap();
+        assert_eq!((d.auc, d.ci_lower, d.ci_upper), (1.0, None, None));
     }
 
     #[test]

@@ -82,24 +82,48 @@ pub struct Metric {
     pub bootstrap: Option<BootstrapCi>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub undefined: Option<String>,
+    /// Why a metric with a value has no interval where it would have one: a zero-width
+    /// interval is left out rather than reported (`ci_lower` and `ci_upper` absent), so that
+    /// a gate on a confidence limit fails instead of passing on no evidence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ci_undefined: Option<String>,
 }
+
+/// `ci_undefined` of an AUROC whose DeLong variance is zero (see [`metrics::delong`]).
+pub const DELONG_DEGENERATE: &str = "DeLong's variance is 0: every positive outranks the same \
+     share of negatives and every negative the same share of positives (an AUROC of 0 or 1, or \
+     each class's scores tied), so the interval would have zero width, which is not evidence";
 
 impl Metric {
     /// AUROC with its DeLong interval (the point estimate alone with fewer than two rows of
-    /// a class; `why` when it is not defined at all).
+    /// a class, or, with `ci_undefined`, when DeLong's variance is degenerate; `why` when it
+    /// is not defined at all).
     pub(crate) fn auroc(y: &[bool], p: &[f64], confidence: f64, why: &str) -> Metric {
         let n = y.len();
         match metrics::delong(y, p, confidence) {
+            Some(d) if d.ci_lower.is_none() => Metric {
+                value: Some(d.auc),
+                n,
+                ci_undefined: Some(DELONG_DEGENERATE.to_owned()),
+                ..Metric::default()
+            },
             Some(d) => Metric {
                 value: Some(d.auc),
-                ci_lower: Some(d.ci_lower),
-                ci_upper: Some(d.ci_upper),
+                ci_lower: d.ci_lower,
+                ci_upper: d.ci_upper,
                 ci_method: Some("delong"),
                 n,
                 standard_error: Some(d.variance.sqrt()),
                 ..Metric::default()
             },
-            None => Metric::point(metrics::auroc(y, p), n, why),
+            None => {
+                let mut m = Metric::point(metrics::auroc(y, p), n, why);
+                if m.value.is_some() {
+                    m.ci_undefined =
+                        Some("DeLong's interval needs at least two rows of each class".to_owned());
+                }
+                m
+            }
         }
     }
 
