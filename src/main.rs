@@ -599,18 +599,14 @@ async fn serve_router(
     tls: Option<(Arc<rustls::ServerConfig>, &nightingale::tls::TlsSettings)>,
     nodelay: bool,
 ) -> anyhow::Result<()> {
-    use axum::serve::ListenerExt;
     match tls {
         Some((server_config, settings)) => serve_tls(listener, app, server_config, settings).await,
         None => {
-            let listener = listener.tap_io(move |tcp| {
-                if nodelay {
-                    let _ = tcp.set_nodelay(true);
-                }
-            });
-            Ok(axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown_signal())
-                .await?)
+            let limits = http::serve::ConnectionLimits {
+                nodelay,
+                ..Default::default()
+            };
+            Ok(http::serve::serve(listener, app, limits, shutdown_signal()).await?)
         }
     }
 }
@@ -638,7 +634,22 @@ async fn serve_tls(
             handle.graceful_shutdown(None);
         })
     };
-    let result = axum_server::from_tcp(listener.into_std()?)?
+    let limits = http::serve::ConnectionLimits::default();
+    let mut server = axum_server::from_tcp(listener.into_std()?)?;
+    // The plaintext loop's header deadline and HTTP/2 keep-alive (src/http/serve.rs); the
+    // TLS handshake has its own deadline in the acceptor.
+    server
+        .http_builder()
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    server
+        .http_builder()
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Some(limits.http2_keep_alive))
+        .keep_alive_timeout(limits.http2_keep_alive);
+    let result = server
         .acceptor(nightingale::tls::ClientCertAcceptor::new(rustls_config))
         .accept_error_handler(|_, e| tracing::debug!(error = %e, "TLS connection refused"))
         .handle(handle)

@@ -23,6 +23,7 @@ pub mod auth;
 pub mod cds;
 pub(crate) mod codec;
 pub mod dicomweb;
+pub mod serve;
 // ---- issue 9: the DICOM pipeline's results ----
 mod error;
 pub(crate) mod explain;

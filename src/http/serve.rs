@@ -1,0 +1,120 @@
+//! The plaintext HTTP accept loop (HTTP/1.1, or HTTP/2 with prior knowledge: gRPC's h2c),
+//! with the connection limits `axum::serve` does not have: a deadline on a request's headers
+//! (a client that trickles a header line every few seconds, or connects and sends nothing,
+//! is closed instead of holding a descriptor and ~60 KB for ever), HTTP/2 keep-alive pings
+//! (a dead peer's connection is closed), and a cap on open connections (beyond it the
+//! listener is not polled: new connections wait in the kernel's backlog, the ones open are
+//! served). A request's own deadline, once its headers are in, is the API's
+//! ([`crate::http::HttpConfig`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+
+/// Limits of the connections of one listener.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Time a client has to send a request's headers, from the moment the connection waits
+    /// for them (a new connection, or a kept-alive one between requests).
+    pub header_read_timeout: Duration,
+    /// Connections open at once; beyond, new ones wait in the backlog.
+    pub max_connections: usize,
+    /// HTTP/2: a PING after this much silence; the connection is closed when its answer
+    /// does not come within the same time.
+    pub http2_keep_alive: Duration,
+    /// On shutdown: how long open connections get to finish their requests.
+    pub shutdown_grace: Duration,
+    /// TCP_NODELAY on accepted connections.
+    pub nodelay: bool,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+            http2_keep_alive: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+            nodelay: false,
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets open connections finish
+/// (within [`ConnectionLimits::shutdown_grace`]).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    limits: ConnectionLimits,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(limits.http2_keep_alive))
+        .keep_alive_timeout(limits.http2_keep_alive);
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let (tcp, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        if limits.nodelay {
+            let _ = tcp.set_nodelay(true);
+        }
+        let builder = builder.clone();
+        let service = service.clone();
+        let watcher = graceful.watcher();
+        let first_byte = limits.header_read_timeout;
+        tokio::spawn(async move {
+            // hyper's header deadline starts with the first byte (and the protocol detection
+            // before it reads without one): a connection that sends nothing is closed here.
+            let mut probe = [0u8; 1];
+            match tokio::time::timeout(first_byte, tcp.peek(&mut probe)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return drop(permit),
+            }
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+            if let Err(e) = watcher.watch(connection.into_owned()).await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_secs = limits.shutdown_grace.as_secs(),
+            "connections still open after the shutdown grace: closing"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,129 @@
+//! The plaintext accept loop's connection limits (src/http/serve.rs): a client that does not
+//! send its headers in time is closed (one that sends nothing, one that trickles header
+//! lines), and beyond the connection cap new connections wait until one closes. Every wait is
+//! bounded.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use axum::routing::get;
+use nightingale::http::serve::{ConnectionLimits, serve};
+
+const BOUND: Duration = Duration::from_secs(20);
+
+async fn start(limits: ConnectionLimits) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route("/", get(|| async { "ok" }));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(listener, app, limits, async {
+        let _ = stopped.await;
+    }));
+    (addr, stop)
+}
+
+/// True when the server closes the connection (EOF or reset) within [`BOUND`].
+fn closed_by_server(mut s: TcpStream) -> bool {
+    s.set_read_timeout(Some(BOUND)).unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // a 408 or similar first: read on to the close
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false, // timed out
+        }
+    }
+}
+
+fn get_ok(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(BOUND)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_send_its_headers_in_time_is_closed() {
+    let (addr, _stop) = start(ConnectionLimits {
+        header_read_timeout: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    tokio::task::spawn_blocking(move || {
+        // Connects and sends nothing.
+        let silent = TcpStream::connect(addr).unwrap();
+        assert!(closed_by_server(silent), "a silent connection stayed open");
+        // Trickles a header line every 300 ms, for longer than the deadline.
+        let mut trickle = TcpStream::connect(addr).unwrap();
+        trickle.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+        let started = Instant::now();
+        let mut cut = false;
+        while started.elapsed() < BOUND {
+            std::thread::sleep(Duration::from_millis(300));
+            if trickle.write_all(b"X-Slow: 1\r\n").is_err() {
+                cut = true;
+                break;
+            }
+            let mut probe = [0u8; 256];
+            trickle.set_nonblocking(true).unwrap();
+            let r = trickle.read(&mut probe);
+            trickle.set_nonblocking(false).unwrap();
+            if matches!(r, Ok(0))
+                || matches!(&r, Err(e) if e.kind() != std::io::ErrorKind::WouldBlock)
+            {
+                cut = true;
+                break;
+            }
+            if matches!(r, Ok(n) if n > 0) {
+                // An answer (408) before the close counts as cut too.
+                cut = true;
+                break;
+            }
+        }
+        assert!(cut, "a trickling client was never cut off");
+        // A client that sends its request in time is served, and between requests on a
+        // kept-alive connection the deadline applies again.
+        let mut ok = TcpStream::connect(addr).unwrap();
+        assert!(get_ok(&mut ok));
+        assert!(
+            closed_by_server(ok),
+            "an idle kept-alive connection stayed open"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_connection_cap_new_connections_wait_for_a_free_one() {
+    let (addr, _stop) = start(ConnectionLimits {
+        header_read_timeout: Duration::from_secs(60),
+        max_connections: 2,
+        ..Default::default()
+    })
+    .await;
+    tokio::task::spawn_blocking(move || {
+        let mut a = TcpStream::connect(addr).unwrap();
+        assert!(get_ok(&mut a));
+        let mut b = TcpStream::connect(addr).unwrap();
+        assert!(get_ok(&mut b));
+        // A third connection is accepted by the kernel (backlog) but not served...
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = [0u8; 256];
+        assert!(c.read(&mut buf).is_err(), "served beyond the cap");
+        // ...until one of the two closes.
+        drop(a);
+        c.set_read_timeout(Some(BOUND)).unwrap();
+        let n = c.read(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        assert!(get_ok(&mut b));
+    })
+    .await
+    .unwrap();
+}
