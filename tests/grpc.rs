@@ -509,3 +509,92 @@ async fn roles_are_the_http_routes_and_inferences_are_audited() {
     }
     assert!(!log.contains("anon-1") && !log.contains("metrics-1"));
 }
+
+/// A body that never ends (a stream that declared a message and stalls).
+struct Stalled;
+
+impl http_body::Body for Stalled {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Pending
+    }
+}
+
+fn stalled_infer(authorization: Option<String>) -> axum::http::Request<axum::body::Body> {
+    let mut r = axum::http::Request::post("/inference.GRPCInferenceService/ModelInfer")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(a) = authorization {
+        r = r.header("authorization", a);
+    }
+    r.body(axum::body::Body::new(Stalled)).unwrap()
+}
+
+#[tokio::test]
+async fn a_caller_without_the_role_is_refused_before_its_message_is_read_and_a_stalled_message_times_out()
+ {
+    let auth = ServeArgs {
+        config: Some(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/auth/nightingale.toml"),
+        ),
+        ..ServeArgs::default()
+    }
+    .resolve()
+    .unwrap()
+    .auth;
+    let keys: std::collections::HashMap<String, String> = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/auth/api_keys.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let server = Server::start(HttpConfig {
+        auth,
+        request_timeout: Duration::from_secs(1),
+        ..HttpConfig::default()
+    })
+    .await;
+    let grpc_status = |r: &axum::http::Response<axum::body::Body>| {
+        r.headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i32>().ok())
+    };
+    // No credentials, a message that never arrives: refused at once, nothing read.
+    let app = http::grpc::router(server.state.clone());
+    let r = tokio::time::timeout(Duration::from_secs(30), app.oneshot(stalled_infer(None)))
+        .await
+        .expect("answered without reading the message")
+        .unwrap();
+    assert_eq!(grpc_status(&r), Some(Code::Unauthenticated as i32));
+    // With the role, a message that stalls ends in an error at the deadline (1 s here), not
+    // never.
+    let app = http::grpc::router(server.state.clone());
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        app.oneshot(stalled_infer(Some(format!("Bearer {}", keys["infer"])))),
+    )
+    .await
+    .expect("the stalled message is cut off at its deadline")
+    .unwrap();
+    let status = match grpc_status(&r) {
+        Some(s) => s,
+        // tonic may answer in the trailers of a streamed body.
+        None => {
+            let trailers = http_body_util::BodyExt::collect(r.into_body())
+                .await
+                .unwrap()
+                .trailers()
+                .cloned()
+                .unwrap_or_default();
+            trailers["grpc-status"].to_str().unwrap().parse().unwrap()
+        }
+    };
+    assert_ne!(status, Code::Ok as i32);
+}

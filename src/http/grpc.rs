@@ -56,10 +56,102 @@ use proto::{
 /// are accepted, larger ones get RESOURCE_EXHAUSTED before they reach a handler.
 pub fn router(state: Arc<AppState>) -> axum::Router {
     let max = state.config.max_body_bytes;
+    let state_for_layer = state.clone();
     let service = GrpcInferenceServiceServer::new(Service { state })
         .max_decoding_message_size(max)
         .max_encoding_message_size(usize::MAX);
-    tonic::service::Routes::new(service).into_axum_router()
+    tonic::service::Routes::new(service)
+        .into_axum_router()
+        .layer(axum::middleware::from_fn_with_state(
+            state_for_layer,
+            before_the_message,
+        ))
+}
+
+/// Runs before tonic reads the message: a caller without the method's role is refused
+/// before any of its message is read (as HTTP answers 401/403 before the body), and reading
+/// the message is bounded by the request deadline (a stream that declares a message and
+/// stalls gets an error instead of holding the stream for ever). The caller found here is
+/// passed on in the request's extensions, so [`Service::serve`] does not authenticate twice.
+async fn before_the_message(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let rule = auth::grpc_rule_for(request.uri().path().rsplit('/').next().unwrap_or_default());
+    let request_id = request_id(request.headers());
+    let mut request = request;
+    if let Some(rule) = rule {
+        match auth::authorize(
+            &state.auth,
+            rule.access,
+            request.headers(),
+            request.extensions(),
+            rule.method,
+        ) {
+            Ok(caller) => {
+                request.extensions_mut().insert(Authorized(caller));
+            }
+            Err(denied) => return to_status(denied.error, &request_id).into_http(),
+        }
+    }
+    let mut timeout = state.config.request_timeout;
+    if let Some(asked) = grpc_timeout(request.headers()) {
+        timeout = timeout.min(asked);
+    }
+    let request = request.map(|body| {
+        axum::body::Body::new(DeadlineBody {
+            inner: body,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+        })
+    });
+    next.run(request).await
+}
+
+/// The caller [`before_the_message`] authorised.
+#[derive(Clone)]
+struct Authorized(Caller);
+
+/// A request body that fails once its deadline passes before it ends.
+struct DeadlineBody {
+    inner: axum::body::Body,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+}
+
+impl http_body::Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if this.sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(axum::Error::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the request message did not arrive within {} ms",
+                    this.timeout.as_millis()
+                ),
+            )))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 struct Service {
@@ -106,8 +198,11 @@ impl Service {
                 &request_id,
             ));
         };
-        let caller = auth::authorize(&self.state.auth, rule.access, &headers, &extensions, method)
-            .map_err(|denied| to_status(denied.error, &request_id))?;
+        let caller = match extensions.get::<Authorized>() {
+            Some(Authorized(caller)) => caller.clone(),
+            None => auth::authorize(&self.state.auth, rule.access, &headers, &extensions, method)
+                .map_err(|denied| to_status(denied.error, &request_id))?,
+        };
         let mut timeout = self.state.config.request_timeout;
         if let Some(asked) = grpc_timeout(&headers) {
             timeout = timeout.min(asked);
