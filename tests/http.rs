@@ -407,6 +407,17 @@ async fn classification_extension() {
         };
         assert!((score - p_top).abs() <= 1e-5, "row {i}: {score} vs {p_top}");
     }
+    // `label` has one value per row (shape [-1]): ranking it would rank the rows (the
+    // patients) against each other: 400, not one answer for the batch.
+    req["outputs"] = json!([{"name": "label", "parameters": {"classification": 1}}]);
+    let (s, v) = f
+        .post_json(&format!("/v2/models/{MODEL}/infer"), &req)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("one value per row"),
+        "{v}"
+    );
 }
 
 #[tokio::test]
@@ -816,6 +827,27 @@ async fn every_inference_is_audited_without_patient_data() {
     assert_eq!(records[2].event.status, 400);
     assert_eq!(records[2].event.outcome, audit::Outcome::Rejected);
     assert!(records[2].event.output_sha256.is_none());
+    // An id that is empty, not ASCII or too long is replaced by a UUID, the same in the
+    // answer and in the audit record.
+    for bad in [
+        axum::http::HeaderValue::from_static(""),
+        axum::http::HeaderValue::from_bytes("réq-1".as_bytes()).unwrap(),
+        axum::http::HeaderValue::from_str(&"x".repeat(129)).unwrap(),
+    ] {
+        let req = Request::post(format!("/v2/models/{MODEL}/infer"))
+            .header("x-request-id", bad.clone())
+            .body(Body::from(
+                serde_json::to_vec(&json_request(&rows)).unwrap(),
+            ))
+            .unwrap();
+        let (s, headers, _) = f.call(req).await;
+        assert_eq!(s, StatusCode::OK);
+        let id = headers["x-request-id"].to_str().unwrap().to_owned();
+        assert_eq!(id.len(), 36, "{id}");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let last: audit::AuditRecord = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(last.event.request_id, id);
+    }
     // Digests only: no feature value appears in the log.
     for value in rows[0]
         .iter()

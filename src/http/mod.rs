@@ -329,6 +329,22 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
             tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
         }))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(axum::middleware::map_request(usable_request_id))
+}
+
+/// A client's `X-Request-Id` is kept when it is 1 to 128 visible ASCII characters; any other
+/// (empty, non-ASCII, longer) is dropped here so that `SetRequestIdLayer` gives the request a
+/// UUID: the log, the audit record and the response then name the same id (a non-ASCII id
+/// was echoed back but audited as "-").
+async fn usable_request_id(mut request: Request) -> Request {
+    let usable = request.headers().get("x-request-id").map(|v| {
+        let b = v.as_bytes();
+        !b.is_empty() && b.len() <= 128 && b.iter().all(u8::is_ascii_graphic)
+    });
+    if usable == Some(false) {
+        request.headers_mut().remove("x-request-id");
+    }
+    request
 }
 
 async fn not_found() -> AppError {

@@ -474,13 +474,22 @@ pub(super) fn select_outputs(
                     })?;
                 let tensor = match choice.classification {
                     Some(k) if k > 0 => {
-                        let labels = model
+                        let spec = model
                             .manifest
                             .outputs
                             .iter()
-                            .find(|o| o.name == choice.name)
-                            .map(|o| o.labels.clone())
-                            .unwrap_or_default();
+                            .find(|o| o.name == choice.name);
+                        // An output of one value per row (`[-1]`): its only axis is the
+                        // batch, not classes; ranking it would mix the rows (patients).
+                        if found.tensor.shape().len() == 1
+                            && spec.is_some_and(|o| o.shape.len() == 1 && o.shape[0] < 0)
+                        {
+                            return Err(AppError::bad_request(format!(
+                                "classification needs a class axis: output {:?} has one value per row (shape [-1]); ask for it without classification",
+                                choice.name
+                            )));
+                        }
+                        let labels = spec.map(|o| o.labels.clone()).unwrap_or_default();
                         codec::classify(&found.tensor, k, &labels)?
                     }
                     _ => found.tensor.clone(),
