@@ -28,6 +28,8 @@ use crate::spool::{Incoming, Spool, StoreError, Upload};
 
 const C_STORE_RQ: u16 = 0x0001;
 const C_ECHO_RQ: u16 = 0x0030;
+/// C-CANCEL-RQ: has no response (PS3.7 9.3.2.3).
+const C_CANCEL_RQ: u16 = 0x0FFF;
 const NO_DATA_SET: u16 = 0x0101;
 
 /// DIMSE status codes (PS3.4 B.2.3, PS3.7 C).
@@ -598,6 +600,9 @@ async fn run_association(
     let mut counts: Counts = (0, 0);
     let mut command: Vec<u8> = Vec::new();
     let mut pending: Option<Pending> = None;
+    // A request this SCP does not serve whose data set (a C-FIND identifier, say) is still
+    // arriving: its context and the answer to send once the data set has ended.
+    let mut discarding: Option<(u8, Vec<u8>)> = None;
     // The memory of the last data set received into the spool, for the next one.
     let mut spare: Vec<u8> = Vec::new();
     loop {
@@ -634,7 +639,7 @@ async fn run_association(
             let data = &association.get_mut().1[value.range.clone()];
             match value.value_type {
                 PDataValueType::Command => {
-                    if pending.is_some() {
+                    if pending.is_some() || discarding.is_some() {
                         return Err(("command while a data set was expected", counts));
                     }
                     if command.len() + data.len() > 1 << 20 {
@@ -685,6 +690,9 @@ async fn run_association(
                                 reservation: Reservation::new(budget),
                             });
                         }
+                        C_CANCEL_RQ => {
+                            // Nothing of ours to cancel, and no response to give.
+                        }
                         field => {
                             // A request we do not serve (or a C-STORE without a data set).
                             let rsp = response(
@@ -696,13 +704,30 @@ async fn run_association(
                                 status::UNRECOGNIZED_OPERATION,
                                 Some("operation not supported"),
                             );
-                            send_command(association, config, pc, rsp)
-                                .await
-                                .map_err(|r| (r, counts))?;
+                            if cmd.data_set_type != NO_DATA_SET {
+                                // Its data set follows: read it through, then answer.
+                                discarding = Some((pc, rsp));
+                            } else {
+                                send_command(association, config, pc, rsp)
+                                    .await
+                                    .map_err(|r| (r, counts))?;
+                            }
                         }
                     }
                 }
                 PDataValueType::Data => {
+                    if let Some((pc, _)) = &discarding {
+                        if *pc != value.presentation_context_id {
+                            return Err(("data set on another presentation context", counts));
+                        }
+                        if value.is_last {
+                            let (pc, rsp) = discarding.take().expect("discarding");
+                            send_command(association, config, pc, rsp)
+                                .await
+                                .map_err(|r| (r, counts))?;
+                        }
+                        continue;
+                    }
                     let Some(p) = pending.as_mut() else {
                         return Err(("data set without a command", counts));
                     };

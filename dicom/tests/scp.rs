@@ -264,6 +264,46 @@ async fn a_command_on_a_context_never_negotiated_aborts_the_association() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_not_served_is_answered_after_its_data_set_and_c_cancel_gets_no_answer() {
+    let server = start(|_| {}).await;
+    let addr = server.addr;
+    tokio::task::spawn_blocking(move || {
+        let mut assoc = connect(addr, &[(CT, EXPLICIT_LE)]).unwrap();
+        let pc = accepted_pc(&assoc);
+        // A C-FIND-RQ with its identifier (data set type 0x0000): 0x0211 once the
+        // identifier has arrived, and the association goes on.
+        let find = command_set(0x0020, 1, CT, None, 0x0000);
+        assoc
+            .send(&pdata(pc, PDataValueType::Command, true, find))
+            .unwrap();
+        assoc
+            .send(&pdata(
+                pc,
+                PDataValueType::Data,
+                true,
+                vec![
+                    0x08, 0x00, 0x52, 0x00, 0x06, 0x00, 0x00, 0x00, b'S', b'T', b'U', b'D', b'Y',
+                    b' ',
+                ],
+            ))
+            .unwrap();
+        assert_eq!(status_of(assoc.receive().unwrap()), 0x0211);
+        // A C-CANCEL-RQ has no response: the next answer is the C-STORE's.
+        let cancel = command_set(0x0FFF, 3, CT, None, 0x0101);
+        assoc
+            .send(&pdata(pc, PDataValueType::Command, true, cancel))
+            .unwrap();
+        assert_eq!(
+            store(&mut assoc, pc, 4, "1.2.3.100.9.1", ct("1.2.3.100.9.1")),
+            0x0000
+        );
+        assoc.release().unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_in_another_transfer_syntax_than_negotiated_is_refused() {
     const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
     let server = start(|_| {}).await;
