@@ -502,6 +502,29 @@ async fn serve_association(
             return;
         }
     };
+    // PS3.8 9.3.2.2: presentation context IDs are odd and unique within the association;
+    // dicom-ul negotiates whatever it is sent, so a request that breaks the rule is aborted
+    // here, before any of its data could be taken on the wrong context.
+    let ids: Vec<u8> = association
+        .presentation_contexts()
+        .iter()
+        .map(|pc| pc.id)
+        .collect();
+    let unique: std::collections::HashSet<u8> = ids.iter().copied().collect();
+    if ids.iter().any(|id| id % 2 == 0) || unique.len() != ids.len() {
+        association_outcome("not_established");
+        tracing::info!(%peer, "DICOM association aborted: presentation context IDs not odd and unique");
+        let _ = tokio::time::timeout(config.idle_timeout, association.abort()).await;
+        Reporter::send(
+            &events,
+            DicomEvent::AssociationRejected {
+                peer,
+                reason: "context_ids",
+            },
+        )
+        .await;
+        return;
+    }
     association_outcome("accepted");
     let _active = ActiveGauge::new();
     let calling_ae = association.peer_ae_title().trim().to_owned();

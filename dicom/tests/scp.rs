@@ -304,6 +304,44 @@ async fn a_request_not_served_is_answered_after_its_data_set_and_c_cancel_gets_n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presentation_context_ids_that_are_even_or_repeated_abort_the_association() {
+    let server = start(|_| {}).await;
+    let addr = server.addr;
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        for ids in [[1u8, 1], [1, 2]] {
+            let mut rq = associate_rq(&[(CT, EXPLICIT_LE), (CT, "1.2.840.10008.1.2")]);
+            for (pc, id) in rq.presentation_contexts.iter_mut().zip(ids) {
+                pc.id = id;
+            }
+            let mut socket = std::net::TcpStream::connect(addr).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            socket
+                .write_all(&pdu_bytes(&Pdu::AssociationRQ(rq)))
+                .unwrap();
+            // dicom-ul answers the request; the SCP then aborts before anything is sent on it.
+            let mut aborted = false;
+            for _ in 0..2 {
+                match read_answer(&mut socket) {
+                    Answer::Pdu(Pdu::AbortRQ { .. }) => {
+                        aborted = true;
+                        break;
+                    }
+                    Answer::Pdu(Pdu::AssociationAC(_)) => continue,
+                    other => panic!("{ids:?}: expected A-ASSOCIATE-AC then A-ABORT, got {other:?}"),
+                }
+            }
+            assert!(aborted, "{ids:?}: no A-ABORT");
+        }
+        echo(addr);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_in_another_transfer_syntax_than_negotiated_is_refused() {
     const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
     let server = start(|_| {}).await;
