@@ -437,6 +437,20 @@ def test_gate_fails_a_worse_version_and_passes_the_shipped_ones(splits, tmp_path
         assert report["gate"]["passed"] is True, report["gate"]
 
 
+def test_the_gate_does_not_pass_on_a_handful_of_perfectly_ranked_rows(tmp_path):
+    """Four rows ranked perfectly: AUROC 1, DeLong's variance 0. The gate fails on the
+    minimum number of rows of each class, and the AUROC has no interval (not [1, 1])."""
+    pred = tmp_path / "tiny.csv"
+    write_predictions(pred, [1, 1, 0, 0], [0.9, 0.8, 0.1, 0.2])
+    _, report, _ = validate("--model", "wdbc-malignancy", "--predictions", str(pred),
+                            out=tmp_path / "tiny", expect=1)
+    assert report["gate"]["passed"] is False
+    failed = {c["criterion"] for c in report["gate"]["criteria"] if not c["passed"]}
+    assert {"min_positives", "min_negatives", "auroc.ci_lower"} <= failed, report["gate"]
+    assert report["auroc"]["value"] == 1.0
+    assert report["auroc"].get("ci_lower") is None and report["auroc"].get("ci_undefined")
+
+
 def test_compare_two_versions_paired_delong(splits, tmp_path):
     split = splits("wdbc-malignancy")
     _, r, _ = validate("--compare", "wdbc-malignancy@1,wdbc-malignancy@2", "--dataset", str(split.path),
