@@ -56,6 +56,11 @@ pub struct ServeArgs {
     /// Most inference requests in flight at once; beyond: 503 with Retry-After. [default: 256]
     #[arg(long, env = "NIGHTINGALE_MAX_INFLIGHT_REQUESTS")]
     pub max_inflight_requests: Option<usize>,
+    /// Most connections open at once on each listener (HTTP, gRPC); beyond, a plaintext
+    /// listener leaves new connections in the backlog until one closes, a TLS listener closes
+    /// them at once. [default: 4096]
+    #[arg(long, env = "NIGHTINGALE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// Bearer token for model control (repository load/unload). Unset: model control is off.
     #[arg(long, env = "NIGHTINGALE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -361,6 +366,7 @@ struct FileConfig {
     max_body_bytes: Option<usize>,
     max_inflight_bytes: Option<usize>,
     max_inflight_requests: Option<usize>,
+    max_connections: Option<usize>,
     admin_token: Option<String>,
     request_timeout_secs: Option<u64>,
     request_timeout_ms: Option<u64>,
@@ -446,6 +452,7 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     pub max_inflight_bytes: usize,
     pub max_inflight_requests: usize,
+    pub max_connections: usize,
     pub admin_token: Option<String>,
     pub request_timeout: std::time::Duration,
     pub data_dir: PathBuf,
@@ -581,6 +588,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_inflight_bytes", &self.max_inflight_bytes)
             .field("max_inflight_requests", &self.max_inflight_requests)
+            .field("max_connections", &self.max_connections)
             .field(
                 "admin_token",
                 &self.admin_token.as_ref().map(|_| "<redacted>"),
@@ -681,6 +689,15 @@ impl ServeArgs {
         if max_inflight_requests == 0 {
             return Err(ConfigError::Invalid(
                 "max_inflight_requests must be at least 1".into(),
+            ));
+        }
+        let max_connections = self
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(crate::http::serve::ConnectionLimits::default().max_connections);
+        if !(1..=1 << 20).contains(&max_connections) {
+            return Err(ConfigError::Invalid(
+                "max_connections must be between 1 and 1048576".into(),
             ));
         }
         let admin_token = self
@@ -1147,6 +1164,7 @@ impl ServeArgs {
             max_body_bytes,
             max_inflight_bytes,
             max_inflight_requests,
+            max_connections,
             admin_token,
             request_timeout: std::time::Duration::from_millis(request_timeout_ms),
             data_dir,

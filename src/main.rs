@@ -522,12 +522,26 @@ async fn serve(
         })
     };
     let tls = tls.zip(config.tls.as_ref());
-    let http_server = serve_router(listener, http::app(state.clone()), tls.clone(), false);
+    let max_connections = config.max_connections;
+    let http_server = serve_router(
+        listener,
+        http::app(state.clone()),
+        tls.clone(),
+        false,
+        max_connections,
+    );
     #[cfg(feature = "grpc")]
     let grpc_server = async {
         match grpc_listener {
             Some(listener) => {
-                serve_router(listener, http::grpc::router(state.clone()), tls, true).await
+                serve_router(
+                    listener,
+                    http::grpc::router(state.clone()),
+                    tls,
+                    true,
+                    max_connections,
+                )
+                .await
             }
             None => Ok(()),
         }
@@ -598,12 +612,16 @@ async fn serve_router(
     app: axum::Router,
     tls: Option<(Arc<rustls::ServerConfig>, &nightingale::tls::TlsSettings)>,
     nodelay: bool,
+    max_connections: usize,
 ) -> anyhow::Result<()> {
     match tls {
-        Some((server_config, settings)) => serve_tls(listener, app, server_config, settings).await,
+        Some((server_config, settings)) => {
+            serve_tls(listener, app, server_config, settings, max_connections).await
+        }
         None => {
             let limits = http::serve::ConnectionLimits {
                 nodelay,
+                max_connections,
                 ..Default::default()
             };
             Ok(http::serve::serve(listener, app, limits, shutdown_signal()).await?)
@@ -618,6 +636,7 @@ async fn serve_tls(
     app: axum::Router,
     server_config: Arc<rustls::ServerConfig>,
     settings: &nightingale::tls::TlsSettings,
+    max_connections: usize,
 ) -> anyhow::Result<()> {
     use axum_server::tls_rustls::RustlsConfig;
     let rustls_config = RustlsConfig::from_config(server_config);
@@ -650,7 +669,10 @@ async fn serve_tls(
         .keep_alive_interval(Some(limits.http2_keep_alive))
         .keep_alive_timeout(limits.http2_keep_alive);
     let result = server
-        .acceptor(nightingale::tls::ClientCertAcceptor::new(rustls_config))
+        .acceptor(
+            nightingale::tls::ClientCertAcceptor::new(rustls_config)
+                .with_connection_cap(handle.clone(), max_connections),
+        )
         .accept_error_handler(|_, e| tracing::debug!(error = %e, "TLS connection refused"))
         .handle(handle)
         .serve(app.into_make_service())

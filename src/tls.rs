@@ -280,13 +280,27 @@ fn escape_rfc4514(value: &str) -> String {
 #[derive(Clone)]
 pub struct ClientCertAcceptor {
     inner: RustlsAcceptor,
+    /// The server's handle (its count of open connections) and the most it may hold.
+    cap: Option<(axum_server::Handle<std::net::SocketAddr>, usize)>,
 }
 
 impl ClientCertAcceptor {
     pub fn new(config: RustlsConfig) -> Self {
         ClientCertAcceptor {
             inner: RustlsAcceptor::new(config),
+            cap: None,
         }
+    }
+
+    /// Closes a new connection at once while `handle` counts more than `max` open ones (this
+    /// one included): no handshake, no buffers, its descriptor given back.
+    pub fn with_connection_cap(
+        mut self,
+        handle: axum_server::Handle<std::net::SocketAddr>,
+        max: usize,
+    ) -> Self {
+        self.cap = Some((handle, max));
+        self
     }
 }
 
@@ -302,7 +316,23 @@ where
 
     fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
         let inner = self.inner.clone();
+        let over_cap = self
+            .cap
+            .as_ref()
+            .map(|(handle, max)| (handle.connection_count(), *max))
+            .filter(|(count, max)| count > max);
         Box::pin(async move {
+            if let Some((count, max)) = over_cap {
+                tracing::info!(
+                    count,
+                    max,
+                    "TLS connection refused: over the connection cap"
+                );
+                drop(stream);
+                return Err(std::io::Error::other(
+                    "connection cap reached (--max-connections): closed",
+                ));
+            }
             if is_plain_http(&stream).await? {
                 answer_plain_http(stream).await;
                 return Err(std::io::Error::new(

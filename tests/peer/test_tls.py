@@ -287,3 +287,43 @@ def test_sigterm_finishes_an_in_flight_https_request(pki, test_rows, reference):
         assert server.proc.wait(timeout=30) == 0, server.log()
     finally:
         server.stop()
+
+
+def test_beyond_max_connections_a_new_tls_connection_is_closed_at_once(pki):
+    """`--max-connections 2`: two TLS connections held open, a third is closed before any
+    handshake; once one of the two closes, a new one is served."""
+    server = TlsServer(pki, ["--max-connections", "2"])
+    try:
+        server.wait_ready(None)
+        host, port = server.addr.split(":")
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+
+        def connect():
+            return ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=30),
+                                   server_hostname=host)
+
+        deadline = time.monotonic() + 30
+        # Open connections until one is refused: never more than the cap (the readiness
+        # probe's connection may still count for one of the two).
+        held = []
+        refused = False
+        while time.monotonic() < deadline and not refused and len(held) <= 3:
+            try:
+                held.append(connect())
+            except (ssl.SSLError, ConnectionError, OSError):
+                refused = True
+        assert refused, f"{len(held)} connections held and none refused under a cap of 2"
+        assert 1 <= len(held) <= 2, f"{len(held)} connections held under a cap of 2"
+        for s in held:
+            s.close()
+        ok = False
+        while time.monotonic() < deadline and not ok:
+            try:
+                r = requests.get(f"https://{server.addr}/v2/health/ready", timeout=5,
+                                 verify=str(pki / "ca.pem"))
+                ok = r.status_code == 200
+            except requests.RequestException:
+                time.sleep(0.2)
+        assert ok, "no connection served after the held ones closed"
+    finally:
+        server.stop()
