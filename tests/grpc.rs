@@ -399,24 +399,28 @@ async fn errors_carry_the_http_message_and_their_grpc_code() {
     assert_eq!(e.code(), Code::InvalidArgument);
 }
 
-#[tokio::test]
-async fn roles_are_the_http_routes_and_inferences_are_audited() {
+/// The test configuration with API keys (tests/fixtures/auth), and the keys by role.
+fn auth_fixture() -> (
+    nightingale::http::auth::AuthConfig,
+    std::collections::HashMap<String, String>,
+) {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/auth");
     let auth = ServeArgs {
-        config: Some(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/auth/nightingale.toml"),
-        ),
+        config: Some(fixtures.join("nightingale.toml")),
         ..ServeArgs::default()
     }
     .resolve()
     .unwrap()
     .auth;
-    let keys: std::collections::HashMap<String, String> = serde_json::from_str(
-        &std::fs::read_to_string(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/auth/api_keys.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let keys =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("api_keys.json")).unwrap())
+            .unwrap();
+    (auth, keys)
+}
+
+#[tokio::test]
+async fn roles_are_the_http_routes_and_inferences_are_audited() {
+    let (auth, keys) = auth_fixture();
     let server = Server::start(HttpConfig {
         auth,
         ..HttpConfig::default()
@@ -538,22 +542,7 @@ fn stalled_infer(authorization: Option<String>) -> axum::http::Request<axum::bod
 #[tokio::test]
 async fn a_caller_without_the_role_is_refused_before_its_message_is_read_and_a_stalled_message_times_out()
  {
-    let auth = ServeArgs {
-        config: Some(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/auth/nightingale.toml"),
-        ),
-        ..ServeArgs::default()
-    }
-    .resolve()
-    .unwrap()
-    .auth;
-    let keys: std::collections::HashMap<String, String> = serde_json::from_str(
-        &std::fs::read_to_string(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/auth/api_keys.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let (auth, keys) = auth_fixture();
     let server = Server::start(HttpConfig {
         auth,
         request_timeout: Duration::from_secs(1),
