@@ -489,8 +489,8 @@ impl Cds {
         })
     }
 
-    /// Fetches FHIR queries (relative to `fhir_server`, which [`Cds::may_fetch`] allowed) with the EHR's bearer token, all at
-    /// once, within the fetch deadline. Returns what could be read; each failure is logged
+    /// Fetches FHIR queries (relative to `fhir_server`, which [`Cds::may_fetch`] allowed)
+    /// with the EHR's bearer token, all at once, within the fetch deadline. Returns what could be read; each failure is logged
     /// (without the query: it holds the patient's id) and counted, and left for the
     /// assessment to report as missing data.
     pub async fn fetch(
@@ -504,11 +504,7 @@ impl Cds {
             let query = query.trim_start_matches('/');
             // A path that a URL library would resolve elsewhere is not sent (the
             // templates are rendered with dot-only values refused; this is the last guard).
-            let path = query.split(['?', '#']).next().unwrap_or_default();
-            let resolvable = path
-                .split('/')
-                .any(|seg| seg == "." || seg == ".." || seg.to_ascii_lowercase().contains("%2e"))
-                || path.contains('\\');
+            let resolvable = resolves_elsewhere(query.split(['?', '#']).next().unwrap_or_default());
             let url = format!("{base}/{query}");
             async move {
                 if resolvable {
@@ -1138,8 +1134,17 @@ fn plain_url(url: &str) -> bool {
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
     !authority.is_empty()
         && !authority.contains('@')
-        && !url.contains(['%', '\\', '?', '#'])
-        && !path.split('/').any(|seg| seg == "." || seg == "..")
+        && !url.contains(['%', '?', '#'])
+        && !resolves_elsewhere(path)
+}
+
+/// Whether a URL library would resolve `path` to somewhere else than its text: a `.` or `..`
+/// segment, a percent-escaped dot, a backslash.
+fn resolves_elsewhere(path: &str) -> bool {
+    path.contains('\\')
+        || path
+            .split('/')
+            .any(|seg| seg == "." || seg == ".." || seg.to_ascii_lowercase().contains("%2e"))
 }
 
 #[cfg(test)]
@@ -1208,6 +1213,11 @@ mod tests {
             assert!(!cds.may_fetch(bad), "{bad}");
         }
         assert!(cds.may_fetch("https://fhir.example.org/r4/a..b"));
+        // The same rule guards each query sent below an allowed server.
+        for bad in ["Patient/..", "Patient/%2E%2e", "a/./b", "a\\b"] {
+            assert!(resolves_elsewhere(bad), "{bad}");
+        }
+        assert!(!resolves_elsewhere("Observation?patient=a..b"));
         assert!(!Cds::builtin(&repository).may_fetch("https://fhir.example.org/r4"));
     }
 }

@@ -653,21 +653,10 @@ async fn serve_tls(
             handle.graceful_shutdown(None);
         })
     };
-    let limits = http::serve::ConnectionLimits::default();
     let mut server = axum_server::from_tcp(listener.into_std()?)?;
     // The plaintext loop's header deadline and HTTP/2 keep-alive (src/http/serve.rs); the
     // TLS handshake has its own deadline in the acceptor.
-    server
-        .http_builder()
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
-    server
-        .http_builder()
-        .http2()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .keep_alive_interval(Some(limits.http2_keep_alive))
-        .keep_alive_timeout(limits.http2_keep_alive);
+    http::serve::ConnectionLimits::default().configure(server.http_builder());
     let result = server
         .acceptor(
             nightingale::tls::ClientCertAcceptor::new(rustls_config)

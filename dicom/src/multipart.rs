@@ -234,12 +234,12 @@ impl Parser {
         self.parts
     }
 
-    /// Pushes the next bytes of the body; returns the parts completed by them.
     /// Bytes the parser holds: the unparsed input and the body of the part being read.
     pub fn buffered(&self) -> usize {
         self.buf.len() + self.body.len()
     }
 
+    /// Pushes the next bytes of the body; returns the parts completed by them.
     pub fn feed(&mut self, chunk: &[u8]) -> Result<Vec<Part>, MultipartError> {
         if self.state == State::End {
             return Ok(vec![]);

@@ -91,16 +91,18 @@ struct Keys {
     instance_number: bool,
 }
 
+/// `n` SQL parameter marks: `?, ?, ?`.
+fn marks(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
 /// `column IN (...)` or, for values with wildcards, `(column GLOB ? OR ...)`.
 fn any_of(column: &str, values: &[String], clauses: &mut Vec<String>, params: &mut Vec<Value>) {
     let (patterns, exact): (Vec<&String>, Vec<&String>) =
         values.iter().partition(|v| v.contains(['*', '?']));
     let mut alternatives = vec![];
     if !exact.is_empty() {
-        alternatives.push(format!(
-            "{column} IN ({})",
-            vec!["?"; exact.len()].join(", ")
-        ));
+        alternatives.push(format!("{column} IN ({})", marks(exact.len())));
         params.extend(exact.iter().map(|v| Value::Text((*v).clone())));
     }
     for p in patterns {
@@ -122,8 +124,7 @@ impl Query {
             if values.is_empty() {
                 continue;
             }
-            let marks = vec!["?"; values.len()].join(", ");
-            clauses.push(format!("{column} IN ({marks})"));
+            clauses.push(format!("{column} IN ({})", marks(values.len())));
             params.extend(values.iter().map(|v| Value::Text(v.clone())));
         }
         let universal =
@@ -144,8 +145,8 @@ impl Query {
                 inner.join(" AND ")
             ));
         }
+        // A row without a date compares as NULL: no range matches it.
         if let Some((from, to)) = &self.study_date {
-            clauses.push("study_date IS NOT NULL".into());
             if let Some(from) = from {
                 clauses.push("study_date >= ?".into());
                 params.push(Value::Text(from.clone()));
@@ -164,10 +165,7 @@ impl Query {
             ),
         ] {
             if on && !values.is_empty() {
-                clauses.push(format!(
-                    "{column} IN ({})",
-                    vec!["?"; values.len()].join(", ")
-                ));
+                clauses.push(format!("{column} IN ({})", marks(values.len())));
                 params.extend(values.iter().map(|n| Value::Integer(*n)));
             }
         }

@@ -1616,11 +1616,8 @@ fn validate(dataset: &[u8], incoming: &Incoming<'_>) -> Result<Identity, StoreEr
             uid: ts_uid.to_owned(),
         })?;
     // dicom-parser takes a data set cut inside a header as ended: the strict walk does not.
-    let found = crate::structure::walk(
-        dataset,
-        crate::structure::Encoding::of(ts_uid),
-        &IDENTITY_TAGS,
-    )?;
+    let encoding = crate::structure::Encoding::of(ts_uid);
+    let found = crate::structure::walk(dataset, encoding, &IDENTITY_TAGS)?;
     let uid = |i: usize, name: &'static str| -> Result<String, StoreError> {
         let value = match &found[i] {
             // A UID is text whatever its VR (some converters send UIDs as UN).
@@ -1647,10 +1644,7 @@ fn validate(dataset: &[u8], incoming: &Incoming<'_>) -> Result<Identity, StoreEr
         sop_instance_uid: uid(1, "SOPInstanceUID")?,
         study_uid: uid(2, "StudyInstanceUID")?,
         series_uid: uid(3, "SeriesInstanceUID")?,
-        attributes: Attributes::from_found(
-            &found[7..],
-            crate::structure::Encoding::of(ts_uid).big_endian,
-        ),
+        attributes: Attributes::from_found(&found[7..], encoding.big_endian),
     };
     if let Some(expected) = incoming.expected_sop_class
         && sop::trim_uid(expected) != identity.sop_class_uid

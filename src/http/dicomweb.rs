@@ -240,7 +240,13 @@ async fn store_inner(
         other => AppError::bad_request(format!("malformed multipart body: {other}")),
     };
     let mut staged: Vec<StagedPart> = vec![];
-    let mut staging: Option<stow::Staging> = None;
+    let staging = {
+        let spool = spool.clone();
+        tokio::task::spawn_blocking(move || stow::Staging::new(&spool))
+            .await
+            .map_err(|e| AppError::internal(e.to_string()))?
+            .map_err(|e| staging_error(&e))?
+    };
     let mut received = 0u64;
     // What the parser holds of the part being read (bytes fed, less the parts staged).
     let mut in_parser = Reservation::new(&web.budget);
@@ -273,26 +279,11 @@ async fn store_inner(
                     ),
                 ));
             }
-            let spool = spool.clone();
-            let into = staging.clone();
-            let part = tokio::task::spawn_blocking(move || {
-                let staging = match into {
-                    Some(s) => s,
-                    None => stow::Staging::new(&spool)?,
-                };
-                staging.stage(part).map(|p| (staging, p))
-            })
-            .await
-            .map_err(|e| AppError::internal(e.to_string()))?
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::StorageFull {
-                    AppError::overloaded("the DICOM spool's file system is full; retry later")
-                } else {
-                    AppError::internal(format!("cannot stage a STOW-RS part: {e}"))
-                }
-            })?;
-            let (into, part) = part;
-            staging = Some(into);
+            let staging = staging.clone();
+            let part = tokio::task::spawn_blocking(move || staging.stage(part))
+                .await
+                .map_err(|e| AppError::internal(e.to_string()))?
+                .map_err(|e| staging_error(&e))?;
             staged.push(part);
         }
         if staged_some {
@@ -606,28 +597,42 @@ fn query_of(
     Ok((q, ignored))
 }
 
+/// The answer when a STOW-RS part cannot be written aside.
+fn staging_error(e: &std::io::Error) -> AppError {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        AppError::overloaded("the DICOM spool's file system is full; retry later")
+    } else {
+        AppError::internal(format!("cannot stage a STOW-RS part: {e}"))
+    }
+}
+
 /// Values of a query key, at most this many (a list longer than any real query is refused).
 const MAX_KEY_VALUES: usize = 256;
 
 /// The values of a CS key (`Modality=CT,MR`, wildcards `*` and `?`).
 fn codes(key: &str, value: &str) -> Result<Vec<String>, AppError> {
-    let values: Vec<String> = value
-        .split([',', '\\'])
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map(str::to_owned)
-        .collect();
-    if values.len() > MAX_KEY_VALUES {
-        return Err(AppError::bad_request(format!(
-            "{}: more than {MAX_KEY_VALUES} values",
-            printable(key)
-        )));
-    }
+    let values = key_values(key, value)?;
     if let Some(bad) = values.iter().find(|v| !qido::is_code_pattern(v)) {
         return Err(AppError::bad_request(format!(
             "{}={:?} is not a code string (upper-case letters, digits, _ and the wildcards * ?)",
             printable(key),
             printable(bad)
+        )));
+    }
+    Ok(values.into_iter().map(str::to_owned).collect())
+}
+
+/// The values of a key (`Key=a,b` or `Key=a\b`), at most [`MAX_KEY_VALUES`].
+fn key_values<'v>(key: &str, value: &'v str) -> Result<Vec<&'v str>, AppError> {
+    let values: Vec<&str> = value
+        .split([',', '\\'])
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    if values.len() > MAX_KEY_VALUES {
+        return Err(AppError::bad_request(format!(
+            "{}: more than {MAX_KEY_VALUES} values",
+            printable(key)
         )));
     }
     Ok(values)
@@ -672,18 +677,7 @@ fn date_range(key: &str, value: &str) -> Result<(Option<String>, Option<String>)
 
 /// The values of an IS key (`SeriesNumber=1,2`).
 fn numbers(key: &str, value: &str) -> Result<Vec<i64>, AppError> {
-    let values: Vec<&str> = value
-        .split([',', '\\'])
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .collect();
-    if values.len() > MAX_KEY_VALUES {
-        return Err(AppError::bad_request(format!(
-            "{}: more than {MAX_KEY_VALUES} values",
-            printable(key)
-        )));
-    }
-    values
+    key_values(key, value)?
         .iter()
         .map(|v| {
             v.parse::<i64>()
@@ -775,28 +769,26 @@ fn is(n: u64) -> Value {
     json!({"vr": "IS", "Value": [n]})
 }
 
-/// `{"vr": vr, "Value": [v]}`, or the attribute without a value when `v` is unknown (a
+/// `{"vr": vr, "Value": values}`, or the attribute without a value when there is none (a
 /// QIDO-RS response lists its return keys either way).
-fn text(vr: &str, v: Option<&str>) -> Value {
-    match v {
-        Some(v) => json!({"vr": vr, "Value": [v]}),
-        None => json!({ "vr": vr }),
+fn attribute<T: serde::Serialize>(vr: &str, values: &[T]) -> Value {
+    if values.is_empty() {
+        json!({ "vr": vr })
+    } else {
+        json!({"vr": vr, "Value": values})
     }
+}
+
+fn text(vr: &str, v: Option<&str>) -> Value {
+    attribute(vr, v.as_slice())
 }
 
 fn number(vr: &str, v: Option<i64>) -> Value {
-    match v {
-        Some(v) => json!({"vr": vr, "Value": [v]}),
-        None => json!({ "vr": vr }),
-    }
+    attribute(vr, v.as_slice())
 }
 
 fn study_json(r: &qido::StudyRow) -> Value {
-    let modalities = if r.modalities.is_empty() {
-        json!({"vr": "CS"})
-    } else {
-        json!({"vr": "CS", "Value": r.modalities})
-    };
+    let modalities = attribute("CS", &r.modalities);
     json!({
         "00080020": text("DA", r.study_date.as_deref()),
         "00080030": text("TM", r.study_time.as_deref()),

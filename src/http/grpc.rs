@@ -134,8 +134,8 @@ impl http_body::Body for DeadlineBody {
             return Poll::Ready(frame);
         }
         if this.sleep.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Some(Err(axum::Error::new(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
+            // A `Status` in the error's chain is what tonic answers with.
+            return Poll::Ready(Some(Err(axum::Error::new(Status::deadline_exceeded(
                 format!(
                     "the request message did not arrive within {} ms",
                     this.timeout.as_millis()

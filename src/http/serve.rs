@@ -30,6 +30,22 @@ pub struct ConnectionLimits {
     pub nodelay: bool,
 }
 
+impl ConnectionLimits {
+    /// Sets the header deadline and the HTTP/2 keep-alive on `builder` (this loop's, and
+    /// axum-server's for the TLS listener).
+    pub fn configure(&self, builder: &mut auto::Builder<TokioExecutor>) {
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(self.http2_keep_alive))
+            .keep_alive_timeout(self.http2_keep_alive);
+    }
+}
+
 impl Default for ConnectionLimits {
     fn default() -> Self {
         ConnectionLimits {
@@ -53,15 +69,7 @@ pub async fn serve(
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(limits.http2_keep_alive))
-        .keep_alive_timeout(limits.http2_keep_alive);
+    limits.configure(&mut builder);
     let service = hyper_util::service::TowerToHyperService::new(app);
     tokio::pin!(shutdown);
     loop {

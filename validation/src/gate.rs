@@ -51,8 +51,8 @@ fn find<'m>(metrics: &'m Metrics, c: &GateCriterion) -> Option<&'m Metric> {
 /// One side of the minimum-sample rule: the count the gate reads and, when it is short, why.
 struct Count {
     has: usize,
-    /// `needs at least {min} …`, given the minimum.
-    short: Box<dyn Fn(u64) -> String>,
+    /// What follows `needs at least {min} ` in the reason ("positive rows, has 2").
+    short: String,
 }
 
 /// The gate's minimum-sample rule as two criteria, `min_positives` and `min_negatives`, listed
@@ -75,7 +75,7 @@ fn sample_criteria(
             max: None,
             observed: Some(count.has as f64),
             passed,
-            reason: (!passed).then(|| (count.short)(min)),
+            reason: (!passed).then(|| format!("needs at least {min} {}", count.short)),
             description: match declared {
                 Some(_) => format!("[validation] {key} of the bundle"),
                 None => format!("default {key} (docs/validation.md)"),
@@ -109,11 +109,11 @@ pub fn check(spec: &ValidationSpec, version: Option<u64>, metrics: &Metrics) -> 
         spec,
         Count {
             has: pos,
-            short: Box::new(move |min| format!("needs at least {min} positive rows, has {pos}")),
+            short: format!("positive rows, has {pos}"),
         },
         Count {
             has: neg,
-            short: Box::new(move |min| format!("needs at least {min} negative rows, has {neg}")),
+            short: format!("negative rows, has {neg}"),
         },
     );
     check_with(spec, version, sample, |c| find(metrics, c))
@@ -141,21 +141,17 @@ pub fn check_multiclass(
         spec,
         Count {
             has: fewest.0,
-            short: Box::new(move |min| {
-                format!(
-                    "needs at least {min} rows of each class present, class {:?} has {}",
-                    fewest.1, fewest.0
-                )
-            }),
+            short: format!(
+                "rows of each class present, class {:?} has {}",
+                fewest.1, fewest.0
+            ),
         },
         Count {
             has: outside.0,
-            short: Box::new(move |min| {
-                format!(
-                    "needs at least {min} rows outside each class present, class {:?} has {}",
-                    outside.1, outside.0
-                )
-            }),
+            short: format!(
+                "rows outside each class present, class {:?} has {}",
+                outside.1, outside.0
+            ),
         },
     );
     check_with(spec, version, sample, |c| {
