@@ -13,7 +13,8 @@ use bytes::Buf;
 use dicom_ul::association::server::{AccessControl, AsyncServerAssociation};
 use dicom_ul::association::{Association, AsyncAssociation};
 use dicom_ul::pdu::{
-    AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
+    AbortRQServiceProviderReason, AbortRQSource, AssociationRJ, AssociationRJResult,
+    AssociationRJServiceProviderASCEReason, AssociationRJServiceProviderPresentationReason,
     AssociationRJServiceUserReason, AssociationRJSource, PDataValue, PDataValueType,
     PresentationContextResultReason, UserIdentity,
 };
@@ -352,6 +353,77 @@ impl Scp {
     }
 }
 
+/// The fixed fields of an A-ASSOCIATE-RQ after its PDU header (PS3.8 9.3.2): protocol version,
+/// reserved, called and calling AE titles, reserved.
+const A_ASSOCIATE_RQ_FIXED: u32 = 2 + 2 + 16 + 16 + 32;
+
+/// `stream` and a second handle of the same socket (a duplicated descriptor).
+fn with_spare(stream: TcpStream) -> std::io::Result<(TcpStream, std::net::TcpStream)> {
+    let stream = stream.into_std()?;
+    let spare = stream.try_clone()?;
+    Ok((TcpStream::from_std(stream)?, spare))
+}
+
+/// The protocol version field of the A-ASSOCIATE-RQ that opens the connection, read without
+/// taking it off the socket (dicom-ul reads it next); `None` when the first PDU is something
+/// else or the peer closed first. Waits (briefly, in steps) while fewer than its first eight
+/// bytes have arrived; the caller bounds the wait.
+///
+/// PS3.8 9.3.2: "a receiver of this PDU implementing only this version of the DICOM UL
+/// protocol shall only test that bit 0 is set". dicom-ul compares the whole field with 1 and
+/// rejects anything else with the service user's "no reason given", so a request without
+/// bit 0 is answered here before dicom-ul sees it, with the reason PS3.8 9.3.4 gives
+/// (rejected-permanent, service provider (ACSE), protocol-version-not-supported). A field
+/// with bit 0 and others set is still dicom-ul's to reject (no implementation sends one).
+async fn opening_version(stream: &TcpStream, max_pdu_length: u32) -> Option<u16> {
+    let mut head = [0u8; 8];
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let n = stream.peek(&mut head).await.ok()?;
+        if n == 0 || head[0] != 0x01 {
+            return None;
+        }
+        if n >= 6 {
+            // A length dicom-ul refuses: its error answers it (A-ABORT), not the version.
+            let len = u32::from_be_bytes([head[2], head[3], head[4], head[5]]);
+            if len > max_pdu_length || len < A_ASSOCIATE_RQ_FIXED {
+                return None;
+            }
+        }
+        if n == head.len() {
+            return Some(u16::from_be_bytes([head[6], head[7]]));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// The A-ABORT reason for a request dicom-ul could not read (PS3.8 9.3.8, state Sta2 event 19): `None` when there is nobody
+/// to tell (the connection closed, or failed) or dicom-ul answered itself.
+fn abort_reason(e: &dicom_ul::association::Error) -> Option<AbortRQServiceProviderReason> {
+    use dicom_ul::association::Error as E;
+    use dicom_ul::pdu::ReadError as R;
+    match e {
+        E::ReceivePdu { source, .. } => match source {
+            R::ReadPdu { .. } | R::NoPduAvailable { .. } => None,
+            _ => Some(AbortRQServiceProviderReason::InvalidPduParameter),
+        },
+        _ => None,
+    }
+}
+
+/// Writes `pdu` (bounded by `limit`) and closes the connection.
+async fn answer_and_close(mut stream: TcpStream, pdu: &Pdu, limit: Duration) {
+    let mut buf = Vec::new();
+    if dicom_ul::write_pdu(&mut buf, pdu).is_ok() {
+        let _ = tokio::time::timeout(limit, async {
+            stream.write_all(&buf).await?;
+            stream.shutdown().await
+        })
+        .await;
+    }
+}
+
 /// Reads the A-ASSOCIATE-RQ (bounded) and answers A-ASSOCIATE-RJ transient, local limit
 /// exceeded.
 async fn reject_busy(mut stream: TcpStream, config: &ScpConfig) {
@@ -474,16 +546,58 @@ async fn serve_association(
     for ts in sop::TRANSFER_SYNTAXES {
         options = options.with_transfer_syntax(*ts);
     }
-    let mut association = match tokio::time::timeout(
-        config.association_timeout,
-        options.establish_async(stream),
-    )
-    .await
+    let deadline = tokio::time::Instant::now() + config.association_timeout;
+    // A second descriptor of the same socket: dicom-ul drops the stream when it cannot parse
+    // the request, and PS3.8 (state Sta2, event 19) answers an invalid PDU with an A-ABORT,
+    // which is written on this one (dropped as soon as the association stands, so that the
+    // connection closes with it).
+    let (stream, spare) = match with_spare(stream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            association_outcome("not_established");
+            tracing::warn!(%peer, error = %e, "DICOM association not established: socket not usable");
+            return;
+        }
+    };
+    if let Ok(Some(version)) =
+        tokio::time::timeout_at(deadline, opening_version(&stream, config.max_pdu_length)).await
+        && version & 1 == 0
     {
-        Ok(Ok(a)) => a,
+        association_outcome("not_established");
+        tracing::info!(%peer, version, "DICOM association rejected: protocol version not supported");
+        let rj = Pdu::AssociationRJ(AssociationRJ {
+            result: AssociationRJResult::Permanent,
+            source: AssociationRJSource::ServiceProviderASCE(
+                AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported,
+            ),
+        });
+        answer_and_close(stream, &rj, config.idle_timeout).await;
+        let rejected = DicomEvent::AssociationRejected {
+            peer,
+            reason: "protocol_version",
+        };
+        Reporter::send(&events, rejected).await;
+        return;
+    }
+    let mut association = match tokio::time::timeout_at(deadline, options.establish_async(stream))
+        .await
+    {
+        Ok(Ok(a)) => {
+            drop(spare);
+            a
+        }
         Ok(Err(e)) => {
             association_outcome("not_established");
             tracing::info!(%peer, error = %error_summary(&e), "DICOM association not established");
+            if let Some(reason) = abort_reason(&e) {
+                let abort = Pdu::AbortRQ {
+                    source: AbortRQSource::ServiceProvider(reason),
+                };
+                match TcpStream::from_std(spare) {
+                    Ok(spare) => answer_and_close(spare, &abort, config.idle_timeout).await,
+                    Err(e) => tracing::warn!(%peer, error = %e, "A-ABORT not sent"),
+                }
+            }
             let rejected = DicomEvent::AssociationRejected {
                 peer,
                 reason: "not_established",

@@ -15,7 +15,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use dicom_ul::pdu::{
-    AbortRQSource, AssociationRJResult, AssociationRJServiceUserReason, AssociationRJSource,
+    AbortRQServiceProviderReason, AbortRQSource, AssociationRJResult,
+    AssociationRJServiceProviderASCEReason, AssociationRJServiceUserReason, AssociationRJSource,
     PDataValueType, Pdu,
 };
 use proptest::prelude::*;
@@ -28,6 +29,36 @@ fn valid_rq() -> Vec<u8> {
 
 fn is_accept(answer: &Answer) -> bool {
     matches!(answer, Answer::Pdu(Pdu::AssociationAC(_)))
+}
+
+/// An A-ABORT from the service provider, invalid-PDU-parameter-value (PS3.8 9.3.8).
+fn is_invalid_pdu_abort(answer: &Answer) -> bool {
+    matches!(
+        answer,
+        Answer::Pdu(Pdu::AbortRQ {
+            source: AbortRQSource::ServiceProvider(
+                AbortRQServiceProviderReason::InvalidPduParameter
+            )
+        })
+    )
+}
+
+/// Sends `bytes` in pieces of the given sizes (then the rest), pausing between them, and
+/// reads one PDU back.
+fn trickle(addr: SocketAddr, bytes: &[u8], pieces: &[usize]) -> Answer {
+    use std::io::Write;
+    let mut socket = std::net::TcpStream::connect(addr).unwrap();
+    socket.set_nodelay(true).unwrap();
+    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut at = 0;
+    for &n in pieces {
+        socket.write_all(&bytes[at..at + n]).unwrap();
+        socket.flush().unwrap();
+        at += n;
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    socket.write_all(&bytes[at..]).unwrap();
+    read_answer(&mut socket)
 }
 
 fn is_abort_or_close(answer: &Answer) -> bool {
@@ -45,9 +76,10 @@ async fn malformed_association_requests_are_refused_and_the_server_goes_on() {
     tokio::task::spawn_blocking(move || {
         let valid = valid_rq();
 
-        // Not DICOM at all: the first six bytes read as a PDU type and a huge length.
+        // Not DICOM at all: the first six bytes read as a PDU type and a huge length. An
+        // invalid PDU where an A-ASSOCIATE-RQ is awaited: A-ABORT (PS3.8 Sta2, event 19).
         let answer = exchange(addr, b"GET / HTTP/1.1\r\nHost: pacs\r\n\r\n", false);
-        assert!(is_abort_or_close(&answer), "HTTP request: {answer:?}");
+        assert!(is_invalid_pdu_abort(&answer), "HTTP request: {answer:?}");
         echo(addr);
 
         // A declared PDU length of 0xFFFFFFF0, then a megabyte: refused on the header, not
@@ -76,8 +108,31 @@ async fn malformed_association_requests_are_refused_and_the_server_goes_on() {
         item[76] = 0xFF;
         item[77] = 0xFF;
         let answer = exchange(addr, &item, true);
-        assert!(is_abort_or_close(&answer), "item past the end: {answer:?}");
+        assert!(
+            is_invalid_pdu_abort(&answer),
+            "item past the end: {answer:?}"
+        );
         echo(addr);
+
+        // A presentation context item shorter than its fixed fields.
+        let mut rq = valid.clone();
+        let pc = 74
+            + rq[74..]
+                .windows(2)
+                .position(|w| w == [0x20, 0x00])
+                .expect("a presentation context item after the application context");
+        rq[pc + 2] = 0x00;
+        rq[pc + 3] = 0x01;
+        let answer = exchange(addr, &rq, false);
+        assert!(
+            is_invalid_pdu_abort(&answer),
+            "short context item: {answer:?}"
+        );
+        echo(addr);
+
+        // A valid request trickled in pieces smaller than its fixed header: accepted.
+        let answer = trickle(addr, &valid, &[1, 3, 7]);
+        assert!(is_accept(&answer), "trickled RQ: {answer:?}");
 
         // A P-DATA-TF before any association: A-ABORT (unexpected PDU).
         let answer = exchange(
@@ -109,14 +164,25 @@ async fn malformed_association_requests_are_refused_and_the_server_goes_on() {
         );
         echo(addr);
 
-        // A protocol version the server does not speak: rejected permanently.
-        let mut rq = associate_rq(&[(CT, EXPLICIT_LE)]);
-        rq.protocol_version = 2;
-        let answer = exchange(addr, &pdu_bytes(&Pdu::AssociationRQ(rq)), false);
-        let Answer::Pdu(Pdu::AssociationRJ(rj)) = answer else {
-            panic!("protocol version 2: {answer:?}");
-        };
-        assert_eq!(rj.result, AssociationRJResult::Permanent);
+        // A protocol version without bit 0 (version 1, the only one there is): rejected
+        // permanently by the service provider (ACSE), protocol-version-not-supported.
+        for version in [0, 2, 0x8000] {
+            let mut rq = associate_rq(&[(CT, EXPLICIT_LE)]);
+            rq.protocol_version = version;
+            let answer = exchange(addr, &pdu_bytes(&Pdu::AssociationRQ(rq)), false);
+            let Answer::Pdu(Pdu::AssociationRJ(rj)) = answer else {
+                panic!("protocol version {version}: {answer:?}");
+            };
+            assert_eq!(rj.result, AssociationRJResult::Permanent);
+            assert_eq!(
+                rj.source,
+                AssociationRJSource::ServiceProviderASCE(
+                    AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported
+                ),
+                "protocol version {version}"
+            );
+        }
+        echo(addr);
 
         // Another application context than DICOM's: rejected, with that reason.
         let mut rq = associate_rq(&[(CT, EXPLICIT_LE)]);
