@@ -41,8 +41,8 @@ pub struct ServeArgs {
     /// Unset: ort's own lookup (ORT_DYLIB_PATH, then the library path).
     #[arg(long, env = "NIGHTINGALE_ORT_LIBRARY")]
     pub ort_library: Option<PathBuf>,
-    /// Whose kernels run 2-D convolutions and max pooling on the tract engine: Nightingale's
-    /// (2-2.4x faster on the image bundles) or tract's own. [default: nightingale]
+    /// Whose kernels run 2-D convolutions, max pooling and strided slices on the tract engine:
+    /// Nightingale's (2.5-4x faster on the image bundles) or tract's own. [default: nightingale]
     #[arg(long, env = "NIGHTINGALE_TRACT_KERNELS", value_enum)]
     pub tract_kernels: Option<TractKernelsArg>,
     /// Largest request body in bytes. [default: 67108864]

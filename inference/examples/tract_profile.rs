@@ -39,6 +39,11 @@ fn run() -> TractResult<()> {
         typed
     };
     // KERNELS=nightingale: Nightingale's convolution and max pool instead of tract's.
+    let mut typed = typed;
+    if std::env::var("PASS").is_ok_and(|v| v == "first") {
+        let n = nightingale_inference::use_nightingale_kernels(&mut typed)?;
+        println!("{n} nodes on Nightingale's kernels before declutter");
+    }
     let mut typed = typed.into_decluttered()?;
     if std::env::var("KERNELS").is_ok_and(|v| v == "nightingale") {
         let n = nightingale_inference::use_nightingale_kernels(&mut typed)?;

@@ -34,6 +34,18 @@ const FIXTURES: &[(&str, usize)] = &[
     ("maxpool_dilated", 1),
     // Three convolutions and two pools; the first plane (70 × 70) is wider than one product.
     ("small_cnn", 5),
+    // The direct convolution's geometries (strides 1 and 2, no dilation).
+    ("conv_stride_1x2_co7", 1),
+    ("conv7x7_stride2_pad3", 1),
+    ("conv_pads_wider_than_kernel", 1),
+    ("conv_many_channels", 1),
+    // im2col + product: dilated on a plane wider than one product, and a stride of 3.
+    ("conv_dilation2_wide_plane", 1),
+    ("conv_stride3", 1),
+    // Slices with steps (tract's Downsample): two flips, a flip after a transpose, every
+    // second row, every third column; the flip by two steps stays tract's, and tract runs the
+    // flip that starts inside the axis as a slice of the first flip.
+    ("slice_steps", 5),
 ];
 
 fn data_dir() -> PathBuf {

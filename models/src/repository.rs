@@ -37,7 +37,7 @@ pub struct RepositoryOptions {
     pub execution_provider: ExecutionProvider,
     /// ONNX Runtime shared library (ort backend); `None`: ort's own lookup (`ORT_DYLIB_PATH`).
     pub ort_library: Option<PathBuf>,
-    /// tract only: whose convolution and max-pool kernels run (Nightingale's by default).
+    /// tract only: whose convolution, max-pool and strided-slice kernels run (Nightingale's by default).
     pub tract_kernels: TractKernels,
     /// Which bundle signatures are trusted, and whether one is required.
     pub signatures: SignaturePolicy,

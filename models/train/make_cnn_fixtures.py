@@ -52,6 +52,16 @@ class Graph:
         )
         return y
 
+    def slice(self, x, start, end, axis, step):
+        names = []
+        for part, value in (("starts", start), ("ends", end), ("axes", axis), ("steps", step)):
+            n = self.name(part)
+            self.inits.append(numpy_helper.from_array(np.array([value], dtype=np.int64), n))
+            names.append(n)
+        y = self.name("slice")
+        self.nodes.append(helper.make_node("Slice", [x, *names], [y]))
+        return y
+
     def op(self, kind, x, **attrs):
         y = self.name(kind.lower())
         self.nodes.append(helper.make_node(kind, [x], [y], **attrs))
@@ -127,6 +137,51 @@ def cases():
     y = g.op("Relu", g.conv(y, 8, 8, (3, 3), strides=[2, 2], pads=[1, 1, 1, 1]))
     g.output(g.op("GlobalAveragePool", y))
     yield "small_cnn", g, (1, 70, 70)
+
+    # The direct convolution (strides 1 and 2, no dilation): one stride per axis, output
+    # channels not a multiple of its block, a non-square kernel.
+    g = Graph(5, 9, 12)
+    g.output(g.conv("x", 5, 7, (3, 2), strides=[1, 2], pads=[0, 1, 2, 0]))
+    yield "conv_stride_1x2_co7", g, (5, 9, 12)
+
+    # A ResNet stem: 7 x 7, stride 2, padding 3, with a ReLU.
+    g = Graph(3, 23, 19)
+    g.output(g.op("Relu", g.conv("x", 3, 13, (7, 7), strides=[2, 2], pads=[3, 3, 3, 3])))
+    yield "conv7x7_stride2_pad3", g, (3, 23, 19)
+
+    # Padding wider than the kernel, on a plane smaller than the kernel's reach.
+    g = Graph(2, 5, 4)
+    g.output(g.conv("x", 2, 3, (3, 3), strides=[2, 2], pads=[4, 4, 3, 5]))
+    yield "conv_pads_wider_than_kernel", g, (2, 5, 4)
+
+    # Many channels on a small plane.
+    g = Graph(40, 6, 5)
+    g.output(g.op("Relu", g.conv("x", 40, 50, (3, 3), pads=[1, 1, 1, 1])))
+    yield "conv_many_channels", g, (40, 6, 5)
+
+    # im2col + product (dilated), on a plane wider than one product: bands of rows.
+    g = Graph(1, 65, 64)
+    g.output(g.conv("x", 1, 1, (3, 3), dilations=[2, 2], pads=[2, 2, 2, 2]))
+    yield "conv_dilation2_wide_plane", g, (1, 65, 64)
+
+    # A stride of 3: im2col + product.
+    g = Graph(3, 13, 11)
+    g.output(g.conv("x", 3, 5, (3, 3), strides=[3, 3], pads=[1, 1, 1, 1]))
+    yield "conv_stride3", g, (3, 13, 11)
+
+    # Slices with steps, as tract runs them (Downsample): flips of the last and an inner axis,
+    # every second row from the second, every third column; a flip by two steps stays tract's
+    # (one that starts inside the axis becomes tract's slice of the first flip).
+    big = 2**62
+    g = Graph(2, 7, 9)
+    g.output(g.slice("x", -1, -big, 3, -1))
+    g.output(g.slice("x", -1, -big, 2, -1))
+    g.output(g.slice("x", 1, big, 2, 2))
+    g.output(g.slice("x", 0, big, 3, 3))
+    g.output(g.op("Relu", g.slice(g.op("Transpose", "x", perm=[0, 1, 3, 2]), -1, -big, 3, -1)))
+    g.output(g.slice("x", -1, -big, 3, -2))
+    g.output(g.slice("x", -3, -big, 3, -1))
+    yield "slice_steps", g, (2, 7, 9)
 
 
 def short(v):

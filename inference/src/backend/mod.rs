@@ -215,7 +215,7 @@ pub struct LoadOptions {
     /// lookup (its `ORT_DYLIB_PATH` variable, then the system library path). Only the first
     /// ort load in a process chooses the library.
     pub ort_library: Option<std::path::PathBuf>,
-    /// tract only: whose convolution and max-pool kernels run.
+    /// tract only: whose convolution, max-pool and strided-slice kernels run.
     pub tract_kernels: TractKernels,
 }
 

@@ -2,8 +2,8 @@
 //!
 //! Loading parses the ONNX file with Nightingale's extra ONNX-ML operators registered
 //! ([`register_onnx_ml_ops`]), turns unknown leading input dimensions into the symbol `N` so the
-//! model accepts any batch, puts Nightingale's convolution and max-pool kernels in place of
-//! tract's ([`use_nightingale_kernels`], unless [`TractKernels::Tract`] is asked for), then
+//! model accepts any batch, puts Nightingale's convolution, max-pool and strided-slice kernels in
+//! place of tract's ([`use_nightingale_kernels`], unless [`TractKernels::Tract`] is asked for), then
 //! optimises and plans it once. Each instance owns only its
 //! per-call state; the plan is shared.
 
@@ -24,6 +24,7 @@ use crate::error::InferenceError;
 use crate::tensor::{DataType, NamedTensor, Tensor};
 
 mod declared;
+mod direct;
 mod kernels;
 mod ml_ops;
 

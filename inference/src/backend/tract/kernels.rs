@@ -1,14 +1,18 @@
-//! Nightingale's own kernels for the two operators that dominate small image CNNs on tract:
-//! 2-D convolution (im2col into a plain matrix, then one `gemm` product per image) and 2-D max
-//! pooling. They replace tract's `Conv` and `MaxPool` nodes in the typed model before tract
-//! optimises it ([`use_nightingale_kernels`]); everything else stays tract's.
+//! Nightingale's own kernels for the operators that dominate small image CNNs on tract: 2-D
+//! convolution (a direct convolution with explicit SIMD for strides of 1 and 2 without
+//! dilation, `direct.rs`; im2col into a plain matrix and one `gemm` product per image for the
+//! rest), 2-D max pooling, and the strided and reversed slices (tract's `Downsample`) a model
+//! uses to look at an image in several orientations. They replace tract's nodes in the typed
+//! model before tract optimises it ([`use_nightingale_kernels`]); everything else stays
+//! tract's.
 //!
 //! Why by hand: tract 0.23.9 plans a model with a symbolic batch `N` through its eager im2col,
-//! which packs one element at a time (2.6 ns per element on the image-orientation model), and
-//! its `MaxPool` walks a generic patch iterator (0.7 ms for one 16 × 128 × 128 plane set on
-//! the lesion model, 20 % of the whole model). The matrix product itself is ndarray's
-//! (`matrixmultiply`, safe to call, 35–45 GMAC/s on these shapes on one core here); what is
-//! written here is the data movement around it (docs/performance.md §16.2).
+//! which packs one element at a time (2.6 ns per element on the image-orientation model), its
+//! `MaxPool` walks a generic patch iterator (0.7 ms for one 16 × 128 × 128 plane set on the
+//! lesion model, 20 % of the whole model), and its `Downsample` copies through a strided
+//! ndarray view element by element (80 µs for a 56 × 56 flip). The im2col path's product is
+//! ndarray's (`matrixmultiply`, 35–45 GMAC/s on these shapes on one core here; the direct
+//! convolution avoids its matrix and its packing, docs/performance.md §16.2, §19).
 //!
 //! Each image of a batch is computed on its own, with the same shapes whatever the batch
 //! size, so a row's answer is the same bits whether it runs alone or batched with others.
@@ -19,6 +23,7 @@ use std::sync::Arc;
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
+use tract_onnx::tract_core::ops::Downsample;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cnn::conv::Conv;
 use tract_onnx::tract_core::ops::cnn::{MaxPool, PoolSpec};
@@ -54,6 +59,9 @@ pub fn use_nightingale_kernels(model: &mut TypedModel) -> TractResult<usize> {
             }
         } else if let Some(pool) = node.op_as::<MaxPool>() {
             PlaneMaxPool::for_node(model, node, pool)?
+                .map(|op| TypedModelPatch::replace_single_op(model, node, &node.inputs[0..1], op))
+        } else if let Some(down) = node.op_as::<Downsample>() {
+            AxisStep::for_node(model, node, down)?
                 .map(|op| TypedModelPatch::replace_single_op(model, node, &node.inputs[0..1], op))
         } else {
             None
@@ -195,6 +203,9 @@ pub struct GemmConv {
     bias: Arc<Vec<f32>>,
     /// Whether a ReLU follows (fused here).
     relu: bool,
+    /// The weights packed for the direct convolution, when its geometry is one it takes
+    /// (`direct.rs`); otherwise im2col + a product.
+    direct: Option<Arc<super::direct::Packed>>,
 }
 
 impl Eq for GemmConv {}
@@ -239,11 +250,17 @@ impl GemmConv {
             n if n == co => bias_values,
             n => bail!("bias has {n} values for {co} output channels"),
         };
+        let direct = super::direct::applies(
+            (spec.stride(0), spec.stride(1)),
+            (spec.dilation(0), spec.dilation(1)),
+        )
+        .then(|| Arc::new(super::direct::Packed::new(&weights, co, ci * kh * kw)));
         Ok(Some(GemmConv {
             pool_spec: spec.clone(),
             weights: Arc::new(weights),
             bias: Arc::new(bias),
             relu: false,
+            direct,
         }))
     }
 
@@ -387,17 +404,52 @@ impl EvalOp for GemmConv {
         let p = Plane::of(&self.pool_spec, h, w)?;
         let co = self.pool_spec.output_channels;
         let (k, n) = (self.k(), p.oh * p.ow);
-        let mut output = vec![0f32; batch * co * n];
         ensure!(
             ci * h * w > 0,
             "convolution of an empty {ci} x {h} x {w} image"
         );
         if batch == 0 || n == 0 || co == 0 {
-            let output = tensor(&[batch, co, p.oh, p.ow], output)?;
+            let output = Tensor::zero::<f32>(&[batch, co, p.oh, p.ow])?;
             return Ok(tvec!(output.into_tvalue()));
         }
         let input = input.try_as_plain_ram()?;
         let input = input.as_slice::<f32>()?;
+        if let Some(packed) = &self.direct {
+            let g = super::direct::Geometry {
+                ci,
+                co,
+                h,
+                w,
+                oh: p.oh,
+                ow: p.ow,
+                kh: p.kh,
+                kw: p.kw,
+                sy: p.sy,
+                sx: p.sx,
+                pad_top: p.pad_top,
+                pad_left: p.pad_left,
+            };
+            // Written straight into the output tensor (no second copy).
+            let mut output = Tensor::zero::<f32>(&[batch, co, p.oh, p.ow])?;
+            let mut view = output.try_as_plain_ram_mut()?;
+            let out = view.as_slice_mut::<f32>()?;
+            for (image, out) in input
+                .chunks_exact(ci * h * w)
+                .zip(out.chunks_exact_mut(co * n))
+            {
+                super::direct::convolve(
+                    super::direct::Isa::Best,
+                    &g,
+                    packed,
+                    &self.bias,
+                    self.relu,
+                    image,
+                    out,
+                );
+            }
+            return Ok(tvec!(output.into_tvalue()));
+        }
+        let mut output = vec![0f32; batch * co * n];
         // No product has more than GROUP_COLUMNS columns (output points), so the column
         // buffer stays under k × GROUP_COLUMNS values (or k × one output row) whatever the
         // plane and the batch.
@@ -547,16 +599,16 @@ impl EvalOp for PlaneMaxPool {
         let p = Plane::of(&self.pool_spec, h, w)?;
         let input = input.try_as_plain_ram()?;
         let input = input.as_slice::<f32>()?;
-        let mut output = vec![0f32; batch * c * p.oh * p.ow];
+        let mut output = Tensor::zero::<f32>(&[batch, c, p.oh, p.ow])?;
         if p.oh * p.ow > 0 && h * w > 0 {
+            let mut view = output.try_as_plain_ram_mut()?;
             for (plane, out) in input
                 .chunks_exact(h * w)
-                .zip(output.chunks_exact_mut(p.oh * p.ow))
+                .zip(view.as_slice_mut::<f32>()?.chunks_exact_mut(p.oh * p.ow))
             {
                 max_pool_plane(plane, &p, out);
             }
         }
-        let output = tensor(&[batch, c, p.oh, p.ow], output)?;
         Ok(tvec!(output.into_tvalue()))
     }
 }
@@ -566,6 +618,122 @@ impl TypedOp for PlaneMaxPool {
         ensure!(inputs[0].datum_type == f32::datum_type());
         let shape = self.pool_spec.output_shape(&inputs[0].shape)?;
         Ok(tvec!(f32::fact(shape.shape)))
+    }
+
+    as_op!();
+}
+
+/// tract's `Downsample` (every `stride`-th element of one axis from `modulo`, or the axis
+/// reversed: how its ONNX front end runs a `Slice` with steps, e.g. the flips of a model that
+/// looks at an image in several orientations) on f32, as block copies: tract's own goes
+/// through a strided ndarray view element by element (about 25 ns an element on a 56 × 56
+/// plane, performance §19).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AxisStep {
+    axis: usize,
+    /// At least 1, or -1 (with `modulo` 0: the axis reversed).
+    stride: isize,
+    modulo: usize,
+}
+
+impl AxisStep {
+    fn for_node(
+        model: &TypedModel,
+        node: &TypedNode,
+        down: &Downsample,
+    ) -> TractResult<Option<Self>> {
+        let input = model.outlet_fact(node.inputs[0])?;
+        let taken = input.datum_type == f32::datum_type()
+            && down.axis < input.rank()
+            && (down.stride >= 1 || (down.stride == -1 && down.modulo == 0));
+        Ok(taken.then_some(AxisStep {
+            axis: down.axis,
+            stride: down.stride,
+            modulo: down.modulo,
+        }))
+    }
+
+    /// How many elements of an axis of `d` are kept.
+    fn kept(&self, d: usize) -> usize {
+        if self.stride < 0 {
+            d
+        } else {
+            d.saturating_sub(self.modulo).div_ceil(self.stride as usize)
+        }
+    }
+
+    /// The input index of output index `j` along the axis (of `d` elements).
+    fn source(&self, j: usize, d: usize) -> usize {
+        if self.stride < 0 {
+            d - 1 - j
+        } else {
+            self.modulo + j * self.stride as usize
+        }
+    }
+}
+
+impl Op for AxisStep {
+    fn name(&self) -> StaticName {
+        "NightingaleDownsample".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for AxisStep {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let shape: TVec<usize> = input.shape().into();
+        ensure!(
+            self.axis < shape.len(),
+            "axis {} of a rank {} tensor",
+            self.axis,
+            shape.len()
+        );
+        let d = shape[self.axis];
+        let outer: usize = shape[..self.axis].iter().product();
+        let inner: usize = shape[self.axis + 1..].iter().product();
+        let kept = self.kept(d);
+        let mut out_shape = shape.clone();
+        out_shape[self.axis] = kept;
+        let mut output = Tensor::zero::<f32>(&out_shape)?;
+        if kept * outer * inner > 0 {
+            let input = input.try_as_plain_ram()?;
+            let input = input.as_slice::<f32>()?;
+            let mut view = output.try_as_plain_ram_mut()?;
+            let out = view.as_slice_mut::<f32>()?;
+            for (src, dst) in input
+                .chunks_exact(d * inner)
+                .zip(out.chunks_exact_mut(kept * inner))
+            {
+                if inner == 1 && self.stride == -1 {
+                    dst.copy_from_slice(src);
+                    dst.reverse();
+                    continue;
+                }
+                for (j, block) in dst.chunks_exact_mut(inner).enumerate() {
+                    let i = self.source(j, d);
+                    block.copy_from_slice(&src[i * inner..][..inner]);
+                }
+            }
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for AxisStep {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs[0].datum_type == f32::datum_type());
+        let mut shape: TVec<TDim> = inputs[0].shape.iter().cloned().collect();
+        let d = shape[self.axis].clone();
+        shape[self.axis] = if self.stride < 0 {
+            d
+        } else {
+            (d - self.modulo as i64).div_ceil(self.stride as u64)
+        };
+        Ok(tvec!(f32::fact(shape)))
     }
 
     as_op!();
