@@ -942,3 +942,176 @@ async fn wado_rs_retrieves_an_instance_as_stored() {
         assert_eq!(s, status, "{uri}: {v}");
     }
 }
+
+/// The parts of a `multipart/related` body: each part's Content-Type and bytes.
+fn split_multipart(body: &[u8], boundary: &str) -> Vec<(String, Vec<u8>)> {
+    let delimiter = format!("--{boundary}");
+    let close = format!("--{boundary}--\r\n");
+    assert!(
+        body.ends_with(close.as_bytes()),
+        "the close delimiter ends the body"
+    );
+    let body = &body[..body.len() - close.len()];
+    let mut parts = Vec::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        assert!(
+            rest.starts_with(delimiter.as_bytes()),
+            "a part starts with the delimiter"
+        );
+        rest = &rest[delimiter.len() + 2..];
+        let headers_end = rest
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("the part's headers end");
+        let headers = String::from_utf8(rest[..headers_end].to_vec()).unwrap();
+        rest = &rest[headers_end + 4..];
+        // The part ends at the CRLF before the next delimiter (or at the end).
+        let next = format!("\r\n{delimiter}");
+        let end = rest
+            .windows(next.len())
+            .position(|w| w == next.as_bytes())
+            .unwrap_or(rest.len() - 2);
+        parts.push((headers, rest[..end].to_vec()));
+        rest = &rest[(end + 2).min(rest.len())..];
+    }
+    parts
+}
+
+#[tokio::test]
+async fn wado_rs_retrieves_a_study_and_a_series_as_stored() {
+    const SERIES_2: &str = "1.2.826.0.1.3680043.10.1383.9.1.2";
+    let server = Server::default();
+    let files = [
+        part10(STUDY, SERIES, &sop(1), 1),
+        part10(STUDY, SERIES, &sop(2), 2),
+        part10(STUDY, SERIES_2, &sop(3), 3),
+        part10(OTHER_STUDY, SERIES_2, &sop(4), 4),
+    ];
+    let body: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|f| ("application/dicom", f.as_slice()))
+        .collect();
+    let (s, v) = server.stow("/dicomweb/studies", multipart(&body)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // What the spool holds, by SOP instance UID.
+    let stored: std::collections::HashMap<String, Vec<u8>> = server
+        .spool
+        .instances()
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.sop_instance_uid.clone(), std::fs::read(&i.path).unwrap()))
+        .collect();
+
+    for (uri, expected) in [
+        (format!("/dicomweb/studies/{STUDY}"), vec![1, 2, 3]),
+        (
+            format!("/dicomweb/studies/{STUDY}/series/{SERIES}"),
+            vec![1, 2],
+        ),
+        (
+            format!("/dicomweb/studies/{STUDY}/series/{SERIES_2}"),
+            vec![3],
+        ),
+        (format!("/dicomweb/studies/{OTHER_STUDY}"), vec![4]),
+    ] {
+        let res = http::app(server.state.clone())
+            .oneshot(
+                Request::get(&uri)
+                    .header(
+                        header::ACCEPT,
+                        "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
+                    )
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{uri}");
+        let ct = res.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            ct.starts_with("multipart/related; type=\"application/dicom\""),
+            "{ct}"
+        );
+        let boundary = ct.rsplit_once("boundary=").unwrap().1.to_owned();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let parts = split_multipart(&body, &boundary);
+        let mut got: Vec<Vec<u8>> = parts
+            .iter()
+            .map(|(headers, bytes)| {
+                assert_eq!(
+                    headers,
+                    "Content-Type: application/dicom; transfer-syntax=1.2.840.10008.1.2.1"
+                );
+                bytes.clone()
+            })
+            .collect();
+        let mut want: Vec<Vec<u8>> = expected.iter().map(|n| stored[&sop(*n)].clone()).collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "{uri}: every instance, byte for byte");
+    }
+
+    // Another transfer syntax (no transcoding) or media type: 406; unknown study or series:
+    // 404; not a UID: 400.
+    for accept in [
+        "multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.4.50",
+        "application/dicom+json",
+    ] {
+        let (s, _, v) = server
+            .send(
+                Request::get(format!("/dicomweb/studies/{STUDY}"))
+                    .header(header::ACCEPT, accept)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::NOT_ACCEPTABLE, "{accept}: {v}");
+    }
+    for (uri, status) in [
+        ("/dicomweb/studies/1.2.3".to_owned(), StatusCode::NOT_FOUND),
+        (
+            format!("/dicomweb/studies/{OTHER_STUDY}/series/{SERIES}"),
+            StatusCode::NOT_FOUND,
+        ),
+        ("/dicomweb/studies/1.x".to_owned(), StatusCode::BAD_REQUEST),
+        (
+            format!("/dicomweb/studies/{STUDY}/series/..%2F"),
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let (s, v) = server.get(&uri).await;
+        assert_eq!(s, status, "{uri}: {v}");
+    }
+
+    // An instance purged after the lookup is left out of the stream, the rest still comes.
+    let one = server
+        .spool
+        .instances()
+        .unwrap()
+        .into_iter()
+        .find(|i| i.sop_instance_uid == sop(1))
+        .unwrap();
+    let res = http::app(server.state.clone())
+        .oneshot(
+            Request::get(format!("/dicomweb/studies/{STUDY}/series/{SERIES}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    std::fs::remove_file(&one.path).unwrap();
+    let ct = res.headers()[header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let boundary = ct.rsplit_once("boundary=").unwrap().1.to_owned();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let parts = split_multipart(&body, &boundary);
+    assert_eq!(parts.len(), 1);
+    assert_eq!(parts[0].1, stored[&sop(2)]);
+}

@@ -286,7 +286,9 @@ pub const ROUTES: &[RouteRule] = &[
     ),
     rule("GET", "/dicomweb/series", QIDO),
     rule("GET", "/dicomweb/instances", QIDO),
-    // WADO-RS retrieve of one instance (received or made by the pipeline).
+    // WADO-RS retrieve of a study, a series, one instance (received or made by the pipeline).
+    rule("GET", "/dicomweb/studies/{study}", QIDO),
+    rule("GET", "/dicomweb/studies/{study}/series/{series}", QIDO),
     rule(
         "GET",
         "/dicomweb/studies/{study}/series/{series}/instances/{sop}",

@@ -251,7 +251,14 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
             "/dicomweb/studies",
             post(dicomweb::stow).get(dicomweb::search_studies),
         )
-        .route("/dicomweb/studies/{study}", post(dicomweb::stow_study))
+        .route(
+            "/dicomweb/studies/{study}",
+            post(dicomweb::stow_study).get(wado::retrieve_study),
+        )
+        .route(
+            "/dicomweb/studies/{study}/series/{series}",
+            get(wado::retrieve_series),
+        )
         .route(
             "/dicomweb/studies/{study}/series",
             get(dicomweb::search_study_series),

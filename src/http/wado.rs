@@ -1,12 +1,14 @@
-//! WADO-RS retrieve of one instance:
+//! WADO-RS retrieve of a study, a series or one instance:
+//! `GET /dicomweb/studies/{study}`, `GET /dicomweb/studies/{study}/series/{series}`,
 //! `GET /dicomweb/studies/{study}/series/{series}/instances/{sop}` (roles `pacs`, `admin`,
 //! `researcher`, like QIDO-RS).
 //!
-//! The instance is looked up in the DICOM spool (what PACS sent) and then among the DICOM
-//! pipeline's result objects (the SR and SC it made), and answered as PS3.18 asks:
-//! `multipart/related; type="application/dicom"` with one part, the Part 10 file as stored
-//! (no transcoding: a request for another transfer syntax gets 406). The file is streamed
-//! from disk in 64 KiB chunks, never read whole into memory.
+//! Instances are looked up in the DICOM spool (what PACS sent) and among the DICOM pipeline's
+//! result objects (the SR and SC it made), and answered as PS3.18 asks:
+//! `multipart/related; type="application/dicom"`, one part per instance, each the Part 10 file
+//! as stored (no transcoding: a request for another transfer syntax gets 406). Files are
+//! streamed from disk in 64 KiB chunks, one open at a time, never read whole into memory; an
+//! instance purged between the lookup and its turn in the stream is left out.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -128,6 +130,268 @@ fn find(state: &AppState, study: &str, series: &str, sop: &str) -> Result<Option
     Ok(None)
 }
 
+/// Every instance of `study` (of `series` in it, when given): the spool's, then the pipeline's
+/// result objects, each SOP instance once.
+fn find_all(state: &AppState, study: &str, series: Option<&str>) -> Result<Vec<Found>, AppError> {
+    use nightingale_dicom::qido::{MAX_LIMIT, Query};
+    let mut found = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    if let Some(web) = state.dicomweb() {
+        let mut query = Query {
+            study_uids: vec![study.to_owned()],
+            series_uids: series.map(str::to_owned).into_iter().collect(),
+            limit: Some(MAX_LIMIT),
+            ..Query::default()
+        };
+        loop {
+            let rows = web
+                .spool
+                .query_instances(&query)
+                .map_err(|e| AppError::internal(format!("spool index: {e}")))?;
+            let n = rows.len();
+            for row in rows {
+                let Some(s) = web
+                    .spool
+                    .instance(&row.study_uid, &row.series_uid, &row.sop_instance_uid)
+                    .map_err(|e| AppError::internal(format!("spool index: {e}")))?
+                else {
+                    continue;
+                };
+                if seen.insert(row.sop_instance_uid) {
+                    found.push(Found {
+                        path: s.path,
+                        transfer_syntax: s.transfer_syntax,
+                        size: s.size,
+                        source: "spool",
+                    });
+                }
+            }
+            if n < MAX_LIMIT as usize {
+                break;
+            }
+            query.offset += n as u64;
+        }
+    }
+    if let Some(results) = state.results() {
+        let store = results.store.lock().unwrap_or_else(|p| p.into_inner());
+        let jobs = store
+            .jobs_of_study(study)
+            .map_err(|e| AppError::internal(format!("results store: {e}")))?;
+        for job in jobs {
+            let objects = store
+                .objects_of_job(job.id)
+                .map_err(|e| AppError::internal(format!("results store: {e}")))?;
+            for o in objects {
+                if series.is_some_and(|s| s != o.series_uid) || !seen.insert(o.sop_instance_uid) {
+                    continue;
+                }
+                let path = results.dir.join(&o.path);
+                let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                found.push(Found {
+                    path,
+                    transfer_syntax: nightingale_dicom::results::EXPLICIT_VR_LITTLE_ENDIAN.into(),
+                    size,
+                    source: "results",
+                });
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// `GET /dicomweb/studies/{study}`.
+pub(crate) async fn retrieve_study(
+    State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
+    Path(study): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    retrieve_many(state, caller, study, None, headers).await
+}
+
+/// `GET /dicomweb/studies/{study}/series/{series}`.
+pub(crate) async fn retrieve_series(
+    State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
+    Path((study, series)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    retrieve_many(state, caller, study, Some(series), headers).await
+}
+
+/// The checks every retrieve makes first: DICOMweb on, the UIDs well formed, an acceptable
+/// media type. `Err` is the answer.
+fn precheck(
+    state: &AppState,
+    uids: &[(&str, &str)],
+    headers: &HeaderMap,
+) -> Result<Vec<Option<String>>, AppError> {
+    if state.dicomweb().is_none() && state.results().is_none() {
+        return Err(AppError::not_found(
+            "DICOMweb is off: it runs over the DICOM spool, which --dicom-spool, --dicom-port or --dicom-addr turns on",
+        ));
+    }
+    for (what, uid) in uids {
+        if !valid_uid(uid) {
+            return Err(AppError::bad_request(format!(
+                "the {what} UID is not a UID (1-64 digits and dots)"
+            )));
+        }
+    }
+    accepted_syntaxes(headers).map_err(|why| AppError::new(StatusCode::NOT_ACCEPTABLE, why))
+}
+
+async fn retrieve_many(
+    state: Arc<AppState>,
+    caller: Option<Extension<Caller>>,
+    study: String,
+    series: Option<String>,
+    headers: HeaderMap,
+) -> Response {
+    let mut uids = vec![("study", study.as_str())];
+    if let Some(s) = &series {
+        uids.push(("series", s.as_str()));
+    }
+    let wanted = match precheck(&state, &uids, &headers) {
+        Ok(w) => w,
+        Err(e) => return e.into_response(),
+    };
+    let lookup = {
+        let state = state.clone();
+        let (study, series) = (study.clone(), series.clone());
+        tokio::task::spawn_blocking(move || find_all(&state, &study, series.as_deref())).await
+    };
+    let found = match lookup {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => return e.into_response(),
+        Err(e) => return AppError::internal(e.to_string()).into_response(),
+    };
+    if found.is_empty() {
+        let what = if series.is_some() { "series" } else { "study" };
+        return AppError::not_found(format!("no such {what}")).into_response();
+    }
+    let mut refused: Vec<&str> = found
+        .iter()
+        .map(|f| f.transfer_syntax.as_str())
+        .filter(|ts| !wanted.iter().any(|w| w.as_deref().is_none_or(|w| w == *ts)))
+        .collect();
+    if !refused.is_empty() {
+        refused.sort_unstable();
+        refused.dedup();
+        return AppError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            format!(
+                "instances are stored as {} and are not transcoded",
+                refused.join(", ")
+            ),
+        )
+        .into_response();
+    }
+    let caller = caller.as_ref().map_or("anonymous", |c| c.0.id.as_str());
+    let bytes: u64 = found.iter().map(|f| f.size).sum();
+    tracing::info!(
+        caller,
+        study = %uid_tag(&study),
+        series = series.as_deref().map(uid_tag).unwrap_or_default(),
+        instances = found.len(),
+        bytes,
+        "WADO-RS: {} retrieved",
+        if series.is_some() { "series" } else { "study" }
+    );
+    for f in &found {
+        metrics::counter!("nightingale_dicomweb_retrieved_total", "source" => f.source)
+            .increment(1);
+    }
+    let boundary = format!(
+        "nightingale-{}",
+        uid_tag(&format!(
+            "{study}/{}/{}",
+            series.as_deref().unwrap_or(""),
+            found.len()
+        ))
+    );
+    let content_type =
+        format!("multipart/related; type=\"application/dicom\"; boundary={boundary}");
+    let body = Body::from_stream(stream_files(boundary, found));
+    let mut response = (StatusCode::OK, body).into_response();
+    if let Ok(v) = HeaderValue::from_str(&content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    response
+}
+
+/// Where a multi-part body is.
+struct Parts {
+    boundary: String,
+    files: std::vec::IntoIter<Found>,
+    current: Option<tokio::fs::File>,
+    done: bool,
+}
+
+/// The multipart body of several files: per file its part headers, the file in chunks and
+/// the CRLF before the next delimiter; then the close delimiter. A file gone since the
+/// lookup (purged) is left out; any other read error ends the body early (the client sees
+/// a body without its close delimiter).
+fn stream_files(
+    boundary: String,
+    files: Vec<Found>,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send {
+    let parts = Parts {
+        boundary,
+        files: files.into_iter(),
+        current: None,
+        done: false,
+    };
+    futures_util::stream::unfold(parts, |mut st| async move {
+        loop {
+            if let Some(file) = &mut st.current {
+                let mut buf = vec![0u8; CHUNK];
+                return match file.read(&mut buf).await {
+                    Ok(0) => {
+                        st.current = None;
+                        Some((Ok(Bytes::from_static(b"\r\n")), st))
+                    }
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Some((Ok(Bytes::from(buf)), st))
+                    }
+                    Err(e) => {
+                        st.current = None;
+                        st.done = true;
+                        Some((Err(e), st))
+                    }
+                };
+            }
+            if st.done {
+                return None;
+            }
+            let Some(next) = st.files.next() else {
+                st.done = true;
+                let close = Bytes::from(format!("--{}--\r\n", st.boundary));
+                return Some((Ok(close), st));
+            };
+            match tokio::fs::File::open(&next.path).await {
+                Ok(file) => {
+                    st.current = Some(file);
+                    let head = Bytes::from(format!(
+                        "--{}\r\nContent-Type: application/dicom; transfer-syntax={}\r\n\r\n",
+                        st.boundary, next.transfer_syntax
+                    ));
+                    return Some((Ok(head), st));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::warn!("WADO-RS: an instance was purged while its study was sent");
+                    continue;
+                }
+                Err(e) => {
+                    st.done = true;
+                    return Some((Err(e), st));
+                }
+            }
+        }
+    })
+}
+
 /// `GET /dicomweb/studies/{study}/series/{series}/instances/{sop}`.
 pub(crate) async fn retrieve_instance(
     State(state): State<Arc<AppState>>,
@@ -135,27 +399,14 @@ pub(crate) async fn retrieve_instance(
     Path((study, series, sop)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if state.dicomweb().is_none() && state.results().is_none() {
-        return AppError::not_found(
-            "DICOMweb is off: it runs over the DICOM spool, which --dicom-spool, --dicom-port or --dicom-addr turns on",
-        )
-        .into_response();
-    }
-    for (what, uid) in [
-        ("study", &study),
-        ("series", &series),
-        ("SOP instance", &sop),
-    ] {
-        if !valid_uid(uid) {
-            return AppError::bad_request(format!(
-                "the {what} UID is not a UID (1-64 digits and dots)"
-            ))
-            .into_response();
-        }
-    }
-    let wanted = match accepted_syntaxes(&headers) {
+    let uids = [
+        ("study", study.as_str()),
+        ("series", series.as_str()),
+        ("SOP instance", sop.as_str()),
+    ];
+    let wanted = match precheck(&state, &uids, &headers) {
         Ok(w) => w,
-        Err(why) => return AppError::new(StatusCode::NOT_ACCEPTABLE, why).into_response(),
+        Err(e) => return e.into_response(),
     };
     let lookup = {
         let state = state.clone();

@@ -333,3 +333,50 @@ def test_a_study_url_refuses_instances_of_another_study(server, sent, tmp_path):
     assert ds.SOPInstanceUID not in server.index()
     response = client.store_instances(datasets=[ds], study_instance_uid=ds.StudyInstanceUID)
     assert response.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+
+
+ANY_SYNTAX = (("application/dicom", "*"),)
+
+
+def test_wado_rs_retrieves_every_study_and_series_as_sent(server, sent):
+    """dicomweb-client's retrieve_study and retrieve_series get back every instance it stored,
+    each in the transfer syntax it was sent in and equal to it element by element (pydicom);
+    nothing of another study or series comes with them."""
+    client = DICOMwebClient(url=server.url)
+    by_study: dict[str, dict[str, pydicom.Dataset]] = {}
+    for ds in sent:
+        by_study.setdefault(ds.StudyInstanceUID, {})[ds.SOPInstanceUID] = ds
+    for study, expected in by_study.items():
+        got = {ds.SOPInstanceUID: ds for ds in client.retrieve_study(study, media_types=ANY_SYNTAX)}
+        assert set(expected) <= set(got), study
+        assert {ds.StudyInstanceUID for ds in got.values()} == {study}
+        # Other tests of this module may store more instances of the same study; the server
+        # lists exactly what it sends.
+        assert len(got) == len(client.search_for_instances(study_instance_uid=study))
+        for uid, ds in expected.items():
+            assert got[uid].file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+            assert _equal_datasets(ds, got[uid]) == [], uid
+        for series in {ds.SeriesInstanceUID for ds in expected.values()}:
+            part = client.retrieve_series(study, series, media_types=ANY_SYNTAX)
+            assert {ds.SeriesInstanceUID for ds in part} == {series}
+            want = {u for u, ds in expected.items() if ds.SeriesInstanceUID == series}
+            assert want <= {ds.SOPInstanceUID for ds in part}
+
+
+def test_wado_rs_refuses_what_it_cannot_send(server, sent):
+    study = sent[0].StudyInstanceUID
+    base = f"{server.url}/studies"
+    r = requests.get(f"{base}/{generate_uid()}", timeout=HTTP_TIMEOUT_S)
+    assert r.status_code == 404, r.text
+    r = requests.get(f"{base}/not-a-uid", timeout=HTTP_TIMEOUT_S)
+    assert r.status_code == 400, r.text
+    # A transfer syntax some of the study's instances are not stored in: no transcoding.
+    syntaxes = {ds.file_meta.TransferSyntaxUID for ds in sent if ds.StudyInstanceUID == study}
+    other = "1.2.840.10008.1.2.4.50" if "1.2.840.10008.1.2.4.50" not in syntaxes else "1.2.840.10008.1.2"
+    r = requests.get(
+        f"{base}/{study}",
+        headers={"Accept": f'multipart/related; type="application/dicom"; transfer-syntax={other}'},
+        timeout=HTTP_TIMEOUT_S,
+    )
+    assert r.status_code == 406, r.text
+    assert requests.get(f"{server.url}/studies", timeout=HTTP_TIMEOUT_S).status_code == 200

@@ -142,3 +142,17 @@ def test_orthanc_stores_searches_and_retrieves_over_dicomweb(peers):
     assert len(hits) == 1, hits
     got = pydicom.dcmread(BytesIO(orthanc.get(f"/instances/{hits[0]}/file").content))
     assert _equal_datasets(other, got) == []
+
+    # WADO-RS of a whole study and of a series (Orthanc's retrieve by Study, then by Series),
+    # after Orthanc forgot the instance: it comes back equal each time.
+    for resource in ({"Study": other.StudyInstanceUID},
+                     {"Study": other.StudyInstanceUID, "Series": other.SeriesInstanceUID}):
+        r = requests.delete(f"{orthanc.url}/instances/{hits[0]}", timeout=HTTP_TIMEOUT_S)
+        assert r.status_code == 200, r.text
+        post_json(orthanc, "/dicom-web/servers/nightingale/retrieve",
+                  {"Resources": [resource], "Synchronous": True})
+        hits = post_json(orthanc, "/tools/find", {
+            "Level": "Instance", "Query": {"SOPInstanceUID": other.SOPInstanceUID}})
+        assert len(hits) == 1, (resource, hits)
+        got = pydicom.dcmread(BytesIO(orthanc.get(f"/instances/{hits[0]}/file").content))
+        assert _equal_datasets(other, got) == [], resource
