@@ -864,25 +864,7 @@ async fn wado_rs_retrieves_an_instance_as_stored() {
         Some("multipart/related; type=\"application/dicom\"; transfer-syntax=*"),
         Some("multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.1"),
     ] {
-        let mut req = Request::get(&uri);
-        if let Some(a) = accept {
-            req = req.header(header::ACCEPT, a);
-        }
-        let res = http::app(server.state.clone())
-            .oneshot(req.body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(res.status(), StatusCode::OK, "{accept:?}");
-        let ct = res.headers()[header::CONTENT_TYPE]
-            .to_str()
-            .unwrap()
-            .to_owned();
-        assert!(
-            ct.starts_with("multipart/related; type=\"application/dicom\""),
-            "{ct}"
-        );
-        let boundary = ct.rsplit_once("boundary=").unwrap().1.to_owned();
-        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let (boundary, body) = multipart_answer(retrieve(&server, &uri, accept).await).await;
         // One part: its headers, the file byte for byte, the close delimiter.
         let head = format!(
             "--{boundary}\r\nContent-Type: application/dicom; transfer-syntax=1.2.840.10008.1.2.1\r\n\r\n"
@@ -941,6 +923,36 @@ async fn wado_rs_retrieves_an_instance_as_stored() {
         let (s, v) = server.get(&uri).await;
         assert_eq!(s, status, "{uri}: {v}");
     }
+}
+
+/// A GET through the router, with `accept` as its Accept header when given.
+async fn retrieve(server: &Server, uri: &str, accept: Option<&str>) -> axum::response::Response {
+    let mut req = Request::get(uri);
+    if let Some(a) = accept {
+        req = req.header(header::ACCEPT, a);
+    }
+    http::app(server.state.clone())
+        .oneshot(req.body(Body::empty()).unwrap())
+        .await
+        .unwrap()
+}
+
+/// The boundary and the body of a 200 `multipart/related; type="application/dicom"` answer.
+async fn multipart_answer(res: axum::response::Response) -> (String, Bytes) {
+    assert_eq!(res.status(), StatusCode::OK);
+    let ct = res.headers()[header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        ct.starts_with("multipart/related; type=\"application/dicom\""),
+        "{ct}"
+    );
+    let boundary = ct.rsplit_once("boundary=").unwrap().1.to_owned();
+    (
+        boundary,
+        res.into_body().collect().await.unwrap().to_bytes(),
+    )
 }
 
 /// The parts of a `multipart/related` body: each part's Content-Type and bytes.
@@ -1015,29 +1027,8 @@ async fn wado_rs_retrieves_a_study_and_a_series_as_stored() {
         ),
         (format!("/dicomweb/studies/{OTHER_STUDY}"), vec![4]),
     ] {
-        let res = http::app(server.state.clone())
-            .oneshot(
-                Request::get(&uri)
-                    .header(
-                        header::ACCEPT,
-                        "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
-                    )
-                    .body(Body::empty())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(res.status(), StatusCode::OK, "{uri}");
-        let ct = res.headers()[header::CONTENT_TYPE]
-            .to_str()
-            .unwrap()
-            .to_owned();
-        assert!(
-            ct.starts_with("multipart/related; type=\"application/dicom\""),
-            "{ct}"
-        );
-        let boundary = ct.rsplit_once("boundary=").unwrap().1.to_owned();
-        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let accept = "multipart/related; type=\"application/dicom\"; transfer-syntax=*";
+        let (boundary, body) = multipart_answer(retrieve(&server, &uri, Some(accept)).await).await;
         let parts = split_multipart(&body, &boundary);
         let mut got: Vec<Vec<u8>> = parts
             .iter()
@@ -1095,22 +1086,14 @@ async fn wado_rs_retrieves_a_study_and_a_series_as_stored() {
         .into_iter()
         .find(|i| i.sop_instance_uid == sop(1))
         .unwrap();
-    let res = http::app(server.state.clone())
-        .oneshot(
-            Request::get(format!("/dicomweb/studies/{STUDY}/series/{SERIES}"))
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
+    let res = retrieve(
+        &server,
+        &format!("/dicomweb/studies/{STUDY}/series/{SERIES}"),
+        None,
+    )
+    .await;
     std::fs::remove_file(&one.path).unwrap();
-    let ct = res.headers()[header::CONTENT_TYPE]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let boundary = ct.rsplit_once("boundary=").unwrap().1.to_owned();
-    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let (boundary, body) = multipart_answer(res).await;
     let parts = split_multipart(&body, &boundary);
     assert_eq!(parts.len(), 1);
     assert_eq!(parts[0].1, stored[&sop(2)]);

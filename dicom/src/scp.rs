@@ -398,8 +398,9 @@ async fn opening_version(stream: &TcpStream, max_pdu_length: u32) -> Option<u16>
     }
 }
 
-/// The A-ABORT reason for a request dicom-ul could not read (PS3.8 9.3.8, state Sta2 event 19): `None` when there is nobody
-/// to tell (the connection closed, or failed) or dicom-ul answered itself.
+/// The A-ABORT reason for a request dicom-ul could not read (PS3.8 9.3.8, state Sta2 event
+/// 19): `None` when there is nobody to tell (the connection closed, or failed) or dicom-ul
+/// answered itself.
 fn abort_reason(e: &dicom_ul::association::Error) -> Option<AbortRQServiceProviderReason> {
     use dicom_ul::association::Error as E;
     use dicom_ul::pdu::ReadError as R;
@@ -438,17 +439,13 @@ async fn reject_busy(mut stream: TcpStream, config: &ScpConfig) {
     let Ok(Ok(0x01)) = tokio::time::timeout(config.association_timeout, read_rq).await else {
         return;
     };
-    let mut buf = Vec::new();
     let rj = Pdu::AssociationRJ(AssociationRJ {
         result: AssociationRJResult::Transient,
         source: AssociationRJSource::ServiceProviderPresentation(
             AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
         ),
     });
-    if dicom_ul::write_pdu(&mut buf, &rj).is_ok() {
-        let _ = tokio::time::timeout(config.idle_timeout, stream.write_all(&buf)).await;
-        let _ = stream.shutdown().await;
-    }
+    answer_and_close(stream, &rj, config.idle_timeout).await;
 }
 
 /// The calling-AE allowlist, checked against the peer's address too.

@@ -184,6 +184,17 @@ impl Spool {
         Ok(rows.next().transpose()?)
     }
 
+    /// The instances of one study, by series, oldest arrival first (WADO-RS retrieve).
+    pub fn study_instances(&self, study_uid: &str) -> Result<Vec<Stored>, StoreError> {
+        let db = self.index();
+        let mut stmt = db.prepare_cached(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE study_uid = ?1
+             ORDER BY series_uid, received_at_ms, rowid"
+        ))?;
+        let rows = stmt.query_map([study_uid], |r| self.stored_row(r))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// The instances of one series, oldest arrival first.
     pub fn series_instances(
         &self,

@@ -43,6 +43,15 @@ fn is_invalid_pdu_abort(answer: &Answer) -> bool {
     )
 }
 
+/// `answer` is an A-ASSOCIATE-RJ, rejected-permanent, from `source` with its reason.
+fn assert_rejected_permanently(answer: Answer, source: AssociationRJSource) {
+    let Answer::Pdu(Pdu::AssociationRJ(rj)) = answer else {
+        panic!("expected an A-ASSOCIATE-RJ from {source:?}: {answer:?}");
+    };
+    assert_eq!(rj.result, AssociationRJResult::Permanent);
+    assert_eq!(rj.source, source);
+}
+
 /// Sends `bytes` in pieces of the given sizes (then the rest), pausing between them, and
 /// reads one PDU back.
 fn trickle(addr: SocketAddr, bytes: &[u8], pieces: &[usize]) -> Answer {
@@ -50,6 +59,7 @@ fn trickle(addr: SocketAddr, bytes: &[u8], pieces: &[usize]) -> Answer {
     let mut socket = std::net::TcpStream::connect(addr).unwrap();
     socket.set_nodelay(true).unwrap();
     socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+    socket.set_write_timeout(Some(TIMEOUT)).unwrap();
     let mut at = 0;
     for &n in pieces {
         socket.write_all(&bytes[at..at + n]).unwrap();
@@ -169,17 +179,11 @@ async fn malformed_association_requests_are_refused_and_the_server_goes_on() {
         for version in [0, 2, 0x8000] {
             let mut rq = associate_rq(&[(CT, EXPLICIT_LE)]);
             rq.protocol_version = version;
-            let answer = exchange(addr, &pdu_bytes(&Pdu::AssociationRQ(rq)), false);
-            let Answer::Pdu(Pdu::AssociationRJ(rj)) = answer else {
-                panic!("protocol version {version}: {answer:?}");
-            };
-            assert_eq!(rj.result, AssociationRJResult::Permanent);
-            assert_eq!(
-                rj.source,
+            assert_rejected_permanently(
+                exchange(addr, &pdu_bytes(&Pdu::AssociationRQ(rq)), false),
                 AssociationRJSource::ServiceProviderASCE(
-                    AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported
+                    AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported,
                 ),
-                "protocol version {version}"
             );
         }
         echo(addr);
@@ -187,16 +191,11 @@ async fn malformed_association_requests_are_refused_and_the_server_goes_on() {
         // Another application context than DICOM's: rejected, with that reason.
         let mut rq = associate_rq(&[(CT, EXPLICIT_LE)]);
         rq.application_context_name = "1.2.3.4".into();
-        let answer = exchange(addr, &pdu_bytes(&Pdu::AssociationRQ(rq)), false);
-        let Answer::Pdu(Pdu::AssociationRJ(rj)) = answer else {
-            panic!("application context: {answer:?}");
-        };
-        assert_eq!(rj.result, AssociationRJResult::Permanent);
-        assert_eq!(
-            rj.source,
+        assert_rejected_permanently(
+            exchange(addr, &pdu_bytes(&Pdu::AssociationRQ(rq)), false),
             AssociationRJSource::ServiceUser(
-                AssociationRJServiceUserReason::ApplicationContextNameNotSupported
-            )
+                AssociationRJServiceUserReason::ApplicationContextNameNotSupported,
+            ),
         );
         echo(addr);
 

@@ -95,6 +95,19 @@ struct Found {
     source: &'static str,
 }
 
+impl Found {
+    /// A result object of the DICOM pipeline (written in Explicit VR Little Endian).
+    fn result(path: PathBuf) -> Found {
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        Found {
+            path,
+            transfer_syntax: nightingale_dicom::results::EXPLICIT_VR_LITTLE_ENDIAN.into(),
+            size,
+            source: "results",
+        }
+    }
+}
+
 fn find(state: &AppState, study: &str, series: &str, sop: &str) -> Result<Option<Found>, AppError> {
     if let Some(web) = state.dicomweb()
         && let Some(s) = web
@@ -117,14 +130,7 @@ fn find(state: &AppState, study: &str, series: &str, sop: &str) -> Result<Option
             .object_path(study, series, sop)
             .map_err(|e| AppError::internal(format!("results store: {e}")))?;
         if let Some(relative) = path {
-            let path = results.dir.join(relative);
-            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            return Ok(Some(Found {
-                path,
-                transfer_syntax: nightingale_dicom::results::EXPLICIT_VR_LITTLE_ENDIAN.into(),
-                size,
-                source: "results",
-            }));
+            return Ok(Some(Found::result(results.dir.join(relative))));
         }
     }
     Ok(None)
@@ -133,43 +139,23 @@ fn find(state: &AppState, study: &str, series: &str, sop: &str) -> Result<Option
 /// Every instance of `study` (of `series` in it, when given): the spool's, then the pipeline's
 /// result objects, each SOP instance once.
 fn find_all(state: &AppState, study: &str, series: Option<&str>) -> Result<Vec<Found>, AppError> {
-    use nightingale_dicom::qido::{MAX_LIMIT, Query};
     let mut found = Vec::new();
     let mut seen = std::collections::HashSet::new();
     if let Some(web) = state.dicomweb() {
-        let mut query = Query {
-            study_uids: vec![study.to_owned()],
-            series_uids: series.map(str::to_owned).into_iter().collect(),
-            limit: Some(MAX_LIMIT),
-            ..Query::default()
-        };
-        loop {
-            let rows = web
-                .spool
-                .query_instances(&query)
-                .map_err(|e| AppError::internal(format!("spool index: {e}")))?;
-            let n = rows.len();
-            for row in rows {
-                let Some(s) = web
-                    .spool
-                    .instance(&row.study_uid, &row.series_uid, &row.sop_instance_uid)
-                    .map_err(|e| AppError::internal(format!("spool index: {e}")))?
-                else {
-                    continue;
-                };
-                if seen.insert(row.sop_instance_uid) {
-                    found.push(Found {
-                        path: s.path,
-                        transfer_syntax: s.transfer_syntax,
-                        size: s.size,
-                        source: "spool",
-                    });
-                }
+        let stored = match series {
+            Some(series) => web.spool.series_instances(study, series),
+            None => web.spool.study_instances(study),
+        }
+        .map_err(|e| AppError::internal(format!("spool index: {e}")))?;
+        for s in stored {
+            if seen.insert(s.sop_instance_uid) {
+                found.push(Found {
+                    path: s.path,
+                    transfer_syntax: s.transfer_syntax,
+                    size: s.size,
+                    source: "spool",
+                });
             }
-            if n < MAX_LIMIT as usize {
-                break;
-            }
-            query.offset += n as u64;
         }
     }
     if let Some(results) = state.results() {
@@ -185,14 +171,7 @@ fn find_all(state: &AppState, study: &str, series: Option<&str>) -> Result<Vec<F
                 if series.is_some_and(|s| s != o.series_uid) || !seen.insert(o.sop_instance_uid) {
                     continue;
                 }
-                let path = results.dir.join(&o.path);
-                let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                found.push(Found {
-                    path,
-                    transfer_syntax: nightingale_dicom::results::EXPLICIT_VR_LITTLE_ENDIAN.into(),
-                    size,
-                    source: "results",
-                });
+                found.push(Found::result(results.dir.join(&o.path)));
             }
         }
     }

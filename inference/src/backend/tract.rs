@@ -24,7 +24,6 @@ use crate::error::InferenceError;
 use crate::tensor::{DataType, NamedTensor, Tensor};
 
 mod declared;
-mod direct;
 mod kernels;
 mod ml_ops;
 

@@ -30,6 +30,8 @@ use tract_onnx::tract_core::ops::cnn::{MaxPool, PoolSpec};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 use tract_onnx::tract_hir::internal::*;
 
+mod direct;
+
 /// Replaces every 2-D f32 NCHW `Conv` (one group, constant kernel and bias) and every 2-D f32
 /// NCHW `MaxPool` without index output of `model` with Nightingale's kernels. Returns how many
 /// nodes were replaced.
@@ -205,7 +207,7 @@ pub struct GemmConv {
     relu: bool,
     /// The weights packed for the direct convolution, when its geometry is one it takes
     /// (`direct.rs`); otherwise im2col + a product.
-    direct: Option<Arc<super::direct::Packed>>,
+    direct: Option<Arc<direct::Packed>>,
 }
 
 impl Eq for GemmConv {}
@@ -250,11 +252,11 @@ impl GemmConv {
             n if n == co => bias_values,
             n => bail!("bias has {n} values for {co} output channels"),
         };
-        let direct = super::direct::applies(
+        let direct = direct::applies(
             (spec.stride(0), spec.stride(1)),
             (spec.dilation(0), spec.dilation(1)),
         )
-        .then(|| Arc::new(super::direct::Packed::new(&weights, co, ci * kh * kw)));
+        .then(|| Arc::new(direct::Packed::new(&weights, ci, co, kh * kw)));
         Ok(Some(GemmConv {
             pool_spec: spec.clone(),
             weights: Arc::new(weights),
@@ -415,38 +417,19 @@ impl EvalOp for GemmConv {
         let input = input.try_as_plain_ram()?;
         let input = input.as_slice::<f32>()?;
         if let Some(packed) = &self.direct {
-            let g = super::direct::Geometry {
-                ci,
-                co,
-                h,
-                w,
-                oh: p.oh,
-                ow: p.ow,
-                kh: p.kh,
-                kw: p.kw,
-                sy: p.sy,
-                sx: p.sx,
-                pad_top: p.pad_top,
-                pad_left: p.pad_left,
-            };
             // Written straight into the output tensor (no second copy).
             let mut output = Tensor::zero::<f32>(&[batch, co, p.oh, p.ow])?;
             let mut view = output.try_as_plain_ram_mut()?;
             let out = view.as_slice_mut::<f32>()?;
-            for (image, out) in input
-                .chunks_exact(ci * h * w)
-                .zip(out.chunks_exact_mut(co * n))
-            {
-                super::direct::convolve(
-                    super::direct::Isa::Best,
-                    &g,
-                    packed,
-                    &self.bias,
-                    self.relu,
-                    image,
-                    out,
-                );
-            }
+            direct::convolve(
+                direct::Isa::Best,
+                &p,
+                packed,
+                &self.bias,
+                self.relu,
+                input,
+                out,
+            );
             return Ok(tvec!(output.into_tvalue()));
         }
         let mut output = vec![0f32; batch * co * n];

@@ -12,8 +12,9 @@
 //! outputs: 12 of AVX2's 16 registers, leaving room for the inputs and the weight without
 //! spilling, which three vectors of four channels did) and, per input channel and tap, loads
 //! two vectors of input and broadcasts six weights from a layout packed for it: 12 fused
-//! multiply-adds for 8 loads. The SIMD is `pulp`'s (safe, dispatched at run time to AVX2/FMA or other targets; the
-//! workspace forbids `unsafe`), already in the dependency graph through candle's `gemm`.
+//! multiply-adds for 8 loads. The SIMD is `pulp`'s (safe, dispatched at run time to AVX2/FMA
+//! or other targets; the workspace forbids `unsafe`), already in the dependency graph through
+//! candle's `gemm`.
 //!
 //! Every image is computed on its own, with the same order of additions whatever the batch, so
 //! an image's answer is the same bits alone or batched.
@@ -21,6 +22,8 @@
 use std::cell::RefCell;
 
 use pulp::{Simd, WithSimd};
+
+use super::Plane;
 
 /// Vectors of outputs per block.
 const V: usize = 2;
@@ -34,14 +37,19 @@ pub fn applies(strides: (usize, usize), dilations: (usize, usize)) -> bool {
 /// four, which waste no channel on 16 or 32 of them, were not faster: performance §19).
 const OCB: usize = 6;
 
-/// Weights packed for the kernel: `[co / OCB][ci × kh × kw][OCB]`, the last block's missing
+/// Weights packed for the kernel: `[co / OCB][ci × taps][OCB]`, the last block's missing
 /// channels zero.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Packed(Vec<f32>);
+pub struct Packed {
+    values: Vec<f32>,
+    ci: usize,
+    co: usize,
+}
 
 impl Packed {
-    /// Packs `weights`, `[co, k]` row-major.
-    pub fn new(weights: &[f32], co: usize, k: usize) -> Packed {
+    /// Packs `weights`, `[co, ci × taps]` row-major.
+    pub fn new(weights: &[f32], ci: usize, co: usize, taps: usize) -> Packed {
+        let k = ci * taps;
         let blocks = co.div_ceil(OCB);
         let mut values = vec![0f32; blocks * k * OCB];
         for c in 0..co {
@@ -50,48 +58,19 @@ impl Packed {
                 values[(b * k + t) * OCB + j] = weights[c * k + t];
             }
         }
-        Packed(values)
+        Packed { values, ci, co }
     }
 }
 
-/// One image's convolution geometry (see [`super::kernels`]' `Plane`), reduced to what the
-/// direct path needs.
-#[derive(Debug, Clone, Copy)]
-pub struct Geometry {
-    pub ci: usize,
-    pub co: usize,
-    pub h: usize,
-    pub w: usize,
-    pub oh: usize,
-    pub ow: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub sy: usize,
-    pub sx: usize,
-    pub pad_top: usize,
-    pub pad_left: usize,
+/// The padded input rows and columns of `p` that are read.
+fn padded(p: &Plane) -> (usize, usize) {
+    ((p.oh - 1) * p.sy + p.kh, (p.ow - 1) * p.sx + p.kw)
 }
 
-impl Geometry {
-    /// The padded input rows and columns that are read.
-    fn padded(&self) -> (usize, usize) {
-        (
-            (self.oh - 1) * self.sy + self.kh,
-            (self.ow - 1) * self.sx + self.kw,
-        )
-    }
-
-    /// Rows and row pitch of every phase plane.
-    fn phase_dims(&self) -> (usize, usize) {
-        let (hp, wp) = self.padded();
-        (hp.div_ceil(self.sy), wp.div_ceil(self.sx))
-    }
-
-    /// Length of the flat output space that holds every output point.
-    fn flat_len(&self) -> usize {
-        let (_, pitch) = self.phase_dims();
-        (self.oh - 1) * pitch + self.ow
-    }
+/// Rows and row pitch of every phase plane.
+fn phase_dims(p: &Plane) -> (usize, usize) {
+    let (hp, wp) = padded(p);
+    (hp.div_ceil(p.sy), wp.div_ceil(p.sx))
 }
 
 thread_local! {
@@ -108,98 +87,106 @@ pub enum Isa {
     Scalar,
 }
 
-/// Convolves one image `input` (`[ci, h, w]`) into `out` (`[co, oh, ow]`): bias first, then the
-/// ReLU when `relu`.
+/// Convolves the images of `input` (`[batch, ci, h, w]`) into `out` (`[batch, co, oh, ow]`),
+/// one at a time: bias first, then the ReLU when `relu`. `p` has no dilation and strides of
+/// 1 or 2 ([`applies`]).
 pub fn convolve(
     isa: Isa,
-    g: &Geometry,
+    p: &Plane,
     packed: &Packed,
     bias: &[f32],
     relu: bool,
     input: &[f32],
     out: &mut [f32],
 ) {
-    debug_assert!(g.oh > 0 && g.ow > 0 && g.co > 0);
-    let (rows, pitch) = g.phase_dims();
-    let phases = g.sy * g.sx;
+    let (ci, co) = (packed.ci, packed.co);
+    debug_assert!(p.oh > 0 && p.ow > 0 && co > 0 && (p.dy, p.dx) == (1, 1));
+    let (rows, pitch) = phase_dims(p);
+    let phases = p.sy * p.sx;
     let plane = rows * pitch;
-    let flat = g.flat_len();
-    // Whole blocks of V vectors of the widest SIMD type read past the flat space's end.
+    // The flat output space that holds every output point, in whole blocks of V vectors of
+    // the widest SIMD type (they read past its end).
+    let flat = (p.oh - 1) * pitch + p.ow;
     let block = V * 16;
     let flat_padded = flat.div_ceil(block) * block;
-    let taps = g.kh * g.kw;
+    let taps = p.kh * p.kw;
     let offsets: Vec<usize> = (0..taps)
         .map(|t| {
-            let (ky, kx) = (t / g.kw, t % g.kw);
-            let phase = (ky % g.sy) * g.sx + kx % g.sx;
-            phase * plane + (ky / g.sy) * pitch + kx / g.sx
+            let (ky, kx) = (t / p.kw, t % p.kw);
+            let phase = (ky % p.sy) * p.sx + kx % p.sx;
+            phase * plane + (ky / p.sy) * pitch + kx / p.sx
         })
         .collect();
     let max_offset = offsets.iter().copied().max().unwrap_or(0);
     let channel = phases * plane;
     // Every read stays inside the buffer: the last input channel's last tap reads up to
     // `max_offset + flat_padded` past its start.
-    let needed = (g.ci - 1) * channel + max_offset + flat_padded;
+    let needed = ((ci - 1) * channel + max_offset + flat_padded).max(ci * channel);
+    let (hp, wp) = padded(p);
     BUFFERS.with_borrow_mut(|(src, dst)| {
-        src.clear();
-        src.resize(needed.max(g.ci * channel), 0.0);
-        let (hp, wp) = g.padded();
-        for c in 0..g.ci {
-            let image = &input[c * g.h * g.w..][..g.h * g.w];
-            let base = c * channel;
-            for y in 0..g.h {
-                let py = y + g.pad_top;
-                if py >= hp {
-                    break;
-                }
-                // The columns that land inside the padded plane, and where each phase's
-                // share of them starts.
-                let line = &image[y * g.w..][..g.w.min(wp - g.pad_left)];
-                let row = base + (py % g.sy) * g.sx * plane + (py / g.sy) * pitch;
-                if g.sx == 1 {
-                    src[row + g.pad_left..][..line.len()].copy_from_slice(line);
-                    continue;
-                }
-                for phase in 0..g.sx {
-                    // Input columns x with (x + pad_left) mod sx == phase.
-                    let first = (phase + g.sx - g.pad_left % g.sx) % g.sx;
-                    if first >= line.len() {
-                        continue;
-                    }
-                    let at = row + phase * plane + (first + g.pad_left) / g.sx;
-                    let values = line[first..].iter().step_by(g.sx);
-                    for (d, &v) in src[at..].iter_mut().zip(values) {
-                        *d = v;
-                    }
-                }
-            }
-        }
-        // Every value read back below is written by the kernel first.
-        let len = g.co.div_ceil(OCB) * OCB * flat_padded;
+        // Every value of `dst` read back below is written by the kernel first.
+        let len = co.div_ceil(OCB) * OCB * flat_padded;
         if dst.len() < len {
             dst.resize(len, 0.0);
         }
-        let kernel = Kernel {
-            src,
-            channel,
-            ci: g.ci,
-            offsets: &offsets,
-            packed: &packed.0,
-            bias,
-            co: g.co,
-            relu,
-            dst: &mut dst[..len],
-            flat_padded,
-        };
-        match isa {
-            Isa::Best => pulp::Arch::new().dispatch(kernel),
-            Isa::Scalar => kernel.with_simd(pulp::Scalar::new()),
-        }
-        for c in 0..g.co {
-            let from = &dst[c * flat_padded..];
-            let to = &mut out[c * g.oh * g.ow..][..g.oh * g.ow];
-            for (oy, row) in to.chunks_exact_mut(g.ow).enumerate() {
-                row.copy_from_slice(&from[oy * pitch..][..g.ow]);
+        for (image, out) in input
+            .chunks_exact(ci * p.h * p.w)
+            .zip(out.chunks_exact_mut(co * p.oh * p.ow))
+        {
+            src.clear();
+            src.resize(needed, 0.0);
+            for c in 0..ci {
+                let image = &image[c * p.h * p.w..][..p.h * p.w];
+                let base = c * channel;
+                for y in 0..p.h {
+                    let py = y + p.pad_top;
+                    if py >= hp {
+                        break;
+                    }
+                    // The columns that land inside the padded plane, and where each phase's
+                    // share of them starts.
+                    let line = &image[y * p.w..][..p.w.min(wp - p.pad_left)];
+                    let row = base + (py % p.sy) * p.sx * plane + (py / p.sy) * pitch;
+                    if p.sx == 1 {
+                        src[row + p.pad_left..][..line.len()].copy_from_slice(line);
+                        continue;
+                    }
+                    for phase in 0..p.sx {
+                        // Input columns x with (x + pad_left) mod sx == phase.
+                        let first = (phase + p.sx - p.pad_left % p.sx) % p.sx;
+                        if first >= line.len() {
+                            continue;
+                        }
+                        let at = row + phase * plane + (first + p.pad_left) / p.sx;
+                        let values = line[first..].iter().step_by(p.sx);
+                        for (d, &v) in src[at..].iter_mut().zip(values) {
+                            *d = v;
+                        }
+                    }
+                }
+            }
+            let kernel = Kernel {
+                src,
+                channel,
+                ci,
+                offsets: &offsets,
+                packed: &packed.values,
+                bias,
+                co,
+                relu,
+                dst: &mut dst[..len],
+                flat_padded,
+            };
+            match isa {
+                Isa::Best => pulp::Arch::new().dispatch(kernel),
+                Isa::Scalar => kernel.with_simd(pulp::Scalar::new()),
+            }
+            for c in 0..co {
+                let from = &dst[c * flat_padded..];
+                let to = &mut out[c * p.oh * p.ow..][..p.oh * p.ow];
+                for (oy, row) in to.chunks_exact_mut(p.ow).enumerate() {
+                    row.copy_from_slice(&from[oy * pitch..][..p.ow]);
+                }
             }
         }
     });
@@ -276,28 +263,35 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     /// The convolution by its definition (zero padding, one output at a time, f64 sums).
-    fn reference(g: &Geometry, weights: &[f32], bias: &[f32], relu: bool, x: &[f32]) -> Vec<f32> {
-        let mut out = vec![0f32; g.co * g.oh * g.ow];
-        for c in 0..g.co {
-            for oy in 0..g.oh {
-                for ox in 0..g.ow {
+    fn reference(
+        p: &Plane,
+        (ci, co): (usize, usize),
+        weights: &[f32],
+        bias: &[f32],
+        relu: bool,
+        x: &[f32],
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; co * p.oh * p.ow];
+        for c in 0..co {
+            for oy in 0..p.oh {
+                for ox in 0..p.ow {
                     let mut sum = bias[c] as f64;
-                    for i in 0..g.ci {
-                        for ky in 0..g.kh {
-                            for kx in 0..g.kw {
-                                let y = (oy * g.sy + ky) as isize - g.pad_top as isize;
-                                let xx = (ox * g.sx + kx) as isize - g.pad_left as isize;
-                                if y < 0 || xx < 0 || y >= g.h as isize || xx >= g.w as isize {
+                    for i in 0..ci {
+                        for ky in 0..p.kh {
+                            for kx in 0..p.kw {
+                                let y = (oy * p.sy + ky) as isize - p.pad_top as isize;
+                                let xx = (ox * p.sx + kx) as isize - p.pad_left as isize;
+                                if y < 0 || xx < 0 || y >= p.h as isize || xx >= p.w as isize {
                                     continue;
                                 }
-                                let w = weights[((c * g.ci + i) * g.kh + ky) * g.kw + kx];
-                                let v = x[(i * g.h + y as usize) * g.w + xx as usize];
+                                let w = weights[((c * ci + i) * p.kh + ky) * p.kw + kx];
+                                let v = x[(i * p.h + y as usize) * p.w + xx as usize];
                                 sum += w as f64 * v as f64;
                             }
                         }
                     }
                     let v = sum as f32;
-                    out[(c * g.oh + oy) * g.ow + ox] = if relu { v.max(0.0) } else { v };
+                    out[(c * p.oh + oy) * p.ow + ox] = if relu { v.max(0.0) } else { v };
                 }
             }
         }
@@ -321,9 +315,7 @@ mod tests {
         for (ci, co, h, w, kh, kw, sy, sx, pt, pl, pb, pr, relu) in cases {
             let oh = (h + pt + pb - kh) / sy + 1;
             let ow = (w + pl + pr - kw) / sx + 1;
-            let g = Geometry {
-                ci,
-                co,
+            let p = Plane {
                 h,
                 w,
                 oh,
@@ -332,6 +324,8 @@ mod tests {
                 kw,
                 sy,
                 sx,
+                dy: 1,
+                dx: 1,
                 pad_top: pt,
                 pad_left: pl,
             };
@@ -341,15 +335,15 @@ mod tests {
             let x: Vec<f32> = (0..ci * h * w)
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
-            let packed = Packed::new(&weights, co, k);
-            let expected = reference(&g, &weights, &bias, relu, &x);
+            let packed = Packed::new(&weights, ci, co, kh * kw);
+            let expected = reference(&p, (ci, co), &weights, &bias, relu, &x);
             for isa in [Isa::Best, Isa::Scalar] {
                 let mut out = vec![f32::NAN; co * oh * ow];
-                convolve(isa, &g, &packed, &bias, relu, &x, &mut out);
+                convolve(isa, &p, &packed, &bias, relu, &x, &mut out);
                 for (i, (a, e)) in out.iter().zip(&expected).enumerate() {
                     assert!(
                         (a - e).abs() <= 1e-5 * (1.0 + e.abs() * k as f32),
-                        "{g:?} {isa:?}: output {i} is {a}, expected {e}"
+                        "{p:?} {isa:?}: output {i} is {a}, expected {e}"
                     );
                 }
             }
