@@ -1,4 +1,4 @@
-"""Raw onnxruntime (1 intra-op thread, CPU) on an ONNX model: the median and mean of REPS
+"""Raw onnxruntime (1 intra-op thread, CPU) on an ONNX model: the median, mean and minimum of REPS
 calls after 5 warm-up calls, with the same input values as inference/examples/cnn_kernels.rs.
 
     .venv/bin/python benches/cnn/ort_time.py MODEL.onnx BATCH [REPS]
@@ -28,5 +28,5 @@ for _ in range(reps):
     times.append((time.perf_counter() - started) * 1e3)
 print(
     f"{path} batch {batch} onnxruntime {ort.__version__}: "
-    f"median {np.median(times):.3f} ms, mean {np.mean(times):.3f} ms"
+    f"median {np.median(times):.3f} ms, mean {np.mean(times):.3f} ms, min {np.min(times):.3f} ms"
 )

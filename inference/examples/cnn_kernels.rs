@@ -40,7 +40,14 @@ fn run() -> Result<(), Error> {
         .unwrap_or(30);
     for batch in batches {
         let mut outputs = vec![];
-        for kernels in [TractKernels::Nightingale, TractKernels::Tract] {
+        // NIGHTINGALE_ONLY=1: Nightingale's kernels alone (no comparison with tract's).
+        let only = std::env::var("NIGHTINGALE_ONLY").is_ok_and(|v| v == "1");
+        let sets: &[TractKernels] = if only {
+            &[TractKernels::Nightingale]
+        } else {
+            &[TractKernels::Nightingale, TractKernels::Tract]
+        };
+        for &kernels in sets {
             let options = LoadOptions {
                 backend: BackendKind::Tract,
                 tract_kernels: kernels,
@@ -73,14 +80,18 @@ fn run() -> Result<(), Error> {
             times.sort_by(f64::total_cmp);
             let mean = times.iter().sum::<f64>() / reps as f64;
             println!(
-                "{} batch {batch} {kernels:?}: median {:.3} ms, mean {mean:.3} ms",
+                "{} batch {batch} {kernels:?}: median {:.3} ms, mean {mean:.3} ms, min {:.3} ms",
                 path.display(),
-                times[reps / 2]
+                times[reps / 2],
+                times[0]
             );
             outputs.push(match &last[0].tensor {
                 Tensor::Fp32(a) => a.iter().copied().collect::<Vec<f32>>(),
                 _ => vec![],
             });
+        }
+        if only {
+            continue;
         }
         let diff = outputs[0]
             .iter()

@@ -46,6 +46,10 @@ const FIXTURES: &[(&str, usize)] = &[
     // second row, every third column; the flip by two steps stays tract's, and tract runs the
     // flip that starts inside the axis as a slice of the first flip.
     ("slice_steps", 5),
+    // A ResNet bottleneck declared for one image: tract makes the 1 × 1 convolutions matrix
+    // products and drops the batch axis of 1 through them; the 3 × 3 convolution is taken on
+    // its CHW planes.
+    ("bottleneck_chw", 1),
 ];
 
 fn data_dir() -> PathBuf {

@@ -29,9 +29,10 @@ def weights(name, shape):
 
 
 class Graph:
-    def __init__(self, channels, h, w):
+    def __init__(self, channels, h, w, batch="N"):
         self.nodes, self.inits, self.outputs = [], [], []
-        self.input = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, h, w])
+        self.batch = batch
+        self.input = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, channels, h, w])
         self.count = 0
 
     def name(self, prefix):
@@ -52,6 +53,24 @@ class Graph:
         )
         return y
 
+    def batch_norm(self, x, channels):
+        names = []
+        for part in ("scale", "bias", "mean", "var"):
+            n = self.name(part)
+            values = RNG.normal(0, 0.5, [channels]).astype(np.float32)
+            if part == "var":
+                values = np.abs(values) + 0.5
+            self.inits.append(numpy_helper.from_array(values, n))
+            names.append(n)
+        y = self.name("bn")
+        self.nodes.append(helper.make_node("BatchNormalization", [x, *names], [y]))
+        return y
+
+    def add(self, a, b):
+        y = self.name("add")
+        self.nodes.append(helper.make_node("Add", [a, b], [y]))
+        return y
+
     def slice(self, x, start, end, axis, step):
         names = []
         for part, value in (("starts", start), ("ends", end), ("axes", axis), ("steps", step)):
@@ -68,7 +87,7 @@ class Graph:
         return y
 
     def output(self, y):
-        self.outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, ["N", "C", "H", "W"]))
+        self.outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, [self.batch, "C", "H", "W"]))
 
     def model(self, name):
         graph = helper.make_graph(self.nodes, name, [self.input], self.outputs, self.inits)
@@ -183,6 +202,17 @@ def cases():
     g.output(g.slice("x", -3, -big, 3, -1))
     yield "slice_steps", g, (2, 7, 9)
 
+    # A ResNet bottleneck block declared for one image (a fixed batch of 1, as many exports
+    # are): 1 x 1, 3 x 3 and 1 x 1 convolutions without bias, each with a batch norm, the sum
+    # with the block's input, a ReLU. tract turns the 1 x 1 convolutions into matrix products
+    # and drops the batch axis of 1 through them: the 3 x 3 convolution runs on CHW planes.
+    g = Graph(16, 12, 11, batch=1)
+    y = g.op("Relu", g.batch_norm(g.conv("x", 16, 8, (1, 1), bias=False), 8))
+    y = g.op("Relu", g.batch_norm(g.conv(y, 8, 8, (3, 3), bias=False, pads=[1, 1, 1, 1]), 8))
+    y = g.batch_norm(g.conv(y, 8, 16, (1, 1), bias=False), 16)
+    g.output(g.op("Relu", g.add(y, "x")))
+    yield "bottleneck_chw", g, (16, 12, 11)
+
 
 def short(v):
     """An f32 as the shortest decimal that reads back as the same f32 (9 significant digits)."""
@@ -194,7 +224,8 @@ def main():
     for name, graph, item in cases():
         model = graph.model(name)
         onnx.save(model, OUT / f"{name}.onnx")
-        x = RNG.normal(0, 1, (BATCH, *item)).astype(np.float32)
+        batch = graph.batch if isinstance(graph.batch, int) else BATCH
+        x = RNG.normal(0, 1, (batch, *item)).astype(np.float32)
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         session = ort.InferenceSession(

@@ -121,15 +121,43 @@ fn relu_after(model: &TypedModel, node: &TypedNode) -> TractResult<Option<usize>
 
 /// Whether `spec` describes a 2-D NCHW pooling or convolution geometry these kernels take:
 /// a kernel of at least one tap, strides and dilations of at least one (anything else is
-/// left to tract, which refuses or handles it).
+/// left to tract, which refuses or handles it). `CHW` is NCHW without its batch axis (tract
+/// drops an axis of 1 when the batch is fixed at one row).
 fn is_nchw_2d(spec: &PoolSpec) -> bool {
-    spec.data_format == DataFormat::NCHW
+    matches!(spec.data_format, DataFormat::NCHW | DataFormat::CHW)
         && spec.rank() == 2
         && spec.kernel_shape.len() == 2
         && spec.kernel_shape.iter().all(|&k| k >= 1)
         && [spec.strides(), spec.dilations()]
             .iter()
             .all(|v| v.len() == 2 && v.iter().all(|&x| x >= 1))
+}
+
+/// Whether `fact` is an f32 input of `format` (NCHW or CHW) with known planes.
+fn has_planes(fact: &TypedFact, format: DataFormat) -> bool {
+    let rank = if format == DataFormat::CHW { 3 } else { 4 };
+    fact.datum_type == f32::datum_type()
+        && fact.rank() == rank
+        && fact.shape[rank - 2].to_usize().is_ok()
+        && fact.shape[rank - 1].to_usize().is_ok()
+}
+
+/// `[batch, channels, h, w]` of an input of `format` (NCHW, or CHW as a batch of one).
+fn nchw(shape: &[usize], format: DataFormat) -> TractResult<[usize; 4]> {
+    match (format, shape) {
+        (DataFormat::CHW, &[c, h, w]) => Ok([1, c, h, w]),
+        (DataFormat::NCHW, &[n, c, h, w]) => Ok([n, c, h, w]),
+        _ => bail!("a {format:?} input of shape {shape:?}"),
+    }
+}
+
+/// An output tensor of `format` for `[batch, channels, h, w]`, zeroed.
+fn planes_zeroed(format: DataFormat, [n, c, h, w]: [usize; 4]) -> TractResult<Tensor> {
+    if format == DataFormat::CHW {
+        Tensor::zero::<f32>(&[c, h, w])
+    } else {
+        Tensor::zero::<f32>(&[n, c, h, w])
+    }
 }
 
 /// The concrete geometry of one image: input and output planes, the kernel, strides,
@@ -226,12 +254,9 @@ impl GemmConv {
         ) else {
             return Ok(None);
         };
-        if input.datum_type != f32::datum_type()
+        if !has_planes(input, spec.data_format)
             || kernel.datum_type() != f32::datum_type()
             || bias.datum_type() != f32::datum_type()
-            || input.rank() != 4
-            || input.shape[2].to_usize().is_err()
-            || input.shape[3].to_usize().is_err()
         {
             return Ok(None);
         }
@@ -252,11 +277,16 @@ impl GemmConv {
             n if n == co => bias_values,
             n => bail!("bias has {n} values for {co} output channels"),
         };
-        let direct = direct::applies(
-            (spec.stride(0), spec.stride(1)),
-            (spec.dilation(0), spec.dilation(1)),
-        )
-        .then(|| Arc::new(direct::Packed::new(&weights, ci, co, kh * kw)));
+        let rank = input.rank();
+        let (h, w) = (
+            input.shape[rank - 2].to_usize()?,
+            input.shape[rank - 1].to_usize()?,
+        );
+        let plane = Plane::of(spec, h, w)?;
+        let direct = (direct::applies((plane.sy, plane.sx), (plane.dy, plane.dx))
+            && plane.oh > 0
+            && plane.ow > 0)
+            .then(|| Arc::new(direct::Packed::new(&weights, ci, co, &plane)));
         Ok(Some(GemmConv {
             pool_spec: spec.clone(),
             weights: Arc::new(weights),
@@ -395,13 +425,8 @@ impl EvalOp for GemmConv {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
-        let shape = input.shape();
-        ensure!(
-            shape.len() == 4,
-            "convolution input of rank {}",
-            shape.len()
-        );
-        let (batch, ci, h, w) = (shape[0], shape[1], shape[2], shape[3]);
+        let format = self.pool_spec.data_format;
+        let [batch, ci, h, w] = nchw(input.shape(), format)?;
         ensure!(ci == self.pool_spec.input_channels, "{ci} input channels");
         let p = Plane::of(&self.pool_spec, h, w)?;
         let co = self.pool_spec.output_channels;
@@ -410,15 +435,16 @@ impl EvalOp for GemmConv {
             ci * h * w > 0,
             "convolution of an empty {ci} x {h} x {w} image"
         );
+        let out_shape = [batch, co, p.oh, p.ow];
         if batch == 0 || n == 0 || co == 0 {
-            let output = Tensor::zero::<f32>(&[batch, co, p.oh, p.ow])?;
+            let output = planes_zeroed(format, out_shape)?;
             return Ok(tvec!(output.into_tvalue()));
         }
         let input = input.try_as_plain_ram()?;
         let input = input.as_slice::<f32>()?;
         if let Some(packed) = &self.direct {
             // Written straight into the output tensor (no second copy).
-            let mut output = Tensor::zero::<f32>(&[batch, co, p.oh, p.ow])?;
+            let mut output = planes_zeroed(format, out_shape)?;
             let mut view = output.try_as_plain_ram_mut()?;
             let out = view.as_slice_mut::<f32>()?;
             direct::convolve(
@@ -486,7 +512,11 @@ impl EvalOp for GemmConv {
                 }
             }
         });
-        let output = tensor(&[batch, co, p.oh, p.ow], output)?;
+        let output = if format == DataFormat::CHW {
+            tensor(&[co, p.oh, p.ow], output)?
+        } else {
+            tensor(&out_shape, output)?
+        };
         Ok(tvec!(output.into_tvalue()))
     }
 }
@@ -513,10 +543,7 @@ impl PlaneMaxPool {
         if pool.with_index_outputs.is_some()
             || !is_nchw_2d(&pool.pool_spec)
             || node.inputs.len() != 1
-            || input.datum_type != f32::datum_type()
-            || input.rank() != 4
-            || input.shape[2].to_usize().is_err()
-            || input.shape[3].to_usize().is_err()
+            || !has_planes(input, pool.pool_spec.data_format)
         {
             return Ok(None);
         }
@@ -576,13 +603,12 @@ impl EvalOp for PlaneMaxPool {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
-        let shape = input.shape();
-        ensure!(shape.len() == 4, "max pool input of rank {}", shape.len());
-        let (batch, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
+        let format = self.pool_spec.data_format;
+        let [batch, c, h, w] = nchw(input.shape(), format)?;
         let p = Plane::of(&self.pool_spec, h, w)?;
         let input = input.try_as_plain_ram()?;
         let input = input.as_slice::<f32>()?;
-        let mut output = Tensor::zero::<f32>(&[batch, c, p.oh, p.ow])?;
+        let mut output = planes_zeroed(format, [batch, c, p.oh, p.ow])?;
         if p.oh * p.ow > 0 && h * w > 0 {
             let mut view = output.try_as_plain_ram_mut()?;
             for (plane, out) in input

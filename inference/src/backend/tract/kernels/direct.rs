@@ -1,81 +1,36 @@
-//! A direct 2-D convolution for NCHW f32 planes: no im2col matrix, no packing per call.
+//! A direct 2-D convolution for NCHW f32 planes with explicit SIMD: no im2col matrix, no
+//! packing per call, for strides of 1 and 2 without dilation.
 //!
-//! Each image's input channels are copied once into zero-padded planes, split into the
-//! stride's phases (one plane per row and column parity for a stride of 2), all with the same
-//! row pitch `P`. Output point `(oy, ox)` then sits at `o = oy × P + ox` of a flat output
-//! space, and kernel tap `(ky, kx)` reads phase `(ky mod sy, kx mod sx)` at `o + (ky / sy) × P
-//! + kx / sx`: for every tap, a run of consecutive outputs reads a run of consecutive inputs,
-//! so the kernel is a sum of shifted vectors. The points of the flat space past a row's last
-//! output (`ox ≥ ow`, `P - ow` of each row) are computed and thrown away.
+//! Two layouts of the same sum, chosen per convolution when the model is planned (its planes'
+//! sizes are known then), both holding 12 vector accumulators (two vectors × six, within
+//! AVX2's 16 registers) and doing, per input channel and tap, 2 vector loads, 6 broadcasts
+//! and 12 fused multiply-adds:
 //!
-//! The inner loop keeps `OCB × V` vector accumulators (six output channels × two vectors of
-//! outputs: 12 of AVX2's 16 registers, leaving room for the inputs and the weight without
-//! spilling, which three vectors of four channels did) and, per input channel and tap, loads
-//! two vectors of input and broadcasts six weights from a layout packed for it: 12 fused
-//! multiply-adds for 8 loads. The SIMD is `pulp`'s (safe, dispatched at run time to AVX2/FMA
-//! or other targets; the workspace forbids `unsafe`), already in the dependency graph through
-//! candle's `gemm`.
+//! - **points** (`points.rs`): vectors along a row's output points, six output channels at a
+//!   time, stored straight into the output rows; the padding columns of every row are computed
+//!   too (a 7-wide plane computes 9 or more per row) and channels are taken six at a time;
+//! - **channels** (`channels.rs`): vectors along 16 output channels, six output points at a
+//!   time; nothing outside the output is computed, but the accumulators go back into the
+//!   output planes transposed, one value at a time.
 //!
-//! Every image is computed on its own, with the same order of additions whatever the batch, so
-//! an image's answer is the same bits alone or batched.
+//! [`Packed::new`] takes channels, but for a convolution of stride 1 whose outputs sum fewer
+//! than [`FEW_TAPS`] taps (a first layer over a one- or three-channel image), where the
+//! transposed stores cost more than the points layout's padding columns: measured node by
+//! node on the bundles and ResNet-50 (docs/performance.md §20).
+//!
+//! The SIMD is `pulp`'s (safe, dispatched at run time to AVX2/FMA, NEON, or plain scalar
+//! code; the workspace forbids `unsafe`), already in the dependency graph through candle's
+//! `gemm`. Every image is computed on its own, with the same order of additions whatever the
+//! batch, so an image's answer is the same bits alone or batched.
 
-use std::cell::RefCell;
-
-use pulp::{Simd, WithSimd};
+mod channels;
+mod points;
 
 use super::Plane;
-
-/// Vectors of outputs per block.
-const V: usize = 2;
 
 /// The geometry the direct path takes: strides of 1 or 2, no dilation.
 pub fn applies(strides: (usize, usize), dilations: (usize, usize)) -> bool {
     dilations == (1, 1) && (1..=2).contains(&strides.0) && (1..=2).contains(&strides.1)
-}
-
-/// Output channels per block (six: with two vectors of outputs, 12 accumulators; blocks of
-/// four, which waste no channel on 16 or 32 of them, were not faster: performance §19).
-const OCB: usize = 6;
-
-/// Weights packed for the kernel: `[co / OCB][ci × taps][OCB]`, the last block's missing
-/// channels zero.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Packed {
-    values: Vec<f32>,
-    ci: usize,
-    co: usize,
-}
-
-impl Packed {
-    /// Packs `weights`, `[co, ci × taps]` row-major.
-    pub fn new(weights: &[f32], ci: usize, co: usize, taps: usize) -> Packed {
-        let k = ci * taps;
-        let blocks = co.div_ceil(OCB);
-        let mut values = vec![0f32; blocks * k * OCB];
-        for c in 0..co {
-            let (b, j) = (c / OCB, c % OCB);
-            for t in 0..k {
-                values[(b * k + t) * OCB + j] = weights[c * k + t];
-            }
-        }
-        Packed { values, ci, co }
-    }
-}
-
-/// The padded input rows and columns of `p` that are read.
-fn padded(p: &Plane) -> (usize, usize) {
-    ((p.oh - 1) * p.sy + p.kh, (p.ow - 1) * p.sx + p.kw)
-}
-
-/// Rows and row pitch of every phase plane.
-fn phase_dims(p: &Plane) -> (usize, usize) {
-    let (hp, wp) = padded(p);
-    (hp.div_ceil(p.sy), wp.div_ceil(p.sx))
-}
-
-thread_local! {
-    /// The phase planes and the flat output of the convolution running on this thread.
-    static BUFFERS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Which SIMD the kernel runs on: the best the CPU has (pulp's run-time dispatch), or plain
@@ -85,6 +40,30 @@ pub enum Isa {
     Best,
     #[cfg_attr(not(test), allow(dead_code))]
     Scalar,
+}
+
+/// Below this many taps per output (input channels × kernel taps), a stride-1 convolution
+/// runs in the points layout.
+pub const FEW_TAPS: usize = 64;
+
+/// The weights of one convolution, packed for the layout it runs in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Packed {
+    Points(points::Packed),
+    Channels(channels::Packed),
+}
+
+impl Packed {
+    /// Packs `weights` (`[co, ci × taps]`, row-major) for the layout that suits a
+    /// convolution of geometry `p` (the module's notes).
+    pub fn new(weights: &[f32], ci: usize, co: usize, p: &Plane) -> Packed {
+        let taps = p.kh * p.kw;
+        if p.sy > 1 || p.sx > 1 || ci * taps >= FEW_TAPS {
+            Packed::Channels(channels::Packed::new(weights, ci, co, taps))
+        } else {
+            Packed::Points(points::Packed::new(weights, ci, co, taps))
+        }
+    }
 }
 
 /// Convolves the images of `input` (`[batch, ci, h, w]`) into `out` (`[batch, co, oh, ow]`),
@@ -99,161 +78,9 @@ pub fn convolve(
     input: &[f32],
     out: &mut [f32],
 ) {
-    let (ci, co) = (packed.ci, packed.co);
-    debug_assert!(p.oh > 0 && p.ow > 0 && co > 0 && (p.dy, p.dx) == (1, 1));
-    let (rows, pitch) = phase_dims(p);
-    let phases = p.sy * p.sx;
-    let plane = rows * pitch;
-    // The flat output space that holds every output point, in whole blocks of V vectors of
-    // the widest SIMD type (they read past its end).
-    let flat = (p.oh - 1) * pitch + p.ow;
-    let block = V * 16;
-    let flat_padded = flat.div_ceil(block) * block;
-    let taps = p.kh * p.kw;
-    let offsets: Vec<usize> = (0..taps)
-        .map(|t| {
-            let (ky, kx) = (t / p.kw, t % p.kw);
-            let phase = (ky % p.sy) * p.sx + kx % p.sx;
-            phase * plane + (ky / p.sy) * pitch + kx / p.sx
-        })
-        .collect();
-    let max_offset = offsets.iter().copied().max().unwrap_or(0);
-    let channel = phases * plane;
-    // Every read stays inside the buffer: the last input channel's last tap reads up to
-    // `max_offset + flat_padded` past its start.
-    let needed = ((ci - 1) * channel + max_offset + flat_padded).max(ci * channel);
-    let (hp, wp) = padded(p);
-    BUFFERS.with_borrow_mut(|(src, dst)| {
-        // Every value of `dst` read back below is written by the kernel first.
-        let len = co.div_ceil(OCB) * OCB * flat_padded;
-        if dst.len() < len {
-            dst.resize(len, 0.0);
-        }
-        for (image, out) in input
-            .chunks_exact(ci * p.h * p.w)
-            .zip(out.chunks_exact_mut(co * p.oh * p.ow))
-        {
-            src.clear();
-            src.resize(needed, 0.0);
-            for c in 0..ci {
-                let image = &image[c * p.h * p.w..][..p.h * p.w];
-                let base = c * channel;
-                for y in 0..p.h {
-                    let py = y + p.pad_top;
-                    if py >= hp {
-                        break;
-                    }
-                    // The columns that land inside the padded plane, and where each phase's
-                    // share of them starts.
-                    let line = &image[y * p.w..][..p.w.min(wp - p.pad_left)];
-                    let row = base + (py % p.sy) * p.sx * plane + (py / p.sy) * pitch;
-                    if p.sx == 1 {
-                        src[row + p.pad_left..][..line.len()].copy_from_slice(line);
-                        continue;
-                    }
-                    for phase in 0..p.sx {
-                        // Input columns x with (x + pad_left) mod sx == phase.
-                        let first = (phase + p.sx - p.pad_left % p.sx) % p.sx;
-                        if first >= line.len() {
-                            continue;
-                        }
-                        let at = row + phase * plane + (first + p.pad_left) / p.sx;
-                        let values = line[first..].iter().step_by(p.sx);
-                        for (d, &v) in src[at..].iter_mut().zip(values) {
-                            *d = v;
-                        }
-                    }
-                }
-            }
-            let kernel = Kernel {
-                src,
-                channel,
-                ci,
-                offsets: &offsets,
-                packed: &packed.values,
-                bias,
-                co,
-                relu,
-                dst: &mut dst[..len],
-                flat_padded,
-            };
-            match isa {
-                Isa::Best => pulp::Arch::new().dispatch(kernel),
-                Isa::Scalar => kernel.with_simd(pulp::Scalar::new()),
-            }
-            for c in 0..co {
-                let from = &dst[c * flat_padded..];
-                let to = &mut out[c * p.oh * p.ow..][..p.oh * p.ow];
-                for (oy, row) in to.chunks_exact_mut(p.ow).enumerate() {
-                    row.copy_from_slice(&from[oy * pitch..][..p.ow]);
-                }
-            }
-        }
-    });
-}
-
-struct Kernel<'a> {
-    src: &'a [f32],
-    /// Values per input channel in `src` (all its phases).
-    channel: usize,
-    ci: usize,
-    /// Per tap: where its reads start in an input channel's phases.
-    offsets: &'a [usize],
-    packed: &'a [f32],
-    bias: &'a [f32],
-    co: usize,
-    relu: bool,
-    /// `[co rounded up to OCB][flat_padded]`.
-    dst: &'a mut [f32],
-    flat_padded: usize,
-}
-
-impl WithSimd for Kernel<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn with_simd<S: Simd>(self, simd: S) {
-        let lanes = S::F32_LANES;
-        let width = V * lanes;
-        let taps = self.offsets.len();
-        let k = self.ci * taps;
-        let zero = simd.splat_f32s(0.0);
-        let mut o = 0;
-        while o < self.flat_padded {
-            for (b, weights) in self.packed.chunks_exact(k * OCB).enumerate() {
-                let mut acc = [[zero; V]; OCB];
-                for (j, row) in acc.iter_mut().enumerate() {
-                    let v = self.bias.get(b * OCB + j).copied().unwrap_or(0.0);
-                    *row = [simd.splat_f32s(v); V];
-                }
-                for c in 0..self.ci {
-                    let channel = &self.src[c * self.channel + o..];
-                    let w = &weights[c * taps * OCB..][..taps * OCB];
-                    for (&offset, w) in self.offsets.iter().zip(w.chunks_exact(OCB)) {
-                        let x = S::as_simd_f32s(&channel[offset..][..width]).0;
-                        let x: [S::f32s; V] = std::array::from_fn(|i| x[i]);
-                        for (row, &wj) in acc.iter_mut().zip(w) {
-                            let wj = simd.splat_f32s(wj);
-                            for (a, &xv) in row.iter_mut().zip(&x) {
-                                *a = simd.mul_add_f32s(wj, xv, *a);
-                            }
-                        }
-                    }
-                }
-                for (j, row) in acc.iter().enumerate() {
-                    let c = b * OCB + j;
-                    if c >= self.co {
-                        break;
-                    }
-                    let out =
-                        S::as_mut_simd_f32s(&mut self.dst[c * self.flat_padded + o..][..width]).0;
-                    for (d, &a) in out.iter_mut().zip(row) {
-                        *d = if self.relu { simd.max_f32s(a, zero) } else { a };
-                    }
-                }
-            }
-            o += width;
-        }
+    match packed {
+        Packed::Points(packed) => points::convolve(isa, p, packed, bias, relu, input, out),
+        Packed::Channels(packed) => channels::convolve(isa, p, packed, bias, relu, input, out),
     }
 }
 
@@ -311,6 +138,9 @@ mod tests {
             (2, 3, 5, 4, 3, 3, 2, 2, 4, 3, 4, 5, false),
             (33, 12, 6, 5, 1, 1, 1, 1, 0, 0, 0, 0, true),
             (6, 4, 40, 3, 5, 1, 2, 1, 2, 0, 2, 0, false),
+            // More input channels than one pass of the channels layout takes (28 of 3 × 3).
+            (61, 17, 9, 8, 3, 3, 1, 1, 1, 1, 1, 1, true),
+            (45, 16, 8, 9, 3, 3, 2, 2, 1, 1, 1, 1, false),
         ];
         for (ci, co, h, w, kh, kw, sy, sx, pt, pl, pb, pr, relu) in cases {
             let oh = (h + pt + pb - kh) / sy + 1;
@@ -335,17 +165,26 @@ mod tests {
             let x: Vec<f32> = (0..ci * h * w)
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
-            let packed = Packed::new(&weights, ci, co, kh * kw);
             let expected = reference(&p, (ci, co), &weights, &bias, relu, &x);
+            let layouts = [
+                Packed::Points(points::Packed::new(&weights, ci, co, kh * kw)),
+                Packed::Channels(channels::Packed::new(&weights, ci, co, kh * kw)),
+            ];
             for isa in [Isa::Best, Isa::Scalar] {
-                let mut out = vec![f32::NAN; co * oh * ow];
-                convolve(isa, &p, &packed, &bias, relu, &x, &mut out);
-                for (i, (a, e)) in out.iter().zip(&expected).enumerate() {
+                let outputs = layouts.each_ref().map(|packed| {
+                    let mut out = vec![f32::NAN; co * oh * ow];
+                    convolve(isa, &p, packed, &bias, relu, &x, &mut out);
+                    out
+                });
+                for (i, (a, e)) in outputs[0].iter().zip(&expected).enumerate() {
                     assert!(
                         (a - e).abs() <= 1e-5 * (1.0 + e.abs() * k as f32),
                         "{p:?} {isa:?}: output {i} is {a}, expected {e}"
                     );
                 }
+                // The same multiply-adds in the same order: the same bits in either layout,
+                // whichever one the plan picks.
+                assert_eq!(outputs[0], outputs[1], "{p:?} {isa:?}");
             }
         }
     }

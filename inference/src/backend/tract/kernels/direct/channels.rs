@@ -1,0 +1,315 @@
+//! The direct convolution with vectors along the output channels (`super`'s "channels"
+//! layout).
+//!
+//! Each image's input channels are copied once into zero-padded planes (the rows and columns
+//! the convolution reads, one row pitch for all). The kernel computes blocks of up to `PX`
+//! neighbouring outputs of one output row for `OCB` (16) output channels at once: the
+//! accumulators hold, per output point, the 16 channels in vectors (two of AVX2's, so six
+//! points × two vectors = 12 of its 16 registers), and per input channel and tap it loads
+//! the 16 packed weights of that tap (two vectors), broadcasts the input value each point
+//! reads, and does 12 fused multiply-adds. Nothing is computed for points outside the output
+//! (a row's last block is as wide as what is left of it) and no channel is wasted when the
+//! output channels are a multiple of 16; a stride only changes which input values are
+//! broadcast. The price: the accumulators go back into the output planes transposed, one
+//! value at a time.
+//!
+//! A block streams its 16 channels' weights of every input channel and tap (64 bytes a tap):
+//! with many input channels (ResNet-50's 3 × 3 layers read 36–295 KB) they would not stay in
+//! the L1 cache from one block to the next, so such a convolution runs in passes over groups
+//! of input channels whose weights fit in [`WEIGHT_BYTES`], the sums of every point kept
+//! between passes in the layout of the accumulators (the same additions in the same order).
+
+use std::cell::RefCell;
+
+use pulp::{Simd, WithSimd};
+
+use super::{Isa, Plane};
+
+/// Output points per block (six: with two vectors of 16 channels each, 12 accumulators).
+const PX: usize = 6;
+
+/// Output channels per block: one vector of AVX-512, two of AVX2, four of NEON.
+const OCB: usize = 16;
+
+/// Weights packed for the kernel: `[co / OCB][ci × taps][OCB]`, the last block's missing
+/// channels zero.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packed {
+    values: Vec<f32>,
+    ci: usize,
+    co: usize,
+}
+
+impl Packed {
+    /// Packs `weights`, `[co, ci × taps]` row-major.
+    pub fn new(weights: &[f32], ci: usize, co: usize, taps: usize) -> Packed {
+        let k = ci * taps;
+        let blocks = co.div_ceil(OCB);
+        let mut values = vec![0f32; blocks * k * OCB];
+        for c in 0..co {
+            let (b, j) = (c / OCB, c % OCB);
+            for t in 0..k {
+                values[(b * k + t) * OCB + j] = weights[c * k + t];
+            }
+        }
+        Packed { values, ci, co }
+    }
+}
+
+/// The padded input rows and columns of `p` that are read.
+fn padded(p: &Plane) -> (usize, usize) {
+    ((p.oh - 1) * p.sy + p.kh, (p.ow - 1) * p.sx + p.kw)
+}
+
+/// The packed weights one pass over the output points reads, at most (with the input rows
+/// it reads beside them, within a 32 KiB L1 data cache): a convolution with more input
+/// channels runs in passes over groups of them, the sums so far kept in `partial`.
+const WEIGHT_BYTES: usize = 16 * 1024;
+
+thread_local! {
+    /// The padded input planes and the partial sums (`[point][OCB]`) of the convolution
+    /// running on this thread.
+    static BUFFERS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Convolves the images of `input` (`[batch, ci, h, w]`) into `out` (`[batch, co, oh, ow]`),
+/// one at a time: bias first, then the ReLU when `relu`. `p` has no dilation and strides of
+/// 1 or 2 ([`super::applies`]).
+pub fn convolve(
+    isa: Isa,
+    p: &Plane,
+    packed: &Packed,
+    bias: &[f32],
+    relu: bool,
+    input: &[f32],
+    out: &mut [f32],
+) {
+    let (ci, co) = (packed.ci, packed.co);
+    debug_assert!(p.oh > 0 && p.ow > 0 && co > 0 && (p.dy, p.dx) == (1, 1));
+    let (hp, wp) = padded(p);
+    let plane = hp * wp;
+    let len = ci * plane;
+    // Bias per block of OCB channels, the missing channels zero.
+    let mut biases = vec![0f32; co.div_ceil(OCB) * OCB];
+    biases[..co].copy_from_slice(&bias[..co]);
+    let taps = p.kh * p.kw;
+    let group = (WEIGHT_BYTES / (taps * OCB * size_of::<f32>())).clamp(1, ci);
+    BUFFERS.with_borrow_mut(|(src, partial)| {
+        if group < ci {
+            partial.resize(p.oh * p.ow * OCB, 0.0);
+        }
+        for (image, out) in input
+            .chunks_exact(ci * p.h * p.w)
+            .zip(out.chunks_exact_mut(co * p.oh * p.ow))
+        {
+            src.clear();
+            src.resize(len, 0.0);
+            for c in 0..ci {
+                let image = &image[c * p.h * p.w..][..p.h * p.w];
+                for y in 0..p.h {
+                    let py = y + p.pad_top;
+                    if py >= hp {
+                        break;
+                    }
+                    if p.pad_left >= wp {
+                        break;
+                    }
+                    let line = &image[y * p.w..][..p.w.min(wp - p.pad_left)];
+                    src[c * plane + py * wp + p.pad_left..][..line.len()].copy_from_slice(line);
+                }
+            }
+            let kernel = Kernel {
+                src,
+                partial,
+                group,
+                p,
+                wp,
+                plane,
+                ci,
+                co,
+                packed: &packed.values,
+                biases: &biases,
+                relu,
+                out,
+            };
+            match isa {
+                Isa::Best => pulp::Arch::new().dispatch(kernel),
+                Isa::Scalar => kernel.with_simd(pulp::Scalar::new()),
+            }
+        }
+    });
+}
+
+struct Kernel<'a> {
+    /// The padded planes of one image: `ci` planes of `plane` values, rows of `wp`.
+    src: &'a [f32],
+    /// The sums so far of every output point (`[oh × ow][OCB]`) between passes over groups
+    /// of input channels.
+    partial: &'a mut [f32],
+    /// Input channels per pass.
+    group: usize,
+    p: &'a Plane,
+    wp: usize,
+    plane: usize,
+    ci: usize,
+    co: usize,
+    packed: &'a [f32],
+    /// `co` rounded up to OCB.
+    biases: &'a [f32],
+    relu: bool,
+    /// `[co, oh, ow]`.
+    out: &'a mut [f32],
+}
+
+impl WithSimd for Kernel<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        // Vectors per block of OCB channels.
+        match (S::F32_LANES, self.p.sx) {
+            (16, 1) => self.run::<S, 1, 1>(simd),
+            (16, _) => self.run::<S, 1, 2>(simd),
+            (8, 1) => self.run::<S, 2, 1>(simd),
+            (8, _) => self.run::<S, 2, 2>(simd),
+            (4, 1) => self.run::<S, 4, 1>(simd),
+            (4, _) => self.run::<S, 4, 2>(simd),
+            (1, 1) => self.run::<S, 16, 1>(simd),
+            (1, _) => self.run::<S, 16, 2>(simd),
+            // No pulp target has another width; plain scalar code if one ever does.
+            _ => self.with_simd(pulp::Scalar::new()),
+        }
+    }
+}
+
+impl Kernel<'_> {
+    /// The whole image, `NV` vectors per OCB channels, horizontal stride `SX`.
+    #[inline(always)]
+    fn run<S: Simd, const NV: usize, const SX: usize>(mut self, simd: S) {
+        let p = *self.p;
+        let k = self.ci * p.kh * p.kw;
+        for (b, (weights, bias)) in self
+            .packed
+            .chunks_exact(k * OCB)
+            .zip(self.biases.chunks_exact(OCB))
+            .enumerate()
+        {
+            let bias = S::as_simd_f32s(bias).0;
+            let bias: [S::f32s; NV] = std::array::from_fn(|i| bias[i]);
+            let channels = (self.co - b * OCB).min(OCB);
+            for from in (0..self.ci).step_by(self.group) {
+                let inputs = from..(from + self.group).min(self.ci);
+                for oy in 0..p.oh {
+                    // The row in blocks of as equal widths as can be: a block of one or two
+                    // points has too few accumulators to hide the multiply-adds' latency (a
+                    // 7-wide row as 4 + 3, not 6 + 1).
+                    let blocks = p.ow.div_ceil(PX);
+                    let mut x0 = 0;
+                    for block in 0..blocks {
+                        let at = At {
+                            oy,
+                            x0,
+                            first: b * OCB,
+                            channels,
+                            inputs: inputs.clone(),
+                        };
+                        let n = p.ow / blocks + usize::from(block < p.ow % blocks);
+                        match n {
+                            6 => self.block::<S, NV, SX, 6>(simd, weights, bias, at.clone()),
+                            5 => self.block::<S, NV, SX, 5>(simd, weights, bias, at.clone()),
+                            4 => self.block::<S, NV, SX, 4>(simd, weights, bias, at.clone()),
+                            3 => self.block::<S, NV, SX, 3>(simd, weights, bias, at.clone()),
+                            2 => self.block::<S, NV, SX, 2>(simd, weights, bias, at.clone()),
+                            _ => self.block::<S, NV, SX, 1>(simd, weights, bias, at.clone()),
+                        }
+                        x0 += n;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `N` neighbouring outputs of row `at.oy` from column `at.x0`, for the OCB channels from
+    /// `at.first` whose packed weights are `weights` (`[ci × taps][OCB]`).
+    #[inline(always)]
+    fn block<S: Simd, const NV: usize, const SX: usize, const N: usize>(
+        &mut self,
+        simd: S,
+        weights: &[f32],
+        bias: [S::f32s; NV],
+        at: At,
+    ) {
+        let p = self.p;
+        let (kh, kw) = (p.kh, p.kw);
+        // The values of a row that the block's taps read: (x0 + N - 1) × SX + kw - 1 is at
+        // most the padded width's last column.
+        let span = (N - 1) * SX + kw;
+        // The sums so far: the bias on the first pass over the input channels, what the last
+        // pass left on the others (the same additions in the same order either way).
+        let point = at.oy * p.ow + at.x0;
+        let mut acc = [bias; N];
+        if at.inputs.start > 0 {
+            let partial = &self.partial[point * OCB..][..N * OCB];
+            for (acc, partial) in acc.iter_mut().zip(partial.chunks_exact(OCB)) {
+                let partial = S::as_simd_f32s(partial).0;
+                *acc = std::array::from_fn(|i| partial[i]);
+            }
+        }
+        for c in at.inputs.clone() {
+            let channel = &self.src[c * self.plane..][..self.plane];
+            for ky in 0..kh {
+                let row = &channel[(at.oy * p.sy + ky) * self.wp + at.x0 * SX..][..span];
+                let w = &weights[(c * kh + ky) * kw * OCB..][..kw * OCB];
+                for (kx, w) in w.chunks_exact(OCB).enumerate() {
+                    let w = S::as_simd_f32s(w).0;
+                    let w: [S::f32s; NV] = std::array::from_fn(|i| w[i]);
+                    let x = &row[kx..][..(N - 1) * SX + 1];
+                    for (j, acc) in acc.iter_mut().enumerate() {
+                        let xj = simd.splat_f32s(x[j * SX]);
+                        for (a, &wv) in acc.iter_mut().zip(&w) {
+                            *a = simd.mul_add_f32s(wv, xj, *a);
+                        }
+                    }
+                }
+            }
+        }
+        if at.inputs.end < self.ci {
+            let partial = &mut self.partial[point * OCB..][..N * OCB];
+            for (acc, partial) in acc.iter().zip(partial.chunks_exact_mut(OCB)) {
+                let partial = S::as_mut_simd_f32s(partial).0;
+                for (d, &a) in partial.iter_mut().zip(acc) {
+                    *d = a;
+                }
+            }
+            return;
+        }
+        // Transposed into the output planes: point j of channel `first + i` is lane i of the
+        // point's accumulators.
+        let zero = simd.splat_f32s(0.0);
+        let mut lanes = [[0f32; OCB]; N];
+        for (point, acc) in lanes.iter_mut().zip(&acc) {
+            let point = S::as_mut_simd_f32s(point).0;
+            for (d, &a) in point.iter_mut().zip(acc) {
+                *d = if self.relu { simd.max_f32s(a, zero) } else { a };
+            }
+        }
+        let plane = p.oh * p.ow;
+        for i in 0..at.channels {
+            let out = &mut self.out[(at.first + i) * plane + at.oy * p.ow + at.x0..][..N];
+            for (o, point) in out.iter_mut().zip(&lanes) {
+                *o = point[i];
+            }
+        }
+    }
+}
+
+/// Where a block's outputs go: row `oy` from column `x0`, channels `first..first + channels`,
+/// summed over the input channels `inputs` in this pass.
+#[derive(Clone)]
+struct At {
+    oy: usize,
+    x0: usize,
+    first: usize,
+    channels: usize,
+    inputs: std::ops::Range<usize>,
+}
