@@ -183,9 +183,21 @@ impl WithSimd for Kernel<'_> {
 }
 
 impl Kernel<'_> {
-    /// The whole image, `NV` vectors per OCB channels, horizontal stride `SX`.
+    /// The whole image, `NV` vectors per OCB channels, horizontal stride `SX`: 3 × 3 kernels
+    /// (nearly every convolution of the bundles and ResNet-50) with the kernel's size known
+    /// to the compiler (its tap loops unrolled, no bounds checks inside them), others not.
     #[inline(always)]
-    fn run<S: Simd, const NV: usize, const SX: usize>(mut self, simd: S) {
+    fn run<S: Simd, const NV: usize, const SX: usize>(self, simd: S) {
+        if (self.p.kh, self.p.kw) == (3, 3) {
+            self.image::<S, NV, SX, 3>(simd)
+        } else {
+            self.image::<S, NV, SX, 0>(simd)
+        }
+    }
+
+    /// The whole image, with a `K` × `K` kernel (0: the plane's own size).
+    #[inline(always)]
+    fn image<S: Simd, const NV: usize, const SX: usize, const K: usize>(mut self, simd: S) {
         let p = *self.p;
         let k = self.ci * p.kh * p.kw;
         for (b, (weights, bias)) in self
@@ -215,12 +227,12 @@ impl Kernel<'_> {
                         };
                         let n = p.ow / blocks + usize::from(block < p.ow % blocks);
                         match n {
-                            6 => self.block::<S, NV, SX, 6>(simd, weights, bias, at.clone()),
-                            5 => self.block::<S, NV, SX, 5>(simd, weights, bias, at.clone()),
-                            4 => self.block::<S, NV, SX, 4>(simd, weights, bias, at.clone()),
-                            3 => self.block::<S, NV, SX, 3>(simd, weights, bias, at.clone()),
-                            2 => self.block::<S, NV, SX, 2>(simd, weights, bias, at.clone()),
-                            _ => self.block::<S, NV, SX, 1>(simd, weights, bias, at.clone()),
+                            6 => self.block::<S, NV, SX, K, 6>(simd, weights, bias, at.clone()),
+                            5 => self.block::<S, NV, SX, K, 5>(simd, weights, bias, at.clone()),
+                            4 => self.block::<S, NV, SX, K, 4>(simd, weights, bias, at.clone()),
+                            3 => self.block::<S, NV, SX, K, 3>(simd, weights, bias, at.clone()),
+                            2 => self.block::<S, NV, SX, K, 2>(simd, weights, bias, at.clone()),
+                            _ => self.block::<S, NV, SX, K, 1>(simd, weights, bias, at.clone()),
                         }
                         x0 += n;
                     }
@@ -232,7 +244,7 @@ impl Kernel<'_> {
     /// `N` neighbouring outputs of row `at.oy` from column `at.x0`, for the OCB channels from
     /// `at.first` whose packed weights are `weights` (`[ci × taps][OCB]`).
     #[inline(always)]
-    fn block<S: Simd, const NV: usize, const SX: usize, const N: usize>(
+    fn block<S: Simd, const NV: usize, const SX: usize, const K: usize, const N: usize>(
         &mut self,
         simd: S,
         weights: &[f32],
@@ -240,7 +252,7 @@ impl Kernel<'_> {
         at: At,
     ) {
         let p = self.p;
-        let (kh, kw) = (p.kh, p.kw);
+        let (kh, kw) = if K > 0 { (K, K) } else { (p.kh, p.kw) };
         // The values of a row that the block's taps read: (x0 + N - 1) × SX + kw - 1 is at
         // most the padded width's last column.
         let span = (N - 1) * SX + kw;
@@ -257,9 +269,10 @@ impl Kernel<'_> {
         }
         for c in at.inputs.clone() {
             let channel = &self.src[c * self.plane..][..self.plane];
+            let weights = &weights[c * kh * kw * OCB..][..kh * kw * OCB];
             for ky in 0..kh {
                 let row = &channel[(at.oy * p.sy + ky) * self.wp + at.x0 * SX..][..span];
-                let w = &weights[(c * kh + ky) * kw * OCB..][..kw * OCB];
+                let w = &weights[ky * kw * OCB..][..kw * OCB];
                 for (kx, w) in w.chunks_exact(OCB).enumerate() {
                     let w = S::as_simd_f32s(w).0;
                     let w: [S::f32s; NV] = std::array::from_fn(|i| w[i]);
