@@ -42,7 +42,7 @@ pub struct ServeArgs {
     #[arg(long, env = "NIGHTINGALE_ORT_LIBRARY")]
     pub ort_library: Option<PathBuf>,
     /// Whose kernels run 2-D convolutions, max pooling and strided slices on the tract engine:
-    /// Nightingale's (2.5-5x faster on the image bundles) or tract's own. [default: nightingale]
+    /// Nightingale's (2-6x faster on the image bundles) or tract's own. [default: nightingale]
     #[arg(long, env = "NIGHTINGALE_TRACT_KERNELS", value_enum)]
     pub tract_kernels: Option<TractKernelsArg>,
     /// Largest request body in bytes. [default: 67108864]

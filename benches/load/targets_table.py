@@ -124,25 +124,51 @@ def tritonclient_section(path: Path) -> list[str]:
 
 
 def cnn_section(path: Path) -> list[str]:
-    times: dict[tuple[str, int, str], list[float]] = defaultdict(list)
+    # Per (model, batch, engine): the medians and the minima of each round's calls.
+    medians: dict[tuple[str, int, str], list[float]] = defaultdict(list)
+    minima: dict[tuple[str, int, str], list[float]] = defaultdict(list)
     for line in path.read_text().splitlines():
-        m = re.match(r"(\S+) batch (\d+) (Nightingale|Tract|onnxruntime)[^:]*: median ([\d.]+) ms", line)
+        m = re.match(
+            r"(\S+) batch (\d+) (Nightingale|Tract|onnxruntime)[^:]*: median ([\d.]+) ms"
+            r"(?:.*min ([\d.]+) ms)?",
+            line,
+        )
         if m:
-            model = m[1].split("/")[-3]
-            times[(model, int(m[2]), m[3])].append(float(m[4]))
+            key = (m[1].split("/")[-3], int(m[2]), m[3])
+            medians[key].append(float(m[4]))
+            if m[5]:
+                minima[key].append(float(m[5]))
     out = [
-        "| model | batch | pure Rust (tract + Nightingale's kernels) ms | onnxruntime ms "
-        "| onnxruntime ÷ pure Rust (target ≥ 0.67) | verdict |",
-        "|---|---|---|---|---|---|",
+        "| model | batch | pure Rust ms (median / min) | onnxruntime ms (median / min) "
+        "| onnxruntime ÷ pure Rust, medians (target ≥ 0.67) | the same, minima | verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for model, batch in sorted({(m, b) for m, b, _ in times}):
-        ours = times.get((model, batch, "Nightingale"))
-        ort = times.get((model, batch, "onnxruntime"))
+    for model, batch in sorted({(m, b) for m, b, _ in medians}):
+        ours = medians.get((model, batch, "Nightingale"))
+        ort = medians.get((model, batch, "onnxruntime"))
         if not ours or not ort:
             continue
         a, b = statistics.median(ours), statistics.median(ort)
+        ours_min = minima.get((model, batch, "Nightingale"))
+        ort_min = minima.get((model, batch, "onnxruntime"))
+        if ours_min and ort_min:
+            a_min, b_min = min(ours_min), min(ort_min)
+            mins = f"{a_min:.2f}"
+            ort_mins = f"{b_min:.2f}"
+            ratio_min = f"{b_min / a_min:.2f}"
+            met_min = b_min / a_min >= 0.67
+        else:
+            mins = ort_mins = ratio_min = "–"
+            met_min = False
+        if b / a >= 0.67:
+            result = "**met**"
+        elif met_min:
+            result = "**met by the minima only**"
+        else:
+            result = "**not met**"
         out.append(
-            f"| {model} | {batch} | {a:.2f} | {b:.2f} | {b / a:.2f} | {verdict(b / a >= 0.67)} |"
+            f"| {model} | {batch} | {a:.2f} / {mins} | {b:.2f} / {ort_mins} | {b / a:.2f} "
+            f"| {ratio_min} | {result} |"
         )
     return out
 
