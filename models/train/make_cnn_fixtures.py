@@ -24,8 +24,8 @@ RNG = np.random.default_rng(20261202)
 BATCH = 3
 
 
-def weights(name, shape):
-    return numpy_helper.from_array(RNG.normal(0, 0.5, shape).astype(np.float32), name)
+def weights(name, shape, std=0.5):
+    return numpy_helper.from_array(RNG.normal(0, std, shape).astype(np.float32), name)
 
 
 class Graph:
@@ -39,9 +39,9 @@ class Graph:
         self.count += 1
         return f"{prefix}{self.count}"
 
-    def conv(self, x, cin, cout, kernel, bias=True, group=1, **attrs):
+    def conv(self, x, cin, cout, kernel, bias=True, group=1, std=0.5, **attrs):
         w = self.name("w")
-        self.inits.append(weights(w, [cout, cin // group, *kernel]))
+        self.inits.append(weights(w, [cout, cin // group, *kernel], std))
         inputs = [x, w]
         if bias:
             b = self.name("b")
@@ -212,6 +212,18 @@ def cases():
     y = g.batch_norm(g.conv(y, 8, 16, (1, 1), bias=False), 16)
     g.output(g.op("Relu", g.add(y, "x")))
     yield "bottleneck_chw", g, (16, 12, 11)
+
+    # 1 x 1 convolutions, which tract makes matrix products (EinSum) before Nightingale's pass
+    # sees them: taken back as convolutions; few input channels, many, and more than one
+    # pass of the channels layout takes (256).
+    g = Graph(12, 5, 7)
+    g.output(g.op("Relu", g.conv("x", 12, 20, (1, 1))))
+    y = g.op("Relu", g.conv("x", 12, 70, (1, 1), bias=False))
+    # (weights scaled by 1 / sqrt(fan-in), as trained networks' are, so that the sums stay
+    # near 1 and 1e-5 measures the kernel, not the cancellation of large terms)
+    y = g.op("Relu", g.conv(y, 70, 260, (1, 1), std=70**-0.5))
+    g.output(g.conv(y, 260, 9, (1, 1), std=260**-0.5))
+    yield "conv1x1", g, (12, 5, 7)
 
 
 def short(v):

@@ -26,7 +26,8 @@ use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
 use tract_onnx::tract_core::ops::Downsample;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cnn::conv::Conv;
-use tract_onnx::tract_core::ops::cnn::{MaxPool, PoolSpec};
+use tract_onnx::tract_core::ops::cnn::{MaxPool, PaddingSpec, PoolSpec};
+use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::nn::DataFormat;
 use tract_onnx::tract_hir::internal::*;
 
@@ -42,8 +43,15 @@ pub fn use_nightingale_kernels(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         }
         let node = model.node(id);
-        let patch = if let Some(conv) = node.op_as::<Conv>() {
-            match GemmConv::for_node(model, node, conv)? {
+        let conv = if let Some(conv) = node.op_as::<Conv>() {
+            GemmConv::for_node(model, node, conv)?
+        } else if let Some(einsum) = node.op_as::<EinSum>() {
+            GemmConv::for_einsum(model, node, einsum)?
+        } else {
+            None
+        };
+        let patch = if node.op_is::<Conv>() || node.op_is::<EinSum>() {
+            match conv {
                 None => None,
                 Some(mut op) => Some(match relu_after(model, node)? {
                     // The ReLU is applied inside the convolution, and its node goes.
@@ -241,6 +249,96 @@ pub struct GemmConv {
 impl Eq for GemmConv {}
 
 impl GemmConv {
+    /// tract's declutter turns a 1 × 1 convolution of stride 1 without padding into an
+    /// `EinSum` of the input planes and the `[co, ci]` filters (its bias into an `Add` after
+    /// it): taken back as a convolution when the sum is exactly that one, on NCHW or CHW.
+    fn for_einsum(
+        model: &TypedModel,
+        node: &TypedNode,
+        einsum: &EinSum,
+    ) -> TractResult<Option<Self>> {
+        if einsum.q_params.is_some()
+            || einsum.operating_dt != f32::datum_type()
+            || node.inputs.len() != 2
+        {
+            return Ok(None);
+        }
+        let input = model.outlet_fact(node.inputs[0])?;
+        let Some(filters) = model.outlet_fact(node.inputs[1])?.konst.clone() else {
+            return Ok(None);
+        };
+        // The sum's axes, lettered in order of appearance: `nihw,oi->nohw` (NCHW) or
+        // `ihw,oi->ohw` (CHW), whatever letters tract gave them.
+        let mut letters = std::collections::HashMap::new();
+        let canonical: String = einsum
+            .axes
+            .to_string()
+            .chars()
+            .map(|c| match c {
+                ',' | '-' | '>' => c,
+                _ => {
+                    let next = (b'a' + letters.len() as u8) as char;
+                    *letters.entry(c).or_insert(next)
+                }
+            })
+            .collect();
+        let format = match canonical.as_str() {
+            "abcd,eb->aecd" => DataFormat::NCHW,
+            "abc,da->dbc" => DataFormat::CHW,
+            _ => return Ok(None),
+        };
+        if !has_planes(input, format)
+            || filters.datum_type() != f32::datum_type()
+            || filters.rank() != 2
+        {
+            return Ok(None);
+        }
+        let (co, ci) = (filters.shape()[0], filters.shape()[1]);
+        let c_axis = if format == DataFormat::CHW { 0 } else { 1 };
+        if input.shape[c_axis].to_usize().ok() != Some(ci) {
+            return Ok(None);
+        }
+        let spec = PoolSpec {
+            data_format: format,
+            kernel_shape: tvec![1, 1],
+            padding: PaddingSpec::Valid,
+            dilations: None,
+            strides: None,
+            input_channels: ci,
+            output_channels: co,
+        };
+        let weights = filters.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        Self::new(spec, input, weights, vec![0.0; co]).map(Some)
+    }
+
+    /// The convolution of `spec` on `input` (its facts) with `weights` (`[co, ci × kh ×
+    /// kw]`, row-major) and `bias` (one value per output channel).
+    fn new(
+        spec: PoolSpec,
+        input: &TypedFact,
+        weights: Vec<f32>,
+        bias: Vec<f32>,
+    ) -> TractResult<GemmConv> {
+        let (co, ci) = (spec.output_channels, spec.input_channels);
+        let rank = input.rank();
+        let (h, w) = (
+            input.shape[rank - 2].to_usize()?,
+            input.shape[rank - 1].to_usize()?,
+        );
+        let plane = Plane::of(&spec, h, w)?;
+        let direct = (direct::applies((plane.sy, plane.sx), (plane.dy, plane.dx))
+            && plane.oh > 0
+            && plane.ow > 0)
+            .then(|| Arc::new(direct::Packed::new(&weights, ci, co, &plane)));
+        Ok(GemmConv {
+            pool_spec: spec,
+            weights: Arc::new(weights),
+            bias: Arc::new(bias),
+            relu: false,
+            direct,
+        })
+    }
+
     fn for_node(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Option<Self>> {
         let spec = &conv.pool_spec;
         if conv.q_params.is_some() || conv.group != 1 || !is_nchw_2d(spec) || node.inputs.len() != 3
@@ -277,23 +375,7 @@ impl GemmConv {
             n if n == co => bias_values,
             n => bail!("bias has {n} values for {co} output channels"),
         };
-        let rank = input.rank();
-        let (h, w) = (
-            input.shape[rank - 2].to_usize()?,
-            input.shape[rank - 1].to_usize()?,
-        );
-        let plane = Plane::of(spec, h, w)?;
-        let direct = (direct::applies((plane.sy, plane.sx), (plane.dy, plane.dx))
-            && plane.oh > 0
-            && plane.ow > 0)
-            .then(|| Arc::new(direct::Packed::new(&weights, ci, co, &plane)));
-        Ok(Some(GemmConv {
-            pool_spec: spec.clone(),
-            weights: Arc::new(weights),
-            bias: Arc::new(bias),
-            relu: false,
-            direct,
-        }))
+        Self::new(spec.clone(), input, weights, bias).map(Some)
     }
 
     fn k(&self) -> usize {

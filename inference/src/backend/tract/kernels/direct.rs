@@ -141,6 +141,10 @@ mod tests {
             // More input channels than one pass of the channels layout takes (28 of 3 × 3).
             (61, 17, 9, 8, 3, 3, 1, 1, 1, 1, 1, 1, true),
             (45, 16, 8, 9, 3, 3, 2, 2, 1, 1, 1, 1, false),
+            // 1 × 1, stride 1, no padding: the planes as one row of panels; in one pass and
+            // in two (more than 256 input channels).
+            (70, 20, 5, 7, 1, 1, 1, 1, 0, 0, 0, 0, true),
+            (300, 17, 3, 5, 1, 1, 1, 1, 0, 0, 0, 0, false),
         ];
         for (ci, co, h, w, kh, kw, sy, sx, pt, pl, pb, pr, relu) in cases {
             let oh = (h + pt + pb - kh) / sy + 1;

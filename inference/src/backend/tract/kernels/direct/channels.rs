@@ -86,7 +86,28 @@ pub fn convolve(
 ) {
     let (ci, co) = (packed.ci, packed.co);
     debug_assert!(p.oh > 0 && p.ow > 0 && co > 0 && (p.dy, p.dx) == (1, 1));
+    // A 1 × 1 convolution of stride 1 without padding reads point q of every input plane for
+    // output point q: its planes are one long row, cut into blocks without row ends.
+    let pointwise = (p.kh, p.kw, p.sy, p.sx, p.pad_top, p.pad_left) == (1, 1, 1, 1, 0, 0)
+        && (p.oh, p.ow) == (p.h, p.w);
+    let flat;
+    let p = if pointwise {
+        let n = p.h * p.w;
+        flat = Plane {
+            h: 1,
+            w: n,
+            oh: 1,
+            ow: n,
+            ..*p
+        };
+        &flat
+    } else {
+        p
+    };
     let (hp, wp) = padded(p);
+    // Nothing to pad (no padding, and the planes end where the kernel's reach does): the
+    // images are read where they are.
+    let unpadded = p.pad_top == 0 && p.pad_left == 0 && (hp, wp) == (p.h, p.w);
     let plane = hp * wp;
     let len = ci * plane;
     // Bias per block of OCB channels, the missing channels zero.
@@ -102,6 +123,62 @@ pub fn convolve(
             .chunks_exact(ci * p.h * p.w)
             .zip(out.chunks_exact_mut(co * p.oh * p.ow))
         {
+            if pointwise {
+                // Each block's points copied side by side, channel after channel (`[ci][n]`
+                // per block, the blocks as the kernel cuts the row): the kernel reads them in
+                // order instead of one value per channel plane.
+                src.clear();
+                src.resize(len, 0.0);
+                let n = p.ow;
+                let blocks = n.div_ceil(PX);
+                let mut x0 = 0;
+                for block in 0..blocks {
+                    let width = n / blocks + usize::from(block < n % blocks);
+                    let panel = &mut src[ci * x0..][..ci * width];
+                    for (c, values) in panel.chunks_exact_mut(width).enumerate() {
+                        values.copy_from_slice(&image[c * n + x0..][..width]);
+                    }
+                    x0 += width;
+                }
+                let kernel = Kernel {
+                    src,
+                    panels: true,
+                    partial,
+                    group,
+                    p,
+                    wp,
+                    plane,
+                    ci,
+                    co,
+                    packed: &packed.values,
+                    biases: &biases,
+                    relu,
+                    out,
+                };
+                run(isa, kernel);
+                continue;
+            }
+            if unpadded {
+                run(
+                    isa,
+                    Kernel {
+                        src: image,
+                        panels: false,
+                        partial,
+                        group,
+                        p,
+                        wp,
+                        plane,
+                        ci,
+                        co,
+                        packed: &packed.values,
+                        biases: &biases,
+                        relu,
+                        out,
+                    },
+                );
+                continue;
+            }
             src.clear();
             src.resize(len, 0.0);
             for c in 0..ci {
@@ -120,6 +197,7 @@ pub fn convolve(
             }
             let kernel = Kernel {
                 src,
+                panels: false,
                 partial,
                 group,
                 p,
@@ -132,17 +210,24 @@ pub fn convolve(
                 relu,
                 out,
             };
-            match isa {
-                Isa::Best => pulp::Arch::new().dispatch(kernel),
-                Isa::Scalar => kernel.with_simd(pulp::Scalar::new()),
-            }
+            run(isa, kernel);
         }
     });
+}
+
+fn run(isa: Isa, kernel: Kernel<'_>) {
+    match isa {
+        Isa::Best => pulp::Arch::new().dispatch(kernel),
+        Isa::Scalar => kernel.with_simd(pulp::Scalar::new()),
+    }
 }
 
 struct Kernel<'a> {
     /// The padded planes of one image: `ci` planes of `plane` values, rows of `wp`.
     src: &'a [f32],
+    /// Whether `src` holds a pointwise convolution's input as panels (`[ci][width]` per
+    /// block of points) rather than planes.
+    panels: bool,
     /// The sums so far of every output point (`[oh × ow][OCB]`) between passes over groups
     /// of input channels.
     partial: &'a mut [f32],
@@ -184,14 +269,15 @@ impl WithSimd for Kernel<'_> {
 
 impl Kernel<'_> {
     /// The whole image, `NV` vectors per OCB channels, horizontal stride `SX`: 3 × 3 kernels
-    /// (nearly every convolution of the bundles and ResNet-50) with the kernel's size known
-    /// to the compiler (its tap loops unrolled, no bounds checks inside them), others not.
+    /// (nearly every convolution of the bundles and ResNet-50) and 1 × 1 ones with the
+    /// kernel's size known to the compiler (tap loops unrolled, no bounds checks inside them),
+    /// others not.
     #[inline(always)]
     fn run<S: Simd, const NV: usize, const SX: usize>(self, simd: S) {
-        if (self.p.kh, self.p.kw) == (3, 3) {
-            self.image::<S, NV, SX, 3>(simd)
-        } else {
-            self.image::<S, NV, SX, 0>(simd)
+        match (self.p.kh, self.p.kw) {
+            (3, 3) => self.image::<S, NV, SX, 3>(simd),
+            (1, 1) => self.image::<S, NV, SX, 1>(simd),
+            _ => self.image::<S, NV, SX, 0>(simd),
         }
     }
 
@@ -267,7 +353,23 @@ impl Kernel<'_> {
                 *acc = std::array::from_fn(|i| partial[i]);
             }
         }
-        for c in at.inputs.clone() {
+        if K == 1 && self.panels {
+            let panel = &self.src[self.ci * at.x0..][..self.ci * N];
+            let inputs = at.inputs.len();
+            let xs = &panel[at.inputs.start * N..][..inputs * N];
+            let ws = &weights[at.inputs.start * OCB..][..inputs * OCB];
+            for (x, w) in xs.chunks_exact(N).zip(ws.chunks_exact(OCB)) {
+                let w = S::as_simd_f32s(w).0;
+                let w: [S::f32s; NV] = std::array::from_fn(|i| w[i]);
+                for (acc, &xj) in acc.iter_mut().zip(x) {
+                    let xj = simd.splat_f32s(xj);
+                    for (a, &wv) in acc.iter_mut().zip(&w) {
+                        *a = simd.mul_add_f32s(wv, xj, *a);
+                    }
+                }
+            }
+        }
+        for c in at.inputs.clone().filter(|_| !(K == 1 && self.panels)) {
             let channel = &self.src[c * self.plane..][..self.plane];
             let weights = &weights[c * kh * kw * OCB..][..kh * kw * OCB];
             for ky in 0..kh {
