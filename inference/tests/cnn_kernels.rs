@@ -50,8 +50,9 @@ const FIXTURES: &[(&str, usize)] = &[
     // products and drops the batch axis of 1 through them; the 3 × 3 convolution is taken on
     // its CHW planes.
     ("bottleneck_chw", 1),
-    // 1 × 1 convolutions, tract's EinSums by then: 12 → 20 (with its ReLU), 12 → 70 → 260 → 9.
-    ("conv1x1", 4),
+    // 1 × 1 convolutions, tract's EinSums by then: 12 → 20 (with its ReLU), 12 → 70 → 260 → 9,
+    // 12 → 24 with a batch norm and a ReLU (folded into it).
+    ("conv1x1", 5),
 ];
 
 fn data_dir() -> PathBuf {

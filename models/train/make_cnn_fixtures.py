@@ -223,6 +223,8 @@ def cases():
     # near 1 and 1e-5 measures the kernel, not the cancellation of large terms)
     y = g.op("Relu", g.conv(y, 70, 260, (1, 1), std=70**-0.5))
     g.output(g.conv(y, 260, 9, (1, 1), std=260**-0.5))
+    # A batch norm and a ReLU after one (folded into it: tract leaves them after its product).
+    g.output(g.op("Relu", g.batch_norm(g.conv("x", 12, 24, (1, 1), bias=False), 24)))
     yield "conv1x1", g, (12, 5, 7)
 
 

@@ -51,22 +51,7 @@ pub fn use_nightingale_kernels(model: &mut TypedModel) -> TractResult<usize> {
             None
         };
         let patch = if node.op_is::<Conv>() || node.op_is::<EinSum>() {
-            match conv {
-                None => None,
-                Some(mut op) => Some(match relu_after(model, node)? {
-                    // The ReLU is applied inside the convolution, and its node goes.
-                    Some(relu) => {
-                        op.relu = true;
-                        let mut patch = TypedModelPatch::new("nightingale conv + relu");
-                        let input = patch.tap_model(model, node.inputs[0])?;
-                        let wire = patch.wire_node(&*node.name, op, &[input])?[0];
-                        patch.shunt_outside(model, OutletId::new(relu, 0), wire)?;
-                        patch.obliterate(node.id)?;
-                        Ok(patch)
-                    }
-                    None => TypedModelPatch::replace_single_op(model, node, &node.inputs[0..1], op),
-                }),
-            }
+            conv.map(|op| conv_patch(model, node, op))
         } else if let Some(pool) = node.op_as::<MaxPool>() {
             PlaneMaxPool::for_node(model, node, pool)?
                 .map(|op| TypedModelPatch::replace_single_op(model, node, &node.inputs[0..1], op))
@@ -82,6 +67,110 @@ pub fn use_nightingale_kernels(model: &mut TypedModel) -> TractResult<usize> {
         }
     }
     Ok(replaced)
+}
+
+/// The patch that puts `op` in place of the convolution `node`, with what follows it folded
+/// in while `node`'s output (then each folded node's) goes to one node only: multiplications
+/// and additions by one constant per output channel (a batch norm after a 1 × 1 convolution,
+/// which tract leaves as such; the bias tract splits off it) into its weights and bias, then a
+/// ReLU into the kernel. The folded nodes' output is then the convolution's.
+fn conv_patch(
+    model: &TypedModel,
+    node: &TypedNode,
+    mut op: GemmConv,
+) -> TractResult<TypedModelPatch> {
+    let mut last = node.id;
+    while let Some((next, fold)) = channel_op_after(model, last, &op)? {
+        op.fold(fold);
+        last = next;
+    }
+    if let Some(relu) = relu_after(model, model.node(last))? {
+        op.relu = true;
+        last = relu;
+    }
+    if last == node.id {
+        return TypedModelPatch::replace_single_op(model, node, &node.inputs[0..1], op);
+    }
+    let mut patch = TypedModelPatch::new("nightingale conv + what follows it");
+    let input = patch.tap_model(model, node.inputs[0])?;
+    let wire = patch.wire_node(&*node.name, op, &[input])?[0];
+    patch.shunt_outside(model, OutletId::new(last, 0), wire)?;
+    patch.obliterate(node.id)?;
+    Ok(patch)
+}
+
+/// A multiplication or addition by one constant per output channel.
+enum Fold {
+    Scale(Vec<f32>),
+    Shift(Vec<f32>),
+}
+
+/// The node after `id` (its only reader, not a model output) when it multiplies or adds a
+/// constant of one value per output channel of `conv` (or one value for all), that value.
+fn channel_op_after(
+    model: &TypedModel,
+    id: usize,
+    conv: &GemmConv,
+) -> TractResult<Option<(usize, Fold)>> {
+    let node = model.node(id);
+    let [only] = &node.outputs[..] else {
+        return Ok(None);
+    };
+    let [next] = &only.successors[..] else {
+        return Ok(None);
+    };
+    if model.output_outlets()?.contains(&OutletId::new(id, 0)) {
+        return Ok(None);
+    }
+    let next = model.node(next.node);
+    let Some(op) = next.op_as::<TypedBinOp>() else {
+        return Ok(None);
+    };
+    let name = op.0.name();
+    if !matches!(name, "Mul" | "Add") || op.1.is_some() || next.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let Some(other) = next.inputs.iter().find(|i| i.node != id) else {
+        return Ok(None);
+    };
+    let Some(constant) = model.outlet_fact(*other)?.konst.clone() else {
+        return Ok(None);
+    };
+    let ours = model.outlet_fact(OutletId::new(id, 0))?;
+    let out = model.outlet_fact(OutletId::new(next.id, 0))?;
+    let co = conv.pool_spec.output_channels;
+    let c_axis = if conv.pool_spec.data_format == DataFormat::CHW {
+        0
+    } else {
+        1
+    };
+    // One value per channel along the channel axis, or one for all; nothing that broadcasts
+    // the convolution's output to a larger shape.
+    let per_channel = constant.rank() == ours.rank()
+        && constant
+            .shape()
+            .iter()
+            .enumerate()
+            .all(|(axis, &d)| d == 1 || (axis == c_axis && d == co));
+    if constant.datum_type() != f32::datum_type()
+        || !per_channel
+        || out.shape != ours.shape
+        || out.datum_type != f32::datum_type()
+    {
+        return Ok(None);
+    }
+    let values = constant.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    let values = if values.len() == co {
+        values
+    } else {
+        vec![values[0]; co]
+    };
+    let fold = if name == "Mul" {
+        Fold::Scale(values)
+    } else {
+        Fold::Shift(values)
+    };
+    Ok(Some((next.id, fold)))
 }
 
 /// The node that applies ReLU (`Max` with a constant 0, as tract's ONNX front end wires it)
@@ -170,7 +259,7 @@ fn planes_zeroed(format: DataFormat, [n, c, h, w]: [usize; 4]) -> TractResult<Te
 
 /// The concrete geometry of one image: input and output planes, the kernel, strides,
 /// dilations and the padding before each axis.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Plane {
     h: usize,
     w: usize,
@@ -244,6 +333,8 @@ pub struct GemmConv {
     /// The weights packed for the direct convolution, when its geometry is one it takes
     /// (`direct.rs`); otherwise im2col + a product.
     direct: Option<Arc<direct::Packed>>,
+    /// The geometry the model was planned with (the weights are packed for it).
+    plane: Plane,
 }
 
 impl Eq for GemmConv {}
@@ -319,24 +410,54 @@ impl GemmConv {
         weights: Vec<f32>,
         bias: Vec<f32>,
     ) -> TractResult<GemmConv> {
-        let (co, ci) = (spec.output_channels, spec.input_channels);
         let rank = input.rank();
         let (h, w) = (
             input.shape[rank - 2].to_usize()?,
             input.shape[rank - 1].to_usize()?,
         );
         let plane = Plane::of(&spec, h, w)?;
-        let direct = (direct::applies((plane.sy, plane.sx), (plane.dy, plane.dx))
-            && plane.oh > 0
-            && plane.ow > 0)
-            .then(|| Arc::new(direct::Packed::new(&weights, ci, co, &plane)));
-        Ok(GemmConv {
+        let mut conv = GemmConv {
             pool_spec: spec,
             weights: Arc::new(weights),
             bias: Arc::new(bias),
             relu: false,
-            direct,
-        })
+            direct: None,
+            plane,
+        };
+        conv.pack();
+        Ok(conv)
+    }
+
+    /// Packs the weights for the direct convolution when the planned geometry is one it takes.
+    fn pack(&mut self) {
+        let p = &self.plane;
+        let (co, ci) = (
+            self.pool_spec.output_channels,
+            self.pool_spec.input_channels,
+        );
+        self.direct = (direct::applies((p.sy, p.sx), (p.dy, p.dx)) && p.oh > 0 && p.ow > 0)
+            .then(|| Arc::new(direct::Packed::new(&self.weights, ci, co, p)));
+    }
+
+    /// Folds a per-channel multiplication or addition of the output into the weights and bias.
+    fn fold(&mut self, fold: Fold) {
+        let k = self.k();
+        let weights = Arc::make_mut(&mut self.weights);
+        let bias = Arc::make_mut(&mut self.bias);
+        match fold {
+            Fold::Scale(scale) => {
+                for ((row, b), s) in weights.chunks_exact_mut(k).zip(bias.iter_mut()).zip(scale) {
+                    row.iter_mut().for_each(|w| *w *= s);
+                    *b *= s;
+                }
+            }
+            Fold::Shift(shift) => {
+                for (b, t) in bias.iter_mut().zip(shift) {
+                    *b += t;
+                }
+            }
+        }
+        self.pack();
     }
 
     fn for_node(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Option<Self>> {
