@@ -43,15 +43,10 @@ pub fn use_nightingale_kernels(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         }
         let node = model.node(id);
-        let conv = if let Some(conv) = node.op_as::<Conv>() {
-            GemmConv::for_node(model, node, conv)?
+        let patch = if let Some(conv) = node.op_as::<Conv>() {
+            GemmConv::for_node(model, node, conv)?.map(|op| conv_patch(model, node, op))
         } else if let Some(einsum) = node.op_as::<EinSum>() {
-            GemmConv::for_einsum(model, node, einsum)?
-        } else {
-            None
-        };
-        let patch = if node.op_is::<Conv>() || node.op_is::<EinSum>() {
-            conv.map(|op| conv_patch(model, node, op))
+            GemmConv::for_einsum(model, node, einsum)?.map(|op| conv_patch(model, node, op))
         } else if let Some(pool) = node.op_as::<MaxPool>() {
             PlaneMaxPool::for_node(model, node, pool)?
                 .map(|op| TypedModelPatch::replace_single_op(model, node, &node.inputs[0..1], op))
@@ -436,7 +431,7 @@ impl GemmConv {
             self.pool_spec.input_channels,
         );
         self.direct = (direct::applies((p.sy, p.sx), (p.dy, p.dx)) && p.oh > 0 && p.ow > 0)
-            .then(|| Arc::new(direct::Packed::new(&self.weights, ci, co, p)));
+            .then(|| Arc::new(direct::Packed::new(&self.weights, &self.bias, ci, co, p)));
     }
 
     /// Folds a per-channel multiplication or addition of the output into the weights and bias.
@@ -650,15 +645,7 @@ impl EvalOp for GemmConv {
             let mut output = planes_zeroed(format, out_shape)?;
             let mut view = output.try_as_plain_ram_mut()?;
             let out = view.as_slice_mut::<f32>()?;
-            direct::convolve(
-                direct::Isa::Best,
-                &p,
-                packed,
-                &self.bias,
-                self.relu,
-                input,
-                out,
-            );
+            direct::convolve(direct::Isa::Best, &p, packed, self.relu, input, out);
             return Ok(tvec!(output.into_tvalue()));
         }
         let mut output = vec![0f32; batch * co * n];

@@ -46,41 +46,83 @@ pub enum Isa {
 /// runs in the points layout.
 pub const FEW_TAPS: usize = 64;
 
-/// The weights of one convolution, packed for the layout it runs in.
+/// How a convolution's outputs are held in the vector registers (the module's notes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    Points,
+    Channels,
+}
+
+/// The weights and bias of one convolution, packed for its layout: weights `[co / block][ci ×
+/// taps][block]`, bias `[co rounded up to block]`, where a block is the output channels the
+/// layout computes at once; the last block's missing channels zero.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Packed {
-    Points(points::Packed),
-    Channels(channels::Packed),
+pub struct Packed {
+    layout: Layout,
+    values: Vec<f32>,
+    bias: Vec<f32>,
+    ci: usize,
+    co: usize,
 }
 
 impl Packed {
-    /// Packs `weights` (`[co, ci × taps]`, row-major) for the layout that suits a
-    /// convolution of geometry `p` (the module's notes).
-    pub fn new(weights: &[f32], ci: usize, co: usize, p: &Plane) -> Packed {
+    /// Packs `weights` (`[co, ci × taps]`, row-major) and `bias` (`co` values) for the layout
+    /// that suits a convolution of geometry `p` (the module's notes).
+    pub fn new(weights: &[f32], bias: &[f32], ci: usize, co: usize, p: &Plane) -> Packed {
         let taps = p.kh * p.kw;
-        if p.sy > 1 || p.sx > 1 || ci * taps >= FEW_TAPS {
-            Packed::Channels(channels::Packed::new(weights, ci, co, taps))
+        let layout = if p.sy > 1 || p.sx > 1 || ci * taps >= FEW_TAPS {
+            Layout::Channels
         } else {
-            Packed::Points(points::Packed::new(weights, ci, co, taps))
+            Layout::Points
+        };
+        Packed::for_layout(layout, weights, bias, ci, co, taps)
+    }
+
+    fn for_layout(
+        layout: Layout,
+        weights: &[f32],
+        bias: &[f32],
+        ci: usize,
+        co: usize,
+        taps: usize,
+    ) -> Packed {
+        let block = match layout {
+            Layout::Points => points::OCB,
+            Layout::Channels => channels::OCB,
+        };
+        let k = ci * taps;
+        let blocks = co.div_ceil(block);
+        let mut values = vec![0f32; blocks * k * block];
+        for c in 0..co {
+            let (b, j) = (c / block, c % block);
+            for t in 0..k {
+                values[(b * k + t) * block + j] = weights[c * k + t];
+            }
+        }
+        let mut padded_bias = vec![0f32; blocks * block];
+        padded_bias[..co].copy_from_slice(&bias[..co]);
+        Packed {
+            layout,
+            values,
+            bias: padded_bias,
+            ci,
+            co,
         }
     }
 }
 
+/// The padded input rows and columns of `p` that are read.
+fn padded(p: &Plane) -> (usize, usize) {
+    ((p.oh - 1) * p.sy + p.kh, (p.ow - 1) * p.sx + p.kw)
+}
+
 /// Convolves the images of `input` (`[batch, ci, h, w]`) into `out` (`[batch, co, oh, ow]`),
-/// one at a time: bias first, then the ReLU when `relu`. `p` has no dilation and strides of
-/// 1 or 2 ([`applies`]).
-pub fn convolve(
-    isa: Isa,
-    p: &Plane,
-    packed: &Packed,
-    bias: &[f32],
-    relu: bool,
-    input: &[f32],
-    out: &mut [f32],
-) {
-    match packed {
-        Packed::Points(packed) => points::convolve(isa, p, packed, bias, relu, input, out),
-        Packed::Channels(packed) => channels::convolve(isa, p, packed, bias, relu, input, out),
+/// one at a time: the packed bias first, then the ReLU when `relu`. `p` has no dilation and
+/// strides of 1 or 2 ([`applies`]).
+pub fn convolve(isa: Isa, p: &Plane, packed: &Packed, relu: bool, input: &[f32], out: &mut [f32]) {
+    match packed.layout {
+        Layout::Points => points::convolve(isa, p, packed, relu, input, out),
+        Layout::Channels => channels::convolve(isa, p, packed, relu, input, out),
     }
 }
 
@@ -170,14 +212,12 @@ mod tests {
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
             let expected = reference(&p, (ci, co), &weights, &bias, relu, &x);
-            let layouts = [
-                Packed::Points(points::Packed::new(&weights, ci, co, kh * kw)),
-                Packed::Channels(channels::Packed::new(&weights, ci, co, kh * kw)),
-            ];
+            let layouts = [Layout::Points, Layout::Channels]
+                .map(|layout| Packed::for_layout(layout, &weights, &bias, ci, co, kh * kw));
             for isa in [Isa::Best, Isa::Scalar] {
                 let outputs = layouts.each_ref().map(|packed| {
                     let mut out = vec![f32::NAN; co * oh * ow];
-                    convolve(isa, &p, packed, &bias, relu, &x, &mut out);
+                    convolve(isa, &p, packed, relu, &x, &mut out);
                     out
                 });
                 for (i, (a, e)) in outputs[0].iter().zip(&expected).enumerate() {

@@ -23,43 +23,13 @@ use std::cell::RefCell;
 
 use pulp::{Simd, WithSimd};
 
-use super::{Isa, Plane};
+use super::{Isa, Packed, Plane, padded};
 
 /// Output points per block (six: with two vectors of 16 channels each, 12 accumulators).
 const PX: usize = 6;
 
 /// Output channels per block: one vector of AVX-512, two of AVX2, four of NEON.
-const OCB: usize = 16;
-
-/// Weights packed for the kernel: `[co / OCB][ci × taps][OCB]`, the last block's missing
-/// channels zero.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Packed {
-    values: Vec<f32>,
-    ci: usize,
-    co: usize,
-}
-
-impl Packed {
-    /// Packs `weights`, `[co, ci × taps]` row-major.
-    pub fn new(weights: &[f32], ci: usize, co: usize, taps: usize) -> Packed {
-        let k = ci * taps;
-        let blocks = co.div_ceil(OCB);
-        let mut values = vec![0f32; blocks * k * OCB];
-        for c in 0..co {
-            let (b, j) = (c / OCB, c % OCB);
-            for t in 0..k {
-                values[(b * k + t) * OCB + j] = weights[c * k + t];
-            }
-        }
-        Packed { values, ci, co }
-    }
-}
-
-/// The padded input rows and columns of `p` that are read.
-fn padded(p: &Plane) -> (usize, usize) {
-    ((p.oh - 1) * p.sy + p.kh, (p.ow - 1) * p.sx + p.kw)
-}
+pub(super) const OCB: usize = 16;
 
 /// The packed weights one pass over the output points reads, at most (with the input rows
 /// it reads beside them, within a 32 KiB L1 data cache): a convolution with more input
@@ -72,18 +42,8 @@ thread_local! {
     static BUFFERS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Convolves the images of `input` (`[batch, ci, h, w]`) into `out` (`[batch, co, oh, ow]`),
-/// one at a time: bias first, then the ReLU when `relu`. `p` has no dilation and strides of
-/// 1 or 2 ([`super::applies`]).
-pub fn convolve(
-    isa: Isa,
-    p: &Plane,
-    packed: &Packed,
-    bias: &[f32],
-    relu: bool,
-    input: &[f32],
-    out: &mut [f32],
-) {
+/// [`super::convolve`] in the channels layout.
+pub fn convolve(isa: Isa, p: &Plane, packed: &Packed, relu: bool, input: &[f32], out: &mut [f32]) {
     let (ci, co) = (packed.ci, packed.co);
     debug_assert!(p.oh > 0 && p.ow > 0 && co > 0 && (p.dy, p.dx) == (1, 1));
     // A 1 × 1 convolution of stride 1 without padding reads point q of every input plane for
@@ -109,13 +69,9 @@ pub fn convolve(
     // images are read where they are.
     let unpadded = p.pad_top == 0 && p.pad_left == 0 && (hp, wp) == (p.h, p.w);
     let plane = hp * wp;
-    let len = ci * plane;
-    // Bias per block of OCB channels, the missing channels zero.
-    let mut biases = vec![0f32; co.div_ceil(OCB) * OCB];
-    biases[..co].copy_from_slice(&bias[..co]);
     let taps = p.kh * p.kw;
     let group = (WEIGHT_BYTES / (taps * OCB * size_of::<f32>())).clamp(1, ci);
-    BUFFERS.with_borrow_mut(|(src, partial)| {
+    BUFFERS.with_borrow_mut(|(buffer, partial)| {
         if group < ci {
             partial.resize(p.oh * p.ow * OCB, 0.0);
         }
@@ -123,81 +79,18 @@ pub fn convolve(
             .chunks_exact(ci * p.h * p.w)
             .zip(out.chunks_exact_mut(co * p.oh * p.ow))
         {
-            if pointwise {
-                // Each block's points copied side by side, channel after channel (`[ci][n]`
-                // per block, the blocks as the kernel cuts the row): the kernel reads them in
-                // order instead of one value per channel plane.
-                src.clear();
-                src.resize(len, 0.0);
-                let n = p.ow;
-                let blocks = n.div_ceil(PX);
-                let mut x0 = 0;
-                for block in 0..blocks {
-                    let width = n / blocks + usize::from(block < n % blocks);
-                    let panel = &mut src[ci * x0..][..ci * width];
-                    for (c, values) in panel.chunks_exact_mut(width).enumerate() {
-                        values.copy_from_slice(&image[c * n + x0..][..width]);
-                    }
-                    x0 += width;
-                }
-                let kernel = Kernel {
-                    src,
-                    panels: true,
-                    partial,
-                    group,
-                    p,
-                    wp,
-                    plane,
-                    ci,
-                    co,
-                    packed: &packed.values,
-                    biases: &biases,
-                    relu,
-                    out,
-                };
-                run(isa, kernel);
-                continue;
-            }
-            if unpadded {
-                run(
-                    isa,
-                    Kernel {
-                        src: image,
-                        panels: false,
-                        partial,
-                        group,
-                        p,
-                        wp,
-                        plane,
-                        ci,
-                        co,
-                        packed: &packed.values,
-                        biases: &biases,
-                        relu,
-                        out,
-                    },
-                );
-                continue;
-            }
-            src.clear();
-            src.resize(len, 0.0);
-            for c in 0..ci {
-                let image = &image[c * p.h * p.w..][..p.h * p.w];
-                for y in 0..p.h {
-                    let py = y + p.pad_top;
-                    if py >= hp {
-                        break;
-                    }
-                    if p.pad_left >= wp {
-                        break;
-                    }
-                    let line = &image[y * p.w..][..p.w.min(wp - p.pad_left)];
-                    src[c * plane + py * wp + p.pad_left..][..line.len()].copy_from_slice(line);
-                }
-            }
+            let src: &[f32] = if pointwise {
+                as_panels(image, ci, p.ow, buffer);
+                buffer
+            } else if unpadded {
+                image
+            } else {
+                pad(image, ci, p, buffer);
+                buffer
+            };
             let kernel = Kernel {
                 src,
-                panels: false,
+                panels: pointwise,
                 partial,
                 group,
                 p,
@@ -206,19 +99,54 @@ pub fn convolve(
                 ci,
                 co,
                 packed: &packed.values,
-                biases: &biases,
+                biases: &packed.bias,
                 relu,
                 out,
             };
-            run(isa, kernel);
+            match isa {
+                Isa::Best => pulp::Arch::new().dispatch(kernel),
+                Isa::Scalar => kernel.with_simd(pulp::Scalar::new()),
+            }
         }
     });
 }
 
-fn run(isa: Isa, kernel: Kernel<'_>) {
-    match isa {
-        Isa::Best => pulp::Arch::new().dispatch(kernel),
-        Isa::Scalar => kernel.with_simd(pulp::Scalar::new()),
+/// Copies one image's `ci` planes of `n` points (a pointwise convolution's) into `buffer` as
+/// panels: each block's points side by side, channel after channel (`[ci][width]` per block,
+/// the blocks as the kernel cuts the row), so that the kernel reads them in order instead of
+/// one value per channel plane.
+fn as_panels(image: &[f32], ci: usize, n: usize, buffer: &mut Vec<f32>) {
+    buffer.clear();
+    buffer.resize(ci * n, 0.0);
+    let blocks = n.div_ceil(PX);
+    let mut x0 = 0;
+    for block in 0..blocks {
+        let width = n / blocks + usize::from(block < n % blocks);
+        let panel = &mut buffer[ci * x0..][..ci * width];
+        for (c, values) in panel.chunks_exact_mut(width).enumerate() {
+            values.copy_from_slice(&image[c * n + x0..][..width]);
+        }
+        x0 += width;
+    }
+}
+
+/// Copies one image's `ci` planes into `buffer` as the zero-padded planes (the rows and
+/// columns of [`padded`]) the kernel reads.
+fn pad(image: &[f32], ci: usize, p: &Plane, buffer: &mut Vec<f32>) {
+    let (hp, wp) = padded(p);
+    let plane = hp * wp;
+    buffer.clear();
+    buffer.resize(ci * plane, 0.0);
+    if p.pad_left >= wp {
+        return;
+    }
+    for c in 0..ci {
+        let image = &image[c * p.h * p.w..][..p.h * p.w];
+        for y in 0..p.h.min(hp.saturating_sub(p.pad_top)) {
+            let line = &image[y * p.w..][..p.w.min(wp - p.pad_left)];
+            buffer[c * plane + (y + p.pad_top) * wp + p.pad_left..][..line.len()]
+                .copy_from_slice(line);
+        }
     }
 }
 
@@ -359,31 +287,18 @@ impl Kernel<'_> {
             let xs = &panel[at.inputs.start * N..][..inputs * N];
             let ws = &weights[at.inputs.start * OCB..][..inputs * OCB];
             for (x, w) in xs.chunks_exact(N).zip(ws.chunks_exact(OCB)) {
-                let w = S::as_simd_f32s(w).0;
-                let w: [S::f32s; NV] = std::array::from_fn(|i| w[i]);
-                for (acc, &xj) in acc.iter_mut().zip(x) {
-                    let xj = simd.splat_f32s(xj);
-                    for (a, &wv) in acc.iter_mut().zip(&w) {
-                        *a = simd.mul_add_f32s(wv, xj, *a);
-                    }
-                }
+                tap(simd, &mut acc, w, x.iter().copied());
             }
-        }
-        for c in at.inputs.clone().filter(|_| !(K == 1 && self.panels)) {
-            let channel = &self.src[c * self.plane..][..self.plane];
-            let weights = &weights[c * kh * kw * OCB..][..kh * kw * OCB];
-            for ky in 0..kh {
-                let row = &channel[(at.oy * p.sy + ky) * self.wp + at.x0 * SX..][..span];
-                let w = &weights[ky * kw * OCB..][..kw * OCB];
-                for (kx, w) in w.chunks_exact(OCB).enumerate() {
-                    let w = S::as_simd_f32s(w).0;
-                    let w: [S::f32s; NV] = std::array::from_fn(|i| w[i]);
-                    let x = &row[kx..][..(N - 1) * SX + 1];
-                    for (j, acc) in acc.iter_mut().enumerate() {
-                        let xj = simd.splat_f32s(x[j * SX]);
-                        for (a, &wv) in acc.iter_mut().zip(&w) {
-                            *a = simd.mul_add_f32s(wv, xj, *a);
-                        }
+        } else {
+            for c in at.inputs.clone() {
+                let channel = &self.src[c * self.plane..][..self.plane];
+                let weights = &weights[c * kh * kw * OCB..][..kh * kw * OCB];
+                for ky in 0..kh {
+                    let row = &channel[(at.oy * p.sy + ky) * self.wp + at.x0 * SX..][..span];
+                    let w = &weights[ky * kw * OCB..][..kw * OCB];
+                    for (kx, w) in w.chunks_exact(OCB).enumerate() {
+                        let x = &row[kx..][..(N - 1) * SX + 1];
+                        tap(simd, &mut acc, w, (0..N).map(|j| x[j * SX]));
                     }
                 }
             }
@@ -414,6 +329,25 @@ impl Kernel<'_> {
             for (o, point) in out.iter_mut().zip(&lanes) {
                 *o = point[i];
             }
+        }
+    }
+}
+
+/// One tap of a block: for every point j, `acc[j] += w × x_j`, where `w` is the tap's OCB
+/// weights and `x` yields the points' input values.
+#[inline(always)]
+fn tap<S: Simd, const NV: usize, const N: usize>(
+    simd: S,
+    acc: &mut [[S::f32s; NV]; N],
+    w: &[f32],
+    x: impl Iterator<Item = f32>,
+) {
+    let w = S::as_simd_f32s(w).0;
+    let w: [S::f32s; NV] = std::array::from_fn(|i| w[i]);
+    for (acc, xj) in acc.iter_mut().zip(x) {
+        let xj = simd.splat_f32s(xj);
+        for (a, &wv) in acc.iter_mut().zip(&w) {
+            *a = simd.mul_add_f32s(wv, xj, *a);
         }
     }
 }

@@ -18,44 +18,14 @@ use std::cell::RefCell;
 
 use pulp::{Simd, WithSimd};
 
-use super::{Isa, Plane};
+use super::{Isa, Packed, Plane, padded};
 
 /// Vectors of outputs per block.
 const V: usize = 2;
 
 /// Output channels per block (six: with two vectors of outputs, 12 accumulators; blocks of
 /// four, which waste no channel on 16 or 32 of them, were not faster: performance §19).
-const OCB: usize = 6;
-
-/// Weights packed for the kernel: `[co / OCB][ci × taps][OCB]`, the last block's missing
-/// channels zero.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Packed {
-    values: Vec<f32>,
-    ci: usize,
-    co: usize,
-}
-
-impl Packed {
-    /// Packs `weights`, `[co, ci × taps]` row-major.
-    pub fn new(weights: &[f32], ci: usize, co: usize, taps: usize) -> Packed {
-        let k = ci * taps;
-        let blocks = co.div_ceil(OCB);
-        let mut values = vec![0f32; blocks * k * OCB];
-        for c in 0..co {
-            let (b, j) = (c / OCB, c % OCB);
-            for t in 0..k {
-                values[(b * k + t) * OCB + j] = weights[c * k + t];
-            }
-        }
-        Packed { values, ci, co }
-    }
-}
-
-/// The padded input rows and columns of `p` that are read.
-fn padded(p: &Plane) -> (usize, usize) {
-    ((p.oh - 1) * p.sy + p.kh, (p.ow - 1) * p.sx + p.kw)
-}
+pub(super) const OCB: usize = 6;
 
 /// Rows and row pitch of every phase plane.
 fn phase_dims(p: &Plane) -> (usize, usize) {
@@ -68,18 +38,8 @@ thread_local! {
     static BUFFERS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Convolves the images of `input` (`[batch, ci, h, w]`) into `out` (`[batch, co, oh, ow]`),
-/// one at a time: bias first, then the ReLU when `relu`. `p` has no dilation and strides of
-/// 1 or 2 ([`super::applies`]).
-pub fn convolve(
-    isa: Isa,
-    p: &Plane,
-    packed: &Packed,
-    bias: &[f32],
-    relu: bool,
-    input: &[f32],
-    out: &mut [f32],
-) {
+/// [`super::convolve`] in the points layout.
+pub fn convolve(isa: Isa, p: &Plane, packed: &Packed, relu: bool, input: &[f32], out: &mut [f32]) {
     let (ci, co) = (packed.ci, packed.co);
     debug_assert!(p.oh > 0 && p.ow > 0 && co > 0 && (p.dy, p.dx) == (1, 1));
     let (rows, pitch) = phase_dims(p);
@@ -152,7 +112,7 @@ pub fn convolve(
                 ci,
                 offsets: &offsets,
                 packed: &packed.values,
-                bias,
+                bias: &packed.bias,
                 co,
                 relu,
                 dst: &mut dst[..len],
@@ -181,6 +141,7 @@ struct Kernel<'a> {
     /// Per tap: where its reads start in an input channel's phases.
     offsets: &'a [usize],
     packed: &'a [f32],
+    /// `co` rounded up to OCB.
     bias: &'a [f32],
     co: usize,
     relu: bool,
@@ -204,7 +165,7 @@ impl WithSimd for Kernel<'_> {
             for (b, weights) in self.packed.chunks_exact(k * OCB).enumerate() {
                 let mut acc = [[zero; V]; OCB];
                 for (j, row) in acc.iter_mut().enumerate() {
-                    let v = self.bias.get(b * OCB + j).copied().unwrap_or(0.0);
+                    let v = self.bias[b * OCB + j];
                     *row = [simd.splat_f32s(v); V];
                 }
                 for c in 0..self.ci {
