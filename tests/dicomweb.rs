@@ -23,7 +23,7 @@ use tower::ServiceExt;
 
 #[path = "support/dicom.rs"]
 mod dicom;
-use dicom::{BOUNDARY, content_type, multipart, part10};
+use dicom::{BOUNDARY, content_type, dicom_parts, multipart, part10};
 
 const STUDY: &str = "1.2.826.0.1.3680043.10.1383.9.1";
 const SERIES: &str = "1.2.826.0.1.3680043.10.1383.9.1.1";
@@ -166,12 +166,8 @@ async fn one_part_and_several_parts_are_stored_and_referenced() {
     assert_eq!(server.stored(), vec![sop(1)]);
 
     let files: Vec<Vec<u8>> = (2..5).map(|n| part10(STUDY, SERIES, &sop(n), 1)).collect();
-    let parts: Vec<(&str, &[u8])> = files
-        .iter()
-        .map(|f| ("application/dicom", f.as_slice()))
-        .collect();
     let (s, v) = server
-        .stow(&format!("/dicomweb/studies/{STUDY}"), multipart(&parts))
+        .stow(&format!("/dicomweb/studies/{STUDY}"), dicom_parts(&files))
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(referenced(&v), vec![sop(2), sop(3), sop(4)]);
@@ -550,11 +546,7 @@ async fn qido_lists_what_was_stored() {
         part10(STUDY, series2, &sop(3), 1),
         part10(OTHER_STUDY, other_series, &sop(4), 1),
     ];
-    let parts: Vec<(&str, &[u8])> = files
-        .iter()
-        .map(|f| ("application/dicom", f.as_slice()))
-        .collect();
-    let (s, v) = server.stow("/dicomweb/studies", multipart(&parts)).await;
+    let (s, v) = server.stow("/dicomweb/studies", dicom_parts(&files)).await;
     assert_eq!(s, StatusCode::OK, "{v}");
 
     let uid = |item: &Value, tag: &str| item[tag]["Value"][0].as_str().unwrap().to_owned();
@@ -1000,11 +992,7 @@ async fn wado_rs_retrieves_a_study_and_a_series_as_stored() {
         part10(STUDY, SERIES_2, &sop(3), 3),
         part10(OTHER_STUDY, SERIES_2, &sop(4), 4),
     ];
-    let body: Vec<(&str, &[u8])> = files
-        .iter()
-        .map(|f| ("application/dicom", f.as_slice()))
-        .collect();
-    let (s, v) = server.stow("/dicomweb/studies", multipart(&body)).await;
+    let (s, v) = server.stow("/dicomweb/studies", dicom_parts(&files)).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     // What the spool holds, by SOP instance UID.
     let stored: std::collections::HashMap<String, Vec<u8>> = server

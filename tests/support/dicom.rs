@@ -84,6 +84,15 @@ pub fn part10(study: &str, series: &str, sop: &str, marker: u16) -> Vec<u8> {
     out
 }
 
+/// A STOW-RS body of whole Part 10 `files`, one `application/dicom` part each.
+pub fn dicom_parts(files: &[Vec<u8>]) -> Vec<u8> {
+    let parts: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|f| ("application/dicom", f.as_slice()))
+        .collect();
+    multipart(&parts)
+}
+
 /// A `multipart/related` body of `parts` (Content-Type, bytes), closed.
 pub fn multipart(parts: &[(&str, &[u8])]) -> Vec<u8> {
     let mut body = Vec::new();
