@@ -18,7 +18,6 @@
 
 pub mod attributes;
 pub mod events;
-mod journal;
 pub mod maintenance;
 pub mod multipart;
 // Pixel decode (issue 9, PIXELS slice)

@@ -14,29 +14,9 @@ use rusqlite::params;
 use sha2::{Digest, Sha256};
 
 use crate::spool::{
-    INSTANCES_DIR, JOURNAL_DIR, PURGED_BEFORE_FILE, QUARANTINE_DIR, Spool, SpoolError,
-    SpoolOptions, StoreError, TMP_DIR, collect_dcm, now_ms, sync_dir, write_durably,
+    INSTANCES_DIR, QUARANTINE_DIR, Spool, SpoolError, SpoolOptions, StoreError, TMP_DIR,
+    collect_dcm, now_ms, sync_dir, write_durably,
 };
-
-/// Records durably that instances received before `cutoff_ms` are purged (the latest of
-/// all purges' cutoffs): the spool's journal does not bring their files back after a
-/// crash.
-fn record_purge_cutoff(root: &Path, cutoff_ms: i64) -> Result<(), MaintenanceError> {
-    let dir = root.join(JOURNAL_DIR);
-    fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-    let file = dir.join(PURGED_BEFORE_FILE);
-    let before = fs::read_to_string(&file)
-        .ok()
-        .and_then(|s| s.trim().parse::<i64>().ok())
-        .unwrap_or(i64::MIN);
-    if before >= cutoff_ms {
-        return Ok(());
-    }
-    let tmp = dir.join(format!("{PURGED_BEFORE_FILE}.{}.tmp", std::process::id()));
-    write_durably(&tmp, format!("{cutoff_ms}\n").as_bytes()).map_err(io("write", &tmp))?;
-    fs::rename(&tmp, &file).map_err(io("rename", &file))?;
-    sync_dir(&dir).map_err(io("sync", &dir))
-}
 
 /// A maintenance operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -344,9 +324,6 @@ impl Spool {
             report.instances = n as usize;
             report.bytes = bytes as u64;
         } else {
-            // First, so that a crash before the server's next journal checkpoint does not
-            // bring back, from the journal, an instance deleted here.
-            record_purge_cutoff(&self.root, cutoff_ms)?;
             let instances = self.root.join(INSTANCES_DIR);
             loop {
                 // The lock is held per batch: a store cannot place a file in a folder this

@@ -9,22 +9,17 @@
 //! instances/<study>/<series>/<sop>_<h>.dcm  stored instances (file meta + the data set as
 //!                                       received; <h>: the first 16 hex digits of the data
 //!                                       set's SHA-256)
-//! journal/0.wal, journal/1.wal          the write-ahead journal (see crate::journal)
 //! quarantine/<id>.quarantined           refused objects, as received, with <id>.reason beside
 //! ```
 //!
 //! A store writes the file as an anonymous temporary file (`O_TMPFILE` in `tmp/`: it has no
 //! name until it is linked, and a crash leaves nothing behind; a named file in `tmp/` where
-//! the file system cannot) and links it under its final name. Then it makes it durable:
-//! with the journal (the default), by appending a record of the whole file to the journal
-//! and waiting for the journal's next `fdatasync`, which the stores of the moment share; a
-//! checkpoint later makes the files durable themselves and empties the journal. Without it
-//! (turned off, an instance too large for it, a file system without room for it), by
-//! fsyncing the file and its directory at the same time (one device flush covers both). Only
-//! then is the index row added and the store answered: an instance reported stored is on
-//! disk, in its file or in the journal. Stores that run at the same time share one index
-//! transaction (group commit, see [`Spool::store`]). The files are the truth; the index is
-//! rebuilt from them: on open, the journal's records rewrite the files a power loss took,
+//! the file system cannot), links it under its final name, then fsyncs the file
+//! and its directory at the same time (one device flush covers both), and only then adds
+//! the index row and returns: an instance reported stored is on disk, and an index row
+//! always names a durable, complete file. Stores that run at the same time share the
+//! directory fsyncs (one syncer thread) and one index transaction (group commit, see
+//! [`Spool::store`]). The files are the truth; the index is rebuilt from them: on open,
 //! leftover temporary files are deleted, rows whose file is gone are dropped, and files
 //! without a row are indexed, or quarantined when they do not parse or do not match the
 //! content hash in their name (a crash between the link and the end of the fsyncs can
@@ -45,7 +40,6 @@ use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
 use crate::attributes::{self, Attributes};
-use crate::journal::{Journal, RecordMeta};
 use crate::sop;
 
 /// Implementation Class UID written into the file meta of stored instances.
@@ -57,16 +51,8 @@ pub(crate) const INDEX_FILE: &str = "index.sqlite3";
 pub(crate) const TMP_DIR: &str = "tmp";
 pub(crate) const INSTANCES_DIR: &str = "instances";
 pub(crate) const QUARANTINE_DIR: &str = "quarantine";
-pub(crate) const JOURNAL_DIR: &str = "journal";
-/// In the journal folder: instances received before this time (Unix ms, text) were purged;
-/// their journal records are not to be read back.
-pub(crate) const PURGED_BEFORE_FILE: &str = "purged-before";
 /// Offset of the file meta group in a Part 10 file: the preamble and "DICM".
 const META_OFFSET: usize = 132;
-
-/// The default size of each journal segment: room for a few hundred CT images per
-/// checkpoint, 128 MiB of disk for the two.
-pub const DEFAULT_JOURNAL_SEGMENT_BYTES: u64 = 64 << 20;
 
 /// Settings of a spool.
 #[derive(Debug, Clone)]
@@ -80,11 +66,6 @@ pub struct SpoolOptions {
     /// Write received data sets through the page cache even where the file system takes
     /// `O_DIRECT` writes (the default where it works).
     pub buffered_writes: bool,
-    /// Bytes of each of the write-ahead journal's two segments (`journal/0.wal`,
-    /// `journal/1.wal`, grown as records reach them); 0 turns the journal off, and each
-    /// store then fsyncs its own file and folder. Instances larger than about half a
-    /// segment are stored that way too. See [`Spool::store`].
-    pub journal_segment_bytes: u64,
 }
 
 impl Default for SpoolOptions {
@@ -93,7 +74,6 @@ impl Default for SpoolOptions {
             min_free_bytes: 1 << 30,
             named_temp_files: false,
             buffered_writes: false,
-            journal_segment_bytes: DEFAULT_JOURNAL_SEGMENT_BYTES,
         }
     }
 }
@@ -244,12 +224,6 @@ pub struct Recovery {
     pub files_quarantined: usize,
     /// Rows indexed by an older version whose attributes were read from their files.
     pub rows_reindexed: usize,
-    /// Records found in the write-ahead journal (instances acknowledged since its last
-    /// checkpoint).
-    pub journal_records: usize,
-    /// Files rewritten from the journal because they were missing or differed (a power
-    /// loss took them from the page cache).
-    pub files_restored: usize,
 }
 
 /// The durable spool. Safe to share between threads; every call blocks on the file system.
@@ -268,9 +242,6 @@ pub struct Spool {
     anonymous_temps: bool,
     /// Received data sets are written with `O_DIRECT`: probed at open.
     direct_writes: bool,
-    /// The write-ahead journal (see [`Spool::store`]); `None` when it is off or the spool
-    /// is open for maintenance.
-    journal: Option<Journal>,
 }
 
 impl Drop for Spool {
@@ -709,94 +680,9 @@ fn file_meta(
 impl Spool {
     /// Opens (creating if needed) the spool in `root` and reconciles the index with the files.
     pub fn open(root: &Path, options: SpoolOptions) -> Result<(Spool, Recovery), SpoolError> {
-        let mut spool = Spool::open_unreconciled(root, options)?;
-        let mut recovery = Recovery::default();
-        if spool.options.journal_segment_bytes > 0 {
-            let dir = spool.root.join(JOURNAL_DIR);
-            let io = |source| SpoolError::Io {
-                path: dir.clone(),
-                source,
-            };
-            match Journal::open(
-                &dir,
-                &spool.root,
-                spool.options.journal_segment_bytes,
-                spool.options.min_free_bytes,
-                spool.direct_writes,
-            ) {
-                Ok((mut journal, records)) => {
-                    recovery.journal_records = records.len();
-                    recovery.files_restored = spool.replay(records).map_err(io)?;
-                    // Without room for its segments (a nearly full or tiny file system)
-                    // the spool works without the journal: each store fsyncs its own file
-                    // and folder.
-                    match journal.clear() {
-                        Ok(()) => spool.journal = Some(journal),
-                        Err(e) => tracing::warn!(error = %e, "spool journal off"),
-                    }
-                }
-                // Another open spool owns it (and reads it back, or already did).
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    tracing::warn!(error = %e, "spool journal off")
-                }
-                Err(e) => return Err(io(e)),
-            }
-        }
-        let reconciled = spool.reconcile()?;
-        recovery = Recovery {
-            journal_records: recovery.journal_records,
-            files_restored: recovery.files_restored,
-            ..reconciled
-        };
-        if recovery.journal_records > 0 {
-            tracing::info!(?recovery, "spool journal read back");
-        }
+        let spool = Spool::open_unreconciled(root, options)?;
+        let recovery = spool.reconcile()?;
         Ok((spool, recovery))
-    }
-
-    /// Makes the files named by the journal's records whole and durable: a file that is
-    /// missing or differs from its record is written again. Returns how many were.
-    fn replay(&self, records: Vec<crate::journal::Record>) -> std::io::Result<usize> {
-        let purged_before =
-            fs::read_to_string(self.root.join(JOURNAL_DIR).join(PURGED_BEFORE_FILE))
-                .ok()
-                .and_then(|s| s.trim().parse::<i64>().ok())
-                .unwrap_or(i64::MIN);
-        let instances = self.root.join(INSTANCES_DIR);
-        let mut restored = 0;
-        for record in records {
-            if record.meta.received_at_ms < purged_before {
-                continue;
-            }
-            let relative = Path::new(&record.meta.relative);
-            let safe = relative.starts_with(INSTANCES_DIR)
-                && relative
-                    .components()
-                    .all(|c| matches!(c, std::path::Component::Normal(_)));
-            if !safe {
-                tracing::warn!("spool journal record with an unexpected path skipped");
-                continue;
-            }
-            let path = self.root.join(relative);
-            if fs::read(&path).is_ok_and(|bytes| bytes == record.image) {
-                continue;
-            }
-            let dir = path.parent().expect("instance paths have a parent");
-            create_dirs_durably(&instances, dir)?;
-            let n = self.seq.fetch_add(1, Ordering::Relaxed);
-            let tmp = self
-                .root
-                .join(TMP_DIR)
-                .join(format!("{}-replay-{n}.part", std::process::id()));
-            write_durably(&tmp, &record.image)?;
-            fs::rename(&tmp, &path)?;
-            sync_dir(dir)?;
-            restored += 1;
-        }
-        if restored > 0 {
-            tracing::warn!(restored, "spool files rewritten from the journal");
-        }
-        Ok(restored)
     }
 
     /// Opens (creating if needed) the spool without touching its files (maintenance).
@@ -852,22 +738,7 @@ impl Spool {
             dirs,
             anonymous_temps,
             direct_writes,
-            journal: None,
         })
-    }
-
-    /// Lets go of the spool as a crash would: the journal is not checkpointed, so the next
-    /// [`Spool::open`] reads back what it holds. For tests of crash recovery.
-    #[doc(hidden)]
-    pub fn abandon_for_tests(mut self) {
-        if let Some(journal) = self.journal.take() {
-            journal.abandon();
-        }
-    }
-
-    /// Whether stores go through the write-ahead journal (see [`Spool::store`]).
-    pub fn journaled(&self) -> bool {
-        self.journal.as_ref().is_some_and(|j| !j.is_broken())
     }
 
     /// The spool folder (absolute).
@@ -901,16 +772,14 @@ impl Spool {
     }
 
     /// Stores one data set (without file meta, encoded in `incoming.transfer_syntax`, as a
-    /// C-STORE carries it). Returns once the instance is durable (its journal record, or its
-    /// file and directory entry) and its index row committed. Refused objects are
-    /// quarantined before the error is returned.
+    /// C-STORE carries it). Returns once the file, its directory entry and its index row
+    /// are durable. Refused objects are quarantined before the error is returned.
     ///
-    /// Stores that run at the same time share their flushes and commits (group commit):
-    /// each caller writes its own file and links it into place; one journal `fdatasync`
-    /// covers the records of every caller that wrote one before it began (without the
-    /// journal: each fsyncs its file, and one syncer thread each directory once); then one
-    /// of the waiting callers adds all their rows in one transaction and wakes the others. No
-    /// call returns before its own data and name are durable and its row is committed.
+    /// Stores that run at the same time share their commits (group commit): each caller
+    /// writes and fsyncs its own temporary file, then one of the waiting callers renames
+    /// every file ready at that moment into place, fsyncs each directory once, adds all
+    /// their rows in one transaction, and wakes the others. No call returns before its own
+    /// data, rename and directory entry are on disk and its row is committed.
     pub fn store(&self, dataset: &[u8], incoming: &Incoming<'_>) -> Result<Stored, StoreError> {
         let identity = match validate(dataset, incoming) {
             Ok(identity) => identity,
@@ -925,45 +794,21 @@ impl Spool {
         let sha256 = hex::encode(Sha256::digest(dataset));
         let (stored, relative) =
             stored_of(&self.root, identity, incoming, dataset.len() as u64, sha256);
-        let meta = file_meta(
-            &stored.sop_class_uid,
-            &stored.sop_instance_uid,
-            &stored.transfer_syntax,
-            &stored.calling_ae,
-        )?;
-        if self
-            .journal
-            .as_ref()
-            .is_some_and(|j| dataset.len() + 1024 <= j.max_image())
-        {
-            // The file image in aligned memory, for the journal's record.
-            let mut buf: Vec<u8> = Vec::with_capacity(2 * DIRECT_ALIGN + 1024 + dataset.len());
-            let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-            buf.resize(start, 0);
-            push_part10_head(&mut buf, &meta).map_err(|e| StoreError::CannotParse {
-                transfer_syntax: stored.transfer_syntax.clone(),
-                detail: e.to_string(),
-            })?;
-            let head_len = buf.len() - start;
-            buf.extend_from_slice(dataset);
-            let len = buf.len() - start;
-            buf.resize(start + len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN, 0);
-            let padded = &buf[start..];
-            return self.settle(dataset, incoming, stored, relative, |stored, relative| {
-                self.place_image(stored, relative, padded, len, head_len)
-            });
-        }
-        self.settle(dataset, incoming, stored, relative, |stored, relative| {
+        self.settle(dataset, incoming, stored, relative, |stored| {
+            let meta = file_meta(
+                &stored.sop_class_uid,
+                &stored.sop_instance_uid,
+                &stored.transfer_syntax,
+                &stored.calling_ae,
+            )?;
             let mut tmp = self.temp_file(false).map_err(|e| io_error("create", e))?;
-            if let Err(source) = write_part10(&mut tmp.file, &meta, dataset) {
-                tmp.remove();
-                return Err(io_error("write", source));
+            match write_part10(&mut tmp.file, &meta, dataset) {
+                Ok(()) => Ok(tmp),
+                Err(source) => {
+                    tmp.remove();
+                    Err(io_error("write", source))
+                }
             }
-            self.place(Placement {
-                tmp,
-                relative,
-                stored,
-            })
         })
     }
 
@@ -1024,27 +869,8 @@ impl Spool {
         upload: &mut Upload,
         incoming: &Incoming<'_>,
     ) -> Result<Stored, StoreError> {
-        // The image padded with zeros to whole blocks (for the journal's `O_DIRECT` write)
-        // at an aligned address; the padding is not part of the file.
-        let len = upload.buf.len() - upload.start;
-        upload
-            .buf
-            .resize(upload.start + len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN, 0);
         upload.realign();
-        let result = self.finish_padded(upload, len, incoming);
-        upload.buf.truncate(upload.start + len);
-        result
-    }
-
-    /// [`Spool::finish`] of an upload whose file image (`len` bytes) is padded.
-    fn finish_padded(
-        &self,
-        upload: &mut Upload,
-        len: usize,
-        incoming: &Incoming<'_>,
-    ) -> Result<Stored, StoreError> {
-        let (start, data_start) = (upload.start, upload.data_start);
-        let data = &upload.buf[data_start..start + len];
+        let data = &upload.buf[upload.data_start..];
         let identity = match validate(data, incoming) {
             Ok(identity) => identity,
             Err(e) => {
@@ -1065,132 +891,30 @@ impl Spool {
         let sha256 = hex::encode(std::mem::take(&mut upload.hasher).finalize());
         let (stored, relative) =
             stored_of(&self.root, identity, incoming, data.len() as u64, sha256);
-        let buf = &upload.buf;
-        self.settle(
-            &buf[data_start..start + len],
-            incoming,
-            stored,
-            relative,
-            |stored, relative| {
-                self.place_image(stored, relative, &buf[start..], len, data_start - start)
-            },
-        )
-    }
-
-    /// Writes and places a file whose image is in memory: `padded` holds its `len` bytes
-    /// (the first `head_len` of them the preamble and file meta) and zeros to a whole number
-    /// of blocks, at an aligned address. With the journal: the file is written through the
-    /// page cache and linked under its name, then a journal record of it is made durable
-    /// (one flush, shared by the stores of the moment). Without (or when the journal cannot
-    /// take it): written with `O_DIRECT` where the file system allows, then [`Spool::place`].
-    fn place_image(
-        &self,
-        stored: Stored,
-        relative: PathBuf,
-        padded: &[u8],
-        len: usize,
-        head_len: usize,
-    ) -> Result<Placed, StoreError> {
-        let image = &padded[..len];
-        if let Some(journal) = &self.journal
-            && len <= journal.max_image()
-            && !journal.is_broken()
-        {
-            return self.place_journaled(journal, stored, relative, padded, len, head_len);
-        }
-        let direct = self.direct_writes;
-        let mut tmp = self.temp_file(direct).map_err(|e| io_error("create", e))?;
-        if let Err(e) = tmp.write_image(image, direct) {
-            tmp.remove();
-            return Err(io_error("write", e));
-        }
-        self.place(Placement {
-            tmp,
-            relative,
-            stored,
-        })
-    }
-
-    /// [`Spool::place_image`] with the journal.
-    fn place_journaled(
-        &self,
-        journal: &Journal,
-        stored: Stored,
-        relative: PathBuf,
-        padded: &[u8],
-        len: usize,
-        head_len: usize,
-    ) -> Result<Placed, StoreError> {
-        use std::os::unix::fs::FileExt;
-        let tmp = self.temp_file(false).map_err(|e| io_error("create", e))?;
-        if let Err(e) = tmp.file.write_all_at(&padded[..len], 0) {
-            tmp.remove();
-            return Err(io_error("write", e));
-        }
-        let dir = stored
-            .path
-            .parent()
-            .expect("instance paths have a parent")
-            .to_owned();
-        if let Err(e) = create_dirs_durably(&self.root.join(INSTANCES_DIR), &dir) {
-            tmp.remove();
-            return Err(io_error("create directory", e));
-        }
-        let linked = match tmp.link(&stored.path) {
-            Ok(linked) => linked,
-            Err(e)
-                if tmp.path.is_some()
-                    && (e.kind() == std::io::ErrorKind::PermissionDenied
-                        || e.kind() == std::io::ErrorKind::Unsupported) =>
-            {
-                return self.place_serially(tmp, relative, stored, dir);
+        let image = &upload.buf[upload.start..];
+        self.settle(data, incoming, stored, relative, |_| {
+            let direct = self.direct_writes;
+            let mut tmp = self.temp_file(direct).map_err(|e| io_error("create", e))?;
+            match tmp.write_image(image, direct) {
+                Ok(()) => Ok(tmp),
+                Err(e) => {
+                    tmp.remove();
+                    Err(io_error("write", e))
+                }
             }
-            Err(e) => {
-                tmp.remove();
-                return Err(io_error("rename", e));
-            }
-        };
-        let file = tmp.into_file();
-        let mut dataset_sha256 = [0u8; 32];
-        hex::decode_to_slice(&stored.sha256, &mut dataset_sha256)
-            .expect("the spool's own hex SHA-256");
-        let meta = RecordMeta {
-            relative: relative.to_string_lossy().into_owned(),
-            received_at_ms: stored.received_at_ms,
-            head_len,
-            dataset_sha256,
-        };
-        if let Err(e) = journal.append(&meta, padded, len) {
-            // Durable the way it is without a journal: the file and its folder fsynced.
-            tracing::debug!(error = %e, "instance stored without the journal");
-            let ticket = self.dirs.request(dir);
-            let file_synced = if linked {
-                file.sync_all()
-            } else {
-                File::open(&stored.path).and_then(|f| f.sync_all())
-            };
-            let dir_synced = self.dirs.wait(ticket);
-            if let Err(e) = file_synced.and(dir_synced) {
-                return Err(io_error("sync", e));
-            }
-        }
-        Ok(Placed {
-            relative,
-            stored,
-            linked,
         })
     }
 
     /// The end of a store whose data set was checked: a duplicate is answered from the
-    /// index; otherwise `place` writes the file, gives it its name and makes it durable,
-    /// and its row is committed ([`Spool::commit`]).
+    /// index; otherwise `write` gives the complete (not yet fsynced) temporary file, which
+    /// is placed, made durable and committed ([`Spool::commit`]).
     fn settle(
         &self,
         dataset: &[u8],
         incoming: &Incoming<'_>,
         stored: Stored,
         relative: PathBuf,
-        place: impl FnOnce(Stored, PathBuf) -> Result<Placed, StoreError>,
+        write: impl FnOnce(&Stored) -> Result<TempFile, StoreError>,
     ) -> Result<Stored, StoreError> {
         // An instance already indexed needs no write at all.
         let existing = {
@@ -1199,7 +923,13 @@ impl Spool {
         };
         let result = match existing {
             Some(existing) => self.as_duplicate(stored, existing),
-            None => place(stored, relative).and_then(|placed| self.commit(placed)),
+            None => write(&stored).and_then(|tmp| {
+                self.commit(Placement {
+                    tmp,
+                    relative,
+                    stored,
+                })
+            }),
         };
         if let Err(StoreError::Conflict) = result {
             // Another version of a stored instance: the first stays; this one is kept in
@@ -1222,9 +952,11 @@ impl Spool {
         })
     }
 
-    /// Queues a placed, durable file for the next group commit of index rows and waits for
-    /// its outcome. The first caller that finds no commit running commits the whole queue.
-    fn commit(&self, placed: Placed) -> Result<Stored, StoreError> {
+    /// Places a complete temporary file ([`Spool::place`]), queues it for the next group
+    /// commit of index rows and waits for its outcome. The first caller that finds no
+    /// commit running commits the whole queue.
+    fn commit(&self, placement: Placement) -> Result<Stored, StoreError> {
+        let placed = self.place(placement)?;
         let mut queue = self.commits.lock().unwrap_or_else(|p| p.into_inner());
         let ticket = queue.next_ticket;
         queue.next_ticket += 1;

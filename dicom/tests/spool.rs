@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use dicom_dictionary_std::tags;
-use nightingale_dicom::{Incoming, Recovery, Spool, SpoolOptions, StoreError, Stored};
+use nightingale_dicom::{Incoming, Spool, SpoolOptions, StoreError, Stored};
 
 mod support;
 
@@ -626,18 +626,7 @@ fn temp_options(named: bool, buffered: bool) -> SpoolOptions {
 
 #[test]
 fn a_streamed_instance_is_the_same_file_and_row_as_a_stored_one() {
-    let combinations = [(false, false), (true, false), (false, true), (true, true)];
-    for ((named, buffered), journal) in combinations.into_iter().zip([true, false, false, true]) {
-        // With and without the journal (journal_segment_bytes 0: each store fsyncs its
-        // own file and folder).
-        let temp_options = |named, buffered| SpoolOptions {
-            journal_segment_bytes: if journal {
-                SpoolOptions::default().journal_segment_bytes
-            } else {
-                0
-            },
-            ..temp_options(named, buffered)
-        };
+    for (named, buffered) in [(false, false), (true, false), (false, true), (true, true)] {
         // Data sets whose files end at every kind of tail after the last 4 KiB block.
         for extra in [0usize, 2, 1000, 4094] {
             let pixels: Vec<u8> = (0..=255u8).cycle().take(64 * 1024 + extra).collect();
@@ -790,143 +779,4 @@ fn an_index_from_before_the_attribute_columns_gets_them_from_the_files_at_open()
     // Once: the next open reads nothing again.
     let (_, recovery) = Spool::open(&root, options()).unwrap();
     assert_eq!(recovery.rows_reindexed, 0);
-}
-
-/// What a power loss can do to instances acknowledged since the journal's last checkpoint:
-/// their files, written through the page cache, gone or cut short, and the last index rows
-/// lost (SQLite's WAL is not synced per commit). Simulated by letting go of the spool without
-/// a checkpoint (as a crash would), then deleting, cutting and overwriting files and
-/// deleting rows. The next open rewrites each from its journal record and indexes it again.
-#[test]
-fn acknowledged_instances_a_power_loss_took_from_the_page_cache_come_back_from_the_journal() {
-    let dir = tempfile::tempdir().unwrap();
-    let (spool, recovery) = Spool::open(dir.path(), options()).unwrap();
-    assert!(spool.journaled());
-    assert_eq!(recovery, Recovery::default());
-    let mut stored: Vec<Stored> = (0..4)
-        .map(|i| {
-            let data = ct(
-                Some(&format!("1.2.3.10.{i}")),
-                Some(vec![i as u8; 10_000 + i * 999]),
-            );
-            spool.store(&data, &incoming()).unwrap()
-        })
-        .collect();
-    // One received the DIMSE way, in fragments.
-    let pixels: Vec<u8> = (0..=255u8).cycle().take(70_001).collect();
-    let data = ct(Some("1.2.3.10.9"), Some(pixels));
-    stored.push(upload(&spool, "1.2.3.10.9", &data, 4096).unwrap());
-    let originals: Vec<Vec<u8>> = stored
-        .iter()
-        .map(|s| std::fs::read(&s.path).unwrap())
-        .collect();
-    spool.abandon_for_tests();
-
-    std::fs::remove_file(&stored[0].path).unwrap();
-    let half = originals[1].len() / 2;
-    std::fs::write(&stored[1].path, &originals[1][..half]).unwrap();
-    let mut zeroed = originals[4].clone();
-    let n = zeroed.len();
-    zeroed[n - 5000..].fill(0);
-    std::fs::write(&stored[4].path, &zeroed).unwrap();
-    let db = rusqlite::Connection::open(dir.path().join("index.sqlite3")).unwrap();
-    for s in [&stored[0], &stored[2]] {
-        db.execute(
-            "DELETE FROM instances WHERE sop_instance_uid = ?1",
-            [&s.sop_instance_uid],
-        )
-        .unwrap();
-    }
-    drop(db);
-
-    let (spool, recovery) = Spool::open(dir.path(), options()).unwrap();
-    assert_eq!(recovery.journal_records, 5);
-    assert_eq!(recovery.files_restored, 3);
-    for (s, original) in stored.iter().zip(&originals) {
-        assert_eq!(
-            &std::fs::read(&s.path).unwrap(),
-            original,
-            "{}",
-            s.sop_instance_uid
-        );
-    }
-    let indexed = spool.instances().unwrap();
-    assert_eq!(indexed.len(), 5);
-    for s in &stored {
-        let row = indexed
-            .iter()
-            .find(|r| r.sop_instance_uid == s.sop_instance_uid)
-            .unwrap();
-        assert_eq!(
-            (row.sha256.as_str(), &row.path),
-            (s.sha256.as_str(), &s.path)
-        );
-    }
-    assert!(quarantined(&spool).is_empty());
-    // Opened again: the journal was emptied once the files were whole.
-    drop(spool);
-    let (_, recovery) = Spool::open(dir.path(), options()).unwrap();
-    assert_eq!(recovery.journal_records, 0);
-}
-
-/// The journal never brings back an instance that retention purged after it was
-/// acknowledged (the purge records its cutoff first).
-#[test]
-fn a_purged_instance_does_not_come_back_from_the_journal() {
-    let dir = tempfile::tempdir().unwrap();
-    let (spool, _) = Spool::open(dir.path(), options()).unwrap();
-    for i in 0..2 {
-        spool
-            .store(
-                &ct(Some(&format!("1.2.3.11.{i}")), Some(vec![1; 3000])),
-                &incoming(),
-            )
-            .unwrap();
-    }
-    spool.abandon_for_tests();
-    let maintenance = Spool::open_for_maintenance(dir.path()).unwrap();
-    let cutoff = std::time::SystemTime::now() + std::time::Duration::from_secs(1);
-    assert_eq!(maintenance.purge(cutoff, false).unwrap().instances, 2);
-    drop(maintenance);
-    let (spool, recovery) = Spool::open(dir.path(), options()).unwrap();
-    assert_eq!(recovery.journal_records, 2);
-    assert_eq!(recovery.files_restored, 0);
-    assert!(spool.instances().unwrap().is_empty());
-    assert!(dcm_files(spool.root()).is_empty());
-}
-
-/// Many stores through small journal segments: every one goes through rotations and
-/// checkpoints, and all are indexed and whole; after a crash nothing is rewritten (the page
-/// cache kept every file) and nothing acknowledged is missing.
-#[test]
-fn concurrent_stores_through_journal_checkpoints_are_all_whole_after_a_crash() {
-    let dir = tempfile::tempdir().unwrap();
-    let small = SpoolOptions {
-        journal_segment_bytes: 256 << 10,
-        ..options()
-    };
-    let (spool, _) = Spool::open(dir.path(), small.clone()).unwrap();
-    let stored: Vec<Vec<Stored>> = together(|t| {
-        (0..12)
-            .map(|i| {
-                let data = ct(
-                    Some(&format!("1.2.3.12.{t}.{i}")),
-                    Some(vec![(t * 16 + i) as u8; 20_000]),
-                );
-                upload(&spool, &format!("1.2.3.12.{t}.{i}"), &data, 8192).unwrap()
-            })
-            .collect()
-    });
-    let stored: Vec<Stored> = stored.into_iter().flatten().collect();
-    let originals: Vec<Vec<u8>> = stored
-        .iter()
-        .map(|s| std::fs::read(&s.path).unwrap())
-        .collect();
-    spool.abandon_for_tests();
-    let (spool, recovery) = Spool::open(dir.path(), small).unwrap();
-    assert_eq!(recovery.files_restored, 0);
-    assert_eq!(spool.instances().unwrap().len(), stored.len());
-    for (s, original) in stored.iter().zip(&originals) {
-        assert_eq!(&std::fs::read(&s.path).unwrap(), original);
-    }
 }
