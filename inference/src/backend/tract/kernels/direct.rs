@@ -18,9 +18,11 @@
 //! transposed stores cost more than the points layout's padding columns: measured node by
 //! node on the bundles and ResNet-50 (docs/performance.md §20).
 //!
-//! The SIMD is `pulp`'s (safe, dispatched at run time to AVX2/FMA, NEON, or plain scalar
-//! code; the workspace forbids `unsafe`), already in the dependency graph through candle's
-//! `gemm`. Every image is computed on its own, with the same order of additions whatever the
+//! The SIMD is `pulp`'s (safe, dispatched at run time to AVX-512 (16 lanes: one vector per
+//! 16 channels, its `x86-v4` feature, stable Rust since 1.89), AVX2/FMA, NEON, or plain
+//! scalar code; the workspace forbids `unsafe`), already in the dependency graph through
+//! candle's `gemm`. AVX-512 where the CPU has it: 3–11 % less time than AVX2 on the bundles
+//! and ResNet-50 (docs/performance.md §20.2). Every image is computed on its own, with the same order of additions whatever the
 //! batch, so an image's answer is the same bits alone or batched.
 
 mod channels;
@@ -34,7 +36,8 @@ pub fn applies(strides: (usize, usize), dilations: (usize, usize)) -> bool {
 }
 
 /// Which SIMD the kernel runs on: the best the CPU has (pulp's run-time dispatch), or plain
-/// scalar code (one lane: the path of a CPU without AVX2, checked by the tests on any CPU).
+/// scalar code (one lane: the path of a CPU without AVX2, checked by the tests on any CPU;
+/// `Best` is AVX-512 on a CPU that has it, AVX2 on one that has only that).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
     Best,
