@@ -4,9 +4,8 @@
 
 - "serial" (before 2026-12-02): write a 512 KB file to a temporary folder, fsync it, rename
   it into another folder, fsync that folder: two device flushes one after the other;
-- "parallel" (2026-12-02, now): write the file, link it into
-  the other folder, then fsync the file and the folder at the same time (two threads), so
-  that one flush can cover both;
+- "parallel" (2026-12-02, now): write the file, link it into the other folder, then fsync
+  the file and the folder at the same time (two threads), so that one flush can cover both;
 - "journal" (a 2026-12-03 experiment, not shipped: docs/performance.md §8.6): write the
   file through the page cache and link it (no fsync), then write a record of it with
   O_DIRECT over blocks of a journal file written once before, and fdatasync the journal: one
@@ -24,6 +23,7 @@ the benchmark's spool uses). Not a test: a measurement for docs/performance.md.
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import statistics
 import tempfile
@@ -77,8 +77,6 @@ class Journal:
     SLOTS = 64
 
     def __init__(self, root: Path, size: int):
-        import mmap
-
         self.slot = (size + 4096 + 4095) // 4096 * 4096
         self.buf = mmap.mmap(-1, self.slot)  # page-aligned, as O_DIRECT needs
         self.buf.write(os.urandom(self.slot))
@@ -89,7 +87,7 @@ class Journal:
         os.fsync(self.fd)
 
 
-def journal(j: Journal, tmp: Path, dest: Path, i: int, payload: bytes) -> float:
+def journal(j: Journal, dest: Path, i: int, payload: bytes) -> float:
     t0 = time.perf_counter()
     fd = os.open(dest / f"{i}.dcm", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
@@ -125,7 +123,8 @@ def main() -> None:
         for i in range(args.runs):
             times["serial"].append(serial(tmp, dest, 3 * i, payload))
             times["parallel"].append(parallel(tmp, dest, 3 * i + 1, payload))
-            times["journal"].append(journal(j, tmp, dest, 3 * i + 2, payload))
+            times["journal"].append(journal(j, dest, 3 * i + 2, payload))
+        os.close(j.fd)
     print(f"durable store of {args.size} bytes on {base}, {args.runs} runs each, interleaved:")
     print("  " + summary("write, fsync, rename, folder fsync (serial)", times["serial"]))
     print("  " + summary("write, link, file and folder fsync together (parallel)", times["parallel"]))

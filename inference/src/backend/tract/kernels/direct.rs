@@ -35,14 +35,33 @@ pub fn applies(strides: (usize, usize), dilations: (usize, usize)) -> bool {
     dilations == (1, 1) && (1..=2).contains(&strides.0) && (1..=2).contains(&strides.1)
 }
 
-/// Which SIMD the kernel runs on: the best the CPU has (pulp's run-time dispatch), or plain
-/// scalar code (one lane: the path of a CPU without AVX2, checked by the tests on any CPU;
-/// `Best` is AVX-512 on a CPU that has it, AVX2 on one that has only that).
+/// Which SIMD the kernel runs on: the best the CPU has (pulp's run-time dispatch: AVX-512 on
+/// a CPU that has it, AVX2 on one that has only that), or, for the tests, AVX2 where the best
+/// is wider, and plain scalar code (one lane: the path of a CPU without AVX2) on any CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
     Best,
+    #[cfg(all(test, target_arch = "x86_64"))]
+    Avx2,
     #[cfg_attr(not(test), allow(dead_code))]
     Scalar,
+}
+
+impl Isa {
+    /// Runs `kernel` on this SIMD.
+    fn run<K: pulp::WithSimd<Output = ()>>(self, kernel: K) {
+        match self {
+            Isa::Best => pulp::Arch::new().dispatch(kernel),
+            #[cfg(all(test, target_arch = "x86_64"))]
+            Isa::Avx2 => {
+                let v3 = pulp::x86::V3::try_new()
+                    .expect("the test asks for AVX2 only where the CPU has it");
+                // `Simd`'s `vectorize` (V3's own takes a closure): with AVX2 enabled.
+                <pulp::x86::V3 as pulp::Simd>::vectorize(v3, kernel)
+            }
+            Isa::Scalar => kernel.with_simd(pulp::Scalar::new()),
+        }
+    }
 }
 
 /// Below this many taps per output (input channels × kernel taps), a stride-1 convolution
@@ -217,7 +236,13 @@ mod tests {
             let expected = reference(&p, (ci, co), &weights, &bias, relu, &x);
             let layouts = [Layout::Points, Layout::Channels]
                 .map(|layout| Packed::for_layout(layout, &weights, &bias, ci, co, kh * kw));
-            for isa in [Isa::Best, Isa::Scalar] {
+            let mut isas = vec![Isa::Best, Isa::Scalar];
+            // The AVX2 path too where the best is AVX-512.
+            #[cfg(target_arch = "x86_64")]
+            if pulp::x86::V3::try_new().is_some() {
+                isas.push(Isa::Avx2);
+            }
+            for isa in isas {
                 let outputs = layouts.each_ref().map(|packed| {
                     let mut out = vec![f32::NAN; co * oh * ow];
                     convolve(isa, &p, packed, relu, &x, &mut out);

@@ -103,10 +103,7 @@ pub fn convolve(isa: Isa, p: &Plane, packed: &Packed, relu: bool, input: &[f32],
                 relu,
                 out,
             };
-            match isa {
-                Isa::Best => pulp::Arch::new().dispatch(kernel),
-                Isa::Scalar => kernel.with_simd(pulp::Scalar::new()),
-            }
+            isa.run(kernel);
         }
     });
 }

@@ -118,10 +118,7 @@ pub fn convolve(isa: Isa, p: &Plane, packed: &Packed, relu: bool, input: &[f32],
                 dst: &mut dst[..len],
                 flat_padded,
             };
-            match isa {
-                Isa::Best => pulp::Arch::new().dispatch(kernel),
-                Isa::Scalar => kernel.with_simd(pulp::Scalar::new()),
-            }
+            isa.run(kernel);
             for c in 0..co {
                 let from = &dst[c * flat_padded..];
                 let to = &mut out[c * p.oh * p.ow..][..p.oh * p.ow];
