@@ -3,14 +3,14 @@
 //!
 //! Two layouts of the same sum, chosen per convolution when the model is planned (its planes'
 //! sizes are known then), both holding 12 vector accumulators (two vectors × six, within
-//! AVX2's 16 registers) and doing, per input channel and tap, 2 vector loads, 6 broadcasts
-//! and 12 fused multiply-adds:
+//! AVX2's 16 registers; the channels layout on AVX-512: one vector × twelve points) and
+//! doing, per input channel and tap, 12 fused multiply-adds:
 //!
 //! - **points** (`points.rs`): vectors along a row's output points, six output channels at a
 //!   time, stored straight into the output rows; the padding columns of every row are computed
 //!   too (a 7-wide plane computes 9 or more per row) and channels are taken six at a time;
 //! - **channels** (`channels.rs`): vectors along 16 output channels, six output points at a
-//!   time; nothing outside the output is computed, but the accumulators go back into the
+//!   time (twelve on AVX-512); nothing outside the output is computed, but the accumulators go back into the
 //!   output planes transposed, one value at a time.
 //!
 //! [`Packed::new`] takes channels, but for a convolution of stride 1 whose outputs sum fewer
@@ -49,7 +49,7 @@ pub enum Isa {
 
 impl Isa {
     /// Runs `kernel` on this SIMD.
-    fn run<K: pulp::WithSimd<Output = ()>>(self, kernel: K) {
+    fn run<K: pulp::WithSimd>(self, kernel: K) -> K::Output {
         match self {
             Isa::Best => pulp::Arch::new().dispatch(kernel),
             #[cfg(all(test, target_arch = "x86_64"))]
@@ -61,6 +61,18 @@ impl Isa {
             }
             Isa::Scalar => kernel.with_simd(pulp::Scalar::new()),
         }
+    }
+
+    /// The `f32` lanes of this SIMD's vectors.
+    fn lanes(self) -> usize {
+        struct Lanes;
+        impl pulp::WithSimd for Lanes {
+            type Output = usize;
+            fn with_simd<S: pulp::Simd>(self, _: S) -> usize {
+                S::F32_LANES
+            }
+        }
+        self.run(Lanes)
     }
 }
 
@@ -205,6 +217,8 @@ mod tests {
             // More input channels than one pass of the channels layout takes (28 of 3 × 3).
             (61, 17, 9, 8, 3, 3, 1, 1, 1, 1, 1, 1, true),
             (45, 16, 8, 9, 3, 3, 2, 2, 1, 1, 1, 1, false),
+            // Rows of several blocks (29 points: 10 + 10 + 9 on AVX-512, five on AVX2).
+            (8, 16, 4, 29, 3, 3, 1, 1, 1, 1, 1, 1, true),
             // 1 × 1, stride 1, no padding: the planes as one row of panels; in one pass and
             // in two (more than 256 input channels).
             (70, 20, 5, 7, 1, 1, 1, 1, 0, 0, 0, 0, true),

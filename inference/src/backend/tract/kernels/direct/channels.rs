@@ -4,10 +4,11 @@
 //! Each image's input channels are copied once into zero-padded planes (the rows and columns
 //! the convolution reads, one row pitch for all). The kernel computes blocks of up to `PX`
 //! neighbouring outputs of one output row for `OCB` (16) output channels at once: the
-//! accumulators hold, per output point, the 16 channels in vectors (two of AVX2's, so six
-//! points × two vectors = 12 of its 16 registers), and per input channel and tap it loads
-//! the 16 packed weights of that tap (two vectors), broadcasts the input value each point
-//! reads, and does 12 fused multiply-adds. Nothing is computed for points outside the output
+//! accumulators hold, per output point, the 16 channels in vectors (one of AVX-512's, so
+//! twelve points × one vector = 12 of its 32 registers; two of AVX2's, so six points × two
+//! vectors = 12 of its 16), and per input channel and tap it loads the 16 packed weights of
+//! that tap (one or two vectors), broadcasts the input value each point reads, and does 12
+//! fused multiply-adds. Nothing is computed for points outside the output
 //! (a row's last block is as wide as what is left of it) and no channel is wasted when the
 //! output channels are a multiple of 16; a stride only changes which input values are
 //! broadcast. The price: the accumulators go back into the output planes transposed, one
@@ -25,8 +26,14 @@ use pulp::{Simd, WithSimd};
 
 use super::{Isa, Packed, Plane, padded};
 
-/// Output points per block (six: with two vectors of 16 channels each, 12 accumulators).
-const PX: usize = 6;
+/// Output points per block, at most: 12 accumulators, whatever the vectors' width (16
+/// channels in one vector of AVX-512: twelve points; in two of AVX2: six, within its 16
+/// registers). With fewer, AVX-512's fused multiply-adds wait on each other (four cycles of
+/// latency on two ports want eight in flight): twelve points instead of six took
+/// less time there (docs/performance.md §20.3).
+const fn points_per_block(lanes: usize) -> usize {
+    if lanes >= OCB { 12 } else { 6 }
+}
 
 /// Output channels per block: one vector of AVX-512, two of AVX2, four of NEON.
 pub(super) const OCB: usize = 16;
@@ -80,7 +87,7 @@ pub fn convolve(isa: Isa, p: &Plane, packed: &Packed, relu: bool, input: &[f32],
             .zip(out.chunks_exact_mut(co * p.oh * p.ow))
         {
             let src: &[f32] = if pointwise {
-                as_panels(image, ci, p.ow, buffer);
+                as_panels(image, ci, p.ow, points_per_block(isa.lanes()), buffer);
                 buffer
             } else if unpadded {
                 image
@@ -110,12 +117,12 @@ pub fn convolve(isa: Isa, p: &Plane, packed: &Packed, relu: bool, input: &[f32],
 
 /// Copies one image's `ci` planes of `n` points (a pointwise convolution's) into `buffer` as
 /// panels: each block's points side by side, channel after channel (`[ci][width]` per block,
-/// the blocks as the kernel cuts the row), so that the kernel reads them in order instead of
-/// one value per channel plane.
-fn as_panels(image: &[f32], ci: usize, n: usize, buffer: &mut Vec<f32>) {
+/// the blocks as the kernel cuts the row: up to `px` points), so that the kernel reads them
+/// in order instead of one value per channel plane.
+fn as_panels(image: &[f32], ci: usize, n: usize, px: usize, buffer: &mut Vec<f32>) {
     buffer.clear();
     buffer.resize(ci * n, 0.0);
-    let blocks = n.div_ceil(PX);
+    let blocks = n.div_ceil(px);
     let mut x0 = 0;
     for block in 0..blocks {
         let width = n / blocks + usize::from(block < n % blocks);
@@ -176,16 +183,19 @@ impl WithSimd for Kernel<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        // Vectors per block of OCB channels.
+        // Vectors per block of OCB channels, the horizontal stride, points per block.
+        const WIDE: usize = points_per_block(16);
+        const NARROW: usize = points_per_block(8);
+        const { assert!(points_per_block(4) == NARROW && points_per_block(1) == NARROW) };
         match (S::F32_LANES, self.p.sx) {
-            (16, 1) => self.run::<S, 1, 1>(simd),
-            (16, _) => self.run::<S, 1, 2>(simd),
-            (8, 1) => self.run::<S, 2, 1>(simd),
-            (8, _) => self.run::<S, 2, 2>(simd),
-            (4, 1) => self.run::<S, 4, 1>(simd),
-            (4, _) => self.run::<S, 4, 2>(simd),
-            (1, 1) => self.run::<S, 16, 1>(simd),
-            (1, _) => self.run::<S, 16, 2>(simd),
+            (16, 1) => self.run::<S, 1, 1, WIDE>(simd),
+            (16, _) => self.run::<S, 1, 2, WIDE>(simd),
+            (8, 1) => self.run::<S, 2, 1, NARROW>(simd),
+            (8, _) => self.run::<S, 2, 2, NARROW>(simd),
+            (4, 1) => self.run::<S, 4, 1, NARROW>(simd),
+            (4, _) => self.run::<S, 4, 2, NARROW>(simd),
+            (1, 1) => self.run::<S, 16, 1, NARROW>(simd),
+            (1, _) => self.run::<S, 16, 2, NARROW>(simd),
             // No pulp target has another width; plain scalar code if one ever does.
             _ => self.with_simd(pulp::Scalar::new()),
         }
@@ -193,22 +203,25 @@ impl WithSimd for Kernel<'_> {
 }
 
 impl Kernel<'_> {
-    /// The whole image, `NV` vectors per OCB channels, horizontal stride `SX`: 3 × 3 kernels
-    /// (nearly every convolution of the bundles and ResNet-50) and 1 × 1 ones with the
-    /// kernel's size known to the compiler (tap loops unrolled, no bounds checks inside them),
-    /// others not.
+    /// The whole image, `NV` vectors per OCB channels, horizontal stride `SX`, up to `PX`
+    /// points per block: 3 × 3 kernels (nearly every convolution of the bundles and
+    /// ResNet-50) and 1 × 1 ones with the kernel's size known to the compiler (tap loops
+    /// unrolled, no bounds checks inside them), others not.
     #[inline(always)]
-    fn run<S: Simd, const NV: usize, const SX: usize>(self, simd: S) {
+    fn run<S: Simd, const NV: usize, const SX: usize, const PX: usize>(self, simd: S) {
         match (self.p.kh, self.p.kw) {
-            (3, 3) => self.image::<S, NV, SX, 3>(simd),
-            (1, 1) => self.image::<S, NV, SX, 1>(simd),
-            _ => self.image::<S, NV, SX, 0>(simd),
+            (3, 3) => self.image::<S, NV, SX, 3, PX>(simd),
+            (1, 1) => self.image::<S, NV, SX, 1, PX>(simd),
+            _ => self.image::<S, NV, SX, 0, PX>(simd),
         }
     }
 
     /// The whole image, with a `K` × `K` kernel (0: the plane's own size).
     #[inline(always)]
-    fn image<S: Simd, const NV: usize, const SX: usize, const K: usize>(mut self, simd: S) {
+    fn image<S: Simd, const NV: usize, const SX: usize, const K: usize, const PX: usize>(
+        mut self,
+        simd: S,
+    ) {
         let p = *self.p;
         let k = self.ci * p.kh * p.kw;
         for (b, (weights, bias)) in self
@@ -238,6 +251,12 @@ impl Kernel<'_> {
                         };
                         let n = p.ow / blocks + usize::from(block < p.ow % blocks);
                         match n {
+                            12 => self.block::<S, NV, SX, K, 12>(simd, weights, bias, at.clone()),
+                            11 => self.block::<S, NV, SX, K, 11>(simd, weights, bias, at.clone()),
+                            10 => self.block::<S, NV, SX, K, 10>(simd, weights, bias, at.clone()),
+                            9 => self.block::<S, NV, SX, K, 9>(simd, weights, bias, at.clone()),
+                            8 => self.block::<S, NV, SX, K, 8>(simd, weights, bias, at.clone()),
+                            7 => self.block::<S, NV, SX, K, 7>(simd, weights, bias, at.clone()),
                             6 => self.block::<S, NV, SX, K, 6>(simd, weights, bias, at.clone()),
                             5 => self.block::<S, NV, SX, K, 5>(simd, weights, bias, at.clone()),
                             4 => self.block::<S, NV, SX, K, 4>(simd, weights, bias, at.clone()),
