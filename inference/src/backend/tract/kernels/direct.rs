@@ -10,8 +10,8 @@
 //!   time, stored straight into the output rows; the padding columns of every row are computed
 //!   too (a 7-wide plane computes 9 or more per row) and channels are taken six at a time;
 //! - **channels** (`channels.rs`): vectors along 16 output channels, six output points at a
-//!   time (twelve on AVX-512); nothing outside the output is computed, but the accumulators go back into the
-//!   output planes transposed, one value at a time.
+//!   time (twelve on AVX-512); nothing outside the output is computed, but the accumulators
+//!   go back into the output planes transposed, one value at a time.
 //!
 //! [`Packed::new`] takes channels, but for a convolution of stride 1 whose outputs sum fewer
 //! than [`FEW_TAPS`] taps (a first layer over a one- or three-channel image), where the

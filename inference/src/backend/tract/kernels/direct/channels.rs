@@ -8,10 +8,9 @@
 //! twelve points × one vector = 12 of its 32 registers; two of AVX2's, so six points × two
 //! vectors = 12 of its 16), and per input channel and tap it loads the 16 packed weights of
 //! that tap (one or two vectors), broadcasts the input value each point reads, and does 12
-//! fused multiply-adds. Nothing is computed for points outside the output
-//! (a row's last block is as wide as what is left of it) and no channel is wasted when the
-//! output channels are a multiple of 16; a stride only changes which input values are
-//! broadcast. The price: the accumulators go back into the output planes transposed, one
+//! fused multiply-adds. Nothing is computed for points outside the output (a row's last
+//! block is as wide as what is left of it) and no channel is wasted when the output channels
+//! are a multiple of 16; a stride only changes which input values are broadcast. The price: the accumulators go back into the output planes transposed, one
 //! value at a time.
 //!
 //! A block streams its 16 channels' weights of every input channel and tap (64 bytes a tap):
@@ -32,7 +31,7 @@ use super::{Isa, Packed, Plane, padded};
 /// latency on two ports want eight in flight): twelve points instead of six took
 /// less time there (docs/performance.md §20.3).
 const fn points_per_block(lanes: usize) -> usize {
-    if lanes >= OCB { 12 } else { 6 }
+    if lanes == OCB { 12 } else { 6 }
 }
 
 /// Output channels per block: one vector of AVX-512, two of AVX2, four of NEON.
@@ -78,6 +77,12 @@ pub fn convolve(isa: Isa, p: &Plane, packed: &Packed, relu: bool, input: &[f32],
     let plane = hp * wp;
     let taps = p.kh * p.kw;
     let group = (WEIGHT_BYTES / (taps * OCB * size_of::<f32>())).clamp(1, ci);
+    // The pointwise panels are cut as the kernel will cut the row.
+    let px = if pointwise {
+        points_per_block(isa.lanes())
+    } else {
+        0
+    };
     BUFFERS.with_borrow_mut(|(buffer, partial)| {
         if group < ci {
             partial.resize(p.oh * p.ow * OCB, 0.0);
@@ -87,7 +92,7 @@ pub fn convolve(isa: Isa, p: &Plane, packed: &Packed, relu: bool, input: &[f32],
             .zip(out.chunks_exact_mut(co * p.oh * p.ow))
         {
             let src: &[f32] = if pointwise {
-                as_panels(image, ci, p.ow, points_per_block(isa.lanes()), buffer);
+                as_panels(image, ci, p.ow, px, buffer);
                 buffer
             } else if unpadded {
                 image
@@ -238,7 +243,7 @@ impl Kernel<'_> {
                 for oy in 0..p.oh {
                     // The row in blocks of as equal widths as can be: a block of one or two
                     // points has too few accumulators to hide the multiply-adds' latency (a
-                    // 7-wide row as 4 + 3, not 6 + 1).
+                    // 7-wide row, six points per block, as 4 + 3, not 6 + 1).
                     let blocks = p.ow.div_ceil(PX);
                     let mut x0 = 0;
                     for block in 0..blocks {
