@@ -485,6 +485,21 @@ async fn corrupt_parts_are_refused_with_their_reason() {
         f[at + 8..at + 12].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
         f
     };
+    // Inserted before (0020,000D) Study Instance UID: an FL of 2 bytes (a length that is not
+    // a whole number of values: dicom-parser would read on 2 bytes off, the next "length"
+    // chosen by the sender), and a file meta element (Transfer Syntax UID) inside the data
+    // set, which readers take for the file's own.
+    let with_before_study = |n: u32, element: &[u8]| {
+        let mut f = part10(STUDY, SERIES, &sop(n), 1);
+        let at = f
+            .windows(6)
+            .position(|w| w == b"\x20\x00\x0d\x00UI")
+            .expect("the Study Instance UID");
+        f.splice(at..at, element.iter().copied());
+        f
+    };
+    let short_float = with_before_study(4, b"\x18\x00\x99\x99FL\x02\x00\x00\x00");
+    let meta_inside = with_before_study(5, b"\x02\x00\x10\x00UI\x14\x001.2.840.10008.1.2.2\x00");
     let (s, v) = server
         .stow(
             "/dicomweb/studies",
@@ -492,14 +507,32 @@ async fn corrupt_parts_are_refused_with_their_reason() {
                 ("application/dicom", &truncated),
                 ("application/dicom", &not_dicom),
                 ("application/dicom", &huge_meta),
+                ("application/dicom", &short_float),
+                ("application/dicom", &meta_inside),
             ]),
         )
         .await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
     assert_eq!(
         failed(&v),
-        vec![(Some(sop(2)), 0xC000), (None, 0xC000), (None, 0xC000)]
+        vec![
+            (Some(sop(2)), 0xC000),
+            (None, 0xC000),
+            (None, 0xC000),
+            (Some(sop(4)), 0xC000),
+            (Some(sop(5)), 0xC000)
+        ]
     );
+    // On a study's URL the same part of another study fails too: a study that cannot be
+    // read is not taken on trust.
+    let (s, v) = server
+        .stow(
+            &format!("/dicomweb/studies/{OTHER_STUDY}"),
+            multipart(&[("application/dicom", &short_float)]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(failed(&v), vec![(Some(sop(4)), 0xC000)]);
     assert!(v.get("00081199").is_none(), "{v}");
     assert!(server.stored().is_empty());
 

@@ -516,6 +516,71 @@ async fn bad_requests_get_400_with_the_reason() {
     }
 }
 
+/// Compressed request bodies (tritonclient's `request_compression_algorithm`): gzip and
+/// deflate (zlib) give the plain body's answer; another coding is 415 before the body is
+/// read; a small body that inflates past the body limit is 413, one that does not inflate 400.
+#[tokio::test]
+async fn gzip_and_deflate_bodies_are_inflated_within_the_limits() {
+    use std::io::Write;
+    let f = Fixture::new(HttpConfig {
+        max_body_bytes: 1 << 20,
+        ..HttpConfig::default()
+    });
+    let uri = format!("/v2/models/{MODEL}/infer");
+    let (row, p_malignant) = test_split().into_iter().next().unwrap();
+    let plain = serde_json::to_vec(&json_request(&[row])).unwrap();
+    let gzip = |bytes: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    };
+    let zlib = |bytes: &[u8]| {
+        let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    };
+    let post = |coding: &str, body: Vec<u8>| {
+        Request::post(&uri)
+            .header("content-encoding", coding)
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    for (coding, body) in [
+        ("gzip", gzip(&plain)),
+        ("deflate", zlib(&plain)),
+        ("identity", plain.clone()),
+    ] {
+        let (s, _, b) = f.call(post(coding, body)).await;
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(s, StatusCode::OK, "{coding}: {v}");
+        assert!(
+            (probabilities(&v)[0] - p_malignant).abs() <= 1e-5,
+            "{coding}"
+        );
+    }
+    for coding in ["br", "zstd", "gzip, gzip"] {
+        let (s, _, b) = f.call(post(coding, plain.clone())).await;
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{coding}: {v}");
+    }
+    // 8 MiB of spaces compress to a few KiB: refused at the 1 MiB limit, not allocated.
+    let bomb = gzip(&vec![b' '; 8 << 20]);
+    assert!(bomb.len() < 64 << 10);
+    let (s, _, b) = f.call(post("gzip", bomb)).await;
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert!(error_of(&v).contains("decompresses to more than"), "{v}");
+    let (s, _, b) = f.call(post("gzip", plain.clone())).await;
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(error_of(&v).contains("does not decompress"), "{v}");
+    let mut cut = gzip(&plain);
+    cut.truncate(cut.len() / 2);
+    let (s, _, _) = f.call(post("gzip", cut)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
 #[tokio::test]
 async fn unknown_models_404_and_oversized_bodies_413() {
     let f = Fixture::new(HttpConfig {
@@ -1271,9 +1336,28 @@ async fn until(what: &str, done: impl Fn() -> bool) {
     }
 }
 
+/// A body that sends its bytes at once and then nothing more, never ending.
+struct SentThenStalled(Option<Bytes>);
+
+impl http_body::Body for SentThenStalled {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        match self.0.take() {
+            Some(data) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(data)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
 /// The in-flight memory budget: a body that could never fit is 413, one that does not fit
 /// now is 503 with Retry-After before its body is read (Content-Length) or as soon as its
-/// chunks overrun the budget; the budget comes back when the request ends.
+/// chunks overrun the budget; a body is charged as its bytes arrive, so clients that declare
+/// large bodies and send nothing hold none of it (a slow-body attack on the budget); the
+/// budget comes back when the request ends.
 #[tokio::test]
 async fn the_inflight_budget_refuses_with_503_and_retry_after() {
     const BUDGET: usize = 1 << 20;
@@ -1282,22 +1366,38 @@ async fn the_inflight_budget_refuses_with_503_and_retry_after() {
         ..HttpConfig::default()
     });
     let uri = format!("/v2/models/{MODEL}/infer");
-    let stalled = |len: usize| {
+    let declared = |len: usize, body: Body| {
         Request::post(&uri)
             .header("content-length", len.to_string())
-            .body(Body::new(Stalled))
+            .body(body)
             .unwrap()
     };
     // Twice 600 000 bytes is more than the whole budget.
-    let (s, _, b) = f.call(stalled(600_000)).await;
+    let (s, _, b) = f.call(declared(600_000, Body::new(Stalled))).await;
     let v: Value = serde_json::from_slice(&b).unwrap();
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
     assert!(error_of(&v).contains("max_inflight_bytes"), "{v}");
     assert_eq!(f.state.inflight_bytes_free(), BUDGET);
 
-    // One stalled request holds twice 300 000 bytes (rounded up to KiB).
+    // Eight clients declare 300 000 bytes each and send nothing: they hold no budget, and a
+    // request that comes after them is answered.
     let app = http::app(f.state.clone());
-    let holder = tokio::spawn(app.oneshot(stalled(300_000)));
+    let idle: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(app.clone().oneshot(declared(300_000, Body::new(Stalled)))))
+        .collect();
+    let (row, p_malignant) = test_split().into_iter().next().unwrap();
+    let (s, v) = f
+        .post_json(&uri, &json_request(std::slice::from_ref(&row)))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!((probabilities(&v)[0] - p_malignant).abs() <= 1e-5);
+    assert_eq!(f.state.inflight_bytes_free(), BUDGET);
+
+    // One client has sent 300 000 bytes of its body and stalls: it holds twice that.
+    let holder = tokio::spawn(app.oneshot(declared(
+        400_000,
+        Body::new(SentThenStalled(Some(Bytes::from(vec![b' '; 300_000])))),
+    )));
     until("the first request is charged", || {
         f.state.inflight_bytes_free() < BUDGET
     })
@@ -1306,7 +1406,8 @@ async fn the_inflight_budget_refuses_with_503_and_retry_after() {
         f.state.inflight_bytes_free(),
         BUDGET - 600_000usize.div_ceil(1024) * 1024
     );
-    let (s, headers, b) = f.call(stalled(300_000)).await;
+    // 448 KiB are left: a declared 300 000 bytes do not fit, refused before reading.
+    let (s, headers, b) = f.call(declared(300_000, Body::new(Stalled))).await;
     let v: Value = serde_json::from_slice(&b).unwrap();
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert_eq!(headers["retry-after"], "1");
@@ -1319,19 +1420,24 @@ async fn the_inflight_budget_refuses_with_503_and_retry_after() {
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers["retry-after"], "1");
     // A small request still fits and is answered right.
-    let (row, p_malignant) = test_split().into_iter().next().unwrap();
     let (s, v) = f.post_json(&uri, &json_request(&[row])).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert!((probabilities(&v)[0] - p_malignant).abs() <= 1e-5);
-    // The stalled client goes away: its share comes back.
+    // The stalled clients go away: the share comes back.
     holder.abort();
     let _ = holder.await;
+    for client in idle {
+        client.abort();
+        let _ = client.await;
+    }
     until("the budget is whole again", || {
         f.state.inflight_bytes_free() == BUDGET
     })
     .await;
 }
 
+/// The cap on requests in flight: a request takes its place once its body is in (a client
+/// that never sends its body holds none), and keeps it until its response has gone out.
 #[tokio::test]
 async fn the_inflight_request_cap_refuses_with_503_and_retry_after() {
     let f = Fixture::new(HttpConfig {
@@ -1341,38 +1447,46 @@ async fn the_inflight_request_cap_refuses_with_503_and_retry_after() {
     let uri = format!("/v2/models/{MODEL}/infer");
     let app = http::app(f.state.clone());
     let full = f.state.inflight_bytes_free();
-    let holder = tokio::spawn(
-        app.oneshot(
-            Request::post(&uri)
-                .header("content-length", "1000")
-                .body(Body::new(Stalled))
-                .unwrap(),
-        ),
-    );
-    until("the first request is admitted", || {
-        f.state.inflight_bytes_free() < full
-    })
-    .await;
-    let (s, headers, b) = f
-        .call(
-            Request::post(&uri)
-                .body(Body::from(
-                    serde_json::to_vec(&json_request(&[vec![1.0; 30]])).unwrap(),
-                ))
-                .unwrap(),
-        )
-        .await;
+    let valid = || {
+        Request::post(&uri)
+            .body(Body::from(
+                serde_json::to_vec(&json_request(&[vec![1.0; 30]])).unwrap(),
+            ))
+            .unwrap()
+    };
+    // Clients whose bodies never come hold no place.
+    let idle: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(
+                app.clone().oneshot(
+                    Request::post(&uri)
+                        .header("content-length", "1000")
+                        .body(Body::new(Stalled))
+                        .unwrap(),
+                ),
+            )
+        })
+        .collect();
+    let (s, _, b) = f.call(valid()).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    // A response not yet sent (its body unread) holds the one place.
+    let held = app.clone().oneshot(valid()).await.unwrap();
+    assert_eq!(held.status(), StatusCode::OK);
+    let (s, headers, b) = f.call(valid()).await;
     let v: Value = serde_json::from_slice(&b).unwrap();
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert_eq!(headers["retry-after"], "1");
     assert!(error_of(&v).contains("max_inflight_requests"), "{v}");
-    holder.abort();
-    let _ = holder.await;
+    drop(held);
+    for client in idle {
+        client.abort();
+        let _ = client.await;
+    }
     until("the request is released", || {
         f.state.inflight_bytes_free() == full
     })
     .await;
-    let (s, _) = f.post_json(&uri, &json_request(&[vec![1.0; 30]])).await;
+    let (s, _, _) = f.call(valid()).await;
     assert_eq!(s, StatusCode::OK);
 }
 

@@ -375,8 +375,10 @@ fn with_spare(stream: TcpStream) -> std::io::Result<(TcpStream, std::net::TcpStr
 /// bit 0 is answered here before dicom-ul sees it, with the reason PS3.8 9.3.4 gives
 /// (rejected-permanent, service provider (ACSE), protocol-version-not-supported). A field
 /// with bit 0 and others set is still dicom-ul's to reject (no implementation sends one).
-async fn opening_version(stream: &TcpStream, max_pdu_length: u32) -> Option<u16> {
-    let mut head = [0u8; 8];
+/// The calling AE title is checked here too ([`Opening::calling_ae_valid`]).
+async fn opening(stream: &TcpStream, max_pdu_length: u32) -> Option<Opening> {
+    // PDU header (6), protocol version (2), reserved (2), called AE (16), calling AE (16).
+    let mut head = [0u8; 42];
     let mut pause = Duration::from_millis(1);
     loop {
         let n = stream.peek(&mut head).await.ok()?;
@@ -391,11 +393,39 @@ async fn opening_version(stream: &TcpStream, max_pdu_length: u32) -> Option<u16>
             }
         }
         if n == head.len() {
-            return Some(u16::from_be_bytes([head[6], head[7]]));
+            return Some(Opening {
+                version: u16::from_be_bytes([head[6], head[7]]),
+                calling_ae_valid: raw_ae_title_valid(&head[26..42]),
+            });
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));
     }
+}
+
+/// The fields of an A-ASSOCIATE-RQ checked before dicom-ul reads it.
+struct Opening {
+    version: u16,
+    /// The calling AE field is a title PS3.5 6.2 allows: dicom-ul trims every kind of
+    /// whitespace (a tab, a newline) from it before [`AccessControl`] sees it, so a title
+    /// such as "CT1\t" would pass an allowlist entry "CT1".
+    calling_ae_valid: bool,
+}
+
+/// An AE title field as sent: characters of the default repertoire without control
+/// characters or backslash, padded with spaces (or, from some old implementations, NULs),
+/// not only padding.
+fn raw_ae_title_valid(field: &[u8]) -> bool {
+    let end = field
+        .iter()
+        .rposition(|&b| b != b' ' && b != 0)
+        .map_or(0, |i| i + 1);
+    let title = &field[..end];
+    let start = title.iter().position(|&b| b != b' ').unwrap_or(title.len());
+    start < title.len()
+        && title
+            .iter()
+            .all(|&b| (0x20..0x7F).contains(&b) && b != b'\\')
 }
 
 /// The A-ABORT reason for a request dicom-ul could not read (PS3.8 9.3.8, state Sta2 event
@@ -462,10 +492,17 @@ impl AccessControl for Allowlist {
         _called_ae_title: &str,
         _user_identity: Option<&UserIdentity>,
     ) -> Result<(), AssociationRJServiceUserReason> {
+        // PS3.5 6.2: an AE title is 1 to 16 characters of the default repertoire, without
+        // control characters or backslash, and not only spaces. Any other (non-ASCII bytes,
+        // a newline, an escape sequence) is refused before it can reach the stored file's
+        // Source AE Title, the index or the audit trail.
+        if !valid_ae_title(calling_ae_title) {
+            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+        }
         let Some(allowed) = &self.allowed else {
             return Ok(());
         };
-        let calling = calling_ae_title.trim();
+        let calling = calling_ae_title.trim_matches(' ');
         let peer = canonical_ip(self.peer);
         if allowed
             .iter()
@@ -556,24 +593,40 @@ async fn serve_association(
             return;
         }
     };
-    if let Ok(Some(version)) =
-        tokio::time::timeout_at(deadline, opening_version(&stream, config.max_pdu_length)).await
-        && version & 1 == 0
-    {
+    let opened = tokio::time::timeout_at(deadline, opening(&stream, config.max_pdu_length))
+        .await
+        .ok()
+        .flatten();
+    let refusal = match opened {
+        Some(o) if o.version & 1 == 0 => {
+            tracing::info!(%peer, version = o.version, "DICOM association rejected: protocol version not supported");
+            Some((
+                AssociationRJSource::ServiceProviderASCE(
+                    AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported,
+                ),
+                "protocol_version",
+            ))
+        }
+        Some(o) if !o.calling_ae_valid => {
+            // The title itself is not logged: it is whatever bytes the peer chose.
+            tracing::info!(%peer, "DICOM association rejected: calling AE title not a valid AE title");
+            Some((
+                AssociationRJSource::ServiceUser(
+                    AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+                ),
+                "calling_ae",
+            ))
+        }
+        _ => None,
+    };
+    if let Some((source, reason)) = refusal {
         association_outcome("not_established");
-        tracing::info!(%peer, version, "DICOM association rejected: protocol version not supported");
         let rj = Pdu::AssociationRJ(AssociationRJ {
             result: AssociationRJResult::Permanent,
-            source: AssociationRJSource::ServiceProviderASCE(
-                AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported,
-            ),
+            source,
         });
         answer_and_close(stream, &rj, config.idle_timeout).await;
-        let rejected = DicomEvent::AssociationRejected {
-            peer,
-            reason: "protocol_version",
-        };
-        Reporter::send(&events, rejected).await;
+        Reporter::send(&events, DicomEvent::AssociationRejected { peer, reason }).await;
         return;
     }
     let mut association = match tokio::time::timeout_at(deadline, options.establish_async(stream))

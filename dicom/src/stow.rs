@@ -4,9 +4,6 @@
 //! The HTTP side (src/http/dicomweb.rs in the root package) streams the body through
 //! [`crate::multipart::Parser`] and calls [`store_part`] for each part on a blocking thread.
 
-use dicom_dictionary_std::tags;
-use dicom_object::OpenFileOptions;
-use dicom_object::file::ReadPreamble;
 use dicom_object::meta::FileMetaTable;
 
 use crate::multipart::Part;
@@ -145,16 +142,28 @@ pub fn store_part(spool: &Spool, part: &Part, expected_study: Option<&str>) -> P
         );
     }
     if let Some(study) = expected_study {
-        // A data set the spool would refuse anyway is left to it (and its quarantine).
-        if crate::structure::check(dataset, crate::structure::Encoding::of(&ts)).is_ok()
-            && let Some(found) = study_of(&part.body)
-            && found != sop::trim_uid(study)
-        {
+        // PS3.18 10.5: every instance must belong to the study of the URL. Read by the strict
+        // walk (no parse of the whole data set), and failing closed: a data set whose
+        // structure is broken, or without a Study Instance UID, is not taken on trust.
+        let found = crate::structure::walk(
+            dataset,
+            crate::structure::Encoding::of(&ts),
+            &[STUDY_INSTANCE_UID],
+        );
+        let matches = match found.as_deref() {
+            Ok([Some(crate::structure::Found::Value(value))]) => {
+                sop::trim_uid(&String::from_utf8_lossy(value)) == sop::trim_uid(study)
+            }
+            Ok(_) => false,
+            // Refused by the spool with its reason (and quarantined) below.
+            Err(_) => true,
+        };
+        if !matches {
             return fail(
                 Some(&meta),
                 reason::DATA_SET_DOES_NOT_MATCH,
                 "study_mismatch",
-                "the instance's Study Instance UID differs from the study in the request URL"
+                "the instance's Study Instance UID is missing or differs from the study in the request URL"
                     .into(),
             );
         }
@@ -173,16 +182,8 @@ pub fn store_part(spool: &Spool, part: &Part, expected_study: Option<&str>) -> P
     }
 }
 
-/// The Study Instance UID of a Part 10 file, reading no further than the Series UID.
-fn study_of(file: &[u8]) -> Option<String> {
-    let obj = OpenFileOptions::new()
-        .read_preamble(ReadPreamble::Never)
-        .read_until(tags::SERIES_INSTANCE_UID)
-        .from_reader(file.get(128..)?)
-        .ok()?;
-    let value = obj.element(tags::STUDY_INSTANCE_UID).ok()?.to_str().ok()?;
-    Some(sop::trim_uid(&value).to_owned())
-}
+/// (0020,000D) Study Instance UID.
+const STUDY_INSTANCE_UID: (u16, u16) = (0x0020, 0x000D);
 
 /// The most parts one STOW-RS request may hold (each staged part is a few words of
 /// bookkeeping; a study of a few thousand instances is the usual upper end).

@@ -28,6 +28,17 @@ pub enum StructureError {
     TooDeep { max: usize },
     #[error("element at offset {offset} has an unknown value representation")]
     UnknownVr { offset: usize },
+    #[error(
+        "element at offset {offset} ({vr}) declares {length} bytes, not a multiple of its value size {size}"
+    )]
+    BadValueLength {
+        offset: usize,
+        vr: String,
+        length: u32,
+        size: u32,
+    },
+    #[error("file meta element (0002,{element:04X}) inside the data set at offset {offset}")]
+    MetaInDataSet { offset: usize, element: u16 },
     #[error("deflated data set does not inflate: {0}")]
     Inflate(String),
     #[error("deflated data set inflates to more than {max} bytes")]
@@ -55,6 +66,33 @@ const KNOWN_VRS: [[u8; 2]; 34] = [
     *b"OB", *b"OD", *b"OF", *b"OL", *b"OV", *b"OW", *b"PN", *b"SH", *b"SL", *b"SQ", *b"SS", *b"ST",
     *b"SV", *b"TM", *b"UC", *b"UI", *b"UL", *b"UN", *b"UR", *b"US", *b"UT", *b"UV",
 ];
+
+/// The size of one value of a VR whose values have a fixed size (PS3.5 6.2): such an
+/// element's length must be a multiple of it. dicom-parser reads no value from a length that
+/// is not (an FL of 2 bytes) but goes on 2 bytes off, taking bytes of the sender's choosing
+/// for the next element's header and length: it could read megabytes into one "element", or
+/// fail on a file the spool had acknowledged.
+fn value_size(vr: &[u8; 2]) -> Option<u32> {
+    match vr {
+        b"SS" | b"US" | b"OW" => Some(2),
+        b"AT" | b"FL" | b"SL" | b"UL" | b"OF" | b"OL" => Some(4),
+        b"FD" | b"SV" | b"UV" | b"OD" | b"OV" => Some(8),
+        _ => None,
+    }
+}
+
+/// The VR the standard dictionary gives a tag, for Implicit VR data sets; the VRs a tag may
+/// take in either form (US or SS, US or OW) share their value size; OB or OW none is checked.
+fn implicit_vr(tag: (u16, u16)) -> Option<[u8; 2]> {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry, VirtualVr};
+    let entry =
+        dicom_dictionary_std::StandardDataDictionary.by_tag(dicom_core::Tag(tag.0, tag.1))?;
+    match entry.vr() {
+        VirtualVr::Exact(vr) => Some(vr.to_bytes()),
+        VirtualVr::Xs | VirtualVr::Lt => Some(*b"US"),
+        _ => None,
+    }
+}
 
 /// The encoding of a data set, from its transfer syntax UID.
 #[derive(Debug, Clone, Copy)]
@@ -314,7 +352,29 @@ impl Walker<'_> {
                 _ => {}
             }
             if depth == 0 {
+                // PS3.5 7.1 / PS3.10 7.1: group 0002 is the file meta information, never part
+                // of a data set; one there would be written into the stored file after its
+                // real meta, where readers take it for the file's own (a spoofed transfer
+                // syntax or SOP Instance UID).
+                if h.tag.0 == 0x0002 {
+                    return Err(StructureError::MetaInDataSet {
+                        offset: at,
+                        element: h.tag.1,
+                    });
+                }
                 self.note(&h);
+            }
+            if h.length != UNDEFINED
+                && let Some(vr) = h.vr.or_else(|| implicit_vr(h.tag))
+                && let Some(size) = value_size(&vr)
+                && h.length % size != 0
+            {
+                return Err(StructureError::BadValueLength {
+                    offset: at,
+                    vr: String::from_utf8_lossy(&vr).into_owned(),
+                    length: h.length,
+                    size,
+                });
             }
             let vr = h.vr;
             at = if h.length != UNDEFINED {
@@ -561,6 +621,60 @@ mod tests {
                 Some(Found::Long),
                 None,
             ]
+        );
+    }
+
+    #[test]
+    fn fixed_size_values_of_a_wrong_length_are_refused_in_either_vr_form() {
+        // Explicit VR: an FL of 2 bytes, a US of 3, an AT of 2, an FD of 4 bytes.
+        for (vr, value) in [
+            (b"FL", &[0u8; 2][..]),
+            (b"US", &[0u8; 3][..]),
+            (b"AT", &[0u8; 2][..]),
+            (b"FD", &[0u8; 4][..]),
+        ] {
+            let mut d = sample();
+            d.splice(0..0, el(0x0018, 0x9999, vr, value));
+            assert!(
+                matches!(check(&d, LE), Err(StructureError::BadValueLength { .. })),
+                "{} of {} bytes passed",
+                String::from_utf8_lossy(vr),
+                value.len()
+            );
+        }
+        // Whole multiples pass, and so does an empty value.
+        for (vr, value) in [
+            (b"FL", &[0u8; 8][..]),
+            (b"US", &[][..]),
+            (b"FD", &[0u8; 16][..]),
+        ] {
+            let mut d = sample();
+            d.splice(0..0, el(0x0018, 0x9999, vr, value));
+            check(&d, LE).unwrap();
+        }
+        // Implicit VR: the VR comes from the dictionary. (0028,0010) Rows is US.
+        let implicit = Encoding::of("1.2.840.10008.1.2");
+        let mut rows = tag_len(0x0028, 0x0010, 3);
+        rows.extend_from_slice(&[0, 2, 0]);
+        assert!(matches!(
+            check(&rows, implicit),
+            Err(StructureError::BadValueLength { .. })
+        ));
+        let mut rows = tag_len(0x0028, 0x0010, 2);
+        rows.extend_from_slice(&[0, 2]);
+        check(&rows, implicit).unwrap();
+    }
+
+    #[test]
+    fn file_meta_elements_inside_the_data_set_are_refused() {
+        let mut d = sample();
+        d.splice(0..0, el(0x0002, 0x0010, b"UI", b"1.2.840.10008.1.2.2\0"));
+        assert_eq!(
+            check(&d, LE),
+            Err(StructureError::MetaInDataSet {
+                offset: 0,
+                element: 0x0010
+            })
         );
     }
 

@@ -199,6 +199,29 @@ async fn malformed_association_requests_are_refused_and_the_server_goes_on() {
         );
         echo(addr);
 
+        // A calling AE title outside PS3.5's repertoire (Latin-1 bytes, a newline, a tab, a
+        // backslash, only spaces): rejected as not recognised, before it can reach a stored
+        // file's Source AE Title or the audit trail. (The calling AE is bytes 26..42.)
+        for calling in [
+            &b"\xC4\xD6\xDC"[..],
+            b"RED\nTEAM",
+            b"CT1\t",
+            b"CT\\1",
+            b"                ",
+        ] {
+            let mut rq = valid_rq();
+            let mut field = [b' '; 16];
+            field[..calling.len()].copy_from_slice(calling);
+            rq[26..42].copy_from_slice(&field);
+            assert_rejected_permanently(
+                exchange(addr, &rq, false),
+                AssociationRJSource::ServiceUser(
+                    AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+                ),
+            );
+        }
+        echo(addr);
+
         // An A-ABORT or an A-RELEASE-RQ instead of a request: never an association.
         for pdu in [
             Pdu::AbortRQ {

@@ -20,11 +20,31 @@ pub struct AppError {
 /// What `Retry-After` says when the server refuses work for lack of room (seconds).
 pub const RETRY_AFTER_SECS: u32 = 1;
 
+/// The longest message an error carries (bytes). Messages quote what the client sent (a
+/// model name, a shape): one of 16,000 characters made a gRPC trailer larger than clients
+/// accept (8 KiB), which they report as RESOURCE_EXHAUSTED instead of the real error, and a
+/// shape of a million dimensions a 3 MB HTTP error body.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `message` cut to [`MAX_MESSAGE_BYTES`] (on a character boundary), saying so.
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let total = message.len();
+        let mut end = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str(&format!("… (message cut at {end} of {total} bytes)"));
+    }
+    message
+}
+
 impl AppError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         AppError {
             status,
-            message: message.into(),
+            message: bounded(message.into()),
             retry_after: None,
         }
     }
@@ -173,5 +193,29 @@ impl From<crate::deploy::DeployError> for AppError {
             crate::deploy::DeployError::Repository(e) => e.into(),
             other => AppError::internal(other.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_on_a_character_boundary_and_say_so() {
+        let short = AppError::bad_request("unknown model wdbc");
+        assert_eq!(short.message, "unknown model wdbc");
+        // Two-byte characters across the cut.
+        let long = AppError::not_found(format!("unknown model {}", "é".repeat(20_000)));
+        assert!(
+            long.message.len() < MAX_MESSAGE_BYTES + 64,
+            "{}",
+            long.message.len()
+        );
+        assert!(long.message.starts_with("unknown model é"));
+        assert!(
+            long.message.ends_with("of 40014 bytes)"),
+            "{}",
+            long.message
+        );
     }
 }

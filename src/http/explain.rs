@@ -318,8 +318,9 @@ pub(super) async fn explain_loaded(
             "/explain needs a JSON request header (its parameters name the method); a raw binary body has none",
         ));
     }
-    let mut ticket = state.admission.admit()?;
+    let mut ticket = state.admission.receiving()?;
     let body = read_body_admitted(headers, body, state.config.max_body_bytes, &mut ticket).await?;
+    ticket.take_place(&state.admission)?;
     let request = codec::decode_request(&body, header_len)?;
     let decoded: usize = request.inputs.iter().map(|t| t.tensor.raw_len()).sum();
     ticket.charge(decoded.saturating_sub(body.len() * (super::BODY_CHARGE_FACTOR - 1)))?;

@@ -409,6 +409,108 @@ pub(crate) async fn read_body_admitted(
     limit: usize,
     ticket: &mut Ticket,
 ) -> Result<Bytes, AppError> {
+    let coding = content_coding(headers)?;
+    let body = read_body_charged(headers, body, limit, ticket).await?;
+    match coding {
+        None => Ok(body),
+        Some(coding) => inflate(&body, coding, limit, ticket).await,
+    }
+}
+
+/// A body's compression (`Content-Encoding`), as tritonclient sends with
+/// `request_compression_algorithm`: gzip or deflate (zlib, RFC 9110 8.4.1.2). Any other
+/// coding is 415 before the body is read (it was ignored before, and the compressed bytes
+/// reported as malformed JSON).
+#[derive(Debug, Clone, Copy)]
+enum Coding {
+    Gzip,
+    Deflate,
+}
+
+fn content_coding(headers: &HeaderMap) -> Result<Option<Coding>, AppError> {
+    let mut coding = None;
+    for value in headers.get_all(header::CONTENT_ENCODING) {
+        let text = value.to_str().unwrap_or("?");
+        for token in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let this = match token.to_ascii_lowercase().as_str() {
+                "identity" => continue,
+                "gzip" | "x-gzip" => Coding::Gzip,
+                "deflate" => Coding::Deflate,
+                _ => {
+                    return Err(AppError::new(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        format!(
+                            "Content-Encoding {token:?} is not supported (gzip, deflate or identity)"
+                        ),
+                    ));
+                }
+            };
+            if coding.replace(this).is_some() {
+                return Err(AppError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "a body compressed more than once is not supported",
+                ));
+            }
+        }
+    }
+    Ok(coding)
+}
+
+/// Inflates a compressed body, at most `limit` bytes (413 beyond), charging `ticket` as it
+/// grows (a small body that inflates to a lot is refused when the budget has no room, not
+/// after it was allocated), a MiB at a time with a yield between, so that a large body does
+/// not hold an async worker for long.
+async fn inflate(
+    body: &[u8],
+    coding: Coding,
+    limit: usize,
+    ticket: &mut Ticket,
+) -> Result<Bytes, AppError> {
+    use std::io::Read;
+    const STEP: usize = 1 << 20;
+    let mut reader: Box<dyn Read + Send + '_> = match coding {
+        Coding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(body)),
+        Coding::Deflate => Box::new(flate2::read::ZlibDecoder::new(body)),
+    };
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        let start = out.len();
+        let step = STEP.min(limit + 1 - start);
+        ticket.charge(step.saturating_mul(BODY_CHARGE_FACTOR))?;
+        out.resize(start + step, 0);
+        let mut filled = start;
+        while filled < out.len() {
+            match reader.read(&mut out[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) => {
+                    return Err(AppError::bad_request(format!(
+                        "the request body does not decompress ({coding:?}): {e}"
+                    )));
+                }
+            }
+        }
+        out.truncate(filled);
+        if filled > limit {
+            return Err(AppError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body decompresses to more than the limit of {limit} bytes"),
+            ));
+        }
+        if filled < start + step {
+            return Ok(Bytes::from(out));
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Reads a body as sent, charging `ticket` (see [`read_body_admitted`]).
+async fn read_body_charged(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    ticket: &mut Ticket,
+) -> Result<Bytes, AppError> {
     let too_large = || {
         AppError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -424,12 +526,15 @@ pub(crate) async fn read_body_admitted(
     }
     let declared = declared.map(|len| len as usize);
     if let Some(len) = declared {
-        ticket.charge(len.saturating_mul(BODY_CHARGE_FACTOR))?;
+        // Refused now when it cannot fit (413) or does not fit now (503), but charged only
+        // as it arrives (see [`Admission::receiving`]).
+        ticket.would_fit(len.saturating_mul(BODY_CHARGE_FACTOR))?;
     }
-    // With a declared length, one buffer of that size; without, the chunks as they came
-    // (joined once at the end: growing one buffer by doubling would hold up to three times
-    // the bytes received at each reallocation).
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
+    // With a declared length, one buffer growing towards it (doubling, never past it, so that
+    // a client declaring 64 MiB and sending a byte holds a small buffer); without, the chunks
+    // as they came (joined once at the end: growing one buffer by doubling would hold up to
+    // three times the bytes received at each reallocation).
+    let mut buf: Vec<u8> = Vec::new();
     let mut parts: Vec<Bytes> = vec![];
     let mut body = body;
     let mut received = 0usize;
@@ -451,28 +556,31 @@ pub(crate) async fn read_body_admitted(
         if received > limit {
             return Err(too_large());
         }
-        let new = received
-            .saturating_sub(declared.unwrap_or(0))
-            .min(data.len());
-        if new > 0
-            && let Err(e) = ticket.charge(new.saturating_mul(BODY_CHARGE_FACTOR))
-        {
+        if let Err(e) = ticket.charge(data.len().saturating_mul(BODY_CHARGE_FACTOR)) {
             refused = Some(e);
-            buf = BytesMut::new();
+            buf = Vec::new();
             parts = vec![];
             continue;
         }
-        if declared.is_some() {
-            buf.extend_from_slice(&data);
-        } else {
-            parts.push(data);
+        match declared {
+            Some(len) => {
+                if buf.capacity() - buf.len() < data.len() {
+                    let want = (buf.len() + data.len())
+                        .max(buf.len().saturating_mul(2))
+                        .max(64 << 10)
+                        .min(len.max(buf.len() + data.len()));
+                    buf.reserve_exact(want - buf.len());
+                }
+                buf.extend_from_slice(&data);
+            }
+            None => parts.push(data),
         }
     }
     if let Some(e) = refused {
         return Err(e);
     }
     match parts.len() {
-        0 => Ok(buf.freeze()),
+        0 => Ok(Bytes::from(buf)),
         1 => Ok(parts.pop().expect("one part")),
         _ => {
             let mut joined = BytesMut::with_capacity(received);
@@ -550,19 +658,35 @@ impl Admission {
 
     /// A place among the requests in flight (503 when all are taken); bytes are charged to it.
     pub(crate) fn admit(&self) -> Result<Ticket, AppError> {
-        let request = self.requests.clone().try_acquire_owned().map_err(|_| {
-            AppError::overloaded(format!(
-                "the server is handling its limit of {} inference requests (max_inflight_requests); retry later",
-                self.max_requests
-            ))
-        })?;
+        let mut ticket = self.receiving()?;
+        ticket.take_place(self)?;
+        Ok(ticket)
+    }
+
+    /// A ticket for a request whose body is still to be received: it is charged the bytes as
+    /// they arrive and takes its place among the requests in flight
+    /// ([`Ticket::take_place`]) only once the body is in. A client that declares a large body
+    /// and sends it slowly, or never, then holds neither a place nor the budget it declared
+    /// (four such connections held the whole budget for the request deadline before). When no
+    /// place is free now it is 503 at once, without reading the body.
+    pub(crate) fn receiving(&self) -> Result<Ticket, AppError> {
+        if self.requests.available_permits() == 0 {
+            return Err(self.no_place());
+        }
         Ok(Ticket {
-            _request: request,
+            request: None,
             bytes: None,
             charged: 0,
             semaphore: self.bytes.clone(),
             budget: self.budget,
         })
+    }
+
+    fn no_place(&self) -> AppError {
+        AppError::overloaded(format!(
+            "the server is handling its limit of {} inference requests (max_inflight_requests); retry later",
+            self.max_requests
+        ))
     }
 
     /// Bytes of the budget free now.
@@ -574,7 +698,7 @@ impl Admission {
 /// One request's hold on the admission budget, released when dropped (after its response
 /// body has gone out).
 pub(crate) struct Ticket {
-    _request: OwnedSemaphorePermit,
+    request: Option<OwnedSemaphorePermit>,
     bytes: Option<OwnedSemaphorePermit>,
     charged: usize,
     semaphore: Arc<Semaphore>,
@@ -582,18 +706,56 @@ pub(crate) struct Ticket {
 }
 
 impl Ticket {
+    /// Takes a place among the requests in flight (503 when all are taken).
+    pub(crate) fn take_place(&mut self, admission: &Admission) -> Result<(), AppError> {
+        if self.request.is_none() {
+            let place = admission
+                .requests
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| admission.no_place())?;
+            self.request = Some(place);
+        }
+        Ok(())
+    }
+
+    /// Whether `more` bytes fit the budget free now, without charging them: a body whose
+    /// declared length does not is refused (503) before it is read.
+    pub(crate) fn would_fit(&self, more: usize) -> Result<(), AppError> {
+        let total = self.charged.saturating_add(more);
+        if total > self.budget {
+            return Err(self.whole_budget(total));
+        }
+        let need = total.div_ceil(UNIT) - self.charged.div_ceil(UNIT);
+        if need > self.semaphore.available_permits() {
+            return Err(self.budget_taken());
+        }
+        Ok(())
+    }
+
+    fn whole_budget(&self, total: usize) -> AppError {
+        AppError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request needs {total} bytes in flight (body and decoded tensors), more than the server's whole budget of {} bytes (max_inflight_bytes)",
+                self.budget
+            ),
+        )
+    }
+
+    fn budget_taken(&self) -> AppError {
+        AppError::overloaded(format!(
+            "the server's in-flight memory budget of {} bytes (max_inflight_bytes) is taken by other requests; retry later",
+            self.budget
+        ))
+    }
+
     /// Charges `more` bytes: 503 with `Retry-After` when the budget has no room now, 413 when
     /// the request would not fit even in an idle server.
     pub(crate) fn charge(&mut self, more: usize) -> Result<(), AppError> {
         let total = self.charged.saturating_add(more);
         if total > self.budget {
-            return Err(AppError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "the request needs {total} bytes in flight (body and decoded tensors), more than the server's whole budget of {} bytes (max_inflight_bytes)",
-                    self.budget
-                ),
-            ));
+            return Err(self.whole_budget(total));
         }
         let need = total.div_ceil(UNIT) - self.charged.div_ceil(UNIT);
         if need > 0 {
@@ -602,12 +764,7 @@ impl Ticket {
                 .semaphore
                 .clone()
                 .try_acquire_many_owned(need)
-                .map_err(|_| {
-                    AppError::overloaded(format!(
-                        "the server's in-flight memory budget of {} bytes (max_inflight_bytes) is taken by other requests; retry later",
-                        self.budget
-                    ))
-                })?;
+                .map_err(|_| self.budget_taken())?;
             match &mut self.bytes {
                 Some(held) => held.merge(permit),
                 None => self.bytes = Some(permit),

@@ -313,10 +313,12 @@ async fn infer_loaded(
     audit: &mut AuditEvent,
 ) -> Result<Response, AppError> {
     let header_len = header_length(headers)?;
-    // Admission: a place among the requests in flight, then the body's bytes (before
-    // reading it when Content-Length is given) and what its decoded tensors take beyond that.
-    let mut ticket = state.admission.admit()?;
+    // Admission: the body's bytes as they arrive (a declared length that cannot fit is refused
+    // before reading), then a place among the requests in flight, then what the decoded
+    // tensors take beyond the body.
+    let mut ticket = state.admission.receiving()?;
     let body = read_body_admitted(headers, body, state.config.max_body_bytes, &mut ticket).await?;
+    ticket.take_place(&state.admission)?;
     let request = match header_len {
         Some(0) => codec::decode_raw(&body, &model.worker.metadata().inputs)?,
         _ => codec::decode_request(&body, header_len)?,

@@ -152,6 +152,24 @@ def test_infer(client, test_rows, reference, batch, in_binary, out_binary):
     _check(res, x, reference)
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+@pytest.mark.parametrize("binary", [False, True])
+def test_infer_with_compressed_requests(client, test_rows, reference, algorithm, binary):
+    """tritonclient's `request_compression_algorithm`: the body goes gzip- or
+    deflate-compressed (Content-Encoding) and the answer is the plain request's."""
+    x = _batch(test_rows[0], 16, start=3)
+    inp = httpclient.InferInput("features", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    outputs = [
+        httpclient.InferRequestedOutput("label", binary_data=binary),
+        httpclient.InferRequestedOutput("probabilities", binary_data=binary),
+    ]
+    res = client.infer(MODEL, [inp], model_version=MODEL_VERSION, outputs=outputs,
+                       request_compression_algorithm=algorithm)
+    _count_inference()
+    _check(res, x, reference)
+
+
 @pytest.mark.parametrize("binary", [False, True])
 def test_infer_full_test_split_in_batches(client, test_rows, reference, binary):
     x = test_rows[0]
