@@ -205,8 +205,56 @@ pub struct Scp {
     config: Arc<ScpConfig>,
     spool: Arc<Spool>,
     slots: Arc<Semaphore>,
+    /// Connections waiting for their A-ASSOCIATE-RQ (see [`Scp::serve`]).
+    waiting: Arc<Semaphore>,
+    waiting_by_host: Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
     budget: Arc<Budget>,
     events: Arc<dyn EventSink>,
+}
+
+/// Connections from one host that may wait for their A-ASSOCIATE-RQ at once.
+pub const MAX_WAITING_PER_HOST: usize = 8;
+
+/// Connections (from all hosts) that may wait for their A-ASSOCIATE-RQ at once: this many
+/// per association slot, at least 64.
+fn max_waiting(max_associations: usize) -> usize {
+    max_associations.saturating_mul(4).max(64)
+}
+
+/// A connection's place among those waiting for their A-ASSOCIATE-RQ, by host.
+struct WaitingPlace {
+    by_host: Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+    host: IpAddr,
+}
+
+impl WaitingPlace {
+    fn take(
+        by_host: &Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+        host: IpAddr,
+    ) -> Option<WaitingPlace> {
+        let mut map = by_host.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(host).or_insert(0);
+        if *n >= MAX_WAITING_PER_HOST {
+            return None;
+        }
+        *n += 1;
+        Some(WaitingPlace {
+            by_host: by_host.clone(),
+            host,
+        })
+    }
+}
+
+impl Drop for WaitingPlace {
+    fn drop(&mut self) {
+        let mut map = self.by_host.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.host) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.host);
+            }
+        }
+    }
 }
 
 /// Bytes of data sets being received, over all associations.
@@ -285,6 +333,8 @@ impl Scp {
         Ok(Scp {
             listener,
             slots: Arc::new(Semaphore::new(config.max_associations)),
+            waiting: Arc::new(Semaphore::new(max_waiting(config.max_associations))),
+            waiting_by_host: Arc::default(),
             budget: Budget::new(config.max_inflight_bytes),
             config: Arc::new(config),
             spool,
@@ -322,22 +372,54 @@ impl Scp {
                 }
             };
             let _ = stream.set_nodelay(true);
+            // Until its A-ASSOCIATE-RQ arrives a connection holds a waiting place (bounded
+            // per host and in all), not an association slot: silent connections (32 of
+            // them, from one host) took every slot until ARTIM expired, and real SCUs were
+            // refused as busy.
+            let Ok(waiting) = self.waiting.clone().try_acquire_owned() else {
+                association_outcome("busy");
+                tracing::warn!(%peer, "DICOM connection closed: too many connections waiting for their A-ASSOCIATE-RQ");
+                continue;
+            };
+            let Some(place) = WaitingPlace::take(&self.waiting_by_host, peer.ip()) else {
+                association_outcome("busy");
+                tracing::warn!(%peer, "DICOM connection closed: too many connections from this host waiting for their A-ASSOCIATE-RQ");
+                continue;
+            };
             let config = self.config.clone();
-            match self.slots.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    let spool = self.spool.clone();
-                    let budget = self.budget.clone();
-                    let events = self.events.clone();
-                    tokio::spawn(async move {
-                        serve_association(stream, peer, &config, &spool, &budget, events).await;
-                        drop(permit);
-                    });
+            let slots = self.slots.clone();
+            let spool = self.spool.clone();
+            let budget = self.budget.clone();
+            let events = self.events.clone();
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + config.association_timeout;
+                let arrived =
+                    tokio::time::timeout_at(deadline, opening(&stream, config.max_pdu_length))
+                        .await
+                        .is_ok();
+                drop((place, waiting));
+                if !arrived {
+                    association_outcome("timeout");
+                    tracing::info!(%peer, "DICOM association not established: no A-ASSOCIATE-RQ in time");
+                    Reporter::send(
+                        &events,
+                        DicomEvent::AssociationRejected {
+                            peer,
+                            reason: "timeout",
+                        },
+                    )
+                    .await;
+                    return;
                 }
-                Err(_) => {
-                    association_outcome("busy");
-                    tracing::warn!(%peer, "DICOM association refused: too many associations");
-                    let events = self.events.clone();
-                    tokio::spawn(async move {
+                match slots.try_acquire_owned() {
+                    Ok(permit) => {
+                        serve_association(stream, peer, deadline, &config, &spool, &budget, events)
+                            .await;
+                        drop(permit);
+                    }
+                    Err(_) => {
+                        association_outcome("busy");
+                        tracing::warn!(%peer, "DICOM association refused: too many associations");
                         let rejected = DicomEvent::AssociationRejected {
                             peer,
                             reason: "busy",
@@ -346,9 +428,9 @@ impl Scp {
                             tracing::error!(error = %e, "DICOM event not recorded");
                         }
                         reject_busy(stream, &config).await
-                    });
+                    }
                 }
-            }
+            });
         }
     }
 }
@@ -556,6 +638,7 @@ enum Overflow {
 async fn serve_association(
     stream: TcpStream,
     peer: SocketAddr,
+    deadline: tokio::time::Instant,
     config: &ScpConfig,
     spool: &Arc<Spool>,
     budget: &Arc<Budget>,
@@ -580,7 +663,6 @@ async fn serve_association(
     for ts in sop::TRANSFER_SYNTAXES {
         options = options.with_transfer_syntax(*ts);
     }
-    let deadline = tokio::time::Instant::now() + config.association_timeout;
     // A second descriptor of the same socket: dicom-ul drops the stream when it cannot parse
     // the request, and PS3.8 (state Sta2, event 19) answers an invalid PDU with an A-ABORT,
     // which is written on this one (dropped as soon as the association stands, so that the

@@ -190,6 +190,41 @@ async fn beyond_the_association_cap_a_request_is_rejected_transiently() {
     .unwrap();
 }
 
+/// Connections that never send their A-ASSOCIATE-RQ hold no association slot: with one
+/// slot and several silent connections open, a real SCU is still served; beyond
+/// `MAX_WAITING_PER_HOST` silent connections from one host, new ones are closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_do_not_take_association_slots() {
+    use std::io::Read;
+    let server = start(|c| c.max_associations = 1).await;
+    let addr = server.addr;
+    tokio::task::spawn_blocking(move || {
+        let silent: Vec<_> = (0..nightingale_dicom::scp::MAX_WAITING_PER_HOST)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        // Accepted in order: the server has taken them all before the next one.
+        std::thread::sleep(Duration::from_millis(200));
+        let mut one_more = std::net::TcpStream::connect(addr).unwrap();
+        one_more
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 1];
+        assert!(
+            matches!(one_more.read(&mut buf), Ok(0) | Err(_)),
+            "a connection beyond the host's waiting places was kept"
+        );
+        // The waiting places are full; they free up when the silent ones go.
+        drop(silent);
+        std::thread::sleep(Duration::from_millis(200));
+        let _more_silent: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        echo(addr);
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_association_is_aborted_after_the_idle_timeout() {
     let server = start(|c| c.idle_timeout = Duration::from_millis(300)).await;
