@@ -106,6 +106,11 @@ pub struct CdsSettings {
     /// `--cds-base-url`: what the service URLs (the JWTs' `aud`) start with, instead of
     /// `http(s)://<Host header>`.
     pub base_url: Option<String>,
+    /// Without `base_url`, the audience is taken from the Host header only when it names a
+    /// loopback host (localhost, 127.0.0.1, [::1]), unless this is set (`--insecure` on a
+    /// non-loopback address): a Host the client chooses would let a token an EHR minted
+    /// for another service (`aud` its URL) be replayed here with that Host.
+    pub any_host: bool,
     /// `--cds-fhir-server`: the FHIR servers (URL prefixes) the service may fetch missing
     /// prefetch from; empty: it never fetches.
     pub fhir_servers: Vec<String>,
@@ -132,6 +137,7 @@ impl Default for CdsSettings {
             section: CdsSection::default(),
             trust: Vec::new(),
             base_url: None,
+            any_host: false,
             fhir_servers: Vec::new(),
             fetch_timeout: Duration::from_millis(1500),
             fetch_max_bytes: 4 << 20,
@@ -165,6 +171,8 @@ pub struct Cds {
     pub services: Services,
     pub verifier: Verifier,
     pub base_url: Option<String>,
+    /// See [`CdsSettings::any_host`].
+    pub any_host: bool,
     pub https: bool,
     pub imaging_identifier_system: Option<String>,
     pub fhir_servers: Vec<String>,
@@ -301,6 +309,7 @@ impl Cds {
                 .base_url
                 .as_ref()
                 .map(|b| b.trim_end_matches('/').to_owned()),
+            any_host: settings.any_host,
             https: settings.https,
             imaging_identifier_system: settings.imaging_identifier_system.clone(),
             fhir_servers: settings.fhir_servers.clone(),

@@ -1082,6 +1082,14 @@ impl ServeArgs {
                 "cds_base_url must be an http(s) URL".into(),
             ));
         }
+        // The audience of a CDS token is this service's URL. Without --cds-base-url it comes
+        // from the Host header, which is only trusted on a loopback address.
+        let any_host = !trust.is_empty() && cds_base_url.is_none() && !http_addr.ip().is_loopback();
+        if any_host && !insecure {
+            return Err(ConfigError::Invalid(
+                "--cds-trust on a non-loopback address needs --cds-base-url (the URL EHRs call, which tokens' aud must name): taken from the Host header, a token an EHR minted for another service could be replayed here; or --insecure".into(),
+            ));
+        }
         let fhir_servers = if self.cds_fhir_servers.is_empty() {
             file.cds_fhir_servers.clone().unwrap_or_default()
         } else {
@@ -1109,6 +1117,7 @@ impl ServeArgs {
             builtin_risk: file.cds.is_none(),
             trust,
             base_url: cds_base_url,
+            any_host,
             fhir_servers,
             fetch_timeout: std::time::Duration::from_millis(fetch_ms),
             https: tls.is_some(),
@@ -1508,6 +1517,24 @@ mod tests {
         assert_eq!(jwt.audience, ["a", "b"]);
         assert_eq!(jwt.key_ids(), ["rsa-1", "ec-1", "ed-1"]);
         assert!(!format!("{c:?}").contains(&"0".repeat(64)));
+        // CDS Hooks on that address: a token's audience cannot come from the Host header, so
+        // --cds-trust needs --cds-base-url (or --insecure).
+        let with_trust = |base: Option<&str>, insecure: bool| ServeArgs {
+            cds_trust: vec!["https://ehr.example=keys.json".into()],
+            cds_base_url: base.map(Into::into),
+            insecure,
+            ..args()
+        };
+        let err = with_trust(None, false).resolve().unwrap_err();
+        assert!(err.to_string().contains("--cds-base-url"), "{err}");
+        assert!(
+            !with_trust(Some("https://cds.example.org"), false)
+                .resolve()
+                .unwrap()
+                .cds
+                .any_host
+        );
+        assert!(with_trust(None, true).resolve().unwrap().cds.any_host);
     }
 
     // ---- DICOM ingest (issue 8) ----

@@ -26,7 +26,7 @@ mod support;
 use support::copy_dir;
 
 const ISS: &str = "https://ehr.example.nhs.uk";
-const HOST: &str = "nightingale.test:8000";
+const HOST: &str = "127.0.0.1:8000";
 const SERVICE: &str = "nightingale-news2";
 const PATIENT: &str = "1288992";
 
@@ -453,6 +453,18 @@ async fn tokens_for_another_url_replayed_or_absent_are_401() {
             .await;
         assert_eq!(s, StatusCode::UNAUTHORIZED, "{aud}: {v}");
     }
+    // A token the EHR minted for another service, sent with that service's Host: without
+    // --cds-base-url only a loopback Host gives the audience, so it is not taken.
+    let other = "other-vendor.example:8000";
+    let t = server.ehr.token(&format!("http://{other}{path}"));
+    let req = Request::post(&path)
+        .header(header::HOST, other)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::AUTHORIZATION, format!("Bearer {t}"))
+        .body(Body::from(body.clone()))
+        .unwrap();
+    let (s, v) = server.send(req).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
     // Accepted once, then replayed.
     let t = server.ehr.token(&format!("http://{HOST}{path}"));
     let (s, v) = server

@@ -514,6 +514,18 @@ async fn bad_requests_get_400_with_the_reason() {
         assert_eq!(s, StatusCode::BAD_REQUEST, "{needle}: {v}");
         assert!(error_of(&v).contains(needle), "expected {needle:?} in {v}");
     }
+    // The header twice (the right length, then another): ambiguous framing, refused.
+    let json = serde_json::to_vec(&json_request(&[vec![1.0; 30]])).unwrap();
+    let req = Request::post(&uri)
+        .header("Inference-Header-Content-Length", json.len().to_string())
+        .header("Inference-Header-Content-Length", "5")
+        .header("Content-Type", "application/octet-stream")
+        .body(Body::from(json))
+        .unwrap();
+    let (s, _, b) = f.call(req).await;
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(error_of(&v).contains("more than once"), "{v}");
 }
 
 /// Compressed request bodies (tritonclient's `request_compression_algorithm`): gzip and

@@ -58,8 +58,26 @@ pub(crate) fn audience(state: &AppState, req: &Request) -> Result<String, String
     {
         return Err("the Host header is not a host name".into());
     }
+    if !cds.any_host && !is_loopback_host(&host) {
+        return Err(
+            "without --cds-base-url only a loopback Host (localhost, 127.0.0.1, [::1]) gives the token's audience; set --cds-base-url to the URL EHRs call"
+                .into(),
+        );
+    }
     let scheme = if cds.https { "https" } else { "http" };
     Ok(format!("{scheme}://{host}{service_path}"))
+}
+
+/// `host` (a Host header: name or address, optional port) names this machine's loopback.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `GET /cds-services`.

@@ -376,6 +376,12 @@ pub(crate) async fn infer_decoded(
 
 /// `Inference-Header-Content-Length`, if given.
 pub(super) fn header_length(headers: &HeaderMap) -> Result<Option<usize>, AppError> {
+    // Two values that may disagree: which one frames the body is ambiguous, so neither is.
+    if headers.get_all(HEADER_LENGTH).iter().nth(1).is_some() {
+        return Err(AppError::bad_request(
+            "Inference-Header-Content-Length is given more than once",
+        ));
+    }
     match headers.get(HEADER_LENGTH) {
         None => Ok(None),
         Some(v) => Ok(Some(
