@@ -617,6 +617,11 @@ async fn unknown_models_404_and_oversized_bodies_413() {
         .await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
     assert!(error_of(&v).contains("4096"));
+    // An empty version segment names no version (it is not the default one).
+    for path in ["ready", "stats"] {
+        let (s, b) = f.get(&format!("/v2/models/{MODEL}/versions//{path}")).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{}", String::from_utf8_lossy(&b));
+    }
     let (s, b) = f.get("/v3/nothing").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert!(serde_json::from_slice::<Value>(&b).unwrap()["error"].is_string());
@@ -696,6 +701,11 @@ async fn tampered_bundle_is_refused_and_the_others_serve() {
         v.as_array().unwrap().iter().all(|e| e["state"] == "READY"),
         "{v}"
     );
+    // "ready" that is not a boolean, or a body that is not an object: 400, not ignored.
+    for body in [json!({"ready": "yes"}), json!([true])] {
+        let (s, v) = f.post_json("/v2/repository/index", &body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+    }
 }
 
 #[tokio::test]

@@ -344,6 +344,9 @@ pub fn convert_analyte(
             _ => None,
         };
         if let Some(value) = value {
+            if !value.is_finite() {
+                return Err(UnusableReason::Implausible);
+            }
             return Ok((value, Some(truncate(&written))));
         }
     }
@@ -359,6 +362,10 @@ pub fn convert_analyte(
         ("kg", "g") => v * 1000.0,
         _ => return Err(UnusableReason::Unit(truncate(&written))),
     };
+    // A finite value can overflow in the conversion (1e308 kPa): implausible, not infinite.
+    if !value.is_finite() {
+        return Err(UnusableReason::Implausible);
+    }
     Ok((value, Some(truncate(&written))))
 }
 
@@ -532,6 +539,18 @@ mod tests {
                 "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "EMER"},
                 "subject": {"reference": "Patient/p1"}}),
         ]
+    }
+
+    #[test]
+    fn a_conversion_that_overflows_is_implausible_not_infinite() {
+        let mut items = base();
+        items.push(sbp(1e308, "kPa", "2024-05-01T10:00:00Z"));
+        let m = map_features(&features(), &resources(items), &context(true));
+        let value = m.features[1].value.clone();
+        assert!(
+            matches!(&value, Err(Missing::Unusable(UnusableReason::Implausible))),
+            "{value:?}"
+        );
     }
 
     #[test]

@@ -40,7 +40,9 @@ pub enum InferenceError {
         backend: &'static str,
         datatype: DataType,
     },
-    #[error("input {name:?} holds NaN or infinite values; this model accepts finite numbers only")]
+    #[error(
+        "input {name:?} holds NaN or infinite values (or numbers beyond its datatype's range); this model accepts finite numbers only"
+    )]
     NonFinite { name: String },
     #[error("batch size 0: a request must carry at least one row")]
     EmptyBatch,

@@ -180,6 +180,12 @@ where
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        // An empty segment (`/versions//ready`) names nothing: it is not the default version.
+        if let Ok(raw) = axum::extract::RawPathParams::from_request_parts(parts, state).await
+            && let Some((key, _)) = raw.iter().find(|(_, v)| v.is_empty())
+        {
+            return Err(AppError::not_found(format!("empty {key} in the path")));
+        }
         match axum::extract::Path::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Path(value)) => Ok(ApiPath(value)),
             Err(rejection) => Err(AppError::new(rejection.status(), rejection.body_text())),

@@ -621,7 +621,14 @@ pub(crate) async fn explain_decoded(
     let seed = params.seed.unwrap_or(0);
     let row = |r: usize| data[r * row_len..(r + 1) * row_len].to_vec();
     let invalid = |e: nightingale_inference::explain::ExplainError| {
-        AppError::bad_request(format!("{}: {e}", method.as_str()))
+        // The engine's reasons may already name the method.
+        let text = e.to_string();
+        let prefix = format!("{}: ", method.as_str());
+        AppError::bad_request(if text.starts_with(&prefix) {
+            text
+        } else {
+            format!("{prefix}{text}")
+        })
     };
     let plan = match method {
         Method::Occlusion => {

@@ -334,9 +334,31 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
                 .unwrap_or("-")
                 .to_owned();
             tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
-        }))
+        })
+        .on_failure(log_failure))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(axum::middleware::map_request(usable_request_id))
+}
+
+/// tower-http's failure log, except that a refusal for load (503, which says so with
+/// `Retry-After`) is a warning, not an error: under overload every refused request logged
+/// an ERROR line.
+fn log_failure(
+    class: tower_http::classify::ServerErrorsFailureClass,
+    latency: std::time::Duration,
+    _span: &tracing::Span,
+) {
+    use tower_http::classify::ServerErrorsFailureClass as Class;
+    let ms = latency.as_millis();
+    match class {
+        Class::StatusCode(code) if code == StatusCode::SERVICE_UNAVAILABLE => {
+            tracing::warn!(status = code.as_u16(), latency_ms = ms, "request refused");
+        }
+        Class::StatusCode(code) => {
+            tracing::error!(status = code.as_u16(), latency_ms = ms, "request failed");
+        }
+        Class::Error(e) => tracing::error!(error = %e, latency_ms = ms, "request failed"),
+    }
 }
 
 /// A client's `X-Request-Id` is kept when it is 1 to 128 visible ASCII characters; any other

@@ -28,9 +28,14 @@ pub async fn index(
     } else {
         let v: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| AppError::bad_request(format!("malformed JSON: {e}")))?;
-        v.get("ready")
-            .and_then(serde_json::Value::as_bool)
-            .unwrap_or(false)
+        let Some(object) = v.as_object() else {
+            return Err(AppError::bad_request("the body must be a JSON object"));
+        };
+        match object.get("ready") {
+            None => false,
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(_) => return Err(AppError::bad_request("\"ready\" must be true or false")),
+        }
     };
     let repository = state.repository.clone();
     let entries = tokio::task::spawn_blocking(move || repository.index())
