@@ -161,7 +161,7 @@ pub fn run(args: &ValidateArgs) -> i32 {
     }
 }
 
-fn settings(args: &ValidateArgs) -> anyhow::Result<Settings> {
+pub(crate) fn settings(args: &ValidateArgs) -> anyhow::Result<Settings> {
     if !(args.confidence > 0.5 && args.confidence < 1.0) {
         bail!("--confidence must be in (0.5, 1)");
     }
@@ -193,7 +193,7 @@ fn settings(args: &ValidateArgs) -> anyhow::Result<Settings> {
 }
 
 /// NAME or NAME@VERSION.
-fn parse_model(s: &str) -> anyhow::Result<(String, Option<u64>)> {
+pub(crate) fn parse_model(s: &str) -> anyhow::Result<(String, Option<u64>)> {
     match s.split_once('@') {
         None => Ok((s.to_owned(), None)),
         Some((name, v)) => {

@@ -299,15 +299,35 @@ async fn hostile_requests_are_refused_with_their_reason() {
         assert_eq!(s, status, "{body}: {v}");
         assert!(v["error"].as_str().unwrap().contains(why), "{body}: {v}");
     }
-    // a version that does not exist fails the run (not the request), with the reason
+    // NAME@VERSION that cannot be, and options out of range: 400 before any run starts
+    for (model, why) in [
+        (format!("{MODEL}@9"), "no version 9"),
+        (format!("{MODEL}@-1"), "positive integer"),
+        (format!("{MODEL}@99999999999999999999"), "positive integer"),
+    ] {
+        let (s, v) = server
+            .post_json(json!({"model": model, "dataset": "sub/test.csv"}))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{model}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(why), "{model}: {v}");
+    }
     let (s, v) = server
-        .post_json(json!({"model": format!("{MODEL}@9"), "dataset": "sub/test.csv"}))
+        .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 10_000_000}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("at most"), "{v}");
+    // a run that fails on its data (a label column the dataset lacks) fails the run, not the
+    // request, with the reason and without the server's paths
+    let (s, v) = server
+        .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "label_column": "nope"}))
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     let failed = server.wait(v["id"].as_str().unwrap()).await;
     assert_eq!(failed["status"], "failed", "{failed}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("nope"), "{failed}");
     assert!(
-        failed["error"].as_str().unwrap().contains("load"),
+        !error.contains(&*server.dir.path().to_string_lossy()),
         "{failed}"
     );
     let (s, _) = server

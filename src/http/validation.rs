@@ -295,6 +295,31 @@ async fn create_run(
             return Err(AppError::bad_request(first));
         }
     };
+    // What the job would refuse at its start is refused here, before the 202: the options'
+    // ranges, NAME@VERSION's form, and a version that is not in the bundle.
+    let refuse = |message: String| {
+        if uploaded {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        Err(AppError::bad_request(message))
+    };
+    if let Err(e) = crate::validate::settings(&command.args) {
+        return refuse(e.to_string());
+    }
+    match crate::validate::parse_model(&request.model) {
+        Err(e) => return refuse(e.to_string()),
+        Ok((_, Some(v)))
+            if !state
+                .repository
+                .root()
+                .join(&name)
+                .join(v.to_string())
+                .is_dir() =>
+        {
+            return refuse(format!("model {name:?} has no version {v}"));
+        }
+        Ok(_) => {}
+    }
     let run = Arc::new(Run {
         id: id.clone(),
         model: name,
@@ -323,6 +348,13 @@ async fn create_run(
         ),
     };
     let worker = run.clone();
+    let dataset_name = if uploaded {
+        "the uploaded dataset".to_owned()
+    } else {
+        request.dataset.clone().unwrap_or_default()
+    };
+    let run_dir = dir.clone();
+    let repository_root = state.repository.root().to_path_buf();
     tracing::info!(run = %id, model = %run.model, uploaded, "validation run started");
     tokio::task::spawn_blocking(move || {
         let outcome = crate::validate::run_job(&command.args, ctx);
@@ -335,7 +367,12 @@ async fn create_run(
                 gate_passed: report.gate.as_ref().map(|g| g.passed),
             },
             Err(e) => RunState::Failed {
-                error: format!("{e:#}"),
+                // Server paths are not the caller's business: the dataset by the name it
+                // was given, the rest relative to the repository or the run.
+                error: format!("{e:#}")
+                    .replace(&dataset.display().to_string(), &dataset_name)
+                    .replace(&format!("{}/", run_dir.display()), "")
+                    .replace(&format!("{}/", repository_root.display()), ""),
             },
         };
         tracing::info!(run = %worker.id, state = ?next, "validation run ended");
