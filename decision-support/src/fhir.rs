@@ -483,6 +483,11 @@ pub enum Gender {
     Unknown,
 }
 
+fn gender_or_absent<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Gender>, D::Error> {
+    let code: Option<String> = Option::deserialize(d)?;
+    Ok(code.and_then(|c| Gender::deserialize(serde_json::Value::String(c)).ok()))
+}
+
 /// A Patient.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -490,6 +495,9 @@ pub struct Patient {
     pub id: Option<String>,
     /// As written: `YYYY`, `YYYY-MM` or `YYYY-MM-DD` (read with [`Patient::birth_date`]).
     pub birth_date: Option<String>,
+    /// A code outside the value set (`"xyz"`) is read as absent: the gender is then missing
+    /// where a model needs it, as when it is not given, instead of the whole call refused.
+    #[serde(default, deserialize_with = "gender_or_absent")]
     pub gender: Option<Gender>,
     #[serde(default)]
     pub identifier: Vec<Identifier>,
@@ -808,6 +816,14 @@ mod tests {
             panic!("not a patient")
         };
         assert_eq!(p.gender, Some(Gender::Female));
+        // A code outside the value set is absent, not an error; a number is still an error.
+        let odd: Patient =
+            serde_json::from_value(json!({"resourceType": "Patient", "gender": "xyz"})).unwrap();
+        assert_eq!(odd.gender, None);
+        assert!(
+            serde_json::from_value::<Patient>(json!({"resourceType": "Patient", "gender": 7}))
+                .is_err()
+        );
         assert_eq!(
             p.birth_date().unwrap().unwrap(),
             FhirDate::Day(NaiveDate::from_ymd_opt(1950, 3, 4).unwrap())
