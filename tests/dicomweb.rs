@@ -656,6 +656,58 @@ async fn qido_lists_what_was_stored() {
     assert!(h[header::WARNING].to_str().unwrap().contains("PatientName"));
     let (s, v) = server.get("/dicomweb/studies?limit=many").await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    // A limit beyond what the server returns at once is answered with its maximum and says so
+    // (PS3.18 8.3.4.6).
+    let (s, h, v) = server
+        .send(
+            Request::get("/dicomweb/studies?limit=20000")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(
+        h[header::WARNING]
+            .to_str()
+            .unwrap()
+            .contains("exceeded the maximum supported"),
+        "{h:?}"
+    );
+    // Only application/dicom+json is answered: another Accept is 406, before any search or
+    // any part is read.
+    for (accept, status) in [
+        ("application/dicom+xml", StatusCode::NOT_ACCEPTABLE),
+        ("text/html", StatusCode::NOT_ACCEPTABLE),
+        (
+            "application/dicom+json; q=0, application/dicom+xml",
+            StatusCode::NOT_ACCEPTABLE,
+        ),
+        ("application/dicom+json", StatusCode::OK),
+        ("text/html, */*;q=0.1", StatusCode::OK),
+    ] {
+        let (s, _, v) = server
+            .send(
+                Request::get("/dicomweb/studies")
+                    .header(header::ACCEPT, accept)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(s, status, "{accept}: {v}");
+    }
+    let (s, _, v) = server
+        .send(
+            Request::post("/dicomweb/studies")
+                .header(header::ACCEPT, "application/dicom+xml")
+                .header(
+                    header::CONTENT_TYPE,
+                    "multipart/related; type=\"application/dicom\"; boundary=b",
+                )
+                .body(Body::from("--b--"))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_ACCEPTABLE, "{v}");
 
     // The attributes the index keeps: every stored object is a CT with no study date.
     let (_, v) = server.get("/dicomweb/studies?ModalitiesInStudy=CT").await;

@@ -458,14 +458,17 @@ fn with_spare(stream: TcpStream) -> std::io::Result<(TcpStream, std::net::TcpStr
 /// (rejected-permanent, service provider (ACSE), protocol-version-not-supported). A field
 /// with bit 0 and others set is still dicom-ul's to reject (no implementation sends one).
 /// The calling AE title is checked here too ([`Opening::calling_ae_valid`]).
-async fn opening(stream: &TcpStream, max_pdu_length: u32) -> Option<Opening> {
+async fn opening(stream: &TcpStream, max_pdu_length: u32) -> Option<Result<Opening, u8>> {
     // PDU header (6), protocol version (2), reserved (2), called AE (16), calling AE (16).
     let mut head = [0u8; 42];
     let mut pause = Duration::from_millis(1);
     loop {
         let n = stream.peek(&mut head).await.ok()?;
-        if n == 0 || head[0] != 0x01 {
+        if n == 0 {
             return None;
+        }
+        if head[0] != 0x01 {
+            return Some(Err(head[0]));
         }
         if n >= 6 {
             // A length dicom-ul refuses: its error answers it (A-ABORT), not the version.
@@ -475,10 +478,10 @@ async fn opening(stream: &TcpStream, max_pdu_length: u32) -> Option<Opening> {
             }
         }
         if n == head.len() {
-            return Some(Opening {
+            return Some(Ok(Opening {
                 version: u16::from_be_bytes([head[6], head[7]]),
                 calling_ae_valid: raw_ae_title_valid(&head[26..42]),
-            });
+            }));
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));
@@ -679,8 +682,33 @@ async fn serve_association(
         .await
         .ok()
         .flatten();
+    // PS3.8 Table 9-10, state Sta2 (awaiting the A-ASSOCIATE-RQ): an A-ABORT closes the
+    // connection (AA-2); an A-RELEASE-RQ is answered with an A-ABORT (AA-1), never with a
+    // release. Other PDUs are dicom-ul's to refuse below.
+    match opened {
+        Some(Err(0x07)) => {
+            association_outcome("not_established");
+            tracing::info!(%peer, "DICOM connection closed: A-ABORT before any association");
+            return;
+        }
+        Some(Err(0x05)) => {
+            association_outcome("not_established");
+            tracing::info!(%peer, "DICOM association aborted: A-RELEASE-RQ before any association");
+            let abort = Pdu::AbortRQ {
+                source: AbortRQSource::ServiceUser,
+            };
+            answer_and_close(stream, &abort, config.idle_timeout).await;
+            let rejected = DicomEvent::AssociationRejected {
+                peer,
+                reason: "not_established",
+            };
+            Reporter::send(&events, rejected).await;
+            return;
+        }
+        _ => {}
+    }
     let refusal = match opened {
-        Some(o) if o.version & 1 == 0 => {
+        Some(Ok(o)) if o.version & 1 == 0 => {
             tracing::info!(%peer, version = o.version, "DICOM association rejected: protocol version not supported");
             Some((
                 AssociationRJSource::ServiceProviderASCE(
@@ -689,7 +717,7 @@ async fn serve_association(
                 "protocol_version",
             ))
         }
-        Some(o) if !o.calling_ae_valid => {
+        Some(Ok(o)) if !o.calling_ae_valid => {
             // The title itself is not logged: it is whatever bytes the peer chose.
             tracing::info!(%peer, "DICOM association rejected: calling AE title not a valid AE title");
             Some((

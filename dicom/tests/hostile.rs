@@ -223,15 +223,18 @@ async fn malformed_association_requests_are_refused_and_the_server_goes_on() {
         echo(addr);
 
         // An A-ABORT or an A-RELEASE-RQ instead of a request: never an association.
-        for pdu in [
-            Pdu::AbortRQ {
-                source: AbortRQSource::ServiceUser,
-            },
-            Pdu::ReleaseRQ,
-        ] {
-            let answer = exchange(addr, &pdu_bytes(&pdu), true);
-            assert!(!is_accept(&answer), "{pdu:?}: {answer:?}");
-        }
+        // PS3.8 Table 9-10 (Sta2): the A-ABORT closes the connection (AA-2), the
+        // A-RELEASE-RQ is answered with an A-ABORT (AA-1), not a release.
+        let abort = Pdu::AbortRQ {
+            source: AbortRQSource::ServiceUser,
+        };
+        let answer = exchange(addr, &pdu_bytes(&abort), true);
+        assert!(matches!(answer, Answer::Closed), "{answer:?}");
+        let answer = exchange(addr, &pdu_bytes(&Pdu::ReleaseRQ), true);
+        assert!(
+            matches!(answer, Answer::Pdu(Pdu::AbortRQ { .. })),
+            "{answer:?}"
+        );
         echo(addr);
     })
     .await

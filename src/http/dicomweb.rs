@@ -165,6 +165,7 @@ async fn store_inner(
     body: Body,
 ) -> Result<Response, AppError> {
     let web = dicomweb(state)?;
+    accepts_dicom_json(headers)?;
     // Every part is audited before the response reports it (a stored part whose record cannot
     // be written is reported as failed, 0x0110, like a C-STORE).
     let audit = DicomAuditSink::new(state.audit.clone(), web.audit_uids);
@@ -482,52 +483,74 @@ type Params = Query<Vec<(String, String)>>;
 /// `GET /dicomweb/studies`.
 pub(crate) async fn search_studies(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     Query(params): Params,
 ) -> Response {
-    search(&state, Level::Studies, None, None, params).await
+    search(&state, &headers, Level::Studies, None, None, params).await
 }
 
 /// `GET /dicomweb/studies/{study}/series`.
 pub(crate) async fn search_study_series(
     State(state): State<Arc<AppState>>,
     Path(study): Path<String>,
+    headers: HeaderMap,
     Query(params): Params,
 ) -> Response {
-    search(&state, Level::Series, Some(study), None, params).await
+    search(&state, &headers, Level::Series, Some(study), None, params).await
 }
 
 /// `GET /dicomweb/studies/{study}/instances`.
 pub(crate) async fn search_study_instances(
     State(state): State<Arc<AppState>>,
     Path(study): Path<String>,
+    headers: HeaderMap,
     Query(params): Params,
 ) -> Response {
-    search(&state, Level::Instances, Some(study), None, params).await
+    search(
+        &state,
+        &headers,
+        Level::Instances,
+        Some(study),
+        None,
+        params,
+    )
+    .await
 }
 
 /// `GET /dicomweb/studies/{study}/series/{series}/instances`.
 pub(crate) async fn search_series_instances(
     State(state): State<Arc<AppState>>,
     Path((study, series)): Path<(String, String)>,
+    headers: HeaderMap,
     Query(params): Params,
 ) -> Response {
-    search(&state, Level::Instances, Some(study), Some(series), params).await
+    search(
+        &state,
+        &headers,
+        Level::Instances,
+        Some(study),
+        Some(series),
+        params,
+    )
+    .await
 }
 
 /// `GET /dicomweb/series`.
 pub(crate) async fn search_series(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     Query(params): Params,
 ) -> Response {
-    search(&state, Level::Series, None, None, params).await
+    search(&state, &headers, Level::Series, None, None, params).await
 }
 
 /// `GET /dicomweb/instances`.
 pub(crate) async fn search_instances(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     Query(params): Params,
 ) -> Response {
-    search(&state, Level::Instances, None, None, params).await
+    search(&state, &headers, Level::Instances, None, None, params).await
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -694,6 +717,38 @@ fn numbers(key: &str, value: &str) -> Result<Vec<i64>, AppError> {
         .collect()
 }
 
+/// QIDO-RS and STOW-RS answer `application/dicom+json` only (PS3.18 8.3.3): a request whose
+/// `Accept` allows none of it is 406, not answered in a type it did not ask for.
+fn accepts_dicom_json(headers: &HeaderMap) -> Result<(), AppError> {
+    let Some(accept) = headers.get(header::ACCEPT) else {
+        return Ok(());
+    };
+    let accept = accept.to_str().unwrap_or("");
+    let acceptable = accept.len() <= 4096
+        && accept.split(',').any(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("").to_ascii_lowercase();
+            let refused = parts.any(|p| {
+                p.split_once('=').is_some_and(|(k, v)| {
+                    k.trim().eq_ignore_ascii_case("q") && v.trim().parse::<f32>() == Ok(0.0)
+                })
+            });
+            !refused
+                && matches!(
+                    media.as_str(),
+                    "application/dicom+json" | "application/json" | "application/*" | "*/*"
+                )
+        });
+    if acceptable {
+        Ok(())
+    } else {
+        Err(AppError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "this server answers QIDO-RS and STOW-RS in application/dicom+json only",
+        ))
+    }
+}
+
 /// `s` cut to 64 printable ASCII characters, for an error message.
 fn printable(s: &str) -> String {
     s.chars()
@@ -704,14 +759,18 @@ fn printable(s: &str) -> String {
 
 async fn search(
     state: &AppState,
+    headers: &HeaderMap,
     level: Level,
     study: Option<String>,
     series: Option<String>,
     params: Vec<(String, String)>,
 ) -> Response {
     let result = async {
+        accepts_dicom_json(headers)?;
         let web = dicomweb(state)?;
         let (mut q, ignored) = query_of(level, params)?;
+        let asked_beyond_max = q.limit.is_some_and(|l| l > nightingale_dicom::qido::MAX_LIMIT);
+        let explicit_limit = q.limit.is_some();
         // A path key narrows the query: a query key for the same attribute must agree.
         if let Some(study) = study {
             narrow(&mut q.study_uids, study);
@@ -734,16 +793,32 @@ async fn search(
         .await
         .map_err(|e| AppError::internal(e.to_string()))?
         .map_err(|e| AppError::internal(e.to_string()))?;
-        let warning = (!ignored.is_empty()).then(|| {
-            format!(
+        let mut warnings = Vec::new();
+        if !ignored.is_empty() {
+            warnings.push(format!(
                 "299 nightingale \"The following attributes are not supported for matching at this level and were ignored: {}\"",
                 ignored
                     .iter()
-                    .map(|k| k.chars().filter(|c| c.is_ascii_alphanumeric()).take(64).collect::<String>())
+                    .map(|k| {
+                        let name: String =
+                            k.chars().filter(|c| c.is_ascii_alphanumeric()).take(64).collect();
+                        if name.is_empty() { "(unreadable key)".to_owned() } else { name }
+                    })
                     .collect::<Vec<_>>()
                     .join(", ")
-            )
+            ));
+        }
+        // PS3.18 8.3.4.6: more results than the server returns at once say so.
+        let full = body.as_array().is_some_and(|rows| {
+            rows.len() == nightingale_dicom::qido::MAX_LIMIT as usize
         });
+        if asked_beyond_max || (!explicit_limit && full) {
+            warnings.push(
+                "299 nightingale \"The number of results exceeded the maximum supported by the server. Additional results can be requested.\""
+                    .to_owned(),
+            );
+        }
+        let warning = (!warnings.is_empty()).then(|| warnings.join(", "));
         Ok::<_, AppError>(dicom_json(StatusCode::OK, body, warning))
     }
     .await;
