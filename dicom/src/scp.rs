@@ -962,7 +962,27 @@ async fn run_association(
                     }
                     match cmd.field {
                         C_ECHO_RQ => {
-                            let rsp = echo_response(cmd.message_id);
+                            // On a context not accepted, or accepted for another SOP class
+                            // than Verification: refused, SOP class not supported (PS3.7
+                            // 9.3.5.2), not a success.
+                            let verification =
+                                association.presentation_contexts().iter().any(|c| {
+                                    c.id == pc
+                                        && c.reason == PresentationContextResultReason::Acceptance
+                                        && sop::trim_uid(&c.abstract_syntax) == sop::VERIFICATION
+                                });
+                            let rsp = if verification {
+                                echo_response(cmd.message_id)
+                            } else {
+                                response(
+                                    0x8030,
+                                    cmd.message_id,
+                                    sop::VERIFICATION,
+                                    None,
+                                    status::SOP_CLASS_NOT_SUPPORTED,
+                                    None,
+                                )
+                            };
                             send_command(association, config, pc, rsp)
                                 .await
                                 .map_err(|r| (r, counts))?;

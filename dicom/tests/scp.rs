@@ -190,6 +190,28 @@ async fn beyond_the_association_cap_a_request_is_rejected_transiently() {
     .unwrap();
 }
 
+/// A C-ECHO on a context accepted for another SOP class (CT Image Storage) is refused, SOP
+/// class not supported, not answered with success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_c_echo_on_a_storage_context_is_refused() {
+    let server = start(|_| {}).await;
+    let addr = server.addr;
+    tokio::task::spawn_blocking(move || {
+        const VERIFICATION: &str = "1.2.840.10008.1.1";
+        let mut assoc = connect(addr, &[(CT, EXPLICIT_LE)]).unwrap();
+        let pc = accepted_pc(&assoc);
+        let command = command_set(0x0030, 7, VERIFICATION, None, 0x0101);
+        assoc
+            .send(&pdata(pc, PDataValueType::Command, true, command))
+            .unwrap();
+        assert_eq!(status_of(assoc.receive().unwrap()), 0x0122);
+        assoc.release().unwrap();
+        echo(addr);
+    })
+    .await
+    .unwrap();
+}
+
 /// Connections that never send their A-ASSOCIATE-RQ hold no association slot: with one
 /// slot and several silent connections open, a real SCU is still served; beyond
 /// `MAX_WAITING_PER_HOST` silent connections from one host, new ones are closed at once.
