@@ -1315,10 +1315,12 @@ async fn extractor_rejections_are_json_errors() {
     }
 }
 
-/// A request body that arrives in chunks, with no declared length.
+/// A request body that arrives in chunks, with no declared length; `stall`: then nothing
+/// more, never ending.
 struct Chunks {
     data: Bytes,
     chunk: usize,
+    stall: bool,
 }
 
 impl Chunks {
@@ -1326,6 +1328,16 @@ impl Chunks {
         Chunks {
             data: data.into(),
             chunk,
+            stall: false,
+        }
+    }
+
+    /// `data` at once, then a body that never ends.
+    fn then_stalled(data: Vec<u8>) -> Chunks {
+        let chunk = data.len();
+        Chunks {
+            stall: true,
+            ..Chunks::new(data, chunk)
         }
     }
 }
@@ -1338,7 +1350,10 @@ impl http_body::Body for Chunks {
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         if self.data.is_empty() {
-            return std::task::Poll::Ready(None);
+            return match self.stall {
+                true => std::task::Poll::Pending,
+                false => std::task::Poll::Ready(None),
+            };
         }
         let n = self.chunk.min(self.data.len());
         let part = self.data.split_to(n);
@@ -1355,23 +1370,6 @@ async fn until(what: &str, done: impl Fn() -> bool) {
             "timed out waiting until {what}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-    }
-}
-
-/// A body that sends its bytes at once and then nothing more, never ending.
-struct SentThenStalled(Option<Bytes>);
-
-impl http_body::Body for SentThenStalled {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        match self.0.take() {
-            Some(data) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(data)))),
-            None => std::task::Poll::Pending,
-        }
     }
 }
 
@@ -1418,7 +1416,7 @@ async fn the_inflight_budget_refuses_with_503_and_retry_after() {
     // One client has sent 300 000 bytes of its body and stalls: it holds twice that.
     let holder = tokio::spawn(app.oneshot(declared(
         400_000,
-        Body::new(SentThenStalled(Some(Bytes::from(vec![b' '; 300_000])))),
+        Body::new(Chunks::then_stalled(vec![b' '; 300_000])),
     )));
     until("the first request is charged", || {
         f.state.inflight_bytes_free() < BUDGET

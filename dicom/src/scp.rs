@@ -16,7 +16,7 @@ use dicom_ul::pdu::{
     AbortRQServiceProviderReason, AbortRQSource, AssociationRJ, AssociationRJResult,
     AssociationRJServiceProviderASCEReason, AssociationRJServiceProviderPresentationReason,
     AssociationRJServiceUserReason, AssociationRJSource, PDataValue, PDataValueType,
-    PresentationContextResultReason, UserIdentity,
+    PresentationContextNegotiated, PresentationContextResultReason, UserIdentity,
 };
 use dicom_ul::{Pdu, ServerAssociationOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -393,12 +393,11 @@ impl Scp {
             let events = self.events.clone();
             tokio::spawn(async move {
                 let deadline = tokio::time::Instant::now() + config.association_timeout;
-                let arrived =
+                let opened =
                     tokio::time::timeout_at(deadline, opening(&stream, config.max_pdu_length))
-                        .await
-                        .is_ok();
+                        .await;
                 drop((place, waiting));
-                if !arrived {
+                let Ok(opened) = opened else {
                     association_outcome("timeout");
                     tracing::info!(%peer, "DICOM association not established: no A-ASSOCIATE-RQ in time");
                     Reporter::send(
@@ -410,11 +409,15 @@ impl Scp {
                     )
                     .await;
                     return;
-                }
+                };
                 match slots.try_acquire_owned() {
                     Ok(permit) => {
-                        serve_association(stream, peer, deadline, &config, &spool, &budget, events)
-                            .await;
+                        let start = Start {
+                            peer,
+                            deadline,
+                            opened,
+                        };
+                        serve_association(stream, start, &config, &spool, &budget, events).await;
                         drop(permit);
                     }
                     Err(_) => {
@@ -497,20 +500,11 @@ struct Opening {
     calling_ae_valid: bool,
 }
 
-/// An AE title field as sent: characters of the default repertoire without control
-/// characters or backslash, padded with spaces (or, from some old implementations, NULs),
-/// not only padding.
+/// An AE title field as sent, padded with spaces (or, from some old implementations, NULs):
+/// a title [`valid_ae_title`] allows.
 fn raw_ae_title_valid(field: &[u8]) -> bool {
-    let end = field
-        .iter()
-        .rposition(|&b| b != b' ' && b != 0)
-        .map_or(0, |i| i + 1);
-    let title = &field[..end];
-    let start = title.iter().position(|&b| b != b' ').unwrap_or(title.len());
-    start < title.len()
-        && title
-            .iter()
-            .all(|&b| (0x20..0x7F).contains(&b) && b != b'\\')
+    let end = field.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    std::str::from_utf8(&field[..end]).is_ok_and(valid_ae_title)
 }
 
 /// The A-ABORT reason for a request dicom-ul could not read (PS3.8 9.3.8, state Sta2 event
@@ -577,17 +571,11 @@ impl AccessControl for Allowlist {
         _called_ae_title: &str,
         _user_identity: Option<&UserIdentity>,
     ) -> Result<(), AssociationRJServiceUserReason> {
-        // PS3.5 6.2: an AE title is 1 to 16 characters of the default repertoire, without
-        // control characters or backslash, and not only spaces. Any other (non-ASCII bytes,
-        // a newline, an escape sequence) is refused before it can reach the stored file's
-        // Source AE Title, the index or the audit trail.
-        if !valid_ae_title(calling_ae_title) {
-            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
-        }
+        // (The calling AE field's repertoire was checked on the raw request: see `Opening`.)
         let Some(allowed) = &self.allowed else {
             return Ok(());
         };
-        let calling = calling_ae_title.trim_matches(' ');
+        let calling = calling_ae_title.trim();
         let peer = canonical_ip(self.peer);
         if allowed
             .iter()
@@ -638,15 +626,27 @@ enum Overflow {
     Inflight,
 }
 
-async fn serve_association(
-    stream: TcpStream,
+/// A connection whose A-ASSOCIATE-RQ has come (or whose first PDU is another): who, by when
+/// the association must stand, and what [`opening`] read of the request.
+struct Start {
     peer: SocketAddr,
     deadline: tokio::time::Instant,
+    opened: Option<Result<Opening, u8>>,
+}
+
+async fn serve_association(
+    stream: TcpStream,
+    start: Start,
     config: &ScpConfig,
     spool: &Arc<Spool>,
     budget: &Arc<Budget>,
     events: Arc<dyn EventSink>,
 ) {
+    let Start {
+        peer,
+        deadline,
+        opened,
+    } = start;
     let mut options = ServerAssociationOptions::new()
         .ae_access_control(Allowlist {
             allowed: config.allowed.clone(),
@@ -678,10 +678,6 @@ async fn serve_association(
             return;
         }
     };
-    let opened = tokio::time::timeout_at(deadline, opening(&stream, config.max_pdu_length))
-        .await
-        .ok()
-        .flatten();
     // PS3.8 Table 9-10, state Sta2 (awaiting the A-ASSOCIATE-RQ): an A-ABORT closes the
     // connection (AA-2); an A-RELEASE-RQ is answered with an A-ABORT (AA-1), never with a
     // release. Other PDUs are dicom-ul's to refuse below.
@@ -965,12 +961,9 @@ async fn run_association(
                             // On a context not accepted, or accepted for another SOP class
                             // than Verification: refused, SOP class not supported (PS3.7
                             // 9.3.5.2), not a success.
-                            let verification =
-                                association.presentation_contexts().iter().any(|c| {
-                                    c.id == pc
-                                        && c.reason == PresentationContextResultReason::Acceptance
-                                        && sop::trim_uid(&c.abstract_syntax) == sop::VERIFICATION
-                                });
+                            let verification = accepted_context(association, pc).is_some_and(|c| {
+                                sop::trim_uid(&c.abstract_syntax) == sop::VERIFICATION
+                            });
                             let rsp = if verification {
                                 echo_response(cmd.message_id)
                             } else {
@@ -1204,6 +1197,17 @@ fn pdata_values(pdu: &[u8]) -> Result<Vec<Pdv>, String> {
     Ok(values)
 }
 
+/// The presentation context `id`, when the association accepted it.
+fn accepted_context(
+    association: &AsyncServerAssociation<TcpStream>,
+    id: u8,
+) -> Option<&PresentationContextNegotiated> {
+    association
+        .presentation_contexts()
+        .iter()
+        .find(|pc| pc.id == id && pc.reason == PresentationContextResultReason::Acceptance)
+}
+
 /// Starts receiving a C-STORE's data set straight into the spool, when its presentation
 /// context was accepted for its SOP class (anything else is answered at the end by
 /// [`store`], from the data kept in memory, as is any data set the spool cannot begin).
@@ -1215,9 +1219,7 @@ fn begin_upload(
     cmd: &Command,
     buffer: Vec<u8>,
 ) -> Option<Upload> {
-    let context = association.presentation_contexts().iter().find(|pc| {
-        pc.id == presentation_context_id && pc.reason == PresentationContextResultReason::Acceptance
-    })?;
+    let context = accepted_context(association, presentation_context_id)?;
     if sop::trim_uid(&context.abstract_syntax) != sop::trim_uid(&cmd.sop_class_uid) {
         return None;
     }
@@ -1249,10 +1251,7 @@ async fn store(
     counts: &mut Counts,
     event: &mut InstanceEvent,
 ) -> (u16, Vec<u8>, Option<Vec<u8>>) {
-    let context = association.presentation_contexts().iter().find(|pc| {
-        pc.id == p.presentation_context_id
-            && pc.reason == PresentationContextResultReason::Acceptance
-    });
+    let context = accepted_context(association, p.presentation_context_id);
     let respond = |status: u16, comment: Option<&str>| {
         let rsp = response(
             0x8001,

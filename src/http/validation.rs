@@ -284,17 +284,6 @@ async fn create_run(
             argv.push(v);
         }
     }
-    let command = match ValidateCommand::try_parse_from(&argv) {
-        Ok(c) => c,
-        Err(e) => {
-            if uploaded {
-                let _ = std::fs::remove_dir_all(&dir);
-            }
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid options").to_owned();
-            return Err(AppError::bad_request(first));
-        }
-    };
     // What the job would refuse at its start is refused here, before the 202: the options'
     // ranges, NAME@VERSION's form, and a version that is not in the bundle.
     let refuse = |message: String| {
@@ -302,6 +291,13 @@ async fn create_run(
             let _ = std::fs::remove_dir_all(&dir);
         }
         Err(AppError::bad_request(message))
+    };
+    let command = match ValidateCommand::try_parse_from(&argv) {
+        Ok(c) => c,
+        Err(e) => {
+            let text = e.to_string();
+            return refuse(text.lines().next().unwrap_or("invalid options").to_owned());
+        }
     };
     if let Err(e) = crate::validate::settings(&command.args) {
         return refuse(e.to_string());
