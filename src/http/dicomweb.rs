@@ -717,6 +717,13 @@ fn numbers(key: &str, value: &str) -> Result<Vec<i64>, AppError> {
         .collect()
 }
 
+/// PS3.18 8.3.4: the server returned its maximum where the client asked for no limit or a
+/// larger one, so more results may exist (a Warning says so).
+fn results_cut(limit: Option<u32>, returned: usize) -> bool {
+    let max = nightingale_dicom::qido::MAX_LIMIT;
+    returned == max as usize && limit.is_none_or(|l| l > max)
+}
+
 /// QIDO-RS and STOW-RS answer `application/dicom+json` only (PS3.18 8.3.3): a request whose
 /// `Accept` allows none of it is 406, not answered in a type it did not ask for.
 fn accepts_dicom_json(headers: &HeaderMap) -> Result<(), AppError> {
@@ -769,8 +776,7 @@ async fn search(
         accepts_dicom_json(headers)?;
         let web = dicomweb(state)?;
         let (mut q, ignored) = query_of(level, params)?;
-        let asked_beyond_max = q.limit.is_some_and(|l| l > nightingale_dicom::qido::MAX_LIMIT);
-        let explicit_limit = q.limit.is_some();
+        let limit = q.limit;
         // A path key narrows the query: a query key for the same attribute must agree.
         if let Some(study) = study {
             narrow(&mut q.study_uids, study);
@@ -808,11 +814,7 @@ async fn search(
                     .join(", ")
             ));
         }
-        // PS3.18 8.3.4.6: more results than the server returns at once say so.
-        let full = body.as_array().is_some_and(|rows| {
-            rows.len() == nightingale_dicom::qido::MAX_LIMIT as usize
-        });
-        if asked_beyond_max || (!explicit_limit && full) {
+        if results_cut(limit, body.as_array().map_or(0, Vec::len)) {
             warnings.push(
                 "299 nightingale \"The number of results exceeded the maximum supported by the server. Additional results can be requested.\""
                     .to_owned(),
@@ -914,4 +916,20 @@ fn dicom_json(status: StatusCode, body: Value, warning: Option<String>) -> Respo
         response.headers_mut().insert(header::WARNING, w);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_warning_says_results_were_cut_only_when_the_maximum_came_back_short_of_the_ask() {
+        let max = nightingale_dicom::qido::MAX_LIMIT;
+        assert!(results_cut(None, max as usize));
+        assert!(results_cut(Some(max + 1), max as usize));
+        // Asked for exactly the maximum, or fewer results than it: nothing was cut.
+        assert!(!results_cut(Some(max), max as usize));
+        assert!(!results_cut(Some(20_000), 4));
+        assert!(!results_cut(None, 4));
+    }
 }
