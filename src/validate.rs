@@ -456,7 +456,13 @@ impl DicomDataset {
         labels: LabelSpec,
         pre: nightingale_models::Preprocessing,
     ) -> anyhow::Result<DicomDataset> {
-        let manifest = CsvDataset::open(&dir.join("manifest.csv"), columns, labels)?;
+        let manifest_path = path_under(dir, "manifest.csv").map_err(|_| {
+            anyhow::anyhow!(
+                "{}: manifest.csv leads outside the dataset folder",
+                dir.display()
+            )
+        })?;
+        let manifest = CsvDataset::open(&manifest_path, columns, labels)?;
         Ok(DicomDataset {
             manifest,
             dir: dir

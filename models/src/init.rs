@@ -29,7 +29,7 @@ use serde::Serialize;
 use crate::checksum::sha256_file;
 use crate::error::BundleError;
 use crate::manifest::{Manifest, TaskKind, valid_name};
-use crate::repository::{Bundle, MANIFEST_FILE, RepositoryOptions};
+use crate::repository::{Bundle, MANIFEST_FILE, PROBE_MAX_BYTES, RepositoryOptions, Zeros, zeros};
 use crate::selftest::{SELFTEST_FORMAT, SelfTestReport};
 
 /// The prefix that marks a field still to be filled in.
@@ -450,31 +450,6 @@ fn spec_text(spec: &TensorSpec) -> String {
     format!("{} {}", spec.datatype.as_str(), shape_text(&spec.shape))
 }
 
-/// Zeros of every input's shape with the batch (a leading `-1`) set to `batch`; `None` when
-/// another dimension is open or a datatype has no fixed size (nothing to probe with).
-fn zeros(metadata: &ModelMetadata, batch: usize) -> Option<Vec<NamedTensor>> {
-    metadata
-        .inputs
-        .iter()
-        .map(|spec| {
-            let shape = spec
-                .shape
-                .iter()
-                .enumerate()
-                .map(|(i, &d)| match d {
-                    -1 if i == 0 => Some(batch),
-                    d if d >= 0 => Some(d as usize),
-                    _ => None,
-                })
-                .collect::<Option<Vec<usize>>>()?;
-            let n = nightingale_inference::element_count(&shape).ok()?;
-            let raw = vec![0u8; n.checked_mul(spec.datatype.element_size()?)?];
-            let t = Tensor::from_raw(spec.datatype, shape, &raw).ok()?;
-            Some(NamedTensor::new(spec.name.clone(), t))
-        })
-        .collect()
-}
-
 /// The output shapes the engine really produces, where its own metadata is wrong.
 ///
 /// The model runs on zeros at batch 1 and (when the batch is open) batch 2. An output whose
@@ -493,8 +468,16 @@ fn probe(
     let mut runs: Vec<Vec<Vec<usize>>> = vec![];
     let dynamic = reported.inputs.iter().any(TensorSpec::has_dynamic_batch);
     for batch in if dynamic { &[1, 2][..] } else { &[1][..] } {
-        let Some(inputs) = zeros(reported, *batch) else {
-            return Ok(reported.clone());
+        let inputs = match zeros(reported, *batch) {
+            Zeros::Ready(inputs) => inputs,
+            Zeros::Open => return Ok(reported.clone()),
+            Zeros::TooLarge(bytes) => {
+                notes.push(format!(
+                    "not run on zeros: {bytes} bytes of inputs at batch {batch}, more than the \
+                     {PROBE_MAX_BYTES} a probe or a warm-up allocates; output shapes as the engine reports them"
+                ));
+                return Ok(reported.clone());
+            }
         };
         let outputs = guarded(model, engine, "running zeros through", || {
             backend

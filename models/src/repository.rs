@@ -387,7 +387,7 @@ impl Bundle {
                 source,
             })?;
         guarded(&model_path, engine_name, "warming up", || {
-            warm_up(backend.as_mut(), &declared).map_err(inference_err)
+            warm_up(&self.manifest.name, backend.as_mut(), &declared).map_err(inference_err)
         })?;
         let report = match selftest {
             None => None,
@@ -448,30 +448,75 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
-/// Runs the model once on zeros (batch 1) when every input's shape is known but for the
-/// batch: a model that loads but cannot run is refused before it serves.
-fn warm_up(
-    backend: &mut dyn nightingale_inference::Backend,
-    declared: &nightingale_inference::ModelMetadata,
-) -> Result<(), nightingale_inference::InferenceError> {
-    let mut inputs = vec![];
-    for spec in &declared.inputs {
+/// The most bytes of zeros a warm-up or a probe gives a model (all its inputs together): a
+/// bundle declaring an input of 2^31 values per row would otherwise have the server allocate
+/// (and the engine compute on) gigabytes before it serves, whatever the request limits allow.
+pub const PROBE_MAX_BYTES: u64 = 256 << 20;
+
+/// Zeros for every input of `metadata`, the batch (a leading `-1`) set to `batch`.
+pub(crate) enum Zeros {
+    Ready(Vec<NamedTensor>),
+    /// An input has another open dimension, or a datatype without a fixed size.
+    Open,
+    /// They would take this many bytes, more than [`PROBE_MAX_BYTES`].
+    TooLarge(u64),
+}
+
+pub(crate) fn zeros(metadata: &nightingale_inference::ModelMetadata, batch: usize) -> Zeros {
+    let mut shapes = Vec::with_capacity(metadata.inputs.len());
+    let mut total: u64 = 0;
+    for spec in &metadata.inputs {
         let mut shape = vec![];
         for (i, &d) in spec.shape.iter().enumerate() {
             match d {
-                -1 if i == 0 => shape.push(1),
+                -1 if i == 0 => shape.push(batch),
                 d if d >= 0 => shape.push(d as usize),
-                _ => return Ok(()),
+                _ => return Zeros::Open,
             }
         }
-        let n = nightingale_inference::element_count(&shape)?;
-        let raw = vec![0u8; n * spec.datatype.element_size().unwrap_or(4)];
-        inputs.push(NamedTensor::new(
-            spec.name.clone(),
-            Tensor::from_raw(spec.datatype, shape, &raw)?,
-        ));
+        let Some(size) = spec.datatype.element_size() else {
+            return Zeros::Open;
+        };
+        let bytes = shape
+            .iter()
+            .try_fold(size as u64, |n, &d| n.checked_mul(d as u64))
+            .unwrap_or(u64::MAX);
+        total = total.saturating_add(bytes);
+        shapes.push((spec, shape, bytes as usize));
     }
-    backend.infer(inputs).map(|_| ())
+    if total > PROBE_MAX_BYTES {
+        return Zeros::TooLarge(total);
+    }
+    let mut inputs = Vec::with_capacity(shapes.len());
+    for (spec, shape, bytes) in shapes {
+        let tensor = Tensor::from_raw(spec.datatype, shape, &vec![0u8; bytes])
+            .expect("zeros of a size checked above");
+        inputs.push(NamedTensor::new(spec.name.clone(), tensor));
+    }
+    Zeros::Ready(inputs)
+}
+
+/// Runs the model once on zeros (batch 1) when every input's shape is known but for the
+/// batch: a model that loads but cannot run is refused before it serves. A model whose one
+/// row of inputs is over [`PROBE_MAX_BYTES`] is not warmed up (said in the log).
+fn warm_up(
+    name: &str,
+    backend: &mut dyn nightingale_inference::Backend,
+    declared: &nightingale_inference::ModelMetadata,
+) -> Result<(), nightingale_inference::InferenceError> {
+    match zeros(declared, 1) {
+        Zeros::Ready(inputs) => backend.infer(inputs).map(|_| ()),
+        Zeros::Open => Ok(()),
+        Zeros::TooLarge(bytes) => {
+            tracing::warn!(
+                model = name,
+                bytes,
+                limit = PROBE_MAX_BYTES,
+                "not warmed up: one row of its inputs is larger than a warm-up may allocate"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// A model version being served.

@@ -280,3 +280,31 @@ fn unload_while_loaded_then_reload() {
         RepositoryError::UnknownModel { .. }
     ));
 }
+
+/// A bundle whose one row is 2^31 FP32 values (8 GiB, the `huge-input` fixture) loads and
+/// serves without a warm-up on zeros of that size: the repository allocated them at load
+/// before, and the process was killed. Peak resident memory of this test process stays far
+/// below one such row.
+#[test]
+fn a_bundle_declaring_a_huge_row_loads_without_allocating_one() {
+    const HUGE: &str = "huge-input";
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(
+        &manifest_dir().join("tests/fixtures/bundles").join(HUGE),
+        &dir.path().join(HUGE),
+    );
+    let repository = Repository::new(dir.path(), RepositoryOptions::default());
+    assert_eq!(repository.load(HUGE).unwrap(), vec![1]);
+    let model = repository.get(HUGE, None).unwrap();
+    assert_eq!(
+        model.worker.metadata().inputs[0].shape,
+        vec![-1, 1i64 << 31]
+    );
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(peak_kib < 2 << 20, "peak RSS {peak_kib} KiB");
+}

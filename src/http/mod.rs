@@ -579,19 +579,24 @@ async fn read_body_charged(
             return Err(too_large());
         }
         if let Err(e) = ticket.charge(data.len().saturating_mul(BODY_CHARGE_FACTOR)) {
+            // Refused: what it holds goes back at once, not when the rest of its body has
+            // been read and thrown away (bodies arriving together would otherwise all hold
+            // their share until every one of them is refused).
             refused = Some(e);
             buf = Vec::new();
             parts = vec![];
+            ticket.release_bytes();
             continue;
         }
         match declared {
             Some(len) => {
                 if buf.capacity() - buf.len() < data.len() {
-                    let want = (buf.len() + data.len())
-                        .max(buf.len().saturating_mul(2))
-                        .max(64 << 10)
-                        .min(len.max(buf.len() + data.len()));
-                    buf.reserve_exact(want - buf.len());
+                    // The declared length at once, once the body has started to arrive: pages
+                    // become resident only as they are written (a client that declares 64 MiB
+                    // and sends a byte holds one page), and the buffer is never copied while
+                    // it grows (doubling held the old and the new buffer together, half as
+                    // much again as the bytes charged).
+                    buf.reserve_exact(len.max(buf.len() + data.len()) - buf.len());
                 }
                 buf.extend_from_slice(&data);
             }
@@ -770,6 +775,13 @@ impl Ticket {
             "the server's in-flight memory budget of {} bytes (max_inflight_bytes) is taken by other requests; retry later",
             self.budget
         ))
+    }
+
+    /// Gives back every byte charged so far (a request refused while its body is still
+    /// arriving).
+    pub(crate) fn release_bytes(&mut self) {
+        self.bytes = None;
+        self.charged = 0;
     }
 
     /// Charges `more` bytes: 503 with `Retry-After` when the budget has no room now, 413 when

@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -23,6 +23,10 @@ pub enum DatasetError {
         #[source]
         source: io::Error,
     },
+    #[error("{path}: not a regular file (a folder, FIFO, socket or device)")]
+    NotRegular { path: PathBuf },
+    #[error("{path}: leads outside the dataset folder")]
+    Outside { path: PathBuf },
     #[error("{path}: not a readable CSV file at row {row}: {reason}")]
     Csv {
         path: PathBuf,
@@ -42,6 +46,39 @@ pub enum DatasetError {
         column: String,
         reason: String,
     },
+}
+
+/// Opens a dataset file for reading. Links are followed, but the file must be a regular file
+/// (a FIFO would hold the run, and the model's runs queued behind it, forever; a device never
+/// ends) and, with `within`, lie inside that folder once they are (a tensor folder's
+/// `images.npy` linking to a file elsewhere on the server is refused). Opened without waiting
+/// for a writer, so a FIFO swapped in after the check is refused too.
+pub fn open_dataset_file(path: &Path, within: Option<&Path>) -> Result<File, DatasetError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io_err = |source| DatasetError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = within {
+        let dir = dir.canonicalize().map_err(io_err)?;
+        let full = path.canonicalize().map_err(io_err)?;
+        if !full.starts_with(&dir) {
+            return Err(DatasetError::Outside {
+                path: path.to_owned(),
+            });
+        }
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(io_err)?;
+    if !file.metadata().map_err(io_err)?.is_file() {
+        return Err(DatasetError::NotRegular {
+            path: path.to_owned(),
+        });
+    }
+    Ok(file)
 }
 
 /// Which columns mean what.
@@ -186,10 +223,7 @@ pub struct CsvDataset {
 
 impl CsvDataset {
     pub fn open(path: &Path, columns: &Columns, labels: LabelSpec) -> Result<Self, DatasetError> {
-        let file = File::open(path).map_err(|source| DatasetError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let file = open_dataset_file(path, None)?;
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(true)
             .flexible(false)
@@ -473,18 +507,28 @@ impl NpyDataset {
             move |source| DatasetError::Io { path, source }
         };
         let mut files = Vec::new();
+        let mut opened = Vec::new();
         for f in [&images, &label_path] {
-            let sha256 = nightingale_models::sha256_file(f).map_err(io_err(f))?;
+            let mut file = open_dataset_file(f, Some(dir))?;
+            let mut hasher = Sha256::new();
+            io::copy(&mut file, &mut hasher).map_err(io_err(f))?;
+            file.rewind().map_err(io_err(f))?;
             let name = f
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            files.push((name, sha256));
+            files.push((name, hex::encode(hasher.finalize())));
+            opened.push(file);
         }
-        let lf = npyz::NpyFile::new(io::BufReader::new(
-            File::open(&label_path).map_err(io_err(&label_path))?,
-        ))
-        .map_err(|e| npy_error(&label_path, e))?;
+        let (image_file, label_file) = {
+            let mut opened = opened.into_iter();
+            (
+                opened.next().expect("images"),
+                opened.next().expect("labels"),
+            )
+        };
+        let lf = npyz::NpyFile::new(io::BufReader::new(label_file))
+            .map_err(|e| npy_error(&label_path, e))?;
         if lf.shape().len() != 1 {
             return Err(npy_error(
                 &label_path,
@@ -509,10 +553,8 @@ impl NpyDataset {
                 ));
             }
         };
-        let f = npyz::NpyFile::new(io::BufReader::new(
-            File::open(&images).map_err(io_err(&images))?,
-        ))
-        .map_err(|e| npy_error(&images, e))?;
+        let f = npyz::NpyFile::new(io::BufReader::new(image_file))
+            .map_err(|e| npy_error(&images, e))?;
         if f.order() != npyz::Order::C {
             return Err(npy_error(&images, "Fortran order: expected C order"));
         }
@@ -774,6 +816,93 @@ mod tests {
         assert_eq!(spec.class_of("b"), Some(1));
         assert_eq!(spec.class_of("2"), Some(2));
         assert_eq!(spec.class_of("3"), None);
+    }
+
+    /// A tensor folder's files may be links inside the folder, never to a file elsewhere on
+    /// the server; a FIFO (or other non-regular file) is refused at once instead of holding
+    /// the run until a writer comes. Each file's hash is that of its bytes.
+    #[test]
+    fn dataset_files_stay_inside_their_folder_and_are_regular() {
+        let outside = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pixels: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let label_bytes: Vec<u8> = [0i64, 1].iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(
+            outside.path().join("images.npy"),
+            npy("<f4", "(2, 1)", &pixels),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("labels.npy"),
+            npy("<i8", "(2,)", &label_bytes),
+        )
+        .unwrap();
+        let spec = LabelSpec {
+            positive: String::new(),
+            classes: vec!["a".into(), "b".into()],
+            multiclass: true,
+        };
+        // A link leading out of the folder.
+        std::os::unix::fs::symlink(
+            outside.path().join("images.npy"),
+            dir.path().join("images.npy"),
+        )
+        .unwrap();
+        let e = NpyDataset::open(dir.path(), &[-1, 1], &spec).err().unwrap();
+        assert!(matches!(e, DatasetError::Outside { .. }), "{e}");
+        // A link inside the folder is followed.
+        std::fs::remove_file(dir.path().join("images.npy")).unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        std::fs::write(
+            dir.path().join("data/pixels.npy"),
+            npy("<f4", "(2, 1)", &pixels),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("data/pixels.npy", dir.path().join("images.npy")).unwrap();
+        let ds = NpyDataset::open(dir.path(), &[-1, 1], &spec).unwrap();
+        let summary = ds.finish();
+        assert_eq!(
+            summary.files["images.npy"],
+            nightingale_models::sha256_file(&dir.path().join("data/pixels.npy")).unwrap()
+        );
+        assert_eq!(
+            summary.files["labels.npy"],
+            nightingale_models::sha256_file(&dir.path().join("labels.npy")).unwrap()
+        );
+
+        // FIFOs: the tensor folder's labels and a CSV dataset, each refused without a writer.
+        let fifo = |path: &Path| {
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                path,
+                rustix::fs::FileType::Fifo,
+                rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+                0,
+            )
+            .unwrap()
+        };
+        std::fs::remove_file(dir.path().join("labels.npy")).unwrap();
+        fifo(&dir.path().join("labels.npy"));
+        fifo(&dir.path().join("rows.csv"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let folder = dir.path().to_owned();
+        std::thread::spawn(move || {
+            let npy = NpyDataset::open(&folder, &[-1, 1], &spec).err();
+            let csv =
+                CsvDataset::open(&folder.join("rows.csv"), &Columns::default(), labels()).err();
+            let _ = tx.send((npy, csv));
+        });
+        let (npy, csv) = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("opening a FIFO returns at once");
+        assert!(
+            matches!(npy, Some(DatasetError::NotRegular { .. })),
+            "{npy:?}"
+        );
+        assert!(
+            matches!(csv, Some(DatasetError::NotRegular { .. })),
+            "{csv:?}"
+        );
     }
 
     #[test]
