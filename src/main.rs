@@ -70,6 +70,12 @@ enum AuditCommand {
         /// Check the PostgreSQL audit table instead.
         #[arg(long, env = "NIGHTINGALE_AUDIT_POSTGRES_URL", hide_env_values = true)]
         postgres_url: Option<String>,
+        /// A file holding the last record the previous check saw (created on the first check,
+        /// moved on after each good one): that record must still be there, unchanged, so
+        /// records cut from the end of the trail are found. Keep it where the server cannot
+        /// write.
+        #[arg(long, value_name = "FILE")]
+        anchor: Option<PathBuf>,
     },
 }
 
@@ -184,18 +190,46 @@ fn main() -> anyhow::Result<()> {
                 .block_on(serve(config, audit, tls))
         }
         Command::Audit {
-            command: AuditCommand::Verify { path, postgres_url },
+            command:
+                AuditCommand::Verify {
+                    path,
+                    postgres_url,
+                    anchor,
+                },
         } => {
+            use nightingale::audit::anchor as anchors;
+            let anchored = match &anchor {
+                Some(file) => match anchors::read(file) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        println!("FAIL {e}");
+                        std::process::exit(1)
+                    }
+                },
+                None => None,
+            };
+            let watch = anchored.as_ref().map(|a| a.seq);
             let (what, result) = match (&postgres_url, &path) {
                 (Some(url), _) => (
                     nightingale::audit::postgres::redact(url),
-                    nightingale::audit::postgres::verify(url),
+                    nightingale::audit::postgres::verify_watching(url, watch),
                 ),
-                (None, Some(path)) => {
-                    (path.display().to_string(), nightingale::audit::verify(path))
-                }
+                (None, Some(path)) => (
+                    path.display().to_string(),
+                    nightingale::audit::verify_watching(path, watch),
+                ),
                 (None, None) => unreachable!("clap requires a path or --postgres-url"),
             };
+            let result = result.map_err(|e| e.to_string()).and_then(|summary| {
+                if let Some(a) = &anchored {
+                    anchors::check(a, &summary).map_err(|e| format!("audit trail {what}: {e}"))?;
+                }
+                if let (Some(file), Some(tail)) = (&anchor, &summary.tail) {
+                    anchors::write(file, tail)
+                        .map_err(|e| format!("cannot write the anchor {}: {e}", file.display()))?;
+                }
+                Ok(summary)
+            });
             match result {
                 Ok(summary) => {
                     let from = match summary.first_seq {
@@ -208,8 +242,17 @@ fn main() -> anyhow::Result<()> {
                         0 | 1 => String::new(),
                         n => format!(" in {n} files"),
                     };
+                    let last = match &summary.tail {
+                        Some(t) => format!("; last record {} {}", t.seq, t.hash),
+                        None => String::new(),
+                    };
+                    let anchored = match (&anchored, &anchor) {
+                        (Some(a), _) => format!("; anchored record {} still there", a.seq),
+                        (None, Some(_)) => "; anchor written".to_owned(),
+                        (None, None) => String::new(),
+                    };
                     println!(
-                        "ok   {what}: {} records{files}, hash chain intact{from}",
+                        "ok   {what}: {} records{files}, hash chain intact{from}{last}{anchored}",
                         summary.records
                     );
                     Ok(())

@@ -134,8 +134,25 @@ fn jsonl_rotates_and_the_chain_continues_across_files() {
     append(&mut store, 60..61);
     drop(store);
     assert_eq!(audit::verify(&path).unwrap().last_seq(), Some(60));
-    // A missing middle file breaks the chain.
+    // Records cut from the start of the oldest file: its name says where it starts.
     let files = audit::verify(&path).unwrap().files;
+    let oldest = std::fs::read_to_string(&files[0]).unwrap();
+    let cut: String = oldest.lines().skip(1).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&files[0], &cut).unwrap();
+    let e = audit::verify(&path).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("records were removed from its start"),
+        "{e}"
+    );
+    std::fs::write(&files[0], &oldest).unwrap();
+    // The whole oldest file archived away: what is left verifies, from where it starts.
+    let moved = dir.path().join("archived");
+    std::fs::rename(&files[0], &moved).unwrap();
+    let s = audit::verify(&path).unwrap();
+    assert!(s.first_seq > Some(0), "{:?}", s.first_seq);
+    std::fs::rename(&moved, &files[0]).unwrap();
+    // A missing middle file breaks the chain.
     std::fs::remove_file(&files[1]).unwrap();
     assert!(matches!(
         audit::verify(&path),
@@ -649,4 +666,64 @@ fn audit_verify_takes_a_file_its_folder_or_a_database() {
         !ok && out.starts_with("FAIL") && out.contains("record 1"),
         "{out}"
     );
+}
+
+/// `audit verify --anchor FILE`: the first check writes the last record's sequence number and
+/// hash; later checks find it still there and move it on, and fail when records were cut
+/// from the end (a chain cut short is still a valid chain), when the anchored record was
+/// rewritten, or when the anchor file is not one.
+#[test]
+fn audit_verify_with_an_anchor_finds_records_cut_from_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let anchor = dir.path().join("elsewhere/anchor.json");
+    std::fs::create_dir_all(anchor.parent().unwrap()).unwrap();
+    let mut store = JsonLinesStore::open(&log, Options::default()).unwrap();
+    append(&mut store, 0..5);
+    drop(store);
+    let args = [log.as_os_str(), "--anchor".as_ref(), anchor.as_os_str()];
+    let (ok, out) = cli_verify(&args);
+    assert!(ok && out.contains("anchor written"), "{out}");
+    let tail = audit::verify(&log).unwrap().tail.unwrap();
+    let kept: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&anchor).unwrap()).unwrap();
+    assert_eq!(kept, serde_json::json!({"seq": 4, "hash": tail.hash}));
+
+    // More records: the anchored one is still there; the anchor moves on to the new end.
+    let mut store = JsonLinesStore::open(&log, Options::default()).unwrap();
+    append(&mut store, 5..8);
+    drop(store);
+    let (ok, out) = cli_verify(&args);
+    assert!(ok && out.contains("anchored record 4 still there"), "{out}");
+    let kept: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&anchor).unwrap()).unwrap();
+    assert_eq!(kept["seq"], 7);
+
+    // The last two records cut away: the plain check passes, the anchored one fails.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let cut: String = text.lines().take(6).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&log, &cut).unwrap();
+    assert_eq!(audit::verify(&log).unwrap().last_seq(), Some(5));
+    let (ok, out) = cli_verify(&args);
+    assert!(
+        !ok && out.starts_with("FAIL") && out.contains("records were removed from its end"),
+        "{out}"
+    );
+    // A failed check leaves the anchor where it was.
+    let kept: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&anchor).unwrap()).unwrap();
+    assert_eq!(kept["seq"], 7);
+
+    // The trail rebuilt to the same length with other records: the anchored one differs.
+    std::fs::remove_file(&log).unwrap();
+    let mut store = JsonLinesStore::open(&log, Options::default()).unwrap();
+    append(&mut store, 10..18);
+    drop(store);
+    let (ok, out) = cli_verify(&args);
+    assert!(!ok && out.contains("record 7 differs"), "{out}");
+
+    // Not an anchor: refused before anything is checked.
+    std::fs::write(&anchor, "{\"seq\": 1}").unwrap();
+    let (ok, out) = cli_verify(&args);
+    assert!(!ok && out.contains("not an audit anchor"), "{out}");
 }

@@ -124,6 +124,9 @@ pub struct ChainChecker {
     pub first_seq: Option<u64>,
     pub records: u64,
     pub tail: Option<Tail>,
+    /// A sequence number whose record's hash is kept (an anchor's), and that record.
+    pub watch: Option<u64>,
+    pub watched: Option<Tail>,
 }
 
 impl ChainChecker {
@@ -134,6 +137,8 @@ impl ChainChecker {
             first_seq: None,
             records: 0,
             tail: None,
+            watch: None,
+            watched: None,
         }
     }
 
@@ -158,6 +163,12 @@ impl ChainChecker {
         }
         self.first_seq.get_or_insert(seq);
         self.records += 1;
+        if self.watch == Some(seq) {
+            self.watched = Some(Tail {
+                seq,
+                hash: hash.clone(),
+            });
+        }
         self.expect = Some((seq + 1, hash.clone()));
         self.tail = Some(Tail { seq, hash });
         Ok(())

@@ -296,6 +296,13 @@ impl LogSet {
     }
 }
 
+/// The sequence number in a rotated file's name (`audit.<20 digits>.jsonl`).
+fn rotated_first_seq(path: &Path) -> Option<u64> {
+    live_name(path)?;
+    let stem = path.file_stem()?.to_str()?;
+    stem.rsplit_once('.')?.1.parse().ok()
+}
+
 /// For a rotated file `audit.<20 digits>.jsonl`, its live file `audit.jsonl`.
 fn live_name(path: &Path) -> Option<PathBuf> {
     let stem = path.file_stem()?.to_str()?;
@@ -313,6 +320,11 @@ fn live_name(path: &Path) -> Option<PathBuf> {
 /// Checks a log: given a file, the log it belongs to (its rotated files, then the live one);
 /// given a folder, every log in it (each `*.jsonl` live file with its rotated siblings).
 pub fn verify(path: &Path) -> Result<ChainSummary, AuditError> {
+    verify_watching(path, None)
+}
+
+/// [`verify`], also keeping the record at sequence number `watch` (of a single log).
+pub fn verify_watching(path: &Path, watch: Option<u64>) -> Result<ChainSummary, AuditError> {
     if path.is_dir() {
         let mut lives: Vec<PathBuf> = vec![];
         for entry in fs::read_dir(path).map_err(io(path))? {
@@ -332,9 +344,18 @@ pub fn verify(path: &Path) -> Result<ChainSummary, AuditError> {
                 ),
             });
         }
+        if watch.is_some() && lives.len() > 1 {
+            return Err(AuditError::Io {
+                path: path.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "this folder holds several audit logs: name the one the anchor is for",
+                ),
+            });
+        }
         let mut total: Option<ChainSummary> = None;
         for live in lives {
-            let s = verify_set(&LogSet::of(&live)?)?;
+            let s = verify_set(&LogSet::of(&live)?, watch)?;
             total = Some(match total {
                 None => s,
                 Some(mut t) => {
@@ -352,15 +373,19 @@ pub fn verify(path: &Path) -> Result<ChainSummary, AuditError> {
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
         });
     }
-    verify_set(&LogSet::of(path)?)
+    verify_set(&LogSet::of(path)?, watch)
 }
 
-fn verify_set(set: &LogSet) -> Result<ChainSummary, AuditError> {
+fn verify_set(set: &LogSet, watch: Option<u64>) -> Result<ChainSummary, AuditError> {
     let files = set.files();
     // A log whose oldest files were archived elsewhere is checked from where it starts.
     let mut checker = ChainChecker::anywhere();
+    checker.watch = watch;
     for (i, file) in files.iter().enumerate() {
         let f = File::open(file).map_err(io(file))?;
+        // A rotated file's name carries the sequence number of its first record: records cut
+        // from the start of the oldest file are found (whole files archived away are not).
+        let named = rotated_first_seq(file);
         for (n, line) in BufReader::new(f).lines().enumerate() {
             let line = line.map_err(io(file))?;
             checker.push(&line).map_err(|reason| AuditError::Broken {
@@ -368,6 +393,20 @@ fn verify_set(set: &LogSet) -> Result<ChainSummary, AuditError> {
                 record: n as u64 + 1,
                 reason,
             })?;
+            if n == 0
+                && let (Some(want), Some(tail)) = (named, &checker.tail)
+                && tail.seq != want
+            {
+                return Err(AuditError::Broken {
+                    location: file.display().to_string(),
+                    record: 1,
+                    reason: format!(
+                        "sequence {} where the file's name says its first record is {want}: \
+                         records were removed from its start",
+                        tail.seq
+                    ),
+                });
+            }
             if i == 0 && n == 0 && set.rotated.is_empty() && checker.first_seq != Some(0) {
                 return Err(AuditError::Broken {
                     location: file.display().to_string(),
@@ -385,5 +424,6 @@ fn verify_set(set: &LogSet) -> Result<ChainSummary, AuditError> {
         first_seq: checker.first_seq,
         records: checker.records,
         tail: checker.tail,
+        watched: checker.watched,
     })
 }

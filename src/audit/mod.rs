@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
+pub mod anchor;
 mod chain;
 pub mod dicom;
 pub mod jsonl;
@@ -198,6 +199,8 @@ pub struct ChainSummary {
     pub first_seq: Option<u64>,
     pub records: u64,
     pub tail: Option<Tail>,
+    /// The record at the sequence number asked for by [`verify_watching`], if present.
+    pub watched: Option<Tail>,
 }
 
 impl ChainSummary {
@@ -465,10 +468,15 @@ fn check_row(
 
 /// Checks a whole chain: a JSON-lines file or folder, or an SQLite database (by its header).
 pub fn verify(path: &Path) -> Result<ChainSummary, AuditError> {
+    verify_watching(path, None)
+}
+
+/// [`verify`], also keeping the record at sequence number `watch` (an anchor's).
+pub fn verify_watching(path: &Path, watch: Option<u64>) -> Result<ChainSummary, AuditError> {
     if sqlite::is_sqlite(path) {
-        sqlite::verify(path)
+        sqlite::verify_watching(path, watch)
     } else {
-        jsonl::verify(path)
+        jsonl::verify_watching(path, watch)
     }
 }
 

@@ -142,6 +142,11 @@ fn append_group(
 
 /// Checks every record of the PostgreSQL audit table in sequence order.
 pub fn verify(url: &str) -> Result<ChainSummary, AuditError> {
+    verify_watching(url, None)
+}
+
+/// [`verify`], also keeping the record at sequence number `watch`.
+pub fn verify_watching(url: &str, watch: Option<u64>) -> Result<ChainSummary, AuditError> {
     let location = redact(url);
     let err = |source| AuditError::Postgres {
         location: location.clone(),
@@ -149,6 +154,7 @@ pub fn verify(url: &str) -> Result<ChainSummary, AuditError> {
     };
     let mut client = Client::connect(url, NoTls).map_err(err)?;
     let mut checker = ChainChecker::from_genesis();
+    checker.watch = watch;
     let mut tx = client.transaction().map_err(err)?;
     let portal = tx
         .bind(
@@ -170,5 +176,6 @@ pub fn verify(url: &str) -> Result<ChainSummary, AuditError> {
         first_seq: checker.first_seq,
         records: checker.records,
         tail: checker.tail,
+        watched: checker.watched,
     })
 }

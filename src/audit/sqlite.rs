@@ -120,6 +120,11 @@ pub fn is_sqlite(path: &Path) -> bool {
 
 /// Checks every record of an SQLite audit database in sequence order.
 pub fn verify(path: &Path) -> Result<ChainSummary, AuditError> {
+    verify_watching(path, None)
+}
+
+/// [`verify`], also keeping the record at sequence number `watch`.
+pub fn verify_watching(path: &Path, watch: Option<u64>) -> Result<ChainSummary, AuditError> {
     let location = path.display().to_string();
     let err = |source| AuditError::Sqlite {
         location: location.clone(),
@@ -132,6 +137,7 @@ pub fn verify(path: &Path) -> Result<ChainSummary, AuditError> {
         .map_err(err)?;
     let mut rows = stmt.query([]).map_err(err)?;
     let mut checker = ChainChecker::from_genesis();
+    checker.watch = watch;
     while let Some(row) = rows.next().map_err(err)? {
         let seq: i64 = row.get(0).map_err(err)?;
         let hash: String = row.get(1).map_err(err)?;
@@ -143,5 +149,6 @@ pub fn verify(path: &Path) -> Result<ChainSummary, AuditError> {
         first_seq: checker.first_seq,
         records: checker.records,
         tail: checker.tail,
+        watched: checker.watched,
     })
 }

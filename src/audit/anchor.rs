@@ -1,0 +1,102 @@
+//! An anchor kept outside the trail: the last record `nightingale audit verify --anchor FILE`
+//! saw (its sequence number and hash). A hash chain by itself cannot show that records were
+//! cut from its end (what is left is still a valid chain); with an anchor, a later check
+//! finds the anchored record still there with the same hash, or says that the trail was cut
+//! or rewritten, then moves the anchor on to the new last record. The anchor is only as good
+//! as the place it is kept: somewhere the server's account cannot write (another machine,
+//! write-once storage), or an attacker who cuts the trail rewrites the anchor too.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{ChainSummary, Tail};
+
+/// What the anchor file holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Anchor {
+    pub seq: u64,
+    pub hash: String,
+}
+
+/// The largest anchor file read (it holds one small JSON object).
+const MAX_ANCHOR_BYTES: u64 = 4096;
+
+/// Reads an anchor file; `Ok(None)` when there is none yet (the first check).
+pub fn read(path: &Path) -> Result<Option<Anchor>, String> {
+    let text = match std::fs::File::open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read the anchor {}: {e}", path.display())),
+        Ok(f) => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_ANCHOR_BYTES), &mut text)
+                .map_err(|e| format!("cannot read the anchor {}: {e}", path.display()))?;
+            text
+        }
+    };
+    let anchor: Anchor = serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "the anchor {} is not an audit anchor ({{\"seq\": N, \"hash\": \"…\"}}): {e}",
+            path.display()
+        )
+    })?;
+    if anchor.hash.len() != 64 || !anchor.hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "the anchor {}: hash is not a SHA-256 in hex",
+            path.display()
+        ));
+    }
+    Ok(Some(anchor))
+}
+
+/// Whether a verified chain still holds the anchored record, unchanged. `summary` must come
+/// from a verification watching `anchor.seq`.
+pub fn check(anchor: &Anchor, summary: &ChainSummary) -> Result<(), String> {
+    if let Some(w) = &summary.watched {
+        if w.hash.eq_ignore_ascii_case(&anchor.hash) {
+            return Ok(());
+        }
+        return Err(format!(
+            "record {} differs from the anchor's: the trail was rewritten since the anchor was taken",
+            anchor.seq
+        ));
+    }
+    match (summary.first_seq, summary.last_seq()) {
+        (_, None) => Err(format!(
+            "the trail is empty, but the anchor was taken at record {}: its records were removed",
+            anchor.seq
+        )),
+        (_, Some(last)) if last < anchor.seq => Err(format!(
+            "the trail ends at record {last}, but the anchor was taken at record {}: records were removed from its end",
+            anchor.seq
+        )),
+        (Some(first), _) => Err(format!(
+            "the trail now starts at record {first}, after the anchor's record {}: it was archived away (keep a new anchor for what is left)",
+            anchor.seq
+        )),
+        (None, Some(_)) => Err(format!("record {} is not in the trail", anchor.seq)),
+    }
+}
+
+/// Writes the anchor for `tail` (a temporary file beside it, synced, renamed over it).
+pub fn write(path: &Path, tail: &Tail) -> std::io::Result<()> {
+    let anchor = Anchor {
+        seq: tail.seq,
+        hash: tail.hash.clone(),
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    serde_json::to_writer(&mut tmp, &anchor)?;
+    tmp.write_all(b"\n")?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
