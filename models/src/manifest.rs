@@ -170,6 +170,13 @@ impl VersionPolicy {
     }
 }
 
+/// Most requests one model's queue may hold (`[batching] queue_capacity`).
+pub const MAX_QUEUE_CAPACITY: u64 = 1 << 20;
+/// Most rows in one batch or one request (`max_batch_size`, `max_rows_per_request`).
+pub const MAX_BATCH_SIZE: u64 = 1 << 20;
+/// The longest batching wait: 10 s.
+pub const MAX_QUEUE_DELAY_US: u64 = 10_000_000;
+
 /// Dynamic batching and instances.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1296,6 +1303,46 @@ impl Manifest {
                 "batching: queue_capacity, queue_bytes and max_rows_per_request must be at least 1, instances 1 to 64".into(),
             );
         }
+        // Upper bounds: the queue's slots are allocated when the model loads (a capacity of
+        // 2^60 was a panic there), and a batch or a wait beyond these is a mistake.
+        let b = &self.batching;
+        for (what, value, max) in [
+            (
+                "queue_capacity",
+                b.queue_capacity as u64,
+                MAX_QUEUE_CAPACITY,
+            ),
+            ("max_batch_size", b.max_batch_size as u64, MAX_BATCH_SIZE),
+            (
+                "max_rows_per_request",
+                b.max_rows_per_request as u64,
+                MAX_BATCH_SIZE,
+            ),
+            (
+                "max_queue_delay_us",
+                b.max_queue_delay_us,
+                MAX_QUEUE_DELAY_US,
+            ),
+            (
+                "preferred_batch_sizes (entries)",
+                b.preferred_batch_sizes.len() as u64,
+                64,
+            ),
+        ] {
+            if value > max {
+                return fail(format!("batching: {what} is {value}, more than {max}"));
+            }
+        }
+        if let Some(p) = b
+            .preferred_batch_sizes
+            .iter()
+            .find(|&&p| p == 0 || (b.max_batch_size > 1 && p > b.max_batch_size))
+        {
+            return fail(format!(
+                "batching: preferred batch size {p} is not between 1 and max_batch_size ({})",
+                b.max_batch_size
+            ));
+        }
         Ok(())
     }
 
@@ -1427,6 +1474,52 @@ labels = ["a", "b"]
 [versions.1.files]
 "model.onnx" = "0000000000000000000000000000000000000000000000000000000000000000"
 "#;
+
+    #[test]
+    fn batching_values_are_bounded() {
+        for (line, why) in [
+            (
+                "queue_capacity = 1152921504606846976",
+                "queue_capacity is 1152921504606846976, more than 1048576",
+            ),
+            (
+                "max_batch_size = 4294967296",
+                "max_batch_size is 4294967296",
+            ),
+            (
+                "max_queue_delay_us = 3600000000",
+                "max_queue_delay_us is 3600000000",
+            ),
+            (
+                "max_rows_per_request = 9999999999",
+                "max_rows_per_request is 9999999999",
+            ),
+            ("queue_capacity = 0", "at least 1"),
+            (
+                "max_batch_size = 8\npreferred_batch_sizes = [4, 16]",
+                "preferred batch size 16",
+            ),
+            (
+                "max_batch_size = 8\npreferred_batch_sizes = [0]",
+                "preferred batch size 0",
+            ),
+        ] {
+            let text = MINIMAL.replace(
+                "[versions.1.files]",
+                &format!("[batching]\n{line}\n[versions.1.files]"),
+            );
+            let e = Manifest::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(why), "{line}: {e}");
+        }
+        let text = MINIMAL.replace(
+            "[versions.1.files]",
+            "[batching]\nmax_batch_size = 8\npreferred_batch_sizes = [4, 8]\nqueue_capacity = 1048576\n[versions.1.files]",
+        );
+        assert_eq!(
+            Manifest::parse(&text).unwrap().batching.queue_capacity,
+            1 << 20
+        );
+    }
 
     #[test]
     fn validation_gates_are_checked() {
