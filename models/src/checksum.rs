@@ -94,6 +94,10 @@ pub fn verify_folder(dir: &Path, files: &BTreeMap<String, String>) -> Result<(),
     read_verified(dir, files).map(drop)
 }
 
+/// The largest file a bundle's version may list: 2 GiB, ONNX's own limit for a model file
+/// held in one protobuf (and what `models init` accepts).
+pub const FILE_LIMIT: u64 = crate::init::MODEL_LIMIT;
+
 /// Reads every listed file of `dir` once, checks its SHA-256 against the listing, and returns
 /// the bytes that were hashed: the caller loads the model from these, never from the path
 /// again, so what runs is exactly what was verified. A file present but not listed, or listed
@@ -119,9 +123,26 @@ pub fn read_verified(
             }
             Err(_) => return Err(BundleError::MissingFile { path }),
         };
-        let mut bytes = vec![];
-        file.read_to_end(&mut bytes)
+        // Checked before reading, and read no further than the limit (the file may grow):
+        // a 50 GiB file listed in a manifest would otherwise be read whole into memory.
+        let too_large = || BundleError::FileTooLarge {
+            path: path.clone(),
+            limit: FILE_LIMIT,
+        };
+        let len = file
+            .metadata()
+            .map_err(|source| BundleError::io(&path, source))?
+            .len();
+        if len > FILE_LIMIT {
+            return Err(too_large());
+        }
+        let mut bytes = Vec::with_capacity(len as usize);
+        file.take(FILE_LIMIT + 1)
+            .read_to_end(&mut bytes)
             .map_err(|source| BundleError::io(&path, source))?;
+        if bytes.len() as u64 > FILE_LIMIT {
+            return Err(too_large());
+        }
         let actual = hex::encode(Sha256::digest(&bytes));
         if !actual.eq_ignore_ascii_case(expected) {
             return Err(BundleError::ChecksumMismatch {

@@ -40,6 +40,8 @@ pub enum BundleError {
         "{path} is not listed in bundle.toml (every file of a version folder must be checksummed)"
     )]
     UnlistedFile { path: PathBuf },
+    #[error("{path} is larger than {limit} bytes, the most a bundle's file may hold")]
+    FileTooLarge { path: PathBuf, limit: u64 },
     #[error("{path} is listed in bundle.toml but missing (or not a regular file)")]
     MissingFile { path: PathBuf },
     #[error(
@@ -128,6 +130,7 @@ impl BundleError {
             | BundleError::ChecksumMismatch { path, .. }
             | BundleError::UnlistedFile { path }
             | BundleError::MissingFile { path }
+            | BundleError::FileTooLarge { path, .. }
             | BundleError::NotRegularFile { path }
             | BundleError::VersionNotAFolder { path, .. }
             | BundleError::UnlistedVersion { path, .. }
@@ -163,6 +166,8 @@ impl BundleError {
                 | BundleError::ChecksumMismatch { path, .. }
                 | BundleError::UnlistedFile { path }
                 | BundleError::MissingFile { path }
+                | BundleError::FileTooLarge { path, .. }
+                | BundleError::FileTooLarge { path, .. }
                 | BundleError::NotRegularFile { path }
                 | BundleError::VersionNotAFolder { path, .. }
                 | BundleError::UnlistedVersion { path, .. }

@@ -21,7 +21,7 @@ mod repository;
 pub mod selftest;
 pub mod signature;
 
-pub use checksum::{read_verified, sha256_file, verify_folder};
+pub use checksum::{FILE_LIMIT, read_verified, sha256_file, verify_folder};
 pub use error::{BundleError, RepositoryError};
 pub use init::{InitError, InitOptions, InitReport, init};
 pub use manifest::{Manifest, SelfTestSpec, TaskKind, Tolerance};

@@ -308,3 +308,18 @@ fn a_bundle_declaring_a_huge_row_loads_without_allocating_one() {
         .unwrap();
     assert!(peak_kib < 2 << 20, "peak RSS {peak_kib} KiB");
 }
+
+/// A listed file over the limit (2 GiB) is refused before it is read: it was read whole into
+/// memory before its checksum was compared. The file is sparse: no disk is used.
+#[test]
+fn a_bundle_file_over_the_limit_is_refused_before_it_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = std::fs::File::create(dir.path().join("model.onnx")).unwrap();
+    big.set_len(nightingale_models::FILE_LIMIT + 1).unwrap();
+    let files = std::collections::BTreeMap::from([("model.onnx".to_owned(), "0".repeat(64))]);
+    let err = nightingale_models::read_verified(dir.path(), &files).unwrap_err();
+    assert!(
+        matches!(err, BundleError::FileTooLarge { limit, .. } if limit == 2 << 30),
+        "{err}"
+    );
+}
