@@ -116,7 +116,7 @@ pub fn read_verified(
     let mut out = BTreeMap::new();
     for (name, expected) in files {
         let path: PathBuf = dir.join(name);
-        let mut file = match open_regular(&path) {
+        let file = match open_regular(&path) {
             Ok(file) => file,
             Err(NotRegular::Io(e)) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(BundleError::io(&path, e));

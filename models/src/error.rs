@@ -167,7 +167,6 @@ impl BundleError {
                 | BundleError::UnlistedFile { path }
                 | BundleError::MissingFile { path }
                 | BundleError::FileTooLarge { path, .. }
-                | BundleError::FileTooLarge { path, .. }
                 | BundleError::NotRegularFile { path }
                 | BundleError::VersionNotAFolder { path, .. }
                 | BundleError::UnlistedVersion { path, .. }
