@@ -157,6 +157,15 @@ impl Bundle {
             let entry = entry.map_err(|e| BundleError::io(&self.dir, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(v) = parse_version(&name) else {
+                // Other entries (a README, the signature) are not versions; but a folder named
+                // like a number that is not one ("01", "1 ") would be a version silently
+                // skipped.
+                if name.trim().parse::<u64>().is_ok() {
+                    return Err(BundleError::UnlistedVersion {
+                        path: entry.path(),
+                        version: name,
+                    });
+                }
                 continue;
             };
             // `DirEntry::file_type` does not follow symbolic links.

@@ -98,6 +98,24 @@ fn a_version_folder_missing_from_the_manifest_is_refused() {
         .versions_on_disk()
         .unwrap_err();
     assert!(matches!(err, BundleError::UnlistedVersion { .. }), "{err}");
+    // Named like a number without being a version: refused, not skipped.
+    std::fs::remove_dir_all(bundle.join("2")).unwrap();
+    for name in ["01", "1 ", " 2"] {
+        std::fs::create_dir(bundle.join(name)).unwrap();
+        let err = Bundle::open(&bundle)
+            .unwrap()
+            .versions_on_disk()
+            .unwrap_err();
+        assert!(
+            matches!(&err, BundleError::UnlistedVersion { version, .. } if version == name),
+            "{name:?}: {err}"
+        );
+        std::fs::remove_dir(bundle.join(name)).unwrap();
+    }
+    assert_eq!(
+        Bundle::open(&bundle).unwrap().versions_on_disk().unwrap(),
+        vec![1]
+    );
 }
 
 #[test]
