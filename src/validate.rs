@@ -125,6 +125,9 @@ pub struct RunContext {
     pub progress: Option<Arc<RunProgress>>,
     /// Who asked, for the audit records (default `validate`).
     pub actor: Option<String>,
+    /// How the report names the dataset instead of its path (the server's runs: the name the
+    /// caller gave, not where the server keeps it).
+    pub dataset_label: Option<String>,
 }
 
 /// How far a run has read its dataset.
@@ -1058,7 +1061,10 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
     }
     progress.finish();
     let infer_secs = started.elapsed().as_secs_f64();
-    let summary = dataset.finish()?;
+    let mut summary = dataset.finish()?;
+    if let Some(label) = &ctx.dataset_label {
+        summary.path = label.clone();
+    }
     if collected.y.is_empty() {
         bail!(
             "{}: no usable rows ({} read, {} unusable{})",

@@ -186,9 +186,18 @@ async fn a_run_on_a_server_side_dataset_reports_scikit_learns_auroc_and_is_audit
     assert_eq!(s, StatusCode::OK);
     assert!((report["auroc"]["value"].as_f64().unwrap() - sklearn_auroc()).abs() < 1e-9);
     assert_eq!(report["model"]["version"], 1);
+    // The dataset by the name it was given, not where the server keeps it.
+    assert_eq!(
+        report["dataset"]["path"], "sub/test.csv",
+        "{}",
+        report["dataset"]
+    );
     let (s, html) = server.get(done["report"]["html"].as_str().unwrap()).await;
     assert_eq!(s, StatusCode::OK);
     assert!(html.as_str().unwrap().contains("<svg"));
+    let root = server.dir.path().display().to_string();
+    assert!(!html.as_str().unwrap().contains(&root));
+    assert!(!report.to_string().contains(&root), "{report}");
     // every prediction in the server's trail, with the caller as actor
     let records = audit_records(server.dir.path());
     let rows: u64 = records

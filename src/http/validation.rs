@@ -333,7 +333,13 @@ async fn create_run(
         }
         return Err(e);
     }
+    let dataset_name = if uploaded {
+        "the uploaded dataset".to_owned()
+    } else {
+        request.dataset.clone().unwrap_or_default()
+    };
     let ctx = RunContext {
+        dataset_label: Some(dataset_name.clone()),
         options: Some(validation.options.clone()),
         audit: Some(state.audit.clone()),
         progress: Some(run.progress.clone()),
@@ -344,11 +350,6 @@ async fn create_run(
         ),
     };
     let worker = run.clone();
-    let dataset_name = if uploaded {
-        "the uploaded dataset".to_owned()
-    } else {
-        request.dataset.clone().unwrap_or_default()
-    };
     let run_dir = dir.clone();
     let repository_root = state.repository.root().to_path_buf();
     tracing::info!(run = %id, model = %run.model, uploaded, "validation run started");
