@@ -350,6 +350,33 @@ async fn hostile_requests_are_refused_with_their_reason() {
     let runs = server.dir.path().join("data/validation/runs");
     let count = || std::fs::read_dir(&runs).map(|d| d.count()).unwrap_or(0);
     let before = count();
+    // a misspelt option, and options in the query of a JSON request: 400, not ignored
+    for (uri, content_type, body, why) in [
+        (
+            format!("/validation/runs?model={MODEL}&boostrap=0"),
+            "text/csv",
+            "a,label\n1,1\n".to_owned(),
+            "unknown query parameter \"boostrap\"",
+        ),
+        (
+            "/validation/runs?seed=1".to_owned(),
+            "application/json",
+            json!({"model": MODEL, "dataset": "sub/test.csv"}).to_string(),
+            "in its body",
+        ),
+    ] {
+        let req = Request::post(uri)
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", key("researcher")),
+            )
+            .header(header::CONTENT_TYPE, content_type)
+            .body(Body::from(body))
+            .unwrap();
+        let (s, _, v) = server.send(req).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v["error"].as_str().unwrap().contains(why), "{v}");
+    }
     let big = vec![b'1'; UPLOAD_LIMIT as usize + 1];
     let req = Request::post(format!("/validation/runs?model={MODEL}"))
         .header(

@@ -192,6 +192,28 @@ async fn create_run(
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
+    // A misspelt option (?boostrap=0) would otherwise be a run with the default silently.
+    const OPTIONS: [&str; 7] = [
+        "model",
+        "output",
+        "label_column",
+        "subgroup",
+        "patient_id_column",
+        "bootstrap",
+        "seed",
+    ];
+    if let Some(key) = query.keys().find(|k| !OPTIONS.contains(&k.as_str())) {
+        return Err(AppError::bad_request(format!(
+            "unknown query parameter {:?}: an upload's options are {}",
+            key.chars().take(64).collect::<String>(),
+            OPTIONS.join(", ")
+        )));
+    }
+    if content_type == "application/json" && !query.is_empty() {
+        return Err(AppError::bad_request(
+            "a JSON request carries its options in its body, not in the query string",
+        ));
+    }
     let id = uuid::Uuid::new_v4().to_string();
     let dir = validation.runs_dir.join(&id);
     let (request, dataset, uploaded) = match content_type.as_str() {
