@@ -236,6 +236,9 @@ async fn bad_load_requests_are_refused_and_what_serves_keeps_serving() {
         r#"{"parameters": 7}"#,
         r#"[1]"#,
         r#"{"parameters": {"version": "1""#,
+        // A key given twice is ambiguous, not read as its last value.
+        r#"{"parameters": {"version": "1", "version": "2"}}"#,
+        r#"{"parameters": {"version": "1"}, "parameters": {}}"#,
     ] {
         let (s, v) = f.post(&uri, body, Some(TOKEN)).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");

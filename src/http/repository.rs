@@ -128,6 +128,22 @@ fn load_target(body: &[u8]) -> Result<LoadTarget, AppError> {
         Some(serde_json::Value::Object(p)) => p,
         Some(_) => return Err(AppError::bad_request("\"parameters\" must be an object")),
     };
+    // A key given twice would be read as its last value (which version a rollback serves
+    // must not depend on that): the typed reading refuses duplicates.
+    #[derive(serde::Deserialize)]
+    struct Top {
+        #[serde(default)]
+        #[allow(dead_code)]
+        parameters: Option<Parameters>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Parameters {
+        #[serde(default)]
+        #[allow(dead_code)]
+        version: Option<serde::de::IgnoredAny>,
+    }
+    serde_json::from_slice::<Top>(body)
+        .map_err(|e| AppError::bad_request(format!("ambiguous load request: {e}")))?;
     let mut target = LoadTarget::Policy;
     for (key, value) in parameters {
         if key != "version" {
