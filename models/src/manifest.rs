@@ -1441,7 +1441,9 @@ pub fn parse_version(s: &str) -> Option<u64> {
     s.parse().ok().filter(|&v| v > 0)
 }
 
-/// A `/`-separated path of plain names: no `..`, no leading `/`, no empty or hidden parts.
+/// A `/`-separated path of plain names: no `..` or `.`, no leading `/`, no empty parts, no
+/// backslash or NUL. Hidden names (`.x`) are allowed: every file of a version folder, hidden
+/// or not, must be listed and checksummed.
 fn safe_relative_path(p: &str) -> bool {
     !p.is_empty()
         && p.len() <= 512
