@@ -912,6 +912,39 @@ async fn every_part_is_audited_with_hashed_uids() {
     assert!(!trail.contains(&sop(1)) && !trail.contains(STUDY));
 }
 
+/// A request of many small refused parts: each is reported in FailedSOPSequence, but only
+/// the first 64 are audited one by one; the rest are counted in one record (the trail was a
+/// record per part: a cheap way to grow it by 100 000 records a request).
+#[tokio::test]
+async fn refused_parts_past_the_first_64_are_counted_in_one_record() {
+    use nightingale::audit::{AuditRecord, EventKind};
+    let server = Server::default();
+    let junk = b"not DICOM".to_vec();
+    let parts: Vec<(&str, &[u8])> = (0..200).map(|_| ("application/dicom", &junk[..])).collect();
+    let (s, v) = server.stow("/dicomweb/studies", multipart(&parts)).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(failed(&v).len(), 200);
+    let records: Vec<AuditRecord> = std::fs::read_to_string(server._dir.path().join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &AuditRecord| r.event.kind == EventKind::DicomInstance)
+        .collect();
+    assert_eq!(records.len(), 65);
+    let summary = records[64].event.detail.as_deref().unwrap();
+    assert!(
+        summary.starts_with("event=refused-parts count=136 size=1224 reasons="),
+        "{summary}"
+    );
+    assert!(records[..64].iter().all(|r| {
+        r.event
+            .detail
+            .as_deref()
+            .unwrap()
+            .starts_with("event=refused ")
+    }));
+}
+
 #[tokio::test]
 async fn wado_rs_retrieves_an_instance_as_stored() {
     let server = Server::default();

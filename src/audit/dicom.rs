@@ -188,6 +188,10 @@ impl DicomAuditSink {
     }
 }
 
+/// How many refused parts of one STOW-RS request are audited (and logged) one by one; the
+/// rest are counted in one record ([`DicomAuditSink::stow_refused_summary`]).
+pub const STOW_REFUSED_RECORDS: u64 = 64;
+
 /// One STOW-RS part, as the audit sees it.
 pub struct StowPart<'a> {
     /// The HTTP request's id (`x-request-id`): shared by the records of its parts.
@@ -219,6 +223,45 @@ impl DicomAuditSink {
                 .collect::<String>()
         ));
         record
+    }
+
+    /// One record for the refused parts of a STOW-RS request past the first
+    /// [`STOW_REFUSED_RECORDS`] (each of those has its own): how many, their bytes, and how
+    /// many for each reason. A request of 100 000 parts of a few bytes each was 100 000
+    /// records and log lines.
+    pub fn stow_refused_summary(
+        &self,
+        request_id: &str,
+        caller: &str,
+        bytes: u64,
+        reasons: &std::collections::BTreeMap<&'static str, u64>,
+    ) -> AuditEvent {
+        let count: u64 = reasons.values().sum();
+        let mut detail = format!("event=refused-parts count={count} size={bytes} reasons=");
+        for (i, (kind, n)) in reasons.iter().enumerate() {
+            let _ = write!(detail, "{}{kind}:{n}", if i > 0 { "," } else { "" });
+        }
+        AuditEvent {
+            kind: EventKind::DicomInstance,
+            request_id: request_id.chars().take(128).collect(),
+            model: String::new(),
+            version: String::new(),
+            model_sha256: String::new(),
+            input_sha256: None,
+            output_sha256: None,
+            rows: None,
+            status: 0,
+            outcome: Outcome::Rejected,
+            actor: Some(format!(
+                "STOW-RS:{}",
+                caller
+                    .chars()
+                    .filter(|c| c.is_ascii_graphic())
+                    .take(200)
+                    .collect::<String>()
+            )),
+            detail: Some(detail),
+        }
     }
 
     /// Stores the record of a STOW-RS part (before the part is reported as stored).

@@ -25,7 +25,7 @@ use serde_json::{Map, Value, json};
 
 use super::auth::Caller;
 use super::{AppError, AppState};
-use crate::audit::dicom::{DicomAuditSink, StowPart};
+use crate::audit::dicom::{DicomAuditSink, STOW_REFUSED_RECORDS, StowPart};
 use axum::extract::Extension;
 use nightingale_dicom::InstanceEvent;
 
@@ -307,6 +307,10 @@ async fn store_inner(
     // as long as the parts in memory together stay within one part's limit.
     let mut stored = vec![];
     let mut failed = vec![];
+    // Refused parts past the first few are counted, not audited and logged one by one.
+    let mut refused_records = 0u64;
+    let mut refused_rest: std::collections::BTreeMap<&'static str, u64> = Default::default();
+    let mut refused_rest_bytes = 0u64;
     let mut parts = staged.into_iter().peekable();
     let mut pending = std::collections::VecDeque::new();
     let mut in_memory = 0usize;
@@ -371,14 +375,20 @@ async fn store_inner(
             Ok((PartOutcome::Failed(f), size)) => {
                 metrics::counter!("nightingale_dicom_stow_instances_failed_total", "reason" => f.kind)
                     .increment(1);
-                tracing::warn!(reason = f.kind, failure = f.reason, size, detail = %f.detail, "STOW-RS part refused");
-                let record = StowPart {
-                    request_id: &request_id,
-                    caller,
-                    instance: failed_event(&f, size),
-                };
-                if let Err(e) = audit.record_stow(&record).await {
-                    tracing::error!(error = %e, "STOW-RS: the audit record of a refused part cannot be written");
+                if refused_records < STOW_REFUSED_RECORDS {
+                    refused_records += 1;
+                    tracing::warn!(reason = f.kind, failure = f.reason, size, detail = %f.detail, "STOW-RS part refused");
+                    let record = StowPart {
+                        request_id: &request_id,
+                        caller,
+                        instance: failed_event(&f, size),
+                    };
+                    if let Err(e) = audit.record_stow(&record).await {
+                        tracing::error!(error = %e, "STOW-RS: the audit record of a refused part cannot be written");
+                    }
+                } else {
+                    *refused_rest.entry(f.kind).or_default() += 1;
+                    refused_rest_bytes += size as u64;
                 }
                 failed.push(f);
             }
@@ -394,6 +404,15 @@ async fn store_inner(
                     detail: "cannot read the staged part back".into(),
                 });
             }
+        }
+    }
+    if !refused_rest.is_empty() {
+        let count: u64 = refused_rest.values().sum();
+        tracing::warn!(count, size = refused_rest_bytes, reasons = ?refused_rest, "STOW-RS: more parts refused (counted in one audit record)");
+        let record =
+            audit.stow_refused_summary(&request_id, caller, refused_rest_bytes, &refused_rest);
+        if let Err(e) = state.audit.record(record).await {
+            tracing::error!(error = %e, "STOW-RS: the audit record of refused parts cannot be written");
         }
     }
     if let Ok(free) = spool.free_bytes() {
