@@ -136,6 +136,8 @@ pub struct RunProgress {
     pub rows: std::sync::atomic::AtomicU64,
     pub bytes_read: std::sync::atomic::AtomicU64,
     pub total_bytes: std::sync::atomic::AtomicU64,
+    /// Set to stop the run at its next row (`DELETE /validation/runs/{id}`).
+    pub cancelled: std::sync::atomic::AtomicBool,
 }
 
 /// `nightingale validate`'s flags parsed from an argument list (the server builds its runs
@@ -637,11 +639,15 @@ impl Progress {
         }
     }
 
-    fn update(&mut self, bytes: u64, rows: usize) {
+    /// Records how far the run is; an error when the run has been cancelled.
+    fn update(&mut self, bytes: u64, rows: usize) -> anyhow::Result<()> {
         if let Some(s) = &self.shared {
             use std::sync::atomic::Ordering::Relaxed;
             s.bytes_read.store(bytes, Relaxed);
             s.rows.store(rows as u64, Relaxed);
+            if s.cancelled.load(Relaxed) {
+                bail!("the run was cancelled");
+            }
         }
         if let Some(bar) = &self.bar {
             bar.set_position(bytes);
@@ -657,6 +663,7 @@ impl Progress {
                 self.next_line = (pct / 10 + 1) * 10;
             }
         }
+        Ok(())
     }
 
     fn finish(&self) {
@@ -980,7 +987,7 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
                 }
                 Err(u) => push_unusable(&mut collected, u),
             }
-            progress.update(dataset.bytes_read(), usable);
+            progress.update(dataset.bytes_read(), usable)?;
         }
         collected.p.push(scores);
     } else {
@@ -1047,7 +1054,7 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
                         let done = in_flight.pop_front().expect("non-empty");
                         drain(&mut collected, done.await??);
                     }
-                    progress.update(dataset.bytes_read(), usable);
+                    progress.update(dataset.bytes_read(), usable)?;
                 }
                 if end {
                     break;

@@ -263,6 +263,54 @@ async fn one_run_per_model_at_a_time() {
     server.wait(v["id"].as_str().unwrap()).await;
 }
 
+/// `DELETE /validation/runs/{id}` cancels a running run: it reads `cancelled` at once (with
+/// who asked), the model takes another run at once, the cancelled run keeps that state and
+/// has no report; a run that has ended or does not exist cannot be cancelled.
+#[tokio::test]
+async fn a_running_run_can_be_cancelled_and_frees_its_model() {
+    let server = Server::new();
+    let delete = |id: &str| {
+        Request::delete(format!("/validation/runs/{id}"))
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", key("researcher")),
+            )
+            .body(Body::empty())
+            .unwrap()
+    };
+    // A long bootstrap keeps the run busy.
+    let (s, v) = server
+        .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 400000}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let (s, _, v) = server.send(delete(&id)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], "cancelled", "{v}");
+    assert_eq!(v["error"], "cancelled by api-key:researcher-client", "{v}");
+    assert!(v["report"].is_null(), "{v}");
+    let (s, _, v) = server.send(delete(&id)).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let (s, _) = server
+        .get(&format!("/validation/runs/{id}/report.json"))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    // The model is free at once.
+    let (s, v) = server
+        .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 0}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let second = v["id"].as_str().unwrap().to_owned();
+    assert_eq!(server.wait(&second).await["status"], "done");
+    let (s, _, v) = server.send(delete(&second)).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(server.wait(&id).await["status"], "cancelled");
+    let (s, _, _) = server
+        .send(delete("00000000-0000-0000-0000-000000000000"))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
 #[tokio::test]
 async fn hostile_requests_are_refused_with_their_reason() {
     let server = Server::new();

@@ -304,6 +304,7 @@ pub const ROUTES: &[RouteRule] = &[
     // Validation runs (issue 11).
     rule("POST", "/validation/runs", RESEARCHER),
     rule("GET", "/validation/runs/{id}", RESEARCHER),
+    rule("DELETE", "/validation/runs/{id}", RESEARCHER),
     rule("GET", "/validation/runs/{id}/report.json", RESEARCHER),
     rule("GET", "/validation/runs/{id}/report.html", RESEARCHER),
 ];

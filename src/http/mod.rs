@@ -283,7 +283,10 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route("/cds-services/{id}", post(cds::call))
         .route("/cds-services/{id}/feedback", post(cds::feedback))
         .route("/validation/runs", post(validation::create))
-        .route("/validation/runs/{id}", get(validation::status))
+        .route(
+            "/validation/runs/{id}",
+            get(validation::status).delete(validation::cancel),
+        )
         .route(
             "/validation/runs/{id}/report.json",
             get(validation::report_json),

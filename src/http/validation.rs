@@ -57,8 +57,17 @@ struct Run {
 #[derive(Clone, Debug)]
 enum RunState {
     Running,
-    Done { gate_passed: Option<bool> },
-    Failed { error: String },
+    Done {
+        gate_passed: Option<bool>,
+    },
+    Failed {
+        error: String,
+    },
+    /// Cancelled by a caller: the model may run another validation at once, whatever the
+    /// worker is still doing (it stops at its next row; what it finds is discarded).
+    Cancelled {
+        by: String,
+    },
 }
 
 impl Validation {
@@ -395,7 +404,10 @@ async fn create_run(
             },
         };
         tracing::info!(run = %worker.id, state = ?next, "validation run ended");
-        *worker.state.lock().unwrap_or_else(|p| p.into_inner()) = next;
+        let mut state = worker.state.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(*state, RunState::Running) {
+            *state = next;
+        }
     });
     Ok((
         StatusCode::ACCEPTED,
@@ -460,6 +472,7 @@ fn describe(run: &Run) -> serde_json::Value {
         RunState::Running => ("running", None, None),
         RunState::Done { gate_passed } => ("done", gate_passed, None),
         RunState::Failed { error } => ("failed", None, Some(error)),
+        RunState::Cancelled { by } => ("cancelled", None, Some(format!("cancelled by {by}"))),
     };
     let p = &run.progress;
     json!({
@@ -495,6 +508,36 @@ pub(crate) async fn status(State(state): State<Arc<AppState>>, Path(id): Path<St
         Some(run) => Json(describe(&run)).into_response(),
         None => AppError::not_found("no such validation run").into_response(),
     }
+}
+
+/// `DELETE /validation/runs/{id}`: cancels a running run (200 with its description; 409
+/// when it has already ended). The model is free for another run at once; the run stops at
+/// its next row (a bootstrap already under way finishes first, its result thrown away).
+pub(crate) async fn cancel(
+    State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
+    Path(id): Path<String>,
+) -> Response {
+    let Some(validation) = state.validation() else {
+        return AppError::not_found("validation runs are off on this server").into_response();
+    };
+    let Some(run) = valid_id(&id).then(|| validation.get(&id)).flatten() else {
+        return AppError::not_found("no such validation run").into_response();
+    };
+    let by = caller
+        .as_ref()
+        .map_or_else(|| Caller::ANONYMOUS.to_owned(), |c| c.0.id.clone());
+    {
+        let mut st = run.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !matches!(*st, RunState::Running) {
+            return AppError::new(StatusCode::CONFLICT, "the run has already ended")
+                .into_response();
+        }
+        run.progress.cancelled.store(true, Ordering::Relaxed);
+        *st = RunState::Cancelled { by: by.clone() };
+    }
+    tracing::info!(run = %run.id, model = %run.model, by = %by, "validation run cancelled");
+    Json(describe(&run)).into_response()
 }
 
 async fn report_file(state: &AppState, id: &str, file: &str, mime: &'static str) -> Response {
