@@ -158,6 +158,11 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub dicom_allowed_aes: Vec<String>,
+    /// Reject associations whose called AE title is not --dicom-ae-title (A-ASSOCIATE-RJ,
+    /// called-AE-title-not-recognized). Off: any called AE is accepted, as dcmtk's storescp
+    /// and Orthanc do by default.
+    #[arg(long, env = "NIGHTINGALE_DICOM_CHECK_CALLED_AE")]
+    pub dicom_check_called_ae: bool,
     /// Largest PDU the SCP receives, in bytes. [default: 65536]
     #[arg(long, env = "NIGHTINGALE_DICOM_MAX_PDU")]
     pub dicom_max_pdu: Option<u32>,
@@ -392,6 +397,7 @@ struct FileConfig {
     dicom_ae_title: Option<String>,
     dicom_spool: Option<PathBuf>,
     dicom_allowed_aes: Option<Vec<String>>,
+    dicom_check_called_ae: Option<bool>,
     dicom_max_pdu: Option<u32>,
     dicom_max_associations: Option<usize>,
     dicom_association_timeout_secs: Option<f64>,
@@ -850,6 +856,8 @@ impl ServeArgs {
                     .unwrap_or_else(|| scp.ae_title.clone());
                 scp.allowed = allowed;
                 scp.insecure = insecure;
+                scp.check_called_ae =
+                    self.dicom_check_called_ae || file.dicom_check_called_ae.unwrap_or(false);
                 scp.max_pdu_length = self
                     .dicom_max_pdu
                     .or(file.dicom_max_pdu)

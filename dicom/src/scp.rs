@@ -105,6 +105,11 @@ pub struct ScpConfig {
     pub max_inflight_bytes: u64,
     /// Storage SOP classes accepted besides the built-in list.
     pub extra_sop_classes: Vec<String>,
+    /// Reject an association whose called AE title is not this node's (A-ASSOCIATE-RJ,
+    /// called-AE-title-not-recognized), as Orthanc's `DicomCheckCalledAet`; off by default,
+    /// like dcmtk's `storescp` and Orthanc, since modalities are often configured with
+    /// another node's title.
+    pub check_called_ae: bool,
 }
 
 impl ScpConfig {
@@ -121,6 +126,7 @@ impl ScpConfig {
             association_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
             max_associations: 32,
+            check_called_ae: false,
             max_instance_bytes: 2 << 30,
             max_inflight_bytes: 4 << 30,
             extra_sop_classes: Vec::new(),
@@ -561,16 +567,21 @@ async fn reject_busy(mut stream: TcpStream, config: &ScpConfig) {
 struct Allowlist {
     allowed: Option<Vec<AllowedAe>>,
     peer: IpAddr,
+    /// With [`ScpConfig::check_called_ae`]: the called AE title must be this node's.
+    check_called: bool,
 }
 
 impl AccessControl for Allowlist {
     fn check_access(
         &self,
-        _this_ae_title: &str,
+        this_ae_title: &str,
         calling_ae_title: &str,
-        _called_ae_title: &str,
+        called_ae_title: &str,
         _user_identity: Option<&UserIdentity>,
     ) -> Result<(), AssociationRJServiceUserReason> {
+        if self.check_called && called_ae_title.trim() != this_ae_title.trim() {
+            return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
+        }
         // (The calling AE field's repertoire was checked on the raw request: see `Opening`.)
         let Some(allowed) = &self.allowed else {
             return Ok(());
@@ -651,6 +662,7 @@ async fn serve_association(
         .ae_access_control(Allowlist {
             allowed: config.allowed.clone(),
             peer: peer.ip(),
+            check_called: config.check_called_ae,
         })
         .ae_title(config.ae_title.as_str())
         .max_pdu_length(config.max_pdu_length)
@@ -1740,6 +1752,7 @@ mod tests {
                 "CT1".parse().unwrap(),
             ]),
             peer: "10.0.0.5".parse().unwrap(),
+            check_called: false,
         };
         assert!(list.check_access("NIGHTINGALE", "PACS", "X", None).is_ok());
         assert!(list.check_access("NIGHTINGALE", "CT1 ", "X", None).is_ok());
@@ -1750,11 +1763,28 @@ mod tests {
         let elsewhere = Allowlist {
             allowed: list.allowed.clone(),
             peer: "10.0.0.6".parse().unwrap(),
+            check_called: false,
         };
         assert!(
             elsewhere
                 .check_access("NIGHTINGALE", "PACS", "X", None)
                 .is_err()
+        );
+        // With the called AE checked: this node's title (padding aside) or refused, before
+        // the calling AE is looked at.
+        let strict = Allowlist {
+            allowed: None,
+            peer: "10.0.0.6".parse().unwrap(),
+            check_called: true,
+        };
+        assert!(
+            strict
+                .check_access("NIGHTINGALE", "ANY", "NIGHTINGALE ", None)
+                .is_ok()
+        );
+        assert_eq!(
+            strict.check_access("NIGHTINGALE", "ANY", "OTHERNODE", None),
+            Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized)
         );
     }
 

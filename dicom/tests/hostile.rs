@@ -75,6 +75,30 @@ fn is_abort_or_close(answer: &Answer) -> bool {
     matches!(answer, Answer::Closed | Answer::Pdu(Pdu::AbortRQ { .. }))
 }
 
+/// With `check_called_ae`, an association called for another AE title is rejected
+/// permanently (service user, called-AE-title-not-recognized); this node's title, padded or
+/// not, is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_called_ae_is_rejected_when_checked() {
+    let server = start(|c| c.check_called_ae = true).await;
+    let addr = server.addr;
+    tokio::task::spawn_blocking(move || {
+        let mut rq = associate_rq(&[(CT, EXPLICIT_LE)]);
+        rq.called_ae_title = "OTHER_NODE".into();
+        assert_rejected_permanently(
+            exchange(addr, &pdu_bytes(&Pdu::AssociationRQ(rq)), false),
+            AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::CalledAETitleNotRecognized,
+            ),
+        );
+        let answer = exchange(addr, &valid_rq(), false);
+        assert!(is_accept(&answer), "{answer:?}");
+        echo(addr);
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_association_requests_are_refused_and_the_server_goes_on() {
     let server = start(|c| {
