@@ -128,8 +128,8 @@ def guarded_server():
     shutil.rmtree(work, ignore_errors=True)
 
 
-def echoscu(port: int, aet: str = "PEERSCU") -> subprocess.CompletedProcess:
-    return subprocess.run([_tool("echoscu"), "-v", "-aet", aet, "-aec", "NIGHTINGALE",
+def echoscu(port: int, aet: str = "PEERSCU", aec: str = "NIGHTINGALE") -> subprocess.CompletedProcess:
+    return subprocess.run([_tool("echoscu"), "-v", "-aet", aet, "-aec", aec,
                            "127.0.0.1", str(port)],
                           capture_output=True, text=True, timeout=PEER_TIMEOUT_S, env=PEER_ENV)
 
@@ -358,6 +358,24 @@ def test_unknown_calling_ae_is_rejected(guarded_server):
     r = echoscu(guarded_server.port, aet="GOODSCU")
     assert r.returncode == 0, r.stdout + r.stderr
     assert guarded_server.alive()
+
+
+def test_a_wrong_called_ae_is_rejected_only_when_checked(server, tmp_path):
+    # By default (as dcmtk's storescp and Orthanc) any called AE is accepted.
+    assert echoscu(server.port, aec="SOMEONE_ELSE").returncode == 0
+    work = tmp_path / "strict"
+    work.mkdir()
+    strict = Server(work, ["--dicom-check-called-ae"])
+    try:
+        r = echoscu(strict.port, aec="SOMEONE_ELSE")
+        out = r.stdout + r.stderr
+        assert r.returncode != 0, out
+        assert "Association Rejected" in out, out
+        assert "Called AE Title Not Recognized" in out, out
+        assert echoscu(strict.port).returncode == 0
+        assert strict.alive()
+    finally:
+        strict.stop()
 
 
 def test_a_non_loopback_address_needs_an_allowlist_or_insecure(tmp_path):
