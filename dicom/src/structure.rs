@@ -144,7 +144,8 @@ pub fn walk(
         use std::io::Read;
         let _one_at_a_time = INFLATING.lock().unwrap_or_else(|p| p.into_inner());
         let mut inflated = Vec::new();
-        flate2::read::DeflateDecoder::new(bytes)
+        let mut decoder = flate2::read::DeflateDecoder::new(bytes);
+        (&mut decoder)
             .take(MAX_INFLATED_BYTES as u64 + 1)
             .read_to_end(&mut inflated)
             .map_err(|e| StructureError::Inflate(e.to_string()))?;
@@ -152,6 +153,16 @@ pub fn walk(
             return Err(StructureError::InflatesTooLarge {
                 max: MAX_INFLATED_BYTES,
             });
+        }
+        // After the deflated stream, only the NUL that pads it to an even length (PS3.10
+        // 7.1): anything else is data no reader of the stored file will see, or a sign that
+        // the object was put together wrongly.
+        let rest = bytes.get(decoder.total_in() as usize..).unwrap_or_default();
+        if rest.len() > 1 || rest.iter().any(|&b| b != 0) {
+            return Err(StructureError::Inflate(format!(
+                "{} bytes follow the end of the deflated data",
+                rest.len()
+            )));
         }
         let plain = Encoding {
             deflated: false,
@@ -503,6 +514,23 @@ mod tests {
         let small = small.finish().unwrap();
         let found = walk(&small, deflated, &[(0x0008, 0x0060)]).unwrap();
         assert_eq!(found[0], Some(Found::Value(b"CT".to_vec())));
+        // Padded with one NUL to an even length: the same; anything more after the end of
+        // the deflated stream is refused.
+        let mut padded = small.clone();
+        padded.push(0);
+        assert_eq!(walk(&padded, deflated, &[(0x0008, 0x0060)]).unwrap(), found);
+        for tail in [&b"\0\0"[..], b"X", b"\x08\x00\x60\x00CS\x02\x00MR"] {
+            let mut more = small.clone();
+            more.extend_from_slice(tail);
+            assert_eq!(
+                walk(&more, deflated, &[]),
+                Err(StructureError::Inflate(format!(
+                    "{} bytes follow the end of the deflated data",
+                    tail.len()
+                ))),
+                "{tail:?}"
+            );
+        }
         // One OB element of zeros just past the limit: ~300 KB deflated.
         let mut bomb = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
         let mut header = Vec::new();
