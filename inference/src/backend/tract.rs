@@ -224,39 +224,47 @@ pub(crate) fn refuse_external_data(model: &[u8], name: &Path) -> Result<(), Infe
 }
 
 fn metadata(model: &tract_onnx::prelude::TypedModel) -> Result<ModelMetadata, TractError> {
-    let spec = |outlet: tract_onnx::prelude::OutletId| -> Result<TensorSpec, TractError> {
-        let fact = model.outlet_fact(outlet)?;
-        let name = model
-            .outlet_label(outlet)
-            .map(str::to_owned)
-            .unwrap_or_else(|| model.node(outlet.node).name.clone());
-        let datatype = datatype_of(fact.datum_type).ok_or_else(|| {
-            tract_onnx::tract_core::internal::format_err!(
-                "{name:?} has datatype {:?}, which KServe v2 cannot carry",
-                fact.datum_type
-            )
-        })?;
-        let shape = fact
-            .shape
-            .iter()
-            .map(|d| d.to_i64().unwrap_or(-1))
-            .collect();
-        Ok(TensorSpec {
-            name,
-            datatype,
-            shape,
-        })
-    };
+    // An input is named by its source node (the graph input's own name): its outlet's label
+    // may be another tensor's once decluttering has removed what followed it (x -> Identity
+    // -> y reported its input as "y", so requests naming "x" were refused).
+    let spec =
+        |outlet: tract_onnx::prelude::OutletId, input: bool| -> Result<TensorSpec, TractError> {
+            let fact = model.outlet_fact(outlet)?;
+            let label = if input {
+                None
+            } else {
+                model.outlet_label(outlet)
+            };
+            let name = label
+                .map(str::to_owned)
+                .unwrap_or_else(|| model.node(outlet.node).name.clone());
+            let datatype = datatype_of(fact.datum_type).ok_or_else(|| {
+                tract_onnx::tract_core::internal::format_err!(
+                    "{name:?} has datatype {:?}, which KServe v2 cannot carry",
+                    fact.datum_type
+                )
+            })?;
+            let shape = fact
+                .shape
+                .iter()
+                .map(|d| d.to_i64().unwrap_or(-1))
+                .collect();
+            Ok(TensorSpec {
+                name,
+                datatype,
+                shape,
+            })
+        };
     Ok(ModelMetadata {
         inputs: model
             .input_outlets()?
             .iter()
-            .map(|&o| spec(o))
+            .map(|&o| spec(o, true))
             .collect::<Result<_, _>>()?,
         outputs: model
             .output_outlets()?
             .iter()
-            .map(|&o| spec(o))
+            .map(|&o| spec(o, false))
             .collect::<Result<_, _>>()?,
     })
 }
@@ -506,6 +514,13 @@ mod tests {
         refuse_external_data(&chain(MAX_NODES), name).unwrap();
         let small = TractBackend::load_bytes(&chain(3), name, &LoadOptions::default()).unwrap();
         assert_eq!(small.metadata.inputs[0].shape, vec![4]);
+        assert_eq!(
+            (
+                &small.metadata.inputs[0].name,
+                &small.metadata.outputs[0].name
+            ),
+            (&"x".to_owned(), &"y".to_owned())
+        );
     }
 
     #[test]
