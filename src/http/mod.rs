@@ -599,7 +599,16 @@ async fn read_body_charged(
                     // and sends a byte holds one page), and the buffer is never copied while
                     // it grows (doubling held the old and the new buffer together, half as
                     // much again as the bytes charged).
-                    buf.reserve_exact(len.max(buf.len() + data.len()) - buf.len());
+                    // Fallible: where the kernel does not overcommit, reserving the
+                    // declared length may fail; then the buffer grows as bytes come.
+                    let whole = len.max(buf.len() + data.len()) - buf.len();
+                    if buf.try_reserve_exact(whole).is_err() {
+                        buf.try_reserve(data.len()).map_err(|_| {
+                            AppError::overloaded(
+                                "the server cannot allocate memory for the request body; retry later",
+                            )
+                        })?;
+                    }
                 }
                 buf.extend_from_slice(&data);
             }
