@@ -231,13 +231,15 @@ impl Server {
 /// Stands for a finished validation run's id in a path (see `Server::send`).
 const RUN_ID: &str = "RUN_ID";
 
-/// The status a request with the right credentials gets: 200, or 202 where the route starts
-/// work (a validation run).
+/// The status a request with the right credentials gets: 200, 202 where the route starts
+/// work (a validation run), 409 for cancelling the finished run.
 fn success_of(rule: &RouteRule) -> StatusCode {
-    if rule.method == "POST" && rule.path == "/validation/runs" {
-        StatusCode::ACCEPTED
-    } else {
-        StatusCode::OK
+    match (rule.method, rule.path) {
+        ("POST", "/validation/runs") => StatusCode::ACCEPTED,
+        // The run in the path has finished: past the role check, the handler refuses to
+        // cancel it.
+        ("DELETE", "/validation/runs/{id}") => StatusCode::CONFLICT,
+        _ => StatusCode::OK,
     }
 }
 
