@@ -248,7 +248,8 @@ fn main() -> anyhow::Result<()> {
                     };
                     let anchored = match (&anchored, &anchor) {
                         (Some(a), _) => format!("; anchored record {} still there", a.seq),
-                        (None, Some(_)) => "; anchor written".to_owned(),
+                        (None, Some(_)) if summary.tail.is_some() => "; anchor written".to_owned(),
+                        (None, Some(_)) => "; no record to anchor yet".to_owned(),
                         (None, None) => String::new(),
                     };
                     println!(

@@ -678,10 +678,15 @@ fn audit_verify_with_an_anchor_finds_records_cut_from_the_end() {
     let log = dir.path().join("audit.jsonl");
     let anchor = dir.path().join("elsewhere/anchor.json");
     std::fs::create_dir_all(anchor.parent().unwrap()).unwrap();
+    let args = [log.as_os_str(), "--anchor".as_ref(), anchor.as_os_str()];
+    // An empty trail: nothing to anchor, no file written.
+    drop(JsonLinesStore::open(&log, Options::default()).unwrap());
+    let (ok, out) = cli_verify(&args);
+    assert!(ok && out.contains("no record to anchor yet"), "{out}");
+    assert!(!anchor.exists());
     let mut store = JsonLinesStore::open(&log, Options::default()).unwrap();
     append(&mut store, 0..5);
     drop(store);
-    let args = [log.as_os_str(), "--anchor".as_ref(), anchor.as_os_str()];
     let (ok, out) = cli_verify(&args);
     assert!(ok && out.contains("anchor written"), "{out}");
     let tail = audit::verify(&log).unwrap().tail.unwrap();
