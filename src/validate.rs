@@ -16,7 +16,9 @@ use nightingale_models::{
     LoadTarget, LoadedModel, Manifest, Repository, RepositoryOptions, SignaturePolicy,
 };
 use nightingale_validation::bootstrap::BootstrapSpec;
-use nightingale_validation::dataset::{Columns, CsvDataset, DatasetError, LabelSpec, NpyDataset};
+use nightingale_validation::dataset::{
+    Columns, CsvDataset, DatasetError, LabelSpec, NpyDataset, in_folder,
+};
 use nightingale_validation::report::{
     self, DatasetSection, ModelIdentity, NamedThreshold, Report, Scored, Settings,
 };
@@ -392,42 +394,7 @@ fn model_input(m: &Manifest, tensors: bool) -> anyhow::Result<Input> {
     })
 }
 
-/// Why a relative path was refused by [`path_under`].
-#[derive(Debug, PartialEq, Eq)]
-pub enum PathRefused {
-    /// Empty, too long, absolute, or with `.`/`..` components.
-    NotRelative,
-    /// The root folder does not exist.
-    RootMissing,
-    /// Nothing at that path.
-    Missing,
-    /// It leads out of the root (a symbolic link).
-    Outside,
-}
-
-/// The canonical path `rel` leads to under `root`, refusing anything that leaves it (an
-/// absolute path, `..`, a symbolic link pointing out). Used for datasets named under the
-/// server's validation root and for the files a DICOM dataset's manifest names.
-pub fn path_under(root: &Path, rel: &str) -> Result<PathBuf, PathRefused> {
-    let relative = Path::new(rel);
-    if rel.is_empty()
-        || rel.len() > 1024
-        || !relative
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)))
-    {
-        return Err(PathRefused::NotRelative);
-    }
-    let root = root.canonicalize().map_err(|_| PathRefused::RootMissing)?;
-    let full = root
-        .join(relative)
-        .canonicalize()
-        .map_err(|_| PathRefused::Missing)?;
-    if !full.starts_with(&root) {
-        return Err(PathRefused::Outside);
-    }
-    Ok(full)
-}
+pub use nightingale_validation::dataset::{PathRefused, path_under};
 
 /// An image dataset: a folder with `manifest.csv` naming DICOM files under it (a `file`
 /// column, the label column, optional subgroup and patient-id columns). Each file is decoded
@@ -461,13 +428,7 @@ impl DicomDataset {
         labels: LabelSpec,
         pre: nightingale_models::Preprocessing,
     ) -> anyhow::Result<DicomDataset> {
-        let manifest_path = path_under(dir, "manifest.csv").map_err(|_| {
-            anyhow::anyhow!(
-                "{}: manifest.csv leads outside the dataset folder",
-                dir.display()
-            )
-        })?;
-        let manifest = CsvDataset::open(&manifest_path, columns, labels)?;
+        let manifest = CsvDataset::open(&in_folder(dir, "manifest.csv")?, columns, labels)?;
         Ok(DicomDataset {
             manifest,
             dir: dir

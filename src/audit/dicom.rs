@@ -63,20 +63,6 @@ impl DicomAuditSink {
                     .collect(),
             )
         };
-        let base = |kind, request_id: String, actor: Option<String>| AuditEvent {
-            kind,
-            request_id,
-            model: String::new(),
-            version: String::new(),
-            model_sha256: String::new(),
-            input_sha256: None,
-            output_sha256: None,
-            rows: None,
-            status: 0,
-            outcome: Outcome::Ok,
-            actor,
-            detail: None,
-        };
         match event {
             DicomEvent::AssociationAccepted {
                 association,
@@ -88,7 +74,7 @@ impl DicomAuditSink {
                 detail: Some(format!(
                     "event=accepted contexts_proposed={contexts_proposed} contexts_accepted={contexts_accepted}"
                 )),
-                ..base(
+                ..blank_event(
                     EventKind::DicomAssociation,
                     association_id(*association),
                     actor(calling_ae, peer),
@@ -97,7 +83,7 @@ impl DicomAuditSink {
             DicomEvent::AssociationRejected { peer, reason } => AuditEvent {
                 outcome: Outcome::Rejected,
                 detail: Some(format!("event=rejected reason={reason}")),
-                ..base(
+                ..blank_event(
                     EventKind::DicomAssociation,
                     "-".into(),
                     Some(format!("?@{}", peer.ip())),
@@ -111,7 +97,7 @@ impl DicomAuditSink {
                 failed,
             } => AuditEvent {
                 detail: Some(format!("event=released stored={stored} failed={failed}")),
-                ..base(
+                ..blank_event(
                     EventKind::DicomAssociation,
                     association_id(*association),
                     actor(calling_ae, peer),
@@ -137,7 +123,7 @@ impl DicomAuditSink {
                 AuditEvent {
                     outcome: Outcome::Failed,
                     detail: Some(detail),
-                    ..base(
+                    ..blank_event(
                         EventKind::DicomAssociation,
                         association_id(*association),
                         actor(calling_ae, peer),
@@ -151,7 +137,7 @@ impl DicomAuditSink {
                     status: i.status,
                     outcome: outcome_of(i.status),
                     detail: Some(self.instance_detail(stored, i)),
-                    ..base(
+                    ..blank_event(
                         EventKind::DicomInstance,
                         association_id(i.association),
                         actor(&i.calling_ae, &i.peer),
@@ -188,6 +174,41 @@ impl DicomAuditSink {
     }
 }
 
+/// A DICOM record with no model, no tensors and no detail: outcome `ok`, status 0.
+fn blank_event(kind: EventKind, request_id: String, actor: Option<String>) -> AuditEvent {
+    AuditEvent {
+        kind,
+        request_id,
+        model: String::new(),
+        version: String::new(),
+        model_sha256: String::new(),
+        input_sha256: None,
+        output_sha256: None,
+        rows: None,
+        status: 0,
+        outcome: Outcome::Ok,
+        actor,
+        detail: None,
+    }
+}
+
+/// A STOW-RS record's request id: the HTTP request's, at most 128 characters.
+fn stow_request_id(request_id: &str) -> String {
+    request_id.chars().take(128).collect()
+}
+
+/// A STOW-RS record's actor: `STOW-RS:<caller id>`, printable ASCII.
+fn stow_actor(caller: &str) -> Option<String> {
+    Some(format!(
+        "STOW-RS:{}",
+        caller
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(200)
+            .collect::<String>()
+    ))
+}
+
 /// How many refused parts of one STOW-RS request are audited (and logged) one by one; the
 /// rest are counted in one record ([`DicomAuditSink::stow_refused_summary`]).
 pub const STOW_REFUSED_RECORDS: u64 = 64;
@@ -213,15 +234,8 @@ impl DicomAuditSink {
             DicomEvent::InstanceRefused(part.instance.clone())
         };
         let mut record = self.record_of(&event);
-        record.request_id = part.request_id.chars().take(128).collect();
-        record.actor = Some(format!(
-            "STOW-RS:{}",
-            part.caller
-                .chars()
-                .filter(|c| c.is_ascii_graphic())
-                .take(200)
-                .collect::<String>()
-        ));
+        record.request_id = stow_request_id(part.request_id);
+        record.actor = stow_actor(part.caller);
         record
     }
 
@@ -242,25 +256,13 @@ impl DicomAuditSink {
             let _ = write!(detail, "{}{kind}:{n}", if i > 0 { "," } else { "" });
         }
         AuditEvent {
-            kind: EventKind::DicomInstance,
-            request_id: request_id.chars().take(128).collect(),
-            model: String::new(),
-            version: String::new(),
-            model_sha256: String::new(),
-            input_sha256: None,
-            output_sha256: None,
-            rows: None,
-            status: 0,
             outcome: Outcome::Rejected,
-            actor: Some(format!(
-                "STOW-RS:{}",
-                caller
-                    .chars()
-                    .filter(|c| c.is_ascii_graphic())
-                    .take(200)
-                    .collect::<String>()
-            )),
             detail: Some(detail),
+            ..blank_event(
+                EventKind::DicomInstance,
+                stow_request_id(request_id),
+                stow_actor(caller),
+            )
         }
     }
 

@@ -499,14 +499,23 @@ fn valid_id(id: &str) -> bool {
     id.len() == 36 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
 }
 
+/// The validation service and the run `id` names (404 when runs are off or there is none).
+fn find_run<'a>(state: &'a AppState, id: &str) -> Result<(&'a Validation, Arc<Run>), AppError> {
+    let validation = state
+        .validation()
+        .ok_or_else(|| AppError::not_found("validation runs are off on this server"))?;
+    let run = valid_id(id)
+        .then(|| validation.get(id))
+        .flatten()
+        .ok_or_else(|| AppError::not_found("no such validation run"))?;
+    Ok((validation, run))
+}
+
 /// `GET /validation/runs/{id}`.
 pub(crate) async fn status(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    let Some(validation) = state.validation() else {
-        return AppError::not_found("validation runs are off on this server").into_response();
-    };
-    match valid_id(&id).then(|| validation.get(&id)).flatten() {
-        Some(run) => Json(describe(&run)).into_response(),
-        None => AppError::not_found("no such validation run").into_response(),
+    match find_run(&state, &id) {
+        Ok((_, run)) => Json(describe(&run)).into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -518,11 +527,9 @@ pub(crate) async fn cancel(
     caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
 ) -> Response {
-    let Some(validation) = state.validation() else {
-        return AppError::not_found("validation runs are off on this server").into_response();
-    };
-    let Some(run) = valid_id(&id).then(|| validation.get(&id)).flatten() else {
-        return AppError::not_found("no such validation run").into_response();
+    let run = match find_run(&state, &id) {
+        Ok((_, run)) => run,
+        Err(e) => return e.into_response(),
     };
     let by = caller
         .as_ref()
@@ -541,11 +548,9 @@ pub(crate) async fn cancel(
 }
 
 async fn report_file(state: &AppState, id: &str, file: &str, mime: &'static str) -> Response {
-    let Some(validation) = state.validation() else {
-        return AppError::not_found("validation runs are off on this server").into_response();
-    };
-    let Some(run) = valid_id(id).then(|| validation.get(id)).flatten() else {
-        return AppError::not_found("no such validation run").into_response();
+    let (validation, run) = match find_run(state, id) {
+        Ok(found) => found,
+        Err(e) => return e.into_response(),
     };
     if !matches!(
         *run.state.lock().unwrap_or_else(|p| p.into_inner()),

@@ -48,26 +48,54 @@ pub enum DatasetError {
     },
 }
 
-/// Opens a dataset file for reading. Links are followed, but the file must be a regular file
-/// (a FIFO would hold the run, and the model's runs queued behind it, forever; a device never
-/// ends) and, with `within`, lie inside that folder once they are (a tensor folder's
-/// `images.npy` linking to a file elsewhere on the server is refused). Opened without waiting
-/// for a writer, so a FIFO swapped in after the check is refused too.
-pub fn open_dataset_file(path: &Path, within: Option<&Path>) -> Result<File, DatasetError> {
+/// Why a relative path was refused by [`path_under`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum PathRefused {
+    /// Empty, too long, absolute, or with `.`/`..` components.
+    NotRelative,
+    /// The root folder does not exist.
+    RootMissing,
+    /// Nothing at that path.
+    Missing,
+    /// It leads out of the root (a symbolic link).
+    Outside,
+}
+
+/// The canonical path `rel` leads to under `root`, refusing anything that leaves it (an
+/// absolute path, `..`, a symbolic link pointing out). Used for datasets named under the
+/// server's validation root, the files a DICOM dataset's manifest names, and the files of a
+/// dataset folder.
+pub fn path_under(root: &Path, rel: &str) -> Result<PathBuf, PathRefused> {
+    let relative = Path::new(rel);
+    if rel.is_empty()
+        || rel.len() > 1024
+        || !relative
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(PathRefused::NotRelative);
+    }
+    let root = root.canonicalize().map_err(|_| PathRefused::RootMissing)?;
+    let full = root
+        .join(relative)
+        .canonicalize()
+        .map_err(|_| PathRefused::Missing)?;
+    if !full.starts_with(&root) {
+        return Err(PathRefused::Outside);
+    }
+    Ok(full)
+}
+
+/// Opens a dataset file for reading: it must be a regular file once links are followed (a
+/// FIFO would hold the run, and the model's runs queued behind it, forever; a device never
+/// ends). Opened without waiting for a writer, so a FIFO swapped in after the check is
+/// refused too.
+pub fn open_dataset_file(path: &Path) -> Result<File, DatasetError> {
     use std::os::unix::fs::OpenOptionsExt;
     let io_err = |source| DatasetError::Io {
         path: path.to_owned(),
         source,
     };
-    if let Some(dir) = within {
-        let dir = dir.canonicalize().map_err(io_err)?;
-        let full = path.canonicalize().map_err(io_err)?;
-        if !full.starts_with(&dir) {
-            return Err(DatasetError::Outside {
-                path: path.to_owned(),
-            });
-        }
-    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
@@ -79,6 +107,19 @@ pub fn open_dataset_file(path: &Path, within: Option<&Path>) -> Result<File, Dat
         });
     }
     Ok(file)
+}
+
+/// `name` in the dataset folder `dir`, links followed, refused when it leads outside it (a
+/// tensor folder's `images.npy` linking to a file elsewhere on the server).
+pub fn in_folder(dir: &Path, name: &str) -> Result<PathBuf, DatasetError> {
+    let path = dir.join(name);
+    path_under(dir, name).map_err(|e| match e {
+        PathRefused::Outside => DatasetError::Outside { path },
+        _ => DatasetError::Io {
+            path,
+            source: io::Error::new(io::ErrorKind::NotFound, "missing"),
+        },
+    })
 }
 
 /// Which columns mean what.
@@ -223,7 +264,7 @@ pub struct CsvDataset {
 
 impl CsvDataset {
     pub fn open(path: &Path, columns: &Columns, labels: LabelSpec) -> Result<Self, DatasetError> {
-        let file = open_dataset_file(path, None)?;
+        let file = open_dataset_file(path)?;
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(true)
             .flexible(false)
@@ -506,27 +547,19 @@ impl NpyDataset {
             let path = path.to_owned();
             move |source| DatasetError::Io { path, source }
         };
-        let mut files = Vec::new();
-        let mut opened = Vec::new();
-        for f in [&images, &label_path] {
-            let mut file = open_dataset_file(f, Some(dir))?;
+        // Each file opened once: hashed, then read from the start.
+        let open_hashed = |name: &str| -> Result<(File, (String, String)), DatasetError> {
+            let path = in_folder(dir, name)?;
+            let mut file = open_dataset_file(&path)?;
             let mut hasher = Sha256::new();
-            io::copy(&mut file, &mut hasher).map_err(io_err(f))?;
-            file.rewind().map_err(io_err(f))?;
-            let name = f
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            files.push((name, hex::encode(hasher.finalize())));
-            opened.push(file);
-        }
-        let (image_file, label_file) = {
-            let mut opened = opened.into_iter();
-            (
-                opened.next().expect("images"),
-                opened.next().expect("labels"),
-            )
+            io::copy(&mut file, &mut hasher)
+                .and_then(|_| file.rewind())
+                .map_err(io_err(&path))?;
+            Ok((file, (name.to_owned(), hex::encode(hasher.finalize()))))
         };
+        let (image_file, image_hash) = open_hashed("images.npy")?;
+        let (label_file, label_hash) = open_hashed("labels.npy")?;
+        let files = vec![image_hash, label_hash];
         let lf = npyz::NpyFile::new(io::BufReader::new(label_file))
             .map_err(|e| npy_error(&label_path, e))?;
         if lf.shape().len() != 1 {
