@@ -13,13 +13,14 @@ use http_body_util::BodyExt;
 use nightingale::audit::AuditLog;
 use nightingale::config::ServeArgs;
 use nightingale::http::grpc::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+use nightingale::http::grpc::proto::model_config::SchedulingChoice;
 use nightingale::http::grpc::proto::model_infer_request::{
     InferInputTensor, InferRequestedOutputTensor,
 };
 use nightingale::http::grpc::proto::{
-    InferTensorContents, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
-    ModelReadyRequest, ModelStatisticsRequest, RepositoryIndexRequest, RepositoryModelLoadRequest,
-    ServerLiveRequest, ServerMetadataRequest, ServerReadyRequest,
+    InferTensorContents, ModelConfigRequest, ModelInferRequest, ModelInferResponse,
+    ModelMetadataRequest, ModelReadyRequest, ModelStatisticsRequest, RepositoryIndexRequest,
+    RepositoryModelLoadRequest, ServerLiveRequest, ServerMetadataRequest, ServerReadyRequest,
 };
 use nightingale::http::{self, AppState, HttpConfig};
 use nightingale_models::{Repository, RepositoryOptions};
@@ -260,6 +261,38 @@ async fn health_and_metadata() {
     assert_eq!(m.inputs[0].name, "features");
     assert_eq!(m.inputs[0].datatype, "FP32");
     assert_eq!(m.inputs[0].shape, vec![-1, 30]);
+    // Triton's model configuration: the bundle's [batching] (max_batch_size = 64, preferred
+    // [64], 200 µs), so the batch dimension is left out of `dims`.
+    let config = c
+        .model_config(ModelConfigRequest {
+            name: MODEL.into(),
+            version: "1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .config
+        .unwrap();
+    assert_eq!((config.name.as_str(), config.max_batch_size), (MODEL, 64));
+    assert_eq!(config.input[0].dims, vec![30]);
+    assert_eq!(config.output[1].dims, vec![2]);
+    match config.scheduling_choice {
+        Some(SchedulingChoice::DynamicBatching(b)) => {
+            assert_eq!(
+                (b.preferred_batch_size, b.max_queue_delay_microseconds),
+                (vec![64], 200)
+            );
+        }
+        other => panic!("no dynamic batching: {other:?}"),
+    }
+    let e = c
+        .model_config(ModelConfigRequest {
+            name: "nope".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let index = c
         .repository_index(RepositoryIndexRequest {
             repository_name: String::new(),

@@ -1556,3 +1556,69 @@ async fn the_bundle_sets_its_row_limit_per_request() {
         "{v}"
     );
 }
+
+/// Triton's model configuration (`GET .../config`) of a bundle with dynamic batching off and
+/// a `specific` version policy: `max_batch_size` 0, so `dims` are the whole shapes (the
+/// batch dimension included), no `dynamic_batching`; the policy as the bundle states it.
+/// (The reference bundle's own configuration, batching on, is checked against its
+/// bundle.toml and onnxruntime by tests/peer/test_tritonclient.py.)
+#[tokio::test]
+async fn model_configuration_without_batching_gives_whole_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join(MODEL);
+    copy_dir(&bundles().join(MODEL), &bundle);
+    keep_only_version_1(&bundle);
+    let manifest = std::fs::read_to_string(bundle.join("bundle.toml")).unwrap();
+    let edited = manifest
+        .replacen("max_batch_size = 64\n", "max_batch_size = 1\n", 1)
+        .replacen(
+            "[version_policy]\npolicy = \"all\"\n",
+            "[version_policy]\npolicy = \"specific\"\nversions = [1]\n",
+            1,
+        );
+    assert_ne!(edited, manifest);
+    std::fs::write(bundle.join("bundle.toml"), edited).unwrap();
+    let repository = Arc::new(Repository::new(dir.path(), RepositoryOptions::default()));
+    repository.load(MODEL).unwrap();
+    let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
+    let state = AppState::new(repository, audit, HttpConfig::default(), None);
+    state.set_ready(true);
+    let f = Fixture { _dir: dir, state };
+
+    let (s, body) = f.get(&format!("/v2/models/{MODEL}/config")).await;
+    assert_eq!(s, StatusCode::OK);
+    let config: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        config,
+        json!({
+            "name": MODEL,
+            "platform": "onnx",
+            "backend": "tract",
+            "version_policy": {"specific": {"versions": [1]}},
+            "max_batch_size": 0,
+            "input": [{"name": "features", "data_type": "TYPE_FP32", "format": "FORMAT_NONE", "dims": [-1, 30]}],
+            "output": [
+                {"name": "label", "data_type": "TYPE_INT64", "dims": [-1]},
+                {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [-1, 2]},
+            ],
+            "instance_group": [{"name": MODEL, "kind": "KIND_CPU", "count": 1}],
+        })
+    );
+    let (s, body) = f
+        .get(&format!("/v2/models/{MODEL}/versions/1/config"))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap(), config);
+    for (uri, reason) in [
+        (
+            format!("/v2/models/{MODEL}/versions/7/config"),
+            "has no version \"7\" being served",
+        ),
+        ("/v2/models/nope/config".to_owned(), "unknown model"),
+    ] {
+        let (s, body) = f.get(&uri).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{uri}");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert!(error_of(&v).contains(reason), "{uri}: {v}");
+    }
+}

@@ -637,6 +637,11 @@ impl Repository {
         }
     }
 
+    /// How this repository loads versions (engine, threads, execution provider, signatures).
+    pub fn options(&self) -> &RepositoryOptions {
+        &self.options
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -27,6 +27,7 @@ use tracing::Instrument;
 
 use super::auth::{self, Caller};
 use super::codec::{self, DecodedRequest, OutputChoice, OutputTensor};
+use super::model_config;
 use super::v2::{self, ModelCall, Op};
 use super::{AppError, AppState, BODY_CHARGE_FACTOR, Ticket};
 use crate::deploy;
@@ -43,13 +44,13 @@ use proto::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use proto::model_infer_response::InferOutputTensor;
 use proto::model_metadata_response::TensorMetadata;
 use proto::{
-    InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse,
-    ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
-    ModelStatisticsRequest, ModelStatisticsResponse, RepositoryIndexRequest,
-    RepositoryIndexResponse, RepositoryModelLoadRequest, RepositoryModelLoadResponse,
-    RepositoryModelUnloadRequest, RepositoryModelUnloadResponse, ServerLiveRequest,
-    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
-    ServerReadyResponse, infer_parameter::ParameterChoice,
+    InferParameter, InferTensorContents, ModelConfigRequest, ModelConfigResponse,
+    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
+    ModelReadyRequest, ModelReadyResponse, ModelStatisticsRequest, ModelStatisticsResponse,
+    RepositoryIndexRequest, RepositoryIndexResponse, RepositoryModelLoadRequest,
+    RepositoryModelLoadResponse, RepositoryModelUnloadRequest, RepositoryModelUnloadResponse,
+    ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse,
+    ServerReadyRequest, ServerReadyResponse, infer_parameter::ParameterChoice,
 };
 
 /// The gRPC service as an axum router: messages up to the HTTP body limit (`max_body_bytes`)
@@ -355,6 +356,20 @@ impl GrpcInferenceService for Service {
                 platform: model.manifest.platform.clone(),
                 inputs: meta.inputs.iter().map(spec).collect(),
                 outputs: meta.outputs.iter().map(spec).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<ModelConfigRequest>,
+    ) -> Result<Response<ModelConfigResponse>, Status> {
+        self.serve("ModelConfig", request, |state, call| async move {
+            let m = call.message;
+            let model = state.repository.get(&m.name, version_of(&m.version))?;
+            Ok(ModelConfigResponse {
+                config: Some(model_config_message(model_config::of(&state, &model))),
             })
         })
         .await
@@ -790,6 +805,67 @@ fn encode_response(
         parameters: HashMap::new(),
         outputs: tensors,
         raw_output_contents,
+    }
+}
+
+/// Triton's `ModelConfig` message from the configuration the HTTP route answers in JSON.
+fn model_config_message(c: model_config::ModelConfig) -> proto::ModelConfig {
+    use proto::model_version_policy::{All, Latest, PolicyChoice, Specific};
+    let data_type = |name: &str| proto::DataType::from_str_name(name).unwrap_or_default() as i32;
+    proto::ModelConfig {
+        name: c.name,
+        platform: c.platform,
+        backend: c.backend,
+        version_policy: Some(proto::ModelVersionPolicy {
+            policy_choice: Some(match c.version_policy {
+                model_config::VersionPolicy::Latest { num_versions } => {
+                    PolicyChoice::Latest(Latest { num_versions })
+                }
+                model_config::VersionPolicy::All {} => PolicyChoice::All(All {}),
+                model_config::VersionPolicy::Specific { versions } => {
+                    PolicyChoice::Specific(Specific { versions })
+                }
+            }),
+        }),
+        max_batch_size: c.max_batch_size,
+        input: c
+            .input
+            .into_iter()
+            .map(|t| proto::ModelInput {
+                data_type: data_type(t.data_type),
+                format: t
+                    .format
+                    .and_then(proto::model_input::Format::from_str_name)
+                    .unwrap_or_default() as i32,
+                name: t.name,
+                dims: t.dims,
+            })
+            .collect(),
+        output: c
+            .output
+            .into_iter()
+            .map(|t| proto::ModelOutput {
+                data_type: data_type(t.data_type),
+                name: t.name,
+                dims: t.dims,
+            })
+            .collect(),
+        scheduling_choice: c.dynamic_batching.map(|b| {
+            proto::model_config::SchedulingChoice::DynamicBatching(proto::ModelDynamicBatching {
+                preferred_batch_size: b.preferred_batch_size,
+                max_queue_delay_microseconds: b.max_queue_delay_microseconds,
+            })
+        }),
+        instance_group: c
+            .instance_group
+            .into_iter()
+            .map(|g| proto::ModelInstanceGroup {
+                kind: proto::model_instance_group::Kind::from_str_name(g.kind).unwrap_or_default()
+                    as i32,
+                name: g.name,
+                count: g.count,
+            })
+            .collect(),
     }
 }
 

@@ -32,6 +32,7 @@ pub(crate) mod explain;
 pub mod grpc;
 pub mod identity;
 mod metrics;
+mod model_config;
 mod repository;
 pub mod results;
 pub mod validation;
@@ -215,6 +216,7 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route("/v2/health/ready", get(v2::ready))
         .route("/v2/models/stats", get(v2::all_stats))
         .route("/v2/models/{model}", get(v2::model_metadata))
+        .route("/v2/models/{model}/config", get(v2::model_config))
         .route("/v2/models/{model}/ready", get(v2::model_ready))
         .route("/v2/models/{model}/infer", post(v2::infer))
         .route("/v2/models/{model}/explain", post(explain::explain))
@@ -222,6 +224,10 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route(
             "/v2/models/{model}/versions/{version}",
             get(v2::model_metadata_version),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            get(v2::model_config_version),
         )
         .route(
             "/v2/models/{model}/versions/{version}/ready",

@@ -13,6 +13,7 @@ use nightingale_models::LoadedModel;
 use serde_json::json;
 
 use super::codec::{self, InferResponse, JsonData, OutputTensor};
+use super::model_config;
 use super::{ApiPath as Path, AppError, AppState, RequestDeadline, read_body_admitted};
 use crate::audit::{AuditEvent, EventKind, Outcome, tensors_sha256};
 
@@ -59,9 +60,10 @@ pub(super) fn served_versions(
 }
 
 /// Server metadata's extensions.
-pub(super) const EXTENSIONS: [&str; 5] = [
+pub(super) const EXTENSIONS: [&str; 6] = [
     "binary_tensor_data",
     "classification",
+    "model_configuration",
     "model_repository",
     "statistics",
     "nightingale_explain",
@@ -102,6 +104,22 @@ pub async fn model_metadata_version(
 ) -> Result<Json<serde_json::Value>, AppError> {
     let m = state.repository.get(&model, Some(&version))?;
     Ok(Json(metadata_body(&state, &m, false)))
+}
+
+pub async fn model_config(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> Result<Json<model_config::ModelConfig>, AppError> {
+    let m = state.repository.get(&model, None)?;
+    Ok(Json(model_config::of(&state, &m)))
+}
+
+pub async fn model_config_version(
+    State(state): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Json<model_config::ModelConfig>, AppError> {
+    let m = state.repository.get(&model, Some(&version))?;
+    Ok(Json(model_config::of(&state, &m)))
 }
 
 pub async fn model_ready(

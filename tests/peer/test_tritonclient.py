@@ -136,6 +136,74 @@ def test_model_metadata(client):
     assert md.get("parameters", {}).get("backend") == expected_backend, md
 
 
+# onnxruntime's element types as Triton's model configuration names them.
+_TRITON_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(int64)": "TYPE_INT64", "tensor(double)": "TYPE_FP64",
+                 "tensor(int32)": "TYPE_INT32", "tensor(string)": "TYPE_STRING", "tensor(bool)": "TYPE_BOOL"}
+
+
+def expected_model_config(version: str) -> dict:
+    """Triton's model configuration of a version of MODEL, from its bundle.toml and from
+    onnxruntime's reading of its model.onnx (never from the server): with batching on,
+    `max_batch_size` is the bundle's and `dims` leave out the batch dimension."""
+    import tomllib
+
+    import onnxruntime as ort
+
+    manifest = tomllib.loads((BUNDLE / "bundle.toml").read_text())
+    batching = manifest["batching"]
+    sess = ort.InferenceSession(str(BUNDLE / version / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def tensors(ts, with_format):
+        out = []
+        for t in ts:
+            assert not isinstance(t.shape[0], int), t.shape  # the batch dimension is symbolic
+            entry = {"name": t.name, "data_type": _TRITON_TYPES[t.type]}
+            if with_format:
+                entry["format"] = "FORMAT_NONE"
+            entry["dims"] = [int(d) for d in t.shape[1:]]
+            out.append(entry)
+        return out
+
+    assert manifest["version_policy"]["policy"] == "all"
+    return {
+        "name": MODEL,
+        "platform": manifest["platform"],
+        "backend": os.environ.get("NIGHTINGALE_BACKEND", "tract"),
+        "version_policy": {"all": {}},
+        "max_batch_size": batching["max_batch_size"],
+        "input": tensors(sess.get_inputs(), True),
+        "output": tensors(sess.get_outputs(), False),
+        "dynamic_batching": {
+            "preferred_batch_size": batching["preferred_batch_sizes"],
+            "max_queue_delay_microseconds": batching["max_queue_delay_us"],
+        },
+        "instance_group": [{"name": MODEL, "kind": "KIND_CPU", "count": batching["instances"]}],
+    }
+
+
+def test_model_config_is_tritons_form(client, test_rows, reference):
+    """Triton's model configuration extension, the way clients written for Triton use it:
+    read `max_batch_size` and the inputs' `dims`, build a batch of that shape, infer."""
+    assert "model_configuration" in client.get_server_metadata()["extensions"]
+    for version in (None, MODEL_VERSION):
+        config = client.get_model_config(MODEL, model_version=version or "")
+        assert config == expected_model_config(version or "2"), config
+    config = client.get_model_config(MODEL)
+    x, _ = test_rows
+    (inp,) = config["input"]
+    assert config["max_batch_size"] >= 4
+    batch = _batch(x, 4).reshape([4] + inp["dims"])
+    i = httpclient.InferInput(inp["name"], list(batch.shape), inp["data_type"].removeprefix("TYPE_"))
+    i.set_data_from_numpy(batch)
+    res = client.infer(MODEL, [i], model_version=MODEL_VERSION)
+    _count_inference()
+    _check(res, batch, reference)
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        client.get_model_config("no-such-model")
+    with pytest.raises(InferenceServerException):
+        client.get_model_config(MODEL, model_version="99")
+
+
 def test_unknown_model_metadata_raises(client):
     with pytest.raises(InferenceServerException):
         client.get_model_metadata("no-such-model")

@@ -127,6 +127,35 @@ def test_health_and_metadata(grpc):
     assert any(m["name"] == MODEL and m["state"] == "READY" for m in index["models"])
 
 
+def test_model_config_is_the_http_one_and_tritons_form(grpc, http):
+    """gRPC ModelConfig: the configuration the HTTP route answers (itself checked against the
+    bundle and onnxruntime in test_tritonclient.py), in Triton's protobuf message, and what
+    Triton's own client reads from it."""
+    from google.protobuf.json_format import MessageToDict
+
+    from test_tritonclient import expected_model_config
+
+    for version in ("", VERSION):
+        message = grpc.get_model_config(MODEL, model_version=version).config
+        # Proto3 JSON leaves out what is zero or empty (FORMAT_NONE, a scalar's dims) and
+        # writes int64 as text: compare as numbers, with those put back.
+        got = MessageToDict(message, preserving_proto_field_name=True)
+        for t in got["input"]:
+            t.setdefault("format", "FORMAT_NONE")
+        for t in got["input"] + got["output"]:
+            t["dims"] = [int(d) for d in t.get("dims", [])]
+        got["dynamic_batching"]["max_queue_delay_microseconds"] = int(
+            got["dynamic_batching"]["max_queue_delay_microseconds"])
+        want = expected_model_config(version or "2")
+        assert got == want, (got, want)
+        assert got == http.get_model_config(MODEL, model_version=version)
+    config = grpc.get_model_config(MODEL).config
+    assert config.max_batch_size == 64 and list(config.input[0].dims) == [30]
+    assert config.WhichOneof("scheduling_choice") == "dynamic_batching"
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        grpc.get_model_config("no-such-model")
+
+
 def test_infer_equals_http_and_onnxruntime(grpc, http, test_rows, reference):
     x, _ = test_rows
     # 64: the bundle's max_batch_size.
