@@ -513,11 +513,12 @@ impl Cds {
             let query = query.trim_start_matches('/');
             // A path that a URL library would resolve elsewhere is not sent (the
             // templates are rendered with dot-only values refused; this is the last guard).
-            let resolvable = resolves_elsewhere(query.split(['?', '#']).next().unwrap_or_default());
+            let resolvable = has_space_or_control(query)
+                || resolves_elsewhere(query.split(['?', '#']).next().unwrap_or_default());
             let url = format!("{base}/{query}");
             async move {
                 if resolvable {
-                    tracing::warn!(prefetch = %key, "FHIR fetch refused: its path has a dot segment");
+                    tracing::warn!(prefetch = %key, "FHIR fetch refused: its path would resolve elsewhere (a dot segment, an escape, whitespace or a control character)");
                     metrics::counter!("nightingale_cds_fhir_fetches_total", "outcome" => "refused")
                         .increment(1);
                     return None;
@@ -1132,7 +1133,9 @@ fn caveat(m: &Manifest) -> String {
 }
 
 /// An http(s) URL with nothing a URL library would rewrite in its path: no `.`/`..`
-/// segment, no percent-escape, no backslash, no query, no fragment, no user info.
+/// segment, no percent-escape, no backslash, no query, no fragment, no user info, no
+/// whitespace or control character (the WHATWG parser drops tabs and newlines anywhere, so
+/// `/r4/.<TAB>./admin` would be sent as `/admin`).
 fn plain_url(url: &str) -> bool {
     let Some(rest) = url
         .strip_prefix("https://")
@@ -1142,18 +1145,24 @@ fn plain_url(url: &str) -> bool {
     };
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
     !authority.is_empty()
+        && !has_space_or_control(url)
         && !authority.contains('@')
         && !url.contains(['%', '?', '#'])
         && !resolves_elsewhere(path)
 }
 
 /// Whether a URL library would resolve `path` to somewhere else than its text: a `.` or `..`
-/// segment, a percent-escaped dot, a backslash.
+/// segment, a percent-escaped dot, a backslash, whitespace or a control character.
 fn resolves_elsewhere(path: &str) -> bool {
-    path.contains('\\')
+    has_space_or_control(path)
+        || path.contains('\\')
         || path
             .split('/')
             .any(|seg| seg == "." || seg == ".." || seg.to_ascii_lowercase().contains("%2e"))
+}
+
+fn has_space_or_control(s: &str) -> bool {
+    s.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 #[cfg(test)]
@@ -1218,12 +1227,23 @@ mod tests {
             "https://fhir.example.org/r4?x=/../",
             "https://fhir.example.org/r4#/../",
             "https://user@fhir.example.org/r4",
+            "https://fhir.example.org/r4/.\t./admin",
+            "https://fhir.example.org/r4/.\n./.\r./internal",
+            "https://fhir.example.org/r4/ ",
+            "https://fhir.example.org/r4\u{0}",
         ] {
             assert!(!cds.may_fetch(bad), "{bad}");
         }
         assert!(cds.may_fetch("https://fhir.example.org/r4/a..b"));
         // The same rule guards each query sent below an allowed server.
-        for bad in ["Patient/..", "Patient/%2E%2e", "a/./b", "a\\b"] {
+        for bad in [
+            "Patient/..",
+            "Patient/%2E%2e",
+            "a/./b",
+            "a\\b",
+            "a/.\t./b",
+            "a\nb",
+        ] {
             assert!(resolves_elsewhere(bad), "{bad}");
         }
         assert!(!resolves_elsewhere("Observation?patient=a..b"));

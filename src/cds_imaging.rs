@@ -10,6 +10,7 @@
 
 use nightingale_decision_support::fhir::{Limits, Resource, Resources};
 use nightingale_decision_support::hooks::{Card, HookRequest, Indicator, Link, LinkType, Source};
+use nightingale_decision_support::news2::find_patient;
 
 use crate::pipeline::store::Job;
 
@@ -17,7 +18,9 @@ use crate::pipeline::store::Job;
 pub const MAX_CARDS: usize = 10;
 
 /// The value of the patient's identifier of `system`, from the request's prefetched
-/// Patient (the one whose id is `context.patientId` when several are given).
+/// Patient: the one whose id is `context.patientId` (or the only one, if it has no id), as
+/// NEWS2 and the risk cards find it. A Patient with another id is never used: its studies
+/// are someone else's.
 pub fn patient_identifier(request: &HookRequest, system: &str, limits: &Limits) -> Option<String> {
     let mut resources = Resources::new();
     for value in request.prefetch.as_ref()?.values() {
@@ -27,12 +30,8 @@ pub fn patient_identifier(request: &HookRequest, system: &str, limits: &Limits) 
             resources.add(r);
         }
     }
-    let wanted = request.patient_id();
-    resources
-        .patients
-        .iter()
-        .filter(|p| wanted.is_none() || p.id.as_deref() == wanted || resources.patients.len() == 1)
-        .find_map(|p| p.identifier_value(system))
+    find_patient(&resources, request.patient_id())?
+        .identifier_value(system)
         .map(|v| v.trim().to_owned())
         .filter(|v| !v.is_empty())
 }
@@ -176,5 +175,59 @@ mod tests {
             Some("9434765919")
         );
         assert_eq!(patient_identifier(&request, "https://other", &limits), None);
+    }
+
+    /// A prefetched Patient whose id is not `context.patientId` is someone else: their
+    /// identifier (and so their studies' cards) is never used, even when it is the only one.
+    #[test]
+    fn another_patients_record_gives_no_identifier() {
+        let call = |context: serde_json::Value, patients: Vec<serde_json::Value>| {
+            let prefetch: serde_json::Map<String, serde_json::Value> = patients
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| (format!("p{i}"), p))
+                .collect();
+            let request: HookRequest = serde_json::from_value(serde_json::json!({
+                "hook": "patient-view", "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+                "context": context, "prefetch": prefetch,
+            }))
+            .unwrap();
+            patient_identifier(&request, "urn:nhs", &Limits::default())
+        };
+        let patient = |id: Option<&str>, nhs: &str| {
+            let mut p = serde_json::json!({"resourceType": "Patient",
+                "identifier": [{"system": "urn:nhs", "value": nhs}]});
+            if let Some(id) = id {
+                p["id"] = id.into();
+            }
+            p
+        };
+        let a = serde_json::json!({"patientId": "pA"});
+        assert_eq!(call(a.clone(), vec![patient(Some("pB"), "B")]), None);
+        assert_eq!(
+            call(
+                a.clone(),
+                vec![patient(Some("pB"), "B"), patient(Some("pA"), "A")]
+            )
+            .as_deref(),
+            Some("A")
+        );
+        assert_eq!(
+            call(a.clone(), vec![patient(None, "A")]).as_deref(),
+            Some("A")
+        );
+        // No patient named: only an unambiguous single record.
+        let none = serde_json::json!({"userId": "Practitioner/1"});
+        assert_eq!(
+            call(none.clone(), vec![patient(Some("pB"), "B")]).as_deref(),
+            Some("B")
+        );
+        assert_eq!(
+            call(
+                none,
+                vec![patient(Some("pB"), "B"), patient(Some("pC"), "C")]
+            ),
+            None
+        );
     }
 }

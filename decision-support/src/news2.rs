@@ -427,10 +427,10 @@ pub enum Assessment {
     NotApplicable(NotApplicable),
 }
 
-pub(crate) fn find_patient<'a>(
-    resources: &'a Resources,
-    patient_id: Option<&str>,
-) -> Option<&'a Patient> {
+/// The Patient a call is about: the one whose id is `patient_id`, or the only one when it has
+/// no id (or when the call names no patient). Never a Patient with another id: a prefetch
+/// that holds someone else's record gives `None`.
+pub fn find_patient<'a>(resources: &'a Resources, patient_id: Option<&str>) -> Option<&'a Patient> {
     match patient_id {
         Some(id) => resources
             .patients

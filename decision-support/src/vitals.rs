@@ -439,27 +439,29 @@ fn number(parameter: Parameter, q: &Quantity) -> Result<Value, UnusableReason> {
         Parameter::AirOrOxygen | Parameter::Consciousness => return Err(UnusableReason::NoValue),
     };
     // Wider than any living patient, narrow enough to catch a unit written wrongly (98.6
-    // "Cel").
+    // "Cel"). A rate or pressure of 0 (or -0) is a placeholder a chart or device writes for
+    // "not measured", not a living patient's vital sign: refused, never scored 3.
     let value = match parameter {
-        Parameter::RespirationRate => within(value, 0.0, 120.0)?,
-        Parameter::PulseRate => within(value, 0.0, 350.0)?,
+        Parameter::RespirationRate => within(value, f64::MIN_POSITIVE, 120.0)?,
+        Parameter::PulseRate => within(value, f64::MIN_POSITIVE, 350.0)?,
         // No oximeter reads below ~20 % in a living patient: a lower value is a fraction
         // written as a percentage (0.95 "%"), not a saturation of 0.95 %.
         Parameter::OxygenSaturation => within(value, 20.0, 100.0)?,
-        Parameter::SystolicBloodPressure => within(value, 0.0, 400.0)?,
+        Parameter::SystolicBloodPressure => within(value, f64::MIN_POSITIVE, 400.0)?,
         Parameter::Temperature => within(value, 10.0, 47.0)?,
         _ => value,
     };
     Ok(Value::Number(value, from))
 }
 
-fn supply_from_code(c: &CodeableConcept) -> Option<OxygenSupply> {
-    if c.has(SNOMED, ROOM_AIR) {
-        Some(OxygenSupply::Air)
-    } else if c.has(SNOMED, ON_OXYGEN) {
-        Some(OxygenSupply::Oxygen)
-    } else {
-        None
+/// Room air or oxygen from a concept's SNOMED codings; codings that say both are not a
+/// usable answer (as for ACVPU): room air would score 0 where oxygen scores 2.
+fn supply_from_code(c: &CodeableConcept) -> Result<Option<OxygenSupply>, UnusableReason> {
+    match (c.has(SNOMED, ROOM_AIR), c.has(SNOMED, ON_OXYGEN)) {
+        (true, true) => Err(UnusableReason::UnknownAnswer),
+        (true, false) => Ok(Some(OxygenSupply::Air)),
+        (false, true) => Ok(Some(OxygenSupply::Oxygen)),
+        (false, false) => Ok(None),
     }
 }
 
@@ -468,11 +470,13 @@ fn supply(
     quantity: Option<&Quantity>,
     concept: Option<&CodeableConcept>,
 ) -> Result<Value, UnusableReason> {
-    if let Some(s) = supply_from_code(code) {
-        return Ok(Value::Supply(s));
-    }
-    if let Some(s) = concept.and_then(supply_from_code) {
-        return Ok(Value::Supply(s));
+    let from_code = supply_from_code(code)?;
+    let from_concept = concept.map(supply_from_code).transpose()?.flatten();
+    match (from_code, from_concept) {
+        // The observation's code and its coded value disagree.
+        (Some(a), Some(b)) if a != b => return Err(UnusableReason::UnknownAnswer),
+        (Some(s), _) | (None, Some(s)) => return Ok(Value::Supply(s)),
+        (None, None) => {}
     }
     if concept.is_some() && quantity.is_none() {
         return Err(UnusableReason::UnknownAnswer);
@@ -870,6 +874,22 @@ mod tests {
         assert_eq!(v.unusable[0].reason, UnusableReason::Implausible);
         let v = run(&[quantity("59408-5", 20.0, "%", t)]);
         assert!(v.unusable.is_empty());
+        // A rate or pressure of 0 (or -0) is a chart's placeholder, not a vital sign that
+        // scores 3; the smallest real values are taken.
+        for (code, unit) in [("9279-1", "/min"), ("8867-4", "/min"), ("8480-6", "mm[Hg]")] {
+            for zero in [0.0, -0.0] {
+                let v = run(&[quantity(code, zero, unit, t)]);
+                assert_eq!(
+                    v.unusable[0].reason,
+                    UnusableReason::Implausible,
+                    "{code} {zero}"
+                );
+            }
+            assert!(
+                run(&[quantity(code, 4.0, unit, t)]).unusable.is_empty(),
+                "{code}"
+            );
+        }
         // No unit.
         let mut o = quantity("9279-1", 18.0, "/min", t);
         let q = o.value_quantity.as_mut().unwrap();
@@ -937,6 +957,30 @@ mod tests {
         assert_eq!(v.air_or_oxygen.unwrap().value, OxygenSupply::Air);
         let v = run(&[coded(SNOMED, ON_OXYGEN, None, t)]);
         assert_eq!(v.air_or_oxygen.unwrap().value, OxygenSupply::Oxygen);
+        let v = run(&[coded(LOINC, "3150-0", Some((SNOMED, ON_OXYGEN)), t)]);
+        assert_eq!(v.air_or_oxygen.unwrap().value, OxygenSupply::Oxygen);
+        // Codings that say both room air and oxygen (in the code, in the value, or one in
+        // each) are not an answer: room air would score 0 where oxygen scores 2.
+        let both = json!({"coding": [
+            {"system": SNOMED, "code": ROOM_AIR}, {"system": SNOMED, "code": ON_OXYGEN}]});
+        let o2 = |code: Json, value: Option<Json>| {
+            let mut v = json!({"resourceType": "Observation", "status": "final",
+                "code": code, "effectiveDateTime": t});
+            if let Some(value) = value {
+                v["valueCodeableConcept"] = value;
+            }
+            obs(v)
+        };
+        let loinc_o2 = json!({"coding": [{"system": LOINC, "code": "3150-0"}]});
+        for o in [
+            o2(both.clone(), None),
+            o2(loinc_o2, Some(both)),
+            coded(SNOMED, ON_OXYGEN, Some((SNOMED, ROOM_AIR)), t),
+        ] {
+            let v = run(&[o]);
+            assert!(v.air_or_oxygen.is_none());
+            assert_eq!(v.unusable[0].reason, UnusableReason::UnknownAnswer);
+        }
         for (system, code, want) in [
             (SNOMED, "248234008", Acvpu::Alert),
             (LOINC, "LA9340-6", Acvpu::Alert),
