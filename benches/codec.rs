@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use nightingale::http::decode_request_for_bench;
+use nightingale_inference::DataType;
 use serde_json::json;
 
 /// The test split's feature rows, repeated to `n` rows.
@@ -77,14 +78,19 @@ fn codec(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode_json");
     group.sample_size(20);
     for (name, body, elements) in &cases {
+        let datatype = &if name.starts_with("bytes") {
+            DataType::Bytes
+        } else {
+            DataType::Fp32
+        };
         assert_eq!(
-            decode_request_for_bench(body, None),
+            decode_request_for_bench(body, None, *datatype),
             Ok(*elements),
             "{name}"
         );
         group.throughput(Throughput::Bytes(body.len() as u64));
         group.bench_with_input(BenchmarkId::from_parameter(name), body, |b, body| {
-            b.iter(|| decode_request_for_bench(black_box(body), None))
+            b.iter(|| decode_request_for_bench(black_box(body), None, *datatype))
         });
     }
     group.finish();

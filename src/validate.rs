@@ -130,6 +130,9 @@ pub struct RunContext {
     /// How the report names the dataset instead of its path (the server's runs: the name the
     /// caller gave, not where the server keeps it).
     pub dataset_label: Option<String>,
+    /// The dataset was uploaded by the caller (the report's `dataset.origin` is `upload`: the
+    /// deployment gate does not count it).
+    pub uploaded: bool,
 }
 
 /// How far a run has read its dataset.
@@ -1158,6 +1161,7 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
             } else {
                 "tabular-csv"
             },
+            origin: if ctx.uploaded { "upload" } else { "file" },
             label_column: args.label_column.clone(),
             score_column: (predictions && !multiclass).then(|| args.score_column.clone()),
             subgroup_columns: args.subgroups.clone(),
@@ -1376,8 +1380,20 @@ fn print_summary(r: &Report, out: &Path, secs: f64, predictions: bool) {
 #[derive(serde::Deserialize)]
 struct ReportHead {
     source: String,
+    /// RFC 3339 UTC, so the text orders as the time does.
+    #[serde(default)]
+    created: String,
     model: Option<ReportModel>,
+    dataset: Option<ReportDataset>,
     gate: Option<ReportGate>,
+}
+
+#[derive(serde::Deserialize)]
+struct ReportDataset {
+    /// `file` or `upload`; reports from before the field was written have none (`file`:
+    /// uploads over HTTP came later than the field).
+    #[serde(default)]
+    origin: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -1395,17 +1411,21 @@ struct ReportGate {
 /// Reports larger than this are not read (a report is ~100 KB).
 const MAX_REPORT_BYTES: u64 = 32 << 20;
 
-/// The deployment policy of `serve --require-validation`: a version serves only when a
-/// `report.json` in a folder under `reports` (or in `reports` itself) ran that version
-/// through the served path (`source` `inference`) for the exact manifest SHA-256 being
-/// loaded and passed a gate that is not empty.
+/// The deployment policy of `serve --require-validation`: a version serves only when the
+/// newest `report.json` in a folder under `reports` (or in `reports` itself) that ran that
+/// version through the served path (`source` `inference`) for the exact manifest SHA-256
+/// being loaded, on a dataset the operator's side provided (`dataset.origin` `file`, not an
+/// upload), passed a gate that is not empty. A newer failing report withdraws an older pass;
+/// an uploaded dataset's report never counts (its labels are the uploader's word).
 pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionCheck {
     nightingale_models::PromotionCheck(Arc::new(move |name, version, manifest_sha256| {
         let mut candidates = vec![reports.join("report.json")];
         if let Ok(entries) = std::fs::read_dir(&reports) {
             candidates.extend(entries.flatten().map(|e| e.path().join("report.json")));
         }
-        let mut failed_gate = false;
+        // (created, passed) of the newest report that counts.
+        let mut newest: Option<(String, bool)> = None;
+        let mut uploads_only = false;
         for path in candidates {
             let Ok(meta) = std::fs::metadata(&path) else {
                 continue;
@@ -1427,22 +1447,40 @@ pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionChec
             {
                 continue;
             }
-            match head.gate {
-                Some(g) if g.passed => return Ok(()),
-                _ => failed_gate = true,
+            if head
+                .dataset
+                .as_ref()
+                .and_then(|d| d.origin.as_deref())
+                .is_some_and(|o| o != "file")
+            {
+                uploads_only = true;
+                continue;
+            }
+            let passed = head.gate.is_some_and(|g| g.passed);
+            if newest
+                .as_ref()
+                .is_none_or(|(created, _)| head.created >= *created)
+            {
+                newest = Some((head.created, passed));
             }
         }
-        Err(if failed_gate {
-            format!(
-                "its validation reports for manifest {manifest_sha256} do not pass a gate \
-                 (--require-validation)"
-            )
-        } else {
-            format!(
+        Err(match newest {
+            Some((_, true)) => return Ok(()),
+            Some((created, false)) => format!(
+                "its newest validation report for manifest {manifest_sha256} ({created}) does \
+                 not pass a gate (--require-validation)"
+            ),
+            None if uploads_only => format!(
+                "its only validation reports of {name} version {version} for manifest \
+                 {manifest_sha256} are on uploaded datasets, which the deployment gate does not \
+                 count: validate on a dataset under --validation-root or with `nightingale \
+                 validate` (--require-validation)"
+            ),
+            None => format!(
                 "no validation report of {name} version {version} for manifest \
                  {manifest_sha256} under {} (--require-validation)",
                 reports.display()
-            )
+            ),
         })
     }))
 }

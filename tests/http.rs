@@ -1241,15 +1241,17 @@ async fn nested_data_up_to_the_depth_limit() {
         error_of(&v),
         "input \"features\": shape [1, 30] needs 30 FP32 elements but data has more"
     );
-    // Elements of the wrong kind, in each decoder.
+    // Elements of the wrong kind (each other datatype's decoder: src/http/codec.rs tests; a
+    // datatype the model does not take is refused before its data is read).
     for (datatype, data, needle) in [
         ("FP32", json!([[true]]), "wrong type"),
-        ("INT64", json!([[1.5]]), "wrong type"),
-        ("UINT8", json!([[256]]), "wrong type"),
-        ("BOOL", json!([[1]]), "wrong type"),
-        ("BYTES", json!([[1]]), "BYTES data must be strings"),
         ("FP32", json!([[null]]), "wrong type"),
         ("FP32", json!([{"a": 1}]), "wrong type"),
+        (
+            "INT64",
+            json!([[1.5]]),
+            "has datatype INT64 but the model expects FP32",
+        ),
     ] {
         let (s, v) = f
             .post_json(

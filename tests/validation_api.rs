@@ -186,12 +186,14 @@ async fn a_run_on_a_server_side_dataset_reports_scikit_learns_auroc_and_is_audit
     assert_eq!(s, StatusCode::OK);
     assert!((report["auroc"]["value"].as_f64().unwrap() - sklearn_auroc()).abs() < 1e-9);
     assert_eq!(report["model"]["version"], 1);
-    // The dataset by the name it was given, not where the server keeps it.
+    // The dataset by the name it was given, not where the server keeps it; a dataset under
+    // --validation-root is the operator's file.
     assert_eq!(
         report["dataset"]["path"], "sub/test.csv",
         "{}",
         report["dataset"]
     );
+    assert_eq!(report["dataset"]["origin"], "file");
     let (s, html) = server.get(done["report"]["html"].as_str().unwrap()).await;
     assert_eq!(s, StatusCode::OK);
     assert!(html.as_str().unwrap().contains("<svg"));
@@ -239,6 +241,8 @@ async fn an_uploaded_dataset_is_validated_then_deleted() {
         .await;
     assert_eq!(report["model"]["version"], 2);
     assert_eq!(report["settings"]["seed"], 3);
+    // An upload's report says so: the deployment gate does not count it.
+    assert_eq!(report["dataset"]["origin"], "upload");
 }
 
 #[tokio::test]
@@ -559,7 +563,36 @@ fn require_validation_promotes_only_versions_with_a_passing_report() {
     report["gate"]["passed"] = json!(false);
     std::fs::write(&path, report.to_string()).unwrap();
     let err = gated().load(MODEL).unwrap_err().to_string();
-    assert!(err.contains("do not pass a gate"), "{err}");
+    assert!(err.contains("does not pass a gate"), "{err}");
+    let write = |folder: &str, report: &Value| {
+        std::fs::create_dir_all(reports.join(folder)).unwrap();
+        std::fs::write(reports.join(folder).join("report.json"), report.to_string()).unwrap();
+    };
+    // Reports on uploaded datasets never count, passing or not: version 2 has none that does.
+    assert_eq!(report["dataset"]["origin"], "file");
+    report["gate"]["passed"] = json!(true);
+    report["dataset"]["origin"] = json!("upload");
+    write("v2", &report);
+    let err = gated().load(MODEL).unwrap_err().to_string();
+    assert!(err.contains("are on uploaded datasets"), "{err}");
+    // The operator's passing report again, and a newer upload that fails: still serves.
+    report["dataset"]["origin"] = json!("file");
+    write("v2", &report);
+    let mut upload = report.clone();
+    upload["dataset"]["origin"] = json!("upload");
+    upload["gate"]["passed"] = json!(false);
+    upload["created"] = json!("2999-01-01T00:00:00Z");
+    write("v2-upload", &upload);
+    assert_eq!(gated().load(MODEL).unwrap(), vec![1, 2]);
+    // A newer report of the operator's that fails withdraws the older pass.
+    upload["dataset"]["origin"] = json!("file");
+    write("v2-later", &upload);
+    let err = gated().load(MODEL).unwrap_err().to_string();
+    assert!(
+        err.contains("newest validation report") && err.contains("2999-01-01"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(reports.join("v2-later")).unwrap();
     // an edited manifest is a different manifest: its reports must be made again
     let manifest = repo.join(MODEL).join("bundle.toml");
     let mut text = std::fs::read_to_string(&manifest).unwrap();

@@ -324,6 +324,20 @@ impl Tensor {
         }
     }
 
+    /// About what the tensor takes in memory: its elements for fixed-size types; for `BYTES`,
+    /// each element's own allocation (the vector's header, its bytes rounded up to the
+    /// allocator's 16-byte granule, and the allocator's header) — an empty string costs 40
+    /// bytes here where it costs 4 in Triton's binary layout and 3 in JSON.
+    pub fn memory_len(&self) -> usize {
+        match self {
+            Tensor::Bytes(a) => a
+                .iter()
+                .map(|b| std::mem::size_of::<Vec<u8>>() + 16 + b.len().next_multiple_of(16))
+                .sum(),
+            _ => self.raw_len(),
+        }
+    }
+
     /// Appends [`Tensor::to_raw`]'s encoding to `out`, without an intermediate buffer.
     pub fn write_raw(&self, out: &mut Vec<u8>) {
         out.reserve(self.raw_len());

@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 
-use nightingale_inference::{DataType, Element, NamedTensor, Tensor, TensorSpec, element_count};
+use nightingale_inference::{
+    DataType, Element, InferenceError, NamedTensor, Tensor, TensorSpec, element_count,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -93,9 +95,83 @@ fn param_usize(
     }
 }
 
+/// Checks each input of a request against the model's inputs as it comes, before its data is
+/// decoded: an input the model does not have, one given twice or one of another datatype is
+/// refused at once (with the worker's own messages). So a request cannot make the server
+/// decode data the model would refuse anyway (BYTES elements cost far more in memory than on
+/// the wire), and the work per request is bounded by the model's input count, however many
+/// inputs the request lists.
+pub(super) struct InputCheck<'a> {
+    specs: &'a [TensorSpec],
+    seen: Vec<bool>,
+}
+
+impl<'a> InputCheck<'a> {
+    pub(super) fn new(specs: &'a [TensorSpec]) -> Self {
+        InputCheck {
+            specs,
+            seen: vec![false; specs.len()],
+        }
+    }
+
+    pub(super) fn admit(&mut self, name: &str, datatype: DataType) -> Result<(), AppError> {
+        let Some(ix) = self.specs.iter().position(|s| s.name == name) else {
+            return Err(InferenceError::UnknownInput {
+                name: name.to_owned(),
+                expected: self.specs.iter().map(|s| s.name.clone()).collect(),
+            }
+            .into());
+        };
+        if std::mem::replace(&mut self.seen[ix], true) {
+            return Err(InferenceError::DuplicateInput {
+                name: name.to_owned(),
+            }
+            .into());
+        }
+        let spec = &self.specs[ix];
+        if spec.datatype != datatype {
+            return Err(InferenceError::DataTypeMismatch {
+                name: name.to_owned(),
+                expected: spec.datatype,
+                got: datatype,
+            }
+            .into());
+        }
+        Ok(())
+    }
+}
+
+/// Refuses an output requested twice (a set: a request may list very many).
+pub(super) fn check_unique_outputs<'n>(
+    names: impl Iterator<Item = &'n str>,
+) -> Result<(), AppError> {
+    let mut seen = std::collections::HashSet::new();
+    for name in names {
+        if !seen.insert(name) {
+            return Err(AppError::bad_request(format!(
+                "output {name:?} is requested more than once"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What one `BYTES` element takes in memory at least, however short (see
+/// [`Tensor::memory_len`]): reserved for each element a `BYTES` input declares before its data
+/// is decoded.
+pub(super) const BYTES_ELEMENT_MIN: usize = std::mem::size_of::<Vec<u8>>() + 16;
+
 /// Splits a body into its JSON header and binary tail, given the header length from
-/// `Inference-Header-Content-Length` (absent: the whole body is JSON).
-pub fn decode_request(body: &[u8], header_len: Option<usize>) -> Result<DecodedRequest, AppError> {
+/// `Inference-Header-Content-Length` (absent: the whole body is JSON), and decodes the inputs
+/// the model (`specs`) has. Before a `BYTES` input's data is decoded, `reserve` is asked for
+/// the least memory its elements will take (the caller's admission budget: an error refuses
+/// the request before anything is allocated).
+pub fn decode_request(
+    body: &[u8],
+    header_len: Option<usize>,
+    specs: &[TensorSpec],
+    reserve: &mut dyn FnMut(usize) -> Result<(), AppError>,
+) -> Result<DecodedRequest, AppError> {
     let (json, mut binary) = match header_len {
         None => (body, &body[body.len()..]),
         Some(n) if n <= body.len() => (&body[..n], &body[n..]),
@@ -111,15 +187,14 @@ pub fn decode_request(body: &[u8], header_len: Option<usize>) -> Result<DecodedR
     if request.inputs.is_empty() {
         return Err(AppError::bad_request("the request has no inputs"));
     }
-    let mut inputs: Vec<NamedTensor> = Vec::with_capacity(request.inputs.len());
+    let mut check = InputCheck::new(specs);
+    let mut inputs: Vec<NamedTensor> = Vec::with_capacity(request.inputs.len().min(specs.len()));
     for input in request.inputs {
-        if inputs.iter().any(|t| t.name == input.name) {
-            return Err(AppError::bad_request(format!(
-                "input {:?} is given more than once",
-                input.name
-            )));
-        }
         let (datatype, shape, count) = input_header(&input.name, &input.datatype, &input.shape)?;
+        check.admit(&input.name, datatype)?;
+        if datatype == DataType::Bytes {
+            reserve(count.saturating_mul(BYTES_ELEMENT_MIN))?;
+        }
         let binary_size = param_usize(&input.parameters, "binary_data_size")?;
         let tensor = match (binary_size, input.data) {
             (Some(_), Some(_)) => {
@@ -160,14 +235,7 @@ pub fn decode_request(body: &[u8], header_len: Option<usize>) -> Result<DecodedR
     }
     let binary_default = param_bool(&request.parameters, "binary_data_output")?.unwrap_or(false);
     if let Some(list) = &request.outputs {
-        for (i, o) in list.iter().enumerate() {
-            if list[..i].iter().any(|earlier| earlier.name == o.name) {
-                return Err(AppError::bad_request(format!(
-                    "output {:?} is requested more than once",
-                    o.name
-                )));
-            }
-        }
+        check_unique_outputs(list.iter().map(|o| o.name.as_str()))?;
     }
     let outputs = match request.outputs {
         None => None,
@@ -715,8 +783,18 @@ pub fn classify(tensor: &Tensor, k: usize, labels: &[String]) -> Result<Tensor, 
 
 /// [`decode_request`] for the codec benchmark (benches/codec.rs): the number of input
 /// elements decoded, or the error message.
-pub fn decode_request_for_bench(body: &[u8], header_len: Option<usize>) -> Result<usize, String> {
-    decode_request(body, header_len)
+/// The model has one input, `features`, of `datatype` and any shape of rank 2.
+pub fn decode_request_for_bench(
+    body: &[u8],
+    header_len: Option<usize>,
+    datatype: DataType,
+) -> Result<usize, String> {
+    let specs = [TensorSpec {
+        name: "features".into(),
+        datatype,
+        shape: vec![-1, -1],
+    }];
+    decode_request(body, header_len, &specs, &mut |_| Ok(()))
         .map(|r| r.inputs.iter().map(|t| t.tensor.len()).sum())
         .map_err(|e| e.message)
 }
@@ -729,4 +807,112 @@ pub fn parse_json_data_for_bench(
 ) -> Result<usize, String> {
     let count = element_count(&shape).map_err(|e| e.to_string())?;
     parse_json_data(datatype, shape, count, json).map(|t| t.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, datatype: DataType) -> TensorSpec {
+        TensorSpec {
+            name: name.into(),
+            datatype,
+            shape: vec![-1, -1],
+        }
+    }
+
+    fn decode(body: serde_json::Value, specs: &[TensorSpec]) -> Result<DecodedRequest, String> {
+        decode_request(
+            &serde_json::to_vec(&body).unwrap(),
+            None,
+            specs,
+            &mut |_| Ok(()),
+        )
+        .map_err(|e| e.message)
+    }
+
+    /// The model's inputs are checked before any data is decoded: the error is the unknown
+    /// name, the duplicate or the datatype, never the (malformed) data behind it.
+    #[test]
+    fn inputs_are_checked_against_the_model_before_their_data() {
+        let specs = [spec("features", DataType::Fp32)];
+        let good = serde_json::json!({"name": "features", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]});
+        let junk = |name: &str, datatype: &str| serde_json::json!({"name": name, "shape": [1, 2], "datatype": datatype, "data": "not an array"});
+        let e = decode(
+            serde_json::json!({"inputs": [good, junk("other", "FP32")]}),
+            &specs,
+        )
+        .unwrap_err();
+        assert!(e.starts_with("unknown input \"other\""), "{e}");
+        let e = decode(
+            serde_json::json!({"inputs": [good, junk("features", "FP32")]}),
+            &specs,
+        )
+        .unwrap_err();
+        assert_eq!(e, "input \"features\" is given more than once");
+        let e = decode(
+            serde_json::json!({"inputs": [junk("features", "BYTES")]}),
+            &specs,
+        )
+        .unwrap_err();
+        assert!(e.contains("datatype"), "{e}");
+        assert!(!e.contains("not an array"), "{e}");
+        // Very many inputs: refused at the second.
+        let many: Vec<_> = std::iter::once(good)
+            .chain((1..50_000).map(|i| junk(&format!("in{i}"), "FP32")))
+            .collect();
+        let e = decode(serde_json::json!({"inputs": many}), &specs).unwrap_err();
+        assert!(e.starts_with("unknown input \"in1\""), "{e}");
+    }
+
+    /// A BYTES input reserves what its declared elements take at least before its data is
+    /// decoded; a refused reservation refuses the request with nothing decoded.
+    #[test]
+    fn bytes_inputs_reserve_their_elements_before_decoding() {
+        let specs = [spec("text", DataType::Bytes)];
+        let body = serde_json::to_vec(&serde_json::json!({"inputs": [
+            {"name": "text", "shape": [1000, 1000], "datatype": "BYTES", "data": ["a", "b"]}]}))
+        .unwrap();
+        let mut asked = vec![];
+        let e = decode_request(&body, None, &specs, &mut |n| {
+            asked.push(n);
+            Err(AppError::overloaded("over budget"))
+        })
+        .unwrap_err();
+        assert_eq!(e.message, "over budget");
+        assert_eq!(asked, vec![1_000_000 * BYTES_ELEMENT_MIN]);
+        // Within the budget, the data is decoded (and its own errors reported).
+        let e = decode(serde_json::from_slice(&body).unwrap(), &specs).unwrap_err();
+        assert!(e.contains("text"), "{e}");
+        let ok = decode(
+            serde_json::json!({"inputs": [{"name": "text", "shape": [1, 2], "datatype": "BYTES", "data": ["", "abc"]}]}),
+            &specs,
+        )
+        .unwrap();
+        assert_eq!(ok.inputs[0].tensor.memory_len(), 2 * BYTES_ELEMENT_MIN + 16);
+    }
+
+    /// Elements of the wrong kind, in each decoder.
+    #[test]
+    fn each_decoder_refuses_elements_of_the_wrong_kind() {
+        for (datatype, data, needle) in [
+            (DataType::Fp32, "[[true]]", "wrong type"),
+            (DataType::Int64, "[[1.5]]", "wrong type"),
+            (DataType::Uint8, "[[256]]", "wrong type"),
+            (DataType::Bool, "[[1]]", "wrong type"),
+            (DataType::Bytes, "[[1]]", "BYTES data must be strings"),
+            (DataType::Fp32, "[[null]]", "wrong type"),
+            (DataType::Fp32, "[{\"a\": 1}]", "wrong type"),
+        ] {
+            let e = parse_json_data(datatype, vec![1, 1], 1, data).unwrap_err();
+            assert!(e.contains(needle), "{datatype:?} {data}: {e}");
+        }
+    }
+
+    #[test]
+    fn outputs_requested_twice_are_refused() {
+        assert!(check_unique_outputs(["a", "b", "c"].into_iter()).is_ok());
+        let e = check_unique_outputs(["a", "b", "a"].into_iter()).unwrap_err();
+        assert_eq!(e.message, "output \"a\" is requested more than once");
+    }
 }

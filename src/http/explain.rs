@@ -321,9 +321,23 @@ pub(super) async fn explain_loaded(
     let mut ticket = state.admission.receiving()?;
     let body = read_body_admitted(headers, body, state.config.max_body_bytes, &mut ticket).await?;
     ticket.take_place(&state.admission)?;
-    let request = codec::decode_request(&body, header_len)?;
-    let decoded: usize = request.inputs.iter().map(|t| t.tensor.raw_len()).sum();
-    ticket.charge(decoded.saturating_sub(body.len() * (super::BODY_CHARGE_FACTOR - 1)))?;
+    let mut reserved = 0;
+    let request = codec::decode_request(
+        &body,
+        header_len,
+        &model.worker.metadata().inputs,
+        &mut |n| {
+            ticket.charge(n)?;
+            reserved += n;
+            Ok(())
+        },
+    )?;
+    let decoded: usize = request.inputs.iter().map(|t| t.tensor.memory_len()).sum();
+    ticket.charge(
+        decoded
+            .saturating_sub(body.len() * (super::BODY_CHARGE_FACTOR - 1))
+            .saturating_sub(reserved),
+    )?;
     drop(body);
     let explained = explain_decoded(state, model, request, audit).await?;
     let Explained {

@@ -241,10 +241,13 @@ impl Service {
     }
 }
 
-/// The client's `x-request-id` (at most 128 characters), else a new UUID.
+/// The client's `x-request-id` when usable as HTTP takes it (1 to 128 visible ASCII
+/// characters: [`super::is_usable_request_id`]), else a new UUID.
 fn request_id(headers: &HeaderMap) -> String {
-    match headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
-        Some(id) if !id.is_empty() => id.chars().take(128).collect(),
+    match headers.get("x-request-id") {
+        Some(id) if super::is_usable_request_id(id.as_bytes()) => {
+            String::from_utf8_lossy(id.as_bytes()).into_owned()
+        }
         _ => uuid::Uuid::new_v4().to_string(),
     }
 }
@@ -576,9 +579,18 @@ async fn infer(
     // that length is, before decoding.
     let wire = message.encoded_len();
     ticket.charge(wire.saturating_mul(BODY_CHARGE_FACTOR))?;
-    let (request, raw_out) = decode_request(message)?;
-    let decoded: usize = request.inputs.iter().map(|t| t.tensor.raw_len()).sum();
-    ticket.charge(decoded.saturating_sub(wire * (BODY_CHARGE_FACTOR - 1)))?;
+    let mut reserved = 0;
+    let (request, raw_out) = decode_request(message, &model.worker.metadata().inputs, &mut |n| {
+        ticket.charge(n)?;
+        reserved += n;
+        Ok(())
+    })?;
+    let decoded: usize = request.inputs.iter().map(|t| t.tensor.memory_len()).sum();
+    ticket.charge(
+        decoded
+            .saturating_sub(wire * (BODY_CHARGE_FACTOR - 1))
+            .saturating_sub(reserved),
+    )?;
     let id = request.id.clone();
     let (outputs, _) = v2::infer_decoded(model, request, audit).await?;
     Ok((encode_response(model, id, outputs, raw_out), ticket))
@@ -587,7 +599,11 @@ async fn infer(
 /// A `ModelInferRequest` as the codec-neutral [`DecodedRequest`], and whether the outputs go
 /// back as `raw_output_contents` (the inputs came raw, as tritonclient sends them) or as typed
 /// `contents` (the inputs came typed).
-fn decode_request(message: ModelInferRequest) -> Result<(DecodedRequest, bool), AppError> {
+fn decode_request(
+    message: ModelInferRequest,
+    specs: &[nightingale_inference::TensorSpec],
+    reserve: &mut dyn FnMut(usize) -> Result<(), AppError>,
+) -> Result<(DecodedRequest, bool), AppError> {
     let ModelInferRequest {
         id,
         parameters,
@@ -606,7 +622,8 @@ fn decode_request(message: ModelInferRequest) -> Result<(DecodedRequest, bool), 
             wire_inputs.len()
         )));
     }
-    let mut inputs: Vec<NamedTensor> = Vec::with_capacity(wire_inputs.len());
+    let mut check = codec::InputCheck::new(specs);
+    let mut inputs: Vec<NamedTensor> = Vec::with_capacity(wire_inputs.len().min(specs.len()));
     for (i, input) in wire_inputs.into_iter().enumerate() {
         let InferInputTensor {
             name,
@@ -615,12 +632,11 @@ fn decode_request(message: ModelInferRequest) -> Result<(DecodedRequest, bool), 
             contents,
             ..
         } = input;
-        if inputs.iter().any(|t| t.name == name) {
-            return Err(AppError::bad_request(format!(
-                "input {name:?} is given more than once"
-            )));
-        }
         let (datatype, shape, count) = codec::input_header(&name, &datatype, &shape)?;
+        check.admit(&name, datatype)?;
+        if datatype == DataType::Bytes {
+            reserve(count.saturating_mul(codec::BYTES_ELEMENT_MIN))?;
+        }
         let tensor = match (raw.get(i), contents) {
             (Some(_), Some(_)) => {
                 return Err(AppError::bad_request(format!(
@@ -639,13 +655,9 @@ fn decode_request(message: ModelInferRequest) -> Result<(DecodedRequest, bool), 
         };
         inputs.push(NamedTensor::new(name, tensor));
     }
+    codec::check_unique_outputs(wire_outputs.iter().map(|o| o.name.as_str()))?;
     let mut outputs: Vec<OutputChoice> = Vec::with_capacity(wire_outputs.len());
     for InferRequestedOutputTensor { name, parameters } in wire_outputs {
-        if outputs.iter().any(|o| o.name == name) {
-            return Err(AppError::bad_request(format!(
-                "output {name:?} is requested more than once"
-            )));
-        }
         let classification = match parameters
             .get("classification")
             .and_then(|p| p.parameter_choice.as_ref())
@@ -872,6 +884,28 @@ fn model_config_message(c: model_config::ModelConfig) -> proto::ModelConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The same rule as HTTP's: a usable id is kept whole, anything else becomes a UUID (an id
+    /// with a space was stored as sent; a 200-character one was cut to 128, so two clients'
+    /// ids could collide in the audit trail).
+    #[test]
+    fn request_ids_follow_the_http_rule() {
+        let with = |v: &[u8]| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                "x-request-id",
+                axum::http::HeaderValue::from_bytes(v).unwrap(),
+            );
+            request_id(&h)
+        };
+        assert_eq!(with(b"req-1"), "req-1");
+        assert_eq!(with(&[b'a'; 128]), "a".repeat(128));
+        for bad in [&b"has space"[..], &[b'a'; 129], b"\xc3\xa9t\xc3\xa9"] {
+            let id = with(bad);
+            assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+        }
+        assert!(uuid::Uuid::parse_str(&request_id(&HeaderMap::new())).is_ok());
+    }
 
     /// Every RPC of the proto has a row in the role table, and every row an RPC: a method
     /// added to the proto without its role is caught here (and refused at run time).

@@ -375,14 +375,20 @@ fn log_failure(
 /// UUID: the log, the audit record and the response then name the same id (a non-ASCII id
 /// was echoed back but audited as "-").
 async fn usable_request_id(mut request: Request) -> Request {
-    let usable = request.headers().get("x-request-id").map(|v| {
-        let b = v.as_bytes();
-        !b.is_empty() && b.len() <= 128 && b.iter().all(u8::is_ascii_graphic)
-    });
+    let usable = request
+        .headers()
+        .get("x-request-id")
+        .map(|v| is_usable_request_id(v.as_bytes()));
     if usable == Some(false) {
         request.headers_mut().remove("x-request-id");
     }
     request
+}
+
+/// A client's request id kept as given: 1 to 128 visible ASCII characters (HTTP and gRPC alike;
+/// anything else is replaced by a UUID, never cut or stored as sent).
+pub(crate) fn is_usable_request_id(b: &[u8]) -> bool {
+    !b.is_empty() && b.len() <= 128 && b.iter().all(u8::is_ascii_graphic)
 }
 
 async fn not_found() -> AppError {

@@ -371,6 +371,7 @@ async fn create_run(
     };
     let ctx = RunContext {
         dataset_label: Some(dataset_name.clone()),
+        uploaded,
         options: Some(validation.options.clone()),
         audit: Some(state.audit.clone()),
         progress: Some(run.progress.clone()),

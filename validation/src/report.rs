@@ -399,6 +399,12 @@ pub struct DatasetSection {
     pub summary: DatasetSummary,
     /// `tabular-csv` or `predictions-csv`.
     pub kind: &'static str,
+    /// Where the dataset came from: `file` (a file the operator's side provides: the
+    /// `validate` command, or a dataset under the server's `--validation-root`) or `upload`
+    /// (uploaded in a `POST /validation/runs`). The deployment gate
+    /// (`--require-validation`) counts only `file` datasets: an upload's labels are whatever
+    /// the uploader wrote.
+    pub origin: &'static str,
     pub label_column: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub score_column: Option<String>,
