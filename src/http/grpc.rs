@@ -58,7 +58,13 @@ use proto::{
 pub fn router(state: Arc<AppState>) -> axum::Router {
     let max = state.config.max_body_bytes;
     let state_for_layer = state.clone();
+    // Compressed requests (tritonclient.grpc's `compression_algorithm`) are inflated by tonic,
+    // and the size limit applies to the inflated message. Answers are not compressed: most
+    // clients advertise gzip, and compressing every small answer would cost more than it
+    // saves on a hospital network.
     let service = GrpcInferenceServiceServer::new(Service { state })
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .accept_compressed(tonic::codec::CompressionEncoding::Deflate)
         .max_decoding_message_size(max)
         .max_encoding_message_size(usize::MAX);
     tonic::service::Routes::new(service)

@@ -176,6 +176,22 @@ def test_infer_equals_http_and_onnxruntime(grpc, http, test_rows, reference):
         assert response["model_name"] == MODEL and response["model_version"] == VERSION
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_are_inflated(grpc, test_rows, reference, algorithm):
+    """tritonclient.grpc's `compression_algorithm` (as Triton accepts it, and as HTTP does)."""
+    x, _ = test_rows
+    batch = np.ascontiguousarray(x[:5])
+    inp = grpcclient.InferInput("features", list(batch.shape), "FP32")
+    inp.set_data_from_numpy(batch)
+    request_id = f"grpc-peer-{algorithm}"
+    result = grpc.infer(MODEL, [inp], model_version=VERSION, request_id=request_id,
+                        headers={"x-request-id": request_id}, compression_algorithm=algorithm)
+    _grpc_request_ids.append(request_id)
+    label, prob = reference(batch)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), prob, atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(result.as_numpy("label"), label)
+
+
 def test_classification_over_grpc(grpc, test_rows):
     x, _ = test_rows
     inp = grpcclient.InferInput("features", [2, 30], "FP32")
