@@ -182,6 +182,13 @@ fn scored_card(s: &Scored, wording: &Wording) -> Card {
     if score.has_red_score() && score.risk != ClinicalRisk::LowMedium {
         detail.push_str("\nA single parameter scores 3 (a red score).\n");
     }
+    if s.conditions_incomplete {
+        detail.push_str(
+            "\nThe patient's conditions were only partly available (one page of a longer \
+             search): pregnancy (in which NEWS2 is not validated) and a prescribed SpO2 \
+             target of 88–92 % (scale 2) could not be checked against all of them.\n",
+        );
+    }
     let summary = format!(
         "NEWS2 {} — {} clinical risk{}",
         score.total,

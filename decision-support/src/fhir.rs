@@ -13,7 +13,11 @@
 //!   `valueCodeableConcept`, `dataAbsentReason`, `component[]`;
 //! - [`Condition`]: `id`, `code`, `clinicalStatus`, `verificationStatus`, `subject`;
 //! - [`Encounter`]: `id`, `status`, `class`, `subject`;
-//! - [`Bundle`]: `entry[].fullUrl`, `entry[].resource`.
+//! - [`Bundle`]: `type`, `total`, `link[].relation` (only whether one is `next`),
+//!   `entry[].fullUrl`, `entry[].resource`, `entry[].search.mode` (only whether it is
+//!   `match`). A search page that is not the whole result ([`Bundle::is_complete`]) is
+//!   remembered by [`Resources`] ([`Resources::is_complete`]), so that "no such Condition
+//!   was found" is never read from one page of a longer search.
 //!
 //! Rules (lenient on input, as the CDS Hooks specification asks of services):
 //! - unknown fields are ignored;
@@ -27,6 +31,7 @@
 //!   reject the whole prefetch; a malformed *structure* (a string where an object belongs)
 //!   is an error naming where it is, never the value (errors carry no patient data).
 
+use std::collections::BTreeSet;
 use std::fmt;
 
 use chrono::{DateTime, Datelike, FixedOffset, NaiveDate, Utc};
@@ -206,11 +211,21 @@ fn read_resource(
                 entry.push(BundleEntry {
                     full_url: e.full_url.clone(),
                     resource,
+                    matched: e
+                        .search
+                        .as_ref()
+                        .and_then(|s| s.mode.as_deref())
+                        .is_none_or(|m| m == "match"),
                 });
             }
             Resource::Bundle(Bundle {
                 id: raw.id,
                 bundle_type: raw.bundle_type,
+                total: raw.total,
+                has_next: raw
+                    .link
+                    .iter()
+                    .any(|l| l.relation.as_deref() == Some("next")),
                 entry,
             })
         }
@@ -249,8 +264,18 @@ struct RawBundle {
     id: Option<String>,
     #[serde(rename = "type")]
     bundle_type: Option<String>,
+    /// `unsignedInt`: a negative, fractional or non-numeric total is a malformed Bundle.
+    total: Option<u64>,
+    #[serde(default)]
+    link: Vec<RawLink>,
     #[serde(default)]
     entry: Vec<RawEntry>,
+}
+
+/// `Bundle.link`: only `relation` is read (the URL is never followed or kept here).
+#[derive(Deserialize)]
+struct RawLink {
+    relation: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -258,6 +283,12 @@ struct RawBundle {
 struct RawEntry {
     full_url: Option<String>,
     resource: Option<Value>,
+    search: Option<RawSearch>,
+}
+
+#[derive(Deserialize)]
+struct RawSearch {
+    mode: Option<String>,
 }
 
 /// A Bundle (a search result set, a collection…): its entries' resources.
@@ -266,7 +297,37 @@ pub struct Bundle {
     pub id: Option<String>,
     /// `Bundle.type` as written (`searchset`, `collection`, …).
     pub bundle_type: Option<String>,
+    /// `Bundle.total`: how many resources match the search, over every page.
+    pub total: Option<u64>,
+    /// Whether `Bundle.link` has a `next` relation (more pages follow).
+    pub has_next: bool,
     pub entry: Vec<BundleEntry>,
+}
+
+impl Bundle {
+    /// The entries that are search matches ([`BundleEntry::matched`]) with a resource.
+    pub fn matches(&self) -> usize {
+        self.entry
+            .iter()
+            .filter(|e| e.matched && e.resource.is_some())
+            .count()
+    }
+
+    /// Whether this Bundle holds the whole result, as far as it says: not when a `next`
+    /// page follows, nor when `total` is more than its matches (the rest are on other
+    /// pages, or were left out by the server). A Bundle that says neither (a `collection`,
+    /// or a searchset without `total`) is taken as whole. Nested Bundles count: one that
+    /// is not whole makes this one not whole either.
+    pub fn is_complete(&self) -> bool {
+        !self.has_next
+            && self
+                .total
+                .is_none_or(|total| total <= self.matches() as u64)
+            && self.entry.iter().all(|e| match &e.resource {
+                Some(Resource::Bundle(b)) => b.is_complete(),
+                _ => true,
+            })
+    }
 }
 
 /// One `Bundle.entry`.
@@ -275,6 +336,10 @@ pub struct BundleEntry {
     pub full_url: Option<String>,
     /// `None` when the entry has no resource (e.g. a search outcome without one).
     pub resource: Option<Resource>,
+    /// Whether the entry is a search match: `search.mode` is `match` or absent (not
+    /// `include`, a resource added by `_include`, nor `outcome`). `Bundle.total` counts
+    /// matches only.
+    pub matched: bool,
 }
 
 /// The resources of one or more inputs, Bundles flattened, by type.
@@ -286,6 +351,9 @@ pub struct Resources {
     pub encounters: Vec<Encounter>,
     /// How many resources of other types were skipped.
     pub skipped: usize,
+    /// The resource types (of those above) of which a Bundle that was not the whole
+    /// result ([`Bundle::is_complete`]) was added: of these, what is absent may exist.
+    pub incomplete: BTreeSet<&'static str>,
 }
 
 impl Resources {
@@ -302,6 +370,9 @@ impl Resources {
             Resource::Condition(c) => self.conditions.push(*c),
             Resource::Encounter(e) => self.encounters.push(*e),
             Resource::Bundle(b) => {
+                if !b.is_complete() {
+                    self.mark_incomplete(&b);
+                }
                 for e in b.entry {
                     if let Some(r) = e.resource {
                         self.add(r);
@@ -311,7 +382,39 @@ impl Resources {
             Resource::Other(_) => self.skipped += 1,
         }
     }
+
+    /// Records the types a partial Bundle was a search of: those of its matches, or every
+    /// type read here when it has no match of one of them (a page with no entries, or of
+    /// another type, says nothing about which search it was: assume the worst).
+    fn mark_incomplete(&mut self, b: &Bundle) {
+        let mut types: BTreeSet<&'static str> = b
+            .entry
+            .iter()
+            .filter(|e| e.matched)
+            .filter_map(|e| match &e.resource {
+                Some(Resource::Patient(_)) => Some("Patient"),
+                Some(Resource::Observation(_)) => Some("Observation"),
+                Some(Resource::Condition(_)) => Some("Condition"),
+                Some(Resource::Encounter(_)) => Some("Encounter"),
+                _ => None,
+            })
+            .collect();
+        if types.is_empty() {
+            types = BTreeSet::from(READ_TYPES);
+        }
+        self.incomplete.extend(types);
+    }
+
+    /// Whether every Bundle added that held (or may have held) resources of `resource_type`
+    /// was the whole result: when not, a resource absent here may exist on another page, so
+    /// its absence must not be read as "none" (e.g. "no infection").
+    pub fn is_complete(&self, resource_type: &str) -> bool {
+        !self.incomplete.contains(resource_type)
+    }
 }
+
+/// The resource types [`Resources`] keeps.
+const READ_TYPES: [&str; 4] = ["Patient", "Observation", "Condition", "Encounter"];
 
 impl From<Resource> for Resources {
     fn from(resource: Resource) -> Self {
@@ -802,6 +905,86 @@ mod tests {
 
     fn parse(v: Value) -> Result<Resource, FhirError> {
         Resource::from_json(v.to_string().as_bytes(), &Limits::default())
+    }
+
+    /// A Condition searchset page: `n` matches, with `total` and a `next` link when given.
+    fn condition_page(n: usize, total: Option<u64>, next: bool) -> Value {
+        let entry: Vec<Value> = (0..n)
+            .map(|i| {
+                json!({"fullUrl": format!("http://ehr.example/Condition/c{i}"),
+                    "search": {"mode": "match"},
+                    "resource": {"resourceType": "Condition", "id": format!("c{i}"),
+                        "subject": {"reference": "Patient/p1"},
+                        "code": {"coding": [{"system": SNOMED, "code": "38341003"}]}}})
+            })
+            .collect();
+        let mut b = json!({"resourceType": "Bundle", "type": "searchset", "entry": entry,
+            "link": [{"relation": "self", "url": "http://ehr.example/Condition?patient=p1"}]});
+        if let Some(t) = total {
+            b["total"] = json!(t);
+        }
+        if next {
+            b["link"].as_array_mut().unwrap().push(json!(
+                {"relation": "next", "url": "http://ehr.example/Condition?patient=p1&page=2"}));
+        }
+        b
+    }
+
+    #[test]
+    fn a_search_page_of_a_longer_result_is_not_complete() {
+        let bundle = |v: Value| match parse(v).unwrap() {
+            Resource::Bundle(b) => b,
+            other => panic!("{other:?}"),
+        };
+        // 20 of 25 matches, a next page: one page, not the patient's Conditions.
+        let b = bundle(condition_page(20, Some(25), true));
+        assert_eq!((b.total, b.has_next, b.matches()), (Some(25), true, 20));
+        assert!(!b.is_complete());
+        let r = Resources::from(Resource::Bundle(b));
+        assert_eq!(r.conditions.len(), 20);
+        assert!(!r.is_complete("Condition"));
+        // Only the searched type is in doubt.
+        assert!(r.is_complete("Observation") && r.is_complete("Encounter"));
+        // Either sign alone is enough: a next link without a total, or a total above the
+        // matches without a link (the server cut the page short).
+        assert!(!bundle(condition_page(20, None, true)).is_complete());
+        assert!(!bundle(condition_page(20, Some(25), false)).is_complete());
+        // The whole result: total equal to the matches, no next link; or neither stated.
+        assert!(bundle(condition_page(20, Some(20), false)).is_complete());
+        assert!(bundle(condition_page(3, None, false)).is_complete());
+        let r = Resources::from(parse(condition_page(20, Some(20), false)).unwrap());
+        assert!(r.is_complete("Condition"));
+        // Entries added by _include are not matches: 2 matches + 3 includes of total 5 is
+        // not the whole result.
+        let mut v = condition_page(5, Some(5), false);
+        for e in &mut v["entry"].as_array_mut().unwrap()[2..] {
+            e["search"]["mode"] = json!("include");
+        }
+        assert!(!bundle(v).is_complete());
+        // A page with no matches at all (total 25, nothing on it) leaves every type in doubt.
+        let r = Resources::from(parse(condition_page(0, Some(25), false)).unwrap());
+        assert!(!r.is_complete("Condition") && !r.is_complete("Encounter"));
+        // A partial page nested in a collection: the collection is not whole either.
+        let nested = json!({"resourceType": "Bundle", "type": "collection",
+            "entry": [{"resource": condition_page(20, Some(25), true)}]});
+        let r = Resources::from(parse(nested).unwrap());
+        assert!(!r.is_complete("Condition"));
+        // Hostile shapes: a total that is not an unsignedInt, a link that is not a list.
+        for bad in [json!(-1), json!(2.5), json!("25"), json!(1e30)] {
+            let mut v = condition_page(1, None, false);
+            v["total"] = bad;
+            assert!(matches!(parse(v), Err(FhirError::InvalidResource { .. })));
+        }
+        let mut v = condition_page(1, None, false);
+        v["link"] = json!("next");
+        assert!(matches!(parse(v), Err(FhirError::InvalidResource { .. })));
+        // A link without a relation, or with an unknown one, is no next page.
+        let mut v = condition_page(1, None, false);
+        v["link"] = json!([{"url": "x"}, {"relation": "NEXT"}, {"relation": 7}]);
+        assert!(parse(v).is_err());
+        let mut v = condition_page(1, None, false);
+        v["link"] = json!([{"url": "x"}, {"relation": "NEXT"}]);
+        assert!(bundle(v).is_complete());
     }
 
     #[test]

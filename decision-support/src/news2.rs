@@ -403,7 +403,9 @@ pub struct Incomplete {
     pub unusable: Vec<Unusable>,
     /// When the age could not be established.
     pub age: Option<AgeProblem>,
-    /// Missing parameters whose only values were dated in the future (not used).
+    /// Parameters whose latest value was dated in the future (not used). Each is also in
+    /// `unusable`, with [`crate::vitals::UnusableReason::FutureTime`]; a parameter here is
+    /// never scored from an older value.
     pub future_dated: Vec<Parameter>,
 }
 
@@ -414,6 +416,10 @@ pub struct Scored {
     pub inputs: News2Inputs,
     /// The readings (their times and source observations).
     pub vitals: Vitals,
+    /// Whether the Conditions came from one page of a longer search
+    /// ([`Resources::is_complete`]): the pregnancy and SpO2 scale 2 checks could then not
+    /// see every Condition, and the card says so.
+    pub conditions_incomplete: bool,
 }
 
 /// The outcome of [`assess`].
@@ -558,17 +564,11 @@ pub fn assess(
             }
         }
         _ => {
-            let future_dated = vitals
-                .future_dated
-                .iter()
-                .copied()
-                .filter(|p| missing.contains(p))
-                .collect();
             return Assessment::Incomplete(Incomplete {
                 missing,
                 unusable: vitals.unusable,
                 age: age_problem,
-                future_dated,
+                future_dated: vitals.future_dated,
             });
         }
     };
@@ -585,5 +585,6 @@ pub fn assess(
         score: score(&inputs, scale),
         inputs,
         vitals,
+        conditions_incomplete: !resources.is_complete("Condition"),
     }))
 }

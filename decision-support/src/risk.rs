@@ -6,7 +6,8 @@
 //! - **Observation** (`code = "SYSTEM|CODE"`): the Observations (or components) with that
 //!   code, `final`/`amended`/`corrected`, of this patient, dated within the look-back window
 //!   (and not after `now` plus the skew). The **latest** decides; if its value cannot be used
-//!   (unit not convertible to the feature's `unit`, a comparator, no value, no time) the
+//!   (unit not convertible to the feature's `unit`, a comparator, no value, no time, a time
+//!   after `now` plus the skew — newer than any other, so the latest) the
 //!   feature is missing with that reason — an older value is never taken in its place (as
 //!   in [`crate::vitals`], whose unit reading this reuses). Conversions: identical UCUM
 //!   units (annotations such as `{beats}` dropped), `kPa` ↔ `mm[Hg]`, `[degF]`/`K` → `Cel`,
@@ -16,10 +17,17 @@
 //! - **patient-female**: `Patient.gender` female → 1, male → 0; other or absent: missing.
 //! - **condition**: 1 when an active Condition of this patient has one of the codes
 //!   ([`crate::fhir::Condition::is_active`]); 0 only when the patient's Conditions were read
-//!   (a Condition search was prefetched or fetched), else missing.
-//! - **encounter-class**: the current Encounter is the one named by `context.encounterId`,
-//!   else the only `in-progress` Encounter of this patient; 1 when its class (HL7 v3
-//!   ActCode) is listed, else 0; no or several current Encounters, or no class: missing.
+//!   (a Condition search was prefetched or fetched) **in full** (no Bundle of Conditions
+//!   was one page of a longer result: a `next` link, or a `total` above its matches), else
+//!   missing.
+//! - **encounter-class**: the current Encounter is the one named by `context.encounterId`
+//!   (whatever its status but `entered-in-error` and `cancelled`, which are left out as if
+//!   absent: a `finished` one is still the admission being assessed), else the only
+//!   `in-progress` Encounter of this patient; 1 when its class (HL7 v3 ActCode) is listed,
+//!   else 0; no or several current Encounters, or no class: missing. Without an
+//!   `encounterId`, Encounters read from one page of a longer search
+//!   ([`crate::fhir::Resources::is_complete`]) are missing too: another in-progress one
+//!   may be on the next page.
 //! - A feature with no source is missing (never imputed).
 
 use std::fmt;
@@ -244,17 +252,27 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
             let present = resources.conditions.iter().any(|c| {
                 of_patient(c.subject.as_ref(), Some(cx.patient_id)) && c.is_active_one_of(&codes)
             });
-            if present || cx.conditions_read {
+            // "No" needs every Condition: a search answered, and not one page of a longer
+            // result ([`Resources::is_complete`]; the caller's `conditions_read` from
+            // `Service::collect` already says so, this holds for any caller).
+            let all_read = cx.conditions_read && resources.is_complete("Condition");
+            if present || all_read {
                 flag(&mut out, present, "yes (active condition)", "no");
             } else {
                 out.value = Err(Missing::NoConditions);
             }
         }
         (None, Some(FhirSource::EncounterClass)) => {
+            // An `entered-in-error` Encounter never happened (it was recorded by mistake)
+            // and a `cancelled` one never took place: neither is the admission being
+            // assessed, whatever its class, so both are left out as if absent. A `finished`
+            // Encounter named by `context.encounterId` is kept: it is still the admission
+            // the user is looking at, and its class is still how the patient came in.
             let mine: Vec<_> = resources
                 .encounters
                 .iter()
                 .filter(|e| of_patient(e.subject.as_ref(), Some(cx.patient_id)))
+                .filter(|e| !matches!(e.status.as_deref(), Some("entered-in-error" | "cancelled")))
                 .collect();
             let current: Vec<_> = match cx.encounter_id {
                 Some(id) => mine
@@ -266,7 +284,15 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
                     .filter(|e| e.status.as_deref() == Some("in-progress"))
                     .collect(),
             };
+            // "The only in-progress Encounter" holds only if every Encounter was read: with
+            // one page of a longer search, another may be on the next.
+            let partial = cx.encounter_id.is_none() && !resources.is_complete("Encounter");
             match current.as_slice() {
+                _ if partial => {
+                    out.value = Err(Missing::Encounter(
+                        "the encounters were only partly available (one page of a longer search)",
+                    ))
+                }
                 [] => out.value = Err(Missing::Encounter("no current encounter")),
                 [e] => match &e.class {
                     Some(class)
@@ -396,8 +422,14 @@ fn observation(
             continue;
         }
         let (time, quantity) = match o.effective() {
+            // Dated beyond the skew: newer than anything in the window, so it stays the
+            // latest and makes the feature missing (as in `crate::vitals`): the older
+            // value is never used in its place.
+            Ok(Some((t, _))) if t > cx.now + cx.future_skew => {
+                (Some(t), Err(UnusableReason::FutureTime))
+            }
             Ok(Some((t, _))) => {
-                if t > cx.now + cx.future_skew || t < cx.now - look_back {
+                if t < cx.now - look_back {
                     continue;
                 }
                 (Some(t), quantity)
@@ -708,6 +740,15 @@ mod tests {
         let m = map_features(&features(), &resources(items.clone()), &context(true));
         assert_eq!(m.features[1].value, Ok(88.0));
         assert_eq!(m.features[1].shown.as_deref(), Some("88 mm[Hg]"));
+        // Dated 20 minutes ahead (beyond the 5-minute skew): the newest, unusable; the 88
+        // is not used in its place.
+        let mut future = items.clone();
+        future.push(sbp(70.0, "mm[Hg]", "2024-05-01T12:20:00Z"));
+        let m = map_features(&features(), &resources(future), &context(true));
+        assert_eq!(
+            m.features[1].value,
+            Err(Missing::Unusable(UnusableReason::FutureTime))
+        );
         items.push(sbp(3.0, "[psi]", "2024-05-01T11:30:00Z"));
         let m = map_features(&features(), &resources(items), &context(true));
         assert_eq!(
@@ -738,6 +779,147 @@ mod tests {
         assert_eq!(
             map_features(&features(), &r, &cx).features[4].value,
             Ok(0.0)
+        );
+    }
+}
+
+#[cfg(test)]
+mod completeness_and_status_tests {
+    use super::*;
+    use crate::fhir::{Limits, Resource};
+    use serde_json::{Value, json};
+
+    fn features() -> Vec<FeatureSpec> {
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            f: Vec<FeatureSpec>,
+        }
+        toml::from_str::<Doc>(
+            r#"
+            [[f]]
+            name = "infection"
+            unit = "1"
+            fhir = "condition"
+            conditions = ["http://snomed.info/sct|91302008"]
+            [[f]]
+            name = "emergency"
+            unit = "1"
+            fhir = "encounter-class"
+            encounter_class = ["EMER"]
+            "#,
+        )
+        .unwrap()
+        .f
+    }
+
+    fn context(encounter_id: Option<&'static str>) -> MappingContext<'static> {
+        MappingContext {
+            patient_id: "p1",
+            encounter_id,
+            now: "2024-05-01T12:00:00Z".parse().unwrap(),
+            look_back: Duration::hours(12),
+            future_skew: Duration::minutes(5),
+            conditions_read: true,
+        }
+    }
+
+    fn searchset(resources: Vec<Value>, total: Option<u64>, next: bool) -> Resources {
+        let entry: Vec<Value> = resources
+            .into_iter()
+            .map(|r| json!({"search": {"mode": "match"}, "resource": r}))
+            .collect();
+        let mut b = json!({"resourceType": "Bundle", "type": "searchset", "entry": entry});
+        if let Some(t) = total {
+            b["total"] = json!(t);
+        }
+        if next {
+            b["link"] = json!([{"relation": "next", "url": "https://ehr.example/fhir?page=2"}]);
+        }
+        Resources::from(Resource::from_value(&b, &Limits::default()).unwrap())
+    }
+
+    fn encounter(id: &str, status: &str, class: &str) -> Value {
+        json!({"resourceType": "Encounter", "id": id, "status": status,
+            "class": {"system": ACT_CODE, "code": class},
+            "subject": {"reference": "Patient/p1"}})
+    }
+
+    /// Active Conditions of p1 that are not an infection (essential hypertension).
+    fn other_conditions(n: usize) -> Vec<Value> {
+        (0..n)
+            .map(|i| {
+                json!({"resourceType": "Condition", "id": format!("c{i}"),
+                    "subject": {"reference": "Patient/p1"},
+                    "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
+                    "code": {"coding": [{"system": "http://snomed.info/sct", "code": "59621000"}]}})
+            })
+            .collect()
+    }
+
+    #[test]
+    fn no_infection_only_from_every_condition_not_one_page() {
+        // 20 of 25 Conditions, a next page: an infection may be among the other 5. Even a
+        // caller that says the Conditions were read gets "missing", never "no".
+        let r = searchset(other_conditions(20), Some(25), true);
+        let m = map_features(&features(), &r, &context(None));
+        assert_eq!(m.features[0].value, Err(Missing::NoConditions));
+        // The whole result: no infection is a 0.
+        let r = searchset(other_conditions(20), Some(20), false);
+        let m = map_features(&features(), &r, &context(None));
+        assert_eq!(m.features[0].value, Ok(0.0));
+        assert_eq!(m.features[0].shown.as_deref(), Some("no"));
+        // An infection on the page is a 1, whether or not the rest was read.
+        let mut items = other_conditions(19);
+        let mut sepsis = other_conditions(1).remove(0);
+        sepsis["code"]["coding"][0]["code"] = json!("91302008");
+        items.push(sepsis);
+        let r = searchset(items, Some(25), true);
+        assert_eq!(
+            map_features(&features(), &r, &context(None)).features[0].value,
+            Ok(1.0)
+        );
+    }
+
+    #[test]
+    fn an_encounter_in_error_or_cancelled_is_not_the_admission() {
+        let value = |status: &str| {
+            let r = searchset(vec![encounter("e1", status, "EMER")], None, false);
+            map_features(&features(), &r, &context(Some("e1"))).features[1]
+                .value
+                .clone()
+        };
+        // Recorded by mistake, or never took place: as if absent (no current encounter),
+        // never "came in as an emergency".
+        for status in ["entered-in-error", "cancelled"] {
+            assert_eq!(
+                value(status),
+                Err(Missing::Encounter("no current encounter")),
+                "{status}"
+            );
+        }
+        // The admission being assessed, in progress or finished: its class counts.
+        for status in ["in-progress", "finished", "arrived", "onleave"] {
+            assert_eq!(value(status), Ok(1.0), "{status}");
+        }
+    }
+
+    #[test]
+    fn the_only_in_progress_encounter_needs_every_encounter() {
+        // One in-progress Encounter on a page of a longer search: another may follow.
+        let r = searchset(vec![encounter("e1", "in-progress", "EMER")], Some(2), true);
+        assert!(matches!(
+            map_features(&features(), &r, &context(None)).features[1].value,
+            Err(Missing::Encounter(_))
+        ));
+        // Named by the hook's encounterId, the page is enough.
+        assert_eq!(
+            map_features(&features(), &r, &context(Some("e1"))).features[1].value,
+            Ok(1.0)
+        );
+        let r = searchset(vec![encounter("e1", "in-progress", "EMER")], Some(1), false);
+        assert_eq!(
+            map_features(&features(), &r, &context(None)).features[1].value,
+            Ok(1.0)
         );
     }
 }

@@ -480,7 +480,11 @@ impl Service {
 
     /// The request's prefetch (every entry, a resource or a Bundle; `null` skipped) plus
     /// `fetched` (key, resource) as one set, and whether the patient's Conditions were read
-    /// (a prefetch or fetch answered a key whose template searches `Condition`).
+    /// (a prefetch or fetch answered a key whose template searches `Condition` with a
+    /// Bundle, and no Bundle of Conditions added is one page of a longer result: a `next`
+    /// link, or a `total` above its matches — see [`crate::fhir::Bundle::is_complete`]).
+    /// With only part of the Conditions, "absent" is not "no": a `condition` feature is then
+    /// missing, never 0.
     pub fn collect(
         &self,
         request: &HookRequest,
@@ -513,6 +517,7 @@ impl Service {
             conditions_read |= searches_conditions(&key) && matches!(r, Resource::Bundle(_));
             resources.add(r);
         }
+        let conditions_read = conditions_read && resources.is_complete("Condition");
         Ok((resources, conditions_read))
     }
 
@@ -594,6 +599,86 @@ mod tests {
 
     fn parse(text: &str) -> Result<Services, ConfigError> {
         toml::from_str::<Doc>(text).unwrap().cds.validate()
+    }
+
+    /// A Condition searchset of `n` matches (none of them an infection), with `total` and a
+    /// `next` link when asked.
+    fn conditions(n: usize, total: Option<u64>, next: bool) -> serde_json::Value {
+        let entry: Vec<_> = (0..n)
+            .map(|i| {
+                serde_json::json!({"search": {"mode": "match"}, "resource": {
+                    "resourceType": "Condition", "id": format!("c{i}"),
+                    "subject": {"reference": "Patient/p1"},
+                    "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
+                    "code": {"coding": [{"system": "http://snomed.info/sct", "code": "38341003"}]}}})
+            })
+            .collect();
+        let mut b =
+            serde_json::json!({"resourceType": "Bundle", "type": "searchset", "entry": entry});
+        if let Some(t) = total {
+            b["total"] = t.into();
+        }
+        if next {
+            b["link"] = serde_json::json!([{"relation": "next",
+                "url": "https://ehr.example/fhir/Condition?patient=p1&_page=2"}]);
+        }
+        b
+    }
+
+    #[test]
+    fn one_page_of_a_longer_condition_search_is_not_the_patients_conditions() {
+        let services = parse(
+            r#"
+            [[cds.services]]
+            id = "icu"
+            hook = "patient-view"
+            description = "ICU mortality risk"
+            kind = "risk"
+            bundles = ["icu-mortality"]
+            prefetch = { conditions = "Condition?patient={{context.patientId}}&clinical-status=active" }
+            "#,
+        )
+        .unwrap();
+        let service = services.get("icu").unwrap();
+        let request = |prefetch: serde_json::Value| -> HookRequest {
+            serde_json::from_value(serde_json::json!({
+                "hook": "patient-view",
+                "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+                "context": {"userId": "Practitioner/example", "patientId": "p1"},
+                "prefetch": {"conditions": prefetch}
+            }))
+            .unwrap()
+        };
+        let read = |prefetch: serde_json::Value, fetched: Vec<(String, Resource)>| {
+            service
+                .collect(&request(prefetch), fetched, &Limits::default())
+                .unwrap()
+        };
+        // 20 entries of 25, a next page: the other 5 (an infection among them, perhaps) are
+        // unseen, so "no infection" cannot be said.
+        let (r, conditions_read) = read(conditions(20, Some(25), true), vec![]);
+        assert_eq!(r.conditions.len(), 20);
+        assert!(!conditions_read);
+        // Each sign alone.
+        assert!(!read(conditions(20, Some(25), false), vec![]).1);
+        assert!(!read(conditions(20, None, true), vec![]).1);
+        // The whole result: read.
+        assert!(read(conditions(20, Some(20), false), vec![]).1);
+        assert!(read(conditions(0, Some(0), false), vec![]).1);
+        // The same for what was fetched, and one partial page spoils a whole one.
+        let page = |v| Resource::from_value(&v, &Limits::default()).unwrap();
+        let fetched = vec![(
+            "conditions".to_owned(),
+            page(conditions(20, Some(25), true)),
+        )];
+        assert!(!read(serde_json::Value::Null, fetched).1);
+        let fetched = vec![(
+            "conditions".to_owned(),
+            page(conditions(20, Some(20), false)),
+        )];
+        assert!(read(serde_json::Value::Null, fetched).1);
+        let fetched = vec![("other".to_owned(), page(conditions(20, Some(25), true)))];
+        assert!(!read(conditions(3, Some(3), false), fetched).1);
     }
 
     #[test]

@@ -10,14 +10,23 @@
 //! - its time ([`Observation::effective`]: `effectiveDateTime`, `effectiveInstant`,
 //!   `effectivePeriod` end-else-start, else `issued`) must lie within
 //!   [`VitalsOptions::look_back`] before `now` and no later than
-//!   [`VitalsOptions::future_skew`] after it. A time that is malformed or only a date makes
-//!   the value unusable (a vital sign needs a time).
+//!   [`VitalsOptions::future_skew`] after it (a later time makes the parameter unusable, see
+//!   below). A time that is malformed or only a date makes the value unusable (a vital sign
+//!   needs a time).
 //!
 //! Of the observations that count, the **latest** one of each parameter decides (ties: the
 //! later `issued`, then the later in the input). If that latest value is unusable (a unit
 //! that cannot be converted, a comparator such as `<`, no value, an answer code not listed
 //! below, a value outside what a living patient can have), the parameter is reported
 //! unusable with the reason: an older value is never silently taken in its place.
+//!
+//! A value dated after `now` plus the skew is the latest of its parameter too (it is newer
+//! than any value in the window), so the parameter is **unusable**
+//! ([`UnusableReason::FutureTime`]), not scored from the older value: an SpO2 of 84 %
+//! stamped 20 minutes ahead by a device clock, beside a 97 % from half an hour ago, must not
+//! give a reassuring "NEWS2 0" with the 84 % mentioned (at best) in the card's detail. No
+//! score is safer than a low one the clinician has no reason to doubt; the card names the
+//! parameter and asks for the clock to be checked.
 //!
 //! # Codes accepted
 //! | parameter | Observation (or component) code | value |
@@ -195,6 +204,10 @@ pub enum UnusableReason {
     Time(DateError),
     /// The observation has no time at all.
     NoTime,
+    /// The latest value is dated after `now` plus the allowed skew (a device or charting
+    /// clock error, or a value charted ahead of time): it cannot be placed, and the older
+    /// value before it is not taken in its place.
+    FutureTime,
 }
 
 impl fmt::Display for UnusableReason {
@@ -209,6 +222,10 @@ impl fmt::Display for UnusableReason {
             UnusableReason::UnknownAnswer => f.write_str("answer code not recognised"),
             UnusableReason::Time(e) => write!(f, "time unusable ({e})"),
             UnusableReason::NoTime => f.write_str("no time recorded"),
+            UnusableReason::FutureTime => f.write_str(
+                "dated in the future, so not used; an older value was not used in its place \
+                 (check the device or charting clock)",
+            ),
         }
     }
 }
@@ -268,8 +285,9 @@ pub struct Vitals {
     /// Parameters whose latest value cannot be used, with the reason.
     pub unusable: Vec<Unusable>,
     pub excluded: Excluded,
-    /// Parameters with an observation dated after `now` plus the skew (left out: a device
-    /// or charting clock error a clinician should hear of, not "no value recorded").
+    /// Parameters with an observation dated after `now` plus the skew (a device or charting
+    /// clock error a clinician should hear of, not "no value recorded"). Each is also in
+    /// [`Vitals::unusable`] ([`UnusableReason::FutureTime`]) and has no value here.
     pub future_dated: Vec<Parameter>,
 }
 
@@ -621,17 +639,19 @@ pub fn extract(
             Ok(None) => (None, Some(UnusableReason::NoTime)),
             Err(e) => (None, Some(UnusableReason::Time(e))),
         };
+        let mut future = false;
         if let Some(t) = time {
             if t > now + options.future_skew {
+                // Not dropped: it is newer than anything in the window, so it stays the
+                // latest candidate and makes its parameter unusable (see the module docs).
                 vitals.excluded.in_the_future += 1;
                 for (p, _) in &found {
                     if !vitals.future_dated.contains(p) {
                         vitals.future_dated.push(*p);
                     }
                 }
-                continue;
-            }
-            if t < now - options.look_back {
+                future = true;
+            } else if t < now - options.look_back {
                 vitals.excluded.too_old += 1;
                 continue;
             }
@@ -640,6 +660,7 @@ pub fn extract(
         for (parameter, value) in found {
             let value = match &time_error {
                 Some(e) => Err(e.clone()),
+                None if future => Err(UnusableReason::FutureTime),
                 None => value,
             };
             let candidate = Candidate {
@@ -788,21 +809,52 @@ mod tests {
     }
 
     #[test]
-    fn latest_within_the_window_wins_and_old_or_future_values_are_left_out() {
+    fn latest_within_the_window_wins_and_old_values_are_left_out() {
         let v = run(&[
             quantity("8867-4", 70.0, "/min", "2024-05-01T08:00:00Z"),
             quantity("8867-4", 90.0, "/min", "2024-05-01T11:30:00+01:00"), // 10:30Z
             quantity("8867-4", 60.0, "/min", "2024-05-01T10:00:00Z"),
-            quantity("8867-4", 150.0, "/min", "2024-05-01T12:10:00Z"), // future, beyond skew
-            quantity("8867-4", 40.0, "/min", "2024-04-30T23:00:00Z"),  // 13 h old
+            quantity("8867-4", 40.0, "/min", "2024-04-30T23:00:00Z"), // 13 h old
         ]);
         assert_eq!(v.pulse_rate.as_ref().unwrap().value, 90.0);
-        assert_eq!(v.excluded.in_the_future, 1);
-        assert_eq!(v.future_dated, vec![Parameter::PulseRate]);
         assert_eq!(v.excluded.too_old, 1);
+        assert!(v.future_dated.is_empty() && v.unusable.is_empty());
         // Within the skew: taken.
         let v = run(&[quantity("8867-4", 100.0, "/min", "2024-05-01T12:04:00Z")]);
         assert_eq!(v.pulse_rate.as_ref().unwrap().value, 100.0);
+    }
+
+    #[test]
+    fn a_future_dated_latest_value_makes_the_parameter_unusable_not_the_older_one_used() {
+        // SpO2 84 % stamped 20 minutes ahead (beyond the 5-minute skew) and 97 % from 30
+        // minutes ago: the 84 % is the newest reading; scoring the 97 % would hide it.
+        let v = run(&[
+            quantity("59408-5", 84.0, "%", "2024-05-01T12:20:00Z"),
+            quantity("59408-5", 97.0, "%", "2024-05-01T11:30:00Z"),
+        ]);
+        assert!(v.oxygen_saturation.is_none(), "{v:?}");
+        assert_eq!(v.future_dated, vec![Parameter::OxygenSaturation]);
+        assert_eq!(v.excluded.in_the_future, 1);
+        assert_eq!(
+            v.unusable,
+            vec![Unusable {
+                parameter: Parameter::OxygenSaturation,
+                reason: UnusableReason::FutureTime,
+                time: Some("2024-05-01T12:20:00Z".parse().unwrap()),
+                observation_id: Some("59408-5-2024-05-01T12:20:00Z".into()),
+            }]
+        );
+        // Only a future-dated value: unusable for the same reason (not "none recorded").
+        let v = run(&[quantity("8867-4", 150.0, "/min", "2024-05-01T12:10:00Z")]);
+        assert!(v.pulse_rate.is_none());
+        assert_eq!(v.unusable[0].reason, UnusableReason::FutureTime);
+        // Other parameters are untouched.
+        let v = run(&[
+            quantity("59408-5", 84.0, "%", "2024-05-01T12:20:00Z"),
+            quantity("8867-4", 80.0, "/min", "2024-05-01T11:30:00Z"),
+        ]);
+        assert_eq!(v.pulse_rate.as_ref().unwrap().value, 80.0);
+        assert_eq!(v.unusable.len(), 1);
     }
 
     #[test]

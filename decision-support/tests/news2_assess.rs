@@ -231,3 +231,90 @@ fn another_patients_observations_do_not_count() {
     };
     assert_eq!(i.missing, vec![Parameter::RespirationRate]);
 }
+
+/// RR 16 (0), SpO2 97 (0), air (0), SBP 120 (0), pulse 70 (0), alert (0), 37.0 °C (0): 0.
+fn normal_vitals() -> Vec<Value> {
+    vec![
+        q("9279-1", 16.0, "/min"),
+        q("59408-5", 97.0, "%"),
+        coded(SNOMED, "722742002", None),
+        q("8480-6", 120.0, "mm[Hg]"),
+        q("8867-4", 70.0, "/min"),
+        coded(LOINC, "67775-7", Some((SNOMED, "248234008"))),
+        q("8310-5", 37.0, "Cel"),
+    ]
+}
+
+#[test]
+fn a_future_dated_newer_reading_is_never_hidden_behind_a_reassuring_score() {
+    use nightingale_decision_support::cards::{Wording, news2_card};
+    use nightingale_decision_support::hooks::Indicator;
+    // Everything normal as of 11:00, plus SpO2 84 % (scale 1: 3, a red score) stamped
+    // 12:20 when it is 12:00: beyond the 5-minute skew, so its time cannot be trusted. It
+    // is still the newest SpO2, so the older 97 % must not be scored in its place.
+    let mut spo2_84 = q("59408-5", 84.0, "%");
+    spo2_84["effectiveDateTime"] = json!("2024-05-01T12:20:00Z");
+    let mut items = vec![patient("1950-01-01"), spo2_84];
+    items.extend(normal_vitals());
+    // Without the future-dated value the set scores 0 (the baseline the bug gave).
+    let Assessment::Scored(s) = run(
+        items[..1].iter().chain(&items[2..]).cloned().collect(),
+        &News2Settings::default(),
+    ) else {
+        panic!("baseline not scored")
+    };
+    assert_eq!(s.score.total, 0);
+    let assessment = run(items, &News2Settings::default());
+    let Assessment::Incomplete(i) = &assessment else {
+        panic!("scored from the older SpO2 with a newer one left out: {assessment:?}")
+    };
+    assert!(i.missing.is_empty());
+    assert_eq!(i.unusable.len(), 1);
+    assert_eq!(i.unusable[0].parameter, Parameter::OxygenSaturation);
+    assert_eq!(i.unusable[0].reason, UnusableReason::FutureTime);
+    assert_eq!(i.future_dated, vec![Parameter::OxygenSaturation]);
+    let card = news2_card(&assessment, &Wording::default());
+    assert_eq!(card.summary, "NEWS2 not calculated: missing SpO2");
+    assert_eq!(card.indicator, Indicator::Info);
+    let detail = card.detail.unwrap();
+    assert!(
+        detail.contains("SpO2: latest value cannot be used (2024-05-01 12:20 UTC)"),
+        "{detail}"
+    );
+    assert!(detail.contains("dated in the future"), "{detail}");
+    assert!(
+        detail.contains("check the device or charting clock"),
+        "{detail}"
+    );
+}
+
+#[test]
+fn a_score_with_only_a_page_of_the_conditions_says_what_could_not_be_checked() {
+    use nightingale_decision_support::cards::{Wording, news2_card};
+    let mut items = vec![patient("1950-01-01")];
+    items.extend(vitals());
+    let mut r = resources(items.clone());
+    // One page (1 of 30 Conditions, a next link): a pregnancy may be on another page.
+    let page = json!({"resourceType": "Bundle", "type": "searchset", "total": 30,
+        "link": [{"relation": "next", "url": "https://ehr.example/fhir/Condition?page=2"}],
+        "entry": [{"search": {"mode": "match"}, "resource": condition(SNOMED, "59621000")}]});
+    r.add(Resource::from_value(&page, &Limits::default()).unwrap());
+    let a = assess(&r, now(), Some("p1"), &News2Settings::default());
+    let Assessment::Scored(s) = &a else {
+        panic!("not scored: {a:?}")
+    };
+    assert!(s.conditions_incomplete);
+    let detail = news2_card(&a, &Wording::default()).detail.unwrap();
+    assert!(
+        detail.contains("conditions were only partly available"),
+        "{detail}"
+    );
+    // Every Condition read: no such note.
+    let a = run(items, &News2Settings::default());
+    let Assessment::Scored(s) = &a else {
+        panic!("not scored")
+    };
+    assert!(!s.conditions_incomplete);
+    let detail = news2_card(&a, &Wording::default()).detail.unwrap();
+    assert!(!detail.contains("partly available"), "{detail}");
+}
