@@ -113,7 +113,10 @@ impl CdsStore {
         let db = open(&path).map_err(sql)?;
         db.execute_batch(SCHEMA).map_err(sql)?;
         let cutoff = (Utc::now() - Duration::days(CARD_RETENTION_DAYS)).to_rfc3339();
-        db.execute("DELETE FROM cards WHERE issued_at < ?1", [cutoff])
+        db.execute("DELETE FROM cards WHERE issued_at < ?1", [&cutoff])
+            .map_err(sql)?;
+        // Feedback goes with its cards: kept as long, then forgotten (and no longer counted).
+        db.execute("DELETE FROM feedback WHERE received_at < ?1", [&cutoff])
             .map_err(sql)?;
         let writer = open(&path).map_err(sql)?;
         let (tx, rx) = sync_channel(QUEUE);
@@ -369,17 +372,26 @@ mod tests {
                 .unwrap();
             // Dropping the store waits for its writer: every queued card is stored.
         }
+        // Feedback received longer ago than the retention is forgotten at open, as cards are.
+        let db = open(&dir.path().join("feedback.sqlite3")).unwrap();
+        let old = (now - Duration::days(CARD_RETENTION_DAYS + 1)).to_rfc3339();
+        db.execute(
+            "UPDATE feedback SET received_at = ?1 WHERE card = 'a'",
+            [old],
+        )
+        .unwrap();
+        drop(db);
         let store = CdsStore::open(dir.path()).unwrap();
         // Capacity 3: the 3 most recent cards; the expired one was forgotten at open.
         let mut ledger = CardLedger::new(3);
         let mut stats = OverrideStats::default();
         let (cards, feedback) = store.restore(&mut ledger, &mut stats).unwrap();
-        assert_eq!((cards, feedback), (3, 3));
+        assert_eq!((cards, feedback), (3, 2));
         assert!(ledger.get("00000000-0000-0000-0000-000000000001").is_none());
         let c = ledger.get("00000000-0000-0000-0000-000000000004").unwrap();
         assert_eq!(c.model, Some(("icu-mortality".into(), "1".into())));
         assert!(ledger.get("old").is_none());
-        assert_eq!(stats.counts("risk", Some(("icu-mortality", "1"))), (1, 2));
+        assert_eq!(stats.counts("risk", Some(("icu-mortality", "1"))), (1, 1));
         // No comment text is stored anywhere.
         let text = std::fs::read(store.path()).unwrap();
         assert!(!String::from_utf8_lossy(&text).contains("free text"));

@@ -150,7 +150,23 @@ impl Server {
             };
             copy_dir(&from, &dir.path().join("models").join(b));
         }
-        let state = Server::state(dir.path(), &ehr, fhir_servers, fetch_timeout, bundles);
+        let state = Server::state(
+            dir.path(),
+            &ehr,
+            fhir_servers,
+            fetch_timeout,
+            bundles,
+            HttpConfig::default(),
+        );
+        Server { dir, state, ehr }
+    }
+
+    /// A server with no bundle and this HTTP configuration.
+    fn with_http(http: HttpConfig) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let ehr = Ehr::new(dir.path());
+        std::fs::create_dir(dir.path().join("models")).unwrap();
+        let state = Server::state(dir.path(), &ehr, vec![], Duration::from_secs(1), &[], http);
         Server { dir, state, ehr }
     }
 
@@ -161,6 +177,7 @@ impl Server {
         fhir_servers: Vec<String>,
         fetch_timeout: Duration,
         bundles: &[&str],
+        http: HttpConfig,
     ) -> Arc<AppState> {
         let repository = Arc::new(Repository::new(
             dir.join("models"),
@@ -170,7 +187,7 @@ impl Server {
             repository.load(b).unwrap();
         }
         let audit = AuditLog::open(&dir.join("audit.jsonl"), false).unwrap();
-        let state = AppState::new(repository, audit, HttpConfig::default(), None);
+        let state = AppState::new(repository, audit, http, None);
         let cds = Cds::new(
             &CdsSettings {
                 trust: vec![TrustedIssuer {
@@ -194,7 +211,14 @@ impl Server {
     fn restart(self) -> Server {
         let Server { dir, state, ehr } = self;
         drop(state);
-        let state = Server::state(dir.path(), &ehr, vec![], Duration::from_secs(1), &[]);
+        let state = Server::state(
+            dir.path(),
+            &ehr,
+            vec![],
+            Duration::from_secs(1),
+            &[],
+            HttpConfig::default(),
+        );
         Server { dir, state, ehr }
     }
 
@@ -561,6 +585,38 @@ async fn hostile_bodies_are_400_or_413_and_say_nothing_of_their_content() {
         assert!(v.to_string().contains(says), "{says}: {v}");
         assert!(!v.to_string().contains("DOE-12345") && !v.to_string().contains("12345"), "{v}");
     }
+}
+
+#[tokio::test]
+async fn cds_bodies_are_read_under_the_in_flight_memory_budget() {
+    // 4 MiB of budget: a 300 KB prefetch may take 16x its text once parsed (a number of one
+    // or two bytes is a 32-byte JSON value), more than the budget: refused before parsing,
+    // as an /infer body would be; a call with an ordinary prefetch is answered.
+    let server = Server::with_http(HttpConfig {
+        max_inflight_bytes: 4 << 20,
+        ..HttpConfig::default()
+    });
+    let url = format!("/cds-services/{SERVICE}");
+    let prefetch = json!({"patient": patient(), "vitals": vitals_bundle()});
+    let mut big = patient_view(Some(prefetch.clone()), None);
+    big["prefetch"]["padding"] = json!(vec![0; 150_000]);
+    let body = big.to_string().into_bytes();
+    assert!(body.len() > 300_000);
+    let t = server.ehr.token(&format!("http://{HOST}{url}"));
+    let (s, v) = server.send(server.post(&url, Some(&t), body)).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("max_inflight_bytes"),
+        "{v}"
+    );
+    let t = server.ehr.token(&format!("http://{HOST}{url}"));
+    let body = patient_view(Some(prefetch), None).to_string().into_bytes();
+    let (s, v) = server.send(server.post(&url, Some(&t), body)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(
+        v["cards"][0]["summary"].as_str().unwrap().contains("NEWS2"),
+        "{v}"
+    );
 }
 
 #[tokio::test]

@@ -479,12 +479,19 @@ pub enum FeedbackError {
     TooMany { limit: usize },
     #[error("feedback item {index}: userComment over {limit} characters")]
     Comment { index: usize, limit: usize },
+    #[error(
+        "feedback item {index}: overrideReason.reason system, code or display over {limit} characters"
+    )]
+    Coding { index: usize, limit: usize },
 }
 
 /// The most items one feedback request may carry.
 pub const MAX_FEEDBACK_ITEMS: usize = 100;
 /// The longest `userComment` kept.
 pub const MAX_COMMENT_CHARS: usize = 1000;
+/// The longest `system`, `code` or `display` of an override reason (they are stored with the
+/// feedback: a code system URL or a code is far shorter).
+pub const MAX_CODING_CHARS: usize = 256;
 
 impl FeedbackRequest {
     /// Checks every item: the card a UUID, the timestamp a date-time, an accepted outcome
@@ -516,6 +523,17 @@ impl FeedbackRequest {
                 return Err(FeedbackError::Comment {
                     index,
                     limit: MAX_COMMENT_CHARS,
+                });
+            }
+            if let Some(c) = f.override_reason.as_ref().and_then(|r| r.reason.as_ref())
+                && [&c.system, &c.code, &c.display]
+                    .into_iter()
+                    .flatten()
+                    .any(|t| t.chars().count() > MAX_CODING_CHARS)
+            {
+                return Err(FeedbackError::Coding {
+                    index,
+                    limit: MAX_CODING_CHARS,
                 });
             }
         }
@@ -720,6 +738,28 @@ mod tests {
             bad.validate(),
             Err(FeedbackError::Timestamp { index: 0 })
         ));
+        // An override reason's code, system or display is stored: each at most 256
+        // characters (a 7 MiB code was stored whole).
+        for field in ["code", "system", "display"] {
+            let mut bad = ok.clone();
+            let reason = bad.feedback[0]
+                .override_reason
+                .as_mut()
+                .unwrap()
+                .reason
+                .as_mut()
+                .unwrap();
+            let long = Some("x".repeat(MAX_CODING_CHARS + 1));
+            match field {
+                "code" => reason.code = long,
+                "system" => reason.system = long,
+                _ => reason.display = long,
+            }
+            assert!(
+                matches!(bad.validate(), Err(FeedbackError::Coding { index: 0, .. })),
+                "{field}"
+            );
+        }
         let mut bad = ok;
         bad.feedback[0].card = "not-a-uuid".into();
         assert!(matches!(

@@ -85,15 +85,40 @@ pub(crate) async fn discovery(State(state): State<Arc<AppState>>) -> Response {
     Json(state.cds().services.discovery()).into_response()
 }
 
-async fn body_of(body: Body) -> Result<Bytes, AppError> {
-    axum::body::to_bytes(body, MAX_BODY_BYTES)
+/// How much memory a JSON body takes once parsed, at most, per byte of its text: a number
+/// or an empty array of one or two bytes becomes a 32-byte `serde_json::Value`, an object's
+/// short key its own allocation and map entry (about 16x at worst).
+const PARSED_JSON_FACTOR: usize = 16;
+
+/// A CDS Hooks body, read under the server's in-flight memory budget like an `/infer` body
+/// (charged as it arrives, then for what parsing it may take), so that concurrent calls with
+/// large prefetches cannot take more memory than `--max-inflight-bytes`. The ticket goes
+/// with the body until the answer is built.
+async fn body_of(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    body: Body,
+) -> Result<(Bytes, super::Ticket), AppError> {
+    let mut ticket = state.admission.receiving()?;
+    let bytes = super::read_body_admitted(headers, body, MAX_BODY_BYTES, &mut ticket)
         .await
-        .map_err(|_| {
-            AppError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("a CDS Hooks body is at most {MAX_BODY_BYTES} bytes"),
-            )
-        })
+        .map_err(|e| {
+            if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+                AppError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("a CDS Hooks body is at most {MAX_BODY_BYTES} bytes"),
+                )
+            } else {
+                e
+            }
+        })?;
+    ticket.take_place(&state.admission)?;
+    ticket.charge(
+        bytes
+            .len()
+            .saturating_mul(PARSED_JSON_FACTOR.saturating_sub(super::BODY_CHARGE_FACTOR)),
+    )?;
+    Ok((bytes, ticket))
 }
 
 fn caller_id(caller: &Option<Extension<Caller>>) -> String {
@@ -116,7 +141,7 @@ pub(crate) async fn call(
         return AppError::not_found("no such CDS service (GET /cds-services lists them)")
             .into_response();
     };
-    let bytes = match body_of(body).await {
+    let (bytes, _ticket) = match body_of(&state, &headers, body).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
@@ -328,6 +353,7 @@ pub(crate) async fn feedback(
     State(state): State<Arc<AppState>>,
     caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Response {
     let cds = state.cds();
@@ -335,7 +361,7 @@ pub(crate) async fn feedback(
         return AppError::not_found("no such CDS service (GET /cds-services lists them)")
             .into_response();
     };
-    let bytes = match body_of(body).await {
+    let (bytes, _ticket) = match body_of(&state, &headers, body).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
