@@ -399,3 +399,62 @@ fn a_signature_file_that_is_not_a_regular_file_is_refused_unread() {
     let err = result.unwrap_err();
     assert!(err.to_string().contains("not a regular file"), "{err}");
 }
+
+#[test]
+fn signing_never_writes_through_a_planted_link_or_file() {
+    // A bundle folder that someone else can write to may hold a link where a fixed temporary
+    // name would be (`.bundle.toml.minisig.tmp`, the name `models sign` used): signing must
+    // neither write through it nor remove what it points at, and leaves no temporary behind.
+    let (dir, bundle) = repository();
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, "IMPORTANT VICTIM CONTENT\n").unwrap();
+    let planted = bundle.join(format!(".{SIGNATURE_FILE}.tmp"));
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    let committed = std::fs::read(bundle.join(SIGNATURE_FILE)).unwrap();
+    std::fs::remove_file(bundle.join(SIGNATURE_FILE)).unwrap();
+    let key = SigningKey::from_file(&demo_key(), None).unwrap();
+    let written = Bundle::open(&bundle).unwrap().sign(&key).unwrap();
+    assert_eq!(written, bundle.join(SIGNATURE_FILE));
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "IMPORTANT VICTIM CONTENT\n"
+    );
+    // The planted link is still a link (not replaced, not followed), and the signature is a
+    // regular file with the expected bytes.
+    assert!(
+        std::fs::symlink_metadata(&planted)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    let meta = std::fs::symlink_metadata(&written).unwrap();
+    assert!(meta.file_type().is_file());
+    // With the mode a plain create gives (the server may read it as another user).
+    use std::os::unix::fs::PermissionsExt as _;
+    let plain = dir.path().join("plain");
+    std::fs::write(&plain, b"").unwrap();
+    assert_eq!(
+        meta.permissions().mode(),
+        std::fs::metadata(&plain).unwrap().permissions().mode()
+    );
+    assert_eq!(std::fs::read(&written).unwrap(), committed);
+    // No temporary file of ours is left in the bundle.
+    let left: Vec<String> = std::fs::read_dir(&bundle)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.') && n.as_str() != format!(".{SIGNATURE_FILE}.tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // A signature file that is itself a link is never written through: either the bundle is
+    // refused, or signing replaces the link with a regular file.
+    let sig = bundle.join(SIGNATURE_FILE);
+    std::fs::remove_file(&sig).unwrap();
+    std::os::unix::fs::symlink(&victim, &sig).unwrap();
+    if let Ok(opened) = Bundle::open(&bundle) {
+        let _ = opened.sign(&key);
+    }
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "IMPORTANT VICTIM CONTENT\n"
+    );
+}
