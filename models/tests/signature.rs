@@ -298,6 +298,65 @@ fn key_files_are_checked() {
 }
 
 #[test]
+fn a_key_file_holding_several_keys_trusts_every_one_of_them() {
+    // Two keys made by minisign, concatenated as `cat demo.pub untrusted.pub > keys.pub`
+    // makes them. Before, only the first was trusted and the second silently ignored.
+    let dir = tempfile::tempdir().unwrap();
+    let both = dir.path().join("keys.pub");
+    let text = format!(
+        "{}{}",
+        std::fs::read_to_string(demo_pub()).unwrap(),
+        std::fs::read_to_string(fixture_key("untrusted.pub")).unwrap()
+    );
+    std::fs::write(&both, &text).unwrap();
+    let policy = trusting(std::slice::from_ref(&both), true);
+    let ids: Vec<&str> = policy.trusted.iter().map(TrustedKey::id).collect();
+    assert_eq!(
+        ids,
+        [
+            id_from_comment(&demo_pub()),
+            id_from_comment(&fixture_key("untrusted.pub"))
+        ]
+    );
+    // A bundle signed by the second key verifies under the file.
+    let (_repo, bundle) = repository();
+    let second = SigningKey::from_file(&fixture_key("untrusted.key"), None).unwrap();
+    Bundle::open(&bundle).unwrap().sign(&second).unwrap();
+    assert_eq!(
+        Bundle::open_with(&bundle, &policy).unwrap().signature,
+        SignatureStatus::Verified {
+            key_id: second.id().to_owned(),
+            trusted_comment: format!("nightingale bundle {BUNDLE}"),
+        }
+    );
+    // One key asked for, several found: refused, naming them (not the first taken).
+    let err = TrustedKey::from_file(&both).unwrap_err().to_string();
+    assert!(err.contains("holds 2 keys"), "{err}");
+    // A malformed key anywhere in the file fails the file, naming the line.
+    let bad = dir.path().join("bad.pub");
+    std::fs::write(
+        &bad,
+        format!("{text}untrusted comment: x\nnot base64 at all\n"),
+    )
+    .unwrap();
+    let err = SignaturePolicy::load(std::slice::from_ref(&bad), false).unwrap_err();
+    assert!(matches!(err, KeyError::Malformed { .. }), "{err}");
+    assert!(err.to_string().contains("line 6"), "{err}");
+    // The same key twice in one file is a duplicate, as in two files.
+    let twice = dir.path().join("twice.pub");
+    let demo = std::fs::read_to_string(demo_pub()).unwrap();
+    std::fs::write(&twice, format!("{demo}{demo}")).unwrap();
+    assert!(matches!(
+        SignaturePolicy::load(std::slice::from_ref(&twice), false),
+        Err(KeyError::Duplicate { .. })
+    ));
+    assert!(matches!(
+        SignaturePolicy::load(&[both, demo_pub()], false),
+        Err(KeyError::Duplicate { .. })
+    ));
+}
+
+#[test]
 fn an_encrypted_minisign_key_signs_with_its_password() {
     let (_dir, bundle) = repository();
     let key = SigningKey::from_file(
