@@ -28,7 +28,7 @@ pub struct ServeArgs {
     /// Engine for bundles that do not ask for one. [default: tract]
     #[arg(long, env = "NIGHTINGALE_BACKEND", value_enum)]
     pub backend: Option<BackendArg>,
-    /// Threads one inference may use inside the engine; 0 = engine default. [default: 1]
+    /// Threads one inference may use inside the engine, 0..=1024; 0 = engine default. [default: 1]
     #[arg(long, env = "NIGHTINGALE_INTRA_OP_THREADS")]
     pub intra_op_threads: Option<usize>,
     /// ONNX Runtime execution provider (ort backend). [default: cpu]
@@ -53,7 +53,8 @@ pub struct ServeArgs {
     /// [default: 536870912]
     #[arg(long, env = "NIGHTINGALE_MAX_INFLIGHT_BYTES")]
     pub max_inflight_bytes: Option<usize>,
-    /// Most inference requests in flight at once; beyond: 503 with Retry-After. [default: 256]
+    /// Most inference requests in flight at once (1..=1000000); beyond: 503 with Retry-After.
+    /// [default: 256]
     #[arg(long, env = "NIGHTINGALE_MAX_INFLIGHT_REQUESTS")]
     pub max_inflight_requests: Option<usize>,
     /// Most connections open at once on each listener (HTTP, gRPC); beyond, a plaintext
@@ -83,7 +84,8 @@ pub struct ServeArgs {
     /// [default: <data-dir>/audit/audit.jsonl]
     #[arg(long, env = "NIGHTINGALE_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
-    /// Rotate the JSON-lines audit file at this size in bytes; 0 never rotates. [default: 67108864]
+    /// Rotate the JSON-lines audit file at this size in bytes (at least 65536); 0 never
+    /// rotates. [default: 67108864]
     #[arg(long, env = "NIGHTINGALE_AUDIT_ROTATE_BYTES")]
     pub audit_rotate_bytes: Option<u64>,
     /// PostgreSQL connection string for --audit-store postgres
@@ -116,7 +118,7 @@ pub struct ServeArgs {
     pub require_signatures: bool,
     /// Watch the repository every N seconds and reload bundles whose files changed (new
     /// versions swap in once they verify and pass their self-test; a broken one leaves the
-    /// old serving); 0 turns the poller off. [default: 0]
+    /// old serving); 0 turns the poller off, otherwise 0.05..=86400. [default: 0]
     #[arg(long, env = "NIGHTINGALE_REPOSITORY_POLL_SECS")]
     pub repository_poll_secs: Option<f64>,
     // --- TLS ---
@@ -692,10 +694,23 @@ impl ServeArgs {
             .max_inflight_requests
             .or(file.max_inflight_requests)
             .unwrap_or(crate::http::DEFAULT_MAX_INFLIGHT_REQUESTS);
-        if max_inflight_requests == 0 {
-            return Err(ConfigError::Invalid(
-                "max_inflight_requests must be at least 1".into(),
-            ));
+        if !(1..=MAX_INFLIGHT_REQUESTS).contains(&max_inflight_requests) {
+            return Err(ConfigError::Invalid(format!(
+                "max_inflight_requests must be between 1 and {MAX_INFLIGHT_REQUESTS} (got {max_inflight_requests})"
+            )));
+        }
+        let intra_op_threads = self.intra_op_threads.or(file.intra_op_threads).unwrap_or(1);
+        if intra_op_threads > MAX_INTRA_OP_THREADS {
+            return Err(ConfigError::Invalid(format!(
+                "intra_op_threads must be between 0 (the engine's default) and {MAX_INTRA_OP_THREADS} (got {intra_op_threads})"
+            )));
+        }
+        if let Some(device) = self.cuda_device.or(file.cuda_device)
+            && !(0..=MAX_CUDA_DEVICE).contains(&device)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "cuda_device must be between 0 and {MAX_CUDA_DEVICE} (got {device})"
+            )));
         }
         let max_connections = self
             .max_connections
@@ -719,10 +734,11 @@ impl ServeArgs {
                 .or(file.request_timeout_secs.map(|s| s.saturating_mul(1000))),
         }
         .unwrap_or(120_000);
-        if request_timeout_ms == 0 {
-            return Err(ConfigError::Invalid(
-                "the request timeout must be at least 1 ms".into(),
-            ));
+        if !(1..=MAX_REQUEST_TIMEOUT_MS).contains(&request_timeout_ms) {
+            return Err(ConfigError::Invalid(format!(
+                "the request timeout (request_timeout_ms / request_timeout_secs) must be between 1 ms and {} s (got {request_timeout_ms} ms)",
+                MAX_REQUEST_TIMEOUT_MS / 1000
+            )));
         }
         let data_dir = self
             .data_dir
@@ -733,10 +749,11 @@ impl ServeArgs {
         let audit = match self.audit_store.or(file.audit_store).unwrap_or_default() {
             AuditStoreKind::Jsonl => AuditConfig::Jsonl {
                 path: audit_log.unwrap_or_else(|| data_dir.join("audit").join("audit.jsonl")),
-                rotate_bytes: self
-                    .audit_rotate_bytes
-                    .or(file.audit_rotate_bytes)
-                    .unwrap_or(64 << 20),
+                rotate_bytes: audit_rotate_bytes(
+                    self.audit_rotate_bytes
+                        .or(file.audit_rotate_bytes)
+                        .unwrap_or(64 << 20),
+                )?,
                 fsync: audit_fsync,
             },
             AuditStoreKind::Sqlite => AuditConfig::Sqlite {
@@ -778,13 +795,14 @@ impl ServeArgs {
             .repository_poll_secs
             .or(file.repository_poll_secs)
             .unwrap_or(0.0);
-        if !(0.0..=86_400.0).contains(&poll_secs) {
-            return Err(ConfigError::Invalid(
-                "repository_poll_secs must be between 0 (off) and 86400".into(),
-            ));
+        // Refused below the floor rather than silently raised to it.
+        if !(poll_secs == 0.0 || (MIN_POLL_SECS..=86_400.0).contains(&poll_secs)) {
+            return Err(ConfigError::Invalid(format!(
+                "repository_poll_secs must be 0 (off) or between {MIN_POLL_SECS} and 86400 seconds (got {poll_secs})"
+            )));
         }
         let repository_poll =
-            (poll_secs > 0.0).then(|| std::time::Duration::from_secs_f64(poll_secs.max(0.05)));
+            (poll_secs > 0.0).then(|| std::time::Duration::from_secs_f64(poll_secs));
         let tls = resolve_tls(
             self.tls_cert.or(file.tls_cert),
             self.tls_key.or(file.tls_key),
@@ -1152,6 +1170,17 @@ impl ServeArgs {
                 nightingale_models::manifest::MAX_EXPLAIN_FORWARD_PASSES
             )));
         }
+        let validation_max_upload_bytes = self
+            .validation_max_upload_bytes
+            .or(file.validation_max_upload_bytes)
+            .unwrap_or(256 << 20);
+        if !(MIN_VALIDATION_UPLOAD_BYTES..=MAX_VALIDATION_UPLOAD_BYTES)
+            .contains(&validation_max_upload_bytes)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "validation_max_upload_bytes must be between {MIN_VALIDATION_UPLOAD_BYTES} (1 KiB) and {MAX_VALIDATION_UPLOAD_BYTES} (1 TiB) (got {validation_max_upload_bytes})"
+            )));
+        }
         let require_validation = (self.require_validation || file.require_validation == Some(true))
             .then(|| {
                 self.validation_reports
@@ -1167,7 +1196,7 @@ impl ServeArgs {
             http_addr,
             grpc_addr,
             backend,
-            intra_op_threads: self.intra_op_threads.or(file.intra_op_threads).unwrap_or(1),
+            intra_op_threads,
             execution_provider,
             ort_library: self.ort_library.or(file.ort_library),
             tract_kernels: match self
@@ -1189,10 +1218,7 @@ impl ServeArgs {
                 .validation_root
                 .clone()
                 .or(file.validation_root.clone()),
-            validation_max_upload_bytes: self
-                .validation_max_upload_bytes
-                .or(file.validation_max_upload_bytes)
-                .unwrap_or(256 << 20),
+            validation_max_upload_bytes,
             require_validation,
             explain,
             audit,
@@ -1208,6 +1234,34 @@ impl ServeArgs {
             cds,
         })
     }
+}
+
+/// Bounds of numeric settings that had only a lower one (or none): beyond these a value is a
+/// mistake, refused at start with the setting named, rather than a panic (a semaphore over
+/// its maximum), a file per audit record, or a silent change.
+pub const MAX_INFLIGHT_REQUESTS: usize = 1_000_000;
+/// Threads one inference may use inside the engine.
+pub const MAX_INTRA_OP_THREADS: usize = 1024;
+/// The smallest JSON-lines audit file rotated (0 still means never).
+pub const MIN_AUDIT_ROTATE_BYTES: u64 = 64 << 10;
+/// The shortest repository poll interval (0 still means off).
+pub const MIN_POLL_SECS: f64 = 0.05;
+/// The longest whole-request deadline: one day.
+pub const MAX_REQUEST_TIMEOUT_MS: u64 = 86_400_000;
+/// CUDA device ordinals.
+pub const MAX_CUDA_DEVICE: i32 = 1023;
+/// The validation upload cap's range.
+pub const MIN_VALIDATION_UPLOAD_BYTES: u64 = 1 << 10;
+pub const MAX_VALIDATION_UPLOAD_BYTES: u64 = 1 << 40;
+
+/// `audit_rotate_bytes`: 0 (never rotate) or at least [`MIN_AUDIT_ROTATE_BYTES`].
+fn audit_rotate_bytes(bytes: u64) -> Result<u64, ConfigError> {
+    if bytes != 0 && bytes < MIN_AUDIT_ROTATE_BYTES {
+        return Err(ConfigError::Invalid(format!(
+            "audit_rotate_bytes must be 0 (never rotate) or at least {MIN_AUDIT_ROTATE_BYTES} (64 KiB) (got {bytes})"
+        )));
+    }
+    Ok(bytes)
 }
 
 /// `dicom_retention_days` as a duration; 0 (keep forever) is `None`. (Issue 8, OPS slice.)
@@ -1460,6 +1514,143 @@ mod tests {
             let err = args.resolve().unwrap_err();
             assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
         }
+    }
+
+    #[test]
+    fn absurd_numeric_settings_are_refused_naming_the_setting_and_its_range() {
+        let refused = |args: ServeArgs, name: &str, range: &str| {
+            let err = args.resolve().unwrap_err();
+            assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+            let message = err.to_string();
+            assert!(message.contains(name), "{message}");
+            assert!(message.contains(range), "{message}");
+        };
+        // Over tokio's semaphore maximum: was a panic at start.
+        refused(
+            ServeArgs {
+                max_inflight_requests: Some(2_305_843_009_213_693_952),
+                ..ServeArgs::default()
+            },
+            "max_inflight_requests",
+            "between 1 and 1000000",
+        );
+        refused(
+            ServeArgs {
+                max_inflight_requests: Some(1_000_001),
+                ..ServeArgs::default()
+            },
+            "max_inflight_requests",
+            "1000000",
+        );
+        // A file per audit record.
+        for bytes in [1, 65_535] {
+            refused(
+                ServeArgs {
+                    audit_rotate_bytes: Some(bytes),
+                    ..ServeArgs::default()
+                },
+                "audit_rotate_bytes",
+                "at least 65536",
+            );
+        }
+        // Was silently raised to 50 ms.
+        for secs in [0.000_001, 0.049, -1.0, f64::NAN, 86_401.0] {
+            refused(
+                ServeArgs {
+                    repository_poll_secs: Some(secs),
+                    ..ServeArgs::default()
+                },
+                "repository_poll_secs",
+                "between 0.05 and 86400",
+            );
+        }
+        refused(
+            ServeArgs {
+                intra_op_threads: Some(100_000_000),
+                ..ServeArgs::default()
+            },
+            "intra_op_threads",
+            "1024",
+        );
+        refused(
+            ServeArgs {
+                request_timeout_secs: Some(u64::MAX),
+                ..ServeArgs::default()
+            },
+            "request timeout",
+            "86400 s",
+        );
+        refused(
+            ServeArgs {
+                cuda_device: Some(-1),
+                ..ServeArgs::default()
+            },
+            "cuda_device",
+            "between 0 and 1023",
+        );
+        refused(
+            ServeArgs {
+                validation_max_upload_bytes: Some(0),
+                ..ServeArgs::default()
+            },
+            "validation_max_upload_bytes",
+            "1 KiB",
+        );
+        // The edges themselves, and the defaults, are accepted; 0 keeps meaning off / never /
+        // the engine's default.
+        let c = ServeArgs {
+            max_inflight_requests: Some(1_000_000),
+            audit_rotate_bytes: Some(64 << 10),
+            repository_poll_secs: Some(0.05),
+            intra_op_threads: Some(1024),
+            request_timeout_ms: Some(86_400_000),
+            validation_max_upload_bytes: Some(1024),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.max_inflight_requests, 1_000_000);
+        assert_eq!(c.intra_op_threads, 1024);
+        assert_eq!(
+            c.repository_poll,
+            Some(std::time::Duration::from_secs_f64(0.05))
+        );
+        assert!(matches!(
+            c.audit,
+            AuditConfig::Jsonl {
+                rotate_bytes: 65_536,
+                ..
+            }
+        ));
+        let c = ServeArgs {
+            audit_rotate_bytes: Some(0),
+            repository_poll_secs: Some(0.0),
+            intra_op_threads: Some(0),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.repository_poll, None);
+        assert_eq!(c.intra_op_threads, 0);
+        assert!(matches!(
+            c.audit,
+            AuditConfig::Jsonl {
+                rotate_bytes: 0,
+                ..
+            }
+        ));
+        // From the file too.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(&path, "audit_rotate_bytes = 1\n").unwrap();
+        refused(
+            ServeArgs {
+                config: Some(path),
+                ..ServeArgs::default()
+            },
+            "audit_rotate_bytes",
+            "65536",
+        );
     }
 
     #[test]

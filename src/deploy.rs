@@ -8,7 +8,8 @@
 //! progress is not loaded half-written); a new version that verifies and passes its self-test
 //! is swapped in atomically, one that fails leaves the old versions serving and shows in the
 //! index with its reason. A bundle removed from disk is unloaded (requests in flight finish).
-//! A model pinned by a rollback is left alone until the next plain load.
+//! A model pinned by a rollback is left alone until the next plain load (decided under the
+//! repository's load lock, so a reload queued behind a rollback in flight does not undo it).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -57,7 +58,7 @@ pub async fn load(
         .await
         .map_err(|e| DeployError::Internal(e.to_string()))?;
     let kind = match target {
-        LoadTarget::Policy => EventKind::ModelLoad,
+        LoadTarget::Policy | LoadTarget::PolicyUnlessPinned => EventKind::ModelLoad,
         LoadTarget::Version(_) => EventKind::ModelRollback,
     };
     let events: Vec<AuditEvent> = match &result {
@@ -71,14 +72,17 @@ pub async fn load(
                 ..event(kind, name, actor, Outcome::Ok, 200)
             })
             .collect(),
-        // Names that are not bundles are not model-control events worth a record.
-        Err(RepositoryError::InvalidName { .. } | RepositoryError::UnknownModel { .. }) => {
-            vec![]
-        }
+        // Names that are not bundles are not model-control events worth a record, and a
+        // load that left a rollback's pin alone did nothing.
+        Err(
+            RepositoryError::InvalidName { .. }
+            | RepositoryError::UnknownModel { .. }
+            | RepositoryError::Pinned { .. },
+        ) => vec![],
         Err(e) => vec![AuditEvent {
             version: match target {
                 LoadTarget::Version(v) => v.to_string(),
-                LoadTarget::Policy => state
+                LoadTarget::Policy | LoadTarget::PolicyUnlessPinned => state
                     .repository
                     .refused_version(name)
                     .map(|v| v.to_string())
@@ -177,14 +181,17 @@ pub async fn poll(
                 continue;
             }
             applied.insert(name.clone(), *print);
-            if let Some(v) = state.repository.pinned(name) {
-                tracing::info!(model = %name, version = v,
+            // Whether a rollback pinned the model is decided by the repository under its load
+            // lock, not here: a rollback in flight now would otherwise be undone by this load
+            // queued behind it.
+            tracing::info!(model = %name, "bundle changed on disk: reloading unless pinned");
+            // Other errors are in the index and the audit trail already.
+            if let Err(DeployError::Repository(RepositoryError::Pinned { version, .. })) =
+                load(&state, name, LoadTarget::PolicyUnlessPinned, POLLER, "-").await
+            {
+                tracing::info!(model = %name, version,
                     "bundle changed on disk; not reloaded: pinned by a rollback until the next load");
-                continue;
             }
-            tracing::info!(model = %name, "bundle changed on disk: reloading");
-            // Errors are in the index and the audit trail already.
-            let _ = load(&state, name, LoadTarget::Policy, POLLER, "-").await;
         }
         let gone: Vec<String> = applied
             .keys()

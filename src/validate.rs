@@ -1205,10 +1205,26 @@ fn write_report(out: &Path, report: &Report) -> anyhow::Result<()> {
     write_atomic(&out.join("report.html"), html::render(report).as_bytes())
 }
 
+/// Writes through a new file created exclusively under an unpredictable name beside `path`
+/// (never through a link planted under a fixed temporary name), flushed, then renamed.
 fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    use std::io::Write as _;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let cannot = || format!("cannot write {}", path.display());
+    // The mode a plain create gives (0666 less the umask), not tempfile's private 0600.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".report.")
+        .suffix(".tmp")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .tempfile_in(dir)
+        .with_context(cannot)?;
+    tmp.write_all(bytes)
+        .and_then(|()| tmp.as_file().sync_all())
+        .with_context(cannot)?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(cannot)?;
+    Ok(())
 }
 
 fn tripod_items(
@@ -1483,4 +1499,34 @@ pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionChec
             ),
         })
     }))
+}
+
+#[cfg(test)]
+mod write_tests {
+    use super::write_atomic;
+
+    #[test]
+    fn reports_are_not_written_through_a_link_planted_under_a_temporary_name() {
+        let out = tempfile::tempdir().unwrap();
+        let victim = out.path().join("victim.txt");
+        std::fs::write(&victim, "theirs").unwrap();
+        // The fixed name the report was written through before.
+        std::os::unix::fs::symlink(&victim, out.path().join("report.tmp")).unwrap();
+        let report = out.path().join("report.json");
+        write_atomic(&report, b"{}").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "theirs");
+        assert_eq!(std::fs::read(&report).unwrap(), b"{}");
+        // Readable as a plainly created file is, not private to the writer.
+        use std::os::unix::fs::PermissionsExt as _;
+        let plain = out.path().join("plain");
+        std::fs::write(&plain, b"").unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode();
+        assert_eq!(mode(&report), mode(&plain));
+        assert!(
+            std::fs::symlink_metadata(&report)
+                .unwrap()
+                .file_type()
+                .is_file()
+        );
+    }
 }

@@ -13,7 +13,9 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use nightingale::audit::{AuditLog, AuditRecord, EventKind, Outcome};
 use nightingale::http::{self, AppState, HttpConfig};
-use nightingale_models::{Repository, RepositoryOptions, SignaturePolicy};
+use nightingale_models::{
+    LoadTarget, PromotionCheck, Repository, RepositoryOptions, SignaturePolicy,
+};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -36,6 +38,11 @@ impl Fixture {
     /// A repository with the bundle; `versions` are the version folders kept on disk (the
     /// manifest, and so its signature, is unchanged: it may list versions not on disk).
     async fn new(versions: &[u64]) -> Fixture {
+        Fixture::with_promotion(versions, None).await
+    }
+
+    /// As [`Fixture::new`], with a deployment check asked before each version loads.
+    async fn with_promotion(versions: &[u64], promotion: Option<PromotionCheck>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let repo = dir.path().join("repo");
         let bundle = repo.join(MODEL);
@@ -51,6 +58,7 @@ impl Fixture {
                 true,
             )
             .unwrap(),
+            promotion,
             ..RepositoryOptions::default()
         };
         let repository = Arc::new(Repository::new(&repo, options));
@@ -398,4 +406,117 @@ async fn the_poller_swaps_a_new_version_in_and_refuses_a_broken_one() {
             .unwrap()
             .contains("checksum mismatch")
     );
+}
+
+/// Holds the first load of version 1 after `arm` inside the repository's load lock (as a
+/// rollback of gigabytes would be held by its reading) until `release`.
+#[derive(Default)]
+struct Gate {
+    state: std::sync::Mutex<(bool, bool, bool)>, // armed, entered, released
+    changed: std::sync::Condvar,
+}
+
+impl Gate {
+    fn check(&self, version: u64) {
+        let mut s = self.state.lock().unwrap();
+        if !(s.0 && version == 1 && !s.1) {
+            return;
+        }
+        s.1 = true;
+        self.changed.notify_all();
+        let (s, timeout) = self
+            .changed
+            .wait_timeout_while(s, Duration::from_secs(30), |s| !s.2)
+            .unwrap();
+        assert!(!timeout.timed_out() && s.2, "the gate was never released");
+    }
+
+    fn set(&self, f: impl FnOnce(&mut (bool, bool, bool))) {
+        f(&mut self.state.lock().unwrap());
+        self.changed.notify_all();
+    }
+
+    fn entered(&self) -> bool {
+        self.state.lock().unwrap().1
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poller_reload_queued_behind_a_rollback_does_not_undo_it() {
+    let gate = Arc::new(Gate::default());
+    let check = gate.clone();
+    let f = Fixture::with_promotion(
+        &[1, 2],
+        Some(PromotionCheck(Arc::new(move |_, version, _| {
+            check.check(version);
+            Ok(())
+        }))),
+    )
+    .await;
+    let repository = f.state.repository.clone();
+    assert_eq!(repository.pinned(MODEL), None);
+    let poller = tokio::spawn(nightingale::deploy::poll(
+        f.state.clone(),
+        Duration::from_millis(50),
+        repository.fingerprints(),
+    ));
+
+    // The operator rolls back to version 1; the rollback is held inside the load lock.
+    gate.set(|s| s.0 = true);
+    let state = f.state.clone();
+    let rollback = tokio::spawn(async move {
+        nightingale::deploy::load(&state, MODEL, LoadTarget::Version(1), "admin-token", "-").await
+    });
+    eventually("the rollback is loading", async || gate.entered()).await;
+
+    // Meanwhile the bundle changes on disk (CI adds a note): the poller sees it stay the same
+    // for one interval and asks for a reload, which waits behind the rollback.
+    std::fs::write(f.bundle().join("testdata/note.txt"), "new").unwrap();
+    eventually(
+        "the poller's reload waits behind the rollback",
+        async || repository.loads_pending() == 2,
+    )
+    .await;
+    gate.set(|s| s.2 = true);
+    let served = rollback.await.unwrap().unwrap();
+    assert_eq!(served.iter().map(|m| m.version).collect::<Vec<_>>(), [1]);
+    eventually("every load has finished", async || {
+        repository.loads_pending() == 0
+    })
+    .await;
+    poller.abort();
+
+    // The rollback stands: pinned, version 1 alone, and nothing loaded by the poller.
+    assert_eq!(repository.pinned(MODEL), Some(1));
+    let (_, v) = f.infer_version().await;
+    assert_eq!(v["model_version"], "1");
+    let index = f.index().await;
+    let ready: Vec<&Value> = index.iter().filter(|r| r["state"] == "READY").collect();
+    assert_eq!(ready.len(), 1, "{index:?}");
+    assert_eq!(ready[0]["version"], "1");
+    let records = f.audit().await;
+    let after_startup: Vec<(EventKind, String, Option<String>)> = records
+        .iter()
+        .filter(|r| r.event.actor.as_deref() != Some(nightingale::deploy::STARTUP))
+        .filter(|r| r.event.kind != EventKind::Inference)
+        .map(|r| (r.event.kind, r.event.version.clone(), r.event.actor.clone()))
+        .collect();
+    assert_eq!(
+        after_startup,
+        vec![(
+            EventKind::ModelRollback,
+            "1".into(),
+            Some("admin-token".into())
+        )]
+    );
+
+    // The next plain load (an operator's) clears the pin as before.
+    let served = repository.load_target(MODEL, LoadTarget::Policy).unwrap();
+    assert_eq!(served.iter().map(|m| m.version).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(repository.pinned(MODEL), None);
+    // And a poller-style load of an unpinned model loads the policy's versions.
+    let served = repository
+        .load_target(MODEL, LoadTarget::PolicyUnlessPinned)
+        .unwrap();
+    assert_eq!(served.iter().map(|m| m.version).collect::<Vec<_>>(), [1, 2]);
 }

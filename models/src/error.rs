@@ -213,6 +213,12 @@ pub enum RepositoryError {
     NotReady { name: String, reason: String },
     #[error("model name {name:?} is not valid")]
     InvalidName { name: String },
+    /// A [`LoadTarget::PolicyUnlessPinned`](crate::LoadTarget::PolicyUnlessPinned) load found
+    /// the model pinned by a rollback (checked under the load lock): nothing was loaded.
+    #[error(
+        "model {name:?} is pinned to version {version} by a rollback until the next plain load"
+    )]
+    Pinned { name: String, version: u64 },
     #[error("cannot read the model repository {path}: {source}")]
     Io {
         path: PathBuf,

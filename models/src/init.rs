@@ -397,18 +397,17 @@ struct Staging {
 
 impl Staging {
     fn new(repository: &Path, name: &str) -> Result<Staging, InitError> {
-        // Hidden (leading '.'): the repository's scan and poller skip it.
-        let dir = repository.join(format!(".{name}.init-{}", std::process::id()));
-        if fs::symlink_metadata(&dir).is_ok() {
-            fs::remove_dir_all(&dir).map_err(|source| InitError::Write {
-                path: dir.clone(),
+        // Hidden (leading '.'): the repository's scan and poller skip it. Created exclusively
+        // under an unpredictable name (mode 0700): nothing someone else planted in the
+        // repository (a link, a folder under a name we would pick) is followed or removed.
+        let dir = tempfile::Builder::new()
+            .prefix(&format!(".{name}.init-"))
+            .tempdir_in(repository)
+            .map_err(|source| InitError::Write {
+                path: repository.to_owned(),
                 source,
-            })?;
-        }
-        fs::create_dir(&dir).map_err(|source| InitError::Write {
-            path: dir.clone(),
-            source,
-        })?;
+            })?
+            .keep();
         Ok(Staging {
             dir,
             name: name.to_owned(),
@@ -1073,6 +1072,35 @@ mod tests {
         let path = dir.path().join("rows.csv");
         fs::write(&path, text).unwrap();
         read_csv(&path).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn staging_neither_follows_nor_removes_what_is_planted_under_a_predictable_name() {
+        let repository = tempfile::tempdir().unwrap();
+        // What `models init` named its staging folder before: someone else's folder there
+        // was removed whole.
+        let planted = repository
+            .path()
+            .join(format!(".demo.init-{}", std::process::id()));
+        fs::create_dir(&planted).unwrap();
+        fs::write(planted.join("keep.txt"), "theirs").unwrap();
+        let staging = Staging::new(repository.path(), "demo").unwrap();
+        assert_ne!(staging.dir, planted);
+        assert!(
+            staging
+                .dir
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".demo.init-")
+        );
+        let made = staging.dir.clone();
+        drop(staging);
+        assert!(!made.exists(), "an uncommitted staging folder is removed");
+        assert_eq!(
+            fs::read_to_string(planted.join("keep.txt")).unwrap(),
+            "theirs"
+        );
     }
 
     #[test]

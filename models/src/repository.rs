@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -136,9 +136,7 @@ impl Bundle {
             &signature::bundle_trusted_comment(&self.manifest.name),
         );
         let path = self.dir.join(signature::SIGNATURE_FILE);
-        let tmp = self.dir.join(format!(".{}.tmp", signature::SIGNATURE_FILE));
-        fs::write(&tmp, text.as_bytes()).map_err(|e| BundleError::io(&tmp, e))?;
-        fs::rename(&tmp, &path).map_err(|e| BundleError::io(&path, e))?;
+        write_atomic_in(&self.dir, &path, text.as_bytes())?;
         let policy = SignaturePolicy {
             trusted: vec![key.trusted_key()],
             require: true,
@@ -587,6 +585,11 @@ pub struct IndexEntry {
 pub enum LoadTarget {
     /// The versions the bundle's version policy selects (and clears a rollback's pin).
     Policy,
+    /// As `Policy`, unless a rollback has pinned the model: then nothing is loaded and the
+    /// load answers [`RepositoryError::Pinned`]. The pin is read under the load lock, after
+    /// any load in flight (a rollback, say) has finished, so a load queued behind a rollback
+    /// never undoes it. The repository poller's loads.
+    PolicyUnlessPinned,
     /// Exactly this version, alone, whatever the policy says (a rollback).
     Version(u64),
 }
@@ -612,6 +615,15 @@ struct Entry {
     pinned: Option<u64>,
 }
 
+/// Counts a load out of [`Repository::loads_pending`] when it returns (or unwinds).
+struct Pending<'a>(&'a AtomicUsize);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The served models. Cheap to share behind an `Arc`; loading happens outside the lock and
 /// swaps versions in at once, so requests never see a half-loaded model.
 #[derive(Debug)]
@@ -622,6 +634,8 @@ pub struct Repository {
     /// One load at a time. Unloads never wait for it (they run on the async runtime's
     /// blocking pool, and a load can take minutes).
     loading: Mutex<()>,
+    /// Loads running or waiting for the one before them; see [`Repository::loads_pending`].
+    pending: AtomicUsize,
     /// Unloads so far; see `Entry::unloaded_at`.
     unloads: AtomicU64,
 }
@@ -633,6 +647,7 @@ impl Repository {
             options,
             models: RwLock::default(),
             loading: Mutex::default(),
+            pending: AtomicUsize::new(0),
             unloads: AtomicU64::new(0),
         }
     }
@@ -707,7 +722,19 @@ impl Repository {
                 name: name.to_owned(),
             });
         }
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let _pending = Pending(&self.pending);
         let _guard = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        if target == LoadTarget::PolicyUnlessPinned {
+            // Decided here, under the load lock: a rollback that was in flight when this load
+            // was asked for has set its pin by now.
+            if let Some(version) = self.pinned(name) {
+                return Err(RepositoryError::Pinned {
+                    name: name.to_owned(),
+                    version,
+                });
+            }
+        }
         let started = self.unloads.load(Ordering::SeqCst);
         // The engine steps are guarded already; this catches a panic anywhere else in the
         // load, so that it fails this model only.
@@ -747,7 +774,7 @@ impl Repository {
                 entry.state = Some(ModelState::Ready);
                 entry.refused = None;
                 entry.pinned = match target {
-                    LoadTarget::Policy => None,
+                    LoadTarget::Policy | LoadTarget::PolicyUnlessPinned => None,
                     LoadTarget::Version(v) => Some(v),
                 };
                 tracing::info!(model = name, ?versions, "model loaded");
@@ -781,6 +808,12 @@ impl Repository {
             .and_then(|r| r.version)
     }
 
+    /// Loads running or queued behind the one running (loads run one at a time): lets a
+    /// caller (or a test) see that a load it asked for is waiting, or that all are done.
+    pub fn loads_pending(&self) -> usize {
+        self.pending.load(Ordering::SeqCst)
+    }
+
     /// The version a rollback pinned this model to, if any.
     pub fn pinned(&self, name: &str) -> Option<u64> {
         let models = self.models.read().unwrap_or_else(|p| p.into_inner());
@@ -795,7 +828,9 @@ impl Repository {
     ) -> Result<BTreeMap<u64, Arc<LoadedModel>>, (Option<u64>, BundleError)> {
         let bundle = Bundle::open_with(dir, &self.options.signatures).map_err(|e| (None, e))?;
         let versions = match target {
-            LoadTarget::Policy => bundle.selected_versions().map_err(|e| (e.version(), e))?,
+            LoadTarget::Policy | LoadTarget::PolicyUnlessPinned => {
+                bundle.selected_versions().map_err(|e| (e.version(), e))?
+            }
             LoadTarget::Version(v) => {
                 let on_disk = bundle.versions_on_disk().map_err(|e| (Some(v), e))?;
                 if !on_disk.contains(&v) {
@@ -1025,4 +1060,36 @@ fn fingerprint_tree(root: &Path, dir: &Path, depth: usize, hash: &mut sha2::Sha2
             hash.update(modified.to_le_bytes());
         }
     }
+}
+
+/// Writes `bytes` to `path` (in the folder `dir`) atomically and without following any link a
+/// third party may have planted in `dir`: the bytes go to a new file created exclusively
+/// (`O_EXCL`, so never through an existing name or link) under an unpredictable name in `dir`,
+/// are flushed to disk, then renamed over `path` (a rename replaces a link at `path`, it does
+/// not write through it), and the folder is flushed. The temporary file is removed on error.
+fn write_atomic_in(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), BundleError> {
+    use std::io::Write as _;
+    let prefix = format!(
+        ".{}.",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    // The mode a plain create gives (0666 less the umask), not tempfile's private 0600: the
+    // signature is read by the server, which may run as another user.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".tmp")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .tempfile_in(dir)
+        .map_err(|e| BundleError::io(dir, e))?;
+    tmp.write_all(bytes)
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(|e| BundleError::io(tmp.path(), e))?;
+    tmp.persist(path)
+        .map_err(|e| BundleError::io(path, e.error))?;
+    // The rename is durable once the folder is.
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| BundleError::io(dir, e))
 }

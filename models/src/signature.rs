@@ -135,26 +135,57 @@ impl fmt::Debug for TrustedKey {
 }
 
 impl TrustedKey {
-    /// Reads a minisign public key file (`untrusted comment: …` then the base64 key; a
-    /// bare base64 line, as `minisign -P` takes, is accepted too).
+    /// Reads a minisign public key file holding one key (`untrusted comment: …` then the
+    /// base64 key; a bare base64 line, as `minisign -P` takes, is accepted too). A file with
+    /// several keys is refused here (this returns one): [`TrustedKey::all_from_file`] reads
+    /// them all, as [`SignaturePolicy::load`] does.
     pub fn from_file(path: &Path) -> Result<TrustedKey, KeyError> {
+        let mut keys = TrustedKey::all_from_file(path)?;
+        if keys.len() > 1 {
+            return Err(KeyError::Malformed {
+                path: path.to_owned(),
+                what: "public",
+                reason: format!(
+                    "holds {} keys where one was expected ({})",
+                    keys.len(),
+                    keys.iter()
+                        .map(|k| k.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+        Ok(keys.remove(0))
+    }
+
+    /// Reads every key of a minisign public key file: each `untrusted comment: …` line
+    /// followed by its base64 key (or bare base64 lines). Every other non-empty line must be
+    /// a key: one that does not parse fails the whole file (no key is silently skipped), and
+    /// so does a file without any.
+    pub fn all_from_file(path: &Path) -> Result<Vec<TrustedKey>, KeyError> {
         let text = read_small(path, "public")?;
         let malformed = |reason: String| KeyError::Malformed {
             path: path.to_owned(),
             what: "public",
             reason,
         };
-        let line = text
-            .lines()
-            .map(str::trim)
-            .find(|l| !l.is_empty() && !l.starts_with("untrusted comment:"))
-            .ok_or_else(|| malformed("no key line".into()))?;
-        let key = minisign::PublicKey::from_base64(line).map_err(|e| malformed(e.to_string()))?;
-        Ok(TrustedKey {
-            id: key_id(key.keynum()),
-            source: path.to_owned(),
-            key,
-        })
+        let mut keys = vec![];
+        for (n, line) in text.lines().map(str::trim).enumerate() {
+            if line.is_empty() || line.starts_with("untrusted comment:") {
+                continue;
+            }
+            let key = minisign::PublicKey::from_base64(line)
+                .map_err(|e| malformed(format!("line {}: {e}", n + 1)))?;
+            keys.push(TrustedKey {
+                id: key_id(key.keynum()),
+                source: path.to_owned(),
+                key,
+            });
+        }
+        if keys.is_empty() {
+            return Err(malformed("no key line".into()));
+        }
+        Ok(keys)
     }
 
     /// The key id, as minisign prints it.
@@ -178,19 +209,22 @@ pub struct SignaturePolicy {
 }
 
 impl SignaturePolicy {
-    /// Reads the trusted key files; a key given twice is an error (it is a config mistake).
+    /// Reads the trusted key files, every key of each (a file may hold several, one after
+    /// the other, as `cat a.pub b.pub` makes); a key given twice, in one file or two, is an
+    /// error (it is a config mistake).
     pub fn load(paths: &[PathBuf], require: bool) -> Result<SignaturePolicy, KeyError> {
         let mut trusted: Vec<TrustedKey> = vec![];
         for path in paths {
-            let key = TrustedKey::from_file(path)?;
-            if let Some(first) = trusted.iter().find(|k| k.id == key.id) {
-                return Err(KeyError::Duplicate {
-                    id: key.id,
-                    first: first.source.clone(),
-                    second: path.clone(),
-                });
+            for key in TrustedKey::all_from_file(path)? {
+                if let Some(first) = trusted.iter().find(|k| k.id == key.id) {
+                    return Err(KeyError::Duplicate {
+                        id: key.id,
+                        first: first.source.clone(),
+                        second: path.clone(),
+                    });
+                }
+                trusted.push(key);
             }
-            trusted.push(key);
         }
         Ok(SignaturePolicy { trusted, require })
     }

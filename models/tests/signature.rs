@@ -298,6 +298,65 @@ fn key_files_are_checked() {
 }
 
 #[test]
+fn a_key_file_holding_several_keys_trusts_every_one_of_them() {
+    // Two keys made by minisign, concatenated as `cat demo.pub untrusted.pub > keys.pub`
+    // makes them. Before, only the first was trusted and the second silently ignored.
+    let dir = tempfile::tempdir().unwrap();
+    let both = dir.path().join("keys.pub");
+    let text = format!(
+        "{}{}",
+        std::fs::read_to_string(demo_pub()).unwrap(),
+        std::fs::read_to_string(fixture_key("untrusted.pub")).unwrap()
+    );
+    std::fs::write(&both, &text).unwrap();
+    let policy = trusting(std::slice::from_ref(&both), true);
+    let ids: Vec<&str> = policy.trusted.iter().map(TrustedKey::id).collect();
+    assert_eq!(
+        ids,
+        [
+            id_from_comment(&demo_pub()),
+            id_from_comment(&fixture_key("untrusted.pub"))
+        ]
+    );
+    // A bundle signed by the second key verifies under the file.
+    let (_repo, bundle) = repository();
+    let second = SigningKey::from_file(&fixture_key("untrusted.key"), None).unwrap();
+    Bundle::open(&bundle).unwrap().sign(&second).unwrap();
+    assert_eq!(
+        Bundle::open_with(&bundle, &policy).unwrap().signature,
+        SignatureStatus::Verified {
+            key_id: second.id().to_owned(),
+            trusted_comment: format!("nightingale bundle {BUNDLE}"),
+        }
+    );
+    // One key asked for, several found: refused, naming them (not the first taken).
+    let err = TrustedKey::from_file(&both).unwrap_err().to_string();
+    assert!(err.contains("holds 2 keys"), "{err}");
+    // A malformed key anywhere in the file fails the file, naming the line.
+    let bad = dir.path().join("bad.pub");
+    std::fs::write(
+        &bad,
+        format!("{text}untrusted comment: x\nnot base64 at all\n"),
+    )
+    .unwrap();
+    let err = SignaturePolicy::load(std::slice::from_ref(&bad), false).unwrap_err();
+    assert!(matches!(err, KeyError::Malformed { .. }), "{err}");
+    assert!(err.to_string().contains("line 6"), "{err}");
+    // The same key twice in one file is a duplicate, as in two files.
+    let twice = dir.path().join("twice.pub");
+    let demo = std::fs::read_to_string(demo_pub()).unwrap();
+    std::fs::write(&twice, format!("{demo}{demo}")).unwrap();
+    assert!(matches!(
+        SignaturePolicy::load(std::slice::from_ref(&twice), false),
+        Err(KeyError::Duplicate { .. })
+    ));
+    assert!(matches!(
+        SignaturePolicy::load(&[both, demo_pub()], false),
+        Err(KeyError::Duplicate { .. })
+    ));
+}
+
+#[test]
 fn an_encrypted_minisign_key_signs_with_its_password() {
     let (_dir, bundle) = repository();
     let key = SigningKey::from_file(
@@ -398,4 +457,63 @@ fn a_signature_file_that_is_not_a_regular_file_is_refused_unread() {
         .expect("opening a bundle whose signature is a FIFO must not block");
     let err = result.unwrap_err();
     assert!(err.to_string().contains("not a regular file"), "{err}");
+}
+
+#[test]
+fn signing_never_writes_through_a_planted_link_or_file() {
+    // A bundle folder that someone else can write to may hold a link where a fixed temporary
+    // name would be (`.bundle.toml.minisig.tmp`, the name `models sign` used): signing must
+    // neither write through it nor remove what it points at, and leaves no temporary behind.
+    let (dir, bundle) = repository();
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, "IMPORTANT VICTIM CONTENT\n").unwrap();
+    let planted = bundle.join(format!(".{SIGNATURE_FILE}.tmp"));
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    let committed = std::fs::read(bundle.join(SIGNATURE_FILE)).unwrap();
+    std::fs::remove_file(bundle.join(SIGNATURE_FILE)).unwrap();
+    let key = SigningKey::from_file(&demo_key(), None).unwrap();
+    let written = Bundle::open(&bundle).unwrap().sign(&key).unwrap();
+    assert_eq!(written, bundle.join(SIGNATURE_FILE));
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "IMPORTANT VICTIM CONTENT\n"
+    );
+    // The planted link is still a link (not replaced, not followed), and the signature is a
+    // regular file with the expected bytes.
+    assert!(
+        std::fs::symlink_metadata(&planted)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    let meta = std::fs::symlink_metadata(&written).unwrap();
+    assert!(meta.file_type().is_file());
+    // With the mode a plain create gives (the server may read it as another user).
+    use std::os::unix::fs::PermissionsExt as _;
+    let plain = dir.path().join("plain");
+    std::fs::write(&plain, b"").unwrap();
+    assert_eq!(
+        meta.permissions().mode(),
+        std::fs::metadata(&plain).unwrap().permissions().mode()
+    );
+    assert_eq!(std::fs::read(&written).unwrap(), committed);
+    // No temporary file of ours is left in the bundle.
+    let left: Vec<String> = std::fs::read_dir(&bundle)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.') && n.as_str() != format!(".{SIGNATURE_FILE}.tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // A signature file that is itself a link is never written through: either the bundle is
+    // refused, or signing replaces the link with a regular file.
+    let sig = bundle.join(SIGNATURE_FILE);
+    std::fs::remove_file(&sig).unwrap();
+    std::os::unix::fs::symlink(&victim, &sig).unwrap();
+    if let Ok(opened) = Bundle::open(&bundle) {
+        let _ = opened.sign(&key);
+    }
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "IMPORTANT VICTIM CONTENT\n"
+    );
 }

@@ -30,20 +30,43 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-/// The connection string without its password, for logs and errors.
+/// What a connection string names, for logs and errors: host(s), port(s), user and database,
+/// read by the client library's own parser (so every spelling it accepts — URL, `key=value`
+/// with spaces around `=`, quoted values, URL-encoded passwords, `?password=` — is handled
+/// alike). Nothing of the configured text is echoed: a string the parser refuses is shown as
+/// `<unparseable connection string>`.
 pub fn redact(url: &str) -> String {
-    // URL form: postgres://user:password@host/db
-    if let Some((scheme, rest)) = url.split_once("://")
-        && let Some((userinfo, host)) = rest.split_once('@')
-    {
-        let user = userinfo.split(':').next().unwrap_or_default();
-        return format!("{scheme}://{user}@{host}");
+    use ::postgres::config::Host;
+    let Ok(config) = url.parse::<::postgres::Config>() else {
+        return "<unparseable connection string>".into();
+    };
+    let mut parts = vec![];
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            Host::Tcp(name) => name.clone(),
+            Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    if !hosts.is_empty() {
+        parts.push(format!("host={}", hosts.join(",")));
     }
-    // key=value form: drop password=…
-    url.split_whitespace()
-        .filter(|kv| !kv.to_ascii_lowercase().starts_with("password="))
-        .collect::<Vec<_>>()
-        .join(" ")
+    let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
+    if !ports.is_empty() {
+        parts.push(format!("port={}", ports.join(",")));
+    }
+    if let Some(user) = config.get_user() {
+        parts.push(format!("user={user}"));
+    }
+    if let Some(dbname) = config.get_dbname() {
+        parts.push(format!("dbname={dbname}"));
+    }
+    if parts.is_empty() {
+        "<connection string with no host, port, user or dbname>".into()
+    } else {
+        parts.join(" ")
+    }
 }
 
 fn connect(url: &str, location: &str) -> Result<Client, AuditError> {
@@ -178,4 +201,76 @@ pub fn verify_watching(url: &str, watch: Option<u64>) -> Result<ChainSummary, Au
         tail: checker.tail,
         watched: checker.watched,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn the_password_is_never_shown_whatever_its_spelling() {
+        let cases = [
+            // URL forms.
+            (
+                "postgres://ng:S3cretPW@db.example:5433/audit",
+                "host=db.example port=5433 user=ng dbname=audit",
+            ),
+            (
+                "postgresql://nightingale@127.0.0.1:19499/audit?password=S3cretPW",
+                "host=127.0.0.1 port=19499 user=nightingale dbname=audit",
+            ),
+            (
+                "postgresql://ng:S3cret%40PW%3A%2F@db/audit",
+                "host=db port=5432 user=ng dbname=audit",
+            ),
+            (
+                "postgresql://ng@db/audit?password=S3cret%20PW&sslmode=disable",
+                "host=db port=5432 user=ng dbname=audit",
+            ),
+            (
+                "postgres://ng:S3cretPW@h1:5432,h2:5433/audit",
+                "host=h1,h2 port=5432,5433 user=ng dbname=audit",
+            ),
+            // key=value forms.
+            (
+                "host=127.0.0.1 port=19499 user=ng password=S3cretPW dbname=audit",
+                "host=127.0.0.1 port=19499 user=ng dbname=audit",
+            ),
+            (
+                "host=127.0.0.1 port=19499 user=ng password = S3cretPW",
+                "host=127.0.0.1 port=19499 user=ng",
+            ),
+            (
+                "host=127.0.0.1 port=19499 user=ng password='pass S3cretPW'",
+                "host=127.0.0.1 port=19499 user=ng",
+            ),
+            (
+                r"host=db user=ng PASSWORD=S3cretPW password='it\'s S3cretPW' dbname=audit",
+                "<unparseable connection string>",
+            ),
+            (
+                r"host=db user=ng password='it\'s S3cretPW' dbname=audit",
+                "host=db user=ng dbname=audit",
+            ),
+            (
+                "host=/var/run/postgresql user=ng password=S3cretPW",
+                "host=/var/run/postgresql user=ng",
+            ),
+            // What the parser refuses is not echoed at all.
+            (
+                "host=db password='S3cretPW unterminated",
+                "<unparseable connection string>",
+            ),
+            (
+                "postgres://ng:S3cretPW@db:notaport/audit",
+                "<unparseable connection string>",
+            ),
+            ("S3cretPW", "<unparseable connection string>"),
+        ];
+        for (url, want) in cases {
+            let shown = redact(url);
+            assert!(!shown.contains("S3cret"), "{url:?} -> {shown:?}");
+            assert_eq!(shown, want, "{url:?}");
+        }
+    }
 }

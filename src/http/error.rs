@@ -161,6 +161,7 @@ impl From<RepositoryError> for AppError {
             }
             RepositoryError::InvalidName { .. } => StatusCode::BAD_REQUEST,
             RepositoryError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            RepositoryError::Pinned { .. } => StatusCode::CONFLICT,
             RepositoryError::Bundle(_) => StatusCode::BAD_REQUEST,
             RepositoryError::Io { .. } => return AppError::internal(e.to_string()),
         };
