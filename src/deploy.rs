@@ -43,8 +43,11 @@ fn event(kind: EventKind, model: &str, actor: &str, outcome: Outcome, status: u1
 }
 
 /// Loads a model (its policy's versions, or one version for a rollback) off the async
-/// threads, and audits what happened. An audit failure is logged and returned as an error
-/// after the load (the versions loaded serve: the record is what failed).
+/// threads, and audits what happened. The record of each version that starts serving is
+/// written before the swap, under the repository's lock: if it cannot be written, nothing
+/// changes and the answer says so ([`DeployError::AuditUnavailable`]), so no version ever
+/// serves without its record. A refused load leaves what served before serving; its record
+/// is written after (if that fails, the refusal is still answered and the failure logged).
 pub async fn load(
     state: &Arc<AppState>,
     name: &str,
@@ -52,34 +55,52 @@ pub async fn load(
     actor: &str,
     request_id: &str,
 ) -> Result<Vec<Arc<LoadedModel>>, DeployError> {
-    let repository = state.repository.clone();
-    let owned = name.to_owned();
-    let result = tokio::task::spawn_blocking(move || repository.load_target(&owned, target))
-        .await
-        .map_err(|e| DeployError::Internal(e.to_string()))?;
     let kind = match target {
         LoadTarget::Policy | LoadTarget::PolicyUnlessPinned => EventKind::ModelLoad,
         LoadTarget::Version(_) => EventKind::ModelRollback,
     };
-    let events: Vec<AuditEvent> = match &result {
-        Ok(served) => served
-            .iter()
-            .map(|m| AuditEvent {
-                version: m.version.to_string(),
-                model_sha256: m.model_sha256.clone(),
-                request_id: request_id.to_owned(),
-                detail: Some(m.signature.to_string()),
-                ..event(kind, name, actor, Outcome::Ok, 200)
-            })
-            .collect(),
-        // Names that are not bundles are not model-control events worth a record, and a
-        // load that left a rollback's pin alone did nothing.
-        Err(
-            RepositoryError::InvalidName { .. }
+    let repository = state.repository.clone();
+    let audit = state.audit.clone();
+    let runtime = tokio::runtime::Handle::current();
+    let (owned, actor_owned, request_owned) =
+        (name.to_owned(), actor.to_owned(), request_id.to_owned());
+    let result = tokio::task::spawn_blocking(move || {
+        let commit = |served: &[Arc<LoadedModel>]| -> Result<(), String> {
+            for m in served {
+                let record = AuditEvent {
+                    version: m.version.to_string(),
+                    model_sha256: m.model_sha256.clone(),
+                    request_id: request_owned.clone(),
+                    detail: Some(m.signature.to_string()),
+                    ..event(kind, &owned, &actor_owned, Outcome::Ok, 200)
+                };
+                // A blocking-pool thread: waiting here holds no async worker.
+                runtime
+                    .block_on(audit.record(record))
+                    .map_err(|e| audit_unavailable(&e.to_string()))?;
+            }
+            Ok(())
+        };
+        repository.load_target_committed(&owned, target, &commit)
+    })
+    .await
+    .map_err(|e| DeployError::Internal(e.to_string()))?;
+    let e = match result {
+        Ok(served) => return Ok(served),
+        Err(RepositoryError::CommitRefused { reason, .. }) => {
+            return Err(DeployError::AuditUnavailable(reason));
+        }
+        Err(e) => e,
+    };
+    // Names that are not bundles are not model-control events worth a record, and a load
+    // that left a rollback's pin alone did nothing.
+    if !matches!(
+        e,
+        RepositoryError::InvalidName { .. }
             | RepositoryError::UnknownModel { .. }
-            | RepositoryError::Pinned { .. },
-        ) => vec![],
-        Err(e) => vec![AuditEvent {
+            | RepositoryError::Pinned { .. }
+    ) {
+        let record = AuditEvent {
             version: match target {
                 LoadTarget::Version(v) => v.to_string(),
                 LoadTarget::Policy | LoadTarget::PolicyUnlessPinned => state
@@ -91,18 +112,22 @@ pub async fn load(
             request_id: request_id.to_owned(),
             detail: Some(e.to_string()),
             ..event(EventKind::ModelRefused, name, actor, Outcome::Rejected, 400)
-        }],
-    };
-    for e in events {
-        if let Err(err) = state.audit.record(e).await {
-            tracing::error!(model = name, error = %err, "cannot audit a model-control event");
-            return Err(DeployError::Audit(err.to_string()));
+        };
+        if let Err(err) = state.audit.record(record).await {
+            // Nothing changed: what served before serves. The refusal is answered.
+            tracing::error!(model = name, error = %err, "cannot audit a refused load");
         }
     }
-    result.map_err(DeployError::Repository)
+    Err(DeployError::Repository(e))
 }
 
-/// Unloads a model and audits it.
+fn audit_unavailable(error: &str) -> String {
+    format!("its audit record could not be written ({error}); nothing was changed")
+}
+
+/// Unloads a model and audits it: the record is written before the model stops serving
+/// (under the repository's lock); if it cannot be, the model keeps serving
+/// ([`DeployError::AuditUnavailable`]).
 pub async fn unload(
     state: &Arc<AppState>,
     name: &str,
@@ -110,19 +135,30 @@ pub async fn unload(
     request_id: &str,
 ) -> Result<(), DeployError> {
     let repository = state.repository.clone();
+    let audit = state.audit.clone();
+    let runtime = tokio::runtime::Handle::current();
+    let record = AuditEvent {
+        request_id: request_id.to_owned(),
+        ..event(EventKind::ModelUnload, name, actor, Outcome::Ok, 200)
+    };
     let owned = name.to_owned();
-    tokio::task::spawn_blocking(move || repository.unload(&owned))
-        .await
-        .map_err(|e| DeployError::Internal(e.to_string()))?
-        .map_err(DeployError::Repository)?;
-    state
-        .audit
-        .record(AuditEvent {
-            request_id: request_id.to_owned(),
-            ..event(EventKind::ModelUnload, name, actor, Outcome::Ok, 200)
-        })
-        .await
-        .map_err(|e| DeployError::Audit(e.to_string()))
+    let result = tokio::task::spawn_blocking(move || {
+        let commit = || {
+            runtime
+                .block_on(audit.record(record.clone()))
+                .map_err(|e| audit_unavailable(&e.to_string()))
+        };
+        repository.unload_committed(&owned, &commit)
+    })
+    .await
+    .map_err(|e| DeployError::Internal(e.to_string()))?;
+    match result {
+        Ok(()) => Ok(()),
+        Err(RepositoryError::CommitRefused { reason, .. }) => {
+            Err(DeployError::AuditUnavailable(reason))
+        }
+        Err(e) => Err(DeployError::Repository(e)),
+    }
 }
 
 /// Why a model-control action failed.
@@ -130,8 +166,9 @@ pub async fn unload(
 pub enum DeployError {
     #[error(transparent)]
     Repository(RepositoryError),
-    #[error("the action was carried out but its audit record could not be written: {0}")]
-    Audit(String),
+    /// The action's audit record could not be written, so the action was not carried out.
+    #[error("the audit trail cannot be written, so the model was not changed: {0}")]
+    AuditUnavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

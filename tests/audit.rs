@@ -484,6 +484,82 @@ async fn a_full_disk_during_a_burst_answers_503_recovers_and_the_chain_verifies(
     );
 }
 
+/// Model control on a full audit disk: a rollback, a load and an unload are refused with 503
+/// and change nothing (each version's record is written before it serves, an unload's
+/// before the model stops: an action without its record never happens); once space
+/// returns, each is carried out and recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_control_on_a_full_audit_disk_changes_nothing_until_it_can_be_recorded() {
+    let Some(fs) = Tmpfs::mount("512k") else {
+        return;
+    };
+    let models = tempfile::tempdir().unwrap();
+    let repository = wdbc_repository(models.path());
+    let log = fs.path().join("audit/audit.jsonl");
+    let audit = AuditLog::open(&log, false).unwrap();
+    let state = AppState::new(
+        repository.clone(),
+        audit,
+        HttpConfig {
+            admin_token: Some("admin-token-0123456789".into()),
+            ..HttpConfig::default()
+        },
+        None,
+    );
+    state.set_ready(true);
+    let control = |path: &str, body: &'static str| {
+        Request::post(format!("/v2/repository/models/{MODEL}/{path}"))
+            .header("authorization", "Bearer admin-token-0123456789")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let send = |req: Request<Body>| {
+        let state = state.clone();
+        async move {
+            let res = http::app(state).oneshot(req).await.unwrap();
+            let status = res.status();
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    let served = || {
+        let mut v: Vec<u64> = repository.loaded().iter().map(|m| m.version).collect();
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(served(), vec![1, 2]);
+    let filler = fs.fill();
+    let rollback = r#"{"parameters": {"version": "1"}}"#;
+    for (path, body) in [("load", rollback), ("load", ""), ("unload", "")] {
+        let (s, text) = send(control(path, body)).await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{path} {body}: {text}");
+        assert!(text.contains("audit trail cannot be written"), "{text}");
+        assert_eq!(served(), vec![1, 2], "{path} {body} changed what serves");
+        assert_eq!(repository.pinned(MODEL), None);
+    }
+    let before = audit::verify(&log).unwrap().records as usize;
+    std::fs::remove_file(&filler).unwrap();
+    let (s, text) = send(control("load", rollback)).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert_eq!(served(), vec![1]);
+    let (s, text) = send(control("unload", "")).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert!(served().is_empty());
+    let records = records(&log);
+    let kinds: Vec<(EventKind, &str)> = records[before..]
+        .iter()
+        .map(|r| (r.event.kind, r.event.version.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (EventKind::ModelRollback, "1"),
+            (EventKind::ModelUnload, "")
+        ]
+    );
+    assert_eq!(audit::verify(&log).unwrap().records as usize, records.len());
+}
+
 #[test]
 fn sqlite_on_a_full_disk_fails_whole_groups_and_recovers() {
     let Some(fs) = Tmpfs::mount("1m") else {

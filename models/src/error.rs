@@ -219,6 +219,10 @@ pub enum RepositoryError {
         "model {name:?} is pinned to version {version} by a rollback until the next plain load"
     )]
     Pinned { name: String, version: u64 },
+    /// The caller's commit step (e.g. writing the load's audit record) refused the versions
+    /// just before they would have started serving: nothing changed.
+    #[error("model {name:?} was not swapped in: {reason}")]
+    CommitRefused { name: String, reason: String },
     #[error("cannot read the model repository {path}: {source}")]
     Io {
         path: PathBuf,

@@ -711,6 +711,20 @@ impl Repository {
         name: &str,
         target: LoadTarget,
     ) -> Result<Vec<Arc<LoadedModel>>, RepositoryError> {
+        self.load_target_committed(name, target, &|_| Ok(()))
+    }
+
+    /// [`Repository::load_target`], with `commit` asked just before the loaded versions are
+    /// swapped in (under the repository's lock, so nothing else changes in between): an
+    /// error leaves what served before serving ([`RepositoryError::CommitRefused`]). The
+    /// server writes the load's audit record there, so that no version starts serving
+    /// without its record.
+    pub fn load_target_committed(
+        &self,
+        name: &str,
+        target: LoadTarget,
+        commit: &dyn Fn(&[Arc<LoadedModel>]) -> Result<(), String>,
+    ) -> Result<Vec<Arc<LoadedModel>>, RepositoryError> {
         if !valid_name(name) {
             return Err(RepositoryError::InvalidName {
                 name: name.chars().take(64).collect(),
@@ -770,6 +784,13 @@ impl Repository {
             Ok(loaded) => {
                 let versions: Vec<u64> = loaded.keys().copied().collect();
                 let served: Vec<Arc<LoadedModel>> = loaded.values().cloned().collect();
+                if let Err(reason) = commit(&served) {
+                    tracing::error!(model = name, %reason, "load not committed; what served before still serves");
+                    return Err(RepositoryError::CommitRefused {
+                        name: name.to_owned(),
+                        reason,
+                    });
+                }
                 entry.versions = loaded;
                 entry.state = Some(ModelState::Ready);
                 entry.refused = None;
@@ -875,11 +896,29 @@ impl Repository {
     /// Stops serving a model. Requests already queued still finish. Never waits for a load in
     /// progress: a load that started before this unload discards its result.
     pub fn unload(&self, name: &str) -> Result<(), RepositoryError> {
+        self.unload_committed(name, &|| Ok(()))
+    }
+
+    /// [`Repository::unload`], with `commit` asked just before the model stops serving (under
+    /// the repository's lock): an error leaves it serving
+    /// ([`RepositoryError::CommitRefused`]). The server writes the unload's audit record there.
+    pub fn unload_committed(
+        &self,
+        name: &str,
+        commit: &dyn Fn() -> Result<(), String>,
+    ) -> Result<(), RepositoryError> {
         let on_disk = valid_name(name) && self.root.join(name).join(MANIFEST_FILE).is_file();
         let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
         if !on_disk && !models.contains_key(name) {
             return Err(RepositoryError::UnknownModel {
                 name: name.to_owned(),
+            });
+        }
+        if let Err(reason) = commit() {
+            tracing::error!(model = name, %reason, "unload not committed; the model still serves");
+            return Err(RepositoryError::CommitRefused {
+                name: name.to_owned(),
+                reason,
             });
         }
         let entry = models.entry(name.to_owned()).or_default();

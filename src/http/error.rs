@@ -162,6 +162,7 @@ impl From<RepositoryError> for AppError {
             RepositoryError::InvalidName { .. } => StatusCode::BAD_REQUEST,
             RepositoryError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
             RepositoryError::Pinned { .. } => StatusCode::CONFLICT,
+            RepositoryError::CommitRefused { .. } => StatusCode::SERVICE_UNAVAILABLE,
             RepositoryError::Bundle(_) => StatusCode::BAD_REQUEST,
             RepositoryError::Io { .. } => return AppError::internal(e.to_string()),
         };
@@ -198,6 +199,9 @@ impl From<crate::deploy::DeployError> for AppError {
     fn from(e: crate::deploy::DeployError) -> Self {
         match e {
             crate::deploy::DeployError::Repository(e) => e.into(),
+            crate::deploy::DeployError::AuditUnavailable(_) => {
+                AppError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
             other => AppError::internal(other.to_string()),
         }
     }
