@@ -393,10 +393,33 @@ impl Drop for PendingRecord {
     }
 }
 
+/// Detached records (requests whose deadline fired or whose client left after reaching the
+/// model) kept for another try when their group could not be written: nobody waits for
+/// them, so they are written with the next group instead of lost. Beyond this many the
+/// oldest are given up (counted in `nightingale_audit_lost_records_total`).
+const MAX_RETRIED: usize = 65_536;
+/// How long the writer waits for company before it tries the kept records again alone.
+const RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn run_writer(mut store: Box<dyn AuditStore>, mut rx: mpsc::Receiver<Job>) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
+    let mut retry: std::collections::VecDeque<AuditEvent> = std::collections::VecDeque::new();
+    loop {
+        let mut group: Vec<Job> = retry.drain(..).map(|e| (e, None)).collect();
+        if group.is_empty() {
+            match rx.blocking_recv() {
+                Some(job) => group.push(job),
+                None => return,
+            }
+        } else {
+            match rx.try_recv() {
+                Ok(job) => group.push(job),
+                Err(mpsc::error::TryRecvError::Empty) => std::thread::sleep(RETRY_INTERVAL),
+                // Shutting down: one last try for the kept records.
+                Err(mpsc::error::TryRecvError::Disconnected) => {}
+            }
+        }
+        let limit = group.len() + MAX_GROUP;
+        while group.len() < limit {
             match rx.try_recv() {
                 Ok(job) => group.push(job),
                 Err(_) => break,
@@ -413,11 +436,34 @@ fn run_writer(mut store: Box<dyn AuditStore>, mut rx: mpsc::Receiver<Job>) {
                 tracing::error!(error = %e, records = group.len(), "cannot write the audit trail");
             }
         }
+        let failed = result.is_err();
         let answer = result.map_err(|e| e.to_string());
-        for (_, ack) in group {
-            if let Some(ack) = ack {
-                let _ = ack.send(answer.clone());
+        for (event, ack) in group {
+            match ack {
+                Some(ack) => {
+                    let _ = ack.send(answer.clone());
+                }
+                None if failed => retry.push_back(event),
+                None => {}
             }
+        }
+        while retry.len() > MAX_RETRIED {
+            retry.pop_front();
+            metrics::counter!("nightingale_audit_lost_records_total").increment(1);
+            tracing::error!(
+                "the audit trail has been failing too long: a kept record was given up"
+            );
+        }
+        if failed && rx.is_closed() && rx.is_empty() {
+            if !retry.is_empty() {
+                tracing::error!(
+                    records = retry.len(),
+                    "the audit writer stops with records it could not write"
+                );
+                metrics::counter!("nightingale_audit_lost_records_total")
+                    .increment(retry.len() as u64);
+            }
+            return;
         }
     }
 }
@@ -483,6 +529,74 @@ pub fn verify_watching(path: &Path, watch: Option<u64>) -> Result<ChainSummary, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    /// A store that fails while `failing` is set and keeps what it was given otherwise.
+    struct Flaky {
+        failing: Arc<std::sync::atomic::AtomicBool>,
+        written: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    impl AuditStore for Flaky {
+        fn append(&mut self, events: &[&AuditEvent], _: u64) -> Result<(), AuditError> {
+            if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(AuditError::Stopped);
+            }
+            let mut w = self.written.lock().unwrap();
+            w.extend(events.iter().map(|e| e.request_id.clone()));
+            Ok(())
+        }
+
+        fn describe(&self) -> String {
+            "flaky".into()
+        }
+    }
+
+    fn event(id: &str) -> AuditEvent {
+        AuditEvent {
+            kind: EventKind::Inference,
+            request_id: id.into(),
+            model: "m".into(),
+            version: "1".into(),
+            model_sha256: String::new(),
+            input_sha256: None,
+            output_sha256: None,
+            rows: Some(1),
+            status: 200,
+            outcome: Outcome::Ok,
+            actor: None,
+            detail: None,
+        }
+    }
+
+    /// A record nobody waits for (a request whose client left after it reached the model)
+    /// is not lost when its group fails: it is written once the store takes writes again,
+    /// with or without other records to write; a waited-for record gets the error.
+    #[tokio::test]
+    async fn detached_records_of_a_failed_group_are_written_later() {
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let written = Arc::new(std::sync::Mutex::new(vec![]));
+        let log = AuditLog::start(Box::new(Flaky {
+            failing: failing.clone(),
+            written: written.clone(),
+        }))
+        .unwrap();
+        log.submit_detached(event("gone-1"));
+        assert!(log.record(event("waited")).await.is_err());
+        failing.store(false, std::sync::atomic::Ordering::SeqCst);
+        // No other record comes: the kept one is written on its own, within a bound.
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while !written.lock().unwrap().contains(&"gone-1".to_owned()) {
+            assert!(
+                Instant::now() < deadline,
+                "the kept record was never written"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        log.record(event("next")).await.unwrap();
+        let w = written.lock().unwrap().clone();
+        assert_eq!(w, vec!["gone-1".to_owned(), "next".to_owned()]);
+    }
 
     #[test]
     fn tensor_digest_ignores_order_but_not_content() {
