@@ -131,6 +131,12 @@ pub enum PixelError {
         first: String,
         other: String,
     },
+    /// The instances do not share a patient, modality or SOP class: named, values not shown.
+    #[error("instance {index} of the series differs from the first in {attribute}")]
+    MixedIdentity {
+        index: usize,
+        attribute: &'static str,
+    },
     #[error("no decode budget within {waited:?}")]
     BudgetTimeout { waited: Duration },
 }
@@ -159,7 +165,7 @@ impl PixelError {
             | PixelError::FrameFragments { .. }
             | PixelError::CodecPanicked { .. } => "decode_failed",
             PixelError::DecodedSize { .. } => "decoded_size",
-            PixelError::MixedSeries { .. } => "mixed_series",
+            PixelError::MixedSeries { .. } | PixelError::MixedIdentity { .. } => "mixed_series",
             PixelError::BudgetTimeout { .. } => "budget_timeout",
         }
     }
@@ -256,6 +262,9 @@ pub struct ImageHeader {
     pub modality_lut_sequence: bool,
     /// A VOI LUT Sequence is present.
     pub voi_lut_sequence: bool,
+    /// The patient, modality and SOP class, which every instance of a series must share
+    /// ([`check_series`]); values never shown.
+    pub identity: crate::series::SeriesIdentity,
 }
 
 impl ImageHeader {
@@ -335,6 +344,7 @@ impl ImageHeader {
             window,
             modality_lut_sequence: has(obj, tags::MODALITY_LUT_SEQUENCE),
             voi_lut_sequence: has(obj, tags::VOILUT_SEQUENCE),
+            identity: crate::series::SeriesIdentity::of(obj),
         })
     }
 
@@ -1168,13 +1178,18 @@ fn packbits(src: &[u8], n: usize, out: &mut Vec<u8>) -> Option<()> {
     Some(())
 }
 
-/// Checks that the instances of a series can be stacked: same rows, columns, samples per pixel
-/// and photometric interpretation as the first.
+/// Checks that the instances of a series are one patient's one kind of object
+/// ([`crate::series::IDENTITY_ATTRIBUTES`]: [`PixelError::MixedIdentity`], naming the attribute
+/// but no value) and can be stacked: same rows, columns, samples per pixel and photometric
+/// interpretation as the first.
 pub fn check_series(headers: &[ImageHeader]) -> Result<(), PixelError> {
     let Some(first) = headers.first() else {
         return Ok(());
     };
     for (index, h) in headers.iter().enumerate().skip(1) {
+        if let Some(attribute) = first.identity.differs(&h.identity) {
+            return Err(PixelError::MixedIdentity { index, attribute });
+        }
         let differ = |attribute, a: String, b: String| PixelError::MixedSeries {
             index,
             attribute,
@@ -1832,6 +1847,7 @@ mod tests {
             window: None,
             modality_lut_sequence: false,
             voi_lut_sequence: false,
+            identity: Default::default(),
         };
         let mut v = vec![0x0FFF, 0xF800, 0x07FF];
         mask_all(&mut v, &h);

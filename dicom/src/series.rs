@@ -4,12 +4,15 @@
 //!   (the pipeline's cursor), with their instance count and last arrival;
 //! - [`Spool::series_instances`]: the instances of one series, in instance order;
 //! - [`SeriesHeader::read`]: the attributes routing looks at, read from a stored file up to
-//!   its pixel data (never the pixels).
+//!   its pixel data (never the pixels);
+//! - [`SeriesIdentity`]: what every instance of one series must share (the patient, the
+//!   modality, the SOP class), compared without ever showing the values.
 
 use std::path::Path;
 
 use dicom_dictionary_std::tags;
-use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use dicom_core::Tag;
+use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
 
 use crate::spool::{INSTANCE_COLUMNS, Spool, StoreError, Stored};
 
@@ -43,6 +46,59 @@ pub struct SeriesHeader {
     /// SHA-256 (hex) of the Patient ID, when there is one: enough to match a patient's
     /// results later (CDS imaging cards) without keeping the identifier itself.
     pub patient_id_sha256: Option<String>,
+}
+
+/// The attributes, in the order they are compared, that every instance of a series must
+/// share: the patient (PatientID, IssuerOfPatientID, PatientName) and the kind of object
+/// (Modality, SOP Class UID). A series whose instances differ in any of them (the same
+/// Study/Series Instance UIDs reused for another patient or another modality) is refused
+/// as a whole: its results would be filed under one patient but show another's images.
+pub const IDENTITY_ATTRIBUTES: [(Tag, &str); 5] = [
+    (tags::PATIENT_ID, "PatientID"),
+    (tags::ISSUER_OF_PATIENT_ID, "IssuerOfPatientID"),
+    (tags::PATIENT_NAME, "PatientName"),
+    (tags::MODALITY, "Modality"),
+    (tags::SOP_CLASS_UID, "SOPClassUID"),
+];
+
+/// One instance's [`IDENTITY_ATTRIBUTES`] (absent and empty are the same; padding spaces
+/// and NULs are not significant). The values are patient data: `Debug` shows none of them,
+/// and [`SeriesIdentity::differs`] names the attribute only.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SeriesIdentity {
+    values: [String; IDENTITY_ATTRIBUTES.len()],
+}
+
+impl SeriesIdentity {
+    /// The identity attributes of a data set (a full object or one read up to the pixels).
+    pub fn of(obj: &InMemDicomObject) -> SeriesIdentity {
+        SeriesIdentity {
+            values: IDENTITY_ATTRIBUTES.map(|(tag, _)| {
+                obj.element_opt(tag)
+                    .ok()
+                    .flatten()
+                    .and_then(|e| e.to_str().ok())
+                    .map(|s| s.trim_matches(|c: char| c == '\0' || c == ' ').to_owned())
+                    .unwrap_or_default()
+            }),
+        }
+    }
+
+    /// The keyword of the first identity attribute in which `other` differs from `self`.
+    pub fn differs(&self, other: &SeriesIdentity) -> Option<&'static str> {
+        self.values
+            .iter()
+            .zip(&other.values)
+            .zip(IDENTITY_ATTRIBUTES)
+            .find(|((a, b), _)| a != b)
+            .map(|(_, (_, name))| name)
+    }
+}
+
+impl std::fmt::Debug for SeriesIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SeriesIdentity(..)")
+    }
 }
 
 /// A stored file's header could not be read.

@@ -601,6 +601,60 @@ fn a_series_must_agree_in_size_and_photometric() {
     assert_eq!(err.reason(), "mixed_series");
 }
 
+/// Red-team finding: instances that share Study/Series Instance UIDs but belong to another
+/// patient (PatientID, IssuerOfPatientID, PatientName) or are another kind of object
+/// (Modality, SOP Class UID) are one series only by mistake; PS3.3 C.7.1.1 and C.7.3.1 make
+/// these attributes the patient's and the series', the same for every instance. The error
+/// names the attribute and never a value.
+#[test]
+fn a_series_must_be_one_patient_and_one_kind_of_object() {
+    let h = |edit: &dyn Fn(&mut DefaultDicomObject)| {
+        let mut obj = grey(4, 4, 1, 8, PrimitiveValue::U8(vec![0u8; 16].into()));
+        put(&mut obj, tags::PATIENT_ID, VR::LO, "PID-ALPHA-111".into());
+        put(&mut obj, tags::ISSUER_OF_PATIENT_ID, VR::LO, "HOSP-A".into());
+        put(&mut obj, tags::PATIENT_NAME, VR::PN, "Alpha^Patient".into());
+        put(&mut obj, tags::MODALITY, VR::CS, "CT".into());
+        edit(&mut obj);
+        ImageHeader::from_object(&obj, &Limits::default()).unwrap()
+    };
+    let same = h(&|_| {});
+    // Padding is not a difference (PS3.5 6.2: trailing spaces are not significant).
+    let padded = h(&|o| put(o, tags::PATIENT_ID, VR::LO, "PID-ALPHA-111 ".into()));
+    assert!(check_series(&[same.clone(), h(&|_| {}), padded]).is_ok());
+    let cases: [(&str, &dyn Fn(&mut DefaultDicomObject)); 6] = [
+        ("PatientID", &|o| {
+            put(o, tags::PATIENT_ID, VR::LO, "PID-BRAVO-222".into())
+        }),
+        ("IssuerOfPatientID", &|o| {
+            put(o, tags::ISSUER_OF_PATIENT_ID, VR::LO, "HOSP-B".into())
+        }),
+        ("IssuerOfPatientID", &|o| {
+            o.remove_element(tags::ISSUER_OF_PATIENT_ID);
+        }),
+        ("PatientName", &|o| {
+            put(o, tags::PATIENT_NAME, VR::PN, "Bravo^Patient".into())
+        }),
+        ("Modality", &|o| put(o, tags::MODALITY, VR::CS, "US".into())),
+        ("SOPClassUID", &|o| {
+            put(o, tags::SOP_CLASS_UID, VR::UI, "1.2.840.10008.5.1.4.1.1.6.1".into())
+        }),
+    ];
+    for (attribute, edit) in cases {
+        let err = check_series(&[same.clone(), same.clone(), h(edit)]).unwrap_err();
+        assert!(
+            matches!(err, PixelError::MixedIdentity { index: 2, attribute: a } if a == attribute),
+            "{attribute}: {err:?}"
+        );
+        assert_eq!(err.reason(), "mixed_series");
+        let text = err.to_string();
+        assert!(text.contains(attribute), "{text}");
+        for value in ["ALPHA", "BRAVO", "HOSP", "^Patient", "US", "1.2.840"] {
+            assert!(!text.contains(value), "{text} shows a value");
+        }
+        assert!(!format!("{:?}", h(edit)).contains("ALPHA"));
+    }
+}
+
 #[test]
 fn modality_voi_and_monochrome1_options() {
     // 12-bit stored values 0, 1000, 2000, 4095 with slope 2 and intercept -1000, MONOCHROME1.

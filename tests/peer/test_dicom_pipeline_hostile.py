@@ -11,6 +11,10 @@ The bad inputs are built here with pydicom from pydicom's own test files (dcmtk'
 `dcmcjpeg` makes the JPEG that is then corrupted):
 - a series whose two instances differ in Rows/Columns, and one whose two instances differ in
   photometric interpretation → failed, `mixed_series`;
+- a series whose two instances share the Study/Series UIDs but differ in PatientID,
+  IssuerOfPatientID, PatientName, Modality or SOP Class UID → failed, `mixed_series` naming
+  the attribute and no value (it used to be done: the results filed under the first
+  patient showed the second's image and score);
 - a JPEG-LS image (pydicom's MR_small_jpeg_ls_lossless.dcm; this build has no JPEG-LS codec,
   see dicom/src/pixels.rs) → failed, `unsupported_transfer_syntax`;
 - a JPEG baseline image whose compressed scan is cut off and overwritten → failed,
@@ -121,6 +125,26 @@ def mixed_photometric(d: Path, study: str, series: str) -> list[Path]:
     return [_save(a, d / "a.dcm"), _save(b, d / "b.dcm")]
 
 
+# The other patient of a mixed series (red-team finding: one series UID, two patients).
+OTHER_NAME = "Bravo^Other^Peer"
+OTHER_ID = "OTHER-PID-26481"
+
+
+def mixed_identity(attribute: str, value: str):
+    """Two CT_small instances of one series; the second differs in `attribute` only."""
+    def build(d: Path, study: str, series: str) -> list[Path]:
+        a = _ct(study, series)
+        a.IssuerOfPatientID = "HOSPITAL-A"
+        b = _ct(study, series)
+        b.InstanceNumber = 2
+        b.IssuerOfPatientID = "HOSPITAL-A"
+        setattr(b, attribute, value)
+        if attribute == "SOPClassUID":
+            b.file_meta.MediaStorageSOPClassUID = value
+        return [_save(a, d / "a.dcm"), _save(b, d / "b.dcm")]
+    return build
+
+
 def jpeg_ls(d: Path, study: str, series: str) -> list[Path]:
     ds = _fresh(pydicom.dcmread(get_testdata_file("MR_small_jpeg_ls_lossless.dcm")), study,
                 series)
@@ -192,6 +216,17 @@ CASES = {
     "mixed-sizes": (mixed_sizes, (), "failed", "mixed_series", "Rows"),
     "mixed-photometric": (mixed_photometric, (), "failed", "mixed_series",
                           "PhotometricInterpretation"),
+    "mixed-patient-id": (mixed_identity("PatientID", OTHER_ID), (), "failed", "mixed_series",
+                         "PatientID"),
+    "mixed-issuer": (mixed_identity("IssuerOfPatientID", "HOSPITAL-B"), (), "failed",
+                     "mixed_series", "IssuerOfPatientID"),
+    "mixed-patient-name": (mixed_identity("PatientName", OTHER_NAME), (), "failed",
+                           "mixed_series", "PatientName"),
+    # US of the same size in a CT series: the router looked at the first (CT) instance only.
+    "mixed-modality": (mixed_identity("Modality", "US"), (), "failed", "mixed_series",
+                       "Modality"),
+    "mixed-sop-class": (mixed_identity("SOPClassUID", "1.2.840.10008.5.1.4.1.1.6.1"), (),
+                        "failed", "mixed_series", "SOPClassUID"),
     "jpeg-ls": (jpeg_ls, ("-xt",), "failed", "unsupported_transfer_syntax",
                 "1.2.840.10008.1.2.4.80"),
     "corrupt-jpeg": (corrupt_jpeg, ("-xy",), "failed", "decode_failed", "frame 0"),
@@ -236,6 +271,7 @@ def pipeline(work):
     log = server.log()
     assert PATIENT_NAME not in log and PATIENT_NAME.replace("^", " ") not in log
     assert PATIENT_ID not in log
+    assert OTHER_ID not in log and "Bravo" not in log and "HOSPITAL-" not in log
 
 
 def send_good_series(server: Server, pacs: StoreScp, d: Path) -> None:
@@ -273,6 +309,7 @@ def test_bad_series_fails_with_a_reason_and_the_next_one_is_done(pipeline, work,
     assert reason.startswith(code), reason
     assert detail in reason, reason
     assert PATIENT_ID not in reason and "Hostile" not in reason
+    assert OTHER_ID not in reason and "Bravo" not in reason and "HOSPITAL-" not in reason
     if state == "failed":
         assert not report["series"][0]["jobs"][0]["objects"]
         assert f'reason="{code}"' in server.log()
