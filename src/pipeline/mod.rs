@@ -138,6 +138,9 @@ pub struct Pipeline {
     jobs: Notify,
     /// Wakes the outbox sender.
     outbox: Notify,
+    /// Destinations with a delivery under way (each has its own task, so one that stalls
+    /// holds only its own objects, for at most the C-STORE exchange bound).
+    sending: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// The pipeline could not start.
@@ -192,6 +195,7 @@ impl Pipeline {
             store: Arc::new(Mutex::new(store)),
             jobs: Notify::new(),
             outbox: Notify::new(),
+            sending: Mutex::new(Default::default()),
         }))
     }
 

@@ -19,6 +19,26 @@ pub const OBJECTS_DIR: &str = "objects";
 /// Objects given up on, under the results folder.
 pub const DEAD_LETTER_DIR: &str = "dead-letter";
 
+/// Bound on one whole C-STORE of a result object (request, data set, response): a PACS
+/// that trickles its response holds its destination's objects at most this long per
+/// attempt, and never another destination's.
+pub const SEND_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Removes a destination from the ones being sent to when its task ends, and wakes the
+/// sender for what came due meanwhile.
+struct Idle(Arc<Pipeline>, String);
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        self.0
+            .sending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+        self.0.outbox.notify_one();
+    }
+}
+
 /// The delay before attempt `attempts + 1`.
 pub fn backoff(base: Duration, max: Duration, attempts: u32) -> Duration {
     let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(20));
@@ -26,14 +46,18 @@ pub fn backoff(base: Duration, max: Duration, attempts: u32) -> Duration {
 }
 
 impl Pipeline {
-    /// Sends every object that is due, one association per destination. Returns when the
-    /// next pending object is due.
+    /// Starts sending every object that is due, one association per destination, each
+    /// destination in its own task (a destination already being sent to is left to its
+    /// task): a PACS that stalls holds only its own objects, and only for the C-STORE
+    /// exchange bound. Returns when the next pending object of an idle destination is due.
     pub(crate) async fn send_due(
         self: Arc<Self>,
     ) -> Result<Option<i64>, Box<dyn std::error::Error + Send + Sync>> {
+        let busy = self.busy_destinations();
         let due = {
             let me = self.clone();
-            tokio::task::spawn_blocking(move || me.store().objects_due(now_ms(), 200)).await??
+            tokio::task::spawn_blocking(move || me.store().objects_due(now_ms(), 200, &busy))
+                .await??
         };
         let mut by_destination: BTreeMap<String, Vec<ResultObject>> = BTreeMap::new();
         for o in due {
@@ -43,12 +67,35 @@ impl Pipeline {
                 .push(o);
         }
         for (destination, objects) in by_destination {
-            let started = std::time::Instant::now();
-            self.send_to(&destination, objects).await;
-            super::process::stage("send", started.elapsed());
+            let sending = self
+                .sending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(destination.clone());
+            if !sending {
+                continue;
+            }
+            let me = self.clone();
+            tokio::spawn(async move {
+                // Marks the destination idle again however the task ends.
+                let _idle = Idle(me.clone(), destination.clone());
+                let started = std::time::Instant::now();
+                me.send_to(&destination, objects).await;
+                super::process::stage("send", started.elapsed());
+            });
         }
+        let busy = self.busy_destinations();
         let me = self.clone();
-        Ok(tokio::task::spawn_blocking(move || me.store().next_due()).await??)
+        Ok(tokio::task::spawn_blocking(move || me.store().next_due(&busy)).await??)
+    }
+
+    fn busy_destinations(&self) -> Vec<String> {
+        self.sending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     async fn send_to(&self, destination: &str, objects: Vec<ResultObject>) {
@@ -76,6 +123,7 @@ impl Pipeline {
             called_ae_title: target.ae_title.clone(),
             connect_timeout: Duration::from_secs(10),
             dimse_timeout: Duration::from_secs(60),
+            exchange_timeout: SEND_EXCHANGE_TIMEOUT,
             ..ScuOptions::default()
         };
         let mut contexts: Vec<(String, String)> = files

@@ -564,20 +564,32 @@ impl ResultsStore {
         rows.next().transpose()
     }
 
-    pub fn objects_due(&self, now: i64, limit: usize) -> rusqlite::Result<Vec<ResultObject>> {
+    /// Pending objects due by `now`, oldest first, for destinations other than `busy`
+    /// (those with a delivery under way).
+    pub fn objects_due(
+        &self,
+        now: i64,
+        limit: usize,
+        busy: &[String],
+    ) -> rusqlite::Result<Vec<ResultObject>> {
         let mut stmt = self.db.prepare_cached(&format!(
             "{OBJECT_SELECT} WHERE delivery = 'pending' AND next_attempt_ms <= ?1
+                AND destination NOT IN (SELECT value FROM json_each(?3))
              ORDER BY next_attempt_ms LIMIT ?2"
         ))?;
-        let rows = stmt.query_map(params![now, limit as i64], object_row)?;
+        let busy = serde_json::to_string(busy).unwrap_or_else(|_| "[]".into());
+        let rows = stmt.query_map(params![now, limit as i64, busy], object_row)?;
         rows.collect()
     }
 
-    /// The next time an object is due (`None`: nothing pending).
-    pub fn next_due(&self) -> rusqlite::Result<Option<i64>> {
+    /// The next time an object is due for a destination other than `busy` (`None`:
+    /// nothing pending).
+    pub fn next_due(&self, busy: &[String]) -> rusqlite::Result<Option<i64>> {
+        let busy = serde_json::to_string(busy).unwrap_or_else(|_| "[]".into());
         self.db.query_row(
-            "SELECT min(next_attempt_ms) FROM objects WHERE delivery = 'pending'",
-            [],
+            "SELECT min(next_attempt_ms) FROM objects WHERE delivery = 'pending'
+                AND destination NOT IN (SELECT value FROM json_each(?1))",
+            [busy],
             |r| r.get(0),
         )
     }

@@ -44,6 +44,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -450,6 +451,129 @@ def test_an_unreachable_destination_ends_in_the_dead_letter_folder(destination, 
         stop(server.proc)
         if pacs is not None:
             stop(pacs.proc)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class TricklingPacs:
+    """A hostile "PACS" (red-team finding): accepts the association and every context,
+    reads a C-STORE, then answers with a command PDV that never ends, one empty not-last
+    fragment every `every` seconds (each within Nightingale's 60 s DIMSE wait). Raw Upper
+    Layer bytes as PS3.8 9.3 lays them out."""
+
+    def __init__(self, every: float = 1.0):
+        import socket
+        import struct
+        import threading
+        self.port = free_port()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.associations = 0
+
+        def read_pdu(c):
+            def exactly(n):
+                b = b""
+                while len(b) < n:
+                    x = c.recv(n - len(b))
+                    if not x:
+                        raise EOFError
+                    b += x
+                return b
+            h = exactly(6)
+            return h[0], exactly(struct.unpack(">I", h[2:6])[0])
+
+        def item(t, payload):
+            return bytes([t, 0]) + struct.pack(">H", len(payload)) + payload
+
+        def serve(c):
+            try:
+                t, body = read_pdu(c)
+                called, calling, items, off, ac = body[4:20], body[20:36], body[68:], 0, b""
+                while off < len(items):
+                    it, ln = items[off], struct.unpack(">H", items[off + 2:off + 4])[0]
+                    data = items[off + 4:off + 4 + ln]
+                    if it == 0x10:
+                        ac += item(0x10, data)
+                    if it == 0x20:
+                        sub, so, ts = data[4:], 0, None
+                        while so < len(sub):
+                            sl = struct.unpack(">H", sub[so + 2:so + 4])[0]
+                            if sub[so] == 0x40 and ts is None:
+                                ts = sub[so + 4:so + 4 + sl]
+                            so += 4 + sl
+                        ac += item(0x21, bytes([data[0], 0, 0, 0]) + item(0x40, ts))
+                    off += 4 + ln
+                ac += item(0x50, item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.3.4"))
+                pdu = struct.pack(">HH", 1, 0) + called + calling + b"\0" * 32 + ac
+                c.sendall(bytes([2, 0]) + struct.pack(">I", len(pdu)) + pdu)
+                self.associations += 1
+                while True:
+                    t, body = read_pdu(c)
+                    if body[5] & 3 == 2:
+                        pc = body[4]
+                        break
+                while True:
+                    pdv = struct.pack(">IBB", 2, pc, 0x01)
+                    c.sendall(bytes([4, 0]) + struct.pack(">I", len(pdv)) + pdv)
+                    time.sleep(every)
+            except Exception:
+                pass
+            finally:
+                c.close()
+
+        def accept():
+            while True:
+                try:
+                    c, _ = self.listener.accept()
+                except OSError:
+                    return
+                threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_pacs_that_trickles_its_response_holds_neither_the_other_destinations_nor_itself():
+    """Red-team finding: a PACS answering a C-STORE with an empty not-last command PDV
+    every second held the outbox for ever (each receive was bounded, not the response;
+    destinations were sent to one after another), so no other destination got anything.
+    Now the response may have at most a few empty fragments (the association is dropped
+    and the attempt retried later) and each destination has its own delivery task."""
+    work = Path(tempfile.mkdtemp(prefix="nightingale-hostile-trickle-"))
+    trickle = TricklingPacs(every=1.0)
+    good = StoreScp(work, name="good")
+    # "AAA…" sorts first: destinations used to be served in that order, one at a time.
+    trickling = f"AAA-TRICKLE@127.0.0.1:{trickle.port}"
+    server = Server(work, trickling, ("--results-destination",
+                                      f"STORESCP@127.0.0.1:{good.port}",
+                                      "--results-retry-secs", "0.5",
+                                      "--results-max-attempts", "50"))
+    try:
+        study = generate_uid()
+        store(server.port, [_save(_ct(study, generate_uid()), work / "ct.dcm")])
+        started = time.monotonic()
+        report = wait_for(
+            lambda: (r := settled(server, study)) and all(
+                o["delivery"] == "sent" for o in r["series"][0]["jobs"][0]["objects"]
+                if o["destination"].startswith("STORESCP")) and r,
+            RESULT_TIMEOUT_S, "the good destination's objects to be sent")
+        print(f"good destination served after {time.monotonic() - started:.1f} s")
+        assert len(good.files()) == 2
+        # The trickling one is tried, fails on its empty fragments, and is retried.
+        report = wait_for(
+            lambda: (r := server.results(study)) and all(
+                o["attempts"] >= 2 and o["delivery"] == "pending"
+                for o in r["series"][0]["jobs"][0]["objects"]
+                if o["destination"].startswith("AAA")) and r,
+            RESULT_TIMEOUT_S, "the trickling destination's objects to be retried")
+        for o in report["series"][0]["jobs"][0]["objects"]:
+            if o["destination"].startswith("AAA"):
+                assert "empty fragments" in o["last_error"], o
+        assert trickle.associations >= 2
+    finally:
+        stop(server.proc)
+        stop(good.proc)
+        trickle.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
