@@ -39,6 +39,16 @@ impl Drop for Idle {
     }
 }
 
+/// What went wrong with a result file, without its path (the file name holds a UID).
+fn file_error(e: &nightingale_dicom::scu::FileError) -> String {
+    use nightingale_dicom::scu::FileError;
+    match e {
+        FileError::Io { source, .. } => source.kind().to_string(),
+        FileError::NotPart10 { .. } => "not a DICOM Part 10 file".into(),
+        FileError::Meta { .. } => "unreadable file meta information".into(),
+    }
+}
+
 /// The delay before attempt `attempts + 1`.
 pub fn backoff(base: Duration, max: Duration, attempts: u32) -> Duration {
     let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(20));
@@ -112,7 +122,8 @@ impl Pipeline {
         for o in objects {
             match Part10File::open(&self.config.results_dir.join(&o.path)) {
                 Ok(f) => files.push((o, f)),
-                Err(e) => self.give_up(&o, &format!("result file unreadable: {e}")),
+                // Not the error's text: it holds the path, whose name holds a UID.
+                Err(e) => self.give_up(&o, &format!("result file unreadable: {}", file_error(&e))),
             }
         }
         if files.is_empty() {
@@ -157,7 +168,12 @@ impl Pipeline {
                     &format!("the destination answered status 0x{:04X}", status.status),
                 ),
                 Err(e) => {
-                    let why = format!("C-STORE: {e}");
+                    let why = match &e {
+                        nightingale_dicom::scu::StoreFailure::File(f) => {
+                            format!("C-STORE: result file unreadable: {}", file_error(f))
+                        }
+                        e => format!("C-STORE: {e}"),
+                    };
                     if matches!(e, nightingale_dicom::scu::StoreFailure::Association(_)) {
                         broken = Some(why.clone());
                     }
@@ -222,14 +238,25 @@ impl Pipeline {
             super::uid_tag(&o.sop_instance_uid),
             super::uid_tag(&o.destination)
         ));
-        let moved = std::fs::copy(&from, self.config.results_dir.join(&relative)).is_ok();
+        let copied = std::fs::copy(&from, self.config.results_dir.join(&relative));
+        let moved = copied.is_ok();
         metrics::counter!("nightingale_pipeline_dead_letters_total").increment(1);
-        tracing::error!(
-            kind = %o.kind,
-            attempts = o.attempts + 1,
-            error = why,
-            "result object given up: copied to the dead-letter folder"
-        );
+        match &copied {
+            Ok(_) => tracing::error!(
+                kind = %o.kind,
+                attempts = o.attempts + 1,
+                error = why,
+                "result object given up: copied to the dead-letter folder"
+            ),
+            // The io error's kind only: its text may name the path (a UID in the name).
+            Err(e) => tracing::error!(
+                kind = %o.kind,
+                attempts = o.attempts + 1,
+                error = why,
+                copy_error = %e.kind(),
+                "result object given up: NOT copied to the dead-letter folder"
+            ),
+        }
         let dead = ResultObject {
             delivery: "dead".into(),
             attempts: o.attempts + 1,
@@ -250,6 +277,29 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A result file's name holds its SOP Instance UID: why an object was not sent (logged,
+    /// stored, shown by the results API) names the failure, not the path.
+    #[test]
+    fn file_errors_are_described_without_their_path() {
+        use nightingale_dicom::scu::FileError;
+        let path = std::path::PathBuf::from("objects/7/SR-2.25.1234567890.dcm");
+        for e in [
+            FileError::Io {
+                path: path.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            },
+            FileError::NotPart10 { path: path.clone() },
+            FileError::Meta {
+                path: path.clone(),
+                detail: "bad".into(),
+            },
+        ] {
+            assert!(e.to_string().contains("2.25.1234567890"));
+            let text = file_error(&e);
+            assert!(!text.contains("2.25") && !text.contains("objects/"), "{text}");
+        }
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
