@@ -1081,8 +1081,12 @@ fn siz_of_codestream(data: &[u8]) -> Option<J2kSize> {
     if data.get(..4)? != [0xFF, 0x4F, 0xFF, 0x51] {
         return None;
     }
-    let u16_at = |i: usize| -> Option<u16> { Some(u16::from_be_bytes(data.get(i..i + 2)?.try_into().ok()?)) };
-    let u32_at = |i: usize| -> Option<u32> { Some(u32::from_be_bytes(data.get(i..i + 4)?.try_into().ok()?)) };
+    let u16_at = |i: usize| -> Option<u16> {
+        Some(u16::from_be_bytes(data.get(i..i + 2)?.try_into().ok()?))
+    };
+    let u32_at = |i: usize| -> Option<u32> {
+        Some(u32::from_be_bytes(data.get(i..i + 4)?.try_into().ok()?))
+    };
     let length = usize::from(u16_at(4)?);
     let (x, y, x0, y0) = (u32_at(8)?, u32_at(12)?, u32_at(16)?, u32_at(20)?);
     let count = usize::from(u16_at(40)?);
@@ -1091,11 +1095,17 @@ fn siz_of_codestream(data: &[u8]) -> Option<J2kSize> {
     }
     let components = (0..count)
         .map(|c| {
-            let (dx, dy) = (u32::from(data[42 + 3 * c + 1]), u32::from(data[42 + 3 * c + 2]));
+            let (dx, dy) = (
+                u32::from(data[42 + 3 * c + 1]),
+                u32::from(data[42 + 3 * c + 2]),
+            );
             if dx == 0 || dy == 0 {
                 return None;
             }
-            Some((x.div_ceil(dx) - x0.div_ceil(dx), y.div_ceil(dy) - y0.div_ceil(dy)))
+            Some((
+                x.div_ceil(dx) - x0.div_ceil(dx),
+                y.div_ceil(dy) - y0.div_ceil(dy),
+            ))
         })
         .collect::<Option<Vec<_>>>()?;
     Some(J2kSize {

@@ -10,8 +10,8 @@
 
 use std::path::Path;
 
-use dicom_dictionary_std::tags;
 use dicom_core::Tag;
+use dicom_dictionary_std::tags;
 use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
 use rusqlite::OptionalExtension;
 

@@ -611,7 +611,12 @@ fn a_series_must_be_one_patient_and_one_kind_of_object() {
     let h = |edit: &dyn Fn(&mut DefaultDicomObject)| {
         let mut obj = grey(4, 4, 1, 8, PrimitiveValue::U8(vec![0u8; 16].into()));
         put(&mut obj, tags::PATIENT_ID, VR::LO, "PID-ALPHA-111".into());
-        put(&mut obj, tags::ISSUER_OF_PATIENT_ID, VR::LO, "HOSP-A".into());
+        put(
+            &mut obj,
+            tags::ISSUER_OF_PATIENT_ID,
+            VR::LO,
+            "HOSP-A".into(),
+        );
         put(&mut obj, tags::PATIENT_NAME, VR::PN, "Alpha^Patient".into());
         put(&mut obj, tags::MODALITY, VR::CS, "CT".into());
         edit(&mut obj);
@@ -621,7 +626,8 @@ fn a_series_must_be_one_patient_and_one_kind_of_object() {
     // Padding is not a difference (PS3.5 6.2: trailing spaces are not significant).
     let padded = h(&|o| put(o, tags::PATIENT_ID, VR::LO, "PID-ALPHA-111 ".into()));
     assert!(check_series(&[same.clone(), h(&|_| {}), padded]).is_ok());
-    let cases: [(&str, &dyn Fn(&mut DefaultDicomObject)); 6] = [
+    type Edit<'a> = &'a dyn Fn(&mut DefaultDicomObject);
+    let cases: [(&str, Edit); 6] = [
         ("PatientID", &|o| {
             put(o, tags::PATIENT_ID, VR::LO, "PID-BRAVO-222".into())
         }),
@@ -636,7 +642,12 @@ fn a_series_must_be_one_patient_and_one_kind_of_object() {
         }),
         ("Modality", &|o| put(o, tags::MODALITY, VR::CS, "US".into())),
         ("SOPClassUID", &|o| {
-            put(o, tags::SOP_CLASS_UID, VR::UI, "1.2.840.10008.5.1.4.1.1.6.1".into())
+            put(
+                o,
+                tags::SOP_CLASS_UID,
+                VR::UI,
+                "1.2.840.10008.5.1.4.1.1.6.1".into(),
+            )
         }),
     ];
     for (attribute, edit) in cases {
@@ -976,9 +987,19 @@ fn jp2_file(codestream: &[u8], height: u32, width: u32) -> Vec<u8> {
 
 fn j2k_object(rows: u32, cols: u32, samples: u16, frame: Vec<u8>) -> DefaultDicomObject {
     let mut obj = grey(rows, cols, 1, 8, PrimitiveValue::U8(vec![0u8; 2].into()));
-    put(&mut obj, tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(samples));
+    put(
+        &mut obj,
+        tags::SAMPLES_PER_PIXEL,
+        VR::US,
+        PrimitiveValue::from(samples),
+    );
     if samples == 3 {
-        put(&mut obj, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "RGB".into());
+        put(
+            &mut obj,
+            tags::PHOTOMETRIC_INTERPRETATION,
+            VR::CS,
+            "RGB".into(),
+        );
     }
     let mut frame = frame;
     if frame.len() % 2 == 1 {
@@ -1010,14 +1031,40 @@ fn a_j2k_codestream_other_than_its_header_is_refused_before_decoding() {
     assert_eq!(j2k_size(&jp2).unwrap().width, 300);
     assert_eq!(j2k_size(&j2k_codestream(64, 64, 1, 1, &[])[..20]), None);
 
-    let cases: Vec<(&str, u16, Vec<u8>, (u32, u32, usize))> = vec![
-        ("24000 x 24000", 1, j2k_codestream(24_000, 24_000, 1, 1, &tail), (24_000, 24_000, 1)),
+    /// (case, SamplesPerPixel, the frame, what the SIZ says: width, height, components)
+    type Case = (&'static str, u16, Vec<u8>, (u32, u32, usize));
+    let cases: Vec<Case> = vec![
+        (
+            "24000 x 24000",
+            1,
+            j2k_codestream(24_000, 24_000, 1, 1, &tail),
+            (24_000, 24_000, 1),
+        ),
         ("wide", 1, j2k_codestream(65, 64, 1, 1, &tail), (65, 64, 1)),
-        ("in a JP2 file", 1, jp2_file(&j2k_codestream(24_000, 24_000, 1, 1, &tail), 64, 64),
-         (24_000, 24_000, 1)),
-        ("subsampled", 1, j2k_codestream(64, 64, 1, 2, &tail), (64, 64, 1)),
-        ("too few components", 3, j2k_codestream(64, 64, 1, 1, &tail), (64, 64, 1)),
-        ("too many components", 1, j2k_codestream(64, 64, 200, 1, &tail), (64, 64, 200)),
+        (
+            "in a JP2 file",
+            1,
+            jp2_file(&j2k_codestream(24_000, 24_000, 1, 1, &tail), 64, 64),
+            (24_000, 24_000, 1),
+        ),
+        (
+            "subsampled",
+            1,
+            j2k_codestream(64, 64, 1, 2, &tail),
+            (64, 64, 1),
+        ),
+        (
+            "too few components",
+            3,
+            j2k_codestream(64, 64, 1, 1, &tail),
+            (64, 64, 1),
+        ),
+        (
+            "too many components",
+            1,
+            j2k_codestream(64, 64, 200, 1, &tail),
+            (64, 64, 200),
+        ),
     ];
     for (case, samples, frame, (width, height, components)) in cases {
         let started = std::time::Instant::now();
@@ -1033,11 +1080,19 @@ fn a_j2k_codestream_other_than_its_header_is_refused_before_decoding() {
             "{case}: {err:?}"
         );
         assert_eq!(err.reason(), "decoded_size", "{case}");
-        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{case}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{case}"
+        );
     }
     // No whole SIZ: a decode failure, found without the codec.
     let err = PixelSource::from_object(
-        j2k_object(64, 64, 1, vec![0xFF, 0x4F, 0xFF, 0x51, 0x00, 0x2F, 0x00, 0x00]),
+        j2k_object(
+            64,
+            64,
+            1,
+            vec![0xFF, 0x4F, 0xFF, 0x51, 0x00, 0x2F, 0x00, 0x00],
+        ),
         &Limits::default(),
     )
     .and_then(|s| s.frame(0, &DecodeOptions::default()))
@@ -1077,7 +1132,16 @@ fn a_real_j2k_frame_with_a_patched_siz_is_refused() {
         .and_then(|s| s.frame(0, &DecodeOptions::default()))
         .unwrap_err();
     assert!(
-        matches!(err, PixelError::J2kSize { width: 4000, height: 4000, cols: 64, rows: 64, .. }),
+        matches!(
+            err,
+            PixelError::J2kSize {
+                width: 4000,
+                height: 4000,
+                cols: 64,
+                rows: 64,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(2));

@@ -423,10 +423,20 @@ fn hostile_inputs_are_typed_errors() {
     // result would be filed under instance #0's patient while listing the other's images.
     for (tag, vr, value, attribute) in [
         (tags::PATIENT_ID, VR::LO, "PID-BRAVO-222", "PatientID"),
-        (tags::ISSUER_OF_PATIENT_ID, VR::LO, "HOSP-B", "IssuerOfPatientID"),
+        (
+            tags::ISSUER_OF_PATIENT_ID,
+            VR::LO,
+            "HOSP-B",
+            "IssuerOfPatientID",
+        ),
         (tags::PATIENT_NAME, VR::PN, "Bravo^Patient", "PatientName"),
         (tags::MODALITY, VR::CS, "US", "Modality"),
-        (tags::SOP_CLASS_UID, VR::UI, "1.2.840.10008.5.1.4.1.1.6.1", "SOPClassUID"),
+        (
+            tags::SOP_CLASS_UID,
+            VR::UI,
+            "1.2.840.10008.5.1.4.1.1.6.1",
+            "SOPClassUID",
+        ),
     ] {
         let mut two = synthetic_series(2, true);
         s(&mut two[1], tag, vr, value);

@@ -57,7 +57,10 @@ fn trickling_peer(how: Trickle, every: Duration) -> String {
         let (called, calling) = (&body[4..20], &body[20..36]);
         let (items, mut at, mut ac) = (&body[68..], 0usize, Vec::new());
         while at < items.len() {
-            let (kind, len) = (items[at], u16::from_be_bytes([items[at + 2], items[at + 3]]));
+            let (kind, len) = (
+                items[at],
+                u16::from_be_bytes([items[at + 2], items[at + 3]]),
+            );
             let data = &items[at + 4..at + 4 + len as usize];
             if kind == 0x10 {
                 ac.extend(item(0x10, data));

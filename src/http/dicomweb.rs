@@ -977,16 +977,18 @@ mod tests {
                 ]
                 .concat(),
             ] {
-                let err = query_of(level, params).err().expect(key);
+                let err = query_of(level, params).expect_err(key);
                 assert_eq!(err.status, axum::http::StatusCode::BAD_REQUEST, "{key}");
-                assert!(err.message.contains("more than 256 values"), "{}", err.message);
+                assert!(
+                    err.message.contains("more than 256 values"),
+                    "{}",
+                    err.message
+                );
             }
         }
         // A single UID occurrence over the cap is refused too.
         let many = vec!["1.2.3"; 300].join("\\");
-        let err = query_of(Level::Studies, vec![("StudyInstanceUID".into(), many)])
-            .err()
-            .unwrap();
+        let err = query_of(Level::Studies, vec![("StudyInstanceUID".into(), many)]).unwrap_err();
         assert_eq!(err.status, axum::http::StatusCode::BAD_REQUEST);
     }
 

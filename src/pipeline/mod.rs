@@ -178,7 +178,9 @@ impl Pipeline {
         // Before anything is received: a cursor past the highest arrival number the spool
         // ever gave (an index whose rowids were reused before it had arrival numbers, or a
         // spool replaced) would skip the next instances; it restarts from that number.
-        let high = spool.arrival_high().map_err(|e| PipelineError::Spool(e.to_string()))?;
+        let high = spool
+            .arrival_high()
+            .map_err(|e| PipelineError::Spool(e.to_string()))?;
         let cursor = store.cursor()?;
         if cursor > high {
             tracing::warn!(

@@ -297,7 +297,10 @@ mod tests {
         ] {
             assert!(e.to_string().contains("2.25.1234567890"));
             let text = file_error(&e);
-            assert!(!text.contains("2.25") && !text.contains("objects/"), "{text}");
+            assert!(
+                !text.contains("2.25") && !text.contains("objects/"),
+                "{text}"
+            );
         }
     }
 

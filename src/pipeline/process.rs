@@ -1308,7 +1308,13 @@ mod tests {
         );
         assert!(assemble_volume(&[a.clone(), same], &fixed(4), shape, 2, 10).is_ok());
         for (name, tag, vr, value, attribute) in [
-            ("ccc", tags::PATIENT_ID, VR::LO, "PID-BRAVO-222", "PatientID"),
+            (
+                "ccc",
+                tags::PATIENT_ID,
+                VR::LO,
+                "PID-BRAVO-222",
+                "PatientID",
+            ),
             ("dddd", tags::MODALITY, VR::CS, "MR", "Modality"),
         ] {
             let mut other = slice(d, name, Some(1.0), (4, 4), 1, 1);
@@ -1319,7 +1325,10 @@ mod tests {
             let err = assemble_volume(&[a.clone(), other], &fixed(4), shape, 2, 10).unwrap_err();
             assert_eq!(err.code, "mixed_series", "{err}");
             assert!(err.detail.contains(attribute), "{err}");
-            assert!(!err.detail.contains(value) && !err.detail.contains("ALPHA"), "{err}");
+            assert!(
+                !err.detail.contains(value) && !err.detail.contains("ALPHA"),
+                "{err}"
+            );
         }
     }
 

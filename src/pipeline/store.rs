@@ -790,7 +790,9 @@ mod tests {
             .add_job("1.2", "1.2.3", "r", "m", 1, "A@h:1,B@h:2")
             .unwrap();
         store.take_job().unwrap();
-        store.finish_job(job, JobState::Done, "1", None, None).unwrap();
+        store
+            .finish_job(job, JobState::Done, "1", None, None)
+            .unwrap();
         let row = |destination: &str, delivery: &str| ResultObject {
             sop_instance_uid: "5.1".into(),
             job_id: job,
