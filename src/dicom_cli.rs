@@ -46,9 +46,12 @@ pub struct PeerArgs {
     /// Seconds to connect and associate.
     #[arg(long, default_value_t = 10.0)]
     connect_timeout_secs: f64,
-    /// Seconds to wait for each response (and each write).
+    /// Seconds to wait for each whole response (and each write).
     #[arg(long, default_value_t = 60.0)]
     timeout_secs: f64,
+    /// Seconds for one whole C-STORE: the request, the data set and the response.
+    #[arg(long, default_value_t = 300.0)]
+    exchange_timeout_secs: f64,
 }
 
 impl PeerArgs {
@@ -70,6 +73,7 @@ impl PeerArgs {
             max_pdu_length: self.max_pdu,
             connect_timeout: secs(self.connect_timeout_secs, "--connect-timeout-secs")?,
             dimse_timeout: secs(self.timeout_secs, "--timeout-secs")?,
+            exchange_timeout: secs(self.exchange_timeout_secs, "--exchange-timeout-secs")?,
         })
     }
 }

@@ -131,6 +131,27 @@ pub enum PixelError {
         first: String,
         other: String,
     },
+    #[error("frame {frame}: no JPEG 2000 codestream with a whole SIZ marker segment")]
+    J2kNoSiz { frame: u32 },
+    #[error(
+        "frame {frame}: the JPEG 2000 codestream is {width} x {height} with {components} \
+         component(s) (of that size); the header says {cols} x {rows} with {samples}"
+    )]
+    J2kSize {
+        frame: u32,
+        width: u32,
+        height: u32,
+        components: usize,
+        cols: u32,
+        rows: u32,
+        samples: u16,
+    },
+    /// The instances do not share a patient, modality or SOP class: named, values not shown.
+    #[error("instance {index} of the series differs from the first in {attribute}")]
+    MixedIdentity {
+        index: usize,
+        attribute: &'static str,
+    },
     #[error("no decode budget within {waited:?}")]
     BudgetTimeout { waited: Duration },
 }
@@ -156,10 +177,11 @@ impl PixelError {
             | PixelError::DecodeJpeg { .. }
             | PixelError::RleFrame { .. }
             | PixelError::DecodeJ2k { .. }
+            | PixelError::J2kNoSiz { .. }
             | PixelError::FrameFragments { .. }
             | PixelError::CodecPanicked { .. } => "decode_failed",
-            PixelError::DecodedSize { .. } => "decoded_size",
-            PixelError::MixedSeries { .. } => "mixed_series",
+            PixelError::DecodedSize { .. } | PixelError::J2kSize { .. } => "decoded_size",
+            PixelError::MixedSeries { .. } | PixelError::MixedIdentity { .. } => "mixed_series",
             PixelError::BudgetTimeout { .. } => "budget_timeout",
         }
     }
@@ -256,6 +278,9 @@ pub struct ImageHeader {
     pub modality_lut_sequence: bool,
     /// A VOI LUT Sequence is present.
     pub voi_lut_sequence: bool,
+    /// The patient, modality and SOP class, which every instance of a series must share
+    /// ([`check_series`]); values never shown.
+    pub identity: crate::series::SeriesIdentity,
 }
 
 impl ImageHeader {
@@ -335,6 +360,7 @@ impl ImageHeader {
             window,
             modality_lut_sequence: has(obj, tags::MODALITY_LUT_SEQUENCE),
             voi_lut_sequence: has(obj, tags::VOILUT_SEQUENCE),
+            identity: crate::series::SeriesIdentity::of(obj),
         })
     }
 
@@ -911,6 +937,12 @@ impl PixelSource {
             };
             return Ok((out, pending));
         }
+        if J2K_OTHER.contains(&h.transfer_syntax.as_str()) {
+            let fragment = self
+                .frame_fragment(index)
+                .ok_or(PixelError::FrameFragments { frame: index })?;
+            check_j2k_size(&fragment, h, index)?;
+        }
         let decoded = catch_unwind(AssertUnwindSafe(|| {
             obj.decode_pixel_data_frame(index)
                 .map(|d| (d.data().to_vec(), d.bits_allocated()))
@@ -1000,12 +1032,134 @@ impl PixelSource {
     }
 }
 
+/// What a JPEG 2000 codestream's SIZ marker segment says (ITU-T T.800 A.5.1): the image
+/// area and each component's size after its subsampling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct J2kSize {
+    pub width: u32,
+    pub height: u32,
+    /// (width, height) of each component.
+    pub components: Vec<(u32, u32)>,
+}
+
+/// Reads the SIZ of a JPEG 2000 frame without decoding it: a raw codestream (SOC, then SIZ,
+/// which T.800 A.4 requires to come right after it) or a JP2 file (T.800 Annex I: the boxes
+/// are walked to the contiguous codestream box `jp2c`). None when neither is found whole.
+pub fn j2k_size(data: &[u8]) -> Option<J2kSize> {
+    const JP2_SIGNATURE: [u8; 12] = [0, 0, 0, 12, b'j', b'P', b' ', b' ', 0x0D, 0x0A, 0x87, 0x0A];
+    if data.starts_with(&JP2_SIGNATURE) {
+        let mut at = 0usize;
+        while at + 8 <= data.len() {
+            let length = u32::from_be_bytes(data[at..at + 4].try_into().ok()?) as u64;
+            let kind = &data[at + 4..at + 8];
+            let (header, length) = match length {
+                0 => (8u64, (data.len() - at) as u64),
+                1 => {
+                    let long = u64::from_be_bytes(data.get(at + 8..at + 16)?.try_into().ok()?);
+                    (16, long)
+                }
+                n => (8, n),
+            };
+            if length < header {
+                return None;
+            }
+            let end = usize::try_from((at as u64).checked_add(length)?).ok()?;
+            let body = data.get(at + header as usize..end.min(data.len()))?;
+            if kind == b"jp2c" {
+                return siz_of_codestream(body);
+            }
+            at = end;
+        }
+        return None;
+    }
+    siz_of_codestream(data)
+}
+
+fn siz_of_codestream(data: &[u8]) -> Option<J2kSize> {
+    // SOC (FF4F), SIZ (FF51), Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz, XTOsiz,
+    // YTOsiz, Csiz, then Ssiz, XRsiz, YRsiz per component.
+    if data.get(..4)? != [0xFF, 0x4F, 0xFF, 0x51] {
+        return None;
+    }
+    let u16_at = |i: usize| -> Option<u16> {
+        Some(u16::from_be_bytes(data.get(i..i + 2)?.try_into().ok()?))
+    };
+    let u32_at = |i: usize| -> Option<u32> {
+        Some(u32::from_be_bytes(data.get(i..i + 4)?.try_into().ok()?))
+    };
+    let length = usize::from(u16_at(4)?);
+    let (x, y, x0, y0) = (u32_at(8)?, u32_at(12)?, u32_at(16)?, u32_at(20)?);
+    let count = usize::from(u16_at(40)?);
+    if count == 0 || length != 38 + 3 * count || data.len() < 4 + length || x0 >= x || y0 >= y {
+        return None;
+    }
+    let components = (0..count)
+        .map(|c| {
+            let (dx, dy) = (
+                u32::from(data[42 + 3 * c + 1]),
+                u32::from(data[42 + 3 * c + 2]),
+            );
+            if dx == 0 || dy == 0 {
+                return None;
+            }
+            Some((
+                x.div_ceil(dx) - x0.div_ceil(dx),
+                y.div_ceil(dy) - y0.div_ceil(dy),
+            ))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(J2kSize {
+        width: x - x0,
+        height: y - y0,
+        components,
+    })
+}
+
 /// JPEG 2000 (lossless only, and lossy).
 const J2K: &[&str] = &["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"];
+
+/// The other JPEG 2000 syntaxes (Part 2 multi-component, High-Throughput): decoded, when
+/// accepted at all, by `dicom-pixeldata`'s openjp2 adapter, after the same SIZ check.
+const J2K_OTHER: &[&str] = &[
+    "1.2.840.10008.1.2.4.92",
+    "1.2.840.10008.1.2.4.93",
+    "1.2.840.10008.1.2.4.201",
+    "1.2.840.10008.1.2.4.202",
+    "1.2.840.10008.1.2.4.203",
+];
+
+/// The codec decodes what the codestream's SIZ says, whatever the header says: a 64 x 64
+/// header over a SIZ of 24000 x 24000 was 2.4 GB and 36 s of decoding before the decoded
+/// size was compared. So the SIZ is read first (no decoding) and must say the header's
+/// Columns x Rows for every component, with at least SamplesPerPixel and at most 4 of them.
+fn check_j2k_size(data: &[u8], h: &ImageHeader, frame: u32) -> Result<(), PixelError> {
+    let size = j2k_size(data).ok_or(PixelError::J2kNoSiz { frame })?;
+    if size.width != h.cols
+        || size.height != h.rows
+        || size.components.len() < usize::from(h.samples)
+        || size.components.len() > 4
+        || size
+            .components
+            .iter()
+            .any(|&(w, h2)| w != h.cols || h2 != h.rows)
+    {
+        return Err(PixelError::J2kSize {
+            frame,
+            width: size.width,
+            height: size.height,
+            components: size.components.len(),
+            cols: h.cols,
+            rows: h.rows,
+            samples: h.samples,
+        });
+    }
+    Ok(())
+}
 
 /// Decodes one JPEG 2000 frame: its components (the codec has already undone YBR_RCT /
 /// YBR_ICT) interleaved, checked against the header's size and samples.
 fn decode_j2k(data: &[u8], h: &ImageHeader, frame: u32) -> Result<Vec<i64>, PixelError> {
+    check_j2k_size(data, h, frame)?;
     let image = jpeg2k::Image::from_bytes(data)
         .map_err(|source| PixelError::DecodeJ2k { frame, source })?;
     let samples = usize::from(h.samples);
@@ -1168,13 +1322,18 @@ fn packbits(src: &[u8], n: usize, out: &mut Vec<u8>) -> Option<()> {
     Some(())
 }
 
-/// Checks that the instances of a series can be stacked: same rows, columns, samples per pixel
-/// and photometric interpretation as the first.
+/// Checks that the instances of a series are one patient's one kind of object
+/// ([`crate::series::IDENTITY_ATTRIBUTES`]: [`PixelError::MixedIdentity`], naming the attribute
+/// but no value) and can be stacked: same rows, columns, samples per pixel and photometric
+/// interpretation as the first.
 pub fn check_series(headers: &[ImageHeader]) -> Result<(), PixelError> {
     let Some(first) = headers.first() else {
         return Ok(());
     };
     for (index, h) in headers.iter().enumerate().skip(1) {
+        if let Some(attribute) = first.identity.differs(&h.identity) {
+            return Err(PixelError::MixedIdentity { index, attribute });
+        }
         let differ = |attribute, a: String, b: String| PixelError::MixedSeries {
             index,
             attribute,
@@ -1832,6 +1991,7 @@ mod tests {
             window: None,
             modality_lut_sequence: false,
             voi_lut_sequence: false,
+            identity: Default::default(),
         };
         let mut v = vec![0x0FFF, 0xF800, 0x07FF];
         mask_all(&mut v, &h);

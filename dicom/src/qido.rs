@@ -12,6 +12,11 @@ use crate::spool::{Spool, StoreError};
 /// Largest page a query returns.
 pub const MAX_LIMIT: u32 = 10_000;
 
+/// Most values one matching key may have, over all its occurrences in a request: each is a
+/// term of one SQL expression, and SQLite refuses an expression tree deeper than 1,000
+/// ("Expression tree is too large"), which a key repeated 1,000 times reached.
+pub const MAX_VALUES: usize = 256;
+
 /// Matching keys (each: any of the listed values; empty: no constraint) and the page.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Query {
@@ -31,6 +36,26 @@ pub struct Query {
     /// At most [`MAX_LIMIT`]; `None`: [`MAX_LIMIT`].
     pub limit: Option<u32>,
     pub offset: u64,
+}
+
+impl Query {
+    /// The keyword of the first matching key with more than [`MAX_VALUES`] values: such a
+    /// query is refused (the HTTP layer answers 400) rather than sent to SQLite.
+    pub fn too_many_values(&self) -> Option<&'static str> {
+        [
+            ("StudyInstanceUID", self.study_uids.len()),
+            ("SeriesInstanceUID", self.series_uids.len()),
+            ("SOPInstanceUID", self.sop_instance_uids.len()),
+            ("SOPClassUID", self.sop_class_uids.len()),
+            ("Modality", self.modalities.len()),
+            ("ModalitiesInStudy", self.modalities_in_study.len()),
+            ("SeriesNumber", self.series_numbers.len()),
+            ("InstanceNumber", self.instance_numbers.len()),
+        ]
+        .into_iter()
+        .find(|(_, n)| *n > MAX_VALUES)
+        .map(|(key, _)| key)
+    }
 }
 
 /// Whether `s` is a CS value or a pattern of one (`*` any run, `?` one character): the

@@ -7,8 +7,11 @@
 //! outcome. A context the peer rejects fails only the files that needed it.
 //!
 //! Every network wait is bounded: connecting and the association request by
-//! [`ScuOptions::connect_timeout`], each write and each response by
-//! [`ScuOptions::dimse_timeout`].
+//! [`ScuOptions::connect_timeout`], each write and each whole response (however many PDUs
+//! it comes in) by [`ScuOptions::dimse_timeout`], and one whole C-STORE (request, data set
+//! and response) by [`ScuOptions::exchange_timeout`]. A response may carry at most
+//! [`MAX_EMPTY_PDVS`] empty fragments: a peer that trickles empty not-last command PDVs
+//! used to hold the association (and every result behind it) for ever.
 
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -35,6 +38,9 @@ const C_ECHO_RSP: u16 = 0x8030;
 pub const MAX_CONTEXTS: usize = 128;
 /// Bytes of a data set written per bounded write.
 const CHUNK: usize = 1 << 20;
+/// Empty PDVs (no bytes of the command set) tolerated in one response: they make no
+/// progress, and a response is a few hundred bytes.
+pub const MAX_EMPTY_PDVS: usize = 4;
 
 /// Settings of the SCU.
 #[derive(Debug, Clone)]
@@ -47,8 +53,10 @@ pub struct ScuOptions {
     pub max_pdu_length: u32,
     /// Bound on the TCP connection plus the association request and its answer.
     pub connect_timeout: Duration,
-    /// Bound on each write of a request and on the wait for each response.
+    /// Bound on each write of a request and on the wait for each whole response.
     pub dimse_timeout: Duration,
+    /// Bound on one whole C-STORE exchange: the request, its data set and the response.
+    pub exchange_timeout: Duration,
 }
 
 impl Default for ScuOptions {
@@ -59,6 +67,7 @@ impl Default for ScuOptions {
             max_pdu_length: 65_536,
             connect_timeout: Duration::from_secs(10),
             dimse_timeout: Duration::from_secs(60),
+            exchange_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -327,9 +336,21 @@ impl StoreAssociation {
             .map(|pc| pc.id)
     }
 
-    /// Sends one C-STORE of `file` and returns the peer's status. A `ContextRejected` or
-    /// `File` failure leaves the association usable; an `Association` failure does not.
+    /// Sends one C-STORE of `file` and returns the peer's status, all within
+    /// [`ScuOptions::exchange_timeout`]. A `ContextRejected` or `File` failure leaves the
+    /// association usable; an `Association` failure (a timeout among them) does not.
     pub async fn store(&mut self, file: &Part10File) -> Result<DimseStatus, StoreFailure> {
+        let timeout = self.options.exchange_timeout;
+        match tokio::time::timeout(timeout, self.store_within(file)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(StoreFailure::Association(ScuError::Timeout {
+                what: "the whole C-STORE exchange",
+                timeout,
+            })),
+        }
+    }
+
+    async fn store_within(&mut self, file: &Part10File) -> Result<DimseStatus, StoreFailure> {
         let Some(pc) = self.context_id(&file.sop_class_uid, &file.transfer_syntax) else {
             return Err(StoreFailure::ContextRejected {
                 sop_class_uid: file.sop_class_uid.clone(),
@@ -448,20 +469,25 @@ impl StoreAssociation {
         Ok(())
     }
 
-    /// Reads PDUs until a whole command set arrives and returns its status.
+    /// Reads PDUs until a whole command set arrives and returns its status: all of it
+    /// within one [`ScuOptions::dimse_timeout`], with at most [`MAX_EMPTY_PDVS`] empty
+    /// fragments.
     async fn response(
         &mut self,
         expected_field: u16,
         message_id: u16,
     ) -> Result<DimseStatus, ScuError> {
+        let timeout = self.options.dimse_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         let mut command = Vec::new();
+        let mut empty = 0usize;
         loop {
-            let pdu = bounded(
-                self.options.dimse_timeout,
-                "waiting for the response",
-                self.association.receive(),
-            )
-            .await??;
+            let pdu = tokio::time::timeout_at(deadline, self.association.receive())
+                .await
+                .map_err(|_| ScuError::Timeout {
+                    what: "waiting for the response",
+                    timeout,
+                })??;
             let values = match pdu {
                 Pdu::PData { data } => data,
                 Pdu::AbortRQ { .. } => return Err(ScuError::Aborted),
@@ -481,6 +507,14 @@ impl StoreAssociation {
                     return Err(ScuError::Protocol {
                         what: "response command set too large",
                     });
+                }
+                if value.data.is_empty() && !value.is_last {
+                    empty += 1;
+                    if empty > MAX_EMPTY_PDVS {
+                        return Err(ScuError::Protocol {
+                            what: "response made of empty fragments",
+                        });
+                    }
                 }
                 command.extend_from_slice(&value.data);
                 if value.is_last {

@@ -4,12 +4,16 @@
 //!   (the pipeline's cursor), with their instance count and last arrival;
 //! - [`Spool::series_instances`]: the instances of one series, in instance order;
 //! - [`SeriesHeader::read`]: the attributes routing looks at, read from a stored file up to
-//!   its pixel data (never the pixels).
+//!   its pixel data (never the pixels);
+//! - [`SeriesIdentity`]: what every instance of one series must share (the patient, the
+//!   modality, the SOP class), compared without ever showing the values.
 
 use std::path::Path;
 
+use dicom_core::Tag;
 use dicom_dictionary_std::tags;
-use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
+use rusqlite::OptionalExtension;
 
 use crate::spool::{INSTANCE_COLUMNS, Spool, StoreError, Stored};
 
@@ -22,7 +26,8 @@ pub struct SeriesActivity {
     pub instances: u64,
     /// When its last instance arrived (Unix ms).
     pub last_received_ms: i64,
-    /// The highest index row of the series (the cursor to pass next time, at most).
+    /// The highest arrival number (`seq`) of the series (the cursor to pass next time, at
+    /// most).
     pub last_row: i64,
 }
 
@@ -43,6 +48,59 @@ pub struct SeriesHeader {
     /// SHA-256 (hex) of the Patient ID, when there is one: enough to match a patient's
     /// results later (CDS imaging cards) without keeping the identifier itself.
     pub patient_id_sha256: Option<String>,
+}
+
+/// The attributes, in the order they are compared, that every instance of a series must
+/// share: the patient (PatientID, IssuerOfPatientID, PatientName) and the kind of object
+/// (Modality, SOP Class UID). A series whose instances differ in any of them (the same
+/// Study/Series Instance UIDs reused for another patient or another modality) is refused
+/// as a whole: its results would be filed under one patient but show another's images.
+pub const IDENTITY_ATTRIBUTES: [(Tag, &str); 5] = [
+    (tags::PATIENT_ID, "PatientID"),
+    (tags::ISSUER_OF_PATIENT_ID, "IssuerOfPatientID"),
+    (tags::PATIENT_NAME, "PatientName"),
+    (tags::MODALITY, "Modality"),
+    (tags::SOP_CLASS_UID, "SOPClassUID"),
+];
+
+/// One instance's [`IDENTITY_ATTRIBUTES`] (absent and empty are the same; padding spaces
+/// and NULs are not significant). The values are patient data: `Debug` shows none of them,
+/// and [`SeriesIdentity::differs`] names the attribute only.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SeriesIdentity {
+    values: [String; IDENTITY_ATTRIBUTES.len()],
+}
+
+impl SeriesIdentity {
+    /// The identity attributes of a data set (a full object or one read up to the pixels).
+    pub fn of(obj: &InMemDicomObject) -> SeriesIdentity {
+        SeriesIdentity {
+            values: IDENTITY_ATTRIBUTES.map(|(tag, _)| {
+                obj.element_opt(tag)
+                    .ok()
+                    .flatten()
+                    .and_then(|e| e.to_str().ok())
+                    .map(|s| s.trim_matches(|c: char| c == '\0' || c == ' ').to_owned())
+                    .unwrap_or_default()
+            }),
+        }
+    }
+
+    /// The keyword of the first identity attribute in which `other` differs from `self`.
+    pub fn differs(&self, other: &SeriesIdentity) -> Option<&'static str> {
+        self.values
+            .iter()
+            .zip(&other.values)
+            .zip(IDENTITY_ATTRIBUTES)
+            .find(|((a, b), _)| a != b)
+            .map(|(_, (_, name))| name)
+    }
+}
+
+impl std::fmt::Debug for SeriesIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SeriesIdentity(..)")
+    }
 }
 
 /// A stored file's header could not be read.
@@ -105,8 +163,10 @@ impl SeriesHeader {
 }
 
 impl Spool {
-    /// The series with an index row after `after_row`, each with its whole instance count
-    /// and last arrival, and the cursor to pass next time. At most `limit` series and
+    /// The series with an index row whose arrival number (`seq`, never reused, unlike the
+    /// rowid) is after `after_row`, each with its whole instance count and last arrival, and
+    /// the cursor to pass next time (lower than `after_row` when that was above every number
+    /// ever given). At most `limit` series and
     /// 10,000 rows are read per call; the rest come on the next one.
     pub fn series_touched_since(
         &self,
@@ -116,11 +176,20 @@ impl Spool {
         let db = self.index();
         // New rows, oldest first: their series, and how far this call reads.
         let mut touched: Vec<(String, String)> = Vec::new();
+        // The highest arrival number ever given (it never goes down, see `spool.rs`): a
+        // cursor above it (an index from before the numbers, whose rowids were reused, or
+        // an index replaced) would skip every new row; it restarts from there.
+        let high: i64 = db
+            .prepare_cached("SELECT high FROM instance_seq WHERE id = 1")?
+            .query_row([], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        let after_row = after_row.min(high);
         let mut cursor = after_row;
         {
             let mut stmt = db.prepare_cached(
-                "SELECT rowid, study_uid, series_uid FROM instances WHERE rowid > ?1
-                 ORDER BY rowid LIMIT 10000",
+                "SELECT seq, study_uid, series_uid FROM instances WHERE seq > ?1
+                 ORDER BY seq LIMIT 10000",
             )?;
             let rows = stmt.query_map([after_row], |r| {
                 Ok((
@@ -143,7 +212,7 @@ impl Spool {
         }
         let mut out = Vec::with_capacity(touched.len());
         let mut stmt = db.prepare_cached(
-            "SELECT count(*), max(received_at_ms), max(rowid) FROM instances
+            "SELECT count(*), max(received_at_ms), max(seq) FROM instances
              WHERE study_uid = ?1 AND series_uid = ?2",
         )?;
         for (study_uid, series_uid) in touched {
@@ -164,6 +233,17 @@ impl Spool {
             });
         }
         Ok((out, cursor))
+    }
+
+    /// The highest arrival number (`seq`) the index ever gave; it never goes down, even when
+    /// rows are deleted. A pipeline cursor above it is stale (see `Pipeline::open`).
+    pub fn arrival_high(&self) -> Result<i64, StoreError> {
+        let db = self.index();
+        Ok(db
+            .prepare_cached("SELECT high FROM instance_seq WHERE id = 1")?
+            .query_row([], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0))
     }
 
     /// One instance, by its study, series and SOP Instance UIDs (WADO-RS retrieve).
@@ -189,7 +269,7 @@ impl Spool {
         let db = self.index();
         let mut stmt = db.prepare_cached(&format!(
             "SELECT {INSTANCE_COLUMNS} FROM instances WHERE study_uid = ?1
-             ORDER BY series_uid, received_at_ms, rowid"
+             ORDER BY series_uid, received_at_ms, seq"
         ))?;
         let rows = stmt.query_map([study_uid], |r| self.stored_row(r))?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -204,7 +284,7 @@ impl Spool {
         let db = self.index();
         let mut stmt = db.prepare_cached(&format!(
             "SELECT {INSTANCE_COLUMNS} FROM instances WHERE study_uid = ?1 AND series_uid = ?2
-             ORDER BY received_at_ms, rowid"
+             ORDER BY received_at_ms, seq"
         ))?;
         let rows = stmt.query_map([study_uid, series_uid], |r| self.stored_row(r))?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)

@@ -718,6 +718,7 @@ impl Spool {
             CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid, series_uid);",
         )?;
         add_attribute_columns(&db)?;
+        add_arrival_sequence(&db)?;
         let anonymous_temps =
             !options.named_temp_files && anonymous_temps_work(&root.join(TMP_DIR));
         let direct_writes =
@@ -1523,6 +1524,48 @@ fn add_attribute_columns(db: &Connection) -> rusqlite::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Gives every index row an arrival number, `seq`, that is never used twice: the pipeline
+/// reads new rows after a cursor (`WHERE seq > ?`). The table's rowid cannot be that number:
+/// `instances` has a TEXT primary key without AUTOINCREMENT, so SQLite gives a new row
+/// max(rowid) + 1 and, once the newest rows are deleted (a purge, a repair), hands their
+/// rowids out again, to rows a cursor already passed (they were never processed).
+///
+/// `instance_seq.high` is the highest number ever given; a trigger gives each inserted row
+/// the next one, whatever inserts it. An index from before the column (migrated here, in
+/// one transaction) numbers its rows by their rowids, so a cursor kept as a rowid stays
+/// valid; one above `high` (rowids reused before the migration, or an index replaced) is
+/// brought back to `high` by [`Spool::series_touched_since`].
+fn add_arrival_sequence(db: &Connection) -> rusqlite::Result<()> {
+    // Under the write lock: a second process opening the same index (`spool purge` beside
+    // a running server) sees the column or adds it, never both.
+    let tx = rusqlite::Transaction::new_unchecked(db, rusqlite::TransactionBehavior::Immediate)?;
+    let has_seq = tx
+        .prepare("SELECT 1 FROM pragma_table_info('instances') WHERE name = 'seq'")?
+        .exists([])?;
+    if !has_seq {
+        tx.execute_batch(
+            "ALTER TABLE instances ADD COLUMN seq INTEGER;
+             UPDATE instances SET seq = rowid;",
+        )?;
+    }
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS instance_seq (
+             id INTEGER PRIMARY KEY CHECK (id = 1),
+             high INTEGER NOT NULL
+         );
+         INSERT OR IGNORE INTO instance_seq (id, high)
+             SELECT 1, coalesce(max(seq), 0) FROM instances;
+         CREATE UNIQUE INDEX IF NOT EXISTS instances_seq ON instances (seq);
+         CREATE TRIGGER IF NOT EXISTS instances_next_seq AFTER INSERT ON instances
+         BEGIN
+             UPDATE instance_seq SET high = high + 1 WHERE id = 1;
+             UPDATE instances SET seq = (SELECT high FROM instance_seq WHERE id = 1)
+                 WHERE rowid = NEW.rowid;
+         END;",
+    )?;
+    tx.commit()
 }
 
 /// The index's sha256 and path for a SOP Instance UID, if it is stored.

@@ -307,3 +307,103 @@ fn purge_deletes_what_is_older_than_the_cutoff() {
     // Nothing is left to purge.
     assert_eq!(spool.purge(cutoff, false).unwrap().instances, 0);
 }
+
+/// The series after `cursor` (the pipeline's view of new arrivals) and the next cursor.
+fn touched(spool: &Spool, cursor: i64) -> (Vec<(String, u64)>, i64) {
+    let (series, next) = spool.series_touched_since(cursor, 100).unwrap();
+    (
+        series
+            .into_iter()
+            .map(|s| (s.series_uid, s.instances))
+            .collect(),
+        next,
+    )
+}
+
+/// Red-team finding: `instances` has a TEXT primary key without AUTOINCREMENT, so SQLite
+/// gives a new row max(rowid) + 1 (SQLite's "ROWIDs and the INTEGER PRIMARY KEY": the
+/// largest rowid in use plus one), reusing the numbers of deleted newest rows. A purge that
+/// emptied the spool (or took its newest rows) made the pipeline's cursor skip the next
+/// instances for ever. Arrival numbers are never reused.
+#[test]
+fn instances_stored_after_a_purge_are_seen_after_the_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    store_some(&spool, "1.2.3.60", 3);
+    let (series, cursor) = touched(&spool, 0);
+    assert_eq!(series, vec![("1.2.3.60.1".to_owned(), 3)]);
+    // Everything purged: the spool is empty.
+    let all = spool
+        .purge(SystemTime::now() + Duration::from_secs(60), false)
+        .unwrap();
+    assert_eq!(all.instances, 3);
+    assert!(uids(&spool).is_empty());
+    store_some(&spool, "1.2.3.61", 2);
+    let (series, cursor) = touched(&spool, cursor);
+    assert_eq!(series, vec![("1.2.3.61.1".to_owned(), 2)]);
+    // Only the newest row purged (made old first), then one more arrival.
+    let db = rusqlite::Connection::open(dir.path().join("index.sqlite3")).unwrap();
+    db.execute(
+        "UPDATE instances SET received_at_ms = 0 WHERE sop_instance_uid = '1.2.3.61.1.2'",
+        [],
+    )
+    .unwrap();
+    drop(db);
+    let cutoff = SystemTime::now() - Duration::from_secs(86_400);
+    assert_eq!(spool.purge(cutoff, false).unwrap().instances, 1);
+    store_some(&spool, "1.2.3.62", 1);
+    let (series, _) = touched(&spool, cursor);
+    assert_eq!(series, vec![("1.2.3.62.1".to_owned(), 1)]);
+}
+
+/// An index from before the arrival numbers is migrated at open: its rows are numbered by
+/// their rowids (a pipeline cursor kept as a rowid stays valid), and a cursor above every
+/// row (rowids already reused before the upgrade) restarts from the highest number, so the
+/// next arrival is seen.
+#[test]
+fn an_index_from_before_arrival_numbers_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let files = store_some(&spool, "1.2.3.70", 3);
+    drop(spool);
+    // The old schema: no seq column, no sequence table or trigger; the newest row deleted
+    // (with its file), as a purge did.
+    let db = rusqlite::Connection::open(dir.path().join("index.sqlite3")).unwrap();
+    db.execute_batch(
+        "DROP TRIGGER instances_next_seq; DROP INDEX instances_seq; DROP TABLE instance_seq;
+         ALTER TABLE instances DROP COLUMN seq;
+         DELETE FROM instances WHERE sop_instance_uid = '1.2.3.70.1.3';",
+    )
+    .unwrap();
+    let rowids: Vec<i64> = db
+        .prepare("SELECT rowid FROM instances ORDER BY rowid")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rowids, vec![1, 2]);
+    drop(db);
+    std::fs::remove_file(&files[2]).unwrap();
+
+    let spool = open(dir.path());
+    // Rows numbered by rowid: a cursor at 1 sees the series (its last row is 2).
+    let (series, next) = touched(&spool, 1);
+    assert_eq!(series, vec![("1.2.3.70.1".to_owned(), 2)]);
+    assert_eq!(next, 2);
+    // The pipeline had passed rowid 3 (now gone): the spool's highest number is 2 (what
+    // `Pipeline::open` brings such a cursor back to before anything is received), and
+    // reading after 3 brings the cursor back to 2 as well ...
+    assert_eq!(spool.arrival_high().unwrap(), 2);
+    assert_eq!(touched(&spool, 3), (vec![], 2));
+    // ... and the next arrival (number 3, never given before in this index) is seen.
+    store_some(&spool, "1.2.3.71", 1);
+    assert_eq!(spool.arrival_high().unwrap(), 3);
+    let (series, next) = touched(&spool, 2);
+    assert_eq!(series, vec![("1.2.3.71.1".to_owned(), 1)]);
+    assert_eq!(next, 3);
+    // Opening again migrates nothing twice.
+    drop(spool);
+    let spool = open(dir.path());
+    assert_eq!(touched(&spool, 3), (vec![], 3));
+}

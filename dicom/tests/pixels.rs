@@ -24,7 +24,7 @@ use dicom_dictionary_std::tags;
 use dicom_object::{DefaultDicomObject, FileMetaTableBuilder, InMemDicomObject};
 use nightingale_dicom::pixels::{
     DecodeBudget, DecodeOptions, ImageHeader, Limits, PixelError, PixelSource, RenderWindow,
-    Values, Voi, check_series, render8,
+    Values, Voi, check_series, j2k_size, render8,
 };
 use serde_json::Value as Json;
 
@@ -601,6 +601,71 @@ fn a_series_must_agree_in_size_and_photometric() {
     assert_eq!(err.reason(), "mixed_series");
 }
 
+/// Red-team finding: instances that share Study/Series Instance UIDs but belong to another
+/// patient (PatientID, IssuerOfPatientID, PatientName) or are another kind of object
+/// (Modality, SOP Class UID) are one series only by mistake; PS3.3 C.7.1.1 and C.7.3.1 make
+/// these attributes the patient's and the series', the same for every instance. The error
+/// names the attribute and never a value.
+#[test]
+fn a_series_must_be_one_patient_and_one_kind_of_object() {
+    let h = |edit: &dyn Fn(&mut DefaultDicomObject)| {
+        let mut obj = grey(4, 4, 1, 8, PrimitiveValue::U8(vec![0u8; 16].into()));
+        put(&mut obj, tags::PATIENT_ID, VR::LO, "PID-ALPHA-111".into());
+        put(
+            &mut obj,
+            tags::ISSUER_OF_PATIENT_ID,
+            VR::LO,
+            "HOSP-A".into(),
+        );
+        put(&mut obj, tags::PATIENT_NAME, VR::PN, "Alpha^Patient".into());
+        put(&mut obj, tags::MODALITY, VR::CS, "CT".into());
+        edit(&mut obj);
+        ImageHeader::from_object(&obj, &Limits::default()).unwrap()
+    };
+    let same = h(&|_| {});
+    // Padding is not a difference (PS3.5 6.2: trailing spaces are not significant).
+    let padded = h(&|o| put(o, tags::PATIENT_ID, VR::LO, "PID-ALPHA-111 ".into()));
+    assert!(check_series(&[same.clone(), h(&|_| {}), padded]).is_ok());
+    type Edit<'a> = &'a dyn Fn(&mut DefaultDicomObject);
+    let cases: [(&str, Edit); 6] = [
+        ("PatientID", &|o| {
+            put(o, tags::PATIENT_ID, VR::LO, "PID-BRAVO-222".into())
+        }),
+        ("IssuerOfPatientID", &|o| {
+            put(o, tags::ISSUER_OF_PATIENT_ID, VR::LO, "HOSP-B".into())
+        }),
+        ("IssuerOfPatientID", &|o| {
+            o.remove_element(tags::ISSUER_OF_PATIENT_ID);
+        }),
+        ("PatientName", &|o| {
+            put(o, tags::PATIENT_NAME, VR::PN, "Bravo^Patient".into())
+        }),
+        ("Modality", &|o| put(o, tags::MODALITY, VR::CS, "US".into())),
+        ("SOPClassUID", &|o| {
+            put(
+                o,
+                tags::SOP_CLASS_UID,
+                VR::UI,
+                "1.2.840.10008.5.1.4.1.1.6.1".into(),
+            )
+        }),
+    ];
+    for (attribute, edit) in cases {
+        let err = check_series(&[same.clone(), same.clone(), h(edit)]).unwrap_err();
+        assert!(
+            matches!(err, PixelError::MixedIdentity { index: 2, attribute: a } if a == attribute),
+            "{attribute}: {err:?}"
+        );
+        assert_eq!(err.reason(), "mixed_series");
+        let text = err.to_string();
+        assert!(text.contains(attribute), "{text}");
+        for value in ["ALPHA", "BRAVO", "HOSP", "^Patient", "US", "1.2.840"] {
+            assert!(!text.contains(value), "{text} shows a value");
+        }
+        assert!(!format!("{:?}", h(edit)).contains("ALPHA"));
+    }
+}
+
 #[test]
 fn modality_voi_and_monochrome1_options() {
     // 12-bit stored values 0, 1000, 2000, 4095 with slope 2 and intercept -1000, MONOCHROME1.
@@ -880,4 +945,204 @@ fn frames_split_over_fragments_are_found() {
             );
         }
     }
+}
+
+/// A raw JPEG 2000 codestream: SOC, then a SIZ (ITU-T T.800 A.5.1) of `width` x `height`,
+/// one tile, `components` 8-bit components of subsampling `sub`, then `tail` (no real
+/// packets: a decoder would have to reach them, the size check must not).
+fn j2k_codestream(width: u32, height: u32, components: u16, sub: u8, tail: &[u8]) -> Vec<u8> {
+    let mut out = vec![0xFF, 0x4F, 0xFF, 0x51];
+    out.extend((38 + 3 * components).to_be_bytes()); // Lsiz
+    out.extend(0u16.to_be_bytes()); // Rsiz
+    for v in [width, height, 0, 0, width, height, 0, 0] {
+        out.extend(v.to_be_bytes()); // Xsiz Ysiz XOsiz YOsiz XTsiz YTsiz XTOsiz YTOsiz
+    }
+    out.extend(components.to_be_bytes());
+    for _ in 0..components {
+        out.extend([7, sub, sub]); // Ssiz (8 bits, unsigned), XRsiz, YRsiz
+    }
+    out.extend_from_slice(tail);
+    out
+}
+
+/// The same codestream in a JP2 file (T.800 Annex I): signature, file type, header (image
+/// header box), contiguous codestream box.
+fn jp2_file(codestream: &[u8], height: u32, width: u32) -> Vec<u8> {
+    let mut out = vec![0, 0, 0, 12, b'j', b'P', b' ', b' ', 0x0D, 0x0A, 0x87, 0x0A];
+    out.extend([0, 0, 0, 20]);
+    out.extend(b"ftypjp2 \0\0\0\0jp2 ");
+    let mut ihdr = vec![0, 0, 0, 22];
+    ihdr.extend(b"ihdr");
+    ihdr.extend(height.to_be_bytes());
+    ihdr.extend(width.to_be_bytes());
+    ihdr.extend([0, 1, 7, 7, 0, 0]);
+    out.extend((8 + ihdr.len() as u32).to_be_bytes());
+    out.extend(b"jp2h");
+    out.extend(ihdr);
+    out.extend((8 + codestream.len() as u32).to_be_bytes());
+    out.extend(b"jp2c");
+    out.extend_from_slice(codestream);
+    out
+}
+
+fn j2k_object(rows: u32, cols: u32, samples: u16, frame: Vec<u8>) -> DefaultDicomObject {
+    let mut obj = grey(rows, cols, 1, 8, PrimitiveValue::U8(vec![0u8; 2].into()));
+    put(
+        &mut obj,
+        tags::SAMPLES_PER_PIXEL,
+        VR::US,
+        PrimitiveValue::from(samples),
+    );
+    if samples == 3 {
+        put(
+            &mut obj,
+            tags::PHOTOMETRIC_INTERPRETATION,
+            VR::CS,
+            "RGB".into(),
+        );
+    }
+    let mut frame = frame;
+    if frame.len() % 2 == 1 {
+        frame.push(0);
+    }
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        PixelFragmentSequence::new(Vec::<u32>::new(), vec![frame]),
+    ));
+    with_ts(obj.into_inner(), J2K)
+}
+
+/// Red-team finding (JPEG 2000 decode bomb): a 64 x 64 header over a codestream whose SIZ
+/// says 24000 x 24000 was decoded whole (2.4 GB, 36 s) before its size was compared. The
+/// SIZ is read first and a codestream that is not the header's Columns x Rows, with
+/// SamplesPerPixel components (at most 4) of that size, is refused without decoding.
+#[test]
+fn a_j2k_codestream_other_than_its_header_is_refused_before_decoding() {
+    let tail = [0xFF, 0x90, 0, 10, 0, 0, 0, 0, 0, 12, 0, 1, 0xFF, 0xD9];
+    // The parser itself, against the bytes written above.
+    let size = j2k_size(&j2k_codestream(24_000, 16_000, 3, 1, &tail)).unwrap();
+    assert_eq!((size.width, size.height), (24_000, 16_000));
+    assert_eq!(size.components, vec![(24_000, 16_000); 3]);
+    // Subsampled components: ceil(64 / 2) x ceil(64 / 2).
+    let size = j2k_size(&j2k_codestream(64, 64, 1, 2, &tail)).unwrap();
+    assert_eq!(size.components, vec![(32, 32)]);
+    let jp2 = jp2_file(&j2k_codestream(300, 200, 1, 1, &tail), 200, 300);
+    assert_eq!(j2k_size(&jp2).unwrap().width, 300);
+    assert_eq!(j2k_size(&j2k_codestream(64, 64, 1, 1, &[])[..20]), None);
+
+    /// (case, SamplesPerPixel, the frame, what the SIZ says: width, height, components)
+    type Case = (&'static str, u16, Vec<u8>, (u32, u32, usize));
+    let cases: Vec<Case> = vec![
+        (
+            "24000 x 24000",
+            1,
+            j2k_codestream(24_000, 24_000, 1, 1, &tail),
+            (24_000, 24_000, 1),
+        ),
+        ("wide", 1, j2k_codestream(65, 64, 1, 1, &tail), (65, 64, 1)),
+        (
+            "in a JP2 file",
+            1,
+            jp2_file(&j2k_codestream(24_000, 24_000, 1, 1, &tail), 64, 64),
+            (24_000, 24_000, 1),
+        ),
+        (
+            "subsampled",
+            1,
+            j2k_codestream(64, 64, 1, 2, &tail),
+            (64, 64, 1),
+        ),
+        (
+            "too few components",
+            3,
+            j2k_codestream(64, 64, 1, 1, &tail),
+            (64, 64, 1),
+        ),
+        (
+            "too many components",
+            1,
+            j2k_codestream(64, 64, 200, 1, &tail),
+            (64, 64, 200),
+        ),
+    ];
+    for (case, samples, frame, (width, height, components)) in cases {
+        let started = std::time::Instant::now();
+        let err = PixelSource::from_object(j2k_object(64, 64, samples, frame), &Limits::default())
+            .and_then(|s| s.frame(0, &DecodeOptions::default()))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PixelError::J2kSize { frame: 0, width: w, height: h, components: c, cols: 64, rows: 64, .. }
+                    if (w, h, c) == (width, height, components)
+            ),
+            "{case}: {err:?}"
+        );
+        assert_eq!(err.reason(), "decoded_size", "{case}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{case}"
+        );
+    }
+    // No whole SIZ: a decode failure, found without the codec.
+    let err = PixelSource::from_object(
+        j2k_object(
+            64,
+            64,
+            1,
+            vec![0xFF, 0x4F, 0xFF, 0x51, 0x00, 0x2F, 0x00, 0x00],
+        ),
+        &Limits::default(),
+    )
+    .and_then(|s| s.frame(0, &DecodeOptions::default()))
+    .unwrap_err();
+    assert!(matches!(err, PixelError::J2kNoSiz { frame: 0 }), "{err:?}");
+    assert_eq!(err.reason(), "decode_failed");
+}
+
+/// The red-team file itself: pydicom's MR_small_jp2klossless.dcm (64 x 64) with its SIZ
+/// patched to 4000 x 4000 (the same packets) is refused without decoding; unpatched it
+/// decodes (the real-file test compares it with pydicom).
+#[test]
+fn a_real_j2k_frame_with_a_patched_siz_is_refused() {
+    let Some(dirs) = packages() else {
+        return;
+    };
+    let path = dirs.0.join("data/test_files/MR_small_jp2klossless.dcm");
+    let source = PixelSource::open(&path, &Limits::default()).unwrap();
+    assert!(source.frame(0, &DecodeOptions::default()).is_ok());
+    let mut obj = source.object().clone();
+    let element = obj.element(tags::PIXEL_DATA).unwrap();
+    let dicom_core::value::Value::PixelSequence(seq) = element.value() else {
+        panic!("encapsulated pixel data");
+    };
+    let mut frame = seq.fragments().concat();
+    let siz = frame.windows(2).position(|w| w == [0xFF, 0x51]).unwrap();
+    for (k, v) in [4000u32, 4000, 0, 0, 4000, 4000].into_iter().enumerate() {
+        frame[siz + 6 + 4 * k..siz + 10 + 4 * k].copy_from_slice(&v.to_be_bytes());
+    }
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        PixelFragmentSequence::new(Vec::<u32>::new(), vec![frame]),
+    ));
+    let started = std::time::Instant::now();
+    let err = PixelSource::from_object(obj, &Limits::default())
+        .and_then(|s| s.frame(0, &DecodeOptions::default()))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PixelError::J2kSize {
+                width: 4000,
+                height: 4000,
+                cols: 64,
+                rows: 64,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
 }

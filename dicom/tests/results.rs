@@ -419,6 +419,34 @@ fn hostile_inputs_are_typed_errors() {
         SourceSeries::from_instances(&two),
         Err(ResultError::MixedSeries { index: 1 })
     ));
+    // Red-team finding: one series, two patients (or two modalities / SOP classes). The
+    // result would be filed under instance #0's patient while listing the other's images.
+    for (tag, vr, value, attribute) in [
+        (tags::PATIENT_ID, VR::LO, "PID-BRAVO-222", "PatientID"),
+        (
+            tags::ISSUER_OF_PATIENT_ID,
+            VR::LO,
+            "HOSP-B",
+            "IssuerOfPatientID",
+        ),
+        (tags::PATIENT_NAME, VR::PN, "Bravo^Patient", "PatientName"),
+        (tags::MODALITY, VR::CS, "US", "Modality"),
+        (
+            tags::SOP_CLASS_UID,
+            VR::UI,
+            "1.2.840.10008.5.1.4.1.1.6.1",
+            "SOPClassUID",
+        ),
+    ] {
+        let mut two = synthetic_series(2, true);
+        s(&mut two[1], tag, vr, value);
+        let err = SourceSeries::from_instances(&two).unwrap_err();
+        assert!(
+            matches!(err, ResultError::MixedIdentity { index: 1, attribute: a } if a == attribute),
+            "{attribute}: {err:?}"
+        );
+        assert!(!err.to_string().contains(value), "{err}");
+    }
     let mut one = synthetic_series(1, true);
     one[0].remove_element(tags::SOP_INSTANCE_UID);
     assert!(matches!(

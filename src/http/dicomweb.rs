@@ -586,22 +586,21 @@ fn query_of(
 ) -> Result<(qido::Query, Vec<String>), AppError> {
     let mut q = qido::Query::default();
     let mut ignored = vec![];
-    let list = |v: &str| -> Vec<String> {
-        v.split([',', '\\'])
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
-            .collect()
+    let list = |key: &str, v: &str| -> Result<Vec<String>, AppError> {
+        Ok(key_values(key, v)?.into_iter().map(str::to_owned).collect())
     };
     for (key, value) in params {
         match (key.as_str(), level) {
-            ("StudyInstanceUID" | "0020000D", _) => q.study_uids.extend(list(&value)),
+            ("StudyInstanceUID" | "0020000D", _) => q.study_uids.extend(list(&key, &value)?),
             ("SeriesInstanceUID" | "0020000E", Level::Series | Level::Instances) => {
-                q.series_uids.extend(list(&value))
+                q.series_uids.extend(list(&key, &value)?)
             }
             ("SOPInstanceUID" | "00080018", Level::Instances) => {
-                q.sop_instance_uids.extend(list(&value))
+                q.sop_instance_uids.extend(list(&key, &value)?)
             }
-            ("SOPClassUID" | "00080016", Level::Instances) => q.sop_class_uids.extend(list(&value)),
+            ("SOPClassUID" | "00080016", Level::Instances) => {
+                q.sop_class_uids.extend(list(&key, &value)?)
+            }
             ("Modality" | "00080060", Level::Series | Level::Instances) => {
                 q.modalities.extend(codes(&key, &value)?)
             }
@@ -636,6 +635,12 @@ fn query_of(
             _ => ignored.push(key),
         }
     }
+    // Over all occurrences of a key (`Modality=CT&Modality=MR&...`), not each alone.
+    if let Some(key) = q.too_many_values() {
+        return Err(AppError::bad_request(format!(
+            "{key}: more than {MAX_KEY_VALUES} values (over all its occurrences)"
+        )));
+    }
     Ok((q, ignored))
 }
 
@@ -648,8 +653,9 @@ fn staging_error(e: &std::io::Error) -> AppError {
     }
 }
 
-/// Values of a query key, at most this many (a list longer than any real query is refused).
-const MAX_KEY_VALUES: usize = 256;
+/// Values of a query key, at most this many, in one occurrence and over all of them (a
+/// list longer than any real query is refused).
+const MAX_KEY_VALUES: usize = qido::MAX_VALUES;
 
 /// The values of a CS key (`Modality=CT,MR`, wildcards `*` and `?`).
 fn codes(key: &str, value: &str) -> Result<Vec<String>, AppError> {
@@ -940,6 +946,51 @@ fn dicom_json(status: StatusCode, body: Value, warning: Option<String>) -> Respo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Red-team finding: `Modality=C%3F` repeated 1,000 times (each occurrence under the
+    /// per-occurrence cap) made one SQL expression too deep for SQLite: 500, logged at
+    /// ERROR. UID lists had no cap at all. The cap counts every occurrence: 400.
+    #[test]
+    fn values_are_capped_over_every_occurrence_of_a_key() {
+        let repeat = |key: &str, value: &str, n: usize| -> Vec<(String, String)> {
+            vec![(key.to_owned(), value.to_owned()); n]
+        };
+        for (level, key, value) in [
+            (Level::Series, "Modality", "C?"),
+            (Level::Studies, "ModalitiesInStudy", "CT"),
+            (Level::Studies, "StudyInstanceUID", "1.2.3"),
+            (Level::Series, "0020000E", "1.2.3.4"),
+            (Level::Instances, "SOPInstanceUID", "1.2.3.4.5"),
+            (Level::Instances, "SOPClassUID", "1.2.840.10008.5.1.4.1.1.2"),
+            (Level::Series, "SeriesNumber", "7"),
+            (Level::Instances, "InstanceNumber", "7"),
+        ] {
+            let ok = query_of(level, repeat(key, value, MAX_KEY_VALUES));
+            assert!(ok.is_ok(), "{key}: {MAX_KEY_VALUES} values are allowed");
+            for params in [
+                repeat(key, value, 1000),
+                repeat(key, value, MAX_KEY_VALUES + 1),
+                // One occurrence with many values, then more occurrences.
+                [
+                    repeat(key, &vec![value; 200].join(","), 1),
+                    repeat(key, value, 57),
+                ]
+                .concat(),
+            ] {
+                let err = query_of(level, params).expect_err(key);
+                assert_eq!(err.status, axum::http::StatusCode::BAD_REQUEST, "{key}");
+                assert!(
+                    err.message.contains("more than 256 values"),
+                    "{}",
+                    err.message
+                );
+            }
+        }
+        // A single UID occurrence over the cap is refused too.
+        let many = vec!["1.2.3"; 300].join("\\");
+        let err = query_of(Level::Studies, vec![("StudyInstanceUID".into(), many)]).unwrap_err();
+        assert_eq!(err.status, axum::http::StatusCode::BAD_REQUEST);
+    }
 
     #[test]
     fn a_warning_says_results_were_cut_only_when_the_maximum_came_back_short_of_the_ask() {

@@ -138,6 +138,9 @@ pub struct Pipeline {
     jobs: Notify,
     /// Wakes the outbox sender.
     outbox: Notify,
+    /// Destinations with a delivery under way (each has its own task, so one that stalls
+    /// holds only its own objects, for at most the C-STORE exchange bound).
+    sending: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// The pipeline could not start.
@@ -151,6 +154,8 @@ pub enum PipelineError {
     },
     #[error("results store: {0}")]
     Store(#[from] rusqlite::Error),
+    #[error("spool index: {0}")]
+    Spool(String),
 }
 
 impl Pipeline {
@@ -170,6 +175,21 @@ impl Pipeline {
             })?;
         }
         let store = ResultsStore::open(&config.results_dir.join(STORE_FILE))?;
+        // Before anything is received: a cursor past the highest arrival number the spool
+        // ever gave (an index whose rowids were reused before it had arrival numbers, or a
+        // spool replaced) would skip the next instances; it restarts from that number.
+        let high = spool
+            .arrival_high()
+            .map_err(|e| PipelineError::Spool(e.to_string()))?;
+        let cursor = store.cursor()?;
+        if cursor > high {
+            tracing::warn!(
+                cursor,
+                high,
+                "pipeline cursor past the spool's last arrival: restarting from it"
+            );
+            store.set_cursor(high)?;
+        }
         Ok(Arc::new(Pipeline {
             config,
             spool,
@@ -177,6 +197,7 @@ impl Pipeline {
             store: Arc::new(Mutex::new(store)),
             jobs: Notify::new(),
             outbox: Notify::new(),
+            sending: Mutex::new(Default::default()),
         }))
     }
 

@@ -19,6 +19,36 @@ pub const OBJECTS_DIR: &str = "objects";
 /// Objects given up on, under the results folder.
 pub const DEAD_LETTER_DIR: &str = "dead-letter";
 
+/// Bound on one whole C-STORE of a result object (request, data set, response): a PACS
+/// that trickles its response holds its destination's objects at most this long per
+/// attempt, and never another destination's.
+pub const SEND_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Removes a destination from the ones being sent to when its task ends, and wakes the
+/// sender for what came due meanwhile.
+struct Idle(Arc<Pipeline>, String);
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        self.0
+            .sending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+        self.0.outbox.notify_one();
+    }
+}
+
+/// What went wrong with a result file, without its path (the file name holds a UID).
+fn file_error(e: &nightingale_dicom::scu::FileError) -> String {
+    use nightingale_dicom::scu::FileError;
+    match e {
+        FileError::Io { source, .. } => source.kind().to_string(),
+        FileError::NotPart10 { .. } => "not a DICOM Part 10 file".into(),
+        FileError::Meta { .. } => "unreadable file meta information".into(),
+    }
+}
+
 /// The delay before attempt `attempts + 1`.
 pub fn backoff(base: Duration, max: Duration, attempts: u32) -> Duration {
     let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(20));
@@ -26,14 +56,18 @@ pub fn backoff(base: Duration, max: Duration, attempts: u32) -> Duration {
 }
 
 impl Pipeline {
-    /// Sends every object that is due, one association per destination. Returns when the
-    /// next pending object is due.
+    /// Starts sending every object that is due, one association per destination, each
+    /// destination in its own task (a destination already being sent to is left to its
+    /// task): a PACS that stalls holds only its own objects, and only for the C-STORE
+    /// exchange bound. Returns when the next pending object of an idle destination is due.
     pub(crate) async fn send_due(
         self: Arc<Self>,
     ) -> Result<Option<i64>, Box<dyn std::error::Error + Send + Sync>> {
+        let busy = self.busy_destinations();
         let due = {
             let me = self.clone();
-            tokio::task::spawn_blocking(move || me.store().objects_due(now_ms(), 200)).await??
+            tokio::task::spawn_blocking(move || me.store().objects_due(now_ms(), 200, &busy))
+                .await??
         };
         let mut by_destination: BTreeMap<String, Vec<ResultObject>> = BTreeMap::new();
         for o in due {
@@ -43,12 +77,35 @@ impl Pipeline {
                 .push(o);
         }
         for (destination, objects) in by_destination {
-            let started = std::time::Instant::now();
-            self.send_to(&destination, objects).await;
-            super::process::stage("send", started.elapsed());
+            let sending = self
+                .sending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(destination.clone());
+            if !sending {
+                continue;
+            }
+            let me = self.clone();
+            tokio::spawn(async move {
+                // Marks the destination idle again however the task ends.
+                let _idle = Idle(me.clone(), destination.clone());
+                let started = std::time::Instant::now();
+                me.send_to(&destination, objects).await;
+                super::process::stage("send", started.elapsed());
+            });
         }
+        let busy = self.busy_destinations();
         let me = self.clone();
-        Ok(tokio::task::spawn_blocking(move || me.store().next_due()).await??)
+        Ok(tokio::task::spawn_blocking(move || me.store().next_due(&busy)).await??)
+    }
+
+    fn busy_destinations(&self) -> Vec<String> {
+        self.sending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     async fn send_to(&self, destination: &str, objects: Vec<ResultObject>) {
@@ -65,7 +122,8 @@ impl Pipeline {
         for o in objects {
             match Part10File::open(&self.config.results_dir.join(&o.path)) {
                 Ok(f) => files.push((o, f)),
-                Err(e) => self.give_up(&o, &format!("result file unreadable: {e}")),
+                // Not the error's text: it holds the path, whose name holds a UID.
+                Err(e) => self.give_up(&o, &format!("result file unreadable: {}", file_error(&e))),
             }
         }
         if files.is_empty() {
@@ -76,6 +134,7 @@ impl Pipeline {
             called_ae_title: target.ae_title.clone(),
             connect_timeout: Duration::from_secs(10),
             dimse_timeout: Duration::from_secs(60),
+            exchange_timeout: SEND_EXCHANGE_TIMEOUT,
             ..ScuOptions::default()
         };
         let mut contexts: Vec<(String, String)> = files
@@ -109,7 +168,12 @@ impl Pipeline {
                     &format!("the destination answered status 0x{:04X}", status.status),
                 ),
                 Err(e) => {
-                    let why = format!("C-STORE: {e}");
+                    let why = match &e {
+                        nightingale_dicom::scu::StoreFailure::File(f) => {
+                            format!("C-STORE: result file unreadable: {}", file_error(f))
+                        }
+                        e => format!("C-STORE: {e}"),
+                    };
                     if matches!(e, nightingale_dicom::scu::StoreFailure::Association(_)) {
                         broken = Some(why.clone());
                     }
@@ -174,14 +238,25 @@ impl Pipeline {
             super::uid_tag(&o.sop_instance_uid),
             super::uid_tag(&o.destination)
         ));
-        let moved = std::fs::copy(&from, self.config.results_dir.join(&relative)).is_ok();
+        let copied = std::fs::copy(&from, self.config.results_dir.join(&relative));
+        let moved = copied.is_ok();
         metrics::counter!("nightingale_pipeline_dead_letters_total").increment(1);
-        tracing::error!(
-            kind = %o.kind,
-            attempts = o.attempts + 1,
-            error = why,
-            "result object given up: copied to the dead-letter folder"
-        );
+        match &copied {
+            Ok(_) => tracing::error!(
+                kind = %o.kind,
+                attempts = o.attempts + 1,
+                error = why,
+                "result object given up: copied to the dead-letter folder"
+            ),
+            // The io error's kind only: its text may name the path (a UID in the name).
+            Err(e) => tracing::error!(
+                kind = %o.kind,
+                attempts = o.attempts + 1,
+                error = why,
+                copy_error = %e.kind(),
+                "result object given up: NOT copied to the dead-letter folder"
+            ),
+        }
         let dead = ResultObject {
             delivery: "dead".into(),
             attempts: o.attempts + 1,
@@ -202,6 +277,32 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A result file's name holds its SOP Instance UID: why an object was not sent (logged,
+    /// stored, shown by the results API) names the failure, not the path.
+    #[test]
+    fn file_errors_are_described_without_their_path() {
+        use nightingale_dicom::scu::FileError;
+        let path = std::path::PathBuf::from("objects/7/SR-2.25.1234567890.dcm");
+        for e in [
+            FileError::Io {
+                path: path.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            },
+            FileError::NotPart10 { path: path.clone() },
+            FileError::Meta {
+                path: path.clone(),
+                detail: "bad".into(),
+            },
+        ] {
+            assert!(e.to_string().contains("2.25.1234567890"));
+            let text = file_error(&e);
+            assert!(
+                !text.contains("2.25") && !text.contains("objects/"),
+                "{text}"
+            );
+        }
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

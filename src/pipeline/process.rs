@@ -1277,6 +1277,61 @@ mod tests {
         assert_eq!(tensor.shape(), &[1, 3, 4, 4]);
     }
 
+    /// Red-team finding: the volume path stacked slices of two patients (same Study/Series
+    /// UIDs, another PatientID) into one input. Every slice must share the patient,
+    /// modality and SOP class; the failure names the attribute, never the value.
+    #[test]
+    fn a_volume_of_two_patients_or_modalities_fails_as_mixed_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let shape = VolumeShape {
+            rank: 5,
+            depth: None,
+        };
+        let with = |path: PathBuf, tag, vr, value: &str| {
+            let mut obj = dicom_object::open_file(&path).unwrap();
+            obj.put(DataElement::new(tag, vr, PrimitiveValue::from(value)));
+            obj.write_to_file(&path).unwrap();
+            path
+        };
+        let a = with(
+            slice(d, "a", Some(0.0), (4, 4), 1, 1),
+            tags::PATIENT_ID,
+            VR::LO,
+            "PID-ALPHA-111",
+        );
+        let same = with(
+            slice(d, "bb", Some(1.0), (4, 4), 1, 1),
+            tags::PATIENT_ID,
+            VR::LO,
+            "PID-ALPHA-111",
+        );
+        assert!(assemble_volume(&[a.clone(), same], &fixed(4), shape, 2, 10).is_ok());
+        for (name, tag, vr, value, attribute) in [
+            (
+                "ccc",
+                tags::PATIENT_ID,
+                VR::LO,
+                "PID-BRAVO-222",
+                "PatientID",
+            ),
+            ("dddd", tags::MODALITY, VR::CS, "MR", "Modality"),
+        ] {
+            let mut other = slice(d, name, Some(1.0), (4, 4), 1, 1);
+            if attribute != "PatientID" {
+                other = with(other, tags::PATIENT_ID, VR::LO, "PID-ALPHA-111");
+            }
+            let other = with(other, tag, vr, value);
+            let err = assemble_volume(&[a.clone(), other], &fixed(4), shape, 2, 10).unwrap_err();
+            assert_eq!(err.code, "mixed_series", "{err}");
+            assert!(err.detail.contains(attribute), "{err}");
+            assert!(
+                !err.detail.contains(value) && !err.detail.contains("ALPHA"),
+                "{err}"
+            );
+        }
+    }
+
     #[test]
     fn series_that_cannot_be_a_volume_fail_with_their_reason() {
         let dir = tempfile::tempdir().unwrap();

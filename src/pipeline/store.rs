@@ -415,11 +415,13 @@ impl ResultsStore {
 
     /// Deletes what finished before `cutoff_ms` (retention): jobs done, failed or superseded
     /// and their objects not waiting to be sent, and series no longer assembling. Returns
-    /// the result files (relative to the results folder) that are no longer referenced.
-    /// With `dry_run`, nothing is deleted (the counts say what would be).
+    /// the result files (relative to the results folder) that no row references any more:
+    /// one file is shared by the rows of every destination of an object, and a row still
+    /// pending (another destination that has not had it yet) keeps it. With `dry_run`,
+    /// nothing is deleted (the counts say what would be).
     pub fn purge(&mut self, cutoff_ms: i64, dry_run: bool) -> rusqlite::Result<PurgeCounts> {
         let tx = self.db.transaction()?;
-        let files: Vec<String> = {
+        let candidates: Vec<String> = {
             let mut stmt = tx.prepare(
                 "SELECT DISTINCT o.path FROM objects o JOIN jobs j ON j.id = o.job_id
                  WHERE j.updated_ms < ?1 AND j.state IN ('done', 'failed', 'superseded')
@@ -445,6 +447,17 @@ impl ResultsStore {
                                AND j.series_uid = series.series_uid)",
             [cutoff_ms],
         )?;
+        // After the deletes: only the files no remaining row (pending or kept) refers to.
+        let files = {
+            let mut still = tx.prepare("SELECT 1 FROM objects WHERE path = ?1")?;
+            let mut files = Vec::with_capacity(candidates.len());
+            for path in candidates {
+                if !still.exists([&path])? {
+                    files.push(path);
+                }
+            }
+            files
+        };
         if !dry_run {
             tx.commit()?;
         }
@@ -564,20 +577,32 @@ impl ResultsStore {
         rows.next().transpose()
     }
 
-    pub fn objects_due(&self, now: i64, limit: usize) -> rusqlite::Result<Vec<ResultObject>> {
+    /// Pending objects due by `now`, oldest first, for destinations other than `busy`
+    /// (those with a delivery under way).
+    pub fn objects_due(
+        &self,
+        now: i64,
+        limit: usize,
+        busy: &[String],
+    ) -> rusqlite::Result<Vec<ResultObject>> {
         let mut stmt = self.db.prepare_cached(&format!(
             "{OBJECT_SELECT} WHERE delivery = 'pending' AND next_attempt_ms <= ?1
+                AND destination NOT IN (SELECT value FROM json_each(?3))
              ORDER BY next_attempt_ms LIMIT ?2"
         ))?;
-        let rows = stmt.query_map(params![now, limit as i64], object_row)?;
+        let busy = serde_json::to_string(busy).unwrap_or_else(|_| "[]".into());
+        let rows = stmt.query_map(params![now, limit as i64, busy], object_row)?;
         rows.collect()
     }
 
-    /// The next time an object is due (`None`: nothing pending).
-    pub fn next_due(&self) -> rusqlite::Result<Option<i64>> {
+    /// The next time an object is due for a destination other than `busy` (`None`:
+    /// nothing pending).
+    pub fn next_due(&self, busy: &[String]) -> rusqlite::Result<Option<i64>> {
+        let busy = serde_json::to_string(busy).unwrap_or_else(|_| "[]".into());
         self.db.query_row(
-            "SELECT min(next_attempt_ms) FROM objects WHERE delivery = 'pending'",
-            [],
+            "SELECT min(next_attempt_ms) FROM objects WHERE delivery = 'pending'
+                AND destination NOT IN (SELECT value FROM json_each(?1))",
+            [busy],
             |r| r.get(0),
         )
     }
@@ -750,6 +775,48 @@ mod tests {
         assert_eq!(purged.files, vec![format!("objects/{first}/5.1.dcm")]);
         assert_eq!(store.jobs_of_study("1.2").unwrap().len(), 1);
         assert_eq!(store.series("1.2").unwrap().len(), 1);
+    }
+
+    /// Red-team finding: one result file serves every destination of the object (one row
+    /// each). A purge deleted the file once one destination's row was sent, while another
+    /// destination's row still waited to send it (and its give-up then claimed a dead-letter
+    /// copy of a file that was gone). The file goes only with the last row that uses it.
+    #[test]
+    fn purge_keeps_a_file_that_another_destination_still_has_to_send() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
+        store.note_series("1.2", "1.2.3", 1, 1_000).unwrap();
+        let job = store
+            .add_job("1.2", "1.2.3", "r", "m", 1, "A@h:1,B@h:2")
+            .unwrap();
+        store.take_job().unwrap();
+        store
+            .finish_job(job, JobState::Done, "1", None, None)
+            .unwrap();
+        let row = |destination: &str, delivery: &str| ResultObject {
+            sop_instance_uid: "5.1".into(),
+            job_id: job,
+            kind: "SR".into(),
+            series_uid: "9".into(),
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.88.33".into(),
+            path: format!("objects/{job}/SR.dcm"),
+            destination: destination.into(),
+            delivery: delivery.into(),
+            attempts: 1,
+            next_attempt_ms: 0,
+            last_error: None,
+        };
+        store.add_object(&row("A@h:1", "sent")).unwrap();
+        store.add_object(&row("B@h:2", "pending")).unwrap();
+        let purged = store.purge(i64::MAX, false).unwrap();
+        // A's row goes; B's keeps the job and the file.
+        assert_eq!((purged.jobs, purged.objects), (0, 1));
+        assert!(purged.files.is_empty(), "{:?}", purged.files);
+        // B delivered: the file goes with the last row.
+        store.delivery(&row("B@h:2", "sent")).unwrap();
+        let purged = store.purge(i64::MAX, false).unwrap();
+        assert_eq!((purged.jobs, purged.objects), (1, 1));
+        assert_eq!(purged.files, vec![format!("objects/{job}/SR.dcm")]);
     }
 
     #[test]

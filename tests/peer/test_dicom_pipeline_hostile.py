@@ -11,6 +11,10 @@ The bad inputs are built here with pydicom from pydicom's own test files (dcmtk'
 `dcmcjpeg` makes the JPEG that is then corrupted):
 - a series whose two instances differ in Rows/Columns, and one whose two instances differ in
   photometric interpretation → failed, `mixed_series`;
+- a series whose two instances share the Study/Series UIDs but differ in PatientID,
+  IssuerOfPatientID, PatientName, Modality or SOP Class UID → failed, `mixed_series` naming
+  the attribute and no value (it used to be done: the results filed under the first
+  patient showed the second's image and score);
 - a JPEG-LS image (pydicom's MR_small_jpeg_ls_lossless.dcm; this build has no JPEG-LS codec,
   see dicom/src/pixels.rs) → failed, `unsupported_transfer_syntax`;
 - a JPEG baseline image whose compressed scan is cut off and overwritten → failed,
@@ -40,6 +44,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +126,26 @@ def mixed_photometric(d: Path, study: str, series: str) -> list[Path]:
     return [_save(a, d / "a.dcm"), _save(b, d / "b.dcm")]
 
 
+# The other patient of a mixed series (red-team finding: one series UID, two patients).
+OTHER_NAME = "Bravo^Other^Peer"
+OTHER_ID = "OTHER-PID-26481"
+
+
+def mixed_identity(attribute: str, value: str):
+    """Two CT_small instances of one series; the second differs in `attribute` only."""
+    def build(d: Path, study: str, series: str) -> list[Path]:
+        a = _ct(study, series)
+        a.IssuerOfPatientID = "HOSPITAL-A"
+        b = _ct(study, series)
+        b.InstanceNumber = 2
+        b.IssuerOfPatientID = "HOSPITAL-A"
+        setattr(b, attribute, value)
+        if attribute == "SOPClassUID":
+            b.file_meta.MediaStorageSOPClassUID = value
+        return [_save(a, d / "a.dcm"), _save(b, d / "b.dcm")]
+    return build
+
+
 def jpeg_ls(d: Path, study: str, series: str) -> list[Path]:
     ds = _fresh(pydicom.dcmread(get_testdata_file("MR_small_jpeg_ls_lossless.dcm")), study,
                 series)
@@ -192,6 +217,17 @@ CASES = {
     "mixed-sizes": (mixed_sizes, (), "failed", "mixed_series", "Rows"),
     "mixed-photometric": (mixed_photometric, (), "failed", "mixed_series",
                           "PhotometricInterpretation"),
+    "mixed-patient-id": (mixed_identity("PatientID", OTHER_ID), (), "failed", "mixed_series",
+                         "PatientID"),
+    "mixed-issuer": (mixed_identity("IssuerOfPatientID", "HOSPITAL-B"), (), "failed",
+                     "mixed_series", "IssuerOfPatientID"),
+    "mixed-patient-name": (mixed_identity("PatientName", OTHER_NAME), (), "failed",
+                           "mixed_series", "PatientName"),
+    # US of the same size in a CT series: the router looked at the first (CT) instance only.
+    "mixed-modality": (mixed_identity("Modality", "US"), (), "failed", "mixed_series",
+                       "Modality"),
+    "mixed-sop-class": (mixed_identity("SOPClassUID", "1.2.840.10008.5.1.4.1.1.6.1"), (),
+                        "failed", "mixed_series", "SOPClassUID"),
     "jpeg-ls": (jpeg_ls, ("-xt",), "failed", "unsupported_transfer_syntax",
                 "1.2.840.10008.1.2.4.80"),
     "corrupt-jpeg": (corrupt_jpeg, ("-xy",), "failed", "decode_failed", "frame 0"),
@@ -236,6 +272,7 @@ def pipeline(work):
     log = server.log()
     assert PATIENT_NAME not in log and PATIENT_NAME.replace("^", " ") not in log
     assert PATIENT_ID not in log
+    assert OTHER_ID not in log and "Bravo" not in log and "HOSPITAL-" not in log
 
 
 def send_good_series(server: Server, pacs: StoreScp, d: Path) -> None:
@@ -273,6 +310,7 @@ def test_bad_series_fails_with_a_reason_and_the_next_one_is_done(pipeline, work,
     assert reason.startswith(code), reason
     assert detail in reason, reason
     assert PATIENT_ID not in reason and "Hostile" not in reason
+    assert OTHER_ID not in reason and "Bravo" not in reason and "HOSPITAL-" not in reason
     if state == "failed":
         assert not report["series"][0]["jobs"][0]["objects"]
         assert f'reason="{code}"' in server.log()
@@ -413,6 +451,129 @@ def test_an_unreachable_destination_ends_in_the_dead_letter_folder(destination, 
         stop(server.proc)
         if pacs is not None:
             stop(pacs.proc)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class TricklingPacs:
+    """A hostile "PACS" (red-team finding): accepts the association and every context,
+    reads a C-STORE, then answers with a command PDV that never ends, one empty not-last
+    fragment every `every` seconds (each within Nightingale's 60 s DIMSE wait). Raw Upper
+    Layer bytes as PS3.8 9.3 lays them out."""
+
+    def __init__(self, every: float = 1.0):
+        import socket
+        import struct
+        import threading
+        self.port = free_port()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.associations = 0
+
+        def read_pdu(c):
+            def exactly(n):
+                b = b""
+                while len(b) < n:
+                    x = c.recv(n - len(b))
+                    if not x:
+                        raise EOFError
+                    b += x
+                return b
+            h = exactly(6)
+            return h[0], exactly(struct.unpack(">I", h[2:6])[0])
+
+        def item(t, payload):
+            return bytes([t, 0]) + struct.pack(">H", len(payload)) + payload
+
+        def serve(c):
+            try:
+                t, body = read_pdu(c)
+                called, calling, items, off, ac = body[4:20], body[20:36], body[68:], 0, b""
+                while off < len(items):
+                    it, ln = items[off], struct.unpack(">H", items[off + 2:off + 4])[0]
+                    data = items[off + 4:off + 4 + ln]
+                    if it == 0x10:
+                        ac += item(0x10, data)
+                    if it == 0x20:
+                        sub, so, ts = data[4:], 0, None
+                        while so < len(sub):
+                            sl = struct.unpack(">H", sub[so + 2:so + 4])[0]
+                            if sub[so] == 0x40 and ts is None:
+                                ts = sub[so + 4:so + 4 + sl]
+                            so += 4 + sl
+                        ac += item(0x21, bytes([data[0], 0, 0, 0]) + item(0x40, ts))
+                    off += 4 + ln
+                ac += item(0x50, item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.3.4"))
+                pdu = struct.pack(">HH", 1, 0) + called + calling + b"\0" * 32 + ac
+                c.sendall(bytes([2, 0]) + struct.pack(">I", len(pdu)) + pdu)
+                self.associations += 1
+                while True:
+                    t, body = read_pdu(c)
+                    if body[5] & 3 == 2:
+                        pc = body[4]
+                        break
+                while True:
+                    pdv = struct.pack(">IBB", 2, pc, 0x01)
+                    c.sendall(bytes([4, 0]) + struct.pack(">I", len(pdv)) + pdv)
+                    time.sleep(every)
+            except Exception:
+                pass
+            finally:
+                c.close()
+
+        def accept():
+            while True:
+                try:
+                    c, _ = self.listener.accept()
+                except OSError:
+                    return
+                threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_pacs_that_trickles_its_response_holds_neither_the_other_destinations_nor_itself():
+    """Red-team finding: a PACS answering a C-STORE with an empty not-last command PDV
+    every second held the outbox for ever (each receive was bounded, not the response;
+    destinations were sent to one after another), so no other destination got anything.
+    Now the response may have at most a few empty fragments (the association is dropped
+    and the attempt retried later) and each destination has its own delivery task."""
+    work = Path(tempfile.mkdtemp(prefix="nightingale-hostile-trickle-"))
+    trickle = TricklingPacs(every=1.0)
+    good = StoreScp(work, name="good")
+    # "AAA…" sorts first: destinations used to be served in that order, one at a time.
+    trickling = f"AAA-TRICKLE@127.0.0.1:{trickle.port}"
+    server = Server(work, trickling, ("--results-destination",
+                                      f"STORESCP@127.0.0.1:{good.port}",
+                                      "--results-retry-secs", "0.5",
+                                      "--results-max-attempts", "50"))
+    try:
+        study = generate_uid()
+        store(server.port, [_save(_ct(study, generate_uid()), work / "ct.dcm")])
+        started = time.monotonic()
+        report = wait_for(
+            lambda: (r := settled(server, study)) and all(
+                o["delivery"] == "sent" for o in r["series"][0]["jobs"][0]["objects"]
+                if o["destination"].startswith("STORESCP")) and r,
+            RESULT_TIMEOUT_S, "the good destination's objects to be sent")
+        print(f"good destination served after {time.monotonic() - started:.1f} s")
+        assert len(good.files()) == 2
+        # The trickling one is tried, fails on its empty fragments, and is retried.
+        report = wait_for(
+            lambda: (r := server.results(study)) and all(
+                o["attempts"] >= 2 and o["delivery"] == "pending"
+                for o in r["series"][0]["jobs"][0]["objects"]
+                if o["destination"].startswith("AAA")) and r,
+            RESULT_TIMEOUT_S, "the trickling destination's objects to be retried")
+        for o in report["series"][0]["jobs"][0]["objects"]:
+            if o["destination"].startswith("AAA"):
+                assert "empty fragments" in o["last_error"], o
+        assert trickle.associations >= 2
+    finally:
+        stop(server.proc)
+        stop(good.proc)
+        trickle.close()
         shutil.rmtree(work, ignore_errors=True)
 
 

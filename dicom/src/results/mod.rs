@@ -201,6 +201,12 @@ pub enum ResultError {
     MixedStudies { index: usize },
     #[error("source instance #{index} belongs to another series than instance #0")]
     MixedSeries { index: usize },
+    /// Another patient, modality or SOP class than instance #0 (named; values not shown).
+    #[error("source instance #{index} differs from instance #0 in {attribute}")]
+    MixedIdentity {
+        index: usize,
+        attribute: &'static str,
+    },
     #[error("no findings to report")]
     NoFindings,
     #[error("finding #{index}: {what} {value} is not a number in [0, 1]")]

@@ -136,8 +136,10 @@ fn codes(obj: &InMemDicomObject, tag: Tag) -> Vec<Code> {
 impl SourceSeries {
     /// Read a series from its instances (parsed objects, pixel data not needed: files opened
     /// with `read_until(PIXEL_DATA)` do; pass `FileDicomObject`s as `files.iter().map(|f|
-    /// &**f)`). All must share the Study and Series Instance UIDs and have SOP Class and
-    /// Instance UIDs; the patient/study attributes come from the first one.
+    /// &**f)`). All must share the Study and Series Instance UIDs, the patient (PatientID,
+    /// IssuerOfPatientID, PatientName), Modality and SOP Class UID
+    /// ([`crate::series::IDENTITY_ATTRIBUTES`]) and have SOP Class and Instance UIDs; the
+    /// patient/study attributes come from the first one.
     pub fn from_instances<'a, I>(instances: I) -> Result<Self, ResultError>
     where
         I: IntoIterator<Item = &'a InMemDicomObject>,
@@ -148,6 +150,7 @@ impl SourceSeries {
         };
         let study_instance_uid = uid(first, tags::STUDY_INSTANCE_UID, 0, "Study Instance UID")?;
         let series_instance_uid = uid(first, tags::SERIES_INSTANCE_UID, 0, "Series Instance UID")?;
+        let identity = crate::series::SeriesIdentity::of(first);
         let copied = COPIED
             .iter()
             .filter_map(|t| first.element_opt(*t).ok().flatten().cloned())
@@ -172,6 +175,9 @@ impl SourceSeries {
                 != series_instance_uid
             {
                 return Err(ResultError::MixedSeries { index });
+            }
+            if let Some(attribute) = identity.differs(&crate::series::SeriesIdentity::of(obj)) {
+                return Err(ResultError::MixedIdentity { index, attribute });
             }
             out.push(SourceInstance {
                 sop_class_uid: uid(obj, tags::SOP_CLASS_UID, index, "SOP Class UID")?,
