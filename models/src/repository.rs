@@ -624,6 +624,10 @@ impl Drop for Pending<'_> {
     }
 }
 
+/// Asked with the versions about to start serving, just before they do (see
+/// [`Repository::load_target_committed`]); an error keeps them out.
+pub type CommitLoad<'a> = dyn Fn(&[Arc<LoadedModel>]) -> Result<(), String> + 'a;
+
 /// The served models. Cheap to share behind an `Arc`; loading happens outside the lock and
 /// swaps versions in at once, so requests never see a half-loaded model.
 #[derive(Debug)]
@@ -723,7 +727,7 @@ impl Repository {
         &self,
         name: &str,
         target: LoadTarget,
-        commit: &dyn Fn(&[Arc<LoadedModel>]) -> Result<(), String>,
+        commit: &CommitLoad<'_>,
     ) -> Result<Vec<Arc<LoadedModel>>, RepositoryError> {
         if !valid_name(name) {
             return Err(RepositoryError::InvalidName {
