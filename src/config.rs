@@ -1447,7 +1447,8 @@ mod tests {
         .unwrap();
         let shown = format!("{c:?}");
         assert!(
-            !shown.contains("hunter2secret") && shown.contains("ng@db/audit"),
+            !shown.contains("hunter2secret")
+                && shown.contains("host=db port=5432 user=ng dbname=audit"),
             "{shown}"
         );
     }
