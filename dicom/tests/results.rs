@@ -447,6 +447,28 @@ fn hostile_inputs_are_typed_errors() {
         );
         assert!(!err.to_string().contains(value), "{err}");
     }
+    // Red-team finding: ISO 2022 code extensions (Japanese, Korean) were copied undecoded and
+    // relabelled UTF-8. A single character set is kept (decoded by dicom-rs).
+    for charset in [
+        "ISO 2022 IR 6\\ISO 2022 IR 87",
+        "\\ISO 2022 IR 149",
+        "ISO 2022 IR 13\\ISO 2022 IR 87",
+    ] {
+        let mut one = synthetic_series(1, true);
+        s(&mut one[0], tags::SPECIFIC_CHARACTER_SET, VR::CS, charset);
+        assert!(
+            matches!(
+                SourceSeries::from_instances(&one),
+                Err(ResultError::UnsupportedCharset)
+            ),
+            "{charset}"
+        );
+    }
+    for charset in ["ISO_IR 100", "ISO_IR 192", "GB18030"] {
+        let mut one = synthetic_series(1, true);
+        s(&mut one[0], tags::SPECIFIC_CHARACTER_SET, VR::CS, charset);
+        assert!(SourceSeries::from_instances(&one).is_ok(), "{charset}");
+    }
     let mut one = synthetic_series(1, true);
     one[0].remove_element(tags::SOP_INSTANCE_UID);
     assert!(matches!(
@@ -513,10 +535,20 @@ fn python() -> PathBuf {
 }
 
 fn testdata(name: &str) -> PathBuf {
+    pydicom_file(&format!("get_testdata_file({name:?})"), name)
+}
+
+/// A file of pydicom's character-set test set (`pydicom/data/charset_files`).
+fn charset_file(name: &str) -> PathBuf {
+    pydicom_file(&format!("get_charset_files({name:?})[0]"), name)
+}
+
+/// The path `pydicom.data.<lookup>` gives for one of its files.
+fn pydicom_file(lookup: &str, name: &str) -> PathBuf {
     let out = Command::new(python())
         .args([
             "-c",
-            &format!("from pydicom.data import get_testdata_file as f; print(f({name:?}))"),
+            &format!("import pydicom.data as d; print(d.{lookup})"),
         ])
         .output()
         .expect("the venv's python runs");
@@ -755,4 +787,53 @@ fn real_files_pass_dciodvfy_and_pydicom() {
         stdout.contains(&format!("checked {} result objects", verified.len())),
         "the pydicom check must cover every object"
     );
+}
+
+/// pydicom's character-set files: those with ISO 2022 code extensions (several values) get
+/// no result (their names would be copied undecoded); the single character sets do.
+#[test]
+fn real_files_with_code_extensions_get_no_result_and_single_charsets_do() {
+    if !peers() {
+        eprintln!("skipped: NIGHTINGALE_PEERS is not 1");
+        return;
+    }
+    let mut refused = vec![];
+    let mut kept = vec![];
+    for name in [
+        "chrH31.dcm",
+        "chrH32.dcm",
+        "chrI2.dcm",
+        "chrJapMulti.dcm",
+        "chrJapMultiExplicitIR6.dcm",
+        "chrKoreanMulti.dcm",
+        "chrArab.dcm",
+        "chrFren.dcm",
+        "chrGreek.dcm",
+        "chrRuss.dcm",
+        "chrX1.dcm",
+        "chrX2.dcm",
+    ] {
+        let path = charset_file(name);
+        let obj = OpenFileOptions::new()
+            .open_file(&path)
+            .unwrap()
+            .into_inner();
+        match SourceSeries::from_instances([&obj]) {
+            Err(ResultError::UnsupportedCharset) => refused.push(name),
+            Ok(_) => kept.push(name),
+            Err(e) => panic!("{name}: {e}"),
+        }
+    }
+    assert_eq!(
+        refused,
+        [
+            "chrH31.dcm",
+            "chrH32.dcm",
+            "chrI2.dcm",
+            "chrJapMulti.dcm",
+            "chrJapMultiExplicitIR6.dcm",
+            "chrKoreanMulti.dcm"
+        ]
+    );
+    assert_eq!(kept.len(), 6, "{kept:?}");
 }

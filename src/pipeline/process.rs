@@ -664,8 +664,13 @@ impl Pipeline {
                     .map_err(|e| JobFailure::new("unreadable", e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let source = SourceSeries::from_instances(headers.iter().map(|h| &**h))
-            .map_err(|e| JobFailure::new("source_attributes", e.to_string()))?;
+        let source =
+            SourceSeries::from_instances(headers.iter().map(|h| &**h)).map_err(|e| match e {
+                nightingale_dicom::results::ResultError::UnsupportedCharset => {
+                    JobFailure::new("unsupported_charset", e.to_string())
+                }
+                e => JobFailure::new("source_attributes", e.to_string()),
+            })?;
         let ctx = ResultContext::new(
             &model.name,
             &model.version.to_string(),

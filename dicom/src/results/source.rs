@@ -156,6 +156,9 @@ impl SourceSeries {
             .filter_map(|t| first.element_opt(*t).ok().flatten().cloned())
             .collect();
         let charset = text(first, tags::SPECIFIC_CHARACTER_SET).filter(|c| !c.is_empty());
+        if charset.as_deref().is_some_and(|c| c.contains('\\')) {
+            return Err(ResultError::UnsupportedCharset);
+        }
         let procedures = codes(first, tags::PROCEDURE_CODE_SEQUENCE);
         let series_attributes = [tags::LATERALITY, tags::BODY_PART_EXAMINED]
             .iter()
