@@ -176,8 +176,13 @@ impl CdsStore {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 )
                 .map_err(sql)?;
+            // Each card keeps its latest feedback only (it counts once, as that says).
+            let mut forget = tx
+                .prepare_cached("DELETE FROM feedback WHERE card = ?1")
+                .map_err(sql)?;
             let now = Utc::now().to_rfc3339();
             for e in events {
+                forget.execute([&e.card]).map_err(sql)?;
                 insert
                     .execute(params![
                         e.card,
@@ -248,6 +253,7 @@ impl CdsStore {
         let mut counts = db
             .prepare(
                 "SELECT service, model, version, outcome, COUNT(*) FROM feedback
+                 WHERE id IN (SELECT max(id) FROM feedback GROUP BY card)
                  GROUP BY service, model, version, outcome",
             )
             .map_err(sql)?;
@@ -272,6 +278,25 @@ impl CdsStore {
             };
             stats.count(&service, model.zip(version), outcome, n.max(0) as u64);
             n_feedback += n.max(0) as u64;
+        }
+        // The remembered cards' latest outcomes, so that feedback sent again after a restart
+        // replaces its card's outcome instead of counting it twice.
+        let mut latest = db
+            .prepare(
+                "SELECT card, outcome FROM feedback
+                 WHERE id IN (SELECT max(id) FROM feedback GROUP BY card)",
+            )
+            .map_err(sql)?;
+        let rows = latest
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(sql)?;
+        for row in rows {
+            let (card, outcome) = row.map_err(sql)?;
+            match outcome.as_str() {
+                "accepted" => ledger.restore_outcome(&card, Outcome::Accepted),
+                "overridden" => ledger.restore_outcome(&card, Outcome::Overridden),
+                _ => {}
+            }
         }
         Ok((n_cards, n_feedback))
     }
@@ -370,6 +395,10 @@ mod tests {
                     event("c", Outcome::Accepted),
                 ])
                 .unwrap();
+            // Card b's later feedback replaces its earlier outcome (one row per card).
+            store
+                .record_feedback(&[event("b", Outcome::Accepted)])
+                .unwrap();
             // Dropping the store waits for its writer: every queued card is stored.
         }
         // Feedback received longer ago than the retention is forgotten at open, as cards are.
@@ -391,7 +420,7 @@ mod tests {
         let c = ledger.get("00000000-0000-0000-0000-000000000004").unwrap();
         assert_eq!(c.model, Some(("icu-mortality".into(), "1".into())));
         assert!(ledger.get("old").is_none());
-        assert_eq!(stats.counts("risk", Some(("icu-mortality", "1"))), (1, 1));
+        assert_eq!(stats.counts("risk", Some(("icu-mortality", "1"))), (2, 0));
         // No comment text is stored anywhere.
         let text = std::fs::read(store.path()).unwrap();
         assert!(!String::from_utf8_lossy(&text).contains("free text"));

@@ -39,6 +39,9 @@ pub struct CardLedger {
     capacity: usize,
     cards: HashMap<String, IssuedCard>,
     order: VecDeque<String>,
+    /// The latest outcome recorded for a card (each card counts once, as its latest
+    /// feedback says: a clinician who overrides and later accepts is one acceptance).
+    outcomes: HashMap<String, Outcome>,
 }
 
 /// One feedback item joined to its card.
@@ -86,6 +89,7 @@ impl CardLedger {
             capacity: capacity.max(1),
             cards: HashMap::new(),
             order: VecDeque::new(),
+            outcomes: HashMap::new(),
         }
     }
 
@@ -139,6 +143,7 @@ impl CardLedger {
             && let Some(oldest) = self.order.pop_front()
         {
             self.cards.remove(&oldest);
+            self.outcomes.remove(&oldest);
         }
         self.order.push_back(uuid.clone());
         self.cards.insert(uuid, card);
@@ -147,6 +152,28 @@ impl CardLedger {
     /// The card with this uuid, if remembered.
     pub fn get(&self, uuid: &str) -> Option<&IssuedCard> {
         self.cards.get(uuid)
+    }
+
+    /// Records the outcome of each accepted event on its card and returns the outcome each
+    /// card had before (`None`: its first feedback), for [`OverrideStats::settle`].
+    pub fn settle(&mut self, events: &[FeedbackEvent]) -> Vec<Option<Outcome>> {
+        events
+            .iter()
+            .map(|e| {
+                if self.cards.contains_key(&e.card) {
+                    self.outcomes.insert(e.card.clone(), e.outcome)
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Sets a remembered card's latest outcome (restoring from a store).
+    pub fn restore_outcome(&mut self, uuid: &str, outcome: Outcome) {
+        if self.cards.contains_key(uuid) {
+            self.outcomes.insert(uuid.to_owned(), outcome);
+        }
     }
 
     /// Validates feedback posted to `service` and joins every item to its card. All or
@@ -220,6 +247,24 @@ impl OverrideStats {
     /// Counts events.
     pub fn add(&mut self, events: &[FeedbackEvent]) {
         for e in events {
+            self.count(&e.service, e.model.clone(), e.outcome, 1);
+        }
+    }
+
+    /// Counts events whose cards had `previous` outcomes ([`CardLedger::settle`]): a card's
+    /// earlier outcome is taken back, so each card counts once, as its latest feedback says.
+    pub fn settle(&mut self, events: &[FeedbackEvent], previous: &[Option<Outcome>]) {
+        for (e, before) in events.iter().zip(previous) {
+            if let Some(before) = before {
+                let c = self
+                    .counts
+                    .entry((e.service.clone(), e.model.clone()))
+                    .or_default();
+                match before {
+                    Outcome::Accepted => c.0 = c.0.saturating_sub(1),
+                    Outcome::Overridden => c.1 = c.1.saturating_sub(1),
+                }
+            }
             self.count(&e.service, e.model.clone(), e.outcome, 1);
         }
     }
@@ -323,15 +368,21 @@ mod tests {
             e[0].override_reason.as_ref().unwrap().code.as_deref(),
             Some("not-relevant")
         );
-        stats.add(&e);
-        stats.add(
-            &ledger
-                .accept("risk", &feedback(&a.uuid, "accepted"))
-                .unwrap(),
-        );
+        let previous = ledger.settle(&e);
+        assert_eq!(previous, vec![None]);
+        stats.settle(&e, &previous);
+        // The same card's later feedback (another request) replaces its outcome: one card,
+        // counted once, as accepted.
+        let later = ledger
+            .accept("risk", &feedback(&a.uuid, "accepted"))
+            .unwrap();
+        let previous = ledger.settle(&later);
+        assert_eq!(previous, vec![Some(Outcome::Overridden)]);
+        stats.settle(&later, &previous);
+        assert_eq!(stats.counts("risk", Some(("icu-mortality", "1"))), (1, 0));
         assert_eq!(
             stats.override_rate("risk", Some(("icu-mortality", "1"))),
-            Some(0.5)
+            Some(0.0)
         );
         assert_eq!(
             stats.override_rate("risk", Some(("icu-mortality", "2"))),

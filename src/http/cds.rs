@@ -448,8 +448,13 @@ pub(crate) async fn feedback(
         )
         .into_response();
     }
+    let previous = cds
+        .ledger
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .settle(&events);
     let mut stats = cds.stats.lock().unwrap_or_else(|p| p.into_inner());
-    stats.add(&events);
+    stats.settle(&events, &previous);
     for e in &events {
         let model = e.model.as_ref().map(|(m, v)| (m.as_str(), v.as_str()));
         if let Some(rate) = stats.override_rate(&e.service, model) {
