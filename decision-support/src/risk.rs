@@ -781,46 +781,23 @@ mod tests {
             Ok(0.0)
         );
     }
-}
 
-#[cfg(test)]
-mod completeness_and_status_tests {
-    use super::*;
-    use crate::fhir::{Limits, Resource};
-    use serde_json::{Value, json};
-
-    fn features() -> Vec<FeatureSpec> {
-        #[derive(serde::Deserialize)]
-        struct Doc {
-            f: Vec<FeatureSpec>,
+    /// The context of a hook naming `encounter_id`, the Conditions read.
+    fn encounter_context(encounter_id: Option<&'static str>) -> MappingContext<'static> {
+        MappingContext {
+            encounter_id,
+            ..context(true)
         }
-        toml::from_str::<Doc>(
-            r#"
-            [[f]]
-            name = "infection"
-            unit = "1"
-            fhir = "condition"
-            conditions = ["http://snomed.info/sct|91302008"]
-            [[f]]
-            name = "emergency"
-            unit = "1"
-            fhir = "encounter-class"
-            encounter_class = ["EMER"]
-            "#,
-        )
-        .unwrap()
-        .f
     }
 
-    fn context(encounter_id: Option<&'static str>) -> MappingContext<'static> {
-        MappingContext {
-            patient_id: "p1",
-            encounter_id,
-            now: "2024-05-01T12:00:00Z".parse().unwrap(),
-            look_back: Duration::hours(12),
-            future_skew: Duration::minutes(5),
-            conditions_read: true,
-        }
+    /// A mapped feature's value, by name.
+    fn value_of(m: &Mapped, name: &str) -> Result<f64, Missing> {
+        m.features
+            .iter()
+            .find(|f| f.name == name)
+            .unwrap_or_else(|| panic!("no feature {name}"))
+            .value
+            .clone()
     }
 
     fn searchset(resources: Vec<Value>, total: Option<u64>, next: bool) -> Resources {
@@ -861,13 +838,14 @@ mod completeness_and_status_tests {
         // 20 of 25 Conditions, a next page: an infection may be among the other 5. Even a
         // caller that says the Conditions were read gets "missing", never "no".
         let r = searchset(other_conditions(20), Some(25), true);
-        let m = map_features(&features(), &r, &context(None));
-        assert_eq!(m.features[0].value, Err(Missing::NoConditions));
+        let m = map_features(&features(), &r, &encounter_context(None));
+        assert_eq!(value_of(&m, "infection"), Err(Missing::NoConditions));
         // The whole result: no infection is a 0.
         let r = searchset(other_conditions(20), Some(20), false);
-        let m = map_features(&features(), &r, &context(None));
-        assert_eq!(m.features[0].value, Ok(0.0));
-        assert_eq!(m.features[0].shown.as_deref(), Some("no"));
+        let m = map_features(&features(), &r, &encounter_context(None));
+        assert_eq!(value_of(&m, "infection"), Ok(0.0));
+        let infection = m.features.iter().find(|f| f.name == "infection").unwrap();
+        assert_eq!(infection.shown.as_deref(), Some("no"));
         // An infection on the page is a 1, whether or not the rest was read.
         let mut items = other_conditions(19);
         let mut sepsis = other_conditions(1).remove(0);
@@ -875,7 +853,10 @@ mod completeness_and_status_tests {
         items.push(sepsis);
         let r = searchset(items, Some(25), true);
         assert_eq!(
-            map_features(&features(), &r, &context(None)).features[0].value,
+            value_of(
+                &map_features(&features(), &r, &encounter_context(None)),
+                "infection"
+            ),
             Ok(1.0)
         );
     }
@@ -884,9 +865,10 @@ mod completeness_and_status_tests {
     fn an_encounter_in_error_or_cancelled_is_not_the_admission() {
         let value = |status: &str| {
             let r = searchset(vec![encounter("e1", status, "EMER")], None, false);
-            map_features(&features(), &r, &context(Some("e1"))).features[1]
-                .value
-                .clone()
+            value_of(
+                &map_features(&features(), &r, &encounter_context(Some("e1"))),
+                "emergency",
+            )
         };
         // Recorded by mistake, or never took place: as if absent (no current encounter),
         // never "came in as an emergency".
@@ -908,17 +890,26 @@ mod completeness_and_status_tests {
         // One in-progress Encounter on a page of a longer search: another may follow.
         let r = searchset(vec![encounter("e1", "in-progress", "EMER")], Some(2), true);
         assert!(matches!(
-            map_features(&features(), &r, &context(None)).features[1].value,
+            value_of(
+                &map_features(&features(), &r, &encounter_context(None)),
+                "emergency"
+            ),
             Err(Missing::Encounter(_))
         ));
         // Named by the hook's encounterId, the page is enough.
         assert_eq!(
-            map_features(&features(), &r, &context(Some("e1"))).features[1].value,
+            value_of(
+                &map_features(&features(), &r, &encounter_context(Some("e1"))),
+                "emergency"
+            ),
             Ok(1.0)
         );
         let r = searchset(vec![encounter("e1", "in-progress", "EMER")], Some(1), false);
         assert_eq!(
-            map_features(&features(), &r, &context(None)).features[1].value,
+            value_of(
+                &map_features(&features(), &r, &encounter_context(None)),
+                "emergency"
+            ),
             Ok(1.0)
         );
     }

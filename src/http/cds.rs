@@ -113,11 +113,7 @@ async fn body_of(
             }
         })?;
     ticket.take_place(&state.admission)?;
-    ticket.charge(
-        bytes
-            .len()
-            .saturating_mul(PARSED_JSON_FACTOR.saturating_sub(super::BODY_CHARGE_FACTOR)),
-    )?;
+    ticket.charge_at_least(bytes.len().saturating_mul(PARSED_JSON_FACTOR))?;
     Ok((bytes, ticket))
 }
 

@@ -321,23 +321,14 @@ pub(super) async fn explain_loaded(
     let mut ticket = state.admission.receiving()?;
     let body = read_body_admitted(headers, body, state.config.max_body_bytes, &mut ticket).await?;
     ticket.take_place(&state.admission)?;
-    let mut reserved = 0;
     let request = codec::decode_request(
         &body,
         header_len,
         &model.worker.metadata().inputs,
-        &mut |n| {
-            ticket.charge(n)?;
-            reserved += n;
-            Ok(())
-        },
+        &mut |n| ticket.charge(n),
     )?;
     let decoded: usize = request.inputs.iter().map(|t| t.tensor.memory_len()).sum();
-    ticket.charge(
-        decoded
-            .saturating_sub(body.len() * (super::BODY_CHARGE_FACTOR - 1))
-            .saturating_sub(reserved),
-    )?;
+    ticket.charge_at_least(body.len().saturating_add(decoded))?;
     drop(body);
     let explained = explain_decoded(state, model, request, audit).await?;
     let Explained {

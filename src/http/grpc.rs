@@ -585,18 +585,11 @@ async fn infer(
     // that length is, before decoding.
     let wire = message.encoded_len();
     ticket.charge(wire.saturating_mul(BODY_CHARGE_FACTOR))?;
-    let mut reserved = 0;
     let (request, raw_out) = decode_request(message, &model.worker.metadata().inputs, &mut |n| {
-        ticket.charge(n)?;
-        reserved += n;
-        Ok(())
+        ticket.charge(n)
     })?;
     let decoded: usize = request.inputs.iter().map(|t| t.tensor.memory_len()).sum();
-    ticket.charge(
-        decoded
-            .saturating_sub(wire * (BODY_CHARGE_FACTOR - 1))
-            .saturating_sub(reserved),
-    )?;
+    ticket.charge_at_least(wire.saturating_add(decoded))?;
     let id = request.id.clone();
     let (outputs, _) = v2::infer_decoded(model, request, audit).await?;
     Ok((encode_response(model, id, outputs, raw_out), ticket))

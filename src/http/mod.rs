@@ -808,6 +808,13 @@ impl Ticket {
         self.charged = 0;
     }
 
+    /// Raises what this ticket holds to at least `total` bytes (nothing when it holds that
+    /// much already: a body charged at [`BODY_CHARGE_FACTOR`] bytes per byte as it arrived,
+    /// BYTES elements reserved before decoding).
+    pub(crate) fn charge_at_least(&mut self, total: usize) -> Result<(), AppError> {
+        self.charge(total.saturating_sub(self.charged))
+    }
+
     /// Charges `more` bytes: 503 with `Retry-After` when the budget has no room now, 413 when
     /// the request would not fit even in an idle server.
     pub(crate) fn charge(&mut self, more: usize) -> Result<(), AppError> {

@@ -338,21 +338,13 @@ async fn infer_loaded(
     let body = read_body_admitted(headers, body, state.config.max_body_bytes, &mut ticket).await?;
     ticket.take_place(&state.admission)?;
     let specs = &model.worker.metadata().inputs;
-    let mut reserved = 0;
     let request = match header_len {
         Some(0) => codec::decode_raw(&body, specs)?,
-        _ => codec::decode_request(&body, header_len, specs, &mut |n| {
-            ticket.charge(n)?;
-            reserved += n;
-            Ok(())
-        })?,
+        _ => codec::decode_request(&body, header_len, specs, &mut |n| ticket.charge(n))?,
     };
+    // What the request holds from here: the body (until dropped below) and its tensors.
     let decoded: usize = request.inputs.iter().map(|t| t.tensor.memory_len()).sum();
-    ticket.charge(
-        decoded
-            .saturating_sub(body.len() * (super::BODY_CHARGE_FACTOR - 1))
-            .saturating_sub(reserved),
-    )?;
+    ticket.charge_at_least(body.len().saturating_add(decoded))?;
     drop(body);
     let id = request.id.clone();
     let (tensors, flags) = infer_decoded(model, request, audit).await?;
