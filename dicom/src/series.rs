@@ -75,14 +75,7 @@ impl SeriesIdentity {
     /// The identity attributes of a data set (a full object or one read up to the pixels).
     pub fn of(obj: &InMemDicomObject) -> SeriesIdentity {
         SeriesIdentity {
-            values: IDENTITY_ATTRIBUTES.map(|(tag, _)| {
-                obj.element_opt(tag)
-                    .ok()
-                    .flatten()
-                    .and_then(|e| e.to_str().ok())
-                    .map(|s| s.trim_matches(|c: char| c == '\0' || c == ' ').to_owned())
-                    .unwrap_or_default()
-            }),
+            values: IDENTITY_ATTRIBUTES.map(|(tag, _)| trimmed_text(obj, tag)),
         }
     }
 
@@ -95,6 +88,16 @@ impl SeriesIdentity {
             .find(|((a, b), _)| a != b)
             .map(|(_, (_, name))| name)
     }
+}
+
+/// An element's text without its padding (spaces, NULs); empty when absent or not text.
+fn trimmed_text(obj: &InMemDicomObject, tag: Tag) -> String {
+    obj.element_opt(tag)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim_matches(|c: char| c == '\0' || c == ' ').to_owned())
+        .unwrap_or_default()
 }
 
 impl std::fmt::Debug for SeriesIdentity {
@@ -127,14 +130,7 @@ impl SeriesHeader {
 
     /// The attributes of an object already read.
     pub fn of(obj: &DefaultDicomObject) -> SeriesHeader {
-        let text = |tag| -> String {
-            obj.element_opt(tag)
-                .ok()
-                .flatten()
-                .and_then(|e| e.to_str().ok())
-                .map(|s| s.trim_matches(|c: char| c == '\0' || c == ' ').to_owned())
-                .unwrap_or_default()
-        };
+        let text = |tag| trimmed_text(obj, tag);
         let int = |tag| -> Option<i64> {
             obj.element_opt(tag)
                 .ok()
