@@ -34,7 +34,7 @@ MODEL_CONFIG_FIELDS = {
     "ModelInput": ["name", "data_type", "format", "dims"],
     "ModelOutput": ["name", "data_type", "dims"],
     "ModelDynamicBatching": ["preferred_batch_size", "max_queue_delay_microseconds"],
-    "ModelInstanceGroup": ["name", "kind", "count"],
+    "ModelInstanceGroup": ["name", "kind", "count", "gpus"],
 }
 fd2 = d.FileDescriptorProto(); m2.DESCRIPTOR.CopyToProto(fd2)
 for mt in fd2.message_type:

@@ -154,6 +154,8 @@ struct GradientJob {
 pub struct ModelWorker {
     metadata: Arc<ModelMetadata>,
     backend: &'static str,
+    /// Every instance runs on a GPU.
+    on_gpu: bool,
     tx: Sender<Job>,
     gradient_tx: Sender<GradientJob>,
     /// Whether the backend can differentiate the model ([`Backend::supports_gradients`]).
@@ -234,6 +236,9 @@ impl ModelWorker {
         backends.insert(0, backend);
         let name = backends[0].name();
         let gradients = backends[0].supports_gradients();
+        // Instances load with the same options but each registers its own execution provider:
+        // one that fell back to the CPU makes the model's answer "not on a GPU".
+        let on_gpu = backends.iter().all(|b| b.on_gpu());
         let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue_capacity.max(1));
         let (gradient_tx, gradient_rx) =
             crossbeam_channel::bounded::<GradientJob>(config.queue_capacity.max(1));
@@ -257,6 +262,7 @@ impl ModelWorker {
         Ok(ModelWorker {
             metadata: Arc::new(metadata),
             backend: name,
+            on_gpu,
             tx,
             gradient_tx,
             gradients,
@@ -279,6 +285,11 @@ impl ModelWorker {
     /// The engine's name (`"tract"`, `"ort"`).
     pub fn backend(&self) -> &'static str {
         self.backend
+    }
+
+    /// Whether every instance runs on a GPU ([`crate::backend::Backend::on_gpu`]).
+    pub fn on_gpu(&self) -> bool {
+        self.on_gpu
     }
 
     pub fn config(&self) -> &WorkerConfig {

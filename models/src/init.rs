@@ -209,6 +209,7 @@ pub fn init(model: &Path, options: &InitOptions) -> Result<InitReport, InitError
         execution_provider: options.load.execution_provider,
         ort_library: options.load.ort_library.clone(),
         tract_kernels: options.load.tract_kernels,
+        gpu_warm_up_rows: 0,
     };
     let label = Path::new(&options.name).join("1").join(MODEL_FILE);
     let mut backend = guarded(model, engine.as_str(), "loading", || {

@@ -371,6 +371,12 @@ impl Bundle {
             execution_provider: options.execution_provider,
             ort_library: options.ort_library.clone(),
             tract_kernels: options.tract_kernels,
+            // The batcher's sizes, each planned on the GPU before the model serves.
+            gpu_warm_up_rows: if self.manifest.batching.max_batch_size > 1 {
+                self.manifest.batching.max_batch_size
+            } else {
+                1
+            },
         };
         let engine_name = engine.as_str();
         let mut backend = guarded(&model_path, engine_name, "loading the model", || {

@@ -875,6 +875,7 @@ fn model_config_message(c: model_config::ModelConfig) -> proto::ModelConfig {
                     as i32,
                 name: g.name,
                 count: g.count,
+                gpus: g.gpus,
             })
             .collect(),
     }

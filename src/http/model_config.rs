@@ -58,10 +58,14 @@ pub(super) struct DynamicBatching {
 #[derive(Debug, Serialize)]
 pub(super) struct InstanceGroup {
     pub name: String,
-    /// `KIND_CPU`, or `KIND_AUTO` where the engine may run on a GPU (ONNX Runtime or candle
-    /// with `--execution-provider cuda`, which fall back to the CPU where no GPU is usable).
+    /// `KIND_GPU` where the model runs on a GPU (ONNX Runtime's CUDA execution provider was
+    /// registered, or candle holds its tensors on a CUDA device), else `KIND_CPU` (also where
+    /// `--execution-provider cuda` was asked for but ONNX Runtime fell back to the CPU).
     pub kind: &'static str,
     pub count: i32,
+    /// The CUDA device, for `KIND_GPU`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<i32>,
 }
 
 /// Triton's name of a datatype (`DataType` in model_config.proto).
@@ -122,11 +126,10 @@ pub(super) fn of(state: &AppState, model: &LoadedModel) -> ModelConfig {
         },
     };
     let backend = model.worker.backend();
-    let gpu_possible = backend != "tract"
-        && matches!(
-            state.repository.options().execution_provider,
-            ExecutionProvider::Cuda { .. }
-        );
+    let gpu = match state.repository.options().execution_provider {
+        ExecutionProvider::Cuda { device_id } if model.worker.on_gpu() => Some(device_id),
+        _ => None,
+    };
     ModelConfig {
         name: model.name.clone(),
         platform: model.manifest.platform.clone(),
@@ -146,12 +149,13 @@ pub(super) fn of(state: &AppState, model: &LoadedModel) -> ModelConfig {
         }),
         instance_group: vec![InstanceGroup {
             name: model.name.clone(),
-            kind: if gpu_possible {
-                "KIND_AUTO"
+            kind: if gpu.is_some() {
+                "KIND_GPU"
             } else {
                 "KIND_CPU"
             },
             count: to_i32(config.instances),
+            gpus: gpu.into_iter().collect(),
         }],
     }
 }

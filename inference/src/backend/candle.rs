@@ -757,6 +757,10 @@ impl Backend for CandleBackend {
         &self.metadata
     }
 
+    fn on_gpu(&self) -> bool {
+        self.net.device.is_cuda()
+    }
+
     fn infer(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, InferenceError> {
         let [input] = inputs.as_slice() else {
             return Err(InferenceError::backend(NAME, "the model takes one input"));

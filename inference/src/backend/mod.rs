@@ -76,6 +76,13 @@ pub trait Backend: Send {
     /// Inputs and outputs as the model file declares them.
     fn metadata(&self) -> &ModelMetadata;
 
+    /// Whether the model runs on a GPU: the CUDA execution provider was registered (ONNX
+    /// Runtime) or the tensors live on a CUDA device (candle). `false` where a configured GPU
+    /// was not usable and the engine fell back to the CPU.
+    fn on_gpu(&self) -> bool {
+        false
+    }
+
     /// Cheap liveness check of the engine.
     fn health(&self) -> Result<(), InferenceError> {
         Ok(())
@@ -188,7 +195,8 @@ impl std::fmt::Display for BackendKind {
 pub enum ExecutionProvider {
     #[default]
     Cpu,
-    /// CUDA on the given device, falling back to CPU where no GPU (or no CUDA library) is present.
+    /// CUDA on the given device. ONNX Runtime falls back to the CPU (with a warning) where no
+    /// GPU or CUDA library is usable; candle refuses to load.
     Cuda { device_id: i32 },
 }
 
@@ -217,6 +225,10 @@ pub struct LoadOptions {
     pub ort_library: Option<std::path::PathBuf>,
     /// tract only: whose convolution, max-pool and strided-slice kernels run.
     pub tract_kernels: TractKernels,
+    /// ONNX Runtime on a GPU only: run the model once on zeros at every batch size from 1 to
+    /// this when a session opens (each instance), so that no request waits for cuDNN to
+    /// plan its shape (`0`: none).
+    pub gpu_warm_up_rows: usize,
 }
 
 /// Loads an ONNX model file with the chosen backend: reads it once, then [`load_bytes`].

@@ -3,8 +3,10 @@
 //! `onnxruntime` / `onnxruntime-gpu` PyPI wheels ship it), so the build downloads nothing.
 //!
 //! One process-wide ONNX Runtime environment; one session per instance (`Session::run` needs
-//! `&mut`). The CUDA execution provider is registered when configured and falls back to CPU
-//! silently where no GPU or CUDA library is present.
+//! `&mut`). The CUDA execution provider is registered when configured; where it cannot be
+//! (no GPU, no CUDA library, a CPU-only ONNX Runtime) the session runs on the CPU, the load
+//! logs a warning with ONNX Runtime's reason, and [`Backend::on_gpu`] says so (the model's
+//! configuration then shows `KIND_CPU`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -46,6 +48,8 @@ pub struct OrtBackend {
     model: Arc<[u8]>,
     name: PathBuf,
     options: LoadOptions,
+    /// The CUDA execution provider was registered on the session.
+    on_gpu: bool,
 }
 
 impl OrtBackend {
@@ -72,12 +76,33 @@ impl OrtBackend {
                 .with_intra_threads(options.intra_op_threads)
                 .map_err(|e| load_err(e.to_string()))?;
         }
+        let mut on_gpu = false;
         if let ExecutionProvider::Cuda { device_id } = options.execution_provider {
-            builder = builder
-                .with_execution_providers([ort::ep::CUDA::default()
-                    .with_device_id(device_id)
-                    .build()])
-                .map_err(|e| load_err(e.to_string()))?;
+            // Registered with `error_on_failure` so that a failure is known here (ort's default
+            // is to fall back to the CPU without telling anyone). TF32 off: on Ampere and later
+            // ONNX Runtime's default rounds convolution and matrix operands to 10 mantissa
+            // bits, which moved the image bundles' probabilities by up to 1.5e-4 on an H200
+            // and failed their self-tests (docs/performance.md §21). Heuristic cuDNN algorithm
+            // choice: the default exhaustive search benchmarks every algorithm again for each
+            // new input shape, and dynamic batching makes a new shape of every batch size
+            // (ResNet-50 at 4 connections: 5 requests/s and 0.85 s p50 while it searched).
+            builder = match builder.with_execution_providers([ort::ep::CUDA::default()
+                .with_device_id(device_id)
+                .with_tf32(false)
+                .with_conv_algorithm_search(ort::ep::cuda::ConvAlgorithmSearch::Heuristic)
+                .build()
+                .error_on_failure()])
+            {
+                Ok(builder) => {
+                    on_gpu = true;
+                    builder
+                }
+                Err(e) => {
+                    tracing::warn!(model = %path.display(), device_id, reason = %e,
+                        "the CUDA execution provider could not be registered; the model runs on the CPU");
+                    e.recover()
+                }
+            };
         }
         let session = builder
             .commit_from_memory(&model)
@@ -114,13 +139,68 @@ impl OrtBackend {
                 .collect::<Result<_, _>>()
                 .map_err(load_err)?,
         };
-        Ok(OrtBackend {
+        let mut backend = OrtBackend {
             session,
             metadata: Arc::new(metadata),
             model,
             name: name.to_owned(),
             options: options.clone(),
-        })
+            on_gpu,
+        };
+        if on_gpu && options.gpu_warm_up_rows > 0 {
+            backend.warm_up_batch_sizes(options.gpu_warm_up_rows)?;
+        }
+        Ok(backend)
+    }
+
+    /// Runs the model on zeros at every batch size from 1 to `rows`. On the CUDA provider the
+    /// first run of each input shape plans it (cuDNN's algorithm choice and execution plans,
+    /// the memory arena's growth): 0.3 to 0.7 s for ResNet-50 on an H200, so under dynamic
+    /// batching, which makes every batch size from 1 to the bundle's largest, the requests
+    /// that met a new size waited that long (ResNet-50 at 4 connections of one image:
+    /// docs/performance.md §21). Skipped, with a log line, when an input has another open
+    /// dimension or a datatype without a fixed size; stops before a batch whose zeros would
+    /// pass 256 MiB.
+    fn warm_up_batch_sizes(&mut self, rows: usize) -> Result<(), InferenceError> {
+        const MAX_BYTES: usize = 256 << 20;
+        let started = std::time::Instant::now();
+        let mut warmed = 0;
+        for batch in 1..=rows {
+            let mut inputs = Vec::with_capacity(self.metadata.inputs.len());
+            let mut bytes = 0usize;
+            for spec in &self.metadata.inputs {
+                let shape: Option<Vec<usize>> = spec
+                    .shape
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &d)| match d {
+                        -1 if i == 0 => Some(batch),
+                        d => usize::try_from(d).ok(),
+                    })
+                    .collect();
+                let (Some(shape), Some(size)) = (shape, spec.datatype.element_size()) else {
+                    tracing::info!(model = %self.name.display(),
+                        "not warmed up per batch size: an input has an open dimension besides the batch, or no fixed element size");
+                    return Ok(());
+                };
+                let n = shape.iter().product::<usize>().saturating_mul(size);
+                bytes = bytes.saturating_add(n);
+                if bytes > MAX_BYTES {
+                    tracing::info!(model = %self.name.display(), batch,
+                        "warm-up per batch size stopped: the zeros would pass 256 MiB");
+                    return Ok(());
+                }
+                let tensor = Tensor::from_raw(spec.datatype, shape, &vec![0u8; n])
+                    .map_err(|e| InferenceError::load(&self.name, e.to_string()))?;
+                inputs.push(NamedTensor::new(spec.name.clone(), tensor));
+            }
+            self.infer(inputs)?;
+            warmed = batch;
+        }
+        tracing::info!(model = %self.name.display(), batch_sizes = warmed,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "warmed up on the GPU at every batch size");
+        Ok(())
     }
 }
 
@@ -202,6 +282,10 @@ impl Backend for OrtBackend {
 
     fn metadata(&self) -> &ModelMetadata {
         &self.metadata
+    }
+
+    fn on_gpu(&self) -> bool {
+        self.on_gpu
     }
 
     fn infer(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, InferenceError> {
