@@ -6,7 +6,7 @@
 //! HTTP meaning (routes, status codes) is in `http/cds.rs`; the rules (NEWS2, cards, JWT
 //! checks) are in the `decision-support` crate.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +15,7 @@ use nightingale_decision_support::cards::{
     AttributionMethod, Contribution, RiskCard, risk_card, risk_missing_card, risk_unavailable_card,
 };
 use nightingale_decision_support::feedback::{CardLedger, IssuedCard, OverrideStats};
-use nightingale_decision_support::fhir::{Limits, Resource, Resources};
+use nightingale_decision_support::fhir::{Limits, Resource, Resources, sanitise};
 use nightingale_decision_support::hooks::{Card, HookRequest, Source};
 use nightingale_decision_support::jwt::{JwtOptions, Verifier};
 use nightingale_decision_support::risk::{MappingContext, map_features, plain_name};
@@ -28,6 +28,8 @@ use nightingale_inference::explain::{
 use nightingale_inference::{NamedTensor, Tensor};
 use nightingale_models::manifest::{FeatureSpec, Manifest, TaskKind};
 use nightingale_models::{LoadedModel, Repository};
+
+use serde_json::Value;
 
 use crate::audit::{AuditEvent, EventKind, Outcome, tensors_sha256};
 use crate::http::AppState;
@@ -499,9 +501,10 @@ impl Cds {
     }
 
     /// Fetches FHIR queries (relative to `fhir_server`, which [`Cds::may_fetch`] allowed)
-    /// with the EHR's bearer token, all at once, within the fetch deadline. Returns what could be read; each failure is logged
-    /// (without the query: it holds the patient's id) and counted, and left for the
-    /// assessment to report as missing data.
+    /// with the EHR's bearer token, all at once, within the fetch deadline. A search answered
+    /// in pages is read to its last page ([`Cds::read_rest_of_search`]). Returns what could
+    /// be read; each failure is logged (without the query: it holds the patient's id) and
+    /// counted, and left for the assessment to report as missing data.
     pub async fn fetch(
         &self,
         fhir_server: &str,
@@ -509,6 +512,7 @@ impl Cds {
         queries: &[(String, String)],
     ) -> Vec<(String, Resource)> {
         let base = fhir_server.trim_end_matches('/');
+        let deadline = tokio::time::Instant::now() + self.fetch_timeout;
         let fetches = queries.iter().map(|(key, query)| {
             let query = query.trim_start_matches('/');
             // A path that a URL library would resolve elsewhere is not sent (the
@@ -519,27 +523,42 @@ impl Cds {
             async move {
                 if resolvable {
                     tracing::warn!(prefetch = %key, "FHIR fetch refused: its path would resolve elsewhere (a dot segment, an escape, whitespace or a control character)");
-                    metrics::counter!("nightingale_cds_fhir_fetches_total", "outcome" => "refused")
-                        .increment(1);
+                    fetch_outcome("refused");
                     return None;
                 }
-                let outcome = tokio::time::timeout(self.fetch_timeout, self.get(&url, token)).await;
-                match outcome {
-                    Ok(Ok(r)) => {
-                        metrics::counter!("nightingale_cds_fhir_fetches_total", "outcome" => "ok")
-                            .increment(1);
-                        Some((key.clone(), r))
-                    }
+                let outcome = tokio::time::timeout_at(
+                    deadline,
+                    self.get_json(&url, token, self.fetch_max_bytes),
+                )
+                .await;
+                let (mut value, read) = match outcome {
+                    Ok(Ok(page)) => page,
                     Ok(Err(why)) => {
                         tracing::warn!(prefetch = %key, reason = %why, "FHIR fetch failed");
-                        metrics::counter!("nightingale_cds_fhir_fetches_total", "outcome" => "failed")
-                            .increment(1);
-                        None
+                        fetch_outcome("failed");
+                        return None;
                     }
                     Err(_) => {
                         tracing::warn!(prefetch = %key, timeout_ms = self.fetch_timeout.as_millis() as u64, "FHIR fetch timed out");
-                        metrics::counter!("nightingale_cds_fhir_fetches_total", "outcome" => "timeout")
-                            .increment(1);
+                        fetch_outcome("timeout");
+                        return None;
+                    }
+                };
+                fetch_outcome("ok");
+                self.read_rest_of_search(
+                    base,
+                    token,
+                    key,
+                    &mut value,
+                    deadline,
+                    self.fetch_max_bytes - read,
+                )
+                .await;
+                match Resource::from_value(&value, &self.limits) {
+                    Ok(r) => Some((key.clone(), r)),
+                    Err(e) => {
+                        tracing::warn!(prefetch = %key, reason = %format!("not FHIR JSON: {e}"), "FHIR fetch failed");
+                        fetch_outcome("failed");
                         None
                     }
                 }
@@ -552,7 +571,96 @@ impl Cds {
             .collect()
     }
 
-    async fn get(&self, url: &str, token: Option<&str>) -> Result<Resource, String> {
+    /// Reads the rest of the searches the EHR prefetched one page of (a Bundle with a `next`
+    /// link), from `fhir_server` ([`Cds::may_fetch`] allowed it) with the EHR's token, all
+    /// at once within the fetch deadline: each such prefetch entry becomes its pages'
+    /// entries in one Bundle, as if the EHR had sent the whole result.
+    pub async fn read_rest_of_prefetch(
+        &self,
+        fhir_server: &str,
+        token: Option<&str>,
+        prefetch: &mut BTreeMap<String, Value>,
+    ) {
+        let base = fhir_server.trim_end_matches('/');
+        let deadline = tokio::time::Instant::now() + self.fetch_timeout;
+        let searches = prefetch
+            .iter_mut()
+            .filter(|(_, v)| next_link(v).is_some())
+            .map(|(key, value)| {
+                self.read_rest_of_search(base, token, key, value, deadline, self.fetch_max_bytes)
+            });
+        futures_util::future::join_all(searches).await;
+    }
+
+    /// Follows `bundle`'s `next` links (FHIR's paging) and appends each page's entries to it,
+    /// taking the page's links, until a page has no `next` link. Stops early, leaving the
+    /// last `next` link in place (so the Bundle still reads as one part of a longer result
+    /// and what it lacks counts as possibly missing, never as absent), when: a link is not on
+    /// `base` (the EHR's token goes to the allow-listed FHIR server only), a link was read
+    /// already (a server paging in a loop), [`MAX_SEARCH_PAGES`] pages were read, the pages
+    /// would pass `budget` bytes or the resource limit, a page is not a Bundle, or the
+    /// deadline passes.
+    async fn read_rest_of_search(
+        &self,
+        base: &str,
+        token: Option<&str>,
+        key: &str,
+        bundle: &mut Value,
+        deadline: tokio::time::Instant,
+        mut budget: usize,
+    ) {
+        let mut pages = 1;
+        let mut read = BTreeSet::new();
+        while let Some(next) = next_link(bundle) {
+            let stop = if pages >= MAX_SEARCH_PAGES {
+                Some("more pages than are read")
+            } else if !on_server(base, next) {
+                fetch_outcome("refused");
+                Some("a next link that is not on the fhirServer (not followed)")
+            } else if !read.insert(next.to_owned()) {
+                Some("a next link to a page read already")
+            } else {
+                None
+            };
+            if let Some(why) = stop {
+                tracing::warn!(prefetch = %key, pages, reason = why,
+                    "FHIR search not read to its end; what it lacks counts as possibly missing");
+                return;
+            }
+            let url = next.to_owned();
+            let page = match tokio::time::timeout_at(deadline, self.get_json(&url, token, budget))
+                .await
+            {
+                Ok(Ok(page)) => page,
+                Ok(Err(why)) => {
+                    tracing::warn!(prefetch = %key, pages, reason = %why, "FHIR search page failed");
+                    fetch_outcome("failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(prefetch = %key, pages, timeout_ms = self.fetch_timeout.as_millis() as u64, "FHIR search page timed out");
+                    fetch_outcome("timeout");
+                    return;
+                }
+            };
+            if let Err(why) = append_page(bundle, page.0, self.limits.max_resources) {
+                tracing::warn!(prefetch = %key, pages, reason = why, "FHIR search page refused");
+                fetch_outcome("failed");
+                return;
+            }
+            fetch_outcome("ok");
+            budget -= page.1;
+            pages += 1;
+        }
+    }
+
+    /// GETs `url` as FHIR JSON, at most `max_bytes` of it: the parsed JSON and its length.
+    async fn get_json(
+        &self,
+        url: &str,
+        token: Option<&str>,
+        max_bytes: usize,
+    ) -> Result<(Value, usize), String> {
         let mut req = self
             .client
             .get(url)
@@ -572,14 +680,9 @@ impl Cds {
         if !res.status().is_success() {
             return Err(format!("HTTP {}", res.status().as_u16()));
         }
-        if res
-            .content_length()
-            .is_some_and(|n| n > self.fetch_max_bytes as u64)
-        {
-            return Err(format!(
-                "the response is over {} bytes",
-                self.fetch_max_bytes
-            ));
+        let over = || format!("the response is over the {max_bytes} bytes left to read");
+        if res.content_length().is_some_and(|n| n > max_bytes as u64) {
+            return Err(over());
         }
         let mut body = Vec::new();
         while let Some(chunk) = res
@@ -587,16 +690,93 @@ impl Cds {
             .await
             .map_err(|_| "the response broke off".to_owned())?
         {
-            if body.len() + chunk.len() > self.fetch_max_bytes {
-                return Err(format!(
-                    "the response is over {} bytes",
-                    self.fetch_max_bytes
-                ));
+            if body.len() + chunk.len() > max_bytes {
+                return Err(over());
             }
             body.extend_from_slice(&chunk);
         }
-        Resource::from_json(&body, &self.limits).map_err(|e| format!("not FHIR JSON: {e}"))
+        let value = serde_json::from_slice(&body)
+            .map_err(|e| format!("not FHIR JSON: {}", sanitise(&e.to_string())))?;
+        Ok((value, body.len()))
     }
+}
+
+/// The most pages of one FHIR search read by following its `next` links, the first
+/// included: 20 pages of a server's usual 50 to 100 entries each.
+pub const MAX_SEARCH_PAGES: usize = 20;
+
+fn fetch_outcome(outcome: &'static str) {
+    metrics::counter!("nightingale_cds_fhir_fetches_total", "outcome" => outcome).increment(1);
+}
+
+/// The URL of a Bundle's `next` link (FHIR paging), if it has one.
+pub(crate) fn next_link(bundle: &Value) -> Option<&str> {
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return None;
+    }
+    bundle
+        .get("link")?
+        .as_array()?
+        .iter()
+        .find(|l| l.get("relation").and_then(Value::as_str) == Some("next"))?
+        .get("url")?
+        .as_str()
+}
+
+/// Whether a page link is on the FHIR server `base` (the allow-listed `fhirServer`, without
+/// its trailing `/`): `base` itself or a path below it, then any query (servers page with
+/// `?_getpages=…` on the base, or `Observation?…&_offset=…`). Its path is held to the rules
+/// of [`plain_url`] (no dot segment, escape, backslash, whitespace or control character);
+/// its query to no whitespace, control character or fragment.
+fn on_server(base: &str, url: &str) -> bool {
+    let Some(rest) = url.strip_prefix(base) else {
+        return false;
+    };
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    (path.is_empty() || path.starts_with('/'))
+        && !path.contains(['%', '#'])
+        && !resolves_elsewhere(path)
+        && !has_space_or_control(query)
+        && !query.contains('#')
+}
+
+/// Appends a search page's entries to `into` (a Bundle) and takes the page's links (its
+/// `next`, or none on the last page). `into` is unchanged when the page is refused.
+fn append_page(into: &mut Value, page: Value, max_entries: usize) -> Result<(), &'static str> {
+    let Value::Object(mut page) = page else {
+        return Err("a page that is not a JSON object");
+    };
+    if page.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err("a page that is not a Bundle");
+    }
+    let entries = match page.remove("entry") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(entries)) => entries,
+        Some(_) => return Err("a page whose entry is not a list"),
+    };
+    let Some(into) = into.as_object_mut() else {
+        return Err("a search that is not a Bundle");
+    };
+    let have = match into.get("entry") {
+        None | Some(Value::Null) => 0,
+        Some(Value::Array(a)) => a.len(),
+        Some(_) => return Err("a search whose entry is not a list"),
+    };
+    if have + entries.len() > max_entries {
+        return Err("more entries than a FHIR input may hold");
+    }
+    match into.get_mut("entry") {
+        Some(Value::Array(a)) => a.extend(entries),
+        _ => {
+            into.insert("entry".into(), Value::Array(entries));
+        }
+    }
+    into.insert(
+        "link".into(),
+        page.remove("link")
+            .unwrap_or_else(|| Value::Array(Vec::new())),
+    );
+    Ok(())
 }
 
 /// How many contributing factors a risk card names in words.
@@ -1248,5 +1428,83 @@ mod tests {
         }
         assert!(!resolves_elsewhere("Observation?patient=a..b"));
         assert!(!Cds::builtin(&repository).may_fetch("https://fhir.example.org/r4"));
+    }
+
+    #[test]
+    fn page_links_are_followed_on_the_fhir_server_only() {
+        let base = "https://fhir.example.org/r4";
+        for ok in [
+            "https://fhir.example.org/r4?_getpages=0b1c&_getpagesoffset=20&_count=20",
+            "https://fhir.example.org/r4/Observation?patient=1&_page=2",
+            "https://fhir.example.org/r4/Observation?code=http%3A%2F%2Floinc.org%7C8867-4",
+            "https://fhir.example.org/r4",
+        ] {
+            assert!(on_server(base, ok), "{ok}");
+        }
+        for bad in [
+            "https://fhir.example.org/r4evil/Observation",
+            "https://fhir.example.org/r4@evil.example/Observation",
+            "https://fhir.example.org.evil.example/r4/Observation",
+            "http://fhir.example.org/r4/Observation",
+            "https://fhir.example.org:8443/r4/Observation",
+            "https://evil.example/r4/Observation",
+            "/r4/Observation?_page=2",
+            "Observation?_page=2",
+            "https://fhir.example.org/r4/../admin",
+            "https://fhir.example.org/r4/%2e%2e/admin",
+            "https://fhir.example.org/r4/%2E%2E/admin",
+            "https://fhir.example.org/r4/x\\..\\admin",
+            "https://fhir.example.org/r4/Obs ervation",
+            "https://fhir.example.org/r4/Observation?_page=2#x",
+            "https://fhir.example.org/r4/Observation?_page=2\n",
+            "https://fhir.example.org/r4/Observation\t?_page=2",
+        ] {
+            assert!(!on_server(base, bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_page_is_appended_whole_or_not_at_all() {
+        let obs = |id: u32| serde_json::json!({"resource": {"resourceType": "Observation", "id": id.to_string()}});
+        let mut b = serde_json::json!({"resourceType": "Bundle", "type": "searchset", "total": 3,
+            "link": [{"relation": "self", "url": "u1"}, {"relation": "next", "url": "u2"}],
+            "entry": [obs(1)]});
+        assert_eq!(next_link(&b), Some("u2"));
+        let page2 = serde_json::json!({"resourceType": "Bundle", "type": "searchset",
+            "link": [{"relation": "next", "url": "u3"}], "entry": [obs(2)]});
+        append_page(&mut b, page2, 10).unwrap();
+        assert_eq!(next_link(&b), Some("u3"));
+        // The last page: no links at all.
+        append_page(
+            &mut b,
+            serde_json::json!({"resourceType": "Bundle", "entry": [obs(3)]}),
+            10,
+        )
+        .unwrap();
+        assert_eq!(next_link(&b), None);
+        assert_eq!(b["entry"].as_array().unwrap().len(), 3);
+        assert_eq!(b["total"], 3);
+        let r = Resource::from_value(&b, &Limits::default()).unwrap();
+        let Resource::Bundle(bundle) = r else {
+            panic!("a Bundle")
+        };
+        assert!(bundle.is_complete());
+
+        let before = b.clone();
+        for bad in [
+            serde_json::json!([]),
+            serde_json::json!({"resourceType": "Patient", "id": "p"}),
+            serde_json::json!({"resourceType": "Bundle", "entry": {"resource": {}}}),
+            // Over the resource limit with what is there already.
+            serde_json::json!({"resourceType": "Bundle", "entry": (0..8).map(obs).collect::<Vec<_>>()}),
+        ] {
+            assert!(append_page(&mut b, bad, 10).is_err());
+            assert_eq!(b, before);
+        }
+        assert_eq!(
+            next_link(&serde_json::json!({"resourceType": "Patient",
+            "link": [{"relation": "next", "url": "u"}]})),
+            None
+        );
     }
 }

@@ -250,6 +250,11 @@ pub struct ServeArgs {
     /// [default: 6]
     #[arg(long, env = "NIGHTINGALE_RESULTS_MAX_ATTEMPTS")]
     pub results_max_attempts: Option<u32>,
+    /// Bound on one whole C-STORE exchange of a result object with a destination (request,
+    /// data set, response), in seconds: a PACS slower than this fails the attempt, which is
+    /// retried. Raise it for very large objects on slow links. [default: 120]
+    #[arg(long, env = "NIGHTINGALE_RESULTS_TIMEOUT_SECS")]
+    pub results_timeout_secs: Option<f64>,
     // ---- end DICOM pipeline ----
     // ---- CDS Hooks (issue 10) ----
     /// Trust an EHR: ISSUER=JWKS_FILE or ISSUER=https://…/jwks.json (repeatable; a URL is
@@ -427,6 +432,7 @@ struct FileConfig {
     // -- results delivery retries (issue 9, PEERS slice) --
     results_retry_secs: Option<f64>,
     results_max_attempts: Option<u32>,
+    results_timeout_secs: Option<f64>,
     // ---- end DICOM pipeline ----
     // ---- CDS Hooks (issue 10) ----
     /// `[cds]`: the services (`[[cds.services]]`).
@@ -509,6 +515,8 @@ pub struct PipelineSettings {
     pub retry: Option<std::time::Duration>,
     /// Delivery attempts per object (`None`: the pipeline's default).
     pub max_attempts: Option<u32>,
+    /// Bound on one C-STORE exchange of a result object (`None`: the pipeline's default).
+    pub exchange_timeout: Option<std::time::Duration>,
 }
 
 /// DICOMweb (STOW-RS, QIDO-RS): its spool (the SCP's when both run) and limits.
@@ -1071,10 +1079,23 @@ impl ServeArgs {
                         "results_max_attempts must be between 1 and 100".into(),
                     ));
                 }
+                let exchange_timeout = match self.results_timeout_secs.or(file.results_timeout_secs)
+                {
+                    None => None,
+                    Some(s) if s.is_finite() && (1.0..=3_600.0).contains(&s) => {
+                        Some(std::time::Duration::from_secs_f64(s))
+                    }
+                    Some(_) => {
+                        return Err(ConfigError::Invalid(
+                            "results_timeout_secs must be between 1 and 3600 seconds".into(),
+                        ));
+                    }
+                };
                 Some(PipelineSettings {
                     routes,
                     retry,
                     max_attempts,
+                    exchange_timeout,
                     destinations,
                     quiet: std::time::Duration::from_secs_f64(quiet),
                     complete_at,
@@ -1903,24 +1924,42 @@ mod tests {
     // -- results delivery retries (issue 9, PEERS slice) --
     #[test]
     fn results_retries_are_configurable_and_bounded() {
-        let with = |retry: Option<f64>, attempts: Option<u32>| {
+        let with = |retry: Option<f64>, attempts: Option<u32>, timeout: Option<f64>| {
             ServeArgs {
                 dicom_port: Some(11112),
                 results_retry_secs: retry,
                 results_max_attempts: attempts,
+                results_timeout_secs: timeout,
                 ..ServeArgs::default()
             }
             .resolve()
         };
-        let p = with(None, None).unwrap().pipeline.unwrap();
-        assert_eq!((p.retry, p.max_attempts), (None, None));
-        let p = with(Some(0.2), Some(2)).unwrap().pipeline.unwrap();
+        let p = with(None, None, None).unwrap().pipeline.unwrap();
+        assert_eq!(
+            (p.retry, p.max_attempts, p.exchange_timeout),
+            (None, None, None)
+        );
+        let p = with(Some(0.2), Some(2), Some(600.0))
+            .unwrap()
+            .pipeline
+            .unwrap();
         assert_eq!(p.retry, Some(std::time::Duration::from_millis(200)));
         assert_eq!(p.max_attempts, Some(2));
-        for (retry, attempts) in [(Some(0.0), None), (Some(f64::NAN), None), (None, Some(0))] {
+        assert_eq!(
+            p.exchange_timeout,
+            Some(std::time::Duration::from_secs(600))
+        );
+        for (retry, attempts, timeout) in [
+            (Some(0.0), None, None),
+            (Some(f64::NAN), None, None),
+            (None, Some(0), None),
+            (None, None, Some(0.5)),
+            (None, None, Some(f64::INFINITY)),
+            (None, None, Some(3601.0)),
+        ] {
             assert!(
-                with(retry, attempts).is_err(),
-                "{retry:?} {attempts:?} accepted"
+                with(retry, attempts, timeout).is_err(),
+                "{retry:?} {attempts:?} {timeout:?} accepted"
             );
         }
     }

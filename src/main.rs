@@ -507,6 +507,9 @@ async fn serve(
             if let Some(n) = settings.max_attempts {
                 pc.max_attempts = n;
             }
+            if let Some(t) = settings.exchange_timeout {
+                pc.exchange_timeout = t;
+            }
             let pipeline = nightingale::pipeline::Pipeline::open(pc, spool.clone(), state.clone())
                 .context("cannot start the DICOM pipeline")?;
             state.set_results(http::results::Results {

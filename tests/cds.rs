@@ -765,6 +765,168 @@ async fn a_slow_or_failing_fhir_server_ends_in_a_missing_data_card_in_bounded_ti
 // models/train/make_attribution_fixtures.py: numpy float64 from the ONNX graph's own
 // attributes (the `onnx` package), and onnxruntime's probability, not from the code under test.
 
+/// A FHIR server on port 0 answering from `pages` (path and query → body; a path alone
+/// matches any query of that path that `pages` does not name), an empty searchset otherwise.
+type Pages = Arc<Mutex<std::collections::BTreeMap<String, Value>>>;
+
+async fn paged_fhir_server(pages: Pages, seen: Seen) -> String {
+    use axum::extract::State;
+    async fn any(
+        State((pages, seen)): State<(Pages, Seen)>,
+        uri: axum::http::Uri,
+        headers: axum::http::HeaderMap,
+    ) -> (StatusCode, String) {
+        let auth = headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        seen.lock().unwrap().push((uri.to_string(), auth));
+        let pages = pages.lock().unwrap();
+        let body = pages
+            .get(&uri.to_string())
+            .or_else(|| pages.get(uri.path()))
+            .cloned()
+            .unwrap_or_else(|| json!({"resourceType": "Bundle", "type": "searchset", "entry": []}));
+        (StatusCode::OK, body.to_string())
+    }
+    let app = axum::Router::new().fallback(any).with_state((pages, seen));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/fhir")
+}
+
+/// The vital signs of [`vitals_bundle`] as a search answered in pages: the first `split`
+/// entries on the first page, whose `next` link is `next`, the rest on the page `rest`.
+fn vitals_pages(split: usize, next: &str) -> (Value, Value) {
+    let all = vitals_bundle()["entry"].as_array().unwrap().clone();
+    let first = json!({"resourceType": "Bundle", "type": "searchset", "total": all.len(),
+        "link": [{"relation": "next", "url": next}], "entry": all[..split]});
+    let rest = json!({"resourceType": "Bundle", "type": "searchset", "total": all.len(),
+        "entry": all[split..]});
+    (first, rest)
+}
+
+fn news2_summary(v: &Value) -> &str {
+    v["cards"][0]["summary"].as_str().unwrap()
+}
+
+#[tokio::test]
+async fn a_search_answered_in_pages_is_read_to_its_end_on_the_fhir_server_only() {
+    let seen: Seen = Arc::new(Mutex::new(Vec::new()));
+    let pages: Pages = Arc::default();
+    let fhir = paged_fhir_server(pages.clone(), seen.clone()).await;
+    let other_seen: Seen = Arc::new(Mutex::new(Vec::new()));
+    let other = paged_fhir_server(Arc::default(), other_seen.clone()).await;
+    let page2 = format!("{fhir}/Observation?patient={PATIENT}&_page=2");
+    let (first, rest) = vitals_pages(3, &page2);
+    {
+        let mut p = pages.lock().unwrap();
+        p.insert(format!("/fhir/Patient/{PATIENT}"), patient());
+        p.insert("/fhir/Observation".into(), first.clone());
+        p.insert(
+            format!("/fhir/Observation?patient={PATIENT}&_page=2"),
+            rest.clone(),
+        );
+    }
+    let server = Server::new(vec![fhir.clone()], Duration::from_secs(5));
+
+    // Fetched: the search's second page is read too (with the EHR's token), so all seven
+    // vital signs score.
+    let (s, v) = server.call(&patient_view(None, Some(&fhir))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(news2_summary(&v).starts_with("NEWS2 7 "), "{v}");
+    let requests = seen.lock().unwrap().clone();
+    assert!(
+        requests
+            .iter()
+            .any(|(uri, auth)| uri.ends_with("&_page=2") && auth == "Bearer opaque-fhir-token"),
+        "{requests:?}"
+    );
+
+    // Prefetched: the EHR sent the first page; the service reads the rest.
+    seen.lock().unwrap().clear();
+    let prefetch = json!({"patient": patient(), "vitals": first, "conditions": null});
+    let (s, v) = server
+        .call(&patient_view(Some(prefetch.clone()), Some(&fhir)))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(news2_summary(&v).starts_with("NEWS2 7 "), "{v}");
+    let requests = seen.lock().unwrap().clone();
+    assert_eq!(requests.len(), 1, "only the second page: {requests:?}");
+    assert!(requests[0].0.ends_with("&_page=2"), "{requests:?}");
+
+    // Without an allow-listed fhirServer the first page is all there is: not scored.
+    let closed = Server::new(vec![], Duration::from_secs(5));
+    let (s, v) = closed
+        .call(&patient_view(Some(prefetch), Some(&fhir)))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(news2_summary(&v).starts_with("NEWS2 not calculated"), "{v}");
+
+    // A next link elsewhere (another server, a path beside the FHIR base, a dot segment) is
+    // never followed: the EHR's token goes to the allow-listed server only.
+    let addr = fhir.trim_end_matches("/fhir");
+    for elsewhere in [
+        format!("{other}/Observation?_page=2"),
+        format!("{addr}/fhirx/Observation?_page=2"),
+        format!("{fhir}/../admin?_page=2"),
+        format!("{fhir}/Observation#?_page=2"),
+    ] {
+        seen.lock().unwrap().clear();
+        let (first, _) = vitals_pages(3, &elsewhere);
+        let prefetch = json!({"patient": patient(), "vitals": first, "conditions": null});
+        let (s, v) = server
+            .call(&patient_view(Some(prefetch), Some(&fhir)))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert!(
+            news2_summary(&v).starts_with("NEWS2 not calculated"),
+            "{elsewhere}: {v}"
+        );
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "{elsewhere}: {:?}",
+            seen.lock().unwrap()
+        );
+    }
+    assert!(other_seen.lock().unwrap().is_empty());
+
+    // A server that pages for ever (each page links to a new one) or in a loop: bounded.
+    {
+        let mut p = pages.lock().unwrap();
+        p.clear();
+        for n in 2..100 {
+            p.insert(
+                format!("/fhir/Observation?_page={n}"),
+                json!({"resourceType": "Bundle", "type": "searchset",
+                       "link": [{"relation": "next", "url": format!("{fhir}/Observation?_page={}", n + 1)}],
+                       "entry": []}),
+            );
+        }
+        p.insert(
+            "/fhir/Observation?_page=loop".into(),
+            json!({"resourceType": "Bundle", "type": "searchset",
+                   "link": [{"relation": "next", "url": format!("{fhir}/Observation?_page=loop")}]}),
+        );
+    }
+    for (start, most) in [("2", 19), ("loop", 1)] {
+        seen.lock().unwrap().clear();
+        let (first, _) = vitals_pages(7, &format!("{fhir}/Observation?_page={start}"));
+        let prefetch = json!({"patient": patient(), "vitals": first, "conditions": null});
+        let (s, v) = tokio::time::timeout(
+            Duration::from_secs(20),
+            server.call(&patient_view(Some(prefetch), Some(&fhir))),
+        )
+        .await
+        .expect("answered");
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert!(news2_summary(&v).starts_with("NEWS2 7 "), "{v}");
+        let n = seen.lock().unwrap().len();
+        assert_eq!(n, most, "pages read after the first (start {start})");
+    }
+}
+
 fn fixture(bundle: &str) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/attribution")

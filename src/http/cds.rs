@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 use super::auth::Caller;
 use super::{AppError, AppState};
 use crate::audit::{AuditEvent, EventKind, Outcome};
+use crate::cds::next_link;
 
 /// The largest hook request or feedback body, in bytes (a prefetch of a few hundred
 /// Observations is well under 1 MiB).
@@ -154,25 +155,39 @@ pub(crate) async fn call(
         return AppError::bad_request(e.to_string()).into_response();
     }
 
-    // What the EHR did not prefetch, from its FHIR server when it may be asked.
+    // What the EHR did not prefetch, and the rest of the searches it prefetched one page of,
+    // from its FHIR server when it may be asked.
+    let mut request = request;
     let mut fetched = Vec::new();
     let missing = match service.missing_prefetch(&request) {
         Ok(m) => m,
         Err(e) => return AppError::bad_request(e.to_string()).into_response(),
     };
-    if !missing.is_empty()
-        && let Some(server) = &request.fhir_server
+    let paged = request
+        .prefetch
+        .as_ref()
+        .map_or(0, |p| p.values().filter(|v| next_link(v).is_some()).count());
+    if (!missing.is_empty() || paged > 0)
+        && let Some(server) = request.fhir_server.as_deref()
     {
         if cds.may_fetch(server) {
             let token = request
                 .fhir_authorization
                 .as_ref()
                 .map(|a| a.access_token.as_str());
-            fetched = cds.fetch(server, token, &missing).await;
+            let prefetch = &mut request.prefetch;
+            let rest = async {
+                if let Some(prefetch) = prefetch {
+                    cds.read_rest_of_prefetch(server, token, prefetch).await;
+                }
+            };
+            (fetched, ()) =
+                futures_util::future::join(cds.fetch(server, token, &missing), rest).await;
         } else {
             tracing::info!(
                 service = %service.id(),
                 missing = missing.len(),
+                paged,
                 "prefetch incomplete and fhirServer not allow-listed (--cds-fhir-server): not fetched"
             );
         }

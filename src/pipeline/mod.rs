@@ -57,6 +57,8 @@ pub struct PipelineConfig {
     pub calling_ae_title: String,
     /// Delivery attempts per object before it goes to the dead-letter folder.
     pub max_attempts: u32,
+    /// Bound on one whole C-STORE exchange of a result object (`--results-timeout-secs`).
+    pub exchange_timeout: Duration,
     /// First retry delay (doubled after each failed attempt, up to `max_backoff`).
     pub backoff: Duration,
     pub max_backoff: Duration,
@@ -79,6 +81,7 @@ impl PipelineConfig {
             late: Late::Rerun,
             calling_ae_title: "NIGHTINGALE".into(),
             max_attempts: 6,
+            exchange_timeout: outbox::SEND_EXCHANGE_TIMEOUT,
             backoff: Duration::from_secs(2),
             max_backoff: Duration::from_secs(300),
             results_dir,

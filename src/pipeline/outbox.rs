@@ -19,9 +19,9 @@ pub const OBJECTS_DIR: &str = "objects";
 /// Objects given up on, under the results folder.
 pub const DEAD_LETTER_DIR: &str = "dead-letter";
 
-/// Bound on one whole C-STORE of a result object (request, data set, response): a PACS
-/// that trickles its response holds its destination's objects at most this long per
-/// attempt, and never another destination's.
+/// Default bound on one whole C-STORE of a result object (request, data set, response;
+/// `--results-timeout-secs`): a PACS that trickles its response holds its destination's
+/// objects at most this long per attempt, and never another destination's.
 pub const SEND_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Removes a destination from the ones being sent to when its task ends, and wakes the
@@ -134,7 +134,7 @@ impl Pipeline {
             called_ae_title: target.ae_title.clone(),
             connect_timeout: Duration::from_secs(10),
             dimse_timeout: Duration::from_secs(60),
-            exchange_timeout: SEND_EXCHANGE_TIMEOUT,
+            exchange_timeout: self.config.exchange_timeout,
             ..ScuOptions::default()
         };
         let mut contexts: Vec<(String, String)> = files
