@@ -1465,7 +1465,7 @@ mod tests {
 
     #[test]
     fn a_page_is_appended_whole_or_not_at_all() {
-        let obs = |id: u32| serde_json::json!({"resource": {"resourceType": "Observation", "id": id.to_string()}});
+        let obs = |id: u32| serde_json::json!({"resource": {"resourceType": "Patient", "id": id.to_string()}});
         let mut b = serde_json::json!({"resourceType": "Bundle", "type": "searchset", "total": 3,
             "link": [{"relation": "self", "url": "u1"}, {"relation": "next", "url": "u2"}],
             "entry": [obs(1)]});

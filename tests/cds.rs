@@ -807,6 +807,12 @@ fn vitals_pages(split: usize, next: &str) -> (Value, Value) {
     (first, rest)
 }
 
+/// The NEWS2 service's Condition search, answered with none (not `null`: a null prefetch
+/// entry is fetched).
+fn no_conditions() -> Value {
+    json!({"resourceType": "Bundle", "type": "searchset", "total": 0, "entry": []})
+}
+
 fn news2_summary(v: &Value) -> &str {
     v["cards"][0]["summary"].as_str().unwrap()
 }
@@ -846,7 +852,7 @@ async fn a_search_answered_in_pages_is_read_to_its_end_on_the_fhir_server_only()
 
     // Prefetched: the EHR sent the first page; the service reads the rest.
     seen.lock().unwrap().clear();
-    let prefetch = json!({"patient": patient(), "vitals": first, "conditions": null});
+    let prefetch = json!({"patient": patient(), "vitals": first, "conditions": no_conditions()});
     let (s, v) = server
         .call(&patient_view(Some(prefetch.clone()), Some(&fhir)))
         .await;
@@ -875,7 +881,8 @@ async fn a_search_answered_in_pages_is_read_to_its_end_on_the_fhir_server_only()
     ] {
         seen.lock().unwrap().clear();
         let (first, _) = vitals_pages(3, &elsewhere);
-        let prefetch = json!({"patient": patient(), "vitals": first, "conditions": null});
+        let prefetch =
+            json!({"patient": patient(), "vitals": first, "conditions": no_conditions()});
         let (s, v) = server
             .call(&patient_view(Some(prefetch), Some(&fhir)))
             .await;
@@ -913,7 +920,8 @@ async fn a_search_answered_in_pages_is_read_to_its_end_on_the_fhir_server_only()
     for (start, most) in [("2", 19), ("loop", 1)] {
         seen.lock().unwrap().clear();
         let (first, _) = vitals_pages(7, &format!("{fhir}/Observation?_page={start}"));
-        let prefetch = json!({"patient": patient(), "vitals": first, "conditions": null});
+        let prefetch =
+            json!({"patient": patient(), "vitals": first, "conditions": no_conditions()});
         let (s, v) = tokio::time::timeout(
             Duration::from_secs(20),
             server.call(&patient_view(Some(prefetch), Some(&fhir))),
