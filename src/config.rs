@@ -293,6 +293,10 @@ pub struct ServeArgs {
     /// [default: 268435456]
     #[arg(long, env = "NIGHTINGALE_VALIDATION_MAX_UPLOAD_BYTES")]
     pub validation_max_upload_bytes: Option<u64>,
+    /// How long a validation run may take, in seconds (10 s to 7 days); a run still going
+    /// then stops as a cancelled one does and is reported failed. [default: 14400]
+    #[arg(long, env = "NIGHTINGALE_VALIDATION_MAX_RUN_SECS")]
+    pub validation_max_run_secs: Option<u64>,
     /// What the CDS service URLs start with (the JWTs' `aud` is
     /// <base>/cds-services/{id}); default: http(s)://<Host header>.
     #[arg(long, env = "NIGHTINGALE_CDS_BASE_URL")]
@@ -441,6 +445,7 @@ struct FileConfig {
     cds_base_url: Option<String>,
     validation_root: Option<PathBuf>,
     validation_max_upload_bytes: Option<u64>,
+    validation_max_run_secs: Option<u64>,
     require_validation: Option<bool>,
     explain: Option<bool>,
     explain_max_forward_passes: Option<usize>,
@@ -473,6 +478,8 @@ pub struct ServeConfig {
     /// Validation runs: the server-side datasets' folder, and the upload cap.
     pub validation_root: Option<PathBuf>,
     pub validation_max_upload_bytes: u64,
+    /// `--validation-max-run-secs`.
+    pub validation_max_run: std::time::Duration,
     /// `--require-validation`: the folder of reports a version needs a passing one in.
     pub require_validation: Option<PathBuf>,
     /// `--explain`, `--explain-max-forward-passes`.
@@ -1202,6 +1209,15 @@ impl ServeArgs {
                 "validation_max_upload_bytes must be between {MIN_VALIDATION_UPLOAD_BYTES} (1 KiB) and {MAX_VALIDATION_UPLOAD_BYTES} (1 TiB) (got {validation_max_upload_bytes})"
             )));
         }
+        let validation_max_run_secs = self
+            .validation_max_run_secs
+            .or(file.validation_max_run_secs)
+            .unwrap_or(crate::http::validation::DEFAULT_MAX_RUN.as_secs());
+        if !(10..=7 * 24 * 3600).contains(&validation_max_run_secs) {
+            return Err(ConfigError::Invalid(format!(
+                "validation_max_run_secs must be between 10 and 604800 (7 days) (got {validation_max_run_secs})"
+            )));
+        }
         let require_validation = (self.require_validation || file.require_validation == Some(true))
             .then(|| {
                 self.validation_reports
@@ -1240,6 +1256,7 @@ impl ServeArgs {
                 .clone()
                 .or(file.validation_root.clone()),
             validation_max_upload_bytes,
+            validation_max_run: std::time::Duration::from_secs(validation_max_run_secs),
             require_validation,
             explain,
             audit,
@@ -1618,6 +1635,16 @@ mod tests {
             "validation_max_upload_bytes",
             "1 KiB",
         );
+        for secs in [0, 9, 604_801, u64::MAX] {
+            refused(
+                ServeArgs {
+                    validation_max_run_secs: Some(secs),
+                    ..ServeArgs::default()
+                },
+                "validation_max_run_secs",
+                "7 days",
+            );
+        }
         // The edges themselves, and the defaults, are accepted; 0 keeps meaning off / never /
         // the engine's default.
         let c = ServeArgs {

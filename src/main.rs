@@ -418,12 +418,15 @@ async fn serve(
         });
     }
     // Validation runs (issue 11): role researcher; each run loads its own copy of the bundle.
-    state.set_validation(http::validation::Validation::new(
-        config.validation_root.clone(),
-        &config.data_dir,
-        config.validation_max_upload_bytes,
-        validation_options,
-    ));
+    state.set_validation(
+        http::validation::Validation::new(
+            config.validation_root.clone(),
+            &config.data_dir,
+            config.validation_max_upload_bytes,
+            validation_options,
+        )
+        .with_max_run(config.validation_max_run),
+    );
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.http_addr))?;

@@ -45,6 +45,11 @@ struct Server {
 
 impl Server {
     fn new() -> Server {
+        Server::with_max_run(http::validation::DEFAULT_MAX_RUN)
+    }
+
+    /// A server whose validation runs stop after `max_run`.
+    fn with_max_run(max_run: Duration) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let repo = dir.path().join("repo");
         copy_dir(
@@ -78,12 +83,15 @@ impl Server {
         #[cfg(unix)]
         std::os::unix::fs::symlink(dir.path().join("outside.csv"), root.join("escape.csv"))
             .unwrap();
-        state.set_validation(http::validation::Validation::new(
-            Some(root),
-            &dir.path().join("data"),
-            UPLOAD_LIMIT,
-            RepositoryOptions::default(),
-        ));
+        state.set_validation(
+            http::validation::Validation::new(
+                Some(root),
+                &dir.path().join("data"),
+                UPLOAD_LIMIT,
+                RepositoryOptions::default(),
+            )
+            .with_max_run(max_run),
+        );
         Server { dir, state }
     }
 
@@ -313,6 +321,37 @@ async fn a_running_run_can_be_cancelled_and_frees_its_model() {
         .send(delete("00000000-0000-0000-0000-000000000000"))
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+/// A run still going at the server's limit (`--validation-max-run-secs`) stops as a
+/// cancelled one does: it reads `failed` with the limit named, has no report, and its model
+/// takes another run at once.
+#[tokio::test]
+async fn a_run_past_the_servers_limit_is_stopped_and_frees_its_model() {
+    let server = Server::with_max_run(Duration::from_millis(300));
+    // A long bootstrap keeps the run busy past its limit.
+    let (s, v) = server
+        .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 400000}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let v = server.wait(&id).await;
+    assert_eq!(v["status"], "failed", "{v}");
+    let error = v["error"].as_str().unwrap();
+    assert!(
+        error.contains("--validation-max-run-secs") && error.starts_with("stopped after 0 s"),
+        "{v}"
+    );
+    assert!(v["report"].is_null(), "{v}");
+    let (s, _) = server
+        .get(&format!("/validation/runs/{id}/report.json"))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, v) = server
+        .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 0}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "the model is free again: {v}");
+    server.wait(v["id"].as_str().unwrap()).await;
 }
 
 #[tokio::test]

@@ -31,6 +31,9 @@ use crate::validate::{PathRefused, RunContext, RunProgress, ValidateCommand, pat
 /// Runs kept in memory (the oldest finished ones are forgotten; their reports stay on disk).
 const KEPT_RUNS: usize = 256;
 
+/// How long a validation run may take by default (`--validation-max-run-secs`): four hours.
+pub const DEFAULT_MAX_RUN: std::time::Duration = std::time::Duration::from_secs(4 * 3600);
+
 /// The validation service of a server.
 pub struct Validation {
     /// Where server-side datasets may be named from (`None`: uploads only).
@@ -40,6 +43,8 @@ pub struct Validation {
     pub max_upload_bytes: u64,
     /// The engine and signature policy runs load with (the server's).
     pub options: nightingale_models::RepositoryOptions,
+    /// How long a run may take before it is stopped (`--validation-max-run-secs`).
+    pub max_run: std::time::Duration,
     runs: Mutex<HashMap<String, Arc<Run>>>,
     order: Mutex<Vec<String>>,
 }
@@ -68,6 +73,11 @@ enum RunState {
     Cancelled {
         by: String,
     },
+    /// Ran past the server's deadline for a run (`--validation-max-run-secs`): stopped as a
+    /// cancelled run is.
+    TimedOut {
+        after: std::time::Duration,
+    },
 }
 
 impl Validation {
@@ -82,9 +92,16 @@ impl Validation {
             runs_dir: data_dir.join("validation").join("runs"),
             max_upload_bytes,
             options,
+            max_run: DEFAULT_MAX_RUN,
             runs: Mutex::new(HashMap::new()),
             order: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Stops runs that take longer than `max_run` (see [`DEFAULT_MAX_RUN`]).
+    pub fn with_max_run(mut self, max_run: std::time::Duration) -> Validation {
+        self.max_run = max_run;
+        self
     }
 
     fn get(&self, id: &str) -> Option<Arc<Run>> {
@@ -385,6 +402,21 @@ async fn create_run(
     let run_dir = dir.clone();
     let repository_root = state.repository.root().to_path_buf();
     tracing::info!(run = %id, model = %run.model, uploaded, "validation run started");
+    // The deadline: a run still going then stops at its next row, as a cancelled one does,
+    // and the model is free for another run at once. Ended with the run.
+    let max_run = validation.max_run;
+    let watched = run.clone();
+    let deadline = tokio::spawn(async move {
+        tokio::time::sleep(max_run).await;
+        let mut st = watched.state.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(*st, RunState::Running) {
+            watched.progress.cancelled.store(true, Ordering::Relaxed);
+            *st = RunState::TimedOut { after: max_run };
+            tracing::warn!(run = %watched.id, model = %watched.model, limit_s = max_run.as_secs(),
+                "validation run stopped: it ran past the server's limit");
+        }
+    });
+    let deadline = deadline.abort_handle();
     tokio::task::spawn_blocking(move || {
         let outcome = crate::validate::run_job(&command.args, ctx);
         if uploaded {
@@ -409,6 +441,7 @@ async fn create_run(
         if matches!(*state, RunState::Running) {
             *state = next;
         }
+        deadline.abort();
     });
     Ok((
         StatusCode::ACCEPTED,
@@ -474,6 +507,14 @@ fn describe(run: &Run) -> serde_json::Value {
         RunState::Done { gate_passed } => ("done", gate_passed, None),
         RunState::Failed { error } => ("failed", None, Some(error)),
         RunState::Cancelled { by } => ("cancelled", None, Some(format!("cancelled by {by}"))),
+        RunState::TimedOut { after } => (
+            "failed",
+            None,
+            Some(format!(
+                "stopped after {} s, the server's limit on a validation run (--validation-max-run-secs)",
+                after.as_secs()
+            )),
+        ),
     };
     let p = &run.progress;
     json!({
