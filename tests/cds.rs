@@ -860,7 +860,7 @@ async fn a_search_answered_in_pages_is_read_to_its_end_on_the_fhir_server_only()
     // them would each cost up to 20 fetches).
     seen.lock().unwrap().clear();
     let (first_again, _) = vitals_pages(3, &page2);
-    let prefetch_extra = json!({"patient": patient(), "vitals": vitals_bundle(), "conditions": null,
+    let prefetch_extra = json!({"patient": patient(), "vitals": vitals_bundle(), "conditions": no_conditions(),
         "extra-1": first_again.clone(), "extra-2": first_again});
     let (s, v) = server
         .call(&patient_view(Some(prefetch_extra), Some(&fhir)))
