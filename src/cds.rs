@@ -574,18 +574,22 @@ impl Cds {
     /// Reads the rest of the searches the EHR prefetched one page of (a Bundle with a `next`
     /// link), from `fhir_server` ([`Cds::may_fetch`] allowed it) with the EHR's token, all
     /// at once within the fetch deadline: each such prefetch entry becomes its pages'
-    /// entries in one Bundle, as if the EHR had sent the whole result.
+    /// entries in one Bundle, as if the EHR had sent the whole result. Only the entries
+    /// under `declared` keys (the service's prefetch templates) are read on: a request may
+    /// carry any number of other keys, and each would cost up to [`MAX_SEARCH_PAGES`]
+    /// fetches.
     pub async fn read_rest_of_prefetch(
         &self,
         fhir_server: &str,
         token: Option<&str>,
         prefetch: &mut BTreeMap<String, Value>,
+        declared: &BTreeMap<String, String>,
     ) {
         let base = fhir_server.trim_end_matches('/');
         let deadline = tokio::time::Instant::now() + self.fetch_timeout;
         let searches = prefetch
             .iter_mut()
-            .filter(|(_, v)| next_link(v).is_some())
+            .filter(|(k, v)| declared.contains_key(*k) && next_link(v).is_some())
             .map(|(key, value)| {
                 self.read_rest_of_search(base, token, key, value, deadline, self.fetch_max_bytes)
             });

@@ -862,6 +862,22 @@ async fn a_search_answered_in_pages_is_read_to_its_end_on_the_fhir_server_only()
     assert_eq!(requests.len(), 1, "only the second page: {requests:?}");
     assert!(requests[0].0.ends_with("&_page=2"), "{requests:?}");
 
+    // A paged entry under a key the service does not declare is not read on (any number of
+    // them would each cost up to 20 fetches).
+    seen.lock().unwrap().clear();
+    let (first_again, _) = vitals_pages(3, &page2);
+    let prefetch_extra = json!({"patient": patient(), "vitals": vitals_bundle(), "conditions": no_conditions(),
+        "extra-1": first_again.clone(), "extra-2": first_again});
+    let (s, v) = server
+        .call(&patient_view(Some(prefetch_extra), Some(&fhir)))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "{:?}",
+        seen.lock().unwrap()
+    );
+
     // Without an allow-listed fhirServer the first page is all there is: not scored.
     let closed = Server::new(vec![], Duration::from_secs(5));
     let (s, v) = closed

@@ -163,10 +163,11 @@ pub(crate) async fn call(
         Ok(m) => m,
         Err(e) => return AppError::bad_request(e.to_string()).into_response(),
     };
-    let paged = request
-        .prefetch
-        .as_ref()
-        .map_or(0, |p| p.values().filter(|v| next_link(v).is_some()).count());
+    let paged = request.prefetch.as_ref().map_or(0, |p| {
+        p.iter()
+            .filter(|(k, v)| service.prefetch().contains_key(*k) && next_link(v).is_some())
+            .count()
+    });
     if (!missing.is_empty() || paged > 0)
         && let Some(server) = request.fhir_server.as_deref()
     {
@@ -178,7 +179,8 @@ pub(crate) async fn call(
             let prefetch = &mut request.prefetch;
             let rest = async {
                 if let Some(prefetch) = prefetch {
-                    cds.read_rest_of_prefetch(server, token, prefetch).await;
+                    cds.read_rest_of_prefetch(server, token, prefetch, service.prefetch())
+                        .await;
                 }
             };
             (fetched, ()) =

@@ -27,6 +27,26 @@ use crate::audit::{AuditEvent, EventKind, Outcome, tensors_sha256};
 /// The most instances one job reads (a larger series fails with a reason).
 pub const MAX_SERIES_INSTANCES: usize = 5_000;
 
+/// The most source pixels (rows × columns × frames, summed over its instances) one series
+/// may have for per-frame inference: 2 Gi, e.g. 5,000 CT slices of 512 × 512 (1.3 Gi) or
+/// 16 mammograms of 4,096 × 3,328 (0.2 Gi). Checked from the headers before any frame is
+/// decoded: frames are decoded one at a time, so this bounds the work one job may take (a
+/// PACS sending 30 compressed 8,192 × 8,192 frames of a few KB each would otherwise hold
+/// the job runner for minutes), not memory.
+pub const MAX_SERIES_SOURCE_PIXELS: u64 = 2 << 30;
+
+/// Source pixels of a series' instances (rows, columns, frames each), saturating.
+fn series_source_pixels(instances: impl IntoIterator<Item = (u32, u32, u32)>) -> u64 {
+    instances
+        .into_iter()
+        .map(|(rows, cols, frames)| {
+            u64::from(rows)
+                .saturating_mul(u64::from(cols))
+                .saturating_mul(u64::from(frames))
+        })
+        .fold(0u64, u64::saturating_add)
+}
+
 /// The most source pixels (slices × rows × columns) one volume may have: 256 Mi, e.g. 1,024
 /// slices of 512 × 512. Checked from the headers before any slice is decoded. The slices are
 /// decoded one at a time into the model input, so memory is the model input plus one slice
@@ -228,6 +248,17 @@ impl Pipeline {
                         format!(
                             "an instance has {} frames; the bundle takes at most {max_frames}",
                             h.frames
+                        ),
+                    ));
+                }
+                let pixels =
+                    series_source_pixels(headers.iter().map(|h| (h.rows, h.cols, h.frames)));
+                if pixels > MAX_SERIES_SOURCE_PIXELS {
+                    return Err(JobFailure::new(
+                        "series_too_large",
+                        format!(
+                            "the series has {pixels} source pixels in {} instances; a job takes at most {MAX_SERIES_SOURCE_PIXELS}",
+                            headers.len()
                         ),
                     ));
                 }
@@ -1395,6 +1426,26 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.code, "volume_too_large");
+    }
+
+    #[test]
+    fn a_series_is_bounded_by_its_source_pixels_before_decoding() {
+        // 5,000 CT slices of 512 x 512: within the bound.
+        let ct = series_source_pixels(std::iter::repeat_n((512, 512, 1), MAX_SERIES_INSTANCES));
+        assert_eq!(ct, 5_000 * 512 * 512);
+        assert!(ct <= MAX_SERIES_SOURCE_PIXELS);
+        // A 1,000-frame XA run of 1,024 x 1,024 is too.
+        assert!(series_source_pixels([(1024, 1024, 1000)]) <= MAX_SERIES_SOURCE_PIXELS);
+        // 40 frames of 8,192 x 8,192 (a few KB each when compressed) are not.
+        assert!(
+            series_source_pixels(std::iter::repeat_n((8192, 8192, 1), 40))
+                > MAX_SERIES_SOURCE_PIXELS
+        );
+        // Headers can claim anything: the sum saturates instead of wrapping.
+        assert_eq!(
+            series_source_pixels([(u32::MAX, u32::MAX, u32::MAX), (1, 1, 1)]),
+            u64::MAX
+        );
     }
 
     #[test]
