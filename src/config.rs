@@ -981,6 +981,7 @@ impl ServeArgs {
                         .dicom_max_inflight_bytes
                         .or(file.dicom_max_inflight_bytes)
                         .unwrap_or(defaults.max_inflight_bytes),
+                    https: tls.is_some(),
                 };
                 if limits.max_inflight_bytes < limits.max_part_bytes {
                     return Err(ConfigError::Invalid(

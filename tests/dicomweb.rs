@@ -18,7 +18,7 @@ use nightingale::http::{self, AppState, HttpConfig};
 use nightingale_dicom::{Spool, SpoolOptions};
 use nightingale_models::{Repository, RepositoryOptions};
 use proptest::prelude::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tower::ServiceExt;
 
 #[path = "support/dicom.rs"]
@@ -1030,6 +1030,80 @@ async fn wado_rs_retrieves_an_instance_as_stored() {
 }
 
 /// A GET through the router, with `accept` as its Accept header when given.
+/// RetrieveURL (0008,1190) of a Store Instances Response and of QIDO-RS results: built from
+/// the Host the client addressed (none without a plain one), and each leads to what was stored.
+#[tokio::test]
+async fn retrieve_urls_in_stow_and_qido_answers_lead_to_what_was_stored() {
+    let server = Server::default();
+    let with_host = |req: axum::http::request::Builder, host: Option<&str>| match host {
+        Some(h) => req.header(header::HOST, h),
+        None => req,
+    };
+    let one = part10(STUDY, SERIES, &sop(1), 1);
+    let body = multipart(&[("application/dicom", &one)]);
+    let req = with_host(
+        Request::post("/dicomweb/studies"),
+        Some("pacs.example:8042"),
+    )
+    .header(header::CONTENT_TYPE, content_type())
+    .header(header::CONTENT_LENGTH, body.len())
+    .body(Body::from(body))
+    .unwrap();
+    let (s, _, v) = server.send(req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let base = "http://pacs.example:8042/dicomweb";
+    let study_url = format!("{base}/studies/{STUDY}");
+    let instance_url = format!(
+        "{base}/studies/{STUDY}/series/{SERIES}/instances/{}",
+        sop(1)
+    );
+    assert_eq!(
+        v["00081190"],
+        json!({"vr": "UR", "Value": [study_url]}),
+        "{v}"
+    );
+    assert_eq!(
+        v["00081199"]["Value"][0]["00081190"],
+        json!({"vr": "UR", "Value": [instance_url]}),
+        "{v}"
+    );
+
+    // QIDO-RS at each level, each URL retrieving (WADO-RS) what was stored.
+    let series_url = format!("{base}/studies/{STUDY}/series/{SERIES}");
+    for (query, url) in [
+        ("/dicomweb/studies".to_owned(), &study_url),
+        (format!("/dicomweb/studies/{STUDY}/series"), &series_url),
+        (
+            format!("/dicomweb/studies/{STUDY}/instances"),
+            &instance_url,
+        ),
+    ] {
+        let req = with_host(Request::get(&query), Some("pacs.example:8042"))
+            .body(Body::empty())
+            .unwrap();
+        let (s, _, v) = server.send(req).await;
+        assert_eq!(s, StatusCode::OK, "{query}: {v}");
+        assert_eq!(
+            v[0]["00081190"],
+            json!({"vr": "UR", "Value": [url]}),
+            "{query}: {v}"
+        );
+        let path = url.strip_prefix("http://pacs.example:8042").unwrap();
+        let res = retrieve(&server, path, None).await;
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+    }
+
+    // No Host, or one that is not a plain host name: no RetrieveURL.
+    for host in [None, Some("evil.example/x"), Some("a b"), Some("")] {
+        let req = with_host(Request::get("/dicomweb/studies"), host)
+            .body(Body::empty())
+            .unwrap();
+        let (s, _, v) = server.send(req).await;
+        assert_eq!(s, StatusCode::OK, "{host:?}: {v}");
+        assert!(v[0].get("00081190").is_none(), "{host:?}: {v}");
+    }
+}
+
 async fn retrieve(server: &Server, uri: &str, accept: Option<&str>) -> axum::response::Response {
     let mut req = Request::get(uri);
     if let Some(a) = accept {

@@ -42,6 +42,8 @@ pub struct DicomWebConfig {
     /// whole before it is staged): beyond, a request is answered 503 with Retry-After
     /// (`--dicom-max-inflight-bytes`, a budget of its own beside the DIMSE one).
     pub max_inflight_bytes: u64,
+    /// The server speaks HTTPS: RetrieveURLs start `https://`.
+    pub https: bool,
 }
 
 impl Default for DicomWebConfig {
@@ -51,6 +53,7 @@ impl Default for DicomWebConfig {
             max_request_bytes: 4 << 30,
             request_timeout: Duration::from_secs(600),
             max_inflight_bytes: 4 << 30,
+            https: false,
         }
     }
 }
@@ -442,16 +445,31 @@ async fn store_inner(
         response.insert("00081198".into(), json!({"vr": "SQ", "Value": items}));
     }
     if !stored.is_empty() {
+        let base = retrieve_base(headers, limits.https);
         let items: Vec<Value> = stored
             .iter()
             .map(|s| {
-                json!({
-                    "00081150": ui(&s.sop_class_uid),
-                    "00081155": ui(&s.sop_instance_uid),
-                })
+                let mut item = Map::new();
+                item.insert("00081150".into(), ui(&s.sop_class_uid));
+                item.insert("00081155".into(), ui(&s.sop_instance_uid));
+                if let Some(url) = instance_url(
+                    base.as_deref(),
+                    &s.study_uid,
+                    &s.series_uid,
+                    &s.sop_instance_uid,
+                ) {
+                    item.insert("00081190".into(), url);
+                }
+                Value::Object(item)
             })
             .collect();
         response.insert("00081199".into(), json!({"vr": "SQ", "Value": items}));
+        // The study's URL, when everything stored belongs to one study.
+        if stored.iter().all(|s| s.study_uid == stored[0].study_uid)
+            && let Some(url) = study_url(base.as_deref(), &stored[0].study_uid)
+        {
+            response.insert("00081190".into(), url);
+        }
     }
     Ok(dicom_json(status, Value::Object(response), None))
 }
@@ -810,14 +828,24 @@ async fn search(
             narrow(&mut q.series_uids, series);
         }
         let spool = web.spool.clone();
+        let base = retrieve_base(headers, web.config.https);
         let body = tokio::task::spawn_blocking(move || -> Result<Value, nightingale_dicom::StoreError> {
+            let base = base.as_deref();
             Ok(match level {
-                Level::Studies => spool.query_studies(&q)?.iter().map(study_json).collect(),
-                Level::Series => spool.query_series(&q)?.iter().map(series_json).collect(),
+                Level::Studies => spool
+                    .query_studies(&q)?
+                    .iter()
+                    .map(|r| study_json(r, base))
+                    .collect(),
+                Level::Series => spool
+                    .query_series(&q)?
+                    .iter()
+                    .map(|r| series_json(r, base))
+                    .collect(),
                 Level::Instances => spool
                     .query_instances(&q)?
                     .iter()
-                    .map(instance_json)
+                    .map(|r| instance_json(r, base))
                     .collect(),
             })
         })
@@ -889,20 +917,73 @@ fn number(vr: &str, v: Option<i64>) -> Value {
     attribute(vr, v.as_slice())
 }
 
-fn study_json(r: &qido::StudyRow) -> Value {
+/// The base of this server's DICOMweb URLs as the client addressed it
+/// (`http(s)://<Host>/dicomweb`), for RetrieveURL (0008,1190): `None` when the request has no
+/// Host header that is a plain host name and port (HTTP/2 requests name theirs in
+/// `:authority` instead: their answers carry no RetrieveURL).
+fn retrieve_base(headers: &HeaderMap, https: bool) -> Option<String> {
+    let host = headers.get(header::HOST)?.to_str().ok()?;
+    let plain = !host.is_empty()
+        && host.len() <= 255
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b));
+    plain.then(|| format!("{}://{host}/dicomweb", if https { "https" } else { "http" }))
+}
+
+/// A UID that can stand in a URL path as it is (digits and dots: a valid UI value). Stored
+/// values that are not get no RetrieveURL rather than an escaped one.
+fn url_safe(uid: &str) -> bool {
+    !uid.is_empty() && uid.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+}
+
+fn ur(url: String) -> Value {
+    json!({"vr": "UR", "Value": [url]})
+}
+
+fn study_url(base: Option<&str>, study: &str) -> Option<Value> {
+    let base = base?;
+    url_safe(study).then(|| ur(format!("{base}/studies/{study}")))
+}
+
+fn series_url(base: Option<&str>, study: &str, series: &str) -> Option<Value> {
+    let base = base?;
+    (url_safe(study) && url_safe(series))
+        .then(|| ur(format!("{base}/studies/{study}/series/{series}")))
+}
+
+fn instance_url(base: Option<&str>, study: &str, series: &str, sop: &str) -> Option<Value> {
+    let base = base?;
+    (url_safe(study) && url_safe(series) && url_safe(sop)).then(|| {
+        ur(format!(
+            "{base}/studies/{study}/series/{series}/instances/{sop}"
+        ))
+    })
+}
+
+/// `object` with RetrieveURL (0008,1190) set to `url`, where there is one.
+fn with_url(mut object: Value, url: Option<Value>) -> Value {
+    if let (Some(url), Some(map)) = (url, object.as_object_mut()) {
+        map.insert("00081190".into(), url);
+    }
+    object
+}
+
+fn study_json(r: &qido::StudyRow, base: Option<&str>) -> Value {
     let modalities = attribute("CS", &r.modalities);
-    json!({
+    let object = json!({
         "00080020": text("DA", r.study_date.as_deref()),
         "00080030": text("TM", r.study_time.as_deref()),
         "00080061": modalities,
         "0020000D": ui(&r.study_uid),
         "00201206": is(r.series),
         "00201208": is(r.instances),
-    })
+    });
+    with_url(object, study_url(base, &r.study_uid))
 }
 
-fn series_json(r: &qido::SeriesRow) -> Value {
-    json!({
+fn series_json(r: &qido::SeriesRow, base: Option<&str>) -> Value {
+    let object = json!({
         "00080020": text("DA", r.study_date.as_deref()),
         "00080030": text("TM", r.study_time.as_deref()),
         "00080060": text("CS", r.modality.as_deref()),
@@ -910,12 +991,13 @@ fn series_json(r: &qido::SeriesRow) -> Value {
         "0020000E": ui(&r.series_uid),
         "00200011": number("IS", r.series_number),
         "00201209": is(r.instances),
-    })
+    });
+    with_url(object, series_url(base, &r.study_uid, &r.series_uid))
 }
 
-fn instance_json(r: &qido::InstanceRow) -> Value {
+fn instance_json(r: &qido::InstanceRow, base: Option<&str>) -> Value {
     let a = &r.attributes;
-    json!({
+    let object = json!({
         "00080016": ui(&r.sop_class_uid),
         "00080018": ui(&r.sop_instance_uid),
         "00080020": text("DA", a.study_date.as_deref()),
@@ -929,7 +1011,11 @@ fn instance_json(r: &qido::InstanceRow) -> Value {
         "00280010": number("US", a.rows.map(i64::from)),
         "00280011": number("US", a.columns.map(i64::from)),
         "00083002": ui(&r.transfer_syntax),
-    })
+    });
+    with_url(
+        object,
+        instance_url(base, &r.study_uid, &r.series_uid, &r.sop_instance_uid),
+    )
 }
 
 fn dicom_json(status: StatusCode, body: Value, warning: Option<String>) -> Response {
