@@ -658,13 +658,18 @@ async fn missing_vitals_or_a_child_get_an_info_card_not_a_score() {
 /// What the FHIR server was asked: (URI, Authorization header).
 type Seen = Arc<Mutex<Vec<(String, String)>>>;
 
-/// A FHIR server on port 0: answers the service's queries, slowly, or with 500.
-#[derive(Clone, Copy)]
+/// A FHIR server on port 0: answers the service's queries, slowly, or with 500, or from
+/// `pages` (path and query → body; a path alone matches any query of that path that `pages`
+/// does not name; an empty searchset otherwise).
+#[derive(Clone)]
 enum Fhir {
     Answers,
     Slow,
     Fails,
+    Pages(Pages),
 }
+
+type Pages = Arc<Mutex<std::collections::BTreeMap<String, Value>>>;
 
 async fn fhir_server(mode: Fhir, seen: Seen) -> String {
     use axum::extract::State;
@@ -682,6 +687,17 @@ async fn fhir_server(mode: Fhir, seen: Seen) -> String {
             Fhir::Fails => return (StatusCode::INTERNAL_SERVER_ERROR, "{}".into()),
             Fhir::Slow => tokio::time::sleep(Duration::from_secs(5)).await,
             Fhir::Answers => {}
+            Fhir::Pages(pages) => {
+                let pages = pages.lock().unwrap();
+                let body = pages
+                    .get(&uri.to_string())
+                    .or_else(|| pages.get(uri.path()))
+                    .cloned()
+                    .unwrap_or_else(
+                        || json!({"resourceType": "Bundle", "type": "searchset", "entry": []}),
+                    );
+                return (StatusCode::OK, body.to_string());
+            }
         }
         let path = uri.path();
         let body = if path.ends_with(&format!("/Patient/{PATIENT}")) {
@@ -759,43 +775,6 @@ async fn a_slow_or_failing_fhir_server_ends_in_a_missing_data_card_in_bounded_ti
     }
 }
 
-// ---- Risk-model cards (issue 10 item 4) ----------------------------------------------------
-//
-// Expected values come from tests/fixtures/attribution/*.json, written by
-// models/train/make_attribution_fixtures.py: numpy float64 from the ONNX graph's own
-// attributes (the `onnx` package), and onnxruntime's probability, not from the code under test.
-
-/// A FHIR server on port 0 answering from `pages` (path and query → body; a path alone
-/// matches any query of that path that `pages` does not name), an empty searchset otherwise.
-type Pages = Arc<Mutex<std::collections::BTreeMap<String, Value>>>;
-
-async fn paged_fhir_server(pages: Pages, seen: Seen) -> String {
-    use axum::extract::State;
-    async fn any(
-        State((pages, seen)): State<(Pages, Seen)>,
-        uri: axum::http::Uri,
-        headers: axum::http::HeaderMap,
-    ) -> (StatusCode, String) {
-        let auth = headers
-            .get(header::AUTHORIZATION)
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
-        seen.lock().unwrap().push((uri.to_string(), auth));
-        let pages = pages.lock().unwrap();
-        let body = pages
-            .get(&uri.to_string())
-            .or_else(|| pages.get(uri.path()))
-            .cloned()
-            .unwrap_or_else(|| json!({"resourceType": "Bundle", "type": "searchset", "entry": []}));
-        (StatusCode::OK, body.to_string())
-    }
-    let app = axum::Router::new().fallback(any).with_state((pages, seen));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}/fhir")
-}
-
 /// The vital signs of [`vitals_bundle`] as a search answered in pages: the first `split`
 /// entries on the first page, whose `next` link is `next`, the rest on the page `rest`.
 fn vitals_pages(split: usize, next: &str) -> (Value, Value) {
@@ -821,9 +800,9 @@ fn news2_summary(v: &Value) -> &str {
 async fn a_search_answered_in_pages_is_read_to_its_end_on_the_fhir_server_only() {
     let seen: Seen = Arc::new(Mutex::new(Vec::new()));
     let pages: Pages = Arc::default();
-    let fhir = paged_fhir_server(pages.clone(), seen.clone()).await;
+    let fhir = fhir_server(Fhir::Pages(pages.clone()), seen.clone()).await;
     let other_seen: Seen = Arc::new(Mutex::new(Vec::new()));
-    let other = paged_fhir_server(Arc::default(), other_seen.clone()).await;
+    let other = fhir_server(Fhir::Pages(Arc::default()), other_seen.clone()).await;
     let page2 = format!("{fhir}/Observation?patient={PATIENT}&_page=2");
     let (first, rest) = vitals_pages(3, &page2);
     {
@@ -950,6 +929,12 @@ async fn a_search_answered_in_pages_is_read_to_its_end_on_the_fhir_server_only()
         assert_eq!(n, most, "pages read after the first (start {start})");
     }
 }
+
+// ---- Risk-model cards (issue 10 item 4) ----------------------------------------------------
+//
+// Expected values come from tests/fixtures/attribution/*.json, written by
+// models/train/make_attribution_fixtures.py: numpy float64 from the ONNX graph's own
+// attributes (the `onnx` package), and onnxruntime's probability, not from the code under test.
 
 fn fixture(bundle: &str) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))

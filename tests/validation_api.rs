@@ -130,6 +130,29 @@ impl Server {
         (s, v)
     }
 
+    /// Starts a run that keeps its model busy (a long bootstrap); its id.
+    async fn start_long_run(&self) -> String {
+        let (s, v) = self
+            .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 400000}))
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        v["id"].as_str().unwrap().to_owned()
+    }
+
+    /// A run stopped before its end has no report, and its model takes another run at once:
+    /// that run's id.
+    async fn assert_no_report_and_model_free(&self, id: &str) -> String {
+        let (s, _) = self
+            .get(&format!("/validation/runs/{id}/report.json"))
+            .await;
+        assert_eq!(s, StatusCode::CONFLICT);
+        let (s, v) = self
+            .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 0}))
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "the model is free at once: {v}");
+        v["id"].as_str().unwrap().to_owned()
+    }
+
     /// Polls a run until it is no longer running (bounded).
     async fn wait(&self, id: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(180);
@@ -290,12 +313,7 @@ async fn a_running_run_can_be_cancelled_and_frees_its_model() {
             .body(Body::empty())
             .unwrap()
     };
-    // A long bootstrap keeps the run busy.
-    let (s, v) = server
-        .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 400000}))
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let id = v["id"].as_str().unwrap().to_owned();
+    let id = server.start_long_run().await;
     let (s, _, v) = server.send(delete(&id)).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["status"], "cancelled", "{v}");
@@ -303,16 +321,7 @@ async fn a_running_run_can_be_cancelled_and_frees_its_model() {
     assert!(v["report"].is_null(), "{v}");
     let (s, _, v) = server.send(delete(&id)).await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
-    let (s, _) = server
-        .get(&format!("/validation/runs/{id}/report.json"))
-        .await;
-    assert_eq!(s, StatusCode::CONFLICT);
-    // The model is free at once.
-    let (s, v) = server
-        .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 0}))
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let second = v["id"].as_str().unwrap().to_owned();
+    let second = server.assert_no_report_and_model_free(&id).await;
     assert_eq!(server.wait(&second).await["status"], "done");
     let (s, _, v) = server.send(delete(&second)).await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
@@ -329,12 +338,7 @@ async fn a_running_run_can_be_cancelled_and_frees_its_model() {
 #[tokio::test]
 async fn a_run_past_the_servers_limit_is_stopped_and_frees_its_model() {
     let server = Server::with_max_run(Duration::from_millis(300));
-    // A long bootstrap keeps the run busy past its limit.
-    let (s, v) = server
-        .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 400000}))
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let id = v["id"].as_str().unwrap().to_owned();
+    let id = server.start_long_run().await;
     let v = server.wait(&id).await;
     assert_eq!(v["status"], "failed", "{v}");
     let error = v["error"].as_str().unwrap();
@@ -343,15 +347,8 @@ async fn a_run_past_the_servers_limit_is_stopped_and_frees_its_model() {
         "{v}"
     );
     assert!(v["report"].is_null(), "{v}");
-    let (s, _) = server
-        .get(&format!("/validation/runs/{id}/report.json"))
-        .await;
-    assert_eq!(s, StatusCode::CONFLICT);
-    let (s, v) = server
-        .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 0}))
-        .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "the model is free again: {v}");
-    server.wait(v["id"].as_str().unwrap()).await;
+    let next = server.assert_no_report_and_model_free(&id).await;
+    server.wait(&next).await;
 }
 
 #[tokio::test]

@@ -2,13 +2,14 @@
 # Packs what benches/gpu/run.sh needs on the lent GPU machine (which reaches no registry and
 # takes at most 64 MiB a call) into .gpu/ (ignored by git), in two parts for two calls:
 #   .gpu/p1/  the first ~50 MB of ort-site.tar.zst
-#   .gpu/p2/  the rest, the release server (built with --features ort) and its ort test binary
+#   .gpu/p2/  the rest, the release server (built with --features ort), the CNN kernels' test
+#             binary (its CUDA provider test) when one is built, and zstd
 # ort-site.tar.zst is PyPI's onnxruntime-gpu 1.31.1 (CUDA 13) package for CPython 3.12, its
 # CUDA provider cut to the sm_90 cubins (benches/gpu/fatbin_keep_arch.py): the Python peer
 # (raw onnxruntime, CUDA execution provider) and the library the server loads.
 #
 #   cargo build --release --locked --features ort --bin nightingale
-#   cargo test --release --locked --features ort -p nightingale-inference --test execution_provider --no-run
+#   cargo test --release --locked --features ort -p nightingale-inference --test cnn_kernels --no-run
 #   benches/gpu/pack.sh
 #
 # Then, on the device tool: run (carry .gpu/p1) `benches/gpu/run.sh stage1`, and at once
@@ -35,10 +36,10 @@ mv "$work/ort-site.tar.zst.part-00" .gpu/p1/
 mv "$work"/ort-site.tar.zst.part-* .gpu/p2/
 strip -o "$work/nightingale" target/release/nightingale
 zstd -q -19 -T0 "$work/nightingale" -o .gpu/p2/nightingale.zst
-test_bin=$(ls -t target/release/deps/execution_provider-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
+test_bin=$(ls -t target/release/deps/cnn_kernels-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
 if [ -n "$test_bin" ]; then
-  strip -o "$work/execution_provider" "$test_bin"
-  zstd -q -19 -T0 "$work/execution_provider" -o .gpu/p2/execution_provider.zst
+  strip -o "$work/cnn_kernels" "$test_bin"
+  zstd -q -19 -T0 "$work/cnn_kernels" -o .gpu/p2/cnn_kernels.zst
 fi
 # The GPU machine has no zstd: this one travels with its libraries.
 cp /usr/bin/zstd .gpu/p2/

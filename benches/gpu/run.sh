@@ -53,10 +53,10 @@ fi
 } | tee "$OUT/machine.txt"
 
 # 1. The ort backend's own test, requiring the GPU (its fixture path is compiled in).
-if [ -f "$STAGE/execution_provider.zst" ] && [ "${DRY_RUN:-}" != 1 ]; then
-  zstd -d -q -f "$STAGE/execution_provider.zst" -o "$STAGE/execution_provider" && chmod +x "$STAGE/execution_provider"
+if [ -f "$STAGE/cnn_kernels.zst" ] && [ "${DRY_RUN:-}" != 1 ]; then
+  zstd -d -q -f "$STAGE/cnn_kernels.zst" -o "$STAGE/cnn_kernels" && chmod +x "$STAGE/cnn_kernels"
   if [ ! -e /work/main ]; then mkdir -p /work && ln -s "$PWD" /work/main; fi
-  NIGHTINGALE_EXPECT_GPU=1 "$STAGE/execution_provider" --nocapture 2>&1 | tee "$OUT/test.log" || echo "TEST FAILED" | tee -a "$OUT/test.log"
+  NIGHTINGALE_EXPECT_GPU=1 "$STAGE/cnn_kernels" the_cuda_provider --nocapture 2>&1 | tee "$OUT/test.log" || echo "TEST FAILED" | tee -a "$OUT/test.log"
 fi
 
 # 2. Raw onnxruntime-gpu, in-process.

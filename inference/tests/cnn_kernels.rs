@@ -179,3 +179,64 @@ fn both_kernel_sets_match_onnx_runtime_and_a_row_is_the_same_alone_or_batched() 
         }
     }
 }
+
+/// ONNX Runtime's CUDA execution provider, asked for with `ExecutionProvider::Cuda`, on
+/// `small_cnn`. Where ONNX Runtime can register it, the backend says the model runs on the
+/// GPU; where it cannot (the CPU-only `onnxruntime` wheel CI uses, or no GPU) the model still
+/// loads, runs on the CPU and says so, instead of falling back silently. Either way the
+/// answers are ONNX Runtime's own on the CPU (the fixture): within 1e-5 on the CPU, 1e-4 on
+/// the GPU (cuDNN's FP32 convolutions sum in another order; TF32 is off).
+///
+/// `NIGHTINGALE_EXPECT_GPU=1` (for a machine with a GPU and the `onnxruntime-gpu` library)
+/// requires the GPU; without it the test requires the CPU, which is what every machine
+/// without that library gets.
+#[cfg(feature = "ort")]
+#[test]
+fn the_cuda_provider_says_where_the_model_runs_and_answers_as_onnx_runtime_on_the_cpu() {
+    let expect_gpu = std::env::var("NIGHTINGALE_EXPECT_GPU").is_ok_and(|v| v == "1");
+    let doc: Value = serde_json::from_str(
+        &std::fs::read_to_string(data_dir().join("small_cnn.json")).expect("fixture"),
+    )
+    .expect("fixture JSON");
+    let options = LoadOptions {
+        backend: BackendKind::Ort,
+        execution_provider: nightingale_inference::ExecutionProvider::Cuda { device_id: 0 },
+        ..Default::default()
+    };
+    let mut backend = load(&data_dir().join("small_cnn.onnx"), &options)
+        .expect("a model asked onto the GPU loads even where there is none");
+    assert_eq!(
+        backend.on_gpu(),
+        expect_gpu,
+        "NIGHTINGALE_EXPECT_GPU={expect_gpu}"
+    );
+    let forked = backend.fork().expect("a second instance");
+    assert_eq!(
+        forked.on_gpu(),
+        expect_gpu,
+        "a fork registers the provider again"
+    );
+    let outputs = run(
+        backend.as_mut(),
+        shape(&doc["shape"]),
+        floats(&doc["input"]),
+    );
+    let expected = doc["outputs"].as_object().unwrap();
+    assert_eq!(outputs.len(), expected.len());
+    let tolerance = if expect_gpu { 1e-4 } else { 1e-5 };
+    for out in &outputs {
+        let want = floats(&expected[&out.name]["data"]);
+        let got = values(&out.tensor);
+        assert_eq!(got.len(), want.len(), "{}", out.name);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g - w).abs() / w.abs().max(1.0))
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= tolerance,
+            "{}: {worst:e} > {tolerance:e}",
+            out.name
+        );
+    }
+}
