@@ -6,7 +6,7 @@
 //! HTTP meaning (routes, status codes) is in `http/cds.rs`; the rules (NEWS2, cards, JWT
 //! checks) are in the `decision-support` crate.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -615,6 +615,7 @@ impl Cds {
     ) {
         let mut pages = 1;
         let mut read = BTreeSet::new();
+        let mut held = resources_in(bundle);
         while let Some(next) = next_link(bundle) {
             let stop = if pages >= MAX_SEARCH_PAGES {
                 Some("more pages than are read")
@@ -647,10 +648,13 @@ impl Cds {
                     return;
                 }
             };
-            if let Err(why) = append_page(bundle, page.0, self.limits.max_resources) {
-                tracing::warn!(prefetch = %key, pages, reason = why, "FHIR search page refused");
-                fetch_outcome("failed");
-                return;
+            match accept_page(bundle, page.0, held, &self.limits) {
+                Ok(added) => held += added,
+                Err(why) => {
+                    tracing::warn!(prefetch = %key, pages, reason = %why, "FHIR search page refused");
+                    fetch_outcome("failed");
+                    return;
+                }
             }
             fetch_outcome("ok");
             budget -= page.1;
@@ -699,9 +703,14 @@ impl Cds {
             }
             body.extend_from_slice(&chunk);
         }
-        let value = serde_json::from_slice(&body)
+        // Parsed on a blocking thread: a page of megabytes takes a runtime thread tens of
+        // milliseconds, which every other request on it would wait for.
+        let len = body.len();
+        let value = tokio::task::spawn_blocking(move || serde_json::from_slice::<Value>(&body))
+            .await
+            .map_err(|_| "the page could not be parsed".to_owned())?
             .map_err(|e| format!("not FHIR JSON: {}", sanitise(&e.to_string())))?;
-        Ok((value, body.len()))
+        Ok((value, len))
     }
 }
 
@@ -722,7 +731,11 @@ pub(crate) fn next_link(bundle: &Value) -> Option<&str> {
         .get("link")?
         .as_array()?
         .iter()
-        .find(|l| l.get("relation").and_then(Value::as_str) == Some("next"))?
+        .find(|l| {
+            l.get("relation")
+                .and_then(Value::as_str)
+                .is_some_and(is_next)
+        })?
         .get("url")?
         .as_str()
 }
@@ -744,31 +757,90 @@ fn on_server(base: &str, url: &str) -> bool {
         && !query.contains('#')
 }
 
-/// Appends a search page's entries to `into` (a Bundle) and takes the page's links (its
-/// `next`, or none on the last page). `into` is unchanged when the page is refused.
-fn append_page(into: &mut Value, page: Value, max_entries: usize) -> Result<(), &'static str> {
-    let Value::Object(mut page) = page else {
-        return Err("a page that is not a JSON object");
-    };
-    if page.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
-        return Err("a page that is not a Bundle");
+/// Whether a Bundle link's `relation` is `next` (relation types compare without regard to
+/// case, RFC 8288; surrounding blanks ignored).
+pub(crate) fn is_next(relation: &str) -> bool {
+    relation.trim().eq_ignore_ascii_case("next")
+}
+
+/// How many resources `v` holds for [`Limits::max_resources`]: itself and, for a Bundle, its
+/// entries' resources, nested Bundles counted through (as the FHIR reader counts them).
+fn resources_in(v: &Value) -> usize {
+    1 + v
+        .get("entry")
+        .and_then(Value::as_array)
+        .map_or(0, |entries| {
+            entries
+                .iter()
+                .filter_map(|e| e.get("resource"))
+                .filter(|r| !r.is_null())
+                .map(resources_in)
+                .sum()
+        })
+}
+
+/// An entry's identity for finding a page that repeats what an earlier one gave: its
+/// `fullUrl`, else its resource's type and id (`None`: neither, never taken as a repeat).
+fn entry_key(entry: &Value) -> Option<String> {
+    if let Some(url) = entry.get("fullUrl").and_then(Value::as_str) {
+        return Some(url.to_owned());
     }
-    let entries = match page.remove("entry") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(entries)) => entries,
-        Some(_) => return Err("a page whose entry is not a list"),
+    let r = entry.get("resource")?;
+    Some(format!(
+        "{}/{}",
+        r.get("resourceType")?.as_str()?,
+        r.get("id")?.as_str()?
+    ))
+}
+
+/// Takes one search page into `into` (a Bundle, holding `held` resources): the page must be a
+/// Bundle the FHIR reader accepts on its own, within what is left of `limits.max_resources`;
+/// its entries are appended (those an earlier page gave already, by `fullUrl` or type and
+/// id, are not counted twice: a server that repeats a result must not make the search look
+/// whole), its links replace `into`'s (its `next`, or none on the last page), and its
+/// `total` is kept where it is the larger (more matches announced than delivered leaves the
+/// search partial). Refused, `into` is unchanged (its `next` link stays: the search reads as
+/// partial). Returns the resources added.
+fn accept_page(
+    into: &mut Value,
+    page: Value,
+    held: usize,
+    limits: &Limits,
+) -> Result<usize, String> {
+    let left = limits.max_resources.saturating_sub(held);
+    let check = Limits {
+        max_resources: left,
+        ..*limits
+    };
+    match Resource::from_value(&page, &check) {
+        Ok(Resource::Bundle(_)) => {}
+        Ok(_) => return Err("a page that is not a Bundle".into()),
+        Err(e) => return Err(format!("a page the FHIR reader refuses: {e}")),
+    }
+    let Value::Object(mut page) = page else {
+        return Err("a page that is not a JSON object".into());
     };
     let Some(into) = into.as_object_mut() else {
-        return Err("a search that is not a Bundle");
+        return Err("a search that is not a Bundle".into());
     };
-    let have = match into.get("entry") {
-        None | Some(Value::Null) => 0,
-        Some(Value::Array(a)) => a.len(),
-        Some(_) => return Err("a search whose entry is not a list"),
+    let mut seen: HashSet<String> = match into.get("entry") {
+        None | Some(Value::Null) => HashSet::new(),
+        Some(Value::Array(a)) => a.iter().filter_map(entry_key).collect(),
+        Some(_) => return Err("a search whose entry is not a list".into()),
     };
-    if have + entries.len() > max_entries {
-        return Err("more entries than a FHIR input may hold");
-    }
+    let entries: Vec<Value> = match page.remove("entry") {
+        Some(Value::Array(entries)) => entries
+            .into_iter()
+            .filter(|e| entry_key(e).is_none_or(|k| seen.insert(k)))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let added: usize = entries
+        .iter()
+        .filter_map(|e| e.get("resource"))
+        .filter(|r| !r.is_null())
+        .map(resources_in)
+        .sum();
     match into.get_mut("entry") {
         Some(Value::Array(a)) => a.extend(entries),
         _ => {
@@ -780,7 +852,15 @@ fn append_page(into: &mut Value, page: Value, max_entries: usize) -> Result<(), 
         page.remove("link")
             .unwrap_or_else(|| Value::Array(Vec::new())),
     );
-    Ok(())
+    if let Some(total) = page.get("total").and_then(Value::as_u64)
+        && into
+            .get("total")
+            .and_then(Value::as_u64)
+            .is_none_or(|t| t < total)
+    {
+        into.insert("total".into(), Value::from(total));
+    }
+    Ok(added)
 }
 
 /// How many contributing factors a risk card names in words.
@@ -1468,47 +1548,79 @@ mod tests {
     }
 
     #[test]
-    fn a_page_is_appended_whole_or_not_at_all() {
-        let obs = |id: u32| serde_json::json!({"resource": {"resourceType": "Patient", "id": id.to_string()}});
-        let mut b = serde_json::json!({"resourceType": "Bundle", "type": "searchset", "total": 3,
-            "link": [{"relation": "self", "url": "u1"}, {"relation": "next", "url": "u2"}],
-            "entry": [obs(1)]});
-        assert_eq!(next_link(&b), Some("u2"));
-        let page2 = serde_json::json!({"resourceType": "Bundle", "type": "searchset",
-            "link": [{"relation": "next", "url": "u3"}], "entry": [obs(2)]});
-        append_page(&mut b, page2, 10).unwrap();
-        assert_eq!(next_link(&b), Some("u3"));
-        // The last page: no links at all.
-        append_page(
-            &mut b,
-            serde_json::json!({"resourceType": "Bundle", "entry": [obs(3)]}),
-            10,
-        )
-        .unwrap();
-        assert_eq!(next_link(&b), None);
-        assert_eq!(b["entry"].as_array().unwrap().len(), 3);
-        assert_eq!(b["total"], 3);
-        let r = Resource::from_value(&b, &Limits::default()).unwrap();
-        let Resource::Bundle(bundle) = r else {
-            panic!("a Bundle")
+    fn a_page_is_taken_whole_or_not_at_all() {
+        use serde_json::json;
+        let limits = Limits {
+            max_resources: 10,
+            ..Limits::default()
         };
-        assert!(bundle.is_complete());
+        let patient =
+            |id: u32| json!({"resource": {"resourceType": "Patient", "id": id.to_string()}});
+        let complete = |b: &Value| match Resource::from_value(b, &Limits::default()).unwrap() {
+            Resource::Bundle(bundle) => bundle.is_complete(),
+            _ => panic!("a Bundle"),
+        };
+        let mut b = json!({"resourceType": "Bundle", "type": "searchset", "total": 3,
+            "link": [{"relation": "self", "url": "u1"}, {"relation": "next", "url": "u2"}],
+            "entry": [patient(1)]});
+        assert_eq!(next_link(&b), Some("u2"));
+        assert_eq!(resources_in(&b), 2);
+        let page2 = json!({"resourceType": "Bundle", "type": "searchset",
+            "link": [{"relation": "next", "url": "u3"}], "entry": [patient(2)]});
+        assert_eq!(accept_page(&mut b, page2, 2, &limits), Ok(1));
+        assert_eq!(next_link(&b), Some("u3"));
 
+        // Refused whole, the search unchanged (its next link kept: it reads as partial).
         let before = b.clone();
         for bad in [
-            serde_json::json!([]),
-            serde_json::json!({"resourceType": "Patient", "id": "p"}),
-            serde_json::json!({"resourceType": "Bundle", "entry": {"resource": {}}}),
-            // Over the resource limit with what is there already.
-            serde_json::json!({"resourceType": "Bundle", "entry": (0..8).map(obs).collect::<Vec<_>>()}),
+            json!([]),
+            json!({"resourceType": "Patient", "id": "p"}),
+            json!({"resourceType": "Bundle", "entry": {"resource": {}}}),
+            json!({"resourceType": "Bundle", "entry": [1, 2]}),
+            json!({"resourceType": "Bundle", "link": {"relation": "next", "url": "u9"}}),
+            json!({"resourceType": "Bundle", "link": null}),
+            json!({"resourceType": "Bundle",
+                "entry": [{"resource": {"resourceType": "Observation", "id": "o"}}]}),
+            // Over the resource limit with what is held already (3).
+            json!({"resourceType": "Bundle", "entry": (10..18).map(patient).collect::<Vec<_>>()}),
         ] {
-            assert!(append_page(&mut b, bad, 10).is_err());
+            assert!(
+                accept_page(&mut b, bad.clone(), 3, &limits).is_err(),
+                "{bad}"
+            );
             assert_eq!(b, before);
         }
-        assert_eq!(
-            next_link(&serde_json::json!({"resourceType": "Patient",
-            "link": [{"relation": "next", "url": "u"}]})),
-            None
-        );
+
+        // The last page: no links; the search is whole.
+        let last = json!({"resourceType": "Bundle", "entry": [patient(3)]});
+        assert_eq!(accept_page(&mut b, last, 3, &limits), Ok(1));
+        assert_eq!(next_link(&b), None);
+        assert_eq!(b["entry"].as_array().unwrap().len(), 3);
+        assert!(complete(&b));
+
+        // A later page that announces more matches than were delivered: partial.
+        let mut b = json!({"resourceType": "Bundle", "type": "searchset",
+            "link": [{"relation": "next", "url": "u2"}], "entry": []});
+        let page = json!({"resourceType": "Bundle", "type": "searchset", "total": 3});
+        assert_eq!(accept_page(&mut b, page, 1, &limits), Ok(0));
+        assert_eq!(b["total"], 3);
+        assert!(!complete(&b));
+
+        // A page that repeats an earlier one's result does not make the search whole.
+        let mut b = json!({"resourceType": "Bundle", "type": "searchset", "total": 2,
+            "link": [{"relation": "next", "url": "u2"}], "entry": [patient(1)]});
+        let again = json!({"resourceType": "Bundle", "type": "searchset", "total": 2, "entry": [patient(1)]});
+        assert_eq!(accept_page(&mut b, again, 2, &limits), Ok(0));
+        assert_eq!(b["entry"].as_array().unwrap().len(), 1);
+        assert!(!complete(&b));
+
+        // Relation types compare without regard to case or surrounding blanks.
+        for relation in ["next", "NEXT", " Next "] {
+            let b = json!({"resourceType": "Bundle", "link": [{"relation": relation, "url": "u"}]});
+            assert_eq!(next_link(&b), Some("u"), "{relation:?}");
+        }
+        let not_a_bundle =
+            json!({"resourceType": "Patient", "link": [{"relation": "next", "url": "u"}]});
+        assert_eq!(next_link(&not_a_bundle), None);
     }
 }

@@ -894,6 +894,32 @@ async fn a_search_answered_in_pages_is_read_to_its_end_on_the_fhir_server_only()
     }
     assert!(other_seen.lock().unwrap().is_empty());
 
+    // A page the FHIR reader refuses (entries that are not resources, a link that is not a
+    // list) is left out whole: the call still answers, the search is one part of the result.
+    for bad in [
+        json!({"resourceType": "Bundle", "type": "searchset", "entry": [1, 2]}),
+        json!({"resourceType": "Bundle", "type": "searchset",
+               "link": {"relation": "next", "url": "x"}, "entry": []}),
+    ] {
+        pages
+            .lock()
+            .unwrap()
+            .insert("/fhir/Observation?_page=bad".into(), bad.clone());
+        seen.lock().unwrap().clear();
+        let (first, _) = vitals_pages(3, &format!("{fhir}/Observation?_page=bad"));
+        let prefetch =
+            json!({"patient": patient(), "vitals": first, "conditions": no_conditions()});
+        let (s, v) = server
+            .call(&patient_view(Some(prefetch), Some(&fhir)))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{bad}: {v}");
+        assert!(
+            news2_summary(&v).starts_with("NEWS2 not calculated"),
+            "{bad}: {v}"
+        );
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
     // A server that pages for ever (each page links to a new one) or in a loop: bounded.
     {
         let mut p = pages.lock().unwrap();

@@ -222,10 +222,11 @@ fn read_resource(
                 id: raw.id,
                 bundle_type: raw.bundle_type,
                 total: raw.total,
-                has_next: raw
-                    .link
-                    .iter()
-                    .any(|l| l.relation.as_deref() == Some("next")),
+                has_next: raw.link.iter().any(|l| {
+                    l.relation
+                        .as_deref()
+                        .is_some_and(|r| r.trim().eq_ignore_ascii_case("next"))
+                }),
                 entry,
             })
         }
@@ -978,13 +979,19 @@ mod tests {
         let mut v = condition_page(1, None, false);
         v["link"] = json!("next");
         assert!(matches!(parse(v), Err(FhirError::InvalidResource { .. })));
-        // A link without a relation, or with an unknown one, is no next page.
+        // A link without a relation, or with another one, is no next page.
         let mut v = condition_page(1, None, false);
-        v["link"] = json!([{"url": "x"}, {"relation": "NEXT"}, {"relation": 7}]);
+        v["link"] = json!([{"url": "x"}, {"relation": "previous"}, {"relation": 7}]);
         assert!(parse(v).is_err());
         let mut v = condition_page(1, None, false);
-        v["link"] = json!([{"url": "x"}, {"relation": "NEXT"}]);
+        v["link"] = json!([{"url": "x"}, {"relation": "previous"}, {"relation": "nextish"}]);
         assert!(bundle(v).is_complete());
+        // Relation types compare without regard to case (RFC 8288) or surrounding blanks.
+        for next in ["NEXT", " Next "] {
+            let mut v = condition_page(1, None, false);
+            v["link"] = json!([{"relation": next, "url": "x"}]);
+            assert!(!bundle(v).is_complete(), "{next:?}");
+        }
     }
 
     #[test]
