@@ -15,7 +15,7 @@ use nightingale_decision_support::cards::{
     AttributionMethod, Contribution, RiskCard, risk_card, risk_missing_card, risk_unavailable_card,
 };
 use nightingale_decision_support::feedback::{CardLedger, IssuedCard, OverrideStats};
-use nightingale_decision_support::fhir::{Limits, Resource, Resources, sanitise};
+use nightingale_decision_support::fhir::{Limits, Resource, Resources, is_next, sanitise};
 use nightingale_decision_support::hooks::{Card, HookRequest, Source};
 use nightingale_decision_support::jwt::{JwtOptions, Verifier};
 use nightingale_decision_support::risk::{MappingContext, map_features, plain_name};
@@ -755,12 +755,6 @@ fn on_server(base: &str, url: &str) -> bool {
         && !resolves_elsewhere(path)
         && !has_space_or_control(query)
         && !query.contains('#')
-}
-
-/// Whether a Bundle link's `relation` is `next` (relation types compare without regard to
-/// case, RFC 8288; surrounding blanks ignored).
-pub(crate) fn is_next(relation: &str) -> bool {
-    relation.trim().eq_ignore_ascii_case("next")
 }
 
 /// How many resources `v` holds for [`Limits::max_resources`]: itself and, for a Bundle, its

@@ -1070,35 +1070,22 @@ impl ServeArgs {
                     return Err(ConfigError::Invalid("two routes have the same name".into()));
                 }
                 // -- results delivery retries (issue 9, PEERS slice) --
-                let retry = match self.results_retry_secs.or(file.results_retry_secs) {
-                    None => None,
-                    Some(s) if s.is_finite() && (0.01..=3_600.0).contains(&s) => {
-                        Some(std::time::Duration::from_secs_f64(s))
-                    }
-                    Some(_) => {
-                        return Err(ConfigError::Invalid(
-                            "results_retry_secs must be between 0.01 and 3600 seconds".into(),
-                        ));
-                    }
-                };
+                let retry = seconds_within(
+                    "results_retry_secs",
+                    self.results_retry_secs.or(file.results_retry_secs),
+                    0.01..=3_600.0,
+                )?;
                 let max_attempts = self.results_max_attempts.or(file.results_max_attempts);
                 if matches!(max_attempts, Some(n) if !(1..=100).contains(&n)) {
                     return Err(ConfigError::Invalid(
                         "results_max_attempts must be between 1 and 100".into(),
                     ));
                 }
-                let exchange_timeout = match self.results_timeout_secs.or(file.results_timeout_secs)
-                {
-                    None => None,
-                    Some(s) if s.is_finite() && (1.0..=3_600.0).contains(&s) => {
-                        Some(std::time::Duration::from_secs_f64(s))
-                    }
-                    Some(_) => {
-                        return Err(ConfigError::Invalid(
-                            "results_timeout_secs must be between 1 and 3600 seconds".into(),
-                        ));
-                    }
-                };
+                let exchange_timeout = seconds_within(
+                    "results_timeout_secs",
+                    self.results_timeout_secs.or(file.results_timeout_secs),
+                    1.0..=3_600.0,
+                )?;
                 Some(PipelineSettings {
                     routes,
                     retry,
@@ -1287,6 +1274,26 @@ pub const MIN_AUDIT_ROTATE_BYTES: u64 = 64 << 10;
 pub const MIN_POLL_SECS: f64 = 0.05;
 /// The longest whole-request deadline: one day.
 pub const MAX_REQUEST_TIMEOUT_MS: u64 = 86_400_000;
+/// An optional number of seconds (`None`: the default applies) as a duration, refused with
+/// `key` and `range` named when it is outside `range` or not a finite number.
+fn seconds_within(
+    key: &str,
+    seconds: Option<f64>,
+    range: std::ops::RangeInclusive<f64>,
+) -> Result<Option<std::time::Duration>, ConfigError> {
+    match seconds {
+        None => Ok(None),
+        Some(s) if s.is_finite() && range.contains(&s) => {
+            Ok(Some(std::time::Duration::from_secs_f64(s)))
+        }
+        Some(_) => Err(ConfigError::Invalid(format!(
+            "{key} must be between {} and {} seconds",
+            range.start(),
+            range.end()
+        ))),
+    }
+}
+
 /// CUDA device ordinals.
 pub const MAX_CUDA_DEVICE: i32 = 1023;
 /// The validation upload cap's range.

@@ -786,6 +786,13 @@ fn vitals_pages(split: usize, next: &str) -> (Value, Value) {
     (first, rest)
 }
 
+/// A NEWS2 prefetch whose vital signs are the first `split` of [`vitals_bundle`] as the first
+/// page of a search, its `next` link `next`.
+fn paged_prefetch(split: usize, next: &str) -> Value {
+    let (first, _) = vitals_pages(split, next);
+    json!({"patient": patient(), "vitals": first, "conditions": no_conditions()})
+}
+
 /// The NEWS2 service's Condition search, answered with none (not `null`: a null prefetch
 /// entry is fetched).
 fn no_conditions() -> Value {
@@ -808,7 +815,7 @@ async fn a_search_answered_in_pages_is_read_to_its_end_on_the_fhir_server_only()
     {
         let mut p = pages.lock().unwrap();
         p.insert(format!("/fhir/Patient/{PATIENT}"), patient());
-        p.insert("/fhir/Observation".into(), first.clone());
+        p.insert("/fhir/Observation".into(), first);
         p.insert(
             format!("/fhir/Observation?patient={PATIENT}&_page=2"),
             rest.clone(),
@@ -831,7 +838,7 @@ async fn a_search_answered_in_pages_is_read_to_its_end_on_the_fhir_server_only()
 
     // Prefetched: the EHR sent the first page; the service reads the rest.
     seen.lock().unwrap().clear();
-    let prefetch = json!({"patient": patient(), "vitals": first, "conditions": no_conditions()});
+    let prefetch = paged_prefetch(3, &page2);
     let (s, v) = server
         .call(&patient_view(Some(prefetch.clone()), Some(&fhir)))
         .await;
@@ -875,9 +882,7 @@ async fn a_search_answered_in_pages_is_read_to_its_end_on_the_fhir_server_only()
         format!("{fhir}/Observation#?_page=2"),
     ] {
         seen.lock().unwrap().clear();
-        let (first, _) = vitals_pages(3, &elsewhere);
-        let prefetch =
-            json!({"patient": patient(), "vitals": first, "conditions": no_conditions()});
+        let prefetch = paged_prefetch(3, &elsewhere);
         let (s, v) = server
             .call(&patient_view(Some(prefetch), Some(&fhir)))
             .await;
@@ -906,9 +911,7 @@ async fn a_search_answered_in_pages_is_read_to_its_end_on_the_fhir_server_only()
             .unwrap()
             .insert("/fhir/Observation?_page=bad".into(), bad.clone());
         seen.lock().unwrap().clear();
-        let (first, _) = vitals_pages(3, &format!("{fhir}/Observation?_page=bad"));
-        let prefetch =
-            json!({"patient": patient(), "vitals": first, "conditions": no_conditions()});
+        let prefetch = paged_prefetch(3, &format!("{fhir}/Observation?_page=bad"));
         let (s, v) = server
             .call(&patient_view(Some(prefetch), Some(&fhir)))
             .await;
@@ -940,9 +943,7 @@ async fn a_search_answered_in_pages_is_read_to_its_end_on_the_fhir_server_only()
     }
     for (start, most) in [("2", 19), ("loop", 1)] {
         seen.lock().unwrap().clear();
-        let (first, _) = vitals_pages(7, &format!("{fhir}/Observation?_page={start}"));
-        let prefetch =
-            json!({"patient": patient(), "vitals": first, "conditions": no_conditions()});
+        let prefetch = paged_prefetch(7, &format!("{fhir}/Observation?_page={start}"));
         let (s, v) = tokio::time::timeout(
             Duration::from_secs(20),
             server.call(&patient_view(Some(prefetch), Some(&fhir))),

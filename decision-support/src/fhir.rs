@@ -222,16 +222,21 @@ fn read_resource(
                 id: raw.id,
                 bundle_type: raw.bundle_type,
                 total: raw.total,
-                has_next: raw.link.iter().any(|l| {
-                    l.relation
-                        .as_deref()
-                        .is_some_and(|r| r.trim().eq_ignore_ascii_case("next"))
-                }),
+                has_next: raw
+                    .link
+                    .iter()
+                    .any(|l| l.relation.as_deref().is_some_and(is_next)),
                 entry,
             })
         }
         other => Resource::Other(other.chars().take(64).collect()),
     })
+}
+
+/// Whether a Bundle link's `relation` is `next` (FHIR paging): relation types compare without
+/// regard to case (RFC 8288), surrounding blanks ignored.
+pub fn is_next(relation: &str) -> bool {
+    relation.trim().eq_ignore_ascii_case("next")
 }
 
 /// serde's messages may quote the offending value ("invalid type: string \"…\""): keep the

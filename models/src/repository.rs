@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use nightingale_inference::{
     Backend, BackendKind, BatchingConfig, ExecutionProvider, LoadOptions, ModelMetadata,
-    ModelWorker, NamedTensor, Tensor, TractKernels, WorkerConfig,
+    ModelWorker, TractKernels, WorkerConfig,
 };
 
 use crate::checksum::{NotRegular, open_regular, read_verified, verify_folder};
@@ -372,11 +372,7 @@ impl Bundle {
             ort_library: options.ort_library.clone(),
             tract_kernels: options.tract_kernels,
             // The batcher's sizes, each planned on the GPU before the model serves.
-            gpu_warm_up_rows: if self.manifest.batching.max_batch_size > 1 {
-                self.manifest.batching.max_batch_size
-            } else {
-                1
-            },
+            gpu_warm_up_rows: self.manifest.batching.max_batch_size.max(1),
         };
         let engine_name = engine.as_str();
         let mut backend = guarded(&model_path, engine_name, "loading the model", || {
@@ -461,53 +457,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
-/// The most bytes of zeros a warm-up or a probe gives a model (all its inputs together): a
-/// bundle declaring an input of 2^31 values per row would otherwise have the server allocate
-/// (and the engine compute on) gigabytes before it serves, whatever the request limits allow.
-pub const PROBE_MAX_BYTES: u64 = 256 << 20;
-
-/// Zeros for every input of `metadata`, the batch (a leading `-1`) set to `batch`.
-pub(crate) enum Zeros {
-    Ready(Vec<NamedTensor>),
-    /// An input has another open dimension, or a datatype without a fixed size.
-    Open,
-    /// They would take this many bytes, more than [`PROBE_MAX_BYTES`].
-    TooLarge(u64),
-}
-
-pub(crate) fn zeros(metadata: &nightingale_inference::ModelMetadata, batch: usize) -> Zeros {
-    let mut shapes = Vec::with_capacity(metadata.inputs.len());
-    let mut total: u64 = 0;
-    for spec in &metadata.inputs {
-        let mut shape = vec![];
-        for (i, &d) in spec.shape.iter().enumerate() {
-            match d {
-                -1 if i == 0 => shape.push(batch),
-                d if d >= 0 => shape.push(d as usize),
-                _ => return Zeros::Open,
-            }
-        }
-        let Some(size) = spec.datatype.element_size() else {
-            return Zeros::Open;
-        };
-        let bytes = shape
-            .iter()
-            .try_fold(size as u64, |n, &d| n.checked_mul(d as u64))
-            .unwrap_or(u64::MAX);
-        total = total.saturating_add(bytes);
-        shapes.push((spec, shape, bytes as usize));
-    }
-    if total > PROBE_MAX_BYTES {
-        return Zeros::TooLarge(total);
-    }
-    let mut inputs = Vec::with_capacity(shapes.len());
-    for (spec, shape, bytes) in shapes {
-        let tensor = Tensor::from_raw(spec.datatype, shape, &vec![0u8; bytes])
-            .expect("zeros of a size checked above");
-        inputs.push(NamedTensor::new(spec.name.clone(), tensor));
-    }
-    Zeros::Ready(inputs)
-}
+pub use nightingale_inference::{PROBE_MAX_BYTES, Zeros, zeros};
 
 /// Runs the model once on zeros (batch 1) when every input's shape is known but for the
 /// batch: a model that loads but cannot run is refused before it serves. A model whose one

@@ -51,12 +51,7 @@ pub(crate) fn audience(state: &AppState, req: &Request) -> Result<String, String
         .map(str::to_owned)
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
         .ok_or("the request names no Host")?;
-    if host.is_empty()
-        || host.len() > 255
-        || !host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
-    {
+    if !super::is_plain_host(&host) {
         return Err("the Host header is not a host name".into());
     }
     if !cds.any_host && !is_loopback_host(&host) {

@@ -923,12 +923,8 @@ fn number(vr: &str, v: Option<i64>) -> Value {
 /// `:authority` instead: their answers carry no RetrieveURL).
 fn retrieve_base(headers: &HeaderMap, https: bool) -> Option<String> {
     let host = headers.get(header::HOST)?.to_str().ok()?;
-    let plain = !host.is_empty()
-        && host.len() <= 255
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b));
-    plain.then(|| format!("{}://{host}/dicomweb", if https { "https" } else { "http" }))
+    super::is_plain_host(host)
+        .then(|| format!("{}://{host}/dicomweb", if https { "https" } else { "http" }))
 }
 
 /// A UID that can stand in a URL path as it is (digits and dots: a valid UI value). Stored

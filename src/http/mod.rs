@@ -436,6 +436,17 @@ async fn json_errors(req: Request, next: axum::middleware::Next) -> axum::respon
     out
 }
 
+/// Whether a Host header value is a plain host name or address with an optional port (at
+/// most 255 characters of letters, digits, `.-:[]_`): what may be written into a URL this
+/// server builds from it (a CDS token's audience, a DICOMweb RetrieveURL).
+pub(crate) fn is_plain_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 255
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
+}
+
 /// Reads an inference body up to `limit` bytes (413 beyond it), charging `ticket`
 /// [`BODY_CHARGE_FACTOR`] bytes per body byte: all at once before reading when
 /// Content-Length is given, else as the bytes arrive. Refused mid-body, the rest is read and

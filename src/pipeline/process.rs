@@ -35,16 +35,10 @@ pub const MAX_SERIES_INSTANCES: usize = 5_000;
 /// the job runner for minutes), not memory.
 pub const MAX_SERIES_SOURCE_PIXELS: u64 = 2 << 30;
 
-/// Source pixels of a series' instances (rows, columns, frames each), saturating.
-fn series_source_pixels(instances: impl IntoIterator<Item = (u32, u32, u32)>) -> u64 {
-    instances
-        .into_iter()
-        .map(|(rows, cols, frames)| {
-            u64::from(rows)
-                .saturating_mul(u64::from(cols))
-                .saturating_mul(u64::from(frames))
-        })
-        .fold(0u64, u64::saturating_add)
+/// Source pixels of a series: its instances' pixels (each instance's header checked, so each
+/// term is bounded), summed saturating.
+fn series_source_pixels(instances: impl IntoIterator<Item = u64>) -> u64 {
+    instances.into_iter().fold(0u64, u64::saturating_add)
 }
 
 /// The most source pixels (slices × rows × columns) one volume may have: 256 Mi, e.g. 1,024
@@ -252,7 +246,7 @@ impl Pipeline {
                     ));
                 }
                 let pixels =
-                    series_source_pixels(headers.iter().map(|h| (h.rows, h.cols, h.frames)));
+                    series_source_pixels(headers.iter().map(pixels::ImageHeader::total_pixels));
                 if pixels > MAX_SERIES_SOURCE_PIXELS {
                     return Err(JobFailure::new(
                         "series_too_large",
@@ -1431,21 +1425,17 @@ mod tests {
     #[test]
     fn a_series_is_bounded_by_its_source_pixels_before_decoding() {
         // 5,000 CT slices of 512 x 512: within the bound.
-        let ct = series_source_pixels(std::iter::repeat_n((512, 512, 1), MAX_SERIES_INSTANCES));
+        let ct = series_source_pixels(std::iter::repeat_n(512 * 512, MAX_SERIES_INSTANCES));
         assert_eq!(ct, 5_000 * 512 * 512);
         assert!(ct <= MAX_SERIES_SOURCE_PIXELS);
         // A 1,000-frame XA run of 1,024 x 1,024 is too.
-        assert!(series_source_pixels([(1024, 1024, 1000)]) <= MAX_SERIES_SOURCE_PIXELS);
+        assert!(series_source_pixels([1024 * 1024 * 1000]) <= MAX_SERIES_SOURCE_PIXELS);
         // 40 frames of 8,192 x 8,192 (a few KB each when compressed) are not.
         assert!(
-            series_source_pixels(std::iter::repeat_n((8192, 8192, 1), 40))
-                > MAX_SERIES_SOURCE_PIXELS
+            series_source_pixels(std::iter::repeat_n(8192 * 8192, 40)) > MAX_SERIES_SOURCE_PIXELS
         );
-        // Headers can claim anything: the sum saturates instead of wrapping.
-        assert_eq!(
-            series_source_pixels([(u32::MAX, u32::MAX, u32::MAX), (1, 1, 1)]),
-            u64::MAX
-        );
+        // The sum saturates instead of wrapping.
+        assert_eq!(series_source_pixels([u64::MAX, 1]), u64::MAX);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::InferenceError;
 use crate::explain::{GradientRequest, GradientSaliency};
-use crate::tensor::{DataType, NamedTensor};
+use crate::tensor::{DataType, NamedTensor, Tensor};
 
 #[cfg(feature = "candle")]
 pub mod candle;
@@ -229,6 +229,54 @@ pub struct LoadOptions {
     /// this when a session opens (each instance), so that no request waits for cuDNN to
     /// plan its shape (`0`: none).
     pub gpu_warm_up_rows: usize,
+}
+
+/// The most bytes of zeros a warm-up or a probe gives a model (all its inputs together): a
+/// bundle declaring an input of 2^31 values per row would otherwise have the server allocate
+/// (and the engine compute on) gigabytes before it serves, whatever the request limits allow.
+pub const PROBE_MAX_BYTES: u64 = 256 << 20;
+
+/// Zeros for every input of `metadata`, the batch (a leading `-1`) set to `batch`.
+pub enum Zeros {
+    Ready(Vec<NamedTensor>),
+    /// An input has another open dimension, or a datatype without a fixed size.
+    Open,
+    /// They would take this many bytes, more than [`PROBE_MAX_BYTES`].
+    TooLarge(u64),
+}
+
+pub fn zeros(metadata: &ModelMetadata, batch: usize) -> Zeros {
+    let mut shapes = Vec::with_capacity(metadata.inputs.len());
+    let mut total: u64 = 0;
+    for spec in &metadata.inputs {
+        let mut shape = vec![];
+        for (i, &d) in spec.shape.iter().enumerate() {
+            match d {
+                -1 if i == 0 => shape.push(batch),
+                d if d >= 0 => shape.push(d as usize),
+                _ => return Zeros::Open,
+            }
+        }
+        let Some(size) = spec.datatype.element_size() else {
+            return Zeros::Open;
+        };
+        let bytes = shape
+            .iter()
+            .try_fold(size as u64, |n, &d| n.checked_mul(d as u64))
+            .unwrap_or(u64::MAX);
+        total = total.saturating_add(bytes);
+        shapes.push((spec, shape, bytes as usize));
+    }
+    if total > PROBE_MAX_BYTES {
+        return Zeros::TooLarge(total);
+    }
+    let mut inputs = Vec::with_capacity(shapes.len());
+    for (spec, shape, bytes) in shapes {
+        let tensor = Tensor::from_raw(spec.datatype, shape, &vec![0u8; bytes])
+            .expect("zeros of a size checked above");
+        inputs.push(NamedTensor::new(spec.name.clone(), tensor));
+    }
+    Zeros::Ready(inputs)
 }
 
 /// Loads an ONNX model file with the chosen backend: reads it once, then [`load_bytes`].

@@ -15,7 +15,7 @@ use ort::environment::Environment;
 use ort::session::Session;
 use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
 
-use super::{Backend, ExecutionProvider, LoadOptions, ModelMetadata, TensorSpec};
+use super::{Backend, ExecutionProvider, LoadOptions, ModelMetadata, TensorSpec, Zeros, zeros};
 use crate::error::InferenceError;
 use crate::tensor::{DataType, NamedTensor, Tensor};
 
@@ -153,48 +153,30 @@ impl OrtBackend {
         Ok(backend)
     }
 
-    /// Runs the model on zeros at every batch size from 1 to `rows`. On the CUDA provider the
-    /// first run of each input shape plans it (cuDNN's algorithm choice and execution plans,
-    /// the memory arena's growth): 0.3 to 0.7 s for ResNet-50 on an H200, so under dynamic
-    /// batching, which makes every batch size from 1 to the bundle's largest, the requests
-    /// that met a new size waited that long (ResNet-50 at 4 connections of one image:
-    /// docs/performance.md §21). Skipped, with a log line, when an input has another open
-    /// dimension or a datatype without a fixed size; stops before a batch whose zeros would
-    /// pass 256 MiB.
+    /// Runs the model on zeros ([`zeros`]) at every batch size from 1 to `rows`. On the CUDA
+    /// provider the first run of each input shape plans it (cuDNN's algorithm choice and
+    /// execution plans, the memory arena's growth): 0.3 to 0.7 s for ResNet-50 on an H200, so
+    /// under dynamic batching, which makes every batch size from 1 to the bundle's largest,
+    /// the requests that met a new size waited that long (docs/performance.md §21). Skipped,
+    /// with a log line, when an input has another open dimension or a datatype without a
+    /// fixed size; stops before a batch whose zeros would pass [`super::PROBE_MAX_BYTES`].
     fn warm_up_batch_sizes(&mut self, rows: usize) -> Result<(), InferenceError> {
-        const MAX_BYTES: usize = 256 << 20;
         let started = std::time::Instant::now();
         let mut warmed = 0;
         for batch in 1..=rows {
-            let mut inputs = Vec::with_capacity(self.metadata.inputs.len());
-            let mut bytes = 0usize;
-            for spec in &self.metadata.inputs {
-                let shape: Option<Vec<usize>> = spec
-                    .shape
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &d)| match d {
-                        -1 if i == 0 => Some(batch),
-                        d => usize::try_from(d).ok(),
-                    })
-                    .collect();
-                let (Some(shape), Some(size)) = (shape, spec.datatype.element_size()) else {
+            match zeros(&self.metadata, batch) {
+                Zeros::Ready(inputs) => self.infer(inputs)?,
+                Zeros::Open => {
                     tracing::info!(model = %self.name.display(),
                         "not warmed up per batch size: an input has an open dimension besides the batch, or no fixed element size");
                     return Ok(());
-                };
-                let n = shape.iter().product::<usize>().saturating_mul(size);
-                bytes = bytes.saturating_add(n);
-                if bytes > MAX_BYTES {
+                }
+                Zeros::TooLarge(_) => {
                     tracing::info!(model = %self.name.display(), batch,
                         "warm-up per batch size stopped: the zeros would pass 256 MiB");
                     return Ok(());
                 }
-                let tensor = Tensor::from_raw(spec.datatype, shape, &vec![0u8; n])
-                    .map_err(|e| InferenceError::load(&self.name, e.to_string()))?;
-                inputs.push(NamedTensor::new(spec.name.clone(), tensor));
-            }
-            self.infer(inputs)?;
+            };
             warmed = batch;
         }
         tracing::info!(model = %self.name.display(), batch_sizes = warmed,
