@@ -118,7 +118,8 @@ pub struct CdsSettings {
     pub fhir_servers: Vec<String>,
     /// Deadline of the whole fetch from `fhirServer`.
     pub fetch_timeout: Duration,
-    /// Largest FHIR response accepted, in bytes.
+    /// Most bytes of FHIR JSON one CDS call reads from `fhirServer`, over all its searches
+    /// and their pages ([`FetchBudget`]).
     pub fetch_max_bytes: usize,
     /// The server speaks HTTPS (the service URLs start `https://`).
     pub https: bool,
@@ -142,7 +143,7 @@ impl Default for CdsSettings {
             any_host: false,
             fhir_servers: Vec::new(),
             fetch_timeout: Duration::from_millis(1500),
-            fetch_max_bytes: 4 << 20,
+            fetch_max_bytes: 8 << 20,
             https: false,
             imaging_identifier_system: None,
             builtin_risk: true,
@@ -501,15 +502,17 @@ impl Cds {
     }
 
     /// Fetches FHIR queries (relative to `fhir_server`, which [`Cds::may_fetch`] allowed)
-    /// with the EHR's bearer token, all at once, within the fetch deadline. A search answered
-    /// in pages is read to its last page ([`Cds::read_rest_of_search`]). Returns what could
-    /// be read; each failure is logged (without the query: it holds the patient's id) and
-    /// counted, and left for the assessment to report as missing data.
+    /// with the EHR's bearer token, all at once, within the fetch deadline and the call's
+    /// `budget`. A search answered in pages is read to its last page
+    /// ([`Cds::read_rest_of_search`]). Returns what could be read; each failure is logged
+    /// (without the query: it holds the patient's id) and counted, and left for the
+    /// assessment to report as missing data.
     pub async fn fetch(
         &self,
         fhir_server: &str,
         token: Option<&str>,
         queries: &[(String, String)],
+        budget: &FetchBudget<'_>,
     ) -> Vec<(String, Resource)> {
         let base = fhir_server.trim_end_matches('/');
         let deadline = tokio::time::Instant::now() + self.fetch_timeout;
@@ -526,12 +529,9 @@ impl Cds {
                     fetch_outcome("refused");
                     return None;
                 }
-                let outcome = tokio::time::timeout_at(
-                    deadline,
-                    self.get_json(&url, token, self.fetch_max_bytes),
-                )
-                .await;
-                let (mut value, read) = match outcome {
+                let outcome =
+                    tokio::time::timeout_at(deadline, self.get_json(&url, token, budget)).await;
+                let mut value = match outcome {
                     Ok(Ok(page)) => page,
                     Ok(Err(why)) => {
                         tracing::warn!(prefetch = %key, reason = %why, "FHIR fetch failed");
@@ -545,15 +545,8 @@ impl Cds {
                     }
                 };
                 fetch_outcome("ok");
-                self.read_rest_of_search(
-                    base,
-                    token,
-                    key,
-                    &mut value,
-                    deadline,
-                    self.fetch_max_bytes - read,
-                )
-                .await;
+                self.read_rest_of_search(base, token, key, &mut value, deadline, budget)
+                    .await;
                 match Resource::from_value(&value, &self.limits) {
                     Ok(r) => Some((key.clone(), r)),
                     Err(e) => {
@@ -577,13 +570,14 @@ impl Cds {
     /// entries in one Bundle, as if the EHR had sent the whole result. Only the entries
     /// under `declared` keys (the service's prefetch templates) are read on: a request may
     /// carry any number of other keys, and each would cost up to [`MAX_SEARCH_PAGES`]
-    /// fetches.
+    /// fetches. The pages are read within the call's `budget`.
     pub async fn read_rest_of_prefetch(
         &self,
         fhir_server: &str,
         token: Option<&str>,
         prefetch: &mut BTreeMap<String, Value>,
         declared: &BTreeMap<String, String>,
+        budget: &FetchBudget<'_>,
     ) {
         let base = fhir_server.trim_end_matches('/');
         let deadline = tokio::time::Instant::now() + self.fetch_timeout;
@@ -591,7 +585,7 @@ impl Cds {
             .iter_mut()
             .filter(|(k, v)| declared.contains_key(*k) && next_link(v).is_some())
             .map(|(key, value)| {
-                self.read_rest_of_search(base, token, key, value, deadline, self.fetch_max_bytes)
+                self.read_rest_of_search(base, token, key, value, deadline, budget)
             });
         futures_util::future::join_all(searches).await;
     }
@@ -601,8 +595,8 @@ impl Cds {
     /// last `next` link in place (so the Bundle still reads as one part of a longer result
     /// and what it lacks counts as possibly missing, never as absent), when: a link is not on
     /// `base` (the EHR's token goes to the allow-listed FHIR server only), a link was read
-    /// already (a server paging in a loop), [`MAX_SEARCH_PAGES`] pages were read, the pages
-    /// would pass `budget` bytes or the resource limit, a page is not a Bundle, or the
+    /// already (a server paging in a loop), [`MAX_SEARCH_PAGES`] pages were read, a page
+    /// would pass the call's `budget` or the resource limit, a page is not a Bundle, or the
     /// deadline passes.
     async fn read_rest_of_search(
         &self,
@@ -611,7 +605,7 @@ impl Cds {
         key: &str,
         bundle: &mut Value,
         deadline: tokio::time::Instant,
-        mut budget: usize,
+        budget: &FetchBudget<'_>,
     ) {
         let mut pages = 1;
         let mut read = BTreeSet::new();
@@ -648,7 +642,7 @@ impl Cds {
                     return;
                 }
             };
-            match accept_page(bundle, page.0, held, &self.limits) {
+            match accept_page(bundle, page, held, &self.limits) {
                 Ok(added) => held += added,
                 Err(why) => {
                     tracing::warn!(prefetch = %key, pages, reason = %why, "FHIR search page refused");
@@ -657,18 +651,17 @@ impl Cds {
                 }
             }
             fetch_outcome("ok");
-            budget -= page.1;
             pages += 1;
         }
     }
 
-    /// GETs `url` as FHIR JSON, at most `max_bytes` of it: the parsed JSON and its length.
+    /// GETs `url` as FHIR JSON, its bytes taken from `budget` as they arrive.
     async fn get_json(
         &self,
         url: &str,
         token: Option<&str>,
-        max_bytes: usize,
-    ) -> Result<(Value, usize), String> {
+        budget: &FetchBudget<'_>,
+    ) -> Result<Value, String> {
         let mut req = self
             .client
             .get(url)
@@ -688,9 +681,8 @@ impl Cds {
         if !res.status().is_success() {
             return Err(format!("HTTP {}", res.status().as_u16()));
         }
-        let over = || format!("the response is over the {max_bytes} bytes left to read");
-        if res.content_length().is_some_and(|n| n > max_bytes as u64) {
-            return Err(over());
+        if let Some(n) = res.content_length() {
+            budget.fits(n)?;
         }
         let mut body = Vec::new();
         while let Some(chunk) = res
@@ -698,19 +690,65 @@ impl Cds {
             .await
             .map_err(|_| "the response broke off".to_owned())?
         {
-            if body.len() + chunk.len() > max_bytes {
-                return Err(over());
-            }
+            budget.take(chunk.len())?;
             body.extend_from_slice(&chunk);
         }
         // Parsed on a blocking thread: a page of megabytes takes a runtime thread tens of
         // milliseconds, which every other request on it would wait for.
-        let len = body.len();
-        let value = tokio::task::spawn_blocking(move || serde_json::from_slice::<Value>(&body))
+        tokio::task::spawn_blocking(move || serde_json::from_slice::<Value>(&body))
             .await
             .map_err(|_| "the page could not be parsed".to_owned())?
-            .map_err(|e| format!("not FHIR JSON: {}", sanitise(&e.to_string())))?;
-        Ok((value, len))
+            .map_err(|e| format!("not FHIR JSON: {}", sanitise(&e.to_string())))
+    }
+}
+
+/// What one CDS call may still read from its FHIR server: [`CdsSettings::fetch_max_bytes`]
+/// over all of the call's fetched searches and pages together (they are read at once), each
+/// byte also charged, as it arrives, to the server's in-flight memory budget through
+/// `charge` (the call's admission ticket; `--max-inflight-bytes`). A response that would
+/// pass either is refused where it stands, and its search is left as missing or partial.
+/// Bytes read stay taken until the call ends, a refused page's too.
+pub struct FetchBudget<'a> {
+    cap: usize,
+    state: Mutex<(usize, Charge<'a>)>,
+}
+
+type Charge<'a> = Box<dyn FnMut(usize) -> Result<(), String> + Send + 'a>;
+
+impl<'a> FetchBudget<'a> {
+    /// `cap` bytes for the call, each charged to `charge` as it is read.
+    pub fn new(cap: usize, charge: impl FnMut(usize) -> Result<(), String> + Send + 'a) -> Self {
+        FetchBudget {
+            cap,
+            state: Mutex::new((cap, Box::new(charge))),
+        }
+    }
+
+    fn over(&self) -> String {
+        format!(
+            "the call's FHIR responses would pass the {} bytes one call may read",
+            self.cap
+        )
+    }
+
+    /// Whether a response of `n` declared bytes fits what is left (nothing is taken).
+    fn fits(&self, n: u64) -> Result<(), String> {
+        let left = self.state.lock().unwrap_or_else(|p| p.into_inner()).0;
+        if n > left as u64 {
+            return Err(self.over());
+        }
+        Ok(())
+    }
+
+    /// Takes `n` bytes read: from what the call may read, and from the server's budget.
+    fn take(&self, n: usize) -> Result<(), String> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if n > state.0 {
+            return Err(self.over());
+        }
+        (state.1)(n)?;
+        state.0 -= n;
+        Ok(())
     }
 }
 
@@ -1455,6 +1493,36 @@ mod tests {
         ] {
             assert!(bad.parse::<TrustedIssuer>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_call_reads_one_budget_over_all_its_fetches_and_charges_what_it_takes() {
+        let mut charged = Vec::new();
+        {
+            let budget = FetchBudget::new(100, |n| {
+                if n > 50 {
+                    return Err("the in-flight budget is taken".to_owned());
+                }
+                charged.push(n);
+                Ok(())
+            });
+            // Two searches' pages draw on the same 100 bytes.
+            budget.take(40).unwrap();
+            budget.fits(60).unwrap();
+            assert!(budget.fits(61).unwrap_err().contains("100 bytes"));
+            budget.take(30).unwrap();
+            // Refused by the server's budget: nothing is taken from the call's.
+            assert_eq!(
+                FetchBudget::new(100, |_| Err("taken".into())).take(1),
+                Err("taken".to_owned())
+            );
+            assert!(budget.take(31).unwrap_err().contains("100 bytes"));
+            budget.take(30).unwrap();
+            assert!(budget.take(1).is_err());
+            budget.fits(0).unwrap();
+            assert!(budget.fits(u64::MAX).is_err());
+        }
+        assert_eq!(charged, [40, 30, 30]);
     }
 
     #[test]

@@ -163,10 +163,19 @@ impl Server {
 
     /// A server with no bundle and this HTTP configuration.
     fn with_http(http: HttpConfig) -> Server {
+        Server::with_fhir_and_http(vec![], Duration::from_secs(1), http)
+    }
+
+    /// A server with no bundle, these FHIR servers and this HTTP configuration.
+    fn with_fhir_and_http(
+        fhir_servers: Vec<String>,
+        fetch_timeout: Duration,
+        http: HttpConfig,
+    ) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let ehr = Ehr::new(dir.path());
         std::fs::create_dir(dir.path().join("models")).unwrap();
-        let state = Server::state(dir.path(), &ehr, vec![], Duration::from_secs(1), &[], http);
+        let state = Server::state(dir.path(), &ehr, fhir_servers, fetch_timeout, &[], http);
         Server { dir, state, ehr }
     }
 
@@ -955,6 +964,50 @@ async fn a_search_answered_in_pages_is_read_to_its_end_on_the_fhir_server_only()
         let n = seen.lock().unwrap().len();
         assert_eq!(n, most, "pages read after the first (start {start})");
     }
+}
+
+#[tokio::test]
+async fn what_is_fetched_from_fhir_is_charged_to_the_in_flight_memory_budget() {
+    // 4 MiB of budget; the FHIR server's Observation search answers 300 KB, which parsed may
+    // take 16x that: more than the budget, so it is refused as it arrives and the vital
+    // signs count as missing (the call is still answered). The same search at its ordinary
+    // size is read and scored.
+    let seen: Seen = Arc::new(Mutex::new(Vec::new()));
+    let pages: Pages = Arc::default();
+    let fhir = fhir_server(Fhir::Pages(pages.clone()), seen.clone()).await;
+    let mut big = vitals_bundle();
+    big["entry"][0]["resource"]["note"] = json!([{"text": "x".repeat(300_000)}]);
+    {
+        let mut p = pages.lock().unwrap();
+        p.insert(format!("/fhir/Patient/{PATIENT}"), patient());
+        p.insert("/fhir/Observation".into(), big);
+    }
+    let server = Server::with_fhir_and_http(
+        vec![fhir.clone()],
+        Duration::from_secs(5),
+        HttpConfig {
+            max_inflight_bytes: 4 << 20,
+            ..HttpConfig::default()
+        },
+    );
+    let (s, v) = server.call(&patient_view(None, Some(&fhir))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(news2_summary(&v).starts_with("NEWS2 not calculated"), "{v}");
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|(uri, _)| uri.starts_with("/fhir/Observation")),
+        "the search was sent"
+    );
+    // Everything the call held is given back: the ordinary search now scores.
+    pages
+        .lock()
+        .unwrap()
+        .insert("/fhir/Observation".into(), vitals_bundle());
+    let (s, v) = server.call(&patient_view(None, Some(&fhir))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(news2_summary(&v).starts_with("NEWS2 7 "), "{v}");
 }
 
 // ---- Risk-model cards (issue 10 item 4) ----------------------------------------------------

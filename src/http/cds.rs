@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use super::auth::Caller;
 use super::{AppError, AppState};
 use crate::audit::{AuditEvent, EventKind, Outcome};
-use crate::cds::next_link;
+use crate::cds::{FetchBudget, next_link};
 
 /// The largest hook request or feedback body, in bytes (a prefetch of a few hundred
 /// Observations is well under 1 MiB).
@@ -133,7 +133,7 @@ pub(crate) async fn call(
         return AppError::not_found("no such CDS service (GET /cds-services lists them)")
             .into_response();
     };
-    let (bytes, _ticket) = match body_of(&state, &headers, body).await {
+    let (bytes, mut ticket) = match body_of(&state, &headers, body).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
@@ -171,15 +171,22 @@ pub(crate) async fn call(
                 .fhir_authorization
                 .as_ref()
                 .map(|a| a.access_token.as_str());
+            // What is fetched is held, parsed, with the body until the answer is built:
+            // charged to the call's ticket as the body was.
+            let budget = FetchBudget::new(cds.fetch_max_bytes, |n| {
+                ticket
+                    .charge(n.saturating_mul(PARSED_JSON_FACTOR))
+                    .map_err(|e| e.message)
+            });
             let prefetch = &mut request.prefetch;
             let rest = async {
                 if let Some(prefetch) = prefetch {
-                    cds.read_rest_of_prefetch(server, token, prefetch, service.prefetch())
+                    cds.read_rest_of_prefetch(server, token, prefetch, service.prefetch(), &budget)
                         .await;
                 }
             };
             (fetched, ()) =
-                futures_util::future::join(cds.fetch(server, token, &missing), rest).await;
+                futures_util::future::join(cds.fetch(server, token, &missing, &budget), rest).await;
         } else {
             tracing::info!(
                 service = %service.id(),
