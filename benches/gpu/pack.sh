@@ -12,6 +12,10 @@
 #   cargo test --release --locked --features ort -p nightingale-inference --test cnn_kernels --no-run
 #   benches/gpu/pack.sh
 #
+# `benches/gpu/pack.sh lib` packs instead, in two parts (.gpu/lib1, .gpu/lib2), what
+# benches/gpu/shapes.sh needs: ONNX Runtime's C library with its CUDA provider (no Python
+# package), the server, the gpu_shapes example and the CNN kernels' test binary, and zstd.
+#
 # Then, on the device tool: run (carry .gpu/p1) `benches/gpu/run.sh stage1`, and at once
 # run (carry .gpu/p2) `benches/gpu/run.sh`.
 set -euo pipefail
@@ -29,19 +33,36 @@ capi="$work/site/onnxruntime/capi"
 python3 benches/gpu/fatbin_keep_arch.py "$capi/libonnxruntime_providers_cuda.so" "$ARCH" "$work/cuda.so"
 mv "$work/cuda.so" "$capi/libonnxruntime_providers_cuda.so"
 rm -rf "$work/site/onnxruntime/transformers" "$work/site/onnxruntime/quantization" "$work/site/onnxruntime/tools"
+pack_bin() { # NAME FILE: stripped and compressed into DIR
+  strip -o "$work/$1" "$2"
+  zstd -q -19 -T0 "$work/$1" -o "$3/$1.zst"
+}
+pack_zstd() { # The GPU machine has no zstd: this one travels with its libraries.
+  cp /usr/bin/zstd "$1/"
+  for lib in $(ldd /usr/bin/zstd | awk '/=> \//{print $3}' | grep -v 'libc.so'); do cp -L "$lib" "$1/"; done
+}
+test_bin=$(ls -t target/release/deps/cnn_kernels-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
+if [ "${1:-}" = lib ]; then
+  # One part for benches/gpu/shapes.sh: ONNX Runtime's C library and its CUDA provider only.
+  rm -rf .gpu/lib1 .gpu/lib2 && mkdir -p .gpu/lib1 .gpu/lib2
+  tar -C "$capi" -cf - libonnxruntime.so.1.31.1 libonnxruntime_providers_cuda.so libonnxruntime_providers_shared.so |
+    zstd -q -19 -T0 --long=27 -o "$work/ort-lib.tar.zst"
+  split -b 50M -d "$work/ort-lib.tar.zst" "$work/ort-lib.tar.zst.part-"
+  mv "$work/ort-lib.tar.zst.part-00" .gpu/lib1/
+  mv "$work"/ort-lib.tar.zst.part-* .gpu/lib2/
+  pack_bin nightingale target/release/nightingale .gpu/lib2
+  pack_bin gpu_shapes target/release/examples/gpu_shapes .gpu/lib2
+  [ -n "$test_bin" ] && pack_bin cnn_kernels "$test_bin" .gpu/lib2
+  pack_zstd .gpu/lib2
+  du -sh .gpu/lib1 .gpu/lib2
+  exit 0
+fi
 tar -C "$work/site" -cf - . | zstd -q -19 -T0 --long=27 -o "$work/ort-site.tar.zst"
 rm -rf .gpu && mkdir -p .gpu/p1 .gpu/p2
 split -b 50M -d "$work/ort-site.tar.zst" "$work/ort-site.tar.zst.part-"
 mv "$work/ort-site.tar.zst.part-00" .gpu/p1/
 mv "$work"/ort-site.tar.zst.part-* .gpu/p2/
-strip -o "$work/nightingale" target/release/nightingale
-zstd -q -19 -T0 "$work/nightingale" -o .gpu/p2/nightingale.zst
-test_bin=$(ls -t target/release/deps/cnn_kernels-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
-if [ -n "$test_bin" ]; then
-  strip -o "$work/cnn_kernels" "$test_bin"
-  zstd -q -19 -T0 "$work/cnn_kernels" -o .gpu/p2/cnn_kernels.zst
-fi
-# The GPU machine has no zstd: this one travels with its libraries.
-cp /usr/bin/zstd .gpu/p2/
-for lib in $(ldd /usr/bin/zstd | awk '/=> \//{print $3}' | grep -v 'libc.so'); do cp -L "$lib" .gpu/p2/; done
+pack_bin nightingale target/release/nightingale .gpu/p2
+[ -n "$test_bin" ] && pack_bin cnn_kernels "$test_bin" .gpu/p2
+pack_zstd .gpu/p2
 du -sh .gpu/p1 .gpu/p2
