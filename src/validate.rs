@@ -190,6 +190,14 @@ pub(crate) fn settings(args: &ValidateArgs) -> anyhow::Result<Settings> {
     if args.bootstrap > 1_000_000 {
         bail!("--bootstrap must be at most 1,000,000");
     }
+    if args.subgroups.len() > MAX_SUBGROUP_COLUMNS {
+        bail!("at most {MAX_SUBGROUP_COLUMNS} subgroup columns");
+    }
+    for (k, c) in args.subgroups.iter().enumerate() {
+        if args.subgroups[..k].contains(c) {
+            bail!("subgroup column {:?} is named twice", clip(c));
+        }
+    }
     Ok(Settings {
         confidence: args.confidence,
         bootstrap_replicates: args.bootstrap,
@@ -200,6 +208,14 @@ pub(crate) fn settings(args: &ValidateArgs) -> anyhow::Result<Settings> {
         target_specificities: args.target_specificity.clone(),
         ..Settings::default()
     })
+}
+
+/// Most `--subgroup` columns one run analyses.
+pub const MAX_SUBGROUP_COLUMNS: usize = 16;
+
+/// A name as quoted in an error: at most 64 characters.
+fn clip(s: &str) -> String {
+    s.chars().take(64).collect()
 }
 
 /// NAME or NAME@VERSION.
@@ -645,7 +661,9 @@ struct Collected {
     classes: Vec<usize>,
     /// One score vector per model (two with --compare).
     p: Vec<Vec<f64>>,
-    subgroups: Vec<Vec<String>>,
+    /// Each subgroup column's value per row (interned; a column with too many or too long
+    /// values stops and is reported as not analysed).
+    subgroups: Vec<report::SubgroupColumn>,
     clusters: Vec<String>,
     unusable: Vec<Unusable>,
     unusable_count: usize,
@@ -927,7 +945,14 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
         .unwrap_or_else(|| args.out.join("audit.jsonl"));
     let run_id = uuid::Uuid::new_v4().to_string();
 
-    let mut collected = Collected::default();
+    let mut collected = Collected {
+        subgroups: args
+            .subgroups
+            .iter()
+            .map(report::SubgroupColumn::new)
+            .collect(),
+        ..Collected::default()
+    };
     let mut progress = Progress::new(total_bytes, args.quiet, ctx.progress.clone());
     let started = Instant::now();
     let mut usable = 0usize;
@@ -943,7 +968,7 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
                     } else {
                         scores.push(r.score.unwrap_or(f64::NAN));
                     }
-                    collected.subgroups.push(r.subgroups);
+                    push_subgroups(&mut collected, &r.subgroups);
                     if let Some(c) = r.cluster {
                         collected.clusters.push(c);
                     }
@@ -992,7 +1017,7 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
                     Some(Ok(r)) => {
                         collected.y.push(r.label);
                         collected.classes.push(r.class);
-                        collected.subgroups.push(r.subgroups);
+                        push_subgroups(&mut collected, &r.subgroups);
                         if let Some(c) = r.cluster {
                             collected.clusters.push(c);
                         }
@@ -1050,17 +1075,7 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
         );
     }
 
-    let subgroup_columns: Vec<(String, Vec<String>)> = args
-        .subgroups
-        .iter()
-        .enumerate()
-        .map(|(k, c)| {
-            (
-                c.clone(),
-                collected.subgroups.iter().map(|v| v[k].clone()).collect(),
-            )
-        })
-        .collect();
+    let subgroup_columns = std::mem::take(&mut collected.subgroups);
     let p = collected.p.last().cloned().unwrap_or_default();
     let scored = Scored {
         y: &collected.y,
@@ -1182,6 +1197,14 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
         gate,
         tripod_ai: tripod,
     };
+    // A run cancelled (or stopped at the server's limit) while it evaluated keeps no report.
+    if ctx
+        .progress
+        .as_ref()
+        .is_some_and(|p| p.cancelled.load(std::sync::atomic::Ordering::Relaxed))
+    {
+        bail!("the run was cancelled");
+    }
     write_report(&args.out, &report)?;
     tracing::info!(
         rows = report.dataset.rows_used,
@@ -1190,6 +1213,12 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
         "validation report written"
     );
     Ok(report)
+}
+
+fn push_subgroups(c: &mut Collected, values: &[String]) {
+    for (column, v) in c.subgroups.iter_mut().zip(values) {
+        column.push(v);
+    }
 }
 
 fn push_unusable(c: &mut Collected, u: Unusable) {

@@ -18,6 +18,7 @@ use nightingale::config::ServeArgs;
 use nightingale::http::{self, AppState, HttpConfig};
 use nightingale_models::{Repository, RepositoryOptions};
 use serde_json::{Value, json};
+use sha2::Digest;
 use tower::ServiceExt;
 
 mod support;
@@ -25,6 +26,8 @@ use support::copy_dir;
 
 const MODEL: &str = "wdbc-malignancy";
 const UPLOAD_LIMIT: u64 = 64 << 10;
+/// The API key of a second researcher (added to the fixtures' configuration).
+const OTHER_RESEARCHER: &str = "another-researcher-key-0123456789abcdef";
 
 fn repo_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -59,8 +62,24 @@ impl Server {
         let repository = Arc::new(Repository::new(&repo, RepositoryOptions::default()));
         repository.load_all().unwrap();
         let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
+        // The fixtures' keys, and a second researcher's.
+        let fixtures = repo_dir().join("tests/fixtures/auth");
+        for f in ["nightingale.toml", "jwks.json"] {
+            std::fs::copy(fixtures.join(f), dir.path().join(f)).unwrap();
+        }
+        let mut config = std::fs::read_to_string(dir.path().join("nightingale.toml")).unwrap();
+        let digest = sha2::Sha256::digest(OTHER_RESEARCHER.as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        config = config.replacen(
+            "[auth.jwt]",
+            &format!(
+                "[[auth.api_keys]]\nname = \"other-researcher\"\nrole = \"researcher\"\nsha256 = \"{hex}\"\n\n[auth.jwt]"
+            ),
+            1,
+        );
+        std::fs::write(dir.path().join("nightingale.toml"), config).unwrap();
         let auth = ServeArgs {
-            config: Some(repo_dir().join("tests/fixtures/auth/nightingale.toml")),
+            config: Some(dir.path().join("nightingale.toml")),
             ..ServeArgs::default()
         }
         .resolve()
@@ -151,6 +170,25 @@ impl Server {
             .await;
         assert_eq!(s, StatusCode::ACCEPTED, "the model is free at once: {v}");
         v["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Waits (bounded) until a stopped run's thread has ended, then checks it left no
+    /// report in its folder.
+    async fn assert_ends_without_a_report(&self, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let (s, v) = self.get(&format!("/validation/runs/{id}")).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            if v["ended"] == true {
+                break;
+            }
+            assert!(Instant::now() < deadline, "run {id} never ended: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let run = self.dir.path().join("data/validation/runs").join(id);
+        for file in ["report.json", "report.html"] {
+            assert!(!run.join(file).exists(), "{id}: {file} kept");
+        }
     }
 
     /// Polls a run until it is no longer running (bounded).
@@ -276,6 +314,60 @@ async fn an_uploaded_dataset_is_validated_then_deleted() {
     assert_eq!(report["dataset"]["origin"], "upload");
 }
 
+/// An upload that never becomes a run leaves nothing on disk (it may hold patient data):
+/// a body cut off, a client gone mid-body, options refused after the upload.
+#[tokio::test]
+async fn an_upload_that_never_runs_leaves_nothing_behind() {
+    use futures_util::StreamExt;
+    let server = Server::new();
+    let runs = server.dir.path().join("data/validation/runs");
+    let leftovers = || {
+        std::fs::read_dir(&runs)
+            .map(|d| d.count())
+            .unwrap_or_default()
+    };
+    let upload = |body: Body, query: &str| {
+        Request::post(format!("/validation/runs?model={MODEL}{query}"))
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", key("researcher")),
+            )
+            .header(header::CONTENT_TYPE, "text/csv")
+            .body(body)
+            .unwrap()
+    };
+    let head = std::fs::read(test_csv()).unwrap()[..2000].to_vec();
+
+    // Cut off: the stream fails after part of the dataset.
+    let cut = futures_util::stream::iter([
+        Ok::<_, std::io::Error>(bytes::Bytes::from(head.clone())),
+        Err(std::io::Error::other("connection reset")),
+    ]);
+    let (s, _, v) = server.send(upload(Body::from_stream(cut), "")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(leftovers(), 0, "a cut upload's folder is removed");
+
+    // The client goes mid-body: the request is dropped while its body is awaited.
+    let stalled =
+        futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(head.clone()))])
+            .chain(futures_util::stream::pending());
+    let gone = tokio::time::timeout(
+        Duration::from_millis(300),
+        server.send(upload(Body::from_stream(stalled), "")),
+    )
+    .await;
+    assert!(gone.is_err(), "the body never ends");
+    assert_eq!(leftovers(), 0, "an abandoned upload's folder is removed");
+
+    // Options refused once the upload is in: a subgroup column named twice.
+    let (s, _, v) = server
+        .send(upload(Body::from(head), "&subgroup=site,site"))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("named twice"), "{v}");
+    assert_eq!(leftovers(), 0);
+}
+
 #[tokio::test]
 async fn one_run_per_model_at_a_time() {
     let server = Server::new();
@@ -330,6 +422,9 @@ async fn a_running_run_can_be_cancelled_and_frees_its_model() {
         .send(delete("00000000-0000-0000-0000-000000000000"))
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+    // The cancelled run's thread finishes its bootstrap, then keeps no report (a passing one
+    // left on disk would count for --require-validation).
+    server.assert_ends_without_a_report(&id).await;
 }
 
 /// A run still going at the server's limit (`--validation-max-run-secs`) stops as a
@@ -349,6 +444,59 @@ async fn a_run_past_the_servers_limit_is_stopped_and_frees_its_model() {
     assert!(v["report"].is_null(), "{v}");
     let next = server.assert_no_report_and_model_free(&id).await;
     server.wait(&next).await;
+    server.assert_ends_without_a_report(&id).await;
+}
+
+/// A run is its owner's: another researcher is told it does not exist, whether asking for
+/// its status, its report or to cancel it.
+#[tokio::test]
+async fn a_run_is_its_owners_alone() {
+    let server = Server::new();
+    let (s, v) = server
+        .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 0}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert_eq!(server.wait(&id).await["status"], "done");
+    let other = |method: &str, path: String| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {OTHER_RESEARCHER}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    for (method, path) in [
+        ("GET", format!("/validation/runs/{id}")),
+        ("GET", format!("/validation/runs/{id}/report.json")),
+        ("GET", format!("/validation/runs/{id}/report.html")),
+        ("DELETE", format!("/validation/runs/{id}")),
+    ] {
+        let (s, _, v) = server.send(other(method, path.clone())).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{method} {path}: {v}");
+        assert_eq!(v["error"], "no such validation run", "{v}");
+    }
+    // The other researcher's own runs are theirs.
+    let req = Request::post("/validation/runs")
+        .header(header::AUTHORIZATION, format!("Bearer {OTHER_RESEARCHER}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(
+            json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 0}).to_string(),
+        ))
+        .unwrap();
+    let (s, _, v) = server.send(req).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let theirs = v["id"].as_str().unwrap().to_owned();
+    let (s, _, v) = server
+        .send(other("GET", format!("/validation/runs/{theirs}")))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, _) = server.get(&format!("/validation/runs/{theirs}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) = server
+        .get(&format!("/validation/runs/{id}/report.json"))
+        .await;
+    assert_eq!(s, StatusCode::OK, "the owner reads it: {v}");
 }
 
 #[tokio::test]

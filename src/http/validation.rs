@@ -55,8 +55,13 @@ struct Run {
     model: String,
     version: Option<u64>,
     created: String,
+    /// Who started it: only they (or an admin) see, cancel and read it.
+    owner: String,
     progress: Arc<RunProgress>,
     state: Mutex<RunState>,
+    /// Its thread has finished (a cancelled or stopped run's may still be finishing a
+    /// bootstrap; what it finds is thrown away, no report is kept).
+    ended: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone, Debug)]
@@ -242,6 +247,9 @@ async fn create_run(
     }
     let id = uuid::Uuid::new_v4().to_string();
     let dir = validation.runs_dir.join(&id);
+    // An upload's folder goes whatever ends the request before its run starts: a refusal,
+    // a body cut off, the client gone (the handler dropped), the request deadline.
+    let mut upload = RemoveOnDrop(None);
     let (request, dataset, uploaded) = match content_type.as_str() {
         "application/json" => {
             let bytes = axum::body::to_bytes(body, 64 << 10).await.map_err(|_| {
@@ -292,6 +300,7 @@ async fn create_run(
                 return Err(AppError::bad_request("?model=NAME[@VERSION] is required"));
             }
             let path = dir.join("dataset.csv");
+            upload.0 = Some(dir.clone());
             receive(body, &dir, &path, validation.max_upload_bytes).await?;
             (request, path, true)
         }
@@ -304,7 +313,6 @@ async fn create_run(
     };
     let name = model_name(&request.model).to_owned();
     if state.repository.index().iter().all(|e| e.name != name) {
-        let _ = std::fs::remove_dir_all(&dir);
         return Err(AppError::not_found(format!("unknown model {name:?}")));
     }
     let mut argv: Vec<String> = vec![
@@ -334,12 +342,7 @@ async fn create_run(
     }
     // What the job would refuse at its start is refused here, before the 202: the options'
     // ranges, NAME@VERSION's form, and a version that is not in the bundle.
-    let refuse = |message: String| {
-        if uploaded {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        Err(AppError::bad_request(message))
-    };
+    let refuse = |message: String| Err(AppError::bad_request(message));
     let command = match ValidateCommand::try_parse_from(&argv) {
         Ok(c) => c,
         Err(e) => {
@@ -364,6 +367,9 @@ async fn create_run(
         }
         Ok(_) => {}
     }
+    let owner = caller
+        .as_ref()
+        .map_or_else(|| Caller::ANONYMOUS.to_owned(), |c| c.0.id.clone());
     let run = Arc::new(Run {
         id: id.clone(),
         model: name,
@@ -372,15 +378,12 @@ async fn create_run(
             .split_once('@')
             .and_then(|(_, v)| v.parse().ok()),
         created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        owner: owner.clone(),
         progress: Arc::new(RunProgress::default()),
         state: Mutex::new(RunState::Running),
+        ended: std::sync::atomic::AtomicBool::new(false),
     });
-    if let Err(e) = validation.start(run.clone()) {
-        if uploaded {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        return Err(e);
-    }
+    validation.start(run.clone())?;
     let dataset_name = if uploaded {
         "the uploaded dataset".to_owned()
     } else {
@@ -392,11 +395,7 @@ async fn create_run(
         options: Some(validation.options.clone()),
         audit: Some(state.audit.clone()),
         progress: Some(run.progress.clone()),
-        actor: Some(
-            caller
-                .as_ref()
-                .map_or_else(|| Caller::ANONYMOUS.to_owned(), |c| c.0.id.clone()),
-        ),
+        actor: Some(owner),
     };
     let worker = run.clone();
     let run_dir = dir.clone();
@@ -417,6 +416,8 @@ async fn create_run(
         }
     });
     let deadline = deadline.abort_handle();
+    // The run owns its folder now (it deletes the upload itself, keeps the report).
+    upload.0 = None;
     tokio::task::spawn_blocking(move || {
         let outcome = crate::validate::run_job(&command.args, ctx);
         if uploaded {
@@ -440,7 +441,15 @@ async fn create_run(
         let mut state = worker.state.lock().unwrap_or_else(|p| p.into_inner());
         if matches!(*state, RunState::Running) {
             *state = next;
+        } else {
+            // Cancelled or stopped while it finished: no report of it may stay (a server
+            // started with --require-validation would take a passing one as the version's).
+            for file in ["report.json", "report.html"] {
+                let _ = std::fs::remove_file(run_dir.join(file));
+            }
         }
+        worker.ended.store(true, Ordering::Relaxed);
+        drop(state);
         deadline.abort();
     });
     Ok((
@@ -464,6 +473,17 @@ fn parse_query<T: std::str::FromStr>(
         .transpose()
 }
 
+/// Removes a folder when dropped (an upload whose run never started), unless disarmed.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 /// Streams the body to `path` (created in `dir`), at most `limit` bytes.
 async fn receive(body: Body, dir: &FsPath, path: &FsPath, limit: u64) -> Result<(), AppError> {
     let io = |e: std::io::Error| {
@@ -481,8 +501,6 @@ async fn receive(body: Body, dir: &FsPath, path: &FsPath, limit: u64) -> Result<
         if let Ok(data) = frame.into_data() {
             written += data.len() as u64;
             if written > limit {
-                drop(file);
-                let _ = tokio::fs::remove_dir_all(dir).await;
                 return Err(AppError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("uploads are at most {limit} bytes"),
@@ -493,7 +511,6 @@ async fn receive(body: Body, dir: &FsPath, path: &FsPath, limit: u64) -> Result<
     }
     file.flush().await.map_err(io)?;
     if written == 0 {
-        let _ = tokio::fs::remove_dir_all(dir).await;
         return Err(AppError::bad_request("the upload is empty"));
     }
     Ok(())
@@ -530,6 +547,7 @@ fn describe(run: &Run) -> serde_json::Value {
         },
         "gate_passed": gate,
         "error": error,
+        "ended": run.ended.load(Ordering::Relaxed),
         "report": (status == "done").then(|| json!({
             "json": format!("{base}/report.json"),
             "html": format!("{base}/report.html"),
@@ -541,21 +559,35 @@ fn valid_id(id: &str) -> bool {
     id.len() == 36 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
 }
 
-/// The validation service and the run `id` names (404 when runs are off or there is none).
-fn find_run<'a>(state: &'a AppState, id: &str) -> Result<(&'a Validation, Arc<Run>), AppError> {
+/// The validation service and the run `id` names (404 when runs are off or there is none,
+/// or when it is another caller's: a run, its progress and its report are its owner's and
+/// the admins', as uploads may hold patient data; another researcher is not told it exists).
+fn find_run<'a>(
+    state: &'a AppState,
+    caller: &Option<Extension<Caller>>,
+    id: &str,
+) -> Result<(&'a Validation, Arc<Run>), AppError> {
     let validation = state
         .validation()
         .ok_or_else(|| AppError::not_found("validation runs are off on this server"))?;
+    let (who, admin) = caller.as_ref().map_or((Caller::ANONYMOUS, false), |c| {
+        (c.0.id.as_str(), c.0.has(super::auth::Role::Admin))
+    });
     let run = valid_id(id)
         .then(|| validation.get(id))
         .flatten()
+        .filter(|r| admin || r.owner == who)
         .ok_or_else(|| AppError::not_found("no such validation run"))?;
     Ok((validation, run))
 }
 
 /// `GET /validation/runs/{id}`.
-pub(crate) async fn status(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    match find_run(&state, &id) {
+pub(crate) async fn status(
+    State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
+    Path(id): Path<String>,
+) -> Response {
+    match find_run(&state, &caller, &id) {
         Ok((_, run)) => Json(describe(&run)).into_response(),
         Err(e) => e.into_response(),
     }
@@ -569,7 +601,7 @@ pub(crate) async fn cancel(
     caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
 ) -> Response {
-    let run = match find_run(&state, &id) {
+    let run = match find_run(&state, &caller, &id) {
         Ok((_, run)) => run,
         Err(e) => return e.into_response(),
     };
@@ -589,8 +621,14 @@ pub(crate) async fn cancel(
     Json(describe(&run)).into_response()
 }
 
-async fn report_file(state: &AppState, id: &str, file: &str, mime: &'static str) -> Response {
-    let (validation, run) = match find_run(state, id) {
+async fn report_file(
+    state: &AppState,
+    caller: &Option<Extension<Caller>>,
+    id: &str,
+    file: &str,
+    mime: &'static str,
+) -> Response {
+    let (validation, run) = match find_run(state, caller, id) {
         Ok(found) => found,
         Err(e) => return e.into_response(),
     };
@@ -609,15 +647,24 @@ async fn report_file(state: &AppState, id: &str, file: &str, mime: &'static str)
 /// `GET /validation/runs/{id}/report.json`.
 pub(crate) async fn report_json(
     State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
 ) -> Response {
-    report_file(&state, &id, "report.json", "application/json").await
+    report_file(&state, &caller, &id, "report.json", "application/json").await
 }
 
 /// `GET /validation/runs/{id}/report.html`.
 pub(crate) async fn report_html(
     State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
 ) -> Response {
-    report_file(&state, &id, "report.html", "text/html; charset=utf-8").await
+    report_file(
+        &state,
+        &caller,
+        &id,
+        "report.html",
+        "text/html; charset=utf-8",
+    )
+    .await
 }

@@ -311,6 +311,105 @@ fn insufficient(n: usize, one_class: bool, settings: &Settings) -> Option<String
     }
 }
 
+/// Most distinct values one subgroup column may hold: a fairness analysis compares a
+/// handful of groups (sex, age band, site, scanner), and subgroups under
+/// [`Settings::min_subgroup_n`] rows get no metrics anyway. A column with more (a free-text or
+/// identifier column named by mistake) is reported as not analysed instead of one entry
+/// per value: its values would otherwise be kept per row and written out whole, twice.
+pub const MAX_SUBGROUP_VALUES: usize = 100;
+
+/// Longest subgroup value, in bytes; a column with a longer one is not analysed.
+pub const MAX_SUBGROUP_VALUE_BYTES: usize = 128;
+
+/// One subgroup column of the scored rows: each row's value as an index into `values`, or
+/// why the column is not analysed (then `rows` is empty).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SubgroupColumn {
+    pub name: String,
+    /// Its distinct values, in the order they were first seen.
+    pub values: Vec<String>,
+    /// Each row's value (an index into `values`).
+    pub rows: Vec<u32>,
+    pub refused: Option<String>,
+}
+
+impl SubgroupColumn {
+    pub fn new(name: impl Into<String>) -> SubgroupColumn {
+        SubgroupColumn {
+            name: name.into(),
+            ..SubgroupColumn::default()
+        }
+    }
+
+    /// Adds the next row's value. Past [`MAX_SUBGROUP_VALUES`] distinct values or a value
+    /// over [`MAX_SUBGROUP_VALUE_BYTES`], the column stops: what it held is let go and it is
+    /// reported as not analysed (the reason never quotes a value).
+    pub fn push(&mut self, value: &str) {
+        if self.refused.is_some() {
+            return;
+        }
+        let refuse = |c: &mut SubgroupColumn, why: String| {
+            c.refused = Some(why);
+            c.values = Vec::new();
+            c.rows = Vec::new();
+        };
+        if value.len() > MAX_SUBGROUP_VALUE_BYTES {
+            return refuse(
+                self,
+                format!("not analysed: a value is over {MAX_SUBGROUP_VALUE_BYTES} bytes"),
+            );
+        }
+        // A linear search: at most MAX_SUBGROUP_VALUES short values.
+        let code = match self.values.iter().position(|v| v == value) {
+            Some(k) => k,
+            None if self.values.len() >= MAX_SUBGROUP_VALUES => {
+                return refuse(
+                    self,
+                    format!("not analysed: more than {MAX_SUBGROUP_VALUES} distinct values"),
+                );
+            }
+            None => {
+                self.values.push(value.to_owned());
+                self.values.len() - 1
+            }
+        };
+        self.rows.push(code as u32);
+    }
+
+    /// The rows of each value, values in ascending order; or the refusal as one entry.
+    fn groups(&self) -> Result<Vec<(&str, Vec<usize>)>, &str> {
+        if let Some(why) = &self.refused {
+            return Err(why);
+        }
+        let mut by_code: Vec<Vec<usize>> = vec![Vec::new(); self.values.len()];
+        for (i, &c) in self.rows.iter().enumerate() {
+            by_code[c as usize].push(i);
+        }
+        let mut groups: Vec<(&str, Vec<usize>)> = self
+            .values
+            .iter()
+            .map(String::as_str)
+            .zip(by_code)
+            .collect();
+        groups.sort_by(|a, b| a.0.cmp(b.0));
+        Ok(groups)
+    }
+
+    /// The entry a column that is not analysed gets in the report.
+    fn not_analysed(&self, why: &str, n: usize, positives: usize) -> Subgroup {
+        Subgroup {
+            column: self.name.clone(),
+            value: "(not analysed)".to_owned(),
+            n,
+            positives,
+            status: "insufficient",
+            reason: Some(why.to_owned()),
+            metrics: None,
+            multiclass: None,
+        }
+    }
+}
+
 /// A subgroup's value as reported (an empty cell is `(missing)`).
 fn shown(value: &str) -> String {
     if value.is_empty() {
@@ -326,17 +425,20 @@ pub fn multiclass_subgroups(
     y: &[usize],
     p: &[f64],
     labels: &[String],
-    subgroups: &[(String, Vec<String>)],
+    subgroups: &[SubgroupColumn],
     settings: &Settings,
 ) -> Vec<Subgroup> {
     let k = labels.len();
     let mut out = Vec::new();
-    for (column, values) in subgroups {
-        let mut by_value: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-        for (i, v) in values.iter().enumerate() {
-            by_value.entry(v.as_str()).or_default().push(i);
-        }
-        for (value, rows) in by_value {
+    for column in subgroups {
+        let groups = match column.groups() {
+            Ok(g) => g,
+            Err(why) => {
+                out.push(column.not_analysed(why, y.len(), 0));
+                continue;
+            }
+        };
+        for (value, rows) in groups {
             let sy: Vec<usize> = rows.iter().map(|&i| y[i]).collect();
             let sp: Vec<f64> = rows
                 .iter()
@@ -345,7 +447,7 @@ pub fn multiclass_subgroups(
             let present = sy.iter().collect::<std::collections::BTreeSet<_>>().len();
             let reason = insufficient(rows.len(), present < 2, settings);
             out.push(Subgroup {
-                column: column.clone(),
+                column: column.name.clone(),
                 value: shown(value),
                 n: rows.len(),
                 positives: 0,
@@ -455,8 +557,7 @@ pub struct Report {
 pub struct Scored<'a> {
     pub y: &'a [bool],
     pub p: &'a [f64],
-    /// (column, value of each row).
-    pub subgroups: &'a [(String, Vec<String>)],
+    pub subgroups: &'a [SubgroupColumn],
     pub clusters: Option<&'a [String]>,
 }
 
@@ -625,18 +726,22 @@ pub fn evaluate(
         decision: metrics::decision_curve(y, p, &settings.decision_thresholds),
     };
     let mut subgroups = Vec::new();
-    for (column, values) in scored.subgroups {
-        let mut by_value: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-        for (i, v) in values.iter().enumerate() {
-            by_value.entry(v.as_str()).or_default().push(i);
-        }
-        for (value, rows) in by_value {
+    for column in scored.subgroups {
+        let groups = match column.groups() {
+            Ok(g) => g,
+            Err(why) => {
+                let positives = y.iter().filter(|&&v| v).count();
+                subgroups.push(column.not_analysed(why, y.len(), positives));
+                continue;
+            }
+        };
+        for (value, rows) in groups {
             let sy: Vec<bool> = rows.iter().map(|&i| y[i]).collect();
             let sp: Vec<f64> = rows.iter().map(|&i| p[i]).collect();
             let (pos, neg) = metrics::class_counts(&sy);
             let reason = insufficient(rows.len(), pos == 0 || neg == 0, settings);
             subgroups.push(Subgroup {
-                column: column.clone(),
+                column: column.name.clone(),
                 value: shown(value),
                 n: rows.len(),
                 positives: pos,
@@ -669,5 +774,93 @@ pub fn compare(
         b: names.1,
         auroc_difference: metrics::delong_paired(y, a, b, confidence),
         n: y.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_subgroup_column_holds_its_values_once_and_stops_at_its_limits() {
+        let mut c = SubgroupColumn::new("site");
+        for v in ["b", "a", "b", "", "a"] {
+            c.push(v);
+        }
+        assert_eq!(c.values, ["b", "a", ""]);
+        assert_eq!(c.rows, [0, 1, 0, 2, 1]);
+        let groups = c.groups().unwrap();
+        let shown: Vec<(&str, Vec<usize>)> = groups;
+        assert_eq!(shown, [("", vec![3]), ("a", vec![1, 4]), ("b", vec![0, 2])]);
+
+        // Too many distinct values: the column lets go of what it held.
+        let mut many = SubgroupColumn::new("id");
+        for i in 0..=MAX_SUBGROUP_VALUES {
+            many.push(&i.to_string());
+        }
+        assert!(many.values.is_empty() && many.rows.is_empty());
+        let why = many.groups().unwrap_err();
+        assert!(why.contains("more than 100 distinct values"), "{why}");
+        many.push("0");
+        assert!(many.rows.is_empty());
+
+        // A value too long (never quoted in the reason).
+        let mut long = SubgroupColumn::new("note");
+        long.push("short");
+        long.push(&"x".repeat(MAX_SUBGROUP_VALUE_BYTES + 1));
+        let why = long.groups().unwrap_err();
+        assert!(
+            why.contains("over 128 bytes") && !why.contains("xx"),
+            "{why}"
+        );
+        let mut edge = SubgroupColumn::new("note");
+        edge.push(&"x".repeat(MAX_SUBGROUP_VALUE_BYTES));
+        assert!(edge.groups().is_ok());
+    }
+
+    #[test]
+    fn a_column_not_analysed_is_one_entry_saying_why() {
+        let y: Vec<bool> = (0..200).map(|i| i % 3 == 0).collect();
+        let p: Vec<f64> = (0..200).map(|i| f64::from(i) / 200.0).collect();
+        let mut site = SubgroupColumn::new("site");
+        let mut id = SubgroupColumn::new("patient");
+        for i in 0..200 {
+            site.push(if i < 100 { "north" } else { "south" });
+            id.push(&format!("p{i}"));
+        }
+        let settings = Settings {
+            bootstrap_replicates: 0,
+            ..Settings::default()
+        };
+        let columns = [site, id];
+        let scored = Scored {
+            y: &y,
+            p: &p,
+            subgroups: &columns,
+            clusters: None,
+        };
+        let (_, _, subgroups, _) = evaluate(&scored, &[], &settings);
+        let values: Vec<(&str, &str, &str)> = subgroups
+            .iter()
+            .map(|s| (s.column.as_str(), s.value.as_str(), s.status))
+            .collect();
+        assert_eq!(
+            values,
+            [
+                ("site", "north", "ok"),
+                ("site", "south", "ok"),
+                ("patient", "(not analysed)", "insufficient")
+            ]
+        );
+        let refused = &subgroups[2];
+        assert_eq!((refused.n, refused.positives), (200, 67));
+        assert!(
+            refused
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("distinct values")
+        );
+        assert_eq!(subgroups[0].n + subgroups[1].n, 200);
     }
 }
