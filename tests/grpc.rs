@@ -620,3 +620,126 @@ async fn a_caller_without_the_role_is_refused_before_its_message_is_read_and_a_s
     };
     assert_eq!(status, Code::DeadlineExceeded as i32);
 }
+
+/// A `ModelInfer` message is charged for what decoding it allocates before it is decoded: a
+/// message of empty `inputs` entries (two bytes each on the wire, ~150 times that decoded),
+/// plain or gzip-compressed (a few KiB on the wire), is refused with the budget named, and
+/// the server answers the next call. A unary call carrying two messages is refused, not
+/// answered for the first alone.
+#[tokio::test]
+async fn a_message_is_charged_for_its_decoded_size_before_it_is_decoded() {
+    use futures_util::StreamExt;
+    let server = Server::start(HttpConfig {
+        max_body_bytes: 1 << 20,
+        max_inflight_bytes: 8 << 20,
+        ..HttpConfig::default()
+    })
+    .await;
+    let amplifying = ModelInferRequest {
+        model_name: MODEL.into(),
+        inputs: vec![InferInputTensor::default(); 200_000],
+        ..Default::default()
+    };
+    assert!(prost::Message::encoded_len(&amplifying) < 420_000);
+    for gzip in [false, true] {
+        let mut client = server.client();
+        if gzip {
+            client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+        }
+        let e = client.model_infer(amplifying.clone()).await.unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "gzip {gzip}: {e:?}");
+        assert!(e.message().contains("max_inflight_bytes"), "{e:?}");
+    }
+    // Ordinary calls are answered, compressed or not.
+    for gzip in [false, true] {
+        let mut client = server.client();
+        if gzip {
+            client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+        }
+        let r = client
+            .model_infer(raw_request(&rows(3)))
+            .await
+            .expect("answered");
+        assert_eq!(output_values(r.get_ref(), "probabilities").len(), 6);
+    }
+
+    // Two messages in one unary call; a message cut short; a compressed flag without an
+    // encoding.
+    let one = prost::Message::encode_to_vec(&raw_request(&rows(1)));
+    let frame = |flag: u8, m: &[u8]| {
+        let mut f = vec![flag];
+        f.extend_from_slice(&(m.len() as u32).to_be_bytes());
+        f.extend_from_slice(m);
+        f
+    };
+    let grpc_status = |r: axum::http::Response<axum::body::Body>| async move {
+        if let Some(s) = r.headers().get("grpc-status") {
+            return (
+                s.to_str().unwrap().parse::<i32>().unwrap(),
+                r.headers()["grpc-message"].to_str().unwrap().to_owned(),
+            );
+        }
+        let t = r
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .trailers()
+            .cloned()
+            .unwrap();
+        (
+            t["grpc-status"].to_str().unwrap().parse().unwrap(),
+            t.get("grpc-message")
+                .map(|m| m.to_str().unwrap().to_owned())
+                .unwrap_or_default(),
+        )
+    };
+    let two = [frame(0, &one), frame(0, &one)].concat();
+    let cut = frame(0, &one)[..one.len()].to_vec();
+    for (body, why) in [
+        (two, "one request message"),
+        (cut, "cut short"),
+        (frame(1, &one), "no grpc-encoding"),
+    ] {
+        let req = axum::http::Request::post("/inference.GRPCInferenceService/ModelInfer")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(axum::body::Body::from(body))
+            .unwrap();
+        let r = http::grpc::router(server.state.clone())
+            .oneshot(req)
+            .await
+            .unwrap();
+        let (code, message) = grpc_status(r).await;
+        // grpc-message is percent-encoded.
+        let message = message.replace("%20", " ");
+        assert_eq!(code, Code::InvalidArgument as i32, "{why}: {message}");
+        assert!(message.contains(why), "{why}: {message}");
+    }
+    // A length over the limit is refused from the prefix, the rest never read.
+    let declared_big =
+        futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(vec![
+            0u8, 0x7f, 0xff, 0xff, 0xff,
+        ]))])
+        .chain(futures_util::stream::pending());
+    let req = axum::http::Request::post("/inference.GRPCInferenceService/ModelInfer")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(axum::body::Body::from_stream(declared_big))
+        .unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        http::grpc::router(server.state.clone()).oneshot(req),
+    )
+    .await
+    .expect("refused from the prefix")
+    .unwrap();
+    let (code, message) = grpc_status(r).await;
+    assert_eq!(code, Code::ResourceExhausted as i32, "{message}");
+    assert!(
+        message.replace("%20", " ").contains("declares"),
+        "{message}"
+    );
+    let r = server.client().model_infer(raw_request(&rows(1))).await;
+    assert!(r.is_ok(), "{r:?}");
+}

@@ -27,6 +27,7 @@ use tracing::Instrument;
 
 use super::auth::{self, Caller};
 use super::codec::{self, DecodedRequest, OutputChoice, OutputTensor};
+use super::grpc_wire;
 use super::model_config;
 use super::v2::{self, ModelCall, Op};
 use super::{AppError, AppState, BODY_CHARGE_FACTOR, Ticket};
@@ -106,6 +107,12 @@ async fn before_the_message(
     if let Some(asked) = grpc_timeout(request.headers()) {
         timeout = timeout.min(asked);
     }
+    if rule.is_some_and(|r| r.method == "ModelInfer") {
+        return match admit_infer_message(&state, request, timeout).await {
+            Ok(request) => next.run(request).await,
+            Err(e) => to_status(e, &request_id).into_http(),
+        };
+    }
     let request = request.map(|body| {
         axum::body::Body::new(DeadlineBody {
             inner: body,
@@ -115,6 +122,143 @@ async fn before_the_message(
     });
     next.run(request).await
 }
+
+/// A `ModelInfer` message read and charged to the admission budget before tonic decodes it
+/// (a message's decoded size can be ~150 times its size on the wire, and a gzip one's far
+/// more): the whole call is read here under the request deadline, charged as it arrives as an
+/// HTTP body is ([`super::read_body_admitted`]: a message still arriving holds its share, a
+/// stalled one ends at the deadline), inflated here when compressed, and charged for what
+/// decoding it will allocate ([`grpc_wire::infer_request_bound`]) before it takes its place
+/// among the requests in flight. The ticket goes to [`Service::model_infer`] in the request's
+/// extensions; the message goes on to tonic uncompressed.
+async fn admit_infer_message(
+    state: &AppState,
+    request: axum::extract::Request,
+    timeout: Duration,
+) -> Result<axum::extract::Request, AppError> {
+    let (mut parts, body) = request.into_parts();
+    let coding = match parts.headers.get("grpc-encoding").map(|v| v.as_bytes()) {
+        None | Some(b"identity") => None,
+        Some(b"gzip") => Some(super::Coding::Gzip),
+        Some(b"deflate") => Some(super::Coding::Deflate),
+        Some(other) => {
+            return Err(AppError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                format!(
+                    "grpc-encoding {:?} is not supported (gzip, deflate or identity)",
+                    String::from_utf8_lossy(&other[..other.len().min(64)])
+                ),
+            ));
+        }
+    };
+    let limit = state.config.max_body_bytes;
+    let mut ticket = state.admission.receiving()?;
+    // One message: a compressed flag, a 4-byte length, the message. A length over the limit
+    // is refused from the prefix, before the message is read.
+    let read = async {
+        use futures_util::StreamExt as _;
+        use http_body_util::BodyExt as _;
+        let mut body = body;
+        let mut head: Vec<Bytes> = Vec::new();
+        let mut got = 0;
+        while got < 5 {
+            let Some(frame) = body.frame().await else {
+                break;
+            };
+            let frame = frame.map_err(|e| {
+                AppError::bad_request(format!("cannot read the request message: {e}"))
+            })?;
+            if let Ok(data) = frame.into_data() {
+                got += data.len();
+                head.push(data);
+            }
+        }
+        let prefix: Vec<u8> = head
+            .iter()
+            .flat_map(|b| b.iter().copied())
+            .take(5)
+            .collect();
+        if prefix.len() == 5 {
+            let declared = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+            if declared as usize > limit {
+                return Err(AppError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the request message declares {declared} bytes, more than the limit of {limit} (max_body_bytes)"
+                    ),
+                ));
+            }
+        }
+        let rest = futures_util::stream::iter(head.into_iter().map(Ok::<_, axum::Error>))
+            .chain(body.into_data_stream());
+        super::read_body_charged(
+            &parts.headers,
+            axum::body::Body::from_stream(rest),
+            limit.saturating_add(5),
+            &mut ticket,
+        )
+        .await
+    };
+    let body = tokio::time::timeout(timeout, read).await.map_err(|_| {
+        AppError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request message did not arrive within {} ms",
+                timeout.as_millis()
+            ),
+        )
+    })??;
+    if body.len() < 5 {
+        return Err(AppError::bad_request("the call carries no request message"));
+    }
+    let declared = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+    if body.len() - 5 != declared {
+        return Err(AppError::bad_request(if body.len() - 5 < declared {
+            "the request message is cut short"
+        } else {
+            "a unary call carries one request message; more followed it"
+        }));
+    }
+    let message = match (body[0], coding) {
+        (0, _) => body.slice(5..),
+        (1, Some(coding)) => super::inflate(&body[5..], coding, limit, &mut ticket).await?,
+        (1, None) => {
+            return Err(AppError::bad_request(
+                "the message is marked compressed but the call names no grpc-encoding",
+            ));
+        }
+        _ => {
+            return Err(AppError::bad_request(
+                "the message's compressed flag is not 0 or 1",
+            ));
+        }
+    };
+    let bound = grpc_wire::infer_request_bound(&message).map_err(|why| {
+        AppError::bad_request(format!("the message is not a ModelInferRequest: {why}"))
+    })?;
+    ticket.charge(bound)?;
+    ticket.take_place(&state.admission)?;
+    parts.headers.remove("grpc-encoding");
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts
+        .extensions
+        .insert(Admitted(Arc::new(std::sync::Mutex::new(Some(ticket)))));
+    let header = {
+        let mut h = [0u8; 5];
+        h[1..].copy_from_slice(&(message.len() as u32).to_be_bytes());
+        Bytes::copy_from_slice(&h)
+    };
+    let frames =
+        futures_util::stream::iter([Ok::<_, std::convert::Infallible>(header), Ok(message)]);
+    Ok(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from_stream(frames),
+    ))
+}
+
+/// The admission ticket [`admit_infer_message`] charged for a `ModelInfer` message.
+#[derive(Clone)]
+struct Admitted(Arc<std::sync::Mutex<Option<Ticket>>>);
 
 /// The caller [`before_the_message`] authorised.
 #[derive(Clone)]
@@ -388,6 +532,10 @@ impl GrpcInferenceService for Service {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
+        let ticket = request
+            .extensions()
+            .get::<Admitted>()
+            .and_then(|a| a.0.lock().unwrap_or_else(|p| p.into_inner()).take());
         let response = self
             .serve("ModelInfer", request, |state, call| async move {
                 let message = call.message;
@@ -400,7 +548,7 @@ impl GrpcInferenceService for Service {
                     Some(call.deadline),
                 )?;
                 let model = model_call.model.clone();
-                let result = infer(&state, &model, message, model_call.audit()).await;
+                let result = infer(&state, &model, message, ticket, model_call.audit()).await;
                 model_call.finish(result).await
             })
             .await?;
@@ -573,18 +721,23 @@ fn statistics(model: &LoadedModel) -> proto::ModelStatistics {
 }
 
 /// One inference: admission (the message's bytes, then what its decoded tensors take beyond
-/// them), decode, the shared middle ([`v2::infer_decoded`]), encode.
+/// them), decode, the shared middle ([`v2::infer_decoded`]), encode. `admitted`: the ticket
+/// [`admit_infer_message`] charged before the message was decoded.
 async fn infer(
     state: &AppState,
     model: &LoadedModel,
     message: ModelInferRequest,
+    admitted: Option<Ticket>,
     audit: &mut crate::audit::AuditEvent,
 ) -> Result<(ModelInferResponse, Ticket), AppError> {
-    let mut ticket = state.admission.admit()?;
-    // tonic has read the message (at most `max_body_bytes`): it is charged as an HTTP body of
-    // that length is, before decoding.
+    let mut ticket = match admitted {
+        Some(t) => t,
+        None => state.admission.admit()?,
+    };
+    // The message as an HTTP body of its length is charged (already, when it was admitted
+    // before decoding).
     let wire = message.encoded_len();
-    ticket.charge(wire.saturating_mul(BODY_CHARGE_FACTOR))?;
+    ticket.charge_at_least(wire.saturating_mul(BODY_CHARGE_FACTOR))?;
     let (request, raw_out) = decode_request(message, &model.worker.metadata().inputs, &mut |n| {
         ticket.charge(n)
     })?;

@@ -30,6 +30,7 @@ pub(crate) mod explain;
 // KServe v2 gRPC (issue 13): `serve --grpc-addr`.
 #[cfg(feature = "grpc")]
 pub mod grpc;
+mod grpc_wire;
 pub mod identity;
 mod metrics;
 mod model_config;

@@ -1,0 +1,380 @@
+//! What decoding a `ModelInferRequest` will allocate, read from its wire bytes before prost
+//! decodes it, so that the admission budget (`--max-inflight-bytes`) is charged for it first.
+//!
+//! A message's size on the wire says little about its decoded size: an empty `inputs` entry
+//! is two bytes on the wire and a ~300-byte `InferInputTensor` once decoded (with its place
+//! in a vector that grows by doubling), an empty parameter two bytes and a map entry, an empty
+//! `bytes_contents` element one byte and a `Vec`. A 64 MiB message of them would take ~10 GB
+//! (measured: 8 MiB took 1.25 GB). prost offers no bound or allocation hook, and no crate
+//! reads a protobuf message's shape without decoding it, hence this walk over the wire format
+//! (protobuf encoding: <https://protobuf.dev/programming-guides/encoding/>): it visits every
+//! field of the message's schema, counts what each allocates at its decoded size
+//! (`size_of` the generated types, twice for vector and map growth), and skips the fields
+//! prost skips (unknown ones). The bound is conservative: it may exceed what prost takes,
+//! never fall short of it.
+
+use std::mem::size_of;
+
+use super::grpc::proto::InferParameter;
+use super::grpc::proto::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+
+/// Wire types.
+const VARINT: u8 = 0;
+const FIXED64: u8 = 1;
+const LEN: u8 = 2;
+const FIXED32: u8 = 5;
+
+/// Vectors and maps grow by doubling: what they hold may be up to twice their contents.
+const GROWTH: usize = 2;
+
+/// An upper bound, in bytes, on what prost allocates to decode `message` as a
+/// `ModelInferRequest` (beyond `message` itself, which `raw_input_contents` slices); an error
+/// when it is not one (prost would refuse it too).
+pub(crate) fn infer_request_bound(message: &[u8]) -> Result<usize, String> {
+    let mut r = Reader::new(message);
+    let mut total = 0usize;
+    while let Some((field, wire)) = r.key()? {
+        let add = match (field, wire) {
+            // model_name, model_version, id
+            (1..=3, LEN) => r.len_delimited()?.len(),
+            (4, LEN) => map_entry(r.len_delimited()?)?,
+            (5, LEN) => size_of::<InferInputTensor>() * GROWTH + input_tensor(r.len_delimited()?)?,
+            (6, LEN) => {
+                size_of::<InferRequestedOutputTensor>() * GROWTH
+                    + requested_output(r.len_delimited()?)?
+            }
+            // raw_input_contents: `Bytes` slicing the received message.
+            (7, LEN) => {
+                r.len_delimited()?;
+                size_of::<bytes::Bytes>() * GROWTH
+            }
+            (1..=7, _) => return Err(format!("field {field} has the wrong wire type {wire}")),
+            _ => {
+                r.skip(wire)?;
+                0
+            }
+        };
+        total = total.saturating_add(add);
+    }
+    Ok(total)
+}
+
+/// One `InferInputTensor`'s contents (beyond the struct itself).
+fn input_tensor(bytes: &[u8]) -> Result<usize, String> {
+    let mut r = Reader::new(bytes);
+    let mut total = 0usize;
+    while let Some((field, wire)) = r.key()? {
+        let add = match (field, wire) {
+            (1 | 2, LEN) => r.len_delimited()?.len(),
+            // shape: repeated int64, packed or not.
+            (3, LEN) => varints(r.len_delimited()?)? * size_of::<i64>() * GROWTH,
+            (3, VARINT) => {
+                r.varint()?;
+                size_of::<i64>() * GROWTH
+            }
+            (4, LEN) => map_entry(r.len_delimited()?)?,
+            (5, LEN) => contents(r.len_delimited()?)?,
+            (1..=5, _) => return Err(format!("input field {field} has the wrong wire type")),
+            _ => {
+                r.skip(wire)?;
+                0
+            }
+        };
+        total = total.saturating_add(add);
+    }
+    Ok(total)
+}
+
+/// One `InferRequestedOutputTensor`'s contents.
+fn requested_output(bytes: &[u8]) -> Result<usize, String> {
+    let mut r = Reader::new(bytes);
+    let mut total = 0usize;
+    while let Some((field, wire)) = r.key()? {
+        let add = match (field, wire) {
+            (1, LEN) => r.len_delimited()?.len(),
+            (2, LEN) => map_entry(r.len_delimited()?)?,
+            (1 | 2, _) => return Err(format!("output field {field} has the wrong wire type")),
+            _ => {
+                r.skip(wire)?;
+                0
+            }
+        };
+        total = total.saturating_add(add);
+    }
+    Ok(total)
+}
+
+/// One entry of a `map<string, InferParameter>`: its slot (twice, for the table's growth and
+/// its control byte) and its strings (the key, a string parameter: within the entry's bytes).
+fn map_entry(bytes: &[u8]) -> Result<usize, String> {
+    Ok((size_of::<(String, InferParameter)>() + 1) * GROWTH + bytes.len())
+}
+
+/// An `InferTensorContents`: each repeated field's elements at their decoded size.
+fn contents(bytes: &[u8]) -> Result<usize, String> {
+    let mut r = Reader::new(bytes);
+    let mut total = 0usize;
+    while let Some((field, wire)) = r.key()? {
+        let element = match field {
+            1 => size_of::<bool>(),
+            2 | 4 | 6 => 4,
+            3 | 5 | 7 => 8,
+            8 => size_of::<Vec<u8>>(),
+            _ => {
+                r.skip(wire)?;
+                continue;
+            }
+        };
+        let count_and_extra = match (field, wire) {
+            (8, LEN) => (1, r.len_delimited()?.len()),
+            // Packed: varints counted; fixed-width elements by their length.
+            (1..=5, LEN) => (varints(r.len_delimited()?)?, 0),
+            (6 | 7, LEN) => (r.len_delimited()?.len() / if field == 6 { 4 } else { 8 }, 0),
+            // One element not packed.
+            (1..=5, VARINT) => {
+                r.varint()?;
+                (1, 0)
+            }
+            (6, FIXED32) | (7, FIXED64) => {
+                r.skip(wire)?;
+                (1, 0)
+            }
+            _ => return Err(format!("contents field {field} has the wrong wire type")),
+        };
+        let (count, extra) = count_and_extra;
+        total = total
+            .saturating_add(count.saturating_mul(element * GROWTH))
+            .saturating_add(extra);
+    }
+    Ok(total)
+}
+
+/// How many varints a packed field's bytes hold.
+fn varints(bytes: &[u8]) -> Result<usize, String> {
+    // Every varint ends at a byte without its high bit.
+    if bytes.last().is_some_and(|b| b & 0x80 != 0) {
+        return Err("a packed field ends inside a varint".to_owned());
+    }
+    Ok(bytes.iter().filter(|b| *b & 0x80 == 0).count())
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Reader { bytes }
+    }
+
+    fn varint(&mut self) -> Result<u64, String> {
+        let mut value = 0u64;
+        for (i, &b) in self.bytes.iter().enumerate().take(10) {
+            value |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                self.bytes = &self.bytes[i + 1..];
+                return Ok(value);
+            }
+        }
+        Err("a varint is cut short or too long".to_owned())
+    }
+
+    /// The next field's number and wire type; `None` at the end.
+    fn key(&mut self) -> Result<Option<(u64, u8)>, String> {
+        if self.bytes.is_empty() {
+            return Ok(None);
+        }
+        let key = self.varint()?;
+        let field = key >> 3;
+        if field == 0 {
+            return Err("field number 0".to_owned());
+        }
+        Ok(Some((field, (key & 7) as u8)))
+    }
+
+    fn len_delimited(&mut self) -> Result<&'a [u8], String> {
+        let len = self.varint()?;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&l| l <= self.bytes.len())
+            .ok_or("a length runs past the end of the message")?;
+        let (field, rest) = self.bytes.split_at(len);
+        self.bytes = rest;
+        Ok(field)
+    }
+
+    fn take(&mut self, n: usize) -> Result<(), String> {
+        if self.bytes.len() < n {
+            return Err("a fixed-width field is cut short".to_owned());
+        }
+        self.bytes = &self.bytes[n..];
+        Ok(())
+    }
+
+    /// Skips a field prost does not keep (groups, wire types 3 and 4, are refused, as prost
+    /// refuses them in proto3 messages).
+    fn skip(&mut self, wire: u8) -> Result<(), String> {
+        match wire {
+            VARINT => self.varint().map(drop),
+            FIXED64 => self.take(8),
+            LEN => self.len_delimited().map(drop),
+            FIXED32 => self.take(4),
+            _ => Err(format!("wire type {wire} is not supported")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+    use crate::http::grpc::proto::{InferTensorContents, ModelInferRequest, infer_parameter};
+
+    fn input(name: &str, contents: Option<InferTensorContents>) -> InferInputTensor {
+        InferInputTensor {
+            name: name.into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 30],
+            parameters: [(
+                "k".to_owned(),
+                InferParameter {
+                    parameter_choice: Some(infer_parameter::ParameterChoice::StringParam(
+                        "v".into(),
+                    )),
+                },
+            )]
+            .into(),
+            contents,
+        }
+    }
+
+    /// Heap bytes a decoded request holds, counted from the decoded value (vectors at their
+    /// length, without growth): the bound must be at least this.
+    fn held(m: &ModelInferRequest) -> usize {
+        let params = |p: &std::collections::HashMap<String, InferParameter>| {
+            p.len() * size_of::<(String, InferParameter)>()
+                + p.keys().map(String::len).sum::<usize>()
+        };
+        let mut n = m.model_name.len() + m.model_version.len() + m.id.len() + params(&m.parameters);
+        for i in &m.inputs {
+            n += size_of::<InferInputTensor>() + i.name.len() + i.datatype.len();
+            n += i.shape.len() * 8 + params(&i.parameters);
+            if let Some(c) = &i.contents {
+                n += c.bool_contents.len()
+                    + 4 * (c.int_contents.len() + c.uint_contents.len() + c.fp32_contents.len())
+                    + 8 * (c.int64_contents.len()
+                        + c.uint64_contents.len()
+                        + c.fp64_contents.len());
+                n += c
+                    .bytes_contents
+                    .iter()
+                    .map(|b| size_of::<Vec<u8>>() + b.len())
+                    .sum::<usize>();
+            }
+        }
+        for o in &m.outputs {
+            n += size_of::<InferRequestedOutputTensor>() + o.name.len() + params(&o.parameters);
+        }
+        n + m.raw_input_contents.len() * size_of::<bytes::Bytes>()
+    }
+
+    #[test]
+    fn the_bound_covers_what_prost_decodes_and_scales_with_what_it_allocates() {
+        let typed = InferTensorContents {
+            bool_contents: vec![true; 7],
+            int_contents: vec![-1, 300, 70_000],
+            int64_contents: vec![i64::MIN, 5],
+            uint_contents: vec![1, u32::MAX],
+            uint64_contents: vec![u64::MAX],
+            fp32_contents: vec![0.5; 30],
+            fp64_contents: vec![0.25; 3],
+            bytes_contents: vec![vec![], b"abc".to_vec(), vec![0; 100]],
+        };
+        let messages = [
+            ModelInferRequest::default(),
+            ModelInferRequest {
+                model_name: "wdbc-malignancy".into(),
+                model_version: "2".into(),
+                id: "x".repeat(100),
+                inputs: vec![input("features", Some(typed.clone()))],
+                ..Default::default()
+            },
+            ModelInferRequest {
+                model_name: "m".into(),
+                inputs: vec![input("a", None), input("b", None)],
+                outputs: vec![InferRequestedOutputTensor {
+                    name: "p".into(),
+                    parameters: Default::default(),
+                }],
+                raw_input_contents: vec![bytes::Bytes::from(vec![0u8; 120]); 2],
+                ..Default::default()
+            },
+            // The amplifying shapes: many empty entries.
+            ModelInferRequest {
+                inputs: vec![InferInputTensor::default(); 1000],
+                ..Default::default()
+            },
+            ModelInferRequest {
+                outputs: vec![InferRequestedOutputTensor::default(); 1000],
+                raw_input_contents: vec![bytes::Bytes::new(); 1000],
+                ..Default::default()
+            },
+            ModelInferRequest {
+                inputs: vec![input(
+                    "x",
+                    Some(InferTensorContents {
+                        bytes_contents: vec![vec![]; 5000],
+                        bool_contents: vec![false; 5000],
+                        ..Default::default()
+                    }),
+                )],
+                ..Default::default()
+            },
+        ];
+        for m in &messages {
+            let wire = m.encode_to_vec();
+            let bound = infer_request_bound(&wire).unwrap();
+            let decoded = ModelInferRequest::decode(wire.as_slice()).unwrap();
+            assert!(
+                bound >= held(&decoded),
+                "bound {bound} < held {} for {} wire bytes",
+                held(&decoded),
+                wire.len()
+            );
+        }
+        // 2 wire bytes per empty input: the bound sees the ~150x.
+        let wire = messages[3].encode_to_vec();
+        assert_eq!(wire.len(), 2000);
+        assert!(infer_request_bound(&wire).unwrap() >= 1000 * size_of::<InferInputTensor>());
+    }
+
+    #[test]
+    fn unknown_fields_are_skipped_and_malformed_messages_refused() {
+        let mut wire = ModelInferRequest {
+            model_name: "m".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        // Unknown fields of every wire type: skipped, as prost skips them.
+        wire.extend_from_slice(&[0x48, 0x96, 0x01]); // field 9 varint
+        wire.extend_from_slice(&[0x51, 1, 2, 3, 4, 5, 6, 7, 8]); // field 10 fixed64
+        wire.extend_from_slice(&[0x5a, 2, b'h', b'i']); // field 11 bytes
+        wire.extend_from_slice(&[0x65, 1, 2, 3, 4]); // field 12 fixed32
+        assert!(ModelInferRequest::decode(wire.as_slice()).is_ok());
+        assert_eq!(infer_request_bound(&wire).unwrap(), 1);
+        for bad in [
+            vec![0x0a, 5, b'a'],          // a length past the end
+            vec![0x0a],                   // a key without its value
+            vec![0x80],                   // a varint cut short
+            vec![0x08, 1],                // model_name as a varint
+            vec![0x00, 1],                // field 0
+            vec![0x4b],                   // a group
+            vec![0x2a, 3, 0x1a, 1, 0x80], // an input's shape ending inside a varint
+            vec![0x2a, 2, 0x2a, 5],       // contents past its input's end
+            vec![0xff; 11],               // a varint of 11 bytes
+        ] {
+            assert!(infer_request_bound(&bad).is_err(), "{bad:x?}");
+        }
+    }
+}
