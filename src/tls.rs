@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use axum::http::Request;
 use axum_server::accept::Accept;
+
+use crate::http::idle::{Activity, IdleClose, Tracked};
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use rustls::RootCertStore;
 use rustls::ServerConfig;
@@ -282,6 +284,9 @@ pub struct ClientCertAcceptor {
     inner: RustlsAcceptor,
     /// The server's handle (its count of open connections) and the most it may hold.
     cap: Option<(axum_server::Handle<std::net::SocketAddr>, usize)>,
+    /// A connection with no request in flight for this long is closed
+    /// ([`crate::http::idle`]).
+    idle_timeout: Duration,
 }
 
 impl ClientCertAcceptor {
@@ -289,7 +294,14 @@ impl ClientCertAcceptor {
         ClientCertAcceptor {
             inner: RustlsAcceptor::new(config),
             cap: None,
+            idle_timeout: crate::http::serve::DEFAULT_IDLE_TIMEOUT,
         }
+    }
+
+    /// Closes connections with no request in flight for `timeout`.
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
     }
 
     /// Closes a new connection at once while `handle` counts more than `max` open ones (this
@@ -308,14 +320,15 @@ impl<S> Accept<TcpStream, S> for ClientCertAcceptor
 where
     S: Send + 'static,
 {
-    type Stream = tokio_rustls::server::TlsStream<TcpStream>;
-    type Service = WithClientCert<axum_server::tls::TlsService<S>>;
+    type Stream = IdleClose<tokio_rustls::server::TlsStream<TcpStream>>;
+    type Service = Tracked<WithClientCert<axum_server::tls::TlsService<S>>>;
     type Future = std::pin::Pin<
         Box<dyn Future<Output = std::io::Result<(Self::Stream, Self::Service)>> + Send>,
     >;
 
     fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
         let inner = self.inner.clone();
+        let idle_timeout = self.idle_timeout;
         let over_cap = self
             .cap
             .as_ref()
@@ -357,12 +370,16 @@ where
             if let Some(c) = &certificate {
                 tracing::debug!(subject = %c.subject, sha256 = %c.sha256, "TLS client certificate");
             }
+            let activity = Activity::new();
             Ok((
-                stream,
-                WithClientCert {
-                    inner: service,
-                    certificate,
-                },
+                IdleClose::new(stream, activity.clone(), idle_timeout),
+                Tracked::new(
+                    WithClientCert {
+                        inner: service,
+                        certificate,
+                    },
+                    activity,
+                ),
             ))
         })
     }

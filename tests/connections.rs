@@ -15,7 +15,15 @@ const BOUND: Duration = Duration::from_secs(20);
 async fn start(limits: ConnectionLimits) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().route("/", get(|| async { "ok" }));
+    let app = axum::Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                "slow"
+            }),
+        );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(serve(listener, app, limits, async {
         let _ = stopped.await;
@@ -123,6 +131,51 @@ async fn beyond_the_connection_cap_new_connections_wait_for_a_free_one() {
         let n = c.read(&mut buf).unwrap();
         assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
         assert!(get_ok(&mut b));
+    })
+    .await
+    .unwrap();
+}
+
+/// A connection with no request in flight for the idle timeout is closed: an HTTP/2 one that
+/// opens no stream (which the header deadline does not bound; a client answering the
+/// server's pings would otherwise hold its slot for ever) and a kept-alive HTTP/1.1 one; a
+/// request that takes longer than the timeout is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_a_request_for_the_idle_timeout_is_closed() {
+    let (addr, _stop) = start(ConnectionLimits {
+        header_read_timeout: Duration::from_secs(60),
+        idle_timeout: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    tokio::task::spawn_blocking(move || {
+        // HTTP/2 with prior knowledge (gRPC's h2c): the preface and an empty SETTINGS frame,
+        // then nothing.
+        let mut h2 = TcpStream::connect(addr).unwrap();
+        h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .unwrap();
+        let started = Instant::now();
+        assert!(
+            closed_by_server(h2),
+            "an idle HTTP/2 connection stayed open"
+        );
+        assert!(started.elapsed() < BOUND);
+        // HTTP/1.1, kept alive after a request (the header deadline is 60 s here).
+        let mut h1 = TcpStream::connect(addr).unwrap();
+        assert!(get_ok(&mut h1));
+        assert!(
+            closed_by_server(h1),
+            "an idle HTTP/1.1 connection stayed open"
+        );
+        // A request in flight for 2.5 s, over the 1 s timeout: answered.
+        let mut slow = TcpStream::connect(addr).unwrap();
+        slow.set_read_timeout(Some(BOUND)).unwrap();
+        slow.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = slow.read(&mut buf).unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     })
     .await
     .unwrap();

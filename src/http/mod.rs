@@ -32,6 +32,7 @@ pub(crate) mod explain;
 pub mod grpc;
 mod grpc_wire;
 pub mod identity;
+pub mod idle;
 mod metrics;
 mod model_config;
 mod repository;

@@ -26,6 +26,9 @@ pub struct ConnectionLimits {
     pub http2_keep_alive: Duration,
     /// On shutdown: how long open connections get to finish their requests.
     pub shutdown_grace: Duration,
+    /// A connection with no request in flight for this long is closed (HTTP/2 ones above
+    /// all, which the header deadline does not bound: [`super::idle`]).
+    pub idle_timeout: Duration,
     /// TCP_NODELAY on accepted connections.
     pub nodelay: bool,
 }
@@ -46,6 +49,10 @@ impl ConnectionLimits {
     }
 }
 
+/// Default [`ConnectionLimits::idle_timeout`]: five minutes, as long as a gRPC client's
+/// channel usually stays useful between calls without being a way to hold connections.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
 impl Default for ConnectionLimits {
     fn default() -> Self {
         ConnectionLimits {
@@ -53,6 +60,7 @@ impl Default for ConnectionLimits {
             max_connections: 4096,
             http2_keep_alive: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             nodelay: false,
         }
     }
@@ -70,7 +78,6 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     limits.configure(&mut builder);
-    let service = hyper_util::service::TowerToHyperService::new(app);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -96,7 +103,12 @@ pub async fn serve(
             let _ = tcp.set_nodelay(true);
         }
         let builder = builder.clone();
-        let service = service.clone();
+        let activity = super::idle::Activity::new();
+        let service = hyper_util::service::TowerToHyperService::new(super::idle::Tracked::new(
+            app.clone(),
+            activity.clone(),
+        ));
+        let idle_timeout = limits.idle_timeout;
         let watcher = graceful.watcher();
         let first_byte = limits.header_read_timeout;
         tokio::spawn(async move {
@@ -107,7 +119,8 @@ pub async fn serve(
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return drop(permit),
             }
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+            let io = super::idle::IdleClose::new(tcp, activity, idle_timeout);
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             if let Err(e) = watcher.watch(connection.into_owned()).await {
                 tracing::debug!(error = %e, "HTTP connection ended with an error");
             }

@@ -1,0 +1,237 @@
+//! Closing connections that carry no request for a while, on both listeners.
+//!
+//! HTTP/1.1's header deadline closes a kept-alive connection that sends no next request, but
+//! an HTTP/2 connection (gRPC's, or HTTPS with h2) that opens no stream has no such bound:
+//! hyper answers its pings and keeps it for ever, so a client holding a few such connections
+//! per slot could keep `--max-connections` taken. Here each connection counts its requests in
+//! flight (a request is in flight from its headers until its response body is dropped, so a
+//! long download is never cut), and its reads end (EOF, which hyper takes as the peer
+//! closing) once it has had none in flight for [`ConnectionLimits::idle_timeout`]. Bytes the
+//! peer sends without a request (pings, settings) do not count: they are what an idle HTTP/2
+//! connection sends.
+//!
+//! [`ConnectionLimits::idle_timeout`]: super::serve::ConnectionLimits::idle_timeout
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// One connection's requests: how many are in flight, and when the last one ended.
+#[derive(Debug)]
+pub struct Activity {
+    start: Instant,
+    inflight: AtomicUsize,
+    /// Milliseconds from `start` to the last request's start or end.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            start: Instant::now(),
+            inflight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// A request begins; it ends when the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        InFlight(self.clone())
+    }
+
+    /// When the connection will have been idle for `timeout` (`None` while a request is in
+    /// flight).
+    fn idle_deadline(&self, timeout: Duration) -> Option<Instant> {
+        (self.inflight.load(Ordering::Relaxed) == 0).then(|| {
+            self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + timeout
+        })
+    }
+}
+
+/// A request in flight on its connection (see [`Activity::begin`]).
+#[derive(Debug)]
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection's stream whose reads end once its [`Activity`] has been idle for `timeout`.
+pub struct IdleClose<IO> {
+    io: IO,
+    activity: Arc<Activity>,
+    timeout: Duration,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl<IO> IdleClose<IO> {
+    pub fn new(io: IO, activity: Arc<Activity>, timeout: Duration) -> Self {
+        let sleep = Box::pin(tokio::time::sleep(timeout));
+        IdleClose {
+            io,
+            activity,
+            timeout,
+            sleep,
+        }
+    }
+
+    pub fn get_ref(&self) -> &IO {
+        &self.io
+    }
+
+    /// Whether the connection has been idle long enough to end (registers the wake-up for
+    /// when it would be, otherwise).
+    fn idle_for_long(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let now = Instant::now();
+            match self.activity.idle_deadline(self.timeout) {
+                Some(at) if at <= now => return true,
+                Some(at) => self.sleep.as_mut().reset(at),
+                // Busy: looked at again a timeout from now (the end of a request touches the
+                // activity, so the deadline then is at least that far).
+                None => self.sleep.as_mut().reset(now + self.timeout),
+            }
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for IdleClose<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(r) => Poll::Ready(r),
+            Poll::Pending if this.idle_for_long(cx) => {
+                tracing::debug!(
+                    idle_secs = this.timeout.as_secs(),
+                    "connection closed: no request in flight for the idle timeout"
+                );
+                // End of stream: nothing is put in `buf`.
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for IdleClose<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// A service counting its connection's requests in flight ([`Activity`]): each request from
+/// its call until its response body is dropped.
+#[derive(Clone)]
+pub struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Tracked<S> {
+    pub fn new(inner: S, activity: Arc<Activity>) -> Self {
+        Tracked { inner, activity }
+    }
+}
+
+impl<S, B, R> tower::Service<axum::http::Request<B>> for Tracked<S>
+where
+    S: tower::Service<axum::http::Request<B>, Response = axum::http::Response<R>>,
+    S::Future: Send + 'static,
+    R: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    R::Error: Into<axum::BoxError>,
+{
+    type Response = axum::http::Response<axum::body::Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+        let guard = self.activity.begin();
+        let response = self.inner.call(req);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| {
+                axum::body::Body::new(Guarded {
+                    body: axum::body::Body::new(body),
+                    _guard: guard,
+                })
+            }))
+        })
+    }
+}
+
+/// A response body holding its request's [`InFlight`] until it is dropped.
+struct Guarded {
+    body: axum::body::Body,
+    _guard: InFlight,
+}
+
+impl http_body::Body for Guarded {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
