@@ -554,6 +554,18 @@ async fn gradient_methods_on_the_candle_bundle() {
     // The prediction is returned beside it.
     assert_eq!(output(&v, "lesion")["shape"], json!([2, 2]));
 
+    // A finite baseline so large that the model's score overflows: nothing to explain (a map
+    // of NaN was answered 200 before), as occlusion answers.
+    let (s, v) = server
+        .send(
+            "POST",
+            &uri,
+            body(json!({"method": "integrated_gradients", "steps": 4, "baseline": 3.4e38})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("not finite"), "{v}");
+
     let (s, v) = server
         .send(
             "POST",

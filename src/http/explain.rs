@@ -768,6 +768,20 @@ pub(crate) async fn explain_decoded(
                     "the backend returned saliency maps of the wrong size",
                 ));
             }
+            // A baseline (or an input) so large that the model's score or its gradient
+            // overflows: there is nothing to explain, as for the perturbation methods.
+            if saliency.values.iter().any(|v| !v.is_finite())
+                || saliency
+                    .baseline_score
+                    .iter()
+                    .chain(&saliency.completeness_gap)
+                    .any(|v| !v.is_finite())
+            {
+                return Err(AppError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "the gradients or the baseline's score are not finite (the input or the baseline overflows the model); there is nothing to explain",
+                ));
+            }
             for r in 0..rows {
                 explanations.push(Explanation {
                     values: saliency.values[r * pixels..(r + 1) * pixels]
