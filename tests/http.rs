@@ -604,6 +604,21 @@ async fn unknown_models_404_and_oversized_bodies_413() {
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert!(error_of(&v).contains("unknown model"));
+    // Answered before its body was read: the HTTP/1.1 connection closes, and says so (a
+    // client reusing it lost its next request); a request whose body was read keeps it.
+    let one = serde_json::to_vec(&json_request(&[vec![0.0; 30]])).unwrap();
+    let sized = |uri: String| {
+        Request::post(uri)
+            .header(axum::http::header::CONTENT_LENGTH, one.len())
+            .body(Body::from(one.clone()))
+            .unwrap()
+    };
+    let (s, h, _) = f.call(sized("/v2/models/nope/infer".into())).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(h[axum::http::header::CONNECTION], "close");
+    let (s, h, _) = f.call(sized(format!("/v2/models/{MODEL}/infer"))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(!h.contains_key(axum::http::header::CONNECTION), "{h:?}");
     let (s, v) = f
         .post_json(
             &format!("/v2/models/{MODEL}/versions/9/infer"),
