@@ -103,17 +103,24 @@ fn sample_criteria(
 /// Checks each criterion that holds for `version` against a binary report; a metric the
 /// report does not define fails its criterion, and so does a dataset with fewer positive or
 /// negative rows than the bundle's minimum (default 10 of each).
+///
+/// With rows clustered by patient (`--patient-id-column`), the rule counts patients (with a
+/// positive row, with a negative row), not rows: a hundred rows of one patient are one
+/// patient's evidence.
 pub fn check(spec: &ValidationSpec, version: Option<u64>, metrics: &Metrics) -> GateResult {
-    let (pos, neg) = (metrics.positives, metrics.negatives);
+    let (pos, neg, what) = match metrics.patients {
+        Some(p) => (p.positives, p.negatives, "patients"),
+        None => (metrics.positives, metrics.negatives, "rows"),
+    };
     let sample = sample_criteria(
         spec,
         Count {
             has: pos,
-            short: format!("positive rows, has {pos}"),
+            short: format!("positive {what}, has {pos}"),
         },
         Count {
             has: neg,
-            short: format!("negative rows, has {neg}"),
+            short: format!("negative {what}, has {neg}"),
         },
     );
     check_with(spec, version, sample, |c| find(metrics, c))
@@ -277,6 +284,79 @@ mod tests {
             .iter()
             .find(|c| c.criterion == name)
             .unwrap_or_else(|| panic!("no criterion {name} in {g:?}"))
+    }
+
+    /// Rows clustered by patient: the minimum-sample rule counts patients, and the AUROC
+    /// limit the gate reads is the cluster bootstrap's, never DeLong's row-level one. The
+    /// red-team's repro: 114 rows of one patient passed with DeLong's [0.982, 1].
+    #[test]
+    fn rows_of_few_patients_do_not_pass_the_gate() {
+        let y: Vec<bool> = (0..114).map(|i| i % 3 == 0).collect();
+        // Well separated, a few negatives scored among the positives (a DeLong interval of
+        // non-zero width).
+        let p: Vec<f64> = (0..114)
+            .map(|i| match (i % 3 == 0, i % 19 == 1) {
+                (true, _) => 0.6 + f64::from(i % 7) / 20.0,
+                (false, true) => 0.7,
+                (false, false) => 0.05 + f64::from(i % 11) / 40.0,
+            })
+            .collect();
+        let thresholds = [NamedThreshold {
+            name: "screening".to_owned(),
+            value: 0.5,
+            description: String::new(),
+        }];
+        let evaluate = |patients: usize, bootstrap: usize| {
+            let clusters: Vec<String> = (0..114).map(|i| format!("p{}", i % patients)).collect();
+            let settings = Settings {
+                bootstrap_replicates: bootstrap,
+                ..Settings::default()
+            };
+            let scored = report::Scored {
+                y: &y,
+                p: &p,
+                subgroups: &[],
+                clusters: Some(&clusters),
+            };
+            report::evaluate(&scored, &thresholds, &settings).0
+        };
+        // Unclustered, these rows pass.
+        assert!(check(&wdbc_gate(None, None), Some(2), &metrics_of(&y, &p)).passed);
+
+        // One patient: 1 positive and 1 negative patient, short of 10 of each.
+        let one = evaluate(1, 0);
+        assert_eq!(
+            one.patients,
+            Some(report::PatientCounts {
+                n: 1,
+                positives: 1,
+                negatives: 1
+            })
+        );
+        let g = check(&wdbc_gate(None, None), Some(2), &one);
+        assert!(!g.passed);
+        assert_eq!(
+            by_name(&g, "min_positives").reason.as_deref(),
+            Some("needs at least 10 positive patients, has 1")
+        );
+        // No bootstrap: no interval at all (DeLong's is row-level), so the limit fails.
+        assert_eq!(one.auroc.ci_lower, None);
+        assert_eq!(
+            one.auroc.ci_undefined.as_deref(),
+            Some(report::CLUSTERED_ROWS)
+        );
+        assert!(!by_name(&g, "auroc.ci_lower").passed);
+        let sens = &one.operating_points[0].sensitivity;
+        assert!(sens.ci_lower.is_none() && sens.value.is_some());
+
+        // Enough patients, with the cluster bootstrap: its interval is the one read.
+        let many = evaluate(57, 200);
+        assert_eq!(many.patients.map(|p| p.n), Some(57));
+        assert_eq!(many.auroc.ci_method, Some("bootstrap-percentile"));
+        let boot = many.auroc.bootstrap.unwrap();
+        assert_eq!(many.auroc.ci_lower, Some(boot.ci_lower));
+        let g = check(&wdbc_gate(None, None), Some(2), &many);
+        assert!(by_name(&g, "min_positives").passed, "{g:?}");
     }
 
     /// The review's repro: two malignant and two benign rows ranked perfectly passed every

@@ -239,6 +239,10 @@ pub struct Metrics {
     pub n: usize,
     pub positives: usize,
     pub negatives: usize,
+    /// With `--patient-id-column`: the patients behind the rows (the deployment gate's
+    /// minimum-sample rule counts these, not rows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patients: Option<PatientCounts>,
     pub prevalence: Metric,
     pub auroc: Metric,
     pub auprc: Metric,
@@ -251,7 +255,89 @@ pub struct Metrics {
     pub operating_points: Vec<OperatingPoint>,
 }
 
+/// Distinct patients (values of the patient-id column): all, with a positive row, with a
+/// negative row.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct PatientCounts {
+    pub n: usize,
+    pub positives: usize,
+    pub negatives: usize,
+}
+
+/// `ci_undefined` of a row-level interval on rows clustered by patient.
+pub const CLUSTERED_ROWS: &str = "rows are clustered by patient (--patient-id-column): an \
+interval that takes rows as independent would be too narrow; only the cluster bootstrap's is \
+reported (--bootstrap > 0, for AUROC, AUPRC and Brier)";
+
+impl Metric {
+    /// Drops a row-level interval (rows clustered by patient), saying why.
+    fn without_row_interval(&mut self) {
+        if self.ci_method == Some("bootstrap-percentile") {
+            return;
+        }
+        if self.ci_lower.is_some() || self.ci_upper.is_some() {
+            self.ci_lower = None;
+            self.ci_upper = None;
+            self.ci_method = None;
+            self.standard_error = None;
+            self.ci_undefined = Some(CLUSTERED_ROWS.to_owned());
+        }
+    }
+}
+
 impl Metrics {
+    /// Rows clustered by patient (`clusters[i]` is row i's patient, of `n_clusters`): the
+    /// patients are counted, a bootstrap interval (the cluster bootstrap's, when there is
+    /// one) becomes the main interval, and every interval that takes rows as independent
+    /// (DeLong, Wilson, Wald) is dropped with [`CLUSTERED_ROWS`], so that a gate on a
+    /// confidence limit cannot pass on the narrower row-level one.
+    fn clustered(&mut self, y: &[bool], clusters: &[usize], n_clusters: usize) {
+        let mut pos = vec![false; n_clusters];
+        let mut neg = vec![false; n_clusters];
+        for (&label, &c) in y.iter().zip(clusters) {
+            if label {
+                pos[c] = true;
+            } else {
+                neg[c] = true;
+            }
+        }
+        self.patients = Some(PatientCounts {
+            n: pos.iter().zip(&neg).filter(|(p, n)| **p || **n).count(),
+            positives: pos.iter().filter(|&&b| b).count(),
+            negatives: neg.iter().filter(|&&b| b).count(),
+        });
+        if let Some(ci) = self.auroc.bootstrap {
+            self.auroc.ci_lower = Some(ci.ci_lower);
+            self.auroc.ci_upper = Some(ci.ci_upper);
+            self.auroc.ci_method = Some("bootstrap-percentile");
+            self.auroc.standard_error = None;
+        }
+        for m in [
+            &mut self.prevalence,
+            &mut self.auroc,
+            &mut self.auprc,
+            &mut self.brier,
+            &mut self.calibration_intercept,
+            &mut self.calibration_slope,
+            &mut self.ece,
+            &mut self.mce,
+        ] {
+            m.without_row_interval();
+        }
+        for op in &mut self.operating_points {
+            for m in [
+                &mut op.sensitivity,
+                &mut op.specificity,
+                &mut op.ppv,
+                &mut op.npv,
+                &mut op.accuracy,
+                &mut op.f1,
+            ] {
+                m.without_row_interval();
+            }
+        }
+    }
+
     /// A threshold-free metric by its gate name.
     pub fn metric(&self, name: &str) -> Option<&Metric> {
         Some(match name {
@@ -675,6 +761,7 @@ pub fn compute_metrics(
         n,
         positives,
         negatives,
+        patients: None,
         prevalence: Metric::proportion(metrics::wilson(positives, n, conf), "no rows"),
         auroc,
         auprc,
@@ -714,7 +801,10 @@ pub fn evaluate(
     };
     let boot = (settings.bootstrap_replicates > 0)
         .then(|| bootstrap::bootstrap(y, p, cluster_index.as_deref().zip(n_clusters), spec));
-    let overall = compute_metrics(y, p, thresholds, settings, boot.as_ref(), true);
+    let mut overall = compute_metrics(y, p, thresholds, settings, boot.as_ref(), true);
+    if let (Some(c), Some(k)) = (&cluster_index, n_clusters) {
+        overall.clustered(y, c, k);
+    }
     let curves = Curves {
         roc: metrics::thin(&metrics::roc_curve(y, p), 500),
         roc_band: boot
@@ -750,9 +840,14 @@ pub fn evaluate(
                 } else {
                     "ok"
                 },
-                metrics: reason
-                    .is_none()
-                    .then(|| compute_metrics(&sy, &sp, thresholds, settings, None, false)),
+                metrics: reason.is_none().then(|| {
+                    let mut m = compute_metrics(&sy, &sp, thresholds, settings, None, false);
+                    if let (Some(c), Some(k)) = (&cluster_index, n_clusters) {
+                        let rows_clusters: Vec<usize> = rows.iter().map(|&i| c[i]).collect();
+                        m.clustered(&sy, &rows_clusters, k);
+                    }
+                    m
+                }),
                 multiclass: None,
                 reason,
             });
