@@ -752,6 +752,21 @@ async fn model_control_needs_the_admin_token() {
         )
         .await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    // The same with a version named (it was 404, "no version being served").
+    assert_eq!(
+        f.get(&format!("/v2/models/{MODEL}/versions/1/ready"))
+            .await
+            .0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let (s, v) = f
+        .post_json(
+            &format!("/v2/models/{MODEL}/versions/1/infer"),
+            &json_request(&[vec![1.0; 30]]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(error_of(&v).contains("unloaded"), "{v}");
     let (_, v) = f.post_json("/v2/repository/index", &json!({})).await;
     assert!(
         v.as_array()

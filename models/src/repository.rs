@@ -903,17 +903,24 @@ impl Repository {
             .ok_or_else(|| RepositoryError::UnknownModel {
                 name: name.to_owned(),
             })?;
+        let not_ready = || RepositoryError::NotReady {
+            name: name.to_owned(),
+            reason: match &entry.state {
+                Some(ModelState::Unavailable { reason }) => reason.clone(),
+                Some(ModelState::Unloaded) => "unloaded".into(),
+                _ => "no version loaded".into(),
+            },
+        };
         match version {
-            None | Some("") => entry.versions.values().next_back().cloned().ok_or_else(|| {
-                RepositoryError::NotReady {
-                    name: name.to_owned(),
-                    reason: match &entry.state {
-                        Some(ModelState::Unavailable { reason }) => reason.clone(),
-                        Some(ModelState::Unloaded) => "unloaded".into(),
-                        _ => "no version loaded".into(),
-                    },
-                }
-            }),
+            None | Some("") => entry
+                .versions
+                .values()
+                .next_back()
+                .cloned()
+                .ok_or_else(not_ready),
+            // A model with no version served (unloaded, or its load refused) is not ready
+            // whichever version is asked for, as without one (it was 404 with a version).
+            Some(_) if entry.versions.is_empty() => Err(not_ready()),
             Some(v) => parse_version(v)
                 .and_then(|v| entry.versions.get(&v).cloned())
                 .ok_or_else(|| RepositoryError::UnknownVersion {

@@ -31,6 +31,11 @@ use crate::validate::{PathRefused, RunContext, RunProgress, ValidateCommand, pat
 /// Runs kept in memory (the oldest finished ones are forgotten; their reports stay on disk).
 const KEPT_RUNS: usize = 256;
 
+/// Runs whose threads may work at once, cancelled and stopped ones included (a bootstrap
+/// under way finishes before its thread sees the cancellation; a 1,000,000-replicate one
+/// holds ~0.5 GB): cancelling and starting again cannot stack them without bound.
+pub const MAX_WORKING_RUNS: usize = 4;
+
 /// How long a validation run may take by default (`--validation-max-run-secs`): four hours.
 pub const DEFAULT_MAX_RUN: std::time::Duration = std::time::Duration::from_secs(4 * 3600);
 
@@ -47,6 +52,8 @@ pub struct Validation {
     pub max_run: std::time::Duration,
     runs: Mutex<HashMap<String, Arc<Run>>>,
     order: Mutex<Vec<String>>,
+    /// Runs whose threads have not ended.
+    working: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[derive(Debug)]
@@ -100,6 +107,7 @@ impl Validation {
             max_run: DEFAULT_MAX_RUN,
             runs: Mutex::new(HashMap::new()),
             order: Mutex::new(Vec::new()),
+            working: Arc::default(),
         }
     }
 
@@ -117,9 +125,16 @@ impl Validation {
             .cloned()
     }
 
-    /// Registers a run unless one for the same model is still running.
+    /// Registers a run unless one for the same model is still running, or
+    /// [`MAX_WORKING_RUNS`] threads are still working (503): the run's thread then counts
+    /// until [`Validation::ended`].
     fn start(&self, run: Arc<Run>) -> Result<(), AppError> {
         let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        if self.working.load(Ordering::Relaxed) >= MAX_WORKING_RUNS {
+            return Err(AppError::overloaded(format!(
+                "{MAX_WORKING_RUNS} validation runs are still working (a cancelled or stopped run finishes the bootstrap under way first); retry later"
+            )));
+        }
         if let Some(busy) = runs.values().find(|r| {
             r.model == run.model
                 && matches!(
@@ -142,7 +157,13 @@ impl Validation {
         }
         order.push(run.id.clone());
         runs.insert(run.id.clone(), run);
+        self.working.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// A started run's thread has ended.
+    fn ended(working: &std::sync::atomic::AtomicUsize) {
+        working.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -398,6 +419,7 @@ async fn create_run(
         actor: Some(owner),
     };
     let worker = run.clone();
+    let working = validation.working.clone();
     let run_dir = dir.clone();
     let repository_root = state.repository.root().to_path_buf();
     tracing::info!(run = %id, model = %run.model, uploaded, "validation run started");
@@ -450,6 +472,7 @@ async fn create_run(
         }
         worker.ended.store(true, Ordering::Relaxed);
         drop(state);
+        Validation::ended(&working);
         deadline.abort();
     });
     Ok((
@@ -667,4 +690,44 @@ pub(crate) async fn report_html(
         "text/html; charset=utf-8",
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(model: &str) -> Arc<Run> {
+        Arc::new(Run {
+            id: uuid::Uuid::new_v4().to_string(),
+            model: model.into(),
+            version: None,
+            created: String::new(),
+            owner: Caller::ANONYMOUS.into(),
+            progress: Arc::default(),
+            state: Mutex::new(RunState::Running),
+            ended: Default::default(),
+        })
+    }
+
+    #[test]
+    fn working_runs_are_bounded_cancelled_ones_included() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = Validation::new(None, dir.path(), 1 << 20, Default::default());
+        let runs: Vec<Arc<Run>> = (0..MAX_WORKING_RUNS)
+            .map(|k| run(&format!("m{k}")))
+            .collect();
+        for r in &runs {
+            v.start(r.clone()).unwrap();
+        }
+        // Cancelled: its model is free, its thread still counts.
+        *runs[0].state.lock().unwrap() = RunState::Cancelled { by: "x".into() };
+        let e = v.start(run("m0")).unwrap_err();
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(e.message.contains("still working"), "{}", e.message);
+        assert!(e.retry_after.is_some());
+        // Its thread ends: a place again.
+        Validation::ended(&v.working);
+        v.start(run("m0")).unwrap();
+        assert!(v.start(run("m9")).is_err());
+    }
 }
