@@ -152,52 +152,61 @@ async fn admit_infer_message(
         }
     };
     let limit = state.config.max_body_bytes;
+    let too_large = |n: usize| {
+        AppError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request message is larger than the limit of {limit} bytes (max_body_bytes; {n} received)"
+            ),
+        )
+    };
     let mut ticket = state.admission.receiving()?;
     // One message: a compressed flag, a 4-byte length, the message. A length over the limit
     // is refused from the prefix, before the message is read.
     let read = async {
-        use futures_util::StreamExt as _;
         use http_body_util::BodyExt as _;
         let mut body = body;
-        let mut head: Vec<Bytes> = Vec::new();
-        let mut got = 0;
-        while got < 5 {
-            let Some(frame) = body.frame().await else {
-                break;
-            };
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut got = 0usize;
+        let mut prefix_checked = false;
+        while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
                 AppError::bad_request(format!("cannot read the request message: {e}"))
             })?;
-            if let Ok(data) = frame.into_data() {
-                got += data.len();
-                head.push(data);
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            got = got.saturating_add(data.len());
+            if got > limit.saturating_add(5) {
+                return Err(too_large(got));
+            }
+            // Charged as it arrives, as an HTTP body is (a message still arriving holds
+            // its share; one the budget has no room for is refused as it comes).
+            ticket.charge(data.len().saturating_mul(BODY_CHARGE_FACTOR))?;
+            chunks.push(data);
+            if !prefix_checked && got >= 5 {
+                prefix_checked = true;
+                let mut prefix = [0u8; 5];
+                let mut at = 0;
+                for b in chunks.iter().flat_map(|c| c.iter()).take(5) {
+                    prefix[at] = *b;
+                    at += 1;
+                }
+                let declared = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+                if declared as usize > limit {
+                    return Err(AppError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!(
+                            "the request message declares {declared} bytes, more than the limit of {limit} (max_body_bytes)"
+                        ),
+                    ));
+                }
             }
         }
-        let prefix: Vec<u8> = head
-            .iter()
-            .flat_map(|b| b.iter().copied())
-            .take(5)
-            .collect();
-        if prefix.len() == 5 {
-            let declared = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
-            if declared as usize > limit {
-                return Err(AppError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "the request message declares {declared} bytes, more than the limit of {limit} (max_body_bytes)"
-                    ),
-                ));
-            }
-        }
-        let rest = futures_util::stream::iter(head.into_iter().map(Ok::<_, axum::Error>))
-            .chain(body.into_data_stream());
-        super::read_body_charged(
-            &parts.headers,
-            axum::body::Body::from_stream(rest),
-            limit.saturating_add(5),
-            &mut ticket,
-        )
-        .await
+        Ok(match chunks.len() {
+            1 => chunks.pop().unwrap_or_default(),
+            _ => Bytes::from(chunks.concat()),
+        })
     };
     let body = tokio::time::timeout(timeout, read).await.map_err(|_| {
         AppError::new(
@@ -243,16 +252,20 @@ async fn admit_infer_message(
     parts
         .extensions
         .insert(Admitted(Arc::new(std::sync::Mutex::new(Some(ticket)))));
-    let header = {
-        let mut h = [0u8; 5];
-        h[1..].copy_from_slice(&(message.len() as u32).to_be_bytes());
-        Bytes::copy_from_slice(&h)
+    // On to tonic as one uncompressed message: the bytes as they came when they were not
+    // compressed (no copy), else the inflated message behind a new prefix.
+    let framed = if body[0] == 0 {
+        body
+    } else {
+        let mut framed = Vec::with_capacity(5 + message.len());
+        framed.push(0);
+        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&message);
+        Bytes::from(framed)
     };
-    let frames =
-        futures_util::stream::iter([Ok::<_, std::convert::Infallible>(header), Ok(message)]);
     Ok(axum::extract::Request::from_parts(
         parts,
-        axum::body::Body::from_stream(frames),
+        axum::body::Body::from(framed),
     ))
 }
 
