@@ -468,8 +468,12 @@ fn with_spare(stream: TcpStream) -> std::io::Result<(TcpStream, std::net::TcpStr
 /// with bit 0 and others set is still dicom-ul's to reject (no implementation sends one).
 /// The calling AE title is checked here too ([`Opening::calling_ae_valid`]).
 async fn opening(stream: &TcpStream, max_pdu_length: u32) -> Option<Result<Opening, u8>> {
-    // PDU header (6), protocol version (2), reserved (2), called AE (16), calling AE (16).
-    let mut head = [0u8; 42];
+    // PDU header (6), protocol version (2), reserved (2), called AE (16), calling AE (16);
+    // then, once the header gives its length, the whole request (up to WHOLE_RQ_PEEK): a
+    // peer that sends part of its request and stalls keeps its waiting place (bounded per
+    // host), not an association slot (32 half-sent requests from an AE the allowlist
+    // refuses took every slot until ARTIM expired).
+    let mut head = vec![0u8; 42];
     let mut pause = Duration::from_millis(1);
     loop {
         let n = stream.peek(&mut head).await.ok()?;
@@ -485,8 +489,13 @@ async fn opening(stream: &TcpStream, max_pdu_length: u32) -> Option<Result<Openi
             if len > max_pdu_length || len < A_ASSOCIATE_RQ_FIXED {
                 return None;
             }
+            let whole = (6 + len as usize).min(WHOLE_RQ_PEEK);
+            if head.len() < whole {
+                head.resize(whole, 0);
+                continue;
+            }
         }
-        if n == head.len() {
+        if n >= 42 && n == head.len() {
             return Some(Ok(Opening {
                 version: u16::from_be_bytes([head[6], head[7]]),
                 calling_ae_valid: raw_ae_title_valid(&head[26..42]),
@@ -496,6 +505,12 @@ async fn opening(stream: &TcpStream, max_pdu_length: u32) -> Option<Result<Openi
         pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
+
+/// How much of an A-ASSOCIATE-RQ [`opening`] waits for before the connection takes an
+/// association slot: requests are a few hundred bytes to a few KiB (hundreds of presentation
+/// contexts make tens of KiB); a larger one is read by dicom-ul within the association
+/// timeout.
+const WHOLE_RQ_PEEK: usize = 64 << 10;
 
 /// The fields of an A-ASSOCIATE-RQ checked before dicom-ul reads it.
 struct Opening {

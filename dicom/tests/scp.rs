@@ -247,6 +247,34 @@ async fn silent_connections_do_not_take_association_slots() {
     .unwrap();
 }
 
+/// A connection that sends the start of its A-ASSOCIATE-RQ (its header and AE titles, 42
+/// bytes) and stalls still only waits: it takes no association slot until the whole request
+/// is in, so a real SCU is served beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_do_not_take_association_slots() {
+    use std::io::Write;
+    let server = start(|c| c.max_associations = 1).await;
+    let addr = server.addr;
+    tokio::task::spawn_blocking(move || {
+        // A-ASSOCIATE-RQ header declaring 200 bytes, version 1, called and calling AE.
+        let mut start = vec![0x01, 0, 0, 0, 0, 200, 0, 1, 0, 0];
+        start.extend_from_slice(b"NIGHTINGALE     ");
+        start.extend_from_slice(b"EVIL            ");
+        let stalled: Vec<_> = (0..2)
+            .map(|_| {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                s.write_all(&start).unwrap();
+                s
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        echo(addr);
+        drop(stalled);
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_association_is_aborted_after_the_idle_timeout() {
     let server = start(|c| c.idle_timeout = Duration::from_millis(300)).await;
