@@ -1632,15 +1632,40 @@ async fn send_command(
     presentation_context_id: u8,
     data: Vec<u8>,
 ) -> Result<(), &'static str> {
-    let pdu = Pdu::PData {
-        data: vec![PDataValue {
-            presentation_context_id,
-            value_type: PDataValueType::Command,
-            is_last: true,
-            data,
-        }],
+    // Fragments that fit the peer's maximum PDU length (PS3.8 9.3.5: the PDU's variable
+    // field, whose PDV item adds a 4-byte length, the context id and the message control
+    // header; 0 means no limit): a peer asking for small PDUs had its response refused
+    // whole by dicom-ul and the association aborted after its instance was stored.
+    let max = association.requestor_max_pdu_length() as usize;
+    let room = if max == 0 {
+        data.len().max(1)
+    } else {
+        max.saturating_sub(6)
     };
-    match tokio::time::timeout(config.idle_timeout, association.send(&pdu)).await {
+    if room == 0 {
+        return Err("the peer's maximum PDU length cannot carry a response");
+    }
+    let fragments: Vec<Vec<u8>> = if data.len() <= room {
+        vec![data]
+    } else {
+        data.chunks(room).map(<[u8]>::to_vec).collect()
+    };
+    let last = fragments.len() - 1;
+    let send_all = async {
+        for (i, data) in fragments.into_iter().enumerate() {
+            let pdu = Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id,
+                    value_type: PDataValueType::Command,
+                    is_last: i == last,
+                    data,
+                }],
+            };
+            association.send(&pdu).await?;
+        }
+        Ok::<_, dicom_ul::association::Error>(())
+    };
+    match tokio::time::timeout(config.idle_timeout, send_all).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err("cannot send the response"),
         Err(_) => Err("timeout sending the response"),

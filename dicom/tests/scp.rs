@@ -495,3 +495,79 @@ async fn a_data_set_over_the_size_limit_is_out_of_resources_and_the_next_one_sto
         .collect();
     assert_eq!(uids, ["1.2.3.100.5.2"]);
 }
+
+/// A peer asking for small PDUs (its maximum PDU length 64 here; pynetdicom lets a
+/// requestor ask for that) gets its responses in fragments that fit: a C-ECHO's status
+/// arrives whole over several P-DATA PDUs, instead of the association being aborted after
+/// the request was served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_are_split_to_the_peers_maximum_pdu_length() {
+    use std::io::Write;
+    let server = start(|_| {}).await;
+    let addr = server.addr;
+    tokio::task::spawn_blocking(move || {
+        const VERIFICATION: &str = "1.2.840.10008.1.1";
+        let mut rq = associate_rq(&[(VERIFICATION, EXPLICIT_LE)]);
+        rq.user_variables = vec![dicom_ul::pdu::UserVariableItem::MaxLength(64)];
+        let mut socket = std::net::TcpStream::connect(addr).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        socket
+            .write_all(&pdu_bytes(&Pdu::AssociationRQ(rq)))
+            .unwrap();
+        let read = |socket: &mut std::net::TcpStream| -> Pdu {
+            use std::io::Read;
+            let mut pdu = vec![0u8; 6];
+            socket.read_exact(&mut pdu).unwrap();
+            let len = u32::from_be_bytes([pdu[2], pdu[3], pdu[4], pdu[5]]) as usize;
+            pdu.resize(6 + len, 0);
+            socket.read_exact(&mut pdu[6..]).unwrap();
+            dicom_ul::read_pdu(&mut pdu.as_slice(), 1 << 20, false)
+                .unwrap()
+                .expect("a whole PDU")
+        };
+        let Pdu::AssociationAC(ac) = read(&mut socket) else {
+            panic!("expected A-ASSOCIATE-AC");
+        };
+        let pc = ac.presentation_contexts[0].id;
+        socket
+            .write_all(&pdu_bytes(&pdata(
+                pc,
+                PDataValueType::Command,
+                true,
+                command_set(0x0030, 7, VERIFICATION, None, 0x0101),
+            )))
+            .unwrap();
+        let mut command = Vec::new();
+        let mut pdus = 0;
+        loop {
+            let Pdu::PData { data } = read(&mut socket) else {
+                panic!("expected P-DATA");
+            };
+            pdus += 1;
+            let pdv = &data[0];
+            assert!(
+                pdv.data.len() + 6 <= 64,
+                "a fragment over the peer's maximum"
+            );
+            command.extend_from_slice(&pdv.data);
+            if pdv.is_last {
+                break;
+            }
+        }
+        assert!(pdus > 1, "the response fits one PDU of 64 bytes?");
+        let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
+        let obj =
+            dicom_object::InMemDicomObject::read_dataset_with_ts(command.as_slice(), &ts).unwrap();
+        assert_eq!(
+            obj.element(dicom_dictionary_std::tags::STATUS)
+                .unwrap()
+                .to_int::<u16>()
+                .unwrap(),
+            0x0000
+        );
+    })
+    .await
+    .unwrap();
+}
