@@ -350,6 +350,25 @@ async fn parts_in_memory_over_all_requests_are_bounded_503_beyond() {
         .await;
     // Not a DICOM part: refused as such (409), but read, not 503.
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
+
+    // A preamble and an epilogue are thrown away as they come: 4 MiB of each around one
+    // small part, in 64 KiB chunks, are not held against the 1.5 MiB budget (an epilogue
+    // made a valid request 503 before).
+    let file = part10(STUDY, SERIES, &sop(71), 1);
+    let mut whole = vec![b'p'; 4 << 20];
+    whole.extend_from_slice(b"\r\n");
+    whole.extend(multipart(&[("application/dicom", file.as_slice())]));
+    whole.extend(vec![b'e'; 4 << 20]);
+    let chunks: Vec<Result<Bytes, Infallible>> = whole
+        .chunks(64 << 10)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    let req = Request::post("/dicomweb/studies")
+        .header(header::CONTENT_TYPE, content_type())
+        .body(Body::from_stream(futures_util::stream::iter(chunks)))
+        .unwrap();
+    let (s, _, v) = server.send(req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
 }
 
 #[tokio::test]
@@ -411,6 +430,45 @@ async fn a_spool_at_its_high_water_mark_is_503_before_the_body_is_read() {
         .await
         .expect("answered without reading the body");
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(h.contains_key(header::RETRY_AFTER));
+    assert!(server.stored().is_empty());
+}
+
+/// A body without a declared length is checked against the high-water mark as it is
+/// staged, not only at its start: with the mark 8 MiB below the free space, a chunked body of
+/// 64 MiB is refused (503) once what it staged would not leave room to store it.
+#[tokio::test]
+async fn a_chunked_body_stops_at_the_high_water_mark_while_it_is_staged() {
+    let probe = Server::new(DicomWebConfig::default());
+    let free = probe.state.dicomweb().unwrap().spool.free_bytes().unwrap();
+    let server = Server::with_spool(
+        DicomWebConfig {
+            max_request_bytes: 1 << 30,
+            max_part_bytes: 1 << 30,
+            ..DicomWebConfig::default()
+        },
+        SpoolOptions {
+            min_free_bytes: free.saturating_sub(8 << 20),
+            ..Default::default()
+        },
+    );
+    let mut start = format!("--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n").into_bytes();
+    start.extend(vec![0u8; 1 << 20]);
+    let chunks = std::iter::once(Ok::<_, Infallible>(Bytes::from(start)))
+        .chain((0..63).map(|_| Ok(Bytes::from(vec![0u8; 1 << 20]))));
+    let req = Request::post("/dicomweb/studies")
+        .header(header::CONTENT_TYPE, content_type())
+        .body(Body::from_stream(futures_util::stream::iter(chunks)))
+        .unwrap();
+    let (s, h, v) = tokio::time::timeout(Duration::from_secs(60), server.send(req))
+        .await
+        .expect("answered");
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(
+        v.to_string()
+            .contains("high-water mark while the request was read"),
+        "{v}"
+    );
     assert!(h.contains_key(header::RETRY_AFTER));
     assert!(server.stored().is_empty());
 }

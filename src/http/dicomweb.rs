@@ -160,6 +160,10 @@ async fn store(
     response
 }
 
+/// How often (in bytes received) a STOW-RS request being staged looks at the spool's free
+/// space again.
+const STAGING_SPACE_CHECK: u64 = 16 << 20;
+
 async fn store_inner(
     state: &AppState,
     study: Option<String>,
@@ -252,6 +256,9 @@ async fn store_inner(
             .map_err(|e| staging_error(&e))?
     };
     let mut received = 0u64;
+    // Free space is looked at again every STAGING_SPACE_CHECK bytes: a chunked body declares
+    // no length, and one checked only at its start staged hundreds of MB past the mark.
+    let mut next_space_check = STAGING_SPACE_CHECK;
     // What the parser holds of the part being read (bytes fed, less the parts staged).
     let mut in_parser = Reservation::new(&web.budget);
     let mut body = body;
@@ -272,7 +279,6 @@ async fn store_inner(
             ));
         }
         let parts = parser.feed(&data).map_err(malformed)?;
-        let staged_some = !parts.is_empty();
         for part in parts {
             if staged.len() >= stow::MAX_PARTS {
                 return Err(AppError::new(
@@ -290,11 +296,27 @@ async fn store_inner(
                 .map_err(|e| staging_error(&e))?;
             staged.push(part);
         }
-        if staged_some {
-            // The complete parts are on disk; the parser holds at most the start of the
-            // next one: the reservation becomes that.
-            in_parser.release();
-            let _ = in_parser.grow(parser.buffered() as u64);
+        // The reservation becomes what the parser holds now: the start of the next part at
+        // most (complete parts are on disk; a preamble and an epilogue are thrown away as
+        // they come, and held a valid request's place in the budget before).
+        in_parser.release();
+        let _ = in_parser.grow(parser.buffered() as u64);
+        if received >= next_space_check {
+            next_space_check = received.saturating_add(STAGING_SPACE_CHECK);
+            let free = {
+                let spool = spool.clone();
+                tokio::task::spawn_blocking(move || spool.free_bytes())
+                    .await
+                    .map_err(|e| AppError::internal(e.to_string()))?
+                    .map_err(|e| AppError::internal(e.to_string()))?
+            };
+            // What is staged is written again when stored: room for it above the mark.
+            if free < spool.min_free_bytes().saturating_add(received) {
+                metrics::gauge!("nightingale_dicom_spool_free_bytes").set(free as f64);
+                return Err(AppError::overloaded(
+                    "the DICOM spool reached its high-water mark while the request was read (--dicom-spool-min-free-bytes); retry later",
+                ));
+            }
         }
     }
     drop(in_parser);
