@@ -187,10 +187,8 @@ async fn admit_infer_message(
             if !prefix_checked && got >= 5 {
                 prefix_checked = true;
                 let mut prefix = [0u8; 5];
-                let mut at = 0;
-                for b in chunks.iter().flat_map(|c| c.iter()).take(5) {
-                    prefix[at] = *b;
-                    at += 1;
+                for (slot, b) in prefix.iter_mut().zip(chunks.iter().flat_map(|c| c.iter())) {
+                    *slot = *b;
                 }
                 let declared = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
                 if declared as usize > limit {
