@@ -169,6 +169,7 @@ async fn admit_infer_message(
         let mut chunks: Vec<Bytes> = Vec::new();
         let mut got = 0usize;
         let mut prefix_checked = false;
+        let mut whole: Option<usize> = None;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
                 AppError::bad_request(format!("cannot read the request message: {e}"))
@@ -199,6 +200,21 @@ async fn admit_infer_message(
                         ),
                     ));
                 }
+                whole = Some(5 + declared as usize);
+            }
+            // The message is in: its call is answered without waiting for the stream's end
+            // (a client may end it in a frame of its own, one more wake-up away), as tonic
+            // does; data already there after it is a second message, refused below.
+            if whole.is_some_and(|w| got >= w) {
+                use futures_util::FutureExt as _;
+                if let Some(Some(Ok(more))) = body.frame().now_or_never()
+                    && more.data_ref().is_some_and(|d| !d.is_empty())
+                {
+                    return Err(AppError::bad_request(
+                        "a unary call carries one request message; more followed it",
+                    ));
+                }
+                break;
             }
         }
         Ok(match chunks.len() {
