@@ -47,6 +47,13 @@ trait Runner {
     fn run(&mut self, batch: usize) -> Result<()>;
 }
 
+/// `batch` rows of `dims`, every value 0.5: the shape and the values.
+fn rows(batch: usize, dims: &[usize]) -> (Vec<usize>, Vec<f32>) {
+    let shape: Vec<usize> = std::iter::once(batch).chain(dims.iter().copied()).collect();
+    let n = shape.iter().product();
+    (shape, vec![0.5; n])
+}
+
 struct Raw {
     session: Session,
     input: String,
@@ -55,10 +62,7 @@ struct Raw {
 
 impl Runner for Raw {
     fn run(&mut self, batch: usize) -> Result<()> {
-        let mut shape = vec![batch];
-        shape.extend(&self.dims);
-        let n: usize = shape.iter().product();
-        let x = ort::value::Tensor::from_array((shape, vec![0.5f32; n]))?;
+        let x = ort::value::Tensor::from_array(rows(batch, &self.dims))?;
         let out = self.session.run(ort::inputs![self.input.as_str() => x])?;
         std::hint::black_box(out.len());
         Ok(())
@@ -73,10 +77,8 @@ struct Server {
 
 impl Runner for Server {
     fn run(&mut self, batch: usize) -> Result<()> {
-        let mut shape = vec![batch];
-        shape.extend(&self.dims);
-        let n: usize = shape.iter().product();
-        let a = ndarray::ArrayD::from_shape_vec(shape, vec![0.5f32; n])?;
+        let (shape, values) = rows(batch, &self.dims);
+        let a = ndarray::ArrayD::from_shape_vec(shape, values)?;
         let out = self
             .backend
             .infer(vec![NamedTensor::new(self.input.clone(), Tensor::Fp32(a))])?;

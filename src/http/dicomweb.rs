@@ -164,6 +164,27 @@ async fn store(
 /// space again.
 const STAGING_SPACE_CHECK: u64 = 16 << 20;
 
+/// 503 with `refusal` unless the spool's file system has `bytes` free above its high-water
+/// mark (statvfs on a blocking thread).
+async fn ensure_room(
+    spool: &Arc<Spool>,
+    bytes: u64,
+    refusal: &'static str,
+) -> Result<(), AppError> {
+    let free = {
+        let spool = spool.clone();
+        tokio::task::spawn_blocking(move || spool.free_bytes())
+            .await
+            .map_err(|e| AppError::internal(e.to_string()))?
+            .map_err(|e| AppError::internal(e.to_string()))?
+    };
+    if free < spool.min_free_bytes().saturating_add(bytes) {
+        metrics::gauge!("nightingale_dicom_spool_free_bytes").set(free as f64);
+        return Err(AppError::overloaded(refusal));
+    }
+    Ok(())
+}
+
 async fn store_inner(
     state: &AppState,
     study: Option<String>,
@@ -213,22 +234,12 @@ async fn store_inner(
     }
     // The body is written aside, then stored: both need room above the high-water mark.
     let spool = web.spool.clone();
-    let free = {
-        let spool = spool.clone();
-        tokio::task::spawn_blocking(move || spool.free_bytes())
-            .await
-            .map_err(|e| AppError::internal(e.to_string()))?
-            .map_err(|e| AppError::internal(e.to_string()))?
-    };
-    let needed = spool
-        .min_free_bytes()
-        .saturating_add(declared.unwrap_or(0).saturating_mul(2));
-    if free < needed {
-        metrics::gauge!("nightingale_dicom_spool_free_bytes").set(free as f64);
-        return Err(AppError::overloaded(
-            "the DICOM spool is at its high-water mark (--dicom-spool-min-free-bytes); retry later",
-        ));
-    }
+    ensure_room(
+        &spool,
+        declared.unwrap_or(0).saturating_mul(2),
+        "the DICOM spool is at its high-water mark (--dicom-spool-min-free-bytes); retry later",
+    )
+    .await?;
 
     // Read and stage, part by part.
     let mut parser = Parser::new(
@@ -303,20 +314,13 @@ async fn store_inner(
         let _ = in_parser.grow(parser.buffered() as u64);
         if received >= next_space_check {
             next_space_check = received.saturating_add(STAGING_SPACE_CHECK);
-            let free = {
-                let spool = spool.clone();
-                tokio::task::spawn_blocking(move || spool.free_bytes())
-                    .await
-                    .map_err(|e| AppError::internal(e.to_string()))?
-                    .map_err(|e| AppError::internal(e.to_string()))?
-            };
             // What is staged is written again when stored: room for it above the mark.
-            if free < spool.min_free_bytes().saturating_add(received) {
-                metrics::gauge!("nightingale_dicom_spool_free_bytes").set(free as f64);
-                return Err(AppError::overloaded(
-                    "the DICOM spool reached its high-water mark while the request was read (--dicom-spool-min-free-bytes); retry later",
-                ));
-            }
+            ensure_room(
+                &spool,
+                received,
+                "the DICOM spool reached its high-water mark while the request was read (--dicom-spool-min-free-bytes); retry later",
+            )
+            .await?;
         }
     }
     drop(in_parser);

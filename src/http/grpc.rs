@@ -168,7 +168,7 @@ async fn admit_infer_message(
         let mut body = body;
         let mut chunks: Vec<Bytes> = Vec::new();
         let mut got = 0usize;
-        let mut prefix_checked = false;
+        // The call's length once its prefix is in.
         let mut whole: Option<usize> = None;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
@@ -185,8 +185,7 @@ async fn admit_infer_message(
             // its share; one the budget has no room for is refused as it comes).
             ticket.charge(data.len().saturating_mul(BODY_CHARGE_FACTOR))?;
             chunks.push(data);
-            if !prefix_checked && got >= 5 {
-                prefix_checked = true;
+            if whole.is_none() && got >= 5 {
                 let mut prefix = [0u8; 5];
                 for (slot, b) in prefix.iter_mut().zip(chunks.iter().flat_map(|c| c.iter())) {
                     *slot = *b;
