@@ -62,6 +62,11 @@ pub struct ServeArgs {
     /// them at once. [default: 4096]
     #[arg(long, env = "NIGHTINGALE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Most connections one client (an IPv4 address, an IPv6 /64) may hold open at once on
+    /// each listener; beyond, a new one is closed at once. A reverse proxy is one client.
+    /// [default: 1024]
+    #[arg(long, env = "NIGHTINGALE_MAX_CONNECTIONS_PER_CLIENT")]
+    pub max_connections_per_client: Option<usize>,
     /// Bearer token for model control (repository load/unload). Unset: model control is off.
     #[arg(long, env = "NIGHTINGALE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -383,6 +388,7 @@ struct FileConfig {
     max_inflight_bytes: Option<usize>,
     max_inflight_requests: Option<usize>,
     max_connections: Option<usize>,
+    max_connections_per_client: Option<usize>,
     admin_token: Option<String>,
     request_timeout_secs: Option<u64>,
     request_timeout_ms: Option<u64>,
@@ -472,6 +478,7 @@ pub struct ServeConfig {
     pub max_inflight_bytes: usize,
     pub max_inflight_requests: usize,
     pub max_connections: usize,
+    pub max_connections_per_client: usize,
     pub admin_token: Option<String>,
     pub request_timeout: std::time::Duration,
     pub data_dir: PathBuf,
@@ -613,6 +620,10 @@ impl std::fmt::Debug for ServeConfig {
             .field("max_inflight_requests", &self.max_inflight_requests)
             .field("max_connections", &self.max_connections)
             .field(
+                "max_connections_per_client",
+                &self.max_connections_per_client,
+            )
+            .field(
                 "admin_token",
                 &self.admin_token.as_ref().map(|_| "<redacted>"),
             )
@@ -734,6 +745,15 @@ impl ServeArgs {
         if !(1..=1 << 20).contains(&max_connections) {
             return Err(ConfigError::Invalid(
                 "max_connections must be between 1 and 1048576".into(),
+            ));
+        }
+        let max_connections_per_client = self
+            .max_connections_per_client
+            .or(file.max_connections_per_client)
+            .unwrap_or(crate::http::clients::DEFAULT_MAX_PER_CLIENT);
+        if !(1..=1 << 20).contains(&max_connections_per_client) {
+            return Err(ConfigError::Invalid(
+                "max_connections_per_client must be between 1 and 1048576".into(),
             ));
         }
         let admin_token = self
@@ -1236,6 +1256,7 @@ impl ServeArgs {
             max_inflight_bytes,
             max_inflight_requests,
             max_connections,
+            max_connections_per_client,
             admin_token,
             request_timeout: std::time::Duration::from_millis(request_timeout_ms),
             data_dir,

@@ -572,7 +572,7 @@ async fn serve(
         })
     };
     let tls = tls.zip(config.tls.as_ref());
-    let max_connections = config.max_connections;
+    let max_connections = (config.max_connections, config.max_connections_per_client);
     let http_server = serve_router(
         listener,
         http::app(state.clone()),
@@ -662,16 +662,24 @@ async fn serve_router(
     app: axum::Router,
     tls: Option<(Arc<rustls::ServerConfig>, &nightingale::tls::TlsSettings)>,
     nodelay: bool,
-    max_connections: usize,
+    (max_connections, max_per_client): (usize, usize),
 ) -> anyhow::Result<()> {
     match tls {
         Some((server_config, settings)) => {
-            serve_tls(listener, app, server_config, settings, max_connections).await
+            serve_tls(
+                listener,
+                app,
+                server_config,
+                settings,
+                (max_connections, max_per_client),
+            )
+            .await
         }
         None => {
             let limits = http::serve::ConnectionLimits {
                 nodelay,
                 max_connections,
+                max_per_client,
                 ..Default::default()
             };
             Ok(http::serve::serve(listener, app, limits, shutdown_signal()).await?)
@@ -686,7 +694,7 @@ async fn serve_tls(
     app: axum::Router,
     server_config: Arc<rustls::ServerConfig>,
     settings: &nightingale::tls::TlsSettings,
-    max_connections: usize,
+    (max_connections, max_per_client): (usize, usize),
 ) -> anyhow::Result<()> {
     use axum_server::tls_rustls::RustlsConfig;
     let rustls_config = RustlsConfig::from_config(server_config);
@@ -710,7 +718,8 @@ async fn serve_tls(
     let result = server
         .acceptor(
             nightingale::tls::ClientCertAcceptor::new(rustls_config)
-                .with_connection_cap(handle.clone(), max_connections),
+                .with_connection_cap(handle.clone(), max_connections)
+                .with_client_cap(max_per_client),
         )
         .accept_error_handler(|_, e| tracing::debug!(error = %e, "TLS connection refused"))
         .handle(handle)

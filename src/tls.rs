@@ -287,6 +287,8 @@ pub struct ClientCertAcceptor {
     /// A connection with no request in flight for this long is closed
     /// ([`crate::http::idle`]).
     idle_timeout: Duration,
+    /// Connections per client ([`crate::http::clients`]).
+    clients: Arc<crate::http::clients::ClientCounts>,
 }
 
 impl ClientCertAcceptor {
@@ -295,12 +297,21 @@ impl ClientCertAcceptor {
             inner: RustlsAcceptor::new(config),
             cap: None,
             idle_timeout: crate::http::serve::DEFAULT_IDLE_TIMEOUT,
+            clients: crate::http::clients::ClientCounts::new(
+                crate::http::clients::DEFAULT_MAX_PER_CLIENT,
+            ),
         }
     }
 
     /// Closes connections with no request in flight for `timeout`.
     pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
+        self
+    }
+
+    /// Closes a new connection at once while its client holds `max` open ones already.
+    pub fn with_client_cap(mut self, max: usize) -> Self {
+        self.clients = crate::http::clients::ClientCounts::new(max);
         self
     }
 
@@ -329,12 +340,25 @@ where
     fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
         let inner = self.inner.clone();
         let idle_timeout = self.idle_timeout;
+        let slot = match stream.peer_addr() {
+            Ok(peer) => self.clients.admit(peer.ip()).ok_or(()),
+            // Not a connected socket any more: nothing to count, nothing to serve.
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        let clients = self.clients.clone();
         let over_cap = self
             .cap
             .as_ref()
             .map(|(handle, max)| (handle.connection_count(), *max))
             .filter(|(count, max)| count > max);
         Box::pin(async move {
+            let Ok(slot) = slot else {
+                crate::http::clients::refused("tls", &clients);
+                drop(stream);
+                return Err(std::io::Error::other(
+                    "client connection cap reached (--max-connections-per-client): closed",
+                ));
+            };
             if let Some((count, max)) = over_cap {
                 tracing::info!(
                     count,
@@ -370,7 +394,7 @@ where
             if let Some(c) = &certificate {
                 tracing::debug!(subject = %c.subject, sha256 = %c.sha256, "TLS client certificate");
             }
-            let activity = Activity::new();
+            let activity = Activity::holding(Some(slot));
             Ok((
                 IdleClose::new(stream, activity.clone(), idle_timeout),
                 Tracked::new(

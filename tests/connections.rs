@@ -136,6 +136,59 @@ async fn beyond_the_connection_cap_new_connections_wait_for_a_free_one() {
     .unwrap();
 }
 
+/// Beyond `max_per_client`, a new connection from the same client is closed at once (the
+/// listener's own cap is far away); another client is served meanwhile, and once one of the
+/// client's connections closes it may open a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_per_client_cap_a_new_connection_is_closed_at_once() {
+    let (addr, _stop) = start(ConnectionLimits {
+        header_read_timeout: Duration::from_secs(60),
+        max_per_client: 2,
+        ..Default::default()
+    })
+    .await;
+    // Another client: loopback's 127.0.0.2 (the whole 127/8 is loopback on Linux).
+    let other = tokio::net::TcpSocket::new_v4().unwrap();
+    other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let other = other.connect(addr).await.unwrap().into_std().unwrap();
+    other.set_nonblocking(false).unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut a = TcpStream::connect(addr).unwrap();
+        assert!(get_ok(&mut a));
+        let mut b = TcpStream::connect(addr).unwrap();
+        assert!(get_ok(&mut b));
+        let c = TcpStream::connect(addr).unwrap();
+        assert!(
+            closed_by_server(c),
+            "a third connection of one client was kept"
+        );
+        let mut other = other;
+        assert!(get_ok(&mut other), "another client was not served");
+        drop(a);
+        // The server sees the close when it next reads: bounded retries.
+        let started = Instant::now();
+        loop {
+            let mut d = TcpStream::connect(addr).unwrap();
+            d.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            if d.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").is_ok() {
+                let mut buf = [0u8; 256];
+                let n = d.read(&mut buf).unwrap_or(0);
+                if String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200") {
+                    break;
+                }
+            }
+            assert!(
+                started.elapsed() < BOUND,
+                "no slot given back after a close"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(get_ok(&mut b));
+    })
+    .await
+    .unwrap();
+}
+
 /// A connection with no request in flight for the idle timeout is closed: an HTTP/2 one that
 /// opens no stream (which the header deadline does not bound; a client answering the
 /// server's pings would otherwise hold its slot for ever) and a kept-alive HTTP/1.1 one; a

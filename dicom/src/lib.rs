@@ -19,6 +19,7 @@
 pub mod attributes;
 pub mod events;
 pub mod maintenance;
+pub mod meta;
 pub mod multipart;
 // Pixel decode (issue 9, PIXELS slice)
 pub mod pixels;

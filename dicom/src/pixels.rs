@@ -42,7 +42,7 @@ use dicom_core::header::HasLength;
 use dicom_core::value::{PrimitiveValue, Value};
 use dicom_dictionary_std::tags;
 use dicom_encoding::TransferSyntaxIndex;
-use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
+use dicom_object::{DefaultDicomObject, InMemDicomObject};
 use dicom_pixeldata::PixelDecoder;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
@@ -589,10 +589,8 @@ impl std::fmt::Debug for PixelSource {
 
 /// Reads only the header of a Part 10 file (up to the pixel data) and checks it.
 pub fn read_header(path: &Path, limits: &Limits) -> Result<ImageHeader, PixelError> {
-    let obj = OpenFileOptions::new()
-        .read_until(tags::PIXEL_DATA)
-        .open_file(path)
-        .map_err(|e| PixelError::Open {
+    let obj =
+        crate::meta::open_file(path, Some(tags::PIXEL_DATA)).map_err(|e| PixelError::Open {
             source: Box::new(e),
         })?;
     ImageHeader::from_object(&obj, limits)
@@ -603,11 +601,9 @@ impl PixelSource {
     /// limits is refused before its pixel data is read into memory.
     pub fn open(path: &Path, limits: &Limits) -> Result<Self, PixelError> {
         read_header(path, limits)?;
-        let obj = OpenFileOptions::new()
-            .open_file(path)
-            .map_err(|e| PixelError::Open {
-                source: Box::new(e),
-            })?;
+        let obj = crate::meta::open_file(path, None).map_err(|e| PixelError::Open {
+            source: Box::new(e),
+        })?;
         Self::from_object(obj, limits)
     }
 

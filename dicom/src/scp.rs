@@ -496,9 +496,16 @@ async fn opening(stream: &TcpStream, max_pdu_length: u32) -> Option<Result<Openi
             }
         }
         if n >= 42 && n == head.len() {
+            let whole = n >= 6
+                && 6 + u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as usize == n;
             return Some(Ok(Opening {
                 version: u16::from_be_bytes([head[6], head[7]]),
                 calling_ae_valid: raw_ae_title_valid(&head[26..42]),
+                contexts: if whole {
+                    proposed_contexts(&head[6 + A_ASSOCIATE_RQ_FIXED as usize..])
+                } else {
+                    None
+                },
             }));
         }
         tokio::time::sleep(pause).await;
@@ -515,10 +522,57 @@ const WHOLE_RQ_PEEK: usize = 64 << 10;
 /// The fields of an A-ASSOCIATE-RQ checked before dicom-ul reads it.
 struct Opening {
     version: u16,
+    /// The presentation contexts proposed (abstract syntax, transfer syntaxes), when the
+    /// whole request was read here and its items could be walked; dicom-ul reads the rest.
+    contexts: Option<Vec<Proposed>>,
     /// The calling AE field is a title PS3.5 6.2 allows: dicom-ul trims every kind of
     /// whitespace (a tab, a newline) from it before [`AccessControl`] sees it, so a title
     /// such as "CT1\t" would pass an allowlist entry "CT1".
     calling_ae_valid: bool,
+}
+
+/// One presentation context of an A-ASSOCIATE-RQ.
+struct Proposed {
+    abstract_syntax: String,
+    transfer_syntaxes: Vec<String>,
+}
+
+/// The presentation context items (PS3.8 9.3.2.2) among an A-ASSOCIATE-RQ's variable items;
+/// `None` when an item's length runs past the request (dicom-ul's to refuse).
+fn proposed_contexts(mut items: &[u8]) -> Option<Vec<Proposed>> {
+    let uid = |value: &[u8]| {
+        String::from_utf8_lossy(value)
+            .trim_end_matches(['\0', ' '])
+            .to_owned()
+    };
+    let mut contexts = Vec::new();
+    while !items.is_empty() {
+        let header = items.get(..4)?;
+        let len = u16::from_be_bytes([header[2], header[3]]) as usize;
+        let body = items.get(4..4 + len)?;
+        if header[0] == 0x20 {
+            // Context ID, three reserved bytes, then the sub-items.
+            let mut subs = body.get(4..)?;
+            let mut context = Proposed {
+                abstract_syntax: String::new(),
+                transfer_syntaxes: Vec::new(),
+            };
+            while !subs.is_empty() {
+                let sub = subs.get(..4)?;
+                let sub_len = u16::from_be_bytes([sub[2], sub[3]]) as usize;
+                let value = subs.get(4..4 + sub_len)?;
+                match sub[0] {
+                    0x30 => context.abstract_syntax = uid(value),
+                    0x40 => context.transfer_syntaxes.push(uid(value)),
+                    _ => {}
+                }
+                subs = &subs[4 + sub_len..];
+            }
+            contexts.push(context);
+        }
+        items = &items[4 + len..];
+    }
+    Some(contexts)
 }
 
 /// An AE title field as sent, padded with spaces (or, from some old implementations, NULs):
@@ -526,6 +580,20 @@ struct Opening {
 fn raw_ae_title_valid(field: &[u8]) -> bool {
     let end = field.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
     std::str::from_utf8(&field[..end]).is_ok_and(valid_ae_title)
+}
+
+/// Whether this node takes a proposed context: an abstract syntax it serves with a transfer
+/// syntax it stores (the negotiation dicom-ul then makes).
+fn acceptable_context(context: &Proposed, config: &ScpConfig) -> bool {
+    let uid = context.abstract_syntax.as_str();
+    let served = uid == sop::VERIFICATION
+        || sop::STORAGE_CLASSES.iter().any(|c| c.uid == uid)
+        || config.extra_sop_classes.iter().any(|c| c == uid);
+    served
+        && context
+            .transfer_syntaxes
+            .iter()
+            .any(|ts| sop::TRANSFER_SYNTAXES.contains(&ts.as_str()))
 }
 
 /// The A-ABORT reason for a request dicom-ul could not read (PS3.8 9.3.8, state Sta2 event
@@ -748,6 +816,18 @@ async fn serve_association(
                     AssociationRJServiceUserReason::CallingAETitleNotRecognized,
                 ),
                 "calling_ae",
+            ))
+        }
+        Some(Ok(Opening {
+            contexts: Some(contexts),
+            ..
+        })) if !contexts.iter().any(|c| acceptable_context(c, config)) => {
+            // As dcmtk's storescp answers a request none of whose contexts it can take
+            // (PS3.8 has no more specific reason): not an association that can do anything.
+            tracing::info!(%peer, proposed = contexts.len(), "DICOM association rejected: no acceptable presentation context");
+            Some((
+                AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::NoReasonGiven),
+                "no_context",
             ))
         }
         _ => None,

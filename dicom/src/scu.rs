@@ -21,7 +21,6 @@ use std::time::Duration;
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
-use dicom_object::meta::FileMetaTable;
 use dicom_ul::ClientAssociationOptions;
 use dicom_ul::association::client::AsyncClientAssociation;
 use dicom_ul::pdu::{AssociationRJResult, PDataValue, PDataValueType, Pdu};
@@ -220,8 +219,8 @@ impl Part10File {
         let mut rest = vec![0u8; group_len as usize];
         file.read_exact(&mut rest).map_err(io)?;
         meta_bytes.extend_from_slice(&rest);
-        let meta = FileMetaTable::from_reader(meta_bytes.as_slice())
-            .map_err(|e| meta_error(e.to_string()))?;
+        let (meta, _) =
+            crate::meta::read_file_meta(&meta_bytes).map_err(|e| meta_error(e.to_string()))?;
         let dataset_offset = 144 + group_len;
         Ok(Part10File {
             path: path.to_owned(),

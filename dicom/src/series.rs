@@ -12,7 +12,7 @@ use std::path::Path;
 
 use dicom_core::Tag;
 use dicom_dictionary_std::tags;
-use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
+use dicom_object::{DefaultDicomObject, InMemDicomObject};
 use rusqlite::OptionalExtension;
 
 use crate::spool::{INSTANCE_COLUMNS, Spool, StoreError, Stored};
@@ -121,9 +121,7 @@ impl SeriesHeader {
             path: path.to_owned(),
             detail,
         };
-        let obj = OpenFileOptions::new()
-            .read_until(tags::PIXEL_DATA)
-            .open_file(path)
+        let obj = crate::meta::open_file(path, Some(tags::PIXEL_DATA))
             .map_err(|e| error(e.to_string()))?;
         Ok(SeriesHeader::of(&obj))
     }

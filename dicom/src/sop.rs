@@ -147,6 +147,18 @@ pub fn is_acceptable_uid(uid: &str) -> bool {
         && uid.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b'\\')
 }
 
+/// A stored UID that can stand in a URL path as it is, so that DICOMweb can name and look it
+/// up: 1–64 of the characters RFC 3986 leaves unreserved but `~` (digits and dots for every
+/// conformant UID; letters, `-` and `_` as some senders write them).
+pub fn is_url_safe_uid(uid: &str) -> bool {
+    !uid.is_empty()
+        && uid.len() <= 64
+        && uid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        && uid.bytes().any(|b| b != b'.')
+}
+
 /// A UID value as read from a data element: without its padding.
 pub fn trim_uid(uid: &str) -> &str {
     uid.trim_end_matches(['\0', ' ']).trim_start_matches(' ')
@@ -163,6 +175,21 @@ mod tests {
         assert!(!is_valid_uid("../etc"));
         assert!(!is_valid_uid("1..2"));
         assert!(!is_valid_uid(&"1".repeat(65)));
+        assert!(is_url_safe_uid("1.2.840.10008.1.2"));
+        assert!(is_url_safe_uid("1.2.826.0.1.ABC-7_x"));
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "1/2",
+            "1%2F",
+            "1 2",
+            "a~b",
+            &"1".repeat(65),
+        ] {
+            assert!(!is_url_safe_uid(bad), "{bad}");
+        }
         assert!(is_acceptable_uid("dccc9599087131742838cc1162a630fe"));
         assert!(!is_acceptable_uid("1.2\\1.3"));
         assert!(!is_acceptable_uid(&"1".repeat(65)));

@@ -1474,10 +1474,11 @@ fn part10(bytes: &[u8]) -> Result<(FileMetaTable, &[u8]), StoreError> {
     {
         return Err(not_part10());
     }
-    let meta = FileMetaTable::from_reader(&bytes[128..]).map_err(|e| StoreError::CannotParse {
-        transfer_syntax: String::new(),
-        detail: e.to_string(),
-    })?;
+    let (meta, _) =
+        crate::meta::read_file_meta(&bytes[128..]).map_err(|e| StoreError::CannotParse {
+            transfer_syntax: String::new(),
+            detail: e.to_string(),
+        })?;
     // (0002,0000) UL: tag 4 bytes, VR 2, length 2, value 4.
     let group_len = u32::from_le_bytes(bytes[140..144].try_into().expect("4 bytes")) as usize;
     let start = (META_OFFSET + 12).saturating_add(group_len);

@@ -59,10 +59,9 @@ pub fn split_part10(bytes: &[u8]) -> Result<(FileMetaTable, &[u8]), String> {
         return Err("not a DICOM Part 10 file (no preamble and DICM prefix)".into());
     }
     check_meta_lengths(&bytes[132..])?;
-    let mut rest = &bytes[128..];
-    let meta = FileMetaTable::from_reader(&mut rest)
+    let (meta, used) = crate::meta::read_file_meta(&bytes[128..])
         .map_err(|e| format!("cannot read the file meta information: {e}"))?;
-    Ok((meta, rest))
+    Ok((meta, &bytes[128 + used..]))
 }
 
 /// Every element of the file meta group (group 0002, Explicit VR Little Endian) must fit in

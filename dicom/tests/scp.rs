@@ -10,8 +10,9 @@ mod support;
 use std::time::Duration;
 
 use dicom_ul::pdu::{
-    AssociationRJResult, AssociationRJServiceProviderPresentationReason, AssociationRJSource,
-    PDataValueType, Pdu, PresentationContextResultReason,
+    AssociationRJResult, AssociationRJServiceProviderPresentationReason,
+    AssociationRJServiceUserReason, AssociationRJSource, PDataValueType, Pdu,
+    PresentationContextResultReason,
 };
 use support::*;
 
@@ -59,6 +60,40 @@ async fn contexts_are_negotiated_one_by_one() {
             .trim_end_matches('\0'),
         EXPLICIT_LE
     );
+}
+
+/// A request none of whose presentation contexts this node can take (none at all, or only
+/// unknown SOP classes and unsupported transfer syntaxes) is an association that can do
+/// nothing: A-ASSOCIATE-RJ, rejected-permanent, service user, no reason given, as dcmtk's
+/// storescp answers it (it used to be accepted and held until the idle timeout). One
+/// acceptable context among them is enough for an association.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_no_acceptable_context_is_rejected() {
+    let server = start(|_| {}).await;
+    let addr = server.addr;
+    let none: &[(&str, &str)] = &[];
+    let unusable: &[(&str, &str)] = &[("1.2.3.4.5.6.999", EXPLICIT_LE), (CT, MPEG2)];
+    for contexts in [none, unusable] {
+        let answer = tokio::task::spawn_blocking(move || raw_associate(addr, contexts))
+            .await
+            .unwrap();
+        let Pdu::AssociationRJ(rj) = answer else {
+            panic!("{contexts:?}: expected A-ASSOCIATE-RJ, got {answer:?}");
+        };
+        assert_eq!(rj.result, AssociationRJResult::Permanent, "{contexts:?}");
+        assert_eq!(
+            rj.source,
+            AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::NoReasonGiven),
+            "{contexts:?}"
+        );
+    }
+    let answer = tokio::task::spawn_blocking(move || {
+        raw_associate(addr, &[("1.2.3.4.5.6.999", EXPLICIT_LE), (CT, EXPLICIT_LE)])
+    })
+    .await
+    .unwrap();
+    assert!(matches!(answer, Pdu::AssociationAC(_)), "{answer:?}");
+    echo(addr);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

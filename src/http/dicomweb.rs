@@ -953,10 +953,10 @@ fn retrieve_base(headers: &HeaderMap, https: bool) -> Option<String> {
         .then(|| format!("{}://{host}/dicomweb", if https { "https" } else { "http" }))
 }
 
-/// A UID that can stand in a URL path as it is (digits and dots: a valid UI value). Stored
-/// values that are not get no RetrieveURL rather than an escaped one.
+/// A UID that can stand in a URL path as it is (what a retrieve accepts). Stored values that
+/// are not get no RetrieveURL rather than an escaped one.
 fn url_safe(uid: &str) -> bool {
-    !uid.is_empty() && uid.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+    nightingale_dicom::sop::is_url_safe_uid(uid)
 }
 
 fn ur(url: String) -> Value {

@@ -29,14 +29,23 @@ pub struct Activity {
     inflight: AtomicUsize,
     /// Milliseconds from `start` to the last request's start or end.
     last_ms: AtomicU64,
+    /// The connection's place in its client's count ([`super::clients`]), given back when
+    /// the connection's stream and service are both gone.
+    _slot: Option<super::clients::ClientSlot>,
 }
 
 impl Activity {
     pub fn new() -> Arc<Activity> {
+        Self::holding(None)
+    }
+
+    /// A connection's activity that also holds its client's slot until the connection ends.
+    pub fn holding(slot: Option<super::clients::ClientSlot>) -> Arc<Activity> {
         Arc::new(Activity {
             start: Instant::now(),
             inflight: AtomicUsize::new(0),
             last_ms: AtomicU64::new(0),
+            _slot: slot,
         })
     }
 

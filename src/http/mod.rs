@@ -21,6 +21,7 @@ use tower_http::trace::TraceLayer;
 pub mod auth;
 // CDS Hooks 2.0 (issue 10)
 pub mod cds;
+pub mod clients;
 pub(crate) mod codec;
 pub mod dicomweb;
 pub mod serve;

@@ -30,12 +30,11 @@ pub async fn study(State(state): State<Arc<AppState>>, Path(study): Path<String>
         )
         .into_response();
     };
-    if study.is_empty()
-        || study.len() > 64
-        || !study.bytes().all(|b| b.is_ascii_digit() || b == b'.')
-    {
-        return AppError::bad_request("a Study Instance UID is 1-64 digits and dots")
-            .into_response();
+    if !nightingale_dicom::sop::is_url_safe_uid(&study) {
+        return AppError::bad_request(
+            "a Study Instance UID is 1-64 letters, digits, dots, '-' or '_'",
+        )
+        .into_response();
     }
     let answer = tokio::task::spawn_blocking(move || -> rusqlite::Result<serde_json::Value> {
         let store = results.store.lock().unwrap_or_else(|p| p.into_inner());

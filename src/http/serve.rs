@@ -4,7 +4,7 @@
 //! is closed instead of holding a descriptor and ~60 KB for ever), HTTP/2 keep-alive pings
 //! (a dead peer's connection is closed), and a cap on open connections (beyond it the
 //! listener is not polled: new connections wait in the kernel's backlog, the ones open are
-//! served). A request's own deadline, once its headers are in, is the API's
+//! served), and a cap on the connections of one client ([`super::clients`]). A request's own deadline, once its headers are in, is the API's
 //! ([`crate::http::HttpConfig`]).
 
 use std::sync::Arc;
@@ -21,6 +21,9 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     /// Connections open at once; beyond, new ones wait in the backlog.
     pub max_connections: usize,
+    /// Connections one client may hold open at once; beyond, a new one is closed at once
+    /// ([`super::clients`]).
+    pub max_per_client: usize,
     /// HTTP/2: a PING after this much silence; the connection is closed when its answer
     /// does not come within the same time.
     pub http2_keep_alive: Duration,
@@ -58,6 +61,7 @@ impl Default for ConnectionLimits {
         ConnectionLimits {
             header_read_timeout: Duration::from_secs(30),
             max_connections: 4096,
+            max_per_client: super::clients::DEFAULT_MAX_PER_CLIENT,
             http2_keep_alive: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
@@ -75,6 +79,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let clients = super::clients::ClientCounts::new(limits.max_per_client);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     limits.configure(&mut builder);
@@ -87,7 +92,7 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let (tcp, _peer) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,
                 Err(e) => {
@@ -99,11 +104,16 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let Some(slot) = clients.admit(peer.ip()) else {
+            super::clients::refused("plaintext", &clients);
+            drop(tcp);
+            continue;
+        };
         if limits.nodelay {
             let _ = tcp.set_nodelay(true);
         }
         let builder = builder.clone();
-        let activity = super::idle::Activity::new();
+        let activity = super::idle::Activity::holding(Some(slot));
         let service = hyper_util::service::TowerToHyperService::new(super::idle::Tracked::new(
             app.clone(),
             activity.clone(),

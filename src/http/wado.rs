@@ -26,13 +26,10 @@ use crate::pipeline::uid_tag;
 /// Chunk size of the streamed file.
 const CHUNK: usize = 64 * 1024;
 
+/// A UID a retrieve may name: what the spool keeps and a URL path holds as it is (a stored
+/// UID with letters included, as senders write them).
 fn valid_uid(uid: &str) -> bool {
-    !uid.is_empty()
-        && uid.len() <= 64
-        && uid.bytes().all(|b| b.is_ascii_digit() || b == b'.')
-        && !uid.starts_with('.')
-        && !uid.ends_with('.')
-        && !uid.contains("..")
+    nightingale_dicom::sop::is_url_safe_uid(uid)
 }
 
 /// What the `Accept` header allows: `Ok(None)` for anything, `Ok(Some(ts))` for one
@@ -213,7 +210,7 @@ fn precheck(
     for (what, uid) in uids {
         if !valid_uid(uid) {
             return Err(AppError::bad_request(format!(
-                "the {what} UID is not a UID (1-64 digits and dots)"
+                "the {what} UID is not a UID (1-64 letters, digits, dots, '-' or '_')"
             )));
         }
     }
@@ -524,7 +521,8 @@ mod tests {
     #[test]
     fn uids_are_checked() {
         assert!(valid_uid("1.2.840.10008.1.2"));
-        for bad in ["", ".1", "1.", "1..2", "1.a", "../x", &"1".repeat(65)] {
+        assert!(valid_uid("1.2.826.0.1.ABC.7"));
+        for bad in ["", "..", "../x", "1/2", &"1".repeat(65)] {
             assert!(!valid_uid(bad), "{bad}");
         }
     }

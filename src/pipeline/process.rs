@@ -683,9 +683,7 @@ impl Pipeline {
         let headers = paths
             .iter()
             .map(|p| {
-                dicom_object::OpenFileOptions::new()
-                    .read_until(dicom_dictionary_std::tags::PIXEL_DATA)
-                    .open_file(p)
+                nightingale_dicom::meta::open_file(p, Some(dicom_dictionary_std::tags::PIXEL_DATA))
                     .map_err(|e| JobFailure::new("unreadable", e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -987,14 +985,13 @@ pub(crate) fn assemble_volume(
     let mut headers = Vec::with_capacity(paths.len());
     let mut geometry = Vec::with_capacity(paths.len());
     for path in paths {
-        let obj = dicom_object::OpenFileOptions::new()
-            .read_until(dicom_dictionary_std::tags::PIXEL_DATA)
-            .open_file(path)
-            .map_err(|e| {
-                pixel_failure(pixels::PixelError::Open {
-                    source: Box::new(e),
-                })
-            })?;
+        let obj =
+            nightingale_dicom::meta::open_file(path, Some(dicom_dictionary_std::tags::PIXEL_DATA))
+                .map_err(|e| {
+                    pixel_failure(pixels::PixelError::Open {
+                        source: Box::new(e),
+                    })
+                })?;
         let header = pixels::ImageHeader::from_object(&obj, &limits).map_err(pixel_failure)?;
         geometry.push(InstanceGeometry::read(&obj, header.frames).map_err(pixel_failure)?);
         headers.push(header);

@@ -38,6 +38,7 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 
 from dicom_support import (identifiers_in, REPO, RESULT_TIMEOUT_S, SC_CLASS, SR_CLASS, Server, StoreScp, binary,
                            dciodvfy_errors, expected_probability, free_port, imaging,
@@ -122,6 +123,60 @@ def test_a_stored_image_comes_back_as_sr_and_sc(work, name):
         assert got == stored
         assert got.PixelData == ds.PixelData
         assert not identifiers_in(server.log(), ds.PatientID, ds.PatientName)
+    finally:
+        stop(server.proc)
+        stop(pacs.proc)
+
+
+def test_a_series_whose_uids_hold_letters_comes_back_as_sr_and_sc(work):
+    """Some modalities write letters in their UIDs (against PS3.5); dcmtk and Orthanc store
+    such instances, and so does Nightingale. Their series must be processed like any other:
+    the results reference the source instances as they were sent, and the results API and
+    WADO-RS find them by those UIDs."""
+    pacs = StoreScp(work)
+    server = Server(work, f"STORESCP@127.0.0.1:{pacs.port}")
+    try:
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        stem = generate_uid()[:40]
+        ds.StudyInstanceUID = f"{stem}.1.STUDY"
+        ds.SeriesInstanceUID = f"{stem}.2.SERIES"
+        ds.SOPInstanceUID = f"{stem}.3.INSTANCE-A_1"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.ImplementationClassUID = f"{stem}.VENDOR"
+        source = work / "letters.dcm"
+        ds.save_as(source, enforce_file_format=True)
+        store(server.port, [source])
+        files = wait_for(lambda: len(pacs.files()) >= 2 and pacs.files(), RESULT_TIMEOUT_S,
+                         "the SR and the SC at storescp")
+        objects = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID): f for f in files}
+        assert set(objects) == {SR_CLASS, SC_CLASS}, objects
+        sr = pydicom.dcmread(objects[SR_CLASS])
+        assert sr.StudyInstanceUID == ds.StudyInstanceUID
+        assert referenced_uids(sr) == {ds.SOPInstanceUID}
+        numbers = sr_numbers(sr)
+        expected = expected_probability(source)
+        assert abs(numbers["Probability"] - expected) < 1e-4, (numbers, expected)
+        sc = pydicom.dcmread(objects[SC_CLASS])
+        assert sc.StudyInstanceUID == ds.StudyInstanceUID
+        assert str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID) == ds.SOPInstanceUID
+
+        report = wait_for(
+            lambda: (r := server.results(ds.StudyInstanceUID)) and all(
+                o["delivery"] == "sent"
+                for s in r["series"] for j in s["jobs"] for o in j["objects"]) and r,
+            RESULT_TIMEOUT_S, "the results API to say sent")
+        [series] = report["series"]
+        [job] = series["jobs"]
+        assert job["state"] == "done", job
+        # WADO-RS by those UIDs (dicomweb-client itself refuses a UID with letters).
+        url = (f"http://127.0.0.1:{server.http}/dicomweb/studies/{ds.StudyInstanceUID}/series/"
+               f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
+        request = urllib.request.Request(
+            url, headers={"Accept": 'multipart/related; type="application/dicom"'})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            body = answer.read()
+        assert body.count(ds.SOPInstanceUID.encode()) >= 2  # meta group and data set
+        assert ds.PixelData in body
     finally:
         stop(server.proc)
         stop(pacs.proc)

@@ -123,6 +123,29 @@ def test_contexts_are_rejected_one_by_one_with_their_reason(server):
         assoc.release()
 
 
+def test_a_request_whose_every_context_must_be_rejected_is_rejected(server):
+    """No association for a request none of whose contexts can be taken: A-ASSOCIATE-RJ,
+    rejected-permanent, service user, no reason given (PS3.8 9.3.4; what dcmtk's storescp
+    answers), and the node serves the next association."""
+    ae = _ae()
+    ae.add_requested_context("1.2.826.0.1.3680043.9.999.1", [ImplicitVRLittleEndian])
+    ae.add_requested_context(CTImageStorage, [MPEG2])
+    received = []
+    handlers = [(evt.EVT_PDU_RECV, lambda event: received.append(event.pdu))]
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="NIGHTINGALE", evt_handlers=handlers)
+    assert not assoc.is_established
+    rejections = [p for p in received if isinstance(p, A_ASSOCIATE_RJ)]
+    assert len(rejections) == 1, f"PDUs received: {received}\n{server.log()}"
+    rj = rejections[0]
+    assert (rj.result, rj.source, rj.reason_diagnostic) == (0x01, 0x01, 0x01)
+    ae = _ae()
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="NIGHTINGALE")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+
 def test_unknown_calling_ae_is_rejected(guarded_server):
     ae = _ae()
     ae.ae_title = "STRANGER"

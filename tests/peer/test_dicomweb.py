@@ -368,8 +368,13 @@ def test_wado_rs_refuses_what_it_cannot_send(server, sent):
     base = f"{server.url}/studies"
     r = requests.get(f"{base}/{generate_uid()}", timeout=HTTP_TIMEOUT_S)
     assert r.status_code == 404, r.text
-    r = requests.get(f"{base}/not-a-uid", timeout=HTTP_TIMEOUT_S)
-    assert r.status_code == 400, r.text
+    # Letters, digits, dots, '-' and '_' name a stored UID (some senders write letters);
+    # anything else, or more than 64 characters, is no UID.
+    for bad in ["not%20a%20uid", "1.2%2F3", "1" * 65]:
+        r = requests.get(f"{base}/{bad}", timeout=HTTP_TIMEOUT_S)
+        assert r.status_code == 400, (bad, r.text)
+    r = requests.get(f"{base}/1.2.ABC-9", timeout=HTTP_TIMEOUT_S)
+    assert r.status_code == 404, r.text
     # A transfer syntax some of the study's instances are not stored in: no transcoding.
     syntaxes = {ds.file_meta.TransferSyntaxUID for ds in sent if ds.StudyInstanceUID == study}
     other = "1.2.840.10008.1.2.4.50" if "1.2.840.10008.1.2.4.50" not in syntaxes else "1.2.840.10008.1.2"

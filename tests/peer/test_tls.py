@@ -328,3 +328,49 @@ def test_beyond_max_connections_a_new_tls_connection_is_closed_at_once(pki):
         assert ok, "no connection served after the held ones closed"
     finally:
         server.stop()
+
+
+def test_beyond_max_connections_per_client_a_new_tls_connection_is_closed_at_once(pki):
+    """`--max-connections-per-client 2` (the listener's cap left at 4096): a third TLS
+    connection from the same client is closed before any handshake, and counted in
+    `nightingale_http_connections_refused_total`; once one of the two closes, a new one is
+    served."""
+    server = TlsServer(pki, ["--max-connections-per-client", "2"])
+    try:
+        host, port = server.addr.split(":")
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+
+        def connect():
+            return ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=30),
+                                   server_hostname=host)
+
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        held = []
+        while not held:
+            assert time.monotonic() < deadline, f"no TLS handshake:\n{server.log()}"
+            try:
+                held.append(connect())
+            except (ssl.SSLError, ConnectionError, OSError):
+                time.sleep(0.2)
+        held.append(connect())
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            held.append(connect())
+        assert len(held) == 2
+        held.pop().close()
+        ok = None
+        while time.monotonic() < deadline and ok is None:
+            try:
+                r = requests.get(f"https://{server.addr}/metrics", timeout=5,
+                                 verify=str(pki / "ca.pem"))
+                ok = r
+            except requests.RequestException:
+                time.sleep(0.2)
+        assert ok is not None and ok.status_code == 200, "no connection served after one closed"
+        refused = [line for line in ok.text.splitlines()
+                   if line.startswith("nightingale_http_connections_refused_total")
+                   and 'reason="per_client"' in line and 'listener="tls"' in line]
+        assert refused and float(refused[0].split()[-1]) >= 1, ok.text[-2000:]
+        for s in held:
+            s.close()
+    finally:
+        server.stop()

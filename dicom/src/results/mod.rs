@@ -49,7 +49,9 @@ pub const AI_RESULT_LABEL: &str = "AI RESULT - NOT FOR DIAGNOSIS WITHOUT REVIEW"
 /// Manufacturer in the equipment modules and the observer context.
 pub const MANUFACTURER: &str = "Nightingale";
 
-/// A DICOM UID (at most 64 characters of digits and dots; checked where it is read).
+/// A DICOM UID: the ones Nightingale makes are digits and dots; one read from a source object
+/// is kept as the spool stored it (at most 64 printable characters, letters included as some
+/// senders write them), so that the results reference the source as it is.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Uid(String);
 
@@ -74,17 +76,13 @@ impl Uid {
         Uid(format!("2.25.{}", id.as_u128()))
     }
 
-    /// Parse a UID read from a source object: trailing NUL/space padding dropped, then 1–64
-    /// characters of digits and dots.
+    /// Parse a UID read from a source object: trailing NUL/space padding dropped, then what
+    /// the spool accepts ([`sop::is_acceptable_uid`]: 1–64 printable characters, one value).
+    ///
+    /// [`sop::is_acceptable_uid`]: crate::sop::is_acceptable_uid
     pub fn parse(text: &str) -> Option<Self> {
         let t = text.trim_end_matches(['\0', ' ']).trim_start();
-        let ok = !t.is_empty()
-            && t.len() <= 64
-            && t.bytes().all(|b| b.is_ascii_digit() || b == b'.')
-            && !t.starts_with('.')
-            && !t.ends_with('.')
-            && !t.contains("..");
-        ok.then(|| Uid(t.to_owned()))
+        crate::sop::is_acceptable_uid(t).then(|| Uid(t.to_owned()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -298,9 +296,14 @@ mod tests {
 
     #[test]
     fn uid_parse_rejects_bad_text() {
-        for bad in ["", "1..2", ".1", "1.", "1.2.a", &"1".repeat(65)] {
+        for bad in ["", "1\\2", "1 2", "1.2\u{e9}", &"1".repeat(65)] {
             assert_eq!(Uid::parse(bad), None, "{bad:?}");
         }
+        // As some senders write them: kept, so that a result references its source.
+        assert_eq!(
+            Uid::parse("1.2.826.ABC.7 ").unwrap().as_str(),
+            "1.2.826.ABC.7"
+        );
         assert_eq!(Uid::parse("1.2.3\0").unwrap().as_str(), "1.2.3");
     }
 
