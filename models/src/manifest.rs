@@ -851,8 +851,22 @@ fn default_model_file() -> String {
 
 /// A manifest that breaks a rule the parser cannot express.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
+#[error("{}", shown(.0))]
 pub struct InvalidManifest(pub String);
+
+/// A reason as it is shown (answered over HTTP, logged, audited): at most 1 KiB, since it may
+/// quote whatever a manifest holds (a 200 KB name).
+fn shown(reason: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 1024;
+    if reason.len() <= MAX {
+        return reason.into();
+    }
+    let mut end = MAX;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes cut)", &reason[..end], reason.len() - end).into()
+}
 
 /// A TOML error as `TOML parse error at line L, column C: message`, without the quoted line
 /// and caret that `toml`'s own text carries: the reason is answered over HTTP and kept in the
@@ -1476,6 +1490,18 @@ labels = ["a", "b"]
 [versions.1.files]
 "model.onnx" = "0000000000000000000000000000000000000000000000000000000000000000"
 "#;
+
+    #[test]
+    fn a_reason_quoting_a_huge_value_is_cut() {
+        let text = MINIMAL.replace(
+            "name = \"m\"",
+            &format!("name = \"{}\"", "N".repeat(200_000)),
+        );
+        let e = Manifest::parse(&text).unwrap_err().to_string();
+        assert!(e.len() < 1100, "{}", e.len());
+        assert!(e.starts_with("name \"NNN"), "{}", &e[..40]);
+        assert!(e.ends_with(" bytes cut)"), "{}", &e[e.len() - 40..]);
+    }
 
     #[test]
     fn batching_values_are_bounded() {

@@ -15,8 +15,30 @@ use std::path::{Path, PathBuf};
 use super::chain::{ChainChecker, Tail, check_line, seal};
 use super::{AuditError, AuditEvent, AuditStore, ChainSummary};
 
-/// Records are well under 4 KiB; the tail read at start-up holds the last one whole.
+/// Records are a few KiB (their text fields are cut at [`super::MAX_FIELD_BYTES`]): the first
+/// read of a file's end at start-up holds the last one whole.
 const TAIL_READ: u64 = 64 << 10;
+/// How far back start-up and rotation look for a record's line end: a trail written before
+/// records were bounded may hold longer lines (a refusal reason quoting a 200 KB manifest
+/// field), which must not stop the server from starting or rotating.
+const MAX_RECORD_READ: u64 = 64 << 20;
+
+/// The last `window` bytes (at most) of a file of `len` bytes, and where they start.
+fn read_back(
+    path: &Path,
+    file: &File,
+    len: u64,
+    window: u64,
+) -> Result<(u64, Vec<u8>), AuditError> {
+    let start = len.saturating_sub(window);
+    let mut f = file;
+    f.seek(SeekFrom::Start(start)).map_err(io(path))?;
+    let mut tail = Vec::with_capacity((len - start) as usize);
+    f.take(len - start)
+        .read_to_end(&mut tail)
+        .map_err(io(path))?;
+    Ok((start, tail))
+}
 
 /// Settings of a JSON-lines store.
 #[derive(Debug, Clone)]
@@ -121,7 +143,7 @@ impl JsonLinesStore {
             let file = File::open(&self.path).map_err(io(&self.path))?;
             let mut first = String::new();
             BufReader::new(file)
-                .take(TAIL_READ)
+                .take(MAX_RECORD_READ)
                 .read_line(&mut first)
                 .map_err(io(&self.path))?;
             check_line(first.trim_end())
@@ -211,24 +233,24 @@ fn repair_torn_tail(path: &Path, file: &File) -> Result<u64, AuditError> {
     if len == 0 {
         return Ok(0);
     }
-    let start = len.saturating_sub(TAIL_READ);
-    let mut tail = vec![];
-    let mut f = file;
-    f.seek(SeekFrom::Start(start)).map_err(io(path))?;
-    f.take(TAIL_READ).read_to_end(&mut tail).map_err(io(path))?;
-    if tail.last() == Some(&b'\n') {
-        return Ok(len);
-    }
-    let Some(nl) = tail.iter().rposition(|&b| b == b'\n') else {
-        if start > 0 {
-            return Err(AuditError::BrokenTail {
-                location: path.display().to_string(),
-                reason: format!("is over {TAIL_READ} bytes without a line end"),
-            });
+    let mut window = TAIL_READ;
+    loop {
+        let (start, tail) = read_back(path, file, len, window)?;
+        if tail.last() == Some(&b'\n') {
+            return Ok(len);
         }
-        return set_aside(path, file, 0, &tail);
-    };
-    set_aside(path, file, start + nl as u64 + 1, &tail[nl + 1..])
+        match tail.iter().rposition(|&b| b == b'\n') {
+            Some(nl) => return set_aside(path, file, start + nl as u64 + 1, &tail[nl + 1..]),
+            None if start == 0 => return set_aside(path, file, 0, &tail),
+            None if window >= MAX_RECORD_READ => {
+                return Err(AuditError::BrokenTail {
+                    location: path.display().to_string(),
+                    reason: format!("is over {MAX_RECORD_READ} bytes without a line end"),
+                });
+            }
+            None => window = (window * 8).min(MAX_RECORD_READ),
+        }
+    }
 }
 
 fn set_aside(path: &Path, file: &File, keep: u64, torn: &[u8]) -> Result<u64, AuditError> {
@@ -242,21 +264,39 @@ fn set_aside(path: &Path, file: &File, keep: u64, torn: &[u8]) -> Result<u64, Au
 
 /// The last record of a file of `len` bytes, checked against its own hash.
 fn last_record(path: &Path, file: &File, len: u64) -> Result<Option<Tail>, AuditError> {
-    let start = len.saturating_sub(TAIL_READ);
-    let mut f = file;
-    f.seek(SeekFrom::Start(start)).map_err(io(path))?;
-    let mut tail = String::new();
-    f.take(len - start)
-        .read_to_string(&mut tail)
-        .map_err(io(path))?;
-    let Some(line) = tail.lines().rev().find(|l| !l.trim().is_empty()) else {
-        return Ok(None);
-    };
-    let (seq, _, hash) = check_line(line).map_err(|reason| AuditError::BrokenTail {
+    let broken = |reason: String| AuditError::BrokenTail {
         location: path.display().to_string(),
         reason,
-    })?;
-    Ok(Some(Tail { seq, hash }))
+    };
+    let mut window = TAIL_READ;
+    loop {
+        let (start, tail) = read_back(path, file, len, window)?;
+        // Lines as `str::lines` makes them (a `\r` before the `\n` dropped); the first
+        // one is whole only when the read began at the file's start.
+        let lines: Vec<&[u8]> = tail.split(|&b| b == b'\n').collect();
+        let found = lines
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, l)| !l.iter().all(u8::is_ascii_whitespace));
+        let line = match found {
+            None if start == 0 => return Ok(None),
+            Some((i, line)) if i > 0 || start == 0 => line.strip_suffix(b"\r").unwrap_or(line),
+            _ if window >= MAX_RECORD_READ => {
+                return Err(broken(format!(
+                    "its last record is over {MAX_RECORD_READ} bytes long"
+                )));
+            }
+            _ => {
+                window = (window * 8).min(MAX_RECORD_READ);
+                continue;
+            }
+        };
+        let line =
+            std::str::from_utf8(line).map_err(|_| broken("its last record is not UTF-8".into()))?;
+        let (seq, _, hash) = check_line(line).map_err(broken)?;
+        return Ok(Some(Tail { seq, hash }));
+    }
 }
 
 /// The files of one log: rotated ones oldest first, then the live one.

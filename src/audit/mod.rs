@@ -120,6 +120,51 @@ pub struct AuditEvent {
     pub detail: Option<String>,
 }
 
+/// The most bytes a text field of a record keeps (a refusal reason may quote whatever a
+/// bundle's manifest holds: a 200 KB name made a record no reader of the trail expected).
+pub const MAX_FIELD_BYTES: usize = 2048;
+
+/// `text` cut to at most [`MAX_FIELD_BYTES`] on a character boundary, saying how much was
+/// cut.
+fn bounded(text: &mut String) {
+    if text.len() <= MAX_FIELD_BYTES {
+        return;
+    }
+    let total = text.len();
+    let mut end = MAX_FIELD_BYTES - 64;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(&format!("... ({} of {total} bytes cut)", total - end));
+}
+
+impl AuditEvent {
+    /// Cuts every text field to [`MAX_FIELD_BYTES`], so that a record stays a few KiB
+    /// whatever it quotes.
+    pub fn bound(&mut self) {
+        for field in [
+            &mut self.request_id,
+            &mut self.model,
+            &mut self.version,
+            &mut self.model_sha256,
+        ] {
+            bounded(field);
+        }
+        for field in [
+            &mut self.input_sha256,
+            &mut self.output_sha256,
+            &mut self.actor,
+            &mut self.detail,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            bounded(field);
+        }
+    }
+}
+
 /// One stored record, as read back (the chain fields around the event).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 pub struct AuditRecord {
@@ -425,6 +470,9 @@ fn run_writer(mut store: Box<dyn AuditStore>, mut rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        for (event, _) in group.iter_mut() {
+            event.bound();
+        }
         let events: Vec<&AuditEvent> = group.iter().map(|(e, _)| e).collect();
         let result = store.append(&events, unix_ms());
         match &result {
@@ -567,6 +615,71 @@ mod tests {
             actor: None,
             detail: None,
         }
+    }
+
+    #[test]
+    fn text_fields_are_cut_on_a_character_boundary() {
+        let mut e = event("r");
+        // A two-byte character across the cut.
+        e.detail = Some(format!(
+            "{}é{}",
+            "n".repeat(MAX_FIELD_BYTES - 65),
+            "n".repeat(200_000)
+        ));
+        e.model = "m".repeat(300_000);
+        e.bound();
+        let detail = e.detail.unwrap();
+        assert!(detail.len() <= MAX_FIELD_BYTES, "{}", detail.len());
+        assert!(
+            detail.ends_with(" bytes cut)"),
+            "{}",
+            &detail[detail.len() - 40..]
+        );
+        assert!(e.model.len() <= MAX_FIELD_BYTES);
+        // Short fields are left as they are.
+        let mut short = event("r");
+        short.detail = Some("signature ok".into());
+        short.bound();
+        assert_eq!(short.detail.as_deref(), Some("signature ok"));
+        assert_eq!(short.model, "m");
+    }
+
+    /// A trail whose records are longer than the first read of a file's end (written before
+    /// records were bounded: a 200 KB refusal reason) still opens, continues its chain and
+    /// rotates; the server used to refuse to start on it.
+    #[test]
+    fn a_trail_with_records_longer_than_the_tail_read_opens_and_rotates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let options = jsonl::Options {
+            fsync: false,
+            rotate_bytes: 64 << 10,
+        };
+        let mut long = event("long");
+        long.detail = Some(format!("{}é", "N".repeat(200_000)));
+        {
+            let mut store = jsonl::JsonLinesStore::open(&path, options.clone()).unwrap();
+            store.append(&[&long], 1).unwrap();
+        }
+        // Twice: the long record last in the live file, then first in it at rotation.
+        for id in ["after-1", "after-2"] {
+            let mut store = jsonl::JsonLinesStore::open(&path, options.clone()).unwrap();
+            store.append(&[&event(id)], 2).unwrap();
+        }
+        let summary = verify(&path).unwrap();
+        assert_eq!(summary.records, 3);
+        assert_eq!(summary.files.len(), 2, "{:?}", summary.files);
+        // A torn long last line (no line end) is set aside, the chain goes on from the record
+        // before it.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut f, "x".repeat(300_000).as_bytes()).unwrap();
+        drop(f);
+        let mut store = jsonl::JsonLinesStore::open(&path, options).unwrap();
+        store.append(&[&event("after-3")], 3).unwrap();
+        assert_eq!(verify(&path).unwrap().records, 4);
     }
 
     /// A record nobody waits for (a request whose client left after it reached the model)
