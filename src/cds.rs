@@ -200,17 +200,21 @@ pub struct Cds {
 type LinearForms = BTreeMap<(String, u64), Option<Arc<LinearLogistic>>>;
 
 /// The bundles of `root` whose manifests declare a FHIR source for a tabular feature, with
-/// their manifests (unreadable ones are skipped: the repository reports them).
+/// their manifests. A manifest is read as the repository reads it (a regular file, bounded,
+/// its signature checked under the repository's policy): one the repository refuses (a
+/// signature that does not verify, a link out of the folder, an oversized file) is skipped,
+/// so that no service is described, nor any prefetch asked for, from unverified text.
 fn bundles_with_fhir_sources(repository: &Repository) -> Vec<Manifest> {
     let Ok(names) = repository.scan() else {
         return vec![];
     };
+    let policy = &repository.options().signatures;
     names
         .iter()
         .filter_map(|name| {
-            let text =
-                std::fs::read_to_string(repository.root().join(name).join("bundle.toml")).ok()?;
-            let m = Manifest::parse(&text).ok()?;
+            let m = nightingale_models::Bundle::open_with(&repository.root().join(name), policy)
+                .ok()?
+                .manifest;
             (m.task == TaskKind::TabularRisk && !features_of(&m).is_empty() && {
                 let f = features_of(&m);
                 f.iter().any(|f| f.code.is_some() || f.fhir.is_some())

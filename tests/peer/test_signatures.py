@@ -134,6 +134,12 @@ def test_a_server_requiring_signatures_serves_only_trusted_bundles(minisign, tmp
         assert "icu-mortality" in reason
         r = requests.get(f"http://127.0.0.1:{port}/v2/models/icu-mortality/ready", timeout=10)
         assert r.status_code != 200
+        # CDS Hooks discovery describes services (and asks for prefetch) from verified
+        # manifests only: the untrusted bundle gets no service (it used to be read unchecked).
+        services = requests.get(f"http://127.0.0.1:{port}/cds-services", timeout=10).json()
+        ids = {s["id"] for s in services["services"]}
+        assert "nightingale-pima-diabetes" in ids, ids
+        assert "nightingale-icu-mortality" not in ids, ids
     finally:
         proc.terminate()
         proc.wait(timeout=20)
