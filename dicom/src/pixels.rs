@@ -118,6 +118,22 @@ pub enum PixelError {
     RleFrame { frame: u32 },
     #[error("the codec failed (panicked) on frame {frame}")]
     CodecPanicked { frame: u32 },
+    /// A JPEG frame whose own frame header (SOF) declares another size or component count
+    /// than the DICOM header: refused before any of it is decoded (jpeg-decoder allocates
+    /// and fills the declared size whatever data follows: 1 KB declaring 30000 x 30000 took
+    /// about 1 GB and 30 s of CPU).
+    #[error(
+        "frame {frame} is a JPEG of {width} x {height} with {components} component(s); the header says {cols} x {rows} with {samples}"
+    )]
+    JpegSize {
+        frame: u32,
+        width: u16,
+        height: u16,
+        components: usize,
+        cols: u32,
+        rows: u32,
+        samples: u16,
+    },
     #[error("frame {frame} decoded to {got} bytes; the header says {expected}")]
     DecodedSize {
         frame: u32,
@@ -180,7 +196,9 @@ impl PixelError {
             | PixelError::J2kNoSiz { .. }
             | PixelError::FrameFragments { .. }
             | PixelError::CodecPanicked { .. } => "decode_failed",
-            PixelError::DecodedSize { .. } | PixelError::J2kSize { .. } => "decoded_size",
+            PixelError::DecodedSize { .. }
+            | PixelError::J2kSize { .. }
+            | PixelError::JpegSize { .. } => "decoded_size",
             PixelError::MixedSeries { .. } | PixelError::MixedIdentity { .. } => "mixed_series",
             PixelError::BudgetTimeout { .. } => "budget_timeout",
         }
@@ -1228,6 +1246,32 @@ fn decode_jpeg(data: &[u8], h: &ImageHeader, frame: u32) -> Result<Vec<i64>, Pix
         } else {
             jpeg_decoder::ColorTransform::YCbCr
         });
+    }
+    // The frame header first: a frame whose declared size is not the header's is refused
+    // before jpeg-decoder allocates (and fills) what it declares.
+    decoder
+        .read_info()
+        .map_err(|source| PixelError::DecodeJpeg { frame, source })?;
+    if let Some(info) = decoder.info() {
+        let components = match info.pixel_format {
+            jpeg_decoder::PixelFormat::L8 | jpeg_decoder::PixelFormat::L16 => 1,
+            jpeg_decoder::PixelFormat::RGB24 => 3,
+            jpeg_decoder::PixelFormat::CMYK32 => 4,
+        };
+        if u32::from(info.width) != h.cols
+            || u32::from(info.height) != h.rows
+            || components != usize::from(h.samples)
+        {
+            return Err(PixelError::JpegSize {
+                frame,
+                width: info.width,
+                height: info.height,
+                components,
+                cols: h.cols,
+                rows: h.rows,
+                samples: h.samples,
+            });
+        }
     }
     let bytes = decoder
         .decode()

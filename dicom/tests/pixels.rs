@@ -1146,3 +1146,57 @@ fn a_real_j2k_frame_with_a_patched_siz_is_refused() {
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
 }
+
+/// Red-team finding (JPEG decode bomb): a real JPEG frame whose frame header (SOF) is patched
+/// to declare 30000 x 30000 under a DICOM header of the file's own size. jpeg-decoder
+/// allocates and fills what the SOF declares whatever data follows (about 1 GB and 30 s for
+/// 1 KB), so the frame must be refused from its SOF, before decoding: a `JpegSize` error, not
+/// a decode error after the fact. Baseline (8-bit colour) and lossless (16-bit grey).
+#[test]
+fn a_real_jpeg_frame_with_a_patched_sof_is_refused_before_decoding() {
+    let Some(dirs) = packages() else {
+        return;
+    };
+    for (path, sof) in [
+        (dirs.0.join("data/test_files/SC_rgb_jpeg_dcmtk.dcm"), 0xC0u8),
+        (dirs.1.join("data/JPEG-LL.dcm"), 0xC3u8),
+    ] {
+        let source = PixelSource::open(&path, &Limits::default()).unwrap();
+        assert!(source.frame(0, &DecodeOptions::default()).is_ok(), "{path:?}");
+        let (rows, cols) = (source.header().rows, source.header().cols);
+        let mut obj = source.object().clone();
+        let element = obj.element(tags::PIXEL_DATA).unwrap();
+        let dicom_core::value::Value::PixelSequence(seq) = element.value() else {
+            panic!("encapsulated pixel data");
+        };
+        let mut frame = seq.fragments().concat();
+        let at = frame
+            .windows(2)
+            .position(|w| w == [0xFF, sof])
+            .expect("a frame header");
+        // FF Cn, length (2), precision (1), height (2), width (2).
+        frame[at + 5..at + 7].copy_from_slice(&30000u16.to_be_bytes());
+        frame[at + 7..at + 9].copy_from_slice(&30000u16.to_be_bytes());
+        obj.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OB,
+            PixelFragmentSequence::new(Vec::<u32>::new(), vec![frame]),
+        ));
+        let err = PixelSource::from_object(obj, &Limits::default())
+            .and_then(|s| s.frame(0, &DecodeOptions::default()))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PixelError::JpegSize {
+                    width: 30000,
+                    height: 30000,
+                    ..
+                }
+            ),
+            "{path:?}: {err:?}"
+        );
+        assert_eq!(err.reason(), "decoded_size");
+        assert!(err.to_string().contains(&format!("{cols} x {rows}")), "{err}");
+    }
+}
