@@ -361,6 +361,11 @@ impl ImageHeader {
                 name: "RescaleIntercept",
             });
         }
+        if !rescale_keeps_the_range(bits_stored, signed, slope, intercept) {
+            return Err(PixelError::InvalidAttribute {
+                name: "RescaleSlope/RescaleIntercept",
+            });
+        }
         let window = window_of(obj);
         Ok(ImageHeader {
             transfer_syntax,
@@ -1227,6 +1232,23 @@ fn jpeg_colour_markers(data: &[u8]) -> (Option<[u8; 3]>, bool) {
         offset += 2 + length;
     }
     (None, jfif)
+}
+
+/// Whether the modality rescale keeps the stored range an image: its ends finite in `f32`
+/// with a finite span between them (what the windows and the preprocessing compute), and
+/// still distinct. A slope of 1e308 made every pixel infinite, and an intercept of 1e39 or
+/// 1e30 made them all one value: each was processed as a blank image and reported with a
+/// finding.
+fn rescale_keeps_the_range(bits_stored: u16, signed: bool, slope: f64, intercept: f64) -> bool {
+    let bits = i32::from(bits_stored.clamp(1, 32));
+    let (min, max) = if signed {
+        (-(2f64.powi(bits - 1)), 2f64.powi(bits - 1) - 1.0)
+    } else {
+        (0.0, 2f64.powi(bits) - 1.0)
+    };
+    let (a, b) = (min * slope + intercept, max * slope + intercept);
+    let limit = f64::from(f32::MAX) / 2.0;
+    a.abs() <= limit && b.abs() <= limit && (a as f32) != (b as f32)
 }
 
 /// Decodes one JPEG frame to its samples: grey as stored (8 or 16 bits); colour (8 bits) to

@@ -503,6 +503,34 @@ fn headers_that_cannot_be_decoded_fail_with_their_reason() {
     let mut obj = ok();
     put(&mut obj, tags::RESCALE_SLOPE, VR::DS, "0".into());
     assert_eq!(reason(obj), "bad_attribute");
+    // A rescale that takes the stored range out of f32 (every pixel infinite), or maps it to
+    // one f32 value (a blank image): refused, where it was processed and reported with a
+    // finding (red team). An ordinary CT rescale and a PET-like small slope decode.
+    for (slope, intercept, refused) in [
+        ("1e308", "-1e308", true),
+        ("1", "1e39", true),
+        ("1", "1e30", true),
+        ("1e35", "0", true),
+        ("1", "-1024", false),
+        ("0.00123", "0", false),
+    ] {
+        let mut obj = ok();
+        put(&mut obj, tags::RESCALE_SLOPE, VR::DS, slope.into());
+        put(&mut obj, tags::RESCALE_INTERCEPT, VR::DS, intercept.into());
+        let decoded = PixelSource::from_object(obj, &Limits::default())
+            .and_then(|s| s.frame(0, &DecodeOptions::default()));
+        match decoded {
+            Err(e) => {
+                assert!(refused, "{slope} {intercept}: {e}");
+                assert_eq!(e.reason(), "bad_attribute");
+                assert!(
+                    e.to_string().contains("RescaleSlope/RescaleIntercept"),
+                    "{e}"
+                );
+            }
+            Ok(_) => assert!(!refused, "{slope} {intercept} decoded"),
+        }
+    }
     // An undecodable transfer syntax (JPEG-LS has no codec in this build).
     let obj = with_ts(ok().into_inner(), "1.2.840.10008.1.2.4.80");
     assert_eq!(reason(obj), "unsupported_transfer_syntax");
@@ -1162,7 +1190,10 @@ fn a_real_jpeg_frame_with_a_patched_sof_is_refused_before_decoding() {
         (dirs.1.join("data/JPEG-LL.dcm"), 0xC3u8),
     ] {
         let source = PixelSource::open(&path, &Limits::default()).unwrap();
-        assert!(source.frame(0, &DecodeOptions::default()).is_ok(), "{path:?}");
+        assert!(
+            source.frame(0, &DecodeOptions::default()).is_ok(),
+            "{path:?}"
+        );
         let (rows, cols) = (source.header().rows, source.header().cols);
         let mut obj = source.object().clone();
         let element = obj.element(tags::PIXEL_DATA).unwrap();
@@ -1197,6 +1228,9 @@ fn a_real_jpeg_frame_with_a_patched_sof_is_refused_before_decoding() {
             "{path:?}: {err:?}"
         );
         assert_eq!(err.reason(), "decoded_size");
-        assert!(err.to_string().contains(&format!("{cols} x {rows}")), "{err}");
+        assert!(
+            err.to_string().contains(&format!("{cols} x {rows}")),
+            "{err}"
+        );
     }
 }
