@@ -598,6 +598,10 @@ pub struct Repository {
     pending: AtomicUsize,
     /// Unloads so far; see `Entry::unloaded_at`.
     unloads: AtomicU64,
+    /// Held by a load's or an unload's decision (its checks, its commit, its change of what
+    /// serves): the commit (the audit record's write, which may wait on a slow store) runs
+    /// under it, never under `models`, which every request reads.
+    control: Mutex<()>,
 }
 
 impl Repository {
@@ -609,6 +613,7 @@ impl Repository {
             loading: Mutex::default(),
             pending: AtomicUsize::new(0),
             unloads: AtomicU64::new(0),
+            control: Mutex::default(),
         }
     }
 
@@ -728,9 +733,14 @@ impl Repository {
                 },
             ))
         });
-        let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
-        let entry = models.entry(name.to_owned()).or_default();
-        if entry.unloaded_at > started {
+        // Only loads and unloads change what serves, and both decide under `control`: what is
+        // checked here still holds when the change is made below.
+        let _control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        let unloaded_since = {
+            let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+            models.get(name).is_some_and(|e| e.unloaded_at > started)
+        };
+        if unloaded_since {
             tracing::warn!(
                 model = name,
                 "the model was unloaded while it loaded; load discarded"
@@ -740,17 +750,22 @@ impl Repository {
                 reason: "unloaded while it was loading".into(),
             });
         }
+        if let Ok(loaded) = &result {
+            let served: Vec<Arc<LoadedModel>> = loaded.values().cloned().collect();
+            if let Err(reason) = commit(&served) {
+                tracing::error!(model = name, %reason, "load not committed; what served before still serves");
+                return Err(RepositoryError::CommitRefused {
+                    name: name.to_owned(),
+                    reason,
+                });
+            }
+        }
+        let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+        let entry = models.entry(name.to_owned()).or_default();
         match result {
             Ok(loaded) => {
                 let versions: Vec<u64> = loaded.keys().copied().collect();
                 let served: Vec<Arc<LoadedModel>> = loaded.values().cloned().collect();
-                if let Err(reason) = commit(&served) {
-                    tracing::error!(model = name, %reason, "load not committed; what served before still serves");
-                    return Err(RepositoryError::CommitRefused {
-                        name: name.to_owned(),
-                        reason,
-                    });
-                }
                 entry.versions = loaded;
                 entry.state = Some(ModelState::Ready);
                 entry.refused = None;
@@ -868,12 +883,19 @@ impl Repository {
         commit: &dyn Fn() -> Result<(), String>,
     ) -> Result<(), RepositoryError> {
         let on_disk = valid_name(name) && self.root.join(name).join(MANIFEST_FILE).is_file();
-        let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
-        if !on_disk && !models.contains_key(name) {
+        let _control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        let known = self
+            .models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name);
+        if !on_disk && !known {
             return Err(RepositoryError::UnknownModel {
                 name: name.to_owned(),
             });
         }
+        // The commit (the audit record) is written without holding `models`: requests go on
+        // reading what serves while it waits on the audit store.
         if let Err(reason) = commit() {
             tracing::error!(model = name, %reason, "unload not committed; the model still serves");
             return Err(RepositoryError::CommitRefused {
@@ -881,6 +903,7 @@ impl Repository {
                 reason,
             });
         }
+        let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
         let entry = models.entry(name.to_owned()).or_default();
         entry.versions.clear();
         entry.state = Some(ModelState::Unloaded);

@@ -352,3 +352,66 @@ fn a_symlinked_version_folder_is_refused_not_skipped() {
     let err = fresh.load(MODEL).unwrap_err().to_string();
     assert!(err.contains("not a folder of its own"), "{err}");
 }
+
+/// Red-team finding: a load's or an unload's commit (the server writes its audit record
+/// there, which may wait on a slow audit store) ran under the lock every request reads, so
+/// while it waited no request could find its model (on a 2-core server, liveness and every
+/// infer stalled). Now requests read what serves meanwhile: here the unload's commit waits
+/// until a request has found the model; before, that request waited for the commit, which
+/// then gave up (bounded) and the unload was refused.
+#[test]
+fn requests_find_their_model_while_a_commit_waits() {
+    let (dir, _) = repo_with_copy();
+    let repo = std::sync::Arc::new(Repository::new(dir.path(), RepositoryOptions::default()));
+    repo.load(MODEL).unwrap();
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+    let (found_tx, found_rx) = std::sync::mpsc::channel::<()>();
+    let found_rx = std::sync::Mutex::new(found_rx);
+    let unloading = {
+        let repo = repo.clone();
+        std::thread::spawn(move || {
+            repo.unload_committed(MODEL, &|| {
+                entered_tx.send(()).unwrap();
+                found_rx
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(std::time::Duration::from_secs(20))
+                    .map_err(|_| "no request found its model while the commit waited".to_owned())
+            })
+        })
+    };
+    entered_rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .unwrap();
+    // The commit is waiting: the model still serves, and is found.
+    assert!(repo.get(MODEL, None).is_ok());
+    found_tx.send(()).unwrap();
+    unloading.join().unwrap().unwrap();
+    assert!(repo.get(MODEL, None).is_err(), "unloaded after its commit");
+    // The same for a load's commit.
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+    let (found_tx, found_rx) = std::sync::mpsc::channel::<()>();
+    let found_rx = std::sync::Mutex::new(found_rx);
+    let entered_tx = std::sync::Mutex::new(entered_tx);
+    let loading = {
+        let repo = repo.clone();
+        std::thread::spawn(move || {
+            repo.load_target_committed(MODEL, nightingale_models::LoadTarget::Policy, &|_| {
+                entered_tx.lock().unwrap().send(()).unwrap();
+                found_rx
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(std::time::Duration::from_secs(20))
+                    .map_err(|_| "no request was answered while the commit waited".to_owned())
+            })
+        })
+    };
+    entered_rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .unwrap();
+    // Not serving yet (it was unloaded), and the answer comes at once.
+    assert!(repo.get(MODEL, None).is_err());
+    found_tx.send(()).unwrap();
+    loading.join().unwrap().unwrap();
+    assert!(repo.get(MODEL, None).is_ok());
+}
