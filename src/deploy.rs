@@ -99,6 +99,7 @@ pub async fn load(
         RepositoryError::InvalidName { .. }
             | RepositoryError::UnknownModel { .. }
             | RepositoryError::Pinned { .. }
+            | RepositoryError::Held { .. }
     ) {
         let record = AuditEvent {
             version: match target {
@@ -142,13 +143,16 @@ pub async fn unload(
         ..event(EventKind::ModelUnload, name, actor, Outcome::Ok, 200)
     };
     let owned = name.to_owned();
+    let hold = actor != POLLER;
     let result = tokio::task::spawn_blocking(move || {
         let commit = || {
             runtime
                 .block_on(audit.record(record.clone()))
                 .map_err(|e| audit_unavailable(&e.to_string()))
         };
-        repository.unload_committed(&owned, &commit)
+        // An operator's unload (a recall) holds until an operator loads the model again; the
+        // poller's (the bundle left the disk) does not.
+        repository.unload_committed(&owned, hold, &commit)
     })
     .await
     .map_err(|e| DeployError::Internal(e.to_string()))?;
@@ -223,11 +227,16 @@ pub async fn poll(
             // queued behind it.
             tracing::info!(model = %name, "bundle changed on disk: reloading unless pinned");
             // Other errors are in the index and the audit trail already.
-            if let Err(DeployError::Repository(RepositoryError::Pinned { version, .. })) =
-                load(&state, name, LoadTarget::PolicyUnlessPinned, POLLER, "-").await
-            {
-                tracing::info!(model = %name, version,
-                    "bundle changed on disk; not reloaded: pinned by a rollback until the next load");
+            match load(&state, name, LoadTarget::PolicyUnlessPinned, POLLER, "-").await {
+                Err(DeployError::Repository(RepositoryError::Pinned { version, .. })) => {
+                    tracing::info!(model = %name, version,
+                        "bundle changed on disk; not reloaded: pinned by a rollback until the next load");
+                }
+                Err(DeployError::Repository(RepositoryError::Held { .. })) => {
+                    tracing::info!(model = %name,
+                        "bundle changed on disk; not reloaded: unloaded by model control until the next load");
+                }
+                _ => {}
             }
         }
         let gone: Vec<String> = applied

@@ -520,3 +520,60 @@ async fn a_poller_reload_queued_behind_a_rollback_does_not_undo_it() {
         .unwrap();
     assert_eq!(served.iter().map(|m| m.version).collect::<Vec<_>>(), [1, 2]);
 }
+
+/// Red-team finding: an operator's unload (a recall) was undone by the repository poller as
+/// soon as any file of the bundle changed (a model card edited): the poller reloaded it.
+/// Now it stays unloaded, whatever changes on disk, until an operator loads it; the poller's
+/// own unload (the bundle left the disk) does not hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_unload_holds_against_the_poller_until_a_load() {
+    let f = Fixture::new(&[1]).await;
+    let repository = f.state.repository.clone();
+    let poller = tokio::spawn(nightingale::deploy::poll(
+        f.state.clone(),
+        Duration::from_millis(50),
+        repository.fingerprints(),
+    ));
+    let (s, _) = f
+        .post(
+            &format!("/v2/repository/models/{MODEL}/unload"),
+            "",
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(repository.held(MODEL));
+    // A file of the bundle changes: the poller sees it (stable for an interval) and leaves
+    // the model unloaded. Its attempt is over once the fingerprint it saw is applied, which
+    // the index cannot show: wait for several intervals' worth of polls, bounded.
+    std::fs::write(f.bundle().join("testdata/note.txt"), "edited").unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(repository.loads_pending(), 0);
+    let (s, _) = f.infer_version().await;
+    assert_eq!(
+        s,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the poller reloaded a held model"
+    );
+    assert!(repository.held(MODEL));
+    // An operator's load brings it back, and the hold is gone.
+    let (s, _) = f
+        .post(
+            &format!("/v2/repository/models/{MODEL}/load"),
+            "",
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(!repository.held(MODEL));
+    let (s, _) = f.infer_version().await;
+    assert_eq!(s, StatusCode::OK);
+    poller.abort();
+    let by_poller = f
+        .audit()
+        .await
+        .into_iter()
+        .filter(|r| r.event.actor.as_deref() == Some(nightingale::deploy::POLLER))
+        .count();
+    assert_eq!(by_poller, 0, "the poller acted on a held model");
+}

@@ -219,6 +219,12 @@ pub enum RepositoryError {
         "model {name:?} is pinned to version {version} by a rollback until the next plain load"
     )]
     Pinned { name: String, version: u64 },
+    /// A [`LoadTarget::PolicyUnlessPinned`](crate::LoadTarget::PolicyUnlessPinned) load found
+    /// the model unloaded by model control: it stays unloaded until a plain load.
+    #[error(
+        "model {name:?} was unloaded by model control and stays unloaded until a load asks for it"
+    )]
+    Held { name: String },
     /// The caller's commit step (e.g. writing the load's audit record) refused the versions
     /// just before they would have started serving: nothing changed.
     #[error("model {name:?} was not swapped in: {reason}")]

@@ -569,6 +569,9 @@ struct Entry {
     refused: Option<Refused>,
     /// Set by a rollback: the one version served until the next plain load.
     pinned: Option<u64>,
+    /// Unloaded by model control (an operator's unload, e.g. a recall): loads that honour
+    /// pins (the repository poller's) leave it unloaded until a plain load asks for it.
+    held: bool,
 }
 
 /// Counts a load out of [`Repository::loads_pending`] when it returns (or unwinds).
@@ -713,6 +716,11 @@ impl Repository {
                     version,
                 });
             }
+            if self.held(name) {
+                return Err(RepositoryError::Held {
+                    name: name.to_owned(),
+                });
+            }
         }
         let started = self.unloads.load(Ordering::SeqCst);
         // The engine steps are guarded already; this catches a panic anywhere else in the
@@ -769,6 +777,7 @@ impl Repository {
                 entry.versions = loaded;
                 entry.state = Some(ModelState::Ready);
                 entry.refused = None;
+                entry.held = false;
                 entry.pinned = match target {
                     LoadTarget::Policy | LoadTarget::PolicyUnlessPinned => None,
                     LoadTarget::Version(v) => Some(v),
@@ -808,6 +817,12 @@ impl Repository {
     /// caller (or a test) see that a load it asked for is waiting, or that all are done.
     pub fn loads_pending(&self) -> usize {
         self.pending.load(Ordering::SeqCst)
+    }
+
+    /// Whether an operator's unload holds this model unloaded (see `Entry::held`).
+    pub fn held(&self, name: &str) -> bool {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        models.get(name).is_some_and(|e| e.held)
     }
 
     /// The version a rollback pinned this model to, if any.
@@ -871,15 +886,19 @@ impl Repository {
     /// Stops serving a model. Requests already queued still finish. Never waits for a load in
     /// progress: a load that started before this unload discards its result.
     pub fn unload(&self, name: &str) -> Result<(), RepositoryError> {
-        self.unload_committed(name, &|| Ok(()))
+        self.unload_committed(name, true, &|| Ok(()))
     }
 
     /// [`Repository::unload`], with `commit` asked just before the model stops serving (under
     /// the repository's lock): an error leaves it serving
     /// ([`RepositoryError::CommitRefused`]). The server writes the unload's audit record there.
+    /// With `hold`, the model stays unloaded through loads that honour pins (the poller's)
+    /// until a plain load: an operator's unload; without it (a bundle gone from disk), a
+    /// bundle that comes back is loaded again.
     pub fn unload_committed(
         &self,
         name: &str,
+        hold: bool,
         commit: &dyn Fn() -> Result<(), String>,
     ) -> Result<(), RepositoryError> {
         let on_disk = valid_name(name) && self.root.join(name).join(MANIFEST_FILE).is_file();
@@ -908,6 +927,7 @@ impl Repository {
         entry.versions.clear();
         entry.state = Some(ModelState::Unloaded);
         entry.pinned = None;
+        entry.held = hold;
         entry.refused = None;
         entry.unloaded_at = self.unloads.fetch_add(1, Ordering::SeqCst) + 1;
         tracing::info!(model = name, "model unloaded");

@@ -161,7 +161,7 @@ impl From<RepositoryError> for AppError {
             }
             RepositoryError::InvalidName { .. } => StatusCode::BAD_REQUEST,
             RepositoryError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            RepositoryError::Pinned { .. } => StatusCode::CONFLICT,
+            RepositoryError::Pinned { .. } | RepositoryError::Held { .. } => StatusCode::CONFLICT,
             RepositoryError::CommitRefused { .. } => StatusCode::SERVICE_UNAVAILABLE,
             RepositoryError::Bundle(_) => StatusCode::BAD_REQUEST,
             RepositoryError::Io { .. } => return AppError::internal(e.to_string()),
