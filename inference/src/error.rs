@@ -44,6 +44,12 @@ pub enum InferenceError {
         "input {name:?} holds NaN or infinite values (or numbers beyond its datatype's range); this model accepts finite numbers only"
     )]
     NonFinite { name: String },
+    /// The engines take BYTES as text (ONNX strings): an element that is not UTF-8 would be
+    /// changed on the way in (it was, silently, to U+FFFD), so it is refused.
+    #[error(
+        "input {name:?} element {index} is not UTF-8 text; this model's BYTES inputs are strings"
+    )]
+    NotText { name: String, index: usize },
     #[error("batch size 0: a request must carry at least one row")]
     EmptyBatch,
     #[error("the backend panicked while running the model")]
@@ -107,6 +113,7 @@ impl InferenceError {
                 | InferenceError::TooManyRows { .. }
                 | InferenceError::EmptyBatch
                 | InferenceError::NonFinite { .. }
+                | InferenceError::NotText { .. }
                 | InferenceError::UnknownOutput { .. }
                 | InferenceError::Tensor(_)
                 | InferenceError::UnsupportedDataType { .. }

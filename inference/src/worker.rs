@@ -486,6 +486,14 @@ impl ModelWorker {
             if !self.config.allow_non_finite.contains(&input.name) && !all_finite(&input.tensor) {
                 return Err(InferenceError::NonFinite { name: input.name });
             }
+            if let Tensor::Bytes(a) = &input.tensor
+                && let Some(index) = a.iter().position(|b| std::str::from_utf8(b).is_err())
+            {
+                return Err(InferenceError::NotText {
+                    name: input.name,
+                    index,
+                });
+            }
             slots[ix] = Some(input);
         }
         let inputs = slots

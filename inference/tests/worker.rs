@@ -766,3 +766,77 @@ async fn an_abandoned_gradient_job_stops_and_frees_the_instance() {
         "the abandoned job ran {ran} of its {STEPS} passes"
     );
 }
+
+/// A model of one BYTES input that hands its input back (as ONNX `Identity` on a string
+/// tensor does): the bytes a request would reach the engine with.
+struct EchoText {
+    metadata: ModelMetadata,
+    ran: Arc<AtomicUsize>,
+}
+
+impl Backend for EchoText {
+    fn name(&self) -> &'static str {
+        "echo-text"
+    }
+    fn metadata(&self) -> &ModelMetadata {
+        &self.metadata
+    }
+    fn infer(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, InferenceError> {
+        self.ran.fetch_add(1, Ordering::SeqCst);
+        Ok(inputs
+            .into_iter()
+            .map(|t| NamedTensor::new("out", t.tensor))
+            .collect())
+    }
+    fn fork(&self) -> Result<Box<dyn Backend>, InferenceError> {
+        Ok(Box::new(EchoText {
+            metadata: self.metadata.clone(),
+            ran: self.ran.clone(),
+        }))
+    }
+}
+
+/// Red-team finding: both engines take BYTES as text and turned bytes that are not UTF-8
+/// into U+FFFD on the way in, answering 200 for what the model never saw (and the audit's
+/// input digest was of the bytes sent). Now such an input is a client error naming the
+/// element, and the model does not run; text passes unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_inputs_that_are_not_utf8_are_refused_before_the_model() {
+    use nightingale_inference::{DataType, TensorSpec};
+    let spec = |name: &str| TensorSpec {
+        name: name.into(),
+        datatype: DataType::Bytes,
+        shape: vec![-1],
+    };
+    let ran = Arc::new(AtomicUsize::new(0));
+    let worker = ModelWorker::spawn(
+        Box::new(EchoText {
+            metadata: ModelMetadata {
+                inputs: vec![spec("text")],
+                outputs: vec![spec("out")],
+            },
+            ran: ran.clone(),
+        }),
+        WorkerConfig::default(),
+    )
+    .unwrap();
+    let text = |items: Vec<Vec<u8>>| {
+        vec![NamedTensor::new(
+            "text",
+            Tensor::from_vec(vec![items.len()], items).unwrap(),
+        )]
+    };
+    let err = bounded(worker.infer(text(vec![b"ok".to_vec(), vec![0xff, 0xfe, 0x00, 0x80]])))
+        .await
+        .unwrap_err();
+    assert!(err.is_client_error(), "{err}");
+    assert!(err.to_string().contains("element 1 is not UTF-8"), "{err}");
+    assert_eq!(ran.load(Ordering::SeqCst), 0, "the model ran");
+    let out = bounded(worker.infer(text(vec!["é\u{0}".as_bytes().to_vec()])))
+        .await
+        .unwrap();
+    let Tensor::Bytes(a) = &out[0].tensor else {
+        panic!("BYTES out");
+    };
+    assert_eq!(a.iter().next().unwrap(), &"é\u{0}".as_bytes().to_vec());
+}
