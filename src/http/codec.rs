@@ -761,6 +761,11 @@ pub fn classify(tensor: &Tensor, k: usize, labels: &[String]) -> Result<Tensor, 
     };
     let shape = values.shape().to_vec();
     let classes = *shape.last().unwrap_or(&1);
+    if classes == 0 {
+        return Err(AppError::bad_request(format!(
+            "classification needs at least one class along the output's last axis; its shape is {shape:?}"
+        )));
+    }
     let k = k.min(classes).max(1);
     let rows = values.len() / classes.max(1);
     let flat: Vec<f64> = values.iter().copied().collect();
@@ -914,5 +919,40 @@ mod tests {
         assert!(check_unique_outputs(["a", "b", "c"].into_iter()).is_ok());
         let e = check_unique_outputs(["a", "b", "a"].into_iter()).unwrap_err();
         assert_eq!(e.message, "output \"a\" is requested more than once");
+    }
+}
+
+#[cfg(test)]
+mod classify_tests {
+    use super::*;
+
+    /// Red-team finding: an output with no classes along its last axis (shape [2, 0]) made
+    /// a top-1 tensor of the wrong size: a 500. Now a 400 naming the shape; ordinary outputs
+    /// are classified as before (top k by score, label when there is one).
+    #[test]
+    fn an_output_without_classes_is_a_client_error() {
+        let empty = Tensor::from_vec(vec![2, 0], Vec::<f32>::new()).unwrap();
+        let e = classify(&empty, 1, &[]).unwrap_err();
+        assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+        assert!(e.message.contains("[2, 0]"), "{}", e.message);
+        let scores = Tensor::from_vec(vec![2, 3], vec![0.1f32, 0.7, 0.2, 0.5, 0.3, 0.2]).unwrap();
+        let top = classify(&scores, 2, &["a".into(), "b".into(), "c".into()]).unwrap();
+        assert_eq!(top.shape(), &[2, 2]);
+        let Tensor::Bytes(a) = top else {
+            panic!("BYTES");
+        };
+        let got: Vec<String> = a
+            .iter()
+            .map(|b| String::from_utf8(b.clone()).unwrap())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "0.699999988079071:1:b",
+                "0.20000000298023224:2:c",
+                "0.5:0:a",
+                "0.30000001192092896:1:b"
+            ]
+        );
     }
 }
