@@ -15,11 +15,55 @@ use super::error::AppError;
 /// Deepest nesting accepted in a JSON `data` array.
 const MAX_NESTING: usize = 100;
 
+/// A `parameters` object whose keys are each given once: `{"classification": 2,
+/// "classification": 0}` is refused (serde_json keeps the last silently), as a repeated
+/// field anywhere else in a request is.
+fn unique_parameters<'de, D>(
+    deserializer: D,
+) -> Result<Option<HashMap<String, serde_json::Value>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Unique;
+    impl<'de> serde::de::Visitor<'de> for Unique {
+        type Value = Option<HashMap<String, serde_json::Value>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a parameters object")
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = HashMap::new();
+            while let Some(key) = map.next_key::<String>()? {
+                let value = map.next_value::<serde_json::Value>()?;
+                if out.contains_key(&key) {
+                    return Err(serde::de::Error::custom(format!(
+                        "parameter {key:?} is given more than once"
+                    )));
+                }
+                out.insert(key, value);
+            }
+            Ok(Some(out))
+        }
+    }
+    deserializer.deserialize_option(Unique)
+}
+
 #[derive(Debug, Deserialize)]
 pub struct InferRequest<'a> {
     #[serde(default)]
     pub id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_parameters")]
     pub parameters: Option<HashMap<String, serde_json::Value>>,
     #[serde(borrow)]
     pub inputs: Vec<InputTensor<'a>>,
@@ -32,7 +76,7 @@ pub struct InputTensor<'a> {
     pub name: String,
     pub shape: Vec<i64>,
     pub datatype: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_parameters")]
     pub parameters: Option<HashMap<String, serde_json::Value>>,
     /// The `data` text, borrowed from the body: decoded once the datatype and shape are known.
     #[serde(default, borrow)]
@@ -42,7 +86,7 @@ pub struct InputTensor<'a> {
 #[derive(Debug, Deserialize)]
 pub struct RequestedOutput {
     pub name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_parameters")]
     pub parameters: Option<HashMap<String, serde_json::Value>>,
 }
 
@@ -238,7 +282,9 @@ pub fn decode_request(
         check_unique_outputs(list.iter().map(|o| o.name.as_str()))?;
     }
     let outputs = match request.outputs {
+        // An empty list asks for no output in particular: every output, as Triton answers.
         None => None,
+        Some(list) if list.is_empty() => None,
         Some(list) => Some(
             list.into_iter()
                 .map(|o| {
@@ -834,6 +880,38 @@ mod tests {
             &mut |_| Ok(()),
         )
         .map_err(|e| e.message)
+    }
+
+    /// Red-team findings: a key repeated inside `parameters` (request, input or output
+    /// level) was kept last-wins where every other repeated field is refused; and an empty
+    /// `outputs` list answered no output where Triton answers every one.
+    #[test]
+    fn repeated_parameters_are_refused_and_no_outputs_listed_means_all() {
+        let specs = [spec("features", DataType::Fp32)];
+        let decode_raw = |body: &str| {
+            decode_request(body.as_bytes(), None, &specs, &mut |_| Ok(())).map_err(|e| e.message)
+        };
+        let input = r#"{"name": "features", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]"#;
+        for body in [
+            format!(
+                r#"{{"parameters": {{"binary_data_output": true, "binary_data_output": false}}, "inputs": [{input}}}]}}"#
+            ),
+            format!(r#"{{"inputs": [{input}, "parameters": {{"x": 1, "x": 1}}}}]}}"#),
+            format!(
+                r#"{{"inputs": [{input}}}], "outputs": [{{"name": "p", "parameters": {{"classification": 2, "classification": 0}}}}]}}"#
+            ),
+        ] {
+            let e = decode_raw(&body).unwrap_err();
+            assert!(e.contains("is given more than once"), "{body}: {e}");
+        }
+        let ok = decode_raw(&format!(
+            r#"{{"parameters": {{"a": 1, "b": null}}, "inputs": [{input}}}], "outputs": []}}"#
+        ))
+        .unwrap();
+        assert!(ok.outputs.is_none(), "an empty list is every output");
+        assert_eq!(ok.parameters.len(), 2);
+        let ok = decode_raw(&format!(r#"{{"parameters": null, "inputs": [{input}}}]}}"#)).unwrap();
+        assert!(ok.parameters.is_empty());
     }
 
     /// The model's inputs are checked before any data is decoded: the error is the unknown
