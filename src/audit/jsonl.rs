@@ -426,6 +426,15 @@ fn verify_set(set: &LogSet, watch: Option<u64>) -> Result<ChainSummary, AuditErr
         // A rotated file's name carries the sequence number of its first record: records cut
         // from the start of the oldest file are found (whole files archived away are not).
         let named = rotated_first_seq(file);
+        // The server rotates a live file only once it holds records: an empty rotated file
+        // is one whose records were removed.
+        if named.is_some() && f.metadata().map_err(io(file))?.len() == 0 {
+            return Err(AuditError::Broken {
+                location: file.display().to_string(),
+                record: 1,
+                reason: "a rotated file with no record (the server never writes one): its records were removed".into(),
+            });
+        }
         for (n, line) in BufReader::new(f).lines().enumerate() {
             let line = line.map_err(io(file))?;
             checker.push(&line).map_err(|reason| AuditError::Broken {

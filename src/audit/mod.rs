@@ -682,6 +682,22 @@ mod tests {
         assert_eq!(verify(&path).unwrap().records, 4);
     }
 
+    /// An empty rotated file beside the live one (the server never writes one: rotation
+    /// needs a first record to name the file) is reported, not read as "older files are not
+    /// here" (red team).
+    #[test]
+    fn an_empty_rotated_file_is_a_broken_trail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut store = jsonl::JsonLinesStore::open(&path, jsonl::Options::default()).unwrap();
+        store.append(&[&event("a"), &event("b")], 1).unwrap();
+        assert_eq!(verify(&path).unwrap().records, 2);
+        let empty = dir.path().join("audit.00000000000000000000.jsonl");
+        std::fs::write(&empty, "").unwrap();
+        let e = verify(&path).unwrap_err().to_string();
+        assert!(e.contains("a rotated file with no record"), "{e}");
+    }
+
     /// A record nobody waits for (a request whose client left after it reached the model)
     /// is not lost when its group fails: it is written once the store takes writes again,
     /// with or without other records to write; a waited-for record gets the error.
