@@ -370,7 +370,7 @@ fn requests_find_their_model_while_a_commit_waits() {
     let unloading = {
         let repo = repo.clone();
         std::thread::spawn(move || {
-            repo.unload_committed(MODEL, &|| {
+            repo.unload_committed(MODEL, true, &|| {
                 entered_tx.send(()).unwrap();
                 found_rx
                     .lock()
