@@ -1078,8 +1078,13 @@ async fn wado_rs_retrieves_an_instance_as_stored() {
             StatusCode::BAD_REQUEST,
         ),
         (
-            format!("/dicomweb/studies/{STUDY}/series/{SERIES}/instances/1.x"),
+            format!("/dicomweb/studies/{STUDY}/series/{SERIES}/instances/1%20x"),
             StatusCode::BAD_REQUEST,
+        ),
+        // Letters name a stored UID as some senders write them: looked up, not refused.
+        (
+            format!("/dicomweb/studies/{STUDY}/series/{SERIES}/instances/1.x"),
+            StatusCode::NOT_FOUND,
         ),
     ] {
         let (s, v) = server.get(&uri).await;
@@ -1300,7 +1305,8 @@ async fn wado_rs_retrieves_a_study_and_a_series_as_stored() {
             format!("/dicomweb/studies/{OTHER_STUDY}/series/{SERIES}"),
             StatusCode::NOT_FOUND,
         ),
-        ("/dicomweb/studies/1.x".to_owned(), StatusCode::BAD_REQUEST),
+        ("/dicomweb/studies/1%2Fx".to_owned(), StatusCode::BAD_REQUEST),
+        ("/dicomweb/studies/1.x".to_owned(), StatusCode::NOT_FOUND),
         (
             format!("/dicomweb/studies/{STUDY}/series/..%2F"),
             StatusCode::BAD_REQUEST,
