@@ -1305,7 +1305,10 @@ async fn wado_rs_retrieves_a_study_and_a_series_as_stored() {
             format!("/dicomweb/studies/{OTHER_STUDY}/series/{SERIES}"),
             StatusCode::NOT_FOUND,
         ),
-        ("/dicomweb/studies/1%2Fx".to_owned(), StatusCode::BAD_REQUEST),
+        (
+            "/dicomweb/studies/1%2Fx".to_owned(),
+            StatusCode::BAD_REQUEST,
+        ),
         ("/dicomweb/studies/1.x".to_owned(), StatusCode::NOT_FOUND),
         (
             format!("/dicomweb/studies/{STUDY}/series/..%2F"),
