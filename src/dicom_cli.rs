@@ -306,6 +306,12 @@ pub fn spool(command: SpoolCommand) -> anyhow::Result<()> {
                 report.quarantine_files,
                 humantime::format_duration(older_than)
             );
+            if report.foreign_rows > 0 || report.kept > 0 {
+                println!(
+                    "  {} index rows naming paths the spool never writes dropped (nothing deleted for them); {} instances kept: their files could not be deleted (see the log)",
+                    report.foreign_rows, report.kept
+                );
+            }
             // The pipeline's results follow the same retention (issue 9).
             if let Some(results) = spool.results() {
                 let counts = nightingale::pipeline::purge_results(&results, cutoff, dry_run)?;

@@ -72,8 +72,11 @@ pub enum Problem {
     Size { indexed: u64, actual: u64 },
     /// Same size, other bytes (SHA-256 differs).
     Hash,
-    /// The file is no longer a readable Part 10 file.
+    /// The file is no longer a readable Part 10 file (or not a file: a folder, say).
     Unreadable,
+    /// The row's path is not one the spool writes (outside `instances/`, a `..`, an absolute
+    /// path, through a symbolic link): the file it names is never read, moved or deleted.
+    ForeignPath,
 }
 
 impl std::fmt::Display for Problem {
@@ -85,6 +88,7 @@ impl std::fmt::Display for Problem {
             }
             Problem::Hash => write!(f, "SHA-256 differs from the index"),
             Problem::Unreadable => write!(f, "not a readable Part 10 file"),
+            Problem::ForeignPath => write!(f, "the index names a path the spool never writes"),
         }
     }
 }
@@ -154,6 +158,11 @@ pub struct PurgeReport {
     pub bytes: u64,
     /// Files deleted from quarantine (objects and their reason notes).
     pub quarantine_files: usize,
+    /// Rows dropped whose path the spool never writes (nothing deleted for them).
+    pub foreign_rows: usize,
+    /// Instances kept because their file could not be deleted (row and file left as they
+    /// are, the reason logged); the purge goes on with the others.
+    pub kept: usize,
     pub dry_run: bool,
 }
 
@@ -194,11 +203,18 @@ impl Spool {
         let mut bad_uids = Vec::new();
         let mut indexed = std::collections::HashSet::new();
         for (uid, relative, size, sha256) in rows {
-            let path = self.root.join(&relative);
             indexed.insert(PathBuf::from(&relative));
-            let problem = match fs::read(&path) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(Problem::Missing),
-                Err(e) => return Err(io("read", &path)(e)),
+            let read = match crate::spool::indexed_path(&self.root, &relative, true) {
+                None => Err(Problem::ForeignPath),
+                Some(path) => match fs::read(&path) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Problem::Missing),
+                    // A folder, a file it may not read: reported, the check goes on.
+                    Err(_) => Err(Problem::Unreadable),
+                    Ok(bytes) => Ok(bytes),
+                },
+            };
+            let problem = match read {
+                Err(problem) => Some(problem),
                 Ok(bytes) => match dataset_of(&bytes) {
                     None => Some(Problem::Unreadable),
                     Some(ds) if ds.len() as u64 != size as u64 => Some(Problem::Size {
@@ -250,7 +266,10 @@ impl Spool {
         let mut repaired = Repaired::default();
         for (bad, uid) in report.bad_rows.iter().zip(&bad_uids) {
             let path = self.root.join(&bad.path);
-            if bad.problem == Problem::Missing {
+            // A row naming no file of the spool's (a foreign path, or not a regular file) is
+            // dropped and whatever it names left alone.
+            let not_a_file = !fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
+            if matches!(bad.problem, Problem::Missing | Problem::ForeignPath) || not_a_file {
                 db.execute("DELETE FROM instances WHERE sop_instance_uid = ?1", [uid])?;
                 repaired.rows_dropped += 1;
             } else if settled(&path) {
@@ -325,31 +344,50 @@ impl Spool {
             report.bytes = bytes as u64;
         } else {
             let instances = self.root.join(INSTANCES_DIR);
+            // Where the last batch ended (arrival time, UID): a row kept (its file could not
+            // be deleted) is not selected again.
+            let mut after: (i64, String) = (i64::MIN, String::new());
             loop {
                 // The lock is held per batch: a store cannot place a file in a folder this
                 // is removing, or answer "duplicate" for an instance being deleted.
                 let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
-                let batch: Vec<(String, String, i64)> = {
+                let batch: Vec<(String, String, i64, i64)> = {
                     let mut stmt = db.prepare(
-                        "SELECT sop_instance_uid, path, size FROM instances
-                         WHERE received_at_ms < ?1 ORDER BY received_at_ms LIMIT ?2",
+                        "SELECT sop_instance_uid, path, size, received_at_ms FROM instances
+                         WHERE received_at_ms < ?1
+                           AND (received_at_ms > ?2
+                                OR (received_at_ms = ?2 AND sop_instance_uid > ?3))
+                         ORDER BY received_at_ms, sop_instance_uid LIMIT ?4",
                     )?;
-                    stmt.query_map(params![cutoff_ms, PURGE_BATCH], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    stmt.query_map(params![cutoff_ms, after.0, after.1, PURGE_BATCH], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
                     })?
                     .collect::<Result<_, _>>()?
                 };
                 if batch.is_empty() {
                     break;
                 }
-                for (uid, relative, size) in batch {
-                    let path = self.root.join(&relative);
+                for (uid, relative, size, received) in batch {
+                    after = (received, uid.clone());
+                    let Some(path) = crate::spool::indexed_path(&self.root, &relative, true) else {
+                        tracing::warn!(
+                            "spool purge: an index row names a path the spool never writes: row dropped, nothing deleted"
+                        );
+                        db.execute("DELETE FROM instances WHERE sop_instance_uid = ?1", [&uid])?;
+                        report.foreign_rows += 1;
+                        continue;
+                    };
                     // The file first: a crash between the two leaves a row without a file,
                     // which the next open drops; never a file the index forgot.
                     match fs::remove_file(&path) {
                         Ok(()) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(io("delete", &path)(e)),
+                        Err(e) => {
+                            tracing::warn!(path = %path.display(), error = %e,
+                                "spool purge: cannot delete an instance's file: kept, with its row");
+                            report.kept += 1;
+                            continue;
+                        }
                     }
                     db.execute("DELETE FROM instances WHERE sop_instance_uid = ?1", [&uid])?;
                     remove_empty_parents(&path, &instances);
@@ -383,6 +421,8 @@ impl Spool {
                 instances = report.instances,
                 bytes = report.bytes,
                 quarantine_files = report.quarantine_files,
+                foreign_rows = report.foreign_rows,
+                kept = report.kept,
                 "spool purged"
             );
         }

@@ -947,7 +947,8 @@ impl Spool {
             return Err(StoreError::Conflict);
         }
         Ok(Stored {
-            path: self.root.join(existing.path),
+            path: indexed_path(&self.root, &existing.path, false)
+                .unwrap_or_else(|| nowhere(&self.root)),
             duplicate: true,
             ..stored
         })
@@ -1185,7 +1186,10 @@ impl Spool {
             received_at_ms: r.get(6)?,
             size: r.get::<_, i64>(7)?.max(0) as u64,
             sha256: r.get(8)?,
-            path: self.root.join(r.get::<_, String>(9)?),
+            path: {
+                let relative: String = r.get(9)?;
+                indexed_path(&self.root, &relative, false).unwrap_or_else(|| nowhere(&self.root))
+            },
             duplicate: false,
             attributes: Attributes::from_row(r, 10)?,
         })
@@ -1732,6 +1736,47 @@ fn instance_path(identity: &Identity, sha256: &str) -> PathBuf {
             component(&identity.sop_instance_uid),
             &sha256[..NAME_HASH_LEN]
         ))
+}
+
+/// An index row's path as a path to read or delete: only one the spool could have written
+/// ([`instance_path`]'s shape: relative, under `instances/`, plain names, a `.dcm` file),
+/// reached through no symbolic link below `root` when `no_links`; `None` for any other (an
+/// index edited by hand or by another program). `spool purge` deleted, `spool check --repair`
+/// moved and WADO-RS served files outside the spool named by such rows.
+pub(crate) fn indexed_path(root: &Path, relative: &str, no_links: bool) -> Option<PathBuf> {
+    use std::path::Component;
+    let rel = Path::new(relative);
+    let mut components = rel.components();
+    if components.next() != Some(Component::Normal(INSTANCES_DIR.as_ref())) {
+        return None;
+    }
+    let plain = rel.components().all(|c| match c {
+        Component::Normal(name) => name.to_str().is_some_and(|n| !n.contains('\0')),
+        _ => false,
+    });
+    if !plain || rel.components().count() < 2 || rel.extension() != Some("dcm".as_ref()) {
+        return None;
+    }
+    let path = root.join(rel);
+    if no_links {
+        let mut at = root.to_path_buf();
+        for c in rel.components() {
+            at.push(c);
+            match fs::symlink_metadata(&at) {
+                Ok(m) if m.file_type().is_symlink() => return None,
+                Ok(_) => {}
+                // What is not there is not a link: the caller finds the file missing.
+                Err(_) => break,
+            }
+        }
+    }
+    Some(path)
+}
+
+/// Where a row with a path the spool never writes points: a name under `instances/` that
+/// no store makes, so that reading it finds nothing.
+pub(crate) fn nowhere(root: &Path) -> PathBuf {
+    root.join(INSTANCES_DIR).join("invalid-index-path")
 }
 
 /// The content hash a stored file's name carries (see [`instance_path`]), if it has one

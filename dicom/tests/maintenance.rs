@@ -407,3 +407,137 @@ fn an_index_from_before_arrival_numbers_is_migrated() {
     let spool = open(dir.path());
     assert_eq!(touched(&spool, 3), (vec![], 3));
 }
+
+/// Red-team finding: `spool purge` deleted, `spool check --repair` moved (and WADO-RS served)
+/// files outside the spool named by index rows the spool never writes (`../`, an absolute
+/// path, the index itself, through a symbolic link); and one row whose file is a folder
+/// stopped check, repair and every purge. Now such rows name nothing to touch: check reports
+/// them, repair and purge drop the rows and leave what they name alone; a file that cannot be
+/// deleted is kept and the purge goes on with the others.
+#[test]
+fn rows_naming_paths_outside_the_spool_touch_nothing_and_stop_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    let victims = dir.path().join("victim");
+    std::fs::create_dir_all(&victims).unwrap();
+    let spool = open(&root);
+    let files = store_some(&spool, "1.2.3.70", 6);
+    drop(spool);
+    let victim = |name: &str| {
+        let p = victims.join(name);
+        std::fs::write(&p, b"not the spool's").unwrap();
+        p
+    };
+    let (rel_victim, abs_victim, link_victim) =
+        (victim("rel.dcm"), victim("abs.dcm"), victim("link.dcm"));
+    // A series folder replaced by a link to the victims' folder, holding a file of its name.
+    let linked_series = root.join("instances/1.2.3.71/1.2.3.71.1");
+    std::fs::create_dir_all(linked_series.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(&victims, &linked_series).unwrap();
+    // A row whose file is a folder.
+    let folder = root.join("instances/1.2.3.70/1.2.3.70.1/folder.dcm");
+    std::fs::create_dir_all(&folder).unwrap();
+    let db = rusqlite::Connection::open(root.join("index.sqlite3")).unwrap();
+    let set_path = |uid: &str, path: &str| {
+        db.execute(
+            "UPDATE instances SET path = ?1 WHERE sop_instance_uid = ?2",
+            [path, uid],
+        )
+        .unwrap();
+    };
+    set_path("1.2.3.70.1.1", "../victim/rel.dcm");
+    set_path("1.2.3.70.1.2", abs_victim.to_str().unwrap());
+    set_path("1.2.3.70.1.3", "index.sqlite3");
+    set_path("1.2.3.70.1.4", "instances/1.2.3.71/1.2.3.71.1/link.dcm");
+    set_path("1.2.3.70.1.5", "instances/1.2.3.70/1.2.3.70.1/folder.dcm");
+    // Everything is old.
+    db.execute("UPDATE instances SET received_at_ms = 1", [])
+        .unwrap();
+    drop(db);
+
+    let spool = Spool::open_for_maintenance(&root).unwrap();
+    let report = spool.check(&now_check(false)).unwrap();
+    let problems: Vec<(String, Problem)> = report
+        .bad_rows
+        .iter()
+        .map(|b| (b.path.display().to_string(), b.problem.clone()))
+        .collect();
+    for foreign in ["../victim/rel.dcm", "index.sqlite3"] {
+        assert!(
+            problems.contains(&(foreign.to_owned(), Problem::ForeignPath)),
+            "{problems:?}"
+        );
+    }
+    assert!(
+        problems
+            .iter()
+            .any(|(p, k)| p.ends_with("link.dcm") && *k == Problem::ForeignPath)
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|(p, k)| p.ends_with("abs.dcm") && *k == Problem::ForeignPath)
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|(p, k)| p.ends_with("folder.dcm") && *k == Problem::Unreadable)
+    );
+
+    let repaired = spool.check(&now_check(true)).unwrap().repaired.unwrap();
+    assert_eq!(repaired.rows_dropped, 5, "{problems:?}");
+    // The five instances' own files, no longer named by a row, are indexed again.
+    assert_eq!(repaired.files_indexed, 5, "{repaired:?}");
+    for v in [&rel_victim, &abs_victim, &link_victim] {
+        assert!(v.exists(), "{v:?} was touched");
+    }
+    assert!(folder.is_dir());
+    assert!(root.join("index.sqlite3").exists());
+
+    // The same rows again, and purge: nothing outside is deleted, the good instance goes.
+    drop(spool);
+    let db = rusqlite::Connection::open(root.join("index.sqlite3")).unwrap();
+    let good: Vec<String> = db
+        .prepare("SELECT path FROM instances")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(good.len(), 6, "{good:?}");
+    for (uid, path) in [
+        ("9.9.1", "../victim/rel.dcm"),
+        ("9.9.2", abs_victim.to_str().unwrap()),
+        ("9.9.3", "index.sqlite3"),
+        ("9.9.4", "instances/1.2.3.71/1.2.3.71.1/link.dcm"),
+        ("9.9.5", "instances/1.2.3.70/1.2.3.70.1/folder.dcm"),
+    ] {
+        db.execute(
+            "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid,
+                 transfer_syntax, calling_ae, received_at_ms, size, sha256, path)
+             VALUES (?1, '1.2', '9.9', '9.9.0', '1.2.840.10008.1.2.1', 'X', 1, 4, 'aa', ?2)",
+            [uid, path],
+        )
+        .unwrap();
+    }
+    db.execute("UPDATE instances SET received_at_ms = 1", [])
+        .unwrap();
+    drop(db);
+    let spool = Spool::open_for_maintenance(&root).unwrap();
+    let purged = spool.purge(SystemTime::now(), false).unwrap();
+    assert_eq!(
+        (purged.instances, purged.foreign_rows, purged.kept),
+        (6, 4, 1),
+        "{purged:?}"
+    );
+    for v in [&rel_victim, &abs_victim, &link_victim] {
+        assert!(v.exists(), "{v:?} was deleted");
+    }
+    assert!(root.join("index.sqlite3").exists());
+    assert!(
+        files.iter().all(|f| !f.exists()),
+        "the spool's instances were not purged"
+    );
+    // The kept row (its file is a folder) is still there for an operator to look at.
+    assert_eq!(uids(&spool), vec!["9.9.5".to_owned()]);
+}

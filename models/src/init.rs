@@ -918,6 +918,15 @@ fn task_text(task: TaskKind) -> String {
         .unwrap_or_else(|| "other".into())
 }
 
+/// Text from the ONNX file (its name, producer, dimension names) as it may stand in a TOML
+/// comment: every control character (a newline above all, which would end the comment and
+/// make the rest a setting: `allow_non_finite = true` from a dimension's name) shown as `?`.
+fn comment_text(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+        .collect()
+}
+
 fn manifest_text(p: &ManifestParts) -> String {
     let todo = |what: &str| q(&format!("{TODO_MARKER}: {what}"));
     let mut t = String::new();
@@ -927,11 +936,11 @@ fn manifest_text(p: &ManifestParts) -> String {
     };
     line(&format!(
         "# Scaffolded by `nightingale models init` from {} ({}).",
-        p.source_name,
+        comment_text(&p.source_name),
         if p.declared.producer.is_empty() {
-            "producer not recorded"
+            "producer not recorded".to_owned()
         } else {
-            &p.declared.producer
+            comment_text(&p.declared.producer)
         }
     ));
     line("# Inputs and outputs are as the engine runs them. Fill in every \"TODO: ...\" field:");
@@ -965,7 +974,10 @@ fn manifest_text(p: &ManifestParts) -> String {
         line(&format!("datatype = {}", q(input.datatype.as_str())));
         line(&format!("shape = {}", shape_text(&input.shape)));
         if let Some(d) = p.declared.inputs.iter().find(|d| d.name == input.name) {
-            line(&format!("# declared in the file: {}", d.describe()));
+            line(&format!(
+                "# declared in the file: {}",
+                comment_text(&d.describe())
+            ));
         }
         if i == 0
             && let Some(s) = p.sample
@@ -990,7 +1002,10 @@ fn manifest_text(p: &ManifestParts) -> String {
         line(&format!("datatype = {}", q(output.datatype.as_str())));
         line(&format!("shape = {}", shape_text(&output.shape)));
         if let Some(d) = p.declared.outputs.iter().find(|d| d.name == output.name) {
-            line(&format!("# declared in the file: {}", d.describe()));
+            line(&format!(
+                "# declared in the file: {}",
+                comment_text(&d.describe())
+            ));
         }
     }
     line("");

@@ -352,12 +352,20 @@ pub fn decode_raw(body: &[u8], inputs: &[TensorSpec]) -> Result<DecodedRequest, 
         )));
     };
     let variable = spec.shape.iter().filter(|&&d| d < 0).count();
+    // A declared shape whose size overflows (2^31 three times) holds no body: refused, not
+    // multiplied past usize (a panic in a debug build, a wrapped size in a release one).
+    let too_large = || {
+        AppError::bad_request(format!(
+            "raw input {:?}: the model's input shape {:?} is too large",
+            spec.name, spec.shape
+        ))
+    };
     let fixed: usize = spec
         .shape
         .iter()
         .filter(|&&d| d >= 0)
-        .map(|&d| d as usize)
-        .product();
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize))
+        .ok_or_else(too_large)?;
     let deduce = |variable_dim: usize| -> Vec<usize> {
         spec.shape
             .iter()
@@ -380,7 +388,7 @@ pub fn decode_raw(body: &[u8], inputs: &[TensorSpec]) -> Result<DecodedRequest, 
             let shape = match variable {
                 0 => deduce(0),
                 1 => {
-                    let row = fixed * size;
+                    let row = fixed.checked_mul(size).ok_or_else(too_large)?;
                     if row == 0 || body.len() % row != 0 {
                         return Err(AppError::bad_request(format!(
                             "raw input {:?}: {} bytes are not a whole number of {} elements of shape {:?}",
@@ -882,13 +890,32 @@ mod tests {
         .map_err(|e| e.message)
     }
 
+    /// Red-team finding: a raw binary request to a model whose declared input shape's size
+    /// overflows (three dimensions of 2^31) panicked on the multiplication in a debug build
+    /// (the connection dropped, no answer). Now a 400 naming the shape, with or without a
+    /// variable dimension.
+    #[test]
+    fn a_raw_request_to_a_shape_too_large_to_count_is_refused() {
+        let big = 1i64 << 31;
+        for shape in [vec![big, big, big], vec![-1, big, big, big]] {
+            let spec = [TensorSpec {
+                name: "x".into(),
+                datatype: DataType::Fp32,
+                shape: shape.clone(),
+            }];
+            let e = decode_raw(&[0u8; 16], &spec).unwrap_err();
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST, "{shape:?}");
+            assert!(e.message.contains("too large"), "{shape:?}: {}", e.message);
+        }
+    }
+
     /// Red-team findings: a key repeated inside `parameters` (request, input or output
     /// level) was kept last-wins where every other repeated field is refused; and an empty
     /// `outputs` list answered no output where Triton answers every one.
     #[test]
     fn repeated_parameters_are_refused_and_no_outputs_listed_means_all() {
         let specs = [spec("features", DataType::Fp32)];
-        let decode_raw = |body: &str| {
+        let decode_text = |body: &str| {
             decode_request(body.as_bytes(), None, &specs, &mut |_| Ok(())).map_err(|e| e.message)
         };
         let input = r#"{"name": "features", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]"#;
@@ -901,16 +928,16 @@ mod tests {
                 r#"{{"inputs": [{input}}}], "outputs": [{{"name": "p", "parameters": {{"classification": 2, "classification": 0}}}}]}}"#
             ),
         ] {
-            let e = decode_raw(&body).unwrap_err();
+            let e = decode_text(&body).unwrap_err();
             assert!(e.contains("is given more than once"), "{body}: {e}");
         }
-        let ok = decode_raw(&format!(
+        let ok = decode_text(&format!(
             r#"{{"parameters": {{"a": 1, "b": null}}, "inputs": [{input}}}], "outputs": []}}"#
         ))
         .unwrap();
         assert!(ok.outputs.is_none(), "an empty list is every output");
         assert_eq!(ok.parameters.len(), 2);
-        let ok = decode_raw(&format!(r#"{{"parameters": null, "inputs": [{input}}}]}}"#)).unwrap();
+        let ok = decode_text(&format!(r#"{{"parameters": null, "inputs": [{input}}}]}}"#)).unwrap();
         assert!(ok.parameters.is_empty());
     }
 

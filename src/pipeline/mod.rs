@@ -111,11 +111,27 @@ pub fn purge_results(
     let counts = store.purge(cutoff_ms, dry_run)?;
     if !dry_run {
         for file in &counts.files {
+            // Only a path the pipeline writes (relative, plain names): a row naming anything
+            // else (an edited store) deletes nothing.
+            let plain = !file.is_empty()
+                && std::path::Path::new(file)
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !plain {
+                tracing::warn!(
+                    "results purge: a stored object names a path the pipeline never writes: nothing deleted for it"
+                );
+                continue;
+            }
             let path = results_dir.join(file);
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(PipelineError::Io { path, source }),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e,
+                        "results purge: cannot delete a result file: left in place");
+                    continue;
+                }
             }
             if let Some(dir) = path.parent() {
                 // Empty job folders go too (not an error when others remain).

@@ -455,3 +455,27 @@ def test_refuses_more_rows_than_a_fixed_batch_takes(fixtures, tmp_path):
     proc = _run("models", "init", fixtures / "torch_mlp_fixed_batch.onnx", "--name", "m", "--repository", repo,
                 "--sample", fixtures / "torch_mlp.csv")
     _refused(repo, proc, 'input "input.1" takes exactly 1 per run')
+
+
+def test_text_from_the_file_cannot_become_a_setting(tmp_path):
+    """Red-team finding: a dimension name, the producer or the file name was written into a
+    `# declared in the file: ...` comment as it was, so a newline in it ended the comment and
+    the rest became a setting (`allow_non_finite = true`, accepted by `models check`, and the
+    served bundle then let NaN through). Control characters in such text are shown as `?`."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N\nallow_non_finite = true\n#", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N\nallow_non_finite = true\n#", 4])
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)],
+                          producer_name="evil\r\n[intended_use]\nsummary = \"x\"")
+    path = tmp_path / "inject.onnx"
+    path.write_bytes(m.SerializeToString())
+    repo = tmp_path / "repo"
+    proc = _run("models", "init", path, "--name", "inject", "--repository", repo)
+    assert proc.returncode == 0, proc.stderr
+    text = (repo / "inject" / "bundle.toml").read_text()
+    manifest = tomllib.loads(text)
+    assert "allow_non_finite" not in json.dumps(manifest), text
+    assert "N?allow_non_finite = true?#" in text, text
+    assert "evil??[intended_use]?summary" in text, text
+    check = _run("models", "check", repo / "inject")
+    assert check.returncode == 0, check.stderr
