@@ -651,12 +651,11 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: toml::de::Error,
-    },
+    /// `detail` is the parser's message and its place, never the line itself: the file
+    /// holds secrets (an admin token, a database URL with its password) that an error about
+    /// a neighbouring key, or a typo in theirs, would otherwise print.
+    #[error("config file {path}: {detail}")]
+    Parse { path: PathBuf, detail: String },
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
@@ -1383,15 +1382,52 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.to_owned(),
-        source,
+        detail: toml_error_place(&text, &e),
     })
+}
+
+/// A TOML error as `line L, column C: message`, without the quoted source line and caret of
+/// `toml`'s own text.
+fn toml_error_place(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {}", e.message())
+        }
+        None => e.message().to_owned(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Red-team finding: a TOML error printed the offending line, so a typo next to (or in)
+    /// a secret's key showed the secret (`admin_tokn = "..."`, a duplicate
+    /// `audit_postgres_url` with its password). Now only the place and the parser's message.
+    #[test]
+    fn a_malformed_config_file_does_not_print_its_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        for text in [
+            "admin_tokn = \"ADMINSECRET-1\"\n",
+            "audit_postgres_url = \"postgres://ng:PGSECRET@db/audit\"\naudit_postgres_url = \"postgres://ng:PGSECRET@db/audit\"\n",
+            "admin_token = \"ADMINSECRET-2\nmax_connections = 4\n",
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let args = ServeArgs {
+                config: Some(path.clone()),
+                ..ServeArgs::default()
+            };
+            let e = args.resolve().unwrap_err().to_string();
+            assert!(!e.contains("SECRET"), "{e}");
+            assert!(e.contains("line "), "{e}");
+        }
+    }
 
     #[test]
     fn tract_kernels_come_from_the_file_and_the_flag_wins() {

@@ -721,3 +721,35 @@ fn the_documented_role_table_matches_the_code() {
         assert!(doc.contains(&row), "docs/security.md lacks the row {row}");
     }
 }
+
+/// Red-team finding: inference and explanation records carried no actor, so the trail could
+/// not say which key or user ran a model on patient data. Now every model request's record
+/// names its caller (never the credential itself), as model control's records do.
+#[tokio::test]
+async fn a_model_request_is_audited_with_its_caller() {
+    let server = Server::with_auth(fixture_auth());
+    let infer_key = key(Role::Infer);
+    let row: Vec<f32> = vec![1.0; 30];
+    let req = Request::post(format!("/v2/models/{MODEL}/infer"))
+        .header(header::AUTHORIZATION, format!("Bearer {infer_key}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(
+            json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": row}]})
+                .to_string(),
+        ))
+        .unwrap();
+    let (s, _, v) = server.send(req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let trail = std::fs::read_to_string(server._dir.path().join("audit.jsonl")).unwrap();
+    let record: Value = trail
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .rfind(|r| r["kind"] == "inference")
+        .expect("an inference record");
+    let actor = record["actor"].as_str().expect("an actor");
+    assert!(actor.starts_with("api-key:"), "{record}");
+    assert!(
+        !trail.contains(&infer_key),
+        "the key itself is in the trail"
+    );
+}

@@ -936,7 +936,7 @@ fn manifest_text(p: &ManifestParts) -> String {
     };
     line(&format!(
         "# Scaffolded by `nightingale models init` from {} ({}).",
-        comment_text(&p.source_name),
+        comment_text(p.source_name),
         if p.declared.producer.is_empty() {
             "producer not recorded".to_owned()
         } else {

@@ -1008,7 +1008,7 @@ impl Authenticator {
         }
         if let Some(cert) = extensions.get::<ClientCertificate>() {
             return Ok(Caller {
-                id: format!("tls:{}", printable(&cert.subject)),
+                id: format!("tls:{}", identity_text(&cert.subject)),
                 roles: self.client_certificate_roles.union(self.anonymous),
             });
         }
@@ -1158,7 +1158,7 @@ fn verify_jwt(jwt: &JwtConfig, token: &str) -> Result<(Caller, u64), JwtError> {
     };
     Ok((
         Caller {
-            id: format!("jwt:{}#{}", printable(&jwt.issuer), printable(sub)),
+            id: format!("jwt:{}#{}", printable(&jwt.issuer), identity_text(sub)),
             roles,
         },
         exp,
@@ -1172,6 +1172,20 @@ fn printable(s: &str) -> String {
         .map(|c| if c.is_control() { '?' } else { c })
         .take(200)
         .collect()
+}
+
+/// [`printable`] for an identity (a JWT's subject, a certificate's subject): when making it
+/// printable changed it (cut at 200 characters, a control character shown as `?`), a digest
+/// of the whole value follows, so that two identities never share an id (an id owns
+/// validation runs: a 255-character OIDC subject cut to 200 read another's run).
+fn identity_text(s: &str) -> String {
+    use sha2::Digest;
+    let shown = printable(s);
+    if shown == s {
+        return shown;
+    }
+    let digest = sha2::Sha256::digest(s.as_bytes());
+    format!("{shown}~{}", hex::encode(&digest[..8]))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1403,6 +1417,21 @@ fn unauthorized(message: String, invalid: bool) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Identities that [`printable`] alone would make equal (cut at 200 characters, a
+    /// control character shown as `?`) keep distinct ids; a plain one is left as it is.
+    #[test]
+    fn identities_changed_for_printing_stay_distinct() {
+        let long = |tail: &str| format!("{}{tail}", "A".repeat(200));
+        assert_ne!(
+            identity_text(&long("-attacker")),
+            identity_text(&long("-victim"))
+        );
+        assert_ne!(identity_text("carol?"), identity_text("carol\u{7}"));
+        assert_eq!(identity_text("carol?"), "carol?");
+        assert_eq!(identity_text("dr-alice"), "dr-alice");
+        assert!(!identity_text("carol\u{7}").contains('\u{7}'));
+    }
 
     #[test]
     fn every_route_has_one_row_and_the_router_builds() {

@@ -38,15 +38,16 @@ pub async fn explain(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
     deadline: Option<Extension<RequestDeadline>>,
+    caller: Option<Extension<super::auth::Caller>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     run_model_request(
         Op::Explain,
         state,
-        model,
-        None,
+        (model, None),
         deadline.map(|d| d.0),
+        caller.map(|c| c.0.id),
         headers,
         body,
     )
@@ -57,15 +58,16 @@ pub async fn explain_version(
     State(state): State<Arc<AppState>>,
     Path((model, version)): Path<(String, String)>,
     deadline: Option<Extension<RequestDeadline>>,
+    caller: Option<Extension<super::auth::Caller>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     run_model_request(
         Op::Explain,
         state,
-        model,
-        Some(version),
+        (model, Some(version)),
         deadline.map(|d| d.0),
+        caller.map(|c| c.0.id),
         headers,
         body,
     )

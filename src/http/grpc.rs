@@ -571,6 +571,7 @@ impl GrpcInferenceService for Service {
                     &message.model_name,
                     version_of(&message.model_version),
                     call.request_id,
+                    Some(call.caller.id.clone()),
                     Some(call.deadline),
                 )?;
                 let model = model_call.model.clone();

@@ -142,16 +142,27 @@ pub async fn infer(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
     deadline: Option<Extension<RequestDeadline>>,
+    caller: Option<Extension<super::auth::Caller>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    run_infer(state, model, None, deadline.map(|d| d.0), headers, body).await
+    run_infer(
+        state,
+        model,
+        None,
+        deadline.map(|d| d.0),
+        caller.map(|c| c.0.id),
+        headers,
+        body,
+    )
+    .await
 }
 
 pub async fn infer_version(
     State(state): State<Arc<AppState>>,
     Path((model, version)): Path<(String, String)>,
     deadline: Option<Extension<RequestDeadline>>,
+    caller: Option<Extension<super::auth::Caller>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -160,6 +171,7 @@ pub async fn infer_version(
         model,
         Some(version),
         deadline.map(|d| d.0),
+        caller.map(|c| c.0.id),
         headers,
         body,
     )
@@ -178,18 +190,28 @@ pub(super) async fn run_infer(
     model: String,
     version: Option<String>,
     deadline: Option<RequestDeadline>,
+    caller: Option<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    run_model_request(Op::Infer, state, model, version, deadline, headers, body).await
+    run_model_request(
+        Op::Infer,
+        state,
+        (model, version),
+        deadline,
+        caller,
+        headers,
+        body,
+    )
+    .await
 }
 
 pub(super) async fn run_model_request(
     op: Op,
     state: Arc<AppState>,
-    model: String,
-    version: Option<String>,
+    (model, version): (String, Option<String>),
     deadline: Option<RequestDeadline>,
+    caller: Option<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -206,6 +228,7 @@ pub(super) async fn run_model_request(
         &model,
         version.as_deref(),
         request_id,
+        caller,
         deadline.map(|d| d.0),
     ) {
         Ok(call) => call,
@@ -245,6 +268,7 @@ impl ModelCall {
         model: &str,
         version: Option<&str>,
         request_id: String,
+        actor: Option<String>,
         deadline: Option<Instant>,
     ) -> Result<ModelCall, AppError> {
         let start = Instant::now();
@@ -264,7 +288,9 @@ impl ModelCall {
                 rows: None,
                 status: 0,
                 outcome: Outcome::Failed,
-                actor: None,
+                // Who asked: the caller's non-secret id (`api-key:<name>`, `jwt:<iss>#<sub>`,
+                // `tls:<subject>`, `anonymous`).
+                actor,
                 detail: None,
             },
             deadline,
