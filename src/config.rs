@@ -307,7 +307,8 @@ pub struct ServeArgs {
     #[arg(long, env = "NIGHTINGALE_CDS_BASE_URL")]
     pub cds_base_url: Option<String>,
     /// A FHIR server (URL prefix) the CDS services may fetch missing prefetch from, with
-    /// the EHR's token (repeatable); with none, they never fetch.
+    /// the EHR's token (repeatable; https://, or http:// on a loopback host or with
+    /// --insecure); with none, they never fetch.
     #[arg(
         long = "cds-fhir-server",
         env = "NIGHTINGALE_CDS_FHIR_SERVER",
@@ -1164,6 +1165,16 @@ impl ServeArgs {
                 "cds_fhir_servers: {bad:?} is not an http(s) URL"
             )));
         }
+        // The EHR's bearer token goes with every fetch: in clear text only to this machine.
+        if let Some(bad) = fhir_servers
+            .iter()
+            .find(|u| u.starts_with("http://") && !url_is_loopback(u))
+            && !insecure
+        {
+            return Err(ConfigError::Invalid(format!(
+                "cds_fhir_servers: {bad:?}: the EHR's access token would be sent in clear text; use https:// (http:// only on a loopback host), or --insecure"
+            )));
+        }
         let fetch_ms = self
             .cds_fetch_timeout_ms
             .or(file.cds_fetch_timeout_ms)
@@ -1377,6 +1388,22 @@ fn resolve_tls(
     }
 }
 
+/// Whether an http(s) URL names this machine (`localhost` or a loopback address).
+fn url_is_loopback(url: &str) -> bool {
+    let Ok(url) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    match url.host_str() {
+        Some(h) if h.eq_ignore_ascii_case("localhost") => true,
+        Some(h) => h
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    }
+}
+
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
@@ -1405,6 +1432,31 @@ fn toml_error_place(text: &str, e: &toml::de::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The EHR's access token goes with every FHIR fetch: a plain-http FHIR server is
+    /// refused unless it is this machine or --insecure is given (red team: it was accepted).
+    #[test]
+    fn a_plain_http_fhir_server_elsewhere_needs_insecure() {
+        let args = |url: &str, insecure: bool| ServeArgs {
+            cds_fhir_servers: vec![url.into()],
+            insecure,
+            ..ServeArgs::default()
+        };
+        let e = args("http://fhir.example.org/r4", false)
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("clear text"), "{e}");
+        for ok in [
+            "https://fhir.example.org/r4",
+            "http://127.0.0.1:8080/fhir",
+            "http://localhost/fhir",
+            "http://[::1]:9/fhir",
+        ] {
+            assert!(args(ok, false).resolve().is_ok(), "{ok}");
+        }
+        assert!(args("http://fhir.example.org/r4", true).resolve().is_ok());
+    }
 
     /// Red-team finding: a TOML error printed the offending line, so a typo next to (or in)
     /// a secret's key showed the secret (`admin_tokn = "..."`, a duplicate
