@@ -166,6 +166,9 @@ struct InitArgs {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// How long a shutting-down server waits for stopped validation runs to reach their next row.
+const VALIDATION_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -183,11 +186,15 @@ fn main() -> anyhow::Result<()> {
             };
             // Opened before the async runtime starts: the database clients block.
             let audit = open_audit(&config.audit)?;
-            tokio::runtime::Builder::new_multi_thread()
+            let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("ng-http")
-                .build()?
-                .block_on(serve(config, audit, tls))
+                .build()?;
+            let served = runtime.block_on(serve(config, audit, tls));
+            // Dropping the runtime would wait for every blocking task (a validation run's
+            // bootstrap: hours): the process exits once what it must finish has.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+            served
         }
         Command::Audit {
             command:
@@ -599,6 +606,24 @@ async fn serve(
     #[cfg(not(feature = "grpc"))]
     let grpc_server = async { anyhow::Ok(()) };
     tokio::try_join!(http_server, grpc_server)?;
+    // Validation runs write inference records to the audit trail: they stop before the
+    // server says it has (a run left going kept a "stopped" process writing the trail
+    // beside the next server's, forking the chain). A run in a bootstrap gets a bounded
+    // wait; the process then exits without it (`main`'s runtime shutdown is bounded too).
+    if let Some(validation) = state.validation() {
+        let stopped = validation.stop_all();
+        let deadline = tokio::time::Instant::now() + VALIDATION_STOP_GRACE;
+        while validation.working() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        if stopped > 0 || validation.working() > 0 {
+            tracing::info!(
+                stopped,
+                still_working = validation.working(),
+                "validation runs stopped for shutdown"
+            );
+        }
+    }
     loader.abort();
     if let Some(scp) = dicom {
         scp.abort();

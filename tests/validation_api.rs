@@ -368,6 +368,59 @@ async fn an_upload_that_never_runs_leaves_nothing_behind() {
     assert_eq!(leftovers(), 0);
 }
 
+/// Red-team finding: an upload was received whole (and written to disk) before its run was
+/// refused: 20 concurrent uploads for a model that does not exist were all stored before their
+/// 404s, and a busy model's 409 came only after the body. Now an unknown model, a model with a
+/// run going, or too many runs working are answered before the body is read: a body that
+/// never ends gets its answer at once.
+#[tokio::test]
+async fn an_upload_that_could_not_run_is_refused_before_its_body_is_read() {
+    use futures_util::StreamExt;
+    let server = Server::new();
+    let runs = server.dir.path().join("data/validation/runs");
+    let endless = || {
+        Body::from_stream(
+            futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+                b"a,b\n",
+            ))])
+            .chain(futures_util::stream::pending()),
+        )
+    };
+    let upload = |model: &str| {
+        Request::post(format!("/validation/runs?model={model}"))
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", key("researcher")),
+            )
+            .header(header::CONTENT_TYPE, "text/csv")
+            .body(endless())
+            .unwrap()
+    };
+    let answer = tokio::time::timeout(
+        Duration::from_secs(20),
+        server.send(upload("no-such-model")),
+    )
+    .await
+    .expect("answered without reading the body");
+    assert_eq!(answer.0, StatusCode::NOT_FOUND, "{}", answer.2);
+    // A run of the model going: 409 at once.
+    let (s, v) = server
+        .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 400000}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let answer = tokio::time::timeout(Duration::from_secs(20), server.send(upload(MODEL)))
+        .await
+        .expect("answered without reading the body");
+    assert_eq!(answer.0, StatusCode::CONFLICT, "{}", answer.2);
+    assert_eq!(
+        std::fs::read_dir(&runs).unwrap().count(),
+        1,
+        "only the running run has a folder"
+    );
+    server.wait(&id).await;
+}
+
 #[tokio::test]
 async fn one_run_per_model_at_a_time() {
     let server = Server::new();

@@ -54,6 +54,22 @@ pub struct Validation {
     order: Mutex<Vec<String>>,
     /// Runs whose threads have not ended.
     working: Arc<std::sync::atomic::AtomicUsize>,
+    /// Uploads being received (each to its own run folder, up to `max_upload_bytes`).
+    uploading: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Uploads received at once, over all callers: what waits on disk for a run is bounded by
+/// this many times the upload cap (20 concurrent uploads of a model that does not exist
+/// were all stored before their 404).
+const MAX_UPLOADS: usize = MAX_WORKING_RUNS;
+
+/// An upload in progress, counted until dropped.
+struct Uploading(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Uploading {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug)]
@@ -108,6 +124,7 @@ impl Validation {
             runs: Mutex::new(HashMap::new()),
             order: Mutex::new(Vec::new()),
             working: Arc::default(),
+            uploading: Arc::default(),
         }
     }
 
@@ -123,6 +140,68 @@ impl Validation {
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
             .cloned()
+    }
+
+    /// What [`Validation::start`] would refuse, asked before an upload is received: nothing
+    /// is read (or written to disk) for a run that could not start.
+    fn precheck(&self, model: &str) -> Result<(), AppError> {
+        let runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        if self.working.load(Ordering::Relaxed) >= MAX_WORKING_RUNS {
+            return Err(AppError::overloaded(format!(
+                "{MAX_WORKING_RUNS} validation runs are still working; retry later"
+            )));
+        }
+        if let Some(busy) = runs.values().find(|r| {
+            r.model == model
+                && matches!(
+                    *r.state.lock().unwrap_or_else(|p| p.into_inner()),
+                    RunState::Running
+                )
+        }) {
+            return Err(AppError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "validation run {} of {} is still running (one run per model at a time)",
+                    busy.id, busy.model
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A place among the uploads received at once ([`MAX_UPLOADS`]), or 503.
+    fn uploading(&self) -> Result<Uploading, AppError> {
+        let before = self.uploading.fetch_add(1, Ordering::Relaxed);
+        let place = Uploading(self.uploading.clone());
+        if before >= MAX_UPLOADS {
+            return Err(AppError::overloaded(format!(
+                "{MAX_UPLOADS} dataset uploads are being received; retry later"
+            )));
+        }
+        Ok(place)
+    }
+
+    /// Stops every running run (the server is shutting down): each stops at its next row,
+    /// as a cancelled one does, and keeps no report. Returns how many were running.
+    pub fn stop_all(&self) -> usize {
+        let runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stopped = 0;
+        for run in runs.values() {
+            let mut st = run.state.lock().unwrap_or_else(|p| p.into_inner());
+            if matches!(*st, RunState::Running) {
+                run.progress.cancelled.store(true, Ordering::Relaxed);
+                *st = RunState::Cancelled {
+                    by: "server shutdown".into(),
+                };
+                stopped += 1;
+            }
+        }
+        stopped
+    }
+
+    /// Runs whose threads have not ended (cancelled and stopped ones included).
+    pub fn working(&self) -> usize {
+        self.working.load(Ordering::Relaxed)
     }
 
     /// Registers a run unless one for the same model is still running, or
@@ -151,8 +230,22 @@ impl Validation {
             ));
         }
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        // The oldest run that has ended is forgotten first; a run still running never is (its
+        // owner could no longer see or cancel it, and its model would take a second run).
         while order.len() >= KEPT_RUNS {
-            let old = order.remove(0);
+            let finished = |id: &String| {
+                runs.get(id).is_none_or(|r| {
+                    r.ended.load(Ordering::Relaxed)
+                        && !matches!(
+                            *r.state.lock().unwrap_or_else(|p| p.into_inner()),
+                            RunState::Running
+                        )
+                })
+            };
+            let Some(at) = order.iter().position(finished) else {
+                break;
+            };
+            let old = order.remove(at);
             runs.remove(&old);
         }
         order.push(run.id.clone());
@@ -320,6 +413,13 @@ async fn create_run(
             if request.model.is_empty() {
                 return Err(AppError::bad_request("?model=NAME[@VERSION] is required"));
             }
+            // What would refuse the run is asked before the body is read.
+            let name = model_name(&request.model);
+            if state.repository.index().iter().all(|e| e.name != name) {
+                return Err(AppError::not_found(format!("unknown model {name:?}")));
+            }
+            validation.precheck(name)?;
+            let _place = validation.uploading()?;
             let path = dir.join("dataset.csv");
             upload.0 = Some(dir.clone());
             receive(body, &dir, &path, validation.max_upload_bytes).await?;
@@ -729,5 +829,35 @@ mod tests {
         Validation::ended(&v.working);
         v.start(run("m0")).unwrap();
         assert!(v.start(run("m9")).is_err());
+    }
+
+    /// Red-team finding: the run table forgot its oldest run after 256 later ones even while
+    /// it was running (its owner got 404 for it, and its model took a second run). Finished
+    /// runs are forgotten first; a running one stays. And at shutdown every running run is
+    /// stopped.
+    #[test]
+    fn a_running_run_is_never_forgotten_and_shutdown_stops_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = Validation::new(None, dir.path(), 1 << 20, Default::default());
+        let long = run("long");
+        v.start(long.clone()).unwrap();
+        for k in 0..(KEPT_RUNS + 10) {
+            let quick = run(&format!("q{k}"));
+            v.start(quick.clone()).unwrap();
+            *quick.state.lock().unwrap() = RunState::Failed { error: "x".into() };
+            quick.ended.store(true, Ordering::Relaxed);
+            Validation::ended(&v.working);
+        }
+        assert!(v.get(&long.id).is_some(), "a running run was forgotten");
+        assert!(v.runs.lock().unwrap().len() <= KEPT_RUNS);
+        let e = v.start(run("long")).unwrap_err();
+        assert_eq!(e.status, StatusCode::CONFLICT);
+        assert_eq!(v.stop_all(), 1);
+        assert!(long.progress.cancelled.load(Ordering::Relaxed));
+        assert!(matches!(
+            *long.state.lock().unwrap(),
+            RunState::Cancelled { .. }
+        ));
+        assert_eq!(v.working(), 1, "its thread still counts until it ends");
     }
 }

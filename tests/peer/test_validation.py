@@ -685,3 +685,73 @@ def _orientation_probabilities(x: np.ndarray) -> tuple[list[str], np.ndarray]:
                                 providers=["CPUExecutionProvider"])
     (prob,) = sess.run(["orientation"], {m["inputs"][0]["name"]: x.astype(np.float32)})
     return labels, prob.astype(np.float64)
+
+
+def test_a_server_stopped_during_a_run_exits_and_leaves_one_audit_chain(tmp_path):
+    """Red-team finding: SIGTERM during a validation run closed the port and logged "stopped"
+    but the process lived on, its run still appending to the audit trail; a new server on the
+    same data folder appended records of the same sequence numbers and `audit verify` failed.
+    Now the run is stopped with the server and the process exits (bounded), and the next
+    server's records continue the one chain."""
+    import signal
+    import time
+    import urllib.request
+
+    from conftest import _free_port, wait_ready
+
+    root = tmp_path / "datasets"
+    root.mkdir()
+    # The test split twenty times over, with a million bootstrap resamples: minutes of work
+    # (the old server lived on that long after SIGTERM; now it exits within seconds).
+    lines = (REPO / "models" / "bundles" / "wdbc-malignancy" / "testdata" / "test.csv").read_text().splitlines()
+    (root / "test.csv").write_text("\n".join([lines[0]] + lines[1:] * 20) + "\n")
+    data = tmp_path / "data"
+    import hashlib
+    key = "researcher-key-for-the-shutdown-test"
+    config = tmp_path / "nightingale.toml"
+    config.write_text("[auth]\nanonymous_roles = [\"infer\"]\n[[auth.api_keys]]\n"
+                      "name = \"r\"\nrole = \"researcher\"\n"
+                      f"sha256 = \"{hashlib.sha256(key.encode()).hexdigest()}\"\n")
+
+    def start() -> tuple[subprocess.Popen, str]:
+        port = _free_port()
+        addr = f"127.0.0.1:{port}"
+        log = open(tmp_path / f"server-{port}.log", "wb")
+        proc = subprocess.Popen([str(BIN), "serve", "--repository", str(REPO / "models" / "bundles"),
+                                 "--http-addr", addr, "--data-dir", str(data),
+                                 "--validation-root", str(root), "--config", str(config)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+        wait_ready(proc, addr, tmp_path / f"server-{port}.log")
+        return proc, addr
+
+    def post(addr: str, path: str, body: dict) -> dict:
+        req = urllib.request.Request(f"http://{addr}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    proc, addr = start()
+    try:
+        run = post(addr, "/validation/runs",
+                   {"model": "wdbc-malignancy", "dataset": "test.csv", "bootstrap": 1000000})
+        # The run is going (its rows are being scored, then the long bootstrap).
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    proc, addr = start()
+    try:
+        row = [14.0] * 30
+        for _ in range(5):
+            post(addr, "/v2/models/wdbc-malignancy/infer",
+                 {"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": row}]})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    verify = subprocess.run([str(BIN), "audit", "verify", str(data / "audit")], capture_output=True,
+                            text=True, timeout=120)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert run["id"]
