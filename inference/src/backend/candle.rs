@@ -189,7 +189,19 @@ struct Net {
     /// `[C, H, W]` of one input row.
     input: [usize; 3],
     classes: usize,
+    /// The largest tensor one row makes in a forward pass, in bytes (a convolution's output
+    /// or its unfolded input): rows are run in passes that keep it within
+    /// [`MAX_PASS_ACTIVATION_BYTES`].
+    row_bytes: usize,
 }
+
+/// The most one row's largest forward tensor may take for a model to load: an architecture
+/// whose layers are consistent but huge (a padding of 99,945) asked for 2.5 TB at warm-up,
+/// an allocation failure no `catch_unwind` catches.
+const MAX_ROW_ACTIVATION_BYTES: usize = 512 << 20;
+/// The most the rows of one forward pass may take together (rows beyond run in further
+/// passes): 32 rows of a model of 860 MB per row asked for 27.5 GB and aborted the server.
+const MAX_PASS_ACTIVATION_BYTES: usize = 1 << 30;
 
 /// A candle model ready to run. Instances share the weights (candle tensors are
 /// reference-counted and immutable).
@@ -312,8 +324,23 @@ fn build(
                 t.dims()
             ));
         }
+        // A NaN or infinite weight makes every answer meaningless (NaN weights behind a ReLU
+        // gave one plausible probability for every input).
+        let finite = t
+            .flatten_all()
+            .and_then(|v| v.to_vec1::<f32>())
+            .map_err(|e| format!("layer {layer:?}: tensor {name:?}: {e}"))?
+            .iter()
+            .all(|v| v.is_finite());
+        if !finite {
+            return Err(format!(
+                "layer {layer:?}: tensor {name:?} holds NaN or infinite values"
+            ));
+        }
         Ok(t)
     };
+    // The largest tensor one row makes (elements), over the layers.
+    let mut row_elements: usize = input.iter().product();
     let mut layers = Vec::with_capacity(file.layers.len());
     let mut gradcam = None;
     let mut seen_names = HashSet::new();
@@ -361,14 +388,35 @@ fn build(
                     ));
                 }
                 let out = |len: usize, k: usize| {
-                    (len + 2 * pad)
-                        .checked_sub(k)
+                    pad.checked_mul(2)
+                        .and_then(|p| len.checked_add(p))
+                        .and_then(|v| v.checked_sub(k))
                         .map(|v| v / stride + 1)
                         .filter(|&v| v > 0)
                 };
                 let (Some(mut oh), Some(mut ow)) = (out(hh, kh), out(ww, kw)) else {
                     return fail(format!("a {kh}×{kw} kernel does not fit a {hh}×{ww} input"));
                 };
+                // Its output and its unfolded input (candle's convolution unfolds each
+                // kernel window: C·kh·kw values per output position).
+                let positions = oh.checked_mul(ow);
+                let largest = positions.and_then(|p| {
+                    let output = p.checked_mul(s.out_channels)?;
+                    let unfolded = p.checked_mul(ci)?.checked_mul(kh)?.checked_mul(kw)?;
+                    Some(output.max(unfolded))
+                });
+                match largest {
+                    Some(n) if n.saturating_mul(4) <= MAX_ROW_ACTIVATION_BYTES => {
+                        row_elements = row_elements.max(n);
+                    }
+                    _ => {
+                        return fail(format!(
+                            "its output ({} x {oh} x {ow}) or unfolded input takes more than {} MiB per row",
+                            s.out_channels,
+                            MAX_ROW_ACTIVATION_BYTES >> 20
+                        ));
+                    }
+                }
                 let weight = take(&s.weight, &want, lname)?;
                 let bias = match (s.bias, &s.bias_tensor) {
                     (true, Some(b)) => Some(take(b, &[s.out_channels], lname)?),
@@ -526,8 +574,12 @@ fn build(
     if !tensors.is_empty() {
         let mut left: Vec<&String> = tensors.keys().collect();
         left.sort();
+        // Named up to ten (300,000 names made a 7.8 MB answer to every index request).
+        let shown: Vec<&&String> = left.iter().take(10).collect();
         return Err(format!(
-            "the weights file holds tensors no layer uses: {left:?}"
+            "the weights file holds {} tensors no layer uses: {shown:?}{}",
+            left.len(),
+            if left.len() > shown.len() { " ..." } else { "" }
         ));
     }
     if gradcam.is_none() {
@@ -553,6 +605,7 @@ fn build(
             device,
             input,
             classes: shape[0],
+            row_bytes: row_elements.saturating_mul(4),
         },
         metadata,
     ))
@@ -660,12 +713,29 @@ impl Net {
         up.flatten_all()?.to_vec1::<f32>()
     }
 
-    /// The served output's `[rows, classes]` values (no gradient).
+    /// Rows one forward pass may take ([`MAX_PASS_ACTIVATION_BYTES`]), at least one.
+    fn rows_per_pass(&self) -> usize {
+        (MAX_PASS_ACTIVATION_BYTES / self.row_bytes.max(1)).max(1)
+    }
+
+    /// The served output's `[rows, classes]` values (no gradient), in passes of at most
+    /// [`Net::rows_per_pass`] rows.
     fn outputs(&self, data: &[f32], rows: usize) -> CResult<Vec<f32>> {
-        let x = self.rows_tensor(data, rows)?;
-        self.run(x, 0, self.layers.len(), false)?
-            .flatten_all()?
-            .to_vec1::<f32>()
+        let [c, h, w] = self.input;
+        let len = c * h * w;
+        let mut out = Vec::with_capacity(rows * self.classes);
+        let mut start = 0;
+        while start < rows {
+            let end = (start + self.rows_per_pass()).min(rows);
+            let x = self.rows_tensor(&data[start * len..end * len], end - start)?;
+            out.extend(
+                self.run(x, 0, self.layers.len(), false)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+            start = end;
+        }
+        Ok(out)
     }
 
     /// Integrated gradients of one image (`C·H·W` values) for `target`: the attribution
@@ -829,7 +899,11 @@ impl Backend for CandleBackend {
             .collect();
         let [c, h, w] = self.net.input;
         let len = c * h * w;
-        let chunk = request.max_batch.max(1);
+        // A backward pass keeps each layer's activations: half a forward pass's rows.
+        let chunk = request
+            .max_batch
+            .max(1)
+            .min((self.net.rows_per_pass() / 2).max(1));
         let mut values = Vec::with_capacity(rows * h * w);
         let mut gaps = vec![];
         let mut bases = vec![];
@@ -1043,6 +1117,19 @@ mod tests {
         assert!(b.supports_gradients());
     }
 
+    /// Rows run in passes bounded by their activations give exactly the one-pass answer.
+    #[test]
+    fn rows_in_several_passes_answer_as_one_pass() {
+        let mut one = load(&architecture(), &weights()).unwrap();
+        let mut split = load(&architecture(), &weights()).unwrap();
+        Arc::get_mut(&mut split.net).unwrap().row_bytes = MAX_PASS_ACTIVATION_BYTES / 2;
+        assert_eq!(split.net.rows_per_pass(), 2);
+        let x = image(5, 21);
+        let a = one.infer(vec![x.clone()]).unwrap();
+        let b = split.infer(vec![x]).unwrap();
+        assert_eq!(a[0].tensor, b[0].tensor);
+    }
+
     #[test]
     fn malformed_architectures_and_weights_are_load_errors() {
         let arch = architecture();
@@ -1142,7 +1229,62 @@ mod tests {
                     .collect(),
                 "is F64; the architecture is F32",
             ),
+            // Red team: consistent but huge (2.5 TB at warm-up, an abort), and a padding
+            // whose doubling overflows (a panic in a debug build).
+            (
+                edit(&|a| a["layers"][0]["padding"] = serde_json::json!([99945, 99945])),
+                w.clone(),
+                "MiB per row",
+            ),
+            (
+                edit(&|a| a["layers"][0]["padding"] = serde_json::json!([1u64 << 63, 1u64 << 63])),
+                w.clone(),
+                "does not fit",
+            ),
+            // NaN or infinite weights (NaN behind a ReLU answered one probability for all).
+            (
+                arch.clone(),
+                w.iter()
+                    .map(|t| {
+                        if t.0 == "c2.weight" {
+                            let mut v = values(4 * 3 * 3 * 3, 3, 0.5);
+                            v[7] = f32::NAN;
+                            ("c2.weight", "F32", t.2.clone(), f32_bytes(&v))
+                        } else {
+                            t.clone()
+                        }
+                    })
+                    .collect(),
+                "tensor \"c2.weight\" holds NaN or infinite values",
+            ),
+            (
+                arch.clone(),
+                w.iter()
+                    .map(|t| {
+                        if t.0 == "fc.bias" {
+                            ("fc.bias", "F32", vec![2], f32_bytes(&[f32::INFINITY, 0.0]))
+                        } else {
+                            t.clone()
+                        }
+                    })
+                    .collect(),
+                "tensor \"fc.bias\" holds NaN or infinite values",
+            ),
         ];
+        // Unused tensors are counted and named up to ten.
+        let names: Vec<String> = (0..300).map(|i| format!("unused{i:03}")).collect();
+        let many: Vec<_> = w
+            .iter()
+            .cloned()
+            .chain(
+                names
+                    .iter()
+                    .map(|n| (n.as_str(), "F32", vec![1], f32_bytes(&[1.0]))),
+            )
+            .collect();
+        let e = load(&arch, &many).err().expect("unused tensors refused");
+        assert!(e.contains("300 tensors no layer uses"), "{e}");
+        assert!(e.len() < 600, "{}", e.len());
         for (a, w, why) in cases {
             let e = load(&a, &w)
                 .err()
