@@ -74,15 +74,7 @@ impl std::str::FromStr for TrustedIssuer {
         }
         let jwks = if source.starts_with("https://") || source.starts_with("http://") {
             let url = reqwest::Url::parse(source).map_err(|e| format!("{source:?}: {e}"))?;
-            let loopback = match url.host_str() {
-                Some("localhost") => true,
-                Some(h) => h
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback()),
-                None => false,
-            };
+            let loopback = crate::config::host_is_loopback(&url);
             if url.scheme() != "https" && !loopback {
                 return Err(format!(
                     "{source:?}: a JWKS URL must be https:// (http:// only on a loopback host)"

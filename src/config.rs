@@ -1389,10 +1389,12 @@ fn resolve_tls(
 }
 
 /// Whether an http(s) URL names this machine (`localhost` or a loopback address).
-fn url_is_loopback(url: &str) -> bool {
-    let Ok(url) = reqwest::Url::parse(url) else {
-        return false;
-    };
+pub(crate) fn url_is_loopback(url: &str) -> bool {
+    reqwest::Url::parse(url).is_ok_and(|url| host_is_loopback(&url))
+}
+
+/// Whether a parsed URL's host is this machine (`localhost` or a loopback address).
+pub(crate) fn host_is_loopback(url: &reqwest::Url) -> bool {
     match url.host_str() {
         Some(h) if h.eq_ignore_ascii_case("localhost") => true,
         Some(h) => h

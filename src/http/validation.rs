@@ -146,9 +146,15 @@ impl Validation {
     /// is read (or written to disk) for a run that could not start.
     fn precheck(&self, model: &str) -> Result<(), AppError> {
         let runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        self.refusal(&runs, model)
+    }
+
+    /// Why a run of `model` cannot start now: [`MAX_WORKING_RUNS`] threads working (503), or
+    /// a run of the model still running (409).
+    fn refusal(&self, runs: &HashMap<String, Arc<Run>>, model: &str) -> Result<(), AppError> {
         if self.working.load(Ordering::Relaxed) >= MAX_WORKING_RUNS {
             return Err(AppError::overloaded(format!(
-                "{MAX_WORKING_RUNS} validation runs are still working; retry later"
+                "{MAX_WORKING_RUNS} validation runs are still working (a cancelled or stopped run finishes the bootstrap under way first); retry later"
             )));
         }
         if let Some(busy) = runs.values().find(|r| {
@@ -209,26 +215,7 @@ impl Validation {
     /// until [`Validation::ended`].
     fn start(&self, run: Arc<Run>) -> Result<(), AppError> {
         let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
-        if self.working.load(Ordering::Relaxed) >= MAX_WORKING_RUNS {
-            return Err(AppError::overloaded(format!(
-                "{MAX_WORKING_RUNS} validation runs are still working (a cancelled or stopped run finishes the bootstrap under way first); retry later"
-            )));
-        }
-        if let Some(busy) = runs.values().find(|r| {
-            r.model == run.model
-                && matches!(
-                    *r.state.lock().unwrap_or_else(|p| p.into_inner()),
-                    RunState::Running
-                )
-        }) {
-            return Err(AppError::new(
-                StatusCode::CONFLICT,
-                format!(
-                    "validation run {} of {} is still running (one run per model at a time)",
-                    busy.id, busy.model
-                ),
-            ));
-        }
+        self.refusal(&runs, &run.model)?;
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         // The oldest run that has ended is forgotten first; a run still running never is (its
         // owner could no longer see or cancel it, and its model would take a second run).
