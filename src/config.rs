@@ -1393,17 +1393,11 @@ pub(crate) fn url_is_loopback(url: &str) -> bool {
     reqwest::Url::parse(url).is_ok_and(|url| host_is_loopback(&url))
 }
 
-/// Whether a parsed URL's host is this machine (`localhost` or a loopback address).
+/// Whether a parsed URL's host is this machine (`localhost` or a loopback address), as a
+/// CDS call's Host header is judged.
 pub(crate) fn host_is_loopback(url: &reqwest::Url) -> bool {
-    match url.host_str() {
-        Some(h) if h.eq_ignore_ascii_case("localhost") => true,
-        Some(h) => h
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback()),
-        None => false,
-    }
+    url.host_str()
+        .is_some_and(crate::http::cds::is_loopback_host)
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {

@@ -130,11 +130,9 @@ fn bounded(text: &mut String) {
     if text.len() <= MAX_FIELD_BYTES {
         return;
     }
+    // Room for the note of what was cut.
     let total = text.len();
-    let mut end = MAX_FIELD_BYTES - 64;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = crate::http::error::cut_point(text, MAX_FIELD_BYTES - 64).unwrap_or(total);
     text.truncate(end);
     text.push_str(&format!("... ({} of {total} bytes cut)", total - end));
 }

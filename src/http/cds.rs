@@ -65,7 +65,7 @@ pub(crate) fn audience(state: &AppState, req: &Request) -> Result<String, String
 }
 
 /// `host` (a Host header: name or address, optional port) names this machine's loopback.
-fn is_loopback_host(host: &str) -> bool {
+pub(crate) fn is_loopback_host(host: &str) -> bool {
     let name = match host.strip_prefix('[') {
         Some(rest) => rest.split(']').next().unwrap_or_default(),
         None => host.rsplit_once(':').map_or(host, |(name, _)| name),

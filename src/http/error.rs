@@ -26,14 +26,23 @@ pub const RETRY_AFTER_SECS: u32 = 1;
 /// shape of a million dimensions a 3 MB HTTP error body.
 pub const MAX_MESSAGE_BYTES: usize = 1024;
 
+/// Where to cut `text` to keep at most `keep` bytes on a character boundary; `None` when it
+/// is that short already.
+pub(crate) fn cut_point(text: &str, keep: usize) -> Option<usize> {
+    if text.len() <= keep {
+        return None;
+    }
+    let mut end = keep;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(end)
+}
+
 /// `message` cut to [`MAX_MESSAGE_BYTES`] (on a character boundary), saying so.
 fn bounded(mut message: String) -> String {
-    if message.len() > MAX_MESSAGE_BYTES {
+    if let Some(end) = cut_point(&message, MAX_MESSAGE_BYTES) {
         let total = message.len();
-        let mut end = MAX_MESSAGE_BYTES;
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
         message.truncate(end);
         message.push_str(&format!("… (message cut at {end} of {total} bytes)"));
     }

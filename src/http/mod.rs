@@ -26,7 +26,7 @@ pub(crate) mod codec;
 pub mod dicomweb;
 pub mod serve;
 // ---- issue 9: the DICOM pipeline's results ----
-mod error;
+pub(crate) mod error;
 pub(crate) mod explain;
 // KServe v2 gRPC (issue 13): `serve --grpc-addr`.
 #[cfg(feature = "grpc")]
