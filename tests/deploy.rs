@@ -70,7 +70,7 @@ impl Fixture {
                 admin_token: Some(TOKEN.into()),
                 ..HttpConfig::default()
             },
-            None,
+            Some(http::install_recorder()),
         );
         nightingale::deploy::load_all(&state).await;
         state.set_ready(true);
@@ -109,6 +109,22 @@ impl Fixture {
             status,
             serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         )
+    }
+
+    /// The `nightingale_queue_depth` series of this model in `/metrics`.
+    async fn queue_series(&self) -> Vec<String> {
+        let res = http::app(self.state.clone())
+            .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec())
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with(&format!("nightingale_queue_depth{{model=\"{MODEL}\"")))
+            .map(|l| l.rsplit_once(' ').unwrap().0.to_owned())
+            .collect()
     }
 
     async fn index(&self) -> Vec<Value> {
@@ -279,6 +295,8 @@ async fn bad_load_requests_are_refused_and_what_serves_keeps_serving() {
 #[tokio::test]
 async fn unload_is_audited() {
     let f = Fixture::new(&[1]).await;
+    let series = format!("nightingale_queue_depth{{model=\"{MODEL}\",version=\"1\"}}");
+    assert_eq!(f.queue_series().await, [series]);
     let (s, _) = f
         .post(
             &format!("/v2/repository/models/{MODEL}/unload"),
@@ -289,6 +307,8 @@ async fn unload_is_audited() {
     assert_eq!(s, StatusCode::OK);
     let (s, _) = f.infer_version().await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    // Red-team finding: the unloaded version's queue series stayed in /metrics for good.
+    assert!(f.queue_series().await.is_empty());
     let last = f.audit().await.pop().unwrap();
     assert_eq!(last.event.kind, EventKind::ModelUnload);
     assert_eq!(last.event.actor.as_deref(), Some("admin-token"));

@@ -1156,6 +1156,15 @@ async fn retrieve_urls_in_stow_and_qido_answers_lead_to_what_was_stored() {
         assert_eq!(res.status(), StatusCode::OK, "{path}");
     }
 
+    // HTTP/2 names the host in `:authority` (the URI's authority), without a Host header.
+    let req = Request::get("http://pacs.example:8042/dicomweb/studies")
+        .version(axum::http::Version::HTTP_2)
+        .body(Body::empty())
+        .unwrap();
+    let (s, _, v) = server.send(req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v[0]["00081190"], json!({"vr": "UR", "Value": [study_url]}));
+
     // No Host, or one that is not a plain host name: no RetrieveURL.
     for host in [None, Some("evil.example/x"), Some("a b"), Some("")] {
         let req = with_host(Request::get("/dicomweb/studies"), host)

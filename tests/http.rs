@@ -1294,6 +1294,47 @@ async fn nested_data_up_to_the_depth_limit() {
     }
 }
 
+/// Nested `data` must be rectangular: `[[15 values], [15 values]]` for a shape of [1, 30]
+/// is read row-major as Triton reads it, but ragged arrays (which Triton flattens as they
+/// come, so that `[[20 values], [10 values]]` passed as one row) are refused.
+#[tokio::test]
+async fn ragged_nested_data_is_refused() {
+    let f = Fixture::default();
+    let uri = format!("/v2/models/{MODEL}/infer");
+    let (row, p_malignant) = test_split().into_iter().next().unwrap();
+    let request = |data: Value| {
+        json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": data}],
+            "outputs": [{"name": "probabilities"}]})
+    };
+    let (s, v) = f
+        .post_json(&uri, &request(json!([&row[..15], &row[15..]])))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!((probabilities(&v)[0] - p_malignant).abs() <= 1e-5);
+    for (data, reason) in [
+        (
+            json!([&row[..20], &row[20..]]),
+            "data is ragged: arrays 2 levels deep hold 20 and 10 elements",
+        ),
+        (
+            json!([[&row[..10], &row[10..20]], [&row[20..]]]),
+            "data is ragged: arrays 2 levels deep hold 2 and 1 elements",
+        ),
+        (
+            json!([&row[..29], row[29]]),
+            "data is ragged: elements nested 2 and 1 levels deep",
+        ),
+        (
+            json!([row[0], &row[1..]]),
+            "data is ragged: elements nested 1 and 2 levels deep",
+        ),
+    ] {
+        let (s, v) = f.post_json(&uri, &request(data)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert_eq!(error_of(&v), format!("input \"features\": {reason}"));
+    }
+}
+
 /// Rejections from axum's extractors answer in the `{"error"}` shape too.
 #[tokio::test]
 async fn extractor_rejections_are_json_errors() {

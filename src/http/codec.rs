@@ -552,6 +552,11 @@ struct Sink<'a, T> {
     count: usize,
     shape: &'a [usize],
     fail: Option<String>,
+    /// The length of the first array seen at each depth (0 = `data` itself): nested data
+    /// must be rectangular, every array at one depth of one length.
+    lens: Vec<Option<usize>>,
+    /// The depth of the first element seen: every element sits at that depth.
+    leaf_depth: Option<usize>,
 }
 
 /// One JSON value inside `data` at a nesting depth: an array (recursed into) or an element.
@@ -571,6 +576,8 @@ fn decode_elements<T: Scalar + Element>(
         count,
         shape,
         fail: None,
+        lens: Vec::new(),
+        leaf_depth: None,
     };
     let mut de = serde_json::Deserializer::from_str(json);
     let parsed = serde::de::DeserializeSeed::deserialize(
@@ -609,6 +616,16 @@ impl<T: Scalar + Element> Node<'_, '_, T> {
         let Some(value) = value else {
             return self.stop(T::WRONG_TYPE.to_string());
         };
+        match self.sink.leaf_depth {
+            None => self.sink.leaf_depth = Some(self.depth),
+            Some(d) if d != self.depth => {
+                let here = self.depth;
+                return self.stop(format!(
+                    "data is ragged: elements nested {d} and {here} levels deep"
+                ));
+            }
+            Some(_) => {}
+        }
         if self.sink.out.len() == self.sink.count {
             let reason = format!(
                 "shape {:?} needs {} {} elements but data has more",
@@ -643,13 +660,31 @@ impl<'de, T: Scalar + Element> serde::de::Visitor<'de> for Node<'_, '_, T> {
             return self.stop(format!("data is nested deeper than {MAX_NESTING} levels"));
         }
         let depth = self.depth + 1;
+        let mut len = 0usize;
         while seq
             .next_element_seed(Node {
                 sink: &mut *self.sink,
                 depth,
             })?
             .is_some()
-        {}
+        {
+            len += 1;
+        }
+        // Triton flattens nested data whatever its structure; `[[1, 2], [3]]` for a shape of
+        // [1, 3] is refused here rather than read as one row.
+        if self.sink.lens.len() <= self.depth {
+            self.sink.lens.resize(self.depth + 1, None);
+        }
+        match self.sink.lens[self.depth] {
+            None => self.sink.lens[self.depth] = Some(len),
+            Some(first) if first != len => {
+                let level = self.depth + 1;
+                return self.stop(format!(
+                    "data is ragged: arrays {level} levels deep hold {first} and {len} elements"
+                ));
+            }
+            Some(_) => {}
+        }
         Ok(())
     }
 

@@ -945,8 +945,8 @@ fn number(vr: &str, v: Option<i64>) -> Value {
 
 /// The base of this server's DICOMweb URLs as the client addressed it
 /// (`http(s)://<Host>/dicomweb`), for RetrieveURL (0008,1190): `None` when the request has no
-/// Host header that is a plain host name and port (HTTP/2 requests name theirs in
-/// `:authority` instead: their answers carry no RetrieveURL).
+/// Host header that is a plain host name and port (an HTTP/2 request's `:authority` is its
+/// Host: `super::host_from_authority`).
 fn retrieve_base(headers: &HeaderMap, https: bool) -> Option<String> {
     let host = headers.get(header::HOST)?.to_str().ok()?;
     super::is_plain_host(host)

@@ -386,7 +386,31 @@ async fn usable_request_id(mut request: Request) -> Request {
     if usable == Some(false) {
         request.headers_mut().remove("x-request-id");
     }
+    host_from_authority(&mut request);
     request
+}
+
+/// An HTTP/2 request names its host in the `:authority` pseudo-header (the URI's authority
+/// here), not in `Host`: it is copied into `Host` when there is none, so that what reads
+/// the Host (DICOMweb RetrieveURLs, the CDS Hooks audience) treats both versions alike.
+/// An authority with user information is not copied (HTTP/2 forbids it).
+fn host_from_authority(request: &mut Request) {
+    if request.version() < axum::http::Version::HTTP_2
+        || request.headers().contains_key(axum::http::header::HOST)
+    {
+        return;
+    }
+    let Some(authority) = request.uri().authority() else {
+        return;
+    };
+    if authority.as_str().contains('@') {
+        return;
+    }
+    if let Ok(value) = axum::http::HeaderValue::from_str(authority.as_str()) {
+        request
+            .headers_mut()
+            .insert(axum::http::header::HOST, value);
+    }
 }
 
 /// A client's request id kept as given: 1 to 128 visible ASCII characters (HTTP and gRPC alike;
