@@ -314,6 +314,15 @@ fn vitals_bundle() -> Value {
         // 101.3 °F = 38.5 °C
         obs(7, "8310-5", qty(101.3, "[degF]")),
     ];
+    // One set charted at one time (`when` reads the clock at each call).
+    let t = when(30);
+    let entries: Vec<Value> = entries
+        .into_iter()
+        .map(|mut o| {
+            o["effectiveDateTime"] = json!(t);
+            o
+        })
+        .collect();
     json!({"resourceType": "Bundle", "type": "searchset",
            "entry": entries.into_iter().map(|r| json!({"resource": r})).collect::<Vec<_>>()})
 }
@@ -1209,7 +1218,7 @@ async fn a_risk_service_answers_with_the_risk_its_reasons_and_the_model_version(
     assert_eq!(icu["prefetch"]["patient"], "Patient/{{context.patientId}}");
     assert_eq!(
         icu["prefetch"]["observations"],
-        "Observation?patient={{context.patientId}}&code=http://loinc.org|8480-6,http://loinc.org|8867-4&_sort=-date&_count=100"
+        "Observation?patient={{context.patientId}}&code=http://loinc.org|55284-4,http://loinc.org|8480-6,http://loinc.org|85354-9,http://loinc.org|8867-4&_sort=-date&_count=100"
     );
     assert!(
         icu["prefetch"]["conditions"]

@@ -19,7 +19,9 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
 use crate::hooks::{Card, Indicator, Source};
-use crate::news2::{Assessment, ClinicalRisk, Incomplete, NotApplicable, Scored, SpO2Scale};
+use crate::news2::{
+    Assessment, ClinicalRisk, ConditionsRead, Incomplete, NotApplicable, Scored, SpO2Scale,
+};
 use crate::vitals::Parameter;
 
 /// The words of NEWS2 cards (configurable per service).
@@ -182,12 +184,18 @@ fn scored_card(s: &Scored, wording: &Wording) -> Card {
     if score.has_red_score() && score.risk != ClinicalRisk::LowMedium {
         detail.push_str("\nA single parameter scores 3 (a red score).\n");
     }
-    if s.conditions_incomplete {
-        detail.push_str(
+    match s.conditions {
+        ConditionsRead::All => {}
+        ConditionsRead::OnePage => detail.push_str(
             "\nThe patient's conditions were only partly available (one page of a longer \
              search): pregnancy (in which NEWS2 is not validated) and a prescribed SpO2 \
              target of 88–92 % (scale 2) could not be checked against all of them.\n",
-        );
+        ),
+        ConditionsRead::None => detail.push_str(
+            "\nThe patient's conditions were not available (not prefetched, and not read \
+             from the FHIR server): pregnancy (in which NEWS2 is not validated) and a \
+             prescribed SpO2 target of 88–92 % (scale 2) could not be checked.\n",
+        ),
     }
     let summary = format!(
         "NEWS2 {} — {} clinical risk{}",

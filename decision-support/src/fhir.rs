@@ -325,14 +325,21 @@ impl Bundle {
     /// or a searchset without `total`) is taken as whole. Nested Bundles count: one that
     /// is not whole makes this one not whole either.
     pub fn is_complete(&self) -> bool {
-        !self.has_next
-            && self
-                .total
-                .is_none_or(|total| total <= self.matches() as u64)
+        self.is_whole_page()
             && self.entry.iter().all(|e| match &e.resource {
                 Some(Resource::Bundle(b)) => b.is_complete(),
                 _ => true,
             })
+    }
+}
+
+impl Bundle {
+    /// [`Bundle::is_complete`] for this Bundle's own entries, nested Bundles aside.
+    fn is_whole_page(&self) -> bool {
+        !self.has_next
+            && self
+                .total
+                .is_none_or(|total| total <= self.matches() as u64)
     }
 }
 
@@ -360,6 +367,14 @@ pub struct Resources {
     /// The resource types (of those above) of which a Bundle that was not the whole
     /// result ([`Bundle::is_complete`]) was added: of these, what is absent may exist.
     pub incomplete: BTreeSet<&'static str>,
+    /// The resource types a call searched for and got no answer of (not prefetched, the
+    /// fetch failed, an OperationOutcome in the Bundle's place): [`Resources::mark_unread`].
+    pub unread: BTreeSet<&'static str>,
+    /// For each Bundle added that was not the whole result and may have held Observations
+    /// (see [`Resources::observations_unread_after`]): the effective time of its last
+    /// Observation when its Observations come newest first (as a `_sort=-date` search
+    /// returns them), `None` when they do not (or one is undated).
+    pub partial_observations: Vec<Option<DateTime<Utc>>>,
 }
 
 impl Resources {
@@ -376,7 +391,8 @@ impl Resources {
             Resource::Condition(c) => self.conditions.push(*c),
             Resource::Encounter(e) => self.encounters.push(*e),
             Resource::Bundle(b) => {
-                if !b.is_complete() {
+                // A nested Bundle that is not whole marks itself as it is added below.
+                if !b.is_whole_page() {
                     self.mark_incomplete(&b);
                 }
                 for e in b.entry {
@@ -408,7 +424,33 @@ impl Resources {
         if types.is_empty() {
             types = BTreeSet::from(READ_TYPES);
         }
+        if types.contains("Observation") {
+            self.partial_observations.push(newest_first_reach(b));
+        }
         self.incomplete.extend(types);
+    }
+
+    /// Records that a search of `resource_type` the call needed got no answer: what is
+    /// absent may exist (a pregnancy among the Conditions not read).
+    pub fn mark_unread(&mut self, resource_type: &'static str) {
+        self.unread.insert(resource_type);
+    }
+
+    /// Whether a search of `resource_type` the call needed got no answer
+    /// ([`Resources::mark_unread`]).
+    pub fn is_unread(&self, resource_type: &str) -> bool {
+        self.unread.contains(resource_type)
+    }
+
+    /// Whether an Observation dated after `t` may be on a page not read: a partial search
+    /// whose Observations came newest first holds the newest of its results (what it lacks is
+    /// no newer than its last); one whose Observations did not come in that order (the
+    /// server ignored `_sort`) or were not all dated says nothing about what it lacks. A
+    /// value dated `t` is then not known to be the latest.
+    pub fn observations_unread_after(&self, t: DateTime<Utc>) -> bool {
+        self.partial_observations
+            .iter()
+            .any(|reach| reach.is_none_or(|last| last > t))
     }
 
     /// Whether every Bundle added that held (or may have held) resources of `resource_type`
@@ -417,6 +459,25 @@ impl Resources {
     pub fn is_complete(&self, resource_type: &str) -> bool {
         !self.incomplete.contains(resource_type)
     }
+}
+
+/// The effective time of a partial Bundle's last matched Observation when its matched
+/// Observations are in newest-first order and all dated; `None` otherwise (none at all
+/// included: nothing says what the rest holds).
+fn newest_first_reach(b: &Bundle) -> Option<DateTime<Utc>> {
+    let mut last: Option<DateTime<Utc>> = None;
+    for e in b.entry.iter().filter(|e| e.matched) {
+        if let Some(Resource::Observation(o)) = &e.resource {
+            let Ok(Some((t, _))) = o.effective() else {
+                return None;
+            };
+            if last.is_some_and(|l| t > l) {
+                return None;
+            }
+            last = Some(t);
+        }
+    }
+    last
 }
 
 /// The resource types [`Resources`] keeps.

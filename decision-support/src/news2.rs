@@ -24,7 +24,9 @@ use std::fmt;
 use chrono::{DateTime, Duration, Utc};
 
 use crate::fhir::{CodeableConcept, LOINC, Patient, Resources, SNOMED, SystemCode};
-use crate::vitals::{self, Acvpu, OxygenSupply, Parameter, Unusable, Vitals, VitalsOptions};
+use crate::vitals::{
+    self, Acvpu, OxygenSupply, Parameter, Unusable, UnusableReason, Vitals, VitalsOptions,
+};
 
 /// The SpO2 scale in use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -416,10 +418,22 @@ pub struct Scored {
     pub inputs: News2Inputs,
     /// The readings (their times and source observations).
     pub vitals: Vitals,
-    /// Whether the Conditions came from one page of a longer search
-    /// ([`Resources::is_complete`]): the pregnancy and SpO2 scale 2 checks could then not
-    /// see every Condition, and the card says so.
-    pub conditions_incomplete: bool,
+    /// Whether every Condition was read: when not, the pregnancy and SpO2 scale 2 checks
+    /// could not see every Condition, and the card says so.
+    pub conditions: ConditionsRead,
+}
+
+/// How much of the patient's Conditions a score was checked against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditionsRead {
+    /// The whole search result (or, for a caller that builds [`Resources`] itself, what it
+    /// gave).
+    All,
+    /// One page of a longer search ([`Resources::is_complete`]).
+    OnePage,
+    /// No answer to the Condition search ([`Resources::is_unread`]: not prefetched and not
+    /// fetched, an OperationOutcome in its place, a failed fetch).
+    None,
 }
 
 /// The outcome of [`assess`].
@@ -535,7 +549,14 @@ pub fn assess(
         Ok((youngest, _)) if youngest < MINIMUM_AGE => Some(AgeProblem::Imprecise),
         Ok(_) => None,
     };
-    let vitals = vitals::extract(&resources.observations, now, patient_id, &settings.vitals);
+    let mut vitals = vitals::extract(&resources.observations, now, patient_id, &settings.vitals);
+    // A value from a search read only in part is the latest only if what was not read is
+    // no newer ([`Resources::observations_unread_after`]).
+    for p in Parameter::ALL {
+        vitals.doubt(p, UnusableReason::NewerMayBeUnread, |t| {
+            resources.observations_unread_after(t)
+        });
+    }
     let unusable_params: Vec<Parameter> = vitals.unusable.iter().map(|u| u.parameter).collect();
     let missing: Vec<Parameter> = vitals
         .missing()
@@ -585,6 +606,12 @@ pub fn assess(
         score: score(&inputs, scale),
         inputs,
         vitals,
-        conditions_incomplete: !resources.is_complete("Condition"),
+        conditions: if resources.is_unread("Condition") {
+            ConditionsRead::None
+        } else if !resources.is_complete("Condition") {
+            ConditionsRead::OnePage
+        } else {
+            ConditionsRead::All
+        },
     }))
 }

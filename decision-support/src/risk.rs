@@ -448,6 +448,12 @@ fn observation(
         return;
     };
     out.time = time;
+    // From a search read in part, the latest found is the latest only if what was not read
+    // is no newer ([`Resources::observations_unread_after`]).
+    if time.is_some_and(|t| resources.observations_unread_after(t)) {
+        out.value = Err(Missing::Unusable(UnusableReason::NewerMayBeUnread));
+        return;
+    }
     match quantity.and_then(|q| convert_analyte(q, unit, feature.molar_mass)) {
         Ok((v, from)) => {
             out.value = Ok(v);

@@ -132,6 +132,12 @@ pub fn news2_prefetch() -> BTreeMap<String, String> {
     ])
 }
 
+/// LOINC systolic and diastolic blood pressure, as features name them.
+const BP_COMPONENTS: [&str; 2] = ["http://loinc.org|8480-6", "http://loinc.org|8462-4"];
+/// LOINC blood pressure panels (85354-9, and 55284-4 "systolic and diastolic") that carry
+/// them as components.
+const BP_PANELS: [&str; 2] = ["http://loinc.org|85354-9", "http://loinc.org|55284-4"];
+
 /// The prefetch templates a risk service needs for these features: the Patient (age, sex),
 /// the Observations of the declared codes, the active Conditions, the in-progress Encounters.
 pub fn risk_prefetch<'a>(
@@ -142,6 +148,13 @@ pub fn risk_prefetch<'a>(
     for f in features {
         if let Some(c) = &f.code {
             codes.insert(c.clone());
+            // Blood pressures are often charted as a panel with the pressures as its
+            // components; FHIR R4's `code` search matches `Observation.code` only, so the
+            // panels' own codes are searched for too (`combo-code` would match components,
+            // but not every FHIR server supports it).
+            if BP_COMPONENTS.contains(&c.as_str()) {
+                codes.extend(BP_PANELS.iter().map(|p| (*p).to_owned()));
+            }
         }
         match f.fhir {
             Some(FhirSource::PatientAge | FhirSource::PatientFemale) => patient = true,
@@ -517,6 +530,9 @@ impl Service {
             conditions_read |= searches_conditions(&key) && matches!(r, Resource::Bundle(_));
             resources.add(r);
         }
+        if !conditions_read {
+            resources.mark_unread("Condition");
+        }
         let conditions_read = conditions_read && resources.is_complete("Condition");
         Ok((resources, conditions_read))
     }
@@ -533,7 +549,7 @@ impl Service {
     pub fn evaluate_news2(
         &self,
         request: &HookRequest,
-        fetched: Vec<Resource>,
+        fetched: Vec<(String, Resource)>,
         now: DateTime<Utc>,
         limits: &Limits,
     ) -> Result<News2Outcome, ServiceError> {
@@ -546,24 +562,9 @@ impl Service {
         let patient_id = request
             .patient_id()
             .ok_or(RequestError::Context { field: "patientId" })?;
-        let mut resources = Resources::new();
-        if let Some(prefetch) = &request.prefetch {
-            for (key, value) in prefetch {
-                if value.is_null() {
-                    continue;
-                }
-                let r = Resource::from_value(value, limits).map_err(|source| {
-                    RequestError::Prefetch {
-                        key: key.chars().take(64).collect(),
-                        source,
-                    }
-                })?;
-                resources.add(r);
-            }
-        }
-        for r in fetched {
-            resources.add(r);
-        }
+        // The Conditions not read (no Bundle answered a Condition search) are marked so:
+        // a pregnancy or a scale 2 prescription may be among them.
+        let (resources, _) = self.collect(request, fetched, limits)?;
         let assessment = assess(&resources, now, Some(patient_id), &self.news2);
         let card = news2_card(&assessment, &self.config.wording);
         // No patient data: the service, the invocation and the kind of outcome.

@@ -208,6 +208,9 @@ pub enum UnusableReason {
     /// clock error, or a value charted ahead of time): it cannot be placed, and the older
     /// value before it is not taken in its place.
     FutureTime,
+    /// The Observation search was answered only in part (pages not read), and not newest
+    /// first as far as its last page read: a newer value may be on a page not read.
+    NewerMayBeUnread,
 }
 
 impl fmt::Display for UnusableReason {
@@ -225,6 +228,10 @@ impl fmt::Display for UnusableReason {
             UnusableReason::FutureTime => f.write_str(
                 "dated in the future, so not used; an older value was not used in its place \
                  (check the device or charting clock)",
+            ),
+            UnusableReason::NewerMayBeUnread => f.write_str(
+                "the observation search was answered only in part, so a newer value may be \
+                 on a page that was not read",
             ),
         }
     }
@@ -292,6 +299,43 @@ pub struct Vitals {
 }
 
 impl Vitals {
+    /// Moves the value of `parameter` to [`Vitals::unusable`] with `reason`, when it has one
+    /// and `doubt(its time)` holds.
+    pub fn doubt(
+        &mut self,
+        parameter: Parameter,
+        reason: UnusableReason,
+        doubt: impl Fn(DateTime<Utc>) -> bool,
+    ) {
+        fn take<T>(
+            r: &mut Option<Reading<T>>,
+            doubt: impl Fn(DateTime<Utc>) -> bool,
+        ) -> Option<(DateTime<Utc>, Option<String>)> {
+            if r.as_ref().is_some_and(|r| doubt(r.time)) {
+                r.take().map(|r| (r.time, r.observation_id))
+            } else {
+                None
+            }
+        }
+        let taken = match parameter {
+            Parameter::RespirationRate => take(&mut self.respiration_rate, doubt),
+            Parameter::OxygenSaturation => take(&mut self.oxygen_saturation, doubt),
+            Parameter::AirOrOxygen => take(&mut self.air_or_oxygen, doubt),
+            Parameter::SystolicBloodPressure => take(&mut self.systolic_blood_pressure, doubt),
+            Parameter::PulseRate => take(&mut self.pulse_rate, doubt),
+            Parameter::Consciousness => take(&mut self.consciousness, doubt),
+            Parameter::Temperature => take(&mut self.temperature, doubt),
+        };
+        if let Some((time, observation_id)) = taken {
+            self.unusable.push(Unusable {
+                parameter,
+                reason,
+                time: Some(time),
+                observation_id,
+            });
+        }
+    }
+
     /// Whether a usable value of `parameter` was found.
     pub fn has(&self, parameter: Parameter) -> bool {
         match parameter {
@@ -458,14 +502,15 @@ fn number(parameter: Parameter, q: &Quantity) -> Result<Value, UnusableReason> {
     };
     // Wider than any living patient, narrow enough to catch a unit written wrongly (98.6
     // "Cel"). A rate or pressure of 0 (or -0) is a placeholder a chart or device writes for
-    // "not measured", not a living patient's vital sign: refused, never scored 3.
+    // "not measured", not a living patient's vital sign: refused, never scored 3; so is one
+    // that would be charted as 0 (below 0.5: these are charted as whole numbers).
     let value = match parameter {
-        Parameter::RespirationRate => within(value, f64::MIN_POSITIVE, 120.0)?,
-        Parameter::PulseRate => within(value, f64::MIN_POSITIVE, 350.0)?,
+        Parameter::RespirationRate => within(value, 0.5, 120.0)?,
+        Parameter::PulseRate => within(value, 0.5, 350.0)?,
         // No oximeter reads below ~20 % in a living patient: a lower value is a fraction
         // written as a percentage (0.95 "%"), not a saturation of 0.95 %.
         Parameter::OxygenSaturation => within(value, 20.0, 100.0)?,
-        Parameter::SystolicBloodPressure => within(value, f64::MIN_POSITIVE, 400.0)?,
+        Parameter::SystolicBloodPressure => within(value, 0.5, 400.0)?,
         Parameter::Temperature => within(value, 10.0, 47.0)?,
         _ => value,
     };
@@ -676,11 +721,12 @@ pub fn extract(
                 Some(b) => {
                     // A value without a usable time cannot be placed: it is unusable and,
                     // being undatable, it wins over dated ones only if nothing is dated.
-                    // Within one observation, at one time, oxygen wins over air (a
-                    // flow of 2 L/min beside an FiO2 of 21 % is oxygen).
+                    // At one time, oxygen wins over air, within one observation or across
+                    // several, whatever their order or issue times (a flow of 2 L/min
+                    // beside an FiO2 of 21 % is oxygen).
                     let key = |c: &Candidate| {
                         let oxygen = matches!(c.value, Ok(Value::Supply(OxygenSupply::Oxygen)));
-                        (c.time.is_some(), c.time, c.issued, c.index, oxygen)
+                        (c.time.is_some(), c.time, oxygen, c.issued, c.index)
                     };
                     if key(&candidate) > key(b) {
                         *b = candidate;
@@ -929,7 +975,8 @@ mod tests {
         // A rate or pressure of 0 (or -0) is a chart's placeholder, not a vital sign that
         // scores 3; the smallest real values are taken.
         for (code, unit) in [("9279-1", "/min"), ("8867-4", "/min"), ("8480-6", "mm[Hg]")] {
-            for zero in [0.0, -0.0] {
+            // And one that would be charted as 0 (red-team finding: 0.4 scored 3).
+            for zero in [0.0, -0.0, 0.4, 0.499] {
                 let v = run(&[quantity(code, zero, unit, t)]);
                 assert_eq!(
                     v.unusable[0].reason,
@@ -937,10 +984,12 @@ mod tests {
                     "{code} {zero}"
                 );
             }
-            assert!(
-                run(&[quantity(code, 4.0, unit, t)]).unusable.is_empty(),
-                "{code}"
-            );
+            for real in [0.5, 4.0] {
+                assert!(
+                    run(&[quantity(code, real, unit, t)]).unusable.is_empty(),
+                    "{code} {real}"
+                );
+            }
         }
         // No unit.
         let mut o = quantity("9279-1", 18.0, "/min", t);
@@ -1000,6 +1049,48 @@ mod tests {
         assert_eq!(v.systolic_blood_pressure.unwrap().value, 109.0);
         assert_eq!(v.oxygen_saturation.unwrap().value, 93.0);
         assert_eq!(v.air_or_oxygen.unwrap().value, OxygenSupply::Oxygen);
+    }
+
+    /// Red-team finding: an FiO2 of 21 % and a flow of 2 L/min charted as two observations
+    /// at one time scored air or oxygen by their order in the Bundle.
+    #[test]
+    fn oxygen_wins_over_air_at_one_time_in_any_order() {
+        let t = "2024-05-01T11:00:00Z";
+        let fio2 = |issued: &str| {
+            obs(json!({
+                "resourceType": "Observation", "status": "final", "effectiveDateTime": t,
+                "issued": issued,
+                "code": {"coding": [{"system": LOINC, "code": "3150-0"}]},
+                "valueQuantity": {"value": 21, "unit": "%", "system": UCUM, "code": "%"}
+            }))
+        };
+        let flow = |issued: &str| {
+            obs(json!({
+                "resourceType": "Observation", "status": "final", "effectiveDateTime": t,
+                "issued": issued,
+                "code": {"coding": [{"system": LOINC, "code": "3151-8"}]},
+                "valueQuantity": {"value": 2, "unit": "L/min", "system": UCUM, "code": "L/min"}
+            }))
+        };
+        let (early, late) = ("2024-05-01T11:01:00Z", "2024-05-01T11:02:00Z");
+        for set in [
+            vec![fio2(early), flow(early)],
+            vec![flow(early), fio2(early)],
+            vec![flow(early), fio2(late)],
+            vec![fio2(late), flow(early)],
+        ] {
+            let v = run(&set);
+            assert_eq!(v.air_or_oxygen.unwrap().value, OxygenSupply::Oxygen);
+        }
+        // A later time still wins: air charted after the oxygen was stopped.
+        let later_air = obs(json!({
+            "resourceType": "Observation", "status": "final",
+            "effectiveDateTime": "2024-05-01T11:30:00Z",
+            "code": {"coding": [{"system": LOINC, "code": "3150-0"}]},
+            "valueQuantity": {"value": 21, "unit": "%", "system": UCUM, "code": "%"}
+        }));
+        let v = run(&[flow(early), later_air]);
+        assert_eq!(v.air_or_oxygen.unwrap().value, OxygenSupply::Air);
     }
 
     #[test]

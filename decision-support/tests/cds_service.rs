@@ -160,7 +160,12 @@ fn the_caller_can_fetch_what_was_not_prefetched() {
     // With what the caller fetched: scored.
     let fetched = Resource::from_value(&vitals_bundle(), &Limits::default()).unwrap();
     let out = service
-        .evaluate_news2(&req, vec![fetched], now(), &Limits::default())
+        .evaluate_news2(
+            &req,
+            vec![("vitals".to_owned(), fetched)],
+            now(),
+            &Limits::default(),
+        )
         .unwrap();
     assert_eq!(out.response.cards[0].indicator, Indicator::Critical);
 }
@@ -207,4 +212,138 @@ fn bad_requests_are_errors_not_cards() {
         .evaluate_news2(&req, vec![], now(), &Limits::default())
         .unwrap_err();
     assert!(e.to_string().contains("prefetch \"vitals\""), "{e}");
+}
+
+fn detail(out: &nightingale_decision_support::service::News2Outcome) -> String {
+    out.response.cards[0].detail.clone().unwrap_or_default()
+}
+
+/// Red-team finding: with the Conditions not read (no prefetch, an OperationOutcome in its
+/// place, a failed fetch), the score was given as if the patient had none: a pregnancy or
+/// a scale 2 prescription went unchecked without a word. The card now says so.
+#[test]
+fn a_score_without_the_conditions_says_they_were_not_checked() {
+    use nightingale_decision_support::news2::ConditionsRead;
+    let services = Services::builtin();
+    let service = services.get(DEFAULT_NEWS2_ID).unwrap();
+    let outcome = json!({"resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "processing"}]});
+    let searchset = json!({"resourceType": "Bundle", "type": "searchset", "total": 0});
+    for (conditions, read) in [
+        (Value::Null, ConditionsRead::None),
+        (outcome, ConditionsRead::None),
+        (searchset.clone(), ConditionsRead::All),
+    ] {
+        let mut req = request(patient("1925-12-23"), vitals_bundle());
+        req.prefetch
+            .as_mut()
+            .unwrap()
+            .insert("conditions".to_owned(), conditions.clone());
+        let out = service
+            .evaluate_news2(&req, vec![], now(), &Limits::default())
+            .unwrap();
+        let Assessment::Scored(s) = &out.assessment else {
+            panic!("not scored: {:?}", out.assessment)
+        };
+        assert_eq!(s.conditions, read, "{conditions}");
+        assert_eq!(
+            detail(&out).contains("conditions were not available"),
+            read == ConditionsRead::None,
+            "{conditions}: {}",
+            detail(&out)
+        );
+    }
+    // What the caller fetched for the key counts as read.
+    let req = request(patient("1925-12-23"), vitals_bundle());
+    let fetched = Resource::from_value(&searchset, &Limits::default()).unwrap();
+    let out = service
+        .evaluate_news2(
+            &req,
+            vec![("conditions".to_owned(), fetched)],
+            now(),
+            &Limits::default(),
+        )
+        .unwrap();
+    let Assessment::Scored(s) = &out.assessment else {
+        panic!("not scored")
+    };
+    assert_eq!(s.conditions, ConditionsRead::All);
+}
+
+/// Red-team finding: a score was taken from one page of an Observation search whose
+/// server did not sort it (page 1: vitals from hours ago; page 2, not read: an RR of 30
+/// minutes ago). A search read in part now gives values only when its Observations come
+/// newest first (what it lacks is then older than what it holds).
+#[test]
+fn one_page_of_an_unsorted_observation_search_gives_no_score() {
+    use nightingale_decision_support::vitals::UnusableReason;
+    let services = Services::builtin();
+    let service = services.get(DEFAULT_NEWS2_ID).unwrap();
+    let paged = |entries: Vec<Value>| {
+        json!({"resourceType": "Bundle", "type": "searchset", "total": 40,
+            "link": [{"relation": "next", "url": "http://hooks.smarthealthit.org:9080/Observation?page=2"}],
+            "entry": entries})
+    };
+    let set = vitals_bundle()["entry"].as_array().unwrap().clone();
+    // Newest first (all at 11:30, then an older RR at 09:00): what was not read is older.
+    let mut sorted = set.clone();
+    let mut old_rr = set[0].clone();
+    old_rr["resource"]["effectiveDateTime"] = json!("2024-05-01T09:00:00Z");
+    old_rr["resource"]["id"] = json!("old-rr");
+    sorted.push(old_rr.clone());
+    let out = service
+        .evaluate_news2(
+            &request(patient("1925-12-23"), paged(sorted)),
+            vec![],
+            now(),
+            &Limits::default(),
+        )
+        .unwrap();
+    assert!(
+        matches!(&out.assessment, Assessment::Scored(s) if s.score.total == 16),
+        "{:?}",
+        out.assessment
+    );
+    // Not newest first: the 09:00 RR before the 11:30 set. Nothing can be known latest.
+    let mut unsorted = vec![old_rr];
+    unsorted.extend(set.clone());
+    let out = service
+        .evaluate_news2(
+            &request(patient("1925-12-23"), paged(unsorted)),
+            vec![],
+            now(),
+            &Limits::default(),
+        )
+        .unwrap();
+    let Assessment::Incomplete(i) = &out.assessment else {
+        panic!("scored from an unsorted page: {:?}", out.assessment)
+    };
+    assert_eq!(i.unusable.len(), 7, "{i:?}");
+    assert!(
+        i.unusable
+            .iter()
+            .all(|u| u.reason == UnusableReason::NewerMayBeUnread)
+    );
+    assert!(
+        detail(&out).contains("a newer value may be on a page that was not read"),
+        "{}",
+        detail(&out)
+    );
+    // The whole search (no next link, total = matches): scored whatever the order.
+    let mut whole = vitals_bundle();
+    whole["entry"]
+        .as_array_mut()
+        .unwrap()
+        .insert(0, set[0].clone());
+    whole["entry"][0]["resource"]["effectiveDateTime"] = json!("2024-05-01T09:00:00Z");
+    whole["total"] = json!(8);
+    let out = service
+        .evaluate_news2(
+            &request(patient("1925-12-23"), whole),
+            vec![],
+            now(),
+            &Limits::default(),
+        )
+        .unwrap();
+    assert!(matches!(&out.assessment, Assessment::Scored(_)));
 }

@@ -4,7 +4,8 @@
 use chrono::{DateTime, Utc};
 use nightingale_decision_support::fhir::{Limits, Resource, Resources, SystemCode};
 use nightingale_decision_support::news2::{
-    AgeProblem, Assessment, ClinicalRisk, News2Settings, NotApplicable, SpO2Scale, assess,
+    AgeProblem, Assessment, ClinicalRisk, ConditionsRead, News2Settings, NotApplicable, SpO2Scale,
+    assess,
 };
 use nightingale_decision_support::vitals::{Parameter, UnusableReason};
 use serde_json::{Value, json};
@@ -303,7 +304,7 @@ fn a_score_with_only_a_page_of_the_conditions_says_what_could_not_be_checked() {
     let Assessment::Scored(s) = &a else {
         panic!("not scored: {a:?}")
     };
-    assert!(s.conditions_incomplete);
+    assert_eq!(s.conditions, ConditionsRead::OnePage);
     let detail = news2_card(&a, &Wording::default()).detail.unwrap();
     assert!(
         detail.contains("conditions were only partly available"),
@@ -314,7 +315,7 @@ fn a_score_with_only_a_page_of_the_conditions_says_what_could_not_be_checked() {
     let Assessment::Scored(s) = &a else {
         panic!("not scored")
     };
-    assert!(!s.conditions_incomplete);
+    assert_eq!(s.conditions, ConditionsRead::All);
     let detail = news2_card(&a, &Wording::default()).detail.unwrap();
     assert!(!detail.contains("partly available"), "{detail}");
 }

@@ -202,7 +202,6 @@ pub(crate) async fn call(
         .kind()
     {
         ServiceKind::News2 => {
-            let fetched = fetched.into_iter().map(|(_, r)| r).collect();
             let outcome = match service.evaluate_news2(&request, fetched, now, &cds.limits) {
                 Ok(o) => o,
                 Err(ServiceError::Request(e)) => {
