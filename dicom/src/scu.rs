@@ -319,20 +319,32 @@ impl StoreAssociation {
         })
     }
 
-    /// Whether the peer accepted `(sop_class, transfer_syntax)`.
+    /// Whether the peer accepted `(sop_class, transfer_syntax)` (or, for Explicit VR Little
+    /// Endian, Implicit VR Little Endian in its place).
     pub fn accepts(&self, sop_class_uid: &str, transfer_syntax: &str) -> bool {
         self.context_id(sop_class_uid, transfer_syntax).is_some()
     }
 
-    fn context_id(&self, sop_class_uid: &str, transfer_syntax: &str) -> Option<u8> {
-        self.association
-            .presentation_contexts()
-            .iter()
-            .find(|pc| {
-                sop::trim_uid(&pc.abstract_syntax) == sop_class_uid
-                    && sop::trim_uid(&pc.transfer_syntax) == transfer_syntax
-            })
-            .map(|pc| pc.id)
+    /// The accepted context for a file of `(sop_class, transfer_syntax)`, and whether its
+    /// data set must be re-encoded in Implicit VR Little Endian (the peer took that in
+    /// place of the Explicit VR Little Endian offered).
+    fn context_id(&self, sop_class_uid: &str, transfer_syntax: &str) -> Option<(u8, bool)> {
+        let accepted = |ts: &str| {
+            self.association
+                .presentation_contexts()
+                .iter()
+                .find(|pc| {
+                    sop::trim_uid(&pc.abstract_syntax) == sop_class_uid
+                        && sop::trim_uid(&pc.transfer_syntax) == ts
+                })
+                .map(|pc| pc.id)
+        };
+        accepted(transfer_syntax).map(|id| (id, false)).or_else(|| {
+            (transfer_syntax == EXPLICIT_VR_LE)
+                .then(|| accepted(IMPLICIT_VR_LE))
+                .flatten()
+                .map(|id| (id, true))
+        })
     }
 
     /// Sends one C-STORE of `file` and returns the peer's status, all within
@@ -350,7 +362,8 @@ impl StoreAssociation {
     }
 
     async fn store_within(&mut self, file: &Part10File) -> Result<DimseStatus, StoreFailure> {
-        let Some(pc) = self.context_id(&file.sop_class_uid, &file.transfer_syntax) else {
+        let Some((pc, to_implicit)) = self.context_id(&file.sop_class_uid, &file.transfer_syntax)
+        else {
             return Err(StoreFailure::ContextRejected {
                 sop_class_uid: file.sop_class_uid.clone(),
                 transfer_syntax: file.transfer_syntax.clone(),
@@ -361,11 +374,18 @@ impl StoreAssociation {
             path: file.path.clone(),
             source,
         };
-        let mut reader = tokio::fs::File::open(&file.path).await.map_err(io)?;
-        reader
-            .seek(std::io::SeekFrom::Start(file.dataset_offset))
-            .await
-            .map_err(io)?;
+        type Source = std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>;
+        let (mut reader, mut left): (Source, u64) = if to_implicit {
+            let data = implicit_dataset(file).await?;
+            let len = data.len() as u64;
+            (Box::pin(std::io::Cursor::new(data)), len)
+        } else {
+            let mut f = tokio::fs::File::open(&file.path).await.map_err(io)?;
+            f.seek(std::io::SeekFrom::Start(file.dataset_offset))
+                .await
+                .map_err(io)?;
+            (Box::pin(f), file.dataset_len)
+        };
         let message_id = self.take_message_id();
         let command = c_store_rq(message_id, &file.sop_class_uid, &file.sop_instance_uid);
         self.send_command(pc, command).await?;
@@ -374,7 +394,6 @@ impl StoreAssociation {
         // thread (block_in_place), which panics on a current-thread runtime.
         let fragment = (self.association.acceptor_max_pdu_length().saturating_sub(6) as usize)
             .clamp(1024, CHUNK);
-        let mut left = file.dataset_len;
         loop {
             let n = (fragment as u64).min(left) as usize;
             let mut data = vec![0u8; n];
@@ -555,7 +574,14 @@ async fn associate(
         .read_timeout(options.dimse_timeout)
         .write_timeout(options.dimse_timeout);
     for (class, ts) in contexts {
-        client = client.with_presentation_context(class.as_str(), vec![ts.as_str()]);
+        // Implicit VR Little Endian, the default every node takes (PS3.5 10.1), is offered
+        // beside Explicit VR Little Endian: an SCP that takes only the default still gets
+        // the object, sent in it ([`StoreAssociation::store`] re-encodes the data set).
+        let mut offered = vec![ts.as_str()];
+        if ts == EXPLICIT_VR_LE {
+            offered.push(IMPLICIT_VR_LE);
+        }
+        client = client.with_presentation_context(class.as_str(), offered);
     }
     let established = tokio::time::timeout(options.connect_timeout, client.establish_async(addr))
         .await
@@ -614,6 +640,45 @@ pub async fn echo(addr: &str, options: &ScuOptions) -> Result<DimseStatus, ScuEr
             Err(e)
         }
     }
+}
+
+/// Explicit VR Little Endian.
+const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
+/// Implicit VR Little Endian, DICOM's default transfer syntax.
+const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
+
+/// The data set of `file` (Explicit VR Little Endian) re-encoded in Implicit VR Little
+/// Endian, for a peer that accepted only that: read whole (these are result objects and
+/// operators' files, not studies streamed from a modality) on a blocking thread.
+async fn implicit_dataset(file: &Part10File) -> Result<Vec<u8>, StoreFailure> {
+    let path = file.path.clone();
+    let offset = file.dataset_offset;
+    let encode = move || -> Result<Vec<u8>, FileError> {
+        let meta_error = |detail: String| FileError::Meta {
+            path: path.clone(),
+            detail,
+        };
+        let raw = std::fs::read(&path).map_err(|source| FileError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let dataset = raw
+            .get(offset as usize..)
+            .ok_or_else(|| meta_error("the file is shorter than its meta group".into()))?;
+        let explicit = dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased();
+        let implicit = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
+        let object = InMemDicomObject::read_dataset_with_ts(dataset, &explicit)
+            .map_err(|e| meta_error(format!("the data set cannot be read: {e}")))?;
+        let mut out = Vec::with_capacity(dataset.len());
+        object
+            .write_dataset_with_ts(&mut out, &implicit)
+            .map_err(|e| meta_error(format!("the data set cannot be re-encoded: {e}")))?;
+        Ok(out)
+    };
+    tokio::task::spawn_blocking(encode)
+        .await
+        .map_err(|e| StoreFailure::Association(ScuError::Io(std::io::Error::other(e.to_string()))))?
+        .map_err(StoreFailure::File)
 }
 
 /// Files sent over one association: its contexts, and the files (with their outcome index).

@@ -209,6 +209,26 @@ def test_a_rejected_context_fails_that_file_alone(work):
     assert set(scp.received()) == {ct_uid}
 
 
+def test_a_peer_taking_only_implicit_vr_gets_the_data_set_re_encoded(work):
+    """Red-team finding: results (Explicit VR Little Endian) were offered in that syntax alone,
+    so an SCP taking only DICOM's default, Implicit VR Little Endian (`storescp +xi`), got
+    nothing. Now Implicit is offered beside it and the data set re-encoded when chosen."""
+    ct = work / "ct.dcm"
+    uid = _with_new_uid(Path(get_testdata_file("CT_small.dcm")), ct)
+    assert pydicom.dcmread(ct, stop_before_pixels=True).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    scp = StoreScp(work, "+xi")
+    try:
+        r = nightingale("dicom", "store", "--addr", scp.addr, "--called-ae", "STORESCP", str(ct))
+    finally:
+        scp.stop()
+    assert r.returncode == 0, r.stdout + r.stderr + scp.log()
+    got = scp.received()[uid]
+    assert pydicom.dcmread(got, stop_before_pixels=True).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+    # Data Set Trailing Padding (FFFC,FFFC) has no meaning and may be dropped (PS3.10 7.2).
+    assert [d for d in _differences(pydicom.dcmread(ct), pydicom.dcmread(got))
+            if "FFFC" not in d] == [], got
+
+
 def test_refused_association_and_unreachable_host_are_clear_errors(work):
     scp = StoreScp(work, "--refuse")
     try:
