@@ -940,9 +940,9 @@ impl ServeArgs {
                     .or(file.dicom_max_inflight_bytes)
                     .unwrap_or(scp.max_inflight_bytes);
                 scp.extra_sop_classes = if !self.dicom_sop_classes.is_empty() {
-                    self.dicom_sop_classes
+                    self.dicom_sop_classes.clone()
                 } else {
-                    file.dicom_sop_classes.unwrap_or_default()
+                    file.dicom_sop_classes.clone().unwrap_or_default()
                 };
                 scp.check()
                     .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -1002,6 +1002,11 @@ impl ServeArgs {
                         .or(file.dicom_max_inflight_bytes)
                         .unwrap_or(defaults.max_inflight_bytes),
                     https: tls.is_some(),
+                    extra_sop_classes: if !self.dicom_sop_classes.is_empty() {
+                        self.dicom_sop_classes.clone()
+                    } else {
+                        file.dicom_sop_classes.clone().unwrap_or_default()
+                    },
                 };
                 if limits.max_inflight_bytes < limits.max_part_bytes {
                     return Err(ConfigError::Invalid(

@@ -23,7 +23,7 @@ use tower::ServiceExt;
 
 #[path = "support/dicom.rs"]
 mod dicom;
-use dicom::{BOUNDARY, content_type, dicom_parts, multipart, part10};
+use dicom::{BOUNDARY, CT, content_type, dicom_parts, multipart, part10};
 
 const STUDY: &str = "1.2.826.0.1.3680043.10.1383.9.1";
 const SERIES: &str = "1.2.826.0.1.3680043.10.1383.9.1.1";
@@ -161,7 +161,7 @@ async fn one_part_and_several_parts_are_stored_and_referenced() {
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(referenced(&v), vec![sop(1)]);
-    assert_eq!(v["00081199"]["Value"][0]["00081150"]["Value"][0], dicom::CT);
+    assert_eq!(v["00081199"]["Value"][0]["00081150"]["Value"][0], CT);
     assert!(v.get("00081198").is_none(), "{v}");
     assert_eq!(server.stored(), vec![sop(1)]);
 
@@ -1090,6 +1090,35 @@ async fn wado_rs_retrieves_an_instance_as_stored() {
         let (s, v) = server.get(&uri).await;
         assert_eq!(s, status, "{uri}: {v}");
     }
+}
+
+/// Red-team finding: STOW-RS stored any SOP class (1.2.3.4.5 got 200), where the DIMSE SCP
+/// refuses at negotiation what it does not store. Now the same classes: 0x0122 otherwise.
+#[tokio::test]
+async fn stow_refuses_a_sop_class_this_node_does_not_store() {
+    let server = Server::default();
+    let good = part10(STUDY, SERIES, &sop(81), 1);
+    let unknown_class = "1.2.840.10008.5.1.4.9.9.9";
+    assert_eq!(unknown_class.len(), CT.len());
+    let mut bad = part10(STUDY, SERIES, &sop(82), 1);
+    let mut at = 0;
+    while let Some(i) = bad[at..].windows(CT.len()).position(|w| w == CT.as_bytes()) {
+        bad[at + i..at + i + CT.len()].copy_from_slice(unknown_class.as_bytes());
+        at += i + CT.len();
+    }
+    let (s, v) = server
+        .stow(
+            "/dicomweb/studies",
+            multipart(&[("application/dicom", &good), ("application/dicom", &bad)]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(referenced(&v), [sop(81)]);
+    assert_eq!(
+        items(&v, "00081198"),
+        [(Some(sop(82)), Some(0x0122))],
+        "{v}"
+    );
 }
 
 /// A GET through the router, with `accept` as its Accept header when given.

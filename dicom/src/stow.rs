@@ -100,7 +100,14 @@ fn check_meta_lengths(mut rest: &[u8]) -> Result<(), String> {
 
 /// Stores one part (blocking: call it off the async runtime). `expected_study` is the study
 /// of a `POST /studies/{study}` request: an instance of another study is refused (0xA900).
-pub fn store_part(spool: &Spool, part: &Part, expected_study: Option<&str>) -> PartOutcome {
+/// The SOP classes stored are those the DIMSE SCP takes: the standard storage classes and
+/// `extra_sop_classes`; another is refused 0x0122 (PS3.18 10.5.3).
+pub fn store_part(
+    spool: &Spool,
+    part: &Part,
+    expected_study: Option<&str>,
+    extra_sop_classes: &[String],
+) -> PartOutcome {
     let fail = |meta: Option<&FileMetaTable>, reason, kind, detail: String| {
         PartOutcome::Failed(Failure {
             sop_class_uid: meta.map(|m| sop::trim_uid(m.media_storage_sop_class_uid()).to_owned()),
@@ -129,6 +136,17 @@ pub fn store_part(spool: &Spool, part: &Part, expected_study: Option<&str>) -> P
         Ok(split) => split,
         Err(detail) => return fail(None, reason::CANNOT_UNDERSTAND, "not_part10", detail),
     };
+    let class = sop::trim_uid(meta.media_storage_sop_class_uid());
+    if !(sop::STORAGE_CLASSES.iter().any(|c| c.uid == class)
+        || extra_sop_classes.iter().any(|c| c == class))
+    {
+        return fail(
+            Some(&meta),
+            reason::SOP_CLASS_NOT_SUPPORTED,
+            "sop_class",
+            "the SOP class is not one this node stores (--dicom-sop-class adds others)".into(),
+        );
+    }
     let ts = sop::trim_uid(meta.transfer_syntax()).to_owned();
     if let Some(param) = part.transfer_syntax_param()
         && sop::trim_uid(&param) != ts

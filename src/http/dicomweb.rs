@@ -44,6 +44,9 @@ pub struct DicomWebConfig {
     pub max_inflight_bytes: u64,
     /// The server speaks HTTPS: RetrieveURLs start `https://`.
     pub https: bool,
+    /// SOP classes stored beside the standard storage classes (`--dicom-sop-class`, as
+    /// the DIMSE SCP takes them).
+    pub extra_sop_classes: Vec<String>,
 }
 
 impl Default for DicomWebConfig {
@@ -54,6 +57,7 @@ impl Default for DicomWebConfig {
             request_timeout: Duration::from_secs(600),
             max_inflight_bytes: 4 << 30,
             https: false,
+            extra_sop_classes: Vec::new(),
         }
     }
 }
@@ -343,6 +347,7 @@ async fn store_inner(
     let mut parts = staged.into_iter().peekable();
     let mut pending = std::collections::VecDeque::new();
     let mut in_memory = 0usize;
+    let extra_sop_classes = Arc::new(limits.extra_sop_classes.clone());
     loop {
         while let Some(next) = parts.peek() {
             let len = next.len();
@@ -355,11 +360,15 @@ async fn store_inner(
             let part = parts.next().expect("peeked");
             let spool = spool.clone();
             let study = study.clone();
+            let extra = extra_sop_classes.clone();
             in_memory += len;
             let task = tokio::task::spawn_blocking(move || {
                 let part = part.load()?;
                 let size = part.body.len();
-                Ok::<_, std::io::Error>((stow::store_part(&spool, &part, study.as_deref()), size))
+                Ok::<_, std::io::Error>((
+                    stow::store_part(&spool, &part, study.as_deref(), &extra),
+                    size,
+                ))
             });
             pending.push_back((task, len, Instant::now()));
         }
