@@ -314,6 +314,36 @@ async fn unload_is_audited() {
     assert_eq!(last.event.actor.as_deref(), Some("admin-token"));
 }
 
+/// Red-team finding: `{"parameters": {"version": "1"}}` on unload was ignored and took every
+/// version down. Parameters other than Triton's `unload_dependents` are now refused.
+#[tokio::test]
+async fn unload_refuses_parameters_it_does_not_take() {
+    let f = Fixture::new(&[1, 2]).await;
+    let uri = format!("/v2/repository/models/{MODEL}/unload");
+    for body in [
+        r#"{"parameters": {"version": "1"}}"#,
+        r#"{"parameters": {"unload_dependents": true, "x": 1}}"#,
+        r#"{"parameters": 3}"#,
+        "[]",
+        "{",
+    ] {
+        let (s, v) = f.post(&uri, body, Some(TOKEN)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        let (_, v) = f.infer_version().await;
+        assert_eq!(v["model_version"], "2", "{body}: still serving");
+    }
+    let (s, v) = f
+        .post(
+            &uri,
+            r#"{"parameters": {"unload_dependents": false}}"#,
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, _) = f.infer_version().await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+}
+
 /// Polls `f` until `check` holds, for at most 30 s.
 async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

@@ -1064,6 +1064,19 @@ impl Manifest {
                     ));
                 }
             }
+            // Features are matched to dataset columns and FHIR sources by name: two of one
+            // name would both be filled from one column.
+            let mut names = std::collections::HashSet::new();
+            if let Some(f) = input
+                .features
+                .iter()
+                .find(|f| !names.insert(f.name.as_str()))
+            {
+                return fail(format!(
+                    "input {:?} lists the feature {:?} twice",
+                    input.name, f.name
+                ));
+            }
             for f in &input.features {
                 check_feature_source(f).map_err(|reason| {
                     InvalidManifest(format!(
@@ -1683,6 +1696,20 @@ labels = ["a", "b"]
         assert_eq!(m.backend, BackendPreference::Any);
         assert_eq!(m.version_policy.select(&[1, 3, 2]), vec![3]);
         assert_eq!(m.batching.instances, 1);
+    }
+
+    /// Red-team finding: a feature named twice passed `models check`, and `validate` then
+    /// filled both slots from one column (the other listed as ignored), without a word.
+    #[test]
+    fn a_feature_named_twice_is_refused() {
+        let twice = "[[inputs.features]]\nname = \"a\"\n[[inputs.features]]\nname = \"a\"\n";
+        let m = MINIMAL.replace(
+            "shape = [-1, 2]\n[[outputs]]",
+            &format!("shape = [-1, 2]\n{twice}[[outputs]]"),
+        );
+        assert_ne!(m, MINIMAL);
+        let e = Manifest::parse(&m).unwrap_err().to_string();
+        assert!(e.contains("lists the feature \"a\" twice"), "{e}");
     }
 
     #[test]

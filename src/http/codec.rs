@@ -525,17 +525,49 @@ impl Scalar for f64 {
     }
 }
 
-// FP16 rounds through f32, as the JSON path always has.
+// FP16 rounds once, from the f64 JSON gives (as numpy's `np.float16(x)` does): through f32
+// first, 2049.0000000001 became 2048 instead of 2050 (a red-team finding).
 impl Scalar for half::f16 {
     fn from_i64(i: i64) -> Option<Self> {
-        Some(half::f16::from_f32(i as f32))
+        Some(f16_nearest(i as f64))
     }
     fn from_u64(u: u64) -> Option<Self> {
-        Some(half::f16::from_f32(u as f32))
+        Some(f16_nearest(u as f64))
     }
     fn from_f64(f: f64) -> Option<Self> {
-        Some(half::f16::from_f32(f as f32))
+        Some(f16_nearest(f))
     }
+}
+
+/// The f16 nearest to `x` (ties to even), as IEEE 754 rounds: `half::f16::from_f64` may go
+/// through f32 (with F16C), rounding twice, so its answer is checked against its neighbours.
+fn f16_nearest(x: f64) -> half::f16 {
+    use half::f16;
+    let c = f16::from_f64(x);
+    if x.is_nan() {
+        return c;
+    }
+    // Past the largest finite f16 plus half an ulp (65520) is infinity; below it, the
+    // largest finite value of its sign.
+    if c.is_infinite() {
+        return if x.abs() >= 65520.0 {
+            c
+        } else {
+            f16::MAX.copysign(c)
+        };
+    }
+    let error = |v: f16| (v.to_f64() - x).abs();
+    let mut best = c;
+    for bits in [c.to_bits().wrapping_add(1), c.to_bits().wrapping_sub(1)] {
+        let n = f16::from_bits(bits);
+        if n.is_finite()
+            && (n.is_sign_negative() == c.is_sign_negative())
+            && (error(n) < error(best) || (error(n) == error(best) && bits & 1 == 0))
+        {
+            best = n;
+        }
+    }
+    best
 }
 
 impl Scalar for Vec<u8> {
@@ -839,8 +871,14 @@ pub fn classify(tensor: &Tensor, k: usize, labels: &[String]) -> Result<Tensor, 
         Tensor::Fp32(a) => a.mapv(f64::from),
         Tensor::Fp64(a) => a.clone(),
         Tensor::Fp16(a) => a.mapv(|x| f64::from(x.to_f32())),
+        Tensor::Int8(a) => a.mapv(f64::from),
+        Tensor::Int16(a) => a.mapv(f64::from),
         Tensor::Int32(a) => a.mapv(f64::from),
         Tensor::Int64(a) => a.mapv(|x| x as f64),
+        Tensor::Uint8(a) => a.mapv(f64::from),
+        Tensor::Uint16(a) => a.mapv(f64::from),
+        Tensor::Uint32(a) => a.mapv(f64::from),
+        Tensor::Uint64(a) => a.mapv(|x| x as f64),
         other => {
             return Err(AppError::bad_request(format!(
                 "classification needs a numeric output, not {}",
@@ -1038,6 +1076,24 @@ mod tests {
     }
 
     /// Elements of the wrong kind, in each decoder.
+    /// Red-team finding: FP16 from JSON rounded twice (f64 → f32 → f16), one unit off near
+    /// a tie. The expected bits are numpy's `np.float16(x)` (round to nearest, once).
+    #[test]
+    fn fp16_from_json_rounds_once() {
+        let t = parse_json_data(
+            DataType::Fp16,
+            vec![1, 3],
+            3,
+            "[2049.0000000001, 1.0004882812500002, 65519.99]",
+        )
+        .unwrap();
+        let Tensor::Fp16(a) = t else { panic!("FP16") };
+        let bits: Vec<u16> = a.iter().map(|x| x.to_bits()).collect();
+        // np.float16(2049.0000000001) = 2050 (0x6801), np.float16(1.0004882812500002) =
+        // 1.0009766 (0x3c01), np.float16(65519.99) = 65504 (0x7bff).
+        assert_eq!(bits, [0x6801, 0x3c01, 0x7bff]);
+    }
+
     #[test]
     fn each_decoder_refuses_elements_of_the_wrong_kind() {
         for (datatype, data, needle) in [
@@ -1094,5 +1150,17 @@ mod classify_tests {
                 "0.30000001192092896:1:b"
             ]
         );
+        // Integer outputs of every width are classified too (Triton classifies any
+        // numeric output).
+        for t in [
+            Tensor::from_vec(vec![1, 3], vec![1i8, 9, 4]).unwrap(),
+            Tensor::from_vec(vec![1, 3], vec![1u16, 9, 4]).unwrap(),
+            Tensor::from_vec(vec![1, 3], vec![1u64, 9, 4]).unwrap(),
+        ] {
+            let Tensor::Bytes(a) = classify(&t, 1, &[]).unwrap() else {
+                panic!("BYTES");
+            };
+            assert_eq!(a.iter().next().unwrap(), b"9:1");
+        }
     }
 }

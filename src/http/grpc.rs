@@ -667,6 +667,19 @@ impl GrpcInferenceService for Service {
         request: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
         self.serve("RepositoryModelUnload", request, |state, call| async move {
+            // As over HTTP: an unload takes every version; a parameter other than Triton's
+            // `unload_dependents` is refused rather than ignored.
+            if let Some(key) = call
+                .message
+                .parameters
+                .keys()
+                .find(|k| *k != "unload_dependents")
+            {
+                return Err(AppError::bad_request(format!(
+                    "unload parameter {:?} is not supported: an unload takes every version of the model (to serve one version alone, load with the parameter \"version\")",
+                    key.chars().take(64).collect::<String>()
+                )));
+            }
             deploy::unload(
                 &state,
                 &call.message.model_name,

@@ -165,6 +165,33 @@ fn load_target(body: &[u8]) -> Result<LoadTarget, AppError> {
     Ok(target)
 }
 
+/// An unload takes the whole model: its body may be empty or carry Triton's
+/// `unload_dependents` (a model here has no dependents); any other parameter is refused
+/// rather than ignored (`{"parameters": {"version": "1"}}` took every version down).
+fn check_unload_request(body: &[u8]) -> Result<(), AppError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| AppError::bad_request(format!("malformed JSON: {e}")))?;
+    let Some(object) = v.as_object() else {
+        return Err(AppError::bad_request(
+            "the unload request must be a JSON object",
+        ));
+    };
+    match object.get("parameters") {
+        None | Some(serde_json::Value::Null) => Ok(()),
+        Some(serde_json::Value::Object(p)) => match p.keys().find(|k| *k != "unload_dependents") {
+            None => Ok(()),
+            Some(key) => Err(AppError::bad_request(format!(
+                "unload parameter {:?} is not supported: an unload takes every version of the model (to serve one version alone, load with {{\"parameters\": {{\"version\": \"N\"}}}})",
+                key.chars().take(64).collect::<String>()
+            ))),
+        },
+        Some(_) => Err(AppError::bad_request("\"parameters\" must be an object")),
+    }
+}
+
 fn request_id(headers: &HeaderMap) -> String {
     headers
         .get("x-request-id")
@@ -183,7 +210,8 @@ pub async fn unload(
     body: Body,
 ) -> Result<Json<serde_json::Value>, AppError> {
     let actor = caller.id;
-    read_body(&headers, body, CONTROL_BODY_LIMIT).await?;
+    let body = read_body(&headers, body, CONTROL_BODY_LIMIT).await?;
+    check_unload_request(&body)?;
     deploy::unload(&state, &model, &actor, &request_id(&headers)).await?;
     Ok(Json(json!({})))
 }
