@@ -45,7 +45,12 @@ where
         ) -> Result<Self::Value, A::Error> {
             let mut out = HashMap::new();
             while let Some(key) = map.next_key::<String>()? {
-                let value = map.next_value::<serde_json::Value>()?;
+                if out.len() == MAX_PARAMETERS {
+                    return Err(serde::de::Error::custom(format!(
+                        "more than {MAX_PARAMETERS} parameters"
+                    )));
+                }
+                let value = map.next_value::<ParameterValue>()?.0;
                 if out.contains_key(&key) {
                     return Err(serde::de::Error::custom(format!(
                         "parameter {key:?} is given more than once"
@@ -59,21 +64,124 @@ where
     deserializer.deserialize_option(Unique)
 }
 
+/// Most parameters in one `parameters` object.
+const MAX_PARAMETERS: usize = 256;
+/// Most inputs, or outputs, one request may list (a model's own are far fewer: each is
+/// checked against the model's after parsing, so the parse itself is bounded here).
+const MAX_TENSORS: usize = 4096;
+/// Most dimensions of one input's shape (ONNX models stay far below).
+const MAX_DIMS: usize = 64;
+
+/// A parameter's value: a boolean, a number or a string, as the KServe v2 protocol defines
+/// them (`null` too, as absent). An array or object is refused as it is read, before any of
+/// it is built: a parameter of millions of elements would otherwise become a
+/// `serde_json::Value` tree of ten to twenty times its text, outside the in-flight budget.
+struct ParameterValue(serde_json::Value);
+
+impl<'de> Deserialize<'de> for ParameterValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Scalar;
+        impl<'de> serde::de::Visitor<'de> for Scalar {
+            type Value = ParameterValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a boolean, number or string parameter")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(ParameterValue(v.into()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(ParameterValue(v.into()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(ParameterValue(v.into()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(ParameterValue(v.into()))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(ParameterValue(v.into()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(ParameterValue(v.into()))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+                Ok(ParameterValue(serde_json::Value::Null))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                _: A,
+            ) -> Result<Self::Value, A::Error> {
+                Err(serde::de::Error::custom(
+                    "a parameter is a boolean, number or string, not an array",
+                ))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                _: A,
+            ) -> Result<Self::Value, A::Error> {
+                Err(serde::de::Error::custom(
+                    "a parameter is a boolean, number or string, not an object",
+                ))
+            }
+        }
+        d.deserialize_any(Scalar)
+    }
+}
+
+/// A JSON array of at most `N` elements, refused at the `N + 1`th (before it is built).
+fn at_most<'de, D, T, const N: usize>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Bounded<T, const N: usize>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>, const N: usize> serde::de::Visitor<'de> for Bounded<T, N> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "an array of at most {N} elements")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(x) = seq.next_element()? {
+                if out.len() == N {
+                    return Err(serde::de::Error::custom(format!(
+                        "an array of more than {N} elements where at most {N} are taken"
+                    )));
+                }
+                out.push(x);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Bounded::<T, N>(std::marker::PhantomData))
+}
+
+/// The requested outputs: [`at_most`] [`MAX_TENSORS`], or `None` (`null` or absent).
+fn outputs_at_most<'de, D>(d: D) -> Result<Option<Vec<RequestedOutput>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    struct Listed(#[serde(deserialize_with = "at_most::<_, _, MAX_TENSORS>")] Vec<RequestedOutput>);
+    Ok(Option::<Listed>::deserialize(d)?.map(|l| l.0))
+}
+
 #[derive(Debug, Deserialize)]
 pub struct InferRequest<'a> {
     #[serde(default)]
     pub id: Option<String>,
     #[serde(default, deserialize_with = "unique_parameters")]
     pub parameters: Option<HashMap<String, serde_json::Value>>,
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "at_most::<_, _, MAX_TENSORS>")]
     pub inputs: Vec<InputTensor<'a>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "outputs_at_most")]
     pub outputs: Option<Vec<RequestedOutput>>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct InputTensor<'a> {
     pub name: String,
+    #[serde(deserialize_with = "at_most::<_, _, MAX_DIMS>")]
     pub shape: Vec<i64>,
     pub datatype: String,
     #[serde(default, deserialize_with = "unique_parameters")]
@@ -944,6 +1052,7 @@ pub fn parse_json_data_for_bench(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn spec(name: &str, datatype: DataType) -> TensorSpec {
         TensorSpec {
@@ -961,6 +1070,56 @@ mod tests {
             &mut |_| Ok(()),
         )
         .map_err(|e| e.message)
+    }
+
+    /// Red-team finding: the JSON around the tensors was parsed whole before any check, and
+    /// outside the in-flight budget: a shape of 30 million dimensions, 6 million parameters
+    /// or 5 million requested outputs in a 60 MB body took 0.8–1.6 GB each. Now each list is
+    /// refused at the first element past its bound, and a parameter is a scalar (KServe v2).
+    #[test]
+    fn the_json_around_the_tensors_is_bounded_as_it_is_parsed() {
+        let specs = [spec("x", DataType::Fp32)];
+        let input = |shape: Vec<i64>| json!({"name": "x", "shape": shape, "datatype": "FP32", "data": [1.0]});
+        let ok = decode(json!({"inputs": [input(vec![1; 64])]}), &specs);
+        assert!(ok.is_ok(), "{ok:?}");
+        for (body, needle) in [
+            (
+                json!({"inputs": [input(vec![1; 65])]}),
+                "more than 64 elements",
+            ),
+            (
+                json!({"inputs": [input(vec![1])], "parameters": {"a": [1, 2, 3]}}),
+                "not an array",
+            ),
+            (
+                json!({"inputs": [input(vec![1])], "parameters": {"a": {"b": 1}}}),
+                "not an object",
+            ),
+            (
+                json!({"inputs": [input(vec![1])],
+                    "parameters": serde_json::Map::from_iter((0..257).map(|i| (i.to_string(), json!(i))))}),
+                "more than 256 parameters",
+            ),
+            (
+                json!({"inputs": [input(vec![1])], "outputs": vec![json!({"name": "y"}); 4097]}),
+                "more than 4096 elements",
+            ),
+            (
+                json!({"inputs": vec![input(vec![1]); 4097]}),
+                "more than 4096 elements",
+            ),
+        ] {
+            let e = decode(body, &specs).unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
+        // Scalars of every kind, and null, are parameters.
+        let ok = decode(
+            json!({"inputs": [input(vec![1])],
+                "parameters": {"b": true, "i": -1, "u": 1, "f": 0.5, "s": "x", "n": null}}),
+            &specs,
+        )
+        .unwrap();
+        assert_eq!(ok.parameters.len(), 6);
     }
 
     /// Red-team finding: a raw binary request to a model whose declared input shape's size
@@ -1040,12 +1199,18 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("datatype"), "{e}");
         assert!(!e.contains("not an array"), "{e}");
-        // Very many inputs: refused at the second.
-        let many: Vec<_> = std::iter::once(good)
-            .chain((1..50_000).map(|i| junk(&format!("in{i}"), "FP32")))
+        // Many inputs: refused at the first the model does not have; very many (more than
+        // any model takes) as the list is read.
+        let many: Vec<_> = std::iter::once(good.clone())
+            .chain((1..4_000).map(|i| junk(&format!("in{i}"), "FP32")))
             .collect();
         let e = decode(serde_json::json!({"inputs": many}), &specs).unwrap_err();
         assert!(e.starts_with("unknown input \"in1\""), "{e}");
+        let very_many: Vec<_> = std::iter::once(good)
+            .chain((1..50_000).map(|i| junk(&format!("in{i}"), "FP32")))
+            .collect();
+        let e = decode(serde_json::json!({"inputs": very_many}), &specs).unwrap_err();
+        assert!(e.contains("more than 4096 elements"), "{e}");
     }
 
     /// A BYTES input reserves what its declared elements take at least before its data is
