@@ -344,6 +344,17 @@ impl Pipeline {
                 return Ok(0);
             }
         };
+        // Nightingale's own results sent back in (a PACS forwarding new objects to every
+        // node, or a route to this node's own port): never processed again, or each result
+        // would make another, without end.
+        if self.store().is_result_series(&row.series_uid)? {
+            let reason = "the series is one of this node's own result objects: not processed again";
+            tracing::info!(series = %tag, reason, "series not routed: stored, not processed");
+            metrics::counter!("nightingale_pipeline_series_total", "outcome" => "own_result")
+                .increment(1);
+            self.store().settle_series(row, "unmatched", Some(reason))?;
+            return Ok(0);
+        }
         // The Patient ID's hash, for the CDS imaging cards (the ID itself is not kept).
         self.store()
             .set_patient(row, header.patient_id_sha256.as_deref())?;

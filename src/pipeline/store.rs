@@ -179,7 +179,8 @@ impl ResultsStore {
                 PRIMARY KEY (sop_instance_uid, destination)
             );
             CREATE INDEX IF NOT EXISTS objects_delivery ON objects (delivery, next_attempt_ms);
-            CREATE INDEX IF NOT EXISTS objects_job ON objects (job_id);",
+            CREATE INDEX IF NOT EXISTS objects_job ON objects (job_id);
+            CREATE INDEX IF NOT EXISTS objects_series ON objects (series_uid);",
         )?;
         // A job that was running when the server stopped runs again.
         db.execute(
@@ -546,6 +547,16 @@ impl ResultsStore {
             ],
         )?;
         Ok(())
+    }
+
+    /// Whether `series_uid` is the series of a result object this node made: such a
+    /// series, sent back in (a PACS that forwards new objects to the AI node), is not
+    /// processed again.
+    pub fn is_result_series(&self, series_uid: &str) -> rusqlite::Result<bool> {
+        let mut stmt = self
+            .db
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM objects WHERE series_uid = ?1)")?;
+        stmt.query_row([series_uid], |r| r.get(0))
     }
 
     pub fn objects_of_job(&self, job_id: i64) -> rusqlite::Result<Vec<ResultObject>> {

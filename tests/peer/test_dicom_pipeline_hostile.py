@@ -609,3 +609,43 @@ def test_results_pending_across_a_restart_reach_a_destination_that_comes_back():
         if pacs is not None:
             stop(pacs.proc)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_results_sent_back_in_are_not_processed_again():
+    """Red-team finding: a PACS that forwards new objects back to the AI node (here: the results
+    destination is Nightingale's own port) and a bundle that takes OT made every result
+    Secondary Capture a new series to process, whose results were sent back in, without end
+    (31 series in one study after 20 s). Now a series of this node's own result objects is
+    stored and settled `unmatched` with the reason, never processed."""
+    work = Path(tempfile.mkdtemp(prefix="nightingale-hostile-loop-"))
+    repo = work / "models"
+    repo.mkdir()
+    bundle = repo / BUNDLE.name
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("testdata"))
+    toml = (bundle / "bundle.toml").read_text()
+    line = 'modalities = ["CR", "DX", "CT", "MR"]'
+    assert line in toml
+    (bundle / "bundle.toml").write_text(toml.replace(line, 'modalities = ["CR", "DX", "CT", "MR", "OT"]'))
+    (bundle / "bundle.toml.minisig").unlink()  # edited: unsigned (signatures are optional here)
+    port = free_port()
+    server = Server(work, f"NIGHTINGALE@127.0.0.1:{port}", port=port)
+    try:
+        study = generate_uid()
+        store(server.port, [_save(_ct(study, generate_uid()), work / "ct.dcm")])
+        # The CT's SR and SC come back in as two more series of the study; each is settled.
+        report = wait_for(lambda: (r := server.results(study)) and len(r["series"]) == 3 and all(
+            s["state"] in ("done", "routed", "failed", "unmatched") and
+            all(j["state"] in ("done", "failed") for j in s["jobs"]) for s in r["series"]) and r,
+            RESULT_TIMEOUT_S, "the results to come back in and be settled")
+        # Longer than the quiet time: nothing more arrives.
+        time.sleep(3)
+        report = server.results(study)
+        jobs = [j for s in report["series"] for j in s["jobs"]]
+        assert len(jobs) == 1 and jobs[0]["state"] == "done", report
+        own = [s for s in report["series"] if not s["jobs"]]
+        assert len(own) == 2, report
+        assert all(s["state"] == "unmatched" and "own result" in (s["reason"] or "") for s in own), own
+        assert server.metric("nightingale_pipeline_series_total", outcome="own_result") == 2
+    finally:
+        stop(server.proc)
+        shutil.rmtree(work, ignore_errors=True)
