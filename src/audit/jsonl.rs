@@ -70,6 +70,31 @@ pub struct JsonLinesStore {
     /// A failed write may have left bytes past `good_len`: truncate before writing more.
     dirty: bool,
     tail: Option<Tail>,
+    /// `<path>.lock`, locked (`flock`, exclusive) for as long as this store is open: a
+    /// second writer of the same trail (another server on the same data folder,
+    /// `validate --audit-log` at a live server's file) would fork the hash chain.
+    _lock: File,
+}
+
+/// Takes `<path>.lock` for this process: refused at once when another holds it.
+fn take_lock(path: &Path) -> Result<File, AuditError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock = PathBuf::from(name);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .map_err(io(&lock))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(AuditError::InUse {
+            path: path.to_owned(),
+            lock,
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(&lock)(e)),
+    }
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> AuditError + '_ {
@@ -87,6 +112,8 @@ impl JsonLinesStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir).map_err(io(path))?;
         }
+        // Before anything is read or repaired: the other writer's tail is not torn.
+        let lock = take_lock(path)?;
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -109,6 +136,7 @@ impl JsonLinesStore {
             good_len,
             dirty: false,
             tail,
+            _lock: lock,
         })
     }
 

@@ -210,6 +210,10 @@ pub enum AuditError {
     Write { location: String, reason: String },
     #[error("the audit writer has stopped")]
     Stopped,
+    #[error(
+        "audit log {path} is in use by another process (it holds {lock}): a trail has one writer; stop the other server or give this one its own --data-dir / --audit-log"
+    )]
+    InUse { path: PathBuf, lock: PathBuf },
 }
 
 /// The PostgreSQL error with the server's own message ("db error" alone says nothing).
@@ -640,6 +644,23 @@ mod tests {
         short.bound();
         assert_eq!(short.detail.as_deref(), Some("signature ok"));
         assert_eq!(short.model, "m");
+    }
+
+    /// Red-team finding: two servers on one data folder (or `validate --audit-log` at a live
+    /// server's file) appended to one trail at once and forked its hash chain. A trail now
+    /// has one writer: the second open is refused while the first is open.
+    #[test]
+    fn a_trail_has_one_writer_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let first = jsonl::JsonLinesStore::open(&path, jsonl::Options::default()).unwrap();
+        let e = jsonl::JsonLinesStore::open(&path, jsonl::Options::default()).unwrap_err();
+        assert!(matches!(e, AuditError::InUse { .. }), "{e}");
+        assert!(e.to_string().contains("in use by another process"), "{e}");
+        drop(first);
+        jsonl::JsonLinesStore::open(&path, jsonl::Options::default()).unwrap();
+        // The lock file is not taken for a rotated file of the trail.
+        assert!(verify(&path).is_ok());
     }
 
     /// A trail whose records are longer than the first read of a file's end (written before
