@@ -590,8 +590,33 @@ fn newton_offset(y: &[bool], x: &[f64]) -> Option<(f64, f64)> {
     None
 }
 
+/// Whether a threshold on `x` puts every positive on one side and every negative on the
+/// other, ties at the threshold allowed (complete or quasi-complete separation): the
+/// likelihood of `logit P(y) = a + b·x` then grows without bound as |b| does, and no
+/// maximum exists (statsmodels: "Perfect separation detected").
+fn separable(y: &[bool], x: &[f64]) -> bool {
+    let (mut pos_min, mut pos_max) = (f64::INFINITY, f64::NEG_INFINITY);
+    let (mut neg_min, mut neg_max) = (f64::INFINITY, f64::NEG_INFINITY);
+    for (&y, &x) in y.iter().zip(x) {
+        if y {
+            pos_min = pos_min.min(x);
+            pos_max = pos_max.max(x);
+        } else {
+            neg_min = neg_min.min(x);
+            neg_max = neg_max.max(x);
+        }
+    }
+    neg_max <= pos_min || pos_max <= neg_min
+}
+
 /// `[a, b]` of `logit P(y) = a + b·x`; their covariance (the inverse Fisher information).
+/// `None` for separable data ([`separable`]): Newton's steps there shrink as the slope grows
+/// (the likelihood flattens towards its supremum), and stopping on a small step reported an
+/// arbitrary finite slope (320 with a standard error of 1e11).
 fn newton_slope(y: &[bool], x: &[f64]) -> Option<([f64; 2], [[f64; 2]; 2])> {
+    if separable(y, x) {
+        return None;
+    }
     let (mut a, mut b) = (0.0, 1.0);
     let mut ll = loglik(y, x.iter().map(|x| a + b * x));
     let info = |a: f64, b: f64| {
@@ -830,6 +855,33 @@ mod tests {
         assert_eq!(roc_curve(&y, &p).len(), 2);
         // Calibration slope is unidentifiable when every score is equal.
         assert!(calibration(&y, &p, 0.95).is_none());
+    }
+
+    /// Red-team finding: on perfectly separated scores the slope was reported finite (320,
+    /// standard error 1.2e11) where no maximum exists (statsmodels does not converge): a gate
+    /// with only a `min` slope passed. Separated, or separated but for ties at the
+    /// boundary: no calibration; one pair out of order: a finite fit.
+    #[test]
+    fn separated_scores_have_no_calibration_slope() {
+        let n = 60;
+        let y: Vec<bool> = (0..n).map(|i| i >= n / 2).collect();
+        let p: Vec<f64> = (0..n)
+            .map(|i| 0.05 + 0.9 * (i as f64 + 0.5) / n as f64)
+            .collect();
+        assert!(calibration(&y, &p, 0.95).is_none());
+        // Reversed (every positive below every negative): also no maximum.
+        let reversed: Vec<bool> = y.iter().map(|&v| !v).collect();
+        assert!(calibration(&reversed, &p, 0.95).is_none());
+        // Quasi-complete: one tie at the boundary.
+        let mut tied = p.clone();
+        tied[n / 2] = tied[n / 2 - 1];
+        assert!(calibration(&y, &tied, 0.95).is_none());
+        // Two rows out of order: the likelihood has a maximum.
+        let mut y2 = y.clone();
+        y2.swap(n / 2 - 3, n / 2 + 2);
+        let c = calibration(&y2, &p, 0.95).unwrap();
+        assert!(c.slope.value.is_finite() && c.slope.value > 1.0, "{c:?}");
+        assert!(c.slope.standard_error < 100.0, "{c:?}");
     }
 
     #[test]
