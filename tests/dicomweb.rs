@@ -773,6 +773,10 @@ async fn qido_lists_what_was_stored() {
     // A study without a date matches no date range.
     let (s, v) = server.get("/dicomweb/studies?StudyDate=19000101-").await;
     assert_eq!((s, v), (StatusCode::OK, Value::Array(vec![])));
+    // An empty value matches every study (universal matching, PS3.4 C.2.2.2.3); it was a 400.
+    let (s, v) = server.get("/dicomweb/studies?StudyDate=").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v.as_array().unwrap().len(), 2, "{v}");
     // Modality is a series key: at the study level it is ignored with a warning.
     let (s, h, v) = server
         .send(

@@ -660,6 +660,9 @@ fn query_of(
             ("ModalitiesInStudy" | "00080061", _) => {
                 q.modalities_in_study.extend(codes(&key, &value)?)
             }
+            // A zero-length value matches every study (universal matching, PS3.4
+            // C.2.2.2.3), as an empty UID or Modality key does.
+            ("StudyDate" | "00080020", _) if value.trim().is_empty() => {}
             ("StudyDate" | "00080020", _) => {
                 if q.study_date.is_some() {
                     return Err(AppError::bad_request(format!(

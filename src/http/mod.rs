@@ -346,11 +346,35 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("-")
                 .to_owned();
-            tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            tracing::info_span!("http", method = %req.method(), path = %logged_path(req.uri().path()), request_id = %id)
         })
         .on_failure(log_failure))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(axum::middleware::map_request(usable_request_id))
+}
+
+/// A request path as logged: the study, series and instance UIDs of DICOMweb and results
+/// paths replaced by their short tags ([`crate::pipeline::uid_tag`]), as the DICOM side logs
+/// them (UIDs identify a patient's studies: PS3.15 Annex E treats them as identifiers).
+fn logged_path(path: &str) -> std::borrow::Cow<'_, str> {
+    if !(path.starts_with("/dicomweb/") || path.starts_with("/results/")) {
+        return path.into();
+    }
+    let mut out = String::with_capacity(path.len());
+    let mut after_key = false;
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        if after_key && !segment.is_empty() {
+            out.push_str("uid:");
+            out.push_str(&crate::pipeline::uid_tag(segment));
+        } else {
+            out.push_str(segment);
+        }
+        after_key = matches!(segment, "studies" | "series" | "instances");
+    }
+    out.into()
 }
 
 /// tower-http's failure log, except that a refusal for load (503, which says so with
@@ -942,5 +966,40 @@ impl Ticket {
         }
         self.charged = total;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::logged_path;
+
+    /// Red-team finding: the HTTP span logged DICOMweb paths with their full UIDs, where the
+    /// DICOM side logs short tags only.
+    #[test]
+    fn dicomweb_and_results_paths_are_logged_with_uid_tags() {
+        let tag = crate::pipeline::uid_tag;
+        assert_eq!(
+            logged_path("/dicomweb/studies/1.2.3/series/4.5/instances/6.7"),
+            format!(
+                "/dicomweb/studies/uid:{}/series/uid:{}/instances/uid:{}",
+                tag("1.2.3"),
+                tag("4.5"),
+                tag("6.7")
+            )
+        );
+        assert_eq!(
+            logged_path("/results/studies/1.2.3"),
+            format!("/results/studies/uid:{}", tag("1.2.3"))
+        );
+        for plain in [
+            "/dicomweb/studies",
+            "/dicomweb/studies/",
+            "/dicomweb/series",
+            "/v2/models/wdbc/infer",
+            "/cds-services/nightingale-news2",
+        ] {
+            assert_eq!(logged_path(plain), plain);
+        }
+        assert!(!logged_path("/dicomweb/studies/1.2.840.99/series").contains("1.2.840.99"));
     }
 }
