@@ -117,7 +117,7 @@ pub fn valid_date(d: &str) -> bool {
     let year: u32 = d[..4].parse().unwrap_or(0);
     let month: u32 = d[4..6].parse().unwrap_or(0);
     let day: u32 = d[6..].parse().unwrap_or(0);
-    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let leap = (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400);
     let days = match month {
         1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
         4 | 6 | 9 | 11 => 30,

@@ -456,7 +456,7 @@ impl Upload {
     /// Moves the file image to an aligned address if a reallocation while growing moved it
     /// off one (one copy; a reused buffer with room to spare never moves).
     fn realign(&mut self) {
-        if (self.buf.as_ptr() as usize + self.start) % DIRECT_ALIGN == 0 {
+        if (self.buf.as_ptr() as usize + self.start).is_multiple_of(DIRECT_ALIGN) {
             return;
         }
         let len = self.buf.len() - self.start;
@@ -526,7 +526,7 @@ impl TempFile {
     /// write-back work left for the fsync) and the short tail after it buffered.
     fn write_image(&mut self, image: &[u8], direct: bool) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let aligned = if direct && (image.as_ptr() as usize) % DIRECT_ALIGN == 0 {
+        let aligned = if direct && (image.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
             image.len() / DIRECT_ALIGN * DIRECT_ALIGN
         } else {
             0
@@ -1937,7 +1937,7 @@ mod tests {
         }
         upload.realign();
         let image = &upload.buf[upload.start..];
-        assert!((image.as_ptr() as usize) % DIRECT_ALIGN == 0);
+        assert!((image.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN));
         assert_eq!(image, expected);
         assert_eq!(&upload.buf[upload.data_start..], &expected[4..]);
     }

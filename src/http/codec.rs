@@ -497,7 +497,7 @@ pub fn decode_raw(body: &[u8], inputs: &[TensorSpec]) -> Result<DecodedRequest, 
                 0 => deduce(0),
                 1 => {
                     let row = fixed.checked_mul(size).ok_or_else(too_large)?;
-                    if row == 0 || body.len() % row != 0 {
+                    if row == 0 || !body.len().is_multiple_of(row) {
                         return Err(AppError::bad_request(format!(
                             "raw input {:?}: {} bytes are not a whole number of {} elements of shape {:?}",
                             spec.name,

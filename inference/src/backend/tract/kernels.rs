@@ -508,7 +508,11 @@ thread_local! {
 /// whose rows would all map to the same cache sets (a 4096-column matrix ran at 24 instead
 /// of 38 GMAC/s).
 fn column_stride(n: usize) -> usize {
-    if n >= 128 && n % 128 == 0 { n + 16 } else { n }
+    if n >= 128 && n.is_multiple_of(128) {
+        n + 16
+    } else {
+        n
+    }
 }
 
 /// A tensor of `shape` owning `values` (no copy).
