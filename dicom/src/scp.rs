@@ -484,9 +484,12 @@ async fn opening(stream: &TcpStream, max_pdu_length: u32) -> Option<Result<Openi
             return Some(Err(head[0]));
         }
         if n >= 6 {
-            // A length dicom-ul refuses: its error answers it (A-ABORT), not the version.
+            // A length no request has: dropped (dicom-ul reads the request with no limit
+            // of its own, see `serve_association`). The maximum PDU length bounds P-DATA
+            // (PS3.8 D.1), not the request: 128 contexts of 18 transfer syntaxes each take
+            // 74 KB, over a 64 KiB maximum, and dcmtk's storescp takes them.
             let len = u32::from_be_bytes([head[2], head[3], head[4], head[5]]);
-            if len > max_pdu_length || len < A_ASSOCIATE_RQ_FIXED {
+            if len > MAX_ASSOCIATE_RQ.max(max_pdu_length) || len < A_ASSOCIATE_RQ_FIXED {
                 return None;
             }
             let whole = (6 + len as usize).min(WHOLE_RQ_PEEK);
@@ -512,6 +515,10 @@ async fn opening(stream: &TcpStream, max_pdu_length: u32) -> Option<Result<Openi
         pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
+
+/// The longest A-ASSOCIATE-RQ taken (128 contexts of 64-character UIDs with 100 transfer
+/// syntaxes each stay well under it).
+const MAX_ASSOCIATE_RQ: u32 = 1 << 20;
 
 /// How much of an A-ASSOCIATE-RQ [`opening`] waits for before the connection takes an
 /// association slot: requests are a few hundred bytes to a few KiB (hundreds of presentation
@@ -749,7 +756,11 @@ async fn serve_association(
         })
         .ae_title(config.ae_title.as_str())
         .max_pdu_length(config.max_pdu_length)
-        .strict(true)
+        // Not strict: dicom-ul would hold the A-ASSOCIATE-RQ to the maximum PDU length too;
+        // [`opening`] has bounded its length already (MAX_ASSOCIATE_RQ), and every PDU
+        // after it is read by `receive`, which holds P-DATA-TF and the others to the
+        // maximum (strict).
+        .strict(false)
         .promiscuous(false)
         .with_abstract_syntax(sop::VERIFICATION);
     for class in sop::STORAGE_CLASSES {

@@ -360,6 +360,42 @@ async fn a_pdu_larger_than_negotiated_aborts_the_association_and_the_server_goes
     .unwrap();
 }
 
+/// Red-team finding: an A-ASSOCIATE-RQ longer than the maximum PDU length (128 contexts of
+/// 18 transfer syntaxes each: 74 KB against 64 KiB) was aborted, where the maximum bounds
+/// P-DATA only (PS3.8 D.1) and dcmtk's storescp takes it. Here: 120 contexts of 12 transfer
+/// syntaxes against a 16 KiB maximum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_associate_request_longer_than_the_maximum_pdu_is_read() {
+    let server = start(|c| c.max_pdu_length = 16_384).await;
+    let addr = server.addr;
+    tokio::task::spawn_blocking(move || {
+        let syntaxes: Vec<String> = (0..11)
+            .map(|i| format!("1.2.840.10008.1.2.4.{}", 200 + i))
+            .chain([EXPLICIT_LE.to_owned()])
+            .collect();
+        let mut options = dicom_ul::ClientAssociationOptions::new()
+            .calling_ae_title("RUSTSCU")
+            .called_ae_title("NIGHTINGALE")
+            .read_timeout(std::time::Duration::from_secs(30))
+            .write_timeout(std::time::Duration::from_secs(30));
+        for _ in 0..120 {
+            options = options.with_presentation_context(
+                CT,
+                syntaxes.iter().map(String::as_str).collect::<Vec<_>>(),
+            );
+        }
+        let mut assoc = options.establish(addr).unwrap();
+        let pc = accepted_pc(&assoc);
+        assert_eq!(
+            store(&mut assoc, pc, 1, "1.2.3.100.4.1", ct("1.2.3.100.4.1")),
+            0x0000
+        );
+        assoc.release().unwrap();
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_on_a_context_never_negotiated_aborts_the_association() {
     let server = start(|_| {}).await;
