@@ -188,8 +188,9 @@ fn scored_card(s: &Scored, wording: &Wording) -> Card {
         ConditionsRead::All => {}
         ConditionsRead::OnePage => detail.push_str(
             "\nThe patient's conditions were only partly available (one page of a longer \
-             search): pregnancy (in which NEWS2 is not validated) and a prescribed SpO2 \
-             target of 88–92 % (scale 2) could not be checked against all of them.\n",
+             search, or an entry that could not be read): pregnancy (in which NEWS2 is not \
+             validated) and a prescribed SpO2 target of 88–92 % (scale 2) could not be \
+             checked against all of them.\n",
         ),
         ConditionsRead::None => detail.push_str(
             "\nThe patient's conditions were not available (not prefetched, and not read \

@@ -109,6 +109,57 @@ pub enum Resource {
     Bundle(Bundle),
     /// Another resource type (its `resourceType`, at most 64 characters): skipped.
     Other(String),
+    /// A Bundle entry of a type read here that its reader refused (a malformed field, a
+    /// code outside its value set): what could be read of it. The rest of the Bundle is
+    /// still read; what the entry may have said is in doubt ([`Resources::unreadable`]).
+    Unreadable(Box<Unreadable>),
+}
+
+/// What could be read of a Bundle entry its reader refused.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unreadable {
+    pub resource_type: &'static str,
+    /// The entry's `code` and its components' codes (an Observation's), when they could be
+    /// read; `None` when not: it may be of any code.
+    pub codes: Option<Vec<CodeableConcept>>,
+    /// Its `effectiveDateTime` or `effectiveInstant` (with a zone), when it could be read.
+    pub time: Option<DateTime<Utc>>,
+}
+
+impl Unreadable {
+    /// What can be read of `value`, an entry of `resource_type` whose reader refused it.
+    fn of(value: &Value, resource_type: &'static str) -> Unreadable {
+        let concept = |v: Option<&Value>| -> Option<CodeableConcept> {
+            v.and_then(|v| CodeableConcept::deserialize(v).ok())
+        };
+        let codes = (|| {
+            let mut codes = vec![concept(value.get("code"))?];
+            if let Some(components) = value.get("component") {
+                for c in components.as_array()? {
+                    codes.push(concept(c.get("code"))?);
+                }
+            }
+            Some(codes)
+        })();
+        let time = ["effectiveDateTime", "effectiveInstant"]
+            .iter()
+            .find_map(|k| value.get(*k).and_then(Value::as_str))
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc));
+        Unreadable {
+            resource_type,
+            codes,
+            time,
+        }
+    }
+
+    /// Whether this entry may be an Observation of `(system, code)` (as its code or a
+    /// component's).
+    pub fn may_have_code(&self, system: &str, code: &str) -> bool {
+        self.codes
+            .as_ref()
+            .is_none_or(|codes| codes.iter().any(|c| c.has(system, code)))
+    }
 }
 
 impl Resource {
@@ -149,6 +200,7 @@ impl Resource {
             Resource::Encounter(_) => "Encounter",
             Resource::Bundle(_) => "Bundle",
             Resource::Other(t) => t,
+            Resource::Unreadable(u) => u.resource_type,
         }
     }
 }
@@ -200,13 +252,27 @@ fn read_resource(
             for (i, e) in raw.entry.iter().enumerate() {
                 let resource = match &e.resource {
                     None | Some(Value::Null) => None,
-                    Some(v) => Some(read_resource(
+                    Some(v) => match read_resource(
                         v,
                         &format!("{path}.entry[{i}].resource"),
                         depth + 1,
                         limits,
                         count,
-                    )?),
+                    ) {
+                        Ok(r) => Some(r),
+                        // One malformed entry (a lab result with a value written as a
+                        // string) does not make the whole call a 400: what could be read
+                        // of it is kept, and what it may have said is in doubt.
+                        Err(FhirError::InvalidResource { resource_type, .. })
+                            if resource_type != "Bundle" =>
+                        {
+                            Some(Resource::Unreadable(Box::new(Unreadable::of(
+                                v,
+                                resource_type,
+                            ))))
+                        }
+                        Err(e) => return Err(e),
+                    },
                 };
                 entry.push(BundleEntry {
                     full_url: e.full_url.clone(),
@@ -370,6 +436,8 @@ pub struct Resources {
     /// The resource types a call searched for and got no answer of (not prefetched, the
     /// fetch failed, an OperationOutcome in the Bundle's place): [`Resources::mark_unread`].
     pub unread: BTreeSet<&'static str>,
+    /// Bundle entries of the types above that their reader refused ([`Resource::Unreadable`]).
+    pub unreadable: Vec<Unreadable>,
     /// For each Bundle added that was not the whole result and may have held Observations
     /// (see [`Resources::observations_unread_after`]): the effective time of its last
     /// Observation when its Observations come newest first (as a `_sort=-date` search
@@ -402,6 +470,14 @@ impl Resources {
                 }
             }
             Resource::Other(_) => self.skipped += 1,
+            Resource::Unreadable(u) => {
+                // A Condition or Encounter that cannot be read may be the one that matters:
+                // those read are then not all of them.
+                if matches!(u.resource_type, "Condition" | "Encounter") {
+                    self.incomplete.insert(u.resource_type);
+                }
+                self.unreadable.push(*u);
+            }
         }
     }
 
@@ -1119,15 +1195,27 @@ mod tests {
 
     #[test]
     fn malformed_structure_is_an_error_that_names_the_place_not_the_value() {
-        let e = parse(json!({
+        // In a Bundle, a malformed entry is kept as unreadable (its code and time, no value);
+        // the rest of the Bundle is read.
+        let r = parse(json!({
             "resourceType": "Bundle",
             "entry": [{"resource": {"resourceType": "Observation", "status": "final",
                 "code": {"coding": [{"system": LOINC, "code": "8867-4"}]},
                 "valueQuantity": {"value": "SECRET-NAME"}}}]
         }))
+        .unwrap();
+        let all = Resources::from(r);
+        assert_eq!(all.unreadable.len(), 1);
+        assert!(all.unreadable[0].may_have_code(LOINC, "8867-4"));
+        assert!(!all.unreadable[0].may_have_code(LOINC, "9279-1"));
+        assert!(!format!("{all:?}").contains("SECRET-NAME"));
+        // Alone, it is an error naming the place, not the value.
+        let e = parse(json!({"resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": LOINC, "code": "8867-4"}]},
+            "valueQuantity": {"value": "SECRET-NAME"}}))
         .unwrap_err();
         let text = e.to_string();
-        assert!(text.contains("$.entry[0].resource"), "{text}");
+        assert!(text.contains('$'), "{text}");
         assert!(text.contains("Observation"), "{text}");
         assert!(!text.contains("SECRET-NAME"), "{text}");
         let e = parse(

@@ -557,6 +557,20 @@ pub fn assess(
             resources.observations_unread_after(t)
         });
     }
+    // An Observation entry that could not be read may be a parameter's latest value: that
+    // value is then not known (one older than the look-back window cannot be).
+    for u in resources
+        .unreadable
+        .iter()
+        .filter(|u| u.resource_type == "Observation")
+        .filter(|u| u.time.is_none_or(|t| t >= now - settings.vitals.look_back))
+    {
+        for p in vitals::parameters_of(u) {
+            vitals.doubt(p, UnusableReason::UnreadableObservation, |t| {
+                u.time.is_none_or(|ut| ut >= t)
+            });
+        }
+    }
     let unusable_params: Vec<Parameter> = vitals.unusable.iter().map(|u| u.parameter).collect();
     let missing: Vec<Parameter> = vitals
         .missing()

@@ -454,6 +454,16 @@ fn observation(
         out.value = Err(Missing::Unusable(UnusableReason::NewerMayBeUnread));
         return;
     }
+    // An Observation entry that could not be read, of this code (or of unknown code), as
+    // recent as the latest found or undated: the latest value is not known.
+    if resources.unreadable.iter().any(|u| {
+        u.resource_type == "Observation"
+            && u.may_have_code(&code.system, &code.code)
+            && u.time.is_none_or(|ut| time.is_none_or(|t| ut >= t))
+    }) {
+        out.value = Err(Missing::Unusable(UnusableReason::UnreadableObservation));
+        return;
+    }
     match quantity.and_then(|q| convert_analyte(q, unit, feature.molar_mass)) {
         Ok((v, from)) => {
             out.value = Ok(v);

@@ -211,6 +211,9 @@ pub enum UnusableReason {
     /// The Observation search was answered only in part (pages not read), and not newest
     /// first as far as its last page read: a newer value may be on a page not read.
     NewerMayBeUnread,
+    /// An Observation that may be of this parameter, as new as its latest value or newer
+    /// (or undated), could not be read: it may be the latest.
+    UnreadableObservation,
 }
 
 impl fmt::Display for UnusableReason {
@@ -228,6 +231,10 @@ impl fmt::Display for UnusableReason {
             UnusableReason::FutureTime => f.write_str(
                 "dated in the future, so not used; an older value was not used in its place \
                  (check the device or charting clock)",
+            ),
+            UnusableReason::UnreadableObservation => f.write_str(
+                "an observation that may be of it, as recent or undated, could not be read \
+                 (a malformed field), so the latest value is not known",
             ),
             UnusableReason::NewerMayBeUnread => f.write_str(
                 "the observation search was answered only in part, so a newer value may be \
@@ -394,6 +401,20 @@ fn loinc(c: &CodeableConcept, code: &str) -> bool {
 }
 
 /// Which parameter a code stands for (an observation's or a component's).
+/// The parameters an unreadable entry may be an Observation of: those of its codes, or
+/// every parameter when its codes could not be read.
+pub fn parameters_of(unreadable: &crate::fhir::Unreadable) -> Vec<Parameter> {
+    match &unreadable.codes {
+        None => Parameter::ALL.to_vec(),
+        Some(codes) => {
+            let mut out: Vec<Parameter> = codes.iter().filter_map(parameter_of).collect();
+            out.sort();
+            out.dedup();
+            out
+        }
+    }
+}
+
 fn parameter_of(code: &CodeableConcept) -> Option<Parameter> {
     if loinc(code, "9279-1") {
         Some(Parameter::RespirationRate)

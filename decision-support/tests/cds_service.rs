@@ -347,3 +347,97 @@ fn one_page_of_an_unsorted_observation_search_gives_no_score() {
         .unwrap();
     assert!(matches!(&out.assessment, Assessment::Scored(_)));
 }
+
+/// Red-team finding: one malformed entry unrelated to NEWS2 (a lab result whose value is a
+/// string, a status outside FHIR's codes) made the whole call a 400, so no card at all (a
+/// score of 9 among them). The entry is now kept as unreadable: a score is given when it
+/// cannot be one of the seven parameters' latest values, and a parameter it may be the
+/// latest of is named unusable.
+#[test]
+fn a_malformed_entry_is_in_doubt_not_a_failed_call() {
+    use nightingale_decision_support::vitals::{Parameter, UnusableReason};
+    let services = Services::builtin();
+    let service = services.get(DEFAULT_NEWS2_ID).unwrap();
+    let with = |extra: Value| {
+        let mut vitals = vitals_bundle();
+        vitals["entry"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"resource": extra}));
+        vitals["total"] = json!(8);
+        service
+            .evaluate_news2(
+                &request(patient("1925-12-23"), vitals),
+                vec![],
+                now(),
+                &Limits::default(),
+            )
+            .unwrap()
+            .assessment
+    };
+    let lab = |code: &str, time: &str, fields: Value| {
+        let mut o = json!({"resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+            "effectiveDateTime": time});
+        o.as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        o
+    };
+    // A glucose with its value written as a string, or a status outside the value set.
+    for bad in [
+        lab(
+            "2345-7",
+            "2024-05-01T11:50:00Z",
+            json!({"valueQuantity": "5.5"}),
+        ),
+        lab("2345-7", "2024-05-01T11:50:00Z", json!({"status": "draft"})),
+    ] {
+        let a = with(bad.clone());
+        assert!(
+            matches!(&a, Assessment::Scored(s) if s.score.total == 16),
+            "{bad}: {a:?}"
+        );
+    }
+    // A respiration rate newer than the one read, malformed: that parameter is in doubt.
+    let a = with(lab(
+        "9279-1",
+        "2024-05-01T11:50:00Z",
+        json!({"valueQuantity": {"value": "30"}}),
+    ));
+    let Assessment::Incomplete(i) = &a else {
+        panic!("scored past a newer unreadable RR: {a:?}")
+    };
+    assert_eq!(i.unusable.len(), 1, "{i:?}");
+    assert_eq!(i.unusable[0].parameter, Parameter::RespirationRate);
+    assert_eq!(i.unusable[0].reason, UnusableReason::UnreadableObservation);
+    // Older than the value read (or older than the look-back): no doubt.
+    for time in ["2024-05-01T10:00:00Z", "2024-04-29T10:00:00Z"] {
+        let a = with(lab(
+            "9279-1",
+            time,
+            json!({"valueQuantity": {"value": "30"}}),
+        ));
+        assert!(matches!(&a, Assessment::Scored(_)), "{time}: {a:?}");
+    }
+    // An entry whose code cannot be read either: any parameter's latest may be it.
+    let a = with(
+        json!({"resourceType": "Observation", "status": "final", "code": 7,
+        "effectiveDateTime": "2024-05-01T11:50:00Z"}),
+    );
+    assert!(
+        matches!(&a, Assessment::Incomplete(i) if i.unusable.len() == 7),
+        "{a:?}"
+    );
+    // A top-level prefetch resource that cannot be read is still the EHR's error (400).
+    let mut req = request(patient("1925-12-23"), vitals_bundle());
+    req.prefetch.as_mut().unwrap().insert(
+        "extra".into(),
+        lab("2345-7", "2024-05-01T11:50:00Z", json!({"status": "draft"})),
+    );
+    assert!(
+        service
+            .evaluate_news2(&req, vec![], now(), &Limits::default())
+            .is_err()
+    );
+}
