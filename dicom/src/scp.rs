@@ -807,6 +807,33 @@ async fn serve_association(
             Reporter::send(&events, rejected).await;
             return;
         }
+        // Another PDU where the request is awaited, declaring a length over the maximum
+        // (HTTP sent to the DICOM port reads as one of 1.4 GB): an invalid PDU, answered
+        // here, since dicom-ul reads the request without a limit of its own (see below) and
+        // would wait for the bytes. A shorter one is dicom-ul's to refuse.
+        Some(Err(_)) => {
+            let mut head = [0u8; 6];
+            let declared = match stream.peek(&mut head).await {
+                Ok(6) => u32::from_be_bytes([head[2], head[3], head[4], head[5]]),
+                _ => u32::MAX,
+            };
+            if declared > config.max_pdu_length {
+                association_outcome("not_established");
+                tracing::info!(%peer, "DICOM association aborted: an invalid PDU where the A-ASSOCIATE-RQ was awaited");
+                let abort = Pdu::AbortRQ {
+                    source: AbortRQSource::ServiceProvider(
+                        AbortRQServiceProviderReason::InvalidPduParameter,
+                    ),
+                };
+                answer_and_close(stream, &abort, config.idle_timeout).await;
+                let rejected = DicomEvent::AssociationRejected {
+                    peer,
+                    reason: "not_established",
+                };
+                Reporter::send(&events, rejected).await;
+                return;
+            }
+        }
         _ => {}
     }
     let refusal = match opened {
