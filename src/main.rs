@@ -668,13 +668,22 @@ fn log_access(config: &ServeConfig) {
     if !admin_possible {
         tracing::info!("model control (admin) is disabled: no admin key configured");
     }
-    if config.insecure && !is_loopback(config.http_addr) && anonymous != Roles::NONE {
-        tracing::warn!(
-            addr = %config.http_addr,
-            anonymous_roles = %anonymous,
-            "INSECURE: --insecure is set and {} is reachable from the network without credentials: anyone who can connect has the roles {anonymous}. Configure [[auth.api_keys]] or [auth.jwt] before serving patient data.",
-            config.http_addr
-        );
+    // Every listener facing the network where anyone who connects holds roles (only
+    // `metrics` is allowed there without --insecure: see AuthConfig::check_bind).
+    for addr in std::iter::once(config.http_addr).chain(config.grpc_addr) {
+        if !is_loopback(addr) && anonymous != Roles::NONE {
+            tracing::warn!(
+                %addr,
+                anonymous_roles = %anonymous,
+                insecure = config.insecure,
+                "{addr} is reachable from the network and anyone who can connect has the roles {anonymous} without credentials{}",
+                if config.insecure {
+                    " (INSECURE: --insecure is set). Configure [[auth.api_keys]] or [auth.jwt] before serving patient data."
+                } else {
+                    ""
+                }
+            );
+        }
     }
 }
 

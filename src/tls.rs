@@ -106,11 +106,39 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
+/// The largest certificate chain, key or CA file read (PEM: a chain of a dozen certificates
+/// is tens of KiB).
+const MAX_PEM_BYTES: u64 = 1 << 20;
+
+/// Reads a PEM file: a regular file (a link is followed) of at most [`MAX_PEM_BYTES`]. A
+/// FIFO would block the read (and with it every later reload), a device such as `/dev/zero`
+/// would never end: both are refused, as a file too large is (red-team finding: a link to
+/// `/dev/zero` swapped in for the certificate took gigabytes on SIGHUP).
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    use std::io::Read;
+    let error = |source| TlsError::Read {
         path: path.to_owned(),
         source,
-    })
+    };
+    let meta = std::fs::metadata(path).map_err(error)?;
+    if !meta.is_file() {
+        return Err(error(std::io::Error::other("not a regular file")));
+    }
+    if meta.len() > MAX_PEM_BYTES {
+        return Err(error(std::io::Error::other(format!(
+            "larger than {MAX_PEM_BYTES} bytes"
+        ))));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_PEM_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(error)?;
+    if bytes.len() as u64 > MAX_PEM_BYTES {
+        return Err(error(std::io::Error::other(format!(
+            "larger than {MAX_PEM_BYTES} bytes"
+        ))));
+    }
+    Ok(bytes)
 }
 
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -513,5 +541,34 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, TlsError::Read { .. }), "{err:?}");
         assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
+    }
+
+    /// Red-team finding: a certificate path that became a FIFO blocked the reload (and every
+    /// later one); a link to /dev/zero took gigabytes. Neither is read now, nor a file over
+    /// the limit; each is refused at once (the configuration in service stays).
+    #[test]
+    fn only_regular_files_of_bounded_size_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("cert.fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let zero = dir.path().join("zero.pem");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        let big = dir.path().join("big.pem");
+        std::fs::write(&big, vec![b'A'; (MAX_PEM_BYTES + 1) as usize]).unwrap();
+        for path in [&fifo, &zero, &big, &dir.path().to_path_buf()] {
+            let started = std::time::Instant::now();
+            let err = read(path).unwrap_err();
+            assert!(matches!(err, TlsError::Read { .. }), "{err:?}");
+            assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        }
+        let small = dir.path().join("small.pem");
+        std::fs::write(&small, b"-----BEGIN CERTIFICATE-----\n").unwrap();
+        assert_eq!(read(&small).unwrap().len(), 28);
     }
 }

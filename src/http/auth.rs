@@ -450,15 +450,17 @@ impl AuthConfig {
         }
     }
 
-    /// The start-up rule: on an address other than loopback, refuse to serve when the only
-    /// way in is anonymous (roles open to anyone who can reach the port and no credential
-    /// for anything but admin), unless the operator said `--insecure`.
+    /// The start-up rule: on an address other than loopback, refuse to serve when anyone
+    /// who can reach the port would hold a role other than `metrics` without a credential,
+    /// unless the operator said `--insecure`. Credentials for other callers do not change
+    /// that (a key for Prometheus alone let `anonymous_roles = ["infer", "pacs"]` start on
+    /// 0.0.0.0 without a word: a red-team finding).
     pub fn check_bind(&self, addr: SocketAddr, insecure: bool) -> Result<(), AuthConfigError> {
         if is_loopback(addr) || insecure {
             return Ok(());
         }
         let open = self.anonymous_roles();
-        if !open.is_empty() && !self.controls_access() {
+        if open.iter().any(|r| r != Role::Metrics) {
             return Err(AuthConfigError::OpenOnNetwork { addr, open });
         }
         Ok(())
@@ -825,7 +827,7 @@ pub enum AuthConfigError {
     #[error("auth.jwt: the JWKS file {path} holds no signature key")]
     EmptyJwks { path: PathBuf },
     #[error(
-        "refusing to listen on {addr}, which is not a loopback address, with no credentials configured: anyone who can reach it would have the roles {open} without a key. Configure [[auth.api_keys]] or [auth.jwt] in nightingale.toml (see docs/security.md), listen on 127.0.0.1, or pass --insecure (NIGHTINGALE_INSECURE=true) to accept the risk"
+        "refusing to listen on {addr}, which is not a loopback address: anyone who can reach it would have the roles {open} without a key. Configure [[auth.api_keys]] or [auth.jwt] in nightingale.toml and leave auth.anonymous_roles empty or [\"metrics\"] (see docs/security.md), listen on 127.0.0.1, or pass --insecure (NIGHTINGALE_INSECURE=true) to accept the risk"
     )]
     OpenOnNetwork { addr: SocketAddr, open: Roles },
 }
@@ -1505,6 +1507,14 @@ mod tests {
         assert!(keyed.check_bind(any, false).is_ok());
         keyed.anonymous_roles = Some([Role::Metrics].into());
         assert_eq!(keyed.anonymous_roles(), [Role::Metrics].into());
+        // Anonymous metrics alone may face the network (Prometheus without a key) ...
+        assert!(keyed.check_bind(any, false).is_ok());
+        // ... but a key for someone else does not make anonymous inference safe there.
+        keyed.anonymous_roles = Some([Role::Infer, Role::Metrics, Role::Pacs].into());
+        let err = keyed.check_bind(any, false).unwrap_err();
+        assert!(err.to_string().contains("--insecure"), "{err}");
+        assert!(keyed.check_bind(any, true).is_ok());
+        assert!(keyed.check_bind(local, false).is_ok());
         // Nothing open to anyone: nothing to refuse.
         let closed = AuthConfig {
             anonymous_roles: Some(Roles::NONE),
