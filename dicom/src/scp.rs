@@ -807,34 +807,46 @@ async fn serve_association(
             Reporter::send(&events, rejected).await;
             return;
         }
-        // Another PDU where the request is awaited, declaring a length over the maximum
-        // (HTTP sent to the DICOM port reads as one of 1.4 GB): an invalid PDU, answered
-        // here, since dicom-ul reads the request without a limit of its own (see below) and
-        // would wait for the bytes. A shorter one is dicom-ul's to refuse.
-        Some(Err(_)) => {
-            let mut head = [0u8; 6];
-            let declared = match stream.peek(&mut head).await {
-                Ok(6) => u32::from_be_bytes([head[2], head[3], head[4], head[5]]),
-                _ => u32::MAX,
-            };
-            if declared > config.max_pdu_length {
-                association_outcome("not_established");
-                tracing::info!(%peer, "DICOM association aborted: an invalid PDU where the A-ASSOCIATE-RQ was awaited");
-                let abort = Pdu::AbortRQ {
-                    source: AbortRQSource::ServiceProvider(
-                        AbortRQServiceProviderReason::InvalidPduParameter,
-                    ),
-                };
-                answer_and_close(stream, &abort, config.idle_timeout).await;
-                let rejected = DicomEvent::AssociationRejected {
-                    peer,
-                    reason: "not_established",
-                };
-                Reporter::send(&events, rejected).await;
-                return;
-            }
-        }
         _ => {}
+    }
+    // A PDU whose declared length is over what is read where the request is awaited: the
+    // A-ASSOCIATE-RQ up to MAX_ASSOCIATE_RQ (or the maximum PDU length, when larger), any
+    // other PDU up to the maximum PDU length (HTTP sent to the DICOM port reads as one of
+    // 1.4 GB). An invalid PDU, answered here: dicom-ul reads the request without a limit of
+    // its own (see below) and would take whatever was declared. A PDU header not yet whole
+    // from a peer that sent something else than a request is answered so too.
+    let mut head = [0u8; 6];
+    let peeked = stream.peek(&mut head).await.unwrap_or(0);
+    if peeked == 0 && opened.is_none() {
+        association_outcome("not_established");
+        return;
+    }
+    let too_long = if peeked >= 6 {
+        let declared = u32::from_be_bytes([head[2], head[3], head[4], head[5]]);
+        let limit = if head[0] == 0x01 {
+            MAX_ASSOCIATE_RQ.max(config.max_pdu_length)
+        } else {
+            config.max_pdu_length
+        };
+        declared > limit
+    } else {
+        matches!(opened, Some(Err(_)))
+    };
+    if too_long {
+        association_outcome("not_established");
+        tracing::info!(%peer, "DICOM association aborted: a PDU over the length limit where the A-ASSOCIATE-RQ was awaited");
+        let abort = Pdu::AbortRQ {
+            source: AbortRQSource::ServiceProvider(
+                AbortRQServiceProviderReason::InvalidPduParameter,
+            ),
+        };
+        answer_and_close(stream, &abort, config.idle_timeout).await;
+        let rejected = DicomEvent::AssociationRejected {
+            peer,
+            reason: "not_established",
+        };
+        Reporter::send(&events, rejected).await;
+        return;
     }
     let refusal = match opened {
         Some(Ok(o)) if o.version & 1 == 0 => {

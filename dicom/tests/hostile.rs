@@ -124,6 +124,32 @@ async fn malformed_association_requests_are_refused_and_the_server_goes_on() {
         assert!(is_abort_or_close(&answer), "0xFFFFFFF0: {answer:?}");
         echo(addr);
 
+        // A request declaring 1 MiB + 1 bytes (over the request limit, which is above the
+        // maximum PDU length): refused with an A-ABORT on its header, even when every byte
+        // follows (a red-team finding: dicom-ul, reading the request without a limit of its
+        // own, accepted 71 MiB ones).
+        // A well-formed request: 120 contexts of 321 transfer syntaxes each.
+        let mut rq = associate_rq(&[(CT, EXPLICIT_LE)]);
+        let syntaxes: Vec<String> = (0..320)
+            .map(|i| format!("1.2.840.10008.1.2.4.{}", 1000 + i))
+            .chain([EXPLICIT_LE.to_owned()])
+            .collect();
+        rq.presentation_contexts = (0..120)
+            .map(|i| dicom_ul::pdu::PresentationContextProposed {
+                id: (2 * i + 1) as u8,
+                abstract_syntax: CT.to_owned(),
+                transfer_syntaxes: syntaxes.clone(),
+            })
+            .collect();
+        let long_rq = pdu_bytes(&Pdu::AssociationRQ(rq));
+        assert!(long_rq.len() > (1 << 20) + 6, "{}", long_rq.len());
+        let answer = exchange(addr, &long_rq, false);
+        assert!(
+            is_invalid_pdu_abort(&answer),
+            "request over 1 MiB: {answer:?}"
+        );
+        echo(addr);
+
         // Cut in half, then the peer stops sending but keeps the connection open: closed after
         // the association timeout (2 s here; the read is bounded at 20 s).
         let answer = exchange(addr, &valid[..valid.len() / 2], false);
