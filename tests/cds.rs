@@ -969,7 +969,9 @@ async fn a_search_answered_in_pages_is_read_to_its_end_on_the_fhir_server_only()
         .await
         .expect("answered");
         assert_eq!(s, StatusCode::OK, "{v}");
-        assert!(news2_summary(&v).starts_with("NEWS2 7 "), "{v}");
+        // Never read to its end, and the page read ends at its values' own time: what is
+        // not read may be as new, so no score (a call answered in bounded time).
+        assert!(news2_summary(&v).starts_with("NEWS2 not calculated"), "{v}");
         let n = seen.lock().unwrap().len();
         assert_eq!(n, most, "pages read after the first (start {start})");
     }

@@ -518,15 +518,17 @@ impl Resources {
         self.unread.contains(resource_type)
     }
 
-    /// Whether an Observation dated after `t` may be on a page not read: a partial search
-    /// whose Observations came newest first holds the newest of its results (what it lacks is
-    /// no newer than its last); one whose Observations did not come in that order (the
-    /// server ignored `_sort`) or were not all dated says nothing about what it lacks. A
-    /// value dated `t` is then not known to be the latest.
+    /// Whether an Observation dated `t` or later may be on a page not read: a partial
+    /// search whose Observations came newest first holds the newest of its results (what it
+    /// lacks is no newer than its last, but may be as new: a set charted at one time split
+    /// across pages); one whose Observations did not come in that order (the server ignored
+    /// `_sort`) or were not all dated says nothing about what it lacks. A value dated `t` is
+    /// then not known to be the latest (at one time, oxygen wins over air: the flow on the
+    /// next page changes the score).
     pub fn observations_unread_after(&self, t: DateTime<Utc>) -> bool {
         self.partial_observations
             .iter()
-            .any(|reach| reach.is_none_or(|last| last > t))
+            .any(|reach| reach.is_none_or(|last| last >= t))
     }
 
     /// Whether every Bundle added that held (or may have held) resources of `resource_type`

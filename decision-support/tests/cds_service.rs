@@ -118,6 +118,7 @@ fn missing_data_is_an_info_card_listing_it() {
     let service = services.get(DEFAULT_NEWS2_ID).unwrap();
     let mut vitals = vitals_bundle();
     vitals["entry"].as_array_mut().unwrap().remove(6); // temperature
+    vitals["total"] = json!(6); // the whole search (a total of 7 would say one is unread)
     let out = service
         .evaluate_news2(
             &request(patient("1925-12-23"), vitals),
@@ -302,6 +303,21 @@ fn one_page_of_an_unsorted_observation_search_gives_no_score() {
     assert!(
         matches!(&out.assessment, Assessment::Scored(s) if s.score.total == 16),
         "{:?}",
+        out.assessment
+    );
+    // Newest first, but the page ends inside the 11:30 set (the rest of it, an oxygen
+    // flow say, may be on the next page): a value at the last time read is not known latest.
+    let out = service
+        .evaluate_news2(
+            &request(patient("1925-12-23"), paged(set.clone())),
+            vec![],
+            now(),
+            &Limits::default(),
+        )
+        .unwrap();
+    assert!(
+        matches!(&out.assessment, Assessment::Incomplete(i) if i.unusable.len() == 7),
+        "scored from a page that ends at the time of its values: {:?}",
         out.assessment
     );
     // Not newest first: the 09:00 RR before the 11:30 set. Nothing can be known latest.
