@@ -1322,11 +1322,21 @@ async fn ragged_nested_data_is_refused() {
         ),
         (
             json!([&row[..29], row[29]]),
-            "data is ragged: elements nested 2 and 1 levels deep",
+            "data is ragged: an element and an array both 1 levels deep",
         ),
         (
             json!([row[0], &row[1..]]),
-            "data is ragged: elements nested 1 and 2 levels deep",
+            "data is ragged: an element and an array both 1 levels deep",
+        ),
+        // Empty arrays as filler where elements belong (a second red-team finding: the
+        // rows' boundaries shifted and a 200 came back).
+        (
+            json!([[], &row[..]]),
+            "data is ragged: arrays 2 levels deep hold 0 and 30 elements",
+        ),
+        (
+            json!([&row[..15], [json!([]), &row[15..]]]),
+            "data is ragged: an element and an array both 2 levels deep",
         ),
     ] {
         let (s, v) = f.post_json(&uri, &request(data)).await;

@@ -697,6 +697,20 @@ struct Sink<'a, T> {
     lens: Vec<Option<usize>>,
     /// The depth of the first element seen: every element sits at that depth.
     leaf_depth: Option<usize>,
+    /// Per depth, whether what sits there is an array (`true`) or an element: an empty
+    /// array where elements are (`[[], 1, 2]`) is as ragged as one of another length.
+    kinds: Vec<Option<bool>>,
+}
+
+impl<T> Sink<'_, T> {
+    /// Records that an array (`array`) or an element sits at `depth`; `false` when another
+    /// kind sits there already.
+    fn same_kind(&mut self, depth: usize, array: bool) -> bool {
+        if self.kinds.len() <= depth {
+            self.kinds.resize(depth + 1, None);
+        }
+        *self.kinds[depth].get_or_insert(array) == array
+    }
 }
 
 /// One JSON value inside `data` at a nesting depth: an array (recursed into) or an element.
@@ -718,6 +732,7 @@ fn decode_elements<T: Scalar + Element>(
         fail: None,
         lens: Vec::new(),
         leaf_depth: None,
+        kinds: Vec::new(),
     };
     let mut de = serde_json::Deserializer::from_str(json);
     let parsed = serde::de::DeserializeSeed::deserialize(
@@ -756,6 +771,12 @@ impl<T: Scalar + Element> Node<'_, '_, T> {
         let Some(value) = value else {
             return self.stop(T::WRONG_TYPE.to_string());
         };
+        if !self.sink.same_kind(self.depth, false) {
+            let here = self.depth;
+            return self.stop(format!(
+                "data is ragged: an element and an array both {here} levels deep"
+            ));
+        }
         match self.sink.leaf_depth {
             None => self.sink.leaf_depth = Some(self.depth),
             Some(d) if d != self.depth => {
@@ -798,6 +819,12 @@ impl<'de, T: Scalar + Element> serde::de::Visitor<'de> for Node<'_, '_, T> {
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         if self.depth >= MAX_NESTING {
             return self.stop(format!("data is nested deeper than {MAX_NESTING} levels"));
+        }
+        if !self.sink.same_kind(self.depth, true) {
+            let here = self.depth;
+            return self.stop(format!(
+                "data is ragged: an element and an array both {here} levels deep"
+            ));
         }
         let depth = self.depth + 1;
         let mut len = 0usize;
