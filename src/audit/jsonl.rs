@@ -70,30 +70,19 @@ pub struct JsonLinesStore {
     /// A failed write may have left bytes past `good_len`: truncate before writing more.
     dirty: bool,
     tail: Option<Tail>,
-    /// `<path>.lock`, locked (`flock`, exclusive) for as long as this store is open: a
-    /// second writer of the same trail (another server on the same data folder,
-    /// `validate --audit-log` at a live server's file) would fork the hash chain.
-    _lock: File,
 }
 
-/// Takes `<path>.lock` for this process: refused at once when another holds it.
-fn take_lock(path: &Path) -> Result<File, AuditError> {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".lock");
-    let lock = PathBuf::from(name);
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock)
-        .map_err(io(&lock))?;
+/// Locks the live file `file` (of `path`) for this store (`flock`, exclusive, held while the
+/// handle is open): a second writer of the same trail (another server on the same data
+/// folder, `validate --audit-log` at a live server's file) would fork the hash chain. The
+/// file itself is locked, not a name: a link to it (symbolic or hard) is the same file.
+fn take_lock(path: &Path, file: &File) -> Result<(), AuditError> {
     match file.try_lock() {
-        Ok(()) => Ok(file),
+        Ok(()) => Ok(()),
         Err(std::fs::TryLockError::WouldBlock) => Err(AuditError::InUse {
             path: path.to_owned(),
-            lock,
         }),
-        Err(std::fs::TryLockError::Error(e)) => Err(io(&lock)(e)),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(path)(e)),
     }
 }
 
@@ -112,14 +101,14 @@ impl JsonLinesStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir).map_err(io(path))?;
         }
-        // Before anything is read or repaired: the other writer's tail is not torn.
-        let lock = take_lock(path)?;
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .read(true)
             .open(path)
             .map_err(io(path))?;
+        // Before anything is read or repaired: the other writer's tail is not torn.
+        take_lock(path, &file)?;
         let good_len = repair_torn_tail(path, &file)?;
         let mut tail = last_record(path, &file, good_len)?;
         if tail.is_none()
@@ -136,7 +125,6 @@ impl JsonLinesStore {
             good_len,
             dirty: false,
             tail,
-            _lock: lock,
         })
     }
 
@@ -148,6 +136,8 @@ impl JsonLinesStore {
                 .read(true)
                 .open(&self.path)
                 .map_err(io(&self.path))?;
+            // The new live file after a rotation: locked as the first was.
+            take_lock(&self.path, &file)?;
             self.good_len = file.metadata().map_err(io(&self.path))?.len();
             self.file = Some(file);
         }

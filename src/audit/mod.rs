@@ -211,9 +211,9 @@ pub enum AuditError {
     #[error("the audit writer has stopped")]
     Stopped,
     #[error(
-        "audit log {path} is in use by another process (it holds {lock}): a trail has one writer; stop the other server or give this one its own --data-dir / --audit-log"
+        "audit log {path} is in use by another process (it holds the file's lock): a trail has one writer; stop the other server or give this one its own --data-dir / --audit-log"
     )]
-    InUse { path: PathBuf, lock: PathBuf },
+    InUse { path: PathBuf },
 }
 
 /// The PostgreSQL error with the server's own message ("db error" alone says nothing).
@@ -657,9 +657,17 @@ mod tests {
         let e = jsonl::JsonLinesStore::open(&path, jsonl::Options::default()).unwrap_err();
         assert!(matches!(e, AuditError::InUse { .. }), "{e}");
         assert!(e.to_string().contains("in use by another process"), "{e}");
+        // Nor through another name of the same file (a symbolic or a hard link).
+        let symbolic = dir.path().join("alias.jsonl");
+        std::os::unix::fs::symlink(&path, &symbolic).unwrap();
+        let hard = dir.path().join("hard.jsonl");
+        std::fs::hard_link(&path, &hard).unwrap();
+        for alias in [&symbolic, &hard] {
+            let e = jsonl::JsonLinesStore::open(alias, jsonl::Options::default()).unwrap_err();
+            assert!(matches!(e, AuditError::InUse { .. }), "{alias:?}: {e}");
+        }
         drop(first);
         jsonl::JsonLinesStore::open(&path, jsonl::Options::default()).unwrap();
-        // The lock file is not taken for a rotated file of the trail.
         assert!(verify(&path).is_ok());
     }
 
