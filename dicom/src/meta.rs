@@ -125,41 +125,6 @@ pub fn read_file_meta(bytes: &[u8]) -> Result<(FileMetaTable, usize), dicom_obje
     }
 }
 
-/// Implicit VR Little Endian.
-pub const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
-/// Explicit VR Little Endian.
-pub const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
-
-/// A Part 10 file (preamble, meta group, data set) in Implicit VR Little Endian, re-encoded
-/// in Explicit VR Little Endian: the same preamble, the meta group with its transfer syntax
-/// changed (its other values as written), the data set's elements with the VRs of the data
-/// dictionary (UN for those it does not know). For DICOMweb, where Implicit VR Little Endian
-/// is not used (PS3.18 8.7.3.5.2).
-pub fn implicit_to_explicit(file: &[u8]) -> Result<Vec<u8>, String> {
-    if file.len() < 132 || &file[128..132] != b"DICM" {
-        return Err("not a Part 10 file".into());
-    }
-    let (mut meta, meta_len) = read_file_meta(&file[128..]).map_err(|e| e.to_string())?;
-    if meta.transfer_syntax().trim_end_matches(['\0', ' ']) != IMPLICIT_VR_LE {
-        return Err("not in Implicit VR Little Endian".into());
-    }
-    let dataset = &file[128 + meta_len..];
-    let implicit = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
-    let explicit = dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased();
-    let object = dicom_object::InMemDicomObject::read_dataset_with_ts(dataset, &implicit)
-        .map_err(|e| format!("the data set cannot be read: {e}"))?;
-    meta.set_transfer_syntax(&explicit);
-    let mut out = Vec::with_capacity(file.len() + file.len() / 8 + 256);
-    out.extend_from_slice(&file[..128]);
-    out.extend_from_slice(b"DICM");
-    meta.write(&mut out)
-        .map_err(|e| format!("the meta group cannot be written: {e}"))?;
-    object
-        .write_dataset_with_ts(&mut out, &explicit)
-        .map_err(|e| format!("the data set cannot be written: {e}"))?;
-    Ok(out)
-}
-
 /// Opens a stored Part 10 file (preamble, meta group, data set) as
 /// [`OpenFileOptions::open_file`] does, stopping before `read_until` when given, but keeps a
 /// meta group UID with letters as written.
