@@ -1294,9 +1294,10 @@ async fn nested_data_up_to_the_depth_limit() {
     }
 }
 
-/// Nested `data` must be rectangular: `[[15 values], [15 values]]` for a shape of [1, 30]
-/// is read row-major as Triton reads it, but ragged arrays (which Triton flattens as they
-/// come, so that `[[20 values], [10 values]]` passed as one row) are refused.
+/// Nested `data` must be rectangular and its innermost arrays the shape's last dimension
+/// (extra levels of one element aside): ragged arrays, which Triton flattens as they come
+/// (`[[20 values], [10 values]]` passed as one row), and arrays that would put a row boundary
+/// inside one are refused.
 #[tokio::test]
 async fn ragged_nested_data_is_refused() {
     let f = Fixture::default();
@@ -1306,12 +1307,17 @@ async fn ragged_nested_data_is_refused() {
         json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": data}],
             "outputs": [{"name": "probabilities"}]})
     };
-    let (s, v) = f
-        .post_json(&uri, &request(json!([&row[..15], &row[15..]])))
-        .await;
+    // Rows nested one level deeper than the shape (Triton's QA nests them 100 deep): read.
+    let (s, v) = f.post_json(&uri, &request(json!([[&row[..]]]))).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert!((probabilities(&v)[0] - p_malignant).abs() <= 1e-5);
     for (data, reason) in [
+        // Rectangular, but its arrays are not the shape's rows (3 x 20 for [2, 30] would
+        // move the row boundary: a second red-team finding).
+        (
+            json!([&row[..15], &row[15..]]),
+            "data is nested in arrays of 15 elements, but the last dimension of shape [1, 30] is 30",
+        ),
         (
             json!([&row[..20], &row[20..]]),
             "data is ragged: arrays 2 levels deep hold 20 and 10 elements",

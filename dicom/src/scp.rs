@@ -402,7 +402,19 @@ impl Scp {
                 let opened =
                     tokio::time::timeout_at(deadline, opening(&stream, config.max_pdu_length))
                         .await;
-                drop((place, waiting));
+                // A request longer than what is waited for whole here ([`WHOLE_RQ_PEEK`]) is
+                // read by dicom-ul within the association's slot: its connection keeps its
+                // waiting place (bounded per host) until the association ends, so that one
+                // host sending half of such requests holds at most its share of waiting
+                // places, not every slot (a red-team finding: 33 stalled 200 KB requests
+                // from one host took all 32 slots for the association timeout).
+                let whole = matches!(&opened, Ok(Some(Ok(o))) if o.whole);
+                let held = if whole {
+                    drop((place, waiting));
+                    None
+                } else {
+                    Some((place, waiting))
+                };
                 let Ok(opened) = opened else {
                     association_outcome("timeout");
                     tracing::info!(%peer, "DICOM association not established: no A-ASSOCIATE-RQ in time");
@@ -425,6 +437,7 @@ impl Scp {
                         };
                         serve_association(stream, start, &config, &spool, &budget, events).await;
                         drop(permit);
+                        drop(held);
                     }
                     Err(_) => {
                         association_outcome("busy");
@@ -502,6 +515,7 @@ async fn opening(stream: &TcpStream, max_pdu_length: u32) -> Option<Result<Openi
             let whole = n >= 6
                 && 6 + u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as usize == n;
             return Some(Ok(Opening {
+                whole,
                 version: u16::from_be_bytes([head[6], head[7]]),
                 calling_ae_valid: raw_ae_title_valid(&head[26..42]),
                 contexts: if whole {
@@ -529,6 +543,9 @@ const WHOLE_RQ_PEEK: usize = 64 << 10;
 /// The fields of an A-ASSOCIATE-RQ checked before dicom-ul reads it.
 struct Opening {
     version: u16,
+    /// The whole request arrived before the connection took a slot (it is at most
+    /// [`WHOLE_RQ_PEEK`] long).
+    whole: bool,
     /// The presentation contexts proposed (abstract syntax, transfer syntaxes), when the
     /// whole request was read here and its items could be walked; dicom-ul reads the rest.
     contexts: Option<Vec<Proposed>>,

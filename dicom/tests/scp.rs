@@ -282,6 +282,50 @@ async fn silent_connections_do_not_take_association_slots() {
     .unwrap();
 }
 
+/// A request longer than what is waited for whole before a slot is taken (64 KiB) keeps its
+/// host's waiting place while dicom-ul reads it: one host stalling such requests holds at most
+/// `MAX_WAITING_PER_HOST` slots (a red-team finding: 33 stalled 200 KB requests from one host
+/// took all 32 for the association timeout), and its next connection is closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_half_sent_requests_are_bounded_per_host() {
+    use std::io::{Read, Write};
+    let server = start(|c| c.max_associations = 32).await;
+    let addr = server.addr;
+    tokio::task::spawn_blocking(move || {
+        let per_host = nightingale_dicom::scp::MAX_WAITING_PER_HOST;
+        // A-ASSOCIATE-RQ header declaring 200,000 bytes, then 66,000 of them.
+        let mut start = vec![0x01, 0];
+        start.extend_from_slice(&200_000u32.to_be_bytes());
+        start.extend_from_slice(&[0, 1, 0, 0]);
+        start.extend_from_slice(b"NIGHTINGALE     ");
+        start.extend_from_slice(b"EVIL            ");
+        start.resize(66_000, 0);
+        let stalled: Vec<_> = (0..per_host)
+            .map(|_| {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                s.write_all(&start).unwrap();
+                s
+            })
+            .collect();
+        // Past the first look at their requests (which ends at 64 KiB).
+        std::thread::sleep(Duration::from_secs(1));
+        let mut one_more = std::net::TcpStream::connect(addr).unwrap();
+        one_more
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 1];
+        let read = one_more.read(&mut buf);
+        assert!(
+            matches!(&read, Ok(0))
+                || matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "a connection beyond the host's waiting places was kept: {read:?}"
+        );
+        drop(stalled);
+    })
+    .await
+    .unwrap();
+}
+
 /// A connection that sends the start of its A-ASSOCIATE-RQ (its header and AE titles, 42
 /// bytes) and stalls still only waits: it takes no association slot until the whole request
 /// is in, so a real SCU is served beside it.

@@ -98,6 +98,17 @@ impl JsonLinesStore {
     /// from the newest rotated file when the live one is empty. Only that record is checked,
     /// so start-up does not grow with the log.
     pub fn open(path: &Path, options: Options) -> Result<Self, AuditError> {
+        // A rotated file of a trail is sealed: appending to it (`validate --audit-log` at
+        // one, a red-team finding) forks the chain that the live file continues.
+        if let Some(live) = live_name(path) {
+            return Err(AuditError::Write {
+                location: path.display().to_string(),
+                reason: format!(
+                    "this is a rotated (sealed) file of the trail {}: records are appended to a trail's live file only",
+                    live.display()
+                ),
+            });
+        }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir).map_err(io(path))?;
         }

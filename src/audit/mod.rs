@@ -669,6 +669,11 @@ mod tests {
         drop(first);
         jsonl::JsonLinesStore::open(&path, jsonl::Options::default()).unwrap();
         assert!(verify(&path).is_ok());
+        // A rotated file's name is refused as a trail to append to (it is sealed).
+        let rotated = dir.path().join("audit.00000000000000000001.jsonl");
+        std::fs::write(&rotated, b"").unwrap();
+        let e = jsonl::JsonLinesStore::open(&rotated, jsonl::Options::default()).unwrap_err();
+        assert!(e.to_string().contains("rotated (sealed)"), "{e}");
     }
 
     /// A trail whose records are longer than the first read of a file's end (written before

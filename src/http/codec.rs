@@ -757,6 +757,19 @@ fn decode_elements<T: Scalar + Element>(
             sink.out.len(),
         ));
     }
+    // Nested data is read row-major, so its innermost arrays must be the shape's last
+    // dimension: `[[20 values] x 3]` for a shape of [2, 30] would put a row boundary inside
+    // an array (a red-team finding). Extra levels of one element (Triton's QA nests a row
+    // 100 deep) and flat data are fine.
+    if let (Some(depth), Some(&last)) = (sink.leaf_depth, shape.last())
+        && depth >= 2
+        && let Some(Some(innermost)) = sink.lens.get(depth - 1)
+        && *innermost != last
+    {
+        return Err(format!(
+            "data is nested in arrays of {innermost} elements, but the last dimension of shape {shape:?} is {last}"
+        ));
+    }
     Ok(sink.out)
 }
 
