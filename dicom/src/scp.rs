@@ -635,6 +635,24 @@ fn abort_reason(e: &dicom_ul::association::Error) -> Option<AbortRQServiceProvid
     }
 }
 
+/// Answers a connection that has no association with an A-ABORT from `source`, closes it,
+/// and counts and reports it as not established.
+async fn abort_unassociated(
+    stream: TcpStream,
+    source: AbortRQSource,
+    config: &ScpConfig,
+    events: &Arc<dyn EventSink>,
+    peer: SocketAddr,
+) {
+    association_outcome("not_established");
+    answer_and_close(stream, &Pdu::AbortRQ { source }, config.idle_timeout).await;
+    let rejected = DicomEvent::AssociationRejected {
+        peer,
+        reason: "not_established",
+    };
+    Reporter::send(events, rejected).await;
+}
+
 /// Writes `pdu` (bounded by `limit`) and closes the connection.
 async fn answer_and_close(mut stream: TcpStream, pdu: &Pdu, limit: Duration) {
     let mut buf = Vec::new();
@@ -811,17 +829,8 @@ async fn serve_association(
             return;
         }
         Some(Err(0x05)) => {
-            association_outcome("not_established");
             tracing::info!(%peer, "DICOM association aborted: A-RELEASE-RQ before any association");
-            let abort = Pdu::AbortRQ {
-                source: AbortRQSource::ServiceUser,
-            };
-            answer_and_close(stream, &abort, config.idle_timeout).await;
-            let rejected = DicomEvent::AssociationRejected {
-                peer,
-                reason: "not_established",
-            };
-            Reporter::send(&events, rejected).await;
+            abort_unassociated(stream, AbortRQSource::ServiceUser, config, &events, peer).await;
             return;
         }
         _ => {}
@@ -850,19 +859,10 @@ async fn serve_association(
         matches!(opened, Some(Err(_)))
     };
     if too_long {
-        association_outcome("not_established");
         tracing::info!(%peer, "DICOM association aborted: a PDU over the length limit where the A-ASSOCIATE-RQ was awaited");
-        let abort = Pdu::AbortRQ {
-            source: AbortRQSource::ServiceProvider(
-                AbortRQServiceProviderReason::InvalidPduParameter,
-            ),
-        };
-        answer_and_close(stream, &abort, config.idle_timeout).await;
-        let rejected = DicomEvent::AssociationRejected {
-            peer,
-            reason: "not_established",
-        };
-        Reporter::send(&events, rejected).await;
+        let source =
+            AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::InvalidPduParameter);
+        abort_unassociated(stream, source, config, &events, peer).await;
         return;
     }
     let refusal = match opened {

@@ -247,12 +247,28 @@ async fn a_c_echo_on_a_storage_context_is_refused() {
     .unwrap();
 }
 
+/// A new connection from this host is closed at once (its waiting places are taken): a read
+/// sees the end (or a reset), not the 10 s timeout.
+fn assert_closed_at_once(addr: std::net::SocketAddr) {
+    use std::io::Read;
+    let mut one_more = std::net::TcpStream::connect(addr).unwrap();
+    one_more
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 1];
+    let read = one_more.read(&mut buf);
+    assert!(
+        matches!(&read, Ok(0))
+            || matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "a connection beyond the host's waiting places was kept: {read:?}"
+    );
+}
+
 /// Connections that never send their A-ASSOCIATE-RQ hold no association slot: with one
 /// slot and several silent connections open, a real SCU is still served; beyond
 /// `MAX_WAITING_PER_HOST` waiting connections from one host, new ones are closed at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_do_not_take_association_slots() {
-    use std::io::Read;
     let server = start(|c| c.max_associations = 1).await;
     let addr = server.addr;
     tokio::task::spawn_blocking(move || {
@@ -266,17 +282,7 @@ async fn silent_connections_do_not_take_association_slots() {
         // The host's last waiting place taken, the next connection is closed at once: read
         // sees the end (or a reset), not the 10 s timeout.
         silent.push(std::net::TcpStream::connect(addr).unwrap());
-        let mut one_more = std::net::TcpStream::connect(addr).unwrap();
-        one_more
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut buf = [0u8; 1];
-        let read = one_more.read(&mut buf);
-        assert!(
-            matches!(&read, Ok(0))
-                || matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-            "a connection beyond the host's waiting places was kept: {read:?}"
-        );
+        assert_closed_at_once(addr);
     })
     .await
     .unwrap();
@@ -288,7 +294,7 @@ async fn silent_connections_do_not_take_association_slots() {
 /// took all 32 for the association timeout), and its next connection is closed at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_half_sent_requests_are_bounded_per_host() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let server = start(|c| c.max_associations = 32).await;
     let addr = server.addr;
     tokio::task::spawn_blocking(move || {
@@ -309,17 +315,7 @@ async fn long_half_sent_requests_are_bounded_per_host() {
             .collect();
         // Past the first look at their requests (which ends at 64 KiB).
         std::thread::sleep(Duration::from_secs(1));
-        let mut one_more = std::net::TcpStream::connect(addr).unwrap();
-        one_more
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut buf = [0u8; 1];
-        let read = one_more.read(&mut buf);
-        assert!(
-            matches!(&read, Ok(0))
-                || matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-            "a connection beyond the host's waiting places was kept: {read:?}"
-        );
+        assert_closed_at_once(addr);
         drop(stalled);
     })
     .await
