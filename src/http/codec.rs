@@ -695,7 +695,8 @@ struct Sink<'a, T> {
     /// The length of the first array seen at each depth (0 = `data` itself): nested data
     /// must be rectangular, every array at one depth of one length.
     lens: Vec<Option<usize>>,
-    /// The depth of the first element seen: every element sits at that depth.
+    /// The depth of the elements (that of the first seen: [`Sink::same_kind`] keeps them at
+    /// one depth).
     leaf_depth: Option<usize>,
     /// Per depth, whether what sits there is an array (`true`) or an element: an empty
     /// array where elements are (`[[], 1, 2]`) is as ragged as one of another length.
@@ -790,16 +791,9 @@ impl<T: Scalar + Element> Node<'_, '_, T> {
                 "data is ragged: an element and an array both {here} levels deep"
             ));
         }
-        match self.sink.leaf_depth {
-            None => self.sink.leaf_depth = Some(self.depth),
-            Some(d) if d != self.depth => {
-                let here = self.depth;
-                return self.stop(format!(
-                    "data is ragged: elements nested {d} and {here} levels deep"
-                ));
-            }
-            Some(_) => {}
-        }
+        // Elements at two depths are refused above (an array sits at the shallower one on
+        // the way to the deeper), so the first element's depth is every element's.
+        self.sink.leaf_depth.get_or_insert(self.depth);
         if self.sink.out.len() == self.sink.count {
             let reason = format!(
                 "shape {:?} needs {} {} elements but data has more",
