@@ -34,6 +34,7 @@ pub mod sop;
 pub mod spool;
 pub mod stow;
 pub mod structure;
+mod ul;
 pub mod volume;
 
 pub use attributes::Attributes;

@@ -1,4 +1,4 @@
-//! The DIMSE SCP: C-ECHO and C-STORE over dicom-ul's async association layer.
+//! The DIMSE SCP: C-ECHO and C-STORE, on dicom-ul's PDUs and this crate's association negotiation (`ul`).
 //!
 //! Each association runs in its own task, so a slow peer stalls nobody else; a semaphore
 //! caps how many run at once (beyond it: A-ASSOCIATE-RJ, transient, local limit exceeded).
@@ -9,16 +9,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Buf;
-use dicom_ul::association::server::{AccessControl, AsyncServerAssociation};
-use dicom_ul::association::{Association, AsyncAssociation};
+use bytes::{Buf, BytesMut};
+use dicom_ul::Pdu;
+use dicom_ul::association::server::AccessControl;
 use dicom_ul::pdu::{
     AbortRQServiceProviderReason, AbortRQSource, AssociationRJ, AssociationRJResult,
-    AssociationRJServiceProviderASCEReason, AssociationRJServiceProviderPresentationReason,
-    AssociationRJServiceUserReason, AssociationRJSource, PDataValue, PDataValueType,
-    PresentationContextNegotiated, PresentationContextResultReason, UserIdentity,
+    AssociationRJServiceProviderPresentationReason, AssociationRJServiceUserReason,
+    AssociationRJSource, PDataValue, PDataValueType, PresentationContextNegotiated,
+    PresentationContextResultReason, UserIdentity,
 };
-use dicom_ul::{Pdu, ServerAssociationOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -26,6 +25,7 @@ use tokio::sync::Semaphore;
 use crate::events::{AbortedBy, DicomEvent, EventSink, InstanceEvent, NoEvents};
 use crate::sop;
 use crate::spool::{Incoming, Spool, StoreError, Upload};
+use crate::ul;
 
 const C_STORE_RQ: u16 = 0x0001;
 const C_ECHO_RQ: u16 = 0x0030;
@@ -461,25 +461,12 @@ impl Scp {
 /// reserved, called and calling AE titles, reserved.
 const A_ASSOCIATE_RQ_FIXED: u32 = 2 + 2 + 16 + 16 + 32;
 
-/// `stream` and a second handle of the same socket (a duplicated descriptor).
-fn with_spare(stream: TcpStream) -> std::io::Result<(TcpStream, std::net::TcpStream)> {
-    let stream = stream.into_std()?;
-    let spare = stream.try_clone()?;
-    Ok((TcpStream::from_std(stream)?, spare))
-}
-
-/// The protocol version field of the A-ASSOCIATE-RQ that opens the connection, read without
-/// taking it off the socket (dicom-ul reads it next); `None` when the first PDU is something
-/// else or the peer closed first. Waits (briefly, in steps) while fewer than its first eight
-/// bytes have arrived; the caller bounds the wait.
-///
-/// PS3.8 9.3.2: "a receiver of this PDU implementing only this version of the DICOM UL
-/// protocol shall only test that bit 0 is set". dicom-ul compares the whole field with 1 and
-/// rejects anything else with the service user's "no reason given", so a request without
-/// bit 0 is answered here before dicom-ul sees it, with the reason PS3.8 9.3.4 gives
-/// (rejected-permanent, service provider (ACSE), protocol-version-not-supported). A field
-/// with bit 0 and others set is still dicom-ul's to reject (no implementation sends one).
-/// The calling AE title is checked here too ([`Opening::calling_ae_valid`]).
+/// The first bytes of the A-ASSOCIATE-RQ that opens the connection, read without taking
+/// them off the socket (the request is read next, once the connection has a slot); `None`
+/// when the peer closed first or declared a length no request has, `Err(type)` when the
+/// first PDU is of another type. Waits (briefly, in steps) while fewer than its first 42
+/// bytes have arrived, then for the whole request up to [`WHOLE_RQ_PEEK`]; the caller bounds
+/// the wait. The calling AE title is checked on the raw field ([`Opening::calling_ae_valid`]).
 async fn opening(stream: &TcpStream, max_pdu_length: u32) -> Option<Result<Opening, u8>> {
     // PDU header (6), protocol version (2), reserved (2), called AE (16), calling AE (16);
     // then, once the header gives its length, the whole request (up to WHOLE_RQ_PEEK): a
@@ -497,8 +484,7 @@ async fn opening(stream: &TcpStream, max_pdu_length: u32) -> Option<Result<Openi
             return Some(Err(head[0]));
         }
         if n >= 6 {
-            // A length no request has: dropped (dicom-ul reads the request with no limit
-            // of its own, see `serve_association`). The maximum PDU length bounds P-DATA
+            // A length no request has: answered in `serve_association`. The maximum PDU length bounds P-DATA
             // (PS3.8 D.1), not the request: 128 contexts of 18 transfer syntaxes each take
             // 74 KB, over a 64 KiB maximum, and dcmtk's storescp takes them.
             let len = u32::from_be_bytes([head[2], head[3], head[4], head[5]]);
@@ -516,13 +502,7 @@ async fn opening(stream: &TcpStream, max_pdu_length: u32) -> Option<Result<Openi
                 && 6 + u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as usize == n;
             return Some(Ok(Opening {
                 whole,
-                version: u16::from_be_bytes([head[6], head[7]]),
                 calling_ae_valid: raw_ae_title_valid(&head[26..42]),
-                contexts: if whole {
-                    proposed_contexts(&head[6 + A_ASSOCIATE_RQ_FIXED as usize..])
-                } else {
-                    None
-                },
             }));
         }
         tokio::time::sleep(pause).await;
@@ -536,67 +516,18 @@ const MAX_ASSOCIATE_RQ: u32 = 1 << 20;
 
 /// How much of an A-ASSOCIATE-RQ [`opening`] waits for before the connection takes an
 /// association slot: requests are a few hundred bytes to a few KiB (hundreds of presentation
-/// contexts make tens of KiB); a larger one is read by dicom-ul within the association
-/// timeout.
+/// contexts make tens of KiB); a larger one is read within the association timeout.
 const WHOLE_RQ_PEEK: usize = 64 << 10;
 
-/// The fields of an A-ASSOCIATE-RQ checked before dicom-ul reads it.
+/// What is checked of an A-ASSOCIATE-RQ before it is read.
 struct Opening {
-    version: u16,
     /// The whole request arrived before the connection took a slot (it is at most
     /// [`WHOLE_RQ_PEEK`] long).
     whole: bool,
-    /// The presentation contexts proposed (abstract syntax, transfer syntaxes), when the
-    /// whole request was read here and its items could be walked; dicom-ul reads the rest.
-    contexts: Option<Vec<Proposed>>,
-    /// The calling AE field is a title PS3.5 6.2 allows: dicom-ul trims every kind of
-    /// whitespace (a tab, a newline) from it before [`AccessControl`] sees it, so a title
+    /// The calling AE field is a title PS3.5 6.2 allows: dicom-ul's reader trims every kind
+    /// of whitespace (a tab, a newline) from it before [`AccessControl`] sees it, so a title
     /// such as "CT1\t" would pass an allowlist entry "CT1".
     calling_ae_valid: bool,
-}
-
-/// One presentation context of an A-ASSOCIATE-RQ.
-struct Proposed {
-    abstract_syntax: String,
-    transfer_syntaxes: Vec<String>,
-}
-
-/// The presentation context items (PS3.8 9.3.2.2) among an A-ASSOCIATE-RQ's variable items;
-/// `None` when an item's length runs past the request (dicom-ul's to refuse).
-fn proposed_contexts(mut items: &[u8]) -> Option<Vec<Proposed>> {
-    let uid = |value: &[u8]| {
-        String::from_utf8_lossy(value)
-            .trim_end_matches(['\0', ' '])
-            .to_owned()
-    };
-    let mut contexts = Vec::new();
-    while !items.is_empty() {
-        let header = items.get(..4)?;
-        let len = u16::from_be_bytes([header[2], header[3]]) as usize;
-        let body = items.get(4..4 + len)?;
-        if header[0] == 0x20 {
-            // Context ID, three reserved bytes, then the sub-items.
-            let mut subs = body.get(4..)?;
-            let mut context = Proposed {
-                abstract_syntax: String::new(),
-                transfer_syntaxes: Vec::new(),
-            };
-            while !subs.is_empty() {
-                let sub = subs.get(..4)?;
-                let sub_len = u16::from_be_bytes([sub[2], sub[3]]) as usize;
-                let value = subs.get(4..4 + sub_len)?;
-                match sub[0] {
-                    0x30 => context.abstract_syntax = uid(value),
-                    0x40 => context.transfer_syntaxes.push(uid(value)),
-                    _ => {}
-                }
-                subs = &subs[4 + sub_len..];
-            }
-            contexts.push(context);
-        }
-        items = &items[4 + len..];
-    }
-    Some(contexts)
 }
 
 /// An AE title field as sent, padded with spaces (or, from some old implementations, NULs):
@@ -606,33 +537,45 @@ fn raw_ae_title_valid(field: &[u8]) -> bool {
     std::str::from_utf8(&field[..end]).is_ok_and(valid_ae_title)
 }
 
-/// Whether this node takes a proposed context: an abstract syntax it serves with a transfer
-/// syntax it stores (the negotiation dicom-ul then makes).
-fn acceptable_context(context: &Proposed, config: &ScpConfig) -> bool {
-    let uid = context.abstract_syntax.as_str();
-    let served = uid == sop::VERIFICATION
-        || sop::STORAGE_CLASSES.iter().any(|c| c.uid == uid)
-        || config.extra_sop_classes.iter().any(|c| c == uid);
-    served
-        && context
-            .transfer_syntaxes
-            .iter()
-            .any(|ts| sop::TRANSFER_SYNTAXES.contains(&ts.as_str()))
+/// Reads the first PDU of a connection (the A-ASSOCIATE-RQ, or what came in its place) with
+/// dicom-ul's reader, holding it to `limit` bytes; what follows it stays in `buf`.
+/// `Err(None)`: the connection closed or failed first; `Err(Some(_))`: not a valid PDU.
+async fn read_request(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    limit: u32,
+) -> Result<Pdu, Option<dicom_ul::pdu::ReadError>> {
+    loop {
+        let mut cursor = std::io::Cursor::new(&buf[..]);
+        match dicom_ul::pdu::read_pdu(&mut cursor, limit, true) {
+            Ok(Some(pdu)) => {
+                let used = cursor.position() as usize;
+                buf.advance(used);
+                return Ok(pdu);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(Some(e)),
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(None),
+            Ok(_) => {}
+        }
+    }
 }
 
-/// The A-ABORT reason for a request dicom-ul could not read (PS3.8 9.3.8, state Sta2 event
-/// 19): `None` when there is nobody to tell (the connection closed, or failed) or dicom-ul
-/// answered itself.
-fn abort_reason(e: &dicom_ul::association::Error) -> Option<AbortRQServiceProviderReason> {
-    use dicom_ul::association::Error as E;
-    use dicom_ul::pdu::ReadError as R;
-    match e {
-        E::ReceivePdu { source, .. } => match source {
-            R::ReadPdu { .. } | R::NoPduAvailable { .. } => None,
-            _ => Some(AbortRQServiceProviderReason::InvalidPduParameter),
-        },
-        _ => None,
-    }
+/// Answers an A-ASSOCIATE-RQ with `answer` (an A-ASSOCIATE-RJ or an A-ABORT), closes the
+/// connection, and counts and reports the association as refused for `reason`.
+async fn refuse(
+    stream: TcpStream,
+    answer: &Pdu,
+    reason: &'static str,
+    config: &ScpConfig,
+    events: &Arc<dyn EventSink>,
+    peer: SocketAddr,
+) {
+    association_outcome("not_established");
+    answer_and_close(stream, answer, config.idle_timeout).await;
+    Reporter::send(events, DicomEvent::AssociationRejected { peer, reason }).await;
 }
 
 /// Answers a connection that has no association with an A-ABORT from `source`, closes it,
@@ -783,45 +726,9 @@ async fn serve_association(
         deadline,
         opened,
     } = start;
-    let mut options = ServerAssociationOptions::new()
-        .ae_access_control(Allowlist {
-            allowed: config.allowed.clone(),
-            peer: peer.ip(),
-            check_called: config.check_called_ae,
-        })
-        .ae_title(config.ae_title.as_str())
-        .max_pdu_length(config.max_pdu_length)
-        // Not strict: dicom-ul would hold the A-ASSOCIATE-RQ to the maximum PDU length too;
-        // [`opening`] has bounded its length already (MAX_ASSOCIATE_RQ), and every PDU
-        // after it is read by `receive`, which holds P-DATA-TF and the others to the
-        // maximum (strict).
-        .strict(false)
-        .promiscuous(false)
-        .with_abstract_syntax(sop::VERIFICATION);
-    for class in sop::STORAGE_CLASSES {
-        options = options.with_abstract_syntax(class.uid);
-    }
-    for uid in &config.extra_sop_classes {
-        options = options.with_abstract_syntax(uid.as_str());
-    }
-    for ts in sop::TRANSFER_SYNTAXES {
-        options = options.with_transfer_syntax(*ts);
-    }
-    // A second descriptor of the same socket: dicom-ul drops the stream when it cannot parse
-    // the request, and PS3.8 (state Sta2, event 19) answers an invalid PDU with an A-ABORT,
-    // which is written on this one (dropped as soon as the association stands, so that the
-    // connection closes with it).
-    let (stream, spare) = match with_spare(stream) {
-        Ok(pair) => pair,
-        Err(e) => {
-            association_outcome("not_established");
-            tracing::warn!(%peer, error = %e, "DICOM association not established: socket not usable");
-            return;
-        }
-    };
     // PS3.8 Table 9-10, state Sta2 (awaiting the A-ASSOCIATE-RQ): an A-ABORT closes the
     // connection (AA-2); an A-RELEASE-RQ is answered with an A-ABORT (AA-1), never with a
-    // release. Other PDUs are dicom-ul's to refuse below.
+    // release. Other PDUs are refused below, once read.
     match opened {
         Some(Err(0x07)) => {
             association_outcome("not_established");
@@ -838,9 +745,8 @@ async fn serve_association(
     // A PDU whose declared length is over what is read where the request is awaited: the
     // A-ASSOCIATE-RQ up to MAX_ASSOCIATE_RQ (or the maximum PDU length, when larger), any
     // other PDU up to the maximum PDU length (HTTP sent to the DICOM port reads as one of
-    // 1.4 GB). An invalid PDU, answered here: dicom-ul reads the request without a limit of
-    // its own (see below) and would take whatever was declared. A PDU header not yet whole
-    // from a peer that sent something else than a request is answered so too.
+    // 1.4 GB): an invalid PDU, answered without reading it. A PDU header not yet whole from
+    // a peer that sent something else than a request is answered so too.
     let mut head = [0u8; 6];
     let peeked = stream.peek(&mut head).await.unwrap_or(0);
     if peeked == 0 && opened.is_none() {
@@ -865,74 +771,43 @@ async fn serve_association(
         abort_unassociated(stream, source, config, &events, peer).await;
         return;
     }
-    let refusal = match opened {
-        Some(Ok(o)) if o.version & 1 == 0 => {
-            tracing::info!(%peer, version = o.version, "DICOM association rejected: protocol version not supported");
-            Some((
-                AssociationRJSource::ServiceProviderASCE(
-                    AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported,
-                ),
-                "protocol_version",
-            ))
-        }
-        Some(Ok(o)) if !o.calling_ae_valid => {
-            // The title itself is not logged: it is whatever bytes the peer chose.
-            tracing::info!(%peer, "DICOM association rejected: calling AE title not a valid AE title");
-            Some((
-                AssociationRJSource::ServiceUser(
-                    AssociationRJServiceUserReason::CallingAETitleNotRecognized,
-                ),
-                "calling_ae",
-            ))
-        }
-        Some(Ok(Opening {
-            contexts: Some(contexts),
-            ..
-        })) if !contexts.iter().any(|c| acceptable_context(c, config)) => {
-            // As dcmtk's storescp answers a request none of whose contexts it can take
-            // (PS3.8 has no more specific reason): not an association that can do anything.
-            tracing::info!(%peer, proposed = contexts.len(), "DICOM association rejected: no acceptable presentation context");
-            Some((
-                AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::NoReasonGiven),
-                "no_context",
-            ))
-        }
-        _ => None,
-    };
-    if let Some((source, reason)) = refusal {
-        association_outcome("not_established");
+    if let Some(Ok(o)) = &opened
+        && !o.calling_ae_valid
+    {
+        // The title itself is not logged: it is whatever bytes the peer chose.
+        tracing::info!(%peer, "DICOM association rejected: calling AE title not a valid AE title");
         let rj = Pdu::AssociationRJ(AssociationRJ {
             result: AssociationRJResult::Permanent,
-            source,
+            source: AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+            ),
         });
-        answer_and_close(stream, &rj, config.idle_timeout).await;
-        Reporter::send(&events, DicomEvent::AssociationRejected { peer, reason }).await;
+        refuse(stream, &rj, "calling_ae", config, &events, peer).await;
         return;
     }
-    let mut association = match tokio::time::timeout_at(deadline, options.establish_async(stream))
+    let mut stream = stream;
+    let mut buf = BytesMut::new();
+    let limit = MAX_ASSOCIATE_RQ.max(config.max_pdu_length);
+    let pdu = match tokio::time::timeout_at(deadline, read_request(&mut stream, &mut buf, limit))
         .await
     {
-        Ok(Ok(a)) => {
-            drop(spare);
-            a
-        }
-        Ok(Err(e)) => {
+        Ok(Ok(pdu)) => pdu,
+        Ok(Err(None)) => {
             association_outcome("not_established");
-            tracing::info!(%peer, error = %error_summary(&e), "DICOM association not established");
-            if let Some(reason) = abort_reason(&e) {
-                let abort = Pdu::AbortRQ {
-                    source: AbortRQSource::ServiceProvider(reason),
-                };
-                match TcpStream::from_std(spare) {
-                    Ok(spare) => answer_and_close(spare, &abort, config.idle_timeout).await,
-                    Err(e) => tracing::warn!(%peer, error = %e, "A-ABORT not sent"),
-                }
-            }
+            tracing::info!(%peer, "DICOM association not established: connection closed");
             let rejected = DicomEvent::AssociationRejected {
                 peer,
                 reason: "not_established",
             };
             Reporter::send(&events, rejected).await;
+            return;
+        }
+        Ok(Err(Some(e))) => {
+            // PS3.8 9.3.8, state Sta2 event 19: an invalid PDU is answered with an A-ABORT.
+            tracing::info!(%peer, error = %error_summary(&e), "DICOM association aborted: the A-ASSOCIATE-RQ cannot be read");
+            let source =
+                AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::InvalidPduParameter);
+            abort_unassociated(stream, source, config, &events, peer).await;
             return;
         }
         Err(_) => {
@@ -946,27 +821,57 @@ async fn serve_association(
             return;
         }
     };
-    // PS3.8 9.3.2.2: presentation context IDs are odd and unique within the association;
-    // dicom-ul negotiates whatever it is sent, so a request that breaks the rule is aborted
-    // here, before any of its data could be taken on the wrong context.
-    let ids: Vec<u8> = association
-        .presentation_contexts()
-        .iter()
-        .map(|pc| pc.id)
-        .collect();
-    let unique: std::collections::HashSet<u8> = ids.iter().copied().collect();
-    if ids.iter().any(|id| id % 2 == 0) || unique.len() != ids.len() {
+    let rq = match pdu {
+        Pdu::AssociationRQ(rq) => rq,
+        other => {
+            // PS3.8 Table 9-10, Sta2: any other PDU is answered with an A-ABORT (AA-1).
+            let reason = if matches!(other, Pdu::Unknown { .. }) {
+                AbortRQServiceProviderReason::UnrecognizedPdu
+            } else {
+                AbortRQServiceProviderReason::UnexpectedPdu
+            };
+            tracing::info!(%peer, "DICOM association aborted: another PDU than an A-ASSOCIATE-RQ");
+            let source = AbortRQSource::ServiceProvider(reason);
+            abort_unassociated(stream, source, config, &events, peer).await;
+            return;
+        }
+    };
+    let allowlist = Allowlist {
+        allowed: config.allowed.clone(),
+        peer: peer.ip(),
+        check_called: config.check_called_ae,
+    };
+    let serves = |uid: &str| {
+        uid == sop::VERIFICATION
+            || sop::STORAGE_CLASSES.iter().any(|c| c.uid == uid)
+            || config.extra_sop_classes.iter().any(|c| c == uid)
+    };
+    let acceptor = ul::Acceptor {
+        ae_title: &config.ae_title,
+        max_pdu_length: config.max_pdu_length,
+        access: &allowlist,
+        serves: &serves,
+    };
+    let (answer, mut association) = match ul::negotiate(&acceptor, rq) {
+        Ok(accepted) => accepted.into_association(stream, buf),
+        Err(refusal) => {
+            let reason = refusal.reason();
+            tracing::info!(%peer, reason, "DICOM association refused");
+            refuse(stream, &refusal.answer(), reason, config, &events, peer).await;
+            return;
+        }
+    };
+    if !matches!(
+        tokio::time::timeout(config.idle_timeout, association.send(&answer)).await,
+        Ok(Ok(()))
+    ) {
         association_outcome("not_established");
-        tracing::info!(%peer, "DICOM association aborted: presentation context IDs not odd and unique");
-        let _ = tokio::time::timeout(config.idle_timeout, association.abort()).await;
-        Reporter::send(
-            &events,
-            DicomEvent::AssociationRejected {
-                peer,
-                reason: "context_ids",
-            },
-        )
-        .await;
+        tracing::info!(%peer, "DICOM association not established: A-ASSOCIATE-AC not sent");
+        let rejected = DicomEvent::AssociationRejected {
+            peer,
+            reason: "not_established",
+        };
+        Reporter::send(&events, rejected).await;
         return;
     }
     association_outcome("accepted");
@@ -1057,7 +962,7 @@ type Counts = (u64, u64);
 
 /// Runs the DIMSE exchange until release or abort. `Err` carries why this side aborts.
 async fn run_association(
-    association: &mut AsyncServerAssociation<TcpStream>,
+    association: &mut ul::Association,
     config: &ScpConfig,
     spool: &Arc<Spool>,
     budget: &Arc<Budget>,
@@ -1297,7 +1202,7 @@ struct Pdv {
 /// PDU), so that their values are read from the read buffer without being copied (dicom-ul's
 /// own reader copies every value twice); any other PDU is dicom-ul's.
 async fn receive(
-    association: &mut AsyncServerAssociation<TcpStream>,
+    association: &mut ul::Association,
     max_pdu_length: u32,
 ) -> Result<Received, String> {
     loop {
@@ -1373,7 +1278,7 @@ fn pdata_values(pdu: &[u8]) -> Result<Vec<Pdv>, String> {
 
 /// The presentation context `id`, when the association accepted it.
 fn accepted_context(
-    association: &AsyncServerAssociation<TcpStream>,
+    association: &ul::Association,
     id: u8,
 ) -> Option<&PresentationContextNegotiated> {
     association
@@ -1386,7 +1291,7 @@ fn accepted_context(
 /// context was accepted for its SOP class (anything else is answered at the end by
 /// [`store`], from the data kept in memory, as is any data set the spool cannot begin).
 fn begin_upload(
-    association: &AsyncServerAssociation<TcpStream>,
+    association: &ul::Association,
     spool: &Spool,
     calling_ae: &str,
     presentation_context_id: u8,
@@ -1417,7 +1322,7 @@ const MAX_SPARE_BYTES: usize = 4 << 20;
 /// Handles one complete C-STORE: returns the status, the encoded C-STORE-RSP, and the
 /// buffer of a data set received into the spool (for the next one).
 async fn store(
-    association: &AsyncServerAssociation<TcpStream>,
+    association: &ul::Association,
     config: &ScpConfig,
     spool: &Arc<Spool>,
     calling_ae: &str,
@@ -1774,7 +1679,7 @@ fn parse_command(bytes: &[u8]) -> Option<Command> {
 }
 
 async fn send_command(
-    association: &mut AsyncServerAssociation<TcpStream>,
+    association: &mut ul::Association,
     config: &ScpConfig,
     presentation_context_id: u8,
     data: Vec<u8>,
@@ -1810,7 +1715,7 @@ async fn send_command(
             };
             association.send(&pdu).await?;
         }
-        Ok::<_, dicom_ul::association::Error>(())
+        Ok::<_, std::io::Error>(())
     };
     match tokio::time::timeout(config.idle_timeout, send_all).await {
         Ok(Ok(())) => Ok(()),

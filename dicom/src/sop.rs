@@ -102,21 +102,30 @@ pub const STORAGE_CLASSES: &[StorageClass] = &[
     other("1.2.840.10008.5.1.4.1.1.9.1.2", "general ECG"),
 ];
 
-/// The transfer syntaxes accepted by default: stored as received, never decoded here.
+/// Implicit VR Little Endian, the default transfer syntax (PS3.5 10.1).
+pub const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
+
+/// The transfer syntaxes accepted, stored as received (never decoded on the way in), in this
+/// node's order of preference: where a requestor proposes several for one presentation
+/// context, the first here is taken, whatever the requestor's order (dcmtk's storescp also
+/// prefers uncompressed syntaxes). Uncompressed first (the pipeline reads them without a
+/// codec), then the compressed syntaxes the pipeline decodes, lossless before lossy, then
+/// JPEG-LS, stored but not decoded by this build (a series in it fails
+/// `unsupported_transfer_syntax`).
 pub const TRANSFER_SYNTAXES: &[&str] = &[
     "1.2.840.10008.1.2.1",    // Explicit VR Little Endian
-    "1.2.840.10008.1.2",      // Implicit VR Little Endian
+    IMPLICIT_VR_LE,           // Implicit VR Little Endian
     "1.2.840.10008.1.2.2",    // Explicit VR Big Endian (retired, still sent)
     "1.2.840.10008.1.2.1.99", // Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.5",    // RLE Lossless
+    "1.2.840.10008.1.2.4.70", // JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.57", // JPEG Lossless (Process 14)
+    "1.2.840.10008.1.2.4.90", // JPEG 2000 Lossless Only
     "1.2.840.10008.1.2.4.50", // JPEG Baseline (Process 1)
     "1.2.840.10008.1.2.4.51", // JPEG Extended (Process 2 & 4)
-    "1.2.840.10008.1.2.4.57", // JPEG Lossless (Process 14)
-    "1.2.840.10008.1.2.4.70", // JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.91", // JPEG 2000
     "1.2.840.10008.1.2.4.80", // JPEG-LS Lossless
     "1.2.840.10008.1.2.4.81", // JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.90", // JPEG 2000 Lossless Only
-    "1.2.840.10008.1.2.4.91", // JPEG 2000
-    "1.2.840.10008.1.2.5",    // RLE Lossless
 ];
 
 /// The storage class of a UID, when it is one of [`STORAGE_CLASSES`].

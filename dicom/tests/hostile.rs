@@ -237,6 +237,12 @@ async fn malformed_association_requests_are_refused_and_the_server_goes_on() {
             );
         }
         echo(addr);
+        // PS3.8 9.3.2: only bit 0 is tested, so a field with more bits set is a request for
+        // version 1 (and possibly others): accepted.
+        let mut rq = associate_rq(&[(CT, EXPLICIT_LE)]);
+        rq.protocol_version = 0b11;
+        let answer = exchange(addr, &pdu_bytes(&Pdu::AssociationRQ(rq)), false);
+        assert!(is_accept(&answer), "version 3: {answer:?}");
 
         // Another application context than DICOM's: rejected, with that reason.
         let mut rq = associate_rq(&[(CT, EXPLICIT_LE)]);

@@ -62,6 +62,47 @@ async fn contexts_are_negotiated_one_by_one() {
     );
 }
 
+/// A context proposing several transfer syntaxes is accepted with the one this node prefers
+/// (uncompressed first), whatever the requestor's order: a modality that lists JPEG-LS
+/// first (stored, but not decoded by the pipeline) sends Explicit VR Little Endian instead.
+/// The instance then stores in the syntax negotiated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_preferred_transfer_syntax_is_taken_whatever_the_proposed_order() {
+    const JPEG_LS: &str = "1.2.840.10008.1.2.4.80";
+    const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
+    const JPEG_LOSSLESS: &str = "1.2.840.10008.1.2.4.70";
+    let server = start(|_| {}).await;
+    let addr = server.addr;
+    let (chosen, status) = tokio::task::spawn_blocking(move || {
+        let mut assoc = dicom_ul::ClientAssociationOptions::new()
+            .calling_ae_title("RUSTSCU")
+            .called_ae_title("NIGHTINGALE")
+            .read_timeout(TIMEOUT)
+            .write_timeout(TIMEOUT)
+            .with_presentation_context(CT, vec![JPEG_LS, JPEG_BASELINE, EXPLICIT_LE])
+            .with_presentation_context(CT, vec![JPEG_LS, JPEG_BASELINE, JPEG_LOSSLESS])
+            .with_presentation_context(CT, vec![JPEG_LS])
+            .establish(addr)
+            .unwrap();
+        let chosen: Vec<String> = assoc
+            .presentation_contexts()
+            .iter()
+            .map(|pc| pc.transfer_syntax.trim_end_matches('\0').to_owned())
+            .collect();
+        let pc = assoc.presentation_contexts()[0].id;
+        let status = store(&mut assoc, pc, 1, "1.2.3.100.7.1", ct("1.2.3.100.7.1"));
+        assoc.release().unwrap();
+        (chosen, status)
+    })
+    .await
+    .unwrap();
+    assert_eq!(chosen, [EXPLICIT_LE, JPEG_LOSSLESS, JPEG_LS]);
+    assert_eq!(status, 0x0000);
+    let stored = server.spool.instances().unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].transfer_syntax, EXPLICIT_LE);
+}
+
 /// A request none of whose presentation contexts this node can take (none at all, or only
 /// unknown SOP classes and unsupported transfer syntaxes) is an association that can do
 /// nothing: A-ASSOCIATE-RJ, rejected-permanent, service user, no reason given, as dcmtk's

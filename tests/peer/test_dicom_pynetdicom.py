@@ -123,6 +123,28 @@ def test_contexts_are_rejected_one_by_one_with_their_reason(server):
         assoc.release()
 
 
+def test_the_preferred_transfer_syntax_is_taken_whatever_the_proposed_order(server):
+    """A modality listing JPEG-LS (stored, not decoded by the pipeline) before Explicit VR
+    Little Endian gets Explicit VR Little Endian, as from dcmtk's storescp; a context that
+    lists only JPEG-LS gets it. pynetdicom's accepted contexts say what was negotiated, and
+    pynetdicom sends CT_small in it (decompression is not needed: it is uncompressed)."""
+    jpeg_ls, jpeg_baseline = "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.50"
+    ae = _ae()
+    ae.add_requested_context(CTImageStorage, [jpeg_ls, jpeg_baseline, ExplicitVRLittleEndian])
+    ae.add_requested_context(CTImageStorage, [jpeg_ls])
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="NIGHTINGALE")
+    assert assoc.is_established
+    try:
+        accepted = {cx.context_id: cx.transfer_syntax[0] for cx in assoc.accepted_contexts}
+        assert accepted == {1: ExplicitVRLittleEndian, 3: jpeg_ls}, accepted
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.SOPInstanceUID = generate_uid()
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    assert server.index()[ds.SOPInstanceUID]["transfer_syntax"] == ExplicitVRLittleEndian
+
+
 def test_a_request_whose_every_context_must_be_rejected_is_rejected(server):
     """No association for a request none of whose contexts can be taken: A-ASSOCIATE-RJ,
     rejected-permanent, service user, no reason given (PS3.8 9.3.4; what dcmtk's storescp
