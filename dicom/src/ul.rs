@@ -163,8 +163,9 @@ pub fn preferred_transfer_syntax(proposed: &[String]) -> Option<&'static str> {
 ///
 /// Rejected permanently: a protocol version without bit 0 (the only test PS3.8 allows, so a
 /// field with more bits set is taken), another application context, a calling or called AE
-/// title `access` refuses, and a request none of whose presentation contexts can be taken
-/// (as dcmtk's storescp answers it). Aborted (service provider, invalid PDU parameter value):
+/// title `access` refuses (compared without their space or NUL padding), and a request none
+/// of whose presentation contexts can be taken (PS3.8 allows either answer; dcmtk's storescp
+/// accepts such an association with every context refused, which can carry nothing). Aborted (service provider, invalid PDU parameter value):
 /// presentation context IDs that are even or repeated (PS3.8 9.3.2.2), which dicom-ul would
 /// accept. Each context is accepted with the transfer syntax this node prefers among those
 /// proposed ([`preferred_transfer_syntax`]), or refused with the reason PS3.8 9.3.3.2 gives.
@@ -203,10 +204,12 @@ pub fn negotiate<A: AccessControl>(
             _ => {}
         }
     }
+    // Without their padding: spaces (PS3.5 6.2), or NULs from some old implementations
+    // (dicom-ul's reader leaves those).
     if let Err(reason) = acceptor.access.check_access(
         acceptor.ae_title,
-        &rq.calling_ae_title,
-        &rq.called_ae_title,
+        trim(&rq.calling_ae_title),
+        trim(&rq.called_ae_title),
         user_identity,
     ) {
         let label = match reason {
@@ -295,17 +298,20 @@ mod tests {
     use super::*;
     use dicom_ul::pdu::PresentationContextProposed;
 
+    /// Refuses "STRANGER" and a called AE other than "NIGHTINGALE", comparing exactly.
     struct Anyone;
     impl AccessControl for Anyone {
         fn check_access(
             &self,
             _: &str,
             calling: &str,
-            _: &str,
+            called: &str,
             _: Option<&dicom_ul::pdu::UserIdentity>,
         ) -> Result<(), AssociationRJServiceUserReason> {
-            if calling.trim() == "STRANGER" {
+            if calling == "STRANGER" {
                 Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized)
+            } else if called != "NIGHTINGALE" {
+                Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized)
             } else {
                 Ok(())
             }
@@ -477,6 +483,23 @@ mod tests {
             )
         );
         assert_eq!(reason, "calling_ae");
+    }
+
+    #[test]
+    fn ae_titles_are_checked_without_their_padding() {
+        let mut request = rq(&[(1, CT, &[EXPLICIT])]);
+        request.calling_ae_title = "MODALITY\0\0".into();
+        request.called_ae_title = "NIGHTINGALE\0".into();
+        let accepted = run(request).unwrap();
+        assert_eq!(accepted.calling_ae, "MODALITY");
+        let mut request = rq(&[(1, CT, &[EXPLICIT])]);
+        request.calling_ae_title = "STRANGER\0\0".into();
+        let (_, reason) = rejection(run(request));
+        assert_eq!(reason, "calling_ae");
+        let mut request = rq(&[(1, CT, &[EXPLICIT])]);
+        request.called_ae_title = "OTHER\0".into();
+        let (_, reason) = rejection(run(request));
+        assert_eq!(reason, "called_ae");
     }
 
     #[test]

@@ -105,9 +105,10 @@ async fn the_preferred_transfer_syntax_is_taken_whatever_the_proposed_order() {
 
 /// A request none of whose presentation contexts this node can take (none at all, or only
 /// unknown SOP classes and unsupported transfer syntaxes) is an association that can do
-/// nothing: A-ASSOCIATE-RJ, rejected-permanent, service user, no reason given, as dcmtk's
-/// storescp answers it (it used to be accepted and held until the idle timeout). One
-/// acceptable context among them is enough for an association.
+/// nothing: A-ASSOCIATE-RJ, rejected-permanent, service user, no reason given (it used to be
+/// accepted and held until the idle timeout; dcmtk's storescp answers an A-ASSOCIATE-AC
+/// refusing every context, which PS3.8 allows too). One acceptable context among them is
+/// enough for an association.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_with_no_acceptable_context_is_rejected() {
     let server = start(|_| {}).await;

@@ -147,8 +147,9 @@ def test_the_preferred_transfer_syntax_is_taken_whatever_the_proposed_order(serv
 
 def test_a_request_whose_every_context_must_be_rejected_is_rejected(server):
     """No association for a request none of whose contexts can be taken: A-ASSOCIATE-RJ,
-    rejected-permanent, service user, no reason given (PS3.8 9.3.4; what dcmtk's storescp
-    answers), and the node serves the next association."""
+    rejected-permanent, service user, no reason given (PS3.8 9.3.4 allows this or an
+    A-ASSOCIATE-AC refusing every context, which dcmtk's storescp sends), and the node serves
+    the next association."""
     ae = _ae()
     ae.add_requested_context("1.2.826.0.1.3680043.9.999.1", [ImplicitVRLittleEndian])
     ae.add_requested_context(CTImageStorage, [MPEG2])
