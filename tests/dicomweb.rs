@@ -1381,3 +1381,76 @@ async fn wado_rs_retrieves_a_study_and_a_series_as_stored() {
     assert_eq!(parts.len(), 1);
     assert_eq!(parts[0].1, stored[&sop(2)]);
 }
+
+/// Red-team finding: an instance received in Implicit VR Little Endian was sent to DICOMweb
+/// clients as is, where PS3.18 8.7.3.5.2 says that syntax is not used on the web. It is now
+/// re-encoded in Explicit VR Little Endian when the client names no syntax, `*` or Explicit;
+/// sent as stored only when Implicit is asked for by name. The re-encoded data set reads
+/// back to the same elements.
+#[tokio::test]
+async fn an_implicit_vr_instance_is_sent_in_explicit_vr() {
+    const IMPLICIT: &str = "1.2.840.10008.1.2";
+    let server = Server::default();
+    let file = dicom::part10_in(STUDY, SERIES, &sop(91), 7, IMPLICIT);
+    let (s, v) = server
+        .stow(
+            "/dicomweb/studies",
+            dicom_parts(std::slice::from_ref(&file)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let instance = format!(
+        "/dicomweb/studies/{STUDY}/series/{SERIES}/instances/{}",
+        sop(91)
+    );
+    let study = format!("/dicomweb/studies/{STUDY}");
+    let read = |bytes: &[u8]| dicom_object::from_reader(&bytes[128..]).unwrap();
+    let original = read(&file);
+    for (uri, accept) in [
+        (&instance, None),
+        (
+            &instance,
+            Some("multipart/related; type=\"application/dicom\"; transfer-syntax=*"),
+        ),
+        (
+            &instance,
+            Some(
+                "multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.1",
+            ),
+        ),
+        (&study, None),
+    ] {
+        let (boundary, body) = multipart_answer(retrieve(&server, uri, accept).await).await;
+        let parts = split_multipart(&body, &boundary);
+        assert_eq!(parts.len(), 1, "{uri} {accept:?}");
+        let (headers, bytes) = &parts[0];
+        assert!(
+            headers.ends_with("transfer-syntax=1.2.840.10008.1.2.1"),
+            "{headers}"
+        );
+        let got = read(bytes);
+        assert_eq!(got.meta().transfer_syntax(), "1.2.840.10008.1.2.1");
+        let tags = |o: &dicom_object::DefaultDicomObject| -> Vec<_> {
+            use dicom_core::header::Header;
+            o.iter()
+                .map(|e| (e.tag(), e.to_bytes().unwrap().to_vec()))
+                .collect()
+        };
+        assert_eq!(tags(&got), tags(&original), "{uri} {accept:?}");
+    }
+    // Implicit asked for by name: as stored, byte for byte.
+    let (boundary, body) = multipart_answer(
+        retrieve(
+            &server,
+            &instance,
+            Some(
+                "multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2",
+            ),
+        )
+        .await,
+    )
+    .await;
+    let parts = split_multipart(&body, &boundary);
+    let stored = std::fs::read(&server.spool.instances().unwrap()[0].path).unwrap();
+    assert_eq!(parts[0].1, stored);
+}

@@ -29,6 +29,7 @@ pub mod results;
 pub mod scp;
 pub mod scu;
 // ---- issue 9, coordinator: series over the spool for the pipeline ----
+pub mod reencode;
 pub mod series;
 pub mod sop;
 pub mod spool;

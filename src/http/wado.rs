@@ -90,6 +90,88 @@ struct Found {
     transfer_syntax: String,
     size: u64,
     source: &'static str,
+    /// Stored in Implicit VR Little Endian and sent re-encoded in Explicit VR Little
+    /// Endian ([`serve_as`]).
+    transcode: bool,
+    /// The client takes the syntax the instance is stored in too: where re-encoding fails
+    /// (a data set not well formed), the instance is sent as stored.
+    as_stored_taken: bool,
+}
+
+use nightingale_dicom::reencode::{EXPLICIT_VR_LE, IMPLICIT_VR_LE};
+
+/// The largest Implicit VR file re-encoded for DICOMweb (it is held in memory, twice,
+/// while it is): a larger one is sent as stored where the client takes any syntax.
+const MAX_TRANSCODE_BYTES: u64 = 256 << 20;
+
+/// Re-encodings under way at once (each holds its file twice in memory).
+static TRANSCODES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// The transfer syntax an instance stored as `stored` (of `size` bytes) is sent in, and
+/// whether it is re-encoded, for what the client accepts (`wanted`, in its order):
+/// `None` where nothing it accepts can be sent. Implicit VR Little Endian is not used on
+/// the web (PS3.18 8.7.3.5.2): where the client names no syntax (or `*`), such an instance
+/// is re-encoded in Explicit VR Little Endian, as it is when Explicit is asked for; it is
+/// sent as stored only when the client asks for Implicit by name. Other syntaxes are sent as
+/// stored (no other transcoding).
+fn serve_as(stored: &str, size: u64, wanted: &[Option<String>]) -> Option<(String, bool)> {
+    let can_transcode = stored == IMPLICIT_VR_LE && size <= MAX_TRANSCODE_BYTES;
+    wanted.iter().find_map(|w| match w.as_deref() {
+        None if can_transcode => Some((EXPLICIT_VR_LE.to_owned(), true)),
+        None => Some((stored.to_owned(), false)),
+        Some(ts) if ts == stored => Some((stored.to_owned(), false)),
+        Some(ts) if ts == EXPLICIT_VR_LE && can_transcode => Some((ts.to_owned(), true)),
+        Some(_) => None,
+    })
+}
+
+impl Found {
+    /// Settles what this instance is sent as for `wanted`: `false` when it cannot be.
+    fn settle(&mut self, wanted: &[Option<String>]) -> bool {
+        let stored = self.transfer_syntax.as_str();
+        self.as_stored_taken = wanted
+            .iter()
+            .any(|w| w.as_deref().is_none_or(|ts| ts == stored));
+        match serve_as(stored, self.size, wanted) {
+            Some((ts, transcode)) => {
+                self.transfer_syntax = ts;
+                self.transcode = transcode;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Gives up re-encoding: the instance goes as stored.
+    fn as_stored(&mut self) {
+        self.transcode = false;
+        self.transfer_syntax = IMPLICIT_VR_LE.to_owned();
+    }
+}
+
+/// Why an instance was not re-encoded.
+enum TranscodeError {
+    /// Reading its file failed (`NotFound`: purged meanwhile).
+    Io(std::io::Error),
+    /// Its data set is not well formed enough to be re-encoded.
+    Data(String),
+}
+
+/// The file of `found` re-encoded in Explicit VR Little Endian, on a blocking thread.
+async fn transcoded(found: &Found) -> Result<Bytes, TranscodeError> {
+    let path = found.path.clone();
+    let _permit = TRANSCODES
+        .acquire()
+        .await
+        .map_err(|e| TranscodeError::Io(std::io::Error::other(e)))?;
+    tokio::task::spawn_blocking(move || {
+        let raw = std::fs::read(&path).map_err(TranscodeError::Io)?;
+        nightingale_dicom::reencode::implicit_to_explicit(&raw)
+            .map(Bytes::from)
+            .map_err(|e| TranscodeError::Data(e.to_string()))
+    })
+    .await
+    .map_err(|e| TranscodeError::Io(std::io::Error::other(e)))?
 }
 
 impl Found {
@@ -101,6 +183,8 @@ impl Found {
             transfer_syntax: nightingale_dicom::results::EXPLICIT_VR_LITTLE_ENDIAN.into(),
             size,
             source: "results",
+            transcode: false,
+            as_stored_taken: true,
         }
     }
 }
@@ -117,6 +201,8 @@ fn find(state: &AppState, study: &str, series: &str, sop: &str) -> Result<Option
             transfer_syntax: s.transfer_syntax,
             size: s.size,
             source: "spool",
+            transcode: false,
+            as_stored_taken: true,
         }));
     }
     if let Some(results) = state.results() {
@@ -151,6 +237,8 @@ fn find_all(state: &AppState, study: &str, series: Option<&str>) -> Result<Vec<F
                     transfer_syntax: s.transfer_syntax,
                     size: s.size,
                     source: "spool",
+                    transcode: false,
+                    as_stored_taken: true,
                 });
             }
         }
@@ -246,11 +334,13 @@ async fn retrieve_many(
         let what = if series.is_some() { "series" } else { "study" };
         return AppError::not_found(format!("no such {what}")).into_response();
     }
-    let mut refused: Vec<&str> = found
-        .iter()
-        .map(|f| f.transfer_syntax.as_str())
-        .filter(|ts| !wanted.iter().any(|w| w.as_deref().is_none_or(|w| w == *ts)))
-        .collect();
+    let mut found = found;
+    let mut refused: Vec<String> = Vec::new();
+    for f in &mut found {
+        if !f.settle(&wanted) {
+            refused.push(f.transfer_syntax.clone());
+        }
+    }
     if !refused.is_empty() {
         refused.sort_unstable();
         refused.dedup();
@@ -346,6 +436,41 @@ fn stream_files(
                 let close = Bytes::from(format!("--{}--\r\n", st.boundary));
                 return Some((Ok(close), st));
             };
+            let mut next = next;
+            if next.transcode {
+                match transcoded(&next).await {
+                    Ok(bytes) => {
+                        let mut part = format!(
+                            "--{}\r\nContent-Type: application/dicom; transfer-syntax={}\r\n\r\n",
+                            st.boundary, next.transfer_syntax
+                        )
+                        .into_bytes();
+                        part.extend_from_slice(&bytes);
+                        part.extend_from_slice(b"\r\n");
+                        return Some((Ok(Bytes::from(part)), st));
+                    }
+                    Err(TranscodeError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                        tracing::warn!("WADO-RS: an instance was purged while its study was sent");
+                        continue;
+                    }
+                    Err(TranscodeError::Data(reason)) if next.as_stored_taken => {
+                        tracing::warn!(
+                            reason,
+                            "WADO-RS: an Implicit VR instance not re-encoded, sent as stored"
+                        );
+                        next.as_stored();
+                    }
+                    Err(TranscodeError::Data(reason)) => {
+                        st.done = true;
+                        let e = std::io::Error::other(format!("re-encoding an instance: {reason}"));
+                        return Some((Err(e), st));
+                    }
+                    Err(TranscodeError::Io(e)) => {
+                        st.done = true;
+                        return Some((Err(e), st));
+                    }
+                }
+            }
             match tokio::fs::File::open(&next.path).await {
                 Ok(file) => {
                     st.current = Some(file);
@@ -397,10 +522,8 @@ pub(crate) async fn retrieve_instance(
         Ok(Err(e)) => return e.into_response(),
         Err(e) => return AppError::internal(e.to_string()).into_response(),
     };
-    if !wanted
-        .iter()
-        .any(|w| w.as_deref().is_none_or(|ts| ts == found.transfer_syntax))
-    {
+    let mut found = found;
+    if !found.settle(&wanted) {
         return AppError::new(
             StatusCode::NOT_ACCEPTABLE,
             format!(
@@ -409,6 +532,68 @@ pub(crate) async fn retrieve_instance(
             ),
         )
         .into_response();
+    }
+    let transcoded = if found.transcode {
+        Some(transcoded(&found).await)
+    } else {
+        None
+    };
+    match transcoded {
+        None => {}
+        Some(Err(TranscodeError::Data(reason))) if found.as_stored_taken => {
+            tracing::warn!(
+                reason,
+                "WADO-RS: an Implicit VR instance not re-encoded, sent as stored"
+            );
+            found.as_stored();
+        }
+        Some(result) => {
+            return match result {
+                Ok(bytes) => {
+                    let caller = caller.as_ref().map_or("anonymous", |c| c.0.id.as_str());
+                    tracing::info!(
+                        caller,
+                        source = found.source,
+                        sop = %uid_tag(&sop),
+                        bytes = bytes.len(),
+                        "WADO-RS: instance retrieved (Implicit VR re-encoded as Explicit)"
+                    );
+                    metrics::counter!("nightingale_dicomweb_retrieved_total", "source" => found.source)
+                    .increment(1);
+                    let boundary = format!(
+                        "nightingale-{}",
+                        &uid_tag(&format!("{sop}/{}", bytes.len()))
+                    );
+                    let mut body = format!(
+                    "--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={EXPLICIT_VR_LE}\r\n\r\n"
+                )
+                .into_bytes();
+                    body.extend_from_slice(&bytes);
+                    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+                    let content_type = format!(
+                        "multipart/related; type=\"application/dicom\"; transfer-syntax={EXPLICIT_VR_LE}; boundary={boundary}"
+                    );
+                    let mut response = (StatusCode::OK, body).into_response();
+                    if let Ok(v) = HeaderValue::from_str(&content_type) {
+                        response.headers_mut().insert(header::CONTENT_TYPE, v);
+                    }
+                    response
+                }
+                Err(TranscodeError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                    AppError::not_found("no such instance").into_response()
+                }
+                Err(TranscodeError::Io(e)) => {
+                    AppError::internal(format!("reading the instance: {e}")).into_response()
+                }
+                Err(TranscodeError::Data(reason)) => AppError::new(
+                    StatusCode::NOT_ACCEPTABLE,
+                    format!(
+                        "the instance cannot be re-encoded in Explicit VR Little Endian: {reason}"
+                    ),
+                )
+                .into_response(),
+            };
+        }
     }
     let file = match tokio::fs::File::open(&found.path).await {
         Ok(f) => f,

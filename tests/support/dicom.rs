@@ -15,6 +15,11 @@ pub const BOUNDARY: &str = "nightingale-test-boundary";
 
 /// A one-pixel CT instance as a Part 10 file; `marker` changes its content (not its UIDs).
 pub fn part10(study: &str, series: &str, sop: &str, marker: u16) -> Vec<u8> {
+    part10_in(study, series, sop, marker, EXPLICIT_LE)
+}
+
+/// [`part10`] written in transfer syntax `ts` (an uncompressed one).
+pub fn part10_in(study: &str, series: &str, sop: &str, marker: u16, ts: &str) -> Vec<u8> {
     let mut obj = InMemDicomObject::new_empty();
     let ui = |v: &str| PrimitiveValue::from(v.to_owned());
     obj.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, ui(CT)));
@@ -73,7 +78,7 @@ pub fn part10(study: &str, series: &str, sop: &str, marker: u16) -> Vec<u8> {
     let file = obj
         .with_meta(
             FileMetaTableBuilder::new()
-                .transfer_syntax(EXPLICIT_LE)
+                .transfer_syntax(ts)
                 .media_storage_sop_class_uid(CT)
                 .media_storage_sop_instance_uid(sop),
         )
