@@ -13,7 +13,7 @@ use bytes::{Buf, BytesMut};
 use dicom_ul::Pdu;
 use dicom_ul::association::server::AccessControl;
 use dicom_ul::pdu::{
-    AbortRQServiceProviderReason, AbortRQSource, AssociationRJ, AssociationRJResult,
+    AbortRQSource, AssociationRJ, AssociationRJResult,
     AssociationRJServiceProviderPresentationReason, AssociationRJServiceUserReason,
     AssociationRJSource, PDataValue, PDataValueType, PresentationContextNegotiated,
     PresentationContextResultReason, UserIdentity,
@@ -764,11 +764,11 @@ async fn serve_association(
     } else {
         matches!(opened, Some(Err(_)))
     };
+    // Every A-ABORT sent while the request is awaited is PS3.8's AA-1 (Table 9-10, Sta2 with
+    // events 3, 4, 10, 12, 13 and 19): service-user source, reason not significant.
     if too_long {
         tracing::info!(%peer, "DICOM association aborted: a PDU over the length limit where the A-ASSOCIATE-RQ was awaited");
-        let source =
-            AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::InvalidPduParameter);
-        abort_unassociated(stream, source, config, &events, peer).await;
+        abort_unassociated(stream, AbortRQSource::ServiceUser, config, &events, peer).await;
         return;
     }
     if let Some(Ok(o)) = &opened
@@ -803,11 +803,9 @@ async fn serve_association(
             return;
         }
         Ok(Err(Some(e))) => {
-            // PS3.8 9.3.8, state Sta2 event 19: an invalid PDU is answered with an A-ABORT.
+            // Sta2, event 19 (an invalid PDU): AA-1.
             tracing::info!(%peer, error = %error_summary(&e), "DICOM association aborted: the A-ASSOCIATE-RQ cannot be read");
-            let source =
-                AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::InvalidPduParameter);
-            abort_unassociated(stream, source, config, &events, peer).await;
+            abort_unassociated(stream, AbortRQSource::ServiceUser, config, &events, peer).await;
             return;
         }
         Err(_) => {
@@ -823,16 +821,10 @@ async fn serve_association(
     };
     let rq = match pdu {
         Pdu::AssociationRQ(rq) => rq,
-        other => {
-            // PS3.8 Table 9-10, Sta2: any other PDU is answered with an A-ABORT (AA-1).
-            let reason = if matches!(other, Pdu::Unknown { .. }) {
-                AbortRQServiceProviderReason::UnrecognizedPdu
-            } else {
-                AbortRQServiceProviderReason::UnexpectedPdu
-            };
+        _ => {
+            // Sta2 with another PDU (events 3, 4, 10, 13, 19): AA-1.
             tracing::info!(%peer, "DICOM association aborted: another PDU than an A-ASSOCIATE-RQ");
-            let source = AbortRQSource::ServiceProvider(reason);
-            abort_unassociated(stream, source, config, &events, peer).await;
+            abort_unassociated(stream, AbortRQSource::ServiceUser, config, &events, peer).await;
             return;
         }
     };

@@ -165,7 +165,7 @@ pub fn preferred_transfer_syntax(proposed: &[String]) -> Option<&'static str> {
 /// field with more bits set is taken), another application context, a calling or called AE
 /// title `access` refuses (compared without their space or NUL padding), and a request none
 /// of whose presentation contexts can be taken (PS3.8 allows either answer; dcmtk's storescp
-/// accepts such an association with every context refused, which can carry nothing). Aborted (service provider, invalid PDU parameter value):
+/// accepts such an association with every context refused, which can carry nothing). Aborted (PS3.8's AA-1: service-user source):
 /// presentation context IDs that are even or repeated (PS3.8 9.3.2.2), which dicom-ul would
 /// accept. Each context is accepted with the transfer syntax this node prefers among those
 /// proposed ([`preferred_transfer_syntax`]), or refused with the reason PS3.8 9.3.3.2 gives.
@@ -221,10 +221,8 @@ pub fn negotiate<A: AccessControl>(
     let mut seen = [false; 256];
     for pc in &rq.presentation_contexts {
         if pc.id % 2 == 0 || std::mem::replace(&mut seen[pc.id as usize], true) {
-            return Err(Refusal::Abort(
-                AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::InvalidPduParameter),
-                "context_ids",
-            ));
+            // An invalid PDU parameter in Sta2 (event 19): AA-1, service-user source.
+            return Err(Refusal::Abort(AbortRQSource::ServiceUser, "context_ids"));
         }
     }
     let contexts: Vec<PresentationContextNegotiated> = rq

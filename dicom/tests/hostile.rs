@@ -15,9 +15,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use dicom_ul::pdu::{
-    AbortRQServiceProviderReason, AbortRQSource, AssociationRJResult,
-    AssociationRJServiceProviderASCEReason, AssociationRJServiceUserReason, AssociationRJSource,
-    PDataValueType, Pdu,
+    AbortRQSource, AssociationRJResult, AssociationRJServiceProviderASCEReason,
+    AssociationRJServiceUserReason, AssociationRJSource, PDataValueType, Pdu,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
@@ -31,14 +30,13 @@ fn is_accept(answer: &Answer) -> bool {
     matches!(answer, Answer::Pdu(Pdu::AssociationAC(_)))
 }
 
-/// An A-ABORT from the service provider, invalid-PDU-parameter-value (PS3.8 9.3.8).
+/// The A-ABORT PS3.8 sends for an invalid or unexpected PDU while the A-ASSOCIATE-RQ is
+/// awaited: action AA-1 (Table 9-10, state Sta2), service-user source.
 fn is_invalid_pdu_abort(answer: &Answer) -> bool {
     matches!(
         answer,
         Answer::Pdu(Pdu::AbortRQ {
-            source: AbortRQSource::ServiceProvider(
-                AbortRQServiceProviderReason::InvalidPduParameter
-            )
+            source: AbortRQSource::ServiceUser
         })
     )
 }
@@ -194,32 +192,19 @@ async fn malformed_association_requests_are_refused_and_the_server_goes_on() {
         let answer = trickle(addr, &valid, &[1, 3, 7]);
         assert!(is_accept(&answer), "trickled RQ: {answer:?}");
 
-        // A P-DATA-TF before any association: A-ABORT (unexpected PDU).
+        // A P-DATA-TF before any association: A-ABORT (AA-1).
         let answer = exchange(
             addr,
             &pdu_bytes(&pdata(1, PDataValueType::Data, true, vec![0; 16])),
             false,
         );
-        assert!(
-            matches!(
-                answer,
-                Answer::Pdu(Pdu::AbortRQ {
-                    source: AbortRQSource::ServiceProvider(_)
-                })
-            ),
-            "P-DATA first: {answer:?}"
-        );
+        assert!(is_invalid_pdu_abort(&answer), "P-DATA first: {answer:?}");
         echo(addr);
 
-        // An unknown PDU type: A-ABORT (unrecognized PDU).
+        // An unknown PDU type: A-ABORT (AA-1).
         let answer = exchange(addr, &[0x09, 0, 0, 0, 0, 4, 1, 2, 3, 4], false);
         assert!(
-            matches!(
-                answer,
-                Answer::Pdu(Pdu::AbortRQ {
-                    source: AbortRQSource::ServiceProvider(_)
-                })
-            ),
+            is_invalid_pdu_abort(&answer),
             "unknown PDU type: {answer:?}"
         );
         echo(addr);
