@@ -829,8 +829,10 @@ async fn statistics_and_metrics() {
             .await;
         assert_eq!(s, StatusCode::OK);
     }
-    // A well-formed tensor of the wrong shape reaches the model and fails there;
-    // a body that does not decode never reaches it.
+    // A well-formed tensor of the wrong shape reaches the model and fails there; a body
+    // that does not decode fails before: both are failed requests to the model, in its
+    // statistics as in the metrics and the audit trail (a red-team finding: the statistics
+    // counted only the first).
     let wrong_shape = json!({"inputs": [{"name": "features", "shape": [1, 29], "datatype": "FP32", "data": vec![1.0f32; 29]}]});
     let (s, _) = f
         .post_json(&format!("/v2/models/{MODEL}/infer"), &wrong_shape)
@@ -861,8 +863,8 @@ async fn statistics_and_metrics() {
         assert_eq!(m["version"], "1");
         assert_eq!(m["inference_stats"]["success"]["count"], 3, "{uri}: {m}");
         assert_eq!(
-            m["inference_stats"]["fail"]["count"], 1,
-            "the shape error counts as a failed request"
+            m["inference_stats"]["fail"]["count"], 2,
+            "both errors count as failed requests"
         );
         assert_eq!(m["inference_count"], 6);
         assert!(
@@ -1216,11 +1218,15 @@ async fn duplicate_names_are_refused() {
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(error_of(&v), "input \"features\" is given more than once");
-    // Nothing reached the model.
+    // Nothing ran; both are failed requests to the model in its statistics.
     let (_, b) = f.get(&format!("/v2/models/{MODEL}/stats")).await;
     let stats: Value = serde_json::from_slice(&b).unwrap();
     assert_eq!(
         stats["model_stats"][0]["inference_stats"]["fail"]["count"],
+        2
+    );
+    assert_eq!(
+        stats["model_stats"][0]["inference_stats"]["compute_infer"]["count"],
         0
     );
 }

@@ -328,6 +328,17 @@ impl ModelWorker {
         result
     }
 
+    /// [`ModelWorker::infer`] without counting the request in [`ModelWorker::stats`], for a
+    /// caller that counts it itself over the whole request: its decoding and encoding, and
+    /// its failures before the model is reached (an unknown input, a malformed body), which
+    /// the statistics extension counts as failed requests too.
+    pub async fn infer_uncounted(
+        &self,
+        inputs: Vec<NamedTensor>,
+    ) -> Result<Vec<NamedTensor>, InferenceError> {
+        self.submit(inputs).await
+    }
+
     async fn submit(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, InferenceError> {
         let (inputs, rows, signature) = self.check(inputs)?;
         let alone = self.in_flight.fetch_add(1, Ordering::AcqRel) == 0;

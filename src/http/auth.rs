@@ -866,6 +866,8 @@ pub enum AuthError {
     Scheme,
     #[error("invalid API key or token")]
     Invalid,
+    #[error("more than one {0} header: a request presents one credential")]
+    Repeated(&'static str),
     #[error("invalid API key or token (this server accepts no JWT: [auth.jwt] is not configured)")]
     JwtNotConfigured,
     #[error("invalid token: {0}")]
@@ -1020,6 +1022,17 @@ impl Authenticator {
 
 /// The API key or token of a request: `Authorization: Bearer <x>`, else `X-API-Key: <x>`.
 fn presented(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
+    // A single-value field given twice (RFC 9110 5.3): which one counts would be up to
+    // whoever reads it (a proxy may append its own), so neither does.
+    for name in ["authorization", "x-api-key"] {
+        if headers.get_all(name).iter().nth(1).is_some() {
+            return Err(AuthError::Repeated(if name == "authorization" {
+                "Authorization"
+            } else {
+                "X-API-Key"
+            }));
+        }
+    }
     if let Some(value) = headers.get(header::AUTHORIZATION) {
         let value = value.to_str().map_err(|_| AuthError::Scheme)?.trim();
         let (scheme, rest) = value.split_once(' ').ok_or(AuthError::Scheme)?;
@@ -1239,6 +1252,19 @@ pub(crate) async fn enforce(
                     );
                 }
             };
+            if req
+                .headers()
+                .get_all(header::AUTHORIZATION)
+                .iter()
+                .nth(1)
+                .is_some()
+            {
+                return unauthorized(
+                    "more than one Authorization header: a request presents one credential"
+                        .to_owned(),
+                    false,
+                );
+            }
             let header = req
                 .headers()
                 .get(header::AUTHORIZATION)
@@ -1686,6 +1712,20 @@ mod tests {
         assert_eq!(presented(&h).unwrap(), Some("abc"));
         h.insert(header::AUTHORIZATION, "Basic dXNlcjpwYXNz".parse().unwrap());
         assert!(matches!(presented(&h), Err(AuthError::Scheme)));
+        let mut twice = HeaderMap::new();
+        twice.append(header::AUTHORIZATION, "Bearer good".parse().unwrap());
+        twice.append(header::AUTHORIZATION, "Bearer nope".parse().unwrap());
+        assert!(matches!(
+            presented(&twice),
+            Err(AuthError::Repeated("Authorization"))
+        ));
+        let mut twice = HeaderMap::new();
+        twice.append("x-api-key", "good".parse().unwrap());
+        twice.append("x-api-key", "nope".parse().unwrap());
+        assert!(matches!(
+            presented(&twice),
+            Err(AuthError::Repeated("X-API-Key"))
+        ));
         let mut h = HeaderMap::new();
         h.insert("x-api-key", "k".parse().unwrap());
         assert_eq!(presented(&h).unwrap(), Some("k"));

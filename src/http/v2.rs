@@ -345,6 +345,13 @@ impl ModelCall {
         };
         metrics::counter!(requests, &labels).increment(1);
         metrics::histogram!(duration, &labels[..2]).record(self.start.elapsed().as_secs_f64());
+        // The statistics extension counts every request to the model version, failed ones
+        // whatever the stage (as the metrics and the audit trail do); explanations run their
+        // model calls through the worker, which counts each of them.
+        if self.op == Op::Infer {
+            let stats = self.model.worker.stats();
+            stats.record_request(result.is_ok(), self.start.elapsed());
+        }
         result
     }
 }
@@ -410,7 +417,8 @@ pub(crate) async fn infer_decoded(
             }
         }
     }
-    let outputs = model.worker.infer(request.inputs).await?;
+    // Counted in the model's statistics by `ModelCall::finish`, with the failures before it.
+    let outputs = model.worker.infer_uncounted(request.inputs).await?;
     audit.output_sha256 = Some(tensors_sha256(&outputs));
     select_outputs(
         model,

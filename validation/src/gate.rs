@@ -171,6 +171,13 @@ pub fn check_multiclass(
     })
 }
 
+/// The fewest bootstrap replicates behind a percentile interval whose limit a gate reads.
+/// With fewer, the limits are mostly resampling noise, and a caller who chooses the count
+/// and the seed (the validation API lets a researcher) could try until one passes: a
+/// review passed a gate whose 2,000-replicate lower limit failed it by asking for one
+/// replicate. 1,000 is the usual floor for percentile intervals (Efron & Tibshirani, 1993).
+pub const MIN_GATE_REPLICATES: usize = 1000;
+
 fn check_with<'m>(
     spec: &ValidationSpec,
     version: Option<u64>,
@@ -187,7 +194,22 @@ fn check_with<'m>(
             (Some(_), "ci_lower" | "ci_upper") => m.ci_undefined.clone(),
             _ => None,
         });
+        let replicates = metric
+            .filter(|m| m.ci_method == Some("bootstrap-percentile"))
+            .and_then(|m| m.bootstrap)
+            .map(|b| b.replicates);
+        let too_few = matches!(bound, "ci_lower" | "ci_upper")
+            && observed.is_some()
+            && replicates.is_some_and(|r| r < MIN_GATE_REPLICATES);
         let (passed, reason) = match observed {
+            Some(_) if too_few => (
+                false,
+                Some(format!(
+                    "the interval rests on {} bootstrap replicates; a gate on a confidence \
+                     limit reads one of at least {MIN_GATE_REPLICATES} (--bootstrap)",
+                    replicates.unwrap_or(0)
+                )),
+            ),
             None => (
                 false,
                 Some(match why {
@@ -230,6 +252,7 @@ mod tests {
     use nightingale_models::manifest::GateBound;
 
     use super::*;
+    use crate::bootstrap::BootstrapCi;
     use crate::report::{self, NamedThreshold, Settings};
 
     fn criterion(
@@ -357,6 +380,46 @@ mod tests {
         assert_eq!(many.auroc.ci_lower, Some(boot.ci_lower));
         let g = check(&wdbc_gate(None, None), Some(2), &many);
         assert!(by_name(&g, "min_positives").passed, "{g:?}");
+        // 200 replicates: too few for a gate to read the interval's limit.
+        let limit = by_name(&g, "auroc.ci_lower");
+        assert!(!limit.passed);
+        assert_eq!(
+            limit.reason.as_deref(),
+            Some(
+                "the interval rests on 200 bootstrap replicates; a gate on a confidence limit \
+                 reads one of at least 1000 (--bootstrap)"
+            )
+        );
+        // One replicate (a review's repro: a single resample "interval" of zero width passed
+        // the floor with a chosen seed) fails the same way.
+        let mut one = many.clone();
+        one.auroc.bootstrap = Some(BootstrapCi {
+            ci_lower: 0.99,
+            ci_upper: 0.99,
+            replicates: 1,
+            replicates_skipped: 0,
+        });
+        one.auroc.ci_lower = Some(0.99);
+        one.auroc.ci_upper = Some(0.99);
+        assert!(
+            !by_name(
+                &check(&wdbc_gate(None, None), Some(2), &one),
+                "auroc.ci_lower"
+            )
+            .passed
+        );
+        // Enough of them: the limit is read.
+        let mut enough = one.clone();
+        if let Some(b) = enough.auroc.bootstrap.as_mut() {
+            b.replicates = MIN_GATE_REPLICATES;
+        }
+        assert!(
+            by_name(
+                &check(&wdbc_gate(None, None), Some(2), &enough),
+                "auroc.ci_lower"
+            )
+            .passed
+        );
     }
 
     /// The review's repro: two malignant and two benign rows ranked perfectly passed every
