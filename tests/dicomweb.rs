@@ -51,6 +51,10 @@ impl Server {
     }
 
     fn with_spool(limits: DicomWebConfig, options: SpoolOptions) -> Server {
+        Server::with_http(limits, options, HttpConfig::default())
+    }
+
+    fn with_http(limits: DicomWebConfig, options: SpoolOptions, http: HttpConfig) -> Server {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("models")).unwrap();
         let repository = Arc::new(Repository::new(
@@ -58,7 +62,7 @@ impl Server {
             RepositoryOptions::default(),
         ));
         let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
-        let state = AppState::new(repository, audit, HttpConfig::default(), None);
+        let state = AppState::new(repository, audit, http, None);
         let (spool, _) = Spool::open(&dir.path().join("spool"), options).unwrap();
         let spool = Arc::new(spool);
         assert!(state.set_dicomweb(DicomWeb::new(spool.clone(), limits, Default::default(),)));
@@ -1453,4 +1457,108 @@ async fn an_implicit_vr_instance_is_sent_in_explicit_vr() {
     let parts = split_multipart(&body, &boundary);
     let stored = std::fs::read(&server.spool.instances().unwrap()[0].path).unwrap();
     assert_eq!(parts[0].1, stored);
+}
+
+/// Red-team findings on WADO-RS: the multipart boundary was derived from the instance's UIDs
+/// and size, so whoever sent the instance could write it, and a forged part after it, into a
+/// value; Accept's q-values were ignored (the first acceptable range won); and a re-encoded
+/// instance was held in memory outside the in-flight budget, once per client that asked
+/// and did not read. Now: a random boundary per answer, ranges by quality, and the
+/// re-encoding charged to the budget (with no room, the instance goes as stored where the
+/// client takes that, else 503).
+#[tokio::test]
+async fn wado_boundaries_are_random_q_values_rank_syntaxes_and_re_encoding_is_budgeted() {
+    const IMPLICIT: &str = "1.2.840.10008.1.2";
+    let mut file = dicom::part10_in(STUDY, SERIES, &sop(92), 7, IMPLICIT);
+    // 8 KiB more, in a private block after Pixel Data (implicit VR: tag, length, value).
+    for (element, value) in [
+        (0x0010u16, b"NIGHTINGALE TEST".to_vec()),
+        (0x1000, vec![7u8; 8192]),
+    ] {
+        file.extend_from_slice(&0x7FE1u16.to_le_bytes());
+        file.extend_from_slice(&element.to_le_bytes());
+        file.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        file.extend_from_slice(&value);
+    }
+    // A budget smaller than twice the file: no room to re-encode it.
+    let server = Server::with_http(
+        DicomWebConfig::default(),
+        SpoolOptions {
+            min_free_bytes: 0,
+            ..Default::default()
+        },
+        HttpConfig {
+            max_inflight_bytes: file.len(),
+            ..HttpConfig::default()
+        },
+    );
+    let (s, v) = server
+        .stow(
+            "/dicomweb/studies",
+            dicom_parts(std::slice::from_ref(&file)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let instance = format!(
+        "/dicomweb/studies/{STUDY}/series/{SERIES}/instances/{}",
+        sop(92)
+    );
+    let study = format!("/dicomweb/studies/{STUDY}");
+    // Any syntax taken: sent as stored, under a boundary that differs at each answer.
+    let (first, body) = multipart_answer(retrieve(&server, &instance, None).await).await;
+    let parts = split_multipart(&body, &first);
+    assert!(
+        parts[0].0.ends_with(&format!("transfer-syntax={IMPLICIT}")),
+        "{}",
+        parts[0].0
+    );
+    let stored = std::fs::read(&server.spool.instances().unwrap()[0].path).unwrap();
+    assert!(parts[0].1 == stored, "sent as stored, byte for byte");
+    let (second, _) = multipart_answer(retrieve(&server, &instance, None).await).await;
+    assert_ne!(first, second);
+    assert!(!first.contains(&sop(92)) && first.len() >= 32, "{first}");
+    // Only Explicit: 413 for the instance (the whole budget cannot hold it; 503 when other
+    // requests hold the room); left out of a study's answer.
+    let explicit =
+        "multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.1";
+    let res = retrieve(&server, &instance, Some(explicit)).await;
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let (boundary, body) = multipart_answer(retrieve(&server, &study, Some(explicit)).await).await;
+    assert!(split_multipart(&body, &boundary).is_empty());
+
+    // With room: q-values rank the syntaxes, whatever their order in the header.
+    let server = Server::default();
+    let (s, v) = server
+        .stow(
+            "/dicomweb/studies",
+            dicom_parts(std::slice::from_ref(&file)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let ranked = format!(
+        "multipart/related; type=\"application/dicom\"; transfer-syntax={IMPLICIT}; q=0.1, \
+         multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.1; q=0.9"
+    );
+    let (boundary, body) =
+        multipart_answer(retrieve(&server, &instance, Some(&ranked)).await).await;
+    let parts = split_multipart(&body, &boundary);
+    assert!(
+        parts[0].0.ends_with("transfer-syntax=1.2.840.10008.1.2.1"),
+        "{}",
+        parts[0].0
+    );
+    let reversed = format!(
+        "multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.1; q=0.2, \
+         multipart/related; type=\"application/dicom\"; transfer-syntax={IMPLICIT}"
+    );
+    let (boundary, body) =
+        multipart_answer(retrieve(&server, &instance, Some(&reversed)).await).await;
+    let parts = split_multipart(&body, &boundary);
+    assert!(
+        parts[0].0.ends_with(&format!("transfer-syntax={IMPLICIT}")),
+        "{}",
+        parts[0].0
+    );
+    let stored = std::fs::read(&server.spool.instances().unwrap()[0].path).unwrap();
+    assert!(parts[0].1 == stored, "sent as stored, byte for byte");
 }

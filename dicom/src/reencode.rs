@@ -126,6 +126,14 @@ fn long_length(vr: [u8; 2]) -> bool {
 /// documentation). An error where the data set is not well formed (an element or item
 /// running past its container, an item where an element belongs, nesting deeper than 64).
 pub fn implicit_to_explicit(file: &[u8]) -> Result<Vec<u8>, ReencodeError> {
+    let mut out = Vec::with_capacity(file.len() + file.len() / 16 + 512);
+    implicit_to_explicit_into(file, &mut out)?;
+    Ok(out)
+}
+
+/// [`implicit_to_explicit`], appending to `out` (which may hold, say, a multipart part's
+/// header already); on an error, `out` holds part of the file after what it held.
+pub fn implicit_to_explicit_into(file: &[u8], out: &mut Vec<u8>) -> Result<(), ReencodeError> {
     let mut meta: Vec<u8> = Vec::with_capacity(256);
     let mut syntax = None;
     let start = walk_meta(file, |element, whole, value| match element {
@@ -145,7 +153,7 @@ pub fn implicit_to_explicit(file: &[u8]) -> Result<Vec<u8>, ReencodeError> {
     if syntax.as_deref() != Some(IMPLICIT_VR_LE) {
         return err("not in Implicit VR Little Endian");
     }
-    let mut out = Vec::with_capacity(file.len() + file.len() / 16 + 512);
+    out.reserve(file.len() + file.len() / 16 + 512);
     out.extend_from_slice(&file[..132]);
     out.extend_from_slice(&[0x02, 0x00, 0x00, 0x00, b'U', b'L', 4, 0]);
     out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
@@ -154,8 +162,7 @@ pub fn implicit_to_explicit(file: &[u8]) -> Result<Vec<u8>, ReencodeError> {
         bytes: file,
         at: start,
     };
-    convert_dataset(&mut reader, file.len(), &mut out, 0, None, false)?;
-    Ok(out)
+    convert_dataset(&mut reader, file.len(), out, 0, None, false)
 }
 
 struct Reader<'a> {
@@ -196,6 +203,12 @@ impl Reader<'_> {
 
 /// Converts the elements of one data set, from the reader's position to `end` (a defined
 /// length), or, when `delimited`, to its Item Delimitation Item (bounded by `end`).
+///
+/// Two things are settled only once the data set has been read: an element whose VR is US
+/// or SS by Pixel Representation and that comes before (0028,0103) (Zero Velocity Pixel
+/// Value, Mapped Pixel Value) gets its VR patched then; and a Group Length's value, which
+/// counts the group's bytes as re-encoded (headers grow, sequences gain delimiters), is
+/// written once its group has ended.
 fn convert_dataset(
     r: &mut Reader<'_>,
     end: usize,
@@ -204,12 +217,37 @@ fn convert_dataset(
     inherited_pixel_representation: Option<u16>,
     delimited: bool,
 ) -> Result<(), ReencodeError> {
-    let mut pixel_representation = inherited_pixel_representation;
+    let mut own_pixel_representation: Option<u16> = None;
+    // Where the VRs of US-or-SS elements written before this level's Pixel Representation are.
+    let mut pending_xs: Vec<usize> = Vec::new();
+    // The open group's length element: its group, where its value is, where the group starts.
+    let mut group_length: Option<(u16, usize, usize)> = None;
+    let finish = |out: &mut Vec<u8>,
+                  group_length: &mut Option<(u16, usize, usize)>,
+                  next_group: Option<u16>| {
+        if let Some((group, at, start)) = *group_length
+            && next_group != Some(group)
+        {
+            let len = u32::try_from(out.len() - start).unwrap_or(u32::MAX);
+            out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+            *group_length = None;
+        }
+    };
+    let settle = |out: &mut Vec<u8>, pending: &[usize], own: Option<u16>| {
+        if let Some(pr) = own {
+            let vr: &[u8; 2] = if pr == 1 { b"SS" } else { b"US" };
+            for &at in pending {
+                out[at..at + 2].copy_from_slice(vr);
+            }
+        }
+    };
     loop {
         if r.at >= end {
             if delimited {
                 return err("an item of undefined length has no delimiter");
             }
+            finish(out, &mut group_length, None);
+            settle(out, &pending_xs, own_pixel_representation);
             return Ok(());
         }
         let (tag, len) = r.header(end)?;
@@ -217,12 +255,16 @@ fn convert_dataset(
             if len != 0 {
                 return err("an item delimiter with a length");
             }
+            finish(out, &mut group_length, None);
+            settle(out, &pending_xs, own_pixel_representation);
             return Ok(());
         }
         if tag.0 == 0xFFFE {
             return err("an item or delimiter where an element belongs");
         }
-        let vr = vr_of(tag, len, pixel_representation);
+        finish(out, &mut group_length, Some(tag.0));
+        let pixel_representation = own_pixel_representation.or(inherited_pixel_representation);
+        let (vr, by_pixel_representation) = vr_of(tag, len, pixel_representation);
         if len == UNDEFINED {
             if tag == (0x7FE0, 0x0010) {
                 return err("encapsulated pixel data in Implicit VR");
@@ -243,7 +285,7 @@ fn convert_dataset(
         }
         let value = r.value(len, end)?;
         if tag == (0x0028, 0x0103) && value.len() >= 2 {
-            pixel_representation = Some(u16::from_le_bytes([value[0], value[1]]));
+            own_pixel_representation = Some(u16::from_le_bytes([value[0], value[1]]));
         }
         // A value too long for a 16-bit length: UN (PS3.5 6.2.2).
         let vr = if !long_length(vr.to_bytes()) && value.len() > 0xFFFF {
@@ -251,6 +293,17 @@ fn convert_dataset(
         } else {
             vr
         };
+        if by_pixel_representation && vr != VR::UN && own_pixel_representation.is_none() {
+            pending_xs.push(out.len() + 4);
+        }
+        if tag.1 == 0x0000 && vr == VR::UL && value.len() == 4 {
+            // Its value is written when the group ends.
+            write_header(out, tag, vr, 4);
+            let at = out.len();
+            out.extend_from_slice(&[0; 4]);
+            group_length = Some((tag.0, at, out.len()));
+            continue;
+        }
         write_header(out, tag, vr, value.len() as u32);
         out.extend_from_slice(value);
     }
@@ -324,31 +377,34 @@ fn write_header(out: &mut Vec<u8>, tag: (u16, u16), vr: VR, len: u32) {
     }
 }
 
-/// The explicit VR of an element read in Implicit VR (PS3.5 A.1, PS3.6).
-fn vr_of(tag: (u16, u16), len: u32, pixel_representation: Option<u16>) -> VR {
+/// The explicit VR of an element read in Implicit VR (PS3.5 A.1, PS3.6), and whether it is
+/// one that Pixel Representation decides (US or SS).
+fn vr_of(tag: (u16, u16), len: u32, pixel_representation: Option<u16>) -> (VR, bool) {
     let (group, element) = tag;
     if element == 0x0000 {
-        return VR::UL; // group length
+        return (VR::UL, false); // group length
     }
     if group % 2 == 1 {
         // Private: creators are LO (PS3.5 7.8.1); the rest is unknown here.
-        return if (0x0010..=0x00FF).contains(&element) {
+        let vr = if (0x0010..=0x00FF).contains(&element) {
             VR::LO
         } else {
             VR::UN
         };
+        return (vr, false);
     }
     let Some(entry) = StandardDataDictionary.by_tag(Tag(group, element)) else {
-        return VR::UN;
+        return (VR::UN, false);
     };
-    match entry.vr() {
+    let vr = match entry.vr() {
         VirtualVr::Exact(vr) => vr,
         VirtualVr::Xs => {
-            if pixel_representation == Some(1) {
+            let vr = if pixel_representation == Some(1) {
                 VR::SS
             } else {
                 VR::US
-            }
+            };
+            return (vr, true);
         }
         VirtualVr::Ox | VirtualVr::Px => VR::OW,
         // LUT Data: US where it holds one value (a LUT of one entry), else OW.
@@ -361,7 +417,8 @@ fn vr_of(tag: (u16, u16), len: u32, pixel_representation: Option<u16>) -> VR {
         }
         // A kind of ambiguity dicom-core may add later: the value as it is, unknown.
         _ => VR::UN,
-    }
+    };
+    (vr, false)
 }
 
 #[cfg(test)]
@@ -530,6 +587,49 @@ mod tests {
             (0x0020, 0x000D, "UI"),
         ]);
         assert_eq!(got, want);
+    }
+
+    /// Red-team findings: a US-or-SS element before Pixel Representation took US whatever
+    /// its value, and Group Length values were copied though their groups grew.
+    #[test]
+    fn late_pixel_representation_and_group_lengths_are_settled_at_the_end() {
+        let mut ds = Vec::new();
+        element(&mut ds, 0x0018, 0x0000, &0u32.to_le_bytes()); // group length, wrong on purpose
+        element(&mut ds, 0x0018, 0x9810, &(-100i16).to_le_bytes()); // Zero Velocity Pixel Value
+        element(&mut ds, 0x0028, 0x0000, &12u32.to_le_bytes());
+        element(&mut ds, 0x0028, 0x0103, &1u16.to_le_bytes());
+        element(&mut ds, 0x7FE0, 0x0000, &12u32.to_le_bytes());
+        element(&mut ds, 0x7FE0, 0x0010, &[1, 2, 3, 4]);
+        let out = implicit_to_explicit(&part10(&ds)).unwrap();
+        let read = read_explicit(dataset_of(&out));
+        let vrs: Vec<(u16, u16, &str)> = read
+            .iter()
+            .map(|(g, e, vr, _)| (*g, *e, vr.as_str()))
+            .collect();
+        assert_eq!(
+            vrs,
+            [
+                (0x0018, 0x0000, "UL"),
+                (0x0018, 0x9810, "SS"),
+                (0x0028, 0x0000, "UL"),
+                (0x0028, 0x0103, "US"),
+                (0x7FE0, 0x0000, "UL"),
+                (0x7FE0, 0x0010, "OW"),
+            ]
+        );
+        let length = |i: usize| u32::from_le_bytes(read[i].3[..4].try_into().unwrap());
+        // (0018,9810) SS: 8 + 2; (0028,0103) US: 8 + 2; (7FE0,0010) OW: 12 + 4.
+        assert_eq!((length(0), length(2), length(4)), (10, 10, 16));
+        // A Pixel Representation of 0 (or none) keeps US.
+        let mut unsigned = ds.clone();
+        // Pixel Representation's value: before the two Pixel Data group elements (12 bytes
+        // each).
+        let at = unsigned.len() - 12 - 12 - 2;
+        assert_eq!(&unsigned[at - 8..at - 4], &[0x28, 0x00, 0x03, 0x01]);
+        unsigned[at..at + 2].copy_from_slice(&0u16.to_le_bytes());
+        let out = implicit_to_explicit(&part10(&unsigned)).unwrap();
+        let read = read_explicit(dataset_of(&out));
+        assert_eq!((read[1].2.as_str(), read[3].2.as_str()), ("US", "US"));
     }
 
     #[test]

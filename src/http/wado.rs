@@ -44,13 +44,15 @@ fn accepted_syntaxes(headers: &HeaderMap) -> Result<Vec<Option<String>>, String>
     if accept.len() > 4096 {
         return Err("the Accept header is longer than 4096 bytes".into());
     }
-    let mut out = Vec::new();
+    // (quality, syntax) in the header's order; sorted by quality below (stable: equal
+    // qualities keep the client's order), RFC 9110 12.4.2.
+    let mut out: Vec<(f32, Option<String>)> = Vec::new();
     for range in accept.split(',') {
         let mut params = range.split(';').map(str::trim);
         let media = params.next().unwrap_or("").to_ascii_lowercase();
         let mut kind: Option<String> = None;
         let mut syntax: Option<String> = None;
-        let mut q_zero = false;
+        let mut quality = 1.0f32;
         for p in params {
             let Some((k, v)) = p.split_once('=') else {
                 continue;
@@ -59,11 +61,17 @@ fn accepted_syntaxes(headers: &HeaderMap) -> Result<Vec<Option<String>>, String>
             match k.trim().to_ascii_lowercase().as_str() {
                 "type" => kind = Some(v.to_ascii_lowercase()),
                 "transfer-syntax" => syntax = Some(v.to_owned()),
-                "q" => q_zero = v.parse::<f32>().is_ok_and(|q| q <= 0.0),
+                "q" => {
+                    quality = v
+                        .parse::<f32>()
+                        .ok()
+                        .filter(|q| q.is_finite())
+                        .unwrap_or(0.0)
+                }
                 _ => {}
             }
         }
-        if q_zero {
+        if quality <= 0.0 {
             continue;
         }
         let wants_dicom = match media.as_str() {
@@ -72,9 +80,11 @@ fn accepted_syntaxes(headers: &HeaderMap) -> Result<Vec<Option<String>>, String>
             _ => false,
         };
         if wants_dicom {
-            out.push(syntax.filter(|s| s != "*"));
+            out.push((quality, syntax.filter(|s| s != "*")));
         }
     }
+    out.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let out: Vec<Option<String>> = out.into_iter().map(|(_, syntax)| syntax).collect();
     if out.is_empty() {
         Err(format!(
             "cannot answer {accept:?}: an instance is sent as multipart/related; type=\"application/dicom\""
@@ -149,16 +159,58 @@ impl Found {
     }
 }
 
+/// A multipart boundary no stored value can contain on purpose: random per response (one
+/// derived from the UIDs and the size could be computed by whoever sent the instance, who
+/// could then write it, and a forged part after it, into a value; RFC 2046 5.1.1).
+fn boundary() -> String {
+    format!("nightingale-{}", uuid::Uuid::new_v4().simple())
+}
+
 /// Why an instance was not re-encoded.
 enum TranscodeError {
     /// Reading its file failed (`NotFound`: purged meanwhile).
     Io(std::io::Error),
     /// Its data set is not well formed enough to be re-encoded.
     Data(String),
+    /// The in-flight memory budget has no room for it now (503), or ever (413).
+    Budget(AppError),
 }
 
-/// The file of `found` re-encoded in Explicit VR Little Endian, on a blocking thread.
-async fn transcoded(found: &Found) -> Result<Bytes, TranscodeError> {
+/// A re-encoded part and the admission ticket charged for it: both go when the last
+/// reference to the bytes does, once they have been written to the client.
+struct HeldPart {
+    bytes: Vec<u8>,
+    _ticket: super::Ticket,
+}
+
+impl AsRef<[u8]> for HeldPart {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// The file of `found` re-encoded in Explicit VR Little Endian between `head` and `tail`
+/// (its multipart framing), on a blocking thread. The file and its re-encoding are held in
+/// memory until the client has taken them: twice the file's size is charged to the
+/// in-flight budget (`--max-inflight-bytes`) first, so that clients that ask and do not read
+/// cannot pile up copies (a review held 1.6 GB with 8 of them on a 200 MiB instance).
+async fn transcoded(
+    state: &AppState,
+    found: &Found,
+    head: String,
+    tail: String,
+) -> Result<Bytes, TranscodeError> {
+    let mut ticket = state
+        .admission
+        .receiving()
+        .map_err(TranscodeError::Budget)?;
+    let size = usize::try_from(found.size).unwrap_or(usize::MAX);
+    ticket
+        .charge(
+            size.saturating_mul(2)
+                .saturating_add(head.len() + tail.len()),
+        )
+        .map_err(TranscodeError::Budget)?;
     let path = found.path.clone();
     let _permit = TRANSCODES
         .acquire()
@@ -166,9 +218,15 @@ async fn transcoded(found: &Found) -> Result<Bytes, TranscodeError> {
         .map_err(|e| TranscodeError::Io(std::io::Error::other(e)))?;
     tokio::task::spawn_blocking(move || {
         let raw = std::fs::read(&path).map_err(TranscodeError::Io)?;
-        nightingale_dicom::reencode::implicit_to_explicit(&raw)
-            .map(Bytes::from)
-            .map_err(|e| TranscodeError::Data(e.to_string()))
+        let mut bytes = Vec::with_capacity(head.len() + raw.len() + raw.len() / 16 + 512);
+        bytes.extend_from_slice(head.as_bytes());
+        nightingale_dicom::reencode::implicit_to_explicit_into(&raw, &mut bytes)
+            .map_err(|e| TranscodeError::Data(e.to_string()))?;
+        bytes.extend_from_slice(tail.as_bytes());
+        Ok(Bytes::from_owner(HeldPart {
+            bytes,
+            _ticket: ticket,
+        }))
     })
     .await
     .map_err(|e| TranscodeError::Io(std::io::Error::other(e)))?
@@ -368,17 +426,10 @@ async fn retrieve_many(
         metrics::counter!("nightingale_dicomweb_retrieved_total", "source" => f.source)
             .increment(1);
     }
-    let boundary = format!(
-        "nightingale-{}",
-        uid_tag(&format!(
-            "{study}/{}/{}",
-            series.as_deref().unwrap_or(""),
-            found.len()
-        ))
-    );
+    let boundary = boundary();
     let content_type =
         format!("multipart/related; type=\"application/dicom\"; boundary={boundary}");
-    let body = Body::from_stream(stream_files(boundary, found));
+    let body = Body::from_stream(stream_files(state.clone(), boundary, found));
     let mut response = (StatusCode::OK, body).into_response();
     if let Ok(v) = HeaderValue::from_str(&content_type) {
         response.headers_mut().insert(header::CONTENT_TYPE, v);
@@ -388,6 +439,7 @@ async fn retrieve_many(
 
 /// Where a multi-part body is.
 struct Parts {
+    state: Arc<AppState>,
     boundary: String,
     files: std::vec::IntoIter<Found>,
     current: Option<tokio::fs::File>,
@@ -397,12 +449,17 @@ struct Parts {
 /// The multipart body of several files: per file its part headers, the file in chunks and
 /// the CRLF before the next delimiter; then the close delimiter. A file gone since the
 /// lookup (purged) is left out; any other read error ends the body early (the client sees
-/// a body without its close delimiter).
+/// a body without its close delimiter). An instance that should go re-encoded and cannot
+/// (a data set too malformed, no room in the memory budget now) goes as stored where the
+/// client takes that, and is otherwise left out with a warning: the answer has begun, and
+/// the other instances still reach the client.
 fn stream_files(
+    state: Arc<AppState>,
     boundary: String,
     files: Vec<Found>,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send {
     let parts = Parts {
+        state,
         boundary,
         files: files.into_iter(),
         current: None,
@@ -438,38 +495,35 @@ fn stream_files(
             };
             let mut next = next;
             if next.transcode {
-                match transcoded(&next).await {
-                    Ok(bytes) => {
-                        let mut part = format!(
-                            "--{}\r\nContent-Type: application/dicom; transfer-syntax={}\r\n\r\n",
-                            st.boundary, next.transfer_syntax
-                        )
-                        .into_bytes();
-                        part.extend_from_slice(&bytes);
-                        part.extend_from_slice(b"\r\n");
-                        return Some((Ok(Bytes::from(part)), st));
-                    }
+                let head = format!(
+                    "--{}\r\nContent-Type: application/dicom; transfer-syntax={}\r\n\r\n",
+                    st.boundary, next.transfer_syntax
+                );
+                let reason = match transcoded(&st.state, &next, head, "\r\n".to_owned()).await {
+                    Ok(part) => return Some((Ok(part), st)),
                     Err(TranscodeError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
                         tracing::warn!("WADO-RS: an instance was purged while its study was sent");
                         continue;
-                    }
-                    Err(TranscodeError::Data(reason)) if next.as_stored_taken => {
-                        tracing::warn!(
-                            reason,
-                            "WADO-RS: an Implicit VR instance not re-encoded, sent as stored"
-                        );
-                        next.as_stored();
-                    }
-                    Err(TranscodeError::Data(reason)) => {
-                        st.done = true;
-                        let e = std::io::Error::other(format!("re-encoding an instance: {reason}"));
-                        return Some((Err(e), st));
                     }
                     Err(TranscodeError::Io(e)) => {
                         st.done = true;
                         return Some((Err(e), st));
                     }
+                    Err(TranscodeError::Data(reason)) => reason,
+                    Err(TranscodeError::Budget(e)) => e.message,
+                };
+                if !next.as_stored_taken {
+                    tracing::warn!(
+                        reason,
+                        "WADO-RS: an Implicit VR instance left out of the answer: not re-encoded, and the client takes no other syntax"
+                    );
+                    continue;
                 }
+                tracing::warn!(
+                    reason,
+                    "WADO-RS: an Implicit VR instance not re-encoded, sent as stored"
+                );
+                next.as_stored();
             }
             match tokio::fs::File::open(&next.path).await {
                 Ok(file) => {
@@ -533,67 +587,60 @@ pub(crate) async fn retrieve_instance(
         )
         .into_response();
     }
-    let transcoded = if found.transcode {
-        Some(transcoded(&found).await)
-    } else {
-        None
-    };
-    match transcoded {
-        None => {}
-        Some(Err(TranscodeError::Data(reason))) if found.as_stored_taken => {
-            tracing::warn!(
-                reason,
-                "WADO-RS: an Implicit VR instance not re-encoded, sent as stored"
-            );
-            found.as_stored();
-        }
-        Some(result) => {
-            return match result {
-                Ok(bytes) => {
-                    let caller = caller.as_ref().map_or("anonymous", |c| c.0.id.as_str());
-                    tracing::info!(
-                        caller,
-                        source = found.source,
-                        sop = %uid_tag(&sop),
-                        bytes = bytes.len(),
-                        "WADO-RS: instance retrieved (Implicit VR re-encoded as Explicit)"
-                    );
-                    metrics::counter!("nightingale_dicomweb_retrieved_total", "source" => found.source)
+    if found.transcode {
+        let boundary = boundary();
+        let head = format!(
+            "--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={EXPLICIT_VR_LE}\r\n\r\n"
+        );
+        let tail = format!("\r\n--{boundary}--\r\n");
+        let why = match transcoded(&state, &found, head, tail).await {
+            Ok(body) => {
+                let caller = caller.as_ref().map_or("anonymous", |c| c.0.id.as_str());
+                tracing::info!(
+                    caller,
+                    source = found.source,
+                    sop = %uid_tag(&sop),
+                    bytes = body.len(),
+                    "WADO-RS: instance retrieved (Implicit VR re-encoded as Explicit)"
+                );
+                metrics::counter!("nightingale_dicomweb_retrieved_total", "source" => found.source)
                     .increment(1);
-                    let boundary = format!(
-                        "nightingale-{}",
-                        &uid_tag(&format!("{sop}/{}", bytes.len()))
-                    );
-                    let mut body = format!(
-                    "--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={EXPLICIT_VR_LE}\r\n\r\n"
-                )
-                .into_bytes();
-                    body.extend_from_slice(&bytes);
-                    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-                    let content_type = format!(
-                        "multipart/related; type=\"application/dicom\"; transfer-syntax={EXPLICIT_VR_LE}; boundary={boundary}"
-                    );
-                    let mut response = (StatusCode::OK, body).into_response();
-                    if let Ok(v) = HeaderValue::from_str(&content_type) {
-                        response.headers_mut().insert(header::CONTENT_TYPE, v);
-                    }
-                    response
+                let content_type = format!(
+                    "multipart/related; type=\"application/dicom\"; transfer-syntax={EXPLICIT_VR_LE}; boundary={boundary}"
+                );
+                // The body's bytes hold their admission ticket until they have been sent.
+                let mut response = (StatusCode::OK, body).into_response();
+                if let Ok(v) = HeaderValue::from_str(&content_type) {
+                    response.headers_mut().insert(header::CONTENT_TYPE, v);
                 }
-                Err(TranscodeError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                    AppError::not_found("no such instance").into_response()
-                }
-                Err(TranscodeError::Io(e)) => {
-                    AppError::internal(format!("reading the instance: {e}")).into_response()
-                }
-                Err(TranscodeError::Data(reason)) => AppError::new(
+                return response;
+            }
+            Err(TranscodeError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return AppError::not_found("no such instance").into_response();
+            }
+            Err(TranscodeError::Io(e)) => {
+                return AppError::internal(format!("reading the instance: {e}")).into_response();
+            }
+            Err(TranscodeError::Data(reason)) if !found.as_stored_taken => {
+                return AppError::new(
                     StatusCode::NOT_ACCEPTABLE,
                     format!(
                         "the instance cannot be re-encoded in Explicit VR Little Endian: {reason}"
                     ),
                 )
-                .into_response(),
-            };
-        }
+                .into_response();
+            }
+            Err(TranscodeError::Budget(e)) if !found.as_stored_taken => {
+                return e.into_response();
+            }
+            Err(TranscodeError::Data(reason)) => reason,
+            Err(TranscodeError::Budget(e)) => e.message,
+        };
+        tracing::warn!(
+            reason = why,
+            "WADO-RS: an Implicit VR instance not re-encoded, sent as stored"
+        );
+        found.as_stored();
     }
     let file = match tokio::fs::File::open(&found.path).await {
         Ok(f) => f,
@@ -616,7 +663,7 @@ pub(crate) async fn retrieve_instance(
     metrics::counter!("nightingale_dicomweb_retrieved_total", "source" => found.source)
         .increment(1);
 
-    let boundary = format!("nightingale-{}", &uid_tag(&format!("{sop}/{}", found.size)));
+    let boundary = boundary();
     let head = Bytes::from(format!(
         "--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={}\r\n\r\n",
         found.transfer_syntax
@@ -692,6 +739,19 @@ mod tests {
         assert_eq!(
             accept("multipart/related; type=application/dicom, */*;q=0.5"),
             Ok(vec![None, None])
+        );
+        // Ranked by quality (1 when not given), the header's order among equals.
+        assert_eq!(
+            accept(
+                "multipart/related; type=application/dicom; transfer-syntax=1.2.840.10008.1.2; q=0.3, \
+                 multipart/related; type=application/dicom; transfer-syntax=1.2.840.10008.1.2.1; q=0.8, \
+                 multipart/related; type=application/dicom; transfer-syntax=1.2.840.10008.1.2.5"
+            ),
+            Ok(vec![
+                Some("1.2.840.10008.1.2.5".into()),
+                Some("1.2.840.10008.1.2.1".into()),
+                Some("1.2.840.10008.1.2".into()),
+            ])
         );
         for bad in [
             "application/json",
