@@ -934,6 +934,15 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
             cluster: args.patient_id_column.clone(),
             file: None,
         };
+        // The label must not be one of the model's inputs: it would be evaluated as ground
+        // truth without complaint (a binary feature), and a refused label quotes its value,
+        // which would put feature values in the error (a review's finding).
+        if columns.features.contains(&columns.label) {
+            bail!(
+                "the label column {:?} is one of the model's input features",
+                clip(&columns.label)
+            );
+        }
         let width = columns.features.len();
         let d = CsvDataset::open(&path, &columns, labels.clone())?;
         let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
@@ -1502,10 +1511,14 @@ pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionChec
                 continue;
             }
             let passed = head.gate.is_some_and(|g| g.passed);
-            if newest
-                .as_ref()
-                .is_none_or(|(created, _)| head.created >= *created)
-            {
+            // Reports made in the same second (`created` has second resolution) are not
+            // ordered by anything but the folder listing: a failed one among them decides,
+            // whatever that order (a review made the same pair pass or fail by renaming
+            // folders).
+            let newer = newest.as_ref().is_none_or(|(created, was_passed)| {
+                head.created > *created || (head.created == *created && *was_passed)
+            });
+            if newer {
                 newest = Some((head.created, passed));
             }
         }
@@ -1557,5 +1570,40 @@ mod write_tests {
                 .file_type()
                 .is_file()
         );
+    }
+}
+
+#[cfg(test)]
+mod promotion_tests {
+    use super::require_validation;
+
+    fn report(dir: &std::path::Path, folder: &str, created: &str, passed: bool) {
+        let dir = dir.join(folder);
+        std::fs::create_dir_all(&dir).unwrap();
+        let json = serde_json::json!({
+            "source": "inference",
+            "created": created,
+            "model": {"name": "m", "version": 2, "manifest_sha256": "abc"},
+            "dataset": {"origin": "file"},
+            "gate": {"passed": passed},
+        });
+        std::fs::write(dir.join("report.json"), json.to_string()).unwrap();
+    }
+
+    /// A review's finding: reports made in the same second were ordered by the folder
+    /// listing, so renaming folders turned a version's pass into a failure and back.
+    #[test]
+    fn a_failed_report_of_the_same_second_decides_whatever_the_folder_order() {
+        for names in [["a", "b", "c"], ["c", "b", "a"], ["b", "a", "c"]] {
+            let dir = tempfile::tempdir().unwrap();
+            report(dir.path(), names[0], "2026-12-05T06:41:47Z", true);
+            report(dir.path(), names[1], "2026-12-05T06:41:47Z", false);
+            report(dir.path(), names[2], "2026-12-05T06:41:47Z", true);
+            let check = require_validation(dir.path().to_path_buf());
+            assert!((check.0)("m", 2, "abc").is_err(), "{names:?}");
+            // A later pass decides.
+            report(dir.path(), "later", "2026-12-05T06:41:48Z", true);
+            assert!((check.0)("m", 2, "abc").is_ok(), "{names:?}");
+        }
     }
 }

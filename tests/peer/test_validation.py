@@ -755,3 +755,19 @@ def test_a_server_stopped_during_a_run_exits_and_leaves_one_audit_chain(tmp_path
                             text=True, timeout=120)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert run["id"]
+
+
+def test_a_label_column_that_is_a_model_input_is_refused(splits, tmp_path):
+    """A review's finding: --label-column naming one of the model's features was accepted
+    (a binary feature would have been evaluated as ground truth) and the refusal of its first
+    value quoted a feature value. Refused before any row is read, naming only the column."""
+    split = splits("wdbc-malignancy")
+    header = split.path.read_text(encoding="utf-8").splitlines()[0].split(",")
+    feature = next(c for c in header if c.strip().strip('"') == "mean radius")
+    code, report, text = validate("--model", "wdbc-malignancy@1", "--dataset", str(split.path),
+                                  "--backend", BACKEND, "--label-column", feature.strip('"'),
+                                  out=tmp_path / "r", expect=2)
+    assert "is one of the model's input features" in text, text
+    assert report is None
+    first_value = split.path.read_text(encoding="utf-8").splitlines()[1].split(",")[header.index(feature)]
+    assert first_value not in text
