@@ -16,6 +16,8 @@ use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry, VirtualVr};
 use dicom_core::{Tag, VR};
 use dicom_dictionary_std::StandardDataDictionary;
 
+use crate::structure::long_length;
+
 /// Implicit VR Little Endian.
 pub const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
 /// Explicit VR Little Endian.
@@ -98,26 +100,6 @@ fn walk_meta(file: &[u8], mut each: impl FnMut(u16, &[u8], &[u8])) -> Result<usi
         at = end;
     }
     Ok(at)
-}
-
-/// Whether an explicit VR has the 4-byte length form (PS3.5 7.1.2).
-fn long_length(vr: [u8; 2]) -> bool {
-    matches!(
-        &vr,
-        b"OB"
-            | b"OD"
-            | b"OF"
-            | b"OL"
-            | b"OV"
-            | b"OW"
-            | b"SQ"
-            | b"SV"
-            | b"UC"
-            | b"UN"
-            | b"UR"
-            | b"UT"
-            | b"UV"
-    )
 }
 
 /// `file`, a Part 10 file in Implicit VR Little Endian, in Explicit VR Little Endian: the

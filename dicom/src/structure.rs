@@ -72,6 +72,26 @@ const KNOWN_VRS: [[u8; 2]; 34] = [
 /// is not (an FL of 2 bytes) but goes on 2 bytes off, taking bytes of the sender's choosing
 /// for the next element's header and length: it could read megabytes into one "element", or
 /// fail on a file the spool had acknowledged.
+/// Whether an explicit VR has the 4-byte length form (PS3.5 7.1.2).
+pub(crate) fn long_length(vr: [u8; 2]) -> bool {
+    matches!(
+        &vr,
+        b"OB"
+            | b"OD"
+            | b"OF"
+            | b"OL"
+            | b"OV"
+            | b"OW"
+            | b"SQ"
+            | b"SV"
+            | b"UC"
+            | b"UN"
+            | b"UR"
+            | b"UT"
+            | b"UV"
+    )
+}
+
 fn value_size(vr: &[u8; 2]) -> Option<u32> {
     match vr {
         b"SS" | b"US" | b"OW" => Some(2),
@@ -254,23 +274,7 @@ impl Walker<'_> {
         if !KNOWN_VRS.contains(&vr) {
             return Err(StructureError::UnknownVr { offset: at });
         }
-        let long = matches!(
-            &vr,
-            b"OB"
-                | b"OD"
-                | b"OF"
-                | b"OL"
-                | b"OV"
-                | b"OW"
-                | b"SQ"
-                | b"SV"
-                | b"UC"
-                | b"UN"
-                | b"UR"
-                | b"UT"
-                | b"UV"
-        );
-        if long {
+        if long_length(vr) {
             self.need(at, 12)?;
             Ok(Header {
                 tag,
