@@ -449,10 +449,14 @@ fn hostile_inputs_are_typed_errors() {
     }
     // Red-team finding: ISO 2022 code extensions (Japanese, Korean) were copied undecoded and
     // relabelled UTF-8. A single character set is kept (decoded by dicom-rs).
+    // So is a single set dicom-rs does not know (Latin-5, Latin-9: read as the default
+    // repertoire, the names reached PACS garbled; a later red-team finding).
     for charset in [
         "ISO 2022 IR 6\\ISO 2022 IR 87",
         "\\ISO 2022 IR 149",
         "ISO 2022 IR 13\\ISO 2022 IR 87",
+        "ISO_IR 148",
+        "ISO_IR 203",
     ] {
         let mut one = synthetic_series(1, true);
         s(&mut one[0], tags::SPECIFIC_CHARACTER_SET, VR::CS, charset);
@@ -464,7 +468,13 @@ fn hostile_inputs_are_typed_errors() {
             "{charset}"
         );
     }
-    for charset in ["ISO_IR 100", "ISO_IR 192", "GB18030"] {
+    for charset in [
+        "ISO_IR 100",
+        "ISO_IR 192",
+        "GB18030",
+        "ISO_IR 13",
+        "ISO_IR 144",
+    ] {
         let mut one = synthetic_series(1, true);
         s(&mut one[0], tags::SPECIFIC_CHARACTER_SET, VR::CS, charset);
         assert!(SourceSeries::from_instances(&one).is_ok(), "{charset}");

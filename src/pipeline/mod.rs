@@ -194,6 +194,13 @@ impl Pipeline {
             })?;
         }
         let store = ResultsStore::open(&config.results_dir.join(STORE_FILE))?;
+        let requeued = store.requeue_interrupted()?;
+        if requeued > 0 {
+            tracing::info!(
+                jobs = requeued,
+                "pipeline: jobs interrupted by the last stop queued again"
+            );
+        }
         // Before anything is received: a cursor past the highest arrival number the spool
         // ever gave (an index whose rowids were reused before it had arrival numbers, or a
         // spool replaced) would skip the next instances; it restarts from that number.
@@ -226,9 +233,19 @@ impl Pipeline {
 
     /// Runs the assembler, the job runner and the outbox until the task is dropped.
     pub async fn run(self: Arc<Self>) {
+        // Series are routed, and jobs run, only once the initial model load is done: at a
+        // restart with series waiting, routing before the bundles were loaded left them
+        // unmatched ("no route") and failed the interrupted jobs ("unknown model") for good
+        // (a review's finding). Results waiting to be sent go at once.
+        let sender = tokio::spawn(self.clone().send_forever());
+        if !self.state.is_ready() {
+            tracing::info!("DICOM pipeline: waiting for the initial model load");
+            while !self.state.is_ready() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         let assembler = tokio::spawn(self.clone().assemble_forever());
         let runner = tokio::spawn(self.clone().run_jobs_forever());
-        let sender = tokio::spawn(self.clone().send_forever());
         let _ = tokio::join!(assembler, runner, sender);
     }
 

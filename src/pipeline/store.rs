@@ -182,12 +182,18 @@ impl ResultsStore {
             CREATE INDEX IF NOT EXISTS objects_job ON objects (job_id);
             CREATE INDEX IF NOT EXISTS objects_series ON objects (series_uid);",
         )?;
-        // A job that was running when the server stopped runs again.
-        db.execute(
+        Ok(ResultsStore { db })
+    }
+
+    /// Jobs that were running when the server stopped run again: for the server, as its
+    /// pipeline starts, and for nobody else (a CLI or the retention task opening the store
+    /// of a live server re-queued the job it was running, which then ran twice and sent two
+    /// result sets: a review's finding). Returns how many.
+    pub fn requeue_interrupted(&self) -> rusqlite::Result<usize> {
+        self.db.execute(
             "UPDATE jobs SET state = 'queued', updated_ms = ?1 WHERE state = 'processing'",
             [now_ms()],
-        )?;
-        Ok(ResultsStore { db })
+        )
     }
 
     pub fn cursor(&self) -> rusqlite::Result<i64> {
@@ -874,7 +880,11 @@ mod tests {
             assert!(store.take_job().unwrap().is_some());
             assert!(store.take_job().unwrap().is_none());
         }
+        // Opening the store (as `results reprocess`, `spool purge` or the retention task
+        // do) leaves a running job alone; the server's start re-queues it.
         let store = ResultsStore::open(&path).unwrap();
+        assert!(store.take_job().unwrap().is_none());
+        assert_eq!(store.requeue_interrupted().unwrap(), 1);
         assert!(store.take_job().unwrap().is_some());
     }
 }

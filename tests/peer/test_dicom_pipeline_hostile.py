@@ -611,6 +611,48 @@ def test_results_pending_across_a_restart_reach_a_destination_that_comes_back():
         shutil.rmtree(work, ignore_errors=True)
 
 
+def test_a_series_waiting_across_a_restart_is_processed_once_the_models_are_loaded():
+    """Red-team finding: at start-up the pipeline routed series before the initial model load,
+    so a series whose quiet time ended while the server was down was settled `unmatched` (no
+    route) for good, and jobs interrupted by the stop failed `bundle_unavailable` (with the
+    whole reference repository, whose loads take seconds). `Pipeline::run` now waits for the
+    initial load. This checks the restart path end to end with one quick bundle (whose load
+    wins the race even without the wait, so it does not reproduce the ordering itself): the
+    series is received, the server stopped before its quiet time ends and started again, and
+    the restarted server makes one job, done, its SR and SC at the PACS."""
+    work = Path(tempfile.mkdtemp(prefix="nightingale-hostile-restart-"))
+    pacs = StoreScp(work)
+    address = f"STORESCP@127.0.0.1:{pacs.port}"
+    server = Server(work, address)
+    try:
+        study = generate_uid()
+        store(server.port, [_save(_ct(study, generate_uid()), work / "ct.dcm")])
+        # Noted by the pipeline (it reads new arrivals every few tens of ms), then stopped
+        # within the 1 s quiet time: the series waits, and its quiet time ends while the
+        # server is down.
+        time.sleep(0.5)
+        stop(server.proc)
+        restarted_ms = time.time() * 1000
+        server = Server(work, address)
+        report = wait_for(lambda: settled(server, study), RESULT_TIMEOUT_S,
+                          "the waiting series to be settled after the restart")
+        [series] = report["series"]
+        assert series["jobs"], series  # before the fix: unmatched, "no route configured"
+        report = wait_for(lambda: (r := server.results(study)) and all(
+            o["delivery"] == "sent" for o in r["series"][0]["jobs"][0]["objects"]) and r,
+            RESULT_TIMEOUT_S, "the results to be sent")
+        [series] = report["series"]
+        [job] = series["jobs"]
+        assert job["state"] == "done", job
+        # Made by the restarted server (the first one stopped before the quiet time ended).
+        assert job["created_ms"] >= restarted_ms, (job["created_ms"], restarted_ms)
+        assert len(pacs.files()) == 2
+    finally:
+        stop(server.proc)
+        stop(pacs.proc)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def test_results_sent_back_in_are_not_processed_again():
     """Red-team finding: a PACS that forwards new objects back to the AI node (here: the results
     destination is Nightingale's own port) and a bundle that takes OT made every result

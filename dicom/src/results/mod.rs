@@ -206,12 +206,14 @@ pub enum ResultError {
         attribute: &'static str,
     },
     /// A Specific Character Set with code extensions (several values, e.g.
-    /// `ISO 2022 IR 6\ISO 2022 IR 87`): dicom-rs does not switch character sets at ISO 2022
-    /// escape sequences, so the patient's name and other text would be copied into the result
-    /// undecoded (garbled at the PACS). No result is made instead.
+    /// `ISO 2022 IR 6\ISO 2022 IR 87`), or a single term dicom-rs does not know (e.g.
+    /// `ISO_IR 148`, Latin-5): dicom-rs does not switch character sets at ISO 2022 escape
+    /// sequences and reads an unknown set as the default repertoire, so the patient's name
+    /// and other text would reach the result garbled. No result is made instead.
     #[error(
-        "the source's Specific Character Set uses ISO 2022 code extensions, which this build \
-         does not decode: no result object is made (its patient name would reach PACS garbled)"
+        "the source's Specific Character Set uses ISO 2022 code extensions or a character \
+         set this build does not decode: no result object is made (its patient name would \
+         reach PACS garbled)"
     )]
     UnsupportedCharset,
     #[error("no findings to report")]

@@ -156,7 +156,13 @@ impl SourceSeries {
             .filter_map(|t| first.element_opt(*t).ok().flatten().cloned())
             .collect();
         let charset = text(first, tags::SPECIFIC_CHARACTER_SET).filter(|c| !c.is_empty());
-        if charset.as_deref().is_some_and(|c| c.contains('\\')) {
+        // Code extensions (several values), or one term dicom-rs does not know (ISO_IR 148,
+        // Latin-5, say: it would read the text as the default repertoire and the result would
+        // carry it re-encoded, garbled; a review's finding).
+        if charset.as_deref().is_some_and(|c| {
+            c.contains('\\')
+                || dicom_encoding::text::SpecificCharacterSet::from_code(c.trim()).is_none()
+        }) {
             return Err(ResultError::UnsupportedCharset);
         }
         let procedures = codes(first, tags::PROCEDURE_CODE_SEQUENCE);
