@@ -169,6 +169,21 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// How long a shutting-down server waits for stopped validation runs to reach their next row.
 const VALIDATION_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// A write past a file-size limit (`ulimit -f`) raises SIGXFSZ, whose default action ends the
+/// process: the audit trail was left with a torn last line and the server down (a review's
+/// finding). With a handler installed (tokio's, which only notes the signal; it stays
+/// installed for the life of the process), the write fails with EFBIG instead, which the
+/// audit store handles like a full disk: the request fails closed, the server stays up.
+fn catch_file_size_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::from_raw(libc::SIGXFSZ)) {
+        Ok(stream) => drop(stream),
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGXFSZ not caught: a file-size limit would stop the server")
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -356,6 +371,7 @@ async fn serve(
         "starting nightingale {}",
         env!("CARGO_PKG_VERSION")
     );
+    catch_file_size_signal();
     let load_options = RepositoryOptions {
         backend: config.backend,
         intra_op_threads: config.intra_op_threads,

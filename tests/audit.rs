@@ -232,6 +232,43 @@ fn sqlite_groups_restarts_and_tampering() {
     ));
 }
 
+/// A review's finding: a `BEFORE INSERT ... RAISE(IGNORE)` trigger planted in a live SQLite
+/// trail made inserts store nothing while the server answered, and the server carried on
+/// from the real last row, so `audit verify` (with an anchor too) passed. Now an append that
+/// stores no row, or a trail whose end moved under the server (rows deleted or added by
+/// another writer), is an error: requests fail closed.
+#[test]
+fn a_sqlite_trail_changed_under_the_server_fails_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.sqlite3");
+    let mut store = SqliteStore::open(&path, false).unwrap();
+    append(&mut store, 0..3);
+    sqlite_exec(
+        &path,
+        "CREATE TRIGGER drop_them BEFORE INSERT ON audit_log BEGIN SELECT RAISE(IGNORE); END;",
+    );
+    let one = event(3);
+    assert!(matches!(
+        store.append(&[&one], 1),
+        Err(AuditError::Write { .. })
+    ));
+    sqlite_exec(&path, "DROP TRIGGER drop_them");
+    // The last row deleted by another client: the end is not the one the server wrote.
+    let mut store = SqliteStore::open(&path, false).unwrap();
+    append(&mut store, 3..4);
+    sqlite_exec(&path, "DELETE FROM audit_log WHERE seq = 3");
+    let two = event(4);
+    let err = store.append(&[&two], 1).unwrap_err();
+    assert!(
+        err.to_string().contains("changed under the server"),
+        "{err}"
+    );
+    // A trail left as it was written goes on.
+    let mut store = SqliteStore::open(&path, false).unwrap();
+    append(&mut store, 4..6);
+    assert_eq!(audit::verify(&path).unwrap().last_seq(), Some(4));
+}
+
 /// The database with its WAL folded in, so a plain file copy holds every record.
 fn rusqlite_free_edit(path: &Path) -> PathBuf {
     sqlite_exec(path, "PRAGMA wal_checkpoint(TRUNCATE)");

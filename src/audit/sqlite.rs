@@ -21,6 +21,13 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS audit_log (
 pub struct SqliteStore {
     conn: Connection,
     location: String,
+    /// The chain's end as this server last saw it (read at open, then written): the
+    /// database's end must still be it before each group is appended, and must be the group's
+    /// last record after it is. Rows deleted, edited, re-chained or held back by a planted
+    /// trigger (`RAISE(IGNORE)` stored nothing while requests were answered, and `audit
+    /// verify` passed: a review's finding) make the append fail, so requests fail closed,
+    /// as with the JSON-lines store, whose chain end is held in memory.
+    last: Option<(u64, String)>,
 }
 
 impl SqliteStore {
@@ -44,9 +51,13 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", if fsync { "FULL" } else { "NORMAL" })
             .map_err(err)?;
         conn.execute(SCHEMA, []).map_err(err)?;
-        let store = SqliteStore { conn, location };
+        let mut store = SqliteStore {
+            conn,
+            location,
+            last: None,
+        };
         // Refuse to continue from a forged or unreadable last record, as the file store does.
-        store.tail_row(&store.conn)?;
+        store.last = store.tail_row(&store.conn)?.map(|t| (t.seq, t.hash));
         Ok(store)
     }
 
@@ -88,6 +99,22 @@ impl AuditStore for SqliteStore {
                 .map_err(err)?;
             checked_tail(&location, row)?
         };
+        let changed = |what: &str| AuditError::Write {
+            location: location.clone(),
+            reason: format!(
+                "the audit database changed under the server ({what}): rows deleted, edited or \
+                 added by another writer, or a trigger; nothing more is recorded until it is \
+                 checked (nightingale audit verify) and the server restarted"
+            ),
+        };
+        if tail.as_ref().map(|t| (t.seq, t.hash.as_str()))
+            != self.last.as_ref().map(|(seq, hash)| (*seq, hash.as_str()))
+        {
+            return Err(changed(
+                "its last record is not the one this server wrote last",
+            ));
+        }
+        let mut end = None;
         {
             let mut insert = tx
                 .prepare_cached("INSERT INTO audit_log (seq, hash, record) VALUES (?1, ?2, ?3)")
@@ -97,10 +124,29 @@ impl AuditStore for SqliteStore {
                     location: location.clone(),
                     reason: "sequence number overflow".into(),
                 })?;
-                insert.execute(params![seq, s.hash, s.line]).map_err(err)?;
+                if insert.execute(params![seq, s.hash, s.line]).map_err(err)? != 1 {
+                    return Err(changed("a record was not stored"));
+                }
+                end = Some((s.seq, s.hash));
             }
         }
-        tx.commit().map_err(err)
+        let stored: Option<(i64, String)> = tx
+            .query_row(
+                "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(err)?;
+        let stored = stored.and_then(|(seq, hash)| u64::try_from(seq).ok().map(|s| (s, hash)));
+        if end.is_some() && stored != end {
+            return Err(changed("the records written are not the database's last"));
+        }
+        tx.commit().map_err(err)?;
+        if end.is_some() {
+            self.last = end;
+        }
+        Ok(())
     }
 
     fn describe(&self) -> String {
