@@ -424,7 +424,8 @@ where
             }
             let activity = Activity::holding(Some(slot));
             Ok((
-                IdleClose::new(stream, activity.clone(), idle_timeout),
+                IdleClose::new(stream, activity.clone(), idle_timeout)
+                    .with_first_byte_deadline(crate::http::serve::HEADER_READ_TIMEOUT),
                 Tracked::new(
                     WithClientCert {
                         inner: service,

@@ -87,6 +87,8 @@ pub struct IdleClose<IO> {
     activity: Arc<Activity>,
     timeout: Duration,
     sleep: Pin<Box<Sleep>>,
+    /// Until the first byte has been read: the connection ends this long after it began.
+    first_byte: Option<Duration>,
 }
 
 impl<IO> IdleClose<IO> {
@@ -97,7 +99,20 @@ impl<IO> IdleClose<IO> {
             activity,
             timeout,
             sleep,
+            first_byte: None,
         }
+    }
+
+    /// Ends the connection if nothing at all has been read `limit` after it began: a TLS
+    /// client that completes its handshake and sends no request was held for the whole idle
+    /// timeout (300 s), where the plaintext listener closes a silent connection at its header
+    /// deadline (30 s; a review's finding).
+    pub fn with_first_byte_deadline(mut self, limit: Duration) -> Self {
+        self.first_byte = Some(limit);
+        self.sleep
+            .as_mut()
+            .reset(self.activity.start + limit.min(self.timeout));
+        self
     }
 
     pub fn get_ref(&self) -> &IO {
@@ -112,6 +127,14 @@ impl<IO> IdleClose<IO> {
                 return false;
             }
             let now = Instant::now();
+            if let Some(limit) = self.first_byte {
+                let at = self.activity.start + limit;
+                if at <= now {
+                    return true;
+                }
+                self.sleep.as_mut().reset(at);
+                continue;
+            }
             match self.activity.idle_deadline(self.timeout) {
                 Some(at) if at <= now => return true,
                 Some(at) => self.sleep.as_mut().reset(at),
@@ -130,8 +153,16 @@ impl<IO: AsyncRead + Unpin> AsyncRead for IdleClose<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
-            Poll::Ready(r) => Poll::Ready(r),
+            Poll::Ready(r) => {
+                if this.first_byte.is_some() && buf.filled().len() > before {
+                    this.first_byte = None;
+                    let at = Instant::now() + this.timeout;
+                    this.sleep.as_mut().reset(at);
+                }
+                Poll::Ready(r)
+            }
             Poll::Pending if this.idle_for_long(cx) => {
                 tracing::debug!(
                     idle_secs = this.timeout.as_secs(),
@@ -242,5 +273,35 @@ impl http_body::Body for Guarded {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A connection that sends nothing ends at the first-byte deadline, not the idle timeout;
+    /// one that sends a byte in time is held to the idle timeout from then on.
+    #[tokio::test]
+    async fn a_silent_connection_ends_at_the_first_byte_deadline() {
+        let (_client, server) = tokio::io::duplex(64);
+        let mut io = IdleClose::new(server, Activity::new(), Duration::from_secs(300))
+            .with_first_byte_deadline(Duration::from_millis(200));
+        let started = Instant::now();
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(Duration::from_secs(30), io.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0))), "{read:?}");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut io = IdleClose::new(server, Activity::new(), Duration::from_millis(1500))
+            .with_first_byte_deadline(Duration::from_millis(200));
+        client.write_all(b"G").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+        let read = tokio::time::timeout(Duration::from_secs(30), io.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0))), "{read:?}");
+        // Ended by the idle timeout (from the connection's start), past the first-byte one.
+        assert!(io.activity.start.elapsed() >= Duration::from_millis(1500));
     }
 }

@@ -56,10 +56,14 @@ impl ConnectionLimits {
 /// channel usually stays useful between calls without being a way to hold connections.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// How long a connection may take to send a request's headers, and to send its first byte
+/// (plaintext; TLS: after the handshake).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Default for ConnectionLimits {
     fn default() -> Self {
         ConnectionLimits {
-            header_read_timeout: Duration::from_secs(30),
+            header_read_timeout: HEADER_READ_TIMEOUT,
             max_connections: 4096,
             max_per_client: super::clients::DEFAULT_MAX_PER_CLIENT,
             http2_keep_alive: Duration::from_secs(60),
