@@ -781,7 +781,37 @@ impl ServeArgs {
             .unwrap_or_else(|| PathBuf::from("nightingale-data"));
         let audit_fsync = self.audit_fsync.or(file.audit_fsync).unwrap_or(false);
         let audit_log = self.audit_log.or(file.audit_log);
-        let audit = match self.audit_store.or(file.audit_store).unwrap_or_default() {
+        let store_kind = self.audit_store.or(file.audit_store).unwrap_or_default();
+        // Settings of another store than the one chosen are refused, not ignored: an
+        // operator who names a trail file and gets the SQLite database instead audits
+        // somewhere they are not looking (a review's finding).
+        let rotate_given = self.audit_rotate_bytes.is_some() || file.audit_rotate_bytes.is_some();
+        let postgres_given = self.audit_postgres_url.is_some() || file.audit_postgres_url.is_some();
+        let stray: Vec<&str> = [
+            (
+                audit_log.is_some() && store_kind != AuditStoreKind::Jsonl,
+                "audit_log",
+            ),
+            (
+                rotate_given && store_kind != AuditStoreKind::Jsonl,
+                "audit_rotate_bytes",
+            ),
+            (
+                postgres_given && store_kind != AuditStoreKind::Postgres,
+                "audit_postgres_url",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(given, name)| given.then_some(name))
+        .collect();
+        if !stray.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "{} set, but the audit store is {}: those settings belong to another store",
+                stray.join(", "),
+                format!("{store_kind:?}").to_lowercase()
+            )));
+        }
+        let audit = match store_kind {
             AuditStoreKind::Jsonl => AuditConfig::Jsonl {
                 path: audit_log.unwrap_or_else(|| data_dir.join("audit").join("audit.jsonl")),
                 rotate_bytes: audit_rotate_bytes(
@@ -1585,6 +1615,31 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(matches!(err, ConfigError::Invalid(_)));
+        // Another store's settings are refused, not ignored (a review's finding: a named
+        // trail file was never created, the records going to the SQLite database).
+        let err = ServeArgs {
+            audit_store: Some(AuditStoreKind::Sqlite),
+            audit_log: Some("/secure/audit.jsonl".into()),
+            audit_rotate_bytes: Some(65536),
+            audit_postgres_url: Some("host=db".into()),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "audit_log, audit_rotate_bytes, audit_postgres_url set, but the audit store is sqlite"
+            ),
+            "{err}"
+        );
+        assert!(
+            ServeArgs {
+                audit_postgres_url: Some("host=db".into()),
+                ..ServeArgs::default()
+            }
+            .resolve()
+            .is_err()
+        );
         // PostgreSQL needs its URL, and the password never reaches the log.
         assert!(
             ServeArgs {
