@@ -600,12 +600,39 @@ async fn abort_unassociated(
 async fn answer_and_close(mut stream: TcpStream, pdu: &Pdu, limit: Duration) {
     let mut buf = Vec::new();
     if dicom_ul::write_pdu(&mut buf, pdu).is_ok() {
-        let _ = tokio::time::timeout(limit, async {
+        let sent = tokio::time::timeout(limit, async {
             stream.write_all(&buf).await?;
             stream.shutdown().await
         })
         .await;
+        if matches!(sent, Ok(Ok(()))) {
+            linger(&mut stream).await;
+        }
     }
+}
+
+/// Bytes a lingering close reads, at most.
+const LINGER_BYTES: usize = 8 << 20;
+/// How long a lingering close waits for the peer to stop sending.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// A lingering close: after the answer and our half-close, what the peer is still sending
+/// (the rest of a request refused for its length, say) is read and dropped until it closes
+/// its side, up to [`LINGER_BYTES`] or [`LINGER_TIME`]. Closing with unread bytes queued
+/// makes the kernel send a reset, which can destroy the answer before the peer reads it
+/// (CI saw an A-ABORT lost so, for an A-ASSOCIATE-RQ over 1 MiB).
+async fn linger(stream: &mut TcpStream) {
+    let drain = async {
+        let mut sink = vec![0u8; 64 << 10];
+        let mut read = 0usize;
+        while read < LINGER_BYTES {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
 /// Reads the A-ASSOCIATE-RQ (bounded) and answers A-ASSOCIATE-RJ transient, local limit
