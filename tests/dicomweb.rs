@@ -1213,6 +1213,19 @@ async fn retrieve_urls_in_stow_and_qido_answers_lead_to_what_was_stored() {
     }
 }
 
+/// Stores `file` (instance `sop(n)` of STUDY/SERIES) in one STOW-RS request, 200 expected,
+/// and returns its WADO-RS path.
+async fn stow_one(server: &Server, file: &[u8], n: u32) -> String {
+    let (s, v) = server
+        .stow("/dicomweb/studies", dicom_parts(&[file.to_vec()]))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    format!(
+        "/dicomweb/studies/{STUDY}/series/{SERIES}/instances/{}",
+        sop(n)
+    )
+}
+
 async fn retrieve(server: &Server, uri: &str, accept: Option<&str>) -> axum::response::Response {
     let mut req = Request::get(uri);
     if let Some(a) = accept {
@@ -1396,17 +1409,7 @@ async fn an_implicit_vr_instance_is_sent_in_explicit_vr() {
     const IMPLICIT: &str = "1.2.840.10008.1.2";
     let server = Server::default();
     let file = dicom::part10_in(STUDY, SERIES, &sop(91), 7, IMPLICIT);
-    let (s, v) = server
-        .stow(
-            "/dicomweb/studies",
-            dicom_parts(std::slice::from_ref(&file)),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    let instance = format!(
-        "/dicomweb/studies/{STUDY}/series/{SERIES}/instances/{}",
-        sop(91)
-    );
+    let instance = stow_one(&server, &file, 91).await;
     let study = format!("/dicomweb/studies/{STUDY}");
     let read = |bytes: &[u8]| dicom_object::from_reader(&bytes[128..]).unwrap();
     let original = read(&file);
@@ -1492,17 +1495,7 @@ async fn wado_boundaries_are_random_q_values_rank_syntaxes_and_re_encoding_is_bu
             ..HttpConfig::default()
         },
     );
-    let (s, v) = server
-        .stow(
-            "/dicomweb/studies",
-            dicom_parts(std::slice::from_ref(&file)),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    let instance = format!(
-        "/dicomweb/studies/{STUDY}/series/{SERIES}/instances/{}",
-        sop(92)
-    );
+    let instance = stow_one(&server, &file, 92).await;
     let study = format!("/dicomweb/studies/{STUDY}");
     // Any syntax taken: sent as stored, under a boundary that differs at each answer.
     let (first, body) = multipart_answer(retrieve(&server, &instance, None).await).await;
@@ -1528,13 +1521,7 @@ async fn wado_boundaries_are_random_q_values_rank_syntaxes_and_re_encoding_is_bu
 
     // With room: q-values rank the syntaxes, whatever their order in the header.
     let server = Server::default();
-    let (s, v) = server
-        .stow(
-            "/dicomweb/studies",
-            dicom_parts(std::slice::from_ref(&file)),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(stow_one(&server, &file, 92).await, instance);
     let ranked = format!(
         "multipart/related; type=\"application/dicom\"; transfer-syntax={IMPLICIT}; q=0.1, \
          multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.1; q=0.9"

@@ -587,13 +587,8 @@ async fn abort_unassociated(
     events: &Arc<dyn EventSink>,
     peer: SocketAddr,
 ) {
-    association_outcome("not_established");
-    answer_and_close(stream, &Pdu::AbortRQ { source }, config.idle_timeout).await;
-    let rejected = DicomEvent::AssociationRejected {
-        peer,
-        reason: "not_established",
-    };
-    Reporter::send(events, rejected).await;
+    let abort = Pdu::AbortRQ { source };
+    refuse(stream, &abort, "not_established", config, events, peer).await;
 }
 
 /// Writes `pdu` (bounded by `limit`) and closes the connection.
