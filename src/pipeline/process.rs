@@ -144,9 +144,8 @@ impl Pipeline {
             .map(|m| m.version.to_string())
             .unwrap_or_default();
         let outcome = self.clone().process(&job).await;
-        let store = self.store();
         match outcome {
-            Ok(findings) => {
+            Ok((findings, objects)) => {
                 let json = serde_json::to_value(&findings).ok();
                 tracing::info!(
                     job = job.id,
@@ -159,10 +158,21 @@ impl Pipeline {
                     .increment(1);
                 metrics::histogram!("nightingale_pipeline_job_seconds")
                     .record(started.elapsed().as_secs_f64());
-                if let Err(e) =
-                    store.finish_job(job.id, JobState::Done, &version, None, json.as_ref())
-                {
-                    tracing::error!(error = %e, "results store: job end not recorded");
+                let completed =
+                    self.store()
+                        .complete_job(job.id, &version, json.as_ref(), &objects);
+                match completed {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(
+                            job = job.id,
+                            "the job was ended elsewhere: its results are not sent"
+                        );
+                        self.discard_unrecorded_objects(&job);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "results store: job end not recorded");
+                    }
                 }
             }
             Err(failure) => {
@@ -180,7 +190,8 @@ impl Pipeline {
                     "reason" => failure.code
                 )
                 .increment(1);
-                if let Err(e) = store.finish_job(
+                self.discard_unrecorded_objects(&job);
+                if let Err(e) = self.store().finish_job(
                     job.id,
                     JobState::Failed,
                     &version,
@@ -193,7 +204,35 @@ impl Pipeline {
         }
     }
 
-    async fn process(self: Arc<Self>, job: &Job) -> Result<Vec<SeriesFinding>, JobFailure> {
+    /// Deletes the result files of `job` that no object row records (made by this run
+    /// before it failed, or by an earlier run of the job that a stop interrupted before its
+    /// end was recorded): nothing refers to them, nothing sends them.
+    fn discard_unrecorded_objects(&self, job: &Job) {
+        let dir = self
+            .config
+            .results_dir
+            .join(OBJECTS_DIR)
+            .join(job.id.to_string());
+        if !dir.exists() {
+            return;
+        }
+        match self.store().objects_of_job(job.id) {
+            Ok(rows) if rows.is_empty() => {
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    tracing::warn!(job = job.id, error = %e, "unrecorded result files not deleted");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(job = job.id, error = %e, "results store unreadable"),
+        }
+    }
+
+    /// The job's findings and its result objects' rows (one per object and destination),
+    /// written but not yet recorded: [`Pipeline::run_job`] records them with the job's end.
+    async fn process(
+        self: Arc<Self>,
+        job: &Job,
+    ) -> Result<(Vec<SeriesFinding>, Vec<ResultObject>), JobFailure> {
         let model = self
             .state
             .repository
@@ -364,9 +403,10 @@ impl Pipeline {
             None => None,
         };
 
-        self.deliver(job, &model, &instances, paths, &findings, heatmap)
+        let objects = self
+            .deliver(job, &model, &instances, paths, &findings, heatmap)
             .await?;
-        Ok(findings)
+        Ok((findings, objects))
     }
 
     /// The series' instances in the spool (arrival order), bounded.
@@ -393,7 +433,8 @@ impl Pipeline {
         Ok(instances)
     }
 
-    /// The result objects, written before they are queued, and their audit records.
+    /// The result objects, written durably, and their audit records; returns their rows,
+    /// which [`Pipeline::run_job`] records (queues) with the job's end.
     async fn deliver(
         self: &Arc<Self>,
         job: &Job,
@@ -402,7 +443,7 @@ impl Pipeline {
         paths: Vec<PathBuf>,
         findings: &[SeriesFinding],
         heatmap: Option<HeatmapMap>,
-    ) -> Result<(), JobFailure> {
+    ) -> Result<Vec<ResultObject>, JobFailure> {
         let started = Instant::now();
         let objects = {
             let me = self.clone();
@@ -417,10 +458,12 @@ impl Pipeline {
                 .await?
         };
         stage("results", started.elapsed());
-        for (object, kind) in objects {
-            self.audit_result(job, model, &object, kind).await;
+        let mut rows = Vec::new();
+        for (object_rows, kind) in objects {
+            self.audit_result(job, model, &object_rows[0], kind).await;
+            rows.extend(object_rows);
         }
-        Ok(())
+        Ok(rows)
     }
 
     /// A volume bundle's job: the series assembled into one volume (slice order, one window,
@@ -434,7 +477,7 @@ impl Pipeline {
         pre: Preprocessing,
         accepts: &DicomAccepts,
         reported: Vec<Reported>,
-    ) -> Result<Vec<SeriesFinding>, JobFailure> {
+    ) -> Result<(Vec<SeriesFinding>, Vec<ResultObject>), JobFailure> {
         let shape = model_volume_shape(&model, &pre)?;
         let instances = self.series_instances(job)?;
         let paths: Vec<PathBuf> = instances.iter().map(|s| s.path.clone()).collect();
@@ -475,9 +518,10 @@ impl Pipeline {
                 volume: Some(summary.clone()),
             })
             .collect();
-        self.deliver(job, &model, &instances, paths, &findings, None)
+        let objects = self
+            .deliver(job, &model, &instances, paths, &findings, None)
             .await?;
-        Ok(findings)
+        Ok((findings, objects))
     }
 
     /// One inference, audited like a KServe request; returns the reported probabilities.
@@ -679,7 +723,7 @@ impl Pipeline {
         sop_uids: &[String],
         findings: &[SeriesFinding],
         heatmap: Option<HeatmapMap>,
-    ) -> Result<Vec<(ResultObject, &'static str)>, JobFailure> {
+    ) -> Result<Vec<(Vec<ResultObject>, &'static str)>, JobFailure> {
         let headers = paths
             .iter()
             .map(|p| {
@@ -778,6 +822,8 @@ impl Pipeline {
             .map_err(|e| JobFailure::new("result_sr", e.to_string()))?;
 
         let dir = Path::new(OBJECTS_DIR).join(job.id.to_string());
+        // What an interrupted earlier run of this job wrote (never recorded, never sent).
+        self.discard_unrecorded_objects(job);
         let destinations: Vec<&str> = job
             .destinations
             .split(',')
@@ -811,13 +857,7 @@ impl Pipeline {
             } else {
                 destinations.iter().map(|d| row(d)).collect()
             };
-            let store = self.store();
-            for r in &rows {
-                store
-                    .add_object(r)
-                    .map_err(|e| JobFailure::new("store", e.to_string()))?;
-            }
-            out.push((rows.into_iter().next().expect("one row at least"), kind));
+            out.push((rows, kind));
         }
         Ok(out)
     }

@@ -189,11 +189,24 @@ impl ResultsStore {
     /// pipeline starts, and for nobody else (a CLI or the retention task opening the store
     /// of a live server re-queued the job it was running, which then ran twice and sent two
     /// result sets: a review's finding). Returns how many.
+    ///
+    /// A job's objects are recorded with its end ([`ResultsStore::complete_job`]), so an
+    /// interrupted job has none queued; rows still pending for one (left by a version that
+    /// recorded each object as it was written) are dropped with it: the job's results are
+    /// made again, whole, and a half set is not sent.
     pub fn requeue_interrupted(&self) -> rusqlite::Result<usize> {
-        self.db.execute(
+        let tx = self.db.unchecked_transaction()?;
+        tx.execute(
+            "DELETE FROM objects WHERE delivery = 'pending'
+               AND job_id IN (SELECT id FROM jobs WHERE state = 'processing')",
+            [],
+        )?;
+        let requeued = tx.execute(
             "UPDATE jobs SET state = 'queued', updated_ms = ?1 WHERE state = 'processing'",
             [now_ms()],
-        )
+        )?;
+        tx.commit()?;
+        Ok(requeued)
     }
 
     pub fn cursor(&self) -> rusqlite::Result<i64> {
@@ -523,6 +536,41 @@ impl ResultsStore {
         Ok(())
     }
 
+    /// Ends a job done together with its result objects, in one transaction: the outbox
+    /// (and WADO-RS, and `/results`) see a job's objects only once every one of them is
+    /// written and the job is done, so a stop in between leaves nothing queued and the job
+    /// runs again from nothing at the next start (a kill between the SR and the SC sent the
+    /// SR alone, then a second result set: a review's finding). Returns false, recording
+    /// nothing, when the job is no longer processing.
+    pub fn complete_job(
+        &self,
+        id: i64,
+        bundle_version: &str,
+        findings: Option<&serde_json::Value>,
+        objects: &[ResultObject],
+    ) -> rusqlite::Result<bool> {
+        let tx = self.db.unchecked_transaction()?;
+        let updated = tx.execute(
+            "UPDATE jobs SET state = 'done', bundle_version = ?2, reason = NULL, findings = ?3,
+                             updated_ms = ?4
+             WHERE id = ?1 AND state = 'processing'",
+            params![
+                id,
+                bundle_version,
+                findings.map(|f| f.to_string()),
+                now_ms()
+            ],
+        )?;
+        if updated == 0 {
+            return Ok(false);
+        }
+        for o in objects {
+            insert_object(&tx, o)?;
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
     pub fn jobs_of_study(&self, study_uid: &str) -> rusqlite::Result<Vec<Job>> {
         let mut stmt = self
             .db
@@ -533,26 +581,7 @@ impl ResultsStore {
 
     /// Adds a result object of a job, with its delivery state.
     pub fn add_object(&self, o: &ResultObject) -> rusqlite::Result<()> {
-        self.db.execute(
-            "INSERT OR REPLACE INTO objects (sop_instance_uid, job_id, kind, series_uid,
-                sop_class_uid, path, destination, delivery, attempts, next_attempt_ms,
-                last_error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            params![
-                o.sop_instance_uid,
-                o.job_id,
-                o.kind,
-                o.series_uid,
-                o.sop_class_uid,
-                o.path,
-                o.destination,
-                o.delivery,
-                o.attempts,
-                o.next_attempt_ms,
-                o.last_error
-            ],
-        )?;
-        Ok(())
+        insert_object(&self.db, o)
     }
 
     /// Whether `series_uid` is the series of a result object this node made: such a
@@ -643,6 +672,29 @@ impl ResultsStore {
         )?;
         Ok(())
     }
+}
+
+fn insert_object(db: &Connection, o: &ResultObject) -> rusqlite::Result<()> {
+    db.execute(
+        "INSERT OR REPLACE INTO objects (sop_instance_uid, job_id, kind, series_uid,
+                sop_class_uid, path, destination, delivery, attempts, next_attempt_ms,
+                last_error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        params![
+            o.sop_instance_uid,
+            o.job_id,
+            o.kind,
+            o.series_uid,
+            o.sop_class_uid,
+            o.path,
+            o.destination,
+            o.delivery,
+            o.attempts,
+            o.next_attempt_ms,
+            o.last_error
+        ],
+    )?;
+    Ok(())
 }
 
 const JOB_SELECT: &str = "SELECT id, study_uid, series_uid, route, bundle, bundle_version, state,
@@ -886,5 +938,87 @@ mod tests {
         assert!(store.take_job().unwrap().is_none());
         assert_eq!(store.requeue_interrupted().unwrap(), 1);
         assert!(store.take_job().unwrap().is_some());
+    }
+
+    fn result_row(uid: &str, job_id: i64, destination: &str, delivery: &str) -> ResultObject {
+        ResultObject {
+            sop_instance_uid: uid.into(),
+            job_id,
+            kind: "SR".into(),
+            series_uid: "9".into(),
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.88.33".into(),
+            path: format!("objects/{job_id}/{uid}.dcm"),
+            destination: destination.into(),
+            delivery: delivery.into(),
+            attempts: 0,
+            next_attempt_ms: 0,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn a_jobs_objects_are_queued_with_its_end_and_not_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
+        let job = store.add_job("1.2", "1.2.3", "r", "m", 1, "P@h:1").unwrap();
+        store.take_job().unwrap().unwrap();
+        let rows = [
+            result_row("5.1", job, "P@h:1", "pending"),
+            result_row("5.2", job, "P@h:1", "pending"),
+        ];
+        assert!(store.complete_job(job, "1", None, &rows).unwrap());
+        assert_eq!(store.objects_due(i64::MAX, 10, &[]).unwrap().len(), 2);
+        let jobs = store.jobs_of_study("1.2").unwrap();
+        assert_eq!(
+            (jobs[0].state, jobs[0].bundle_version.as_str()),
+            (JobState::Done, "1")
+        );
+        // A job no longer processing (ended elsewhere): nothing is recorded, nothing queued.
+        let again = store.add_job("1.2", "1.2.3", "r", "m", 1, "P@h:1").unwrap();
+        assert!(
+            !store
+                .complete_job(
+                    again,
+                    "1",
+                    None,
+                    &[result_row("5.3", again, "P@h:1", "pending")]
+                )
+                .unwrap()
+        );
+        assert!(store.objects_of_job(again).unwrap().is_empty());
+        assert_eq!(
+            store.jobs_of_study("1.2").unwrap()[1].state,
+            JobState::Queued
+        );
+    }
+
+    #[test]
+    fn an_interrupted_jobs_pending_objects_are_dropped_when_it_is_queued_again() {
+        // Rows left pending for a job that was still processing (recorded object by object
+        // by an earlier version) are not sent: the job makes its whole result set again.
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
+        let done = store.add_job("1.2", "1.2.3", "r", "m", 1, "P@h:1").unwrap();
+        store.take_job().unwrap().unwrap();
+        assert!(
+            store
+                .complete_job(
+                    done,
+                    "1",
+                    None,
+                    &[result_row("5.1", done, "P@h:1", "pending")]
+                )
+                .unwrap()
+        );
+        let running = store.add_job("1.2", "1.2.4", "r", "m", 1, "P@h:1").unwrap();
+        store.take_job().unwrap().unwrap();
+        store
+            .add_object(&result_row("5.2", running, "P@h:1", "pending"))
+            .unwrap();
+        assert_eq!(store.requeue_interrupted().unwrap(), 1);
+        assert!(store.objects_of_job(running).unwrap().is_empty());
+        let due = store.objects_due(i64::MAX, 10, &[]).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].sop_instance_uid, "5.1");
     }
 }

@@ -42,6 +42,7 @@ log at the end.
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -604,6 +605,63 @@ def test_results_pending_across_a_restart_reach_a_destination_that_comes_back():
         received = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
                     for f in pacs.files()}
         assert received == {o["sop_instance_uid"] for o in job["objects"]}
+    finally:
+        stop(server.proc)
+        if pacs is not None:
+            stop(pacs.proc)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_job_interrupted_between_its_result_objects_sends_one_whole_result_set():
+    """Red-team finding: a job's result objects were queued one by one as they were written, so
+    a kill -9 between the SR and the SC left the SR queued (it reached PACS) while the job ended
+    failed, and a rerun made a second result set. Objects are now recorded with the job's end,
+    in one transaction. The state a stop leaves, with the SR's row still pending as the old
+    code left it, is made here from a finished job (results store edited while the server is
+    down): after the restart the job runs again and PACS gets exactly one SR and one SC, both
+    new, and the interrupted run's files are gone."""
+    work = Path(tempfile.mkdtemp(prefix="nightingale-hostile-interrupted-"))
+    port = free_port()  # PACS is down during the first run: the objects stay pending
+    address = f"STORESCP@127.0.0.1:{port}"
+    server = Server(work, address, ("--results-retry-secs", "600"))
+    pacs = None
+    try:
+        study = generate_uid()
+        store(server.port, [_save(_ct(study, generate_uid()), work / "ct.dcm")])
+        report = wait_for(lambda: (r := settled(server, study)) and all(
+            o["attempts"] >= 1 for o in r["series"][0]["jobs"][0]["objects"]) and r,
+            RESULT_TIMEOUT_S, "the job to be done and each object tried once")
+        [job] = report["series"][0]["jobs"]
+        assert job["state"] == "done" and len(job["objects"]) == 2, job
+        stop(server.proc)
+        # As a stop between the two objects left it under the old code: the job still
+        # processing, its SR queued, the SC's file written but not recorded.
+        [old_sr] = [o["sop_instance_uid"] for o in job["objects"] if o["kind"] == "SR"]
+        db = sqlite3.connect(work / "data" / "results" / "results.sqlite3", timeout=10)
+        try:
+            with db:
+                db.execute("UPDATE jobs SET state = 'processing' WHERE id = ?", (job["job"],))
+                db.execute("DELETE FROM objects WHERE job_id = ? AND kind = 'SC'", (job["job"],))
+        finally:
+            db.close()
+        job_dir = work / "data" / "results" / "objects" / str(job["job"])
+        old_files = {p.name for p in job_dir.iterdir()}
+        assert len(old_files) == 2, old_files
+
+        pacs = StoreScp(work, port=port)
+        server = Server(work, address, ("--results-retry-secs", "0.5"))
+        report = wait_for(lambda: (r := server.results(study)) and (j := r["series"][0]["jobs"])
+                          and j[0]["state"] == "done" and len(j[0]["objects"]) == 2
+                          and all(o["delivery"] == "sent" for o in j[0]["objects"]) and r,
+                          RESULT_TIMEOUT_S, "the job to run again and its objects to be sent")
+        [job] = report["series"][0]["jobs"]
+        new_uids = {o["sop_instance_uid"] for o in job["objects"]}
+        assert old_sr not in new_uids
+        received = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                    for f in pacs.files()]
+        assert sorted(received) == sorted(new_uids), (received, new_uids)
+        assert not old_files & {p.name for p in job_dir.iterdir()}
+        assert len(list(job_dir.iterdir())) == 2
     finally:
         stop(server.proc)
         if pacs is not None:
