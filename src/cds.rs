@@ -188,8 +188,21 @@ pub struct Cds {
     jwks_min_refetch: Duration,
 }
 
-/// (model, version) → its linear-logistic form, if it has one.
-type LinearForms = BTreeMap<(String, u64), Option<Arc<LinearLogistic>>>;
+/// The linear-logistic form of a loaded model for one class, if it has one.
+type LinearForms = BTreeMap<LinearKey, Option<Arc<LinearLogistic>>>;
+
+/// What a linear form depends on: the model version, the exact file loaded (a version
+/// reloaded with another file is another model), the feature count and the class whose
+/// log-odds it gives (the form of one class is the other's negated: keyed by version alone,
+/// the first request's class served every later one, a red-team finding).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct LinearKey {
+    model: String,
+    version: u64,
+    model_sha256: String,
+    n_features: usize,
+    positive: usize,
+}
 
 /// The bundles of `root` whose manifests declare a FHIR source for a tabular feature, with
 /// their manifests. A manifest is read as the repository reads it (a regular file, bounded,
@@ -1124,11 +1137,21 @@ impl Cds {
         n_features: usize,
         positive: usize,
     ) -> Option<Arc<LinearLogistic>> {
-        let key = (model.name.clone(), model.version);
+        let key = LinearKey {
+            model: model.name.clone(),
+            version: model.version,
+            model_sha256: model.model_sha256.clone(),
+            n_features,
+            positive,
+        };
         let mut cache = self.linear.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(v) = cache.get(&key) {
             return v.clone();
         }
+        // The forms of a file no longer loaded under this version go.
+        cache.retain(|k, _| {
+            k.model != key.model || k.version != key.version || k.model_sha256 == key.model_sha256
+        });
         let read = || -> Option<Arc<LinearLogistic>> {
             let entry = model.manifest.versions.get(&model.version.to_string())?;
             let path = state

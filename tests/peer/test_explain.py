@@ -179,11 +179,22 @@ def test_linear_equals_the_onnx_weights(url, name):
     means = np.array(b["attribution"]["means"])
     background = np.array(b["explain"]["background"], dtype=np.float32)
     x = background[:4]
-    res = explain(url, name, x, {"method": "linear"}, version="1")
-    got = res.as_numpy("probabilities_attribution")
-    offset, scale, w = linear_form(BUNDLES / name / "1" / "model.onnx", column)
-    want = w * scale * (x.astype(np.float64) - means)
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # The other class first, then the default (positive) one: each its own form (a red-team
+    # finding: the first request's class was cached for the model version and served every
+    # later request, the signs of every linear explanation and risk card reversed).
+    other = next(o for o in b["outputs"] if o["name"] == "probabilities")["labels"][1 - column]
+    bases = {}
+    for target, col in [(other, 1 - column), (None, column)]:
+        params = {"method": "linear", **({"target": target} if target else {})}
+        res = explain(url, name, x, params, version="1")
+        got = res.as_numpy("probabilities_attribution")
+        offset, scale, w = linear_form(BUNDLES / name / "1" / "model.onnx", col)
+        want = w * scale * (x.astype(np.float64) - means)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        out = res.get_output("probabilities_attribution")
+        bases[col] = [float(v) for v in out["parameters"]["base_value"].split(",")]
+    # Two classes: the log-odds of one are the other's negated, at the reference point too.
+    np.testing.assert_allclose(bases[column], [-v for v in bases[1 - column]], rtol=1e-12)
 
 
 def numpy_occlusion(sess, image: np.ndarray, output: str, column: int, patch: int, stride: int):
