@@ -448,6 +448,55 @@ async fn a_patient_view_call_gets_its_news2_card_and_feedback_is_joined_to_it() 
         ))
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    // Refused calls and feedback are audited too (a red-team finding: only answered ones
+    // were): the refused feedback above, a malformed call, and a call without a token.
+    let (s, _) = server
+        .send(
+            server.post(
+                &format!("/cds-services/{SERVICE}"),
+                Some(
+                    &server
+                        .ehr
+                        .token(&format!("http://{HOST}/cds-services/{SERVICE}")),
+                ),
+                b"{not json".to_vec(),
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = server
+        .send(server.post(&format!("/cds-services/{SERVICE}"), None, b"{}".to_vec()))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let refused: Vec<(String, u64, String, String)> = server
+        .audit()
+        .iter()
+        .filter(|r| r["outcome"] == "rejected")
+        .map(|r| {
+            (
+                r["kind"].as_str().unwrap().to_owned(),
+                r["status"].as_u64().unwrap(),
+                r["actor"].as_str().unwrap().to_owned(),
+                r["detail"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let feedback_path = format!("path=/cds-services/{SERVICE}/feedback refused");
+    let call_path = format!("path=/cds-services/{SERVICE} refused");
+    assert_eq!(refused.len(), 3, "{refused:?}");
+    assert_eq!(
+        (refused[0].0.as_str(), refused[0].1, refused[0].3.as_str()),
+        ("cds-feedback", 400, feedback_path.as_str())
+    );
+    assert!(refused[0].2.starts_with("cds:"), "{refused:?}");
+    assert_eq!(
+        (refused[1].0.as_str(), refused[1].1, refused[1].3.as_str()),
+        ("cds-hook", 400, call_path.as_str())
+    );
+    assert_eq!(
+        (refused[2].0.as_str(), refused[2].1, refused[2].2.as_str()),
+        ("cds-hook", 401, "unauthenticated")
+    );
 
     // After a restart the card is still known (the store), and the counts carry on.
     let server = server.restart();
@@ -749,7 +798,8 @@ async fn what_is_not_prefetched_is_fetched_from_an_allow_listed_fhir_server() {
         "{v}"
     );
     let seen = seen.lock().unwrap().clone();
-    assert_eq!(seen.len(), 3, "{seen:?}");
+    // The Patient, the vital signs, the Conditions and the pregnancy status.
+    assert_eq!(seen.len(), 4, "{seen:?}");
     assert!(
         seen.iter()
             .all(|(_, auth)| auth == "Bearer opaque-fhir-token")
@@ -789,7 +839,7 @@ async fn a_slow_or_failing_fhir_server_ends_in_a_missing_data_card_in_bounded_ti
                 .starts_with("NEWS2 not calculated"),
             "{v}"
         );
-        assert_eq!(seen.lock().unwrap().len(), 3);
+        assert_eq!(seen.lock().unwrap().len(), 4);
     }
 }
 
@@ -808,7 +858,13 @@ fn vitals_pages(split: usize, next: &str) -> (Value, Value) {
 /// page of a search, its `next` link `next`.
 fn paged_prefetch(split: usize, next: &str) -> Value {
     let (first, _) = vitals_pages(split, next);
-    json!({"patient": patient(), "vitals": first, "conditions": no_conditions()})
+    json!({"patient": patient(), "vitals": first, "conditions": no_conditions(),
+        "pregnancy": no_pregnancy_status()})
+}
+
+/// The NEWS2 service's pregnancy-status search, answered with none.
+fn no_pregnancy_status() -> Value {
+    json!({"resourceType": "Bundle", "type": "searchset", "total": 0, "entry": []})
 }
 
 /// The NEWS2 service's Condition search, answered with none (not `null`: a null prefetch
@@ -871,7 +927,7 @@ async fn a_search_answered_in_pages_is_read_to_its_end_on_the_fhir_server_only()
     seen.lock().unwrap().clear();
     let (first_again, _) = vitals_pages(3, &page2);
     let prefetch_extra = json!({"patient": patient(), "vitals": vitals_bundle(), "conditions": no_conditions(),
-        "extra-1": first_again.clone(), "extra-2": first_again});
+        "pregnancy": no_pregnancy_status(), "extra-1": first_again.clone(), "extra-2": first_again});
     let (s, v) = server
         .call(&patient_view(Some(prefetch_extra), Some(&fhir)))
         .await;

@@ -373,7 +373,7 @@ impl fmt::Display for NotApplicable {
 /// Why the patient's age is not known well enough.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AgeProblem {
-    /// No Patient resource (or none with the expected id).
+    /// No Patient resource (or none with the expected id, or several with it that differ).
     NoPatient,
     /// The Patient has no `birthDate`.
     NoBirthDate,
@@ -386,7 +386,9 @@ pub enum AgeProblem {
 impl fmt::Display for AgeProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            AgeProblem::NoPatient => "the Patient resource was not available",
+            AgeProblem::NoPatient => {
+                "the Patient resource was not available (or several differing ones were sent)"
+            }
             AgeProblem::NoBirthDate => "the patient's date of birth is not recorded",
             AgeProblem::MalformedBirthDate => "the patient's date of birth is malformed",
             AgeProblem::Imprecise => {
@@ -449,17 +451,22 @@ pub enum Assessment {
 
 /// The Patient a call is about: the one whose id is `patient_id`, or the only one when it has
 /// no id (or when the call names no patient). Never a Patient with another id: a prefetch
-/// that holds someone else's record gives `None`.
+/// that holds someone else's record gives `None`. Several records of that id that differ
+/// (two birth dates) give `None` too: which one is right cannot be told, and taking the
+/// first would make the answer depend on the order the EHR sent them in.
 pub fn find_patient<'a>(resources: &'a Resources, patient_id: Option<&str>) -> Option<&'a Patient> {
     match patient_id {
-        Some(id) => resources
-            .patients
-            .iter()
-            .find(|p| p.id.as_deref() == Some(id))
-            .or_else(|| match resources.patients.as_slice() {
-                [only] if only.id.is_none() => Some(only),
-                _ => None,
-            }),
+        Some(id) => {
+            let mut named = resources
+                .patients
+                .iter()
+                .filter(|p| p.id.as_deref() == Some(id));
+            match (named.next(), resources.patients.as_slice()) {
+                (Some(first), _) => named.all(|p| p == first).then_some(first),
+                (None, [only]) if only.id.is_none() => Some(only),
+                (None, _) => None,
+            }
+        }
         None => match resources.patients.as_slice() {
             [only] => Some(only),
             _ => None,
@@ -472,7 +479,9 @@ pub(crate) fn of_patient(
     patient_id: Option<&str>,
 ) -> bool {
     match (patient_id, subject) {
-        (Some(want), Some(s)) if s.reference.is_some() => s.patient_id() == Some(want),
+        // A subject that is not a reference to this Patient (another one, a `urn:uuid:`,
+        // or only an identifier or display, which cannot be matched) is not this patient's.
+        (Some(want), Some(s)) => s.patient_id() == Some(want),
         _ => true,
     }
 }

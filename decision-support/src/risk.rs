@@ -406,15 +406,24 @@ fn observation(
     let look_back = feature
         .look_back_hours
         .map_or(cx.look_back, |h| Duration::seconds((h * 3600.0) as i64));
-    // (time, issued, index) of the latest, with its value or why it is unusable.
+    // (time, issued) of the latest, with its value or why it is unusable.
     type Found<'a> = (
         Option<DateTime<Utc>>,
         Option<DateTime<Utc>>,
-        usize,
         Result<&'a Quantity, UnusableReason>,
     );
     let mut best: Option<Found<'_>> = None;
-    for (index, o) in resources.observations.iter().enumerate() {
+    // Of one time and issue time, values that differ (after conversion) make the feature
+    // missing whatever their order (taken by its place in the Bundle, a heart rate of 80
+    // beside one of 180 gave either risk: a red-team finding); equal ones count once.
+    let convert = |q: &Result<&Quantity, UnusableReason>| {
+        q.clone()
+            .and_then(|q| convert_analyte(q, unit, feature.molar_mass))
+            .map(|(v, _)| v)
+            .ok()
+    };
+    let mut conflicting = false;
+    for o in &resources.observations {
         let Some(quantity) = value_with_code(o, code) else {
             continue;
         };
@@ -437,17 +446,30 @@ fn observation(
             Ok(None) => (None, Err(UnusableReason::NoTime)),
             Err(e) => (None, Err(UnusableReason::Time(e))),
         };
-        let candidate = (time, o.issued(), index, quantity);
-        let key = |c: &Found<'_>| (c.0.is_some(), c.0, c.1, c.2);
-        if best.as_ref().is_none_or(|b| key(&candidate) > key(b)) {
-            best = Some(candidate);
+        let candidate = (time, o.issued(), quantity);
+        let key = |c: &Found<'_>| (c.0.is_some(), c.0, c.1);
+        match &best {
+            Some(b) if key(&candidate) < key(b) => {}
+            Some(b) if key(&candidate) == key(b) => {
+                if b.0.is_some() && convert(&b.2) != convert(&candidate.2) {
+                    conflicting = true;
+                }
+            }
+            _ => {
+                best = Some(candidate);
+                conflicting = false;
+            }
         }
     }
-    let Some((time, _, _, quantity)) = best else {
+    let Some((time, _, quantity)) = best else {
         out.value = Err(Missing::NoObservation);
         return;
     };
     out.time = time;
+    if conflicting {
+        out.value = Err(Missing::Unusable(UnusableReason::Conflicting));
+        return;
+    }
     // From a search read in part, the latest found is the latest only if what was not read
     // is no newer ([`Resources::observations_unread_after`]).
     if time.is_some_and(|t| resources.observations_unread_after(t)) {
@@ -599,6 +621,34 @@ mod tests {
             matches!(&value, Err(Missing::Unusable(UnusableReason::Implausible))),
             "{value:?}"
         );
+    }
+
+    #[test]
+    fn values_of_one_time_that_differ_are_missing_whatever_their_order() {
+        let t = "2024-05-01T10:00:00Z";
+        for order in [[120.0, 180.0], [180.0, 120.0]] {
+            let mut items = base();
+            items.extend(order.iter().map(|&v| sbp(v, "mm[Hg]", t)));
+            let m = map_features(&features(), &resources(items), &context(true));
+            assert_eq!(
+                m.features[1].value,
+                Err(Missing::Unusable(UnusableReason::Conflicting))
+            );
+        }
+        // The same value twice (12 kPa is 90.007 mm[Hg]: the same after conversion), or a
+        // later one beside the pair: used.
+        let mut items = base();
+        items.extend([sbp(12.0, "kPa", t), sbp(12.0, "kPa", t)]);
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert!(m.features[1].value.is_ok(), "{:?}", m.features[1].value);
+        let mut items = base();
+        items.extend([
+            sbp(120.0, "mm[Hg]", t),
+            sbp(180.0, "mm[Hg]", t),
+            sbp(130.0, "mm[Hg]", "2024-05-01T10:30:00Z"),
+        ]);
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert_eq!(m.features[1].value, Ok(130.0));
     }
 
     #[test]

@@ -129,6 +129,14 @@ pub fn news2_prefetch() -> BTreeMap<String, String> {
             "conditions".to_owned(),
             "Condition?patient={{context.patientId}}".to_owned(),
         ),
+        // NEWS2 is not validated in pregnancy: the latest pregnancy-status Observation,
+        // which US Core and IPS file under `social-history`, not `vital-signs` (the vitals
+        // search alone never returned it: a red-team finding).
+        (
+            "pregnancy".to_owned(),
+            "Observation?patient={{context.patientId}}&code=http://loinc.org|82810-3&_sort=-date&_count=1"
+                .to_owned(),
+        ),
     ])
 }
 

@@ -5,8 +5,9 @@
 //!   `cancelled`, `entered-in-error`, `unknown`);
 //! - when a patient id is given, an observation whose `subject` is not a reference to that
 //!   Patient (`Patient/{id}`, relative or absolute) is left out — a `urn:uuid:` or contained
-//!   reference included, as it cannot be matched; one without a subject is kept (a prefetch
-//!   is already the patient's);
+//!   reference included, and a subject given only by an identifier or a display, as none
+//!   can be matched (another patient's vitals counted as this one's); one without a subject
+//!   is kept (a prefetch is already the patient's);
 //! - its time ([`Observation::effective`]: `effectiveDateTime`, `effectiveInstant`,
 //!   `effectivePeriod` end-else-start, else `issued`) must lie within
 //!   [`VitalsOptions::look_back`] before `now` and no later than
@@ -15,7 +16,9 @@
 //!   needs a time).
 //!
 //! Of the observations that count, the **latest** one of each parameter decides (ties: the
-//! later `issued`, then the later in the input). If that latest value is unusable (a unit
+//! later `issued`; values of one time and issue time that differ make the parameter
+//! unusable, [`UnusableReason::Conflicting`], whatever their order in the input, and equal
+//! ones count once). If that latest value is unusable (a unit
 //! that cannot be converted, a comparator such as `<`, no value, an answer code not listed
 //! below, a value outside what a living patient can have), the parameter is reported
 //! unusable with the reason: an older value is never silently taken in its place.
@@ -214,6 +217,10 @@ pub enum UnusableReason {
     /// An Observation that may be of this parameter, as new as its latest value or newer
     /// (or undated), could not be read: it may be the latest.
     UnreadableObservation,
+    /// Observations of one time (and issue time) give different values: which one is
+    /// right cannot be told, and taking one by its place in the Bundle would make the
+    /// score depend on the order the EHR sent them in.
+    Conflicting,
 }
 
 impl fmt::Display for UnusableReason {
@@ -235,6 +242,10 @@ impl fmt::Display for UnusableReason {
             UnusableReason::UnreadableObservation => f.write_str(
                 "an observation that may be of it, as recent or undated, could not be read \
                  (a malformed field), so the latest value is not known",
+            ),
+            UnusableReason::Conflicting => f.write_str(
+                "different values recorded at the same time, so none was used (check the \
+                 charted observations)",
             ),
             UnusableReason::NewerMayBeUnread => f.write_str(
                 "the observation search was answered only in part, so a newer value may be \
@@ -380,11 +391,22 @@ impl Vitals {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 enum Value {
     Number(f64, Option<String>),
     Supply(OxygenSupply),
     Acvpu(Acvpu),
+}
+
+/// Whether two values of one time agree: the same value (after unit conversion), or both
+/// unusable (the first one's reason is kept).
+fn same_reading(a: &Result<Value, UnusableReason>, b: &Result<Value, UnusableReason>) -> bool {
+    match (a, b) {
+        (Ok(Value::Number(x, _)), Ok(Value::Number(y, _))) => x == y,
+        (Ok(x), Ok(y)) => x == y,
+        (Err(_), Err(_)) => true,
+        _ => false,
+    }
 }
 
 struct Candidate {
@@ -392,7 +414,6 @@ struct Candidate {
     value: Result<Value, UnusableReason>,
     time: Option<DateTime<Utc>>,
     issued: Option<DateTime<Utc>>,
-    index: usize,
     observation_id: Option<String>,
 }
 
@@ -647,7 +668,7 @@ pub fn extract(
 ) -> Vitals {
     let mut vitals = Vitals::default();
     let mut best: Vec<Candidate> = vec![];
-    for (index, o) in observations.iter().enumerate() {
+    for o in observations {
         let mut found: Vec<(Parameter, Result<Value, UnusableReason>)> = vec![];
         if let Some(p) = parameter_of(&o.code) {
             found.push((
@@ -694,7 +715,6 @@ pub fn extract(
             continue;
         }
         if let (Some(want), Some(subject)) = (patient_id, &o.subject)
-            && subject.reference.is_some()
             && subject.patient_id() != Some(want)
         {
             vitals.excluded.other_patient += 1;
@@ -734,7 +754,6 @@ pub fn extract(
                 value,
                 time,
                 issued,
-                index,
                 observation_id: o.id.clone(),
             };
             match best.iter_mut().find(|b| b.parameter == parameter) {
@@ -744,13 +763,23 @@ pub fn extract(
                     // being undatable, it wins over dated ones only if nothing is dated.
                     // At one time, oxygen wins over air, within one observation or across
                     // several, whatever their order or issue times (a flow of 2 L/min
-                    // beside an FiO2 of 21 % is oxygen).
+                    // beside an FiO2 of 21 % is oxygen). Otherwise, of one time, the later
+                    // issued wins (a correction); two values of one time and issue time
+                    // that differ make the parameter unusable, whatever their order (taken
+                    // by its place in the Bundle, an SpO2 of 84 % beside a 97 % gave NEWS2
+                    // 3 or 0 by the order: a red-team finding).
                     let key = |c: &Candidate| {
                         let oxygen = matches!(c.value, Ok(Value::Supply(OxygenSupply::Oxygen)));
-                        (c.time.is_some(), c.time, oxygen, c.issued, c.index)
+                        (c.time.is_some(), c.time, oxygen, c.issued)
                     };
-                    if key(&candidate) > key(b) {
-                        *b = candidate;
+                    match key(&candidate).cmp(&key(b)) {
+                        std::cmp::Ordering::Greater => *b = candidate,
+                        std::cmp::Ordering::Equal
+                            if b.time.is_some() && !same_reading(&b.value, &candidate.value) =>
+                        {
+                            b.value = Err(UnusableReason::Conflicting);
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -922,6 +951,51 @@ mod tests {
         ]);
         assert_eq!(v.pulse_rate.as_ref().unwrap().value, 80.0);
         assert_eq!(v.unusable.len(), 1);
+    }
+
+    #[test]
+    fn values_of_one_time_that_differ_make_the_parameter_unusable_whatever_their_order() {
+        let t = "2024-05-01T11:00:00Z";
+        for (a, b) in [(97.0, 84.0), (84.0, 97.0)] {
+            let v = run(&[
+                quantity("59408-5", a, "%", t),
+                quantity("59408-5", b, "%", t),
+            ]);
+            assert!(v.oxygen_saturation.is_none(), "{v:?}");
+            assert_eq!(v.unusable.len(), 1);
+            assert_eq!(v.unusable[0].reason, UnusableReason::Conflicting);
+        }
+        // Equal values count once; a later value decides; a later `issued` is a correction.
+        let v = run(&[
+            quantity("59408-5", 0.97, "1", t),
+            quantity("59408-5", 97.0, "%", t),
+        ]);
+        assert_eq!(v.oxygen_saturation.as_ref().unwrap().value, 97.0);
+        let v = run(&[
+            quantity("59408-5", 97.0, "%", t),
+            quantity("59408-5", 84.0, "%", t),
+            quantity("59408-5", 95.0, "%", "2024-05-01T11:10:00Z"),
+        ]);
+        assert_eq!(v.oxygen_saturation.as_ref().unwrap().value, 95.0);
+        let mut corrected = quantity("59408-5", 94.0, "%", t);
+        corrected.issued = Some("2024-05-01T11:20:00Z".into());
+        let v = run(&[quantity("59408-5", 84.0, "%", t), corrected]);
+        assert_eq!(v.oxygen_saturation.as_ref().unwrap().value, 94.0);
+    }
+
+    #[test]
+    fn a_subject_given_only_by_an_identifier_is_not_this_patient() {
+        let mine = quantity("9279-1", 14.0, "/min", "2024-05-01T10:00:00Z");
+        let theirs: Observation = obs(json!({
+            "resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": LOINC, "code": "9279-1"}]},
+            "subject": {"identifier": {"system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9000000009"}},
+            "effectiveDateTime": "2024-05-01T11:00:00Z",
+            "valueQuantity": {"value": 30.0, "unit": "/min", "system": UCUM, "code": "/min"}
+        }));
+        let v = run(&[mine, theirs]);
+        assert_eq!(v.respiration_rate.as_ref().unwrap().value, 14.0);
+        assert_eq!(v.excluded.other_patient, 1);
     }
 
     #[test]

@@ -147,6 +147,11 @@ fn the_caller_can_fetch_what_was_not_prefetched() {
                 "Condition?patient=1288992".to_owned()
             ),
             (
+                "pregnancy".to_owned(),
+                "Observation?patient=1288992&code=http://loinc.org|82810-3&_sort=-date&_count=1"
+                    .to_owned()
+            ),
+            (
                 "vitals".to_owned(),
                 "Observation?patient=1288992&category=vital-signs&_sort=-date&_count=100"
                     .to_owned()

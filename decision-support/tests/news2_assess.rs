@@ -233,6 +233,27 @@ fn another_patients_observations_do_not_count() {
     assert_eq!(i.missing, vec![Parameter::RespirationRate]);
 }
 
+#[test]
+fn two_differing_records_of_the_patient_give_no_age_whatever_their_order() {
+    // A red-team finding: the first of two Patient records of one id decided (under 16, or a
+    // score, by the Bundle's order).
+    for births in [["2015-01-01", "1950-01-01"], ["1950-01-01", "2015-01-01"]] {
+        let mut items: Vec<Value> = births.iter().map(|b| patient(b)).collect();
+        items.extend(vitals());
+        let Assessment::Incomplete(i) = run(items, &News2Settings::default()) else {
+            panic!("assessed from one of two differing Patient records")
+        };
+        assert_eq!(i.age, Some(AgeProblem::NoPatient));
+    }
+    // The same record twice: one patient.
+    let mut items = vec![patient("1950-01-01"), patient("1950-01-01")];
+    items.extend(vitals());
+    assert!(matches!(
+        run(items, &News2Settings::default()),
+        Assessment::Scored(_)
+    ));
+}
+
 /// RR 16 (0), SpO2 97 (0), air (0), SBP 120 (0), pulse 70 (0), alert (0), 37.0 °C (0): 0.
 fn normal_vitals() -> Vec<Value> {
     vec![

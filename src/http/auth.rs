@@ -1298,6 +1298,19 @@ pub(crate) async fn enforce(
                 Err(e) => {
                     tracing::warn!(reason = %e, path = path.as_str(), "CDS Hooks token refused");
                     metrics::counter!("nightingale_cds_unauthorized_total").increment(1);
+                    let kind = if path.as_str().ends_with("/feedback") {
+                        crate::audit::EventKind::CdsFeedback
+                    } else {
+                        crate::audit::EventKind::CdsHook
+                    };
+                    super::cds::audit_refusal(
+                        &state,
+                        kind,
+                        req.uri().path(),
+                        "unauthenticated".to_owned(),
+                        StatusCode::UNAUTHORIZED,
+                    )
+                    .await;
                     return unauthorized(
                         format!("CDS Hooks needs a JWT from a trusted EHR: {e}"),
                         header.is_some(),

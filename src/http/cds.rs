@@ -119,7 +119,37 @@ fn caller_id(caller: &Option<Extension<Caller>>) -> String {
         .map_or_else(|| "anonymous".to_owned(), |c| c.0.id.clone())
 }
 
-/// `POST /cds-services/{id}`.
+/// An audit record of a CDS call or feedback that was refused (4xx, or 5xx before an
+/// answer): the service named, the status, the caller; no body, no message (the answer's
+/// message is for the caller). An answered call has its own record. Refusals of the EHR's
+/// token are recorded by the auth layer ([`audit_refusal`] too).
+pub(crate) async fn audit_refusal(
+    state: &AppState,
+    kind: EventKind,
+    path: &str,
+    actor: String,
+    status: StatusCode,
+) {
+    let event = AuditEvent {
+        kind,
+        request_id: "-".to_owned(),
+        model: String::new(),
+        version: String::new(),
+        model_sha256: String::new(),
+        input_sha256: None,
+        output_sha256: None,
+        rows: None,
+        status: status.as_u16(),
+        outcome: Outcome::from_status(status.as_u16()),
+        actor: Some(actor),
+        detail: Some(format!("path={} refused", printable(path))),
+    };
+    if let Err(e) = state.audit.record(event).await {
+        tracing::error!(error = %e, "audit record of a refused CDS request not written");
+    }
+}
+
+/// `POST /cds-services/{id}`: the answer, or a refusal, audited either way.
 pub(crate) async fn call(
     State(state): State<Arc<AppState>>,
     caller: Option<Extension<Caller>>,
@@ -127,9 +157,25 @@ pub(crate) async fn call(
     headers: axum::http::HeaderMap,
     body: Body,
 ) -> Response {
+    let actor = caller_id(&caller);
+    let response = answer_call(state.clone(), caller, &id, headers, body).await;
+    if response.status() != StatusCode::OK {
+        let path = format!("/cds-services/{id}");
+        audit_refusal(&state, EventKind::CdsHook, &path, actor, response.status()).await;
+    }
+    response
+}
+
+async fn answer_call(
+    state: Arc<AppState>,
+    caller: Option<Extension<Caller>>,
+    id: &str,
+    headers: axum::http::HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
     let cds = state.cds();
-    let Some(service) = cds.services.get(&id) else {
+    let Some(service) = cds.services.get(id) else {
         return AppError::not_found("no such CDS service (GET /cds-services lists them)")
             .into_response();
     };
@@ -362,7 +408,7 @@ pub(crate) async fn call(
         .into_response()
 }
 
-/// `POST /cds-services/{id}/feedback`.
+/// `POST /cds-services/{id}/feedback`: accepted, or refused, audited either way.
 pub(crate) async fn feedback(
     State(state): State<Arc<AppState>>,
     caller: Option<Extension<Caller>>,
@@ -370,8 +416,31 @@ pub(crate) async fn feedback(
     headers: axum::http::HeaderMap,
     body: Body,
 ) -> Response {
+    let actor = caller_id(&caller);
+    let response = answer_feedback(state.clone(), caller, &id, headers, body).await;
+    if response.status() != StatusCode::OK {
+        let path = format!("/cds-services/{id}/feedback");
+        audit_refusal(
+            &state,
+            EventKind::CdsFeedback,
+            &path,
+            actor,
+            response.status(),
+        )
+        .await;
+    }
+    response
+}
+
+async fn answer_feedback(
+    state: Arc<AppState>,
+    caller: Option<Extension<Caller>>,
+    id: &str,
+    headers: axum::http::HeaderMap,
+    body: Body,
+) -> Response {
     let cds = state.cds();
-    let Some(service) = cds.services.get(&id) else {
+    let Some(service) = cds.services.get(id) else {
         return AppError::not_found("no such CDS service (GET /cds-services lists them)")
             .into_response();
     };
