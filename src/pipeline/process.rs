@@ -166,7 +166,7 @@ impl Pipeline {
                     Ok(false) => {
                         tracing::warn!(
                             job = job.id,
-                            "the job was ended elsewhere: its results are not sent"
+                            "the job was superseded while it ran (a rerun is queued): its results are discarded"
                         );
                         self.discard_unrecorded_objects(&job);
                     }

@@ -313,6 +313,9 @@ impl ResultsStore {
              FROM jobs j JOIN series s
                ON s.study_uid = j.study_uid AND s.series_uid = j.series_uid
              WHERE s.patient_sha256 = ?1 AND j.state = 'done'
+               AND j.id = (SELECT max(k.id) FROM jobs k WHERE k.state = 'done'
+                           AND k.study_uid = j.study_uid AND k.series_uid = j.series_uid
+                           AND k.bundle = j.bundle)
              ORDER BY j.updated_ms DESC, j.id DESC LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![patient_sha256, limit as i64], job_row)?;
@@ -362,7 +365,13 @@ impl ResultsStore {
         Ok(())
     }
 
-    /// A new queued job; earlier jobs of the same series and bundle become superseded.
+    /// A new queued job; earlier jobs of the same series, bundle and route become
+    /// superseded, a job still processing included (its end then records nothing: its
+    /// results are not sent; two jobs of one series and bundle ended `done` when a rerun was
+    /// queued while the first ran, a red-team finding). Each route has its own jobs: two
+    /// routes that run one bundle on a series each send to their own destinations (keyed by
+    /// series and bundle alone, the second route's job superseded the first's, whose PACS
+    /// got nothing).
     pub fn add_job(
         &self,
         study_uid: &str,
@@ -375,9 +384,9 @@ impl ResultsStore {
         let now = now_ms();
         self.db.execute(
             "UPDATE jobs SET state = 'superseded', updated_ms = ?4
-             WHERE study_uid = ?1 AND series_uid = ?2 AND bundle = ?3
-               AND state IN ('queued', 'done', 'failed')",
-            params![study_uid, series_uid, bundle, now],
+             WHERE study_uid = ?1 AND series_uid = ?2 AND bundle = ?3 AND route = ?5
+               AND state IN ('queued', 'processing', 'done', 'failed')",
+            params![study_uid, series_uid, bundle, now, route],
         )?;
         self.db.execute(
             "INSERT INTO jobs (study_uid, series_uid, route, bundle, state, instances,
@@ -397,15 +406,15 @@ impl ResultsStore {
     }
 
     /// Queues the study again (`nightingale results reprocess`): a new job for the latest
-    /// job of each (series, bundle) of the study, or of `bundle` only, with the same route
-    /// and destinations. The earlier jobs are kept, superseded. Returns the new jobs' ids.
+    /// job of each (series, bundle, route) of the study, or of `bundle` only, with the same
+    /// route and destinations. The earlier jobs are kept, superseded. Returns the new jobs' ids.
     pub fn reprocess(&self, study_uid: &str, bundle: Option<&str>) -> rusqlite::Result<Vec<i64>> {
         let latest: Vec<(String, String, String, u64, String)> = {
             let mut stmt = self.db.prepare(
                 "SELECT series_uid, route, bundle, instances, destinations FROM jobs
                  WHERE id IN (SELECT max(id) FROM jobs WHERE study_uid = ?1
                               AND (?2 IS NULL OR bundle = ?2)
-                              GROUP BY series_uid, bundle)
+                              GROUP BY series_uid, bundle, route)
                  ORDER BY id",
             )?;
             let rows = stmt.query_map(params![study_uid, bundle], |r| {
@@ -990,6 +999,52 @@ mod tests {
             store.jobs_of_study("1.2").unwrap()[1].state,
             JobState::Queued
         );
+    }
+
+    #[test]
+    fn each_route_has_its_own_jobs_and_a_rerun_supersedes_a_running_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
+        // Two routes running one bundle on a series: two jobs, each to its destinations.
+        let a = store
+            .add_job("1.2", "1.2.3", "ct-a", "m", 1, "A@h:1")
+            .unwrap();
+        let b = store
+            .add_job("1.2", "1.2.3", "ct-b", "m", 1, "B@h:2")
+            .unwrap();
+        let jobs = store.jobs_of_study("1.2").unwrap();
+        assert_eq!(
+            jobs.iter().map(|j| (j.id, j.state)).collect::<Vec<_>>(),
+            vec![(a, JobState::Queued), (b, JobState::Queued)]
+        );
+        // A rerun of ct-a queued while its job runs: the running one is superseded, and its
+        // end records nothing (one current result per series, bundle and route).
+        assert_eq!(store.take_job().unwrap().unwrap().id, a);
+        let again = store
+            .add_job("1.2", "1.2.3", "ct-a", "m", 2, "A@h:1")
+            .unwrap();
+        assert!(
+            !store
+                .complete_job(a, "1", None, &[result_row("5.1", a, "A@h:1", "pending")])
+                .unwrap()
+        );
+        assert!(store.objects_of_job(a).unwrap().is_empty());
+        let states: Vec<(i64, JobState)> = store
+            .jobs_of_study("1.2")
+            .unwrap()
+            .iter()
+            .map(|j| (j.id, j.state))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                (a, JobState::Superseded),
+                (b, JobState::Queued),
+                (again, JobState::Queued)
+            ]
+        );
+        // Reprocessing the study makes one job per (series, bundle, route).
+        assert_eq!(store.reprocess("1.2", None).unwrap().len(), 2);
     }
 
     #[test]

@@ -669,6 +669,42 @@ def test_a_job_interrupted_between_its_result_objects_sends_one_whole_result_set
         shutil.rmtree(work, ignore_errors=True)
 
 
+def test_two_routes_running_one_bundle_each_send_to_their_own_pacs():
+    """Red-team finding: jobs were superseded per (series, bundle), whatever their route, so of
+    two routes that run the same bundle on a series, one route's job was superseded and its
+    PACS got nothing, without a warning. Each route now has its own job: both PACS get an SR
+    and an SC."""
+    work = Path(tempfile.mkdtemp(prefix="nightingale-hostile-routes-"))
+    pacs_a, pacs_b = StoreScp(work, "pacs-a"), StoreScp(work, "pacs-b")
+    config = work / "routes.toml"
+    config.write_text(
+        f'[[routes]]\nname = "ct-a"\nmodality = ["CT"]\nbundles = ["{BUNDLE.name}"]\n'
+        f'destinations = ["STORESCP@127.0.0.1:{pacs_a.port}"]\n\n'
+        f'[[routes]]\nname = "ct-b"\nmodality = ["CT"]\nbundles = ["{BUNDLE.name}"]\n'
+        f'destinations = ["STORESCP@127.0.0.1:{pacs_b.port}"]\n')
+    server = Server(work, f"STORESCP@127.0.0.1:{pacs_a.port}", ("--config", str(config)))
+    try:
+        study = generate_uid()
+        store(server.port, [_save(_ct(study, generate_uid()), work / "ct.dcm")])
+        report = wait_for(lambda: (r := server.results(study)) and len(r["series"][0]["jobs"]) == 2
+                          and all(j["state"] == "done" and j["objects"]
+                                  and all(o["delivery"] == "sent" for o in j["objects"])
+                                  for j in r["series"][0]["jobs"]) and r,
+                          RESULT_TIMEOUT_S, "both routes' results to be sent")
+        jobs = report["series"][0]["jobs"]
+        assert sorted(j["route"] for j in jobs) == ["ct-a", "ct-b"], jobs
+        assert len(pacs_a.files()) == 2 and len(pacs_b.files()) == 2
+        for pacs, route in [(pacs_a, "ct-a"), (pacs_b, "ct-b")]:
+            [job] = [j for j in jobs if j["route"] == route]
+            got = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in pacs.files()}
+            assert got == {o["sop_instance_uid"] for o in job["objects"]}
+    finally:
+        stop(server.proc)
+        stop(pacs_a.proc)
+        stop(pacs_b.proc)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def test_a_series_waiting_across_a_restart_is_processed_once_the_models_are_loaded():
     """Red-team finding: at start-up the pipeline routed series before the initial model load,
     so a series whose quiet time ended while the server was down was settled `unmatched` (no
