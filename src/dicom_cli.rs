@@ -256,8 +256,17 @@ pub fn spool(command: SpoolCommand) -> anyhow::Result<()> {
             for f in &report.temp_files {
                 println!("temp-file {}", f.display());
             }
+            for f in &report.links {
+                println!("link      {}", f.display());
+            }
+            for f in &report.in_progress {
+                println!(
+                    "recent    {} (a store may be under way: not checked)",
+                    f.display()
+                );
+            }
             println!(
-                "{} {}: {} index rows, {} files; {} bad rows, {} unindexed files, {} temporary files",
+                "{} {}: {} index rows, {} files; {} bad rows, {} unindexed files, {} temporary files, {} links; {} recent files not checked",
                 if report.is_consistent() {
                     "ok  "
                 } else {
@@ -268,15 +277,19 @@ pub fn spool(command: SpoolCommand) -> anyhow::Result<()> {
                 report.files,
                 report.bad_rows.len(),
                 report.unindexed.len(),
-                report.temp_files.len()
+                report.temp_files.len(),
+                report.links.len(),
+                report.in_progress.len()
             );
             if let Some(r) = &report.repaired {
                 println!(
-                    "repaired: {} rows dropped, {} files indexed, {} files quarantined, {} temporary files deleted, {} left (changed in the last minute)",
+                    "repaired: {} rows dropped, {} rows made again from their files, {} files indexed, {} files quarantined, {} temporary files deleted, {} links deleted, {} left (changed in the last minute)",
                     r.rows_dropped,
+                    r.rows_reindexed,
                     r.files_indexed,
                     r.files_quarantined,
                     r.temp_files_deleted,
+                    r.links_deleted,
                     r.skipped_recent
                 );
             }

@@ -13,9 +13,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::params;
 use sha2::{Digest, Sha256};
 
+use crate::attributes::Attributes;
 use crate::spool::{
-    INSTANCES_DIR, QUARANTINE_DIR, Spool, SpoolError, SpoolOptions, StoreError, TMP_DIR,
-    collect_dcm, now_ms, sync_dir, write_durably,
+    ATTRIBUTES_VERSION, INSTANCES_DIR, QUARANTINE_DIR, RowFacts, Spool, SpoolError, SpoolOptions,
+    StoreError, TMP_DIR, facts_of, now_ms, sync_dir, write_durably,
 };
 
 /// A maintenance operation failed.
@@ -77,6 +78,9 @@ pub enum Problem {
     /// The row's path is not one the spool writes (outside `instances/`, a `..`, an absolute
     /// path, through a symbolic link): the file it names is never read, moved or deleted.
     ForeignPath,
+    /// The file is what was stored (size and hash agree), but the row says something else
+    /// of it (this column): QIDO-RS, WADO-RS and the pipeline read the row.
+    RowDiffers { column: &'static str },
 }
 
 impl std::fmt::Display for Problem {
@@ -89,6 +93,9 @@ impl std::fmt::Display for Problem {
             Problem::Hash => write!(f, "SHA-256 differs from the index"),
             Problem::Unreadable => write!(f, "not a readable Part 10 file"),
             Problem::ForeignPath => write!(f, "the index names a path the spool never writes"),
+            Problem::RowDiffers { column } => {
+                write!(f, "the index's {column} is not the file's")
+            }
         }
     }
 }
@@ -113,6 +120,10 @@ pub struct Repaired {
     pub files_quarantined: usize,
     /// Leftover temporary files, deleted.
     pub temp_files_deleted: usize,
+    /// Rows that said something else of their (unchanged) file, made again from the file.
+    pub rows_reindexed: usize,
+    /// Symbolic links under `instances/`, deleted (not what they point to).
+    pub links_deleted: usize,
     /// Problems left as they are because their files are too recent (a store in progress).
     pub skipped_recent: usize,
 }
@@ -126,10 +137,18 @@ pub struct CheckReport {
     pub files: usize,
     /// Rows whose file is missing or differs.
     pub bad_rows: Vec<BadRow>,
-    /// `.dcm` files without an index row.
+    /// `.dcm` files without an index row (settled: older than [`CheckOptions::settle`]).
     pub unindexed: Vec<PathBuf>,
-    /// Files in `tmp/` (left by an interrupted store, or a store in progress).
+    /// Files in `tmp/` left by an interrupted store (settled).
     pub temp_files: Vec<PathBuf>,
+    /// Symbolic links under `instances/`: the spool never makes one (a row naming a path
+    /// through one is [`Problem::ForeignPath`]); `repair` deletes the link, never what it
+    /// points to.
+    pub links: Vec<PathBuf>,
+    /// Unindexed and temporary files younger than [`CheckOptions::settle`]: stores a running
+    /// server may have under way. Reported, not counted as inconsistent (a check of a live
+    /// spool failed while instances arrived), never repaired.
+    pub in_progress: Vec<PathBuf>,
     /// What was repaired (with `repair`).
     pub repaired: Option<Repaired>,
 }
@@ -137,7 +156,10 @@ pub struct CheckReport {
 impl CheckReport {
     /// True when the index and the files agreed (before any repair).
     pub fn is_consistent(&self) -> bool {
-        self.bad_rows.is_empty() && self.unindexed.is_empty() && self.temp_files.is_empty()
+        self.bad_rows.is_empty()
+            && self.unindexed.is_empty()
+            && self.temp_files.is_empty()
+            && self.links.is_empty()
     }
 
     /// True when nothing is left to repair: consistent, or everything found was repaired.
@@ -193,16 +215,43 @@ impl Spool {
                 .is_some_and(|age| age >= options.settle)
         };
         let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
-        let rows: Vec<(String, String, i64, String)> = {
-            let mut stmt =
-                db.prepare("SELECT sop_instance_uid, path, size, sha256 FROM instances")?;
-            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-                .collect::<Result<_, _>>()?
+        let rows: Vec<(String, String, i64, String, RowFacts, bool)> = {
+            let mut stmt = db.prepare(
+                "SELECT sop_instance_uid, path, size, sha256, sop_class_uid, study_uid,
+                        series_uid, transfer_syntax, modality, study_date, study_time,
+                        series_number, instance_number, rows, columns, number_of_frames,
+                        attributes_version
+                 FROM instances",
+            )?;
+            stmt.query_map([], |r| {
+                let facts = RowFacts {
+                    sop_instance_uid: r.get(0)?,
+                    sop_class_uid: r.get(4)?,
+                    study_uid: r.get(5)?,
+                    series_uid: r.get(6)?,
+                    transfer_syntax: r.get(7)?,
+                    attributes: Attributes {
+                        modality: r.get(8)?,
+                        study_date: r.get(9)?,
+                        study_time: r.get(10)?,
+                        series_number: r.get(11)?,
+                        instance_number: r.get(12)?,
+                        rows: r.get(13)?,
+                        columns: r.get(14)?,
+                        number_of_frames: r.get(15)?,
+                    },
+                };
+                // Rows of an index from before these columns are filled at the server's
+                // start: their attributes are not compared until then.
+                let current = r.get::<_, Option<i64>>(16)? == Some(ATTRIBUTES_VERSION);
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, facts, current))
+            })?
+            .collect::<Result<_, _>>()?
         };
         report.rows = rows.len();
         let mut bad_uids = Vec::new();
         let mut indexed = std::collections::HashSet::new();
-        for (uid, relative, size, sha256) in rows {
+        for (uid, relative, size, sha256, row, current) in rows {
             indexed.insert(PathBuf::from(&relative));
             let read = match crate::spool::indexed_path(&self.root, &relative, true) {
                 None => Err(Problem::ForeignPath),
@@ -222,7 +271,11 @@ impl Spool {
                         actual: ds.len() as u64,
                     }),
                     Some(ds) if hex::encode(Sha256::digest(ds)) != sha256 => Some(Problem::Hash),
-                    Some(_) => None,
+                    Some(_) => match facts_of(&bytes) {
+                        Err(_) => Some(Problem::Unreadable),
+                        Ok(file) => differing_column(&row, &file, current)
+                            .map(|column| Problem::RowDiffers { column }),
+                    },
                 },
             };
             if let Some(problem) = problem {
@@ -234,17 +287,28 @@ impl Spool {
             }
         }
         let mut files = Vec::new();
+        let mut links = Vec::new();
         let instances = self.root.join(INSTANCES_DIR);
-        collect_dcm(&instances, &mut files).map_err(io("list", &instances))?;
+        collect_entries(&instances, &mut files, &mut links).map_err(io("list", &instances))?;
         report.files = files.len();
         let mut unindexed_abs = Vec::new();
         for path in files {
             let Ok(relative) = path.strip_prefix(&self.root) else {
                 continue;
             };
-            if !indexed.contains(relative) {
+            if indexed.contains(relative) {
+                continue;
+            }
+            if settled(&path) {
                 report.unindexed.push(relative.to_owned());
                 unindexed_abs.push(path.clone());
+            } else {
+                report.in_progress.push(relative.to_owned());
+            }
+        }
+        for path in links {
+            if let Ok(relative) = path.strip_prefix(&self.root) {
+                report.links.push(relative.to_owned());
             }
         }
         let tmp = self.root.join(TMP_DIR);
@@ -253,12 +317,18 @@ impl Spool {
             if path.is_file()
                 && let Ok(relative) = path.strip_prefix(&self.root)
             {
-                report.temp_files.push(relative.to_owned());
+                if settled(&path) {
+                    report.temp_files.push(relative.to_owned());
+                } else {
+                    report.in_progress.push(relative.to_owned());
+                }
             }
         }
         report.bad_rows.sort_by(|a, b| a.path.cmp(&b.path));
         report.unindexed.sort();
         report.temp_files.sort();
+        report.links.sort();
+        report.in_progress.sort();
         if !options.repair {
             return Ok(report);
         }
@@ -272,6 +342,20 @@ impl Spool {
             if matches!(bad.problem, Problem::Missing | Problem::ForeignPath) || not_a_file {
                 db.execute("DELETE FROM instances WHERE sop_instance_uid = ?1", [uid])?;
                 repaired.rows_dropped += 1;
+            } else if let Problem::RowDiffers { .. } = bad.problem {
+                // The file is what was stored: its row is made again from it, as for a file
+                // found without one (a file another row already claims goes to quarantine).
+                db.execute("DELETE FROM instances WHERE sop_instance_uid = ?1", [uid])?;
+                match self.index_orphan(&db, &path, &bad.path.to_string_lossy()) {
+                    Ok(()) => repaired.rows_reindexed += 1,
+                    Err(StoreError::Io { source, .. }) => return Err(io("read", &path)(source)),
+                    Err(StoreError::Index(e)) => return Err(e.into()),
+                    Err(reason) => {
+                        let note = format!("{reason} ({})", reason.kind());
+                        self.quarantine_file(&path, &note, "orphan")?;
+                        repaired.files_quarantined += 1;
+                    }
+                }
             } else if settled(&path) {
                 let reason = format!("content differs from the index: {}", bad.problem);
                 self.quarantine_file(&path, &reason, "changed")?;
@@ -299,6 +383,15 @@ impl Spool {
                     self.quarantine_file(&path, &note, "orphan")?;
                     repaired.files_quarantined += 1;
                 }
+            }
+        }
+        for relative in &report.links {
+            // The link itself, never what it points to.
+            let path = self.root.join(relative);
+            match fs::remove_file(&path) {
+                Ok(()) => repaired.links_deleted += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("delete", &path)(e)),
             }
         }
         for relative in &report.temp_files {
@@ -457,6 +550,67 @@ impl Spool {
 }
 
 /// Removes the folders above `file` that are now empty, up to (not including) `base`.
+/// The first column in which an index row differs from its file's facts (`attributes`:
+/// whether the row's attribute columns are filled by this version).
+fn differing_column(row: &RowFacts, file: &RowFacts, attributes: bool) -> Option<&'static str> {
+    let (r, f) = (&row.attributes, &file.attributes);
+    [
+        (
+            "sop_instance_uid",
+            row.sop_instance_uid == file.sop_instance_uid,
+        ),
+        ("sop_class_uid", row.sop_class_uid == file.sop_class_uid),
+        ("study_uid", row.study_uid == file.study_uid),
+        ("series_uid", row.series_uid == file.series_uid),
+        (
+            "transfer_syntax",
+            row.transfer_syntax == file.transfer_syntax,
+        ),
+        ("modality", !attributes || r.modality == f.modality),
+        ("study_date", !attributes || r.study_date == f.study_date),
+        ("study_time", !attributes || r.study_time == f.study_time),
+        (
+            "series_number",
+            !attributes || r.series_number == f.series_number,
+        ),
+        (
+            "instance_number",
+            !attributes || r.instance_number == f.instance_number,
+        ),
+        ("rows", !attributes || r.rows == f.rows),
+        ("columns", !attributes || r.columns == f.columns),
+        (
+            "number_of_frames",
+            !attributes || r.number_of_frames == f.number_of_frames,
+        ),
+    ]
+    .into_iter()
+    .find(|(_, same)| !same)
+    .map(|(column, _)| column)
+}
+
+/// The `.dcm` regular files and the symbolic links (of any name) under `dir`, at any depth
+/// (links to folders are not followed).
+fn collect_entries(
+    dir: &Path,
+    files: &mut Vec<PathBuf>,
+    links: &mut Vec<PathBuf>,
+) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let path = entry.path();
+        if kind.is_symlink() {
+            links.push(path);
+        } else if kind.is_dir() {
+            collect_entries(&path, files, links)?;
+        } else if kind.is_file() && path.extension().is_some_and(|e| e == "dcm") {
+            files.push(path);
+        }
+    }
+    Ok(())
+}
+
 fn remove_empty_parents(file: &Path, base: &Path) {
     let mut at = file.parent();
     while let Some(dir) = at {

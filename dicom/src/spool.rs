@@ -1464,6 +1464,41 @@ impl Spool {
     }
 }
 
+/// What the spool's index says of a stored file, derived from the file as a store derives
+/// it: [`crate::maintenance`]'s check compares each row with its file's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RowFacts {
+    pub sop_instance_uid: String,
+    pub sop_class_uid: String,
+    pub study_uid: String,
+    pub series_uid: String,
+    pub transfer_syntax: String,
+    pub attributes: Attributes,
+}
+
+/// The [`RowFacts`] of a stored file's bytes.
+pub(crate) fn facts_of(bytes: &[u8]) -> Result<RowFacts, StoreError> {
+    let (meta, dataset) = part10(bytes)?;
+    let ts = sop::trim_uid(meta.transfer_syntax()).to_owned();
+    let identity = validate(
+        dataset,
+        &Incoming {
+            transfer_syntax: &ts,
+            calling_ae: "",
+            expected_sop_class: None,
+            expected_sop_instance: None,
+        },
+    )?;
+    Ok(RowFacts {
+        sop_instance_uid: identity.sop_instance_uid,
+        sop_class_uid: identity.sop_class_uid,
+        study_uid: identity.study_uid,
+        series_uid: identity.series_uid,
+        transfer_syntax: ts,
+        attributes: identity.attributes,
+    })
+}
+
 /// A file the spool wrote: its meta group and its data set.
 fn part10(bytes: &[u8]) -> Result<(FileMetaTable, &[u8]), StoreError> {
     let not_part10 = || StoreError::CannotParse {
@@ -1502,7 +1537,7 @@ fn read_attributes(path: &Path) -> Result<Attributes, StoreError> {
 
 /// The version of [`Attributes`] a row was indexed with: a row below it (indexed before
 /// the attribute columns, or with fewer of them) is read again from its file at open.
-const ATTRIBUTES_VERSION: i64 = 1;
+pub(crate) const ATTRIBUTES_VERSION: i64 = 1;
 
 /// The attribute columns (added after the first release: an older index gets them, empty,
 /// with `attributes_version` 0 so that [`Spool::open`] fills them from the files).

@@ -214,20 +214,100 @@ fn temp_files_are_reported_and_only_settled_ones_deleted() {
     // Opening for maintenance leaves it (Spool::open would delete it).
     let spool = Spool::open_for_maintenance(dir.path()).unwrap();
     assert!(tmp.exists());
-    // Fresh: a running server may be writing it; repair leaves it.
+    // Fresh: a running server may be writing it; reported as under way (a check of a live
+    // spool is not a failure), and repair leaves it.
     let report = spool
         .check(&CheckOptions {
             repair: true,
             settle: Duration::from_secs(3600),
         })
         .unwrap();
-    assert_eq!(report.temp_files, vec![PathBuf::from("tmp/12345-1-0.part")]);
-    assert_eq!(report.repaired.as_ref().unwrap().skipped_recent, 1);
-    assert!(!report.is_clean_now());
+    assert!(report.temp_files.is_empty());
+    assert_eq!(
+        report.in_progress,
+        vec![PathBuf::from("tmp/12345-1-0.part")]
+    );
+    assert!(report.is_consistent() && report.is_clean_now());
     assert!(tmp.exists());
+    let report = spool.check(&now_check(false)).unwrap();
+    assert_eq!(report.temp_files, vec![PathBuf::from("tmp/12345-1-0.part")]);
+    assert!(!report.is_consistent());
     let report = spool.check(&now_check(true)).unwrap();
     assert_eq!(report.repaired.unwrap().temp_files_deleted, 1);
     assert!(!tmp.exists());
+}
+
+#[test]
+fn rows_that_contradict_their_files_are_found_and_made_again_from_the_files() {
+    // A red-team finding: check compared only the size and hash, so a row whose UIDs or
+    // attributes had been edited (what QIDO-RS, WADO-RS and the pipeline read) passed.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let files = store_some(&spool, "1.2.3.60", 3);
+    drop(spool);
+    let db = rusqlite::Connection::open(dir.path().join("index.sqlite3")).unwrap();
+    db.execute(
+        "UPDATE instances SET sop_instance_uid = '1.2.3.4.5' WHERE sop_instance_uid = '1.2.3.60.1.1'",
+        [],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE instances SET modality = 'MR' WHERE sop_instance_uid = '1.2.3.60.1.2'",
+        [],
+    )
+    .unwrap();
+    drop(db);
+    let spool = Spool::open_for_maintenance(dir.path()).unwrap();
+    let report = spool.check(&now_check(false)).unwrap();
+    let mut found: Vec<(PathBuf, Problem)> = report
+        .bad_rows
+        .iter()
+        .map(|b| (b.path.clone(), b.problem.clone()))
+        .collect();
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut want = vec![
+        (
+            rel(&spool, &files[0]),
+            Problem::RowDiffers {
+                column: "sop_instance_uid",
+            },
+        ),
+        (
+            rel(&spool, &files[1]),
+            Problem::RowDiffers { column: "modality" },
+        ),
+    ];
+    want.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(found, want);
+    assert!(!report.is_consistent());
+    let report = spool.check(&now_check(true)).unwrap();
+    assert_eq!(report.repaired.unwrap().rows_reindexed, 2);
+    let report = spool.check(&now_check(false)).unwrap();
+    assert!(report.is_consistent(), "{report:?}");
+    let mut got = uids(&spool);
+    got.sort();
+    assert_eq!(got, vec!["1.2.3.60.1.1", "1.2.3.60.1.2", "1.2.3.60.1.3"]);
+}
+
+#[cfg(unix)]
+#[test]
+fn links_under_instances_are_reported_and_only_the_link_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let files = store_some(&spool, "1.2.3.70", 1);
+    drop(spool);
+    let outside = dir.path().join("outside.dcm");
+    std::fs::write(&outside, b"not the spool's").unwrap();
+    let link = files[0].with_file_name("extra.dcm");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let spool = Spool::open_for_maintenance(dir.path()).unwrap();
+    let report = spool.check(&now_check(false)).unwrap();
+    assert_eq!(report.links, vec![rel(&spool, &link)]);
+    assert!(!report.is_consistent());
+    let report = spool.check(&now_check(true)).unwrap();
+    assert_eq!(report.repaired.unwrap().links_deleted, 1);
+    assert!(std::fs::symlink_metadata(&link).is_err() && outside.exists());
+    assert!(spool.check(&now_check(false)).unwrap().is_consistent());
 }
 
 #[test]
@@ -488,13 +568,18 @@ fn rows_naming_paths_outside_the_spool_touch_nothing_and_stop_nothing() {
     assert_eq!(repaired.rows_dropped, 5, "{problems:?}");
     // The five instances' own files, no longer named by a row, are indexed again.
     assert_eq!(repaired.files_indexed, 5, "{repaired:?}");
+    // The linked series folder: the link deleted, not the folder it points to.
+    assert_eq!(repaired.links_deleted, 1, "{repaired:?}");
+    assert!(std::fs::symlink_metadata(&linked_series).is_err());
     for v in [&rel_victim, &abs_victim, &link_victim] {
         assert!(v.exists(), "{v:?} was touched");
     }
     assert!(folder.is_dir());
     assert!(root.join("index.sqlite3").exists());
 
-    // The same rows again, and purge: nothing outside is deleted, the good instance goes.
+    // The same rows again, and purge: nothing outside is deleted, the good instance goes
+    // (the row through the deleted link now names a plain path with no file: an instance
+    // whose file is gone, its row dropped).
     drop(spool);
     let db = rusqlite::Connection::open(root.join("index.sqlite3")).unwrap();
     let good: Vec<String> = db
@@ -527,7 +612,7 @@ fn rows_naming_paths_outside_the_spool_touch_nothing_and_stop_nothing() {
     let purged = spool.purge(SystemTime::now(), false).unwrap();
     assert_eq!(
         (purged.instances, purged.foreign_rows, purged.kept),
-        (6, 4, 1),
+        (7, 3, 1),
         "{purged:?}"
     );
     for v in [&rel_victim, &abs_victim, &link_victim] {
