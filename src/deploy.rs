@@ -199,6 +199,10 @@ pub async fn load_all(state: &Arc<AppState>) {
     tracing::info!(models = names.len(), failed, "initial load finished");
 }
 
+/// The first and the longest wait before a failed load is tried again by the poller.
+const MIN_RETRY_DELAY: Duration = Duration::from_secs(5);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+
 /// Watches the repository every `interval`; see the module docs. `seen` starts from what the
 /// initial load saw.
 pub async fn poll(
@@ -207,6 +211,11 @@ pub async fn poll(
     mut applied: BTreeMap<String, [u8; 32]>,
 ) {
     let mut previous = applied.clone();
+    // Bundles whose load failed for a reason of the moment (the audit trail could not be
+    // written, an internal error): tried again after a delay that doubles, up to
+    // `MAX_RETRY_DELAY`, instead of never (the fingerprint was marked applied whatever the
+    // outcome: a red-team finding).
+    let mut retry: BTreeMap<String, (tokio::time::Instant, Duration)> = BTreeMap::new();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -221,13 +230,34 @@ pub async fn poll(
             if applied.get(name) == Some(print) || !stable {
                 continue;
             }
+            if let Some((at, _)) = retry.get(name)
+                && tokio::time::Instant::now() < *at
+            {
+                continue;
+            }
             applied.insert(name.clone(), *print);
             // Whether a rollback pinned the model is decided by the repository under its load
             // lock, not here: a rollback in flight now would otherwise be undone by this load
             // queued behind it.
             tracing::info!(model = %name, "bundle changed on disk: reloading unless pinned");
             // Other errors are in the index and the audit trail already.
-            match load(&state, name, LoadTarget::PolicyUnlessPinned, POLLER, "-").await {
+            let outcome = load(&state, name, LoadTarget::PolicyUnlessPinned, POLLER, "-").await;
+            if let Err(e @ (DeployError::AuditUnavailable(_) | DeployError::Internal(_))) = &outcome
+            {
+                let delay = retry
+                    .get(name)
+                    .map_or(interval.max(MIN_RETRY_DELAY), |(_, d)| *d * 2)
+                    .min(MAX_RETRY_DELAY);
+                tracing::warn!(model = %name, error = %e, retry_in_secs = delay.as_secs(),
+                    "bundle changed on disk; the load failed and will be tried again");
+                // Kept in `applied` (a bundle that leaves the disk is still unloaded), under a
+                // fingerprint no bundle has, so that it is loaded again once the delay passes.
+                applied.insert(name.clone(), [0; 32]);
+                retry.insert(name.clone(), (tokio::time::Instant::now() + delay, delay));
+                continue;
+            }
+            retry.remove(name);
+            match outcome {
                 Err(DeployError::Repository(RepositoryError::Pinned { version, .. })) => {
                     tracing::info!(model = %name, version,
                         "bundle changed on disk; not reloaded: pinned by a rollback until the next load");
@@ -239,6 +269,7 @@ pub async fn poll(
                 _ => {}
             }
         }
+        retry.retain(|name, _| now.contains_key(name));
         let gone: Vec<String> = applied
             .keys()
             .filter(|n| !now.contains_key(*n))

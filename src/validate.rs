@@ -133,6 +133,11 @@ pub struct RunContext {
     /// The dataset was uploaded by the caller (the report's `dataset.origin` is `upload`: the
     /// deployment gate does not count it).
     pub uploaded: bool,
+    /// The run was asked for over HTTP by a caller without the admin role (the report's
+    /// `dataset.origin` is `researcher`: the deployment gate does not count it, since its
+    /// options — label, output, patient-id column, replicates — are the caller's: a run
+    /// made to fail withdrew an operator's pass, a red-team finding).
+    pub researcher: bool,
 }
 
 /// How far a run has read its dataset.
@@ -772,6 +777,23 @@ fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
 /// Runs one validation and writes `report.json` and `report.html` into `args.out`.
 pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
     let settings = settings(args)?;
+    // The patient-id column identifies patients: as a subgroup every identifier would be
+    // listed in the report with its counts (each patient's outcome, in a small cohort), and
+    // as the label column its values would be quoted (red-team findings).
+    if let Some(id) = &args.patient_id_column {
+        if args.subgroups.contains(id) {
+            bail!(
+                "the patient-id column {:?} cannot be a subgroup: its values identify patients",
+                clip(id)
+            );
+        }
+        if *id == args.label_column {
+            bail!(
+                "the patient-id column {:?} cannot be the label column",
+                clip(id)
+            );
+        }
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let options = match ctx.options.clone() {
@@ -1185,7 +1207,13 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
             } else {
                 "tabular-csv"
             },
-            origin: if ctx.uploaded { "upload" } else { "file" },
+            origin: if ctx.uploaded {
+                "upload"
+            } else if ctx.researcher {
+                "researcher"
+            } else {
+                "file"
+            },
             label_column: args.label_column.clone(),
             score_column: (predictions && !multiclass).then(|| args.score_column.clone()),
             subgroup_columns: args.subgroups.clone(),
@@ -1479,7 +1507,7 @@ pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionChec
         }
         // (created, passed) of the newest report that counts.
         let mut newest: Option<(String, bool)> = None;
-        let mut uploads_only = false;
+        let mut others_only = false;
         for path in candidates {
             let Ok(meta) = std::fs::metadata(&path) else {
                 continue;
@@ -1507,7 +1535,7 @@ pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionChec
                 .and_then(|d| d.origin.as_deref())
                 .is_some_and(|o| o != "file")
             {
-                uploads_only = true;
+                others_only = true;
                 continue;
             }
             let passed = head.gate.is_some_and(|g| g.passed);
@@ -1528,10 +1556,11 @@ pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionChec
                 "its newest validation report for manifest {manifest_sha256} ({created}) does \
                  not pass a gate (--require-validation)"
             ),
-            None if uploads_only => format!(
+            None if others_only => format!(
                 "its only validation reports of {name} version {version} for manifest \
-                 {manifest_sha256} are on uploaded datasets, which the deployment gate does not \
-                 count: validate on a dataset under --validation-root or with `nightingale \
+                 {manifest_sha256} are on uploaded datasets or of researchers' runs, which the \
+                 deployment gate does not count: validate on a dataset under --validation-root \
+                 as an admin or with `nightingale \
                  validate` (--require-validation)"
             ),
             None => format!(

@@ -353,6 +353,22 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// A `chmod` changes a bundle's fingerprint (no modification time changes): a version
+/// refused because its model file could not be read is loaded again once it can be (a
+/// red-team finding: the poller never saw the fix).
+#[cfg(unix)]
+#[tokio::test]
+async fn a_permission_change_is_a_change_the_poller_sees() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let f = Fixture::new(&[1]).await;
+    let before = f.state.repository.fingerprints();
+    let file = f.bundle().join("1").join("model.onnx");
+    let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), mtime);
+    assert_ne!(f.state.repository.fingerprints(), before);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_poller_swaps_a_new_version_in_and_refuses_a_broken_one() {
     let f = Fixture::new(&[1]).await;

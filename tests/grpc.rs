@@ -742,4 +742,29 @@ async fn a_message_is_charged_for_its_decoded_size_before_it_is_decoded() {
     );
     let r = server.client().model_infer(raw_request(&rows(1))).await;
     assert!(r.is_ok(), "{r:?}");
+
+    // Refused before decoding, and audited as HTTP audits the same refusals when the call's
+    // first bytes name the model (a red-team finding: none was): the uncompressed amplifying
+    // message (over the budget), two messages, a message cut short. The compressed ones and
+    // the bare prefix name no model that can be read: not audited.
+    let refused: Vec<(u64, String)> =
+        std::fs::read_to_string(server.dir.path().join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|r| r["kind"] == "inference" && r["status"] != 200)
+            .map(|r| {
+                assert_eq!(r["model"], MODEL, "{r}");
+                (
+                    r["status"].as_u64().unwrap(),
+                    r["outcome"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+    assert_eq!(refused.len(), 3, "{refused:?}");
+    assert_eq!(
+        refused[1..],
+        [(400, "rejected".to_owned()), (400, "rejected".to_owned())]
+    );
+    assert_ne!(refused[0].1, "ok", "{refused:?}");
 }

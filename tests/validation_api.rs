@@ -256,13 +256,14 @@ async fn a_run_on_a_server_side_dataset_reports_scikit_learns_auroc_and_is_audit
     assert!((report["auroc"]["value"].as_f64().unwrap() - sklearn_auroc()).abs() < 1e-9);
     assert_eq!(report["model"]["version"], 1);
     // The dataset by the name it was given, not where the server keeps it; a dataset under
-    // --validation-root is the operator's file.
+    // --validation-root is the operator's file, but a researcher's run of it (their options)
+    // is theirs: it does not count for --require-validation.
     assert_eq!(
         report["dataset"]["path"], "sub/test.csv",
         "{}",
         report["dataset"]
     );
-    assert_eq!(report["dataset"]["origin"], "file");
+    assert_eq!(report["dataset"]["origin"], "researcher");
     let (s, html) = server.get(done["report"]["html"].as_str().unwrap()).await;
     assert_eq!(s, StatusCode::OK);
     assert!(html.as_str().unwrap().contains("<svg"));
@@ -817,7 +818,14 @@ fn require_validation_promotes_only_versions_with_a_passing_report() {
     write("v2", &report);
     let err = gated().load(MODEL).unwrap_err().to_string();
     assert!(err.contains("are on uploaded datasets"), "{err}");
-    // The operator's passing report again, and a newer upload that fails: still serves.
+    // Nor do researchers' runs (their label, output, patient-id column and replicates: one
+    // made to fail withdrew an operator's pass).
+    report["dataset"]["origin"] = json!("researcher");
+    write("v2", &report);
+    let err = gated().load(MODEL).unwrap_err().to_string();
+    assert!(err.contains("of researchers' runs"), "{err}");
+    // The operator's passing report again, and a newer upload and researcher's run that
+    // fail: still serves.
     report["dataset"]["origin"] = json!("file");
     write("v2", &report);
     let mut upload = report.clone();
@@ -825,6 +833,9 @@ fn require_validation_promotes_only_versions_with_a_passing_report() {
     upload["gate"]["passed"] = json!(false);
     upload["created"] = json!("2999-01-01T00:00:00Z");
     write("v2-upload", &upload);
+    let mut research = upload.clone();
+    research["dataset"]["origin"] = json!("researcher");
+    write("v2-research", &research);
     assert_eq!(gated().load(MODEL).unwrap(), vec![1, 2]);
     // A newer report of the operator's that fails withdraws the older pass.
     upload["dataset"]["origin"] = json!("file");

@@ -80,7 +80,16 @@ pub enum FeedbackRefused {
     /// A second item about the same card in one request (each card's outcome counts once).
     #[error("feedback item {index}: repeats the card of item {first}")]
     RepeatedCard { index: usize, first: usize },
+    /// An outcome dated before its card was issued, or in the future (beyond
+    /// [`FEEDBACK_CLOCK_SKEW`]): a clock error or a made-up date, not an outcome.
+    #[error(
+        "feedback item {index}: outcomeTimestamp is before the card was issued or in the future"
+    )]
+    TimestampOutOfRange { index: usize },
 }
+
+/// How far an outcome's time may lie before its card's issue or after now (clocks differ).
+pub const FEEDBACK_CLOCK_SKEW: chrono::Duration = chrono::Duration::minutes(5);
 
 impl CardLedger {
     /// A ledger of at most `capacity` cards.
@@ -211,6 +220,11 @@ impl CardLedger {
             let outcome_timestamp = DateTime::parse_from_rfc3339(&f.outcome_timestamp)
                 .map(|t| t.with_timezone(&Utc))
                 .map_err(|_| FeedbackError::Timestamp { index })?;
+            if outcome_timestamp < card.issued_at - FEEDBACK_CLOCK_SKEW
+                || outcome_timestamp > Utc::now() + FEEDBACK_CLOCK_SKEW
+            {
+                return Err(FeedbackRefused::TimestampOutOfRange { index });
+            }
             events.push(FeedbackEvent {
                 card: key,
                 service: card.service.clone(),
@@ -349,6 +363,40 @@ mod tests {
                 "userComment": "free text"});
         }
         serde_json::from_value(json!({"feedback": [item]})).unwrap()
+    }
+
+    #[test]
+    fn an_outcome_before_its_card_or_in_the_future_is_refused() {
+        let now = "2024-05-01T12:00:00Z".parse().unwrap();
+        let mut ledger = CardLedger::new(2);
+        let a = card();
+        ledger.record([&a], "risk", Some(("icu-mortality", "1")), now);
+        let at = |t: &str| {
+            let mut f = feedback(&a.uuid, "overridden");
+            f.feedback[0].outcome_timestamp = t.to_owned();
+            f
+        };
+        for bad in [
+            "0000-01-01T00:00:00Z",
+            "2024-05-01T11:50:00Z",
+            "9999-12-31T23:59:59Z",
+        ] {
+            assert!(
+                matches!(
+                    ledger.accept("risk", &at(bad)),
+                    Err(FeedbackRefused::TimestampOutOfRange { index: 0 })
+                ),
+                "{bad}"
+            );
+        }
+        // Within the skew of the issue time, and any time since.
+        for good in [
+            "2024-05-01T11:57:00Z",
+            "2024-05-01T12:00:00Z",
+            "2025-01-01T00:00:00Z",
+        ] {
+            assert!(ledger.accept("risk", &at(good)).is_ok(), "{good}");
+        }
     }
 
     #[test]

@@ -45,7 +45,8 @@
 //!                     {"system": "http://snomed.info/sct", "code": "248234008"}]}}}, // alert: 0
 //!             loinc("8310-5", 101.3, "[degF]"),      // 38.5 °C: 1
 //!         ]},
-//!         "conditions": null
+//!         "conditions": null,
+//!         "pregnancy": {"resourceType": "Bundle", "type": "searchset", "entry": []}
 //!     }
 //! }))?;
 //!

@@ -499,7 +499,8 @@ impl Service {
         Ok(out)
     }
 
-    /// The request's prefetch (every entry, a resource or a Bundle; `null` skipped) plus
+    /// The request's prefetch (every entry under a key the service declares, a resource or
+    /// a Bundle; `null` skipped, other keys not read) plus
     /// `fetched` (key, resource) as one set, and whether the patient's Conditions were read
     /// (a prefetch or fetch answered a key whose template searches `Condition` with a
     /// Bundle, and no Bundle of Conditions added is one page of a longer result: a `next`
@@ -521,7 +522,11 @@ impl Service {
         let mut conditions_read = false;
         if let Some(prefetch) = &request.prefetch {
             for (key, value) in prefetch {
-                if value.is_null() {
+                // Only the keys this service asks for (its discovery's `prefetch`): what the
+                // EHR sends under another key is not what the service's templates select
+                // (another patient's search, any number of keys of 10,000 resources each:
+                // a red-team finding), and is left unread.
+                if value.is_null() || !self.prefetch.contains_key(key) {
                     continue;
                 }
                 let r = Resource::from_value(value, limits).map_err(|source| {
@@ -550,8 +555,8 @@ impl Service {
         self.news2.vitals.look_back
     }
 
-    /// Answers a NEWS2 hook request as of `now`: the request's prefetch (every entry, a
-    /// resource or a Bundle; `null` skipped) plus `fetched` (what the caller fetched for
+    /// Answers a NEWS2 hook request as of `now`: the request's prefetch (every entry under a
+    /// key the service declares, a resource or a Bundle; `null` skipped) plus `fetched` (what the caller fetched for
     /// [`Service::missing_prefetch`]) are assessed for `context.patientId`, and the
     /// response holds one card (the score, what is missing, or why NEWS2 does not apply).
     pub fn evaluate_news2(

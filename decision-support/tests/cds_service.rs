@@ -450,10 +450,20 @@ fn a_malformed_entry_is_in_doubt_not_a_failed_call() {
         matches!(&a, Assessment::Incomplete(i) if i.unusable.len() == 7),
         "{a:?}"
     );
-    // A top-level prefetch resource that cannot be read is still the EHR's error (400).
+    // A top-level prefetch resource that cannot be read is still the EHR's error (400);
+    // under a key the service does not declare, it is not read at all.
     let mut req = request(patient("1925-12-23"), vitals_bundle());
     req.prefetch.as_mut().unwrap().insert(
         "extra".into(),
+        lab("2345-7", "2024-05-01T11:50:00Z", json!({"status": "draft"})),
+    );
+    assert!(
+        service
+            .evaluate_news2(&req, vec![], now(), &Limits::default())
+            .is_ok()
+    );
+    req.prefetch.as_mut().unwrap().insert(
+        "pregnancy".into(),
         lab("2345-7", "2024-05-01T11:50:00Z", json!({"status": "draft"})),
     );
     assert!(

@@ -1313,6 +1313,15 @@ impl Manifest {
                         st.file
                     ));
                 }
+                // The model file is taken by the engine: a self-test naming it was skipped
+                // without a word (a red-team finding).
+                let candle_config = self.candle.as_ref().map(|c| c.config.as_str());
+                if st.file == entry.model_file || Some(st.file.as_str()) == candle_config {
+                    return fail(format!(
+                        "version {version}: the self-test file {:?} is the model's own file",
+                        st.file
+                    ));
+                }
             }
         }
         if self.batching.max_batch_size > 1
@@ -1503,6 +1512,13 @@ labels = ["a", "b"]
 [versions.1.files]
 "model.onnx" = "0000000000000000000000000000000000000000000000000000000000000000"
 "#;
+
+    #[test]
+    fn a_self_test_of_the_model_file_is_refused() {
+        let text = format!("{MINIMAL}[selftest]\nfile = \"model.onnx\"\natol = 0.0\nrtol = 0.0\n");
+        let e = Manifest::parse(&text).unwrap_err().to_string();
+        assert!(e.contains("is the model's own file"), "{e}");
+    }
 
     #[test]
     fn a_reason_quoting_a_huge_value_is_cut() {

@@ -1107,6 +1107,21 @@ fn fingerprint_tree(root: &Path, dir: &Path, depth: usize, hash: &mut sha2::Sha2
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map_or(0, |d| d.as_nanos());
             hash.update(modified.to_le_bytes());
+            // Permissions, owner and inode too (their change time): a `chmod` that makes an
+            // unreadable model file readable changes no modification time, and a version
+            // refused for it was never loaded again (a red-team finding).
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::MetadataExt as _;
+                for n in [
+                    meta.ctime(),
+                    meta.ctime_nsec(),
+                    i64::from(meta.mode()),
+                    meta.ino() as i64,
+                ] {
+                    hash.update(n.to_le_bytes());
+                }
+            }
         }
     }
 }

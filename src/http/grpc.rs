@@ -108,9 +108,17 @@ async fn before_the_message(
         timeout = timeout.min(asked);
     }
     if rule.is_some_and(|r| r.method == "ModelInfer") {
-        return match admit_infer_message(&state, request, timeout).await {
+        let actor = request
+            .extensions()
+            .get::<Authorized>()
+            .map(|a| a.0.id.clone());
+        let mut head = Vec::new();
+        return match admit_infer_message(&state, request, timeout, &mut head).await {
             Ok(request) => next.run(request).await,
-            Err(e) => to_status(e, &request_id).into_http(),
+            Err(e) => {
+                audit_refused_infer(&state, &head, &request_id, actor, &e).await;
+                to_status(e, &request_id).into_http()
+            }
         };
     }
     let request = request.map(|body| {
@@ -121,6 +129,44 @@ async fn before_the_message(
         })
     });
     next.run(request).await
+}
+
+/// The first bytes of a `ModelInfer` call kept to name the model of a call refused before its
+/// message is decoded.
+const HEAD_BYTES: usize = 4096;
+
+/// The audit record of a `ModelInfer` call refused before its message was decoded (too large,
+/// malformed, over the admission budget, too slow), as HTTP records the same refusals: when
+/// the call's first bytes name a served model (a compressed message's do not: it is not
+/// inflated for this). A call that names none reached no model and is not audited, as an
+/// HTTP request to an unknown model is not.
+async fn audit_refused_infer(
+    state: &AppState,
+    head: &[u8],
+    request_id: &str,
+    actor: Option<String>,
+    refusal: &AppError,
+) {
+    if head.first() != Some(&0) {
+        return;
+    }
+    let (Some(name), version) = grpc_wire::model_of(head.get(5..).unwrap_or_default()) else {
+        return;
+    };
+    let Ok(call) = ModelCall::begin(
+        state,
+        Op::Infer,
+        &name,
+        version.as_deref().and_then(version_of),
+        request_id.to_owned(),
+        actor,
+        None,
+    ) else {
+        return;
+    };
+    let refused: Result<(), AppError> = Err(AppError::new(refusal.status, refusal.message.clone()));
+    // Its status is the refusal's; an audit failure changes nothing more here.
+    let _ = call.finish(refused).await;
 }
 
 /// A `ModelInfer` message read and charged to the admission budget before tonic decodes it
@@ -135,6 +181,7 @@ async fn admit_infer_message(
     state: &AppState,
     request: axum::extract::Request,
     timeout: Duration,
+    head: &mut Vec<u8>,
 ) -> Result<axum::extract::Request, AppError> {
     let (mut parts, body) = request.into_parts();
     let coding = match parts.headers.get("grpc-encoding").map(|v| v.as_bytes()) {
@@ -183,6 +230,9 @@ async fn admit_infer_message(
             }
             // Charged as it arrives, as an HTTP body is (a message still arriving holds
             // its share; one the budget has no room for is refused as it comes).
+            if head.len() < HEAD_BYTES {
+                head.extend_from_slice(&data[..data.len().min(HEAD_BYTES - head.len())]);
+            }
             ticket.charge(data.len().saturating_mul(BODY_CHARGE_FACTOR))?;
             chunks.push(data);
             if whole.is_none() && got >= 5 {

@@ -59,6 +59,41 @@ pub(crate) fn infer_request_bound(message: &[u8]) -> Result<usize, String> {
     Ok(total)
 }
 
+/// The model name and version (fields 1 and 2) a `ModelInferRequest` names, read from as much
+/// of its start as `head` holds (a message refused before it was decoded, or read whole:
+/// its audit record names its model as an HTTP request's URL does). `None` for a field not
+/// found whole, or not UTF-8, before the first field that cannot be read.
+pub(crate) fn model_of(head: &[u8]) -> (Option<String>, Option<String>) {
+    let mut r = Reader::new(head);
+    let (mut name, mut version) = (None, None);
+    // Clients write the fields in number order; a few others first are tolerated.
+    for _ in 0..64 {
+        let Ok(Some((field, wire))) = r.key() else {
+            break;
+        };
+        let text = |bytes: &[u8]| std::str::from_utf8(bytes).ok().map(str::to_owned);
+        match (field, wire) {
+            (1, LEN) => match r.len_delimited() {
+                Ok(b) => name = text(b),
+                Err(_) => break,
+            },
+            (2, LEN) => match r.len_delimited() {
+                Ok(b) => version = text(b),
+                Err(_) => break,
+            },
+            _ => {
+                if r.skip(wire).is_err() {
+                    break;
+                }
+            }
+        }
+        if name.is_some() && version.is_some() {
+            break;
+        }
+    }
+    (name, version)
+}
+
 /// One `InferInputTensor`'s contents (beyond the struct itself).
 fn input_tensor(bytes: &[u8]) -> Result<usize, String> {
     let mut r = Reader::new(bytes);
@@ -227,6 +262,28 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use prost::Message;
+
+    #[test]
+    fn the_model_is_read_from_the_start_of_a_message() {
+        let m = ModelInferRequest {
+            model_name: "wdbc-malignancy".into(),
+            model_version: "2".into(),
+            raw_input_contents: vec![vec![0u8; 100].into()],
+            ..Default::default()
+        };
+        let bytes = m.encode_to_vec();
+        assert_eq!(
+            model_of(&bytes),
+            (Some("wdbc-malignancy".into()), Some("2".into()))
+        );
+        // Cut after the name: the name alone; cut inside it: nothing.
+        assert_eq!(
+            model_of(&bytes[..17]),
+            (Some("wdbc-malignancy".into()), None)
+        );
+        assert_eq!(model_of(&bytes[..8]), (None, None));
+        assert_eq!(model_of(b"\xff\xff"), (None, None));
+    }
 
     use super::*;
     use crate::http::grpc::proto::{InferTensorContents, ModelInferRequest, infer_parameter};

@@ -500,6 +500,9 @@ async fn create_run(
     let ctx = RunContext {
         dataset_label: Some(dataset_name.clone()),
         uploaded,
+        researcher: !caller
+            .as_ref()
+            .is_some_and(|c| c.0.has(super::auth::Role::Admin)),
         options: Some(validation.options.clone()),
         audit: Some(state.audit.clone()),
         progress: Some(run.progress.clone()),

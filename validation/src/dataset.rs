@@ -380,7 +380,18 @@ impl CsvDataset {
         let rec = &self.record;
         let label_text = rec.get(self.label_idx).unwrap_or("");
         let Some(class) = self.labels.class_of(label_text) else {
-            let shown: String = label_text.trim().chars().take(32).collect();
+            // Quoted only when it is a short number (a class index gone wrong): any other
+            // text may be an identifier (a patient-id column named as the label put MRNs in
+            // the report and the server's log: a red-team finding).
+            let t = label_text.trim();
+            let shown = if t.len() <= 4
+                && t.bytes()
+                    .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-')
+            {
+                format!("{t:?}")
+            } else {
+                format!("of {} characters", t.chars().count())
+            };
             let allowed = if self.labels.multiclass {
                 format!("a class index below {} or", self.labels.classes.len())
             } else {
@@ -389,7 +400,7 @@ impl CsvDataset {
             return Ok(Some(Err(Unusable {
                 row,
                 reason: format!(
-                    "label {shown:?} is not {allowed} one of the bundle's classes ({})",
+                    "label {shown} is not {allowed} one of the bundle's classes ({})",
                     self.labels.classes.join(", ")
                 ),
             })));
@@ -518,6 +529,11 @@ pub struct NpyDataset {
     labels: Vec<i64>,
     classes: usize,
     multiclass: bool,
+    /// Binary: the class index of the positive label (labels.npy holds the output's class
+    /// indices, and the positive label need not be index 1: wdbc-malignancy's is 0; taking
+    /// 1 as positive inverted such a model's AUROC, a red-team finding). `None` when the
+    /// output names no classes: 1 is positive.
+    positive_index: Option<usize>,
     /// Elements per row, and the row's shape.
     row_len: usize,
     row_shape: Vec<usize>,
@@ -628,6 +644,7 @@ impl NpyDataset {
             labels: label_values,
             classes: labels.classes.len(),
             multiclass: labels.multiclass,
+            positive_index: labels.classes.iter().position(|c| *c == labels.positive),
             row_len,
             row_shape: row_shape.to_vec(),
             rows: 0,
@@ -655,21 +672,23 @@ impl NpyDataset {
         }
         self.rows += 1;
         let row = self.rows;
-        let class = usize::try_from(label).ok().filter(|&c| {
-            if self.multiclass {
-                c < self.classes
-            } else {
-                c <= 1
-            }
-        });
-        let Some(class) = class else {
+        // Binary: a class index of the output (any of its classes; the positive one, or
+        // another), or 0/1 when it names none.
+        let bound = match (self.multiclass, self.positive_index) {
+            (true, _) | (false, Some(_)) => self.classes,
+            (false, None) => 2,
+        };
+        let Some(index) = usize::try_from(label).ok().filter(|&c| c < bound) else {
             return Ok(Some(Err(Unusable {
                 row,
-                reason: format!(
-                    "label {label} is not a class index below {}",
-                    if self.multiclass { self.classes } else { 2 }
-                ),
+                reason: format!("label {label} is not a class index below {bound}"),
             })));
+        };
+        // Binary rows carry 1 for the positive class, 0 for any other (as CSV labels do).
+        let class = match (self.multiclass, self.positive_index) {
+            (true, _) => index,
+            (false, Some(p)) => usize::from(index == p),
+            (false, None) => index,
         };
         if features.iter().any(|v| !v.is_finite()) {
             return Ok(Some(Err(Unusable {

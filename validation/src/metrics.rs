@@ -711,8 +711,10 @@ pub fn reliability(y: &[bool], p: &[f64], bins: usize) -> Option<Reliability> {
     let mut sp = vec![0.0; bins];
     let mut sy = vec![0.0; bins];
     for (&y, &p) in y.iter().zip(p) {
-        // numpy.searchsorted(interior, p, side="right")
-        let b = interior.partition_point(|&e| e <= p);
+        // numpy.searchsorted(interior, p) (side="left", as calibration_curve calls it): a
+        // score on an edge goes to the bin below (it went above, against scikit-learn's
+        // ECE for rounded scores: a red-team finding)
+        let b = interior.partition_point(|&e| e < p);
         n[b] += 1;
         sp[b] += p;
         sy[b] += f64::from(u8::from(y));
@@ -917,6 +919,11 @@ mod tests {
         assert_eq!(r.bins[2].n, 1);
         assert_eq!(r.bins[9].n, 1);
         assert!((r.ece - (0.5 * 0.7 + 0.5 * 1.0)).abs() < 1e-15);
+        // On an edge: the bin below, as scikit-learn 1.9's calibration_curve puts it (0.5 in
+        // [0.4, 0.5], 0.1 in [0, 0.1]).
+        let r = reliability(&[true, false, true], &[0.5, 0.1, 0.0], 10).unwrap();
+        assert_eq!((r.bins[4].n, r.bins[5].n), (1, 0));
+        assert_eq!((r.bins[0].n, r.bins[1].n), (2, 0));
     }
 
     #[test]
