@@ -296,6 +296,11 @@ pub struct ImageHeader {
     pub modality_lut_sequence: bool,
     /// A VOI LUT Sequence is present.
     pub voi_lut_sequence: bool,
+    /// Presentation LUT Shape (2050,0020) is `INVERSE`: a grey image displayed inverted, as
+    /// MONOCHROME1 is (PS3.3 C.11.6.1.2; with MONOCHROME1 it names the same inversion, not
+    /// a second one, C.8.11.6.1). A MONOCHROME2 image so marked was shown and processed
+    /// uninverted, unlike its MONOCHROME1 twin (a review's finding).
+    pub presentation_inverse: bool,
     /// The patient, modality and SOP class, which every instance of a series must share
     /// ([`check_series`]); values never shown.
     pub identity: crate::series::SeriesIdentity,
@@ -383,8 +388,17 @@ impl ImageHeader {
             window,
             modality_lut_sequence: has(obj, tags::MODALITY_LUT_SEQUENCE),
             voi_lut_sequence: has(obj, tags::VOILUT_SEQUENCE),
+            presentation_inverse: optional_str(obj, tags::PRESENTATION_LUT_SHAPE)
+                .is_some_and(|s| s.trim() == "INVERSE"),
             identity: crate::series::SeriesIdentity::of(obj),
         })
+    }
+
+    /// Whether the image is displayed inverted (its low values white): MONOCHROME1, or a
+    /// MONOCHROME2 image whose Presentation LUT Shape is INVERSE.
+    pub fn displays_inverted(&self) -> bool {
+        self.photometric == Photometric::Monochrome1
+            || (self.photometric == Photometric::Monochrome2 && self.presentation_inverse)
     }
 
     /// Pixels per frame.
@@ -745,7 +759,7 @@ impl PixelSource {
             data: Vec::new(),
             slope,
             intercept,
-            monochrome1: h.photometric == Photometric::Monochrome1,
+            monochrome1: h.displays_inverted(),
             values: Values::Stored,
             window,
             bits_stored: bits,
@@ -1426,6 +1440,20 @@ pub fn check_series(headers: &[ImageHeader]) -> Result<(), PixelError> {
                 h.photometric.as_str().to_owned(),
             ));
         }
+        if h.displays_inverted() != first.displays_inverted() {
+            let shape = |h: &ImageHeader| {
+                if h.presentation_inverse {
+                    "INVERSE"
+                } else {
+                    "IDENTITY"
+                }
+            };
+            return Err(differ(
+                "PresentationLUTShape",
+                shape(first).to_owned(),
+                shape(h).to_owned(),
+            ));
+        }
     }
     Ok(())
 }
@@ -2053,6 +2081,7 @@ mod tests {
             window: None,
             modality_lut_sequence: false,
             voi_lut_sequence: false,
+            presentation_inverse: false,
             identity: Default::default(),
         };
         let mut v = vec![0x0FFF, 0xF800, 0x07FF];

@@ -13,9 +13,9 @@ use std::path::Path;
 use dicom_core::Tag;
 use dicom_dictionary_std::tags;
 use dicom_object::{DefaultDicomObject, InMemDicomObject};
-use rusqlite::OptionalExtension;
+use rusqlite::{OptionalExtension, params};
 
-use crate::spool::{INSTANCE_COLUMNS, Spool, StoreError, Stored};
+use crate::spool::{INSTANCE_COLUMNS, OWN_RESULTS_SENDER, Spool, StoreError, Stored};
 
 /// A series that got instances after the cursor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,9 +183,11 @@ impl Spool {
         {
             let mut stmt = db.prepare_cached(
                 "SELECT seq, study_uid, series_uid FROM instances WHERE seq > ?1
+                   AND calling_ae != ?2
                  ORDER BY seq LIMIT 10000",
             )?;
-            let rows = stmt.query_map([after_row], |r| {
+            // This node's own result objects are not arrivals.
+            let rows = stmt.query_map(params![after_row, OWN_RESULTS_SENDER], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, String>(1)?,

@@ -91,6 +91,11 @@ pub struct Incoming<'a> {
     pub expected_sop_instance: Option<&'a str>,
 }
 
+/// The sender label of the result objects this node made and keeps in its spool
+/// ([`Spool::store_own_result`]): longer than an AE title may be (16), so no peer's calling AE
+/// is ever taken for it.
+pub const OWN_RESULTS_SENDER: &str = "nightingale-results";
+
 /// The index columns [`Spool::stored_row`] reads, in its order.
 pub(crate) const INSTANCE_COLUMNS: &str = "sop_instance_uid, sop_class_uid, study_uid, series_uid, \
      transfer_syntax, calling_ae, received_at_ms, size, sha256, path, modality, study_date, \
@@ -770,6 +775,35 @@ impl Spool {
     /// The quarantine folder.
     pub fn quarantine_dir(&self) -> PathBuf {
         self.root.join(QUARANTINE_DIR)
+    }
+
+    /// Stores a Part 10 file this node made (the DICOM pipeline's result objects), as
+    /// [`Spool::store`] stores a received one, under the calling AE [`OWN_RESULTS_SENDER`]:
+    /// QIDO-RS then lists it and WADO-RS serves it like any instance, and the pipeline does
+    /// not take it for an arrival ([`Spool::series_touched_since`] leaves such rows out).
+    pub fn store_own_result(&self, file: &[u8]) -> Result<Stored, StoreError> {
+        let not_part10 = |detail: String| StoreError::CannotParse {
+            transfer_syntax: String::new(),
+            detail,
+        };
+        if file.len() < 132 || &file[128..132] != b"DICM" {
+            return Err(not_part10("not a DICOM Part 10 file".into()));
+        }
+        let (meta, consumed) =
+            crate::meta::read_file_meta(&file[128..]).map_err(|e| not_part10(e.to_string()))?;
+        let dataset = &file[128 + consumed..];
+        let ts = sop::trim_uid(meta.transfer_syntax()).to_owned();
+        let sop_class = sop::trim_uid(meta.media_storage_sop_class_uid()).to_owned();
+        let sop_instance = sop::trim_uid(meta.media_storage_sop_instance_uid()).to_owned();
+        self.store(
+            dataset,
+            &Incoming {
+                transfer_syntax: &ts,
+                calling_ae: OWN_RESULTS_SENDER,
+                expected_sop_class: Some(&sop_class),
+                expected_sop_instance: Some(&sop_instance),
+            },
+        )
     }
 
     /// Stores one data set (without file meta, encoded in `incoming.transfer_syntax`, as a

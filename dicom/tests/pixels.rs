@@ -695,6 +695,41 @@ fn a_series_must_be_one_patient_and_one_kind_of_object() {
 }
 
 #[test]
+fn a_monochrome2_image_whose_presentation_lut_is_inverse_is_inverted_as_monochrome1() {
+    // A review's finding: Presentation LUT Shape INVERSE was ignored, so a MONOCHROME2 image
+    // so marked was shown (and fed to the model) the other way round from its MONOCHROME1
+    // twin. Both now decode alike; with MONOCHROME1, INVERSE is the same inversion, once.
+    let frame_of = |photometric: &str, shape: Option<&str>| {
+        let mut obj = grey(1, 3, 1, 8, PrimitiveValue::U8(vec![0u8, 128, 255].into()));
+        put(
+            &mut obj,
+            tags::PHOTOMETRIC_INTERPRETATION,
+            VR::CS,
+            photometric.into(),
+        );
+        if let Some(shape) = shape {
+            put(&mut obj, tags::PRESENTATION_LUT_SHAPE, VR::CS, shape.into());
+        }
+        put(&mut obj, tags::WINDOW_CENTER, VR::DS, "128".into());
+        put(&mut obj, tags::WINDOW_WIDTH, VR::DS, "256".into());
+        let source = PixelSource::from_object(obj, &Limits::default()).unwrap();
+        let options = DecodeOptions {
+            voi: Voi::FromObject,
+            invert_monochrome1: true,
+            ..Default::default()
+        };
+        source.frame(0, &options).unwrap().data
+    };
+    let monochrome1 = frame_of("MONOCHROME1", None);
+    assert!(monochrome1[0] > monochrome1[2], "{monochrome1:?}");
+    assert_eq!(frame_of("MONOCHROME2", Some("INVERSE")), monochrome1);
+    assert_eq!(frame_of("MONOCHROME1", Some("INVERSE")), monochrome1);
+    let plain = frame_of("MONOCHROME2", Some("IDENTITY"));
+    assert!(plain[0] < plain[2], "{plain:?}");
+    assert_eq!(frame_of("MONOCHROME2", None), plain);
+}
+
+#[test]
 fn modality_voi_and_monochrome1_options() {
     // 12-bit stored values 0, 1000, 2000, 4095 with slope 2 and intercept -1000, MONOCHROME1.
     let mut obj = grey(

@@ -401,6 +401,93 @@ fn sc_keeps_the_source_images_lossy_history_and_orientation() {
 }
 
 #[test]
+fn an_instance_stored_in_a_lossy_transfer_syntax_makes_a_lossy_sc() {
+    // A review's finding: only a header that said "01" was copied; JPEG baseline without the
+    // flag gave an SC that did not say it derives from a lossy image (PS3.3 C.7.6.1.1.5).
+    let series = synthetic_series(2, true);
+    let mut source = SourceSeries::from_instances(&series).unwrap();
+    source.note_transfer_syntax(0, "1.2.840.10008.1.2.4.50\0");
+    source.note_transfer_syntax(1, "1.2.840.10008.1.2.4.70");
+    let ctx = ctx("Research use.");
+    let sc = |sop: &str| {
+        read_back(&build_sc(&source, &ctx, &findings(), grey_image(sop, 8, 8)).unwrap())
+    };
+    let o = sc("1.2.826.0.1.3680043.10.1383.9.1.1.1");
+    assert_eq!(
+        text(&o, tags::LOSSY_IMAGE_COMPRESSION).as_deref(),
+        Some("01")
+    );
+    assert_eq!(
+        text(&o, tags::LOSSY_IMAGE_COMPRESSION_METHOD).as_deref(),
+        Some("ISO_10918_1")
+    );
+    // JPEG lossless: nothing claimed.
+    let o = sc("1.2.826.0.1.3680043.10.1383.9.1.1.2");
+    assert!(
+        o.element_opt(tags::LOSSY_IMAGE_COMPRESSION)
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[test]
+fn the_results_keep_the_sources_time_zone() {
+    // A review's finding: "+0000" whatever the source, so a study at 08:30 +0100 read as
+    // 08:30 UTC. Now the source's offset is copied and the result's own times are in it.
+    let mut series = synthetic_series(1, true);
+    s(
+        &mut series[0],
+        tags::TIMEZONE_OFFSET_FROM_UTC,
+        VR::SH,
+        "-0530",
+    );
+    let source = SourceSeries::from_instances(&series).unwrap();
+    let ctx = ctx("Research use.");
+    let sr = read_back(&build_sr(&source, &ctx, &findings()).unwrap());
+    assert_eq!(
+        text(&sr, tags::TIMEZONE_OFFSET_FROM_UTC).as_deref(),
+        Some("-0530")
+    );
+    let created: chrono::DateTime<chrono::Utc> = ctx.created.into();
+    let local = created.with_timezone(&chrono::FixedOffset::west_opt(5 * 3600 + 1800).unwrap());
+    assert_eq!(
+        text(&sr, tags::INSTANCE_CREATION_DATE).unwrap(),
+        local.format("%Y%m%d").to_string()
+    );
+    assert!(
+        text(&sr, tags::INSTANCE_CREATION_TIME)
+            .unwrap()
+            .starts_with(&local.format("%H%M%S").to_string())
+    );
+    let equipment = sr
+        .element(tags::CONTRIBUTING_EQUIPMENT_SEQUENCE)
+        .unwrap()
+        .items()
+        .unwrap()[0]
+        .clone();
+    assert!(
+        text(&equipment, tags::CONTRIBUTION_DATE_TIME)
+            .unwrap()
+            .ends_with("-0530")
+    );
+    // A source without one (or with a malformed one): none written, times in local time.
+    for offset in [None, Some("+2500"), Some("0100")] {
+        let mut series = synthetic_series(1, true);
+        if let Some(o) = offset {
+            s(&mut series[0], tags::TIMEZONE_OFFSET_FROM_UTC, VR::SH, o);
+        }
+        let source = SourceSeries::from_instances(&series).unwrap();
+        let sr = read_back(&build_sr(&source, &ctx, &findings()).unwrap());
+        assert!(
+            sr.element_opt(tags::TIMEZONE_OFFSET_FROM_UTC)
+                .unwrap()
+                .is_none(),
+            "{offset:?}"
+        );
+    }
+}
+
+#[test]
 fn hostile_inputs_are_typed_errors() {
     let ctx = ctx("Research use.");
     assert!(matches!(

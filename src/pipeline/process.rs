@@ -162,7 +162,7 @@ impl Pipeline {
                     self.store()
                         .complete_job(job.id, &version, json.as_ref(), &objects);
                 match completed {
-                    Ok(true) => {}
+                    Ok(true) => self.keep_in_spool(&objects).await,
                     Ok(false) => {
                         tracing::warn!(
                             job = job.id,
@@ -201,6 +201,40 @@ impl Pipeline {
                     tracing::error!(error = %e, "results store: job end not recorded");
                 }
             }
+        }
+    }
+
+    /// Stores a done job's result objects in the spool too (once each, whatever the number
+    /// of destinations), so that QIDO-RS lists them with the study's instances (it searches
+    /// the spool's index) and WADO-RS serves them from there; not routed again (the spool
+    /// keeps them under [`nightingale_dicom::spool::OWN_RESULTS_SENDER`]). One that cannot be
+    /// stored (a full spool) is logged: its delivery to PACS does not depend on it.
+    async fn keep_in_spool(self: &Arc<Self>, objects: &[ResultObject]) {
+        let mut files: Vec<PathBuf> = Vec::new();
+        for o in objects {
+            let path = self.config.results_dir.join(&o.path);
+            if !files.contains(&path) {
+                files.push(path);
+            }
+        }
+        let spool = self.spool.clone();
+        let stored = blocking(move || {
+            for file in files {
+                let kept = std::fs::read(&file)
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| spool.store_own_result(&bytes).map_err(|e| e.to_string()));
+                if let Err(e) = kept {
+                    metrics::counter!("nightingale_pipeline_results_not_indexed_total")
+                        .increment(1);
+                    tracing::warn!(error = %e,
+                        "a result object was not kept in the spool: QIDO-RS will not list it");
+                }
+            }
+            Ok(())
+        })
+        .await;
+        if let Err(e) = stored {
+            tracing::warn!(error = %e.detail, "result objects not kept in the spool");
         }
     }
 
@@ -731,13 +765,16 @@ impl Pipeline {
                     .map_err(|e| JobFailure::new("unreadable", e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let source =
+        let mut source =
             SourceSeries::from_instances(headers.iter().map(|h| &**h)).map_err(|e| match e {
                 nightingale_dicom::results::ResultError::UnsupportedCharset => {
                     JobFailure::new("unsupported_charset", e.to_string())
                 }
                 e => JobFailure::new("source_attributes", e.to_string()),
             })?;
+        for (index, h) in headers.iter().enumerate() {
+            source.note_transfer_syntax(index, h.meta().transfer_syntax());
+        }
         let ctx = ResultContext::new(
             &model.name,
             &model.version.to_string(),

@@ -122,6 +122,24 @@ def test_a_stored_image_comes_back_as_sr_and_sc(work, name):
         stored = pydicom.dcmread(spool / spool_index(spool)[str(ds.SOPInstanceUID)]["path"])
         assert got == stored
         assert got.PixelData == ds.PixelData
+
+        # QIDO-RS (dicomweb-client) lists the result objects with the study's instances: the
+        # SR and SC series, with their modality and SOP class as pydicom reads them from the
+        # files PACS received.
+        study = str(ds.StudyInstanceUID)
+        series = {s["0020000E"]["Value"][0]: s for s in client.search_for_series(study)}
+        for o in job["objects"]:
+            sent = pydicom.dcmread(objects[o["sop_class_uid"]], stop_before_pixels=True)
+            found = series[o["series_instance_uid"]]
+            assert found["00080060"]["Value"][0] == sent.Modality, found
+            [instance] = client.search_for_instances(study, o["series_instance_uid"])
+            assert instance["00080018"]["Value"][0] == o["sop_instance_uid"]
+            assert instance["00080016"]["Value"][0] == o["sop_class_uid"]
+        assert str(ds.SeriesInstanceUID) in series and len(series) == 3, series.keys()
+        [found] = client.search_for_studies(search_filters={"StudyInstanceUID": study})
+        modalities = set(found["00080061"]["Value"])
+        assert modalities == {ds.Modality, "SR",
+                              pydicom.dcmread(objects[SC_CLASS], stop_before_pixels=True).Modality}
         assert not identifiers_in(server.log(), ds.PatientID, ds.PatientName)
     finally:
         stop(server.proc)

@@ -1,7 +1,7 @@
 //! What the SR and the SC share: element helpers, the copied patient/study attributes, the
 //! equipment (IHE AIR), dates, and Part 10 serialisation.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, FixedOffset, Utc};
 use dicom_core::value::DataSetSequence;
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
@@ -73,12 +73,33 @@ pub(crate) fn put_code(obj: &mut InMemDicomObject, tag: Tag, code: &Code) {
 }
 
 /// Date (DA) and time (TM, to the microsecond) of `ctx.created`, in UTC.
-pub(crate) fn date_time(ctx: &ResultContext) -> (String, String) {
+/// The object's creation date and time, in the source's time zone (its Timezone Offset From
+/// UTC, which the result copies: PS3.3 C.12.1.1.8 applies one offset to every date and time
+/// of an instance, the copied study date and time included), else in this host's local time
+/// (no offset written: a source without one is in the site's local time). It was UTC with
+/// "+0000" whatever the source: a study at 08:30 +0100 read as 08:30 UTC (a review's finding).
+pub(crate) fn date_time(ctx: &ResultContext, source: &SourceSeries) -> (String, String) {
     let t: DateTime<Utc> = ctx.created.into();
+    let local = t.with_timezone(&offset_of(source));
     (
-        t.format("%Y%m%d").to_string(),
-        t.format("%H%M%S%.6f").to_string(),
+        local.format("%Y%m%d").to_string(),
+        local.format("%H%M%S%.6f").to_string(),
     )
+}
+
+/// The source's offset, or this host's at the creation time.
+fn offset_of(source: &SourceSeries) -> FixedOffset {
+    source
+        .timezone
+        .unwrap_or_else(|| *chrono::Local::now().offset())
+}
+
+/// `+HHMM` / `-HHMM`, as Timezone Offset From UTC (SH) and a DT's suffix write it.
+pub(crate) fn offset_text(offset: FixedOffset) -> String {
+    let seconds = offset.local_minus_utc();
+    let sign = if seconds < 0 { '-' } else { '+' };
+    let minutes = seconds.unsigned_abs() / 60;
+    format!("{sign}{:02}{:02}", minutes / 60, minutes % 60)
 }
 
 /// Specific Character Set, the copied patient/study attributes, and empty values for the
@@ -151,13 +172,21 @@ pub(crate) fn put_sop_common(
     sop_class: &str,
     sop_instance: &Uid,
     ctx: &ResultContext,
+    source: &SourceSeries,
 ) {
-    let (date, time) = date_time(ctx);
+    let (date, time) = date_time(ctx, source);
     put(obj, tags::SOP_CLASS_UID, VR::UI, sop_class);
     put(obj, tags::SOP_INSTANCE_UID, VR::UI, sop_instance.as_str());
     put(obj, tags::INSTANCE_CREATION_DATE, VR::DA, &date);
     put(obj, tags::INSTANCE_CREATION_TIME, VR::TM, &time);
-    put(obj, tags::TIMEZONE_OFFSET_FROM_UTC, VR::SH, "+0000");
+    if let Some(offset) = source.timezone {
+        put(
+            obj,
+            tags::TIMEZONE_OFFSET_FROM_UTC,
+            VR::SH,
+            &offset_text(offset),
+        );
+    }
 
     let mut equipment = InMemDicomObject::new_empty();
     put(&mut equipment, tags::MANUFACTURER, VR::LO, MANUFACTURER);
@@ -188,7 +217,7 @@ pub(crate) fn put_sop_common(
         &mut equipment,
         tags::CONTRIBUTION_DATE_TIME,
         VR::DT,
-        &format!("{date}{time}+0000"),
+        &format!("{date}{time}{}", offset_text(offset_of(source))),
     );
     put(
         &mut equipment,

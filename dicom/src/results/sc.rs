@@ -128,7 +128,7 @@ pub fn build_sc(
     let referenced = &source.instances[index];
     let sop_instance_uid = Uid::generate();
     let series_instance_uid = Uid::generate();
-    let (date, time) = date_time(ctx);
+    let (date, time) = date_time(ctx, source);
     let ascii = all_ascii([
         ctx.bundle_name.as_str(),
         &ctx.bundle_version,
@@ -136,7 +136,7 @@ pub fn build_sc(
     ]);
 
     let mut obj = InMemDicomObject::new_empty();
-    put_sop_common(&mut obj, SECONDARY_CAPTURE, &sop_instance_uid, ctx);
+    put_sop_common(&mut obj, SECONDARY_CAPTURE, &sop_instance_uid, ctx, source);
     copy_source(&mut obj, source, ascii);
 
     // General Series: "OT", not the source's modality, so routing rules on modality never

@@ -95,6 +95,46 @@ pub struct SourceSeries {
     pub(crate) orientations: Vec<Option<InMemElement>>,
     /// Lossy Image Compression (and its ratio and method) of each instance, when "01".
     pub(crate) lossy: Vec<Vec<InMemElement>>,
+    /// The first instance's Timezone Offset From UTC, when it has a valid one (`±HHMM`).
+    pub(crate) timezone: Option<chrono::FixedOffset>,
+}
+
+/// A Timezone Offset From UTC (`+HHMM` or `-HHMM`, PS3.3 C.12.1.1.8), if valid.
+fn parse_offset(text: &str) -> Option<chrono::FixedOffset> {
+    let b = text.as_bytes();
+    if b.len() != 5 || !b[1..].iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let hours = i32::from(b[1] - b'0') * 10 + i32::from(b[2] - b'0');
+    let minutes = i32::from(b[3] - b'0') * 10 + i32::from(b[4] - b'0');
+    if hours > 14 || minutes > 59 {
+        return None;
+    }
+    let seconds = (hours * 60 + minutes) * 60;
+    match b[0] {
+        b'+' => chrono::FixedOffset::east_opt(seconds),
+        b'-' => chrono::FixedOffset::west_opt(seconds),
+        _ => None,
+    }
+}
+
+/// The method (0028,2114) of a lossy transfer syntax, `None` for a lossless one (JPEG 2000
+/// Part 1, `.91`, may be either: taken as lossy, the cautious reading).
+fn lossy_method(transfer_syntax: &str) -> Option<&'static str> {
+    match transfer_syntax.trim_end_matches(['\0', ' ']) {
+        "1.2.840.10008.1.2.4.50" | "1.2.840.10008.1.2.4.51" => Some("ISO_10918_1"),
+        "1.2.840.10008.1.2.4.81" => Some("ISO_14495_1"),
+        "1.2.840.10008.1.2.4.91" | "1.2.840.10008.1.2.4.93" => Some("ISO_15444_1"),
+        "1.2.840.10008.1.2.4.203" => Some("ISO_15444_15"),
+        "1.2.840.10008.1.2.4.100" | "1.2.840.10008.1.2.4.101" => Some("ISO_13818_2"),
+        "1.2.840.10008.1.2.4.102"
+        | "1.2.840.10008.1.2.4.103"
+        | "1.2.840.10008.1.2.4.104"
+        | "1.2.840.10008.1.2.4.105"
+        | "1.2.840.10008.1.2.4.106" => Some("ISO_14496_10"),
+        "1.2.840.10008.1.2.4.107" | "1.2.840.10008.1.2.4.108" => Some("ISO_23008_2"),
+        _ => None,
+    }
 }
 
 fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
@@ -165,6 +205,7 @@ impl SourceSeries {
         }) {
             return Err(ResultError::UnsupportedCharset);
         }
+        let timezone = text(first, tags::TIMEZONE_OFFSET_FROM_UTC).and_then(|t| parse_offset(&t));
         let procedures = codes(first, tags::PROCEDURE_CODE_SEQUENCE);
         let series_attributes = [tags::LATERALITY, tags::BODY_PART_EXAMINED]
             .iter()
@@ -223,7 +264,32 @@ impl SourceSeries {
             series_attributes,
             orientations,
             lossy,
+            timezone,
         })
+    }
+
+    /// Notes the transfer syntax instance `index` was stored in: a lossy one makes its
+    /// derived image "lossy compressed" (PS3.3 C.7.6.1.1.5) even when the instance's header
+    /// does not say so (only a header that said "01" was copied: a review's finding).
+    pub fn note_transfer_syntax(&mut self, index: usize, transfer_syntax: &str) {
+        let Some(method) = lossy_method(transfer_syntax) else {
+            return;
+        };
+        let Some(lossy) = self.lossy.get_mut(index) else {
+            return;
+        };
+        if lossy.is_empty() {
+            lossy.push(InMemElement::new(
+                tags::LOSSY_IMAGE_COMPRESSION,
+                dicom_core::VR::CS,
+                dicom_core::PrimitiveValue::from("01"),
+            ));
+            lossy.push(InMemElement::new(
+                tags::LOSSY_IMAGE_COMPRESSION_METHOD,
+                dicom_core::VR::CS,
+                dicom_core::PrimitiveValue::from(method),
+            ));
+        }
     }
 
     pub fn study_instance_uid(&self) -> &Uid {

@@ -223,7 +223,7 @@ pub fn build_sr_illustrated(
     check_findings(findings)?;
     let sop_instance_uid = Uid::generate();
     let series_instance_uid = Uid::generate();
-    let (date, time) = date_time(ctx);
+    let (date, time) = date_time(ctx, source);
     let ascii = all_ascii(
         [
             ctx.bundle_name.as_str(),
@@ -242,7 +242,7 @@ pub fn build_sr_illustrated(
     );
 
     let mut obj = InMemDicomObject::new_empty();
-    put_sop_common(&mut obj, COMPREHENSIVE_SR, &sop_instance_uid, ctx);
+    put_sop_common(&mut obj, COMPREHENSIVE_SR, &sop_instance_uid, ctx, source);
     copy_source(&mut obj, source, ascii);
 
     // Private coding schemes used (the `99` prefix, e.g. Code::local's) are identified in
