@@ -346,15 +346,10 @@ impl Spool {
                 // The file is what was stored: its row is made again from it, as for a file
                 // found without one (a file another row already claims goes to quarantine).
                 db.execute("DELETE FROM instances WHERE sop_instance_uid = ?1", [uid])?;
-                match self.index_orphan(&db, &path, &bad.path.to_string_lossy()) {
-                    Ok(()) => repaired.rows_reindexed += 1,
-                    Err(StoreError::Io { source, .. }) => return Err(io("read", &path)(source)),
-                    Err(StoreError::Index(e)) => return Err(e.into()),
-                    Err(reason) => {
-                        let note = format!("{reason} ({})", reason.kind());
-                        self.quarantine_file(&path, &note, "orphan")?;
-                        repaired.files_quarantined += 1;
-                    }
+                if self.index_or_quarantine(&db, &path, &bad.path.to_string_lossy())? {
+                    repaired.rows_reindexed += 1;
+                } else {
+                    repaired.files_quarantined += 1;
                 }
             } else if settled(&path) {
                 let reason = format!("content differs from the index: {}", bad.problem);
@@ -374,15 +369,10 @@ impl Spool {
                 .strip_prefix(&self.root)
                 .map(|r| r.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            match self.index_orphan(&db, &path, &relative) {
-                Ok(()) => repaired.files_indexed += 1,
-                Err(StoreError::Io { source, .. }) => return Err(io("read", &path)(source)),
-                Err(StoreError::Index(e)) => return Err(e.into()),
-                Err(reason) => {
-                    let note = format!("{reason} ({})", reason.kind());
-                    self.quarantine_file(&path, &note, "orphan")?;
-                    repaired.files_quarantined += 1;
-                }
+            if self.index_or_quarantine(&db, &path, &relative)? {
+                repaired.files_indexed += 1;
+            } else {
+                repaired.files_quarantined += 1;
             }
         }
         for relative in &report.links {
@@ -408,6 +398,26 @@ impl Spool {
         }
         report.repaired = Some(repaired);
         Ok(report)
+    }
+
+    /// Indexes a file without a row, as a received instance is (true), or moves it to
+    /// quarantine with the reason it fails the checks (false).
+    fn index_or_quarantine(
+        &self,
+        db: &rusqlite::Connection,
+        path: &Path,
+        relative: &str,
+    ) -> Result<bool, MaintenanceError> {
+        match self.index_orphan(db, path, relative) {
+            Ok(()) => Ok(true),
+            Err(StoreError::Io { source, .. }) => Err(io("read", path)(source)),
+            Err(StoreError::Index(e)) => Err(e.into()),
+            Err(reason) => {
+                let note = format!("{reason} ({})", reason.kind());
+                self.quarantine_file(path, &note, "orphan")?;
+                Ok(false)
+            }
+        }
     }
 
     /// Deletes every instance received before `cutoff` (its file, then its index row, then

@@ -368,6 +368,7 @@ struct Placement {
 struct Existing {
     sha256: String,
     path: String,
+    calling_ae: String,
 }
 
 #[derive(Default)]
@@ -668,18 +669,25 @@ fn file_meta(
     transfer_syntax: &str,
     calling_ae: &str,
 ) -> Result<FileMetaTable, StoreError> {
-    FileMetaTableBuilder::new()
+    let builder = FileMetaTableBuilder::new()
         .media_storage_sop_class_uid(sop_class_uid)
         .media_storage_sop_instance_uid(sop_instance_uid)
         .transfer_syntax(transfer_syntax)
         .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
-        .implementation_version_name(IMPLEMENTATION_VERSION_NAME)
-        .source_application_entity_title(calling_ae)
-        .build()
-        .map_err(|e| StoreError::CannotParse {
-            transfer_syntax: transfer_syntax.to_owned(),
-            detail: e.to_string(),
-        })
+        .implementation_version_name(IMPLEMENTATION_VERSION_NAME);
+    // An AE title is at most 16 characters: a sender label that is not one (this node's own
+    // results, [`OWN_RESULTS_SENDER`]) stays in the index and is left out of the file, whose
+    // header would otherwise be refused by strict readers, dicom-rs's among them (the
+    // spool's own check quarantined every result copy: a review's finding).
+    let builder = if calling_ae.len() <= 16 {
+        builder.source_application_entity_title(calling_ae)
+    } else {
+        builder
+    };
+    builder.build().map_err(|e| StoreError::CannotParse {
+        transfer_syntax: transfer_syntax.to_owned(),
+        detail: e.to_string(),
+    })
 }
 
 impl Spool {
@@ -977,7 +985,11 @@ impl Spool {
     /// The answer for an instance whose SOP Instance UID is already stored: the stored one
     /// when the bytes are the same, a conflict otherwise.
     fn as_duplicate(&self, stored: Stored, existing: Existing) -> Result<Stored, StoreError> {
-        if existing.sha256 != stored.sha256 {
+        // This node's own result object sent back in by a PACS that re-encodes what it
+        // forwards (dcmtk rewrites sequences with explicit lengths): the same object in
+        // other bytes, acknowledged as a duplicate, the node's copy kept (refused as a
+        // conflict, every echoed result got a failure status and a quarantine file).
+        if existing.sha256 != stored.sha256 && existing.calling_ae != OWN_RESULTS_SENDER {
             return Err(StoreError::Conflict);
         }
         Ok(Stored {
@@ -1159,6 +1171,7 @@ impl Spool {
                 Existing {
                     sha256: p.stored.sha256.clone(),
                     path: p.relative.to_string_lossy().into_owned(),
+                    calling_ae: p.stored.calling_ae.clone(),
                 },
             );
             durable.push((ticket, p));
@@ -1645,11 +1658,14 @@ fn add_arrival_sequence(db: &Connection) -> rusqlite::Result<()> {
 /// The index's sha256 and path for a SOP Instance UID, if it is stored.
 fn indexed(db: &Connection, sop_instance_uid: &str) -> Result<Option<Existing>, StoreError> {
     Ok(db
-        .prepare_cached("SELECT sha256, path FROM instances WHERE sop_instance_uid = ?1")?
+        .prepare_cached(
+            "SELECT sha256, path, calling_ae FROM instances WHERE sop_instance_uid = ?1",
+        )?
         .query_row([sop_instance_uid], |r| {
             Ok(Existing {
                 sha256: r.get(0)?,
                 path: r.get(1)?,
+                calling_ae: r.get(2)?,
             })
         })
         .optional()?)

@@ -169,6 +169,46 @@ fn duplicates_are_idempotent_and_conflicts_refused() {
 }
 
 #[test]
+fn own_results_are_stored_without_an_ae_title_and_an_echo_in_other_bytes_is_a_duplicate() {
+    use dicom_object::meta::FileMetaTableBuilder;
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), options()).unwrap();
+    let obj = support::ct_object(STUDY, SERIES, Some("1.2.3.4.9"), Some(vec![7, 0]));
+    let mut file = Vec::new();
+    obj.clone()
+        .with_meta(FileMetaTableBuilder::new().transfer_syntax(EXPLICIT_LE))
+        .unwrap()
+        .write_all(&mut file)
+        .unwrap();
+    let kept = spool.store_own_result(&file).unwrap();
+    assert!(!kept.duplicate);
+    assert_eq!(
+        kept.calling_ae,
+        nightingale_dicom::spool::OWN_RESULTS_SENDER
+    );
+    // The file's header holds no 19-character "AE title" (strict readers refuse one).
+    let read = dicom_object::OpenFileOptions::new()
+        .open_file(&kept.path)
+        .expect("dicom-rs reads the copy");
+    assert!(read.meta().source_application_entity_title.is_none());
+    // Sent back in by a PACS that re-encodes it (other bytes, same object): a duplicate, the
+    // node's copy kept, nothing quarantined. Another sender's instance stays a conflict.
+    let mut echoed = obj;
+    echoed.put(dicom_core::DataElement::new(
+        dicom_core::Tag(0x0009, 0x0010),
+        dicom_core::VR::LO,
+        dicom_core::PrimitiveValue::from("PACS"),
+    ));
+    let echo = spool
+        .store(&support::explicit_le(&echoed), &incoming())
+        .unwrap();
+    assert!(echo.duplicate);
+    assert_eq!(echo.path, kept.path);
+    assert!(quarantined(&spool).is_empty());
+    assert_eq!(spool.instances().unwrap().len(), 1);
+}
+
+#[test]
 fn refused_objects_are_quarantined_with_their_reason_and_never_indexed() {
     let dir = tempfile::tempdir().unwrap();
     let (spool, _) = Spool::open(dir.path(), options()).unwrap();

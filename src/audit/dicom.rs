@@ -176,20 +176,7 @@ impl DicomAuditSink {
 
 /// A DICOM record with no model, no tensors and no detail: outcome `ok`, status 0.
 fn blank_event(kind: EventKind, request_id: String, actor: Option<String>) -> AuditEvent {
-    AuditEvent {
-        kind,
-        request_id,
-        model: String::new(),
-        version: String::new(),
-        model_sha256: String::new(),
-        input_sha256: None,
-        output_sha256: None,
-        rows: None,
-        status: 0,
-        outcome: Outcome::Ok,
-        actor,
-        detail: None,
-    }
+    AuditEvent::blank(kind, request_id, actor)
 }
 
 /// A STOW-RS record's request id: the HTTP request's, at most 128 characters.

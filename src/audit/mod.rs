@@ -138,6 +138,25 @@ fn bounded(text: &mut String) {
 }
 
 impl AuditEvent {
+    /// A record of no model, with no tensors and no detail: outcome `ok`, status 0 (set
+    /// what applies).
+    pub fn blank(kind: EventKind, request_id: String, actor: Option<String>) -> AuditEvent {
+        AuditEvent {
+            kind,
+            request_id,
+            model: String::new(),
+            version: String::new(),
+            model_sha256: String::new(),
+            input_sha256: None,
+            output_sha256: None,
+            rows: None,
+            status: 0,
+            outcome: Outcome::Ok,
+            actor,
+            detail: None,
+        }
+    }
+
     /// Cuts every text field to [`MAX_FIELD_BYTES`], so that a record stays a few KiB
     /// whatever it quotes.
     pub fn bound(&mut self) {

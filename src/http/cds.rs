@@ -131,18 +131,10 @@ pub(crate) async fn audit_refusal(
     status: StatusCode,
 ) {
     let event = AuditEvent {
-        kind,
-        request_id: "-".to_owned(),
-        model: String::new(),
-        version: String::new(),
-        model_sha256: String::new(),
-        input_sha256: None,
-        output_sha256: None,
-        rows: None,
         status: status.as_u16(),
         outcome: Outcome::from_status(status.as_u16()),
-        actor: Some(actor),
         detail: Some(format!("path={} refused", printable(path))),
+        ..AuditEvent::blank(kind, "-".to_owned(), Some(actor))
     };
     if let Err(e) = state.audit.record(event).await {
         tracing::error!(error = %e, "audit record of a refused CDS request not written");

@@ -246,7 +246,55 @@ impl Pipeline {
         }
         let assembler = tokio::spawn(self.clone().assemble_forever());
         let runner = tokio::spawn(self.clone().run_jobs_forever());
-        let _ = tokio::join!(assembler, runner, sender);
+        let kept = tokio::spawn(self.clone().keep_missing_results_in_spool());
+        let _ = tokio::join!(assembler, runner, sender, kept);
+    }
+
+    /// At start-up: the done jobs' result objects the spool does not hold (a store refused
+    /// for want of room, or a stop between a job's end and its objects' store; a review's
+    /// finding: they were never added, so QIDO-RS never listed them), within the retention
+    /// window, are stored in it now.
+    async fn keep_missing_results_in_spool(self: Arc<Self>) {
+        let me = self.clone();
+        let added = tokio::task::spawn_blocking(move || -> Result<usize, String> {
+            let since = me
+                .config
+                .retention
+                .map_or(0, |r| store::now_ms().saturating_sub(r.as_millis() as i64));
+            let objects = me
+                .store()
+                .done_objects_since(since)
+                .map_err(|e| e.to_string())?;
+            let mut added = 0;
+            for (study, series, sop, path) in objects {
+                if me
+                    .spool
+                    .instance(&study, &series, &sop)
+                    .map_err(|e| e.to_string())?
+                    .is_some()
+                {
+                    continue;
+                }
+                let kept = std::fs::read(me.config.results_dir.join(&path))
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| me.spool.store_own_result(&b).map_err(|e| e.to_string()));
+                match kept {
+                    Ok(_) => added += 1,
+                    Err(e) => tracing::warn!(error = %e,
+                        "a result object is still not in the spool: QIDO-RS will not list it"),
+                }
+            }
+            Ok(added)
+        })
+        .await;
+        match added {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(objects = n, "result objects added to the spool"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "result objects not checked against the spool")
+            }
+            Err(e) => tracing::error!(error = %e, "result objects check panicked"),
+        }
     }
 
     async fn assemble_forever(self: Arc<Self>) {

@@ -449,7 +449,13 @@ impl ResultsStore {
     /// pending (another destination that has not had it yet) keeps it. With `dry_run`,
     /// nothing is deleted (the counts say what would be).
     pub fn purge(&mut self, cutoff_ms: i64, dry_run: bool) -> rusqlite::Result<PurgeCounts> {
-        let tx = self.db.transaction()?;
+        // Immediate: it reads, then writes; a deferred transaction whose read snapshot a
+        // writer (the server's pipeline re-queueing jobs at start-up) had moved past failed
+        // at once with "database is locked", the busy timeout not applying (a review saw
+        // retention fail so after a kill -9).
+        let tx = self
+            .db
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let candidates: Vec<String> = {
             let mut stmt = tx.prepare(
                 "SELECT DISTINCT o.path FROM objects o JOIN jobs j ON j.id = o.job_id
@@ -601,6 +607,23 @@ impl ResultsStore {
             .db
             .prepare_cached("SELECT EXISTS (SELECT 1 FROM objects WHERE series_uid = ?1)")?;
         stmt.query_row([series_uid], |r| r.get(0))
+    }
+
+    /// The result objects of jobs done since `since_ms`, once each whatever their
+    /// destinations: (study, series, SOP Instance UID, path relative to the results folder).
+    pub fn done_objects_since(
+        &self,
+        since_ms: i64,
+    ) -> rusqlite::Result<Vec<(String, String, String, String)>> {
+        let mut stmt = self.db.prepare(
+            "SELECT DISTINCT j.study_uid, o.series_uid, o.sop_instance_uid, o.path
+             FROM objects o JOIN jobs j ON j.id = o.job_id
+             WHERE j.state = 'done' AND j.updated_ms >= ?1 AND o.delivery != 'dead'",
+        )?;
+        let rows = stmt.query_map([since_ms], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?;
+        rows.collect()
     }
 
     pub fn objects_of_job(&self, job_id: i64) -> rusqlite::Result<Vec<ResultObject>> {
@@ -816,19 +839,7 @@ mod tests {
         store
             .finish_job(first, JobState::Done, "1", None, None)
             .unwrap();
-        let object = |uid: &str, job_id, delivery: &str| ResultObject {
-            sop_instance_uid: uid.into(),
-            job_id,
-            kind: "SR".into(),
-            series_uid: "9".into(),
-            sop_class_uid: "1.2.840.10008.5.1.4.1.1.88.33".into(),
-            path: format!("objects/{job_id}/{uid}.dcm"),
-            destination: "P@h:1".into(),
-            delivery: delivery.into(),
-            attempts: 0,
-            next_attempt_ms: 0,
-            last_error: None,
-        };
+        let object = |uid: &str, job_id, delivery: &str| result_row(uid, job_id, "P@h:1", delivery);
         store.add_object(&object("5.1", first, "sent")).unwrap();
         assert!(store.reprocess("1.2", Some("other")).unwrap().is_empty());
         let again = store.reprocess("1.2", None).unwrap();
