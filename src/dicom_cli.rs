@@ -203,6 +203,15 @@ pub fn dicom(command: DicomCommand) -> anyhow::Result<()> {
                 }
             }
             let total = files.len();
+            // Nothing to send is not a success: a script pointed at a wrong or still-empty
+            // folder was told all went well (dcmtk's storescu says "no input files").
+            if total == 0 && failures == 0 {
+                println!(
+                    "FAIL no DICOM file to send ({skipped} skipped): nothing was sent to {}",
+                    peer.addr
+                );
+                std::process::exit(1)
+            }
             let outcomes = runtime()?.block_on(scu::store_files(&peer.addr, &options, files));
             let mut stored = 0usize;
             for o in &outcomes {

@@ -112,6 +112,63 @@ fn jsonl_groups_restarts_and_tampering() {
 }
 
 #[test]
+fn a_file_that_is_not_a_trail_is_refused_and_left_as_it_was() {
+    // A red-team finding: `validate --audit-log` pointed at a model file cut off everything
+    // after its last line end as a "torn record", then refused it.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("model.onnx");
+    let bytes: Vec<u8> = [&[0x08u8, 0x07, 0x12][..], b"\nbackend\x00\x01\x02"].concat();
+    std::fs::write(&p, &bytes).unwrap();
+    assert!(matches!(
+        JsonLinesStore::open(&p, Options::default()),
+        Err(AuditError::BrokenTail { .. })
+    ));
+    assert_eq!(std::fs::read(&p).unwrap(), bytes);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    // A first record cut short by a crash is still a trail's torn tail, set aside.
+    let torn = dir.path().join("audit.jsonl");
+    std::fs::write(&torn, b"{\"seq\":0,\"unix_ms\":1").unwrap();
+    let store = JsonLinesStore::open(&torn, Options::default()).unwrap();
+    drop(store);
+    assert_eq!(std::fs::read(&torn).unwrap(), b"");
+}
+
+#[test]
+fn a_bare_file_name_verifies_with_its_rotated_files() {
+    // A red-team finding: `audit verify audit.jsonl` (no folder part) found no rotated file:
+    // a false alarm on a sound trail; a rotated file named alone was checked as 0 records.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let mut store = JsonLinesStore::open(
+        &path,
+        Options {
+            fsync: false,
+            rotate_bytes: 2048,
+        },
+    )
+    .unwrap();
+    for g in 0..10 {
+        append(&mut store, g * 3..g * 3 + 3);
+    }
+    drop(store);
+    let files = audit::verify(&path).unwrap().files;
+    assert!(files.len() > 2);
+    let oldest = files[0].file_name().unwrap().to_owned();
+    for name in [std::ffi::OsStr::new("audit.jsonl"), oldest.as_os_str()] {
+        let out = Command::new(env!("CARGO_BIN_EXE_nightingale"))
+            .args(["audit", "verify"])
+            .arg(name)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name:?}: {text}");
+        assert!(text.contains("30 records"), "{name:?}: {text}");
+    }
+}
+
+#[test]
 fn jsonl_rotates_and_the_chain_continues_across_files() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");

@@ -335,3 +335,25 @@ fn serve_refuses_bad_signature_settings_before_listening() {
         assert!(stderr.contains(want), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn dicom_store_with_nothing_to_send_fails() {
+    // A red-team finding: an empty folder, or one of nothing but non-DICOM files, reported
+    // "stored 0 of 0 files" and exit 0, without contacting the peer (nothing listens here).
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let notes = dir.path().join("notes");
+    std::fs::create_dir(&notes).unwrap();
+    std::fs::write(notes.join("readme.txt"), "not DICOM").unwrap();
+    for folder in [&empty, &notes] {
+        let out = bin()
+            .args(["dicom", "store", "--addr", "127.0.0.1:9"])
+            .arg(folder)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{stdout}");
+        assert!(stdout.contains("nothing was sent"), "{stdout}");
+    }
+}

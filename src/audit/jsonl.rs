@@ -120,6 +120,10 @@ impl JsonLinesStore {
             .map_err(io(path))?;
         // Before anything is read or repaired: the other writer's tail is not torn.
         take_lock(path, &file)?;
+        // Nor is any file that is not a trail: its "torn tail" (everything after its last
+        // line end) was cut off and moved aside (`validate --audit-log` pointed at a model
+        // file shrank it: a red-team finding).
+        refuse_other_files(path)?;
         let good_len = repair_torn_tail(path, &file)?;
         let mut tail = last_record(path, &file, good_len)?;
         if tail.is_none()
@@ -255,6 +259,31 @@ fn rotated_name(live: &Path, first_seq: u64) -> PathBuf {
     live.with_file_name(format!("{stem}.{first_seq:020}{ext}"))
 }
 
+/// How every record of a trail begins (its first field).
+const RECORD_START: &[u8] = b"{\"seq\":";
+
+/// Refuses a file that is not empty and does not begin as an audit record does (not even a
+/// first record cut short by a crash): nothing of it is changed.
+fn refuse_other_files(path: &Path) -> Result<(), AuditError> {
+    use std::io::Read as _;
+    let mut head = [0u8; 7];
+    let mut f = File::open(path).map_err(io(path))?;
+    let mut n = 0;
+    while n < head.len() {
+        match f.read(&mut head[n..]).map_err(io(path))? {
+            0 => break,
+            got => n += got,
+        }
+    }
+    if n == 0 || RECORD_START.starts_with(&head[..n]) {
+        return Ok(());
+    }
+    Err(AuditError::BrokenTail {
+        location: path.display().to_string(),
+        reason: "is not an audit trail (it does not begin with an audit record); nothing in it was changed".into(),
+    })
+}
+
 /// Moves a torn last line (no newline: a write cut short by a crash) aside; returns the
 /// length of the file's complete lines.
 fn repair_torn_tail(path: &Path, file: &File) -> Result<u64, AuditError> {
@@ -347,7 +376,11 @@ impl LogSet {
         if dir.is_dir() {
             for entry in fs::read_dir(&dir).map_err(io(&dir))? {
                 let p = entry.map_err(io(&dir))?.path();
-                if live_name(&p).as_deref() == Some(live.as_path()) {
+                // By name within the folder: the listing says `./audit.N.jsonl` where the
+                // caller may have said `audit.jsonl` (compared whole, a bare name found no
+                // rotated file: a false tamper alarm on a sound trail, and a rotated file
+                // named alone checked as 0 records, "intact": a red-team finding).
+                if live_name(&p).is_some_and(|l| l.file_name() == live.file_name()) {
                     rotated.push(p);
                 }
             }

@@ -784,7 +784,7 @@ impl Pipeline {
         let coded: Vec<Finding> = findings
             .iter()
             .map(|f| Finding {
-                label: Code::local(&f.output, &f.label),
+                label: finding_code(&model.name, &f.output, &f.label),
                 probability: f.probability,
                 threshold: f.threshold,
                 positive: f.positive,
@@ -929,6 +929,18 @@ impl Pipeline {
             tracing::error!(error = %e, "audit record of a result object not written");
         }
     }
+}
+
+/// The coded concept of a bundle's finding: the local scheme, a value of its own for the
+/// bundle, output and label (SH, 16 characters: `N` and 15 hex digits of their SHA-256; the
+/// output's name alone was shared by two bundles with outputs of one name), and a meaning
+/// that names the output and the label ("lesion: present"; the label alone, "present",
+/// named no finding: a review's finding). The SR cuts the meaning to 64 characters.
+fn finding_code(bundle: &str, output: &str, label: &str) -> Code {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(format!("{bundle}\0{output}\0{label}").as_bytes());
+    let value = format!("N{}", &hex::encode(digest)[..15]);
+    Code::local(&value, &format!("{output}: {label}"))
 }
 
 /// The outputs a bundle reports, with their positive label and threshold.
@@ -1510,6 +1522,17 @@ mod tests {
         );
         // The sum saturates instead of wrapping.
         assert_eq!(series_source_pixels([u64::MAX, 1]), u64::MAX);
+    }
+
+    #[test]
+    fn a_finding_is_coded_per_bundle_and_named_by_its_output_and_label() {
+        let a = finding_code("lesion-detection", "lesion", "present");
+        let b = finding_code("other-bundle", "lesion", "present");
+        assert_eq!(a.meaning, "lesion: present");
+        assert_eq!(a.scheme, "99NIGHTINGALE");
+        assert_ne!(a.value, b.value);
+        assert_eq!(a.value.len(), 16);
+        assert_eq!(a, finding_code("lesion-detection", "lesion", "present"));
     }
 
     #[test]

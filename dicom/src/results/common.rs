@@ -72,8 +72,7 @@ pub(crate) fn put_code(obj: &mut InMemDicomObject, tag: Tag, code: &Code) {
     put_seq(obj, tag, vec![code_item(code)]);
 }
 
-/// Date (DA) and time (TM, to the microsecond) of `ctx.created`, in UTC.
-/// The object's creation date and time, in the source's time zone (its Timezone Offset From
+/// The object's creation date and time (DA, and TM to the microsecond), in the source's time zone (its Timezone Offset From
 /// UTC, which the result copies: PS3.3 C.12.1.1.8 applies one offset to every date and time
 /// of an instance, the copied study date and time included), else in this host's local time
 /// (no offset written: a source without one is in the site's local time). It was UTC with
