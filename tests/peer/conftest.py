@@ -44,6 +44,17 @@ ADMIN_TOKEN = "peer-test-admin-token-0123456789"
 READY_TIMEOUT_S = 60.0
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_folders_under_pytest(tmp_path_factory):
+    """Every `tempfile.mkdtemp` of the peer tests (the servers' data and log folders, the TLS
+    test PKI) goes under pytest's own temporary folder, which pytest prunes to its last three
+    runs: the folders a module's server left used to pile up in /tmp, a hundred per run."""
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("tmp"))
+    yield
+    tempfile.tempdir = previous
+
+
 @pytest.fixture(scope="session")
 def test_rows() -> tuple[np.ndarray, np.ndarray]:
     """(features FP32 [n, 30], expected_p_malignant) from wdbc-malignancy's test split."""
