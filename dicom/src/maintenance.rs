@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::attributes::Attributes;
 use crate::spool::{
     ATTRIBUTES_VERSION, INSTANCES_DIR, QUARANTINE_DIR, RowFacts, Spool, SpoolError, SpoolOptions,
-    StoreError, TMP_DIR, facts_of, now_ms, sync_dir, write_durably,
+    StoreError, TMP_DIR, collect_entries, facts_of, now_ms, sync_dir, write_durably,
 };
 
 /// A maintenance operation failed.
@@ -559,7 +559,6 @@ impl Spool {
     }
 }
 
-/// Removes the folders above `file` that are now empty, up to (not including) `base`.
 /// The first column in which an index row differs from its file's facts (`attributes`:
 /// whether the row's attribute columns are filled by this version).
 fn differing_column(row: &RowFacts, file: &RowFacts, attributes: bool) -> Option<&'static str> {
@@ -599,28 +598,7 @@ fn differing_column(row: &RowFacts, file: &RowFacts, attributes: bool) -> Option
     .map(|(column, _)| column)
 }
 
-/// The `.dcm` regular files and the symbolic links (of any name) under `dir`, at any depth
-/// (links to folders are not followed).
-fn collect_entries(
-    dir: &Path,
-    files: &mut Vec<PathBuf>,
-    links: &mut Vec<PathBuf>,
-) -> std::io::Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        let path = entry.path();
-        if kind.is_symlink() {
-            links.push(path);
-        } else if kind.is_dir() {
-            collect_entries(&path, files, links)?;
-        } else if kind.is_file() && path.extension().is_some_and(|e| e == "dcm") {
-            files.push(path);
-        }
-    }
-    Ok(())
-}
-
+/// Removes the folders above `file` that are now empty, up to (not including) `base`.
 fn remove_empty_parents(file: &Path, base: &Path) {
     let mut at = file.parent();
     while let Some(dir) = at {

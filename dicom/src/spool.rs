@@ -790,16 +790,7 @@ impl Spool {
     /// QIDO-RS then lists it and WADO-RS serves it like any instance, and the pipeline does
     /// not take it for an arrival ([`Spool::series_touched_since`] leaves such rows out).
     pub fn store_own_result(&self, file: &[u8]) -> Result<Stored, StoreError> {
-        let not_part10 = |detail: String| StoreError::CannotParse {
-            transfer_syntax: String::new(),
-            detail,
-        };
-        if file.len() < 132 || &file[128..132] != b"DICM" {
-            return Err(not_part10("not a DICOM Part 10 file".into()));
-        }
-        let (meta, consumed) =
-            crate::meta::read_file_meta(&file[128..]).map_err(|e| not_part10(e.to_string()))?;
-        let dataset = &file[128 + consumed..];
+        let (meta, dataset) = part10(file)?;
         let ts = sop::trim_uid(meta.transfer_syntax()).to_owned();
         let sop_class = sop::trim_uid(meta.media_storage_sop_class_uid()).to_owned();
         let sop_instance = sop::trim_uid(meta.media_storage_sop_instance_uid()).to_owned();
@@ -1467,20 +1458,11 @@ impl Spool {
             .unwrap_or("")
             .trim()
             .to_owned();
-        let ts = sop::trim_uid(meta.transfer_syntax()).to_owned();
-        let identity = validate(
-            dataset,
-            &Incoming {
-                transfer_syntax: &ts,
-                calling_ae: &ae,
-                expected_sop_class: None,
-                expected_sop_instance: None,
-            },
-        )?;
+        let facts = facts_from(&meta, dataset)?;
         let taken: Option<String> = db
             .query_row(
                 "SELECT path FROM instances WHERE sop_instance_uid = ?1",
-                [&identity.sop_instance_uid],
+                [&facts.sop_instance_uid],
                 |r| r.get(0),
             )
             .optional()?;
@@ -1494,18 +1476,18 @@ impl Spool {
             .map(|d| d.as_millis() as i64)
             .unwrap_or_else(now_ms);
         let stored = Stored {
-            sop_instance_uid: identity.sop_instance_uid,
-            sop_class_uid: identity.sop_class_uid,
-            study_uid: identity.study_uid,
-            series_uid: identity.series_uid,
-            transfer_syntax: ts,
+            sop_instance_uid: facts.sop_instance_uid,
+            sop_class_uid: facts.sop_class_uid,
+            study_uid: facts.study_uid,
+            series_uid: facts.series_uid,
+            transfer_syntax: facts.transfer_syntax,
             calling_ae: ae,
             received_at_ms,
             size: dataset.len() as u64,
             sha256,
             path: path.to_owned(),
             duplicate: false,
-            attributes: identity.attributes,
+            attributes: facts.attributes,
         };
         insert_row(db, &stored, Path::new(relative))
     }
@@ -1526,6 +1508,11 @@ pub(crate) struct RowFacts {
 /// The [`RowFacts`] of a stored file's bytes.
 pub(crate) fn facts_of(bytes: &[u8]) -> Result<RowFacts, StoreError> {
     let (meta, dataset) = part10(bytes)?;
+    facts_from(&meta, dataset)
+}
+
+/// The [`RowFacts`] of a stored file's meta group and data set.
+fn facts_from(meta: &FileMetaTable, dataset: &[u8]) -> Result<RowFacts, StoreError> {
     let ts = sop::trim_uid(meta.transfer_syntax()).to_owned();
     let identity = validate(
         dataset,
@@ -1928,15 +1915,28 @@ fn create_dirs_durably(base: &Path, dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The `.dcm` regular files under `dir`, at any depth (links are not followed).
 pub(crate) fn collect_dcm(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    collect_entries(dir, out, &mut Vec::new())
+}
+
+/// The `.dcm` regular files and the symbolic links (of any name) under `dir`, at any depth
+/// (links to folders are not followed).
+pub(crate) fn collect_entries(
+    dir: &Path,
+    files: &mut Vec<PathBuf>,
+    links: &mut Vec<PathBuf>,
+) -> std::io::Result<()> {
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let kind = entry.file_type()?;
         let path = entry.path();
-        if kind.is_dir() {
-            collect_dcm(&path, out)?;
+        if kind.is_symlink() {
+            links.push(path);
+        } else if kind.is_dir() {
+            collect_entries(&path, files, links)?;
         } else if kind.is_file() && path.extension().is_some_and(|e| e == "dcm") {
-            out.push(path);
+            files.push(path);
         }
     }
     Ok(())

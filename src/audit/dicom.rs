@@ -74,7 +74,7 @@ impl DicomAuditSink {
                 detail: Some(format!(
                     "event=accepted contexts_proposed={contexts_proposed} contexts_accepted={contexts_accepted}"
                 )),
-                ..blank_event(
+                ..AuditEvent::blank(
                     EventKind::DicomAssociation,
                     association_id(*association),
                     actor(calling_ae, peer),
@@ -83,7 +83,7 @@ impl DicomAuditSink {
             DicomEvent::AssociationRejected { peer, reason } => AuditEvent {
                 outcome: Outcome::Rejected,
                 detail: Some(format!("event=rejected reason={reason}")),
-                ..blank_event(
+                ..AuditEvent::blank(
                     EventKind::DicomAssociation,
                     "-".into(),
                     Some(format!("?@{}", peer.ip())),
@@ -97,7 +97,7 @@ impl DicomAuditSink {
                 failed,
             } => AuditEvent {
                 detail: Some(format!("event=released stored={stored} failed={failed}")),
-                ..blank_event(
+                ..AuditEvent::blank(
                     EventKind::DicomAssociation,
                     association_id(*association),
                     actor(calling_ae, peer),
@@ -123,7 +123,7 @@ impl DicomAuditSink {
                 AuditEvent {
                     outcome: Outcome::Failed,
                     detail: Some(detail),
-                    ..blank_event(
+                    ..AuditEvent::blank(
                         EventKind::DicomAssociation,
                         association_id(*association),
                         actor(calling_ae, peer),
@@ -137,7 +137,7 @@ impl DicomAuditSink {
                     status: i.status,
                     outcome: outcome_of(i.status),
                     detail: Some(self.instance_detail(stored, i)),
-                    ..blank_event(
+                    ..AuditEvent::blank(
                         EventKind::DicomInstance,
                         association_id(i.association),
                         actor(&i.calling_ae, &i.peer),
@@ -172,11 +172,6 @@ impl DicomAuditSink {
         }
         d
     }
-}
-
-/// A DICOM record with no model, no tensors and no detail: outcome `ok`, status 0.
-fn blank_event(kind: EventKind, request_id: String, actor: Option<String>) -> AuditEvent {
-    AuditEvent::blank(kind, request_id, actor)
 }
 
 /// A STOW-RS record's request id: the HTTP request's, at most 128 characters.
@@ -245,7 +240,7 @@ impl DicomAuditSink {
         AuditEvent {
             outcome: Outcome::Rejected,
             detail: Some(detail),
-            ..blank_event(
+            ..AuditEvent::blank(
                 EventKind::DicomInstance,
                 stow_request_id(request_id),
                 stow_actor(caller),

@@ -275,10 +275,7 @@ impl Pipeline {
                 {
                     continue;
                 }
-                let kept = std::fs::read(me.config.results_dir.join(&path))
-                    .map_err(|e| e.to_string())
-                    .and_then(|b| me.spool.store_own_result(&b).map_err(|e| e.to_string()));
-                match kept {
+                match process::keep_result_file(&me.spool, &me.config.results_dir.join(&path)) {
                     Ok(_) => added += 1,
                     Err(e) => tracing::warn!(error = %e,
                         "a result object is still not in the spool: QIDO-RS will not list it"),

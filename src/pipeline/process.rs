@@ -220,10 +220,7 @@ impl Pipeline {
         let spool = self.spool.clone();
         let stored = blocking(move || {
             for file in files {
-                let kept = std::fs::read(&file)
-                    .map_err(|e| e.to_string())
-                    .and_then(|bytes| spool.store_own_result(&bytes).map_err(|e| e.to_string()));
-                if let Err(e) = kept {
+                if let Err(e) = keep_result_file(&spool, &file) {
                     metrics::counter!("nightingale_pipeline_results_not_indexed_total")
                         .increment(1);
                     tracing::warn!(error = %e,
@@ -929,6 +926,18 @@ impl Pipeline {
             tracing::error!(error = %e, "audit record of a result object not written");
         }
     }
+}
+
+/// Stores a result file in the spool as this node's own result object.
+pub(super) fn keep_result_file(
+    spool: &nightingale_dicom::Spool,
+    file: &Path,
+) -> Result<(), String> {
+    let bytes = std::fs::read(file).map_err(|e| e.to_string())?;
+    spool
+        .store_own_result(&bytes)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// The coded concept of a bundle's finding: the local scheme, a value of its own for the

@@ -72,11 +72,12 @@ pub(crate) fn put_code(obj: &mut InMemDicomObject, tag: Tag, code: &Code) {
     put_seq(obj, tag, vec![code_item(code)]);
 }
 
-/// The object's creation date and time (DA, and TM to the microsecond), in the source's time zone (its Timezone Offset From
-/// UTC, which the result copies: PS3.3 C.12.1.1.8 applies one offset to every date and time
-/// of an instance, the copied study date and time included), else in this host's local time
-/// (no offset written: a source without one is in the site's local time). It was UTC with
-/// "+0000" whatever the source: a study at 08:30 +0100 read as 08:30 UTC (a review's finding).
+/// The object's creation date and time (DA, and TM to the microsecond) in the source's time
+/// zone (its Timezone Offset From UTC, which the result copies: PS3.3 C.12.1.1.8 applies one
+/// offset to every date and time of an instance, the copied study date and time included),
+/// else in this host's local time (no offset written: a source without one is in the site's
+/// local time). It was UTC with "+0000" whatever the source: a study at 08:30 +0100 read as
+/// 08:30 UTC (a review's finding).
 pub(crate) fn date_time(ctx: &ResultContext, source: &SourceSeries) -> (String, String) {
     let t: DateTime<Utc> = ctx.created.into();
     let local = t.with_timezone(&offset_of(source));
