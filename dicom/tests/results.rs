@@ -31,8 +31,9 @@ use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::{InMemDicomObject, OpenFileOptions};
 use nightingale_dicom::results::{
-    AI_RESULT_LABEL, COMPREHENSIVE_SR, Code, Finding, RenderedImage, RenderedPixels, ResultContext,
-    ResultError, ResultObject, SECONDARY_CAPTURE, SourceSeries, Uid, build_sc, build_sr,
+    AI_RESULT_LABEL, COMPREHENSIVE_SR, Code, Finding, MeasuredOn, RenderedImage, RenderedPixels,
+    ResultContext, ResultError, ResultObject, SECONDARY_CAPTURE, SourceSeries, Uid, build_sc,
+    build_sr,
 };
 
 const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
@@ -49,12 +50,14 @@ fn findings() -> Vec<Finding> {
             probability: 0.873,
             threshold: 0.5,
             positive: true,
+            measured_on: None,
         },
         Finding {
             label: Code::local("pleural-effusion-demo", "Pleural effusion (demo)"),
             probability: 0.125,
             threshold: 0.4,
             positive: false,
+            measured_on: None,
         },
     ]
 }
@@ -221,6 +224,49 @@ fn synthetic_series_sr_and_sc_read_back() {
         );
     }
 
+    // A finding measured on frame 3 of the series' second instance: its Probability is
+    // INFERRED FROM that image and frame; the threshold from nothing.
+    let mut measured = findings();
+    measured[0].measured_on = Some(MeasuredOn {
+        instance: 1,
+        frame: Some(3),
+    });
+    let o = read_back(&build_sr(&source, &ctx, &measured).unwrap());
+    let mut inferred = Vec::new();
+    fn walk(items: &[InMemDicomObject], out: &mut Vec<(String, String, Option<String>)>) {
+        for item in items {
+            if text(item, tags::RELATIONSHIP_TYPE).as_deref() == Some("INFERRED FROM") {
+                let name = &item
+                    .element(tags::CONCEPT_NAME_CODE_SEQUENCE)
+                    .unwrap()
+                    .items()
+                    .unwrap()[0];
+                let r = &item
+                    .element(tags::REFERENCED_SOP_SEQUENCE)
+                    .unwrap()
+                    .items()
+                    .unwrap()[0];
+                out.push((
+                    text(name, tags::CODE_VALUE).unwrap(),
+                    text(r, tags::REFERENCED_SOP_INSTANCE_UID).unwrap(),
+                    text(r, tags::REFERENCED_FRAME_NUMBER),
+                ));
+            }
+            if let Ok(e) = item.element(tags::CONTENT_SEQUENCE) {
+                walk(e.items().unwrap(), out);
+            }
+        }
+    }
+    walk(std::slice::from_ref(&o), &mut inferred);
+    assert_eq!(
+        inferred,
+        vec![(
+            "121112".to_owned(),
+            "1.2.826.0.1.3680043.10.1383.9.1.1.2".to_owned(),
+            Some("3".to_owned())
+        )]
+    );
+
     let o = read_back(&sr);
     assert_eq!(text(&o, tags::MODALITY).as_deref(), Some("SR"));
     assert_eq!(
@@ -324,6 +370,7 @@ fn rgb_tiny_and_many_findings() {
             probability: 1.0,
             threshold: 0.0,
             positive: true,
+            measured_on: None,
         })
         .collect();
     for (rows, columns) in [(1, 1), (3, 2), (2, 7000), (65535, 2)] {
@@ -605,6 +652,28 @@ fn hostile_inputs_are_typed_errors() {
         build_sr(&source, &ctx, &[]),
         Err(ResultError::NoFindings)
     ));
+    // A measurement on an instance the series does not have, or on frame 0 (frames count
+    // from 1), is refused rather than written as a dangling reference.
+    for on in [
+        MeasuredOn {
+            instance: 1,
+            frame: None,
+        },
+        MeasuredOn {
+            instance: 0,
+            frame: Some(0),
+        },
+    ] {
+        let mut bad = findings();
+        bad[0].measured_on = Some(on);
+        assert!(
+            matches!(
+                build_sr(&source, &ctx, &bad),
+                Err(ResultError::UnknownSourceInstance)
+            ),
+            "{on:?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------- real peers
@@ -801,6 +870,21 @@ fn real_files_pass_dciodvfy_and_pydicom() {
             .map(|p| OpenFileOptions::new().open_file(p).unwrap().into_inner())
             .collect();
         let source = SourceSeries::from_instances(&objects).unwrap();
+        // The first finding was measured on the series' last instance, the second on the
+        // whole series. (No frame: these are single-frame classes, where dciodvfy refuses a
+        // Referenced Frame Number.)
+        let mut findings = findings.clone();
+        findings[0].measured_on = Some(MeasuredOn {
+            instance: objects.len() - 1,
+            frame: None,
+        });
+        let measured_on: Vec<_> = findings
+            .iter()
+            .map(|f| {
+                f.measured_on
+                    .map(|m| serde_json::json!({"instance": m.instance, "frame": m.frame}))
+            })
+            .collect();
         let sr = build_sr(&source, &ctx, &findings).unwrap();
         let image = if *rendering == "none" {
             grey_image(&text(&objects[0], tags::SOP_INSTANCE_UID).unwrap(), 32, 48)
@@ -842,6 +926,7 @@ fn real_files_pass_dciodvfy_and_pydicom() {
                 "rendering": rendering,
                 "rendered_rows": rows,
                 "rendered_columns": columns,
+                "measured_on": measured_on,
             }));
         }
     }

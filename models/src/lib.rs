@@ -24,7 +24,7 @@ pub mod signature;
 pub use checksum::{FILE_LIMIT, read_verified, sha256_file, verify_folder};
 pub use error::{BundleError, RepositoryError};
 pub use init::{InitError, InitOptions, InitReport, init};
-pub use manifest::{Manifest, SelfTestSpec, TaskKind, Tolerance};
+pub use manifest::{ConceptCode, Manifest, SelfTestSpec, TaskKind, Tolerance, check_sctid};
 pub use preprocess::{
     Image, InputGeometry, PreprocessError, Preprocessing, VolumeInput, VolumeValues,
 };

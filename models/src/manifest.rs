@@ -644,6 +644,124 @@ pub struct OutputSpec {
     pub labels: Vec<String>,
     #[serde(default)]
     pub positive_label: Option<String>,
+    /// The coded concept this output reports as present (at its `positive_label`, else its
+    /// last label), e.g. SNOMED CT `27925004` "Nodule": the DICOM results' finding code. Absent:
+    /// a local code (`99NIGHTINGALE`) of the bundle, output and label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finding_code: Option<ConceptCode>,
+}
+
+/// A coded concept as a bundle declares it (PS3.3 Code Sequence Macro):
+/// `{ scheme = "SCT", value = "27925004", meaning = "Nodule" }`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConceptCode {
+    /// Coding Scheme Designator (PS3.16 8: `SCT`, `DCM`, `LN`, `RADLEX`, or a private `99…`):
+    /// 1–16 of `A-Z a-z 0-9 . _ -`.
+    pub scheme: String,
+    /// Code Value: 1–64 printable ASCII characters, no space or backslash (over 16 they are written as
+    /// Long Code Value). A SNOMED CT (`SCT`) value must be a concept identifier: 6–18 digits
+    /// whose check digit (Verhoeff) is right and whose partition is a concept's.
+    pub value: String,
+    /// Code Meaning: 1–64 characters, no backslash, no control characters.
+    pub meaning: String,
+}
+
+impl ConceptCode {
+    /// Why the code cannot be written into a DICOM object as declared, if it cannot.
+    pub fn check(&self) -> Result<(), String> {
+        let ConceptCode {
+            scheme,
+            value,
+            meaning,
+        } = self;
+        if !(1..=16).contains(&scheme.len())
+            || !scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err(format!(
+                "scheme {:?}: a coding scheme designator is 1-16 of A-Z a-z 0-9 . _ -",
+                shown(scheme)
+            ));
+        }
+        if !(1..=64).contains(&value.len())
+            || !value.bytes().all(|b| b.is_ascii_graphic() && b != b'\\')
+        {
+            return Err(format!(
+                "value {:?}: a code value is 1-64 printable ASCII characters without spaces or backslashes",
+                shown(value)
+            ));
+        }
+        if meaning.trim() != meaning
+            || !(1..=64).contains(&meaning.chars().count())
+            || meaning.chars().any(|c| c == '\\' || c.is_control())
+        {
+            return Err(format!(
+                "meaning {:?}: a code meaning is 1-64 characters, without backslashes, control characters or spaces at either end",
+                shown(meaning)
+            ));
+        }
+        if scheme == "SCT" {
+            check_sctid(value).map_err(|why| format!("SNOMED CT value {value:?}: {why}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A SNOMED CT concept identifier (SNOMED CT Technical Implementation Guide, "SCTID"): 6–18
+/// digits, no leading zero, the last a Verhoeff check digit over the others, and the two
+/// before it a concept's partition (`00` short format, `10` long format; a description's
+/// `01`/`11` or a relationship's `02`/`12` pasted in its place is refused).
+///
+/// Written here rather than taken from a crate: no Verhoeff crate is among this project's
+/// dependencies or its registry's verified ones, and the algorithm is three small tables.
+pub fn check_sctid(value: &str) -> Result<(), &'static str> {
+    if !(6..=18).contains(&value.len()) || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("a concept identifier is 6-18 digits");
+    }
+    if value.starts_with('0') {
+        return Err("a concept identifier has no leading zero");
+    }
+    if !verhoeff_valid(value) {
+        return Err("its check digit is wrong (a typing error?)");
+    }
+    let partition = &value[value.len() - 3..value.len() - 1];
+    if !matches!(partition, "00" | "10") {
+        return Err("its partition is not a concept's (a description or relationship identifier?)");
+    }
+    Ok(())
+}
+
+/// Whether a string of decimal digits ends in its Verhoeff check digit.
+fn verhoeff_valid(digits: &str) -> bool {
+    const D: [[u8; 10]; 10] = [
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+        [1, 2, 3, 4, 0, 6, 7, 8, 9, 5],
+        [2, 3, 4, 0, 1, 7, 8, 9, 5, 6],
+        [3, 4, 0, 1, 2, 8, 9, 5, 6, 7],
+        [4, 0, 1, 2, 3, 9, 5, 6, 7, 8],
+        [5, 9, 8, 7, 6, 0, 4, 3, 2, 1],
+        [6, 5, 9, 8, 7, 1, 0, 4, 3, 2],
+        [7, 6, 5, 9, 8, 2, 1, 0, 4, 3],
+        [8, 7, 6, 5, 9, 3, 2, 1, 0, 4],
+        [9, 8, 7, 6, 5, 4, 3, 2, 1, 0],
+    ];
+    const P: [[u8; 10]; 8] = [
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+        [1, 5, 7, 6, 2, 8, 3, 0, 9, 4],
+        [5, 8, 0, 3, 7, 9, 6, 1, 4, 2],
+        [8, 9, 1, 6, 0, 4, 3, 5, 2, 7],
+        [9, 4, 5, 3, 1, 2, 6, 8, 7, 0],
+        [4, 2, 8, 6, 5, 7, 3, 9, 0, 1],
+        [2, 7, 9, 3, 8, 0, 6, 4, 1, 5],
+        [7, 0, 4, 6, 9, 1, 3, 2, 5, 8],
+    ];
+    let mut c = 0u8;
+    for (i, b) in digits.bytes().rev().enumerate() {
+        c = D[usize::from(c)][usize::from(P[i % 8][usize::from(b - b'0')])];
+    }
+    c == 0
 }
 
 /// `[dicom]`: what a bundle accepts from the DICOM pipeline. Every list left empty accepts
@@ -1121,6 +1239,11 @@ impl Manifest {
                     output.name
                 ));
             }
+            if let Some(code) = &output.finding_code {
+                code.check().map_err(|m| {
+                    InvalidManifest(format!("output {:?}: finding_code {m}", output.name))
+                })?;
+            }
         }
         for t in &self.thresholds {
             let Some(output) = self.outputs.iter().find(|o| o.name == t.output) else {
@@ -1518,6 +1641,85 @@ labels = ["a", "b"]
         let text = format!("{MINIMAL}[selftest]\nfile = \"model.onnx\"\natol = 0.0\nrtol = 0.0\n");
         let e = Manifest::parse(&text).unwrap_err().to_string();
         assert!(e.contains("is the model's own file"), "{e}");
+    }
+
+    #[test]
+    fn a_finding_code_is_checked_where_it_is_declared() {
+        let with = |code: &str| {
+            MINIMAL.replace(
+                "labels = [\"a\", \"b\"]",
+                &format!("labels = [\"a\", \"b\"]\nfinding_code = {code}"),
+            )
+        };
+        let m = Manifest::parse(&with(
+            r#"{ scheme = "SCT", value = "27925004", meaning = "Nodule" }"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            m.outputs[0].finding_code,
+            Some(ConceptCode {
+                scheme: "SCT".into(),
+                value: "27925004".into(),
+                meaning: "Nodule".into()
+            })
+        );
+        // A private scheme's value need not be a number; a long one is allowed (Long Code Value).
+        assert!(
+            Manifest::parse(&with(&format!(
+                r#"{{ scheme = "99LOCAL", value = "{}", meaning = "x" }}"#,
+                "v".repeat(64)
+            )))
+            .is_ok()
+        );
+        for (code, why) in [
+            // One digit mistyped: the check digit catches it.
+            (
+                r#"{ scheme = "SCT", value = "27925005", meaning = "Nodule" }"#,
+                "check digit",
+            ),
+            (
+                r#"{ scheme = "SCT", value = "Nodule", meaning = "Nodule" }"#,
+                "6-18 digits",
+            ),
+            (
+                r#"{ scheme = "SCT ", value = "27925004", meaning = "Nodule" }"#,
+                "coding scheme designator",
+            ),
+            (
+                r#"{ scheme = "99X", value = "a\\b", meaning = "x" }"#,
+                "code value",
+            ),
+            (
+                r#"{ scheme = "99X", value = "a", meaning = "" }"#,
+                "code meaning",
+            ),
+            (
+                r#"{ scheme = "99X", value = "a", meaning = " x" }"#,
+                "code meaning",
+            ),
+            (
+                r#"{ scheme = "99X", value = "a", meaning = "x\ny" }"#,
+                "code meaning",
+            ),
+            (
+                r#"{ scheme = "99X", value = "a", meaning = "x", version = "1" }"#,
+                "unknown field",
+            ),
+        ] {
+            let e = Manifest::parse(&with(code)).unwrap_err().to_string();
+            assert!(e.contains(why), "{code}: {e}");
+            assert!(
+                e.contains("finding_code") || why == "unknown field",
+                "{code}: {e}"
+            );
+        }
+        let e = Manifest::parse(&with(&format!(
+            r#"{{ scheme = "99X", value = "a", meaning = "{}" }}"#,
+            "m".repeat(65)
+        )))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("code meaning"), "{e}");
     }
 
     #[test]

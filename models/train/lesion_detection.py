@@ -1134,6 +1134,8 @@ shape = [-1, 2]
 description = "softmax [P(absent), P(present)] of a simulated nodule anywhere in the image"
 labels = ["absent", "present"]
 positive_label = "present"
+# the concept the SR codes the finding as (pydicom: codes.SCT.Nodule); a simulated one here
+finding_code = {{ scheme = "SCT", value = "27925004", meaning = "Nodule" }}
 
 [[thresholds]]
 name = "youden"

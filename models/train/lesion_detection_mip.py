@@ -217,6 +217,8 @@ shape = [-1, 2]
 description = "softmax [P(absent), P(present)] of a simulated nodule anywhere in the volume's MIP"
 labels = ["absent", "present"]
 positive_label = "present"
+# the concept the SR codes the finding as (pydicom: codes.SCT.Nodule); a simulated one here
+finding_code = {{ scheme = "SCT", value = "27925004", meaning = "Nodule" }}
 
 [[thresholds]]
 name = "{thr["name"]}"

@@ -12,7 +12,8 @@ use nightingale_dicom::pixels::{
     self, Colour, DecodeOptions, Limits, PixelSource, RenderWindow, Voi, render8,
 };
 use nightingale_dicom::results::{
-    self, Code, Finding, RenderedImage, RenderedPixels, ResultContext, SourceSeries, Uid,
+    self, Code, Finding, MeasuredOn, RenderedImage, RenderedPixels, ResultContext, SourceSeries,
+    Uid,
 };
 use nightingale_dicom::volume::{self, InstanceGeometry, VolumePlan};
 use nightingale_inference::{NamedTensor, Tensor};
@@ -780,11 +781,28 @@ impl Pipeline {
         );
         let coded: Vec<Finding> = findings
             .iter()
-            .map(|f| Finding {
-                label: finding_code(&model.name, &f.output, &f.label),
-                probability: f.probability,
-                threshold: f.threshold,
-                positive: f.positive,
+            .map(|f| {
+                let declared = model
+                    .manifest
+                    .outputs
+                    .iter()
+                    .find(|o| o.name == f.output)
+                    .and_then(|o| o.finding_code.as_ref());
+                Finding {
+                    label: match declared {
+                        Some(c) => Code::new(&c.value, &c.scheme, &c.meaning),
+                        None => finding_code(&model.name, &f.output, &f.label),
+                    },
+                    probability: f.probability,
+                    threshold: f.threshold,
+                    positive: f.positive,
+                    // A per-frame finding names the image (and frame) it was measured on;
+                    // a volume's is the whole series'.
+                    measured_on: f.volume.is_none().then(|| MeasuredOn {
+                        instance: f.instance_index,
+                        frame: (frame_count(&headers[f.instance_index]) > 1).then_some(f.frame + 1),
+                    }),
+                }
             })
             .collect();
         // The SC shows the frame with the first reported output's highest probability.
@@ -940,7 +958,19 @@ pub(super) fn keep_result_file(
         .map_err(|e| e.to_string())
 }
 
-/// The coded concept of a bundle's finding: the local scheme, a value of its own for the
+/// Number of Frames (0028,0008) of an instance's header; 1 when absent or unreadable (the
+/// pixel decoder has already read the frame a finding names, so a count is there when it
+/// matters).
+fn frame_count(header: &dicom_object::DefaultDicomObject) -> u32 {
+    header
+        .element_opt(dicom_dictionary_std::tags::NUMBER_OF_FRAMES)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_int::<u32>().ok())
+        .unwrap_or(1)
+}
+
+/// The coded concept of a bundle's finding (where its output declares none): the local scheme, a value of its own for the
 /// bundle, output and label (SH, 16 characters: `N` and 15 hex digits of their SHA-256; the
 /// output's name alone was shared by two bundles with outputs of one name), and a meaning
 /// that names the output and the label ("lesion: present"; the label alone, "present",

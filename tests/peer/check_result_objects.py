@@ -136,7 +136,7 @@ def float32(x):
     return np.float32(float(x))
 
 
-def check_sr(result, sources, m, label):
+def check_sr(result, sources, case, m, label):
     check(result.SOPClassUID == COMPREHENSIVE_SR, f"{label}: SOP class")
     check(result.Modality == "SR", f"{label}: modality")
     check(result.VerificationFlag == "UNVERIFIED", f"{label}: verification flag")
@@ -198,6 +198,25 @@ def check_sr(result, sources, m, label):
             check(code_of(mv.MeasurementUnitsCodeSequence[0])[:2] == ("1", "UCUM"), f"{label}: {key} unit")
             check(float32(mv.NumericValue) == float32(f[key]), f"{label}: {key} {mv.NumericValue} != {f[key]}")
             check(float32(mv.FloatingPointValue) == float32(f[key]), f"{label}: {key} floating point value")
+            # The probability is inferred from the image it was measured on (TID 300 / TID 320,
+            # Source of Measurement), with its frame for a multi-frame instance; the threshold
+            # from none.
+            inferred = [c for c in n.get("ContentSequence", []) if c.RelationshipType == "INFERRED FROM"]
+            on = case["measured_on"][m["findings"].index(f)] if key == "probability" else None
+            if on is None:
+                check(not inferred, f"{label}: {key} inferred from {len(inferred)} items, none expected")
+            else:
+                check(len(inferred) == 1, f"{label}: {key} inferred from {len(inferred)} items")
+                image = inferred[0]
+                check(image.ValueType == "IMAGE" and concept(image) == code_tuple(codes.DCM.SourceOfMeasurement),
+                      f"{label}: source of measurement item")
+                r = image.ReferencedSOPSequence[0]
+                src = sources[on["instance"]]
+                check((r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID) == (src.SOPClassUID, src.SOPInstanceUID),
+                      f"{label}: source of measurement is not instance {on['instance']}")
+                frame = r.get("ReferencedFrameNumber")
+                check((None if frame is None else int(frame)) == on["frame"],
+                      f"{label}: referenced frame {frame} != {on['frame']}")
         presence = [c for c in children(g, "CODE") if concept(c) == want and c.RelationshipType == "CONTAINS"]
         check(len(presence) == 1, f"{label}: presence item")
         expected = codes.SCT.Present if f["positive"] else codes.SCT.Absent
@@ -267,7 +286,7 @@ def main():
         check_copied(result, sources[0], label)
         check_equipment(result, m, label)
         if case["kind"] == "sr":
-            check_sr(result, sources, m, label)
+            check_sr(result, sources, case, m, label)
         else:
             check_sc(result, sources, case, m, label)
         print(f"ok {label}")

@@ -38,6 +38,7 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom.data import get_testdata_file
+from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from dicom_support import (identifiers_in, REPO, RESULT_TIMEOUT_S, SC_CLASS, SR_CLASS, Server, StoreScp, binary,
@@ -54,6 +55,47 @@ def work():
     d = Path(tempfile.mkdtemp(prefix="nightingale-pipeline-"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+def measured_on(sr: pydicom.Dataset) -> list[tuple[str, int | None]]:
+    """(SOP Instance UID, frame) of every image the SR's Probability items are INFERRED FROM
+    (TID 300 / TID 320, (121112, DCM, "Source of Measurement"))."""
+    found = []
+
+    def walk(items):
+        for item in items:
+            if item.get("ValueType") == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "122157":
+                for c in item.get("ContentSequence", []):
+                    if c.RelationshipType == "INFERRED FROM":
+                        assert c.ValueType == "IMAGE"
+                        name = c.ConceptNameCodeSequence[0]
+                        assert (name.CodeValue, name.CodingSchemeDesignator) == (
+                            codes.DCM.SourceOfMeasurement.value, "DCM")
+                        r = c.ReferencedSOPSequence[0]
+                        frame = r.get("ReferencedFrameNumber")
+                        found.append((str(r.ReferencedSOPInstanceUID),
+                                      None if frame is None else int(frame)))
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(sr.ContentSequence)
+    return found
+
+
+def finding_codes(sr: pydicom.Dataset) -> list[tuple[str, str, str]]:
+    """Every (121071, DCM, "Finding") concept modifier's value in the SR."""
+    found = []
+
+    def walk(items):
+        for item in items:
+            if item.get("ValueType") == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == "121071":
+                c = item.ConceptCodeSequence[0]
+                found.append((c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning))
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(sr.ContentSequence)
+    return found
 
 
 @pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "CT_small.dcm"])
@@ -88,6 +130,11 @@ def test_a_stored_image_comes_back_as_sr_and_sc(work, name):
         expected = expected_probability(source)
         print(f"{name}: SR probability {numbers} onnxruntime {expected}")
         assert abs(numbers["Probability"] - expected) < 1e-4, numbers
+        # Measured on the one image (single-frame: no frame number); the bundle declares no
+        # standard code for its output, so the finding is in the local scheme.
+        assert measured_on(sr) == [(str(ds.SOPInstanceUID), None)]
+        [(_, scheme, meaning)] = finding_codes(sr)
+        assert (scheme, meaning) == ("99NIGHTINGALE", "misoriented: misoriented")
 
         sc = pydicom.dcmread(objects[SC_CLASS])
         assert sc.BurnedInAnnotation == "YES"
@@ -207,6 +254,43 @@ def test_a_series_whose_uids_hold_letters_comes_back_as_sr_and_sc(work):
             body = answer.read()
         assert body.count(ds.SOPInstanceUID.encode()) >= 2  # meta group and data set
         assert ds.PixelData in body
+    finally:
+        stop(server.proc)
+        stop(pacs.proc)
+
+
+def test_the_sr_names_the_image_that_gave_the_series_probability(work):
+    """A series of two images, one of them rotated: the SR reports the higher of the two
+    probabilities onnxruntime gives, and its Probability is INFERRED FROM that image (TID 300's
+    Source of Measurement); the SC shows the same image."""
+    pacs = StoreScp(work)
+    server = Server(work, f"STORESCP@127.0.0.1:{pacs.port}")
+    try:
+        upright = work / "upright.dcm"
+        ds = with_new_uids(get_testdata_file("CT_small.dcm"), upright)
+        turned = pydicom.dcmread(upright)
+        turned.SOPInstanceUID = generate_uid()
+        turned.file_meta.MediaStorageSOPInstanceUID = turned.SOPInstanceUID
+        turned.InstanceNumber = int(ds.get("InstanceNumber", 1)) + 1
+        turned.PixelData = np.ascontiguousarray(np.rot90(ds.pixel_array)).tobytes()
+        rotated = work / "rotated.dcm"
+        turned.save_as(rotated, enforce_file_format=True)
+        expected = {str(ds.SOPInstanceUID): expected_probability(upright),
+                    str(turned.SOPInstanceUID): expected_probability(rotated)}
+        best = max(expected, key=expected.get)
+        assert abs(expected[str(ds.SOPInstanceUID)] - expected[str(turned.SOPInstanceUID)]) > 1e-3, expected
+        store(server.port, [upright, rotated])
+        files = wait_for(lambda: len(pacs.files()) >= 2 and pacs.files(), RESULT_TIMEOUT_S,
+                         "the SR and the SC at storescp")
+        objects = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID): f for f in files}
+        sr = pydicom.dcmread(objects[SR_CLASS])
+        assert referenced_uids(sr) == set(expected)
+        assert abs(sr_numbers(sr)["Probability"] - expected[best]) < 1e-4, (sr_numbers(sr), expected)
+        assert measured_on(sr) == [(best, None)], (measured_on(sr), expected)
+        sc = pydicom.dcmread(objects[SC_CLASS])
+        assert str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID) == best
+        new = dciodvfy_errors(objects[SR_CLASS]) - dciodvfy_errors(upright)
+        assert not new, sorted(new)
     finally:
         stop(server.proc)
         stop(pacs.proc)
@@ -359,6 +443,11 @@ def test_a_heatmap_bundle_sends_its_saliency_in_the_sc(work):
 
         walk(sr.ContentSequence)
         assert illustrations == [("121200", "DCM", str(sc.SOPInstanceUID))], illustrations
+        # The bundle declares its output's concept: SNOMED CT "Nodule", as pydicom's code
+        # dictionary has it.
+        nodule = codes.SCT.Nodule
+        assert finding_codes(sr) == [(nodule.value, nodule.scheme_designator, nodule.meaning)]
+        assert measured_on(sr) == [(str(ds.SOPInstanceUID), None)]
         evidence = sr.PertinentOtherEvidenceSequence[0].ReferencedSeriesSequence[0]
         assert str(evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) == str(sc.SOPInstanceUID)
 

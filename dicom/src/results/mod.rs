@@ -172,6 +172,20 @@ pub struct Finding {
     /// Whether the finding is reported as present (the caller decides, usually
     /// `probability >= threshold`; written as SCT Present/Absent and POSITIVE/NEGATIVE).
     pub positive: bool,
+    /// The image the probability was measured on (the series' highest, for a per-frame
+    /// model): the SR's probability is `INFERRED FROM` it, as TID 300 / TID 320's
+    /// `(121112, DCM, "Source of Measurement")`. None: measured on the whole series (a
+    /// volume), which the image library lists.
+    pub measured_on: Option<MeasuredOn>,
+}
+
+/// One source image a measurement was made on: an instance of the series (its position in
+/// [`SourceSeries::instances`]) and, for a multi-frame instance, the frame (1-based, as
+/// Referenced Frame Number counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeasuredOn {
+    pub instance: usize,
+    pub frame: Option<u32>,
 }
 
 /// A finished result object.
@@ -236,7 +250,9 @@ pub enum ResultError {
         expected: usize,
         actual: usize,
     },
-    #[error("the rendered image's source instance is not one of the series' instances")]
+    #[error(
+        "the rendered image's or a measurement's source instance is not one of the series' instances"
+    )]
     UnknownSourceInstance,
     #[error("building the file meta group")]
     Meta(#[source] Box<dicom_object::WithMetaError>),
@@ -244,7 +260,19 @@ pub enum ResultError {
     Write(#[source] Box<dicom_object::WriteError>),
 }
 
-fn check_findings(findings: &[Finding]) -> Result<(), ResultError> {
+fn check_findings(source: &SourceSeries, findings: &[Finding]) -> Result<(), ResultError> {
+    check_values(findings)?;
+    for f in findings {
+        if let Some(m) = f.measured_on
+            && (m.instance >= source.instances.len() || m.frame == Some(0))
+        {
+            return Err(ResultError::UnknownSourceInstance);
+        }
+    }
+    Ok(())
+}
+
+fn check_values(findings: &[Finding]) -> Result<(), ResultError> {
     if findings.is_empty() {
         return Err(ResultError::NoFindings);
     }
@@ -315,12 +343,13 @@ mod tests {
             probability: p,
             threshold: t,
             positive: p >= t,
+            measured_on: None,
         }
     }
 
     #[test]
     fn findings_are_checked() {
-        assert!(matches!(check_findings(&[]), Err(ResultError::NoFindings)));
+        assert!(matches!(check_values(&[]), Err(ResultError::NoFindings)));
         for (p, t) in [
             (f32::NAN, 0.5),
             (1.5, 0.5),
@@ -328,19 +357,19 @@ mod tests {
             (0.5, f32::INFINITY),
         ] {
             assert!(matches!(
-                check_findings(&[finding(p, t)]),
+                check_values(&[finding(p, t)]),
                 Err(ResultError::OutOfRange { index: 0, .. })
             ));
         }
         let mut f = finding(0.2, 0.5);
         f.label.meaning = " ".into();
         assert!(matches!(
-            check_findings(&[finding(0.1, 0.2), f]),
+            check_values(&[finding(0.1, 0.2), f]),
             Err(ResultError::EmptyCode {
                 index: 1,
                 part: "meaning"
             })
         ));
-        assert!(check_findings(&[finding(0.0, 1.0)]).is_ok());
+        assert!(check_values(&[finding(0.0, 1.0)]).is_ok());
     }
 }

@@ -120,7 +120,7 @@ pub fn build_sc(
     findings: &[Finding],
     image: RenderedImage,
 ) -> Result<ResultObject, ResultError> {
-    check_findings(findings)?;
+    check_findings(source, findings)?;
     image.check()?;
     let index = source
         .position(&image.source_sop_instance_uid)
@@ -357,6 +357,7 @@ mod tests {
             probability: 0.25,
             threshold: 0.5,
             positive: false,
+            measured_on: None,
         }
     }
 

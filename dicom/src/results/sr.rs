@@ -15,10 +15,13 @@
 //!   CONTAINS CONTAINER (125007, DCM, "Measurement Group")  one per finding      [TID 1501]
 //!    HAS OBS CONTEXT TEXT (112039, DCM, "Tracking Identifier") = "<bundle> <label>"
 //!    HAS OBS CONTEXT UIDREF (112040, DCM, "Tracking Unique Identifier") = new UID
-//!    HAS CONCEPT MOD CODE (121071, DCM, "Finding") = the label's code
+//!    HAS CONCEPT MOD CODE (121071, DCM, "Finding") = the bundle's declared code for the
+//!                   output (e.g. (27925004, SCT, "Nodule")), else a local one
 //!    CONTAINS NUM (122157, DCM, "Probability") = p, unit ("1", UCUM, "no units")  [TID 300]
 //!     HAS CONCEPT MOD TEXT (111001, DCM, "Algorithm Name") = bundle name         [TID 4019]
 //!     HAS CONCEPT MOD TEXT (111003, DCM, "Algorithm Version") = bundle version
+//!     INFERRED FROM IMAGE (121112, DCM, "Source of Measurement") = the instance (and frame)
+//!                   that had it, for a per-frame model's finding              [TID 320]
 //!    CONTAINS NUM (122411, DCM, "Threshold Value") = operating threshold, unit "1" (same)
 //!    CONTAINS CODE <label> = (52101004, SCT, "Present") | (272519000, SCT, "Absent")
 //!    CONTAINS TEXT (121106, DCM, "Comment") = "Intended use: <text>"
@@ -34,8 +37,8 @@ use super::common::{
 };
 use super::source::SourceSeries;
 use super::{
-    AI_RESULT_LABEL, COMPREHENSIVE_SR, Code, Finding, LOCAL_SCHEME, MANUFACTURER, ResultContext,
-    ResultError, ResultObject, SR_SERIES_NUMBER, Uid, check_findings,
+    AI_RESULT_LABEL, COMPREHENSIVE_SR, Code, Finding, LOCAL_SCHEME, MANUFACTURER, MeasuredOn,
+    ResultContext, ResultError, ResultObject, SR_SERIES_NUMBER, Uid, check_findings,
 };
 
 fn dcm(value: &str, meaning: &str) -> Code {
@@ -86,7 +89,12 @@ fn uidref(relationship: &str, concept: &Code, value: &Uid) -> InMemDicomObject {
 
 /// A NUM with no units (UCUM "1"): DS text plus the exact binary value, and the algorithm
 /// that measured it (TID 300's TID 4019 Algorithm Identification).
-fn num(ctx: &ResultContext, concept: &Code, value: f32) -> InMemDicomObject {
+fn num(
+    ctx: &ResultContext,
+    concept: &Code,
+    value: f32,
+    inferred_from: Option<InMemDicomObject>,
+) -> InMemDicomObject {
     let mut obj = item(Some("CONTAINS"), "NUM", Some(concept));
     let mut measured = InMemDicomObject::new_empty();
     put_code(
@@ -115,7 +123,10 @@ fn num(ctx: &ResultContext, concept: &Code, value: f32) -> InMemDicomObject {
                 &dcm("111003", "Algorithm Version"),
                 &ctx.bundle_version,
             ),
-        ],
+        ]
+        .into_iter()
+        .chain(inferred_from)
+        .collect(),
     );
     obj
 }
@@ -147,11 +158,39 @@ pub(crate) fn sop_ref(sop_class: &Uid, sop_instance: &Uid) -> InMemDicomObject {
     r
 }
 
+/// The image a probability was measured on: TID 300's `INFERRED FROM` TID 320 IMAGE,
+/// `(121112, DCM, "Source of Measurement")`, with its frame for a multi-frame instance.
+fn source_of_measurement(source: &SourceSeries, on: MeasuredOn) -> InMemDicomObject {
+    let instance = &source.instances[on.instance];
+    let mut obj = item(
+        Some("INFERRED FROM"),
+        "IMAGE",
+        Some(&dcm("121112", "Source of Measurement")),
+    );
+    let mut reference = sop_ref(&instance.sop_class_uid, &instance.sop_instance_uid);
+    if let Some(frame) = on.frame {
+        reference.put(DataElement::new(
+            tags::REFERENCED_FRAME_NUMBER,
+            VR::IS,
+            PrimitiveValue::from(frame.to_string()),
+        ));
+    }
+    put_seq(&mut obj, tags::REFERENCED_SOP_SEQUENCE, vec![reference]);
+    obj
+}
+
 fn measurement_group(
     ctx: &ResultContext,
+    source: &SourceSeries,
     f: &Finding,
     illustration: Option<&ResultObject>,
 ) -> InMemDicomObject {
+    let probability = num(
+        ctx,
+        &dcm("122157", "Probability"),
+        f.probability,
+        f.measured_on.map(|on| source_of_measurement(source, on)),
+    );
     let presence = if f.positive {
         Code::new("52101004", "SCT", "Present")
     } else {
@@ -172,8 +211,8 @@ fn measurement_group(
                 &Uid::generate(),
             ),
             code("HAS CONCEPT MOD", &dcm("121071", "Finding"), &f.label),
-            num(ctx, &dcm("122157", "Probability"), f.probability),
-            num(ctx, &dcm("122411", "Threshold Value"), f.threshold),
+            probability,
+            num(ctx, &dcm("122411", "Threshold Value"), f.threshold, None),
             code("CONTAINS", &f.label, &presence),
             text(
                 "CONTAINS",
@@ -220,7 +259,7 @@ pub fn build_sr_illustrated(
     findings: &[Finding],
     illustration: Option<&ResultObject>,
 ) -> Result<ResultObject, ResultError> {
-    check_findings(findings)?;
+    check_findings(source, findings)?;
     let sop_instance_uid = Uid::generate();
     let series_instance_uid = Uid::generate();
     let (date, time) = date_time(ctx, source);
@@ -438,7 +477,7 @@ pub fn build_sr_illustrated(
         findings
             .iter()
             .enumerate()
-            .map(|(k, f)| measurement_group(ctx, f, illustration.filter(|_| k == 0)))
+            .map(|(k, f)| measurement_group(ctx, source, f, illustration.filter(|_| k == 0)))
             .collect(),
     ));
     let root = container(None, &dcm("126000", "Imaging Measurement Report"), children);
