@@ -402,19 +402,6 @@ impl Scp {
                 let opened =
                     tokio::time::timeout_at(deadline, opening(&stream, config.max_pdu_length))
                         .await;
-                // A request longer than what is waited for whole here ([`WHOLE_RQ_PEEK`]) is
-                // read by dicom-ul within the association's slot: its connection keeps its
-                // waiting place (bounded per host) until the association ends, so that one
-                // host sending half of such requests holds at most its share of waiting
-                // places, not every slot (a red-team finding: 33 stalled 200 KB requests
-                // from one host took all 32 slots for the association timeout).
-                let whole = matches!(&opened, Ok(Some(Ok(o))) if o.whole);
-                let held = if whole {
-                    drop((place, waiting));
-                    None
-                } else {
-                    Some((place, waiting))
-                };
                 let Ok(opened) = opened else {
                     association_outcome("timeout");
                     tracing::info!(%peer, "DICOM association not established: no A-ASSOCIATE-RQ in time");
@@ -428,33 +415,33 @@ impl Scp {
                     .await;
                     return;
                 };
-                match slots.try_acquire_owned() {
-                    Ok(permit) => {
-                        let start = Start {
-                            peer,
-                            deadline,
-                            opened,
-                        };
-                        serve_association(stream, start, &config, &spool, &budget, events).await;
-                        drop(permit);
-                        drop(held);
-                    }
-                    Err(_) => {
-                        association_outcome("busy");
-                        tracing::warn!(%peer, "DICOM association refused: too many associations");
-                        let rejected = DicomEvent::AssociationRejected {
-                            peer,
-                            reason: "busy",
-                        };
-                        if let Err(e) = events.event(rejected).await {
-                            tracing::error!(error = %e, "DICOM event not recorded");
-                        }
-                        reject_busy(stream, &config).await
-                    }
-                }
+                // The connection keeps its waiting place (bounded per host and in all) until
+                // its association is accepted or refused, and takes an association slot only
+                // once the request is accepted: a request refused (an AE the allowlist does
+                // not name, no context it can use) or still arriving holds no slot (a
+                // red-team finding: a host the allowlist refuses, opening 25 connections a
+                // second, kept every slot full while each refusal was answered, and the
+                // allowlisted SCUs were refused as busy).
+                let start = Start {
+                    peer,
+                    deadline,
+                    opened,
+                    admission: Admission {
+                        slots,
+                        waiting: (place, waiting),
+                    },
+                };
+                serve_association(stream, start, &config, &spool, &budget, events).await;
             });
         }
     }
+}
+
+/// What admits a connection: the waiting place it holds until its association stands, and
+/// the association slots, one of which it takes then.
+struct Admission {
+    slots: Arc<Semaphore>,
+    waiting: (WaitingPlace, tokio::sync::OwnedSemaphorePermit),
 }
 
 /// The fixed fields of an A-ASSOCIATE-RQ after its PDU header (PS3.8 9.3.2): protocol version,
@@ -462,18 +449,13 @@ impl Scp {
 const A_ASSOCIATE_RQ_FIXED: u32 = 2 + 2 + 16 + 16 + 32;
 
 /// The first bytes of the A-ASSOCIATE-RQ that opens the connection, read without taking
-/// them off the socket (the request is read next, once the connection has a slot); `None`
-/// when the peer closed first or declared a length no request has, `Err(type)` when the
-/// first PDU is of another type. Waits (briefly, in steps) while fewer than its first 42
-/// bytes have arrived, then for the whole request up to [`WHOLE_RQ_PEEK`]; the caller bounds
+/// them off the socket (the request is read next); `None` when the peer closed first or
+/// declared a length no request has, `Err(type)` when the first PDU is of another type. Waits
+/// (briefly, in steps) while fewer than its first 42 bytes have arrived; the caller bounds
 /// the wait. The calling AE title is checked on the raw field ([`Opening::calling_ae_valid`]).
 async fn opening(stream: &TcpStream, max_pdu_length: u32) -> Option<Result<Opening, u8>> {
-    // PDU header (6), protocol version (2), reserved (2), called AE (16), calling AE (16);
-    // then, once the header gives its length, the whole request (up to WHOLE_RQ_PEEK): a
-    // peer that sends part of its request and stalls keeps its waiting place (bounded per
-    // host), not an association slot (32 half-sent requests from an AE the allowlist
-    // refuses took every slot until ARTIM expired).
-    let mut head = vec![0u8; 42];
+    // PDU header (6), protocol version (2), reserved (2), called AE (16), calling AE (16).
+    let mut head = [0u8; 42];
     let mut pause = Duration::from_millis(1);
     loop {
         let n = stream.peek(&mut head).await.ok()?;
@@ -491,17 +473,9 @@ async fn opening(stream: &TcpStream, max_pdu_length: u32) -> Option<Result<Openi
             if len > MAX_ASSOCIATE_RQ.max(max_pdu_length) || len < A_ASSOCIATE_RQ_FIXED {
                 return None;
             }
-            let whole = (6 + len as usize).min(WHOLE_RQ_PEEK);
-            if head.len() < whole {
-                head.resize(whole, 0);
-                continue;
-            }
         }
-        if n >= 42 && n == head.len() {
-            let whole = n >= 6
-                && 6 + u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as usize == n;
+        if n == head.len() {
             return Some(Ok(Opening {
-                whole,
                 calling_ae_valid: raw_ae_title_valid(&head[26..42]),
             }));
         }
@@ -514,16 +488,8 @@ async fn opening(stream: &TcpStream, max_pdu_length: u32) -> Option<Result<Openi
 /// syntaxes each stay well under it).
 const MAX_ASSOCIATE_RQ: u32 = 1 << 20;
 
-/// How much of an A-ASSOCIATE-RQ [`opening`] waits for before the connection takes an
-/// association slot: requests are a few hundred bytes to a few KiB (hundreds of presentation
-/// contexts make tens of KiB); a larger one is read within the association timeout.
-const WHOLE_RQ_PEEK: usize = 64 << 10;
-
 /// What is checked of an A-ASSOCIATE-RQ before it is read.
 struct Opening {
-    /// The whole request arrived before the connection took a slot (it is at most
-    /// [`WHOLE_RQ_PEEK`] long).
-    whole: bool,
     /// The calling AE field is a title PS3.5 6.2 allows: dicom-ul's reader trims every kind
     /// of whitespace (a tab, a newline) from it before [`AccessControl`] sees it, so a title
     /// such as "CT1\t" would pass an allowlist entry "CT1".
@@ -600,9 +566,23 @@ async fn answer_and_close(mut stream: TcpStream, pdu: &Pdu, limit: Duration) {
             stream.shutdown().await
         })
         .await;
-        if matches!(sent, Ok(Ok(()))) {
+        if matches!(sent, Ok(Ok(()))) && unread(&stream) {
             linger(&mut stream).await;
         }
+    }
+}
+
+/// Whether the peer has sent bytes not read yet (one is read to tell; or its side is in an
+/// unknown state): closing
+/// with unread bytes makes the kernel send a reset, which can destroy the answer, so the
+/// close then lingers. A peer that sent its request and waits for the answer has none: its
+/// connection is closed at once, and holds its waiting place no longer (a red-team finding:
+/// every refusal lingered up to 2 s).
+fn unread(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    match stream.try_read(&mut probe) {
+        Ok(n) => n > 0,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
     }
 }
 
@@ -628,29 +608,6 @@ async fn linger(stream: &mut TcpStream) {
         }
     };
     let _ = tokio::time::timeout(LINGER_TIME, drain).await;
-}
-
-/// Reads the A-ASSOCIATE-RQ (bounded) and answers A-ASSOCIATE-RJ transient, local limit
-/// exceeded.
-async fn reject_busy(mut stream: TcpStream, config: &ScpConfig) {
-    let read_rq = async {
-        let mut header = [0u8; 6];
-        stream.read_exact(&mut header).await?;
-        let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]) as u64;
-        let mut sink = tokio::io::sink();
-        tokio::io::copy(&mut (&mut stream).take(len.min(1 << 20)), &mut sink).await?;
-        Ok::<_, std::io::Error>(header[0])
-    };
-    let Ok(Ok(0x01)) = tokio::time::timeout(config.association_timeout, read_rq).await else {
-        return;
-    };
-    let rj = Pdu::AssociationRJ(AssociationRJ {
-        result: AssociationRJResult::Transient,
-        source: AssociationRJSource::ServiceProviderPresentation(
-            AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
-        ),
-    });
-    answer_and_close(stream, &rj, config.idle_timeout).await;
 }
 
 /// The calling-AE allowlist, checked against the peer's address too.
@@ -733,6 +690,7 @@ struct Start {
     peer: SocketAddr,
     deadline: tokio::time::Instant,
     opened: Option<Result<Opening, u8>>,
+    admission: Admission,
 }
 
 async fn serve_association(
@@ -747,6 +705,7 @@ async fn serve_association(
         peer,
         deadline,
         opened,
+        admission,
     } = start;
     // PS3.8 Table 9-10, state Sta2 (awaiting the A-ASSOCIATE-RQ): an A-ABORT closes the
     // connection (AA-2); an A-RELEASE-RQ is answered with an A-ABORT (AA-1), never with a
@@ -866,8 +825,8 @@ async fn serve_association(
         access: &allowlist,
         serves: &serves,
     };
-    let (answer, mut association) = match ul::negotiate(&acceptor, rq) {
-        Ok(accepted) => accepted.into_association(stream, buf),
+    let accepted = match ul::negotiate(&acceptor, rq) {
+        Ok(accepted) => accepted,
         Err(refusal) => {
             let reason = refusal.reason();
             tracing::info!(%peer, reason, "DICOM association refused");
@@ -875,6 +834,30 @@ async fn serve_association(
             return;
         }
     };
+    // An association slot, now that the request is accepted; none free: A-ASSOCIATE-RJ
+    // transient, local limit exceeded. The waiting place is given back either way.
+    let Admission { slots, waiting } = admission;
+    drop(waiting);
+    let Ok(_slot) = slots.try_acquire_owned() else {
+        association_outcome("busy");
+        tracing::warn!(%peer, "DICOM association refused: too many associations");
+        let rejected = DicomEvent::AssociationRejected {
+            peer,
+            reason: "busy",
+        };
+        if let Err(e) = events.event(rejected).await {
+            tracing::error!(error = %e, "DICOM event not recorded");
+        }
+        let rj = Pdu::AssociationRJ(AssociationRJ {
+            result: AssociationRJResult::Transient,
+            source: AssociationRJSource::ServiceProviderPresentation(
+                AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+            ),
+        });
+        answer_and_close(stream, &rj, config.idle_timeout).await;
+        return;
+    };
+    let (answer, mut association) = accepted.into_association(stream, buf);
     if !matches!(
         tokio::time::timeout(config.idle_timeout, association.send(&answer)).await,
         Ok(Ok(()))

@@ -330,10 +330,10 @@ async fn silent_connections_do_not_take_association_slots() {
     .unwrap();
 }
 
-/// A request longer than what is waited for whole before a slot is taken (64 KiB) keeps its
-/// host's waiting place while dicom-ul reads it: one host stalling such requests holds at most
-/// `MAX_WAITING_PER_HOST` slots (a red-team finding: 33 stalled 200 KB requests from one host
-/// took all 32 for the association timeout), and its next connection is closed at once.
+/// A connection holds its host's waiting place, not an association slot, while its
+/// request is read: one host stalling long requests holds at most `MAX_WAITING_PER_HOST`
+/// waiting places and no slot (a red-team finding: 33 stalled 200 KB requests from one host
+/// took all 32 slots for the association timeout), and its next connection is closed at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_half_sent_requests_are_bounded_per_host() {
     use std::io::Write;
@@ -359,6 +359,52 @@ async fn long_half_sent_requests_are_bounded_per_host() {
         std::thread::sleep(Duration::from_secs(1));
         assert_closed_at_once(addr);
         drop(stalled);
+    })
+    .await
+    .unwrap();
+}
+
+/// Requests the allowlist refuses take no association slot, and their connections are
+/// closed as soon as the answer is out (a peer that waits for it has nothing unread): with
+/// one slot and the refused connections left open by their peer, an allowlisted SCU is
+/// served (a red-team finding: every refusal held a slot while it lingered up to 2 s, and a
+/// host opening 25 refused connections a second kept every slot full).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_take_no_association_slot() {
+    let server = start(|c| {
+        c.max_associations = 1;
+        c.allowed = Some(vec!["RUSTSCU".parse().unwrap()]);
+    })
+    .await;
+    let addr = server.addr;
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut rq = associate_rq(&[(CT, EXPLICIT_LE)]);
+        rq.calling_ae_title = "INTRUDER".into();
+        let bytes = pdu_bytes(&Pdu::AssociationRQ(rq));
+        // Twice the host's waiting places, one after the other, each left open after its
+        // answer: every one is refused (not closed unanswered for want of a place).
+        let refused: Vec<_> = (0..2 * nightingale_dicom::scp::MAX_WAITING_PER_HOST)
+            .map(|_| {
+                let mut socket = std::net::TcpStream::connect(addr).unwrap();
+                socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+                socket.write_all(&bytes).unwrap();
+                match read_answer(&mut socket) {
+                    Answer::Pdu(Pdu::AssociationRJ(rj)) => assert_eq!(
+                        rj.source,
+                        AssociationRJSource::ServiceUser(
+                            AssociationRJServiceUserReason::CallingAETitleNotRecognized
+                        )
+                    ),
+                    other => panic!("expected A-ASSOCIATE-RJ, got {other:?}"),
+                }
+                // The server closed its side at once: the next read sees the end.
+                assert!(matches!(read_answer(&mut socket), Answer::Closed));
+                socket
+            })
+            .collect();
+        echo(addr);
+        drop(refused);
     })
     .await
     .unwrap();
