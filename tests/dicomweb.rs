@@ -375,6 +375,86 @@ async fn parts_in_memory_over_all_requests_are_bounded_503_beyond() {
     assert_eq!(s, StatusCode::OK, "{v}");
 }
 
+/// Waits (at most 30 s) until `done`.
+async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A part read back from its staging file to be stored is charged to the STOW-RS budget
+/// like a part being parsed (a red-team finding: only the parser's bytes were, and requests
+/// that held back their last delimiter, then sent it together, loaded their parts at once
+/// past any budget): request B's part waits while request A's part fills the budget, and is
+/// stored once A is gone.
+#[tokio::test]
+async fn parts_read_back_to_be_stored_are_charged_to_the_budget() {
+    use futures_util::StreamExt;
+    let server = Server::new(DicomWebConfig {
+        max_part_bytes: 1 << 20,
+        max_inflight_bytes: 3 << 19, // 1.5 MiB
+        ..DicomWebConfig::default()
+    });
+    let web = server.state.dicomweb().unwrap();
+    // Request B: one part of 900 KiB (not DICOM: refused once read, which is what counts
+    // here), sent in three pieces: most of the part, the rest up to the close delimiter, and
+    // the delimiter's last 4 bytes.
+    let body = multipart(&[("application/octet-stream", &vec![7u8; 900 << 10])]);
+    let (head, tail) = body.split_at(body.len() - 4);
+    let (first, second) = head.split_at(800 << 10);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(4);
+    let chunks =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    let req = Request::post("/dicomweb/studies")
+        .header(header::CONTENT_TYPE, content_type())
+        .body(Body::from_stream(chunks))
+        .unwrap();
+    let app = http::app(server.state.clone());
+    let b = tokio::spawn(async move { app.oneshot(req).await });
+    tx.send(Ok(Bytes::copy_from_slice(first))).await.unwrap();
+    wait_until("B's first piece parsed", || {
+        web.inflight_bytes() >= 700 << 10
+    })
+    .await;
+    tx.send(Ok(Bytes::copy_from_slice(second))).await.unwrap();
+    wait_until("B's part staged", || web.inflight_bytes() < 64 << 10).await;
+
+    // Request A: the start of a part of 1 MiB, then nothing: it holds 1 MiB of the budget.
+    let mut start = format!("--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n").into_bytes();
+    start.extend(vec![0u8; 1 << 20]);
+    let stalled = Request::post("/dicomweb/studies")
+        .header(header::CONTENT_TYPE, content_type())
+        .body(Body::from_stream(
+            futures_util::stream::iter([Ok::<_, Infallible>(Bytes::from(start))])
+                .chain(futures_util::stream::pending()),
+        ))
+        .unwrap();
+    let app = http::app(server.state.clone());
+    let a = tokio::spawn(async move { app.oneshot(stalled).await });
+    wait_until("A's part in the parser", || web.inflight_bytes() >= 1 << 20).await;
+
+    // B's close delimiter: its part cannot be read back beside A's; B waits, within budget.
+    tx.send(Ok(Bytes::copy_from_slice(tail))).await.unwrap();
+    drop(tx);
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(web.inflight_bytes() <= 3 << 19, "{}", web.inflight_bytes());
+    }
+    assert!(!b.is_finished(), "B's part was read back past the budget");
+    // A gone, B's part is read and answered (refused as not DICOM: 409).
+    a.abort();
+    let _ = a.await;
+    let res = tokio::time::timeout(Duration::from_secs(30), b)
+        .await
+        .expect("B answered once A is gone")
+        .unwrap()
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CONFLICT);
+    wait_until("every byte given back", || web.inflight_bytes() == 0).await;
+}
+
 #[tokio::test]
 async fn a_declared_length_over_the_limit_is_413_before_the_body_is_read() {
     let server = Server::new(DicomWebConfig {

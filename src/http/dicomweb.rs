@@ -97,6 +97,36 @@ const DICOM_JSON: &str = "application/dicom+json";
 /// STOW-RS parts stored at once (within one part's memory limit together).
 const STORE_CONCURRENCY: usize = 4;
 
+/// How long a part waits for room in the STOW-RS memory budget before it is failed with
+/// Out of Resources (its request's other parts go on).
+const BUDGET_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits (polling, at most [`BUDGET_WAIT`]) until `reservation` can take `bytes` more.
+async fn wait_for_budget(reservation: &mut Reservation, bytes: u64) -> bool {
+    let until = Instant::now() + BUDGET_WAIT;
+    let mut pause = Duration::from_millis(5);
+    while Instant::now() < until {
+        tokio::time::sleep(pause).await;
+        if reservation.grow(bytes) {
+            return true;
+        }
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+    false
+}
+
+/// A part failed because the memory budget had no room for it in time.
+fn out_of_memory_budget() -> stow::Failure {
+    stow::Failure {
+        sop_class_uid: None,
+        sop_instance_uid: None,
+        reason: stow::reason::OUT_OF_RESOURCES,
+        kind: "memory_budget",
+        detail: "too much STOW-RS data in memory at once (--dicom-max-inflight-bytes); retry later"
+            .into(),
+    }
+}
+
 /// The deadline of a request to `path` when DICOMweb is on and the path is one of its own.
 pub(crate) fn deadline_for(state: &AppState, path: &str) -> Option<Duration> {
     if path.starts_with("/dicomweb/") {
@@ -357,12 +387,29 @@ async fn store_inner(
             {
                 break;
             }
+            // The part is read back whole: its bytes are charged to the STOW-RS memory
+            // budget until it is stored (a red-team finding: only the parser's bytes were,
+            // and 16 requests holding back their last delimiter, then sent together, loaded
+            // 16 parts at once past any budget). With stores under way, wait for them first;
+            // with none, wait for other requests' parts, then give up on this one.
+            let mut reservation = Reservation::new(&web.budget);
+            let charged = if reservation.grow(len as u64) {
+                true
+            } else if !pending.is_empty() {
+                break;
+            } else {
+                wait_for_budget(&mut reservation, len as u64).await
+            };
             let part = parts.next().expect("peeked");
             let spool = spool.clone();
             let study = study.clone();
             let extra = extra_sop_classes.clone();
             in_memory += len;
             let task = tokio::task::spawn_blocking(move || {
+                if !charged {
+                    metrics::counter!("nightingale_dicom_stow_busy_total").increment(1);
+                    return Ok((PartOutcome::Failed(out_of_memory_budget()), len));
+                }
                 let part = part.load()?;
                 let size = part.body.len();
                 Ok::<_, std::io::Error>((
@@ -370,12 +417,13 @@ async fn store_inner(
                     size,
                 ))
             });
-            pending.push_back((task, len, Instant::now()));
+            pending.push_back((task, len, Instant::now(), reservation));
         }
-        let Some((task, len, started)) = pending.pop_front() else {
+        let Some((task, len, started, reservation)) = pending.pop_front() else {
             break;
         };
         let outcome = task.await.map_err(|e| AppError::internal(e.to_string()))?;
+        drop(reservation);
         in_memory -= len;
         match outcome {
             Ok((PartOutcome::Stored(s), size)) => {
