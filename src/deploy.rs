@@ -65,15 +65,33 @@ pub async fn load(
     let (owned, actor_owned, request_owned) =
         (name.to_owned(), actor.to_owned(), request_id.to_owned());
     let result = tokio::task::spawn_blocking(move || {
-        let commit = |served: &[Arc<LoadedModel>]| -> Result<(), String> {
-            for m in served {
-                let record = AuditEvent {
-                    version: m.version.to_string(),
-                    model_sha256: m.model_sha256.clone(),
-                    request_id: request_owned.clone(),
-                    detail: Some(m.signature.to_string()),
-                    ..event(kind, &owned, &actor_owned, Outcome::Ok, 200)
-                };
+        let commit = |served: &[Arc<LoadedModel>],
+                      stopping: &[Arc<LoadedModel>]|
+         -> Result<(), String> {
+            let starts = served.iter().map(|m| AuditEvent {
+                detail: Some(format!(
+                    "{}; manifest_sha256={}",
+                    m.signature, m.manifest_sha256
+                )),
+                ..version_event(kind, m, &owned, &actor_owned, &request_owned)
+            });
+            // The versions this load stops serving (a version folder removed, a rollback to
+            // one version) are recorded too: the trail said nothing of them (a red-team
+            // finding: version 2 still served, by the trail, after its folder was removed).
+            let stops = stopping.iter().map(|m| AuditEvent {
+                detail: Some(match kind {
+                    EventKind::ModelRollback => "stopped serving: rolled back".into(),
+                    _ => "stopped serving: no longer among the versions the policy serves".into(),
+                }),
+                ..version_event(
+                    EventKind::ModelUnload,
+                    m,
+                    &owned,
+                    &actor_owned,
+                    &request_owned,
+                )
+            });
+            for record in starts.chain(stops) {
                 // A blocking-pool thread: waiting here holds no async worker.
                 runtime
                     .block_on(audit.record(record))
@@ -122,6 +140,22 @@ pub async fn load(
     Err(DeployError::Repository(e))
 }
 
+/// A model-control record of one version: its number and its model file's SHA-256.
+fn version_event(
+    kind: EventKind,
+    m: &LoadedModel,
+    name: &str,
+    actor: &str,
+    request_id: &str,
+) -> AuditEvent {
+    AuditEvent {
+        version: m.version.to_string(),
+        model_sha256: m.model_sha256.clone(),
+        request_id: request_id.to_owned(),
+        ..event(kind, name, actor, Outcome::Ok, 200)
+    }
+}
+
 fn audit_unavailable(error: &str) -> String {
     format!("its audit record could not be written ({error}); nothing was changed")
 }
@@ -138,17 +172,46 @@ pub async fn unload(
     let repository = state.repository.clone();
     let audit = state.audit.clone();
     let runtime = tokio::runtime::Handle::current();
-    let record = AuditEvent {
-        request_id: request_id.to_owned(),
-        ..event(EventKind::ModelUnload, name, actor, Outcome::Ok, 200)
-    };
     let owned = name.to_owned();
+    let (actor_owned, request_owned) = (actor.to_owned(), request_id.to_owned());
     let hold = actor != POLLER;
     let result = tokio::task::spawn_blocking(move || {
-        let commit = || {
-            runtime
-                .block_on(audit.record(record.clone()))
-                .map_err(|e| audit_unavailable(&e.to_string()))
+        // One record per version that stops serving, with its number and file's SHA-256
+        // (a red-team finding: the record named neither, so a recall did not say what it
+        // took out of service); one without a version when none served (an operator's
+        // unload of a model that serves nothing still holds it unloaded).
+        let commit = |stopping: &[Arc<LoadedModel>]| -> Result<(), String> {
+            let records: Vec<AuditEvent> = if stopping.is_empty() {
+                vec![AuditEvent {
+                    request_id: request_owned.clone(),
+                    ..event(
+                        EventKind::ModelUnload,
+                        &owned,
+                        &actor_owned,
+                        Outcome::Ok,
+                        200,
+                    )
+                }]
+            } else {
+                stopping
+                    .iter()
+                    .map(|m| {
+                        version_event(
+                            EventKind::ModelUnload,
+                            m,
+                            &owned,
+                            &actor_owned,
+                            &request_owned,
+                        )
+                    })
+                    .collect()
+            };
+            for record in records {
+                runtime
+                    .block_on(audit.record(record))
+                    .map_err(|e| audit_unavailable(&e.to_string()))?;
+            }
+            Ok(())
         };
         // An operator's unload (a recall) holds until an operator loads the model again; the
         // poller's (the bundle left the disk) does not.

@@ -648,7 +648,8 @@ async fn model_control_on_a_full_audit_disk_changes_nothing_until_it_can_be_reco
         kinds,
         vec![
             (EventKind::ModelRollback, "1"),
-            (EventKind::ModelUnload, "")
+            (EventKind::ModelUnload, "2"),
+            (EventKind::ModelUnload, "1")
         ]
     );
     assert_eq!(audit::verify(&log).unwrap().records as usize, records.len());

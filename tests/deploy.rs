@@ -228,6 +228,8 @@ async fn rollback_serves_the_named_version_alone_and_is_audited_with_its_actor()
             (EventKind::ModelLoad, "1", "startup"),
             (EventKind::ModelLoad, "2", "startup"),
             (EventKind::ModelRollback, "1", "admin-token"),
+            // Version 2 stopped serving with the rollback: recorded too.
+            (EventKind::ModelUnload, "2", "admin-token"),
             (EventKind::ModelLoad, "1", "admin-token"),
             (EventKind::ModelLoad, "2", "admin-token"),
         ]
@@ -457,9 +459,19 @@ async fn the_poller_swaps_a_new_version_in_and_refuses_a_broken_one() {
             (EventKind::ModelRefused, "2".into()),
             (EventKind::ModelLoad, "1".into()),
             (EventKind::ModelLoad, "2".into()),
-            (EventKind::ModelUnload, String::new()),
+            // One record per version that stopped serving, with its file's SHA-256.
+            (EventKind::ModelUnload, "1".into()),
+            (EventKind::ModelUnload, "2".into()),
         ]
     );
+    for r in records
+        .iter()
+        .filter(|r| r.event.kind == EventKind::ModelUnload)
+    {
+        let v: u64 = r.event.version.parse().unwrap();
+        let source = root().join("models/bundles").join(MODEL);
+        assert_eq!(r.event.model_sha256, model_sha(&source, v), "{r:?}");
+    }
     let refused = records
         .iter()
         .find(|r| r.event.kind == EventKind::ModelRefused)
@@ -569,11 +581,18 @@ async fn a_poller_reload_queued_behind_a_rollback_does_not_undo_it() {
         .collect();
     assert_eq!(
         after_startup,
-        vec![(
-            EventKind::ModelRollback,
-            "1".into(),
-            Some("admin-token".into())
-        )]
+        vec![
+            (
+                EventKind::ModelRollback,
+                "1".into(),
+                Some("admin-token".into())
+            ),
+            (
+                EventKind::ModelUnload,
+                "2".into(),
+                Some("admin-token".into())
+            ),
+        ]
     );
 
     // The next plain load (an operator's) clears the pin as before.
@@ -622,6 +641,22 @@ async fn an_operator_unload_holds_against_the_poller_until_a_load() {
         "the poller reloaded a held model"
     );
     assert!(repository.held(MODEL));
+    // The bundle's folder moved away (for more than two polls) and back, as a deployment
+    // tool that re-syncs by rename does: still held (a red-team finding: the poller's
+    // unload cleared the hold, and the recalled model served again on its return).
+    let away = f.dir.path().join("away");
+    std::fs::rename(f.bundle(), &away).unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    std::fs::rename(&away, f.bundle()).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(repository.loads_pending(), 0);
+    assert!(repository.held(MODEL), "the hold was lost");
+    let (s, _) = f.infer_version().await;
+    assert_eq!(
+        s,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a recalled model serves again"
+    );
     // An operator's load brings it back, and the hold is gone.
     let (s, _) = f
         .post(

@@ -70,6 +70,9 @@ pub struct Bundle {
     pub signature: SignatureStatus,
     /// The manifest's exact text, as parsed (and as its signature covers).
     text: Arc<str>,
+    /// SHA-256 of that text (hex): what the audit trail's load records and the deployment
+    /// policy name the manifest by.
+    pub manifest_sha256: String,
 }
 
 impl Bundle {
@@ -116,11 +119,13 @@ impl Bundle {
                 folder,
             });
         }
+        let manifest_sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()));
         Ok(Bundle {
             dir: dir.to_owned(),
             manifest,
             signature,
             text: text.into(),
+            manifest_sha256,
         })
     }
 
@@ -336,6 +341,7 @@ impl Bundle {
             version,
             manifest: Arc::new(self.manifest.clone()),
             model_sha256: entry.files[&entry.model_file].to_ascii_lowercase(),
+            manifest_sha256: self.manifest_sha256.clone(),
             selftest: report,
             signature: self.signature.clone(),
             loaded_at: std::time::SystemTime::now(),
@@ -490,6 +496,9 @@ pub struct LoadedModel {
     pub manifest: Arc<Manifest>,
     /// SHA-256 of the model file, as verified at load.
     pub model_sha256: String,
+    /// SHA-256 of the bundle's manifest text this version was loaded with (labels,
+    /// thresholds and preprocessing change answers without changing the model file).
+    pub manifest_sha256: String,
     /// The load-time self-test's result (`None`: the bundle declares no `[selftest]`).
     pub selftest: Option<SelfTestReport>,
     /// What the bundle's signature established when this version was loaded.
@@ -583,9 +592,15 @@ impl Drop for Pending<'_> {
     }
 }
 
-/// Asked with the versions about to start serving, just before they do (see
-/// [`Repository::load_target_committed`]); an error keeps them out.
-pub type CommitLoad<'a> = dyn Fn(&[Arc<LoadedModel>]) -> Result<(), String> + 'a;
+/// Asked with the versions about to start serving and those about to stop (served before,
+/// not among the new ones: a version folder removed, a rollback to one version), just before
+/// the swap (see [`Repository::load_target_committed`]); an error keeps things as they are.
+pub type CommitLoad<'a> =
+    dyn Fn(&[Arc<LoadedModel>], &[Arc<LoadedModel>]) -> Result<(), String> + 'a;
+
+/// Asked with the versions about to stop serving (none: the model served nothing), just
+/// before an unload (see [`Repository::unload_committed`]); an error keeps them serving.
+pub type CommitUnload<'a> = dyn Fn(&[Arc<LoadedModel>]) -> Result<(), String> + 'a;
 
 /// The served models. Cheap to share behind an `Arc`; loading happens outside the lock and
 /// swaps versions in at once, so requests never see a half-loaded model.
@@ -679,7 +694,7 @@ impl Repository {
         name: &str,
         target: LoadTarget,
     ) -> Result<Vec<Arc<LoadedModel>>, RepositoryError> {
-        self.load_target_committed(name, target, &|_| Ok(()))
+        self.load_target_committed(name, target, &|_, _| Ok(()))
     }
 
     /// [`Repository::load_target`], with `commit` asked just before the loaded versions are
@@ -760,7 +775,17 @@ impl Repository {
         }
         if let Ok(loaded) = &result {
             let served: Vec<Arc<LoadedModel>> = loaded.values().cloned().collect();
-            if let Err(reason) = commit(&served) {
+            let stopping: Vec<Arc<LoadedModel>> = {
+                let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+                models.get(name).map_or_else(Vec::new, |e| {
+                    e.versions
+                        .iter()
+                        .filter(|(v, _)| !loaded.contains_key(v))
+                        .map(|(_, m)| m.clone())
+                        .collect()
+                })
+            };
+            if let Err(reason) = commit(&served, &stopping) {
                 tracing::error!(model = name, %reason, "load not committed; what served before still serves");
                 return Err(RepositoryError::CommitRefused {
                     name: name.to_owned(),
@@ -856,11 +881,11 @@ impl Repository {
             }
         };
         // The deployment policy judges the manifest exactly as parsed (and signed).
-        let manifest_sha = self.options.promotion.as_ref().map(|_| {
-            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
-                bundle.text.as_bytes(),
-            ))
-        });
+        let manifest_sha = self
+            .options
+            .promotion
+            .as_ref()
+            .map(|_| bundle.manifest_sha256.clone());
         let mut loaded = BTreeMap::new();
         for version in versions {
             if let (Some(check), Some(sha)) = (&self.options.promotion, &manifest_sha) {
@@ -886,7 +911,7 @@ impl Repository {
     /// Stops serving a model. Requests already queued still finish. Never waits for a load in
     /// progress: a load that started before this unload discards its result.
     pub fn unload(&self, name: &str) -> Result<(), RepositoryError> {
-        self.unload_committed(name, true, &|| Ok(()))
+        self.unload_committed(name, true, &|_| Ok(()))
     }
 
     /// [`Repository::unload`], with `commit` asked just before the model stops serving (under
@@ -894,12 +919,15 @@ impl Repository {
     /// ([`RepositoryError::CommitRefused`]). The server writes the unload's audit record there.
     /// With `hold`, the model stays unloaded through loads that honour pins (the poller's)
     /// until a plain load: an operator's unload; without it (a bundle gone from disk), a
-    /// bundle that comes back is loaded again.
+    /// bundle that comes back is loaded again, and an operator's hold or a rollback's pin
+    /// stays as it was (a red-team finding: a bundle folder moved away and back undid a
+    /// recall and a rollback). Without `hold`, a model that serves nothing is unloaded
+    /// without a commit: nothing stops serving.
     pub fn unload_committed(
         &self,
         name: &str,
         hold: bool,
-        commit: &dyn Fn() -> Result<(), String>,
+        commit: &CommitUnload<'_>,
     ) -> Result<(), RepositoryError> {
         let on_disk = valid_name(name) && self.root.join(name).join(MANIFEST_FILE).is_file();
         let _control = self.control.lock().unwrap_or_else(|p| p.into_inner());
@@ -913,9 +941,20 @@ impl Repository {
                 name: name.to_owned(),
             });
         }
+        let stopping: Vec<Arc<LoadedModel>> = {
+            let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+            models
+                .get(name)
+                .map_or_else(Vec::new, |e| e.versions.values().cloned().collect())
+        };
         // The commit (the audit record) is written without holding `models`: requests go on
         // reading what serves while it waits on the audit store.
-        if let Err(reason) = commit() {
+        let committed = if !hold && stopping.is_empty() {
+            Ok(())
+        } else {
+            commit(&stopping)
+        };
+        if let Err(reason) = committed {
             tracing::error!(model = name, %reason, "unload not committed; the model still serves");
             return Err(RepositoryError::CommitRefused {
                 name: name.to_owned(),
@@ -926,8 +965,10 @@ impl Repository {
         let entry = models.entry(name.to_owned()).or_default();
         entry.versions.clear();
         entry.state = Some(ModelState::Unloaded);
-        entry.pinned = None;
-        entry.held = hold;
+        if hold {
+            entry.pinned = None;
+            entry.held = true;
+        }
         entry.refused = None;
         entry.unloaded_at = self.unloads.fetch_add(1, Ordering::SeqCst) + 1;
         tracing::info!(model = name, "model unloaded");

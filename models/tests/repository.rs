@@ -370,7 +370,7 @@ fn requests_find_their_model_while_a_commit_waits() {
     let unloading = {
         let repo = repo.clone();
         std::thread::spawn(move || {
-            repo.unload_committed(MODEL, true, &|| {
+            repo.unload_committed(MODEL, true, &|_| {
                 entered_tx.send(()).unwrap();
                 found_rx
                     .lock()
@@ -396,7 +396,7 @@ fn requests_find_their_model_while_a_commit_waits() {
     let loading = {
         let repo = repo.clone();
         std::thread::spawn(move || {
-            repo.load_target_committed(MODEL, nightingale_models::LoadTarget::Policy, &|_| {
+            repo.load_target_committed(MODEL, nightingale_models::LoadTarget::Policy, &|_, _| {
                 entered_tx.lock().unwrap().send(()).unwrap();
                 found_rx
                     .lock()
@@ -414,4 +414,44 @@ fn requests_find_their_model_while_a_commit_waits() {
     found_tx.send(()).unwrap();
     loading.join().unwrap().unwrap();
     assert!(repo.get(MODEL, None).is_ok());
+}
+
+/// An unload without a hold (the poller's, for a bundle gone from disk) keeps a rollback's
+/// pin and an operator's hold (a red-team finding: a bundle folder moved away and back undid
+/// both), and tells its commit which versions stop serving; one that finds nothing serving
+/// commits nothing.
+#[test]
+fn an_unload_without_a_hold_keeps_a_pin_and_a_hold() {
+    use nightingale_models::LoadTarget;
+    let (dir, _) = repo_with_copy();
+    let repo = Repository::new(dir.path(), RepositoryOptions::default());
+    let served = repo.load_target(MODEL, LoadTarget::Version(1)).unwrap();
+    assert_eq!(served.len(), 1);
+    assert_eq!(repo.pinned(MODEL), Some(1));
+    let stopped = std::sync::Mutex::new(Vec::new());
+    repo.unload_committed(MODEL, false, &|stopping| {
+        stopped
+            .lock()
+            .unwrap()
+            .extend(stopping.iter().map(|m| m.version));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(*stopped.lock().unwrap(), [1]);
+    assert!(repo.get(MODEL, None).is_err());
+    assert_eq!(repo.pinned(MODEL), Some(1), "the pin was lost");
+    // The bundle back: a poller-style load honours the pin.
+    let err = repo
+        .load_target(MODEL, LoadTarget::PolicyUnlessPinned)
+        .unwrap_err();
+    assert!(err.to_string().contains("pinned"), "{err}");
+
+    // An operator's unload holds; a later unload without a hold keeps the hold and, with
+    // nothing serving, commits nothing.
+    repo.load_target(MODEL, LoadTarget::Policy).unwrap();
+    repo.unload(MODEL).unwrap();
+    assert!(repo.held(MODEL));
+    repo.unload_committed(MODEL, false, &|_| Err("no commit expected".into()))
+        .unwrap();
+    assert!(repo.held(MODEL), "the hold was lost");
 }
