@@ -68,6 +68,11 @@ pub enum PixelError {
     MissingAttribute { name: &'static str },
     #[error("attribute {name} has an invalid value")]
     InvalidAttribute { name: &'static str },
+    #[error(
+        "the top-level Rescale Slope/Intercept and the functional groups' Pixel Value \
+         Transformation disagree"
+    )]
+    ConflictingRescale,
     #[error("the instance has no pixel data")]
     NoPixelData,
     #[error("transfer syntax {uid} cannot be decoded by this build: {why}")]
@@ -181,6 +186,7 @@ impl PixelError {
                 "bad_attribute"
             }
             PixelError::NoPixelData => "no_pixel_data",
+            PixelError::ConflictingRescale => "conflicting_rescale",
             PixelError::UnsupportedTransferSyntax { .. } => "unsupported_transfer_syntax",
             PixelError::UnsupportedBitsAllocated { .. } => "unsupported_bits_allocated",
             PixelError::UnsupportedPhotometric { .. } => "unsupported_photometric",
@@ -648,6 +654,21 @@ impl PixelSource {
     pub fn from_object(obj: DefaultDicomObject, limits: &Limits) -> Result<Self, PixelError> {
         let header = ImageHeader::from_object(&obj, limits)?;
         let rescale = crate::volume::frame_rescales(&obj, header.frames)?;
+        // A top-level Rescale Slope/Intercept beside functional groups that say otherwise
+        // (a classic CT carrying a stray Per-Frame Functional Groups item with slope -1) is
+        // refused: which one the sender meant cannot be told, and one of them inverts the
+        // image (a red-team finding: the functional group won, silently).
+        let top_level = [tags::RESCALE_SLOPE, tags::RESCALE_INTERCEPT]
+            .iter()
+            .any(|&t| obj.element_opt(t).ok().flatten().is_some());
+        if top_level
+            && rescale
+                .iter()
+                .flatten()
+                .any(|&fg| fg != (header.slope, header.intercept))
+        {
+            return Err(PixelError::ConflictingRescale);
+        }
         let windows = crate::volume::frame_windows(&obj, header.frames);
         let source = PixelSource {
             obj,

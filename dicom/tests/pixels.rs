@@ -695,6 +695,47 @@ fn a_series_must_be_one_patient_and_one_kind_of_object() {
 }
 
 #[test]
+fn a_top_level_rescale_that_the_functional_groups_contradict_is_refused() {
+    // A red-team finding: a classic image with RescaleSlope 1 and a stray per-frame
+    // Pixel Value Transformation of slope -1 was decoded with the functional group's slope:
+    // inverted, and the model's answer silently wrong. Refused now; one that agrees is not.
+    let with = |top: Option<(&str, &str)>, fg: (&str, &str)| {
+        let mut obj = grey(1, 3, 1, 8, PrimitiveValue::U8(vec![0u8, 128, 255].into()));
+        if let Some((slope, intercept)) = top {
+            put(&mut obj, tags::RESCALE_SLOPE, VR::DS, slope.into());
+            put(&mut obj, tags::RESCALE_INTERCEPT, VR::DS, intercept.into());
+        }
+        let mut transformation = InMemDicomObject::new_empty();
+        transformation.put(element(tags::RESCALE_SLOPE, VR::DS, fg.0.into()));
+        transformation.put(element(tags::RESCALE_INTERCEPT, VR::DS, fg.1.into()));
+        let mut group = InMemDicomObject::new_empty();
+        group.put(DataElement::new(
+            tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE,
+            VR::SQ,
+            dicom_core::value::DataSetSequence::from(vec![transformation]),
+        ));
+        obj.put(DataElement::new(
+            tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE,
+            VR::SQ,
+            dicom_core::value::DataSetSequence::from(vec![group]),
+        ));
+        PixelSource::from_object(obj, &Limits::default())
+    };
+    let err = with(Some(("1", "0")), ("-1", "0")).err().unwrap();
+    assert_eq!(err.reason(), "conflicting_rescale", "{err}");
+    assert_eq!(
+        with(Some(("1", "-1024")), ("1", "0"))
+            .err()
+            .unwrap()
+            .reason(),
+        "conflicting_rescale"
+    );
+    // Agreeing, or the functional group alone (an enhanced object): decoded.
+    assert!(with(Some(("2", "-10")), ("2", "-10")).is_ok());
+    assert!(with(None, ("-1", "0")).is_ok());
+}
+
+#[test]
 fn a_monochrome2_image_whose_presentation_lut_is_inverse_is_inverted_as_monochrome1() {
     // A review's finding: Presentation LUT Shape INVERSE was ignored, so a MONOCHROME2 image
     // so marked was shown (and fed to the model) the other way round from its MONOCHROME1

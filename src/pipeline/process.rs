@@ -870,8 +870,29 @@ impl Pipeline {
             .map_err(|e| JobFailure::new("result_sc", e.to_string()))?;
         // The SR refers to the SC as the illustration of its first finding when the SC
         // shows that finding's heatmap.
-        let sr = results::build_sr_illustrated(&source, &ctx, &coded, illustrated.then_some(&sc))
-            .map_err(|e| JobFailure::new("result_sr", e.to_string()))?;
+        // The SR an earlier job of this series, bundle and route sent (the series grew, or
+        // was processed again) is named as this one's predecessor: both stay at the PACS,
+        // which can tell which is current (a red-team finding: two COMPLETE reports, the
+        // newer not naming the older).
+        let predecessor = self
+            .store()
+            .predecessor_sr(job)
+            .map_err(|e| JobFailure::new("results_store", e.to_string()))?
+            .and_then(|(series, class, instance)| {
+                Some(results::Predecessor {
+                    series_instance_uid: Uid::parse(&series)?,
+                    sop_class_uid: Uid::parse(&class)?,
+                    sop_instance_uid: Uid::parse(&instance)?,
+                })
+            });
+        let sr = results::build_sr_with(
+            &source,
+            &ctx,
+            &coded,
+            illustrated.then_some(&sc),
+            predecessor.as_ref(),
+        )
+        .map_err(|e| JobFailure::new("result_sr", e.to_string()))?;
 
         let dir = Path::new(OBJECTS_DIR).join(job.id.to_string());
         // What an interrupted earlier run of this job wrote (never recorded, never sent).

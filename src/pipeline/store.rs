@@ -626,6 +626,25 @@ impl ResultsStore {
         rows.collect()
     }
 
+    /// The SR an earlier job of the same series, bundle and route recorded (the newest; not
+    /// one that no destination took): (series UID, SOP Class UID, SOP Instance UID). A job
+    /// that replaces it names it as its SR's predecessor.
+    pub fn predecessor_sr(&self, job: &Job) -> rusqlite::Result<Option<(String, String, String)>> {
+        use rusqlite::OptionalExtension as _;
+        let mut stmt = self.db.prepare_cached(
+            "SELECT o.series_uid, o.sop_class_uid, o.sop_instance_uid
+             FROM objects o JOIN jobs j ON j.id = o.job_id
+             WHERE j.study_uid = ?1 AND j.series_uid = ?2 AND j.bundle = ?3 AND j.route = ?4
+               AND j.id < ?5 AND o.kind = 'SR' AND o.delivery != 'dead'
+             ORDER BY j.id DESC LIMIT 1",
+        )?;
+        stmt.query_row(
+            rusqlite::params![job.study_uid, job.series_uid, job.bundle, job.route, job.id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+    }
+
     pub fn objects_of_job(&self, job_id: i64) -> rusqlite::Result<Vec<ResultObject>> {
         let mut stmt = self.db.prepare_cached(&format!(
             "{OBJECT_SELECT} WHERE job_id = ?1 ORDER BY kind DESC, sop_instance_uid"

@@ -331,7 +331,11 @@ def test_reprocess_makes_a_new_result_series_and_keeps_the_old(work):
         ds = with_new_uids(get_testdata_file("CT_small.dcm"), source)
         study = str(ds.StudyInstanceUID)
         store(server.port, [source])
-        wait_for(lambda: len(pacs.files()) >= 2, RESULT_TIMEOUT_S, "the first SR and SC")
+        first = wait_for(lambda: len(pacs.files()) >= 2 and pacs.files(), RESULT_TIMEOUT_S,
+                         "the first SR and SC")
+        [first_sr] = [pydicom.dcmread(f) for f in first
+                      if pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID == SR_CLASS]
+        assert "PredecessorDocumentsSequence" not in first_sr
         out = subprocess.run([str(binary()), "results", "reprocess", "--study", study,
                               "--data-dir", str(server.data)],
                              capture_output=True, text=True, timeout=60)
@@ -341,6 +345,19 @@ def test_reprocess_makes_a_new_result_series_and_keeps_the_old(work):
                          "the second SR and SC")
         series = {str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID) for f in files}
         assert len(series) == 4  # SR and SC series of each run: new series every time
+        # The second SR names the first as its predecessor (PS3.3 C.17.2.3): PACS holds both,
+        # and can tell which is current. dciodvfy finds no error in it.
+        [second_sr] = [d for d in (pydicom.dcmread(f) for f in files)
+                       if d.SOPClassUID == SR_CLASS and d.SOPInstanceUID != first_sr.SOPInstanceUID]
+        [p] = second_sr.PredecessorDocumentsSequence
+        assert p.StudyInstanceUID == ds.StudyInstanceUID
+        [ps] = p.ReferencedSeriesSequence
+        assert ps.SeriesInstanceUID == first_sr.SeriesInstanceUID
+        [pi] = ps.ReferencedSOPSequence
+        assert (pi.ReferencedSOPClassUID, pi.ReferencedSOPInstanceUID) == (SR_CLASS, first_sr.SOPInstanceUID)
+        second_path = next(f for f in files if pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
+                           == second_sr.SOPInstanceUID)
+        assert not dciodvfy_errors(second_path) - dciodvfy_errors(source)
         report = wait_for(
             lambda: (r := server.results(study)) and len(r["series"][0]["jobs"]) == 2
             and r["series"][0]["jobs"][1]["state"] == "done" and r,

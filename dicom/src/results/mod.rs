@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 pub use burn::burn_band;
 pub use sc::{Heatmap, RenderedImage, RenderedPixels, build_sc};
 pub use source::{SourceInstance, SourceSeries};
-pub use sr::{build_sr, build_sr_illustrated};
+pub use sr::{Predecessor, build_sr, build_sr_illustrated, build_sr_with};
 
 /// Comprehensive SR Storage.
 pub const COMPREHENSIVE_SR: &str = "1.2.840.10008.5.1.4.1.1.88.33";

@@ -239,6 +239,30 @@ fn measurement_group(
     )
 }
 
+/// One study's item of a Hierarchical SOP Instance Reference Macro (PS3.3 C.17.2.1) naming
+/// one instance.
+fn hierarchical_ref(study: &Uid, series: &Uid, class: &Uid, instance: &Uid) -> InMemDicomObject {
+    let mut s = InMemDicomObject::new_empty();
+    put(&mut s, tags::SERIES_INSTANCE_UID, VR::UI, series.as_str());
+    put_seq(
+        &mut s,
+        tags::REFERENCED_SOP_SEQUENCE,
+        vec![sop_ref(class, instance)],
+    );
+    let mut item = InMemDicomObject::new_empty();
+    put(&mut item, tags::STUDY_INSTANCE_UID, VR::UI, study.as_str());
+    put_seq(&mut item, tags::REFERENCED_SERIES_SEQUENCE, vec![s]);
+    item
+}
+
+/// An earlier SR of the same study that a new one replaces (see [`build_sr_with`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Predecessor {
+    pub series_instance_uid: Uid,
+    pub sop_class_uid: Uid,
+    pub sop_instance_uid: Uid,
+}
+
 /// The TID 1500 Comprehensive SR for `findings` on `source`, as Part 10 bytes.
 pub fn build_sr(
     source: &SourceSeries,
@@ -258,6 +282,19 @@ pub fn build_sr_illustrated(
     ctx: &ResultContext,
     findings: &[Finding],
     illustration: Option<&ResultObject>,
+) -> Result<ResultObject, ResultError> {
+    build_sr_with(source, ctx, findings, illustration, None)
+}
+
+/// [`build_sr_illustrated`], naming `predecessor` (an earlier SR of this series' results
+/// that this one replaces: the series grew, or was processed again) in the Predecessor
+/// Documents Sequence.
+pub fn build_sr_with(
+    source: &SourceSeries,
+    ctx: &ResultContext,
+    findings: &[Finding],
+    illustration: Option<&ResultObject>,
+    predecessor: Option<&Predecessor>,
 ) -> Result<ResultObject, ResultError> {
     check_findings(source, findings)?;
     let sop_instance_uid = Uid::generate();
@@ -384,30 +421,29 @@ pub fn build_sr_illustrated(
     );
     if let Some(sc) = illustration {
         let class = Uid::parse(sc.sop_class_uid).expect("a constant UID");
-        let mut series = InMemDicomObject::new_empty();
-        put(
-            &mut series,
-            tags::SERIES_INSTANCE_UID,
-            VR::UI,
-            sc.series_instance_uid.as_str(),
-        );
-        put_seq(
-            &mut series,
-            tags::REFERENCED_SOP_SEQUENCE,
-            vec![sop_ref(&class, &sc.sop_instance_uid)],
-        );
-        let mut study = InMemDicomObject::new_empty();
-        put(
-            &mut study,
-            tags::STUDY_INSTANCE_UID,
-            VR::UI,
-            sc.study_instance_uid.as_str(),
-        );
-        put_seq(&mut study, tags::REFERENCED_SERIES_SEQUENCE, vec![series]);
         put_seq(
             &mut obj,
             tags::PERTINENT_OTHER_EVIDENCE_SEQUENCE,
-            vec![study],
+            vec![hierarchical_ref(
+                &sc.study_instance_uid,
+                &sc.series_instance_uid,
+                &class,
+                &sc.sop_instance_uid,
+            )],
+        );
+    }
+    // An earlier result of the same series and bundle that this one replaces (PS3.3
+    // C.17.2.3, Type 1C: the report revises it): a PACS or viewer sees which is current.
+    if let Some(p) = predecessor {
+        put_seq(
+            &mut obj,
+            tags::PREDECESSOR_DOCUMENTS_SEQUENCE,
+            vec![hierarchical_ref(
+                &source.study_instance_uid,
+                &p.series_instance_uid,
+                &p.sop_class_uid,
+                &p.sop_instance_uid,
+            )],
         );
     }
 
