@@ -239,6 +239,29 @@ async fn a_wrong_media_type_is_415_and_a_missing_boundary_400() {
     assert!(server.stored().is_empty());
 }
 
+/// A compressed body is refused as such (415), not parsed as a multipart body without a
+/// boundary (a red-team finding: 400 "no boundary delimiter"); `identity` is no coding.
+#[tokio::test]
+async fn a_compressed_stow_body_is_415() {
+    let server = Server::default();
+    let file = part10(STUDY, SERIES, &sop(90), 1);
+    let body = multipart(&[("application/dicom", file.as_slice())]);
+    for (coding, expected) in [
+        ("gzip", StatusCode::UNSUPPORTED_MEDIA_TYPE),
+        ("identity, br", StatusCode::UNSUPPORTED_MEDIA_TYPE),
+        ("identity", StatusCode::OK),
+    ] {
+        let mut req = stow_request("/dicomweb/studies", &content_type(), body.clone());
+        req.headers_mut()
+            .insert(header::CONTENT_ENCODING, coding.parse().unwrap());
+        let (s, _, v) = server.send(req).await;
+        assert_eq!(s, expected, "{coding}: {v}");
+        if s == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            assert!(v.to_string().contains("Content-Encoding"), "{v}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_body_that_ends_early_stores_nothing() {
     let server = Server::default();
@@ -740,6 +763,15 @@ async fn qido_lists_what_was_stored() {
         .get(&format!("/dicomweb/studies?StudyInstanceUID={OTHER_STUDY}"))
         .await;
     assert_eq!(v.as_array().unwrap().len(), 1);
+    // A tag in lower-case hex is the same key (8HEXDIG): it was ignored, listing every study.
+    for key in ["0020000d", "0020000D"] {
+        let (_, v) = server
+            .get(&format!("/dicomweb/studies?{key}={OTHER_STUDY}"))
+            .await;
+        let found = v.as_array().unwrap();
+        assert_eq!(found.len(), 1, "{key}: {v}");
+        assert_eq!(uid(&found[0], "0020000D"), OTHER_STUDY);
+    }
     let (_, v) = server.get("/dicomweb/studies?limit=1&offset=1").await;
     assert_eq!(uid(&v[0], "0020000D"), OTHER_STUDY);
 

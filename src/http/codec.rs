@@ -396,6 +396,17 @@ pub fn decode_request(
         Some(list) => Some(
             list.into_iter()
                 .map(|o| {
+                    // Triton's shared-memory extension is not served (not listed in the
+                    // server metadata): an output asked into a region is refused, not
+                    // answered inline while the client reads its region (a red-team finding).
+                    if let Some(key) = o.parameters.as_ref().and_then(|p| {
+                        p.keys().find(|k| k.starts_with("shared_memory_"))
+                    }) {
+                        return Err(AppError::bad_request(format!(
+                            "output {:?}: parameter {key:?}: shared memory is not supported by this server; ask for the output inline",
+                            o.name
+                        )));
+                    }
                     Ok(OutputChoice {
                         binary: param_bool(&o.parameters, "binary_data")?,
                         classification: param_usize(&o.parameters, "classification")?,
@@ -1205,6 +1216,12 @@ mod tests {
         assert_eq!(ok.parameters.len(), 2);
         let ok = decode_text(&format!(r#"{{"parameters": null, "inputs": [{input}}}]}}"#)).unwrap();
         assert!(ok.parameters.is_empty());
+        // An output asked into a shared-memory region: refused (it was answered inline).
+        let e = decode_text(&format!(
+            r#"{{"inputs": [{input}}}], "outputs": [{{"name": "p", "parameters": {{"shared_memory_region": "r", "shared_memory_byte_size": 8}}}}]}}"#
+        ))
+        .unwrap_err();
+        assert!(e.contains("shared memory is not supported"), "{e}");
     }
 
     /// The model's inputs are checked before any data is decoded: the error is the unknown

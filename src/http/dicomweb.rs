@@ -250,6 +250,24 @@ async fn store_inner(
         }
         other => AppError::bad_request(other.to_string()),
     })?;
+    // The body is parsed as sent: a compressed one is refused as such (415, RFC 9110
+    // 15.5.16), not as a multipart body with no boundary (a red-team finding).
+    for value in headers.get_all(header::CONTENT_ENCODING) {
+        let codings = value.to_str().unwrap_or("?");
+        if codings
+            .split(',')
+            .map(str::trim)
+            .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+        {
+            return Err(AppError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "Content-Encoding {:?} is not supported on STOW-RS: send the body uncompressed",
+                    codings.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
+    }
     let too_large = || {
         AppError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -691,6 +709,14 @@ fn query_of(
         Ok(key_values(key, v)?.into_iter().map(str::to_owned).collect())
     };
     for (key, value) in params {
+        // A tag is 8HEXDIG, which ABNF matches without regard to case: `0020000d` names
+        // Study Instance UID as `0020000D` does (a red-team finding: it was ignored, and the
+        // query listed every study).
+        let key = if key.len() == 8 && key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            key.to_ascii_uppercase()
+        } else {
+            key
+        };
         match (key.as_str(), level) {
             ("StudyInstanceUID" | "0020000D", _) => q.study_uids.extend(list(&key, &value)?),
             ("SeriesInstanceUID" | "0020000E", Level::Series | Level::Instances) => {

@@ -900,6 +900,13 @@ fn decode_request(
     codec::check_unique_outputs(wire_outputs.iter().map(|o| o.name.as_str()))?;
     let mut outputs: Vec<OutputChoice> = Vec::with_capacity(wire_outputs.len());
     for InferRequestedOutputTensor { name, parameters } in wire_outputs {
+        // As over HTTP: no shared-memory extension, so an output asked into a region is
+        // refused rather than answered inline.
+        if let Some(key) = parameters.keys().find(|k| k.starts_with("shared_memory_")) {
+            return Err(AppError::bad_request(format!(
+                "output {name:?}: parameter {key:?}: shared memory is not supported by this server; ask for the output inline"
+            )));
+        }
         let classification = match parameters
             .get("classification")
             .and_then(|p| p.parameter_choice.as_ref())

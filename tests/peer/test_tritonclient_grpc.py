@@ -223,6 +223,17 @@ def test_errors_have_the_http_message_and_a_grpc_code(grpc, http, test_rows):
         grpc.infer("no-such-model", [inp])
     assert unknown.value.status() == "StatusCode.NOT_FOUND"
 
+    # An output asked into a shared-memory region (the extension is not served): refused over
+    # both protocols, not answered inline while the client reads its region.
+    for client, module in ((http, httpclient), (grpc, grpcclient)):
+        inp = module.InferInput("features", [1, 30], "FP32")
+        inp.set_data_from_numpy(np.ascontiguousarray(x[:1]))
+        out = module.InferRequestedOutput("probabilities")
+        out.set_shared_memory("region", 8)
+        with pytest.raises(InferenceServerException) as shm:
+            client.infer(MODEL, [inp], model_version=VERSION, outputs=[out])
+        assert "shared memory is not supported" in shm.value.message(), shm.value.message()
+
 
 def test_model_control_needs_the_admin_token(grpc):
     with pytest.raises(InferenceServerException) as refused:
