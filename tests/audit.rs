@@ -169,6 +169,59 @@ fn a_bare_file_name_verifies_with_its_rotated_files() {
 }
 
 #[test]
+fn a_fifo_is_refused_not_waited_on() {
+    // A red-team finding: `audit verify` of a FIFO blocked forever (opened to read its
+    // header), and a folder whose live log was a FIFO verified as 0 records, intact.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("audit.jsonl");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    for path in [fifo.as_path(), dir.path()] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let owned = path.to_owned();
+        std::thread::spawn(move || tx.send(audit::verify(&owned).map(|s| s.records)));
+        let outcome = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("verify returned");
+        let e = outcome.expect_err("a FIFO is no audit trail").to_string();
+        assert!(e.contains("not a regular file"), "{}: {e}", path.display());
+    }
+}
+
+#[test]
+fn a_live_file_missing_for_a_moment_is_waited_for() {
+    // Rotation renames the live file, then makes a new one: a check in between waits for it
+    // (it failed "no such file" on a sound trail) but a missing one still fails.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let mut store = JsonLinesStore::open(
+        &path,
+        Options {
+            fsync: false,
+            rotate_bytes: 0,
+        },
+    )
+    .unwrap();
+    append(&mut store, 0..3);
+    drop(store);
+    let aside = dir.path().join("aside");
+    std::fs::rename(&path, &aside).unwrap();
+    let back = {
+        let (aside, path) = (aside.clone(), path.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            std::fs::rename(aside, path).unwrap();
+        })
+    };
+    assert_eq!(audit::verify(&path).unwrap().records, 3);
+    back.join().unwrap();
+    let e = audit::verify(&dir.path().join("other.jsonl"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no such file"), "{e}");
+}
+
+#[test]
 fn jsonl_rotates_and_the_chain_continues_across_files() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");

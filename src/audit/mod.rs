@@ -588,6 +588,20 @@ pub fn verify(path: &Path) -> Result<ChainSummary, AuditError> {
 
 /// [`verify`], also keeping the record at sequence number `watch` (an anchor's).
 pub fn verify_watching(path: &Path, watch: Option<u64>) -> Result<ChainSummary, AuditError> {
+    // Neither a file nor a folder (a FIFO, a device): refused before it is opened, since
+    // opening a FIFO to read waits for a writer, forever.
+    if let Ok(m) = std::fs::metadata(path)
+        && !m.is_file()
+        && !m.is_dir()
+    {
+        return Err(AuditError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file or a folder: an audit trail is one",
+            ),
+        });
+    }
     if sqlite::is_sqlite(path) {
         sqlite::verify_watching(path, watch)
     } else {
