@@ -138,6 +138,9 @@ pub struct RunContext {
     /// options — label, output, patient-id column, replicates — are the caller's: a run
     /// made to fail withdrew an operator's pass, a red-team finding).
     pub researcher: bool,
+    /// The run's identifier (a server's run: its id in `/validation/runs/{id}`); a new UUID
+    /// when None.
+    pub run_id: Option<String>,
 }
 
 /// How far a run has read its dataset.
@@ -974,7 +977,12 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
         .audit_log
         .clone()
         .unwrap_or_else(|| args.out.join("audit.jsonl"));
-    let run_id = uuid::Uuid::new_v4().to_string();
+    // A server's run is known by its id in `/validation/runs/{id}`: its audit records carry
+    // it (a red-team finding: they carried a UUID of their own, which nothing else named).
+    let run_id = ctx
+        .run_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
 
     let mut collected = Collected {
         subgroups: args
@@ -1189,6 +1197,7 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
     let report = Report {
         schema: report::SCHEMA,
         created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        run_id: run_id.clone(),
         nightingale_version: env!("CARGO_PKG_VERSION").to_owned(),
         source: if predictions {
             "predictions"

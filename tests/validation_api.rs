@@ -278,6 +278,19 @@ async fn a_run_on_a_server_side_dataset_reports_scikit_learns_auroc_and_is_audit
         .map(|r| r["rows"].as_u64().unwrap())
         .sum();
     assert_eq!(rows, 114);
+    // The run's records and its report carry the run's id (a red-team finding: the records
+    // carried a UUID of their own, and nothing tied them to the run).
+    assert_eq!(report["run_id"], id.as_str());
+    let of_run: u64 = records
+        .iter()
+        .filter(|r| {
+            r["request_id"]
+                .as_str()
+                .is_some_and(|q| q.starts_with(&format!("validate-{id}-")))
+        })
+        .map(|r| r["rows"].as_u64().unwrap())
+        .sum();
+    assert_eq!(of_run, 114);
 }
 
 #[tokio::test]

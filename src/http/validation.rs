@@ -507,6 +507,7 @@ async fn create_run(
         audit: Some(state.audit.clone()),
         progress: Some(run.progress.clone()),
         actor: Some(owner),
+        run_id: Some(id.clone()),
     };
     let worker = run.clone();
     let working = validation.working.clone();

@@ -614,6 +614,9 @@ pub struct Report {
     pub schema: &'static str,
     /// RFC 3339, UTC.
     pub created: String,
+    /// The run's identifier: the audit records of its predictions are `validate-<run_id>-<n>`
+    /// (a run over HTTP: the run's id in `/validation/runs/{id}`).
+    pub run_id: String,
     pub nightingale_version: String,
     /// `inference` (the bundle ran on the dataset) or `predictions` (a predictions file).
     pub source: &'static str,
