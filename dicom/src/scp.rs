@@ -1079,16 +1079,29 @@ async fn run_association(
                         C_CANCEL_RQ => {
                             // Nothing of ours to cancel, and no response to give.
                         }
+                        // A response (bit 15 of the command field) to a request this SCP
+                        // never sent: a protocol error, not a request to answer with a
+                        // "response" to it (a red-team finding).
+                        field if field & 0x8000 != 0 => {
+                            return Err(("a response where a request was expected", counts));
+                        }
                         field => {
-                            // A request we do not serve (or a C-STORE without a data set).
+                            // A request we do not serve, or a C-STORE-RQ that says it has no
+                            // data set (a malformed request: cannot understand, not an
+                            // unrecognized operation).
+                            let (status, comment) = if field == C_STORE_RQ {
+                                (status::CANNOT_UNDERSTAND, "a C-STORE-RQ without a data set")
+                            } else {
+                                (status::UNRECOGNIZED_OPERATION, "operation not supported")
+                            };
                             let rsp = response(
                                 field | 0x8000,
                                 cmd.message_id,
                                 &cmd.sop_class_uid,
                                 (!cmd.sop_instance_uid.is_empty())
                                     .then_some(cmd.sop_instance_uid.as_str()),
-                                status::UNRECOGNIZED_OPERATION,
-                                Some("operation not supported"),
+                                status,
+                                Some(comment),
                             );
                             if cmd.data_set_type != NO_DATA_SET {
                                 // Its data set follows: read it through, then answer.

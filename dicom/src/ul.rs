@@ -159,6 +159,9 @@ pub fn preferred_transfer_syntax(proposed: &[String]) -> Option<&'static str> {
         .find(|ts| proposed.iter().any(|p| trim(p) == *ts))
 }
 
+/// The smallest Maximum Length Received taken from a requestor: one PDV item of one byte.
+pub const MIN_REQUESTOR_PDU: u32 = 7;
+
 /// Negotiates an A-ASSOCIATE-RQ (PS3.8 9.3.2, PS3.7 D.3.3).
 ///
 /// Rejected permanently: a protocol version without bit 0 (the only test PS3.8 allows, so a
@@ -203,6 +206,16 @@ pub fn negotiate<A: AccessControl>(
             UserVariableItem::UserIdentityItem(identity) => user_identity = Some(identity),
             _ => {}
         }
+    }
+    // A maximum length under one PDV item with one byte (its 4-byte length, the context id,
+    // the message control header) cannot carry any answer: refused before anything is
+    // stored (a red-team finding: a Maximum Length of 3 was accepted, the instance stored,
+    // then the association aborted for want of room for its C-STORE-RSP).
+    if requestor_max_pdu_length < MIN_REQUESTOR_PDU {
+        return Err(rejected(
+            AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::NoReasonGiven),
+            "max_length",
+        ));
     }
     // Without their padding: spaces (PS3.5 6.2), or NULs from some old implementations
     // (dicom-ul's reader leaves those).
@@ -528,5 +541,17 @@ mod tests {
             run(request).unwrap().requestor_max_pdu_length,
             DEFAULT_MAX_PDU
         );
+        // Too small to carry any answer: rejected before anything can be stored.
+        for len in [1, 3, 6] {
+            let mut request = rq(&[(1, CT, &[EXPLICIT])]);
+            request.user_variables = vec![UserVariableItem::MaxLength(len)];
+            match run(request) {
+                Err(refusal @ Refusal::Reject(..)) => assert_eq!(refusal.reason(), "max_length"),
+                other => panic!("{len}: expected an A-ASSOCIATE-RJ, got {other:?}"),
+            }
+        }
+        let mut request = rq(&[(1, CT, &[EXPLICIT])]);
+        request.user_variables = vec![UserVariableItem::MaxLength(MIN_REQUESTOR_PDU)];
+        assert_eq!(run(request).unwrap().requestor_max_pdu_length, 7);
     }
 }

@@ -581,7 +581,24 @@ async fn a_request_not_served_is_answered_after_its_data_set_and_c_cancel_gets_n
             store(&mut assoc, pc, 4, "1.2.3.100.9.1", ct("1.2.3.100.9.1")),
             0x0000
         );
-        assoc.release().unwrap();
+        // A C-STORE-RQ saying it has no data set: cannot understand (0xC000), and the
+        // association goes on (it was 0x0211, unrecognized operation).
+        let bare = command_set(0x0001, 5, CT, Some("1.2.3.100.9.2"), 0x0101);
+        assoc
+            .send(&pdata(pc, PDataValueType::Command, true, bare))
+            .unwrap();
+        assert_eq!(status_of(assoc.receive().unwrap()), 0xC000);
+        // A response sent to this SCP (C-STORE-RSP, 0x8001): a protocol error, the
+        // association aborted (it was answered with a "response" to the response).
+        let rsp = command_set(0x8001, 6, CT, Some("1.2.3.100.9.3"), 0x0101);
+        assoc
+            .send(&pdata(pc, PDataValueType::Command, true, rsp))
+            .unwrap();
+        assert!(
+            matches!(assoc.receive(), Ok(Pdu::AbortRQ { .. }) | Err(_)),
+            "the association goes on after a response from the SCU"
+        );
+        echo(addr);
     })
     .await
     .unwrap();
