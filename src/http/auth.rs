@@ -1076,6 +1076,17 @@ struct RawHeader {
 }
 
 /// Verifies a token; returns its caller and its `exp`.
+/// Whether a token's payload (its second segment, base64url) names `claim` at all.
+fn claim_present(token: &str, claim: &str) -> bool {
+    use base64::Engine as _;
+    token
+        .split('.')
+        .nth(1)
+        .and_then(|p| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v.get(claim).is_some())
+}
+
 fn verify_jwt(jwt: &JwtConfig, token: &str) -> Result<(Caller, u64), JwtError> {
     let header = token.split('.').next().ok_or(JwtError::Malformed)?;
     let header: RawHeader = URL_SAFE_NO_PAD
@@ -1136,6 +1147,11 @@ fn verify_jwt(jwt: &JwtConfig, token: &str) -> Result<(Caller, u64), JwtError> {
                 K::ImmatureSignature => JwtError::NotYetValid,
                 K::InvalidIssuer => JwtError::Issuer,
                 K::InvalidAudience => JwtError::Audience,
+                // jsonwebtoken reads a claim it cannot parse (`"exp": "1796..."`, `1e30`) as
+                // missing: told apart here, so the reason names what is wrong with it.
+                K::MissingRequiredClaim(claim) if claim_present(token, &claim) => {
+                    JwtError::ClaimType { claim }
+                }
                 K::MissingRequiredClaim(claim) => JwtError::MissingClaim { claim },
                 K::InvalidClaimFormat(claim) => JwtError::ClaimType { claim },
                 K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => JwtError::Malformed,
