@@ -43,7 +43,10 @@ impl ConnectionLimits {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout);
+            .header_read_timeout(self.header_read_timeout)
+            // Header fields per request (hyper's default is 100: a request through proxies
+            // that add tracing headers got an empty 431, a red-team finding).
+            .max_headers(MAX_HEADER_FIELDS);
         builder
             .http2()
             .timer(TokioTimer::new())
@@ -51,6 +54,9 @@ impl ConnectionLimits {
             .keep_alive_timeout(self.http2_keep_alive);
     }
 }
+
+/// Most header fields one HTTP/1 request may carry (beyond: 431).
+pub const MAX_HEADER_FIELDS: usize = 256;
 
 /// Default [`ConnectionLimits::idle_timeout`]: five minutes, as long as a gRPC client's
 /// channel usually stays useful between calls without being a way to hold connections.
