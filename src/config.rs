@@ -100,6 +100,12 @@ pub struct ServeArgs {
     /// fsync the audit trail after each group of records (slower; survives power loss).
     #[arg(long, env = "NIGHTINGALE_AUDIT_FSYNC")]
     pub audit_fsync: Option<bool>,
+    /// The secret key (64 hex digits) that seals the tensor digests of audit records
+    /// (input_sha256, output_sha256 become HMAC-SHA256 under it: docs/security.md); made
+    /// there, mode 0600, at the first start. Keep it apart from the trail's readers.
+    /// [default: <data-dir>/audit-digest.key]
+    #[arg(long, env = "NIGHTINGALE_AUDIT_DIGEST_KEY")]
+    pub audit_digest_key: Option<PathBuf>,
     /// Log format. [default: text]
     #[arg(long, env = "NIGHTINGALE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -399,6 +405,7 @@ struct FileConfig {
     audit_rotate_bytes: Option<u64>,
     audit_postgres_url: Option<String>,
     audit_fsync: Option<bool>,
+    audit_digest_key: Option<PathBuf>,
     log_format: Option<LogFormat>,
     insecure: Option<bool>,
     auth: Option<crate::http::auth::AuthSection>,
@@ -493,6 +500,8 @@ pub struct ServeConfig {
     /// `--explain`, `--explain-max-forward-passes`.
     pub explain: crate::http::ExplainPolicy,
     pub audit: AuditConfig,
+    /// The key that seals the audit records' tensor digests (`--audit-digest-key`).
+    pub audit_digest_key: PathBuf,
     pub log_format: LogFormat,
     /// API keys, JWT, client-certificate and anonymous roles (`[auth]`).
     pub auth: crate::http::auth::AuthConfig,
@@ -780,6 +789,10 @@ impl ServeArgs {
             .or(file.data_dir)
             .unwrap_or_else(|| PathBuf::from("nightingale-data"));
         let audit_fsync = self.audit_fsync.or(file.audit_fsync).unwrap_or(false);
+        let audit_digest_key = self
+            .audit_digest_key
+            .or(file.audit_digest_key)
+            .unwrap_or_else(|| data_dir.join("audit-digest.key"));
         let audit_log = self.audit_log.or(file.audit_log);
         let store_kind = self.audit_store.or(file.audit_store).unwrap_or_default();
         // Settings of another store than the one chosen are refused, not ignored: an
@@ -1314,6 +1327,7 @@ impl ServeArgs {
             require_validation,
             explain,
             audit,
+            audit_digest_key,
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             auth,
             insecure,

@@ -308,11 +308,98 @@ type Job = (AuditEvent, Option<Ack>);
 /// Most records appended in one group.
 const MAX_GROUP: usize = 1024;
 
+/// The deployment's secret key for the digests of tensors in audit records.
+///
+/// `input_sha256` and `output_sha256` are digests of patient data: a tabular model's inputs
+/// are a handful of small-range values (age, blood pressure, heart rate), and a plain SHA-256
+/// of them was turned back into the patient's values by trying every combination (12 M tries,
+/// 12 s on one core: a red-team finding). With a key, a record holds
+/// HMAC-SHA256(key, the hex of the canonical SHA-256): an auditor holding the key and the
+/// request recomputes it; without the key no guess can be tested.
+#[derive(Clone)]
+pub struct DigestKey([u8; 32]);
+
+impl std::fmt::Debug for DigestKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DigestKey({})", self.id())
+    }
+}
+
+impl DigestKey {
+    pub fn from_bytes(bytes: [u8; 32]) -> DigestKey {
+        DigestKey(bytes)
+    }
+
+    /// The key in `path` (64 hex digits), made there (mode 0600, 32 random bytes) when the
+    /// file does not exist.
+    pub fn load_or_create(path: &Path) -> Result<DigestKey, AuditError> {
+        use std::io::Write as _;
+        let io = |source| AuditError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let invalid = |why: &str| {
+            io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not an audit digest key ({why}): 64 hex digits are expected"),
+            ))
+        };
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let bytes = hex::decode(text.trim()).map_err(|_| invalid("not hex"))?;
+                let key: [u8; 32] = bytes.try_into().map_err(|_| invalid("not 32 bytes"))?;
+                Ok(DigestKey(key))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut key = [0u8; 32];
+                getrandom::fill(&mut key).map_err(|e| io(std::io::Error::other(e.to_string())))?;
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(io)?;
+                }
+                let mut options = std::fs::OpenOptions::new();
+                options.write(true).create_new(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+                match options.open(path) {
+                    Ok(mut f) => {
+                        f.write_all(format!("{}\n", hex::encode(key)).as_bytes())
+                            .and_then(|()| f.sync_all())
+                            .map_err(io)?;
+                        Ok(DigestKey(key))
+                    }
+                    // Made by another process meanwhile: that one is the key.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        DigestKey::load_or_create(path)
+                    }
+                    Err(e) => Err(io(e)),
+                }
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    /// A short public name of the key (the first 16 hex digits of its SHA-256), for logs.
+    pub fn id(&self) -> String {
+        hex::encode(Sha256::digest(self.0))[..16].to_owned()
+    }
+
+    /// HMAC-SHA256 under this key of a digest's text, as hex.
+    pub fn seal(&self, digest: &str) -> String {
+        use hmac::Mac as _;
+        let mut mac =
+            hmac::Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(digest.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+}
+
 /// Handle to the audit writer thread. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Job>,
     location: String,
+    /// Seals the tensor digests of every record ([`DigestKey`]); None: plain SHA-256.
+    key: Option<std::sync::Arc<DigestKey>>,
 }
 
 impl AuditLog {
@@ -339,7 +426,31 @@ impl AuditLog {
                 path: PathBuf::from(&location),
                 source,
             })?;
-        Ok(AuditLog { tx, location })
+        Ok(AuditLog {
+            tx,
+            location,
+            key: None,
+        })
+    }
+
+    /// The same log, sealing the tensor digests of every record it is given from now on with
+    /// `key` ([`DigestKey`]).
+    pub fn with_digest_key(mut self, key: DigestKey) -> AuditLog {
+        self.key = Some(std::sync::Arc::new(key));
+        self
+    }
+
+    /// The record as it is stored: its tensor digests sealed under the key, if any.
+    fn sealed(&self, mut event: AuditEvent) -> AuditEvent {
+        if let Some(key) = &self.key {
+            for digest in [&mut event.input_sha256, &mut event.output_sha256]
+                .into_iter()
+                .flatten()
+            {
+                *digest = key.seal(digest);
+            }
+        }
+        event
     }
 
     /// Where records go (for logs).
@@ -351,7 +462,7 @@ impl AuditLog {
     pub async fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
         let permit = self.tx.reserve().await.map_err(|_| AuditError::Stopped)?;
         let (ack, done) = oneshot::channel();
-        permit.send((event, Some(ack)));
+        permit.send((self.sealed(event), Some(ack)));
         self.wait(done).await
     }
 
@@ -377,7 +488,7 @@ impl AuditLog {
 
     /// Queues a record without waiting for it (for drop paths, which cannot wait).
     fn submit_detached(&self, event: AuditEvent) {
-        match self.tx.try_send((event, None)) {
+        match self.tx.try_send((self.sealed(event), None)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(job)) => {
                 let tx = self.tx.clone();
@@ -438,7 +549,7 @@ impl PendingRecord {
         event.status = status;
         event.outcome = Outcome::from_status(status);
         let (ack, done) = oneshot::channel();
-        permit.send((event, Some(ack)));
+        permit.send((self.log.sealed(event), Some(ack)));
         self.log.wait(done).await
     }
 }
@@ -613,6 +724,30 @@ pub fn verify_watching(path: &Path, watch: Option<u64>) -> Result<ChainSummary, 
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn a_digest_key_is_made_once_private_and_refused_when_malformed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys").join("audit-digest.key");
+        let made = DigestKey::load_or_create(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        let again = DigestKey::load_or_create(&path).unwrap();
+        assert_eq!(made.seal("abc"), again.seal("abc"));
+        assert_eq!(made.id(), again.id());
+        // Keyed: another key seals the same digest otherwise; the seal is 64 hex digits.
+        let other = DigestKey::from_bytes([7; 32]);
+        assert_ne!(made.seal("abc"), other.seal("abc"));
+        assert_eq!(other.seal("abc").len(), 64);
+        // The key is not shown by Debug.
+        assert!(!format!("{made:?}").contains(&hex::encode(made.0)));
+        for bad in ["", "zz", &"ab".repeat(31), &"ab".repeat(33)] {
+            std::fs::write(&path, bad).unwrap();
+            let e = DigestKey::load_or_create(&path).unwrap_err().to_string();
+            assert!(e.contains("64 hex digits"), "{bad:?}: {e}");
+        }
+    }
 
     /// A store that fails while `failing` is set and keeps what it was given otherwise.
     struct Flaky {
