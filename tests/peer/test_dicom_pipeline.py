@@ -459,7 +459,10 @@ def test_a_heatmap_bundle_sends_its_saliency_in_the_sc(work):
                     walk(item.ContentSequence)
 
         walk(sr.ContentSequence)
-        assert illustrations == [("121200", "DCM", str(sc.SOPInstanceUID))], illustrations
+        # The image the probability was measured on (the source) and the illustration (the
+        # SC), in that order.
+        assert illustrations == [("121112", "DCM", str(ds.SOPInstanceUID)),
+                                 ("121200", "DCM", str(sc.SOPInstanceUID))], illustrations
         # The bundle declares its output's concept: SNOMED CT "Nodule", as pydicom's code
         # dictionary has it.
         nodule = codes.SCT.Nodule
