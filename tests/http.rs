@@ -1058,6 +1058,20 @@ async fn a_stalled_body_times_out_with_408() {
         (408, audit::Outcome::Timeout)
     );
     assert_eq!(record.event.input_sha256, None, "the body never arrived");
+    // And counted as a failure in the statistics extension, as the trail says (a call
+    // dropped at its deadline was counted nowhere: a red-team finding).
+    let (s, _, b) = f
+        .call(
+            Request::get(format!("/v2/models/{MODEL}/stats"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let stats: Value = serde_json::from_slice(&b).unwrap();
+    let m = &stats["model_stats"][0];
+    assert_eq!(m["inference_stats"]["fail"]["count"], 1, "{m}");
+    assert_eq!(m["inference_stats"]["success"]["count"], 0, "{m}");
     // The server goes on serving.
     let (s, _) = f
         .post_json(

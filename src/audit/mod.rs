@@ -514,6 +514,38 @@ impl AuditLog {
     }
 }
 
+tokio::task_local! {
+    /// Set by [`PendingRecord::commit`] just before its record goes to the writer, inside
+    /// [`within_deadline`]: from then on the answer is the one recorded.
+    static COMMITTING: std::sync::Arc<std::sync::atomic::AtomicBool>;
+}
+
+/// How long [`within_deadline`] waits past the deadline for a record already on its way.
+const COMMIT_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs a request's handler until `deadline`; `None` when the deadline fired first. A
+/// handler whose audit record was already sent to the writer when the deadline fired is not
+/// cut off: it is awaited (up to 30 s more) and its answer given, since the record says it
+/// was (a red-team finding: records said 200 "ok" for calls answered DEADLINE_EXCEEDED).
+pub async fn within_deadline<F: std::future::Future>(
+    deadline: tokio::time::Instant,
+    handler: F,
+) -> Option<F::Output> {
+    let committing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handler = COMMITTING.scope(committing.clone(), handler);
+    tokio::pin!(handler);
+    tokio::select! {
+        out = &mut handler => Some(out),
+        _ = tokio::time::sleep_until(deadline) => {
+            if committing.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::timeout(COMMIT_GRACE, handler).await.ok()
+            } else {
+                None
+            }
+        }
+    }
+}
+
 /// The audit record of a request that has reached a model, until it is committed.
 ///
 /// The handler fills in what it learns ([`PendingRecord::event_mut`]) and commits the record
@@ -549,6 +581,8 @@ impl PendingRecord {
         event.status = status;
         event.outcome = Outcome::from_status(status);
         let (ack, done) = oneshot::channel();
+        // From here the record says `status`: the request's deadline no longer cuts it off.
+        let _ = COMMITTING.try_with(|c| c.store(true, std::sync::atomic::Ordering::SeqCst));
         permit.send((self.log.sealed(event), Some(ack)));
         self.log.wait(done).await
     }
@@ -724,6 +758,66 @@ pub fn verify_watching(path: &Path, watch: Option<u64>) -> Result<ChainSummary, 
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    /// A store that takes `delay` to append, and keeps (status, request id) of what it got.
+    struct Slow {
+        delay: std::time::Duration,
+        written: Arc<std::sync::Mutex<Vec<(u16, String)>>>,
+    }
+
+    impl AuditStore for Slow {
+        fn append(&mut self, events: &[&AuditEvent], _: u64) -> Result<(), AuditError> {
+            std::thread::sleep(self.delay);
+            let mut w = self.written.lock().unwrap();
+            w.extend(events.iter().map(|e| (e.status, e.request_id.clone())));
+            Ok(())
+        }
+
+        fn describe(&self) -> String {
+            "slow".into()
+        }
+    }
+
+    /// A record on its way to the writer when the deadline fires is not cut off: the handler
+    /// is awaited and its answer given, as the record says (a red-team finding: records said
+    /// 200 for calls answered DEADLINE_EXCEEDED); a handler that had not committed is cut
+    /// off, and its record says 408.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deadline_does_not_cut_off_a_record_on_its_way() {
+        let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = AuditLog::start(Box::new(Slow {
+            delay: std::time::Duration::from_millis(300),
+            written: written.clone(),
+        }))
+        .unwrap();
+        let soon = || tokio::time::Instant::now() + std::time::Duration::from_millis(50);
+        let deadline = soon();
+        let pending = log.pending(event("committed"), Some(deadline.into_std()));
+        let answered = within_deadline(deadline, async move {
+            pending.commit(200).await.unwrap();
+            "answer"
+        })
+        .await;
+        assert_eq!(answered, Some("answer"));
+        let deadline = soon();
+        let pending = log.pending(event("cut-off"), Some(deadline.into_std()));
+        let answered = within_deadline(deadline, async move {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            pending.commit(200).await.unwrap();
+            "late"
+        })
+        .await;
+        assert_eq!(answered, None);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while written.lock().unwrap().len() < 2 {
+            assert!(std::time::Instant::now() < until, "records not written");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            *written.lock().unwrap(),
+            [(200, "committed".to_owned()), (408, "cut-off".to_owned())]
+        );
+    }
 
     #[test]
     fn a_digest_key_is_made_once_private_and_refused_when_malformed() {

@@ -65,7 +65,7 @@ where
 }
 
 /// Most parameters in one `parameters` object.
-const MAX_PARAMETERS: usize = 256;
+pub(crate) const MAX_PARAMETERS: usize = 256;
 /// Most inputs, or outputs, one request may list (a model's own are far fewer: each is
 /// checked against the model's after parsing, so the parse itself is bounded here).
 const MAX_TENSORS: usize = 4096;

@@ -442,18 +442,20 @@ impl Service {
             message,
         };
         let span = tracing::info_span!("grpc", method, request_id = %request_id);
-        let result = tokio::time::timeout_at(deadline.into(), handler(self.state.clone(), call))
-            .instrument(span)
-            .await
-            .unwrap_or_else(|_| {
-                Err(AppError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!(
-                        "the request did not complete within {} ms",
-                        timeout.as_millis()
-                    ),
-                ))
-            });
+        let result = crate::audit::within_deadline(
+            deadline.into(),
+            handler(self.state.clone(), call).instrument(span),
+        )
+        .await
+        .unwrap_or_else(|| {
+            Err(AppError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request did not complete within {} ms",
+                    timeout.as_millis()
+                ),
+            ))
+        });
         match result {
             Ok(message) => {
                 let mut response = Response::new(message);
@@ -857,6 +859,21 @@ fn decode_request(
     if wire_inputs.is_empty() {
         return Err(AppError::bad_request("the request has no inputs"));
     }
+    // As over HTTP: at most MAX_PARAMETERS in one parameters map (the request's, an input's,
+    // an output's).
+    let too_many = parameters.len() > codec::MAX_PARAMETERS
+        || wire_inputs
+            .iter()
+            .any(|i| i.parameters.len() > codec::MAX_PARAMETERS)
+        || wire_outputs
+            .iter()
+            .any(|o| o.parameters.len() > codec::MAX_PARAMETERS);
+    if too_many {
+        return Err(AppError::bad_request(format!(
+            "more than {} parameters",
+            codec::MAX_PARAMETERS
+        )));
+    }
     if !raw.is_empty() && raw.len() != wire_inputs.len() {
         return Err(AppError::bad_request(format!(
             "raw_input_contents has {} entries for {} inputs: when it is used, it holds every input's data, in the order of the inputs",
@@ -989,6 +1006,42 @@ fn typed_tensor(
         Tensor::from_vec(shape, values).map_err(|e| e.to_string())
     }
     use DataType as D;
+    // Values in another field than the datatype's own are refused, not dropped unseen (and
+    // undigested): a red-team finding.
+    let filled: Vec<&str> = [
+        ("bool_contents", !c.bool_contents.is_empty()),
+        ("int_contents", !c.int_contents.is_empty()),
+        ("int64_contents", !c.int64_contents.is_empty()),
+        ("uint_contents", !c.uint_contents.is_empty()),
+        ("uint64_contents", !c.uint64_contents.is_empty()),
+        ("fp32_contents", !c.fp32_contents.is_empty()),
+        ("fp64_contents", !c.fp64_contents.is_empty()),
+        ("bytes_contents", !c.bytes_contents.is_empty()),
+    ]
+    .into_iter()
+    .filter_map(|(name, filled)| filled.then_some(name))
+    .collect();
+    let own = match datatype {
+        D::Bool => "bool_contents",
+        D::Int8 | D::Int16 | D::Int32 => "int_contents",
+        D::Int64 => "int64_contents",
+        D::Uint8 | D::Uint16 | D::Uint32 => "uint_contents",
+        D::Uint64 => "uint64_contents",
+        D::Fp32 => "fp32_contents",
+        D::Fp64 => "fp64_contents",
+        D::Bytes => "bytes_contents",
+        D::Fp16 => "",
+    };
+    if let Some(other) = filled.iter().find(|f| **f != own) {
+        return Err(format!(
+            "contents hold {other}, which is not {datatype}'s field{}",
+            if own.is_empty() {
+                String::new()
+            } else {
+                format!(" ({own})")
+            }
+        ));
+    }
     let (d, s, n) = (datatype, shape, count);
     match datatype {
         D::Bool => take(d, s, n, c.bool_contents, Some),
@@ -1157,6 +1210,43 @@ mod tests {
         assert!(uuid::Uuid::parse_str(&request_id(&HeaderMap::new())).is_ok());
     }
 
+    /// As over HTTP, a parameters map holds at most 256 entries (gRPC took 30,000: a
+    /// red-team finding).
+    #[test]
+    fn parameters_are_bounded_as_over_http() {
+        let spec = nightingale_inference::TensorSpec {
+            name: "x".into(),
+            datatype: DataType::Fp32,
+            shape: vec![-1, 1],
+        };
+        let request = |n: usize| ModelInferRequest {
+            inputs: vec![proto::model_infer_request::InferInputTensor {
+                name: "x".into(),
+                datatype: "FP32".into(),
+                shape: vec![1, 1],
+                parameters: Default::default(),
+                contents: Some(InferTensorContents {
+                    fp32_contents: vec![1.0],
+                    ..Default::default()
+                }),
+            }],
+            parameters: (0..n)
+                .map(|i| (i.to_string(), proto::InferParameter::default()))
+                .collect(),
+            ..Default::default()
+        };
+        let mut reserve = |_| Ok(());
+        let e = decode_request(request(257), std::slice::from_ref(&spec), &mut reserve)
+            .err()
+            .unwrap();
+        assert!(
+            e.message.contains("more than 256 parameters"),
+            "{}",
+            e.message
+        );
+        assert!(decode_request(request(256), std::slice::from_ref(&spec), &mut reserve).is_ok());
+    }
+
     /// Every RPC of the proto has a row in the role table, and every row an RPC: a method
     /// added to the proto without its role is caught here (and refused at run time).
     #[test]
@@ -1231,5 +1321,21 @@ mod tests {
         };
         let t = typed_tensor(DataType::Bytes, vec![1], 1, t).unwrap();
         assert_eq!(typed_contents(&t).bytes_contents, vec![b"a".to_vec()]);
+        // Values in another datatype's field beside the right one: refused, not dropped.
+        let c = InferTensorContents {
+            fp32_contents: vec![1.0; 2],
+            fp64_contents: vec![2.0; 2],
+            ..Default::default()
+        };
+        let e = typed_tensor(DataType::Fp32, vec![2], 2, c).unwrap_err();
+        assert!(
+            e.contains("fp64_contents") && e.contains("fp32_contents"),
+            "{e}"
+        );
+        let c = InferTensorContents {
+            int_contents: vec![1],
+            ..Default::default()
+        };
+        assert!(typed_tensor(DataType::Fp16, vec![1], 1, c).is_err());
     }
 }

@@ -322,9 +322,9 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
                     let deadline = tokio::time::Instant::now() + timeout;
                     req.extensions_mut()
                         .insert(RequestDeadline(deadline.into_std()));
-                    match tokio::time::timeout_at(deadline, next.run(req)).await {
-                        Ok(response) => response,
-                        Err(_) => AppError::new(
+                    match crate::audit::within_deadline(deadline, next.run(req)).await {
+                        Some(response) => response,
+                        None => AppError::new(
                             StatusCode::REQUEST_TIMEOUT,
                             format!(
                                 "the request did not complete within {} ms",

@@ -256,7 +256,19 @@ pub(crate) struct ModelCall {
     op: Op,
     start: Instant,
     pub(crate) model: Arc<LoadedModel>,
-    audit: crate::audit::PendingRecord,
+    /// Taken by [`ModelCall::finish`]; still here when the call is dropped before it.
+    audit: Option<crate::audit::PendingRecord>,
+}
+
+/// A call dropped before [`ModelCall::finish`] (its deadline fired, the client went away
+/// while the model ran) is counted as failed in the metrics and the statistics extension, as
+/// its audit record says (408 or 499): such calls were counted nowhere (a red-team finding).
+impl Drop for ModelCall {
+    fn drop(&mut self) {
+        if self.audit.is_some() {
+            self.count(false, "client_error");
+        }
+    }
 }
 
 impl ModelCall {
@@ -299,35 +311,20 @@ impl ModelCall {
             op,
             start,
             model: loaded,
-            audit,
+            audit: Some(audit),
         })
     }
 
     /// The pending audit record, for the digests and row count.
     pub(crate) fn audit(&mut self) -> &mut AuditEvent {
-        self.audit.event_mut()
+        self.audit
+            .as_mut()
+            .expect("the record is pending until finish")
+            .event_mut()
     }
 
-    /// Writes the audit record with the answer's status (HTTP's, whatever the protocol) and
-    /// counts the request; without its record, the answer becomes a 503.
-    pub(crate) async fn finish<T>(self, mut result: Result<T, AppError>) -> Result<T, AppError> {
-        let status = match &result {
-            Ok(_) => StatusCode::OK.as_u16(),
-            Err(e) => e.status.as_u16(),
-        };
-        // Without its audit record there is no answer.
-        if let Err(e) = self.audit.commit(status).await {
-            tracing::error!(error = %e, "audit record not written; refusing the response");
-            result = Err(AppError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the audit log cannot be written; no prediction is returned without its audit record",
-            ));
-        }
-        let outcome = match &result {
-            Ok(_) => "success",
-            Err(e) if e.status.is_client_error() => "client_error",
-            Err(_) => "server_error",
-        };
+    /// Counts the call in the metrics and the statistics extension.
+    fn count(&self, ok: bool, outcome: &str) {
         let labels = [
             ("model", self.model.name.clone()),
             ("version", self.model.version.to_string()),
@@ -350,8 +347,35 @@ impl ModelCall {
         // model calls through the worker, which counts each of them.
         if self.op == Op::Infer {
             let stats = self.model.worker.stats();
-            stats.record_request(result.is_ok(), self.start.elapsed());
+            stats.record_request(ok, self.start.elapsed());
         }
+    }
+
+    /// Writes the audit record with the answer's status (HTTP's, whatever the protocol) and
+    /// counts the request; without its record, the answer becomes a 503.
+    pub(crate) async fn finish<T>(
+        mut self,
+        mut result: Result<T, AppError>,
+    ) -> Result<T, AppError> {
+        let status = match &result {
+            Ok(_) => StatusCode::OK.as_u16(),
+            Err(e) => e.status.as_u16(),
+        };
+        let audit = self.audit.take().expect("finished once");
+        // Without its audit record there is no answer.
+        if let Err(e) = audit.commit(status).await {
+            tracing::error!(error = %e, "audit record not written; refusing the response");
+            result = Err(AppError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the audit log cannot be written; no prediction is returned without its audit record",
+            ));
+        }
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(e) if e.status.is_client_error() => "client_error",
+            Err(_) => "server_error",
+        };
+        self.count(result.is_ok(), outcome);
         result
     }
 }

@@ -153,11 +153,23 @@ impl Pipeline {
                 return;
             }
         };
+        // An object whose C-STORE broke the association is charged the attempt; the objects
+        // behind it go on over a new association (they were charged too, untried, and a PACS
+        // that aborts on one object, say an SR it does not take, sent every object behind
+        // it to the dead-letter folder without one being sent: a red-team finding).
         let mut broken: Option<String> = None;
-        for (o, file) in &files {
-            if let Some(why) = &broken {
-                self.failed_attempt(o, why);
-                continue;
+        for (i, (o, file)) in files.iter().enumerate() {
+            if let Some(why) = broken.take() {
+                match StoreAssociation::open(&target.addr, &options, &contexts).await {
+                    Ok(a) => association = a,
+                    Err(e) => {
+                        let why = format!("association (opened again after: {why}): {e}");
+                        for (o, _) in &files[i..] {
+                            self.failed_attempt(o, &why);
+                        }
+                        return;
+                    }
+                }
             }
             match association.store(file).await {
                 Ok(status) if status.is_success() || status.is_warning() => {

@@ -27,12 +27,16 @@ impl FromStr for Destination {
             .split_once('@')
             .ok_or_else(|| format!("{s:?}: expected AE@HOST:PORT"))?;
         let ae = ae.trim();
+        // A comma is the separator of a job's stored destinations: "PA,CS@host:104" was
+        // taken, then sent to an AE title nobody configured (a red-team finding).
         if ae.is_empty()
             || ae.len() > 16
-            || !ae.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
+            || !ae
+                .bytes()
+                .all(|b| (0x20..0x7f).contains(&b) && b != b'\\' && b != b',')
         {
             return Err(format!(
-                "{s:?}: the AE title must be 1 to 16 printable characters, no backslash"
+                "{s:?}: the AE title must be 1 to 16 printable characters, no backslash or comma"
             ));
         }
         let (host, port) = addr
@@ -40,6 +44,20 @@ impl FromStr for Destination {
             .ok_or_else(|| format!("{s:?}: expected AE@HOST:PORT"))?;
         if host.is_empty() || port.parse::<u16>().ok().filter(|p| *p > 0).is_none() {
             return Err(format!("{s:?}: expected AE@HOST:PORT with a port 1-65535"));
+        }
+        // A host name or an IPv4 address, or an IPv6 one in brackets: not "B@127.0.0.1" or
+        // "host name" (taken, then failing at every connect).
+        let bracketed = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok());
+        let named = host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+        if !(bracketed || named) {
+            return Err(format!(
+                "{s:?}: the host must be a name, an IPv4 address or an [IPv6] address"
+            ));
         }
         Ok(Destination {
             ae_title: ae.to_owned(),
@@ -358,8 +376,22 @@ mod tests {
             "A-VERY-LONG-AE-TITLE@h:1",
             "A\\B@h:1",
             "PACS@:104",
+            // Red-team findings: a comma split one destination into two when stored; a
+            // second '@' or a space made a host no connect can reach.
+            "PA,CS@127.0.0.1:104",
+            "A@B@127.0.0.1:104",
+            "PACS@host name:104",
+            "PACS@[::1:104",
+            "PACS@[nope]:104",
         ] {
             assert!(bad.parse::<Destination>().is_err(), "{bad} parsed");
+        }
+        for good in [
+            "PACS@pacs-1.trust.nhs.uk:104",
+            "PACS@[::1]:104",
+            "MY PACS@h_1:11112",
+        ] {
+            assert!(good.parse::<Destination>().is_ok(), "{good} refused");
         }
     }
 

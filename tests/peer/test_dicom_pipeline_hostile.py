@@ -783,3 +783,53 @@ def test_results_sent_back_in_are_not_processed_again():
     finally:
         stop(server.proc)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_pacs_that_aborts_on_one_object_does_not_sink_the_others():
+    """Red-team finding: a PACS that aborts the association on an SR (one that does not take
+    SRs, say) made every object behind it in the batch count an attempt without being sent,
+    so after max attempts the SC went to the dead-letter folder never tried. Now the objects
+    behind a broken association go on over a new one: the SC reaches the PACS on the first
+    round, and only the SR is charged (pynetdicom as the PACS)."""
+    import threading
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    from dicom_support import SR_CLASS
+
+    stored: list[str] = []
+    aborted: list[str] = []
+
+    def on_store(event):
+        if event.request.AffectedSOPClassUID == SR_CLASS:
+            aborted.append(event.request.AffectedSOPInstanceUID)
+            threading.Thread(target=event.assoc.abort, daemon=True).start()
+            time.sleep(1.0)
+            return 0xA700
+        stored.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    ae = AE(ae_title="POISON")
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    pacs = ae.start_server(("127.0.0.1", port), block=False,
+                           evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    work = Path(tempfile.mkdtemp(prefix="nightingale-hostile-poison-"))
+    server = Server(work, f"POISON@127.0.0.1:{port}",
+                    ("--results-retry-secs", "0.5", "--results-max-attempts", "3"))
+    try:
+        study = generate_uid()
+        store(server.port, [_save(_ct(study, generate_uid()), work / "ct.dcm")])
+        report = wait_for(
+            lambda: (r := settled(server, study)) and all(
+                o["delivery"] in ("sent", "dead") for o in r["series"][0]["jobs"][0]["objects"])
+            and r, RESULT_TIMEOUT_S, "every result object sent or given up")
+        by_kind = {o["kind"]: o for o in report["series"][0]["jobs"][0]["objects"]}
+        assert by_kind["SC"]["delivery"] == "sent", by_kind
+        assert by_kind["SC"]["attempts"] == 1, by_kind
+        assert by_kind["SR"]["delivery"] == "dead" and by_kind["SR"]["attempts"] == 3, by_kind
+        assert stored == [by_kind["SC"]["sop_instance_uid"]], (stored, by_kind)
+        assert len(aborted) == 3, aborted
+    finally:
+        stop(server.proc)
+        pacs.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
