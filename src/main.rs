@@ -202,7 +202,10 @@ fn main() -> anyhow::Result<()> {
             // Opened before the async runtime starts: the database clients block.
             let audit = open_audit(&config.audit)?;
             // The tensor digests of every record are sealed with the deployment's key.
-            let key = nightingale::audit::DigestKey::load_or_create(&config.audit_digest_key)?;
+            let key = nightingale::audit::DigestKey::load_or_create(&config.audit_digest_key)
+                .with_context(|| {
+                    format!("audit digest key {}", config.audit_digest_key.display())
+                })?;
             tracing::info!(key_id = %key.id(), path = %config.audit_digest_key.display(), "audit digests keyed");
             let audit = audit.with_digest_key(key);
             let runtime = tokio::runtime::Builder::new_multi_thread()

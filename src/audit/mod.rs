@@ -330,52 +330,76 @@ impl DigestKey {
         DigestKey(bytes)
     }
 
-    /// The key in `path` (64 hex digits), made there (mode 0600, 32 random bytes) when the
-    /// file does not exist.
-    pub fn load_or_create(path: &Path) -> Result<DigestKey, AuditError> {
-        use std::io::Write as _;
-        let io = |source| AuditError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        let invalid = |why: &str| {
-            io(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("not an audit digest key ({why}): 64 hex digits are expected"),
-            ))
-        };
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
-                let bytes = hex::decode(text.trim()).map_err(|_| invalid("not hex"))?;
-                let key: [u8; 32] = bytes.try_into().map_err(|_| invalid("not 32 bytes"))?;
-                Ok(DigestKey(key))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = [0u8; 32];
-                getrandom::fill(&mut key).map_err(|e| io(std::io::Error::other(e.to_string())))?;
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).map_err(io)?;
-                }
-                let mut options = std::fs::OpenOptions::new();
-                options.write(true).create_new(true);
-                #[cfg(unix)]
-                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-                match options.open(path) {
-                    Ok(mut f) => {
-                        f.write_all(format!("{}\n", hex::encode(key)).as_bytes())
-                            .and_then(|()| f.sync_all())
-                            .map_err(io)?;
-                        Ok(DigestKey(key))
-                    }
-                    // Made by another process meanwhile: that one is the key.
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                        DigestKey::load_or_create(path)
-                    }
-                    Err(e) => Err(io(e)),
-                }
-            }
-            Err(e) => Err(io(e)),
+    /// The key in `path` (64 hex digits), made there (mode 0600, 32 random bytes) when
+    /// nothing is there. Refused: a path that is not a regular file (a FIFO blocked the start
+    /// for ever; a link to nothing recursed until the stack overflowed: red-team findings)
+    /// and a file that holds no key. A key readable by others than its owner is taken with a
+    /// warning in the log.
+    pub fn load_or_create(path: &Path) -> std::io::Result<DigestKey> {
+        use std::io::{Error, ErrorKind};
+        match std::fs::symlink_metadata(path) {
+            Ok(_) => DigestKey::load(path),
+            Err(e) if e.kind() == ErrorKind::NotFound => match DigestKey::create(path) {
+                // Made by another process meanwhile: that one is the key.
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => DigestKey::load(path),
+                made => made,
+            },
+            Err(e) => Err(Error::new(e.kind(), format!("cannot be looked at: {e}"))),
         }
+    }
+
+    fn load(path: &Path) -> std::io::Result<DigestKey> {
+        use std::io::{Error, ErrorKind, Read as _};
+        let invalid = |why: &str| {
+            Error::new(
+                ErrorKind::InvalidData,
+                format!("{why}: an audit digest key is a file of 64 hex digits"),
+            )
+        };
+        let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+            ErrorKind::NotFound => invalid("a link to nothing"),
+            _ => e,
+        })?;
+        if !meta.is_file() {
+            return Err(invalid("not a regular file"));
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = meta.permissions().mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format!("{:o}", mode & 0o777),
+                    "the audit digest key can be read by others than its owner: chmod 600 it"
+                );
+            }
+        }
+        let mut text = String::new();
+        std::fs::File::open(path)?
+            .take(4096)
+            .read_to_string(&mut text)
+            .map_err(|_| invalid("not text"))?;
+        let bytes = hex::decode(text.trim()).map_err(|_| invalid("not hex"))?;
+        let key: [u8; 32] = bytes.try_into().map_err(|_| invalid("not 32 bytes"))?;
+        Ok(DigestKey(key))
+    }
+
+    fn create(path: &Path) -> std::io::Result<DigestKey> {
+        use std::io::Write as _;
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(|e| std::io::Error::other(e.to_string()))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut f = options.open(path)?;
+        f.write_all(format!("{}\n", hex::encode(key)).as_bytes())?;
+        f.sync_all()?;
+        Ok(DigestKey(key))
     }
 
     /// A short public name of the key (the first 16 hex digits of its SHA-256), for logs.
@@ -841,6 +865,34 @@ mod tests {
             let e = DigestKey::load_or_create(&path).unwrap_err().to_string();
             assert!(e.contains("64 hex digits"), "{bad:?}: {e}");
         }
+        // A link to nothing, a folder, a FIFO: refused at once (a link to nothing recursed
+        // until the stack overflowed, a FIFO blocked for ever).
+        let dangling = dir.path().join("dangling.key");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+        let fifo = dir.path().join("fifo.key");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        for (bad, why) in [
+            (dangling, "a link to nothing"),
+            (dir.path().to_owned(), "not a regular file"),
+            (fifo, "not a regular file"),
+        ] {
+            let e = DigestKey::load_or_create(&bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{}: {e}", bad.display());
+        }
+        // A link to a key is followed.
+        std::fs::write(&path, format!("{}\n", "0f".repeat(32))).unwrap();
+        let link = dir.path().join("link.key");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert_eq!(
+            DigestKey::load_or_create(&link).unwrap().seal("x"),
+            DigestKey::from_bytes([0x0f; 32]).seal("x")
+        );
     }
 
     /// A store that fails while `failing` is set and keeps what it was given otherwise.
