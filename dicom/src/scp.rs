@@ -378,6 +378,22 @@ impl Scp {
                 }
             };
             let _ = stream.set_nodelay(true);
+            // An allowlist whose every entry names its host refuses any other host whatever
+            // it sends: such a connection is closed at once and takes no waiting place (a
+            // red-team finding: eight addresses the allowlist refuses filled every waiting
+            // place, and the one allowlisted SCU was shut out).
+            if let Some(allowed) = &self.config.allowed
+                && !allowed.is_empty()
+                && allowed.iter().all(|a| a.host.is_some())
+                && !allowed
+                    .iter()
+                    .filter_map(|a| a.host)
+                    .any(|h| canonical_ip(h) == canonical_ip(peer.ip()))
+            {
+                association_outcome("host_not_allowed");
+                tracing::info!(%peer, "DICOM connection closed: no allowlist entry names this host");
+                continue;
+            }
             // Until its A-ASSOCIATE-RQ arrives a connection holds a waiting place (bounded
             // per host and in all), not an association slot: silent connections (32 of
             // them, from one host) took every slot until ARTIM expired, and real SCUs were
@@ -399,9 +415,13 @@ impl Scp {
             let events = self.events.clone();
             tokio::spawn(async move {
                 let deadline = tokio::time::Instant::now() + config.association_timeout;
-                let opened =
-                    tokio::time::timeout_at(deadline, opening(&stream, config.max_pdu_length))
-                        .await;
+                let mut stream = stream;
+                let mut buf = BytesMut::with_capacity(8 << 10);
+                let opened = tokio::time::timeout_at(
+                    deadline,
+                    opening(&mut stream, &mut buf, config.max_pdu_length),
+                )
+                .await;
                 let Ok(opened) = opened else {
                     association_outcome("timeout");
                     tracing::info!(%peer, "DICOM association not established: no A-ASSOCIATE-RQ in time");
@@ -426,6 +446,7 @@ impl Scp {
                     peer,
                     deadline,
                     opened,
+                    buf,
                     admission: Admission {
                         slots,
                         waiting: (place, waiting),
@@ -448,39 +469,49 @@ struct Admission {
 /// reserved, called and calling AE titles, reserved.
 const A_ASSOCIATE_RQ_FIXED: u32 = 2 + 2 + 16 + 16 + 32;
 
-/// The first bytes of the A-ASSOCIATE-RQ that opens the connection, read without taking
-/// them off the socket (the request is read next); `None` when the peer closed first or
-/// declared a length no request has, `Err(type)` when the first PDU is of another type. Waits
-/// (briefly, in steps) while fewer than its first 42 bytes have arrived; the caller bounds
-/// the wait. The calling AE title is checked on the raw field ([`Opening::calling_ae_valid`]).
-async fn opening(stream: &TcpStream, max_pdu_length: u32) -> Option<Result<Opening, u8>> {
-    // PDU header (6), protocol version (2), reserved (2), called AE (16), calling AE (16).
-    let mut head = [0u8; 42];
-    let mut pause = Duration::from_millis(1);
+/// What the first bytes of a connection are.
+enum Opened {
+    /// The peer closed (or reset) the connection before 42 bytes of a request came: it is
+    /// seen at once, since the bytes are read, not peeked at (a peer that sent 8 bytes and
+    /// closed kept its host's waiting place for the association timeout: a red-team finding).
+    Closed,
+    /// The first PDU is of another type.
+    Other(u8),
+    /// An A-ASSOCIATE-RQ declaring a length no request has.
+    BadLength,
+    /// The start of an A-ASSOCIATE-RQ: its fixed fields up to the calling AE title.
+    Request(Opening),
+}
+
+/// Reads the first bytes of a connection into `buf` (the request is read on from there):
+/// until the PDU type tells, then its length, then its first 42 bytes (PDU header, protocol
+/// version, reserved, called and calling AE titles). The caller bounds the wait. The calling
+/// AE title is checked on the raw field ([`Opening::calling_ae_valid`]).
+async fn opening(stream: &mut TcpStream, buf: &mut BytesMut, max_pdu_length: u32) -> Opened {
     loop {
-        let n = stream.peek(&mut head).await.ok()?;
-        if n == 0 {
-            return None;
+        if let Some(&kind) = buf.first()
+            && kind != 0x01
+        {
+            return Opened::Other(kind);
         }
-        if head[0] != 0x01 {
-            return Some(Err(head[0]));
-        }
-        if n >= 6 {
+        if buf.len() >= 6 {
             // A length no request has: answered in `serve_association`. The maximum PDU length bounds P-DATA
             // (PS3.8 D.1), not the request: 128 contexts of 18 transfer syntaxes each take
             // 74 KB, over a 64 KiB maximum, and dcmtk's storescp takes them.
-            let len = u32::from_be_bytes([head[2], head[3], head[4], head[5]]);
+            let len = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]);
             if len > MAX_ASSOCIATE_RQ.max(max_pdu_length) || len < A_ASSOCIATE_RQ_FIXED {
-                return None;
+                return Opened::BadLength;
             }
         }
-        if n == head.len() {
-            return Some(Ok(Opening {
-                calling_ae_valid: raw_ae_title_valid(&head[26..42]),
-            }));
+        if buf.len() >= 42 {
+            return Opened::Request(Opening {
+                calling_ae_valid: raw_ae_title_valid(&buf[26..42]),
+            });
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(50));
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => return Opened::Closed,
+            Ok(_) => {}
+        }
     }
 }
 
@@ -689,7 +720,9 @@ enum Overflow {
 struct Start {
     peer: SocketAddr,
     deadline: tokio::time::Instant,
-    opened: Option<Result<Opening, u8>>,
+    opened: Opened,
+    /// What was read of the connection so far (the request goes on from here).
+    buf: BytesMut,
     admission: Admission,
 }
 
@@ -705,45 +738,43 @@ async fn serve_association(
         peer,
         deadline,
         opened,
+        mut buf,
         admission,
     } = start;
     // PS3.8 Table 9-10, state Sta2 (awaiting the A-ASSOCIATE-RQ): an A-ABORT closes the
     // connection (AA-2); an A-RELEASE-RQ is answered with an A-ABORT (AA-1), never with a
     // release. Other PDUs are refused below, once read.
-    match opened {
-        Some(Err(0x07)) => {
+    let opening = match opened {
+        Opened::Closed => {
+            association_outcome("not_established");
+            tracing::info!(%peer, "DICOM connection closed before its A-ASSOCIATE-RQ");
+            return;
+        }
+        Opened::Other(0x07) => {
             association_outcome("not_established");
             tracing::info!(%peer, "DICOM connection closed: A-ABORT before any association");
             return;
         }
-        Some(Err(0x05)) => {
+        Opened::Other(0x05) => {
             tracing::info!(%peer, "DICOM association aborted: A-RELEASE-RQ before any association");
             abort_unassociated(stream, AbortRQSource::ServiceUser, config, &events, peer).await;
             return;
         }
-        _ => {}
-    }
+        Opened::Other(_) | Opened::BadLength => None,
+        Opened::Request(o) => Some(o),
+    };
     // A PDU whose declared length is over what is read where the request is awaited: the
     // A-ASSOCIATE-RQ up to MAX_ASSOCIATE_RQ (or the maximum PDU length, when larger), any
     // other PDU up to the maximum PDU length (HTTP sent to the DICOM port reads as one of
-    // 1.4 GB): an invalid PDU, answered without reading it. A PDU header not yet whole from
-    // a peer that sent something else than a request is answered so too.
-    let mut head = [0u8; 6];
-    let peeked = stream.peek(&mut head).await.unwrap_or(0);
-    if peeked == 0 && opened.is_none() {
-        association_outcome("not_established");
-        return;
-    }
-    let too_long = if peeked >= 6 {
-        let declared = u32::from_be_bytes([head[2], head[3], head[4], head[5]]);
-        let limit = if head[0] == 0x01 {
-            MAX_ASSOCIATE_RQ.max(config.max_pdu_length)
-        } else {
-            config.max_pdu_length
-        };
-        declared > limit
-    } else {
-        matches!(opened, Some(Err(_)))
+    // 1.4 GB): an invalid PDU, answered without reading it. A request of a length no request
+    // has, and a PDU header not yet whole from a peer that sent something else than a
+    // request, are answered so too.
+    let too_long = match (&opening, buf.len() >= 6) {
+        (Some(_), _) => false,
+        (None, true) if buf[0] != 0x01 => {
+            u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]) > config.max_pdu_length
+        }
+        (None, _) => true,
     };
     // Every A-ABORT sent while the request is awaited is PS3.8's AA-1 (Table 9-10, Sta2 with
     // events 3, 4, 10, 12, 13 and 19): service-user source, reason not significant.
@@ -752,7 +783,7 @@ async fn serve_association(
         abort_unassociated(stream, AbortRQSource::ServiceUser, config, &events, peer).await;
         return;
     }
-    if let Some(Ok(o)) = &opened
+    if let Some(o) = &opening
         && !o.calling_ae_valid
     {
         // The title itself is not logged: it is whatever bytes the peer chose.
@@ -767,7 +798,6 @@ async fn serve_association(
         return;
     }
     let mut stream = stream;
-    let mut buf = BytesMut::new();
     let limit = MAX_ASSOCIATE_RQ.max(config.max_pdu_length);
     let pdu = match tokio::time::timeout_at(deadline, read_request(&mut stream, &mut buf, limit))
         .await

@@ -410,6 +410,72 @@ async fn refused_requests_take_no_association_slot() {
     .unwrap();
 }
 
+/// A connection that sends the start of a request and closes gives its host's waiting
+/// place back at once (its bytes are read, so the close is seen: peeked at, they hid it, and
+/// the place was held for the association timeout, a red-team finding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_half_way_through_its_request_gives_its_place_back() {
+    let server = start(|c| c.association_timeout = Duration::from_secs(60)).await;
+    let addr = server.addr;
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        for _ in 0..nightingale_dicom::scp::MAX_WAITING_PER_HOST {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.write_all(b"\x01\x00\x00\x00\x00\x44\x00\x01").unwrap();
+        }
+        // Every place is free again well within the 60 s association timeout.
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let served = connect(addr, &[("1.2.840.10008.1.1", EXPLICIT_LE)]).is_ok();
+            if served {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "the host's places were still held"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        echo(addr);
+    })
+    .await
+    .unwrap();
+}
+
+/// With an allowlist whose every entry names its host, a connection from another host is
+/// closed at once and takes no waiting place: addresses the allowlist refuses cannot fill
+/// the places and shut an allowlisted SCU out (a red-team finding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_no_allowlist_entry_names_take_no_waiting_place() {
+    let server = start(|c| {
+        c.max_associations = 1;
+        c.allowed = Some(vec!["RUSTSCU@127.0.0.1".parse().unwrap()]);
+    })
+    .await;
+    let addr = server.addr;
+    // More silent connections from 127.0.0.2 than all the waiting places there are: each is
+    // closed at once.
+    let mut others = Vec::new();
+    for _ in 0..70 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut stream = socket.connect(addr).await.unwrap();
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(
+            TIMEOUT,
+            tokio::io::AsyncReadExt::read(&mut stream, &mut byte),
+        )
+        .await
+        .expect("closed at once, not held");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        others.push(stream);
+    }
+    tokio::task::spawn_blocking(move || echo(addr))
+        .await
+        .unwrap();
+    drop(others);
+}
+
 /// A connection that sends the start of its A-ASSOCIATE-RQ (its header and AE titles, 42
 /// bytes) and stalls still only waits: it takes no association slot until the whole request
 /// is in, so a real SCU is served beside it.
