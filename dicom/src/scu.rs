@@ -153,9 +153,20 @@ impl DimseStatus {
         self.status == 0x0000
     }
 
-    /// Warning statuses (0001, Bxxx): the instance was stored with a coercion or the like.
+    /// Warning statuses (0001, 0107, 0116, Bxxx; PS3.4 B.2.3, PS3.7 C): the instance was
+    /// stored, with a coercion, elements discarded or the like.
     pub fn is_warning(&self) -> bool {
-        self.status == 0x0001 || (self.status & 0xF000) == 0xB000
+        matches!(self.status, 0x0001 | 0x0107 | 0x0116) || (self.status & 0xF000) == 0xB000
+    }
+
+    /// Failures that sending the same object again cannot change (PS3.4 B.2.3, PS3.7 C):
+    /// the SOP class not supported (0122) or not authorized (0124), a data set that does
+    /// not match its SOP class (A9xx), one the peer cannot understand (Cxxx). Out of
+    /// resources (A7xx) and processing failures (0110) are worth another try.
+    pub fn is_permanent_failure(&self) -> bool {
+        matches!(self.status, 0x0122 | 0x0124)
+            || (self.status & 0xFF00) == 0xA900
+            || (self.status & 0xF000) == 0xC000
     }
 }
 
@@ -392,8 +403,7 @@ impl StoreAssociation {
         // One P-DATA PDU per fragment, each within the peer's maximum PDU length (its PDV
         // item adds 6 bytes). dicom-ul's AsyncPDataWriter is not used: its Drop blocks the
         // thread (block_in_place), which panics on a current-thread runtime.
-        let fragment = (self.association.acceptor_max_pdu_length().saturating_sub(6) as usize)
-            .clamp(1024, CHUNK);
+        let fragment = self.fragment_len();
         loop {
             let n = (fragment as u64).min(left) as usize;
             let mut data = vec![0u8; n];
@@ -423,7 +433,9 @@ impl StoreAssociation {
                 break;
             }
         }
-        Ok(self.response(C_STORE_RSP, message_id).await?)
+        Ok(self
+            .response(C_STORE_RSP, message_id, Some(&file.sop_instance_uid))
+            .await?)
     }
 
     /// Sends a C-ECHO on this association (it needs the Verification context).
@@ -439,7 +451,7 @@ impl StoreAssociation {
             })?;
         let message_id = self.take_message_id();
         self.send_command(pc, c_echo_rq(message_id)).await?;
-        self.response(C_ECHO_RSP, message_id).await
+        self.response(C_ECHO_RSP, message_id, None).await
     }
 
     /// Releases the association (A-RELEASE), bounded by the DIMSE timeout.
@@ -469,21 +481,37 @@ impl StoreAssociation {
         id
     }
 
+    /// Bytes of one P-DATA fragment: what the peer's maximum PDU length leaves after the
+    /// PDV item's 6 bytes (0: no limit), at most [`CHUNK`]. A peer announcing 256 got
+    /// 1,024-byte fragments, which dicom-ul refused to send (a red-team finding: every
+    /// C-STORE to it failed).
+    fn fragment_len(&self) -> usize {
+        match self.association.acceptor_max_pdu_length() {
+            0 => CHUNK,
+            max => (max.saturating_sub(6) as usize).clamp(1, CHUNK),
+        }
+    }
+
+    /// Sends a command set, in fragments that fit the peer's maximum PDU length.
     async fn send_command(&mut self, pc: u8, command: Vec<u8>) -> Result<(), ScuError> {
-        let pdu = Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: pc,
-                value_type: PDataValueType::Command,
-                is_last: true,
-                data: command,
-            }],
-        };
-        bounded(
-            self.options.dimse_timeout,
-            "sending a command",
-            self.association.send(&pdu),
-        )
-        .await??;
+        let fragment = self.fragment_len();
+        let count = command.len().div_ceil(fragment).max(1);
+        for (i, chunk) in command.chunks(fragment).enumerate() {
+            let pdu = Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id: pc,
+                    value_type: PDataValueType::Command,
+                    is_last: i + 1 == count,
+                    data: chunk.to_vec(),
+                }],
+            };
+            bounded(
+                self.options.dimse_timeout,
+                "sending a command",
+                self.association.send(&pdu),
+            )
+            .await??;
+        }
         Ok(())
     }
 
@@ -494,6 +522,7 @@ impl StoreAssociation {
         &mut self,
         expected_field: u16,
         message_id: u16,
+        sop_instance_uid: Option<&str>,
     ) -> Result<DimseStatus, ScuError> {
         let timeout = self.options.dimse_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
@@ -536,7 +565,7 @@ impl StoreAssociation {
                 }
                 command.extend_from_slice(&value.data);
                 if value.is_last {
-                    return parse_response(&command, expected_field, message_id);
+                    return parse_response(&command, expected_field, message_id, sop_instance_uid);
                 }
             }
         }
@@ -848,6 +877,7 @@ fn parse_response(
     bytes: &[u8],
     expected_field: u16,
     message_id: u16,
+    sop_instance_uid: Option<&str>,
 ) -> Result<DimseStatus, ScuError> {
     let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
     let obj =
@@ -868,6 +898,26 @@ fn parse_response(
     if u16_of(tags::MESSAGE_ID_BEING_RESPONDED_TO) != Some(message_id) {
         return Err(ScuError::Protocol {
             what: "response to another message",
+        });
+    }
+    // Affected SOP Instance UID is U(=) in a C-STORE-RSP (PS3.7 Table 9.3-2): when the
+    // response has one, it is the request's (a red-team finding: a response naming another
+    // instance was taken as this one stored).
+    if let Some(expected) = sop_instance_uid
+        && let Some(got) = obj
+            .element_opt(tags::AFFECTED_SOP_INSTANCE_UID)
+            .ok()
+            .flatten()
+            .and_then(|e| {
+                e.to_str()
+                    .ok()
+                    .map(|v| v.trim_end_matches(['\0', ' ']).to_owned())
+            })
+        && !got.is_empty()
+        && got != expected.trim_end_matches(['\0', ' '])
+    {
+        return Err(ScuError::Protocol {
+            what: "response about another instance",
         });
     }
     let status = u16_of(tags::STATUS).ok_or(ScuError::Protocol {

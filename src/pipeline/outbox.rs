@@ -172,9 +172,30 @@ impl Pipeline {
                 }
             }
             match association.store(file).await {
-                Ok(status) if status.is_success() || status.is_warning() => {
-                    self.delivered(o);
+                Ok(status) if status.is_success() => self.delivered(o, None),
+                // Stored, but not as sent (coerced, elements discarded): kept with the
+                // object (it was shown as plainly sent: a red-team finding).
+                Ok(status) if status.is_warning() => {
+                    metrics::counter!("nightingale_pipeline_objects_sent_with_warning_total")
+                        .increment(1);
+                    // The status only: a peer's Error Comment may name the patient.
+                    self.delivered(
+                        o,
+                        Some(format!(
+                            "stored with warning status 0x{:04X}",
+                            status.status
+                        )),
+                    );
                 }
+                // Sending the same object again cannot change these: given up at once
+                // (they were retried to the maximum).
+                Ok(status) if status.is_permanent_failure() => self.give_up(
+                    o,
+                    &format!(
+                        "the destination refused it for good: status 0x{:04X}",
+                        status.status
+                    ),
+                ),
                 Ok(status) => self.failed_attempt(
                     o,
                     &format!("the destination answered status 0x{:04X}", status.status),
@@ -198,14 +219,21 @@ impl Pipeline {
         }
     }
 
-    fn delivered(&self, o: &ResultObject) {
+    fn delivered(&self, o: &ResultObject, warning: Option<String>) {
         metrics::counter!("nightingale_pipeline_objects_sent_total", "kind" => o.kind.clone())
             .increment(1);
-        tracing::info!(kind = %o.kind, attempts = o.attempts + 1, "result object delivered");
+        match &warning {
+            None => {
+                tracing::info!(kind = %o.kind, attempts = o.attempts + 1, "result object delivered")
+            }
+            Some(w) => {
+                tracing::warn!(kind = %o.kind, attempts = o.attempts + 1, warning = %w, "result object delivered with a warning")
+            }
+        }
         let sent = ResultObject {
             delivery: "sent".into(),
             attempts: o.attempts + 1,
-            last_error: None,
+            last_error: warning,
             ..o.clone()
         };
         if let Err(e) = self.store().delivery(&sent) {

@@ -833,3 +833,61 @@ def test_a_pacs_that_aborts_on_one_object_does_not_sink_the_others():
         stop(server.proc)
         pacs.shutdown()
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.parametrize("mode", ["warning", "refused", "small-pdus"])
+def test_a_pacs_status_or_pdu_size_is_taken_as_it_means(mode):
+    """Red-team findings, with pynetdicom as the PACS: a warning status (0xB006: elements
+    discarded) was shown as a plain "sent"; a failure that sending again cannot change
+    (0xA900) was retried to the maximum; a PACS accepting PDUs of at most 256 bytes got
+    1,024-byte fragments, which were never sent, so every C-STORE to it failed."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    received: list = []
+    status = {"warning": 0xB006, "refused": 0xA900, "small-pdus": 0x0000}[mode]
+
+    def on_store(event):
+        received.append(event.dataset)
+        return status
+
+    ae = AE(ae_title="PACS")
+    ae.supported_contexts = AllStoragePresentationContexts
+    if mode == "small-pdus":
+        ae.maximum_pdu_size = 256
+    port = free_port()
+    pacs = ae.start_server(("127.0.0.1", port), block=False,
+                           evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    work = Path(tempfile.mkdtemp(prefix=f"nightingale-hostile-{mode}-"))
+    server = Server(work, f"PACS@127.0.0.1:{port}",
+                    ("--results-retry-secs", "0.5", "--results-max-attempts", "3"))
+    try:
+        study = generate_uid()
+        store(server.port, [_save(_ct(study, generate_uid()), work / "ct.dcm")])
+        report = wait_for(
+            lambda: (r := settled(server, study)) and all(
+                o["delivery"] in ("sent", "dead") for o in r["series"][0]["jobs"][0]["objects"])
+            and r, RESULT_TIMEOUT_S, "every result object sent or given up")
+        objects = report["series"][0]["jobs"][0]["objects"]
+        assert len(objects) == 2
+        for o in objects:
+            assert o["attempts"] == 1, o
+            if mode == "warning":
+                assert o["delivery"] == "sent" and "0xB006" in o["last_error"], o
+            elif mode == "refused":
+                assert o["delivery"] == "dead" and "0xA900" in o["last_error"], o
+            else:
+                assert o["delivery"] == "sent" and o["last_error"] is None, o
+        if mode == "small-pdus":
+            # Every element arrived as sent, through 250-byte fragments.
+            sent = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p)
+                    for p in (work / "data" / "results" / "objects").rglob("*.dcm")}
+            assert {str(d.SOPInstanceUID) for d in received} == set(sent)
+            for d in received:
+                ref = sent[d.SOPInstanceUID]
+                diff = [e.tag for e in ref if e.tag not in d or d[e.tag].value != e.value]
+                diff += [e.tag for e in d if e.tag not in ref]
+                assert not diff, diff
+    finally:
+        stop(server.proc)
+        pacs.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
