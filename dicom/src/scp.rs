@@ -769,17 +769,18 @@ async fn serve_association(
     // 1.4 GB): an invalid PDU, answered without reading it. A request of a length no request
     // has, and a PDU header not yet whole from a peer that sent something else than a
     // request, are answered so too.
-    let too_long = match (&opening, buf.len() >= 6) {
-        (Some(_), _) => false,
-        (None, true) if buf[0] != 0x01 => {
-            u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]) > config.max_pdu_length
-        }
-        (None, _) => true,
+    let refused = match (&opening, buf.len() >= 6) {
+        (Some(_), _) => None,
+        (None, true) if buf[0] != 0x01 => (u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]])
+            > config.max_pdu_length)
+            .then_some("a PDU over the length limit where the A-ASSOCIATE-RQ was awaited"),
+        (None, true) => Some("an A-ASSOCIATE-RQ of a length no request has"),
+        (None, false) => Some("a PDU header cut short where the A-ASSOCIATE-RQ was awaited"),
     };
     // Every A-ABORT sent while the request is awaited is PS3.8's AA-1 (Table 9-10, Sta2 with
     // events 3, 4, 10, 12, 13 and 19): service-user source, reason not significant.
-    if too_long {
-        tracing::info!(%peer, "DICOM association aborted: a PDU over the length limit where the A-ASSOCIATE-RQ was awaited");
+    if let Some(why) = refused {
+        tracing::info!(%peer, why, "DICOM association aborted");
         abort_unassociated(stream, AbortRQSource::ServiceUser, config, &events, peer).await;
         return;
     }

@@ -591,6 +591,11 @@ impl PendingRecord {
             .expect("a pending record holds its event until committed")
     }
 
+    /// The request's deadline, if it has one.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
     /// Stores the record with the status about to be answered, and waits until it is stored.
     pub async fn commit(mut self, status: u16) -> Result<(), AuditError> {
         // Reserve a slot first: if this future is dropped while waiting for room, the event

@@ -258,6 +258,9 @@ pub(crate) struct ModelCall {
     pub(crate) model: Arc<LoadedModel>,
     /// Taken by [`ModelCall::finish`]; still here when the call is dropped before it.
     audit: Option<crate::audit::PendingRecord>,
+    /// How the call is counted once its record is written (set by [`ModelCall::finish`]
+    /// before it waits for the record): a call dropped during that wait is counted so.
+    committing: Option<(bool, &'static str)>,
 }
 
 /// A call dropped before [`ModelCall::finish`] (its deadline fired, the client went away
@@ -267,6 +270,10 @@ impl Drop for ModelCall {
     fn drop(&mut self) {
         if self.audit.is_some() {
             self.count(false, "client_error");
+        } else if let Some((ok, outcome)) = self.committing.take() {
+            // Dropped while its record was being written (a red-team finding: such calls
+            // were counted nowhere).
+            self.count(ok, outcome);
         }
     }
 }
@@ -312,6 +319,7 @@ impl ModelCall {
             start,
             model: loaded,
             audit: Some(audit),
+            committing: None,
         })
     }
 
@@ -357,11 +365,21 @@ impl ModelCall {
         mut self,
         mut result: Result<T, AppError>,
     ) -> Result<T, AppError> {
+        let audit = self.audit.take().expect("finished once");
+        // An answer ready after the request's deadline is not given (nor recorded as given):
+        // the client has stopped waiting for it (gRPC clients cancel at their deadline; a
+        // red-team finding: records said 200 for calls answered DEADLINE_EXCEEDED).
+        if result.is_ok() && audit.deadline().is_some_and(|d| Instant::now() >= d) {
+            result = Err(AppError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request did not complete within its deadline",
+            ));
+        }
         let status = match &result {
             Ok(_) => StatusCode::OK.as_u16(),
             Err(e) => e.status.as_u16(),
         };
-        let audit = self.audit.take().expect("finished once");
+        self.committing = Some((result.is_ok(), outcome_of(&result)));
         // Without its audit record there is no answer.
         if let Err(e) = audit.commit(status).await {
             tracing::error!(error = %e, "audit record not written; refusing the response");
@@ -370,13 +388,18 @@ impl ModelCall {
                 "the audit log cannot be written; no prediction is returned without its audit record",
             ));
         }
-        let outcome = match &result {
-            Ok(_) => "success",
-            Err(e) if e.status.is_client_error() => "client_error",
-            Err(_) => "server_error",
-        };
-        self.count(result.is_ok(), outcome);
+        self.committing = None;
+        self.count(result.is_ok(), outcome_of(&result));
         result
+    }
+}
+
+/// The `outcome` label of a call's metrics.
+fn outcome_of<T>(result: &Result<T, AppError>) -> &'static str {
+    match result {
+        Ok(_) => "success",
+        Err(e) if e.status.is_client_error() => "client_error",
+        Err(_) => "server_error",
     }
 }
 
