@@ -9,6 +9,7 @@ pub mod cds_imaging;
 pub mod cds_store;
 pub mod config;
 pub mod deploy;
+pub mod files;
 pub mod heatmap;
 pub mod http;
 // ---- issue 9: the DICOM pipeline (series → models → results to PACS) ----

@@ -115,30 +115,10 @@ const MAX_PEM_BYTES: u64 = 1 << 20;
 /// would never end: both are refused, as a file too large is (red-team finding: a link to
 /// `/dev/zero` swapped in for the certificate took gigabytes on SIGHUP).
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    use std::io::Read;
-    let error = |source| TlsError::Read {
+    crate::files::read_regular(path, MAX_PEM_BYTES).map_err(|source| TlsError::Read {
         path: path.to_owned(),
         source,
-    };
-    let meta = std::fs::metadata(path).map_err(error)?;
-    if !meta.is_file() {
-        return Err(error(std::io::Error::other("not a regular file")));
-    }
-    if meta.len() > MAX_PEM_BYTES {
-        return Err(error(std::io::Error::other(format!(
-            "larger than {MAX_PEM_BYTES} bytes"
-        ))));
-    }
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_PEM_BYTES + 1).read_to_end(&mut bytes))
-        .map_err(error)?;
-    if bytes.len() as u64 > MAX_PEM_BYTES {
-        return Err(error(std::io::Error::other(format!(
-            "larger than {MAX_PEM_BYTES} bytes"
-        ))));
-    }
-    Ok(bytes)
+    })
 }
 
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

@@ -349,22 +349,21 @@ impl DigestKey {
     }
 
     fn load(path: &Path) -> std::io::Result<DigestKey> {
-        use std::io::{Error, ErrorKind, Read as _};
+        use std::io::{Error, ErrorKind};
         let invalid = |why: &str| {
             Error::new(
                 ErrorKind::InvalidData,
                 format!("{why}: an audit digest key is a file of 64 hex digits"),
             )
         };
-        let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        let bytes = crate::files::read_regular(path, 4096).map_err(|e| match e.kind() {
+            // The path itself is there (the caller looked): a link to nothing.
             ErrorKind::NotFound => invalid("a link to nothing"),
+            ErrorKind::InvalidInput | ErrorKind::InvalidData => invalid(&e.to_string()),
             _ => e,
         })?;
-        if !meta.is_file() {
-            return Err(invalid("not a regular file"));
-        }
         #[cfg(unix)]
-        {
+        if let Ok(meta) = std::fs::metadata(path) {
             use std::os::unix::fs::PermissionsExt as _;
             let mode = meta.permissions().mode();
             if mode & 0o077 != 0 {
@@ -375,11 +374,7 @@ impl DigestKey {
                 );
             }
         }
-        let mut text = String::new();
-        std::fs::File::open(path)?
-            .take(4096)
-            .read_to_string(&mut text)
-            .map_err(|_| invalid("not text"))?;
+        let text = std::str::from_utf8(&bytes).map_err(|_| invalid("not text"))?;
         let bytes = hex::decode(text.trim()).map_err(|_| invalid("not hex"))?;
         let key: [u8; 32] = bytes.try_into().map_err(|_| invalid("not 32 bytes"))?;
         Ok(DigestKey(key))
