@@ -52,6 +52,22 @@ fn append(store: &mut dyn AuditStore, range: std::ops::Range<usize>) {
     store.append(&refs, 1_700_000_000_000).unwrap();
 }
 
+/// A JSON-lines trail at `path`: `groups` appends of `per` records each, rotated at
+/// `rotate_bytes` (0: never), the store closed again.
+fn write_trail(path: &Path, rotate_bytes: u64, groups: usize, per: usize) {
+    let mut store = JsonLinesStore::open(
+        path,
+        Options {
+            fsync: false,
+            rotate_bytes,
+        },
+    )
+    .unwrap();
+    for g in 0..groups {
+        append(&mut store, g * per..(g + 1) * per);
+    }
+}
+
 // ---------------------------------------------------------------- JSON lines
 
 #[test]
@@ -139,18 +155,7 @@ fn a_bare_file_name_verifies_with_its_rotated_files() {
     // a false alarm on a sound trail; a rotated file named alone was checked as 0 records.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
-    let mut store = JsonLinesStore::open(
-        &path,
-        Options {
-            fsync: false,
-            rotate_bytes: 2048,
-        },
-    )
-    .unwrap();
-    for g in 0..10 {
-        append(&mut store, g * 3..g * 3 + 3);
-    }
-    drop(store);
+    write_trail(&path, 2048, 10, 3);
     let files = audit::verify(&path).unwrap().files;
     assert!(files.len() > 2);
     let oldest = files[0].file_name().unwrap().to_owned();
@@ -194,16 +199,7 @@ fn a_live_file_missing_for_a_moment_is_waited_for() {
     // (it failed "no such file" on a sound trail) but a missing one still fails.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
-    let mut store = JsonLinesStore::open(
-        &path,
-        Options {
-            fsync: false,
-            rotate_bytes: 0,
-        },
-    )
-    .unwrap();
-    append(&mut store, 0..3);
-    drop(store);
+    write_trail(&path, 0, 1, 3);
     let aside = dir.path().join("aside");
     std::fs::rename(&path, &aside).unwrap();
     let back = {
@@ -853,18 +849,7 @@ fn cli_verify(args: &[&std::ffi::OsStr]) -> (bool, String) {
 fn audit_verify_takes_a_file_its_folder_or_a_database() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("audit.jsonl");
-    let mut store = JsonLinesStore::open(
-        &log,
-        Options {
-            fsync: false,
-            rotate_bytes: 1500,
-        },
-    )
-    .unwrap();
-    for g in 0..10 {
-        append(&mut store, g * 2..g * 2 + 2);
-    }
-    drop(store);
+    write_trail(&log, 1500, 10, 2);
     let files = audit::verify(&log).unwrap().files.len();
     assert!(files > 2);
     for target in [log.as_os_str(), dir.path().as_os_str()] {

@@ -41,6 +41,7 @@ log at the end.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sqlite3
 import subprocess
@@ -785,6 +786,45 @@ def test_results_sent_back_in_are_not_processed_again():
         shutil.rmtree(work, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def pynetdicom_pacs(ae_title: str, on_store, max_pdu: int | None = None):
+    """A PACS made with pynetdicom, taking every storage class, `on_store` answering each
+    C-STORE; yields its port."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    ae = AE(ae_title=ae_title)
+    ae.supported_contexts = AllStoragePresentationContexts
+    if max_pdu is not None:
+        ae.maximum_pdu_size = max_pdu
+    port = free_port()
+    pacs = ae.start_server(("127.0.0.1", port), block=False,
+                           evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        yield port
+    finally:
+        pacs.shutdown()
+
+
+def deliver_one_study(destination: str, tag: str) -> tuple[list[dict], Path]:
+    """Stores one CT series into a fresh server sending its results to `destination` (0.5 s
+    between attempts, at most 3), and returns the job's result objects once each is sent or
+    given up, with the server's results folder (removed with its work folder at the end of
+    the session's temporary folders)."""
+    work = Path(tempfile.mkdtemp(prefix=f"nightingale-hostile-{tag}-"))
+    server = Server(work, destination,
+                    ("--results-retry-secs", "0.5", "--results-max-attempts", "3"))
+    try:
+        study = generate_uid()
+        store(server.port, [_save(_ct(study, generate_uid()), work / "ct.dcm")])
+        report = wait_for(
+            lambda: (r := settled(server, study)) and all(
+                o["delivery"] in ("sent", "dead") for o in r["series"][0]["jobs"][0]["objects"])
+            and r, RESULT_TIMEOUT_S, "every result object sent or given up")
+        return report["series"][0]["jobs"][0]["objects"], work / "data" / "results"
+    finally:
+        stop(server.proc)
+
+
 def test_a_pacs_that_aborts_on_one_object_does_not_sink_the_others():
     """Red-team finding: a PACS that aborts the association on an SR (one that does not take
     SRs, say) made every object behind it in the batch count an attempt without being sent,
@@ -792,7 +832,6 @@ def test_a_pacs_that_aborts_on_one_object_does_not_sink_the_others():
     behind a broken association go on over a new one: the SC reaches the PACS on the first
     round, and only the SR is charged (pynetdicom as the PACS)."""
     import threading
-    from pynetdicom import AE, AllStoragePresentationContexts, evt
 
     from dicom_support import SR_CLASS
 
@@ -808,31 +847,14 @@ def test_a_pacs_that_aborts_on_one_object_does_not_sink_the_others():
         stored.append(event.request.AffectedSOPInstanceUID)
         return 0x0000
 
-    ae = AE(ae_title="POISON")
-    ae.supported_contexts = AllStoragePresentationContexts
-    port = free_port()
-    pacs = ae.start_server(("127.0.0.1", port), block=False,
-                           evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    work = Path(tempfile.mkdtemp(prefix="nightingale-hostile-poison-"))
-    server = Server(work, f"POISON@127.0.0.1:{port}",
-                    ("--results-retry-secs", "0.5", "--results-max-attempts", "3"))
-    try:
-        study = generate_uid()
-        store(server.port, [_save(_ct(study, generate_uid()), work / "ct.dcm")])
-        report = wait_for(
-            lambda: (r := settled(server, study)) and all(
-                o["delivery"] in ("sent", "dead") for o in r["series"][0]["jobs"][0]["objects"])
-            and r, RESULT_TIMEOUT_S, "every result object sent or given up")
-        by_kind = {o["kind"]: o for o in report["series"][0]["jobs"][0]["objects"]}
-        assert by_kind["SC"]["delivery"] == "sent", by_kind
-        assert by_kind["SC"]["attempts"] == 1, by_kind
-        assert by_kind["SR"]["delivery"] == "dead" and by_kind["SR"]["attempts"] == 3, by_kind
-        assert stored == [by_kind["SC"]["sop_instance_uid"]], (stored, by_kind)
-        assert len(aborted) == 3, aborted
-    finally:
-        stop(server.proc)
-        pacs.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
+    with pynetdicom_pacs("POISON", on_store) as port:
+        objects, _ = deliver_one_study(f"POISON@127.0.0.1:{port}", "poison")
+    by_kind = {o["kind"]: o for o in objects}
+    assert by_kind["SC"]["delivery"] == "sent", by_kind
+    assert by_kind["SC"]["attempts"] == 1, by_kind
+    assert by_kind["SR"]["delivery"] == "dead" and by_kind["SR"]["attempts"] == 3, by_kind
+    assert stored == [by_kind["SC"]["sop_instance_uid"]], (stored, by_kind)
+    assert len(aborted) == 3, aborted
 
 
 @pytest.mark.parametrize("mode", ["warning", "refused", "small-pdus"])
@@ -841,8 +863,6 @@ def test_a_pacs_status_or_pdu_size_is_taken_as_it_means(mode):
     discarded) was shown as a plain "sent"; a failure that sending again cannot change
     (0xA900) was retried to the maximum; a PACS accepting PDUs of at most 256 bytes got
     1,024-byte fragments, which were never sent, so every C-STORE to it failed."""
-    from pynetdicom import AE, AllStoragePresentationContexts, evt
-
     received: list = []
     status = {"warning": 0xB006, "refused": 0xA900, "small-pdus": 0x0000}[mode]
 
@@ -850,44 +870,25 @@ def test_a_pacs_status_or_pdu_size_is_taken_as_it_means(mode):
         received.append(event.dataset)
         return status
 
-    ae = AE(ae_title="PACS")
-    ae.supported_contexts = AllStoragePresentationContexts
+    max_pdu = 256 if mode == "small-pdus" else None
+    with pynetdicom_pacs("PACS", on_store, max_pdu) as port:
+        objects, results = deliver_one_study(f"PACS@127.0.0.1:{port}", mode)
+    assert len(objects) == 2
+    for o in objects:
+        assert o["attempts"] == 1, o
+        if mode == "warning":
+            assert o["delivery"] == "sent" and "0xB006" in o["last_error"], o
+        elif mode == "refused":
+            assert o["delivery"] == "dead" and "0xA900" in o["last_error"], o
+        else:
+            assert o["delivery"] == "sent" and o["last_error"] is None, o
     if mode == "small-pdus":
-        ae.maximum_pdu_size = 256
-    port = free_port()
-    pacs = ae.start_server(("127.0.0.1", port), block=False,
-                           evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    work = Path(tempfile.mkdtemp(prefix=f"nightingale-hostile-{mode}-"))
-    server = Server(work, f"PACS@127.0.0.1:{port}",
-                    ("--results-retry-secs", "0.5", "--results-max-attempts", "3"))
-    try:
-        study = generate_uid()
-        store(server.port, [_save(_ct(study, generate_uid()), work / "ct.dcm")])
-        report = wait_for(
-            lambda: (r := settled(server, study)) and all(
-                o["delivery"] in ("sent", "dead") for o in r["series"][0]["jobs"][0]["objects"])
-            and r, RESULT_TIMEOUT_S, "every result object sent or given up")
-        objects = report["series"][0]["jobs"][0]["objects"]
-        assert len(objects) == 2
-        for o in objects:
-            assert o["attempts"] == 1, o
-            if mode == "warning":
-                assert o["delivery"] == "sent" and "0xB006" in o["last_error"], o
-            elif mode == "refused":
-                assert o["delivery"] == "dead" and "0xA900" in o["last_error"], o
-            else:
-                assert o["delivery"] == "sent" and o["last_error"] is None, o
-        if mode == "small-pdus":
-            # Every element arrived as sent, through 250-byte fragments.
-            sent = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p)
-                    for p in (work / "data" / "results" / "objects").rglob("*.dcm")}
-            assert {str(d.SOPInstanceUID) for d in received} == set(sent)
-            for d in received:
-                ref = sent[d.SOPInstanceUID]
-                diff = [e.tag for e in ref if e.tag not in d or d[e.tag].value != e.value]
-                diff += [e.tag for e in d if e.tag not in ref]
-                assert not diff, diff
-    finally:
-        stop(server.proc)
-        pacs.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
+        # Every element arrived as sent, through 250-byte fragments.
+        sent = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p)
+                for p in (results / "objects").rglob("*.dcm")}
+        assert {str(d.SOPInstanceUID) for d in received} == set(sent)
+        for d in received:
+            ref = sent[d.SOPInstanceUID]
+            diff = [e.tag for e in ref if e.tag not in d or d[e.tag].value != e.value]
+            diff += [e.tag for e in d if e.tag not in ref]
+            assert not diff, diff
