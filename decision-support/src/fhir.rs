@@ -543,19 +543,25 @@ impl Resources {
 /// Observations are in newest-first order and all dated; `None` otherwise (none at all
 /// included: nothing says what the rest holds).
 fn newest_first_reach(b: &Bundle) -> Option<DateTime<Utc>> {
-    let mut last: Option<DateTime<Utc>> = None;
+    // What is not read is no newer than the last read is; of a date without a time, no
+    // later than the end of that date in any zone.
+    let mut last: Option<TimeBounds> = None;
     for e in b.entry.iter().filter(|e| e.matched) {
         if let Some(Resource::Observation(o)) = &e.resource {
-            let Ok(Some((t, _))) = o.effective() else {
+            let bounds = o.time_bounds();
+            let (Some(earliest), Some(_)) = (bounds.earliest(), bounds.latest()) else {
                 return None;
             };
-            if last.is_some_and(|l| t > l) {
+            if last
+                .and_then(TimeBounds::latest)
+                .is_some_and(|l| earliest > l)
+            {
                 return None;
             }
-            last = Some(t);
+            last = Some(bounds);
         }
     }
-    last
+    last.and_then(TimeBounds::latest)
 }
 
 /// The resource types [`Resources`] keeps.
@@ -821,6 +827,52 @@ pub struct ObservationComponent {
     pub data_absent_reason: Option<CodeableConcept>,
 }
 
+/// Where in time something may lie ([`Observation::time_bounds`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeBounds {
+    /// At this time, to the second.
+    At(DateTime<Utc>),
+    /// At some time between these two (inclusive).
+    Between(DateTime<Utc>, DateTime<Utc>),
+    /// At any time.
+    Unknown,
+}
+
+impl TimeBounds {
+    /// Any time of the days `first` to `last`, in any time zone (UTC+14:00 to UTC-12:00).
+    pub fn of_days(first: NaiveDate, last: NaiveDate) -> TimeBounds {
+        let start = first.and_time(chrono::NaiveTime::MIN).and_utc() - chrono::Duration::hours(14);
+        let end = last
+            .succ_opt()
+            .unwrap_or(last)
+            .and_time(chrono::NaiveTime::MIN)
+            .and_utc()
+            + chrono::Duration::hours(12);
+        TimeBounds::Between(start, end)
+    }
+
+    /// The earliest time it may be (`None`: any).
+    pub fn earliest(self) -> Option<DateTime<Utc>> {
+        match self {
+            TimeBounds::At(t) | TimeBounds::Between(t, _) => Some(t),
+            TimeBounds::Unknown => None,
+        }
+    }
+
+    /// The latest time it may be (`None`: any).
+    pub fn latest(self) -> Option<DateTime<Utc>> {
+        match self {
+            TimeBounds::At(t) | TimeBounds::Between(_, t) => Some(t),
+            TimeBounds::Unknown => None,
+        }
+    }
+
+    /// Whether it may be at `t` or later.
+    pub fn may_be_at_or_after(self, t: DateTime<Utc>) -> bool {
+        self.latest().is_none_or(|l| l >= t)
+    }
+}
+
 /// Where an observation's time came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TimeSource {
@@ -833,28 +885,52 @@ pub enum TimeSource {
 }
 
 impl Observation {
+    /// The time the observation gives, and where it came from: `effectiveDateTime`,
+    /// `effectiveInstant`, `effectivePeriod` (its end, else its start), else `issued`.
+    fn time_text(&self) -> Option<(&str, TimeSource)> {
+        if let Some(t) = &self.effective_date_time {
+            Some((t.as_str(), TimeSource::EffectiveDateTime))
+        } else if let Some(t) = &self.effective_instant {
+            Some((t.as_str(), TimeSource::EffectiveInstant))
+        } else if let Some(p) = &self.effective_period {
+            p.end
+                .as_deref()
+                .or(p.start.as_deref())
+                .map(|t| (t, TimeSource::EffectivePeriod))
+        } else {
+            self.issued.as_deref().map(|t| (t, TimeSource::Issued))
+        }
+    }
+
     /// When the observation was made, to the second: `effectiveDateTime`,
     /// `effectiveInstant`, `effectivePeriod` (its end, else its start), else `issued`.
     /// `Ok(None)` when none is given; `Err` when the one given is malformed or only a date
     /// (a vital sign needs a time).
     pub fn effective(&self) -> Result<Option<(DateTime<Utc>, TimeSource)>, DateError> {
-        let (text, source) = if let Some(t) = &self.effective_date_time {
-            (t.as_str(), TimeSource::EffectiveDateTime)
-        } else if let Some(t) = &self.effective_instant {
-            (t.as_str(), TimeSource::EffectiveInstant)
-        } else if let Some(p) = &self.effective_period {
-            match p.end.as_deref().or(p.start.as_deref()) {
-                Some(t) => (t, TimeSource::EffectivePeriod),
-                None => return Ok(None),
-            }
-        } else if let Some(t) = &self.issued {
-            (t.as_str(), TimeSource::Issued)
-        } else {
+        let Some((text, source)) = self.time_text() else {
             return Ok(None);
         };
         match FhirDateTime::parse(text)? {
             FhirDateTime::Instant(t) => Ok(Some((t.with_timezone(&Utc), source))),
             FhirDateTime::Date(_) => Err(DateError::NoTime),
+        }
+    }
+
+    /// Where in time the observation may lie, given the time it gives (as
+    /// [`Observation::effective`] picks it): a time to the second; a date without a time
+    /// (or a time without its zone, on a readable date) is any time of that date in any
+    /// time zone; no time, or one without a readable date, could be any time.
+    pub fn time_bounds(&self) -> TimeBounds {
+        let Some((text, _)) = self.time_text() else {
+            return TimeBounds::Unknown;
+        };
+        match FhirDateTime::parse(text) {
+            Ok(FhirDateTime::Instant(t)) => TimeBounds::At(t.with_timezone(&Utc)),
+            Ok(FhirDateTime::Date(d)) => TimeBounds::of_days(d.earliest(), d.latest()),
+            Err(_) => match text.get(..10).map(FhirDate::parse) {
+                Some(Ok(FhirDate::Day(d))) => TimeBounds::of_days(d, d),
+                _ => TimeBounds::Unknown,
+            },
         }
     }
 

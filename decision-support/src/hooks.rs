@@ -116,6 +116,9 @@ pub enum RequestError {
         #[source]
         source: crate::fhir::FhirError,
     },
+    /// A context field a prefetch template names is absent or not a string.
+    #[error("context.{field} is missing or not a string (the service's prefetch needs it)")]
+    TemplateContext { field: String },
     /// A prefetch template uses a token this crate does not fill.
     #[error("prefetch template token {{{{{token}}}}} is not supported")]
     Template { token: String },
@@ -174,11 +177,15 @@ pub fn render_prefetch(template: &str, request: &HookRequest) -> Result<String, 
             token: after.chars().take(40).collect(),
         })?;
         let token = after[..end].trim();
-        let value = token
+        let name = token
             .strip_prefix("context.")
-            .and_then(|name| request.context_str(name))
             .ok_or_else(|| RequestError::Template {
                 token: token.chars().take(40).collect(),
+            })?;
+        let value = request
+            .context_str(name)
+            .ok_or_else(|| RequestError::TemplateContext {
+                field: name.chars().take(40).collect(),
             })?;
         if !value.is_empty() && value.bytes().all(|b| b == b'.') {
             return Err(RequestError::DotSegment {

@@ -450,17 +450,38 @@ impl Verifier {
         audience: &str,
         now: u64,
     ) -> Result<Verified, JwtError> {
+        self.verify_header_for(authorization, &[audience], now)
+    }
+
+    /// [`Verifier::verify_header`] for a token whose `aud` may name any of `audiences`
+    /// (a feedback endpoint's token may name the service's URL or the endpoint's own).
+    pub fn verify_header_for(
+        &self,
+        authorization: Option<&str>,
+        audiences: &[&str],
+        now: u64,
+    ) -> Result<Verified, JwtError> {
         let value = authorization.ok_or(JwtError::MissingHeader)?.trim();
         let (scheme, token) = value.split_once(' ').ok_or(JwtError::Scheme)?;
         if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
             return Err(JwtError::Scheme);
         }
-        self.verify(token.trim(), audience, now)
+        self.verify_for(token.trim(), audiences, now)
     }
 
     /// Verifies a token for the service at `audience`, at `now` (seconds since the epoch);
     /// records its `jti` when it is accepted.
     pub fn verify(&self, token: &str, audience: &str, now: u64) -> Result<Verified, JwtError> {
+        self.verify_for(token, &[audience], now)
+    }
+
+    /// [`Verifier::verify`] for a token whose `aud` may name any of `audiences`.
+    pub fn verify_for(
+        &self,
+        token: &str,
+        audiences: &[&str],
+        now: u64,
+    ) -> Result<Verified, JwtError> {
         let o = &self.options;
         if token.len() > o.max_token_bytes {
             return Err(JwtError::TooLarge {
@@ -531,7 +552,7 @@ impl Verifier {
         }
         let mut validation = Validation::new(alg);
         validation.set_issuer(&[iss]);
-        validation.set_audience(&[audience]);
+        validation.set_audience(audiences);
         validation.set_required_spec_claims(&["iss", "aud", "exp"]);
         // Times are checked below against the caller's clock.
         validation.validate_exp = false;

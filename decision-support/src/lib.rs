@@ -46,6 +46,7 @@
 //!             loinc("8310-5", 101.3, "[degF]"),      // 38.5 °C: 1
 //!         ]},
 //!         "conditions": null,
+//!         "consciousness": {"resourceType": "Bundle", "type": "searchset", "entry": []},
 //!         "pregnancy": {"resourceType": "Bundle", "type": "searchset", "entry": []}
 //!     }
 //! }))?;

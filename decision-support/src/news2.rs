@@ -23,7 +23,9 @@ use std::fmt;
 
 use chrono::{DateTime, Duration, Utc};
 
-use crate::fhir::{CodeableConcept, LOINC, Patient, Resources, SNOMED, SystemCode};
+use crate::fhir::{
+    CodeableConcept, LOINC, Observation, Patient, Resources, SNOMED, SystemCode, TimeBounds,
+};
 use crate::vitals::{
     self, Acvpu, OxygenSupply, Parameter, Unusable, UnusableReason, Vitals, VitalsOptions,
 };
@@ -498,29 +500,48 @@ fn pregnant(
     }) {
         return true;
     }
-    // The latest final pregnancy-status observation in the window.
-    let latest = resources
+    // The latest final pregnancy-status observation in the window. Pregnancy status is
+    // recorded to the day (a date without a time is the usual form) or not dated at all:
+    // such an answer counts where it may be in the window, and where it may be the latest,
+    // "pregnant" wins (a "Pregnant" dated only yesterday was left out, and the patient
+    // scored: a red-team finding).
+    let candidates: Vec<(TimeBounds, &Observation)> = resources
         .observations
         .iter()
         .filter(|o| o.code.has(LOINC, "82810-3") && o.status.is_final())
         .filter(|o| of_patient(o.subject.as_ref(), patient_id))
-        .filter_map(|o| match o.effective() {
-            Ok(Some((t, _)))
-                if t <= now + settings.vitals.future_skew
-                    && t >= now - settings.pregnancy_look_back =>
-            {
-                Some((t, o))
-            }
-            _ => None,
+        .map(|o| (o.time_bounds(), o))
+        .filter(|(b, _)| {
+            b.may_be_at_or_after(now - settings.pregnancy_look_back)
+                && b.earliest()
+                    .is_none_or(|t| t <= now + settings.vitals.future_skew)
         })
-        .max_by_key(|(t, _)| *t);
-    latest.is_some_and(|(_, o)| {
+        .collect();
+    let says_pregnant = |o: &Observation| {
         o.value_codeable_concept
             .as_ref()
             .is_some_and(|v: &CodeableConcept| {
                 v.has(LOINC, "LA15173-0") || v.has(SNOMED, "77386006")
             })
-    })
+    };
+    // The one surely the latest is the one whose earliest time is the latest; every one
+    // that may be as late as it may be the latest.
+    let Some(latest_start) =
+        candidates
+            .iter()
+            .map(|(b, _)| b.earliest())
+            .max_by(|a, b| match (a, b) {
+                (None, None) => std::cmp::Ordering::Equal,
+                (None, Some(_)) => std::cmp::Ordering::Less,
+                (Some(_), None) => std::cmp::Ordering::Greater,
+                (Some(a), Some(b)) => a.cmp(b),
+            })
+    else {
+        return false;
+    };
+    candidates
+        .iter()
+        .any(|(b, o)| latest_start.is_none_or(|t| b.may_be_at_or_after(t)) && says_pregnant(o))
 }
 
 /// NEWS2 for the patient whose resources these are, as of `now`.

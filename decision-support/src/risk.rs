@@ -30,6 +30,7 @@
 //!   may be on the next page.
 //! - A feature with no source is missing (never imputed).
 
+use std::cmp::Ordering;
 use std::fmt;
 
 use chrono::{DateTime, Duration, Utc};
@@ -406,11 +407,13 @@ fn observation(
     let look_back = feature
         .look_back_hours
         .map_or(cx.look_back, |h| Duration::seconds((h * 3600.0) as i64));
-    // (time, issued) of the latest, with its value or why it is unusable.
+    // (time, issued) of the latest, with its value or why it is unusable, and the latest
+    // time it may have been made (`None`: any).
     type Found<'a> = (
         Option<DateTime<Utc>>,
         Option<DateTime<Utc>>,
         Result<&'a Quantity, UnusableReason>,
+        Option<DateTime<Utc>>,
     );
     let mut best: Option<Found<'_>> = None;
     // Of one time and issue time, values that differ (after conversion) make the feature
@@ -446,11 +449,34 @@ fn observation(
             Ok(None) => (None, Err(UnusableReason::NoTime)),
             Err(e) => (None, Err(UnusableReason::Time(e))),
         };
-        let candidate = (time, o.issued(), quantity);
+        // Without a usable time it is unusable, and the latest unless a dated value is
+        // surely later or its date (in any zone) ended before the window: an SBP of 60
+        // dated only today lost to a 120 of half an hour ago (a red-team finding).
+        let latest_possible = match time {
+            Some(t) => Some(t),
+            None => o.time_bounds().latest(),
+        };
+        if time.is_none() && latest_possible.is_some_and(|l| l < cx.now - look_back) {
+            continue;
+        }
+        let candidate = (time, o.issued(), quantity, latest_possible);
         let key = |c: &Found<'_>| (c.0.is_some(), c.0, c.1);
+        let order = |c: &Found<'_>, b: &Found<'_>| match (c.0, b.0) {
+            (Some(_), Some(_)) => key(c).cmp(&key(b)),
+            (None, _) => match (c.3, b.3) {
+                (None, _) => Ordering::Greater,
+                (Some(_), None) => Ordering::Less,
+                (Some(t), Some(l)) if b.0.is_some() && t >= l => Ordering::Greater,
+                (Some(t), Some(l)) => t.cmp(&l),
+            },
+            (Some(t), None) => match b.3 {
+                Some(l) if t > l => Ordering::Greater,
+                _ => Ordering::Less,
+            },
+        };
         match &best {
-            Some(b) if key(&candidate) < key(b) => {}
-            Some(b) if key(&candidate) == key(b) => {
+            Some(b) if order(&candidate, b) == Ordering::Less => {}
+            Some(b) if order(&candidate, b) == Ordering::Equal => {
                 if b.0.is_some() && convert(&b.2) != convert(&candidate.2) {
                     conflicting = true;
                 }
@@ -461,7 +487,7 @@ fn observation(
             }
         }
     }
-    let Some((time, _, quantity)) = best else {
+    let Some((time, _, quantity, _)) = best else {
         out.value = Err(Missing::NoObservation);
         return;
     };
@@ -529,7 +555,7 @@ fn value_with_code<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fhir::{Limits, Resource};
+    use crate::fhir::{DateError, Limits, Resource};
     use serde_json::{Value, json};
 
     const NOW: &str = "2024-05-01T12:00:00Z";
@@ -649,6 +675,67 @@ mod tests {
         ]);
         let m = map_features(&features(), &resources(items), &context(true));
         assert_eq!(m.features[1].value, Ok(130.0));
+    }
+
+    #[test]
+    fn a_value_dated_only_by_its_day_is_never_passed_over_for_an_older_one() {
+        // SBP 120 at 11:30, and an SBP of 60 dated only today (or timed without a zone, or
+        // not dated at all): it may be the latest, so the feature is unusable, not 120.
+        for (time, reason) in [
+            (Some("2024-05-01"), UnusableReason::Time(DateError::NoTime)),
+            (
+                Some("2024-05-01T11:50:00"),
+                UnusableReason::Time(DateError::Malformed),
+            ),
+            (None, UnusableReason::NoTime),
+        ] {
+            let mut undated = sbp(60.0, "mm[Hg]", "");
+            match time {
+                Some(t) => undated["effectiveDateTime"] = json!(t),
+                None => {
+                    undated.as_object_mut().unwrap().remove("effectiveDateTime");
+                }
+            }
+            for order in [0, 1] {
+                let mut items = base();
+                let pair = [
+                    sbp(120.0, "mm[Hg]", "2024-05-01T11:30:00Z"),
+                    undated.clone(),
+                ];
+                items.extend(if order == 0 {
+                    pair.to_vec()
+                } else {
+                    pair.into_iter().rev().collect()
+                });
+                let m = map_features(&features(), &resources(items), &context(true));
+                assert_eq!(
+                    m.features[1].value,
+                    Err(Missing::Unusable(reason.clone())),
+                    "{time:?}"
+                );
+            }
+        }
+        // A date that ended (in every zone) before the dated value was made: the dated one.
+        let mut items = base();
+        items.extend([
+            sbp(120.0, "mm[Hg]", "2024-05-01T11:30:00Z"),
+            sbp(60.0, "mm[Hg]", "2024-04-30"),
+        ]);
+        // 30 April ends at 12:00 UTC on 1 May at the latest (UTC-12:00): 11:30 may be earlier.
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert!(m.features[1].value.is_err());
+        let mut items = base();
+        items.extend([
+            sbp(120.0, "mm[Hg]", "2024-05-01T11:30:00Z"),
+            sbp(60.0, "mm[Hg]", "2024-04-29"),
+        ]);
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert_eq!(m.features[1].value, Ok(120.0));
+        // Alone, a day that ended before the look-back window: no observation.
+        let mut items = base();
+        items.push(sbp(60.0, "mm[Hg]", "2024-04-20"));
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert_eq!(m.features[1].value, Err(Missing::NoObservation));
     }
 
     #[test]

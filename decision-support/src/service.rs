@@ -129,6 +129,15 @@ pub fn news2_prefetch() -> BTreeMap<String, String> {
             "conditions".to_owned(),
             "Condition?patient={{context.patientId}}".to_owned(),
         ),
+        // The level of consciousness (ACVPU) is not one of the FHIR vital-signs profiles:
+        // EHRs file it under `survey` or `exam`, where the vitals search does not reach (NEWS2
+        // was "not calculated: missing Consciousness" though one was charted: a red-team
+        // finding). Searched by its codes.
+        (
+            "consciousness".to_owned(),
+            "Observation?patient={{context.patientId}}&code=http://loinc.org|67775-7,http://snomed.info/sct|1104441000000107&_sort=-date&_count=10"
+                .to_owned(),
+        ),
         // NEWS2 is not validated in pregnancy: the latest pregnancy-status Observation,
         // which US Core and IPS file under `social-history`, not `vital-signs` (the vitals
         // search alone never returned it: a red-team finding).

@@ -13,7 +13,9 @@
 //!   [`VitalsOptions::look_back`] before `now` and no later than
 //!   [`VitalsOptions::future_skew`] after it (a later time makes the parameter unusable, see
 //!   below). A time that is malformed or only a date makes the value unusable (a vital sign
-//!   needs a time).
+//!   needs a time); such a value is the latest of its parameter, making it unusable, unless
+//!   a dated value is surely later (its date, in any time zone, ended before) or its date
+//!   ended before the window (no readable date at all: it may be the latest).
 //!
 //! Of the observations that count, the **latest** one of each parameter decides (ties: the
 //! later `issued`; values of one time and issue time that differ make the parameter
@@ -413,6 +415,8 @@ struct Candidate {
     parameter: Parameter,
     value: Result<Value, UnusableReason>,
     time: Option<DateTime<Utc>>,
+    /// The latest time it may have been made (`time` when it has one; `None`: any time).
+    latest_possible: Option<DateTime<Utc>>,
     issued: Option<DateTime<Utc>>,
     observation_id: Option<String>,
 }
@@ -725,6 +729,16 @@ pub fn extract(
             Ok(None) => (None, Some(UnusableReason::NoTime)),
             Err(e) => (None, Some(UnusableReason::Time(e))),
         };
+        // A value without a usable time may still be placed: a date without a time (or a
+        // time without its zone) was made that day; one wholly before the window is old.
+        let latest_possible = match time {
+            Some(t) => Some(t),
+            None => o.time_bounds().latest(),
+        };
+        if time.is_none() && latest_possible.is_some_and(|l| l < now - options.look_back) {
+            vitals.excluded.too_old += 1;
+            continue;
+        }
         let mut future = false;
         if let Some(t) = time {
             if t > now + options.future_skew {
@@ -753,15 +767,18 @@ pub fn extract(
                 parameter,
                 value,
                 time,
+                latest_possible,
                 issued,
                 observation_id: o.id.clone(),
             };
             match best.iter_mut().find(|b| b.parameter == parameter) {
                 None => best.push(candidate),
                 Some(b) => {
-                    // A value without a usable time cannot be placed: it is unusable and,
-                    // being undatable, it wins over dated ones only if nothing is dated.
-                    // At one time, oxygen wins over air, within one observation or across
+                    // A value without a usable time is unusable, and it is the latest
+                    // unless a dated one is surely later (its date, in any zone, ended
+                    // before): an older value is never silently taken in its place (an
+                    // SpO2 of 84 % dated only today lost to a 97 % of an hour ago: a
+                    // red-team finding). At one time, oxygen wins over air, within one observation or across
                     // several, whatever their order or issue times (a flow of 2 L/min
                     // beside an FiO2 of 21 % is oxygen). Otherwise, of one time, the later
                     // issued wins (a correction); two values of one time and issue time
@@ -772,7 +789,24 @@ pub fn extract(
                         let oxygen = matches!(c.value, Ok(Value::Supply(OxygenSupply::Oxygen)));
                         (c.time.is_some(), c.time, oxygen, c.issued)
                     };
-                    match key(&candidate).cmp(&key(b)) {
+                    let order = match (candidate.time, b.time) {
+                        (Some(_), Some(_)) => key(&candidate).cmp(&key(b)),
+                        // An undated one is later than a dated one it may follow; of two
+                        // undated ones, the one that may be the later.
+                        (None, _) => match (candidate.latest_possible, b.latest_possible) {
+                            (None, _) => std::cmp::Ordering::Greater,
+                            (Some(_), None) => std::cmp::Ordering::Less,
+                            (Some(c), Some(l)) if b.time.is_some() && c >= l => {
+                                std::cmp::Ordering::Greater
+                            }
+                            (Some(c), Some(l)) => c.cmp(&l),
+                        },
+                        (Some(t), None) => match b.latest_possible {
+                            Some(l) if t > l => std::cmp::Ordering::Greater,
+                            _ => std::cmp::Ordering::Less,
+                        },
+                    };
+                    match order {
                         std::cmp::Ordering::Greater => *b = candidate,
                         std::cmp::Ordering::Equal
                             if b.time.is_some() && !same_reading(&b.value, &candidate.value) =>

@@ -147,6 +147,11 @@ fn the_caller_can_fetch_what_was_not_prefetched() {
                 "Condition?patient=1288992".to_owned()
             ),
             (
+                "consciousness".to_owned(),
+                "Observation?patient=1288992&code=http://loinc.org|67775-7,http://snomed.info/sct|1104441000000107&_sort=-date&_count=10"
+                    .to_owned()
+            ),
+            (
                 "pregnancy".to_owned(),
                 "Observation?patient=1288992&code=http://loinc.org|82810-3&_sort=-date&_count=1"
                     .to_owned()
@@ -210,6 +215,20 @@ fn bad_requests_are_errors_not_cards() {
             .evaluate_news2(&req, vec![], now(), &Limits::default())
             .is_err()
     );
+    // Its prefetch cannot be rendered either: the message names the field (it named the
+    // template's token as "not supported").
+    for patient_id in [None, Some(json!(1288992))] {
+        let mut req = request(patient("1925-12-23"), vitals_bundle());
+        match patient_id {
+            None => req.context.remove("patientId"),
+            Some(v) => req.context.insert("patientId".into(), v),
+        };
+        let e = service.missing_prefetch(&req).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "context.patientId is missing or not a string (the service's prefetch needs it)"
+        );
+    }
     let req = request(
         patient("1925-12-23"),
         json!({"resourceType": "Observation", "status": "final", "code": "not an object"}),

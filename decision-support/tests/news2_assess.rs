@@ -310,6 +310,135 @@ fn a_future_dated_newer_reading_is_never_hidden_behind_a_reassuring_score() {
     );
 }
 
+/// `item` with its time replaced (`None`: no time at all).
+fn at(mut item: Value, time: Option<&str>) -> Value {
+    match time {
+        Some(t) => item["effectiveDateTime"] = json!(t),
+        None => {
+            item.as_object_mut().unwrap().remove("effectiveDateTime");
+        }
+    }
+    item
+}
+
+#[test]
+fn a_newer_value_dated_only_by_its_day_is_never_passed_over_for_an_older_one() {
+    use nightingale_decision_support::fhir::DateError;
+    // Everything normal at 11:00, plus an SpO2 of 84 % (3 points on its own) whose time
+    // cannot be read to the second. It may be the newest SpO2: the 97 % is not scored in
+    // its place (it was, "NEWS2 0": a red-team finding).
+    for (time, reason) in [
+        (Some("2024-05-01"), UnusableReason::Time(DateError::NoTime)),
+        (Some("2024-05"), UnusableReason::Time(DateError::NoTime)),
+        (
+            Some("2024-05-01T11:50:00"),
+            UnusableReason::Time(DateError::Malformed),
+        ),
+        (
+            Some("yesterday"),
+            UnusableReason::Time(DateError::Malformed),
+        ),
+        (None, UnusableReason::NoTime),
+        // A day that may still be going on somewhere (UTC-12:00) at 11:00 UTC.
+        (Some("2024-04-30"), UnusableReason::Time(DateError::NoTime)),
+    ] {
+        let spo2 = at(q("59408-5", 84.0, "%"), time);
+        for first in [true, false] {
+            let mut items = vec![patient("1950-01-01")];
+            let mut v = normal_vitals();
+            if first {
+                v.insert(0, spo2.clone());
+            } else {
+                v.push(spo2.clone());
+            }
+            items.extend(v);
+            let assessment = run(items, &News2Settings::default());
+            let Assessment::Incomplete(i) = &assessment else {
+                panic!("{time:?}: scored from the older SpO2: {assessment:?}")
+            };
+            assert_eq!(i.unusable.len(), 1, "{time:?}");
+            assert_eq!(i.unusable[0].parameter, Parameter::OxygenSaturation);
+            assert_eq!(i.unusable[0].reason, reason, "{time:?}");
+        }
+    }
+    // A day that ended everywhere before the dated 97 % was measured: the 97 % is the latest.
+    let mut items = vec![patient("1950-01-01")];
+    items.extend(normal_vitals());
+    items.push(at(q("59408-5", 84.0, "%"), Some("2024-04-29")));
+    let Assessment::Scored(s) = run(items, &News2Settings::default()) else {
+        panic!("an SpO2 of two days ago hid today's")
+    };
+    assert_eq!(s.score.total, 0);
+    // Undated beside nothing dated: still unusable (as before).
+    let mut items = vec![patient("1950-01-01")];
+    items.extend(
+        normal_vitals()
+            .into_iter()
+            .filter(|o| o["code"]["coding"][0]["code"] != "59408-5"),
+    );
+    items.push(at(q("59408-5", 97.0, "%"), Some("2024-05-01")));
+    assert!(matches!(
+        run(items, &News2Settings::default()),
+        Assessment::Incomplete(_)
+    ));
+}
+
+#[test]
+fn a_pregnancy_status_dated_by_its_day_counts() {
+    let pregnant = || coded(LOINC, "82810-3", Some((LOINC, "LA15173-0")));
+    let not_pregnant = || coded(LOINC, "82810-3", Some((LOINC, "LA26683-5")));
+    let with = |statuses: Vec<Value>| {
+        let mut items = vec![patient("1990-01-01")];
+        items.extend(statuses);
+        items.extend(vitals());
+        run(items, &News2Settings::default())
+    };
+    let not_applicable = Assessment::NotApplicable(NotApplicable::Pregnancy);
+    // "Pregnant", dated yesterday, this month, or not at all (the red-team case: a date
+    // without a time was left out and the patient scored).
+    for time in [
+        Some("2024-04-30"),
+        Some("2024-05"),
+        Some("2024-04-30T09:00:00"),
+        None,
+    ] {
+        assert_eq!(with(vec![at(pregnant(), time)]), not_applicable, "{time:?}");
+    }
+    // Outside the 280-day window: scored.
+    assert!(matches!(
+        with(vec![at(pregnant(), Some("2023-01-10"))]),
+        Assessment::Scored(_)
+    ));
+    // "Not pregnant" dated by its day after a "Pregnant" of months ago: the later one.
+    assert!(matches!(
+        with(vec![
+            at(pregnant(), Some("2024-01-10T10:00:00Z")),
+            at(not_pregnant(), Some("2024-04-30")),
+        ]),
+        Assessment::Scored(_)
+    ));
+    // A "Pregnant" of today's date and a "Not pregnant" timed today: either may be the
+    // later, so pregnant (whatever the order).
+    for order in [false, true] {
+        let mut statuses = vec![
+            at(pregnant(), Some("2024-05-01")),
+            at(not_pregnant(), Some("2024-05-01T10:00:00Z")),
+        ];
+        if order {
+            statuses.reverse();
+        }
+        assert_eq!(with(statuses), not_applicable);
+    }
+    // Timed "Not pregnant" after a timed "Pregnant": scored, as before.
+    assert!(matches!(
+        with(vec![
+            at(pregnant(), Some("2024-04-01T10:00:00Z")),
+            at(not_pregnant(), Some("2024-05-01T10:00:00Z")),
+        ]),
+        Assessment::Scored(_)
+    ));
+}
+
 #[test]
 fn a_score_with_only_a_page_of_the_conditions_says_what_could_not_be_checked() {
     use nightingale_decision_support::cards::{Wording, news2_card};

@@ -1289,10 +1289,18 @@ pub(crate) async fn enforce(
                 .headers()
                 .get(header::AUTHORIZATION)
                 .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+            // CDS Hooks 2.0: `aud` is "the CDS Service endpoint that is being called": a
+            // feedback call's token may name the feedback endpoint or its service.
+            let feedback_audience = format!("{audience}/feedback");
+            let audiences: &[&str] = if req.uri().path().ends_with("/feedback") {
+                &[&audience, &feedback_audience]
+            } else {
+                &[&audience]
+            };
             let verify = || {
-                state.cds().verifier.verify_header(
+                state.cds().verifier.verify_header_for(
                     header,
-                    &audience,
+                    audiences,
                     jsonwebtoken::get_current_timestamp(),
                 )
             };

@@ -19,6 +19,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
@@ -204,6 +205,26 @@ def forged_kid(ehr: Ehr, aud: str) -> str:
                       headers={"kid": "no-such-key"})
 
 
+def matches(resource: dict, path: str) -> bool:
+    """Whether `resource` matches the search's `category` and `code` parameters (FHIR R4:
+    a token `system|code`, a comma between alternatives), as a FHIR server filters them."""
+    query = parse_qs(urlsplit(path).query)
+
+    def codings(concepts) -> set:
+        return {(c.get("system"), c.get("code")) for cc in concepts for c in cc.get("coding", [])}
+
+    for category in query.get("category", []):
+        if category not in {c for _, c in codings(resource.get("category", []))}:
+            return False
+    for code in query.get("code", []):
+        wanted = {tuple(t.split("|", 1)) if "|" in t else (None, t) for t in code.split(",")}
+        have = codings([resource.get("code", {})])
+        if not any(w in have or (w[0] is None and w[1] in {c for _, c in have})
+                   for w in wanted):
+            return False
+    return True
+
+
 class Fhir(BaseHTTPRequestHandler):
     """A FHIR server for one test: what it serves and how (set on the class)."""
 
@@ -221,6 +242,9 @@ class Fhir(BaseHTTPRequestHandler):
             time.sleep(3)
         parts = self.path.split("?")[0].split("/")  # ['', 'fhir', 'Observation', ...]
         body = Fhir.resources.get(parts[2] if len(parts) > 2 else "", searchset([]))
+        if body.get("type") == "searchset":
+            body = searchset([e["resource"] for e in body["entry"]
+                              if matches(e["resource"], self.path)])
         data = json.dumps(body).encode()
         try:
             self.send_response(200)
@@ -276,6 +300,29 @@ def test_missing_prefetch_is_fetched_from_the_fhir_server(work, ehr, fhir, mode)
         stop(s.proc)
 
 
+def test_a_consciousness_level_filed_outside_vital_signs_is_fetched_by_its_code(work, ehr, fhir):
+    # EHRs file LOINC 67775-7 (not a FHIR vital-signs profile) under `survey`: the vitals
+    # search by category never returns it, and NEWS2 was "not calculated: missing
+    # Consciousness" though one was charted (a red-team finding).
+    observations = vitals(PID, ago(15), 22, 94, False, 105, 115, True, 38.5)
+    for o in observations:
+        if o["code"]["coding"][0]["code"] == "67775-7":
+            o["category"][0]["coding"][0]["code"] = "survey"
+    Fhir.mode = "answer"
+    Fhir.resources["Observation"] = searchset(observations)
+    s = Server(work, ehr, extra=("--cds-fhir-server", fhir))
+    try:
+        status, body = s.call(SERVICE, patient_view(PID, None, fhir_server=fhir), ehr)
+        assert status == 200, body
+        [card] = body["cards"]
+        total, _, _ = news2(22, 94, False, 105, 115, True, 38.5)
+        assert card["summary"].startswith(f"NEWS2 {total} "), card
+        searches = [p for p, _ in Fhir.seen if p.startswith("/fhir/Observation?")]
+        assert any("67775-7" in unquote(p) for p in searches), searches
+    finally:
+        stop(s.proc)
+
+
 def test_feedback_is_counted_per_service_and_model_version(server, ehr):
     prefetch = {"patient": adult(),
                 "vitals": searchset(vitals(PID, ago(20), 16, 97, False, 125, 72, True, 36.8))}
@@ -293,6 +340,15 @@ def test_feedback_is_counted_per_service_and_model_version(server, ehr):
     assert status == 200, body
     after = server.metric("nightingale_cds_feedback_total", service=SERVICE, outcome="overridden")
     assert after == before + 1
+    # CDS Hooks 2.0: `aud` is the endpoint called, so the feedback endpoint's own URL is
+    # accepted there too (it was 401), and only there.
+    status, body = server.request("POST", f"/cds-services/{SERVICE}/feedback", feedback,
+                                  token=ehr.token(server.url(SERVICE) + "/feedback"))
+    assert status == 200, body
+    status, body = server.request("POST", f"/cds-services/{SERVICE}",
+                                  patient_view(PID, prefetch),
+                                  token=ehr.token(server.url(SERVICE) + "/feedback"))
+    assert status == 401, body
     assert server.metric("nightingale_cds_override_rate", service=SERVICE) > 0
 
 
