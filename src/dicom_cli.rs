@@ -78,6 +78,9 @@ impl PeerArgs {
     }
 }
 
+/// The least `spool purge --older-than` without `--force`.
+const MIN_PURGE_AGE: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Subcommand, Debug)]
 pub enum SpoolCommand {
     /// Check the spool's index against its files: rows whose file is missing or differs,
@@ -104,6 +107,10 @@ pub enum SpoolCommand {
         /// Say what would be deleted; delete nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Purge with --older-than under one day: deletes studies that may still be
+        /// arriving, waiting for their series to complete, or being processed.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -312,7 +319,17 @@ pub fn spool(command: SpoolCommand) -> anyhow::Result<()> {
             spool,
             older_than,
             dry_run,
+            force,
         } => {
+            // `--older-than 0` deleted a series acknowledged seconds before, whose results
+            // were never made (a red-team finding): a short age is asked for by name.
+            anyhow::ensure!(
+                dry_run || force || older_than >= MIN_PURGE_AGE,
+                "--older-than {} would delete studies received in the last day, which may \
+                 still be arriving or waiting for their results; give --force to purge them \
+                 (or --dry-run to see what it would delete)",
+                humantime::format_duration(older_than)
+            );
             let path = spool.path();
             let opened = nightingale_dicom::Spool::open_for_maintenance(&path)?;
             let cutoff = SystemTime::now()
@@ -335,6 +352,12 @@ pub fn spool(command: SpoolCommand) -> anyhow::Result<()> {
                 );
             }
             // The pipeline's results follow the same retention (issue 9).
+            if spool.spool.is_some() {
+                println!(
+                    "  the pipeline's results were not looked for: --spool names the spool only; \
+                     give --data-dir to purge the results of the same data folder with it"
+                );
+            }
             if let Some(results) = spool.results() {
                 let counts = nightingale::pipeline::purge_results(&results, cutoff, dry_run)?;
                 println!(

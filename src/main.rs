@@ -81,7 +81,8 @@ enum AuditCommand {
 
 #[derive(Subcommand, Debug)]
 enum ModelsCommand {
-    /// List the bundles of a repository, their versions and whether they verify.
+    /// List the bundles of a repository, their versions and whether they verify. Exit code
+    /// 1 if any is refused.
     List {
         /// Model repository folder.
         #[arg(long, env = "NIGHTINGALE_REPOSITORY", default_value = "models/bundles")]
@@ -296,7 +297,13 @@ fn main() -> anyhow::Result<()> {
         Command::Models { command } => {
             init_tracing(LogFormat::Text);
             match command {
-                ModelsCommand::List { repository, trust } => list(&repository, &trust.policy()?),
+                ModelsCommand::List { repository, trust } => {
+                    if list(&repository, &trust.policy()?)? {
+                        Ok(())
+                    } else {
+                        std::process::exit(1)
+                    }
+                }
                 ModelsCommand::Check { paths, trust } => {
                     if check(&paths, &trust.policy()?)? {
                         Ok(())
@@ -810,10 +817,14 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: finishing in-flight requests");
 }
 
+/// Whether every bundle and version listed verifies (a refused one makes the command exit 1,
+/// as `models check` does: it exited 0, and a script using it as a health check was told all
+/// was well).
 fn list(
     root: &std::path::Path,
     policy: &nightingale_models::SignaturePolicy,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
+    let mut all_verified = true;
     let repository = Repository::new(root, RepositoryOptions::default());
     let names = repository.scan()?;
     if names.is_empty() {
@@ -825,6 +836,7 @@ fn list(
             Ok(bundle) => bundle,
             Err(e) => {
                 println!("{name}\t-\tREFUSED\t-\t-\t{e}");
+                all_verified = false;
                 continue;
             }
         };
@@ -838,7 +850,10 @@ fn list(
                 for v in versions {
                     let state = match bundle.verify(v) {
                         Ok(()) => "VERIFIED".to_owned(),
-                        Err(e) => format!("REFUSED: {e}"),
+                        Err(e) => {
+                            all_verified = false;
+                            format!("REFUSED: {e}")
+                        }
                     };
                     println!(
                         "{name}\t{v}\t{state}\t{signature}\t{selftest}\t{}",
@@ -847,10 +862,13 @@ fn list(
                 }
             }
             Ok(_) => println!("{name}\t-\tNO VERSIONS\t{signature}\t-\t-"),
-            Err(e) => println!("{name}\t-\tREFUSED\t{signature}\t-\t{e}"),
+            Err(e) => {
+                all_verified = false;
+                println!("{name}\t-\tREFUSED\t{signature}\t-\t{e}");
+            }
         }
     }
-    Ok(())
+    Ok(all_verified)
 }
 
 fn signature_column(status: &nightingale_models::SignatureStatus) -> String {

@@ -30,6 +30,10 @@ pub struct ResultsArgs {
     /// The data folder of `serve`; the results are its `results` folder.
     #[arg(long, env = "NIGHTINGALE_DATA_DIR", default_value = "nightingale-data")]
     data_dir: PathBuf,
+    /// The DICOM spool the server reads series from (as `serve --dicom-spool`; default:
+    /// the data folder's `spool`).
+    #[arg(long, env = "NIGHTINGALE_DICOM_SPOOL")]
+    spool: Option<PathBuf>,
 }
 
 pub fn results(command: ResultsCommand) -> anyhow::Result<()> {
@@ -50,11 +54,45 @@ pub fn results(command: ResultsCommand) -> anyhow::Result<()> {
                 );
             }
             let store = nightingale::pipeline::store::ResultsStore::open(&path)?;
-            let jobs = store.reprocess(study.trim(), model.as_deref())?;
+            let study = study.trim();
+            // A series the spool no longer holds (retention, a purge) cannot be processed
+            // again: its new job would fail and supersede the results it has (a red-team
+            // finding: the study's only findings were hidden, "queued" and exit 0).
+            let spool_path = results
+                .spool
+                .clone()
+                .unwrap_or_else(|| results.data_dir.join("spool"));
+            let spool = nightingale_dicom::Spool::open_for_maintenance(&spool_path)
+                .map_err(|e| anyhow::anyhow!("the DICOM spool: {e}"))?;
+            let gone = std::cell::RefCell::new(Vec::new());
+            let jobs = store.reprocess_series(study, model.as_deref(), |series| {
+                let held = spool
+                    .series_instances(study, series)
+                    .map(|i| !i.is_empty())
+                    .unwrap_or(false);
+                if !held {
+                    gone.borrow_mut().push(series.to_owned());
+                }
+                held
+            })?;
+            let gone = gone.into_inner();
+            for series in &gone {
+                println!(
+                    "not queued: series {series} is no longer in the spool {} (purged?); its results are kept",
+                    spool_path.display()
+                );
+            }
             if jobs.is_empty() {
                 anyhow::bail!(
-                    "nothing to reprocess: no earlier job for that study{}",
-                    model.map(|m| format!(" and model {m}")).unwrap_or_default()
+                    "nothing to reprocess: {}",
+                    if gone.is_empty() {
+                        format!(
+                            "no earlier job for that study{}",
+                            model.map(|m| format!(" and model {m}")).unwrap_or_default()
+                        )
+                    } else {
+                        "none of its series is in the spool".to_owned()
+                    }
                 );
             }
             println!(

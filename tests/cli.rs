@@ -275,6 +275,31 @@ fn models_check_and_list_report_the_signature_of_every_shipped_bundle() {
 }
 
 #[test]
+fn models_list_exits_1_when_a_bundle_is_refused() {
+    // A manifest changed after it was signed: listed REFUSED, and the exit code says so (it
+    // was 0, and a script checking the repository with `list` was told all was well).
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(
+        &root().join("models/bundles/pima-diabetes"),
+        &dir.path().join("pima-diabetes"),
+    );
+    let manifest = dir.path().join("pima-diabetes/bundle.toml");
+    let mut text = std::fs::read_to_string(&manifest).unwrap();
+    text.push_str("# changed after signing\n");
+    std::fs::write(&manifest, text).unwrap();
+    let out = bin()
+        .args(["models", "list", "--require-signatures", "--trusted-key"])
+        .arg(demo_pub())
+        .arg("--repository")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("pima-diabetes\t-\tREFUSED"), "{stdout}");
+}
+
+#[test]
 fn models_sign_refuses_an_encrypted_key_without_its_password_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("pima-diabetes");

@@ -180,6 +180,83 @@ fn purge_deletes_instances_older_than_asked() {
 }
 
 #[test]
+fn a_purge_of_the_last_day_needs_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let files = seed(&spool);
+    let s = spool.to_str().unwrap();
+    // `--older-than 0` deleted series acknowledged seconds before, whose results were never
+    // made (red-team): under a day, it is asked for by name.
+    for age in ["0s", "1ns", "23h"] {
+        let (code, out) = run(&["spool", "purge", "--spool", s, "--older-than", age]);
+        assert_eq!(code, 1, "{age}: {out}");
+        assert!(out.contains("--force"), "{out}");
+    }
+    assert!(files.iter().all(|f| f.exists()));
+    let (code, out) = run(&[
+        "spool",
+        "purge",
+        "--spool",
+        s,
+        "--older-than",
+        "0s",
+        "--dry-run",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("would purge") && out.contains(": 2 instances"),
+        "{out}"
+    );
+    // --spool alone says that the pipeline's results were not looked for.
+    assert!(out.contains("results were not looked for"), "{out}");
+    let (code, out) = run(&[
+        "spool",
+        "purge",
+        "--spool",
+        s,
+        "--older-than",
+        "0s",
+        "--force",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(files.iter().all(|f| !f.exists()));
+}
+
+#[test]
+fn a_spool_folder_that_is_a_link_is_refused_and_nothing_it_points_to_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    seed(&spool);
+    // An operator links quarantine to a shared folder: the purge deleted its old files.
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let report = shared.join("old-report.pdf");
+    std::fs::write(&report, b"not the spool's").unwrap();
+    let old = SystemTime::now() - Duration::from_secs(90 * 86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&report)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    std::fs::remove_dir_all(spool.join("quarantine")).unwrap();
+    std::os::unix::fs::symlink(&shared, spool.join("quarantine")).unwrap();
+    let s = spool.to_str().unwrap();
+    let (code, out) = run(&["spool", "purge", "--spool", s, "--older-than", "30d"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("is a symbolic link"), "{out}");
+    assert!(report.exists());
+    let (code, out) = run(&["spool", "check", "--spool", s]);
+    assert_ne!(code, 0, "{out}");
+    assert!(report.exists());
+    // The server refuses it too.
+    assert!(matches!(
+        Spool::open(&spool, SpoolOptions::default()),
+        Err(nightingale_dicom::SpoolError::LinkedFolder { .. })
+    ));
+}
+
+#[test]
 fn bad_arguments_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let nothing = dir.path().join("nothing");

@@ -503,11 +503,12 @@ impl Spool {
         for entry in fs::read_dir(&quarantine).map_err(io("list", &quarantine))? {
             let entry = entry.map_err(io("list", &quarantine))?;
             let path = entry.path();
+            // The entry itself, not what a link in quarantine points to.
             let old = entry
                 .metadata()
                 .and_then(|m| m.modified())
                 .is_ok_and(|t| t < cutoff);
-            if !(old && path.is_file()) {
+            if !(old && entry.file_type().is_ok_and(|t| t.is_file())) {
                 continue;
             }
             if !dry_run {

@@ -214,6 +214,10 @@ pub enum SpoolError {
     },
     #[error("spool index: {0}")]
     Index(#[from] rusqlite::Error),
+    /// One of the spool's own folders is a symbolic link: its purge would delete old files
+    /// wherever it points (a quarantine linked to a shared folder lost that folder's files).
+    #[error("spool folder {path} is a symbolic link: the spool's folders must be its own")]
+    LinkedFolder { path: PathBuf },
 }
 
 /// What opening the spool found and repaired.
@@ -708,7 +712,13 @@ impl Spool {
             move |source| SpoolError::Io { path, source }
         };
         for dir in [TMP_DIR, INSTANCES_DIR, QUARANTINE_DIR] {
-            fs::create_dir_all(root.join(dir)).map_err(io(&root.join(dir)))?;
+            let path = root.join(dir);
+            // The spool deletes and moves files in these folders: one that is a link would
+            // have it do so wherever the link points.
+            if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(SpoolError::LinkedFolder { path });
+            }
+            fs::create_dir_all(&path).map_err(io(&path))?;
         }
         let root = root.canonicalize().map_err(io(root))?;
         let db = Connection::open(root.join(INDEX_FILE))?;

@@ -409,6 +409,17 @@ impl ResultsStore {
     /// job of each (series, bundle, route) of the study, or of `bundle` only, with the same
     /// route and destinations. The earlier jobs are kept, superseded. Returns the new jobs' ids.
     pub fn reprocess(&self, study_uid: &str, bundle: Option<&str>) -> rusqlite::Result<Vec<i64>> {
+        self.reprocess_series(study_uid, bundle, |_| true)
+    }
+
+    /// [`ResultsStore::reprocess`] of the series `keep` accepts (by Series Instance UID)
+    /// only: the others' jobs are left as they are.
+    pub fn reprocess_series(
+        &self,
+        study_uid: &str,
+        bundle: Option<&str>,
+        keep: impl Fn(&str) -> bool,
+    ) -> rusqlite::Result<Vec<i64>> {
         let latest: Vec<(String, String, String, u64, String)> = {
             let mut stmt = self.db.prepare(
                 "SELECT series_uid, route, bundle, instances, destinations FROM jobs
@@ -430,6 +441,9 @@ impl ResultsStore {
         };
         let mut ids = Vec::with_capacity(latest.len());
         for (series, route, bundle, instances, destinations) in latest {
+            if !keep(&series) {
+                continue;
+            }
             ids.push(self.add_job(
                 study_uid,
                 &series,

@@ -369,6 +369,20 @@ def test_reprocess_makes_a_new_result_series_and_keeps_the_old(work):
                               "--data-dir", str(server.data)],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 1 and "nothing to reprocess" in out.stderr
+        # Once the spool no longer holds the series (purged: its results kept), reprocessing
+        # it is refused and its results stay current (the new job failed and hid them).
+        out = subprocess.run([str(binary()), "spool", "purge", "--spool",
+                              str(server.data / "spool"), "--older-than", "1ns", "--force"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "results were not looked for" in out.stdout
+        out = subprocess.run([str(binary()), "results", "reprocess", "--study", study,
+                              "--data-dir", str(server.data)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1, out.stdout
+        assert "no longer in the spool" in out.stdout and "none of its series" in out.stderr
+        report = server.results(study)
+        assert [j["state"] for j in report["series"][0]["jobs"]] == ["superseded", "done"]
     finally:
         stop(server.proc)
         stop(pacs.proc)
