@@ -327,6 +327,37 @@ def test_ece_of_rounded_scores_equals_scikit_learn(tmp_path):
     assert [b["n"] for b in nonempty] == [int(c) for c in counts if c > 0]
 
 
+def test_calibration_where_the_slope_has_no_maximum_or_the_scores_are_0_and_1(tmp_path):
+    """Red-team findings. Scores that separate the classes (AUROC 1): the slope has no
+    maximum, but calibration-in-the-large does, and it is statsmodels' offset GLM (it was
+    reported undefined with the slope). Hard 0/1 scores whose classes overlap: statsmodels'
+    Logit converges, and so must the slope (it was "did not converge")."""
+    rng = np.random.default_rng(1)
+    y = np.r_[np.ones(50), np.zeros(150)].astype(int)
+    p = np.r_[rng.uniform(0.55, 0.99, 50), rng.uniform(0.01, 0.5, 150)].round(4)
+    pred = tmp_path / "sep.csv"
+    write_predictions(pred, y, p)
+    _, r, _ = validate("--predictions", str(pred), "--bootstrap", "0", out=tmp_path / "sep")
+    assert r["calibration_slope"]["value"] is None and "separate" in r["calibration_slope"]["undefined"]
+    lp = logit(p)
+    glm = sm.GLM(y, np.ones((len(y), 1)), family=sm.families.Binomial(), offset=lp).fit(tol=1e-12)
+    i = r["calibration_intercept"]
+    assert abs(i["value"] - glm.params[0]) < FIT, (i, glm.params)
+    gci = glm.conf_int(alpha=0.05)
+    assert abs(i["ci_lower"] - gci[0][0]) < FIT and abs(i["ci_upper"] - gci[0][1]) < FIT
+
+    y = np.array([1, 1, 0, 0, 1, 0])
+    p = np.array([1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
+    pred = tmp_path / "hard.csv"
+    write_predictions(pred, y, p)
+    _, r, _ = validate("--predictions", str(pred), "--bootstrap", "0", out=tmp_path / "hard")
+    lp = logit(p)
+    fit = sm.Logit(y, sm.add_constant(lp)).fit(method="newton", disp=0, tol=1e-12, maxiter=200)
+    s = r["calibration_slope"]
+    assert s["value"] is not None, s
+    assert abs(s["value"] - fit.params[1]) < FIT, (s, fit.params)
+
+
 @pytest.mark.parametrize("cell,why", [("nan", "is NaN"), ("inf", "is infinite"), ("-inf", "is infinite"),
                                        ("1.5", "outside [0, 1]"), ("-0.1", "outside [0, 1]"), ("x", "not a number")])
 def test_hostile_predictions_are_refused_with_the_row(cell, why, tmp_path):

@@ -233,14 +233,57 @@ struct HashingReader<R> {
     inner: R,
     hasher: Sha256,
     bytes: u64,
+    quotes: QuoteState,
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
+        for (i, &b) in buf[..n].iter().enumerate() {
+            // A UTF-8 byte order mark opening the file is no part of a field.
+            let offset = self.bytes + i as u64;
+            if offset < 3 && b == [0xEF, 0xBB, 0xBF][offset as usize] {
+                continue;
+            }
+            self.quotes = self.quotes.next(b);
+        }
         self.bytes += n as u64;
         Ok(n)
+    }
+}
+
+/// Where the bytes read so far end, as RFC 4180 quoting goes (the `csv` reader's own rules:
+/// a quote opens a field only at its start; in a quoted field `""` is a quote). The `csv`
+/// reader takes a quoted field still open at the end of the file as ending there, so
+/// every row after an unclosed quote became part of one field, silently (a red-team
+/// finding: three rows of four vanished into a subgroup value).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum QuoteState {
+    #[default]
+    FieldStart,
+    Unquoted,
+    Quoted,
+    /// A quote inside a quoted field: it closes the field, or is the first of `""`.
+    QuoteInQuoted,
+}
+
+impl QuoteState {
+    fn next(self, b: u8) -> QuoteState {
+        let ends_field = matches!(b, b',' | b'\r' | b'\n');
+        match self {
+            QuoteState::FieldStart if b == b'"' => QuoteState::Quoted,
+            QuoteState::FieldStart | QuoteState::Unquoted | QuoteState::QuoteInQuoted
+                if ends_field =>
+            {
+                QuoteState::FieldStart
+            }
+            QuoteState::FieldStart | QuoteState::Unquoted => QuoteState::Unquoted,
+            QuoteState::Quoted if b == b'"' => QuoteState::QuoteInQuoted,
+            QuoteState::Quoted => QuoteState::Quoted,
+            QuoteState::QuoteInQuoted if b == b'"' => QuoteState::Quoted,
+            QuoteState::QuoteInQuoted => QuoteState::Unquoted,
+        }
     }
 }
 
@@ -272,6 +315,7 @@ impl CsvDataset {
                 inner: file,
                 hasher: Sha256::new(),
                 bytes: 0,
+                quotes: QuoteState::default(),
             });
         let header = reader
             .headers()
@@ -353,6 +397,16 @@ impl CsvDataset {
     /// The next row: `Ok(None)` at the end of the file.
     pub fn next_row(&mut self) -> Result<Option<Result<Row, Unusable>>, DatasetError> {
         match self.reader.read_record(&mut self.record) {
+            Ok(false) if self.reader.get_ref().quotes == QuoteState::Quoted => {
+                return Err(DatasetError::Csv {
+                    path: self.path.clone(),
+                    row: self.rows,
+                    reason: "the file ends inside a quoted field: a quote opened on this row or \
+                             before is never closed, and every row after it would be read as \
+                             part of that field"
+                        .to_owned(),
+                });
+            }
             Ok(false) => return Ok(None),
             Ok(true) => {}
             Err(e) => {
@@ -763,6 +817,36 @@ mod tests {
             out.push(r);
         }
         out
+    }
+
+    /// Red-team finding: a quote opened and never closed took every later row into one
+    /// field, silently (pandas: "EOF inside string"). Quoted fields with commas, line breaks
+    /// and `""`, a quote inside an unquoted field, and a byte order mark still read.
+    #[test]
+    fn a_quote_never_closed_is_an_error_not_rows_swallowed() {
+        let cols = Columns {
+            features: vec![],
+            label: "label".into(),
+            score: Some("score".into()),
+            subgroups: vec!["site".into()],
+            ..Columns::default()
+        };
+        let f = write("label,score,site\n1,0.9,\"a\n0,0.1,b\n1,0.3,a\n0,0.2,b\n");
+        let mut ds = CsvDataset::open(f.path(), &cols, labels()).unwrap();
+        let first = ds.next_row().unwrap().unwrap().unwrap();
+        assert_eq!(first.subgroups[0].lines().count(), 4);
+        let e = ds.next_row().unwrap_err().to_string();
+        assert!(e.contains("ends inside a quoted field"), "{e}");
+        let f = write(
+            "\u{feff}\"label\",score,site\r\n1,0.9,\"a, \"\"b\"\"\nc\"\r\n0,0.1,x\"y\n1,0.3,\"\"\n",
+        );
+        let mut ds = CsvDataset::open(f.path(), &cols, labels()).unwrap();
+        let rows = read_all(&mut ds);
+        let sites: Vec<&str> = rows
+            .iter()
+            .map(|r| r.as_ref().unwrap().subgroups[0].as_str())
+            .collect();
+        assert_eq!(sites, ["a, \"b\"\nc", "x\"y", ""]);
     }
 
     #[test]

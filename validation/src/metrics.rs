@@ -494,11 +494,17 @@ pub struct Estimate {
 /// 2019).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Calibration {
-    pub intercept: Estimate,
-    pub slope: Estimate,
+    /// Calibration-in-the-large: `a` of `logit P(y) = a + logit(p)`. It has a maximum
+    /// whenever both classes are present (`None` only if the fit fails numerically).
+    pub intercept: Option<Estimate>,
+    /// `b` of `logit P(y) = a + b·logit(p)`: `None` for separable scores ([`separable`]),
+    /// where no maximum exists, or all scores equal.
+    pub slope: Option<Estimate>,
 }
 
-/// `None` with one class only or when Newton's method does not converge (separable data).
+/// `None` with one class only. The intercept and the slope are fitted apart: the slope has
+/// no maximum on separated scores, the intercept does (it was reported undefined with the
+/// slope: a red-team finding, statsmodels' offset GLM gives it).
 pub fn calibration(y: &[bool], p: &[f64], confidence: f64) -> Option<Calibration> {
     let (pos, neg) = class_counts(y);
     if pos == 0 || neg == 0 {
@@ -515,11 +521,9 @@ pub fn calibration(y: &[bool], p: &[f64], confidence: f64) -> Option<Calibration
             standard_error: se,
         }
     };
-    let (a, var_a) = newton_offset(y, &x)?;
-    let ([_, b], cov) = newton_slope(y, &x)?;
     Some(Calibration {
-        intercept: est(a, var_a),
-        slope: est(b, cov[1][1]),
+        intercept: newton_offset(y, &x).map(|(a, var_a)| est(a, var_a)),
+        slope: newton_slope(y, &x).map(|([_, b], cov)| est(b, cov[1][1])),
     })
 }
 
@@ -567,6 +571,9 @@ fn newton_offset(y: &[bool], x: &[f64]) -> Option<(f64, f64)> {
             return None;
         }
         let mut step = g / h;
+        // Newton's decrement: the log-likelihood a full step would gain. Below rounding of
+        // the log-likelihood, a is at the maximum even if the step does not look small.
+        let decrement = g * step;
         let mut next = a + step;
         let mut next_ll = loglik(y, x.iter().map(|x| next + x));
         let mut halvings = 0;
@@ -578,7 +585,7 @@ fn newton_offset(y: &[bool], x: &[f64]) -> Option<(f64, f64)> {
         }
         a = next;
         ll = next_ll;
-        if step.abs() < 1e-12 * (1.0 + a.abs()) {
+        if step.abs() < 1e-12 * (1.0 + a.abs()) || decrement.abs() <= 1e-15 * (1.0 + ll.abs()) {
             let h: f64 = x
                 .iter()
                 .map(|x| sigmoid(a + x))
@@ -644,6 +651,10 @@ fn newton_slope(y: &[bool], x: &[f64]) -> Option<([f64; 2], [[f64; 2]; 2])> {
         }
         let mut d0 = (h11 * g0 - h01 * g1) / det;
         let mut d1 = (h00 * g1 - h01 * g0) / det;
+        // Newton's decrement (see `newton_offset`): with scores of exactly 0 and 1 the step
+        // in `a` never got under an absolute 1e-12 from rounding at x = ±27.6, and a fit
+        // statsmodels converges was reported as not converging (red-team).
+        let decrement = g0 * d0 + g1 * d1;
         let mut halvings = 0;
         let (mut na, mut nb) = (a + d0, b + d1);
         let mut next_ll = loglik(y, x.iter().map(|x| na + nb * x));
@@ -661,7 +672,9 @@ fn newton_slope(y: &[bool], x: &[f64]) -> Option<([f64; 2], [[f64; 2]; 2])> {
         if !a.is_finite() || !b.is_finite() {
             return None;
         }
-        if d0.abs() < 1e-12 * (1.0 + a.abs()) && d1.abs() < 1e-12 * (1.0 + b.abs()) {
+        if (d0.abs() < 1e-12 * (1.0 + a.abs()) && d1.abs() < 1e-12 * (1.0 + b.abs()))
+            || decrement.abs() <= 1e-15 * (1.0 + ll.abs())
+        {
             let (h00, h01, h11) = info(a, b);
             let det = h00 * h11 - h01 * h01;
             if det <= 0.0 {
@@ -855,8 +868,12 @@ mod tests {
         let d = delong(&y, &p, 0.95).unwrap();
         assert_eq!(d.variance, 0.0);
         assert_eq!(roc_curve(&y, &p).len(), 2);
-        // Calibration slope is unidentifiable when every score is equal.
-        assert!(calibration(&y, &p, 0.95).is_none());
+        // Calibration slope is unidentifiable when every score is equal; the intercept is
+        // logit(2/5) − logit(0.3).
+        let c = calibration(&y, &p, 0.95).unwrap();
+        assert!(c.slope.is_none());
+        let a = c.intercept.unwrap().value;
+        assert!((a - (logit(0.4) - logit(0.3))).abs() < 1e-9, "{a}");
     }
 
     /// Red-team finding: on perfectly separated scores the slope was reported finite (320,
@@ -870,20 +887,65 @@ mod tests {
         let p: Vec<f64> = (0..n)
             .map(|i| 0.05 + 0.9 * (i as f64 + 0.5) / n as f64)
             .collect();
-        assert!(calibration(&y, &p, 0.95).is_none());
+        let no_slope = |y: &[bool], p: &[f64]| {
+            let c = calibration(y, p, 0.95).unwrap();
+            // The intercept (an offset fit) has a maximum with both classes present.
+            assert!(c.intercept.is_some_and(|e| e.value.is_finite()), "{c:?}");
+            c.slope.is_none()
+        };
+        assert!(no_slope(&y, &p));
         // Reversed (every positive below every negative): also no maximum.
         let reversed: Vec<bool> = y.iter().map(|&v| !v).collect();
-        assert!(calibration(&reversed, &p, 0.95).is_none());
+        assert!(no_slope(&reversed, &p));
         // Quasi-complete: one tie at the boundary.
         let mut tied = p.clone();
         tied[n / 2] = tied[n / 2 - 1];
-        assert!(calibration(&y, &tied, 0.95).is_none());
+        assert!(no_slope(&y, &tied));
         // Two rows out of order: the likelihood has a maximum.
         let mut y2 = y.clone();
         y2.swap(n / 2 - 3, n / 2 + 2);
         let c = calibration(&y2, &p, 0.95).unwrap();
-        assert!(c.slope.value.is_finite() && c.slope.value > 1.0, "{c:?}");
-        assert!(c.slope.standard_error < 100.0, "{c:?}");
+        let slope = c.slope.unwrap();
+        assert!(slope.value.is_finite() && slope.value > 1.0, "{c:?}");
+        assert!(slope.standard_error < 100.0, "{c:?}");
+    }
+
+    /// Red-team finding: four rows 1:0.9, 1:0.8, 0:0.1, 0:0.2 are separated, yet the
+    /// intercept (statsmodels' GLM with the logit as offset: 0.0, SE 1.41) was reported
+    /// undefined with the slope. Its value here comes from that closed form: the offset
+    /// fit's score equation Σ (y − σ(a + xᵢ)) = 0 holds at a = 0 by the scores' symmetry.
+    #[test]
+    fn separated_scores_still_have_a_calibration_intercept() {
+        let y = [true, true, false, false];
+        let p = [0.9, 0.8, 0.1, 0.2];
+        let c = calibration(&y, &p, 0.95).unwrap();
+        assert!(c.slope.is_none());
+        let a = c.intercept.unwrap();
+        assert!(a.value.abs() < 1e-12, "{a:?}");
+        // Var(a) = 1 / Σ σ(xᵢ)(1 − σ(xᵢ)) = 1 / (2·0.09 + 2·0.16).
+        assert!(
+            (a.standard_error - (1.0f64 / 0.5).sqrt()).abs() < 1e-9,
+            "{a:?}"
+        );
+    }
+
+    /// Red-team finding: scores of exactly 0 and 1 (a rule or a saturated model) whose
+    /// classes overlap: the fit has a maximum (statsmodels converges) but its stopping rule
+    /// was never met. With x = ±c (c = logit of the clipped score), 2 of 3 positive at +c
+    /// and 1 of 3 at −c, the maximum is at a + b·x = ±ln 2: b = 2 ln 2 / (x₊ − x₋).
+    #[test]
+    fn hard_zero_one_scores_that_overlap_have_a_calibration_slope() {
+        let y = [true, true, false, false, true, false];
+        let p = [1.0, 0.0, 1.0, 0.0, 1.0, 0.0];
+        let c = calibration(&y, &p, 0.95).unwrap();
+        let slope = c.slope.expect("the fit converges");
+        // (The clipped logits of 0 and 1 are not exactly opposite in floating point.)
+        let expected = 2.0 * 2f64.ln() / (logit(1.0) - logit(0.0));
+        assert!(
+            (slope.value - expected).abs() < 1e-9,
+            "{slope:?} vs {expected}"
+        );
+        assert!(c.intercept.is_some());
     }
 
     #[test]

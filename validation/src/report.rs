@@ -692,25 +692,33 @@ pub fn compute_metrics(
     );
     let (calibration_intercept, calibration_slope) = match metrics::calibration(y, p, conf) {
         Some(c) => {
-            let m = |e: metrics::Estimate| Metric {
-                value: Some(e.value),
-                ci_lower: Some(e.ci_lower),
-                ci_upper: Some(e.ci_upper),
-                ci_method: Some("wald"),
-                n,
-                standard_error: Some(e.standard_error),
-                ..Metric::default()
+            let m = |e: Option<metrics::Estimate>, why: &'static str| match e {
+                Some(e) => Metric {
+                    value: Some(e.value),
+                    ci_lower: Some(e.ci_lower),
+                    ci_upper: Some(e.ci_upper),
+                    ci_method: Some("wald"),
+                    n,
+                    standard_error: Some(e.standard_error),
+                    ..Metric::default()
+                },
+                None => Metric::undefined(n, why),
             };
-            (m(c.intercept), m(c.slope))
+            (
+                m(
+                    c.intercept,
+                    "the calibration-in-the-large fit did not converge",
+                ),
+                m(
+                    c.slope,
+                    "the logistic recalibration fit has no maximum (all scores equal, or scores that separate the classes)",
+                ),
+            )
         }
-        None => {
-            let why = if positives == 0 || negatives == 0 {
-                one_class
-            } else {
-                "the logistic recalibration fit did not converge (e.g. all scores equal or separable)"
-            };
-            (Metric::undefined(n, why), Metric::undefined(n, why))
-        }
+        None => (
+            Metric::undefined(n, one_class),
+            Metric::undefined(n, one_class),
+        ),
     };
     let rel = metrics::reliability(y, p, settings.calibration_bins);
     let ece = Metric::point(rel.as_ref().map(|r| r.ece), n, "no rows");
