@@ -828,6 +828,28 @@ async fn qido_lists_what_was_stored() {
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert!(h[header::WARNING].to_str().unwrap().contains("PatientName"));
+    // fuzzymatching=true: only literal matching is done, and the answer says so (PS3.18
+    // 8.3.4.1); false needs no word.
+    for (fuzzy, warned) in [("true", true), ("TRUE", true), ("false", false)] {
+        let (s, h, v) = server
+            .send(
+                Request::get(format!("/dicomweb/studies?fuzzymatching={fuzzy}"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let warning = h
+            .get(header::WARNING)
+            .map(|w| w.to_str().unwrap().to_owned());
+        assert_eq!(
+            warning
+                .as_deref()
+                .is_some_and(|w| w.contains("Only literal matching has been performed")),
+            warned,
+            "{fuzzy}: {warning:?}"
+        );
+    }
     let (s, v) = server.get("/dicomweb/studies?limit=many").await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     // A limit beyond the server's maximum, with fewer results than it: nothing was cut, no

@@ -170,15 +170,27 @@ impl Query {
                 inner.join(" AND ")
             ));
         }
-        // A row without a date compares as NULL: no range matches it.
+        // StudyDate is the study's (PS3.4 C.6.1.1.4): a study matches by the date it is
+        // answered with (its instances' earliest), and every level below answers all of a
+        // matching study's rows, whatever their own date. Matched per instance, a study
+        // answered with counts and modalities of the instances that carried the date only,
+        // and one whose instances disagreed matched two dates (a red-team finding). A study
+        // without a date compares as NULL: no range matches it.
         if let Some((from, to)) = &self.study_date {
+            let mut having = vec![];
             if let Some(from) = from {
-                clauses.push("study_date >= ?".into());
+                having.push("MIN(study_date) >= ?");
                 params.push(Value::Text(from.clone()));
             }
             if let Some(to) = to {
-                clauses.push("study_date <= ?".into());
+                having.push("MIN(study_date) <= ?");
                 params.push(Value::Text(to.clone()));
+            }
+            if !having.is_empty() {
+                clauses.push(format!(
+                    "study_uid IN (SELECT study_uid FROM instances GROUP BY study_uid HAVING {})",
+                    having.join(" AND ")
+                ));
             }
         }
         for (on, column, values) in [

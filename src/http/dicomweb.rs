@@ -930,6 +930,11 @@ async fn search(
     let result = async {
         accepts_dicom_json(headers)?;
         let web = dicomweb(state)?;
+        // PS3.18 8.3.4.1: an origin server without fuzzy matching says that only literal
+        // matching was done.
+        let fuzzy = params
+            .iter()
+            .any(|(k, v)| k == "fuzzymatching" && v.eq_ignore_ascii_case("true"));
         let (mut q, ignored) = query_of(level, params)?;
         let limit = q.limit;
         // A path key narrows the query: a query key for the same attribute must agree.
@@ -978,6 +983,12 @@ async fn search(
                     .collect::<Vec<_>>()
                     .join(", ")
             ));
+        }
+        if fuzzy {
+            warnings.push(
+                "299 nightingale \"The fuzzymatching parameter is not supported. Only literal matching has been performed.\""
+                    .to_owned(),
+            );
         }
         if results_cut(limit, body.as_array().map_or(0, Vec::len)) {
             warnings.push(

@@ -336,6 +336,38 @@ def test_a_study_url_refuses_instances_of_another_study(server, sent, tmp_path):
     assert response.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
 
 
+def test_a_study_date_match_answers_the_whole_study(server):
+    """StudyDate is a study attribute (PS3.4 C.6.1.1.4): a study that matches is answered
+    with all its series and instances, and its modalities, whatever each instance's own
+    (Type 2, possibly empty) StudyDate; the series and instance levels list every one of a
+    matching study's. Orthanc answers the same. (Red-team finding: the counts, and
+    ModalitiesInStudy, were of the instances that carried the date only.)"""
+    client = DICOMwebClient(url=server.url)
+    study = generate_uid()
+    for date, modality in [("20200101", "CT"), ("", "OT")]:
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = generate_uid()
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.StudyDate = date
+        ds.Modality = modality
+        client.store_instances(datasets=[ds])
+    for query in [{}, {"StudyDate": "20200101"}, {"StudyDate": "20191231-20200102"}]:
+        [row] = requests.get(f"{server.url}/studies", timeout=30,
+                             params={"StudyInstanceUID": study, **query}).json()
+        assert row["00080061"]["Value"] == ["CT", "OT"], (query, row)
+        assert row["00201206"]["Value"] == [2] and row["00201208"]["Value"] == [2], (query, row)
+        assert row["00080020"]["Value"] == ["20200101"], row
+        series = client.search_for_series(study_instance_uid=study, search_filters=query)
+        assert len(series) == 2, (query, series)
+        instances = client.search_for_instances(study_instance_uid=study, search_filters=query)
+        assert len(instances) == 2, (query, instances)
+    for other in ["20200102", "-20191231"]:
+        assert requests.get(f"{server.url}/studies", timeout=30,
+                            params={"StudyInstanceUID": study, "StudyDate": other}).json() == []
+
+
 ANY_SYNTAX = (("application/dicom", "*"),)
 
 
