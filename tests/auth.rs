@@ -291,7 +291,7 @@ fn example(rule: &RouteRule, credential: Credential<'_>) -> Request<Body> {
             .to_string()
     } else if rule.path.ends_with("/explain") {
         let row: Vec<f32> = vec![1.0; 30];
-        json!({"parameters": {"method": "kernel_shap", "samples": 2},
+        json!({"parameters": {"method": "kernel_shap", "samples": 64},
                "inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": row}]})
         .to_string()
     } else if rule.method == "POST" {

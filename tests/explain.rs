@@ -302,6 +302,13 @@ async fn bad_explain_requests_get_their_reason() {
             400,
             "whole number",
         ),
+        // Too few coalitions for 30 features: no unique answer (it was 200 with arbitrary
+        // values, the least-norm solution: red-team).
+        (
+            json!({"method": "kernel_shap", "samples": 1}),
+            422,
+            "ask for more samples",
+        ),
         (
             json!({"method": "kernel_shap", "nsamples": 10}),
             400,
@@ -659,4 +666,48 @@ async fn gradient_methods_on_the_candle_bundle() {
         v["error"].as_str().unwrap().contains("runs on tract"),
         "{v}"
     );
+}
+
+/// Red-team finding: a long integrated-gradients job ran on the model's only instance, and
+/// `/infer` of the same model waited behind it until the job's deadline (10 s). Gradient jobs
+/// now run on an instance of their own: an inference is answered while one runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inference_is_answered_while_a_gradient_job_runs() {
+    const CANDLE: &str = "lesion-detection-candle";
+    let server = Arc::new(Server::new(&[CANDLE], ExplainPolicy::default()));
+    let image: Vec<f32> = (0..128 * 128)
+        .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+        .collect();
+    let inputs =
+        json!([{"name": "image", "shape": [1, 1, 128, 128], "datatype": "FP32", "data": image}]);
+    // Thousands of forward and backward passes: minutes of work on this machine.
+    let long = {
+        let server = server.clone();
+        let body = json!({"inputs": inputs.clone(),
+            "parameters": {"method": "integrated_gradients", "steps": 4000}});
+        tokio::spawn(async move {
+            server
+                .send("POST", &format!("/v2/models/{CANDLE}/explain"), body)
+                .await
+        })
+    };
+    // Let it reach the worker (a bounded pause, not a timing assertion).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let (s, v) = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        server.send(
+            "POST",
+            &format!("/v2/models/{CANDLE}/infer"),
+            json!({"inputs": inputs}),
+        ),
+    )
+    .await
+    .expect("the inference was answered");
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(
+        !long.is_finished(),
+        "the gradient job ended before the inference was answered: the test proves nothing"
+    );
+    // Its caller gone, the job stops at its next chunk.
+    long.abort();
 }

@@ -229,13 +229,22 @@ impl ModelWorker {
             ("model", config.model.clone()),
             ("version", config.version.clone()),
         ];
+        let gradients = backend.supports_gradients();
+        // Gradient jobs (an integrated-gradients map can take minutes) run on an instance of
+        // their own where a fork shares the model: inference goes on beside them instead of
+        // waiting behind one for its whole deadline (a red-team finding: /infer of the candle
+        // model took 10 s, the explanation's deadline, behind one).
+        let gradient_backend = if gradients && backend.forks_share_the_model() {
+            Some(backend.fork()?)
+        } else {
+            None
+        };
         let mut backends = Vec::with_capacity(instances);
         for _ in 1..instances {
             backends.push(backend.fork()?);
         }
         backends.insert(0, backend);
         let name = backends[0].name();
-        let gradients = backends[0].supports_gradients();
         // Instances load with the same options but each registers its own execution provider:
         // one that fell back to the CPU makes the model's answer "not on a GPU".
         let on_gpu = backends.iter().all(|b| b.on_gpu());
@@ -243,11 +252,32 @@ impl ModelWorker {
         let (gradient_tx, gradient_rx) =
             crossbeam_channel::bounded::<GradientJob>(config.queue_capacity.max(1));
         let stats = Arc::new(ModelStats::default());
+        if let Some(backend) = gradient_backend {
+            let instance = Instance {
+                backend,
+                rx: crossbeam_channel::never(),
+                gradient_rx: gradient_rx.clone(),
+                batching: None,
+                stats: stats.clone(),
+                labels: labels.clone(),
+                last_batch: 0,
+                last_compute_ns: Arc::new(AtomicU64::new(u64::MAX)),
+            };
+            std::thread::Builder::new()
+                .name(format!("ng-{}-{}-grad", config.model, config.version))
+                .spawn(move || instance.run_gradients())
+                .map_err(|e| InferenceError::backend(name, e))?;
+        }
+        let instance_gradients = if gradients && backends[0].forks_share_the_model() {
+            crossbeam_channel::never()
+        } else {
+            gradient_rx
+        };
         for (i, backend) in backends.into_iter().enumerate() {
             let instance = Instance {
                 backend,
                 rx: rx.clone(),
-                gradient_rx: gradient_rx.clone(),
+                gradient_rx: instance_gradients.clone(),
                 batching: batching.clone(),
                 stats: stats.clone(),
                 labels: labels.clone(),
@@ -410,10 +440,11 @@ impl ModelWorker {
         self.gradients
     }
 
-    /// Computes gradient saliency maps (Grad-CAM, integrated gradients) on one of the model's
-    /// instance threads. The input is checked like an inference request's; the job waits in
-    /// its own bounded queue (full: [`InferenceError::Overloaded`]) and runs alone, its rows
-    /// in chunks of `request.max_batch`. A backend without gradients answers
+    /// Computes gradient saliency maps (Grad-CAM, integrated gradients) on an instance of
+    /// their own (where the backend's forks share the model; else on one of the model's
+    /// instance threads, alone). The input is checked like an inference request's; the job
+    /// waits in its own bounded queue (full: [`InferenceError::Overloaded`]) and runs one at
+    /// a time, its rows in chunks of at most `request.max_batch`. A backend without gradients answers
     /// [`InferenceError::GradientsUnsupported`] at once.
     pub async fn gradients(
         &self,
@@ -656,6 +687,14 @@ impl Instance {
             metrics::gauge!("nightingale_queue_depth", &self.labels).set(self.rx.len() as f64);
             self.last_batch = batch.len();
             self.execute(batch);
+        }
+    }
+
+    /// The loop of the instance that runs gradient jobs only, one at a time, until the model
+    /// is unloaded (every sender gone).
+    fn run_gradients(mut self) {
+        while let Ok(job) = self.gradient_rx.recv() {
+            self.gradients(job);
         }
     }
 

@@ -1124,7 +1124,11 @@ async fn drive(
             .collect();
         method.absorb(&scores);
     }
-    method
-        .finish()
-        .map_err(|e| AppError::internal(e.to_string()))
+    method.finish().map_err(|e| match e {
+        // Too few samples for the features: the caller can ask for more.
+        nightingale_inference::explain::ExplainError::Unsolvable(_) => {
+            AppError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+        }
+        e => AppError::internal(e.to_string()),
+    })
 }

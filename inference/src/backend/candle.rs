@@ -203,6 +203,14 @@ const MAX_ROW_ACTIVATION_BYTES: usize = 512 << 20;
 /// passes): 32 rows of a model of 860 MB per row asked for 27.5 GB and aborted the server.
 const MAX_PASS_ACTIVATION_BYTES: usize = 1 << 30;
 
+/// The most one gradient pass (forward and backward) may keep, estimated as
+/// [`GRADIENT_ROW_FACTOR`] times each row's largest forward tensor.
+const MAX_GRADIENT_PASS_BYTES: usize = 256 << 20;
+/// What a row's forward and backward pass keep, in units of its largest forward tensor
+/// (measured on the lesion model: about 34 MB a row, 14.5 times its largest, conv2's 2.4 MB
+/// unfolded input; rounded up).
+const GRADIENT_ROW_FACTOR: usize = 16;
+
 /// A candle model ready to run. Instances share the weights (candle tensors are
 /// reference-counted and immutable).
 pub struct CandleBackend {
@@ -899,11 +907,19 @@ impl Backend for CandleBackend {
             .collect();
         let [c, h, w] = self.net.input;
         let len = c * h * w;
-        // A backward pass keeps each layer's activations: half a forward pass's rows.
-        let chunk = request
-            .max_batch
-            .max(1)
-            .min((self.net.rows_per_pass() / 2).max(1));
+        // A forward and backward pass keeps every layer's activations and their gradients:
+        // about 15 times a row's largest forward tensor (chunks of 32 path points on the
+        // lesion model peaked at 1.2 GB, none of it charged to the server's memory budget:
+        // a red-team finding). Chunks are sized to keep that within MAX_GRADIENT_PASS_BYTES.
+        let chunk = request.max_batch.max(1).min(
+            (MAX_GRADIENT_PASS_BYTES
+                / self
+                    .net
+                    .row_bytes
+                    .max(1)
+                    .saturating_mul(GRADIENT_ROW_FACTOR))
+            .max(1),
+        );
         let mut values = Vec::with_capacity(rows * h * w);
         let mut gaps = vec![];
         let mut bases = vec![];

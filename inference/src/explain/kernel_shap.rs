@@ -270,10 +270,23 @@ impl Perturber for KernelShap {
                 let aw = DMatrix::from_fn(rows, k, |r, c| a[(r, c)] * w[r]);
                 let normal = aw.transpose() * &a;
                 let rhs = aw.transpose() * &y;
-                let phi = match normal.clone().cholesky() {
+                // A system that does not determine every value (fewer distinct coalitions
+                // than features, or coalitions that never separate two of them) has no
+                // unique answer: refused, not answered with the least-norm one, which
+                // looked valid (the efficiency sum holds) and was arbitrary (a red-team
+                // finding: 2 coalitions for 30 features, 200).
+                let svd = normal.clone().svd(true, true);
+                let largest = svd.singular_values.max();
+                let rank = svd.rank(largest * 1e-10);
+                if rank < k {
+                    return Err(ExplainError::Unsolvable(format!(
+                        "the {} sampled coalitions determine {rank} of the {k} unknowns",
+                        rows
+                    )));
+                }
+                let phi = match normal.cholesky() {
                     Some(ch) => ch.solve(&rhs),
-                    None => normal
-                        .svd(true, true)
+                    None => svd
                         .solve(&rhs, 1e-12)
                         .map_err(|e| ExplainError::Unsolvable(e.to_owned()))?,
                 };
@@ -413,6 +426,38 @@ mod tests {
                 "{j}: {} vs {want}",
                 e.values[j]
             );
+        }
+    }
+
+    /// Red-team finding: 2 coalitions for 30 features gave 200 and arbitrary values (the
+    /// least-norm solution; the efficiency sum still held). Too few coalitions to determine
+    /// every value are refused, naming what to do.
+    #[test]
+    fn too_few_coalitions_for_the_features_are_refused() {
+        let m = 12;
+        let lin = |r: &[f32]| -> f64 {
+            let z: f64 = r
+                .iter()
+                .enumerate()
+                .map(|(j, &v)| f64::from(v) * j as f64)
+                .sum();
+            1.0 / (1.0 + (-z / 10.0).exp())
+        };
+        let x: Vec<f32> = (0..m).map(|j| j as f32 / 5.0).collect();
+        let background = vec![vec![0.0f32; m]];
+        for samples in [1, 2, 6] {
+            let options = KernelShapOptions {
+                samples,
+                link: Link::Logit,
+                seed: 3,
+            };
+            let method = KernelShap::new(x.clone(), background.clone(), lin(&x), options).unwrap();
+            let e = run(Box::new(method), 64, |rows, n| {
+                (0..n).map(|i| lin(&rows[i * m..(i + 1) * m])).collect()
+            })
+            .unwrap_err();
+            assert!(matches!(e, ExplainError::Unsolvable(_)), "{samples}: {e}");
+            assert!(e.to_string().contains("ask for more samples"), "{e}");
         }
     }
 
