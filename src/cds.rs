@@ -1471,9 +1471,12 @@ fn plain_url(url: &str) -> bool {
 fn resolves_elsewhere(path: &str) -> bool {
     has_space_or_control(path)
         || path.contains('\\')
-        || path
-            .split('/')
-            .any(|seg| seg == "." || seg == ".." || seg.to_ascii_lowercase().contains("%2e"))
+        || path.split('/').any(|seg| {
+            // A path parameter does not hide a dot segment: Tomcat, Jetty and Spring (the
+            // usual containers of HAPI FHIR) resolve `..;` as `..` (a red-team finding).
+            let name = seg.split(';').next().unwrap_or_default();
+            name == "." || name == ".." || seg.to_ascii_lowercase().contains("%2e")
+        })
 }
 
 fn has_space_or_control(s: &str) -> bool {
@@ -1576,9 +1579,14 @@ mod tests {
             "https://fhir.example.org/r4/.\n./.\r./internal",
             "https://fhir.example.org/r4/ ",
             "https://fhir.example.org/r4\u{0}",
+            // Path parameters: Tomcat, Jetty and Spring resolve `..;` as `..`.
+            "https://fhir.example.org/r4/ok/..;/..;/admin",
+            "https://fhir.example.org/r4/..;x=1/admin",
+            "https://fhir.example.org/r4/.;/x",
         ] {
             assert!(!cds.may_fetch(bad), "{bad}");
         }
+        assert!(cds.may_fetch("https://fhir.example.org/r4/a;v=1"));
         assert!(cds.may_fetch("https://fhir.example.org/r4/a..b"));
         // The same rule guards each query sent below an allowed server.
         for bad in [
@@ -1588,6 +1596,7 @@ mod tests {
             "a\\b",
             "a/.\t./b",
             "a\nb",
+            "a/..;/b",
         ] {
             assert!(resolves_elsewhere(bad), "{bad}");
         }

@@ -798,8 +798,9 @@ async fn what_is_not_prefetched_is_fetched_from_an_allow_listed_fhir_server() {
         "{v}"
     );
     let seen = seen.lock().unwrap().clone();
-    // The Patient, the vital signs, the Conditions and the pregnancy status.
-    assert_eq!(seen.len(), 4, "{seen:?}");
+    // The Patient, the vital signs, the Conditions, the level of consciousness and the
+    // pregnancy status.
+    assert_eq!(seen.len(), 5, "{seen:?}");
     assert!(
         seen.iter()
             .all(|(_, auth)| auth == "Bearer opaque-fhir-token")
@@ -839,7 +840,7 @@ async fn a_slow_or_failing_fhir_server_ends_in_a_missing_data_card_in_bounded_ti
                 .starts_with("NEWS2 not calculated"),
             "{v}"
         );
-        assert_eq!(seen.lock().unwrap().len(), 4);
+        assert_eq!(seen.lock().unwrap().len(), 5);
     }
 }
 
@@ -859,10 +860,10 @@ fn vitals_pages(split: usize, next: &str) -> (Value, Value) {
 fn paged_prefetch(split: usize, next: &str) -> Value {
     let (first, _) = vitals_pages(split, next);
     json!({"patient": patient(), "vitals": first, "conditions": no_conditions(),
-        "pregnancy": no_pregnancy_status()})
+        "consciousness": no_pregnancy_status(), "pregnancy": no_pregnancy_status()})
 }
 
-/// The NEWS2 service's pregnancy-status search, answered with none.
+/// The NEWS2 service's pregnancy-status (or consciousness) search, answered with none.
 fn no_pregnancy_status() -> Value {
     json!({"resourceType": "Bundle", "type": "searchset", "total": 0, "entry": []})
 }
@@ -927,7 +928,8 @@ async fn a_search_answered_in_pages_is_read_to_its_end_on_the_fhir_server_only()
     seen.lock().unwrap().clear();
     let (first_again, _) = vitals_pages(3, &page2);
     let prefetch_extra = json!({"patient": patient(), "vitals": vitals_bundle(), "conditions": no_conditions(),
-        "pregnancy": no_pregnancy_status(), "extra-1": first_again.clone(), "extra-2": first_again});
+        "consciousness": no_pregnancy_status(), "pregnancy": no_pregnancy_status(),
+        "extra-1": first_again.clone(), "extra-2": first_again});
     let (s, v) = server
         .call(&patient_view(Some(prefetch_extra), Some(&fhir)))
         .await;

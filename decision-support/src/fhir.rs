@@ -124,6 +124,10 @@ pub struct Unreadable {
     pub codes: Option<Vec<CodeableConcept>>,
     /// Its `effectiveDateTime` or `effectiveInstant` (with a zone), when it could be read.
     pub time: Option<DateTime<Utc>>,
+    /// Not an entry but a whole search that was asked for and could not be read (the FHIR
+    /// server failed, timed out, or answered what is not FHIR): anything it would have held
+    /// is in doubt ([`Unreadable::search`]).
+    pub search: bool,
 }
 
 impl Unreadable {
@@ -150,6 +154,18 @@ impl Unreadable {
             resource_type,
             codes,
             time,
+            search: false,
+        }
+    }
+
+    /// A search of `resource_type` (of these codes: `None`, any) that was asked for and
+    /// could not be read.
+    pub fn search(resource_type: &'static str, codes: Option<Vec<CodeableConcept>>) -> Unreadable {
+        Unreadable {
+            resource_type,
+            codes,
+            time: None,
+            search: true,
         }
     }
 
@@ -439,10 +455,20 @@ pub struct Resources {
     /// Bundle entries of the types above that their reader refused ([`Resource::Unreadable`]).
     pub unreadable: Vec<Unreadable>,
     /// For each Bundle added that was not the whole result and may have held Observations
-    /// (see [`Resources::observations_unread_after`]): the effective time of its last
-    /// Observation when its Observations come newest first (as a `_sort=-date` search
-    /// returns them), `None` when they do not (or one is undated).
-    pub partial_observations: Vec<Option<DateTime<Utc>>>,
+    /// (see [`Resources::observations_unread_after`]).
+    pub partial_observations: Vec<PartialSearch>,
+}
+
+/// An Observation search read in part.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PartialSearch {
+    /// The effective time of its last Observation when its Observations come newest first
+    /// (as a `_sort=-date` search returns them), `None` when they do not (or one is
+    /// undated).
+    pub reach: Option<DateTime<Utc>>,
+    /// The codes it searched (`code=`), `None` when not by code (a category, or not known):
+    /// what it did not read can only be of these ([`Resources::add_searched`]).
+    pub codes: Option<Vec<CodeableConcept>>,
 }
 
 impl Resources {
@@ -453,6 +479,14 @@ impl Resources {
 
     /// Adds a resource, flattening Bundles.
     pub fn add(&mut self, resource: Resource) {
+        self.add_searched(resource, None);
+    }
+
+    /// Adds a resource that answered a search of Observations of `codes` (`None`: not by
+    /// code): a Bundle of it read in part lacks only Observations of those codes (a
+    /// consciousness search answered by one page of 10 made every vital sign older than
+    /// its tenth value doubtful: a red-team finding).
+    pub fn add_searched(&mut self, resource: Resource, codes: Option<&[CodeableConcept]>) {
         match resource {
             Resource::Patient(p) => self.patients.push(*p),
             Resource::Observation(o) => self.observations.push(*o),
@@ -461,11 +495,11 @@ impl Resources {
             Resource::Bundle(b) => {
                 // A nested Bundle that is not whole marks itself as it is added below.
                 if !b.is_whole_page() {
-                    self.mark_incomplete(&b);
+                    self.mark_incomplete(&b, codes);
                 }
                 for e in b.entry {
                     if let Some(r) = e.resource {
-                        self.add(r);
+                        self.add_searched(r, codes);
                     }
                 }
             }
@@ -484,7 +518,7 @@ impl Resources {
     /// Records the types a partial Bundle was a search of: those of its matches, or every
     /// type read here when it has no match of one of them (a page with no entries, or of
     /// another type, says nothing about which search it was: assume the worst).
-    fn mark_incomplete(&mut self, b: &Bundle) {
+    fn mark_incomplete(&mut self, b: &Bundle, codes: Option<&[CodeableConcept]>) {
         let mut types: BTreeSet<&'static str> = b
             .entry
             .iter()
@@ -501,7 +535,10 @@ impl Resources {
             types = BTreeSet::from(READ_TYPES);
         }
         if types.contains("Observation") {
-            self.partial_observations.push(newest_first_reach(b));
+            self.partial_observations.push(PartialSearch {
+                reach: newest_first_reach(b),
+                codes: codes.map(<[CodeableConcept]>::to_vec),
+            });
         }
         self.incomplete.extend(types);
     }
@@ -510,6 +547,20 @@ impl Resources {
     /// absent may exist (a pregnancy among the Conditions not read).
     pub fn mark_unread(&mut self, resource_type: &'static str) {
         self.unread.insert(resource_type);
+    }
+
+    /// Records a search that was asked for and could not be read: an Observation search
+    /// makes every parameter or feature it may hold unknown (an older value found
+    /// elsewhere is not the latest: a consciousness search that failed let an older
+    /// "Alert" from the vitals be scored, a red-team finding); a search of another type
+    /// marks its type unread ([`Resources::mark_unread`]).
+    pub fn add_unread_search(&mut self, search: Unreadable) {
+        match search.resource_type {
+            "Observation" => self.unreadable.push(search),
+            "Condition" => self.mark_unread("Condition"),
+            "Encounter" => self.mark_unread("Encounter"),
+            _ => {}
+        }
     }
 
     /// Whether a search of `resource_type` the call needed got no answer
@@ -525,10 +576,18 @@ impl Resources {
     /// `_sort`) or were not all dated says nothing about what it lacks. A value dated `t` is
     /// then not known to be the latest (at one time, oxygen wins over air: the flow on the
     /// next page changes the score).
-    pub fn observations_unread_after(&self, t: DateTime<Utc>) -> bool {
+    ///
+    /// `may_hold` says whether a search of these codes (`None`: not by code) may hold the
+    /// value asked about; searches that cannot are not counted.
+    pub fn observations_unread_after(
+        &self,
+        t: DateTime<Utc>,
+        may_hold: impl Fn(Option<&[CodeableConcept]>) -> bool,
+    ) -> bool {
         self.partial_observations
             .iter()
-            .any(|reach| reach.is_none_or(|last| last >= t))
+            .filter(|p| may_hold(p.codes.as_deref()))
+            .any(|p| p.reach.is_none_or(|last| last >= t))
     }
 
     /// Whether every Bundle added that held (or may have held) resources of `resource_type`
@@ -604,6 +663,18 @@ pub struct CodeableConcept {
 }
 
 impl CodeableConcept {
+    /// One coding: `code` of `system`.
+    pub fn of(system: &str, code: &str) -> CodeableConcept {
+        CodeableConcept {
+            coding: vec![Coding {
+                system: Some(system.to_owned()),
+                code: Some(code.to_owned()),
+                display: None,
+            }],
+            text: None,
+        }
+    }
+
     /// Whether any coding is `code` of `system`.
     pub fn has(&self, system: &str, code: &str) -> bool {
         self.coding.iter().any(|c| c.is(system, code))

@@ -582,9 +582,13 @@ pub fn assess(
     let mut vitals = vitals::extract(&resources.observations, now, patient_id, &settings.vitals);
     // A value from a search read only in part is the latest only if what was not read is
     // no newer ([`Resources::observations_unread_after`]).
+    // Only searches that may hold the parameter count (not a consciousness or pregnancy
+    // search for a temperature).
     for p in Parameter::ALL {
         vitals.doubt(p, UnusableReason::NewerMayBeUnread, |t| {
-            resources.observations_unread_after(t)
+            resources.observations_unread_after(t, |codes| {
+                vitals::parameters_of_codes(codes).contains(&p)
+            })
         });
     }
     // An Observation entry that could not be read may be a parameter's latest value: that
@@ -596,9 +600,16 @@ pub fn assess(
         .filter(|u| u.time.is_none_or(|t| t >= now - settings.vitals.look_back))
     {
         for p in vitals::parameters_of(u) {
-            vitals.doubt(p, UnusableReason::UnreadableObservation, |t| {
-                u.time.is_none_or(|ut| ut >= t)
-            });
+            let reason = if u.search {
+                UnusableReason::SearchNotRead
+            } else {
+                UnusableReason::UnreadableObservation
+            };
+            vitals.doubt(p, reason.clone(), |t| u.time.is_none_or(|ut| ut >= t));
+            // A search not read says nothing of a parameter it found nothing for either.
+            if u.search {
+                vitals.not_read(p, reason);
+            }
         }
     }
     let unusable_params: Vec<Parameter> = vitals.unusable.iter().map(|u| u.parameter).collect();

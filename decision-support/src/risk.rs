@@ -487,8 +487,21 @@ fn observation(
             }
         }
     }
+    // A search that may hold this code was asked for and not read: "no result" is not known.
+    let search_not_read = resources.unreadable.iter().any(|u| {
+        u.search
+            && u.resource_type == "Observation"
+            && u.codes.as_ref().is_none_or(|cs| {
+                cs.iter()
+                    .any(|c| c.has(&code.system, &code.code) || is_panel_of(c, code))
+            })
+    });
     let Some((time, _, quantity, _)) = best else {
-        out.value = Err(Missing::NoObservation);
+        out.value = Err(if search_not_read {
+            Missing::Unusable(UnusableReason::SearchNotRead)
+        } else {
+            Missing::NoObservation
+        });
         return;
     };
     out.time = time;
@@ -498,12 +511,23 @@ fn observation(
     }
     // From a search read in part, the latest found is the latest only if what was not read
     // is no newer ([`Resources::observations_unread_after`]).
-    if time.is_some_and(|t| resources.observations_unread_after(t)) {
+    if time.is_some_and(|t| {
+        resources.observations_unread_after(t, |codes| {
+            codes.is_none_or(|cs| {
+                cs.iter()
+                    .any(|c| c.has(&code.system, &code.code) || is_panel_of(c, code))
+            })
+        })
+    }) {
         out.value = Err(Missing::Unusable(UnusableReason::NewerMayBeUnread));
         return;
     }
     // An Observation entry that could not be read, of this code (or of unknown code), as
     // recent as the latest found or undated: the latest value is not known.
+    if search_not_read {
+        out.value = Err(Missing::Unusable(UnusableReason::SearchNotRead));
+        return;
+    }
     if resources.unreadable.iter().any(|u| {
         u.resource_type == "Observation"
             && u.may_have_code(&code.system, &code.code)
@@ -528,6 +552,14 @@ fn observation(
 
 /// The quantity of `o` (or of its component) coded `code`; `Some(Err)` when coded so but
 /// without a usable quantity.
+/// Whether `c` is a blood-pressure panel (LOINC 85354-9, 55284-4) and `code` one of its
+/// pressures (8480-6, 8462-4): a search of the panel may hold that value as a component.
+fn is_panel_of(c: &crate::fhir::CodeableConcept, code: &SystemCode) -> bool {
+    code.system == crate::fhir::LOINC
+        && matches!(code.code.as_str(), "8480-6" | "8462-4")
+        && (c.has(crate::fhir::LOINC, "85354-9") || c.has(crate::fhir::LOINC, "55284-4"))
+}
+
 fn value_with_code<'a>(
     o: &'a Observation,
     code: &SystemCode,
@@ -736,6 +768,52 @@ mod tests {
         items.push(sbp(60.0, "mm[Hg]", "2024-04-20"));
         let m = map_features(&features(), &resources(items), &context(true));
         assert_eq!(m.features[1].value, Err(Missing::NoObservation));
+    }
+
+    #[test]
+    fn a_search_that_could_not_be_read_leaves_its_codes_unknown() {
+        use crate::fhir::{CodeableConcept, Unreadable};
+        let failed = |codes: Option<Vec<CodeableConcept>>| {
+            let mut items = base();
+            items.push(sbp(120.0, "mm[Hg]", "2024-05-01T10:00:00Z"));
+            let mut r = resources(items);
+            r.add_unread_search(Unreadable::search("Observation", codes));
+            map_features(&features(), &r, &context(true)).features[1]
+                .value
+                .clone()
+        };
+        let unknown = Err(Missing::Unusable(UnusableReason::SearchNotRead));
+        // Of the feature's code, of its panel, or of any code: the value is not known.
+        assert_eq!(failed(None), unknown);
+        assert_eq!(
+            failed(Some(vec![CodeableConcept::of(
+                crate::fhir::LOINC,
+                "8480-6"
+            )])),
+            unknown
+        );
+        assert_eq!(
+            failed(Some(vec![CodeableConcept::of(
+                crate::fhir::LOINC,
+                "85354-9"
+            )])),
+            unknown
+        );
+        // Of other codes only: the value found is used.
+        assert_eq!(
+            failed(Some(vec![CodeableConcept::of(
+                crate::fhir::LOINC,
+                "8867-4"
+            )])),
+            Ok(120.0)
+        );
+        // Nothing found and the search not read: not "no observation".
+        let mut r = resources(base());
+        r.add_unread_search(Unreadable::search("Observation", None));
+        assert_eq!(
+            map_features(&features(), &r, &context(true)).features[1].value,
+            unknown
+        );
     }
 
     #[test]

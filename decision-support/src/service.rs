@@ -26,7 +26,7 @@ use serde::Deserialize;
 use nightingale_models::manifest::{FeatureSpec, FhirSource};
 
 use crate::cards::{Wording, news2_card};
-use crate::fhir::{Limits, Resource, Resources, SystemCode};
+use crate::fhir::{CodeableConcept, Limits, Resource, Resources, SystemCode, Unreadable};
 use crate::hooks::{CdsResponse, HookRequest, RequestError, ServiceDescriptor, render_prefetch};
 use crate::news2::{Assessment, News2Settings, assess, default_pregnancy_conditions};
 use crate::vitals::VitalsOptions;
@@ -111,6 +111,61 @@ fn default_services() -> Vec<ServiceConfig> {
         ),
         wording: Wording::default(),
     }]
+}
+
+/// What the caller fetched for [`Service::missing_prefetch`]: the resources it read (by
+/// key), and the keys whose fetch failed (the FHIR server failed, timed out, or answered what
+/// is not FHIR). A key that failed is not "nothing recorded": what it would have held is
+/// unknown ([`crate::fhir::Resources::add_unread_search`]).
+#[derive(Clone, Debug, Default)]
+pub struct Fetched {
+    pub resources: Vec<(String, Resource)>,
+    pub failed: Vec<String>,
+}
+
+impl From<Vec<(String, Resource)>> for Fetched {
+    fn from(resources: Vec<(String, Resource)>) -> Self {
+        Fetched {
+            resources,
+            failed: vec![],
+        }
+    }
+}
+
+/// The search a prefetch template asks for, as unread: its resource type (the template's
+/// first path segment) and, for an Observation search by `code`, those codes (`system|code`,
+/// comma-separated; any code otherwise).
+fn unread_search(template: &str) -> Unreadable {
+    let path = template.split_once('?').map_or(template, |(p, _)| p);
+    let resource_type = match path.split('/').next().unwrap_or_default() {
+        "Observation" => "Observation",
+        "Condition" => "Condition",
+        "Encounter" => "Encounter",
+        "Patient" => "Patient",
+        _ => "Other",
+    };
+    Unreadable::search(resource_type, search_codes(template))
+}
+
+/// The codes an Observation search template asks for (`code=system|code,...`); `None` when
+/// it does not search by code, or names a code without its system (which matches the code
+/// in any system).
+fn search_codes(template: &str) -> Option<Vec<CodeableConcept>> {
+    let (path, query) = template.split_once('?')?;
+    if path != "Observation" {
+        return None;
+    }
+    query
+        .split('&')
+        .find_map(|p| p.strip_prefix("code="))
+        .and_then(|list| {
+            list.split(',')
+                .map(|token| {
+                    let (system, code) = token.split_once('|')?;
+                    (!system.is_empty()).then(|| CodeableConcept::of(system, code))
+                })
+                .collect()
+        })
 }
 
 /// The prefetch templates of a NEWS2 service.
@@ -519,9 +574,13 @@ impl Service {
     pub fn collect(
         &self,
         request: &HookRequest,
-        fetched: Vec<(String, Resource)>,
+        fetched: impl Into<Fetched>,
         limits: &Limits,
     ) -> Result<(Resources, bool), ServiceError> {
+        let Fetched {
+            resources: fetched,
+            failed,
+        } = fetched.into();
         let searches_conditions = |key: &str| {
             self.prefetch
                 .get(key)
@@ -545,12 +604,19 @@ impl Service {
                     }
                 })?;
                 conditions_read |= searches_conditions(key) && matches!(r, Resource::Bundle(_));
-                resources.add(r);
+                let codes = self.prefetch.get(key).and_then(|t| search_codes(t));
+                resources.add_searched(r, codes.as_deref());
             }
         }
         for (key, r) in fetched {
             conditions_read |= searches_conditions(&key) && matches!(r, Resource::Bundle(_));
-            resources.add(r);
+            let codes = self.prefetch.get(&key).and_then(|t| search_codes(t));
+            resources.add_searched(r, codes.as_deref());
+        }
+        for key in &failed {
+            if let Some(template) = self.prefetch.get(key) {
+                resources.add_unread_search(unread_search(template));
+            }
         }
         if !conditions_read {
             resources.mark_unread("Condition");
@@ -571,7 +637,7 @@ impl Service {
     pub fn evaluate_news2(
         &self,
         request: &HookRequest,
-        fetched: Vec<(String, Resource)>,
+        fetched: impl Into<Fetched>,
         now: DateTime<Utc>,
         limits: &Limits,
     ) -> Result<News2Outcome, ServiceError> {

@@ -219,6 +219,9 @@ pub enum UnusableReason {
     /// An Observation that may be of this parameter, as new as its latest value or newer
     /// (or undated), could not be read: it may be the latest.
     UnreadableObservation,
+    /// A search that may hold it was asked of the FHIR server and could not be read (failed,
+    /// timed out, not FHIR): its latest value is not known.
+    SearchNotRead,
     /// Observations of one time (and issue time) give different values: which one is
     /// right cannot be told, and taking one by its place in the Bundle would make the
     /// score depend on the order the EHR sent them in.
@@ -240,6 +243,10 @@ impl fmt::Display for UnusableReason {
             UnusableReason::FutureTime => f.write_str(
                 "dated in the future, so not used; an older value was not used in its place \
                  (check the device or charting clock)",
+            ),
+            UnusableReason::SearchNotRead => f.write_str(
+                "the FHIR search that holds it could not be read from the EHR's FHIR server, \
+                 so the latest value is not known",
             ),
             UnusableReason::UnreadableObservation => f.write_str(
                 "an observation that may be of it, as recent or undated, could not be read \
@@ -356,6 +363,20 @@ impl Vitals {
         }
     }
 
+    /// Reports `parameter` unusable with `reason` when it has no value and is not reported
+    /// unusable already (a search that may hold it was not read: "no value recorded" would
+    /// not be true).
+    pub fn not_read(&mut self, parameter: Parameter, reason: UnusableReason) {
+        if !self.has(parameter) && !self.unusable.iter().any(|u| u.parameter == parameter) {
+            self.unusable.push(Unusable {
+                parameter,
+                reason,
+                time: None,
+                observation_id: None,
+            });
+        }
+    }
+
     /// Whether a usable value of `parameter` was found.
     pub fn has(&self, parameter: Parameter) -> bool {
         match parameter {
@@ -425,14 +446,27 @@ fn loinc(c: &CodeableConcept, code: &str) -> bool {
     c.has(LOINC, code)
 }
 
-/// Which parameter a code stands for (an observation's or a component's).
 /// The parameters an unreadable entry may be an Observation of: those of its codes, or
 /// every parameter when its codes could not be read.
 pub fn parameters_of(unreadable: &crate::fhir::Unreadable) -> Vec<Parameter> {
-    match &unreadable.codes {
+    parameters_of_codes(unreadable.codes.as_deref())
+}
+
+/// The parameters Observations of `codes` (`None`: any code) may give, a blood-pressure
+/// panel's systolic component included.
+pub fn parameters_of_codes(codes: Option<&[CodeableConcept]>) -> Vec<Parameter> {
+    match codes {
         None => Parameter::ALL.to_vec(),
         Some(codes) => {
-            let mut out: Vec<Parameter> = codes.iter().filter_map(parameter_of).collect();
+            let mut out: Vec<Parameter> = codes
+                .iter()
+                .filter_map(|c| {
+                    parameter_of(c).or_else(|| {
+                        (loinc(c, "85354-9") || loinc(c, "55284-4"))
+                            .then_some(Parameter::SystolicBloodPressure)
+                    })
+                })
+                .collect();
             out.sort();
             out.dedup();
             out
@@ -440,6 +474,7 @@ pub fn parameters_of(unreadable: &crate::fhir::Unreadable) -> Vec<Parameter> {
     }
 }
 
+/// Which parameter a code stands for (an observation's or a component's).
 fn parameter_of(code: &CodeableConcept) -> Option<Parameter> {
     if loinc(code, "9279-1") {
         Some(Parameter::RespirationRate)

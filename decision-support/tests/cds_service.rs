@@ -491,3 +491,156 @@ fn a_malformed_entry_is_in_doubt_not_a_failed_call() {
             .is_err()
     );
 }
+
+/// `resource`s as one page of a longer searchset (a `next` link, a `total` above them).
+fn first_page(resources: Vec<Value>) -> Value {
+    let n = resources.len();
+    json!({"resourceType": "Bundle", "type": "searchset", "total": n + 5,
+        "link": [{"relation": "next", "url": "http://hooks.smarthealthit.org:9080/Observation?page=2"}],
+        "entry": resources.into_iter()
+            .map(|r| json!({"search": {"mode": "match"}, "resource": r}))
+            .collect::<Vec<_>>()})
+}
+
+fn alert_at(time: &str) -> Value {
+    json!({"resourceType": "Observation", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "67775-7"}]},
+        "subject": {"reference": "Patient/1288992"}, "effectiveDateTime": time,
+        "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "248234008"}]}})
+}
+
+/// Red-team finding: a search read in part (a `next` link) made every vital sign older than
+/// its last value doubtful, though its other pages can hold only what it searched for: ten
+/// ACVPU readings in the consciousness search's first page (neuro obs every 15 minutes) left
+/// the 11:30 vitals "not calculated". Likewise a pregnancy-status search of one page.
+#[test]
+fn a_search_read_in_part_doubts_only_what_it_searched_for() {
+    let services = Services::builtin();
+    let service = services.get(DEFAULT_NEWS2_ID).unwrap();
+    let score = |key: &str, page: Value| {
+        let mut req = request(patient("1925-12-23"), vitals_bundle());
+        req.prefetch.as_mut().unwrap().insert(key.to_owned(), page);
+        service
+            .evaluate_news2(&req, vec![], now(), &Limits::default())
+            .unwrap()
+            .assessment
+    };
+    // Ten Alerts, 11:55 back to 11:46, newest first: their next page is older than 11:46,
+    // and holds only ACVPU readings; the 11:30 set is still the latest of the rest.
+    let alerts: Vec<Value> = (0..10)
+        .map(|i| alert_at(&format!("2024-05-01T11:{:02}:00Z", 55 - i)))
+        .collect();
+    let a = score("consciousness", first_page(alerts));
+    let Assessment::Scored(s) = &a else {
+        panic!("not scored: {a:?}")
+    };
+    // The newest consciousness (Alert, 11:55) replaced new confusion (3): 16 − 3.
+    assert_eq!(s.score.total, 13, "{a:?}");
+    // A pregnancy-status page ("Not pregnant", dated by its day) says nothing of vitals.
+    let status = json!({"resourceType": "Observation", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "82810-3"}]},
+        "subject": {"reference": "Patient/1288992"}, "effectiveDateTime": "2024-05-01",
+        "valueCodeableConcept": {"coding": [{"system": "http://loinc.org", "code": "LA26683-5"}]}});
+    let mut req = request(patient("1990-12-23"), vitals_bundle());
+    req.prefetch
+        .as_mut()
+        .unwrap()
+        .insert("pregnancy".to_owned(), first_page(vec![status]));
+    let a = service
+        .evaluate_news2(&req, vec![], now(), &Limits::default())
+        .unwrap()
+        .assessment;
+    assert!(matches!(a, Assessment::Scored(_)), "{a:?}");
+    // The vitals search itself read in part still doubts its values as old as its last (a
+    // set charted at one time may be split across its pages).
+    let mut page = vitals_bundle();
+    page["link"] = json!([{"relation": "next", "url": "http://x/Observation?page=2"}]);
+    page["total"] = json!(20);
+    let mut req = request(patient("1925-12-23"), page);
+    req.prefetch.as_mut().unwrap().insert(
+        "consciousness".to_owned(),
+        first_page(vec![alert_at("2024-05-01T11:00:00Z")]),
+    );
+    let a = service
+        .evaluate_news2(&req, vec![], now(), &Limits::default())
+        .unwrap()
+        .assessment;
+    let Assessment::Incomplete(i) = &a else {
+        panic!("{a:?}")
+    };
+    assert!(
+        i.unusable
+            .iter()
+            .any(|u| u.reason
+                == nightingale_decision_support::vitals::UnusableReason::NewerMayBeUnread),
+        "{a:?}"
+    );
+}
+
+/// Red-team finding: the consciousness search failed (HTTP 503) while the vitals search held
+/// an older "Alert": NEWS2 0, "low", scored from it, with no word of the search not read (new
+/// confusion alone scores 3). A search asked for and not read leaves what it may hold
+/// unknown; one that found nothing would be "no value recorded".
+#[test]
+fn a_search_that_could_not_be_read_is_not_nothing_recorded() {
+    use nightingale_decision_support::service::Fetched;
+    use nightingale_decision_support::vitals::{Parameter, UnusableReason};
+    let services = Services::builtin();
+    let service = services.get(DEFAULT_NEWS2_ID).unwrap();
+    let req = request(patient("1925-12-23"), vitals_bundle());
+    let out = service
+        .evaluate_news2(
+            &req,
+            Fetched {
+                resources: vec![],
+                failed: vec!["consciousness".to_owned()],
+            },
+            now(),
+            &Limits::default(),
+        )
+        .unwrap();
+    let Assessment::Incomplete(i) = &out.assessment else {
+        panic!(
+            "scored without the consciousness search: {:?}",
+            out.assessment
+        )
+    };
+    assert_eq!(i.unusable.len(), 1, "{i:?}");
+    assert_eq!(i.unusable[0].parameter, Parameter::Consciousness);
+    assert_eq!(i.unusable[0].reason, UnusableReason::SearchNotRead);
+    assert!(
+        detail(&out).contains("could not be read from the EHR's FHIR server"),
+        "{}",
+        detail(&out)
+    );
+    // The vitals search failed: every parameter is unusable for that reason, not "no value
+    // recorded in the look-back window".
+    let mut req = request(patient("1925-12-23"), Value::Null);
+    req.prefetch.as_mut().unwrap().remove("vitals");
+    let out = service
+        .evaluate_news2(
+            &req,
+            Fetched {
+                resources: vec![],
+                failed: vec!["vitals".to_owned()],
+            },
+            now(),
+            &Limits::default(),
+        )
+        .unwrap();
+    let Assessment::Incomplete(i) = &out.assessment else {
+        panic!("{:?}", out.assessment)
+    };
+    assert!(i.missing.is_empty(), "{i:?}");
+    assert_eq!(i.unusable.len(), 7, "{i:?}");
+    assert!(
+        i.unusable
+            .iter()
+            .all(|u| u.reason == UnusableReason::SearchNotRead)
+    );
+    assert!(
+        !detail(&out).contains("no value recorded"),
+        "{}",
+        detail(&out)
+    );
+}

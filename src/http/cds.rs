@@ -20,7 +20,7 @@ use nightingale_decision_support::hooks::{
     CdsResponse, FeedbackRequest, HookRequest, Outcome as Feedback,
 };
 use nightingale_decision_support::news2::Assessment;
-use nightingale_decision_support::service::{ServiceError, ServiceKind};
+use nightingale_decision_support::service::{Fetched, ServiceError, ServiceKind};
 use sha2::{Digest, Sha256};
 
 use super::auth::Caller;
@@ -192,6 +192,7 @@ async fn answer_call(
     // from its FHIR server when it may be asked.
     let mut request = request;
     let mut fetched = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
     let missing = match service.missing_prefetch(&request) {
         Ok(m) => m,
         Err(e) => return AppError::bad_request(e.to_string()).into_response(),
@@ -225,6 +226,15 @@ async fn answer_call(
             };
             (fetched, ()) =
                 futures_util::future::join(cds.fetch(server, token, &missing, &budget), rest).await;
+            // A search asked for and not read is not "nothing recorded": what it would have
+            // held is unknown (a consciousness search that failed let an older "Alert" from
+            // the vitals be scored: a red-team finding).
+            failed = missing
+                .iter()
+                .map(|(key, _)| key)
+                .filter(|key| !fetched.iter().any(|(k, _)| k == *key))
+                .cloned()
+                .collect();
         } else {
             tracing::info!(
                 service = %service.id(),
@@ -240,6 +250,10 @@ async fn answer_call(
         .kind()
     {
         ServiceKind::News2 => {
+            let fetched = Fetched {
+                resources: fetched,
+                failed,
+            };
             let outcome = match service.evaluate_news2(&request, fetched, now, &cds.limits) {
                 Ok(o) => o,
                 Err(ServiceError::Request(e)) => {
@@ -273,6 +287,10 @@ async fn answer_call(
                 metrics::counter!("nightingale_cds_requests_total", "service" => service.id().to_owned(), "outcome" => "rejected").increment(1);
                 return AppError::bad_request("the hook context has no patientId").into_response();
             }
+            let fetched = Fetched {
+                resources: fetched,
+                failed,
+            };
             let (resources, conditions_read) = match service.collect(&request, fetched, &cds.limits)
             {
                 Ok(r) => r,

@@ -231,6 +231,7 @@ class Fhir(BaseHTTPRequestHandler):
     mode = "answer"
     seen: list = []
     resources: dict = {}
+    fail_code: str | None = None  # a search by this code is answered 503
 
     def do_GET(self):  # noqa: N802 (http.server's name)
         Fhir.seen.append((self.path, self.headers.get("Authorization")))
@@ -240,6 +241,10 @@ class Fhir(BaseHTTPRequestHandler):
             return
         if Fhir.mode == "slow":
             time.sleep(3)
+        if Fhir.fail_code and Fhir.fail_code in unquote(self.path):
+            self.send_response(503)
+            self.end_headers()
+            return
         parts = self.path.split("?")[0].split("/")  # ['', 'fhir', 'Observation', ...]
         body = Fhir.resources.get(parts[2] if len(parts) > 2 else "", searchset([]))
         if body.get("type") == "searchset":
@@ -266,6 +271,7 @@ def fhir():
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     Fhir.seen = []
+    Fhir.fail_code = None
     Fhir.resources = {
         "Patient": adult(),
         "Observation": searchset(vitals(PID, ago(15), 22, 94, False, 105, 115, True, 38.5)),
@@ -319,6 +325,24 @@ def test_a_consciousness_level_filed_outside_vital_signs_is_fetched_by_its_code(
         assert card["summary"].startswith(f"NEWS2 {total} "), card
         searches = [p for p, _ in Fhir.seen if p.startswith("/fhir/Observation?")]
         assert any("67775-7" in unquote(p) for p in searches), searches
+    finally:
+        stop(s.proc)
+
+
+def test_a_search_that_fails_leaves_what_it_holds_unknown(work, ehr, fhir):
+    # The vitals (an Alert 30 minutes ago) are read; the consciousness search fails (503).
+    # New confusion charted since would score 3: an older Alert is not scored in its place
+    # (it was: "NEWS2 0 — low", a red-team finding), and the card says why.
+    Fhir.mode = "answer"
+    Fhir.fail_code = "67775-7"
+    Fhir.resources["Observation"] = searchset(vitals(PID, ago(30), 16, 97, False, 125, 72, True, 36.8))
+    s = Server(work, ehr, extra=("--cds-fhir-server", fhir))
+    try:
+        status, body = s.call(SERVICE, patient_view(PID, None, fhir_server=fhir), ehr)
+        assert status == 200, body
+        [card] = body["cards"]
+        assert card["summary"] == "NEWS2 not calculated: missing Consciousness", card
+        assert "could not be read from the EHR's FHIR server" in card["detail"], card
     finally:
         stop(s.proc)
 
