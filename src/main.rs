@@ -170,6 +170,31 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// How long a shutting-down server waits for stopped validation runs to reach their next row.
 const VALIDATION_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Raises the soft limit on open files to the hard one, as servers do (nginx's
+/// `worker_rlimit_nofile`): every connection, spooled instance and streamed WADO-RS answer
+/// holds a descriptor, and the usual soft limit of 1,024 ran out under 1,000 stalled
+/// streams, after which the server accepted nothing and failed series it could not open (a
+/// red-team finding).
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return;
+    }
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::debug!(
+            from = ?limit.current,
+            to = ?limit.maximum,
+            "open file limit raised to the hard limit"
+        ),
+        Err(e) => tracing::warn!(error = %e, soft = ?limit.current, "open file limit not raised"),
+    }
+}
+
 /// A write past a file-size limit (`ulimit -f`) raises SIGXFSZ, whose default action ends the
 /// process: the audit trail was left with a torn last line and the server down (a review's
 /// finding). With a handler installed (tokio's, which only notes the signal; it stays
@@ -191,6 +216,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = args.resolve()?;
             init_tracing(config.log_format);
+            raise_open_file_limit();
             // TLS files are read now, so that a bad certificate or key fails before anything
             // else starts, naming the file.
             let tls = match &config.tls {

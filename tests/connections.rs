@@ -262,3 +262,24 @@ async fn requests_with_many_header_fields_are_served_up_to_the_limit() {
     .await
     .unwrap();
 }
+
+/// Red-team finding: a client that sent its whole request and shut its side down (`nc -N`,
+/// an HTTP/1.0 script) got no answer; the request was not run. Half-closed, it is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_followed_by_a_half_close_is_answered() {
+    let (addr, _stop) = start(ConnectionLimits::default()).await;
+    tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(BOUND)).unwrap();
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        assert!(answer.ends_with("slow"), "{answer:?}");
+    })
+    .await
+    .unwrap();
+}

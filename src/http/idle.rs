@@ -212,11 +212,23 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for IdleClose<IO> {
 pub struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
+    /// [`SEND_STALL_TIMEOUT`].
+    stall: Duration,
 }
 
 impl<S> Tracked<S> {
     pub fn new(inner: S, activity: Arc<Activity>) -> Self {
-        Tracked { inner, activity }
+        Tracked {
+            inner,
+            activity,
+            stall: SEND_STALL_TIMEOUT,
+        }
+    }
+
+    /// Another stall timeout than [`SEND_STALL_TIMEOUT`] (tests).
+    pub fn with_stall_timeout(mut self, stall: Duration) -> Self {
+        self.stall = stall;
+        self
     }
 }
 
@@ -238,22 +250,66 @@ where
     fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
         let guard = self.activity.begin();
         let response = self.inner.call(req);
+        let stall = self.stall;
         Box::pin(async move {
             let response = response.await?;
             Ok(response.map(|body| {
-                axum::body::Body::new(Guarded {
-                    body: axum::body::Body::new(body),
-                    _guard: guard,
-                })
+                axum::body::Body::new(Guarded::new(axum::body::Body::new(body), guard, stall))
             }))
         })
     }
 }
 
-/// A response body holding its request's [`InFlight`] until it is dropped.
-struct Guarded {
+/// How long a response may go without the client taking any of it before it is dropped: a
+/// client that stops reading (an HTTP/2 flow-control window left at 0, an HTTP/1 socket not
+/// read) held its answer's admission ticket, open files and request slot for ever (256
+/// stalled streams kept every inference refused 503, and stalled WADO-RS streams ran the
+/// server out of file descriptors: red-team findings).
+pub const SEND_STALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What a [`Guarded`] body holds until it ends, is dropped, or is reaped.
+struct Held {
     body: axum::body::Body,
     _guard: InFlight,
+}
+
+/// Shared between a [`Guarded`] body and the reaper.
+struct Shared {
+    held: std::sync::Mutex<Option<Held>>,
+    /// Milliseconds from [`reaper_epoch`] to when the client last took a frame (or the
+    /// response began).
+    progress_ms: AtomicU64,
+    stall: Duration,
+    /// Dropped by the reaper (not ended).
+    reaped: std::sync::atomic::AtomicBool,
+}
+
+/// A response body holding its request's [`InFlight`] until it is dropped, or until the
+/// client has taken nothing of it for its stall timeout ([`SEND_STALL_TIMEOUT`]): the
+/// reaper then drops what it holds (the response's admission ticket, files, its place in
+/// the connection's requests in flight), and the stream ends with an error when polled.
+struct Guarded {
+    shared: Arc<Shared>,
+}
+
+impl Guarded {
+    fn new(body: axum::body::Body, guard: InFlight, stall: Duration) -> Guarded {
+        let shared = Arc::new(Shared {
+            held: std::sync::Mutex::new(Some(Held {
+                body,
+                _guard: guard,
+            })),
+            progress_ms: AtomicU64::new(since_epoch_ms()),
+            stall,
+            reaped: std::sync::atomic::AtomicBool::new(false),
+        });
+        reap_when_stalled(&shared);
+        Guarded { shared }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<Held>> {
+        self.shared.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl http_body::Body for Guarded {
@@ -261,18 +317,129 @@ impl http_body::Body for Guarded {
     type Error = axum::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let mut held = self.held();
+        let Some(h) = held.as_mut() else {
+            if !self.shared.reaped.load(Ordering::Relaxed) {
+                return Poll::Ready(None);
+            }
+            return Poll::Ready(Some(Err(axum::Error::new(
+                "the response was dropped: the client took none of it for the stall timeout",
+            ))));
+        };
+        let polled = Pin::new(&mut h.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => self
+                .shared
+                .progress_ms
+                .store(since_epoch_ms(), Ordering::Relaxed),
+            // Ended: what it held is given back now.
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => *held = None,
+            Poll::Pending => {}
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.held().as_ref().is_none_or(|h| h.body.is_end_stream())
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+        self.held()
+            .as_ref()
+            .map_or_else(http_body::SizeHint::default, |h| h.body.size_hint())
+    }
+}
+
+/// The reaper's clock.
+fn reaper_epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn since_epoch_ms() -> u64 {
+    reaper_epoch().elapsed().as_millis() as u64
+}
+
+/// Hands `shared` to the reaper: one task for the whole server, which looks at each
+/// response once its stall timeout may have passed (a timer per response would cost a task
+/// for every request).
+fn reap_when_stalled(shared: &Arc<Shared>) {
+    static REAPER: std::sync::OnceLock<
+        tokio::sync::mpsc::UnboundedSender<std::sync::Weak<Shared>>,
+    > = std::sync::OnceLock::new();
+    let tx = REAPER.get_or_init(|| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(reaper(rx));
+        tx
+    });
+    let _ = tx.send(Arc::downgrade(shared));
+}
+
+async fn reaper(mut rx: tokio::sync::mpsc::UnboundedReceiver<std::sync::Weak<Shared>>) {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    // (when to look, which response): the earliest first.
+    let mut due: BinaryHeap<(Reverse<u64>, usize)> = BinaryHeap::new();
+    let mut slots: Vec<Option<std::sync::Weak<Shared>>> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    loop {
+        let next = due.peek().map(|(Reverse(at), _)| *at);
+        let wake = async {
+            match next {
+                Some(at) => {
+                    tokio::time::sleep_until(reaper_epoch() + Duration::from_millis(at)).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            received = rx.recv() => {
+                let Some(weak) = received else { return };
+                let Some(shared) = weak.upgrade() else { continue };
+                let at = shared.progress_ms.load(Ordering::Relaxed)
+                    + shared.stall.as_millis() as u64;
+                let slot = free.pop().unwrap_or_else(|| {
+                    slots.push(None);
+                    slots.len() - 1
+                });
+                slots[slot] = Some(weak);
+                due.push((Reverse(at), slot));
+            }
+            () = wake => {
+                let Some((_, slot)) = due.pop() else { continue };
+                let Some(shared) = slots[slot].as_ref().and_then(std::sync::Weak::upgrade) else {
+                    slots[slot] = None;
+                    free.push(slot);
+                    continue;
+                };
+                let mut held = shared.held.lock().unwrap_or_else(|p| p.into_inner());
+                if held.is_none() {
+                    drop(held);
+                    slots[slot] = None;
+                    free.push(slot);
+                    continue;
+                }
+                let last = shared.progress_ms.load(Ordering::Relaxed);
+                let at = last + shared.stall.as_millis() as u64;
+                if since_epoch_ms() >= at {
+                    tracing::warn!(
+                        stall_secs = shared.stall.as_secs(),
+                        "response dropped: the client took none of it for the stall timeout"
+                    );
+                    shared.reaped.store(true, Ordering::Relaxed);
+                    *held = None;
+                    drop(held);
+                    slots[slot] = None;
+                    free.push(slot);
+                } else {
+                    drop(held);
+                    due.push((Reverse(at), slot));
+                }
+            }
+        }
     }
 }
 
@@ -280,6 +447,68 @@ impl http_body::Body for Guarded {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A body that records being dropped (what an admission ticket or an open file does).
+    struct Watched(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Drop for Watched {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl http_body::Body for Watched {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+            Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+                b"x",
+            )))))
+        }
+    }
+
+    /// Red-team finding: a client that never reads (an HTTP/2 window of 0) held its answer,
+    /// and the answer's admission ticket and files, for ever. A response the client takes
+    /// nothing of for the stall timeout is dropped; one it reads is not.
+    #[tokio::test]
+    async fn a_response_the_client_does_not_read_is_dropped_at_the_stall_timeout() {
+        use http_body_util::BodyExt;
+        let activity = Activity::new();
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stalled = Guarded::new(
+            axum::body::Body::new(Watched(dropped.clone())),
+            activity.begin(),
+            Duration::from_millis(200),
+        );
+        let read = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut reading = Guarded::new(
+            axum::body::Body::new(Watched(read.clone())),
+            activity.begin(),
+            Duration::from_millis(200),
+        );
+        assert_eq!(activity.inflight.load(Ordering::Relaxed), 2);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !dropped.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "not reaped within 30 s");
+            // The reading client takes a frame every 50 ms.
+            let frame = reading.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), "x");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Reaped: what it held is given back, its request is no longer in flight, and a
+        // late poll ends the stream with an error.
+        assert_eq!(activity.inflight.load(Ordering::Relaxed), 1);
+        assert!(!read.load(Ordering::SeqCst));
+        let mut stalled = stalled;
+        assert!(stalled.frame().await.unwrap().is_err());
+        drop(reading);
+        assert!(read.load(Ordering::SeqCst));
+        assert_eq!(activity.inflight.load(Ordering::Relaxed), 0);
+    }
 
     /// A connection that sends nothing ends at the first-byte deadline, not the idle timeout;
     /// one that sends a byte in time is held to the idle timeout from then on.

@@ -44,6 +44,10 @@ impl ConnectionLimits {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(self.header_read_timeout)
+            // A client that sends its whole request and shuts its side down (`nc -N`, an
+            // HTTP/1.0 script) still gets its answer: the request was dropped unanswered,
+            // unrun and unaudited (a red-team finding).
+            .half_close(true)
             // Header fields per request (hyper's default is 100: a request through proxies
             // that add tracing headers got an empty 431, a red-team finding).
             .max_headers(MAX_HEADER_FIELDS);

@@ -394,6 +394,25 @@ impl Pipeline {
                 .settle_series(row, "unmatched", Some("no instances left in the spool"))?;
             return Ok(0);
         };
+        // A file that cannot be opened now (out of descriptors, an I/O error of a network
+        // file system) is looked at again on the next pass: failed for good, an
+        // acknowledged series would never get its results (a red-team finding). Only what
+        // opens and does not parse fails the series.
+        match std::fs::File::open(&first.path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.store().settle_series(
+                    row,
+                    "unmatched",
+                    Some("no instances left in the spool"),
+                )?;
+                return Ok(0);
+            }
+            Err(e) => {
+                tracing::warn!(series = %tag, error = %e, "series header cannot be opened now: tried again on the next pass");
+                return Ok(0);
+            }
+        }
         let header = match SeriesHeader::read(&first.path) {
             Ok(h) => h,
             Err(e) => {
