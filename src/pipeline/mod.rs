@@ -133,14 +133,23 @@ pub fn purge_results(
                     continue;
                 }
             }
-            if let Some(dir) = path.parent() {
-                // Empty job folders go too (not an error when others remain).
+            // Empty job folders go too (not an error when others remain); the folders the
+            // pipeline writes into stay (a dead letter's parent is the dead-letter folder,
+            // which went with its last file: later dead letters were then not kept, a
+            // red-team finding).
+            if let Some(dir) = path.parent()
+                && dir != results_dir.join(outbox::DEAD_LETTER_DIR)
+                && dir != results_dir.join(outbox::OBJECTS_DIR)
+            {
                 let _ = std::fs::remove_dir(dir);
             }
         }
     }
     Ok(counts)
 }
+
+/// The reason a routed series' late instances were not processed.
+const LATE_IGNORED: &str = "late instances ignored";
 
 /// A short, non-reversible tag for a UID in logs (UIDs are not written to logs).
 pub fn uid_tag(uid: &str) -> String {
@@ -244,10 +253,41 @@ impl Pipeline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+        self.check_routes();
         let assembler = tokio::spawn(self.clone().assemble_forever());
         let runner = tokio::spawn(self.clone().run_jobs_forever());
         let kept = tokio::spawn(self.clone().keep_missing_results_in_spool());
         let _ = tokio::join!(assembler, runner, sender, kept);
+    }
+
+    /// Once the initial models are loaded: a warning for each route's bundle that is not
+    /// served, and each output a route reports that its bundle does not have (every
+    /// matching series would otherwise end unmatched, or failed with a reason naming the
+    /// bundle, with nothing said at start: a red-team finding). Not an error: a bundle may
+    /// be deployed later.
+    fn check_routes(&self) {
+        for route in self.routes() {
+            for bundle in &route.bundles {
+                let Ok(model) = self.state.repository.get(bundle, None) else {
+                    tracing::warn!(
+                        route = %route.name,
+                        bundle = %bundle,
+                        "route names a bundle that is not being served: its series will be unmatched until it is"
+                    );
+                    continue;
+                };
+                for output in &route.report {
+                    if !model.manifest.outputs.iter().any(|o| &o.name == output) {
+                        tracing::warn!(
+                            route = %route.name,
+                            bundle = %bundle,
+                            output = %output,
+                            "route reports an output its bundle does not have: its jobs will fail"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// At start-up: the done jobs' result objects the spool does not hold (a store refused
@@ -379,10 +419,14 @@ impl Pipeline {
         row: &SeriesRow,
     ) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
         let tag = uid_tag(&row.series_uid);
-        if row.routed_instances > 0 && self.config.late == Late::Ignore {
+        // Late instances of a series that was routed are ignored; one that was left
+        // unmatched or failed is looked at again (it was marked "routed, late instances
+        // ignored", its real outcome hidden: a red-team finding).
+        let was_routed = row.reason.as_deref().is_none_or(|r| r == LATE_IGNORED);
+        if row.routed_instances > 0 && self.config.late == Late::Ignore && was_routed {
             tracing::info!(series = %tag, "late instances ignored (late = ignore)");
             self.store()
-                .settle_series(row, "routed", Some("late instances ignored"))?;
+                .settle_series(row, "routed", Some(LATE_IGNORED))?;
             return Ok(0);
         }
         let instances = self
@@ -439,10 +483,17 @@ impl Pipeline {
         // The Patient ID's hash, for the CDS imaging cards (the ID itself is not kept).
         self.store()
             .set_patient(row, header.patient_id_sha256.as_deref())?;
+        // Every calling AE the series came from: a route by calling AE takes a series only
+        // if each of its instances came from an AE it lists (judged by the first to arrive,
+        // another AE's images went into a listed AE's job, or a listed AE's series was left
+        // unrouted: a red-team finding).
+        let calling_aes: std::collections::BTreeSet<&str> =
+            instances.iter().map(|i| i.calling_ae.as_str()).collect();
+        let mismatch = |m: &route::Match| calling_aes.iter().find_map(|ae| m.mismatch(&header, ae));
         let mut refusals: Vec<String> = Vec::new();
         let mut matching = Vec::new();
         for route in self.routes() {
-            match route.matcher.mismatch(&header, &first.calling_ae) {
+            match mismatch(&route.matcher) {
                 Some(why) => refusals.push(format!("{}: {why}", route.name)),
                 None => matching.push(route),
             }
@@ -484,8 +535,7 @@ impl Pipeline {
                     ));
                     continue;
                 };
-                if let Some(why) = Match::of_bundle(&accepts)
-                    .mismatch(&header, &first.calling_ae)
+                if let Some(why) = mismatch(&Match::of_bundle(&accepts))
                     .or_else(|| route::volume_mismatch(&accepts, &header, instances.len() as u64))
                 {
                     refusals.push(format!("{}: bundle {bundle} refuses: {why}", route.name));

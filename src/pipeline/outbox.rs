@@ -278,6 +278,8 @@ impl Pipeline {
             super::uid_tag(&o.sop_instance_uid),
             super::uid_tag(&o.destination)
         ));
+        // The folder is made again if it went (an operator's clean-up).
+        let _ = std::fs::create_dir_all(self.config.results_dir.join(DEAD_LETTER_DIR));
         let copied = std::fs::copy(&from, self.config.results_dir.join(&relative));
         let moved = copied.is_ok();
         metrics::counter!("nightingale_pipeline_dead_letters_total").increment(1);

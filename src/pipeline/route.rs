@@ -251,6 +251,11 @@ impl RouteConfig {
         if self.bundles.is_empty() {
             return fail("it names no bundle".into());
         }
+        for (i, b) in self.bundles.iter().enumerate() {
+            if b.trim().is_empty() || self.bundles[..i].contains(b) {
+                return fail(format!("bundle {b:?} is empty or listed twice"));
+            }
+        }
         let range = |what: &str, r: Option<[u32; 2]>| -> Result<Option<(u32, u32)>, String> {
             match r {
                 Some([lo, hi]) if lo > hi => Err(format!(
@@ -434,6 +439,9 @@ mod tests {
             "name = \"x\"\nbundles = [\"m\"]\nrows = [5, 1]",
             "name = \"x\"\nbundles = [\"m\"]\nseries_description = \"(\"",
             "name = \"x\"\nbundles = [\"m\"]\ndestinations = [\"nope\"]",
+            // A bundle twice made a superseded job of every series (red-team).
+            "name = \"x\"\nbundles = [\"m\", \"m\"]",
+            "name = \"x\"\nbundles = [\"\"]",
         ] {
             let c: RouteConfig = toml::from_str(bad).unwrap();
             assert!(c.compile(&default).is_err(), "{bad} compiled");

@@ -941,6 +941,60 @@ mod tests {
         assert_eq!(purged.files, vec![format!("objects/{job}/SR.dcm")]);
     }
 
+    /// Red-team finding: purging the last dead letter removed the dead-letter folder itself
+    /// (the "empty job folder" clean-up took its parent), and later dead letters were not
+    /// kept until a restart made it again. Job folders go when empty; the pipeline's own
+    /// folders stay.
+    #[test]
+    fn a_results_purge_keeps_the_pipelines_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let results = dir.path();
+        for d in [
+            super::super::outbox::OBJECTS_DIR,
+            super::super::outbox::DEAD_LETTER_DIR,
+        ] {
+            std::fs::create_dir_all(results.join(d)).unwrap();
+        }
+        let store = ResultsStore::open(&results.join(super::super::STORE_FILE)).unwrap();
+        store.note_series("1.2", "1.2.3", 1, 1_000).unwrap();
+        let job = store.add_job("1.2", "1.2.3", "r", "m", 1, "A@h:1").unwrap();
+        store.take_job().unwrap();
+        store
+            .finish_job(job, JobState::Done, "1", None, None)
+            .unwrap();
+        let files = [
+            format!("objects/{job}/SR.dcm"),
+            "dead-letter/SR-a-b.dcm".to_owned(),
+        ];
+        std::fs::create_dir_all(results.join(format!("objects/{job}"))).unwrap();
+        for (i, path) in files.iter().enumerate() {
+            std::fs::write(results.join(path), b"x").unwrap();
+            store
+                .add_object(&ResultObject {
+                    sop_instance_uid: format!("5.{i}"),
+                    job_id: job,
+                    kind: "SR".into(),
+                    series_uid: "9".into(),
+                    sop_class_uid: "1.2.840.10008.5.1.4.1.1.88.33".into(),
+                    path: path.clone(),
+                    destination: "A@h:1".into(),
+                    delivery: if i == 0 { "sent" } else { "dead" }.into(),
+                    attempts: 1,
+                    next_attempt_ms: 0,
+                    last_error: None,
+                })
+                .unwrap();
+        }
+        drop(store);
+        let counts =
+            super::super::purge_results(results, std::time::SystemTime::now(), false).unwrap();
+        assert_eq!(counts.files.len(), 2, "{:?}", counts.files);
+        assert!(!results.join(&files[0]).exists() && !results.join(&files[1]).exists());
+        assert!(!results.join(format!("objects/{job}")).exists());
+        assert!(results.join(super::super::outbox::OBJECTS_DIR).is_dir());
+        assert!(results.join(super::super::outbox::DEAD_LETTER_DIR).is_dir());
+    }
+
     #[test]
     fn a_patients_done_jobs_are_found_by_the_hash_of_the_patient_id() {
         let dir = tempfile::tempdir().unwrap();

@@ -706,6 +706,80 @@ def test_two_routes_running_one_bundle_each_send_to_their_own_pacs():
         shutil.rmtree(work, ignore_errors=True)
 
 
+def test_a_route_by_calling_ae_takes_a_series_only_if_every_instance_came_from_a_listed_ae():
+    """Red-team finding: the calling AE was judged by the series' first instance only: an
+    unlisted AE's image sent second went into the listed AE's job (and its SR), and a listed
+    AE's series whose first instance came from elsewhere was left unrouted."""
+    work = Path(tempfile.mkdtemp(prefix="nightingale-hostile-ae-"))
+    pacs = StoreScp(work)
+    config = work / "routes.toml"
+    config.write_text(
+        f'[[routes]]\nname = "good"\ncalling_ae = ["GOODAE"]\nbundles = ["{BUNDLE.name}"]\n'
+        f'destinations = ["STORESCP@127.0.0.1:{pacs.port}"]\n')
+    server = Server(work, f"STORESCP@127.0.0.1:{pacs.port}", ("--config", str(config)))
+    try:
+        study = generate_uid()
+        mixed, clean = generate_uid(), generate_uid()
+        for series, aes in [(mixed, ["GOODAE", "EVILAE"]), (clean, ["GOODAE", "GOODAE"])]:
+            for i, ae in enumerate(aes):
+                ds = _ct(study, series)
+                ds.InstanceNumber = i + 1
+                store(server.port, [_save(ds, work / f"{series}-{i}.dcm")], ("-aet", ae))
+        report = wait_for(
+            lambda: (r := server.results(study)) and len(r["series"]) == 2
+            and all(s["state"] != "assembling" for s in r["series"])
+            and any(s["jobs"] and s["jobs"][0]["state"] == "done" for s in r["series"]) and r,
+            RESULT_TIMEOUT_S, "both series settled")
+        by = {s["series_instance_uid"]: s for s in report["series"]}
+        assert by[mixed]["state"] == "unmatched", by[mixed]
+        assert "calling AE not routed" in by[mixed]["reason"], by[mixed]
+        assert not by[mixed]["jobs"]
+        [job] = by[clean]["jobs"]
+        assert job["state"] == "done" and job["instances"] == 2, job
+    finally:
+        stop(server.proc)
+        stop(pacs.proc)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_with_late_instances_ignored_an_unmatched_series_keeps_its_reason():
+    """Red-team finding: with `--late-instances ignore`, a late instance of a series that no
+    route took turned it into "routed, late instances ignored", hiding why it was never
+    processed. It is looked at again, and keeps its own outcome."""
+    work = Path(tempfile.mkdtemp(prefix="nightingale-hostile-late-"))
+    config = work / "routes.toml"
+    # Two routes with mistakes a start-up warning names (red-team: nothing was said, and
+    # every matching series ended unmatched or failed).
+    config.write_text(
+        f'[[routes]]\nname = "mr"\nmodality = ["MR"]\nbundles = ["{BUNDLE.name}"]\n\n'
+        f'[[routes]]\nname = "ghost"\nmodality = ["XA"]\nbundles = ["no-such-bundle"]\n\n'
+        f'[[routes]]\nname = "typo"\nmodality = ["XA"]\nbundles = ["{BUNDLE.name}"]\n'
+        f'report = ["nonexistent-output"]\n')
+    server = Server(work, "NOWHERE@127.0.0.1:1",
+                    ("--config", str(config), "--late-instances", "ignore"))
+    try:
+        wait_for(lambda: "route reports an output its bundle does not have" in server.log(),
+                 RESULT_TIMEOUT_S, "the route warnings")
+        assert "route names a bundle that is not being served" in server.log()
+        study, series = generate_uid(), generate_uid()
+        store(server.port, [_save(_ct(study, series), work / "a.dcm")])
+        first = wait_for(lambda: (r := server.results(study)) and r["series"][0]["state"] == "unmatched"
+                         and r, RESULT_TIMEOUT_S, "the series unmatched")
+        reason = first["series"][0]["reason"]
+        assert "modality" in reason, first
+        late = _ct(study, series)
+        late.InstanceNumber = 2
+        store(server.port, [_save(late, work / "b.dcm")])
+        again = wait_for(lambda: (r := server.results(study)) and r["series"][0]["instances"] == 2
+                         and r["series"][0]["state"] != "assembling" and r,
+                         RESULT_TIMEOUT_S, "the late instance looked at")
+        assert again["series"][0]["state"] == "unmatched", again
+        assert again["series"][0]["reason"] == reason, again
+    finally:
+        stop(server.proc)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def test_a_series_waiting_across_a_restart_is_processed_once_the_models_are_loaded():
     """Red-team finding: at start-up the pipeline routed series before the initial model load,
     so a series whose quiet time ended while the server was down was settled `unmatched` (no
