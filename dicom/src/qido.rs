@@ -224,6 +224,12 @@ impl Query {
     }
 }
 
+/// The study's date (its instances' earliest), as the study level answers it and matches
+/// on: the series and instance levels answer it too, not each row's own (a series of a
+/// study matched on 20231231 was answered with its own 20240102: a red-team finding).
+const STUDY_DATE: &str =
+    "(SELECT MIN(s.study_date) FROM instances s WHERE s.study_uid = instances.study_uid)";
+
 impl Spool {
     /// Studies matching `StudyInstanceUID`, `ModalitiesInStudy` and `StudyDate`.
     pub fn query_studies(&self, q: &Query) -> Result<Vec<StudyRow>, StoreError> {
@@ -275,7 +281,7 @@ impl Spool {
         let page = q.page(&mut params);
         let sql = format!(
             "SELECT study_uid, series_uid, COUNT(*), MAX(received_at_ms), MIN(modality),
-                    MIN(series_number), MIN(study_date), MIN(study_time)
+                    MIN(series_number), {STUDY_DATE}, MIN(study_time)
              FROM instances {filter} GROUP BY study_uid, series_uid
              ORDER BY study_uid, series_uid {page}"
         );
@@ -315,7 +321,7 @@ impl Spool {
         let page = q.page(&mut params);
         let sql = format!(
             "SELECT study_uid, series_uid, sop_instance_uid, sop_class_uid, transfer_syntax,
-                    received_at_ms, size, modality, study_date, study_time, series_number,
+                    received_at_ms, size, modality, {STUDY_DATE}, study_time, series_number,
                     instance_number, rows, columns, number_of_frames
              FROM instances {filter} ORDER BY study_uid, series_uid, sop_instance_uid {page}"
         );

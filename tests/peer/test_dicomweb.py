@@ -363,6 +363,9 @@ def test_a_study_date_match_answers_the_whole_study(server):
         assert len(series) == 2, (query, series)
         instances = client.search_for_instances(study_instance_uid=study, search_filters=query)
         assert len(instances) == 2, (query, instances)
+        # Every level answers the study's date, the one it matched on (not each row's own).
+        for item in series + instances:
+            assert item["00080020"]["Value"] == ["20200101"], item
     for other in ["20200102", "-20191231"]:
         assert requests.get(f"{server.url}/studies", timeout=30,
                             params={"StudyInstanceUID": study, "StudyDate": other}).json() == []

@@ -495,7 +495,9 @@ pub struct Estimate {
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Calibration {
     /// Calibration-in-the-large: `a` of `logit P(y) = a + logit(p)`. It has a maximum
-    /// whenever both classes are present (`None` only if the fit fails numerically).
+    /// whenever both classes are present among the scores that are not exactly 0 or 1, and
+    /// no score of exactly 0 or 1 is contradicted by its label (otherwise the maximum is at
+    /// infinity): `None` then.
     pub intercept: Option<Estimate>,
     /// `b` of `logit P(y) = a + b·logit(p)`: `None` for separable scores ([`separable`]),
     /// where no maximum exists, or all scores equal.
@@ -521,8 +523,34 @@ pub fn calibration(y: &[bool], p: &[f64], confidence: f64) -> Option<Calibration
             standard_error: se,
         }
     };
+    // A score of exactly 0 or 1 that its label contradicts has a likelihood of 0 however
+    // the intercept moves: the fit's maximum is at infinity, and the finite value found is
+    // an artefact of the logit's clipping (13.65 with a standard error of 544 was
+    // reported: a red-team finding). A fit whose information is nil (every score clipped)
+    // says nothing either.
+    // Rows of a clipped score that agrees with its label have a likelihood of 1 for every
+    // finite intercept: only the others place it, and they need both classes (else the
+    // maximum is at infinity too).
+    let clipped = |p: f64| p <= CLIP || p >= 1.0 - CLIP;
+    let contradicted = y
+        .iter()
+        .zip(p)
+        .any(|(&y, &p)| if y { p <= CLIP } else { p >= 1.0 - CLIP });
+    let (open_pos, open_neg) =
+        y.iter()
+            .zip(p)
+            .filter(|(_, p)| !clipped(**p))
+            .fold(
+                (0usize, 0usize),
+                |(a, b), (&y, _)| {
+                    if y { (a + 1, b) } else { (a, b + 1) }
+                },
+            );
+    let intercept = newton_offset(y, &x)
+        .filter(|_| !contradicted && open_pos > 0 && open_neg > 0)
+        .map(|(a, var_a)| est(a, var_a));
     Some(Calibration {
-        intercept: newton_offset(y, &x).map(|(a, var_a)| est(a, var_a)),
+        intercept,
         slope: newton_slope(y, &x).map(|([_, b], cov)| est(b, cov[1][1])),
     })
 }
@@ -929,6 +957,26 @@ mod tests {
         );
     }
 
+    /// Red-team finding: a score of exactly 0 or 1 that its label contradicts has no finite
+    /// intercept (statsmodels does not converge); the clipped logit gave 13.65 (SE 544) or
+    /// −13.47. With every score 0 or 1 and none contradicted, the information is nil (SE
+    /// 707,130 was reported). Undefined in both cases.
+    #[test]
+    fn an_intercept_that_only_the_clipping_bounds_is_undefined() {
+        for (y, p) in [
+            (vec![false, false, true, true], vec![0.0, 0.0, 0.5, 0.7]),
+            (vec![false, true, true], vec![1.0, 1.0, 0.5]),
+            (vec![false, true], vec![0.0, 1.0]),
+        ] {
+            let c = calibration(&y, &p, 0.95).unwrap();
+            assert!(c.intercept.is_none(), "{y:?} {p:?}: {c:?}");
+        }
+        // A hard 0 on a negative beside informative scores does not spoil the fit.
+        let y = [false, false, true, true, false, true];
+        let p = [0.0, 0.3, 0.6, 0.8, 0.4, 0.35];
+        assert!(calibration(&y, &p, 0.95).unwrap().intercept.is_some());
+    }
+
     /// Red-team finding: scores of exactly 0 and 1 (a rule or a saturated model) whose
     /// classes overlap: the fit has a maximum (statsmodels converges) but its stopping rule
     /// was never met. With x = ±c (c = logit of the clipped score), 2 of 3 positive at +c
@@ -945,7 +993,8 @@ mod tests {
             (slope.value - expected).abs() < 1e-9,
             "{slope:?} vs {expected}"
         );
-        assert!(c.intercept.is_some());
+        // Hard scores that their labels contradict: no finite intercept.
+        assert!(c.intercept.is_none());
     }
 
     #[test]

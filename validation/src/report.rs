@@ -707,7 +707,7 @@ pub fn compute_metrics(
             (
                 m(
                     c.intercept,
-                    "the calibration-in-the-large fit did not converge",
+                    "the calibration-in-the-large fit has no finite maximum (scores of exactly 0 or 1 decide the rows that could place it)",
                 ),
                 m(
                     c.slope,
