@@ -1336,6 +1336,24 @@ async fn retrieve_urls_in_stow_and_qido_answers_lead_to_what_was_stored() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v[0]["00081190"], json!({"vr": "UR", "Value": [study_url]}));
 
+    // HTTP/1 (RFC 9112 §3.2): an absolute-form target names the host, whatever the Host
+    // field says; two Host fields name none (red-team: the first was taken).
+    let req = Request::get("http://pacs.example:8042/dicomweb/studies")
+        .header(header::HOST, "proxy.example")
+        .body(Body::empty())
+        .unwrap();
+    let (s, _, v) = server.send(req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v[0]["00081190"], json!({"vr": "UR", "Value": [study_url]}));
+    let req = Request::get("/dicomweb/studies")
+        .header(header::HOST, "pacs.example:8042")
+        .header(header::HOST, "evil.example")
+        .body(Body::empty())
+        .unwrap();
+    let (s, _, v) = server.send(req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(v[0].get("00081190").is_none(), "{v}");
+
     // No Host, or one that is not a plain host name: no RetrieveURL.
     for host in [None, Some("evil.example/x"), Some("a b"), Some("")] {
         let req = with_host(Request::get("/dicomweb/studies"), host)

@@ -418,16 +418,30 @@ async fn usable_request_id(mut request: Request) -> Request {
 /// here), not in `Host`: it is copied into `Host` when there is none, so that what reads
 /// the Host (DICOMweb RetrieveURLs, the CDS Hooks audience) treats both versions alike.
 /// An authority with user information is not copied (HTTP/2 forbids it).
+///
+/// HTTP/1 (RFC 9112 §3.2): a request target in absolute form names the host, and its Host
+/// field is ignored (replaced by the target's authority); a request with more than one Host
+/// field names no host it can be taken at (they are removed: what reads the Host then finds
+/// none). Both were taken at the first Host field, which a proxy routing on the other value
+/// would not agree with (a red-team finding).
 fn host_from_authority(request: &mut Request) {
-    if request.version() < axum::http::Version::HTTP_2
-        || request.headers().contains_key(axum::http::header::HOST)
-    {
+    use axum::http::header::HOST;
+    if request.version() < axum::http::Version::HTTP_2 {
+        if request.headers().get_all(HOST).iter().nth(1).is_some() {
+            request.headers_mut().remove(HOST);
+            return;
+        }
+        if request.uri().authority().is_none() {
+            return;
+        }
+    } else if request.headers().contains_key(HOST) {
         return;
     }
     let Some(authority) = request.uri().authority() else {
         return;
     };
     if authority.as_str().contains('@') {
+        request.headers_mut().remove(HOST);
         return;
     }
     if let Ok(value) = axum::http::HeaderValue::from_str(authority.as_str()) {
