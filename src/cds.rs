@@ -371,11 +371,11 @@ impl Cds {
             match self.fetch_jwks(&issuer, &url).await {
                 Ok(keys) => {
                     ok += 1;
-                    tracing::info!(issuer = %issuer, url = %url, keys, "JWKS fetched");
+                    tracing::info!(issuer = %issuer, url = %without_userinfo(&url), keys, "JWKS fetched");
                 }
                 Err(why) => {
                     metrics::counter!("nightingale_cds_jwks_fetch_failures_total").increment(1);
-                    tracing::warn!(issuer = %issuer, url = %url, reason = %why, "JWKS not fetched; the keys it had stay");
+                    tracing::warn!(issuer = %issuer, url = %without_userinfo(&url), reason = %why, "JWKS not fetched; the keys it had stay");
                 }
             }
         }
@@ -411,7 +411,7 @@ impl Cds {
                 Ok(_) => any = true,
                 Err(why) => {
                     metrics::counter!("nightingale_cds_jwks_fetch_failures_total").increment(1);
-                    tracing::warn!(issuer = %issuer, url = %url, reason = %why, "JWKS not fetched");
+                    tracing::warn!(issuer = %issuer, url = %without_userinfo(&url), reason = %why, "JWKS not fetched");
                 }
             }
         }
@@ -1479,6 +1479,21 @@ fn resolves_elsewhere(path: &str) -> bool {
         })
 }
 
+/// `url` for a log line: user information (`user:password@`) left out (a JWKS URL's
+/// password was logged: a red-team finding).
+fn without_userinfo(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..end].rfind('@') {
+                Some(at) => format!("{scheme}://…@{}", &rest[at + 1..]),
+                None => url.to_owned(),
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
 fn has_space_or_control(s: &str) -> bool {
     s.chars().any(|c| c.is_whitespace() || c.is_control())
 }
@@ -1601,6 +1616,14 @@ mod tests {
             assert!(resolves_elsewhere(bad), "{bad}");
         }
         assert!(!resolves_elsewhere("Observation?patient=a..b"));
+        assert_eq!(
+            without_userinfo("http://user:pw@127.0.0.1:8/jwks.json?a=b@c"),
+            "http://…@127.0.0.1:8/jwks.json?a=b@c"
+        );
+        assert_eq!(
+            without_userinfo("https://ehr.example/jwks.json"),
+            "https://ehr.example/jwks.json"
+        );
         assert!(!Cds::builtin(&repository).may_fetch("https://fhir.example.org/r4"));
     }
 

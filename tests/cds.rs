@@ -91,11 +91,15 @@ impl Ehr {
     }
 
     fn token_with_jku(&self, aud: &str, jku: Option<&str>) -> String {
+        self.token_of(aud, jku, "ehr-client")
+    }
+
+    fn token_of(&self, aud: &str, jku: Option<&str>, sub: &str) -> String {
         let now = jsonwebtoken::get_current_timestamp();
         let mut header = Header::new(Algorithm::ES384);
         header.kid = Some(self.kid.clone());
         header.jku = jku.map(str::to_owned);
-        let claims = json!({"iss": ISS, "sub": "ehr-client", "aud": aud, "iat": now,
+        let claims = json!({"iss": ISS, "sub": sub, "aud": aud, "iat": now,
                             "exp": now + 300, "jti": uuid()});
         jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
     }
@@ -1579,4 +1583,37 @@ async fn a_jwks_url_is_fetched_again_when_keys_rotate_and_is_the_only_accepted_j
     assert_eq!(fetched, 0);
     let (s, v) = call(rotated.token(&aud)).await;
     assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+/// Red-team finding: a CDS caller's subject was cleaned or shortened for the audit actor
+/// without a digest, so two EHR clients ("A\nx" and "A?x", or two long ones differing at
+/// their end) shared one actor. Changed subjects now carry a digest of the whole.
+#[tokio::test]
+async fn ehr_clients_whose_subjects_differ_never_share_an_audit_actor() {
+    let server = Server::new(vec![], Duration::from_secs(5));
+    let long = "B".repeat(300);
+    for sub in ["A\nx", "A?x", &format!("{long}1"), &format!("{long}2")] {
+        let token =
+            server
+                .ehr
+                .token_of(&format!("http://{HOST}/cds-services/{SERVICE}"), None, sub);
+        let (s, v) = server
+            .send(server.post(
+                &format!("/cds-services/{SERVICE}"),
+                Some(&token),
+                patient_view(None, None).to_string().into_bytes(),
+            ))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    let actors: Vec<String> = server
+        .audit()
+        .iter()
+        .filter(|r| r["kind"] == "cds-hook")
+        .map(|r| r["actor"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(actors.len(), 4, "{actors:?}");
+    let distinct: std::collections::BTreeSet<&String> = actors.iter().collect();
+    assert_eq!(distinct.len(), 4, "{actors:?}");
+    assert!(actors.iter().all(|a| !a.contains('\n')), "{actors:?}");
 }

@@ -771,3 +771,38 @@ async fn a_message_is_charged_for_its_decoded_size_before_it_is_decoded() {
         ]
     );
 }
+
+/// Red-team finding: behind the server's own accept loop (hyper's HTTP/2 defaults), one call
+/// with more than 16 KiB of metadata got a bare 431, and above 64 KiB a GOAWAY that failed
+/// every other call on the connection. The HTTP/2 header list now has HTTP/1's budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_with_large_metadata_is_answered_on_the_servers_own_listener() {
+    use nightingale::http::serve::{ConnectionLimits, serve};
+    let server = Server::start(HttpConfig::default()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = http::grpc::router(server.state.clone());
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(listener, app, ConnectionLimits::default(), async {
+        let _ = stopped.await;
+    }));
+    let channel = tokio::time::timeout(
+        Duration::from_secs(30),
+        Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .expect("connects within 30 s")
+    .unwrap();
+    let mut c = GrpcInferenceServiceClient::new(channel);
+    for size in [20_000, 100_000] {
+        let mut r = tonic::Request::new(ServerLiveRequest {});
+        r.metadata_mut()
+            .insert("x-trace", "a".repeat(size).parse().unwrap());
+        let live = tokio::time::timeout(Duration::from_secs(30), c.server_live(r))
+            .await
+            .expect("answered within 30 s");
+        assert!(live.unwrap().into_inner().live, "{size} bytes of metadata");
+    }
+}

@@ -509,7 +509,10 @@ impl TempFile {
         if direct {
             flags |= OFlags::DIRECT;
         }
-        let mode = rustix::fs::Mode::from_raw_mode(0o666);
+        // Patient data: readable by the server's user only (0644 under the usual umask let
+        // every local user read received studies, while result files were 0600: a red-team
+        // finding).
+        let mode = rustix::fs::Mode::from_raw_mode(0o600);
         if anonymous {
             let fd = rustix::fs::openat(rustix::fs::CWD, dir, flags | OFlags::TMPFILE, mode)?;
             return Ok(TempFile {

@@ -88,6 +88,10 @@ fn a_stored_instance_is_a_part10_file_with_the_data_set_as_received_and_a_row() 
         "the data set is stored byte for byte"
     );
     assert_eq!(&bytes[128..132], b"DICM");
+    // Patient data: readable by the server's user only, whatever the umask (it was 0644).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&expected).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
 
     let file = dicom_object::open_file(&expected).unwrap();
     assert_eq!(

@@ -1316,10 +1316,12 @@ pub(crate) async fn enforce(
             }
             match verified {
                 Ok(v) => Caller {
+                    // Shortened or cleaned subjects carry a digest of the whole, as other
+                    // callers' do: two EHR clients never share an audit actor (red-team).
                     id: format!(
                         "cds:{}#{}",
                         printable(&v.issuer),
-                        printable(v.subject.as_deref().unwrap_or("-"))
+                        identity_text(v.subject.as_deref().unwrap_or("-"))
                     ),
                     roles: Roles::NONE,
                 },

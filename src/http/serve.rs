@@ -54,10 +54,18 @@ impl ConnectionLimits {
         builder
             .http2()
             .timer(TokioTimer::new())
+            // The header block budget of HTTP/1 (256 fields of up to ~1.5 KiB): at hyper's
+            // 16 KiB, one gRPC call with large metadata got a bare 431, or above 64 KiB a
+            // GOAWAY that failed every other call on the connection (a red-team finding).
+            .max_header_list_size(MAX_HTTP2_HEADER_LIST)
             .keep_alive_interval(Some(self.http2_keep_alive))
             .keep_alive_timeout(self.http2_keep_alive);
     }
 }
+
+/// The largest HTTP/2 header list (HPACK-decoded, RFC 9113's SETTINGS_MAX_HEADER_LIST_SIZE)
+/// a request may carry.
+pub const MAX_HTTP2_HEADER_LIST: u32 = 400 << 10;
 
 /// Most header fields one HTTP/1 request may carry (beyond: 431).
 pub const MAX_HEADER_FIELDS: usize = 256;
