@@ -41,6 +41,19 @@ struct Server {
     _serve: tokio::task::JoinHandle<()>,
 }
 
+/// A channel to `addr`, connected within 30 s.
+async fn connect(addr: std::net::SocketAddr) -> Channel {
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .expect("connects within 30 s")
+    .unwrap()
+}
+
 impl Server {
     async fn start(config: HttpConfig) -> Server {
         let dir = tempfile::tempdir().unwrap();
@@ -61,15 +74,7 @@ impl Server {
         let serve = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
-        let channel = tokio::time::timeout(
-            Duration::from_secs(30),
-            Channel::from_shared(format!("http://{addr}"))
-                .unwrap()
-                .connect(),
-        )
-        .await
-        .expect("connects within 30 s")
-        .unwrap();
+        let channel = connect(addr).await;
         Server {
             dir,
             state,
@@ -786,16 +791,7 @@ async fn a_call_with_large_metadata_is_answered_on_the_servers_own_listener() {
     tokio::spawn(serve(listener, app, ConnectionLimits::default(), async {
         let _ = stopped.await;
     }));
-    let channel = tokio::time::timeout(
-        Duration::from_secs(30),
-        Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect(),
-    )
-    .await
-    .expect("connects within 30 s")
-    .unwrap();
-    let mut c = GrpcInferenceServiceClient::new(channel);
+    let mut c = GrpcInferenceServiceClient::new(connect(addr).await);
     for size in [20_000, 100_000] {
         let mut r = tonic::Request::new(ServerLiveRequest {});
         r.metadata_mut()
