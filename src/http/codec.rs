@@ -1020,18 +1020,21 @@ pub fn encode_response(
 /// Triton's classification extension: the top `k` classes along the last axis of each row,
 /// as BYTES `"<score>:<index>[:<label>]"`, shape `[rows, k]`.
 pub fn classify(tensor: &Tensor, k: usize, labels: &[String]) -> Result<Tensor, AppError> {
-    let values: ndarray::ArrayD<f64> = match tensor {
-        Tensor::Fp32(a) => a.mapv(f64::from),
-        Tensor::Fp64(a) => a.clone(),
-        Tensor::Fp16(a) => a.mapv(|x| f64::from(x.to_f32())),
-        Tensor::Int8(a) => a.mapv(f64::from),
-        Tensor::Int16(a) => a.mapv(f64::from),
-        Tensor::Int32(a) => a.mapv(f64::from),
-        Tensor::Int64(a) => a.mapv(|x| x as f64),
-        Tensor::Uint8(a) => a.mapv(f64::from),
-        Tensor::Uint16(a) => a.mapv(f64::from),
-        Tensor::Uint32(a) => a.mapv(f64::from),
-        Tensor::Uint64(a) => a.mapv(|x| x as f64),
+    // Integers are ranked and printed in their own values (as Triton's AddClassResults<T>
+    // does): through f64, UINT64 values above 2^53 tied and printed as values not in the
+    // tensor (a red-team finding). i128 holds every i64 and u64 exactly.
+    let flat: Scores = match tensor {
+        Tensor::Fp32(a) => Scores::Float(a.iter().map(|&x| f64::from(x)).collect()),
+        Tensor::Fp64(a) => Scores::Float(a.iter().copied().collect()),
+        Tensor::Fp16(a) => Scores::Float(a.iter().map(|x| f64::from(x.to_f32())).collect()),
+        Tensor::Int8(a) => Scores::Int(a.iter().map(|&x| i128::from(x)).collect()),
+        Tensor::Int16(a) => Scores::Int(a.iter().map(|&x| i128::from(x)).collect()),
+        Tensor::Int32(a) => Scores::Int(a.iter().map(|&x| i128::from(x)).collect()),
+        Tensor::Int64(a) => Scores::Int(a.iter().map(|&x| i128::from(x)).collect()),
+        Tensor::Uint8(a) => Scores::Int(a.iter().map(|&x| i128::from(x)).collect()),
+        Tensor::Uint16(a) => Scores::Int(a.iter().map(|&x| i128::from(x)).collect()),
+        Tensor::Uint32(a) => Scores::Int(a.iter().map(|&x| i128::from(x)).collect()),
+        Tensor::Uint64(a) => Scores::Int(a.iter().map(|&x| i128::from(x)).collect()),
         other => {
             return Err(AppError::bad_request(format!(
                 "classification needs a numeric output, not {}",
@@ -1039,7 +1042,7 @@ pub fn classify(tensor: &Tensor, k: usize, labels: &[String]) -> Result<Tensor, 
             )));
         }
     };
-    let shape = values.shape().to_vec();
+    let shape = tensor.shape().to_vec();
     let classes = *shape.last().unwrap_or(&1);
     if classes == 0 {
         return Err(AppError::bad_request(format!(
@@ -1047,16 +1050,29 @@ pub fn classify(tensor: &Tensor, k: usize, labels: &[String]) -> Result<Tensor, 
         )));
     }
     let k = k.min(classes).max(1);
-    let rows = values.len() / classes.max(1);
-    let flat: Vec<f64> = values.iter().copied().collect();
+    let rows = flat.len() / classes.max(1);
     let mut out = Vec::with_capacity(rows * k);
-    for row in flat.chunks(classes.max(1)) {
-        let mut order: Vec<usize> = (0..row.len()).collect();
-        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+    for r in 0..rows {
+        let range = r * classes..(r + 1) * classes;
+        let mut order: Vec<usize> = (0..classes).collect();
+        match &flat {
+            Scores::Float(v) => {
+                let row = &v[range.clone()];
+                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            }
+            Scores::Int(v) => {
+                let row = &v[range.clone()];
+                order.sort_by(|&a, &b| row[b].cmp(&row[a]));
+            }
+        }
         for &i in order.iter().take(k) {
+            let value = match &flat {
+                Scores::Float(v) => v[range.start + i].to_string(),
+                Scores::Int(v) => v[range.start + i].to_string(),
+            };
             let text = match labels.get(i) {
-                Some(label) => format!("{}:{i}:{label}", row[i]),
-                None => format!("{}:{i}", row[i]),
+                Some(label) => format!("{value}:{i}:{label}"),
+                None => format!("{value}:{i}"),
             };
             out.push(text.into_bytes());
         }
@@ -1064,6 +1080,21 @@ pub fn classify(tensor: &Tensor, k: usize, labels: &[String]) -> Result<Tensor, 
     let mut out_shape: Vec<usize> = shape[..shape.len().saturating_sub(1)].to_vec();
     out_shape.push(k);
     Tensor::from_vec(out_shape, out).map_err(|e| AppError::internal(e.to_string()))
+}
+
+/// An output's values for [`classify`], in a type that keeps them exact.
+enum Scores {
+    Float(Vec<f64>),
+    Int(Vec<i128>),
+}
+
+impl Scores {
+    fn len(&self) -> usize {
+        match self {
+            Scores::Float(v) => v.len(),
+            Scores::Int(v) => v.len(),
+        }
+    }
 }
 
 /// [`decode_request`] for the codec benchmark (benches/codec.rs): the number of input
@@ -1337,6 +1368,37 @@ mod tests {
 #[cfg(test)]
 mod classify_tests {
     use super::*;
+
+    /// Red-team finding: UINT64 scores went through f64, so 2^53 and 2^53 + 1 tied (the
+    /// larger ranked second) and u64::MAX printed as 18446744073709552000. Ranked and printed
+    /// in their own values, as Triton does.
+    #[test]
+    fn integer_outputs_are_ranked_and_printed_exactly() {
+        let big = 1u64 << 53;
+        let t = Tensor::from_vec(vec![1, 4], vec![big, big + 1, 0, u64::MAX]).unwrap();
+        let out = classify(&t, 3, &[]).unwrap();
+        let Tensor::Bytes(a) = out else {
+            panic!("not BYTES")
+        };
+        let texts: Vec<String> = a
+            .iter()
+            .map(|b| String::from_utf8(b.clone()).unwrap())
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                "18446744073709551615:3",
+                "9007199254740993:1",
+                "9007199254740992:0"
+            ]
+        );
+        let t = Tensor::from_vec(vec![1, 2], vec![i64::MIN, -1]).unwrap();
+        let Tensor::Bytes(a) = classify(&t, 2, &["a".into(), "b".into()]).unwrap() else {
+            panic!("not BYTES")
+        };
+        let texts: Vec<&[u8]> = a.iter().map(Vec::as_slice).collect();
+        assert_eq!(texts, [&b"-1:1:b"[..], &b"-9223372036854775808:0:a"[..]]);
+    }
 
     /// Red-team finding: an output with no classes along its last axis (shape [2, 0]) made
     /// a top-1 tensor of the wrong size: a 500. Now a 400 naming the shape; ordinary outputs
