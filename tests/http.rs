@@ -591,6 +591,19 @@ async fn gzip_and_deflate_bodies_are_inflated_within_the_limits() {
     cut.truncate(cut.len() / 2);
     let (s, _, _) = f.call(post("gzip", cut)).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+    // A transfer coding other than chunked is 501 (RFC 9112 §6.1), closing the connection:
+    // a gzip-coded body was read as if plain (red-team).
+    for te in ["gzip, chunked", "chunked, identity", "compress"] {
+        let req = Request::post(&uri)
+            .header("transfer-encoding", te)
+            .header("content-type", "application/json")
+            .body(Body::from(gzip(&plain)))
+            .unwrap();
+        let (s, h, b) = f.call(req).await;
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(s, StatusCode::NOT_IMPLEMENTED, "{te}: {v}");
+        assert_eq!(h["connection"], "close");
+    }
 }
 
 #[tokio::test]

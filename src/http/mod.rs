@@ -489,6 +489,31 @@ async fn close_if_body_unread(
     if !declares_body {
         return next.run(req).await;
     }
+    // RFC 9112 §6.1: a transfer coding other than chunked is not understood here (hyper
+    // decodes chunked only), and a body in one was read as if plain (a red-team finding):
+    // 501, before the body is read (the connection then closes, below).
+    if let Some(coding) = req
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+        .find(|c| !c.eq_ignore_ascii_case("chunked"))
+    {
+        let mut response = AppError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            format!(
+                "Transfer-Encoding {:?} is not supported (chunked only; compress a body with Content-Encoding)",
+                coding.chars().take(32).collect::<String>()
+            ),
+        )
+        .into_response();
+        response.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+        return response;
+    }
     let read = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let req = req.map(|body| {
         Body::new(ReadToEnd {
