@@ -198,6 +198,13 @@ fn scored_card(s: &Scored, wording: &Wording) -> Card {
              prescribed SpO2 target of 88–92 % (scale 2) could not be checked.\n",
         ),
     }
+    if s.pregnancy_status_unread {
+        detail.push_str(
+            "\nThe patient's pregnancy status could not be read from the EHR's FHIR server: \
+             NEWS2 is not validated in pregnancy, and pregnancy was checked against the \
+             conditions only.\n",
+        );
+    }
     let summary = format!(
         "NEWS2 {} — {} clinical risk{}",
         score.total,

@@ -425,6 +425,10 @@ pub struct Scored {
     /// Whether every Condition was read: when not, the pregnancy and SpO2 scale 2 checks
     /// could not see every Condition, and the card says so.
     pub conditions: ConditionsRead,
+    /// Whether a search for the pregnancy status (LOINC 82810-3) was asked and could not be
+    /// read: the card says pregnancy was checked against the Conditions only (it was
+    /// scored without a word: a red-team finding).
+    pub pregnancy_status_unread: bool,
 }
 
 /// How much of the patient's Conditions a score was checked against.
@@ -668,5 +672,8 @@ pub fn assess(
         } else {
             ConditionsRead::All
         },
+        pregnancy_status_unread: resources.unreadable.iter().any(|u| {
+            u.search && u.resource_type == "Observation" && u.may_have_code(LOINC, "82810-3")
+        }),
     }))
 }

@@ -604,14 +604,12 @@ impl Service {
                     }
                 })?;
                 conditions_read |= searches_conditions(key) && matches!(r, Resource::Bundle(_));
-                let codes = self.prefetch.get(key).and_then(|t| search_codes(t));
-                resources.add_searched(r, codes.as_deref());
+                self.add_answer(&mut resources, key, r);
             }
         }
         for (key, r) in fetched {
             conditions_read |= searches_conditions(&key) && matches!(r, Resource::Bundle(_));
-            let codes = self.prefetch.get(&key).and_then(|t| search_codes(t));
-            resources.add_searched(r, codes.as_deref());
+            self.add_answer(&mut resources, &key, r);
         }
         for key in &failed {
             if let Some(template) = self.prefetch.get(key) {
@@ -623,6 +621,22 @@ impl Service {
         }
         let conditions_read = conditions_read && resources.is_complete("Condition");
         Ok((resources, conditions_read))
+    }
+
+    /// Adds what answered the prefetch `key`: a search's Bundle with the codes it searched
+    /// for; in a search's place anything else (an OperationOutcome, which CDS Hooks 2.0
+    /// says a client SHOULD send when its prefetch failed, or a lone resource) is a search
+    /// not read, never "nothing recorded" (an OperationOutcome for the consciousness key let
+    /// an older "Alert" be scored NEWS2 0: a red-team finding).
+    fn add_answer(&self, resources: &mut Resources, key: &str, r: Resource) {
+        let Some(template) = self.prefetch.get(key) else {
+            return resources.add(r);
+        };
+        if template.contains('?') && !matches!(r, Resource::Bundle(_)) {
+            resources.add_unread_search(unread_search(template));
+            return;
+        }
+        resources.add_searched(r, search_codes(template).as_deref());
     }
 
     /// How far back Observations are read.

@@ -644,3 +644,74 @@ fn a_search_that_could_not_be_read_is_not_nothing_recorded() {
         detail(&out)
     );
 }
+
+/// Red-team finding: an OperationOutcome in a search's place (CDS Hooks 2.0: what a client
+/// SHOULD send when its prefetch failed), prefetched or fetched, was read as an empty search:
+/// the consciousness key's let an older "Alert" be scored, the vitals key's said "no value
+/// recorded". It is a search not read. And a pregnancy-status search that could not be read
+/// is named on the card (pregnancy was then checked against the Conditions only).
+#[test]
+fn an_operation_outcome_in_a_searchs_place_is_a_search_not_read() {
+    use nightingale_decision_support::vitals::{Parameter, UnusableReason};
+    let services = Services::builtin();
+    let service = services.get(DEFAULT_NEWS2_ID).unwrap();
+    let outcome = json!({"resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "timeout"}]});
+    let with = |key: &str, value: Value| {
+        let mut req = request(patient("1925-12-23"), vitals_bundle());
+        req.prefetch.as_mut().unwrap().insert(key.to_owned(), value);
+        service
+            .evaluate_news2(&req, vec![], now(), &Limits::default())
+            .unwrap()
+    };
+    let out = with("consciousness", outcome.clone());
+    let Assessment::Incomplete(i) = &out.assessment else {
+        panic!("scored: {:?}", out.assessment)
+    };
+    assert_eq!(i.unusable.len(), 1, "{i:?}");
+    assert_eq!(i.unusable[0].parameter, Parameter::Consciousness);
+    assert_eq!(i.unusable[0].reason, UnusableReason::SearchNotRead);
+    // Fetched (a 200 whose body is an OperationOutcome) counts the same.
+    let req = request(patient("1925-12-23"), vitals_bundle());
+    let fetched = Resource::from_value(&outcome, &Limits::default()).unwrap();
+    let a = service
+        .evaluate_news2(
+            &req,
+            vec![("consciousness".to_owned(), fetched)],
+            now(),
+            &Limits::default(),
+        )
+        .unwrap()
+        .assessment;
+    assert!(matches!(a, Assessment::Incomplete(_)), "{a:?}");
+    // The vitals key: every parameter unusable, none "no value recorded".
+    let out = with("vitals", outcome.clone());
+    assert!(
+        !detail(&out).contains("no value recorded"),
+        "{}",
+        detail(&out)
+    );
+    // The pregnancy key: scored (the Conditions say nothing), with the card saying so.
+    let mut req = request(patient("1990-12-23"), vitals_bundle());
+    req.prefetch
+        .as_mut()
+        .unwrap()
+        .insert("pregnancy".to_owned(), outcome);
+    req.prefetch.as_mut().unwrap().insert(
+        "conditions".to_owned(),
+        json!({"resourceType": "Bundle", "type": "searchset", "total": 0}),
+    );
+    let out = service
+        .evaluate_news2(&req, vec![], now(), &Limits::default())
+        .unwrap();
+    assert!(
+        matches!(out.assessment, Assessment::Scored(_)),
+        "{:?}",
+        out.assessment
+    );
+    assert!(
+        detail(&out).contains("pregnancy status could not be read"),
+        "{}",
+        detail(&out)
+    );
+}
