@@ -290,8 +290,17 @@ fn read_resource(
                         Err(e) => return Err(e),
                     },
                 };
+                // A response whose status is not 2xx (a batch's failed search), or an
+                // OperationOutcome with an error: that part of the answer is missing.
+                let failed = e
+                    .response
+                    .as_ref()
+                    .and_then(|r| r.status.as_deref())
+                    .is_some_and(|s| !s.trim_start().starts_with('2'))
+                    || e.resource.as_ref().is_some_and(is_error_outcome);
                 entry.push(BundleEntry {
                     full_url: e.full_url.clone(),
+                    failed,
                     resource,
                     matched: e
                         .search
@@ -372,6 +381,13 @@ struct RawEntry {
     full_url: Option<String>,
     resource: Option<Value>,
     search: Option<RawSearch>,
+    response: Option<RawResponse>,
+}
+
+/// `Bundle.entry.response`: only its `status` is read.
+#[derive(Deserialize)]
+struct RawResponse {
+    status: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -435,6 +451,36 @@ pub struct BundleEntry {
     /// `include`, a resource added by `_include`, nor `outcome`). `Bundle.total` counts
     /// matches only.
     pub matched: bool,
+    /// The entry reports a failure: a `response.status` that is not 2xx, or an
+    /// OperationOutcome with an issue of severity `error` or `fatal` (a search's outcome
+    /// entry, a batch's failed request).
+    pub failed: bool,
+}
+
+impl Bundle {
+    /// Whether this Bundle is a search's answer read without error: a `searchset` with no
+    /// failed entry ([`BundleEntry::failed`]). A batch or transaction response, a
+    /// collection, or a search that reports an error is no such answer (CDS Hooks
+    /// prefetch).
+    pub fn is_search_answer(&self) -> bool {
+        self.bundle_type.as_deref() == Some("searchset") && !self.entry.iter().any(|e| e.failed)
+    }
+}
+
+/// Whether `value` is an OperationOutcome with an issue of severity `error` or `fatal`.
+fn is_error_outcome(value: &Value) -> bool {
+    value.get("resourceType").and_then(Value::as_str) == Some("OperationOutcome")
+        && value
+            .get("issue")
+            .and_then(Value::as_array)
+            .is_some_and(|issues| {
+                issues.iter().any(|i| {
+                    matches!(
+                        i.get("severity").and_then(Value::as_str),
+                        Some("error" | "fatal")
+                    )
+                })
+            })
 }
 
 /// The resources of one or more inputs, Bundles flattened, by type.

@@ -294,6 +294,13 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
                         "the encounters were only partly available (one page of a longer search)",
                     ))
                 }
+                // A search not read found no encounter, nor that there is none (it said "no
+                // current encounter": a red-team finding).
+                [] if resources.is_unread("Encounter") => {
+                    out.value = Err(Missing::Encounter(
+                        "the encounters were not available (the search could not be read)",
+                    ))
+                }
                 [] => out.value = Err(Missing::Encounter("no current encounter")),
                 [e] => match &e.class {
                     Some(class)
@@ -768,6 +775,31 @@ mod tests {
         items.push(sbp(60.0, "mm[Hg]", "2024-04-20"));
         let m = map_features(&features(), &resources(items), &context(true));
         assert_eq!(m.features[1].value, Err(Missing::NoObservation));
+    }
+
+    #[test]
+    fn an_encounter_search_not_read_is_not_no_encounter() {
+        use crate::fhir::Unreadable;
+        let items: Vec<Value> = base()
+            .into_iter()
+            .filter(|v| v["resourceType"] != "Encounter")
+            .collect();
+        let mut r = resources(items);
+        let emergency = |r: &Resources| {
+            map_features(&features(), r, &context(true)).features[4]
+                .value
+                .clone()
+        };
+        assert_eq!(
+            emergency(&r),
+            Err(Missing::Encounter("no current encounter"))
+        );
+        r.add_unread_search(Unreadable::search("Encounter", None));
+        let value = emergency(&r);
+        assert!(
+            matches!(&value, Err(Missing::Encounter(why)) if why.contains("could not be read")),
+            "{value:?}"
+        );
     }
 
     #[test]

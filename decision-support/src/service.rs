@@ -603,12 +603,14 @@ impl Service {
                         source,
                     }
                 })?;
-                conditions_read |= searches_conditions(key) && matches!(r, Resource::Bundle(_));
+                conditions_read |= searches_conditions(key)
+                    && matches!(&r, Resource::Bundle(b) if b.is_search_answer());
                 self.add_answer(&mut resources, key, r);
             }
         }
         for (key, r) in fetched {
-            conditions_read |= searches_conditions(&key) && matches!(r, Resource::Bundle(_));
+            conditions_read |= searches_conditions(&key)
+                && matches!(&r, Resource::Bundle(b) if b.is_search_answer());
             self.add_answer(&mut resources, &key, r);
         }
         for key in &failed {
@@ -632,7 +634,9 @@ impl Service {
         let Some(template) = self.prefetch.get(key) else {
             return resources.add(r);
         };
-        if template.contains('?') && !matches!(r, Resource::Bundle(_)) {
+        // Only a searchset without a failed entry answers a search (a batch-response whose
+        // search failed, or a searchset with an error outcome, was read as empty too).
+        if template.contains('?') && !matches!(&r, Resource::Bundle(b) if b.is_search_answer()) {
             resources.add_unread_search(unread_search(template));
             return;
         }

@@ -684,6 +684,31 @@ fn an_operation_outcome_in_a_searchs_place_is_a_search_not_read() {
         .unwrap()
         .assessment;
     assert!(matches!(a, Assessment::Incomplete(_)), "{a:?}");
+    // Nor does a Bundle that is not a search's answer: a batch-response whose search failed,
+    // a collection, or a searchset reporting an error outcome (red-team: each was read as
+    // an empty search, and the older Alert scored).
+    for answer in [
+        json!({"resourceType": "Bundle", "type": "batch-response",
+            "entry": [{"response": {"status": "500", "outcome": outcome.clone()}}]}),
+        json!({"resourceType": "Bundle", "type": "collection", "entry": []}),
+        json!({"resourceType": "Bundle", "type": "searchset", "total": 0,
+            "entry": [{"search": {"mode": "outcome"}, "resource": outcome.clone()}]}),
+    ] {
+        let out = with("consciousness", answer.clone());
+        assert!(
+            matches!(out.assessment, Assessment::Incomplete(_)),
+            "{answer}: {:?}",
+            out.assessment
+        );
+    }
+    // A searchset with a warning outcome is still an answer.
+    let warning = json!({"resourceType": "Bundle", "type": "searchset", "total": 0,
+        "entry": [{"search": {"mode": "outcome"}, "resource": {"resourceType": "OperationOutcome",
+            "issue": [{"severity": "warning", "code": "informational"}]}}]});
+    assert!(matches!(
+        with("consciousness", warning).assessment,
+        Assessment::Scored(_)
+    ));
     // The vitals key: every parameter unusable, none "no value recorded".
     let out = with("vitals", outcome.clone());
     assert!(

@@ -276,6 +276,13 @@ impl Pipeline {
                     );
                     continue;
                 };
+                if model.manifest.dicom.is_none() {
+                    tracing::warn!(
+                        route = %route.name,
+                        bundle = %bundle,
+                        "route names a bundle that declares no [dicom] section (not an imaging bundle): its series will be unmatched"
+                    );
+                }
                 for output in &route.report {
                     if !model.manifest.outputs.iter().any(|o| &o.name == output) {
                         tracing::warn!(

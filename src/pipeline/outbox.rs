@@ -312,6 +312,19 @@ impl Pipeline {
         };
         if let Err(e) = self.store().delivery(&dead) {
             tracing::error!(error = %e, "results store: dead letter not recorded");
+            return;
+        }
+        // The original, once no row names it (this was its last destination), goes: its
+        // copy in the dead-letter folder is what retention purges, and the original, left
+        // with no row, held patient data past retention (a red-team finding).
+        if moved && matches!(self.store().path_referenced(&o.path), Ok(false)) {
+            let original = self.config.results_dir.join(&o.path);
+            if std::fs::remove_file(&original).is_ok()
+                && let Some(dir) = original.parent()
+                && dir != self.config.results_dir.join(OBJECTS_DIR)
+            {
+                let _ = std::fs::remove_dir(dir);
+            }
         }
     }
 }

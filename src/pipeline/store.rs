@@ -671,6 +671,14 @@ impl ResultsStore {
     /// The file of a result object (relative to the results folder), by its study, series
     /// and SOP Instance UIDs: the copy waiting in or sent from the objects folder first,
     /// else a dead letter's copy.
+    /// Whether any object row names `path` (a result file shared by the rows of an object's
+    /// destinations).
+    pub fn path_referenced(&self, path: &str) -> rusqlite::Result<bool> {
+        self.db
+            .prepare_cached("SELECT 1 FROM objects WHERE path = ?1 LIMIT 1")?
+            .exists([path])
+    }
+
     pub fn object_path(
         &self,
         study_uid: &str,

@@ -442,6 +442,10 @@ def test_an_unreachable_destination_ends_in_the_dead_letter_folder(destination, 
         assert server.metric("nightingale_pipeline_dead_letters_total") == 4
         for path in dead:
             assert pydicom.dcmread(path, stop_before_pixels=True).PatientID == PATIENT_ID
+        # The originals went with their last destination: the dead-letter copies are what
+        # retention purges (red-team: the originals were left, patient data and no row).
+        left = [p for p in (work / "data" / "results" / "objects").rglob("*") if p.is_file()]
+        assert left == [], left
         # Still serving: a C-ECHO gets through.
         subprocess.run([tool("echoscu"), "-aec", "NIGHTINGALE", "127.0.0.1", str(server.port)],
                        check=True, timeout=30, capture_output=True)
@@ -742,6 +746,9 @@ def test_a_route_by_calling_ae_takes_a_series_only_if_every_instance_came_from_a
         shutil.rmtree(work, ignore_errors=True)
 
 
+TABULAR = BUNDLE.parent / "pima-diabetes"
+
+
 def test_with_late_instances_ignored_an_unmatched_series_keeps_its_reason():
     """Red-team finding: with `--late-instances ignore`, a late instance of a series that no
     route took turned it into "routed, late instances ignored", hiding why it was never
@@ -754,13 +761,16 @@ def test_with_late_instances_ignored_an_unmatched_series_keeps_its_reason():
         f'[[routes]]\nname = "mr"\nmodality = ["MR"]\nbundles = ["{BUNDLE.name}"]\n\n'
         f'[[routes]]\nname = "ghost"\nmodality = ["XA"]\nbundles = ["no-such-bundle"]\n\n'
         f'[[routes]]\nname = "typo"\nmodality = ["XA"]\nbundles = ["{BUNDLE.name}"]\n'
-        f'report = ["nonexistent-output"]\n')
+        f'report = ["nonexistent-output"]\n\n'
+        f'[[routes]]\nname = "tabular"\nmodality = ["XA"]\nbundles = ["{TABULAR.name}"]\n')
     server = Server(work, "NOWHERE@127.0.0.1:1",
-                    ("--config", str(config), "--late-instances", "ignore"))
+                    ("--config", str(config), "--late-instances", "ignore"),
+                    bundles=(BUNDLE, TABULAR))
     try:
         wait_for(lambda: "route reports an output its bundle does not have" in server.log(),
                  RESULT_TIMEOUT_S, "the route warnings")
         assert "route names a bundle that is not being served" in server.log()
+        assert "declares no [dicom] section" in server.log()
         study, series = generate_uid(), generate_uid()
         store(server.port, [_save(_ct(study, series), work / "a.dcm")])
         first = wait_for(lambda: (r := server.results(study)) and r["series"][0]["state"] == "unmatched"
