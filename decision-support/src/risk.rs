@@ -22,8 +22,9 @@
 //!   missing.
 //! - **encounter-class**: the current Encounter is the one named by `context.encounterId`
 //!   (whatever its status but `entered-in-error` and `cancelled`, which are left out as if
-//!   absent: a `finished` one is still the admission being assessed), else the only
-//!   `in-progress` Encounter of this patient; 1 when its class (HL7 v3 ActCode) is listed,
+//!   absent: a `finished` one is still the admission being assessed; one not among the
+//!   Encounters read is missing, not absent), else the only Encounter under way (`arrived`,
+//!   `triaged`, `in-progress`, `onleave`) of this patient; 1 when its class (HL7 v3 ActCode) is listed,
 //!   else 0; no or several current Encounters, or no class: missing. Without an
 //!   `encounterId`, Encounters read from one page of a longer search
 //!   ([`crate::fhir::Resources::is_complete`]) are missing too: another in-progress one
@@ -282,7 +283,12 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
                     .collect(),
                 None => mine
                     .iter()
-                    .filter(|e| e.status.as_deref() == Some("in-progress"))
+                    .filter(|e| {
+                        matches!(
+                            e.status.as_deref(),
+                            Some("arrived" | "triaged" | "in-progress" | "onleave")
+                        )
+                    })
                     .collect(),
             };
             // "The only in-progress Encounter" holds only if every Encounter was read: with
@@ -299,6 +305,20 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
                 [] if resources.is_unread("Encounter") => {
                     out.value = Err(Missing::Encounter(
                         "the encounters were not available (the search could not be read)",
+                    ))
+                }
+                // The encounter in context is not among those read (the search returns
+                // encounters under way; a finished one is not asked for): not known to be
+                // absent (it was "no current encounter": a red-team finding).
+                [] if cx.encounter_id.is_some_and(|id| {
+                    !resources
+                        .encounters
+                        .iter()
+                        .any(|e| e.id.as_deref() == Some(id))
+                }) =>
+                {
+                    out.value = Err(Missing::Encounter(
+                        "the encounter in context (context.encounterId) was not among the encounters read",
                     ))
                 }
                 [] => out.value = Err(Missing::Encounter("no current encounter")),
@@ -1145,6 +1165,34 @@ mod tests {
         // The admission being assessed, in progress or finished: its class counts.
         for status in ["in-progress", "finished", "arrived", "onleave"] {
             assert_eq!(value(status), Ok(1.0), "{status}");
+        }
+    }
+
+    /// Red-team finding: an encounter in context that the search did not return (the EHR's
+    /// example sends `encounterId` 89284) was "no current encounter"; and without one, an
+    /// emergency patient `triaged` or `arrived` had no current encounter either.
+    #[test]
+    fn an_encounter_in_context_not_read_is_missing_and_triaged_is_under_way() {
+        let r = searchset(
+            vec![encounter("e-icu", "in-progress", "IMP")],
+            Some(1),
+            false,
+        );
+        let v = value_of(
+            &map_features(&features(), &r, &encounter_context(Some("89284"))),
+            "emergency",
+        );
+        assert!(
+            matches!(&v, Err(Missing::Encounter(why)) if why.contains("was not among")),
+            "{v:?}"
+        );
+        for status in ["triaged", "arrived"] {
+            let r = searchset(vec![encounter("ed-1", status, "EMER")], Some(1), false);
+            let v = value_of(
+                &map_features(&features(), &r, &encounter_context(None)),
+                "emergency",
+            );
+            assert_eq!(v, Ok(1.0), "{status}");
         }
     }
 

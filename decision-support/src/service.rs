@@ -260,7 +260,10 @@ pub fn risk_prefetch<'a>(
     if encounter {
         out.insert(
             "encounters".to_owned(),
-            "Encounter?patient={{context.patientId}}&status=in-progress".to_owned(),
+            // Every R4 status of an encounter under way: an emergency patient `triaged` or
+            // `arrived` was "no current encounter" (a red-team finding).
+            "Encounter?patient={{context.patientId}}&status=arrived,triaged,in-progress,onleave"
+                .to_owned(),
         );
     }
     out
