@@ -582,9 +582,8 @@ fn observation(
 /// Whether `c` is a blood-pressure panel (LOINC 85354-9, 55284-4) and `code` one of its
 /// pressures (8480-6, 8462-4): a search of the panel may hold that value as a component.
 fn is_panel_of(c: &crate::fhir::CodeableConcept, code: &SystemCode) -> bool {
-    code.system == crate::fhir::LOINC
-        && matches!(code.code.as_str(), "8480-6" | "8462-4")
-        && (c.has(crate::fhir::LOINC, "85354-9") || c.has(crate::fhir::LOINC, "55284-4"))
+    crate::service::BP_COMPONENTS.contains(&format!("{}|{}", code.system, code.code).as_str())
+        && crate::service::is_bp_panel(c)
 }
 
 fn value_with_code<'a>(

@@ -205,10 +205,18 @@ pub fn news2_prefetch() -> BTreeMap<String, String> {
 }
 
 /// LOINC systolic and diastolic blood pressure, as features name them.
-const BP_COMPONENTS: [&str; 2] = ["http://loinc.org|8480-6", "http://loinc.org|8462-4"];
+pub(crate) const BP_COMPONENTS: [&str; 2] = ["http://loinc.org|8480-6", "http://loinc.org|8462-4"];
 /// LOINC blood pressure panels (85354-9, and 55284-4 "systolic and diastolic") that carry
 /// them as components.
-const BP_PANELS: [&str; 2] = ["http://loinc.org|85354-9", "http://loinc.org|55284-4"];
+pub(crate) const BP_PANELS: [&str; 2] = ["http://loinc.org|85354-9", "http://loinc.org|55284-4"];
+
+/// Whether `c` codes one of the [`BP_PANELS`].
+pub(crate) fn is_bp_panel(c: &CodeableConcept) -> bool {
+    BP_PANELS
+        .iter()
+        .filter_map(|p| p.split_once('|'))
+        .any(|(system, panel)| c.has(system, panel))
+}
 
 /// The prefetch templates a risk service needs for these features: the Patient (age, sex),
 /// the Observations of the declared codes, the active Conditions, the in-progress Encounters.

@@ -462,8 +462,7 @@ pub fn parameters_of_codes(codes: Option<&[CodeableConcept]>) -> Vec<Parameter> 
                 .iter()
                 .filter_map(|c| {
                     parameter_of(c).or_else(|| {
-                        (loinc(c, "85354-9") || loinc(c, "55284-4"))
-                            .then_some(Parameter::SystolicBloodPressure)
+                        crate::service::is_bp_panel(c).then_some(Parameter::SystolicBloodPressure)
                     })
                 })
                 .collect();

@@ -378,15 +378,38 @@ fn reap_when_stalled(shared: &Arc<Shared>) {
     let _ = tx.send(Arc::downgrade(shared));
 }
 
+/// A response the reaper looks at once `at` (ms from [`reaper_epoch`]) has passed; the
+/// heap orders them earliest first.
+struct Due {
+    at: u64,
+    response: std::sync::Weak<Shared>,
+}
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+
+impl Eq for Due {}
+
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Due {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.at.cmp(&self.at)
+    }
+}
+
 async fn reaper(mut rx: tokio::sync::mpsc::UnboundedReceiver<std::sync::Weak<Shared>>) {
-    use std::cmp::Reverse;
-    use std::collections::BinaryHeap;
-    // (when to look, which response): the earliest first.
-    let mut due: BinaryHeap<(Reverse<u64>, usize)> = BinaryHeap::new();
-    let mut slots: Vec<Option<std::sync::Weak<Shared>>> = Vec::new();
-    let mut free: Vec<usize> = Vec::new();
+    let due_at = |s: &Shared| s.progress_ms.load(Ordering::Relaxed) + s.stall.as_millis() as u64;
+    let mut due: std::collections::BinaryHeap<Due> = std::collections::BinaryHeap::new();
     loop {
-        let next = due.peek().map(|(Reverse(at), _)| *at);
+        let next = due.peek().map(|d| d.at);
         let wake = async {
             match next {
                 Some(at) => {
@@ -397,33 +420,19 @@ async fn reaper(mut rx: tokio::sync::mpsc::UnboundedReceiver<std::sync::Weak<Sha
         };
         tokio::select! {
             received = rx.recv() => {
-                let Some(weak) = received else { return };
-                let Some(shared) = weak.upgrade() else { continue };
-                let at = shared.progress_ms.load(Ordering::Relaxed)
-                    + shared.stall.as_millis() as u64;
-                let slot = free.pop().unwrap_or_else(|| {
-                    slots.push(None);
-                    slots.len() - 1
-                });
-                slots[slot] = Some(weak);
-                due.push((Reverse(at), slot));
+                let Some(response) = received else { return };
+                let Some(shared) = response.upgrade() else { continue };
+                due.push(Due { at: due_at(&shared), response });
             }
             () = wake => {
-                let Some((_, slot)) = due.pop() else { continue };
-                let Some(shared) = slots[slot].as_ref().and_then(std::sync::Weak::upgrade) else {
-                    slots[slot] = None;
-                    free.push(slot);
-                    continue;
-                };
+                let Some(d) = due.pop() else { continue };
+                // Dropped (ended and gone) meanwhile: nothing to do.
+                let Some(shared) = d.response.upgrade() else { continue };
                 let mut held = shared.held.lock().unwrap_or_else(|p| p.into_inner());
                 if held.is_none() {
-                    drop(held);
-                    slots[slot] = None;
-                    free.push(slot);
                     continue;
                 }
-                let last = shared.progress_ms.load(Ordering::Relaxed);
-                let at = last + shared.stall.as_millis() as u64;
+                let at = due_at(&shared);
                 if since_epoch_ms() >= at {
                     tracing::warn!(
                         stall_secs = shared.stall.as_secs(),
@@ -431,12 +440,9 @@ async fn reaper(mut rx: tokio::sync::mpsc::UnboundedReceiver<std::sync::Weak<Sha
                     );
                     shared.reaped.store(true, Ordering::Relaxed);
                     *held = None;
-                    drop(held);
-                    slots[slot] = None;
-                    free.push(slot);
                 } else {
                     drop(held);
-                    due.push((Reverse(at), slot));
+                    due.push(Due { at, response: d.response });
                 }
             }
         }
