@@ -37,7 +37,7 @@ use std::fmt;
 use chrono::{DateTime, Duration, Utc};
 use nightingale_models::manifest::{FeatureSpec, FhirSource};
 
-use crate::fhir::{ACT_CODE, Observation, Quantity, Resources, SystemCode};
+use crate::fhir::{ACT_CODE, Observation, Quantity, Resources, SystemCode, later_reading};
 use crate::news2::{find_patient, of_patient};
 use crate::vitals::{UnusableReason, truncate, ucum};
 
@@ -477,8 +477,7 @@ fn observation(
             Err(e) => (None, Err(UnusableReason::Time(e))),
         };
         // Without a usable time it is unusable, and the latest unless a dated value is
-        // surely later or its date (in any zone) ended before the window: an SBP of 60
-        // dated only today lost to a 120 of half an hour ago (a red-team finding).
+        // surely later ([`later_reading`]) or its date (in any zone) ended before the window.
         let latest_possible = match time {
             Some(t) => Some(t),
             None => o.time_bounds().latest(),
@@ -487,20 +486,7 @@ fn observation(
             continue;
         }
         let candidate = (time, o.issued(), quantity, latest_possible);
-        let key = |c: &Found<'_>| (c.0.is_some(), c.0, c.1);
-        let order = |c: &Found<'_>, b: &Found<'_>| match (c.0, b.0) {
-            (Some(_), Some(_)) => key(c).cmp(&key(b)),
-            (None, _) => match (c.3, b.3) {
-                (None, _) => Ordering::Greater,
-                (Some(_), None) => Ordering::Less,
-                (Some(t), Some(l)) if b.0.is_some() && t >= l => Ordering::Greater,
-                (Some(t), Some(l)) => t.cmp(&l),
-            },
-            (Some(t), None) => match b.3 {
-                Some(l) if t > l => Ordering::Greater,
-                _ => Ordering::Less,
-            },
-        };
+        let order = |c: &Found<'_>, b: &Found<'_>| later_reading((c.0, c.3, c.1), (b.0, b.3, b.1));
         match &best {
             Some(b) if order(&candidate, b) == Ordering::Less => {}
             Some(b) if order(&candidate, b) == Ordering::Equal => {

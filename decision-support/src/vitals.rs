@@ -67,6 +67,7 @@ use chrono::{DateTime, Duration, Utc};
 
 use crate::fhir::{
     CodeableConcept, DateError, LOINC, Observation, ObservationComponent, Quantity, SNOMED, UCUM,
+    later_reading,
 };
 
 /// A NEWS2 parameter.
@@ -808,38 +809,19 @@ pub fn extract(
             match best.iter_mut().find(|b| b.parameter == parameter) {
                 None => best.push(candidate),
                 Some(b) => {
-                    // A value without a usable time is unusable, and it is the latest
-                    // unless a dated one is surely later (its date, in any zone, ended
-                    // before): an older value is never silently taken in its place (an
-                    // SpO2 of 84 % dated only today lost to a 97 % of an hour ago: a
-                    // red-team finding). At one time, oxygen wins over air, within one observation or across
-                    // several, whatever their order or issue times (a flow of 2 L/min
-                    // beside an FiO2 of 21 % is oxygen). Otherwise, of one time, the later
-                    // issued wins (a correction); two values of one time and issue time
-                    // that differ make the parameter unusable, whatever their order (taken
-                    // by its place in the Bundle, an SpO2 of 84 % beside a 97 % gave NEWS2
-                    // 3 or 0 by the order: a red-team finding).
-                    let key = |c: &Candidate| {
+                    // Which is the later: see [`later_reading`]. At one time, oxygen wins
+                    // over air, within one observation or across several, whatever their
+                    // order or issue times (a flow of 2 L/min beside an FiO2 of 21 % is
+                    // oxygen). Otherwise, of one time, the later issued wins (a correction);
+                    // two values of one time and issue time that differ make the parameter
+                    // unusable, whatever their order (taken by its place in the Bundle, an
+                    // SpO2 of 84 % beside a 97 % gave NEWS2 3 or 0 by the order: a red-team
+                    // finding).
+                    let reading = |c: &Candidate| {
                         let oxygen = matches!(c.value, Ok(Value::Supply(OxygenSupply::Oxygen)));
-                        (c.time.is_some(), c.time, oxygen, c.issued)
+                        (c.time, c.latest_possible, (oxygen, c.issued))
                     };
-                    let order = match (candidate.time, b.time) {
-                        (Some(_), Some(_)) => key(&candidate).cmp(&key(b)),
-                        // An undated one is later than a dated one it may follow; of two
-                        // undated ones, the one that may be the later.
-                        (None, _) => match (candidate.latest_possible, b.latest_possible) {
-                            (None, _) => std::cmp::Ordering::Greater,
-                            (Some(_), None) => std::cmp::Ordering::Less,
-                            (Some(c), Some(l)) if b.time.is_some() && c >= l => {
-                                std::cmp::Ordering::Greater
-                            }
-                            (Some(c), Some(l)) => c.cmp(&l),
-                        },
-                        (Some(t), None) => match b.latest_possible {
-                            Some(l) if t > l => std::cmp::Ordering::Greater,
-                            _ => std::cmp::Ordering::Less,
-                        },
-                    };
+                    let order = later_reading(reading(&candidate), reading(b));
                     match order {
                         std::cmp::Ordering::Greater => *b = candidate,
                         std::cmp::Ordering::Equal
