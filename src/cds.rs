@@ -12,12 +12,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nightingale_decision_support::cards::{
-    AttributionMethod, Contribution, RiskCard, risk_card, risk_missing_card, risk_unavailable_card,
+    AttributionMethod, Contribution, RiskCard, risk_card, risk_missing_card,
+    risk_not_applicable_card, risk_unavailable_card,
 };
 use nightingale_decision_support::feedback::{CardLedger, IssuedCard, OverrideStats};
 use nightingale_decision_support::fhir::{Limits, Resource, Resources, is_next, sanitise};
 use nightingale_decision_support::hooks::{Card, HookRequest, Source};
 use nightingale_decision_support::jwt::{JwtOptions, Verifier};
+use nightingale_decision_support::news2::find_patient;
 use nightingale_decision_support::risk::{MappingContext, map_features, plain_name};
 use nightingale_decision_support::service::{
     CdsSection, Service, ServiceKind, Services, builtin_risk_service, risk_prefetch,
@@ -982,6 +984,20 @@ impl Cds {
                 answers.push(unavailable("the model declares no operating threshold"));
                 continue;
             };
+            // A patient recorded as deceased gets no risk ("death before discharge" was
+            // scored for one: a red-team finding).
+            if find_patient(resources, Some(patient_id)).is_some_and(|p| p.is_deceased()) {
+                answers.push(RiskAnswer {
+                    card: risk_not_applicable_card(
+                        bundle,
+                        "the patient is recorded as deceased",
+                        source.clone(),
+                    ),
+                    model: (bundle.clone(), version),
+                    outcome: "info",
+                });
+                continue;
+            }
             let mapped = map_features(&input.features, resources, &context);
             let Some(values) = mapped.values() else {
                 answers.push(RiskAnswer {

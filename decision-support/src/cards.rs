@@ -277,6 +277,10 @@ fn not_applicable_card(n: NotApplicable, wording: &Wording) -> Card {
             "NEWS2 not applicable: pregnancy",
             "NEWS2 is not validated in pregnancy; use an obstetric early warning score.",
         ),
+        NotApplicable::Deceased => (
+            "NEWS2 not calculated: the patient is recorded as deceased",
+            "The Patient record in the EHR says the patient has died; no score is shown. If this is wrong, correct the Patient record.",
+        ),
     };
     Card::builder(summary, Indicator::Info, wording.source())
         .detail(wording.finish(detail.to_owned()))
@@ -479,6 +483,21 @@ pub fn risk_missing_card(title: &str, model: &str, missing: &[String], source: S
 }
 
 /// The card of a risk model that cannot answer now (not serving, failed): no score.
+/// The card of a risk model not run for this patient (`why`: the patient is recorded as
+/// deceased).
+pub fn risk_not_applicable_card(title: &str, why: &str, source: Source) -> Card {
+    Card::builder(
+        &format!("{title} risk not calculated: {why}"),
+        Indicator::Info,
+        source,
+    )
+    .detail(format!(
+        "The model was not run: {}; no risk is shown.\n",
+        escape(why)
+    ))
+    .build()
+}
+
 pub fn risk_unavailable_card(title: &str, model: &str, why: &str, source: Source) -> Card {
     Card::builder(
         &format!("{title} risk not available: {why}"),

@@ -31,7 +31,7 @@
 //!   reject the whole prefetch; a malformed *structure* (a string where an object belongs)
 //!   is an error naming where it is, never the value (errors carry no patient data).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 
 use chrono::{DateTime, Datelike, FixedOffset, NaiveDate, Utc};
@@ -503,6 +503,145 @@ pub struct Resources {
     /// For each Bundle added that was not the whole result and may have held Observations
     /// (see [`Resources::observations_unread_after`]).
     pub partial_observations: Vec<PartialSearch>,
+    /// The FHIR server the resources come from ([`Resources::of_server`]).
+    server: Option<String>,
+    /// Where the first resource of each id is, by type ([`add_version`]).
+    patient_ids: HashMap<String, usize>,
+    observation_ids: HashMap<String, usize>,
+    condition_ids: HashMap<String, usize>,
+    encounter_ids: HashMap<String, usize>,
+}
+
+/// A resource that may come more than once (prefetched and fetched, on two pages), in
+/// versions ([`Meta`]).
+trait Versioned {
+    fn id(&self) -> Option<&str>;
+    fn meta(&self) -> Option<&Meta>;
+    /// When this version was issued, where the resource says (an Observation's `issued`).
+    fn issued(&self) -> Option<DateTime<Utc>> {
+        None
+    }
+    /// Whether this version says the record was made in error.
+    fn entered_in_error(&self) -> bool;
+}
+
+impl Versioned for Patient {
+    fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+    fn meta(&self) -> Option<&Meta> {
+        self.meta.as_ref()
+    }
+    fn entered_in_error(&self) -> bool {
+        false
+    }
+}
+
+impl Versioned for Observation {
+    fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+    fn meta(&self) -> Option<&Meta> {
+        self.meta.as_ref()
+    }
+    fn issued(&self) -> Option<DateTime<Utc>> {
+        Observation::issued(self)
+    }
+    fn entered_in_error(&self) -> bool {
+        self.status == ObservationStatus::EnteredInError
+    }
+}
+
+impl Versioned for Condition {
+    fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+    fn meta(&self) -> Option<&Meta> {
+        self.meta.as_ref()
+    }
+    fn entered_in_error(&self) -> bool {
+        self.verification_status.as_ref().is_some_and(|c| {
+            condition_status_code(c, CONDITION_VER_STATUS, CONDITION_VER_STATUS_STU3)
+                .contains(&"entered-in-error")
+        })
+    }
+}
+
+impl Versioned for Encounter {
+    fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+    fn meta(&self) -> Option<&Meta> {
+        self.meta.as_ref()
+    }
+    fn entered_in_error(&self) -> bool {
+        self.status.as_deref() == Some("entered-in-error")
+    }
+}
+
+/// Which of two versions of one resource is the newer: by `meta.versionId` where both are
+/// whole numbers, else by `meta.lastUpdated`, else by when each was issued; `None` when
+/// they cannot be told apart.
+fn newer_version<T: Versioned>(a: &T, b: &T) -> Option<std::cmp::Ordering> {
+    use std::cmp::Ordering;
+    let number = |r: &T| {
+        r.meta()
+            .and_then(|m| m.version_id.as_deref())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let updated = |r: &T| {
+        r.meta()
+            .and_then(|m| m.last_updated.as_deref())
+            .and_then(|t| match FhirDateTime::parse(t) {
+                Ok(FhirDateTime::Instant(t)) => Some(t.with_timezone(&Utc)),
+                _ => None,
+            })
+    };
+    let tell = |x: Option<Ordering>| x.filter(|o| o.is_ne());
+    tell(number(a).zip(number(b)).map(|(x, y)| x.cmp(&y)))
+        .or_else(|| tell(updated(a).zip(updated(b)).map(|(x, y)| x.cmp(&y))))
+        .or_else(|| tell(a.issued().zip(b.issued()).map(|(x, y)| x.cmp(&y))))
+}
+
+/// Adds `resource` to `list`, one version per id: a newer version of a resource already
+/// there replaces it, an older one is dropped (the same SBP of 60 retracted on a later page
+/// as `entered-in-error` was still scored from its first copy: a red-team finding). Where
+/// the order cannot be told, a version saying the record was made in error wins (it is
+/// the end of a record's life), and otherwise both are kept (their values are then weighed
+/// as two readings).
+fn add_version<T: Versioned + PartialEq>(
+    list: &mut Vec<T>,
+    ids: &mut HashMap<String, usize>,
+    resource: T,
+) {
+    let Some(id) = resource.id().map(str::to_owned) else {
+        list.push(resource);
+        return;
+    };
+    let Some(&at) = ids.get(&id) else {
+        ids.insert(id, list.len());
+        list.push(resource);
+        return;
+    };
+    let there = &list[at];
+    if *there == resource {
+        return;
+    }
+    match newer_version(&resource, there) {
+        Some(std::cmp::Ordering::Greater) => list[at] = resource,
+        Some(_) => {}
+        None if resource.entered_in_error() => list[at] = resource,
+        None if there.entered_in_error() => {}
+        None => list.push(resource),
+    }
+}
+
+/// `Resource.meta`: the version of a resource.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Meta {
+    pub version_id: Option<String>,
+    pub last_updated: Option<String>,
 }
 
 /// An Observation search read in part.
@@ -523,6 +662,41 @@ impl Resources {
         Resources::default()
     }
 
+    /// An empty set of resources read from the FHIR server at `base` (the CDS request's
+    /// `fhirServer`): a subject given as an absolute URL on another server is not a
+    /// reference to the patient of this call, whatever id it ends with
+    /// ([`Resources::add_searched`]).
+    pub fn of_server(base: Option<&str>) -> Resources {
+        Resources {
+            server: base.map(|b| b.trim_end_matches('/').to_owned()),
+            ..Resources::default()
+        }
+    }
+
+    /// A subject as this call reads it: an absolute URL on this call's FHIR server is made
+    /// relative; one on another server refers to nothing this call knows (another EHR's
+    /// `Patient/p1` was taken as this patient's: a red-team finding).
+    fn localise(&self, subject: &mut Option<Reference>) {
+        let (Some(base), Some(Reference { reference: Some(r) })) = (&self.server, subject.as_mut())
+        else {
+            return;
+        };
+        if !(r.starts_with("http://") || r.starts_with("https://")) {
+            return;
+        }
+        let local = r
+            .strip_prefix(base.as_str())
+            .and_then(|rest| rest.strip_prefix('/'))
+            .map(str::to_owned);
+        *r = match local {
+            Some(relative) => relative,
+            None => {
+                *subject = Some(Reference { reference: None });
+                return;
+            }
+        };
+    }
+
     /// Adds a resource, flattening Bundles.
     pub fn add(&mut self, resource: Resource) {
         self.add_searched(resource, None);
@@ -534,10 +708,25 @@ impl Resources {
     /// its tenth value doubtful: a red-team finding).
     pub fn add_searched(&mut self, resource: Resource, codes: Option<&[CodeableConcept]>) {
         match resource {
-            Resource::Patient(p) => self.patients.push(*p),
-            Resource::Observation(o) => self.observations.push(*o),
-            Resource::Condition(c) => self.conditions.push(*c),
-            Resource::Encounter(e) => self.encounters.push(*e),
+            Resource::Patient(p) => {
+                let p = *p;
+                add_version(&mut self.patients, &mut self.patient_ids, p);
+            }
+            Resource::Observation(o) => {
+                let mut o = *o;
+                self.localise(&mut o.subject);
+                add_version(&mut self.observations, &mut self.observation_ids, o);
+            }
+            Resource::Condition(c) => {
+                let mut c = *c;
+                self.localise(&mut c.subject);
+                add_version(&mut self.conditions, &mut self.condition_ids, c);
+            }
+            Resource::Encounter(e) => {
+                let mut e = *e;
+                self.localise(&mut e.subject);
+                add_version(&mut self.encounters, &mut self.encounter_ids, e);
+            }
             Resource::Bundle(b) => {
                 // A nested Bundle that is not whole marks itself as it is added below.
                 if !b.is_whole_page() {
@@ -864,6 +1053,7 @@ fn gender_or_absent<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Gen
 #[serde(rename_all = "camelCase")]
 pub struct Patient {
     pub id: Option<String>,
+    pub meta: Option<Meta>,
     /// As written: `YYYY`, `YYYY-MM` or `YYYY-MM-DD` (read with [`Patient::birth_date`]).
     pub birth_date: Option<String>,
     /// A code outside the value set (`"xyz"`) is read as absent: the gender is then missing
@@ -872,9 +1062,17 @@ pub struct Patient {
     pub gender: Option<Gender>,
     #[serde(default)]
     pub identifier: Vec<Identifier>,
+    pub deceased_boolean: Option<bool>,
+    pub deceased_date_time: Option<String>,
 }
 
 impl Patient {
+    /// Whether the record says the patient has died (`deceasedBoolean: true`, or any
+    /// `deceasedDateTime`).
+    pub fn is_deceased(&self) -> bool {
+        self.deceased_boolean == Some(true) || self.deceased_date_time.is_some()
+    }
+
     /// `birthDate` parsed; `None` when absent, `Err` when malformed.
     pub fn birth_date(&self) -> Option<Result<FhirDate, DateError>> {
         self.birth_date.as_deref().map(FhirDate::parse)
@@ -918,6 +1116,7 @@ impl ObservationStatus {
 #[serde(rename_all = "camelCase")]
 pub struct Observation {
     pub id: Option<String>,
+    pub meta: Option<Meta>,
     pub status: ObservationStatus,
     #[serde(default)]
     pub category: Vec<CodeableConcept>,
@@ -1036,6 +1235,20 @@ pub enum TimeSource {
 impl Observation {
     /// The time the observation gives, and where it came from: `effectiveDateTime`,
     /// `effectiveInstant`, `effectivePeriod` (its end, else its start), else `issued`.
+    /// Whether it gives more than one `effective[x]` (invalid R4: a red-team finding had
+    /// `effectiveDateTime` silently win over an `effectivePeriod`).
+    fn several_times(&self) -> bool {
+        [
+            self.effective_date_time.is_some(),
+            self.effective_instant.is_some(),
+            self.effective_period.is_some(),
+        ]
+        .iter()
+        .filter(|&&b| b)
+        .count()
+            > 1
+    }
+
     fn time_text(&self) -> Option<(&str, TimeSource)> {
         if let Some(t) = &self.effective_date_time {
             Some((t.as_str(), TimeSource::EffectiveDateTime))
@@ -1056,6 +1269,9 @@ impl Observation {
     /// `Ok(None)` when none is given; `Err` when the one given is malformed or only a date
     /// (a vital sign needs a time).
     pub fn effective(&self) -> Result<Option<(DateTime<Utc>, TimeSource)>, DateError> {
+        if self.several_times() {
+            return Err(DateError::SeveralTimes);
+        }
         let Some((text, source)) = self.time_text() else {
             return Ok(None);
         };
@@ -1070,16 +1286,12 @@ impl Observation {
     /// (or a time without its zone, on a readable date) is any time of that date in any
     /// time zone; no time, or one without a readable date, could be any time.
     pub fn time_bounds(&self) -> TimeBounds {
-        let Some((text, _)) = self.time_text() else {
+        if self.several_times() {
             return TimeBounds::Unknown;
-        };
-        match FhirDateTime::parse(text) {
-            Ok(FhirDateTime::Instant(t)) => TimeBounds::At(t.with_timezone(&Utc)),
-            Ok(FhirDateTime::Date(d)) => TimeBounds::of_days(d.earliest(), d.latest()),
-            Err(_) => match text.get(..10).map(FhirDate::parse) {
-                Some(Ok(FhirDate::Day(d))) => TimeBounds::of_days(d, d),
-                _ => TimeBounds::Unknown,
-            },
+        }
+        match self.time_text() {
+            Some((text, _)) => date_time_bounds(text),
+            None => TimeBounds::Unknown,
         }
     }
 
@@ -1092,39 +1304,141 @@ impl Observation {
     }
 }
 
+/// Where a FHIR date or dateTime `text` may lie: a time with its zone is that instant; a
+/// date (or a time without its zone, on a readable date) is any time of that date in any
+/// time zone; anything else could be any time.
+fn date_time_bounds(text: &str) -> TimeBounds {
+    match FhirDateTime::parse(text) {
+        Ok(FhirDateTime::Instant(t)) => TimeBounds::At(t.with_timezone(&Utc)),
+        Ok(FhirDateTime::Date(d)) => TimeBounds::of_days(d.earliest(), d.latest()),
+        Err(_) => match text.get(..10).map(FhirDate::parse) {
+            Some(Ok(FhirDate::Day(d))) => TimeBounds::of_days(d, d),
+            _ => TimeBounds::Unknown,
+        },
+    }
+}
+
 /// A Condition.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     pub id: Option<String>,
+    pub meta: Option<Meta>,
     pub code: Option<CodeableConcept>,
     pub clinical_status: Option<CodeableConcept>,
     pub verification_status: Option<CodeableConcept>,
     pub subject: Option<Reference>,
+    pub onset_date_time: Option<String>,
+    pub recorded_date: Option<String>,
+    /// `abatement[x]`, only whether one is given (R4 con-4: an abated condition is
+    /// inactive, resolved or in remission).
+    pub abatement_date_time: Option<serde_json::Value>,
+    pub abatement_age: Option<serde_json::Value>,
+    pub abatement_period: Option<serde_json::Value>,
+    pub abatement_range: Option<serde_json::Value>,
+    pub abatement_string: Option<serde_json::Value>,
+}
+
+/// Whether a Condition holds now, as far as its record says ([`Condition::activity`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activity {
+    /// `active`, `recurrence` or `relapse`, and not refuted or entered in error.
+    Active,
+    /// `inactive`, `remission` or `resolved`; abated without a status; refuted; or
+    /// entered in error.
+    Inactive,
+    /// No clinical status that can be read (none, as text only, a code of another
+    /// system, or codings that disagree): it may hold.
+    Unknown,
 }
 
 /// The code system of `Condition.clinicalStatus`.
 pub const CONDITION_CLINICAL: &str = "http://terminology.hl7.org/CodeSystem/condition-clinical";
 /// The code system of `Condition.verificationStatus`.
 pub const CONDITION_VER_STATUS: &str = "http://terminology.hl7.org/CodeSystem/condition-ver-status";
+/// STU3's system of `Condition.clinicalStatus`.
+const CONDITION_CLINICAL_STU3: &str = "http://hl7.org/fhir/condition-clinical";
+/// STU3's system of `Condition.verificationStatus`.
+const CONDITION_VER_STATUS_STU3: &str = "http://hl7.org/fhir/condition-ver-status";
+
+/// The systems a status of a Condition is read in: R4's, STU3's (servers that upgraded
+/// their data keep it), and none (a bare `active` is what a FHIR server matches for the
+/// prefetch's `clinical-status=active`, whatever its system).
+fn condition_status_code<'a>(c: &'a CodeableConcept, r4: &str, stu3: &str) -> Vec<&'a str> {
+    c.coding
+        .iter()
+        .filter(|k| k.system.as_deref().is_none_or(|s| s == r4 || s == stu3))
+        .filter_map(|k| k.code.as_deref())
+        .collect()
+}
 
 impl Condition {
-    /// Whether the condition holds now: its clinical status is `active`, `recurrence` or
-    /// `relapse` (R4 requires one unless the record was entered in error), and it is not
-    /// `refuted` or `entered-in-error`. `unconfirmed`, `provisional` and `differential`
-    /// count: a service that withholds a score for a condition errs on the safe side.
+    /// Whether the condition holds now ([`Activity`]). A verification status of `refuted`
+    /// or `entered-in-error` makes it inactive whatever its clinical status; `unconfirmed`,
+    /// `provisional` and `differential` count as confirmed: a service that withholds a
+    /// score for a condition errs on the safe side. A Condition without a clinical status
+    /// (R4 requires one only on problem-list items; encounter diagnoses often lack it) is
+    /// inactive when abated and of unknown activity otherwise, never "not there" (read as
+    /// inactive, an encounter diagnosis of pneumonia scored infection "no": a red-team
+    /// finding).
+    pub fn activity(&self) -> Activity {
+        let refuted = self.verification_status.as_ref().is_some_and(|c| {
+            condition_status_code(c, CONDITION_VER_STATUS, CONDITION_VER_STATUS_STU3)
+                .iter()
+                .any(|c| matches!(*c, "refuted" | "entered-in-error"))
+        });
+        if refuted {
+            return Activity::Inactive;
+        }
+        let codes = self.clinical_status.as_ref().map_or_else(Vec::new, |c| {
+            condition_status_code(c, CONDITION_CLINICAL, CONDITION_CLINICAL_STU3)
+        });
+        let of = |code: &str| match code {
+            "active" | "recurrence" | "relapse" => Activity::Active,
+            "inactive" | "remission" | "resolved" => Activity::Inactive,
+            _ => Activity::Unknown,
+        };
+        let mut activities = codes.iter().map(|c| of(c));
+        match activities.next() {
+            Some(first) if activities.all(|a| a == first) => first,
+            Some(_) => Activity::Unknown,
+            None if self.abated() => Activity::Inactive,
+            None => Activity::Unknown,
+        }
+    }
+
+    /// Whether an `abatement[x]` is given.
+    fn abated(&self) -> bool {
+        self.abatement_date_time.is_some()
+            || self.abatement_age.is_some()
+            || self.abatement_period.is_some()
+            || self.abatement_range.is_some()
+            || self.abatement_string.is_some()
+    }
+
+    /// Whether the condition surely holds now ([`Activity::Active`]).
     pub fn is_active(&self) -> bool {
-        let active = self
-            .clinical_status
-            .as_ref()
-            .and_then(|c| c.code_in(CONDITION_CLINICAL))
-            .is_some_and(|c| matches!(c, "active" | "recurrence" | "relapse"));
-        let refuted = self
-            .verification_status
-            .as_ref()
-            .and_then(|c| c.code_in(CONDITION_VER_STATUS))
-            .is_some_and(|c| matches!(c, "refuted" | "entered-in-error"));
-        active && !refuted
+        self.activity() == Activity::Active
+    }
+
+    /// When it was recorded or began, as far as the record says (`recordedDate`, else
+    /// `onsetDateTime`; a date is any time of that day in any zone).
+    pub fn time_bounds(&self) -> TimeBounds {
+        match self
+            .recorded_date
+            .as_deref()
+            .or(self.onset_date_time.as_deref())
+        {
+            Some(text) => date_time_bounds(text),
+            None => TimeBounds::Unknown,
+        }
+    }
+
+    /// Whether the condition may hold now ([`Activity::Active`] or [`Activity::Unknown`])
+    /// and is coded as one of `codes`.
+    pub fn may_be_active_one_of(&self, codes: &[SystemCode]) -> bool {
+        self.activity() != Activity::Inactive
+            && self.code.as_ref().is_some_and(|c| c.has_any(codes))
     }
 
     /// Whether the condition is active and coded as one of `codes`.
@@ -1138,6 +1452,7 @@ impl Condition {
 #[serde(rename_all = "camelCase")]
 pub struct Encounter {
     pub id: Option<String>,
+    pub meta: Option<Meta>,
     /// As written (`planned`, `arrived`, `in-progress`, `finished`, …).
     pub status: Option<String>,
     /// `Encounter.class` (R4: one Coding, HL7 v3 ActCode: `EMER`, `IMP`, `AMB`, …).
@@ -1157,6 +1472,9 @@ pub enum DateError {
     /// A date without a time where a time is needed.
     #[error("a date without a time")]
     NoTime,
+    /// More than one `effective[x]` (R4 allows one): which is meant cannot be told.
+    #[error("more than one effective time (effectiveDateTime, effectiveInstant, effectivePeriod)")]
+    SeveralTimes,
 }
 
 /// A FHIR `date`, to the precision written.

@@ -24,7 +24,7 @@
 //! let loinc = |code: &str, value: f64, unit: &str| serde_json::json!({"resource": {
 //!     "resourceType": "Observation", "status": "final",
 //!     "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
-//!     "effectiveDateTime": "2024-05-01T11:30:00Z",
+//!     "subject": {"reference": "Patient/1288992"}, "effectiveDateTime": "2024-05-01T11:30:00Z",
 //!     "valueQuantity": {"value": value, "system": "http://unitsofmeasure.org", "code": unit}}});
 //! let request: HookRequest = serde_json::from_value(serde_json::json!({
 //!     "hook": "patient-view",
@@ -40,6 +40,7 @@
 //!             loinc("8867-4", 95.0, "/min"),         // pulse: 1
 //!             {"resource": {"resourceType": "Observation", "status": "final",
 //!                 "code": {"coding": [{"system": "http://loinc.org", "code": "67775-7"}]},
+//!                 "subject": {"reference": "Patient/1288992"},
 //!                 "effectiveDateTime": "2024-05-01T11:30:00Z",
 //!                 "valueCodeableConcept": {"coding": [
 //!                     {"system": "http://snomed.info/sct", "code": "248234008"}]}}}, // alert: 0

@@ -359,6 +359,8 @@ pub enum NotApplicable {
     UnderSixteen { age: i32 },
     /// Pregnant: an active pregnancy Condition, or the latest pregnancy-status Observation.
     Pregnancy,
+    /// The Patient resource says the patient has died.
+    Deceased,
 }
 
 impl fmt::Display for NotApplicable {
@@ -368,6 +370,7 @@ impl fmt::Display for NotApplicable {
                 f.write_str("NEWS2 is not validated for patients under 16 years of age")
             }
             NotApplicable::Pregnancy => f.write_str("NEWS2 is not validated in pregnancy"),
+            NotApplicable::Deceased => f.write_str("the patient is recorded as deceased"),
         }
     }
 }
@@ -488,7 +491,10 @@ pub(crate) fn of_patient(
         // A subject that is not a reference to this Patient (another one, a `urn:uuid:`,
         // or only an identifier or display, which cannot be matched) is not this patient's.
         (Some(want), Some(s)) => s.patient_id() == Some(want),
-        _ => true,
+        // Without a subject it is no one's that can be told (an Observation without one
+        // was scored as this patient's: a red-team finding).
+        (Some(_), None) => false,
+        (None, _) => true,
     }
 }
 
@@ -498,9 +504,16 @@ fn pregnant(
     patient_id: Option<&str>,
     settings: &News2Settings,
 ) -> bool {
+    // An active pregnancy Condition, or one whose clinical status cannot be read (an
+    // encounter diagnosis without one) that may have been recorded within the window:
+    // read as "not pregnant", such a record let NEWS2 score a pregnant patient (a red-team
+    // finding).
+    let window_start = now - settings.pregnancy_look_back;
     if resources.conditions.iter().any(|c| {
         of_patient(c.subject.as_ref(), patient_id)
-            && c.is_active_one_of(&settings.pregnancy_conditions)
+            && (c.is_active_one_of(&settings.pregnancy_conditions)
+                || (c.may_be_active_one_of(&settings.pregnancy_conditions)
+                    && c.time_bounds().may_be_at_or_after(window_start)))
     }) {
         return true;
     }
@@ -558,6 +571,11 @@ pub fn assess(
     patient_id: Option<&str>,
     settings: &News2Settings,
 ) -> Assessment {
+    // A patient recorded as deceased gets no score (one was scored "NEWS2 0 — low clinical
+    // risk": a red-team finding).
+    if find_patient(resources, patient_id).is_some_and(|p| p.is_deceased()) {
+        return Assessment::NotApplicable(NotApplicable::Deceased);
+    }
     let age = match find_patient(resources, patient_id) {
         None => Err(AgeProblem::NoPatient),
         Some(p) => match p.birth_date() {

@@ -73,6 +73,9 @@ pub enum Missing {
     BirthDate,
     /// The patient's Conditions were not available.
     NoConditions,
+    /// A Condition with one of the codes may hold, but its clinical status cannot be read
+    /// (none, text only, another system's code).
+    ConditionStatusUnknown,
     /// No current Encounter could be told apart (none, several, or one without a class).
     Encounter(&'static str),
     /// Outside the range the bundle says the model was trained on (`min`/`max`): the model
@@ -90,6 +93,9 @@ impl fmt::Display for Missing {
             Missing::NoPatientData(what) => write!(f, "{what}"),
             Missing::BirthDate => f.write_str("birth date unusable for an age in years"),
             Missing::NoConditions => f.write_str("the patient's conditions were not available"),
+            Missing::ConditionStatusUnknown => f.write_str(
+                "a matching condition is recorded without a clinical status that can be read",
+            ),
             Missing::Encounter(why) => write!(f, "{why}"),
             Missing::OutOfRange { value, range } => write!(
                 f,
@@ -177,10 +183,11 @@ fn map_one(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -> M
         let below = f.min.is_some_and(|min| v < min);
         let above = f.max.is_some_and(|max| v > max);
         if below || above {
-            let unit = if f.unit.is_empty() || f.unit == "1" {
-                String::new()
-            } else {
-                format!(" {}", f.unit)
+            let unit = match f.unit.as_str() {
+                "" | "1" => String::new(),
+                // UCUM's year, as a reader says it.
+                "a" => " years".to_owned(),
+                u => format!(" {u}"),
             };
             let range = match (f.min, f.max) {
                 (Some(min), Some(max)) => format!("{}–{}{unit}", number(min), number(max)),
@@ -188,10 +195,18 @@ fn map_one(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -> M
                 (None, Some(max)) => format!("at most {}{unit}", number(max)),
                 (None, None) => unreachable!("a bound was crossed"),
             };
-            let value = out
-                .shown
-                .clone()
-                .unwrap_or_else(|| format!("{}{unit}", number(v)));
+            // Shown to two decimals, a value just outside the range may read as its bound
+            // ("56 mm[Hg] is outside … 56–212 mm[Hg]": a red-team finding): then it is
+            // shown as it is.
+            let crossed = if below { f.min } else { f.max };
+            let value = match &out.shown {
+                Some(shown) if crossed.is_none_or(|b| number(b) != number(v)) => shown.clone(),
+                _ => format!("{v}{unit}"),
+            };
+            let value = match &out.converted_from {
+                Some(from) => format!("{value} (converted from {from})"),
+                None => value,
+            };
             out.value = Err(Missing::OutOfRange { value, range });
         }
     }
@@ -209,6 +224,18 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
         converted_from: None,
     };
     let patient = || find_patient(resources, Some(cx.patient_id));
+    // Why there is no Patient to read: none of this id, or several of it that differ.
+    let no_patient = || {
+        if resources
+            .patients
+            .iter()
+            .any(|p| p.id.as_deref() == Some(cx.patient_id))
+        {
+            Missing::NoPatientData("the EHR sent differing records of this Patient")
+        } else {
+            Missing::NoPatientData("no Patient resource")
+        }
+    };
     let flag = |out: &mut MappedFeature, yes: bool, shown_yes: &str, shown_no: &str| {
         out.value = Ok(if yes { 1.0 } else { 0.0 });
         out.shown = Some(if yes { shown_yes } else { shown_no }.to_owned());
@@ -221,7 +248,7 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
         (None, None) => {}
         (None, Some(FhirSource::PatientAge)) => {
             out.value = match patient() {
-                None => Err(Missing::NoPatientData("no Patient resource")),
+                None => Err(no_patient()),
                 Some(p) => match p.birth_date() {
                     None => Err(Missing::NoPatientData("no birth date on the Patient")),
                     Some(Err(_)) => Err(Missing::BirthDate),
@@ -236,7 +263,7 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
             }
         }
         (None, Some(FhirSource::PatientFemale)) => match patient().map(|p| p.gender) {
-            None => out.value = Err(Missing::NoPatientData("no Patient resource")),
+            None => out.value = Err(no_patient()),
             Some(Some(crate::fhir::Gender::Female)) => flag(&mut out, true, "female", "male"),
             Some(Some(crate::fhir::Gender::Male)) => flag(&mut out, false, "female", "male"),
             Some(_) => {
@@ -251,14 +278,23 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
                 .iter()
                 .filter_map(|c| SystemCode::parse(c))
                 .collect();
-            let present = resources.conditions.iter().any(|c| {
-                of_patient(c.subject.as_ref(), Some(cx.patient_id)) && c.is_active_one_of(&codes)
-            });
+            let mine = || {
+                resources
+                    .conditions
+                    .iter()
+                    .filter(|c| of_patient(c.subject.as_ref(), Some(cx.patient_id)))
+            };
+            let present = mine().any(|c| c.is_active_one_of(&codes));
+            // A matching Condition that may hold (its status cannot be read) is neither yes
+            // nor no.
+            let maybe = mine().any(|c| c.may_be_active_one_of(&codes));
             // "No" needs every Condition: a search answered, and not one page of a longer
             // result ([`Resources::is_complete`]; the caller's `conditions_read` from
             // `Service::collect` already says so, this holds for any caller).
             let all_read = cx.conditions_read && resources.is_complete("Condition");
-            if present || all_read {
+            if !present && maybe {
+                out.value = Err(Missing::ConditionStatusUnknown);
+            } else if present || all_read {
                 flag(&mut out, present, "yes (active condition)", "no");
             } else {
                 out.value = Err(Missing::NoConditions);
@@ -273,7 +309,14 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
             let mine: Vec<_> = resources
                 .encounters
                 .iter()
-                .filter(|e| of_patient(e.subject.as_ref(), Some(cx.patient_id)))
+                // The encounter in context may lack a subject (R4 allows it); any other
+                // must be this patient's.
+                .filter(|e| {
+                    of_patient(e.subject.as_ref(), Some(cx.patient_id))
+                        || (e.subject.is_none()
+                            && cx.encounter_id.is_some()
+                            && e.id.as_deref() == cx.encounter_id)
+                })
                 .filter(|e| !matches!(e.status.as_deref(), Some("entered-in-error" | "cancelled")))
                 .collect();
             let current: Vec<_> = match cx.encounter_id {
@@ -453,6 +496,7 @@ fn observation(
             .ok()
     };
     let mut conflicting = false;
+    let mut dated: Vec<Found<'_>> = vec![];
     for o in &resources.observations {
         let Some(quantity) = value_with_code(o, code) else {
             continue;
@@ -486,6 +530,9 @@ fn observation(
             continue;
         }
         let candidate = (time, o.issued(), quantity, latest_possible);
+        if time.is_some() {
+            dated.push(candidate.clone());
+        }
         let order = |c: &Found<'_>, b: &Found<'_>| later_reading((c.0, c.3, c.1), (b.0, b.3, b.1));
         match &best {
             Some(b) if order(&candidate, b) == Ordering::Less => {}
@@ -509,6 +556,18 @@ fn observation(
                     .any(|c| c.has(&code.system, &code.code) || is_panel_of(c, code))
             })
     });
+    // Of one time, the later issued is a correction only if both say when they were
+    // issued: a value of the latest's time that differs from it, where one of the two has no
+    // issue time, makes the feature missing (an SBP of 60 issued beside a 120 that said
+    // nothing won, and with the issue times swapped the 120 won: a red-team finding).
+    if let Some(b) = &best
+        && b.0.is_some()
+        && dated.iter().any(|c| {
+            c.0 == b.0 && (c.1.is_none() || b.1.is_none()) && convert(&c.2) != convert(&b.2)
+        })
+    {
+        conflicting = true;
+    }
     let Some((time, _, quantity, _)) = best else {
         out.value = Err(if search_not_read {
             Missing::Unusable(UnusableReason::SearchNotRead)
@@ -576,24 +635,28 @@ fn value_with_code<'a>(
     o: &'a Observation,
     code: &SystemCode,
 ) -> Option<Result<&'a Quantity, UnusableReason>> {
-    let pick = |q: Option<&'a Quantity>| q.ok_or(UnusableReason::NoValue);
-    if o.code.has(&code.system, &code.code) {
-        if let Some(q) = &o.value_quantity {
-            return Some(Ok(q));
-        }
-        if let Some(c) = o
-            .component
-            .iter()
-            .find(|c| c.code.has(&code.system, &code.code))
-        {
-            return Some(pick(c.value_quantity.as_ref()));
-        }
-        return Some(Err(UnusableReason::NoValue));
+    if o.code.has(&code.system, &code.code)
+        && let Some(q) = &o.value_quantity
+    {
+        return Some(Ok(q));
     }
-    o.component
+    // Of several components with the code, one value only: two that differ make it
+    // unusable, whatever their order (the first taken, a panel with systolic components
+    // of 120 and 70 gave either risk by their order: a red-team finding).
+    let mut components = o
+        .component
         .iter()
-        .find(|c| c.code.has(&code.system, &code.code))
-        .map(|c| pick(c.value_quantity.as_ref()))
+        .filter(|c| c.code.has(&code.system, &code.code));
+    let Some(first) = components.next() else {
+        return o
+            .code
+            .has(&code.system, &code.code)
+            .then_some(Err(UnusableReason::NoValue));
+    };
+    if components.any(|c| c.value_quantity != first.value_quantity) {
+        return Some(Err(UnusableReason::Conflicting));
+    }
+    Some(first.value_quantity.as_ref().ok_or(UnusableReason::NoValue))
 }
 
 #[cfg(test)]
@@ -922,8 +985,22 @@ mod tests {
             m.features[0].value,
             Err(Missing::OutOfRange {
                 value: "73 years".into(),
-                range: "16–60 a".into()
+                range: "16–60 years".into()
             })
+        );
+        // Red-team finding: a value that rounds to its bound is shown as it is, with the
+        // unit it was converted from (7.466 kPa is 55.9996 mm[Hg], not "56 mm[Hg] outside
+        // 56–212 mm[Hg]").
+        let mut items = base();
+        items.push(sbp(7.466, "kPa", "2024-05-01T11:50:00Z"));
+        let m = map_features(&specs, &resources(items), &context(true));
+        let Err(Missing::OutOfRange { value, range }) = &m.features[1].value else {
+            panic!("{:?}", m.features[1]);
+        };
+        assert_eq!(range, "56–212 mm[Hg]");
+        assert!(
+            value.starts_with("55.99") && value.ends_with(" mm[Hg] (converted from kPa)"),
+            "{value}"
         );
     }
 
@@ -1208,5 +1285,215 @@ mod tests {
             ),
             Ok(1.0)
         );
+    }
+
+    /// Red-team findings: a Condition whose clinical status cannot be read (none, no
+    /// system, STU3's system, text only) was read as inactive, and the feature scored "no".
+    #[test]
+    fn a_condition_of_unreadable_status_is_neither_yes_nor_no() {
+        let with_status = |status: Value| {
+            let mut items = base();
+            items[1]["clinicalStatus"] = status;
+            map_features(&features(), &resources(items), &context(true))
+        };
+        for status in [
+            json!({"coding": [{"code": "active"}]}),
+            json!({"coding": [{"system": "http://hl7.org/fhir/condition-clinical", "code": "active"}]}),
+        ] {
+            assert_eq!(value_of(&with_status(status), "infection"), Ok(1.0));
+        }
+        for status in [
+            json!({"text": "active"}),
+            json!({"coding": [{"system": "http://example.org/local", "code": "A"}]}),
+            json!({"coding": [{"code": "active"}, {"code": "resolved"}]}),
+            Value::Null,
+        ] {
+            assert_eq!(
+                value_of(&with_status(status), "infection"),
+                Err(Missing::ConditionStatusUnknown)
+            );
+        }
+        // Abated without a status (R4 con-4): inactive; resolved, or refuted: no.
+        let mut items = base();
+        items[1].as_object_mut().unwrap().remove("clinicalStatus");
+        items[1]["abatementDateTime"] = json!("2023-01-01");
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert_eq!(value_of(&m, "infection"), Ok(0.0));
+        let m = with_status(json!({"coding": [{"code": "resolved"}]}));
+        assert_eq!(value_of(&m, "infection"), Ok(0.0));
+        let mut items = base();
+        items[1]["verificationStatus"] = json!({"coding": [{"code": "refuted"}]});
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert_eq!(value_of(&m, "infection"), Ok(0.0));
+    }
+
+    /// Red-team finding: two systolic components of one panel scored by their order.
+    #[test]
+    fn a_panel_with_two_differing_systolic_components_is_conflicting() {
+        let panel = |a: f64, b: f64| {
+            json!({"resourceType": "Observation", "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}]},
+                "subject": {"reference": "Patient/p1"}, "effectiveDateTime": "2024-05-01T11:00:00Z",
+                "component": [
+                    {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                     "valueQuantity": {"value": a, "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}},
+                    {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                     "valueQuantity": {"value": b, "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}}]})
+        };
+        for (a, b) in [(120.0, 70.0), (70.0, 120.0)] {
+            let mut items = base();
+            items.push(panel(a, b));
+            let m = map_features(&features(), &resources(items), &context(true));
+            assert_eq!(
+                value_of(&m, "systolic_bp"),
+                Err(Missing::Unusable(UnusableReason::Conflicting))
+            );
+        }
+        let mut items = base();
+        items.push(panel(120.0, 120.0));
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert_eq!(value_of(&m, "systolic_bp"), Ok(120.0));
+    }
+
+    /// Red-team finding: of two values of one time, the one with an `issued` won over one
+    /// without, whichever it was.
+    #[test]
+    fn of_one_time_an_issue_time_on_one_value_only_corrects_nothing() {
+        let t = "2024-05-01T11:00:00Z";
+        for (a, b) in [(120.0, 60.0), (60.0, 120.0)] {
+            let mut issued = sbp(a, "mm[Hg]", t);
+            issued["issued"] = json!("2024-05-01T11:30:00Z");
+            for pair in [
+                vec![issued.clone(), sbp(b, "mm[Hg]", t)],
+                vec![sbp(b, "mm[Hg]", t), issued.clone()],
+            ] {
+                let mut items = base();
+                items.extend(pair);
+                let m = map_features(&features(), &resources(items), &context(true));
+                assert_eq!(
+                    value_of(&m, "systolic_bp"),
+                    Err(Missing::Unusable(UnusableReason::Conflicting))
+                );
+            }
+        }
+    }
+
+    /// Red-team finding: a resource retracted (`entered-in-error`) in a later copy of the
+    /// same id was still scored from its first copy.
+    #[test]
+    fn the_newest_version_of_a_resource_is_the_one_read() {
+        let mut old = sbp(60.0, "mm[Hg]", "2024-05-01T11:00:00Z");
+        old["id"] = json!("o1");
+        old["meta"] = json!({"versionId": "1"});
+        let mut retracted = old.clone();
+        retracted["status"] = json!("entered-in-error");
+        retracted["meta"] = json!({"versionId": "2"});
+        let mut earlier = sbp(120.0, "mm[Hg]", "2024-05-01T10:00:00Z");
+        earlier["id"] = json!("o0");
+        for pair in [
+            vec![old.clone(), retracted.clone()],
+            vec![retracted.clone(), old.clone()],
+        ] {
+            let mut items = base();
+            items.push(earlier.clone());
+            items.extend(pair);
+            let m = map_features(&features(), &resources(items), &context(true));
+            assert_eq!(value_of(&m, "systolic_bp"), Ok(120.0));
+        }
+        // Without versions, a copy that says it was made in error still wins.
+        let mut plain = old.clone();
+        plain.as_object_mut().unwrap().remove("meta");
+        let mut retracted_plain = retracted.clone();
+        retracted_plain.as_object_mut().unwrap().remove("meta");
+        let mut items = base();
+        items.push(earlier.clone());
+        items.extend([retracted_plain, plain]);
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert_eq!(value_of(&m, "systolic_bp"), Ok(120.0));
+        // A newer version by lastUpdated replaces the older.
+        let mut v1 = sbp(60.0, "mm[Hg]", "2024-05-01T11:00:00Z");
+        v1["id"] = json!("o2");
+        v1["meta"] = json!({"lastUpdated": "2024-05-01T11:01:00Z"});
+        let mut v2 = v1.clone();
+        v2["valueQuantity"]["value"] = json!(110.0);
+        v2["status"] = json!("corrected");
+        v2["meta"] = json!({"lastUpdated": "2024-05-01T11:40:00Z"});
+        let mut items = base();
+        items.extend([v2, v1]);
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert_eq!(value_of(&m, "systolic_bp"), Ok(110.0));
+    }
+
+    /// Red-team findings: an Observation of another FHIR server's `Patient/p1`, or with no
+    /// subject, was taken as this patient's.
+    #[test]
+    fn only_this_servers_patient_is_this_patient() {
+        let at = |subject: Option<&str>| {
+            let mut o = sbp(60.0, "mm[Hg]", "2024-05-01T11:30:00Z");
+            match subject {
+                Some(s) => o["subject"] = json!({"reference": s}),
+                None => {
+                    o.as_object_mut().unwrap().remove("subject");
+                }
+            }
+            let mut r = Resources::of_server(Some("https://ehr.example/fhir/"));
+            for v in base()
+                .into_iter()
+                .chain([sbp(120.0, "mm[Hg]", "2024-05-01T11:00:00Z"), o])
+            {
+                r.add(Resource::from_value(&v, &Limits::default()).unwrap());
+            }
+            value_of(
+                &map_features(&features(), &r, &context(true)),
+                "systolic_bp",
+            )
+        };
+        assert_eq!(at(Some("https://other.example/fhir/Patient/p1")), Ok(120.0));
+        assert_eq!(at(None), Ok(120.0));
+        assert_eq!(at(Some("https://ehr.example/fhir/Patient/p1")), Ok(60.0));
+        assert_eq!(
+            at(Some("https://ehr.example/fhir/Patient/p1/_history/3")),
+            Ok(60.0)
+        );
+        assert_eq!(at(Some("Patient/p1")), Ok(60.0));
+    }
+
+    /// Red-team finding: a value with two `effective[x]` (invalid R4) used the first.
+    #[test]
+    fn two_effective_times_make_a_value_unusable() {
+        let mut o = sbp(60.0, "mm[Hg]", "2024-05-01T11:30:00Z");
+        o["effectivePeriod"] = json!({"start": "2024-05-01T09:00:00Z"});
+        let mut items = base();
+        items.extend([sbp(120.0, "mm[Hg]", "2024-05-01T11:00:00Z"), o]);
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert_eq!(
+            value_of(&m, "systolic_bp"),
+            Err(Missing::Unusable(UnusableReason::Time(
+                DateError::SeveralTimes
+            )))
+        );
+    }
+
+    /// Red-team finding: two differing records of the patient were called "no Patient".
+    #[test]
+    fn differing_patient_records_are_named_as_such() {
+        let mut items = base();
+        items.push(json!({"resourceType": "Patient", "id": "p1", "birthDate": "1950-06", "gender": "female"}));
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert_eq!(
+            value_of(&m, "age"),
+            Err(Missing::NoPatientData(
+                "the EHR sent differing records of this Patient"
+            ))
+        );
+        // With versions, the newer is the record.
+        let mut items = base();
+        items[0]["meta"] = json!({"versionId": "7"});
+        items.push(
+            json!({"resourceType": "Patient", "id": "p1", "meta": {"versionId": "6"},
+            "birthDate": "1950-06", "gender": "female"}),
+        );
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert_eq!(value_of(&m, "age"), Ok(73.0));
     }
 }

@@ -597,7 +597,7 @@ impl Service {
                 .get(key)
                 .is_some_and(|t| t.starts_with("Condition?") || t.starts_with("Condition/"))
         };
-        let mut resources = Resources::new();
+        let mut resources = Resources::of_server(request.fhir_server.as_deref());
         let mut conditions_read = false;
         if let Some(prefetch) = &request.prefetch {
             for (key, value) in prefetch {

@@ -707,6 +707,9 @@ pub fn extract(
 ) -> Vitals {
     let mut vitals = Vitals::default();
     let mut best: Vec<Candidate> = vec![];
+    // Every dated value: (parameter, time, issued, value).
+    type Dated = (Parameter, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+    let mut dated: Vec<(Dated, Result<Value, UnusableReason>)> = vec![];
     for o in observations {
         let mut found: Vec<(Parameter, Result<Value, UnusableReason>)> = vec![];
         if let Some(p) = parameter_of(&o.code) {
@@ -753,8 +756,8 @@ pub fn extract(
             vitals.excluded.not_final += 1;
             continue;
         }
-        if let (Some(want), Some(subject)) = (patient_id, &o.subject)
-            && subject.patient_id() != Some(want)
+        if let Some(want) = patient_id
+            && o.subject.as_ref().and_then(|s| s.patient_id()) != Some(want)
         {
             vitals.excluded.other_patient += 1;
             continue;
@@ -806,6 +809,9 @@ pub fn extract(
                 issued,
                 observation_id: o.id.clone(),
             };
+            if time.is_some() {
+                dated.push(((parameter, time, issued), candidate.value.clone()));
+            }
             match best.iter_mut().find(|b| b.parameter == parameter) {
                 None => best.push(candidate),
                 Some(b) => {
@@ -833,6 +839,25 @@ pub fn extract(
                     }
                 }
             }
+        }
+    }
+    // Of one time, the later issued is a correction only if both say when they were
+    // issued: a value of the latest's time that differs from it, where one of the two has no
+    // issue time, makes the parameter unusable (an SBP of 60 issued beside a 120 that said
+    // nothing won, and with the issue times swapped the 120 won: a red-team finding). At one
+    // time oxygen still wins over air.
+    let oxygen =
+        |v: &Result<Value, UnusableReason>| matches!(v, Ok(Value::Supply(OxygenSupply::Oxygen)));
+    for b in best.iter_mut().filter(|b| b.time.is_some()) {
+        let conflicting = dated.iter().any(|((p, t, issued), value)| {
+            *p == b.parameter
+                && *t == b.time
+                && (issued.is_none() || b.issued.is_none())
+                && oxygen(value) == oxygen(&b.value)
+                && !same_reading(value, &b.value)
+        });
+        if conflicting {
+            b.value = Err(UnusableReason::Conflicting);
         }
     }
     best.sort_by_key(|c| c.parameter);
@@ -923,6 +948,7 @@ mod tests {
         let mut v = json!({
             "resourceType": "Observation", "status": "final",
             "code": {"coding": [{"system": code_system, "code": code}]},
+            "subject": {"reference": "Patient/p1"},
             "effectiveDateTime": time
         });
         if let Some((s, c)) = answer {
@@ -1029,7 +1055,30 @@ mod tests {
         assert_eq!(v.oxygen_saturation.as_ref().unwrap().value, 95.0);
         let mut corrected = quantity("59408-5", 94.0, "%", t);
         corrected.issued = Some("2024-05-01T11:20:00Z".into());
-        let v = run(&[quantity("59408-5", 84.0, "%", t), corrected]);
+        let mut first = quantity("59408-5", 84.0, "%", t);
+        first.issued = Some("2024-05-01T11:05:00Z".into());
+        let v = run(&[first.clone(), corrected.clone()]);
+        assert_eq!(v.oxygen_saturation.as_ref().unwrap().value, 94.0);
+        let v = run(&[corrected.clone(), first]);
+        assert_eq!(v.oxygen_saturation.as_ref().unwrap().value, 94.0);
+        // Red-team finding: where one of the two does not say when it was issued, neither
+        // is known to correct the other, in either order.
+        for (a, b) in [(84.0, 94.0), (94.0, 84.0)] {
+            let mut issued = quantity("59408-5", a, "%", t);
+            issued.issued = Some("2024-05-01T11:20:00Z".into());
+            for o in [
+                vec![quantity("59408-5", b, "%", t), issued.clone()],
+                vec![issued.clone(), quantity("59408-5", b, "%", t)],
+            ] {
+                let v = run(&o);
+                assert!(v.oxygen_saturation.is_none(), "{v:?}");
+                assert_eq!(v.unusable[0].reason, UnusableReason::Conflicting);
+            }
+        }
+        // Equal values without issue times still count once.
+        let mut issued = quantity("59408-5", 94.0, "%", t);
+        issued.issued = Some("2024-05-01T11:20:00Z".into());
+        let v = run(&[quantity("59408-5", 94.0, "%", t), issued]);
         assert_eq!(v.oxygen_saturation.as_ref().unwrap().value, 94.0);
     }
 
@@ -1172,7 +1221,7 @@ mod tests {
     fn blood_pressure_panel_and_pulse_oximetry_components() {
         let t = "2024-05-01T11:00:00Z";
         let bp = obs(json!({
-            "resourceType": "Observation", "status": "final", "effectiveDateTime": t,
+            "resourceType": "Observation", "status": "final", "subject": {"reference": "Patient/p1"}, "effectiveDateTime": t,
             "code": {"coding": [{"system": LOINC, "code": "85354-9"}]},
             "component": [
                 {"code": {"coding": [{"system": LOINC, "code": "8480-6"}]},
@@ -1182,7 +1231,7 @@ mod tests {
             ]
         }));
         let ox = obs(json!({
-            "resourceType": "Observation", "status": "final", "effectiveDateTime": t,
+            "resourceType": "Observation", "status": "final", "subject": {"reference": "Patient/p1"}, "effectiveDateTime": t,
             "code": {"coding": [{"system": LOINC, "code": "59408-5"}, {"system": LOINC, "code": "2708-6"}]},
             "valueQuantity": {"value": 93, "unit": "%", "system": UCUM, "code": "%"},
             "component": [
@@ -1203,7 +1252,7 @@ mod tests {
         let t = "2024-05-01T11:00:00Z";
         let fio2 = |issued: &str| {
             obs(json!({
-                "resourceType": "Observation", "status": "final", "effectiveDateTime": t,
+                "resourceType": "Observation", "status": "final", "subject": {"reference": "Patient/p1"}, "effectiveDateTime": t,
                 "issued": issued,
                 "code": {"coding": [{"system": LOINC, "code": "3150-0"}]},
                 "valueQuantity": {"value": 21, "unit": "%", "system": UCUM, "code": "%"}
@@ -1211,7 +1260,7 @@ mod tests {
         };
         let flow = |issued: &str| {
             obs(json!({
-                "resourceType": "Observation", "status": "final", "effectiveDateTime": t,
+                "resourceType": "Observation", "status": "final", "subject": {"reference": "Patient/p1"}, "effectiveDateTime": t,
                 "issued": issued,
                 "code": {"coding": [{"system": LOINC, "code": "3151-8"}]},
                 "valueQuantity": {"value": 2, "unit": "L/min", "system": UCUM, "code": "L/min"}
@@ -1229,7 +1278,7 @@ mod tests {
         }
         // A later time still wins: air charted after the oxygen was stopped.
         let later_air = obs(json!({
-            "resourceType": "Observation", "status": "final",
+            "resourceType": "Observation", "status": "final", "subject": {"reference": "Patient/p1"},
             "effectiveDateTime": "2024-05-01T11:30:00Z",
             "code": {"coding": [{"system": LOINC, "code": "3150-0"}]},
             "valueQuantity": {"value": 21, "unit": "%", "system": UCUM, "code": "%"}
@@ -1252,7 +1301,7 @@ mod tests {
         let both = json!({"coding": [
             {"system": SNOMED, "code": ROOM_AIR}, {"system": SNOMED, "code": ON_OXYGEN}]});
         let o2 = |code: Json, value: Option<Json>| {
-            let mut v = json!({"resourceType": "Observation", "status": "final",
+            let mut v = json!({"resourceType": "Observation", "status": "final", "subject": {"reference": "Patient/p1"},
                 "code": code, "effectiveDateTime": t});
             if let Some(value) = value {
                 v["valueCodeableConcept"] = value;

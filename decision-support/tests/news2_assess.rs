@@ -469,3 +469,69 @@ fn a_score_with_only_a_page_of_the_conditions_says_what_could_not_be_checked() {
     let detail = news2_card(&a, &Wording::default()).detail.unwrap();
     assert!(!detail.contains("partly available"), "{detail}");
 }
+
+/// Red-team finding: a pregnancy Condition whose clinical status cannot be read (none, as
+/// encounter diagnoses often have; a code without its system) let NEWS2 score a pregnant
+/// patient. Recorded before the pregnancy window, it no longer says pregnant.
+#[test]
+fn a_pregnancy_condition_of_unreadable_status_is_pregnancy() {
+    let with = |status: Option<Value>, recorded: Option<&str>| {
+        let mut c = condition(SNOMED, "77386006");
+        match status {
+            Some(s) => c["clinicalStatus"] = s,
+            None => {
+                c.as_object_mut().unwrap().remove("clinicalStatus");
+            }
+        }
+        if let Some(r) = recorded {
+            c["recordedDate"] = json!(r);
+        }
+        let mut items = vec![patient("1990-01-01"), c];
+        items.extend(vitals());
+        run(items, &News2Settings::default())
+    };
+    let pregnant = Assessment::NotApplicable(NotApplicable::Pregnancy);
+    assert_eq!(with(None, None), pregnant);
+    assert_eq!(with(None, Some("2024-03-01")), pregnant);
+    assert_eq!(
+        with(Some(json!({"coding": [{"code": "active"}]})), None),
+        pregnant
+    );
+    assert_eq!(with(Some(json!({"text": "active"})), None), pregnant);
+    assert!(matches!(
+        with(None, Some("2021-03-01")),
+        Assessment::Scored(_)
+    ));
+    assert!(matches!(
+        with(Some(json!({"coding": [{"code": "resolved"}]})), None),
+        Assessment::Scored(_)
+    ));
+}
+
+/// Red-team finding: a patient recorded as deceased was scored "NEWS2 0".
+#[test]
+fn a_deceased_patient_is_not_scored() {
+    for deceased in [
+        json!({"deceasedBoolean": true}),
+        json!({"deceasedDateTime": "2019-05-01"}),
+    ] {
+        let mut p = patient("1950-01-01");
+        for (k, v) in deceased.as_object().unwrap() {
+            p[k] = v.clone();
+        }
+        let mut items = vec![p];
+        items.extend(vitals());
+        assert_eq!(
+            run(items, &News2Settings::default()),
+            Assessment::NotApplicable(NotApplicable::Deceased)
+        );
+    }
+    let mut p = patient("1950-01-01");
+    p["deceasedBoolean"] = json!(false);
+    let mut items = vec![p];
+    items.extend(vitals());
+    assert!(matches!(
+        run(items, &News2Settings::default()),
+        Assessment::Scored(_)
+    ));
+}
