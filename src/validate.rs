@@ -1172,8 +1172,8 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
             return None;
         }
         match (&metrics, &multi) {
-            (Some(m), _) => Some(check_gate(spec, version, m)),
-            (None, Some(m)) => Some(check_gate_multiclass(spec, version, m)),
+            (Some(m), _) => Some(check_gate(spec, version, m, &settings)),
+            (None, Some(m)) => Some(check_gate_multiclass(spec, version, m, &settings)),
             (None, None) => None,
         }
     });
@@ -1477,6 +1477,7 @@ struct ReportHead {
     model: Option<ReportModel>,
     dataset: Option<ReportDataset>,
     gate: Option<ReportGate>,
+    settings: Option<ReportSettings>,
 }
 
 #[derive(serde::Deserialize)]
@@ -1497,6 +1498,20 @@ struct ReportModel {
 #[derive(serde::Deserialize)]
 struct ReportGate {
     passed: bool,
+    #[serde(default)]
+    criteria: Vec<ReportCriterion>,
+}
+
+#[derive(serde::Deserialize)]
+struct ReportCriterion {
+    metric: String,
+    bound: String,
+}
+
+#[derive(serde::Deserialize)]
+struct ReportSettings {
+    confidence: f64,
+    calibration_bins: usize,
 }
 
 /// Reports larger than this are not read (a report is ~100 KB).
@@ -1547,7 +1562,27 @@ pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionChec
                 others_only = true;
                 continue;
             }
-            let passed = head.gate.is_some_and(|g| g.passed);
+            // A pass at settings the gate is not read at does not count (a report of a
+            // version before the gate checked them: a 51 % interval passed a gate on the
+            // 95 % lower limit; see `nightingale_validation::gate::unjudgeable`).
+            let judged_at_gate_settings = |g: &ReportGate| {
+                let Some(s) = &head.settings else {
+                    return false;
+                };
+                let settings = nightingale_validation::report::Settings {
+                    confidence: s.confidence,
+                    calibration_bins: s.calibration_bins,
+                    ..nightingale_validation::report::Settings::default()
+                };
+                g.criteria.iter().all(|c| {
+                    nightingale_validation::gate::unjudgeable(&c.metric, &c.bound, &settings)
+                        .is_none()
+                })
+            };
+            let passed = head
+                .gate
+                .as_ref()
+                .is_some_and(|g| g.passed && judged_at_gate_settings(g));
             // Reports made in the same second (`created` has second resolution) are not
             // ordered by anything but the folder listing: a failed one among them decides,
             // whatever that order (a review made the same pair pass or fail by renaming
@@ -1616,6 +1651,17 @@ mod promotion_tests {
     use super::require_validation;
 
     fn report(dir: &std::path::Path, folder: &str, created: &str, passed: bool) {
+        report_at(dir, folder, created, passed, 0.95, 10);
+    }
+
+    fn report_at(
+        dir: &std::path::Path,
+        folder: &str,
+        created: &str,
+        passed: bool,
+        confidence: f64,
+        calibration_bins: usize,
+    ) {
         let dir = dir.join(folder);
         std::fs::create_dir_all(&dir).unwrap();
         let json = serde_json::json!({
@@ -1623,9 +1669,35 @@ mod promotion_tests {
             "created": created,
             "model": {"name": "m", "version": 2, "manifest_sha256": "abc"},
             "dataset": {"origin": "file"},
-            "gate": {"passed": passed},
+            "settings": {"confidence": confidence, "calibration_bins": calibration_bins},
+            "gate": {"passed": passed, "criteria": [
+                {"metric": "positives", "bound": "value"},
+                {"metric": "auroc", "bound": "ci_lower"},
+                {"metric": "ece", "bound": "value"}]},
         });
         std::fs::write(dir.join("report.json"), json.to_string()).unwrap();
+    }
+
+    /// A red-team finding: a report made with a looser confidence level or fewer
+    /// calibration bins (by a version before the gate checked them) passed a gate on the
+    /// 95 % lower limit or the ten-bin ECE, and its version was served.
+    #[test]
+    fn a_pass_at_other_settings_than_the_gates_does_not_count() {
+        for (confidence, bins) in [(0.51, 10), (0.95, 1)] {
+            let dir = tempfile::tempdir().unwrap();
+            report_at(
+                dir.path(),
+                "loose",
+                "2026-12-05T06:41:47Z",
+                true,
+                confidence,
+                bins,
+            );
+            let check = require_validation(dir.path().to_path_buf());
+            assert!((check.0)("m", 2, "abc").is_err(), "{confidence} {bins}");
+            report(dir.path(), "usual", "2026-12-05T06:41:48Z", true);
+            assert!((check.0)("m", 2, "abc").is_ok());
+        }
     }
 
     /// A review's finding: reports made in the same second were ordered by the folder

@@ -6,7 +6,7 @@ use nightingale_models::manifest::{GateCriterion, ValidationSpec};
 use serde::Serialize;
 
 use crate::multiclass::MulticlassMetrics;
-use crate::report::{Metric, Metrics};
+use crate::report::{Metric, Metrics, Settings};
 
 /// One criterion and what the report says.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -107,7 +107,12 @@ fn sample_criteria(
 /// With rows clustered by patient (`--patient-id-column`), the rule counts patients (with a
 /// positive row, with a negative row), not rows: a hundred rows of one patient are one
 /// patient's evidence.
-pub fn check(spec: &ValidationSpec, version: Option<u64>, metrics: &Metrics) -> GateResult {
+pub fn check(
+    spec: &ValidationSpec,
+    version: Option<u64>,
+    metrics: &Metrics,
+    settings: &Settings,
+) -> GateResult {
     let (pos, neg, what) = match metrics.patients {
         Some(p) => (p.positives, p.negatives, "patients"),
         None => (metrics.positives, metrics.negatives, "rows"),
@@ -123,7 +128,7 @@ pub fn check(spec: &ValidationSpec, version: Option<u64>, metrics: &Metrics) -> 
             short: format!("negative {what}, has {neg}"),
         },
     );
-    check_with(spec, version, sample, |c| find(metrics, c))
+    check_with(spec, version, sample, settings, |c| find(metrics, c))
 }
 
 /// Checks against a multi-class report: `auroc`, `auprc` (macro means) and `brier`; a
@@ -135,6 +140,7 @@ pub fn check_multiclass(
     spec: &ValidationSpec,
     version: Option<u64>,
     m: &MulticlassMetrics,
+    settings: &Settings,
 ) -> GateResult {
     let present = || m.classes.iter().filter(|c| c.n > 0);
     let fewest = present()
@@ -161,7 +167,7 @@ pub fn check_multiclass(
             ),
         },
     );
-    check_with(spec, version, sample, |c| {
+    check_with(spec, version, sample, settings, |c| {
         match (c.metric.as_str(), &c.threshold) {
             ("auroc", None) => Some(&m.auroc),
             ("auprc", None) => Some(&m.auprc),
@@ -178,10 +184,40 @@ pub fn check_multiclass(
 /// replicate. 1,000 is the usual floor for percentile intervals (Efron & Tibshirani, 1993).
 pub const MIN_GATE_REPLICATES: usize = 1000;
 
+/// The confidence level a gate's `ci_lower` / `ci_upper` is read at.
+pub const GATE_CONFIDENCE: f64 = 0.95;
+/// The calibration bins a gate's `ece` is read with.
+pub const GATE_CALIBRATION_BINS: usize = 10;
+
+/// Why a criterion cannot be judged at the report's settings: a confidence limit read at
+/// another level than [`GATE_CONFIDENCE`], or an ECE over other bins than
+/// [`GATE_CALIBRATION_BINS`]. The bundle's signed gate means the usual ones; a run at a
+/// looser level (`--confidence 0.51`) or with one bin (calibration-in-the-large only)
+/// passed gates that fail at them (a red-team finding), so such a criterion fails.
+pub fn unjudgeable(metric: &str, bound: &str, settings: &Settings) -> Option<String> {
+    if matches!(bound, "ci_lower" | "ci_upper") && settings.confidence != GATE_CONFIDENCE {
+        return Some(format!(
+            "the report's intervals are at {} %; a gate on a confidence limit reads the {} % \
+             interval (--confidence {GATE_CONFIDENCE})",
+            settings.confidence * 100.0,
+            GATE_CONFIDENCE * 100.0
+        ));
+    }
+    if metric == "ece" && settings.calibration_bins != GATE_CALIBRATION_BINS {
+        return Some(format!(
+            "the report's ECE is over {} bins; a gate on the ECE reads it over \
+             {GATE_CALIBRATION_BINS} (--calibration-bins {GATE_CALIBRATION_BINS})",
+            settings.calibration_bins
+        ));
+    }
+    None
+}
+
 fn check_with<'m>(
     spec: &ValidationSpec,
     version: Option<u64>,
     sample: [CriterionResult; 2],
+    settings: &Settings,
     find: impl Fn(&GateCriterion) -> Option<&'m Metric>,
 ) -> GateResult {
     let declared = spec.gate_for(version).into_iter().map(|c| {
@@ -201,7 +237,9 @@ fn check_with<'m>(
         let too_few = matches!(bound, "ci_lower" | "ci_upper")
             && observed.is_some()
             && replicates.is_some_and(|r| r < MIN_GATE_REPLICATES);
+        let unjudgeable = unjudgeable(&c.metric, bound, settings);
         let (passed, reason) = match observed {
+            Some(_) if unjudgeable.is_some() => (false, unjudgeable),
             Some(_) if too_few => (
                 false,
                 Some(format!(
@@ -344,7 +382,54 @@ mod tests {
             report::evaluate(&scored, &thresholds, &settings).0
         };
         // Unclustered, these rows pass.
-        assert!(check(&wdbc_gate(None, None), Some(2), &metrics_of(&y, &p)).passed);
+        assert!(
+            check(
+                &wdbc_gate(None, None),
+                Some(2),
+                &metrics_of(&y, &p),
+                &Settings::default()
+            )
+            .passed
+        );
+        // Red-team finding: a gate on a confidence limit, or on the ECE, is read at the
+        // usual settings only: a report at another confidence level or bin count fails
+        // those criteria (a 51 % interval and one bin passed gates that fail at 95 % and
+        // ten).
+        let mut with_ece = wdbc_gate(None, None);
+        with_ece
+            .gate
+            .push(criterion("ece", GateBound::Value, None, Some(1.0)));
+        let loose = Settings {
+            confidence: 0.51,
+            calibration_bins: 1,
+            ..Settings::default()
+        };
+        let g = check(&with_ece, Some(2), &metrics_of(&y, &p), &loose);
+        assert!(!g.passed);
+        assert!(
+            by_name(&g, "auroc.ci_lower")
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("51 %") && r.contains("--confidence 0.95")),
+            "{g:?}"
+        );
+        assert!(
+            by_name(&g, "ece")
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("over 1 bins") && r.contains("--calibration-bins 10")),
+            "{g:?}"
+        );
+        assert!(by_name(&g, "brier").passed);
+        assert!(
+            check(
+                &with_ece,
+                Some(2),
+                &metrics_of(&y, &p),
+                &Settings::default()
+            )
+            .passed
+        );
 
         // One patient: 1 positive and 1 negative patient, short of 10 of each.
         let one = evaluate(1, 0);
@@ -356,7 +441,7 @@ mod tests {
                 negatives: 1
             })
         );
-        let g = check(&wdbc_gate(None, None), Some(2), &one);
+        let g = check(&wdbc_gate(None, None), Some(2), &one, &Settings::default());
         assert!(!g.passed);
         assert_eq!(
             by_name(&g, "min_positives").reason.as_deref(),
@@ -378,7 +463,7 @@ mod tests {
         assert_eq!(many.auroc.ci_method, Some("bootstrap-percentile"));
         let boot = many.auroc.bootstrap.unwrap();
         assert_eq!(many.auroc.ci_lower, Some(boot.ci_lower));
-        let g = check(&wdbc_gate(None, None), Some(2), &many);
+        let g = check(&wdbc_gate(None, None), Some(2), &many, &Settings::default());
         assert!(by_name(&g, "min_positives").passed, "{g:?}");
         // 200 replicates: too few for a gate to read the interval's limit.
         let limit = by_name(&g, "auroc.ci_lower");
@@ -403,7 +488,7 @@ mod tests {
         one.auroc.ci_upper = Some(0.99);
         assert!(
             !by_name(
-                &check(&wdbc_gate(None, None), Some(2), &one),
+                &check(&wdbc_gate(None, None), Some(2), &one, &Settings::default()),
                 "auroc.ci_lower"
             )
             .passed
@@ -415,7 +500,12 @@ mod tests {
         }
         assert!(
             by_name(
-                &check(&wdbc_gate(None, None), Some(2), &enough),
+                &check(
+                    &wdbc_gate(None, None),
+                    Some(2),
+                    &enough,
+                    &Settings::default()
+                ),
                 "auroc.ci_lower"
             )
             .passed
@@ -428,7 +518,7 @@ mod tests {
     fn four_rows_ranked_perfectly_do_not_pass_the_gate() {
         let m = metrics_of(&[true, true, false, false], &[0.9, 0.8, 0.1, 0.2]);
         assert_eq!(m.auroc.value, Some(1.0));
-        let g = check(&wdbc_gate(None, None), Some(2), &m);
+        let g = check(&wdbc_gate(None, None), Some(2), &m, &Settings::default());
         assert!(!g.passed, "{g:?}");
         let names: Vec<&str> = g.criteria.iter().map(|c| c.criterion.as_str()).collect();
         assert_eq!(
@@ -469,7 +559,12 @@ mod tests {
     #[test]
     fn a_zero_width_interval_fails_even_when_the_minimums_are_met() {
         let m = metrics_of(&[true, true, false, false], &[0.9, 0.8, 0.1, 0.2]);
-        let g = check(&wdbc_gate(Some(2), Some(2)), Some(2), &m);
+        let g = check(
+            &wdbc_gate(Some(2), Some(2)),
+            Some(2),
+            &m,
+            &Settings::default(),
+        );
         assert!(!g.passed);
         let failed: Vec<&str> = g
             .criteria
@@ -496,7 +591,7 @@ mod tests {
     #[test]
     fn one_positive_row_has_no_interval_and_says_why() {
         let m = metrics_of(&[true, false, false], &[0.9, 0.1, 0.2]);
-        let g = check(&wdbc_gate(Some(2), Some(2)), None, &m);
+        let g = check(&wdbc_gate(Some(2), Some(2)), None, &m, &Settings::default());
         let auroc = by_name(&g, "auroc.ci_lower");
         assert!(!auroc.passed);
         assert!(
@@ -535,7 +630,7 @@ mod tests {
             });
         }
         let m = metrics_of(&y, &p);
-        let g = check(&wdbc_gate(None, None), Some(2), &m);
+        let g = check(&wdbc_gate(None, None), Some(2), &m, &Settings::default());
         assert!(g.passed, "{g:?}");
         assert_eq!(by_name(&g, "min_positives").observed, Some(40.0));
         assert_eq!(by_name(&g, "min_negatives").observed, Some(60.0));
@@ -575,7 +670,7 @@ mod tests {
             min_positives: None,
             min_negatives: None,
         };
-        let g = check_multiclass(&spec, None, &m);
+        let g = check_multiclass(&spec, None, &m, &Settings::default());
         assert!(!g.passed);
         let pos = by_name(&g, "min_positives");
         assert_eq!(pos.observed, Some(3.0));

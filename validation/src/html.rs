@@ -297,7 +297,7 @@ fn forest_plot(r: &Report) -> String {
                 (None, None) => return None,
             };
             Some((
-                format!("{} = {} (n {})", s.column, s.value, s.n),
+                format!("{} = {} (n {})", s.column, s.label(), s.n),
                 m.value?,
                 m.ci_lower?,
                 m.ci_upper?,
@@ -614,7 +614,7 @@ fn rest(h: &mut String, r: &Report) {
                 h,
                 "<tr><td>{} = {}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 escape(&s.column),
-                escape(&s.value),
+                escape(&s.label()),
                 s.n,
                 s.positives,
                 auc,

@@ -368,8 +368,14 @@ pub struct Curves {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Subgroup {
     pub column: String,
-    /// The cell value; an empty cell is `"(missing)"`.
+    /// The cell value; an empty cell is `"(missing)"` (with `missing`), a column not
+    /// analysed `"(not analysed)"` (with `not_analysed`): a cell that reads `(missing)` is
+    /// told apart by those flags.
     pub value: String,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub missing: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub not_analysed: bool,
     pub n: usize,
     pub positives: usize,
     /// `ok` or `insufficient`.
@@ -486,12 +492,29 @@ impl SubgroupColumn {
         Subgroup {
             column: self.name.clone(),
             value: "(not analysed)".to_owned(),
+            missing: false,
+            not_analysed: true,
             n,
             positives,
             status: "insufficient",
             reason: Some(why.to_owned()),
             metrics: None,
             multiclass: None,
+        }
+    }
+}
+
+impl Subgroup {
+    /// The value as a reader sees it: the markers as they are, a cell that reads like one
+    /// in quotes (a cell `(missing)` beside empty cells made two entries of one name: a
+    /// red-team finding).
+    pub fn label(&self) -> String {
+        let looks_like_a_marker = matches!(self.value.as_str(), "(missing)" | "(not analysed)")
+            || self.value.starts_with('"');
+        if !self.missing && !self.not_analysed && looks_like_a_marker {
+            format!("\"{}\"", self.value)
+        } else {
+            self.value.clone()
         }
     }
 }
@@ -535,6 +558,8 @@ pub fn multiclass_subgroups(
             out.push(Subgroup {
                 column: column.name.clone(),
                 value: shown(value),
+                missing: value.is_empty(),
+                not_analysed: false,
                 n: rows.len(),
                 positives: 0,
                 status: if reason.is_some() {
@@ -844,6 +869,8 @@ pub fn evaluate(
             subgroups.push(Subgroup {
                 column: column.name.clone(),
                 value: shown(value),
+                missing: value.is_empty(),
+                not_analysed: false,
                 n: rows.len(),
                 positives: pos,
                 status: if reason.is_some() {
@@ -968,5 +995,37 @@ mod tests {
                 .contains("distinct values")
         );
         assert_eq!(subgroups[0].n + subgroups[1].n, 200);
+    }
+
+    /// Red-team finding: a cell reading `(missing)` and the empty cells' entry had one name.
+    #[test]
+    fn a_cell_that_reads_like_a_marker_is_told_apart() {
+        let entry = |value: &str, missing: bool, not_analysed: bool| Subgroup {
+            column: "site".to_owned(),
+            value: value.to_owned(),
+            missing,
+            not_analysed,
+            n: 1,
+            positives: 0,
+            status: "ok",
+            reason: None,
+            metrics: None,
+            multiclass: None,
+        };
+        assert_eq!(entry("(missing)", true, false).label(), "(missing)");
+        assert_eq!(entry("(missing)", false, false).label(), "\"(missing)\"");
+        assert_eq!(
+            entry("(not analysed)", false, true).label(),
+            "(not analysed)"
+        );
+        assert_eq!(
+            entry("(not analysed)", false, false).label(),
+            "\"(not analysed)\""
+        );
+        assert_eq!(entry("\"a\"", false, false).label(), "\"\"a\"\"");
+        assert_eq!(entry("north", false, false).label(), "north");
+        let json = serde_json::to_value(entry("", true, false)).unwrap();
+        assert_eq!(json["missing"], true);
+        assert!(json.get("not_analysed").is_none());
     }
 }
