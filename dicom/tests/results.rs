@@ -613,6 +613,80 @@ fn hostile_inputs_are_typed_errors() {
         s(&mut one[0], tags::SPECIFIC_CHARACTER_SET, VR::CS, charset);
         assert!(SourceSeries::from_instances(&one).is_ok(), "{charset}");
     }
+    // Red-team finding: text whose bytes are not valid in the declared set (Latin-1 bytes
+    // labelled UTF-8, the most common mislabelling) was read by dicom-rs as `\ooo`
+    // escapes, whose backslashes reached PACS as value separators (one name became three).
+    let ts = dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased();
+    let mut latin1 = synthetic_series(1, true).remove(0);
+    s(
+        &mut latin1,
+        tags::SPECIFIC_CHARACTER_SET,
+        VR::CS,
+        "ISO_IR 100",
+    );
+    s(&mut latin1, tags::PATIENT_NAME, VR::PN, "Müller^Jürgen");
+    let mut bytes = Vec::new();
+    latin1.write_dataset_with_ts(&mut bytes, &ts).unwrap();
+    let at = bytes
+        .windows(10)
+        .position(|w| w == b"ISO_IR 100")
+        .expect("the character set is written");
+    bytes[at..at + 10].copy_from_slice(b"ISO_IR 192");
+    let mislabelled = InMemDicomObject::read_dataset_with_ts(&bytes[..], &ts).unwrap();
+    assert!(matches!(
+        SourceSeries::from_instances([&mislabelled]),
+        Err(ResultError::UnsupportedCharset)
+    ));
+    // The same name labelled as what it is: kept.
+    let labelled = InMemDicomObject::read_dataset_with_ts(
+        &{
+            let mut b = Vec::new();
+            latin1.write_dataset_with_ts(&mut b, &ts).unwrap();
+            b
+        }[..],
+        &ts,
+    )
+    .unwrap();
+    assert!(SourceSeries::from_instances([&labelled]).is_ok());
+    // Red-team finding: JIS X 0208 (ISO 2022 IR 87) was written back without the return to
+    // the default repertoire at the end of the name; the same characters go in UTF-8.
+    let mut jis = synthetic_series(1, true);
+    s(
+        &mut jis[0],
+        tags::SPECIFIC_CHARACTER_SET,
+        VR::CS,
+        "ISO 2022 IR 87",
+    );
+    s(
+        &mut jis[0],
+        tags::PATIENT_NAME,
+        VR::PN,
+        "Yamada^Tarou=山田^太郎",
+    );
+    let source = SourceSeries::from_instances(&jis).unwrap();
+    let sr = read_back(&build_sr(&source, &ctx, &findings()).unwrap());
+    let text_of = |tag| sr.element(tag).unwrap().to_str().unwrap().trim().to_owned();
+    assert_eq!(text_of(tags::SPECIFIC_CHARACTER_SET), "ISO_IR 192");
+    assert_eq!(text_of(tags::PATIENT_NAME), "Yamada^Tarou=山田^太郎");
+    // A backslash in free text (Patient Comments, LT) is text; an octal escape is not.
+    let mut comments = synthetic_series(1, true);
+    s(
+        &mut comments[0],
+        tags::PATIENT_COMMENTS,
+        VR::LT,
+        "C:\\scans\\a",
+    );
+    assert!(SourceSeries::from_instances(&comments).is_ok());
+    s(
+        &mut comments[0],
+        tags::PATIENT_COMMENTS,
+        VR::LT,
+        "M\\374ller",
+    );
+    assert!(matches!(
+        SourceSeries::from_instances(&comments),
+        Err(ResultError::UnsupportedCharset)
+    ));
     let mut one = synthetic_series(1, true);
     one[0].remove_element(tags::SOP_INSTANCE_UID);
     assert!(matches!(

@@ -441,9 +441,13 @@ impl Pipeline {
         Ok((findings, objects))
     }
 
-    /// The series' instances in the spool (arrival order), bounded.
+    /// The series' instances in the spool (arrival order), bounded: the first
+    /// `job.instances`, those the job was made for. One that arrived after (as the job
+    /// started) is the late instance its rerun takes: processed here too, the job's record
+    /// (one instance) disagreed with its SR (two), and the rerun sent the same result again
+    /// (a red-team finding).
     fn series_instances(&self, job: &Job) -> Result<Vec<nightingale_dicom::Stored>, JobFailure> {
-        let instances = self
+        let mut instances = self
             .spool
             .series_instances(&job.study_uid, &job.series_uid)
             .map_err(|e| JobFailure::new("spool", e.to_string()))?;
@@ -453,6 +457,7 @@ impl Pipeline {
                 "the series is no longer in the spool",
             ));
         }
+        made_for(&mut instances, job.instances);
         if instances.len() > MAX_SERIES_INSTANCES {
             return Err(JobFailure::new(
                 "too_many_instances",
@@ -1312,8 +1317,34 @@ fn write_durably(root: &Path, relative: &Path, bytes: &[u8]) -> std::io::Result<
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Keeps the first `count` of a series' instances (arrival order): those its job was made
+/// for. 0 (a job recorded without a count) keeps all.
+fn made_for<T>(instances: &mut Vec<T>, count: u64) {
+    if let Ok(count) = usize::try_from(count)
+        && count > 0
+    {
+        instances.truncate(count);
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    /// Red-team finding: an instance that arrived as its series' job started was processed
+    /// by the job made for one instance (its SR named two) and again by the rerun.
+    #[test]
+    fn a_job_takes_the_instances_it_was_made_for() {
+        let mut v = vec![1, 2, 3];
+        made_for(&mut v, 2);
+        assert_eq!(v, [1, 2]);
+        let mut v = vec![1, 2];
+        made_for(&mut v, 5);
+        assert_eq!(v, [1, 2]);
+        let mut v = vec![1, 2];
+        made_for(&mut v, 0);
+        assert_eq!(v, [1, 2]);
+    }
+
     use super::*;
     use dicom_core::{DataElement, PrimitiveValue, VR};
     use dicom_dictionary_std::tags;

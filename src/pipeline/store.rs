@@ -66,6 +66,18 @@ pub struct Job {
     pub destinations: String,
 }
 
+/// The `done` jobs of job `id`'s series, bundle and route made before it become superseded:
+/// `id` has just ended done and is now the series' result.
+fn supersede_done_before(db: &rusqlite::Connection, id: i64) -> rusqlite::Result<usize> {
+    db.execute(
+        "UPDATE jobs SET state = 'superseded', updated_ms = ?2
+         WHERE state = 'done' AND id < ?1
+           AND (study_uid, series_uid, bundle, route) =
+               (SELECT study_uid, series_uid, bundle, route FROM jobs WHERE id = ?1)",
+        params![id, now_ms()],
+    )
+}
+
 /// A result object (SR or SC) and its delivery.
 #[derive(Debug, Clone, Serialize)]
 pub struct ResultObject {
@@ -365,10 +377,14 @@ impl ResultsStore {
         Ok(())
     }
 
-    /// A new queued job; earlier jobs of the same series, bundle and route become
-    /// superseded, a job still processing included (its end then records nothing: its
-    /// results are not sent; two jobs of one series and bundle ended `done` when a rerun was
-    /// queued while the first ran, a red-team finding). Each route has its own jobs: two
+    /// A new queued job; earlier jobs of the same series, bundle and route that are queued,
+    /// processing or failed become superseded, a job still processing included (its end
+    /// then records nothing: its results are not sent; two jobs of one series and bundle
+    /// ended `done` when a rerun was queued while the first ran, a red-team finding). A
+    /// `done` one stays the series' result until the new job ends done
+    /// ([`ResultsStore::complete_job`]): a rerun that fails (a late instance of another
+    /// patient) left the series with no result while its SR stood at the PACS (a red-team
+    /// finding). Each route has its own jobs: two
     /// routes that run one bundle on a series each send to their own destinations (keyed by
     /// series and bundle alone, the second route's job superseded the first's, whose PACS
     /// got nothing).
@@ -385,7 +401,7 @@ impl ResultsStore {
         self.db.execute(
             "UPDATE jobs SET state = 'superseded', updated_ms = ?4
              WHERE study_uid = ?1 AND series_uid = ?2 AND bundle = ?3 AND route = ?5
-               AND state IN ('queued', 'processing', 'done', 'failed')",
+               AND state IN ('queued', 'processing', 'failed')",
             params![study_uid, series_uid, bundle, now, route],
         )?;
         self.db.execute(
@@ -422,7 +438,14 @@ impl ResultsStore {
     ) -> rusqlite::Result<Vec<i64>> {
         let latest: Vec<(String, String, String, u64, String)> = {
             let mut stmt = self.db.prepare(
-                "SELECT series_uid, route, bundle, instances, destinations FROM jobs
+                // The series' instances now (a job processes the first `instances` of
+                // its series): those that came since the last job, kept out of it by
+                // `--late-instances ignore`, are the operator's reason to reprocess.
+                "SELECT series_uid, route, bundle,
+                        max(instances, coalesce((SELECT s.instances FROM series s
+                            WHERE s.study_uid = jobs.study_uid
+                              AND s.series_uid = jobs.series_uid), 0)),
+                        destinations FROM jobs
                  WHERE id IN (SELECT max(id) FROM jobs WHERE study_uid = ?1
                               AND (?2 IS NULL OR bundle = ?2)
                               GROUP BY series_uid, bundle, route)
@@ -549,7 +572,8 @@ impl ResultsStore {
         reason: Option<&str>,
         findings: Option<&serde_json::Value>,
     ) -> rusqlite::Result<()> {
-        self.db.execute(
+        let tx = self.db.unchecked_transaction()?;
+        let updated = tx.execute(
             "UPDATE jobs SET state = ?2, bundle_version = ?3, reason = ?4, findings = ?5,
                              updated_ms = ?6
              WHERE id = ?1 AND state = 'processing'",
@@ -562,7 +586,10 @@ impl ResultsStore {
                 now_ms()
             ],
         )?;
-        Ok(())
+        if updated > 0 && state == JobState::Done {
+            supersede_done_before(&tx, id)?;
+        }
+        tx.commit()
     }
 
     /// Ends a job done together with its result objects, in one transaction: the outbox
@@ -593,6 +620,7 @@ impl ResultsStore {
         if updated == 0 {
             return Ok(false);
         }
+        supersede_done_before(&tx, id)?;
         for o in objects {
             insert_object(&tx, o)?;
         }
@@ -863,11 +891,65 @@ mod tests {
             .finish_job(first, JobState::Done, "1", None, None)
             .unwrap();
         let second = store.add_job("1.2", "1.2.3", "r", "m", 3, "").unwrap();
-        let jobs = store.jobs_of_study("1.2").unwrap();
+        let states = |store: &ResultsStore| {
+            store
+                .jobs_of_study("1.2")
+                .unwrap()
+                .iter()
+                .map(|j| (j.id, j.state))
+                .collect::<Vec<_>>()
+        };
+        // The done job stays the series' result until the rerun ends done (red-team: a
+        // rerun that failed left the series with none while its SR stood at the PACS).
         assert_eq!(
-            jobs.iter().map(|j| (j.id, j.state)).collect::<Vec<_>>(),
-            vec![(first, JobState::Superseded), (second, JobState::Queued)]
+            states(&store),
+            vec![(first, JobState::Done), (second, JobState::Queued)]
         );
+        store.take_job().unwrap().unwrap();
+        store
+            .finish_job(second, JobState::Failed, "1", Some("mixed_series"), None)
+            .unwrap();
+        assert_eq!(
+            states(&store),
+            vec![(first, JobState::Done), (second, JobState::Failed)]
+        );
+        // A rerun after the failed one: the failed is superseded at once, the done when the
+        // rerun ends done.
+        let third = store.add_job("1.2", "1.2.3", "r", "m", 4, "").unwrap();
+        assert_eq!(
+            states(&store),
+            vec![
+                (first, JobState::Done),
+                (second, JobState::Superseded),
+                (third, JobState::Queued)
+            ]
+        );
+        store.take_job().unwrap().unwrap();
+        assert!(store.complete_job(third, "1", None, &[]).unwrap());
+        assert_eq!(
+            states(&store),
+            vec![
+                (first, JobState::Superseded),
+                (second, JobState::Superseded),
+                (third, JobState::Done)
+            ]
+        );
+    }
+
+    /// A job processes the first `instances` of its series; a reprocess counts those the
+    /// series has now (instances kept out by `--late-instances ignore` included).
+    #[test]
+    fn reprocess_takes_the_series_as_it_is_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
+        store.note_series("1.2", "1.2.3", 1, 1_000).unwrap();
+        let first = store.add_job("1.2", "1.2.3", "r", "m", 1, "").unwrap();
+        store.take_job().unwrap();
+        assert!(store.complete_job(first, "1", None, &[]).unwrap());
+        store.note_series("1.2", "1.2.3", 3, 2_000).unwrap();
+        let again = store.reprocess("1.2", None).unwrap();
+        let jobs = store.jobs_of_study("1.2").unwrap();
+        assert_eq!(jobs.iter().find(|j| j.id == again[0]).unwrap().instances, 3);
     }
 
     #[test]
@@ -886,13 +968,15 @@ mod tests {
         let again = store.reprocess("1.2", None).unwrap();
         assert_eq!(again.len(), 1);
         let jobs = store.jobs_of_study("1.2").unwrap();
-        assert_eq!(jobs[0].state, JobState::Superseded);
+        assert_eq!(jobs[0].state, JobState::Done);
         assert_eq!(jobs[1].state, JobState::Queued);
         assert_eq!(jobs[1].destinations, "P@h:1");
         store.take_job().unwrap();
         store
             .finish_job(again[0], JobState::Done, "2", None, None)
             .unwrap();
+        let jobs = store.jobs_of_study("1.2").unwrap();
+        assert_eq!(jobs[0].state, JobState::Superseded);
         store
             .add_object(&object("5.2", again[0], "pending"))
             .unwrap();

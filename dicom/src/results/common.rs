@@ -112,7 +112,11 @@ pub(crate) fn copy_source(obj: &mut InMemDicomObject, source: &SourceSeries, asc
     let keep = source
         .charset
         .as_deref()
-        .filter(|c| ascii && !c.contains('\\') && SpecificCharacterSet::from_code(c).is_some());
+        .filter(|c| ascii && !c.contains('\\') && SpecificCharacterSet::from_code(c).is_some())
+        // JIS X 0208 is written by dicom-rs without the return to the default repertoire at
+        // the end of a value (PS3.5 6.1.2.5.3; a red-team finding): such text is written in
+        // UTF-8 instead, the same characters.
+        .filter(|c| !matches!(c.trim(), "ISO_IR 87" | "ISO_IR_87" | "ISO 2022 IR 87"));
     match (keep, &source.charset, ascii) {
         (Some(c), _, _) => put(obj, tags::SPECIFIC_CHARACTER_SET, VR::CS, c),
         (None, None, true) => {}

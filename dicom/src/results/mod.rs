@@ -223,11 +223,15 @@ pub enum ResultError {
     /// `ISO 2022 IR 6\ISO 2022 IR 87`), or a single term dicom-rs does not know (e.g.
     /// `ISO_IR 148`, Latin-5): dicom-rs does not switch character sets at ISO 2022 escape
     /// sequences and reads an unknown set as the default repertoire, so the patient's name
-    /// and other text would reach the result garbled. No result is made instead.
+    /// and other text would reach the result garbled. Likewise text whose bytes are not
+    /// valid in the declared set (Latin-1 bytes under `ISO_IR 192`, a JIS character whose
+    /// second byte is 0x5C split as if a value separator): dicom-rs reads each bad byte as
+    /// `\ooo`, and its backslash would reach PACS as a value separator. No result is made
+    /// instead.
     #[error(
         "the source's Specific Character Set uses ISO 2022 code extensions or a character \
-         set this build does not decode: no result object is made (its patient name would \
-         reach PACS garbled)"
+         set this build does not decode, or its text is not valid in it: no result object is \
+         made (its patient name would reach PACS garbled)"
     )]
     UnsupportedCharset,
     #[error("no findings to report")]

@@ -1,7 +1,7 @@
 //! The source series, read once: the attributes a result copies and the instances it
 //! references.
 
-use dicom_core::Tag;
+use dicom_core::{PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use dicom_object::mem::InMemElement;
@@ -173,6 +173,33 @@ fn codes(obj: &InMemDicomObject, tag: Tag) -> Vec<Code> {
         .collect()
 }
 
+/// Whether a text element (or one in its items) holds bytes its character set could not
+/// decode: dicom-rs writes each such byte as `\` and three octal digits, and a backslash is
+/// never part of a decoded value of a multi-valued VR (it separates values); in LT, ST and UT,
+/// where it may be text, the octal escape gives it away.
+fn undecoded(e: &InMemElement) -> bool {
+    // The values as read (`to_multi_str` joins and splits again at backslashes).
+    let values: Vec<&str> = match e.value() {
+        dicom_core::DicomValue::Primitive(PrimitiveValue::Str(s)) => vec![s.as_str()],
+        dicom_core::DicomValue::Primitive(PrimitiveValue::Strs(v)) => {
+            v.iter().map(String::as_str).collect()
+        }
+        _ => return false,
+    };
+    let free_text = matches!(e.vr(), VR::LT | VR::ST | VR::UT);
+    values.iter().any(|v| {
+        if free_text {
+            v.as_bytes().windows(4).any(|w| {
+                w[0] == b'\\'
+                    && (b'0'..=b'3').contains(&w[1])
+                    && w[2..].iter().all(|b| (b'0'..=b'7').contains(b))
+            })
+        } else {
+            v.contains('\\')
+        }
+    })
+}
+
 impl SourceSeries {
     /// Read a series from its instances (parsed objects, pixel data not needed: files opened
     /// with `read_until(PIXEL_DATA)` do; pass `FileDicomObject`s as `files.iter().map(|f|
@@ -191,7 +218,7 @@ impl SourceSeries {
         let study_instance_uid = uid(first, tags::STUDY_INSTANCE_UID, 0, "Study Instance UID")?;
         let series_instance_uid = uid(first, tags::SERIES_INSTANCE_UID, 0, "Series Instance UID")?;
         let identity = crate::series::SeriesIdentity::of(first);
-        let copied = COPIED
+        let copied: Vec<InMemElement> = COPIED
             .iter()
             .filter_map(|t| first.element_opt(*t).ok().flatten().cloned())
             .collect();
@@ -205,12 +232,15 @@ impl SourceSeries {
         }) {
             return Err(ResultError::UnsupportedCharset);
         }
-        let timezone = text(first, tags::TIMEZONE_OFFSET_FROM_UTC).and_then(|t| parse_offset(&t));
-        let procedures = codes(first, tags::PROCEDURE_CODE_SEQUENCE);
-        let series_attributes = [tags::LATERALITY, tags::BODY_PART_EXAMINED]
+        let series_attributes: Vec<InMemElement> = [tags::LATERALITY, tags::BODY_PART_EXAMINED]
             .iter()
             .filter_map(|t| first.element_opt(*t).ok().flatten().cloned())
             .collect();
+        if copied.iter().chain(&series_attributes).any(undecoded) {
+            return Err(ResultError::UnsupportedCharset);
+        }
+        let timezone = text(first, tags::TIMEZONE_OFFSET_FROM_UTC).and_then(|t| parse_offset(&t));
+        let procedures = codes(first, tags::PROCEDURE_CODE_SEQUENCE);
 
         let mut out = Vec::new();
         let mut orientations = Vec::new();
