@@ -110,14 +110,9 @@ impl JsonLinesStore {
             });
         }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir).map_err(io(path))?;
+            private_dir(dir).map_err(io(path))?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .open(path)
-            .map_err(io(path))?;
+        let file = private_append(path).map_err(io(path))?;
         // Before anything is read or repaired: the other writer's tail is not torn.
         take_lock(path, &file)?;
         // Nor is any file that is not a trail: its "torn tail" (everything after its last
@@ -145,12 +140,7 @@ impl JsonLinesStore {
 
     fn live(&mut self) -> Result<&mut File, AuditError> {
         if self.file.is_none() {
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .read(true)
-                .open(&self.path)
-                .map_err(io(&self.path))?;
+            let file = private_append(&self.path).map_err(io(&self.path))?;
             // The new live file after a rotation: locked as the first was.
             take_lock(&self.path, &file)?;
             self.good_len = file.metadata().map_err(io(&self.path))?.len();
@@ -624,4 +614,24 @@ fn verify_set(set: &LogSet, watch: Option<u64>) -> Result<ChainSummary, AuditErr
         tail: checker.tail,
         watched: checker.watched,
     })
+}
+
+/// Opens (creating it readable by its owner only) a trail file to append to: the trail
+/// says who asked what of which model, and request ids may carry what callers put in them
+/// (it was created world-readable under the usual umask: a red-team finding). An existing
+/// file keeps its mode.
+fn private_append(path: &Path) -> std::io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.create(true).append(true).read(true);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
+/// Creates the trail's folder (and those above it) for its owner only; an existing folder
+/// keeps its mode.
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
 }

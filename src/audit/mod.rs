@@ -960,6 +960,23 @@ mod tests {
         assert_eq!(short.model, "m");
     }
 
+    /// Red-team finding: the trail's folder and files were created readable by every local
+    /// user (0755 / 0644 under the usual umask).
+    #[test]
+    fn a_new_trail_is_its_owners_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let path = dir.path().join("audit").join("audit.jsonl");
+        drop(jsonl::JsonLinesStore::open(&path, jsonl::Options::default()).unwrap());
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        let db = dir.path().join("db").join("audit.sqlite3");
+        drop(sqlite::SqliteStore::open(&db, false).unwrap());
+        assert_eq!(mode(db.parent().unwrap()), 0o700);
+        assert_eq!(mode(&db), 0o600);
+    }
+
     /// Red-team finding: two servers on one data folder (or `validate --audit-log` at a live
     /// server's file) appended to one trail at once and forked its hash chain. A trail now
     /// has one writer: the second open is refused while the first is open.

@@ -34,8 +34,19 @@ impl SqliteStore {
     pub fn open(path: &Path, fsync: bool) -> Result<Self, AuditError> {
         let location = path.display().to_string();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| AuditError::Io {
+            super::jsonl::private_dir(dir).map_err(|source| AuditError::Io {
                 path: dir.to_owned(),
+                source,
+            })?;
+        }
+        // Created readable by its owner only (SQLite creates it under the umask); an
+        // existing file keeps its mode.
+        {
+            let mut options = std::fs::OpenOptions::new();
+            options.create(true).append(true);
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            options.open(path).map_err(|source| AuditError::Io {
+                path: path.to_owned(),
                 source,
             })?;
         }

@@ -342,6 +342,19 @@ pub fn decode_request(
     let mut check = InputCheck::new(specs);
     let mut inputs: Vec<NamedTensor> = Vec::with_capacity(request.inputs.len().min(specs.len()));
     for input in request.inputs {
+        // No shared-memory extension: an input in a region is refused, as an output asked
+        // into one is (its inline data was used and the region parameters dropped: a
+        // red-team finding).
+        if let Some(key) = input
+            .parameters
+            .as_ref()
+            .and_then(|p| p.keys().find(|k| k.starts_with("shared_memory_")))
+        {
+            return Err(AppError::bad_request(format!(
+                "input {:?}: parameter {key:?}: shared memory is not supported by this server; send the input inline",
+                input.name
+            )));
+        }
         let (datatype, shape, count) = input_header(&input.name, &input.datatype, &input.shape)?;
         check.admit(&input.name, datatype)?;
         if datatype == DataType::Bytes {
@@ -1253,6 +1266,18 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.contains("shared memory is not supported"), "{e}");
+        // An input in a region, with inline data or without: refused (the region was
+        // dropped and the inline data used: a red-team finding).
+        for input in [
+            r#"{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 4}}"#,
+            r#"{"name": "x", "datatype": "FP32", "shape": [1], "parameters": {"shared_memory_region": "r"}}"#,
+        ] {
+            let e = decode_text(&format!(r#"{{"inputs": [{input}]}}"#)).unwrap_err();
+            assert!(
+                e.contains("input \"x\"") && e.contains("shared memory is not supported"),
+                "{e}"
+            );
+        }
     }
 
     /// The model's inputs are checked before any data is decoded: the error is the unknown

@@ -889,8 +889,13 @@ fn decode_request(
             datatype,
             shape,
             contents,
-            ..
+            parameters,
         } = input;
+        if let Some(key) = parameters.keys().find(|k| k.starts_with("shared_memory_")) {
+            return Err(AppError::bad_request(format!(
+                "input {name:?}: parameter {key:?}: shared memory is not supported by this server; send the input inline"
+            )));
+        }
         let (datatype, shape, count) = codec::input_header(&name, &datatype, &shape)?;
         check.admit(&name, datatype)?;
         if datatype == DataType::Bytes {

@@ -233,6 +233,12 @@ def test_errors_have_the_http_message_and_a_grpc_code(grpc, http, test_rows):
         with pytest.raises(InferenceServerException) as shm:
             client.infer(MODEL, [inp], model_version=VERSION, outputs=[out])
         assert "shared memory is not supported" in shm.value.message(), shm.value.message()
+        # An input in a region likewise (a red-team finding: its parameters were dropped).
+        inp = module.InferInput("features", [1, 30], "FP32")
+        inp.set_shared_memory("region", 120)
+        with pytest.raises(InferenceServerException) as shm:
+            client.infer(MODEL, [inp], model_version=VERSION)
+        assert "shared memory is not supported" in shm.value.message(), shm.value.message()
 
 
 def test_model_control_needs_the_admin_token(grpc):
