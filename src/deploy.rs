@@ -55,6 +55,26 @@ pub async fn load(
     actor: &str,
     request_id: &str,
 ) -> Result<Vec<Arc<LoadedModel>>, DeployError> {
+    load_release(state, name, target, None, actor, request_id).await
+}
+
+/// [`load`], and with `release` an operator's leave to serve that release of the bundle's
+/// manifest even if older than the one served before (`nightingale_models::releases`):
+/// the load's records say so.
+pub async fn load_release(
+    state: &Arc<AppState>,
+    name: &str,
+    target: LoadTarget,
+    release: Option<u64>,
+    actor: &str,
+    request_id: &str,
+) -> Result<Vec<Arc<LoadedModel>>, DeployError> {
+    if let Some(r) = release {
+        state
+            .repository
+            .allow_release(name, r)
+            .map_err(DeployError::Internal)?;
+    }
     let kind = match target {
         LoadTarget::Policy | LoadTarget::PolicyUnlessPinned => EventKind::ModelLoad,
         LoadTarget::Version(_) => EventKind::ModelRollback,
@@ -70,8 +90,18 @@ pub async fn load(
          -> Result<(), String> {
             let starts = served.iter().map(|m| AuditEvent {
                 detail: Some(format!(
-                    "{}; manifest_sha256={}",
-                    m.signature, m.manifest_sha256
+                    "{}; manifest_sha256={}{}{}",
+                    m.signature,
+                    m.manifest_sha256,
+                    m.manifest
+                        .release
+                        .map(|r| format!("; release={r}"))
+                        .unwrap_or_default(),
+                    if release.is_some() && release == m.manifest.release {
+                        "; release chosen by the operator (older releases allowed)"
+                    } else {
+                        ""
+                    }
                 )),
                 ..version_event(kind, m, &owned, &actor_owned, &request_owned)
             });

@@ -420,14 +420,20 @@ async fn serve(
         tract_kernels: config.tract_kernels,
         signatures: config.signatures.clone(),
         promotion: None,
+        releases: None,
     };
-    // Validation runs load versions that have no report yet: without the deployment policy.
+    // Validation runs load versions that have no report yet: without the deployment policy,
+    // and without the release ledger (a validation run serves nothing).
     let validation_options = load_options.clone();
+    let ledger_path = config.data_dir.join("releases.json");
+    let ledger = nightingale_models::releases::ReleaseLedger::open(&ledger_path)
+        .map_err(|e| anyhow::anyhow!("cannot read the release ledger: {e}"))?;
     let load_options = RepositoryOptions {
         promotion: config.require_validation.clone().map(|dir| {
             tracing::info!(reports = %dir.display(), "versions serve only with a passing validation report");
             nightingale::validate::require_validation(dir)
         }),
+        releases: Some(Arc::new(ledger)),
         ..load_options
     };
     let repository = Arc::new(Repository::new(

@@ -43,6 +43,17 @@ impl Fixture {
 
     /// As [`Fixture::new`], with a deployment check asked before each version loads.
     async fn with_promotion(versions: &[u64], promotion: Option<PromotionCheck>) -> Fixture {
+        Fixture::with(versions, promotion, |_| {}, false).await
+    }
+
+    /// As [`Fixture::new`]; `prepare` is given the bundle folder before anything loads, and
+    /// with `ledger` the server keeps a release ledger in the fixture's folder.
+    async fn with(
+        versions: &[u64],
+        promotion: Option<PromotionCheck>,
+        prepare: impl FnOnce(&Path),
+        ledger: bool,
+    ) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let repo = dir.path().join("repo");
         let bundle = repo.join(MODEL);
@@ -52,7 +63,17 @@ impl Fixture {
                 std::fs::remove_dir_all(bundle.join(v.to_string())).unwrap();
             }
         }
+        prepare(&bundle);
+        let releases = ledger.then(|| {
+            Arc::new(
+                nightingale_models::releases::ReleaseLedger::open(
+                    &dir.path().join("data/releases.json"),
+                )
+                .unwrap(),
+            )
+        });
         let options = RepositoryOptions {
+            releases,
             signatures: SignaturePolicy::load(
                 &[root().join("keys/demo/nightingale-demo.pub")],
                 true,
@@ -677,4 +698,75 @@ async fn an_operator_unload_holds_against_the_poller_until_a_load() {
         .filter(|r| r.event.actor.as_deref() == Some(nightingale::deploy::POLLER))
         .count();
     assert_eq!(by_poller, 0, "the poller acted on a held model");
+}
+
+/// Red-team finding: an older signed manifest put back served again. Through model control:
+/// refused (the newer release keeps serving, the refusal audited) until an admin loads it
+/// with `{"parameters": {"release": "N"}}`, which the load's record names.
+#[tokio::test]
+async fn an_older_release_put_back_needs_an_admin_s_explicit_release() {
+    let key = nightingale_models::SigningKey::from_file(
+        &root().join("keys/demo/nightingale-demo.key"),
+        None,
+    )
+    .unwrap();
+    let sign_release = |bundle: &Path, n: u64| {
+        let manifest = bundle.join("bundle.toml");
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        let text = match text.find("\nrelease = ") {
+            Some(at) => {
+                let end = at + 1 + text[at + 1..].find('\n').unwrap();
+                format!("{}\nrelease = {n}{}", &text[..at], &text[end..])
+            }
+            None => text.replacen(
+                &format!("name = \"{MODEL}\"\n"),
+                &format!("name = \"{MODEL}\"\nrelease = {n}\n"),
+                1,
+            ),
+        };
+        std::fs::write(&manifest, text).unwrap();
+        nightingale_models::Bundle::open(bundle)
+            .unwrap()
+            .sign(&key)
+            .unwrap();
+    };
+    let f = Fixture::with(&[1, 2], None, |b| sign_release(b, 2), true).await;
+    let (status, _) = f.infer_version().await;
+    assert_eq!(status, StatusCode::OK);
+    sign_release(&f.bundle(), 1);
+    let load = format!("/v2/repository/models/{MODEL}/load");
+    let (status, body) = f.post(&load, "", Some(TOKEN)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("release 1, older than release 2")),
+        "{body}"
+    );
+    let (status, _) = f.infer_version().await;
+    assert_eq!(status, StatusCode::OK, "release 2 keeps serving");
+    let (status, body) = f
+        .post(&load, r#"{"parameters": {"release": "1"}}"#, Some(TOKEN))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let records = f.audit().await;
+    assert!(records.iter().any(|r| {
+        r.event.kind == EventKind::ModelRefused
+            && r.event
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.contains("older than release 2"))
+    }));
+    assert!(records.iter().any(|r| {
+        r.event.kind == EventKind::ModelLoad
+            && r.event
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.contains("release=1; release chosen by the operator"))
+    }));
+    // A bad release parameter is refused before anything loads.
+    let (status, _) = f
+        .post(&load, r#"{"parameters": {"release": "0"}}"#, Some(TOKEN))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
 }

@@ -71,6 +71,8 @@ pub enum BundleError {
         stage: &'static str,
         message: String,
     },
+    #[error("{path}: refused: {reason}")]
+    OlderRelease { path: PathBuf, reason: String },
     #[error("{path}: version {version} refused by the deployment policy: {reason}")]
     NotPromoted {
         path: PathBuf,
@@ -140,6 +142,7 @@ impl BundleError {
             | BundleError::Panicked { path, .. }
             | BundleError::SelfTest { path, .. }
             | BundleError::NotPromoted { path, .. }
+            | BundleError::OlderRelease { path, .. }
             | BundleError::SignatureMissing { path }
             | BundleError::SignatureMalformed { path, .. }
             | BundleError::SignatureUntrusted { path, .. }
@@ -176,6 +179,7 @@ impl BundleError {
                 | BundleError::Panicked { path, .. }
                 | BundleError::SelfTest { path, .. }
                 | BundleError::NotPromoted { path, .. }
+                | BundleError::OlderRelease { path, .. }
                 | BundleError::SignatureMissing { path }
                 | BundleError::SignatureMalformed { path, .. }
                 | BundleError::SignatureUntrusted { path, .. }

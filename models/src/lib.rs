@@ -17,6 +17,7 @@ mod error;
 pub mod init;
 pub mod manifest;
 pub mod preprocess;
+pub mod releases;
 mod repository;
 pub mod selftest;
 pub mod signature;

@@ -16,6 +16,11 @@ pub const FORMAT_VERSION: u32 = 1;
 pub struct Manifest {
     pub format_version: u32,
     pub name: String,
+    /// A number the author raises with every release of the bundle (covered by its
+    /// signature): a server that has served release N refuses a manifest of a lower one,
+    /// unless an operator rolls back to it (`crate::releases`). `None`: not numbered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<u64>,
     pub task: TaskKind,
     #[serde(default)]
     pub description: String,
@@ -1092,6 +1097,9 @@ impl Manifest {
                 "name {:?} must be 1-128 of A-Z a-z 0-9 . _ -",
                 self.name
             ));
+        }
+        if self.release == Some(0) {
+            return fail("release must be a positive integer".to_owned());
         }
         if !PLATFORMS.contains(&self.platform.as_str()) {
             return fail(format!(

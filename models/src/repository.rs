@@ -44,6 +44,9 @@ pub struct RepositoryOptions {
     /// Asked before each version loads (after checksums and signature): may it serve? (The
     /// server's `--require-validation`: a passing validation report for the manifest.)
     pub promotion: Option<PromotionCheck>,
+    /// The highest release of each manifest served before (the server's data folder): an
+    /// older manifest put back is refused ([`crate::releases`]). `None`: not checked.
+    pub releases: Option<Arc<crate::releases::ReleaseLedger>>,
 }
 
 /// A deployment policy consulted before a version serves: `(model, version, manifest
@@ -785,6 +788,18 @@ impl Repository {
                         .collect()
                 })
             };
+            // The release is recorded before anything serves from it (a crash in between
+            // leaves the floor at a release that is on disk: harmless).
+            if let (Some(ledger), Some(first)) = (&self.options.releases, served.first())
+                && let Err(reason) =
+                    ledger.record(name, first.manifest.release, &first.manifest_sha256)
+            {
+                tracing::error!(model = name, %reason, "load not committed; what served before still serves");
+                return Err(RepositoryError::CommitRefused {
+                    name: name.to_owned(),
+                    reason,
+                });
+            }
             if let Err(reason) = commit(&served, &stopping) {
                 tracing::error!(model = name, %reason, "load not committed; what served before still serves");
                 return Err(RepositoryError::CommitRefused {
@@ -850,6 +865,18 @@ impl Repository {
         models.get(name).is_some_and(|e| e.held)
     }
 
+    /// An operator's leave to serve release `release` of `name` at its next load, even if
+    /// older than the release the server has served ([`crate::releases`]).
+    pub fn allow_release(&self, name: &str, release: u64) -> Result<(), String> {
+        match &self.options.releases {
+            Some(ledger) => {
+                ledger.allow(name, release);
+                Ok(())
+            }
+            None => Err("this server keeps no release ledger".to_owned()),
+        }
+    }
+
     /// The version a rollback pinned this model to, if any.
     pub fn pinned(&self, name: &str) -> Option<u64> {
         let models = self.models.read().unwrap_or_else(|p| p.into_inner());
@@ -863,6 +890,19 @@ impl Repository {
         target: LoadTarget,
     ) -> Result<BTreeMap<u64, Arc<LoadedModel>>, (Option<u64>, BundleError)> {
         let bundle = Bundle::open_with(dir, &self.options.signatures).map_err(|e| (None, e))?;
+        if let Some(ledger) = &self.options.releases {
+            ledger
+                .check(&bundle.manifest.name, bundle.manifest.release)
+                .map_err(|reason| {
+                    (
+                        None,
+                        BundleError::OlderRelease {
+                            path: dir.join(MANIFEST_FILE),
+                            reason,
+                        },
+                    )
+                })?;
+        }
         let versions = match target {
             LoadTarget::Policy | LoadTarget::PolicyUnlessPinned => {
                 bundle.selected_versions().map_err(|e| (e.version(), e))?

@@ -517,3 +517,77 @@ fn signing_never_writes_through_a_planted_link_or_file() {
         "IMPORTANT VICTIM CONTENT\n"
     );
 }
+
+/// Red-team finding: an older signed manifest put back in the repository (with a version
+/// its successor withdrew) served again, "signature verified". With `release` numbers and
+/// the server's ledger, an older release is refused while the newer keeps serving, across
+/// restarts, unless an operator allows exactly that release.
+#[test]
+fn an_older_signed_release_put_back_is_refused_unless_the_operator_allows_it() {
+    use nightingale_models::releases::ReleaseLedger;
+    use std::sync::Arc;
+    let (dir, bundle) = repository();
+    let key = SigningKey::from_file(&demo_key(), None).unwrap();
+    let manifest = bundle.join("bundle.toml");
+    let original = std::fs::read_to_string(&manifest).unwrap();
+    let release = |n: u64| {
+        // `release` goes right after `name` (a top-level key, before any table).
+        let text = original.replacen(
+            &format!("name = \"{BUNDLE}\"\n"),
+            &format!("name = \"{BUNDLE}\"\nrelease = {n}\n"),
+            1,
+        );
+        assert_ne!(
+            text, original,
+            "the manifest names its bundle on a line of its own"
+        );
+        std::fs::write(&manifest, text).unwrap();
+        Bundle::open(&bundle).unwrap().sign(&key).unwrap();
+        (
+            std::fs::read(&manifest).unwrap(),
+            std::fs::read(bundle.join(SIGNATURE_FILE)).unwrap(),
+        )
+    };
+    let put_back = |(text, signature): &(Vec<u8>, Vec<u8>)| {
+        std::fs::write(&manifest, text).unwrap();
+        std::fs::write(bundle.join(SIGNATURE_FILE), signature).unwrap();
+    };
+    let first = release(1);
+    let second = release(2);
+    let ledger_path = dir.path().join("data/releases.json");
+    let open = || {
+        Repository::new(
+            dir.path(),
+            RepositoryOptions {
+                signatures: trusting(&[demo_pub()], true),
+                releases: Some(Arc::new(ReleaseLedger::open(&ledger_path).unwrap())),
+                ..RepositoryOptions::default()
+            },
+        )
+    };
+    let served_release = |r: &Repository| r.get(BUNDLE, None).ok().and_then(|m| m.manifest.release);
+    let repository = open();
+    repository.load(BUNDLE).unwrap();
+    assert_eq!(served_release(&repository), Some(2));
+    // Release 1 put back: refused, release 2 keeps serving.
+    put_back(&first);
+    let err = repository.load(BUNDLE).unwrap_err().to_string();
+    assert!(err.contains("release 1, older than release 2"), "{err}");
+    assert_eq!(served_release(&repository), Some(2));
+    // After a restart too; and a manifest without a release.
+    drop(repository);
+    let repository = open();
+    assert!(repository.load(BUNDLE).is_err());
+    std::fs::write(&manifest, &original).unwrap();
+    Bundle::open(&bundle).unwrap().sign(&key).unwrap();
+    let err = repository.load(BUNDLE).unwrap_err().to_string();
+    assert!(err.contains("declares no release"), "{err}");
+    // The operator rolls back to release 1, which becomes the floor.
+    put_back(&first);
+    repository.allow_release(BUNDLE, 1).unwrap();
+    repository.load(BUNDLE).unwrap();
+    assert_eq!(served_release(&repository), Some(1));
+    put_back(&second);
+    repository.load(BUNDLE).unwrap();
+    assert_eq!(served_release(&repository), Some(2));
+}

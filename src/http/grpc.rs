@@ -700,11 +700,12 @@ impl GrpcInferenceService for Service {
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
         self.serve("RepositoryModelLoad", request, |state, call| async move {
             let m = call.message;
-            let target = load_target(&m.parameters)?;
-            deploy::load(
+            let (target, release) = load_target(&m.parameters)?;
+            deploy::load_release(
                 &state,
                 &m.model_name,
                 target,
+                release,
                 &call.caller.id,
                 &call.request_id,
             )
@@ -749,27 +750,34 @@ impl GrpcInferenceService for Service {
 /// (as over HTTP; Triton's `config`/`file:` parameters are not supported).
 fn load_target(
     parameters: &HashMap<String, proto::ModelRepositoryParameter>,
-) -> Result<LoadTarget, AppError> {
+) -> Result<(LoadTarget, Option<u64>), AppError> {
     use proto::model_repository_parameter::ParameterChoice as P;
     let mut target = LoadTarget::Policy;
+    let mut release = None;
     for (key, value) in parameters {
-        if key != "version" {
+        if key != "version" && key != "release" {
             return Err(AppError::bad_request(format!(
-                "load parameter {:?} is not supported (only \"version\", to roll back)",
+                "load parameter {:?} is not supported (only \"version\", to roll back, and \"release\", to serve an older release of the manifest)",
                 key.chars().take(64).collect::<String>()
             )));
         }
-        let version = match &value.parameter_choice {
+        let n = match &value.parameter_choice {
             Some(P::StringParam(s)) => nightingale_models::manifest::parse_version(s),
             Some(P::Int64Param(n)) => u64::try_from(*n).ok().filter(|&v| v > 0),
             _ => None,
         }
         .ok_or_else(|| {
-            AppError::bad_request("parameter \"version\" must be a positive integer, e.g. \"1\"")
+            AppError::bad_request(format!(
+                "parameter {key:?} must be a positive integer, e.g. \"1\""
+            ))
         })?;
-        target = LoadTarget::Version(version);
+        if key == "version" {
+            target = LoadTarget::Version(n);
+        } else {
+            release = Some(n);
+        }
     }
-    Ok(target)
+    Ok((target, release))
 }
 
 /// Statistics as over HTTP (`GET /v2/models/{m}/stats`), in the proto's messages.

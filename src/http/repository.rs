@@ -105,16 +105,17 @@ pub async fn load(
 ) -> Result<Json<serde_json::Value>, AppError> {
     let actor = caller.id;
     let body = read_body(&headers, body, CONTROL_BODY_LIMIT).await?;
-    let target = load_target(&body)?;
+    let (target, release) = load_target(&body)?;
     let request_id = request_id(&headers);
-    deploy::load(&state, &model, target, &actor, &request_id).await?;
+    deploy::load_release(&state, &model, target, release, &actor, &request_id).await?;
     Ok(Json(json!({})))
 }
 
-/// The load request's target: the version policy, or a rollback to one version.
-fn load_target(body: &[u8]) -> Result<LoadTarget, AppError> {
+/// The load request's target: the version policy, or a rollback to one version; and the
+/// release of the manifest the operator allows, when older than the one served before.
+fn load_target(body: &[u8]) -> Result<(LoadTarget, Option<u64>), AppError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(LoadTarget::Policy);
+        return Ok((LoadTarget::Policy, None));
     }
     let v: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| AppError::bad_request(format!("malformed JSON: {e}")))?;
@@ -124,7 +125,7 @@ fn load_target(body: &[u8]) -> Result<LoadTarget, AppError> {
         ));
     };
     let parameters = match object.get("parameters") {
-        None | Some(serde_json::Value::Null) => return Ok(LoadTarget::Policy),
+        None | Some(serde_json::Value::Null) => return Ok((LoadTarget::Policy, None)),
         Some(serde_json::Value::Object(p)) => p,
         Some(_) => return Err(AppError::bad_request("\"parameters\" must be an object")),
     };
@@ -141,28 +142,38 @@ fn load_target(body: &[u8]) -> Result<LoadTarget, AppError> {
         #[serde(default)]
         #[allow(dead_code)]
         version: Option<serde::de::IgnoredAny>,
+        #[serde(default)]
+        #[allow(dead_code)]
+        release: Option<serde::de::IgnoredAny>,
     }
     serde_json::from_slice::<Top>(body)
         .map_err(|e| AppError::bad_request(format!("ambiguous load request: {e}")))?;
     let mut target = LoadTarget::Policy;
+    let mut release = None;
     for (key, value) in parameters {
-        if key != "version" {
+        if key != "version" && key != "release" {
             return Err(AppError::bad_request(format!(
-                "load parameter {:?} is not supported (only \"version\", to roll back)",
+                "load parameter {:?} is not supported (only \"version\", to roll back, and \"release\", to serve an older release of the manifest)",
                 key.chars().take(64).collect::<String>()
             )));
         }
-        let version = match value {
+        let n = match value {
             serde_json::Value::String(s) => nightingale_models::manifest::parse_version(s),
             serde_json::Value::Number(n) => n.as_u64().filter(|&v| v > 0),
             _ => None,
         }
         .ok_or_else(|| {
-            AppError::bad_request("parameter \"version\" must be a positive integer, e.g. \"1\"")
+            AppError::bad_request(format!(
+                "parameter {key:?} must be a positive integer, e.g. \"1\""
+            ))
         })?;
-        target = LoadTarget::Version(version);
+        if key == "version" {
+            target = LoadTarget::Version(n);
+        } else {
+            release = Some(n);
+        }
     }
-    Ok(target)
+    Ok((target, release))
 }
 
 /// An unload takes the whole model: its body may be empty or carry Triton's
