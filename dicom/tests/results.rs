@@ -668,23 +668,49 @@ fn hostile_inputs_are_typed_errors() {
     let text_of = |tag| sr.element(tag).unwrap().to_str().unwrap().trim().to_owned();
     assert_eq!(text_of(tags::SPECIFIC_CHARACTER_SET), "ISO_IR 192");
     assert_eq!(text_of(tags::PATIENT_NAME), "Yamada^Tarou=山田^太郎");
-    // A backslash in free text (Patient Comments, LT) is text; an octal escape is not.
+    // A backslash in free text (Patient Comments, LT) is text, whatever follows it (a later
+    // red-team finding: `\\pacs\201` and a yen sign before "100" were refused).
     let mut comments = synthetic_series(1, true);
-    s(
-        &mut comments[0],
-        tags::PATIENT_COMMENTS,
-        VR::LT,
+    for text in [
         "C:\\scans\\a",
-    );
-    assert!(SourceSeries::from_instances(&comments).is_ok());
-    s(
-        &mut comments[0],
-        tags::PATIENT_COMMENTS,
-        VR::LT,
+        "old scans under \\\\pacs\\201\\x",
         "M\\374ller",
+    ] {
+        s(&mut comments[0], tags::PATIENT_COMMENTS, VR::LT, text);
+        assert!(SourceSeries::from_instances(&comments).is_ok(), "{text}");
+    }
+    // Text that could not be decoded inside a sequence's item (Other Patient IDs): refused
+    // like at the top level (its issuer reached PACS as two values: a later red-team finding).
+    let mut latin1_item = synthetic_series(1, true).remove(0);
+    s(
+        &mut latin1_item,
+        tags::SPECIFIC_CHARACTER_SET,
+        VR::CS,
+        "ISO_IR 100",
     );
+    let mut item = InMemDicomObject::new_empty();
+    s(&mut item, tags::PATIENT_ID, VR::LO, "X1");
+    s(
+        &mut item,
+        tags::ISSUER_OF_PATIENT_ID,
+        VR::LO,
+        "Hôpital Central",
+    );
+    latin1_item.put(DataElement::new(
+        tags::OTHER_PATIENT_I_DS_SEQUENCE,
+        VR::SQ,
+        dicom_core::value::DataSetSequence::from(vec![item]),
+    ));
+    let mut bytes = Vec::new();
+    latin1_item.write_dataset_with_ts(&mut bytes, &ts).unwrap();
+    let at = bytes
+        .windows(10)
+        .position(|w| w == b"ISO_IR 100")
+        .expect("the character set is written");
+    bytes[at..at + 10].copy_from_slice(b"ISO_IR 192");
+    let mislabelled = InMemDicomObject::read_dataset_with_ts(&bytes[..], &ts).unwrap();
     assert!(matches!(
-        SourceSeries::from_instances(&comments),
+        SourceSeries::from_instances([&mislabelled]),
         Err(ResultError::UnsupportedCharset)
     ));
     let mut one = synthetic_series(1, true);

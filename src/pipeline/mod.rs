@@ -387,7 +387,13 @@ impl Pipeline {
         {
             let store = self.store();
             for s in &touched {
-                store.note_series(&s.study_uid, &s.series_uid, s.instances, s.last_received_ms)?;
+                store.note_series_at(
+                    &s.study_uid,
+                    &s.series_uid,
+                    s.instances,
+                    s.last_received_ms,
+                    s.last_row,
+                )?;
             }
             if next != cursor {
                 store.set_cursor(next)?;

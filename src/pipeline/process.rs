@@ -159,9 +159,32 @@ impl Pipeline {
                     .increment(1);
                 metrics::histogram!("nightingale_pipeline_job_seconds")
                     .record(started.elapsed().as_secs_f64());
-                let completed =
-                    self.store()
-                        .complete_job(job.id, &version, json.as_ref(), &objects);
+                // Whose result it is: the patient of the instances it processed (one
+                // patient: `check_series`), recorded with its end.
+                let patient = {
+                    let first = self
+                        .series_instances(&job)
+                        .ok()
+                        .and_then(|i| i.into_iter().next());
+                    blocking(move || {
+                        Ok(first.and_then(|f| {
+                            nightingale_dicom::series::SeriesHeader::read(&f.path)
+                                .ok()
+                                .and_then(|h| h.patient_id_sha256)
+                        }))
+                    })
+                    .await
+                    .ok()
+                    .flatten()
+                };
+                let completed = {
+                    let store = self.store();
+                    store
+                        .set_job_patient(job.id, patient.as_deref())
+                        .and_then(|()| {
+                            store.complete_job(job.id, &version, json.as_ref(), &objects)
+                        })
+                };
                 match completed {
                     Ok(true) => self.keep_in_spool(&objects).await,
                     Ok(false) => {

@@ -110,6 +110,8 @@ pub struct SeriesRow {
     /// `assembling`, `routed`, `unmatched` or `failed`.
     pub state: String,
     pub reason: Option<String>,
+    /// The highest arrival number (spool `seq`) of its instances seen (0: not known).
+    pub last_row: i64,
 }
 
 /// What a purge deleted.
@@ -194,6 +196,21 @@ impl ResultsStore {
             CREATE INDEX IF NOT EXISTS objects_job ON objects (job_id);
             CREATE INDEX IF NOT EXISTS objects_series ON objects (series_uid);",
         )?;
+        // The patient of the instances a job processed (SHA-256 of the Patient ID), recorded
+        // when it ends done: stores made before it have none (their series' hash is read).
+        if db.prepare("SELECT last_row FROM series LIMIT 0").is_err() {
+            db.execute_batch(
+                "ALTER TABLE series ADD COLUMN last_row INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE series ADD COLUMN routed_row INTEGER NOT NULL DEFAULT 0;",
+            )?;
+        }
+        if db
+            .prepare("SELECT patient_sha256 FROM jobs LIMIT 0")
+            .is_err()
+        {
+            db.execute_batch("ALTER TABLE jobs ADD COLUMN patient_sha256 TEXT")?;
+        }
+        db.execute_batch("CREATE INDEX IF NOT EXISTS jobs_patient ON jobs (patient_sha256)")?;
         Ok(ResultsStore { db })
     }
 
@@ -248,24 +265,43 @@ impl ResultsStore {
         instances: u64,
         last_received_ms: i64,
     ) -> rusqlite::Result<()> {
+        self.note_series_at(study_uid, series_uid, instances, last_received_ms, 0)
+    }
+
+    /// [`ResultsStore::note_series`] with the highest arrival number (`seq`) of the series'
+    /// instances: an instance that arrived after the series was routed re-opens it even when
+    /// the count is the one routed (retention purged older ones: a late instance was never
+    /// processed, a red-team finding).
+    pub fn note_series_at(
+        &self,
+        study_uid: &str,
+        series_uid: &str,
+        instances: u64,
+        last_received_ms: i64,
+        last_row: i64,
+    ) -> rusqlite::Result<()> {
         self.db.execute(
             "INSERT INTO series (study_uid, series_uid, instances, last_received_ms, state,
-                                 updated_ms)
-             VALUES (?1, ?2, ?3, ?4, 'assembling', ?5)
+                                 updated_ms, last_row)
+             VALUES (?1, ?2, ?3, ?4, 'assembling', ?5, ?6)
              ON CONFLICT (study_uid, series_uid) DO UPDATE SET
                 instances = excluded.instances,
                 last_received_ms = excluded.last_received_ms,
                 state = CASE WHEN excluded.instances != series.routed_instances
+                                  OR excluded.last_row > series.routed_row
                              THEN 'assembling' ELSE series.state END,
                 not_before_ms = CASE WHEN excluded.instances != series.instances
+                                          OR excluded.last_row > series.last_row
                                      THEN 0 ELSE series.not_before_ms END,
+                last_row = max(series.last_row, excluded.last_row),
                 updated_ms = excluded.updated_ms",
             params![
                 study_uid,
                 series_uid,
                 instances as i64,
                 last_received_ms,
-                now_ms()
+                now_ms(),
+                last_row
             ],
         )?;
         Ok(())
@@ -281,7 +317,7 @@ impl ResultsStore {
     ) -> rusqlite::Result<Vec<SeriesRow>> {
         let mut stmt = self.db.prepare_cached(
             "SELECT study_uid, series_uid, instances, last_received_ms, routed_instances,
-                    state, reason
+                    state, reason, last_row
              FROM series WHERE state = 'assembling' AND not_before_ms <= ?4
                AND (last_received_ms <= ?1 OR (?2 IS NOT NULL AND instances >= ?2))
              ORDER BY last_received_ms LIMIT ?3",
@@ -322,9 +358,10 @@ impl ResultsStore {
             "SELECT j.id, j.study_uid, j.series_uid, j.route, j.bundle, j.bundle_version,
                     j.state, j.reason, j.instances, j.created_ms, j.updated_ms, j.findings,
                     j.destinations
-             FROM jobs j JOIN series s
+             FROM jobs j LEFT JOIN series s
                ON s.study_uid = j.study_uid AND s.series_uid = j.series_uid
-             WHERE s.patient_sha256 = ?1 AND j.state = 'done'
+             WHERE (j.patient_sha256 = ?1 OR (j.patient_sha256 IS NULL AND s.patient_sha256 = ?1))
+               AND j.state = 'done'
                AND j.id = (SELECT max(k.id) FROM jobs k WHERE k.state = 'done'
                            AND k.study_uid = j.study_uid AND k.series_uid = j.series_uid
                            AND k.bundle = j.bundle)
@@ -332,6 +369,19 @@ impl ResultsStore {
         )?;
         let rows = stmt.query_map(params![patient_sha256, limit as i64], job_row)?;
         rows.collect()
+    }
+
+    /// Records whose instances job `id` processed: the SHA-256 of their Patient ID (the
+    /// imaging cards find a patient's results by it). The series' own hash follows its first
+    /// instance now, which after a purge may be another patient's under the same Series
+    /// Instance UID: read through it, patient X's finding was shown on patient Y's card (a
+    /// red-team finding).
+    pub fn set_job_patient(&self, id: i64, patient_sha256: Option<&str>) -> rusqlite::Result<()> {
+        self.db.execute(
+            "UPDATE jobs SET patient_sha256 = ?2 WHERE id = ?1",
+            params![id, patient_sha256],
+        )?;
+        Ok(())
     }
 
     /// A series some of whose routes want a longer quiet time: not looked at again before
@@ -348,7 +398,7 @@ impl ResultsStore {
     pub fn series(&self, study_uid: &str) -> rusqlite::Result<Vec<SeriesRow>> {
         let mut stmt = self.db.prepare_cached(
             "SELECT study_uid, series_uid, instances, last_received_ms, routed_instances,
-                    state, reason
+                    state, reason, last_row
              FROM series WHERE study_uid = ?1 ORDER BY series_uid",
         )?;
         let rows = stmt.query_map([study_uid], series_row)?;
@@ -363,7 +413,8 @@ impl ResultsStore {
         reason: Option<&str>,
     ) -> rusqlite::Result<()> {
         self.db.execute(
-            "UPDATE series SET state = ?3, reason = ?4, routed_instances = ?5, updated_ms = ?6
+            "UPDATE series SET state = ?3, reason = ?4, routed_instances = ?5, updated_ms = ?6,
+                               routed_row = max(routed_row, ?7)
              WHERE study_uid = ?1 AND series_uid = ?2",
             params![
                 row.study_uid,
@@ -371,7 +422,8 @@ impl ResultsStore {
                 state,
                 reason,
                 row.instances as i64,
-                now_ms()
+                now_ms(),
+                row.last_row
             ],
         )?;
         Ok(())
@@ -849,6 +901,7 @@ fn series_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SeriesRow> {
         routed_instances: r.get::<_, i64>(4)?.max(0) as u64,
         state: r.get(5)?,
         reason: r.get(6)?,
+        last_row: r.get(7)?,
     })
 }
 
@@ -934,6 +987,28 @@ mod tests {
                 (third, JobState::Done)
             ]
         );
+    }
+
+    /// Red-team finding: retention purged a routed series' oldest instance, and a late one
+    /// brought the count back to the routed count: the series stayed routed and the late
+    /// instance was never processed. An arrival after routing re-opens it whatever the count.
+    #[test]
+    fn an_arrival_after_routing_reopens_the_series_whatever_the_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
+        store.note_series_at("1.2", "1.2.3", 2, 1_000, 5).unwrap();
+        let row = store.series_ready(i64::MAX, None, 10).unwrap().remove(0);
+        assert_eq!(row.last_row, 5);
+        store.settle_series(&row, "routed", None).unwrap();
+        assert!(store.series_ready(i64::MAX, None, 10).unwrap().is_empty());
+        // The same rows seen again (a restart before the cursor moved): stays routed.
+        store.note_series_at("1.2", "1.2.3", 2, 1_000, 5).unwrap();
+        assert!(store.series_ready(i64::MAX, None, 10).unwrap().is_empty());
+        // One purged, one arrived: two again, but a new arrival.
+        store.note_series_at("1.2", "1.2.3", 2, 9_000, 8).unwrap();
+        let again = store.series_ready(i64::MAX, None, 10).unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].last_row, 8);
     }
 
     /// A job processes the first `instances` of its series; a reprocess counts those the
@@ -1119,6 +1194,35 @@ mod tests {
             vec![("1.2.1", "m", JobState::Done)]
         );
         assert!(store.done_jobs_of_patient("00", 10).unwrap().is_empty());
+        // Red-team finding: after a purge, another patient's instances under the same
+        // Series Instance UID re-stamped the series, and patient X's done job was shown as
+        // Y's. The job keeps the patient of the instances it processed.
+        let other = nightingale_dicom::series::patient_id_sha256("9999999999");
+        let x_job = jobs[0].id;
+        store.set_job_patient(x_job, Some(&key)).unwrap();
+        let row = SeriesRow {
+            study_uid: "1.2".into(),
+            series_uid: "1.2.1".into(),
+            ..store
+                .series_ready(i64::MAX, None, 10)
+                .unwrap()
+                .pop()
+                .unwrap_or_else(|| {
+                    store.note_series("1.2", "1.2.1", 5, 9_000).unwrap();
+                    store.series_ready(i64::MAX, None, 10).unwrap().remove(0)
+                })
+        };
+        store.set_patient(&row, Some(&other)).unwrap();
+        assert!(store.done_jobs_of_patient(&other, 10).unwrap().is_empty());
+        assert_eq!(
+            store
+                .done_jobs_of_patient(&key, 10)
+                .unwrap()
+                .iter()
+                .map(|j| j.id)
+                .collect::<Vec<_>>(),
+            vec![x_job]
+        );
     }
 
     #[test]

@@ -175,29 +175,24 @@ fn codes(obj: &InMemDicomObject, tag: Tag) -> Vec<Code> {
 
 /// Whether a text element (or one in its items) holds bytes its character set could not
 /// decode: dicom-rs writes each such byte as `\` and three octal digits, and a backslash is
-/// never part of a decoded value of a multi-valued VR (it separates values); in LT, ST and UT,
-/// where it may be text, the octal escape gives it away.
+/// never part of a decoded value of a multi-valued VR (it separates values). In LT, ST and
+/// UT a backslash is text (PS3.5 6.2), so they are not judged: an undecodable byte there
+/// stays in its one value, shown as its escape.
 fn undecoded(e: &InMemElement) -> bool {
+    if let dicom_core::DicomValue::Sequence(seq) = e.value() {
+        return seq.items().iter().any(|item| item.iter().any(undecoded));
+    }
+    if matches!(e.vr(), VR::LT | VR::ST | VR::UT) {
+        return false;
+    }
     // The values as read (`to_multi_str` joins and splits again at backslashes).
-    let values: Vec<&str> = match e.value() {
-        dicom_core::DicomValue::Primitive(PrimitiveValue::Str(s)) => vec![s.as_str()],
+    match e.value() {
+        dicom_core::DicomValue::Primitive(PrimitiveValue::Str(s)) => s.contains('\\'),
         dicom_core::DicomValue::Primitive(PrimitiveValue::Strs(v)) => {
-            v.iter().map(String::as_str).collect()
+            v.iter().any(|s| s.contains('\\'))
         }
-        _ => return false,
-    };
-    let free_text = matches!(e.vr(), VR::LT | VR::ST | VR::UT);
-    values.iter().any(|v| {
-        if free_text {
-            v.as_bytes().windows(4).any(|w| {
-                w[0] == b'\\'
-                    && (b'0'..=b'3').contains(&w[1])
-                    && w[2..].iter().all(|b| (b'0'..=b'7').contains(b))
-            })
-        } else {
-            v.contains('\\')
-        }
-    })
+        _ => false,
+    }
 }
 
 impl SourceSeries {
