@@ -506,10 +506,10 @@ pub struct Resources {
     /// The FHIR server the resources come from ([`Resources::of_server`]).
     server: Option<String>,
     /// Where the first resource of each id is, by type ([`add_version`]).
-    patient_ids: HashMap<String, usize>,
-    observation_ids: HashMap<String, usize>,
-    condition_ids: HashMap<String, usize>,
-    encounter_ids: HashMap<String, usize>,
+    patient_ids: HashMap<String, Vec<usize>>,
+    observation_ids: HashMap<String, Vec<usize>>,
+    condition_ids: HashMap<String, Vec<usize>>,
+    encounter_ids: HashMap<String, Vec<usize>>,
 }
 
 /// A resource that may come more than once (prefetched and fetched, on two pages), in
@@ -608,32 +608,85 @@ fn newer_version<T: Versioned>(a: &T, b: &T) -> Option<std::cmp::Ordering> {
 /// as `entered-in-error` was still scored from its first copy: a red-team finding). Where
 /// the order cannot be told, a version saying the record was made in error wins (it is
 /// the end of a record's life), and otherwise both are kept (their values are then weighed
-/// as two readings).
+/// as two readings; [`Resources::disputed`]). A copy is weighed against every copy kept
+/// of its id (a third copy, retracted, replaced only the first of two: a red-team finding).
 fn add_version<T: Versioned + PartialEq>(
     list: &mut Vec<T>,
-    ids: &mut HashMap<String, usize>,
+    ids: &mut HashMap<String, Vec<usize>>,
     resource: T,
 ) {
+    use std::cmp::Ordering;
     let Some(id) = resource.id().map(str::to_owned) else {
         list.push(resource);
         return;
     };
-    let Some(&at) = ids.get(&id) else {
-        ids.insert(id, list.len());
+    let Some(kept) = ids.get(&id) else {
+        ids.insert(id, vec![list.len()]);
         list.push(resource);
         return;
     };
-    let there = &list[at];
-    if *there == resource {
+    if kept.iter().any(|&at| list[at] == resource) {
         return;
     }
-    match newer_version(&resource, there) {
-        Some(std::cmp::Ordering::Greater) => list[at] = resource,
-        Some(_) => {}
-        None if resource.entered_in_error() => list[at] = resource,
-        None if there.entered_in_error() => {}
-        None => list.push(resource),
+    let orders: Vec<Option<Ordering>> = kept
+        .iter()
+        .map(|&at| newer_version(&resource, &list[at]))
+        .collect();
+    let replaces_all = orders.iter().all(|o| *o == Some(Ordering::Greater))
+        || (resource.entered_in_error() && orders.iter().all(|o| *o != Some(Ordering::Less)));
+    if replaces_all {
+        let first = kept[0];
+        let rest: Vec<usize> = kept[1..].to_vec();
+        list[first] = resource;
+        if !rest.is_empty() {
+            // Rare (several copies whose order was unknown): drop the others and index
+            // the list again.
+            let mut i = 0;
+            list.retain(|_| {
+                let keep = !rest.contains(&i);
+                i += 1;
+                keep
+            });
+            ids.clear();
+            for (at, r) in list.iter().enumerate() {
+                if let Some(id) = r.id() {
+                    ids.entry(id.to_owned()).or_default().push(at);
+                }
+            }
+        }
+        return;
     }
+    let older_than_one = orders
+        .iter()
+        .any(|o| matches!(o, Some(Ordering::Less | Ordering::Equal)));
+    let retracted = kept.iter().any(|&at| list[at].entered_in_error());
+    if older_than_one || retracted {
+        return;
+    }
+    ids.get_mut(&id).expect("just read").push(list.len());
+    list.push(resource);
+}
+
+/// `meta` as far as it orders versions: one that is not an object, or whose `versionId` is
+/// a number, is read as best it can be and never refuses the resource (a `"versionId": 2`
+/// made a whole prefetch 400 and a vital sign unreadable: a red-team finding).
+fn lenient_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Meta>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    let Some(o) = v.as_object() else {
+        return Ok(None);
+    };
+    let text = |key: &str| match o.get(key) {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    Ok(Some(Meta {
+        version_id: text("versionId"),
+        last_updated: match o.get("lastUpdated") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            _ => None,
+        },
+    }))
 }
 
 /// `Resource.meta`: the version of a resource.
@@ -681,20 +734,44 @@ impl Resources {
         else {
             return;
         };
-        if !(r.starts_with("http://") || r.starts_with("https://")) {
-            return;
-        }
-        let local = r
-            .strip_prefix(base.as_str())
-            .and_then(|rest| rest.strip_prefix('/'))
-            .map(str::to_owned);
-        *r = match local {
-            Some(relative) => relative,
-            None => {
-                *subject = Some(Reference { reference: None });
+        let Some(reference) = UrlParts::of(r) else {
+            // Not an absolute http(s) URL: relative (or a `urn:`), read as it is.
+            if !r.contains("://") {
                 return;
             }
+            *subject = Some(Reference { reference: None });
+            return;
         };
+        // The same server whatever the case of its scheme and host, or a default port
+        // written out (RFC 3986 6.2.2-6.2.3): `https://EHR.example/fhir/Patient/p1` is this
+        // server's when `fhirServer` is `https://ehr.example/fhir` (compared as written, the
+        // newest vitals were set aside as another patient's: a red-team finding).
+        let local = UrlParts::of(base).and_then(|b| {
+            (b.scheme == reference.scheme && b.host == reference.host && b.port == reference.port)
+                .then(|| reference.path.strip_prefix(b.path.trim_end_matches('/')))
+                .flatten()
+                .and_then(|rest| rest.strip_prefix('/'))
+                .map(str::to_owned)
+        });
+        match local {
+            Some(relative) => *r = relative,
+            None => *subject = Some(Reference { reference: None }),
+        }
+    }
+
+    /// Whether copies of this Condition's id disagree on whether it holds and their order
+    /// cannot be told (kept side by side by [`add_version`]): then it is neither present
+    /// nor absent (an `active` and a `refuted` copy without versions scored infection "yes":
+    /// a red-team finding).
+    pub fn condition_disputed(&self, c: &Condition) -> bool {
+        let Some(copies) = c.id.as_ref().and_then(|id| self.condition_ids.get(id)) else {
+            return false;
+        };
+        let activity = c.activity();
+        copies
+            .iter()
+            .filter_map(|&at| self.conditions.get(at))
+            .any(|other| other.activity() != activity)
     }
 
     /// Adds a resource, flattening Bundles.
@@ -998,13 +1075,68 @@ pub struct Reference {
 }
 
 impl Reference {
-    /// The id when this is a relative reference to a Patient (`Patient/{id}`, or an absolute
-    /// URL ending so), `None` otherwise.
+    /// The id when this is a reference to a Patient: relative, exactly `Patient/{id}` (or
+    /// `Patient/{id}/_history/{v}`; `Group/g/Patient/p1` is not one), or an absolute URL
+    /// ending so (read only where the call names no FHIR server: [`Resources::of_server`]
+    /// makes this server's URLs relative and others' nothing), `None` otherwise.
     pub fn patient_id(&self) -> Option<&str> {
         let r = self.reference.as_deref()?;
-        let r = r.split("/_history/").next().unwrap_or(r);
+        let r = match r.split_once("/_history/") {
+            Some((r, version)) if !version.is_empty() && !version.contains('/') => r,
+            Some(_) => return None,
+            None => r,
+        };
         let (before, id) = r.rsplit_once('/')?;
-        (before == "Patient" || before.ends_with("/Patient")).then_some(id)
+        if id.is_empty() {
+            return None;
+        }
+        let absolute = r.starts_with("http://") || r.starts_with("https://");
+        (before == "Patient" || (absolute && before.ends_with("/Patient"))).then_some(id)
+    }
+}
+
+/// An absolute http(s) URL's parts, as RFC 3986 compares them: scheme and host lower-cased,
+/// the default port made explicit; the path as written.
+#[derive(Debug, PartialEq, Eq)]
+struct UrlParts<'a> {
+    scheme: String,
+    host: String,
+    port: u16,
+    path: &'a str,
+}
+
+impl<'a> UrlParts<'a> {
+    fn of(url: &'a str) -> Option<UrlParts<'a>> {
+        let (scheme, rest) = url.split_once("://")?;
+        let scheme = scheme.to_ascii_lowercase();
+        let default = match scheme.as_str() {
+            "https" => 443,
+            "http" => 80,
+            _ => return None,
+        };
+        let (authority, path) = rest
+            .find(['/', '?', '#'])
+            .map_or((rest, ""), |i| rest.split_at(i));
+        if authority.contains('@') || authority.is_empty() {
+            return None;
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !authority.ends_with(']') => (
+                h,
+                if p.is_empty() {
+                    default
+                } else {
+                    p.parse().ok()?
+                },
+            ),
+            _ => (authority, default),
+        };
+        Some(UrlParts {
+            scheme,
+            host: host.to_ascii_lowercase(),
+            port,
+            path,
+        })
     }
 }
 
@@ -1053,6 +1185,7 @@ fn gender_or_absent<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Gen
 #[serde(rename_all = "camelCase")]
 pub struct Patient {
     pub id: Option<String>,
+    #[serde(default, deserialize_with = "lenient_meta")]
     pub meta: Option<Meta>,
     /// As written: `YYYY`, `YYYY-MM` or `YYYY-MM-DD` (read with [`Patient::birth_date`]).
     pub birth_date: Option<String>,
@@ -1116,6 +1249,7 @@ impl ObservationStatus {
 #[serde(rename_all = "camelCase")]
 pub struct Observation {
     pub id: Option<String>,
+    #[serde(default, deserialize_with = "lenient_meta")]
     pub meta: Option<Meta>,
     pub status: ObservationStatus,
     #[serde(default)]
@@ -1323,6 +1457,7 @@ fn date_time_bounds(text: &str) -> TimeBounds {
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     pub id: Option<String>,
+    #[serde(default, deserialize_with = "lenient_meta")]
     pub meta: Option<Meta>,
     pub code: Option<CodeableConcept>,
     pub clinical_status: Option<CodeableConcept>,
@@ -1452,6 +1587,7 @@ impl Condition {
 #[serde(rename_all = "camelCase")]
 pub struct Encounter {
     pub id: Option<String>,
+    #[serde(default, deserialize_with = "lenient_meta")]
     pub meta: Option<Meta>,
     /// As written (`planned`, `arrived`, `in-progress`, `finished`, …).
     pub status: Option<String>,
@@ -1921,5 +2057,26 @@ mod tests {
         // Two without a time: the one that may be the later.
         assert_eq!(later_reading((None, t(40), 0), (None, t(30), 0)), Greater);
         assert_eq!(later_reading((None, t(30), 0), (None, None, 0)), Less);
+    }
+
+    /// Red-team finding: a `meta` that is not valid FHIR (a number for `versionId`, a
+    /// string for `meta`) refused the whole resource; it only orders versions.
+    #[test]
+    fn a_malformed_meta_never_refuses_a_resource() {
+        for meta in [
+            json!({"versionId": 2}),
+            json!({"lastUpdated": 12}),
+            json!("x"),
+            json!(null),
+        ] {
+            let p = parse(json!({"resourceType": "Patient", "id": "p1", "meta": meta}));
+            assert!(matches!(p, Ok(Resource::Patient(_))), "{meta}: {p:?}");
+        }
+        let Ok(Resource::Patient(p)) =
+            parse(json!({"resourceType": "Patient", "id": "p1", "meta": {"versionId": 2}}))
+        else {
+            panic!()
+        };
+        assert_eq!(p.meta.and_then(|m| m.version_id).as_deref(), Some("2"));
     }
 }

@@ -284,10 +284,14 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
                     .iter()
                     .filter(|c| of_patient(c.subject.as_ref(), Some(cx.patient_id)))
             };
-            let present = mine().any(|c| c.is_active_one_of(&codes));
-            // A matching Condition that may hold (its status cannot be read) is neither yes
-            // nor no.
-            let maybe = mine().any(|c| c.may_be_active_one_of(&codes));
+            let disputed = |c: &crate::fhir::Condition| resources.condition_disputed(c);
+            let present = mine().any(|c| c.is_active_one_of(&codes) && !disputed(c));
+            // A matching Condition that may hold (its status cannot be read, or copies of it
+            // disagree) is neither yes nor no.
+            let maybe = mine().any(|c| {
+                c.may_be_active_one_of(&codes)
+                    || (disputed(c) && c.code.as_ref().is_some_and(|k| k.has_any(&codes)))
+            });
             // "No" needs every Condition: a search answered, and not one page of a longer
             // result ([`Resources::is_complete`]; the caller's `conditions_read` from
             // `Service::collect` already says so, this holds for any caller).
@@ -1327,6 +1331,63 @@ mod tests {
         assert_eq!(value_of(&m, "infection"), Ok(0.0));
     }
 
+    /// Red-team findings: copies of one Condition that disagree without versions scored
+    /// "yes"; a third copy, retracted, replaced only the first of two.
+    #[test]
+    fn copies_of_a_condition_that_disagree_leave_it_unknown() {
+        let mut active = base()[1].clone();
+        active["id"] = json!("c1");
+        let mut refuted = active.clone();
+        refuted["verificationStatus"] = json!({"coding": [{"code": "refuted"}]});
+        let mut resolved = active.clone();
+        resolved["clinicalStatus"] = json!({"coding": [{"code": "resolved"}]});
+        for other in [&refuted, &resolved] {
+            for pair in [
+                vec![active.clone(), other.clone()],
+                vec![other.clone(), active.clone()],
+            ] {
+                let mut items = base();
+                items.remove(1);
+                items.extend(pair);
+                let m = map_features(&features(), &resources(items), &context(true));
+                assert_eq!(
+                    value_of(&m, "infection"),
+                    Err(Missing::ConditionStatusUnknown)
+                );
+            }
+        }
+        // With versions, the newer decides.
+        let mut v1 = active.clone();
+        v1["meta"] = json!({"versionId": "1"});
+        let mut v2 = resolved.clone();
+        v2["meta"] = json!({"versionId": "2"});
+        let mut items = base();
+        items.remove(1);
+        items.extend([v2, v1]);
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert_eq!(value_of(&m, "infection"), Ok(0.0));
+    }
+
+    #[test]
+    fn a_retracted_copy_replaces_every_copy_kept_before_it() {
+        let at = |v: f64| {
+            let mut o = sbp(v, "mm[Hg]", "2024-05-01T11:30:00Z");
+            o["id"] = json!("bp");
+            o
+        };
+        let mut retracted = at(90.0);
+        retracted["status"] = json!("entered-in-error");
+        let mut items = base();
+        items.extend([
+            sbp(120.0, "mm[Hg]", "2024-05-01T10:00:00Z"),
+            at(88.0),
+            at(90.0),
+            retracted,
+        ]);
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert_eq!(value_of(&m, "systolic_bp"), Ok(120.0));
+    }
+
     /// Red-team finding: two systolic components of one panel scored by their order.
     #[test]
     fn a_panel_with_two_differing_systolic_components_is_conflicting() {
@@ -1456,6 +1517,30 @@ mod tests {
             Ok(60.0)
         );
         assert_eq!(at(Some("Patient/p1")), Ok(60.0));
+        // The same server written another way (host case, default port, scheme case): its
+        // (a later red-team finding: the newest value was set aside, an older one scored).
+        for same in [
+            "https://EHR.example/fhir/Patient/p1",
+            "https://ehr.example:443/fhir/Patient/p1",
+            "HTTPS://ehr.example/fhir/Patient/p1",
+        ] {
+            assert_eq!(at(Some(same)), Ok(60.0), "{same}");
+        }
+        // Below the server's path but not a Patient of it (another tenant, a Group's
+        // member path, dot segments), another port or scheme: not this patient's.
+        for other in [
+            "https://ehr.example/fhir/TENANT_B/Patient/p1",
+            "https://ehr.example/fhir/Group/g/Patient/p1",
+            "https://ehr.example/fhir/Observation/x/../../Patient/p1",
+            "https://ehr.example:8443/fhir/Patient/p1",
+            "http://ehr.example/fhir/Patient/p1",
+            "https://ehr.example/fhirx/Patient/p1",
+            "https://user@ehr.example/fhir/Patient/p1",
+            "Group/g/Patient/p1",
+            "Patient/",
+        ] {
+            assert_eq!(at(Some(other)), Ok(120.0), "{other}");
+        }
     }
 
     /// Red-team finding: a value with two `effective[x]` (invalid R4) used the first.
