@@ -195,6 +195,16 @@ async fn kernel_shap_agrees_with_the_exact_linear_contributions_on_wdbc() {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{shap}");
+    // The statistics extension counts each explanation as one request (the linear one and
+    // this one), not each of its 64,032 forward passes (a red-team finding); the passes
+    // are in the inference count.
+    let (_, stats) = server
+        .send("GET", &format!("/v2/models/{WDBC}/versions/1/stats"), Value::Null)
+        .await;
+    let s1 = &stats["model_stats"][0];
+    assert_eq!(s1["inference_stats"]["success"]["count"], 2, "{stats}");
+    assert_eq!(s1["inference_stats"]["fail"]["count"], 0, "{stats}");
+    assert!(s1["inference_count"].as_u64().unwrap() >= (background.len() * 2001) as u64);
     let a = output(&shap, "probabilities_attribution");
     assert_eq!(a["parameters"]["link"], "logit");
     assert_eq!(a["parameters"]["target"], target.as_str());

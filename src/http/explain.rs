@@ -579,7 +579,7 @@ pub(crate) async fn explain_decoded(
         return Err(AppError::bad_request("/explain needs at least one row"));
     }
     let row_len = data.len() / rows;
-    let outputs = model.worker.infer(request.inputs).await?;
+    let outputs = model.worker.infer_uncounted(request.inputs).await?;
     let scores = score_table(&outputs[out_ix].tensor, rows)?;
     let classes = scores.len() / rows;
     let fixed_target = match &params.target {
@@ -1109,7 +1109,11 @@ async fn drive(
             shape.extend_from_slice(row_shape);
             let tensor =
                 Tensor::from_vec(shape, rows).map_err(|e| AppError::internal(e.to_string()))?;
-            pending.push_back(model.worker.infer(vec![NamedTensor::new(input, tensor)]));
+            pending.push_back(
+                model
+                    .worker
+                    .infer_uncounted(vec![NamedTensor::new(input, tensor)]),
+            );
         }
         let Some(result) = pending.next().await else {
             break;

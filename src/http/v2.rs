@@ -351,12 +351,12 @@ impl ModelCall {
         metrics::counter!(requests, &labels).increment(1);
         metrics::histogram!(duration, &labels[..2]).record(self.start.elapsed().as_secs_f64());
         // The statistics extension counts every request to the model version, failed ones
-        // whatever the stage (as the metrics and the audit trail do); explanations run their
-        // model calls through the worker, which counts each of them.
-        if self.op == Op::Infer {
-            let stats = self.model.worker.stats();
-            stats.record_request(ok, self.start.elapsed());
-        }
+        // whatever the stage (as the metrics and the audit trail do). An explanation is one
+        // request, whatever forward passes it ran (each pass was counted a successful
+        // request, a 422 explanation included: a red-team finding); its passes still count
+        // in the inference and execution counts.
+        let stats = self.model.worker.stats();
+        stats.record_request(ok, self.start.elapsed());
     }
 
     /// Writes the audit record with the answer's status (HTTP's, whatever the protocol) and
