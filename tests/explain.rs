@@ -199,7 +199,11 @@ async fn kernel_shap_agrees_with_the_exact_linear_contributions_on_wdbc() {
     // this one), not each of its 64,032 forward passes (a red-team finding); the passes
     // are in the inference count.
     let (_, stats) = server
-        .send("GET", &format!("/v2/models/{WDBC}/versions/1/stats"), Value::Null)
+        .send(
+            "GET",
+            &format!("/v2/models/{WDBC}/versions/1/stats"),
+            Value::Null,
+        )
         .await;
     let s1 = &stats["model_stats"][0];
     assert_eq!(s1["inference_stats"]["success"]["count"], 2, "{stats}");
@@ -289,6 +293,17 @@ async fn bad_explain_requests_get_their_reason() {
             "unknown explanation method \"lime\"",
         ),
         (json!({"method": 3}), 400, "must be a string"),
+        // A parameter of another method: refused, not ignored (a red-team finding).
+        (
+            json!({"method": "kernel_shap", "baseline": 0}),
+            400,
+            "does not apply to method \"kernel_shap\"",
+        ),
+        (
+            json!({"method": "linear", "samples": 5}),
+            400,
+            "does not apply to method \"linear\"",
+        ),
         (json!({"method": "occlusion"}), 400, "explains images"),
         (json!({"method": "grad_cam"}), 400, "explains images"),
         (json!({"method": "rise"}), 400, "explains images"),

@@ -98,6 +98,19 @@ impl Method {
         })
     }
 
+    /// The method-specific parameters it reads (every method also reads `method`,
+    /// `target`, `output`, `max_forward_passes` and `heatmap`).
+    fn parameters(self) -> &'static [&'static str] {
+        match self {
+            Method::Occlusion => &["patch", "stride", "baseline"],
+            Method::Rise => &["samples", "grid", "p", "baseline", "seed"],
+            Method::KernelShap => &["samples", "link", "seed"],
+            Method::Linear => &["link"],
+            Method::GradCam => &[],
+            Method::IntegratedGradients => &["steps", "baseline"],
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Method::Occlusion => "occlusion",
@@ -268,6 +281,30 @@ fn parse_params(map: &HashMap<String, Value>) -> Result<Params, AppError> {
                     "unknown parameter {other:?}; /explain takes {EXPLAIN_PARAMETERS:?}"
                 ));
             }
+        }
+    }
+    // A parameter another method reads is refused, not ignored (a `baseline` sent with
+    // `kernel_shap` was dropped and the bundle's background used: a red-team finding).
+    if let Some(method) = p.method {
+        const COMMON: &[&str] = &[
+            "method",
+            "target",
+            "output",
+            "max_forward_passes",
+            "heatmap",
+        ];
+        let mut keys: Vec<&String> = map.keys().collect();
+        keys.sort();
+        if let Some(key) = keys.into_iter().find(|k| {
+            EXPLAIN_PARAMETERS.contains(&k.as_str())
+                && !COMMON.contains(&k.as_str())
+                && !method.parameters().contains(&k.as_str())
+        }) {
+            return bad(format!(
+                "parameter {key:?} does not apply to method {:?}, which takes {:?}",
+                method.as_str(),
+                method.parameters()
+            ));
         }
     }
     Ok(p)
