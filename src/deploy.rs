@@ -69,12 +69,6 @@ pub async fn load_release(
     actor: &str,
     request_id: &str,
 ) -> Result<Vec<Arc<LoadedModel>>, DeployError> {
-    if let Some(r) = release {
-        state
-            .repository
-            .allow_release(name, r)
-            .map_err(DeployError::Internal)?;
-    }
     let kind = match target {
         LoadTarget::Policy | LoadTarget::PolicyUnlessPinned => EventKind::ModelLoad,
         LoadTarget::Version(_) => EventKind::ModelRollback,
@@ -129,7 +123,7 @@ pub async fn load_release(
             }
             Ok(())
         };
-        repository.load_target_committed(&owned, target, &commit)
+        repository.load_release_committed(&owned, target, release, &commit)
     })
     .await
     .map_err(|e| DeployError::Internal(e.to_string()))?;

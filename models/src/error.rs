@@ -73,6 +73,9 @@ pub enum BundleError {
     },
     #[error("{path}: refused: {reason}")]
     OlderRelease { path: PathBuf, reason: String },
+    /// The release ledger could not record the release about to serve: nothing changed.
+    #[error("{path}: not loaded: {reason}")]
+    ReleaseLedger { path: PathBuf, reason: String },
     #[error("{path}: version {version} refused by the deployment policy: {reason}")]
     NotPromoted {
         path: PathBuf,
@@ -143,6 +146,7 @@ impl BundleError {
             | BundleError::SelfTest { path, .. }
             | BundleError::NotPromoted { path, .. }
             | BundleError::OlderRelease { path, .. }
+            | BundleError::ReleaseLedger { path, .. }
             | BundleError::SignatureMissing { path }
             | BundleError::SignatureMalformed { path, .. }
             | BundleError::SignatureUntrusted { path, .. }
@@ -180,6 +184,7 @@ impl BundleError {
                 | BundleError::SelfTest { path, .. }
                 | BundleError::NotPromoted { path, .. }
                 | BundleError::OlderRelease { path, .. }
+                | BundleError::ReleaseLedger { path, .. }
                 | BundleError::SignatureMissing { path }
                 | BundleError::SignatureMalformed { path, .. }
                 | BundleError::SignatureUntrusted { path, .. }

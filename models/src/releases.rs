@@ -9,11 +9,13 @@
 //! `release` (a number its author raises with every release; covered by the signature)
 //! orders them: the ledger refuses a lower one than it has accepted, and a manifest without
 //! one once the model has had one. An operator's rollback to an older release is explicit
-//! ([`ReleaseLedger::allow`], the load parameter `release`) and audited.
+//! (the load parameter `release`), holds for that one load only, and is audited.
 //!
 //! The file is small JSON (`{"model": {"release": N, "manifest_sha256": "…"}}`), written
-//! whole to a temporary file, fsynced and renamed, readable by its owner only. Bundles that
-//! never declare a `release` are not tracked (as before).
+//! whole to a temporary file, fsynced and renamed, readable by its owner only. One server
+//! holds it at a time (an exclusive lock on `releases.lock` beside it, for the server's
+//! life): two servers on one data folder each rewrote it from memory and erased the other's
+//! floors (a red-team finding). Bundles that never declare a `release` are not tracked.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,33 +30,58 @@ pub struct Accepted {
     pub manifest_sha256: String,
 }
 
-#[derive(Debug, Default)]
-struct State {
-    accepted: BTreeMap<String, Accepted>,
-    /// An operator's leave to serve this release of the model, lower or not (one load).
-    allowed: BTreeMap<String, u64>,
-}
-
 /// The highest release accepted per model; see the module docs.
 #[derive(Debug)]
 pub struct ReleaseLedger {
     path: PathBuf,
-    state: Mutex<State>,
+    accepted: Mutex<BTreeMap<String, Accepted>>,
+    /// Held for the ledger's life: the exclusive lock on `releases.lock`.
+    _lock: std::fs::File,
+}
+
+/// What [`ReleaseLedger::record`] changed, to put back with [`ReleaseLedger::undo`] when the
+/// load it was for does not go through.
+#[derive(Debug)]
+#[must_use]
+pub struct Recorded {
+    name: String,
+    /// `None`: nothing changed. `Some(before)`: the entry before (`None`: there was none).
+    before: Option<Option<Accepted>>,
 }
 
 /// Files larger than this are not a ledger (one holds a line per model).
 const MAX_LEDGER_BYTES: u64 = 4 << 20;
 
 impl ReleaseLedger {
-    /// Opens the ledger at `path` (none yet: empty). A file that cannot be read as a
-    /// ledger is an error: serving on without it would forget every release accepted.
+    /// Opens the ledger at `path` (none yet: empty), locking it for this process. A file
+    /// that cannot be read as a ledger, a symbolic link (a volume not mounted behind it
+    /// would read as "no ledger" and forget every floor), or a ledger another server holds
+    /// is an error: serving on without it would forget every release accepted.
     pub fn open(path: &Path) -> Result<ReleaseLedger, String> {
-        let accepted = match std::fs::metadata(path) {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let lock_path = path.with_extension("lock");
+        let lock = {
+            let mut options = std::fs::OpenOptions::new();
+            options.create(true).truncate(false).write(true);
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            options
+                .open(&lock_path)
+                .map_err(|e| format!("{}: {e}", lock_path.display()))?
+        };
+        lock.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => format!(
+                "{} is held by another server: each server needs its own --data-dir",
+                path.display()
+            ),
+            std::fs::TryLockError::Error(e) => format!("{}: {e}", lock_path.display()),
+        })?;
+        let accepted = match std::fs::symlink_metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(format!("{}: {e}", path.display())),
             Ok(m) if !m.is_file() || m.len() > MAX_LEDGER_BYTES => {
                 return Err(format!(
-                    "{}: not a release ledger (a regular file of at most {MAX_LEDGER_BYTES} bytes)",
+                    "{}: not a release ledger (a regular file, not a link, of at most {MAX_LEDGER_BYTES} bytes)",
                     path.display()
                 ));
             }
@@ -66,30 +93,33 @@ impl ReleaseLedger {
         };
         Ok(ReleaseLedger {
             path: path.to_owned(),
-            state: Mutex::new(State {
-                accepted,
-                allowed: BTreeMap::new(),
-            }),
+            accepted: Mutex::new(accepted),
+            _lock: lock,
         })
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn accepted_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Accepted>> {
+        self.accepted.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// What the ledger holds of `name`.
     pub fn accepted(&self, name: &str) -> Option<Accepted> {
-        self.state().accepted.get(name).cloned()
+        self.accepted_map().get(name).cloned()
     }
 
     /// Whether a manifest of `name` with `release` may serve: not lower than the release
-    /// accepted before, unless an operator allowed exactly it.
-    pub fn check(&self, name: &str, release: Option<u64>) -> Result<(), String> {
-        let state = self.state();
-        let Some(accepted) = state.accepted.get(name) else {
+    /// accepted before, unless this load's operator chose exactly it (`allowed`).
+    pub fn check(
+        &self,
+        name: &str,
+        release: Option<u64>,
+        allowed: Option<u64>,
+    ) -> Result<(), String> {
+        let map = self.accepted_map();
+        let Some(accepted) = map.get(name) else {
             return Ok(());
         };
-        if release.is_some() && state.allowed.get(name) == release.as_ref() {
+        if release.is_some() && allowed == release {
             return Ok(());
         }
         match release {
@@ -108,72 +138,99 @@ impl ReleaseLedger {
         }
     }
 
-    /// An operator's leave to serve release `release` of `name` at its next load, even if
-    /// older than the one accepted.
-    pub fn allow(&self, name: &str, release: u64) {
-        self.state().allowed.insert(name.to_owned(), release);
-    }
-
-    /// Records that `release` of `name` (its manifest's SHA-256) now serves: the ledger
-    /// keeps the higher of it and what it held, or exactly it when an operator allowed it.
-    /// Written durably before it returns.
+    /// Records that `release` of `name` (its manifest's SHA-256) is about to serve: the
+    /// ledger keeps the higher of it and what it held, or exactly it when this load's
+    /// operator chose it (`allowed`). Written durably before it returns; what it changed
+    /// is returned for [`ReleaseLedger::undo`].
     pub fn record(
         &self,
         name: &str,
         release: Option<u64>,
         manifest_sha256: &str,
-    ) -> Result<(), String> {
-        let Some(release) = release else {
-            return Ok(());
+        allowed: Option<u64>,
+    ) -> Result<Recorded, String> {
+        let unchanged = Recorded {
+            name: name.to_owned(),
+            before: None,
         };
-        let mut state = self.state();
-        let allowed = state.allowed.remove(name) == Some(release);
-        let keep = state
-            .accepted
-            .get(name)
-            .is_some_and(|a| a.release > release && !allowed);
-        if keep {
-            return Ok(());
+        let Some(release) = release else {
+            return Ok(unchanged);
+        };
+        let mut map = self.accepted_map();
+        let chosen = allowed == Some(release);
+        let current = map.get(name).cloned();
+        if current.as_ref().is_some_and(|a| {
+            (a.release > release && !chosen)
+                || (a.release == release && a.manifest_sha256 == manifest_sha256)
+        }) {
+            return Ok(unchanged);
         }
-        let before = state.accepted.insert(
+        map.insert(
             name.to_owned(),
             Accepted {
                 release,
                 manifest_sha256: manifest_sha256.to_owned(),
             },
         );
-        if before
-            .as_ref()
-            .is_some_and(|b| b.release == release && b.manifest_sha256 == manifest_sha256)
-        {
-            return Ok(());
-        }
-        write_durably(&self.path, &state.accepted).map_err(|e| {
+        if let Err(e) = write_durably(&self.path, &map) {
             // Not kept in memory either: what is held is what is on disk.
-            match before {
-                Some(b) => state.accepted.insert(name.to_owned(), b),
-                None => state.accepted.remove(name),
+            match &current {
+                Some(b) => map.insert(name.to_owned(), b.clone()),
+                None => map.remove(name),
             };
-            format!("the release ledger {}: {e}", self.path.display())
+            return Err(format!("the release ledger {e}"));
+        }
+        Ok(Recorded {
+            name: name.to_owned(),
+            before: Some(current),
+        })
+    }
+
+    /// Puts back what `recorded` changed (its load did not go through). An error leaves the
+    /// file as the record made it (its floor may then be higher than what serves) and says so.
+    pub fn undo(&self, recorded: Recorded) -> Result<(), String> {
+        let Some(before) = recorded.before else {
+            return Ok(());
+        };
+        let mut map = self.accepted_map();
+        let now = map.get(&recorded.name).cloned();
+        match &before {
+            Some(b) => map.insert(recorded.name.clone(), b.clone()),
+            None => map.remove(&recorded.name),
+        };
+        write_durably(&self.path, &map).map_err(|e| {
+            match now {
+                Some(n) => map.insert(recorded.name.clone(), n),
+                None => map.remove(&recorded.name),
+            };
+            format!("the release ledger {e}")
         })
     }
 }
 
-fn write_durably(path: &Path, accepted: &BTreeMap<String, Accepted>) -> std::io::Result<()> {
+/// Writes the ledger whole: a temporary file, fsynced, renamed over `path`, the folder
+/// fsynced. The error names the file it failed on.
+fn write_durably(path: &Path, accepted: &BTreeMap<String, Accepted>) -> Result<(), String> {
     use std::io::Write as _;
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
     let tmp = path.with_extension("json.tmp");
+    fn at(p: &Path) -> impl Fn(std::io::Error) -> String + '_ {
+        move |e| format!("{}: {e}", p.display())
+    }
+    let bytes =
+        serde_json::to_vec_pretty(accepted).map_err(|e| format!("{}: {e}", path.display()))?;
     {
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create(true).truncate(true);
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut f = options.open(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(accepted).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
+        let mut f = options.open(&tmp).map_err(at(&tmp))?;
+        f.write_all(&bytes).map_err(at(&tmp))?;
+        f.sync_all().map_err(at(&tmp))?;
     }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    std::fs::rename(&tmp, path).map_err(at(path))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(at(dir))
 }
 
 #[cfg(test)]
@@ -181,26 +238,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_older_release_is_refused_unless_allowed_and_the_floor_survives_a_restart() {
+    fn an_older_release_is_refused_unless_chosen_and_the_floor_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("releases.json");
         let ledger = ReleaseLedger::open(&path).unwrap();
         // Nothing recorded: anything goes, and a manifest without a release is not tracked.
-        assert!(ledger.check("m", None).is_ok());
-        ledger.record("m", None, "aa").unwrap();
+        assert!(ledger.check("m", None, None).is_ok());
+        let _ = ledger.record("m", None, "aa", None).unwrap();
         assert!(ledger.accepted("m").is_none());
-        ledger.record("m", Some(3), "c3").unwrap();
-        assert!(ledger.check("m", Some(3)).is_ok());
-        assert!(ledger.check("m", Some(4)).is_ok());
-        let e = ledger.check("m", Some(2)).unwrap_err();
+        let _ = ledger.record("m", Some(3), "c3", None).unwrap();
+        assert!(ledger.check("m", Some(3), None).is_ok());
+        assert!(ledger.check("m", Some(4), None).is_ok());
+        let e = ledger.check("m", Some(2), None).unwrap_err();
         assert!(e.contains("release 2, older than release 3"), "{e}");
-        let e = ledger.check("m", None).unwrap_err();
+        let e = ledger.check("m", None, None).unwrap_err();
         assert!(e.contains("declares no release"), "{e}");
-        assert!(ledger.check("other", Some(1)).is_ok());
+        assert!(ledger.check("other", Some(1), None).is_ok());
         // A lower record does not lower the floor.
-        ledger.record("m", Some(2), "c2").unwrap();
+        let _ = ledger.record("m", Some(2), "c2", None).unwrap();
         assert_eq!(ledger.accepted("m").unwrap().release, 3);
-        // Across a restart.
+        // Across a restart (the lock goes with the first ledger).
         drop(ledger);
         let ledger = ReleaseLedger::open(&path).unwrap();
         assert_eq!(
@@ -210,14 +267,21 @@ mod tests {
                 manifest_sha256: "c3".into()
             })
         );
-        assert!(ledger.check("m", Some(2)).is_err());
-        // An operator's rollback: exactly the release allowed, which becomes the floor.
-        ledger.allow("m", 2);
-        assert!(ledger.check("m", Some(1)).is_err());
-        assert!(ledger.check("m", Some(2)).is_ok());
-        ledger.record("m", Some(2), "c2").unwrap();
+        assert!(ledger.check("m", Some(2), None).is_err());
+        // An operator's rollback: exactly the release chosen for that load.
+        assert!(ledger.check("m", Some(1), Some(2)).is_err());
+        assert!(ledger.check("m", Some(2), Some(2)).is_ok());
+        // Undone (the load did not go through): the floor is as before.
+        let recorded = ledger.record("m", Some(2), "c2", Some(2)).unwrap();
         assert_eq!(ledger.accepted("m").unwrap().release, 2);
-        assert!(ledger.check("m", Some(1)).is_err());
+        ledger.undo(recorded).unwrap();
+        assert_eq!(ledger.accepted("m").unwrap().release, 3);
+        drop(ledger);
+        let ledger = ReleaseLedger::open(&path).unwrap();
+        assert_eq!(ledger.accepted("m").unwrap().release, 3);
+        let _ = ledger.record("m", Some(2), "c2", Some(2)).unwrap();
+        assert_eq!(ledger.accepted("m").unwrap().release, 2);
+        assert!(ledger.check("m", Some(1), None).is_err());
         use std::os::unix::fs::PermissionsExt as _;
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
@@ -226,11 +290,30 @@ mod tests {
     }
 
     #[test]
-    fn a_file_that_is_not_a_ledger_is_an_error() {
+    fn one_server_holds_a_ledger_and_a_file_that_is_not_one_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("releases.json");
+        let first = ReleaseLedger::open(&path).unwrap();
+        let e = ReleaseLedger::open(&path).unwrap_err();
+        assert!(e.contains("held by another server"), "{e}");
+        drop(first);
         std::fs::write(&path, b"not json").unwrap();
         assert!(ReleaseLedger::open(&path).is_err());
-        assert!(ReleaseLedger::open(dir.path()).is_err());
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink("/nonexistent/releases.json", &path).unwrap();
+        let e = ReleaseLedger::open(&path).unwrap_err();
+        assert!(e.contains("not a link"), "{e}");
+    }
+
+    #[test]
+    fn a_ledger_that_cannot_be_written_changes_nothing_and_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("releases.json");
+        let ledger = ReleaseLedger::open(&path).unwrap();
+        let _ = ledger.record("m", Some(3), "c3", None).unwrap();
+        std::fs::create_dir(path.with_extension("json.tmp")).unwrap();
+        let e = ledger.record("m", Some(4), "c4", None).unwrap_err();
+        assert!(e.contains("releases.json.tmp"), "{e}");
+        assert_eq!(ledger.accepted("m").unwrap().release, 3);
     }
 }

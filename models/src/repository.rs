@@ -711,6 +711,21 @@ impl Repository {
         target: LoadTarget,
         commit: &CommitLoad<'_>,
     ) -> Result<Vec<Arc<LoadedModel>>, RepositoryError> {
+        self.load_release_committed(name, target, None, commit)
+    }
+
+    /// [`Repository::load_target_committed`], where an operator chose `release` of the
+    /// bundle's manifest for this load: it may serve even if older than the release served
+    /// before ([`crate::releases`]); the choice holds for this load only (left open by a
+    /// refused load, it let the poller serve that release later on its own: a red-team
+    /// finding).
+    pub fn load_release_committed(
+        &self,
+        name: &str,
+        target: LoadTarget,
+        release: Option<u64>,
+        commit: &CommitLoad<'_>,
+    ) -> Result<Vec<Arc<LoadedModel>>, RepositoryError> {
         if !valid_name(name) {
             return Err(RepositoryError::InvalidName {
                 name: name.chars().take(64).collect(),
@@ -744,7 +759,7 @@ impl Repository {
         // The engine steps are guarded already; this catches a panic anywhere else in the
         // load, so that it fails this model only.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.load_versions(&dir, target)
+            self.load_versions(&dir, target, release)
         }))
         .unwrap_or_else(|payload| {
             let message = panic_message(payload.as_ref());
@@ -776,6 +791,39 @@ impl Repository {
                 reason: "unloaded while it was loading".into(),
             });
         }
+        // The release is recorded before anything serves from it, and put back if the load
+        // does not go through (the floor moved for a load that was refused: a red-team
+        // finding). A ledger that cannot be written refuses the load.
+        let mut recorded = None;
+        let mut result = result;
+        if let (Ok(loaded), Some(ledger)) = (&result, &self.options.releases)
+            && let Some(first) = loaded.values().next()
+        {
+            match ledger.record(
+                name,
+                first.manifest.release,
+                &first.manifest_sha256,
+                release,
+            ) {
+                Ok(r) => recorded = Some(r),
+                Err(reason) => {
+                    result = Err((
+                        None,
+                        BundleError::ReleaseLedger {
+                            path: dir.join(MANIFEST_FILE),
+                            reason,
+                        },
+                    ));
+                }
+            }
+        }
+        let undo = |recorded: Option<crate::releases::Recorded>| {
+            if let (Some(ledger), Some(r)) = (&self.options.releases, recorded)
+                && let Err(e) = ledger.undo(r)
+            {
+                tracing::error!(model = name, error = %e, "the release ledger could not be put back");
+            }
+        };
         if let Ok(loaded) = &result {
             let served: Vec<Arc<LoadedModel>> = loaded.values().cloned().collect();
             let stopping: Vec<Arc<LoadedModel>> = {
@@ -788,19 +836,8 @@ impl Repository {
                         .collect()
                 })
             };
-            // The release is recorded before anything serves from it (a crash in between
-            // leaves the floor at a release that is on disk: harmless).
-            if let (Some(ledger), Some(first)) = (&self.options.releases, served.first())
-                && let Err(reason) =
-                    ledger.record(name, first.manifest.release, &first.manifest_sha256)
-            {
-                tracing::error!(model = name, %reason, "load not committed; what served before still serves");
-                return Err(RepositoryError::CommitRefused {
-                    name: name.to_owned(),
-                    reason,
-                });
-            }
             if let Err(reason) = commit(&served, &stopping) {
+                undo(recorded);
                 tracing::error!(model = name, %reason, "load not committed; what served before still serves");
                 return Err(RepositoryError::CommitRefused {
                     name: name.to_owned(),
@@ -865,18 +902,6 @@ impl Repository {
         models.get(name).is_some_and(|e| e.held)
     }
 
-    /// An operator's leave to serve release `release` of `name` at its next load, even if
-    /// older than the release the server has served ([`crate::releases`]).
-    pub fn allow_release(&self, name: &str, release: u64) -> Result<(), String> {
-        match &self.options.releases {
-            Some(ledger) => {
-                ledger.allow(name, release);
-                Ok(())
-            }
-            None => Err("this server keeps no release ledger".to_owned()),
-        }
-    }
-
     /// The version a rollback pinned this model to, if any.
     pub fn pinned(&self, name: &str) -> Option<u64> {
         let models = self.models.read().unwrap_or_else(|p| p.into_inner());
@@ -888,11 +913,12 @@ impl Repository {
         &self,
         dir: &Path,
         target: LoadTarget,
+        release: Option<u64>,
     ) -> Result<BTreeMap<u64, Arc<LoadedModel>>, (Option<u64>, BundleError)> {
         let bundle = Bundle::open_with(dir, &self.options.signatures).map_err(|e| (None, e))?;
         if let Some(ledger) = &self.options.releases {
             ledger
-                .check(&bundle.manifest.name, bundle.manifest.release)
+                .check(&bundle.manifest.name, bundle.manifest.release, release)
                 .map_err(|reason| {
                     (
                         None,

@@ -524,6 +524,7 @@ fn signing_never_writes_through_a_planted_link_or_file() {
 /// restarts, unless an operator allows exactly that release.
 #[test]
 fn an_older_signed_release_put_back_is_refused_unless_the_operator_allows_it() {
+    use nightingale_models::LoadTarget;
     use nightingale_models::releases::ReleaseLedger;
     use std::sync::Arc;
     let (dir, bundle) = repository();
@@ -584,8 +585,19 @@ fn an_older_signed_release_put_back_is_refused_unless_the_operator_allows_it() {
     assert!(err.contains("declares no release"), "{err}");
     // The operator rolls back to release 1, which becomes the floor.
     put_back(&first);
-    repository.allow_release(BUNDLE, 1).unwrap();
-    repository.load(BUNDLE).unwrap();
+    // Chosen for one load only: a load refused at its commit (the audit trail down) puts
+    // the floor back and leaves nothing open for the next load (a red-team finding: the
+    // poller later served the chosen release on its own).
+    let refused =
+        repository.load_release_committed(BUNDLE, LoadTarget::Policy, Some(1), &|_, _| {
+            Err("the audit trail is down".to_owned())
+        });
+    assert!(refused.is_err());
+    let err = repository.load(BUNDLE).unwrap_err().to_string();
+    assert!(err.contains("release 1, older than release 2"), "{err}");
+    repository
+        .load_release_committed(BUNDLE, LoadTarget::Policy, Some(1), &|_, _| Ok(()))
+        .unwrap();
     assert_eq!(served_release(&repository), Some(1));
     put_back(&second);
     repository.load(BUNDLE).unwrap();

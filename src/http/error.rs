@@ -172,6 +172,10 @@ impl From<RepositoryError> for AppError {
             RepositoryError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
             RepositoryError::Pinned { .. } | RepositoryError::Held { .. } => StatusCode::CONFLICT,
             RepositoryError::CommitRefused { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            // The server could not record the release: not the bundle's fault.
+            RepositoryError::Bundle(nightingale_models::BundleError::ReleaseLedger { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             RepositoryError::Bundle(_) => StatusCode::BAD_REQUEST,
             RepositoryError::Io { .. } => return AppError::internal(e.to_string()),
         };
