@@ -534,6 +534,22 @@ fn the_results_keep_the_sources_time_zone() {
     }
 }
 
+/// `obj` (Latin-1, `ISO_IR 100`) written in Explicit VR Little Endian and read back, its
+/// Specific Character Set relabelled `relabel` in the bytes (the same length), if given.
+fn read_back_as(obj: &InMemDicomObject, relabel: Option<&[u8; 10]>) -> InMemDicomObject {
+    let ts = dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased();
+    let mut bytes = Vec::new();
+    obj.write_dataset_with_ts(&mut bytes, &ts).unwrap();
+    if let Some(label) = relabel {
+        let at = bytes
+            .windows(10)
+            .position(|w| w == b"ISO_IR 100")
+            .expect("the character set is written");
+        bytes[at..at + 10].copy_from_slice(label);
+    }
+    InMemDicomObject::read_dataset_with_ts(&bytes[..], &ts).unwrap()
+}
+
 #[test]
 fn hostile_inputs_are_typed_errors() {
     let ctx = ctx("Research use.");
@@ -616,7 +632,6 @@ fn hostile_inputs_are_typed_errors() {
     // Red-team finding: text whose bytes are not valid in the declared set (Latin-1 bytes
     // labelled UTF-8, the most common mislabelling) was read by dicom-rs as `\ooo`
     // escapes, whose backslashes reached PACS as value separators (one name became three).
-    let ts = dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased();
     let mut latin1 = synthetic_series(1, true).remove(0);
     s(
         &mut latin1,
@@ -625,28 +640,13 @@ fn hostile_inputs_are_typed_errors() {
         "ISO_IR 100",
     );
     s(&mut latin1, tags::PATIENT_NAME, VR::PN, "Müller^Jürgen");
-    let mut bytes = Vec::new();
-    latin1.write_dataset_with_ts(&mut bytes, &ts).unwrap();
-    let at = bytes
-        .windows(10)
-        .position(|w| w == b"ISO_IR 100")
-        .expect("the character set is written");
-    bytes[at..at + 10].copy_from_slice(b"ISO_IR 192");
-    let mislabelled = InMemDicomObject::read_dataset_with_ts(&bytes[..], &ts).unwrap();
+    let mislabelled = read_back_as(&latin1, Some(b"ISO_IR 192"));
     assert!(matches!(
         SourceSeries::from_instances([&mislabelled]),
         Err(ResultError::UnsupportedCharset)
     ));
     // The same name labelled as what it is: kept.
-    let labelled = InMemDicomObject::read_dataset_with_ts(
-        &{
-            let mut b = Vec::new();
-            latin1.write_dataset_with_ts(&mut b, &ts).unwrap();
-            b
-        }[..],
-        &ts,
-    )
-    .unwrap();
+    let labelled = read_back_as(&latin1, None);
     assert!(SourceSeries::from_instances([&labelled]).is_ok());
     // Red-team finding: JIS X 0208 (ISO 2022 IR 87) was written back without the return to
     // the default repertoire at the end of the name; the same characters go in UTF-8.
@@ -701,14 +701,7 @@ fn hostile_inputs_are_typed_errors() {
         VR::SQ,
         dicom_core::value::DataSetSequence::from(vec![item]),
     ));
-    let mut bytes = Vec::new();
-    latin1_item.write_dataset_with_ts(&mut bytes, &ts).unwrap();
-    let at = bytes
-        .windows(10)
-        .position(|w| w == b"ISO_IR 100")
-        .expect("the character set is written");
-    bytes[at..at + 10].copy_from_slice(b"ISO_IR 192");
-    let mislabelled = InMemDicomObject::read_dataset_with_ts(&bytes[..], &ts).unwrap();
+    let mislabelled = read_back_as(&latin1_item, Some(b"ISO_IR 192"));
     assert!(matches!(
         SourceSeries::from_instances([&mislabelled]),
         Err(ResultError::UnsupportedCharset)
