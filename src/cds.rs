@@ -120,6 +120,9 @@ pub struct CdsSettings {
     /// `--cds-imaging-identifier-system`: the FHIR Patient identifier system whose value is
     /// the DICOM Patient ID; set, patient-view answers carry the imaging pipeline's results.
     pub imaging_identifier_system: Option<String>,
+    /// `--cds-imaging-issuer`: Issuer of Patient ID values whose Patient IDs are of that
+    /// identifier system (e.g. `NHS`); a series with another issuer is never matched.
+    pub imaging_issuers: Vec<String>,
     /// No `[cds]` in the configuration: besides NEWS2, offer a risk service for every bundle
     /// in the repository that declares FHIR sources for its features.
     pub builtin_risk: bool,
@@ -140,6 +143,7 @@ impl Default for CdsSettings {
             fetch_max_bytes: 8 << 20,
             https: false,
             imaging_identifier_system: None,
+            imaging_issuers: Vec::new(),
             builtin_risk: true,
             jwks_min_refetch: JWKS_MIN_REFETCH,
         }
@@ -172,6 +176,7 @@ pub struct Cds {
     pub any_host: bool,
     pub https: bool,
     pub imaging_identifier_system: Option<String>,
+    pub imaging_issuers: Vec<String>,
     pub fhir_servers: Vec<String>,
     pub fetch_timeout: Duration,
     pub fetch_max_bytes: usize,
@@ -326,6 +331,7 @@ impl Cds {
             any_host: settings.any_host,
             https: settings.https,
             imaging_identifier_system: settings.imaging_identifier_system.clone(),
+            imaging_issuers: settings.imaging_issuers.clone(),
             fhir_servers: settings.fhir_servers.clone(),
             fetch_timeout: settings.fetch_timeout,
             fetch_max_bytes: settings.fetch_max_bytes,

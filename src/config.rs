@@ -329,6 +329,15 @@ pub struct ServeArgs {
     /// finding the DICOM pipeline made for the patient.
     #[arg(long, env = "NIGHTINGALE_CDS_IMAGING_IDENTIFIER_SYSTEM")]
     pub cds_imaging_identifier_system: Option<String>,
+    /// An Issuer of Patient ID (0010,0021) whose Patient IDs are of that identifier system
+    /// (e.g. `NHS`; repeat or separate with commas). Series whose Patient ID has no issuer
+    /// always match; one with another issuer never does.
+    #[arg(
+        long = "cds-imaging-issuer",
+        env = "NIGHTINGALE_CDS_IMAGING_ISSUER",
+        value_delimiter = ','
+    )]
+    pub cds_imaging_issuers: Vec<String>,
     // ---- end CDS Hooks ----
 }
 
@@ -467,6 +476,7 @@ struct FileConfig {
     cds_fhir_servers: Option<Vec<String>>,
     cds_fetch_timeout_ms: Option<u64>,
     cds_imaging_identifier_system: Option<String>,
+    cds_imaging_issuers: Option<Vec<String>>,
     // ---- end CDS Hooks ----
 }
 
@@ -1246,6 +1256,15 @@ impl ServeArgs {
                 .clone()
                 .or(file.cds_imaging_identifier_system.clone())
                 .filter(|s| !s.trim().is_empty()),
+            imaging_issuers: if self.cds_imaging_issuers.is_empty() {
+                file.cds_imaging_issuers.clone().unwrap_or_default()
+            } else {
+                self.cds_imaging_issuers.clone()
+            }
+            .into_iter()
+            .map(|i| i.trim().to_owned())
+            .filter(|i| !i.is_empty())
+            .collect(),
             ..crate::cds::CdsSettings::default()
         };
         // ---- end CDS Hooks ----

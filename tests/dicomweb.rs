@@ -630,6 +630,30 @@ async fn duplicates_are_idempotent_and_conflicts_refused() {
     );
 }
 
+/// Red-team finding: two parts of one SOP Instance UID with different content in one
+/// request were stored at once, and whichever finished first was kept (the first 8 times in
+/// 20). They are stored in their order: the first always stays, the second is the conflict.
+#[tokio::test]
+async fn two_versions_of_an_instance_in_one_request_keep_the_first() {
+    for round in 0..8u32 {
+        let server = Server::default();
+        let first = part10(STUDY, SERIES, &sop(100 + round), 1);
+        let second = part10(STUDY, SERIES, &sop(100 + round), 2);
+        let (s, v) = server
+            .stow("/dicomweb/studies", dicom_parts(&[first.clone(), second]))
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        assert_eq!(referenced(&v), vec![sop(100 + round)]);
+        assert_eq!(failed(&v), vec![(Some(sop(100 + round)), 0x0111)]);
+        let kept = std::fs::read(&server.spool.instances().unwrap()[0].path).unwrap();
+        assert_eq!(
+            nightingale_dicom::stow::split_part10(&kept).unwrap().1,
+            nightingale_dicom::stow::split_part10(&first).unwrap().1,
+            "round {round}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn corrupt_parts_are_refused_with_their_reason() {
     let server = Server::default();

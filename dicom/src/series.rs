@@ -151,7 +151,7 @@ impl SeriesHeader {
             instance_number: int(tags::INSTANCE_NUMBER),
             patient_id_sha256: Some(text(tags::PATIENT_ID))
                 .filter(|id| !id.is_empty())
-                .map(|id| patient_id_sha256(&id)),
+                .map(|id| patient_key(&id, Some(&text(tags::ISSUER_OF_PATIENT_ID)))),
         }
     }
 }
@@ -289,7 +289,39 @@ impl Spool {
 
 /// The key a Patient ID is matched by: SHA-256 (hex) of the ID with surrounding spaces
 /// removed (DICOM pads values with spaces; FHIR identifiers are compared the same way).
+/// The key a patient's results are found by: [`patient_id_sha256`] of the Patient ID when no
+/// Issuer of Patient ID is given, else the SHA-256 of the issuer and the ID together: an ID
+/// from another assigning authority (a local MRN that happens to equal an NHS number) is
+/// another patient's (a red-team finding: its finding was shown on the NHS patient's card).
+pub fn patient_key(id: &str, issuer: Option<&str>) -> String {
+    use sha2::Digest;
+    match issuer.map(str::trim).filter(|i| !i.is_empty()) {
+        None => patient_id_sha256(id),
+        Some(issuer) => hex::encode(sha2::Sha256::digest(
+            format!("{issuer}\u{0}{}", id.trim()).as_bytes(),
+        )),
+    }
+}
+
 pub fn patient_id_sha256(id: &str) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(id.trim().as_bytes()))
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    /// Red-team finding: a Patient ID from another assigning authority (a local MRN equal
+    /// to an NHS number) matched the NHS patient. With an issuer, the key is the pair's.
+    #[test]
+    fn a_patient_id_of_another_issuer_is_another_key() {
+        let bare = patient_id_sha256("9434765919");
+        assert_eq!(patient_key(" 9434765919 ", None), bare);
+        assert_eq!(patient_key("9434765919", Some("  ")), bare);
+        let nhs = patient_key("9434765919", Some("NHS"));
+        assert_ne!(nhs, bare);
+        assert_eq!(patient_key("9434765919 ", Some(" NHS ")), nhs);
+        assert_ne!(patient_key("9434765919", Some("HOSPITAL_B_LOCAL_MRN")), nhs);
+    }
 }

@@ -233,11 +233,15 @@ impl Staging {
         let len = part.body.len();
         let offset = self.end.fetch_add(len as u64, Ordering::SeqCst);
         self.file.write_all_at(&part.body, offset)?;
+        let sop_instance_uid = split_part10(&part.body)
+            .ok()
+            .map(|(meta, _)| sop::trim_uid(meta.media_storage_sop_instance_uid()).to_owned());
         Ok(StagedPart {
             content_type: part.content_type,
             file: self.file.clone(),
             offset,
             len,
+            sop_instance_uid,
         })
     }
 }
@@ -249,6 +253,9 @@ pub struct StagedPart {
     file: std::sync::Arc<std::fs::File>,
     offset: u64,
     len: usize,
+    /// The SOP Instance UID its file meta names (`None`: none can be read; the store says
+    /// why), for storing parts of one UID in their order.
+    sop_instance_uid: Option<String>,
 }
 
 impl StagedPart {
@@ -265,6 +272,11 @@ impl StagedPart {
 
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// The SOP Instance UID its file meta names, if it can be read.
+    pub fn sop_instance_uid(&self) -> Option<&str> {
+        self.sop_instance_uid.as_deref()
     }
 
     pub fn is_empty(&self) -> bool {

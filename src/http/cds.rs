@@ -582,13 +582,24 @@ async fn imaging_cards(
     let Some(id) = crate::cds_imaging::patient_identifier(request, system, &cds.limits) else {
         return Vec::new();
     };
-    let key = nightingale_dicom::series::patient_id_sha256(&id);
+    // The ID without an issuer, and with each issuer configured as this system's.
+    let keys: Vec<String> = std::iter::once(nightingale_dicom::series::patient_id_sha256(&id))
+        .chain(
+            cds.imaging_issuers
+                .iter()
+                .map(|i| nightingale_dicom::series::patient_key(&id, Some(i))),
+        )
+        .collect();
     let store = results.store.clone();
     let jobs = tokio::task::spawn_blocking(move || {
-        store
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .done_jobs_of_patient(&key, crate::cds_imaging::MAX_CARDS)
+        let store = store.lock().unwrap_or_else(|p| p.into_inner());
+        let mut jobs = vec![];
+        for key in &keys {
+            jobs.extend(store.done_jobs_of_patient(key, crate::cds_imaging::MAX_CARDS)?);
+        }
+        jobs.sort_by(|a, b| b.updated_ms.cmp(&a.updated_ms).then(b.id.cmp(&a.id)));
+        jobs.truncate(crate::cds_imaging::MAX_CARDS);
+        Ok::<_, rusqlite::Error>(jobs)
     })
     .await;
     let jobs = match jobs {

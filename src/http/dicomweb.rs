@@ -393,15 +393,33 @@ async fn store_inner(
     let mut refused_rest: std::collections::BTreeMap<&'static str, u64> = Default::default();
     let mut refused_rest_bytes = 0u64;
     let mut parts = staged.into_iter().peekable();
+    /// A part being stored: its task, size, start, budget and SOP Instance UID.
+    struct Pending<T, R> {
+        task: T,
+        len: usize,
+        started: Instant,
+        reservation: R,
+        sop: Option<String>,
+    }
     let mut pending = std::collections::VecDeque::new();
     let mut in_memory = 0usize;
     let extra_sop_classes = Arc::new(limits.extra_sop_classes.clone());
     loop {
         while let Some(next) = parts.peek() {
             let len = next.len();
+            // Parts of one SOP Instance UID are stored one after the other, in their order:
+            // stored at once, whichever finished first was kept and the other refused, so a
+            // corrected object sent after its original was kept or not by chance (a
+            // red-team finding). The first stays, as for any other version.
+            let same_uid_in_flight = next.sop_instance_uid().is_some_and(|uid| {
+                pending
+                    .iter()
+                    .any(|p: &Pending<_, _>| p.sop.as_deref() == Some(uid))
+            });
             if !pending.is_empty()
                 && (pending.len() >= STORE_CONCURRENCY
-                    || (in_memory + len) as u64 > limits.max_part_bytes)
+                    || (in_memory + len) as u64 > limits.max_part_bytes
+                    || same_uid_in_flight)
             {
                 break;
             }
@@ -419,6 +437,7 @@ async fn store_inner(
                 wait_for_budget(&mut reservation, len as u64).await
             };
             let part = parts.next().expect("peeked");
+            let sop = part.sop_instance_uid().map(str::to_owned);
             let spool = spool.clone();
             let study = study.clone();
             let extra = extra_sop_classes.clone();
@@ -435,9 +454,22 @@ async fn store_inner(
                     size,
                 ))
             });
-            pending.push_back((task, len, Instant::now(), reservation));
+            pending.push_back(Pending {
+                task,
+                len,
+                started: Instant::now(),
+                reservation,
+                sop,
+            });
         }
-        let Some((task, len, started, reservation)) = pending.pop_front() else {
+        let Some(Pending {
+            task,
+            len,
+            started,
+            reservation,
+            ..
+        }) = pending.pop_front()
+        else {
             break;
         };
         let outcome = task.await.map_err(|e| AppError::internal(e.to_string()))?;

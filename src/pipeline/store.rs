@@ -360,7 +360,7 @@ impl ResultsStore {
                     j.destinations
              FROM jobs j LEFT JOIN series s
                ON s.study_uid = j.study_uid AND s.series_uid = j.series_uid
-             WHERE (j.patient_sha256 = ?1 OR (j.patient_sha256 IS NULL AND s.patient_sha256 = ?1))
+             WHERE j.patient_sha256 = ?1
                AND j.state = 'done'
                AND j.id = (SELECT max(k.id) FROM jobs k WHERE k.state = 'done'
                            AND k.study_uid = j.study_uid AND k.series_uid = j.series_uid
@@ -1178,6 +1178,7 @@ mod tests {
             store.settle_series(&row, "routed", None).unwrap();
             let job = store.add_job("1.2", series, "r", "m", 1, "").unwrap();
             store.take_job().unwrap();
+            store.set_job_patient(job, patient).unwrap();
             store
                 .finish_job(job, JobState::Done, "3", None, None)
                 .unwrap();
@@ -1197,6 +1198,43 @@ mod tests {
         // Red-team finding: after a purge, another patient's instances under the same
         // Series Instance UID re-stamped the series, and patient X's done job was shown as
         // Y's. The job keeps the patient of the instances it processed.
+        // A done job whose patient is not recorded (no Patient ID, a store from before
+        // jobs kept it) is no one's: the series' hash is not read in its place (a later
+        // red-team finding: through it an unnamed patient's finding showed on Y's card).
+        let unnamed = store.add_job("1.2", "1.2.2", "r", "m2", 1, "").unwrap();
+        while let Some(j) = store.take_job().unwrap() {
+            if j.id == unnamed {
+                break;
+            }
+        }
+        store
+            .finish_job(unnamed, JobState::Done, "3", None, None)
+            .unwrap();
+        let row = store
+            .jobs_of_study("1.2")
+            .unwrap()
+            .into_iter()
+            .find(|j| j.id == unnamed)
+            .unwrap();
+        assert_eq!(row.state, JobState::Done);
+        let series_row = SeriesRow {
+            study_uid: "1.2".into(),
+            series_uid: "1.2.2".into(),
+            instances: 1,
+            last_received_ms: 0,
+            routed_instances: 1,
+            state: "routed".into(),
+            reason: None,
+            last_row: 0,
+        };
+        store.set_patient(&series_row, Some(&key)).unwrap();
+        assert!(
+            store
+                .done_jobs_of_patient(&key, 10)
+                .unwrap()
+                .iter()
+                .all(|j| j.id != unnamed)
+        );
         let other = nightingale_dicom::series::patient_id_sha256("9999999999");
         let x_job = jobs[0].id;
         store.set_job_patient(x_job, Some(&key)).unwrap();
