@@ -30,10 +30,12 @@ pub fn patient_identifier(request: &HookRequest, system: &str, limits: &Limits) 
             resources.add(r);
         }
     }
+    // A value with a control character is no Patient ID (FHIR strings have none; a NUL in
+    // it could name another issuer's key: a red-team finding).
     find_patient(&resources, request.patient_id())?
         .identifier_value(system)
         .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty())
+        .filter(|v| !v.is_empty() && !v.chars().any(char::is_control))
 }
 
 /// One finding of a job, as the pipeline stored it.
@@ -227,6 +229,31 @@ mod tests {
                 none,
                 vec![patient(Some("pB"), "B"), patient(Some("pC"), "C")]
             ),
+            None
+        );
+    }
+
+    /// Red-team finding: an identifier value with a NUL could name another issuer's key.
+    #[test]
+    fn an_identifier_with_a_control_character_is_no_patient_id() {
+        let request = |value: &str| -> HookRequest {
+            serde_json::from_value(serde_json::json!({
+                "hook": "patient-view",
+                "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+                "context": {"userId": "Practitioner/1", "patientId": "p-1"},
+                "prefetch": {"patient": {"resourceType": "Patient", "id": "p-1",
+                    "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": value}]}}
+            }))
+            .unwrap()
+        };
+        let system = "https://fhir.nhs.uk/Id/nhs-number";
+        let limits = Limits::default();
+        assert_eq!(
+            patient_identifier(&request(" 9434765919 "), system, &limits).as_deref(),
+            Some("9434765919")
+        );
+        assert_eq!(
+            patient_identifier(&request("HOSP_B\u{0}1000000004"), system, &limits),
             None
         );
     }

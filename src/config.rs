@@ -1264,6 +1264,8 @@ impl ServeArgs {
             .into_iter()
             .map(|i| i.trim().to_owned())
             .filter(|i| !i.is_empty())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
             .collect(),
             ..crate::cds::CdsSettings::default()
         };

@@ -151,7 +151,7 @@ impl SeriesHeader {
             instance_number: int(tags::INSTANCE_NUMBER),
             patient_id_sha256: Some(text(tags::PATIENT_ID))
                 .filter(|id| !id.is_empty())
-                .map(|id| patient_key(&id, Some(&text(tags::ISSUER_OF_PATIENT_ID)))),
+                .map(|id| patient_key(&id, Some(&issuer_of_patient_id(obj)))),
         }
     }
 }
@@ -289,6 +289,37 @@ impl Spool {
 
 /// The key a Patient ID is matched by: SHA-256 (hex) of the ID with surrounding spaces
 /// removed (DICOM pads values with spaces; FHIR identifiers are compared the same way).
+/// Who assigned the Patient ID, as far as the object says: its Issuer of Patient ID, and the
+/// Universal or Local Namespace Entity IDs of its Issuer of Patient ID Qualifiers Sequence
+/// (PS3.3 C.7.1.1: either may name the assigning authority; a local MRN named only by its
+/// entity ID was keyed as issuer-less and matched the NHS patient of the same number: a
+/// red-team finding). Several are joined by U+0001, so that an issuer beside a contradicting
+/// entity ID matches no configured issuer.
+fn issuer_of_patient_id(obj: &InMemDicomObject) -> String {
+    let mut parts = vec![trimmed_text(obj, tags::ISSUER_OF_PATIENT_ID)];
+    if let Some(items) = obj
+        .element_opt(tags::ISSUER_OF_PATIENT_ID_QUALIFIERS_SEQUENCE)
+        .ok()
+        .flatten()
+        .and_then(|e| e.items())
+    {
+        for item in items {
+            for tag in [tags::UNIVERSAL_ENTITY_ID, tags::LOCAL_NAMESPACE_ENTITY_ID] {
+                if let Some(v) = item
+                    .element_opt(tag)
+                    .ok()
+                    .flatten()
+                    .and_then(|e| e.to_str().ok())
+                {
+                    parts.push(v.trim_matches([' ', '\0']).to_owned());
+                }
+            }
+        }
+    }
+    parts.retain(|p| !p.is_empty());
+    parts.join("\u{1}")
+}
+
 /// The key a patient's results are found by: [`patient_id_sha256`] of the Patient ID when no
 /// Issuer of Patient ID is given, else the SHA-256 of the issuer and the ID together: an ID
 /// from another assigning authority (a local MRN that happens to equal an NHS number) is
@@ -323,5 +354,57 @@ mod key_tests {
         assert_ne!(nhs, bare);
         assert_eq!(patient_key("9434765919 ", Some(" NHS ")), nhs);
         assert_ne!(patient_key("9434765919", Some("HOSPITAL_B_LOCAL_MRN")), nhs);
+    }
+}
+
+#[cfg(test)]
+mod issuer_tests {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+
+    use super::*;
+
+    fn with(issuer: Option<&str>, entity: Option<&str>) -> InMemDicomObject {
+        let mut o = InMemDicomObject::new_empty();
+        if let Some(i) = issuer {
+            o.put(DataElement::new(
+                tags::ISSUER_OF_PATIENT_ID,
+                VR::LO,
+                PrimitiveValue::from(i),
+            ));
+        }
+        if let Some(e) = entity {
+            let mut item = InMemDicomObject::new_empty();
+            item.put(DataElement::new(
+                tags::UNIVERSAL_ENTITY_ID,
+                VR::UT,
+                PrimitiveValue::from(e),
+            ));
+            o.put(DataElement::new(
+                tags::ISSUER_OF_PATIENT_ID_QUALIFIERS_SEQUENCE,
+                VR::SQ,
+                dicom_core::value::DataSetSequence::from(vec![item]),
+            ));
+        }
+        o
+    }
+
+    /// Red-team finding: an issuer named only by the qualifiers' Universal Entity ID was
+    /// read as no issuer, and the local MRN matched the NHS patient of the same number.
+    #[test]
+    fn the_qualifiers_name_an_issuer_too() {
+        assert_eq!(issuer_of_patient_id(&with(None, None)), "");
+        assert_eq!(issuer_of_patient_id(&with(Some("NHS "), None)), "NHS");
+        let hospital = issuer_of_patient_id(&with(None, Some("1.2.826.0.1.999.HOSPB")));
+        assert_eq!(hospital, "1.2.826.0.1.999.HOSPB");
+        assert_ne!(
+            patient_key("1000000001", Some(&hospital)),
+            patient_id_sha256("1000000001")
+        );
+        // An issuer beside an entity ID that may contradict it is neither alone.
+        let both = issuer_of_patient_id(&with(Some("NHS"), Some("1.2.826.0.1.999.HOSPB")));
+        assert_ne!(
+            patient_key("1000000001", Some(&both)),
+            patient_key("1000000001", Some("NHS"))
+        );
     }
 }

@@ -598,6 +598,7 @@ async fn imaging_cards(
             jobs.extend(store.done_jobs_of_patient(key, crate::cds_imaging::MAX_CARDS)?);
         }
         jobs.sort_by(|a, b| b.updated_ms.cmp(&a.updated_ms).then(b.id.cmp(&a.id)));
+        jobs.dedup_by_key(|j| j.id);
         jobs.truncate(crate::cds_imaging::MAX_CARDS);
         Ok::<_, rusqlite::Error>(jobs)
     })
