@@ -12,10 +12,11 @@
 //! (the load parameter `release`), holds for that one load only, and is audited.
 //!
 //! The file is small JSON (`{"model": {"release": N, "manifest_sha256": "…"}}`), written
-//! whole to a temporary file, fsynced and renamed, readable by its owner only. One server
-//! holds it at a time (an exclusive lock on `releases.lock` beside it, for the server's
-//! life): two servers on one data folder each rewrote it from memory and erased the other's
-//! floors (a red-team finding). Bundles that never declare a `release` are not tracked.
+//! whole to a temporary file, fsynced and renamed, readable by its owner only. It is read
+//! and written afresh under an exclusive lock on `releases.lock` beside it at every check
+//! and record: two servers on one data folder each rewrote it from memory and erased the
+//! other's floors (a red-team finding). Bundles that never declare a `release` are not
+//! tracked.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,9 +35,8 @@ pub struct Accepted {
 #[derive(Debug)]
 pub struct ReleaseLedger {
     path: PathBuf,
+    /// What the file held when last read (under the lock).
     accepted: Mutex<BTreeMap<String, Accepted>>,
-    /// Held for the ledger's life: the exclusive lock on `releases.lock`.
-    _lock: std::fs::File,
 }
 
 /// What [`ReleaseLedger::record`] changed, to put back with [`ReleaseLedger::undo`] when the
@@ -53,14 +53,28 @@ pub struct Recorded {
 const MAX_LEDGER_BYTES: u64 = 4 << 20;
 
 impl ReleaseLedger {
-    /// Opens the ledger at `path` (none yet: empty), locking it for this process. A file
-    /// that cannot be read as a ledger, a symbolic link (a volume not mounted behind it
-    /// would read as "no ledger" and forget every floor), or a ledger another server holds
-    /// is an error: serving on without it would forget every release accepted.
+    /// Opens the ledger at `path` (none yet: empty). A file that cannot be read as a ledger,
+    /// or a symbolic link (a volume not mounted behind it would read as "no ledger" and
+    /// forget every floor), is an error: serving on without it would forget every release
+    /// accepted.
     pub fn open(path: &Path) -> Result<ReleaseLedger, String> {
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let lock_path = path.with_extension("lock");
+        let ledger = ReleaseLedger {
+            path: path.to_owned(),
+            accepted: Mutex::new(BTreeMap::new()),
+        };
+        ledger.locked(|_| Ok(()))?;
+        Ok(ledger)
+    }
+
+    /// Runs `f` on the ledger as the file holds it now, under an exclusive lock on
+    /// `releases.lock` (other servers on the data folder wait), and keeps what it left.
+    fn locked<T>(
+        &self,
+        f: impl FnOnce(&mut BTreeMap<String, Accepted>) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let lock_path = self.path.with_extension("lock");
         let lock = {
             let mut options = std::fs::OpenOptions::new();
             options.create(true).truncate(false).write(true);
@@ -69,14 +83,10 @@ impl ReleaseLedger {
                 .open(&lock_path)
                 .map_err(|e| format!("{}: {e}", lock_path.display()))?
         };
-        lock.try_lock().map_err(|e| match e {
-            std::fs::TryLockError::WouldBlock => format!(
-                "{} is held by another server: each server needs its own --data-dir",
-                path.display()
-            ),
-            std::fs::TryLockError::Error(e) => format!("{}: {e}", lock_path.display()),
-        })?;
-        let accepted = match std::fs::symlink_metadata(path) {
+        lock.lock()
+            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+        let path = &self.path;
+        let mut map: BTreeMap<String, Accepted> = match std::fs::symlink_metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(format!("{}: {e}", path.display())),
             Ok(m) if !m.is_file() || m.len() > MAX_LEDGER_BYTES => {
@@ -91,11 +101,9 @@ impl ReleaseLedger {
                     .map_err(|e| format!("{}: not a release ledger: {e}", path.display()))?
             }
         };
-        Ok(ReleaseLedger {
-            path: path.to_owned(),
-            accepted: Mutex::new(accepted),
-            _lock: lock,
-        })
+        let out = f(&mut map);
+        *self.accepted_map() = map;
+        out
     }
 
     fn accepted_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Accepted>> {
@@ -115,8 +123,7 @@ impl ReleaseLedger {
         release: Option<u64>,
         allowed: Option<u64>,
     ) -> Result<(), String> {
-        let map = self.accepted_map();
-        let Some(accepted) = map.get(name) else {
+        let Some(accepted) = self.locked(|map| Ok(map.get(name).cloned()))? else {
             return Ok(());
         };
         if release.is_some() && allowed == release {
@@ -156,33 +163,35 @@ impl ReleaseLedger {
         let Some(release) = release else {
             return Ok(unchanged);
         };
-        let mut map = self.accepted_map();
-        let chosen = allowed == Some(release);
-        let current = map.get(name).cloned();
-        if current.as_ref().is_some_and(|a| {
-            (a.release > release && !chosen)
-                || (a.release == release && a.manifest_sha256 == manifest_sha256)
-        }) {
-            return Ok(unchanged);
-        }
-        map.insert(
-            name.to_owned(),
-            Accepted {
-                release,
-                manifest_sha256: manifest_sha256.to_owned(),
-            },
-        );
-        if let Err(e) = write_durably(&self.path, &map) {
-            // Not kept in memory either: what is held is what is on disk.
-            match &current {
-                Some(b) => map.insert(name.to_owned(), b.clone()),
-                None => map.remove(name),
-            };
-            return Err(format!("the release ledger {e}"));
-        }
-        Ok(Recorded {
-            name: name.to_owned(),
-            before: Some(current),
+        let path = self.path.clone();
+        self.locked(|map| {
+            let chosen = allowed == Some(release);
+            let current = map.get(name).cloned();
+            if current.as_ref().is_some_and(|a| {
+                (a.release > release && !chosen)
+                    || (a.release == release && a.manifest_sha256 == manifest_sha256)
+            }) {
+                return Ok(unchanged);
+            }
+            map.insert(
+                name.to_owned(),
+                Accepted {
+                    release,
+                    manifest_sha256: manifest_sha256.to_owned(),
+                },
+            );
+            if let Err(e) = write_durably(&path, map) {
+                // Not kept in memory either: what is held is what is on disk.
+                match &current {
+                    Some(b) => map.insert(name.to_owned(), b.clone()),
+                    None => map.remove(name),
+                };
+                return Err(format!("the release ledger {e}"));
+            }
+            Ok(Recorded {
+                name: name.to_owned(),
+                before: Some(current),
+            })
         })
     }
 
@@ -192,18 +201,20 @@ impl ReleaseLedger {
         let Some(before) = recorded.before else {
             return Ok(());
         };
-        let mut map = self.accepted_map();
-        let now = map.get(&recorded.name).cloned();
-        match &before {
-            Some(b) => map.insert(recorded.name.clone(), b.clone()),
-            None => map.remove(&recorded.name),
-        };
-        write_durably(&self.path, &map).map_err(|e| {
-            match now {
-                Some(n) => map.insert(recorded.name.clone(), n),
+        let path = self.path.clone();
+        self.locked(|map| {
+            let now = map.get(&recorded.name).cloned();
+            match &before {
+                Some(b) => map.insert(recorded.name.clone(), b.clone()),
                 None => map.remove(&recorded.name),
             };
-            format!("the release ledger {e}")
+            write_durably(&path, map).map_err(|e| {
+                match now {
+                    Some(n) => map.insert(recorded.name.clone(), n),
+                    None => map.remove(&recorded.name),
+                };
+                format!("the release ledger {e}")
+            })
         })
     }
 }
@@ -289,14 +300,23 @@ mod tests {
         );
     }
 
+    /// Red-team finding: two servers on one data folder each rewrote the ledger from memory
+    /// and erased the other's floors. Each reads it afresh under the lock.
     #[test]
-    fn one_server_holds_a_ledger_and_a_file_that_is_not_one_is_an_error() {
+    fn servers_sharing_a_ledger_see_each_other_and_a_file_that_is_not_one_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("releases.json");
-        let first = ReleaseLedger::open(&path).unwrap();
-        let e = ReleaseLedger::open(&path).unwrap_err();
-        assert!(e.contains("held by another server"), "{e}");
-        drop(first);
+        let a = ReleaseLedger::open(&path).unwrap();
+        let b = ReleaseLedger::open(&path).unwrap();
+        let _ = a.record("m", Some(4), "c4", None).unwrap();
+        let _ = b.record("other", Some(1), "o1", None).unwrap();
+        assert!(b.check("m", Some(3), None).is_err());
+        assert_eq!(a.accepted("m").unwrap().release, 4);
+        drop(ReleaseLedger::open(&path).unwrap());
+        let c = ReleaseLedger::open(&path).unwrap();
+        assert!(c.check("m", Some(3), None).is_err());
+        assert!(c.check("other", None, None).is_err());
+        drop((a, b, c));
         std::fs::write(&path, b"not json").unwrap();
         assert!(ReleaseLedger::open(&path).is_err());
         std::fs::remove_file(&path).unwrap();
