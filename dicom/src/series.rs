@@ -305,14 +305,7 @@ fn issuer_of_patient_id(obj: &InMemDicomObject) -> String {
     {
         for item in items {
             for tag in [tags::UNIVERSAL_ENTITY_ID, tags::LOCAL_NAMESPACE_ENTITY_ID] {
-                if let Some(v) = item
-                    .element_opt(tag)
-                    .ok()
-                    .flatten()
-                    .and_then(|e| e.to_str().ok())
-                {
-                    parts.push(v.trim_matches([' ', '\0']).to_owned());
-                }
+                parts.push(trimmed_text(item, tag));
             }
         }
     }

@@ -20,7 +20,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -35,8 +34,6 @@ pub struct Accepted {
 #[derive(Debug)]
 pub struct ReleaseLedger {
     path: PathBuf,
-    /// What the file held when last read (under the lock).
-    accepted: Mutex<BTreeMap<String, Accepted>>,
 }
 
 /// What [`ReleaseLedger::record`] changed, to put back with [`ReleaseLedger::undo`] when the
@@ -62,14 +59,14 @@ impl ReleaseLedger {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let ledger = ReleaseLedger {
             path: path.to_owned(),
-            accepted: Mutex::new(BTreeMap::new()),
         };
         ledger.locked(|_| Ok(()))?;
         Ok(ledger)
     }
 
     /// Runs `f` on the ledger as the file holds it now, under an exclusive lock on
-    /// `releases.lock` (other servers on the data folder wait), and keeps what it left.
+    /// `releases.lock` (other servers on the data folder wait). What `f` changes is kept
+    /// only where it writes the file.
     fn locked<T>(
         &self,
         f: impl FnOnce(&mut BTreeMap<String, Accepted>) -> Result<T, String>,
@@ -101,18 +98,12 @@ impl ReleaseLedger {
                     .map_err(|e| format!("{}: not a release ledger: {e}", path.display()))?
             }
         };
-        let out = f(&mut map);
-        *self.accepted_map() = map;
-        out
+        f(&mut map)
     }
 
-    fn accepted_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Accepted>> {
-        self.accepted.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// What the ledger holds of `name`.
+    /// What the ledger holds of `name` (`None` also when it cannot be read).
     pub fn accepted(&self, name: &str) -> Option<Accepted> {
-        self.accepted_map().get(name).cloned()
+        self.locked(|map| Ok(map.get(name).cloned())).ok().flatten()
     }
 
     /// Whether a manifest of `name` with `release` may serve: not lower than the release
@@ -180,14 +171,7 @@ impl ReleaseLedger {
                     manifest_sha256: manifest_sha256.to_owned(),
                 },
             );
-            if let Err(e) = write_durably(&path, map) {
-                // Not kept in memory either: what is held is what is on disk.
-                match &current {
-                    Some(b) => map.insert(name.to_owned(), b.clone()),
-                    None => map.remove(name),
-                };
-                return Err(format!("the release ledger {e}"));
-            }
+            write_durably(&path, map).map_err(|e| format!("the release ledger {e}"))?;
             Ok(Recorded {
                 name: name.to_owned(),
                 before: Some(current),
@@ -203,18 +187,11 @@ impl ReleaseLedger {
         };
         let path = self.path.clone();
         self.locked(|map| {
-            let now = map.get(&recorded.name).cloned();
-            match &before {
-                Some(b) => map.insert(recorded.name.clone(), b.clone()),
+            match before {
+                Some(b) => map.insert(recorded.name.clone(), b),
                 None => map.remove(&recorded.name),
             };
-            write_durably(&path, map).map_err(|e| {
-                match now {
-                    Some(n) => map.insert(recorded.name.clone(), n),
-                    None => map.remove(&recorded.name),
-                };
-                format!("the release ledger {e}")
-            })
+            write_durably(&path, map).map_err(|e| format!("the release ledger {e}"))
         })
     }
 }
