@@ -1412,10 +1412,13 @@ fn audit_rotate_bytes(bytes: u64) -> Result<u64, ConfigError> {
 }
 
 /// `dicom_retention_days` as a duration; 0 (keep forever) is `None`. (Issue 8, OPS slice.)
+/// Below one day is refused, as `spool purge` refuses it without `--force`: a typo such
+/// as `0.00001` deleted studies a second after they were acknowledged, before their series
+/// was processed (a red-team finding).
 fn retention_of(days: f64) -> Result<Option<std::time::Duration>, ConfigError> {
-    if !days.is_finite() || !(0.0..=36_500.0).contains(&days) {
+    if !days.is_finite() || !(days == 0.0 || (1.0..=36_500.0).contains(&days)) {
         return Err(ConfigError::Invalid(
-            "dicom_retention_days must be between 0 (keep forever) and 36500".into(),
+            "dicom_retention_days must be 0 (keep forever) or between 1 and 36500 days (to delete sooner, run `nightingale spool purge --older-than ... --force`)".into(),
         ));
     }
     Ok((days > 0.0).then(|| std::time::Duration::from_secs_f64(days * 86_400.0)))
@@ -2094,7 +2097,7 @@ mod tests {
         .dicom
         .unwrap();
         assert_eq!((d.retention, d.audit_uids), (None, UidAudit::Omit));
-        for bad in [-1.0, f64::NAN, 1e9] {
+        for bad in [-1.0, f64::NAN, 1e9, 0.00001, 0.999] {
             assert!(
                 ServeArgs {
                     dicom_retention_days: Some(bad),

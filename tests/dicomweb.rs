@@ -898,6 +898,24 @@ async fn qido_lists_what_was_stored() {
         ),
         ("application/dicom+json", StatusCode::OK),
         ("text/html, */*;q=0.1", StatusCode::OK),
+        // RFC 9110 12.5.1: the most specific range decides (a red-team finding: refused
+        // by name but answered through `*/*`).
+        (
+            "application/dicom+json;q=0, */*",
+            StatusCode::NOT_ACCEPTABLE,
+        ),
+        (
+            "application/dicom+json;q=0, application/*",
+            StatusCode::NOT_ACCEPTABLE,
+        ),
+        ("application/*;q=0, */*", StatusCode::NOT_ACCEPTABLE),
+        ("application/*;q=0, application/dicom+json", StatusCode::OK),
+        (
+            "application/dicom+json;q=0, application/json",
+            StatusCode::OK,
+        ),
+        ("application/*;q=0.5", StatusCode::OK),
+        ("*/*;q=0", StatusCode::NOT_ACCEPTABLE),
     ] {
         let (s, _, v) = server
             .send(

@@ -75,7 +75,16 @@ impl SeriesIdentity {
     /// The identity attributes of a data set (a full object or one read up to the pixels).
     pub fn of(obj: &InMemDicomObject) -> SeriesIdentity {
         SeriesIdentity {
-            values: IDENTITY_ATTRIBUTES.map(|(tag, _)| trimmed_text(obj, tag)),
+            values: IDENTITY_ATTRIBUTES.map(|(tag, _)| {
+                if tag == tags::ISSUER_OF_PATIENT_ID {
+                    // The issuer as the patient key reads it: the qualifiers' entity IDs
+                    // name it too, and two instances that differ only there are two
+                    // patients' (their results are keyed apart).
+                    issuer_of_patient_id(obj)
+                } else {
+                    trimmed_text(obj, tag)
+                }
+            }),
         }
     }
 
@@ -398,6 +407,28 @@ mod issuer_tests {
         assert_ne!(
             patient_key("1000000001", Some(&both)),
             patient_key("1000000001", Some("NHS"))
+        );
+    }
+
+    /// Two instances of one series whose Patient IDs' issuers differ only in the qualifiers
+    /// sequence are two patients' (keyed apart), so the series' identity check tells them
+    /// apart and names the attribute.
+    #[test]
+    fn the_series_identity_reads_the_qualifiers() {
+        let local = with(None, Some("1.2.826.0.1.999.HOSPB"));
+        let other = with(None, Some("1.2.826.0.1.999.HOSPC"));
+        let none = with(None, None);
+        assert_eq!(
+            SeriesIdentity::of(&local).differs(&SeriesIdentity::of(&other)),
+            Some("IssuerOfPatientID")
+        );
+        assert_eq!(
+            SeriesIdentity::of(&local).differs(&SeriesIdentity::of(&none)),
+            Some("IssuerOfPatientID")
+        );
+        assert_eq!(
+            SeriesIdentity::of(&local).differs(&SeriesIdentity::of(&local.clone())),
+            None
         );
     }
 }

@@ -969,6 +969,28 @@ impl Spool {
             indexed(&db, &stored.sop_instance_uid)?
         };
         let result = match existing {
+            // The index names these very bytes, but their file is gone (deleted behind the
+            // index, a purge interrupted between file and row, a disk fault): a re-send is
+            // how a PACS recovers a lost instance, and answering it as a duplicate left
+            // nothing stored under a success (a red-team finding). It is written again
+            // under the indexed name, the row kept.
+            Some(existing)
+                if existing.sha256 == stored.sha256 && self.lost(&existing).is_some() =>
+            {
+                let path = self.lost(&existing).expect("checked just above");
+                tracing::warn!(
+                    "an indexed instance's file was missing: stored again from a re-send"
+                );
+                let relative = PathBuf::from(&existing.path);
+                let stored = Stored { path, ..stored };
+                write(&stored).and_then(|tmp| {
+                    self.commit(Placement {
+                        tmp,
+                        relative,
+                        stored,
+                    })
+                })
+            }
             Some(existing) => self.as_duplicate(stored, existing),
             None => write(&stored).and_then(|tmp| {
                 self.commit(Placement {
@@ -984,6 +1006,17 @@ impl Spool {
             self.quarantine(dataset, incoming, &StoreError::Conflict);
         }
         result
+    }
+
+    /// The full path of an indexed instance whose file is gone; `None` when something is
+    /// there (anything but the file is `spool check`'s to report) or when the indexed path
+    /// is not one of the spool's.
+    fn lost(&self, existing: &Existing) -> Option<PathBuf> {
+        let path = indexed_path(&self.root, &existing.path, false)?;
+        match fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(path),
+            _ => None,
+        }
     }
 
     /// The answer for an instance whose SOP Instance UID is already stored: the stored one

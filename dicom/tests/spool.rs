@@ -824,3 +824,46 @@ fn an_index_from_before_the_attribute_columns_gets_them_from_the_files_at_open()
     let (_, recovery) = Spool::open(&root, options()).unwrap();
     assert_eq!(recovery.rows_reindexed, 0);
 }
+
+/// Red-team finding: an indexed instance whose file was gone (deleted behind the index, a
+/// purge interrupted between file and row) was answered as a duplicate when a PACS sent it
+/// again, and nothing was stored under that success. The re-send is stored again under
+/// the indexed name; the row is kept.
+#[test]
+fn a_resend_of_an_instance_whose_file_is_gone_is_stored_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), options()).unwrap();
+    let data = ct(Some("1.2.3.4.7"), Some(vec![7, 0]));
+    let first = spool.store(&data, &incoming()).unwrap();
+    std::fs::remove_file(&first.path).unwrap();
+    let again = spool.store(&data, &incoming()).unwrap();
+    assert_eq!(again.path, first.path);
+    assert!(std::fs::read(&first.path).unwrap().ends_with(&data));
+    assert_eq!(spool.instances().unwrap().len(), 1);
+    assert_eq!(dcm_files(spool.root()).len(), 1);
+    // Other bytes under the same UID are still a conflict, the file gone or not.
+    std::fs::remove_file(&first.path).unwrap();
+    let other = ct(Some("1.2.3.4.7"), Some(vec![6, 0]));
+    assert!(matches!(
+        spool.store(&other, &incoming()),
+        Err(StoreError::Conflict)
+    ));
+    assert!(dcm_files(spool.root()).is_empty());
+    // The upload path of the DIMSE SCP (begin/finish) stores it again too.
+    let announced = Incoming {
+        expected_sop_class: Some(CT),
+        expected_sop_instance: Some("1.2.3.4.7"),
+        ..incoming()
+    };
+    let mut upload = spool.begin(&announced, Vec::new()).unwrap();
+    upload.append(&data);
+    let stored = spool.finish(&mut upload, &announced).unwrap();
+    assert_eq!(stored.path, first.path);
+    assert!(std::fs::read(&first.path).unwrap().ends_with(&data));
+    assert!(
+        std::fs::read_dir(spool.root().join("tmp"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+}

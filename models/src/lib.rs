@@ -35,3 +35,38 @@ pub use repository::{
 };
 pub use selftest::{SelfTestError, SelfTestReport};
 pub use signature::{SignaturePolicy, SignatureStatus, SigningKey, TrustedKey};
+
+/// Writes `bytes` to `path` (in the folder `dir`) atomically and without following any link a
+/// third party may have planted in `dir`: the bytes go to a new file created exclusively
+/// (`O_EXCL`, so never through an existing name or link) under an unpredictable name in `dir`
+/// with the permission bits `mode` (less the umask), are flushed to disk, then renamed over
+/// `path` (a rename replaces a link at `path`, it does not write through it), and the folder
+/// is flushed. The temporary file is removed on error, which names the path it happened at.
+pub(crate) fn write_atomic(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    bytes: &[u8],
+    mode: u32,
+) -> Result<(), (std::path::PathBuf, std::io::Error)> {
+    use std::io::Write as _;
+    let prefix = format!(
+        ".{}.",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".tmp")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .tempfile_in(dir)
+        .map_err(|e| (dir.to_owned(), e))?;
+    tmp.write_all(bytes)
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(|e| (tmp.path().to_owned(), e))?;
+    tmp.persist(path).map_err(|e| (path.to_owned(), e.error))?;
+    // The rename is durable once the folder is.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| (dir.to_owned(), e))
+}

@@ -196,29 +196,15 @@ impl ReleaseLedger {
     }
 }
 
-/// Writes the ledger whole: a temporary file, fsynced, renamed over `path`, the folder
-/// fsynced. The error names the file it failed on.
+/// Writes the ledger whole ([`crate::write_atomic`]: a new file no link can redirect,
+/// fsynced, renamed over `path`, the folder fsynced), readable by its owner only. The error
+/// names the file it failed on.
 fn write_durably(path: &Path, accepted: &BTreeMap<String, Accepted>) -> Result<(), String> {
-    use std::io::Write as _;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("json.tmp");
-    fn at(p: &Path) -> impl Fn(std::io::Error) -> String + '_ {
-        move |e| format!("{}: {e}", p.display())
-    }
     let bytes =
         serde_json::to_vec_pretty(accepted).map_err(|e| format!("{}: {e}", path.display()))?;
-    {
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut f = options.open(&tmp).map_err(at(&tmp))?;
-        f.write_all(&bytes).map_err(at(&tmp))?;
-        f.sync_all().map_err(at(&tmp))?;
-    }
-    std::fs::rename(&tmp, path).map_err(at(path))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(at(dir))
+    crate::write_atomic(dir, path, &bytes, 0o600)
+        .map_err(|(at, e)| format!("{}: {e}", at.display()))
 }
 
 #[cfg(test)]
@@ -308,9 +294,24 @@ mod tests {
         let path = dir.path().join("releases.json");
         let ledger = ReleaseLedger::open(&path).unwrap();
         let _ = ledger.record("m", Some(3), "c3", None).unwrap();
-        std::fs::create_dir(path.with_extension("json.tmp")).unwrap();
-        let e = ledger.record("m", Some(4), "c4", None).unwrap_err();
-        assert!(e.contains("releases.json.tmp"), "{e}");
+        let before = std::fs::read(&path).unwrap();
+        // A folder gone from under the ledger: the write fails, names it, and leaves
+        // nothing behind (the tests run as root here, so permissions cannot refuse it).
+        let gone = dir.path().join("gone").join("releases.json");
+        let e = write_durably(&gone, &BTreeMap::new()).unwrap_err();
+        assert!(e.contains("gone"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), before);
         assert_eq!(ledger.accepted("m").unwrap().release, 3);
+        // A link planted where a predictable temporary name would be is not written
+        // through: the temporary name is unpredictable and created exclusively.
+        let target = dir.path().join("elsewhere");
+        std::os::unix::fs::symlink(&target, path.with_extension("json.tmp")).unwrap();
+        let _ = ledger.record("m", Some(4), "c4", None).unwrap();
+        assert!(!target.exists());
+        assert_eq!(ledger.accepted("m").unwrap().release, 4);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
     }
 }

@@ -1233,34 +1233,9 @@ fn fingerprint_tree(root: &Path, dir: &Path, depth: usize, hash: &mut sha2::Sha2
     }
 }
 
-/// Writes `bytes` to `path` (in the folder `dir`) atomically and without following any link a
-/// third party may have planted in `dir`: the bytes go to a new file created exclusively
-/// (`O_EXCL`, so never through an existing name or link) under an unpredictable name in `dir`,
-/// are flushed to disk, then renamed over `path` (a rename replaces a link at `path`, it does
-/// not write through it), and the folder is flushed. The temporary file is removed on error.
+/// Writes `bytes` to `path` (in the folder `dir`) atomically, readable as a plain create
+/// makes it (0666 less the umask: the signature is read by the server, which may run as
+/// another user). See [`crate::write_atomic`].
 fn write_atomic_in(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), BundleError> {
-    use std::io::Write as _;
-    let prefix = format!(
-        ".{}.",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    );
-    // The mode a plain create gives (0666 less the umask), not tempfile's private 0600: the
-    // signature is read by the server, which may run as another user.
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&prefix)
-        .suffix(".tmp")
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
-        .tempfile_in(dir)
-        .map_err(|e| BundleError::io(dir, e))?;
-    tmp.write_all(bytes)
-        .and_then(|()| tmp.as_file().sync_all())
-        .map_err(|e| BundleError::io(tmp.path(), e))?;
-    tmp.persist(path)
-        .map_err(|e| BundleError::io(path, e.error))?;
-    // The rename is durable once the folder is.
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| BundleError::io(dir, e))
+    crate::write_atomic(dir, path, bytes, 0o666).map_err(|(at, e)| BundleError::io(&at, e))
 }

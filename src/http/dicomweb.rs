@@ -918,21 +918,41 @@ fn accepts_dicom_json(headers: &HeaderMap) -> Result<(), AppError> {
         return Ok(());
     };
     let accept = accept.to_str().unwrap_or("");
-    let acceptable = accept.len() <= 4096
-        && accept.split(',').any(|range| {
+    if accept.trim().is_empty() {
+        // Says nothing: as if absent.
+        return Ok(());
+    }
+    // Each range with its q-value (1 when absent; unreadable is 0).
+    let ranges: Vec<(String, f32)> = accept
+        .split(',')
+        .map(|range| {
             let mut parts = range.split(';').map(str::trim);
             let media = parts.next().unwrap_or("").to_ascii_lowercase();
-            let refused = parts.any(|p| {
-                p.split_once('=').is_some_and(|(k, v)| {
-                    k.trim().eq_ignore_ascii_case("q") && v.trim().parse::<f32>() == Ok(0.0)
-                })
-            });
-            !refused
-                && matches!(
-                    media.as_str(),
-                    "application/dicom+json" | "application/json" | "application/*" | "*/*"
-                )
-        });
+            let q = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(0.0));
+            (media, q)
+        })
+        .collect();
+    // RFC 9110 12.5.1: a type's q-value is that of the most specific range matching it, so
+    // `application/dicom+json;q=0, */*` refuses it (a red-team finding: it was answered).
+    let q_of = |media: &str| {
+        [media, "application/*", "*/*"].iter().find_map(|m| {
+            ranges
+                .iter()
+                .filter(|(r, _)| r == m)
+                .map(|(_, q)| *q)
+                .reduce(f32::min)
+        })
+    };
+    // Plain JSON asked for by name is answered too (its body is JSON); a wildcard does not
+    // stand for it where the client refused application/dicom+json.
+    let plain_json = ranges
+        .iter()
+        .any(|(r, q)| r == "application/json" && *q > 0.0);
+    let acceptable = accept.len() <= 4096
+        && (q_of("application/dicom+json").is_some_and(|q| q > 0.0) || plain_json);
     if acceptable {
         Ok(())
     } else {

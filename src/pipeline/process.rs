@@ -1352,6 +1352,11 @@ fn made_for<T>(instances: &mut Vec<T>, count: u64) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    use dicom_object::InMemDicomObject;
+    use dicom_object::meta::FileMetaTableBuilder;
 
     /// Red-team finding: an instance that arrived as its series' job started was processed
     /// by the job made for one instance (its SR named two) and again by the rerun.
@@ -1367,12 +1372,6 @@ mod tests {
         made_for(&mut v, 0);
         assert_eq!(v, [1, 2]);
     }
-
-    use super::*;
-    use dicom_core::{DataElement, PrimitiveValue, VR};
-    use dicom_dictionary_std::tags;
-    use dicom_object::InMemDicomObject;
-    use dicom_object::meta::FileMetaTableBuilder;
 
     /// A grey 16-bit CT slice of `rows x cols`, every pixel `value` in each of `frames` frames,
     /// at `z` (axial) unless `z` is None.

@@ -211,6 +211,17 @@ impl ResultsStore {
             db.execute_batch("ALTER TABLE jobs ADD COLUMN patient_sha256 TEXT")?;
         }
         db.execute_batch("CREATE INDEX IF NOT EXISTS jobs_patient ON jobs (patient_sha256)")?;
+        // The highest job id ever given: a job's id names it in the audit trail
+        // (`pipeline-job-N`) and its result folder, and SQLite gives a deleted highest id
+        // again (after retention purged every job, ids restarted at 1), so ids come from
+        // this counter, never lowered by a purge.
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS job_seq (
+                 id INTEGER PRIMARY KEY CHECK (id = 1),
+                 high INTEGER NOT NULL
+             );
+             INSERT OR IGNORE INTO job_seq (id, high) SELECT 1, coalesce(max(id), 0) FROM jobs;",
+        )?;
         Ok(ResultsStore { db })
     }
 
@@ -450,16 +461,29 @@ impl ResultsStore {
         destinations: &str,
     ) -> rusqlite::Result<i64> {
         let now = now_ms();
-        self.db.execute(
+        // One transaction under the write lock: the earlier jobs are superseded only with
+        // their successor queued, and two processes (the server, `results reprocess`) never
+        // take one id.
+        let tx = rusqlite::Transaction::new_unchecked(
+            &self.db,
+            rusqlite::TransactionBehavior::Immediate,
+        )?;
+        tx.execute(
             "UPDATE jobs SET state = 'superseded', updated_ms = ?4
              WHERE study_uid = ?1 AND series_uid = ?2 AND bundle = ?3 AND route = ?5
                AND state IN ('queued', 'processing', 'failed')",
             params![study_uid, series_uid, bundle, now, route],
         )?;
-        self.db.execute(
-            "INSERT INTO jobs (study_uid, series_uid, route, bundle, state, instances,
+        let id: i64 = tx.query_row(
+            "UPDATE job_seq SET high = max(high, (SELECT coalesce(max(id), 0) FROM jobs)) + 1
+             WHERE id = 1 RETURNING high",
+            [],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            "INSERT INTO jobs (id, study_uid, series_uid, route, bundle, state, instances,
                                created_ms, updated_ms, destinations)
-             VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?6, ?7)",
+             VALUES (?8, ?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?6, ?7)",
             params![
                 study_uid,
                 series_uid,
@@ -467,10 +491,12 @@ impl ResultsStore {
                 bundle,
                 instances as i64,
                 now,
-                destinations
+                destinations,
+                id
             ],
         )?;
-        Ok(self.db.last_insert_rowid())
+        tx.commit()?;
+        Ok(id)
     }
 
     /// Queues the study again (`nightingale results reprocess`): a new job for the latest
@@ -1106,6 +1132,21 @@ mod tests {
         let purged = store.purge(i64::MAX, false).unwrap();
         assert_eq!((purged.jobs, purged.objects), (1, 1));
         assert_eq!(purged.files, vec![format!("objects/{job}/SR.dcm")]);
+        // Every job purged: the next is not given the purged one's id (SQLite gives a
+        // deleted highest rowid again), which names it in the audit trail and its folder.
+        assert!(store.jobs_of_study("1.2").unwrap().is_empty());
+        let next = store.add_job("1.2", "9", "r", "m", 1, "").unwrap();
+        assert!(next > job, "{next} after {job}");
+        drop(store);
+        let store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
+        assert_eq!(store.take_job().unwrap().map(|j| j.id), Some(next));
+        store
+            .finish_job(next, JobState::Failed, "1", Some("why"), None)
+            .unwrap();
+        let mut store = store;
+        assert_eq!(store.purge(i64::MAX, false).unwrap().jobs, 1);
+        let after_restart = store.add_job("1.2", "9", "r", "m", 1, "").unwrap();
+        assert!(after_restart > next, "{after_restart} after {next}");
     }
 
     /// Red-team finding: purging the last dead letter removed the dead-letter folder itself
