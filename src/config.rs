@@ -865,6 +865,17 @@ impl ServeArgs {
                 "admin_token must be at least 16 characters".into(),
             ));
         }
+        // A client presents it in a header, whose value is trimmed and visible ASCII: a
+        // token with a space or another character was accepted here and matched no request
+        // ever (a red-team finding).
+        if admin_token
+            .as_ref()
+            .is_some_and(|t| !t.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(ConfigError::Invalid(
+                "admin_token must be visible ASCII characters without spaces (it is sent in an HTTP header)".into(),
+            ));
+        }
         let trusted_keys = if !self.trusted_keys.is_empty() {
             self.trusted_keys
         } else {
@@ -912,6 +923,7 @@ impl ServeArgs {
             .or(file.http_addr)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000)));
         auth.check_bind(http_addr, insecure)?;
+        auth.loopback_listener = http_addr.ip().is_loopback();
         let grpc_addr = self.grpc_addr.or(file.grpc_addr);
         if let Some(addr) = grpc_addr {
             auth.check_bind(addr, insecure)?;
@@ -1492,10 +1504,50 @@ fn toml_error_place(text: &str, e: &toml::de::Error) -> String {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
             let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            format!("line {line}, column {column}: {}", e.message())
+            format!(
+                "line {line}, column {column}: {}",
+                without_values(e.message())
+            )
         }
-        None => e.message().to_owned(),
+        None => without_values(e.message()),
     }
+}
+
+/// A parser message without the value it quotes: serde says "invalid type: integer
+/// `12345678901234567890`, expected a string" or "unknown variant `<pasted key>`", and the
+/// value may be a secret written in the wrong place or form (a red-team finding: a bare
+/// number as `admin_token` was printed at start-up). What comes before ", expected" loses
+/// every quoted part (backticks or double quotes); the expectation is kept.
+fn without_values(message: &str) -> String {
+    let (head, tail) = match message.find(", expected") {
+        Some(at) => message.split_at(at),
+        None => (message, ""),
+    };
+    let mut out = String::with_capacity(message.len());
+    let mut quote: Option<char> = None;
+    for c in head.chars() {
+        match quote {
+            Some(q) if c == q => {
+                out.push('…');
+                out.push(c);
+                quote = None;
+            }
+            Some(_) => {}
+            None => {
+                out.push(c);
+                if c == '`' || c == '"' {
+                    quote = Some(c);
+                }
+            }
+        }
+    }
+    if let Some(q) = quote {
+        // An opening quote without its end: nothing after it is shown.
+        out.push('…');
+        out.push(q);
+    }
+    out.push_str(tail);
+    out
 }
 
 #[cfg(test)]
@@ -1922,13 +1974,62 @@ mod tests {
         .resolve()
         .unwrap();
         assert!(!format!("{c:?}").contains("secret"));
-        assert!(
-            ServeArgs {
-                admin_token: Some("short".into()),
+        for bad in [
+            "short",
+            "  padded-admin-token-123  ",
+            "admin token with spaces",
+            "tökentökentökentöken",
+        ] {
+            assert!(
+                ServeArgs {
+                    admin_token: Some(bad.into()),
+                    ..ServeArgs::default()
+                }
+                .resolve()
+                .is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    /// Red-team finding: a secret written as a bare number, or pasted where a role name
+    /// goes, was printed by the parser's message at start-up.
+    #[test]
+    fn a_parse_error_does_not_show_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        for (text, secret, kept) in [
+            (
+                "admin_token = 12345678901234567890\n",
+                "12345678901234567890",
+                "expected a string",
+            ),
+            (
+                "[auth]\nanonymous_roles = [\"sk-live-0123456789\"]\n",
+                "sk-live-0123456789",
+                "expected one of",
+            ),
+            (
+                "max_connections = \"hunter2-secret\"\n",
+                "hunter2-secret",
+                "line 1",
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = ServeArgs {
+                config: Some(path.clone()),
                 ..ServeArgs::default()
             }
             .resolve()
-            .is_err()
+            .unwrap_err()
+            .to_string();
+            assert!(!e.contains(secret), "{e}");
+            assert!(e.contains(kept), "{e}");
+        }
+        assert_eq!(without_values("unknown field `x"), "unknown field `…`");
+        assert_eq!(
+            without_values("invalid type: integer `1`, expected `a` or `b`"),
+            "invalid type: integer `…`, expected `a` or `b`"
         );
     }
 

@@ -149,8 +149,9 @@ pub struct RunProgress {
     pub rows: std::sync::atomic::AtomicU64,
     pub bytes_read: std::sync::atomic::AtomicU64,
     pub total_bytes: std::sync::atomic::AtomicU64,
-    /// Set to stop the run at its next row (`DELETE /validation/runs/{id}`).
-    pub cancelled: std::sync::atomic::AtomicBool,
+    /// Set to stop the run at its next row, or its bootstrap's next replicate
+    /// (`DELETE /validation/runs/{id}`, the server's time limit).
+    pub cancelled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// `nightingale validate`'s flags parsed from an argument list (the server builds its runs
@@ -779,7 +780,13 @@ fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
 
 /// Runs one validation and writes `report.json` and `report.html` into `args.out`.
 pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
-    let settings = settings(args)?;
+    let mut settings = settings(args)?;
+    // A run stopped while it evaluates stops its bootstrap too (its replicates held the
+    // shared thread pool for minutes; see `BootstrapSpec::stop`).
+    settings.stop = ctx
+        .progress
+        .as_ref()
+        .map(|p| nightingale_validation::bootstrap::Stop(p.cancelled.clone()));
     // The patient-id column identifies patients: as a subgroup every identifier would be
     // listed in the report with its counts (each patient's outcome, in a small cohort), and
     // as the label column its values would be quoted (red-team findings).
@@ -1133,6 +1140,7 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
         replicates: settings.bootstrap_replicates,
         seed: settings.seed,
         confidence: settings.confidence,
+        stop: settings.stop.clone(),
     });
     let (metrics, curves, subgroups, clusters, multi) = if multiclass {
         let labels = target

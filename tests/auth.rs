@@ -461,6 +461,81 @@ async fn zero_config_opens_infer_metrics_pacs_and_closes_admin_and_researcher() 
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
 }
 
+/// Red-team finding: on the default loopback server a web page that rebinds its own name to
+/// 127.0.0.1 reached the open `pacs` role from the browser on this machine (it listed,
+/// retrieved and stored studies). An anonymous request must name a loopback Host there; a
+/// credential, a public route or a server listening on the network is not held to it.
+#[tokio::test]
+async fn an_anonymous_request_under_a_foreign_host_name_is_refused_on_a_loopback_server() {
+    let with_host = |path: &str, host: &str, bearer: Option<&str>| {
+        let mut req = get(path, bearer);
+        req.headers_mut()
+            .insert(header::HOST, host.parse().unwrap());
+        req
+    };
+    let server = Server::new(HttpConfig {
+        admin_token: Some("legacy-admin-token-0123456789".into()),
+        auth: AuthConfig {
+            loopback_listener: true,
+            ..AuthConfig::default()
+        },
+        ..HttpConfig::default()
+    });
+    for (path, host, bearer, status) in [
+        (
+            "/dicomweb/studies",
+            "rebind.attacker.example:8000",
+            None,
+            StatusCode::FORBIDDEN,
+        ),
+        ("/dicomweb/studies", "localhost:8000", None, StatusCode::OK),
+        ("/dicomweb/studies", "127.0.0.1:8000", None, StatusCode::OK),
+        ("/dicomweb/studies", "[::1]:8000", None, StatusCode::OK),
+        ("/dicomweb/studies", "LOCALHOST", None, StatusCode::OK),
+        (
+            "/dicomweb/studies",
+            "127.0.0.1.attacker.example",
+            None,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            &format!("/v2/models/{MODEL}/ready"),
+            "evil.example",
+            None,
+            StatusCode::FORBIDDEN,
+        ),
+        ("/metrics", "evil.example", None, StatusCode::FORBIDDEN),
+        // Public routes (health) answer anyone.
+        ("/v2/health/ready", "evil.example", None, StatusCode::OK),
+        // A credential is not a browser's ambient authority.
+        (
+            "/dicomweb/studies",
+            "ehr-proxy.example",
+            Some("legacy-admin-token-0123456789"),
+            StatusCode::OK,
+        ),
+    ] {
+        let (s, _, v) = server.send(with_host(path, host, bearer)).await;
+        assert_eq!(s, status, "{path} Host {host}: {v}");
+        if s == StatusCode::FORBIDDEN {
+            assert!(error_of(&v).contains("DNS rebinding"), "{v}");
+        }
+    }
+    // A request without a Host (HTTP/1.0) is not refused for it.
+    let (s, _, v) = server.send(get("/dicomweb/studies", None)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // A server listening on the network (with --insecure) is called by its network name.
+    let open = Server::new(HttpConfig::default());
+    let (s, _, v) = open
+        .send(with_host(
+            "/dicomweb/studies",
+            "pacs-gateway.example:8000",
+            None,
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
 fn get(path: &str, bearer: Option<&str>) -> Request<Body> {
     let mut req = Request::get(path);
     if let Some(b) = bearer {

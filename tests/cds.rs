@@ -583,6 +583,60 @@ async fn tokens_for_another_url_replayed_or_absent_are_401() {
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
 
+/// Red-team finding: each call without a token appended a record to the hash-chained
+/// trail, 0.5 MB/s from one client, whose disk audit writes (failing closed) need. A burst
+/// is recorded one by one, the rest counted: named by the next record let through, or
+/// summarised a second after the first held back. Every refusal is accounted for.
+#[tokio::test]
+async fn a_flood_of_calls_without_a_token_is_audited_in_bounded_records() {
+    let server = Server::new(vec![], Duration::from_secs(1));
+    let path = format!("/cds-services/{SERVICE}");
+    const CALLS: u64 = 60;
+    for _ in 0..CALLS {
+        let (s, _) = server.send(server.post(&path, None, b"{}".to_vec())).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+    let counted = |records: &[Value]| -> (usize, u64) {
+        let refused: Vec<&Value> = records
+            .iter()
+            .filter(|r| r["actor"] == "unauthenticated")
+            .collect();
+        let total = refused
+            .iter()
+            .map(|r| {
+                let d = r["detail"].as_str().unwrap();
+                if let Some(n) = d.strip_suffix(
+                    " unauthenticated CDS Hooks requests refused, not recorded one by one (more than one a second)",
+                ) {
+                    n.parse::<u64>().unwrap()
+                } else if let Some((_, after)) = d.split_once("(after ") {
+                    1 + after.split(' ').next().unwrap().parse::<u64>().unwrap()
+                } else {
+                    1
+                }
+            })
+            .sum();
+        (refused.len(), total)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (records, total) = counted(&server.audit());
+        // One by one up to the burst (a slow machine refills a few more meanwhile).
+        assert!(records < 40, "{records} records for {CALLS} refusals");
+        if total == CALLS {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{total} of {CALLS} refusals accounted for in the trail"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The summary is a record of the hook's kind, like those it stands for.
+    let last = server.audit().last().cloned().unwrap();
+    assert_eq!(last["kind"], "cds-hook");
+}
+
 #[tokio::test]
 async fn hostile_bodies_are_400_or_413_and_say_nothing_of_their_content() {
     let server = Server::new(vec![], Duration::from_secs(1));

@@ -435,6 +435,19 @@ async fn errors_carry_the_http_message_and_their_grpc_code() {
     req.raw_input_contents.push(Vec::new().into());
     let e = c.model_infer(req).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
+
+    // An id over 1,024 bytes (echoed in the answer: a red-team finding over HTTP).
+    let mut req = raw_request(&x);
+    req.id = "i".repeat(1025);
+    let e = c.model_infer(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("an id of 1025 bytes"), "{e:?}");
+    let mut req = raw_request(&x);
+    req.id = "i".repeat(1024);
+    assert_eq!(
+        c.model_infer(req).await.unwrap().into_inner().id.len(),
+        1024
+    );
 }
 
 /// The test configuration with API keys (tests/fixtures/auth), and the keys by role.

@@ -236,7 +236,16 @@ async fn pathological_payloads_are_refused_cleanly() {
     let bytes_bomb = serde_json::to_vec(&json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "BYTES", "parameters": {"binary_data_size": 8}}]})).unwrap();
     let mut bytes_bomb_body = bytes_bomb.clone();
     bytes_bomb_body.extend_from_slice(&[0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0]);
+    // Red-team finding: the id is echoed in the response, and a 60 MB id (58 KB gzipped)
+    // made a 60 MB response. At most 1,024 bytes are taken; 1,024 is.
+    let with_id = |id: String| {
+        let mut v: Value = serde_json::from_slice(&valid_json(1)).unwrap();
+        v["id"] = json!(id);
+        serde_json::to_vec(&v).unwrap()
+    };
     let cases: Vec<(Vec<u8>, Option<String>, StatusCode)> = vec![
+        (with_id("i".repeat(1025)), None, StatusCode::BAD_REQUEST),
+        (with_id("i".repeat(1024)), None, StatusCode::OK),
         (deep.into_bytes(), None, StatusCode::BAD_REQUEST),
         (huge_shape, None, StatusCode::BAD_REQUEST),
         (many_inputs, None, StatusCode::BAD_REQUEST),
@@ -261,8 +270,17 @@ async fn pathological_payloads_are_refused_cleanly() {
             "case {i}: {}",
             String::from_utf8_lossy(&answer[..answer.len().min(300)])
         );
+        if want == StatusCode::OK {
+            continue;
+        }
         let v: Value = serde_json::from_slice(&answer).unwrap();
         assert!(v["error"].is_string());
+        if i == 0 {
+            assert!(
+                v["error"].as_str().unwrap().contains("an id of 1025 bytes"),
+                "{v}"
+            );
+        }
     }
 }
 

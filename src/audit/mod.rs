@@ -29,6 +29,7 @@ pub mod dicom;
 pub mod jsonl;
 pub mod postgres;
 pub mod sqlite;
+pub mod throttle;
 
 pub use chain::{GENESIS, Tail};
 

@@ -415,6 +415,12 @@ pub struct AuthConfig {
     /// Whether the TLS layer verifies client certificates (a credential for the start-up
     /// check and the anonymous default). Set by whoever configures TLS.
     pub client_certificates_verified: bool,
+    /// Whether the HTTP listener is on a loopback address. There, an anonymous caller's
+    /// request must name a loopback Host: a web page that rebinds its own name to 127.0.0.1
+    /// reaches the server from the browser on this machine, as anonymous, under its own
+    /// name (a red-team finding: it listed, retrieved and stored studies through the
+    /// default `pacs` role). Set by whoever knows the address.
+    pub loopback_listener: bool,
 }
 
 impl Default for AuthConfig {
@@ -425,6 +431,7 @@ impl Default for AuthConfig {
             client_certificate_roles: DEFAULT_CLIENT_CERTIFICATE_ROLES.into(),
             anonymous_roles: None,
             client_certificates_verified: false,
+            loopback_listener: false,
         }
     }
 }
@@ -779,6 +786,7 @@ impl AuthSection {
                 .unwrap_or_else(|| DEFAULT_CLIENT_CERTIFICATE_ROLES.into()),
             anonymous_roles,
             client_certificates_verified: false,
+            loopback_listener: false,
         })
     }
 }
@@ -843,6 +851,8 @@ pub struct Authenticator {
     anonymous: Roles,
     /// Roles some credential (or anonymity) can grant; the others are disabled.
     grantable: Roles,
+    /// [`AuthConfig::loopback_listener`].
+    loopback_listener: bool,
     /// Tokens already verified: SHA-256 of the token → its caller and `exp`. A token's bytes
     /// fix its signature and claims and the JWKS does not change while serving, so only the
     /// clock can change the answer: an entry serves until `exp` (plus leeway), then the token
@@ -942,6 +952,7 @@ impl Authenticator {
             client_certificate_roles: config.client_certificate_roles,
             anonymous,
             grantable,
+            loopback_listener: config.loopback_listener,
             jwt_cache: Default::default(),
         }
     }
@@ -1337,7 +1348,7 @@ pub(crate) async fn enforce(
                         &state,
                         kind,
                         req.uri().path(),
-                        "unauthenticated".to_owned(),
+                        super::cds::UNAUTHENTICATED.to_owned(),
                         StatusCode::UNAUTHORIZED,
                     )
                     .await;
@@ -1361,8 +1372,31 @@ pub(crate) async fn enforce(
             }
         }
     };
+    if rule.access != Access::Public
+        && caller.is_anonymous()
+        && auth.loopback_listener
+        && let Some(host) = foreign_host(&req)
+    {
+        tracing::warn!(host = %printable(&host), endpoint = path.as_str(), "anonymous request under another host name refused");
+        return AppError::new(
+            StatusCode::FORBIDDEN,
+            "a request without credentials to this loopback server must name it by a loopback Host (localhost, 127.0.0.1, [::1]): another name is how a web page reaches it from a browser (DNS rebinding); call it by its loopback name or present a credential",
+        )
+        .into_response();
+    }
     req.extensions_mut().insert(caller);
     next.run(req).await
+}
+
+/// The host a request names (its Host header, else the URI's authority: HTTP/2's
+/// `:authority`) when that is not this machine's loopback; `None` for a loopback name or
+/// none at all (HTTP/1.0).
+fn foreign_host(req: &Request) -> Option<String> {
+    let host = match req.headers().get(header::HOST) {
+        Some(h) => String::from_utf8_lossy(h.as_bytes()).into_owned(),
+        None => req.uri().authority()?.to_string(),
+    };
+    (!super::cds::is_loopback_host(host.trim())).then_some(host)
 }
 
 /// Why a caller may not use an endpoint: the error to answer and, for 401, the

@@ -130,16 +130,63 @@ pub(crate) async fn audit_refusal(
     actor: String,
     status: StatusCode,
 ) {
+    let mut detail = format!("path={} refused", printable(path));
+    if actor == UNAUTHENTICATED {
+        // Anyone can send these: a burst is recorded one by one, then one a second; the
+        // rest are counted, named by the next record and summarised a second later.
+        use crate::audit::throttle::{Decision, SUMMARY_AFTER};
+        match state.unauthenticated_audit.decide() {
+            Decision::Record { held_before: 0 } => {}
+            Decision::Record { held_before } => {
+                detail.push_str(&format!(
+                    " (after {held_before} more unauthenticated refusals not recorded one by one)"
+                ));
+            }
+            Decision::Hold { schedule_summary } => {
+                metrics::counter!("nightingale_audit_refusals_summarised_total").increment(1);
+                if schedule_summary {
+                    let throttle = state.unauthenticated_audit.clone();
+                    let audit = state.audit.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(SUMMARY_AFTER).await;
+                        let held = throttle.take_held();
+                        if held == 0 {
+                            return;
+                        }
+                        let event = AuditEvent {
+                            status: status.as_u16(),
+                            outcome: Outcome::from_status(status.as_u16()),
+                            detail: Some(format!(
+                                "{held} unauthenticated CDS Hooks requests refused, not recorded one by one (more than one a second)"
+                            )),
+                            ..AuditEvent::blank(
+                                kind,
+                                "-".to_owned(),
+                                Some(UNAUTHENTICATED.to_owned()),
+                            )
+                        };
+                        if let Err(e) = audit.record(event).await {
+                            tracing::error!(error = %e, "audit summary of refused CDS requests not written");
+                        }
+                    });
+                }
+                return;
+            }
+        }
+    }
     let event = AuditEvent {
         status: status.as_u16(),
         outcome: Outcome::from_status(status.as_u16()),
-        detail: Some(format!("path={} refused", printable(path))),
+        detail: Some(detail),
         ..AuditEvent::blank(kind, "-".to_owned(), Some(actor))
     };
     if let Err(e) = state.audit.record(event).await {
         tracing::error!(error = %e, "audit record of a refused CDS request not written");
     }
 }
+
+/// The actor of a refusal without credentials.
+pub(crate) const UNAUTHENTICATED: &str = "unauthenticated";
 
 /// `POST /cds-services/{id}`: the answer, or a refusal, audited either way.
 pub(crate) async fn call(

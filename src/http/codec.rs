@@ -166,9 +166,25 @@ where
     Ok(Option::<Listed>::deserialize(d)?.map(|l| l.0))
 }
 
+/// The longest request `id`, in bytes. The id is echoed in the response: unbounded, a 58 KB
+/// gzip body with a 60 MB id made a 60 MB response, held in memory while its client did not
+/// read it (a red-team finding). Triton's clients send short ids.
+pub const MAX_REQUEST_ID_BYTES: usize = 1024;
+
+fn bounded_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let id = Option::<String>::deserialize(d)?;
+    match id {
+        Some(id) if id.len() > MAX_REQUEST_ID_BYTES => Err(serde::de::Error::custom(format!(
+            "an id of {} bytes where at most {MAX_REQUEST_ID_BYTES} are taken",
+            id.len()
+        ))),
+        id => Ok(id),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub struct InferRequest<'a> {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded_id")]
     pub id: Option<String>,
     #[serde(default, deserialize_with = "unique_parameters")]
     pub parameters: Option<HashMap<String, serde_json::Value>>,

@@ -867,6 +867,13 @@ fn decode_request(
     if wire_inputs.is_empty() {
         return Err(AppError::bad_request("the request has no inputs"));
     }
+    if id.len() > codec::MAX_REQUEST_ID_BYTES {
+        return Err(AppError::bad_request(format!(
+            "an id of {} bytes where at most {} are taken",
+            id.len(),
+            codec::MAX_REQUEST_ID_BYTES
+        )));
+    }
     // As over HTTP: at most MAX_PARAMETERS in one parameters map (the request's, an input's,
     // an output's).
     let too_many = parameters.len() > codec::MAX_PARAMETERS

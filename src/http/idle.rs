@@ -81,7 +81,15 @@ impl Drop for InFlight {
     }
 }
 
-/// A connection's stream whose reads end once its [`Activity`] has been idle for `timeout`.
+/// A connection's stream whose reads end once its [`Activity`] has been idle for `timeout`,
+/// and whose writes fail once the peer has taken nothing for [`SEND_STALL_TIMEOUT`].
+///
+/// The write deadline: a response handed to hyper whole (a `Full` body) has ended as far as
+/// the service can see, its request's budget given back, while hyper still holds its bytes
+/// for a peer that does not read; hyper reads nothing meanwhile, so the idle close never
+/// fires either, and the bytes stayed in memory as long as the peer kept the connection
+/// open (a red-team finding: 57 MB per connection for 340 s). A write that stays blocked
+/// for the stall timeout fails, and hyper closes the connection and frees them.
 pub struct IdleClose<IO> {
     io: IO,
     activity: Arc<Activity>,
@@ -89,6 +97,9 @@ pub struct IdleClose<IO> {
     sleep: Pin<Box<Sleep>>,
     /// Until the first byte has been read: the connection ends this long after it began.
     first_byte: Option<Duration>,
+    write_stall: Duration,
+    /// Set while a write is blocked: fires at the write deadline.
+    write_blocked: Option<Pin<Box<Sleep>>>,
 }
 
 impl<IO> IdleClose<IO> {
@@ -100,7 +111,44 @@ impl<IO> IdleClose<IO> {
             timeout,
             sleep,
             first_byte: None,
+            write_stall: SEND_STALL_TIMEOUT,
+            write_blocked: None,
         }
+    }
+
+    /// Another write deadline than [`SEND_STALL_TIMEOUT`] (tests).
+    pub fn with_write_stall(mut self, stall: Duration) -> Self {
+        self.write_stall = stall;
+        self
+    }
+
+    /// What a write's outcome becomes: ready clears the deadline; pending starts it (the
+    /// first time) and fails once it has passed.
+    fn written<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.write_blocked = None;
+            return polled;
+        }
+        let stall = self.write_stall;
+        let deadline = self
+            .write_blocked
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        if deadline.as_mut().poll(cx).is_ready() {
+            self.write_blocked = None;
+            tracing::debug!(
+                stall_secs = stall.as_secs(),
+                "connection closed: the peer took nothing of a response for the stall timeout"
+            );
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the peer took nothing of a response for the stall timeout",
+            )));
+        }
+        Poll::Pending
     }
 
     /// Ends the connection if nothing at all has been read `limit` after it began: a TLS
@@ -182,11 +230,13 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for IdleClose<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.written(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.written(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -198,7 +248,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for IdleClose<IO> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.written(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -538,5 +589,43 @@ mod tests {
         assert!(matches!(read, Ok(Ok(0))), "{read:?}");
         // Ended by the idle timeout (from the connection's start), past the first-byte one.
         assert!(io.activity.start.elapsed() >= Duration::from_millis(1500));
+    }
+
+    /// Red-team finding: a response hyper held for a peer that read nothing stayed in memory
+    /// as long as the connection was open. A write blocked for the stall timeout fails (and
+    /// hyper then closes the connection); one the peer keeps taking does not.
+    #[tokio::test]
+    async fn a_write_the_peer_takes_nothing_of_fails_at_the_stall_timeout() {
+        use tokio::io::AsyncWriteExt;
+        let (_client, server) = tokio::io::duplex(64);
+        let mut io = IdleClose::new(server, Activity::new(), Duration::from_secs(300))
+            .with_write_stall(Duration::from_millis(200));
+        let started = Instant::now();
+        let wrote = tokio::time::timeout(Duration::from_secs(30), io.write_all(&[7u8; 4096])).await;
+        let Ok(Err(e)) = wrote else {
+            panic!("{wrote:?}")
+        };
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+
+        // A slow reader that keeps taking: each blocked write is released before the
+        // deadline, and the whole response gets through.
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut io = IdleClose::new(server, Activity::new(), Duration::from_secs(300))
+            .with_write_stall(Duration::from_millis(300));
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut buf = [0u8; 64];
+            while got < 1024 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                got += client.read(&mut buf).await.unwrap();
+            }
+            got
+        });
+        tokio::time::timeout(Duration::from_secs(30), io.write_all(&[7u8; 1024]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reader.await.unwrap(), 1024);
     }
 }

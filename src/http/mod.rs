@@ -127,7 +127,14 @@ pub struct AppState {
     cds: std::sync::OnceLock<crate::cds::Cds>,
     /// Validation runs (issue 11); unset: `/validation/runs` answers 404.
     validation: std::sync::OnceLock<validation::Validation>,
+    /// Audit records of refusals without credentials: a burst, then one a second, the rest
+    /// counted and summarised ([`crate::audit::throttle`]).
+    pub(crate) unauthenticated_audit: Arc<crate::audit::throttle::Throttle>,
 }
+
+/// [`AppState::unauthenticated_audit`]'s burst and steady rate.
+const UNAUTHENTICATED_AUDIT_BURST: u32 = 20;
+const UNAUTHENTICATED_AUDIT_PER_SECOND: f64 = 1.0;
 
 impl AppState {
     pub fn new(
@@ -148,6 +155,10 @@ impl AppState {
             results: std::sync::OnceLock::new(),
             cds: std::sync::OnceLock::new(),
             validation: std::sync::OnceLock::new(),
+            unauthenticated_audit: Arc::new(crate::audit::throttle::Throttle::new(
+                UNAUTHENTICATED_AUDIT_BURST,
+                UNAUTHENTICATED_AUDIT_PER_SECOND,
+            )),
         })
     }
 
@@ -356,7 +367,25 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
 /// A request path as logged: the study, series and instance UIDs of DICOMweb and results
 /// paths replaced by their short tags ([`crate::pipeline::uid_tag`]), as the DICOM side logs
 /// them (UIDs identify a patient's studies: PS3.15 Annex E treats them as identifiers).
+/// At most [`LOGGED_PATH_CHARS`] characters of it, then its length and a digest of the whole:
+/// every warning of a request repeats its span's path, and a refused request with a 60 KB
+/// path wrote 60 KB per log line (a red-team finding: 13 MB/s of log from one client).
 fn logged_path(path: &str) -> std::borrow::Cow<'_, str> {
+    let tagged = tagged_path(path);
+    match tagged.char_indices().nth(LOGGED_PATH_CHARS) {
+        None => tagged,
+        Some((cut, _)) => {
+            use sha2::Digest;
+            let digest = hex::encode(&sha2::Sha256::digest(path.as_bytes())[..8]);
+            format!("{}…({} bytes, sha256:{digest})", &tagged[..cut], path.len()).into()
+        }
+    }
+}
+
+/// The longest request path logged whole, in characters.
+const LOGGED_PATH_CHARS: usize = 256;
+
+fn tagged_path(path: &str) -> std::borrow::Cow<'_, str> {
     if !(path.starts_with("/dicomweb/") || path.starts_with("/results/")) {
         return path.into();
     }
@@ -1040,5 +1069,20 @@ mod tests {
             assert_eq!(logged_path(plain), plain);
         }
         assert!(!logged_path("/dicomweb/studies/1.2.840.99/series").contains("1.2.840.99"));
+    }
+
+    /// Red-team finding: a refused request's 60 KB path was written whole into every log
+    /// line of its span. Long paths are cut, with their length and a digest.
+    #[test]
+    fn a_long_path_is_logged_cut_with_its_length_and_digest() {
+        let long = format!("/v2/models/{}", "é".repeat(30_000));
+        let logged = logged_path(&long);
+        assert!(logged.chars().count() < 400, "{}", logged.len());
+        assert!(logged.starts_with("/v2/models/éé"), "{logged}");
+        assert!(logged.contains("60011 bytes, sha256:"), "{logged}");
+        let other = format!("/v2/models/{}x", "é".repeat(30_000));
+        assert_ne!(logged_path(&other), logged);
+        let exact = format!("/{}", "a".repeat(255));
+        assert_eq!(logged_path(&exact), exact);
     }
 }

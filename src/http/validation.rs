@@ -31,9 +31,9 @@ use crate::validate::{PathRefused, RunContext, RunProgress, ValidateCommand, pat
 /// Runs kept in memory (the oldest finished ones are forgotten; their reports stay on disk).
 const KEPT_RUNS: usize = 256;
 
-/// Runs whose threads may work at once, cancelled and stopped ones included (a bootstrap
-/// under way finishes before its thread sees the cancellation; a 1,000,000-replicate one
-/// holds ~0.5 GB): cancelling and starting again cannot stack them without bound.
+/// Runs whose threads may work at once, cancelled and stopped ones included (a stopped
+/// run's thread ends at its next row or bootstrap replicate, and what it holds goes with
+/// it): cancelling and starting again cannot stack them without bound.
 pub const MAX_WORKING_RUNS: usize = 4;
 
 /// How long a validation run may take by default (`--validation-max-run-secs`): four hours.
@@ -154,7 +154,7 @@ impl Validation {
     fn refusal(&self, runs: &HashMap<String, Arc<Run>>, model: &str) -> Result<(), AppError> {
         if self.working.load(Ordering::Relaxed) >= MAX_WORKING_RUNS {
             return Err(AppError::overloaded(format!(
-                "{MAX_WORKING_RUNS} validation runs are still working (a cancelled or stopped run finishes the bootstrap under way first); retry later"
+                "{MAX_WORKING_RUNS} validation runs are still working (a cancelled or stopped run ends at its next row or bootstrap replicate); retry later"
             )));
         }
         if let Some(busy) = runs.values().find(|r| {

@@ -15,11 +15,39 @@ use serde::Serialize;
 use crate::metrics::{self, quantile_sorted};
 
 /// How to resample.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BootstrapSpec {
     pub replicates: usize,
     pub seed: u64,
     pub confidence: f64,
+    /// Set, the replicates not yet drawn are not drawn and the intervals are not computed:
+    /// a run stopped (cancelled, or at the server's time limit) kept every thread of the
+    /// shared pool busy for minutes, and the runs after it, on other models, were stopped
+    /// at the limit waiting for it (a red-team finding).
+    #[serde(skip)]
+    pub stop: Option<Stop>,
+}
+
+/// A flag a bootstrap checks before each replicate ([`BootstrapSpec::stop`]).
+#[derive(Clone, Debug, Default)]
+pub struct Stop(pub std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Stop {
+    pub fn is_set(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl PartialEq for Stop {
+    fn eq(&self, other: &Stop) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl BootstrapSpec {
+    fn stopped(&self) -> bool {
+        self.stop.as_ref().is_some_and(Stop::is_set)
+    }
 }
 
 /// A percentile interval from the replicates where the metric was defined.
@@ -168,16 +196,23 @@ pub fn bootstrap_macro_auroc(
         .map_init(
             || vec![0u32; n],
             |w, b| {
+                if spec.stopped() {
+                    return None;
+                }
                 draw_rows(w, spec.seed, b);
                 let aucs: Vec<f64> = columns
                     .iter()
                     .zip(&sorted)
                     .filter_map(|((y, p), s)| weighted_metrics(s, y, p, w).0)
                     .collect();
-                (!aucs.is_empty()).then(|| aucs.iter().sum::<f64>() / aucs.len() as f64)
+                Some((!aucs.is_empty()).then(|| aucs.iter().sum::<f64>() / aucs.len() as f64))
             },
         )
+        .while_some()
         .collect();
+    if spec.stopped() {
+        return None;
+    }
     percentile_ci(reps, spec.confidence)
 }
 
@@ -238,6 +273,9 @@ pub fn bootstrap(
         .map_init(
             || vec![0u32; n],
             |w, b| {
+                if spec.stopped() {
+                    return None;
+                }
                 match &members {
                     None => draw_rows(w, spec.seed, b),
                     Some(m) => {
@@ -250,10 +288,19 @@ pub fn bootstrap(
                         }
                     }
                 }
-                weighted_metrics(&sorted, y, p, w)
+                Some(weighted_metrics(&sorted, y, p, w))
             },
         )
+        .while_some()
         .collect();
+    if spec.stopped() {
+        return BootstrapResult {
+            auroc: None,
+            auprc: None,
+            brier: None,
+            roc_band: Vec::new(),
+        };
+    }
     let ci = |values: Vec<Option<f64>>| percentile_ci(values, spec.confidence);
     let roc_band = (0..ROC_BAND_GRID)
         .filter_map(|k| {
@@ -311,13 +358,14 @@ mod tests {
             replicates: 300,
             seed: 7,
             confidence: 0.95,
+            stop: None,
         };
-        let a = bootstrap(&y, &p, None, spec);
+        let a = bootstrap(&y, &p, None, spec.clone());
         let b = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()
             .unwrap()
-            .install(|| bootstrap(&y, &p, None, spec));
+            .install(|| bootstrap(&y, &p, None, spec.clone()));
         assert_eq!(a, b);
         let c = bootstrap(&y, &p, None, BootstrapSpec { seed: 8, ..spec });
         assert_ne!(a, c);
@@ -336,6 +384,7 @@ mod tests {
                 replicates: 200,
                 seed: 1,
                 confidence: 0.95,
+                stop: None,
             },
         );
         let auc = r.auroc.unwrap();
@@ -355,9 +404,51 @@ mod tests {
             replicates: 100,
             seed: 3,
             confidence: 0.9,
+            stop: None,
         };
-        let r = bootstrap(&y, &p, Some((&clusters, 20)), spec);
+        let r = bootstrap(&y, &p, Some((&clusters, 20)), spec.clone());
         assert!(r.auroc.is_some());
         assert_eq!(r, bootstrap(&y, &p, Some((&clusters, 20)), spec));
+    }
+
+    /// Red-team finding: a stopped run's bootstrap held every thread of the shared pool for
+    /// minutes. Set, the flag stops it: no interval is computed from what was drawn.
+    #[test]
+    fn a_stopped_bootstrap_draws_no_more_and_gives_no_interval() {
+        let y: Vec<bool> = (0..200).map(|i| i % 3 == 0).collect();
+        let p: Vec<f64> = (0..200).map(|i| ((i * 37) % 101) as f64 / 100.0).collect();
+        let stop = Stop::default();
+        let spec = BootstrapSpec {
+            replicates: 1_000_000,
+            seed: 7,
+            confidence: 0.95,
+            stop: Some(stop.clone()),
+        };
+        stop.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        let r = bootstrap(&y, &p, None, spec.clone());
+        assert_eq!((r.auroc, r.auprc, r.brier), (None, None, None));
+        assert!(r.roc_band.is_empty());
+        let columns = vec![(y.clone(), p.clone())];
+        assert_eq!(bootstrap_macro_auroc(&columns, spec.clone()), None);
+        // Set while it runs (from another thread): it ends without drawing the million.
+        let late = Stop::default();
+        let setter = {
+            let late = late.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                late.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            })
+        };
+        let r = bootstrap(
+            &y,
+            &p,
+            None,
+            BootstrapSpec {
+                stop: Some(late),
+                ..spec
+            },
+        );
+        setter.join().unwrap();
+        assert_eq!(r.auroc, None);
     }
 }

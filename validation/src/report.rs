@@ -32,6 +32,10 @@ pub struct Settings {
     pub target_specificities: Vec<f64>,
     /// Threshold probabilities of the decision curve.
     pub decision_thresholds: Vec<f64>,
+    /// Set, the bootstrap stops ([`crate::bootstrap::BootstrapSpec::stop`]): not a setting
+    /// of the numbers, the run's cancellation.
+    #[serde(skip)]
+    pub stop: Option<crate::bootstrap::Stop>,
 }
 
 impl Default for Settings {
@@ -45,6 +49,7 @@ impl Default for Settings {
             target_sensitivities: vec![0.90, 0.95],
             target_specificities: vec![0.90, 0.95],
             decision_thresholds: (1..100).map(|i| f64::from(i) / 100.0).collect(),
+            stop: None,
         }
     }
 }
@@ -834,6 +839,7 @@ pub fn evaluate(
         replicates: settings.bootstrap_replicates,
         seed: settings.seed,
         confidence: settings.confidence,
+        stop: settings.stop.clone(),
     };
     let boot = (settings.bootstrap_replicates > 0)
         .then(|| bootstrap::bootstrap(y, p, cluster_index.as_deref().zip(n_clusters), spec));
