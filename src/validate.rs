@@ -1179,11 +1179,21 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
         if spec.gate_for(version).is_empty() {
             return None;
         }
-        match (&metrics, &multi) {
-            (Some(m), _) => Some(check_gate(spec, version, m, &settings)),
-            (None, Some(m)) => Some(check_gate_multiclass(spec, version, m, &settings)),
-            (None, None) => None,
-        }
+        let mut gate = match (&metrics, &multi) {
+            (Some(m), _) => check_gate(spec, version, m, &settings),
+            (None, Some(m)) => check_gate_multiclass(spec, version, m, &settings),
+            (None, None) => return None,
+        };
+        // With the minimum-sample rule, before the bundle's criteria.
+        let rule = nightingale_validation::gate::unusable_rows(
+            spec,
+            collected.y.len(),
+            collected.unusable_count,
+        );
+        gate.passed &= rule.passed;
+        let at = gate.criteria.len().min(2);
+        gate.criteria.insert(at, rule);
+        Some(gate)
     });
     let mut identity = main.map(|l| l.identity.clone());
     if predictions && let Some(i) = identity.as_mut() {

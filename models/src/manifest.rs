@@ -374,7 +374,16 @@ pub struct ValidationSpec {
     /// The same floor on the rows of the other class(es) (default [`DEFAULT_MIN_NEGATIVES`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_negatives: Option<u64>,
+    /// The largest share of the rows read that may be unusable (a missing or non-numeric
+    /// feature, a label outside the classes) for the gate to pass (default
+    /// [`DEFAULT_MAX_UNUSABLE_FRACTION`]): the metrics describe the usable rows only, and
+    /// dropping rows with missing inputs can select the easy cases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unusable_fraction: Option<f64>,
 }
+
+/// [`ValidationSpec::max_unusable_fraction`] when a bundle does not set it: a tenth.
+pub const DEFAULT_MAX_UNUSABLE_FRACTION: f64 = 0.1;
 
 /// [`ValidationSpec::min_positives`] when a bundle does not set it: ten rows of each class.
 /// Below ten, one row moves a sensitivity or specificity by more than ten points; see
@@ -434,6 +443,13 @@ impl ValidationSpec {
     /// The negative rows a dataset needs for the gate to pass (the bundle's or the default).
     pub fn min_negatives(&self) -> u64 {
         self.min_negatives.unwrap_or(DEFAULT_MIN_NEGATIVES)
+    }
+
+    /// The share of unusable rows a dataset may have for the gate to pass (the bundle's or
+    /// the default).
+    pub fn max_unusable_fraction(&self) -> f64 {
+        self.max_unusable_fraction
+            .unwrap_or(DEFAULT_MAX_UNUSABLE_FRACTION)
     }
 }
 
@@ -1273,6 +1289,11 @@ impl Manifest {
             }
         }
         if let Some(v) = &self.validation {
+            if let Some(f) = v.max_unusable_fraction.filter(|f| !(0.0..=1.0).contains(f)) {
+                return fail(format!(
+                    "[validation] max_unusable_fraction = {f}: a fraction between 0 and 1"
+                ));
+            }
             for (key, value) in [
                 ("min_positives", v.min_positives),
                 ("min_negatives", v.min_negatives),
@@ -1823,6 +1844,15 @@ labels = ["a", "b"]
             .unwrap_err()
             .to_string();
             assert!(e.contains("at least 2"), "{floor}: {e}");
+        }
+        assert_eq!(v.max_unusable_fraction(), DEFAULT_MAX_UNUSABLE_FRACTION);
+        for share in ["-0.1", "1.5", "nan"] {
+            let e = Manifest::parse(&with(&format!(
+                "[validation]\nmax_unusable_fraction = {share}\n[[validation.gate]]\nmetric = \"auroc\"\nmin = 0.6\n"
+            )))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("a fraction between 0 and 1"), "{share}: {e}");
         }
         for (gate, why) in [
             ("metric = \"auc\"\nmin = 0.5", "is not one of"),

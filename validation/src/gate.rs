@@ -100,6 +100,42 @@ fn sample_criteria(
     ]
 }
 
+/// The rule on unusable rows: at most the bundle's `max_unusable_fraction` (default a tenth)
+/// of the rows read may have been set aside (a red-team finding: a dataset with 76 of 114
+/// rows unusable passed its gate on the other 38, which missing inputs may have made the
+/// easy ones). `used + unusable` is every row read.
+pub fn unusable_rows(spec: &ValidationSpec, used: usize, unusable: usize) -> CriterionResult {
+    let max = spec.max_unusable_fraction();
+    let read = used + unusable;
+    let fraction = if read == 0 {
+        0.0
+    } else {
+        unusable as f64 / read as f64
+    };
+    let passed = fraction <= max;
+    CriterionResult {
+        criterion: "max_unusable_fraction".to_owned(),
+        metric: "unusable_fraction".to_owned(),
+        threshold: None,
+        bound: "value",
+        min: None,
+        max: Some(max),
+        observed: Some(fraction),
+        passed,
+        reason: (!passed).then(|| {
+            format!(
+                "{unusable} of the {read} rows read were unusable ({:.1} %, at most {:.1} %): the metrics describe the other rows only",
+                fraction * 100.0,
+                max * 100.0
+            )
+        }),
+        description: match spec.max_unusable_fraction {
+            Some(_) => "[validation] max_unusable_fraction of the bundle".to_owned(),
+            None => "default max_unusable_fraction (docs/validation.md)".to_owned(),
+        },
+    }
+}
+
 /// Checks each criterion that holds for `version` against a binary report; a metric the
 /// report does not define fails its criterion, and so does a dataset with fewer positive or
 /// negative rows than the bundle's minimum (default 10 of each).
@@ -324,6 +360,7 @@ mod tests {
             ],
             min_positives,
             min_negatives,
+            max_unusable_fraction: None,
         }
     }
 
@@ -669,6 +706,7 @@ mod tests {
             gate: vec![criterion("brier", GateBound::Value, None, Some(0.5))],
             min_positives: None,
             min_negatives: None,
+            max_unusable_fraction: None,
         };
         let g = check_multiclass(&spec, None, &m, &Settings::default());
         assert!(!g.passed);
@@ -682,5 +720,31 @@ mod tests {
         let neg = by_name(&g, "min_negatives");
         assert!(neg.passed && neg.observed == Some(15.0), "{neg:?}");
         assert!(by_name(&g, "brier").passed);
+    }
+
+    /// Red-team finding: 76 of 114 rows unusable and the gate passed on the other 38. At
+    /// most a tenth by default, or the bundle's share.
+    #[test]
+    fn too_many_unusable_rows_fail_the_gate() {
+        let spec = ValidationSpec::default();
+        let ok = unusable_rows(&spec, 110, 4);
+        assert!(ok.passed && ok.reason.is_none(), "{ok:?}");
+        let edge = unusable_rows(&spec, 90, 10);
+        assert!(edge.passed, "{edge:?}");
+        let bad = unusable_rows(&spec, 38, 76);
+        assert!(!bad.passed);
+        assert_eq!(
+            bad.reason.as_deref(),
+            Some(
+                "76 of the 114 rows read were unusable (66.7 %, at most 10.0 %): the metrics describe the other rows only"
+            )
+        );
+        assert_eq!(bad.max, Some(0.1));
+        let lenient = ValidationSpec {
+            max_unusable_fraction: Some(0.7),
+            ..ValidationSpec::default()
+        };
+        assert!(unusable_rows(&lenient, 38, 76).passed);
+        assert!(unusable_rows(&spec, 0, 0).passed);
     }
 }
