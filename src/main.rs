@@ -371,9 +371,14 @@ fn init_tracing(format: LogFormat) {
     let filter =
         EnvFilter::try_from_env("NIGHTINGALE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // Colour only on a terminal: logs written to a file or a pipe carry no escape codes.
+    // A log line that cannot be written is dropped: by default the formatter reports it with
+    // `eprintln!`, which panics when stderr is a pipe whose reader has gone (a red-team
+    // finding: the server then died at start-up, or over TLS ignored SIGTERM for good, the
+    // shutdown's log line panicking before the graceful shutdown began).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

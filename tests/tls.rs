@@ -156,6 +156,11 @@ struct Server {
 
 impl Server {
     fn start(args: &[&std::ffi::OsStr]) -> Server {
+        Server::spawn(args, None)
+    }
+
+    /// The server with its stderr in `stderr.log`, or in `pipe` when given.
+    fn spawn(args: &[&std::ffi::OsStr], pipe: Option<Stdio>) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let repository = dir.path().join("repository");
         std::fs::create_dir(&repository).unwrap();
@@ -173,7 +178,7 @@ impl Server {
             .env_remove("NIGHTINGALE_CONFIG")
             .current_dir(dir.path())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
+            .stderr(pipe.unwrap_or_else(|| std::fs::File::create(&stderr).unwrap().into()))
             .spawn()
             .unwrap();
         Server {
@@ -236,6 +241,74 @@ fn tls_args(cert: &Path, key: &Path) -> Vec<std::ffi::OsString> {
 
 fn os(args: &[std::ffi::OsString]) -> Vec<&std::ffi::OsStr> {
     args.iter().map(|a| a.as_os_str()).collect()
+}
+
+/// Red-team finding: with its stderr a pipe whose reader had gone (`serve ... | head`, a log
+/// shipper that died), the server died at start-up over plain HTTP, and over TLS ignored
+/// SIGTERM for good (the shutdown's log line panicked before the graceful shutdown began).
+/// Both now serve, and stop on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_log_reader_is_gone_serves_and_stops_on_sigterm() {
+    let pki = pki();
+    let p = pki.path();
+    for tls in [true, false] {
+        let args = if tls {
+            tls_args(&p.join("server.pem"), &p.join("server.key"))
+        } else {
+            Vec::new()
+        };
+        let mut server = Server::spawn(&os(&args), Some(Stdio::piped()));
+        drop(server.child.stderr.take());
+        if tls {
+            server
+                .wait_ready(client_config(&p.join("ca.pem"), &[b"http/1.1"], None))
+                .await;
+        } else {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                if let Some(status) = server.child.try_wait().unwrap() {
+                    panic!("the plain server exited with {status}");
+                }
+                let addr = server.addr;
+                let ready = tokio::task::spawn_blocking(move || {
+                    std::net::TcpStream::connect(addr).is_ok_and(|mut s| {
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                        let mut out = String::new();
+                        s.write_all(
+                            b"GET /v2/health/ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+                        )
+                        .is_ok()
+                            && s.read_to_string(&mut out).is_ok()
+                            && out.starts_with("HTTP/1.1 200")
+                    })
+                })
+                .await
+                .unwrap();
+                if ready {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the plain server was not ready");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let status = Command::new("kill")
+            .args(["-TERM", &server.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let exited = loop {
+            if let Some(status) = server.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tls={tls}: still running 30 s after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(exited.success(), "tls={tls}: {exited}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
