@@ -1516,38 +1516,19 @@ fn toml_error_place(text: &str, e: &toml::de::Error) -> String {
 /// A parser message without the value it quotes: serde says "invalid type: integer
 /// `12345678901234567890`, expected a string" or "unknown variant `<pasted key>`", and the
 /// value may be a secret written in the wrong place or form (a red-team finding: a bare
-/// number as `admin_token` was printed at start-up). What comes before ", expected" loses
-/// every quoted part (backticks or double quotes); the expectation is kept.
+/// number as `admin_token` was printed at start-up). Everything from the first quote
+/// (backtick or double quote) to the last ", expected" is left out, whatever the value holds
+/// (escaped quotes, backticks, ", expected" itself: a re-attack's findings); the expectation
+/// is kept.
 fn without_values(message: &str) -> String {
-    let (head, tail) = match message.find(", expected") {
+    let (head, tail) = match message.rfind(", expected") {
         Some(at) => message.split_at(at),
         None => (message, ""),
     };
-    let mut out = String::with_capacity(message.len());
-    let mut quote: Option<char> = None;
-    for c in head.chars() {
-        match quote {
-            Some(q) if c == q => {
-                out.push('…');
-                out.push(c);
-                quote = None;
-            }
-            Some(_) => {}
-            None => {
-                out.push(c);
-                if c == '`' || c == '"' {
-                    quote = Some(c);
-                }
-            }
-        }
+    match head.find(['`', '"']) {
+        Some(q) => format!("{}…{tail}", &head[..q]),
+        None => message.to_owned(),
     }
-    if let Some(q) = quote {
-        // An opening quote without its end: nothing after it is shown.
-        out.push('…');
-        out.push(q);
-    }
-    out.push_str(tail);
-    out
 }
 
 #[cfg(test)]
@@ -2026,11 +2007,30 @@ mod tests {
             assert!(!e.contains(secret), "{e}");
             assert!(e.contains(kept), "{e}");
         }
-        assert_eq!(without_values("unknown field `x"), "unknown field `…`");
+        assert_eq!(without_values("unknown field `x"), "unknown field …");
         assert_eq!(
             without_values("invalid type: integer `1`, expected `a` or `b`"),
-            "invalid type: integer `…`, expected `a` or `b`"
+            "invalid type: integer …, expected `a` or `b`"
         );
+        // A re-attack's findings: an escaped quote, a backtick or ", expected" in the value.
+        for (message, secret) in [
+            (
+                "invalid type: string \"hunter2\\\"SECRETPART\", expected usize",
+                "SECRETPART",
+            ),
+            (
+                "invalid type: string \"x, expected SECRETPART\", expected usize",
+                "SECRETPART",
+            ),
+            (
+                "unknown variant `sk`SECRETPART`, expected one of `infer`, `metrics`",
+                "SECRETPART",
+            ),
+        ] {
+            let shown = without_values(message);
+            assert!(!shown.contains(secret), "{shown}");
+            assert!(shown.contains(", expected"), "{shown}");
+        }
     }
 
     #[test]

@@ -492,15 +492,15 @@ async fn serve(
         });
     }
     // Validation runs (issue 11): role researcher; each run loads its own copy of the bundle.
-    state.set_validation(
-        http::validation::Validation::new(
-            config.validation_root.clone(),
-            &config.data_dir,
-            config.validation_max_upload_bytes,
-            validation_options,
-        )
-        .with_max_run(config.validation_max_run),
-    );
+    let validation = http::validation::Validation::new(
+        config.validation_root.clone(),
+        &config.data_dir,
+        config.validation_max_upload_bytes,
+        validation_options,
+    )
+    .with_max_run(config.validation_max_run);
+    validation.remove_abandoned_uploads();
+    state.set_validation(validation);
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.http_addr))?;
@@ -673,6 +673,8 @@ async fn serve(
     #[cfg(not(feature = "grpc"))]
     let grpc_server = async { anyhow::Ok(()) };
     tokio::try_join!(http_server, grpc_server)?;
+    // The last second's unauthenticated CDS refusals, counted and not yet written.
+    state.flush_held_audit().await;
     // Validation runs write inference records to the audit trail: they stop before the
     // server says it has (a run left going kept a "stopped" process writing the trail
     // beside the next server's, forking the chain). A run in a bootstrap gets a bounded

@@ -498,6 +498,31 @@ async fn an_anonymous_request_under_a_foreign_host_name_is_refused_on_a_loopback
             None,
             StatusCode::FORBIDDEN,
         ),
+        // Not a Host naming this machine (a re-attack's findings).
+        (
+            "/dicomweb/studies",
+            "[::1]evil.example",
+            None,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "/dicomweb/studies",
+            "[::1]:evil",
+            None,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "/dicomweb/studies",
+            "localhost:abc",
+            None,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "/dicomweb/studies",
+            "localhost:",
+            None,
+            StatusCode::FORBIDDEN,
+        ),
         (
             &format!("/v2/models/{MODEL}/ready"),
             "evil.example",
@@ -524,6 +549,20 @@ async fn an_anonymous_request_under_a_foreign_host_name_is_refused_on_a_loopback
     // A request without a Host (HTTP/1.0) is not refused for it.
     let (s, _, v) = server.send(get("/dicomweb/studies", None)).await;
     assert_eq!(s, StatusCode::OK, "{v}");
+    // Two Host fields: neither is taken as this machine's name.
+    let mut twice = with_host("/dicomweb/studies", "localhost", None);
+    twice
+        .headers_mut()
+        .append(header::HOST, "evil.example".parse().unwrap());
+    let (s, _, v) = server.send(twice).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    // An absolute target naming another host than a loopback Host (HTTP/2's :authority).
+    let other = Request::get("http://evil.example/dicomweb/studies")
+        .header(header::HOST, "localhost")
+        .body(Body::empty())
+        .unwrap();
+    let (s, _, v) = server.send(other).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
     // A server listening on the network (with --insecure) is called by its network name.
     let open = Server::new(HttpConfig::default());
     let (s, _, v) = open

@@ -635,6 +635,23 @@ async fn a_flood_of_calls_without_a_token_is_audited_in_bounded_records() {
     // The summary is a record of the hook's kind, like those it stands for.
     let last = server.audit().last().cloned().unwrap();
     assert_eq!(last["kind"], "cds-hook");
+    // Feedback is counted on its own, and a shutdown writes what is held at once (a
+    // re-attack's finding: the last second's refusals were lost with the process, and the
+    // summary named one kind for both).
+    let feedback = format!("/cds-services/{SERVICE}/feedback");
+    for _ in 0..CALLS {
+        let (s, _) = server
+            .send(server.post(&feedback, None, b"{}".to_vec()))
+            .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+    server.state.flush_held_audit().await;
+    let of_feedback: Vec<Value> = server
+        .audit()
+        .into_iter()
+        .filter(|r| r["kind"] == "cds-feedback")
+        .collect();
+    assert_eq!(counted(&of_feedback).1, CALLS, "{of_feedback:?}");
 }
 
 #[tokio::test]

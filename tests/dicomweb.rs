@@ -917,7 +917,7 @@ async fn qido_lists_what_was_stored() {
         ("application/*;q=0.5", StatusCode::OK),
         ("*/*;q=0", StatusCode::NOT_ACCEPTABLE),
     ] {
-        let (s, _, v) = server
+        let (s, h, v) = server
             .send(
                 Request::get("/dicomweb/studies")
                     .header(header::ACCEPT, accept)
@@ -926,6 +926,20 @@ async fn qido_lists_what_was_stored() {
             )
             .await;
         assert_eq!(s, status, "{accept}: {v}");
+        if s == StatusCode::OK {
+            // Labelled with the type the client took (a re-attack's finding: plain JSON
+            // asked, DICOM JSON refused, and the answer said application/dicom+json).
+            let plain = accept.contains("dicom+json;q=0");
+            assert_eq!(
+                h[header::CONTENT_TYPE],
+                if plain {
+                    "application/json"
+                } else {
+                    "application/dicom+json"
+                },
+                "{accept}"
+            );
+        }
     }
     let (s, _, v) = server
         .send(

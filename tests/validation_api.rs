@@ -328,6 +328,49 @@ async fn an_uploaded_dataset_is_validated_then_deleted() {
     assert_eq!(report["dataset"]["origin"], "upload");
 }
 
+/// Red-team finding: a server killed while it received or ran an upload left the dataset
+/// (patient data, up to the upload limit) on disk for good. At start-up the uploads no
+/// process holds are deleted (a folder without a report goes whole); a run another server
+/// on the same data folder holds is left alone.
+#[test]
+fn uploads_left_by_a_killed_server_are_deleted_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("data/validation/runs");
+    let folder = |name: &str, report: bool| {
+        let d = runs.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("dataset.csv"), b"mean radius,label\n1,1\n").unwrap();
+        if report {
+            std::fs::write(d.join("report.json"), b"{}").unwrap();
+        }
+        d
+    };
+    let cut_off = folder("cut-off", false);
+    let ran = folder("ran", true);
+    let held = folder("held", false);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(held.join(".owner.lock"))
+        .unwrap();
+    lock.try_lock().unwrap();
+    let validation = http::validation::Validation::new(
+        None,
+        &dir.path().join("data"),
+        UPLOAD_LIMIT,
+        RepositoryOptions::default(),
+    );
+    assert_eq!(validation.remove_abandoned_uploads(), 2);
+    assert!(!cut_off.exists());
+    assert!(!ran.join("dataset.csv").exists());
+    assert!(ran.join("report.json").is_file());
+    assert!(held.join("dataset.csv").is_file());
+    drop(lock);
+    assert_eq!(validation.remove_abandoned_uploads(), 1);
+    assert!(!held.exists());
+}
+
 /// An upload that never becomes a run leaves nothing on disk (it may hold patient data):
 /// a body cut off, a client gone mid-body, options refused after the upload.
 #[tokio::test]

@@ -373,6 +373,8 @@ struct Existing {
     sha256: String,
     path: String,
     calling_ae: String,
+    /// The data set's size: its file (file meta first) is at least that long.
+    size: u64,
 }
 
 #[derive(Default)]
@@ -968,16 +970,17 @@ impl Spool {
             let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
             indexed(&db, &stored.sop_instance_uid)?
         };
-        let result = match existing {
-            // The index names these very bytes, but their file is gone (deleted behind the
-            // index, a purge interrupted between file and row, a disk fault): a re-send is
-            // how a PACS recovers a lost instance, and answering it as a duplicate left
-            // nothing stored under a success (a red-team finding). It is written again
-            // under the indexed name, the row kept.
-            Some(existing)
-                if existing.sha256 == stored.sha256 && self.lost(&existing).is_some() =>
-            {
-                let path = self.lost(&existing).expect("checked just above");
+        // The index names these very bytes, but their file is gone or cut (deleted behind
+        // the index, a purge interrupted between file and row, a disk fault): a re-send is
+        // how a PACS recovers a lost instance, and answering it as a duplicate left nothing
+        // stored under a success (a red-team finding). It is written again under the
+        // indexed name, the row kept.
+        let lost = existing
+            .as_ref()
+            .filter(|e| e.sha256 == stored.sha256)
+            .and_then(|e| self.lost(e));
+        let result = match (existing, lost) {
+            (Some(existing), Some(path)) => {
                 tracing::warn!(
                     "an indexed instance's file was missing: stored again from a re-send"
                 );
@@ -991,8 +994,8 @@ impl Spool {
                     })
                 })
             }
-            Some(existing) => self.as_duplicate(stored, existing),
-            None => write(&stored).and_then(|tmp| {
+            (Some(existing), None) => self.as_duplicate(stored, existing),
+            (None, _) => write(&stored).and_then(|tmp| {
                 self.commit(Placement {
                     tmp,
                     relative,
@@ -1008,13 +1011,34 @@ impl Spool {
         result
     }
 
-    /// The full path of an indexed instance whose file is gone; `None` when something is
-    /// there (anything but the file is `spool check`'s to report) or when the indexed path
-    /// is not one of the spool's.
+    /// The full path of an indexed instance whose file is gone, or shorter than its data set
+    /// (cut by a disk fault: a re-send was acknowledged as a duplicate and the empty file
+    /// kept, a re-attack's finding), which is first moved into quarantine as `.damaged`;
+    /// `None` when the file is there whole, when something else is in its place (that is
+    /// `spool check`'s to report), or when the indexed path is not one of the spool's.
     fn lost(&self, existing: &Existing) -> Option<PathBuf> {
         let path = indexed_path(&self.root, &existing.path, false)?;
         match fs::symlink_metadata(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(path),
+            Ok(m) if m.is_file() && m.len() < existing.size => {
+                let n = self.seq.fetch_add(1, Ordering::Relaxed);
+                let aside = self.quarantine_dir().join(format!(
+                    "{}-{}-{n}.damaged",
+                    now_ms(),
+                    std::process::id()
+                ));
+                match fs::rename(&path, &aside) {
+                    // Another re-send moved it first: the name is free all the same.
+                    Ok(()) => {
+                        tracing::warn!(
+                            "an indexed instance's file was shorter than its data set: moved to quarantine"
+                        );
+                        Some(path)
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(path),
+                    Err(_) => None,
+                }
+            }
             _ => None,
         }
     }
@@ -1209,6 +1233,7 @@ impl Spool {
                     sha256: p.stored.sha256.clone(),
                     path: p.relative.to_string_lossy().into_owned(),
                     calling_ae: p.stored.calling_ae.clone(),
+                    size: p.stored.size,
                 },
             );
             durable.push((ticket, p));
@@ -1692,13 +1717,14 @@ fn add_arrival_sequence(db: &Connection) -> rusqlite::Result<()> {
 fn indexed(db: &Connection, sop_instance_uid: &str) -> Result<Option<Existing>, StoreError> {
     Ok(db
         .prepare_cached(
-            "SELECT sha256, path, calling_ae FROM instances WHERE sop_instance_uid = ?1",
+            "SELECT sha256, path, calling_ae, size FROM instances WHERE sop_instance_uid = ?1",
         )?
         .query_row([sop_instance_uid], |r| {
             Ok(Existing {
                 sha256: r.get(0)?,
                 path: r.get(1)?,
                 calling_ae: r.get(2)?,
+                size: r.get::<_, i64>(3)?.max(0) as u64,
             })
         })
         .optional()?)

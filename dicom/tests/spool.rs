@@ -841,6 +841,18 @@ fn a_resend_of_an_instance_whose_file_is_gone_is_stored_again() {
     assert!(std::fs::read(&first.path).unwrap().ends_with(&data));
     assert_eq!(spool.instances().unwrap().len(), 1);
     assert_eq!(dcm_files(spool.root()).len(), 1);
+    // A file cut short (a disk fault) is replaced the same way, the damaged one kept in
+    // quarantine (a re-attack's finding: it was acknowledged as a duplicate, 0 bytes kept).
+    std::fs::write(&first.path, b"").unwrap();
+    let again = spool.store(&data, &incoming()).unwrap();
+    assert_eq!(again.path, first.path);
+    assert!(std::fs::read(&first.path).unwrap().ends_with(&data));
+    let damaged: Vec<_> = std::fs::read_dir(spool.quarantine_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".damaged"))
+        .collect();
+    assert_eq!(damaged.len(), 1);
     // Other bytes under the same UID are still a conflict, the file gone or not.
     std::fs::remove_file(&first.path).unwrap();
     let other = ct(Some("1.2.3.4.7"), Some(vec![6, 0]));

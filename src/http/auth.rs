@@ -1392,10 +1392,22 @@ pub(crate) async fn enforce(
 /// `:authority`) when that is not this machine's loopback; `None` for a loopback name or
 /// none at all (HTTP/1.0).
 fn foreign_host(req: &Request) -> Option<String> {
-    let host = match req.headers().get(header::HOST) {
-        Some(h) => String::from_utf8_lossy(h.as_bytes()).into_owned(),
-        None => req.uri().authority()?.to_string(),
+    // Two Host fields (RFC 9112 3.2: a 400; removed before this by `host_from_authority`):
+    // neither is taken as this machine's name.
+    let several = req.extensions().get::<super::SeveralHosts>().is_some();
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        _ if several => return Some("(several Host fields)".to_owned()),
+        (Some(_), Some(_)) => return Some("(several Host fields)".to_owned()),
+        (Some(h), None) => String::from_utf8_lossy(h.as_bytes()).into_owned(),
+        (None, _) => req.uri().authority()?.to_string(),
     };
+    // HTTP/2: an authority that names another host than the Host field is not this one.
+    if let Some(authority) = req.uri().authority()
+        && !super::cds::is_loopback_host(authority.as_str())
+    {
+        return Some(authority.to_string());
+    }
     (!super::cds::is_loopback_host(host.trim())).then_some(host)
 }
 

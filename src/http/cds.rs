@@ -66,9 +66,25 @@ pub(crate) fn audience(state: &AppState, req: &Request) -> Result<String, String
 
 /// `host` (a Host header: name or address, optional port) names this machine's loopback.
 pub(crate) fn is_loopback_host(host: &str) -> bool {
+    // `name` or `name:port`, `[v6]` or `[v6]:port`, the port digits only: anything else
+    // (`[::1]evil.com`, `localhost:abc`) is not a Host naming this machine (a re-attack's
+    // finding; RFC 9110 7.2).
+    let port_ok = |port: &str| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
     let name = match host.strip_prefix('[') {
-        Some(rest) => rest.split(']').next().unwrap_or_default(),
-        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+        Some(rest) => {
+            let Some((ip, after)) = rest.split_once(']') else {
+                return false;
+            };
+            if !(after.is_empty() || after.strip_prefix(':').is_some_and(port_ok)) {
+                return false;
+            }
+            ip
+        }
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if port_ok(port) => name,
+            Some(_) => return false,
+            None => host,
+        },
     };
     name.eq_ignore_ascii_case("localhost")
         || name
@@ -135,7 +151,8 @@ pub(crate) async fn audit_refusal(
         // Anyone can send these: a burst is recorded one by one, then one a second; the
         // rest are counted, named by the next record and summarised a second later.
         use crate::audit::throttle::{Decision, SUMMARY_AFTER};
-        match state.unauthenticated_audit.decide() {
+        let throttle = state.held_audit_of(kind);
+        match throttle.decide() {
             Decision::Record { held_before: 0 } => {}
             Decision::Record { held_before } => {
                 detail.push_str(&format!(
@@ -145,29 +162,10 @@ pub(crate) async fn audit_refusal(
             Decision::Hold { schedule_summary } => {
                 metrics::counter!("nightingale_audit_refusals_summarised_total").increment(1);
                 if schedule_summary {
-                    let throttle = state.unauthenticated_audit.clone();
                     let audit = state.audit.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(SUMMARY_AFTER).await;
-                        let held = throttle.take_held();
-                        if held == 0 {
-                            return;
-                        }
-                        let event = AuditEvent {
-                            status: status.as_u16(),
-                            outcome: Outcome::from_status(status.as_u16()),
-                            detail: Some(format!(
-                                "{held} unauthenticated CDS Hooks requests refused, not recorded one by one (more than one a second)"
-                            )),
-                            ..AuditEvent::blank(
-                                kind,
-                                "-".to_owned(),
-                                Some(UNAUTHENTICATED.to_owned()),
-                            )
-                        };
-                        if let Err(e) = audit.record(event).await {
-                            tracing::error!(error = %e, "audit summary of refused CDS requests not written");
-                        }
+                        write_held_summary(&audit, &throttle, kind).await;
                     });
                 }
                 return;
@@ -182,6 +180,31 @@ pub(crate) async fn audit_refusal(
     };
     if let Err(e) = state.audit.record(event).await {
         tracing::error!(error = %e, "audit record of a refused CDS request not written");
+    }
+}
+
+/// One record for the unauthenticated refusals of `kind` held back and not yet named by a
+/// record (none when there are none).
+pub(crate) async fn write_held_summary(
+    audit: &crate::audit::AuditLog,
+    throttle: &crate::audit::throttle::Throttle,
+    kind: EventKind,
+) {
+    let held = throttle.take_held();
+    if held == 0 {
+        return;
+    }
+    let status = StatusCode::UNAUTHORIZED;
+    let event = AuditEvent {
+        status: status.as_u16(),
+        outcome: Outcome::from_status(status.as_u16()),
+        detail: Some(format!(
+            "{held} unauthenticated CDS Hooks requests refused, not recorded one by one (more than one a second)"
+        )),
+        ..AuditEvent::blank(kind, "-".to_owned(), Some(UNAUTHENTICATED.to_owned()))
+    };
+    if let Err(e) = audit.record(event).await {
+        tracing::error!(error = %e, "audit summary of refused CDS requests not written");
     }
 }
 

@@ -93,6 +93,20 @@ impl DicomWeb {
 }
 
 const DICOM_JSON: &str = "application/dicom+json";
+const PLAIN_JSON: &str = "application/json";
+
+/// `response` labelled `media` (one [`accepts_dicom_json`] chose) where it is DICOM JSON.
+fn labelled(mut response: Response, media: &'static str) -> Response {
+    if media != DICOM_JSON
+        && response.headers().get(header::CONTENT_TYPE)
+            == Some(&HeaderValue::from_static(DICOM_JSON))
+    {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(media));
+    }
+    response
+}
 
 /// STOW-RS parts stored at once (within one part's memory limit together).
 const STORE_CONCURRENCY: usize = 4;
@@ -227,7 +241,7 @@ async fn store_inner(
     body: Body,
 ) -> Result<Response, AppError> {
     let web = dicomweb(state)?;
-    accepts_dicom_json(headers)?;
+    let media = accepts_dicom_json(headers)?;
     // Every part is audited before the response reports it (a stored part whose record cannot
     // be written is reported as failed, 0x0110, like a C-STORE).
     let audit = DicomAuditSink::new(state.audit.clone(), web.audit_uids);
@@ -604,7 +618,10 @@ async fn store_inner(
             response.insert("00081190".into(), url);
         }
     }
-    Ok(dicom_json(status, Value::Object(response), None))
+    Ok(labelled(
+        dicom_json(status, Value::Object(response), None),
+        media,
+    ))
 }
 
 /// The audit view of a stored part.
@@ -913,14 +930,14 @@ fn results_cut(limit: Option<u32>, returned: usize) -> bool {
 
 /// QIDO-RS and STOW-RS answer `application/dicom+json` only (PS3.18 8.3.3): a request whose
 /// `Accept` allows none of it is 406, not answered in a type it did not ask for.
-fn accepts_dicom_json(headers: &HeaderMap) -> Result<(), AppError> {
+fn accepts_dicom_json(headers: &HeaderMap) -> Result<&'static str, AppError> {
     let Some(accept) = headers.get(header::ACCEPT) else {
-        return Ok(());
+        return Ok(DICOM_JSON);
     };
     let accept = accept.to_str().unwrap_or("");
     if accept.trim().is_empty() {
         // Says nothing: as if absent.
-        return Ok(());
+        return Ok(DICOM_JSON);
     }
     // Each range with its q-value (1 when absent; unreadable is 0).
     let ranges: Vec<(String, f32)> = accept
@@ -951,10 +968,12 @@ fn accepts_dicom_json(headers: &HeaderMap) -> Result<(), AppError> {
     let plain_json = ranges
         .iter()
         .any(|(r, q)| r == "application/json" && *q > 0.0);
-    let acceptable = accept.len() <= 4096
-        && (q_of("application/dicom+json").is_some_and(|q| q > 0.0) || plain_json);
-    if acceptable {
-        Ok(())
+    if accept.len() <= 4096 && q_of("application/dicom+json").is_some_and(|q| q > 0.0) {
+        Ok(DICOM_JSON)
+    } else if accept.len() <= 4096 && plain_json {
+        // Refused by name or not asked, plain JSON asked: the same body under that type (a
+        // re-attack's finding: it was labelled application/dicom+json all the same).
+        Ok(PLAIN_JSON)
     } else {
         Err(AppError::new(
             StatusCode::NOT_ACCEPTABLE,
@@ -979,6 +998,7 @@ async fn search(
     series: Option<String>,
     params: Vec<(String, String)>,
 ) -> Response {
+    let media = accepts_dicom_json(headers).unwrap_or(DICOM_JSON);
     let result = async {
         accepts_dicom_json(headers)?;
         let web = dicomweb(state)?;
@@ -1052,7 +1072,7 @@ async fn search(
         Ok::<_, AppError>(dicom_json(StatusCode::OK, body, warning))
     }
     .await;
-    result.unwrap_or_else(|e| e.into_response())
+    labelled(result.unwrap_or_else(|e| e.into_response()), media)
 }
 
 /// `values` AND `key`: only `key` when the query did not name it, nothing matches when the

@@ -127,9 +127,10 @@ pub struct AppState {
     cds: std::sync::OnceLock<crate::cds::Cds>,
     /// Validation runs (issue 11); unset: `/validation/runs` answers 404.
     validation: std::sync::OnceLock<validation::Validation>,
-    /// Audit records of refusals without credentials: a burst, then one a second, the rest
-    /// counted and summarised ([`crate::audit::throttle`]).
-    pub(crate) unauthenticated_audit: Arc<crate::audit::throttle::Throttle>,
+    /// Audit records of CDS Hooks refusals without credentials, calls and feedback each
+    /// their own: a burst, then one a second, the rest counted and summarised
+    /// ([`crate::audit::throttle`]).
+    pub(crate) unauthenticated_audit: [Arc<crate::audit::throttle::Throttle>; 2],
 }
 
 /// [`AppState::unauthenticated_audit`]'s burst and steady rate.
@@ -155,11 +156,34 @@ impl AppState {
             results: std::sync::OnceLock::new(),
             cds: std::sync::OnceLock::new(),
             validation: std::sync::OnceLock::new(),
-            unauthenticated_audit: Arc::new(crate::audit::throttle::Throttle::new(
-                UNAUTHENTICATED_AUDIT_BURST,
-                UNAUTHENTICATED_AUDIT_PER_SECOND,
-            )),
+            unauthenticated_audit: std::array::from_fn(|_| {
+                Arc::new(crate::audit::throttle::Throttle::new(
+                    UNAUTHENTICATED_AUDIT_BURST,
+                    UNAUTHENTICATED_AUDIT_PER_SECOND,
+                ))
+            }),
         })
+    }
+
+    /// Writes the summaries of the unauthenticated CDS refusals held back and not yet
+    /// written (at shutdown: those of the last second were lost with the process, a
+    /// re-attack's finding).
+    pub async fn flush_held_audit(&self) {
+        for kind in [
+            crate::audit::EventKind::CdsHook,
+            crate::audit::EventKind::CdsFeedback,
+        ] {
+            cds::write_held_summary(&self.audit, &self.held_audit_of(kind), kind).await;
+        }
+    }
+
+    /// The throttle of one kind of unauthenticated CDS refusal.
+    pub(crate) fn held_audit_of(
+        &self,
+        kind: crate::audit::EventKind,
+    ) -> Arc<crate::audit::throttle::Throttle> {
+        let i = usize::from(kind == crate::audit::EventKind::CdsFeedback);
+        self.unauthenticated_audit[i].clone()
     }
 
     /// Turns validation runs on (once).
@@ -448,6 +472,11 @@ async fn usable_request_id(mut request: Request) -> Request {
 /// the Host (DICOMweb RetrieveURLs, the CDS Hooks audience) treats both versions alike.
 /// An authority with user information is not copied (HTTP/2 forbids it).
 ///
+/// Marks a request that came with more than one Host field (removed by
+/// [`host_from_authority`]): it names no host, not even this machine's.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SeveralHosts;
+
 /// HTTP/1 (RFC 9112 §3.2): a request target in absolute form names the host, and its Host
 /// field is ignored (replaced by the target's authority); a request with more than one Host
 /// field names no host it can be taken at (they are removed: what reads the Host then finds
@@ -458,6 +487,7 @@ fn host_from_authority(request: &mut Request) {
     if request.version() < axum::http::Version::HTTP_2 {
         if request.headers().get_all(HOST).iter().nth(1).is_some() {
             request.headers_mut().remove(HOST);
+            request.extensions_mut().insert(SeveralHosts);
             return;
         }
         if request.uri().authority().is_none() {

@@ -502,9 +502,22 @@ pub(super) fn header_length(headers: &HeaderMap) -> Result<Option<usize>, AppErr
 pub(super) fn respond(
     response: InferResponse,
     flags: &[bool],
-    ticket: super::Ticket,
+    mut ticket: super::Ticket,
 ) -> Result<Response, AppError> {
     let encoded = codec::encode_response(response, flags)?;
+    // The answer is held in memory until the client has taken it: it is charged to the
+    // in-flight budget like the request was (an 11 KB gzipped explain request answered
+    // with 10 MB of JSON parked that much per unread connection, outside the budget: a
+    // red-team finding). The model has run; an answer the budget has no room for now is
+    // refused with 503, as the request would have been (its audit record stands).
+    ticket
+        .charge_at_least(encoded.body.len())
+        .inspect_err(|_| {
+            tracing::warn!(
+                bytes = encoded.body.len(),
+                "an answer was refused: no room for it in the in-flight memory budget"
+            );
+        })?;
     let mut builder = Response::builder().status(StatusCode::OK);
     builder = match encoded.header_len {
         Some(n) => builder
@@ -515,18 +528,24 @@ pub(super) fn respond(
     // The ticket goes with the body: its budget is released once the answer has been sent.
     builder
         .body(Body::new(HeldBody {
-            inner: http_body_util::Full::new(bytes::Bytes::from(encoded.body)),
+            rest: bytes::Bytes::from(encoded.body),
             _ticket: ticket,
         }))
         .map_err(|e| AppError::internal(e.to_string()))
 }
 
 /// A response body that holds its request's admission ticket until it has been sent (or
-/// dropped), keeping the body's length for Content-Length.
+/// dropped), keeping the body's length for Content-Length. It is handed to hyper in pieces
+/// of [`HELD_CHUNK`] bytes, each when hyper has written the one before: the ticket (charged
+/// for the whole answer) is held until the last piece is taken, where a body given whole
+/// released it at once while hyper still held every byte for a client that did not read.
 struct HeldBody {
-    inner: http_body_util::Full<bytes::Bytes>,
+    rest: bytes::Bytes,
     _ticket: super::Ticket,
 }
+
+/// The piece of an answer hyper is given at a time.
+const HELD_CHUNK: usize = 256 << 10;
 
 impl http_body::Body for HeldBody {
     type Data = bytes::Bytes;
@@ -534,17 +553,22 @@ impl http_body::Body for HeldBody {
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+        if self.rest.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.rest.len().min(HELD_CHUNK);
+        let piece = self.rest.split_to(n);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(piece))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        http_body::SizeHint::with_exact(self.rest.len() as u64)
     }
 }
 
@@ -670,4 +694,71 @@ pub async fn model_stats_version(
 ) -> Result<Json<serde_json::Value>, AppError> {
     let m = state.repository.get(&model, Some(&version))?;
     Ok(Json(json!({ "model_stats": [stats_json(&m)] })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::HttpConfig;
+    use crate::http::codec::{InferResponse, JsonData, OutputTensor};
+    use http_body::Body as _;
+    use http_body_util::BodyExt;
+    use nightingale_inference::Tensor;
+
+    /// A response of `n` FP32 zeros (about 2 bytes of JSON each).
+    fn zeros(n: usize) -> InferResponse {
+        let t = Tensor::Fp32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[1, n])));
+        InferResponse {
+            model_name: "m".into(),
+            model_version: "1".into(),
+            id: None,
+            outputs: vec![OutputTensor {
+                name: "out".into(),
+                datatype: t.datatype(),
+                shape: t.shape().to_vec(),
+                parameters: None,
+                data: Some(JsonData(t)),
+            }],
+        }
+    }
+
+    /// Red-team finding: an answer was held by hyper for a client that read nothing while
+    /// its request's budget had been given back (10 MB per connection from an 11 KB gzipped
+    /// explain request). The answer is charged, held until its last piece is taken, and
+    /// handed over in pieces; one the budget cannot hold is refused.
+    #[tokio::test]
+    async fn an_answer_is_charged_until_its_last_piece_is_taken() {
+        let config = HttpConfig {
+            max_inflight_bytes: 4 << 20,
+            ..HttpConfig::default()
+        };
+        let admission = crate::http::Admission::new(&config);
+        let free = || admission.bytes.available_permits();
+        let all = free();
+        let response = respond(zeros(600_000), &[false], admission.admit().unwrap()).unwrap();
+        let len = response.body().size_hint().exact().unwrap() as usize;
+        assert!(len > 1 << 20, "{len}");
+        // Charged for the whole answer while it is held.
+        assert!(all - free() >= len / 1024, "{} of {all}", free());
+        let mut body = response.into_body();
+        let mut pieces = 0;
+        let mut got = 0;
+        while let Some(frame) = body.frame().await {
+            let data = frame.unwrap().into_data().unwrap();
+            assert!(data.len() <= HELD_CHUNK);
+            got += data.len();
+            pieces += 1;
+            if got < len {
+                assert!(all - free() >= len / 1024, "released before the end");
+            }
+        }
+        assert_eq!(got, len);
+        assert!(pieces > 1);
+        drop(body);
+        assert_eq!(free(), all);
+        // An answer larger than the whole budget: refused, nothing kept.
+        let e = respond(zeros(3_000_000), &[false], admission.admit().unwrap()).unwrap_err();
+        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", e.message);
+        assert_eq!(free(), all);
+    }
 }

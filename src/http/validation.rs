@@ -351,6 +351,8 @@ async fn create_run(
     // An upload's folder goes whatever ends the request before its run starts: a refusal,
     // a body cut off, the client gone (the handler dropped), the request deadline.
     let mut upload = RemoveOnDrop(None);
+    // Held while the upload and its run live (see `hold_run_folder`).
+    let mut owner_lock: Option<std::fs::File> = None;
     let (request, dataset, uploaded) = match content_type.as_str() {
         "application/json" => {
             let bytes = axum::body::to_bytes(body, 64 << 10).await.map_err(|_| {
@@ -407,8 +409,14 @@ async fn create_run(
             }
             validation.precheck(name)?;
             let _place = validation.uploading()?;
-            let path = dir.join("dataset.csv");
+            let path = dir.join(UPLOAD_FILE);
             upload.0 = Some(dir.clone());
+            owner_lock = Some(hold_run_folder(&dir).map_err(|e| {
+                AppError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot store the upload: {e}"),
+                )
+            })?);
             receive(body, &dir, &path, validation.max_upload_bytes).await?;
             (request, path, true)
         }
@@ -537,6 +545,7 @@ async fn create_run(
             // the upload may hold patient data: only the report is kept
             let _ = std::fs::remove_file(&dataset);
         }
+        drop(owner_lock);
         let next = match outcome {
             Ok(report) => RunState::Done {
                 gate_passed: report.gate.as_ref().map(|g| g.passed),
@@ -585,6 +594,78 @@ fn parse_query<T: std::str::FromStr>(
                 .map_err(|_| AppError::bad_request(format!("?{key} is not a number")))
         })
         .transpose()
+}
+
+/// The uploaded dataset's name in its run's folder.
+const UPLOAD_FILE: &str = "dataset.csv";
+
+/// The lock file in a run's folder, held (an exclusive `flock`) by the process whose upload
+/// or run it is, for as long as they live.
+const OWNER_LOCK: &str = ".owner.lock";
+
+/// Creates a run's folder and takes its [`OWNER_LOCK`]: while it is held no other server on
+/// the data folder takes the upload in it for an abandoned one.
+fn hold_run_folder(dir: &FsPath) -> std::io::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)?;
+    let file = owner_lock_file(dir)?;
+    file.try_lock().map_err(|e| match e {
+        std::fs::TryLockError::Error(e) => e,
+        std::fs::TryLockError::WouldBlock => {
+            std::io::Error::other("the run's folder is held by another process")
+        }
+    })?;
+    Ok(file)
+}
+
+fn owner_lock_file(dir: &FsPath) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).truncate(false).write(true);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(dir.join(OWNER_LOCK))
+}
+
+impl Validation {
+    /// Deletes the uploads that no process holds any more: a server killed (`kill -9`, a
+    /// power cut) while it received an upload or ran it left the dataset, which may hold
+    /// patient data, on disk for good, and no run survives a restart to delete it (a
+    /// red-team finding). A run folder without a report goes whole. Folders another server
+    /// on the same data folder holds are left alone. Returns how many uploads were deleted.
+    pub fn remove_abandoned_uploads(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.runs_dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let upload = dir.join(UPLOAD_FILE);
+            let has_report = dir.join("report.json").exists();
+            if has_report && std::fs::symlink_metadata(&upload).is_err() {
+                continue;
+            }
+            let Ok(lock) = owner_lock_file(&dir) else {
+                continue;
+            };
+            if lock.try_lock().is_err() {
+                continue;
+            }
+            if std::fs::symlink_metadata(&upload).is_ok() && std::fs::remove_file(&upload).is_ok() {
+                removed += 1;
+            }
+            if !has_report {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+        if removed > 0 {
+            tracing::warn!(
+                removed,
+                "validation uploads left by a server that stopped while it held them were deleted"
+            );
+        }
+        removed
+    }
 }
 
 /// Removes a folder when dropped (an upload whose run never started), unless disarmed.
