@@ -76,6 +76,11 @@ enum AuditCommand {
         /// write.
         #[arg(long, value_name = "FILE")]
         anchor: Option<PathBuf>,
+        /// Older files were archived away on purpose since the anchor was taken: a trail that
+        /// starts later than it did then is accepted (without it that fails: records removed
+        /// from the start), and the anchor records where it starts now.
+        #[arg(long, requires = "anchor")]
+        archived: bool,
     },
 }
 
@@ -251,6 +256,7 @@ fn main() -> anyhow::Result<()> {
                     path,
                     postgres_url,
                     anchor,
+                    archived,
                 },
         } => {
             use nightingale::audit::anchor as anchors;
@@ -265,6 +271,32 @@ fn main() -> anyhow::Result<()> {
                 None => None,
             };
             let watch = anchored.as_ref().map(|a| a.seq);
+            // A folder of several logs: each checked and reported on its own line.
+            if let (None, None, Some(folder)) = (&anchor, &postgres_url, &path)
+                && folder.is_dir()
+                && let Ok(logs) = nightingale::audit::jsonl::logs_in(folder)
+                && logs.len() > 1
+            {
+                let mut failed = false;
+                for log in logs {
+                    match nightingale::audit::verify_watching(&log, None) {
+                        Ok(summary) => {
+                            println!(
+                                "{}",
+                                verified_line(&log.display().to_string(), &summary, "")
+                            )
+                        }
+                        Err(e) => {
+                            println!("FAIL {e}");
+                            failed = true;
+                        }
+                    }
+                }
+                if failed {
+                    std::process::exit(1)
+                }
+                return Ok(());
+            }
             let (what, result) = match (&postgres_url, &path) {
                 (Some(url), _) => (
                     nightingale::audit::postgres::redact(url),
@@ -278,40 +310,24 @@ fn main() -> anyhow::Result<()> {
             };
             let result = result.map_err(|e| e.to_string()).and_then(|summary| {
                 if let Some(a) = &anchored {
-                    anchors::check(a, &summary).map_err(|e| format!("audit trail {what}: {e}"))?;
+                    anchors::check(a, &summary, archived)
+                        .map_err(|e| format!("audit trail {what}: {e}"))?;
                 }
                 if let (Some(file), Some(tail)) = (&anchor, &summary.tail) {
-                    anchors::write(file, tail)
+                    anchors::write(file, tail, summary.first_seq)
                         .map_err(|e| format!("cannot write the anchor {}: {e}", file.display()))?;
                 }
                 Ok(summary)
             });
             match result {
                 Ok(summary) => {
-                    let from = match summary.first_seq {
-                        Some(s) if s > 0 => {
-                            format!(" (from sequence {s}: the files before it are not here)")
-                        }
-                        _ => String::new(),
-                    };
-                    let files = match summary.files.len() {
-                        0 | 1 => String::new(),
-                        n => format!(" in {n} files"),
-                    };
-                    let last = match &summary.tail {
-                        Some(t) => format!("; last record {} {}", t.seq, t.hash),
-                        None => String::new(),
-                    };
                     let anchored = match (&anchored, &anchor) {
                         (Some(a), _) => format!("; anchored record {} still there", a.seq),
                         (None, Some(_)) if summary.tail.is_some() => "; anchor written".to_owned(),
                         (None, Some(_)) => "; no record to anchor yet".to_owned(),
                         (None, None) => String::new(),
                     };
-                    println!(
-                        "ok   {what}: {} records{files}, hash chain intact{from}{last}{anchored}",
-                        summary.records
-                    );
+                    println!("{}", verified_line(&what, &summary, &anchored));
                     Ok(())
                 }
                 Err(e) => {
@@ -832,6 +848,27 @@ async fn serve_tls(
     reload.abort();
     shutdown.abort();
     Ok(result?)
+}
+
+/// `audit verify`'s line for a verified trail: records, files, where it starts when older
+/// files are not here, its last record, and `anchored` (what the anchor says).
+fn verified_line(what: &str, summary: &nightingale::audit::ChainSummary, anchored: &str) -> String {
+    let from = match summary.first_seq {
+        Some(s) if s > 0 => format!(" (from sequence {s}: the files before it are not here)"),
+        _ => String::new(),
+    };
+    let files = match summary.files.len() {
+        0 | 1 => String::new(),
+        n => format!(" in {n} files"),
+    };
+    let last = match &summary.tail {
+        Some(t) => format!("; last record {} {}", t.seq, t.hash),
+        None => String::new(),
+    };
+    format!(
+        "ok   {what}: {} records{files}, hash chain intact{from}{last}{anchored}",
+        summary.records
+    )
 }
 
 async fn shutdown_signal() {

@@ -901,7 +901,10 @@ fn audit_verify_with_an_anchor_finds_records_cut_from_the_end() {
     let tail = audit::verify(&log).unwrap().tail.unwrap();
     let kept: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&anchor).unwrap()).unwrap();
-    assert_eq!(kept, serde_json::json!({"seq": 4, "hash": tail.hash}));
+    assert_eq!(
+        kept,
+        serde_json::json!({"seq": 4, "hash": tail.hash, "first": 0})
+    );
 
     // More records: the anchored one is still there; the anchor moves on to the new end.
     let mut store = JsonLinesStore::open(&log, Options::default()).unwrap();
@@ -940,4 +943,97 @@ fn audit_verify_with_an_anchor_finds_records_cut_from_the_end() {
     std::fs::write(&anchor, "{\"seq\": 1}").unwrap();
     let (ok, out) = cli_verify(&args);
     assert!(!ok && out.contains("not an audit anchor"), "{out}");
+}
+
+/// Red-team finding: a folder holding several logs was reported as one, with the first
+/// log's last record (an operator copying it as a checkpoint kept the wrong one) and
+/// without the note that another log's oldest file was missing. Each log has its line.
+#[test]
+fn audit_verify_reports_each_log_of_a_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.jsonl");
+    let mut store = JsonLinesStore::open(&a, Options::default()).unwrap();
+    append(&mut store, 0..3);
+    drop(store);
+    let b = dir.path().join("b.jsonl");
+    let mut store = JsonLinesStore::open(&b, Options::default()).unwrap();
+    append(&mut store, 0..9);
+    drop(store);
+    // b's records 0..=4 in a rotated file that is then archived away.
+    let text = std::fs::read_to_string(&b).unwrap();
+    let rest: String = text.lines().skip(5).map(|l| format!("{l}\n")).collect();
+    std::fs::write(dir.path().join("b.00000000000000000005.jsonl"), &rest).unwrap();
+    std::fs::write(&b, "").unwrap();
+    let (ok, out) = cli_verify(&[dir.path().as_os_str()]);
+    assert!(ok, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[0].contains("a.jsonl: 3 records") && lines[0].contains("last record 2 "),
+        "{out}"
+    );
+    assert!(
+        lines[1].contains("b.jsonl: 4 records")
+            && lines[1].contains("from sequence 5")
+            && lines[1].contains("last record 8 "),
+        "{out}"
+    );
+    // The library's summary of such a folder claims no single start or end.
+    let s = audit::verify(dir.path()).unwrap();
+    assert_eq!((s.records, s.first_seq, s.tail.is_none()), (7, None, true));
+}
+
+/// Red-team finding: with an anchor, every record before the anchored one could be removed
+/// (the rest put in a file named for the sequence it now starts at) and the check passed.
+/// The anchor keeps where the trail started; a later start fails unless the operator says
+/// older files were archived on purpose (`--archived`), and an anchor from before it (no
+/// `first`) is taken as it is.
+#[test]
+fn audit_verify_with_an_anchor_finds_records_cut_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let anchor = dir.path().join("elsewhere/anchor.json");
+    std::fs::create_dir_all(anchor.parent().unwrap()).unwrap();
+    let args = [log.as_os_str(), "--anchor".as_ref(), anchor.as_os_str()];
+    let mut store = JsonLinesStore::open(&log, Options::default()).unwrap();
+    append(&mut store, 0..8);
+    drop(store);
+    let (ok, out) = cli_verify(&args);
+    assert!(ok && out.contains("anchor written"), "{out}");
+    let kept = std::fs::read_to_string(&anchor).unwrap();
+
+    // Records 0..=4 removed, 5..=7 left in a file named for record 5.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let rest: String = text.lines().skip(5).map(|l| format!("{l}\n")).collect();
+    std::fs::write(dir.path().join("audit.00000000000000000005.jsonl"), &rest).unwrap();
+    std::fs::write(&log, "").unwrap();
+    assert_eq!(audit::verify(&log).unwrap().first_seq, Some(5));
+    let (ok, out) = cli_verify(&args);
+    assert!(
+        !ok && out.contains("records were removed from its start"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_to_string(&anchor).unwrap(), kept);
+    // Archived on purpose: accepted, and the anchor starts where the trail does now.
+    let mut archived = args.to_vec();
+    archived.push("--archived".as_ref());
+    let (ok, out) = cli_verify(&archived);
+    assert!(ok, "{out}");
+    let now: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&anchor).unwrap()).unwrap();
+    assert_eq!(
+        (now["seq"].as_u64(), now["first"].as_u64()),
+        (Some(7), Some(5))
+    );
+    let (ok, out) = cli_verify(&args);
+    assert!(ok, "{out}");
+    // An anchor written before `first` existed is read as it is.
+    let tail = audit::verify(&log).unwrap().tail.unwrap();
+    std::fs::write(
+        &anchor,
+        serde_json::json!({"seq": tail.seq, "hash": tail.hash}).to_string(),
+    )
+    .unwrap();
+    let (ok, out) = cli_verify(&args);
+    assert!(ok, "{out}");
 }

@@ -1684,12 +1684,14 @@ fn parse_command(bytes: &[u8]) -> Option<Command> {
     // message). Strict, since a parser that believes an element's length (a command element
     // claiming 0xFFFFFFF0 bytes) would allocate and fill gigabytes on the async worker,
     // stalling every association (found by dicom/tests/hostile.rs).
-    const WANTED: [(u16, u16); 5] = [
+    const WANTED: [(u16, u16); 7] = [
         (0x0000, 0x0100), // Command Field
         (0x0000, 0x0110), // Message ID
         (0x0000, 0x0800), // Command Data Set Type
         (0x0000, 0x0002), // Affected SOP Class UID
         (0x0000, 0x1000), // Affected SOP Instance UID
+        (0x0000, 0x0003), // Requested SOP Class UID (N-services)
+        (0x0000, 0x1001), // Requested SOP Instance UID (N-services)
     ];
     let found = crate::structure::walk(
         bytes,
@@ -1710,12 +1712,29 @@ fn parse_command(bytes: &[u8]) -> Option<Command> {
         }
         _ => String::new(),
     };
+    let field = u16_of(0)?;
+    // PS3.7 9.3.2.3: a C-CANCEL-RQ names the request it cancels (Message ID Being Responded
+    // To) and carries no Message ID of its own (one was required, and a conformant cancel
+    // aborted the association: a red-team finding).
+    let message_id = match field {
+        C_CANCEL_RQ => u16_of(1).unwrap_or(0),
+        _ => u16_of(1)?,
+    };
+    // An N-service request names its class and instance as Requested; its response names
+    // them as Affected (PS3.7 10.3): they are answered under those.
+    let or_requested = |affected: String, requested: usize| {
+        if affected.is_empty() {
+            str_of(requested)
+        } else {
+            affected
+        }
+    };
     Some(Command {
-        field: u16_of(0)?,
-        message_id: u16_of(1)?,
+        field,
+        message_id,
         data_set_type: u16_of(2).unwrap_or(NO_DATA_SET),
-        sop_class_uid: str_of(3),
-        sop_instance_uid: str_of(4),
+        sop_class_uid: or_requested(str_of(3), 5),
+        sop_instance_uid: or_requested(str_of(4), 6),
     })
 }
 

@@ -19,6 +19,12 @@ use super::{ChainSummary, Tail};
 pub struct Anchor {
     pub seq: u64,
     pub hash: String,
+    /// The sequence number the trail started at when the anchor was taken (0 unless older
+    /// files had been archived away). Without it, every record before the anchored one
+    /// could be removed, the rest put in a file named for where it now starts, and the
+    /// check passed (a red-team finding). Anchors from before it have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first: Option<u64>,
 }
 
 /// The largest anchor file read (it holds one small JSON object).
@@ -51,9 +57,18 @@ pub fn read(path: &Path) -> Result<Option<Anchor>, String> {
     Ok(Some(anchor))
 }
 
-/// Whether a verified chain still holds the anchored record, unchanged. `summary` must come
-/// from a verification watching `anchor.seq`.
-pub fn check(anchor: &Anchor, summary: &ChainSummary) -> Result<(), String> {
+/// Whether a verified chain still holds the anchored record, unchanged, and starts where it
+/// started then (unless `archived`: older files were archived away on purpose). `summary`
+/// must come from a verification watching `anchor.seq`.
+pub fn check(anchor: &Anchor, summary: &ChainSummary, archived: bool) -> Result<(), String> {
+    if let (Some(then), Some(now)) = (anchor.first, summary.first_seq)
+        && now > then
+        && !archived
+    {
+        return Err(format!(
+            "the trail now starts at record {now}, but it started at record {then} when the anchor was taken: records were removed from its start (if older files were archived on purpose, check with --archived)"
+        ));
+    }
     if let Some(w) = &summary.watched {
         if w.hash.eq_ignore_ascii_case(&anchor.hash) {
             return Ok(());
@@ -72,19 +87,25 @@ pub fn check(anchor: &Anchor, summary: &ChainSummary) -> Result<(), String> {
             "the trail ends at record {last}, but the anchor was taken at record {}: records were removed from its end",
             anchor.seq
         )),
-        (Some(first), _) => Err(format!(
+        (Some(first), _) if archived => Err(format!(
             "the trail now starts at record {first}, after the anchor's record {}: it was archived away (keep a new anchor for what is left)",
+            anchor.seq
+        )),
+        (Some(first), _) => Err(format!(
+            "the trail now starts at record {first}, after the anchor's record {}: records were removed from its start (if they were archived on purpose, keep a new anchor for what is left)",
             anchor.seq
         )),
         (None, Some(_)) => Err(format!("record {} is not in the trail", anchor.seq)),
     }
 }
 
-/// Writes the anchor for `tail` (a temporary file beside it, synced, renamed over it).
-pub fn write(path: &Path, tail: &Tail) -> std::io::Result<()> {
+/// Writes the anchor for `tail` of a trail starting at `first` (a temporary file beside it,
+/// synced, renamed over it).
+pub fn write(path: &Path, tail: &Tail, first: Option<u64>) -> std::io::Result<()> {
     let anchor = Anchor {
         seq: tail.seq,
         hash: tail.hash.clone(),
+        first,
     };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,

@@ -128,6 +128,28 @@ pub fn c_store_rq(message_id: u16, sop: &str) -> Vec<u8> {
     command_set(0x0001, message_id, CT, Some(sop), 0x0000)
 }
 
+/// A C-CANCEL-RQ as PS3.7 9.3.2.3 has it: the Message ID Being Responded To, no Message ID
+/// and no SOP class (Implicit VR Little Endian, group length first).
+pub fn c_cancel_rq(responding_to: u16) -> Vec<u8> {
+    command_of(|obj| {
+        obj.put(DataElement::new(
+            tags::COMMAND_FIELD,
+            VR::US,
+            PrimitiveValue::from(0x0FFFu16),
+        ));
+        obj.put(DataElement::new(
+            tags::MESSAGE_ID_BEING_RESPONDED_TO,
+            VR::US,
+            PrimitiveValue::from(responding_to),
+        ));
+        obj.put(DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            PrimitiveValue::from(0x0101u16),
+        ));
+    })
+}
+
 /// A DIMSE request command set (Implicit VR Little Endian, group length first).
 pub fn command_set(
     field: u16,
@@ -136,15 +158,8 @@ pub fn command_set(
     sop_instance: Option<&str>,
     data_set_type: u16,
 ) -> Vec<u8> {
-    let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
     let us = |v: u16| PrimitiveValue::from(v);
-    let build = |group_length: u32| {
-        let mut obj = InMemDicomObject::new_empty();
-        obj.put(DataElement::new(
-            tags::COMMAND_GROUP_LENGTH,
-            VR::UL,
-            PrimitiveValue::from(group_length),
-        ));
+    command_of(|obj| {
         obj.put(DataElement::new(
             tags::AFFECTED_SOP_CLASS_UID,
             VR::UI,
@@ -167,6 +182,21 @@ pub fn command_set(
                 PrimitiveValue::from(sop),
             ));
         }
+    })
+}
+
+/// A command set of the elements `put` adds, in Implicit VR Little Endian with its group
+/// length first.
+fn command_of(put: impl Fn(&mut InMemDicomObject)) -> Vec<u8> {
+    let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
+    let build = |group_length: u32| {
+        let mut obj = InMemDicomObject::new_empty();
+        obj.put(DataElement::new(
+            tags::COMMAND_GROUP_LENGTH,
+            VR::UL,
+            PrimitiveValue::from(group_length),
+        ));
+        put(&mut obj);
         let mut out = Vec::new();
         obj.write_dataset_with_ts(&mut out, &ts).unwrap();
         out
