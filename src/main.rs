@@ -565,6 +565,11 @@ async fn serve(
                     .await?
                     .with_context(|| format!("cannot open the DICOM spool {}", path.display()))?;
             tracing::info!(spool = %spool.root().display(), ?recovery, "DICOM spool open");
+            // From the start, not only once something is stored: a spool already near its
+            // high-water mark after a restart can alert before a store is refused.
+            if let Ok(free) = spool.free_bytes() {
+                metrics::gauge!("nightingale_dicom_spool_free_bytes").set(free as f64);
+            }
             Some(Arc::new(spool))
         }
     };

@@ -1425,6 +1425,9 @@ async fn store(
     let transfer_syntax = sop::trim_uid(&context.transfer_syntax).to_owned();
     event.transfer_syntax = transfer_syntax.clone();
     let size = p.received();
+    // Every data set received, stored or refused (as STOW counts every byte it reads): a
+    // flood of corrupt or conflicting instances is traffic too (a red-team finding).
+    metrics::counter!("nightingale_dicom_received_bytes_total").increment(size as u64);
     let started = std::time::Instant::now();
     let result = {
         let spool = spool.clone();
@@ -1477,7 +1480,6 @@ async fn store(
                 "duplicate" => if stored.duplicate { "true" } else { "false" }
             )
             .increment(1);
-            metrics::counter!("nightingale_dicom_received_bytes_total").increment(size as u64);
             metrics::histogram!("nightingale_dicom_store_seconds")
                 .record(started.elapsed().as_secs_f64());
             tracing::info!(
