@@ -912,6 +912,14 @@ async fn statistics_and_metrics() {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
     assert!(text.contains("outcome=\"client_error\""));
+    // Every family has its help text (a red-team finding: none had).
+    for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let name = line.split_whitespace().nth(2).unwrap();
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "no # HELP for {name}"
+        );
+    }
 }
 
 #[tokio::test]
