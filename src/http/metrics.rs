@@ -34,10 +34,7 @@ pub fn install_recorder() -> PrometheusHandle {
                 })
                 .expect("bucket lists are not empty")
                 .install_recorder()
-                .map(|handle| {
-                    describe();
-                    handle
-                })
+                .inspect(|_| describe())
                 .expect("no other metrics recorder is installed")
         })
         .clone()
