@@ -304,7 +304,7 @@ fn main() -> anyhow::Result<()> {
                 ),
                 (None, Some(path)) => (
                     path.display().to_string(),
-                    nightingale::audit::verify_watching(path, watch),
+                    nightingale::audit::verify_watching_archived(path, watch, archived),
                 ),
                 (None, None) => unreachable!("clap requires a path or --postgres-url"),
             };

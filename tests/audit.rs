@@ -1027,7 +1027,9 @@ fn audit_verify_with_an_anchor_finds_records_cut_from_the_start() {
     );
     let (ok, out) = cli_verify(&args);
     assert!(ok, "{out}");
-    // An anchor written before `first` existed is read as it is.
+    // An anchor written before `first` existed is read as taken on a trail starting at its
+    // genesis (a re-attack's finding: read as "unknown", the cut start passed and was then
+    // recorded as the trail's): this one fails until the archiving is declared once.
     let tail = audit::verify(&log).unwrap().tail.unwrap();
     std::fs::write(
         &anchor,
@@ -1035,5 +1037,34 @@ fn audit_verify_with_an_anchor_finds_records_cut_from_the_start() {
     )
     .unwrap();
     let (ok, out) = cli_verify(&args);
+    assert!(
+        !ok && out.contains("records were removed from its start"),
+        "{out}"
+    );
+    let (ok, out) = cli_verify(&archived);
     assert!(ok, "{out}");
+    let (ok, out) = cli_verify(&args);
+    assert!(ok, "{out}");
+
+    // Every rotated file archived, the live file alone starting later: refused as a cut
+    // without the declaration, accepted with it (a re-attack's finding: --archived could
+    // not accept it).
+    let mut store = JsonLinesStore::open(&log, Options::default()).unwrap();
+    append(&mut store, 8..12);
+    drop(store);
+    let (ok, out) = cli_verify(&args);
+    assert!(ok, "{out}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::remove_file(dir.path().join("audit.00000000000000000005.jsonl")).unwrap();
+    std::fs::write(&log, &text).unwrap();
+    assert!(
+        audit::verify(&log)
+            .unwrap_err()
+            .to_string()
+            .contains("where 0 was expected")
+    );
+    let (ok, out) = cli_verify(&args);
+    assert!(!ok, "{out}");
+    let (ok, out) = cli_verify(&archived);
+    assert!(ok && out.contains("from sequence 8"), "{out}");
 }

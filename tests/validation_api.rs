@@ -348,6 +348,18 @@ fn uploads_left_by_a_killed_server_are_deleted_at_the_next_start() {
     let cut_off = folder("cut-off", false);
     let ran = folder("ran", true);
     let held = folder("held", false);
+    // Not uploads: a run on a dataset under the root and a `validate --out` run going on,
+    // with its audit trail, and an operator's own folder (a re-attack's finding: every
+    // folder without a report was deleted whole).
+    let named = runs.join("named-dataset");
+    std::fs::create_dir_all(&named).unwrap();
+    std::fs::write(named.join("audit.jsonl"), b"").unwrap();
+    let notes = runs.join("my-notes");
+    std::fs::create_dir_all(&notes).unwrap();
+    std::fs::write(notes.join("important.txt"), b"keep").unwrap();
+    // An upload cut off after its run wrote its audit trail: the upload goes, the rest stays.
+    let partial = folder("partial", false);
+    std::fs::write(partial.join("audit.jsonl"), b"").unwrap();
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -361,11 +373,15 @@ fn uploads_left_by_a_killed_server_are_deleted_at_the_next_start() {
         UPLOAD_LIMIT,
         RepositoryOptions::default(),
     );
-    assert_eq!(validation.remove_abandoned_uploads(), 2);
+    assert_eq!(validation.remove_abandoned_uploads(), 3);
     assert!(!cut_off.exists());
     assert!(!ran.join("dataset.csv").exists());
     assert!(ran.join("report.json").is_file());
     assert!(held.join("dataset.csv").is_file());
+    assert!(named.join("audit.jsonl").is_file());
+    assert!(notes.join("important.txt").is_file());
+    assert!(!partial.join("dataset.csv").exists());
+    assert!(partial.join("audit.jsonl").is_file());
     drop(lock);
     assert_eq!(validation.remove_abandoned_uploads(), 1);
     assert!(!held.exists());

@@ -1723,9 +1723,12 @@ fn parse_command(bytes: &[u8]) -> Option<Command> {
         _ => u16_of(1)?,
     };
     // An N-service request names its class and instance as Requested; its response names
-    // them as Affected (PS3.7 10.3): they are answered under those.
+    // them as Affected (PS3.7 10.3): they are answered under those. Only N-services: a
+    // C-STORE-RQ without its Affected UIDs is malformed whatever else it carries (a
+    // re-attack's finding: one naming only Requested UIDs was stored).
+    let n_service = field & 0x7FFF >= 0x0100;
     let or_requested = |affected: String, requested: usize| {
-        if affected.is_empty() {
+        if affected.is_empty() && n_service {
             str_of(requested)
         } else {
             affected

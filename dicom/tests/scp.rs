@@ -652,6 +652,44 @@ async fn a_request_not_served_is_answered_after_its_data_set_and_c_cancel_gets_n
             store(&mut assoc, pc, 4, "1.2.3.100.9.1", ct("1.2.3.100.9.1")),
             0x0000
         );
+        // A C-STORE-RQ naming its instance only as Requested (N-services' elements): not
+        // stored (a re-attack's finding: it was, from the Requested UIDs).
+        let requested_only = command_of(|obj| {
+            use dicom_core::{DataElement, PrimitiveValue, VR};
+            use dicom_dictionary_std::tags;
+            obj.put(DataElement::new(
+                tags::COMMAND_FIELD,
+                VR::US,
+                PrimitiveValue::from(0x0001u16),
+            ));
+            obj.put(DataElement::new(
+                tags::MESSAGE_ID,
+                VR::US,
+                PrimitiveValue::from(7u16),
+            ));
+            obj.put(DataElement::new(
+                tags::REQUESTED_SOP_CLASS_UID,
+                VR::UI,
+                PrimitiveValue::from(CT),
+            ));
+            obj.put(DataElement::new(
+                tags::REQUESTED_SOP_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from("1.2.3.100.9.7"),
+            ));
+            obj.put(DataElement::new(
+                tags::COMMAND_DATA_SET_TYPE,
+                VR::US,
+                PrimitiveValue::from(0x0000u16),
+            ));
+        });
+        assoc
+            .send(&pdata(pc, PDataValueType::Command, true, requested_only))
+            .unwrap();
+        assoc
+            .send(&pdata(pc, PDataValueType::Data, true, ct("1.2.3.100.9.7")))
+            .unwrap();
+        assert_ne!(status_of(assoc.receive().unwrap()), 0x0000);
         // A C-STORE-RQ saying it has no data set: cannot understand (0xC000), and the
         // association goes on (it was 0x0211, unrecognized operation).
         let bare = command_set(0x0001, 5, CT, Some("1.2.3.100.9.2"), 0x0101);

@@ -61,7 +61,11 @@ pub fn read(path: &Path) -> Result<Option<Anchor>, String> {
 /// started then (unless `archived`: older files were archived away on purpose). `summary`
 /// must come from a verification watching `anchor.seq`.
 pub fn check(anchor: &Anchor, summary: &ChainSummary, archived: bool) -> Result<(), String> {
-    if let (Some(then), Some(now)) = (anchor.first, summary.first_seq)
+    // An anchor from before `first` was kept is read as taken on a trail starting at its
+    // genesis (a re-attack's finding: read as "unknown", a cut start passed and the anchor
+    // then recorded the cut start as the trail's); one archived earlier says so once with
+    // --archived.
+    if let (then, Some(now)) = (anchor.first.unwrap_or(0), summary.first_seq)
         && now > then
         && !archived
     {

@@ -435,6 +435,17 @@ pub fn logs_in(path: &Path) -> Result<Vec<PathBuf>, AuditError> {
 }
 
 pub fn verify_watching(path: &Path, watch: Option<u64>) -> Result<ChainSummary, AuditError> {
+    verify_watching_archived(path, watch, false)
+}
+
+/// [`verify_watching`]; with `archived`, a live file that does not start at the genesis
+/// though no rotated file is beside it is taken as a trail whose rotated files were all
+/// archived away on purpose (`audit verify --anchor … --archived`), not as one cut.
+pub fn verify_watching_archived(
+    path: &Path,
+    watch: Option<u64>,
+    archived: bool,
+) -> Result<ChainSummary, AuditError> {
     if path.is_dir() {
         let lives = logs_in(path)?;
         if lives.is_empty() {
@@ -457,7 +468,7 @@ pub fn verify_watching(path: &Path, watch: Option<u64>) -> Result<ChainSummary, 
         }
         let mut total: Option<ChainSummary> = None;
         for live in lives {
-            let s = verify_log(&live, watch)?;
+            let s = verify_log(&live, watch, archived)?;
             total = Some(match total {
                 None => s,
                 Some(mut t) => {
@@ -491,7 +502,7 @@ pub fn verify_watching(path: &Path, watch: Option<u64>) -> Result<ChainSummary, 
             });
         }
     }
-    verify_log(path, watch)
+    verify_log(path, watch, archived)
 }
 
 /// How many times a log is read again when it rotated while it was read: a small rotation
@@ -521,11 +532,11 @@ fn regular(path: &Path) -> Result<(), AuditError> {
 /// live file renamed, then a new one created) showed a gap, or no live file, where the trail
 /// was whole (a review saw 9 false failures in 60 runs under load). A failure stands when the
 /// log's files are the same before and after the read.
-fn verify_log(path: &Path, watch: Option<u64>) -> Result<ChainSummary, AuditError> {
+fn verify_log(path: &Path, watch: Option<u64>, archived: bool) -> Result<ChainSummary, AuditError> {
     let mut attempt = 0;
     loop {
         let set = LogSet::of(path)?;
-        let result = verify_set(&set, watch);
+        let result = verify_set(&set, watch, archived);
         if result.is_ok() || attempt >= ROTATION_RETRIES {
             return result;
         }
@@ -539,7 +550,11 @@ fn verify_log(path: &Path, watch: Option<u64>) -> Result<ChainSummary, AuditErro
     }
 }
 
-fn verify_set(set: &LogSet, watch: Option<u64>) -> Result<ChainSummary, AuditError> {
+fn verify_set(
+    set: &LogSet,
+    watch: Option<u64>,
+    archived: bool,
+) -> Result<ChainSummary, AuditError> {
     let files = set.files();
     // A log whose oldest files were archived elsewhere is checked from where it starts.
     let mut checker = ChainChecker::anywhere();
@@ -608,7 +623,12 @@ fn verify_set(set: &LogSet, watch: Option<u64>) -> Result<ChainSummary, AuditErr
                     ),
                 });
             }
-            if i == 0 && n == 0 && set.rotated.is_empty() && checker.first_seq != Some(0) {
+            if i == 0
+                && n == 0
+                && set.rotated.is_empty()
+                && !archived
+                && checker.first_seq != Some(0)
+            {
                 return Err(AuditError::Broken {
                     location: file.display().to_string(),
                     record: 1,

@@ -758,6 +758,17 @@ pub fn verify(path: &Path) -> Result<ChainSummary, AuditError> {
 
 /// [`verify`], also keeping the record at sequence number `watch` (an anchor's).
 pub fn verify_watching(path: &Path, watch: Option<u64>) -> Result<ChainSummary, AuditError> {
+    verify_watching_archived(path, watch, false)
+}
+
+/// [`verify_watching`]; with `archived`, a JSON-lines trail whose rotated files were all
+/// archived away on purpose is checked from where its live file starts
+/// ([`jsonl::verify_watching_archived`]).
+pub fn verify_watching_archived(
+    path: &Path,
+    watch: Option<u64>,
+    archived: bool,
+) -> Result<ChainSummary, AuditError> {
     // Neither a file nor a folder (a FIFO, a device): refused before it is opened, since
     // opening a FIFO to read waits for a writer, forever.
     if let Ok(m) = std::fs::metadata(path)
@@ -775,7 +786,7 @@ pub fn verify_watching(path: &Path, watch: Option<u64>) -> Result<ChainSummary, 
     if sqlite::is_sqlite(path) {
         sqlite::verify_watching(path, watch)
     } else {
-        jsonl::verify_watching(path, watch)
+        jsonl::verify_watching_archived(path, watch, archived)
     }
 }
 

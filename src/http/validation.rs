@@ -628,8 +628,12 @@ impl Validation {
     /// Deletes the uploads that no process holds any more: a server killed (`kill -9`, a
     /// power cut) while it received an upload or ran it left the dataset, which may hold
     /// patient data, on disk for good, and no run survives a restart to delete it (a
-    /// red-team finding). A run folder without a report goes whole. Folders another server
-    /// on the same data folder holds are left alone. Returns how many uploads were deleted.
+    /// red-team finding). Only an upload's file is deleted (a link as the link), and its
+    /// folder only when nothing else is left in it: other runs' folders (a dataset named
+    /// under the validation root, a `validate --out` run with its audit trail, an operator's
+    /// own files) are not this clean-up's (a re-attack's finding: they were deleted whole).
+    /// Folders another server on the same data folder holds are left alone. Returns how many
+    /// uploads were deleted.
     pub fn remove_abandoned_uploads(&self) -> usize {
         let Ok(entries) = std::fs::read_dir(&self.runs_dir) else {
             return 0;
@@ -641,8 +645,7 @@ impl Validation {
                 continue;
             }
             let upload = dir.join(UPLOAD_FILE);
-            let has_report = dir.join("report.json").exists();
-            if has_report && std::fs::symlink_metadata(&upload).is_err() {
+            if std::fs::symlink_metadata(&upload).is_err() {
                 continue;
             }
             let Ok(lock) = owner_lock_file(&dir) else {
@@ -651,11 +654,18 @@ impl Validation {
             if lock.try_lock().is_err() {
                 continue;
             }
-            if std::fs::symlink_metadata(&upload).is_ok() && std::fs::remove_file(&upload).is_ok() {
+            if std::fs::remove_file(&upload).is_ok() {
                 removed += 1;
             }
-            if !has_report {
-                let _ = std::fs::remove_dir_all(&dir);
+            // The folder of an upload cut off before its run wrote anything: only the lock.
+            let only_the_lock = std::fs::read_dir(&dir).is_ok_and(|entries| {
+                entries
+                    .flatten()
+                    .all(|e| e.file_name() == std::ffi::OsStr::new(OWNER_LOCK))
+            });
+            if only_the_lock {
+                let _ = std::fs::remove_file(dir.join(OWNER_LOCK));
+                let _ = std::fs::remove_dir(&dir);
             }
         }
         if removed > 0 {

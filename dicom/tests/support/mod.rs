@@ -187,7 +187,7 @@ pub fn command_set(
 
 /// A command set of the elements `put` adds, in Implicit VR Little Endian with its group
 /// length first.
-fn command_of(put: impl Fn(&mut InMemDicomObject)) -> Vec<u8> {
+pub fn command_of(put: impl Fn(&mut InMemDicomObject)) -> Vec<u8> {
     let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
     let build = |group_length: u32| {
         let mut obj = InMemDicomObject::new_empty();
