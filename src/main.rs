@@ -313,8 +313,8 @@ fn main() -> anyhow::Result<()> {
                     anchors::check(a, &summary, archived)
                         .map_err(|e| format!("audit trail {what}: {e}"))?;
                 }
-                if let (Some(file), Some(tail)) = (&anchor, &summary.tail) {
-                    anchors::write(file, tail, summary.first_seq)
+                if let Some(file) = &anchor {
+                    anchors::write(file, &summary)
                         .map_err(|e| format!("cannot write the anchor {}: {e}", file.display()))?;
                 }
                 Ok(summary)

@@ -903,7 +903,7 @@ fn audit_verify_with_an_anchor_finds_records_cut_from_the_end() {
         serde_json::from_str(&std::fs::read_to_string(&anchor).unwrap()).unwrap();
     assert_eq!(
         kept,
-        serde_json::json!({"seq": 4, "hash": tail.hash, "first": 0})
+        serde_json::json!({"seq": 4, "hash": tail.hash, "first": 0, "starts": [0]})
     );
 
     // More records: the anchored one is still there; the anchor moves on to the new end.
@@ -943,6 +943,49 @@ fn audit_verify_with_an_anchor_finds_records_cut_from_the_end() {
     std::fs::write(&anchor, "{\"seq\": 1}").unwrap();
     let (ok, out) = cli_verify(&args);
     assert!(!ok && out.contains("not an audit anchor"), "{out}");
+}
+
+/// Re-attack finding: with `--archived`, any later start that still held the anchored record
+/// passed, records cut from inside the live file included, and was recorded as the trail's
+/// start. Archiving removes whole files: the new start must be where a file began when the
+/// anchor was taken.
+#[test]
+fn archived_accepts_only_a_start_where_a_file_began() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let anchor = dir.path().join("elsewhere/anchor.json");
+    std::fs::create_dir_all(anchor.parent().unwrap()).unwrap();
+    write_trail(&log, 2048, 20, 3);
+    let mut store = JsonLinesStore::open(&log, Options::default()).unwrap();
+    append(&mut store, 100..103);
+    drop(store);
+    let args = [log.as_os_str(), "--anchor".as_ref(), anchor.as_os_str()];
+    let mut archived = args.to_vec();
+    archived.push("--archived".as_ref());
+    let (ok, out) = cli_verify(&args);
+    assert!(ok, "{out}");
+    let summary = audit::verify(&log).unwrap();
+    assert!(summary.file_starts.len() > 2, "{:?}", summary.file_starts);
+    let kept = std::fs::read_to_string(&anchor).unwrap();
+    // Every rotated file archived (moved away), and the live file's first record cut.
+    let archive = dir.path().join("archive");
+    std::fs::create_dir_all(&archive).unwrap();
+    for f in &summary.files {
+        if *f != log {
+            std::fs::rename(f, archive.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.lines().count() >= 2);
+    let cut: String = text.lines().skip(1).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&log, &cut).unwrap();
+    let (ok, out) = cli_verify(&archived);
+    assert!(!ok && out.contains("where no file began"), "{out}");
+    assert_eq!(std::fs::read_to_string(&anchor).unwrap(), kept);
+    // The live file whole: archiving is what happened, and it is accepted.
+    std::fs::write(&log, &text).unwrap();
+    let (ok, out) = cli_verify(&archived);
+    assert!(ok, "{out}");
 }
 
 /// Red-team finding: a folder holding several logs was reported as one, with the first
@@ -998,15 +1041,26 @@ fn audit_verify_with_an_anchor_finds_records_cut_from_the_start() {
     let mut store = JsonLinesStore::open(&log, Options::default()).unwrap();
     append(&mut store, 0..8);
     drop(store);
+    // Two rotated files, 0..=4 and 5..=7, as rotation would leave them, then the anchor.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines_of = |r: std::ops::Range<usize>| -> String {
+        text.lines()
+            .skip(r.start)
+            .take(r.len())
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    let oldest = dir.path().join("audit.00000000000000000000.jsonl");
+    std::fs::write(&oldest, lines_of(0..5)).unwrap();
+    let rest = lines_of(5..8);
+    std::fs::write(dir.path().join("audit.00000000000000000005.jsonl"), &rest).unwrap();
+    std::fs::write(&log, "").unwrap();
     let (ok, out) = cli_verify(&args);
     assert!(ok && out.contains("anchor written"), "{out}");
     let kept = std::fs::read_to_string(&anchor).unwrap();
 
-    // Records 0..=4 removed, 5..=7 left in a file named for record 5.
-    let text = std::fs::read_to_string(&log).unwrap();
-    let rest: String = text.lines().skip(5).map(|l| format!("{l}\n")).collect();
-    std::fs::write(dir.path().join("audit.00000000000000000005.jsonl"), &rest).unwrap();
-    std::fs::write(&log, "").unwrap();
+    // The oldest file, records 0..=4, gone.
+    std::fs::remove_file(&oldest).unwrap();
     assert_eq!(audit::verify(&log).unwrap().first_seq, Some(5));
     let (ok, out) = cli_verify(&args);
     assert!(

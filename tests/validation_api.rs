@@ -330,39 +330,48 @@ async fn an_uploaded_dataset_is_validated_then_deleted() {
 
 /// Red-team finding: a server killed while it received or ran an upload left the dataset
 /// (patient data, up to the upload limit) on disk for good. At start-up the uploads no
-/// process holds are deleted (a folder without a report goes whole); a run another server
-/// on the same data folder holds is left alone.
+/// process holds are deleted: only in a run folder of the server's making (named by its
+/// UUID, holding the owner lock made before the upload), only the upload's file, and the
+/// folder only when nothing else is left; a folder another server on the same data folder
+/// holds is left alone, and so is everything else (re-attacks' findings: runs in progress,
+/// a `validate --out` folder's own `dataset.csv` and audit trail, an operator's notes were
+/// deleted, and a lock created through a link).
 #[test]
 fn uploads_left_by_a_killed_server_are_deleted_at_the_next_start() {
     let dir = tempfile::tempdir().unwrap();
     let runs = dir.path().join("data/validation/runs");
-    let folder = |name: &str, report: bool| {
+    let id = |n: u8| format!("00000000-0000-4000-8000-0000000000{n:02}");
+    let upload = |name: &str, report: bool| {
         let d = runs.join(name);
         std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(".owner.lock"), b"").unwrap();
         std::fs::write(d.join("dataset.csv"), b"mean radius,label\n1,1\n").unwrap();
         if report {
             std::fs::write(d.join("report.json"), b"{}").unwrap();
         }
         d
     };
-    let cut_off = folder("cut-off", false);
-    let ran = folder("ran", true);
-    let held = folder("held", false);
-    // Not uploads: a run on a dataset under the root and a `validate --out` run going on,
-    // with its audit trail, and an operator's own folder (a re-attack's finding: every
-    // folder without a report was deleted whole).
-    let named = runs.join("named-dataset");
-    std::fs::create_dir_all(&named).unwrap();
-    std::fs::write(named.join("audit.jsonl"), b"").unwrap();
-    let notes = runs.join("my-notes");
-    std::fs::create_dir_all(&notes).unwrap();
-    std::fs::write(notes.join("important.txt"), b"keep").unwrap();
-    // An upload cut off after its run wrote its audit trail: the upload goes, the rest stays.
-    let partial = folder("partial", false);
+    let cut_off = upload(&id(1), false);
+    let ran = upload(&id(2), true);
+    let held = upload(&id(3), false);
+    // Cut off after its run wrote its audit trail: the upload goes, the rest stays.
+    let partial = upload(&id(4), false);
     std::fs::write(partial.join("audit.jsonl"), b"").unwrap();
+    // Not uploads of this server: a `validate --out` folder with its own dataset.csv, one
+    // named like a run but without the owner lock, one whose lock is a link.
+    let pipeline = runs.join("pima-1-ci");
+    std::fs::create_dir_all(&pipeline).unwrap();
+    std::fs::write(pipeline.join("dataset.csv"), b"op").unwrap();
+    std::fs::write(pipeline.join("audit.jsonl"), b"").unwrap();
+    let unlocked = runs.join(id(5));
+    std::fs::create_dir_all(&unlocked).unwrap();
+    std::fs::write(unlocked.join("dataset.csv"), b"op").unwrap();
+    let linked = runs.join(id(6));
+    std::fs::create_dir_all(&linked).unwrap();
+    std::fs::write(linked.join("dataset.csv"), b"op").unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    std::os::unix::fs::symlink(&elsewhere, linked.join(".owner.lock")).unwrap();
     let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
         .write(true)
         .open(held.join(".owner.lock"))
         .unwrap();
@@ -378,10 +387,12 @@ fn uploads_left_by_a_killed_server_are_deleted_at_the_next_start() {
     assert!(!ran.join("dataset.csv").exists());
     assert!(ran.join("report.json").is_file());
     assert!(held.join("dataset.csv").is_file());
-    assert!(named.join("audit.jsonl").is_file());
-    assert!(notes.join("important.txt").is_file());
     assert!(!partial.join("dataset.csv").exists());
     assert!(partial.join("audit.jsonl").is_file());
+    assert!(pipeline.join("dataset.csv").is_file());
+    assert!(unlocked.join("dataset.csv").is_file());
+    assert!(linked.join("dataset.csv").is_file());
+    assert!(!elsewhere.exists());
     drop(lock);
     assert_eq!(validation.remove_abandoned_uploads(), 1);
     assert!(!held.exists());

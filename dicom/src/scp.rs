@@ -1371,6 +1371,10 @@ async fn store(
     counts: &mut Counts,
     event: &mut InstanceEvent,
 ) -> (u16, Vec<u8>, Option<Vec<u8>>) {
+    // Every data set received and held, stored or refused (as STOW counts every byte it
+    // reads): a flood of corrupt, conflicting or misdirected instances is traffic too (red-
+    // team findings). What was read past a limit and discarded is not held, nor counted.
+    metrics::counter!("nightingale_dicom_received_bytes_total").increment(p.received() as u64);
     let context = accepted_context(association, p.presentation_context_id);
     let respond = |status: u16, comment: Option<&str>| {
         let rsp = response(
@@ -1425,9 +1429,6 @@ async fn store(
     let transfer_syntax = sop::trim_uid(&context.transfer_syntax).to_owned();
     event.transfer_syntax = transfer_syntax.clone();
     let size = p.received();
-    // Every data set received, stored or refused (as STOW counts every byte it reads): a
-    // flood of corrupt or conflicting instances is traffic too (a red-team finding).
-    metrics::counter!("nightingale_dicom_received_bytes_total").increment(size as u64);
     let started = std::time::Instant::now();
     let result = {
         let spool = spool.clone();

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{ChainSummary, Tail};
+use super::ChainSummary;
 
 /// What the anchor file holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,10 +25,16 @@ pub struct Anchor {
     /// check passed (a red-team finding). Anchors from before it have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first: Option<u64>,
+    /// The sequence numbers the trail's files began at when the anchor was taken: what
+    /// archiving (whole files) can make the trail's new start. A start inside a file passed
+    /// `--archived` (a re-attack's finding: records cut from the live file's start).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub starts: Vec<u64>,
 }
 
-/// The largest anchor file read (it holds one small JSON object).
-const MAX_ANCHOR_BYTES: u64 = 4096;
+/// The largest anchor file read (one small JSON object, with the start of each file: 50,000
+/// rotated files fit).
+const MAX_ANCHOR_BYTES: u64 = 1 << 20;
 
 /// Reads an anchor file; `Ok(None)` when there is none yet (the first check).
 pub fn read(path: &Path) -> Result<Option<Anchor>, String> {
@@ -67,11 +73,17 @@ pub fn check(anchor: &Anchor, summary: &ChainSummary, archived: bool) -> Result<
     // --archived.
     if let (then, Some(now)) = (anchor.first.unwrap_or(0), summary.first_seq)
         && now > then
-        && !archived
     {
-        return Err(format!(
-            "the trail now starts at record {now}, but it started at record {then} when the anchor was taken: records were removed from its start (if older files were archived on purpose, check with --archived)"
-        ));
+        if !archived {
+            return Err(format!(
+                "the trail now starts at record {now}, but it started at record {then} when the anchor was taken: records were removed from its start (if older files were archived on purpose, check with --archived)"
+            ));
+        }
+        if !anchor.starts.is_empty() && !anchor.starts.contains(&now) {
+            return Err(format!(
+                "the trail now starts at record {now}, where no file began when the anchor was taken: records were removed from inside a file, which archiving whole files does not do"
+            ));
+        }
     }
     if let Some(w) = &summary.watched {
         if w.hash.eq_ignore_ascii_case(&anchor.hash) {
@@ -103,13 +115,17 @@ pub fn check(anchor: &Anchor, summary: &ChainSummary, archived: bool) -> Result<
     }
 }
 
-/// Writes the anchor for `tail` of a trail starting at `first` (a temporary file beside it,
-/// synced, renamed over it).
-pub fn write(path: &Path, tail: &Tail, first: Option<u64>) -> std::io::Result<()> {
+/// Writes the anchor for the last record of `summary` (a temporary file beside it, synced,
+/// renamed over it); nothing when it has none.
+pub fn write(path: &Path, summary: &ChainSummary) -> std::io::Result<()> {
+    let Some(tail) = &summary.tail else {
+        return Ok(());
+    };
     let anchor = Anchor {
         seq: tail.seq,
         hash: tail.hash.clone(),
-        first,
+        first: summary.first_seq,
+        starts: summary.file_starts.clone(),
     };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,

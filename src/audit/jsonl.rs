@@ -480,6 +480,7 @@ pub fn verify_watching_archived(
                     t.first_seq = None;
                     t.tail = None;
                     t.watched = None;
+                    t.file_starts.clear();
                     t
                 }
             });
@@ -559,6 +560,7 @@ fn verify_set(
     // A log whose oldest files were archived elsewhere is checked from where it starts.
     let mut checker = ChainChecker::anywhere();
     checker.watch = watch;
+    let mut file_starts = Vec::with_capacity(files.len());
     for (i, file) in files.iter().enumerate() {
         let f = File::open(file).map_err(io(file))?;
         // A rotated file's name carries the sequence number of its first record: records cut
@@ -610,6 +612,11 @@ fn verify_set(
                 reason,
             })?;
             if n == 0
+                && let Some(tail) = &checker.tail
+            {
+                file_starts.push(tail.seq);
+            }
+            if n == 0
                 && let (Some(want), Some(tail)) = (named, &checker.tail)
                 && tail.seq != want
             {
@@ -646,6 +653,7 @@ fn verify_set(
         records: checker.records,
         tail: checker.tail,
         watched: checker.watched,
+        file_starts,
     })
 }
 

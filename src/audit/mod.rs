@@ -268,6 +268,9 @@ pub struct ChainSummary {
     pub tail: Option<Tail>,
     /// The record at the sequence number asked for by [`verify_watching`], if present.
     pub watched: Option<Tail>,
+    /// The sequence number each file begins at, oldest first (empty for a database, and for
+    /// a folder of several logs).
+    pub file_starts: Vec<u64>,
 }
 
 impl ChainSummary {

@@ -200,6 +200,7 @@ pub fn verify_watching(url: &str, watch: Option<u64>) -> Result<ChainSummary, Au
         records: checker.records,
         tail: checker.tail,
         watched: checker.watched,
+        file_starts: Vec::new(),
     })
 }
 

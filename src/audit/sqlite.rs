@@ -207,5 +207,6 @@ pub fn verify_watching(path: &Path, watch: Option<u64>) -> Result<ChainSummary, 
         records: checker.records,
         tail: checker.tail,
         watched: checker.watched,
+        file_starts: Vec::new(),
     })
 }

@@ -116,7 +116,7 @@ fn describe() {
         ),
         (
             "nightingale_dicom_received_bytes_total",
-            "data set bytes received by C-STORE, stored or refused",
+            "data set bytes received and held by C-STORE, stored or refused (not those read past a limit and discarded)",
         ),
         (
             "nightingale_dicom_purged_instances_total",

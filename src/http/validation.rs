@@ -641,20 +641,36 @@ impl Validation {
         let mut removed = 0;
         for entry in entries.flatten() {
             let dir = entry.path();
-            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            // A run of this server's making: named by its UUID, holding the owner lock it
+            // made before the upload (a re-attack's finding: a `validate --out` folder's
+            // `dataset.csv` was deleted, and a lock file created through a link).
+            let is_run = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| uuid::Uuid::parse_str(n).is_ok());
+            if !is_run || !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
-            let upload = dir.join(UPLOAD_FILE);
-            if std::fs::symlink_metadata(&upload).is_err() {
+            let lock_path = dir.join(OWNER_LOCK);
+            if !std::fs::symlink_metadata(&lock_path).is_ok_and(|m| m.is_file()) {
                 continue;
             }
-            let Ok(lock) = owner_lock_file(&dir) else {
-                continue;
+            let lock = {
+                let mut options = std::fs::OpenOptions::new();
+                options.write(true);
+                std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW);
+                match options.open(&lock_path) {
+                    Ok(f) => f,
+                    Err(_) => continue,
+                }
             };
             if lock.try_lock().is_err() {
                 continue;
             }
-            if std::fs::remove_file(&upload).is_ok() {
+            let upload = dir.join(UPLOAD_FILE);
+            if std::fs::symlink_metadata(&upload).is_ok_and(|m| !m.is_dir())
+                && std::fs::remove_file(&upload).is_ok()
+            {
                 removed += 1;
             }
             // The folder of an upload cut off before its run wrote anything: only the lock.
