@@ -1392,23 +1392,19 @@ pub(crate) async fn enforce(
 /// `:authority`) when that is not this machine's loopback; `None` for a loopback name or
 /// none at all (HTTP/1.0).
 fn foreign_host(req: &Request) -> Option<String> {
-    // Two Host fields (RFC 9112 3.2: a 400; removed before this by `host_from_authority`):
-    // neither is taken as this machine's name.
-    let several = req.extensions().get::<super::SeveralHosts>().is_some();
-    let mut hosts = req.headers().get_all(header::HOST).iter();
-    let host = match (hosts.next(), hosts.next()) {
-        _ if several => return Some("(several Host fields)".to_owned()),
-        (Some(_), Some(_)) => return Some("(several Host fields)".to_owned()),
-        (Some(h), None) => String::from_utf8_lossy(h.as_bytes()).into_owned(),
-        (None, _) => req.uri().authority()?.to_string(),
-    };
-    // HTTP/2: an authority that names another host than the Host field is not this one.
-    if let Some(authority) = req.uri().authority()
-        && !super::cds::is_loopback_host(authority.as_str())
-    {
-        return Some(authority.to_string());
+    // Two Host fields (RFC 9112 3.2: a 400; removed before this by `host_from_authority`,
+    // which marks the request): neither is taken as this machine's name.
+    let hosts = req.headers().get_all(header::HOST);
+    if req.extensions().get::<super::SeveralHosts>().is_some() || hosts.iter().nth(1).is_some() {
+        return Some("(several Host fields)".to_owned());
     }
-    (!super::cds::is_loopback_host(host.trim())).then_some(host)
+    // The Host field, and the authority (HTTP/2's `:authority`, an absolute target): each
+    // must name this machine.
+    hosts
+        .iter()
+        .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+        .chain(req.uri().authority().map(|a| a.to_string()))
+        .find(|name| !super::cds::is_loopback_host(name.trim()))
 }
 
 /// Why a caller may not use an endpoint: the error to answer and, for 401, the

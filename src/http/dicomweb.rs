@@ -998,9 +998,11 @@ async fn search(
     series: Option<String>,
     params: Vec<(String, String)>,
 ) -> Response {
-    let media = accepts_dicom_json(headers).unwrap_or(DICOM_JSON);
+    let media = match accepts_dicom_json(headers) {
+        Ok(media) => media,
+        Err(e) => return e.into_response(),
+    };
     let result = async {
-        accepts_dicom_json(headers)?;
         let web = dicomweb(state)?;
         // PS3.18 8.3.4.1: an origin server without fuzzy matching says that only literal
         // matching was done.

@@ -607,7 +607,7 @@ const OWNER_LOCK: &str = ".owner.lock";
 /// the data folder takes the upload in it for an abandoned one.
 fn hold_run_folder(dir: &FsPath) -> std::io::Result<std::fs::File> {
     std::fs::create_dir_all(dir)?;
-    let file = owner_lock_file(dir)?;
+    let file = owner_lock_file(dir, true)?;
     file.try_lock().map_err(|e| match e {
         std::fs::TryLockError::Error(e) => e,
         std::fs::TryLockError::WouldBlock => {
@@ -617,10 +617,13 @@ fn hold_run_folder(dir: &FsPath) -> std::io::Result<std::fs::File> {
     Ok(file)
 }
 
-fn owner_lock_file(dir: &FsPath) -> std::io::Result<std::fs::File> {
+/// A run folder's [`OWNER_LOCK`], opened to write (`create`: made if missing, readable by
+/// its owner only), never through a link.
+fn owner_lock_file(dir: &FsPath, create: bool) -> std::io::Result<std::fs::File> {
     let mut options = std::fs::OpenOptions::new();
-    options.create(true).truncate(false).write(true);
+    options.create(create).truncate(false).write(true);
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW);
     options.open(dir.join(OWNER_LOCK))
 }
 
@@ -655,14 +658,8 @@ impl Validation {
             if !std::fs::symlink_metadata(&lock_path).is_ok_and(|m| m.is_file()) {
                 continue;
             }
-            let lock = {
-                let mut options = std::fs::OpenOptions::new();
-                options.write(true);
-                std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW);
-                match options.open(&lock_path) {
-                    Ok(f) => f,
-                    Err(_) => continue,
-                }
+            let Ok(lock) = owner_lock_file(&dir, false) else {
+                continue;
             };
             if lock.try_lock().is_err() {
                 continue;
