@@ -442,6 +442,7 @@ async fn serve(
         signatures: config.signatures.clone(),
         promotion: None,
         releases: None,
+        metrics_purpose: None,
     };
     // Validation runs load versions that have no report yet: without the deployment policy,
     // and without the release ledger (a validation run serves nothing).

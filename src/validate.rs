@@ -818,6 +818,11 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
             ..RepositoryOptions::default()
         },
     };
+    // The run's copies of served models are told apart from them in the metrics.
+    let options = RepositoryOptions {
+        metrics_purpose: Some("validation".to_owned()),
+        ..options
+    };
     let repository = Repository::new(args.repository.clone(), options);
     let actor = ctx.actor.clone().unwrap_or_else(|| "validate".to_owned());
     // Which models: one, two (compare) or none (predictions without --model).

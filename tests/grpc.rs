@@ -815,3 +815,43 @@ async fn a_call_with_large_metadata_is_answered_on_the_servers_own_listener() {
         assert!(live.unwrap().into_inner().live, "{size} bytes of metadata");
     }
 }
+
+/// As over HTTP, a `ModelInfer` answer holds its call's admission budget until its body has
+/// been sent: hyper drops the response head (and its extensions, where the ticket was kept)
+/// once written, while the encoded message waits for a client that may read nothing.
+#[tokio::test]
+async fn an_answer_holds_its_budget_until_its_body_is_sent() {
+    let server = Server::start(HttpConfig::default()).await;
+    let free = || server.state.inflight_bytes_free();
+    let all = free();
+    let message = prost::Message::encode_to_vec(&raw_request(&rows(50)));
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    let req = axum::http::Request::post("/inference.GRPCInferenceService/ModelInfer")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(axum::body::Body::from(framed))
+        .unwrap();
+    let r = http::grpc::router(server.state.clone())
+        .oneshot(req)
+        .await
+        .unwrap();
+    // The head goes (as hyper drops it after writing it); the body is not read yet.
+    let (head, body) = r.into_parts();
+    drop(head);
+    assert!(
+        free() < all,
+        "the budget was given back before the answer was sent"
+    );
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..])
+    );
+    let bytes = collected.to_bytes();
+    let answer: ModelInferResponse = prost::Message::decode(&bytes[5..]).unwrap();
+    assert_eq!(output_values(&answer, "probabilities").len(), 100);
+    assert_eq!(free(), all);
+}

@@ -238,6 +238,7 @@ fn audit_records(dir: &Path) -> Vec<Value> {
 
 #[tokio::test]
 async fn a_run_on_a_server_side_dataset_reports_scikit_learns_auroc_and_is_audited() {
+    let metrics = http::install_recorder();
     let server = Server::new();
     let (s, v) = server
         .post_json(
@@ -291,6 +292,19 @@ async fn a_run_on_a_server_side_dataset_reports_scikit_learns_auroc_and_is_audit
         .map(|r| r["rows"].as_u64().unwrap())
         .sum();
     assert_eq!(of_run, 114);
+    // The run's copy of the model is told apart from the served model in the metrics (its
+    // batches counted as the served model's), and sets no queue gauge (a gauge outlives it).
+    let text = metrics.render();
+    let copy = format!(
+        "nightingale_batch_rows_sum{{model=\"{MODEL}\",version=\"1\",purpose=\"validation\"}} 114"
+    );
+    assert!(text.contains(&copy), "{text}");
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("nightingale_queue_depth{") && l.contains("purpose")),
+        "{text}"
+    );
 }
 
 #[tokio::test]

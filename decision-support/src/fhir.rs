@@ -1076,9 +1076,10 @@ pub struct Reference {
 
 impl Reference {
     /// The id when this is a reference to a Patient: relative, exactly `Patient/{id}` (or
-    /// `Patient/{id}/_history/{v}`; `Group/g/Patient/p1` is not one), or an absolute URL
-    /// ending so (read only where the call names no FHIR server: [`Resources::of_server`]
-    /// makes this server's URLs relative and others' nothing), `None` otherwise.
+    /// `Patient/{id}/_history/{v}`; `Group/g/Patient/p1` is not one), `None` otherwise. An
+    /// absolute URL is none: [`Resources::of_server`] makes the call's own FHIR server's
+    /// URLs relative, and a call without one has no server of its own (an absolute URL
+    /// ending in `/Patient/p1` names another organisation's `p1`: a red-team finding).
     pub fn patient_id(&self) -> Option<&str> {
         let r = self.reference.as_deref()?;
         let r = match r.split_once("/_history/") {
@@ -1090,8 +1091,7 @@ impl Reference {
         if id.is_empty() {
             return None;
         }
-        let absolute = r.starts_with("http://") || r.starts_with("https://");
-        (before == "Patient" || (absolute && before.ends_with("/Patient"))).then_some(id)
+        (before == "Patient").then_some(id)
     }
 }
 
@@ -2018,9 +2018,10 @@ mod tests {
             reference: Some(s.into()),
         };
         assert_eq!(r("Patient/123").patient_id(), Some("123"));
+        assert_eq!(r("Patient/123/_history/2").patient_id(), Some("123"));
         assert_eq!(
             r("https://ehr.example/fhir/Patient/123/_history/2").patient_id(),
-            Some("123")
+            None
         );
         assert_eq!(r("Group/123").patient_id(), None);
         let c: Condition = serde_json::from_value(json!({

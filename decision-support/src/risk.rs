@@ -1489,7 +1489,7 @@ mod tests {
     /// subject, was taken as this patient's.
     #[test]
     fn only_this_servers_patient_is_this_patient() {
-        let at = |subject: Option<&str>| {
+        let at_on = |server: Option<&str>, subject: Option<&str>| {
             let mut o = sbp(60.0, "mm[Hg]", "2024-05-01T11:30:00Z");
             match subject {
                 Some(s) => o["subject"] = json!({"reference": s}),
@@ -1497,7 +1497,7 @@ mod tests {
                     o.as_object_mut().unwrap().remove("subject");
                 }
             }
-            let mut r = Resources::of_server(Some("https://ehr.example/fhir/"));
+            let mut r = Resources::of_server(server);
             for v in base()
                 .into_iter()
                 .chain([sbp(120.0, "mm[Hg]", "2024-05-01T11:00:00Z"), o])
@@ -1509,6 +1509,7 @@ mod tests {
                 "systolic_bp",
             )
         };
+        let at = |subject: Option<&str>| at_on(Some("https://ehr.example/fhir/"), subject);
         assert_eq!(at(Some("https://other.example/fhir/Patient/p1")), Ok(120.0));
         assert_eq!(at(None), Ok(120.0));
         assert_eq!(at(Some("https://ehr.example/fhir/Patient/p1")), Ok(60.0));
@@ -1541,6 +1542,18 @@ mod tests {
         ] {
             assert_eq!(at(Some(other)), Ok(120.0), "{other}");
         }
+        // A call that names no FHIR server has no server of its own: an absolute URL names
+        // a patient of some other server, not this one (a later red-team finding: another
+        // trust's `Patient/p1` was scored as this patient's when the call had no server).
+        for other in [
+            "https://other-trust.example/fhir/Patient/p1",
+            "http://other-hospital.example/fhir/Group/g/Patient/p1",
+            "https://ehr.example/fhir/Patient/p1/_history/3",
+        ] {
+            assert_eq!(at_on(None, Some(other)), Ok(120.0), "{other}");
+        }
+        assert_eq!(at_on(None, Some("Patient/p1")), Ok(60.0));
+        assert_eq!(at_on(None, Some("Patient/p1/_history/2")), Ok(60.0));
     }
 
     /// Red-team finding: a value with two `effective[x]` (invalid R4) used the first.

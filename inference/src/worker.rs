@@ -84,6 +84,11 @@ pub struct WorkerConfig {
     /// thread (an async runtime's worker, which must not be held for long); see the module
     /// documentation.
     pub inline_max: Duration,
+    /// A `purpose` label on this worker's metrics, for a copy of a served model that serves
+    /// something else (a validation run's copy: `validation`), so that its batches do not
+    /// count as the served model's. Such a worker sets no `nightingale_queue_depth` gauge (a
+    /// gauge is kept once set: the copy's would outlive it). `None`: the served model.
+    pub purpose: Option<String>,
 }
 
 impl Default for WorkerConfig {
@@ -99,6 +104,7 @@ impl Default for WorkerConfig {
             metadata: None,
             allow_non_finite: vec![],
             inline_max: INLINE_MAX,
+            purpose: None,
         }
     }
 }
@@ -174,11 +180,11 @@ pub struct ModelWorker {
     in_flight: AtomicUsize,
     /// How long the model's last execution took (ns); `u64::MAX` before the first.
     last_compute_ns: Arc<AtomicU64>,
-    /// Metric labels: model and version.
+    /// Metric labels: model and version (and purpose, for a copy: [`WorkerConfig::purpose`]).
     labels: Labels,
 }
 
-type Labels = [(&'static str, String); 2];
+type Labels = Vec<(&'static str, String)>;
 
 /// Default [`WorkerConfig::inline_max`].
 pub const INLINE_MAX: Duration = Duration::from_micros(200);
@@ -225,10 +231,13 @@ impl ModelWorker {
             None
         };
         let last_compute_ns = Arc::new(AtomicU64::new(u64::MAX));
-        let labels: Labels = [
+        let mut labels: Labels = vec![
             ("model", config.model.clone()),
             ("version", config.version.clone()),
         ];
+        if let Some(purpose) = &config.purpose {
+            labels.push(("purpose", purpose.clone()));
+        }
         let gradients = backend.supports_gradients();
         // Gradient jobs (an integrated-gradients map can take minutes) run on an instance of
         // their own where a fork shares the model: inference goes on beside them instead of
@@ -408,7 +417,7 @@ impl ModelWorker {
             },
             TrySendError::Disconnected(_) => InferenceError::Unavailable,
         })?;
-        metrics::gauge!("nightingale_queue_depth", &self.labels).set(self.tx.len() as f64);
+        set_queue_depth(&self.labels, self.tx.len());
         answer
             .instrument(tracing::trace_span!("wait"))
             .await
@@ -684,7 +693,7 @@ impl Instance {
             if let Some(cfg) = &self.batching {
                 carried = self.gather(cfg, &mut batch);
             }
-            metrics::gauge!("nightingale_queue_depth", &self.labels).set(self.rx.len() as f64);
+            set_queue_depth(&self.labels, self.rx.len());
             self.last_batch = batch.len();
             self.execute(batch);
         }
@@ -818,6 +827,14 @@ fn infer_caught(
     let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
     last_compute_ns.store(took, Ordering::Relaxed);
     outcome
+}
+
+/// The served model's `nightingale_queue_depth` (none for a copy with a purpose of its own:
+/// [`WorkerConfig::purpose`]).
+fn set_queue_depth(labels: &Labels, depth: usize) {
+    if labels.iter().all(|(key, _)| *key != "purpose") {
+        metrics::gauge!("nightingale_queue_depth", labels).set(depth as f64);
+    }
 }
 
 /// Statistics and metrics of one execution of `requests` requests holding `rows` rows;

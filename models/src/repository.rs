@@ -47,6 +47,9 @@ pub struct RepositoryOptions {
     /// The highest release of each manifest served before (the server's data folder): an
     /// older manifest put back is refused ([`crate::releases`]). `None`: not checked.
     pub releases: Option<Arc<crate::releases::ReleaseLedger>>,
+    /// A `purpose` label on the loaded models' metrics (a validation run's copies:
+    /// `validation`); `None` for the served repository.
+    pub metrics_purpose: Option<String>,
 }
 
 /// A deployment policy consulted before a version serves: `(model, version, manifest
@@ -330,6 +333,7 @@ impl Bundle {
                 .filter(|i| i.allow_non_finite)
                 .map(|i| i.name.clone())
                 .collect(),
+            purpose: options.metrics_purpose.clone(),
             ..WorkerConfig::default()
         };
         let engine_name = backend.name();

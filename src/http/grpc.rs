@@ -114,7 +114,7 @@ async fn before_the_message(
             .map(|a| a.0.id.clone());
         let mut head = Vec::new();
         return match admit_infer_message(&state, request, timeout, &mut head).await {
-            Ok(request) => next.run(request).await,
+            Ok(request) => hold_ticket_until_sent(next.run(request).await),
             Err(e) => {
                 audit_refused_infer(&state, &head, &request_id, actor, &e).await;
                 to_status(e, &request_id).into_http()
@@ -330,6 +330,51 @@ async fn admit_infer_message(
         parts,
         axum::body::Body::from(framed),
     ))
+}
+
+/// The answer of a `ModelInfer` call, its admission ticket (put in the response's extensions
+/// by [`Service::model_infer`]) held by its body until the body has been sent or dropped, as
+/// an HTTP answer's body holds its own: dropped with the extensions, the ticket gave the
+/// answer's budget back when hyper took the response head, while the encoded message still
+/// waited for a client that read nothing (red-team finding, as over HTTP).
+fn hold_ticket_until_sent(response: axum::response::Response) -> axum::response::Response {
+    let (mut parts, body) = response.into_parts();
+    let Some(ticket) = parts.extensions.remove::<Arc<Ticket>>() else {
+        return axum::response::Response::from_parts(parts, body);
+    };
+    axum::response::Response::from_parts(
+        parts,
+        axum::body::Body::new(TicketBody {
+            inner: body,
+            _ticket: ticket,
+        }),
+    )
+}
+
+/// A response body holding its call's admission ticket until it is dropped.
+struct TicketBody {
+    inner: axum::body::Body,
+    _ticket: Arc<Ticket>,
+}
+
+impl http_body::Body for TicketBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The admission ticket [`admit_infer_message`] charged for a `ModelInfer` message.
@@ -845,7 +890,19 @@ async fn infer(
     ticket.charge_at_least(wire.saturating_add(decoded))?;
     let id = request.id.clone();
     let (outputs, _) = v2::infer_decoded(model, request, audit).await?;
-    Ok((encode_response(model, id, outputs, raw_out), ticket))
+    let answer = encode_response(model, id, outputs, raw_out);
+    // The answer is held until the client has taken it: charged like an HTTP answer
+    // ([`v2::respond`]); one the budget has no room for now is refused after the model ran
+    // (its audit record stands), as over HTTP.
+    ticket
+        .charge_at_least(answer.encoded_len())
+        .inspect_err(|_| {
+            tracing::warn!(
+                bytes = answer.encoded_len(),
+                "an answer was refused: no room for it in the in-flight memory budget"
+            );
+        })?;
+    Ok((answer, ticket))
 }
 
 /// A `ModelInferRequest` as the codec-neutral [`DecodedRequest`], and whether the outputs go
