@@ -298,8 +298,8 @@ pub async fn poll(
     mut applied: BTreeMap<String, [u8; 32]>,
 ) {
     let mut previous = applied.clone();
-    // Bundles whose load failed for a reason of the moment (the audit trail could not be
-    // written, an internal error): tried again after a delay that doubles, up to
+    // Bundles whose load failed for a reason of the moment (the audit trail or the release
+    // ledger could not be written, an internal error): tried again after a delay that doubles, up to
     // `MAX_RETRY_DELAY`, instead of never (the fingerprint was marked applied whatever the
     // outcome: a red-team finding).
     let mut retry: BTreeMap<String, (tokio::time::Instant, Duration)> = BTreeMap::new();
@@ -329,7 +329,14 @@ pub async fn poll(
             tracing::info!(model = %name, "bundle changed on disk: reloading unless pinned");
             // Other errors are in the index and the audit trail already.
             let outcome = load(&state, name, LoadTarget::PolicyUnlessPinned, POLLER, "-").await;
-            if let Err(e @ (DeployError::AuditUnavailable(_) | DeployError::Internal(_))) = &outcome
+            // The release ledger that could not be read or written is one too (a red-team
+            // finding: a new release stayed unserved after the disk had room again).
+            if let Err(
+                e @ (DeployError::AuditUnavailable(_)
+                | DeployError::Internal(_)
+                | DeployError::Repository(_)),
+            ) = &outcome
+                && !matches!(e, DeployError::Repository(r) if !r.is_of_the_moment())
             {
                 let delay = retry
                     .get(name)

@@ -700,36 +700,167 @@ async fn an_operator_unload_holds_against_the_poller_until_a_load() {
     assert_eq!(by_poller, 0, "the poller acted on a held model");
 }
 
+/// Writes `release = n` into the bundle's manifest; signs it with the demo key when `sign`,
+/// else removes its signature.
+fn set_release(bundle: &Path, n: u64, sign: bool) {
+    let manifest = bundle.join("bundle.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let text = match text.find("\nrelease = ") {
+        Some(at) => {
+            let end = at + 1 + text[at + 1..].find('\n').unwrap();
+            format!("{}\nrelease = {n}{}", &text[..at], &text[end..])
+        }
+        None => text.replacen(
+            &format!("name = \"{MODEL}\"\n"),
+            &format!("name = \"{MODEL}\"\nrelease = {n}\n"),
+            1,
+        ),
+    };
+    std::fs::write(&manifest, text).unwrap();
+    if sign {
+        let key = nightingale_models::SigningKey::from_file(
+            &root().join("keys/demo/nightingale-demo.key"),
+            None,
+        )
+        .unwrap();
+        nightingale_models::Bundle::open(bundle)
+            .unwrap()
+            .sign(&key)
+            .unwrap();
+    } else {
+        match std::fs::remove_file(bundle.join("bundle.toml.minisig")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("{e}"),
+            _ => {}
+        }
+    }
+}
+
+fn sign_release(bundle: &Path, n: u64) {
+    set_release(bundle, n, true);
+}
+
+/// Red-team finding: the release ledger could not be read for a moment (a full or read-only
+/// data volume) and the poller gave up on the new release for good. It is tried again, and
+/// serves once the ledger can be read; the refusal's reason does not show the data folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_refused_for_an_unreadable_ledger_is_tried_again() {
+    let f = Fixture::with(&[1, 2], None, |b| sign_release(b, 2), true).await;
+    let repository = f.state.repository.clone();
+    let ledger_path = f.dir.path().join("data/releases.json");
+    let ledger = nightingale_models::releases::ReleaseLedger::open(&ledger_path).unwrap();
+    assert_eq!(ledger.accepted(MODEL).unwrap().release, 2);
+    let poller = tokio::spawn(nightingale::deploy::poll(
+        f.state.clone(),
+        Duration::from_millis(50),
+        repository.fingerprints(),
+    ));
+    let saved = std::fs::read(&ledger_path).unwrap();
+    std::fs::remove_file(&ledger_path).unwrap();
+    std::fs::create_dir(&ledger_path).unwrap();
+    sign_release(&f.bundle(), 3);
+    let data = f.dir.path().join("data").display().to_string();
+    eventually("the refusal is in the index", async || {
+        f.index().await.iter().any(|e| {
+            e["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("releases.json"))
+        })
+    })
+    .await;
+    let index = f.index().await;
+    assert!(
+        !Value::from(index.clone()).to_string().contains(&data),
+        "{index:?}"
+    );
+    let (status, _) = f.infer_version().await;
+    assert_eq!(status, StatusCode::OK, "release 2 keeps serving");
+    std::fs::remove_dir(&ledger_path).unwrap();
+    std::fs::write(&ledger_path, saved).unwrap();
+    eventually("release 3 serves once the ledger can be read", async || {
+        ledger.accepted(MODEL).is_some_and(|a| a.release == 3)
+    })
+    .await;
+    poller.abort();
+}
+
+/// Red-team finding: where signatures are trusted but not required, an unsigned manifest
+/// declaring release 2^63 - 1 raised the floor, and every later signed release was refused
+/// as older. An unsigned manifest is held to the floor but does not raise it.
+#[tokio::test]
+async fn an_unsigned_manifest_does_not_raise_the_release_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let bundle = repo.join(MODEL);
+    copy_dir(&root().join("models/bundles").join(MODEL), &bundle);
+    sign_release(&bundle, 2);
+    let ledger = Arc::new(
+        nightingale_models::releases::ReleaseLedger::open(&dir.path().join("releases.json"))
+            .unwrap(),
+    );
+    let repository = Repository::new(
+        &repo,
+        RepositoryOptions {
+            releases: Some(ledger.clone()),
+            signatures: SignaturePolicy::load(
+                &[root().join("keys/demo/nightingale-demo.pub")],
+                false,
+            )
+            .unwrap(),
+            ..RepositoryOptions::default()
+        },
+    );
+    repository.load(MODEL).unwrap();
+    assert_eq!(ledger.accepted(MODEL).unwrap().release, 2);
+    set_release(&bundle, i64::MAX as u64, false);
+    repository
+        .load(MODEL)
+        .expect("unsigned manifests serve here");
+    assert_eq!(ledger.accepted(MODEL).unwrap().release, 2);
+    // Held to the floor all the same.
+    set_release(&bundle, 1, false);
+    let e = repository.load(MODEL).unwrap_err().to_string();
+    assert!(e.contains("older than release 2"), "{e}");
+    sign_release(&bundle, 3);
+    repository.load(MODEL).expect("the signed release 3 serves");
+    assert_eq!(ledger.accepted(MODEL).unwrap().release, 3);
+}
+
+/// Red-team finding: an operator unloaded a model, asked for it back, and the load was
+/// refused for a bad file; once the file was fixed the poller left the model unloaded for
+/// good ("held until the next load"). An operator's plain load lifts the hold whatever its
+/// outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_load_that_fails_lifts_the_hold() {
+    let f = Fixture::new(&[1]).await;
+    let repository = f.state.repository.clone();
+    let poller = tokio::spawn(nightingale::deploy::poll(
+        f.state.clone(),
+        Duration::from_millis(50),
+        repository.fingerprints(),
+    ));
+    let uri = |what: &str| format!("/v2/repository/models/{MODEL}/{what}");
+    let (s, _) = f.post(&uri("unload"), "", Some(TOKEN)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(repository.held(MODEL));
+    let metrics = f.bundle().join("1/metrics.json");
+    let good = std::fs::read(&metrics).unwrap();
+    std::fs::write(&metrics, "{}").unwrap();
+    let (s, body) = f.post(&uri("load"), "", Some(TOKEN)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert!(!repository.held(MODEL), "the operator's load left the hold");
+    std::fs::write(&metrics, good).unwrap();
+    eventually("the fixed bundle serves again", async || {
+        f.infer_version().await.0 == StatusCode::OK
+    })
+    .await;
+    poller.abort();
+}
+
 /// Red-team finding: an older signed manifest put back served again. Through model control:
 /// refused (the newer release keeps serving, the refusal audited) until an admin loads it
 /// with `{"parameters": {"release": "N"}}`, which the load's record names.
 #[tokio::test]
 async fn an_older_release_put_back_needs_an_admin_s_explicit_release() {
-    let key = nightingale_models::SigningKey::from_file(
-        &root().join("keys/demo/nightingale-demo.key"),
-        None,
-    )
-    .unwrap();
-    let sign_release = |bundle: &Path, n: u64| {
-        let manifest = bundle.join("bundle.toml");
-        let text = std::fs::read_to_string(&manifest).unwrap();
-        let text = match text.find("\nrelease = ") {
-            Some(at) => {
-                let end = at + 1 + text[at + 1..].find('\n').unwrap();
-                format!("{}\nrelease = {n}{}", &text[..at], &text[end..])
-            }
-            None => text.replacen(
-                &format!("name = \"{MODEL}\"\n"),
-                &format!("name = \"{MODEL}\"\nrelease = {n}\n"),
-                1,
-            ),
-        };
-        std::fs::write(&manifest, text).unwrap();
-        nightingale_models::Bundle::open(bundle)
-            .unwrap()
-            .sign(&key)
-            .unwrap();
-    };
     let f = Fixture::with(&[1, 2], None, |b| sign_release(b, 2), true).await;
     let (status, _) = f.infer_version().await;
     assert_eq!(status, StatusCode::OK);

@@ -304,6 +304,12 @@ async fn bad_explain_requests_get_their_reason() {
             400,
             "does not apply to method \"linear\"",
         ),
+        // Log-odds only: an identity link was answered in log-odds (a red-team finding).
+        (
+            json!({"method": "linear", "link": "identity"}),
+            400,
+            "log-odds",
+        ),
         (json!({"method": "occlusion"}), 400, "explains images"),
         (json!({"method": "grad_cam"}), 400, "explains images"),
         (json!({"method": "rise"}), 400, "explains images"),
@@ -371,6 +377,25 @@ async fn bad_explain_requests_get_their_reason() {
         let e = v["error"].as_str().unwrap();
         assert!(e.contains(why), "{parameters}: {e}");
     }
+    // An unknown output asked for is refused before any forward pass (it was refused after
+    // the whole explanation had run: a red-team finding): no output digest in its record.
+    let mut body = tabular(
+        std::slice::from_ref(&x),
+        json!({"method": "kernel_shap", "samples": 64}),
+    );
+    body["outputs"] = json!([{"name": "nope"}]);
+    let (s, v) = server.send("POST", &uri, body).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown output \"nope\""),
+        "{v}"
+    );
+    let last = server.audit_records().pop().unwrap();
+    assert_eq!(last["status"], 400, "{last}");
+    assert!(last["output_sha256"].is_null(), "{last}");
     // The image bundle declares no [explain] and this server runs without --explain.
     let image = vec![0.0f32; 224 * 224];
     let body = json!({"parameters": {"method": "occlusion"},
@@ -402,7 +427,14 @@ async fn bad_explain_requests_get_their_reason() {
         records
             .iter()
             .all(|r| r["kind"] != "explain" || r["status"] != 200)
+    ); // The attribution by its name, among the model's outputs: answered.
+    let mut body = tabular(
+        std::slice::from_ref(&x),
+        json!({"method": "kernel_shap", "samples": 64}),
     );
+    body["outputs"] = json!([{"name": "probabilities_attribution"}, {"name": "label"}]);
+    let (s, v) = server.send("POST", &uri, body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
 }
 
 /// The image bundle, occluded by 56-pixel blocks (stride 56: each pixel in one window),

@@ -235,6 +235,8 @@ async fn health_and_metadata() {
         .into_inner();
     assert_eq!(meta.name, "nightingale");
     assert!(meta.extensions.iter().any(|e| e == "model_repository"));
+    // `/explain` is HTTP's alone.
+    assert!(!meta.extensions.iter().any(|e| e == "nightingale_explain"));
     let ready = |name: &str, version: &str| ModelReadyRequest {
         name: name.into(),
         version: version.into(),

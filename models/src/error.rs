@@ -247,3 +247,15 @@ pub enum RepositoryError {
     #[error(transparent)]
     Bundle(#[from] BundleError),
 }
+
+impl RepositoryError {
+    /// Whether the load failed for a reason of the moment, not for what the bundle holds:
+    /// the release ledger could not be read or written (a full disk, a volume remounted
+    /// read-only). The repository poller tries such a load again.
+    pub fn is_of_the_moment(&self) -> bool {
+        matches!(
+            self,
+            RepositoryError::Bundle(BundleError::ReleaseLedger { .. })
+        )
+    }
+}

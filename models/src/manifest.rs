@@ -1414,6 +1414,13 @@ impl Manifest {
                 {
                     return fail("[dicom.heatmap] baseline and p must be finite".into());
                 }
+                if let (Some(patch), Some(stride)) = (h.patch, h.stride)
+                    && stride > patch
+                {
+                    return fail(format!(
+                        "[dicom.heatmap] stride {stride} must not exceed patch {patch} (pixels between the windows would have no saliency)"
+                    ));
+                }
             }
         }
         if self.versions.is_empty() {

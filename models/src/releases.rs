@@ -49,6 +49,15 @@ pub struct Recorded {
 /// Files larger than this are not a ledger (one holds a line per model).
 const MAX_LEDGER_BYTES: u64 = 4 << 20;
 
+/// Why [`ReleaseLedger::check`] refused a manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Older than the release served before (for good, until an operator chooses it).
+    Older(String),
+    /// The ledger could not be read (for the moment: the load is tried again).
+    Unreadable(String),
+}
+
 impl ReleaseLedger {
     /// Opens the ledger at `path` (none yet: empty). A file that cannot be read as a ledger,
     /// or a symbolic link (a volume not mounted behind it would read as "no ledger" and
@@ -66,8 +75,23 @@ impl ReleaseLedger {
 
     /// Runs `f` on the ledger as the file holds it now, under an exclusive lock on
     /// `releases.lock` (other servers on the data folder wait). What `f` changes is kept
-    /// only where it writes the file.
+    /// only where it writes the file. An error is logged whole and returned with the data
+    /// folder's path left out: it reaches answers over HTTP (the repository index, a load's
+    /// error), which never show where the server keeps its files (a red-team finding).
     fn locked<T>(
+        &self,
+        f: impl FnOnce(&mut BTreeMap<String, Accepted>) -> Result<T, String>,
+    ) -> Result<T, String> {
+        self.locked_inner(f).map_err(|e| {
+            tracing::warn!(error = %e, "the release ledger cannot be read or written");
+            match self.path.parent().map(|d| d.display().to_string()) {
+                Some(dir) if !dir.is_empty() => e.replace(&dir, "<data folder>"),
+                _ => e,
+            }
+        })
+    }
+
+    fn locked_inner<T>(
         &self,
         f: impl FnOnce(&mut BTreeMap<String, Accepted>) -> Result<T, String>,
     ) -> Result<T, String> {
@@ -113,8 +137,11 @@ impl ReleaseLedger {
         name: &str,
         release: Option<u64>,
         allowed: Option<u64>,
-    ) -> Result<(), String> {
-        let Some(accepted) = self.locked(|map| Ok(map.get(name).cloned()))? else {
+    ) -> Result<(), Refusal> {
+        let Some(accepted) = self
+            .locked(|map| Ok(map.get(name).cloned()))
+            .map_err(Refusal::Unreadable)?
+        else {
             return Ok(());
         };
         if release.is_some() && allowed == release {
@@ -122,17 +149,17 @@ impl ReleaseLedger {
         }
         match release {
             Some(r) if r >= accepted.release => Ok(()),
-            Some(r) => Err(format!(
+            Some(r) => Err(Refusal::Older(format!(
                 "its manifest is release {r}, older than release {} which this server has \
                  served: an older manifest put back is not served again (to roll back to it, \
                  load with {{\"parameters\": {{\"release\": \"{r}\"}}}} as an admin)",
                 accepted.release
-            )),
-            None => Err(format!(
+            ))),
+            None => Err(Refusal::Older(format!(
                 "its manifest declares no release, and this server has served release {} of \
                  it: a manifest from before releases were numbered is not served again",
                 accepted.release
-            )),
+            ))),
         }
     }
 
@@ -223,9 +250,13 @@ mod tests {
         let _ = ledger.record("m", Some(3), "c3", None).unwrap();
         assert!(ledger.check("m", Some(3), None).is_ok());
         assert!(ledger.check("m", Some(4), None).is_ok());
-        let e = ledger.check("m", Some(2), None).unwrap_err();
+        let Err(Refusal::Older(e)) = ledger.check("m", Some(2), None) else {
+            panic!("not refused as older")
+        };
         assert!(e.contains("release 2, older than release 3"), "{e}");
-        let e = ledger.check("m", None, None).unwrap_err();
+        let Err(Refusal::Older(e)) = ledger.check("m", None, None) else {
+            panic!("not refused as older")
+        };
         assert!(e.contains("declares no release"), "{e}");
         assert!(ledger.check("other", Some(1), None).is_ok());
         // A lower record does not lower the floor.
@@ -313,5 +344,26 @@ mod tests {
             &std::fs::metadata(&path).unwrap().permissions(),
         );
         assert_eq!(mode & 0o077, 0, "{mode:o}");
+    }
+
+    /// Red-team findings: a ledger that could not be read refused the load as if it were
+    /// older, for good (the poller retries only reasons of the moment), and its error showed
+    /// the data folder's absolute path in the repository index.
+    #[test]
+    fn an_unreadable_ledger_is_a_reason_of_the_moment_and_hides_the_data_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("releases.json");
+        let ledger = ReleaseLedger::open(&path).unwrap();
+        let _ = ledger.record("m", Some(3), "c3", None).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let shown = dir.path().display().to_string();
+        let Err(Refusal::Unreadable(e)) = ledger.check("m", Some(3), None) else {
+            panic!("not unreadable")
+        };
+        assert!(e.contains("<data folder>/releases.json"), "{e}");
+        assert!(!e.contains(&shown), "{e}");
+        let e = ledger.record("m", Some(4), "c4", None).unwrap_err();
+        assert!(!e.contains(&shown), "{e}");
     }
 }

@@ -800,8 +800,16 @@ impl Repository {
         // finding). A ledger that cannot be written refuses the load.
         let mut recorded = None;
         let mut result = result;
+        // Where the server trusts signing keys, only a manifest one of them signed moves the
+        // floor: an unsigned one (served where signatures are not required) is still held
+        // to it, but cannot raise it (a red-team finding: an unsigned manifest declaring
+        // release 2^63 had every later signed release refused as older).
+        let may_raise = |loaded: &LoadedModel| {
+            self.options.signatures.trusted.is_empty() || loaded.signature.verified_key().is_some()
+        };
         if let (Ok(loaded), Some(ledger)) = (&result, &self.options.releases)
             && let Some(first) = loaded.values().next()
+            && may_raise(first)
         {
             match ledger.record(
                 name,
@@ -868,6 +876,14 @@ impl Repository {
             }
             Err((version, e)) => {
                 tracing::error!(model = name, error = %e, "model failed to load");
+                // An operator's plain load lifts an unload's hold and a rollback's pin whether
+                // or not it goes through: the operator asked for the bundle as it is on disk,
+                // and the poller loads it once its files change (a red-team finding: a load
+                // refused for a bad file left the hold, and the fixed bundle never came back).
+                if target == LoadTarget::Policy {
+                    entry.held = false;
+                    entry.pinned = None;
+                }
                 let e = e.relative_to(&self.root);
                 // Versions already serving keep serving; the failure is reported.
                 if entry.versions.is_empty() {
@@ -923,14 +939,17 @@ impl Repository {
         if let Some(ledger) = &self.options.releases {
             ledger
                 .check(&bundle.manifest.name, bundle.manifest.release, release)
-                .map_err(|reason| {
-                    (
-                        None,
-                        BundleError::OlderRelease {
-                            path: dir.join(MANIFEST_FILE),
-                            reason,
-                        },
-                    )
+                .map_err(|refusal| {
+                    let path = dir.join(MANIFEST_FILE);
+                    let e = match refusal {
+                        crate::releases::Refusal::Older(reason) => {
+                            BundleError::OlderRelease { path, reason }
+                        }
+                        crate::releases::Refusal::Unreadable(reason) => {
+                            BundleError::ReleaseLedger { path, reason }
+                        }
+                    };
+                    (None, e)
                 })?;
         }
         let versions = match target {

@@ -406,3 +406,17 @@ inference = "volume"
     ];
     assert_each_refused(cases);
 }
+
+/// A heatmap whose occlusion windows would leave pixels uncovered (stride over patch) is
+/// refused when the bundle is read, not at each series (a red-team finding on `/explain`).
+#[test]
+fn a_heatmap_stride_over_its_patch_is_refused() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("bundles/lesion-detection/bundle.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(Manifest::parse(&text).is_ok());
+    assert!(text.contains("patch = 16\nstride = 8\n"));
+    assert_each_refused([(
+        text.replace("patch = 16\nstride = 8\n", "patch = 16\nstride = 32\n"),
+        "stride 32 must not exceed patch 16",
+    )]);
+}

@@ -523,6 +523,13 @@ pub(crate) async fn explain_decoded(
             input_spec.shape
         )));
     }
+    // `linear` contributions are log-odds by construction: it takes `link` only to say so
+    // (an identity link was accepted and silently answered in log-odds: a red-team finding).
+    if method == Method::Linear && matches!(params.link, Some(Link::Identity)) {
+        return Err(AppError::bad_request(
+            "linear gives contributions in log-odds (link \"logit\") only; for probabilities use kernel_shap with link \"identity\"",
+        ));
+    }
     if params.heatmap && !method.is_image() {
         return Err(AppError::bad_request(format!(
             "parameters.heatmap draws an image's saliency map; {} explains tables",
@@ -602,6 +609,33 @@ pub(crate) async fn explain_decoded(
             "attribution"
         }
     );
+
+    // The outputs asked for are known before any forward pass runs (an unknown one was
+    // refused only after the whole explanation had run: a red-team finding).
+    if let Some(wanted) = &request.outputs {
+        let heatmap_name = params
+            .heatmap
+            .then(|| format!("{}_heatmap", output_spec.name));
+        for choice in wanted {
+            let known = meta.outputs.iter().any(|o| o.name == choice.name)
+                || choice.name == attribution_name
+                || heatmap_name.as_deref() == Some(choice.name.as_str());
+            if !known {
+                return Err(AppError::bad_request(format!(
+                    "unknown output {:?}; the outputs are {:?} and {attribution_name:?}{}",
+                    choice.name,
+                    meta.outputs
+                        .iter()
+                        .map(|o| o.name.as_str())
+                        .collect::<Vec<_>>(),
+                    heatmap_name
+                        .as_deref()
+                        .map(|h| format!(" and {h:?}"))
+                        .unwrap_or_default()
+                )));
+            }
+        }
+    }
 
     // The prediction itself.
     let data: Vec<f32> = input
@@ -784,7 +818,12 @@ pub(crate) async fn explain_decoded(
     // Integrated gradients: per row, f(baseline) and the completeness gap.
     let mut completeness: Option<(Vec<f64>, Vec<f64>)> = None;
 
-    // The explanations, row by row, their forward passes through the worker.
+    // The explanations, row by row, their forward passes through the worker. Perturbation
+    // passes are counted as their batches come back, so that an explanation stopped at its
+    // deadline or by its client still shows the work it caused (counted only at the end,
+    // a timed-out one showed none: a red-team finding); a gradient job's when it returns.
+    let pass_counter = metrics::counter!("nightingale_explain_forward_passes_total",
+        "model" => model.name.clone(), "version" => model.version.to_string(), "method" => method.as_str());
     let mut explanations = Vec::with_capacity(rows);
     match plan {
         Plan::Gradients(gm) => {
@@ -802,6 +841,7 @@ pub(crate) async fn explain_decoded(
                 })
                 .await?;
             let pixels = saliency.height * saliency.width;
+            pass_counter.increment((per_row * rows) as u64);
             if saliency.values.len() != rows * pixels {
                 return Err(AppError::internal(
                     "the backend returned saliency maps of the wrong size",
@@ -845,6 +885,7 @@ pub(crate) async fn explain_decoded(
                     (out_ix, targets[r], score),
                     m,
                     chunk,
+                    &pass_counter,
                 )
                 .await?;
                 explanations.push(e);
@@ -882,10 +923,8 @@ pub(crate) async fn explain_decoded(
             }
         }
     }
+
     let passes: usize = explanations.iter().map(|e| e.forward_passes).sum();
-    metrics::counter!("nightingale_explain_forward_passes_total",
-        "model" => model.name.clone(), "version" => model.version.to_string(), "method" => method.as_str())
-    .increment(passes as u64);
 
     // The attribution tensor.
     let attribution = match image {
@@ -1130,6 +1169,7 @@ async fn drive(
     (out_ix, target, score): (usize, usize, Score),
     mut method: Box<dyn Perturber>,
     chunk: usize,
+    passes: &metrics::Counter,
 ) -> Result<Explanation, AppError> {
     let mut pending = FuturesOrdered::new();
     let mut done = false;
@@ -1158,6 +1198,7 @@ async fn drive(
         let outputs = result?;
         let t = &outputs[out_ix].tensor;
         let n = t.shape().first().copied().unwrap_or(0);
+        passes.increment(n as u64);
         let table = score_table(t, n)?;
         let classes = table.len() / n.max(1);
         let scores: Vec<f64> = (0..n)

@@ -606,7 +606,13 @@ impl GrpcInferenceService for Service {
             Ok(ServerMetadataResponse {
                 name: "nightingale".to_owned(),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
-                extensions: v2::EXTENSIONS.iter().map(|e| (*e).to_owned()).collect(),
+                // Explanations are served over HTTP only: a gRPC client shown the
+                // extension found nothing to call (a red-team finding).
+                extensions: v2::EXTENSIONS
+                    .iter()
+                    .filter(|e| **e != "nightingale_explain")
+                    .map(|e| (*e).to_owned())
+                    .collect(),
             })
         })
         .await

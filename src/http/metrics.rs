@@ -51,7 +51,7 @@ fn describe() {
         ),
         (
             "nightingale_explain_requests_total",
-            "explanation requests by model, version, method and outcome",
+            "explanation requests by model, version and outcome",
         ),
         (
             "nightingale_explain_forward_passes_total",

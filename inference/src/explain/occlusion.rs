@@ -72,6 +72,15 @@ impl Occlusion {
                 "occlusion: patch and stride must be at least 1 pixel".into(),
             ));
         }
+        // A stride over the patch leaves pixels no window covers, whose saliency would read
+        // as 0 — "occluding this changes nothing" — where nothing was measured (a red-team
+        // finding).
+        if options.stride > options.patch {
+            return Err(ExplainError::Invalid(format!(
+                "occlusion: the stride ({}) must not exceed the patch ({}): every pixel is covered by a window",
+                options.stride, options.patch
+            )));
+        }
         if !options.baseline.is_finite() {
             return Err(ExplainError::Invalid(
                 "occlusion: the baseline must be finite".into(),
@@ -257,5 +266,15 @@ mod tests {
             ..o
         };
         assert!(Occlusion::new(vec![0.0; 16], shape, 0.5, o).is_err());
+        // A stride over the patch would leave pixels no window covers.
+        let o = OcclusionOptions {
+            patch: 1,
+            stride: 3,
+            baseline: 0.0,
+        };
+        let e = Occlusion::new(vec![0.0; 16], shape, 0.5, o).err().unwrap();
+        assert!(e.to_string().contains("must not exceed the patch"), "{e}");
+        let o = OcclusionOptions { stride: 1, ..o };
+        assert!(Occlusion::new(vec![0.0; 16], shape, 0.5, o).is_ok());
     }
 }
