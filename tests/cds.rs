@@ -656,6 +656,21 @@ async fn a_flood_of_calls_without_a_token_is_audited_in_bounded_records() {
 
 #[tokio::test]
 async fn hostile_bodies_are_400_or_413_and_say_nothing_of_their_content() {
+    // Every refusal counts as `rejected` (a red-team finding: a 413 and a prefetch that is
+    // not FHIR were audited and never counted). Other tests of this binary may add to the
+    // same series meanwhile: at least this test's refusals.
+    let metrics = nightingale::http::install_recorder();
+    let rejected = || {
+        let series = format!(
+            "nightingale_cds_requests_total{{service=\"{SERVICE}\",outcome=\"rejected\"}} "
+        );
+        metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(&series).map(|v| v.parse::<u64>().unwrap()))
+            .unwrap_or(0)
+    };
+    let before = rejected();
     let server = Server::new(vec![], Duration::from_secs(1));
     let cases: Vec<(Vec<u8>, StatusCode)> = vec![
         (b"not json".to_vec(), StatusCode::BAD_REQUEST),
@@ -729,6 +744,7 @@ async fn hostile_bodies_are_400_or_413_and_say_nothing_of_their_content() {
         assert!(v.to_string().contains(says), "{says}: {v}");
         assert!(!v.to_string().contains("DOE-12345") && !v.to_string().contains("12345"), "{v}");
     }
+    assert!(rejected() >= before + 10, "{before} then {}", rejected());
 }
 
 #[tokio::test]

@@ -283,3 +283,29 @@ async fn a_request_followed_by_a_half_close_is_answered() {
     .await
     .unwrap();
 }
+
+/// RFC 9112 3.2: an HTTP/1.1 request without a Host field is answered 400 (it was served:
+/// a red-team finding); HTTP/1.0 needs none, and one with a Host is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_1_request_without_host_is_refused() {
+    let (addr, _stop) = start(ConnectionLimits::default()).await;
+    tokio::task::spawn_blocking(move || {
+        let ask = |request: &[u8]| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(BOUND)).unwrap();
+            s.write_all(request).unwrap();
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).unwrap_or(0);
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        };
+        let answer = ask(b"GET / HTTP/1.1\r\n\r\n");
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+        assert!(answer.contains("Host"), "{answer:?}");
+        let answer = ask(b"GET / HTTP/1.0\r\n\r\n");
+        assert!(answer.starts_with("HTTP/1.0 200"), "{answer:?}");
+        let mut s = TcpStream::connect(addr).unwrap();
+        assert!(get_ok(&mut s));
+    })
+    .await
+    .unwrap();
+}

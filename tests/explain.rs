@@ -602,6 +602,15 @@ async fn gradient_methods_on_the_candle_bundle() {
     assert_eq!(p["target"], "present,present");
     assert_eq!(p["forward_passes"], 2);
     assert_eq!(p["score"], "logit");
+    // One request in the statistics (a red-team finding: the worker counted it too, two
+    // successes per explanation), its prediction and its gradient job two executions.
+    let (_, stats) = server
+        .send("GET", &format!("/v2/models/{CANDLE}/stats"), Value::Null)
+        .await;
+    let st = &stats["model_stats"][0];
+    assert_eq!(st["inference_stats"]["success"]["count"], 1, "{stats}");
+    assert_eq!(st["inference_stats"]["fail"]["count"], 0, "{stats}");
+    assert_eq!(st["execution_count"], 2, "{stats}");
     let got = floats(sal);
     let numpy: Value = serde_json::from_str(
         &std::fs::read_to_string(repo_dir().join("tests/fixtures/gradients/gradcam-numpy.json"))

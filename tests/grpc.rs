@@ -857,3 +857,34 @@ async fn an_answer_holds_its_budget_until_its_body_is_sent() {
     assert_eq!(output_values(&answer, "probabilities").len(), 100);
     assert_eq!(free(), all);
 }
+
+/// Calls this server does not serve are UNIMPLEMENTED with the reason (tonic's own answer
+/// had an empty message: a red-team finding).
+#[tokio::test]
+async fn a_call_not_served_is_unimplemented_with_its_reason() {
+    let server = Server::start(HttpConfig::default()).await;
+    for method in [
+        "ModelStreamInfer",
+        "TraceSetting",
+        "SystemSharedMemoryStatus",
+    ] {
+        let req = axum::http::Request::post(format!("/inference.GRPCInferenceService/{method}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(axum::body::Body::from(vec![0u8; 5]))
+            .unwrap();
+        let r = http::grpc::router(server.state.clone())
+            .oneshot(req)
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["grpc-status"], "12", "{method}");
+        let message = r.headers()["grpc-message"]
+            .to_str()
+            .unwrap()
+            .replace("%20", " ");
+        assert!(
+            message.contains(&format!("{method} is not served")),
+            "{message}"
+        );
+    }
+}

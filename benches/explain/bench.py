@@ -4,7 +4,7 @@ Starts a release `serve --explain` on models/bundles (tract), then for each case
 `/explain` (median of --reps) and, in the same run, `/infer` of the same number of rows sent
 as the explanation sends them: batches of the model's max_batch_size, two in flight, binary
 tensors; and the engine time spent inside each explanation (the statistics extension's
-compute_input + compute_infer + compute_output, before and after). The overhead is
+compute_input + compute_infer + compute_output of batch_stats, before and after). The overhead is
 explain ÷ engine − 1 (target < 20 %): what the explanation costs beyond its forward passes.
 
     cargo build --release
@@ -62,9 +62,12 @@ def body(name: str, x: np.ndarray, parameters: dict | None, outputs: list[str] |
 
 
 def engine_ns(session, url, model) -> int:
-    """The model's engine time so far (statistics extension: compute input + infer + output)."""
+    """The model's engine time so far: its executions' compute input + infer + output, from
+    the statistics extension's batch_stats (one entry per execution; inference_stats charges
+    every request of a batch the batch's time, as Triton does)."""
     st = session.get(f"http://{url}/v2/models/{model}/stats", timeout=30).json()["model_stats"]
-    return sum(s["inference_stats"][k]["ns"] for s in st for k in ("compute_input", "compute_infer", "compute_output"))
+    return sum(b[k]["ns"] for s in st for b in s["batch_stats"]
+               for k in ("compute_input", "compute_infer", "compute_output"))
 
 
 def time_explain(session, url, model, name, x, parameters, reps):

@@ -151,6 +151,7 @@ struct GradientJob {
     request: GradientRequest,
     _bytes: QueuedBytes,
     reply: GradientReply,
+    enqueued: Instant,
     span: tracing::Span,
 }
 
@@ -464,8 +465,11 @@ impl ModelWorker {
                 backend: self.backend,
             });
         }
-        let start = Instant::now();
-        let result = async {
+        // The request is counted by its caller (an explanation is one request, as
+        // `infer_uncounted`'s are: counted here too, each gradient explanation was two
+        // successes, and a failed one a success and a failure: a red-team finding); the job
+        // is counted as one execution of its rows, with its wait in the queue.
+        async {
             let (mut inputs, _, _) = self.check(vec![request.input.clone()])?;
             request.input = inputs.pop().ok_or(InferenceError::EmptyBatch)?;
             let bytes = request.input.tensor.raw_len();
@@ -483,6 +487,7 @@ impl ModelWorker {
                 request,
                 _bytes: held,
                 reply,
+                enqueued: Instant::now(),
                 span: tracing::Span::current(),
             };
             self.gradient_tx.try_send(job).map_err(|e| match e {
@@ -496,9 +501,7 @@ impl ModelWorker {
                 .await
                 .map_err(|_| InferenceError::Unavailable)?
         }
-        .await;
-        self.stats.record_request(result.is_ok(), start.elapsed());
-        result
+        .await
     }
 
     /// Validates inputs against the metadata and puts them in the model's input order.
@@ -723,6 +726,10 @@ impl Instance {
         let span = tracing::debug_span!(parent: &job.span, "gradients", rows);
         let _entered = span.enter();
         let started = Instant::now();
+        let waited = started - job.enqueued;
+        self.stats.record_queue(waited);
+        metrics::histogram!("nightingale_queue_duration_seconds", &self.labels)
+            .record(waited.as_secs_f64());
         // Asked between passes: a caller that has gone (timed out, disconnected) closes its
         // answer, and the job stops there instead of holding this instance to its end.
         let cancelled = || job.reply.is_closed();
@@ -730,8 +737,17 @@ impl Instance {
             self.backend.gradients(&job.request, &cancelled)
         }))
         .unwrap_or(Err(InferenceError::Panicked));
-        metrics::histogram!("nightingale_compute_duration_seconds", &self.labels)
-            .record(started.elapsed().as_secs_f64());
+        // One execution of the job's rows (its passes run inside it), in the statistics and
+        // the metrics alike: it was in the compute histogram only, whose count then exceeded
+        // the statistics' execution count.
+        let zero = Duration::ZERO;
+        record_execution(
+            &self.stats,
+            &self.labels,
+            1,
+            rows,
+            [zero, started.elapsed(), zero],
+        );
         match &outcome {
             Err(InferenceError::Cancelled) => {
                 tracing::info!("gradient explanation stopped: its caller has gone");

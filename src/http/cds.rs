@@ -221,6 +221,17 @@ pub(crate) async fn call(
 ) -> Response {
     let actor = caller_id(&caller);
     let response = answer_call(state.clone(), caller, &id, headers, body).await;
+    // Every refusal of a served service is counted, whatever refused it (counted at each
+    // refusal, some were audited and never counted: a red-team finding); an unknown
+    // service's id is not a label.
+    if response.status() != StatusCode::OK && state.cds().services.get(&id).is_some() {
+        let outcome = if response.status().is_server_error() {
+            "error"
+        } else {
+            "rejected"
+        };
+        metrics::counter!("nightingale_cds_requests_total", "service" => id.clone(), "outcome" => outcome).increment(1);
+    }
     if response.status() != StatusCode::OK {
         let path = format!("/cds-services/{id}");
         audit_refusal(&state, EventKind::CdsHook, &path, actor, response.status()).await;
@@ -248,13 +259,11 @@ async fn answer_call(
     let request: HookRequest = match serde_json::from_slice(&bytes) {
         Ok(r) => r,
         Err(e) => {
-            metrics::counter!("nightingale_cds_requests_total", "service" => service.id().to_owned(), "outcome" => "rejected").increment(1);
             return AppError::bad_request(format!("not a CDS Hooks request: {}", serde_error(&e)))
                 .into_response();
         }
     };
     if let Err(e) = request.validate(&service.config().hook) {
-        metrics::counter!("nightingale_cds_requests_total", "service" => service.id().to_owned(), "outcome" => "rejected").increment(1);
         return AppError::bad_request(e.to_string()).into_response();
     }
 
@@ -327,7 +336,6 @@ async fn answer_call(
             let outcome = match service.evaluate_news2(&request, fetched, now, &cds.limits) {
                 Ok(o) => o,
                 Err(ServiceError::Request(e)) => {
-                    metrics::counter!("nightingale_cds_requests_total", "service" => service.id().to_owned(), "outcome" => "rejected").increment(1);
                     return AppError::bad_request(e.to_string()).into_response();
                 }
                 Err(e) => return AppError::internal(e.to_string()).into_response(),
@@ -354,7 +362,6 @@ async fn answer_call(
         }
         ServiceKind::Risk => {
             if request.patient_id().is_none() {
-                metrics::counter!("nightingale_cds_requests_total", "service" => service.id().to_owned(), "outcome" => "rejected").increment(1);
                 return AppError::bad_request("the hook context has no patientId").into_response();
             }
             let fetched = Fetched {
@@ -365,7 +372,6 @@ async fn answer_call(
             {
                 Ok(r) => r,
                 Err(e) => {
-                    metrics::counter!("nightingale_cds_requests_total", "service" => service.id().to_owned(), "outcome" => "rejected").increment(1);
                     return AppError::bad_request(e.to_string()).into_response();
                 }
             };

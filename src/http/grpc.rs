@@ -86,8 +86,24 @@ async fn before_the_message(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    let rule = auth::grpc_rule_for(request.uri().path().rsplit('/').next().unwrap_or_default());
+    let method = request.uri().path().rsplit('/').next().unwrap_or_default();
+    let rule = auth::grpc_rule_for(method);
     let request_id = request_id(request.headers());
+    // A method this server does not serve (ModelStreamInfer, the shared-memory calls,
+    // TraceSetting, LogSettings): UNIMPLEMENTED with the reason, where tonic's answer had an
+    // empty message and tritonclient's stream callback could not say why it failed (a
+    // red-team finding).
+    if rule.is_none() {
+        let shown: String = method
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .take(64)
+            .collect();
+        return tonic::Status::unimplemented(format!(
+            "{shown} is not served by Nightingale: it serves health, metadata, ModelInfer, ModelConfig, ModelStatistics and the repository calls; no streaming, shared memory, trace or log settings (docs/grpc.md)"
+        ))
+        .into_http();
+    }
     let mut request = request;
     if let Some(rule) = rule {
         match auth::authorize(

@@ -299,6 +299,19 @@ where
     }
 
     fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+        // RFC 9112 3.2: a server responds 400 to an HTTP/1.1 request without a Host field
+        // (hyper answers it; a red-team finding). HTTP/1.0 needs none; HTTP/2 names its
+        // authority otherwise.
+        if req.version() == axum::http::Version::HTTP_11
+            && !req.headers().contains_key(axum::http::header::HOST)
+        {
+            use axum::response::IntoResponse as _;
+            let refused = super::error::AppError::bad_request(
+                "an HTTP/1.1 request must carry a Host header field (RFC 9112, section 3.2)",
+            )
+            .into_response();
+            return Box::pin(async move { Ok(refused) });
+        }
         let guard = self.activity.begin();
         let response = self.inner.call(req);
         let stall = self.stall;

@@ -152,7 +152,7 @@ fn describe() {
         ),
         (
             "nightingale_pipeline_jobs_total",
-            "pipeline jobs ended, by state",
+            "pipeline jobs ended, by outcome and reason",
         ),
         (
             "nightingale_pipeline_objects_sent_total",

@@ -46,6 +46,7 @@ pub mod wado;
 pub use codec::{decode_request_for_bench, parse_json_data_for_bench};
 pub use error::{ApiPath, AppError};
 pub use metrics::install_recorder;
+pub(crate) use v2::{Op, count_call, outcome_of};
 
 /// HTTP settings.
 #[derive(Clone, Debug)]

@@ -180,7 +180,7 @@ pub async fn infer_version(
 
 /// What a model request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Op {
+pub(crate) enum Op {
     Infer,
     Explain,
 }
@@ -333,32 +333,45 @@ impl ModelCall {
 
     /// Counts the call in the metrics and the statistics extension.
     fn count(&self, ok: bool, outcome: &str) {
-        let labels = [
-            ("model", self.model.name.clone()),
-            ("version", self.model.version.to_string()),
-            ("outcome", outcome.to_owned()),
-        ];
-        let (requests, duration) = match self.op {
-            Op::Infer => (
-                "nightingale_inference_requests_total",
-                "nightingale_request_duration_seconds",
-            ),
-            Op::Explain => (
-                "nightingale_explain_requests_total",
-                "nightingale_explain_duration_seconds",
-            ),
-        };
-        metrics::counter!(requests, &labels).increment(1);
-        metrics::histogram!(duration, &labels[..2]).record(self.start.elapsed().as_secs_f64());
-        // The statistics extension counts every request to the model version, failed ones
-        // whatever the stage (as the metrics and the audit trail do). An explanation is one
-        // request, whatever forward passes it ran (each pass was counted a successful
-        // request, a 422 explanation included: a red-team finding); its passes still count
-        // in the inference and execution counts.
-        let stats = self.model.worker.stats();
-        stats.record_request(ok, self.start.elapsed());
+        count_call(&self.model, self.op, ok, outcome, self.start.elapsed());
     }
+}
 
+/// Counts one call of `op` on `model` in the metrics and the statistics extension: KServe
+/// calls ([`ModelCall`]) and the DICOM pipeline's explanations alike.
+pub(crate) fn count_call(
+    model: &LoadedModel,
+    op: Op,
+    ok: bool,
+    outcome: &str,
+    elapsed: std::time::Duration,
+) {
+    let labels = [
+        ("model", model.name.clone()),
+        ("version", model.version.to_string()),
+        ("outcome", outcome.to_owned()),
+    ];
+    let (requests, duration) = match op {
+        Op::Infer => (
+            "nightingale_inference_requests_total",
+            "nightingale_request_duration_seconds",
+        ),
+        Op::Explain => (
+            "nightingale_explain_requests_total",
+            "nightingale_explain_duration_seconds",
+        ),
+    };
+    metrics::counter!(requests, &labels).increment(1);
+    metrics::histogram!(duration, &labels[..2]).record(elapsed.as_secs_f64());
+    // The statistics extension counts every request to the model version, failed ones
+    // whatever the stage (as the metrics and the audit trail do). An explanation is one
+    // request, whatever forward passes it ran (each pass was counted a successful request,
+    // a 422 explanation included: a red-team finding); its passes still count in the
+    // inference and execution counts.
+    model.worker.stats().record_request(ok, elapsed);
+}
+
+impl ModelCall {
     /// Writes the audit record with the answer's status (HTTP's, whatever the protocol) and
     /// counts the request; without its record, the answer becomes a 503.
     pub(crate) async fn finish<T>(
@@ -395,7 +408,7 @@ impl ModelCall {
 }
 
 /// The `outcome` label of a call's metrics.
-fn outcome_of<T>(result: &Result<T, AppError>) -> &'static str {
+pub(crate) fn outcome_of<T>(result: &Result<T, AppError>) -> &'static str {
     match result {
         Ok(_) => "success",
         Err(e) if e.status.is_client_error() => "client_error",

@@ -727,8 +727,18 @@ impl Pipeline {
             actor: Some("dicom-pipeline".into()),
             detail: None,
         };
+        let started = std::time::Instant::now();
         let explained =
             crate::http::explain::explain_decoded(&self.state, model, request, &mut event).await;
+        // One explanation request, as over HTTP, in the statistics and the metrics (audited
+        // but never counted, its forward passes were: a red-team finding).
+        crate::http::count_call(
+            model,
+            crate::http::Op::Explain,
+            explained.is_ok(),
+            crate::http::outcome_of(&explained),
+            started.elapsed(),
+        );
         if explained.is_ok() {
             event.status = 200;
             event.outcome = Outcome::Ok;

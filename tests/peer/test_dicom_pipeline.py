@@ -521,6 +521,14 @@ def test_a_heatmap_bundle_sends_its_saliency_in_the_sc(work):
         job = wait_for(lambda: (r := server.results(str(ds.StudyInstanceUID))) and r["series"][0]["jobs"][0],
                        RESULT_TIMEOUT_S, "the job in the results API")
         assert job["bundle"] == "lesion-detection"
+        # The heatmap's explanation is one request, as over /explain, in the statistics and
+        # the metrics (a red-team finding: audited, its passes counted, the request not).
+        assert server.metric("nightingale_explain_requests_total", model="lesion-detection",
+                             outcome="success") == 1
+        with urllib.request.urlopen(
+                f"http://127.0.0.1:{server.http}/v2/models/lesion-detection/stats", timeout=10) as r:
+            stats = json.load(r)["model_stats"][0]["inference_stats"]
+        assert stats["success"]["count"] == 2, stats  # the inference and the explanation
     finally:
         stop(server.proc)
         stop(pacs.proc)

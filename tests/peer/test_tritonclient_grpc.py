@@ -258,3 +258,32 @@ def test_statistics_count_grpc_inferences(grpc, test_rows):
     assert s["name"] == MODEL and s["version"] == VERSION
     assert int(s["inference_count"]) >= 3
     assert int(s["inference_stats"]["success"]["count"]) >= 1
+
+
+def test_calls_not_served_say_so(grpc, test_rows):
+    """Streaming, trace and log settings and the shared-memory calls are UNIMPLEMENTED with
+    the reason (a red-team finding: tonic's answer had an empty message, and the stream
+    callback could not say why it failed)."""
+    import queue
+
+    for call in (grpc.get_trace_settings, grpc.get_log_settings,
+                 grpc.get_system_shared_memory_status):
+        with pytest.raises(InferenceServerException) as refused:
+            call()
+        assert refused.value.status() == "StatusCode.UNIMPLEMENTED"
+        assert "not served by Nightingale" in refused.value.message(), refused.value.message()
+    x, _ = test_rows
+    errors: queue.Queue = queue.Queue()
+    grpc.start_stream(callback=lambda result, error: errors.put(error))
+    try:
+        inp = grpcclient.InferInput("features", [1, 30], "FP32")
+        inp.set_data_from_numpy(np.ascontiguousarray(x[:1]))
+        try:
+            grpc.async_stream_infer(MODEL, [inp], model_version=VERSION)
+        except InferenceServerException:
+            pass  # the stream may already be closed with the error below
+        error = errors.get(timeout=30)
+        assert error is not None
+        assert "ModelStreamInfer is not served" in error.message(), error.message()
+    finally:
+        grpc.stop_stream()
