@@ -451,8 +451,18 @@ impl Spool {
             // be deleted) is not selected again.
             let mut after: (i64, String) = (i64::MIN, String::new());
             loop {
-                // The lock is held per batch: a store cannot place a file in a folder this
-                // is removing, or answer "duplicate" for an instance being deleted.
+                // The locks are held per batch: a store cannot place a file in a folder this
+                // is removing, or answer "duplicate" for an instance being deleted; the
+                // maintenance lock, exclusive, also keeps out a server beside this process
+                // (`nightingale spool purge` while it runs), which answers a re-sent
+                // instance under it, shared, marking it received anew.
+                let _maintenance =
+                    self.maintenance_lock(true)
+                        .map_err(|e| MaintenanceError::Io {
+                            op: "lock",
+                            path: self.root.join(crate::spool::MAINTENANCE_LOCK),
+                            source: std::io::Error::other(e.to_string()),
+                        })?;
                 let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
                 let batch: Vec<(String, String, i64, i64)> = {
                     let mut stmt = db.prepare(

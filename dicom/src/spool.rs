@@ -51,6 +51,9 @@ pub(crate) const INDEX_FILE: &str = "index.sqlite3";
 pub(crate) const TMP_DIR: &str = "tmp";
 pub(crate) const INSTANCES_DIR: &str = "instances";
 pub(crate) const QUARANTINE_DIR: &str = "quarantine";
+/// The lock a purge batch holds exclusive and an instance answered from the index holds
+/// shared, across processes (`nightingale spool purge` beside a running server).
+pub(crate) const MAINTENANCE_LOCK: &str = ".maintenance.lock";
 /// Offset of the file meta group in a Part 10 file: the preamble and "DICM".
 const META_OFFSET: usize = 132;
 
@@ -966,9 +969,31 @@ impl Spool {
         write: impl FnOnce(&Stored) -> Result<TempFile, StoreError>,
     ) -> Result<Stored, StoreError> {
         // An instance already indexed needs no write at all.
-        let existing = {
+        let mut existing = {
             let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
             indexed(&db, &stored.sop_instance_uid)?
+        };
+        // Answered from the index: under the maintenance lock (shared), read again and
+        // marked received now, so that a purge (this server's or `nightingale spool purge`
+        // beside it, which takes the lock exclusive per batch) cannot delete what this
+        // answer says is stored: a purge that ran first left no row (the instance is stored
+        // afresh), one that runs after finds it received now (a red-team finding: re-sends
+        // acknowledged while a purge ran were deleted by it).
+        let _maintenance = match &existing {
+            Some(_) => {
+                let lock = self.maintenance_lock(false)?;
+                let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
+                existing = indexed(&db, &stored.sop_instance_uid)?;
+                if existing.as_ref().is_some_and(|e| e.sha256 == stored.sha256) {
+                    db.prepare_cached(
+                        "UPDATE instances SET received_at_ms = MAX(received_at_ms, ?2)
+                         WHERE sop_instance_uid = ?1",
+                    )?
+                    .execute(params![stored.sop_instance_uid, now_ms()])?;
+                }
+                Some(lock)
+            }
+            None => None,
         };
         // The index names these very bytes, but their file is gone or cut (deleted behind
         // the index, a purge interrupted between file and row, a disk fault): a re-send is
@@ -1009,6 +1034,34 @@ impl Spool {
             self.quarantine(dataset, incoming, &StoreError::Conflict);
         }
         result
+    }
+
+    /// The spool's maintenance lock ([`MAINTENANCE_LOCK`]), held until the file is dropped:
+    /// shared, or exclusive (a purge batch). Opened afresh each time: a lock belongs to an
+    /// open file, and two threads of one process locking one open file would share it.
+    pub(crate) fn maintenance_lock(&self, exclusive: bool) -> Result<fs::File, StoreError> {
+        let path = self.root.join(MAINTENANCE_LOCK);
+        let mut options = fs::OpenOptions::new();
+        options.create(true).truncate(false).write(true);
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        std::os::unix::fs::OpenOptionsExt::custom_flags(
+            &mut options,
+            rustix::fs::OFlags::NOFOLLOW.bits() as i32,
+        );
+        let file = options.open(&path).map_err(|source| StoreError::Io {
+            op: "open the spool's maintenance lock",
+            source,
+        })?;
+        if exclusive {
+            file.lock()
+        } else {
+            file.lock_shared()
+        }
+        .map_err(|source| StoreError::Io {
+            op: "lock the spool's maintenance lock",
+            source,
+        })?;
+        Ok(file)
     }
 
     /// The full path of an indexed instance whose file is gone, or shorter than its data set

@@ -626,3 +626,63 @@ fn rows_naming_paths_outside_the_spool_touch_nothing_and_stop_nothing() {
     // The kept row (its file is a folder) is still there for an operator to look at.
     assert_eq!(uids(&spool), vec!["9.9.5".to_owned()]);
 }
+
+/// Red-team finding: `nightingale spool purge` run beside a server deleted re-sent instances
+/// the server had just acknowledged as stored (duplicates, answered from the index). A
+/// re-send is answered under the spool's maintenance lock (shared), which a purge batch
+/// takes exclusive (across processes), and marks the instance received anew: a purge that
+/// runs after it keeps it.
+#[test]
+fn a_re_sent_instance_is_received_anew_and_waits_for_a_purge_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = std::sync::Arc::new(open(dir.path()));
+    let file = ct("1.2.3.60", "1.2.3.60.1", "1.2.3.60.1.1");
+    spool.store(&file, &incoming()).unwrap();
+    // 40 days old, as a study a PACS sends again.
+    let then = SystemTime::now() - Duration::from_secs(40 * 86_400);
+    let then_ms = then
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let db = rusqlite::Connection::open(dir.path().join("index.sqlite3")).unwrap();
+    db.execute("UPDATE instances SET received_at_ms = ?1", [then_ms])
+        .unwrap();
+    // Another process's purge batch holds the lock: the re-send waits for it.
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.path().join(".maintenance.lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    let resend = {
+        let spool = spool.clone();
+        let file = file.clone();
+        std::thread::spawn(move || {
+            let stored = spool.store(&file, &incoming());
+            let _ = done.send(());
+            stored
+        })
+    };
+    assert!(
+        finished.recv_timeout(Duration::from_millis(300)).is_err(),
+        "answered while a purge batch held the lock"
+    );
+    lock.unlock().unwrap();
+    finished
+        .recv_timeout(Duration::from_secs(30))
+        .expect("answered once the lock is free");
+    let stored = resend.join().unwrap().unwrap();
+    assert!(stored.duplicate);
+    // Received now: a purge of what is older than a day keeps it, file and row.
+    let report = spool
+        .purge(SystemTime::now() - Duration::from_secs(86_400), false)
+        .unwrap();
+    assert_eq!(report.instances, 0);
+    assert!(stored.path.is_file());
+    let rows: i64 = db
+        .query_row("SELECT COUNT(*) FROM instances", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 1);
+}
