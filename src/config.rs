@@ -684,6 +684,23 @@ pub enum ConfigError {
 
 impl ServeArgs {
     /// Merges flags/env over the config file over defaults, and checks the result.
+    /// Flags win over the environment, also across a pair where one overrides the other
+    /// (`--request-timeout-ms` over `--request-timeout-secs`, `--dicom-addr` over
+    /// `--dicom-port`): the overriding one set in the environment does not beat the other
+    /// given on the command line (clap's parse makes both look given: a red-team finding).
+    pub fn prefer_flags_over_env(&mut self, matches: &clap::ArgMatches) {
+        use clap::parser::ValueSource::{CommandLine, EnvVariable};
+        let from = |id: &str| matches.value_source(id);
+        if from("request_timeout_ms") == Some(EnvVariable)
+            && from("request_timeout_secs") == Some(CommandLine)
+        {
+            self.request_timeout_ms = None;
+        }
+        if from("dicom_addr") == Some(EnvVariable) && from("dicom_port") == Some(CommandLine) {
+            self.dicom_addr = None;
+        }
+    }
+
     pub fn resolve(self) -> Result<ServeConfig, ConfigError> {
         let file = match &self.config {
             Some(path) => read_file(path)?,
@@ -950,7 +967,7 @@ impl ServeArgs {
                         Ok(std::time::Duration::from_secs_f64(v))
                     } else {
                         Err(ConfigError::Invalid(format!(
-                            "{what} must be between 0 and 86400 seconds"
+                            "{what} must be more than 0 and at most 86400 seconds"
                         )))
                     }
                 };
@@ -1049,7 +1066,8 @@ impl ServeArgs {
                     .unwrap_or(defaults.request_timeout.as_secs_f64());
                 if !(timeout.is_finite() && timeout > 0.0 && timeout <= 86_400.0) {
                     return Err(ConfigError::Invalid(
-                        "dicomweb_timeout_secs must be between 0 and 86400 seconds".into(),
+                        "dicomweb_timeout_secs must be more than 0 and at most 86400 seconds"
+                            .into(),
                     ));
                 }
                 let limits = crate::http::dicomweb::DicomWebConfig {
@@ -1485,10 +1503,22 @@ pub(crate) fn host_is_loopback(url: &reqwest::Url) -> bool {
         .is_some_and(crate::http::cds::is_loopback_host)
 }
 
+/// The most a config file may hold.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    // A regular file of bounded size: a FIFO hung the start for ever and `/dev/zero` was
+    // read until memory ran out (a red-team finding).
+    let read = |source| ConfigError::Read {
         path: path.to_owned(),
         source,
+    };
+    let bytes = crate::files::read_regular(path, MAX_CONFIG_BYTES).map_err(read)?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        read(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not UTF-8 text",
+        ))
     })?;
     toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.to_owned(),

@@ -59,7 +59,7 @@ impl PeerArgs {
         let secs = |v: f64, what: &str| {
             anyhow::ensure!(
                 v.is_finite() && v > 0.0 && v <= 86_400.0,
-                "{what} must be between 0 and 86400 seconds"
+                "{what} must be more than 0 and at most 86400 seconds"
             );
             Ok(Duration::from_secs_f64(v))
         };
@@ -299,14 +299,15 @@ pub fn spool(command: SpoolCommand) -> anyhow::Result<()> {
             );
             if let Some(r) = &report.repaired {
                 println!(
-                    "repaired: {} rows dropped, {} rows made again from their files, {} files indexed, {} files quarantined, {} temporary files deleted, {} links deleted, {} left (changed in the last minute)",
+                    "repaired: {} rows dropped, {} rows made again from their files, {} files indexed, {} files quarantined, {} temporary files deleted, {} links deleted; {} problems left (their files changed in the last minute), {} recent files not checked",
                     r.rows_dropped,
                     r.rows_reindexed,
                     r.files_indexed,
                     r.files_quarantined,
                     r.temp_files_deleted,
                     r.links_deleted,
-                    r.skipped_recent
+                    r.skipped_recent,
+                    report.in_progress.len()
                 );
             }
             if report.is_clean_now() {

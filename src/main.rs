@@ -216,7 +216,14 @@ fn catch_file_size_signal() {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli =
+        <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Command::Serve(args), Some(serve)) =
+        (&mut cli.command, matches.subcommand_matches("serve"))
+    {
+        args.prefer_flags_over_env(serve);
+    }
     match cli.command {
         Command::Serve(args) => {
             let config = args.resolve()?;

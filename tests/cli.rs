@@ -382,3 +382,81 @@ fn dicom_store_with_nothing_to_send_fails() {
         assert!(stdout.contains("nothing was sent"), "{stdout}");
     }
 }
+
+/// Flags win over the environment across a pair where one overrides the other (a red-team
+/// finding: `NIGHTINGALE_REQUEST_TIMEOUT_MS` beat `--request-timeout-secs`, and
+/// `NIGHTINGALE_DICOM_ADDR` beat `--dicom-port`).
+#[test]
+fn a_flag_beats_the_environment_of_the_flag_that_overrides_it() {
+    // An invalid timeout in the environment, a valid one on the command line: it starts.
+    let (listening, log) = serve_until_listening(
+        &["--http-addr", "127.0.0.1:0", "--request-timeout-secs", "5"],
+        &[("NIGHTINGALE_REQUEST_TIMEOUT_MS", "0")],
+    );
+    assert!(listening, "{log}");
+    // A network address in the environment (refused without an allowlist), a loopback
+    // port on the command line: it starts, on loopback.
+    let (listening, log) = serve_until_listening(
+        &["--http-addr", "127.0.0.1:0", "--dicom-port", "0"],
+        &[("NIGHTINGALE_DICOM_ADDR", "0.0.0.0:0")],
+    );
+    assert!(listening, "{log}");
+    assert!(!log.contains("0.0.0.0"), "{log}");
+}
+
+/// A FIFO or a device named where a file is read is refused at once (a red-team finding:
+/// `models sign --key`, `models check --trusted-key`, `audit verify --anchor` and `serve
+/// --config` blocked for ever on a FIFO, and `serve --config /dev/zero` read until memory
+/// ran out).
+#[test]
+fn a_fifo_or_a_device_where_a_file_is_read_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let fifo = fifo.to_str().unwrap();
+    let bundle = root().join("models/bundles/wdbc-malignancy");
+    let bundle = bundle.to_str().unwrap();
+    let trail = dir.path().join("audit.jsonl");
+    std::fs::write(&trail, "").unwrap();
+    let trail = trail.to_str().unwrap();
+    for args in [
+        vec!["models", "sign", "--key", fifo, bundle],
+        vec!["models", "check", "--trusted-key", fifo, bundle],
+        vec!["audit", "verify", trail, "--anchor", fifo],
+        vec!["serve", "--config", fifo],
+        vec!["serve", "--config", "/dev/zero"],
+    ] {
+        let mut child = bin()
+            .args(&args)
+            .current_dir(dir.path())
+            .env_remove("NIGHTINGALE_CONFIG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{args:?} did not end within 30 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        // What it says, on either stream (`audit verify` reports on stdout).
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "{args:?}: {err}");
+        assert!(err.contains("not a regular file"), "{args:?}: {err}");
+    }
+}

@@ -732,7 +732,8 @@ impl StoreOutcome {
 /// Sends every file to `addr` over as few associations as the contexts allow (one unless
 /// the files need more than [`MAX_CONTEXTS`] distinct contexts), in order, and returns one
 /// outcome per file, in order. A file that cannot be read fails alone; when an association
-/// fails, the file being sent gets its error and the files after it are [`NotSent`].
+/// fails, the file being sent gets its error and the files after it go on a new association;
+/// when one cannot be opened, they are [`NotSent`].
 ///
 /// [`NotSent`]: StoreFailure::NotSent
 pub async fn store_files(
@@ -776,8 +777,13 @@ pub async fn store_files(
         }
         members.push((i, f));
     }
+    // A batch whose association failed on one file goes on with the files after it on a new
+    // association, as dcmtk's storescu goes on past a file its peer refused (one malformed
+    // file that made the peer abort left every later file of the run unsent: a red-team
+    // finding). An association that cannot be opened ends the run.
+    let mut batches: std::collections::VecDeque<Batch> = batches.into();
     let mut broken = false;
-    for (contexts, members) in batches {
+    while let Some((contexts, members)) = batches.pop_front() {
         if broken {
             break;
         }
@@ -808,7 +814,8 @@ pub async fn store_files(
             "association open"
         );
         let mut failed = false;
-        for (i, f) in members {
+        let mut members = members.into_iter();
+        for (i, f) in members.by_ref() {
             let result = association.store(&f).await;
             let fatal = matches!(result, Err(StoreFailure::Association(_)));
             outcomes[i].result = result;
@@ -819,7 +826,14 @@ pub async fn store_files(
         }
         if failed {
             association.abort().await;
-            broken = true;
+            let rest: Vec<(usize, Part10File)> = members.collect();
+            if !rest.is_empty() {
+                tracing::warn!(
+                    files = rest.len(),
+                    "the association failed on one file: the files after it go on a new association"
+                );
+                batches.push_front((contexts, rest));
+            }
         } else if let Err(e) = association.release().await {
             tracing::warn!(error = %e, "association release failed");
         }

@@ -107,6 +107,15 @@ fn read_small(path: &Path, what: &'static str) -> Result<String, KeyError> {
         path: path.to_owned(),
         source: Arc::new(e),
     };
+    // A regular file only: opening a FIFO blocks for ever (a red-team finding), and a
+    // device is refused by the size cap anyway.
+    if !fs::metadata(path).map_err(io)?.is_file() {
+        return Err(KeyError::Malformed {
+            path: path.to_owned(),
+            what,
+            reason: "not a regular file".into(),
+        });
+    }
     read_limited(fs::File::open(path).map_err(io)?).map_err(|e| match e {
         SmallFileError::Io(e) => io(e),
         other => KeyError::Malformed {

@@ -38,15 +38,13 @@ const MAX_ANCHOR_BYTES: u64 = 1 << 20;
 
 /// Reads an anchor file; `Ok(None)` when there is none yet (the first check).
 pub fn read(path: &Path) -> Result<Option<Anchor>, String> {
-    let text = match std::fs::File::open(path) {
+    // A regular file only (a FIFO would block the open for ever: a red-team finding), of
+    // bounded size.
+    let text = match crate::files::read_regular(path, MAX_ANCHOR_BYTES) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read the anchor {}: {e}", path.display())),
-        Ok(f) => {
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_ANCHOR_BYTES), &mut text)
-                .map_err(|e| format!("cannot read the anchor {}: {e}", path.display()))?;
-            text
-        }
+        Ok(bytes) => String::from_utf8(bytes)
+            .map_err(|_| format!("the anchor {} is not UTF-8 text", path.display()))?,
     };
     let anchor: Anchor = serde_json::from_str(&text).map_err(|e| {
         format!(

@@ -320,3 +320,26 @@ def test_serve_audits_what_dcmtk_and_the_scu_store(work):
             assert str(uid) not in text, uid
     r = nightingale("audit", "verify", str(audit))
     assert r.returncode == 0 and "hash chain intact" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_file_the_peer_aborts_on_does_not_stop_the_rest(work):
+    """pydicom's SC_rgb_jpeg.dcm (Implicit VR data under an Explicit VR transfer syntax)
+    makes storescp abort the association; the files after it go on a new association, as
+    storescu goes on past a bad file (a red-team finding: every later file was not sent)."""
+    first, bad, last = work / "1-ct.dcm", work / "2-bad.dcm", work / "3-mr.dcm"
+    ct_uid = _with_new_uid(Path(get_testdata_file("CT_small.dcm")), first)
+    shutil.copyfile(get_testdata_file("SC_rgb_jpeg.dcm"), bad)
+    mr_uid = _with_new_uid(Path(get_testdata_file("MR_small.dcm")), last)
+    scp = StoreScp(work, "+xa")
+    try:
+        r = nightingale("dicom", "store", "--addr", scp.addr, "--called-ae", "STORESCP",
+                        str(first), str(bad), str(last))
+    finally:
+        scp.stop()
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out + scp.log()
+    assert f"ok   {first}: status 0x0000" in out, out
+    assert f"ok   {last}: status 0x0000" in out, out
+    assert f"FAIL {bad}" in out, out
+    assert "stored 2 of 3 files" in out, out
+    assert set(scp.received()) == {ct_uid, mr_uid}
