@@ -916,6 +916,31 @@ fn audit_verify_with_an_anchor_finds_records_cut_from_the_end() {
         serde_json::from_str(&std::fs::read_to_string(&anchor).unwrap()).unwrap();
     assert_eq!(kept["seq"], 7);
 
+    // Named through a link: read and written where the link points, the link kept (it was
+    // replaced by a file, the target never moved on: a re-attack's finding).
+    let link = dir.path().join("anchor-link.json");
+    std::os::unix::fs::symlink(&anchor, &link).unwrap();
+    let mut store = JsonLinesStore::open(&log, Options::default()).unwrap();
+    append(&mut store, 8..9);
+    drop(store);
+    let (ok, out) = cli_verify(&[log.as_os_str(), "--anchor".as_ref(), link.as_os_str()]);
+    assert!(ok && out.contains("anchored record 7 still there"), "{out}");
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    let kept: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&anchor).unwrap()).unwrap();
+    assert_eq!(kept["seq"], 8);
+    std::fs::remove_file(&link).unwrap();
+    // Back to 8 records for what follows (the cut below keeps 6 of them).
+    let text = std::fs::read_to_string(&log).unwrap();
+    let eight: String = text.lines().take(8).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&log, &eight).unwrap();
+    std::fs::write(&anchor, serde_json::to_string(&serde_json::json!({"seq": 7, "hash": audit::verify(&log).unwrap().tail.unwrap().hash, "first": 0, "starts": [0]})).unwrap()).unwrap();
+
     // The last two records cut away: the plain check passes, the anchored one fails.
     let text = std::fs::read_to_string(&log).unwrap();
     let cut: String = text.lines().take(6).map(|l| format!("{l}\n")).collect();

@@ -425,11 +425,13 @@ fn a_fifo_or_a_device_where_a_file_is_read_is_refused_at_once() {
     let trail = dir.path().join("audit.jsonl");
     std::fs::write(&trail, "").unwrap();
     let trail = trail.to_str().unwrap();
+    let trust = format!("https://ehr.example={fifo}");
     for args in [
         vec!["models", "sign", "--key", fifo, bundle],
         vec!["models", "check", "--trusted-key", fifo, bundle],
         vec!["audit", "verify", trail, "--anchor", fifo],
         vec!["serve", "--config", fifo],
+        vec!["serve", "--repository", bundle, "--cds-trust", &trust],
         vec!["serve", "--config", "/dev/zero"],
     ] {
         let mut child = bin()

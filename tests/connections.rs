@@ -303,6 +303,34 @@ async fn an_http_1_1_request_without_host_is_refused() {
         assert!(answer.contains("Host"), "{answer:?}");
         let answer = ask(b"GET / HTTP/1.0\r\n\r\n");
         assert!(answer.starts_with("HTTP/1.0 200"), "{answer:?}");
+        // Several Host fields, or one that is not a host and port: 400 too (a re-attack's
+        // finding), over HTTP/1.0 as well; an empty one is valid.
+        for request in [
+            &b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"[..],
+            b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a/b?c\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: u@a\r\n\r\n",
+        ] {
+            let answer = ask(request);
+            assert!(
+                answer.starts_with("HTTP/1.1 400") || answer.starts_with("HTTP/1.0 400"),
+                "{}: {answer:?}",
+                String::from_utf8_lossy(request)
+            );
+        }
+        for request in [
+            &b"GET / HTTP/1.1\r\nHost:\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: localhost:8000\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: [::1]:8000\r\n\r\n",
+        ] {
+            let answer = ask(request);
+            assert!(
+                answer.starts_with("HTTP/1.1 200"),
+                "{}: {answer:?}",
+                String::from_utf8_lossy(request)
+            );
+        }
         let mut s = TcpStream::connect(addr).unwrap();
         assert!(get_ok(&mut s));
     })

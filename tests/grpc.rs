@@ -887,4 +887,30 @@ async fn a_call_not_served_is_unimplemented_with_its_reason() {
             "{message}"
         );
     }
+    // A served method's name under another service or path is no call of this service
+    // (it was read, charged and audited as an inference: a re-attack's finding).
+    for path in [
+        "/other.Service/ModelInfer",
+        "/x/y/ModelInfer",
+        "/inference.GRPCInferenceService/ServerLive/",
+    ] {
+        let req = axum::http::Request::post(path)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("x-request-id", "probe")
+            .body(axum::body::Body::from(vec![0u8; 5]))
+            .unwrap();
+        let r = http::grpc::router(server.state.clone())
+            .oneshot(req)
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["grpc-status"], "12", "{path}");
+        let message = r.headers()["grpc-message"]
+            .to_str()
+            .unwrap()
+            .replace("%20", " ");
+        assert!(message.contains("is not served"), "{path}: {message}");
+    }
+    let audit = std::fs::read_to_string(server.dir.path().join("audit.jsonl")).unwrap_or_default();
+    assert!(!audit.contains("\"probe\""), "{audit}");
 }

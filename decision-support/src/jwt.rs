@@ -418,10 +418,19 @@ impl Verifier {
     /// Trusts `issuer` with the JWKS in the file `path` (at most [`MAX_JWKS_BYTES`]).
     pub fn trust_file(&mut self, issuer: &str, path: &Path) -> Result<(), JwksError> {
         use std::io::Read;
-        let file = std::fs::File::open(path).map_err(|source| JwksError::Read {
+        let read = |source| JwksError::Read {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        // A regular file only: opening a FIFO blocked the start for ever (a re-attack's
+        // finding); a device is cut by the size cap below.
+        if !std::fs::metadata(path).map_err(read)?.is_file() {
+            return Err(read(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file",
+            )));
+        }
+        let file = std::fs::File::open(path).map_err(read)?;
         let mut text = vec![];
         file.take(MAX_JWKS_BYTES + 1)
             .read_to_end(&mut text)

@@ -456,13 +456,13 @@ impl Spool {
                 // maintenance lock, exclusive, also keeps out a server beside this process
                 // (`nightingale spool purge` while it runs), which answers a re-sent
                 // instance under it, shared, marking it received anew.
-                let _maintenance =
-                    self.maintenance_lock(true)
-                        .map_err(|e| MaintenanceError::Io {
-                            op: "lock",
-                            path: self.root.join(crate::spool::MAINTENANCE_LOCK),
-                            source: std::io::Error::other(e.to_string()),
-                        })?;
+                let _maintenance = self
+                    .maintenance_lock(true, std::time::Duration::from_secs(60))
+                    .map_err(|e| MaintenanceError::Io {
+                        op: "lock",
+                        path: self.root.join(crate::spool::MAINTENANCE_LOCK),
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
                 let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
                 let batch: Vec<(String, String, i64, i64)> = {
                     let mut stmt = db.prepare(

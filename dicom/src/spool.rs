@@ -54,6 +54,8 @@ pub(crate) const QUARANTINE_DIR: &str = "quarantine";
 /// The lock a purge batch holds exclusive and an instance answered from the index holds
 /// shared, across processes (`nightingale spool purge` beside a running server).
 pub(crate) const MAINTENANCE_LOCK: &str = ".maintenance.lock";
+/// How long a store answered from the index waits for the maintenance lock.
+pub(crate) const STORE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Offset of the file meta group in a Part 10 file: the preamble and "DICM".
 const META_OFFSET: usize = 132;
 
@@ -981,7 +983,7 @@ impl Spool {
         // acknowledged while a purge ran were deleted by it).
         let _maintenance = match &existing {
             Some(_) => {
-                let lock = self.maintenance_lock(false)?;
+                let lock = self.maintenance_lock(false, STORE_LOCK_WAIT)?;
                 let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
                 existing = indexed(&db, &stored.sop_instance_uid)?;
                 if existing.as_ref().is_some_and(|e| e.sha256 == stored.sha256) {
@@ -1039,29 +1041,64 @@ impl Spool {
     /// The spool's maintenance lock ([`MAINTENANCE_LOCK`]), held until the file is dropped:
     /// shared, or exclusive (a purge batch). Opened afresh each time: a lock belongs to an
     /// open file, and two threads of one process locking one open file would share it.
-    pub(crate) fn maintenance_lock(&self, exclusive: bool) -> Result<fs::File, StoreError> {
+    ///
+    /// Waited for at most `wait` (a store: [`STORE_LOCK_WAIT`]; a purge batch longer): a
+    /// lock held for longer (another process's purge stuck, a hostile holder) fails this
+    /// store with a processing failure the sender retries, instead of holding its
+    /// association for as long (a re-attack's finding). Only a regular file is taken (a
+    /// FIFO in its place blocked the open for ever).
+    pub(crate) fn maintenance_lock(
+        &self,
+        exclusive: bool,
+        wait: std::time::Duration,
+    ) -> Result<fs::File, StoreError> {
+        use rustix::fs::OFlags;
         let path = self.root.join(MAINTENANCE_LOCK);
         let mut options = fs::OpenOptions::new();
         options.create(true).truncate(false).write(true);
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         std::os::unix::fs::OpenOptionsExt::custom_flags(
             &mut options,
-            rustix::fs::OFlags::NOFOLLOW.bits() as i32,
+            (OFlags::NOFOLLOW | OFlags::NONBLOCK).bits() as i32,
         );
-        let file = options.open(&path).map_err(|source| StoreError::Io {
-            op: "open the spool's maintenance lock",
-            source,
-        })?;
-        if exclusive {
-            file.lock()
-        } else {
-            file.lock_shared()
+        let failed = |op: &'static str| move |source: std::io::Error| StoreError::Io { op, source };
+        let file = options
+            .open(&path)
+            .map_err(failed("open the spool's maintenance lock"))?;
+        if !file
+            .metadata()
+            .map_err(failed("open the spool's maintenance lock"))?
+            .is_file()
+        {
+            return Err(failed("open the spool's maintenance lock")(
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+            ));
         }
-        .map_err(|source| StoreError::Io {
-            op: "lock the spool's maintenance lock",
-            source,
-        })?;
-        Ok(file)
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let tried = if exclusive {
+                file.try_lock()
+            } else {
+                file.try_lock_shared()
+            };
+            match tried {
+                Ok(()) => return Ok(file),
+                Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(failed("wait for the spool's maintenance lock (a purge)")(
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("held for more than {} s", wait.as_secs()),
+                        ),
+                    ));
+                }
+                Err(fs::TryLockError::Error(e)) => {
+                    return Err(failed("lock the spool's maintenance lock")(e));
+                }
+            }
+        }
     }
 
     /// The full path of an indexed instance whose file is gone, or shorter than its data set

@@ -685,4 +685,23 @@ fn a_re_sent_instance_is_received_anew_and_waits_for_a_purge_batch() {
         .query_row("SELECT COUNT(*) FROM instances", [], |r| r.get(0))
         .unwrap();
     assert_eq!(rows, 1);
+    // A FIFO in the lock's place: the re-send fails at once (a processing failure the
+    // sender retries), where the open blocked for ever (a re-attack's finding).
+    let lock_path = dir.path().join(".maintenance.lock");
+    std::fs::remove_file(&lock_path).unwrap();
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&lock_path)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(spool.store(&file, &incoming()).map(|_| ()));
+    });
+    let outcome = finished
+        .recv_timeout(Duration::from_secs(30))
+        .expect("answered without waiting on the FIFO");
+    assert!(outcome.is_err());
 }

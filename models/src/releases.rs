@@ -66,8 +66,10 @@ impl ReleaseLedger {
     pub fn open(path: &Path) -> Result<ReleaseLedger, String> {
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        // Absolute, so that its errors name it by a path that [`ReleaseLedger::locked`] can
+        // take out whole.
         let ledger = ReleaseLedger {
-            path: path.to_owned(),
+            path: std::path::absolute(path).unwrap_or_else(|_| path.to_owned()),
         };
         ledger.locked(|_| Ok(()))?;
         Ok(ledger)
@@ -84,8 +86,11 @@ impl ReleaseLedger {
     ) -> Result<T, String> {
         self.locked_inner(f).map_err(|e| {
             tracing::warn!(error = %e, "the release ledger cannot be read or written");
+            // The folder's whole absolute path before a name in it: a short relative data
+            // folder (`a`) replaced as a bare substring garbled every "a" of the message (a
+            // re-attack's finding).
             match self.path.parent().map(|d| d.display().to_string()) {
-                Some(dir) if !dir.is_empty() => e.replace(&dir, "<data folder>"),
+                Some(dir) if dir.len() > 1 => e.replace(&format!("{dir}/"), "<data folder>/"),
                 _ => e,
             }
         })
@@ -362,6 +367,7 @@ mod tests {
             panic!("not unreadable")
         };
         assert!(e.contains("<data folder>/releases.json"), "{e}");
+        assert!(e.contains("not a release ledger (a regular file"), "{e}");
         assert!(!e.contains(&shown), "{e}");
         let e = ledger.record("m", Some(4), "c4", None).unwrap_err();
         assert!(!e.contains(&shown), "{e}");

@@ -125,6 +125,16 @@ pub fn write(path: &Path, summary: &ChainSummary) -> std::io::Result<()> {
         first: summary.first_seq,
         starts: summary.file_starts.clone(),
     };
+    // An anchor named through a link is written where the link points (it was replaced by
+    // a regular file, the target, where the operator keeps it, never moved on: a
+    // re-attack's finding).
+    let resolved;
+    let path = if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        resolved = std::fs::canonicalize(path)?;
+        resolved.as_path()
+    } else {
+        path
+    };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

@@ -86,8 +86,17 @@ async fn before_the_message(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    let method = request.uri().path().rsplit('/').next().unwrap_or_default();
-    let rule = auth::grpc_rule_for(method);
+    // The whole path names the method: `/other.Service/ModelInfer` (or `/x/y/ModelInfer`)
+    // is no method of this service (matched on its last segment, it was read, charged and
+    // audited as an inference before tonic refused it: a re-attack's finding).
+    let path = request.uri().path();
+    let method = path
+        .strip_prefix(SERVICE_PREFIX)
+        .filter(|m| !m.contains('/'))
+        .unwrap_or_else(|| path.rsplit('/').find(|s| !s.is_empty()).unwrap_or_default());
+    let rule = path
+        .strip_prefix(SERVICE_PREFIX)
+        .and_then(auth::grpc_rule_for);
     let request_id = request_id(request.headers());
     // A method this server does not serve (ModelStreamInfer, the shared-memory calls,
     // TraceSetting, LogSettings): UNIMPLEMENTED with the reason, where tonic's answer had an
@@ -99,6 +108,11 @@ async fn before_the_message(
             .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
             .take(64)
             .collect();
+        let shown = if shown.is_empty() {
+            "this call".to_owned()
+        } else {
+            shown
+        };
         return tonic::Status::unimplemented(format!(
             "{shown} is not served by Nightingale: it serves health, metadata, ModelInfer, ModelConfig, ModelStatistics and the repository calls; no streaming, shared memory, trace or log settings (docs/grpc.md)"
         ))
@@ -146,6 +160,9 @@ async fn before_the_message(
     });
     next.run(request).await
 }
+
+/// The path of every method of the KServe v2 service, before the method's name.
+const SERVICE_PREFIX: &str = "/inference.GRPCInferenceService/";
 
 /// The first bytes of a `ModelInfer` call kept to name the model of a call refused before its
 /// message is decoded.

@@ -302,14 +302,9 @@ where
         // RFC 9112 3.2: a server responds 400 to an HTTP/1.1 request without a Host field
         // (hyper answers it; a red-team finding). HTTP/1.0 needs none; HTTP/2 names its
         // authority otherwise.
-        if req.version() == axum::http::Version::HTTP_11
-            && !req.headers().contains_key(axum::http::header::HOST)
-        {
+        if let Some(why) = host_refusal(&req) {
             use axum::response::IntoResponse as _;
-            let refused = super::error::AppError::bad_request(
-                "an HTTP/1.1 request must carry a Host header field (RFC 9112, section 3.2)",
-            )
-            .into_response();
+            let refused = super::error::AppError::bad_request(why).into_response();
             return Box::pin(async move { Ok(refused) });
         }
         let guard = self.activity.begin();
@@ -321,6 +316,38 @@ where
                 axum::body::Body::new(Guarded::new(axum::body::Body::new(body), guard, stall))
             }))
         })
+    }
+}
+
+/// Why an HTTP/1 request's Host is refused (RFC 9112 3.2: a server responds 400 to an
+/// HTTP/1.1 request without one, and to any with several Host fields or one whose value is
+/// not a host and port; red-team findings), `None` when it is taken. An empty Host is valid
+/// (a target with no authority). HTTP/2 names its authority otherwise.
+fn host_refusal<B>(req: &axum::http::Request<B>) -> Option<&'static str> {
+    use axum::http::Version;
+    if !matches!(req.version(), Version::HTTP_10 | Version::HTTP_11) {
+        return None;
+    }
+    let mut hosts = req.headers().get_all(axum::http::header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Some(
+            "a request carries one Host header field; this one has several (RFC 9112, section 3.2)",
+        );
+    }
+    match first {
+        None if req.version() == Version::HTTP_11 => {
+            Some("an HTTP/1.1 request must carry a Host header field (RFC 9112, section 3.2)")
+        }
+        None => None,
+        Some(v) if v.is_empty() => None,
+        Some(v) => {
+            let valid = v.to_str().ok().is_some_and(|s| {
+                !s.contains('@') && s.parse::<axum::http::uri::Authority>().is_ok()
+            });
+            (!valid)
+                .then_some("the Host header field is not a host and port (RFC 9112, section 3.2)")
+        }
     }
 }
 
