@@ -184,6 +184,59 @@ async fn one_part_and_several_parts_are_stored_and_referenced() {
     assert_eq!(data_set(&on_disk), data_set(&sent));
 }
 
+/// A Part 10 file written without its preamble, or without its File Meta Information Group
+/// Length, or neither (pydicom 3 writes a data set built in code so by default, and
+/// dicomweb-client sends what it writes) is stored as dcmtk reads it: every such part was
+/// refused 0xC000 without its UIDs (a red-team finding).
+#[tokio::test]
+async fn a_part10_file_without_preamble_or_group_length_is_stored() {
+    let server = Server::default();
+    let bare = |f: Vec<u8>, preamble: bool, group_length: bool| {
+        assert_eq!(&f[128..132], b"DICM");
+        assert_eq!(f[132..136], [0x02, 0x00, 0x00, 0x00]);
+        let mut out = Vec::new();
+        if preamble {
+            out.extend_from_slice(&f[..132]);
+        }
+        out.extend_from_slice(if group_length { &f[132..] } else { &f[144..] });
+        out
+    };
+    for (n, preamble, group_length) in [(11, false, true), (12, true, false), (13, false, false)] {
+        let sent = part10(STUDY, SERIES, &sop(n), 1);
+        let file = bare(sent.clone(), preamble, group_length);
+        let (s, v) = server
+            .stow(
+                "/dicomweb/studies",
+                dicom_parts(std::slice::from_ref(&file)),
+            )
+            .await;
+        assert_eq!(
+            s,
+            StatusCode::OK,
+            "preamble {preamble}, group length {group_length}: {v}"
+        );
+        assert_eq!(referenced(&v), vec![sop(n)]);
+        let data_set = |f: &[u8]| nightingale_dicom::stow::split_part10(f).unwrap().1.to_vec();
+        assert_eq!(data_set(&file), data_set(&sent));
+        let stored = server
+            .spool
+            .instances()
+            .unwrap()
+            .into_iter()
+            .find(|i| i.sop_instance_uid == sop(n))
+            .unwrap();
+        assert_eq!(
+            data_set(&std::fs::read(&stored.path).unwrap()),
+            data_set(&sent)
+        );
+    }
+    // Neither a file meta group nor "DICM": still refused.
+    let (s, v) = server
+        .stow("/dicomweb/studies", dicom_parts(&[vec![0x41u8; 300]]))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+}
+
 #[tokio::test]
 async fn a_part_with_a_wrong_content_type_fails_alone() {
     let server = Server::default();
@@ -887,6 +940,9 @@ async fn qido_lists_what_was_stored() {
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert!(h.get(header::WARNING).is_none(), "{h:?}");
+    // A count over 32 bits is any count, not a 400 (a red-team finding).
+    let (s, v) = server.get("/dicomweb/studies?limit=99999999999").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
     // Only application/dicom+json is answered: another Accept is 406, before any search or
     // any part is read.
     for (accept, status) in [

@@ -55,19 +55,51 @@ pub fn reason_of(e: &StoreError) -> u16 {
 
 /// Splits a Part 10 file into its file meta and the data set after it.
 pub fn split_part10(bytes: &[u8]) -> Result<(FileMetaTable, &[u8]), String> {
-    if bytes.len() < 132 || &bytes[128..132] != b"DICM" {
-        return Err("not a DICOM Part 10 file (no preamble and DICM prefix)".into());
+    // Where the file meta group starts: after the preamble and "DICM", or at the first byte
+    // of a file written without them (pydicom 3 writes a data set built in code so unless
+    // told otherwise, and dicomweb-client sends what it writes: every such part was refused,
+    // a red-team finding; dcmtk reads both).
+    let start = if bytes.len() >= 132 && &bytes[128..132] == b"DICM" {
+        132
+    } else if bytes.len() >= 8
+        && bytes[..2] == [0x02, 0x00]
+        && bytes[4..6].iter().all(u8::is_ascii_uppercase)
+    {
+        0
+    } else {
+        return Err("not a DICOM Part 10 file (no preamble and DICM prefix, nor a file meta group at its start)".into());
+    };
+    let meta_len = check_meta_lengths(&bytes[start..])?;
+    if meta_len == 0 {
+        return Err("not a DICOM Part 10 file (no file meta information)".into());
     }
-    check_meta_lengths(&bytes[132..])?;
-    let (meta, used) = crate::meta::read_file_meta(&bytes[128..])
-        .map_err(|e| format!("cannot read the file meta information: {e}"))?;
-    Ok((meta, &bytes[128 + used..]))
+    let meta_bytes = &bytes[start..start + meta_len];
+    let unreadable =
+        |e: dicom_object::meta::Error| format!("cannot read the file meta information: {e}");
+    if start == 132 && meta_bytes[..4] == [0x02, 0x00, 0x00, 0x00] {
+        // The usual file: read as it is (its group length says where the data set starts).
+        let (meta, used) = crate::meta::read_file_meta(&bytes[128..]).map_err(unreadable)?;
+        return Ok((meta, &bytes[128 + used..]));
+    }
+    // No preamble, or no File Meta Information Group Length (0002,0000): read with the
+    // group length the walk above measured, as dcmtk does; the data set follows the group.
+    let mut head = Vec::with_capacity(16 + meta_len);
+    head.extend_from_slice(b"DICM");
+    if meta_bytes[..4] != [0x02, 0x00, 0x00, 0x00] {
+        head.extend_from_slice(&[0x02, 0x00, 0x00, 0x00, b'U', b'L', 0x04, 0x00]);
+        head.extend_from_slice(&(meta_len as u32).to_le_bytes());
+    }
+    head.extend_from_slice(meta_bytes);
+    let (meta, _) = crate::meta::read_file_meta(&head).map_err(unreadable)?;
+    Ok((meta, &bytes[start + meta_len..]))
 }
 
 /// Every element of the file meta group (group 0002, Explicit VR Little Endian) must fit in
 /// what follows it: dicom-object's meta reader reserves and zero-fills an element's declared
-/// length before reading it, so a crafted 0xFFFFFFF0 would cost gigabytes.
-fn check_meta_lengths(mut rest: &[u8]) -> Result<(), String> {
+/// length before reading it, so a crafted 0xFFFFFFF0 would cost gigabytes. Returns the
+/// group's length in bytes.
+fn check_meta_lengths(bytes: &[u8]) -> Result<usize, String> {
+    let mut rest = bytes;
     while rest.len() >= 2 && rest[..2] == [0x02, 0x00] {
         if rest.len() < 8 {
             return Err("the file meta information ends inside an element header".into());
@@ -95,7 +127,7 @@ fn check_meta_lengths(mut rest: &[u8]) -> Result<(), String> {
         }
         rest = &rest[header + len..];
     }
-    Ok(())
+    Ok(bytes.len() - rest.len())
 }
 
 /// Stores one part (blocking: call it off the async runtime). `expected_study` is the study

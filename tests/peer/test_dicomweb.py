@@ -528,3 +528,37 @@ def test_wado_rs_refuses_what_it_cannot_send(server, sent):
     )
     assert r.status_code == 406, r.text
     assert requests.get(f"{server.url}/studies", timeout=HTTP_TIMEOUT_S).status_code == 200
+
+
+def test_a_data_set_built_in_code_is_stored_as_dicomweb_client_sends_it(server):
+    """pydicom 3 writes a data set built in code without its preamble and without (0002,0000)
+    unless told otherwise, and dicomweb-client's store_instances sends what it writes: every
+    such instance was refused 0xC000 (a red-team finding; dcmtk reads both). Stored, found,
+    and retrieved equal to what was built."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns = 2, 2
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = bytes([0, 64, 128, 255])
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    assert "FileMetaInformationGroupLength" not in ds.file_meta
+    client = DICOMwebClient(url=server.url)
+    answer = client.store_instances([ds])
+    stored = [str(item.ReferencedSOPInstanceUID) for item in answer.ReferencedSOPSequence]
+    assert stored == [ds.SOPInstanceUID], answer
+    got = client.retrieve_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+                                   media_types=ANY_SYNTAX)
+    assert got.PixelData == ds.PixelData
+    assert _equal_datasets(ds, got) == []
