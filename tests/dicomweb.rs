@@ -230,6 +230,45 @@ async fn a_part10_file_without_preamble_or_group_length_is_stored() {
             data_set(&sent)
         );
     }
+    // A group length too long (by 2 bytes: the meta reader took the data set's first element)
+    // or too short: the data set starts where group 0002 ends, nothing of it lost (a
+    // re-attack's finding: stored as good without its first elements).
+    for (n, delta) in [(15, 2i64), (16, 40), (17, -4)] {
+        let sent = part10(STUDY, SERIES, &sop(n), 1);
+        let mut file = sent.clone();
+        let length = u32::from_le_bytes([file[140], file[141], file[142], file[143]]);
+        file[140..144].copy_from_slice(&((i64::from(length) + delta) as u32).to_le_bytes());
+        let (s, v) = server
+            .stow(
+                "/dicomweb/studies",
+                dicom_parts(std::slice::from_ref(&file)),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "group length {delta:+}: {v}");
+        let data_set = |f: &[u8]| nightingale_dicom::stow::split_part10(f).unwrap().1.to_vec();
+        let stored = server
+            .spool
+            .instances()
+            .unwrap()
+            .into_iter()
+            .find(|i| i.sop_instance_uid == sop(n))
+            .unwrap();
+        assert_eq!(
+            data_set(&std::fs::read(&stored.path).unwrap()),
+            data_set(&sent),
+            "{delta:+}"
+        );
+    }
+    // A meta group without UIDs (one empty Transfer Syntax UID): not a Part 10 file (it was
+    // answered "SOP class not supported" with empty UIDs).
+    let (s, v) = server
+        .stow(
+            "/dicomweb/studies",
+            dicom_parts(&[vec![0x02, 0x00, 0x10, 0x00, b'U', b'I', 0x00, 0x00]]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(failed(&v), vec![(None, 0xC000)]);
     // Neither a file meta group nor "DICM": still refused.
     let (s, v) = server
         .stow("/dicomweb/studies", dicom_parts(&[vec![0x41u8; 300]]))

@@ -74,23 +74,40 @@ pub fn split_part10(bytes: &[u8]) -> Result<(FileMetaTable, &[u8]), String> {
         return Err("not a DICOM Part 10 file (no file meta information)".into());
     }
     let meta_bytes = &bytes[start..start + meta_len];
-    let unreadable =
-        |e: dicom_object::meta::Error| format!("cannot read the file meta information: {e}");
-    if start == 132 && meta_bytes[..4] == [0x02, 0x00, 0x00, 0x00] {
-        // The usual file: read as it is (its group length says where the data set starts).
-        let (meta, used) = crate::meta::read_file_meta(&bytes[128..]).map_err(unreadable)?;
-        return Ok((meta, &bytes[128 + used..]));
+    // The group as walked above, whatever its own (0002,0000) says: that is set aside and
+    // the measured length given instead, and the data set starts where group 0002 ends, as
+    // dcmtk and pydicom read it (a group length too long made the meta reader take the data
+    // set's first elements, (0008,0005) among them, and the instance was stored without
+    // them as good: a re-attack's finding).
+    let elements = if meta_bytes[..4] == [0x02, 0x00, 0x00, 0x00] {
+        if meta_bytes.len() < 12 || &meta_bytes[4..6] != b"UL" || meta_bytes[6..8] != [0x04, 0x00] {
+            return Err(
+                "the File Meta Information Group Length (0002,0000) is not a UL of 4 bytes".into(),
+            );
+        }
+        &meta_bytes[12..]
+    } else {
+        meta_bytes
+    };
+    if elements.is_empty() {
+        return Err("not a DICOM Part 10 file (no file meta information)".into());
     }
-    // No preamble, or no File Meta Information Group Length (0002,0000): read with the
-    // group length the walk above measured, as dcmtk does; the data set follows the group.
-    let mut head = Vec::with_capacity(16 + meta_len);
+    let mut head = Vec::with_capacity(16 + elements.len());
     head.extend_from_slice(b"DICM");
-    if meta_bytes[..4] != [0x02, 0x00, 0x00, 0x00] {
-        head.extend_from_slice(&[0x02, 0x00, 0x00, 0x00, b'U', b'L', 0x04, 0x00]);
-        head.extend_from_slice(&(meta_len as u32).to_le_bytes());
+    head.extend_from_slice(&[0x02, 0x00, 0x00, 0x00, b'U', b'L', 0x04, 0x00]);
+    head.extend_from_slice(&(elements.len() as u32).to_le_bytes());
+    head.extend_from_slice(elements);
+    let (meta, _) = crate::meta::read_file_meta(&head)
+        .map_err(|e| format!("cannot read the file meta information: {e}"))?;
+    // A meta group without the instance's UIDs names nothing to store (an 8-byte group of
+    // an empty Transfer Syntax UID was answered "SOP class not supported" with empty UIDs).
+    if sop::trim_uid(meta.media_storage_sop_class_uid()).is_empty()
+        || sop::trim_uid(meta.media_storage_sop_instance_uid()).is_empty()
+    {
+        return Err(
+            "the file meta information names no Media Storage SOP Class or Instance UID".into(),
+        );
     }
-    head.extend_from_slice(meta_bytes);
-    let (meta, _) = crate::meta::read_file_meta(&head).map_err(unreadable)?;
     Ok((meta, &bytes[start + meta_len..]))
 }
 
