@@ -524,6 +524,7 @@ async fn serve(
     )
     .with_max_run(config.validation_max_run);
     validation.remove_abandoned_uploads();
+    validation.restore_runs();
     state.set_validation(validation);
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await

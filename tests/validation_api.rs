@@ -42,7 +42,7 @@ fn key(role: &str) -> String {
 }
 
 struct Server {
-    dir: tempfile::TempDir,
+    dir: Arc<tempfile::TempDir>,
     state: Arc<AppState>,
 }
 
@@ -54,14 +54,26 @@ impl Server {
     /// A server whose validation runs stop after `max_run`.
     fn with_max_run(max_run: Duration) -> Server {
         let dir = tempfile::tempdir().unwrap();
-        let repo = dir.path().join("repo");
         copy_dir(
             &repo_dir().join("models/bundles").join(MODEL),
-            &repo.join(MODEL),
+            &dir.path().join("repo").join(MODEL),
         );
+        Server::on(Arc::new(dir), "audit.jsonl", max_run)
+    }
+
+    /// The same server started again on its folders (what it kept on disk, nothing else;
+    /// an audit trail of its own, as the first one may still hold its own).
+    fn restarted(&self) -> Server {
+        let audit = format!("audit-{}.jsonl", uuid::Uuid::new_v4());
+        Server::on(self.dir.clone(), &audit, http::validation::DEFAULT_MAX_RUN)
+    }
+
+    /// A server on `dir` (its repository already there) writing its audit trail to `audit`.
+    fn on(dir: Arc<tempfile::TempDir>, audit: &str, max_run: Duration) -> Server {
+        let repo = dir.path().join("repo");
         let repository = Arc::new(Repository::new(&repo, RepositoryOptions::default()));
         repository.load_all().unwrap();
-        let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
+        let audit = AuditLog::open(&dir.path().join(audit), false).unwrap();
         // The fixtures' keys, and a second researcher's.
         let fixtures = repo_dir().join("tests/fixtures/auth");
         for f in ["nightingale.toml", "jwks.json"] {
@@ -96,21 +108,23 @@ impl Server {
         );
         state.set_ready(true);
         let root = dir.path().join("datasets");
-        std::fs::create_dir_all(root.join("sub")).unwrap();
-        std::fs::copy(test_csv(), root.join("sub/test.csv")).unwrap();
-        std::fs::write(dir.path().join("outside.csv"), "label\n1\n").unwrap();
-        #[cfg(unix)]
-        std::os::unix::fs::symlink(dir.path().join("outside.csv"), root.join("escape.csv"))
-            .unwrap();
-        state.set_validation(
-            http::validation::Validation::new(
-                Some(root),
-                &dir.path().join("data"),
-                UPLOAD_LIMIT,
-                RepositoryOptions::default(),
-            )
-            .with_max_run(max_run),
-        );
+        if !root.exists() {
+            std::fs::create_dir_all(root.join("sub")).unwrap();
+            std::fs::copy(test_csv(), root.join("sub/test.csv")).unwrap();
+            std::fs::write(dir.path().join("outside.csv"), "label\n1\n").unwrap();
+            std::os::unix::fs::symlink(dir.path().join("outside.csv"), root.join("escape.csv"))
+                .unwrap();
+        }
+        let validation = http::validation::Validation::new(
+            Some(root),
+            &dir.path().join("data"),
+            UPLOAD_LIMIT,
+            RepositoryOptions::default(),
+        )
+        .with_max_run(max_run);
+        validation.remove_abandoned_uploads();
+        validation.restore_runs();
+        state.set_validation(validation);
         Server { dir, state }
     }
 
@@ -138,15 +152,28 @@ impl Server {
     }
 
     async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.get_as(&key("researcher"), path).await
+    }
+
+    async fn get_as(&self, key: &str, path: &str) -> (StatusCode, Value) {
         let req = Request::get(path)
-            .header(
-                header::AUTHORIZATION,
-                format!("Bearer {}", key("researcher")),
-            )
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
             .body(Body::empty())
             .unwrap();
         let (s, _, v) = self.send(req).await;
         (s, v)
+    }
+
+    /// The ids `GET /validation/runs` lists for the caller of `key`, newest first.
+    async fn listed(&self, key: &str) -> Vec<String> {
+        let (s, v) = self.get_as(key, "/validation/runs").await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect()
     }
 
     /// Starts a run that keeps its model busy (a long bootstrap); its id.
@@ -653,6 +680,115 @@ async fn a_run_is_its_owners_alone() {
         .get(&format!("/validation/runs/{id}/report.json"))
         .await;
     assert_eq!(s, StatusCode::OK, "the owner reads it: {v}");
+}
+
+/// `GET /validation/runs` lists the caller's runs, newest first;
+/// after a restart the server lists them again as they ended, serves the done run's report,
+/// and a cancelled run keeps none. A run another server on the data folder is still running
+/// (it holds the run's folder) is not taken for an interrupted one.
+#[tokio::test]
+async fn runs_are_listed_by_owner_and_kept_across_a_restart() {
+    let server = Server::new();
+    let (s, v) = server
+        .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 0}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let done = v["id"].as_str().unwrap().to_owned();
+    let done_status = server.wait(&done).await;
+    assert_eq!(done_status["status"], "done", "{done_status}");
+    let req = Request::post("/validation/runs")
+        .header(header::AUTHORIZATION, format!("Bearer {OTHER_RESEARCHER}"))
+        .header(header::CONTENT_TYPE, "text/csv")
+        .uri(format!("/validation/runs?model={MODEL}&bootstrap=0"))
+        .body(Body::from(std::fs::read(test_csv()).unwrap()))
+        .unwrap();
+    let (s, _, v) = server.send(req).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let theirs = v["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        server
+            .get_as(OTHER_RESEARCHER, &format!("/validation/runs/{theirs}"))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while server
+        .get_as(OTHER_RESEARCHER, &format!("/validation/runs/{theirs}"))
+        .await
+        .1["ended"]
+        != true
+    {
+        assert!(Instant::now() < deadline, "the upload's run never ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let long = server.start_long_run().await;
+    assert_eq!(
+        server.listed(&key("researcher")).await,
+        [long.as_str(), done.as_str()]
+    );
+    assert_eq!(server.listed(OTHER_RESEARCHER).await, [theirs.as_str()]);
+    // A second server on the same folders while the long run goes on: the run is the
+    // first server's, not an interrupted one.
+    let beside = server.restarted();
+    assert_eq!(beside.listed(&key("researcher")).await, [done.as_str()]);
+    // Cancelled, ended: the next start lists all three as they ended.
+    let req = Request::delete(format!("/validation/runs/{long}"))
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", key("researcher")),
+        )
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(server.send(req).await.0, StatusCode::OK);
+    server.assert_ends_without_a_report(&long).await;
+    let after = server.restarted();
+    assert_eq!(
+        after.listed(&key("researcher")).await,
+        [long.as_str(), done.as_str()]
+    );
+    assert_eq!(after.listed(OTHER_RESEARCHER).await, [theirs.as_str()]);
+    let (s, v) = after.get(&format!("/validation/runs/{done}")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    for field in [
+        "status",
+        "gate_passed",
+        "progress",
+        "created",
+        "report",
+        "version",
+    ] {
+        assert_eq!(v[field], done_status[field], "{field}: {v}");
+    }
+    assert_eq!(v["ended"], true);
+    let (s, report) = after
+        .get(&format!("/validation/runs/{done}/report.json"))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{report}");
+    assert_eq!(report["run_id"], done.as_str());
+    let (s, v) = after.get(&format!("/validation/runs/{long}")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], "cancelled", "{v}");
+    assert_eq!(
+        after
+            .get(&format!("/validation/runs/{long}/report.json"))
+            .await
+            .0,
+        StatusCode::CONFLICT
+    );
+    // Still the owner's alone, and the uploaded dataset is gone.
+    assert_eq!(
+        after.get(&format!("/validation/runs/{theirs}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let folder = server.dir.path().join("data/validation/runs").join(&theirs);
+    assert!(!folder.join("dataset.csv").exists());
+    // The model takes a new run on the restarted server.
+    let (s, v) = after
+        .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 0}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    after.wait(v["id"].as_str().unwrap()).await;
 }
 
 #[tokio::test]

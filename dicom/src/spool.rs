@@ -41,6 +41,7 @@ use sha2::{Digest, Sha256};
 
 use crate::attributes::{self, Attributes};
 use crate::sop;
+use crate::structure;
 
 /// Implementation Class UID written into the file meta of stored instances.
 pub const IMPLEMENTATION_CLASS_UID: &str = "1.2.826.0.1.3680043.10.1383.1";
@@ -981,12 +982,23 @@ impl Spool {
         // answer says is stored: a purge that ran first left no row (the instance is stored
         // afresh), one that runs after finds it received now (a red-team finding: re-sends
         // acknowledged while a purge ran were deleted by it).
+        let mut same = false;
         let _maintenance = match &existing {
             Some(_) => {
                 let lock = self.maintenance_lock(false, STORE_LOCK_WAIT)?;
-                let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
-                existing = indexed(&db, &stored.sop_instance_uid)?;
-                if existing.as_ref().is_some_and(|e| e.sha256 == stored.sha256) {
+                existing = {
+                    let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
+                    indexed(&db, &stored.sop_instance_uid)?
+                };
+                // The same instance in other bytes (re-encoded in another transfer syntax, its
+                // sequences delimited otherwise) is a duplicate too: compared on its content,
+                // outside the index lock (the stored file is read).
+                same = existing.as_ref().is_some_and(|e| {
+                    e.sha256 == stored.sha256
+                        || self.same_content(e, dataset, incoming.transfer_syntax)
+                });
+                if same {
+                    let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
                     db.prepare_cached(
                         "UPDATE instances SET received_at_ms = MAX(received_at_ms, ?2)
                          WHERE sop_instance_uid = ?1",
@@ -1021,7 +1033,7 @@ impl Spool {
                     })
                 })
             }
-            (Some(existing), None) => self.as_duplicate(stored, existing),
+            (Some(existing), None) => self.as_duplicate(stored, existing, same),
             (None, _) => write(&stored).and_then(|tmp| {
                 self.commit(Placement {
                     tmp,
@@ -1133,14 +1145,61 @@ impl Spool {
         }
     }
 
+    /// Whether the stored instance `existing` holds the same elements with the same values
+    /// as `dataset` (encoded in `transfer_syntax`), however each is encoded
+    /// ([`structure::content_digest`]): a PACS that re-sends an instance on an association
+    /// that negotiated another transfer syntax (dcmtk's storescu converts between the
+    /// uncompressed ones on the fly) sends other bytes of the same instance, and got a
+    /// failure status for it. Files over [`MAX_COMPARED_BYTES`] are not compared (a
+    /// conflict), and one comparison runs at a time (each holds the stored file in memory).
+    fn same_content(&self, existing: &Existing, dataset: &[u8], transfer_syntax: &str) -> bool {
+        if existing.size > MAX_COMPARED_BYTES || dataset.len() as u64 > MAX_COMPARED_BYTES {
+            return false;
+        }
+        let Some(path) = indexed_path(&self.root, &existing.path, true) else {
+            return false;
+        };
+        let _one_at_a_time = COMPARING.lock().unwrap_or_else(|p| p.into_inner());
+        let Ok(file) = read_at_most(&path, MAX_COMPARED_BYTES + 64 * 1024) else {
+            return false;
+        };
+        let Ok((meta, held)) = part10(&file) else {
+            return false;
+        };
+        let digest = |bytes: &[u8], ts: &str| {
+            structure::content_digest(bytes, structure::Encoding::of(sop::trim_uid(ts))).ok()
+        };
+        let same = match (
+            digest(held, meta.transfer_syntax()),
+            digest(dataset, transfer_syntax),
+        ) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        };
+        if same {
+            tracing::info!(
+                stored_transfer_syntax = sop::trim_uid(meta.transfer_syntax()),
+                transfer_syntax = sop::trim_uid(transfer_syntax),
+                "a stored instance was sent again in other bytes with the same content: a duplicate"
+            );
+        }
+        same
+    }
+
     /// The answer for an instance whose SOP Instance UID is already stored: the stored one
-    /// when the bytes are the same, a conflict otherwise.
-    fn as_duplicate(&self, stored: Stored, existing: Existing) -> Result<Stored, StoreError> {
+    /// when its content is the same (`same`: the same bytes, or the same elements encoded
+    /// otherwise), a conflict otherwise.
+    fn as_duplicate(
+        &self,
+        stored: Stored,
+        existing: Existing,
+        same: bool,
+    ) -> Result<Stored, StoreError> {
         // This node's own result object sent back in by a PACS that re-encodes what it
         // forwards (dcmtk rewrites sequences with explicit lengths): the same object in
         // other bytes, acknowledged as a duplicate, the node's copy kept (refused as a
         // conflict, every echoed result got a failure status and a quarantine file).
-        if existing.sha256 != stored.sha256 && existing.calling_ae != OWN_RESULTS_SENDER {
+        if !same && existing.calling_ae != OWN_RESULTS_SENDER {
             return Err(StoreError::Conflict);
         }
         Ok(Stored {
@@ -1314,7 +1373,11 @@ impl Spool {
                 if p.linked && Path::new(&existing.path) != p.relative {
                     let _ = fs::remove_file(&p.stored.path);
                 }
-                results.push((ticket, self.as_duplicate(p.stored, existing.clone())));
+                // Two copies of one instance in the same group: compared on their bytes only
+                // (the index is held; the stored file is not read here). Another encoding of
+                // the same instance is then a conflict, and the sender's retry a duplicate.
+                let same = existing.sha256 == p.stored.sha256;
+                results.push((ticket, self.as_duplicate(p.stored, existing.clone(), same)));
                 continue;
             }
             known.insert(
@@ -1692,6 +1755,33 @@ fn facts_from(meta: &FileMetaTable, dataset: &[u8]) -> Result<RowFacts, StoreErr
         transfer_syntax: ts,
         attributes: identity.attributes,
     })
+}
+
+/// The largest stored instance (and re-send) [`Spool::same_content`] compares.
+const MAX_COMPARED_BYTES: u64 = 256 << 20;
+
+/// One content comparison at a time ([`Spool::same_content`]).
+static COMPARING: Mutex<()> = Mutex::new(());
+
+/// A regular file's bytes, at most `max` of them (an error past that).
+fn read_at_most(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let file = fs::File::open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "too large",
+        ));
+    }
+    Ok(bytes)
 }
 
 /// A file the spool wrote: its meta group and its data set.

@@ -160,6 +160,33 @@ pub fn walk(
     encoding: Encoding,
     wanted: &[(u16, u16)],
 ) -> Result<Vec<Option<Found>>, StructureError> {
+    walk_with(bytes, encoding, wanted, None)
+}
+
+/// A digest of a data set's content, the same whatever transfer syntax among the
+/// uncompressed ones (and Deflated) encodes it and however its sequences are delimited: the
+/// tag and value of every element (values of a big-endian data set in little-endian byte
+/// order, by their VR), the items of every sequence in order, the fragments of encapsulated
+/// pixel data; not the VRs (an Implicit VR data set has none, and a re-encoder may write UN
+/// or the dictionary's), the lengths of sequences and items (defined or undefined), nor group
+/// lengths (gggg,0000). Two data sets with the same digest hold the same elements with the
+/// same values: one is the other re-encoded (a PACS re-sending an instance in the transfer
+/// syntax of another association, or rewriting its sequences). Compressed pixel data is
+/// compared as its fragments: the same image compressed otherwise has another digest. An
+/// error when the data set's structure is broken ([`check`]'s errors).
+pub fn content_digest(bytes: &[u8], encoding: Encoding) -> Result<[u8; 32], StructureError> {
+    use sha2::Digest as _;
+    let digest = std::cell::RefCell::new(sha2::Sha256::new());
+    walk_with(bytes, encoding, &[], Some(&digest))?;
+    Ok(digest.into_inner().finalize().into())
+}
+
+fn walk_with(
+    bytes: &[u8],
+    encoding: Encoding,
+    wanted: &[(u16, u16)],
+    digest: Option<&std::cell::RefCell<sha2::Sha256>>,
+) -> Result<Vec<Option<Found>>, StructureError> {
     if encoding.deflated {
         use std::io::Read;
         let _one_at_a_time = INFLATING.lock().unwrap_or_else(|p| p.into_inner());
@@ -188,13 +215,14 @@ pub fn walk(
             deflated: false,
             ..encoding
         };
-        return walk(&inflated, plain, wanted);
+        return walk_with(&inflated, plain, wanted, digest);
     }
     let walker = Walker {
         bytes,
         big_endian: encoding.big_endian,
         wanted,
         found: std::cell::RefCell::new(vec![None; wanted.len()]),
+        digest,
     };
     let end = walker.dataset(0, Some(bytes.len()), encoding.explicit_vr, 0)?;
     debug_assert_eq!(end, bytes.len());
@@ -207,6 +235,30 @@ struct Walker<'a> {
     /// Top-level tags to report, and what was found for each.
     wanted: &'a [(u16, u16)],
     found: std::cell::RefCell<Vec<Option<Found>>>,
+    /// Set: the content is hashed as it is walked ([`content_digest`]).
+    digest: Option<&'a std::cell::RefCell<sha2::Sha256>>,
+}
+
+/// What [`content_digest`] hashes between elements' tags and values.
+mod mark {
+    pub const VALUE: u8 = b'V';
+    pub const SEQUENCE: u8 = b'S';
+    pub const SEQUENCE_END: u8 = b's';
+    pub const ITEM: u8 = b'I';
+    pub const ITEM_END: u8 = b'i';
+    pub const PIXEL_FRAGMENTS: u8 = b'P';
+    pub const FRAGMENT: u8 = b'F';
+    pub const FRAGMENTS_END: u8 = b'p';
+}
+
+/// The size of the numbers a big-endian value of `vr` is made of (1: bytes or text).
+fn swap_unit(vr: Option<[u8; 2]>) -> usize {
+    match vr.as_ref().map(|v| &v[..]) {
+        Some(b"SS" | b"US" | b"OW" | b"AT") => 2,
+        Some(b"FL" | b"SL" | b"UL" | b"OF" | b"OL") => 4,
+        Some(b"FD" | b"SV" | b"UV" | b"OD" | b"OV") => 8,
+        _ => 1,
+    }
 }
 
 struct Header {
@@ -218,6 +270,42 @@ struct Header {
 }
 
 impl Walker<'_> {
+    /// Adds `bytes` to the content digest, if one is made.
+    fn hash(&self, bytes: &[u8]) {
+        if let Some(d) = self.digest {
+            sha2::Digest::update(&mut *d.borrow_mut(), bytes);
+        }
+    }
+
+    /// Adds an element's tag (little-endian, whatever the data set's byte order) and a mark.
+    fn hash_tag(&self, tag: (u16, u16), mark: u8) {
+        if self.digest.is_some() {
+            let mut b = [0u8; 5];
+            b[..2].copy_from_slice(&tag.0.to_le_bytes());
+            b[2..4].copy_from_slice(&tag.1.to_le_bytes());
+            b[4] = mark;
+            self.hash(&b);
+        }
+    }
+
+    /// Adds a value (its length first), in little-endian byte order.
+    fn hash_value(&self, value: &[u8], vr: Option<[u8; 2]>) {
+        if self.digest.is_none() {
+            return;
+        }
+        self.hash(&(value.len() as u64).to_le_bytes());
+        let unit = swap_unit(vr);
+        if !self.big_endian || unit == 1 || !value.len().is_multiple_of(unit) {
+            self.hash(value);
+            return;
+        }
+        let mut swapped = Vec::with_capacity(value.len());
+        for number in value.chunks_exact(unit) {
+            swapped.extend(number.iter().rev());
+        }
+        self.hash(&swapped);
+    }
+
     fn u16_at(&self, at: usize) -> u16 {
         let b = [self.bytes[at], self.bytes[at + 1]];
         if self.big_endian {
@@ -392,16 +480,41 @@ impl Walker<'_> {
                 });
             }
             let vr = h.vr;
+            // Group lengths change with the encoding: not content.
+            let hashed = self.digest.is_some() && h.tag.1 != 0x0000;
             at = if h.length != UNDEFINED {
                 let value_end = self.skip(&h, at, limit)?;
-                if vr == Some(*b"SQ") {
+                // In Implicit VR only the dictionary tells a defined-length sequence from a
+                // value: the digest walks it as one (the check does not need to).
+                let sequence = vr == Some(*b"SQ")
+                    || (vr.is_none() && hashed && implicit_vr(h.tag) == Some(*b"SQ"));
+                if sequence {
+                    if hashed {
+                        self.hash_tag(h.tag, mark::SEQUENCE);
+                    }
                     self.sequence(h.value, Some(value_end), explicit_vr, depth + 1)?;
+                    if hashed {
+                        self.hash(&[mark::SEQUENCE_END]);
+                    }
+                } else if hashed {
+                    self.hash_tag(h.tag, mark::VALUE);
+                    self.hash_value(&self.bytes[h.value..value_end], vr);
                 }
                 value_end
             } else if h.tag == PIXEL_DATA {
-                self.encapsulated(h.value, limit, at)?
+                if hashed {
+                    self.hash_tag(h.tag, mark::PIXEL_FRAGMENTS);
+                }
+                let end = self.encapsulated(h.value, limit, at)?;
+                if hashed {
+                    self.hash(&[mark::FRAGMENTS_END]);
+                }
+                end
             } else {
-                match vr {
+                if hashed {
+                    self.hash_tag(h.tag, mark::SEQUENCE);
+                }
+                let end = match vr {
                     // Implicit VR: an undefined length can only be a sequence.
                     None | Some([b'S', b'Q']) => {
                         self.sequence(h.value, None, explicit_vr, depth + 1)?
@@ -409,7 +522,11 @@ impl Walker<'_> {
                     // UN of undefined length: a sequence encoded in Implicit VR LE.
                     Some([b'U', b'N']) => self.sequence(h.value, None, false, depth + 1)?,
                     Some(_) => return Err(StructureError::UndefinedLength { offset: at }),
+                };
+                if hashed {
+                    self.hash(&[mark::SEQUENCE_END]);
                 }
+                end
             };
         }
     }
@@ -442,14 +559,18 @@ impl Walker<'_> {
             match tag {
                 SEQ_END if end.is_none() => return Ok(value),
                 ITEM if length == UNDEFINED => {
+                    self.hash(&[mark::ITEM]);
                     at = self.dataset(value, None, explicit_vr, depth)?;
+                    self.hash(&[mark::ITEM_END]);
                 }
                 ITEM => {
                     let item_end = value
                         .checked_add(length as usize)
                         .filter(|e| *e <= limit)
                         .ok_or(StructureError::LengthPastEnd { offset: at, length })?;
+                    self.hash(&[mark::ITEM]);
                     at = self.dataset(value, Some(item_end), explicit_vr, depth)?;
+                    self.hash(&[mark::ITEM_END]);
                 }
                 _ => return Err(StructureError::UnexpectedDelimiter { offset: at }),
             }
@@ -474,10 +595,16 @@ impl Walker<'_> {
             match tag {
                 SEQ_END => return Ok(value),
                 ITEM if length != UNDEFINED => {
-                    at = value
-                        .checked_add(length as usize)
-                        .filter(|e| *e <= limit)
-                        .ok_or(StructureError::LengthPastEnd { offset: at, length })?;
+                    let fragment_end =
+                        value
+                            .checked_add(length as usize)
+                            .filter(|e| *e <= limit)
+                            .ok_or(StructureError::LengthPastEnd { offset: at, length })?;
+                    if self.digest.is_some() {
+                        self.hash(&[mark::FRAGMENT]);
+                        self.hash_value(&self.bytes[value..fragment_end], None);
+                    }
+                    at = fragment_end;
                 }
                 _ => return Err(StructureError::BadEncapsulation { offset: at }),
             }
@@ -503,6 +630,73 @@ mod tests {
         out.extend_from_slice(&(value.len() as u16).to_le_bytes());
         out.extend_from_slice(value);
         out
+    }
+
+    /// A sequence element (explicit VR LE) holding `items`, of defined or undefined lengths.
+    fn sq(tag: (u16, u16), items: &[Vec<u8>], defined: bool) -> Vec<u8> {
+        let mut body = Vec::new();
+        for item in items {
+            body.extend_from_slice(&0xFFFEu16.to_le_bytes());
+            body.extend_from_slice(&0xE000u16.to_le_bytes());
+            if defined {
+                body.extend_from_slice(&(item.len() as u32).to_le_bytes());
+                body.extend_from_slice(item);
+            } else {
+                body.extend_from_slice(&UNDEFINED.to_le_bytes());
+                body.extend_from_slice(item);
+                body.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+            }
+        }
+        if !defined {
+            body.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        }
+        let mut out = Vec::new();
+        out.extend_from_slice(&tag.0.to_le_bytes());
+        out.extend_from_slice(&tag.1.to_le_bytes());
+        out.extend_from_slice(b"SQ\0\0");
+        let len = if defined {
+            body.len() as u32
+        } else {
+            UNDEFINED
+        };
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// The content digest ignores how sequences and items are delimited and group lengths,
+    /// and sees every value, at any depth.
+    #[test]
+    fn the_content_digest_sees_values_not_encoding() {
+        let item = |uid: &[u8]| el(0x0008, 0x1155, b"UI", uid);
+        let data = |defined: bool, group_length: bool, uid: &[u8]| {
+            let mut d = Vec::new();
+            if group_length {
+                d.extend(el(0x0008, 0x0000, b"UL", &[0, 0, 0, 0]));
+            }
+            d.extend(el(0x0008, 0x0060, b"CS", b"CT"));
+            d.extend(sq((0x0008, 0x1140), &[item(uid), item(b"1.3\0")], defined));
+            d.extend(el(0x0028, 0x0010, b"US", &[2, 0]));
+            d
+        };
+        let digest = |d: &[u8]| content_digest(d, LE).unwrap();
+        let base = digest(&data(true, false, b"1.2\0"));
+        assert_eq!(digest(&data(false, false, b"1.2\0")), base);
+        assert_eq!(digest(&data(false, true, b"1.2\0")), base);
+        assert_ne!(
+            digest(&data(true, false, b"1.4\0")),
+            base,
+            "a value in an item"
+        );
+        // An item moved out of its sequence is other content.
+        let mut flat = el(0x0008, 0x0060, b"CS", b"CT");
+        flat.extend(sq((0x0008, 0x1140), &[item(b"1.2\0")], true));
+        flat.extend(item(b"1.3\0"));
+        flat.extend(el(0x0028, 0x0010, b"US", &[2, 0]));
+        assert!(content_digest(&flat, LE).is_err() || digest(&flat) != base);
+        // A broken data set has no digest.
+        let d = data(true, false, b"1.2\0");
+        assert!(content_digest(&d[..d.len() - 1], LE).is_err());
     }
 
     #[test]

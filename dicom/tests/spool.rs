@@ -172,6 +172,136 @@ fn duplicates_are_idempotent_and_conflicts_refused() {
     );
 }
 
+/// A CT with a sequence (an item holding a UID and a US value), 16-bit values and pixel
+/// data, for the re-encoding tests.
+fn ct_with_sequence(sop: &str, series_number: i32) -> dicom_object::InMemDicomObject {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_object::InMemDicomObject;
+    let mut obj = support::ct_object(STUDY, SERIES, Some(sop), None);
+    obj.put(DataElement::new(
+        tags::ROWS,
+        VR::US,
+        PrimitiveValue::from(2u16),
+    ));
+    obj.put(DataElement::new(
+        tags::COLUMNS,
+        VR::US,
+        PrimitiveValue::from(2u16),
+    ));
+    obj.put(DataElement::new(
+        tags::SERIES_NUMBER,
+        VR::IS,
+        PrimitiveValue::from(series_number.to_string()),
+    ));
+    let item = InMemDicomObject::from_element_iter([
+        DataElement::new(
+            tags::REFERENCED_SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from("1.2.3.4.77"),
+        ),
+        DataElement::new(
+            tags::REFERENCED_FRAME_NUMBER,
+            VR::IS,
+            PrimitiveValue::from("1"),
+        ),
+    ]);
+    obj.put(DataElement::new(
+        tags::REFERENCED_IMAGE_SEQUENCE,
+        VR::SQ,
+        dicom_core::value::DataSetSequence::from(vec![item]),
+    ));
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OW,
+        PrimitiveValue::U16(vec![1, 258, 515, 65535].into()),
+    ));
+    obj
+}
+
+fn encoded(obj: &dicom_object::InMemDicomObject, ts: &str) -> Vec<u8> {
+    use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
+    let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+        .get(ts)
+        .unwrap();
+    let mut out = Vec::new();
+    obj.write_dataset_with_ts(&mut out, ts).unwrap();
+    out
+}
+
+/// A PACS that re-sends an instance on an association that negotiated another transfer
+/// syntax sends the same elements in other bytes: a duplicate (the first copy kept, nothing
+/// quarantined), in Implicit VR Little Endian and in Explicit VR Big Endian alike. The same
+/// UID with one value changed, in any encoding, stays a conflict.
+#[test]
+fn the_same_instance_re_encoded_is_a_duplicate_and_another_value_a_conflict() {
+    const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
+    const EXPLICIT_BE: &str = "1.2.840.10008.1.2.2";
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), options()).unwrap();
+    let obj = ct_with_sequence("1.2.3.4.50", 3);
+    let first = spool
+        .store(&encoded(&obj, EXPLICIT_LE), &incoming())
+        .unwrap();
+    assert!(!first.duplicate);
+    let held = std::fs::read(&first.path).unwrap();
+    for ts in [IMPLICIT_LE, EXPLICIT_BE] {
+        let bytes = encoded(&obj, ts);
+        assert!(!held.ends_with(&bytes), "{ts}: other bytes");
+        let again = spool
+            .store(
+                &bytes,
+                &Incoming {
+                    transfer_syntax: ts,
+                    ..incoming()
+                },
+            )
+            .unwrap_or_else(|e| panic!("{ts}: {e}"));
+        assert!(again.duplicate, "{ts}");
+        assert_eq!(again.path, first.path);
+    }
+    assert!(quarantined(&spool).is_empty());
+    assert_eq!(std::fs::read(&first.path).unwrap(), held, "the first stays");
+    assert_eq!(spool.instances().unwrap().len(), 1);
+    // One value changed (top level, inside the sequence, a pixel): a conflict each time.
+    let mut in_item = obj.clone();
+    let item = dicom_object::InMemDicomObject::from_element_iter([dicom_core::DataElement::new(
+        tags::REFERENCED_SOP_INSTANCE_UID,
+        dicom_core::VR::UI,
+        dicom_core::PrimitiveValue::from("1.2.3.4.78"),
+    )]);
+    in_item.put(dicom_core::DataElement::new(
+        tags::REFERENCED_IMAGE_SEQUENCE,
+        dicom_core::VR::SQ,
+        dicom_core::value::DataSetSequence::from(vec![item]),
+    ));
+    let mut pixel = obj.clone();
+    pixel.put(dicom_core::DataElement::new(
+        tags::PIXEL_DATA,
+        dicom_core::VR::OW,
+        dicom_core::PrimitiveValue::U16(vec![1, 258, 515, 65534].into()),
+    ));
+    for (what, changed) in [
+        ("top level", ct_with_sequence("1.2.3.4.50", 4)),
+        ("in an item", in_item),
+        ("a pixel", pixel),
+    ] {
+        for ts in [EXPLICIT_LE, IMPLICIT_LE, EXPLICIT_BE] {
+            let e = spool
+                .store(
+                    &encoded(&changed, ts),
+                    &Incoming {
+                        transfer_syntax: ts,
+                        ..incoming()
+                    },
+                )
+                .unwrap_err();
+            assert!(matches!(e, StoreError::Conflict), "{what} {ts}: {e}");
+        }
+    }
+    assert_eq!(quarantined(&spool).len(), 9);
+    assert_eq!(std::fs::read(&first.path).unwrap(), held);
+}
+
 #[test]
 fn own_results_are_stored_without_an_ae_title_and_an_echo_in_other_bytes_is_a_duplicate() {
     use dicom_object::meta::FileMetaTableBuilder;

@@ -305,6 +305,7 @@ pub const ROUTES: &[RouteRule] = &[
     rule("POST", "/cds-services/{id}/feedback", Access::CdsHooks),
     // Validation runs (issue 11).
     rule("POST", "/validation/runs", RESEARCHER),
+    rule("GET", "/validation/runs", RESEARCHER),
     rule("GET", "/validation/runs/{id}", RESEARCHER),
     rule("DELETE", "/validation/runs/{id}", RESEARCHER),
     rule("GET", "/validation/runs/{id}/report.json", RESEARCHER),

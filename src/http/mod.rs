@@ -327,7 +327,10 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route("/cds-services", get(cds::discovery))
         .route("/cds-services/{id}", post(cds::call))
         .route("/cds-services/{id}/feedback", post(cds::feedback))
-        .route("/validation/runs", post(validation::create))
+        .route(
+            "/validation/runs",
+            post(validation::create).get(validation::list),
+        )
         .route(
             "/validation/runs/{id}",
             get(validation::status).delete(validation::cancel),

@@ -2,9 +2,11 @@
 //! `nightingale validate` on a dataset uploaded in the body (`text/csv`, streamed to disk with
 //! a size cap) or named under the server's `--validation-root` (JSON), `GET
 //! /validation/runs/{id}` says how far it is, and `GET /validation/runs/{id}/report.json` /
-//! `report.html` serve the report. One run at a time per model; the run loads its own copy
-//! of the bundle from the served repository (same verification, same engine) so serving is
-//! never touched, and its predictions go to the server's audit trail.
+//! `report.html` serve the report, `GET /validation/runs` lists the caller's runs. One run at
+//! a time per model; the run loads its own copy of the bundle from the served repository
+//! (same verification, same engine) so serving is never touched, and its predictions go to
+//! the server's audit trail. Each run keeps its record, `run.json`, in its folder beside its
+//! report: runs are listed and their reports served after a restart.
 
 use std::collections::HashMap;
 use std::path::{Path as FsPath, PathBuf};
@@ -19,7 +21,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use clap::Parser;
 use http_body_util::BodyExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
@@ -87,7 +89,8 @@ struct Run {
     ended: std::sync::atomic::AtomicBool,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
 enum RunState {
     Running,
     Done {
@@ -106,6 +109,82 @@ enum RunState {
     TimedOut {
         after: std::time::Duration,
     },
+}
+
+/// A run's record in its folder ([`RUN_FILE`]): what is said of it, kept across restarts.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunRecord {
+    id: String,
+    model: String,
+    version: Option<u64>,
+    created: String,
+    owner: String,
+    state: RunState,
+    rows: u64,
+    bytes_read: u64,
+    total_bytes: u64,
+}
+
+/// A run's record's name in its folder.
+const RUN_FILE: &str = "run.json";
+
+/// A record is a few hundred bytes (an error message at most a few KiB): one larger than
+/// this is not read.
+const MAX_RUN_FILE: u64 = 64 << 10;
+
+impl Run {
+    /// Writes the run's record with `state` (the run's state, its lock held by the caller so
+    /// records are written in the order of the states) into `runs_dir/{id}/run.json`,
+    /// replacing the one there whole. A record that cannot be written is logged: the run
+    /// goes on, and is not listed after a restart.
+    fn save(&self, runs_dir: &FsPath, state: &RunState) {
+        let p = &self.progress;
+        let record = RunRecord {
+            id: self.id.clone(),
+            model: self.model.clone(),
+            version: self.version,
+            created: self.created.clone(),
+            owner: self.owner.clone(),
+            state: state.clone(),
+            rows: p.rows.load(Ordering::Relaxed),
+            bytes_read: p.bytes_read.load(Ordering::Relaxed),
+            total_bytes: p.total_bytes.load(Ordering::Relaxed),
+        };
+        let dir = runs_dir.join(&self.id);
+        let written = serde_json::to_vec(&record)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| write_private(&dir, RUN_FILE, &bytes));
+        if let Err(e) = written {
+            tracing::warn!(run = %self.id, error = %e,
+                "the validation run's record could not be written: it will not be listed after a restart");
+        }
+    }
+}
+
+/// Writes `name` in `dir` whole (a temporary file renamed over it), readable by its owner
+/// only, never through a link.
+fn write_private(dir: &FsPath, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".run.")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(dir.join(name)).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Reads a run's record from its folder: a regular file (not a link) of at most
+/// [`MAX_RUN_FILE`] bytes, naming the folder's own id.
+fn read_record(dir: &FsPath, id: &str) -> Option<RunRecord> {
+    let path = dir.join(RUN_FILE);
+    if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+        return None;
+    }
+    let bytes = crate::files::read_regular(&path, MAX_RUN_FILE).ok()?;
+    let record: RunRecord = serde_json::from_slice(&bytes).ok()?;
+    (record.id == id).then_some(record)
 }
 
 impl Validation {
@@ -199,6 +278,7 @@ impl Validation {
                 *st = RunState::Cancelled {
                     by: "server shutdown".into(),
                 };
+                run.save(&self.runs_dir, &st);
                 stopped += 1;
             }
         }
@@ -411,12 +491,7 @@ async fn create_run(
             let _place = validation.uploading()?;
             let path = dir.join(UPLOAD_FILE);
             upload.0 = Some(dir.clone());
-            owner_lock = Some(hold_run_folder(&dir).map_err(|e| {
-                AppError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("cannot store the upload: {e}"),
-                )
-            })?);
+            owner_lock = Some(hold_run_folder(&dir).map_err(folder_error)?);
             receive(body, &dir, &path, validation.max_upload_bytes).await?;
             (request, path, true)
         }
@@ -430,6 +505,12 @@ async fn create_run(
     let name = model_name(&request.model).to_owned();
     if state.repository.index().iter().all(|e| e.name != name) {
         return Err(AppError::not_found(format!("unknown model {name:?}")));
+    }
+    if owner_lock.is_none() {
+        // A run on a dataset under the root: its folder (its record, its report) is made and
+        // held now, and goes if the run does not start.
+        upload.0 = Some(dir.clone());
+        owner_lock = Some(hold_run_folder(&dir).map_err(folder_error)?);
     }
     let mut argv: Vec<String> = vec![
         "validate".into(),
@@ -493,12 +574,14 @@ async fn create_run(
             .model
             .split_once('@')
             .and_then(|(_, v)| v.parse().ok()),
-        created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        // To the millisecond: runs are listed again in this order after a restart.
+        created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         owner: owner.clone(),
         progress: Arc::new(RunProgress::default()),
         state: Mutex::new(RunState::Running),
         ended: std::sync::atomic::AtomicBool::new(false),
     });
+    run.save(&validation.runs_dir, &RunState::Running);
     validation.start(run.clone())?;
     let dataset_name = if uploaded {
         "the uploaded dataset".to_owned()
@@ -526,12 +609,14 @@ async fn create_run(
     // and the model is free for another run at once. Ended with the run.
     let max_run = validation.max_run;
     let watched = run.clone();
+    let runs_dir = validation.runs_dir.clone();
     let deadline = tokio::spawn(async move {
         tokio::time::sleep(max_run).await;
         let mut st = watched.state.lock().unwrap_or_else(|p| p.into_inner());
         if matches!(*st, RunState::Running) {
             watched.progress.cancelled.store(true, Ordering::Relaxed);
             *st = RunState::TimedOut { after: max_run };
+            watched.save(&runs_dir, &st);
             tracing::warn!(run = %watched.id, model = %watched.model, limit_s = max_run.as_secs(),
                 "validation run stopped: it ran past the server's limit");
         }
@@ -539,13 +624,13 @@ async fn create_run(
     let deadline = deadline.abort_handle();
     // The run owns its folder now (it deletes the upload itself, keeps the report).
     upload.0 = None;
+    let runs_dir = validation.runs_dir.clone();
     tokio::task::spawn_blocking(move || {
         let outcome = crate::validate::run_job(&command.args, ctx);
         if uploaded {
             // the upload may hold patient data: only the report is kept
             let _ = std::fs::remove_file(&dataset);
         }
-        drop(owner_lock);
         let next = match outcome {
             Ok(report) => RunState::Done {
                 gate_passed: report.gate.as_ref().map(|g| g.passed),
@@ -566,10 +651,12 @@ async fn create_run(
         } else {
             // Cancelled or stopped while it finished: no report of it may stay (a server
             // started with --require-validation would take a passing one as the version's).
-            for file in ["report.json", "report.html"] {
-                let _ = std::fs::remove_file(run_dir.join(file));
-            }
+            remove_report(&run_dir);
         }
+        worker.save(&runs_dir, &state);
+        // Held until the record says how the run ended: another server on the data folder
+        // takes a record saying "running" in a folder no one holds for an interrupted run.
+        drop(owner_lock);
         worker.ended.store(true, Ordering::Relaxed);
         drop(state);
         Validation::ended(&working);
@@ -615,6 +702,14 @@ fn hold_run_folder(dir: &FsPath) -> std::io::Result<std::fs::File> {
         }
     })?;
     Ok(file)
+}
+
+/// A run's folder could not be made or held: 500.
+fn folder_error(e: std::io::Error) -> AppError {
+    AppError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("cannot make the run's folder: {e}"),
+    )
 }
 
 /// A run folder's [`OWNER_LOCK`], opened to write (`create`: made if missing, readable by
@@ -689,6 +784,126 @@ impl Validation {
         }
         removed
     }
+}
+
+/// Deletes a run's report (a cancelled or stopped run keeps none: a server started with
+/// `--require-validation` would take a passing one as the version's).
+fn remove_report(dir: &FsPath) {
+    for file in ["report.json", "report.html"] {
+        let _ = std::fs::remove_file(dir.join(file));
+    }
+}
+
+impl Validation {
+    /// Lists again the runs whose records are in the runs folder (the newest [`KEPT_RUNS`]),
+    /// as they were when the server stopped: a run it stopped in the middle (killed, or the
+    /// power cut) is failed, and keeps no report. A run another server on the same data
+    /// folder is running (it holds the run's folder) is left to that server. Returns how many
+    /// runs were listed again.
+    pub fn restore_runs(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.runs_dir) else {
+            return 0;
+        };
+        let mut restored = vec![];
+        for entry in entries.flatten() {
+            let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if !valid_id(&id) || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let dir = entry.path();
+            let Some(mut record) = read_record(&dir, &id) else {
+                continue;
+            };
+            let progress = RunProgress::default();
+            progress.rows.store(record.rows, Ordering::Relaxed);
+            progress
+                .bytes_read
+                .store(record.bytes_read, Ordering::Relaxed);
+            progress
+                .total_bytes
+                .store(record.total_bytes, Ordering::Relaxed);
+            let interrupted = matches!(record.state, RunState::Running);
+            if interrupted {
+                // Held: another server's run, still going.
+                let held = match owner_lock_file(&dir, false) {
+                    Ok(lock) => lock.try_lock().is_err(),
+                    Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+                };
+                if held {
+                    continue;
+                }
+                record.state = RunState::Failed {
+                    error: "the server stopped before the run ended".into(),
+                };
+            }
+            if !matches!(record.state, RunState::Done { .. }) {
+                remove_report(&dir);
+            }
+            let run = Run {
+                id,
+                model: record.model,
+                version: record.version,
+                created: record.created,
+                owner: record.owner,
+                progress: Arc::new(progress),
+                state: Mutex::new(record.state.clone()),
+                ended: std::sync::atomic::AtomicBool::new(true),
+            };
+            if interrupted {
+                run.save(&self.runs_dir, &record.state);
+            }
+            restored.push(Arc::new(run));
+        }
+        // Oldest first, as they were started (RFC 3339 UTC to the millisecond sorts as text).
+        restored.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
+        let keep = restored.len().saturating_sub(KEPT_RUNS);
+        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        let mut listed = 0;
+        for run in restored.into_iter().skip(keep) {
+            if runs.contains_key(&run.id) {
+                continue;
+            }
+            order.push(run.id.clone());
+            runs.insert(run.id.clone(), run);
+            listed += 1;
+        }
+        if listed > 0 {
+            tracing::info!(
+                runs = listed,
+                "validation runs listed again from their records"
+            );
+        }
+        listed
+    }
+}
+
+/// `GET /validation/runs`: the caller's runs (an admin's: everyone's), newest first.
+pub(crate) async fn list(
+    State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
+) -> Response {
+    let Some(validation) = state.validation() else {
+        return AppError::not_found("validation runs are off on this server").into_response();
+    };
+    let (who, admin) = caller.as_ref().map_or((Caller::ANONYMOUS, false), |c| {
+        (c.0.id.as_str(), c.0.has(super::auth::Role::Admin))
+    });
+    let mine: Vec<Arc<Run>> = {
+        let runs = validation.runs.lock().unwrap_or_else(|p| p.into_inner());
+        let order = validation.order.lock().unwrap_or_else(|p| p.into_inner());
+        order
+            .iter()
+            .rev()
+            .filter_map(|id| runs.get(id))
+            .filter(|r| admin || r.owner == who)
+            .cloned()
+            .collect()
+    };
+    let runs: Vec<serde_json::Value> = mine.iter().map(|r| describe(r)).collect();
+    Json(json!({ "runs": runs })).into_response()
 }
 
 /// Removes a folder when dropped (an upload whose run never started), unless disarmed.
@@ -834,6 +1049,9 @@ pub(crate) async fn cancel(
         }
         run.progress.cancelled.store(true, Ordering::Relaxed);
         *st = RunState::Cancelled { by: by.clone() };
+        if let Some(validation) = state.validation() {
+            run.save(&validation.runs_dir, &st);
+        }
     }
     tracing::info!(run = %run.id, model = %run.model, by = %by, "validation run cancelled");
     Json(describe(&run)).into_response()
@@ -902,6 +1120,77 @@ mod tests {
             state: Mutex::new(RunState::Running),
             ended: Default::default(),
         })
+    }
+
+    /// A record left saying "running" by a server that stopped (nothing holds its folder)
+    /// is listed again as failed, and its report (written just before the stop) deleted; a
+    /// cancelled run's report left behind is deleted too; a done run keeps its report; a
+    /// record that is not a record (unparsable, another run's id, a link) is not listed.
+    #[test]
+    fn records_are_listed_again_as_they_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = Validation::new(None, dir.path(), 1 << 20, Default::default());
+        let saved = |state: RunState| {
+            let r = run("m");
+            let folder = v.runs_dir.join(&r.id);
+            std::fs::create_dir_all(&folder).unwrap();
+            std::fs::write(folder.join("report.json"), "{}").unwrap();
+            r.progress.rows.store(7, Ordering::Relaxed);
+            r.save(&v.runs_dir, &state);
+            (r.id.clone(), folder)
+        };
+        let (interrupted, interrupted_dir) = saved(RunState::Running);
+        let (cancelled, cancelled_dir) = saved(RunState::Cancelled { by: "x".into() });
+        let (done, done_dir) = saved(RunState::Done {
+            gate_passed: Some(true),
+        });
+        // Held by a live server: not listed, not touched.
+        let (held, held_dir) = saved(RunState::Running);
+        let _lock = hold_run_folder(&held_dir).unwrap();
+        // Not records.
+        let (_, garbled) = saved(RunState::Running);
+        std::fs::write(garbled.join(RUN_FILE), "{not json").unwrap();
+        let (_, moved) = saved(RunState::Running);
+        std::fs::copy(done_dir.join(RUN_FILE), moved.join(RUN_FILE)).unwrap();
+        let (_, linked) = saved(RunState::Running);
+        std::fs::remove_file(linked.join(RUN_FILE)).unwrap();
+        std::os::unix::fs::symlink(done_dir.join(RUN_FILE), linked.join(RUN_FILE)).unwrap();
+
+        assert_eq!(v.restore_runs(), 3);
+        let state = |id: &str| v.get(id).unwrap().state.lock().unwrap().clone();
+        assert!(
+            matches!(state(&interrupted), RunState::Failed { ref error } if error.contains("stopped before")),
+            "{:?}",
+            state(&interrupted)
+        );
+        assert!(!interrupted_dir.join("report.json").exists());
+        assert!(matches!(state(&cancelled), RunState::Cancelled { .. }));
+        assert!(!cancelled_dir.join("report.json").exists());
+        assert!(matches!(
+            state(&done),
+            RunState::Done {
+                gate_passed: Some(true)
+            }
+        ));
+        assert!(done_dir.join("report.json").exists());
+        assert_eq!(
+            v.get(&done).unwrap().progress.rows.load(Ordering::Relaxed),
+            7
+        );
+        assert!(v.get(&held).is_none());
+        assert!(held_dir.join("report.json").exists());
+        // The interrupted run's record now says so: a second start agrees.
+        let again = Validation::new(None, dir.path(), 1 << 20, Default::default());
+        drop(_lock);
+        assert_eq!(
+            again.restore_runs(),
+            4,
+            "the held run, its server gone, is listed too"
+        );
+        assert!(matches!(
+            *again.get(&interrupted).unwrap().state.lock().unwrap(),
+            RunState::Failed { .. }
+        ));
     }
 
     #[test]

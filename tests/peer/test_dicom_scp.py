@@ -303,6 +303,36 @@ def test_the_same_instance_twice_is_stored_once(server, tmp_path):
     assert len(list(server.spool.rglob(f"{uid}_*.dcm"))) == 1
 
 
+def test_an_instance_sent_again_in_another_transfer_syntax_is_a_duplicate(server, tmp_path):
+    """A PACS re-sends an instance on an association that negotiated another uncompressed
+    transfer syntax (storescu converts on the fly): the same elements in other bytes are
+    acknowledged as a duplicate, the first copy kept and nothing quarantined. An instance
+    with the same UID and another value stays a failure."""
+    f = tmp_path / "ct.dcm"
+    uid = _with_new_uid(Path(get_testdata_file("CT_small.dcm")), f)
+    before = server.quarantine_reasons()
+    for option in ("-xe", "-xi", "-xb", "-xe"):
+        r = storescu(server.port, [f], option)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0 and "Store Response (Success)" in out, (option, out)
+    stored = list(server.spool.rglob(f"{uid}_*.dcm"))
+    assert len(stored) == 1, stored
+    kept = pydicom.dcmread(stored[0])
+    assert kept.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert _equal_datasets(pydicom.dcmread(f), kept) == []
+    assert server.quarantine_reasons() == before
+    # The same UID with another value: a conflict (failure status), quarantined.
+    changed = tmp_path / "changed.dcm"
+    ds = pydicom.dcmread(f)
+    ds.SeriesNumber = int(ds.get("SeriesNumber", 0)) + 1
+    ds.save_as(changed, enforce_file_format=True)
+    r = storescu(server.port, [changed], "-xi")
+    out = r.stdout + r.stderr
+    assert "Store Response (Success)" not in out, out
+    assert len(server.quarantine_reasons()) == len(before) + 1
+    assert len(list(server.spool.rglob(f"{uid}_*.dcm"))) == 1
+
+
 def test_corrupt_objects_fail_are_quarantined_and_the_server_keeps_serving(server, tmp_path):
     before = len(server.quarantine_reasons())
     # A CT cut before its pixel data (at an element boundary, so storescu can still read

@@ -591,6 +591,68 @@ mod tests {
         assert!(by_name(&g, "brier").passed && by_name(&g, "sensitivity@screening").passed);
     }
 
+    /// A percentile bootstrap interval of zero width is not reported either: 60 perfectly
+    /// ranked rows (above every minimum) with 1000 replicates gave AUPRC [1, 1], and a
+    /// floor on its `ci_lower` passed on no evidence. The replicates' interval stays in the
+    /// metric's `bootstrap` block; a bootstrap interval with width is the metric's interval.
+    #[test]
+    fn a_zero_width_bootstrap_interval_is_not_evidence() {
+        let y: Vec<bool> = (0..60).map(|i| i < 30).collect();
+        let perfect: Vec<f64> = (0..60).map(|i| 1.0 - f64::from(i) / 100.0).collect();
+        let settings = Settings::default();
+        let spec = crate::bootstrap::BootstrapSpec {
+            replicates: 1000,
+            seed: 1,
+            confidence: 0.95,
+            stop: None,
+        };
+        let thresholds = [NamedThreshold {
+            name: "screening".to_owned(),
+            value: 0.5,
+            description: String::new(),
+        }];
+        let boot = crate::bootstrap::bootstrap(&y, &perfect, None, spec.clone());
+        let m = report::compute_metrics(&y, &perfect, &thresholds, &settings, Some(&boot), true);
+        assert!((m.auprc.value.unwrap() - 1.0).abs() < 1e-12);
+        assert_eq!(
+            (m.auprc.ci_lower, m.auprc.ci_upper, m.auprc.ci_method),
+            (None, None, None)
+        );
+        assert_eq!(
+            m.auprc.ci_undefined.as_deref(),
+            Some(report::BOOTSTRAP_DEGENERATE)
+        );
+        let kept = m.auprc.bootstrap.unwrap();
+        assert!((kept.ci_lower - 1.0).abs() < 1e-12 && (kept.ci_upper - 1.0).abs() < 1e-12);
+        assert_eq!(kept.replicates, 1000);
+        let spec_auprc = ValidationSpec {
+            gate: vec![criterion("auprc", GateBound::CiLower, Some(0.9), None)],
+            ..wdbc_gate(None, None)
+        };
+        let g = check(&spec_auprc, Some(2), &m, &settings);
+        let c = by_name(&g, "auprc.ci_lower");
+        assert!(!c.passed && c.observed.is_none());
+        assert!(
+            c.reason
+                .as_deref()
+                .unwrap()
+                .contains("every bootstrap replicate gave the same value"),
+            "{c:?}"
+        );
+        // Imperfect scores: the replicates vary, and their interval is the metric's.
+        let noisy: Vec<f64> = (0..60).map(|i| f64::from((i * 37) % 61) / 61.0).collect();
+        let boot = crate::bootstrap::bootstrap(&y, &noisy, None, spec);
+        let m = report::compute_metrics(&y, &noisy, &thresholds, &settings, Some(&boot), true);
+        let ci = m.auprc.bootstrap.unwrap();
+        assert!(ci.ci_lower < ci.ci_upper);
+        assert_eq!(
+            (m.auprc.ci_lower, m.auprc.ci_upper),
+            (Some(ci.ci_lower), Some(ci.ci_upper))
+        );
+        assert_eq!(m.auprc.ci_method, Some("bootstrap-percentile"));
+        assert!(m.auprc.ci_undefined.is_none());
+    }
+
     /// Lowering the minimums (as a bundle may, down to 2) does not let a zero-width interval
     /// through: the two guards are independent.
     #[test]

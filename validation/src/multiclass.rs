@@ -123,10 +123,7 @@ pub fn evaluate(
     if let (Some(spec), Some(_)) = (bootstrap, auroc.value)
         && let Some(ci) = bootstrap::bootstrap_macro_auroc(&columns, spec)
     {
-        auroc.ci_lower = Some(ci.ci_lower);
-        auroc.ci_upper = Some(ci.ci_upper);
-        auroc.ci_method = Some("bootstrap-percentile");
-        auroc.bootstrap = Some(ci);
+        auroc.set_bootstrap_interval(ci);
     }
     let correct = y.iter().zip(&predicted).filter(|(a, b)| a == b).count();
     let accuracy = Metric::proportion(metrics::wilson(correct, n, confidence), "no rows");

@@ -99,7 +99,38 @@ pub const DELONG_DEGENERATE: &str = "DeLong's variance is 0: every positive outr
      share of negatives and every negative the same share of positives (an AUROC of 0 or 1, or \
      each class's scores tied), so the interval would have zero width, which is not evidence";
 
+/// `ci_undefined` of a metric whose percentile bootstrap interval has zero width.
+pub const BOOTSTRAP_DEGENERATE: &str = "every bootstrap replicate gave the same value (a \
+     perfect ranking, or scores that cannot move), so the percentile interval would have zero \
+     width, which is not evidence";
+
+/// An interval at most this wide has no width ([`Metric::set_bootstrap_interval`]): a real
+/// percentile interval of a metric on [0, 1] is never within 1e-12.
+const ZERO_WIDTH: f64 = 1e-12;
+
 impl Metric {
+    /// Makes the percentile bootstrap interval `ci` the metric's interval, unless it has zero
+    /// width: the metric then keeps its value and no interval, and `ci_undefined` says why
+    /// (as for a degenerate DeLong interval), so that a gate on a confidence limit fails
+    /// rather than passes on no evidence. `bootstrap` keeps the replicates' interval as it is.
+    pub(crate) fn set_bootstrap_interval(&mut self, ci: BootstrapCi) {
+        self.bootstrap = Some(ci);
+        self.standard_error = None;
+        // Rounding may leave replicates of one value a few ulps apart (an AUPRC of 1 summed
+        // as 0.9999999999999999 in some, 1 in others): that is no width either.
+        if ci.ci_upper - ci.ci_lower <= ZERO_WIDTH {
+            self.ci_lower = None;
+            self.ci_upper = None;
+            self.ci_method = None;
+            self.ci_undefined = Some(BOOTSTRAP_DEGENERATE.to_owned());
+        } else {
+            self.ci_lower = Some(ci.ci_lower);
+            self.ci_upper = Some(ci.ci_upper);
+            self.ci_method = Some("bootstrap-percentile");
+            self.ci_undefined = None;
+        }
+    }
+
     /// AUROC with its DeLong interval (the point estimate alone with fewer than two rows of
     /// a class, or, with `ci_undefined`, when DeLong's variance is degenerate; `why` when it
     /// is not defined at all).
@@ -312,10 +343,7 @@ impl Metrics {
             negatives: neg.iter().filter(|&&b| b).count(),
         });
         if let Some(ci) = self.auroc.bootstrap {
-            self.auroc.ci_lower = Some(ci.ci_lower);
-            self.auroc.ci_upper = Some(ci.ci_upper);
-            self.auroc.ci_method = Some("bootstrap-percentile");
-            self.auroc.standard_error = None;
+            self.auroc.set_bootstrap_interval(ci);
         }
         for m in [
             &mut self.prevalence,
@@ -683,11 +711,10 @@ pub struct Scored<'a> {
 fn with_bootstrap(mut m: Metric, ci: Option<BootstrapCi>, primary: bool) -> Metric {
     if let Some(ci) = ci {
         if primary {
-            m.ci_lower = Some(ci.ci_lower);
-            m.ci_upper = Some(ci.ci_upper);
-            m.ci_method = Some("bootstrap-percentile");
+            m.set_bootstrap_interval(ci);
+        } else {
+            m.bootstrap = Some(ci);
         }
-        m.bootstrap = Some(ci);
     }
     m
 }
