@@ -11,6 +11,10 @@
 #   client.pem, client.key            client certificate CN=nightingale-test-client,O=Nightingale Tests
 #   other-ca.pem, other-ca.key        an unrelated CA
 #   other-client.pem, other-client.key  a client certificate issued by the unrelated CA
+#   san-client.pem, san-client.key   a client certificate with an empty subject, named by its
+#                                     subject alternative names only (DNS, URI)
+#   expired.pem, expired.key          a server certificate valid in January 2020 only
+#   client.enc.key, client.trad-enc.key  client.key encrypted (PKCS#8; traditional PEM)
 # Each *.pem's SHA-256 fingerprint (lowercase hex, of the DER) is in *.sha256, and each
 # certificate's subject as `openssl x509 -nameopt RFC2253` prints it in *.subject: the
 # values tests compare against, computed here by openssl, not by the code under test.
@@ -58,6 +62,25 @@ leaf server ca "/CN=localhost" "$server_ext"
 leaf server2 ca "/CN=localhost" "$server_ext"
 leaf client ca "/O=Nightingale Tests/CN=nightingale-test-client" "$client_ext"
 leaf other-client other-ca "/CN=untrusted-client" "$client_ext"
+leaf san-client ca "/" "$client_ext
+subjectAltName=DNS:workload.example,URI:spiffe://example.org/ns/radiology/sa/gateway"
+
+# A server certificate that expired long ago: `openssl ca` sets both dates (`x509 -req` of
+# OpenSSL 3.0 cannot).
+newkey expired.key
+openssl req -new -key expired.key -out expired.csr -subj "/CN=localhost" 2>/dev/null
+mkdir -p ca-db && : > ca-db/index.txt && openssl rand -hex 16 > ca-db/serial
+printf '%s\n' '[ca]' 'default_ca = test' '[test]' 'database = ca-db/index.txt' \
+    'new_certs_dir = ca-db' 'serial = ca-db/serial' 'default_md = sha256' 'policy = any' \
+    '[any]' 'commonName = supplied' > ca-db/ca.cnf
+printf '%s\n' "$server_ext" > expired.ext
+openssl ca -batch -config ca-db/ca.cnf -cert ca.pem -keyfile ca.key -in expired.csr \
+    -out expired.pem -extfile expired.ext -startdate 20200101000000Z -enddate 20200201000000Z \
+    >/dev/null 2>&1
+rm -rf ca-db expired.csr expired.ext
+
+openssl pkcs8 -topk8 -in client.key -out client.enc.key -passout pass:secret 2>/dev/null
+openssl ec -in client.key -out client.trad-enc.key -aes256 -passout pass:secret 2>/dev/null
 
 for cert in ca server server2 client other-client; do
     openssl x509 -in "$cert.pem" -outform DER | openssl dgst -sha256 -r | cut -d' ' -f1 > "$cert.sha256"

@@ -12,6 +12,7 @@ pub mod deploy;
 pub mod files;
 pub mod heatmap;
 pub mod http;
+pub mod log_limit;
 // ---- issue 9: the DICOM pipeline (series → models → results to PACS) ----
 pub mod pipeline;
 pub mod tls;

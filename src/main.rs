@@ -234,7 +234,17 @@ fn main() -> anyhow::Result<()> {
             let tls = match &config.tls {
                 Some(settings) => {
                     nightingale::tls::install_crypto_provider();
-                    Some(nightingale::tls::load_server_config(settings)?)
+                    let loaded = nightingale::tls::load_server_config(settings)?;
+                    // Served all the same (clients will refuse it; a restart must not be an
+                    // outage of its own), and said loudly.
+                    if let Some(problem) = nightingale::tls::validity_problem(&settings.cert) {
+                        tracing::error!(
+                            cert = %settings.cert.display(),
+                            problem = %problem,
+                            "the TLS certificate is not valid now: clients will refuse it; replace it and send SIGHUP"
+                        );
+                    }
+                    Some(loaded)
                 }
                 None => None,
             };
@@ -854,7 +864,7 @@ async fn serve_tls(
                 .with_connection_cap(handle.clone(), max_connections)
                 .with_client_cap(max_per_client),
         )
-        .accept_error_handler(|_, e| tracing::debug!(error = %e, "TLS connection refused"))
+        .accept_error_handler(|_, e| nightingale::tls::connection_refused(e))
         .handle(handle)
         .serve(app.into_make_service())
         .await;

@@ -79,6 +79,10 @@ pub enum TlsError {
     NoCertificate { path: PathBuf },
     #[error("{path}: no private key in the file")]
     NoPrivateKey { path: PathBuf },
+    #[error(
+        "{path}: the private key is encrypted; give the server an unencrypted key readable by its user only (e.g. openssl pkey -in KEY -out PLAIN)"
+    )]
+    EncryptedKey { path: PathBuf },
     #[error("certificate {cert} and key {key} cannot be used together: {source}")]
     CertifiedKey {
         cert: PathBuf,
@@ -98,6 +102,50 @@ pub enum TlsError {
         #[source]
         source: rustls::server::VerifierBuilderError,
     },
+}
+
+/// The log lines of connections refused over the connection cap ([`crate::log_limit`]).
+static OVER_CAP_LOG: crate::log_limit::LogLimit = crate::log_limit::LogLimit::new();
+
+/// The log lines of client certificates refused in the handshake.
+static CLIENT_CERT_LOG: crate::log_limit::LogLimit = crate::log_limit::LogLimit::new();
+
+/// What a TLS listener does with a connection that ended before it was served (its
+/// acceptor's error): a client certificate the handshake refused (expired, from a CA not
+/// trusted, not for client authentication, none where one is required) is a warning, at most
+/// one line a second, and counted in `nightingale_tls_handshake_failures_total{reason =
+/// "client_certificate"}`, so that an operator sees failed client authentication and
+/// probing (they were logged at debug level only); other handshake failures are counted as
+/// `handshake` and logged at debug level, as the acceptor's own refusals (caps, plain HTTP)
+/// are here (those are counted and logged where they happen).
+pub fn connection_refused(e: &std::io::Error) {
+    let tls = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match tls {
+        Some(
+            error @ (rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented),
+        ) => {
+            metrics::counter!(
+                "nightingale_tls_handshake_failures_total",
+                "reason" => "client_certificate"
+            )
+            .increment(1);
+            if let Some(held) = CLIENT_CERT_LOG.allow() {
+                tracing::warn!(
+                    error = %error,
+                    not_logged_before = held,
+                    "TLS connection refused: its client certificate was not accepted"
+                );
+            }
+        }
+        Some(error) => {
+            metrics::counter!("nightingale_tls_handshake_failures_total", "reason" => "handshake")
+                .increment(1);
+            tracing::debug!(error = %error, "TLS handshake failed");
+        }
+        None => tracing::debug!(error = %e, "TLS connection refused"),
+    }
 }
 
 /// Installs aws-lc-rs as rustls' process-wide crypto provider. Idempotent: a provider already
@@ -139,6 +187,16 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 
 fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let bytes = read(path)?;
+    // PKCS#8 encrypted, or a traditional PEM key with its encryption headers: both read as
+    // "no private key" or "not a PEM file" otherwise.
+    let text = String::from_utf8_lossy(&bytes);
+    if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        || text.contains("Proc-Type: 4,ENCRYPTED")
+    {
+        return Err(TlsError::EncryptedKey {
+            path: path.to_owned(),
+        });
+    }
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|source| match source {
         rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoPrivateKey {
             path: path.to_owned(),
@@ -208,10 +266,18 @@ pub async fn reload_on_sighup(settings: TlsSettings, config: RustlsConfig) {
     while hangups.recv().await.is_some() {
         let loaded = {
             let settings = settings.clone();
-            tokio::task::spawn_blocking(move || load_server_config(&settings)).await
+            tokio::task::spawn_blocking(move || {
+                load_server_config(&settings).map(|c| (c, validity_problem(&settings.cert)))
+            })
+            .await
         };
         match loaded {
-            Ok(Ok(new)) => {
+            Ok(Ok((_, Some(problem)))) => tracing::error!(
+                cert = %settings.cert.display(),
+                problem = %problem,
+                "SIGHUP: TLS reload refused: the new certificate is not valid now; the previous certificate stays in service"
+            ),
+            Ok(Ok((new, None))) => {
                 config.reload_from_config(new);
                 tracing::info!(
                     cert = %settings.cert.display(),
@@ -227,9 +293,32 @@ pub async fn reload_on_sighup(settings: TlsSettings, config: RustlsConfig) {
     }
 }
 
+/// Why the first certificate of the chain in `cert` is not valid now (expired, or not yet
+/// valid), if it is not: clients refuse such a certificate, so the server says so (a warning
+/// at start-up; a reload to it is refused). `None` when it is valid, or cannot be read (the
+/// load reports that).
+pub fn validity_problem(cert: &Path) -> Option<String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let chain = certificates(cert).ok()?;
+    let (_, leaf) = X509Certificate::from_der(chain.first()?.as_ref()).ok()?;
+    let validity = leaf.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    if now < validity.not_before {
+        Some(format!("not valid before {}", validity.not_before))
+    } else if now > validity.not_after {
+        Some(format!("expired on {}", validity.not_after))
+    } else {
+        None
+    }
+}
+
 /// The [`ClientCertificate`] of a DER certificate: its subject as RFC 4514 text (most specific
 /// RDN first, e.g. `CN=pacs-gateway,O=Radiology`, as `openssl x509 -nameopt RFC2253` prints it
-/// for ASCII names) and the SHA-256 of the DER bytes. `None` if the certificate does not parse.
+/// for ASCII names) and the SHA-256 of the DER bytes. A certificate with an empty subject (a
+/// workload certificate that names itself in its subject alternative names only) is known by
+/// those names, `SAN:DNS:a.example,URI:spiffe://…` (in the certificate's order); one with
+/// neither by its SHA-256, `SHA256:<hex>`: every such certificate was the one caller `tls:`.
+/// `None` if the certificate does not parse.
 pub fn client_certificate(der: &[u8]) -> Option<ClientCertificate> {
     use x509_parser::asn1_rs::ToDer;
     use x509_parser::prelude::{FromDer, X509Certificate};
@@ -257,10 +346,48 @@ pub fn client_certificate(der: &[u8]) -> Option<ClientCertificate> {
         }
         rdns.push(attrs.join("+"));
     }
-    Some(ClientCertificate {
-        subject: rdns.join(","),
-        sha256: hex::encode(Sha256::digest(der)),
-    })
+    let sha256 = hex::encode(Sha256::digest(der));
+    let mut subject = rdns.join(",");
+    if subject.is_empty() {
+        subject = alternative_names(&cert)
+            .map(|names| format!("SAN:{names}"))
+            .unwrap_or_else(|| format!("SHA256:{sha256}"));
+    }
+    Some(ClientCertificate { subject, sha256 })
+}
+
+/// A certificate's subject alternative names as `KIND:value`, comma-separated, in its order
+/// (`None` when it has none): DNS, URI, email, IP (as text); others by their kind alone.
+fn alternative_names(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<String> {
+    use x509_parser::extensions::GeneralName;
+    let extension = cert.subject_alternative_name().ok()??;
+    let names: Vec<String> = extension
+        .value
+        .general_names
+        .iter()
+        .map(|name| match name {
+            GeneralName::DNSName(v) => format!("DNS:{}", escape_rfc4514(v)),
+            GeneralName::URI(v) => format!("URI:{}", escape_rfc4514(v)),
+            GeneralName::RFC822Name(v) => format!("email:{}", escape_rfc4514(v)),
+            GeneralName::IPAddress(bytes) => match bytes.len() {
+                4 => format!(
+                    "IP:{}",
+                    std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*bytes).expect("4 bytes"))
+                ),
+                16 => format!(
+                    "IP:{}",
+                    std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*bytes).expect("16 bytes"))
+                ),
+                _ => format!("IP:#{}", hex::encode(bytes)),
+            },
+            other => format!("{other:?}")
+                .split('(')
+                .next()
+                .unwrap_or("other")
+                .to_owned(),
+        })
+        .collect();
+    (!names.is_empty()).then(|| names.join(","))
 }
 
 /// RFC 4514 section 2.4 escaping of an attribute value.
@@ -368,11 +495,20 @@ where
                 ));
             };
             if let Some((count, max)) = over_cap {
-                tracing::info!(
-                    count,
-                    max,
-                    "TLS connection refused: over the connection cap"
-                );
+                metrics::counter!(
+                    "nightingale_http_connections_refused_total",
+                    "listener" => "tls",
+                    "reason" => "cap"
+                )
+                .increment(1);
+                if let Some(held) = OVER_CAP_LOG.allow() {
+                    tracing::info!(
+                        count,
+                        max,
+                        not_logged_before = held,
+                        "TLS connection refused: over the connection cap"
+                    );
+                }
                 drop(stream);
                 return Err(std::io::Error::other(
                     "connection cap reached (--max-connections): closed",
@@ -400,7 +536,9 @@ where
                     }
                 });
             if let Some(c) = &certificate {
-                tracing::debug!(subject = %c.subject, sha256 = %c.sha256, "TLS client certificate");
+                // Debug-formatted: a subject is the client's text (a newline in it forged a
+                // log line, an escape sequence reached the terminal).
+                tracing::debug!(subject = ?c.subject, sha256 = %c.sha256, "TLS client certificate");
             }
             let activity = Activity::holding(Some(slot));
             Ok((

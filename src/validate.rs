@@ -806,6 +806,20 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
+    // The folder says what its last run found: an earlier run's report goes now, so that a
+    // run that fails leaves none (a pipeline reading report.json, or --require-validation on
+    // the folder, took the earlier pass for this run's: a red-team finding).
+    for file in ["report.json", "report.html"] {
+        let path = args.out.join(file);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| {
+                    format!("cannot remove the earlier report {}", path.display())
+                });
+            }
+            _ => {}
+        }
+    }
     let options = match ctx.options.clone() {
         Some(o) => o,
         None => RepositoryOptions {
@@ -1559,7 +1573,14 @@ pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionChec
             let Ok(meta) = std::fs::metadata(&path) else {
                 continue;
             };
-            if !meta.is_file() || meta.len() > MAX_REPORT_BYTES {
+            if !meta.is_file() {
+                continue;
+            }
+            if meta.len() > MAX_REPORT_BYTES {
+                // Not read, and not silently: a report this large is not one this program
+                // wrote (its dataset's names are bounded in it).
+                tracing::warn!(report = %path.display(), bytes = meta.len(),
+                    "a validation report over 32 MiB is not read for --require-validation");
                 continue;
             }
             let Ok(bytes) = std::fs::read(&path) else {

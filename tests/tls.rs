@@ -519,6 +519,23 @@ async fn sighup_reloads_the_certificate_and_a_broken_one_keeps_the_old() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A pair that loads but has expired: refused too (clients would refuse it), said so.
+    std::fs::copy(p.join("expired.pem"), &cert).unwrap();
+    std::fs::copy(p.join("expired.key"), &key).unwrap();
+    server.hangup();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server
+        .log()
+        .contains("TLS reload refused: the new certificate is not valid now")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal of an expired certificate logged within 30 s:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(server.log().contains("expired on"), "{}", server.log());
     let stream = connect(server.addr, client_config(&ca, &[b"h2"], None))
         .await
         .unwrap();
@@ -526,6 +543,31 @@ async fn sighup_reloads_the_certificate_and_a_broken_one_keeps_the_old() {
     let (status, _, _) = get(stream, server.addr, "/v2/health/ready").await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(server.child.try_wait().unwrap(), None);
+}
+
+/// A server started with a certificate that has expired serves (a restart is no outage of
+/// its own) and says at once, as an error, that clients will refuse it.
+#[test]
+fn an_expired_certificate_at_start_is_an_error_in_the_log() {
+    let pki = pki();
+    let p = pki.path();
+    let args = tls_args(&p.join("expired.pem"), &p.join("expired.key"));
+    let mut server = Server::start(&os(&args));
+    let deadline = Instant::now() + WAIT;
+    while !server.log().contains("listening") {
+        assert_eq!(server.child.try_wait().unwrap(), None, "{}", server.log());
+        assert!(
+            Instant::now() < deadline,
+            "not listening:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = server.log();
+    assert!(
+        log.contains("the TLS certificate is not valid now") && log.contains("expired on"),
+        "{log}"
+    );
 }
 
 /// Runs `nightingale serve` with these arguments and expects it to exit with an error (within
@@ -577,6 +619,16 @@ fn bad_tls_files_and_settings_stop_the_start_naming_the_file() {
         &os(&tls_args(&cert, &cert)),
         &format!("{}: no private key in the file", cert.display()),
     );
+    // Encrypted keys (PKCS#8, traditional PEM) are refused as encrypted, not "no key".
+    for encrypted in ["client.enc.key", "client.trad-enc.key"] {
+        start_fails(
+            &os(&tls_args(&p.join("client.pem"), &p.join(encrypted))),
+            &format!(
+                "{}: the private key is encrypted",
+                p.join(encrypted).display()
+            ),
+        );
+    }
     start_fails(
         &os(&["--tls-cert".into(), cert.clone().into_os_string()]),
         "--tls-cert (tls_cert) is set but --tls-key (tls_key) is not: give both or neither",
@@ -668,6 +720,18 @@ async fn mutual_tls_hands_the_verified_client_certificate_to_handlers() {
     assert!(
         refused,
         "a client certificate from an unknown CA was accepted"
+    );
+    // A certificate with an empty subject (a workload certificate): known by its subject
+    // alternative names (every such certificate was the one caller `tls:`).
+    let san = (p.join("san-client.pem"), p.join("san-client.key"));
+    let stream = connect(addr, client_config(&ca, &[b"h2"], Some((&san.0, &san.1))))
+        .await
+        .unwrap();
+    let (status, _, body) = get(stream, addr, "/whoami").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body.lines().next(),
+        Some("SAN:DNS:workload.example,URI:spiffe://example.org/ns/radiology/sa/gateway")
     );
     handle.shutdown();
 

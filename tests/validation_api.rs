@@ -952,6 +952,25 @@ async fn hostile_requests_are_refused_with_their_reason() {
         let (s, _, v) = server.send(req).await;
         assert_eq!(s, status, "{ct}: {v}");
     }
+    // A compressed upload was taken for the CSV itself (red-team finding): refused.
+    for coding in ["gzip", "br"] {
+        let req = Request::post(format!("/validation/runs?model={MODEL}"))
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", key("researcher")),
+            )
+            .header(header::CONTENT_TYPE, "text/csv")
+            .header(header::CONTENT_ENCODING, coding)
+            .body(Body::from(std::fs::read(test_csv()).unwrap()))
+            .unwrap();
+        let (s, _, v) = server.send(req).await;
+        assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{coding}: {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("Content-Encoding"),
+            "{v}"
+        );
+    }
+    assert_eq!(count(), before, "a refused upload leaves nothing behind");
     let req = Request::post("/validation/runs?bootstrap=abc&model=x")
         .header(
             header::AUTHORIZATION,

@@ -1212,23 +1212,34 @@ fn verify_jwt(jwt: &JwtConfig, token: &str) -> Result<(Caller, u64), JwtError> {
     ))
 }
 
-/// Text from a client, made safe for a log line or an actor field: printable characters,
-/// at most 200 of them.
+/// Text from a client, made safe for a log line or an actor field: characters that read as
+/// themselves, at most 200 of them. Control characters, and those that are invisible or
+/// reorder the text around them (bidirectional overrides and isolates, zero-width and other
+/// format characters, combining marks: what Rust's `escape_debug` escapes), are shown as `?`:
+/// `CN=alice\u{200b}` read as `CN=alice`, and a right-to-left override turned the text after
+/// it around, in the audit trail and the logs (red-team findings).
 fn printable(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
+        .map(|c| if reads_as_itself(c) { c } else { '?' })
         .take(200)
         .collect()
 }
 
+/// Whether `c` is shown as itself (see [`printable`]).
+fn reads_as_itself(c: char) -> bool {
+    matches!(c, '\\' | '"' | '\'') || (!c.is_control() && c.escape_debug().count() == 1)
+}
+
 /// [`printable`] for an identity (a JWT's subject, a certificate's subject): when making it
-/// printable changed it (cut at 200 characters, a control character shown as `?`), a digest
-/// of the whole value follows, so that two identities never share an id (an id owns
-/// validation runs: a 255-character OIDC subject cut to 200 read another's run).
+/// printable changed it (cut at 200 characters, a character shown as `?`), or when it holds
+/// the `~` this suffix starts with, a digest of the whole value follows, so that two
+/// identities never share an id (an id owns validation runs: a 255-character OIDC subject
+/// cut to 200 read another's run; a subject written as another's printable text and digest,
+/// `x?~9ab6…` for `x\n`, took that one's id).
 fn identity_text(s: &str) -> String {
     use sha2::Digest;
     let shown = printable(s);
-    if shown == s {
+    if shown == s && !s.contains('~') {
         return shown;
     }
     let digest = sha2::Sha256::digest(s.as_bytes());
@@ -1545,6 +1556,29 @@ mod tests {
         assert_eq!(identity_text("carol?"), "carol?");
         assert_eq!(identity_text("dr-alice"), "dr-alice");
         assert!(!identity_text("carol\u{7}").contains('\u{7}'));
+        // A subject written as another's id (its printable text and digest) is not that id.
+        let victim = identity_text("x\n");
+        assert!(victim.starts_with("x?~"), "{victim}");
+        assert_ne!(identity_text(&victim), victim);
+        // Invisible and reordering characters are not shown as they are.
+        for sneaky in [
+            "alice\u{200b}",
+            "alice\u{202e}gnp.exe",
+            "al\u{2066}ice",
+            "\u{feff}alice",
+        ] {
+            let id = identity_text(sneaky);
+            assert!(
+                id.starts_with("alice") || id.starts_with("al?") || id.starts_with('?'),
+                "{id}"
+            );
+            assert!(id.is_ascii(), "{id:?}");
+            assert_ne!(id, "alice");
+        }
+        // Letters of any script, quotes and backslashes read as themselves.
+        for plain in ["José Müller", "鈴木", "O'Brien \"Dr\"", r"DOMAIN\user"] {
+            assert_eq!(identity_text(plain), plain);
+        }
     }
 
     #[test]

@@ -103,12 +103,19 @@ pub fn refused(listener: &'static str, counts: &ClientCounts) {
         "reason" => "per_client"
     )
     .increment(1);
-    tracing::info!(
-        listener,
-        max = counts.max(),
-        "connection closed: its client holds --max-connections-per-client already"
-    );
+    if let Some(held) = PER_CLIENT_LOG.allow() {
+        tracing::info!(
+            listener,
+            max = counts.max(),
+            not_logged_before = held,
+            "connection closed: its client holds --max-connections-per-client already"
+        );
+    }
 }
+
+/// At most a line a second for these refusals (a client looping on connect wrote a line per
+/// attempt); the metric counts each.
+static PER_CLIENT_LOG: crate::log_limit::LogLimit = crate::log_limit::LogLimit::new();
 
 #[cfg(test)]
 mod tests {

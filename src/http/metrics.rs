@@ -75,6 +75,10 @@ fn describe() {
             "connections closed at accept: over the connection limits",
         ),
         (
+            "nightingale_tls_handshake_failures_total",
+            "TLS handshakes that failed, by reason (client_certificate: refused by the client CA check)",
+        ),
+        (
             "nightingale_cds_requests_total",
             "CDS Hooks service calls by service and outcome",
         ),

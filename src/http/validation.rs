@@ -482,6 +482,21 @@ async fn create_run(
             if request.model.is_empty() {
                 return Err(AppError::bad_request("?model=NAME[@VERSION] is required"));
             }
+            // The upload is stored and read as sent: a compressed one was taken for the CSV
+            // (a run on gzip bytes), one in another coding ran on its raw bytes.
+            if let Some(coding) = headers
+                .get(header::CONTENT_ENCODING)
+                .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase())
+                .filter(|c| c != "identity")
+            {
+                return Err(AppError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    format!(
+                        "uploads are read as sent: send the CSV without Content-Encoding (it has {:?})",
+                        coding.chars().take(32).collect::<String>()
+                    ),
+                ));
+            }
             // What would refuse the run is asked before the body is read.
             let name = model_name(&request.model);
             if state.repository.index().iter().all(|e| e.name != name) {

@@ -432,6 +432,23 @@ def test_missing_columns_and_unknown_models_exit_2(tmp_path):
     assert "positive integer" in text
 
 
+def test_a_run_that_fails_leaves_no_earlier_report_in_its_folder(tmp_path):
+    """The --out folder says what its last run found: a run that fails on its dataset
+    removes the earlier run's report (a pipeline reading report.json took the earlier pass
+    for the failed run's: red-team finding)."""
+    good = BUNDLES / "wdbc-malignancy" / "testdata" / "test.csv"
+    out = tmp_path / "out"
+    _, report, _ = validate("--model", "wdbc-malignancy", "--dataset", str(good), "--bootstrap", "0",
+                            out=out)
+    assert report is not None and report["gate"]["passed"] is True
+    bad = tmp_path / "bad.csv"
+    bad.write_text("mean radius,label\n1,1\n")
+    _, report, text = validate("--model", "wdbc-malignancy", "--dataset", str(bad), out=out, expect=2)
+    assert "missing column" in text
+    assert report is None
+    assert not (out / "report.html").exists()
+
+
 def _worse_repository(tmp: Path) -> Path:
     """A test repository holding a deliberately worse wdbc-malignancy: version 1 replaced by a
     logistic regression on four weak features fitted on 10 % of the data (never served)."""

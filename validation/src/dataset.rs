@@ -221,12 +221,30 @@ pub struct DatasetSummary {
     pub sha256: String,
     pub bytes: u64,
     pub rows_read: u64,
-    /// Columns that were neither features, label, score, subgroup nor cluster.
+    /// Columns that were neither features, label, score, subgroup nor cluster: the first
+    /// [`MAX_IGNORED_LISTED`], each cut at [`MAX_IGNORED_NAME_CHARS`] characters (a cut name
+    /// ends with `…`).
     pub columns_ignored: Vec<String>,
+    /// How many columns were ignored (listed or not).
+    pub columns_ignored_count: usize,
     /// A tensor dataset's files and their SHA-256 (`sha256` above is that of their
     /// `sha256sum`-style listing).
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub files: std::collections::BTreeMap<String, String>,
+}
+
+/// Ignored columns listed by name in the report (the rest are counted).
+pub const MAX_IGNORED_LISTED: usize = 64;
+
+/// An ignored column's name is cut at this many characters in the report.
+pub const MAX_IGNORED_NAME_CHARS: usize = 128;
+
+/// `name`, or its first [`MAX_IGNORED_NAME_CHARS`] characters and `…`.
+fn cut_name(name: &str) -> String {
+    match name.char_indices().nth(MAX_IGNORED_NAME_CHARS) {
+        None => name.to_owned(),
+        Some((at, _)) => format!("{}…", &name[..at]),
+    }
 }
 
 struct HashingReader<R> {
@@ -301,6 +319,7 @@ pub struct CsvDataset {
     cluster_idx: Option<usize>,
     file_idx: Option<usize>,
     columns_ignored: Vec<String>,
+    columns_ignored_count: usize,
     record: csv::StringRecord,
     rows: u64,
 }
@@ -367,11 +386,20 @@ impl CsvDataset {
             .chain(cluster_idx)
             .chain(file_idx)
             .collect();
-        let columns_ignored = names
+        // Listed in the report, which is kept (an upload's header included) and read whole by
+        // `--require-validation`: a 34 MB column name made a failing report too large to be
+        // read, and an older pass decided (a red-team finding).
+        let ignored: Vec<&String> = names
             .iter()
             .enumerate()
             .filter(|(i, _)| !used.contains(i))
-            .map(|(_, n)| n.clone())
+            .map(|(_, n)| n)
+            .collect();
+        let columns_ignored_count = ignored.len();
+        let columns_ignored = ignored
+            .into_iter()
+            .take(MAX_IGNORED_LISTED)
+            .map(|n| cut_name(n))
             .collect();
         Ok(CsvDataset {
             path: path.to_owned(),
@@ -389,6 +417,7 @@ impl CsvDataset {
             cluster_idx,
             file_idx,
             columns_ignored,
+            columns_ignored_count,
             record: csv::StringRecord::new(),
             rows: 0,
         })
@@ -569,6 +598,7 @@ impl CsvDataset {
             bytes: inner.bytes,
             rows_read: self.rows,
             columns_ignored: self.columns_ignored,
+            columns_ignored_count: self.columns_ignored_count,
             files: std::collections::BTreeMap::new(),
         })
     }
@@ -787,6 +817,7 @@ impl NpyDataset {
             bytes,
             rows_read: self.rows,
             columns_ignored: Vec::new(),
+            columns_ignored_count: 0,
             files: self.files.into_iter().collect(),
         }
     }
@@ -897,7 +928,33 @@ mod tests {
         let s = ds.finish().unwrap();
         assert_eq!(s.rows_read, 6);
         assert_eq!(s.columns_ignored, vec!["extra".to_owned()]);
+        assert_eq!(s.columns_ignored_count, 1);
         assert_eq!(s.sha256.len(), 64);
+    }
+
+    /// Red-team finding: an ignored column's name went into the report whole (a 34 MB name
+    /// made a failing report too large for `--require-validation` to read). The first 64 are
+    /// listed, each cut at 128 characters; all are counted.
+    #[test]
+    fn ignored_columns_are_listed_within_bounds_and_counted() {
+        let long = "é".repeat(300);
+        let mut header = vec!["label".to_owned(), long.clone()];
+        header.extend((0..100).map(|i| format!("x{i}")));
+        let mut row = vec!["1".to_owned(); header.len()];
+        row[0] = "1".into();
+        let f = write(&format!("{}\n{}\n", header.join(","), row.join(",")));
+        let cols = Columns {
+            features: vec![],
+            label: "label".into(),
+            ..Columns::default()
+        };
+        let mut ds = CsvDataset::open(f.path(), &cols, labels()).unwrap();
+        read_all(&mut ds);
+        let s = ds.finish().unwrap();
+        assert_eq!(s.columns_ignored_count, 101);
+        assert_eq!(s.columns_ignored.len(), MAX_IGNORED_LISTED);
+        assert_eq!(s.columns_ignored[0], format!("{}…", "é".repeat(128)));
+        assert_eq!(s.columns_ignored[1], "x0");
     }
 
     /// A version 1.0 .npy file of `descr` with `shape`, data as given.

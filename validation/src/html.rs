@@ -10,7 +10,8 @@ use plotters::prelude::*;
 use crate::multiclass::MulticlassMetrics;
 use crate::report::{Curves, Metric, Metrics, OperatingPoint, Report};
 
-/// HTML-escapes text (element content and attribute values).
+/// HTML-escapes text (element content and attribute values). Control characters and the
+/// invisible ones that reorder or hide text ([`is_invisible_format`]) become U+FFFD.
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -21,10 +22,36 @@ pub fn escape(s: &str) -> String {
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&#39;"),
             c if c.is_control() && c != '\n' && c != '\t' => out.push('\u{FFFD}'),
+            c if is_invisible_format(c) => out.push('\u{FFFD}'),
             c => out.push(c),
         }
     }
     out
+}
+
+/// Text drawn in a plot (SVG text, escaped by plotters for markup only): control and
+/// invisible format characters become U+FFFD.
+fn visible(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() || is_invisible_format(c) {
+                '\u{FFFD}'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// The format characters that are invisible and change how the text around them reads:
+/// bidirectional marks, embeddings, overrides and isolates, zero-width characters, the word
+/// joiner and invisible operators, the byte order mark, interlinear annotation controls. A
+/// right-to-left override in a subgroup's value turned its `(n 60)` into `(06 n)` in the
+/// forest plot (a red-team finding).
+fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
 }
 
 fn num(v: Option<f64>) -> String {
@@ -297,7 +324,7 @@ fn forest_plot(r: &Report) -> String {
                 (None, None) => return None,
             };
             Some((
-                format!("{} = {} (n {})", s.column, s.label(), s.n),
+                visible(&format!("{} = {} (n {})", s.column, s.label(), s.n)),
                 m.value?,
                 m.ci_lower?,
                 m.ci_upper?,
@@ -676,4 +703,29 @@ fn rest(h: &mut String, r: &Report) {
         r.settings.calibration_bins,
         r.settings.min_subgroup_n
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Red-team finding: a right-to-left override in a subgroup's value reordered the text
+    /// after it in the table and the forest plot. Invisible format characters become U+FFFD;
+    /// letters of any script, combining accents included, stay.
+    #[test]
+    fn invisible_format_characters_are_shown_not_obeyed() {
+        for sneaky in [
+            "north\u{202e}",
+            "a\u{200b}b",
+            "\u{2066}x\u{2069}",
+            "\u{feff}y",
+        ] {
+            for out in [escape(sneaky), visible(sneaky)] {
+                assert!(out.contains('\u{FFFD}'), "{out:?}");
+                assert!(!out.chars().any(is_invisible_format), "{out:?}");
+            }
+        }
+        assert_eq!(escape("Jose\u{301} 鈴木 <b>"), "Jose\u{301} 鈴木 &lt;b&gt;");
+        assert_eq!(visible("Jose\u{301} (n 60)"), "Jose\u{301} (n 60)");
+    }
 }
