@@ -872,6 +872,20 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
         |t| t.labels.clone(),
     );
     let predictions = args.predictions.is_some();
+    // The multi-class evaluation has no cluster bootstrap and its gate counts rows: with rows
+    // clustered by patient its intervals and minimum-sample rule would take rows as
+    // independent (a gate passed on three patients: a red-team finding). Refused until it
+    // has one.
+    if multiclass && args.patient_id_column.is_some() {
+        bail!(
+            "output {:?} is multi-class: --patient-id-column is supported for binary outputs \
+             only in this version",
+            target
+                .as_ref()
+                .map(|t| t.output.as_str())
+                .unwrap_or_default()
+        );
+    }
     if multiclass && loaded.len() > 1 {
         bail!(
             "output {:?} is multi-class: --compare is supported for binary outputs only in \

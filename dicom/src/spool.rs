@@ -993,10 +993,11 @@ impl Spool {
                 // The same instance in other bytes (re-encoded in another transfer syntax, its
                 // sequences delimited otherwise) is a duplicate too: compared on its content,
                 // outside the index lock (the stored file is read).
-                same = existing.as_ref().is_some_and(|e| {
-                    e.sha256 == stored.sha256
-                        || self.same_content(e, dataset, incoming.transfer_syntax)
-                });
+                same = match existing.as_ref() {
+                    Some(e) if e.sha256 == stored.sha256 => true,
+                    Some(e) => self.same_content(e, dataset, incoming.transfer_syntax)?,
+                    None => false,
+                };
                 if same {
                     let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
                     db.prepare_cached(
@@ -1151,20 +1152,34 @@ impl Spool {
     /// that negotiated another transfer syntax (dcmtk's storescu converts between the
     /// uncompressed ones on the fly) sends other bytes of the same instance, and got a
     /// failure status for it. Files over [`MAX_COMPARED_BYTES`] are not compared (a
-    /// conflict), and one comparison runs at a time (each holds the stored file in memory).
-    fn same_content(&self, existing: &Existing, dataset: &[u8], transfer_syntax: &str) -> bool {
+    /// conflict), and at most [`MAX_COMPARING`] comparisons run at once (each holds the
+    /// stored file in memory); a store that waits [`STORE_LOCK_WAIT`] for a place fails with
+    /// a processing failure its sender retries (crafted conflicts, each comparison taking
+    /// seconds, held every re-send behind them: a red-team finding).
+    fn same_content(
+        &self,
+        existing: &Existing,
+        dataset: &[u8],
+        transfer_syntax: &str,
+    ) -> Result<bool, StoreError> {
         if existing.size > MAX_COMPARED_BYTES || dataset.len() as u64 > MAX_COMPARED_BYTES {
-            return false;
+            return Ok(false);
         }
         let Some(path) = indexed_path(&self.root, &existing.path, true) else {
-            return false;
+            return Ok(false);
         };
-        let _one_at_a_time = COMPARING.lock().unwrap_or_else(|p| p.into_inner());
+        let _place = ComparePlace::take(STORE_LOCK_WAIT).ok_or_else(|| StoreError::Io {
+            op: "compare with the stored instance of this SOP Instance UID",
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "other comparisons held every place",
+            ),
+        })?;
         let Ok(file) = read_at_most(&path, MAX_COMPARED_BYTES + 64 * 1024) else {
-            return false;
+            return Ok(false);
         };
         let Ok((meta, held)) = part10(&file) else {
-            return false;
+            return Ok(false);
         };
         let digest = |bytes: &[u8], ts: &str| {
             structure::content_digest(bytes, structure::Encoding::of(sop::trim_uid(ts))).ok()
@@ -1183,7 +1198,7 @@ impl Spool {
                 "a stored instance was sent again in other bytes with the same content: a duplicate"
             );
         }
-        same
+        Ok(same)
     }
 
     /// The answer for an instance whose SOP Instance UID is already stored: the stored one
@@ -1760,8 +1775,39 @@ fn facts_from(meta: &FileMetaTable, dataset: &[u8]) -> Result<RowFacts, StoreErr
 /// The largest stored instance (and re-send) [`Spool::same_content`] compares.
 const MAX_COMPARED_BYTES: u64 = 256 << 20;
 
-/// One content comparison at a time ([`Spool::same_content`]).
-static COMPARING: Mutex<()> = Mutex::new(());
+/// Content comparisons running at once ([`Spool::same_content`]).
+const MAX_COMPARING: usize = 2;
+
+static COMPARING: Mutex<usize> = Mutex::new(0);
+static COMPARED: Condvar = Condvar::new();
+
+/// A place among the [`MAX_COMPARING`] comparisons, given back when dropped.
+struct ComparePlace;
+
+impl ComparePlace {
+    /// A place, waiting at most `wait` for one.
+    fn take(wait: std::time::Duration) -> Option<ComparePlace> {
+        let deadline = std::time::Instant::now() + wait;
+        let mut running = COMPARING.lock().unwrap_or_else(|p| p.into_inner());
+        while *running >= MAX_COMPARING {
+            let left = deadline.checked_duration_since(std::time::Instant::now())?;
+            running = COMPARED
+                .wait_timeout(running, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *running += 1;
+        Some(ComparePlace)
+    }
+}
+
+impl Drop for ComparePlace {
+    fn drop(&mut self) {
+        let mut running = COMPARING.lock().unwrap_or_else(|p| p.into_inner());
+        *running -= 1;
+        COMPARED.notify_one();
+    }
+}
 
 /// A regular file's bytes, at most `max` of them (an error past that).
 fn read_at_most(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {

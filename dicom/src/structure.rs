@@ -277,15 +277,54 @@ impl Walker<'_> {
         }
     }
 
-    /// Adds an element's tag (little-endian, whatever the data set's byte order) and a mark.
+    /// Adds a mark and an element's tag (little-endian, whatever the data set's byte order).
+    /// Every token of the digest's stream starts with its mark and has a length its mark or
+    /// its own length field gives, so that one stream is one content only (a stream with a
+    /// tag first could be read two ways: a red-team finding).
     fn hash_tag(&self, tag: (u16, u16), mark: u8) {
         if self.digest.is_some() {
             let mut b = [0u8; 5];
-            b[..2].copy_from_slice(&tag.0.to_le_bytes());
-            b[2..4].copy_from_slice(&tag.1.to_le_bytes());
-            b[4] = mark;
+            b[0] = mark;
+            b[1..3].copy_from_slice(&tag.0.to_le_bytes());
+            b[3..5].copy_from_slice(&tag.1.to_le_bytes());
             self.hash(&b);
         }
+    }
+
+    /// The same walk over the same bytes for a value encoded in Implicit VR Little Endian
+    /// whatever the data set's encoding (a UN sequence, PS3.5 6.2.2: CP-246).
+    fn implicit_le(&self) -> Walker<'_> {
+        Walker {
+            bytes: self.bytes,
+            big_endian: false,
+            wanted: &[],
+            found: std::cell::RefCell::new(Vec::new()),
+            digest: self.digest,
+        }
+    }
+
+    /// Whether a defined-length value of no known VR (Implicit VR) or of VR UN is a sequence
+    /// for the digest: the dictionary says so, or (a private tag, UN) its value is a whole
+    /// sequence of items in Implicit VR Little Endian, as a re-encoder writes a sequence it
+    /// has no VR for: a private sequence re-sent in Implicit VR was a conflict.
+    fn reads_as_sequence(&self, tag: (u16, u16), value: usize, end: usize, depth: usize) -> bool {
+        match implicit_vr(tag) {
+            Some(vr) => vr == *b"SQ",
+            None => {
+                end - value >= 8
+                    && (self.u16_at_le(value), self.u16_at_le(value + 2)) == ITEM
+                    && Walker {
+                        digest: None,
+                        ..self.implicit_le()
+                    }
+                    .sequence(value, Some(end), false, depth + 1)
+                    .is_ok()
+            }
+        }
+    }
+
+    fn u16_at_le(&self, at: usize) -> u16 {
+        u16::from_le_bytes([self.bytes[at], self.bytes[at + 1]])
     }
 
     /// Adds a value (its length first), in little-endian byte order.
@@ -480,52 +519,56 @@ impl Walker<'_> {
                 });
             }
             let vr = h.vr;
-            // Group lengths change with the encoding: not content.
-            let hashed = self.digest.is_some() && h.tag.1 != 0x0000;
+            let digest = self.digest.is_some();
+            // A group length (UL, 4 bytes) changes with the encoding: not content. Any other
+            // element numbered (gggg,0000) is content like the rest.
+            let group_length =
+                h.tag.1 == 0x0000 && h.length == 4 && matches!(vr, None | Some([b'U', b'L']));
             at = if h.length != UNDEFINED {
                 let value_end = self.skip(&h, at, limit)?;
-                // In Implicit VR only the dictionary tells a defined-length sequence from a
-                // value: the digest walks it as one (the check does not need to).
-                let sequence = vr == Some(*b"SQ")
-                    || (vr.is_none() && hashed && implicit_vr(h.tag) == Some(*b"SQ"));
-                if sequence {
-                    if hashed {
-                        self.hash_tag(h.tag, mark::SEQUENCE);
-                    }
+                // In Implicit VR (and UN) only the dictionary, or the value itself, tells a
+                // defined-length sequence from a value: the digest walks it as one (the check
+                // does not need to).
+                let untyped = matches!(vr, None | Some([b'U', b'N']));
+                if vr == Some(*b"SQ") {
+                    self.hash_tag(h.tag, mark::SEQUENCE);
                     self.sequence(h.value, Some(value_end), explicit_vr, depth + 1)?;
-                    if hashed {
-                        self.hash(&[mark::SEQUENCE_END]);
-                    }
-                } else if hashed {
+                    self.hash(&[mark::SEQUENCE_END]);
+                } else if digest
+                    && untyped
+                    && !group_length
+                    && self.reads_as_sequence(h.tag, h.value, value_end, depth)
+                {
+                    self.hash_tag(h.tag, mark::SEQUENCE);
+                    self.implicit_le()
+                        .sequence(h.value, Some(value_end), false, depth + 1)?;
+                    self.hash(&[mark::SEQUENCE_END]);
+                } else if !group_length {
                     self.hash_tag(h.tag, mark::VALUE);
                     self.hash_value(&self.bytes[h.value..value_end], vr);
                 }
                 value_end
             } else if h.tag == PIXEL_DATA {
-                if hashed {
-                    self.hash_tag(h.tag, mark::PIXEL_FRAGMENTS);
-                }
+                self.hash_tag(h.tag, mark::PIXEL_FRAGMENTS);
                 let end = self.encapsulated(h.value, limit, at)?;
-                if hashed {
-                    self.hash(&[mark::FRAGMENTS_END]);
-                }
+                self.hash(&[mark::FRAGMENTS_END]);
                 end
             } else {
-                if hashed {
-                    self.hash_tag(h.tag, mark::SEQUENCE);
-                }
+                self.hash_tag(h.tag, mark::SEQUENCE);
                 let end = match vr {
                     // Implicit VR: an undefined length can only be a sequence.
                     None | Some([b'S', b'Q']) => {
                         self.sequence(h.value, None, explicit_vr, depth + 1)?
                     }
-                    // UN of undefined length: a sequence encoded in Implicit VR LE.
-                    Some([b'U', b'N']) => self.sequence(h.value, None, false, depth + 1)?,
+                    // UN of undefined length: a sequence encoded in Implicit VR Little
+                    // Endian, whatever the data set's byte order (PS3.5 6.2.2).
+                    Some([b'U', b'N']) => {
+                        self.implicit_le()
+                            .sequence(h.value, None, false, depth + 1)?
+                    }
                     Some(_) => return Err(StructureError::UndefinedLength { offset: at }),
                 };
-                if hashed {
-                    self.hash(&[mark::SEQUENCE_END]);
-                }
+                self.hash(&[mark::SEQUENCE_END]);
                 end
             };
         }
@@ -697,6 +740,80 @@ mod tests {
         // A broken data set has no digest.
         let d = data(true, false, b"1.2\0");
         assert!(content_digest(&d[..d.len() - 1], LE).is_err());
+    }
+
+    /// An element in Implicit VR Little Endian (tag, 4-byte length, value).
+    fn implicit(group: u16, elem: u16, value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&group.to_le_bytes());
+        out.extend_from_slice(&elem.to_le_bytes());
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        out.extend_from_slice(value);
+        out
+    }
+
+    const IMPLICIT: Encoding = Encoding {
+        explicit_vr: false,
+        big_endian: false,
+        deflated: false,
+    };
+
+    /// A private sequence has no VR in Implicit VR: re-sent so, with a defined length, it is
+    /// the same content as the explicit SQ it was (a real re-send was a conflict).
+    #[test]
+    fn a_private_sequence_is_the_same_content_in_implicit_vr() {
+        let item_explicit = el(0x0029, 0x1020, b"LO", b"ACME");
+        let mut explicit = el(0x0029, 0x0010, b"LO", b"ACME 1.0");
+        explicit.extend(sq((0x0029, 0x1010), &[item_explicit], false));
+        let item = implicit(0x0029, 0x1020, b"ACME");
+        let mut items = Vec::new();
+        items.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0]);
+        items.extend_from_slice(&(item.len() as u32).to_le_bytes());
+        items.extend_from_slice(&item);
+        let mut implicit_data = implicit(0x0029, 0x0010, b"ACME 1.0");
+        implicit_data.extend(implicit(0x0029, 0x1010, &items));
+        assert_eq!(
+            content_digest(&explicit, LE).unwrap(),
+            content_digest(&implicit_data, IMPLICIT).unwrap()
+        );
+        // The same bytes as an opaque private value (OB) are other content.
+        let mut opaque = el(0x0029, 0x0010, b"LO", b"ACME 1.0");
+        let mut ob = Vec::new();
+        ob.extend_from_slice(&[0x29, 0x00, 0x10, 0x10, b'O', b'B', 0, 0]);
+        ob.extend_from_slice(&(items.len() as u32).to_le_bytes());
+        ob.extend_from_slice(&items);
+        opaque.extend(ob);
+        assert_ne!(
+            content_digest(&opaque, LE).unwrap(),
+            content_digest(&explicit, LE).unwrap()
+        );
+    }
+
+    /// Red-team finding: an element numbered (gggg,0000) that is a sequence was skipped as a
+    /// group length while its items were hashed, and the stream could be read two ways: two
+    /// different data sets had one digest. Only a 4-byte UL group length is left out now.
+    #[test]
+    fn only_a_real_group_length_is_left_out_of_the_digest() {
+        let base = el(0x0008, 0x0060, b"CS", b"CT");
+        let with_sq = sq((0x0009, 0x0000), &[el(0x0011, 0x5610, b"LO", b"")], false);
+        let mut a = base.clone();
+        a.extend(with_sq);
+        assert_ne!(
+            content_digest(&a, LE).unwrap(),
+            content_digest(&base, LE).unwrap()
+        );
+        let mut b = base.clone();
+        b.extend(el(0x0009, 0x0000, b"UL", &[4, 0, 0, 0]));
+        assert_eq!(
+            content_digest(&b, LE).unwrap(),
+            content_digest(&base, LE).unwrap()
+        );
+        let mut c = base.clone();
+        c.extend(el(0x0009, 0x0000, b"LO", b"ABCDEF"));
+        assert_ne!(
+            content_digest(&c, LE).unwrap(),
+            content_digest(&base, LE).unwrap()
+        );
     }
 
     #[test]

@@ -30,8 +30,13 @@ use super::auth::Caller;
 use super::error::AppError;
 use crate::validate::{PathRefused, RunContext, RunProgress, ValidateCommand, path_under};
 
-/// Runs kept in memory (the oldest finished ones are forgotten; their reports stay on disk).
+/// Runs kept in memory per owner (the owner's oldest finished ones are forgotten first; their
+/// reports stay on disk): one researcher's many runs cannot push another's out of reach (a
+/// red-team finding, with one cap over all owners).
 const KEPT_RUNS: usize = 256;
+
+/// Runs kept in memory over all owners.
+const KEPT_RUNS_IN_ALL: usize = 4096;
 
 /// Runs whose threads may work at once, cancelled and stopped ones included (a stopped
 /// run's thread ends at its next row or bootstrap replicate, and what it holds goes with
@@ -299,17 +304,30 @@ impl Validation {
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         // The oldest run that has ended is forgotten first; a run still running never is (its
         // owner could no longer see or cancel it, and its model would take a second run).
-        while order.len() >= KEPT_RUNS {
-            let finished = |id: &String| {
-                runs.get(id).is_none_or(|r| {
-                    r.ended.load(Ordering::Relaxed)
-                        && !matches!(
-                            *r.state.lock().unwrap_or_else(|p| p.into_inner()),
-                            RunState::Running
-                        )
-                })
+        let finished = |r: &Run| {
+            r.ended.load(Ordering::Relaxed)
+                && !matches!(
+                    *r.state.lock().unwrap_or_else(|p| p.into_inner()),
+                    RunState::Running
+                )
+        };
+        loop {
+            let owners = order
+                .iter()
+                .filter(|id| runs.get(*id).is_some_and(|r| r.owner == run.owner))
+                .count();
+            let over = if owners >= KEPT_RUNS {
+                Some(true)
+            } else if order.len() >= KEPT_RUNS_IN_ALL {
+                Some(false)
+            } else {
+                None
             };
-            let Some(at) = order.iter().position(finished) else {
+            let Some(own) = over else { break };
+            let Some(at) = order.iter().position(|id| {
+                runs.get(id)
+                    .is_none_or(|r| (!own || r.owner == run.owner) && finished(r))
+            }) else {
                 break;
             };
             let old = order.remove(at);
@@ -733,8 +751,19 @@ fn owner_lock_file(dir: &FsPath, create: bool) -> std::io::Result<std::fs::File>
     let mut options = std::fs::OpenOptions::new();
     options.create(create).truncate(false).write(true);
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW);
-    options.open(dir.join(OWNER_LOCK))
+    // Not blocking: a FIFO in its place held the open (and the server's start) for ever.
+    std::os::unix::fs::OpenOptionsExt::custom_flags(
+        &mut options,
+        libc::O_NOFOLLOW | libc::O_NONBLOCK,
+    );
+    let file = options.open(dir.join(OWNER_LOCK))?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the run's lock is not a regular file",
+        ));
+    }
+    Ok(file)
 }
 
 impl Validation {
@@ -802,17 +831,44 @@ impl Validation {
 }
 
 /// Deletes a run's report (a cancelled or stopped run keeps none: a server started with
-/// `--require-validation` would take a passing one as the version's).
+/// `--require-validation` would take a passing one as the version's), and the temporary
+/// files a report is written through (a stop between writing and renaming one left a whole
+/// report.html behind).
 fn remove_report(dir: &FsPath) {
     for file in ["report.json", "report.html"] {
         let _ = std::fs::remove_file(dir.join(file));
     }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".report.") && name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// The gate outcome of a run's whole report and page (`Some(None)`: no gate), or `None`
+/// when the run has not both.
+fn finished_report(dir: &FsPath) -> Option<Option<bool>> {
+    if !std::fs::symlink_metadata(dir.join("report.html")).is_ok_and(|m| m.is_file()) {
+        return None;
+    }
+    let path = dir.join("report.json");
+    if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+        return None;
+    }
+    let bytes = crate::files::read_regular(&path, 32 << 20).ok()?;
+    let report: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some(report["gate"]["passed"].as_bool())
 }
 
 impl Validation {
-    /// Lists again the runs whose records are in the runs folder (the newest [`KEPT_RUNS`]),
-    /// as they were when the server stopped: a run it stopped in the middle (killed, or the
-    /// power cut) is failed, and keeps no report. A run another server on the same data
+    /// Lists again the runs whose records are in the runs folder (the newest [`KEPT_RUNS`] of
+    /// each owner), as they were when the server stopped: a run it stopped in the middle
+    /// (killed, or the power cut) is failed, and keeps no report, unless its whole report was
+    /// written (it is then done). A run another server on the same data
     /// folder is running (it holds the run's folder) is left to that server. Returns how many
     /// runs were listed again.
     pub fn restore_runs(&self) -> usize {
@@ -849,8 +905,14 @@ impl Validation {
                 if held {
                     continue;
                 }
-                record.state = RunState::Failed {
-                    error: "the server stopped before the run ended".into(),
+                // Its report was written whole (renamed into place) before the server
+                // stopped: the run ended, only its record was not told (another server may
+                // already have counted that report for --require-validation).
+                record.state = match finished_report(&dir) {
+                    Some(gate_passed) => RunState::Done { gate_passed },
+                    None => RunState::Failed {
+                        error: "the server stopped before the run ended".into(),
+                    },
                 };
             }
             if !matches!(record.state, RunState::Done { .. }) {
@@ -871,13 +933,21 @@ impl Validation {
             }
             restored.push(Arc::new(run));
         }
-        // Oldest first, as they were started (RFC 3339 UTC to the millisecond sorts as text).
-        restored.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
-        let keep = restored.len().saturating_sub(KEPT_RUNS);
+        // Newest first, as they were started (RFC 3339 UTC to the millisecond sorts as text):
+        // the newest KEPT_RUNS of each owner, KEPT_RUNS_IN_ALL in all, are kept.
+        restored.sort_by(|a, b| b.created.cmp(&a.created).then(b.id.cmp(&a.id)));
+        let mut per_owner: HashMap<String, usize> = HashMap::new();
+        restored.retain(|r| {
+            let n = per_owner.entry(r.owner.clone()).or_default();
+            *n += 1;
+            *n <= KEPT_RUNS
+        });
+        restored.truncate(KEPT_RUNS_IN_ALL);
+        restored.reverse();
         let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         let mut listed = 0;
-        for run in restored.into_iter().skip(keep) {
+        for run in restored {
             if runs.contains_key(&run.id) {
                 continue;
             }
@@ -1155,6 +1225,22 @@ mod tests {
             (r.id.clone(), folder)
         };
         let (interrupted, interrupted_dir) = saved(RunState::Running);
+        std::fs::write(interrupted_dir.join(".report.AbC123.tmp"), "<html>").unwrap();
+        // Stopped after its report and page were written whole: done, as they say.
+        let (reported, reported_dir) = saved(RunState::Running);
+        std::fs::write(
+            reported_dir.join("report.json"),
+            r#"{"gate": {"passed": false}}"#,
+        )
+        .unwrap();
+        std::fs::write(reported_dir.join("report.html"), "<html>").unwrap();
+        // A FIFO as its lock: skipped, not waited for (the open blocked the start).
+        let (fifo, fifo_dir) = saved(RunState::Running);
+        let made = std::process::Command::new("mkfifo")
+            .arg(fifo_dir.join(OWNER_LOCK))
+            .status()
+            .unwrap();
+        assert!(made.success());
         let (cancelled, cancelled_dir) = saved(RunState::Cancelled { by: "x".into() });
         let (done, done_dir) = saved(RunState::Done {
             gate_passed: Some(true),
@@ -1171,7 +1257,16 @@ mod tests {
         std::fs::remove_file(linked.join(RUN_FILE)).unwrap();
         std::os::unix::fs::symlink(done_dir.join(RUN_FILE), linked.join(RUN_FILE)).unwrap();
 
-        assert_eq!(v.restore_runs(), 3);
+        assert_eq!(v.restore_runs(), 4);
+        assert!(v.get(&fifo).is_none());
+        assert!(!interrupted_dir.join(".report.AbC123.tmp").exists());
+        assert!(matches!(
+            *v.get(&reported).unwrap().state.lock().unwrap(),
+            RunState::Done {
+                gate_passed: Some(false)
+            }
+        ));
+        assert!(reported_dir.join("report.json").exists());
         let state = |id: &str| v.get(id).unwrap().state.lock().unwrap().clone();
         assert!(
             matches!(state(&interrupted), RunState::Failed { ref error } if error.contains("stopped before")),
@@ -1199,7 +1294,7 @@ mod tests {
         drop(_lock);
         assert_eq!(
             again.restore_runs(),
-            4,
+            5,
             "the held run, its server gone, is listed too"
         );
         assert!(matches!(

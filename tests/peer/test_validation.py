@@ -742,6 +742,12 @@ def test_multiclass_predictions_and_subgroups_match_scikit_learn_exactly(orienta
             check(sg["multiclass"], y[mask], prob[mask])
         else:
             assert sg["n"] < 30 or len(np.unique(y[mask])) < 2, sg
+    # Rows clustered by patient: the multi-class evaluation has no cluster bootstrap (its
+    # gate passed on three patients' rows taken as independent): refused, not ignored.
+    _, _, text = validate("--model", "image-orientation", "--output", "orientation", "--predictions",
+                          str(pred_csv), "--patient-id-column", "source", "--bootstrap", "0",
+                          out=tmp_path / "clustered", expect=2)
+    assert "--patient-id-column is supported for binary outputs only" in text
 
 
 def _orientation_probabilities(x: np.ndarray) -> tuple[list[str], np.ndarray]:

@@ -245,7 +245,8 @@ pub fn average_precision(y: &[bool], p: &[f64]) -> Option<f64> {
         fp += (b - a) - gp;
         ap += (gp as f64 / pos as f64) * (tp as f64 / (tp + fp) as f64);
     }
-    Some(ap)
+    // A sum of shares of 1 may round past it (1.0000000000000007 on a perfect ranking).
+    Some(ap.min(1.0))
 }
 
 /// A point of the ROC curve: rows with `p >= threshold` called positive.
