@@ -135,14 +135,17 @@ NIGHTINGALE_BIN=target/debug/nightingale NIGHTINGALE_BACKEND=tract \
 
 echo "== Rust tests with --features ort (ONNX Runtime from $ORT_DYLIB_PATH)"
 # The tests that run ONNX Runtime: the unit tests and the engine's own test targets
-# (cnn_kernels, onnx_ml: nightingale-inference; load: nightingale-models), and the binary the
+# (cnn_kernels, onnx_ml: nightingale-inference; load: nightingale-models), then the binary the
 # ort peers below run. nightingale-dicom, nightingale-decision-support and
 # nightingale-validation have no engine in them, and the root package's integration tests
 # serve on tract whatever the features (BackendKind's default): they ran above and are not
 # built and run twice (clippy --features ort checks that they compile).
 cargo test --workspace --locked --features ort --exclude nightingale-dicom \
   --exclude nightingale-decision-support --exclude nightingale-validation \
-  --lib --bins --test cnn_kernels --test onnx_ml --test load
+  --lib --test cnn_kernels --test onnx_ml --test load
+# `cargo test` built the server binary for the integration tests above, on tract: the ort
+# peers need it with ONNX Runtime.
+cargo build --locked --features ort --bin nightingale
 
 echo "== Real peer: tritonclient against the server (ort)"
 # The DICOM ingest peers (test_dicom_*.py, test_dicomweb.py) do not touch an engine: run once.

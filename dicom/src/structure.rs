@@ -310,6 +310,10 @@ impl Walker<'_> {
     fn reads_as_sequence(&self, tag: (u16, u16), value: usize, end: usize, depth: usize) -> bool {
         match implicit_vr(tag) {
             Some(vr) => vr == *b"SQ",
+            // A standard tag the dictionary gives no single VR (OB or OW: pixel, overlay
+            // data) is a value, whatever its bytes look like (pixel data that parsed as a
+            // sequence was hashed as one: two images had one digest, a red-team finding).
+            None if tag.0.is_multiple_of(2) => false,
             None => {
                 end - value >= 8
                     && (self.u16_at_le(value), self.u16_at_le(value + 2)) == ITEM
@@ -488,7 +492,10 @@ impl Walker<'_> {
             }
             match h.tag {
                 ITEM_END if end.is_none() => return Ok(h.value),
-                ITEM | ITEM_END | SEQ_END => {
+                // Group FFFE holds only items and delimiters (PS3.5 7.5): anything else
+                // there has no VR in any encoding, and readers part ways on it (dcmtk read a
+                // (FFFE,0000) as swallowing the next element, pydicom did not).
+                (0xFFFE, _) => {
                     return Err(StructureError::UnexpectedDelimiter { offset: at });
                 }
                 _ => {}
@@ -520,10 +527,14 @@ impl Walker<'_> {
             }
             let vr = h.vr;
             let digest = self.digest.is_some();
-            // A group length (UL, 4 bytes) changes with the encoding: not content. Any other
-            // element numbered (gggg,0000) is content like the rest.
-            let group_length =
-                h.tag.1 == 0x0000 && h.length == 4 && matches!(vr, None | Some([b'U', b'L']));
+            // A group length (UL, 4 bytes) of a standard group in the data set itself changes
+            // with the encoding: not content. Any other element numbered (gggg,0000), one in
+            // an item included, is content like the rest.
+            let group_length = depth == 0
+                && h.tag.0.is_multiple_of(2)
+                && h.tag.1 == 0x0000
+                && h.length == 4
+                && matches!(vr, None | Some([b'U', b'L']));
             at = if h.length != UNDEFINED {
                 let value_end = self.skip(&h, at, limit)?;
                 // In Implicit VR (and UN) only the dictionary, or the value itself, tells a
@@ -803,17 +814,67 @@ mod tests {
             content_digest(&base, LE).unwrap()
         );
         let mut b = base.clone();
-        b.extend(el(0x0009, 0x0000, b"UL", &[4, 0, 0, 0]));
+        b.extend(el(0x0010, 0x0000, b"UL", &[4, 0, 0, 0]));
         assert_eq!(
             content_digest(&b, LE).unwrap(),
             content_digest(&base, LE).unwrap()
         );
         let mut c = base.clone();
-        c.extend(el(0x0009, 0x0000, b"LO", b"ABCDEF"));
+        c.extend(el(0x0010, 0x0000, b"LO", b"ABCDEF"));
         assert_ne!(
             content_digest(&c, LE).unwrap(),
             content_digest(&base, LE).unwrap()
         );
+        // A private group's "group length", and one inside an item, are content.
+        let mut d = base.clone();
+        d.extend(el(0x0009, 0x0000, b"UL", &[4, 0, 0, 0]));
+        assert_ne!(
+            content_digest(&d, LE).unwrap(),
+            content_digest(&base, LE).unwrap()
+        );
+        let in_item = |len: &[u8]| {
+            let mut d = base.clone();
+            d.extend(sq(
+                (0x0008, 0x1140),
+                &[el(0x0008, 0x0000, b"UL", len)],
+                false,
+            ));
+            content_digest(&d, LE).unwrap()
+        };
+        assert_ne!(in_item(&[4, 0, 0, 0]), in_item(&[9, 0, 0, 0]));
+    }
+
+    /// Re-attack finding: Implicit VR pixel data whose bytes parse as a sequence was hashed
+    /// as one (its (gggg,0000) "elements" left out): two images had one digest. A standard
+    /// tag without a single VR in the dictionary is a value, whatever its bytes.
+    #[test]
+    fn pixel_data_is_a_value_whatever_its_bytes_look_like() {
+        let pixels = |free: [u8; 4]| {
+            let mut inner = Vec::new();
+            inner.extend(implicit(0x0009, 0x0000, &free));
+            let mut item = vec![0xFE, 0xFF, 0x00, 0xE0];
+            item.extend_from_slice(&(inner.len() as u32).to_le_bytes());
+            item.extend(inner);
+            implicit(0x7FE0, 0x0010, &item)
+        };
+        assert_ne!(
+            content_digest(&pixels([0, 0, 0, 0]), IMPLICIT).unwrap(),
+            content_digest(&pixels([0xFF, 0x0F, 0xFF, 0x0F]), IMPLICIT).unwrap()
+        );
+    }
+
+    /// Re-attack finding: an element of group FFFE other than an item or a delimiter was
+    /// read without a VR (and left out of the digest as a group length); readers part ways
+    /// on it. It is refused.
+    #[test]
+    fn group_fffe_holds_only_items_and_delimiters() {
+        let mut data = el(0x0008, 0x0060, b"CS", b"CT");
+        data.extend_from_slice(&[0xFE, 0xFF, 0x00, 0x00, 4, 0, 0, 0, 0, 0, 0, 0]);
+        data.extend(el(0x0010, 0x0010, b"PN", b"Real^Patient"));
+        assert!(matches!(
+            check(&data, LE),
+            Err(StructureError::UnexpectedDelimiter { .. })
+        ));
     }
 
     #[test]
