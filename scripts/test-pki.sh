@@ -13,6 +13,7 @@
 #   other-client.pem, other-client.key  a client certificate issued by the unrelated CA
 #   san-client.pem, san-client.key   a client certificate with an empty subject, named by its
 #                                     subject alternative names only (DNS, URI)
+#   upn-alice.pem/.key, upn-bob.pem/.key  empty subjects, a UPN otherName each
 #   expired.pem, expired.key          a server certificate valid in January 2020 only
 #   client.enc.key, client.trad-enc.key  client.key encrypted (PKCS#8; traditional PEM)
 # Each *.pem's SHA-256 fingerprint (lowercase hex, of the DER) is in *.sha256, and each
@@ -64,6 +65,11 @@ leaf client ca "/O=Nightingale Tests/CN=nightingale-test-client" "$client_ext"
 leaf other-client other-ca "/CN=untrusted-client" "$client_ext"
 leaf san-client ca "/" "$client_ext
 subjectAltName=DNS:workload.example,URI:spiffe://example.org/ns/radiology/sa/gateway"
+# Empty subjects named by a UPN (otherName) only, as an AD CS template issues them.
+leaf upn-alice ca "/" "$client_ext
+subjectAltName=otherName:1.3.6.1.4.1.311.20.2.3;UTF8:alice@corp.example"
+leaf upn-bob ca "/" "$client_ext
+subjectAltName=otherName:1.3.6.1.4.1.311.20.2.3;UTF8:bob@corp.example"
 
 # A server certificate that expired long ago: `openssl ca` sets both dates (`x509 -req` of
 # OpenSSL 3.0 cannot).

@@ -864,7 +864,7 @@ async fn serve_tls(
                 .with_connection_cap(handle.clone(), max_connections)
                 .with_client_cap(max_per_client),
         )
-        .accept_error_handler(|_, e| nightingale::tls::connection_refused(e))
+        .accept_error_handler(nightingale::tls::connection_refused)
         .handle(handle)
         .serve(app.into_make_service())
         .await;

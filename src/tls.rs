@@ -107,8 +107,43 @@ pub enum TlsError {
 /// The log lines of connections refused over the connection cap ([`crate::log_limit`]).
 static OVER_CAP_LOG: crate::log_limit::LogLimit = crate::log_limit::LogLimit::new();
 
-/// The log lines of client certificates refused in the handshake.
-static CLIENT_CERT_LOG: crate::log_limit::LogLimit = crate::log_limit::LogLimit::new();
+/// The log lines of client certificates refused in the handshake, one limit per reason (one
+/// shared limit let untrusted certificates sent every second hide real clients' expired
+/// ones: a re-attack finding).
+static CLIENT_CERT_LOGS: [crate::log_limit::LogLimit; CERTIFICATE_REFUSALS.len()] =
+    [const { crate::log_limit::LogLimit::new() }; CERTIFICATE_REFUSALS.len()];
+
+/// The reasons a client certificate is refused for, as [`certificate_refusal`] names them.
+const CERTIFICATE_REFUSALS: [&str; 8] = [
+    "none_presented",
+    "unknown_issuer",
+    "expired",
+    "not_yet_valid",
+    "wrong_purpose",
+    "revoked",
+    "bad_signature",
+    "other_certificate_error",
+];
+
+/// Why the handshake refused a client certificate (an index into [`CERTIFICATE_REFUSALS`]),
+/// or `None` for another handshake failure.
+fn certificate_refusal(error: &rustls::Error) -> Option<usize> {
+    use rustls::CertificateError as E;
+    let reason = match error {
+        rustls::Error::NoCertificatesPresented => "none_presented",
+        rustls::Error::InvalidCertificate(e) => match e {
+            E::UnknownIssuer => "unknown_issuer",
+            E::Expired | E::ExpiredContext { .. } => "expired",
+            E::NotValidYet | E::NotValidYetContext { .. } => "not_yet_valid",
+            E::InvalidPurpose | E::InvalidPurposeContext { .. } => "wrong_purpose",
+            E::Revoked => "revoked",
+            E::BadSignature | E::UnsupportedSignatureAlgorithmContext { .. } => "bad_signature",
+            _ => "other_certificate_error",
+        },
+        _ => return None,
+    };
+    CERTIFICATE_REFUSALS.iter().position(|r| *r == reason)
+}
 
 /// What a TLS listener does with a connection that ended before it was served (its
 /// acceptor's error): a client certificate the handshake refused (expired, from a CA not
@@ -118,33 +153,34 @@ static CLIENT_CERT_LOG: crate::log_limit::LogLimit = crate::log_limit::LogLimit:
 /// probing (they were logged at debug level only); other handshake failures are counted as
 /// `handshake` and logged at debug level, as the acceptor's own refusals (caps, plain HTTP)
 /// are here (those are counted and logged where they happen).
-pub fn connection_refused(e: &std::io::Error) {
+pub fn connection_refused(peer: Option<&std::net::SocketAddr>, e: &std::io::Error) {
     let tls = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
-    match tls {
-        Some(
-            error @ (rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented),
-        ) => {
+    let peer = peer.map_or_else(|| "-".to_owned(), |p| p.ip().to_string());
+    match tls.map(|error| (error, certificate_refusal(error))) {
+        Some((error, Some(reason))) => {
             metrics::counter!(
                 "nightingale_tls_handshake_failures_total",
-                "reason" => "client_certificate"
+                "reason" => CERTIFICATE_REFUSALS[reason]
             )
             .increment(1);
-            if let Some(held) = CLIENT_CERT_LOG.allow() {
+            if let Some(held) = CLIENT_CERT_LOGS[reason].allow() {
                 tracing::warn!(
+                    peer = %peer,
+                    reason = CERTIFICATE_REFUSALS[reason],
                     error = %error,
                     not_logged_before = held,
                     "TLS connection refused: its client certificate was not accepted"
                 );
             }
         }
-        Some(error) => {
+        Some((error, None)) => {
             metrics::counter!("nightingale_tls_handshake_failures_total", "reason" => "handshake")
                 .increment(1);
-            tracing::debug!(error = %error, "TLS handshake failed");
+            tracing::debug!(peer = %peer, error = %error, "TLS handshake failed");
         }
-        None => tracing::debug!(error = %e, "TLS connection refused"),
+        None => tracing::debug!(peer = %peer, error = %e, "TLS connection refused"),
     }
 }
 
@@ -300,16 +336,27 @@ pub async fn reload_on_sighup(settings: TlsSettings, config: RustlsConfig) {
 pub fn validity_problem(cert: &Path) -> Option<String> {
     use x509_parser::prelude::{FromDer, X509Certificate};
     let chain = certificates(cert).ok()?;
-    let (_, leaf) = X509Certificate::from_der(chain.first()?.as_ref()).ok()?;
-    let validity = leaf.validity();
     let now = x509_parser::time::ASN1Time::now();
-    if now < validity.not_before {
-        Some(format!("not valid before {}", validity.not_before))
-    } else if now > validity.not_after {
-        Some(format!("expired on {}", validity.not_after))
-    } else {
-        None
+    // Every certificate of the chain: an expired intermediate fails clients as an expired
+    // leaf does (a re-attack finding: a reload to one was taken).
+    for (i, der) in chain.iter().enumerate() {
+        let Ok((_, c)) = X509Certificate::from_der(der.as_ref()) else {
+            continue;
+        };
+        let which = if i == 0 {
+            String::new()
+        } else {
+            format!("chain certificate {} ({}): ", i + 1, c.subject())
+        };
+        let validity = c.validity();
+        if now < validity.not_before {
+            return Some(format!("{which}not valid before {}", validity.not_before));
+        }
+        if now > validity.not_after {
+            return Some(format!("{which}expired on {}", validity.not_after));
+        }
     }
+    None
 }
 
 /// The [`ClientCertificate`] of a DER certificate: its subject as RFC 4514 text (most specific
@@ -361,32 +408,42 @@ pub fn client_certificate(der: &[u8]) -> Option<ClientCertificate> {
 fn alternative_names(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<String> {
     use x509_parser::extensions::GeneralName;
     let extension = cert.subject_alternative_name().ok()??;
-    let names: Vec<String> = extension
+    // Each name with its value: a name shown by its kind alone (otherName, dirName…) made
+    // every certificate of that kind one caller (a re-attack finding). A name this cannot
+    // write out (not valid text, an X.400 or EDI party name) makes the certificate known by
+    // its fingerprint instead.
+    let names: Option<Vec<String>> = extension
         .value
         .general_names
         .iter()
-        .map(|name| match name {
-            GeneralName::DNSName(v) => format!("DNS:{}", escape_rfc4514(v)),
-            GeneralName::URI(v) => format!("URI:{}", escape_rfc4514(v)),
-            GeneralName::RFC822Name(v) => format!("email:{}", escape_rfc4514(v)),
-            GeneralName::IPAddress(bytes) => match bytes.len() {
-                4 => format!(
-                    "IP:{}",
-                    std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*bytes).expect("4 bytes"))
-                ),
-                16 => format!(
-                    "IP:{}",
-                    std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*bytes).expect("16 bytes"))
-                ),
-                _ => format!("IP:#{}", hex::encode(bytes)),
-            },
-            other => format!("{other:?}")
-                .split('(')
-                .next()
-                .unwrap_or("other")
-                .to_owned(),
+        .map(|name| {
+            Some(match name {
+                GeneralName::DNSName(v) => format!("DNS:{}", escape_rfc4514(v)),
+                GeneralName::URI(v) => format!("URI:{}", escape_rfc4514(v)),
+                GeneralName::RFC822Name(v) => format!("email:{}", escape_rfc4514(v)),
+                GeneralName::IPAddress(bytes) => match bytes.len() {
+                    4 => format!(
+                        "IP:{}",
+                        std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*bytes).ok()?)
+                    ),
+                    16 => format!(
+                        "IP:{}",
+                        std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*bytes).ok()?)
+                    ),
+                    _ => format!("IP:#{}", hex::encode(bytes)),
+                },
+                GeneralName::OtherName(oid, value) => {
+                    format!("otherName:{}#{}", oid.to_id_string(), hex::encode(value))
+                }
+                GeneralName::DirectoryName(dn) => {
+                    format!("dirName:{}", escape_rfc4514(&dn.to_string()))
+                }
+                GeneralName::RegisteredID(oid) => format!("RID:{}", oid.to_id_string()),
+                _ => return None,
+            })
         })
         .collect();
+    let names = names?;
     (!names.is_empty()).then(|| names.join(","))
 }
 
@@ -634,6 +691,35 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each reason a client certificate is refused for has its own label and log limit (one
+    /// shared limit let one kind hide another: a re-attack finding).
+    #[test]
+    fn client_certificate_refusals_are_told_apart() {
+        use rustls::CertificateError as E;
+        let name = |e: rustls::Error| certificate_refusal(&e).map(|i| CERTIFICATE_REFUSALS[i]);
+        assert_eq!(
+            name(rustls::Error::InvalidCertificate(E::Expired)),
+            Some("expired")
+        );
+        assert_eq!(
+            name(rustls::Error::InvalidCertificate(E::UnknownIssuer)),
+            Some("unknown_issuer")
+        );
+        assert_eq!(
+            name(rustls::Error::InvalidCertificate(E::NotValidYet)),
+            Some("not_yet_valid")
+        );
+        assert_eq!(
+            name(rustls::Error::InvalidCertificate(E::InvalidPurpose)),
+            Some("wrong_purpose")
+        );
+        assert_eq!(
+            name(rustls::Error::NoCertificatesPresented),
+            Some("none_presented")
+        );
+        assert_eq!(name(rustls::Error::DecryptError), None);
+    }
 
     #[test]
     fn rfc4514_escapes_specials() {

@@ -733,6 +733,22 @@ async fn mutual_tls_hands_the_verified_client_certificate_to_handlers() {
         body.lines().next(),
         Some("SAN:DNS:workload.example,URI:spiffe://example.org/ns/radiology/sa/gateway")
     );
+    // Names of other kinds with their values: two users' UPNs are two callers.
+    let mut upns = Vec::new();
+    for who in ["upn-alice", "upn-bob"] {
+        let (cert, key) = (p.join(format!("{who}.pem")), p.join(format!("{who}.key")));
+        let stream = connect(addr, client_config(&ca, &[b"h2"], Some((&cert, &key))))
+            .await
+            .unwrap();
+        let (status, _, body) = get(stream, addr, "/whoami").await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        upns.push(body.lines().next().unwrap().to_owned());
+    }
+    assert!(
+        upns[0].starts_with("SAN:otherName:1.3.6.1.4.1.311.20.2.3#"),
+        "{upns:?}"
+    );
+    assert_ne!(upns[0], upns[1]);
     handle.shutdown();
 
     // Required: a client without a certificate is refused, one with it is served.

@@ -1227,6 +1227,14 @@ fn printable(s: &str) -> String {
 
 /// Whether `c` is shown as itself (see [`printable`]).
 fn reads_as_itself(c: char) -> bool {
+    // Blank letters (Hangul fillers, the braille blank) print as nothing, as a zero-width
+    // character does, though Rust counts them printable (a re-attack finding).
+    if matches!(
+        c,
+        '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' | '\u{2800}'
+    ) {
+        return false;
+    }
     matches!(c, '\\' | '"' | '\'') || (!c.is_control() && c.escape_debug().count() == 1)
 }
 
@@ -1562,6 +1570,8 @@ mod tests {
         assert_ne!(identity_text(&victim), victim);
         // Invisible and reordering characters are not shown as they are.
         for sneaky in [
+            "alice\u{3164}",
+            "alice\u{2800}",
             "alice\u{200b}",
             "alice\u{202e}gnp.exe",
             "al\u{2066}ice",

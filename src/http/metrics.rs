@@ -76,7 +76,7 @@ fn describe() {
         ),
         (
             "nightingale_tls_handshake_failures_total",
-            "TLS handshakes that failed, by reason (client_certificate: refused by the client CA check)",
+            "TLS handshakes that failed, by reason (a client certificate refused: unknown_issuer, expired, not_yet_valid, wrong_purpose, ...; handshake: other)",
         ),
         (
             "nightingale_cds_requests_total",
