@@ -1566,7 +1566,7 @@ struct ReportSettings {
 }
 
 /// Reports larger than this are not read (a report is ~100 KB).
-const MAX_REPORT_BYTES: u64 = 32 << 20;
+pub(crate) const MAX_REPORT_BYTES: u64 = 32 << 20;
 
 /// The deployment policy of `serve --require-validation`: a version serves only when the
 /// newest `report.json` in a folder under `reports` (or in `reports` itself) that ran that

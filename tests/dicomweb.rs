@@ -201,6 +201,18 @@ async fn a_part10_file_without_preamble_or_group_length_is_stored() {
         out.extend_from_slice(if group_length { &f[132..] } else { &f[144..] });
         out
     };
+    let data_set = |f: &[u8]| nightingale_dicom::stow::split_part10(f).unwrap().1.to_vec();
+    // The data set of the file the spool holds for `uid`.
+    let stored_data_set = |uid: &str| {
+        let stored = server
+            .spool
+            .instances()
+            .unwrap()
+            .into_iter()
+            .find(|i| i.sop_instance_uid == uid)
+            .unwrap();
+        data_set(&std::fs::read(&stored.path).unwrap())
+    };
     for (n, preamble, group_length) in [(11, false, true), (12, true, false), (13, false, false)] {
         let sent = part10(STUDY, SERIES, &sop(n), 1);
         let file = bare(sent.clone(), preamble, group_length);
@@ -216,19 +228,8 @@ async fn a_part10_file_without_preamble_or_group_length_is_stored() {
             "preamble {preamble}, group length {group_length}: {v}"
         );
         assert_eq!(referenced(&v), vec![sop(n)]);
-        let data_set = |f: &[u8]| nightingale_dicom::stow::split_part10(f).unwrap().1.to_vec();
         assert_eq!(data_set(&file), data_set(&sent));
-        let stored = server
-            .spool
-            .instances()
-            .unwrap()
-            .into_iter()
-            .find(|i| i.sop_instance_uid == sop(n))
-            .unwrap();
-        assert_eq!(
-            data_set(&std::fs::read(&stored.path).unwrap()),
-            data_set(&sent)
-        );
+        assert_eq!(stored_data_set(&sop(n)), data_set(&sent));
     }
     // A group length too long (by 2 bytes: the meta reader took the data set's first element)
     // or too short: the data set starts where group 0002 ends, nothing of it lost (a
@@ -245,19 +246,7 @@ async fn a_part10_file_without_preamble_or_group_length_is_stored() {
             )
             .await;
         assert_eq!(s, StatusCode::OK, "group length {delta:+}: {v}");
-        let data_set = |f: &[u8]| nightingale_dicom::stow::split_part10(f).unwrap().1.to_vec();
-        let stored = server
-            .spool
-            .instances()
-            .unwrap()
-            .into_iter()
-            .find(|i| i.sop_instance_uid == sop(n))
-            .unwrap();
-        assert_eq!(
-            data_set(&std::fs::read(&stored.path).unwrap()),
-            data_set(&sent),
-            "{delta:+}"
-        );
+        assert_eq!(stored_data_set(&sop(n)), data_set(&sent), "{delta:+}");
     }
     // A meta group without UIDs (one empty Transfer Syntax UID): not a Part 10 file (it was
     // answered "SOP class not supported" with empty UIDs).

@@ -315,20 +315,15 @@ impl Walker<'_> {
             // sequence was hashed as one: two images had one digest, a red-team finding).
             None if tag.0.is_multiple_of(2) => false,
             None => {
+                let check = Walker {
+                    digest: None,
+                    ..self.implicit_le()
+                };
                 end - value >= 8
-                    && (self.u16_at_le(value), self.u16_at_le(value + 2)) == ITEM
-                    && Walker {
-                        digest: None,
-                        ..self.implicit_le()
-                    }
-                    .sequence(value, Some(end), false, depth + 1)
-                    .is_ok()
+                    && (check.u16_at(value), check.u16_at(value + 2)) == ITEM
+                    && check.sequence(value, Some(end), false, depth + 1).is_ok()
             }
         }
-    }
-
-    fn u16_at_le(&self, at: usize) -> u16 {
-        u16::from_le_bytes([self.bytes[at], self.bytes[at + 1]])
     }
 
     /// Adds a value (its length first), in little-endian byte order.

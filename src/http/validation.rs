@@ -859,7 +859,7 @@ fn finished_report(dir: &FsPath) -> Option<Option<bool>> {
     if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
         return None;
     }
-    let bytes = crate::files::read_regular(&path, 32 << 20).ok()?;
+    let bytes = crate::files::read_regular(&path, crate::validate::MAX_REPORT_BYTES).ok()?;
     let report: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     Some(report["gate"]["passed"].as_bool())
 }
