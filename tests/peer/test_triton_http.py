@@ -165,3 +165,64 @@ def test_every_rejection_is_a_json_error(server_url, admin_headers, method, path
     r = requests.request(method, f"http://{server_url}{path}", headers=admin_headers, timeout=TIMEOUT)
     assert r.status_code == status
     assert _error(r)
+
+
+def _h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _hpack_literal(name: str, value: str) -> bytes:
+    """A header field as an HPACK literal without indexing, new name, no Huffman coding."""
+    n, v = name.encode(), value.encode()
+    assert len(n) < 127 and len(v) < 127
+    return b"\x00" + bytes([len(n)]) + n + bytes([len(v)]) + v
+
+
+def test_http2_early_refusal_is_a_complete_answer_then_no_error_reset(server_url):
+    """A request refused before its body is read (an unknown model, declaring 20 MB and
+    sending 60 KB of it) over HTTP/2 gets its whole answer (HEADERS, DATA with END_STREAM)
+    and then RST_STREAM with NO_ERROR, as RFC 9113 8.1 asks of a server that answers early.
+    curl 7.88 reports that reset as a stream error (its exit 92) and drops the answer it was
+    sent (a red-team pass took it for a server fault); read here frame by frame."""
+    import socket
+    import time
+
+    host, port = server_url.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as s:
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(0x4, 0, 0, b""))
+        fields = b"".join(
+            _hpack_literal(k, v)
+            for k, v in [
+                (":method", "POST"),
+                (":path", "/v2/models/no-such-model/infer"),
+                (":scheme", "http"),
+                (":authority", server_url),
+                ("content-length", "20000000"),
+            ]
+        )
+        s.sendall(_h2_frame(0x1, 0x4, 1, fields))  # HEADERS, END_HEADERS
+        for _ in range(4):
+            s.sendall(_h2_frame(0x0, 0, 1, b"x" * 15000))  # DATA, within the first window
+        frames: list[tuple[int, int, bytes]] = []
+        buf = b""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and not any(f[0] == 0x3 for f in frames):
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+            while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+                n = int.from_bytes(buf[:3], "big")
+                stream = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+                if stream == 1:
+                    frames.append((buf[3], buf[4], buf[9 : 9 + n]))
+                buf = buf[9 + n :]
+    kinds = [f[0] for f in frames]
+    assert kinds[0] == 0x1 and 0x3 in kinds, kinds  # HEADERS first, a reset at the end
+    data = [f for f in frames if f[0] == 0x0]
+    assert data and data[-1][1] & 0x1, "the answer's DATA ends the stream before the reset"
+    assert kinds.index(0x3) > kinds.index(0x0)
+    assert b"no-such-model" in b"".join(f[2] for f in data)
+    reset = next(f for f in frames if f[0] == 0x3)
+    assert int.from_bytes(reset[2], "big") == 0, "RST_STREAM with NO_ERROR"
