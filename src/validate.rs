@@ -872,20 +872,6 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
         |t| t.labels.clone(),
     );
     let predictions = args.predictions.is_some();
-    // The multi-class evaluation has no cluster bootstrap and its gate counts rows: with rows
-    // clustered by patient its intervals and minimum-sample rule would take rows as
-    // independent (a gate passed on three patients: a red-team finding). Refused until it
-    // has one.
-    if multiclass && args.patient_id_column.is_some() {
-        bail!(
-            "output {:?} is multi-class: --patient-id-column is supported for binary outputs \
-             only in this version",
-            target
-                .as_ref()
-                .map(|t| t.output.as_str())
-                .unwrap_or_default()
-        );
-    }
     if multiclass && loaded.len() > 1 {
         bail!(
             "output {:?} is multi-class: --compare is supported for binary outputs only in \
@@ -1180,15 +1166,28 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
             .as_ref()
             .map(|t| t.labels.classes.clone())
             .unwrap_or_default();
-        let m = multiclass::evaluate(&collected.classes, &p, &labels, settings.confidence, spec);
+        // Rows clustered by patient: the macro AUROC's bootstrap resamples patients, the
+        // gate counts patients, row-level intervals are dropped (without this, a gate passed
+        // on three patients' rows taken as independent: a red-team finding).
+        let clusters = scored.clusters.map(report::cluster_index);
+        let by_patient = clusters.as_ref().map(|(c, k)| (c.as_slice(), *k));
+        let m = multiclass::evaluate(
+            &collected.classes,
+            &p,
+            &labels,
+            settings.confidence,
+            spec,
+            by_patient,
+        );
         let subgroups = report::multiclass_subgroups(
             &collected.classes,
             &p,
             &labels,
             &subgroup_columns,
             &settings,
+            by_patient,
         );
-        (None, None, subgroups, None, Some(m))
+        (None, None, subgroups, clusters.map(|(_, k)| k), Some(m))
     } else {
         let (m, c, s, k) = report::evaluate(&scored, &thresholds, &settings);
         (Some(m), Some(c), s, k, None)

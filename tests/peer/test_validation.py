@@ -742,12 +742,48 @@ def test_multiclass_predictions_and_subgroups_match_scikit_learn_exactly(orienta
             check(sg["multiclass"], y[mask], prob[mask])
         else:
             assert sg["n"] < 30 or len(np.unique(y[mask])) < 2, sg
-    # Rows clustered by patient: the multi-class evaluation has no cluster bootstrap (its
-    # gate passed on three patients' rows taken as independent): refused, not ignored.
-    _, _, text = validate("--model", "image-orientation", "--output", "orientation", "--predictions",
-                          str(pred_csv), "--patient-id-column", "source", "--bootstrap", "0",
-                          out=tmp_path / "clustered", expect=2)
-    assert "--patient-id-column is supported for binary outputs only" in text
+    _check_multiclass_clustered_by_source(pred_csv, y, prob, source, tmp_path)
+
+
+def _check_multiclass_clustered_by_source(pred_csv, y, prob, source, tmp_path):
+    """Rows clustered by patient (each held-out source image's crops and transforms are one
+    "patient"): the macro AUROC's interval resamples whole sources, the patients of each class
+    are counted, and no interval that takes rows as independent is reported (it was refused:
+    with rows counted, a gate passed on three patients' rows). With so few sources, every
+    ordered draw of them can be enumerated: the interval's limits are checked against that
+    exact bootstrap distribution (scikit-learn's weighted one-vs-rest AUROCs)."""
+    _, r, _ = validate("--model", "image-orientation", "--output", "orientation", "--predictions",
+                       str(pred_csv), "--patient-id-column", "source", "--bootstrap", "2000",
+                       out=tmp_path / "clustered", expect=None)
+    sources = sorted(set(source))
+    assert r["dataset"]["clusters"] == len(sources)
+    assert r["patients"] == len(sources)
+    src = np.array(source)
+    for k, c in enumerate(r["classes"]):
+        with_class = {s for s in sources if np.any((src == s) & (y == k))}
+        outside = {s for s in sources if np.any((src == s) & (y != k))}
+        assert c["patients"] == len(with_class) and c["patients_outside"] == len(outside), c
+        for m in ("auroc", "sensitivity", "ppv"):
+            assert c[m].get("ci_lower") is None, (k, m, c[m])
+    acc = r["accuracy"]
+    assert acc.get("ci_lower") is None and "clustered by patient" in acc["ci_undefined"], acc
+    # The exact cluster bootstrap: every ordered draw of len(sources) sources, equally likely.
+    import itertools
+    present = np.unique(y)
+    macro = []
+    for draw in itertools.product(range(len(sources)), repeat=len(sources)):
+        w = np.zeros(len(y))
+        for d in draw:
+            w += src == sources[d]
+        aucs = [skm.roc_auc_score(y == k, prob[:, k], sample_weight=w) for k in present
+                if 0 < w[y == k].sum() < w.sum()]
+        macro.append(np.mean(aucs))
+    macro = np.array(macro)
+    a = r["auroc"]
+    assert a["ci_method"] == "bootstrap-percentile", a
+    lo, hi = a["ci_lower"], a["ci_upper"]
+    assert np.mean(macro < lo - 1e-12) <= 0.06 and np.mean(macro <= lo + 1e-12) >= 0.005, (lo, np.sort(macro))
+    assert np.mean(macro > hi + 1e-12) <= 0.06 and np.mean(macro >= hi - 1e-12) >= 0.005, (hi, np.sort(macro))
 
 
 def _orientation_probabilities(x: np.ndarray) -> tuple[list[str], np.ndarray]:

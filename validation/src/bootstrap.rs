@@ -182,8 +182,10 @@ fn generator(seed: u64, replicate: usize) -> Xoshiro256PlusPlus {
 /// A percentile interval of the macro (unweighted mean) one-vs-rest AUROC: each replicate
 /// draws one set of row weights and averages the classes' weighted AUROCs (classes without
 /// both outcomes in a replicate are left out of its mean).
+/// `clusters` as for [`bootstrap`]: whole clusters (patients) are resampled.
 pub fn bootstrap_macro_auroc(
     columns: &[(Vec<bool>, Vec<f64>)],
+    clusters: Option<(&[usize], usize)>,
     spec: BootstrapSpec,
 ) -> Option<BootstrapCi> {
     let n = columns.first()?.0.len();
@@ -191,6 +193,7 @@ pub fn bootstrap_macro_auroc(
         return None;
     }
     let sorted: Vec<Sorted> = columns.iter().map(|(_, p)| Sorted::new(p)).collect();
+    let members = clusters.map(cluster_members);
     let reps: Vec<Option<f64>> = (0..spec.replicates)
         .into_par_iter()
         .map_init(
@@ -199,7 +202,7 @@ pub fn bootstrap_macro_auroc(
                 if spec.stopped() {
                     return None;
                 }
-                draw_rows(w, spec.seed, b);
+                draw(w, members.as_deref(), spec.seed, b);
                 let aucs: Vec<f64> = columns
                     .iter()
                     .zip(&sorted)
@@ -214,6 +217,33 @@ pub fn bootstrap_macro_auroc(
         return None;
     }
     percentile_ci(reps, spec.confidence)
+}
+
+/// The rows of each cluster (`of[i]` is row i's cluster, in `0..k`), empty clusters left out.
+fn cluster_members((of, k): (&[usize], usize)) -> Vec<Vec<usize>> {
+    let mut m = vec![Vec::new(); k];
+    for (row, &c) in of.iter().enumerate() {
+        m[c].push(row);
+    }
+    m.retain(|v| !v.is_empty());
+    m
+}
+
+/// Replicate `b`'s weights: rows drawn one by one, or (with `members`) whole clusters, as
+/// many draws as there are clusters.
+fn draw(w: &mut [u32], members: Option<&[Vec<usize>]>, seed: u64, b: usize) {
+    match members {
+        None => draw_rows(w, seed, b),
+        Some(m) => {
+            w.iter_mut().for_each(|v| *v = 0);
+            let mut rng = generator(seed, b);
+            for _ in 0..m.len() {
+                for &row in &m[rng.random_range(0..m.len())] {
+                    w[row] += 1;
+                }
+            }
+        }
+    }
 }
 
 /// Replicate `b`'s weights: how many times each of the `w.len()` rows was drawn.
@@ -260,14 +290,7 @@ pub fn bootstrap(
         };
     }
     let sorted = Sorted::new(p);
-    let members: Option<Vec<Vec<usize>>> = clusters.map(|(of, k)| {
-        let mut m = vec![Vec::new(); k];
-        for (row, &c) in of.iter().enumerate() {
-            m[c].push(row);
-        }
-        m.retain(|v| !v.is_empty());
-        m
-    });
+    let members = clusters.map(cluster_members);
     let reps: Vec<Replicate> = (0..spec.replicates)
         .into_par_iter()
         .map_init(
@@ -276,18 +299,7 @@ pub fn bootstrap(
                 if spec.stopped() {
                     return None;
                 }
-                match &members {
-                    None => draw_rows(w, spec.seed, b),
-                    Some(m) => {
-                        w.iter_mut().for_each(|v| *v = 0);
-                        let mut rng = generator(spec.seed, b);
-                        for _ in 0..m.len() {
-                            for &row in &m[rng.random_range(0..m.len())] {
-                                w[row] += 1;
-                            }
-                        }
-                    }
-                }
+                draw(w, members.as_deref(), spec.seed, b);
                 Some(weighted_metrics(&sorted, y, p, w))
             },
         )
@@ -411,6 +423,45 @@ mod tests {
         assert_eq!(r, bootstrap(&y, &p, Some((&clusters, 20)), spec));
     }
 
+    /// Two identical rows per patient: the cluster bootstrap of the macro AUROC draws each
+    /// patient's pair as the row bootstrap draws the patient's one row (same draws), so the
+    /// intervals are those of the patient-level rows.
+    #[test]
+    fn macro_auroc_clusters_resample_whole_patients() {
+        let patients = 30;
+        let y: Vec<usize> = (0..patients).map(|i| (i * 7) % 3).collect();
+        let p: Vec<f64> = (0..patients * 3)
+            .map(|i| ((i * 37) % 101) as f64 / 100.0)
+            .collect();
+        let columns = |rows: &[usize]| -> Vec<(Vec<bool>, Vec<f64>)> {
+            (0..3)
+                .map(|c| {
+                    (
+                        rows.iter().map(|&r| y[r] == c).collect(),
+                        rows.iter().map(|&r| p[r * 3 + c]).collect(),
+                    )
+                })
+                .collect()
+        };
+        let spec = BootstrapSpec {
+            replicates: 200,
+            seed: 5,
+            confidence: 0.95,
+            stop: None,
+        };
+        let single: Vec<usize> = (0..patients).collect();
+        let doubled: Vec<usize> = (0..patients * 2).map(|i| i / 2).collect();
+        let by_row = bootstrap_macro_auroc(&columns(&single), None, spec.clone()).unwrap();
+        let by_patient =
+            bootstrap_macro_auroc(&columns(&doubled), Some((&doubled, patients)), spec.clone())
+                .unwrap();
+        assert!((by_row.ci_lower - by_patient.ci_lower).abs() < 1e-12);
+        assert!((by_row.ci_upper - by_patient.ci_upper).abs() < 1e-12);
+        // Taken as independent rows, the doubled set's interval is narrower.
+        let naive = bootstrap_macro_auroc(&columns(&doubled), None, spec).unwrap();
+        assert!(naive.ci_upper - naive.ci_lower < by_patient.ci_upper - by_patient.ci_lower);
+    }
+
     /// Red-team finding: a stopped run's bootstrap held every thread of the shared pool for
     /// minutes. Set, the flag stops it: no interval is computed from what was drawn.
     #[test]
@@ -429,7 +480,7 @@ mod tests {
         assert_eq!((r.auroc, r.auprc, r.brier), (None, None, None));
         assert!(r.roc_band.is_empty());
         let columns = vec![(y.clone(), p.clone())];
-        assert_eq!(bootstrap_macro_auroc(&columns, spec.clone()), None);
+        assert_eq!(bootstrap_macro_auroc(&columns, None, spec.clone()), None);
         // Set while it runs (from another thread): it ends without drawing the million.
         let late = Stop::default();
         let setter = {

@@ -171,7 +171,8 @@ pub fn check(
 /// criterion on any other metric fails ("not in the report"). The minimum-sample rule holds
 /// one-vs-rest for every class present (the classes the macro means average): each needs
 /// `min_positives` rows of its own and `min_negatives` rows of the other classes; a class
-/// absent from the dataset is left out of the means and of the rule.
+/// absent from the dataset is left out of the means and of the rule. With rows clustered by
+/// patient, the rule counts patients (with a row of the class, with a row of another class).
 pub fn check_multiclass(
     spec: &ValidationSpec,
     version: Option<u64>,
@@ -179,26 +180,31 @@ pub fn check_multiclass(
     settings: &Settings,
 ) -> GateResult {
     let present = || m.classes.iter().filter(|c| c.n > 0);
+    let clustered = m.patients.is_some();
+    let what = if clustered { "patients" } else { "rows" };
+    let inside = |c: &crate::multiclass::ClassMetrics| c.patients.unwrap_or(c.n);
+    let outside_of = |c: &crate::multiclass::ClassMetrics| c.patients_outside.unwrap_or(m.n - c.n);
     let fewest = present()
-        .min_by_key(|c| c.n)
-        .map_or((0, "(none)".to_owned()), |c| (c.n, c.label.clone()));
-    // the most frequent class has the fewest rows outside it
+        .min_by_key(|c| inside(c))
+        .map_or((0, "(none)".to_owned()), |c| (inside(c), c.label.clone()));
     let outside = present()
-        .max_by_key(|c| c.n)
-        .map_or((0, "(none)".to_owned()), |c| (m.n - c.n, c.label.clone()));
+        .min_by_key(|c| outside_of(c))
+        .map_or((0, "(none)".to_owned()), |c| {
+            (outside_of(c), c.label.clone())
+        });
     let sample = sample_criteria(
         spec,
         Count {
             has: fewest.0,
             short: format!(
-                "rows of each class present, class {:?} has {}",
+                "{what} of each class present, class {:?} has {}",
                 fewest.1, fewest.0
             ),
         },
         Count {
             has: outside.0,
             short: format!(
-                "rows outside each class present, class {:?} has {}",
+                "{what} outside each class present, class {:?} has {}",
                 outside.1, outside.0
             ),
         },
@@ -763,7 +769,7 @@ mod tests {
             .iter()
             .flat_map(|&t| (0..4).map(move |k| if k == t { 0.7 } else { 0.1 }))
             .collect();
-        let m = crate::multiclass::evaluate(&y, &p, &labels, 0.95, None);
+        let m = crate::multiclass::evaluate(&y, &p, &labels, 0.95, None, None);
         let spec = ValidationSpec {
             gate: vec![criterion("brier", GateBound::Value, None, Some(0.5))],
             min_positives: None,
@@ -782,6 +788,72 @@ mod tests {
         let neg = by_name(&g, "min_negatives");
         assert!(neg.passed && neg.observed == Some(15.0), "{neg:?}");
         assert!(by_name(&g, "brier").passed);
+    }
+
+    /// Multi-class rows clustered by patient: the rule counts patients (a red-team finding:
+    /// with rows counted, a gate passed on three patients' rows), and the AUROC limit it reads
+    /// is the cluster bootstrap's.
+    #[test]
+    fn multiclass_rows_of_few_patients_do_not_pass_the_gate() {
+        let labels: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        // 120 rows, 40 of each class; the true class scored higher, with overlap.
+        let y: Vec<usize> = (0..120).map(|i| i % 3).collect();
+        let p: Vec<f64> = y
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &t)| {
+                (0..3).map(move |k| {
+                    ((i * 31 + k * 17) % 23) as f64 / 46.0 + if k == t { 0.3 } else { 0.0 }
+                })
+            })
+            .collect();
+        let spec = ValidationSpec {
+            gate: vec![criterion("auroc", GateBound::CiLower, Some(0.5), None)],
+            min_positives: None,
+            min_negatives: None,
+            max_unusable_fraction: None,
+        };
+        let boot = || {
+            Some(crate::bootstrap::BootstrapSpec {
+                replicates: MIN_GATE_REPLICATES,
+                seed: 1,
+                confidence: GATE_CONFIDENCE,
+                stop: None,
+            })
+        };
+        // Every row its own patient: passes.
+        let rows: Vec<usize> = (0..120).collect();
+        let m = crate::multiclass::evaluate(&y, &p, &labels, 0.95, boot(), Some((&rows, 120)));
+        let g = check_multiclass(&spec, None, &m, &Settings::default());
+        assert!(g.passed, "{g:?}");
+        assert_eq!(m.patients, Some(120));
+        assert_eq!(m.classes[0].patients, Some(40));
+        assert_eq!(m.classes[0].patients_outside, Some(80));
+        // Three patients (each with rows of every class): short of 10 patients per class.
+        let three: Vec<usize> = (0..120).map(|i| i / 40).collect();
+        let m = crate::multiclass::evaluate(&y, &p, &labels, 0.95, boot(), Some((&three, 3)));
+        assert_eq!(m.patients, Some(3));
+        assert_eq!(m.classes[1].patients, Some(3));
+        assert_eq!(m.classes[1].patients_outside, Some(3));
+        // Row-level intervals are gone; the macro AUROC's is the cluster bootstrap's.
+        assert!(m.accuracy.ci_lower.is_none());
+        assert!(
+            m.accuracy
+                .ci_undefined
+                .as_deref()
+                .unwrap()
+                .contains("clustered by patient")
+        );
+        assert!(m.classes[0].auroc.ci_lower.is_none());
+        assert_eq!(m.auroc.ci_method, Some("bootstrap-percentile"));
+        let g = check_multiclass(&spec, None, &m, &Settings::default());
+        assert!(!g.passed);
+        let pos = by_name(&g, "min_positives");
+        assert_eq!(
+            pos.reason.as_deref(),
+            Some("needs at least 10 patients of each class present, class \"a\" has 3")
+        );
+        assert!(!by_name(&g, "min_negatives").passed);
     }
 
     /// Red-team finding: 76 of 114 rows unusable and the gate passed on the other 38. At

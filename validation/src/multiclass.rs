@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::bootstrap::{self, BootstrapSpec};
 use crate::metrics;
-use crate::report::Metric;
+use crate::report::{CLUSTERED_ROWS_MULTICLASS, Metric};
 
 /// One class against the rest.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -23,12 +23,21 @@ pub struct ClassMetrics {
     /// Precision of the predicted class (argmax), Wilson CI.
     pub ppv: Metric,
     pub f1: Metric,
+    /// With `--patient-id-column`: the patients with a row of this class, and with a row of
+    /// another class (the deployment gate's minimum-sample rule counts these, not rows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patients: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patients_outside: Option<usize>,
 }
 
 /// The multi-class section of a report.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MulticlassMetrics {
     pub n: usize,
+    /// With `--patient-id-column`: the distinct patients behind the rows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patients: Option<usize>,
     pub labels: Vec<String>,
     /// Mean one-vs-rest AUROC over the classes with both outcomes present
     /// (`roc_auc_score(multi_class="ovr", average="macro")`); bootstrap CI.
@@ -64,13 +73,17 @@ fn mean_of(values: &[f64], n: usize, why: &str) -> Metric {
 }
 
 /// `y[i]` is row i's class index (< `labels.len()`); `p` holds the K probabilities of each
-/// row, row after row.
+/// row, row after row. `clusters` (`clusters.0[i]` is row i's patient, of `clusters.1`):
+/// rows clustered by patient; the macro AUROC's bootstrap resamples whole patients, the
+/// patients of each class are counted, and every interval that takes rows as independent
+/// (DeLong, Wilson) is dropped with [`CLUSTERED_ROWS_MULTICLASS`].
 pub fn evaluate(
     y: &[usize],
     p: &[f64],
     labels: &[String],
     confidence: f64,
     bootstrap: Option<BootstrapSpec>,
+    clusters: Option<(&[usize], usize)>,
 ) -> MulticlassMetrics {
     let k = labels.len();
     let n = y.len();
@@ -116,12 +129,14 @@ pub fn evaluate(
                 "the class is never predicted",
             ),
             f1: Metric::point(f1, n, "the class is absent and never predicted"),
+            patients: None,
+            patients_outside: None,
         });
         columns.push((yc, pc));
     }
     let mut auroc = mean_of(&aucs, n, "no class has both outcomes");
     if let (Some(spec), Some(_)) = (bootstrap, auroc.value)
-        && let Some(ci) = bootstrap::bootstrap_macro_auroc(&columns, spec)
+        && let Some(ci) = bootstrap::bootstrap_macro_auroc(&columns, clusters, spec)
     {
         auroc.set_bootstrap_interval(ci);
     }
@@ -137,8 +152,9 @@ pub fn evaluate(
                 .sum()
         })
         .collect();
-    MulticlassMetrics {
+    let mut m = MulticlassMetrics {
         n,
+        patients: None,
         labels: labels.to_vec(),
         auroc,
         auprc: mean_of(&aps, n, "no class is present"),
@@ -148,6 +164,53 @@ pub fn evaluate(
         brier: mean_of(&brier, n, "no rows"),
         classes,
         confusion,
+    };
+    if let Some((of, n_clusters)) = clusters {
+        m.clustered(y, of, n_clusters);
+    }
+    m
+}
+
+impl MulticlassMetrics {
+    /// Rows clustered by patient: counts the patients, of every class and outside it, and
+    /// drops the row-level intervals (the macro AUROC's bootstrap is the cluster one).
+    fn clustered(&mut self, y: &[usize], of: &[usize], n_clusters: usize) {
+        let k = self.labels.len();
+        // seen[patient][class]: the patient has a row of the class.
+        let mut seen = vec![vec![false; k]; n_clusters];
+        for (&t, &c) in y.iter().zip(of) {
+            seen[c][t] = true;
+        }
+        let with_rows: Vec<&Vec<bool>> = seen.iter().filter(|s| s.contains(&true)).collect();
+        self.patients = Some(with_rows.len());
+        for (c, class) in self.classes.iter_mut().enumerate() {
+            class.patients = Some(with_rows.iter().filter(|s| s[c]).count());
+            class.patients_outside = Some(
+                with_rows
+                    .iter()
+                    .filter(|s| s.iter().enumerate().any(|(t, &b)| b && t != c))
+                    .count(),
+            );
+            for m in [
+                &mut class.auroc,
+                &mut class.auprc,
+                &mut class.sensitivity,
+                &mut class.ppv,
+                &mut class.f1,
+            ] {
+                m.without_row_interval(CLUSTERED_ROWS_MULTICLASS);
+            }
+        }
+        for m in [
+            &mut self.auroc,
+            &mut self.auprc,
+            &mut self.accuracy,
+            &mut self.macro_sensitivity,
+            &mut self.macro_f1,
+            &mut self.brier,
+        ] {
+            m.without_row_interval(CLUSTERED_ROWS_MULTICLASS);
+        }
     }
 }
 
@@ -167,7 +230,7 @@ mod tests {
             0.4, 0.4, 0.2,
             0.3, 0.3, 0.4,
         ];
-        let m = evaluate(&y, &p, &labels, 0.95, None);
+        let m = evaluate(&y, &p, &labels, 0.95, None, None);
         // argmax: 0, 1, 1, 0 (tie → lower index), 2
         assert_eq!(
             m.confusion,
@@ -192,7 +255,7 @@ mod tests {
         let labels: Vec<String> = ["a", "b", "c"].iter().map(|s| (*s).to_owned()).collect();
         let y = [0, 1, 0, 1];
         let p = [0.8, 0.1, 0.1, 0.3, 0.6, 0.1, 0.6, 0.3, 0.1, 0.2, 0.7, 0.1];
-        let m = evaluate(&y, &p, &labels, 0.95, None);
+        let m = evaluate(&y, &p, &labels, 0.95, None, None);
         assert!(m.classes[2].auroc.undefined.is_some());
         assert_eq!(m.auroc.value, Some(1.0));
         assert_eq!(m.classes[2].n, 0);

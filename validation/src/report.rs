@@ -305,9 +305,15 @@ pub const CLUSTERED_ROWS: &str = "rows are clustered by patient (--patient-id-co
 interval that takes rows as independent would be too narrow; only the cluster bootstrap's is \
 reported (--bootstrap > 0, for AUROC, AUPRC and Brier)";
 
+/// `ci_undefined` of a row-level interval of a multi-class report on rows clustered by
+/// patient.
+pub const CLUSTERED_ROWS_MULTICLASS: &str = "rows are clustered by patient \
+(--patient-id-column): an interval that takes rows as independent would be too narrow; only \
+the cluster bootstrap's is reported (--bootstrap > 0, for the macro AUROC)";
+
 impl Metric {
     /// Drops a row-level interval (rows clustered by patient), saying why.
-    fn without_row_interval(&mut self) {
+    pub(crate) fn without_row_interval(&mut self, why: &str) {
         if self.ci_method == Some("bootstrap-percentile") {
             return;
         }
@@ -316,7 +322,7 @@ impl Metric {
             self.ci_upper = None;
             self.ci_method = None;
             self.standard_error = None;
-            self.ci_undefined = Some(CLUSTERED_ROWS.to_owned());
+            self.ci_undefined = Some(why.to_owned());
         }
     }
 }
@@ -355,7 +361,7 @@ impl Metrics {
             &mut self.ece,
             &mut self.mce,
         ] {
-            m.without_row_interval();
+            m.without_row_interval(CLUSTERED_ROWS);
         }
         for op in &mut self.operating_points {
             for m in [
@@ -366,7 +372,7 @@ impl Metrics {
                 &mut op.accuracy,
                 &mut op.f1,
             ] {
-                m.without_row_interval();
+                m.without_row_interval(CLUSTERED_ROWS);
             }
         }
     }
@@ -562,13 +568,15 @@ fn shown(value: &str) -> String {
 }
 
 /// Subgroups of a multi-class evaluation: each value of each column, or why it has no
-/// metrics (fewer rows than the minimum, fewer than two classes present).
+/// metrics (fewer rows than the minimum, fewer than two classes present). `clusters`: rows
+/// clustered by patient (as [`crate::multiclass::evaluate`] takes them).
 pub fn multiclass_subgroups(
     y: &[usize],
     p: &[f64],
     labels: &[String],
     subgroups: &[SubgroupColumn],
     settings: &Settings,
+    clusters: Option<(&[usize], usize)>,
 ) -> Vec<Subgroup> {
     let k = labels.len();
     let mut out = Vec::new();
@@ -602,7 +610,16 @@ pub fn multiclass_subgroups(
                 },
                 metrics: None,
                 multiclass: reason.is_none().then(|| {
-                    crate::multiclass::evaluate(&sy, &sp, labels, settings.confidence, None)
+                    let of: Option<Vec<usize>> =
+                        clusters.map(|(c, _)| rows.iter().map(|&i| c[i]).collect());
+                    crate::multiclass::evaluate(
+                        &sy,
+                        &sp,
+                        labels,
+                        settings.confidence,
+                        None,
+                        of.as_deref().zip(clusters.map(|(_, k)| k)),
+                    )
                 }),
                 reason,
             });
@@ -842,6 +859,19 @@ pub fn compute_metrics(
     }
 }
 
+/// Each row's cluster (patient) as an index in `0..k`, in order of first appearance, and `k`.
+pub fn cluster_index(ids: &[String]) -> (Vec<usize>, usize) {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let idx = ids
+        .iter()
+        .map(|s| {
+            let k = seen.len();
+            *seen.entry(s.as_str()).or_insert(k)
+        })
+        .collect();
+    (idx, seen.len())
+}
+
 /// The overall metrics, curves and subgroups of scored rows.
 pub fn evaluate(
     scored: &Scored<'_>,
@@ -849,19 +879,7 @@ pub fn evaluate(
     settings: &Settings,
 ) -> (Metrics, Curves, Vec<Subgroup>, Option<usize>) {
     let (y, p) = (scored.y, scored.p);
-    let mut n_clusters = None;
-    let cluster_index: Option<Vec<usize>> = scored.clusters.map(|c| {
-        let mut ids: HashMap<&str, usize> = HashMap::new();
-        let idx = c
-            .iter()
-            .map(|s| {
-                let k = ids.len();
-                *ids.entry(s.as_str()).or_insert(k)
-            })
-            .collect();
-        n_clusters = Some(ids.len());
-        idx
-    });
+    let (cluster_index, n_clusters) = scored.clusters.map(cluster_index).unzip();
     let spec = BootstrapSpec {
         replicates: settings.bootstrap_replicates,
         seed: settings.seed,
