@@ -241,12 +241,11 @@ fn errors_answered_name_files_relative_to_the_repository() {
     assert!(!message.contains(dir.path().to_str().unwrap()), "{message}");
 }
 
-#[test]
-fn a_model_with_external_data_is_refused() {
-    let (dir, bundle) = repository_with_v1();
-    let _ = dir;
-    // A model whose initializer points at an external file, written by the fixture script.
-    let src = manifest_dir().join("tests/fixtures/external-data.onnx");
+/// The error of loading a bundle whose version 1 is the fixture model `fixture` (written by
+/// models/train/make_load_fixtures.py), and its text.
+fn load_error(fixture: &str) -> (BundleError, String) {
+    let (_dir, bundle) = repository_with_v1();
+    let src = manifest_dir().join("tests/fixtures").join(fixture);
     std::fs::copy(&src, bundle.join("1/model.onnx")).unwrap();
     fix_checksum(&bundle, "model.onnx");
     let err = Bundle::open(&bundle)
@@ -254,10 +253,50 @@ fn a_model_with_external_data_is_refused() {
         .load_version(1, &RepositoryOptions::default())
         .unwrap_err();
     let message = err.to_string();
+    (err, message)
+}
+
+#[test]
+fn a_model_with_external_data_is_refused() {
+    // A model whose initializer points at an external file.
+    let (err, message) = load_error("external-data.onnx");
     assert!(
         matches!(err, BundleError::Inference { .. })
             && message.contains("external data file")
             && message.contains("\"weights\""),
+        "{message}"
+    );
+}
+
+/// Red-team finding: an external tensor where tract's protobuf reader does not look (a
+/// `Constant` in a model-local function, a `Constant`'s `sparse_value`) passed the check, and
+/// ONNX Runtime read the file it names (the audit digest key, under the working directory).
+/// Refused like an initializer's, whichever engine the bundle names.
+#[test]
+fn external_data_hidden_in_a_function_or_a_sparse_constant_is_refused() {
+    for fixture in [
+        "external-data-in-function.onnx",
+        "external-data-in-sparse.onnx",
+    ] {
+        let (err, message) = load_error(fixture);
+        assert!(
+            matches!(err, BundleError::Inference { .. })
+                && message.contains("external data file")
+                && message.contains("\"k\""),
+            "{fixture}: {message}"
+        );
+    }
+}
+
+/// Red-team finding: a symbolic dimension of a few KB of nested parentheses overflowed the
+/// stack in tract's recursive expression parser, which aborts the whole process (at every
+/// start while the bundle was in the repository). Refused by its length before tract reads it.
+#[test]
+fn a_model_with_a_very_long_symbolic_dimension_is_refused() {
+    let (err, message) = load_error("long-dim-param.onnx");
+    assert!(
+        matches!(err, BundleError::Inference { .. })
+            && message.contains("symbolic dimension's name is 8001 bytes long"),
         "{message}"
     );
 }

@@ -6,7 +6,14 @@
   * models/tests/fixtures/bundles/huge-input: a Relu whose one row is 2^31 FP32 values (8 GiB):
     the server must load it without allocating a warm-up input of that size;
   * models/tests/fixtures/external-data.onnx: a model whose initializer `weights` lives in an
-    external data file (`weights.bin`, not written), which loading must refuse.
+    external data file (`weights.bin`, not written), which loading must refuse;
+  * models/tests/fixtures/external-data-in-function.onnx and external-data-in-sparse.onnx:
+    the same external tensor where tract's protobuf reader does not look (a `Constant` in a
+    model-local function; a `Constant` whose `sparse_value` holds it): onnxruntime reads the
+    file from its working directory (checked here), so loading must refuse them too;
+  * models/tests/fixtures/long-dim-param.onnx: an input whose symbolic dimension is 4,000
+    nested parentheses around `N` (tract's recursive expression parser overflowed the stack
+    on it, which aborts the process), which loading must refuse.
 
     .venv/bin/python models/train/make_load_fixtures.py
 
@@ -73,6 +80,69 @@ def external_data_model() -> onnx.ModelProto:
     return model
 
 
+def _external_int32(name: str, n: int, location: str) -> onnx.TensorProto:
+    """An INT32 [n] tensor whose values are the first 4n bytes of `location`."""
+    t = onnx.TensorProto(name=name, data_type=TensorProto.INT32, dims=[n])
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(4 * n))):
+        t.external_data.add(key=key, value=value)
+    return t
+
+
+def hidden_external_models(location: str) -> dict[str, onnx.ModelProto]:
+    """x INT32 [4] + (an external INT32 [4] constant) -> y, the constant inside a model-local
+    function, or as a Constant's sparse_value."""
+    x = helper.make_tensor_value_info("x", TensorProto.INT32, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.INT32, [4])
+    function = helper.make_function(
+        "fixtures", "AddHidden", ["a"], ["b"],
+        [helper.make_node("Constant", [], ["k"], value=_external_int32("k", 4, location)),
+         helper.make_node("Add", ["a", "k"], ["b"])],
+        opset_imports=[helper.make_opsetid("", 17)])
+    in_function = helper.make_model(
+        helper.make_graph([helper.make_node("AddHidden", ["x"], ["y"], domain="fixtures")], "in_function", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("fixtures", 1)],
+        functions=[function], producer_name="make_load_fixtures.py")
+    sparse = helper.make_sparse_tensor(_external_int32("k", 4, location),
+                                       helper.make_tensor("k_idx", TensorProto.INT64, [4], [0, 1, 2, 3]), [4])
+    in_sparse = helper.make_model(
+        helper.make_graph([helper.make_node("Constant", [], ["k"], sparse_value=sparse),
+                           helper.make_node("Add", ["x", "k"], ["y"])], "in_sparse", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 17)], producer_name="make_load_fixtures.py")
+    for m in (in_function, in_sparse):
+        m.ir_version = 8
+    return {"external-data-in-function.onnx": in_function, "external-data-in-sparse.onnx": in_sparse}
+
+
+def check_onnxruntime_reads_them(models: dict[str, onnx.ModelProto]) -> None:
+    """The fixtures are real: onnxruntime adds the bytes of the file their constant names
+    (beside the model) to the input. (A red-team pass had Nightingale's ort backend, loading
+    from memory, read such a file under its working directory.)"""
+    import tempfile
+
+    secret = np.array([11, 22, 33, 44], np.int32)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "weights.bin").write_bytes(secret.tobytes())
+        for name, m in models.items():
+            path = Path(d) / name
+            path.write_bytes(m.SerializeToString())
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            (y,) = sess.run(None, {"x": np.zeros(4, np.int32)})
+            assert (y == secret).all(), (name, y)
+            print(f"onnxruntime read weights.bin through {name}: {y.tolist()}")
+
+
+def long_dim_param_model() -> onnx.ModelProto:
+    depth = 4000
+    dim = "(" * depth + "N" + ")" * depth
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [dim, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [dim, 2])
+    m = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "long_dim", [x], [y]),
+                          opset_imports=[helper.make_opsetid("", 17)], producer_name="make_load_fixtures.py")
+    m.ir_version = 8
+    return m
+
+
 def huge_input_model() -> onnx.ModelProto:
     """features FP32 [N, 2^31] -> Relu -> out, same shape: valid, and never warmed up."""
     x = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", HUGE_ROW])
@@ -124,6 +194,12 @@ def main() -> None:
     ext = external_data_model()
     (FIXTURES / "external-data.onnx").write_bytes(ext.SerializeToString())
     print(f"wrote {FIXTURES / 'external-data.onnx'}")
+    hidden = hidden_external_models("weights.bin")
+    check_onnxruntime_reads_them(hidden)
+    hidden["long-dim-param.onnx"] = long_dim_param_model()
+    for name, m in hidden.items():
+        (FIXTURES / name).write_bytes(m.SerializeToString())
+        print(f"wrote {FIXTURES / name}")
     model = build()
     vdir = BUNDLE / "1"
     vdir.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ use crate::tensor::{DataType, NamedTensor, Tensor};
 
 #[cfg(feature = "candle")]
 pub mod candle;
+mod onnx_guard;
 #[cfg(feature = "ort")]
 pub mod ort;
 #[cfg(feature = "tract")]
@@ -294,8 +295,7 @@ pub fn load_bytes(
     name: &Path,
     options: &LoadOptions,
 ) -> Result<Box<dyn Backend>, InferenceError> {
-    #[cfg(feature = "tract")]
-    tract::refuse_external_data(model, name)?;
+    onnx_guard::check(model, name)?;
     match options.backend {
         #[cfg(feature = "tract")]
         BackendKind::Tract => Ok(Box::new(tract::TractBackend::load_bytes(

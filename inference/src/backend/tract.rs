@@ -153,76 +153,6 @@ fn runs_row_by_row(model: &TypedModel, batch: &Symbol) -> Result<bool, TractErro
     Ok(true)
 }
 
-/// The most nodes a model's graphs may hold (subgraphs included). tract's optimiser takes
-/// time growing with the square of the node count (a chain of 10 000 Relu: 2.4 s in a debug
-/// build), and loads are one at a time, so a graph of millions of nodes would hold every
-/// other load (a rollback included) for hours. Real models are far below it (ResNet-50: ~180
-/// nodes; BERT-large, Whisper: a few thousand).
-pub const MAX_NODES: usize = 50_000;
-
-/// Refuses a model whose tensors are stored in external data files (loading from bytes
-/// could not read them, and the engine must not read unverified files beside the model),
-/// and one of more than [`MAX_NODES`] nodes.
-pub(crate) fn refuse_external_data(model: &[u8], name: &Path) -> Result<(), InferenceError> {
-    use tract_onnx::pb::{GraphProto, TensorProto, tensor_proto::DataLocation};
-    fn external(t: &TensorProto) -> bool {
-        t.data_location == Some(DataLocation::External as i32) || !t.external_data.is_empty()
-    }
-    fn walk(g: &GraphProto) -> Option<String> {
-        let sparse = g
-            .sparse_initializer
-            .iter()
-            .flat_map(|s| s.values.iter().chain(s.indices.iter()));
-        if let Some(t) = g.initializer.iter().chain(sparse).find(|t| external(t)) {
-            return Some(t.name.clone());
-        }
-        for node in &g.node {
-            for a in &node.attribute {
-                if let Some(t) = a.t.iter().chain(&a.tensors).find(|t| external(t)) {
-                    return Some(t.name.clone());
-                }
-                if let Some(found) = a.g.iter().chain(&a.graphs).find_map(walk) {
-                    return Some(found);
-                }
-            }
-        }
-        None
-    }
-    fn nodes(g: &GraphProto) -> usize {
-        g.node
-            .iter()
-            .map(|node| {
-                1 + node
-                    .attribute
-                    .iter()
-                    .flat_map(|a| a.g.iter().chain(&a.graphs))
-                    .map(nodes)
-                    .sum::<usize>()
-            })
-            .sum()
-    }
-    let proto = onnx()
-        .proto_model_for_read(&mut &model[..])
-        .map_err(|e| InferenceError::load(name, e))?;
-    let count = proto.graph.as_ref().map_or(0, nodes);
-    if count > MAX_NODES {
-        return Err(InferenceError::load(
-            name,
-            format!("the graph has {count} nodes, more than the {MAX_NODES} a model may have"),
-        ));
-    }
-    if let Some(tensor) = proto.graph.as_ref().and_then(walk) {
-        return Err(InferenceError::load(
-            name,
-            format!(
-                "tensor {tensor:?} is stored in an external data file; only self-contained \
-                 models are loaded (re-export without external data)"
-            ),
-        ));
-    }
-    Ok(())
-}
-
 fn metadata(model: &tract_onnx::prelude::TypedModel) -> Result<ModelMetadata, TractError> {
     // An input is named by its source node (the graph input's own name): its outlet's label
     // may be another tensor's once decluttering has removed what followed it (x -> Identity
@@ -458,6 +388,7 @@ mod tests {
     /// optimiser is quadratic in the node count); one at the limit loads.
     #[test]
     fn graphs_over_the_node_limit_are_refused_before_planning() {
+        use crate::backend::onnx_guard::MAX_NODES;
         use prost::Message;
         use tract_onnx::pb;
         let chain = |n: usize| {
@@ -504,14 +435,14 @@ mod tests {
             .encode_to_vec()
         };
         let name = Path::new("chain.onnx");
-        let err = refuse_external_data(&chain(MAX_NODES + 1), name).unwrap_err();
+        let err = crate::backend::onnx_guard::check(&chain(MAX_NODES + 1), name).unwrap_err();
         let why = std::error::Error::source(&err).map(|s| s.to_string());
         assert!(
             why.as_deref()
                 .is_some_and(|w| w.contains(&format!("{} nodes", MAX_NODES + 1))),
             "{err}: {why:?}"
         );
-        refuse_external_data(&chain(MAX_NODES), name).unwrap();
+        crate::backend::onnx_guard::check(&chain(MAX_NODES), name).unwrap();
         let small = TractBackend::load_bytes(&chain(3), name, &LoadOptions::default()).unwrap();
         assert_eq!(small.metadata.inputs[0].shape, vec![4]);
         assert_eq!(

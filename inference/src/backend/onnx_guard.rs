@@ -1,0 +1,331 @@
+//! What an ONNX file must not hold, checked before either engine reads it.
+//!
+//! The check decodes the file with its own view of the ONNX protobuf (`onnx.proto`, IR
+//! version 10): only the fields where a tensor, a graph or a symbolic dimension can be, in
+//! every graph, subgraph, model-local function and training step. It does not use tract's
+//! reader: that one was generated from an older `onnx.proto` and drops fields it does not
+//! know (model-local functions, sparse attributes) without a word, while ONNX Runtime reads
+//! them. A red-team pass found both ways out: a `Constant` inside a model-local function, or a
+//! `Constant` with a `sparse_value`, whose tensor names an external data file made ONNX
+//! Runtime read a file under the server's working directory (the audit digest key) into the
+//! model's answer, outside every checksum and signature.
+//!
+//! Refused:
+//! - a tensor stored in an external data file, wherever it is;
+//! - a symbolic dimension (`dim_param`) longer than [`MAX_DIM_PARAM`] bytes: tract parses one
+//!   as an expression with a recursive parser, and a few KB of parentheses or signs overflowed
+//!   the loading thread's stack, which aborts the process (no unwinding to catch), at every
+//!   start while the bundle is in the repository;
+//! - more than [`MAX_NODES`] nodes in all.
+//!
+//! Protobuf nesting deeper than prost's limit (100 levels) fails to decode, and is refused as
+//! unreadable.
+
+use std::path::Path;
+
+use prost::Message as _;
+
+use crate::InferenceError;
+
+/// The most nodes a model's graphs may hold (subgraphs and functions included). tract's
+/// optimiser takes time growing with the square of the node count (a chain of 10 000 Relu:
+/// 2.4 s in a debug build), and loads are one at a time, so a graph of millions of nodes
+/// would hold every other load (a rollback included) for hours. Real models are far below it
+/// (ResNet-50: ~180 nodes; BERT-large, Whisper: a few thousand).
+pub const MAX_NODES: usize = 50_000;
+
+/// The longest symbolic dimension name, in bytes. Exporters write `N`, `batch_size`,
+/// `unk__123`, `sequence_length` or a short expression (`2*N`); tract parsed 1,000 nested
+/// parentheses and overflowed its loading thread's stack at 3,000 (a debug build).
+pub const MAX_DIM_PARAM: usize = 256;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Model {
+    #[prost(message, optional, tag = "7")]
+    graph: Option<Graph>,
+    #[prost(message, repeated, tag = "20")]
+    training_info: Vec<TrainingInfo>,
+    #[prost(message, repeated, tag = "25")]
+    functions: Vec<Function>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct TrainingInfo {
+    #[prost(message, optional, tag = "1")]
+    initialization: Option<Graph>,
+    #[prost(message, optional, tag = "2")]
+    algorithm: Option<Graph>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Function {
+    #[prost(message, repeated, tag = "7")]
+    node: Vec<Node>,
+    /// Default values of the function's attributes.
+    #[prost(message, repeated, tag = "11")]
+    attribute_proto: Vec<Attribute>,
+    #[prost(message, repeated, tag = "12")]
+    value_info: Vec<ValueInfo>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Graph {
+    #[prost(message, repeated, tag = "1")]
+    node: Vec<Node>,
+    #[prost(message, repeated, tag = "5")]
+    initializer: Vec<Tensor>,
+    #[prost(message, repeated, tag = "11")]
+    input: Vec<ValueInfo>,
+    #[prost(message, repeated, tag = "12")]
+    output: Vec<ValueInfo>,
+    #[prost(message, repeated, tag = "13")]
+    value_info: Vec<ValueInfo>,
+    #[prost(message, repeated, tag = "15")]
+    sparse_initializer: Vec<SparseTensor>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Node {
+    #[prost(message, repeated, tag = "5")]
+    attribute: Vec<Attribute>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Attribute {
+    #[prost(message, optional, tag = "5")]
+    t: Option<Tensor>,
+    #[prost(message, optional, boxed, tag = "6")]
+    g: Option<Box<Graph>>,
+    #[prost(message, repeated, tag = "10")]
+    tensors: Vec<Tensor>,
+    #[prost(message, repeated, tag = "11")]
+    graphs: Vec<Graph>,
+    #[prost(message, optional, tag = "14")]
+    tp: Option<Type>,
+    #[prost(message, repeated, tag = "15")]
+    type_protos: Vec<Type>,
+    #[prost(message, optional, tag = "22")]
+    sparse_tensor: Option<SparseTensor>,
+    #[prost(message, repeated, tag = "23")]
+    sparse_tensors: Vec<SparseTensor>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Tensor {
+    /// Bytes, not a string: a name is only quoted in the refusal.
+    #[prost(bytes = "vec", tag = "8")]
+    name: Vec<u8>,
+    #[prost(message, repeated, tag = "13")]
+    external_data: Vec<Entry>,
+    #[prost(int32, tag = "14")]
+    data_location: i32,
+}
+
+/// `StringStringEntryProto`: only counted.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Entry {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct SparseTensor {
+    #[prost(message, optional, tag = "1")]
+    values: Option<Tensor>,
+    #[prost(message, optional, tag = "2")]
+    indices: Option<Tensor>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ValueInfo {
+    #[prost(message, optional, tag = "2")]
+    r#type: Option<Type>,
+}
+
+/// `TypeProto`: its `value` oneof read as plain optional fields (the same wire format).
+#[derive(Clone, PartialEq, prost::Message)]
+struct Type {
+    #[prost(message, optional, tag = "1")]
+    tensor_type: Option<TensorType>,
+    #[prost(message, optional, boxed, tag = "4")]
+    sequence_type: Option<Box<ElementType>>,
+    #[prost(message, optional, boxed, tag = "5")]
+    map_type: Option<Box<MapType>>,
+    #[prost(message, optional, tag = "8")]
+    sparse_tensor_type: Option<TensorType>,
+    #[prost(message, optional, boxed, tag = "9")]
+    optional_type: Option<Box<ElementType>>,
+}
+
+/// `TypeProto.Tensor` and `TypeProto.SparseTensor`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct TensorType {
+    #[prost(message, optional, tag = "2")]
+    shape: Option<Shape>,
+}
+
+/// `TypeProto.Sequence` and `TypeProto.Optional`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ElementType {
+    #[prost(message, optional, tag = "1")]
+    elem_type: Option<Type>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct MapType {
+    #[prost(message, optional, tag = "2")]
+    value_type: Option<Type>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Shape {
+    #[prost(message, repeated, tag = "1")]
+    dim: Vec<Dim>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Dim {
+    #[prost(bytes = "vec", optional, tag = "2")]
+    dim_param: Option<Vec<u8>>,
+}
+
+/// `TensorProto.DataLocation.EXTERNAL`.
+const EXTERNAL: i32 = 1;
+
+/// What was found, in the order it is looked for.
+#[derive(Default)]
+struct Findings {
+    nodes: usize,
+    external: Option<String>,
+    long_dim: Option<usize>,
+}
+
+impl Findings {
+    fn tensor(&mut self, t: &Tensor) {
+        if self.external.is_none() && (t.data_location == EXTERNAL || !t.external_data.is_empty()) {
+            let name: String = String::from_utf8_lossy(&t.name).chars().take(64).collect();
+            self.external = Some(name);
+        }
+    }
+
+    fn sparse(&mut self, s: &SparseTensor) {
+        for t in s.values.iter().chain(&s.indices) {
+            self.tensor(t);
+        }
+    }
+
+    fn graph(&mut self, g: &Graph) {
+        for t in &g.initializer {
+            self.tensor(t);
+        }
+        for s in &g.sparse_initializer {
+            self.sparse(s);
+        }
+        for v in g.input.iter().chain(&g.output).chain(&g.value_info) {
+            self.value(v);
+        }
+        self.nodes(&g.node);
+    }
+
+    fn nodes(&mut self, nodes: &[Node]) {
+        self.nodes = self.nodes.saturating_add(nodes.len());
+        for a in nodes.iter().flat_map(|n| &n.attribute) {
+            self.attribute(a);
+        }
+    }
+
+    fn attribute(&mut self, a: &Attribute) {
+        for t in a.t.iter().chain(&a.tensors) {
+            self.tensor(t);
+        }
+        for s in a.sparse_tensor.iter().chain(&a.sparse_tensors) {
+            self.sparse(s);
+        }
+        for g in a.g.iter().map(|g| &**g).chain(&a.graphs) {
+            self.graph(g);
+        }
+        for t in a.tp.iter().chain(&a.type_protos) {
+            self.r#type(t);
+        }
+    }
+
+    fn value(&mut self, v: &ValueInfo) {
+        if let Some(t) = &v.r#type {
+            self.r#type(t);
+        }
+    }
+
+    fn r#type(&mut self, t: &Type) {
+        for shape in t
+            .tensor_type
+            .iter()
+            .chain(&t.sparse_tensor_type)
+            .filter_map(|tt| tt.shape.as_ref())
+        {
+            for param in shape.dim.iter().filter_map(|d| d.dim_param.as_ref()) {
+                if param.len() > MAX_DIM_PARAM {
+                    self.long_dim = Some(self.long_dim.unwrap_or(0).max(param.len()));
+                }
+            }
+        }
+        let inner = t
+            .sequence_type
+            .iter()
+            .chain(&t.optional_type)
+            .filter_map(|e| e.elem_type.as_ref())
+            .chain(t.map_type.iter().filter_map(|m| m.value_type.as_ref()));
+        for e in inner {
+            self.r#type(e);
+        }
+    }
+}
+
+/// Refuses a model holding what is listed in the module's documentation, naming why.
+pub(crate) fn check(model: &[u8], name: &Path) -> Result<(), InferenceError> {
+    let proto = Model::decode(model).map_err(|e| {
+        InferenceError::load(name, format!("the file is not a readable ONNX model: {e}"))
+    })?;
+    let mut found = Findings::default();
+    for g in proto.graph.iter().chain(
+        proto
+            .training_info
+            .iter()
+            .flat_map(|t| t.initialization.iter().chain(&t.algorithm)),
+    ) {
+        found.graph(g);
+    }
+    for f in &proto.functions {
+        for a in &f.attribute_proto {
+            found.attribute(a);
+        }
+        for v in &f.value_info {
+            found.value(v);
+        }
+        found.nodes(&f.node);
+    }
+    if found.nodes > MAX_NODES {
+        return Err(InferenceError::load(
+            name,
+            format!(
+                "the graph has {} nodes, more than the {MAX_NODES} a model may have",
+                found.nodes
+            ),
+        ));
+    }
+    if let Some(tensor) = found.external {
+        return Err(InferenceError::load(
+            name,
+            format!(
+                "tensor {tensor:?} is stored in an external data file; only self-contained \
+                 models are loaded (re-export without external data)"
+            ),
+        ));
+    }
+    if let Some(len) = found.long_dim {
+        return Err(InferenceError::load(
+            name,
+            format!(
+                "a symbolic dimension's name is {len} bytes long, more than the \
+                 {MAX_DIM_PARAM} a model may use"
+            ),
+        ));
+    }
+    Ok(())
+}
