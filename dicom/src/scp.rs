@@ -1665,13 +1665,27 @@ fn error_comment(e: &StoreError) -> String {
     let text = match e {
         // The parser's message can be long; the kind says enough to the sender.
         StoreError::CannotParse { .. } => "cannot parse the data set".to_owned(),
-        StoreError::Io { .. } | StoreError::Index(_) => "spool failure".to_owned(),
+        StoreError::Io { .. } | StoreError::Index(_) | StoreError::Torn => {
+            "spool failure".to_owned()
+        }
+        // Written to fit: the log has the long form (a sender's operator saw "… is alre").
+        StoreError::Conflict => "SOP Instance UID already stored with other content".to_owned(),
+        StoreError::Mismatch { name } => format!("{name} differs from the command's"),
+        StoreError::OutOfResources { .. } => {
+            "out of resources: the spool is nearly full".to_owned()
+        }
+        StoreError::DiskFull { .. } => "out of resources: the spool's disk is full".to_owned(),
+        StoreError::TooLarge { limit, .. } => format!("larger than the limit of {limit} bytes"),
         other => other.to_string(),
     };
-    text.chars()
+    let text: String = text
+        .chars()
         .filter(|c| c.is_ascii() && !c.is_ascii_control() && *c != '\\')
-        .take(64)
-        .collect()
+        .collect();
+    if text.len() <= 64 {
+        return text;
+    }
+    format!("{}...", &text[..61])
 }
 
 struct Command {
@@ -1852,6 +1866,54 @@ mod tests {
         let long = "x".repeat(500);
         assert_eq!(error_summary(&long).len(), 120);
         assert_eq!(error_summary(&"bad\nline\u{7}"), "badline");
+    }
+
+    /// An Error Comment is LO (at most 64 characters): the reasons a sender most needs are
+    /// written to fit, not cut (`dicom store` showed "… other content is alre"), and any
+    /// other is cut with "...".
+    #[test]
+    fn error_comments_fit_in_64_characters() {
+        use crate::structure::StructureError;
+        let errors = [
+            StoreError::Conflict,
+            StoreError::Mismatch {
+                name: "SOPInstanceUID",
+            },
+            StoreError::Mismatch {
+                name: "SOPClassUID",
+            },
+            StoreError::OutOfResources {
+                free_bytes: u64::MAX,
+                needed_bytes: u64::MAX,
+            },
+            StoreError::DiskFull { op: "write" },
+            StoreError::TooLarge {
+                size: u64::MAX,
+                limit: u64::MAX,
+            },
+            StoreError::Malformed(StructureError::LengthPastEnd {
+                offset: usize::MAX,
+                length: u32::MAX,
+            }),
+            StoreError::MissingAttribute {
+                name: "StudyInstanceUID",
+            },
+            StoreError::Torn,
+        ];
+        for e in &errors {
+            let c = error_comment(e);
+            assert!(c.len() <= 64 && !c.is_empty(), "{e}: {c:?}");
+            assert!(!c.contains('\\'), "{c}");
+        }
+        assert_eq!(
+            error_comment(&errors[0]),
+            "SOP Instance UID already stored with other content"
+        );
+        assert_eq!(
+            error_comment(&errors[1]),
+            "SOPInstanceUID differs from the command's"
+        );
+        assert!(error_comment(&errors[6]).ends_with("..."));
     }
 
     #[test]

@@ -163,13 +163,16 @@ pub fn walk(
     walk_with(bytes, encoding, wanted, None)
 }
 
+/// Data Set Trailing Padding.
+const TRAILING_PADDING: (u16, u16) = (0xFFFC, 0xFFFC);
+
 /// A digest of a data set's content, the same whatever transfer syntax among the
 /// uncompressed ones (and Deflated) encodes it and however its sequences are delimited: the
 /// tag and value of every element (values of a big-endian data set in little-endian byte
 /// order, by their VR), the items of every sequence in order, the fragments of encapsulated
 /// pixel data; not the VRs (an Implicit VR data set has none, and a re-encoder may write UN
-/// or the dictionary's), the lengths of sequences and items (defined or undefined), nor group
-/// lengths (gggg,0000). Two data sets with the same digest hold the same elements with the
+/// or the dictionary's), the lengths of sequences and items (defined or undefined), group
+/// lengths (gggg,0000), nor Data Set Trailing Padding (FFFC,FFFC). Two data sets with the same digest hold the same elements with the
 /// same values: one is the other re-encoded (a PACS re-sending an instance in the transfer
 /// syntax of another association, or rewriting its sequences). Compressed pixel data is
 /// compared as its fragments: the same image compressed otherwise has another digest. An
@@ -525,11 +528,15 @@ impl Walker<'_> {
             // A group length (UL, 4 bytes) of a standard group in the data set itself changes
             // with the encoding: not content. Any other element numbered (gggg,0000), one in
             // an item included, is content like the rest.
-            let group_length = depth == 0
+            // Data Set Trailing Padding (FFFC,FFFC) has no meaning (PS3.10 7.2): a writer may
+            // add or drop it (a file with it, sent by one SCU and then by another that drops
+            // it, was a conflict: a docs walk-through's finding).
+            let group_length = (depth == 0
                 && h.tag.0.is_multiple_of(2)
                 && h.tag.1 == 0x0000
                 && h.length == 4
-                && matches!(vr, None | Some([b'U', b'L']));
+                && matches!(vr, None | Some([b'U', b'L'])))
+                || h.tag == TRAILING_PADDING;
             at = if h.length != UNDEFINED {
                 let value_end = self.skip(&h, at, limit)?;
                 // In Implicit VR (and UN) only the dictionary, or the value itself, tells a
@@ -743,6 +750,11 @@ mod tests {
         flat.extend(item(b"1.3\0"));
         flat.extend(el(0x0028, 0x0010, b"US", &[2, 0]));
         assert!(content_digest(&flat, LE).is_err() || digest(&flat) != base);
+        // Data Set Trailing Padding is no content.
+        let mut padded = data(true, false, b"1.2\0");
+        padded.extend_from_slice(&[0xFC, 0xFF, 0xFC, 0xFF, b'O', b'B', 0, 0, 6, 0, 0, 0]);
+        padded.extend_from_slice(&[0; 6]);
+        assert_eq!(digest(&padded), base);
         // A broken data set has no digest.
         let d = data(true, false, b"1.2\0");
         assert!(content_digest(&d[..d.len() - 1], LE).is_err());

@@ -321,6 +321,16 @@ def test_an_instance_sent_again_in_another_transfer_syntax_is_a_duplicate(server
     assert kept.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert _equal_datasets(pydicom.dcmread(f), kept) == []
     assert server.quarantine_reasons() == before
+    # The file sent as it is by another SCU (Nightingale's own): CT_small.dcm ends with 126
+    # bytes of Data Set Trailing Padding (FFFC,FFFC), which storescu drops and this SCU
+    # sends; padding is no content (a docs walk-through got a conflict here).
+    assert (0xFFFC, 0xFFFC) in pydicom.dcmread(f)
+    r = subprocess.run([str(_binary()), "dicom", "store", "--addr", f"127.0.0.1:{server.port}",
+                        "--called-ae", "NIGHTINGALE", str(f)],
+                       capture_output=True, text=True, timeout=PEER_TIMEOUT_S, env=PEER_ENV)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(list(server.spool.rglob(f"{uid}_*.dcm"))) == 1
+    assert server.quarantine_reasons() == before
     # The same UID with another value: a conflict (failure status), quarantined.
     changed = tmp_path / "changed.dcm"
     ds = pydicom.dcmread(f)
