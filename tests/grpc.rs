@@ -20,7 +20,8 @@ use nightingale::http::grpc::proto::model_infer_request::{
 use nightingale::http::grpc::proto::{
     InferTensorContents, ModelConfigRequest, ModelInferRequest, ModelInferResponse,
     ModelMetadataRequest, ModelReadyRequest, ModelStatisticsRequest, RepositoryIndexRequest,
-    RepositoryModelLoadRequest, ServerLiveRequest, ServerMetadataRequest, ServerReadyRequest,
+    RepositoryModelLoadRequest, RepositoryModelUnloadRequest, ServerLiveRequest,
+    ServerMetadataRequest, ServerReadyRequest,
 };
 use nightingale::http::{self, AppState, HttpConfig};
 use nightingale_models::{Repository, RepositoryOptions};
@@ -547,6 +548,54 @@ async fn roles_are_the_http_routes_and_inferences_are_audited() {
     );
     let e = c.repository_model_load(load).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // A repository this server does not serve is refused by name, not taken for its own.
+    let admin = format!("Bearer {}", keys["admin"]);
+    let mut load = tonic::Request::new(RepositoryModelLoadRequest {
+        repository_name: "other".into(),
+        model_name: MODEL.into(),
+        parameters: Default::default(),
+    });
+    load.metadata_mut()
+        .insert("authorization", admin.parse().unwrap());
+    let e = c.repository_model_load(load).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("repository_name \"other\""), "{e:?}");
+    let mut unload = tonic::Request::new(RepositoryModelUnloadRequest {
+        repository_name: "other".into(),
+        model_name: MODEL.into(),
+        parameters: Default::default(),
+    });
+    unload
+        .metadata_mut()
+        .insert("authorization", admin.parse().unwrap());
+    let e = c.repository_model_unload(unload).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let infer = format!("Bearer {}", keys["infer"]);
+    let mut index = tonic::Request::new(RepositoryIndexRequest {
+        repository_name: "other".into(),
+        ready: false,
+    });
+    index
+        .metadata_mut()
+        .insert("authorization", infer.parse().unwrap());
+    let e = c.repository_index(index).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let mut index = tonic::Request::new(RepositoryIndexRequest {
+        repository_name: String::new(),
+        ready: true,
+    });
+    index
+        .metadata_mut()
+        .insert("authorization", infer.parse().unwrap());
+    assert!(
+        c.repository_index(index)
+            .await
+            .unwrap()
+            .into_inner()
+            .models
+            .iter()
+            .any(|m| m.name == MODEL)
+    );
 
     // The two inferences that reached the model are in the audit trail, with their ids; the
     // refused ones are not (as over HTTP).

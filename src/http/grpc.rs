@@ -329,7 +329,7 @@ async fn admit_infer_message(
         (1, Some(coding)) => super::inflate(&body[5..], coding, limit, &mut ticket).await?,
         (1, None) => {
             return Err(AppError::bad_request(
-                "the message is marked compressed but the call names no grpc-encoding",
+                "the message is marked compressed but the call names no grpc-encoding (or identity)",
             ));
         }
         _ => {
@@ -754,6 +754,7 @@ impl GrpcInferenceService for Service {
         request: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
         self.serve("RepositoryIndex", request, |state, call| async move {
+            one_repository(&call.message.repository_name)?;
             let ready_only = call.message.ready;
             let repository = state.repository.clone();
             let entries = tokio::task::spawn_blocking(move || repository.index())
@@ -784,6 +785,7 @@ impl GrpcInferenceService for Service {
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
         self.serve("RepositoryModelLoad", request, |state, call| async move {
             let m = call.message;
+            one_repository(&m.repository_name)?;
             let (target, release) = load_target(&m.parameters)?;
             deploy::load_release(
                 &state,
@@ -804,6 +806,7 @@ impl GrpcInferenceService for Service {
         request: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
         self.serve("RepositoryModelUnload", request, |state, call| async move {
+            one_repository(&call.message.repository_name)?;
             // As over HTTP: an unload takes every version; a parameter other than Triton's
             // `unload_dependents` is refused rather than ignored.
             if let Some(key) = call
@@ -828,6 +831,19 @@ impl GrpcInferenceService for Service {
         })
         .await
     }
+}
+
+/// A repository call names no repository, or the one this server serves: Triton refuses a
+/// `repository_name` it cannot honour rather than act on another repository (a call naming
+/// one was answered from, and loaded and unloaded in, the only one).
+fn one_repository(name: &str) -> Result<(), AppError> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    Err(AppError::bad_request(format!(
+        "repository_name {:?} is not supported: this server serves one model repository (leave it empty)",
+        name.chars().take(64).collect::<String>()
+    )))
 }
 
 /// A load's target from its parameters: the version policy, or `version` to roll back to
