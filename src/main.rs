@@ -390,7 +390,9 @@ fn main() -> anyhow::Result<()> {
             dicom_cli::spool(command)
         } // ---- end DICOM ----
         Command::Validate(args) => {
-            init_tracing(LogFormat::Text);
+            // --quiet: warnings and errors only (the report's path and the gate's verdict
+            // are printed anyway), unless NIGHTINGALE_LOG asks for more.
+            init_tracing_at(LogFormat::Text, if args.quiet { "warn" } else { "info" });
             std::process::exit(nightingale::validate::run(&args))
         }
         Command::Results { command } => {
@@ -401,8 +403,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn init_tracing(format: LogFormat) {
+    init_tracing_at(format, "info");
+}
+
+/// Logging at `level` unless `NIGHTINGALE_LOG` names a filter.
+fn init_tracing_at(format: LogFormat, level: &str) {
     let filter =
-        EnvFilter::try_from_env("NIGHTINGALE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+        EnvFilter::try_from_env("NIGHTINGALE_LOG").unwrap_or_else(|_| EnvFilter::new(level));
     // Colour only on a terminal: logs written to a file or a pipe carry no escape codes.
     // A log line that cannot be written is dropped: by default the formatter reports it with
     // `eprintln!`, which panics when stderr is a pipe whose reader has gone (a red-team

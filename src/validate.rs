@@ -110,7 +110,8 @@ pub struct ValidateArgs {
     /// own hash chain: never a file a running server appends to.
     #[arg(long)]
     pub audit_log: Option<PathBuf>,
-    /// No progress output.
+    /// No progress output, and log lines at warning level and above only (NIGHTINGALE_LOG
+    /// still sets the level).
     #[arg(long)]
     pub quiet: bool,
 }

@@ -113,6 +113,36 @@ def test_news2_cards_match_the_chart(server, ehr, case):
     uuid.UUID(card["uuid"])
 
 
+def test_the_worked_example_script_gets_its_card(work):
+    """scripts/cds_example.py, the README's worked CDS Hooks call (keys, a signed JWT, a
+    patient-view request with prefetch): run as documented against a server trusting its
+    JWKS, it gets the NEWS2 card the RCP chart gives its vitals."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "cds_example.py"
+    keys = work / "example-ehr"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True,
+                              text=True, timeout=60)
+
+    r = run("keys", str(keys))
+    assert r.returncode == 0, r.stderr
+    s = Server(work, SimpleNamespace(issuer="https://ehr.example.org",
+                                     jwks_path=keys / "ehr-jwks.json"))
+    try:
+        r = run("call", "--url", s.base, "--key", str(keys / "ehr-key.pem"))
+        assert r.returncode == 0, r.stdout + r.stderr
+        [card] = json.loads(r.stdout)["cards"]
+        total, band, _ = news2(24, 93, True, 100, 111, True, 39.1)
+        assert card["summary"].startswith(f"NEWS2 {total} ") and band == "high", card
+        assert card["indicator"] == "critical"
+    finally:
+        stop(s.proc)
+
+
 def test_fahrenheit_and_scale_2_for_a_hypercapnic_patient(work, ehr):
     # Scale 2 needs the service told which Condition means a prescribed 88-92 % target.
     cfg = work / "scale2.toml"
