@@ -17,3 +17,19 @@ pub mod log_limit;
 pub mod pipeline;
 pub mod tls;
 pub mod validate;
+
+/// The probe every load of this binary goes through ([`nightingale_models::ProbeCommand`]):
+/// this program (`/proc/self/exe`, so a binary replaced on disk by an upgrade is not the one
+/// run) with `__probe-model`.
+pub fn probe_command() -> Option<nightingale_models::ProbeCommand> {
+    let program = std::path::PathBuf::from("/proc/self/exe");
+    let program = if program.exists() {
+        program
+    } else {
+        std::env::current_exe().ok()?
+    };
+    Some(nightingale_models::ProbeCommand {
+        program,
+        args: vec!["__probe-model".to_owned()],
+    })
+}

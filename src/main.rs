@@ -57,6 +57,61 @@ enum Command {
         #[command(subcommand)]
         command: results_cli::ResultsCommand,
     },
+    /// Internal: loads the ONNX model given on stdin and runs it once on zeros, in a process
+    /// of its own, before the server (or `models check`, `validate`) loads it in its own.
+    #[command(name = "__probe-model", hide = true)]
+    ProbeModel(ProbeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ProbeArgs {
+    #[arg(long)]
+    backend: String,
+    #[arg(long, default_value_t = 0)]
+    intra_op_threads: usize,
+    #[arg(long, default_value = "nightingale")]
+    tract_kernels: String,
+    #[arg(long)]
+    ort_library: Option<PathBuf>,
+}
+
+/// `__probe-model`: exit 0 when the model loads and runs on zeros, 1 with the engine's error.
+fn probe_model(args: ProbeArgs) -> ! {
+    use std::io::Read;
+    let fail = |message: String| -> ! {
+        eprintln!("{message}");
+        std::process::exit(1)
+    };
+    let mut bytes = Vec::new();
+    if let Err(e) = std::io::stdin()
+        .take(nightingale_models::FILE_LIMIT + 1)
+        .read_to_end(&mut bytes)
+    {
+        fail(format!("cannot read the model: {e}"));
+    }
+    let backend: nightingale_inference::BackendKind =
+        args.backend.parse().unwrap_or_else(|e: String| fail(e));
+    let load = nightingale_inference::LoadOptions {
+        backend,
+        intra_op_threads: args.intra_op_threads,
+        ort_library: args.ort_library,
+        tract_kernels: if args.tract_kernels == "tract" {
+            nightingale_inference::TractKernels::Tract
+        } else {
+            nightingale_inference::TractKernels::Nightingale
+        },
+        ..nightingale_inference::LoadOptions::default()
+    };
+    let name = std::path::Path::new("model.onnx");
+    let mut model = nightingale_inference::load_bytes(&bytes, name, &load)
+        .unwrap_or_else(|e| fail(e.to_string()));
+    let metadata = model.metadata().clone();
+    if let nightingale_inference::Zeros::Ready(inputs) = nightingale_inference::zeros(&metadata, 1)
+        && let Err(e) = model.infer(inputs)
+    {
+        fail(e.to_string());
+    }
+    std::process::exit(0)
 }
 
 #[derive(Subcommand, Debug)]
@@ -395,6 +450,7 @@ fn main() -> anyhow::Result<()> {
             init_tracing_at(LogFormat::Text, if args.quiet { "warn" } else { "info" });
             std::process::exit(nightingale::validate::run(&args))
         }
+        Command::ProbeModel(args) => probe_model(args),
         Command::Results { command } => {
             init_tracing(LogFormat::Text);
             results_cli::results(command)
@@ -467,6 +523,7 @@ async fn serve(
         promotion: None,
         releases: None,
         metrics_purpose: None,
+        probe: nightingale::probe_command(),
     };
     // Validation runs load versions that have no report yet: without the deployment policy,
     // and without the release ledger (a validation run serves nothing).
@@ -1044,7 +1101,11 @@ fn check(paths: &[PathBuf], policy: &nightingale_models::SignaturePolicy) -> any
                     return Err(nightingale_models::BundleError::NoVersions { path: dir.clone() });
                 }
                 for v in versions {
-                    let loaded = bundle.load_version(v, &RepositoryOptions::default())?;
+                    let options = RepositoryOptions {
+                        probe: nightingale::probe_command(),
+                        ..RepositoryOptions::default()
+                    };
+                    let loaded = bundle.load_version(v, &options)?;
                     let meta = loaded.worker.metadata();
                     let selftest = match &loaded.selftest {
                         Some(report) => report.to_string(),
@@ -1114,6 +1175,7 @@ fn init_bundle(args: InitArgs) -> anyhow::Result<()> {
         load: RepositoryOptions {
             backend,
             ort_library: args.ort_library,
+            probe: nightingale::probe_command(),
             ..RepositoryOptions::default()
         },
     };

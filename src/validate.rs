@@ -830,6 +830,7 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
             },
             ort_library: args.ort_library.clone(),
             signatures: SignaturePolicy::load(&args.trusted_keys, args.require_signatures)?,
+            probe: crate::probe_command(),
             ..RepositoryOptions::default()
         },
     };
@@ -968,6 +969,15 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
         let bytes = std::fs::metadata(path.join("manifest.csv")).map_or(0, |m| m.len());
         (Data::Dicom(Box::new(d)), bytes, row)
     } else if tensors {
+        // images.npy + labels.npy have no columns: a patient-id column or subgroups named
+        // for them were taken and ignored (a report of 0 patients: a red-team finding).
+        if args.patient_id_column.is_some() || !args.subgroups.is_empty() {
+            bail!(
+                "{}: a tensor dataset (images.npy + labels.npy) has no columns for \
+                 --patient-id-column or --subgroup: use a DICOM folder's manifest.csv",
+                path.display()
+            );
+        }
         let shape = input.as_ref().map(|i| i.shape.clone()).unwrap_or_default();
         let d = NpyDataset::open(&path, &shape, &labels)?;
         let rows = d.row_shape().to_vec();

@@ -58,6 +58,19 @@ fn models_check_passes_on_every_shipped_bundle() {
     }
 }
 
+/// `models check PATHS...`: its exit code and what it printed.
+fn models_check(paths: &[&std::path::Path]) -> (Option<i32>, String) {
+    let out = bin()
+        .args(["models", "check"])
+        .args(paths)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 #[test]
 fn models_check_fails_on_a_tampered_file_and_names_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -67,18 +80,48 @@ fn models_check_fails_on_a_tampered_file_and_names_it() {
     let mut bytes = std::fs::read(&model).unwrap();
     bytes[100] ^= 0x40;
     std::fs::write(&model, bytes).unwrap();
-    let out = bin()
-        .args(["models", "check"])
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let (code, stdout) = models_check(&[&bundle]);
+    assert_eq!(code, Some(1), "{stdout}");
     assert!(
         stdout.contains("FAIL")
             && stdout.contains("checksum mismatch")
             && stdout.contains("1/model.onnx"),
         "{stdout}"
+    );
+}
+
+/// Red-team finding: a 7-node graph whose constant `Pad` asks tract for 4 TB aborted
+/// `models check` and the server (Rust aborts on an allocation that fails; no panic to
+/// catch), at every start while the bundle was in the repository. Each model now loads in a
+/// probe process first: the one it stops is refused, and the check goes on to the next.
+#[test]
+fn a_model_that_aborts_its_loader_is_refused_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("pima-diabetes");
+    copy_dir(&root().join("models/bundles/pima-diabetes"), &bundle);
+    let model = bundle.join("1/model.onnx");
+    let old = nightingale_models::sha256_file(&model).unwrap();
+    std::fs::copy(
+        root().join("models/tests/fixtures/alloc-abort.onnx"),
+        &model,
+    )
+    .unwrap();
+    let new = nightingale_models::sha256_file(&model).unwrap();
+    let manifest = bundle.join("bundle.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    assert!(text.contains(&old));
+    std::fs::write(&manifest, text.replace(&old, &new)).unwrap();
+    let (code, stdout) = models_check(&[&bundle, &root().join("models/bundles/wdbc-malignancy")]);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FAIL")
+            && stdout.contains("stopped a probe process (signal 6 (SIGABRT)")
+            && stdout.contains("memory allocation of"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok   wdbc-malignancy version 1:"),
+        "the next bundle is checked: {stdout}"
     );
 }
 

@@ -71,6 +71,15 @@ pub enum BundleError {
         stage: &'static str,
         message: String,
     },
+    /// Loading the model stopped the process that tried it ([`crate::ProbeCommand`]).
+    #[error(
+        "{path}: loading it on {engine} stopped a probe process ({message}); refused, as it would have stopped the server"
+    )]
+    Crashed {
+        path: PathBuf,
+        engine: &'static str,
+        message: String,
+    },
     #[error("{path}: refused: {reason}")]
     OlderRelease { path: PathBuf, reason: String },
     /// The release ledger could not record the release about to serve: nothing changed.
@@ -143,6 +152,7 @@ impl BundleError {
             | BundleError::MissingVersion { path }
             | BundleError::Inference { path, .. }
             | BundleError::Panicked { path, .. }
+            | BundleError::Crashed { path, .. }
             | BundleError::SelfTest { path, .. }
             | BundleError::NotPromoted { path, .. }
             | BundleError::OlderRelease { path, .. }
@@ -181,6 +191,7 @@ impl BundleError {
                 | BundleError::MissingVersion { path }
                 | BundleError::Inference { path, .. }
                 | BundleError::Panicked { path, .. }
+                | BundleError::Crashed { path, .. }
                 | BundleError::SelfTest { path, .. }
                 | BundleError::NotPromoted { path, .. }
                 | BundleError::OlderRelease { path, .. }

@@ -50,7 +50,28 @@ pub struct RepositoryOptions {
     /// A `purpose` label on the loaded models' metrics (a validation run's copies:
     /// `validation`); `None` for the served repository.
     pub metrics_purpose: Option<String>,
+    /// Loads each ONNX model in a process of its own first ([`ProbeCommand`]): one that
+    /// stops that process (an allocation that cannot be made aborts, a stack overflow, a
+    /// crash in the engine's native code) is refused, where it would have stopped the
+    /// server. `None`: not probed (a library caller, a test).
+    pub probe: Option<ProbeCommand>,
 }
+
+/// The command that loads a model in a child process before the server loads it: the
+/// server's own binary with its hidden `__probe-model` subcommand, given the model's verified
+/// bytes on stdin and the load options as flags; it loads the model and runs it once on zeros
+/// (as the warm-up does), and exits 0 or 1 with the engine's error. Killed by a signal, it
+/// has shown that loading the model would have stopped the server. A red-team pass stopped
+/// the whole server (and every restart) with a 7-node graph whose constant `Pad` asked tract
+/// for 4 TB: Rust aborts on an allocation that fails, and `catch_unwind` sees no panic.
+#[derive(Clone, Debug)]
+pub struct ProbeCommand {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+}
+
+/// How long a model may take to load in the probe process before it is refused.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// A deployment policy consulted before a version serves: `(model, version, manifest
 /// SHA-256)` → `Err(reason)` to refuse it (it is then refused like a bad signature: what
@@ -388,6 +409,11 @@ impl Bundle {
             gpu_warm_up_rows: self.manifest.batching.max_batch_size.max(1),
         };
         let engine_name = engine.as_str();
+        if model.candle_config.is_none()
+            && let Some(probe) = &options.probe
+        {
+            probe_in_child(probe, model.bytes, &load, &model_path, engine_name)?;
+        }
         let mut backend = guarded(&model_path, engine_name, "loading the model", || {
             match (&self.manifest.candle, model.candle_config) {
                 (Some(spec), Some(config)) => nightingale_inference::load_candle(
@@ -460,6 +486,124 @@ fn guarded<T>(
             message,
         })
     })
+}
+
+/// Loads `bytes` in the probe process ([`ProbeCommand`]) and waits for it (at most
+/// [`PROBE_TIMEOUT`]): refused when a signal stopped it or it did not end in time. An exit
+/// with an error is no verdict: the load in this process then says what is wrong.
+fn probe_in_child(
+    probe: &ProbeCommand,
+    bytes: &[u8],
+    load: &LoadOptions,
+    path: &Path,
+    engine: &'static str,
+) -> Result<(), BundleError> {
+    use std::io::{Read, Write};
+    use std::os::unix::process::ExitStatusExt;
+    let crashed = |message: String| BundleError::Crashed {
+        path: path.to_owned(),
+        engine,
+        message,
+    };
+    let mut command = std::process::Command::new(&probe.program);
+    command
+        .args(&probe.args)
+        .arg("--backend")
+        .arg(load.backend.as_str())
+        .arg("--intra-op-threads")
+        .arg(load.intra_op_threads.to_string())
+        .arg("--tract-kernels")
+        .arg(match load.tract_kernels {
+            nightingale_inference::TractKernels::Nightingale => "nightingale",
+            nightingale_inference::TractKernels::Tract => "tract",
+        })
+        // The engine's last words, not a backtrace after them.
+        .env("RUST_BACKTRACE", "0")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    if let Some(library) = &load.ort_library {
+        command.arg("--ort-library").arg(library);
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| crashed(format!("the probe process could not start: {e}")))?;
+    let stdin = child.stdin.take();
+    let stderr = child.stderr.take();
+    let (status, said) = std::thread::scope(|scope| {
+        // Fed and read on threads of their own: a child that stops reading (or writing)
+        // cannot block the wait, which is bounded.
+        scope.spawn(move || {
+            if let Some(mut stdin) = stdin {
+                let _ = stdin.write_all(bytes);
+            }
+        });
+        let reader = scope.spawn(move || {
+            let mut said = Vec::new();
+            if let Some(mut stderr) = stderr {
+                let _ = (&mut stderr).take(64 << 10).read_to_end(&mut said);
+                let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+            }
+            said
+        });
+        let deadline = std::time::Instant::now() + PROBE_TIMEOUT;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+            }
+        };
+        (status, reader.join().unwrap_or_default())
+    });
+    // The first line the process wrote that is not a note ("memory allocation of N bytes
+    // failed", "thread 'main' has overflowed its stack", a panic's message).
+    let last_words = String::from_utf8_lossy(&said)
+        .lines()
+        .find(|l| !l.trim().is_empty() && !l.starts_with("note:"))
+        .map(|l| {
+            l.chars()
+                .filter(|c| !c.is_control())
+                .take(200)
+                .collect::<String>()
+        })
+        .unwrap_or_default();
+    match status {
+        None => Err(crashed(format!(
+            "it did not load within {} s",
+            PROBE_TIMEOUT.as_secs()
+        ))),
+        Some(status) => match status.signal() {
+            Some(signal) => {
+                let name = match signal {
+                    6 => " (SIGABRT)",
+                    11 => " (SIGSEGV)",
+                    7 => " (SIGBUS)",
+                    4 => " (SIGILL)",
+                    9 => " (SIGKILL: out of memory?)",
+                    _ => "",
+                };
+                tracing::error!(file = %path.display(), engine, signal, said = %last_words,
+                    "loading the model stopped the probe process: refused");
+                Err(crashed(format!(
+                    "signal {signal}{name}{}",
+                    if last_words.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {last_words}")
+                    }
+                )))
+            }
+            None => Ok(()),
+        },
+    }
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {

@@ -301,6 +301,41 @@ fn a_model_with_a_very_long_symbolic_dimension_is_refused() {
     );
 }
 
+/// A model is loaded in the probe process first: one that a signal stopped there is refused
+/// (with the signal and the probe's last words), one whose probe merely failed is loaded
+/// here, which says why it fails (or serves it).
+#[test]
+fn a_probe_stopped_by_a_signal_refuses_the_model() {
+    let (_dir, bundle) = repository_with_v1();
+    let probe = |script: &str| RepositoryOptions {
+        probe: Some(nightingale_models::ProbeCommand {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+        }),
+        ..RepositoryOptions::default()
+    };
+    let err = Bundle::open(&bundle)
+        .unwrap()
+        .load_version(
+            1,
+            &probe(
+                "cat > /dev/null; echo 'memory allocation of 4 bytes failed' >&2; kill -ABRT $$",
+            ),
+        )
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(err, BundleError::Crashed { .. })
+            && message.contains("signal 6 (SIGABRT): memory allocation of 4 bytes failed"),
+        "{message}"
+    );
+    // The probe reads nothing and exits with an error: no verdict, the load goes on here.
+    Bundle::open(&bundle)
+        .unwrap()
+        .load_version(1, &probe("echo no >&2; exit 1"))
+        .unwrap();
+}
+
 #[test]
 fn unload_while_loaded_then_reload() {
     let (dir, _) = repository_with_v1();

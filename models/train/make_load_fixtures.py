@@ -11,6 +11,9 @@
     the same external tensor where tract's protobuf reader does not look (a `Constant` in a
     model-local function; a `Constant` whose `sparse_value` holds it): onnxruntime reads the
     file from its working directory (checked here), so loading must refuse them too;
+  * models/tests/fixtures/alloc-abort.onnx: a constant `Pad` to 10^12 elements that tract
+    0.23.9 folds while it loads: its allocation of 4 TB fails, and Rust aborts the process on
+    a failed allocation (no panic to catch), so loading must happen in a probe process first;
   * models/tests/fixtures/long-dim-param.onnx: an input whose symbolic dimension is 4,000
     nested parentheses around `N` (tract's recursive expression parser overflowed the stack
     on it, which aborts the process), which loading must refuse.
@@ -132,6 +135,24 @@ def check_onnxruntime_reads_them(models: dict[str, onnx.ModelProto]) -> None:
             print(f"onnxruntime read weights.bin through {name}: {y.tolist()}")
 
 
+def alloc_abort_model() -> onnx.ModelProto:
+    """x FP32 [N, 4] + (the sum of a constant padded to 10^12 + 1 elements) -> y."""
+    from onnx import numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    constants = [numpy_helper.from_array(np.array([1.0], np.float32), "one"),
+                 numpy_helper.from_array(np.array([0, 10**12], np.int64), "pads")]
+    nodes = [helper.make_node("Pad", ["one", "pads"], ["big"]),
+             helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+             helper.make_node("Add", ["x", "total"], ["y"])]
+    m = helper.make_model(helper.make_graph(nodes, "alloc_abort", [x], [y], constants),
+                          opset_imports=[helper.make_opsetid("", 17)], producer_name="make_load_fixtures.py")
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
 def long_dim_param_model() -> onnx.ModelProto:
     depth = 4000
     dim = "(" * depth + "N" + ")" * depth
@@ -197,6 +218,7 @@ def main() -> None:
     hidden = hidden_external_models("weights.bin")
     check_onnxruntime_reads_them(hidden)
     hidden["long-dim-param.onnx"] = long_dim_param_model()
+    hidden["alloc-abort.onnx"] = alloc_abort_model()
     for name, m in hidden.items():
         (FIXTURES / name).write_bytes(m.SerializeToString())
         print(f"wrote {FIXTURES / name}")

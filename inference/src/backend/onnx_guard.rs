@@ -16,7 +16,9 @@
 //!   as an expression with a recursive parser, and a few KB of parentheses or signs overflowed
 //!   the loading thread's stack, which aborts the process (no unwinding to catch), at every
 //!   start while the bundle is in the repository;
-//! - more than [`MAX_NODES`] nodes in all.
+//! - more than [`MAX_NODES`] nodes in all;
+//! - a file in ONNX Runtime's own format (`ORTM` at bytes 4..8), which ONNX Runtime loads
+//!   from memory too, and whose contents this view cannot see.
 //!
 //! Protobuf nesting deeper than prost's limit (100 levels) fails to decode, and is refused as
 //! unreadable.
@@ -279,6 +281,16 @@ impl Findings {
 
 /// Refuses a model holding what is listed in the module's documentation, naming why.
 pub(crate) fn check(model: &[u8], name: &Path) -> Result<(), InferenceError> {
+    // ONNX Runtime takes a buffer whose bytes 4..8 are "ORTM" as its own flatbuffer format
+    // (`.ort`), which nothing here reads: a file that is both (its first bytes read as
+    // protobuf fields) passed this check empty and was loaded by ONNX Runtime (a red-team
+    // finding). Only ONNX files are loaded.
+    if model.get(4..8) == Some(b"ORTM".as_slice()) {
+        return Err(InferenceError::load(
+            name,
+            "the file is in ONNX Runtime's own format (.ort), not ONNX; only ONNX models are loaded",
+        ));
+    }
     let proto = Model::decode(model).map_err(|e| {
         InferenceError::load(name, format!("the file is not a readable ONNX model: {e}"))
     })?;
@@ -328,4 +340,26 @@ pub(crate) fn check(model: &[u8], name: &Path) -> Result<(), InferenceError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Red-team finding: bytes that ONNX Runtime reads as its own format and prost as an
+    /// ONNX model with nothing in it (the root offset `08 00 09 00` is also two protobuf
+    /// fields, the second covering "ORTM") passed the check. Refused by their magic.
+    #[test]
+    fn an_ort_format_file_is_refused() {
+        let mut bytes = vec![0x08, 0x00, 0x09, 0x00];
+        bytes.extend_from_slice(b"ORTM");
+        bytes.extend_from_slice(&[0; 3]);
+        assert!(Model::decode(bytes.as_slice()).is_ok(), "a valid protobuf");
+        let err = check(&bytes, Path::new("m.onnx")).unwrap_err();
+        let why = std::error::Error::source(&err).map(|s| s.to_string());
+        assert!(
+            why.is_some_and(|w| w.contains("ONNX Runtime's own format")),
+            "{err}"
+        );
+    }
 }
