@@ -607,6 +607,11 @@ def test_multiclass_tensor_split_matches_scikit_learn(orientation_testdata, tmp_
         assert abs(c["auroc"]["value"] - skm.roc_auc_score(y == k, prob[:, k])) < 1e-3
     html = (out / "report.html").read_text()
     assert "Confusion matrix" in html and "macro AUROC" in html
+    # A tensor dataset has no columns: a patient-id column named for it was taken and
+    # ignored (a report of 0 patients: a red-team finding); refused.
+    _, _, text = validate("--model", "image-orientation", "--output", "orientation", "--dataset",
+                          str(image_split), "--patient-id-column", "pid", out=tmp_path / "pid", expect=2)
+    assert "has no columns for --patient-id-column" in text, text
 
 
 def test_multiclass_npy_labels_outside_the_classes_are_listed(tmp_path):

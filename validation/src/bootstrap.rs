@@ -103,8 +103,57 @@ impl Sorted {
     }
 }
 
-/// Weighted AUROC, AP and Brier of one replicate.
-fn weighted_metrics(s: &Sorted, y: &[bool], p: &[f64], w: &[u32]) -> Replicate {
+/// Each cluster's positive–negative pairs among its own rows: how many rank the positive
+/// above the negative (ties half), and how many there are.
+fn within_pairs(y: &[bool], p: &[f64], members: &[Vec<usize>]) -> Vec<(f64, u64)> {
+    members
+        .iter()
+        .map(|rows| {
+            let scores: Vec<f64> = rows.iter().map(|&r| p[r]).collect();
+            let (order, groups) = metrics::groups_descending(&scores);
+            let (mut neg_below, mut u, mut pos, mut neg) = (0u64, 0.0f64, 0u64, 0u64);
+            for &(a, b) in groups.iter().rev() {
+                let (mut gp, mut gn) = (0u64, 0u64);
+                for &i in &order[a..b] {
+                    if y[rows[i]] {
+                        gp += 1;
+                    } else {
+                        gn += 1;
+                    }
+                }
+                u += gp as f64 * (neg_below as f64 + 0.5 * gn as f64);
+                neg_below += gn;
+                pos += gp;
+                neg += gn;
+            }
+            (u, pos * neg)
+        })
+        .collect()
+}
+
+/// The clusters of a cluster bootstrap and their own pairs ([`within_pairs`]), for the
+/// AUROC's correction in [`weighted_metrics`].
+#[derive(Clone, Copy)]
+struct Within<'a> {
+    members: &'a [Vec<usize>],
+    pairs: &'a [(f64, u64)],
+}
+
+/// Weighted AUROC, AP and Brier of one replicate. With `within` (a cluster bootstrap), the
+/// AUROC leaves out the pairs between two copies of one cluster: a patient drawn c times
+/// would otherwise bring its own positive–negative comparisons c² times where every other
+/// pair comes about c_a·c_b ≈ 1 time on average (E[c²] ≈ 2), so a model that ranks within
+/// a patient better than across patients got replicates above the estimate, and the
+/// interval could lie wholly above it (a red-team finding: a gate passed with
+/// `--patient-id-column` that failed without it). Each copy keeps its own pairs once (c
+/// times), as a U-statistic's bootstrap without its diagonal.
+fn weighted_metrics(
+    s: &Sorted,
+    y: &[bool],
+    p: &[f64],
+    w: &[u32],
+    within: Option<Within<'_>>,
+) -> Replicate {
     let (mut wp, mut wn) = (0u64, 0u64);
     let mut brier = 0.0;
     for ((&y, &p), &w) in y.iter().zip(p).zip(w) {
@@ -141,7 +190,18 @@ fn weighted_metrics(s: &Sorted, y: &[bool], p: &[f64], w: &[u32]) -> Replicate {
         neg_below += gn;
         group_w.push((gp, gn));
     }
-    let auroc = u / (wp as f64 * wn as f64);
+    let (mut u_copies, mut pairs_copies) = (0.0f64, 0u64);
+    if let Some(within) = within {
+        for (rows, &(u_own, pairs_own)) in within.members.iter().zip(within.pairs) {
+            let c = rows.first().map_or(0, |&r| u64::from(w[r]));
+            if c > 1 && pairs_own > 0 {
+                let copies = c * (c - 1);
+                u_copies += copies as f64 * u_own;
+                pairs_copies += copies * pairs_own;
+            }
+        }
+    }
+    let auroc = (u - u_copies) / (wp as f64 * wn as f64 - pairs_copies as f64);
     // AP and the ROC at the band's grid: descending
     let (mut tp, mut fp) = (0u64, 0u64);
     let mut ap = 0.0;
@@ -194,6 +254,10 @@ pub fn bootstrap_macro_auroc(
     }
     let sorted: Vec<Sorted> = columns.iter().map(|(_, p)| Sorted::new(p)).collect();
     let members = clusters.map(cluster_members);
+    let own: Vec<Vec<(f64, u64)>> = match &members {
+        Some(m) => columns.iter().map(|(y, p)| within_pairs(y, p, m)).collect(),
+        None => Vec::new(),
+    };
     let reps: Vec<Option<f64>> = (0..spec.replicates)
         .into_par_iter()
         .map_init(
@@ -206,7 +270,14 @@ pub fn bootstrap_macro_auroc(
                 let aucs: Vec<f64> = columns
                     .iter()
                     .zip(&sorted)
-                    .filter_map(|((y, p), s)| weighted_metrics(s, y, p, w).0)
+                    .enumerate()
+                    .filter_map(|(k, ((y, p), s))| {
+                        let within = members.as_deref().map(|members| Within {
+                            members,
+                            pairs: &own[k],
+                        });
+                        weighted_metrics(s, y, p, w, within).0
+                    })
                     .collect();
                 Some((!aucs.is_empty()).then(|| aucs.iter().sum::<f64>() / aucs.len() as f64))
             },
@@ -291,6 +362,11 @@ pub fn bootstrap(
     }
     let sorted = Sorted::new(p);
     let members = clusters.map(cluster_members);
+    let own = members.as_deref().map(|m| within_pairs(y, p, m));
+    let within = members
+        .as_deref()
+        .zip(own.as_deref())
+        .map(|(members, pairs)| Within { members, pairs });
     let reps: Vec<Replicate> = (0..spec.replicates)
         .into_par_iter()
         .map_init(
@@ -300,7 +376,7 @@ pub fn bootstrap(
                     return None;
                 }
                 draw(w, members.as_deref(), spec.seed, b);
-                Some(weighted_metrics(&sorted, y, p, w))
+                Some(weighted_metrics(&sorted, y, p, w, within))
             },
         )
         .while_some()
@@ -345,7 +421,7 @@ mod tests {
         let (ry, rp): (Vec<bool>, Vec<f64>) = (0..y.len())
             .flat_map(|i| std::iter::repeat_n((y[i], p[i]), w[i] as usize))
             .unzip();
-        let (auc, ap, brier, band) = weighted_metrics(&Sorted::new(&p), &y, &p, &w);
+        let (auc, ap, brier, band) = weighted_metrics(&Sorted::new(&p), &y, &p, &w, None);
         // the band's TPR at each FPR of the grid: the largest TPR with fpr <= f
         let roc = metrics::roc_curve(&ry, &rp);
         for (k, b) in band.unwrap().iter().enumerate() {
@@ -421,6 +497,41 @@ mod tests {
         let r = bootstrap(&y, &p, Some((&clusters, 20)), spec.clone());
         assert!(r.auroc.is_some());
         assert_eq!(r, bootstrap(&y, &p, Some((&clusters, 20)), spec));
+    }
+
+    /// Red-team finding: with a positive and a negative row per patient, ranked right within
+    /// every patient and at random across them (a per-patient offset in the scores), the
+    /// pairs between two copies of a patient drawn twice pushed every replicate's AUROC
+    /// above the estimate, and the 95 % interval lay wholly above it. Without those pairs
+    /// the replicates centre on the estimate.
+    #[test]
+    fn a_patient_drawn_twice_does_not_compare_with_its_copy() {
+        let k = 40;
+        let offset = |i: usize| ((i * 7919) % 97) as f64 / 97.0;
+        let y: Vec<bool> = (0..2 * k).map(|r| r % 2 == 0).collect();
+        let p: Vec<f64> = (0..2 * k)
+            .map(|r| offset(r / 2) + if r % 2 == 0 { 0.05 } else { 0.0 })
+            .collect();
+        let clusters: Vec<usize> = (0..2 * k).map(|r| r / 2).collect();
+        let value = metrics::auroc(&y, &p).unwrap();
+        let spec = BootstrapSpec {
+            replicates: 2000,
+            seed: 11,
+            confidence: 0.95,
+            stop: None,
+        };
+        let ci = bootstrap(&y, &p, Some((&clusters, k)), spec.clone())
+            .auroc
+            .unwrap();
+        assert!(
+            ci.ci_lower < value && value < ci.ci_upper,
+            "{value} outside [{}, {}]",
+            ci.ci_lower,
+            ci.ci_upper
+        );
+        let columns = vec![(y.clone(), p.clone())];
+        let macro_ci = bootstrap_macro_auroc(&columns, Some((&clusters, k)), spec).unwrap();
+        assert_eq!(macro_ci, ci, "one class column: the same replicates");
     }
 
     /// Two identical rows per patient: the cluster bootstrap of the macro AUROC draws each

@@ -300,9 +300,31 @@ fn check_with<'m>(
             Some(v) => {
                 let low = c.min.filter(|&m| v < m);
                 let high = c.max.filter(|&m| v > m);
-                match (low, high) {
-                    (Some(m), _) => (false, Some(format!("{v:.4} is below the minimum {m}"))),
-                    (_, Some(m)) => (false, Some(format!("{v:.4} is above the maximum {m}"))),
+                // A confidence limit is never more lenient than the estimate itself: an
+                // interval that does not contain its estimate (a cluster bootstrap's lay
+                // wholly above it: a red-team finding) cannot pass a gate the estimate fails.
+                let estimate = metric
+                    .and_then(|m| m.value)
+                    .filter(|_| matches!(bound, "ci_lower" | "ci_upper"));
+                let estimate_low = c.min.zip(estimate).filter(|(m, e)| e < m);
+                let estimate_high = c.max.zip(estimate).filter(|(m, e)| e > m);
+                match (low, high, estimate_low, estimate_high) {
+                    (Some(m), ..) => (false, Some(format!("{v:.4} is below the minimum {m}"))),
+                    (_, Some(m), ..) => (false, Some(format!("{v:.4} is above the maximum {m}"))),
+                    (_, _, Some((m, e)), _) => (
+                        false,
+                        Some(format!(
+                            "the estimate {e:.4} is below the minimum {m} (its interval's limit \
+                             {v:.4} is not: the interval does not contain the estimate)"
+                        )),
+                    ),
+                    (_, _, _, Some((m, e))) => (
+                        false,
+                        Some(format!(
+                            "the estimate {e:.4} is above the maximum {m} (its interval's limit \
+                             {v:.4} is not: the interval does not contain the estimate)"
+                        )),
+                    ),
                     _ => (true, None),
                 }
             }
@@ -552,6 +574,25 @@ mod tests {
                 "auroc.ci_lower"
             )
             .passed
+        );
+        // An interval above its own estimate (a cluster bootstrap's could lie there): the
+        // estimate below the minimum fails the criterion whose limit passes.
+        let mut above = enough.clone();
+        above.auroc.value = Some(0.85);
+        let g = check(
+            &wdbc_gate(None, None),
+            Some(2),
+            &above,
+            &Settings::default(),
+        );
+        let limit = by_name(&g, "auroc.ci_lower");
+        assert!(
+            !limit.passed
+                && limit
+                    .reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("the estimate 0.8500 is below the minimum 0.9")),
+            "{limit:?}"
         );
     }
 
