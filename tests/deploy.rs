@@ -349,12 +349,36 @@ async fn unload_refuses_parameters_it_does_not_take() {
         r#"{"parameters": 3}"#,
         "[]",
         "{",
+        // Red-team finding: another repository's name, or a misspelt key, was ignored.
+        r#"{"repository_name": "other"}"#,
+        r#"{"paramters": {"unload_dependents": true}}"#,
     ] {
         let (s, v) = f.post(&uri, body, Some(TOKEN)).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
         let (_, v) = f.infer_version().await;
         assert_eq!(v["model_version"], "2", "{body}: still serving");
     }
+    // The same on load (a misspelt rollback acted as a plain load) and on the index.
+    let load = format!("/v2/repository/models/{MODEL}/load");
+    for body in [
+        r#"{"repository_name": "other"}"#,
+        r#"{"paramters": {"version": "1"}}"#,
+    ] {
+        let (s, v) = f.post(&load, body, Some(TOKEN)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("not supported"),
+            "{v}"
+        );
+    }
+    let (s, v) = f
+        .post(
+            "/v2/repository/index",
+            r#"{"repository_name": "other"}"#,
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     let (s, v) = f
         .post(
             &uri,

@@ -31,6 +31,7 @@ pub async fn index(
         let Some(object) = v.as_object() else {
             return Err(AppError::bad_request("the body must be a JSON object"));
         };
+        only_keys(object, &["ready"])?;
         match object.get("ready") {
             None => false,
             Some(serde_json::Value::Bool(b)) => *b,
@@ -124,6 +125,7 @@ fn load_target(body: &[u8]) -> Result<(LoadTarget, Option<u64>), AppError> {
             "the load request must be a JSON object",
         ));
     };
+    only_keys(object, &["parameters"])?;
     let parameters = match object.get("parameters") {
         None | Some(serde_json::Value::Null) => return Ok((LoadTarget::Policy, None)),
         Some(serde_json::Value::Object(p)) => p,
@@ -190,6 +192,7 @@ fn check_unload_request(body: &[u8]) -> Result<(), AppError> {
             "the unload request must be a JSON object",
         ));
     };
+    only_keys(object, &["parameters"])?;
     match object.get("parameters") {
         None | Some(serde_json::Value::Null) => Ok(()),
         Some(serde_json::Value::Object(p)) => match p.keys().find(|k| *k != "unload_dependents") {
@@ -200,6 +203,31 @@ fn check_unload_request(body: &[u8]) -> Result<(), AppError> {
             ))),
         },
         Some(_) => Err(AppError::bad_request("\"parameters\" must be an object")),
+    }
+}
+
+/// A repository request's body names only `allowed` at its top: another key (Triton's
+/// `repository_name`, a misspelt `paramters`) is refused, not ignored (a load naming another
+/// repository, or a rollback whose `parameters` was misspelt, acted as a plain load: a
+/// red-team finding).
+fn only_keys(
+    object: &serde_json::Map<String, serde_json::Value>,
+    allowed: &[&str],
+) -> Result<(), AppError> {
+    match object.keys().find(|k| !allowed.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(key) if key == "repository_name" => Err(AppError::bad_request(
+            "\"repository_name\" is not supported: this server serves one model repository",
+        )),
+        Some(key) => Err(AppError::bad_request(format!(
+            "request key {:?} is not supported (only {})",
+            key.chars().take(64).collect::<String>(),
+            allowed
+                .iter()
+                .map(|k| format!("{k:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
     }
 }
 
