@@ -73,25 +73,22 @@ struct ProbeArgs {
     tract_kernels: String,
     #[arg(long)]
     ort_library: Option<PathBuf>,
+    #[arg(long)]
+    version: u64,
 }
 
-/// `__probe-model`: exit 0 when the model loads and runs on zeros, 1 with the engine's error.
+/// `__probe-model`: prepares the version given on stdin as the server would (load, warm-up
+/// with the manifest's shapes, self-test: [`nightingale_models::probe_load`]); exit 0, or 1
+/// with the error.
 fn probe_model(args: ProbeArgs) -> ! {
-    use std::io::Read;
-    let fail = |message: String| -> ! {
-        eprintln!("{message}");
-        std::process::exit(1)
+    let backend: nightingale_inference::BackendKind = match args.backend.parse() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1)
+        }
     };
-    let mut bytes = Vec::new();
-    if let Err(e) = std::io::stdin()
-        .take(nightingale_models::FILE_LIMIT + 1)
-        .read_to_end(&mut bytes)
-    {
-        fail(format!("cannot read the model: {e}"));
-    }
-    let backend: nightingale_inference::BackendKind =
-        args.backend.parse().unwrap_or_else(|e: String| fail(e));
-    let load = nightingale_inference::LoadOptions {
+    let options = RepositoryOptions {
         backend,
         intra_op_threads: args.intra_op_threads,
         ort_library: args.ort_library,
@@ -100,18 +97,15 @@ fn probe_model(args: ProbeArgs) -> ! {
         } else {
             nightingale_inference::TractKernels::Nightingale
         },
-        ..nightingale_inference::LoadOptions::default()
+        ..RepositoryOptions::default()
     };
-    let name = std::path::Path::new("model.onnx");
-    let mut model = nightingale_inference::load_bytes(&bytes, name, &load)
-        .unwrap_or_else(|e| fail(e.to_string()));
-    let metadata = model.metadata().clone();
-    if let nightingale_inference::Zeros::Ready(inputs) = nightingale_inference::zeros(&metadata, 1)
-        && let Err(e) = model.infer(inputs)
-    {
-        fail(e.to_string());
+    match nightingale_models::probe_load(&mut std::io::stdin().lock(), args.version, &options) {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1)
+        }
     }
-    std::process::exit(0)
 }
 
 #[derive(Subcommand, Debug)]

@@ -123,6 +123,18 @@ fn a_model_that_aborts_its_loader_is_refused_not_followed() {
         stdout.contains("ok   wdbc-malignancy version 1:"),
         "the next bundle is checked: {stdout}"
     );
+    // Re-attack finding: a model whose Pad aborts only with the manifest's pinned shape (the
+    // file leaves the dimension open, so a warm-up on the file's own shapes ran nothing)
+    // passed the probe and aborted the server's warm-up. The probe prepares the version as
+    // the server does.
+    let pinned = root().join("models/tests/fixtures/bundles/pinned-pad");
+    let (code, stdout) = models_check(&[&pinned]);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("stopped a probe process (signal 6 (SIGABRT)")
+            && stdout.contains("memory allocation of 808000000404 bytes failed"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -31,7 +31,7 @@ pub use preprocess::{
 };
 pub use repository::{
     Bundle, IndexEntry, LoadOutcome, LoadTarget, LoadedModel, MANIFEST_FILE, ModelState,
-    PROBE_TIMEOUT, ProbeCommand, PromotionCheck, Repository, RepositoryOptions,
+    PROBE_TIMEOUT, ProbeCommand, PromotionCheck, Repository, RepositoryOptions, probe_load,
 };
 pub use selftest::{SelfTestError, SelfTestReport};
 pub use signature::{SignaturePolicy, SignatureStatus, SigningKey, TrustedKey};

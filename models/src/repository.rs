@@ -412,7 +412,13 @@ impl Bundle {
         if model.candle_config.is_none()
             && let Some(probe) = &options.probe
         {
-            probe_in_child(probe, model.bytes, &load, &model_path, engine_name)?;
+            let input = ProbeInput {
+                manifest: &self.text,
+                version,
+                model: model.bytes,
+                selftest: selftest.map(|(_, bytes)| bytes.as_slice()),
+            };
+            probe_in_child(probe, &input, &load, &model_path, engine_name)?;
         }
         let mut backend = guarded(&model_path, engine_name, "loading the model", || {
             match (&self.manifest.candle, model.candle_config) {
@@ -493,12 +499,12 @@ fn guarded<T>(
 /// with an error is no verdict: the load in this process then says what is wrong.
 fn probe_in_child(
     probe: &ProbeCommand,
-    bytes: &[u8],
+    input: &ProbeInput<'_>,
     load: &LoadOptions,
     path: &Path,
     engine: &'static str,
 ) -> Result<(), BundleError> {
-    use std::io::{Read, Write};
+    use std::io::Read;
     use std::os::unix::process::ExitStatusExt;
     let crashed = |message: String| BundleError::Crashed {
         path: path.to_owned(),
@@ -512,6 +518,8 @@ fn probe_in_child(
         .arg(load.backend.as_str())
         .arg("--intra-op-threads")
         .arg(load.intra_op_threads.to_string())
+        .arg("--version")
+        .arg(input.version.to_string())
         .arg("--tract-kernels")
         .arg(match load.tract_kernels {
             nightingale_inference::TractKernels::Nightingale => "nightingale",
@@ -536,7 +544,7 @@ fn probe_in_child(
         // cannot block the wait, which is bounded.
         scope.spawn(move || {
             if let Some(mut stdin) = stdin {
-                let _ = stdin.write_all(bytes);
+                let _ = input.write_to(&mut stdin);
             }
         });
         let reader = scope.spawn(move || {
@@ -604,6 +612,101 @@ fn probe_in_child(
             None => Ok(()),
         },
     }
+}
+
+/// What the probe process is given on its stdin: the manifest's text, the model's verified
+/// bytes and the self-test's, each after its length (8 bytes, little-endian; a self-test's
+/// `u64::MAX` when there is none). With them it does what [`Bundle::prepare`] does here: the
+/// load, the warm-up with the manifest's shapes and the self-test with its inputs (a probe
+/// that warmed up with the file's own shapes passed models that the warm-up with pinned
+/// dimensions, or the self-test's rows, then aborted in the server: a re-attack's finding).
+struct ProbeInput<'a> {
+    manifest: &'a str,
+    version: u64,
+    model: &'a [u8],
+    selftest: Option<&'a [u8]>,
+}
+
+impl ProbeInput<'_> {
+    fn write_to(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        for part in [
+            Some(self.manifest.as_bytes()),
+            Some(self.model),
+            self.selftest,
+        ] {
+            match part {
+                Some(bytes) => {
+                    out.write_all(&(bytes.len() as u64).to_le_bytes())?;
+                    out.write_all(bytes)?;
+                }
+                None => out.write_all(&u64::MAX.to_le_bytes())?,
+            }
+        }
+        out.flush()
+    }
+}
+
+/// The probe process's side ([`ProbeCommand`]): reads a [`ProbeInput`] from `input` and
+/// prepares `version` of that manifest as the server would (on `options.backend`, without a
+/// probe of its own): the engine's load, the warm-up and the self-test. Its error, if any,
+/// as text.
+pub fn probe_load(
+    input: &mut impl std::io::Read,
+    version: u64,
+    options: &RepositoryOptions,
+) -> Result<(), String> {
+    fn part(input: &mut impl std::io::Read, limit: u64) -> Result<Option<Vec<u8>>, String> {
+        let mut len = [0u8; 8];
+        input
+            .read_exact(&mut len)
+            .map_err(|e| format!("cannot read the probe's input: {e}"))?;
+        let len = u64::from_le_bytes(len);
+        if len == u64::MAX {
+            return Ok(None);
+        }
+        if len > limit {
+            return Err(format!(
+                "a part of {len} bytes is over the limit of {limit}"
+            ));
+        }
+        let mut bytes = Vec::new();
+        input
+            .take(len)
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("cannot read the probe's input: {e}"))?;
+        if bytes.len() as u64 != len {
+            return Err("the probe's input ends early".to_owned());
+        }
+        Ok(Some(bytes))
+    }
+    let text = part(input, MANIFEST_LIMIT)?.ok_or("no manifest")?;
+    let text = String::from_utf8(text).map_err(|_| "the manifest is not UTF-8".to_owned())?;
+    let model = part(input, crate::FILE_LIMIT)?.ok_or("no model")?;
+    let selftest_bytes = part(input, crate::FILE_LIMIT)?;
+    let manifest = Manifest::parse(&text).map_err(|e| e.to_string())?;
+    let bundle = Bundle {
+        dir: PathBuf::from(&manifest.name),
+        manifest,
+        signature: SignatureStatus::Unsigned,
+        text: text.into(),
+        manifest_sha256: String::new(),
+    };
+    if !bundle.manifest.versions.contains_key(&version.to_string()) {
+        return Err(format!("the manifest has no version {version}"));
+    }
+    let selftest = bundle.manifest.selftest.as_ref().zip(selftest_bytes);
+    let options = RepositoryOptions {
+        probe: None,
+        ..options.clone()
+    };
+    let model = Model {
+        bytes: &model,
+        candle_config: None,
+    };
+    bundle
+        .prepare(options.backend, version, model, selftest.as_ref(), &options)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
