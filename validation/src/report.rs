@@ -429,8 +429,21 @@ pub struct Subgroup {
 }
 
 /// Why a subgroup of `n` rows gets no metrics, if it does not.
-fn insufficient(n: usize, one_class: bool, settings: &Settings) -> Option<String> {
-    if n < settings.min_subgroup_n {
+/// With rows clustered by patient (`patients`: the subgroup's distinct patients), the
+/// minimum counts patients (a subgroup of 59 rows from 2 patients got metrics: a red-team
+/// finding), as the gate's minimum-sample rule does.
+fn insufficient(
+    n: usize,
+    patients: Option<usize>,
+    one_class: bool,
+    settings: &Settings,
+) -> Option<String> {
+    if let Some(p) = patients.filter(|&p| p < settings.min_subgroup_n) {
+        Some(format!(
+            "{p} patients, fewer than the minimum of {} (rows clustered by patient)",
+            settings.min_subgroup_n
+        ))
+    } else if n < settings.min_subgroup_n {
         Some(format!(
             "{n} rows, fewer than the minimum of {}",
             settings.min_subgroup_n
@@ -595,7 +608,8 @@ pub fn multiclass_subgroups(
                 .flat_map(|&i| p[i * k..(i + 1) * k].iter().copied())
                 .collect();
             let present = sy.iter().collect::<std::collections::BTreeSet<_>>().len();
-            let reason = insufficient(rows.len(), present < 2, settings);
+            let patients = clusters.map(|(c, _)| distinct_patients(&rows, c));
+            let reason = insufficient(rows.len(), patients, present < 2, settings);
             out.push(Subgroup {
                 column: column.name.clone(),
                 value: shown(value),
@@ -859,6 +873,14 @@ pub fn compute_metrics(
     }
 }
 
+/// How many distinct patients `rows` hold (`clusters[i]`: row i's patient).
+fn distinct_patients(rows: &[usize], clusters: &[usize]) -> usize {
+    rows.iter()
+        .map(|&i| clusters[i])
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
 /// Each row's cluster (patient) as an index in `0..k`, in order of first appearance, and `k`.
 pub fn cluster_index(ids: &[String]) -> (Vec<usize>, usize) {
     let mut seen: HashMap<&str, usize> = HashMap::new();
@@ -916,7 +938,10 @@ pub fn evaluate(
             let sy: Vec<bool> = rows.iter().map(|&i| y[i]).collect();
             let sp: Vec<f64> = rows.iter().map(|&i| p[i]).collect();
             let (pos, neg) = metrics::class_counts(&sy);
-            let reason = insufficient(rows.len(), pos == 0 || neg == 0, settings);
+            let patients = cluster_index
+                .as_deref()
+                .map(|c| distinct_patients(&rows, c));
+            let reason = insufficient(rows.len(), patients, pos == 0 || neg == 0, settings);
             subgroups.push(Subgroup {
                 column: column.name.clone(),
                 value: shown(value),
@@ -1000,6 +1025,68 @@ mod tests {
         let mut edge = SubgroupColumn::new("note");
         edge.push(&"x".repeat(MAX_SUBGROUP_VALUE_BYTES));
         assert!(edge.groups().is_ok());
+    }
+
+    /// Red-team finding: under --patient-id-column a subgroup of 100 rows from 2 patients got
+    /// metrics. Its minimum counts patients then (binary and multi-class alike).
+    #[test]
+    fn a_subgroup_of_few_patients_is_insufficient_when_rows_are_clustered() {
+        let y: Vec<bool> = (0..200).map(|i| i % 3 == 0).collect();
+        let p: Vec<f64> = (0..200).map(|i| f64::from(i) / 200.0).collect();
+        let mut site = SubgroupColumn::new("site");
+        // "north": 100 rows of 2 patients; "south": 100 rows of 50 patients.
+        let patients: Vec<String> = (0..200)
+            .map(|i| {
+                if i < 100 {
+                    format!("n{}", i % 2)
+                } else {
+                    format!("s{}", i % 50)
+                }
+            })
+            .collect();
+        for i in 0..200 {
+            site.push(if i < 100 { "north" } else { "south" });
+        }
+        let settings = Settings {
+            bootstrap_replicates: 0,
+            ..Settings::default()
+        };
+        let columns = [site];
+        let status = |clusters: Option<&[String]>| -> Vec<(String, &'static str, Option<String>)> {
+            let scored = Scored {
+                y: &y,
+                p: &p,
+                subgroups: &columns,
+                clusters,
+            };
+            let (_, _, subgroups, _) = evaluate(&scored, &[], &settings);
+            subgroups
+                .into_iter()
+                .map(|s| (s.value, s.status, s.reason))
+                .collect()
+        };
+        let rows = status(None);
+        assert!(rows.iter().all(|(_, s, _)| *s == "ok"), "{rows:?}");
+        let clustered = status(Some(&patients));
+        assert_eq!(clustered[0].1, "insufficient", "{clustered:?}");
+        assert!(
+            clustered[0]
+                .2
+                .as_deref()
+                .is_some_and(|r| r.starts_with("2 patients, fewer than the minimum of 30")),
+            "{clustered:?}"
+        );
+        assert_eq!(clustered[1].1, "ok", "{clustered:?}");
+        // Multi-class: the same rule.
+        let labels: Vec<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
+        let yk: Vec<usize> = y.iter().map(|&b| usize::from(b)).collect();
+        let pk: Vec<f64> = p.iter().flat_map(|&v| [1.0 - v, v]).collect();
+        let (index, k) = cluster_index(&patients);
+        let sub = multiclass_subgroups(&yk, &pk, &labels, &columns, &settings, Some((&index, k)));
+        assert_eq!(
+            sub.iter().map(|s| s.status).collect::<Vec<_>>(),
+            ["insufficient", "ok"]
+        );
     }
 
     #[test]
