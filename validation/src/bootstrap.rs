@@ -104,29 +104,17 @@ impl Sorted {
 }
 
 /// Each cluster's positive–negative pairs among its own rows: how many rank the positive
-/// above the negative (ties half), and how many there are.
+/// above the negative (ties half: its AUROC times its pairs), and how many there are.
 fn within_pairs(y: &[bool], p: &[f64], members: &[Vec<usize>]) -> Vec<(f64, u64)> {
     members
         .iter()
         .map(|rows| {
-            let scores: Vec<f64> = rows.iter().map(|&r| p[r]).collect();
-            let (order, groups) = metrics::groups_descending(&scores);
-            let (mut neg_below, mut u, mut pos, mut neg) = (0u64, 0.0f64, 0u64, 0u64);
-            for &(a, b) in groups.iter().rev() {
-                let (mut gp, mut gn) = (0u64, 0u64);
-                for &i in &order[a..b] {
-                    if y[rows[i]] {
-                        gp += 1;
-                    } else {
-                        gn += 1;
-                    }
-                }
-                u += gp as f64 * (neg_below as f64 + 0.5 * gn as f64);
-                neg_below += gn;
-                pos += gp;
-                neg += gn;
-            }
-            (u, pos * neg)
+            let ys: Vec<bool> = rows.iter().map(|&r| y[r]).collect();
+            let ps: Vec<f64> = rows.iter().map(|&r| p[r]).collect();
+            let (pos, neg) = metrics::class_counts(&ys);
+            let pairs = (pos * neg) as u64;
+            let concordant = metrics::auroc(&ys, &ps).map_or(0.0, |a| a * pairs as f64);
+            (concordant, pairs)
         })
         .collect()
 }
