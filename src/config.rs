@@ -45,6 +45,12 @@ pub struct ServeArgs {
     /// Nightingale's (2-6x faster on the image bundles) or tract's own. [default: nightingale]
     #[arg(long, env = "NIGHTINGALE_TRACT_KERNELS", value_enum)]
     pub tract_kernels: Option<TractKernelsArg>,
+    /// tract engine: the most bytes of tensors one run of a model may keep alive at once (a
+    /// batch whose intermediate tensors would pass it is refused with 400 before the node that
+    /// would, instead of an allocation that cannot be made aborting the server).
+    /// [default: 4294967296]
+    #[arg(long, env = "NIGHTINGALE_MAX_INFERENCE_BYTES")]
+    pub max_inference_bytes: Option<u64>,
     /// Largest request body in bytes. [default: 67108864]
     #[arg(long, env = "NIGHTINGALE_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -400,6 +406,7 @@ struct FileConfig {
     cuda_device: Option<i32>,
     ort_library: Option<PathBuf>,
     tract_kernels: Option<TractKernelsArg>,
+    max_inference_bytes: Option<u64>,
     max_body_bytes: Option<usize>,
     max_inflight_bytes: Option<usize>,
     max_inflight_requests: Option<usize>,
@@ -492,6 +499,7 @@ pub struct ServeConfig {
     pub execution_provider: ExecutionProvider,
     pub ort_library: Option<PathBuf>,
     pub tract_kernels: TractKernels,
+    pub max_inference_bytes: u64,
     pub max_body_bytes: usize,
     pub max_inflight_bytes: usize,
     pub max_inflight_requests: usize,
@@ -635,6 +643,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("execution_provider", &self.execution_provider)
             .field("ort_library", &self.ort_library)
             .field("tract_kernels", &self.tract_kernels)
+            .field("max_inference_bytes", &self.max_inference_bytes)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_inflight_bytes", &self.max_inflight_bytes)
             .field("max_inflight_requests", &self.max_inflight_requests)
@@ -735,6 +744,15 @@ impl ServeArgs {
         if max_body_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "max_body_bytes must be at least 1024".into(),
+            ));
+        }
+        let max_inference_bytes = self
+            .max_inference_bytes
+            .or(file.max_inference_bytes)
+            .unwrap_or(nightingale_inference::DEFAULT_MAX_WORKING_BYTES);
+        if max_inference_bytes < 1 << 20 {
+            return Err(ConfigError::Invalid(
+                "max_inference_bytes must be at least 1 MiB".into(),
             ));
         }
         let max_inflight_bytes = self
@@ -1361,6 +1379,7 @@ impl ServeArgs {
                 TractKernelsArg::Nightingale => TractKernels::Nightingale,
                 TractKernelsArg::Tract => TractKernels::Tract,
             },
+            max_inference_bytes,
             max_body_bytes,
             max_inflight_bytes,
             max_inflight_requests,
@@ -1644,6 +1663,30 @@ mod tests {
     }
 
     #[test]
+    fn max_inference_bytes_comes_from_the_file_or_the_flag_and_is_at_least_a_mebibyte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(&path, "max_inference_bytes = 8589934592\n").unwrap();
+        let from_file = ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(from_file.resolve().unwrap().max_inference_bytes, 8 << 30);
+        let flag = ServeArgs {
+            config: Some(path),
+            max_inference_bytes: Some(1 << 20),
+            ..ServeArgs::default()
+        };
+        assert_eq!(flag.resolve().unwrap().max_inference_bytes, 1 << 20);
+        let small = ServeArgs {
+            max_inference_bytes: Some(1000),
+            ..ServeArgs::default()
+        };
+        let err = small.resolve().unwrap_err();
+        assert!(err.to_string().contains("max_inference_bytes"), "{err}");
+    }
+
+    #[test]
     fn flags_override_file_override_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("n.toml");
@@ -1665,6 +1708,7 @@ mod tests {
         assert_eq!(c.max_body_bytes, 64 << 20);
         assert_eq!(c.max_inflight_bytes, 512 << 20);
         assert_eq!(c.max_inflight_requests, 256);
+        assert_eq!(c.max_inference_bytes, 4 << 30);
 
         std::fs::write(&path, "repositry = \"typo\"\n").unwrap();
         let err = ServeArgs {

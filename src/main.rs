@@ -75,6 +75,8 @@ struct ProbeArgs {
     ort_library: Option<PathBuf>,
     #[arg(long)]
     version: u64,
+    #[arg(long, default_value_t = 0)]
+    max_inference_bytes: u64,
 }
 
 /// `__probe-model`: prepares the version given on stdin as the server would (load, warm-up
@@ -97,6 +99,7 @@ fn probe_model(args: ProbeArgs) -> ! {
         } else {
             nightingale_inference::TractKernels::Nightingale
         },
+        max_working_bytes: args.max_inference_bytes,
         ..RepositoryOptions::default()
     };
     match nightingale_models::probe_load(&mut std::io::stdin().lock(), args.version, &options) {
@@ -513,6 +516,7 @@ async fn serve(
         execution_provider: config.execution_provider,
         ort_library: config.ort_library.clone(),
         tract_kernels: config.tract_kernels,
+        max_working_bytes: config.max_inference_bytes,
         signatures: config.signatures.clone(),
         promotion: None,
         releases: None,

@@ -52,6 +52,10 @@ pub enum InferenceError {
     NotText { name: String, index: usize },
     #[error("batch size 0: a request must carry at least one row")]
     EmptyBatch,
+    #[error(
+        "running the model on this input needs at least {needed} bytes of working memory, more than the limit of {limit} bytes (max_inference_bytes); send fewer rows or smaller inputs"
+    )]
+    WorkingMemory { needed: u64, limit: u64 },
     #[error("the backend panicked while running the model")]
     Panicked,
     #[error("the bundle's declared inputs and outputs do not match the model file: {reason}")]
@@ -112,6 +116,7 @@ impl InferenceError {
                 | InferenceError::BatchTooLarge { .. }
                 | InferenceError::TooManyRows { .. }
                 | InferenceError::EmptyBatch
+                | InferenceError::WorkingMemory { .. }
                 | InferenceError::NonFinite { .. }
                 | InferenceError::NotText { .. }
                 | InferenceError::UnknownOutput { .. }

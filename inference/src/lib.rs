@@ -21,8 +21,8 @@ mod tensor;
 mod worker;
 
 pub use backend::{
-    Backend, BackendKind, ExecutionProvider, LoadOptions, ModelMetadata, PROBE_MAX_BYTES,
-    TensorSpec, TractKernels, Zeros, load, load_bytes, load_candle, zeros,
+    Backend, BackendKind, DEFAULT_MAX_WORKING_BYTES, ExecutionProvider, LoadOptions, ModelMetadata,
+    PROBE_MAX_BYTES, TensorSpec, TractKernels, Zeros, load, load_bytes, load_candle, zeros,
 };
 pub use error::InferenceError;
 pub use stats::{BatchStat, Duration as StatDuration, ModelStats, StatsSnapshot};

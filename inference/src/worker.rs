@@ -786,6 +786,17 @@ impl Instance {
     }
 
     fn execute(&mut self, jobs: Vec<Job>) {
+        if jobs.len() > 1
+            && !self
+                .backend
+                .fits_working_memory(&joined_shapes(&jobs, jobs.iter().map(|j| j.rows).sum()))
+        {
+            // Joined, the requests would pass the engine's working-memory limit: each alone.
+            for job in jobs {
+                self.execute(vec![job]);
+            }
+            return;
+        }
         let started = Instant::now();
         for job in &jobs {
             let waited = started - job.enqueued;
@@ -867,6 +878,21 @@ fn record_execution(
     metrics::histogram!("nightingale_compute_duration_seconds", labels)
         .record((input + infer + output).as_secs_f64());
     metrics::histogram!("nightingale_batch_rows", labels).record(rows as f64);
+}
+
+/// The shapes of the requests' inputs once joined (`rows` rows in all).
+fn joined_shapes(jobs: &[Job], rows: usize) -> Vec<Vec<usize>> {
+    jobs[0]
+        .inputs
+        .iter()
+        .map(|input| {
+            let mut shape = input.tensor.shape().to_vec();
+            if let Some(first) = shape.first_mut() {
+                *first = rows;
+            }
+            shape
+        })
+        .collect()
 }
 
 /// Concatenates the requests' inputs along axis 0.

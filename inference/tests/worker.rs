@@ -103,6 +103,9 @@ impl Backend for Gated {
         self.ran_on.lock().unwrap().push(self.id);
         self.inner.infer(inputs)
     }
+    fn fits_working_memory(&self, shapes: &[Vec<usize>]) -> bool {
+        self.inner.fits_working_memory(shapes)
+    }
     fn fork(&self) -> Result<Box<dyn Backend>, InferenceError> {
         Ok(Box::new(Gated {
             inner: self.inner.fork()?,
@@ -138,12 +141,16 @@ impl Harness {
     }
 
     fn with(config: WorkerConfig) -> Harness {
+        Harness::with_backend(config, load())
+    }
+
+    fn with_backend(config: WorkerConfig, inner: Box<dyn Backend>) -> Harness {
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
         let calls = Arc::new(Mutex::new(vec![]));
         let entered = Arc::new(AtomicUsize::new(0));
         let ran_on = Arc::new(Mutex::new(vec![]));
         let backend = Gated {
-            inner: load(),
+            inner,
             entered: entered.clone(),
             gate: gate.clone(),
             calls: calls.clone(),
@@ -242,6 +249,76 @@ async fn batched_results_equal_single_results_exactly() {
     assert_eq!(stats.execution_count, 2);
     assert_eq!(stats.inference_count, n as u64);
     assert_eq!(stats.success.count, n as u64);
+}
+
+/// Requests that would pass the engine's working-memory limit once joined run one by one,
+/// each with its exact single answer (joined, the batch would have been refused whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_batch_over_the_working_memory_limit_runs_request_by_request() {
+    let limited = || {
+        nightingale_inference::load(
+            &model_path(),
+            &LoadOptions {
+                backend: BackendKind::Tract,
+                max_working_bytes: 10 << 10,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let rows = rows();
+    let n = 40;
+    let probe = limited();
+    assert!(probe.fits_working_memory(&[vec![1, 30]]));
+    assert!(!probe.fits_working_memory(&[vec![n - 1, 30]]));
+    // Alone, the 39 rows are refused: the limit is the engine's.
+    let mut alone = limited();
+    let refused = alone.infer(input(&rows[1..n])).unwrap_err();
+    assert!(
+        matches!(refused, InferenceError::WorkingMemory { limit, .. } if limit == 10 << 10),
+        "{refused}"
+    );
+    assert!(refused.is_client_error());
+    let mut single = load();
+    let expected: Vec<Vec<NamedTensor>> = rows[..n]
+        .iter()
+        .map(|r| single.infer(input(std::slice::from_ref(r))).unwrap())
+        .collect();
+    let h = Harness::with_backend(
+        WorkerConfig {
+            queue_capacity: 1024,
+            batching: Some(BatchingConfig {
+                max_batch_size: 64,
+                max_queue_delay: Duration::from_millis(1),
+                preferred_batch_sizes: vec![],
+            }),
+            ..WorkerConfig::default()
+        },
+        limited(),
+    );
+    let first = {
+        let w = h.worker.clone();
+        let x = input(&rows[..1]);
+        tokio::spawn(async move { w.infer(x).await })
+    };
+    h.until_blocked().await;
+    let mut tasks = vec![];
+    for row in &rows[1..n] {
+        let w = h.worker.clone();
+        let x = input(std::slice::from_ref(row));
+        tasks.push(tokio::spawn(async move { w.infer(x).await }));
+    }
+    h.until_queued(n - 1).await;
+    h.open();
+    let mut answers = vec![bounded(first).await.unwrap().unwrap()];
+    for t in tasks {
+        answers.push(bounded(t).await.unwrap().unwrap());
+    }
+    assert_eq!(answers, expected);
+    assert_eq!(*h.calls.lock().unwrap(), vec![1; n]);
+    let stats = h.worker.stats().snapshot();
+    assert_eq!(stats.execution_count, n as u64);
+    assert_eq!(stats.inference_count, n as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -210,6 +210,7 @@ pub fn init(model: &Path, options: &InitOptions) -> Result<InitReport, InitError
         ort_library: options.load.ort_library.clone(),
         tract_kernels: options.load.tract_kernels,
         gpu_warm_up_rows: 0,
+        max_working_bytes: options.load.max_working_bytes,
     };
     let label = Path::new(&options.name).join("1").join(MODEL_FILE);
     let mut backend = guarded(model, engine.as_str(), "loading", || {

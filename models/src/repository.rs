@@ -55,6 +55,9 @@ pub struct RepositoryOptions {
     /// crash in the engine's native code) is refused, where it would have stopped the
     /// server. `None`: not probed (a library caller, a test).
     pub probe: Option<ProbeCommand>,
+    /// tract only: the most bytes of tensors one run may keep alive at once (`0`: the
+    /// engine's default, 4 GiB; the server's `--max-inference-bytes`).
+    pub max_working_bytes: u64,
 }
 
 /// The command that loads a model in a child process before the server loads it: the
@@ -407,6 +410,7 @@ impl Bundle {
             tract_kernels: options.tract_kernels,
             // The batcher's sizes, each planned on the GPU before the model serves.
             gpu_warm_up_rows: self.manifest.batching.max_batch_size.max(1),
+            max_working_bytes: options.max_working_bytes,
         };
         let engine_name = engine.as_str();
         if model.candle_config.is_none()
@@ -520,6 +524,8 @@ fn probe_in_child(
         .arg(load.intra_op_threads.to_string())
         .arg("--version")
         .arg(input.version.to_string())
+        .arg("--max-inference-bytes")
+        .arg(load.max_working_bytes.to_string())
         .arg("--tract-kernels")
         .arg(match load.tract_kernels {
             nightingale_inference::TractKernels::Nightingale => "nightingale",

@@ -19,6 +19,11 @@
     probe that warmed up with the file's own shapes ran nothing, and the server's warm-up
     with the manifest's aborted (a re-attack's finding); the probe now prepares the version
     as the server does;
+  * models/tests/fixtures/bundles/batch-pad and range-from-input: models whose allocations
+    grow with a request (a `Pad` after `Slice(x, 1:)`: nothing at batch 1, 8 GB a row after it;
+    a `Range` to the request's largest value; scan-pad: the Pad inside a `Scan` body): the
+    server must refuse such a request before
+    tract allocates (it aborts the process on an allocation that cannot be made);
   * models/tests/fixtures/long-dim-param.onnx: an input whose symbolic dimension is 4,000
     nested parentheses around `N` (tract's recursive expression parser overflowed the stack
     on it, which aborts the process), which loading must refuse.
@@ -178,6 +183,108 @@ def pinned_pad_model() -> onnx.ModelProto:
     return m
 
 
+BATCH_PAD = FIXTURES / "bundles" / "batch-pad"
+RANGE_FROM_INPUT = FIXTURES / "bundles" / "range-from-input"
+
+
+def batch_pad_model() -> onnx.ModelProto:
+    """x FP32 [N, 4] -> Slice(x, 1:) -> Pad its columns by 2e9 -> sum of all -> + x.
+
+    Empty at batch 1 (the warm-up's), 8 GB for each further row (800 GB at batch 101): an
+    allocation that cannot be made, and tract (Rust) aborts the process on that, or one the
+    kernel's OOM killer answers; the server must refuse the request instead. (2e9: tract
+    0.23.9 reads pads as 32-bit numbers while it types the graph.)"""
+    from onnx import numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    constants = [numpy_helper.from_array(np.array([1], np.int64), "starts"),
+                 numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), "ends"),
+                 numpy_helper.from_array(np.array([0], np.int64), "axes"),
+                 numpy_helper.from_array(np.array([0, 0, 0, 2_000_000_000], np.int64), "pads")]
+    nodes = [helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["rest"]),
+             helper.make_node("Pad", ["rest", "pads"], ["big"]),
+             helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+             helper.make_node("Add", ["x", "total"], ["y"])]
+    m = helper.make_model(helper.make_graph(nodes, "batch_pad", [x], [y], constants),
+                          opset_imports=[helper.make_opsetid("", 17)], producer_name="make_load_fixtures.py")
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def range_from_input_model() -> onnx.ModelProto:
+    """x FP32 [N, 4] -> Range(0, max(x) + 1, 1) -> sum of all -> + x.
+
+    The Range's length is a value of the request: 1e12 asks for 4 TB. (The + 1: tract 0.23.9
+    divides by zero summing the empty range of the warm-up's zeros.)"""
+    from onnx import numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    constants = [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+                 numpy_helper.from_array(np.array(1.0, np.float32), "step")]
+    nodes = [helper.make_node("ReduceMax", ["x"], ["largest"], keepdims=0),
+             helper.make_node("Add", ["largest", "step"], ["limit"]),
+             helper.make_node("Range", ["zero", "limit", "step"], ["counts"]),
+             helper.make_node("ReduceSum", ["counts"], ["total"], keepdims=0),
+             helper.make_node("Add", ["x", "total"], ["y"])]
+    m = helper.make_model(helper.make_graph(nodes, "range_from_input", [x], [y], constants),
+                          opset_imports=[helper.make_opsetid("", 17)], producer_name="make_load_fixtures.py")
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+SCAN_PAD = FIXTURES / "bundles" / "scan-pad"
+
+
+def scan_pad_model() -> onnx.ModelProto:
+    """x FP32 [N, 4] -> Scan over its 4 columns, whose body pads Slice(column, 1:) by 2e9 and
+    sums it -> the 4 sums (all 0) + x.
+
+    The batch Pad of `batch_pad_model`, inside a loop body that tract runs on its own."""
+    from onnx import numpy_helper
+
+    col = helper.make_tensor_value_info("col", TensorProto.FLOAT, ["N"])
+    total = helper.make_tensor_value_info("total", TensorProto.FLOAT, [])
+    body_constants = [numpy_helper.from_array(np.array([1], np.int64), "b_axes1"),
+                      numpy_helper.from_array(np.array([1], np.int64), "b_starts"),
+                      numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), "b_ends"),
+                      numpy_helper.from_array(np.array([0], np.int64), "b_axes0"),
+                      numpy_helper.from_array(np.array([0, 0, 0, 2_000_000_000], np.int64), "b_pads")]
+    body = helper.make_graph(
+        [helper.make_node("Unsqueeze", ["col", "b_axes1"], ["col2"]),
+         helper.make_node("Slice", ["col2", "b_starts", "b_ends", "b_axes0"], ["rest"]),
+         helper.make_node("Pad", ["rest", "b_pads"], ["big"]),
+         helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0)],
+        "body", [col], [total], body_constants)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    nodes = [helper.make_node("Scan", ["x"], ["sums"], body=body, num_scan_inputs=1,
+                              scan_input_axes=[1]),
+             helper.make_node("Add", ["x", "sums"], ["y"])]
+    m = helper.make_model(helper.make_graph(nodes, "scan_pad", [x], [y]),
+                          opset_imports=[helper.make_opsetid("", 17)], producer_name="make_load_fixtures.py")
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def check_request_sizes_with_onnxruntime() -> None:
+    """The two models' answers on small requests, by onnxruntime (the tests' expectations)."""
+    batch = ort.InferenceSession(batch_pad_model().SerializeToString())
+    x = np.array([[1, 2, 3, 4]], np.float32)
+    assert (batch.run(None, {"x": x})[0] == x).all()
+    scan = ort.InferenceSession(scan_pad_model().SerializeToString())
+    x = np.array([[1, 2, 3, 4]], np.float32)
+    assert (scan.run(None, {"x": x})[0] == x).all()
+    ranged = ort.InferenceSession(range_from_input_model().SerializeToString())
+    x = np.array([[0.5, 1, 2, 3]], np.float32)
+    # Range(0, 4) = [0, 1, 2, 3], sum 6.
+    assert (ranged.run(None, {"x": x})[0] == x + 6).all()
+
+
 def long_dim_param_model() -> onnx.ModelProto:
     depth = 4000
     dim = "(" * depth + "N" + ")" * depth
@@ -244,6 +351,16 @@ def main() -> None:
     write_fixture_bundle(PINNED, pinned_pad_model(),
                          "Test fixture: the manifest pins x to [-1, 1], and the model's Pad then asks tract for 808 GB in the warm-up.",
                          "the pinned Pad", ("x", [-1, 1]), ("y", [-1, 1]))
+    check_request_sizes_with_onnxruntime()
+    write_fixture_bundle(BATCH_PAD, batch_pad_model(),
+                         "Test fixture: Slice(x, 1:) then a Pad by 2e9 columns: empty at batch 1, 8 GB for each further row.",
+                         "the batch Pad", ("x", [-1, 4]), ("y", [-1, 4]))
+    write_fixture_bundle(RANGE_FROM_INPUT, range_from_input_model(),
+                         "Test fixture: a Range to the request's largest value (1e12 asks for 4 TB).",
+                         "the Range", ("x", [-1, 4]), ("y", [-1, 4]))
+    write_fixture_bundle(SCAN_PAD, scan_pad_model(),
+                         "Test fixture: the batch Pad inside a Scan body: empty at batch 1, 8 GB a row after it.",
+                         "the Scan", ("x", [-1, 4]), ("y", [-1, 4]))
     ext = external_data_model()
     (FIXTURES / "external-data.onnx").write_bytes(ext.SerializeToString())
     print(f"wrote {FIXTURES / 'external-data.onnx'}")

@@ -138,6 +138,14 @@ pub trait Backend: Send {
     fn forks_share_the_model(&self) -> bool {
         false
     }
+
+    /// Whether a run on inputs of `shapes` keeps within the engine's working-memory limit,
+    /// as far as the shapes tell (`true` when they do not, or the engine has no such
+    /// limit): a batcher runs joined requests one by one rather than have the joined batch
+    /// refused ([`InferenceError::WorkingMemory`]).
+    fn fits_working_memory(&self, _shapes: &[Vec<usize>]) -> bool {
+        true
+    }
 }
 
 /// Which engine runs a model.
@@ -230,7 +238,17 @@ pub struct LoadOptions {
     /// this when a session opens (each instance), so that no request waits for cuDNN to
     /// plan its shape (`0`: none).
     pub gpu_warm_up_rows: usize,
+    /// tract only: the most bytes of tensors one run may keep alive at once (`0`: 4 GiB,
+    /// [`DEFAULT_MAX_WORKING_BYTES`]). A
+    /// run that would pass it stops before the node that would, with
+    /// [`InferenceError::WorkingMemory`], where an allocation that cannot be made would abort
+    /// the process.
+    pub max_working_bytes: u64,
 }
+
+/// The default limit of the tensors one run of a tract plan keeps alive at once
+/// ([`LoadOptions::max_working_bytes`]).
+pub const DEFAULT_MAX_WORKING_BYTES: u64 = 4 << 30;
 
 /// The most bytes of zeros a warm-up or a probe gives a model (all its inputs together): a
 /// bundle declaring an input of 2^31 values per row would otherwise have the server allocate

@@ -25,10 +25,13 @@ use crate::tensor::{DataType, NamedTensor, Tensor};
 
 mod declared;
 mod kernels;
+mod memory;
 mod ml_ops;
 
 pub use declared::{DeclaredDim, DeclaredModel, DeclaredTensor, DeclaredType, declared_model};
 pub use kernels::use_nightingale_kernels;
+use memory::MemoryBound;
+pub use memory::TooMuchMemory;
 pub use ml_ops::register_onnx_ml_ops;
 
 const NAME: &str = "tract";
@@ -41,6 +44,10 @@ pub struct TractBackend {
     /// The plan was made for a batch of one row, and a batch runs one row at a time (see
     /// [`runs_row_by_row`]).
     per_row: bool,
+    /// The working memory a run may take ([`memory`]).
+    memory: Arc<MemoryBound>,
+    /// Per node: the bytes of its outputs while a run keeps them.
+    sizes: Vec<u64>,
 }
 
 impl std::fmt::Debug for TractBackend {
@@ -115,11 +122,18 @@ impl TractBackend {
         };
         let plan = typed.into_runnable().map_err(load_err)?;
         let state = TypedSimpleState::new(&plan).map_err(load_err)?;
+        let limit = match options.max_working_bytes {
+            0 => super::DEFAULT_MAX_WORKING_BYTES,
+            limit => limit,
+        };
+        let memory = Arc::new(MemoryBound::new(&plan, limit));
         Ok(TractBackend {
             plan,
             state,
             metadata: Arc::new(metadata),
             per_row,
+            sizes: vec![0; memory.nodes()],
+            memory,
         })
     }
 }
@@ -284,7 +298,40 @@ fn from_tract(value: &TractTensor) -> Result<Tensor, InferenceError> {
     })
 }
 
+/// Runs `values` through `state`'s plan, each node's outputs sized against `memory` before
+/// it runs; the state is reset after a failed run (tract keeps a failed run's symbols, and
+/// the next request of another batch size would clash with them).
+fn run_bounded(
+    state: &mut TypedSimpleState,
+    memory: &MemoryBound,
+    sizes: &mut [u64],
+    values: TVec<TValue>,
+) -> Result<TVec<TValue>, InferenceError> {
+    sizes.fill(0);
+    let mut live = 0u64;
+    let outcome = state.run_plan_with_eval(values, |ctx, op_state, node, inputs| {
+        memory.before(node, ctx.symbols, &inputs, live)?;
+        let outputs = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs)?;
+        live = memory.after(node.id, &outputs, live, sizes);
+        Ok::<_, TractError>(outputs)
+    });
+    outcome.map_err(|e| {
+        let _ = state.reset_turn();
+        match e.chain().find_map(|c| c.downcast_ref::<TooMuchMemory>()) {
+            Some(too_much) => InferenceError::WorkingMemory {
+                needed: too_much.needed,
+                limit: too_much.limit,
+            },
+            None => InferenceError::backend(NAME, e),
+        }
+    })
+}
+
 impl TractBackend {
+    fn run(&mut self, values: TVec<TValue>) -> Result<TVec<TValue>, InferenceError> {
+        run_bounded(&mut self.state, &self.memory, &mut self.sizes, values)
+    }
+
     /// Runs each row of the batch on the one-row plan and stacks the rows' outputs.
     fn run_row_by_row(&mut self, values: TVec<TValue>) -> Result<TVec<TValue>, InferenceError> {
         let err = |e: TractError| InferenceError::backend(NAME, e);
@@ -300,8 +347,10 @@ impl TractBackend {
             return Err(InferenceError::EmptyBatch);
         }
         if rows == 1 {
-            return self.state.run(values).map_err(err);
+            return self.run(values);
         }
+        // The rows' outputs are kept until they are stacked, with the stack itself.
+        let mut kept = 0u64;
         let mut per_output: Vec<Vec<TValue>> = vec![];
         for r in 0..rows {
             let row: TVec<TValue> = values
@@ -309,7 +358,17 @@ impl TractBackend {
                 .map(|v| v.slice(0, r, r + 1).map(TValue::from))
                 .collect::<Result<_, _>>()
                 .map_err(err)?;
-            let outputs = self.state.run(row).map_err(err)?;
+            let outputs = self.run(row)?;
+            kept = kept.saturating_add(outputs.iter().fold(0u64, |sum, v| {
+                sum.saturating_add((v.len() as u64).saturating_mul(v.datum_type().size_of() as u64))
+            }));
+            let needed = kept.saturating_mul(2);
+            if needed > self.memory.limit {
+                return Err(InferenceError::WorkingMemory {
+                    needed,
+                    limit: self.memory.limit,
+                });
+            }
             per_output.resize_with(outputs.len(), Vec::new);
             for (all, out) in per_output.iter_mut().zip(outputs) {
                 all.push(out);
@@ -343,9 +402,7 @@ impl Backend for TractBackend {
         let outputs = if self.per_row {
             self.run_row_by_row(values)?
         } else {
-            self.state
-                .run(values)
-                .map_err(|e| InferenceError::backend(NAME, e))?
+            self.run(values)?
         };
         outputs
             .iter()
@@ -366,7 +423,47 @@ impl Backend for TractBackend {
             state,
             metadata: self.metadata.clone(),
             per_row: self.per_row,
+            sizes: vec![0; self.memory.nodes()],
+            memory: self.memory.clone(),
         }))
+    }
+
+    fn fits_working_memory(&self, shapes: &[Vec<usize>]) -> bool {
+        let model = self.plan.model();
+        if !self.per_row {
+            return self
+                .memory
+                .estimate(model, shapes)
+                .is_none_or(|peak| peak <= self.memory.limit);
+        }
+        // A row at a time on the one-row plan; the rows' outputs kept, then stacked.
+        let rows = shapes.first().and_then(|s| s.first()).copied().unwrap_or(0) as u64;
+        let one: Vec<Vec<usize>> = shapes
+            .iter()
+            .map(|s| {
+                s.iter()
+                    .enumerate()
+                    .map(|(i, &d)| if i == 0 { 1 } else { d })
+                    .collect()
+            })
+            .collect();
+        let Some(peak) = self.memory.estimate(model, &one) else {
+            return true;
+        };
+        let outputs = model
+            .output_outlets()
+            .map(|outlets| {
+                outlets.iter().fold(0u64, |sum, o| {
+                    let bytes = model.outlet_fact(*o).ok().and_then(|f| {
+                        f.shape
+                            .as_concrete()
+                            .map(|s| (s.iter().product::<usize>() * f.datum_type.size_of()) as u64)
+                    });
+                    sum.saturating_add(bytes.unwrap_or(0))
+                })
+            })
+            .unwrap_or(0);
+        peak.max(outputs.saturating_mul(rows).saturating_mul(2)) <= self.memory.limit
     }
 }
 
@@ -473,6 +570,94 @@ mod tests {
             )
             .per_row
         );
+    }
+
+    fn rows(n: usize, row: [f32; 4]) -> Vec<NamedTensor> {
+        vec![NamedTensor::new(
+            "x",
+            Tensor::from_vec(vec![n, 4], row.repeat(n)).unwrap(),
+        )]
+    }
+
+    fn fp32(out: &[NamedTensor]) -> Vec<f32> {
+        match &out[0].tensor {
+            Tensor::Fp32(a) => a.iter().copied().collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Models whose tensors grow with a request (fixtures of models/train/make_load_fixtures.py,
+    /// whose small answers onnxruntime gives there): the request that would have tract
+    /// allocate past the limit is refused before the node (tract aborts the process on an
+    /// allocation that cannot be made), and the instance serves the next request, of another
+    /// batch size too.
+    #[test]
+    fn a_request_whose_tensors_would_pass_the_limit_is_refused_before_tract_allocates() {
+        let limit = crate::backend::DEFAULT_MAX_WORKING_BYTES;
+        // Slice(x, 1:) then a Pad by 2e9 columns: empty at batch 1, 8 GB a row after it.
+        let mut pad = load(
+            "../models/tests/fixtures/bundles/batch-pad/1/model.onnx",
+            TractKernels::Nightingale,
+        );
+        assert_eq!(
+            fp32(&pad.infer(rows(1, [1., 2., 3., 4.])).unwrap()),
+            [1., 2., 3., 4.]
+        );
+        assert!(pad.fits_working_memory(&[vec![1, 4]]));
+        assert!(!pad.fits_working_memory(&[vec![2, 4]]));
+        match pad.infer(rows(101, [1., 2., 3., 4.])) {
+            Err(InferenceError::WorkingMemory { needed, limit: l }) => {
+                assert_eq!(l, limit);
+                assert!(needed >= 800_000_000_000, "{needed}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            fp32(&pad.infer(rows(1, [5., 6., 7., 8.])).unwrap()),
+            [5., 6., 7., 8.]
+        );
+
+        // A Range to the request's largest value: 1e12 asks for 4 TB.
+        let mut range = load(
+            "../models/tests/fixtures/bundles/range-from-input/1/model.onnx",
+            TractKernels::Nightingale,
+        );
+        let x = [0.5, 1., 2., 3.];
+        assert_eq!(fp32(&range.infer(rows(1, x)).unwrap()), [6.5, 7., 8., 9.]);
+        // Its size is a value: the shapes cannot tell.
+        assert!(range.fits_working_memory(&[vec![1, 4]]));
+        let err = range.infer(rows(1, [1e12, 0., 0., 0.])).unwrap_err();
+        assert!(
+            matches!(err, InferenceError::WorkingMemory { needed, .. } if needed >= 3_999_000_000_000),
+            "{err:?}"
+        );
+        assert!(err.is_client_error());
+        // The failed run left no resolved batch behind: a batch of 3 runs.
+        assert_eq!(
+            fp32(&range.infer(rows(3, x)).unwrap()),
+            [6.5, 7., 8., 9.].repeat(3)
+        );
+        // The batch Pad inside a Scan body (tract runs bodies with plans of their own).
+        let mut scan = load(
+            "../models/tests/fixtures/bundles/scan-pad/1/model.onnx",
+            TractKernels::Nightingale,
+        );
+        assert_eq!(
+            fp32(&scan.infer(rows(1, [1., 2., 3., 4.])).unwrap()),
+            [1., 2., 3., 4.]
+        );
+        assert!(!scan.fits_working_memory(&[vec![101, 4]]));
+        let err = scan.infer(rows(101, [1., 2., 3., 4.])).unwrap_err();
+        assert!(
+            matches!(err, InferenceError::WorkingMemory { needed, .. } if needed >= 800_000_000_000),
+            "{err:?}"
+        );
+        // A forked instance has the same limit.
+        let mut fork = range.fork().unwrap();
+        assert!(matches!(
+            fork.infer(rows(2, [1e12, 0., 0., 0.])),
+            Err(InferenceError::WorkingMemory { .. })
+        ));
     }
 
     #[test]

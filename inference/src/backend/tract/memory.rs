@@ -1,0 +1,283 @@
+//! The working memory one run of a tract plan may take.
+//!
+//! tract allocates each node's outputs with no fallible path, and Rust aborts the whole process
+//! on an allocation that cannot be made: a model whose sizes grow with a request's inputs (a
+//! `Pad` by 2e8 after `Slice(x, 1:)` is empty at batch 1 and 800 GB at batch 2; a `Range` to a
+//! value of the request) would stop the server on one `/infer`. So each node's outputs are
+//! sized before the node runs, from its typed facts with the run's symbols (the batch `N` and
+//! the other open dimensions, as tract resolved them from the inputs) or, where they depend on
+//! values (`Range`), from the op's own shape rules applied to the actual inputs; the run stops
+//! with [`TooMuchMemory`] before a node whose outputs would take the tensors alive past the
+//! limit. Tensors are counted as the plan keeps them: a node's outputs are alive until the
+//! last node that reads them has run (tract frees them then); constants are the model's own.
+//!
+//! A node with nested bodies (`Scan`, `If`), which tract runs with its own plans, is counted
+//! with every tensor of its bodies alive at once (an upper bound; a body's own symbols, as a
+//! `Scan`'s iteration, count 0). Not counted: an op's scratch space inside its kernel
+//! (packing, im2col). A size that cannot be known before the node runs (`NonZero`: at most
+//! its input's) counts as the node's actual outputs once it has run.
+
+use tract_onnx::prelude::{IntoArcTensor, TValue, TypedFact, TypedModel};
+use tract_onnx::tract_core::internal::{SymbolValues, TDim};
+use tract_onnx::tract_core::model::{TypedNode, TypedRunnableModel};
+
+/// A node would take the tensors alive past the limit: the run stopped before it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "running the model needs at least {needed} bytes of tensors at once (at node {node:?}), more than the limit of {limit} bytes"
+)]
+pub struct TooMuchMemory {
+    pub needed: u64,
+    pub limit: u64,
+    pub node: String,
+}
+
+/// A plan's sizes, worked out once at load.
+#[derive(Debug)]
+pub(super) struct MemoryBound {
+    pub(super) limit: u64,
+    /// Per node id: the bytes of its outputs when they are known at load (no symbol).
+    fixed: Vec<Option<u64>>,
+    /// Per node id: the nodes whose outputs are no longer read once it has run.
+    frees: Vec<Vec<usize>>,
+    /// The plan's nodes in the order they run.
+    order: Vec<usize>,
+    /// Per node id: the facts of every node of its nested bodies (`Scan`, `If`), nested
+    /// bodies' own included.
+    nested: Vec<Vec<TypedFact>>,
+}
+
+/// The facts of every node of the bodies nested in `node`, and in theirs.
+fn nested_facts(node: &TypedNode, facts: &mut Vec<TypedFact>) {
+    use tract_onnx::tract_core::ops::logic::IfThenElse;
+    use tract_onnx::tract_core::ops::scan::{OptScan, Scan};
+    let mut bodies: Vec<&TypedModel> = vec![];
+    if let Some(scan) = node.op_as::<OptScan>() {
+        bodies.push(scan.plan.model());
+    }
+    if let Some(scan) = node.op_as::<Scan>() {
+        bodies.push(&scan.body);
+    }
+    if let Some(ite) = node.op_as::<IfThenElse>() {
+        bodies.push(&ite.then_body);
+        bodies.push(&ite.else_body);
+    }
+    for body in bodies {
+        for inner in body.nodes() {
+            facts.extend(inner.outputs.iter().map(|o| o.fact.clone()));
+            nested_facts(inner, facts);
+        }
+    }
+}
+
+/// Bytes of `shape` × `size` once every dimension is a number; `None` when one is not
+/// (symbols not resolved). Saturates: a product past `u64` is over any limit anyway.
+fn bytes_of(shape: &[TDim], size: usize, symbols: Option<&SymbolValues>) -> Option<u64> {
+    let mut total = size as u64;
+    for dim in shape {
+        let value = match symbols {
+            Some(values) => dim.eval(values).to_i64().ok()?,
+            None => dim.to_i64().ok()?,
+        };
+        total = total.saturating_mul(u64::try_from(value).unwrap_or(0));
+    }
+    Some(total)
+}
+
+/// The bytes of tensors of `facts`: their elements, and the buffers of packed (exotic) ones.
+fn facts_bytes<'a>(
+    facts: impl IntoIterator<Item = &'a TypedFact>,
+    symbols: Option<&SymbolValues>,
+) -> Option<u64> {
+    facts.into_iter().try_fold(0u64, |sum, fact| {
+        let mut bytes = bytes_of(fact.shape.dims(), fact.datum_type.size_of(), symbols)?;
+        if let Some(exotic) = fact.exotic_fact() {
+            for buffer in exotic.buffer_sizes() {
+                bytes = bytes.saturating_add(bytes_of(&[buffer], 1, symbols)?);
+            }
+        }
+        Some(sum.saturating_add(bytes))
+    })
+}
+
+/// The bytes `value` holds: its elements, or a packed tensor's buffers (a string's heap text
+/// is not counted).
+fn value_bytes(value: &TValue) -> u64 {
+    let mut bytes = (value.len() as u64).saturating_mul(value.datum_type().size_of() as u64);
+    if !value.is_plain()
+        && let Ok(Some(exotic)) = value.exotic_fact()
+    {
+        for buffer in exotic.buffer_sizes() {
+            bytes = bytes.saturating_add(bytes_of(&[buffer], 1, None).unwrap_or(0));
+        }
+    }
+    bytes
+}
+
+impl MemoryBound {
+    pub(super) fn new(plan: &TypedRunnableModel, limit: u64) -> Self {
+        let model: &TypedModel = plan.model();
+        let order = plan.order_without_consts().to_vec();
+        let n = model.nodes().len();
+        let mut fixed = vec![None; n];
+        let mut step_of = vec![usize::MAX; n];
+        for (step, &id) in order.iter().enumerate() {
+            step_of[id] = step;
+            fixed[id] = facts_bytes(model.node(id).outputs.iter().map(|o| &o.fact), None);
+        }
+        // A node's outputs are freed once the last node of the plan that reads them has run;
+        // the model's outputs never are.
+        let outputs: Vec<usize> = model
+            .output_outlets()
+            .map(|o| o.iter().map(|o| o.node).collect())
+            .unwrap_or_default();
+        let mut last_reader = vec![None::<usize>; n];
+        for &id in &order {
+            for input in &model.node(id).inputs {
+                if step_of[input.node] != usize::MAX {
+                    let last = last_reader[input.node].get_or_insert(id);
+                    if step_of[id] > step_of[*last] {
+                        *last = id;
+                    }
+                }
+            }
+        }
+        let mut frees = vec![Vec::new(); n];
+        for (id, last) in last_reader.iter().enumerate() {
+            if let Some(last) = last
+                && !outputs.contains(&id)
+            {
+                frees[*last].push(id);
+            }
+        }
+        let nested = (0..n)
+            .map(|id| {
+                let mut facts = vec![];
+                nested_facts(model.node(id), &mut facts);
+                facts
+            })
+            .collect();
+        MemoryBound {
+            limit,
+            fixed,
+            frees,
+            order,
+            nested,
+        }
+    }
+
+    /// The bytes `node`'s outputs will take, from its facts with the run's `symbols` or, when
+    /// they depend on values, from the op's shape rules applied to `inputs` (small inputs
+    /// with their values). `None`: not known before it runs.
+    fn predict(&self, node: &TypedNode, symbols: &SymbolValues, inputs: &[TValue]) -> Option<u64> {
+        if let Some(bytes) = self.fixed[node.id] {
+            return Some(bytes);
+        }
+        if let Some(bytes) = facts_bytes(node.outputs.iter().map(|o| &o.fact), Some(symbols)) {
+            return Some(bytes);
+        }
+        let facts: Vec<TypedFact> = inputs
+            .iter()
+            .map(|value| {
+                if value.len() <= 64
+                    && let Ok(fact) = TypedFact::try_from(value.clone().into_arc_tensor())
+                {
+                    fact
+                } else {
+                    TypedFact::shape_and_dt_of(value)
+                }
+            })
+            .collect();
+        let refs: Vec<&TypedFact> = facts.iter().collect();
+        let outputs = node.op.output_facts(&refs).ok()?;
+        facts_bytes(outputs.iter(), Some(symbols))
+    }
+
+    /// Checks `node` before it runs: `live` (the bytes alive now) plus its outputs within
+    /// the limit.
+    pub(super) fn before(
+        &self,
+        node: &TypedNode,
+        symbols: &SymbolValues,
+        inputs: &[TValue],
+        live: u64,
+    ) -> Result<(), TooMuchMemory> {
+        let mut outputs = self.predict(node, symbols, inputs).unwrap_or(0);
+        for fact in &self.nested[node.id] {
+            let bytes = facts_bytes(std::iter::once(fact), Some(symbols)).unwrap_or(0);
+            outputs = outputs.saturating_add(bytes);
+        }
+        let needed = live.saturating_add(outputs);
+        if needed > self.limit {
+            return Err(TooMuchMemory {
+                needed,
+                limit: self.limit,
+                node: node.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// After `node` ran with `outputs`: the bytes alive now, from `live` before it; `sizes`
+    /// keeps each node's outputs' bytes until they are freed.
+    pub(super) fn after(
+        &self,
+        node: usize,
+        outputs: &[TValue],
+        live: u64,
+        sizes: &mut [u64],
+    ) -> u64 {
+        let made = outputs
+            .iter()
+            .fold(0u64, |sum, v| sum.saturating_add(value_bytes(v)));
+        sizes[node] = made;
+        let mut live = live.saturating_add(made);
+        for &freed in &self.frees[node] {
+            live = live.saturating_sub(std::mem::take(&mut sizes[freed]));
+        }
+        live
+    }
+
+    /// The most bytes a run on inputs of `shapes` keeps alive at once, from the facts alone
+    /// (the symbols bound from the inputs' open dimensions); `None` when a size depends on
+    /// more than the inputs' shapes.
+    pub(super) fn estimate(&self, model: &TypedModel, shapes: &[Vec<usize>]) -> Option<u64> {
+        let mut symbols = SymbolValues::default();
+        let inputs = model.input_outlets().ok()?;
+        for (outlet, shape) in inputs.iter().zip(shapes) {
+            let fact = model.outlet_fact(*outlet).ok()?;
+            for (dim, &value) in fact.shape.iter().zip(shape) {
+                if let TDim::Sym(sym) = dim {
+                    symbols.set(sym, value as i64);
+                }
+            }
+        }
+        let mut sizes = vec![0u64; self.fixed.len()];
+        let (mut live, mut peak) = (0u64, 0u64);
+        for &id in &self.order {
+            let made = match self.fixed[id] {
+                Some(bytes) => bytes,
+                None => facts_bytes(
+                    model.node(id).outputs.iter().map(|o| &o.fact),
+                    Some(&symbols),
+                )?,
+            };
+            let body = self.nested[id].iter().fold(0u64, |sum, fact| {
+                let bytes = facts_bytes(std::iter::once(fact), Some(&symbols)).unwrap_or(0);
+                sum.saturating_add(bytes)
+            });
+            peak = peak.max(live.saturating_add(made).saturating_add(body));
+            sizes[id] = made;
+            live = live.saturating_add(made);
+            peak = peak.max(live);
+            for &freed in &self.frees[id] {
+                live = live.saturating_sub(std::mem::take(&mut sizes[freed]));
+            }
+        }
+        Some(peak)
+    }
+
+    pub(super) fn nodes(&self) -> usize {
+        self.fixed.len()
+    }
+}
