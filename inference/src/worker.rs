@@ -786,41 +786,74 @@ impl Instance {
     }
 
     fn execute(&mut self, jobs: Vec<Job>) {
-        if jobs.len() > 1
-            && !self
-                .backend
-                .fits_working_memory(&joined_shapes(&jobs, jobs.iter().map(|j| j.rows).sum()))
-        {
+        self.execute_counted(jobs, true);
+    }
+
+    /// Runs `jobs` as one batch (`record_queue`: their wait in the queue is recorded here;
+    /// not when they run again one by one).
+    fn execute_counted(&mut self, jobs: Vec<Job>, record_queue: bool) {
+        let fits = if jobs.len() > 1 {
+            let rows = jobs.iter().map(|j| j.rows).sum();
+            self.backend
+                .fits_working_memory(&joined_shapes(&jobs, rows))
+        } else {
+            Some(true)
+        };
+        if fits == Some(false) {
             // Joined, the requests would pass the engine's working-memory limit: each alone.
+            if record_queue {
+                self.record_queue(&jobs);
+            }
             for job in jobs {
-                self.execute(vec![job]);
+                self.execute_counted(vec![job], false);
             }
             return;
         }
         let started = Instant::now();
-        for job in &jobs {
-            let waited = started - job.enqueued;
-            self.stats.record_queue(waited);
-            metrics::histogram!("nightingale_queue_duration_seconds", &self.labels)
-                .record(waited.as_secs_f64());
+        if record_queue {
+            self.record_queue(&jobs);
         }
         let sizes: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
         let rows: usize = sizes.iter().sum();
         let span =
             tracing::debug_span!(parent: &jobs[0].span, "execute", requests = jobs.len(), rows);
         let _entered = span.enter();
-        let (inputs, replies) = match join(jobs) {
-            Ok(joined) => joined,
-            Err((e, replies)) => {
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
+        // Where the shapes cannot tell whether the joined batch fits (its sizes depend on
+        // values), the requests are kept, to run one by one if the engine refuses it.
+        let (inputs, replies, kept) = if fits.is_none() {
+            match concat_inputs(&jobs) {
+                Ok(inputs) => (inputs, Vec::new(), Some(jobs)),
+                Err(e) => {
+                    for job in jobs {
+                        let _ = job.reply.send(Err(e.clone()));
+                    }
+                    return;
                 }
-                return;
+            }
+        } else {
+            match join(jobs) {
+                Ok((inputs, replies)) => (inputs, replies, None),
+                Err((e, replies)) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                    return;
+                }
             }
         };
         let joined = Instant::now();
         let outcome = infer_caught(&mut *self.backend, inputs, &self.last_compute_ns);
         let inferred = Instant::now();
+        let replies = match kept {
+            Some(jobs) if matches!(outcome, Err(InferenceError::WorkingMemory { .. })) => {
+                for job in jobs {
+                    self.execute_counted(vec![job], false);
+                }
+                return;
+            }
+            Some(jobs) => jobs.into_iter().map(|j| j.reply).collect(),
+            None => replies,
+        };
         let answers = outcome.and_then(|outputs| split(outputs, &sizes));
         let done = Instant::now();
         let phases = [joined - started, inferred - joined, done - inferred];
@@ -837,6 +870,16 @@ impl Instance {
                     let _ = reply.send(Err(e.clone()));
                 }
             }
+        }
+    }
+
+    fn record_queue(&self, jobs: &[Job]) {
+        let now = Instant::now();
+        for job in jobs {
+            let waited = now - job.enqueued;
+            self.stats.record_queue(waited);
+            metrics::histogram!("nightingale_queue_duration_seconds", &self.labels)
+                .record(waited.as_secs_f64());
         }
     }
 }
@@ -891,6 +934,19 @@ fn joined_shapes(jobs: &[Job], rows: usize) -> Vec<Vec<usize>> {
                 *first = rows;
             }
             shape
+        })
+        .collect()
+}
+
+/// The requests' inputs concatenated along axis 0, the requests kept.
+fn concat_inputs(jobs: &[Job]) -> Result<Vec<NamedTensor>, InferenceError> {
+    (0..jobs[0].inputs.len())
+        .map(|i| {
+            let parts: Vec<&Tensor> = jobs.iter().map(|j| &j.inputs[i].tensor).collect();
+            Ok(NamedTensor::new(
+                jobs[0].inputs[i].name.clone(),
+                Tensor::concat(&parts)?,
+            ))
         })
         .collect()
 }

@@ -103,7 +103,7 @@ impl Backend for Gated {
         self.ran_on.lock().unwrap().push(self.id);
         self.inner.infer(inputs)
     }
-    fn fits_working_memory(&self, shapes: &[Vec<usize>]) -> bool {
+    fn fits_working_memory(&self, shapes: &[Vec<usize>]) -> Option<bool> {
         self.inner.fits_working_memory(shapes)
     }
     fn fork(&self) -> Result<Box<dyn Backend>, InferenceError> {
@@ -269,8 +269,8 @@ async fn a_joined_batch_over_the_working_memory_limit_runs_request_by_request() 
     let rows = rows();
     let n = 40;
     let probe = limited();
-    assert!(probe.fits_working_memory(&[vec![1, 30]]));
-    assert!(!probe.fits_working_memory(&[vec![n - 1, 30]]));
+    assert_eq!(probe.fits_working_memory(&[vec![1, 30]]), Some(true));
+    assert_eq!(probe.fits_working_memory(&[vec![n - 1, 30]]), Some(false));
     // Alone, the 39 rows are refused: the limit is the engine's.
     let mut alone = limited();
     let refused = alone.infer(input(&rows[1..n])).unwrap_err();
@@ -319,6 +319,79 @@ async fn a_joined_batch_over_the_working_memory_limit_runs_request_by_request() 
     let stats = h.worker.stats().snapshot();
     assert_eq!(stats.execution_count, n as u64);
     assert_eq!(stats.inference_count, n as u64);
+}
+
+/// A model whose working memory grows with the batch and with a value of the request
+/// (x [N, 4] times Range(0, max(x) + 1); y = x, by onnxruntime in make_load_fixtures.py):
+/// the shapes cannot tell whether joined requests fit, so the batch is tried and, refused,
+/// its requests run one by one (a red-team finding: all of them were refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_batch_sized_by_values_is_retried_request_by_request() {
+    let load = || {
+        nightingale_inference::load(
+            &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../models/tests/fixtures/batch-range.onnx"),
+            &LoadOptions {
+                backend: BackendKind::Tract,
+                max_working_bytes: 1 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let request = |i: usize| {
+        vec![NamedTensor::new(
+            "x",
+            Tensor::from_vec(vec![1, 4], vec![10_000.0f32 + i as f32, 1., 2., 3.]).unwrap(),
+        )]
+    };
+    let n = 8;
+    // One alone fits (4 × 10,001 × 4 bytes); the eight joined do not.
+    assert_eq!(load().fits_working_memory(&[vec![n, 4]]), None);
+    assert!(matches!(
+        load().infer(vec![NamedTensor::new(
+            "x",
+            Tensor::from_vec(vec![n, 4], [10_000.0f32, 1., 2., 3.].repeat(n)).unwrap()
+        )]),
+        Err(InferenceError::WorkingMemory { .. })
+    ));
+    let h = Harness::with_backend(
+        WorkerConfig {
+            queue_capacity: 64,
+            batching: Some(BatchingConfig {
+                max_batch_size: 64,
+                max_queue_delay: Duration::from_millis(1),
+                preferred_batch_sizes: vec![],
+            }),
+            ..WorkerConfig::default()
+        },
+        load(),
+    );
+    let first = {
+        let w = h.worker.clone();
+        let x = request(0);
+        tokio::spawn(async move { w.infer(x).await })
+    };
+    h.until_blocked().await;
+    let mut tasks = vec![];
+    for i in 1..=n {
+        let w = h.worker.clone();
+        let x = request(i);
+        tasks.push((i, tokio::spawn(async move { w.infer(x).await })));
+    }
+    h.until_queued(n).await;
+    h.open();
+    bounded(first).await.unwrap().unwrap();
+    for (i, task) in tasks {
+        let answer = bounded(task).await.unwrap().unwrap();
+        assert_eq!(answer[0].tensor, request(i)[0].tensor, "request {i}");
+    }
+    // The first alone, the eight joined (refused), then each of them alone.
+    let calls = h.calls.lock().unwrap().clone();
+    assert_eq!(calls, [vec![1, n], vec![1; n]].concat());
+    let stats = h.worker.stats().snapshot();
+    assert_eq!(stats.inference_count, n as u64 + 1);
+    assert_eq!(stats.success.count, n as u64 + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,6 +24,10 @@
     a `Range` to the request's largest value; scan-pad: the Pad inside a `Scan` body): the
     server must refuse such a request before
     tract allocates (it aborts the process on an allocation that cannot be made);
+  * models/tests/fixtures/if-range-pad.onnx, nonzero-amplified.onnx, batch-range.onnx: a
+    branch whose sizes depend on values (refused at load on tract), a `NonZero` 64 times the
+    bytes of its input, a model whose working memory grows with the batch and a value (y = x
+    for all three, checked here with onnxruntime);
   * models/tests/fixtures/long-dim-param.onnx: an input whose symbolic dimension is 4,000
     nested parentheses around `N` (tract's recursive expression parser overflowed the stack
     on it, which aborts the process), which loading must refuse.
@@ -271,11 +275,93 @@ def scan_pad_model() -> onnx.ModelProto:
     return m
 
 
+def _c(name: str, value) -> onnx.TensorProto:
+    from onnx import numpy_helper
+    return numpy_helper.from_array(np.asarray(value), name)
+
+
+def _xy_model(nodes, name: str, constants) -> onnx.ModelProto:
+    """A model of `nodes` from x FP32 [N, 4] to y FP32 [N, 4]."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    m = helper.make_model(helper.make_graph(nodes, name, [x], [y], constants),
+                          opset_imports=[helper.make_opsetid("", 17)], producer_name="make_load_fixtures.py")
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def if_range_pad_model() -> onnx.ModelProto:
+    """An `If` whose then-branch pads Range(0, max(x)) by 2e9 columns (a red-team finding:
+    tract runs a branch with a plan of its own, where no node is checked, and the branch's
+    sizes depend on the request's values): the tract engine must refuse it at load."""
+    then_out = helper.make_tensor_value_info("t", TensorProto.FLOAT, [])
+    then_branch = helper.make_graph(
+        [helper.make_node("Range", ["zero", "largest", "one"], ["r"]),
+         helper.make_node("Unsqueeze", ["r", "axis1"], ["r2"]),
+         helper.make_node("Pad", ["r2", "pads"], ["big"]),
+         helper.make_node("ReduceSum", ["big"], ["t"], keepdims=0)],
+        "then", [], [then_out])
+    else_out = helper.make_tensor_value_info("e", TensorProto.FLOAT, [])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["zero"], ["e"])], "else", [], [else_out])
+    nodes = [helper.make_node("ReduceMax", ["x"], ["largest"], keepdims=0),
+             helper.make_node("Greater", ["largest", "zero"], ["cond"]),
+             helper.make_node("If", ["cond"], ["v"], then_branch=then_branch, else_branch=else_branch),
+             helper.make_node("Min", ["v", "zero"], ["z"]),
+             helper.make_node("Add", ["x", "z"], ["y"])]
+    return _xy_model(nodes, "if_range_pad", [
+        _c("zero", np.float32(0)), _c("one", np.float32(1)), _c("axis1", np.array([1], np.int64)),
+        _c("pads", np.array([0, 0, 0, 2_000_000_000], np.int64))])
+
+
+NONZERO_RANK = 32
+
+
+def nonzero_amplified_model() -> onnx.ModelProto:
+    """Range(1, max(x) + 1) reshaped to rank 32, then NonZero: its output, int64 [32, L], is
+    64 times the Range's bytes and its size is known only once it has run (a red-team
+    finding: the guard counted it as 0 until then). y = x."""
+    nodes = [helper.make_node("ReduceMax", ["x"], ["largest"], keepdims=0),
+             helper.make_node("Add", ["largest", "one"], ["limit"]),
+             helper.make_node("Range", ["one", "limit", "one"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["high"]),
+             helper.make_node("NonZero", ["high"], ["nz"]),
+             helper.make_node("ReduceMin", ["nz"], ["s"], keepdims=0),
+             helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
+             helper.make_node("Min", ["sf", "zero"], ["z"]),
+             helper.make_node("Add", ["x", "z"], ["y"])]
+    return _xy_model(nodes, "nonzero_amplified", [
+        _c("one", np.float32(1)), _c("zero", np.float32(0)),
+        _c("shape", np.array([-1] + [1] * (NONZERO_RANK - 1), np.int64))])
+
+
+def batch_range_model() -> onnx.ModelProto:
+    """x [N, 4] times Range(0, max(x) + 1) -> [N, 4, L], reduced back: y = x. Its working
+    memory grows with the batch and with a value, so the shapes alone cannot tell whether
+    joined requests fit (a red-team finding: the joined batch was refused whole)."""
+    nodes = [helper.make_node("ReduceMax", ["x"], ["largest"], keepdims=0),
+             helper.make_node("Add", ["largest", "one"], ["limit"]),
+             helper.make_node("Range", ["zero", "limit", "one"], ["r"]),
+             helper.make_node("Unsqueeze", ["x", "axis2"], ["x3"]),
+             helper.make_node("Mul", ["x3", "r"], ["outer"]),
+             helper.make_node("ReduceMin", ["outer"], ["m"], axes=[2], keepdims=0),
+             helper.make_node("Min", ["m", "zero"], ["z"]),
+             helper.make_node("Add", ["x", "z"], ["y"])]
+    return _xy_model(nodes, "batch_range", [
+        _c("zero", np.float32(0)), _c("one", np.float32(1)), _c("axis2", np.array([2], np.int64))])
+
+
 def check_request_sizes_with_onnxruntime() -> None:
     """The two models' answers on small requests, by onnxruntime (the tests' expectations)."""
     batch = ort.InferenceSession(batch_pad_model().SerializeToString())
     x = np.array([[1, 2, 3, 4]], np.float32)
     assert (batch.run(None, {"x": x})[0] == x).all()
+    positive = np.array([[3, 1, 2, 0.5], [1, 2, 3, 4]], np.float32)
+    # The If's then-branch takes 8 GB a unit of max(x): its else-branch only.
+    for build, x in ((if_range_pad_model, -positive), (nonzero_amplified_model, positive),
+                     (batch_range_model, positive)):
+        session = ort.InferenceSession(build().SerializeToString())
+        assert (session.run(None, {"x": x})[0] == x).all(), build.__name__
     scan = ort.InferenceSession(scan_pad_model().SerializeToString())
     x = np.array([[1, 2, 3, 4]], np.float32)
     assert (scan.run(None, {"x": x})[0] == x).all()
@@ -368,6 +454,9 @@ def main() -> None:
     check_onnxruntime_reads_them(hidden)
     hidden["long-dim-param.onnx"] = long_dim_param_model()
     hidden["alloc-abort.onnx"] = alloc_abort_model()
+    hidden["if-range-pad.onnx"] = if_range_pad_model()
+    hidden["nonzero-amplified.onnx"] = nonzero_amplified_model()
+    hidden["batch-range.onnx"] = batch_range_model()
     for name, m in hidden.items():
         (FIXTURES / name).write_bytes(m.SerializeToString())
         print(f"wrote {FIXTURES / name}")

@@ -139,12 +139,12 @@ pub trait Backend: Send {
         false
     }
 
-    /// Whether a run on inputs of `shapes` keeps within the engine's working-memory limit,
-    /// as far as the shapes tell (`true` when they do not, or the engine has no such
-    /// limit): a batcher runs joined requests one by one rather than have the joined batch
-    /// refused ([`InferenceError::WorkingMemory`]).
-    fn fits_working_memory(&self, _shapes: &[Vec<usize>]) -> bool {
-        true
+    /// Whether a run on inputs of `shapes` keeps within the engine's working-memory limit
+    /// (`Some(true)` where the engine has none; `None` when the shapes cannot tell, the
+    /// sizes depending on values): a batcher runs joined requests one by one rather than
+    /// have the joined batch refused ([`InferenceError::WorkingMemory`]).
+    fn fits_working_memory(&self, _shapes: &[Vec<usize>]) -> Option<bool> {
+        Some(true)
     }
 }
 

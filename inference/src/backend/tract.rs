@@ -31,7 +31,7 @@ mod ml_ops;
 pub use declared::{DeclaredDim, DeclaredModel, DeclaredTensor, DeclaredType, declared_model};
 pub use kernels::use_nightingale_kernels;
 use memory::MemoryBound;
-pub use memory::TooMuchMemory;
+pub use memory::{SizeUnknown, TooMuchMemory};
 pub use ml_ops::register_onnx_ml_ops;
 
 const NAME: &str = "tract";
@@ -126,7 +126,8 @@ impl TractBackend {
             0 => super::DEFAULT_MAX_WORKING_BYTES,
             limit => limit,
         };
-        let memory = Arc::new(MemoryBound::new(&plan, limit));
+        let memory =
+            Arc::new(MemoryBound::new(&plan, limit).map_err(|e| InferenceError::load(name, e))?);
         Ok(TractBackend {
             plan,
             state,
@@ -317,6 +318,9 @@ fn run_bounded(
     });
     outcome.map_err(|e| {
         let _ = state.reset_turn();
+        if let Some(unknown) = e.chain().find_map(|c| c.downcast_ref::<SizeUnknown>()) {
+            return InferenceError::backend(NAME, unknown.clone());
+        }
         match e.chain().find_map(|c| c.downcast_ref::<TooMuchMemory>()) {
             Some(too_much) => InferenceError::WorkingMemory {
                 needed: too_much.needed,
@@ -428,13 +432,13 @@ impl Backend for TractBackend {
         }))
     }
 
-    fn fits_working_memory(&self, shapes: &[Vec<usize>]) -> bool {
+    fn fits_working_memory(&self, shapes: &[Vec<usize>]) -> Option<bool> {
         let model = self.plan.model();
         if !self.per_row {
             return self
                 .memory
                 .estimate(model, shapes)
-                .is_none_or(|peak| peak <= self.memory.limit);
+                .map(|peak| peak <= self.memory.limit);
         }
         // A row at a time on the one-row plan; the rows' outputs kept, then stacked.
         let rows = shapes.first().and_then(|s| s.first()).copied().unwrap_or(0) as u64;
@@ -447,9 +451,7 @@ impl Backend for TractBackend {
                     .collect()
             })
             .collect();
-        let Some(peak) = self.memory.estimate(model, &one) else {
-            return true;
-        };
+        let peak = self.memory.estimate(model, &one)?;
         let outputs = model
             .output_outlets()
             .map(|outlets| {
@@ -463,7 +465,7 @@ impl Backend for TractBackend {
                 })
             })
             .unwrap_or(0);
-        peak.max(outputs.saturating_mul(rows).saturating_mul(2)) <= self.memory.limit
+        Some(peak.max(outputs.saturating_mul(rows).saturating_mul(2)) <= self.memory.limit)
     }
 }
 
@@ -603,8 +605,8 @@ mod tests {
             fp32(&pad.infer(rows(1, [1., 2., 3., 4.])).unwrap()),
             [1., 2., 3., 4.]
         );
-        assert!(pad.fits_working_memory(&[vec![1, 4]]));
-        assert!(!pad.fits_working_memory(&[vec![2, 4]]));
+        assert_eq!(pad.fits_working_memory(&[vec![1, 4]]), Some(true));
+        assert_eq!(pad.fits_working_memory(&[vec![2, 4]]), Some(false));
         match pad.infer(rows(101, [1., 2., 3., 4.])) {
             Err(InferenceError::WorkingMemory { needed, limit: l }) => {
                 assert_eq!(l, limit);
@@ -625,7 +627,7 @@ mod tests {
         let x = [0.5, 1., 2., 3.];
         assert_eq!(fp32(&range.infer(rows(1, x)).unwrap()), [6.5, 7., 8., 9.]);
         // Its size is a value: the shapes cannot tell.
-        assert!(range.fits_working_memory(&[vec![1, 4]]));
+        assert_eq!(range.fits_working_memory(&[vec![1, 4]]), None);
         let err = range.infer(rows(1, [1e12, 0., 0., 0.])).unwrap_err();
         assert!(
             matches!(err, InferenceError::WorkingMemory { needed, .. } if needed >= 3_999_000_000_000),
@@ -646,7 +648,7 @@ mod tests {
             fp32(&scan.infer(rows(1, [1., 2., 3., 4.])).unwrap()),
             [1., 2., 3., 4.]
         );
-        assert!(!scan.fits_working_memory(&[vec![101, 4]]));
+        assert_eq!(scan.fits_working_memory(&[vec![101, 4]]), Some(false));
         let err = scan.infer(rows(101, [1., 2., 3., 4.])).unwrap_err();
         assert!(
             matches!(err, InferenceError::WorkingMemory { needed, .. } if needed >= 800_000_000_000),
@@ -658,6 +660,46 @@ mod tests {
             fork.infer(rows(2, [1e12, 0., 0., 0.])),
             Err(InferenceError::WorkingMemory { .. })
         ));
+    }
+
+    fn load_limited(path: &str, limit: u64) -> Result<TractBackend, InferenceError> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+        let bytes = std::fs::read(&path).unwrap();
+        let options = LoadOptions {
+            max_working_bytes: limit,
+            ..Default::default()
+        };
+        TractBackend::load_bytes(&bytes, &path, &options)
+    }
+
+    /// Red-team findings on the first cut of the bound: a branch (or loop body) whose sizes
+    /// depend on values ran unchecked in tract's own plan for it and aborted the server; a
+    /// `NonZero`, sized only by running, was counted as 0 and allocated 64 times a checked
+    /// tensor; an op's shape rule panicked in the check.
+    #[test]
+    fn bodies_sized_by_values_are_refused_and_nonzero_is_bounded_before_it_runs() {
+        let err = load_limited("../models/tests/fixtures/if-range-pad.onnx", 0).unwrap_err();
+        let why = std::error::Error::source(&err).map(|s| s.to_string());
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.contains("depend on values")
+                    && w.contains("If")
+                    && w.contains("ONNX Runtime")),
+            "{err}: {why:?}"
+        );
+        // Range(1, 2^20 + 1) (4 MiB) reshaped to rank 32, then NonZero: [32, 2^20] int64,
+        // 256 MiB, over a 64 MiB limit before it is allocated.
+        let mut nonzero =
+            load_limited("../models/tests/fixtures/nonzero-amplified.onnx", 64 << 20).unwrap();
+        let x = [3., 1., 2., 0.5];
+        assert_eq!(fp32(&nonzero.infer(rows(1, x)).unwrap()), x);
+        match nonzero.infer(rows(1, [1048576., 0., 0., 0.])) {
+            Err(InferenceError::WorkingMemory { needed, .. }) => {
+                assert!(needed >= 32 * 8 * 1048576, "{needed}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(fp32(&nonzero.infer(rows(2, x)).unwrap()), x.repeat(2));
     }
 
     #[test]

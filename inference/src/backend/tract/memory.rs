@@ -11,15 +11,28 @@
 //! limit. Tensors are counted as the plan keeps them: a node's outputs are alive until the
 //! last node that reads them has run (tract frees them then); constants are the model's own.
 //!
-//! A node with nested bodies (`Scan`, `If`), which tract runs with its own plans, is counted
-//! with every tensor of its bodies alive at once (an upper bound; a body's own symbols, as a
-//! `Scan`'s iteration, count 0). Not counted: an op's scratch space inside its kernel
-//! (packing, im2col). A size that cannot be known before the node runs (`NonZero`: at most
-//! its input's) counts as the node's actual outputs once it has run.
+//! A node with nested bodies (`Scan`, `If`), which tract runs with plans of its own, is
+//! counted with every tensor of its bodies alive at once (an upper bound); a body whose sizes
+//! depend on values (a `Range` to a value, in a branch) cannot be bounded that way, so such a
+//! model is refused at load ([`MemoryBound::new`]). Where a size cannot be known before the
+//! node runs even from the actual inputs, the op's own bound counts (`NonZero`: a coordinate
+//! of every element of its input; `NonMaxSuppression`: one index triple per score), and any
+//! other such node stops the run. Not counted: an op's scratch space inside its kernel
+//! (packing, im2col).
 
 use tract_onnx::prelude::{IntoArcTensor, TValue, TypedFact, TypedModel};
 use tract_onnx::tract_core::internal::{SymbolValues, TDim};
 use tract_onnx::tract_core::model::{TypedNode, TypedRunnableModel};
+
+/// The size of a node's outputs cannot be known before it runs: the run stopped before it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "the size of node {node:?}'s outputs ({op}) cannot be known before it runs, so its working memory cannot be bounded"
+)]
+pub struct SizeUnknown {
+    pub node: String,
+    pub op: String,
+}
 
 /// A node would take the tensors alive past the limit: the run stopped before it.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -115,7 +128,10 @@ fn value_bytes(value: &TValue) -> u64 {
 }
 
 impl MemoryBound {
-    pub(super) fn new(plan: &TypedRunnableModel, limit: u64) -> Self {
+    /// Sizes `plan`'s nodes; refuses a model with a nested body (`Scan`, `If`) whose tensor
+    /// sizes depend on more than the model's inputs' shapes (tract runs bodies with plans of
+    /// its own, which no check sees node by node).
+    pub(super) fn new(plan: &TypedRunnableModel, limit: u64) -> Result<Self, String> {
         let model: &TypedModel = plan.model();
         let order = plan.order_without_consts().to_vec();
         let n = model.nodes().len();
@@ -150,20 +166,41 @@ impl MemoryBound {
                 frees[*last].push(id);
             }
         }
-        let nested = (0..n)
+        let nested: Vec<Vec<TypedFact>> = (0..n)
             .map(|id| {
                 let mut facts = vec![];
                 nested_facts(model.node(id), &mut facts);
                 facts
             })
             .collect();
-        MemoryBound {
+        let mut known = std::collections::HashSet::new();
+        for outlet in model.input_outlets().map_err(|e| e.to_string())? {
+            let fact = model.outlet_fact(*outlet).map_err(|e| e.to_string())?;
+            known.extend(fact.shape.iter().flat_map(|d| d.symbols()));
+        }
+        for (id, facts) in nested.iter().enumerate() {
+            for fact in facts {
+                let unknown = fact
+                    .shape
+                    .iter()
+                    .flat_map(|d| d.symbols())
+                    .find(|s| !known.contains(s));
+                if let Some(symbol) = unknown {
+                    return Err(format!(
+                        "node {:?} ({}) runs a body whose tensor sizes depend on values (symbol {symbol}), which the tract engine cannot bound in working memory; serve this model on ONNX Runtime",
+                        model.node(id).name,
+                        model.node(id).op.name()
+                    ));
+                }
+            }
+        }
+        Ok(MemoryBound {
             limit,
             fixed,
             frees,
             order,
             nested,
-        }
+        })
     }
 
     /// The bytes `node`'s outputs will take, from its facts with the run's `symbols` or, when
@@ -189,8 +226,30 @@ impl MemoryBound {
             })
             .collect();
         let refs: Vec<&TypedFact> = facts.iter().collect();
-        let outputs = node.op.output_facts(&refs).ok()?;
-        facts_bytes(outputs.iter(), Some(symbols))
+        // An op's shape rules may panic on values its eval refuses (a `Range` of step 0 on
+        // TDim divides by zero): the op's own eval then says what is wrong.
+        let outputs =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.op.output_facts(&refs)))
+                .ok()?
+                .ok()?;
+        if let Some(bytes) = facts_bytes(outputs.iter(), Some(symbols)) {
+            return Some(bytes);
+        }
+        // Sizes found only by running: the op's own bound.
+        let elements = |value: &TValue| value.len() as u64;
+        match &*node.op.name() {
+            // A coordinate (i64) per input axis for every element that is not zero.
+            "NonZero" => inputs.first().map(|input| {
+                elements(input)
+                    .saturating_mul(input.rank() as u64)
+                    .saturating_mul(8)
+            }),
+            // An index triple (i64) per selected box: at most one per score.
+            "NonMaxSuppression" => inputs
+                .get(1)
+                .map(|scores| elements(scores).saturating_mul(24)),
+            _ => None,
+        }
     }
 
     /// Checks `node` before it runs: `live` (the bytes alive now) plus its outputs within
@@ -201,8 +260,14 @@ impl MemoryBound {
         symbols: &SymbolValues,
         inputs: &[TValue],
         live: u64,
-    ) -> Result<(), TooMuchMemory> {
-        let mut outputs = self.predict(node, symbols, inputs).unwrap_or(0);
+    ) -> Result<(), tract_onnx::prelude::TractError> {
+        let Some(mut outputs) = self.predict(node, symbols, inputs) else {
+            return Err(SizeUnknown {
+                node: node.name.clone(),
+                op: node.op.name().to_string(),
+            }
+            .into());
+        };
         for fact in &self.nested[node.id] {
             let bytes = facts_bytes(std::iter::once(fact), Some(symbols)).unwrap_or(0);
             outputs = outputs.saturating_add(bytes);
@@ -213,7 +278,8 @@ impl MemoryBound {
                 needed,
                 limit: self.limit,
                 node: node.name.clone(),
-            });
+            }
+            .into());
         }
         Ok(())
     }
