@@ -163,8 +163,8 @@ pub struct ModelWorker {
     backend: &'static str,
     /// Every instance runs on a GPU.
     on_gpu: bool,
-    tx: Sender<Job>,
-    gradient_tx: Sender<GradientJob>,
+    tx: Sender<Box<Job>>,
+    gradient_tx: Sender<Box<GradientJob>>,
     /// Whether the backend can differentiate the model ([`Backend::supports_gradients`]).
     gradients: bool,
     stats: Arc<ModelStats>,
@@ -258,9 +258,11 @@ impl ModelWorker {
         // Instances load with the same options but each registers its own execution provider:
         // one that fell back to the CPU makes the model's answer "not on a GPU".
         let on_gpu = backends.iter().all(|b| b.on_gpu());
-        let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue_capacity.max(1));
+        // Boxed: a bounded channel allocates its slots at once (`queue_capacity` of them, up
+        // to 2^20), a pointer each rather than a whole request (440 MB a version at the cap).
+        let (tx, rx) = crossbeam_channel::bounded::<Box<Job>>(config.queue_capacity.max(1));
         let (gradient_tx, gradient_rx) =
-            crossbeam_channel::bounded::<GradientJob>(config.queue_capacity.max(1));
+            crossbeam_channel::bounded::<Box<GradientJob>>(config.queue_capacity.max(1));
         let stats = Arc::new(ModelStats::default());
         if let Some(backend) = gradient_backend {
             let instance = Instance {
@@ -412,7 +414,7 @@ impl ModelWorker {
             enqueued: Instant::now(),
             span: tracing::Span::current(),
         };
-        self.tx.try_send(job).map_err(|e| match e {
+        self.tx.try_send(Box::new(job)).map_err(|e| match e {
             TrySendError::Full(_) => InferenceError::Overloaded {
                 capacity: self.config.queue_capacity,
             },
@@ -490,12 +492,14 @@ impl ModelWorker {
                 enqueued: Instant::now(),
                 span: tracing::Span::current(),
             };
-            self.gradient_tx.try_send(job).map_err(|e| match e {
-                TrySendError::Full(_) => InferenceError::Overloaded {
-                    capacity: self.config.queue_capacity,
-                },
-                TrySendError::Disconnected(_) => InferenceError::Unavailable,
-            })?;
+            self.gradient_tx
+                .try_send(Box::new(job))
+                .map_err(|e| match e {
+                    TrySendError::Full(_) => InferenceError::Overloaded {
+                        capacity: self.config.queue_capacity,
+                    },
+                    TrySendError::Disconnected(_) => InferenceError::Unavailable,
+                })?;
             answer
                 .instrument(tracing::trace_span!("wait"))
                 .await
@@ -653,8 +657,8 @@ fn check_declared(declared: &ModelMetadata, actual: &ModelMetadata) -> Result<()
 /// One backend instance and the loop that feeds it.
 struct Instance {
     backend: Box<dyn Backend>,
-    rx: Receiver<Job>,
-    gradient_rx: Receiver<GradientJob>,
+    rx: Receiver<Box<Job>>,
+    gradient_rx: Receiver<Box<GradientJob>>,
     batching: Option<BatchingConfig>,
     stats: Arc<ModelStats>,
     labels: Labels,
@@ -673,15 +677,15 @@ impl Instance {
                 Some(job) => job,
                 None => crossbeam_channel::select! {
                     recv(self.rx) -> job => match job {
-                        Ok(job) => job,
+                        Ok(job) => *job,
                         Err(_) => return, // every sender is gone: the model was unloaded
                     },
                     recv(self.gradient_rx) -> job => {
                         match job {
-                            Ok(job) => self.gradients(job),
+                            Ok(job) => self.gradients(*job),
                             // Unloaded: finish the inference queue, then stop.
                             Err(_) => match self.rx.recv() {
-                                Ok(job) => carried = Some(job),
+                                Ok(job) => carried = Some(*job),
                                 Err(_) => return,
                             },
                         }
@@ -706,7 +710,7 @@ impl Instance {
     /// is unloaded (every sender gone).
     fn run_gradients(mut self) {
         while let Ok(job) = self.gradient_rx.recv() {
-            self.gradients(job);
+            self.gradients(*job);
         }
     }
 
@@ -764,12 +768,12 @@ impl Instance {
         let mut rows = batch[0].rows;
         while rows < cfg.max_batch_size && !cfg.preferred_batch_sizes.contains(&rows) {
             let job = match self.rx.try_recv() {
-                Ok(job) => job,
+                Ok(job) => *job,
                 Err(TryRecvError::Disconnected) => return None,
                 // Nothing queued and no sign of concurrent callers: run now.
                 Err(TryRecvError::Empty) if self.last_batch <= 1 => return None,
                 Err(TryRecvError::Empty) => match self.rx.recv_deadline(deadline) {
-                    Ok(job) => job,
+                    Ok(job) => *job,
                     Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
                 },
             };

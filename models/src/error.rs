@@ -49,6 +49,10 @@ pub enum BundleError {
     )]
     NotRegularFile { path: PathBuf },
     #[error(
+        "{path} is a symbolic link: a bundle the repository serves must be a folder in it (a link could point anywhere on the server)"
+    )]
+    BundleLinked { path: PathBuf },
+    #[error(
         "{path}: version {version} is not a folder of its own (a symbolic link or file is refused: a version's files must be in the bundle's folder)"
     )]
     VersionNotAFolder { path: PathBuf, version: u64 },
@@ -146,6 +150,7 @@ impl BundleError {
             | BundleError::MissingFile { path }
             | BundleError::FileTooLarge { path, .. }
             | BundleError::NotRegularFile { path }
+            | BundleError::BundleLinked { path }
             | BundleError::VersionNotAFolder { path, .. }
             | BundleError::UnlistedVersion { path, .. }
             | BundleError::NoVersions { path }
@@ -185,6 +190,7 @@ impl BundleError {
                 | BundleError::MissingFile { path }
                 | BundleError::FileTooLarge { path, .. }
                 | BundleError::NotRegularFile { path }
+                | BundleError::BundleLinked { path }
                 | BundleError::VersionNotAFolder { path, .. }
                 | BundleError::UnlistedVersion { path, .. }
                 | BundleError::NoVersions { path }

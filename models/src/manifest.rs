@@ -1255,6 +1255,32 @@ impl Manifest {
                 .map_err(|m| InvalidManifest(format!("[explain] {m}")))?;
         }
         for output in &self.outputs {
+            // Labels name the last dimension's columns: a count that differs (or a name
+            // twice) made `positive_label` pick another column than the one it names, in
+            // `classification` answers, explanations, CDS risk cards and validation (a
+            // red-team finding: P(no diabetes) was served as "diabetes").
+            if let Some(repeated) = output
+                .labels
+                .iter()
+                .enumerate()
+                .find_map(|(i, l)| output.labels[..i].contains(l).then_some(l))
+            {
+                return fail(format!(
+                    "output {:?}: label {repeated:?} is given twice",
+                    output.name
+                ));
+            }
+            if !output.labels.is_empty()
+                && let Some(&last) = output.shape.last()
+                && last >= 0
+                && last as usize != output.labels.len()
+            {
+                return fail(format!(
+                    "output {:?} has {} labels for {last} columns (its last dimension): one label per column",
+                    output.name,
+                    output.labels.len()
+                ));
+            }
             if let Some(p) = &output.positive_label
                 && !output.labels.contains(p)
             {
@@ -1269,7 +1295,10 @@ impl Manifest {
                 })?;
             }
         }
-        for t in &self.thresholds {
+        for (i, t) in self.thresholds.iter().enumerate() {
+            if self.thresholds[..i].iter().any(|o| o.name == t.name) {
+                return fail(format!("threshold {:?} is given twice", t.name));
+            }
             let Some(output) = self.outputs.iter().find(|o| o.name == t.output) else {
                 return fail(format!(
                     "threshold {:?} refers to unknown output {:?}",
@@ -1428,7 +1457,9 @@ impl Manifest {
         }
         for (version, entry) in &self.versions {
             if parse_version(version).is_none() {
-                return fail(format!("version {version:?} must be a positive integer"));
+                return fail(format!(
+                    "version {version:?} must be a positive integer of at most 19 digits"
+                ));
             }
             if entry.files.is_empty() {
                 return fail(format!("version {version} lists no files"));
@@ -1627,7 +1658,8 @@ impl Manifest {
     }
 }
 
-/// A version folder name: a positive integer without sign or leading zeros.
+/// A version folder name: a positive integer without sign or leading zeros, of at most 19
+/// digits.
 pub fn parse_version(s: &str) -> Option<u64> {
     if s.is_empty() || s.len() > 19 || s.starts_with('0') || !s.bytes().all(|b| b.is_ascii_digit())
     {
@@ -1671,6 +1703,40 @@ labels = ["a", "b"]
 [versions.1.files]
 "model.onnx" = "0000000000000000000000000000000000000000000000000000000000000000"
 "#;
+
+    /// Red-team finding: labels that did not match the columns (one label on two columns, a
+    /// label twice) made `positive_label` pick another column than the one it names.
+    #[test]
+    fn labels_name_each_column_once_and_threshold_names_are_unique() {
+        let with = |labels: &str| MINIMAL.replace("labels = [\"a\", \"b\"]", labels);
+        for (labels, why) in [
+            ("labels = [\"a\"]", "has 1 labels for 2 columns"),
+            (
+                "labels = [\"a\", \"b\", \"c\"]",
+                "has 3 labels for 2 columns",
+            ),
+            ("labels = [\"a\", \"a\"]", "label \"a\" is given twice"),
+        ] {
+            let e = Manifest::parse(&with(labels)).unwrap_err().to_string();
+            assert!(e.contains(why), "{labels}: {e}");
+        }
+        // An open last dimension is not checked (the labels say how many columns there are).
+        let open = with("labels = [\"a\", \"b\", \"c\"]").replace(
+            "name = \"y\"\ndatatype = \"FP32\"\nshape = [-1, 2]",
+            "name = \"y\"\ndatatype = \"FP32\"\nshape = [-1, -1]",
+        );
+        assert!(Manifest::parse(&open).is_ok());
+        let threshold = |name: &str| {
+            format!(
+                "[[thresholds]]\nname = \"{name}\"\noutput = \"y\"\nlabel = \"b\"\nvalue = 0.5\n"
+            )
+        };
+        let twice = format!("{MINIMAL}{}{}", threshold("high"), threshold("high"));
+        let e = Manifest::parse(&twice).unwrap_err().to_string();
+        assert!(e.contains("threshold \"high\" is given twice"), "{e}");
+        let two = format!("{MINIMAL}{}{}", threshold("high"), threshold("low"));
+        assert!(Manifest::parse(&two).is_ok());
+    }
 
     #[test]
     fn a_self_test_of_the_model_file_is_refused() {

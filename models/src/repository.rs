@@ -1188,6 +1188,16 @@ impl Repository {
         target: LoadTarget,
         release: Option<u64>,
     ) -> Result<BTreeMap<u64, Arc<LoadedModel>>, (Option<u64>, BundleError)> {
+        // As a version folder or a bundle's file may not be a link, nor may the bundle's
+        // folder (`models check` on a path given by hand follows it).
+        if fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err((
+                None,
+                BundleError::BundleLinked {
+                    path: dir.to_owned(),
+                },
+            ));
+        }
         let bundle = Bundle::open_with(dir, &self.options.signatures).map_err(|e| (None, e))?;
         if let Some(ledger) = &self.options.releases {
             ledger

@@ -297,6 +297,35 @@ fn repo_with_two_versions() -> (tempfile::TempDir, PathBuf) {
     (dir, bundle)
 }
 
+/// Red-team finding: a bundle folder that was a link to a folder outside the repository
+/// served, where its manifest, version folders and files may not be links (docs/
+/// bundle-format.md). It is refused, with the reason in the index.
+#[cfg(unix)]
+#[test]
+fn a_symlinked_bundle_folder_is_refused() {
+    let (outside, bundle) = repo_with_copy();
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&bundle, dir.path().join(MODEL)).unwrap();
+    let repo = Repository::new(dir.path(), RepositoryOptions::default());
+    assert_eq!(
+        repo.scan().unwrap(),
+        vec![MODEL.to_owned()],
+        "listed, to say why"
+    );
+    let err = repo.load(MODEL).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("{MODEL} is a symbolic link")),
+        "{err}"
+    );
+    assert!(!err.contains(&*dir.path().to_string_lossy()), "{err}");
+    assert!(repo.get(MODEL, None).is_err());
+    let reason = refused_reason(&repo, None);
+    assert!(reason.contains("symbolic link"), "{reason}");
+    // The same folder in the repository itself serves.
+    let real = Repository::new(outside.path(), RepositoryOptions::default());
+    assert_eq!(real.load(MODEL).unwrap(), vec![1]);
+}
+
 #[cfg(unix)]
 #[test]
 fn a_symlinked_version_folder_is_refused_not_skipped() {

@@ -868,7 +868,7 @@ fn load_target(
         }
         .ok_or_else(|| {
             AppError::bad_request(format!(
-                "parameter {key:?} must be a positive integer, e.g. \"1\""
+                "parameter {key:?} must be a positive integer of at most 19 digits, e.g. \"1\""
             ))
         })?;
         if key == "version" {

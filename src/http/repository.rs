@@ -166,7 +166,7 @@ fn load_target(body: &[u8]) -> Result<(LoadTarget, Option<u64>), AppError> {
         }
         .ok_or_else(|| {
             AppError::bad_request(format!(
-                "parameter {key:?} must be a positive integer, e.g. \"1\""
+                "parameter {key:?} must be a positive integer of at most 19 digits, e.g. \"1\""
             ))
         })?;
         if key == "version" {
