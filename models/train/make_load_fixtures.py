@@ -27,7 +27,9 @@
   * models/tests/fixtures/if-range-pad.onnx, nonzero-amplified.onnx, batch-range.onnx: a
     branch whose sizes depend on values (refused at load on tract), a `NonZero` 64 times the
     bytes of its input, a model whose working memory grows with the batch and a value (y = x
-    for all three, checked here with onnxruntime);
+    for all three, checked here with onnxruntime); resize-amplified.onnx, a Resize holding
+    1000 times its output between its axes; ceil-range.onnx, a Range whose typed fact tract
+    gets wrong (0 elements for 2e8);
   * models/tests/fixtures/long-dim-param.onnx: an input whose symbolic dimension is 4,000
     nested parentheses around `N` (tract's recursive expression parser overflowed the stack
     on it, which aborts the process), which loading must refuse.
@@ -351,12 +353,66 @@ def batch_range_model() -> onnx.ModelProto:
         _c("zero", np.float32(0)), _c("one", np.float32(1)), _c("axis2", np.array([2], np.int64))])
 
 
+def resize_amplified_model() -> onnx.ModelProto:
+    """x [N, 4] tiled to [N, 1000], then Resize by (10000, 0.001) to [N * 10000, 1]: tract
+    resamples one axis after the other and holds [N * 10000, 1000] in between, 1000 times its
+    output (a red-team finding: 164 GB at N = 4096). y = x."""
+    nodes = [helper.make_node("Tile", ["x", "repeats"], ["wide"]),
+             helper.make_node("Resize", ["wide", "", "scales"], ["tall"], mode="linear"),
+             helper.make_node("ReduceMax", ["tall"], ["largest"], keepdims=0),
+             helper.make_node("Min", ["largest", "zero"], ["z"]),
+             helper.make_node("Add", ["x", "z"], ["y"])]
+    return _xy_model(nodes, "resize_amplified", [
+        _c("repeats", np.array([1, 250], np.int64)),
+        _c("scales", np.array([10000, 0.001], np.float32)), _c("zero", np.float32(0))])
+
+
+def ceil_range_model(k: int) -> onnx.ModelProto:
+    """Range(0, ceil(N / 2) * k - k / 2) from the batch N: tract 0.23.9 types ceil(N * 0.5) as
+    N / 2 rounded down, so its fact for the Range says 0 elements at N = 1 where the Range
+    makes k / 2 (a red-team finding: a typed fact that is wrong). y = x + the Range's max."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "D"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "D"])
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "i0"], ["n"], axis=0),
+             helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["nf", "half"], ["h"]),
+             helper.make_node("Ceil", ["h"], ["c"]),
+             helper.make_node("Cast", ["c"], ["ci"], to=TensorProto.INT64),
+             helper.make_node("Mul", ["ci", "k"], ["ck"]),
+             helper.make_node("Sub", ["ck", "half_k"], ["limit"]),
+             helper.make_node("Range", ["i0", "limit", "i1"], ["r"]),
+             helper.make_node("Concat", ["r", "zeros"], ["rc"], axis=0),
+             helper.make_node("ReduceMax", ["rc"], ["largest"], keepdims=0),
+             helper.make_node("Cast", ["largest"], ["lf"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["x", "lf"], ["y"])]
+    m = helper.make_model(helper.make_graph(nodes, "ceil_range", [x], [y], [
+        _c("i0", np.array(0, np.int64)), _c("zeros", np.array([0], np.int64)),
+        _c("half", np.float32(0.5)), _c("i1", np.array(1, np.int64)),
+        _c("k", np.array(k, np.int64)), _c("half_k", np.array(k // 2, np.int64))]),
+        opset_imports=[helper.make_opsetid("", 17)], producer_name="make_load_fixtures.py")
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+CEIL_RANGE_K = 400_000_000
+
+
 def check_request_sizes_with_onnxruntime() -> None:
     """The two models' answers on small requests, by onnxruntime (the tests' expectations)."""
     batch = ort.InferenceSession(batch_pad_model().SerializeToString())
     x = np.array([[1, 2, 3, 4]], np.float32)
     assert (batch.run(None, {"x": x})[0] == x).all()
     positive = np.array([[3, 1, 2, 0.5], [1, 2, 3, 4]], np.float32)
+    resize = ort.InferenceSession(resize_amplified_model().SerializeToString())
+    assert (resize.run(None, {"x": positive[:1]})[0] == positive[:1]).all()
+    # The committed model's k makes a Range of 2e8 at N = 1 (1.6 GB): its small sibling
+    # shows what the graph computes, ceil(N / 2) * k - k / 2 - 1 added to x.
+    small = ort.InferenceSession(ceil_range_model(2000).SerializeToString())
+    for n, added in ((1, 999), (2, 999), (3, 2999)):
+        x = np.ones((n, 2), np.float32)
+        assert (small.run(None, {"x": x})[0] == x + added).all(), n
     # The If's then-branch takes 8 GB a unit of max(x): its else-branch only.
     for build, x in ((if_range_pad_model, -positive), (nonzero_amplified_model, positive),
                      (batch_range_model, positive)):
@@ -457,6 +513,8 @@ def main() -> None:
     hidden["if-range-pad.onnx"] = if_range_pad_model()
     hidden["nonzero-amplified.onnx"] = nonzero_amplified_model()
     hidden["batch-range.onnx"] = batch_range_model()
+    hidden["resize-amplified.onnx"] = resize_amplified_model()
+    hidden["ceil-range.onnx"] = ceil_range_model(CEIL_RANGE_K)
     for name, m in hidden.items():
         (FIXTURES / name).write_bytes(m.SerializeToString())
         print(f"wrote {FIXTURES / name}")

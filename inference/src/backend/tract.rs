@@ -48,6 +48,9 @@ pub struct TractBackend {
     memory: Arc<MemoryBound>,
     /// Per node: the bytes of its outputs while a run keeps them.
     sizes: Vec<u64>,
+    /// Runs in which a node made more than its typed facts said (then sized from actual
+    /// inputs, node by node): none for a model tract types right.
+    facts_failed: u64,
 }
 
 impl std::fmt::Debug for TractBackend {
@@ -135,6 +138,7 @@ impl TractBackend {
             per_row,
             sizes: vec![0; memory.nodes()],
             memory,
+            facts_failed: 0,
         })
     }
 }
@@ -307,15 +311,24 @@ fn run_bounded(
     memory: &MemoryBound,
     sizes: &mut [u64],
     values: TVec<TValue>,
+    facts_failed: &mut u64,
 ) -> Result<TVec<TValue>, InferenceError> {
     sizes.fill(0);
     let mut live = 0u64;
+    // Once a node made more than its typed facts said, the rest is sized from actual inputs.
+    let mut concrete = false;
     let outcome = state.run_plan_with_eval(values, |ctx, op_state, node, inputs| {
-        memory.before(node, ctx.symbols, &inputs, live)?;
+        let expected = memory.before(node, ctx.symbols, &inputs, live, concrete)?;
         let outputs = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs)?;
-        live = memory.after(node.id, &outputs, live, sizes);
+        let (now, over) = memory.after(node.id, &outputs, expected, live, sizes);
+        live = now;
+        concrete |= over;
         Ok::<_, TractError>(outputs)
     });
+    if concrete {
+        *facts_failed += 1;
+        tracing::debug!("a node made more than its typed facts said: sized from actual inputs");
+    }
     outcome.map_err(|e| {
         let _ = state.reset_turn();
         if let Some(unknown) = e.chain().find_map(|c| c.downcast_ref::<SizeUnknown>()) {
@@ -333,7 +346,13 @@ fn run_bounded(
 
 impl TractBackend {
     fn run(&mut self, values: TVec<TValue>) -> Result<TVec<TValue>, InferenceError> {
-        run_bounded(&mut self.state, &self.memory, &mut self.sizes, values)
+        run_bounded(
+            &mut self.state,
+            &self.memory,
+            &mut self.sizes,
+            values,
+            &mut self.facts_failed,
+        )
     }
 
     /// Runs each row of the batch on the one-row plan and stacks the rows' outputs.
@@ -429,6 +448,7 @@ impl Backend for TractBackend {
             per_row: self.per_row,
             sizes: vec![0; self.memory.nodes()],
             memory: self.memory.clone(),
+            facts_failed: 0,
         }))
     }
 
@@ -700,6 +720,56 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(fp32(&nonzero.infer(rows(2, x)).unwrap()), x.repeat(2));
+    }
+
+    /// Re-attack findings: tract's `Resize` holds far more than its output between axes
+    /// (164 GB for a 164 MB output aborted the server); a `Range` whose typed fact tract gets
+    /// wrong (0 elements where it makes 2e8) passed a 64 MiB limit with 1.6 GB.
+    #[test]
+    fn resize_scratch_and_wrong_typed_facts_are_bounded() {
+        let mut resize = load_limited("../models/tests/fixtures/resize-amplified.onnx", 0).unwrap();
+        let x = [3., 1., 2., 0.5];
+        assert_eq!(fp32(&resize.infer(rows(1, x)).unwrap()), x);
+        match resize.infer(rows(4096, x)) {
+            Err(InferenceError::WorkingMemory { needed, .. }) => {
+                // [4096 × 10000, 1000] f32 between the axes.
+                assert!(needed >= 4096 * 10000 * 1000 * 4, "{needed}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut range = load_limited("../models/tests/fixtures/ceil-range.onnx", 64 << 20).unwrap();
+        let one = vec![NamedTensor::new(
+            "x",
+            Tensor::from_vec(vec![1, 2], vec![1f32; 2]).unwrap(),
+        )];
+        match range.infer(one) {
+            // Range(0, 2e8) of i64, sized from its actual inputs.
+            Err(InferenceError::WorkingMemory { needed, .. }) => {
+                assert!(needed >= 1_600_000_000, "{needed}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The shipped models' runs are sized from their typed facts: none makes more than they
+    /// say (which would size every later node from its actual inputs, a slower path).
+    #[test]
+    fn shipped_models_make_what_their_facts_say() {
+        let mut wdbc = load(
+            "../models/bundles/wdbc-malignancy/1/model.onnx",
+            TractKernels::Nightingale,
+        );
+        for n in [1, 7, 64] {
+            let x = Tensor::from_vec(vec![n, 30], vec![0.5f32; n * 30]).unwrap();
+            wdbc.infer(vec![NamedTensor::new("features", x)]).unwrap();
+        }
+        assert_eq!(wdbc.facts_failed, 0);
+        for kernels in [TractKernels::Nightingale, TractKernels::Tract] {
+            let mut cnn = load("tests/data/cnn/small_cnn.onnx", kernels);
+            let x = Tensor::from_vec(vec![2, 1, 70, 70], vec![0.5f32; 2 * 70 * 70]).unwrap();
+            cnn.infer(vec![NamedTensor::new("x", x)]).unwrap();
+            assert_eq!(cnn.facts_failed, 0, "{kernels:?}");
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //! other such node stops the run. Not counted: an op's scratch space inside its kernel
 //! (packing, im2col).
 
-use tract_onnx::prelude::{IntoArcTensor, TValue, TypedFact, TypedModel};
+use tract_onnx::prelude::{IntoArcTensor, TValue, TVec, TypedFact, TypedModel};
 use tract_onnx::tract_core::internal::{SymbolValues, TDim};
 use tract_onnx::tract_core::model::{TypedNode, TypedRunnableModel};
 
@@ -92,7 +92,8 @@ fn bytes_of(shape: &[TDim], size: usize, symbols: Option<&SymbolValues>) -> Opti
             Some(values) => dim.eval(values).to_i64().ok()?,
             None => dim.to_i64().ok()?,
         };
-        total = total.saturating_mul(u64::try_from(value).unwrap_or(0));
+        // A negative size is a wrong fact (tract's simplification), not an empty tensor.
+        total = total.saturating_mul(u64::try_from(value).ok()?);
     }
     Some(total)
 }
@@ -103,13 +104,15 @@ fn facts_bytes<'a>(
     symbols: Option<&SymbolValues>,
 ) -> Option<u64> {
     facts.into_iter().try_fold(0u64, |sum, fact| {
-        let mut bytes = bytes_of(fact.shape.dims(), fact.datum_type.size_of(), symbols)?;
+        // A packed (exotic) element holds its buffers besides its own bytes.
+        let mut element = fact.datum_type.size_of() as u64;
         if let Some(exotic) = fact.exotic_fact() {
             for buffer in exotic.buffer_sizes() {
-                bytes = bytes.saturating_add(bytes_of(&[buffer], 1, symbols)?);
+                element = element.saturating_add(bytes_of(&[buffer], 1, symbols)?);
             }
         }
-        Some(sum.saturating_add(bytes))
+        let volume = bytes_of(fact.shape.dims(), 1, symbols)?;
+        Some(sum.saturating_add(volume.saturating_mul(element)))
     })
 }
 
@@ -125,6 +128,57 @@ fn value_bytes(value: &TValue) -> u64 {
         }
     }
     bytes
+}
+
+/// The output facts `node`'s op gives for the actual `inputs` (small inputs with their
+/// values). An op's shape rules may panic on values its eval refuses (a `Range` of step 0 on
+/// TDim divides by zero): `None`, and the op's own eval then says what is wrong.
+fn concrete_outputs(node: &TypedNode, inputs: &[TValue]) -> Option<TVec<TypedFact>> {
+    let facts: Vec<TypedFact> = inputs
+        .iter()
+        .map(|value| {
+            if value.len() <= 64
+                && let Ok(fact) = TypedFact::try_from(value.clone().into_arc_tensor())
+            {
+                fact
+            } else {
+                TypedFact::shape_and_dt_of(value)
+            }
+        })
+        .collect();
+    let refs: Vec<&TypedFact> = facts.iter().collect();
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.op.output_facts(&refs)))
+        .ok()?
+        .ok()
+}
+
+/// What tract's `Resize` holds besides its output: the input cast to f32, and while it
+/// resamples one axis after the other, the last axis's result and the next's (f32 each): an
+/// axis scaled up before another is scaled down holds far more than the output (a red-team
+/// finding: 164 GB for an output of 164 MB).
+fn resize_scratch(node: &TypedNode, inputs: &[TValue]) -> Option<u64> {
+    let input: Vec<u64> = inputs.first()?.shape().iter().map(|&d| d as u64).collect();
+    let outputs = concrete_outputs(node, inputs)?;
+    let output: Vec<u64> = outputs
+        .first()?
+        .shape
+        .iter()
+        .map(|d| d.to_i64().ok().and_then(|v| u64::try_from(v).ok()))
+        .collect::<Option<_>>()?;
+    if output.len() != input.len() {
+        return None;
+    }
+    let volume = |shape: &[u64]| shape.iter().fold(1u64, |p, &d| p.saturating_mul(d));
+    let mut shape = input.clone();
+    let mut previous = volume(&shape);
+    let mut peak = 0u64;
+    for axis in 0..shape.len() {
+        shape[axis] = output[axis];
+        let next = volume(&shape);
+        peak = peak.max(previous.saturating_add(next));
+        previous = next;
+    }
+    Some(volume(&input).saturating_add(peak).saturating_mul(4))
 }
 
 impl MemoryBound {
@@ -203,36 +257,39 @@ impl MemoryBound {
         })
     }
 
-    /// The bytes `node`'s outputs will take, from its facts with the run's `symbols` or, when
-    /// they depend on values, from the op's shape rules applied to `inputs` (small inputs
-    /// with their values). `None`: not known before it runs.
-    fn predict(&self, node: &TypedNode, symbols: &SymbolValues, inputs: &[TValue]) -> Option<u64> {
-        if let Some(bytes) = self.fixed[node.id] {
-            return Some(bytes);
+    /// The bytes `node`'s outputs will take: from its typed facts with the run's `symbols`,
+    /// unless `concrete` (a node of this run made more than its facts said: tract's facts
+    /// are not to be trusted further) or the op sizes its outputs by values (`Range`, `Tile`
+    /// by a computed count, `TopK`…: tract's typed fact for them can be a wrong
+    /// simplification); else from the op's shape rules applied to `inputs` (small inputs
+    /// with their values); else the op's own bound. `None`: not known before it runs.
+    fn predict(
+        &self,
+        node: &TypedNode,
+        symbols: &SymbolValues,
+        inputs: &[TValue],
+        concrete: bool,
+    ) -> Option<u64> {
+        if node.inputs.is_empty() {
+            // A model input: the request's own tensors.
+            return Some(
+                inputs
+                    .iter()
+                    .fold(0u64, |sum, v| sum.saturating_add(value_bytes(v))),
+            );
         }
-        if let Some(bytes) = facts_bytes(node.outputs.iter().map(|o| &o.fact), Some(symbols)) {
-            return Some(bytes);
+        let by_values = node.op.mints_runtime_symbols() && self.nested[node.id].is_empty();
+        if !concrete && !by_values {
+            if let Some(bytes) = self.fixed[node.id] {
+                return Some(bytes);
+            }
+            if let Some(bytes) = facts_bytes(node.outputs.iter().map(|o| &o.fact), Some(symbols)) {
+                return Some(bytes);
+            }
         }
-        let facts: Vec<TypedFact> = inputs
-            .iter()
-            .map(|value| {
-                if value.len() <= 64
-                    && let Ok(fact) = TypedFact::try_from(value.clone().into_arc_tensor())
-                {
-                    fact
-                } else {
-                    TypedFact::shape_and_dt_of(value)
-                }
-            })
-            .collect();
-        let refs: Vec<&TypedFact> = facts.iter().collect();
-        // An op's shape rules may panic on values its eval refuses (a `Range` of step 0 on
-        // TDim divides by zero): the op's own eval then says what is wrong.
-        let outputs =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.op.output_facts(&refs)))
-                .ok()?
-                .ok()?;
-        if let Some(bytes) = facts_bytes(outputs.iter(), Some(symbols)) {
+        if let Some(outputs) = concrete_outputs(node, inputs)
+            && let Some(bytes) = facts_bytes(outputs.iter(), Some(symbols))
+        {
             return Some(bytes);
         }
         // Sizes found only by running: the op's own bound.
@@ -252,27 +309,33 @@ impl MemoryBound {
         }
     }
 
-    /// Checks `node` before it runs: `live` (the bytes alive now) plus its outputs within
-    /// the limit.
+    /// Checks `node` before it runs: `live` (the bytes alive now) plus its outputs, the
+    /// tensors of its nested bodies and its known scratch space within the limit. Returns
+    /// the bytes its outputs are expected to take.
     pub(super) fn before(
         &self,
         node: &TypedNode,
         symbols: &SymbolValues,
         inputs: &[TValue],
         live: u64,
-    ) -> Result<(), tract_onnx::prelude::TractError> {
-        let Some(mut outputs) = self.predict(node, symbols, inputs) else {
+        concrete: bool,
+    ) -> Result<u64, tract_onnx::prelude::TractError> {
+        let Some(outputs) = self.predict(node, symbols, inputs, concrete) else {
             return Err(SizeUnknown {
                 node: node.name.clone(),
                 op: node.op.name().to_string(),
             }
             .into());
         };
+        let mut extra = 0u64;
         for fact in &self.nested[node.id] {
             let bytes = facts_bytes(std::iter::once(fact), Some(symbols)).unwrap_or(0);
-            outputs = outputs.saturating_add(bytes);
+            extra = extra.saturating_add(bytes);
         }
-        let needed = live.saturating_add(outputs);
+        if node.op.name() == "Resize" {
+            extra = extra.saturating_add(resize_scratch(node, inputs).unwrap_or(u64::MAX));
+        }
+        let needed = live.saturating_add(outputs).saturating_add(extra);
         if needed > self.limit {
             return Err(TooMuchMemory {
                 needed,
@@ -281,18 +344,21 @@ impl MemoryBound {
             }
             .into());
         }
-        Ok(())
+        Ok(outputs)
     }
 
-    /// After `node` ran with `outputs`: the bytes alive now, from `live` before it; `sizes`
-    /// keeps each node's outputs' bytes until they are freed.
+    /// After `node` ran with `outputs` (expected to take `expected` bytes): the bytes alive
+    /// now, from `live` before it, and whether the node made more than expected (tract's
+    /// facts were wrong: the rest of the run is sized from actual inputs). `sizes` keeps
+    /// each node's outputs' bytes until they are freed.
     pub(super) fn after(
         &self,
         node: usize,
         outputs: &[TValue],
+        expected: u64,
         live: u64,
         sizes: &mut [u64],
-    ) -> u64 {
+    ) -> (u64, bool) {
         let made = outputs
             .iter()
             .fold(0u64, |sum, v| sum.saturating_add(value_bytes(v)));
@@ -301,7 +367,7 @@ impl MemoryBound {
         for &freed in &self.frees[node] {
             live = live.saturating_sub(std::mem::take(&mut sizes[freed]));
         }
-        live
+        (live, made > expected)
     }
 
     /// The most bytes a run on inputs of `shapes` keeps alive at once, from the facts alone
