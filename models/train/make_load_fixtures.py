@@ -29,7 +29,8 @@
     bytes of its input, a model whose working memory grows with the batch and a value (y = x
     for all three, checked here with onnxruntime); resize-amplified.onnx, a Resize holding
     1000 times its output between its axes; ceil-range.onnx, a Range whose typed fact tract
-    gets wrong (0 elements for 2e8);
+    gets wrong (0 elements for 2e8); conv-columns.onnx, a dilated Conv whose im2col buffer
+    grows with the rows;
   * models/tests/fixtures/long-dim-param.onnx: an input whose symbolic dimension is 4,000
     nested parentheses around `N` (tract's recursive expression parser overflowed the stack
     on it, which aborts the process), which loading must refuse.
@@ -397,6 +398,29 @@ def ceil_range_model(k: int) -> onnx.ModelProto:
 
 
 CEIL_RANGE_K = 400_000_000
+CONV_K = 32
+
+
+def conv_columns_model() -> onnx.ModelProto:
+    """x [N, 4] as N images of 4 channels and 1 x 1 pixel, a Conv of a 32 x 32 kernel with
+    dilation 2 padded back to 1 x 1, answered as y [1, N] (not batch-first, so the rows run
+    together): Nightingale's convolution goes through im2col (dilation), whose column buffer
+    is 4 x 32 x 32 rows by up to 4096 images (a red-team finding: uncounted, 32 GiB with a
+    larger kernel at 4096 rows aborted the server)."""
+    rng = np.random.default_rng(7)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "N"])
+    nodes = [helper.make_node("Reshape", ["x", "image"], ["images"]),
+             helper.make_node("Conv", ["images", "w"], ["c"], dilations=[2, 2],
+                              pads=[CONV_K - 1] * 4, kernel_shape=[CONV_K, CONV_K]),
+             helper.make_node("Reshape", ["c", "row"], ["y"])]
+    m = helper.make_model(helper.make_graph(nodes, "conv_columns", [x], [y], [
+        _c("image", np.array([-1, 4, 1, 1], np.int64)), _c("row", np.array([1, -1], np.int64)),
+        _c("w", rng.standard_normal((1, 4, CONV_K, CONV_K)).astype(np.float32))]),
+        opset_imports=[helper.make_opsetid("", 17)], producer_name="make_load_fixtures.py")
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
 
 
 def check_request_sizes_with_onnxruntime() -> None:
@@ -405,6 +429,8 @@ def check_request_sizes_with_onnxruntime() -> None:
     x = np.array([[1, 2, 3, 4]], np.float32)
     assert (batch.run(None, {"x": x})[0] == x).all()
     positive = np.array([[3, 1, 2, 0.5], [1, 2, 3, 4]], np.float32)
+    conv = ort.InferenceSession(conv_columns_model().SerializeToString())
+    assert conv.run(None, {"x": positive})[0].shape == (1, 2)
     resize = ort.InferenceSession(resize_amplified_model().SerializeToString())
     assert (resize.run(None, {"x": positive[:1]})[0] == positive[:1]).all()
     # The committed model's k makes a Range of 2e8 at N = 1 (1.6 GB): its small sibling
@@ -515,6 +541,7 @@ def main() -> None:
     hidden["batch-range.onnx"] = batch_range_model()
     hidden["resize-amplified.onnx"] = resize_amplified_model()
     hidden["ceil-range.onnx"] = ceil_range_model(CEIL_RANGE_K)
+    hidden["conv-columns.onnx"] = conv_columns_model()
     for name, m in hidden.items():
         (FIXTURES / name).write_bytes(m.SerializeToString())
         print(f"wrote {FIXTURES / name}")

@@ -46,11 +46,29 @@ pub struct TractBackend {
     per_row: bool,
     /// The working memory a run may take ([`memory`]).
     memory: Arc<MemoryBound>,
+    /// This instance's sizes: the last inputs' plan, and a run's live tensors.
+    sizes: RunSizes,
+}
+
+/// An instance's working-memory bookkeeping ([`memory`]).
+#[derive(Debug, Default)]
+struct RunSizes {
     /// Per node: the bytes of its outputs while a run keeps them.
-    sizes: Vec<u64>,
+    alive: Vec<u64>,
+    /// The plan's sizes for the last inputs' shapes.
+    planned: memory::Sizes,
     /// Runs in which a node made more than its typed facts said (then sized from actual
     /// inputs, node by node): none for a model tract types right.
     facts_failed: u64,
+}
+
+impl RunSizes {
+    fn new(nodes: usize) -> Self {
+        RunSizes {
+            alive: vec![0; nodes],
+            ..Default::default()
+        }
+    }
 }
 
 impl std::fmt::Debug for TractBackend {
@@ -136,9 +154,8 @@ impl TractBackend {
             state,
             metadata: Arc::new(metadata),
             per_row,
-            sizes: vec![0; memory.nodes()],
+            sizes: RunSizes::new(memory.nodes()),
             memory,
-            facts_failed: 0,
         })
     }
 }
@@ -309,16 +326,31 @@ fn from_tract(value: &TractTensor) -> Result<Tensor, InferenceError> {
 fn run_bounded(
     state: &mut TypedSimpleState,
     memory: &MemoryBound,
-    sizes: &mut [u64],
+    run: &mut RunSizes,
     values: TVec<TValue>,
-    facts_failed: &mut u64,
 ) -> Result<TVec<TValue>, InferenceError> {
+    let RunSizes {
+        alive: sizes,
+        planned,
+        facts_failed,
+    } = run;
     sizes.fill(0);
+    planned.keep_if_for(&values);
+    let shapes: Option<Vec<Vec<usize>>> = match planned.is_sized() {
+        true => None,
+        false => Some(values.iter().map(|v| v.shape().to_vec()).collect()),
+    };
+    let mut shapes = shapes;
+    let plan = state.plan().clone();
     let mut live = 0u64;
     // Once a node made more than its typed facts said, the rest is sized from actual inputs.
     let mut concrete = false;
     let outcome = state.run_plan_with_eval(values, |ctx, op_state, node, inputs| {
-        let expected = memory.before(node, ctx.symbols, &inputs, live, concrete)?;
+        if let Some(shapes) = shapes.take() {
+            // The first node: tract has resolved the inputs' symbols.
+            memory.size(plan.model(), ctx.symbols, shapes, planned);
+        }
+        let expected = memory.before(node, ctx.symbols, &inputs, live, concrete, planned)?;
         let outputs = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs)?;
         let (now, over) = memory.after(node.id, &outputs, expected, live, sizes);
         live = now;
@@ -346,13 +378,7 @@ fn run_bounded(
 
 impl TractBackend {
     fn run(&mut self, values: TVec<TValue>) -> Result<TVec<TValue>, InferenceError> {
-        run_bounded(
-            &mut self.state,
-            &self.memory,
-            &mut self.sizes,
-            values,
-            &mut self.facts_failed,
-        )
+        run_bounded(&mut self.state, &self.memory, &mut self.sizes, values)
     }
 
     /// Runs each row of the batch on the one-row plan and stacks the rows' outputs.
@@ -446,9 +472,8 @@ impl Backend for TractBackend {
             state,
             metadata: self.metadata.clone(),
             per_row: self.per_row,
-            sizes: vec![0; self.memory.nodes()],
+            sizes: RunSizes::new(self.memory.nodes()),
             memory: self.memory.clone(),
-            facts_failed: 0,
         }))
     }
 
@@ -751,6 +776,36 @@ mod tests {
         }
     }
 
+    /// Third-pass finding: Nightingale's own convolution keeps an im2col column buffer of
+    /// `k` rows by up to 4096 images' points, uncounted (32 GiB with a larger kernel at 4096
+    /// rows aborted the server). Here k = 4 × 32 × 32 = 4096 rows: 2048 rows of 1 × 1 images
+    /// take 32 MiB of columns, over a 16 MiB limit; one row takes 16 KiB.
+    #[test]
+    fn the_convolution_column_buffer_is_counted() {
+        let mut conv =
+            load_limited("../models/tests/fixtures/conv-columns.onnx", 16 << 20).unwrap();
+        assert!(
+            !conv.per_row,
+            "its output is not batch-first: the rows run together"
+        );
+        let x = |n: usize| {
+            vec![NamedTensor::new(
+                "x",
+                Tensor::from_vec(vec![n, 4], vec![0.25f32; n * 4]).unwrap(),
+            )]
+        };
+        assert_eq!(conv.infer(x(3)).unwrap()[0].tensor.shape(), &[1, 3]);
+        match conv.infer(x(2048)) {
+            Err(InferenceError::WorkingMemory { needed, .. }) => {
+                assert!(needed >= 4096 * 2048 * 4, "{needed}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // The batcher's estimate counts it too.
+        assert_eq!(conv.fits_working_memory(&[vec![3, 4]]), Some(true));
+        assert_eq!(conv.fits_working_memory(&[vec![2048, 4]]), Some(false));
+    }
+
     /// The shipped models' runs are sized from their typed facts: none makes more than they
     /// say (which would size every later node from its actual inputs, a slower path).
     #[test]
@@ -763,12 +818,12 @@ mod tests {
             let x = Tensor::from_vec(vec![n, 30], vec![0.5f32; n * 30]).unwrap();
             wdbc.infer(vec![NamedTensor::new("features", x)]).unwrap();
         }
-        assert_eq!(wdbc.facts_failed, 0);
+        assert_eq!(wdbc.sizes.facts_failed, 0);
         for kernels in [TractKernels::Nightingale, TractKernels::Tract] {
             let mut cnn = load("tests/data/cnn/small_cnn.onnx", kernels);
             let x = Tensor::from_vec(vec![2, 1, 70, 70], vec![0.5f32; 2 * 70 * 70]).unwrap();
             cnn.infer(vec![NamedTensor::new("x", x)]).unwrap();
-            assert_eq!(cnn.facts_failed, 0, "{kernels:?}");
+            assert_eq!(cnn.sizes.facts_failed, 0, "{kernels:?}");
         }
     }
 

@@ -497,6 +497,30 @@ impl GemmConv {
     fn k(&self) -> usize {
         self.pool_spec.input_channels * self.pool_spec.kernel_shape.iter().product::<usize>()
     }
+
+    /// The bytes a run on an input of `shape` holds besides its input and output: the
+    /// im2col column buffer and the scratch of a grouped product (none on the direct path).
+    /// `k` grows with the kernel, the columns with the batch up to [`GROUP_COLUMNS`]: the
+    /// working-memory bound counts them (a red-team finding: 32 GiB for an output of a few
+    /// KB aborted the server).
+    pub(crate) fn scratch_bytes(&self, shape: &[usize]) -> Option<u64> {
+        if self.direct.is_some() {
+            return Some(0);
+        }
+        let [batch, _, h, w] = nchw(shape, self.pool_spec.data_format).ok()?;
+        let p = Plane::of(&self.pool_spec, h, w).ok()?;
+        let (k, n) = (self.k() as u64, p.oh * p.ow);
+        let co = self.pool_spec.output_channels as u64;
+        let floats = if n > GROUP_COLUMNS {
+            let width = (GROUP_COLUMNS / p.ow.max(1)).max(1) * p.ow;
+            k.saturating_mul(column_stride(width) as u64)
+        } else {
+            let width = (GROUP_COLUMNS / n.max(1)).clamp(1, batch.max(1)) * n;
+            k.saturating_mul(column_stride(width) as u64)
+                .saturating_add(co.saturating_mul(width as u64))
+        };
+        Some(floats.saturating_mul(4))
+    }
 }
 
 thread_local! {
@@ -523,6 +547,9 @@ fn tensor(shape: &[usize], values: Vec<f32>) -> TractResult<Tensor> {
 /// The columns of one product: up to this many output points (of one or more images, or a
 /// band of rows of one large image).
 const GROUP_COLUMNS: usize = 4096;
+
+/// The most floats of column buffer a thread keeps between convolutions (64 MiB).
+const KEEP_COLUMNS: usize = 16 << 20;
 
 /// Writes the im2col columns of output rows `rows` of one image (`[ci, h, w]`) into the first
 /// `rows.len() × ow` columns of `cols` (`k` rows, one every `ld` values).
@@ -704,6 +731,11 @@ impl EvalOp for GemmConv {
                         outputs[(j * co + c) * n..][..n].copy_from_slice(plane);
                     }
                 }
+            }
+            // A column buffer of a large kernel is not kept between calls (each thread
+            // would hold its own for good).
+            if cols.capacity() > KEEP_COLUMNS {
+                *cols = Vec::new();
             }
         });
         let output = if format == DataFormat::CHW {

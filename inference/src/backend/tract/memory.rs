@@ -6,7 +6,9 @@
 //! value of the request) would stop the server on one `/infer`. So each node's outputs are
 //! sized before the node runs, from its typed facts with the run's symbols (the batch `N` and
 //! the other open dimensions, as tract resolved them from the inputs) or, where they depend on
-//! values (`Range`), from the op's own shape rules applied to the actual inputs; the run stops
+//! values (`Range`; and every node once one made more than its facts said, tract's typed
+//! facts being a simplification that can be wrong), from the op's own shape rules applied
+//! to the actual inputs; the run stops
 //! with [`TooMuchMemory`] before a node whose outputs would take the tensors alive past the
 //! limit. Tensors are counted as the plan keeps them: a node's outputs are alive until the
 //! last node that reads them has run (tract frees them then); constants are the model's own.
@@ -17,8 +19,10 @@
 //! model is refused at load ([`MemoryBound::new`]). Where a size cannot be known before the
 //! node runs even from the actual inputs, the op's own bound counts (`NonZero`: a coordinate
 //! of every element of its input; `NonMaxSuppression`: one index triple per score), and any
-//! other such node stops the run. Not counted: an op's scratch space inside its kernel
-//! (packing, im2col).
+//! other such node stops the run. Scratch space is counted where it can grow past the
+//! tensors: tract's `Resize` between its axes, Nightingale's convolution's column buffer.
+//! Not counted: tract's own kernels' scratch (its lazy im2col, matrix packing: measured
+//! within a few MiB of the counted tensors by a red-team pass).
 
 use tract_onnx::prelude::{IntoArcTensor, TValue, TVec, TypedFact, TypedModel};
 use tract_onnx::tract_core::internal::{SymbolValues, TDim};
@@ -58,6 +62,46 @@ pub(super) struct MemoryBound {
     /// Per node id: the facts of every node of its nested bodies (`Scan`, `If`), nested
     /// bodies' own included.
     nested: Vec<Vec<TypedFact>>,
+    /// Per node id: sized while it runs, from its actual inputs (a model input; an op that
+    /// sizes its outputs by values; a `Resize`, for its scratch).
+    at_run: Vec<bool>,
+    /// Per node id: a `Resize`.
+    resize: Vec<bool>,
+    /// Per node id: Nightingale's convolution (its column buffer).
+    conv: Vec<bool>,
+}
+
+/// A plan's sizes for one set of input shapes (an instance keeps the last: most requests
+/// come in the shapes of the one before), so that a run looks its sizes up rather than
+/// evaluates each node's shape.
+#[derive(Debug, Default)]
+pub(super) struct Sizes {
+    /// The inputs' shapes these sizes are for (`None`: none yet).
+    shapes: Option<Vec<Vec<usize>>>,
+    /// Per node id: its outputs' bytes (`None`: sized while it runs).
+    outputs: Vec<Option<u64>>,
+    /// Per node id: its nested bodies' bytes.
+    bodies: Vec<u64>,
+}
+
+impl Sizes {
+    pub(super) fn is_sized(&self) -> bool {
+        self.shapes.is_some()
+    }
+
+    /// Forgets the sizes unless they are for inputs of these shapes.
+    pub(super) fn keep_if_for(&mut self, inputs: &[TValue]) {
+        let same = self.shapes.as_ref().is_some_and(|shapes| {
+            shapes.len() == inputs.len()
+                && shapes
+                    .iter()
+                    .zip(inputs)
+                    .all(|(s, v)| s.as_slice() == v.shape())
+        });
+        if !same {
+            self.shapes = None;
+        }
+    }
 }
 
 /// The facts of every node of the bodies nested in `node`, and in theirs.
@@ -248,12 +292,34 @@ impl MemoryBound {
                 }
             }
         }
+        let resize: Vec<bool> = model
+            .nodes()
+            .iter()
+            .map(|n| n.op.name() == "Resize")
+            .collect();
+        let at_run = model
+            .nodes()
+            .iter()
+            .map(|n| {
+                n.inputs.is_empty()
+                    || (n.op.mints_runtime_symbols() && nested[n.id].is_empty())
+                    || resize[n.id]
+            })
+            .collect();
+        let conv = model
+            .nodes()
+            .iter()
+            .map(|n| n.op_as::<super::kernels::GemmConv>().is_some())
+            .collect();
         Ok(MemoryBound {
             limit,
             fixed,
             frees,
             order,
             nested,
+            at_run,
+            resize,
+            conv,
         })
     }
 
@@ -309,6 +375,36 @@ impl MemoryBound {
         }
     }
 
+    /// Fills `sizes` for a run whose symbols (from its inputs, `shapes`) are `symbols`.
+    pub(super) fn size(
+        &self,
+        model: &TypedModel,
+        symbols: &SymbolValues,
+        shapes: Vec<Vec<usize>>,
+        sizes: &mut Sizes,
+    ) {
+        let n = self.fixed.len();
+        sizes.outputs.clear();
+        sizes.outputs.resize(n, None);
+        sizes.bodies.clear();
+        sizes.bodies.resize(n, 0);
+        for &id in &self.order {
+            if !self.at_run[id] {
+                sizes.outputs[id] = self.fixed[id].or_else(|| {
+                    facts_bytes(
+                        model.node(id).outputs.iter().map(|o| &o.fact),
+                        Some(symbols),
+                    )
+                });
+            }
+            sizes.bodies[id] = self.nested[id].iter().fold(0u64, |sum, fact| {
+                let bytes = facts_bytes(std::iter::once(fact), Some(symbols)).unwrap_or(0);
+                sum.saturating_add(bytes)
+            });
+        }
+        sizes.shapes = Some(shapes);
+    }
+
     /// Checks `node` before it runs: `live` (the bytes alive now) plus its outputs, the
     /// tensors of its nested bodies and its known scratch space within the limit. Returns
     /// the bytes its outputs are expected to take.
@@ -319,20 +415,29 @@ impl MemoryBound {
         inputs: &[TValue],
         live: u64,
         concrete: bool,
+        sizes: &Sizes,
     ) -> Result<u64, tract_onnx::prelude::TractError> {
-        let Some(outputs) = self.predict(node, symbols, inputs, concrete) else {
+        let known = if concrete {
+            None
+        } else {
+            sizes.outputs.get(node.id).copied().flatten()
+        };
+        let Some(outputs) = known.or_else(|| self.predict(node, symbols, inputs, concrete)) else {
             return Err(SizeUnknown {
                 node: node.name.clone(),
                 op: node.op.name().to_string(),
             }
             .into());
         };
-        let mut extra = 0u64;
-        for fact in &self.nested[node.id] {
-            let bytes = facts_bytes(std::iter::once(fact), Some(symbols)).unwrap_or(0);
-            extra = extra.saturating_add(bytes);
+        let mut extra = sizes.bodies.get(node.id).copied().unwrap_or(0);
+        if self.conv[node.id] {
+            let scratch = node
+                .op_as::<super::kernels::GemmConv>()
+                .zip(inputs.first())
+                .and_then(|(conv, input)| conv.scratch_bytes(input.shape()));
+            extra = extra.saturating_add(scratch.unwrap_or(u64::MAX));
         }
-        if node.op.name() == "Resize" {
+        if self.resize[node.id] {
             extra = extra.saturating_add(resize_scratch(node, inputs).unwrap_or(u64::MAX));
         }
         let needed = live.saturating_add(outputs).saturating_add(extra);
@@ -359,9 +464,14 @@ impl MemoryBound {
         live: u64,
         sizes: &mut [u64],
     ) -> (u64, bool) {
-        let made = outputs
-            .iter()
-            .fold(0u64, |sum, v| sum.saturating_add(value_bytes(v)));
+        // A packed (exotic) output is taken at its expected size: its buffers are its facts'.
+        let made = if outputs.iter().all(|v| v.is_plain()) {
+            outputs.iter().fold(0u64, |sum, v| {
+                sum.saturating_add((v.len() as u64).saturating_mul(v.datum_type().size_of() as u64))
+            })
+        } else {
+            expected
+        };
         sizes[node] = made;
         let mut live = live.saturating_add(made);
         for &freed in &self.frees[node] {
@@ -387,18 +497,30 @@ impl MemoryBound {
         let mut sizes = vec![0u64; self.fixed.len()];
         let (mut live, mut peak) = (0u64, 0u64);
         for &id in &self.order {
+            let node = model.node(id);
+            if self.at_run[id] && !node.inputs.is_empty() {
+                // Sized by values, or with scratch found only from actual sizes.
+                return None;
+            }
             let made = match self.fixed[id] {
                 Some(bytes) => bytes,
-                None => facts_bytes(
-                    model.node(id).outputs.iter().map(|o| &o.fact),
-                    Some(&symbols),
-                )?,
+                None => facts_bytes(node.outputs.iter().map(|o| &o.fact), Some(&symbols))?,
             };
-            let body = self.nested[id].iter().fold(0u64, |sum, fact| {
+            let mut extra = self.nested[id].iter().fold(0u64, |sum, fact| {
                 let bytes = facts_bytes(std::iter::once(fact), Some(&symbols)).unwrap_or(0);
                 sum.saturating_add(bytes)
             });
-            peak = peak.max(live.saturating_add(made).saturating_add(body));
+            if self.conv[id] {
+                let input = model.outlet_fact(*node.inputs.first()?).ok()?;
+                let shape: Vec<usize> = input
+                    .shape
+                    .iter()
+                    .map(|d| usize::try_from(d.eval(&symbols).to_i64().ok()?).ok())
+                    .collect::<Option<_>>()?;
+                let conv = node.op_as::<super::kernels::GemmConv>()?;
+                extra = extra.saturating_add(conv.scratch_bytes(&shape)?);
+            }
+            peak = peak.max(live.saturating_add(made).saturating_add(extra));
             sizes[id] = made;
             live = live.saturating_add(made);
             peak = peak.max(live);
