@@ -30,7 +30,8 @@
     for all three, checked here with onnxruntime); resize-amplified.onnx, a Resize holding
     1000 times its output between its axes; ceil-range.onnx, a Range whose typed fact tract
     gets wrong (0 elements for 2e8); conv-columns.onnx, a dilated Conv whose im2col buffer
-    grows with the rows;
+    grows with the rows; conv-plane.onnx, one whose banded path's
+    buffer (68 MiB) a thread must not keep;
   * models/tests/fixtures/long-dim-param.onnx: an input whose symbolic dimension is 4,000
     nested parentheses around `N` (tract's recursive expression parser overflowed the stack
     on it, which aborts the process), which loading must refuse.
@@ -423,12 +424,33 @@ def conv_columns_model() -> onnx.ModelProto:
     return m
 
 
+def conv_plane_model() -> onnx.ModelProto:
+    """x [N, 4, 65, 65] -> a Conv of a 33 x 33 kernel with dilation 2, padded to 65 x 65:
+    more than 4096 output points an image, so Nightingale's convolution takes its
+    banded im2col path, whose column buffer (4 x 33 x 33 rows of 4095 points: 68 MiB) a
+    thread must not keep after the call (a red-team finding: that path returned before the
+    buffer was freed)."""
+    rng = np.random.default_rng(11)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 65, 65])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 65, 65])
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], dilations=[2, 2], pads=[32] * 4,
+                              kernel_shape=[33, 33])]
+    m = helper.make_model(helper.make_graph(nodes, "conv_plane", [x], [y], [
+        _c("w", rng.standard_normal((1, 4, 33, 33)).astype(np.float32))]),
+        opset_imports=[helper.make_opsetid("", 17)], producer_name="make_load_fixtures.py")
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
 def check_request_sizes_with_onnxruntime() -> None:
     """The two models' answers on small requests, by onnxruntime (the tests' expectations)."""
     batch = ort.InferenceSession(batch_pad_model().SerializeToString())
     x = np.array([[1, 2, 3, 4]], np.float32)
     assert (batch.run(None, {"x": x})[0] == x).all()
     positive = np.array([[3, 1, 2, 0.5], [1, 2, 3, 4]], np.float32)
+    plane = ort.InferenceSession(conv_plane_model().SerializeToString())
+    assert plane.run(None, {"x": np.ones((1, 4, 65, 65), np.float32)})[0].shape == (1, 1, 65, 65)
     conv = ort.InferenceSession(conv_columns_model().SerializeToString())
     assert conv.run(None, {"x": positive})[0].shape == (1, 2)
     resize = ort.InferenceSession(resize_amplified_model().SerializeToString())
@@ -542,6 +564,7 @@ def main() -> None:
     hidden["resize-amplified.onnx"] = resize_amplified_model()
     hidden["ceil-range.onnx"] = ceil_range_model(CEIL_RANGE_K)
     hidden["conv-columns.onnx"] = conv_columns_model()
+    hidden["conv-plane.onnx"] = conv_plane_model()
     for name, m in hidden.items():
         (FIXTURES / name).write_bytes(m.SerializeToString())
         print(f"wrote {FIXTURES / name}")

@@ -806,6 +806,21 @@ mod tests {
         assert_eq!(conv.fits_working_memory(&[vec![2048, 4]]), Some(false));
     }
 
+    /// Re-attack finding: the banded path (more than 4096 output points an image) returned
+    /// before its thread freed a column buffer over 64 MiB, so each engine thread kept one.
+    #[test]
+    fn a_large_column_buffer_is_not_kept_after_the_call() {
+        let mut conv = load_limited("../models/tests/fixtures/conv-plane.onnx", 0).unwrap();
+        let x = Tensor::from_vec(vec![1, 4, 65, 65], vec![0.5f32; 4 * 65 * 65]).unwrap();
+        let out = conv.infer(vec![NamedTensor::new("x", x)]).unwrap();
+        assert_eq!(out[0].tensor.shape(), &[1, 1, 65, 65]);
+        assert!(
+            kernels::kept_columns() <= 16 << 20,
+            "{}",
+            kernels::kept_columns()
+        );
+    }
+
     /// The shipped models' runs are sized from their typed facts: none makes more than they
     /// say (which would size every later node from its actual inputs, a slower path).
     #[test]

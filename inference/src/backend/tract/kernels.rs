@@ -587,6 +587,20 @@ fn im2col(image: &[f32], ci: usize, p: &Plane, rows: Range<usize>, cols: &mut [f
     }
 }
 
+/// Frees a column buffer over [`KEEP_COLUMNS`]: one of a large kernel is not kept between
+/// calls (each engine thread would hold its own for good).
+fn forget_large(cols: &mut Vec<f32>) {
+    if cols.capacity() > KEEP_COLUMNS {
+        *cols = Vec::new();
+    }
+}
+
+/// The floats of column buffer this thread keeps between convolutions.
+#[cfg(test)]
+pub(crate) fn kept_columns() -> usize {
+    COLUMNS.with_borrow(|cols| cols.capacity())
+}
+
 /// Makes `cols` at least `len` long.
 fn grow(cols: &mut Vec<f32>, len: usize) {
     if cols.len() < len {
@@ -703,6 +717,7 @@ impl EvalOp for GemmConv {
                         self.multiply(cols, ld, width, &mut out[first * p.ow..], n);
                     }
                 }
+                forget_large(cols);
                 return;
             }
             // Small planes: several images side by side in one product of up to
@@ -732,11 +747,7 @@ impl EvalOp for GemmConv {
                     }
                 }
             }
-            // A column buffer of a large kernel is not kept between calls (each thread
-            // would hold its own for good).
-            if cols.capacity() > KEEP_COLUMNS {
-                *cols = Vec::new();
-            }
+            forget_large(cols);
         });
         let output = if format == DataFormat::CHW {
             tensor(&[co, p.oh, p.ow], output)?
