@@ -397,10 +397,7 @@ impl MemoryBound {
                     )
                 });
             }
-            sizes.bodies[id] = self.nested[id].iter().fold(0u64, |sum, fact| {
-                let bytes = facts_bytes(std::iter::once(fact), Some(symbols)).unwrap_or(0);
-                sum.saturating_add(bytes)
-            });
+            sizes.bodies[id] = self.bodies_bytes(id, symbols);
         }
         sizes.shapes = Some(shapes);
     }
@@ -506,10 +503,7 @@ impl MemoryBound {
                 Some(bytes) => bytes,
                 None => facts_bytes(node.outputs.iter().map(|o| &o.fact), Some(&symbols))?,
             };
-            let mut extra = self.nested[id].iter().fold(0u64, |sum, fact| {
-                let bytes = facts_bytes(std::iter::once(fact), Some(&symbols)).unwrap_or(0);
-                sum.saturating_add(bytes)
-            });
+            let mut extra = self.bodies_bytes(id, &symbols);
             if self.conv[id] {
                 let input = model.outlet_fact(*node.inputs.first()?).ok()?;
                 let shape: Vec<usize> = input
@@ -529,6 +523,15 @@ impl MemoryBound {
             }
         }
         Some(peak)
+    }
+
+    /// The bytes of every tensor of node `id`'s nested bodies with `symbols` (a body's own
+    /// symbols count 0).
+    fn bodies_bytes(&self, id: usize, symbols: &SymbolValues) -> u64 {
+        self.nested[id].iter().fold(0u64, |sum, fact| {
+            let bytes = facts_bytes(std::iter::once(fact), Some(symbols)).unwrap_or(0);
+            sum.saturating_add(bytes)
+        })
     }
 
     pub(super) fn nodes(&self) -> usize {
