@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, anyhow, bail};
-use nightingale_inference::{BackendKind, NamedTensor, Tensor};
+use nightingale_inference::{BackendKind, InferenceError, NamedTensor, Tensor};
 use nightingale_models::{
     LoadTarget, LoadedModel, Manifest, Repository, RepositoryOptions, SignaturePolicy,
 };
@@ -100,6 +100,11 @@ pub struct ValidateArgs {
     /// ONNX Runtime shared library (ort backend).
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_library: Option<PathBuf>,
+    /// Working memory one run of the model may use on tract, in bytes (as `serve
+    /// --max-inference-bytes`): a batch over it is split in halves until it fits.
+    #[arg(long, default_value_t = nightingale_inference::DEFAULT_MAX_WORKING_BYTES,
+          value_parser = clap::value_parser!(u64).range(1 << 20..))]
+    pub max_inference_bytes: u64,
     /// A minisign public key trusted to sign bundles (repeatable).
     #[arg(long = "trusted-key", value_delimiter = ',')]
     pub trusted_keys: Vec<PathBuf>,
@@ -694,75 +699,119 @@ async fn score_batch(
     request_id: String,
 ) -> anyhow::Result<Vec<Vec<f64>>> {
     let n = rows.len();
-    let mut shape = vec![n];
-    shape.extend_from_slice(&row_shape);
-    let mut data: Vec<f32> = rows.into_iter().flatten().collect();
-    let count = models.len();
-    let mut out = Vec::with_capacity(count);
-    for (k, (model, t)) in models.into_iter().enumerate() {
-        // the batch's values: copied for each model but the last, which takes them
-        let values = if k + 1 == count {
-            std::mem::take(&mut data)
-        } else {
-            data.clone()
-        };
-        let tensor = Tensor::from_vec(shape.clone(), values)?;
-        let inputs = vec![NamedTensor::new(input.clone(), tensor)];
-        let mut event = AuditEvent {
-            kind: EventKind::Inference,
-            request_id: request_id.clone(),
-            model: model.name.clone(),
-            version: model.version.to_string(),
-            model_sha256: model.model_sha256.clone(),
-            input_sha256: Some(tensors_sha256(&inputs)),
-            output_sha256: None,
-            rows: Some(n),
-            status: 500,
-            outcome: Outcome::Failed,
-            actor: Some(actor.clone()),
-            detail: Some("validation run".to_owned()),
-        };
-        let outputs = model.worker.infer(inputs).await;
-        if let Ok(o) = &outputs {
+    let width: usize = row_shape.iter().product();
+    let values: Vec<f32> = rows.into_iter().flatten().collect();
+    let mut out = Vec::with_capacity(models.len());
+    for (model, t) in models {
+        let mut scores = Vec::with_capacity(n * t.width.max(1));
+        // Rows [start, end) still to score, in order. A batch the model refuses for working
+        // memory (`--max-inference-bytes`) is split in halves until it fits, so a run's
+        // batch size never decides whether it can finish; one row over the limit fails it.
+        let mut pending = vec![(0usize, n)];
+        while let Some((start, end)) = pending.pop() {
+            let rows = end - start;
+            let id = if rows == n {
+                request_id.clone()
+            } else {
+                format!("{request_id}-rows-{start}-{end}")
+            };
+            let mut shape = vec![rows];
+            shape.extend_from_slice(&row_shape);
+            let chunk = values[start * width..end * width].to_vec();
+            match score_rows(&model, &t, &audit, &actor, &input, shape, chunk, &id).await? {
+                Ok(s) => scores.extend(s),
+                Err(InferenceError::WorkingMemory { .. }) if rows > 1 => {
+                    let mid = start + rows / 2;
+                    pending.push((mid, end));
+                    pending.push((start, mid));
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("inference on {} failed", model.name)));
+                }
+            }
+        }
+        out.push(scores);
+    }
+    Ok(out)
+}
+
+/// One request of `shape[0]` rows to one model, audited: the scores of its target, or the
+/// model's refusal (the outer error is the run's own: the audit trail, a wrong answer).
+#[allow(clippy::too_many_arguments)]
+async fn score_rows(
+    model: &LoadedModel,
+    t: &Target,
+    audit: &AuditLog,
+    actor: &str,
+    input: &str,
+    shape: Vec<usize>,
+    values: Vec<f32>,
+    request_id: &str,
+) -> anyhow::Result<Result<Vec<f64>, InferenceError>> {
+    let n = shape[0];
+    let tensor = Tensor::from_vec(shape, values)?;
+    let inputs = vec![NamedTensor::new(input.to_owned(), tensor)];
+    let mut event = AuditEvent {
+        kind: EventKind::Inference,
+        request_id: request_id.to_owned(),
+        model: model.name.clone(),
+        version: model.version.to_string(),
+        model_sha256: model.model_sha256.clone(),
+        input_sha256: Some(tensors_sha256(&inputs)),
+        output_sha256: None,
+        rows: Some(n),
+        status: 500,
+        outcome: Outcome::Failed,
+        actor: Some(actor.to_owned()),
+        detail: Some("validation run".to_owned()),
+    };
+    let outputs = model.worker.infer(inputs).await;
+    match &outputs {
+        Ok(o) => {
             event.output_sha256 = Some(tensors_sha256(o));
             event.status = 200;
             event.outcome = Outcome::Ok;
         }
-        // No prediction is used without its audit record.
-        audit
-            .record(event)
-            .await
-            .context("the audit trail cannot be written")?;
-        let outputs = outputs.with_context(|| format!("inference on {} failed", model.name))?;
-        let view = outputs
-            .iter()
-            .find(|o| o.name == t.output)
-            .and_then(|o| o.tensor.view::<f32>())
-            .ok_or_else(|| anyhow!("{} returned no FP32 output {:?}", model.name, t.output))?;
-        let cols = view.shape().last().copied().unwrap_or(0);
-        if cols != t.width || view.len() != n * cols {
-            bail!(
-                "{} answered {:?} for {n} rows; its manifest declares {} columns",
-                model.name,
-                view.shape(),
-                t.width
-            );
-        }
-        let flat: Vec<f32> = view.iter().copied().collect();
-        let scored: Vec<f32> = if t.multiclass() {
-            flat
-        } else {
-            flat.chunks(cols).map(|r| r[t.column]).collect()
-        };
-        if scored.iter().any(|p| !p.is_finite()) {
-            bail!(
-                "{} returned a non-finite score in batch {request_id}",
-                model.name
-            );
-        }
-        out.push(scored.into_iter().map(f64::from).collect());
+        Err(e) if e.is_client_error() => event.status = 400,
+        Err(_) => {}
     }
-    Ok(out)
+    // No prediction is used without its audit record.
+    audit
+        .record(event)
+        .await
+        .context("the audit trail cannot be written")?;
+    let outputs = match outputs {
+        Ok(o) => o,
+        Err(e) => return Ok(Err(e)),
+    };
+    let view = outputs
+        .iter()
+        .find(|o| o.name == t.output)
+        .and_then(|o| o.tensor.view::<f32>())
+        .ok_or_else(|| anyhow!("{} returned no FP32 output {:?}", model.name, t.output))?;
+    let cols = view.shape().last().copied().unwrap_or(0);
+    if cols != t.width || view.len() != n * cols {
+        bail!(
+            "{} answered {:?} for {n} rows; its manifest declares {} columns",
+            model.name,
+            view.shape(),
+            t.width
+        );
+    }
+    let flat: Vec<f32> = view.iter().copied().collect();
+    let scored: Vec<f32> = if t.multiclass() {
+        flat
+    } else {
+        flat.chunks(cols).map(|r| r[t.column]).collect()
+    };
+    if scored.iter().any(|p| !p.is_finite()) {
+        bail!(
+            "{} returned a non-finite score in batch {request_id}",
+            model.name
+        );
+    }
+    Ok(Ok(scored.into_iter().map(f64::from).collect()))
 }
 
 fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
@@ -829,6 +878,7 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
                 BackendArg::Ort => BackendKind::Ort,
             },
             ort_library: args.ort_library.clone(),
+            max_working_bytes: args.max_inference_bytes,
             signatures: SignaturePolicy::load(&args.trusted_keys, args.require_signatures)?,
             probe: crate::probe_command(),
             ..RepositoryOptions::default()

@@ -1106,3 +1106,90 @@ fn require_validation_promotes_only_versions_with_a_passing_report() {
     let err = gated().load(MODEL).unwrap_err().to_string();
     assert!(err.contains("no validation report"), "{err}");
 }
+
+/// A batch the model refuses for working memory is split until it fits: `row-tile` holds
+/// 256 KiB a row, so under a 1 MiB limit its batches of 64 rows are refused (16 MiB) and
+/// the run scores them in smaller requests; the AUROC is scikit-learn's on onnxruntime's
+/// probabilities (models/train/make_load_fixtures.py), and every request is audited,
+/// the refused ones with status 400.
+#[test]
+fn validate_splits_a_batch_over_the_working_memory_limit() {
+    use clap::Parser;
+    use nightingale::validate::{RunContext, ValidateCommand, run_job};
+
+    let fixtures = repo_dir().join("models/tests/fixtures");
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures.join("row-tile.expected.json")).unwrap(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    copy_dir(&fixtures.join("bundles/row-tile"), &repo.join("row-tile"));
+    let run = |limit: &str, out: &str| {
+        let out = dir.path().join(out);
+        let args = ValidateCommand::try_parse_from([
+            "validate",
+            "--repository",
+            repo.to_str().unwrap(),
+            "--model",
+            "row-tile",
+            "--dataset",
+            fixtures.join("row-tile.csv").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--bootstrap",
+            "0",
+            "--max-inference-bytes",
+            limit,
+            "--quiet",
+        ])
+        .unwrap()
+        .args;
+        let report = run_job(&args, RunContext::default()).unwrap();
+        let audit: Vec<Value> = std::fs::read_to_string(out.join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (serde_json::to_value(&report).unwrap(), audit)
+    };
+    let (report, audit) = run("1048576", "split");
+    assert_eq!(report["dataset"]["rows_used"], expected["rows"], "{report}");
+    let auroc = report["auroc"]["value"]
+        .as_f64()
+        .or_else(|| report["auroc"].as_f64())
+        .unwrap_or_else(|| panic!("no AUROC in {report}"));
+    let want = expected["auroc"].as_f64().unwrap();
+    assert!(
+        (auroc - want).abs() < 1e-9,
+        "AUROC {auroc}, scikit-learn {want}"
+    );
+    let inferences: Vec<&Value> = audit.iter().filter(|e| e["model"] == "row-tile").collect();
+    let refused = inferences.iter().filter(|e| e["status"] == 400).count();
+    let scored: u64 = inferences
+        .iter()
+        .filter(|e| e["status"] == 200)
+        .map(|e| e["rows"].as_u64().unwrap())
+        .sum();
+    assert!(
+        refused >= 5,
+        "each 64-row batch is refused first: {inferences:?}"
+    );
+    assert_eq!(scored, 300, "every row scored once: {inferences:?}");
+    assert!(
+        inferences
+            .iter()
+            .filter(|e| e["status"] == 200)
+            .all(|e| e["rows"].as_u64().unwrap() <= 4),
+        "{inferences:?}"
+    );
+    // with the default limit, one request a batch, and the same answer
+    let (whole, audit) = run("4294967296", "whole");
+    assert_eq!(whole["auroc"], report["auroc"]);
+    assert!(
+        audit
+            .iter()
+            .filter(|e| e["model"] == "row-tile")
+            .all(|e| e["status"] == 200)
+    );
+}
