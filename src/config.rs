@@ -51,6 +51,11 @@ pub struct ServeArgs {
     /// [default: 4294967296]
     #[arg(long, env = "NIGHTINGALE_MAX_INFERENCE_BYTES")]
     pub max_inference_bytes: Option<u64>,
+    /// The most engine threads all served models may run together (each served version
+    /// runs its bundle's `instances`): a load that would pass it is refused with the reason
+    /// in the repository index, and what served before serves on. [default: 256]
+    #[arg(long, env = "NIGHTINGALE_MAX_ENGINE_THREADS")]
+    pub max_engine_threads: Option<usize>,
     /// Largest request body in bytes. [default: 67108864]
     #[arg(long, env = "NIGHTINGALE_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -407,6 +412,7 @@ struct FileConfig {
     ort_library: Option<PathBuf>,
     tract_kernels: Option<TractKernelsArg>,
     max_inference_bytes: Option<u64>,
+    max_engine_threads: Option<usize>,
     max_body_bytes: Option<usize>,
     max_inflight_bytes: Option<usize>,
     max_inflight_requests: Option<usize>,
@@ -500,6 +506,7 @@ pub struct ServeConfig {
     pub ort_library: Option<PathBuf>,
     pub tract_kernels: TractKernels,
     pub max_inference_bytes: u64,
+    pub max_engine_threads: usize,
     pub max_body_bytes: usize,
     pub max_inflight_bytes: usize,
     pub max_inflight_requests: usize,
@@ -644,6 +651,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("ort_library", &self.ort_library)
             .field("tract_kernels", &self.tract_kernels)
             .field("max_inference_bytes", &self.max_inference_bytes)
+            .field("max_engine_threads", &self.max_engine_threads)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_inflight_bytes", &self.max_inflight_bytes)
             .field("max_inflight_requests", &self.max_inflight_requests)
@@ -753,6 +761,15 @@ impl ServeArgs {
         if max_inference_bytes < 1 << 20 {
             return Err(ConfigError::Invalid(
                 "max_inference_bytes must be at least 1 MiB".into(),
+            ));
+        }
+        let max_engine_threads = self
+            .max_engine_threads
+            .or(file.max_engine_threads)
+            .unwrap_or(nightingale_models::DEFAULT_MAX_ENGINE_THREADS);
+        if max_engine_threads == 0 {
+            return Err(ConfigError::Invalid(
+                "max_engine_threads must be at least 1".into(),
             ));
         }
         let max_inflight_bytes = self
@@ -1380,6 +1397,7 @@ impl ServeArgs {
                 TractKernelsArg::Tract => TractKernels::Tract,
             },
             max_inference_bytes,
+            max_engine_threads,
             max_body_bytes,
             max_inflight_bytes,
             max_inflight_requests,
@@ -1660,6 +1678,28 @@ mod tests {
             ..ServeArgs::default()
         };
         assert!(bad.resolve().is_err());
+    }
+
+    #[test]
+    fn max_engine_threads_comes_from_the_file_or_the_flag_and_is_at_least_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nightingale.toml");
+        std::fs::write(&path, "max_engine_threads = 32\n").unwrap();
+        let from_file = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        assert_eq!(from_file.resolve().unwrap().max_engine_threads, 32);
+        assert_eq!(
+            ServeArgs::default().resolve().unwrap().max_engine_threads,
+            256
+        );
+        let zero = ServeArgs {
+            max_engine_threads: Some(0),
+            ..ServeArgs::default()
+        };
+        let err = zero.resolve().unwrap_err();
+        assert!(err.to_string().contains("max_engine_threads"), "{err}");
     }
 
     #[test]

@@ -517,6 +517,7 @@ async fn serve(
         ort_library: config.ort_library.clone(),
         tract_kernels: config.tract_kernels,
         max_working_bytes: config.max_inference_bytes,
+        max_engine_threads: config.max_engine_threads,
         signatures: config.signatures.clone(),
         promotion: None,
         releases: None,

@@ -53,6 +53,17 @@ pub enum BundleError {
     )]
     BundleLinked { path: PathBuf },
     #[error(
+        "{path}: serving {versions} version(s) of {instances} instance(s) would run {asked} engine threads, and the repository's other models run {others}: more than the limit of {limit} (max_engine_threads)"
+    )]
+    EngineThreads {
+        path: PathBuf,
+        versions: usize,
+        instances: usize,
+        asked: usize,
+        others: usize,
+        limit: usize,
+    },
+    #[error(
         "{path}: version {version} is not a folder of its own (a symbolic link or file is refused: a version's files must be in the bundle's folder)"
     )]
     VersionNotAFolder { path: PathBuf, version: u64 },
@@ -151,6 +162,7 @@ impl BundleError {
             | BundleError::FileTooLarge { path, .. }
             | BundleError::NotRegularFile { path }
             | BundleError::BundleLinked { path }
+            | BundleError::EngineThreads { path, .. }
             | BundleError::VersionNotAFolder { path, .. }
             | BundleError::UnlistedVersion { path, .. }
             | BundleError::NoVersions { path }
@@ -191,6 +203,7 @@ impl BundleError {
                 | BundleError::FileTooLarge { path, .. }
                 | BundleError::NotRegularFile { path }
                 | BundleError::BundleLinked { path }
+                | BundleError::EngineThreads { path, .. }
                 | BundleError::VersionNotAFolder { path, .. }
                 | BundleError::UnlistedVersion { path, .. }
                 | BundleError::NoVersions { path }

@@ -30,8 +30,9 @@ pub use preprocess::{
     Image, InputGeometry, PreprocessError, Preprocessing, VolumeInput, VolumeValues,
 };
 pub use repository::{
-    Bundle, IndexEntry, LoadOutcome, LoadTarget, LoadedModel, MANIFEST_FILE, ModelState,
-    PROBE_TIMEOUT, ProbeCommand, PromotionCheck, Repository, RepositoryOptions, probe_load,
+    Bundle, DEFAULT_MAX_ENGINE_THREADS, IndexEntry, LoadOutcome, LoadTarget, LoadedModel,
+    MANIFEST_FILE, ModelState, PROBE_TIMEOUT, ProbeCommand, PromotionCheck, Repository,
+    RepositoryOptions, probe_load,
 };
 pub use selftest::{SelfTestError, SelfTestReport};
 pub use signature::{SignaturePolicy, SignatureStatus, SigningKey, TrustedKey};

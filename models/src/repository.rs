@@ -58,7 +58,16 @@ pub struct RepositoryOptions {
     /// tract only: the most bytes of tensors one run may keep alive at once (`0`: the
     /// engine's default, 4 GiB; the server's `--max-inference-bytes`).
     pub max_working_bytes: u64,
+    /// The most engine threads (each served version's `instances`) all models may run
+    /// together (`0`: [`DEFAULT_MAX_ENGINE_THREADS`]; the server's `--max-engine-threads`): a
+    /// load that would pass it is refused, and what served before serves on.
+    pub max_engine_threads: usize,
 }
+
+/// The default cap on engine threads across a repository: a bundle of 40 versions
+/// (`policy = "all"`) of 64 instances ran 2,568 threads before there was one (a red-team
+/// finding); the reference bundles run 7.
+pub const DEFAULT_MAX_ENGINE_THREADS: usize = 256;
 
 /// The command that loads a model in a child process before the server loads it: the
 /// server's own binary with its hidden `__probe-model` subcommand, given the model's verified
@@ -1232,6 +1241,8 @@ impl Repository {
                 vec![v]
             }
         };
+        self.check_engine_threads(&bundle, versions.len())
+            .map_err(|e| (None, e))?;
         // The deployment policy judges the manifest exactly as parsed (and signed).
         let manifest_sha = self
             .options
@@ -1258,6 +1269,38 @@ impl Repository {
             loaded.insert(version, Arc::new(model));
         }
         Ok(loaded)
+    }
+
+    /// Whether serving `versions` versions of `bundle` (in place of what it serves now) keeps
+    /// the repository's engine threads within `max_engine_threads`. Loads run one at a time,
+    /// so the other models' count can only fall (an unload) before this load commits.
+    fn check_engine_threads(&self, bundle: &Bundle, versions: usize) -> Result<(), BundleError> {
+        let limit = match self.options.max_engine_threads {
+            0 => DEFAULT_MAX_ENGINE_THREADS,
+            n => n,
+        };
+        let instances = bundle.manifest.batching.instances;
+        let asked = versions.saturating_mul(instances);
+        let others: usize = {
+            let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+            models
+                .iter()
+                .filter(|(name, _)| **name != bundle.manifest.name)
+                .flat_map(|(_, e)| e.versions.values())
+                .map(|m| m.manifest.batching.instances)
+                .sum()
+        };
+        if others.saturating_add(asked) > limit {
+            return Err(BundleError::EngineThreads {
+                path: bundle.dir.join(MANIFEST_FILE),
+                versions,
+                instances,
+                asked,
+                others,
+                limit,
+            });
+        }
+        Ok(())
     }
 
     /// Stops serving a model. Requests already queued still finish. Never waits for a load in

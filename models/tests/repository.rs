@@ -484,3 +484,52 @@ fn an_unload_without_a_hold_keeps_a_pin_and_a_hold() {
         .unwrap();
     assert!(repo.held(MODEL), "the hold was lost");
 }
+
+/// Red-team finding: a bundle's engine threads are its served versions times its
+/// `instances`, and a repository had no cap across its models (40 versions of 64 instances
+/// ran 2,568 threads). A load that would pass `max_engine_threads` is refused with the reason
+/// in the index, what served before serves on, and a model's own versions being replaced do
+/// not count against it.
+#[test]
+fn a_load_over_the_repository_engine_thread_cap_is_refused() {
+    let (dir, _) = repo_with_two_versions();
+    let other = "pima-diabetes";
+    copy_dir(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("bundles")
+            .join(other),
+        &dir.path().join(other),
+    );
+    let repo = Repository::new(
+        dir.path(),
+        RepositoryOptions {
+            max_engine_threads: 2,
+            ..RepositoryOptions::default()
+        },
+    );
+    // two versions of one instance: at the cap; loaded again, its own two do not count
+    assert_eq!(repo.load(MODEL).unwrap(), vec![1, 2]);
+    assert_eq!(repo.load(MODEL).unwrap(), vec![1, 2]);
+    let err = repo.load(other).unwrap_err().to_string();
+    assert!(
+        err.contains("would run 1 engine threads")
+            && err.contains("other models run 2")
+            && err.contains("limit of 2 (max_engine_threads)"),
+        "{err}"
+    );
+    assert!(!err.contains(&*dir.path().to_string_lossy()), "{err}");
+    assert!(repo.get(other, None).is_err());
+    assert!(repo.get(MODEL, Some("2")).is_ok(), "what served serves on");
+    let row = repo
+        .index()
+        .into_iter()
+        .find(|e| e.name == other)
+        .expect("a row for the refused model");
+    match row.state {
+        ModelState::Unavailable { reason } => assert!(reason.contains("max_engine_threads")),
+        s => panic!("{s:?}"),
+    }
+    // once the first model is unloaded, the second fits
+    repo.unload(MODEL).unwrap();
+    assert_eq!(repo.load(other).unwrap(), vec![1]);
+}
