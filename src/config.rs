@@ -975,10 +975,14 @@ impl ServeArgs {
             .or(file.http_addr)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000)));
         auth.check_bind(http_addr, insecure)?;
-        auth.loopback_listener = http_addr.ip().is_loopback();
+        // As the bind rule judges it: `[::ffff:127.0.0.1]` is loopback too (judged by
+        // `Ipv6Addr::is_loopback`, it passed the bind rule as loopback and then had no Host
+        // check: a red-team finding).
+        auth.loopback_listener = crate::http::auth::is_loopback(http_addr);
         let grpc_addr = self.grpc_addr.or(file.grpc_addr);
         if let Some(addr) = grpc_addr {
             auth.check_bind(addr, insecure)?;
+            auth.loopback_grpc_listener = crate::http::auth::is_loopback(addr);
         }
 
         // DICOMweb (issue 8): read before the DICOM block takes the spool path.
@@ -1678,6 +1682,29 @@ mod tests {
             ..ServeArgs::default()
         };
         assert!(bad.resolve().is_err());
+    }
+
+    #[test]
+    fn an_ipv4_mapped_loopback_address_is_a_loopback_listener() {
+        // Red-team finding: `[::ffff:127.0.0.1]` passed the bind rule as loopback (no keys,
+        // no --insecure) and then had no DNS-rebinding check (`Ipv6Addr::is_loopback`).
+        for (addr, loopback) in [
+            ("[::ffff:127.0.0.1]:8000", true),
+            ("127.0.0.1:8000", true),
+            ("[::1]:8000", true),
+        ] {
+            let c = ServeArgs {
+                http_addr: Some(addr.parse().unwrap()),
+                grpc_addr: Some(addr.replace("8000", "8001").parse().unwrap()),
+                ..ServeArgs::default()
+            }
+            .resolve()
+            .unwrap();
+            assert_eq!(c.auth.loopback_listener, loopback, "{addr}");
+            assert_eq!(c.auth.loopback_grpc_listener, loopback, "{addr}");
+        }
+        let c = ServeArgs::default().resolve().unwrap();
+        assert!(!c.auth.loopback_grpc_listener, "no gRPC listener");
     }
 
     #[test]

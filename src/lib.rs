@@ -13,6 +13,7 @@ pub mod files;
 pub mod heatmap;
 pub mod http;
 pub mod log_limit;
+pub mod log_line;
 // ---- issue 9: the DICOM pipeline (series → models → results to PACS) ----
 pub mod pipeline;
 pub mod tls;

@@ -468,11 +468,13 @@ fn init_tracing_at(format: LogFormat, level: &str) {
     // `eprintln!`, which panics when stderr is a pipe whose reader has gone (a red-team
     // finding: the server then died at start-up, or over TLS ignored SIGTERM for good, the
     // shutdown's log line panicking before the graceful shutdown began).
+    // One event, one line: a value a peer sent cannot start a line of its own (log_line.rs).
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(colours)
         .log_internal_errors(false)
-        .with_writer(std::io::stderr);
+        .with_writer(nightingale::log_line::OneLineStderr { colours });
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -963,3 +963,94 @@ async fn a_call_not_served_is_unimplemented_with_its_reason() {
     let audit = std::fs::read_to_string(server.dir.path().join("audit.jsonl")).unwrap_or_default();
     assert!(!audit.contains("\"probe\""), "{audit}");
 }
+
+/// Red-team finding: the DNS-rebinding check of a loopback server (an anonymous request
+/// must name a loopback Host) was HTTP's only: a browser's gRPC-over-HTTP/1.1 fetch under a
+/// page's own name got `RepositoryIndex` and `ModelInfer` answered. The gRPC listener on a
+/// loopback address refuses it too; a loopback name, a credential or a public method
+/// (health) is not held to it.
+#[tokio::test]
+async fn an_anonymous_call_under_a_foreign_host_name_is_refused_on_a_loopback_listener() {
+    use nightingale::http::auth::AuthConfig;
+    let (with_keys, keys) = auth_fixture();
+    let call = |method: &str, host: &str, bearer: Option<&str>| {
+        let mut r = axum::http::Request::post(format!("/inference.GRPCInferenceService/{method}"))
+            .header("content-type", "application/grpc")
+            .header("host", host);
+        if let Some(b) = bearer {
+            r = r.header("authorization", format!("Bearer {b}"));
+        }
+        // one empty message: flag 0, length 0
+        r.body(axum::body::Body::from(vec![0u8; 5])).unwrap()
+    };
+    let status_of = |r: &axum::http::Response<axum::body::Body>| {
+        r.headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i32>().ok())
+    };
+    for (auth, bearer) in [
+        (
+            AuthConfig {
+                loopback_grpc_listener: true,
+                ..AuthConfig::default()
+            },
+            None,
+        ),
+        (
+            AuthConfig {
+                loopback_grpc_listener: true,
+                ..with_keys.clone()
+            },
+            Some(keys["infer"].clone()),
+        ),
+    ] {
+        let anonymous = bearer.is_none();
+        let server = Server::start(HttpConfig {
+            auth,
+            ..HttpConfig::default()
+        })
+        .await;
+        for (method, host, refused) in [
+            ("RepositoryIndex", "rebind.attacker.example:8001", anonymous),
+            ("ModelReady", "evil.example", anonymous),
+            ("RepositoryIndex", "127.0.0.1:8001", false),
+            ("RepositoryIndex", "localhost", false),
+            ("ServerLive", "evil.example", false),
+        ] {
+            let app = http::grpc::router(server.state.clone());
+            let r = tokio::time::timeout(
+                Duration::from_secs(30),
+                app.oneshot(call(method, host, bearer.as_deref())),
+            )
+            .await
+            .expect("answered")
+            .unwrap();
+            let status = status_of(&r);
+            if refused {
+                assert_eq!(
+                    status,
+                    Some(Code::PermissionDenied as i32),
+                    "{method} Host {host}"
+                );
+                let message = r.headers()["grpc-message"].to_str().unwrap().to_owned();
+                assert!(message.contains("rebinding"), "{message}");
+            } else {
+                assert_ne!(
+                    status,
+                    Some(Code::PermissionDenied as i32),
+                    "{method} Host {host} credential {}",
+                    !anonymous
+                );
+            }
+        }
+        // the tonic client names the listener by its loopback address: served
+        let index = server
+            .client()
+            .repository_index(RepositoryIndexRequest::default())
+            .await;
+        if anonymous {
+            assert!(index.is_ok(), "{index:?}");
+        }
+    }
+}

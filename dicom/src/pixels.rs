@@ -1739,6 +1739,11 @@ fn optional_float(
     if e.value().primitive().is_some_and(|p| p.is_empty()) {
         return Ok(None);
     }
+    // One value (VM 1): `1\-1` is not a slope of 1 (read as its first value, a red-team
+    // finding; pydicom refuses it too).
+    if e.value().multiplicity() != 1 {
+        return Err(PixelError::InvalidAttribute { name });
+    }
     e.to_float64()
         .map(Some)
         .map_err(|_| PixelError::InvalidAttribute { name })

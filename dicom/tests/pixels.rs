@@ -467,6 +467,28 @@ fn headers_that_cannot_be_decoded_fail_with_their_reason() {
     let mut obj = ok();
     obj.remove_element(tags::ROWS);
     assert_eq!(reason(obj), "bad_attribute");
+    // Rescale Slope has one value: `1\-1` is refused, not read as 1 (a red-team finding)
+    let mut obj = ok();
+    put(
+        &mut obj,
+        tags::RESCALE_SLOPE,
+        VR::DS,
+        PrimitiveValue::Strs(["1".to_owned(), "-1".to_owned()].into_iter().collect()),
+    );
+    assert_eq!(reason(obj), "bad_attribute");
+    let mut obj = ok();
+    put(
+        &mut obj,
+        tags::RESCALE_SLOPE,
+        VR::DS,
+        PrimitiveValue::from("-1"),
+    );
+    assert!(
+        PixelSource::from_object(obj, &Limits::default())
+            .and_then(|s| s.frame(0, &DecodeOptions::default()))
+            .is_ok(),
+        "one value decodes"
+    );
     let mut obj = ok();
     put(&mut obj, tags::ROWS, VR::US, PrimitiveValue::from(0u16));
     assert_eq!(reason(obj), "bad_attribute");

@@ -422,6 +422,10 @@ pub struct AuthConfig {
     /// name (a red-team finding: it listed, retrieved and stored studies through the
     /// default `pacs` role). Set by whoever knows the address.
     pub loopback_listener: bool,
+    /// The same for the gRPC listener (`--grpc-addr`): a browser's fetch reaches it as
+    /// gRPC-over-HTTP/1.1 under the page's own name (a red-team finding: `ModelInfer` and
+    /// `RepositoryIndex` answered an anonymous request naming another host).
+    pub loopback_grpc_listener: bool,
 }
 
 impl Default for AuthConfig {
@@ -433,6 +437,7 @@ impl Default for AuthConfig {
             anonymous_roles: None,
             client_certificates_verified: false,
             loopback_listener: false,
+            loopback_grpc_listener: false,
         }
     }
 }
@@ -788,6 +793,7 @@ impl AuthSection {
             anonymous_roles,
             client_certificates_verified: false,
             loopback_listener: false,
+            loopback_grpc_listener: false,
         })
     }
 }
@@ -854,6 +860,8 @@ pub struct Authenticator {
     grantable: Roles,
     /// [`AuthConfig::loopback_listener`].
     loopback_listener: bool,
+    /// [`AuthConfig::loopback_grpc_listener`].
+    loopback_grpc_listener: bool,
     /// Tokens already verified: SHA-256 of the token → its caller and `exp`. A token's bytes
     /// fix its signature and claims and the JWKS does not change while serving, so only the
     /// clock can change the answer: an entry serves until `exp` (plus leeway), then the token
@@ -921,6 +929,11 @@ pub enum JwtError {
 }
 
 impl Authenticator {
+    /// Whether the gRPC listener is on a loopback address ([`AuthConfig::loopback_grpc_listener`]).
+    pub(crate) fn loopback_grpc_listener(&self) -> bool {
+        self.loopback_grpc_listener
+    }
+
     /// `admin_token` is `--admin-token`: one more key, with the admin role.
     pub fn new(config: &AuthConfig, admin_token: Option<&str>) -> Authenticator {
         let mut keys: Vec<KeyEntry> = config
@@ -954,6 +967,7 @@ impl Authenticator {
             anonymous,
             grantable,
             loopback_listener: config.loopback_listener,
+            loopback_grpc_listener: config.loopback_grpc_listener,
             jwt_cache: Default::default(),
         }
     }
@@ -1393,19 +1407,34 @@ pub(crate) async fn enforce(
         }
     };
     if rule.access != Access::Public
-        && caller.is_anonymous()
-        && auth.loopback_listener
-        && let Some(host) = foreign_host(&req)
+        && let Some(refused) =
+            refuse_rebinding(auth.loopback_listener, &caller, &req, path.as_str())
     {
-        tracing::warn!(host = %printable(&host), endpoint = path.as_str(), "anonymous request under another host name refused");
-        return AppError::new(
-            StatusCode::FORBIDDEN,
-            "a request without credentials to this loopback server must name it by a loopback Host (localhost, 127.0.0.1, [::1]): another name is how a web page reaches it from a browser (DNS rebinding); call it by its loopback name or present a credential",
-        )
-        .into_response();
+        return refused.into_response();
     }
     req.extensions_mut().insert(caller);
     next.run(req).await
+}
+
+/// An anonymous caller's request to a listener on a loopback address must name it by a
+/// loopback Host (or authority): another name is how a web page reaches the server from a
+/// browser on this machine (DNS rebinding). HTTP ([`enforce`]) and gRPC (`http::grpc`, with
+/// its own listener's flag) both ask it, for every endpoint but the public ones.
+pub(crate) fn refuse_rebinding(
+    loopback_listener: bool,
+    caller: &Caller,
+    req: &Request,
+    endpoint: &str,
+) -> Option<AppError> {
+    if !(loopback_listener && caller.is_anonymous()) {
+        return None;
+    }
+    let host = foreign_host(req)?;
+    tracing::warn!(host = %printable(&host), endpoint, "anonymous request under another host name refused");
+    Some(AppError::new(
+        StatusCode::FORBIDDEN,
+        "a request without credentials to this loopback server must name it by a loopback Host (localhost, 127.0.0.1, [::1]): another name is how a web page reaches it from a browser (DNS rebinding); call it by its loopback name or present a credential",
+    ))
 }
 
 /// The host a request names (its Host header, else the URI's authority: HTTP/2's
