@@ -1704,3 +1704,33 @@ async fn ehr_clients_whose_subjects_differ_never_share_an_audit_actor() {
     assert_eq!(distinct.len(), 4, "{actors:?}");
     assert!(actors.iter().all(|a| !a.contains('\n')), "{actors:?}");
 }
+
+/// Red-team finding: a device's preliminary SpO2 of 84 % five minutes after the final set
+/// (94 %) was left out without a word. The score is still made of final results, and the
+/// card says a newer reading is not yet final, with its time, in its summary and detail.
+#[tokio::test]
+async fn a_newer_reading_not_yet_final_is_named_on_the_card() {
+    let server = Server::new(vec![], Duration::from_secs(1));
+    let mut vitals = vitals_bundle();
+    let mut preliminary = obs(8, "59408-5", qty(84.0, "%"));
+    preliminary["status"] = json!("preliminary");
+    preliminary["effectiveDateTime"] = json!(when(5));
+    vitals["entry"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"resource": preliminary}));
+    let (s, v) = server
+        .call(&patient_view(
+            Some(json!({"patient": patient(), "vitals": vitals})),
+            None,
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let card = &v["cards"][0];
+    let summary = card["summary"].as_str().unwrap();
+    assert!(summary.starts_with("NEWS2 7 — high"), "{card}");
+    assert!(summary.contains("newer readings not yet final"), "{card}");
+    assert!(summary.chars().count() <= 140, "{summary}");
+    let detail = card["detail"].as_str().unwrap();
+    assert!(detail.contains("- SpO2: a reading at "), "{detail}");
+}

@@ -184,6 +184,7 @@ fn scored_card(s: &Scored, wording: &Wording) -> Card {
     if score.has_red_score() && score.risk != ClinicalRisk::LowMedium {
         detail.push_str("\nA single parameter scores 3 (a red score).\n");
     }
+    detail.push_str(&not_final_note(&v.newer_not_final));
     match s.conditions {
         ConditionsRead::All => {}
         ConditionsRead::OnePage => detail.push_str(
@@ -206,13 +207,18 @@ fn scored_card(s: &Scored, wording: &Wording) -> Card {
         );
     }
     let summary = format!(
-        "NEWS2 {} — {} clinical risk{}",
+        "NEWS2 {} — {} clinical risk{}{}",
         score.total,
         score.risk.name(),
         if score.scale == SpO2Scale::Scale2 {
             " (SpO2 scale 2)"
         } else {
             ""
+        },
+        if v.newer_not_final.is_empty() {
+            ""
+        } else {
+            "; newer readings not yet final were not scored"
         }
     );
     Card::builder(&summary, indicator(score.risk), wording.source())
@@ -262,9 +268,28 @@ fn incomplete_card(i: &Incomplete, wording: &Wording) -> Card {
     for item in items {
         detail.push_str(&format!("- {item}\n"));
     }
+    detail.push_str(&not_final_note(&i.newer_not_final));
     Card::builder(&summary, Indicator::Info, wording.source())
         .detail(wording.finish(detail))
         .build()
+}
+
+/// The card's words for readings newer than those used that are not final yet (empty when
+/// there are none): NEWS2 scores final results only, and a clinician must hear of a newer
+/// preliminary value rather than read a reassuring score without it.
+fn not_final_note(newer: &[(Parameter, DateTime<Utc>)]) -> String {
+    if newer.is_empty() {
+        return String::new();
+    }
+    let mut note = String::from(
+        "\n**Newer readings not yet final were not scored** (NEWS2 here uses final results \
+         only; a preliminary or registered reading, e.g. a device's before a nurse confirms \
+         it, is left out). Check them in the chart:\n\n",
+    );
+    for (p, t) in newer {
+        note.push_str(&format!("- {}: a reading at {}\n", p.name(), time(*t)));
+    }
+    note
 }
 
 fn not_applicable_card(n: NotApplicable, wording: &Wording) -> Card {
@@ -523,6 +548,7 @@ mod tests {
             unusable: vec![],
             age: None,
             future_dated: vec![Parameter::PulseRate],
+            newer_not_final: vec![],
         };
         let card = news2_card(&Assessment::Incomplete(i), &Wording::default());
         let detail = card.detail.unwrap();

@@ -169,6 +169,14 @@ impl Unreadable {
         }
     }
 
+    /// The same, as one entry rather than a whole search.
+    fn not_a_search(self) -> Unreadable {
+        Unreadable {
+            search: false,
+            ..self
+        }
+    }
+
     /// Whether this entry may be an Observation of `(system, code)` (as its code or a
     /// component's).
     pub fn may_have_code(&self, system: &str, code: &str) -> bool {
@@ -610,23 +618,27 @@ fn newer_version<T: Versioned>(a: &T, b: &T) -> Option<std::cmp::Ordering> {
 /// the end of a record's life), and otherwise both are kept (their values are then weighed
 /// as two readings; [`Resources::disputed`]). A copy is weighed against every copy kept
 /// of its id (a third copy, retracted, replaced only the first of two: a red-team finding).
+///
+/// At most [`MAX_COPIES`] copies of one id are kept: a copy that would be one more is
+/// given back (`Err`) for the caller to count as an entry that could not be read (weighed
+/// against every copy kept, 10,000 copies of one id took 388 s of CPU: a red-team finding).
 fn add_version<T: Versioned + PartialEq>(
     list: &mut Vec<T>,
     ids: &mut HashMap<String, Vec<usize>>,
     resource: T,
-) {
+) -> Result<(), T> {
     use std::cmp::Ordering;
     let Some(id) = resource.id().map(str::to_owned) else {
         list.push(resource);
-        return;
+        return Ok(());
     };
     let Some(kept) = ids.get(&id) else {
         ids.insert(id, vec![list.len()]);
         list.push(resource);
-        return;
+        return Ok(());
     };
     if kept.iter().any(|&at| list[at] == resource) {
-        return;
+        return Ok(());
     }
     let orders: Vec<Option<Ordering>> = kept
         .iter()
@@ -654,18 +666,26 @@ fn add_version<T: Versioned + PartialEq>(
                 }
             }
         }
-        return;
+        return Ok(());
     }
     let older_than_one = orders
         .iter()
         .any(|o| matches!(o, Some(Ordering::Less | Ordering::Equal)));
     let retracted = kept.iter().any(|&at| list[at].entered_in_error());
     if older_than_one || retracted {
-        return;
+        return Ok(());
+    }
+    if kept.len() >= MAX_COPIES {
+        return Err(resource);
     }
     ids.get_mut(&id).expect("just read").push(list.len());
     list.push(resource);
+    Ok(())
 }
+
+/// The most copies of one resource id whose order cannot be told that are kept (and weighed
+/// as readings); a server sends one copy of a resource, or a few across pages and searches.
+pub const MAX_COPIES: usize = 16;
 
 /// `meta` as far as it orders versions: one that is not an object, or whose `versionId` is
 /// a number, is read as best it can be and never refuses the resource (a `"versionId": 2`
@@ -785,24 +805,42 @@ impl Resources {
     /// its tenth value doubtful: a red-team finding).
     pub fn add_searched(&mut self, resource: Resource, codes: Option<&[CodeableConcept]>) {
         match resource {
+            // A copy past [`MAX_COPIES`] of one id is not weighed: it is an entry that could
+            // not be read (what it may say is in doubt), as the arm below.
             Resource::Patient(p) => {
                 let p = *p;
-                add_version(&mut self.patients, &mut self.patient_ids, p);
+                if add_version(&mut self.patients, &mut self.patient_ids, p).is_err() {
+                    self.unreadable
+                        .push(Unreadable::search("Patient", None).not_a_search());
+                }
             }
             Resource::Observation(o) => {
                 let mut o = *o;
                 self.localise(&mut o.subject);
-                add_version(&mut self.observations, &mut self.observation_ids, o);
+                if let Err(o) = add_version(&mut self.observations, &mut self.observation_ids, o) {
+                    let mut codes = vec![o.code.clone()];
+                    codes.extend(o.component.iter().map(|c| c.code.clone()));
+                    self.unreadable
+                        .push(Unreadable::search("Observation", Some(codes)).not_a_search());
+                }
             }
             Resource::Condition(c) => {
                 let mut c = *c;
                 self.localise(&mut c.subject);
-                add_version(&mut self.conditions, &mut self.condition_ids, c);
+                if add_version(&mut self.conditions, &mut self.condition_ids, c).is_err() {
+                    self.incomplete.insert("Condition");
+                    self.unreadable
+                        .push(Unreadable::search("Condition", None).not_a_search());
+                }
             }
             Resource::Encounter(e) => {
                 let mut e = *e;
                 self.localise(&mut e.subject);
-                add_version(&mut self.encounters, &mut self.encounter_ids, e);
+                if add_version(&mut self.encounters, &mut self.encounter_ids, e).is_err() {
+                    self.incomplete.insert("Encounter");
+                    self.unreadable
+                        .push(Unreadable::search("Encounter", None).not_a_search());
+                }
             }
             Resource::Bundle(b) => {
                 // A nested Bundle that is not whole marks itself as it is added below.
@@ -1259,6 +1297,12 @@ pub struct Observation {
     pub effective_date_time: Option<String>,
     pub effective_instant: Option<String>,
     pub effective_period: Option<Period>,
+    /// Whether an `effectiveTiming` is given: a schedule (events, repeats), not the one time
+    /// a value was taken, so an observation timed by one has no usable time (ignored, it
+    /// was dated by `issued`: an SpO2 taken 14 h before was scored as 2 minutes old, a
+    /// red-team finding).
+    #[serde(default, deserialize_with = "given")]
+    pub effective_timing: bool,
     pub issued: Option<String>,
     pub value_quantity: Option<Quantity>,
     pub value_codeable_concept: Option<CodeableConcept>,
@@ -1376,6 +1420,7 @@ impl Observation {
             self.effective_date_time.is_some(),
             self.effective_instant.is_some(),
             self.effective_period.is_some(),
+            self.effective_timing,
         ]
         .iter()
         .filter(|&&b| b)
@@ -1406,6 +1451,9 @@ impl Observation {
         if self.several_times() {
             return Err(DateError::SeveralTimes);
         }
+        if self.effective_timing {
+            return Err(DateError::Timing);
+        }
         let Some((text, source)) = self.time_text() else {
             return Ok(None);
         };
@@ -1420,7 +1468,7 @@ impl Observation {
     /// (or a time without its zone, on a readable date) is any time of that date in any
     /// time zone; no time, or one without a readable date, could be any time.
     pub fn time_bounds(&self) -> TimeBounds {
-        if self.several_times() {
+        if self.several_times() || self.effective_timing {
             return TimeBounds::Unknown;
         }
         match self.time_text() {
@@ -1611,6 +1659,15 @@ pub enum DateError {
     /// More than one `effective[x]` (R4 allows one): which is meant cannot be told.
     #[error("more than one effective time (effectiveDateTime, effectiveInstant, effectivePeriod)")]
     SeveralTimes,
+    /// `effectiveTiming`: a schedule, not the time the value was taken.
+    #[error("an effectiveTiming (a schedule, not the time the value was taken)")]
+    Timing,
+}
+
+/// `true` for a field that is there, whatever its value (its content is not read).
+fn given<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d)?;
+    Ok(true)
 }
 
 /// A FHIR `date`, to the precision written.
@@ -2010,6 +2067,14 @@ mod tests {
         assert_eq!(o.effective().unwrap().unwrap().1, TimeSource::Issued);
         o.effective_date_time = Some("2024-01-01".into());
         assert_eq!(o.effective(), Err(DateError::NoTime));
+        // a schedule is no time: not dated by `issued` (a red-team finding)
+        let timed: Observation = serde_json::from_value(json!({
+            "status": "final", "code": {},
+            "effectiveTiming": {"event": ["2024-01-01T00:00:00Z"]},
+            "issued": "2024-01-01T11:00:00Z"
+        }))
+        .unwrap();
+        assert_eq!(timed.effective(), Err(DateError::Timing));
     }
 
     #[test]

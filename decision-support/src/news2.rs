@@ -416,6 +416,9 @@ pub struct Incomplete {
     /// `unusable`, with [`crate::vitals::UnusableReason::FutureTime`]; a parameter here is
     /// never scored from an older value.
     pub future_dated: Vec<Parameter>,
+    /// Parameters with a newer reading that is not final yet
+    /// ([`crate::vitals::Vitals::newer_not_final`]).
+    pub newer_not_final: Vec<(Parameter, chrono::DateTime<chrono::Utc>)>,
 }
 
 /// A score with the values it came from.
@@ -667,6 +670,7 @@ pub fn assess(
                 unusable: vitals.unusable,
                 age: age_problem,
                 future_dated: vitals.future_dated,
+                newer_not_final: vitals.newer_not_final,
             });
         }
     };

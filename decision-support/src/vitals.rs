@@ -66,8 +66,8 @@ use std::fmt;
 use chrono::{DateTime, Duration, Utc};
 
 use crate::fhir::{
-    CodeableConcept, DateError, LOINC, Observation, ObservationComponent, Quantity, SNOMED, UCUM,
-    later_reading,
+    CodeableConcept, DateError, LOINC, Observation, ObservationComponent, ObservationStatus,
+    Quantity, SNOMED, UCUM, later_reading,
 };
 
 /// A NEWS2 parameter.
@@ -324,6 +324,12 @@ pub struct Vitals {
     /// clock error a clinician should hear of, not "no value recorded"). Each is also in
     /// [`Vitals::unusable`] ([`UnusableReason::FutureTime`]) and has no value here.
     pub future_dated: Vec<Parameter>,
+    /// Parameters with a reading newer than the one used (or where none is used) that is
+    /// not final yet (`preliminary`, `registered`, `unknown`): not scored, and named on the
+    /// card with its time (left out without a word, a device's preliminary SpO2 of 84 %
+    /// five minutes after a final 97 % gave "NEWS2 0": a red-team finding). The latest such
+    /// time of each parameter, in parameter order.
+    pub newer_not_final: Vec<(Parameter, DateTime<Utc>)>,
 }
 
 impl Vitals {
@@ -710,6 +716,8 @@ pub fn extract(
     // Every dated value: (parameter, time, issued, value).
     type Dated = (Parameter, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
     let mut dated: Vec<(Dated, Result<Value, UnusableReason>)> = vec![];
+    // Readings of this patient not final yet, with a time in the window.
+    let mut pending: Vec<(Parameter, DateTime<Utc>)> = vec![];
     for o in observations {
         let mut found: Vec<(Parameter, Result<Value, UnusableReason>)> = vec![];
         if let Some(p) = parameter_of(&o.code) {
@@ -754,6 +762,22 @@ pub fn extract(
         }
         if !o.status.is_final() {
             vitals.excluded.not_final += 1;
+            let may_come = matches!(
+                o.status,
+                ObservationStatus::Preliminary
+                    | ObservationStatus::Registered
+                    | ObservationStatus::Unknown
+            );
+            let of_patient = patient_id
+                .is_none_or(|want| o.subject.as_ref().and_then(|s| s.patient_id()) == Some(want));
+            if may_come
+                && of_patient
+                && let Ok(Some((t, _))) = o.effective()
+                && t >= now - options.look_back
+                && t <= now + options.future_skew
+            {
+                pending.extend(found.iter().map(|(p, _)| (*p, t)));
+            }
             continue;
         }
         if let Some(want) = patient_id
@@ -911,6 +935,14 @@ pub fn extract(
             }
         }
     }
+    pending.sort();
+    for (p, t) in pending.into_iter().rev() {
+        let newer = vitals.time(p).is_none_or(|used| t > used);
+        if newer && !vitals.newer_not_final.iter().any(|(q, _)| *q == p) {
+            vitals.newer_not_final.push((p, t));
+        }
+    }
+    vitals.newer_not_final.sort();
     vitals
 }
 
@@ -1113,6 +1145,83 @@ mod tests {
         assert_eq!(v.respiration_rate.as_ref().unwrap().value, 14.0);
         assert_eq!(v.excluded.not_final, 2);
         assert_eq!(v.excluded.other_patient, 1);
+    }
+
+    /// Red-team finding: a newer preliminary SpO2 of 84 % beside a final 97 % was left out
+    /// without a word. It is still not scored, and is named with its time; an older one,
+    /// another patient's, or one retracted is not.
+    #[test]
+    fn a_newer_reading_not_yet_final_is_named() {
+        let mut newer = quantity("59408-5", 84.0, "%", "2024-05-01T11:55:00Z");
+        newer.status = crate::fhir::ObservationStatus::Preliminary;
+        let mut older = quantity("59408-5", 80.0, "%", "2024-05-01T11:00:00Z");
+        older.status = crate::fhir::ObservationStatus::Preliminary;
+        let mut retracted = quantity("8867-4", 150.0, "/min", "2024-05-01T11:58:00Z");
+        retracted.status = crate::fhir::ObservationStatus::EnteredInError;
+        let mut other = quantity("8480-6", 70.0, "mm[Hg]", "2024-05-01T11:58:00Z");
+        other.status = crate::fhir::ObservationStatus::Preliminary;
+        other.subject = Some(crate::fhir::Reference {
+            reference: Some("Patient/p2".into()),
+        });
+        let mut unused = quantity("8310-5", 39.0, "Cel", "2024-05-01T11:50:00Z");
+        unused.status = crate::fhir::ObservationStatus::Registered;
+        let v = run(&[
+            quantity("59408-5", 97.0, "%", "2024-05-01T11:40:00Z"),
+            quantity("8867-4", 80.0, "/min", "2024-05-01T11:40:00Z"),
+            quantity("8480-6", 120.0, "mm[Hg]", "2024-05-01T11:40:00Z"),
+            newer,
+            older,
+            retracted,
+            other,
+            unused,
+        ]);
+        assert_eq!(v.oxygen_saturation.as_ref().unwrap().value, 97.0);
+        assert_eq!(
+            v.newer_not_final,
+            vec![
+                (
+                    Parameter::OxygenSaturation,
+                    "2024-05-01T11:55:00Z".parse().unwrap()
+                ),
+                (
+                    Parameter::Temperature,
+                    "2024-05-01T11:50:00Z".parse().unwrap()
+                ),
+            ]
+        );
+    }
+
+    /// Red-team finding: an SpO2 timed by `effectiveTiming` (14 h before) was dated by its
+    /// `issued` (2 minutes before) and scored as the latest value: it has no usable time.
+    #[test]
+    fn a_reading_timed_by_a_schedule_is_not_dated_by_its_issue_time() {
+        let mut timed = obs(json!({
+            "resourceType": "Observation", "id": "timed", "status": "final",
+            "code": {"coding": [{"system": LOINC, "code": "59408-5"}]},
+            "subject": {"reference": "Patient/p1"},
+            "effectiveTiming": {"event": ["2024-04-30T22:00:00Z"]},
+            "issued": "2024-05-01T11:58:00Z",
+            "valueQuantity": {"value": 97.0, "unit": "%", "system": UCUM, "code": "%"}
+        }));
+        let v = run(&[
+            quantity("59408-5", 84.0, "%", "2024-05-01T11:00:00Z"),
+            timed.clone(),
+        ]);
+        assert_ne!(
+            v.oxygen_saturation.as_ref().map(|r| r.value),
+            Some(97.0),
+            "{v:?}"
+        );
+        timed.effective_timing = false;
+        let v = run(&[
+            quantity("59408-5", 84.0, "%", "2024-05-01T11:00:00Z"),
+            timed,
+        ]);
+        assert_eq!(
+            v.oxygen_saturation.as_ref().unwrap().value,
+            97.0,
+            "by issued"
+        );
     }
 
     #[test]

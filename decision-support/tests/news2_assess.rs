@@ -535,3 +535,53 @@ fn a_deceased_patient_is_not_scored() {
         Assessment::Scored(_)
     ));
 }
+
+/// Red-team finding: thousands of copies of one Observation id (different values, the same
+/// `meta`) were each weighed against every copy kept: 10,000 took 388 s of CPU and stalled
+/// the server. At most `MAX_COPIES` are kept; one past them is an entry that could not be
+/// read, so the parameter is in doubt rather than scored from the copies kept.
+#[test]
+fn a_flood_of_copies_of_one_id_is_bounded_and_leaves_the_parameter_in_doubt() {
+    use nightingale_decision_support::fhir::MAX_COPIES;
+    let mut items = vec![patient("1950-01-01")];
+    items.extend(vitals());
+    let flood = 9_000;
+    for k in 0..flood {
+        let mut o = q("59408-5", 90.0 + (k % 10) as f64 * 0.5, "%");
+        o["id"] = json!("d");
+        o["meta"] = json!({"lastUpdated": "2024-05-01T11:00:00Z"});
+        items.push(o);
+    }
+    let r = resources(items);
+    let copies = r
+        .observations
+        .iter()
+        .filter(|o| o.id.as_deref() == Some("d"))
+        .count();
+    assert_eq!(copies, 10, "ten distinct values, each kept once");
+    let assessed = assess(&r, now(), Some("p1"), &News2Settings::default());
+    assert!(
+        !matches!(assessed, Assessment::Scored(_)),
+        "conflicting copies are not scored"
+    );
+    // distinct copies past the cap: kept up to it, the rest unreadable
+    let mut items = vec![patient("1950-01-01")];
+    items.extend(vitals());
+    for k in 0..2_000 {
+        let mut o = q("59408-5", 50.0 + k as f64 * 0.01, "%");
+        o["id"] = json!("d");
+        o["meta"] = json!({"lastUpdated": "2024-05-01T11:00:00Z"});
+        items.push(o);
+    }
+    let r = resources(items);
+    assert_eq!(
+        r.observations
+            .iter()
+            .filter(|o| o.id.as_deref() == Some("d"))
+            .count(),
+        MAX_COPIES
+    );
+    assert_eq!(r.unreadable.len(), 2_000 - MAX_COPIES);
+    let assessed = assess(&r, now(), Some("p1"), &News2Settings::default());
+    assert!(!matches!(assessed, Assessment::Scored(_)), "{assessed:?}");
+}
