@@ -7,6 +7,7 @@
 //!
 //! The SCU against a real peer (dcmtk's storescp) is tests/peer/test_dicom_scu.py.
 
+mod support;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -148,17 +149,6 @@ async fn wait_for(path: &Path, pred: impl Fn(&AuditRecord) -> bool) -> Vec<Audit
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn detail_map(r: &AuditRecord) -> std::collections::BTreeMap<String, String> {
-    r.event
-        .detail
-        .as_deref()
-        .unwrap_or("")
-        .split(' ')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,4 +336,8 @@ async fn echo_rejection_and_unreachable_peers_are_clear_errors() {
         Err(ScuError::InvalidAeTitle { .. })
     ));
     nightingale::audit::verify(&node.audit).unwrap();
+}
+
+fn detail_map(r: &nightingale::audit::AuditRecord) -> std::collections::BTreeMap<String, String> {
+    support::detail_pairs(r.event.detail.as_deref())
 }

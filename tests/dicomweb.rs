@@ -2,6 +2,7 @@
 //! break the multipart syntax) and QIDO-RS over what was stored. The instances are built
 //! with dicom-rs in tests/support/dicom.rs; the expected UIDs and counts are the test's own.
 
+mod support;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -1180,7 +1181,7 @@ proptest! {
 /// of each UID (computed here with sha2), and the refusal reason of a part that failed.
 #[tokio::test]
 async fn every_part_is_audited_with_hashed_uids() {
-    use nightingale::audit::{AuditRecord, EventKind, Outcome};
+    use nightingale::audit::{EventKind, Outcome};
     use sha2::{Digest, Sha256};
     let sha = |b: &[u8]| hex::encode(Sha256::digest(b));
     let server = Server::default();
@@ -1199,23 +1200,8 @@ async fn every_part_is_audited_with_hashed_uids() {
         )
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let records: Vec<AuditRecord> = std::fs::read_to_string(server._dir.path().join("audit.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|r: &AuditRecord| r.event.kind == EventKind::DicomInstance)
-        .collect();
+    let records = audit_records(&server, EventKind::DicomInstance);
     assert_eq!(records.len(), 2, "{records:#?}");
-    let detail = |r: &AuditRecord| -> std::collections::BTreeMap<String, String> {
-        r.event
-            .detail
-            .as_deref()
-            .unwrap_or("")
-            .split(' ')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect()
-    };
     let (stored, refused) = (&records[0], &records[1]);
     assert_eq!(
         (stored.event.status, stored.event.outcome),
@@ -1237,14 +1223,14 @@ async fn every_part_is_audited_with_hashed_uids() {
         stored.event.input_sha256.as_deref(),
         Some(sha(data_set).as_str())
     );
-    let d = detail(stored);
+    let d = detail_map(stored);
     assert_eq!(d["event"], "stored");
     assert_eq!(d["sop_instance_sha256"], sha(sop(1).as_bytes()));
     assert_eq!(d["study_sha256"], sha(STUDY.as_bytes()));
     assert_eq!(d["series_sha256"], sha(SERIES.as_bytes()));
     assert_eq!(refused.event.status, 0xC000);
     assert_ne!(refused.event.outcome, Outcome::Ok);
-    let d = detail(refused);
+    let d = detail_map(refused);
     assert_eq!(d["event"], "refused");
     assert_eq!(d["sop_instance_sha256"], sha(sop(2).as_bytes()));
     // No UID in clear anywhere in the trail.
@@ -1257,19 +1243,14 @@ async fn every_part_is_audited_with_hashed_uids() {
 /// record per part: a cheap way to grow it by 100 000 records a request).
 #[tokio::test]
 async fn refused_parts_past_the_first_64_are_counted_in_one_record() {
-    use nightingale::audit::{AuditRecord, EventKind};
+    use nightingale::audit::EventKind;
     let server = Server::default();
     let junk = b"not DICOM".to_vec();
     let parts: Vec<(&str, &[u8])> = (0..200).map(|_| ("application/dicom", &junk[..])).collect();
     let (s, v) = server.stow("/dicomweb/studies", multipart(&parts)).await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
     assert_eq!(failed(&v).len(), 200);
-    let records: Vec<AuditRecord> = std::fs::read_to_string(server._dir.path().join("audit.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|r: &AuditRecord| r.event.kind == EventKind::DicomInstance)
-        .collect();
+    let records = audit_records(&server, EventKind::DicomInstance);
     assert_eq!(records.len(), 65);
     let summary = records[64].event.detail.as_deref().unwrap();
     assert!(
@@ -1840,4 +1821,74 @@ async fn wado_boundaries_are_random_q_values_rank_syntaxes_and_re_encoding_is_bu
     );
     let stored = std::fs::read(&server.spool.instances().unwrap()[0].path).unwrap();
     assert!(parts[0].1 == stored, "sent as stored, byte for byte");
+}
+
+/// Red-team finding: WADO-RS retrievals and QIDO-RS searches of received studies (patient
+/// data) were only in the plain log. Each is now a `dicomweb-read` record of the
+/// hash-chained trail, written before the answer: who, what level, how much, the UIDs'
+/// SHA-256 (never in clear), a search's keys by name (never their values).
+#[tokio::test]
+async fn dicomweb_reads_are_audited_before_they_are_answered() {
+    use nightingale::audit::EventKind;
+    use sha2::{Digest, Sha256};
+    let sha = |b: &[u8]| hex::encode(Sha256::digest(b));
+    let server = Server::default();
+    let uri = stow_one(&server, &part10(STUDY, SERIES, &sop(1), 1), 1).await;
+    let accept = "multipart/related; type=\"application/dicom\"; transfer-syntax=*";
+    let res = retrieve(&server, &uri, Some(accept)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let res = retrieve(&server, &format!("/dicomweb/studies/{STUDY}"), Some(accept)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let res = retrieve(
+        &server,
+        "/dicomweb/studies?PatientName=Doe%5EJane&limit=5",
+        None,
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let records = audit_records(&server, EventKind::DicomwebRead);
+    assert_eq!(records.len(), 3, "{records:#?}");
+    let d = detail_map(&records[0]);
+    assert_eq!(
+        (d["event"].as_str(), d["level"].as_str()),
+        ("retrieve", "instance")
+    );
+    assert_eq!(d["sop_instance_sha256"], sha(sop(1).as_bytes()));
+    assert_eq!(d["study_sha256"], sha(STUDY.as_bytes()));
+    assert_eq!(d["instances"], "1");
+    let d = detail_map(&records[1]);
+    assert_eq!(
+        (d["level"].as_str(), d["instances"].as_str()),
+        ("study", "1")
+    );
+    let d = detail_map(&records[2]);
+    assert_eq!(
+        (d["event"].as_str(), d["level"].as_str()),
+        ("search", "studies")
+    );
+    assert_eq!(d["keys"], "PatientName,limit");
+    assert!(
+        records
+            .iter()
+            .all(|r| r.event.actor.as_deref() == Some("anonymous"))
+    );
+    let trail = std::fs::read_to_string(server._dir.path().join("audit.jsonl")).unwrap();
+    assert!(!trail.contains(&sop(1)) && !trail.contains(STUDY) && !trail.contains("Doe"));
+}
+
+/// The audit trail's records of one kind, in order.
+fn audit_records(
+    server: &Server,
+    kind: nightingale::audit::EventKind,
+) -> Vec<nightingale::audit::AuditRecord> {
+    std::fs::read_to_string(server._dir.path().join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &nightingale::audit::AuditRecord| r.event.kind == kind)
+        .collect()
+}
+
+fn detail_map(r: &nightingale::audit::AuditRecord) -> std::collections::BTreeMap<String, String> {
+    support::detail_pairs(r.event.detail.as_deref())
 }

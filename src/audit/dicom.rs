@@ -174,6 +174,38 @@ impl DicomAuditSink {
     }
 }
 
+/// The audit record of a DICOMweb read ([`EventKind::DicomwebRead`]): `detail` is `event=`
+/// (`retrieve` or `search`), `level=`, then `fields` (counts, key names), then the UIDs'
+/// SHA-256 as `{name}_sha256=` where `uids` is [`UidAudit::Hash`].
+pub fn read_record(
+    request_id: &str,
+    actor: &str,
+    event: &str,
+    level: &str,
+    uids: UidAudit,
+    named_uids: &[(&str, &str)],
+    fields: &[(&str, String)],
+) -> AuditEvent {
+    let mut d = format!("event={event} level={level}");
+    for (name, value) in fields {
+        let _ = write!(d, " {name}={value}");
+    }
+    if uids == UidAudit::Hash {
+        for (name, uid) in named_uids {
+            let _ = write!(d, " {name}_sha256={}", uid_sha256(uid));
+        }
+    }
+    AuditEvent {
+        detail: Some(d),
+        status: 200,
+        ..AuditEvent::blank(
+            EventKind::DicomwebRead,
+            stow_request_id(request_id),
+            Some(actor.chars().take(256).collect()),
+        )
+    }
+}
+
 /// A STOW-RS record's request id: the HTTP request's, at most 128 characters.
 fn stow_request_id(request_id: &str) -> String {
     request_id.chars().take(128).collect()

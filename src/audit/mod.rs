@@ -65,6 +65,11 @@ pub enum EventKind {
     CdsHook,
     /// Feedback on a CDS card: accepted or overridden, and why (coded).
     CdsFeedback,
+    /// Received DICOM read back over DICOMweb: a WADO-RS retrieval (study, series or
+    /// instance) or a QIDO-RS search, by whom, and how much (UIDs hashed or omitted as for
+    /// ingest; the search's keys by name, never their values). Written before the data is
+    /// sent: patient data does not leave without its access record.
+    DicomwebRead,
 }
 
 /// How the request ended, as the client saw it.

@@ -670,31 +670,44 @@ type Params = Query<Vec<(String, String)>>;
 /// `GET /dicomweb/studies`.
 pub(crate) async fn search_studies(
     State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     Query(params): Params,
 ) -> Response {
-    search(&state, &headers, Level::Studies, None, None, params).await
+    search(&state, caller, &headers, Level::Studies, None, None, params).await
 }
 
 /// `GET /dicomweb/studies/{study}/series`.
 pub(crate) async fn search_study_series(
     State(state): State<Arc<AppState>>,
     Path(study): Path<String>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     Query(params): Params,
 ) -> Response {
-    search(&state, &headers, Level::Series, Some(study), None, params).await
+    search(
+        &state,
+        caller,
+        &headers,
+        Level::Series,
+        Some(study),
+        None,
+        params,
+    )
+    .await
 }
 
 /// `GET /dicomweb/studies/{study}/instances`.
 pub(crate) async fn search_study_instances(
     State(state): State<Arc<AppState>>,
     Path(study): Path<String>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     Query(params): Params,
 ) -> Response {
     search(
         &state,
+        caller,
         &headers,
         Level::Instances,
         Some(study),
@@ -708,11 +721,13 @@ pub(crate) async fn search_study_instances(
 pub(crate) async fn search_series_instances(
     State(state): State<Arc<AppState>>,
     Path((study, series)): Path<(String, String)>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     Query(params): Params,
 ) -> Response {
     search(
         &state,
+        caller,
         &headers,
         Level::Instances,
         Some(study),
@@ -725,19 +740,30 @@ pub(crate) async fn search_series_instances(
 /// `GET /dicomweb/series`.
 pub(crate) async fn search_series(
     State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     Query(params): Params,
 ) -> Response {
-    search(&state, &headers, Level::Series, None, None, params).await
+    search(&state, caller, &headers, Level::Series, None, None, params).await
 }
 
 /// `GET /dicomweb/instances`.
 pub(crate) async fn search_instances(
     State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     Query(params): Params,
 ) -> Response {
-    search(&state, &headers, Level::Instances, None, None, params).await
+    search(
+        &state,
+        caller,
+        &headers,
+        Level::Instances,
+        None,
+        None,
+        params,
+    )
+    .await
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -995,6 +1021,7 @@ fn printable(s: &str) -> String {
 
 async fn search(
     state: &AppState,
+    caller: Option<Extension<Caller>>,
     headers: &HeaderMap,
     level: Level,
     study: Option<String>,
@@ -1005,6 +1032,24 @@ async fn search(
         Ok(media) => media,
         Err(e) => return e.into_response(),
     };
+    // What the access record names: the path's UIDs and the query's keys (never values).
+    let path_uids: Vec<(&'static str, String)> = [("study", &study), ("series", &series)]
+        .into_iter()
+        .filter_map(|(name, uid)| uid.clone().map(|u| (name, u)))
+        .collect();
+    let mut keys: Vec<String> = params
+        .iter()
+        .map(|(k, _)| {
+            k.chars()
+                .filter(|c| c.is_ascii_alphanumeric())
+                .take(64)
+                .collect()
+        })
+        .filter(|k: &String| !k.is_empty())
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys.truncate(32);
     let result = async {
         let web = dicomweb(state)?;
         // PS3.18 8.3.4.1: an origin server without fuzzy matching says that only literal
@@ -1074,6 +1119,23 @@ async fn search(
             );
         }
         let warning = (!warnings.is_empty()).then(|| warnings.join(", "));
+        let matches = body.as_array().map_or(0, Vec::len);
+        let level_name = match level {
+            Level::Studies => "studies",
+            Level::Series => "series",
+            Level::Instances => "instances",
+        };
+        let uids: Vec<(&str, &str)> = path_uids.iter().map(|(n, u)| (*n, u.as_str())).collect();
+        super::wado::audit_read(
+            state,
+            caller.as_ref().map(|c| &c.0),
+            headers,
+            "search",
+            level_name,
+            &uids,
+            &[("matches", matches.to_string()), ("keys", keys.join(","))],
+        )
+        .await?;
         Ok::<_, AppError>(dicom_json(StatusCode::OK, body, warning))
     }
     .await;

@@ -341,6 +341,72 @@ pub(crate) async fn retrieve_series(
     retrieve_many(state, caller, study, Some(series), headers).await
 }
 
+/// Records a read of received DICOM in the audit trail before it is answered
+/// ([`crate::audit::EventKind::DicomwebRead`]): `Err` (500) when the record cannot be
+/// written, and then nothing is sent. UIDs as `--dicom-audit-uids` says (hashed by default).
+pub(crate) async fn audit_read(
+    state: &AppState,
+    caller: Option<&Caller>,
+    headers: &HeaderMap,
+    event: &str,
+    level: &str,
+    uids: &[(&str, &str)],
+    fields: &[(&str, String)],
+) -> Result<(), AppError> {
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    let record = crate::audit::dicom::read_record(
+        request_id,
+        caller.map_or("anonymous", |c| c.id.as_str()),
+        event,
+        level,
+        state.dicomweb().map(|w| w.audit_uids).unwrap_or_default(),
+        uids,
+        fields,
+    );
+    state.audit.record(record).await.map_err(|e| {
+        tracing::error!(error = %e, "DICOMweb: the access record of a read cannot be written; nothing sent");
+        AppError::internal("the audit record of this read cannot be written")
+    })
+}
+
+fn caller_of(caller: &Option<Extension<Caller>>) -> Option<&Caller> {
+    caller.as_ref().map(|c| &c.0)
+}
+
+/// [`audit_read`] of one instance sent (`uids`: study, series, SOP instance as checked).
+async fn audit_instance(
+    state: &AppState,
+    caller: &Option<Extension<Caller>>,
+    headers: &HeaderMap,
+    uids: &[(&str, &str); 3],
+    bytes: usize,
+) -> Result<(), AppError> {
+    let named = uids.map(|(what, uid)| {
+        (
+            if what == "SOP instance" {
+                "sop_instance"
+            } else {
+                what
+            },
+            uid,
+        )
+    });
+    let fields = [("instances", "1".to_owned()), ("bytes", bytes.to_string())];
+    audit_read(
+        state,
+        caller_of(caller),
+        headers,
+        "retrieve",
+        "instance",
+        &named,
+        &fields,
+    )
+    .await
+}
+
 /// The checks every retrieve makes first: DICOMweb on, the UIDs well formed, an acceptable
 /// media type. `Err` is the answer.
 fn precheck(
@@ -411,10 +477,10 @@ async fn retrieve_many(
         )
         .into_response();
     }
-    let caller = caller.as_ref().map_or("anonymous", |c| c.0.id.as_str());
+    let caller_name = caller.as_ref().map_or("anonymous", |c| c.0.id.as_str());
     let bytes: u64 = found.iter().map(|f| f.size).sum();
     tracing::info!(
-        caller,
+        caller = caller_name,
         study = %uid_tag(&study),
         series = series.as_deref().map(uid_tag).unwrap_or_default(),
         instances = found.len(),
@@ -422,6 +488,19 @@ async fn retrieve_many(
         "WADO-RS: {} retrieved",
         if series.is_some() { "series" } else { "study" }
     );
+    let mut named = vec![("study", study.as_str())];
+    if let Some(s) = &series {
+        named.push(("series", s.as_str()));
+    }
+    let fields = [
+        ("instances", found.len().to_string()),
+        ("bytes", bytes.to_string()),
+    ];
+    let level = if series.is_some() { "series" } else { "study" };
+    let who = caller_of(&caller);
+    if let Err(e) = audit_read(&state, who, &headers, "retrieve", level, &named, &fields).await {
+        return e.into_response();
+    }
     for f in &found {
         metrics::counter!("nightingale_dicomweb_retrieved_total", "source" => f.source)
             .increment(1);
@@ -595,6 +674,9 @@ pub(crate) async fn retrieve_instance(
         let tail = format!("\r\n--{boundary}--\r\n");
         let why = match transcoded(&state, &found, head, tail).await {
             Ok(body) => {
+                if let Err(e) = audit_instance(&state, &caller, &headers, &uids, body.len()).await {
+                    return e.into_response();
+                }
                 let caller = caller.as_ref().map_or("anonymous", |c| c.0.id.as_str());
                 tracing::info!(
                     caller,
@@ -652,6 +734,9 @@ pub(crate) async fn retrieve_instance(
             return AppError::internal(format!("{}: {e}", found.path.display())).into_response();
         }
     };
+    if let Err(e) = audit_instance(&state, &caller, &headers, &uids, found.size as usize).await {
+        return e.into_response();
+    }
     let caller = caller.as_ref().map_or("anonymous", |c| c.0.id.as_str());
     tracing::info!(
         caller,

@@ -1,4 +1,6 @@
-//! Helpers shared by the integration tests of the `nightingale` package.
+//! Helpers shared by the integration tests of the `nightingale` package (each test crate
+//! uses some of them).
+#![allow(dead_code)]
 
 use std::path::Path;
 
@@ -14,4 +16,14 @@ pub fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
+}
+
+/// An audit record's `detail` as its `key=value` pairs.
+pub fn detail_pairs(detail: Option<&str>) -> std::collections::BTreeMap<String, String> {
+    detail
+        .unwrap_or("")
+        .split(' ')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }
