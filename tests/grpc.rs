@@ -1054,3 +1054,48 @@ async fn an_anonymous_call_under_a_foreign_host_name_is_refused_on_a_loopback_li
         }
     }
 }
+
+/// A unary call other than `ModelInfer` that carries two messages was answered for its first
+/// (tonic reads one): refused as gRPC says, and one message is still answered.
+#[tokio::test]
+async fn a_unary_call_with_two_messages_is_refused_for_every_method() {
+    let server = Server::start(HttpConfig::default()).await;
+    let call = |messages: usize| {
+        axum::http::Request::post("/inference.GRPCInferenceService/RepositoryIndex")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(axum::body::Body::from(vec![0u8; 5 * messages]))
+            .unwrap()
+    };
+    let status_of = |r: &axum::http::Response<axum::body::Body>| {
+        r.headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i32>().ok())
+    };
+    let app = http::grpc::router(server.state.clone());
+    let r = tokio::time::timeout(Duration::from_secs(30), app.oneshot(call(2)))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(status_of(&r), Some(Code::InvalidArgument as i32));
+    let message = r.headers()["grpc-message"]
+        .to_str()
+        .unwrap()
+        .replace("%20", " ");
+    assert!(message.contains("one request message"), "{message}");
+    let app = http::grpc::router(server.state.clone());
+    let r = tokio::time::timeout(Duration::from_secs(30), app.oneshot(call(1)))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_ne!(status_of(&r), Some(Code::InvalidArgument as i32));
+    // and through a real client, as before
+    let index = server
+        .client()
+        .repository_index(RepositoryIndexRequest::default())
+        .await
+        .unwrap();
+    assert!(!index.into_inner().models.is_empty());
+}

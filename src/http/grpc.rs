@@ -161,14 +161,81 @@ async fn before_the_message(
             }
         };
     }
-    let request = request.map(|body| {
-        axum::body::Body::new(DeadlineBody {
-            inner: body,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
-            timeout,
-        })
-    });
-    next.run(request).await
+    match one_message(
+        request,
+        timeout,
+        state.config.max_body_bytes.min(UNARY_LIMIT),
+    )
+    .await
+    {
+        Ok(request) => next.run(request).await,
+        Err(e) => to_status(e, &request_id).into_http(),
+    }
+}
+
+/// `read`, unless the request deadline passes first (408: DEADLINE_EXCEEDED).
+async fn within<T>(
+    timeout: Duration,
+    read: impl std::future::Future<Output = Result<T, AppError>>,
+) -> Result<T, AppError> {
+    tokio::time::timeout(timeout, read).await.map_err(|_| {
+        AppError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request message did not arrive within {} ms",
+                timeout.as_millis()
+            ),
+        )
+    })?
+}
+
+/// The largest message of a call other than `ModelInfer` (health, metadata, repository and
+/// statistics calls: a few names and parameters).
+const UNARY_LIMIT: usize = 1 << 20;
+
+/// The whole call of a method other than `ModelInfer`, read under the request deadline
+/// (a stalled message ends in DEADLINE_EXCEEDED) and at most `limit` bytes, and checked to
+/// be one message: a unary call that carries a second was answered for its first alone
+/// (tonic reads one and leaves the rest), where gRPC makes it an error.
+async fn one_message(
+    request: axum::extract::Request,
+    timeout: Duration,
+    limit: usize,
+) -> Result<axum::extract::Request, AppError> {
+    use http_body_util::BodyExt as _;
+    let (parts, body) = request.into_parts();
+    let read = async {
+        let mut body = body;
+        let mut got: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                AppError::bad_request(format!("cannot read the request message: {e}"))
+            })?;
+            if let Ok(data) = frame.into_data() {
+                if got.len().saturating_add(data.len()) > limit.saturating_add(5) {
+                    return Err(AppError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("the request message is larger than the limit of {limit} bytes"),
+                    ));
+                }
+                got.extend_from_slice(&data);
+            }
+        }
+        Ok(got)
+    };
+    let got = within(timeout, read).await?;
+    if got.len() >= 5 {
+        let declared = u32::from_be_bytes([got[1], got[2], got[3], got[4]]) as usize;
+        if got.len() - 5 > declared {
+            return Err(AppError::bad_request(
+                "a unary call carries one request message; more followed it",
+            ));
+        }
+    }
+    Ok(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(got),
+    ))
 }
 
 /// The path of every method of the KServe v2 service, before the method's name.
@@ -314,15 +381,7 @@ async fn admit_infer_message(
             _ => Bytes::from(chunks.concat()),
         })
     };
-    let body = tokio::time::timeout(timeout, read).await.map_err(|_| {
-        AppError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            format!(
-                "the request message did not arrive within {} ms",
-                timeout.as_millis()
-            ),
-        )
-    })??;
+    let body = within(timeout, read).await?;
     if body.len() < 5 {
         return Err(AppError::bad_request("the call carries no request message"));
     }
@@ -427,47 +486,6 @@ struct Admitted(Arc<std::sync::Mutex<Option<Ticket>>>);
 /// The caller [`before_the_message`] authorised.
 #[derive(Clone)]
 struct Authorized(Caller);
-
-/// A request body that fails once its deadline passes before it ends.
-struct DeadlineBody {
-    inner: axum::body::Body,
-    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
-    timeout: Duration,
-}
-
-impl http_body::Body for DeadlineBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        use std::task::Poll;
-        let this = &mut *self;
-        if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
-            return Poll::Ready(frame);
-        }
-        if this.sleep.as_mut().poll(cx).is_ready() {
-            // A `Status` in the error's chain is what tonic answers with.
-            return Poll::Ready(Some(Err(axum::Error::new(Status::deadline_exceeded(
-                format!(
-                    "the request message did not arrive within {} ms",
-                    this.timeout.as_millis()
-                ),
-            )))));
-        }
-        Poll::Pending
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
 
 struct Service {
     state: Arc<AppState>,
