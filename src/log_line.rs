@@ -11,7 +11,10 @@ use tracing_subscriber::fmt::MakeWriter;
 
 /// Writes each event (one `write` of the formatted line) with its inner line breaks
 /// escaped as `\n`/`\r`, and control characters other than tab as `\xNN` (escape too,
-/// unless the formatter colours the line itself).
+/// unless the formatter colours the line itself), and in UTF-8 the C1 controls (NEL, U+0085,
+/// among them) and the line and paragraph separators U+2028/U+2029 as `\u{NNNN}`: readers
+/// that split lines by Unicode's rules (Python's `splitlines`) saw a forged line there (a
+/// re-attack's finding).
 pub struct OneLine<W> {
     inner: W,
     colours: bool,
@@ -31,21 +34,39 @@ impl<W: Write> OneLine<W> {
     }
 }
 
+/// The code point of a Unicode line break or C1 control starting `bytes` (UTF-8), and its
+/// length.
+fn unicode_break(bytes: &[u8]) -> Option<(u32, usize)> {
+    match bytes {
+        [0xC2, b @ 0x80..=0x9F, ..] => Some((u32::from(*b), 2)),
+        [0xE2, 0x80, b @ (0xA8 | 0xA9), ..] => Some((0x2000 + u32::from(*b & 0x3F), 3)),
+        _ => None,
+    }
+}
+
 impl<W: Write> Write for OneLine<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let body = buf.strip_suffix(b"\n").unwrap_or(buf);
-        if !body.iter().any(|&b| self.escaped(b)) {
+        let plain = |i: usize| !self.escaped(body[i]) && unicode_break(&body[i..]).is_none();
+        if (0..body.len()).all(plain) {
             self.inner.write_all(buf)?;
             return Ok(buf.len());
         }
         let mut out = Vec::with_capacity(buf.len() + 16);
-        for &b in body {
-            match b {
+        let mut i = 0;
+        while i < body.len() {
+            if let Some((c, len)) = unicode_break(&body[i..]) {
+                out.extend_from_slice(format!("\\u{{{c:04x}}}").as_bytes());
+                i += len;
+                continue;
+            }
+            match body[i] {
                 b'\n' => out.extend_from_slice(b"\\n"),
                 b'\r' => out.extend_from_slice(b"\\r"),
                 b if self.escaped(b) => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
                 b => out.push(b),
             }
+            i += 1;
         }
         if body.len() < buf.len() {
             out.push(b'\n');
@@ -97,5 +118,18 @@ mod tests {
         assert_eq!(through(true, b"a\x1b[31mb\x07\n"), b"a\x1b[31mb\\x07\n");
         // no final newline: none added
         assert_eq!(through(false, b"x\ny"), b"x\\ny");
+        // Unicode's line breaks and C1 controls (NEL), by their code points; other
+        // characters of those lead bytes are kept
+        assert_eq!(
+            through(
+                true,
+                "a\u{2028}b\u{2029}c\u{85}d\u{9f}e\u{a0}f\u{2027}g\n".as_bytes()
+            ),
+            "a\\u{2028}b\\u{2029}c\\u{0085}d\\u{009f}e\u{a0}f\u{2027}g\n".as_bytes()
+        );
+        let out =
+            String::from_utf8(through(false, "x\u{2028}2026 INFO forged\n".as_bytes())).unwrap();
+        assert_eq!(out.lines().count(), 1);
+        assert!(!out.trim_end().contains(['\u{2028}', '\u{85}']));
     }
 }

@@ -520,6 +520,7 @@ async fn serve(
         tract_kernels: config.tract_kernels,
         max_working_bytes: config.max_inference_bytes,
         max_engine_threads: config.max_engine_threads,
+        instance_limit: 0,
         signatures: config.signatures.clone(),
         promotion: None,
         releases: None,

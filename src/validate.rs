@@ -885,8 +885,11 @@ pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
         },
     };
     // The run's copies of served models are told apart from them in the metrics.
+    // ... and run one instance each (their batches go one after another; a researcher's
+    // runs must not add 64-instance models' threads to the server's).
     let options = RepositoryOptions {
         metrics_purpose: Some("validation".to_owned()),
+        instance_limit: 1,
         ..options
     };
     let repository = Repository::new(args.repository.clone(), options);

@@ -277,7 +277,7 @@ fn incomplete_card(i: &Incomplete, wording: &Wording) -> Card {
 /// The card's words for readings newer than those used that are not final yet (empty when
 /// there are none): NEWS2 scores final results only, and a clinician must hear of a newer
 /// preliminary value rather than read a reassuring score without it.
-fn not_final_note(newer: &[(Parameter, DateTime<Utc>)]) -> String {
+fn not_final_note(newer: &[(Parameter, Option<DateTime<Utc>>)]) -> String {
     if newer.is_empty() {
         return String::new();
     }
@@ -287,7 +287,13 @@ fn not_final_note(newer: &[(Parameter, DateTime<Utc>)]) -> String {
          it, is left out). Check them in the chart:\n\n",
     );
     for (p, t) in newer {
-        note.push_str(&format!("- {}: a reading at {}\n", p.name(), time(*t)));
+        match t {
+            Some(t) => note.push_str(&format!("- {}: a reading at {}\n", p.name(), time(*t))),
+            None => note.push_str(&format!(
+                "- {}: a reading whose time cannot be read (it may be newer)\n",
+                p.name()
+            )),
+        }
     }
     note
 }

@@ -418,7 +418,7 @@ pub struct Incomplete {
     pub future_dated: Vec<Parameter>,
     /// Parameters with a newer reading that is not final yet
     /// ([`crate::vitals::Vitals::newer_not_final`]).
-    pub newer_not_final: Vec<(Parameter, chrono::DateTime<chrono::Utc>)>,
+    pub newer_not_final: Vec<(Parameter, Option<chrono::DateTime<chrono::Utc>>)>,
 }
 
 /// A score with the values it came from.

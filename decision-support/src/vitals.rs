@@ -328,8 +328,9 @@ pub struct Vitals {
     /// not final yet (`preliminary`, `registered`, `unknown`): not scored, and named on the
     /// card with its time (left out without a word, a device's preliminary SpO2 of 84 %
     /// five minutes after a final 97 % gave "NEWS2 0": a red-team finding). The latest such
-    /// time of each parameter, in parameter order.
-    pub newer_not_final: Vec<(Parameter, DateTime<Utc>)>,
+    /// time of each parameter, in parameter order; `None`: a reading whose time cannot be
+    /// read (no `effective[x]`, a schedule, a malformed one) and may be newer.
+    pub newer_not_final: Vec<(Parameter, Option<DateTime<Utc>>)>,
 }
 
 impl Vitals {
@@ -716,8 +717,9 @@ pub fn extract(
     // Every dated value: (parameter, time, issued, value).
     type Dated = (Parameter, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
     let mut dated: Vec<(Dated, Result<Value, UnusableReason>)> = vec![];
-    // Readings of this patient not final yet, with a time in the window.
-    let mut pending: Vec<(Parameter, DateTime<Utc>)> = vec![];
+    // Readings of this patient not final yet that may be in the window (`None`: of a time
+    // that cannot be read).
+    let mut pending: Vec<(Parameter, Option<DateTime<Utc>>)> = vec![];
     for o in observations {
         let mut found: Vec<(Parameter, Result<Value, UnusableReason>)> = vec![];
         if let Some(p) = parameter_of(&o.code) {
@@ -770,13 +772,14 @@ pub fn extract(
             );
             let of_patient = patient_id
                 .is_none_or(|want| o.subject.as_ref().and_then(|s| s.patient_id()) == Some(want));
+            let time = o.effective().ok().flatten().map(|(t, _)| t);
+            let latest = time.or_else(|| o.time_bounds().latest());
             if may_come
                 && of_patient
-                && let Ok(Some((t, _))) = o.effective()
-                && t >= now - options.look_back
-                && t <= now + options.future_skew
+                && latest.is_none_or(|l| l >= now - options.look_back)
+                && time.is_none_or(|t| t <= now + options.future_skew)
             {
-                pending.extend(found.iter().map(|(p, _)| (*p, t)));
+                pending.extend(found.iter().map(|(p, _)| (*p, time)));
             }
             continue;
         }
@@ -935,9 +938,14 @@ pub fn extract(
             }
         }
     }
+    // Of each parameter, the latest known time newer than the value used, else a reading
+    // of unknown time (`None` sorts first, so a known time is met first going back).
     pending.sort();
     for (p, t) in pending.into_iter().rev() {
-        let newer = vitals.time(p).is_none_or(|used| t > used);
+        let newer = match (t, vitals.time(p)) {
+            (Some(t), Some(used)) => t > used,
+            _ => true,
+        };
         if newer && !vitals.newer_not_final.iter().any(|(q, _)| *q == p) {
             vitals.newer_not_final.push((p, t));
         }
@@ -1181,14 +1189,28 @@ mod tests {
             vec![
                 (
                     Parameter::OxygenSaturation,
-                    "2024-05-01T11:55:00Z".parse().unwrap()
+                    Some("2024-05-01T11:55:00Z".parse().unwrap())
                 ),
                 (
                     Parameter::Temperature,
-                    "2024-05-01T11:50:00Z".parse().unwrap()
+                    Some("2024-05-01T11:50:00Z".parse().unwrap())
                 ),
             ]
         );
+        // one whose time cannot be read may be newer: named too (a re-attack's finding)
+        let untimed = obs(json!({
+            "resourceType": "Observation", "id": "untimed", "status": "preliminary",
+            "code": {"coding": [{"system": LOINC, "code": "59408-5"}]},
+            "subject": {"reference": "Patient/p1"},
+            "effectiveTiming": {"event": ["2024-05-01T11:55:00Z"]},
+            "valueQuantity": {"value": 84.0, "unit": "%", "system": UCUM, "code": "%"}
+        }));
+        let v = run(&[
+            quantity("59408-5", 97.0, "%", "2024-05-01T11:40:00Z"),
+            untimed,
+        ]);
+        assert_eq!(v.oxygen_saturation.as_ref().unwrap().value, 97.0);
+        assert_eq!(v.newer_not_final, vec![(Parameter::OxygenSaturation, None)]);
     }
 
     /// Red-team finding: an SpO2 timed by `effectiveTiming` (14 h before) was dated by its

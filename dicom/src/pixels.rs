@@ -1713,12 +1713,27 @@ where
     if e.value().primitive().is_some_and(|p| p.is_empty()) {
         return Ok(None);
     }
+    one_value(e.value(), name)?;
     let v: i64 = e
         .to_int::<i64>()
         .map_err(|_| PixelError::InvalidAttribute { name })?;
     T::from_i64(v)
         .map(Some)
         .ok_or(PixelError::InvalidAttribute { name })
+}
+
+/// The attributes read here hold one value (VM 1): `1\-1` is not a slope of 1, nor `0\1`
+/// an unsigned Pixel Representation (each read as its first value, red-team findings: the
+/// second gave a confident result from misread pixels; pydicom refuses them too).
+fn one_value(
+    value: &dicom_core::value::Value<InMemDicomObject, dicom_core::value::InMemFragment>,
+    name: &'static str,
+) -> Result<(), PixelError> {
+    if value.multiplicity() == 1 {
+        Ok(())
+    } else {
+        Err(PixelError::InvalidAttribute { name })
+    }
 }
 
 fn required_int<T>(obj: &InMemDicomObject, tag: Tag, name: &'static str) -> Result<T, PixelError>
@@ -1739,11 +1754,7 @@ fn optional_float(
     if e.value().primitive().is_some_and(|p| p.is_empty()) {
         return Ok(None);
     }
-    // One value (VM 1): `1\-1` is not a slope of 1 (read as its first value, a red-team
-    // finding; pydicom refuses it too).
-    if e.value().multiplicity() != 1 {
-        return Err(PixelError::InvalidAttribute { name });
-    }
+    one_value(e.value(), name)?;
     e.to_float64()
         .map(Some)
         .map_err(|_| PixelError::InvalidAttribute { name })

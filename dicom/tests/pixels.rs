@@ -478,6 +478,20 @@ fn headers_that_cannot_be_decoded_fail_with_their_reason() {
         decode(slope(PrimitiveValue::from("-1"))).is_ok(),
         "one value decodes"
     );
+    // and the integers: a Pixel Representation of `0\1` is not unsigned
+    for tag in [tags::PIXEL_REPRESENTATION, tags::BITS_STORED, tags::ROWS] {
+        let mut obj = ok();
+        let first = obj
+            .element(tag)
+            .map_or(0, |e| e.to_int::<u16>().unwrap_or(0));
+        put(
+            &mut obj,
+            tag,
+            VR::US,
+            PrimitiveValue::U16([first, 1].into_iter().collect()),
+        );
+        assert_eq!(reason(obj), "bad_attribute", "{tag}");
+    }
     let mut obj = ok();
     put(&mut obj, tags::ROWS, VR::US, PrimitiveValue::from(0u16));
     assert_eq!(reason(obj), "bad_attribute");

@@ -62,6 +62,19 @@ pub struct RepositoryOptions {
     /// together (`0`: [`DEFAULT_MAX_ENGINE_THREADS`]; the server's `--max-engine-threads`): a
     /// load that would pass it is refused, and what served before serves on.
     pub max_engine_threads: usize,
+    /// At most this many instances of each version (`0`: the manifest's `instances`): a
+    /// validation run's copies run one, so researchers' runs do not add their models'
+    /// instances to the server's threads (they are outside the served repository's cap: a
+    /// red-team finding, four runs of 64-instance models doubled it).
+    pub instance_limit: usize,
+}
+
+/// The instances a version declaring `declared` runs under `options`.
+fn instances_under(options: &RepositoryOptions, declared: usize) -> usize {
+    match options.instance_limit {
+        0 => declared,
+        n => declared.min(n),
+    }
 }
 
 /// The default cap on engine threads across a repository: a bundle of 40 versions
@@ -261,6 +274,11 @@ impl Bundle {
     }
 
     /// Checks one version folder's files against their checksums.
+    /// The instances each version of this bundle runs under `options`.
+    pub fn instances(&self, options: &RepositoryOptions) -> usize {
+        instances_under(options, self.manifest.batching.instances)
+    }
+
     pub fn verify(&self, version: u64) -> Result<(), BundleError> {
         let entry = &self.manifest.versions[&version.to_string()];
         verify_folder(&self.dir.join(version.to_string()), &entry.files)
@@ -349,7 +367,7 @@ impl Bundle {
         let config = WorkerConfig {
             model: self.manifest.name.clone(),
             version: version.to_string(),
-            instances: b.instances,
+            instances: self.instances(options),
             queue_capacity: b.queue_capacity,
             queue_bytes: b.queue_bytes,
             max_rows_per_request: b.max_rows_per_request,
@@ -1279,7 +1297,7 @@ impl Repository {
             0 => DEFAULT_MAX_ENGINE_THREADS,
             n => n,
         };
-        let instances = bundle.manifest.batching.instances;
+        let instances = bundle.instances(&self.options);
         let asked = versions.saturating_mul(instances);
         let others: usize = {
             let models = self.models.read().unwrap_or_else(|p| p.into_inner());
@@ -1287,7 +1305,7 @@ impl Repository {
                 .iter()
                 .filter(|(name, _)| **name != bundle.manifest.name)
                 .flat_map(|(_, e)| e.versions.values())
-                .map(|m| m.manifest.batching.instances)
+                .map(|m| instances_under(&self.options, m.manifest.batching.instances))
                 .sum()
         };
         if others.saturating_add(asked) > limit {

@@ -533,3 +533,33 @@ fn a_load_over_the_repository_engine_thread_cap_is_refused() {
     repo.unload(MODEL).unwrap();
     assert_eq!(repo.load(other).unwrap(), vec![1]);
 }
+
+/// A validation run's copies run one instance of each version (`instance_limit`), and are
+/// counted so: researchers' runs of 64-instance models doubled the server's engine threads
+/// past its cap (a re-attack's finding).
+#[test]
+fn an_instance_limit_caps_what_each_version_runs() {
+    let (dir, bundle) = repo_with_copy();
+    let manifest = std::fs::read_to_string(bundle.join("bundle.toml")).unwrap();
+    assert!(manifest.contains("instances = 1"));
+    std::fs::write(
+        bundle.join("bundle.toml"),
+        manifest.replace("instances = 1", "instances = 64"),
+    )
+    .unwrap();
+    let options = |instance_limit| RepositoryOptions {
+        max_engine_threads: 2,
+        instance_limit,
+        ..RepositoryOptions::default()
+    };
+    let err = Repository::new(dir.path(), options(0))
+        .load(MODEL)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("would run 64 engine threads"), "{err}");
+    let limited = Repository::new(dir.path(), options(1));
+    assert_eq!(limited.load(MODEL).unwrap(), vec![1]);
+    let opened = Bundle::open(&bundle).unwrap();
+    assert_eq!(opened.instances(&options(1)), 1);
+    assert_eq!(opened.instances(&options(0)), 64);
+}
