@@ -109,6 +109,7 @@ pub struct ServeArgs {
     #[arg(long, env = "NIGHTINGALE_AUDIT_POSTGRES_URL", hide_env_values = true)]
     pub audit_postgres_url: Option<String>,
     /// fsync the audit trail after each group of records (slower; survives power loss).
+    /// [default: false]
     #[arg(long, env = "NIGHTINGALE_AUDIT_FSYNC")]
     pub audit_fsync: Option<bool>,
     /// The secret key (64 hex digits) that seals the tensor digests of audit records
@@ -291,7 +292,8 @@ pub struct ServeArgs {
     /// Serve a version only when a validation report says it passed its bundle's gate for
     /// the exact manifest (SHA-256) being loaded: `report.json` files in the folders under
     /// --validation-reports (what `nightingale validate --out` and `POST /validation/runs`
-    /// write). A version without one is refused like a bad signature.
+    /// write). A version without one is refused like a bad signature, and with it the
+    /// load: every version the bundle's version policy selects needs one.
     #[arg(long, env = "NIGHTINGALE_REQUIRE_VALIDATION")]
     pub require_validation: bool,
     /// Offer every explanation method (`POST /v2/models/{m}/explain`) for every bundle,
@@ -1109,15 +1111,18 @@ impl ServeArgs {
                             .into(),
                     ));
                 }
+                let max_request_bytes = self
+                    .dicomweb_max_request_bytes
+                    .or(file.dicomweb_max_request_bytes)
+                    .unwrap_or(defaults.max_request_bytes);
                 let limits = crate::http::dicomweb::DicomWebConfig {
+                    // A request limit set below the default part limit lowers that default
+                    // with it (alone, it refused to start: a README walk-through's finding).
                     max_part_bytes: self
                         .dicomweb_max_part_bytes
                         .or(file.dicomweb_max_part_bytes)
-                        .unwrap_or(defaults.max_part_bytes),
-                    max_request_bytes: self
-                        .dicomweb_max_request_bytes
-                        .or(file.dicomweb_max_request_bytes)
-                        .unwrap_or(defaults.max_request_bytes),
+                        .unwrap_or(defaults.max_part_bytes.min(max_request_bytes)),
+                    max_request_bytes,
                     request_timeout: std::time::Duration::from_secs_f64(timeout),
                     max_inflight_bytes: self
                         .dicom_max_inflight_bytes
@@ -2464,6 +2469,20 @@ mod tests {
         assert_eq!(w.limits.max_part_bytes, 1000);
         assert_eq!(w.limits.max_request_bytes, 5000);
         assert_eq!(w.limits.request_timeout, std::time::Duration::from_secs(30));
+        // A request limit alone below the default part limit lowers the part limit too.
+        let w = ServeArgs {
+            dicom_spool: Some("/spool".into()),
+            dicomweb_max_request_bytes: Some(100_000),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap()
+        .dicomweb
+        .unwrap();
+        assert_eq!(
+            (w.limits.max_part_bytes, w.limits.max_request_bytes),
+            (100_000, 100_000)
+        );
         // With the SCP: the SCP's spool, the defaults.
         let c = ServeArgs {
             dicom_port: Some(11112),

@@ -49,7 +49,8 @@ pub struct PeerArgs {
     /// Seconds to wait for each whole response (and each write).
     #[arg(long, default_value_t = 60.0)]
     timeout_secs: f64,
-    /// Seconds for one whole C-STORE: the request, the data set and the response.
+    /// Seconds for one whole C-STORE: the request, the data set and the response (`store`
+    /// only; an echo is bounded by --timeout-secs).
     #[arg(long, default_value_t = 300.0)]
     exchange_timeout_secs: f64,
 }

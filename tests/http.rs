@@ -780,6 +780,13 @@ async fn model_control_needs_the_admin_token() {
         .await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert!(error_of(&v).contains("unloaded"), "{v}");
+    // a model not ready says when to ask again, as a full queue does
+    let body = serde_json::to_vec(&json_request(&[vec![1.0; 30]])).unwrap();
+    let (s, headers, _) = f
+        .post_raw(&format!("/v2/models/{MODEL}/infer"), body, None, None)
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers[axum::http::header::RETRY_AFTER], "5");
     let (_, v) = f.post_json("/v2/repository/index", &json!({})).await;
     assert!(
         v.as_array()

@@ -20,6 +20,9 @@ pub struct AppError {
 /// What `Retry-After` says when the server refuses work for lack of room (seconds).
 pub const RETRY_AFTER_SECS: u32 = 1;
 
+/// What `Retry-After` says for a model that is not ready (loading takes seconds).
+pub const NOT_READY_RETRY_AFTER_SECS: u32 = 5;
+
 /// The longest message an error carries (bytes). Messages quote what the client sent (a
 /// model name, a shape): one of 16,000 characters made a gRPC trailer larger than clients
 /// accept (8 KiB), which they report as RESOURCE_EXHAUSTED instead of the real error, and a
@@ -179,7 +182,13 @@ impl From<RepositoryError> for AppError {
             RepositoryError::Bundle(_) => StatusCode::BAD_REQUEST,
             RepositoryError::Io { .. } => return AppError::internal(e.to_string()),
         };
-        AppError::new(status, e.to_string())
+        let mut error = AppError::new(status, e.to_string());
+        // A model not ready (loading, unloaded, refused) may be ready later: say when to
+        // ask again, as for a full queue (the README promises it for every such 503).
+        if matches!(e, RepositoryError::NotReady { .. }) {
+            error.retry_after = Some(NOT_READY_RETRY_AFTER_SECS);
+        }
+        error
     }
 }
 
