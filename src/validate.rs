@@ -830,6 +830,25 @@ fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
 
 /// Runs one validation and writes `report.json` and `report.html` into `args.out`.
 pub fn run_job(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
+    // A panic anywhere in the run (a dependency's: npyz multiplied a header's shape past
+    // u64 and panicked) ends it as an error: a server's run thread then frees its slot and
+    // its model, and deletes an upload (a red-team finding: four such panics blocked every
+    // validation run until a restart); the command line exits 2, as for bad data.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job_inner(args, ctx)))
+        .unwrap_or_else(|payload| {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".to_owned());
+            Err(anyhow!(
+                "the run stopped on an internal error (a panic: {}); nothing of it is kept",
+                message.chars().take(200).collect::<String>()
+            ))
+        })
+}
+
+fn run_job_inner(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report> {
     let mut settings = settings(args)?;
     // A run stopped while it evaluates stops its bootstrap too (its replicates held the
     // shared thread pool for minutes; see `BootstrapSpec::stop`).

@@ -360,6 +360,10 @@ async fn an_uploaded_dataset_is_validated_then_deleted() {
         !run_dir.join("dataset.csv").exists(),
         "the upload must not be kept"
     );
+    // the run's folder (the upload's while it ran) is its owner's only (a red-team finding)
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&run_dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{mode:o}");
     let (_, report) = server
         .get(&format!("/validation/runs/{id}/report.json"))
         .await;
@@ -564,7 +568,9 @@ async fn one_run_per_model_at_a_time() {
         .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 0}))
         .await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
-    assert!(v["error"].as_str().unwrap().contains(&id), "{v}");
+    // the model named, not the run's id (it may be another researcher's)
+    let error = v["error"].as_str().unwrap();
+    assert!(error.contains(MODEL) && !error.contains(&id), "{v}");
     assert_eq!(server.wait(&id).await["status"], "done");
     let (s, v) = server
         .post_json(json!({"model": MODEL, "dataset": "sub/test.csv", "bootstrap": 0}))
@@ -1191,5 +1197,54 @@ fn validate_splits_a_batch_over_the_working_memory_limit() {
             .iter()
             .filter(|e| e["model"] == "row-tile")
             .all(|e| e["status"] == 200)
+    );
+}
+
+/// A panic inside a run (npyz multiplies an `images.npy` header's shape past u64 and
+/// panics) ends the run as an error: the server's run thread then frees its slot and model
+/// (four such panics blocked every run until a restart: a red-team finding), and the
+/// command line exits 2 rather than 101.
+#[test]
+fn a_panic_in_a_run_is_an_error_not_a_lost_thread() {
+    use clap::Parser;
+    use nightingale::validate::{RunContext, ValidateCommand, run_job};
+
+    use nightingale_validation::dataset::npy_v1 as npy;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    copy_dir(
+        &repo_dir().join("models/bundles/image-orientation"),
+        &repo.join("image-orientation"),
+    );
+    let data = dir.path().join("tensors");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("images.npy"),
+        npy("<f4", "(18446744073709551615, 1, 224, 224)", &[0; 64]),
+    )
+    .unwrap();
+    std::fs::write(data.join("labels.npy"), npy("<i8", "(6,)", &[0; 48])).unwrap();
+    let args = ValidateCommand::try_parse_from([
+        "validate",
+        "--repository",
+        repo.to_str().unwrap(),
+        "--model",
+        "image-orientation",
+        "--dataset",
+        data.to_str().unwrap(),
+        "--out",
+        dir.path().join("out").to_str().unwrap(),
+        "--bootstrap",
+        "0",
+        "--quiet",
+    ])
+    .unwrap()
+    .args;
+    let err = run_job(&args, RunContext::default())
+        .expect_err("the header is refused, by an error or a caught panic");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("internal error (a panic") || text.contains("images.npy"),
+        "{text}"
     );
 }

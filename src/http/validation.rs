@@ -248,11 +248,12 @@ impl Validation {
                     RunState::Running
                 )
         }) {
+            // Not its id: the run may be another researcher's (a red-team finding).
             return Err(AppError::new(
                 StatusCode::CONFLICT,
                 format!(
-                    "validation run {} of {} is still running (one run per model at a time)",
-                    busy.id, busy.model
+                    "a validation run of {} is still running (one run per model at a time; its owner or an admin can cancel it)",
+                    busy.model
                 ),
             ));
         }
@@ -741,7 +742,9 @@ const OWNER_LOCK: &str = ".owner.lock";
 /// Creates a run's folder and takes its [`OWNER_LOCK`]: while it is held no other server on
 /// the data folder takes the upload in it for an abandoned one.
 fn hold_run_folder(dir: &FsPath) -> std::io::Result<std::fs::File> {
-    std::fs::create_dir_all(dir)?;
+    // For the server's user only: an upload may hold patient data (it was 0644 in a 0755
+    // folder, readable by every local user while the run went: a red-team finding).
+    crate::audit::jsonl::private_dir(dir)?;
     let file = owner_lock_file(dir, true)?;
     file.try_lock().map_err(|e| match e {
         std::fs::TryLockError::Error(e) => e,
@@ -1085,8 +1088,15 @@ async fn receive(body: Body, dir: &FsPath, path: &FsPath, limit: u64) -> Result<
             format!("cannot store the upload: {e}"),
         )
     };
-    tokio::fs::create_dir_all(dir).await.map_err(io)?;
-    let mut file = tokio::fs::File::create(path).await.map_err(io)?;
+    crate::audit::jsonl::private_dir(dir).map_err(io)?;
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .await
+        .map_err(io)?;
     let mut body = body;
     let mut written = 0u64;
     while let Some(frame) = body.frame().await {

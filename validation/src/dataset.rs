@@ -823,6 +823,27 @@ impl NpyDataset {
     }
 }
 
+/// A version 1.0 `.npy` file of `descr` with `shape` (both as numpy writes them in its
+/// header, e.g. `<f4` and `(2, 3)`), `data` as given: for tests and tools that need files a
+/// writer would refuse to make (a shape past `u64`, a header that lies about its data).
+#[doc(hidden)]
+pub fn npy_v1(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(
+        &u16::try_from(header.len())
+            .unwrap_or(u16::MAX)
+            .to_le_bytes(),
+    );
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -957,20 +978,7 @@ mod tests {
         assert_eq!(s.columns_ignored[1], "x0");
     }
 
-    /// A version 1.0 .npy file of `descr` with `shape`, data as given.
-    fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
-        let mut header =
-            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-        while (10 + header.len() + 1) % 64 != 0 {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut out = b"\x93NUMPY\x01\x00".to_vec();
-        out.extend_from_slice(&u16::try_from(header.len()).unwrap().to_le_bytes());
-        out.extend_from_slice(header.as_bytes());
-        out.extend_from_slice(data);
-        out
-    }
+    use super::npy_v1 as npy;
 
     #[test]
     fn npy_tensor_rows_and_class_labels() {
