@@ -3,16 +3,17 @@
 //! start a line of its own that reads as the server's (a red-team finding: dicom-rs warns
 //! of an unsupported Specific Character Set with the sender's value as it came, newlines
 //! included, and a C-STORE wrote lines like `INFO nightingale: …` into the log). The JSON
-//! format escapes them already.
+//! format escapes ASCII controls itself; what is left (DEL, C1 controls, U+2028/U+2029) is
+//! escaped here as JSON escapes (`\uXXXX`), valid in a JSON string and readable in text.
 
 use std::io::{self, Write};
 
 use tracing_subscriber::fmt::MakeWriter;
 
 /// Writes each event (one `write` of the formatted line) with its inner line breaks
-/// escaped as `\n`/`\r`, and control characters other than tab as `\xNN` (escape too,
+/// escaped as `\n`/`\r`, and control characters other than tab as `\u00NN` (escape too,
 /// unless the formatter colours the line itself), and in UTF-8 the C1 controls (NEL, U+0085,
-/// among them) and the line and paragraph separators U+2028/U+2029 as `\u{NNNN}`: readers
+/// among them) and the line and paragraph separators U+2028/U+2029 as `\uNNNN`: readers
 /// that split lines by Unicode's rules (Python's `splitlines`) saw a forged line there (a
 /// re-attack's finding).
 pub struct OneLine<W> {
@@ -56,14 +57,14 @@ impl<W: Write> Write for OneLine<W> {
         let mut i = 0;
         while i < body.len() {
             if let Some((c, len)) = unicode_break(&body[i..]) {
-                out.extend_from_slice(format!("\\u{{{c:04x}}}").as_bytes());
+                out.extend_from_slice(format!("\\u{c:04x}").as_bytes());
                 i += len;
                 continue;
             }
             match body[i] {
                 b'\n' => out.extend_from_slice(b"\\n"),
                 b'\r' => out.extend_from_slice(b"\\r"),
-                b if self.escaped(b) => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+                b if self.escaped(b) => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
                 b => out.push(b),
             }
             i += 1;
@@ -114,8 +115,11 @@ mod tests {
         let plain = "INFO nightingale: listening\taddr=127.0.0.1:8000 é\n".as_bytes();
         assert_eq!(through(false, plain), plain);
         // escape and other controls: escaped, unless the formatter colours the line
-        assert_eq!(through(false, b"a\x1b[31mb\x07\n"), b"a\\x1b[31mb\\x07\n");
-        assert_eq!(through(true, b"a\x1b[31mb\x07\n"), b"a\x1b[31mb\\x07\n");
+        assert_eq!(
+            through(false, b"a\x1b[31mb\x07\n"),
+            b"a\\u001b[31mb\\u0007\n"
+        );
+        assert_eq!(through(true, b"a\x1b[31mb\x07\n"), b"a\x1b[31mb\\u0007\n");
         // no final newline: none added
         assert_eq!(through(false, b"x\ny"), b"x\\ny");
         // Unicode's line breaks and C1 controls (NEL), by their code points; other
@@ -125,11 +129,26 @@ mod tests {
                 true,
                 "a\u{2028}b\u{2029}c\u{85}d\u{9f}e\u{a0}f\u{2027}g\n".as_bytes()
             ),
-            "a\\u{2028}b\\u{2029}c\\u{0085}d\\u{009f}e\u{a0}f\u{2027}g\n".as_bytes()
+            "a\\u2028b\\u2029c\\u0085d\\u009fe\u{a0}f\u{2027}g\n".as_bytes()
         );
         let out =
             String::from_utf8(through(false, "x\u{2028}2026 INFO forged\n".as_bytes())).unwrap();
         assert_eq!(out.lines().count(), 1);
         assert!(!out.trim_end().contains(['\u{2028}', '\u{85}']));
+    }
+
+    /// The JSON format's lines stay valid JSON with the same values: what is escaped here
+    /// is written as JSON's own escapes (`\x7f` was not one: a line with a DEL, a NEL or a
+    /// U+2028 in a value would not have parsed).
+    #[test]
+    fn a_json_line_stays_json_with_its_values() {
+        let value = "a\u{7f}b\u{85}c\u{2028}d\te\nf\u{1b}g";
+        let line = format!("{}\n", serde_json::json!({"fields": {"detail": value}}));
+        for colours in [false, true] {
+            let out = String::from_utf8(through(colours, line.as_bytes())).unwrap();
+            assert_eq!(out.lines().count(), 1, "{out}");
+            let back: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap();
+            assert_eq!(back["fields"]["detail"], value, "{out}");
+        }
     }
 }
