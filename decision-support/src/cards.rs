@@ -87,18 +87,30 @@ pub fn news2_card(assessment: &Assessment, wording: &Wording) -> Card {
     }
 }
 
-/// Markdown-escapes text that may come from input (a unit name).
+/// Markdown-escapes text that may come from input (a unit name): punctuation Markdown reads
+/// (`:` too, so no bare URL becomes a link), and without control or bidirectional format
+/// characters ([`plain`]).
 fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if "\\`*_{}[]()<>#+-.!|~".contains(c) {
+    for c in plain(text).chars() {
+        if "\\`*_{}[]()<>#+-.!|~:".contains(c) {
             out.push('\\');
         }
-        if !c.is_control() {
-            out.push(c);
-        }
+        out.push(c);
     }
     out
+}
+
+/// Text from input for a plain-text field (a card's summary): without control characters
+/// (a NUL, line breaks) nor the bidirectional format characters that reorder what a
+/// clinician reads (U+202E RIGHT-TO-LEFT OVERRIDE reached a summary: a red-team finding).
+fn plain(text: &str) -> String {
+    text.chars()
+        .filter(|c| {
+            !c.is_control()
+                && !matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
+        })
+        .collect()
 }
 
 fn time(t: DateTime<Utc>) -> String {
@@ -497,7 +509,7 @@ pub fn risk_card(r: &RiskCard) -> Card {
 pub fn risk_missing_card(title: &str, model: &str, missing: &[String], source: Source) -> Card {
     let summary = format!(
         "{title} risk not calculated: missing {}",
-        missing.join(", ")
+        plain(&missing.join(", "))
     );
     let mut detail = format!(
         "The model {} needs every input, each within the range it was trained on; inputs are \
@@ -566,6 +578,38 @@ mod tests {
             detail.contains("no value recorded in the look-back window"),
             "{detail}"
         );
+    }
+
+    /// Red-team finding: a FHIR unit's NUL, line breaks and U+202E (which reorders what is
+    /// read) reached a risk card's summary, and a bare URL its Markdown detail.
+    #[test]
+    fn text_from_input_cannot_reorder_or_link() {
+        let missing = vec![
+            "systolic bp (unit \"a\u{0}b\u{202e}[evil](http://x)\n# H\" not convertible)"
+                .to_owned(),
+        ];
+        let card = risk_missing_card(
+            "ICU mortality",
+            "icu-mortality",
+            &missing,
+            Source {
+                label: "icu-mortality model card".into(),
+                url: None,
+                icon: None,
+                topic: None,
+            },
+        );
+        assert!(
+            !card.summary.contains(['\u{0}', '\u{202e}', '\n']),
+            "{:?}",
+            card.summary
+        );
+        let detail = card.detail.unwrap();
+        assert!(
+            !detail.contains('\u{202e}') && !detail.contains("http://"),
+            "{detail}"
+        );
+        assert!(detail.contains("http\\:"), "{detail}");
     }
 
     fn risk(risk: f64) -> RiskCard {

@@ -1545,8 +1545,8 @@ const CONDITION_CLINICAL_STU3: &str = "http://hl7.org/fhir/condition-clinical";
 const CONDITION_VER_STATUS_STU3: &str = "http://hl7.org/fhir/condition-ver-status";
 
 /// The systems a status of a Condition is read in: R4's, STU3's (servers that upgraded
-/// their data keep it), and none (a bare `active` is what a FHIR server matches for the
-/// prefetch's `clinical-status=active`, whatever its system).
+/// their data keep it), and none (a bare `active`, as a FHIR server matches
+/// `clinical-status=active` whatever its system).
 fn condition_status_code<'a>(c: &'a CodeableConcept, r4: &str, stu3: &str) -> Vec<&'a str> {
     c.coding
         .iter()

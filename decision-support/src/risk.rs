@@ -370,9 +370,14 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
                 }
                 [] => out.value = Err(Missing::Encounter("no current encounter")),
                 [e] => match &e.class {
+                    // A code of HL7 v3's encounter classes (ActEncounterCode), exactly: `emer`
+                    // is none of them, and was read as "not emergency" (a red-team finding).
                     Some(class)
                         if class.system.as_deref().is_none_or(|s| s == ACT_CODE)
-                            && class.code.is_some() =>
+                            && class
+                                .code
+                                .as_deref()
+                                .is_some_and(|c| ENCOUNTER_CLASSES.contains(&c)) =>
                     {
                         let code = class.code.as_deref().unwrap_or_default();
                         let yes = f.encounter_class.iter().any(|c| c == code);
@@ -381,7 +386,7 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
                     }
                     _ => {
                         out.value = Err(Missing::Encounter(
-                            "the current encounter has no class (HL7 v3 ActCode)",
+                            "the current encounter has no class of HL7 v3's encounter classes (ActEncounterCode)",
                         ))
                     }
                 },
@@ -391,6 +396,11 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
     }
     out
 }
+
+/// HL7 v3 ActEncounterCode: the codes `Encounter.class` takes (FHIR R4's binding).
+const ENCOUNTER_CLASSES: [&str; 11] = [
+    "AMB", "EMER", "FLD", "HH", "IMP", "ACUTE", "NONAC", "OBSENC", "PRENC", "SS", "VR",
+];
 
 /// Converts a quantity to `unit`; the unit it was written in is returned when it differs.
 pub fn convert(q: &Quantity, unit: &str) -> Result<(f64, Option<String>), UnusableReason> {
@@ -1289,6 +1299,16 @@ mod tests {
             ),
             Ok(1.0)
         );
+        // A class that is none of v3's encounter classes is missing, not "not emergency"
+        // (`emer` was read as 0: a red-team finding); another class is a 0.
+        for (class, want) in [("emer", None), ("<b>", None), ("IMP", Some(0.0))] {
+            let r = searchset(vec![encounter("e1", "in-progress", class)], Some(1), false);
+            let got = value_of(
+                &map_features(&features(), &r, &encounter_context(None)),
+                "emergency",
+            );
+            assert_eq!(got.ok(), want, "{class}");
+        }
     }
 
     /// Red-team findings: a Condition whose clinical status cannot be read (none, no

@@ -262,7 +262,11 @@ pub fn risk_prefetch<'a>(
     if conditions {
         out.insert(
             "conditions".to_owned(),
-            "Condition?patient={{context.patientId}}&clinical-status=active".to_owned(),
+            // Every Condition of the patient, whatever its status: the mapping reads the
+            // status itself (`recurrence` and `relapse` count as active, none as unknown),
+            // and a search by `clinical-status=active` matches that exact code only (a
+            // recurring sepsis was "no infection": a red-team finding).
+            "Condition?patient={{context.patientId}}".to_owned(),
         );
     }
     if encounter {
