@@ -275,11 +275,17 @@ pub async fn load_all(state: &Arc<AppState>) {
     };
     let mut failed = 0;
     for name in &names {
+        // A model a rollback pinned serves its pinned version again (a restart served the
+        // version rolled back from: a red-team finding); a plain load lifts the pin.
+        let target = match state.repository.persisted_pin(name) {
+            Some(v) => {
+                tracing::info!(model = %name, version = v, "pinned by an earlier rollback: serving that version");
+                LoadTarget::Version(v)
+            }
+            None => LoadTarget::Policy,
+        };
         // A panic inside a load is caught by the repository and reported as the bundle's error.
-        if load(state, name, LoadTarget::Policy, STARTUP, "-")
-            .await
-            .is_err()
-        {
+        if load(state, name, target, STARTUP, "-").await.is_err() {
             failed += 1;
         }
     }

@@ -524,6 +524,7 @@ async fn serve(
         signatures: config.signatures.clone(),
         promotion: None,
         releases: None,
+        pins: None,
         metrics_purpose: None,
         probe: nightingale::probe_command(),
     };
@@ -533,12 +534,15 @@ async fn serve(
     let ledger_path = config.data_dir.join("releases.json");
     let ledger = nightingale_models::releases::ReleaseLedger::open(&ledger_path)
         .map_err(|e| anyhow::anyhow!("cannot read the release ledger: {e}"))?;
+    let pins = nightingale_models::releases::PinLedger::open(&config.data_dir.join("pins.json"))
+        .map_err(|e| anyhow::anyhow!("cannot read the rollback pins: {e}"))?;
     let load_options = RepositoryOptions {
         promotion: config.require_validation.clone().map(|dir| {
             tracing::info!(reports = %dir.display(), "versions serve only with a passing validation report");
             nightingale::validate::require_validation(dir)
         }),
         releases: Some(Arc::new(ledger)),
+        pins: Some(Arc::new(pins)),
         ..load_options
     };
     let repository = Arc::new(Repository::new(

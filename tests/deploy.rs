@@ -64,16 +64,33 @@ impl Fixture {
             }
         }
         prepare(&bundle);
+        let state = Fixture::start(dir.path(), promotion, ledger, "audit.jsonl").await;
+        Fixture { dir, state }
+    }
+
+    /// A server on the fixture's folder (its repository, audit trail and, with `ledger`, its
+    /// release ledger and rollback pins), started as `serve` starts: every bundle loaded.
+    async fn start(
+        dir: &Path,
+        promotion: Option<PromotionCheck>,
+        ledger: bool,
+        audit: &str,
+    ) -> Arc<AppState> {
+        let repo = dir.join("repo");
         let releases = ledger.then(|| {
             Arc::new(
-                nightingale_models::releases::ReleaseLedger::open(
-                    &dir.path().join("data/releases.json"),
-                )
-                .unwrap(),
+                nightingale_models::releases::ReleaseLedger::open(&dir.join("data/releases.json"))
+                    .unwrap(),
+            )
+        });
+        let pins = ledger.then(|| {
+            Arc::new(
+                nightingale_models::releases::PinLedger::open(&dir.join("data/pins.json")).unwrap(),
             )
         });
         let options = RepositoryOptions {
             releases,
+            pins,
             signatures: SignaturePolicy::load(
                 &[root().join("keys/demo/nightingale-demo.pub")],
                 true,
@@ -83,7 +100,7 @@ impl Fixture {
             ..RepositoryOptions::default()
         };
         let repository = Arc::new(Repository::new(&repo, options));
-        let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
+        let audit = AuditLog::open(&dir.join(audit), false).unwrap();
         let state = AppState::new(
             repository,
             audit,
@@ -95,7 +112,7 @@ impl Fixture {
         );
         nightingale::deploy::load_all(&state).await;
         state.set_ready(true);
-        Fixture { dir, state }
+        state
     }
 
     fn bundle(&self) -> PathBuf {
@@ -924,4 +941,45 @@ async fn an_older_release_put_back_needs_an_admin_s_explicit_release() {
         .post(&load, r#"{"parameters": {"release": "0"}}"#, Some(TOKEN))
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+/// Red-team finding: a rollback's pin lived in memory only, and a restart served the
+/// version rolled back from again. With the server's pins kept in its data folder, a
+/// restart serves the pinned version (audited as a rollback by `startup`); a plain load
+/// lifts the pin for good.
+#[tokio::test]
+async fn a_rollback_holds_across_a_restart_until_a_plain_load() {
+    let mut f = Fixture::with(&[1, 2], None, |_| {}, true).await;
+    let uri = format!("/v2/repository/models/{MODEL}/load");
+    let (s, v) = f
+        .post(&uri, r#"{"parameters": {"version": "1"}}"#, Some(TOKEN))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // restart (its own audit trail: the first server's is still held): the pinned version
+    // alone, pinned
+    f.state = Fixture::start(f.dir.path(), None, true, "audit-2.jsonl").await;
+    let (_, v) = f.infer_version().await;
+    assert_eq!(v["model_version"], "1");
+    let index = f.index().await;
+    assert_eq!(index.len(), 1, "{index:?}");
+    assert_eq!(index[0]["pinned"], true, "{index:?}");
+    let trail = std::fs::read_to_string(f.dir.path().join("audit-2.jsonl")).unwrap();
+    let startup: Vec<(EventKind, String)> = trail
+        .lines()
+        .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap())
+        .filter(|r| r.event.kind != EventKind::Inference)
+        .map(|r| (r.event.kind, r.event.version))
+        .collect();
+    assert_eq!(
+        startup,
+        vec![(EventKind::ModelRollback, "1".to_owned())],
+        "{startup:?}"
+    );
+    // a plain load lifts it, and the next restart serves the policy's versions
+    let (s, _) = f.post(&uri, "", Some(TOKEN)).await;
+    assert_eq!(s, StatusCode::OK);
+    f.state = Fixture::start(f.dir.path(), None, true, "audit-3.jsonl").await;
+    let (_, v) = f.infer_version().await;
+    assert_eq!(v["model_version"], "2");
+    assert_eq!(f.index().await.len(), 2);
 }

@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// What the ledger holds of one model.
@@ -84,23 +85,38 @@ impl ReleaseLedger {
         &self,
         f: impl FnOnce(&mut BTreeMap<String, Accepted>) -> Result<T, String>,
     ) -> Result<T, String> {
-        self.locked_inner(f).map_err(|e| {
-            tracing::warn!(error = %e, "the release ledger cannot be read or written");
-            // The folder's whole absolute path before a name in it: a short relative data
-            // folder (`a`) replaced as a bare substring garbled every "a" of the message (a
-            // re-attack's finding).
-            match self.path.parent().map(|d| d.display().to_string()) {
-                Some(dir) if dir.len() > 1 => e.replace(&format!("{dir}/"), "<data folder>/"),
-                _ => e,
-            }
-        })
+        locked_map(&self.path, "release ledger", f)
     }
+}
 
-    fn locked_inner<T>(
-        &self,
-        f: impl FnOnce(&mut BTreeMap<String, Accepted>) -> Result<T, String>,
-    ) -> Result<T, String> {
-        let lock_path = self.path.with_extension("lock");
+/// Runs `f` on the JSON map at `path` (`what` names it in errors) as the file holds it now,
+/// under an exclusive lock on the `.lock` file beside it; an error is logged whole and
+/// returned with the data folder's path left out (see [`ReleaseLedger`]'s `locked`). The
+/// release ledger and the pins ([`PinLedger`]) share it.
+fn locked_map<V: DeserializeOwned, T>(
+    path: &Path,
+    what: &str,
+    f: impl FnOnce(&mut BTreeMap<String, V>) -> Result<T, String>,
+) -> Result<T, String> {
+    locked_inner(path, what, f).map_err(|e| {
+        tracing::warn!(error = %e, "the {what} cannot be read or written");
+        // The folder's whole absolute path before a name in it: a short relative data
+        // folder (`a`) replaced as a bare substring garbled every "a" of the message (a
+        // re-attack's finding).
+        match path.parent().map(|d| d.display().to_string()) {
+            Some(dir) if dir.len() > 1 => e.replace(&format!("{dir}/"), "<data folder>/"),
+            _ => e,
+        }
+    })
+}
+
+fn locked_inner<V: DeserializeOwned, T>(
+    path: &Path,
+    what: &str,
+    f: impl FnOnce(&mut BTreeMap<String, V>) -> Result<T, String>,
+) -> Result<T, String> {
+    {
+        let lock_path = path.with_extension("lock");
         let lock = {
             let mut options = std::fs::OpenOptions::new();
             options.create(true).truncate(false).write(true);
@@ -111,25 +127,26 @@ impl ReleaseLedger {
         };
         lock.lock()
             .map_err(|e| format!("{}: {e}", lock_path.display()))?;
-        let path = &self.path;
-        let mut map: BTreeMap<String, Accepted> = match std::fs::symlink_metadata(path) {
+        let mut map: BTreeMap<String, V> = match std::fs::symlink_metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(format!("{}: {e}", path.display())),
             Ok(m) if !m.is_file() || m.len() > MAX_LEDGER_BYTES => {
                 return Err(format!(
-                    "{}: not a release ledger (a regular file, not a link, of at most {MAX_LEDGER_BYTES} bytes)",
+                    "{}: not a {what} (a regular file, not a link, of at most {MAX_LEDGER_BYTES} bytes)",
                     path.display()
                 ));
             }
             Ok(_) => {
                 let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
                 serde_json::from_slice(&bytes)
-                    .map_err(|e| format!("{}: not a release ledger: {e}", path.display()))?
+                    .map_err(|e| format!("{}: not a {what}: {e}", path.display()))?
             }
         };
         f(&mut map)
     }
+}
 
+impl ReleaseLedger {
     /// What the ledger holds of `name` (`None` also when it cannot be read).
     pub fn accepted(&self, name: &str) -> Option<Accepted> {
         self.locked(|map| Ok(map.get(name).cloned())).ok().flatten()
@@ -231,7 +248,7 @@ impl ReleaseLedger {
 /// Writes the ledger whole ([`crate::write_atomic`]: a new file no link can redirect,
 /// fsynced, renamed over `path`, the folder fsynced), readable by its owner only. The error
 /// names the file it failed on.
-fn write_durably(path: &Path, accepted: &BTreeMap<String, Accepted>) -> Result<(), String> {
+fn write_durably<V: Serialize>(path: &Path, accepted: &BTreeMap<String, V>) -> Result<(), String> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let bytes =
         serde_json::to_vec_pretty(accepted).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -239,9 +256,77 @@ fn write_durably(path: &Path, accepted: &BTreeMap<String, Accepted>) -> Result<(
         .map_err(|(at, e)| format!("{}: {e}", at.display()))
 }
 
+/// The versions rollbacks pinned, kept in the data folder (`pins.json`: `{"model": N}`) so
+/// that a restart serves what the operator rolled back to, not the version rolled back from
+/// (the pin lived in memory only, and a restart quietly put the bad version back: a
+/// red-team finding). Written like the release ledger (whole, fsynced, renamed, owner
+/// only, under its lock). A plain load removes a model's pin, as it lifts it while serving.
+#[derive(Debug)]
+pub struct PinLedger {
+    path: PathBuf,
+}
+
+impl PinLedger {
+    /// Opens the pins at `path` (none yet: empty); a file that cannot be read as pins is an
+    /// error (starting without them would serve versions rolled back from).
+    pub fn open(path: &Path) -> Result<PinLedger, String> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let pins = PinLedger {
+            path: std::path::absolute(path).unwrap_or_else(|_| path.to_owned()),
+        };
+        locked_map::<u64, _>(&pins.path, "pin file", |_| Ok(()))?;
+        Ok(pins)
+    }
+
+    /// The version `name` is pinned to (`None` also when the file cannot be read: then the
+    /// error is logged).
+    pub fn pinned(&self, name: &str) -> Option<u64> {
+        locked_map::<u64, _>(&self.path, "pin file", |map| Ok(map.get(name).copied()))
+            .ok()
+            .flatten()
+    }
+
+    /// Pins `name` to `version`, or (`None`) removes its pin; written durably before it
+    /// returns.
+    pub fn set(&self, name: &str, version: Option<u64>) -> Result<(), String> {
+        let path = self.path.clone();
+        locked_map::<u64, _>(&self.path, "pin file", |map| {
+            let before = map.get(name).copied();
+            if before == version {
+                return Ok(());
+            }
+            match version {
+                Some(v) => map.insert(name.to_owned(), v),
+                None => map.remove(name),
+            };
+            write_durably(&path, map).map_err(|e| format!("the pin file {e}"))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pins_survive_a_reopen_and_a_plain_load_removes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pins.json");
+        let pins = PinLedger::open(&path).unwrap();
+        assert_eq!(pins.pinned("m"), None);
+        pins.set("m", Some(1)).unwrap();
+        pins.set("other", Some(3)).unwrap();
+        let again = PinLedger::open(&path).unwrap();
+        assert_eq!(
+            (again.pinned("m"), again.pinned("other")),
+            (Some(1), Some(3))
+        );
+        again.set("m", None).unwrap();
+        assert_eq!(PinLedger::open(&path).unwrap().pinned("m"), None);
+        std::fs::write(&path, b"not json").unwrap();
+        assert!(PinLedger::open(&path).is_err());
+    }
 
     #[test]
     fn an_older_release_is_refused_unless_chosen_and_the_floor_survives_a_restart() {
@@ -334,7 +419,7 @@ mod tests {
         // A folder gone from under the ledger: the write fails, names it, and leaves
         // nothing behind (the tests run as root here, so permissions cannot refuse it).
         let gone = dir.path().join("gone").join("releases.json");
-        let e = write_durably(&gone, &BTreeMap::new()).unwrap_err();
+        let e = write_durably(&gone, &BTreeMap::<String, Accepted>::new()).unwrap_err();
         assert!(e.contains("gone"), "{e}");
         assert_eq!(std::fs::read(&path).unwrap(), before);
         assert_eq!(ledger.accepted("m").unwrap().release, 3);

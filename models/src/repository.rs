@@ -47,6 +47,10 @@ pub struct RepositoryOptions {
     /// The highest release of each manifest served before (the server's data folder): an
     /// older manifest put back is refused ([`crate::releases`]). `None`: not checked.
     pub releases: Option<Arc<crate::releases::ReleaseLedger>>,
+    /// The versions rollbacks pinned, kept across restarts (the server's data folder):
+    /// start-up serves a pinned model's pinned version ([`Repository::persisted_pin`]).
+    /// `None`: pins live in memory only.
+    pub pins: Option<Arc<crate::releases::PinLedger>>,
     /// A `purpose` label on the loaded models' metrics (a validation run's copies:
     /// `validation`); `None` for the served repository.
     pub metrics_purpose: Option<String>,
@@ -1151,6 +1155,20 @@ impl Repository {
                     LoadTarget::Policy | LoadTarget::PolicyUnlessPinned => None,
                     LoadTarget::Version(v) => Some(v),
                 };
+                // Kept for a restart: a rollback's pin, or a plain load lifting it. One that
+                // cannot be written is logged: what serves now is what was asked for.
+                if let Some(pins) = &self.options.pins {
+                    let persisted = match target {
+                        LoadTarget::Policy => Some(None),
+                        LoadTarget::Version(v) => Some(Some(v)),
+                        LoadTarget::PolicyUnlessPinned => None,
+                    };
+                    if let Some(pin) = persisted
+                        && let Err(e) = pins.set(name, pin)
+                    {
+                        tracing::error!(model = name, error = %e, "the rollback pin could not be kept for a restart");
+                    }
+                }
                 tracing::info!(model = name, ?versions, "model loaded");
                 Ok(served)
             }
@@ -1163,6 +1181,11 @@ impl Repository {
                 if target == LoadTarget::Policy {
                     entry.held = false;
                     entry.pinned = None;
+                    if let Some(pins) = &self.options.pins
+                        && let Err(e) = pins.set(name, None)
+                    {
+                        tracing::error!(model = name, error = %e, "the lifted rollback pin could not be kept for a restart");
+                    }
                 }
                 let e = e.relative_to(&self.root);
                 // Versions already serving keep serving; the failure is reported.
@@ -1200,6 +1223,12 @@ impl Repository {
     pub fn held(&self, name: &str) -> bool {
         let models = self.models.read().unwrap_or_else(|p| p.into_inner());
         models.get(name).is_some_and(|e| e.held)
+    }
+
+    /// The version a rollback pinned this model to in the pins kept across restarts
+    /// ([`RepositoryOptions::pins`]), if any: what start-up serves of it.
+    pub fn persisted_pin(&self, name: &str) -> Option<u64> {
+        self.options.pins.as_ref().and_then(|p| p.pinned(name))
     }
 
     /// The version a rollback pinned this model to, if any.
