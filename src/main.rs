@@ -1106,6 +1106,22 @@ fn check(paths: &[PathBuf], policy: &nightingale_models::SignaturePolicy) -> any
                 if versions.is_empty() {
                     return Err(nightingale_models::BundleError::NoVersions { path: dir.clone() });
                 }
+                // What `serve` would refuse by its default thread cap, for this bundle alone
+                // (`check` said ok on a bundle no server with the default cap serves: a
+                // red-team finding).
+                let selected = bundle.selected_versions()?.len();
+                let instances = bundle.manifest.batching.instances;
+                let limit = nightingale_models::DEFAULT_MAX_ENGINE_THREADS;
+                if selected.saturating_mul(instances) > limit {
+                    return Err(nightingale_models::BundleError::EngineThreads {
+                        path: dir.join(nightingale_models::MANIFEST_FILE),
+                        versions: selected,
+                        instances,
+                        asked: selected.saturating_mul(instances),
+                        others: 0,
+                        limit,
+                    });
+                }
                 for v in versions {
                     let options = RepositoryOptions {
                         probe: nightingale::probe_command(),

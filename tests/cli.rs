@@ -90,6 +90,34 @@ fn models_check_fails_on_a_tampered_file_and_names_it() {
     );
 }
 
+/// Red-team finding: `models check` said ok on a bundle that no server with the default
+/// `--max-engine-threads` (256) serves: 5 versions of 64 instances.
+#[test]
+fn models_check_fails_on_a_bundle_over_the_default_engine_thread_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("pima-diabetes");
+    copy_dir(&root().join("models/bundles/pima-diabetes"), &bundle);
+    let manifest = std::fs::read_to_string(bundle.join("bundle.toml")).unwrap();
+    let first = manifest.split("[versions.1]").nth(1).unwrap().to_owned();
+    let mut manifest = manifest
+        .replace("policy = \"latest\"\nlatest = 1", "policy = \"all\"")
+        .replace("instances = 1\n", "instances = 64\n");
+    for v in 2..=5 {
+        copy_dir(&bundle.join("1"), &bundle.join(v.to_string()));
+        manifest.push_str(&format!(
+            "\n[versions.{v}]{}",
+            first.replace("[versions.1.files]", &format!("[versions.{v}.files]"))
+        ));
+    }
+    std::fs::write(bundle.join("bundle.toml"), manifest).unwrap();
+    let (code, stdout) = models_check(&[&bundle]);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FAIL") && stdout.contains("320 engine threads"),
+        "{stdout}"
+    );
+}
+
 /// Red-team finding: a 7-node graph whose constant `Pad` asks tract for 4 TB aborted
 /// `models check` and the server (Rust aborts on an allocation that fails; no panic to
 /// catch), at every start while the bundle was in the repository. Each model now loads in a

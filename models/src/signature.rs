@@ -322,6 +322,17 @@ pub fn check_manifest(
             reason: e.to_string(),
         }
     })?;
+    // A legacy (not prehashed) signature is refused whatever the key, as docs/bundle-format.md
+    // says, and said to be one: it read "does not verify (bundle.toml changed …)" under a
+    // trusted key and "untrusted" under another (a red-team finding).
+    if !signature.is_prehashed() {
+        return Err(BundleError::SignatureMalformed {
+            path,
+            reason: "a legacy (not prehashed) minisign signature: sign again with prehashing \
+                     (`nightingale models sign`, or minisign without -l)"
+                .to_owned(),
+        });
+    }
     let id = key_id(signature.keynum());
     let Some(key) = policy.find(&id) else {
         return if policy.require {

@@ -243,6 +243,17 @@ fn malformed_signature_files_are_refused_with_a_reason() {
             "{what}: {err:?}"
         );
     }
+    // A legacy (not prehashed) signature ("Ed" where "ED" is: base64 `RWQ` for `RUQ`) is
+    // refused as one, under a trusted key or another (it read "does not verify" under the
+    // first and "untrusted" under the second: a red-team finding).
+    std::fs::write(&sig, committed.replacen("RUQ", "RWQ", 1)).unwrap();
+    for policy in [policy.clone(), trusting(&[], false)] {
+        let err = Bundle::open_with(&bundle, &policy).unwrap_err();
+        assert!(
+            matches!(&err, BundleError::SignatureMalformed { reason, .. } if reason.contains("legacy")),
+            "{err:?}"
+        );
+    }
     // A signature file that is a directory is an I/O error, not a panic.
     std::fs::remove_file(&sig).unwrap();
     std::fs::create_dir(&sig).unwrap();
