@@ -110,7 +110,11 @@ def test_a_legacy_minisign_signature_is_refused_with_a_reason(minisign, tmp_path
     repo, pub = _signed_by_minisign(minisign, tmp_path, legacy=True)
     r = _run([str(_binary()), "models", "check", "--trusted-key", str(pub), str(repo / "pima-diabetes")])
     assert r.returncode == 1
-    assert "does not verify" in r.stdout and "egacy" in r.stdout
+    assert "legacy (not prehashed)" in r.stdout, r.stdout
+    # refused as one whatever the key: without trusting it too (it was listed as untrusted
+    # and would load where signatures are not required)
+    r = _run([str(_binary()), "models", "check", str(repo / "pima-diabetes")])
+    assert r.returncode == 1 and "legacy (not prehashed)" in r.stdout, r.stdout
 
 
 def test_a_server_requiring_signatures_serves_only_trusted_bundles(minisign, tmp_path):
