@@ -518,6 +518,8 @@ pub struct Resources {
     observation_ids: HashMap<String, Vec<usize>>,
     condition_ids: HashMap<String, Vec<usize>>,
     encounter_ids: HashMap<String, Vec<usize>>,
+    /// The type of the search whose answer is being added ([`Resources::add_search_answer`]).
+    searching: Option<&'static str>,
 }
 
 /// A resource that may come more than once (prefetched and fetched, on two pages), in
@@ -799,6 +801,21 @@ impl Resources {
         self.add_searched(resource, None);
     }
 
+    /// [`Resources::add_searched`] for the answer of a search of `path` (`Condition`,
+    /// `Observation`, …: the search's resource type): a page of it that names no matching
+    /// entry leaves only that type in doubt.
+    pub fn add_search_answer(
+        &mut self,
+        resource: Resource,
+        path: &str,
+        codes: Option<&[CodeableConcept]>,
+    ) {
+        let before = self.searching;
+        self.searching = READ_TYPES.iter().copied().find(|t| *t == path);
+        self.add_searched(resource, codes);
+        self.searching = before;
+    }
+
     /// Adds a resource that answered a search of Observations of `codes` (`None`: not by
     /// code): a Bundle of it read in part lacks only Observations of those codes (a
     /// consciousness search answered by one page of 10 made every vital sign older than
@@ -881,8 +898,14 @@ impl Resources {
                 _ => None,
             })
             .collect();
+        // No entry tells what was searched for: the search's own type where the caller
+        // said it, else every type (an empty page of a Condition search cast doubt on every
+        // vital sign: a red-team finding).
         if types.is_empty() {
-            types = BTreeSet::from(READ_TYPES);
+            types = match self.searching {
+                Some(t) => BTreeSet::from([t]),
+                None => BTreeSet::from(READ_TYPES),
+            };
         }
         if types.contains("Observation") {
             self.partial_observations.push(PartialSearch {

@@ -758,6 +758,30 @@ mod tests {
         ]
     }
 
+    /// Red-team finding: a Condition search answered by an empty page of a longer result
+    /// (a `total` above its entries) cast doubt on every feature, the vital signs too. Added
+    /// as the answer of a Condition search, it leaves the Conditions alone in doubt.
+    #[test]
+    fn an_empty_page_of_a_condition_search_leaves_only_the_conditions_in_doubt() {
+        let items = vec![
+            base()[0].clone(),
+            base()[2].clone(),
+            sbp(120.0, "mm[Hg]", "2024-05-01T11:00:00Z"),
+        ];
+        let page = json!({"resourceType": "Bundle", "type": "searchset", "total": 5, "entry": []});
+        let page = Resource::from_value(&page, &Limits::default()).unwrap();
+        let mut r = resources(items.clone());
+        r.add_search_answer(page.clone(), "Condition", None);
+        let m = map_features(&features(), &r, &context(true));
+        assert_eq!(value_of(&m, "systolic_bp"), Ok(120.0));
+        assert_eq!(value_of(&m, "infection"), Err(Missing::NoConditions));
+        // not said what it answered: every type in doubt, as before
+        let mut r = resources(items);
+        r.add(page);
+        let m = map_features(&features(), &r, &context(true));
+        assert!(value_of(&m, "systolic_bp").is_err());
+    }
+
     #[test]
     fn a_conversion_that_overflows_is_implausible_not_infinite() {
         let mut items = base();

@@ -655,7 +655,10 @@ impl Service {
             resources.add_unread_search(unread_search(template));
             return;
         }
-        resources.add_searched(r, search_codes(template).as_deref());
+        let path = template
+            .split_once('?')
+            .map_or(template.as_str(), |(p, _)| p);
+        resources.add_search_answer(r, path, search_codes(template).as_deref());
     }
 
     /// How far back Observations are read.
