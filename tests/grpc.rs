@@ -631,6 +631,33 @@ impl http_body::Body for Stalled {
     }
 }
 
+/// A call's gRPC status and message: in the answer's headers (a trailers-only answer) or
+/// in the trailers of its body (an answer with a message), collected within 30 s.
+async fn grpc_outcome(r: axum::http::Response<axum::body::Body>) -> (i32, String) {
+    let field = |h: &axum::http::HeaderMap, name: &str| {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.replace("%20", " "))
+    };
+    if let Some(code) = field(r.headers(), "grpc-status") {
+        let message = field(r.headers(), "grpc-message").unwrap_or_default();
+        return (code.parse().unwrap(), message);
+    }
+    let body = tokio::time::timeout(
+        Duration::from_secs(30),
+        http_body_util::BodyExt::collect(r.into_body()),
+    )
+    .await
+    .expect("the answer's body ends")
+    .unwrap();
+    let trailers = body.trailers().cloned().unwrap_or_default();
+    let code = field(&trailers, "grpc-status").expect("a grpc-status in the trailers");
+    (
+        code.parse().unwrap(),
+        field(&trailers, "grpc-message").unwrap_or_default(),
+    )
+}
+
 fn stalled_infer(authorization: Option<String>) -> axum::http::Request<axum::body::Body> {
     let mut r = axum::http::Request::post("/inference.GRPCInferenceService/ModelInfer")
         .header("content-type", "application/grpc")
@@ -651,19 +678,13 @@ async fn a_caller_without_the_role_is_refused_before_its_message_is_read_and_a_s
         ..HttpConfig::default()
     })
     .await;
-    let grpc_status = |r: &axum::http::Response<axum::body::Body>| {
-        r.headers()
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<i32>().ok())
-    };
     // No credentials, a message that never arrives: refused at once, nothing read.
     let app = http::grpc::router(server.state.clone());
     let r = tokio::time::timeout(Duration::from_secs(30), app.oneshot(stalled_infer(None)))
         .await
         .expect("answered without reading the message")
         .unwrap();
-    assert_eq!(grpc_status(&r), Some(Code::Unauthenticated as i32));
+    assert_eq!(grpc_outcome(r).await.0, Code::Unauthenticated as i32);
     // With the role, a message that stalls ends in an error at the deadline (1 s here), not
     // never.
     let app = http::grpc::router(server.state.clone());
@@ -674,20 +695,8 @@ async fn a_caller_without_the_role_is_refused_before_its_message_is_read_and_a_s
     .await
     .expect("the stalled message is cut off at its deadline")
     .unwrap();
-    let status = match grpc_status(&r) {
-        Some(s) => s,
-        // tonic may answer in the trailers of a streamed body.
-        None => {
-            let trailers = http_body_util::BodyExt::collect(r.into_body())
-                .await
-                .unwrap()
-                .trailers()
-                .cloned()
-                .unwrap_or_default();
-            trailers["grpc-status"].to_str().unwrap().parse().unwrap()
-        }
-    };
-    assert_eq!(status, Code::DeadlineExceeded as i32);
+    // (tonic may answer in the trailers of a streamed body)
+    assert_eq!(grpc_outcome(r).await.0, Code::DeadlineExceeded as i32);
 }
 
 /// A `ModelInfer` message is charged for what decoding it allocates before it is decoded: a
@@ -983,12 +992,6 @@ async fn an_anonymous_call_under_a_foreign_host_name_is_refused_on_a_loopback_li
         // one empty message: flag 0, length 0
         r.body(axum::body::Body::from(vec![0u8; 5])).unwrap()
     };
-    let status_of = |r: &axum::http::Response<axum::body::Body>| {
-        r.headers()
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<i32>().ok())
-    };
     for (auth, bearer) in [
         (
             AuthConfig {
@@ -1026,20 +1029,15 @@ async fn an_anonymous_call_under_a_foreign_host_name_is_refused_on_a_loopback_li
             .await
             .expect("answered")
             .unwrap();
-            let status = status_of(&r);
+            let (code, message) = grpc_outcome(r).await;
             if refused {
-                assert_eq!(
-                    status,
-                    Some(Code::PermissionDenied as i32),
-                    "{method} Host {host}"
-                );
-                let message = r.headers()["grpc-message"].to_str().unwrap().to_owned();
+                assert_eq!(code, Code::PermissionDenied as i32, "{method} Host {host}");
                 assert!(message.contains("rebinding"), "{message}");
             } else {
-                assert_ne!(
-                    status,
-                    Some(Code::PermissionDenied as i32),
-                    "{method} Host {host} credential {}",
+                assert_eq!(
+                    code,
+                    Code::Ok as i32,
+                    "{method} Host {host} credential {}: {message}",
                     !anonymous
                 );
             }
@@ -1067,22 +1065,13 @@ async fn a_unary_call_with_two_messages_is_refused_for_every_method() {
             .body(axum::body::Body::from(vec![0u8; 5 * messages]))
             .unwrap()
     };
-    let status_of = |r: &axum::http::Response<axum::body::Body>| {
-        r.headers()
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<i32>().ok())
-    };
     let app = http::grpc::router(server.state.clone());
     let r = tokio::time::timeout(Duration::from_secs(30), app.oneshot(call(2)))
         .await
         .expect("answered")
         .unwrap();
-    assert_eq!(status_of(&r), Some(Code::InvalidArgument as i32));
-    let message = r.headers()["grpc-message"]
-        .to_str()
-        .unwrap()
-        .replace("%20", " ");
+    let (code, message) = grpc_outcome(r).await;
+    assert_eq!(code, Code::InvalidArgument as i32);
     assert!(message.contains("one request message"), "{message}");
     let app = http::grpc::router(server.state.clone());
     let r = tokio::time::timeout(Duration::from_secs(30), app.oneshot(call(1)))
@@ -1090,7 +1079,7 @@ async fn a_unary_call_with_two_messages_is_refused_for_every_method() {
         .expect("answered")
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert_ne!(status_of(&r), Some(Code::InvalidArgument as i32));
+    assert_eq!(grpc_outcome(r).await.0, Code::Ok as i32);
     // and through a real client, as before
     let index = server
         .client()

@@ -1242,9 +1242,8 @@ fn a_panic_in_a_run_is_an_error_not_a_lost_thread() {
     .args;
     let err = run_job(&args, RunContext::default())
         .expect_err("the header is refused, by an error or a caught panic");
+    // npyz panics on this header in test builds (its shape product overflows u64 under
+    // overflow checks): the run reports the caught panic
     let text = format!("{err:#}");
-    assert!(
-        text.contains("internal error (a panic") || text.contains("images.npy"),
-        "{text}"
-    );
+    assert!(text.contains("internal error (a panic"), "{text}");
 }

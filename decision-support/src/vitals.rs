@@ -762,6 +762,8 @@ pub fn extract(
         if found.is_empty() {
             continue;
         }
+        let of_patient = patient_id
+            .is_none_or(|want| o.subject.as_ref().and_then(|s| s.patient_id()) == Some(want));
         if !o.status.is_final() {
             vitals.excluded.not_final += 1;
             let may_come = matches!(
@@ -770,8 +772,6 @@ pub fn extract(
                     | ObservationStatus::Registered
                     | ObservationStatus::Unknown
             );
-            let of_patient = patient_id
-                .is_none_or(|want| o.subject.as_ref().and_then(|s| s.patient_id()) == Some(want));
             let time = o.effective().ok().flatten().map(|(t, _)| t);
             let latest = time.or_else(|| o.time_bounds().latest());
             if may_come
@@ -783,9 +783,7 @@ pub fn extract(
             }
             continue;
         }
-        if let Some(want) = patient_id
-            && o.subject.as_ref().and_then(|s| s.patient_id()) != Some(want)
-        {
+        if !of_patient {
             vitals.excluded.other_patient += 1;
             continue;
         }

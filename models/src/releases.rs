@@ -87,66 +87,7 @@ impl ReleaseLedger {
     ) -> Result<T, String> {
         locked_map(&self.path, "release ledger", f)
     }
-}
 
-/// Runs `f` on the JSON map at `path` (`what` names it in errors) as the file holds it now,
-/// under an exclusive lock on the `.lock` file beside it; an error is logged whole and
-/// returned with the data folder's path left out (see [`ReleaseLedger`]'s `locked`). The
-/// release ledger and the pins ([`PinLedger`]) share it.
-fn locked_map<V: DeserializeOwned, T>(
-    path: &Path,
-    what: &str,
-    f: impl FnOnce(&mut BTreeMap<String, V>) -> Result<T, String>,
-) -> Result<T, String> {
-    locked_inner(path, what, f).map_err(|e| {
-        tracing::warn!(error = %e, "the {what} cannot be read or written");
-        // The folder's whole absolute path before a name in it: a short relative data
-        // folder (`a`) replaced as a bare substring garbled every "a" of the message (a
-        // re-attack's finding).
-        match path.parent().map(|d| d.display().to_string()) {
-            Some(dir) if dir.len() > 1 => e.replace(&format!("{dir}/"), "<data folder>/"),
-            _ => e,
-        }
-    })
-}
-
-fn locked_inner<V: DeserializeOwned, T>(
-    path: &Path,
-    what: &str,
-    f: impl FnOnce(&mut BTreeMap<String, V>) -> Result<T, String>,
-) -> Result<T, String> {
-    {
-        let lock_path = path.with_extension("lock");
-        let lock = {
-            let mut options = std::fs::OpenOptions::new();
-            options.create(true).truncate(false).write(true);
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            options
-                .open(&lock_path)
-                .map_err(|e| format!("{}: {e}", lock_path.display()))?
-        };
-        lock.lock()
-            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
-        let mut map: BTreeMap<String, V> = match std::fs::symlink_metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
-            Ok(m) if !m.is_file() || m.len() > MAX_LEDGER_BYTES => {
-                return Err(format!(
-                    "{}: not a {what} (a regular file, not a link, of at most {MAX_LEDGER_BYTES} bytes)",
-                    path.display()
-                ));
-            }
-            Ok(_) => {
-                let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-                serde_json::from_slice(&bytes)
-                    .map_err(|e| format!("{}: not a {what}: {e}", path.display()))?
-            }
-        };
-        f(&mut map)
-    }
-}
-
-impl ReleaseLedger {
     /// What the ledger holds of `name` (`None` also when it cannot be read).
     pub fn accepted(&self, name: &str) -> Option<Accepted> {
         self.locked(|map| Ok(map.get(name).cloned())).ok().flatten()
@@ -243,6 +184,61 @@ impl ReleaseLedger {
             write_durably(&path, map).map_err(|e| format!("the release ledger {e}"))
         })
     }
+}
+
+/// Runs `f` on the JSON map at `path` (`what` names it in errors) as the file holds it now,
+/// under an exclusive lock on the `.lock` file beside it; an error is logged whole and
+/// returned with the data folder's path left out (see [`ReleaseLedger`]'s `locked`). The
+/// release ledger and the pins ([`PinLedger`]) share it.
+fn locked_map<V: DeserializeOwned, T>(
+    path: &Path,
+    what: &str,
+    f: impl FnOnce(&mut BTreeMap<String, V>) -> Result<T, String>,
+) -> Result<T, String> {
+    locked_inner(path, what, f).map_err(|e| {
+        tracing::warn!(error = %e, "the {what} cannot be read or written");
+        // The folder's whole absolute path before a name in it: a short relative data
+        // folder (`a`) replaced as a bare substring garbled every "a" of the message (a
+        // re-attack's finding).
+        match path.parent().map(|d| d.display().to_string()) {
+            Some(dir) if dir.len() > 1 => e.replace(&format!("{dir}/"), "<data folder>/"),
+            _ => e,
+        }
+    })
+}
+
+fn locked_inner<V: DeserializeOwned, T>(
+    path: &Path,
+    what: &str,
+    f: impl FnOnce(&mut BTreeMap<String, V>) -> Result<T, String>,
+) -> Result<T, String> {
+    let lock_path = path.with_extension("lock");
+    let lock = {
+        let mut options = std::fs::OpenOptions::new();
+        options.create(true).truncate(false).write(true);
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options
+            .open(&lock_path)
+            .map_err(|e| format!("{}: {e}", lock_path.display()))?
+    };
+    lock.lock()
+        .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+    let mut map: BTreeMap<String, V> = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+        Ok(m) if !m.is_file() || m.len() > MAX_LEDGER_BYTES => {
+            return Err(format!(
+                "{}: not a {what} (a regular file, not a link, of at most {MAX_LEDGER_BYTES} bytes)",
+                path.display()
+            ));
+        }
+        Ok(_) => {
+            let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{}: not a {what}: {e}", path.display()))?
+        }
+    };
+    f(&mut map)
 }
 
 /// Writes the ledger whole ([`crate::write_atomic`]: a new file no link can redirect,

@@ -277,12 +277,12 @@ impl Bundle {
         Ok(selected)
     }
 
-    /// Checks one version folder's files against their checksums.
     /// The instances each version of this bundle runs under `options`.
     pub fn instances(&self, options: &RepositoryOptions) -> usize {
         instances_under(options, self.manifest.batching.instances)
     }
 
+    /// Checks one version folder's files against their checksums.
     pub fn verify(&self, version: u64) -> Result<(), BundleError> {
         let entry = &self.manifest.versions[&version.to_string()];
         verify_folder(&self.dir.join(version.to_string()), &entry.files)

@@ -1406,10 +1406,13 @@ pub(crate) async fn enforce(
             }
         }
     };
-    if rule.access != Access::Public
-        && let Some(refused) =
-            refuse_rebinding(auth.loopback_listener, &caller, &req, path.as_str())
-    {
+    if let Some(refused) = refuse_rebinding(
+        rule.access,
+        auth.loopback_listener,
+        &caller,
+        &req,
+        path.as_str(),
+    ) {
         return refused.into_response();
     }
     req.extensions_mut().insert(caller);
@@ -1419,14 +1422,15 @@ pub(crate) async fn enforce(
 /// An anonymous caller's request to a listener on a loopback address must name it by a
 /// loopback Host (or authority): another name is how a web page reaches the server from a
 /// browser on this machine (DNS rebinding). HTTP ([`enforce`]) and gRPC (`http::grpc`, with
-/// its own listener's flag) both ask it, for every endpoint but the public ones.
+/// its own listener's flag) both ask it; a public endpoint (`access`) is not held to it.
 pub(crate) fn refuse_rebinding(
+    access: Access,
     loopback_listener: bool,
     caller: &Caller,
     req: &Request,
     endpoint: &str,
 ) -> Option<AppError> {
-    if !(loopback_listener && caller.is_anonymous()) {
+    if access == Access::Public || !(loopback_listener && caller.is_anonymous()) {
         return None;
     }
     let host = foreign_host(req)?;

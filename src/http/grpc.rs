@@ -128,14 +128,13 @@ async fn before_the_message(
             rule.method,
         ) {
             Ok(caller) => {
-                if rule.access != auth::Access::Public
-                    && let Some(refused) = auth::refuse_rebinding(
-                        state.auth.loopback_grpc_listener(),
-                        &caller,
-                        &request,
-                        rule.method,
-                    )
-                {
+                if let Some(refused) = auth::refuse_rebinding(
+                    rule.access,
+                    state.auth.loopback_grpc_listener(),
+                    &caller,
+                    &request,
+                    rule.method,
+                ) {
                     return to_status(refused, &request_id).into_http();
                 }
                 request.extensions_mut().insert(Authorized(caller));

@@ -376,24 +376,15 @@ fn caller_of(caller: &Option<Extension<Caller>>) -> Option<&Caller> {
     caller.as_ref().map(|c| &c.0)
 }
 
-/// [`audit_read`] of one instance sent (`uids`: study, series, SOP instance as checked).
+/// [`audit_read`] of one instance sent.
 async fn audit_instance(
     state: &AppState,
     caller: &Option<Extension<Caller>>,
     headers: &HeaderMap,
-    uids: &[(&str, &str); 3],
+    (study, series, sop): (&str, &str, &str),
     bytes: usize,
 ) -> Result<(), AppError> {
-    let named = uids.map(|(what, uid)| {
-        (
-            if what == "SOP instance" {
-                "sop_instance"
-            } else {
-                what
-            },
-            uid,
-        )
-    });
+    let named = [("study", study), ("series", series), ("sop_instance", sop)];
     let fields = [("instances", "1".to_owned()), ("bytes", bytes.to_string())];
     audit_read(
         state,
@@ -674,7 +665,15 @@ pub(crate) async fn retrieve_instance(
         let tail = format!("\r\n--{boundary}--\r\n");
         let why = match transcoded(&state, &found, head, tail).await {
             Ok(body) => {
-                if let Err(e) = audit_instance(&state, &caller, &headers, &uids, body.len()).await {
+                if let Err(e) = audit_instance(
+                    &state,
+                    &caller,
+                    &headers,
+                    (&study, &series, &sop),
+                    body.len(),
+                )
+                .await
+                {
                     return e.into_response();
                 }
                 let caller = caller.as_ref().map_or("anonymous", |c| c.0.id.as_str());
@@ -734,7 +733,15 @@ pub(crate) async fn retrieve_instance(
             return AppError::internal(format!("{}: {e}", found.path.display())).into_response();
         }
     };
-    if let Err(e) = audit_instance(&state, &caller, &headers, &uids, found.size as usize).await {
+    if let Err(e) = audit_instance(
+        &state,
+        &caller,
+        &headers,
+        (&study, &series, &sop),
+        found.size as usize,
+    )
+    .await
+    {
         return e.into_response();
     }
     let caller = caller.as_ref().map_or("anonymous", |c| c.0.id.as_str());
