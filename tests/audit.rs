@@ -218,6 +218,37 @@ fn a_live_file_missing_for_a_moment_is_waited_for() {
 }
 
 #[test]
+fn a_live_file_moved_or_replaced_under_the_server_fails_closed_until_put_back() {
+    // A red-team finding: after `mv` or `rm` of the live file the server went on answering,
+    // its records written to a file the trail no longer held (or to none).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let mut store = JsonLinesStore::open(&path, Options::default()).unwrap();
+    append(&mut store, 0..2);
+    let aside = dir.path().join("moved.jsonl");
+    std::fs::rename(&path, &aside).unwrap();
+    let one = event(2);
+    let err = store.append(&[&one], 1).unwrap_err();
+    assert!(matches!(err, AuditError::Write { .. }), "{err}");
+    assert!(err.to_string().contains("moved away or deleted"), "{err}");
+    // Nothing went into the file moved away, nor into a new one at the path.
+    assert!(!path.exists());
+    assert_eq!(audit::verify(&aside).unwrap().records, 2);
+    // Another file in its place is not the live file either.
+    std::fs::write(&path, b"").unwrap();
+    let err = store.append(&[&one], 1).unwrap_err();
+    assert!(
+        err.to_string().contains("replaced by another file"),
+        "{err}"
+    );
+    // Put back, the trail goes on where it was.
+    std::fs::rename(&aside, &path).unwrap();
+    append(&mut store, 2..4);
+    let summary = audit::verify(&path).unwrap();
+    assert_eq!((summary.records, summary.last_seq()), (4, Some(3)));
+}
+
+#[test]
 fn jsonl_rotates_and_the_chain_continues_across_files() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");

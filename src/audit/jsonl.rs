@@ -65,6 +65,10 @@ pub struct JsonLinesStore {
     options: Options,
     /// `None` after a rotation whose new live file could not be created yet.
     file: Option<File>,
+    /// The live file's device and inode: before each write the file at `path` must still be
+    /// this one (a live file moved or deleted under the server took every later record with
+    /// it while requests were answered: a red-team finding).
+    identity: (u64, u64),
     /// Length of the live file up to its last good record.
     good_len: u64,
     /// A failed write may have left bytes past `good_len`: truncate before writing more.
@@ -128,9 +132,11 @@ impl JsonLinesStore {
             let len = f.metadata().map_err(io(newest))?.len();
             tail = last_record(newest, &f, len)?;
         }
+        let identity = identity(&file).map_err(io(path))?;
         Ok(JsonLinesStore {
             path: path.to_owned(),
             options,
+            identity,
             file: Some(file),
             good_len,
             dirty: false,
@@ -144,9 +150,41 @@ impl JsonLinesStore {
             // The new live file after a rotation: locked as the first was.
             take_lock(&self.path, &file)?;
             self.good_len = file.metadata().map_err(io(&self.path))?.len();
+            self.identity = identity(&file).map_err(io(&self.path))?;
             self.file = Some(file);
         }
         Ok(self.file.as_mut().expect("just opened"))
+    }
+
+    /// Fails unless the file at the trail's path is still the live file this store writes:
+    /// records written to a file moved away or deleted are not where the trail is read (and a
+    /// deleted one's are lost), so nothing more is acknowledged until the file is put back
+    /// (writing resumes then) or the server restarts on the trail as it is.
+    fn check_in_place(&self) -> Result<(), AuditError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let here = match fs::metadata(&self.path) {
+            Ok(m) => Some((m.dev(), m.ino())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io(&self.path)(e)),
+        };
+        if here == Some(self.identity) {
+            return Ok(());
+        }
+        let what = if here.is_some() {
+            "replaced by another file"
+        } else {
+            "moved away or deleted"
+        };
+        tracing::error!(
+            path = %self.path.display(),
+            "the live audit file was {what} while the server wrote it: no record is written and no prediction returned until it is put back or the server restarts"
+        );
+        Err(AuditError::Write {
+            location: self.path.display().to_string(),
+            reason: format!(
+                "the live file was {what} while the server wrote it (records must not go to a file the trail no longer holds): put it back, or restart the server to continue the trail from what is in place"
+            ),
+        })
     }
 
     /// Truncates the live file back to its last good record.
@@ -195,6 +233,9 @@ impl JsonLinesStore {
 
 impl AuditStore for JsonLinesStore {
     fn append(&mut self, events: &[&AuditEvent], unix_ms: u64) -> Result<(), AuditError> {
+        if self.file.is_some() {
+            self.check_in_place()?;
+        }
         if self.dirty {
             self.repair()?;
         }
@@ -661,6 +702,13 @@ fn verify_set(
 /// says who asked what of which model, and request ids may carry what callers put in them
 /// (it was created world-readable under the usual umask: a red-team finding). An existing
 /// file keeps its mode.
+/// A file's device and inode.
+fn identity(file: &File) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = file.metadata()?;
+    Ok((m.dev(), m.ino()))
+}
+
 fn private_append(path: &Path) -> std::io::Result<File> {
     let mut options = OpenOptions::new();
     options.create(true).append(true).read(true);
