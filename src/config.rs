@@ -305,6 +305,10 @@ pub struct ServeArgs {
     /// --explain. [default: 4096]
     #[arg(long, env = "NIGHTINGALE_EXPLAIN_MAX_FORWARD_PASSES")]
     pub explain_max_forward_passes: Option<usize>,
+    /// Explanations computed at once across the server; more wait their turn (up to four
+    /// each), beyond that 503 with Retry-After. [default: the machine's cores]
+    #[arg(long, env = "NIGHTINGALE_EXPLAIN_MAX_CONCURRENT")]
+    pub explain_max_concurrent: Option<usize>,
     /// Where --require-validation looks for reports (each in its own folder).
     /// [default: <data-dir>/validation/runs]
     #[arg(long, env = "NIGHTINGALE_VALIDATION_REPORTS")]
@@ -487,6 +491,7 @@ struct FileConfig {
     require_validation: Option<bool>,
     explain: Option<bool>,
     explain_max_forward_passes: Option<usize>,
+    explain_max_concurrent: Option<usize>,
     validation_reports: Option<PathBuf>,
     cds_fhir_servers: Option<Vec<String>>,
     cds_fetch_timeout_ms: Option<u64>,
@@ -1350,7 +1355,16 @@ impl ServeArgs {
                 .explain_max_forward_passes
                 .or(file.explain_max_forward_passes)
                 .unwrap_or(nightingale_models::manifest::DEFAULT_EXPLAIN_FORWARD_PASSES),
+            max_concurrent: self
+                .explain_max_concurrent
+                .or(file.explain_max_concurrent)
+                .unwrap_or_else(crate::http::default_explain_concurrency),
         };
+        if explain.max_concurrent == 0 {
+            return Err(ConfigError::Invalid(
+                "explain_max_concurrent must be at least 1".into(),
+            ));
+        }
         if explain.max_forward_passes == 0
             || explain.max_forward_passes > nightingale_models::manifest::MAX_EXPLAIN_FORWARD_PASSES
         {

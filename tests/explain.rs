@@ -446,6 +446,7 @@ async fn occlusion_equals_the_score_drop_of_each_occluded_copy() {
         ExplainPolicy {
             all_methods: true,
             max_forward_passes: 64,
+            ..ExplainPolicy::default()
         },
     );
     // A smooth synthetic image with structure in one corner.
@@ -547,6 +548,18 @@ async fn occlusion_equals_the_score_drop_of_each_occluded_copy() {
         assert_eq!(s.as_u16(), status, "{method}: {v}");
         assert!(v["error"].as_str().unwrap().contains(why), "{method}: {v}");
     }
+    // A method this server does not do for the model is the caller's ask, not a failure of
+    // the server: audited as rejected (it was `failed`, and counted as a server error).
+    let not_done: Vec<Value> = server
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["status"] == 501)
+        .collect();
+    assert_eq!(not_done.len(), 2);
+    assert!(
+        not_done.iter().all(|r| r["outcome"] == "rejected"),
+        "{not_done:?}"
+    );
 }
 
 /// Grad-CAM and integrated gradients on the candle bundle, through the router: the saliency
@@ -718,6 +731,7 @@ async fn gradient_methods_on_the_candle_bundle() {
         ExplainPolicy {
             all_methods: true,
             max_forward_passes: 4096,
+            ..ExplainPolicy::default()
         },
     );
     let (s, v) = all

@@ -97,7 +97,8 @@ impl Outcome {
             200..=299 => Outcome::Ok,
             408 => Outcome::Timeout,
             429 | 503 => Outcome::Overloaded,
-            400..=499 => Outcome::Rejected,
+            // 501: something this server does not do, asked for by the caller.
+            400..=499 | 501 => Outcome::Rejected,
             _ => Outcome::Failed,
         }
     }

@@ -341,6 +341,54 @@ enum Plan {
     Gradients(GradientMethod),
 }
 
+/// Turns for explanations across the server: a few run at once and finish, the next wait in
+/// line (a bounded one), and the models' queues keep room for `/infer`.
+pub(crate) struct Turns {
+    slots: tokio::sync::Semaphore,
+    concurrent: usize,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl Turns {
+    pub(crate) fn new(concurrent: usize) -> Self {
+        let concurrent = concurrent.max(1);
+        Turns {
+            slots: tokio::sync::Semaphore::new(concurrent),
+            concurrent,
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// A turn: at once if one is free, else after those ahead (the request's deadline still
+    /// applies); 503 with `Retry-After` when the line is full.
+    pub(crate) async fn take(&self) -> Result<tokio::sync::SemaphorePermit<'_>, AppError> {
+        use std::sync::atomic::Ordering;
+        if let Ok(turn) = self.slots.try_acquire() {
+            return Ok(turn);
+        }
+        let line = self.concurrent * super::EXPLAIN_WAITING_PER_SLOT;
+        let ahead = self.waiting.fetch_add(1, Ordering::AcqRel);
+        // Leaves the line however the wait ends (a deadline drops this future).
+        struct InLine<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for InLine<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let _in_line = InLine(&self.waiting);
+        if ahead >= line {
+            return Err(AppError::overloaded(format!(
+                "{} explanations are being computed and {line} wait for a turn (--explain-max-concurrent): try again later",
+                self.concurrent
+            )));
+        }
+        self.slots
+            .acquire()
+            .await
+            .map_err(|_| AppError::internal("the explanation turns are closed"))
+    }
+}
+
 /// Integrated gradients' default path points (captum's default is 50).
 const DEFAULT_IG_STEPS: usize = 64;
 
@@ -369,7 +417,9 @@ pub(super) async fn explain_loaded(
     let decoded: usize = request.inputs.iter().map(|t| t.tensor.memory_len()).sum();
     ticket.charge_at_least(body.len().saturating_add(decoded))?;
     drop(body);
+    let turn = state.explain_turns.take().await?;
     let explained = explain_decoded(state, model, request, audit).await?;
+    drop(turn);
     let Explained {
         id,
         wanted,
@@ -1213,4 +1263,65 @@ async fn drive(
         }
         e => AppError::internal(e.to_string()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A few explanations run at once, the next wait their turn in a line of four per turn,
+    /// and one more is refused at once (503 with `Retry-After`), not held to its deadline; a
+    /// waiter that gives up (its deadline) leaves the line.
+    #[tokio::test]
+    async fn explanations_take_turns_in_a_bounded_line() {
+        let turns = Arc::new(Turns::new(1));
+        let first = turns.take().await.unwrap();
+        let mut waiting = Vec::new();
+        for _ in 0..crate::http::EXPLAIN_WAITING_PER_SLOT {
+            let turns = turns.clone();
+            waiting.push(tokio::spawn(async move {
+                turns.take().await.map(drop).map_err(|e| e.status)
+            }));
+        }
+        // Every waiter is in line (bounded wait for the spawned tasks to queue).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while turns.waiting.load(std::sync::atomic::Ordering::Acquire)
+            < crate::http::EXPLAIN_WAITING_PER_SLOT
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the waiters never queued"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let refused = turns.take().await.unwrap_err();
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(refused.retry_after.is_some());
+        assert!(
+            refused.message.contains("--explain-max-concurrent"),
+            "{}",
+            refused.message
+        );
+        assert_eq!(
+            turns.waiting.load(std::sync::atomic::Ordering::Acquire),
+            crate::http::EXPLAIN_WAITING_PER_SLOT
+        );
+        drop(first);
+        for w in waiting {
+            tokio::time::timeout(std::time::Duration::from_secs(30), w)
+                .await
+                .expect("each waiter gets its turn")
+                .unwrap()
+                .expect("a turn");
+        }
+        assert_eq!(turns.waiting.load(std::sync::atomic::Ordering::Acquire), 0);
+        // A waiter whose deadline fires leaves the line.
+        let held = turns.take().await.unwrap();
+        let gave_up =
+            tokio::time::timeout(std::time::Duration::from_millis(10), turns.take()).await;
+        assert!(gave_up.is_err(), "no turn while one is held");
+        assert_eq!(turns.waiting.load(std::sync::atomic::Ordering::Acquire), 0);
+        drop(held);
+        assert!(turns.slots.try_acquire().is_ok());
+    }
 }

@@ -14,9 +14,12 @@ pub fn install_recorder() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
+            // Up to the default request deadline (120 s): explanations, DICOM pipeline jobs
+            // and requests near their deadline take longer than 10 s, and sat in +Inf alone
+            // (a red-team finding).
             let latency = [
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                1.0, 2.5, 5.0, 10.0,
+                1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
             ];
             let rows = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
             PrometheusBuilder::new()

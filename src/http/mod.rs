@@ -81,6 +81,18 @@ pub struct ExplainPolicy {
     pub all_methods: bool,
     /// The forward-pass budget of one explanation under `--explain`.
     pub max_forward_passes: usize,
+    /// Explanations computed at once across the server (`--explain-max-concurrent`); more
+    /// wait their turn, up to [`EXPLAIN_WAITING_PER_SLOT`] each, beyond that 503.
+    pub max_concurrent: usize,
+}
+
+/// Explanations that may wait for a turn, per one computed at once: more are refused (503
+/// with `Retry-After`) rather than held until their deadline.
+pub const EXPLAIN_WAITING_PER_SLOT: usize = 4;
+
+/// `--explain-max-concurrent`'s default: the machine's cores.
+pub fn default_explain_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl Default for ExplainPolicy {
@@ -88,6 +100,7 @@ impl Default for ExplainPolicy {
         ExplainPolicy {
             all_methods: false,
             max_forward_passes: nightingale_models::manifest::DEFAULT_EXPLAIN_FORWARD_PASSES,
+            max_concurrent: default_explain_concurrency(),
         }
     }
 }
@@ -128,6 +141,9 @@ pub struct AppState {
     cds: std::sync::OnceLock<crate::cds::Cds>,
     /// Validation runs (issue 11); unset: `/validation/runs` answers 404.
     validation: std::sync::OnceLock<validation::Validation>,
+    /// Turns for `/explain` requests (each costs up to its budget of forward passes: a burst
+    /// of them, unbounded, made every one miss its deadline and `/infer` wait seconds).
+    pub(crate) explain_turns: explain::Turns,
     /// Audit records of CDS Hooks refusals without credentials, calls and feedback each
     /// their own: a burst, then one a second, the rest counted and summarised
     /// ([`crate::audit::throttle`]).
@@ -145,7 +161,9 @@ impl AppState {
         config: HttpConfig,
         metrics: Option<PrometheusHandle>,
     ) -> Arc<Self> {
+        let explain_turns = explain::Turns::new(config.explain.max_concurrent);
         Arc::new(AppState {
+            explain_turns,
             repository,
             audit,
             admission: Admission::new(&config),
@@ -447,6 +465,15 @@ fn log_failure(
     match class {
         Class::StatusCode(code) if code == StatusCode::SERVICE_UNAVAILABLE => {
             tracing::warn!(status = code.as_u16(), latency_ms = ms, "request refused");
+        }
+        // Something this server does not do (a gradient method on a tract model): the
+        // caller's choice, not a failure of the server (it logged ERROR on any caller's ask).
+        Class::StatusCode(code) if code == StatusCode::NOT_IMPLEMENTED => {
+            tracing::warn!(
+                status = code.as_u16(),
+                latency_ms = ms,
+                "request not supported"
+            );
         }
         Class::StatusCode(code) => {
             tracing::error!(status = code.as_u16(), latency_ms = ms, "request failed");

@@ -411,7 +411,10 @@ impl ModelCall {
 pub(crate) fn outcome_of<T>(result: &Result<T, AppError>) -> &'static str {
     match result {
         Ok(_) => "success",
-        Err(e) if e.status.is_client_error() => "client_error",
+        // 501: something this server does not do, asked for by the caller.
+        Err(e) if e.status.is_client_error() || e.status == StatusCode::NOT_IMPLEMENTED => {
+            "client_error"
+        }
         Err(_) => "server_error",
     }
 }
