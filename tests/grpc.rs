@@ -1088,3 +1088,55 @@ async fn a_unary_call_with_two_messages_is_refused_for_every_method() {
         .unwrap();
     assert!(!index.into_inner().models.is_empty());
 }
+
+/// A compressed message of a call other than `ModelInfer` is held to the same 1 MiB once
+/// inflated (tonic inflated it up to `max_body_bytes`: a 61 KB gzip `ServerLive` of 60 MB
+/// took seconds of CPU before credentials were read, a red-team finding); a small one is
+/// answered. A `ModelInfer` message of thousands of unknown fields is refused before prost
+/// decodes it.
+#[tokio::test]
+async fn compressed_and_field_flooded_messages_are_bounded_before_they_are_decoded() {
+    let server = Server::start(HttpConfig::default()).await;
+    let gzip = || {
+        server
+            .client()
+            .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+    };
+    let metadata = |name: String| ModelMetadataRequest {
+        name,
+        version: String::new(),
+    };
+    let e = gzip()
+        .model_metadata(metadata("a".repeat(2 << 20)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("decompresses to more than"), "{e:?}");
+    let answer = gzip()
+        .model_metadata(metadata(MODEL.into()))
+        .await
+        .expect("a small compressed call is answered");
+    assert_eq!(answer.get_ref().name, MODEL);
+
+    // 2,000 unknown fields (two bytes each) after an ordinary request.
+    let mut wire = prost::Message::encode_to_vec(&raw_request(&rows(1)));
+    for _ in 0..2000 {
+        wire.extend_from_slice(&[0x52, 0x00]); // field 10, empty
+    }
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(wire.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&wire);
+    let call = axum::http::Request::post("/inference.GRPCInferenceService/ModelInfer")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(axum::body::Body::from(framed))
+        .unwrap();
+    let app = http::grpc::router(server.state.clone());
+    let r = tokio::time::timeout(Duration::from_secs(30), app.oneshot(call))
+        .await
+        .expect("answered")
+        .unwrap();
+    let (code, message) = grpc_outcome(r).await;
+    assert_eq!(code, Code::InvalidArgument as i32, "{message}");
+    assert!(message.contains("fields of no known number"), "{message}");
+}

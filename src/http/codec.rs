@@ -70,7 +70,7 @@ pub(crate) const MAX_PARAMETERS: usize = 256;
 /// checked against the model's after parsing, so the parse itself is bounded here).
 const MAX_TENSORS: usize = 4096;
 /// Most dimensions of one input's shape (ONNX models stay far below).
-const MAX_DIMS: usize = 64;
+pub(crate) const MAX_DIMS: usize = 64;
 
 /// A parameter's value: a boolean, a number or a string, as the KServe v2 protocol defines
 /// them (`null` too, as absent). An array or object is refused as it is read, before any of

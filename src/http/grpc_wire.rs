@@ -27,21 +27,66 @@ const FIXED32: u8 = 5;
 /// Vectors and maps grow by doubling: what they hold may be up to twice their contents.
 const GROWTH: usize = 2;
 
+/// Fields of no known number, across a message: a few are a newer client's, skipped as prost
+/// skips them; millions of them (two bytes each: a 61 KB gzip message inflated to 60 MB)
+/// cost seconds of CPU to decode into nothing (a red-team finding).
+const MAX_UNKNOWN_FIELDS: usize = 1024;
+
+/// Counts over a whole message that are refused before prost decodes it (their memory is
+/// charged, but their decoding's CPU is not): unknown fields, a map's parameters (as over
+/// HTTP, [`super::codec::MAX_PARAMETERS`]), a shape's dimensions ([`super::codec::MAX_DIMS`]).
+#[derive(Default)]
+struct Counts {
+    unknown: usize,
+}
+
+impl Counts {
+    fn unknown(&mut self, r: &mut Reader<'_>, wire: u8) -> Result<(), String> {
+        self.unknown += 1;
+        if self.unknown > MAX_UNKNOWN_FIELDS {
+            return Err(format!(
+                "more than {MAX_UNKNOWN_FIELDS} fields of no known number"
+            ));
+        }
+        r.skip(wire)
+    }
+}
+
+/// One more entry of a parameters map that holds `held` already.
+fn one_more_parameter(held: &mut usize) -> Result<(), String> {
+    *held += 1;
+    if *held > super::codec::MAX_PARAMETERS {
+        return Err(format!(
+            "more than {} parameters in one map",
+            super::codec::MAX_PARAMETERS
+        ));
+    }
+    Ok(())
+}
+
 /// An upper bound, in bytes, on what prost allocates to decode `message` as a
 /// `ModelInferRequest` (beyond `message` itself, which `raw_input_contents` slices); an error
 /// when it is not one (prost would refuse it too).
 pub(crate) fn infer_request_bound(message: &[u8]) -> Result<usize, String> {
     let mut r = Reader::new(message);
     let mut total = 0usize;
+    let mut counts = Counts::default();
+    let mut parameters = 0usize;
     while let Some((field, wire)) = r.key()? {
         let add = match (field, wire) {
             // model_name, model_version, id
             (1..=3, LEN) => r.len_delimited()?.len(),
-            (4, LEN) => map_entry(r.len_delimited()?)?,
-            (5, LEN) => size_of::<InferInputTensor>() * GROWTH + input_tensor(r.len_delimited()?)?,
+            (4, LEN) => {
+                one_more_parameter(&mut parameters)?;
+                map_entry(r.len_delimited()?)?
+            }
+            (5, LEN) => {
+                size_of::<InferInputTensor>() * GROWTH
+                    + input_tensor(r.len_delimited()?, &mut counts)?
+            }
             (6, LEN) => {
                 size_of::<InferRequestedOutputTensor>() * GROWTH
-                    + requested_output(r.len_delimited()?)?
+                    + requested_output(r.len_delimited()?, &mut counts)?
             }
             // raw_input_contents: `Bytes` slicing the received message.
             (7, LEN) => {
@@ -50,7 +95,7 @@ pub(crate) fn infer_request_bound(message: &[u8]) -> Result<usize, String> {
             }
             (1..=7, _) => return Err(format!("field {field} has the wrong wire type {wire}")),
             _ => {
-                r.skip(wire)?;
+                counts.unknown(&mut r, wire)?;
                 0
             }
         };
@@ -95,23 +140,37 @@ pub(crate) fn model_of(head: &[u8]) -> (Option<String>, Option<String>) {
 }
 
 /// One `InferInputTensor`'s contents (beyond the struct itself).
-fn input_tensor(bytes: &[u8]) -> Result<usize, String> {
+fn input_tensor(bytes: &[u8], counts: &mut Counts) -> Result<usize, String> {
     let mut r = Reader::new(bytes);
     let mut total = 0usize;
+    let (mut dims, mut parameters) = (0usize, 0usize);
+    let mut more_dims = |n: usize| {
+        dims = dims.saturating_add(n);
+        if dims > super::codec::MAX_DIMS {
+            return Err(format!(
+                "an input's shape has more than {} dimensions",
+                super::codec::MAX_DIMS
+            ));
+        }
+        Ok(n * size_of::<i64>() * GROWTH)
+    };
     while let Some((field, wire)) = r.key()? {
         let add = match (field, wire) {
             (1 | 2, LEN) => r.len_delimited()?.len(),
             // shape: repeated int64, packed or not.
-            (3, LEN) => varints(r.len_delimited()?)? * size_of::<i64>() * GROWTH,
+            (3, LEN) => more_dims(varints(r.len_delimited()?)?)?,
             (3, VARINT) => {
                 r.varint()?;
-                size_of::<i64>() * GROWTH
+                more_dims(1)?
             }
-            (4, LEN) => map_entry(r.len_delimited()?)?,
-            (5, LEN) => contents(r.len_delimited()?)?,
+            (4, LEN) => {
+                one_more_parameter(&mut parameters)?;
+                map_entry(r.len_delimited()?)?
+            }
+            (5, LEN) => contents(r.len_delimited()?, counts)?,
             (1..=5, _) => return Err(format!("input field {field} has the wrong wire type")),
             _ => {
-                r.skip(wire)?;
+                counts.unknown(&mut r, wire)?;
                 0
             }
         };
@@ -121,16 +180,20 @@ fn input_tensor(bytes: &[u8]) -> Result<usize, String> {
 }
 
 /// One `InferRequestedOutputTensor`'s contents.
-fn requested_output(bytes: &[u8]) -> Result<usize, String> {
+fn requested_output(bytes: &[u8], counts: &mut Counts) -> Result<usize, String> {
     let mut r = Reader::new(bytes);
     let mut total = 0usize;
+    let mut parameters = 0usize;
     while let Some((field, wire)) = r.key()? {
         let add = match (field, wire) {
             (1, LEN) => r.len_delimited()?.len(),
-            (2, LEN) => map_entry(r.len_delimited()?)?,
+            (2, LEN) => {
+                one_more_parameter(&mut parameters)?;
+                map_entry(r.len_delimited()?)?
+            }
             (1 | 2, _) => return Err(format!("output field {field} has the wrong wire type")),
             _ => {
-                r.skip(wire)?;
+                counts.unknown(&mut r, wire)?;
                 0
             }
         };
@@ -146,7 +209,7 @@ fn map_entry(bytes: &[u8]) -> Result<usize, String> {
 }
 
 /// An `InferTensorContents`: each repeated field's elements at their decoded size.
-fn contents(bytes: &[u8]) -> Result<usize, String> {
+fn contents(bytes: &[u8], counts: &mut Counts) -> Result<usize, String> {
     let mut r = Reader::new(bytes);
     let mut total = 0usize;
     while let Some((field, wire)) = r.key()? {
@@ -156,7 +219,7 @@ fn contents(bytes: &[u8]) -> Result<usize, String> {
             3 | 5 | 7 => 8,
             8 => size_of::<Vec<u8>>(),
             _ => {
-                r.skip(wire)?;
+                counts.unknown(&mut r, wire)?;
                 continue;
             }
         };
@@ -404,6 +467,53 @@ mod tests {
         let wire = messages[3].encode_to_vec();
         assert_eq!(wire.len(), 2000);
         assert!(infer_request_bound(&wire).unwrap() >= 1000 * size_of::<InferInputTensor>());
+    }
+
+    #[test]
+    fn floods_of_unknown_fields_parameters_or_dimensions_are_refused() {
+        let base = ModelInferRequest {
+            model_name: "m".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let with = |extra: &[u8], times: usize| {
+            let mut wire = base.clone();
+            for _ in 0..times {
+                wire.extend_from_slice(extra);
+            }
+            wire
+        };
+        // Unknown fields: up to MAX_UNKNOWN_FIELDS skipped, one more refused.
+        assert!(infer_request_bound(&with(&[0x52, 0], MAX_UNKNOWN_FIELDS)).is_ok());
+        let e = infer_request_bound(&with(&[0x52, 0], MAX_UNKNOWN_FIELDS + 1)).unwrap_err();
+        assert!(e.contains("no known number"), "{e}");
+        // Parameters of the request: as over HTTP.
+        let max = super::super::codec::MAX_PARAMETERS;
+        let entry = |key: u8| [0x22, 3, 0x0a, 1, key];
+        let mut wire = base.clone();
+        for i in 0..max {
+            wire.extend_from_slice(&entry(i as u8));
+        }
+        assert!(infer_request_bound(&wire).is_ok());
+        wire.extend_from_slice(&entry(0));
+        let e = infer_request_bound(&wire).unwrap_err();
+        assert!(e.contains("parameters"), "{e}");
+        // An input's shape: packed and not, together.
+        let dims = super::super::codec::MAX_DIMS;
+        let input = |packed: usize, unpacked: usize| {
+            let mut tensor = vec![0x1a, packed as u8];
+            tensor.extend(std::iter::repeat_n(1u8, packed));
+            for _ in 0..unpacked {
+                tensor.extend_from_slice(&[0x18, 1]);
+            }
+            let mut wire = base.clone();
+            wire.extend_from_slice(&[0x2a, tensor.len() as u8]);
+            wire.extend_from_slice(&tensor);
+            wire
+        };
+        assert!(infer_request_bound(&input(dims - 1, 1)).is_ok());
+        let e = infer_request_bound(&input(dims, 1)).unwrap_err();
+        assert!(e.contains("dimensions"), "{e}");
     }
 
     #[test]
