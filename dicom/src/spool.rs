@@ -729,10 +729,14 @@ impl Spool {
             if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
                 return Err(SpoolError::LinkedFolder { path });
             }
-            fs::create_dir_all(&path).map_err(io(&path))?;
+            private_dirs(&path).map_err(io(&path))?;
         }
         let root = root.canonicalize().map_err(io(root))?;
-        let db = Connection::open(root.join(INDEX_FILE))?;
+        // The index names studies, series and instances: its owner's alone, as the files are
+        // (SQLite gives its WAL and shared-memory files the database file's mode).
+        let index = root.join(INDEX_FILE);
+        private_file(&index).map_err(io(&index))?;
+        let db = Connection::open(&index)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
         db.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -2176,10 +2180,46 @@ fn write_part10(file: &mut File, meta: &FileMetaTable, dataset: &[u8]) -> std::i
     file.write_all(dataset)
 }
 
+/// Writes `bytes` to a new (or truncated) file at `path`, readable by its owner alone (a
+/// quarantined object is a whole data set: it was created 0644, a red-team finding), and
+/// fsyncs it.
 pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut file = File::create(path)?;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    // A file that was there keeps its mode through `open`: narrowed here too.
+    file.set_permissions(fs::Permissions::from_mode(0o600))?;
     file.write_all(bytes)?;
     file.sync_all()
+}
+
+/// Creates `dir` and the folders above it that are missing, each its owner's alone (0700);
+/// folders already there keep their mode.
+fn private_dirs(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Creates `path` empty, its owner's alone (0600), unless it is there.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -2201,7 +2241,11 @@ fn create_dirs_durably(base: &Path, dir: &Path) -> std::io::Result<()> {
         };
     }
     for d in missing.iter().rev() {
-        match fs::create_dir(d) {
+        let created = {
+            use std::os::unix::fs::DirBuilderExt as _;
+            fs::DirBuilder::new().mode(0o700).create(d)
+        };
+        match created {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),

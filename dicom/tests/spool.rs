@@ -437,6 +437,18 @@ fn refused_objects_are_quarantined_with_their_reason_and_never_indexed() {
         })
         .count();
     assert_eq!(objects, 6);
+    // Quarantined objects are whole data sets (patient data), their reasons too are the
+    // server user's alone, and so are the spool's folders and its index (they were 0644
+    // and 0755 under the usual umask: a red-team finding).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for entry in std::fs::read_dir(spool.quarantine_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+    }
+    assert_eq!(mode(&spool.quarantine_dir()), 0o700);
+    assert_eq!(mode(&spool.root().join("instances")), 0o700);
+    assert_eq!(mode(&spool.root().join("index.sqlite3")), 0o600);
     // The good one still stores afterwards.
     spool.store(&good, &incoming()).unwrap();
 }
