@@ -459,6 +459,9 @@ class BundleSpec:
     threshold_purpose: str = "screening"  # card wording: "the screening operating point"
     threshold_rule: str = "sensitivity"  # a key of THRESHOLD_RULES
     version_policy: str = "latest"
+    # `release = N` of bundle.toml (docs/bundle-format.md, "Releases"): raise it with every
+    # manifest published, so that `serve` refuses an older signed manifest put back.
+    release: int = 1
     subgroup_notes: list[str] = field(default_factory=list)
     card_notes: list[str] = field(default_factory=list)  # extra markdown under the threshold section
     # Other model recipes considered (name -> fit), compared with each version's recipe by
@@ -766,6 +769,7 @@ def write_bundle_toml(spec: BundleSpec, ds: Dataset, results: list[dict], split:
     w(f"description = {toml_str(spec.title)}")
     w('platform = "onnx"')
     w('backend = "any"')
+    w(f"release = {spec.release}")
     w("")
     w("[version_policy]")
     w(f"policy = {toml_str(spec.version_policy)}")

@@ -37,6 +37,9 @@ from imaging import ORIENTATION_LABELS, Preprocessing, area_resize_axis, d4, lum
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "models" / "bundles" / "image-orientation"
 NAME = "image-orientation"
+# `release = N` of bundle.toml (docs/bundle-format.md, "Releases"): raise it with every
+# manifest published, so that `serve` refuses an older signed manifest put back.
+RELEASE = 1
 SEED = 20261127
 SPEC = Preprocessing(height=224, width=224, window="percentile", low=0.5, high=99.5,
                      aspect="pad", pad_value=0.0, mean=0.5, std=0.25)
@@ -680,6 +683,7 @@ task = "image-classification"
 description = "Orientation quality control for grey-scale DICOM images (CR/DX, CT, MR, NM, US): which of the 8 rotations/mirrorings of the stored image is displayed, and P(misoriented)."
 platform = "onnx"
 backend = "any"
+release = {RELEASE}
 
 [version_policy]
 policy = "latest"

@@ -111,6 +111,9 @@ REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "models" / "bundles" / "lesion-detection"
 CANDLE = REPO / "models" / "candle" / "lesion-detection"
 NAME = "lesion-detection"
+# `release = N` of bundle.toml (docs/bundle-format.md, "Releases"): raise it with every
+# manifest published, so that `serve` refuses an older signed manifest put back.
+RELEASE = 1
 SCRIPT = "models/train/lesion_detection.py"
 SEED = 20261202
 SPEC = Preprocessing(height=128, width=128, window="percentile", low=0.5, high=99.5,
@@ -1109,6 +1112,7 @@ task = "image-classification"
 description = "Technical reference with known ground truth: is a simulated nodule (inserted in the attenuation domain into a real CR/DX/CT/MR image) present? For testing explanations (the lesion mask is known), NOT a clinical detector."
 platform = "onnx"
 backend = "any"
+release = {RELEASE}
 
 [version_policy]
 policy = "latest"
