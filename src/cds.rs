@@ -1011,6 +1011,7 @@ impl Cds {
                         bundle,
                         &format!("{bundle} {version}"),
                         &mapped.missing(),
+                        &mapped.newer_not_final(),
                         source.clone(),
                     ),
                     model: (bundle.clone(), version),
@@ -1141,6 +1142,7 @@ impl Cds {
                 intended_use: intended_use(&manifest),
                 caveat: caveat(&manifest),
                 source: source.clone(),
+                newer_not_final: mapped.newer_not_final(),
             });
             answers.push(RiskAnswer {
                 outcome: if risk >= threshold { "warning" } else { "info" },

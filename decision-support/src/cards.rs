@@ -290,24 +290,39 @@ fn incomplete_card(i: &Incomplete, wording: &Wording) -> Card {
 /// there are none): NEWS2 scores final results only, and a clinician must hear of a newer
 /// preliminary value rather than read a reassuring score without it.
 fn not_final_note(newer: &[(Parameter, Option<DateTime<Utc>>)]) -> String {
+    let named: Vec<(String, Option<DateTime<Utc>>)> = newer
+        .iter()
+        .map(|(p, t)| (p.name().to_owned(), *t))
+        .collect();
+    newer_readings_note(&named, "scored", "NEWS2 here uses")
+}
+
+/// The words of [`not_final_note`] for readings named `name`, not `verb` by `who` ("NEWS2
+/// here uses", "the model uses").
+fn newer_readings_note(newer: &[(String, Option<DateTime<Utc>>)], verb: &str, who: &str) -> String {
     if newer.is_empty() {
         return String::new();
     }
-    let mut note = String::from(
-        "\n**Newer readings not yet final were not scored** (NEWS2 here uses final results \
-         only; a preliminary or registered reading, e.g. a device's before a nurse confirms \
-         it, is left out). Check them in the chart:\n\n",
+    let mut note = format!(
+        "\n**Newer readings not yet final were not {verb}** ({who} final results only; a \
+         preliminary or registered reading, e.g. a device's before a nurse confirms it, is \
+         left out). Check them in the chart:\n\n",
     );
-    for (p, t) in newer {
+    for (name, t) in newer {
+        let name = escape(name);
         match t {
-            Some(t) => note.push_str(&format!("- {}: a reading at {}\n", p.name(), time(*t))),
+            Some(t) => note.push_str(&format!("- {name}: a reading at {}\n", time(*t))),
             None => note.push_str(&format!(
-                "- {}: a reading whose time cannot be read (it may be newer)\n",
-                p.name()
+                "- {name}: a reading whose time cannot be read (it may be newer)\n"
             )),
         }
     }
     note
+}
+
+/// [`newer_readings_note`] for a risk model's inputs.
+fn risk_not_final_note(newer: &[(String, Option<DateTime<Utc>>)]) -> String {
+    newer_readings_note(newer, "used", "the model uses")
 }
 
 fn not_applicable_card(n: NotApplicable, wording: &Wording) -> Card {
@@ -388,6 +403,9 @@ pub struct RiskCard {
     pub caveat: String,
     /// The card's source (the model card's label and URL).
     pub source: Source,
+    /// Inputs (in plain words) with a reading newer than the one used that is not final
+    /// yet, and its time when it can be read ([`crate::risk::Mapped::newer_not_final`]).
+    pub newer_not_final: Vec<(String, Option<DateTime<Utc>>)>,
 }
 
 fn percent(p: f64) -> String {
@@ -411,13 +429,18 @@ fn logit_of(p: f64) -> f64 {
 pub fn risk_card(r: &RiskCard) -> Card {
     let above = r.risk >= r.threshold;
     let summary = format!(
-        "{} risk {} ({} the {} threshold) — {} {}",
+        "{} risk {} ({} the {} threshold) — {} {}{}",
         r.title,
         percent(r.risk),
         if above { "at or above" } else { "below" },
         percent(r.threshold),
         r.model_name,
-        r.model_version
+        r.model_version,
+        if r.newer_not_final.is_empty() {
+            ""
+        } else {
+            "; newer readings not yet final were not used"
+        }
     );
     let mut contributions: Vec<&Contribution> = r.contributions.iter().collect();
     contributions.sort_by(|a, b| b.logit.abs().total_cmp(&a.logit.abs()));
@@ -487,6 +510,11 @@ pub fn risk_card(r: &RiskCard) -> Card {
         }
         detail.push('\n');
     }
+    let note = risk_not_final_note(&r.newer_not_final);
+    if !note.is_empty() {
+        detail.push_str(note.trim_start());
+        detail.push('\n');
+    }
     detail.push_str(&format!(
         "**Intended use:** {}\n\n*{}*\n",
         escape(&r.intended_use),
@@ -505,8 +533,15 @@ pub fn risk_card(r: &RiskCard) -> Card {
     .build()
 }
 
-/// The card of a risk model that could not run because inputs are missing (never imputed).
-pub fn risk_missing_card(title: &str, model: &str, missing: &[String], source: Source) -> Card {
+/// The card of a risk model that could not run because inputs are missing (never imputed);
+/// `newer`: inputs with a reading not final yet, named as on [`risk_card`].
+pub fn risk_missing_card(
+    title: &str,
+    model: &str,
+    missing: &[String],
+    newer: &[(String, Option<DateTime<Utc>>)],
+    source: Source,
+) -> Card {
     let summary = format!(
         "{title} risk not calculated: missing {}",
         plain(&missing.join(", "))
@@ -520,6 +555,7 @@ pub fn risk_missing_card(title: &str, model: &str, missing: &[String], source: S
     for m in missing {
         detail.push_str(&format!("- {}\n", escape(m)));
     }
+    detail.push_str(&risk_not_final_note(newer));
     Card::builder(&summary, Indicator::Info, source)
         .detail(detail)
         .build()
@@ -592,6 +628,7 @@ mod tests {
             "ICU mortality",
             "icu-mortality",
             &missing,
+            &[],
             Source {
                 label: "icu-mortality model card".into(),
                 url: None,
@@ -647,6 +684,7 @@ mod tests {
                 icon: None,
                 topic: None,
             },
+            newer_not_final: vec![],
         }
     }
 
@@ -677,6 +715,7 @@ mod tests {
             "Diabetes",
             "pima-diabetes",
             &["pedigree function".into()],
+            &[],
             risk(0.1).source,
         );
         assert_eq!(m.indicator, Indicator::Info);
@@ -684,6 +723,50 @@ mod tests {
             m.summary,
             "Diabetes risk not calculated: missing pedigree function"
         );
+        assert!(!m.detail.unwrap().contains("not yet final"));
+    }
+
+    /// A newer reading not final yet is named on a risk card (summary and detail) and on a
+    /// card of missing inputs, as on the NEWS2 card; risk cards left it out without a word.
+    #[test]
+    fn risk_cards_name_newer_readings_not_yet_final() {
+        let at = DateTime::parse_from_rfc3339("2026-12-06T10:30:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let newer = vec![
+            ("systolic bp".to_owned(), Some(at)),
+            ("heart rate".to_owned(), None),
+        ];
+        let mut r = risk(0.1);
+        r.newer_not_final = newer.clone();
+        let c = risk_card(&r);
+        assert!(
+            c.summary
+                .ends_with("; newer readings not yet final were not used"),
+            "{}",
+            c.summary
+        );
+        let d = c.detail.unwrap();
+        assert!(
+            d.contains("**Newer readings not yet final were not used**"),
+            "{d}"
+        );
+        assert!(
+            d.contains(&format!("- systolic bp: a reading at {}", time(at))),
+            "{d}"
+        );
+        assert!(
+            d.contains("- heart rate: a reading whose time cannot be read (it may be newer)"),
+            "{d}"
+        );
+        let m = risk_missing_card(
+            "Diabetes",
+            "pima-diabetes",
+            &["bmi".into()],
+            &newer,
+            r.source,
+        );
+        assert!(m.detail.unwrap().contains("- systolic bp: a reading at"));
     }
 
     #[test]

@@ -39,7 +39,7 @@ use nightingale_models::manifest::{FeatureSpec, FhirSource};
 
 use crate::fhir::{ACT_CODE, Observation, Quantity, Resources, SystemCode, later_reading};
 use crate::news2::{find_patient, of_patient};
-use crate::vitals::{UnusableReason, truncate, ucum};
+use crate::vitals::{UnusableReason, pending_reading, truncate, ucum};
 
 /// What the mapping needs besides the resources.
 #[derive(Clone, Debug)]
@@ -120,6 +120,11 @@ pub struct MappedFeature {
     pub time: Option<DateTime<Utc>>,
     /// The unit it was written in, when it was converted.
     pub converted_from: Option<String>,
+    /// A reading newer than the one used (or than none) that is not final yet
+    /// (`preliminary`, `registered`, `unknown`: a device's value before a nurse confirms
+    /// it): `Some(Some(t))` taken at `t`, `Some(None)` one whose time cannot be read (it may
+    /// be newer). Not used; the card names it, as the NEWS2 card does.
+    pub newer_not_final: Option<Option<DateTime<Utc>>>,
 }
 
 /// The feature vector of one model for one patient.
@@ -134,6 +139,15 @@ impl Mapped {
         self.features
             .iter()
             .map(|f| f.value.as_ref().ok().copied())
+            .collect()
+    }
+
+    /// The features (in plain words) with a reading newer than the one used that is not
+    /// final yet, and its time when it can be read.
+    pub fn newer_not_final(&self) -> Vec<(String, Option<DateTime<Utc>>)> {
+        self.features
+            .iter()
+            .filter_map(|f| f.newer_not_final.map(|t| (plain_name(&f.name), t)))
             .collect()
     }
 
@@ -222,6 +236,7 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
         shown: None,
         time: None,
         converted_from: None,
+        newer_not_final: None,
     };
     let patient = || find_patient(resources, Some(cx.patient_id));
     // Why there is no Patient to read: none of this id, or several of it that differ.
@@ -511,11 +526,21 @@ fn observation(
     };
     let mut conflicting = false;
     let mut dated: Vec<Found<'_>> = vec![];
+    // Readings of this code not final yet (their times; `None`: cannot be read).
+    let mut pending: Vec<Option<DateTime<Utc>>> = vec![];
     for o in &resources.observations {
         let Some(quantity) = value_with_code(o, code) else {
             continue;
         };
-        if !o.status.is_final() || !of_patient(o.subject.as_ref(), Some(cx.patient_id)) {
+        if !of_patient(o.subject.as_ref(), Some(cx.patient_id)) {
+            continue;
+        }
+        if !o.status.is_final() {
+            // One that may still become final is not used, but named on the card when it
+            // is newer than the value used (risk cards left it out without a word).
+            if let Some(time) = pending_reading(o, cx.now, look_back, cx.future_skew) {
+                pending.push(time);
+            }
             continue;
         }
         let (time, quantity) = match o.effective() {
@@ -561,6 +586,7 @@ fn observation(
             }
         }
     }
+    out.newer_not_final = newer_not_final(&pending, best.as_ref().and_then(|b| b.0));
     // A search that may hold this code was asked for and not read: "no result" is not known.
     let search_not_read = resources.unreadable.iter().any(|u| {
         u.search
@@ -633,6 +659,24 @@ fn observation(
             out.converted_from = from;
         }
         Err(reason) => out.value = Err(Missing::Unusable(reason)),
+    }
+}
+
+/// Of the times of readings not final yet, the newest known one later than `used` (any, when
+/// no value with a time was used), else one whose time cannot be read (it may be newer).
+fn newer_not_final(
+    pending: &[Option<DateTime<Utc>>],
+    used: Option<DateTime<Utc>>,
+) -> Option<Option<DateTime<Utc>>> {
+    match pending
+        .iter()
+        .flatten()
+        .filter(|t| used.is_none_or(|u| **t > u))
+        .max()
+    {
+        Some(t) => Some(Some(*t)),
+        None if pending.iter().any(Option::is_none) => Some(None),
+        None => None,
     }
 }
 
@@ -780,6 +824,63 @@ mod tests {
         r.add(page);
         let m = map_features(&features(), &r, &context(true));
         assert!(value_of(&m, "systolic_bp").is_err());
+    }
+
+    /// A reading not final yet is not used; one newer than the value used (or of a time
+    /// that cannot be read) is named (risk cards left it out without a word); an older one,
+    /// one entered in error or cancelled, or another patient's, is not.
+    #[test]
+    fn a_newer_reading_not_yet_final_is_named_not_used() {
+        let not_final = |status: &str, time: Option<&str>, patient: &str| {
+            let mut o = sbp(190.0, "mm[Hg]", time.unwrap_or("2024-05-01T11:00:00Z"));
+            o["status"] = json!(status);
+            o["subject"] = json!({"reference": format!("Patient/{patient}")});
+            if time.is_none() {
+                o.as_object_mut().unwrap().remove("effectiveDateTime");
+            }
+            o
+        };
+        let map = |extra: Vec<Value>| {
+            let mut items = base();
+            items.push(sbp(120.0, "mm[Hg]", "2024-05-01T10:00:00Z"));
+            items.extend(extra);
+            let m = map_features(&features(), &resources(items), &context(true));
+            (value_of(&m, "systolic_bp"), m.newer_not_final())
+        };
+        let at = |s: &str| Some(DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc));
+        for status in ["preliminary", "registered", "unknown"] {
+            let (value, newer) = map(vec![not_final(status, Some("2024-05-01T11:00:00Z"), "p1")]);
+            assert_eq!(value, Ok(120.0), "{status}");
+            assert_eq!(
+                newer,
+                vec![("systolic bp".to_owned(), at("2024-05-01T11:00:00Z"))],
+                "{status}"
+            );
+        }
+        // Of several, the newest known time.
+        let (_, newer) = map(vec![
+            not_final("preliminary", Some("2024-05-01T10:30:00Z"), "p1"),
+            not_final("preliminary", Some("2024-05-01T11:30:00Z"), "p1"),
+            not_final("preliminary", None, "p1"),
+        ]);
+        assert_eq!(
+            newer,
+            vec![("systolic bp".to_owned(), at("2024-05-01T11:30:00Z"))]
+        );
+        // Of a time that cannot be read: it may be newer.
+        let (value, newer) = map(vec![not_final("preliminary", None, "p1")]);
+        assert_eq!(value, Ok(120.0));
+        assert_eq!(newer, vec![("systolic bp".to_owned(), None)]);
+        for quiet in [
+            not_final("preliminary", Some("2024-05-01T09:00:00Z"), "p1"),
+            not_final("entered-in-error", Some("2024-05-01T11:00:00Z"), "p1"),
+            not_final("cancelled", Some("2024-05-01T11:00:00Z"), "p1"),
+            not_final("preliminary", Some("2024-05-01T11:00:00Z"), "p2"),
+        ] {
+            let (value, newer) = map(vec![quiet.clone()]);
+            assert_eq!(value, Ok(120.0));
+            assert!(newer.is_empty(), "{quiet}");
+        }
     }
 
     #[test]

@@ -766,18 +766,8 @@ pub fn extract(
             .is_none_or(|want| o.subject.as_ref().and_then(|s| s.patient_id()) == Some(want));
         if !o.status.is_final() {
             vitals.excluded.not_final += 1;
-            let may_come = matches!(
-                o.status,
-                ObservationStatus::Preliminary
-                    | ObservationStatus::Registered
-                    | ObservationStatus::Unknown
-            );
-            let time = o.effective().ok().flatten().map(|(t, _)| t);
-            let latest = time.or_else(|| o.time_bounds().latest());
-            if may_come
-                && of_patient
-                && latest.is_none_or(|l| l >= now - options.look_back)
-                && time.is_none_or(|t| t <= now + options.future_skew)
+            if of_patient
+                && let Some(time) = pending_reading(o, now, options.look_back, options.future_skew)
             {
                 pending.extend(found.iter().map(|(p, _)| (*p, time)));
             }
@@ -950,6 +940,28 @@ pub fn extract(
     }
     vitals.newer_not_final.sort();
     vitals
+}
+
+/// When `o`, a reading not final yet that may still become final (`preliminary`,
+/// `registered`, `unknown`: a device's value before a nurse confirms it), was taken
+/// (`Some(None)`: its time cannot be read), when it may fall in the look-back window and is
+/// not dated beyond the clock skew; `None` for any other.
+pub(crate) fn pending_reading(
+    o: &Observation,
+    now: DateTime<Utc>,
+    look_back: chrono::Duration,
+    future_skew: chrono::Duration,
+) -> Option<Option<DateTime<Utc>>> {
+    if !matches!(
+        o.status,
+        ObservationStatus::Preliminary | ObservationStatus::Registered | ObservationStatus::Unknown
+    ) {
+        return None;
+    }
+    let time = o.effective().ok().flatten().map(|(t, _)| t);
+    let latest = time.or_else(|| o.time_bounds().latest());
+    (latest.is_none_or(|l| l >= now - look_back) && time.is_none_or(|t| t <= now + future_skew))
+        .then_some(time)
 }
 
 #[cfg(test)]
