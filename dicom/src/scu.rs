@@ -434,7 +434,7 @@ impl StoreAssociation {
             }
         }
         Ok(self
-            .response(C_STORE_RSP, message_id, Some(&file.sop_instance_uid))
+            .response(pc, C_STORE_RSP, message_id, Some(&file.sop_instance_uid))
             .await?)
     }
 
@@ -451,7 +451,7 @@ impl StoreAssociation {
             })?;
         let message_id = self.take_message_id();
         self.send_command(pc, c_echo_rq(message_id)).await?;
-        self.response(C_ECHO_RSP, message_id, None).await
+        self.response(pc, C_ECHO_RSP, message_id, None).await
     }
 
     /// Releases the association (A-RELEASE), bounded by the DIMSE timeout.
@@ -517,9 +517,11 @@ impl StoreAssociation {
 
     /// Reads PDUs until a whole command set arrives and returns its status: all of it
     /// within one [`ScuOptions::dimse_timeout`], with at most [`MAX_EMPTY_PDVS`] empty
-    /// fragments.
+    /// fragments, and on the presentation context `pc` the request went on (PS3.7 9.3.1:
+    /// a response on another context, or one never negotiated, was taken as this one's).
     async fn response(
         &mut self,
+        pc: u8,
         expected_field: u16,
         message_id: u16,
         sop_instance_uid: Option<&str>,
@@ -545,6 +547,11 @@ impl StoreAssociation {
                 }
             };
             for value in values {
+                if value.presentation_context_id != pc {
+                    return Err(ScuError::Protocol {
+                        what: "a response on another presentation context than its request's",
+                    });
+                }
                 if value.value_type != PDataValueType::Command {
                     return Err(ScuError::Protocol {
                         what: "data set in a response",

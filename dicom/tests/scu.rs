@@ -43,6 +43,8 @@ enum Trickle {
     Empty,
     /// One byte of command set per PDV, not last.
     OneByte,
+    /// A command PDV on a presentation context that was never negotiated.
+    OtherContext,
 }
 
 /// Accepts one association, accepting every context with its first transfer syntax, reads
@@ -105,7 +107,11 @@ fn trickling_peer(how: Trickle, every: Duration) -> String {
         };
         let payload: &[u8] = match how {
             Trickle::Empty => &[],
-            Trickle::OneByte => &[0],
+            Trickle::OneByte | Trickle::OtherContext => &[0],
+        };
+        let pc = match how {
+            Trickle::OtherContext => pc.wrapping_add(2),
+            _ => pc,
         };
         loop {
             let mut pdv = ((2 + payload.len()) as u32).to_be_bytes().to_vec();
@@ -179,6 +185,28 @@ async fn empty_response_fragments_count_against_a_bound() {
     );
     // Five empty PDVs 50 ms apart, not the 10 s response bound.
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// A response on another presentation context than its request's (here one never
+/// negotiated) is a protocol error, not this request's answer (a red-team finding: it was
+/// taken as the C-STORE's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_on_another_presentation_context_is_refused() {
+    let failure = store_against(
+        Trickle::OtherContext,
+        Duration::from_secs(10),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(
+        matches!(
+            failure,
+            StoreFailure::Association(ScuError::Protocol {
+                what: "a response on another presentation context than its request's"
+            })
+        ),
+        "{failure:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
