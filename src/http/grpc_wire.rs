@@ -27,28 +27,49 @@ const FIXED32: u8 = 5;
 /// Vectors and maps grow by doubling: what they hold may be up to twice their contents.
 const GROWTH: usize = 2;
 
-/// Fields of no known number, across a message: a few are a newer client's, skipped as prost
-/// skips them; millions of them (two bytes each: a 61 KB gzip message inflated to 60 MB)
-/// cost seconds of CPU to decode into nothing (a red-team finding).
+/// Fields that decode into nothing, across a message: fields of no known number, and a
+/// singular field's occurrences after its first (prost keeps the last). A few are a newer
+/// client's, or an odd encoder's; millions of them (two bytes each: a 61 KB gzip message
+/// inflated to 60 MB) cost seconds of CPU to decode and are charged nothing (red-team
+/// findings: unknown fields, then an `id` repeated 33 million times, and unknown fields
+/// inside a parameter).
 const MAX_UNKNOWN_FIELDS: usize = 1024;
 
 /// Counts over a whole message that are refused before prost decodes it (their memory is
-/// charged, but their decoding's CPU is not): unknown fields, a map's parameters (as over
-/// HTTP, [`super::codec::MAX_PARAMETERS`]), a shape's dimensions ([`super::codec::MAX_DIMS`]).
+/// charged, but their decoding's CPU is not): fields that decode into nothing, a map's
+/// parameters (as over HTTP, [`super::codec::MAX_PARAMETERS`]), a shape's dimensions
+/// ([`super::codec::MAX_DIMS`]).
 #[derive(Default)]
 struct Counts {
     unknown: usize,
 }
 
 impl Counts {
-    fn unknown(&mut self, r: &mut Reader<'_>, wire: u8) -> Result<(), String> {
+    /// One more field that decodes into nothing.
+    fn one_more(&mut self) -> Result<(), String> {
         self.unknown += 1;
         if self.unknown > MAX_UNKNOWN_FIELDS {
             return Err(format!(
-                "more than {MAX_UNKNOWN_FIELDS} fields of no known number"
+                "more than {MAX_UNKNOWN_FIELDS} fields of no known number or repeated singular fields"
             ));
         }
+        Ok(())
+    }
+
+    /// An unknown field, skipped.
+    fn unknown(&mut self, r: &mut Reader<'_>, wire: u8) -> Result<(), String> {
+        self.one_more()?;
         r.skip(wire)
+    }
+
+    /// A singular field (of number `field` < 64) met: counted when `seen` holds it already.
+    fn singular(&mut self, seen: &mut u64, field: u64) -> Result<(), String> {
+        let bit = 1u64 << field;
+        if *seen & bit != 0 {
+            self.one_more()?;
+        }
+        *seen |= bit;
+        Ok(())
     }
 }
 
@@ -72,13 +93,17 @@ pub(crate) fn infer_request_bound(message: &[u8]) -> Result<usize, String> {
     let mut total = 0usize;
     let mut counts = Counts::default();
     let mut parameters = 0usize;
+    let mut seen = 0u64;
     while let Some((field, wire)) = r.key()? {
         let add = match (field, wire) {
             // model_name, model_version, id
-            (1..=3, LEN) => r.len_delimited()?.len(),
+            (1..=3, LEN) => {
+                counts.singular(&mut seen, field)?;
+                r.len_delimited()?.len()
+            }
             (4, LEN) => {
                 one_more_parameter(&mut parameters)?;
-                map_entry(r.len_delimited()?)?
+                map_entry(r.len_delimited()?, &mut counts)?
             }
             (5, LEN) => {
                 size_of::<InferInputTensor>() * GROWTH
@@ -144,6 +169,7 @@ fn input_tensor(bytes: &[u8], counts: &mut Counts) -> Result<usize, String> {
     let mut r = Reader::new(bytes);
     let mut total = 0usize;
     let (mut dims, mut parameters) = (0usize, 0usize);
+    let mut seen = 0u64;
     let mut more_dims = |n: usize| {
         dims = dims.saturating_add(n);
         if dims > super::codec::MAX_DIMS {
@@ -156,7 +182,10 @@ fn input_tensor(bytes: &[u8], counts: &mut Counts) -> Result<usize, String> {
     };
     while let Some((field, wire)) = r.key()? {
         let add = match (field, wire) {
-            (1 | 2, LEN) => r.len_delimited()?.len(),
+            (1 | 2, LEN) => {
+                counts.singular(&mut seen, field)?;
+                r.len_delimited()?.len()
+            }
             // shape: repeated int64, packed or not.
             (3, LEN) => more_dims(varints(r.len_delimited()?)?)?,
             (3, VARINT) => {
@@ -165,9 +194,12 @@ fn input_tensor(bytes: &[u8], counts: &mut Counts) -> Result<usize, String> {
             }
             (4, LEN) => {
                 one_more_parameter(&mut parameters)?;
-                map_entry(r.len_delimited()?)?
+                map_entry(r.len_delimited()?, counts)?
             }
-            (5, LEN) => contents(r.len_delimited()?, counts)?,
+            (5, LEN) => {
+                counts.singular(&mut seen, field)?;
+                contents(r.len_delimited()?, counts)?
+            }
             (1..=5, _) => return Err(format!("input field {field} has the wrong wire type")),
             _ => {
                 counts.unknown(&mut r, wire)?;
@@ -184,12 +216,16 @@ fn requested_output(bytes: &[u8], counts: &mut Counts) -> Result<usize, String> 
     let mut r = Reader::new(bytes);
     let mut total = 0usize;
     let mut parameters = 0usize;
+    let mut seen = 0u64;
     while let Some((field, wire)) = r.key()? {
         let add = match (field, wire) {
-            (1, LEN) => r.len_delimited()?.len(),
+            (1, LEN) => {
+                counts.singular(&mut seen, field)?;
+                r.len_delimited()?.len()
+            }
             (2, LEN) => {
                 one_more_parameter(&mut parameters)?;
-                map_entry(r.len_delimited()?)?
+                map_entry(r.len_delimited()?, counts)?
             }
             (1 | 2, _) => return Err(format!("output field {field} has the wrong wire type")),
             _ => {
@@ -204,8 +240,48 @@ fn requested_output(bytes: &[u8], counts: &mut Counts) -> Result<usize, String> 
 
 /// One entry of a `map<string, InferParameter>`: its slot (twice, for the table's growth and
 /// its control byte) and its strings (the key, a string parameter: within the entry's bytes).
-fn map_entry(bytes: &[u8]) -> Result<usize, String> {
+/// Its fields are walked as prost decodes them: a key and a value, the value's one choice.
+fn map_entry(bytes: &[u8], counts: &mut Counts) -> Result<usize, String> {
+    let mut r = Reader::new(bytes);
+    let mut seen = 0u64;
+    while let Some((field, wire)) = r.key()? {
+        match (field, wire) {
+            (1, LEN) => {
+                counts.singular(&mut seen, field)?;
+                r.len_delimited()?;
+            }
+            (2, LEN) => {
+                counts.singular(&mut seen, field)?;
+                parameter(r.len_delimited()?, counts)?;
+            }
+            (1 | 2, _) => return Err(format!("parameter field {field} has the wrong wire type")),
+            _ => counts.unknown(&mut r, wire)?,
+        }
+    }
     Ok((size_of::<(String, InferParameter)>() + 1) * GROWTH + bytes.len())
+}
+
+/// An `InferParameter`: one of five choices, each a singular field (a later one replaces an
+/// earlier, and counts as a field that decodes into nothing).
+fn parameter(bytes: &[u8], counts: &mut Counts) -> Result<(), String> {
+    let mut r = Reader::new(bytes);
+    let mut any = false;
+    while let Some((field, wire)) = r.key()? {
+        match (field, wire) {
+            (1 | 2 | 5, VARINT) | (4, FIXED64) | (3, LEN) => {
+                if any {
+                    counts.one_more()?;
+                }
+                any = true;
+                r.skip(wire)?;
+            }
+            (1..=5, _) => {
+                return Err(format!("parameter choice {field} has the wrong wire type"));
+            }
+            _ => counts.unknown(&mut r, wire)?,
+        }
+    }
+    Ok(())
 }
 
 /// An `InferTensorContents`: each repeated field's elements at their decoded size.
@@ -514,6 +590,42 @@ mod tests {
         assert!(infer_request_bound(&input(dims - 1, 1)).is_ok());
         let e = infer_request_bound(&input(dims, 1)).unwrap_err();
         assert!(e.contains("dimensions"), "{e}");
+        // A singular field repeated (`id`, empty), unknown fields inside a parameter's entry
+        // or inside its value: counted with the unknown fields (a re-attack's findings).
+        let e = infer_request_bound(&with(&[0x1a, 0], MAX_UNKNOWN_FIELDS + 2)).unwrap_err();
+        assert!(e.contains("repeated singular"), "{e}");
+        assert!(infer_request_bound(&with(&[0x1a, 0], MAX_UNKNOWN_FIELDS + 1)).is_ok());
+        let n = MAX_UNKNOWN_FIELDS + 1;
+        let nested = |inner: Vec<u8>| {
+            // field 4 (parameters): an entry of `inner`, its length as a varint
+            let mut wire = base.clone();
+            wire.push(0x22);
+            let mut len = inner.len();
+            while len >= 0x80 {
+                wire.push((len as u8 & 0x7f) | 0x80);
+                len >>= 7;
+            }
+            wire.push(len as u8);
+            wire.extend(inner);
+            wire
+        };
+        let unknowns = [0x50u8, 0].repeat(n);
+        let mut in_entry = vec![0x0a, 1, b'k'];
+        in_entry.extend(&unknowns);
+        assert!(infer_request_bound(&nested(in_entry)).is_err());
+        let mut in_value = vec![0x0a, 1, b'k', 0x12];
+        let mut len = unknowns.len();
+        while len >= 0x80 {
+            in_value.push((len as u8 & 0x7f) | 0x80);
+            len >>= 7;
+        }
+        in_value.push(len as u8);
+        in_value.extend(&unknowns);
+        assert!(infer_request_bound(&nested(in_value)).is_err());
+        // An ordinary parameter passes, and the wire bound agrees with prost on it.
+        let ok = nested(vec![0x0a, 1, b'k', 0x12, 2, 0x08, 1]);
+        assert!(ModelInferRequest::decode(ok.as_slice()).is_ok());
+        assert!(infer_request_bound(&ok).is_ok());
     }
 
     #[test]
