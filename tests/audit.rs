@@ -246,6 +246,24 @@ fn a_live_file_moved_or_replaced_under_the_server_fails_closed_until_put_back() 
     append(&mut store, 2..4);
     let summary = audit::verify(&path).unwrap();
     assert_eq!((summary.records, summary.last_seq()), (4, Some(3)));
+    // Cut short or written to in place (a re-attack: records went on after a truncation, or
+    // after another hand's line, and the trail no longer verified): refused until it is as
+    // the server wrote it.
+    let whole = std::fs::read(&path).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let err = store.append(&[&one], 1).unwrap_err();
+    assert!(err.to_string().contains("cut short"), "{err}");
+    std::fs::write(&path, [whole.as_slice(), b"{\"seq\":1}\n"].concat()).unwrap();
+    let err = store.append(&[&one], 1).unwrap_err();
+    assert!(err.to_string().contains("another process"), "{err}");
+    std::fs::write(&path, &whole).unwrap();
+    append(&mut store, 4..5);
+    assert_eq!(audit::verify(&path).unwrap().last_seq(), Some(4));
 }
 
 #[test]

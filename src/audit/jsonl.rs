@@ -156,24 +156,36 @@ impl JsonLinesStore {
         Ok(self.file.as_mut().expect("just opened"))
     }
 
-    /// Fails unless the file at the trail's path is still the live file this store writes:
-    /// records written to a file moved away or deleted are not where the trail is read (and a
-    /// deleted one's are lost), so nothing more is acknowledged until the file is put back
-    /// (writing resumes then) or the server restarts on the trail as it is.
+    /// Fails unless the file at the trail's path is still the live file this store writes,
+    /// as long as the store wrote it: records written to a file moved away or deleted are not
+    /// where the trail is read (and a deleted one's are lost), and records after a file cut
+    /// short or written to by another hand would not verify, so nothing more is acknowledged
+    /// until the file is put back as it was (writing resumes then) or the server restarts on
+    /// the trail as it is.
     fn check_in_place(&self) -> Result<(), AuditError> {
         use std::os::unix::fs::MetadataExt as _;
         let here = match fs::metadata(&self.path) {
-            Ok(m) => Some((m.dev(), m.ino())),
+            Ok(m) => Some(((m.dev(), m.ino()), m.len())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io(&self.path)(e)),
         };
-        if here == Some(self.identity) {
-            return Ok(());
-        }
-        let what = if here.is_some() {
-            "replaced by another file"
-        } else {
-            "moved away or deleted"
+        let what = match here {
+            // A failed write may have left bytes past the last good record: taken out next.
+            Some((id, len))
+                if id == self.identity
+                    && (len == self.good_len || (self.dirty && len > self.good_len)) =>
+            {
+                return Ok(());
+            }
+            Some((id, len)) if id == self.identity => {
+                if len < self.good_len {
+                    "cut short (truncated)"
+                } else {
+                    "written to by another process"
+                }
+            }
+            Some(_) => "replaced by another file",
+            None => "moved away or deleted",
         };
         tracing::error!(
             path = %self.path.display(),
