@@ -563,7 +563,11 @@ impl Spool {
         );
         write_durably(&dir.join(format!("{name}.reason")), note.as_bytes())
             .map_err(io("write", &dir))?;
-        fs::rename(path, dir.join(format!("{name}.quarantined"))).map_err(io("move", path))?;
+        let to = dir.join(format!("{name}.quarantined"));
+        fs::rename(path, &to).map_err(io("move", path))?;
+        // A moved file keeps its mode (a 0666 orphan stayed 0666 in quarantine: a re-attack's
+        // finding); quarantined objects are the owner's alone.
+        crate::spool::narrow(&to, 0o600).map_err(io("narrow", &to))?;
         sync_dir(&dir).map_err(io("sync", &dir))?;
         tracing::warn!(kind = what, "spool file moved to quarantine");
         Ok(())

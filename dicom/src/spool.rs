@@ -730,12 +730,21 @@ impl Spool {
                 return Err(SpoolError::LinkedFolder { path });
             }
             private_dirs(&path).map_err(io(&path))?;
+            narrow(&path, 0o700).map_err(io(&path))?;
         }
         let root = root.canonicalize().map_err(io(root))?;
+        // A spool made before its folders were private (0755 under the usual umask) is
+        // narrowed at open: what is inside is then out of others' reach, whatever the files'
+        // own modes (a re-attack's finding: only new files were private).
+        narrow(&root, 0o700).map_err(io(&root))?;
         // The index names studies, series and instances: its owner's alone, as the files are
         // (SQLite gives its WAL and shared-memory files the database file's mode).
         let index = root.join(INDEX_FILE);
         private_file(&index).map_err(io(&index))?;
+        for file in [INDEX_FILE, "index.sqlite3-wal", "index.sqlite3-shm"] {
+            let path = root.join(file);
+            narrow(&path, 0o600).map_err(io(&path))?;
+        }
         let db = Connection::open(&index)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
@@ -1595,8 +1604,10 @@ impl Spool {
                         self.seq.fetch_add(1, Ordering::Relaxed)
                     );
                     let dir = self.quarantine_dir();
-                    fs::rename(&path, dir.join(format!("{name}.quarantined")))
-                        .map_err(io(&path))?;
+                    let to = dir.join(format!("{name}.quarantined"));
+                    fs::rename(&path, &to).map_err(io(&path))?;
+                    // A moved file keeps its mode: quarantined objects are the owner's alone.
+                    narrow(&to, 0o600).map_err(io(&to))?;
                     let note = format!(
                         "reason: {reason}\nkind: {}\nrecovered_from: {relative}\n",
                         reason.kind()
@@ -2205,6 +2216,22 @@ fn private_dirs(dir: &Path) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
+}
+
+/// Takes every permission of group and others from `path` (a folder or a regular file, not
+/// a link; one not there is left alone) beyond `mode`.
+pub(crate) fn narrow(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let now = meta.permissions().mode() & 0o7777;
+    if (meta.is_dir() || meta.is_file()) && now & !mode != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(now & mode))?;
+    }
+    Ok(())
 }
 
 /// Creates `path` empty, its owner's alone (0600), unless it is there.

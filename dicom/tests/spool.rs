@@ -453,6 +453,30 @@ fn refused_objects_are_quarantined_with_their_reason_and_never_indexed() {
     spool.store(&good, &incoming()).unwrap();
 }
 
+/// A spool made before its folders and index were private (0755 and 0644 under the usual
+/// umask) is narrowed when it opens: the files inside are then out of others' reach.
+#[test]
+fn an_older_spool_is_made_private_when_it_opens() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    drop(Spool::open(&root, options()).unwrap());
+    let set = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for sub in ["", "instances", "quarantine"] {
+        set(&root.join(sub), 0o755);
+    }
+    set(&root.join("index.sqlite3"), 0o644);
+    let (spool, _) = Spool::open(&root, options()).unwrap();
+    for sub in ["", "instances", "quarantine"] {
+        assert_eq!(mode(&root.join(sub)), 0o700, "{sub:?}");
+    }
+    assert_eq!(mode(&root.join("index.sqlite3")), 0o600);
+    drop(spool);
+}
+
 #[test]
 fn opening_deletes_temp_files_drops_rows_without_files_and_indexes_files_without_rows() {
     let dir = tempfile::tempdir().unwrap();
