@@ -124,8 +124,8 @@ pub struct ServeArgs {
     /// Serve on an address other than loopback even though no credential is configured
     /// (anyone who can reach the port gets the anonymous roles: infer, metrics, pacs).
     /// Without it such a start is refused. API keys and JWT: [auth] in nightingale.toml.
-    #[arg(long, env = "NIGHTINGALE_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
-    pub insecure: bool,
+    #[arg(long, env = "NIGHTINGALE_INSECURE", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub insecure: Option<bool>,
     /// A minisign public key file trusted to sign bundles (repeatable; the environment
     /// variable takes a comma-separated list). Bundles signed by a trusted key are verified
     /// at every load; a signature that does not verify is refused.
@@ -137,8 +137,8 @@ pub struct ServeArgs {
     pub trusted_keys: Vec<PathBuf>,
     /// Serve only bundles signed by a trusted key (unsigned or otherwise signed ones are
     /// refused, with the reason in the repository index). [default: false]
-    #[arg(long, env = "NIGHTINGALE_REQUIRE_SIGNATURES")]
-    pub require_signatures: bool,
+    #[arg(long, env = "NIGHTINGALE_REQUIRE_SIGNATURES", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub require_signatures: Option<bool>,
     /// Watch the repository every N seconds and reload bundles whose files changed (new
     /// versions swap in once they verify and pass their self-test; a broken one leaves the
     /// old serving); 0 turns the poller off, otherwise 0.05..=86400. [default: 0]
@@ -186,8 +186,8 @@ pub struct ServeArgs {
     /// Reject associations whose called AE title is not --dicom-ae-title (A-ASSOCIATE-RJ,
     /// called-AE-title-not-recognized). Off: any called AE is accepted, as dcmtk's storescp
     /// and Orthanc do by default.
-    #[arg(long, env = "NIGHTINGALE_DICOM_CHECK_CALLED_AE")]
-    pub dicom_check_called_ae: bool,
+    #[arg(long, env = "NIGHTINGALE_DICOM_CHECK_CALLED_AE", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub dicom_check_called_ae: Option<bool>,
     /// Largest PDU the SCP receives, in bytes. [default: 65536]
     #[arg(long, env = "NIGHTINGALE_DICOM_MAX_PDU")]
     pub dicom_max_pdu: Option<u32>,
@@ -294,13 +294,13 @@ pub struct ServeArgs {
     /// --validation-reports (what `nightingale validate --out` and `POST /validation/runs`
     /// write). A version without one is refused like a bad signature, and with it the
     /// load: every version the bundle's version policy selects needs one.
-    #[arg(long, env = "NIGHTINGALE_REQUIRE_VALIDATION")]
-    pub require_validation: bool,
+    #[arg(long, env = "NIGHTINGALE_REQUIRE_VALIDATION", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub require_validation: Option<bool>,
     /// Offer every explanation method (`POST /v2/models/{m}/explain`) for every bundle,
     /// also those without an `[explain]` section (theirs still sets their own methods and
     /// budget).
-    #[arg(long, env = "NIGHTINGALE_EXPLAIN")]
-    pub explain: bool,
+    #[arg(long, env = "NIGHTINGALE_EXPLAIN", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub explain: Option<bool>,
     /// The forward-pass budget of one explanation for bundles without `[explain]`, under
     /// --explain. [default: 4096]
     #[arg(long, env = "NIGHTINGALE_EXPLAIN_MAX_FORWARD_PASSES")]
@@ -756,9 +756,12 @@ impl ServeArgs {
             .max_body_bytes
             .or(file.max_body_bytes)
             .unwrap_or(64 << 20);
-        if max_body_bytes < 1024 {
+        // At most the largest budget (`max_inflight_bytes` ≤ 1 TiB holds two bodies): a
+        // value near u64::MAX overflowed the check below (a panic; wrapped to 0 in a
+        // release build: a red-team finding).
+        if !(1024..=1 << 39).contains(&max_body_bytes) {
             return Err(ConfigError::Invalid(
-                "max_body_bytes must be at least 1024".into(),
+                "max_body_bytes must be between 1024 and 512 GiB".into(),
             ));
         }
         let max_inference_bytes = self
@@ -848,8 +851,19 @@ impl ServeArgs {
         }
         .unwrap_or(120_000);
         if !(1..=MAX_REQUEST_TIMEOUT_MS).contains(&request_timeout_ms) {
+            // Named as given (a value of seconds times 1000 saturated: the message showed a
+            // number nobody gave).
+            let got = match (self.request_timeout_ms, self.request_timeout_secs) {
+                (Some(ms), _) => format!("{ms} ms"),
+                (None, Some(s)) => format!("{s} s"),
+                (None, None) => match (file.request_timeout_ms, file.request_timeout_secs) {
+                    (Some(ms), _) => format!("{ms} ms"),
+                    (None, Some(s)) => format!("{s} s"),
+                    (None, None) => format!("{request_timeout_ms} ms"),
+                },
+            };
             return Err(ConfigError::Invalid(format!(
-                "the request timeout (request_timeout_ms / request_timeout_secs) must be between 1 ms and {} s (got {request_timeout_ms} ms)",
+                "the request timeout (request_timeout_ms / request_timeout_secs) must be between 1 ms and {} s (got {got})",
                 MAX_REQUEST_TIMEOUT_MS / 1000
             )));
         }
@@ -940,7 +954,13 @@ impl ServeArgs {
         } else {
             file.trusted_keys.clone().unwrap_or_default()
         };
-        let require_signatures = self.require_signatures || file.require_signatures == Some(true);
+        // On/off settings: the flag or its environment variable (`false` too) wins over
+        // the file (an explicit false in the environment could not turn off the file's
+        // `insecure = true`: a red-team finding).
+        let require_signatures = self
+            .require_signatures
+            .or(file.require_signatures)
+            .unwrap_or(false);
         if require_signatures && trusted_keys.is_empty() {
             return Err(ConfigError::Invalid(
                 "require_signatures needs at least one trusted key (--trusted-key FILE)".into(),
@@ -976,7 +996,7 @@ impl ServeArgs {
         let mut auth = file.auth.unwrap_or_default().resolve(&config_dir)?;
         // Verified TLS client certificates are a credential (mutual TLS).
         auth.client_certificates_verified = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
-        let insecure = self.insecure || file.insecure.unwrap_or(false);
+        let insecure = self.insecure.or(file.insecure).unwrap_or(false);
         let http_addr = self
             .http_addr
             .or(file.http_addr)
@@ -1037,8 +1057,10 @@ impl ServeArgs {
                     .unwrap_or_else(|| scp.ae_title.clone());
                 scp.allowed = allowed;
                 scp.insecure = insecure;
-                scp.check_called_ae =
-                    self.dicom_check_called_ae || file.dicom_check_called_ae.unwrap_or(false);
+                scp.check_called_ae = self
+                    .dicom_check_called_ae
+                    .or(file.dicom_check_called_ae)
+                    .unwrap_or(false);
                 scp.max_pdu_length = self
                     .dicom_max_pdu
                     .or(file.dicom_max_pdu)
@@ -1110,10 +1132,11 @@ impl ServeArgs {
                     .dicomweb_timeout_secs
                     .or(file.dicomweb_timeout_secs)
                     .unwrap_or(defaults.request_timeout.as_secs_f64());
-                if !(timeout.is_finite() && timeout > 0.0 && timeout <= 86_400.0) {
+                // At least a millisecond, as the request timeout (1e-12 started, and its
+                // requests timed out at random: a red-team finding).
+                if !(timeout.is_finite() && (0.001..=86_400.0).contains(&timeout)) {
                     return Err(ConfigError::Invalid(
-                        "dicomweb_timeout_secs must be more than 0 and at most 86400 seconds"
-                            .into(),
+                        "dicomweb_timeout_secs must be between 0.001 and 86400 seconds".into(),
                     ));
                 }
                 let max_request_bytes = self
@@ -1350,7 +1373,7 @@ impl ServeArgs {
         };
         // ---- end CDS Hooks ----
         let explain = crate::http::ExplainPolicy {
-            all_methods: self.explain || file.explain == Some(true),
+            all_methods: self.explain.or(file.explain).unwrap_or(false),
             max_forward_passes: self
                 .explain_max_forward_passes
                 .or(file.explain_max_forward_passes)
@@ -1360,9 +1383,9 @@ impl ServeArgs {
                 .or(file.explain_max_concurrent)
                 .unwrap_or_else(crate::http::default_explain_concurrency),
         };
-        if explain.max_concurrent == 0 {
+        if !(1..=65_536).contains(&explain.max_concurrent) {
             return Err(ConfigError::Invalid(
-                "explain_max_concurrent must be at least 1".into(),
+                "explain_max_concurrent must be 1..=65536".into(),
             ));
         }
         if explain.max_forward_passes == 0
@@ -1393,8 +1416,8 @@ impl ServeArgs {
                 "validation_max_run_secs must be between 10 and 604800 (7 days) (got {validation_max_run_secs})"
             )));
         }
-        let require_validation = (self.require_validation || file.require_validation == Some(true))
-            .then(|| {
+        let require_validation =
+            (self.require_validation.or(file.require_validation) == Some(true)).then(|| {
                 self.validation_reports
                     .clone()
                     .or(file.validation_reports.clone())
@@ -1631,7 +1654,7 @@ mod tests {
     fn a_plain_http_fhir_server_elsewhere_needs_insecure() {
         let args = |url: &str, insecure: bool| ServeArgs {
             cds_fhir_servers: vec![url.into()],
-            insecure,
+            insecure: Some(insecure),
             ..ServeArgs::default()
         };
         let e = args("http://fhir.example.org/r4", false)
@@ -2193,6 +2216,35 @@ mod tests {
         }
     }
 
+    /// An on/off flag is on bare (`--insecure`, as documented) and takes an explicit value
+    /// (`--insecure=false`); a value does not swallow the next argument.
+    #[test]
+    fn on_off_flags_take_a_bare_flag_or_an_explicit_value() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))
+                .unwrap()
+                .serve
+        };
+        assert_eq!(parse(&["--insecure"]).insecure, Some(true));
+        assert_eq!(parse(&["--insecure=false"]).insecure, Some(false));
+        let both = parse(&["--explain", "--require-signatures", "--data-dir", "d"]);
+        assert_eq!(
+            (both.explain, both.require_signatures),
+            (Some(true), Some(true))
+        );
+        assert_eq!(both.data_dir, Some(PathBuf::from("d")));
+        assert_eq!(
+            parse(&["--require-validation=no"]).require_validation,
+            Some(false)
+        );
+    }
+
     #[test]
     fn auth_from_the_file_and_the_non_loopback_rule() {
         let dir = tempfile::tempdir().unwrap();
@@ -2207,7 +2259,7 @@ mod tests {
         assert!(err.to_string().contains("--insecure"), "{err}");
         // The flag (or NIGHTINGALE_INSECURE) or the file key accepts the risk.
         let c = ServeArgs {
-            insecure: true,
+            insecure: Some(true),
             ..args()
         }
         .resolve()
@@ -2215,6 +2267,15 @@ mod tests {
         assert!(c.insecure);
         std::fs::write(&path, "http_addr = \"0.0.0.0:8000\"\ninsecure = true\n").unwrap();
         assert!(args().resolve().unwrap().insecure);
+        // An explicit false (the flag's `=false`, or NIGHTINGALE_INSECURE=false) wins over
+        // the file's true, as every setting's flag or variable does.
+        let err = ServeArgs {
+            insecure: Some(false),
+            ..args()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Auth(_)), "{err}");
         // A key for a role other than admin is access control: no flag needed. Relative
         // paths (the JWKS file) are read from the config file's folder.
         std::fs::copy(
@@ -2242,7 +2303,7 @@ mod tests {
         let with_trust = |base: Option<&str>, insecure: bool| ServeArgs {
             cds_trust: vec!["https://ehr.example=keys.json".into()],
             cds_base_url: base.map(Into::into),
-            insecure,
+            insecure: Some(insecure),
             ..args()
         };
         let err = with_trust(None, false).resolve().unwrap_err();
@@ -2285,7 +2346,7 @@ mod tests {
             Err(ConfigError::Invalid(_))
         ));
         let c = ServeArgs {
-            insecure: true,
+            insecure: Some(true),
             ..open.clone()
         }
         .resolve()

@@ -151,9 +151,9 @@ impl ScpConfig {
                 what: "max in-flight bytes must be at least max instance bytes",
             });
         }
-        if self.max_associations == 0 {
+        if !(1..=MAX_ASSOCIATIONS).contains(&self.max_associations) {
             return Err(ScpError::InvalidSetting {
-                what: "max associations must be at least 1",
+                what: "max associations must be 1..=65536",
             });
         }
         if self.association_timeout.is_zero() || self.idle_timeout.is_zero() {
@@ -217,6 +217,10 @@ pub struct Scp {
     budget: Arc<Budget>,
     events: Arc<dyn EventSink>,
 }
+
+/// The most `max_associations` may be (a semaphore's permits; a value near `usize::MAX`
+/// panicked at start-up: a red-team finding).
+pub const MAX_ASSOCIATIONS: usize = 65_536;
 
 /// Connections from one host that may wait for their A-ASSOCIATE-RQ at once.
 pub const MAX_WAITING_PER_HOST: usize = 8;
