@@ -64,6 +64,16 @@ async fn a_client_that_does_not_send_its_headers_in_time_is_closed() {
         // Connects and sends nothing.
         let silent = TcpStream::connect(addr).unwrap();
         assert!(closed_by_server(silent), "a silent connection stayed open");
+        // Sends part of the HTTP/2 preface and stalls (it was held for the 300 s idle
+        // timeout, the protocol not yet known to hyper's deadlines: a red-team finding).
+        for part in [&b"P"[..], b"PRI * HTTP/2.0\r\n"] {
+            let mut partial = TcpStream::connect(addr).unwrap();
+            partial.write_all(part).unwrap();
+            assert!(
+                closed_by_server(partial),
+                "a partial HTTP/2 preface stayed open"
+            );
+        }
         // Trickles a header line every 300 ms, for longer than the deadline.
         let mut trickle = TcpStream::connect(addr).unwrap();
         trickle.write_all(b"GET / HTTP/1.1\r\n").unwrap();
