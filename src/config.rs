@@ -68,6 +68,11 @@ pub struct ServeArgs {
     /// [default: 256]
     #[arg(long, env = "NIGHTINGALE_MAX_INFLIGHT_REQUESTS")]
     pub max_inflight_requests: Option<usize>,
+    /// Most requests of any kind open at once, HTTP and gRPC together (1..=1000000), from
+    /// their headers until their answer has been sent; health checks apart. Beyond: 503 with
+    /// Retry-After. [default: 8192]
+    #[arg(long, env = "NIGHTINGALE_MAX_OPEN_REQUESTS")]
+    pub max_open_requests: Option<usize>,
     /// Most connections open at once on each listener (HTTP, gRPC); beyond, a plaintext
     /// listener leaves new connections in the backlog until one closes, a TLS listener closes
     /// them at once. [default: 4096]
@@ -422,6 +427,7 @@ struct FileConfig {
     max_body_bytes: Option<usize>,
     max_inflight_bytes: Option<usize>,
     max_inflight_requests: Option<usize>,
+    max_open_requests: Option<usize>,
     max_connections: Option<usize>,
     max_connections_per_client: Option<usize>,
     admin_token: Option<String>,
@@ -517,6 +523,8 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     pub max_inflight_bytes: usize,
     pub max_inflight_requests: usize,
+    /// `--max-open-requests`.
+    pub max_open_requests: usize,
     pub max_connections: usize,
     pub max_connections_per_client: usize,
     pub admin_token: Option<String>,
@@ -662,6 +670,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_inflight_bytes", &self.max_inflight_bytes)
             .field("max_inflight_requests", &self.max_inflight_requests)
+            .field("max_open_requests", &self.max_open_requests)
             .field("max_connections", &self.max_connections)
             .field(
                 "max_connections_per_client",
@@ -804,6 +813,15 @@ impl ServeArgs {
         if !(1..=MAX_INFLIGHT_REQUESTS).contains(&max_inflight_requests) {
             return Err(ConfigError::Invalid(format!(
                 "max_inflight_requests must be between 1 and {MAX_INFLIGHT_REQUESTS} (got {max_inflight_requests})"
+            )));
+        }
+        let max_open_requests = self
+            .max_open_requests
+            .or(file.max_open_requests)
+            .unwrap_or(crate::http::DEFAULT_MAX_OPEN_REQUESTS);
+        if !(1..=MAX_INFLIGHT_REQUESTS).contains(&max_open_requests) {
+            return Err(ConfigError::Invalid(format!(
+                "max_open_requests must be between 1 and {MAX_INFLIGHT_REQUESTS} (got {max_open_requests})"
             )));
         }
         let intra_op_threads = self.intra_op_threads.or(file.intra_op_threads).unwrap_or(1);
@@ -1447,6 +1465,7 @@ impl ServeArgs {
             max_body_bytes,
             max_inflight_bytes,
             max_inflight_requests,
+            max_open_requests,
             max_connections,
             max_connections_per_client,
             admin_token,

@@ -561,6 +561,7 @@ async fn serve(
             request_timeout: config.request_timeout,
             max_inflight_bytes: config.max_inflight_bytes,
             max_inflight_requests: config.max_inflight_requests,
+            max_open_requests: config.max_open_requests,
             explain: config.explain,
         },
         Some(http::install_recorder()),

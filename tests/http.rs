@@ -1759,3 +1759,36 @@ async fn model_configuration_without_batching_gives_whole_shapes() {
         assert!(error_of(&v).contains(reason), "{uri}: {v}");
     }
 }
+
+/// Requests of any route open at once are capped (`--max-open-requests`) from their headers
+/// until their answer has been sent: one client's HTTP/2 streams, never read, held 1.5 GB
+/// and kept everyone else waiting (a red-team finding). Beyond the cap a request is refused
+/// at once with Retry-After; health checks are answered whatever the count; a place comes
+/// back when its answer has been sent (or dropped).
+#[tokio::test]
+async fn requests_open_at_once_are_capped_until_their_answers_are_sent() {
+    let f = Fixture::new(HttpConfig {
+        max_open_requests: 1,
+        ..HttpConfig::default()
+    });
+    let open = |uri: &str| {
+        http::app(f.state.clone()).oneshot(Request::get(uri).body(Body::empty()).unwrap())
+    };
+    // An answer not read yet holds its place.
+    let held = open("/v2/models/stats").await.unwrap();
+    assert_eq!(held.status(), StatusCode::OK);
+    let refused = open("/v2").await.unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body = refused.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("max_open_requests"),
+        "{body:?}"
+    );
+    for health in ["/v2/health/live", "/v2/health/ready"] {
+        assert_eq!(open(health).await.unwrap().status(), StatusCode::OK);
+    }
+    // Read to its end, the answer gives its place back.
+    held.into_body().collect().await.unwrap();
+    assert_eq!(open("/v2").await.unwrap().status(), StatusCode::OK);
+}

@@ -71,8 +71,12 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
     tonic::service::Routes::new(service)
         .into_axum_router()
         .layer(axum::middleware::from_fn_with_state(
-            state_for_layer,
+            state_for_layer.clone(),
             before_the_message,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state_for_layer,
+            super::open_request,
         ))
 }
 
@@ -494,37 +498,8 @@ fn hold_ticket_until_sent(response: axum::response::Response) -> axum::response:
     };
     axum::response::Response::from_parts(
         parts,
-        axum::body::Body::new(TicketBody {
-            inner: body,
-            _ticket: ticket,
-        }),
+        axum::body::Body::new(super::Holding::new(body, ticket)),
     )
-}
-
-/// A response body holding its call's admission ticket until it is dropped.
-struct TicketBody {
-    inner: axum::body::Body,
-    _ticket: Arc<Ticket>,
-}
-
-impl http_body::Body for TicketBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 /// The admission ticket [`admit_infer_message`] charged for a `ModelInfer` message.

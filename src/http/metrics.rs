@@ -78,6 +78,10 @@ fn describe() {
             "connections closed at accept: over the connection limits",
         ),
         (
+            "nightingale_http_requests_refused_total",
+            "requests refused before anything was done for them (503), by reason: open_requests (over max_open_requests)",
+        ),
+        (
             "nightingale_tls_handshake_failures_total",
             "TLS handshakes that failed, by reason (a client certificate refused: unknown_issuer, expired, not_yet_valid, wrong_purpose, ...; handshake: other)",
         ),

@@ -69,6 +69,11 @@ pub struct HttpConfig {
     pub max_inflight_bytes: usize,
     /// Most inference requests in flight at once (beyond: 503 with `Retry-After`).
     pub max_inflight_requests: usize,
+    /// Most requests of any kind open at once, HTTP and gRPC together, from their headers
+    /// until their answer has been sent (health checks apart; beyond: 503 with
+    /// `Retry-After`): an HTTP/2 client may open hundreds of streams on each of its
+    /// connections.
+    pub max_open_requests: usize,
     /// `/explain` for bundles without an `[explain]` section (`serve --explain`).
     pub explain: ExplainPolicy,
 }
@@ -114,6 +119,7 @@ impl Default for HttpConfig {
             request_timeout: std::time::Duration::from_secs(120),
             max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
             max_inflight_requests: DEFAULT_MAX_INFLIGHT_REQUESTS,
+            max_open_requests: DEFAULT_MAX_OPEN_REQUESTS,
             explain: ExplainPolicy::default(),
         }
     }
@@ -144,6 +150,8 @@ pub struct AppState {
     /// Turns for `/explain` requests (each costs up to its budget of forward passes: a burst
     /// of them, unbounded, made every one miss its deadline and `/infer` wait seconds).
     pub(crate) explain_turns: explain::Turns,
+    /// Places for requests open at once ([`HttpConfig::max_open_requests`]).
+    open_requests: Arc<tokio::sync::Semaphore>,
     /// Audit records of CDS Hooks refusals without credentials, calls and feedback each
     /// their own: a burst, then one a second, the rest counted and summarised
     /// ([`crate::audit::throttle`]).
@@ -162,8 +170,14 @@ impl AppState {
         metrics: Option<PrometheusHandle>,
     ) -> Arc<Self> {
         let explain_turns = explain::Turns::new(config.explain.max_concurrent);
+        let open_requests = Arc::new(tokio::sync::Semaphore::new(
+            config
+                .max_open_requests
+                .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         Arc::new(AppState {
             explain_turns,
+            open_requests,
             repository,
             audit,
             admission: Admission::new(&config),
@@ -266,6 +280,7 @@ impl AppState {
 /// The whole router.
 pub fn app(state: Arc<AppState>) -> axum::Router {
     let timeout = state.config.request_timeout;
+    let open_slots = state.clone();
     // Every route has a row in `auth::ROUTES` (the role it needs); `auth::enforce` checks it.
     let v2 = auth::Routes::new()
         .route("/v2", get(v2::server_metadata))
@@ -408,6 +423,78 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .on_failure(log_failure))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(axum::middleware::map_request(usable_request_id))
+        .layer(axum::middleware::from_fn_with_state(open_slots, open_request))
+}
+
+/// Paths answered whatever the number of requests open: health checks (a probe must not
+/// read a busy server as a dead one; their answers are a few bytes).
+fn always_answered(path: &str) -> bool {
+    matches!(
+        path,
+        "/v2/health/live"
+            | "/v2/health/ready"
+            | "/inference.GRPCInferenceService/ServerLive"
+            | "/inference.GRPCInferenceService/ServerReady"
+    )
+}
+
+/// A place among the requests open at once, held by the answer's body until it has been
+/// sent: beyond [`HttpConfig::max_open_requests`] a request is refused at once (503 with
+/// `Retry-After`), before anything else is done for it. One client's HTTP/2 connections
+/// opened 200,000 streams of `/v2/models/stats` in 3.5 s without reading the answers: the
+/// server took 1.5 GB and answered nobody else for 70 s (a red-team finding).
+pub(crate) async fn open_request(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if always_answered(request.uri().path()) {
+        return next.run(request).await;
+    }
+    let Ok(place) = state.open_requests.clone().try_acquire_owned() else {
+        ::metrics::counter!("nightingale_http_requests_refused_total", "reason" => "open_requests")
+            .increment(1);
+        return AppError::overloaded(format!(
+            "the server has its limit of {} requests open (max_open_requests); retry later",
+            state.config.max_open_requests
+        ))
+        .into_response();
+    };
+    let (parts, body) = next.run(request).await.into_parts();
+    axum::response::Response::from_parts(parts, Body::new(Holding::new(body, place)))
+}
+
+/// A response body holding `T` (an admission ticket, a place among the open requests) until
+/// the body has been sent or dropped.
+pub(crate) struct Holding<T> {
+    inner: Body,
+    _held: T,
+}
+
+impl<T> Holding<T> {
+    pub(crate) fn new(inner: Body, held: T) -> Self {
+        Holding { inner, _held: held }
+    }
+}
+
+impl<T: Unpin> http_body::Body for Holding<T> {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A request path as logged: the study, series and instance UIDs of DICOMweb and results
@@ -936,6 +1023,9 @@ pub(crate) async fn read_body(
 pub const DEFAULT_MAX_INFLIGHT_BYTES: usize = 512 << 20;
 /// Default [`HttpConfig::max_inflight_requests`].
 pub const DEFAULT_MAX_INFLIGHT_REQUESTS: usize = 256;
+
+/// Default [`HttpConfig::max_open_requests`]: twice the default connection cap.
+pub const DEFAULT_MAX_OPEN_REQUESTS: usize = 8192;
 
 /// How many bytes one request is charged per body byte before decoding: the body itself and
 /// the tensors decoded from it (a JSON FP32 tensor takes about half its text, a binary one
