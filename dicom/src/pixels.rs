@@ -654,6 +654,18 @@ impl PixelSource {
     pub fn from_object(obj: DefaultDicomObject, limits: &Limits) -> Result<Self, PixelError> {
         let header = ImageHeader::from_object(&obj, limits)?;
         let rescale = crate::volume::frame_rescales(&obj, header.frames)?;
+        // A frame's own rescale is held to what the header's is (a per-frame slope of 1e308
+        // preprocessed the volume to a constant and gave a blank image's probability: a
+        // red-team finding).
+        if rescale
+            .iter()
+            .flatten()
+            .any(|&(s, b)| !rescale_keeps_the_range(header.bits_stored, header.signed, s, b))
+        {
+            return Err(PixelError::InvalidAttribute {
+                name: "PixelValueTransformationSequence",
+            });
+        }
         // A top-level Rescale Slope/Intercept beside functional groups that say otherwise
         // (a classic CT carrying a stray Per-Frame Functional Groups item with slope -1) is
         // refused: which one the sender meant cannot be told, and one of them inverts the

@@ -33,6 +33,10 @@ use crate::pixels::{PixelError, WindowLevel};
 /// Largest difference between two slices' direction cosines that is still one orientation
 /// (about 0.06 degrees).
 pub const ORIENTATION_TOLERANCE: f64 = 1e-3;
+
+/// How far the row and column cosines may be from unit length and from orthogonal (their
+/// dot product): cosines written to six digits are within 1e-5 of both.
+pub const UNIT_TOLERANCE: f64 = 1e-2;
 /// Two slices closer than this along the normal (mm) are at the same position.
 pub const DUPLICATE_GAP_MM: f64 = 1e-3;
 
@@ -258,8 +262,12 @@ pub enum VolumeError {
     TooManySlices { slices: usize, max: u32 },
     #[error("slice {index} (in arrival order) has another Image Orientation than the first")]
     MixedOrientation { index: usize },
-    #[error("the Image Orientation's row and column cosines are not two directions")]
+    #[error(
+        "the Image Orientation's row and column cosines are not two orthogonal unit directions"
+    )]
     DegenerateOrientation,
+    #[error("a slice's position along the slice normal cannot be computed (its values overflow)")]
+    PositionOverflow,
     #[error("two slices are at the same position along the slice normal ({gap_mm:.4} mm apart)")]
     DuplicatePosition { gap_mm: f64 },
     #[error(
@@ -286,7 +294,9 @@ impl VolumeError {
             VolumeError::MixedOrientation { .. } | VolumeError::DegenerateOrientation => {
                 "mixed_orientation"
             }
-            VolumeError::DuplicatePosition { .. } => "duplicate_position",
+            VolumeError::DuplicatePosition { .. } | VolumeError::PositionOverflow => {
+                "duplicate_position"
+            }
             VolumeError::UnevenSpacing { .. } => "uneven_spacing",
             VolumeError::IncompleteGeometry { .. } => "incomplete_geometry",
             VolumeError::NoSliceOrder { .. } => "no_slice_order",
@@ -444,13 +454,24 @@ fn by_position(
         [first[0], first[1], first[2]],
         [first[3], first[4], first[5]],
     );
+    // PS3.3 C.7.6.2.1.1: two orthogonal unit vectors (within what six-digit cosines
+    // round to). Scaled or skewed ones gave positions of another scale, and huge ones
+    // overflowed into NaN that passed every check below, the slices then taken in arrival
+    // order and labelled "position" (a red-team finding).
+    let dot = |a: &[f64; 3], b: &[f64; 3]| a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
+    if !((dot(&r, &r).sqrt() - 1.0).abs() <= UNIT_TOLERANCE
+        && (dot(&c, &c).sqrt() - 1.0).abs() <= UNIT_TOLERANCE
+        && dot(&r, &c).abs() <= UNIT_TOLERANCE)
+    {
+        return Err(VolumeError::DegenerateOrientation);
+    }
     let normal = [
         r[1] * c[2] - r[2] * c[1],
         r[2] * c[0] - r[0] * c[2],
         r[0] * c[1] - r[1] * c[0],
     ];
     let length = normal.iter().map(|v| v * v).sum::<f64>().sqrt();
-    if length.is_nan() || length <= 0.5 {
+    if !length.is_finite() || length <= 0.5 {
         return Err(VolumeError::DegenerateOrientation);
     }
     let mut placed: Vec<(f64, SliceRef)> = slices
@@ -461,9 +482,15 @@ fn by_position(
             (d, *s)
         })
         .collect();
+    if placed.iter().any(|(d, _)| !d.is_finite()) {
+        return Err(VolumeError::PositionOverflow);
+    }
     // Stable: equal positions keep their order (and are refused just below).
     placed.sort_by(|a, b| a.0.total_cmp(&b.0));
     let gaps: Vec<f64> = placed.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    if gaps.iter().any(|g| !g.is_finite()) {
+        return Err(VolumeError::PositionOverflow);
+    }
     if let Some(&gap) = gaps.iter().find(|g| **g < DUPLICATE_GAP_MM) {
         return Err(VolumeError::DuplicatePosition { gap_mm: gap });
     }
@@ -542,6 +569,41 @@ mod tests {
             .collect();
         let plan = plan_volume(&series, 2, 10).unwrap();
         assert_eq!(order(&plan), vec![(2, 0), (0, 0), (3, 0), (1, 0)]);
+    }
+
+    /// Red-team findings: cosines scaled (2, or 1e200) or skewed were taken as a direction,
+    /// and positions whose projection overflows gave NaN gaps that passed the duplicate and
+    /// spacing checks (the slices then in arrival order, labelled "position").
+    #[test]
+    fn cosines_must_be_orthogonal_unit_vectors_and_positions_finite() {
+        let reason = |series: &[InstanceGeometry]| plan_volume(series, 2, 10).unwrap_err();
+        for bad in [
+            [2.0, 0.0, 0.0, 0.0, 2.0, 0.0],
+            [1e200, 0.0, 0.0, 0.0, 1e200, 0.0],
+            [1.0, 0.0, 0.0, 0.6, 0.8, 0.0],
+        ] {
+            let series = [at(0.0, bad, 1), at(2.0, bad, 2), at(4.0, bad, 3)];
+            assert_eq!(
+                reason(&series),
+                VolumeError::DegenerateOrientation,
+                "{bad:?}"
+            );
+        }
+        // Six-digit cosines of an oblique plane are fine.
+        let oblique = [1.0, 0.0, 0.0, 0.0, 0.600001, 0.799999];
+        assert!(plan_volume(&[at(0.0, oblique, 1), at(2.0, oblique, 2)], 2, 10).is_ok());
+        let far = |y: f64, n: i64| InstanceGeometry {
+            frames: vec![SliceGeometry {
+                position: Some([0.0, -1.7e308, y]),
+                orientation: Some(oblique),
+                rescale: None,
+            }],
+            instance_number: Some(n),
+        };
+        assert_eq!(
+            reason(&[far(1.7e308, 1), far(1.7e308, 2), far(1.7e308, 3)]),
+            VolumeError::PositionOverflow
+        );
     }
 
     #[test]
