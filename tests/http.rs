@@ -1792,3 +1792,44 @@ async fn requests_open_at_once_are_capped_until_their_answers_are_sent() {
     held.into_body().collect().await.unwrap();
     assert_eq!(open("/v2").await.unwrap().status(), StatusCode::OK);
 }
+
+/// One client holds at most an eighth of the places (a re-attack: one client without
+/// credentials took all 8,192 with unread HTTP/2 streams and every other client was answered
+/// 503 for two minutes); its health checks count in its share, not in the server's.
+#[tokio::test]
+async fn one_client_holds_at_most_its_share_of_the_open_requests() {
+    use nightingale::http::clients::ClientAddr;
+    let f = Fixture::new(HttpConfig {
+        max_open_requests: 16,
+        ..HttpConfig::default()
+    });
+    let from = |ip: [u8; 4], uri: &str| {
+        let mut req = Request::get(uri).body(Body::empty()).unwrap();
+        req.extensions_mut()
+            .insert(ClientAddr(std::net::IpAddr::from(ip)));
+        http::app(f.state.clone()).oneshot(req)
+    };
+    let mut held = vec![];
+    for _ in 0..2 {
+        let r = from([10, 0, 0, 1], "/v2/models/stats").await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        held.push(r);
+    }
+    let refused = from([10, 0, 0, 1], "/v2/health/live").await.unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = refused.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("this client"),
+        "{body:?}"
+    );
+    // Another client is served.
+    assert_eq!(
+        from([10, 0, 0, 2], "/v2").await.unwrap().status(),
+        StatusCode::OK
+    );
+    drop(held);
+    assert_eq!(
+        from([10, 0, 0, 1], "/v2").await.unwrap().status(),
+        StatusCode::OK
+    );
+}

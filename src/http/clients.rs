@@ -32,6 +32,11 @@ pub struct ClientSlot {
     client: IpAddr,
 }
 
+/// The client (its address) a request came from, put in the request's extensions by the
+/// listener's connection ([`super::idle::Tracked`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddr(pub IpAddr);
+
 /// The address a client is counted under.
 fn client_of(ip: IpAddr) -> IpAddr {
     match ip {
@@ -79,6 +84,13 @@ impl ClientCounts {
     /// The most one client may hold.
     pub fn max(&self) -> usize {
         self.max
+    }
+}
+
+impl ClientSlot {
+    /// The client this slot counts for.
+    pub fn client(&self) -> IpAddr {
+        self.client
     }
 }
 

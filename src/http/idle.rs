@@ -49,6 +49,11 @@ impl Activity {
         })
     }
 
+    /// The client of the connection (none for a connection not counted by client).
+    pub fn client(&self) -> Option<std::net::IpAddr> {
+        self._slot.as_ref().map(super::clients::ClientSlot::client)
+    }
+
     fn touch(&self) {
         let ms = self.start.elapsed().as_millis() as u64;
         self.last_ms.fetch_max(ms, Ordering::Relaxed);
@@ -95,8 +100,11 @@ pub struct IdleClose<IO> {
     activity: Arc<Activity>,
     timeout: Duration,
     sleep: Pin<Box<Sleep>>,
-    /// Until the first byte has been read: the connection ends this long after it began.
+    /// Until the client's protocol is known (its first byte, or the whole HTTP/2 preface
+    /// when it begins as one): the connection ends this long after it began.
     first_byte: Option<Duration>,
+    /// Bytes of the HTTP/2 preface read so far while [`Self::first_byte`] runs.
+    preface: usize,
     write_stall: Duration,
     /// Set while a write is blocked: fires at the write deadline.
     write_blocked: Option<Pin<Box<Sleep>>>,
@@ -111,6 +119,7 @@ impl<IO> IdleClose<IO> {
             timeout,
             sleep,
             first_byte: None,
+            preface: 0,
             write_stall: SEND_STALL_TIMEOUT,
             write_blocked: None,
         }
@@ -204,7 +213,21 @@ impl<IO: AsyncRead + Unpin> AsyncRead for IdleClose<IO> {
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(r) => {
-                if this.first_byte.is_some() && buf.filled().len() > before {
+                let new = &buf.filled()[before..];
+                if this.first_byte.is_some() && !new.is_empty() && {
+                    // Known once the bytes cannot begin the HTTP/2 preface, or hold it whole
+                    // (a TLS client that sent part of it was held for the idle timeout, 300 s:
+                    // a re-attack's finding; the plaintext listener peeks the same way).
+                    let preface = crate::http::serve::H2_PREFACE;
+                    let at = this.preface;
+                    let n = new.len().min(preface.len() - at);
+                    if new[..n] == preface[at..at + n] {
+                        this.preface += n;
+                        this.preface == preface.len()
+                    } else {
+                        true
+                    }
+                } {
                     this.first_byte = None;
                     let at = Instant::now() + this.timeout;
                     this.sleep.as_mut().reset(at);
@@ -298,7 +321,11 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: axum::http::Request<B>) -> Self::Future {
+        if let Some(client) = self.activity.client() {
+            req.extensions_mut()
+                .insert(super::clients::ClientAddr(client));
+        }
         // RFC 9112 3.2: a server responds 400 to an HTTP/1.1 request without a Host field
         // (hyper answers it; a red-team finding). HTTP/1.0 needs none; HTTP/2 names its
         // authority otherwise.
@@ -629,6 +656,32 @@ mod tests {
         assert!(matches!(read, Ok(Ok(0))), "{read:?}");
         // Ended by the idle timeout (from the connection's start), past the first-byte one.
         assert!(io.activity.start.elapsed() >= Duration::from_millis(1500));
+    }
+
+    /// Part of the HTTP/2 preface does not end the first-byte deadline (a TLS client that
+    /// sent `PRI * HTTP/2.0` and stalled was held for the idle timeout: a re-attack's
+    /// finding); the whole preface does, and so does a byte that cannot begin it.
+    #[tokio::test]
+    async fn part_of_the_http2_preface_keeps_the_first_byte_deadline() {
+        let mut buf = [0u8; 64];
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut io = IdleClose::new(server, Activity::new(), Duration::from_secs(300))
+            .with_first_byte_deadline(Duration::from_millis(200));
+        client.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 16);
+        let read = tokio::time::timeout(Duration::from_secs(30), io.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0))), "{read:?}");
+        for (sent, known) in [
+            (crate::http::serve::H2_PREFACE, true),
+            (&b"POST / HTTP/1.1\r\n"[..], true),
+        ] {
+            let (mut client, server) = tokio::io::duplex(64);
+            let mut io = IdleClose::new(server, Activity::new(), Duration::from_millis(1500))
+                .with_first_byte_deadline(Duration::from_millis(200));
+            client.write_all(sent).await.unwrap();
+            assert!(io.read(&mut buf).await.unwrap() > 0);
+            assert_eq!(io.first_byte.is_none(), known);
+        }
     }
 
     /// Red-team finding: a response hyper held for a peer that read nothing stayed in memory

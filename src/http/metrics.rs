@@ -79,7 +79,7 @@ fn describe() {
         ),
         (
             "nightingale_http_requests_refused_total",
-            "requests refused before anything was done for them (503), by reason: open_requests (over max_open_requests)",
+            "requests refused before anything was done for them (503), by reason: open_requests (over max_open_requests), open_requests_per_client (over a client's share of it)",
         ),
         (
             "nightingale_tls_handshake_failures_total",

@@ -152,6 +152,8 @@ pub struct AppState {
     pub(crate) explain_turns: explain::Turns,
     /// Places for requests open at once ([`HttpConfig::max_open_requests`]).
     open_requests: Arc<tokio::sync::Semaphore>,
+    /// Requests open at once per client ([`open_requests_per_client`]).
+    open_by_client: Arc<clients::ClientCounts>,
     /// Audit records of CDS Hooks refusals without credentials, calls and feedback each
     /// their own: a burst, then one a second, the rest counted and summarised
     /// ([`crate::audit::throttle`]).
@@ -175,9 +177,12 @@ impl AppState {
                 .max_open_requests
                 .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
         ));
+        let open_by_client =
+            clients::ClientCounts::new(open_requests_per_client(config.max_open_requests));
         Arc::new(AppState {
             explain_turns,
             open_requests,
+            open_by_client,
             repository,
             audit,
             admission: Admission::new(&config),
@@ -438,30 +443,65 @@ fn always_answered(path: &str) -> bool {
     )
 }
 
-/// A place among the requests open at once, held by the answer's body until it has been
-/// sent: beyond [`HttpConfig::max_open_requests`] a request is refused at once (503 with
+/// The requests one client (an IPv4 address, an IPv6 /64) may hold open at once: an eighth
+/// of [`HttpConfig::max_open_requests`] (1,024 by default), so that one client alone cannot
+/// take every place (a re-attack: 41 HTTP/2 connections of unread streams, without
+/// credentials, had every other client answered 503 for two minutes at a time).
+pub fn open_requests_per_client(max_open_requests: usize) -> usize {
+    (max_open_requests / 8).max(1)
+}
+
+/// A place among the requests open at once, and among its client's, held by the answer's
+/// body until it has been sent: beyond [`HttpConfig::max_open_requests`], or beyond its
+/// client's share ([`open_requests_per_client`]), a request is refused at once (503 with
 /// `Retry-After`), before anything else is done for it. One client's HTTP/2 connections
 /// opened 200,000 streams of `/v2/models/stats` in 3.5 s without reading the answers: the
-/// server took 1.5 GB and answered nobody else for 70 s (a red-team finding).
+/// server took 1.5 GB and answered nobody else for 70 s (a red-team finding). Health checks
+/// count in their client's share only.
 pub(crate) async fn open_request(
     axum::extract::State(state): axum::extract::State<Arc<AppState>>,
     request: Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    if always_answered(request.uri().path()) {
-        return next.run(request).await;
-    }
-    let Ok(place) = state.open_requests.clone().try_acquire_owned() else {
-        ::metrics::counter!("nightingale_http_requests_refused_total", "reason" => "open_requests")
+    let refuse = |reason: &'static str, what: String| {
+        ::metrics::counter!("nightingale_http_requests_refused_total", "reason" => reason)
             .increment(1);
-        return AppError::overloaded(format!(
-            "the server has its limit of {} requests open (max_open_requests); retry later",
-            state.config.max_open_requests
-        ))
-        .into_response();
+        AppError::overloaded(what).into_response()
+    };
+    let client = request.extensions().get::<clients::ClientAddr>().copied();
+    let mine = match client {
+        Some(clients::ClientAddr(ip)) => match state.open_by_client.admit(ip) {
+            Some(slot) => Some(slot),
+            None => {
+                return refuse(
+                    "open_requests_per_client",
+                    format!(
+                        "this client has its limit of {} requests open (an eighth of max_open_requests); retry later",
+                        state.open_by_client.max()
+                    ),
+                );
+            }
+        },
+        None => None,
+    };
+    let place = if always_answered(request.uri().path()) {
+        None
+    } else {
+        match state.open_requests.clone().try_acquire_owned() {
+            Ok(place) => Some(place),
+            Err(_) => {
+                return refuse(
+                    "open_requests",
+                    format!(
+                        "the server has its limit of {} requests open (max_open_requests); retry later",
+                        state.config.max_open_requests
+                    ),
+                );
+            }
+        }
     };
     let (parts, body) = next.run(request).await.into_parts();
-    axum::response::Response::from_parts(parts, Body::new(Holding::new(body, place)))
+    axum::response::Response::from_parts(parts, Body::new(Holding::new(body, (place, mine))))
 }
 
 /// A response body holding `T` (an admission ticket, a place among the open requests) until
