@@ -42,7 +42,13 @@ const MAX_UNKNOWN_FIELDS: usize = 1024;
 #[derive(Default)]
 struct Counts {
     unknown: usize,
+    unpacked: usize,
 }
+
+/// Elements of repeated scalar contents written one field each (not packed, as proto3
+/// encoders write them): two bytes each on the wire and a few decoded, 30 million of them
+/// took seconds to decode (a re-attack's finding).
+const MAX_UNPACKED_ELEMENTS: usize = 1 << 20;
 
 impl Counts {
     /// One more field that decodes into nothing.
@@ -51,6 +57,17 @@ impl Counts {
         if self.unknown > MAX_UNKNOWN_FIELDS {
             return Err(format!(
                 "more than {MAX_UNKNOWN_FIELDS} fields of no known number or repeated singular fields"
+            ));
+        }
+        Ok(())
+    }
+
+    /// One more element of repeated scalar contents not packed.
+    fn one_unpacked(&mut self) -> Result<(), String> {
+        self.unpacked += 1;
+        if self.unpacked > MAX_UNPACKED_ELEMENTS {
+            return Err(format!(
+                "more than {MAX_UNPACKED_ELEMENTS} tensor elements not packed (proto3 packs repeated scalars)"
             ));
         }
         Ok(())
@@ -186,8 +203,12 @@ fn input_tensor(bytes: &[u8], counts: &mut Counts) -> Result<usize, String> {
                 counts.singular(&mut seen, field)?;
                 r.len_delimited()?.len()
             }
-            // shape: repeated int64, packed or not.
-            (3, LEN) => more_dims(varints(r.len_delimited()?)?)?,
+            // shape: repeated int64, packed (in one piece; more, or empty ones, decode into
+            // nothing but CPU: counted) or not.
+            (3, LEN) => {
+                counts.singular(&mut seen, field)?;
+                more_dims(varints(r.len_delimited()?)?)?
+            }
             (3, VARINT) => {
                 r.varint()?;
                 more_dims(1)?
@@ -288,6 +309,9 @@ fn parameter(bytes: &[u8], counts: &mut Counts) -> Result<(), String> {
 fn contents(bytes: &[u8], counts: &mut Counts) -> Result<usize, String> {
     let mut r = Reader::new(bytes);
     let mut total = 0usize;
+    // A packed field is written in one piece: more pieces (empty ones cost CPU and are
+    // charged nothing: a re-attack's finding) count as fields that decode into nothing.
+    let mut pieces = 0u64;
     while let Some((field, wire)) = r.key()? {
         let element = match field {
             1 => size_of::<bool>(),
@@ -302,14 +326,22 @@ fn contents(bytes: &[u8], counts: &mut Counts) -> Result<usize, String> {
         let count_and_extra = match (field, wire) {
             (8, LEN) => (1, r.len_delimited()?.len()),
             // Packed: varints counted; fixed-width elements by their length.
-            (1..=5, LEN) => (varints(r.len_delimited()?)?, 0),
-            (6 | 7, LEN) => (r.len_delimited()?.len() / if field == 6 { 4 } else { 8 }, 0),
+            (1..=5, LEN) => {
+                counts.singular(&mut pieces, field)?;
+                (varints(r.len_delimited()?)?, 0)
+            }
+            (6 | 7, LEN) => {
+                counts.singular(&mut pieces, field)?;
+                (r.len_delimited()?.len() / if field == 6 { 4 } else { 8 }, 0)
+            }
             // One element not packed.
             (1..=5, VARINT) => {
+                counts.one_unpacked()?;
                 r.varint()?;
                 (1, 0)
             }
             (6, FIXED32) | (7, FIXED64) => {
+                counts.one_unpacked()?;
                 r.skip(wire)?;
                 (1, 0)
             }
@@ -596,32 +628,38 @@ mod tests {
         assert!(e.contains("repeated singular"), "{e}");
         assert!(infer_request_bound(&with(&[0x1a, 0], MAX_UNKNOWN_FIELDS + 1)).is_ok());
         let n = MAX_UNKNOWN_FIELDS + 1;
-        let nested = |inner: Vec<u8>| {
-            // field 4 (parameters): an entry of `inner`, its length as a varint
-            let mut wire = base.clone();
-            wire.push(0x22);
+        // A length-delimited field: its key, its length as a varint, its bytes.
+        let field = |key: u8, inner: &[u8]| {
+            let mut out = vec![key];
             let mut len = inner.len();
             while len >= 0x80 {
-                wire.push((len as u8 & 0x7f) | 0x80);
+                out.push((len as u8 & 0x7f) | 0x80);
                 len >>= 7;
             }
-            wire.push(len as u8);
-            wire.extend(inner);
-            wire
+            out.push(len as u8);
+            out.extend_from_slice(inner);
+            out
         };
+        let after_base = |extra: Vec<u8>| [base.as_slice(), &extra].concat();
+        // field 4 (parameters): an entry of `inner`
+        let nested = |inner: Vec<u8>| after_base(field(0x22, &inner));
         let unknowns = [0x50u8, 0].repeat(n);
-        let mut in_entry = vec![0x0a, 1, b'k'];
-        in_entry.extend(&unknowns);
+        let in_entry = [&[0x0a, 1, b'k'][..], &unknowns].concat();
         assert!(infer_request_bound(&nested(in_entry)).is_err());
-        let mut in_value = vec![0x0a, 1, b'k', 0x12];
-        let mut len = unknowns.len();
-        while len >= 0x80 {
-            in_value.push((len as u8 & 0x7f) | 0x80);
-            len >>= 7;
-        }
-        in_value.push(len as u8);
-        in_value.extend(&unknowns);
+        let in_value = [&[0x0a, 1, b'k'][..], &field(0x12, &unknowns)].concat();
         assert!(infer_request_bound(&nested(in_value)).is_err());
+        // Empty pieces of a packed field (shape, contents), and elements not packed
+        // beyond MAX_UNPACKED_ELEMENTS (a re-attack's findings).
+        let with_input = |tensor: Vec<u8>| after_base(field(0x2a, &tensor));
+        let e = infer_request_bound(&with_input([0x1a, 0].repeat(n + 1))).unwrap_err();
+        assert!(e.contains("repeated singular"), "{e}");
+        let in_contents =
+            |piece: &[u8], times: usize| with_input(field(0x2a, &piece.repeat(times)));
+        assert!(infer_request_bound(&in_contents(&[0x12, 0], n + 1)).is_err());
+        assert!(infer_request_bound(&in_contents(&[0x08, 1], MAX_UNPACKED_ELEMENTS)).is_ok());
+        let e =
+            infer_request_bound(&in_contents(&[0x08, 1], MAX_UNPACKED_ELEMENTS + 1)).unwrap_err();
+        assert!(e.contains("not packed"), "{e}");
         // An ordinary parameter passes, and the wire bound agrees with prost on it.
         let ok = nested(vec![0x0a, 1, b'k', 0x12, 2, 0x08, 1]);
         assert!(ModelInferRequest::decode(ok.as_slice()).is_ok());
