@@ -538,7 +538,7 @@ fn observation(
         if !o.status.is_final() {
             // One that may still become final is not used, but named on the card when it
             // is newer than the value used (risk cards left it out without a word).
-            if let Some(time) = pending_reading(o, cx.now, look_back, cx.future_skew) {
+            if let Some(time) = pending_reading(o, cx.now, look_back) {
                 pending.push(time);
             }
             continue;
@@ -866,6 +866,17 @@ mod tests {
         assert_eq!(
             newer,
             vec![("systolic bp".to_owned(), at("2024-05-01T11:30:00Z"))]
+        );
+        // Dated in the future (a device's clock running fast): named at its time.
+        let (value, newer) = map(vec![not_final(
+            "preliminary",
+            Some("2024-05-01T13:00:00Z"),
+            "p1",
+        )]);
+        assert_eq!(value, Ok(120.0));
+        assert_eq!(
+            newer,
+            vec![("systolic bp".to_owned(), at("2024-05-01T13:00:00Z"))]
         );
         // Of a time that cannot be read: it may be newer.
         let (value, newer) = map(vec![not_final("preliminary", None, "p1")]);
