@@ -206,6 +206,12 @@ const MAX_PASS_ACTIVATION_BYTES: usize = 1 << 30;
 /// The most one gradient pass (forward and backward) may keep, estimated as
 /// [`GRADIENT_ROW_FACTOR`] times each row's largest forward tensor.
 const MAX_GRADIENT_PASS_BYTES: usize = 256 << 20;
+/// The most one row's gradient pass may keep: a model whose row alone passes it has no
+/// gradients here (its requests are refused as over the working-memory limit).
+const MAX_GRADIENT_ROW_BYTES: usize = 1 << 30;
+/// The largest architecture file read.
+const MAX_ARCHITECTURE_BYTES: usize = 4 << 20;
+
 /// What a row's forward and backward pass keep, in units of its largest forward tensor
 /// (measured on the lesion model: about 34 MB a row, 14.5 times its largest, conv2's 2.4 MB
 /// unfolded input; rounded up).
@@ -241,6 +247,17 @@ impl CandleBackend {
                 name,
                 format!(
                     "unknown candle architecture {architecture:?}; this build implements {ARCHITECTURES:?}"
+                ),
+            ));
+        }
+        // A few KiB in practice; parsed whole, a 400 MB one took 7 GB (a red-team finding).
+        if config.len() > MAX_ARCHITECTURE_BYTES {
+            return Err(invalid(
+                name,
+                format!(
+                    "architecture file of {} bytes; at most {} MiB",
+                    config.len(),
+                    MAX_ARCHITECTURE_BYTES >> 20
                 ),
             ));
         }
@@ -348,7 +365,17 @@ fn build(
         Ok(t)
     };
     // The largest tensor one row makes (elements), over the layers.
-    let mut row_elements: usize = input.iter().product();
+    let Some(mut row_elements) = input
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|n| n.saturating_mul(4) <= MAX_ROW_ACTIVATION_BYTES)
+    else {
+        return Err(format!(
+            "input shape {} takes more than {} MiB per row",
+            dims(&file.input.shape),
+            MAX_ROW_ACTIVATION_BYTES >> 20
+        ));
+    };
     let mut layers = Vec::with_capacity(file.layers.len());
     let mut gradcam = None;
     let mut seen_names = HashSet::new();
@@ -521,6 +548,17 @@ fn build(
                     (false, None) => None,
                     _ => return fail("bias and bias_tensor disagree".into()),
                 };
+                // Its output counts as a convolution's does (a linear layer of 10 million
+                // outputs passed as 64 KB a row and took 5 GB for 32 rows: a red-team
+                // finding).
+                if s.out_features.saturating_mul(4) > MAX_ROW_ACTIVATION_BYTES {
+                    return fail(format!(
+                        "its output of {} features takes more than {} MiB per row",
+                        s.out_features,
+                        MAX_ROW_ACTIVATION_BYTES >> 20
+                    ));
+                }
+                row_elements = row_elements.max(s.out_features);
                 shape = vec![s.out_features];
                 layers.push(Built::Linear(Linear::new(weight, bias)));
             }
@@ -907,6 +945,16 @@ impl Backend for CandleBackend {
             .collect();
         let [c, h, w] = self.net.input;
         let len = c * h * w;
+        // One row whose pass alone would keep far more than a pass may is refused, not run
+        // in a chunk of one (integrated gradients on a model of 536 MB a row took 9 GB: a
+        // red-team finding).
+        let row_pass = self.net.row_bytes.saturating_mul(GRADIENT_ROW_FACTOR);
+        if row_pass > MAX_GRADIENT_ROW_BYTES {
+            return Err(InferenceError::WorkingMemory {
+                needed: row_pass as u64,
+                limit: MAX_GRADIENT_ROW_BYTES as u64,
+            });
+        }
         // A forward and backward pass keeps every layer's activations and their gradients:
         // about 15 times a row's largest forward tensor (chunks of 32 path points on the
         // lesion model peaked at 1.2 GB, none of it charged to the server's memory budget:
@@ -1118,6 +1166,21 @@ mod tests {
             .iter()
             .copied()
             .collect()
+    }
+
+    /// An architecture file over 4 MiB is refused before it is parsed (a 400 MB one took 7 GB
+    /// to parse and loaded: a red-team finding); an input shape whose size overflows is
+    /// refused with a reason (it panicked).
+    #[test]
+    fn oversized_architectures_and_inputs_are_refused_with_a_reason() {
+        let mut a = architecture();
+        a["model"] = serde_json::Value::from("x".repeat(5 << 20));
+        let e = load(&a, &weights()).err().unwrap();
+        assert!(e.contains("at most 4 MiB"), "{e}");
+        let mut a = architecture();
+        a["input"]["shape"] = serde_json::json!([-1, 1_i64 << 40, 1_i64 << 40, 1_i64 << 40]);
+        let e = load(&a, &weights()).err().unwrap();
+        assert!(e.contains("per row"), "{e}");
     }
 
     #[test]
