@@ -35,14 +35,50 @@ impl<W: Write> OneLine<W> {
     }
 }
 
-/// The code point of a Unicode line break or C1 control starting `bytes` (UTF-8), and its
-/// length.
+/// The code point of a Unicode line break, C1 control or bidirectional formatting character
+/// (which reorders what a terminal shows: U+202E passed through, a red-team finding)
+/// starting `bytes` (UTF-8), and its length.
 fn unicode_break(bytes: &[u8]) -> Option<(u32, usize)> {
     match bytes {
         [0xC2, b @ 0x80..=0x9F, ..] => Some((u32::from(*b), 2)),
-        [0xE2, 0x80, b @ (0xA8 | 0xA9), ..] => Some((0x2000 + u32::from(*b & 0x3F), 3)),
+        [0xD8, 0x9C, ..] => Some((0x061C, 2)),
+        [0xE2, 0x80, b @ (0x8E | 0x8F | 0xA8..=0xAE), ..] => {
+            Some((0x2000 + u32::from(*b & 0x3F), 3))
+        }
+        [0xE2, 0x81, b @ 0xA6..=0xA9, ..] => Some((0x2040 + u32::from(*b & 0x3F), 3)),
         _ => None,
     }
+}
+
+/// `text` for a terminal: control characters (tab apart), C1 controls, line separators and
+/// bidirectional formatting characters written as `\uXXXX` (the CLI prints what bundles
+/// name: a file name of `\r\x1b[2Kok ...` printed a forged `ok` line over a `FAIL`, a
+/// red-team finding).
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let odd = |c: char| {
+        (c.is_control() && c != '\t')
+            || matches!(
+                c,
+                '\u{061C}'
+                    | '\u{200E}'
+                    | '\u{200F}'
+                    | '\u{2028}'..='\u{202E}'
+                    | '\u{2066}'..='\u{2069}'
+            )
+    };
+    if !text.chars().any(odd) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if odd(c) {
+                format!("\\u{:04x}", u32::from(c))
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 impl<W: Write> Write for OneLine<W> {
@@ -102,6 +138,23 @@ mod tests {
         let mut w = OneLine::new(Vec::new(), colours);
         w.write_all(line).unwrap();
         w.inner
+    }
+
+    /// Bidirectional formatting characters (U+202E reorders what a terminal shows) are
+    /// escaped in the log and in what the CLI prints, with controls and line separators.
+    #[test]
+    fn bidi_and_control_characters_are_escaped() {
+        let out =
+            String::from_utf8(through(false, "a\u{202e}b\u{2066}c\u{200f}d\n".as_bytes())).unwrap();
+        assert_eq!(out, "a\\u202eb\\u2066c\\u200fd\n");
+        assert_eq!(
+            printable("x\r\u{1b}[2Kok\u{202e}\u{85}\ty"),
+            "x\\u000d\\u001b[2Kok\\u202e\\u0085\ty"
+        );
+        assert!(matches!(
+            printable("plain é"),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 
     #[test]

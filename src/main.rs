@@ -1,5 +1,6 @@
 //! `nightingale`: the server and its command-line tools.
 
+use nightingale::log_line::printable;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -333,7 +334,7 @@ fn main() -> anyhow::Result<()> {
                 Some(file) => match anchors::read(file) {
                     Ok(a) => a,
                     Err(e) => {
-                        println!("FAIL {e}");
+                        println!("FAIL {}", printable(&e.to_string()));
                         std::process::exit(1)
                     }
                 },
@@ -356,7 +357,7 @@ fn main() -> anyhow::Result<()> {
                             )
                         }
                         Err(e) => {
-                            println!("FAIL {e}");
+                            println!("FAIL {}", printable(&e.to_string()));
                             failed = true;
                         }
                     }
@@ -400,7 +401,7 @@ fn main() -> anyhow::Result<()> {
                     Ok(())
                 }
                 Err(e) => {
-                    println!("FAIL {e}");
+                    println!("FAIL {}", printable(&e.to_string()));
                     std::process::exit(1)
                 }
             }
@@ -1006,7 +1007,7 @@ fn list(
         let bundle = match Bundle::open_with(&root.join(&name), policy) {
             Ok(bundle) => bundle,
             Err(e) => {
-                println!("{name}\t-\tREFUSED\t-\t-\t{e}");
+                println!("{}", printable(&format!("{name}\t-\tREFUSED\t-\t-\t{e}")));
                 all_verified = false;
                 continue;
             }
@@ -1027,15 +1028,21 @@ fn list(
                         }
                     };
                     println!(
-                        "{name}\t{v}\t{state}\t{signature}\t{selftest}\t{}",
-                        bundle.manifest.description
+                        "{}",
+                        printable(&format!(
+                            "{name}\t{v}\t{state}\t{signature}\t{selftest}\t{}",
+                            bundle.manifest.description
+                        ))
                     );
                 }
             }
             Ok(_) => println!("{name}\t-\tNO VERSIONS\t{signature}\t-\t-"),
             Err(e) => {
                 all_verified = false;
-                println!("{name}\t-\tREFUSED\t{signature}\t-\t{e}");
+                println!(
+                    "{}",
+                    printable(&format!("{name}\t-\tREFUSED\t{signature}\t-\t{e}"))
+                );
             }
         }
     }
@@ -1080,7 +1087,7 @@ fn sign(key: &std::path::Path, paths: &[PathBuf]) -> anyhow::Result<bool> {
                 Ok(written) => println!("ok   {}: signed by key {}", written.display(), key.id()),
                 Err(e) => {
                     all_ok = false;
-                    println!("FAIL {}: {e}", dir.display());
+                    println!("{}", printable(&format!("FAIL {}: {e}", dir.display())));
                 }
             }
         }
@@ -1145,10 +1152,10 @@ fn check(paths: &[PathBuf], policy: &nightingale_models::SignaturePolicy) -> any
                 Ok(lines)
             });
             match result {
-                Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+                Ok(lines) => lines.iter().for_each(|l| println!("{}", printable(l))),
                 Err(e) => {
                     all_ok = false;
-                    println!("FAIL {}: {e}", dir.display());
+                    println!("{}", printable(&format!("FAIL {}: {e}", dir.display())));
                 }
             }
         }
