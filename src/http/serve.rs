@@ -93,7 +93,7 @@ impl Default for ConnectionLimits {
 }
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Waits (without reading) until the bytes the client sent tell its protocol: the whole
 /// HTTP/2 preface, or a first byte or more that cannot begin it (HTTP/1, whose header
