@@ -45,9 +45,11 @@ struct Counts {
     unpacked: usize,
 }
 
-/// Elements of repeated scalar contents written one field each (not packed, as proto3
-/// encoders write them): two bytes each on the wire and a few decoded, 30 million of them
-/// took seconds to decode (a re-attack's finding).
+/// Fields of a message that each decode into one element: repeated scalar contents written
+/// one field each (not packed, as proto3 encoders write them), strings of `bytes_contents`,
+/// entries of `raw_input_contents`, inputs and outputs. Two bytes each on the wire and a few
+/// decoded, 30 million of them took seconds to decode (re-attacks' findings: unpacked
+/// scalars, then empty strings and empty raw entries).
 const MAX_UNPACKED_ELEMENTS: usize = 1 << 20;
 
 impl Counts {
@@ -62,12 +64,12 @@ impl Counts {
         Ok(())
     }
 
-    /// One more element of repeated scalar contents not packed.
+    /// One more field that decodes into one element ([`MAX_UNPACKED_ELEMENTS`]).
     fn one_unpacked(&mut self) -> Result<(), String> {
         self.unpacked += 1;
         if self.unpacked > MAX_UNPACKED_ELEMENTS {
             return Err(format!(
-                "more than {MAX_UNPACKED_ELEMENTS} tensor elements not packed (proto3 packs repeated scalars)"
+                "more than {MAX_UNPACKED_ELEMENTS} separately encoded elements (tensor elements not packed, as proto3 packs repeated scalars, strings, raw contents, inputs and outputs)"
             ));
         }
         Ok(())
@@ -123,15 +125,18 @@ pub(crate) fn infer_request_bound(message: &[u8]) -> Result<usize, String> {
                 map_entry(r.len_delimited()?, &mut counts)?
             }
             (5, LEN) => {
+                counts.one_unpacked()?;
                 size_of::<InferInputTensor>() * GROWTH
                     + input_tensor(r.len_delimited()?, &mut counts)?
             }
             (6, LEN) => {
+                counts.one_unpacked()?;
                 size_of::<InferRequestedOutputTensor>() * GROWTH
                     + requested_output(r.len_delimited()?, &mut counts)?
             }
             // raw_input_contents: `Bytes` slicing the received message.
             (7, LEN) => {
+                counts.one_unpacked()?;
                 r.len_delimited()?;
                 size_of::<bytes::Bytes>() * GROWTH
             }
@@ -324,7 +329,10 @@ fn contents(bytes: &[u8], counts: &mut Counts) -> Result<usize, String> {
             }
         };
         let count_and_extra = match (field, wire) {
-            (8, LEN) => (1, r.len_delimited()?.len()),
+            (8, LEN) => {
+                counts.one_unpacked()?;
+                (1, r.len_delimited()?.len())
+            }
             // Packed: varints counted; fixed-width elements by their length.
             (1..=5, LEN) => {
                 counts.singular(&mut pieces, field)?;
@@ -656,10 +664,15 @@ mod tests {
         let in_contents =
             |piece: &[u8], times: usize| with_input(field(0x2a, &piece.repeat(times)));
         assert!(infer_request_bound(&in_contents(&[0x12, 0], n + 1)).is_err());
-        assert!(infer_request_bound(&in_contents(&[0x08, 1], MAX_UNPACKED_ELEMENTS)).is_ok());
+        // (the input itself is one of the elements counted)
+        assert!(infer_request_bound(&in_contents(&[0x08, 1], MAX_UNPACKED_ELEMENTS - 1)).is_ok());
         let e =
             infer_request_bound(&in_contents(&[0x08, 1], MAX_UNPACKED_ELEMENTS + 1)).unwrap_err();
         assert!(e.contains("not packed"), "{e}");
+        // Strings of bytes_contents and raw_input_contents entries, empty ones too.
+        assert!(infer_request_bound(&in_contents(&[0x42, 0], MAX_UNPACKED_ELEMENTS + 1)).is_err());
+        let raw = after_base([0x3a, 0].repeat(MAX_UNPACKED_ELEMENTS + 1));
+        assert!(infer_request_bound(&raw).is_err());
         // An ordinary parameter passes, and the wire bound agrees with prost on it.
         let ok = nested(vec![0x0a, 1, b'k', 0x12, 2, 0x08, 1]);
         assert!(ModelInferRequest::decode(ok.as_slice()).is_ok());
