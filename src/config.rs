@@ -73,6 +73,10 @@ pub struct ServeArgs {
     /// Retry-After. [default: 8192]
     #[arg(long, env = "NIGHTINGALE_MAX_OPEN_REQUESTS")]
     pub max_open_requests: Option<usize>,
+    /// Of those, the most one client (an IPv4 address, an IPv6 /64; a reverse proxy is one)
+    /// may hold, 1..=--max-open-requests. [default: an eighth of --max-open-requests]
+    #[arg(long, env = "NIGHTINGALE_MAX_OPEN_REQUESTS_PER_CLIENT")]
+    pub max_open_requests_per_client: Option<usize>,
     /// Most connections open at once on each listener (HTTP, gRPC); beyond, a plaintext
     /// listener leaves new connections in the backlog until one closes, a TLS listener closes
     /// them at once. [default: 4096]
@@ -428,6 +432,7 @@ struct FileConfig {
     max_inflight_bytes: Option<usize>,
     max_inflight_requests: Option<usize>,
     max_open_requests: Option<usize>,
+    max_open_requests_per_client: Option<usize>,
     max_connections: Option<usize>,
     max_connections_per_client: Option<usize>,
     admin_token: Option<String>,
@@ -525,6 +530,8 @@ pub struct ServeConfig {
     pub max_inflight_requests: usize,
     /// `--max-open-requests`.
     pub max_open_requests: usize,
+    /// `--max-open-requests-per-client`.
+    pub max_open_requests_per_client: usize,
     pub max_connections: usize,
     pub max_connections_per_client: usize,
     pub admin_token: Option<String>,
@@ -671,6 +678,10 @@ impl std::fmt::Debug for ServeConfig {
             .field("max_inflight_bytes", &self.max_inflight_bytes)
             .field("max_inflight_requests", &self.max_inflight_requests)
             .field("max_open_requests", &self.max_open_requests)
+            .field(
+                "max_open_requests_per_client",
+                &self.max_open_requests_per_client,
+            )
             .field("max_connections", &self.max_connections)
             .field(
                 "max_connections_per_client",
@@ -822,6 +833,15 @@ impl ServeArgs {
         if !(1..=MAX_INFLIGHT_REQUESTS).contains(&max_open_requests) {
             return Err(ConfigError::Invalid(format!(
                 "max_open_requests must be between 1 and {MAX_INFLIGHT_REQUESTS} (got {max_open_requests})"
+            )));
+        }
+        let max_open_requests_per_client = self
+            .max_open_requests_per_client
+            .or(file.max_open_requests_per_client)
+            .unwrap_or_else(|| crate::http::open_requests_per_client(max_open_requests));
+        if !(1..=max_open_requests).contains(&max_open_requests_per_client) {
+            return Err(ConfigError::Invalid(format!(
+                "max_open_requests_per_client must be between 1 and max_open_requests ({max_open_requests}; got {max_open_requests_per_client})"
             )));
         }
         let intra_op_threads = self.intra_op_threads.or(file.intra_op_threads).unwrap_or(1);
@@ -1466,6 +1486,7 @@ impl ServeArgs {
             max_inflight_bytes,
             max_inflight_requests,
             max_open_requests,
+            max_open_requests_per_client,
             max_connections,
             max_connections_per_client,
             admin_token,

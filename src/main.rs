@@ -353,7 +353,7 @@ fn main() -> anyhow::Result<()> {
                         Ok(summary) => {
                             println!(
                                 "{}",
-                                verified_line(&log.display().to_string(), &summary, "")
+                                printable(&verified_line(&log.display().to_string(), &summary, ""))
                             )
                         }
                         Err(e) => {
@@ -397,7 +397,7 @@ fn main() -> anyhow::Result<()> {
                         (None, Some(_)) => "; no record to anchor yet".to_owned(),
                         (None, None) => String::new(),
                     };
-                    println!("{}", verified_line(&what, &summary, &anchored));
+                    println!("{}", printable(&verified_line(&what, &summary, &anchored)));
                     Ok(())
                 }
                 Err(e) => {
@@ -563,6 +563,7 @@ async fn serve(
             max_inflight_bytes: config.max_inflight_bytes,
             max_inflight_requests: config.max_inflight_requests,
             max_open_requests: config.max_open_requests,
+            max_open_requests_per_client: Some(config.max_open_requests_per_client),
             explain: config.explain,
         },
         Some(http::install_recorder()),

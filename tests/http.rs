@@ -1801,6 +1801,7 @@ async fn one_client_holds_at_most_its_share_of_the_open_requests() {
     use nightingale::http::clients::ClientAddr;
     let f = Fixture::new(HttpConfig {
         max_open_requests: 16,
+        max_open_requests_per_client: Some(2),
         ..HttpConfig::default()
     });
     let from = |ip: [u8; 4], uri: &str| {
@@ -1815,13 +1816,24 @@ async fn one_client_holds_at_most_its_share_of_the_open_requests() {
         assert_eq!(r.status(), StatusCode::OK);
         held.push(r);
     }
-    let refused = from([10, 0, 0, 1], "/v2/health/live").await.unwrap();
+    let refused = from([10, 0, 0, 1], "/v2").await.unwrap();
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
     let body = refused.into_body().collect().await.unwrap().to_bytes();
     assert!(
         String::from_utf8_lossy(&body).contains("this client"),
         "{body:?}"
     );
+    // Its health checks count apart (a busy proxy's probe is answered), up to their own
+    // bound per client.
+    let mut probes = vec![];
+    for _ in 0..http::HEALTH_CHECKS_PER_CLIENT {
+        let r = from([10, 0, 0, 1], "/v2/health/ready").await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        probes.push(r);
+    }
+    let refused = from([10, 0, 0, 1], "/v2/health/live").await.unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    drop(probes);
     // Another client is served.
     assert_eq!(
         from([10, 0, 0, 2], "/v2").await.unwrap().status(),

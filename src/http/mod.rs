@@ -74,6 +74,9 @@ pub struct HttpConfig {
     /// `Retry-After`): an HTTP/2 client may open hundreds of streams on each of its
     /// connections.
     pub max_open_requests: usize,
+    /// Of them, the most one client (an IPv4 address, an IPv6 /64) may hold
+    /// (`--max-open-requests-per-client`; `None`: an eighth, [`open_requests_per_client`]).
+    pub max_open_requests_per_client: Option<usize>,
     /// `/explain` for bundles without an `[explain]` section (`serve --explain`).
     pub explain: ExplainPolicy,
 }
@@ -120,6 +123,7 @@ impl Default for HttpConfig {
             max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
             max_inflight_requests: DEFAULT_MAX_INFLIGHT_REQUESTS,
             max_open_requests: DEFAULT_MAX_OPEN_REQUESTS,
+            max_open_requests_per_client: None,
             explain: ExplainPolicy::default(),
         }
     }
@@ -154,6 +158,8 @@ pub struct AppState {
     open_requests: Arc<tokio::sync::Semaphore>,
     /// Requests open at once per client ([`open_requests_per_client`]).
     open_by_client: Arc<clients::ClientCounts>,
+    /// Health checks open at once per client ([`HEALTH_CHECKS_PER_CLIENT`]).
+    health_by_client: Arc<clients::ClientCounts>,
     /// Audit records of CDS Hooks refusals without credentials, calls and feedback each
     /// their own: a burst, then one a second, the rest counted and summarised
     /// ([`crate::audit::throttle`]).
@@ -177,12 +183,18 @@ impl AppState {
                 .max_open_requests
                 .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
         ));
-        let open_by_client =
-            clients::ClientCounts::new(open_requests_per_client(config.max_open_requests));
+        let open_by_client = clients::ClientCounts::new(
+            config
+                .max_open_requests_per_client
+                .unwrap_or_else(|| open_requests_per_client(config.max_open_requests))
+                .min(config.max_open_requests),
+        );
+        let health_by_client = clients::ClientCounts::new(HEALTH_CHECKS_PER_CLIENT);
         Arc::new(AppState {
             explain_turns,
             open_requests,
             open_by_client,
+            health_by_client,
             repository,
             audit,
             admission: Admission::new(&config),
@@ -443,6 +455,12 @@ fn always_answered(path: &str) -> bool {
     )
 }
 
+/// Health checks one client may hold open at once, apart from its requests: a probe needs
+/// one (they were counted in the client's share: a busy proxy or sidecar, one client, had
+/// its probes refused and the server read as dead, a re-attack's finding), and unread ones
+/// still cannot pile up (80,000 held streams took 80 MB: a re-attack's finding).
+pub const HEALTH_CHECKS_PER_CLIENT: usize = 64;
+
 /// The requests one client (an IPv4 address, an IPv6 /64) may hold open at once: an eighth
 /// of [`HttpConfig::max_open_requests`] (1,024 by default), so that one client alone cannot
 /// take every place (a re-attack: 41 HTTP/2 connections of unread streams, without
@@ -457,7 +475,7 @@ pub fn open_requests_per_client(max_open_requests: usize) -> usize {
 /// `Retry-After`), before anything else is done for it. One client's HTTP/2 connections
 /// opened 200,000 streams of `/v2/models/stats` in 3.5 s without reading the answers: the
 /// server took 1.5 GB and answered nobody else for 70 s (a red-team finding). Health checks
-/// count in their client's share only.
+/// count apart, [`HEALTH_CHECKS_PER_CLIENT`] a client.
 pub(crate) async fn open_request(
     axum::extract::State(state): axum::extract::State<Arc<AppState>>,
     request: Request,
@@ -469,22 +487,29 @@ pub(crate) async fn open_request(
         AppError::overloaded(what).into_response()
     };
     let client = request.extensions().get::<clients::ClientAddr>().copied();
+    let health = always_answered(request.uri().path());
+    let counts = if health {
+        &state.health_by_client
+    } else {
+        &state.open_by_client
+    };
     let mine = match client {
-        Some(clients::ClientAddr(ip)) => match state.open_by_client.admit(ip) {
+        Some(clients::ClientAddr(ip)) => match counts.admit(ip) {
             Some(slot) => Some(slot),
             None => {
                 return refuse(
                     "open_requests_per_client",
                     format!(
-                        "this client has its limit of {} requests open (an eighth of max_open_requests); retry later",
-                        state.open_by_client.max()
+                        "this client has its limit of {} {} open (max_open_requests_per_client); retry later",
+                        counts.max(),
+                        if health { "health checks" } else { "requests" }
                     ),
                 );
             }
         },
         None => None,
     };
-    let place = if always_answered(request.uri().path()) {
+    let place = if health {
         None
     } else {
         match state.open_requests.clone().try_acquire_owned() {
