@@ -95,21 +95,6 @@ impl Default for ConnectionLimits {
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Waits (without reading) until the bytes the client sent tell its protocol: the whole
-/// HTTP/2 preface, or a first byte or more that cannot begin it (HTTP/1, whose header
-/// deadline then runs in hyper). False when the client closes first.
-async fn protocol_known(tcp: &tokio::net::TcpStream) -> bool {
-    let mut head = [0u8; H2_PREFACE.len()];
-    loop {
-        match tcp.peek(&mut head).await {
-            Ok(0) | Err(_) => return false,
-            Ok(n) if n == head.len() || head[..n] != H2_PREFACE[..n] => return true,
-            // Part of the preface: peek returns the same bytes until more arrive.
-            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-}
-
 /// Serves `app` on `listener` until `shutdown` resolves, then lets open connections finish
 /// (within [`ConnectionLimits::shutdown_grace`]).
 pub async fn serve(
@@ -165,14 +150,9 @@ pub async fn serve(
             // hyper's header deadline starts with the first byte, and the protocol detection
             // before it reads without one: a connection that sends nothing, or only part of
             // the HTTP/2 preface (held for the 300 s idle timeout: a red-team finding), is
-            // closed here.
-            if !tokio::time::timeout(first_byte, protocol_known(&tcp))
-                .await
-                .is_ok_and(|known| known)
-            {
-                return drop(permit);
-            }
-            let io = super::idle::IdleClose::new(tcp, activity, idle_timeout);
+            // ended by the first-byte deadline, as on the TLS listener.
+            let io = super::idle::IdleClose::new(tcp, activity, idle_timeout)
+                .with_first_byte_deadline(first_byte);
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             if let Err(e) = watcher.watch(connection.into_owned()).await {
                 tracing::debug!(error = %e, "HTTP connection ended with an error");
