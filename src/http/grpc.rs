@@ -281,12 +281,8 @@ fn inflate_small(
     limit: usize,
 ) -> Result<Vec<u8>, AppError> {
     use std::io::Read as _;
-    let reader: Box<dyn std::io::Read + '_> = match coding {
-        super::Coding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(compressed)),
-        super::Coding::Deflate => Box::new(flate2::read::ZlibDecoder::new(compressed)),
-    };
     let mut message = Vec::new();
-    reader
+    super::decoder(compressed, coding)
         .take(limit as u64 + 1)
         .read_to_end(&mut message)
         .map_err(|e| {

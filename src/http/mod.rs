@@ -903,6 +903,14 @@ fn content_coding(headers: &HeaderMap) -> Result<Option<Coding>, AppError> {
     Ok(coding)
 }
 
+/// A reader of `body` inflated as `coding` says (gzip members one after another, or zlib).
+fn decoder(body: &[u8], coding: Coding) -> Box<dyn std::io::Read + Send + '_> {
+    match coding {
+        Coding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(body)),
+        Coding::Deflate => Box::new(flate2::read::ZlibDecoder::new(body)),
+    }
+}
+
 /// Inflates a compressed body, at most `limit` bytes (413 beyond), charging `ticket` as it
 /// grows (a small body that inflates to a lot is refused when the budget has no room, not
 /// after it was allocated), a MiB at a time with a yield between, so that a large body does
@@ -915,10 +923,7 @@ async fn inflate(
 ) -> Result<Bytes, AppError> {
     use std::io::Read;
     const STEP: usize = 1 << 20;
-    let mut reader: Box<dyn Read + Send + '_> = match coding {
-        Coding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(body)),
-        Coding::Deflate => Box::new(flate2::read::ZlibDecoder::new(body)),
-    };
+    let mut reader = decoder(body, coding);
     let mut out: Vec<u8> = Vec::new();
     loop {
         let start = out.len();
