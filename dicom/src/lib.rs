@@ -13,6 +13,8 @@
 //! - [`sop`]: the storage SOP classes and transfer syntaxes accepted by default.
 //! - [`pixels`]: pixel decode (Modality/VOI LUT, MONOCHROME1, colour) into `f32` frames for
 //!   the preprocessing, an 8-bit rendering, and a budget of pixels decoded at once.
+//! - [`unknown_vr`]: standard attributes an archive wrote as UN, read with their dictionary's
+//!   VR by everything that reads stored objects.
 //! - [`volume`]: a series as one volume: slice geometry, order, and the series that cannot be
 //!   one.
 
@@ -36,6 +38,7 @@ pub mod spool;
 pub mod stow;
 pub mod structure;
 mod ul;
+pub mod unknown_vr;
 pub mod volume;
 
 pub use attributes::Attributes;

@@ -127,7 +127,8 @@ pub fn read_file_meta(bytes: &[u8]) -> Result<(FileMetaTable, usize), dicom_obje
 
 /// Opens a stored Part 10 file (preamble, meta group, data set) as
 /// [`OpenFileOptions::open_file`] does, stopping before `read_until` when given, but keeps a
-/// meta group UID with letters as written.
+/// meta group UID with letters as written, and reads standard attributes written as UN with
+/// their dictionary's VR ([`crate::unknown_vr`]).
 pub fn open_file(path: &Path, read_until: Option<Tag>) -> Result<DefaultDicomObject, ReadError> {
     let options = || {
         let options = OpenFileOptions::new();
@@ -137,7 +138,7 @@ pub fn open_file(path: &Path, read_until: Option<Tag>) -> Result<DefaultDicomObj
         }
     };
     let error = match options().open_file(path) {
-        Ok(obj) => return Ok(obj),
+        Ok(obj) => return Ok(with_standard_vrs(obj)),
         Err(e) => e,
     };
     let Some((file, head, replaced)) = replaced_head(path) else {
@@ -148,7 +149,16 @@ pub fn open_file(path: &Path, read_until: Option<Tag>) -> Result<DefaultDicomObj
         .from_reader(Cursor::new(head).chain(file))
         .map_err(|_| error)?;
     restore(obj.meta_mut(), replaced);
-    Ok(obj)
+    Ok(with_standard_vrs(obj))
+}
+
+/// `obj` with the standard attributes an archive wrote as UN read with their dictionary's VR
+/// ([`crate::unknown_vr`]).
+fn with_standard_vrs(mut obj: DefaultDicomObject) -> DefaultDicomObject {
+    let big_endian =
+        obj.meta().transfer_syntax().trim_end_matches(['\0', ' ']) == "1.2.840.10008.1.2.2";
+    crate::unknown_vr::restore_standard_vrs(&mut obj, big_endian);
+    obj
 }
 
 /// The preamble and meta group of the file at `path` with its UIDs replaced, and the file

@@ -259,6 +259,62 @@ def test_a_series_whose_uids_hold_letters_comes_back_as_sr_and_sc(work):
         stop(pacs.proc)
 
 
+def test_standard_attributes_an_archive_wrote_as_un_are_read_by_the_dictionary(work):
+    """An archive whose dictionary lacked an attribute writes it with VR UN (PS3.5 6.2.2):
+    pydicom and dcmtk read it by their dictionaries, and so must the pipeline (it read
+    Modality `CT` as the numbers `67\\84`, matched no bundle, and made no result: a review's
+    finding). Here the routing, pixel and patient attributes of a CT slice are all UN: the
+    series is routed, its probability is onnxruntime's on the image pydicom reads, and the
+    SR copies the patient's name as a PN."""
+    pacs = StoreScp(work)
+    server = Server(work, f"STORESCP@127.0.0.1:{pacs.port}")
+    try:
+        source = work / "un.dcm"
+        ds = with_new_uids(get_testdata_file("CT_small.dcm"), source)
+        ds.PatientName = "M\u00fcller^Zo\u00eb"
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        text = {"Modality", "PatientName", "PatientID",
+                "PhotometricInterpretation", "RescaleSlope", "RescaleIntercept"}
+        binary_us = {"Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+                     "PixelRepresentation", "SamplesPerPixel"}
+        pydicom.config.replace_un_with_known_vr = False  # write them as UN
+        try:
+            for keyword in text | binary_us:
+                element = ds[keyword]
+                if keyword in binary_us:
+                    raw = int(element.value).to_bytes(2, "little")
+                else:
+                    raw = str(element.value).encode("latin-1")
+                    raw += b" " * (len(raw) % 2)
+                del ds[keyword]
+                ds[element.tag] = pydicom.dataelem.DataElement(element.tag, "UN", raw)
+            ds.save_as(source, enforce_file_format=True)
+        finally:
+            pydicom.config.replace_un_with_known_vr = True
+        assert b"\x08\x00\x60\x00UN\x00\x00\x02\x00\x00\x00CT" in source.read_bytes()
+        read_back = pydicom.dcmread(source)
+        assert read_back["Modality"].VR == "CS" and read_back.Modality == "CT"  # pydicom: by
+        assert read_back.Rows == 128  # its dictionary
+        store(server.port, [source])
+        files = wait_for(lambda: len(pacs.files()) >= 2 and pacs.files(), RESULT_TIMEOUT_S,
+                         "the SR and the SC at storescp")
+        objects = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID): f for f in files}
+        assert set(objects) == {SR_CLASS, SC_CLASS}, objects
+        sr = pydicom.dcmread(objects[SR_CLASS])
+        assert sr["PatientName"].VR == "PN" and str(sr.PatientName) == "M\u00fcller^Zo\u00eb"
+        assert sr.PatientID == read_back.PatientID
+        numbers = sr_numbers(sr)
+        expected = expected_probability(source)
+        assert abs(numbers["Probability"] - expected) < 1e-4, (numbers, expected)
+        source_errors = dciodvfy_errors(source)
+        for path in objects.values():
+            new = dciodvfy_errors(path) - source_errors
+            assert not new, f"dciodvfy errors in {path.name}: {sorted(new)}"
+    finally:
+        stop(server.proc)
+        stop(pacs.proc)
+
+
 def test_the_sr_names_the_image_that_gave_the_series_probability(work):
     """A series of two images, one of them rotated: the SR reports the higher of the two
     probabilities onnxruntime gives, and its Probability is INFERRED FROM that image (TID 300's
