@@ -712,10 +712,16 @@ impl Cds {
         }
         // Parsed on a blocking thread: a page of megabytes takes a runtime thread tens of
         // milliseconds, which every other request on it would wait for.
-        tokio::task::spawn_blocking(move || serde_json::from_slice::<Value>(&body))
-            .await
-            .map_err(|_| "the page could not be parsed".to_owned())?
-            .map_err(|e| format!("not FHIR JSON: {}", sanitise(&e.to_string())))
+        // A key named twice in one object is refused ([`nightingale_decision_support::json`]).
+        tokio::task::spawn_blocking(move || {
+            let value = serde_json::from_slice::<Value>(&body)
+                .map_err(|e| format!("not FHIR JSON: {}", sanitise(&e.to_string())))?;
+            nightingale_decision_support::json::check(&body)
+                .map_err(|e| format!("not FHIR JSON: {e}"))?;
+            Ok(value)
+        })
+        .await
+        .map_err(|_| "the page could not be parsed".to_owned())?
     }
 }
 

@@ -733,6 +733,17 @@ async fn hostile_bodies_are_400_or_413_and_say_nothing_of_their_content() {
             ),
             "nested too deeply",
         ),
+        (
+            // A key named twice (a review's finding: the last one was read, so a reading
+            // that one copy retracts was scored): refused whole, the key named.
+            format!(
+                r#"{{"hook": "patient-view", "hookInstance": "{}", "context": {{"patientId": "DOE-12345"}},
+                    "prefetch": {{"vitals": {{"resourceType": "Observation", "status": "entered-in-error",
+                    "status": "final"}}}}}}"#,
+                uuid()
+            ),
+            "names the key `status` twice",
+        ),
     ] {
         let t = server
             .ehr
@@ -744,7 +755,7 @@ async fn hostile_bodies_are_400_or_413_and_say_nothing_of_their_content() {
         assert!(v.to_string().contains(says), "{says}: {v}");
         assert!(!v.to_string().contains("DOE-12345") && !v.to_string().contains("12345"), "{v}");
     }
-    assert!(rejected() >= before + 10, "{before} then {}", rejected());
+    assert!(rejected() >= before + 11, "{before} then {}", rejected());
 }
 
 #[tokio::test]

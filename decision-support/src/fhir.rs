@@ -81,6 +81,10 @@ pub enum FhirError {
         line: usize,
         column: usize,
     },
+    /// An object of the input names a key twice ([`crate::json`]): which value is meant
+    /// cannot be told.
+    #[error("the FHIR input is refused: {0}")]
+    RepeatedKey(crate::json::JsonError),
     /// A JSON value where a resource belongs is not an object with a `resourceType` string.
     #[error("{path}: not a FHIR resource (no \"resourceType\")")]
     NotAResource { path: String },
@@ -205,6 +209,7 @@ impl Resource {
             line: e.line(),
             column: e.column(),
         })?;
+        crate::json::check(bytes).map_err(FhirError::RepeatedKey)?;
         Resource::from_value(&value, limits)
     }
 
@@ -1651,6 +1656,31 @@ impl Condition {
     pub fn is_active_one_of(&self, codes: &[SystemCode]) -> bool {
         self.is_active() && self.code.as_ref().is_some_and(|c| c.has_any(codes))
     }
+
+    /// Whether the condition is coded as one of `codes` and its record says it holds at
+    /// `now` without doubt, for a decision that lowers a score (NEWS2's SpO2 scale 2): active
+    /// ([`Condition::activity`]), its verification status `confirmed` or not given (an
+    /// `unconfirmed`, `provisional` or `differential` diagnosis, or one that cannot be read,
+    /// does not count here, where it counts as holding for a decision that withholds a
+    /// score), no `abatement[x]` (an active Condition with one contradicts itself: R4
+    /// con-4), and no `onsetDateTime` after `now`. A review's finding: a provisional
+    /// diagnosis of hypercapnic respiratory failure took a patient on air with SpO2 86 % from
+    /// NEWS2 3 to 1.
+    pub fn is_confirmed_one_of(&self, codes: &[SystemCode], now: DateTime<Utc>) -> bool {
+        let confirmed = self.verification_status.as_ref().is_none_or(|c| {
+            let codes = condition_status_code(c, CONDITION_VER_STATUS, CONDITION_VER_STATUS_STU3);
+            !codes.is_empty() && codes.iter().all(|c| *c == "confirmed")
+        });
+        let begun = self
+            .onset_date_time
+            .as_deref()
+            .is_none_or(|t| match date_time_bounds(t) {
+                TimeBounds::At(at) => at <= now,
+                TimeBounds::Between(earliest, _) => earliest <= now,
+                TimeBounds::Unknown => true,
+            });
+        confirmed && begun && !self.abated() && self.is_active_one_of(codes)
+    }
 }
 
 /// An Encounter.
@@ -2033,6 +2063,14 @@ mod tests {
         assert!(matches!(
             Resource::from_json(b"{not json", &Limits::default()),
             Err(FhirError::Json { .. })
+        ));
+        // FHIR JSON forbids a property named twice: which value is meant cannot be told.
+        assert!(matches!(
+            Resource::from_json(
+                br#"{"resourceType": "Observation", "status": "final", "status": "entered-in-error"}"#,
+                &Limits::default()
+            ),
+            Err(FhirError::RepeatedKey(_))
         ));
     }
 

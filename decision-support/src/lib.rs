@@ -114,6 +114,7 @@ pub mod cards;
 pub mod feedback;
 pub mod fhir;
 pub mod hooks;
+pub mod json;
 pub mod jwt;
 pub mod news2;
 pub mod risk;

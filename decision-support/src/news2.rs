@@ -674,11 +674,11 @@ pub fn assess(
             });
         }
     };
-    // Scale 2 (lower SpO2 targets) only on a Condition that surely holds: copies that
-    // disagree do not lower the score.
+    // Scale 2 (lower SpO2 targets) only on a confirmed Condition that surely holds now:
+    // copies that disagree do not lower the score.
     let scale2 = resources.conditions.iter().any(|c| {
         of_patient(c.subject.as_ref(), patient_id)
-            && c.is_active_one_of(&settings.scale2_conditions)
+            && c.is_confirmed_one_of(&settings.scale2_conditions, now)
             && !resources.condition_disputed(c)
     });
     let scale = if scale2 {

@@ -680,8 +680,6 @@ fn newer_not_final(
     }
 }
 
-/// The quantity of `o` (or of its component) coded `code`; `Some(Err)` when coded so but
-/// without a usable quantity.
 /// Whether `c` is a blood-pressure panel (LOINC 85354-9, 55284-4) and `code` one of its
 /// pressures (8480-6, 8462-4): a search of the panel may hold that value as a component.
 fn is_panel_of(c: &crate::fhir::CodeableConcept, code: &SystemCode) -> bool {
@@ -689,14 +687,23 @@ fn is_panel_of(c: &crate::fhir::CodeableConcept, code: &SystemCode) -> bool {
         && crate::service::is_bp_panel(c)
 }
 
+/// The quantity of `o` (or of its component) coded `code`; `Some(Err)` when coded so but
+/// without a usable quantity (none, or one given with a `dataAbsentReason`).
 fn value_with_code<'a>(
     o: &'a Observation,
     code: &SystemCode,
 ) -> Option<Result<&'a Quantity, UnusableReason>> {
+    let present = |q: &'a Quantity, absent: bool| {
+        if absent {
+            Err(UnusableReason::AbsentReasonWithValue)
+        } else {
+            Ok(q)
+        }
+    };
     if o.code.has(&code.system, &code.code)
         && let Some(q) = &o.value_quantity
     {
-        return Some(Ok(q));
+        return Some(present(q, o.data_absent_reason.is_some()));
     }
     // Of several components with the code, one value only: two that differ make it
     // unusable, whatever their order (the first taken, a panel with systolic components
@@ -714,7 +721,13 @@ fn value_with_code<'a>(
     if components.any(|c| c.value_quantity != first.value_quantity) {
         return Some(Err(UnusableReason::Conflicting));
     }
-    Some(first.value_quantity.as_ref().ok_or(UnusableReason::NoValue))
+    Some(
+        first
+            .value_quantity
+            .as_ref()
+            .ok_or(UnusableReason::NoValue)
+            .and_then(|q| present(q, first.data_absent_reason.is_some())),
+    )
 }
 
 #[cfg(test)]

@@ -4,10 +4,10 @@
 //! - status `final`, `amended` or `corrected` only (not `preliminary`, `registered`,
 //!   `cancelled`, `entered-in-error`, `unknown`);
 //! - when a patient id is given, an observation whose `subject` is not a reference to that
-//!   Patient (`Patient/{id}`, relative or absolute) is left out — a `urn:uuid:` or contained
-//!   reference included, and a subject given only by an identifier or a display, as none
-//!   can be matched (another patient's vitals counted as this one's); one without a subject
-//!   is kept (a prefetch is already the patient's);
+//!   Patient is left out ([`crate::fhir::Reference::patient_id`]: `Patient/{id}`, or an
+//!   absolute URL on the call's `fhirServer`) — a `urn:uuid:` or contained reference
+//!   included, one without a subject, and a subject given only by an identifier or a
+//!   display, as none can be matched (another patient's vitals counted as this one's);
 //! - its time ([`Observation::effective`]: `effectiveDateTime`, `effectiveInstant`,
 //!   `effectivePeriod` end-else-start, else `issued`) must lie within
 //!   [`VitalsOptions::look_back`] before `now` and no later than
@@ -227,6 +227,10 @@ pub enum UnusableReason {
     /// right cannot be told, and taking one by its place in the Bundle would make the
     /// score depend on the order the EHR sent them in.
     Conflicting,
+    /// A value given with a `dataAbsentReason` (R4 obs-6 allows the reason only where there
+    /// is no value): the record says the value is missing or wrong (`error`), so it is not
+    /// scored, and an older one is not taken in its place.
+    AbsentReasonWithValue,
 }
 
 impl fmt::Display for UnusableReason {
@@ -236,6 +240,9 @@ impl fmt::Display for UnusableReason {
             UnusableReason::Unit(u) => write!(f, "unit \"{u}\" not convertible"),
             UnusableReason::UnitSystem => f.write_str("unit not coded in UCUM"),
             UnusableReason::NoValue => f.write_str("no value"),
+            UnusableReason::AbsentReasonWithValue => {
+                f.write_str("a value recorded with a reason it is absent (dataAbsentReason)")
+            }
             UnusableReason::Comparator => f.write_str("a bound (<, >), not a measurement"),
             UnusableReason::Implausible => f.write_str("value outside the possible range"),
             UnusableReason::UnknownAnswer => f.write_str("answer code not recognised"),
@@ -694,8 +701,12 @@ fn value_of(
     concept: Option<&CodeableConcept>,
     absent: bool,
 ) -> Result<Value, UnusableReason> {
-    if absent && quantity.is_none() && concept.is_none() {
-        return Err(UnusableReason::NoValue);
+    if absent {
+        return Err(if quantity.is_none() && concept.is_none() {
+            UnusableReason::NoValue
+        } else {
+            UnusableReason::AbsentReasonWithValue
+        });
     }
     match parameter {
         Parameter::AirOrOxygen => supply(code, quantity, concept),

@@ -112,6 +112,93 @@ fn scale_2_when_a_listed_condition_is_active() {
     assert_eq!(s.score.scale, SpO2Scale::Scale1);
 }
 
+/// A review's finding: an unconfirmed, provisional or differential diagnosis, an abated one
+/// still marked active, and one that begins after now, each put a patient on air with SpO2
+/// 86 % on scale 2 and took NEWS2 from 3 to 1. Scale 2 lowers the score: only a Condition
+/// the record confirms, in force now, chooses it (no verification status given counts as the
+/// EHR's record; `confirmed` in STU3's system too).
+#[test]
+fn scale_2_only_on_a_confirmed_condition_in_force_now() {
+    let settings = News2Settings {
+        scale2_conditions: vec![SystemCode::new(SNOMED, "65710008")],
+        ..Default::default()
+    };
+    let verified = |system: &str, code: &str| {
+        let mut c = condition(SNOMED, "65710008");
+        c["verificationStatus"] = json!({"coding": [{"system": system, "code": code}]});
+        c
+    };
+    let r4 = "http://terminology.hl7.org/CodeSystem/condition-ver-status";
+    let stu3 = "http://hl7.org/fhir/condition-ver-status";
+    let with = |field: &str, value: &str| {
+        let mut c = condition(SNOMED, "65710008");
+        c[field] = json!(value);
+        c
+    };
+    let cases = [
+        (condition(SNOMED, "65710008"), SpO2Scale::Scale2),
+        (verified(r4, "confirmed"), SpO2Scale::Scale2),
+        (verified(stu3, "confirmed"), SpO2Scale::Scale2),
+        (with("onsetDateTime", "2020-03-01"), SpO2Scale::Scale2),
+        (verified(r4, "unconfirmed"), SpO2Scale::Scale1),
+        (verified(r4, "provisional"), SpO2Scale::Scale1),
+        (verified(r4, "differential"), SpO2Scale::Scale1),
+        (
+            verified("http://example.org/local", "confirmed"),
+            SpO2Scale::Scale1,
+        ),
+        (with("abatementDateTime", "2024-01-01"), SpO2Scale::Scale1),
+        (
+            with("abatementString", "resolved on treatment"),
+            SpO2Scale::Scale1,
+        ),
+        (with("onsetDateTime", "2025-06-01"), SpO2Scale::Scale1),
+        (
+            with("onsetDateTime", "2024-05-01T12:30:00Z"),
+            SpO2Scale::Scale1,
+        ),
+    ];
+    for (c, want) in cases {
+        let shown = c.to_string();
+        let mut items = vec![patient("1950-01-01"), c];
+        items.extend(vitals());
+        items[3] = q("59408-5", 88.0, "%"); // SpO2
+        items[4] = coded(SNOMED, "722742002", None); // breathing room air
+        let Assessment::Scored(s) = run(items, &settings) else {
+            panic!("not scored: {shown}")
+        };
+        assert_eq!(s.score.scale, want, "{shown}");
+        // SpO2 88 on air: 3 on scale 1, 0 on scale 2 (88–92).
+        let spo2 = if want == SpO2Scale::Scale2 { 0 } else { 3 };
+        assert_eq!(
+            s.score.sub_score(Parameter::OxygenSaturation),
+            spo2,
+            "{shown}"
+        );
+    }
+}
+
+/// A review's finding: a newer SpO2 of 99 % recorded with dataAbsentReason `error` replaced
+/// the 85 % before it and took NEWS2 from 3 to 0. R4 obs-6 allows the reason only without a
+/// value: such a value is unusable, named on the card, and the older one is not scored in its
+/// place.
+#[test]
+fn a_value_given_with_a_data_absent_reason_is_unusable() {
+    let mut items = vec![patient("1950-01-01")];
+    items.extend(vitals());
+    let mut erroneous = q("59408-5", 99.0, "%");
+    erroneous["effectiveDateTime"] = json!("2024-05-01T11:30:00Z");
+    erroneous["dataAbsentReason"] = json!({"coding": [{
+        "system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "error"}]});
+    items.push(erroneous);
+    let Assessment::Incomplete(i) = run(items, &News2Settings::default()) else {
+        panic!("scored a value marked absent")
+    };
+    assert_eq!(i.unusable.len(), 1);
+    assert_eq!(i.unusable[0].parameter, Parameter::OxygenSaturation);
+    assert_eq!(i.unusable[0].reason, UnusableReason::AbsentReasonWithValue);
+}
+
 #[test]
 fn any_missing_parameter_means_no_score_and_says_which() {
     let mut items = vec![patient("1950-01-01")];

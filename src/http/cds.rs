@@ -263,6 +263,9 @@ async fn answer_call(
                 .into_response();
         }
     };
+    if let Err(e) = nightingale_decision_support::json::check(&bytes) {
+        return AppError::bad_request(format!("not a CDS Hooks request: {e}")).into_response();
+    }
     if let Err(e) = request.validate(&service.config().hook) {
         return AppError::bad_request(e.to_string()).into_response();
     }
@@ -544,6 +547,10 @@ async fn answer_feedback(
             .into_response();
         }
     };
+    if let Err(e) = nightingale_decision_support::json::check(&bytes) {
+        return AppError::bad_request(format!("not a CDS Hooks feedback request: {e}"))
+            .into_response();
+    }
     let events = {
         let ledger = cds.ledger.lock().unwrap_or_else(|p| p.into_inner());
         ledger.accept(service.id(), &request)
