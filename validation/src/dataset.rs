@@ -76,10 +76,22 @@ pub fn path_under(root: &Path, rel: &str) -> Result<PathBuf, PathRefused> {
         return Err(PathRefused::NotRelative);
     }
     let root = root.canonicalize().map_err(|_| PathRefused::RootMissing)?;
-    let full = root
-        .join(relative)
-        .canonicalize()
-        .map_err(|_| PathRefused::Missing)?;
+    let joined = root.join(relative);
+    let Ok(full) = joined.canonicalize() else {
+        // Missing only where what does exist of the path is under the root: a link out of
+        // it answers "outside" whether or not the rest exists there (a review's finding:
+        // "missing" against "outside" told a caller which paths exist on the server).
+        let inside = joined
+            .ancestors()
+            .skip(1)
+            .find_map(|a| a.canonicalize().ok())
+            .is_some_and(|a| a.starts_with(&root));
+        return Err(if inside {
+            PathRefused::Missing
+        } else {
+            PathRefused::Outside
+        });
+    };
     if !full.starts_with(&root) {
         return Err(PathRefused::Outside);
     }
@@ -236,6 +248,16 @@ pub struct DatasetSummary {
 /// Ignored columns listed by name in the report (the rest are counted).
 pub const MAX_IGNORED_LISTED: usize = 64;
 
+/// The most columns a CSV dataset may have. Each costs the reader about 140 bytes beyond
+/// its name: a 225 MB header of 40 million one-to-five-letter names took 6.3 GB before its
+/// missing columns were named (a review's finding); 100,000 is far more than any tabular
+/// model's features and their subgroups.
+pub const MAX_COLUMNS: usize = 100_000;
+
+/// The longest header row read, in bytes of the file (a header is read whole before its
+/// columns can be counted).
+pub const MAX_HEADER_BYTES: u64 = 16 << 20;
+
 /// An ignored column's name is cut at this many characters in the report.
 pub const MAX_IGNORED_NAME_CHARS: usize = 128;
 
@@ -252,10 +274,19 @@ struct HashingReader<R> {
     hasher: Sha256,
     bytes: u64,
     quotes: QuoteState,
+    /// While the header row is read: at most this many bytes of the file
+    /// ([`MAX_HEADER_BYTES`]).
+    header_limit: Option<u64>,
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.header_limit.is_some_and(|limit| self.bytes >= limit) {
+            return Err(io::Error::other(format!(
+                "the header row is longer than {} MiB",
+                MAX_HEADER_BYTES >> 20
+            )));
+        }
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
         for (i, &b) in buf[..n].iter().enumerate() {
@@ -335,6 +366,7 @@ impl CsvDataset {
                 hasher: Sha256::new(),
                 bytes: 0,
                 quotes: QuoteState::default(),
+                header_limit: Some(MAX_HEADER_BYTES),
             });
         let header = reader
             .headers()
@@ -344,6 +376,17 @@ impl CsvDataset {
                 reason: e.to_string(),
             })?
             .clone();
+        reader.get_mut().header_limit = None;
+        if header.len() > MAX_COLUMNS {
+            return Err(DatasetError::Csv {
+                path: path.to_owned(),
+                row: 0,
+                reason: format!(
+                    "the header names {} columns, more than {MAX_COLUMNS}",
+                    header.len()
+                ),
+            });
+        }
         let names: Vec<String> = header.iter().map(|h| h.trim().to_owned()).collect();
         let mut seen = HashSet::new();
         for n in &names {
@@ -899,6 +942,72 @@ mod tests {
             .map(|r| r.as_ref().unwrap().subgroups[0].as_str())
             .collect();
         assert_eq!(sites, ["a, \"b\"\nc", "x\"y", ""]);
+    }
+
+    /// A review's finding: a 225 MB header of 40 million short column names took 6.3 GB
+    /// before its missing columns were named. The header is read to at most 16 MiB and may
+    /// name at most 100,000 columns; a wide one within both still reads.
+    #[test]
+    fn a_header_too_wide_or_too_long_is_refused_before_its_columns_are_kept() {
+        let cols = Columns {
+            label: "label".into(),
+            score: Some("score".into()),
+            ..Columns::default()
+        };
+        let names = |n: usize| (0..n).map(|i| format!(",c{i}")).collect::<String>();
+        let f = write(&format!(
+            "label,score{}\n1,0.5{}\n",
+            names(MAX_COLUMNS),
+            ",1".repeat(MAX_COLUMNS)
+        ));
+        let e = CsvDataset::open(f.path(), &cols, labels())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("more than 100000"), "{e}");
+        let f = write(&format!(
+            "label,score,{}\n1,0.5,1\n",
+            "x".repeat(MAX_HEADER_BYTES as usize + 1)
+        ));
+        let e = CsvDataset::open(f.path(), &cols, labels())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("header row is longer than 16 MiB"), "{e}");
+        let wide = MAX_COLUMNS - 2;
+        let f = write(&format!(
+            "label,score{}\n1,0.5{}\n",
+            names(wide),
+            ",1".repeat(wide)
+        ));
+        let mut ds = CsvDataset::open(f.path(), &cols, labels()).unwrap();
+        assert_eq!(read_all(&mut ds).len(), 1);
+    }
+
+    /// A review's finding: through a link out of the root, "missing" against "outside"
+    /// told a caller which paths exist on the server. Both are "outside" now; a path that
+    /// is missing under the root is still "missing".
+    #[test]
+    fn a_path_through_a_link_out_is_outside_whether_or_not_it_exists() {
+        let root = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::write(elsewhere.path().join("exists.csv"), "label\n1\n").unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), root.path().join("out")).unwrap();
+        std::fs::create_dir(root.path().join("in")).unwrap();
+        for rel in ["out/exists.csv", "out/missing.csv", "out/no/such/dir.csv"] {
+            assert_eq!(
+                path_under(root.path(), rel),
+                Err(PathRefused::Outside),
+                "{rel}"
+            );
+        }
+        for rel in ["in/missing.csv", "missing/dir/x.csv"] {
+            assert_eq!(
+                path_under(root.path(), rel),
+                Err(PathRefused::Missing),
+                "{rel}"
+            );
+        }
     }
 
     #[test]
