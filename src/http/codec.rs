@@ -1046,9 +1046,19 @@ pub fn encode_response(
     }
 }
 
-/// Triton's classification extension: the top `k` classes along the last axis of each row,
-/// as BYTES `"<score>:<index>[:<label>]"`, shape `[rows, k]`.
-pub fn classify(tensor: &Tensor, k: usize, labels: &[String]) -> Result<Tensor, AppError> {
+/// Triton's classification extension, as Triton's HTTP and gRPC frontends make it: for a
+/// model that batches, the top `k` of each batch entry's elements (all of them, whatever the
+/// entry's rank; an index counts through the entry's elements), shape `[batch, k]`; for one
+/// that does not (`batched` false), the top `k` of the whole tensor, shape `[k]`. Each as
+/// BYTES `"<score>:<index>[:<label>]"`, the score printed as C++'s `std::to_string` prints
+/// it (`%f`, six decimals, for floating point; the exact integer otherwise), `k` at most
+/// the elements there are.
+pub fn classify(
+    tensor: &Tensor,
+    k: usize,
+    labels: &[String],
+    batched: bool,
+) -> Result<Tensor, AppError> {
     // Integers are ranked and printed in their own values (as Triton's AddClassResults<T>
     // does): through f64, UINT64 values above 2^53 tied and printed as values not in the
     // tensor (a red-team finding). i128 holds every i64 and u64 exactly.
@@ -1072,14 +1082,17 @@ pub fn classify(tensor: &Tensor, k: usize, labels: &[String]) -> Result<Tensor, 
         }
     };
     let shape = tensor.shape().to_vec();
-    let classes = *shape.last().unwrap_or(&1);
+    let (rows, classes) = match shape.split_first() {
+        Some((&rows, rest)) if batched => (rows, rest.iter().product::<usize>()),
+        _ => (1, flat.len()),
+    };
     if classes == 0 {
         return Err(AppError::bad_request(format!(
-            "classification needs at least one class along the output's last axis; its shape is {shape:?}"
+            "classification needs at least one value to rank in each {}; the output's shape is {shape:?}",
+            if batched { "batch entry" } else { "output" }
         )));
     }
     let k = k.min(classes).max(1);
-    let rows = flat.len() / classes.max(1);
     let mut out = Vec::with_capacity(rows * k);
     for r in 0..rows {
         let range = r * classes..(r + 1) * classes;
@@ -1096,7 +1109,7 @@ pub fn classify(tensor: &Tensor, k: usize, labels: &[String]) -> Result<Tensor, 
         }
         for &i in order.iter().take(k) {
             let value = match &flat {
-                Scores::Float(v) => v[range.start + i].to_string(),
+                Scores::Float(v) => c_fixed(v[range.start + i]),
                 Scores::Int(v) => v[range.start + i].to_string(),
             };
             let text = match labels.get(i) {
@@ -1106,9 +1119,20 @@ pub fn classify(tensor: &Tensor, k: usize, labels: &[String]) -> Result<Tensor, 
             out.push(text.into_bytes());
         }
     }
-    let mut out_shape: Vec<usize> = shape[..shape.len().saturating_sub(1)].to_vec();
-    out_shape.push(k);
+    let out_shape = if batched { vec![rows, k] } else { vec![k] };
     Tensor::from_vec(out_shape, out).map_err(|e| AppError::internal(e.to_string()))
+}
+
+/// `x` as C's `printf("%f")` (C++'s `std::to_string`) writes it: six decimals, `nan`,
+/// `inf`, `-inf`.
+fn c_fixed(x: f64) -> String {
+    if x.is_nan() {
+        if x.is_sign_negative() { "-nan" } else { "nan" }.to_owned()
+    } else if x.is_infinite() {
+        if x > 0.0 { "inf" } else { "-inf" }.to_owned()
+    } else {
+        format!("{x:.6}")
+    }
 }
 
 /// An output's values for [`classify`], in a type that keeps them exact.
@@ -1417,7 +1441,7 @@ mod classify_tests {
     fn integer_outputs_are_ranked_and_printed_exactly() {
         let big = 1u64 << 53;
         let t = Tensor::from_vec(vec![1, 4], vec![big, big + 1, 0, u64::MAX]).unwrap();
-        let out = classify(&t, 3, &[]).unwrap();
+        let out = classify(&t, 3, &[], true).unwrap();
         let Tensor::Bytes(a) = out else {
             panic!("not BYTES")
         };
@@ -1434,7 +1458,7 @@ mod classify_tests {
             ]
         );
         let t = Tensor::from_vec(vec![1, 2], vec![i64::MIN, -1]).unwrap();
-        let Tensor::Bytes(a) = classify(&t, 2, &["a".into(), "b".into()]).unwrap() else {
+        let Tensor::Bytes(a) = classify(&t, 2, &["a".into(), "b".into()], true).unwrap() else {
             panic!("not BYTES")
         };
         let texts: Vec<&[u8]> = a.iter().map(Vec::as_slice).collect();
@@ -1447,11 +1471,11 @@ mod classify_tests {
     #[test]
     fn an_output_without_classes_is_a_client_error() {
         let empty = Tensor::from_vec(vec![2, 0], Vec::<f32>::new()).unwrap();
-        let e = classify(&empty, 1, &[]).unwrap_err();
+        let e = classify(&empty, 1, &[], true).unwrap_err();
         assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
         assert!(e.message.contains("[2, 0]"), "{}", e.message);
         let scores = Tensor::from_vec(vec![2, 3], vec![0.1f32, 0.7, 0.2, 0.5, 0.3, 0.2]).unwrap();
-        let top = classify(&scores, 2, &["a".into(), "b".into(), "c".into()]).unwrap();
+        let top = classify(&scores, 2, &["a".into(), "b".into(), "c".into()], true).unwrap();
         assert_eq!(top.shape(), &[2, 2]);
         let Tensor::Bytes(a) = top else {
             panic!("BYTES");
@@ -1463,10 +1487,10 @@ mod classify_tests {
         assert_eq!(
             got,
             [
-                "0.699999988079071:1:b",
-                "0.20000000298023224:2:c",
-                "0.5:0:a",
-                "0.30000001192092896:1:b"
+                "0.700000:1:b",
+                "0.200000:2:c",
+                "0.500000:0:a",
+                "0.300000:1:b"
             ]
         );
         // Integer outputs of every width are classified too (Triton classifies any
@@ -1476,10 +1500,65 @@ mod classify_tests {
             Tensor::from_vec(vec![1, 3], vec![1u16, 9, 4]).unwrap(),
             Tensor::from_vec(vec![1, 3], vec![1u64, 9, 4]).unwrap(),
         ] {
-            let Tensor::Bytes(a) = classify(&t, 1, &[]).unwrap() else {
+            let Tensor::Bytes(a) = classify(&t, 1, &[], true).unwrap() else {
                 panic!("BYTES");
             };
             assert_eq!(a.iter().next().unwrap(), b"9:1");
         }
+    }
+
+    /// A review's finding: classes were ranked along the last axis only, where Triton's
+    /// frontends rank every element of a batch entry (a model that batches: shape
+    /// `[batch, k]`) or of the whole output (one that does not: shape `[k]`), and print a
+    /// floating-point score as `std::to_string` does (six decimals). Expected values as
+    /// Triton's `TopkClassifications` gives them.
+    #[test]
+    fn batch_entries_or_the_whole_output_are_ranked_as_triton_ranks_them() {
+        let t = Tensor::from_vec(vec![2, 3], vec![0.1f64, 0.9, 0.5, 0.7, 0.2, 0.3]).unwrap();
+        let texts = |t: Tensor| -> (Vec<usize>, Vec<String>) {
+            let shape = t.shape().to_vec();
+            let Tensor::Bytes(a) = t else { panic!("BYTES") };
+            (
+                shape,
+                a.iter()
+                    .map(|b| String::from_utf8(b.clone()).unwrap())
+                    .collect(),
+            )
+        };
+        assert_eq!(
+            texts(classify(&t, 2, &[], false).unwrap()),
+            (vec![2], vec!["0.900000:1".into(), "0.700000:3".into()])
+        );
+        // A batch of two entries of shape [2, 2]: each ranked over its four elements.
+        let t = Tensor::from_vec(
+            vec![2, 2, 2],
+            vec![1.0f32, 4.0, 3.0, 2.0, -1.0, -4.0, -3.0, -2.0],
+        )
+        .unwrap();
+        assert_eq!(
+            texts(classify(&t, 2, &[], true).unwrap()),
+            (
+                vec![2, 2],
+                vec![
+                    "4.000000:1".into(),
+                    "3.000000:2".into(),
+                    "-1.000000:0".into(),
+                    "-2.000000:3".into()
+                ]
+            )
+        );
+        // k past the elements there are: all of them. Non-finite scores as printf writes them.
+        let t = Tensor::from_vec(vec![1, 3], vec![f32::NAN, f32::NEG_INFINITY, 1e20]).unwrap();
+        assert_eq!(
+            texts(classify(&t, 9, &[], true).unwrap()),
+            (
+                vec![1, 3],
+                vec![
+                    "nan:0".into(),
+                    "100000002004087734272.000000:2".into(),
+                    "-inf:1".into()
+                ]
+            )
+        );
     }
 }

@@ -639,7 +639,13 @@ pub(super) fn select_outputs(
                             )));
                         }
                         let labels = spec.map(|o| o.labels.clone()).unwrap_or_default();
-                        codec::classify(&found.tensor, k, &labels)?
+                        let batched = model
+                            .worker
+                            .config()
+                            .batching
+                            .as_ref()
+                            .is_some_and(|b| b.max_batch_size > 0);
+                        codec::classify(&found.tensor, k, &labels, batched)?
                     }
                     _ => found.tensor.clone(),
                 };
