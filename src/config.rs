@@ -1019,18 +1019,22 @@ impl ServeArgs {
         }
         let repository_poll =
             (poll_secs > 0.0).then(|| std::time::Duration::from_secs_f64(poll_secs));
-        let tls = resolve_tls(
-            self.tls_cert.or(file.tls_cert),
-            self.tls_key.or(file.tls_key),
-            self.tls_client_ca.or(file.tls_client_ca),
-            self.tls_client_auth.or(file.tls_client_auth),
-        )?;
-        // Roles and credentials: `[auth]` (relative paths from the config file's folder), and
-        // the start-up rule for addresses other than loopback.
+        // Relative paths in the file are read from its folder (the TLS files, `[auth]`'s);
+        // on the command line, from the working directory. A relative `tls_client_ca` read
+        // from wherever the service was started could be another CA (a review's finding).
         let config_dir = match &self.config {
             Some(path) => path.parent().map(Path::to_path_buf).unwrap_or_default(),
             None => PathBuf::new(),
         };
+        let from_file = |p: Option<PathBuf>| p.map(|p| config_dir.join(p));
+        let tls = resolve_tls(
+            self.tls_cert.or(from_file(file.tls_cert)),
+            self.tls_key.or(from_file(file.tls_key)),
+            self.tls_client_ca.or(from_file(file.tls_client_ca)),
+            self.tls_client_auth.or(file.tls_client_auth),
+        )?;
+        // Roles and credentials: `[auth]` (relative paths from the config file's folder), and
+        // the start-up rule for addresses other than loopback.
         let mut auth = file.auth.unwrap_or_default().resolve(&config_dir)?;
         // Verified TLS client certificates are a credential (mutual TLS).
         auth.client_certificates_verified = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
@@ -2356,6 +2360,27 @@ mod tests {
                 .any_host
         );
         assert!(with_trust(None, true).resolve().unwrap().cds.any_host);
+
+        // The TLS files named in the file are read from its folder too (they were read from
+        // the working directory: a review's finding); on the command line, as given.
+        std::fs::write(
+            &path,
+            "tls_cert = \"pki/server.pem\"\ntls_key = \"/etc/nightingale/server.key\"\ntls_client_ca = \"../ca.pem\"\n",
+        )
+        .unwrap();
+        let tls = args().resolve().unwrap().tls.unwrap();
+        assert_eq!(tls.cert, dir.path().join("pki/server.pem"));
+        assert_eq!(tls.key, Path::new("/etc/nightingale/server.key"));
+        assert_eq!(tls.client_ca, Some(dir.path().join("../ca.pem")));
+        let tls = ServeArgs {
+            tls_cert: Some("given.pem".into()),
+            ..args()
+        }
+        .resolve()
+        .unwrap()
+        .tls
+        .unwrap();
+        assert_eq!(tls.cert, Path::new("given.pem"));
     }
 
     // ---- DICOM ingest (issue 8) ----

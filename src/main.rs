@@ -759,6 +759,11 @@ async fn serve(
         })
     };
     let tls = tls.zip(config.tls.as_ref());
+    // Without TLS there is nothing to reload, but a SIGHUP (a `systemctl reload`, a log
+    // rotation hook) must not end the server as its default action does: it stopped at once,
+    // without its graceful shutdown or the held audit records (a review's finding).
+    #[cfg(unix)]
+    let _ignore_hangups = tls.is_none().then(log_sighup);
     let max_connections = (config.max_connections, config.max_connections_per_client);
     let http_server = serve_router(
         listener,
@@ -966,6 +971,24 @@ fn verified_line(what: &str, summary: &nightingale::audit::ChainSummary, anchore
         "ok   {what}: {} records{files}, hash chain intact{from}{last}{anchored}",
         summary.records
     )
+}
+
+/// Logs each SIGHUP of a server without TLS (nothing to reload). The handler is in place
+/// when this returns (before the listeners serve), not when the task first runs.
+#[cfg(unix)]
+fn log_sighup() -> Option<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hangups) => Some(tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP: no TLS configured, nothing to reload; serving on");
+            }
+        })),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP");
+            None
+        }
+    }
 }
 
 async fn shutdown_signal() {

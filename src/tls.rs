@@ -96,6 +96,17 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
+    /// A certificate in the client CA file is not a CA's: with it as a trust anchor, its key
+    /// could sign any client identity (an operator "pinning" one client's certificate).
+    #[error(
+        "client CA {path}: certificate {index} ({subject}) is not a CA certificate ({reason}); --tls-client-ca takes the CAs that issue client certificates, not a client's own certificate"
+    )]
+    NotACa {
+        path: PathBuf,
+        index: usize,
+        subject: String,
+        reason: &'static str,
+    },
     #[error("client CA {path}: {source}")]
     ClientVerifier {
         path: PathBuf,
@@ -254,7 +265,13 @@ pub fn load_server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, T
         None => builder.with_no_client_auth(),
         Some(path) => {
             let mut roots = RootCertStore::empty();
-            for ca in certificates(path)? {
+            for (i, ca) in certificates(path)?.into_iter().enumerate() {
+                check_is_ca(&ca).map_err(|(subject, reason)| TlsError::NotACa {
+                    path: path.clone(),
+                    index: i + 1,
+                    subject,
+                    reason,
+                })?;
                 roots.add(ca).map_err(|source| TlsError::ClientCa {
                     path: path.clone(),
                     source,
@@ -283,7 +300,39 @@ pub fn load_server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, T
                 source,
             })?;
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    if settings.client_ca.is_some() {
+        // No session resumption where clients present certificates: a resumed session brings
+        // back the certificate of its first handshake unchecked, so a client kept its identity
+        // past its certificate's expiry for as long as it resumed (a review's finding). Every
+        // connection is a full handshake, checked against the CAs (and their reload) of now.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(config))
+}
+
+/// `Ok` when `der` is a CA certificate (basic constraints `CA:TRUE`, and a key usage, where
+/// given, that allows signing certificates); else its subject and what is wrong.
+fn check_is_ca(der: &CertificateDer<'_>) -> Result<(), (String, &'static str)> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    // One that cannot be parsed is left to rustls, which names the error.
+    let Ok((_, cert)) = X509Certificate::from_der(der.as_ref()) else {
+        return Ok(());
+    };
+    let subject = crate::log_line::printable(&cert.subject().to_string()).into_owned();
+    match cert.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca => {}
+        Ok(Some(_)) => return Err((subject, "basic constraints say CA:FALSE")),
+        Ok(None) => return Err((subject, "no basic constraints extension")),
+        Err(_) => return Err((subject, "its basic constraints cannot be read")),
+    }
+    match cert.key_usage() {
+        Ok(Some(ku)) if !ku.value.key_cert_sign() => {
+            Err((subject, "its key usage does not allow signing certificates"))
+        }
+        Err(_) => Err((subject, "its key usage cannot be read")),
+        _ => Ok(()),
+    }
 }
 
 /// Re-reads the TLS files on every `SIGHUP` (until the task is dropped). New connections get

@@ -637,6 +637,20 @@ fn bad_tls_files_and_settings_stop_the_start_naming_the_file() {
         &os(&["--tls-client-ca".into(), p.join("ca.pem").into_os_string()]),
         "need --tls-cert and --tls-key",
     );
+    // A client's own certificate as the client CA (an operator "pinning" one client): its
+    // key could sign any identity (a review's finding). Refused, naming the file.
+    let mut args = tls_args(&cert, &key);
+    args.extend([
+        "--tls-client-ca".into(),
+        p.join("client.pem").into_os_string(),
+    ]);
+    start_fails(
+        &os(&args),
+        &format!(
+            "client CA {}: certificate 1 (O=Nightingale Tests, CN=nightingale-test-client) is not a CA certificate (basic constraints say CA:FALSE)",
+            p.join("client.pem").display()
+        ),
+    );
 }
 
 /// A router that tells the caller which client certificate the acceptor handed it.
@@ -669,6 +683,112 @@ async fn serve_whoami(settings: &TlsSettings) -> (SocketAddr, axum_server::Handl
         .handle(handle.clone());
     tokio::spawn(server.serve(whoami().into_make_service()));
     (addr, handle)
+}
+
+/// A plain HTTP/1.1 GET of `path`: the status line's code, or `None` when nothing answers.
+fn plain_get(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    answer.split(' ').nth(1)?.parse().ok()
+}
+
+/// A review's finding: without TLS no SIGHUP handler was installed, so a SIGHUP (a
+/// `systemctl reload`, a log rotation hook) ended the server at once, without its graceful
+/// shutdown. It is logged, and the server serves on.
+#[test]
+fn a_sighup_without_tls_is_logged_and_the_server_serves_on() {
+    let mut server = Server::start(&[]);
+    let deadline = Instant::now() + WAIT;
+    while plain_get(server.addr, "/v2/health/live") != Some(200) {
+        assert!(
+            server.child.try_wait().unwrap().is_none(),
+            "{}",
+            server.log()
+        );
+        assert!(Instant::now() < deadline, "not live: {}", server.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for _ in 0..2 {
+        server.hangup();
+    }
+    let deadline = Instant::now() + WAIT;
+    while server.log().matches("nothing to reload").count() < 2 {
+        assert!(
+            server.child.try_wait().unwrap().is_none(),
+            "the server stopped on SIGHUP: {}",
+            server.log()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP not logged: {}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(plain_get(server.addr, "/v2/health/live"), Some(200));
+    assert!(server.child.try_wait().unwrap().is_none());
+}
+
+/// How each of three connections in a row, each with one request, was set up.
+async fn handshake_kinds(
+    settings: &TlsSettings,
+    config: Arc<rustls::ClientConfig>,
+) -> Vec<rustls::HandshakeKind> {
+    let (addr, handle) = serve_whoami(settings).await;
+    let mut kinds = Vec::new();
+    for _ in 0..3 {
+        let stream = connect(addr, config.clone()).await.unwrap();
+        kinds.push(stream.get_ref().1.handshake_kind().unwrap());
+        // The answer read: TLS 1.3 tickets come after the handshake.
+        let (status, _, _) = get(stream, addr, "/whoami").await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
+    handle.shutdown();
+    kinds
+}
+
+/// A review's finding: a resumed TLS session brought back the client certificate of its
+/// first handshake without a check, so a client whose certificate had expired kept its
+/// identity for as long as it resumed (an inference was audited under it after expiry).
+/// With client certificates configured every connection is a full handshake; without them
+/// the same client resumes (the control: it would, were it allowed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_session_resumption_where_clients_present_certificates() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let pki = pki();
+    let p = pki.path();
+    let ca = p.join("ca.pem");
+    let mut settings = TlsSettings {
+        cert: p.join("server.pem"),
+        key: p.join("server.key"),
+        client_ca: None,
+        client_auth: ClientAuth::Optional,
+    };
+    for alpn in [&b"h2"[..], &b"http/1.1"[..]] {
+        let kinds = handshake_kinds(&settings, client_config(&ca, &[alpn], None)).await;
+        assert_eq!(kinds, [Full, Resumed, Resumed]);
+    }
+    settings.client_ca = Some(ca.clone());
+    for auth in [ClientAuth::Optional, ClientAuth::Required] {
+        settings.client_auth = auth;
+        for alpn in [&b"h2"[..], &b"http/1.1"[..]] {
+            let config = client_config(
+                &ca,
+                &[alpn],
+                Some((&p.join("client.pem"), &p.join("client.key"))),
+            );
+            assert_eq!(handshake_kinds(&settings, config).await, [Full, Full, Full]);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
