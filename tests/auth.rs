@@ -575,6 +575,79 @@ async fn an_anonymous_request_under_a_foreign_host_name_is_refused_on_a_loopback
     assert_eq!(s, StatusCode::OK, "{v}");
 }
 
+/// A review's finding: a web page of another origin, open in a browser on this machine,
+/// ran inferences and explanations on the default loopback server through simple
+/// `text/plain` POSTs (it cannot read the answers; the server ran them). An anonymous request
+/// that a browser marks as coming from another origin is refused; one from the server's own
+/// origin, one typed into the address bar, a client that is not a browser, or a caller with a
+/// credential is not.
+#[tokio::test]
+async fn an_anonymous_request_from_a_web_page_of_another_origin_is_refused() {
+    let server = Server::new(HttpConfig {
+        admin_token: Some("legacy-admin-token-0123456789".into()),
+        auth: AuthConfig {
+            loopback_listener: true,
+            ..AuthConfig::default()
+        },
+        ..HttpConfig::default()
+    });
+    let body = r#"{"inputs":[{"name":"features","datatype":"FP32","shape":[1,30],"data":[0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5]}]}"#;
+    let infer = |headers: &[(&str, &str)]| {
+        let mut req = Request::post(format!("/v2/models/{MODEL}/infer"))
+            .header(header::HOST, "127.0.0.1:8000")
+            .header(header::CONTENT_TYPE, "text/plain");
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        req.body(Body::from(body)).unwrap()
+    };
+    for (headers, status) in [
+        (
+            &[
+                ("origin", "http://evil.example"),
+                ("sec-fetch-site", "cross-site"),
+            ][..],
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            &[("origin", "http://evil.example")][..],
+            StatusCode::FORBIDDEN,
+        ),
+        (&[("origin", "null")][..], StatusCode::FORBIDDEN),
+        (
+            &[("sec-fetch-site", "same-site")][..],
+            StatusCode::FORBIDDEN,
+        ),
+        // Another port of this machine is another origin.
+        (
+            &[("origin", "http://127.0.0.1:3000")][..],
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            &[
+                ("origin", "http://127.0.0.1:8000"),
+                ("sec-fetch-site", "same-origin"),
+            ][..],
+            StatusCode::OK,
+        ),
+        (&[("sec-fetch-site", "none")][..], StatusCode::OK),
+        (&[][..], StatusCode::OK),
+        (
+            &[
+                ("origin", "http://evil.example"),
+                ("authorization", "Bearer legacy-admin-token-0123456789"),
+            ][..],
+            StatusCode::OK,
+        ),
+    ] {
+        let (s, _, v) = server.send(infer(headers)).await;
+        assert_eq!(s, status, "{headers:?}: {v}");
+        if s == StatusCode::FORBIDDEN {
+            assert!(error_of(&v).contains("another origin"), "{v}");
+        }
+    }
+}
+
 fn get(path: &str, bearer: Option<&str>) -> Request<Body> {
     let mut req = Request::get(path);
     if let Some(b) = bearer {

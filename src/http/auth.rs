@@ -1421,8 +1421,13 @@ pub(crate) async fn enforce(
 
 /// An anonymous caller's request to a listener on a loopback address must name it by a
 /// loopback Host (or authority): another name is how a web page reaches the server from a
-/// browser on this machine (DNS rebinding). HTTP ([`enforce`]) and gRPC (`http::grpc`, with
-/// its own listener's flag) both ask it; a public endpoint (`access`) is not held to it.
+/// browser on this machine (DNS rebinding). Nor may it come from a web page of another
+/// origin: a browser sends such a page's simple requests (a `text/plain` POST to `/infer`
+/// or `/explain`) without asking first, and the page cannot read the answer but makes the
+/// server run it (cross-site request forgery: a review's finding). A browser says where a
+/// request comes from (`Sec-Fetch-Site`, `Origin`); other clients send neither. HTTP
+/// ([`enforce`]) and gRPC (`http::grpc`, with its own listener's flag) both ask it; a public
+/// endpoint (`access`) is not held to it.
 pub(crate) fn refuse_rebinding(
     access: Access,
     loopback_listener: bool,
@@ -1433,12 +1438,49 @@ pub(crate) fn refuse_rebinding(
     if access == Access::Public || !(loopback_listener && caller.is_anonymous()) {
         return None;
     }
+    if let Some(origin) = cross_origin(req) {
+        tracing::warn!(origin = %printable(&origin), endpoint, "anonymous request from a web page of another origin refused");
+        return Some(AppError::new(
+            StatusCode::FORBIDDEN,
+            "a request without credentials from a web page of another origin is refused (cross-site request forgery); call the server directly or present a credential",
+        ));
+    }
     let host = foreign_host(req)?;
     tracing::warn!(host = %printable(&host), endpoint, "anonymous request under another host name refused");
     Some(AppError::new(
         StatusCode::FORBIDDEN,
         "a request without credentials to this loopback server must name it by a loopback Host (localhost, 127.0.0.1, [::1]): another name is how a web page reaches it from a browser (DNS rebinding); call it by its loopback name or present a credential",
     ))
+}
+
+/// Where a browser says a request comes from, when that is another origin than the server
+/// (`Sec-Fetch-Site` other than `same-origin` or `none`, or an `Origin` whose authority is
+/// not the request's Host, or `null`); `None` for a request no browser marked so.
+fn cross_origin(req: &Request) -> Option<String> {
+    let headers = req.headers();
+    let fetch_sites = headers.get_all("sec-fetch-site");
+    if let Some(site) = fetch_sites
+        .iter()
+        .find(|s| !matches!(s.as_bytes(), b"same-origin" | b"none"))
+    {
+        return Some(format!(
+            "Sec-Fetch-Site: {}",
+            String::from_utf8_lossy(site.as_bytes())
+        ));
+    }
+    let origin = headers.get(header::ORIGIN)?;
+    let origin = String::from_utf8_lossy(origin.as_bytes()).into_owned();
+    let authority = origin
+        .split_once("://")
+        .map(|(_, rest)| rest.trim_end_matches('/'));
+    let host = headers
+        .get(header::HOST)
+        .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    match (authority, host) {
+        (Some(a), Some(h)) if a.eq_ignore_ascii_case(h.trim()) => None,
+        _ => Some(format!("Origin: {origin}")),
+    }
 }
 
 /// The host a request names (its Host header, else the URI's authority: HTTP/2's
