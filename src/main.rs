@@ -58,8 +58,9 @@ enum Command {
         #[command(subcommand)]
         command: results_cli::ResultsCommand,
     },
-    /// Internal: loads the ONNX model given on stdin and runs it once on zeros, in a process
-    /// of its own, before the server (or `models check`, `validate`) loads it in its own.
+    /// Internal: loads the model given on stdin (ONNX, or a candle bundle's weights and
+    /// architecture) and runs it once on zeros, in a process of its own, before the server (or
+    /// `models check`, `validate`) loads it in its own.
     #[command(name = "__probe-model", hide = true)]
     ProbeModel(ProbeArgs),
 }
@@ -84,12 +85,18 @@ struct ProbeArgs {
 /// with the manifest's shapes, self-test: [`nightingale_models::probe_load`]); exit 0, or 1
 /// with the error.
 fn probe_model(args: ProbeArgs) -> ! {
-    let backend: nightingale_inference::BackendKind = match args.backend.parse() {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(1)
-        }
+    // `candle` is no `--backend` of `serve` (a bundle's platform chooses it), but its bundles
+    // are probed too: a probe that cannot name its engine proves nothing (it exits 1, which
+    // is no verdict).
+    let backend: nightingale_inference::BackendKind = match args.backend.as_str() {
+        "candle" => nightingale_inference::BackendKind::Candle,
+        other => match other.parse() {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1)
+            }
+        },
     };
     let options = RepositoryOptions {
         backend,

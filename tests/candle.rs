@@ -34,6 +34,82 @@ fn load(name: &str) -> LoadedModel {
         .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
+/// A review's finding: candle bundles were loaded in the server's own process only (a load
+/// of hundreds of large layers took minutes and gigabytes there). They now go through the
+/// probe process as ONNX models do: the server's own binary loads the candle bundle there
+/// first (the architecture file passed with the weights: `__probe-model` exits 0, which this
+/// test reads from its own run of it), and a probe that a signal stops refuses the bundle.
+#[test]
+fn candle_bundles_are_loaded_in_the_probe_process_first() {
+    use std::io::Write;
+    let bundle = repo().join("models/bundles/lesion-detection-candle");
+    // The real probe, as the server runs it: the bundle loads.
+    let real = RepositoryOptions {
+        probe: Some(nightingale_models::ProbeCommand {
+            program: env!("CARGO_BIN_EXE_nightingale").into(),
+            args: vec!["__probe-model".into()],
+        }),
+        ..RepositoryOptions::default()
+    };
+    Bundle::open(&bundle)
+        .unwrap()
+        .load_version(1, &real)
+        .unwrap();
+    // A probe that records what it was given and is then stopped by the kernel's OOM
+    // killer's signal: refused, with the signal.
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("input");
+    let killed = RepositoryOptions {
+        probe: Some(nightingale_models::ProbeCommand {
+            program: "/bin/sh".into(),
+            args: vec![
+                "-c".into(),
+                format!("cat > '{}'; kill -KILL $$", seen.display()),
+            ],
+        }),
+        ..RepositoryOptions::default()
+    };
+    let Err(err) = Bundle::open(&bundle).unwrap().load_version(1, &killed) else {
+        panic!("a candle bundle whose probe was killed must be refused");
+    };
+    assert!(
+        matches!(err, nightingale_models::BundleError::Crashed { .. })
+            && err.to_string().contains("SIGKILL"),
+        "{err}"
+    );
+    // What the probe was given ends with the architecture file, which the real probe run
+    // below loads from: it exits 0 (it exits 1 on a bundle it cannot load).
+    let input = std::fs::read(&seen).unwrap();
+    let architecture = std::fs::read(bundle.join("1/architecture.json")).unwrap();
+    assert!(input.ends_with(&architecture));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nightingale"))
+        .args(["__probe-model", "--backend", "candle", "--version", "1"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without the architecture file the probe cannot load it.
+    let cut = &input[..input.len() - architecture.len() - 8];
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nightingale"))
+        .args(["__probe-model", "--backend", "candle", "--version", "1"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(cut).unwrap();
+    stdin.write_all(&u64::MAX.to_le_bytes()).unwrap();
+    drop(stdin);
+    assert!(!child.wait_with_output().unwrap().status.success());
+}
+
 fn f32s(b64: &str) -> Vec<f32> {
     base64::engine::general_purpose::STANDARD
         .decode(b64)

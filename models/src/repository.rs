@@ -444,14 +444,17 @@ impl Bundle {
             max_working_bytes: options.max_working_bytes,
         };
         let engine_name = engine.as_str();
-        if model.candle_config.is_none()
-            && let Some(probe) = &options.probe
-        {
+        // A candle bundle too: its architecture is checked strictly, but a load of hundreds
+        // of large layers still took minutes and gigabytes in the server's own process (a
+        // review's finding); in the probe it is bounded in time, and a load that the kernel
+        // stops for memory stops the probe, not the server.
+        if let Some(probe) = &options.probe {
             let input = ProbeInput {
                 manifest: &self.text,
                 version,
                 model: model.bytes,
                 selftest: selftest.map(|(_, bytes)| bytes.as_slice()),
+                candle_config: model.candle_config,
             };
             probe_in_child(probe, &input, &load, &model_path, engine_name)?;
         }
@@ -662,6 +665,8 @@ struct ProbeInput<'a> {
     version: u64,
     model: &'a [u8],
     selftest: Option<&'a [u8]>,
+    /// A candle bundle's architecture file.
+    candle_config: Option<&'a [u8]>,
 }
 
 impl ProbeInput<'_> {
@@ -670,6 +675,7 @@ impl ProbeInput<'_> {
             Some(self.manifest.as_bytes()),
             Some(self.model),
             self.selftest,
+            self.candle_config,
         ] {
             match part {
                 Some(bytes) => {
@@ -720,6 +726,7 @@ pub fn probe_load(
     let text = String::from_utf8(text).map_err(|_| "the manifest is not UTF-8".to_owned())?;
     let model = part(input, crate::FILE_LIMIT)?.ok_or("no model")?;
     let selftest_bytes = part(input, crate::FILE_LIMIT)?;
+    let candle_config = part(input, crate::FILE_LIMIT)?;
     let manifest = Manifest::parse(&text).map_err(|e| e.to_string())?;
     let bundle = Bundle {
         dir: PathBuf::from(&manifest.name),
@@ -738,7 +745,7 @@ pub fn probe_load(
     };
     let model = Model {
         bytes: &model,
-        candle_config: None,
+        candle_config: candle_config.as_deref(),
     };
     bundle
         .prepare(options.backend, version, model, selftest.as_ref(), &options)
