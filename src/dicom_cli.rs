@@ -1,7 +1,7 @@
 //! Operator tools of DICOM ingest (issue 8): `nightingale dicom echo|store` (a small SCU) and
 //! `nightingale spool check|purge`, and the retention task of `serve`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -193,7 +193,7 @@ pub fn dicom(command: DicomCommand) -> anyhow::Result<()> {
             }) {
                 match found {
                     Err(e) => {
-                        println!("FAIL {e}");
+                        println!("FAIL {}", text(&e));
                         failures += 1;
                     }
                     Ok(path) => {
@@ -202,7 +202,7 @@ pub fn dicom(command: DicomCommand) -> anyhow::Result<()> {
                         if from_dir
                             && matches!(Part10File::open(&path), Err(FileError::NotPart10 { .. }))
                         {
-                            println!("skip {}: not a DICOM Part 10 file", path.display());
+                            println!("skip {}: not a DICOM Part 10 file", shown(&path));
                             skipped += 1;
                             continue;
                         }
@@ -226,19 +226,19 @@ pub fn dicom(command: DicomCommand) -> anyhow::Result<()> {
                 match &o.result {
                     Ok(status) if o.is_stored() => {
                         stored += 1;
-                        println!("ok   {}: status {status}", o.path.display());
+                        println!("ok   {}: status {status}", shown(&o.path));
                     }
                     Ok(status) => {
                         failures += 1;
-                        println!("FAIL {}: status {status}", o.path.display());
+                        println!("FAIL {}: status {status}", shown(&o.path));
                     }
                     Err(StoreFailure::File(e)) => {
                         failures += 1;
-                        println!("FAIL {e}");
+                        println!("FAIL {}", text(&e));
                     }
                     Err(e) => {
                         failures += 1;
-                        println!("FAIL {}: {e}", o.path.display());
+                        println!("FAIL {}: {}", shown(&o.path), text(&e));
                     }
                 }
             }
@@ -265,21 +265,21 @@ pub fn spool(command: SpoolCommand) -> anyhow::Result<()> {
                 ..CheckOptions::default()
             })?;
             for bad in &report.bad_rows {
-                println!("bad-row   {}: {}", bad.path.display(), bad.problem);
+                println!("bad-row   {}: {}", shown(&bad.path), text(&bad.problem));
             }
             for f in &report.unindexed {
-                println!("unindexed {}", f.display());
+                println!("unindexed {}", shown(f));
             }
             for f in &report.temp_files {
-                println!("temp-file {}", f.display());
+                println!("temp-file {}", shown(f));
             }
             for f in &report.links {
-                println!("link      {}", f.display());
+                println!("link      {}", shown(f));
             }
             for f in &report.in_progress {
                 println!(
                     "recent    {} (a store may be under way: not checked)",
-                    f.display()
+                    shown(f)
                 );
             }
             println!(
@@ -289,7 +289,7 @@ pub fn spool(command: SpoolCommand) -> anyhow::Result<()> {
                 } else {
                     "FAIL"
                 },
-                path.display(),
+                shown(&path),
                 report.rows,
                 report.files,
                 report.bad_rows.len(),
@@ -300,7 +300,7 @@ pub fn spool(command: SpoolCommand) -> anyhow::Result<()> {
             );
             if let Some(r) = &report.repaired {
                 println!(
-                    "repaired: {} rows dropped, {} rows made again from their files, {} files indexed, {} files quarantined, {} temporary files deleted, {} links deleted; {} problems left (their files changed in the last minute), {} recent files not checked",
+                    "repaired: {} rows dropped, {} rows made again from their files, {} files indexed, {} files quarantined, {} temporary files deleted, {} links deleted; {} problems left (their files changed in the last minute), {} files left that could not be read, {} recent files not checked",
                     r.rows_dropped,
                     r.rows_reindexed,
                     r.files_indexed,
@@ -308,6 +308,7 @@ pub fn spool(command: SpoolCommand) -> anyhow::Result<()> {
                     r.temp_files_deleted,
                     r.links_deleted,
                     r.skipped_recent,
+                    r.left_unreadable,
                     report.in_progress.len()
                 );
             }
@@ -341,7 +342,7 @@ pub fn spool(command: SpoolCommand) -> anyhow::Result<()> {
             println!(
                 "{} {}: {} instances ({} bytes) and {} quarantine files older than {}",
                 if dry_run { "would purge" } else { "purged" },
-                path.display(),
+                shown(&path),
                 report.instances,
                 report.bytes,
                 report.quarantine_files,
@@ -365,7 +366,7 @@ pub fn spool(command: SpoolCommand) -> anyhow::Result<()> {
                 println!(
                     "{} {}: {} jobs, {} result objects ({} files), {} series",
                     if dry_run { "would purge" } else { "purged" },
-                    results.display(),
+                    shown(&results),
                     counts.jobs,
                     counts.objects,
                     counts.files.len(),
@@ -413,4 +414,16 @@ pub fn retention_task(
             }
         }
     }))
+}
+
+/// A path as printed: control, line-separator and bidi characters escaped, so that a file
+/// named with a line break and an `ok   …` after it cannot print a forged line (a review's
+/// finding: `dicom store` and `spool check` printed names as they were).
+fn shown(path: &Path) -> String {
+    text(&path.display())
+}
+
+/// Any text printed from outside (file names in errors) with the same escapes.
+fn text(value: &impl std::fmt::Display) -> String {
+    nightingale::log_line::printable(&value.to_string()).into_owned()
 }

@@ -1030,10 +1030,21 @@ fn list(
     let mut all_verified = true;
     let repository = Repository::new(root, RepositoryOptions::default());
     let names = repository.scan()?;
+    let passed_over = repository.passed_over();
     if names.is_empty() {
-        println!("no bundles under {}", root.display());
+        println!(
+            "{}",
+            printable(&format!("no bundles under {}", root.display()))
+        );
     }
     println!("MODEL\tVERSION\tSTATE\tSIGNATURE\tSELF-TEST\tDESCRIPTION");
+    for (name, reason) in &passed_over {
+        println!(
+            "{}",
+            printable(&format!("{name}\t-\tNOT A BUNDLE\t-\t-\t{reason}"))
+        );
+        all_verified = false;
+    }
     for name in names {
         let bundle = match Bundle::open_with(&root.join(&name), policy) {
             Ok(bundle) => bundle,
@@ -1131,8 +1142,24 @@ fn check(paths: &[PathBuf], policy: &nightingale_models::SignaturePolicy) -> any
     let mut all_ok = true;
     for path in paths {
         let bundles = bundle_dirs(path)?;
+        if !path.join(nightingale_models::MANIFEST_FILE).is_file() {
+            for (name, reason) in Repository::new(path, RepositoryOptions::default()).passed_over()
+            {
+                println!(
+                    "{}",
+                    printable(&format!(
+                        "FAIL {}: not a bundle: {reason}",
+                        path.join(name).display()
+                    ))
+                );
+                all_ok = false;
+            }
+        }
         if bundles.is_empty() {
-            println!("FAIL {}: no bundle.toml found", path.display());
+            println!(
+                "{}",
+                printable(&format!("FAIL {}: no bundle.toml found", path.display()))
+            );
             all_ok = false;
         }
         for dir in bundles {

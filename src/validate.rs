@@ -817,7 +817,11 @@ async fn score_rows(
 fn execute(args: &ValidateArgs) -> anyhow::Result<bool> {
     let started = Instant::now();
     let report = run_job(args, RunContext::default())?;
-    if !args.quiet {
+    if args.quiet {
+        // The gate's verdict and the report's path all the same (`--quiet` printed nothing,
+        // and a failing gate exited 1 without a word: a review's finding).
+        print_verdict(&report, &args.out);
+    } else {
         print_summary(
             &report,
             &args.out,
@@ -1587,6 +1591,11 @@ fn print_summary(r: &Report, out: &Path, secs: f64, predictions: bool) {
             c.b, c.a, d.difference, d.p_value
         );
     }
+    print_verdict(r, out);
+}
+
+/// The gate's criteria, each passed or failed, and where the report is.
+fn print_verdict(r: &Report, out: &Path) {
     if let Some(g) = &r.gate {
         for c in &g.criteria {
             println!(

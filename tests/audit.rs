@@ -191,6 +191,18 @@ fn a_fifo_is_refused_not_waited_on() {
         let e = outcome.expect_err("a FIFO is no audit trail").to_string();
         assert!(e.contains("not a regular file"), "{}: {e}", path.display());
     }
+    // Nor is it opened as the trail to write (`serve` or `validate --audit-log FIFO` hung
+    // for good: a review's finding).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let owned = fifo.clone();
+    std::thread::spawn(move || {
+        tx.send(JsonLinesStore::open(&owned, Options::default()).map(|_| ()))
+    });
+    let outcome = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("open returned");
+    let e = outcome.expect_err("a FIFO is no audit trail").to_string();
+    assert!(e.contains("not a regular file"), "{e}");
 }
 
 #[test]

@@ -358,6 +358,94 @@ fn models_check_and_list_report_the_signature_of_every_shipped_bundle() {
     );
 }
 
+/// A review's finding: folders of a repository that are not bundles (a name with a space, a
+/// `bundle.toml` that is a dangling link) were passed over without a word, and `models list`
+/// and `models check` exited 0 on the bundles left. They are named, and both exit 1.
+#[test]
+fn models_list_and_check_name_folders_that_are_not_bundles() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(
+        &root().join("models/bundles/pima-diabetes"),
+        &dir.path().join("pima-diabetes"),
+    );
+    copy_dir(
+        &root().join("models/bundles/icu-mortality"),
+        &dir.path().join("icu mortality"),
+    );
+    std::fs::create_dir(dir.path().join("wdbc-malignancy")).unwrap();
+    std::os::unix::fs::symlink(
+        "nowhere.toml",
+        dir.path().join("wdbc-malignancy/bundle.toml"),
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join(".git")).unwrap();
+    let out = bin()
+        .args(["models", "list", "--repository"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("icu mortality\t-\tNOT A BUNDLE\t-\t-\tnot a bundle name"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("wdbc-malignancy\t-\tNOT A BUNDLE\t-\t-\tno bundle.toml file in it"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("pima-diabetes\t1\tVERIFIED"), "{stdout}");
+    assert!(!stdout.contains(".git"), "{stdout}");
+    let (code, stdout) = models_check(&[dir.path()]);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("icu mortality: not a bundle: not a bundle name"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("wdbc-malignancy: not a bundle: no bundle.toml file in it"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("ok   pima-diabetes"), "{stdout}");
+}
+
+/// A review's finding: `validate --quiet` printed nothing at all, so a failing gate exited 1
+/// without a word. The gate's criteria and the report's path are printed under --quiet.
+#[test]
+fn validate_quiet_still_says_why_the_gate_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    // Scores that rank every benign row above every malignant one.
+    let mut csv = String::from("label,score\n");
+    for i in 0..60 {
+        csv.push_str(&format!(
+            "malignant,0.{:02}\nbenign,0.{:02}\n",
+            i,
+            60 + i / 2
+        ));
+    }
+    let predictions = dir.path().join("pred.csv");
+    std::fs::write(&predictions, csv).unwrap();
+    let out = bin()
+        .args(["validate", "--quiet", "--bootstrap", "0", "--repository"])
+        .arg(root().join("models/bundles"))
+        .args(["--model", "wdbc-malignancy@1", "--predictions"])
+        .arg(&predictions)
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("gate      FAIL auroc"), "{stdout}");
+    assert!(stdout.contains("report    "), "{stdout}");
+    assert!(!stdout.contains("dataset   "), "{stdout}");
+}
+
 #[test]
 fn models_list_exits_1_when_a_bundle_is_refused() {
     // A manifest changed after it was signed: listed REFUSED, and the exit code says so (it

@@ -75,6 +75,9 @@ pub enum Problem {
     Hash,
     /// The file is no longer a readable Part 10 file (or not a file: a folder, say).
     Unreadable,
+    /// The file is there but this process could not read it (permission denied, an I/O
+    /// error): nothing is known of its content, so `repair` leaves it and its row as they are.
+    CannotRead { error: String },
     /// The row's path is not one the spool writes (outside `instances/`, a `..`, an absolute
     /// path, through a symbolic link): the file it names is never read, moved or deleted.
     ForeignPath,
@@ -92,6 +95,9 @@ impl std::fmt::Display for Problem {
             }
             Problem::Hash => write!(f, "SHA-256 differs from the index"),
             Problem::Unreadable => write!(f, "not a readable Part 10 file"),
+            Problem::CannotRead { error } => {
+                write!(f, "cannot be read ({error}): left as it is")
+            }
             Problem::ForeignPath => write!(f, "the index names a path the spool never writes"),
             Problem::RowDiffers { column } => {
                 write!(f, "the index's {column} is not the file's")
@@ -126,6 +132,8 @@ pub struct Repaired {
     pub links_deleted: usize,
     /// Problems left as they are because their files are too recent (a store in progress).
     pub skipped_recent: usize,
+    /// Rows left as they are because their file could not be read ([`Problem::CannotRead`]).
+    pub left_unreadable: usize,
 }
 
 /// What [`Spool::check`] found. Paths are relative to the spool.
@@ -166,7 +174,7 @@ impl CheckReport {
     pub fn is_clean_now(&self) -> bool {
         match &self.repaired {
             None => self.is_consistent(),
-            Some(r) => r.skipped_recent == 0,
+            Some(r) => r.skipped_recent == 0 && r.left_unreadable == 0,
         }
     }
 }
@@ -192,8 +200,10 @@ pub struct PurgeReport {
 const PURGE_BATCH: i64 = 256;
 
 impl Spool {
-    /// Opens an existing spool without reconciling it: nothing on disk changes. Fails if
-    /// `root` holds no spool index.
+    /// Opens an existing spool without reconciling it: no instance is indexed, moved or
+    /// deleted. It is opened as the server opens it, though: missing folders are made and the
+    /// spool's folders and index narrowed to their owner (so it is run as the spool's owner).
+    /// Fails if `root` holds no spool index.
     pub fn open_for_maintenance(root: &Path) -> Result<Spool, MaintenanceError> {
         if !root.join(crate::spool::INDEX_FILE).is_file() {
             return Err(MaintenanceError::NoSpool {
@@ -257,7 +267,15 @@ impl Spool {
                 None => Err(Problem::ForeignPath),
                 Some(path) => match fs::read(&path) {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Problem::Missing),
-                    // A folder, a file it may not read: reported, the check goes on.
+                    // A file it may not read (permission denied, an I/O error): reported and
+                    // left alone, since nothing is known of its content (`--repair` run as
+                    // another user quarantined acknowledged instances: a review's finding).
+                    Err(e) if fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) => {
+                        Err(Problem::CannotRead {
+                            error: e.to_string(),
+                        })
+                    }
+                    // A folder where the file should be: reported, the check goes on.
                     Err(_) => Err(Problem::Unreadable),
                     Ok(bytes) => Ok(bytes),
                 },
@@ -339,7 +357,9 @@ impl Spool {
             // A row naming no file of the spool's (a foreign path, or not a regular file) is
             // dropped and whatever it names left alone.
             let not_a_file = !fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
-            if matches!(bad.problem, Problem::Missing | Problem::ForeignPath) || not_a_file {
+            if matches!(bad.problem, Problem::CannotRead { .. }) && !not_a_file {
+                repaired.left_unreadable += 1;
+            } else if matches!(bad.problem, Problem::Missing | Problem::ForeignPath) || not_a_file {
                 db.execute("DELETE FROM instances WHERE sop_instance_uid = ?1", [uid])?;
                 repaired.rows_dropped += 1;
             } else if let Problem::RowDiffers { .. } = bad.problem {

@@ -960,9 +960,41 @@ impl Repository {
         Ok(names)
     }
 
+    /// Folders under the root that [`Repository::scan`] passes over, with why: a name that
+    /// is not a bundle's, or no `bundle.toml` that is a file (a dangling link, a folder).
+    /// Hidden entries (a leading `.`) and files are not bundles and are not listed. A folder
+    /// passed over without a word looked like a repository of fewer bundles (a review's
+    /// finding: `models check` said ok).
+    pub fn passed_over(&self) -> Vec<(String, &'static str)> {
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return vec![];
+        };
+        let mut out: Vec<(String, &'static str)> = entries
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| !name.starts_with('.'))
+            .filter_map(|name| {
+                let reason = if !valid_name(&name) {
+                    "not a bundle name (letters, digits, '.', '_' and '-', at most 128)"
+                } else if !self.root.join(&name).join(MANIFEST_FILE).is_file() {
+                    "no bundle.toml file in it"
+                } else {
+                    return None;
+                };
+                Some((name, reason))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Loads every bundle in the repository. A bundle that fails (or whose engine panics) is
     /// logged and marked unavailable; the others serve.
     pub fn load_all(&self) -> Result<Vec<LoadOutcome>, RepositoryError> {
+        for (name, reason) in self.passed_over() {
+            tracing::warn!(folder = %name, reason, "not a bundle: passed over");
+        }
         // `load_target` catches panics itself: a panicking bundle is an error like any other.
         Ok(self
             .scan()?

@@ -116,7 +116,21 @@ impl JsonLinesStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             private_dir(dir).map_err(io(path))?;
         }
+        // A FIFO, a device or a folder is no trail: `validate --audit-log FIFO` hung for good
+        // reading it (a review's finding). Checked before it is opened (opening a device may
+        // act on it) and again on what was opened (it may have been swapped in between).
+        let not_a_file = || AuditError::Write {
+            location: path.display().to_string(),
+            reason: "is not a regular file (a FIFO, a device, a folder?): an audit trail is a file"
+                .into(),
+        };
+        if fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+            return Err(not_a_file());
+        }
         let file = private_append(path).map_err(io(path))?;
+        if !file.metadata().map_err(io(path))?.is_file() {
+            return Err(not_a_file());
+        }
         // Before anything is read or repaired: the other writer's tail is not torn.
         take_lock(path, &file)?;
         // Nor is any file that is not a trail: its "torn tail" (everything after its last
