@@ -441,6 +441,9 @@ struct DicomDataset {
     /// The folder, canonical.
     dir: PathBuf,
     pre: nightingale_models::Preprocessing,
+    /// What the bundle's `[dicom]` section takes (the router's own check): a file the
+    /// pipeline would never send the bundle is no row of its validation.
+    accepts: Option<crate::pipeline::route::Match>,
     limits: nightingale_dicom::pixels::Limits,
     pending: VecDeque<Row>,
     /// (path relative to the folder, SHA-256) of each file read, in manifest order.
@@ -461,6 +464,7 @@ impl DicomDataset {
         columns: &Columns,
         labels: LabelSpec,
         pre: nightingale_models::Preprocessing,
+        accepts: Option<nightingale_models::manifest::DicomAccepts>,
     ) -> anyhow::Result<DicomDataset> {
         let manifest = CsvDataset::open(&in_folder(dir, "manifest.csv")?, columns, labels)?;
         Ok(DicomDataset {
@@ -469,6 +473,9 @@ impl DicomDataset {
                 .canonicalize()
                 .with_context(|| format!("cannot read {}", dir.display()))?,
             pre,
+            accepts: accepts
+                .as_ref()
+                .map(crate::pipeline::route::Match::of_bundle),
             limits: nightingale_dicom::pixels::Limits::default(),
             pending: VecDeque::new(),
             files: Vec::new(),
@@ -518,6 +525,24 @@ impl DicomDataset {
             .map_err(|_| "the file cannot be read".to_owned())?;
         self.files.push((rel.to_owned(), sha256));
         self.bytes += meta.len();
+        // Before any pixel is decoded. A review's findings: every frame of a multi-frame
+        // file was a row of its own, so one 10-frame file met a minimum of 10 negatives (its
+        // frames are one image's, not independent rows), and a 4,096-frame file of 18 KB
+        // held 930 MB of preprocessed frames; and files the bundle's `[dicom]` section does
+        // not take (a US colour image for a CR/DX/CT/MR bundle) were scored as rows.
+        let header = nightingale_dicom::series::SeriesHeader::read(&full)
+            .map_err(|_| "not a readable DICOM file".to_owned())?;
+        if header.frames > 1 {
+            return Err(format!(
+                "{} frames: a row of a DICOM dataset is one single-frame image (the frames of one file are not independent rows; multi-frame files are not validated)",
+                header.frames
+            ));
+        }
+        if let Some(reason) = self.accepts.as_ref().and_then(|m| m.mismatch(&header, "")) {
+            return Err(format!(
+                "the bundle's [dicom] section does not take it ({reason}): the pipeline would never send it to this model"
+            ));
+        }
         let source = PixelSource::open(&full, &self.limits).map_err(|e| e.to_string())?;
         let options = DecodeOptions {
             colour: Colour::Grey,
@@ -1041,7 +1066,7 @@ fn run_job_inner(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report>
             file: Some("file".to_owned()),
             ..Columns::default()
         };
-        let d = DicomDataset::open(&path, &columns, labels.clone(), pre)?;
+        let d = DicomDataset::open(&path, &columns, labels.clone(), pre, manifest.dicom.clone())?;
         let bytes = std::fs::metadata(path.join("manifest.csv")).map_or(0, |m| m.len());
         (Data::Dicom(Box::new(d)), bytes, row)
     } else if tensors {

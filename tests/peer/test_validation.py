@@ -671,12 +671,19 @@ def _dicom_dataset(folder: Path) -> tuple[list[np.ndarray], list[int], list[str]
             labels.append(k)
             sources.append(source)
     (folder / "broken.dcm").write_bytes((folder / rows[0][0]).read_bytes()[:700])
+    # A 10-frame MR (its frames are one image's, not ten rows) and a US colour image (the
+    # bundle's [dicom] section takes CR/DX/CT/MR in MONOCHROME1/2 only): unusable rows, as
+    # the pipeline would never send them to the bundle (a review's findings).
+    shutil.copy(get_testdata_file("emri_small.dcm"), folder / "multi.dcm")
+    shutil.copy(get_testdata_file("US1_UNCR.dcm"), folder / "us.dcm")
     with open(folder / "manifest.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "label", "source"])
         w.writerows(rows)
         w.writerow(["broken.dcm", 0, "x"])
         w.writerow(["../outside.dcm", 1, "x"])
+        w.writerow(["multi.dcm", 0, "x"])
+        w.writerow(["us.dcm", 1, "x"])
     return inputs, labels, sources
 
 
@@ -693,8 +700,10 @@ def test_a_dicom_folder_is_decoded_and_preprocessed_as_the_pipeline_does(tmp_pat
     d = r["dataset"]
     assert d["kind"] == "dicom-folder" and d["rows_used"] == len(y), d
     reasons = {u["row"]: u["reason"] for u in d["unusable"]}
-    assert set(reasons) == {len(y) + 1, len(y) + 2}, reasons
+    assert set(reasons) == {len(y) + 1, len(y) + 2, len(y) + 3, len(y) + 4}, reasons
     assert "outside the dataset folder" in reasons[len(y) + 2]
+    assert reasons[len(y) + 3].startswith("10 frames: a row of a DICOM dataset is one single-frame image"), reasons
+    assert "does not take it (modality \"US\" not accepted)" in reasons[len(y) + 4], reasons
     assert abs(r["auroc"]["value"] - skm.roc_auc_score(y, prob, multi_class="ovr", average="macro")) < 1e-3
     pred = prob.argmax(axis=1)
     assert abs(r["accuracy"]["value"] - skm.accuracy_score(y, pred)) <= 1 / len(y) + 1e-12

@@ -643,7 +643,13 @@ fn rest(h: &mut String, r: &Report) {
                 escape(&s.column),
                 escape(&s.label()),
                 s.n,
-                s.positives,
+                // A multi-class output has no positive class (a review's finding: a column
+                // of zeros).
+                if r.multiclass.is_some() {
+                    "—".to_owned()
+                } else {
+                    s.positives.to_string()
+                },
                 auc,
                 brier,
                 escape(s.reason.as_deref().unwrap_or(s.status))
