@@ -556,6 +556,13 @@ impl Walker<'_> {
                     self.implicit_le()
                         .sequence(h.value, Some(value_end), false, depth + 1)?;
                     self.hash(&[mark::SEQUENCE_END]);
+                } else if !digest && vr.is_none() && implicit_vr(h.tag) == Some(*b"SQ") {
+                    // An Implicit VR sequence of defined length: every reader of the stored
+                    // file (dicom-object's recursively, without a bound) reads it as one, so
+                    // its items are walked too, their nesting bounded like any sequence's (a
+                    // re-attack's finding: items nested 1,500 deep overflowed the stack of
+                    // the thread reading them, and the server stopped).
+                    self.sequence(h.value, Some(value_end), explicit_vr, depth + 1)?;
                 } else if !group_length {
                     self.hash_tag(h.tag, mark::VALUE);
                     self.hash_value(&self.bytes[h.value..value_end], vr);
@@ -1098,5 +1105,37 @@ mod tests {
             d.extend(tag_len(0xFFFE, 0xE000, UNDEFINED));
         }
         assert!(matches!(check(&d, LE), Err(StructureError::TooDeep { .. })));
+    }
+
+    /// A re-attack's finding: Implicit VR sequences of defined length were not walked by the
+    /// check (only the digest read them as sequences), so items nested 1,500 deep were
+    /// stored, and dicom-object's reader, which recurses without a bound, overflowed its
+    /// thread's stack reading them. They are walked, their nesting bounded.
+    #[test]
+    fn implicit_vr_sequences_of_defined_length_are_walked_and_bounded() {
+        // (0008,1140) Referenced Image Sequence, nested `depth` deep, every length defined.
+        fn nested(depth: usize) -> Vec<u8> {
+            let mut inner: Vec<u8> = Vec::new();
+            for _ in 0..depth {
+                let mut item = tag_len(0xFFFE, 0xE000, 0);
+                let mut element = tag_len(0x0008, 0x1140, inner.len() as u32);
+                element.extend_from_slice(&inner);
+                item[4..8].copy_from_slice(&(element.len() as u32).to_le_bytes());
+                item.extend_from_slice(&element);
+                inner = item;
+            }
+            let mut d = tag_len(0x0008, 0x1140, inner.len() as u32);
+            d.extend_from_slice(&inner);
+            d
+        }
+        assert_eq!(check(&nested(8), IMPLICIT), Ok(()));
+        assert!(matches!(
+            check(&nested(1_500), IMPLICIT),
+            Err(StructureError::TooDeep { .. })
+        ));
+        // Items that are not items: refused as any malformed sequence is.
+        let mut bad = tag_len(0x0008, 0x1140, 4);
+        bad.extend_from_slice(b"junk");
+        assert!(check(&bad, IMPLICIT).is_err());
     }
 }

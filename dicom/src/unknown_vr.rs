@@ -199,6 +199,16 @@ fn reread(
             encoded.extend_from_slice(&tag.element().to_le_bytes());
             encoded.extend_from_slice(&len.to_le_bytes());
             encoded.extend_from_slice(bytes);
+            // Its structure first, by the walker that checks every received data set (items
+            // nested at most 64 deep): dicom-object's reader recurses without a bound, and
+            // a UN value of 1,500 nested items overflowed the stack of the thread reading it
+            // and stopped the server, at every restart (a re-attack's finding).
+            let implicit_le = crate::structure::Encoding {
+                explicit_vr: false,
+                big_endian: false,
+                deflated: false,
+            };
+            crate::structure::check(&encoded, implicit_le).ok()?;
             let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
             let mut read = InMemDicomObject::read_dataset_with_ts_cs(
                 Cursor::new(encoded),
@@ -317,6 +327,44 @@ mod tests {
         );
         // An empty value is a valid empty DS.
         assert_eq!(obj.element(tags::PIXEL_SPACING).unwrap().vr(), VR::DS);
+    }
+
+    /// A re-attack's finding: a UN value of items nested 1,500 deep overflowed the stack of
+    /// the thread re-reading it. Nested deeper than the ingest check allows, it stays UN.
+    #[test]
+    fn a_un_sequence_nested_too_deep_stays_un() {
+        let nested = |depth: usize| {
+            let mut bytes = Vec::new();
+            for _ in 0..depth {
+                bytes.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+                bytes.extend_from_slice(&[0x08, 0x00, 0x40, 0x11, 0xFF, 0xFF, 0xFF, 0xFF]);
+            }
+            for _ in 0..depth {
+                bytes.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+                bytes.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+            }
+            bytes
+        };
+        // Run on a thread with a small stack: an unbounded reader would overflow it.
+        let outcome = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let mut obj = InMemDicomObject::new_empty();
+                un(&mut obj, tags::REFERENCED_IMAGE_SEQUENCE, &nested(5_000));
+                restore_standard_vrs(&mut obj, false);
+                let deep = obj.element(tags::REFERENCED_IMAGE_SEQUENCE).unwrap().vr();
+                let mut obj = InMemDicomObject::new_empty();
+                un(&mut obj, tags::REFERENCED_IMAGE_SEQUENCE, &nested(8));
+                restore_standard_vrs(&mut obj, false);
+                (
+                    deep,
+                    obj.element(tags::REFERENCED_IMAGE_SEQUENCE).unwrap().vr(),
+                )
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(outcome, (VR::UN, VR::SQ));
     }
 
     #[test]
