@@ -246,6 +246,11 @@ pub struct Spool {
     pub(crate) root: PathBuf,
     pub(crate) options: SpoolOptions,
     pub(crate) index: Mutex<Connection>,
+    /// A second connection to the index, for QIDO-RS searches only: a search (however
+    /// long) never holds the connection every store waits for (a search of a 10,000-instance
+    /// study held it for 50 s, and C-STOREs timed out: a review's finding). The index is in
+    /// WAL mode, so readers and the writer do not block each other.
+    reader: Mutex<Connection>,
     pub(crate) seq: AtomicU64,
     /// Stores waiting for the next group commit, and the outcomes not yet collected.
     commits: Mutex<CommitQueue>,
@@ -776,10 +781,14 @@ impl Spool {
             .name("ng-spool-dirsync".into())
             .spawn(move || syncer.run())
             .map_err(io(&root))?;
+        let reader = Connection::open(root.join(INDEX_FILE))?;
+        reader.busy_timeout(std::time::Duration::from_secs(10))?;
+        reader.pragma_update(None, "query_only", true)?;
         Ok(Spool {
             root,
             options,
             index: Mutex::new(db),
+            reader: Mutex::new(reader),
             seq: AtomicU64::new(0),
             commits: Mutex::new(CommitQueue::default()),
             committed: Condvar::new(),
@@ -794,9 +803,15 @@ impl Spool {
         &self.root
     }
 
-    /// The index connection, for queries in sibling modules (QIDO-RS: `qido.rs`).
+    /// The index connection, for queries in sibling modules.
     pub(crate) fn index(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The index's read-only connection for searches (QIDO-RS: `qido.rs`), apart from the
+    /// one stores use.
+    pub(crate) fn searcher(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether temporary files are anonymous (`O_TMPFILE`) rather than named in `tmp/`.
