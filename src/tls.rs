@@ -315,9 +315,14 @@ pub fn load_server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, T
 /// given, that allows signing certificates); else its subject and what is wrong.
 fn check_is_ca(der: &CertificateDer<'_>) -> Result<(), (String, &'static str)> {
     use x509_parser::prelude::{FromDer, X509Certificate};
-    // One that cannot be parsed is left to rustls, which names the error.
+    // One that cannot be parsed is refused too: webpki takes a trust anchor's subject and
+    // key from a certificate whose other fields are barely read, so a garbled "v1" client
+    // certificate passed as a CA let its key mint identities (a re-attack's finding).
     let Ok((_, cert)) = X509Certificate::from_der(der.as_ref()) else {
-        return Ok(());
+        return Err((
+            "(cannot be read)".to_owned(),
+            "it is not a well-formed X.509 certificate",
+        ));
     };
     let subject = crate::log_line::printable(&cert.subject().to_string()).into_owned();
     match cert.basic_constraints() {

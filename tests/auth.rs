@@ -772,6 +772,26 @@ async fn a_verified_client_certificate_gets_its_configured_roles() {
     };
     let (s, _, v) = server.send(with_cert("/v2", Method::GET)).await;
     assert_eq!(s, StatusCode::OK, "{v}");
+    // A browser sends its client certificate by itself: a request of a page of another
+    // origin is refused even with one (a re-attack's finding); with an API key beside it, or
+    // from no page, it is answered.
+    let mut cross = with_cert("/v2", Method::GET);
+    cross
+        .headers_mut()
+        .insert("sec-fetch-site", "cross-site".parse().unwrap());
+    let (s, _, v) = server.send(cross).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(error_of(&v).contains("another origin"), "{v}");
+    let mut keyed = with_cert("/v2", Method::GET);
+    keyed
+        .headers_mut()
+        .insert("sec-fetch-site", "cross-site".parse().unwrap());
+    keyed.headers_mut().insert(
+        header::AUTHORIZATION,
+        format!("Bearer {}", key(Role::Infer)).parse().unwrap(),
+    );
+    let (s, _, v) = server.send(keyed).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
     let (s, _, v) = server.send(with_cert("/metrics", Method::GET)).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
     assert_eq!(

@@ -651,6 +651,23 @@ fn bad_tls_files_and_settings_stop_the_start_naming_the_file() {
             p.join("client.pem").display()
         ),
     );
+    // Nor one that cannot be read as X.509 (webpki reads little of a trust anchor: a
+    // garbled "v1" client certificate let its key mint identities, a re-attack's finding).
+    let garbled = p.join("garbled-ca.pem");
+    std::fs::write(
+        &garbled,
+        "-----BEGIN CERTIFICATE-----\nMAwGAQAGAQAGAQAGAQA=\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let mut args = tls_args(&cert, &key);
+    args.extend(["--tls-client-ca".into(), garbled.clone().into_os_string()]);
+    start_fails(
+        &os(&args),
+        &format!(
+            "client CA {}: certificate 1 ((cannot be read)) is not a CA certificate (it is not a well-formed X.509 certificate)",
+            garbled.display()
+        ),
+    );
 }
 
 /// A router that tells the caller which client certificate the acceptor handed it.

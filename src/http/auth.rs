@@ -1435,15 +1435,25 @@ pub(crate) fn refuse_rebinding(
     req: &Request,
     endpoint: &str,
 ) -> Option<AppError> {
-    if access == Access::Public || !(loopback_listener && caller.is_anonymous()) {
+    if access == Access::Public {
+        return None;
+    }
+    // A credential the browser sends by itself is ambient too: a client certificate it
+    // holds goes with a page's request as no API key or token does (a re-attack's finding:
+    // a cross-site page ran inferences audited under the user's certificate).
+    let ambient = (loopback_listener && caller.is_anonymous()) || caller.id.starts_with("tls:");
+    if !ambient {
         return None;
     }
     if let Some(origin) = cross_origin(req) {
         tracing::warn!(origin = %printable(&origin), endpoint, "anonymous request from a web page of another origin refused");
         return Some(AppError::new(
             StatusCode::FORBIDDEN,
-            "a request without credentials from a web page of another origin is refused (cross-site request forgery); call the server directly or present a credential",
+            "a request from a web page of another origin, without credentials or with only a client certificate (which a browser sends by itself), is refused (cross-site request forgery); call the server directly or present an API key or token",
         ));
+    }
+    if !(loopback_listener && caller.is_anonymous()) {
+        return None;
     }
     let host = foreign_host(req)?;
     tracing::warn!(host = %printable(&host), endpoint, "anonymous request under another host name refused");
