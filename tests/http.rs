@@ -1758,6 +1758,28 @@ async fn model_configuration_without_batching_gives_whole_shapes() {
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert!(error_of(&v).contains(reason), "{uri}: {v}");
     }
+    // Classification still ranks each row's classes: the output's first dimension is the
+    // request's rows (a re-attack's finding: without batching the whole output was ranked,
+    // the rows, patients, against each other, and their labels lost).
+    let split: Vec<(Vec<f32>, f32)> = test_split().into_iter().take(3).collect();
+    let rows: Vec<Vec<f32>> = split.iter().map(|(r, _)| r.clone()).collect();
+    let mut req = json_request(&rows);
+    req["outputs"] = json!([{"name": "probabilities", "parameters": {"classification": 2}}]);
+    let (s, v) = f
+        .post_json(&format!("/v2/models/{MODEL}/infer"), &req)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["outputs"][0]["shape"], json!([3, 2]));
+    for i in 0..3 {
+        let pair: Vec<&str> = (0..2)
+            .map(|k| v["outputs"][0]["data"][i * 2 + k].as_str().unwrap())
+            .collect();
+        assert!(
+            pair.iter().any(|t| t.ends_with(":0:malignant"))
+                && pair.iter().any(|t| t.ends_with(":1:benign")),
+            "row {i}: {pair:?}"
+        );
+    }
 }
 
 /// Requests of any route open at once are capped (`--max-open-requests`) from their headers

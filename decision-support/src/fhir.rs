@@ -790,6 +790,15 @@ impl Resources {
     /// cannot be told (kept side by side by [`add_version`]): then it is neither present
     /// nor absent (an `active` and a `refuted` copy without versions scored infection "yes":
     /// a red-team finding).
+    /// The other copies of `c` read (the same id, prefetched and fetched, on two pages).
+    pub fn condition_copies<'a>(&'a self, c: &Condition) -> impl Iterator<Item = &'a Condition> {
+        c.id.as_ref()
+            .and_then(|id| self.condition_ids.get(id))
+            .into_iter()
+            .flatten()
+            .filter_map(|&at| self.conditions.get(at))
+    }
+
     pub fn condition_disputed(&self, c: &Condition) -> bool {
         let Some(copies) = c.id.as_ref().and_then(|id| self.condition_ids.get(id)) else {
             return false;
@@ -1540,6 +1549,8 @@ pub struct Condition {
     pub verification_status: Option<CodeableConcept>,
     pub subject: Option<Reference>,
     pub onset_date_time: Option<String>,
+    /// `onsetPeriod` (only its `start` is read).
+    pub onset_period: Option<serde_json::Value>,
     pub recorded_date: Option<String>,
     /// `abatement[x]`, only whether one is given (R4 con-4: an abated condition is
     /// inactive, resolved or in remission).
@@ -1548,6 +1559,9 @@ pub struct Condition {
     pub abatement_period: Option<serde_json::Value>,
     pub abatement_range: Option<serde_json::Value>,
     pub abatement_string: Option<serde_json::Value>,
+    /// STU3's `abatementBoolean` (servers that upgraded their data keep it): `true` is
+    /// abated.
+    pub abatement_boolean: Option<serde_json::Value>,
 }
 
 /// Whether a Condition holds now, as far as its record says ([`Condition::activity`]).
@@ -1625,6 +1639,7 @@ impl Condition {
             || self.abatement_period.is_some()
             || self.abatement_range.is_some()
             || self.abatement_string.is_some()
+            || self.abatement_boolean == Some(serde_json::Value::Bool(true))
     }
 
     /// Whether the condition surely holds now ([`Activity::Active`]).
@@ -1663,7 +1678,8 @@ impl Condition {
     /// `unconfirmed`, `provisional` or `differential` diagnosis, or one that cannot be read,
     /// does not count here, where it counts as holding for a decision that withholds a
     /// score), no `abatement[x]` (an active Condition with one contradicts itself: R4
-    /// con-4), and no `onsetDateTime` after `now`. A review's finding: a provisional
+    /// con-4; STU3's `abatementBoolean: true` too), and no `onsetDateTime`,
+    /// `onsetPeriod.start` or `recordedDate` after `now`. A review's finding: a provisional
     /// diagnosis of hypercapnic respiratory failure took a patient on air with SpO2 86 % from
     /// NEWS2 3 to 1.
     pub fn is_confirmed_one_of(&self, codes: &[SystemCode], now: DateTime<Utc>) -> bool {
@@ -1671,14 +1687,26 @@ impl Condition {
             let codes = condition_status_code(c, CONDITION_VER_STATUS, CONDITION_VER_STATUS_STU3);
             !codes.is_empty() && codes.iter().all(|c| *c == "confirmed")
         });
-        let begun = self
-            .onset_date_time
-            .as_deref()
-            .is_none_or(|t| match date_time_bounds(t) {
-                TimeBounds::At(at) => at <= now,
-                TimeBounds::Between(earliest, _) => earliest <= now,
-                TimeBounds::Unknown => true,
-            });
+        // Every time it names for its start or its record must be past: an onset in a
+        // period's start, or a record dated after now, is not in force either (a
+        // re-attack's finding: only onsetDateTime was read).
+        let period_start = self
+            .onset_period
+            .as_ref()
+            .and_then(|p| p.get("start"))
+            .and_then(|s| s.as_str());
+        let begun = [
+            self.onset_date_time.as_deref(),
+            period_start,
+            self.recorded_date.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .all(|t| match date_time_bounds(t) {
+            TimeBounds::At(at) => at <= now,
+            TimeBounds::Between(earliest, _) => earliest <= now,
+            TimeBounds::Unknown => true,
+        });
         confirmed && begun && !self.abated() && self.is_active_one_of(codes)
     }
 }

@@ -679,6 +679,10 @@ pub fn assess(
     let scale2 = resources.conditions.iter().any(|c| {
         of_patient(c.subject.as_ref(), patient_id)
             && c.is_confirmed_one_of(&settings.scale2_conditions, now)
+            // Every copy of it (the same id, read twice) must say so too.
+            && resources
+                .condition_copies(c)
+                .all(|other| other.is_confirmed_one_of(&settings.scale2_conditions, now))
             && !resources.condition_disputed(c)
     });
     let scale = if scale2 {

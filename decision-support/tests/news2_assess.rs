@@ -157,6 +157,33 @@ fn scale_2_only_on_a_confirmed_condition_in_force_now() {
             with("onsetDateTime", "2024-05-01T12:30:00Z"),
             SpO2Scale::Scale1,
         ),
+        // A re-attack's findings: other ways of saying it has not begun, or has ended.
+        (
+            {
+                let mut c = condition(SNOMED, "65710008");
+                c["onsetPeriod"] = json!({"start": "2025-06-01"});
+                c
+            },
+            SpO2Scale::Scale1,
+        ),
+        (with("recordedDate", "2025-06-01"), SpO2Scale::Scale1),
+        (with("recordedDate", "2024-04-01"), SpO2Scale::Scale2),
+        (
+            {
+                let mut c = condition(SNOMED, "65710008");
+                c["abatementBoolean"] = json!(true);
+                c
+            },
+            SpO2Scale::Scale1,
+        ),
+        (
+            {
+                let mut c = condition(SNOMED, "65710008");
+                c["abatementBoolean"] = json!(false);
+                c
+            },
+            SpO2Scale::Scale2,
+        ),
     ];
     for (c, want) in cases {
         let shown = c.to_string();
@@ -175,6 +202,24 @@ fn scale_2_only_on_a_confirmed_condition_in_force_now() {
             spo2,
             "{shown}"
         );
+    }
+    // Two copies of one Condition (the same id, no version to order them), one confirmed and
+    // one provisional: scale 1, whatever their order.
+    for order in [[0, 1], [1, 0]] {
+        let copies = [verified(r4, "confirmed"), verified(r4, "provisional")];
+        let mut items = vec![patient("1950-01-01")];
+        for i in order {
+            let mut c = copies[i].clone();
+            c["id"] = json!("c1");
+            items.push(c);
+        }
+        items.extend(vitals());
+        items[4] = q("59408-5", 88.0, "%"); // after the patient and the two copies
+        items[5] = coded(SNOMED, "722742002", None);
+        let Assessment::Scored(s) = run(items, &settings) else {
+            panic!("not scored")
+        };
+        assert_eq!(s.score.scale, SpO2Scale::Scale1, "{order:?}");
     }
 }
 

@@ -639,12 +639,18 @@ pub(super) fn select_outputs(
                             )));
                         }
                         let labels = spec.map(|o| o.labels.clone()).unwrap_or_default();
+                        // Ranked per row where the output has rows: on a model that batches
+                        // (as Triton), and on any whose output's first dimension is the
+                        // request's rows (`-1`): a bundle without `[batching]` still takes
+                        // many rows, and ranking its whole output ranked patients against
+                        // each other (a re-attack's finding).
                         let batched = model
                             .worker
                             .config()
                             .batching
                             .as_ref()
-                            .is_some_and(|b| b.max_batch_size > 0);
+                            .is_some_and(|b| b.max_batch_size > 0)
+                            || spec.is_some_and(|o| o.shape.first().is_some_and(|d| *d < 0));
                         codec::classify(&found.tensor, k, &labels, batched)?
                     }
                     _ => found.tensor.clone(),
