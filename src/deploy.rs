@@ -154,8 +154,20 @@ pub async fn load_release(
             },
             request_id: request_id.to_owned(),
             detail: Some(e.to_string()),
-            ..event(EventKind::ModelRefused, name, actor, Outcome::Rejected, 400)
+            // The status the caller is answered (a refusal for the ledger or a concurrent
+            // unload is a 503, recorded as 400: a review's finding).
+            ..event(
+                EventKind::ModelRefused,
+                name,
+                actor,
+                Outcome::Rejected,
+                crate::http::error::AppError::from(e.clone())
+                    .status
+                    .as_u16(),
+            )
         };
+        ::metrics::counter!("nightingale_model_load_refusals_total", "model" => name.to_owned())
+            .increment(1);
         if let Err(err) = state.audit.record(record).await {
             // Nothing changed: what served before serves. The refusal is answered.
             tracing::error!(model = name, error = %err, "cannot audit a refused load");
@@ -287,6 +299,12 @@ pub async fn load_all(state: &Arc<AppState>) {
         // A panic inside a load is caught by the repository and reported as the bundle's error.
         if load(state, name, target, STARTUP, "-").await.is_err() {
             failed += 1;
+            // A pinned version that did not load leaves the model unavailable: say why, and
+            // how to lift the pin (a review's finding: nothing named the pin).
+            if let LoadTarget::Version(v) = target {
+                tracing::warn!(model = %name, version = v,
+                    "the version a rollback pinned did not load: the model stays pinned to it (loaded when its files are back); a load without a version lifts the pin");
+            }
         }
     }
     tracing::info!(models = names.len(), failed, "initial load finished");

@@ -1781,10 +1781,11 @@ pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionChec
                  as an admin or with `nightingale \
                  validate` (--require-validation)"
             ),
+            // The data folder is not named: this is answered over HTTP, to callers who may
+            // not learn the server's paths (a review's finding).
             None => format!(
                 "no validation report of {name} version {version} for manifest \
-                 {manifest_sha256} under {} (--require-validation)",
-                reports.display()
+                 {manifest_sha256} in the validation reports' folder (--validation-reports;                  <data folder>/validation/runs by default) (--require-validation)"
             ),
         })
     }))

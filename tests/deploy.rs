@@ -983,3 +983,44 @@ async fn a_rollback_holds_across_a_restart_until_a_plain_load() {
     assert_eq!(v["model_version"], "2");
     assert_eq!(f.index().await.len(), 2);
 }
+
+/// A review's finding: a rollback's pin kept across a restart held only when its version
+/// loaded at start-up. With the pinned version's folder away at the restart (a deployment
+/// tool moving it, the bundle moved aside and back), the poller later loaded the policy's
+/// versions, the one rolled back from included. The pin holds: the pinned version alone is
+/// loaded when its files are back, and the poller leaves it alone after.
+#[tokio::test]
+async fn a_pin_whose_version_did_not_load_at_start_up_still_holds() {
+    let mut f = Fixture::with(&[1, 2], None, |_| {}, true).await;
+    let uri = format!("/v2/repository/models/{MODEL}/load");
+    let (s, v) = f
+        .post(&uri, r#"{"parameters": {"version": "1"}}"#, Some(TOKEN))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let v1 = f.bundle().join("1");
+    let aside = f.dir.path().join("v1-aside");
+    std::fs::rename(&v1, &aside).unwrap();
+    f.state = Fixture::start(f.dir.path(), None, true, "audit-2.jsonl").await;
+    let (s, v) = f.infer_version().await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    std::fs::rename(&aside, &v1).unwrap();
+    // What the poller does once the bundle's files changed.
+    let poll = |state: Arc<AppState>| async move {
+        nightingale::deploy::load(
+            &state,
+            MODEL,
+            LoadTarget::PolicyUnlessPinned,
+            nightingale::deploy::POLLER,
+            "-",
+        )
+        .await
+    };
+    poll(f.state.clone()).await.unwrap();
+    let (_, v) = f.infer_version().await;
+    assert_eq!(v["model_version"], "1");
+    let index = f.index().await;
+    assert_eq!(index.len(), 1, "{index:?}");
+    assert_eq!(index[0]["pinned"], true, "{index:?}");
+    assert!(poll(f.state.clone()).await.is_err());
+    assert_eq!(f.index().await.len(), 1);
+}

@@ -281,6 +281,8 @@ impl PinLedger {
         locked_map::<u64, _>(&self.path, "pin file", |map| Ok(map.get(name).copied()))
             .ok()
             .flatten()
+            // Versions are numbered from 1: a 0 (an edited file) pins nothing.
+            .filter(|v| *v >= 1)
     }
 
     /// Pins `name` to `version`, or (`None`) removes its pin; written durably before it

@@ -1067,19 +1067,27 @@ impl Repository {
         self.pending.fetch_add(1, Ordering::SeqCst);
         let _pending = Pending(&self.pending);
         let _guard = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        let mut target = target;
         if target == LoadTarget::PolicyUnlessPinned {
-            // Decided here, under the load lock: a rollback that was in flight when this load
-            // was asked for has set its pin by now.
-            if let Some(version) = self.pinned(name) {
-                return Err(RepositoryError::Pinned {
-                    name: name.to_owned(),
-                    version,
-                });
-            }
             if self.held(name) {
                 return Err(RepositoryError::Held {
                     name: name.to_owned(),
                 });
+            }
+            // Decided here, under the load lock: a rollback that was in flight when this load
+            // was asked for has set its pin by now. A pin kept across a restart counts
+            // whether or not its version serves: one whose load failed at start-up (its
+            // folder away for a moment, the bundle moved aside and back) is loaded as pinned
+            // when its files come back, never the policy's versions (a review's finding: the
+            // poller brought back the version rolled back from).
+            if let Some(version) = self.pinned(name) {
+                if self.serves(name, version) {
+                    return Err(RepositoryError::Pinned {
+                        name: name.to_owned(),
+                        version,
+                    });
+                }
+                target = LoadTarget::Version(version);
             }
         }
         let started = self.unloads.load(Ordering::SeqCst);
@@ -1270,10 +1278,22 @@ impl Repository {
         self.options.pins.as_ref().and_then(|p| p.pinned(name))
     }
 
-    /// The version a rollback pinned this model to, if any.
+    /// The version a rollback pinned this model to, if any: in memory, or else in the pins
+    /// kept across restarts (a pin whose version did not load at start-up is still a pin).
     pub fn pinned(&self, name: &str) -> Option<u64> {
+        let in_memory = {
+            let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+            models.get(name).and_then(|e| e.pinned)
+        };
+        in_memory.or_else(|| self.persisted_pin(name))
+    }
+
+    /// Whether `version` of `name` is serving.
+    fn serves(&self, name: &str, version: u64) -> bool {
         let models = self.models.read().unwrap_or_else(|p| p.into_inner());
-        models.get(name).and_then(|e| e.pinned)
+        models
+            .get(name)
+            .is_some_and(|e| e.versions.contains_key(&version))
     }
 
     #[allow(clippy::type_complexity)]

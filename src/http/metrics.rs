@@ -195,6 +195,10 @@ fn describe() {
     for (name, help) in [
         ("nightingale_models_loaded", "model versions being served"),
         (
+            "nightingale_model_load_refusals_total",
+            "loads of a model refused (bad bundle, signature, release, validation gate, ...), by model",
+        ),
+        (
             "nightingale_queue_depth",
             "requests waiting for a model version's worker",
         ),
