@@ -203,6 +203,17 @@ fn a_fifo_is_refused_not_waited_on() {
         .expect("open returned");
     let e = outcome.expect_err("a FIFO is no audit trail").to_string();
     assert!(e.contains("not a regular file"), "{e}");
+    // Nor as an SQLite audit database (a re-attack's finding: `serve` hung on it).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let owned = fifo.clone();
+    std::thread::spawn(move || tx.send(SqliteStore::open(&owned, false).map(|_| ())));
+    let outcome = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("open returned");
+    let e = outcome
+        .expect_err("a FIFO is no audit database")
+        .to_string();
+    assert!(e.contains("not a regular file"), "{e}");
 }
 
 #[test]

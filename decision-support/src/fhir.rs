@@ -1552,6 +1552,8 @@ pub struct Condition {
     /// `onsetPeriod` (only its `start` is read).
     pub onset_period: Option<serde_json::Value>,
     pub recorded_date: Option<String>,
+    /// STU3's name of `recordedDate` (servers that upgraded their data keep it).
+    pub asserted_date: Option<String>,
     /// `abatement[x]`, only whether one is given (R4 con-4: an abated condition is
     /// inactive, resolved or in remission).
     pub abatement_date_time: Option<serde_json::Value>,
@@ -1699,6 +1701,7 @@ impl Condition {
             self.onset_date_time.as_deref(),
             period_start,
             self.recorded_date.as_deref(),
+            self.asserted_date.as_deref(),
         ]
         .into_iter()
         .flatten()

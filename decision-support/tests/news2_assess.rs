@@ -167,6 +167,7 @@ fn scale_2_only_on_a_confirmed_condition_in_force_now() {
             SpO2Scale::Scale1,
         ),
         (with("recordedDate", "2025-06-01"), SpO2Scale::Scale1),
+        (with("assertedDate", "2025-06-01"), SpO2Scale::Scale1),
         (with("recordedDate", "2024-04-01"), SpO2Scale::Scale2),
         (
             {

@@ -64,6 +64,13 @@ pub enum PixelError {
         #[source]
         source: Box<dicom_object::ReadError>,
     },
+    /// Image attributes repeated after the pixel data say otherwise than those before it:
+    /// the checks made on the header (frames, photometric interpretation) would not hold
+    /// for the pixels decoded.
+    #[error(
+        "the image attributes after the pixel data differ from those before it (frames, size or photometric interpretation given twice)"
+    )]
+    HeaderAfterPixelData,
     #[error("attribute {name} is missing")]
     MissingAttribute { name: &'static str },
     #[error("attribute {name} has an invalid value")]
@@ -182,6 +189,7 @@ impl PixelError {
     pub fn reason(&self) -> &'static str {
         match self {
             PixelError::Open { .. } => "unreadable",
+            PixelError::HeaderAfterPixelData => "header_after_pixel_data",
             PixelError::MissingAttribute { .. } | PixelError::InvalidAttribute { .. } => {
                 "bad_attribute"
             }
@@ -643,11 +651,18 @@ impl PixelSource {
     /// Opens a Part 10 file: the header is read and checked first, so an image over the
     /// limits is refused before its pixel data is read into memory.
     pub fn open(path: &Path, limits: &Limits) -> Result<Self, PixelError> {
-        read_header(path, limits)?;
+        let before = read_header(path, limits)?;
         let obj = crate::meta::open_file(path, None).map_err(|e| PixelError::Open {
             source: Box::new(e),
         })?;
-        Self::from_object(obj, limits)
+        let source = Self::from_object(obj, limits)?;
+        // What routing, `max_frames` and validation's one-frame rule read is the header up
+        // to the pixel data; a Number of Frames of 4096 appended after it made a "one-frame"
+        // file decode as 4,096 frames (a re-attack's finding).
+        if source.header != before {
+            return Err(PixelError::HeaderAfterPixelData);
+        }
+        Ok(source)
     }
 
     /// An object already in memory.

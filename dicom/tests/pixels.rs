@@ -338,6 +338,32 @@ fn put(obj: &mut DefaultDicomObject, tag: dicom_core::Tag, vr: VR, value: Primit
     obj.put(element(tag, vr, value));
 }
 
+/// A re-attack's finding: a "one-frame" image whose Number of Frames (4096) came after its
+/// pixel data passed every check made on the header (routing's `max_frames`, validation's
+/// one-frame rule: they read up to the pixel data) and then decoded as 4,096 frames. Image
+/// attributes given after the pixel data that differ from those before it are refused.
+#[test]
+fn image_attributes_after_the_pixel_data_must_agree_with_the_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let obj = grey(1, 2, 1, 16, PrimitiveValue::U16(vec![1u16; 2 * 4].into()));
+    let path = dir.path().join("after.dcm");
+    obj.write_to_file(&path).unwrap();
+    // As written, one frame (the pixel data holds four frames' worth: not read as frames).
+    assert_eq!(
+        PixelSource::open(&path, &Limits::default())
+            .unwrap()
+            .header()
+            .frames,
+        1
+    );
+    // (0028,0008) Number of Frames, IS "4", appended after the pixel data.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.extend_from_slice(&[0x28, 0x00, 0x08, 0x00, b'I', b'S', 2, 0, b'4', b' ']);
+    std::fs::write(&path, &bytes).unwrap();
+    let e = PixelSource::open(&path, &Limits::default()).unwrap_err();
+    assert_eq!(e.reason(), "header_after_pixel_data", "{e}");
+}
+
 #[test]
 fn a_60000_by_2_image_decodes() {
     // Rows is US (at most 65535): 60000 x 2 is a legal, very thin image.

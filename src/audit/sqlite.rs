@@ -39,6 +39,14 @@ impl SqliteStore {
                 source,
             })?;
         }
+        // A FIFO, a device or a folder is no database: opening a FIFO to append blocked
+        // `serve` for good, silently (a re-attack's finding, as for the JSON-lines trail).
+        if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+            return Err(AuditError::Write {
+                location,
+                reason: "is not a regular file (a FIFO, a device, a folder?): an audit database is a file".into(),
+            });
+        }
         // Created readable by its owner only (SQLite creates it under the umask); an
         // existing file keeps its mode.
         {

@@ -500,10 +500,11 @@ def test_every_implicit_vr_instance_of_pydicoms_test_sets_comes_back_equal(serve
             as_stored.append(src.name)
         assert _equal_datasets(sent, got) == [], src
         checked += 1
-    assert checked >= 50, checked  # 57 with pydicom 3.0 and pydicom-data
-    # rtplan_truncated.dcm ends inside a sequence item whose length runs past the file:
-    # too malformed to re-encode, it is sent as stored (the client takes any syntax).
-    assert as_stored == ["rtplan_truncated.dcm"], as_stored
+    assert checked >= 50, checked  # 56 with pydicom 3.0 and pydicom-data
+    # Every one comes back re-encoded. (rtplan_truncated.dcm, which ends inside a sequence
+    # item whose length runs past the file, is refused at STOW since the ingest check walks
+    # Implicit VR sequences of defined length: it was stored, then sent as stored.)
+    assert as_stored == [], as_stored
 
 
 def test_wado_rs_refuses_what_it_cannot_send(server, sent):

@@ -281,6 +281,10 @@ struct HashingReader<R> {
     /// header of more than [`MAX_COLUMNS`] is refused as it is read, before the CSV reader
     /// keeps a field end for each (16 MiB of commas took 445 MB: a re-attack's finding).
     header_commas: usize,
+    /// The header row has begun (a byte other than a line end: the CSV reader skips blank
+    /// lines before it, so a leading blank line ended the count before the header: a
+    /// re-attack's finding).
+    header_started: bool,
     /// The header row has ended (its first line end outside quotes).
     header_ended: bool,
 }
@@ -305,9 +309,12 @@ impl<R: Read> Read for HashingReader<R> {
             self.quotes = self.quotes.next(b);
             if !self.header_ended && !quoted {
                 match b {
-                    b'\n' | b'\r' => self.header_ended = true,
-                    b',' => self.header_commas += 1,
-                    _ => {}
+                    b'\n' | b'\r' => self.header_ended = self.header_started,
+                    b',' => {
+                        self.header_started = true;
+                        self.header_commas += 1;
+                    }
+                    _ => self.header_started = true,
                 }
             }
         }
@@ -387,6 +394,7 @@ impl CsvDataset {
                 quotes: QuoteState::default(),
                 header_limit: Some(MAX_HEADER_BYTES),
                 header_commas: 0,
+                header_started: false,
                 header_ended: false,
             });
         let header = reader
@@ -986,6 +994,16 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("more than 100000"), "{e}");
+        // Blank lines before the header (the CSV reader skips them) do not end the count.
+        let f = write(&format!("\n\r\n{}\n1,2\n", ",".repeat(MAX_COLUMNS + 5)));
+        let e = CsvDataset::open(f.path(), &cols, labels())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("the header names more than 100000 columns"),
+            "{e}"
+        );
         let f = write(&format!(
             "label,score,{}\n1,0.5,1\n",
             "x".repeat(MAX_HEADER_BYTES as usize + 1)
