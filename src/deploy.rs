@@ -70,6 +70,17 @@ pub async fn load_release(
     request_id: &str,
 ) -> Result<Vec<Arc<LoadedModel>>, DeployError> {
     let kind = match target {
+        // The poller's load of a model pinned to a version that does not serve loads that
+        // version (the repository decides it under its load lock): a rollback's return, as
+        // start-up records it (it was recorded as a load: a re-attack's finding).
+        LoadTarget::PolicyUnlessPinned
+            if state
+                .repository
+                .pinned(name)
+                .is_some_and(|v| !state.repository.serves(name, v)) =>
+        {
+            EventKind::ModelRollback
+        }
         LoadTarget::Policy | LoadTarget::PolicyUnlessPinned => EventKind::ModelLoad,
         LoadTarget::Version(_) => EventKind::ModelRollback,
     };

@@ -1785,7 +1785,8 @@ pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionChec
             // not learn the server's paths (a review's finding).
             None => format!(
                 "no validation report of {name} version {version} for manifest \
-                 {manifest_sha256} in the validation reports' folder (--validation-reports;                  <data folder>/validation/runs by default) (--require-validation)"
+                 {manifest_sha256} in the validation reports' folder (--validation-reports; \
+                 <data folder>/validation/runs by default; --require-validation)"
             ),
         })
     }))

@@ -1003,6 +1003,10 @@ async fn a_pin_whose_version_did_not_load_at_start_up_still_holds() {
     f.state = Fixture::start(f.dir.path(), None, true, "audit-2.jsonl").await;
     let (s, v) = f.infer_version().await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    // The index says what keeps it unavailable: the pin.
+    let index = f.index().await;
+    assert_eq!(index.len(), 1, "{index:?}");
+    assert_eq!(index[0]["pinned"], true, "{index:?}");
     std::fs::rename(&aside, &v1).unwrap();
     // What the poller does once the bundle's files changed.
     let poll = |state: Arc<AppState>| async move {
@@ -1023,4 +1027,20 @@ async fn a_pin_whose_version_did_not_load_at_start_up_still_holds() {
     assert_eq!(index[0]["pinned"], true, "{index:?}");
     assert!(poll(f.state.clone()).await.is_err());
     assert_eq!(f.index().await.len(), 1);
+    // Audited as the rollback's return, as start-up records it.
+    let trail = std::fs::read_to_string(f.dir.path().join("audit-2.jsonl")).unwrap();
+    let kinds: Vec<(EventKind, String)> = trail
+        .lines()
+        .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap())
+        .filter(|r| r.event.kind != EventKind::Inference)
+        .map(|r| (r.event.kind, r.event.version))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (EventKind::ModelRefused, "1".to_owned()),
+            (EventKind::ModelRollback, "1".to_owned())
+        ],
+        "{kinds:?}"
+    );
 }

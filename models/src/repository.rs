@@ -1221,6 +1221,15 @@ impl Repository {
             }
             Err((version, e)) => {
                 tracing::error!(model = name, error = %e, "model failed to load");
+                // The version a pin kept across restarts names stays pinned in memory when
+                // it does not load (its folder away at start-up): the poller then loads it,
+                // not the policy's versions, once its files are back (a review's finding:
+                // the version rolled back from came back).
+                if let LoadTarget::Version(v) = target
+                    && self.persisted_pin(name) == Some(v)
+                {
+                    entry.pinned = Some(v);
+                }
                 // An operator's plain load lifts an unload's hold and a rollback's pin whether
                 // or not it goes through: the operator asked for the bundle as it is on disk,
                 // and the poller loads it once its files change (a red-team finding: a load
@@ -1278,18 +1287,16 @@ impl Repository {
         self.options.pins.as_ref().and_then(|p| p.pinned(name))
     }
 
-    /// The version a rollback pinned this model to, if any: in memory, or else in the pins
-    /// kept across restarts (a pin whose version did not load at start-up is still a pin).
+    /// The version a rollback pinned this model to, if any (in memory: the running server's
+    /// word; a pin kept across a restart is taken into memory by the start-up load, even one
+    /// that fails).
     pub fn pinned(&self, name: &str) -> Option<u64> {
-        let in_memory = {
-            let models = self.models.read().unwrap_or_else(|p| p.into_inner());
-            models.get(name).and_then(|e| e.pinned)
-        };
-        in_memory.or_else(|| self.persisted_pin(name))
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        models.get(name).and_then(|e| e.pinned)
     }
 
     /// Whether `version` of `name` is serving.
-    fn serves(&self, name: &str, version: u64) -> bool {
+    pub fn serves(&self, name: &str, version: u64) -> bool {
         let models = self.models.read().unwrap_or_else(|p| p.into_inner());
         models
             .get(name)
@@ -1560,6 +1567,7 @@ impl Repository {
                         out.push(IndexEntry {
                             version: refused.version,
                             at: Some(refused.at),
+                            pinned: entry.pinned.is_some() && entry.pinned == refused.version,
                             ..row(
                                 name,
                                 ModelState::Unavailable {
@@ -1572,6 +1580,10 @@ impl Repository {
                 Some(entry) => out.push(IndexEntry {
                     version: entry.refused.as_ref().and_then(|r| r.version),
                     at: entry.refused.as_ref().map(|r| r.at),
+                    // A pinned model whose pinned version is not serving says so (an
+                    // unavailable one said nothing of the pin that keeps it so: a review's
+                    // finding).
+                    pinned: entry.pinned.is_some(),
                     ..row(name, entry.state.clone().unwrap_or(ModelState::Unloaded))
                 }),
                 None => out.push(row(name, ModelState::Unloaded)),

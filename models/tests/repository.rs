@@ -469,7 +469,13 @@ fn an_unload_without_a_hold_keeps_a_pin_and_a_hold() {
     assert_eq!(*stopped.lock().unwrap(), [1]);
     assert!(repo.get(MODEL, None).is_err());
     assert_eq!(repo.pinned(MODEL), Some(1), "the pin was lost");
-    // The bundle back: a poller-style load honours the pin.
+    // The bundle back: a poller-style load honours the pin, serving the pinned version
+    // alone; once it serves, the poller leaves it alone.
+    let served = repo
+        .load_target(MODEL, LoadTarget::PolicyUnlessPinned)
+        .unwrap();
+    assert_eq!(served.iter().map(|m| m.version).collect::<Vec<_>>(), [1]);
+    assert_eq!(repo.pinned(MODEL), Some(1));
     let err = repo
         .load_target(MODEL, LoadTarget::PolicyUnlessPinned)
         .unwrap_err();

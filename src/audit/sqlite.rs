@@ -41,7 +41,16 @@ impl SqliteStore {
         }
         // A FIFO, a device or a folder is no database: opening a FIFO to append blocked
         // `serve` for good, silently (a re-attack's finding, as for the JSON-lines trail).
-        if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        let beside = |suffix: &str| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            std::path::PathBuf::from(name)
+        };
+        // Its write-ahead log and shared-memory files too (SQLite opens them by name).
+        if [path.to_owned(), beside("-wal"), beside("-shm")]
+            .iter()
+            .any(|p| std::fs::metadata(p).is_ok_and(|m| !m.is_file()))
+        {
             return Err(AuditError::Write {
                 location,
                 reason: "is not a regular file (a FIFO, a device, a folder?): an audit database is a file".into(),

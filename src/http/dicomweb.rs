@@ -81,6 +81,9 @@ pub struct DicomWeb {
 /// its turn (within the request's deadline) instead.
 pub const MAX_CONCURRENT_SEARCHES: usize = 4;
 
+/// How long a QIDO-RS search waits for its turn before it is answered 503 with Retry-After.
+pub const SEARCH_WAIT: Duration = Duration::from_secs(5);
+
 impl DicomWeb {
     /// Bytes of STOW-RS parts in memory now, over all requests.
     pub fn inflight_bytes(&self) -> u64 {
@@ -1078,13 +1081,28 @@ async fn search(
         }
         let spool = web.spool.clone();
         let base = retrieve_base(headers, web.config.https);
-        // Held until the answer is written out below (the JSON is the memory).
-        let _turn = web
-            .searches
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| AppError::internal(e.to_string()))?;
+        // Held until the answer is written out below (the JSON is the memory). A search waits
+        // at most SEARCH_WAIT for its turn, then is answered 503: searches whose clients had
+        // left (HTTP/1.1 does not say) queued without end and a one-row search waited 46 s
+        // behind them (a re-attack's finding).
+        let _turn = match tokio::time::timeout(
+            SEARCH_WAIT,
+            web.searches.clone().acquire_owned(),
+        )
+        .await
+        {
+            Ok(turn) => turn.map_err(|e| AppError::internal(e.to_string()))?,
+            Err(_) => {
+                let mut busy = AppError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "{MAX_CONCURRENT_SEARCHES} QIDO-RS searches are being answered; try again"
+                    ),
+                );
+                busy.retry_after = Some(1);
+                return Err(busy);
+            }
+        };
         let body = tokio::task::spawn_blocking(move || -> Result<Value, nightingale_dicom::StoreError> {
             let base = base.as_deref();
             Ok(match level {
