@@ -1044,3 +1044,30 @@ async fn a_pin_whose_version_did_not_load_at_start_up_still_holds() {
         "{kinds:?}"
     );
 }
+
+/// A re-attack's finding: a rollback whose pin could not be written (a full or read-only
+/// data folder) was answered 200, and a restart then served the version rolled back from.
+/// It is refused (503) as a release the ledger cannot record is, and what served serves on.
+#[tokio::test]
+async fn a_rollback_whose_pin_cannot_be_kept_is_refused_and_changes_nothing() {
+    let f = Fixture::with(&[1, 2], None, |_| {}, true).await;
+    let pins = f.dir.path().join("data/pins.json");
+    let _ = std::fs::remove_file(&pins);
+    std::fs::create_dir(&pins).unwrap(); // not a file: the pin cannot be written
+    let uri = format!("/v2/repository/models/{MODEL}/load");
+    let (s, v) = f
+        .post(&uri, r#"{"parameters": {"version": "1"}}"#, Some(TOKEN))
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(
+        v.to_string().contains("rollback pin could not be kept"),
+        "{v}"
+    );
+    // Both versions serve, unpinned; the index shows the refusal beside them.
+    let index = f.index().await;
+    let ready: Vec<&Value> = index.iter().filter(|r| r["state"] == "READY").collect();
+    assert_eq!(ready.len(), 2, "{index:?}");
+    assert!(index.iter().all(|r| r["pinned"] != true), "{index:?}");
+    let (_, v) = f.infer_version().await;
+    assert_eq!(v["model_version"], "2");
+}

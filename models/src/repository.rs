@@ -1167,6 +1167,46 @@ impl Repository {
                 tracing::error!(model = name, error = %e, "the release ledger could not be put back");
             }
         };
+        // A rollback's pin, or a plain load lifting it, is kept for a restart before anything
+        // serves, as the release is: one that cannot be written refuses the load and what
+        // served before serves on (a rollback answered 200 whose pin was not written served
+        // the version rolled back from after a restart: a re-attack's finding). `pin_before`:
+        // the pin as it was, to put back if the load is then not committed.
+        let persisted = match target {
+            LoadTarget::Policy => Some(None),
+            LoadTarget::Version(v) => Some(Some(v)),
+            LoadTarget::PolicyUnlessPinned => None,
+        };
+        let mut pin_before = None;
+        let mut pin_unwritable = false;
+        if result.is_ok()
+            && let (Some(pins), Some(pin)) = (&self.options.pins, persisted)
+        {
+            let before = pins.pinned(name);
+            match pins.set(name, pin) {
+                Ok(()) => pin_before = Some(before),
+                Err(reason) => {
+                    pin_unwritable = true;
+                    undo(recorded.take());
+                    result = Err((
+                        None,
+                        BundleError::ReleaseLedger {
+                            path: dir.join(MANIFEST_FILE),
+                            reason: format!(
+                                "the rollback pin could not be kept for a restart: {reason}"
+                            ),
+                        },
+                    ));
+                }
+            }
+        }
+        let unpin = |before: Option<Option<u64>>| {
+            if let (Some(pins), Some(before)) = (&self.options.pins, before)
+                && let Err(e) = pins.set(name, before)
+            {
+                tracing::error!(model = name, error = %e, "the rollback pin could not be put back");
+            }
+        };
         if let Ok(loaded) = &result {
             let served: Vec<Arc<LoadedModel>> = loaded.values().cloned().collect();
             let stopping: Vec<Arc<LoadedModel>> = {
@@ -1181,6 +1221,7 @@ impl Repository {
             };
             if let Err(reason) = commit(&served, &stopping) {
                 undo(recorded);
+                unpin(pin_before);
                 tracing::error!(model = name, %reason, "load not committed; what served before still serves");
                 return Err(RepositoryError::CommitRefused {
                     name: name.to_owned(),
@@ -1202,20 +1243,6 @@ impl Repository {
                     LoadTarget::Policy | LoadTarget::PolicyUnlessPinned => None,
                     LoadTarget::Version(v) => Some(v),
                 };
-                // Kept for a restart: a rollback's pin, or a plain load lifting it. One that
-                // cannot be written is logged: what serves now is what was asked for.
-                if let Some(pins) = &self.options.pins {
-                    let persisted = match target {
-                        LoadTarget::Policy => Some(None),
-                        LoadTarget::Version(v) => Some(Some(v)),
-                        LoadTarget::PolicyUnlessPinned => None,
-                    };
-                    if let Some(pin) = persisted
-                        && let Err(e) = pins.set(name, pin)
-                    {
-                        tracing::error!(model = name, error = %e, "the rollback pin could not be kept for a restart");
-                    }
-                }
                 tracing::info!(model = name, ?versions, "model loaded");
                 Ok(served)
             }
@@ -1234,7 +1261,7 @@ impl Repository {
                 // or not it goes through: the operator asked for the bundle as it is on disk,
                 // and the poller loads it once its files change (a red-team finding: a load
                 // refused for a bad file left the hold, and the fixed bundle never came back).
-                if target == LoadTarget::Policy {
+                if target == LoadTarget::Policy && !pin_unwritable {
                     entry.held = false;
                     entry.pinned = None;
                     if let Some(pins) = &self.options.pins

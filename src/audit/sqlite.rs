@@ -47,12 +47,12 @@ impl SqliteStore {
             std::path::PathBuf::from(name)
         };
         // Its write-ahead log and shared-memory files too (SQLite opens them by name).
-        if [path.to_owned(), beside("-wal"), beside("-shm")]
-            .iter()
-            .any(|p| std::fs::metadata(p).is_ok_and(|m| !m.is_file()))
+        if let Some(odd) = [path.to_owned(), beside("-wal"), beside("-shm")]
+            .into_iter()
+            .find(|p| std::fs::metadata(p).is_ok_and(|m| !m.is_file()))
         {
             return Err(AuditError::Write {
-                location,
+                location: odd.display().to_string(),
                 reason: "is not a regular file (a FIFO, a device, a folder?): an audit database is a file".into(),
             });
         }

@@ -1103,7 +1103,11 @@ async fn search(
                 return Err(busy);
             }
         };
+        // The turn goes with the blocking task, which a client that leaves cannot stop: an
+        // HTTP/2 client resetting its streams got the turn back at once while the searches
+        // went on building, hundreds at a time (a re-attack's finding).
         let body = tokio::task::spawn_blocking(move || -> Result<Value, nightingale_dicom::StoreError> {
+            let _turn = _turn;
             let base = base.as_deref();
             Ok(match level {
                 Level::Studies => spool
