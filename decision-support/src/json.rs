@@ -6,10 +6,11 @@
 //! Nightingale (the last wins) where a gateway, an audit copy or a validator that keeps the
 //! first sees a retracted reading (a review's finding). FHIR's JSON format forbids repeated
 //! properties, and CDS Hooks bodies are JSON of known shape: so a body with one is refused
-//! whole, before anything reads it. [`check`] walks the text once with serde_json's own
+//! whole, before anything acts on it. [`check`] walks the text once with serde_json's own
 //! parser (its recursion limit included) and keeps only each object's keys while it is
 //! read.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::fmt;
 
@@ -35,45 +36,45 @@ fn shown(key: &Option<String>) -> String {
 
 /// Refuses `bytes` when an object in it names a key twice; `Ok` for any other valid JSON.
 pub fn check(bytes: &[u8]) -> Result<(), JsonError> {
+    let repeated = RefCell::new(None);
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let result = Unique.deserialize(&mut de).and_then(|()| de.end());
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let message = e.to_string();
-            match message.strip_prefix(DUPLICATE) {
-                Some(rest) => {
-                    let key = rest.split(" at line ").next().unwrap_or_default();
-                    let plain = !key.is_empty()
-                        && key.len() <= 64
-                        && key
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-                    Err(JsonError::DuplicateKey {
-                        key: plain.then(|| key.to_owned()),
-                    })
-                }
-                None => Err(JsonError::Malformed),
-            }
+    let result = Unique {
+        repeated: &repeated,
+    }
+    .deserialize(&mut de)
+    .and_then(|()| de.end());
+    match (result, repeated.into_inner()) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(key)) => {
+            let plain = !key.is_empty()
+                && key.len() <= 64
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            Err(JsonError::DuplicateKey {
+                key: plain.then_some(key),
+            })
         }
+        (Err(_), None) => Err(JsonError::Malformed),
     }
 }
 
-/// The start of the custom error [`Unique`] raises (the key follows).
-const DUPLICATE: &str = "duplicate key: ";
+/// Any JSON value, each object's keys checked; the first key named twice is kept in
+/// `repeated` (the walk then stops with an error).
+#[derive(Clone, Copy)]
+struct Unique<'a> {
+    repeated: &'a RefCell<Option<String>>,
+}
 
-/// Any JSON value, each object's keys checked.
-struct Unique;
-
-impl<'de> DeserializeSeed<'de> for Unique {
+impl<'de> DeserializeSeed<'de> for Unique<'_> {
     type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(Unique)
+        deserializer.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for Unique {
+impl<'de> Visitor<'de> for Unique<'_> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -105,7 +106,7 @@ impl<'de> Visitor<'de> for Unique {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(Unique)?.is_some() {}
+        while seq.next_element_seed(self)?.is_some() {}
         Ok(())
     }
 
@@ -113,9 +114,10 @@ impl<'de> Visitor<'de> for Unique {
         let mut seen = HashSet::new();
         while let Some(key) = map.next_key::<String>()? {
             if seen.contains(&key) {
-                return Err(de::Error::custom(format_args!("{DUPLICATE}{key}")));
+                *self.repeated.borrow_mut() = Some(key);
+                return Err(de::Error::custom("a key named twice"));
             }
-            map.next_value_seed(Unique)?;
+            map.next_value_seed(self)?;
             seen.insert(key);
         }
         Ok(())
