@@ -41,7 +41,6 @@ fn load(name: &str) -> LoadedModel {
 /// test reads from its own run of it), and a probe that a signal stops refuses the bundle.
 #[test]
 fn candle_bundles_are_loaded_in_the_probe_process_first() {
-    use std::io::Write;
     let bundle = repo().join("models/bundles/lesion-detection-candle");
     // The real probe, as the server runs it: the bundle loads.
     let real = RepositoryOptions {
@@ -82,21 +81,18 @@ fn candle_bundles_are_loaded_in_the_probe_process_first() {
     let input = std::fs::read(&seen).unwrap();
     let architecture = std::fs::read(bundle.join("1/architecture.json")).unwrap();
     assert!(input.ends_with(&architecture));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nightingale"))
-        .args(["__probe-model", "--backend", "candle", "--version", "1"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(&input).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // Without the architecture file the probe cannot load it.
-    let cut = &input[..input.len() - architecture.len() - 8];
+    let (ok, said) = probe_candle(&input);
+    assert!(ok, "{said}");
+    // Without the architecture file (the last part marked absent) the probe cannot load it.
+    let mut cut = input[..input.len() - architecture.len() - 8].to_vec();
+    cut.extend_from_slice(&u64::MAX.to_le_bytes());
+    assert!(!probe_candle(&cut).0);
+}
+
+/// Runs `nightingale __probe-model --backend candle` on `input` (at most two minutes):
+/// whether it exited 0, and what it wrote to stderr.
+fn probe_candle(input: &[u8]) -> (bool, String) {
+    use std::io::{Read, Write};
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nightingale"))
         .args(["__probe-model", "--backend", "candle", "--version", "1"])
         .stdin(std::process::Stdio::piped())
@@ -104,10 +100,22 @@ fn candle_bundles_are_loaded_in_the_probe_process_first() {
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(cut).unwrap();
-    stdin.write_all(&u64::MAX.to_le_bytes()).unwrap();
+    stdin.write_all(input).unwrap();
     drop(stdin);
-    assert!(!child.wait_with_output().unwrap().status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the probe did not end within two minutes");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut said = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut said);
+    (status.success(), said)
 }
 
 fn f32s(b64: &str) -> Vec<f32> {

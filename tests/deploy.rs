@@ -193,6 +193,17 @@ impl Fixture {
 
 /// The model file's SHA-256 as bundle.toml lists it (written by the training script with
 /// Python's hashlib), not as the server computes it.
+/// (kind, version) of every record of the trail in `path` that is not an inference.
+fn model_events(path: &Path) -> Vec<(EventKind, String)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap())
+        .filter(|r| r.event.kind != EventKind::Inference)
+        .map(|r| (r.event.kind, r.event.version))
+        .collect()
+}
+
 fn model_sha(bundle: &Path, version: u64) -> String {
     let text = std::fs::read_to_string(bundle.join("bundle.toml")).unwrap();
     let manifest: toml::Value = toml::from_str(&text).unwrap();
@@ -963,13 +974,7 @@ async fn a_rollback_holds_across_a_restart_until_a_plain_load() {
     let index = f.index().await;
     assert_eq!(index.len(), 1, "{index:?}");
     assert_eq!(index[0]["pinned"], true, "{index:?}");
-    let trail = std::fs::read_to_string(f.dir.path().join("audit-2.jsonl")).unwrap();
-    let startup: Vec<(EventKind, String)> = trail
-        .lines()
-        .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap())
-        .filter(|r| r.event.kind != EventKind::Inference)
-        .map(|r| (r.event.kind, r.event.version))
-        .collect();
+    let startup = model_events(&f.dir.path().join("audit-2.jsonl"));
     assert_eq!(
         startup,
         vec![(EventKind::ModelRollback, "1".to_owned())],
@@ -1028,13 +1033,7 @@ async fn a_pin_whose_version_did_not_load_at_start_up_still_holds() {
     assert!(poll(f.state.clone()).await.is_err());
     assert_eq!(f.index().await.len(), 1);
     // Audited as the rollback's return, as start-up records it.
-    let trail = std::fs::read_to_string(f.dir.path().join("audit-2.jsonl")).unwrap();
-    let kinds: Vec<(EventKind, String)> = trail
-        .lines()
-        .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap())
-        .filter(|r| r.event.kind != EventKind::Inference)
-        .map(|r| (r.event.kind, r.event.version))
-        .collect();
+    let kinds = model_events(&f.dir.path().join("audit-2.jsonl"));
     assert_eq!(
         kinds,
         vec![
