@@ -338,6 +338,8 @@ pub async fn poll(
     // `MAX_RETRY_DELAY`, instead of never (the fingerprint was marked applied whatever the
     // outcome: a red-team finding).
     let mut retry: BTreeMap<String, (tokio::time::Instant, Duration)> = BTreeMap::new();
+    // The deployment policy's evidence each refused model was last loaded again for.
+    let mut tried_evidence: BTreeMap<String, [u8; 32]> = BTreeMap::new();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -396,6 +398,43 @@ pub async fn poll(
                         "bundle changed on disk; not reloaded: unloaded by model control until the next load");
                 }
                 _ => {}
+            }
+        }
+        // A model the deployment policy refused is loaded again once the policy's evidence
+        // changed (a passing validation report appeared: the bundle's files did not change,
+        // so nothing above loads it; a review's finding, was a README known issue).
+        let awaiting = state.repository.awaiting_promotion();
+        if !awaiting.is_empty() {
+            let repository = state.repository.clone();
+            if let Ok(Some(evidence)) =
+                tokio::task::spawn_blocking(move || repository.promotion_evidence()).await
+            {
+                for (name, seen) in awaiting {
+                    // Once per change of the evidence: a load that ends pinned or held
+                    // leaves the refusal as it was.
+                    if seen == evidence
+                        || !now.contains_key(&name)
+                        || tried_evidence.get(&name) == Some(&evidence)
+                    {
+                        continue;
+                    }
+                    tried_evidence.insert(name.clone(), evidence);
+                    tracing::info!(model = %name,
+                        "validation reports changed: loading again the version the deployment policy refused, unless pinned");
+                    match load(&state, &name, LoadTarget::PolicyUnlessPinned, POLLER, "-").await {
+                        Err(DeployError::Repository(RepositoryError::Pinned {
+                            version, ..
+                        })) => {
+                            tracing::info!(model = %name, version,
+                                "not reloaded: pinned by a rollback until the next load");
+                        }
+                        Err(DeployError::Repository(RepositoryError::Held { .. })) => {
+                            tracing::info!(model = %name,
+                                "not reloaded: unloaded by model control until the next load");
+                        }
+                        _ => {}
+                    }
+                }
             }
         }
         retry.retain(|name, _| now.contains_key(name));

@@ -1691,11 +1691,33 @@ pub(crate) const MAX_REPORT_BYTES: u64 = 32 << 20;
 /// upload), passed a gate that is not empty. A newer failing report withdraws an older pass;
 /// an uploaded dataset's report never counts (its labels are the uploader's word).
 pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionCheck {
-    nightingale_models::PromotionCheck(Arc::new(move |name, version, manifest_sha256| {
-        let mut candidates = vec![reports.join("report.json")];
-        if let Ok(entries) = std::fs::read_dir(&reports) {
-            candidates.extend(entries.flatten().map(|e| e.path().join("report.json")));
+    let folder = reports.clone();
+    let evidence = move || {
+        // Each candidate report's path, size and modification time (or that it is absent):
+        // a report written, replaced or removed changes it.
+        use sha2::{Digest as _, Sha256};
+        let mut hash = Sha256::new();
+        let mut candidates = report_candidates(&folder);
+        candidates.sort();
+        for path in candidates {
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .unwrap_or_default();
+            let name = path.as_os_str().as_encoded_bytes();
+            hash.update((name.len() as u64).to_le_bytes());
+            hash.update(name);
+            hash.update(meta.len().to_le_bytes());
+            hash.update(modified.as_nanos().to_le_bytes());
         }
+        hash.finalize().into()
+    };
+    let check = move |name: &str, version: u64, manifest_sha256: &str| {
+        let candidates = report_candidates(&reports);
         // (created, passed) of the newest report that counts.
         let mut newest: Option<(String, bool)> = None;
         let mut others_only = false;
@@ -1789,7 +1811,18 @@ pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionChec
                  <data folder>/validation/runs by default; --require-validation)"
             ),
         })
-    }))
+    };
+    nightingale_models::PromotionCheck(Arc::new(check), Some(Arc::new(evidence)))
+}
+
+/// The report files `--require-validation` reads: `report.json` in the folder and in each
+/// folder inside it.
+fn report_candidates(reports: &Path) -> Vec<PathBuf> {
+    let mut candidates = vec![reports.join("report.json")];
+    if let Ok(entries) = std::fs::read_dir(reports) {
+        candidates.extend(entries.flatten().map(|e| e.path().join("report.json")));
+    }
+    candidates
 }
 
 #[cfg(test)]
@@ -1852,6 +1885,31 @@ mod promotion_tests {
                 {"metric": "ece", "bound": "value"}]},
         });
         std::fs::write(dir.join("report.json"), json.to_string()).unwrap();
+    }
+
+    /// The evidence the poller compares changes when a report is written, replaced or
+    /// removed, in the folder or a folder inside it, and not for other files.
+    #[test]
+    fn the_evidence_follows_the_reports_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = require_validation(dir.path().to_path_buf());
+        let evidence = check.1.clone().unwrap();
+        let empty = evidence();
+        std::fs::create_dir(dir.path().join("run-1")).unwrap();
+        std::fs::write(dir.path().join("run-1/progress.json"), "{}").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
+        assert_eq!(evidence(), empty, "files that are not reports");
+        report(dir.path(), "run-1", "2026-12-05T06:41:47Z", true);
+        let one = evidence();
+        assert_ne!(one, empty, "a report written in a run's folder");
+        assert_eq!(evidence(), one, "nothing changed");
+        report(dir.path(), "run-1", "2026-12-05T06:41:47Z", false);
+        let replaced = evidence();
+        assert_ne!(replaced, one, "a report replaced (another length)");
+        std::fs::write(dir.path().join("report.json"), "{}").unwrap();
+        assert_ne!(evidence(), replaced, "a report in the folder itself");
+        std::fs::remove_file(dir.path().join("report.json")).unwrap();
+        assert_eq!(evidence(), replaced, "and removed again");
     }
 
     /// A red-team finding: a report made with a looser confidence level or fewer

@@ -598,10 +598,13 @@ async fn a_poller_reload_queued_behind_a_rollback_does_not_undo_it() {
     let check = gate.clone();
     let f = Fixture::with_promotion(
         &[1, 2],
-        Some(PromotionCheck(Arc::new(move |_, version, _| {
-            check.check(version);
-            Ok(())
-        }))),
+        Some(PromotionCheck(
+            Arc::new(move |_, version, _| {
+                check.check(version);
+                Ok(())
+            }),
+            None,
+        )),
     )
     .await;
     let repository = f.state.repository.clone();
@@ -750,6 +753,91 @@ async fn an_operator_unload_holds_against_the_poller_until_a_load() {
         .filter(|r| r.event.actor.as_deref() == Some(nightingale::deploy::POLLER))
         .count();
     assert_eq!(by_poller, 0, "the poller acted on a held model");
+}
+
+/// `--require-validation` refused the bundle at start-up for want of a passing report; the
+/// report then appears, the bundle's files unchanged: the poller loads it (it waited for a
+/// change of the bundle's files that never came: a review's finding, was a README known
+/// issue), once per change of the reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_refused_for_want_of_a_report_serves_when_the_report_appears() {
+    use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+    let passed = Arc::new(AtomicBool::new(false));
+    let reports = Arc::new(AtomicU8::new(0));
+    let (p, r) = (passed.clone(), reports.clone());
+    let f = Fixture::with_promotion(
+        &[1, 2],
+        Some(PromotionCheck(
+            Arc::new(move |_, _, _| {
+                if p.load(Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    Err("no passing report".into())
+                }
+            }),
+            Some(Arc::new(move || [r.load(Ordering::SeqCst); 32])),
+        )),
+    )
+    .await;
+    let repository = f.state.repository.clone();
+    assert_eq!(
+        repository.awaiting_promotion(),
+        [(MODEL.to_owned(), [0; 32])]
+    );
+    let (s, _) = f.infer_version().await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    let poller = tokio::spawn(nightingale::deploy::poll(
+        f.state.clone(),
+        Duration::from_millis(50),
+        repository.fingerprints(),
+    ));
+    let refusals = || {
+        model_events(&f.dir.path().join("audit.jsonl"))
+            .into_iter()
+            .filter(|(kind, _)| *kind == EventKind::ModelRefused)
+            .count()
+    };
+    let at_start = refusals();
+    // A failing report appears: loaded again once, refused again, and not again while the
+    // reports stay as they are.
+    reports.store(1, Ordering::SeqCst);
+    eventually("the refusal is read again", async || {
+        repository.awaiting_promotion() == [(MODEL.to_owned(), [1; 32])]
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(repository.loads_pending(), 0);
+    assert_eq!(refusals(), at_start + 1, "loaded again once per change");
+    // The passing report appears.
+    passed.store(true, Ordering::SeqCst);
+    reports.store(2, Ordering::SeqCst);
+    eventually("the model serves", async || {
+        f.infer_version().await.0 == StatusCode::OK
+    })
+    .await;
+    poller.abort();
+    assert!(repository.awaiting_promotion().is_empty());
+    let (s, v) = f.infer_version().await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["model_version"], "2", "{v}");
+    let by_poller = f
+        .audit()
+        .await
+        .into_iter()
+        .filter(|r| {
+            r.event.actor.as_deref() == Some(nightingale::deploy::POLLER)
+                && r.event.kind != EventKind::Inference
+        })
+        .map(|r| (r.event.kind, r.event.version, r.event.outcome))
+        .collect::<Vec<_>>();
+    assert_eq!(
+        by_poller,
+        [
+            (EventKind::ModelRefused, "1".into(), Outcome::Rejected),
+            (EventKind::ModelLoad, "1".into(), Outcome::Ok),
+            (EventKind::ModelLoad, "2".into(), Outcome::Ok),
+        ]
+    );
 }
 
 /// Writes `release = n` into the bundle's manifest; signs it with the demo key when `sign`,

@@ -105,6 +105,8 @@ pub enum BundleError {
         path: PathBuf,
         version: u64,
         reason: String,
+        /// The policy's evidence as it was read for this refusal (see `PromotionCheck`).
+        evidence: Option<[u8; 32]>,
     },
     #[error("{path}: refused, self-test failed on {engine}: {source}")]
     SelfTest {

@@ -104,12 +104,18 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// A deployment policy consulted before a version serves: `(model, version, manifest
 /// SHA-256)` → `Err(reason)` to refuse it (it is then refused like a bad signature: what
-/// served before keeps serving, and the index says why).
+/// served before keeps serving, and the index says why). The second part, when given,
+/// summarises the evidence the policy reads (the validation reports): the repository poller
+/// loads a refused model again once it changes, so a version refused for want of a report
+/// serves when its passing report appears.
 #[derive(Clone)]
-pub struct PromotionCheck(pub Arc<PromotionFn>);
+pub struct PromotionCheck(pub Arc<PromotionFn>, pub Option<Arc<EvidenceFn>>);
 
 /// `(model, version, manifest SHA-256)` → may it serve.
 pub type PromotionFn = dyn Fn(&str, u64, &str) -> Result<(), String> + Send + Sync;
+
+/// A digest of what a [`PromotionFn`] reads; equal digests mean it would judge alike.
+pub type EvidenceFn = dyn Fn() -> [u8; 32] + Send + Sync;
 
 impl std::fmt::Debug for PromotionCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -863,6 +869,8 @@ struct Refused {
     version: Option<u64>,
     reason: String,
     at: std::time::SystemTime,
+    /// Refused by the deployment policy, which read this evidence (see [`PromotionCheck`]).
+    promotion_evidence: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Default)]
@@ -1277,14 +1285,40 @@ impl Repository {
                         reason: e.to_string(),
                     });
                 }
+                let promotion_evidence = match &e {
+                    BundleError::NotPromoted { evidence, .. } => Some(evidence.unwrap_or([0; 32])),
+                    _ => None,
+                };
                 entry.refused = Some(Refused {
                     version,
                     reason: e.to_string(),
                     at: std::time::SystemTime::now(),
+                    promotion_evidence,
                 });
                 Err(e.into())
             }
         }
+    }
+
+    /// Models whose last load the deployment policy refused, each with the evidence that
+    /// policy read (see [`PromotionCheck`]); the poller compares it with
+    /// [`Repository::promotion_evidence`].
+    pub fn awaiting_promotion(&self) -> Vec<(String, [u8; 32])> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        models
+            .iter()
+            .filter_map(|(name, e)| {
+                let evidence = e.refused.as_ref()?.promotion_evidence?;
+                Some((name.clone(), evidence))
+            })
+            .collect()
+    }
+
+    /// The deployment policy's evidence now (`None`: no policy, or one that gives none).
+    /// Reads files: call it off the async runtime.
+    pub fn promotion_evidence(&self) -> Option<[u8; 32]> {
+        let evidence = self.options.promotion.as_ref()?.1.as_ref()?;
+        Some(evidence())
     }
 
     /// The version the last refused load of this model failed on, when it got that far.
@@ -1392,6 +1426,9 @@ impl Repository {
         let mut loaded = BTreeMap::new();
         for version in versions {
             if let (Some(check), Some(sha)) = (&self.options.promotion, &manifest_sha) {
+                // Read before the policy is asked: evidence that changes after this is seen
+                // as a change by the poller, whatever the policy read.
+                let evidence = check.1.as_ref().map(|f| f());
                 check.0(&bundle.manifest.name, version, sha).map_err(|reason| {
                     (
                         Some(version),
@@ -1399,6 +1436,7 @@ impl Repository {
                             path: dir.join(MANIFEST_FILE),
                             version,
                             reason,
+                            evidence,
                         },
                     )
                 })?;
