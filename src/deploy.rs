@@ -321,6 +321,21 @@ pub async fn load_all(state: &Arc<AppState>) {
     tracing::info!(models = names.len(), failed, "initial load finished");
 }
 
+/// Logs a poller's load that a rollback's pin or an operator's unload kept from loading.
+fn say_if_not_reloaded<T>(name: &str, why: &str, outcome: &Result<T, DeployError>) {
+    match outcome {
+        Err(DeployError::Repository(RepositoryError::Pinned { version, .. })) => {
+            tracing::info!(model = %name, version,
+                "{why}; not reloaded: pinned by a rollback until the next load");
+        }
+        Err(DeployError::Repository(RepositoryError::Held { .. })) => {
+            tracing::info!(model = %name,
+                "{why}; not reloaded: unloaded by model control until the next load");
+        }
+        _ => {}
+    }
+}
+
 /// The first and the longest wait before a failed load is tried again by the poller.
 const MIN_RETRY_DELAY: Duration = Duration::from_secs(5);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
@@ -388,17 +403,7 @@ pub async fn poll(
                 continue;
             }
             retry.remove(name);
-            match outcome {
-                Err(DeployError::Repository(RepositoryError::Pinned { version, .. })) => {
-                    tracing::info!(model = %name, version,
-                        "bundle changed on disk; not reloaded: pinned by a rollback until the next load");
-                }
-                Err(DeployError::Repository(RepositoryError::Held { .. })) => {
-                    tracing::info!(model = %name,
-                        "bundle changed on disk; not reloaded: unloaded by model control until the next load");
-                }
-                _ => {}
-            }
+            say_if_not_reloaded(name, "bundle changed on disk", &outcome);
         }
         // A model the deployment policy refused is loaded again once the policy's evidence
         // changed (a passing validation report appeared: the bundle's files did not change,
@@ -421,19 +426,9 @@ pub async fn poll(
                     tried_evidence.insert(name.clone(), evidence);
                     tracing::info!(model = %name,
                         "validation reports changed: loading again the version the deployment policy refused, unless pinned");
-                    match load(&state, &name, LoadTarget::PolicyUnlessPinned, POLLER, "-").await {
-                        Err(DeployError::Repository(RepositoryError::Pinned {
-                            version, ..
-                        })) => {
-                            tracing::info!(model = %name, version,
-                                "not reloaded: pinned by a rollback until the next load");
-                        }
-                        Err(DeployError::Repository(RepositoryError::Held { .. })) => {
-                            tracing::info!(model = %name,
-                                "not reloaded: unloaded by model control until the next load");
-                        }
-                        _ => {}
-                    }
+                    let outcome =
+                        load(&state, &name, LoadTarget::PolicyUnlessPinned, POLLER, "-").await;
+                    say_if_not_reloaded(&name, "validation reports changed", &outcome);
                 }
             }
         }
