@@ -347,9 +347,6 @@ fn load(
     name: &str,
     version: Option<u64>,
 ) -> anyhow::Result<Loaded> {
-    let manifest_path = args.repository.join(name).join("bundle.toml");
-    let manifest_sha256 = nightingale_models::sha256_file(&manifest_path)
-        .with_context(|| format!("cannot read {}", manifest_path.display()))?;
     let target = match version {
         Some(v) => LoadTarget::Version(v),
         None => LoadTarget::Policy,
@@ -364,7 +361,11 @@ fn load(
     let identity = ModelIdentity {
         name: model.name.clone(),
         version: model.version,
-        manifest_sha256,
+        // The manifest the load parsed and checked, not the file read again: one replaced
+        // between the two reads got a passing report under the other's digest, and
+        // `--require-validation` served the manifest whose own gate failed (a red-team
+        // finding).
+        manifest_sha256: model.manifest_sha256.clone(),
         model_sha256: model.model_sha256.clone(),
         signature_key_id: match &model.signature {
             nightingale_models::SignatureStatus::Unsigned => None,

@@ -43,6 +43,16 @@ pub enum StructureError {
     Inflate(String),
     #[error("deflated data set inflates to more than {max} bytes")]
     InflatesTooLarge { max: usize },
+    #[error(
+        "element ({group:04X},{element:04X}) repeated at offset {offset} with another value: readers differ on which one counts"
+    )]
+    RepeatedElement {
+        offset: usize,
+        group: u16,
+        element: u16,
+    },
+    #[error("more than {max} elements at the top level of the data set")]
+    TooManyElements { max: usize },
 }
 
 /// The most a deflated data set may inflate to ([`walk`] holds it in memory): a deflate
@@ -56,6 +66,9 @@ static INFLATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 const UNDEFINED: u32 = 0xFFFF_FFFF;
 const MAX_DEPTH: usize = 64;
+/// The most elements the top level of a data set may hold (real objects hold hundreds,
+/// private ones a few thousand): [`Walker`] keeps each one's place to compare repeats.
+const MAX_TOP_LEVEL_ELEMENTS: usize = 100_000;
 const ITEM: (u16, u16) = (0xFFFE, 0xE000);
 const ITEM_END: (u16, u16) = (0xFFFE, 0xE00D);
 const SEQ_END: (u16, u16) = (0xFFFE, 0xE0DD);
@@ -226,6 +239,7 @@ fn walk_with(
         wanted,
         found: std::cell::RefCell::new(vec![None; wanted.len()]),
         digest,
+        top_level: std::cell::RefCell::new(std::collections::BTreeMap::new()),
     };
     let end = walker.dataset(0, Some(bytes.len()), encoding.explicit_vr, 0)?;
     debug_assert_eq!(end, bytes.len());
@@ -240,6 +254,8 @@ struct Walker<'a> {
     found: std::cell::RefCell<Vec<Option<Found>>>,
     /// Set: the content is hashed as it is walked ([`content_digest`]).
     digest: Option<&'a std::cell::RefCell<sha2::Sha256>>,
+    /// Where each top-level element was met (start, end), to compare a repeat with it.
+    top_level: std::cell::RefCell<std::collections::BTreeMap<(u16, u16), (usize, usize)>>,
 }
 
 /// What [`content_digest`] hashes between elements' tags and values.
@@ -303,6 +319,8 @@ impl Walker<'_> {
             wanted: &[],
             found: std::cell::RefCell::new(Vec::new()),
             digest: self.digest,
+            // Used for items only (nested), whose elements are not compared.
+            top_level: std::cell::RefCell::default(),
         }
     }
 
@@ -484,6 +502,7 @@ impl Walker<'_> {
                     None => Err(StructureError::Unclosed { offset: opened }),
                 };
             }
+            let start = at;
             let h = self.header(at, explicit_vr)?;
             if h.value > limit {
                 return Err(StructureError::TruncatedHeader { offset: at });
@@ -591,7 +610,47 @@ impl Walker<'_> {
                 self.hash(&[mark::SEQUENCE_END]);
                 end
             };
+            if depth == 0 && !digest {
+                self.repeat_check(h.tag, start, at)?;
+            }
         }
+    }
+
+    /// PS3.5 7.1: an element occurs once in a data set. One repeated at the top level with
+    /// the same bytes (pydicom's `winter.dcm` repeats its SOP Instance UID so) reads alike
+    /// everywhere; one repeated with another value does not: dcmtk (and this walk's
+    /// [`walk`] answers) keep the first, dicom-rs and pydicom the last, so the index and the
+    /// pipeline's results named one patient, study or instance and the stored file, read by
+    /// another program, another (a red-team finding). Refused.
+    fn repeat_check(
+        &self,
+        tag: (u16, u16),
+        start: usize,
+        end: usize,
+    ) -> Result<(), StructureError> {
+        let mut seen = self.top_level.borrow_mut();
+        let count = seen.len();
+        match seen.entry(tag) {
+            std::collections::btree_map::Entry::Occupied(first) => {
+                let (s, e) = *first.get();
+                if self.bytes[s..e] != self.bytes[start..end] {
+                    return Err(StructureError::RepeatedElement {
+                        offset: start,
+                        group: tag.0,
+                        element: tag.1,
+                    });
+                }
+            }
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                if count >= MAX_TOP_LEVEL_ELEMENTS {
+                    return Err(StructureError::TooManyElements {
+                        max: MAX_TOP_LEVEL_ELEMENTS,
+                    });
+                }
+                slot.insert((start, end));
+            }
+        }
+        Ok(())
     }
 
     /// Walks the items of a sequence; returns the offset after it (after its delimiter when
@@ -1081,6 +1140,67 @@ mod tests {
         let mut rows = tag_len(0x0028, 0x0010, 2);
         rows.extend_from_slice(&[0, 2]);
         check(&rows, implicit).unwrap();
+    }
+
+    #[test]
+    fn an_element_repeated_with_another_value_is_refused_and_an_identical_repeat_kept() {
+        let uid = el(0x0008, 0x0018, b"UI", b"1.2.3\0");
+        let study = el(0x0020, 0x000D, b"UI", b"1.2.4\0");
+        // winter.dcm's form: the same element twice in a row.
+        let mut same = uid.clone();
+        same.extend(&uid);
+        same.extend(&study);
+        check(&same, LE).unwrap();
+        // Out of order but the same bytes.
+        let mut later = uid.clone();
+        later.extend(&study);
+        later.extend(&uid);
+        check(&later, LE).unwrap();
+        // Another value, after other elements (the form that split readers).
+        let mut other = uid.clone();
+        other.extend(&study);
+        let second = other.len();
+        other.extend(el(0x0008, 0x0018, b"UI", b"1.2.5\0"));
+        assert_eq!(
+            check(&other, LE),
+            Err(StructureError::RepeatedElement {
+                offset: second,
+                group: 0x0008,
+                element: 0x0018
+            })
+        );
+        // The same value under another VR is another element too.
+        let mut vr = uid.clone();
+        vr.extend(el(0x0008, 0x0018, b"LO", b"1.2.3\0"));
+        assert!(matches!(
+            check(&vr, LE),
+            Err(StructureError::RepeatedElement { .. })
+        ));
+        // Inside an item, a repeat is not this check's (items are not indexed).
+        let mut nested = sq(
+            (0x0008, 0x1115),
+            &[[uid.clone(), el(0x0008, 0x0018, b"UI", b"9\0")].concat()],
+            true,
+        );
+        nested.extend(&uid);
+        check(&nested, LE).unwrap();
+        // The content digest (of objects stored before this check) does not refuse them.
+        content_digest(&other, LE).unwrap();
+    }
+
+    #[test]
+    fn too_many_top_level_elements_are_refused() {
+        let mut d = Vec::new();
+        for i in 0..=MAX_TOP_LEVEL_ELEMENTS {
+            let tag = 0x0009_0000u32 + i as u32 * 2 + 0x10;
+            d.extend(el((tag >> 16) as u16, tag as u16, b"LO", b""));
+        }
+        assert_eq!(
+            check(&d, LE),
+            Err(StructureError::TooManyElements {
+                max: MAX_TOP_LEVEL_ELEMENTS
+            })
+        );
     }
 
     #[test]

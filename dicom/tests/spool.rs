@@ -453,6 +453,57 @@ fn refused_objects_are_quarantined_with_their_reason_and_never_indexed() {
     spool.store(&good, &incoming()).unwrap();
 }
 
+/// A red-team finding: a data set that repeated its Study Instance UID (or Patient ID, or
+/// SOP Instance UID) with another value before its pixel data was stored; the index took
+/// the first value, the pipeline's reader (dicom-rs, as pydicom) the last, and the SR went
+/// to PACS under a study and patient the index did not list. Refused now, stored or
+/// streamed; a repeat of the same bytes (pydicom's `winter.dcm`) is still stored.
+#[test]
+fn a_data_set_repeating_an_element_with_another_value_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), options()).unwrap();
+    let with_repeat = |sop: &str, element: (u16, u16), value: &[u8]| {
+        let mut data = ct(Some(sop), Some(vec![1, 0, 2, 0]));
+        let pixel = data
+            .windows(4)
+            .rposition(|w| w == [0xE0, 0x7F, 0x10, 0x00])
+            .unwrap();
+        let mut repeated = Vec::new();
+        repeated.extend_from_slice(&element.0.to_le_bytes());
+        repeated.extend_from_slice(&element.1.to_le_bytes());
+        repeated.extend_from_slice(b"UI");
+        repeated.extend_from_slice(&(value.len() as u16).to_le_bytes());
+        repeated.extend_from_slice(value);
+        data.splice(pixel..pixel, repeated);
+        data
+    };
+    let other_study = with_repeat("1.2.3.4.70", (0x0020, 0x000D), b"1.2.3.999\0");
+    let e = spool.store(&other_study, &incoming()).unwrap_err();
+    assert!(e.to_string().contains("(0020,000D) repeated"), "{e}");
+    let e = upload(
+        &spool,
+        "1.2.3.4.71",
+        &with_repeat("1.2.3.4.71", (0x0008, 0x0018), b"1.2.3.4.72\0"),
+        100,
+    )
+    .unwrap_err();
+    assert!(matches!(e, StoreError::Malformed(_)), "{e}");
+    assert!(spool.instances().unwrap().is_empty());
+    assert!(dcm_files(spool.root()).is_empty());
+    // The same Study Instance UID again, byte for byte: stored.
+    let mut study = STUDY.as_bytes().to_vec();
+    if study.len() % 2 == 1 {
+        study.push(0);
+    }
+    spool
+        .store(
+            &with_repeat("1.2.3.4.73", (0x0020, 0x000D), &study),
+            &incoming(),
+        )
+        .unwrap();
+    assert_eq!(spool.instances().unwrap().len(), 1);
+}
+
 /// A spool made before its folders and index were private (0755 and 0644 under the usual
 /// umask) is narrowed when it opens: the files inside are then out of others' reach.
 #[test]

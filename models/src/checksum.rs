@@ -63,20 +63,32 @@ fn same_file(_: &fs::Metadata, _: &fs::Metadata) -> bool {
     true
 }
 
-/// Every regular file under `dir`, as `/`-separated relative paths.
+/// Every regular file under `dir`, as `/`-separated relative paths. A name that is not UTF-8
+/// cannot be listed in a manifest (TOML is UTF-8), so such a file is unlisted whatever the
+/// manifest says (its name was read lossily, and matched a listed `x\u{FFFD}`: a red-team
+/// finding).
 fn list_files(dir: &Path) -> Result<Vec<String>, BundleError> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
+    fn walk(
+        root: &Path,
+        dir: &Path,
+        out: &mut Vec<String>,
+        not_utf8: &mut Option<PathBuf>,
+    ) -> std::io::Result<()> {
         for entry in fs::read_dir(dir)? {
             let entry = entry?;
             let kind = entry.file_type()?;
             let path = entry.path();
+            if entry.file_name().to_str().is_none() {
+                not_utf8.get_or_insert(path);
+                continue;
+            }
             if kind.is_dir() {
-                walk(root, &path, out)?;
+                walk(root, &path, out, not_utf8)?;
             } else {
                 let rel = path.strip_prefix(root).unwrap_or(&path);
-                let parts: Vec<String> = rel
+                let parts: Vec<&str> = rel
                     .components()
-                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .filter_map(|c| c.as_os_str().to_str())
                     .collect();
                 out.push(parts.join("/"));
             }
@@ -84,7 +96,11 @@ fn list_files(dir: &Path) -> Result<Vec<String>, BundleError> {
         Ok(())
     }
     let mut out = vec![];
-    walk(dir, dir, &mut out).map_err(|source| BundleError::io(dir, source))?;
+    let mut not_utf8 = None;
+    walk(dir, dir, &mut out, &mut not_utf8).map_err(|source| BundleError::io(dir, source))?;
+    if let Some(path) = not_utf8 {
+        return Err(BundleError::UnlistedFile { path });
+    }
     out.sort();
     Ok(out)
 }

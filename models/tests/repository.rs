@@ -89,6 +89,35 @@ fn unlisted_and_missing_files_are_refused() {
     );
 }
 
+/// A red-team finding: a name that is not UTF-8 was read lossily (`x\xff` as `x\u{FFFD}`),
+/// so an unlisted file passed beside a listed file of the lossy name.
+#[test]
+fn a_file_whose_name_is_not_utf8_is_unlisted_whatever_the_manifest_lists() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let (_dir, bundle) = repo_with_copy();
+    let listed = "x\u{FFFD}";
+    std::fs::write(bundle.join("1").join(listed), b"listed").unwrap();
+    let sha = nightingale_models::sha256_file(&bundle.join("1").join(listed)).unwrap();
+    let manifest = std::fs::read_to_string(bundle.join("bundle.toml")).unwrap();
+    let manifest = manifest.replace(
+        "[versions.1.files]\n",
+        &format!("[versions.1.files]\n\"{listed}\" = \"{sha}\"\n"),
+    );
+    std::fs::write(bundle.join("bundle.toml"), manifest).unwrap();
+    Bundle::open(&bundle).unwrap().verify(1).unwrap();
+    let stray = bundle.join("1").join(std::ffi::OsStr::from_bytes(b"x\xff"));
+    std::fs::write(&stray, b"not listed").unwrap();
+    let err = Bundle::open(&bundle).unwrap().verify(1).unwrap_err();
+    assert!(matches!(err, BundleError::UnlistedFile { .. }), "{err}");
+    // In a folder below the version's too.
+    std::fs::remove_file(&stray).unwrap();
+    let folder = bundle.join("1").join(std::ffi::OsStr::from_bytes(b"d\xff"));
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::write(folder.join("a"), b"not listed").unwrap();
+    let err = Bundle::open(&bundle).unwrap().verify(1).unwrap_err();
+    assert!(matches!(err, BundleError::UnlistedFile { .. }), "{err}");
+}
+
 #[test]
 fn a_version_folder_missing_from_the_manifest_is_refused() {
     let (_dir, bundle) = repo_with_copy();
