@@ -244,6 +244,36 @@ async fn a_connection_without_a_request_for_the_idle_timeout_is_closed() {
     .unwrap();
 }
 
+/// An HTTP/2 header block left unfinished (HEADERS without END_HEADERS, then nothing) holds
+/// its connection, and the block's bytes, until the keep-alive PING goes unanswered: by
+/// default within the header deadline (it was 60 s + 60 s: a red-team finding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_http2_header_block_is_closed_by_the_keep_alive() {
+    use nightingale::http::serve::HEADER_READ_TIMEOUT;
+    assert!(ConnectionLimits::default().http2_keep_alive * 2 <= HEADER_READ_TIMEOUT);
+    let (addr, _stop) = start(ConnectionLimits {
+        http2_keep_alive: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    tokio::task::spawn_blocking(move || {
+        let mut h2 = TcpStream::connect(addr).unwrap();
+        // The preface, an empty SETTINGS, then HEADERS (stream 1, END_STREAM without
+        // END_HEADERS) carrying `:method GET`, and no CONTINUATION.
+        h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .unwrap();
+        h2.write_all(b"\0\0\x01\x01\x01\0\0\0\x01\x82").unwrap();
+        let started = Instant::now();
+        assert!(
+            closed_by_server(h2),
+            "an unfinished header block stayed open"
+        );
+        assert!(started.elapsed() < BOUND);
+    })
+    .await
+    .unwrap();
+}
+
 /// A request may carry up to `MAX_HEADER_FIELDS` header fields (hyper's default of 100 gave
 /// a request through tracing proxies an empty 431: a red-team finding); beyond, 431.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

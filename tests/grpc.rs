@@ -774,10 +774,18 @@ async fn a_message_is_charged_for_its_decoded_size_before_it_is_decoded() {
     };
     let two = [frame(0, &one), frame(0, &one)].concat();
     let cut = frame(0, &one)[..one.len()].to_vec();
+    // An input whose name is not UTF-8 (prost refused it inside tonic: INTERNAL, unaudited,
+    // a red-team finding).
+    let mut not_utf8 = prost::Message::encode_to_vec(&ModelInferRequest {
+        model_name: MODEL.into(),
+        ..Default::default()
+    });
+    not_utf8.extend_from_slice(&[0x2a, 3, 0x0a, 1, 0xff]);
     for (body, why) in [
         (two, "one request message"),
         (cut, "cut short"),
         (frame(1, &one), "no grpc-encoding"),
+        (frame(0, &not_utf8), "not UTF-8"),
     ] {
         let req = axum::http::Request::post("/inference.GRPCInferenceService/ModelInfer")
             .header("content-type", "application/grpc")
@@ -823,8 +831,8 @@ async fn a_message_is_charged_for_its_decoded_size_before_it_is_decoded() {
 
     // Refused before decoding, and audited as HTTP audits the same refusals when the call's
     // first bytes name the model (a red-team finding: none was): the uncompressed amplifying
-    // message (over the budget), two messages, a message cut short. The compressed ones and
-    // the bare prefix name no model that can be read: not audited.
+    // message (over the budget), two messages, a message cut short, a string not UTF-8. The
+    // compressed ones and the bare prefix name no model that can be read: not audited.
     let refused: Vec<(u64, String)> =
         std::fs::read_to_string(server.dir.path().join("audit.jsonl"))
             .unwrap()
@@ -844,6 +852,7 @@ async fn a_message_is_charged_for_its_decoded_size_before_it_is_decoded() {
         refused,
         [
             (413, "rejected".to_owned()),
+            (400, "rejected".to_owned()),
             (400, "rejected".to_owned()),
             (400, "rejected".to_owned())
         ]
