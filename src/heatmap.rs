@@ -146,6 +146,20 @@ pub fn caption(method: &str, target: &str, map: &[f32]) -> String {
     }
 }
 
+/// The pixels of the image [`input_png`] draws for an input of `height` × `width` with
+/// `lines`, before it draws it.
+pub fn input_png_pixels(height: usize, width: usize, lines: &[String]) -> usize {
+    let cols = width.max(min_columns(lines));
+    cols.saturating_mul(nightingale_dicom::results::band_height(
+        height, cols, lines, true,
+    ))
+}
+
+/// At least wide enough for the caption at the font's scale 1 (centred on black).
+fn min_columns(lines: &[String]) -> usize {
+    8 * (lines.iter().map(String::len).max().unwrap_or(0) + 2)
+}
+
 /// The heatmap PNG of one model-input image (`/explain`'s `heatmap` parameter): the image
 /// (its first channel, or the mean of its channels, black to white over its own range) with
 /// `map` laid over it, and under it the band of every Nightingale result image: `lines`
@@ -169,8 +183,7 @@ pub fn input_png(
     let grey = plane_to_grey(&plane);
     let geometry = InputGeometry::identity(height, width);
     let mut rgb = overlay(&grey, 1, height, width, &geometry, map);
-    // At least wide enough for the caption at the font's scale 1 (centred on black).
-    let min = 8 * (lines.iter().map(String::len).max().unwrap_or(0) + 2);
+    let min = min_columns(lines);
     let (cols, mut rgb) = if width < min {
         let left = (min - width) / 2;
         let mut out = vec![0u8; height * min * 3];

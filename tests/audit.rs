@@ -238,6 +238,26 @@ fn a_live_file_missing_for_a_moment_is_waited_for() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("no such file"), "{e}");
+    // A server killed between a rotation's rename and its new live file leaves the rotated
+    // files alone: the trail they hold verifies by the live file's name, as by the folder
+    // (it failed "no such file": a red-team finding).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    write_trail(&path, 2048, 8, 4);
+    // (The live file as a rotation leaves it: renamed with its records, or never made.)
+    let text = std::fs::read_to_string(&path).unwrap();
+    match text.lines().next() {
+        Some(line) => {
+            let first: serde_json::Value = serde_json::from_str(line).unwrap();
+            let seq = first["seq"].as_u64().unwrap();
+            std::fs::rename(&path, dir.path().join(format!("audit.{seq:020}.jsonl"))).unwrap();
+        }
+        None => std::fs::remove_file(&path).unwrap(),
+    }
+    let summary = audit::verify(&path).unwrap();
+    assert_eq!(summary.records, 32);
+    assert!(summary.files.len() >= 2, "{:?}", summary.files);
+    assert_eq!(audit::verify(dir.path()).unwrap().records, 32);
 }
 
 #[test]
@@ -432,6 +452,8 @@ fn a_sqlite_trail_changed_under_the_server_fails_closed() {
     ));
     sqlite_exec(&path, "DROP TRIGGER drop_them");
     // The last row deleted by another client: the end is not the one the server wrote.
+    // (One writer at a time: the store is closed before the next opens.)
+    drop(store);
     let mut store = SqliteStore::open(&path, false).unwrap();
     append(&mut store, 3..4);
     sqlite_exec(&path, "DELETE FROM audit_log WHERE seq = 3");
@@ -442,6 +464,7 @@ fn a_sqlite_trail_changed_under_the_server_fails_closed() {
         "{err}"
     );
     // A trail left as it was written goes on.
+    drop(store);
     let mut store = SqliteStore::open(&path, false).unwrap();
     append(&mut store, 4..6);
     assert_eq!(audit::verify(&path).unwrap().last_seq(), Some(4));
@@ -646,6 +669,82 @@ async fn burst(state: &Arc<AppState>, n: usize) -> Vec<StatusCode> {
         out.push(t.await.unwrap());
     }
     out
+}
+
+async fn get_status(state: &Arc<AppState>, uri: &str) -> StatusCode {
+    let req = Request::get(uri).body(Body::empty()).unwrap();
+    http::app(state.clone())
+        .oneshot(req)
+        .await
+        .unwrap()
+        .status()
+}
+
+/// While the trail cannot be written, every inference is refused, and readiness says so (a
+/// balancer went on sending requests to a server that refused them all: a red-team
+/// finding); it comes back by itself when the trail does, with no request to try it, on the
+/// JSON-lines and the SQLite store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_whether_the_audit_trail_can_be_written() {
+    for sqlite in [false, true] {
+        let models = tempfile::tempdir().unwrap();
+        let repository = wdbc_repository(models.path());
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join(if sqlite {
+            "audit.sqlite3"
+        } else {
+            "audit.jsonl"
+        });
+        let audit = if sqlite {
+            AuditLog::start(Box::new(SqliteStore::open(&log, false).unwrap())).unwrap()
+        } else {
+            AuditLog::open(&log, false).unwrap()
+        };
+        let state = AppState::new(repository, audit, HttpConfig::default(), None);
+        state.set_ready(true);
+        let ready = format!("/v2/models/{MODEL}/ready");
+        assert_eq!(infer(&state).await, StatusCode::OK);
+        assert_eq!(get_status(&state, "/v2/health/ready").await, StatusCode::OK);
+        assert_eq!(get_status(&state, &ready).await, StatusCode::OK);
+        // The live file moved away; the database's last record deleted by another hand.
+        let aside = dir.path().join("aside");
+        if sqlite {
+            sqlite_exec(
+                &log,
+                "DELETE FROM audit_log WHERE seq = (SELECT MAX(seq) FROM audit_log)",
+            );
+        } else {
+            std::fs::rename(&log, &aside).unwrap();
+        }
+        assert_eq!(infer(&state).await, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            get_status(&state, "/v2/health/ready").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            get_status(&state, &ready).await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        if sqlite {
+            // A database changed under the server stays failed until a restart.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            assert_eq!(
+                get_status(&state, "/v2/health/ready").await,
+                StatusCode::SERVICE_UNAVAILABLE
+            );
+            continue;
+        }
+        // Put back: ready again within a few checks, no request needed.
+        std::fs::rename(&aside, &log).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while get_status(&state, "/v2/health/ready").await != StatusCode::OK {
+            assert!(Instant::now() < deadline, "readiness never came back");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(get_status(&state, &ready).await, StatusCode::OK);
+        assert_eq!(infer(&state).await, StatusCode::OK);
+        assert_eq!(audit::verify(&log).unwrap().records, 2);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

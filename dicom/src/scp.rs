@@ -237,11 +237,28 @@ struct WaitingPlace {
     host: IpAddr,
 }
 
+/// The host a connection's address counts under: an IPv4 address, or the /64 prefix of an
+/// IPv6 one (what one host is usually given: each of its addresses took 8 places of its own;
+/// IPv4-mapped addresses count as IPv4), as the HTTP listeners count clients.
+fn host_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
 impl WaitingPlace {
     fn take(
         by_host: &Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
-        host: IpAddr,
+        address: IpAddr,
     ) -> Option<WaitingPlace> {
+        let host = host_of(address);
         let mut map = by_host.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(host).or_insert(0);
         if *n >= MAX_WAITING_PER_HOST {
@@ -1862,6 +1879,30 @@ mod tests {
     use super::*;
     use dicom_dictionary_std::tags;
     use dicom_object::InMemDicomObject;
+
+    /// The addresses of one IPv6 /64 share a host's waiting places (each address took 8 of
+    /// its own: one machine with many addresses filled every place, a red-team finding).
+    #[test]
+    fn waiting_places_are_counted_per_ipv4_address_and_ipv6_slash_64() {
+        let by_host = Arc::default();
+        let mut held = Vec::new();
+        for i in 0..MAX_WAITING_PER_HOST as u16 {
+            let ip: IpAddr = std::net::Ipv6Addr::new(0x2001, 0xdb8, 1, 2, 0, 0, 0, i + 1).into();
+            held.push(WaitingPlace::take(&by_host, ip).unwrap());
+        }
+        let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        assert!(WaitingPlace::take(&by_host, same_64).is_none());
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(WaitingPlace::take(&by_host, other_64).is_some());
+        // IPv4 and its mapped IPv6 form are one host; another IPv4 address is another.
+        for _ in 0..MAX_WAITING_PER_HOST {
+            held.push(WaitingPlace::take(&by_host, "192.0.2.1".parse().unwrap()).unwrap());
+        }
+        assert!(WaitingPlace::take(&by_host, "::ffff:192.0.2.1".parse().unwrap()).is_none());
+        assert!(WaitingPlace::take(&by_host, "192.0.2.2".parse().unwrap()).is_some());
+        drop(held);
+        assert!(by_host.lock().unwrap().is_empty());
+    }
 
     #[test]
     fn association_errors_are_logged_without_what_the_peer_sent() {

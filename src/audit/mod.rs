@@ -259,6 +259,12 @@ fn postgres_detail(e: &::postgres::Error) -> String {
 pub trait AuditStore: Send {
     /// Appends the events, in order, after the chain's last record.
     fn append(&mut self, events: &[&AuditEvent], unix_ms: u64) -> Result<(), AuditError>;
+    /// Whether the next append would find the trail as this store left it, without writing
+    /// a record: asked by the writer while the trail is failing and nothing is queued, so
+    /// that readiness comes back once the trail does (nothing else would append).
+    fn check(&mut self) -> Result<(), AuditError> {
+        Ok(())
+    }
     /// Where the records go, for logs (no secrets).
     fn describe(&self) -> String;
 }
@@ -427,6 +433,9 @@ impl DigestKey {
 pub struct AuditLog {
     tx: mpsc::Sender<Job>,
     location: String,
+    /// False while the trail cannot be written (the last append failed, and no check since
+    /// found it writable): readiness answers 503, as every request would be refused.
+    writable: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Seals the tensor digests of every record ([`DigestKey`]); None: plain SHA-256.
     key: Option<std::sync::Arc<DigestKey>>,
 }
@@ -448,9 +457,11 @@ impl AuditLog {
     pub fn start(store: Box<dyn AuditStore>) -> Result<AuditLog, AuditError> {
         let location = store.describe();
         let (tx, rx) = mpsc::channel::<Job>(4096);
+        let writable = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let flag = writable.clone();
         std::thread::Builder::new()
             .name("ng-audit".into())
-            .spawn(move || run_writer(store, rx))
+            .spawn(move || run_writer(store, rx, &flag))
             .map_err(|source| AuditError::Io {
                 path: PathBuf::from(&location),
                 source,
@@ -458,8 +469,15 @@ impl AuditLog {
         Ok(AuditLog {
             tx,
             location,
+            writable,
             key: None,
         })
+    }
+
+    /// Whether records can be written now: false from a failed append until an append, or
+    /// the writer's check while nothing is queued (every [`CHECK_INTERVAL`]), succeeds.
+    pub fn is_writable(&self) -> bool {
+        self.writable.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The same log, sealing the tensor digests of every record it is given from now on with
@@ -645,12 +663,34 @@ impl Drop for PendingRecord {
 const MAX_RETRIED: usize = 65_536;
 /// How long the writer waits for company before it tries the kept records again alone.
 const RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often a failing trail with nothing to write is checked ([`AuditStore::check`]).
+const CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-fn run_writer(mut store: Box<dyn AuditStore>, mut rx: mpsc::Receiver<Job>) {
+fn run_writer(
+    mut store: Box<dyn AuditStore>,
+    mut rx: mpsc::Receiver<Job>,
+    writable: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::Ordering;
     let mut retry: std::collections::VecDeque<AuditEvent> = std::collections::VecDeque::new();
     loop {
         let mut group: Vec<Job> = retry.drain(..).map(|e| (e, None)).collect();
-        if group.is_empty() {
+        if group.is_empty() && !writable.load(Ordering::Acquire) {
+            // Failing, and nothing kept: a balancer that reads readiness sends nothing more,
+            // so the trail is checked here until it can be written again.
+            match rx.try_recv() {
+                Ok(job) => group.push(job),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    std::thread::sleep(CHECK_INTERVAL);
+                    if store.check().is_ok() {
+                        tracing::info!("the audit trail can be written again: ready");
+                        writable.store(true, Ordering::Release);
+                    }
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => return,
+            }
+        } else if group.is_empty() {
             match rx.blocking_recv() {
                 Some(job) => group.push(job),
                 None => return,
@@ -685,6 +725,7 @@ fn run_writer(mut store: Box<dyn AuditStore>, mut rx: mpsc::Receiver<Job>) {
             }
         }
         let failed = result.is_err();
+        writable.store(!failed, Ordering::Release);
         let answer = result.map_err(|e| e.to_string());
         for (event, ack) in group {
             match ack {
@@ -1026,6 +1067,18 @@ mod tests {
         std::fs::write(&rotated, b"").unwrap();
         let e = jsonl::JsonLinesStore::open(&rotated, jsonl::Options::default()).unwrap_err();
         assert!(e.to_string().contains("rotated (sealed)"), "{e}");
+        // The SQLite store too (a second server on one database was not refused: the first
+        // then failed every request closed; a red-team finding).
+        let db = dir.path().join("audit.sqlite3");
+        let first = sqlite::SqliteStore::open(&db, false).unwrap();
+        let e = sqlite::SqliteStore::open(&db, false).unwrap_err();
+        assert!(matches!(e, AuditError::InUse { .. }), "{e}");
+        let symbolic = dir.path().join("alias.sqlite3");
+        std::os::unix::fs::symlink(&db, &symbolic).unwrap();
+        let e = sqlite::SqliteStore::open(&symbolic, false).unwrap_err();
+        assert!(matches!(e, AuditError::InUse { .. }), "{e}");
+        drop(first);
+        sqlite::SqliteStore::open(&db, false).unwrap();
     }
 
     /// A trail whose records are longer than the first read of a file's end (written before

@@ -130,6 +130,22 @@ impl AuditStore for PostgresStore {
         result
     }
 
+    fn check(&mut self) -> Result<(), AuditError> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.client = None;
+            self.client = Some(connect(&self.url, &self.location)?);
+        }
+        let client = self.client.as_mut().expect("connected");
+        if let Err(source) = client.simple_query("SELECT 1") {
+            self.client = None;
+            return Err(AuditError::Postgres {
+                location: self.location.clone(),
+                source,
+            });
+        }
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         format!("PostgreSQL {}", self.location)
     }

@@ -19,7 +19,13 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS audit_log (
 /// An SQLite audit database.
 #[derive(Debug)]
 pub struct SqliteStore {
+    // Dropped before `lock`: closing another descriptor of the database file while SQLite
+    // holds its POSIX locks on it would release them.
     conn: Connection,
+    /// The database file, held open with an exclusive `flock` (as the JSON-lines store holds
+    /// its live file): a second server on the same database was not refused, and the first
+    /// then failed every request closed while answering ready (a red-team finding).
+    _lock: std::fs::File,
     location: String,
     /// The chain's end as this server last saw it (read at open, then written): the
     /// database's end must still be it before each group is appended, and must be the group's
@@ -57,16 +63,17 @@ impl SqliteStore {
             });
         }
         // Created readable by its owner only (SQLite creates it under the umask); an
-        // existing file keeps its mode.
-        {
+        // existing file keeps its mode. One writer at a time.
+        let lock = {
             let mut options = std::fs::OpenOptions::new();
             options.create(true).append(true);
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
             options.open(path).map_err(|source| AuditError::Io {
                 path: path.to_owned(),
                 source,
-            })?;
-        }
+            })?
+        };
+        super::jsonl::take_lock(path, &lock)?;
         let err = |source| AuditError::Sqlite {
             location: location.clone(),
             source,
@@ -81,6 +88,7 @@ impl SqliteStore {
         conn.execute(SCHEMA, []).map_err(err)?;
         let mut store = SqliteStore {
             conn,
+            _lock: lock,
             location,
             last: None,
         };
@@ -106,6 +114,17 @@ impl SqliteStore {
 }
 
 impl AuditStore for SqliteStore {
+    fn check(&mut self) -> Result<(), AuditError> {
+        let tail = self.tail_row(&self.conn)?.map(|t| (t.seq, t.hash));
+        if tail != self.last {
+            return Err(AuditError::Write {
+                location: self.location.clone(),
+                reason: "its last record is not the one this server wrote last".into(),
+            });
+        }
+        Ok(())
+    }
+
     fn append(&mut self, events: &[&AuditEvent], unix_ms: u64) -> Result<(), AuditError> {
         let location = self.location.clone();
         let err = |source| AuditError::Sqlite {

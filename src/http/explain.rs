@@ -586,6 +586,21 @@ pub(crate) async fn explain_decoded(
             method.as_str()
         )));
     }
+    // Each heatmap is at least its input with the band of the model's line: refused before
+    // any forward pass when that alone is too large (the exact size, the caption of the
+    // map included, is checked again before drawing).
+    if params.heatmap
+        && let Some(s) = &image
+    {
+        let pixels = shape[0].saturating_mul(crate::heatmap::input_png_pixels(
+            s.height,
+            s.width,
+            &[heatmap_model_line(model)],
+        ));
+        if pixels > MAX_HEATMAP_PIXELS {
+            return Err(heatmap_too_large(pixels));
+        }
+    }
     let (allowed, budget) = allowance(state, model);
     if !allowed.iter().any(|m| m == method.as_str()) {
         return Err(AppError::bad_request(if allowed.is_empty() {
@@ -860,7 +875,7 @@ pub(crate) async fn explain_decoded(
             Plan::Gradients(gm)
         }
     };
-    let chunk = forward_pass_chunk(model);
+    let chunk = forward_pass_chunk(model, row_len.saturating_mul(4));
     let gradient_method = match &plan {
         Plan::Gradients(gm) => Some(gm.clone()),
         _ => None,
@@ -1061,7 +1076,8 @@ pub(crate) async fn explain_decoded(
     let heatmap = match image {
         Some(s) if params.heatmap => {
             let plane = s.height * s.width;
-            let pngs = explanations
+            // What each image is drawn from, and its size, known before anything is drawn.
+            let drawings: Vec<(std::ops::Range<usize>, Vec<f32>, Vec<String>)> = explanations
                 .iter()
                 .zip(&target_names)
                 .enumerate()
@@ -1069,12 +1085,7 @@ pub(crate) async fn explain_decoded(
                     let map: Vec<f32> = e.values.iter().map(|&v| v as f32).collect();
                     let lines = [
                         crate::heatmap::caption(method.as_str(), target, &map),
-                        format!(
-                            "{} {} - Nightingale {}",
-                            model.name,
-                            model.version,
-                            env!("CARGO_PKG_VERSION")
-                        ),
+                        heatmap_model_line(model),
                     ];
                     let lines: Vec<String> = lines
                         .iter()
@@ -1085,17 +1096,35 @@ pub(crate) async fn explain_decoded(
                         })
                         .collect();
                     let start = r * row_len;
-                    crate::heatmap::input_png(
-                        &data[start..start + s.channels * plane],
-                        s.channels,
-                        s.height,
-                        s.width,
-                        &map,
-                        &lines,
-                    )
-                    .map_err(|e| AppError::internal(format!("heatmap PNG: {e}")))
+                    (start..start + s.channels * plane, map, lines)
                 })
-                .collect::<Result<Vec<Vec<u8>>, AppError>>()?;
+                .collect();
+            // A model with open height and width drew any size it was given: 8 MB of a
+            // 2,097,152 x 1 image took 3.9 GB and a minute on the async runtime, which
+            // stalled every other request (a red-team finding). Bounded, and drawn on the
+            // blocking pool.
+            let pixels = drawings.iter().fold(0usize, |sum, (_, _, lines)| {
+                sum.saturating_add(crate::heatmap::input_png_pixels(s.height, s.width, lines))
+            });
+            if pixels > MAX_HEATMAP_PIXELS {
+                return Err(heatmap_too_large(pixels));
+            }
+            let inputs: Vec<Vec<f32>> = drawings
+                .iter()
+                .map(|(range, _, _)| data[range.clone()].to_vec())
+                .collect();
+            let pngs = tokio::task::spawn_blocking(move || {
+                drawings
+                    .iter()
+                    .zip(&inputs)
+                    .map(|((_, map, lines), input)| {
+                        crate::heatmap::input_png(input, s.channels, s.height, s.width, map, lines)
+                            .map_err(|e| AppError::internal(format!("heatmap PNG: {e}")))
+                    })
+                    .collect::<Result<Vec<Vec<u8>>, AppError>>()
+            })
+            .await
+            .map_err(|e| AppError::internal(format!("heatmap: {e}")))??;
             Some(NamedTensor::new(
                 format!("{}_heatmap", output_spec.name),
                 Tensor::from_vec(vec![rows], pngs)
@@ -1115,16 +1144,40 @@ pub(crate) async fn explain_decoded(
     })
 }
 
+/// The most pixels the heatmaps of one request may have in all (band and caption included):
+/// 4096 x 4096, about 50 MB of RGB.
+const MAX_HEATMAP_PIXELS: usize = 1 << 24;
+
+/// The heatmap's second line: the model, its version and the server's.
+fn heatmap_model_line(model: &LoadedModel) -> String {
+    format!(
+        "{} {} - Nightingale {}",
+        model.name,
+        model.version,
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+fn heatmap_too_large(pixels: usize) -> AppError {
+    AppError::bad_request(format!(
+        "the heatmaps of this request would have {pixels} pixels; at most {MAX_HEATMAP_PIXELS} in all: ask for fewer or smaller images, or without parameters.heatmap"
+    ))
+}
+
 /// Rows per batch an explanation's forward passes go to the model's worker in: its
 /// `max_batch_size` (64 without batching), within its rows-per-request limit.
-pub(crate) fn forward_pass_chunk(model: &LoadedModel) -> usize {
-    model
-        .worker
-        .config()
+/// At most half the model's `queue_bytes` of inputs at once (`row_bytes` a row): a chunk of
+/// large images over it was refused 503 "retry later" at every try (a 1 x 2,097,152 image's
+/// 64 passes of 8 MB against 256 MiB).
+pub(crate) fn forward_pass_chunk(model: &LoadedModel, row_bytes: usize) -> usize {
+    let config = model.worker.config();
+    let by_queue = (config.queue_bytes / 2) / row_bytes.max(1);
+    config
         .batching
         .as_ref()
         .map_or(64, |b| b.max_batch_size)
-        .clamp(1, model.worker.config().max_rows_per_request.max(1))
+        .min(by_queue)
+        .clamp(1, config.max_rows_per_request.max(1))
 }
 
 fn check_budget(

@@ -654,7 +654,7 @@ impl GrpcInferenceService for Service {
     ) -> Result<Response<ServerReadyResponse>, Status> {
         self.serve("ServerReady", request, |state, _| async move {
             Ok(ServerReadyResponse {
-                ready: state.is_ready(),
+                ready: state.is_ready() && state.audit.is_writable(),
             })
         })
         .await
@@ -672,7 +672,8 @@ impl GrpcInferenceService for Service {
                 ready: state
                     .repository
                     .get(&m.name, version_of(&m.version))
-                    .is_ok(),
+                    .is_ok()
+                    && state.audit.is_writable(),
             })
         })
         .await

@@ -4,10 +4,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde_json::json;
 
 use super::AppState;
@@ -22,7 +22,14 @@ pub struct Results {
     pub dir: std::path::PathBuf,
 }
 
-pub async fn study(State(state): State<Arc<AppState>>, Path(study): Path<String>) -> Response {
+/// The study's results, audited as a read of received DICOM before they are answered (they
+/// were not: a red-team finding; WADO-RS and QIDO-RS reads of the same study were).
+pub async fn study(
+    State(state): State<Arc<AppState>>,
+    caller: Option<Extension<super::auth::Caller>>,
+    Path(study): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let Some(results) = state.results().cloned() else {
         return AppError::new(
             StatusCode::NOT_FOUND,
@@ -36,6 +43,7 @@ pub async fn study(State(state): State<Arc<AppState>>, Path(study): Path<String>
         )
         .into_response();
     }
+    let uid = study.clone();
     let answer = tokio::task::spawn_blocking(move || -> rusqlite::Result<serde_json::Value> {
         let store = results.store.lock().unwrap_or_else(|p| p.into_inner());
         let series = store.series(&study)?;
@@ -90,7 +98,28 @@ pub async fn study(State(state): State<Arc<AppState>>, Path(study): Path<String>
         Ok(Ok(serde_json::Value::Null)) => {
             AppError::new(StatusCode::NOT_FOUND, "no such study in the pipeline").into_response()
         }
-        Ok(Ok(body)) => Json(body).into_response(),
+        Ok(Ok(body)) => {
+            let series = body["series"].as_array().map_or(0, Vec::len);
+            let jobs: usize = body["series"].as_array().map_or(0, |s| {
+                s.iter()
+                    .map(|s| s["jobs"].as_array().map_or(0, Vec::len))
+                    .sum()
+            });
+            if let Err(e) = super::wado::audit_read(
+                &state,
+                caller.as_ref().map(|c| &c.0),
+                &headers,
+                "results",
+                "study",
+                &[("study", uid.as_str())],
+                &[("series", series.to_string()), ("jobs", jobs.to_string())],
+            )
+            .await
+            {
+                return e.into_response();
+            }
+            Json(body).into_response()
+        }
         Ok(Err(e)) => AppError::internal(format!("results store: {e}")).into_response(),
         Err(e) => AppError::internal(e.to_string()).into_response(),
     }

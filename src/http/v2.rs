@@ -23,8 +23,11 @@ pub async fn live() -> StatusCode {
     StatusCode::OK
 }
 
+/// Ready: the initial load is done and the audit trail can be written (every inference is
+/// refused while it cannot: a balancer reading readiness went on sending requests to a
+/// server that refused them all, a red-team finding).
 pub async fn ready(State(state): State<Arc<AppState>>) -> StatusCode {
-    if state.is_ready() {
+    if state.is_ready() && state.audit.is_writable() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -127,7 +130,7 @@ pub async fn model_ready(
     Path(model): Path<String>,
 ) -> Result<StatusCode, AppError> {
     state.repository.get(&model, None)?;
-    Ok(StatusCode::OK)
+    audit_writable(&state)
 }
 
 pub async fn model_ready_version(
@@ -135,7 +138,19 @@ pub async fn model_ready_version(
     Path((model, version)): Path<(String, String)>,
 ) -> Result<StatusCode, AppError> {
     state.repository.get(&model, Some(&version))?;
-    Ok(StatusCode::OK)
+    audit_writable(&state)
+}
+
+/// A served model is ready while its inferences can be audited (see [`ready`]).
+fn audit_writable(state: &AppState) -> Result<StatusCode, AppError> {
+    if state.audit.is_writable() {
+        Ok(StatusCode::OK)
+    } else {
+        Err(AppError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the audit trail cannot be written: every inference is refused until it can",
+        ))
+    }
 }
 
 pub async fn infer(

@@ -151,6 +151,16 @@ def test_a_stored_image_comes_back_as_sr_and_sc(work, name):
         assert job["state"] == "done" and job["bundle"] == "image-orientation"
         assert {o["kind"] for o in job["objects"]} == {"SR", "SC"}
         assert abs(job["findings"][0]["probability"] - numbers["Probability"]) < 1e-6
+        # Each answer of the results API is a read of received data, audited as DICOMweb
+        # reads are (it was not: a red-team finding), the study's UID hashed.
+        import hashlib
+        study_sha = hashlib.sha256(str(ds.StudyInstanceUID).encode()).hexdigest()
+        trail = [json.loads(line) for line in
+                 (server.data / "audit" / "audit.jsonl").read_text().splitlines()]
+        reads = [r for r in trail if r["kind"] == "dicomweb-read"
+                 and "event=results level=study" in r.get("detail", "")]
+        assert reads and all(f"study_sha256={study_sha}" in r["detail"] for r in reads), reads
+        assert all(str(ds.StudyInstanceUID) not in json.dumps(r) for r in trail)
 
         # WADO-RS (dicomweb-client) retrieves the result objects and the source instance as
         # they were sent and received.

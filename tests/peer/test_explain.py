@@ -255,3 +255,122 @@ def test_errors_reach_a_triton_client(url):
                           headers={"Inference-Header-Content-Length": str(json_size)}, timeout=30)
         assert r.status_code == 400, r.text
         assert why in r.json()["error"], r.text
+
+
+def open_size_bundle(repo: Path) -> None:
+    """A bundle whose image input has open height and width ([-1, 1, -1, -1]): two scores
+    from the image's mean and maximum, soft-maxed (built here with onnx's helper)."""
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, "h", "w"])
+    prob = helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["n", 2])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3])
+    nodes = [
+        helper.make_node("ReduceMean", ["x", "axes"], ["mean"], keepdims=0),
+        helper.make_node("ReduceMax", ["x", "axes"], ["max"], keepdims=0),
+        helper.make_node("Unsqueeze", ["mean", "one"], ["m2"]),
+        helper.make_node("Unsqueeze", ["max", "one"], ["x2"]),
+        helper.make_node("Concat", ["m2", "x2"], ["both"], axis=1),
+        helper.make_node("Softmax", ["both"], ["prob"], axis=1),
+    ]
+    one = helper.make_tensor("one", TensorProto.INT64, [1], [1])
+    graph = helper.make_graph(nodes, "open", [x], [prob], initializer=[axes, one])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    folder = repo / "open-size" / "1"
+    folder.mkdir(parents=True)
+    onnx.save(model, folder / "model.onnx")
+    import hashlib
+    sha = hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
+    (repo / "open-size" / "bundle.toml").write_text(f'''format_version = 1
+name = "open-size"
+task = "image-classification"
+description = "test: an image model of any size"
+platform = "onnx"
+backend = "any"
+
+[version_policy]
+policy = "latest"
+latest = 1
+
+[[inputs]]
+name = "x"
+datatype = "FP32"
+shape = [-1, 1, -1, -1]
+description = "an image"
+
+[[outputs]]
+name = "prob"
+datatype = "FP32"
+shape = [-1, 2]
+description = "two scores"
+labels = ["mean", "max"]
+
+[explain]
+methods = ["occlusion"]
+max_forward_passes = 65536
+
+[versions.1]
+description = "test"
+created = "2026-12-06"
+
+[versions.1.files]
+"model.onnx" = "{sha}"
+''')
+
+
+def test_heatmaps_of_a_model_of_any_image_size_are_bounded(tmp_path):
+    """A red-team finding: a model with open height and width drew a heatmap of whatever size
+    it was sent (8 MB of a 2,097,152 x 1 image took 3.9 GB and a minute, and stalled every
+    other request): heatmaps over 16 Mi pixels in all are refused with the reason, before
+    any forward pass when the images alone are too large, and the server stays live."""
+    open_size_bundle(tmp_path / "repo")
+    binary = Path(os.environ.get("NIGHTINGALE_BIN", "target/debug/nightingale"))
+    if not binary.is_absolute():
+        binary = REPO / binary
+    addr = f"127.0.0.1:{_free_port()}"
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        # (A body limit above the 64 MiB that 16 Mi FP32 pixels take.)
+        proc = subprocess.Popen([str(binary), "serve", "--repository", str(tmp_path / "repo"),
+                                 "--http-addr", addr, "--data-dir", str(tmp_path / "data"),
+                                 "--max-body-bytes", str(128 << 20)],
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(proc, addr, log)
+        # An ordinary size: a PNG as wide as the caption, the saliency where onnxruntime
+        # puts it (the maximum's pixel is the only one whose occlusion moves "max").
+        image = np.zeros((1, 1, 32, 48), dtype=np.float32)
+        image[0, 0, 20, 30] = 5.0
+        res = explain(addr, "open-size", image, {"method": "occlusion", "patch": 1,
+                                                 "target": 1, "heatmap": True},
+                      input_name="x", binary=True,
+                      outputs=["prob", "prob_saliency", "prob_heatmap"])
+        png = res.as_numpy("prob_heatmap")[0]
+        assert bytes(png[:8]) == b"\x89PNG\r\n\x1a\n"
+        sal = res.as_numpy("prob_saliency")[0]
+        assert np.unravel_index(np.argmax(sal), sal.shape) == (20, 30)
+        sess = ort.InferenceSession(str(tmp_path / "repo" / "open-size" / "1" / "model.onnx"))
+        np.testing.assert_allclose(res.as_numpy("prob"), sess.run(["prob"], {"x": image})[0],
+                                   atol=1e-6)
+
+        def refused(shape: tuple[int, ...]) -> str:
+            inp = httpclient.InferInput("x", list(shape), "FP32")
+            inp.set_data_from_numpy(np.ones(shape, dtype=np.float32), binary_data=True)
+            body, json_size = httpclient.InferenceServerClient.generate_request_body(
+                [inp], parameters={"method": "occlusion", "patch": 4096, "heatmap": True})
+            r = requests.post(f"http://{addr}/v2/models/open-size/explain", data=body,
+                              headers={"Inference-Header-Content-Length": str(json_size)},
+                              timeout=60)
+            assert r.status_code == 400, r.text
+            return r.json()["error"]
+        # The images alone: refused before any forward pass.
+        assert "at most 16777216" in refused((1, 1, 4100, 4100))
+        # Small images, each drawn as wide as its caption (1 x 262,144: ~600 x 262,144).
+        assert "at most 16777216" in refused((1, 1, 262144, 1))
+        assert "at most 16777216" in refused((1, 1, 1, 2097152))
+        r = requests.get(f"http://{addr}/v2/health/live", timeout=10)
+        assert r.status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -105,6 +105,18 @@ pub(crate) fn burn(
 /// `LOW`, the colours of `bar` from left to right across the band, `HIGH` (the legend of a
 /// heatmap). A grey image gets no bar. This is the band of every Nightingale result image,
 /// public so that the heatmap PNG of `/explain` carries the same legend.
+/// The rows [`burn_band`] makes an image of `rows` × `columns` (in all, band included), to
+/// size an image before it is drawn.
+pub fn band_height(rows: usize, columns: usize, lines: &[String], bar: bool) -> usize {
+    let (s, lines) = layout(columns, lines);
+    let band = band_rows(lines.len() + usize::from(bar), s);
+    if rows + band <= usize::from(u16::MAX) {
+        rows + band
+    } else {
+        rows
+    }
+}
+
 pub fn burn_band(
     pixels: &mut Vec<u8>,
     rows: usize,

@@ -29,7 +29,7 @@ use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 
-pub use burn::burn_band;
+pub use burn::{band_height, burn_band};
 pub use sc::{Heatmap, RenderedImage, RenderedPixels, build_sc};
 pub use source::{SourceInstance, SourceSeries};
 pub use sr::{Predecessor, build_sr, build_sr_illustrated, build_sr_with};
