@@ -464,17 +464,19 @@ impl Cds {
     }
 
     /// Remembers the cards of an answer for their feedback (the ledger, and the store).
+    /// `client`: the caller they are issued to, the only one whose feedback on them counts.
     pub fn remember_cards(
         &self,
         cards: &[&Card],
         service: &str,
         model: Option<(&str, &str)>,
+        client: &str,
         now: chrono::DateTime<chrono::Utc>,
     ) {
         self.ledger
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .record(cards.iter().copied(), service, model, now);
+            .record(cards.iter().copied(), service, model, client, now);
         if let Some(store) = &self.store {
             store.record_cards(cards.iter().map(|c| {
                 (
@@ -482,6 +484,7 @@ impl Cds {
                     IssuedCard {
                         service: service.to_owned(),
                         model: model.map(|(m, v)| (m.to_owned(), v.to_owned())),
+                        client: Some(client.to_owned()),
                         issued_at: now,
                         suggestions: c
                             .suggestions

@@ -78,7 +78,8 @@ CREATE TABLE IF NOT EXISTS cards (
     service TEXT NOT NULL,
     model TEXT,
     version TEXT,
-    issued_at TEXT NOT NULL
+    issued_at TEXT NOT NULL,
+    client TEXT
 );
 CREATE INDEX IF NOT EXISTS cards_issued ON cards(issued_at);
 CREATE TABLE IF NOT EXISTS feedback (
@@ -95,6 +96,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     outcome_timestamp TEXT NOT NULL,
     received_at TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS feedback_card ON feedback(card);
+CREATE INDEX IF NOT EXISTS feedback_received ON feedback(received_at);
 ";
 
 impl CdsStore {
@@ -111,6 +114,27 @@ impl CdsStore {
             source,
         })?;
         let db = open(&path).map_err(sql)?;
+        // A store from before cards kept their client (feedback from another EHR replaced
+        // a card's outcome: a red-team finding) gets the column, its cards none: any client.
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS cards (uuid TEXT PRIMARY KEY, service TEXT NOT NULL,
+             model TEXT, version TEXT, issued_at TEXT NOT NULL)",
+        )
+        .map_err(sql)?;
+        let has_client: bool = db
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('cards') WHERE name = 'client'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(sql)?
+            > 0;
+        if !has_client {
+            db.execute_batch("ALTER TABLE cards ADD COLUMN client TEXT")
+                .map_err(sql)?;
+        }
+        // Indexes: a feedback item replaces its card's earlier one (a scan of every row per
+        // item took 10 s a post at a million rows: a red-team finding).
         db.execute_batch(SCHEMA).map_err(sql)?;
         let cutoff = (Utc::now() - Duration::days(CARD_RETENTION_DAYS)).to_rfc3339();
         db.execute("DELETE FROM cards WHERE issued_at < ?1", [&cutoff])
@@ -217,7 +241,7 @@ impl CdsStore {
         let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
         let mut cards = db
             .prepare(
-                "SELECT uuid, service, model, version, issued_at FROM
+                "SELECT uuid, service, model, version, issued_at, client FROM
                  (SELECT rowid AS n, * FROM cards ORDER BY issued_at DESC, n DESC LIMIT ?1)
                  ORDER BY issued_at, n",
             )
@@ -230,12 +254,13 @@ impl CdsStore {
                     r.get::<_, Option<String>>(2)?,
                     r.get::<_, Option<String>>(3)?,
                     r.get::<_, String>(4)?,
+                    r.get::<_, Option<String>>(5)?,
                 ))
             })
             .map_err(sql)?;
         let mut n_cards = 0;
         for row in rows {
-            let (uuid, service, model, version, issued_at) = row.map_err(sql)?;
+            let (uuid, service, model, version, issued_at, client) = row.map_err(sql)?;
             let Ok(issued_at) = DateTime::parse_from_rfc3339(&issued_at) else {
                 continue;
             };
@@ -244,6 +269,7 @@ impl CdsStore {
                 IssuedCard {
                     service,
                     model: model.zip(version),
+                    client,
                     issued_at: issued_at.with_timezone(&Utc),
                     suggestions: vec![],
                 },
@@ -322,8 +348,8 @@ fn write_cards(mut db: Connection, rx: Receiver<(String, IssuedCard)>, path: &Pa
             let tx = db.transaction()?;
             {
                 let mut insert = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO cards (uuid, service, model, version, issued_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT OR REPLACE INTO cards (uuid, service, model, version, issued_at, client)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?;
                 for (uuid, card) in &batch {
                     insert.execute(params![
@@ -332,6 +358,7 @@ fn write_cards(mut db: Connection, rx: Receiver<(String, IssuedCard)>, path: &Pa
                         card.model.as_ref().map(|m| &m.0),
                         card.model.as_ref().map(|m| &m.1),
                         card.issued_at.to_rfc3339(),
+                        card.client,
                     ])?;
                 }
             }
@@ -353,6 +380,7 @@ mod tests {
         IssuedCard {
             service: service.into(),
             model: model.map(|(m, v)| (m.into(), v.into())),
+            client: Some("cds:https://ehr.example#a".into()),
             issued_at: at,
             suggestions: vec![],
         }
@@ -419,10 +447,42 @@ mod tests {
         assert!(ledger.get("00000000-0000-0000-0000-000000000001").is_none());
         let c = ledger.get("00000000-0000-0000-0000-000000000004").unwrap();
         assert_eq!(c.model, Some(("icu-mortality".into(), "1".into())));
+        // The client it was issued to comes back with it.
+        assert_eq!(c.client.as_deref(), Some("cds:https://ehr.example#a"));
         assert!(ledger.get("old").is_none());
         assert_eq!(stats.counts("risk", Some(("icu-mortality", "1"))), (2, 0));
         // No comment text is stored anywhere.
         let text = std::fs::read(store.path()).unwrap();
         assert!(!String::from_utf8_lossy(&text).contains("free text"));
+    }
+
+    /// A store made before cards kept their client opens with the column added; its cards
+    /// come back with none (feedback from any client counts for them).
+    #[test]
+    fn a_store_from_before_clients_were_kept_opens_with_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir.path().join("feedback.sqlite3")).unwrap();
+        db.execute_batch(
+            "CREATE TABLE cards (uuid TEXT PRIMARY KEY, service TEXT NOT NULL, model TEXT,
+             version TEXT, issued_at TEXT NOT NULL);",
+        )
+        .unwrap();
+        db.execute(
+            "INSERT INTO cards VALUES ('00000000-0000-0000-0000-000000000001', 'risk', NULL, NULL, ?1)",
+            [Utc::now().to_rfc3339()],
+        )
+        .unwrap();
+        drop(db);
+        let store = CdsStore::open(dir.path()).unwrap();
+        let mut ledger = CardLedger::new(3);
+        let (cards, _) = store
+            .restore(&mut ledger, &mut OverrideStats::default())
+            .unwrap();
+        assert_eq!(cards, 1);
+        let c = ledger.get("00000000-0000-0000-0000-000000000001").unwrap();
+        assert_eq!(c.client, None);
+        // Opened again (the column there now): nothing to add.
+        drop(store);
+        CdsStore::open(dir.path()).unwrap();
     }
 }

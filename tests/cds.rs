@@ -523,6 +523,27 @@ async fn a_patient_view_call_gets_its_news2_card_and_feedback_is_joined_to_it() 
     // (each card counts once, as its latest feedback says; it was counted twice).
     let stats = server.state.cds().stats.lock().unwrap().clone();
     assert_eq!(stats.counts(SERVICE, Some(("news2", "rcp-2017"))), (0, 1));
+    // Another client of the EHR (another `sub`) cannot replace it: the card was issued to
+    // the first (a red-team finding: a second EHR's feedback replaced the first's), also
+    // after the restart (the store keeps the card's client).
+    let other = server.ehr.token_of(
+        &format!("http://{HOST}/cds-services/{SERVICE}"),
+        None,
+        "another-client",
+    );
+    let accepted = json!({"feedback": [{"card": card["uuid"], "outcome": "overridden",
+        "outcomeTimestamp": chrono::Utc::now().to_rfc3339()}]});
+    let (s, v) = server
+        .send(server.post(
+            &format!("/cds-services/{SERVICE}/feedback"),
+            Some(&other),
+            accepted.to_string().into_bytes(),
+        ))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v.to_string().contains("issued to another client"), "{v}");
+    let stats = server.state.cds().stats.lock().unwrap().clone();
+    assert_eq!(stats.counts(SERVICE, Some(("news2", "rcp-2017"))), (0, 1));
     // The store holds no comment text and no patient identifier.
     let db = std::fs::read(server.dir.path().join("cds/feedback.sqlite3")).unwrap();
     let text = String::from_utf8_lossy(&db);

@@ -25,6 +25,10 @@ pub struct IssuedCard {
     pub service: String,
     /// The model (bundle) and version behind it; `None` for NEWS2 cards.
     pub model: Option<(String, String)>,
+    /// The caller it was issued to (the server's id of the EHR client); feedback on it from
+    /// another caller is refused (another EHR replaced its outcome: a red-team finding).
+    /// `None` for a card stored before the caller was kept: any caller.
+    pub client: Option<String>,
     /// When it was issued.
     pub issued_at: DateTime<Utc>,
     /// The uuids of its suggestions, which feedback may name as accepted (kept in memory
@@ -74,6 +78,9 @@ pub enum FeedbackRefused {
     /// A card issued by another service.
     #[error("feedback item {index}: the card was issued by another service")]
     OtherService { index: usize },
+    /// A card issued to another caller (another EHR client).
+    #[error("feedback item {index}: the card was issued to another client")]
+    OtherClient { index: usize },
     /// An accepted suggestion the card does not have.
     #[error("feedback item {index}: the card has no suggestion with that id")]
     UnknownSuggestion { index: usize },
@@ -123,6 +130,7 @@ impl CardLedger {
         cards: impl IntoIterator<Item = &'a Card>,
         service: &str,
         model: Option<(&str, &str)>,
+        client: &str,
         now: DateTime<Utc>,
     ) {
         for card in cards {
@@ -131,6 +139,7 @@ impl CardLedger {
                 IssuedCard {
                     service: service.to_owned(),
                     model: model.map(|(m, v)| (m.to_owned(), v.to_owned())),
+                    client: Some(client.to_owned()),
                     issued_at: now,
                     suggestions: card
                         .suggestions
@@ -190,6 +199,7 @@ impl CardLedger {
     pub fn accept(
         &self,
         service: &str,
+        client: &str,
         request: &FeedbackRequest,
     ) -> Result<Vec<FeedbackEvent>, FeedbackRefused> {
         request.validate()?;
@@ -206,6 +216,9 @@ impl CardLedger {
                 .ok_or(FeedbackRefused::UnknownCard { index })?;
             if card.service != service {
                 return Err(FeedbackRefused::OtherService { index });
+            }
+            if card.client.as_deref().is_some_and(|c| c != client) {
+                return Err(FeedbackRefused::OtherClient { index });
             }
             if let Some(&first) = seen.get(&key) {
                 return Err(FeedbackRefused::RepeatedCard { index, first });
@@ -370,7 +383,7 @@ mod tests {
         let now = "2024-05-01T12:00:00Z".parse().unwrap();
         let mut ledger = CardLedger::new(2);
         let a = card();
-        ledger.record([&a], "risk", Some(("icu-mortality", "1")), now);
+        ledger.record([&a], "risk", Some(("icu-mortality", "1")), "ehr", now);
         let at = |t: &str| {
             let mut f = feedback(&a.uuid, "overridden");
             f.feedback[0].outcome_timestamp = t.to_owned();
@@ -383,7 +396,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    ledger.accept("risk", &at(bad)),
+                    ledger.accept("risk", "ehr", &at(bad)),
                     Err(FeedbackRefused::TimestampOutOfRange { index: 0 })
                 ),
                 "{bad}"
@@ -395,7 +408,7 @@ mod tests {
             "2024-05-01T12:00:00Z",
             "2025-01-01T00:00:00Z",
         ] {
-            assert!(ledger.accept("risk", &at(good)).is_ok(), "{good}");
+            assert!(ledger.accept("risk", "ehr", &at(good)).is_ok(), "{good}");
         }
     }
 
@@ -404,11 +417,11 @@ mod tests {
         let now = "2024-05-01T12:00:00Z".parse().unwrap();
         let mut ledger = CardLedger::new(2);
         let (a, b, c) = (card(), card(), card());
-        ledger.record([&a], "risk", Some(("icu-mortality", "1")), now);
-        ledger.record([&b], "nightingale-news2", None, now);
+        ledger.record([&a], "risk", Some(("icu-mortality", "1")), "ehr", now);
+        ledger.record([&b], "nightingale-news2", None, "ehr", now);
         let mut stats = OverrideStats::default();
         let e = ledger
-            .accept("risk", &feedback(&a.uuid, "overridden"))
+            .accept("risk", "ehr", &feedback(&a.uuid, "overridden"))
             .unwrap();
         assert_eq!(e[0].model, Some(("icu-mortality".into(), "1".into())));
         assert!(e[0].has_comment);
@@ -422,7 +435,7 @@ mod tests {
         // The same card's later feedback (another request) replaces its outcome: one card,
         // counted once, as accepted.
         let later = ledger
-            .accept("risk", &feedback(&a.uuid, "accepted"))
+            .accept("risk", "ehr", &feedback(&a.uuid, "accepted"))
             .unwrap();
         let previous = ledger.settle(&later);
         assert_eq!(previous, vec![Some(Outcome::Overridden)]);
@@ -438,20 +451,38 @@ mod tests {
         );
         // Feedback posted to the wrong service.
         assert!(matches!(
-            ledger.accept("risk", &feedback(&b.uuid, "overridden")),
+            ledger.accept("risk", "ehr", &feedback(&b.uuid, "overridden")),
             Err(FeedbackRefused::OtherService { index: 0 })
         ));
+        // Feedback from another client than the card's (it replaced the first EHR's
+        // outcome: a red-team finding); a card kept without its client takes any.
+        assert!(matches!(
+            ledger.accept("risk", "other-ehr", &feedback(&a.uuid, "overridden")),
+            Err(FeedbackRefused::OtherClient { index: 0 })
+        ));
+        let mut kept = ledger.get(&a.uuid).unwrap().clone();
+        kept.client = None;
+        ledger.remember(a.uuid.clone(), kept);
+        assert!(
+            ledger
+                .accept("risk", "other-ehr", &feedback(&a.uuid, "overridden"))
+                .is_ok()
+        );
         // A third card pushes the first out.
-        ledger.record([&c], "risk", None, now);
+        ledger.record([&c], "risk", None, "ehr", now);
         assert_eq!(ledger.len(), 2);
         assert!(matches!(
-            ledger.accept("risk", &feedback(&a.uuid, "overridden")),
+            ledger.accept("risk", "ehr", &feedback(&a.uuid, "overridden")),
             Err(FeedbackRefused::UnknownCard { index: 0 })
         ));
         // Upper-case uuids name the same card.
         assert!(
             ledger
-                .accept("risk", &feedback(&c.uuid.to_uppercase(), "overridden"))
+                .accept(
+                    "risk",
+                    "ehr",
+                    &feedback(&c.uuid.to_uppercase(), "overridden")
+                )
                 .is_ok()
         );
         // A suggestion the card does not have, and one card twice in one request (which
@@ -459,14 +490,14 @@ mod tests {
         let mut made_up = feedback(&c.uuid, "accepted");
         made_up.feedback[0].accepted_suggestions[0].id = "not-on-the-card".into();
         assert!(matches!(
-            ledger.accept("risk", &made_up),
+            ledger.accept("risk", "ehr", &made_up),
             Err(FeedbackRefused::UnknownSuggestion { index: 0 })
         ));
         let mut twice = feedback(&c.uuid, "overridden");
         let again = twice.feedback[0].clone();
         twice.feedback.push(again);
         assert!(matches!(
-            ledger.accept("risk", &twice),
+            ledger.accept("risk", "ehr", &twice),
             Err(FeedbackRefused::RepeatedCard { index: 1, first: 0 })
         ));
     }

@@ -19,9 +19,10 @@
 //!   in the future, each with [`JwtOptions::leeway`] (60 s by default); `exp − iat` is at
 //!   most [`JwtOptions::max_lifetime`] (the specification recommends five minutes);
 //! - `jti` is present and has not been seen from this issuer before the token expires. The
-//!   replay cache holds [`JwtOptions::max_replay_entries`] tokens; entries leave it when
-//!   their token expires; when it is full of live tokens a new one is refused, never a
-//!   remembered one forgotten.
+//!   replay cache holds [`JwtOptions::max_replay_entries`] tokens of each issuer; entries
+//!   leave it when their token expires; when an issuer's share is full of live tokens a new
+//!   one of that issuer is refused, never a remembered one forgotten (one share for all let
+//!   one trusted EHR lock every other out: a red-team finding).
 //!
 //! Every refusal is a [`JwtError`] whose message is safe to log (header values it quotes are
 //! cut to 64 printable ASCII characters; no claim other than `iss` is quoted).
@@ -49,7 +50,7 @@ pub struct JwtOptions {
     pub max_lifetime: u64,
     /// `jku` URLs tolerated in a header (default none: a token with `jku` is refused).
     pub allowed_jku: Vec<String>,
-    /// How many unexpired `jti` the replay cache holds (default 100,000).
+    /// How many unexpired `jti` of each issuer the replay cache holds (default 100,000).
     pub max_replay_entries: usize,
 }
 
@@ -109,7 +110,7 @@ pub enum JwtError {
     ClaimType { claim: &'static str },
     #[error("the token's jti was already used")]
     Replayed,
-    #[error("the replay cache is full of unexpired tokens")]
+    #[error("the replay cache is full of this issuer's unexpired tokens")]
     ReplayCacheFull,
     #[error("rejected by the JWT library ({kind})")]
     Other { kind: String },
@@ -217,6 +218,8 @@ pub struct Verified {
 struct ReplayCache {
     seen: HashSet<(String, String)>,
     by_expiry: BTreeSet<(u64, String, String)>,
+    /// Entries of each issuer in `seen`.
+    per_issuer: HashMap<String, usize>,
 }
 
 /// Verifies CDS Hooks JWTs against trusted issuers' JWKS. `Send + Sync`: share one.
@@ -629,6 +632,12 @@ impl Verifier {
                 break;
             }
             if let Some((_, i, j)) = cache.by_expiry.pop_first() {
+                if let Some(n) = cache.per_issuer.get_mut(&i) {
+                    *n -= 1;
+                    if *n == 0 {
+                        cache.per_issuer.remove(&i);
+                    }
+                }
                 cache.seen.remove(&(i, j));
             }
         }
@@ -636,10 +645,11 @@ impl Verifier {
         if cache.seen.contains(&key) {
             return Err(JwtError::Replayed);
         }
-        if cache.seen.len() >= self.options.max_replay_entries {
+        if cache.per_issuer.get(iss).copied().unwrap_or(0) >= self.options.max_replay_entries {
             return Err(JwtError::ReplayCacheFull);
         }
         cache.by_expiry.insert((exp, key.0.clone(), key.1.clone()));
+        *cache.per_issuer.entry(key.0.clone()).or_insert(0) += 1;
         cache.seen.insert(key);
         Ok(())
     }

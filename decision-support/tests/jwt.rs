@@ -275,19 +275,34 @@ fn tokens() {
 #[test]
 fn replay_cache_is_bounded_and_forgets_only_expired_tokens() {
     let k = keys();
-    let v = verifier(
+    let mut v = verifier(
         &k,
         JwtOptions {
             max_replay_entries: 2,
             ..JwtOptions::default()
         },
     );
+    const OTHER: &str = "https://other-ehr.example.org";
+    v.trust(OTHER, &k.jwks).unwrap();
     let t = |jti: &str| sign(Algorithm::ES384, "ec-1", &k.ec, &claims(jti));
     v.verify(&t("1"), AUD, NOW).unwrap();
     v.verify(&t("2"), AUD, NOW).unwrap();
     // Full of live tokens: a new one is refused, the old ones are still remembered.
     assert_eq!(v.verify(&t("3"), AUD, NOW), Err(JwtError::ReplayCacheFull));
     assert_eq!(v.verify(&t("1"), AUD, NOW), Err(JwtError::Replayed));
+    // Per issuer: another EHR's tokens still pass (one share for all let one trusted EHR
+    // lock every other out: a red-team finding), up to their own share.
+    let other = |jti: &str| {
+        let mut c = claims(jti);
+        c["iss"] = json!(OTHER);
+        sign(Algorithm::ES384, "ec-1", &k.ec, &c)
+    };
+    v.verify(&other("1"), AUD, NOW).unwrap();
+    v.verify(&other("2"), AUD, NOW).unwrap();
+    assert_eq!(
+        v.verify(&other("3"), AUD, NOW),
+        Err(JwtError::ReplayCacheFull)
+    );
     // Once they expire (exp + leeway), room is made — and the expired tokens themselves are
     // refused as expired, not replayed.
     let later = NOW + 300 + 61;

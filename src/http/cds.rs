@@ -328,6 +328,7 @@ async fn answer_call(
     }
 
     let now = chrono::Utc::now();
+    let client = caller_id(&caller);
     let (response, kind, models): (CdsResponse, &'static str, Vec<(String, String)>) = match service
         .kind()
     {
@@ -355,6 +356,7 @@ async fn answer_call(
                 &outcome.response.cards.iter().collect::<Vec<_>>(),
                 service.id(),
                 Some(NEWS2_MODEL),
+                &client,
                 now,
             );
             (
@@ -404,6 +406,7 @@ async fn answer_call(
                     &[&a.card],
                     service.id(),
                     Some((a.model.0.as_str(), a.model.1.as_str())),
+                    &client,
                     now,
                 );
             }
@@ -433,6 +436,7 @@ async fn answer_call(
                 &[card],
                 service.id(),
                 Some((bundle.as_str(), version.as_str())),
+                &client,
                 now,
             );
             if !models.iter().any(|m| &m.0 == bundle && &m.1 == version) {
@@ -551,9 +555,10 @@ async fn answer_feedback(
         return AppError::bad_request(format!("not a CDS Hooks feedback request: {e}"))
             .into_response();
     }
+    let actor = caller_id(&caller);
     let events = {
         let ledger = cds.ledger.lock().unwrap_or_else(|p| p.into_inner());
-        ledger.accept(service.id(), &request)
+        ledger.accept(service.id(), &actor, &request)
     };
     let events = match events {
         Ok(e) => e,
@@ -562,7 +567,6 @@ async fn answer_feedback(
             return AppError::bad_request(e.to_string()).into_response();
         }
     };
-    let actor = caller_id(&caller);
     for e in &events {
         let (model, version) = e.model.clone().unwrap_or_default();
         let outcome = match e.outcome {
@@ -614,9 +618,18 @@ async fn answer_feedback(
         )
         .increment(1);
     }
-    if let Some(store) = &cds.store
-        && let Err(e) = store.record_feedback(&events)
-    {
+    // A transaction on the store's file: on the blocking pool (written on the async runtime,
+    // concurrent posts stalled every other request for seconds: a red-team finding).
+    let stored = {
+        let (state, events) = (state.clone(), events.clone());
+        tokio::task::spawn_blocking(move || match &state.cds().store {
+            Some(store) => store.record_feedback(&events).map_err(|e| e.to_string()),
+            None => Ok(()),
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
+    };
+    if let Err(e) = stored {
         tracing::error!(error = %e, "CDS feedback not stored");
         return AppError::new(
             StatusCode::SERVICE_UNAVAILABLE,
