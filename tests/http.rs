@@ -1594,7 +1594,9 @@ async fn the_inflight_budget_refuses_with_503_and_retry_after() {
 }
 
 /// The cap on requests in flight: a request takes its place once its body is in (a client
-/// that never sends its body holds none), and keeps it until its response has gone out.
+/// that never sends its body holds none), and keeps it until its answer is ready; the
+/// answer then holds its bytes until it has gone out, not the place (unread answers held
+/// every place for two minutes: a red-team finding).
 #[tokio::test]
 async fn the_inflight_request_cap_refuses_with_503_and_retry_after() {
     let f = Fixture::new(HttpConfig {
@@ -1626,14 +1628,13 @@ async fn the_inflight_request_cap_refuses_with_503_and_retry_after() {
         .collect();
     let (s, _, b) = f.call(valid()).await;
     assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
-    // A response not yet sent (its body unread) holds the one place.
+    // A response not yet sent (its body unread) holds its bytes, not the one place.
     let held = app.clone().oneshot(valid()).await.unwrap();
     assert_eq!(held.status(), StatusCode::OK);
-    let (s, headers, b) = f.call(valid()).await;
-    let v: Value = serde_json::from_slice(&b).unwrap();
-    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
-    assert_eq!(headers["retry-after"], "1");
-    assert!(error_of(&v).contains("max_inflight_requests"), "{v}");
+    assert!(f.state.inflight_bytes_free() < full);
+    let (s, _, b) = f.call(valid()).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    // (The refusal while a request holds the place: `admission_tests` in src/http/mod.rs.)
     drop(held);
     for client in idle {
         client.abort();

@@ -1005,6 +1005,7 @@ async fn infer(
                 "an answer was refused: no room for it in the in-flight memory budget"
             );
         })?;
+    ticket.release_place();
     Ok((answer, ticket))
 }
 

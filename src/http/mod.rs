@@ -1175,6 +1175,15 @@ pub(crate) struct Ticket {
 }
 
 impl Ticket {
+    /// Gives back the place among the requests in flight and keeps the bytes charged: an
+    /// answer that is ready holds its memory until it has been sent, not a place of the
+    /// work the places bound (unread answers held every place for the 120 s send-stall
+    /// limit: one client with the infer role had everyone else answered 503, a red-team
+    /// finding).
+    pub(crate) fn release_place(&mut self) {
+        self.request = None;
+    }
+
     /// Takes a place among the requests in flight (503 when all are taken).
     pub(crate) fn take_place(&mut self, admission: &Admission) -> Result<(), AppError> {
         if self.request.is_none() {
@@ -1255,6 +1264,35 @@ impl Ticket {
         }
         self.charged = total;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod admission_tests {
+    use super::{Admission, HttpConfig};
+
+    /// A ticket holds its place among the requests in flight until its answer is ready, and
+    /// its bytes until the answer has been sent (`Ticket::release_place`).
+    #[test]
+    fn a_ticket_holds_its_place_until_its_answer_is_ready_and_its_bytes_until_sent() {
+        let admission = Admission::new(&HttpConfig {
+            max_inflight_requests: 1,
+            ..HttpConfig::default()
+        });
+        let whole = admission.available_bytes();
+        let mut first = admission.admit().unwrap();
+        first.charge_at_least(1 << 20).unwrap();
+        let Err(e) = admission.admit() else {
+            panic!("a second place was given")
+        };
+        assert_eq!(e.status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(e.message.contains("max_inflight_requests"), "{}", e.message);
+        first.release_place();
+        let second = admission.admit().unwrap();
+        assert!(admission.available_bytes() <= whole - (1 << 20));
+        drop(first);
+        drop(second);
+        assert_eq!(admission.available_bytes(), whole);
     }
 }
 

@@ -549,6 +549,7 @@ pub(super) fn respond(
                 "an answer was refused: no room for it in the in-flight memory budget"
             );
         })?;
+    ticket.release_place();
     let mut builder = Response::builder().status(StatusCode::OK);
     builder = match encoded.header_len {
         Some(n) => builder
