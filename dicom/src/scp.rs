@@ -1024,6 +1024,9 @@ async fn run_association(
     // A request this SCP does not serve whose data set (a C-FIND identifier, say) is still
     // arriving: its context and the answer to send once the data set has ended.
     let mut discarding: Option<(u8, Vec<u8>)> = None;
+    // The context of the command set's first fragment: every fragment is on it (PS3.8
+    // 9.3.5.1; fragments on two contexts were joined and answered on the last one's).
+    let mut command_context: Option<u8> = None;
     // The memory of the last data set received into the spool, for the next one.
     let mut spare: Vec<u8> = Vec::new();
     loop {
@@ -1066,10 +1069,19 @@ async fn run_association(
                     if command.len() + data.len() > 1 << 20 {
                         return Err(("command set too large", counts));
                     }
+                    if *command_context.get_or_insert(value.presentation_context_id)
+                        != value.presentation_context_id
+                    {
+                        return Err((
+                            "command fragments on different presentation contexts",
+                            counts,
+                        ));
+                    }
                     command.extend_from_slice(data);
                     if !value.is_last {
                         continue;
                     }
+                    command_context = None;
                     let bytes = std::mem::take(&mut command);
                     let Some(cmd) = parse_command(&bytes) else {
                         return Err(("unreadable command set", counts));
@@ -1104,9 +1116,17 @@ async fn run_association(
                                     None,
                                 )
                             };
-                            send_command(association, config, pc, rsp)
-                                .await
-                                .map_err(|r| (r, counts))?;
+                            if cmd.data_set_type != NO_DATA_SET {
+                                // A C-ECHO-RQ has no data set (PS3.7 9.3.5.1); one that says
+                                // it has is answered once the data set has been read through
+                                // (answered at once, the data set then aborted the
+                                // association as "without a command": a red-team finding).
+                                discarding = Some((pc, rsp));
+                            } else {
+                                send_command(association, config, pc, rsp)
+                                    .await
+                                    .map_err(|r| (r, counts))?;
+                            }
                         }
                         C_STORE_RQ if cmd.data_set_type != NO_DATA_SET => {
                             let upload = begin_upload(

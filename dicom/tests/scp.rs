@@ -713,6 +713,65 @@ async fn a_request_not_served_is_answered_after_its_data_set_and_c_cancel_gets_n
     .unwrap();
 }
 
+/// Red-team findings: a C-ECHO-RQ announcing a data set was answered at once, and the data
+/// set then aborted the association; a command set's fragments on two contexts were joined
+/// and answered on the last one's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_echo_announcing_a_data_set_and_a_command_split_over_contexts() {
+    let server = start(|_| {}).await;
+    let addr = server.addr;
+    tokio::task::spawn_blocking(move || {
+        const VERIFICATION: &str = "1.2.840.10008.1.1";
+        let mut assoc = connect(addr, &[(VERIFICATION, EXPLICIT_LE), (CT, EXPLICIT_LE)]).unwrap();
+        let ids: Vec<u8> = assoc.presentation_contexts().iter().map(|c| c.id).collect();
+        let (verification, ct_pc) = (ids[0], ids[1]);
+        let echo_with_data = command_set(0x0030, 1, VERIFICATION, None, 0x0000);
+        assoc
+            .send(&pdata(
+                verification,
+                PDataValueType::Command,
+                true,
+                echo_with_data,
+            ))
+            .unwrap();
+        assoc
+            .send(&pdata(
+                verification,
+                PDataValueType::Data,
+                true,
+                vec![0x08, 0x00, 0x60, 0x00, 0x02, 0x00, 0x00, 0x00, b'C', b'T'],
+            ))
+            .unwrap();
+        assert_eq!(status_of(assoc.receive().unwrap()), 0x0000);
+        // The association goes on.
+        assert_eq!(
+            store(&mut assoc, ct_pc, 2, "1.2.3.100.11.1", ct("1.2.3.100.11.1")),
+            0x0000
+        );
+        // A command set begun on one context and ended on another: a protocol error.
+        let command = c_store_rq(3, "1.2.3.100.11.2");
+        let (head, tail) = command.split_at(command.len() / 2);
+        assoc
+            .send(&pdata(ct_pc, PDataValueType::Command, false, head.to_vec()))
+            .unwrap();
+        assoc
+            .send(&pdata(
+                verification,
+                PDataValueType::Command,
+                true,
+                tail.to_vec(),
+            ))
+            .unwrap();
+        match assoc.receive() {
+            Ok(Pdu::AbortRQ { .. }) => {}
+            other => panic!("expected A-ABORT, got {other:?}"),
+        }
+        echo(addr);
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presentation_context_ids_that_are_even_or_repeated_abort_the_association() {
     let server = start(|_| {}).await;

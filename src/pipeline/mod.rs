@@ -266,7 +266,32 @@ impl Pipeline {
     /// bundle, with nothing said at start: a red-team finding). Not an error: a bundle may
     /// be deployed later.
     fn check_routes(&self) {
-        for route in self.routes() {
+        // Two routes that run one bundle to one destination send that PACS two result sets
+        // of a series both match (a red-team pass: four objects for one series, said
+        // nowhere). Allowed (their matchers may not overlap), and said.
+        let routes = self.routes();
+        let mut sends: std::collections::BTreeMap<(String, String), String> =
+            std::collections::BTreeMap::new();
+        for route in &routes {
+            for bundle in &route.bundles {
+                for destination in &route.destinations {
+                    let key = (bundle.clone(), destination.to_string());
+                    match sends.get(&key) {
+                        Some(first) if *first != route.name => tracing::warn!(
+                            routes = %format!("{first}, {}", route.name),
+                            bundle = %bundle,
+                            destination = %destination,
+                            "two routes run this bundle to this destination: a series both match is sent two result sets"
+                        ),
+                        Some(_) => {}
+                        None => {
+                            sends.insert(key, route.name.clone());
+                        }
+                    }
+                }
+            }
+        }
+        for route in routes {
             for bundle in &route.bundles {
                 let Ok(model) = self.state.repository.get(bundle, None) else {
                     tracing::warn!(

@@ -771,6 +771,9 @@ def test_with_late_instances_ignored_an_unmatched_series_keeps_its_reason():
                  RESULT_TIMEOUT_S, "the route warnings")
         assert "route names a bundle that is not being served" in server.log()
         assert "declares no [dicom] section" in server.log()
+        # "mr" and "typo" both run the bundle to the default destination (a red-team pass:
+        # a series both matched reached the PACS twice, with nothing said).
+        assert "two routes run this bundle to this destination" in server.log()
         study, series = generate_uid(), generate_uid()
         store(server.port, [_save(_ct(study, series), work / "a.dcm")])
         first = wait_for(lambda: (r := server.results(study)) and r["series"][0]["state"] == "unmatched"
