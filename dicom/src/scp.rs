@@ -1096,7 +1096,9 @@ async fn run_association(
                     {
                         return Err(("command on a presentation context never negotiated", counts));
                     }
-                    match cmd.field {
+                    // The answer to give, once the request's data set (if it announces one)
+                    // has been read through.
+                    let answer = match cmd.field {
                         C_ECHO_RQ => {
                             // On a context not accepted, or accepted for another SOP class
                             // than Verification: refused, SOP class not supported (PS3.7
@@ -1104,7 +1106,11 @@ async fn run_association(
                             let verification = accepted_context(association, pc).is_some_and(|c| {
                                 sop::trim_uid(&c.abstract_syntax) == sop::VERIFICATION
                             });
-                            let rsp = if verification {
+                            // A C-ECHO-RQ has no data set (PS3.7 9.3.5.1); one that says it
+                            // has is answered once the data set has been read through (it was
+                            // answered at once, and the data set then aborted the association
+                            // as "without a command": a red-team finding).
+                            Some(if verification {
                                 echo_response(cmd.message_id)
                             } else {
                                 response(
@@ -1115,18 +1121,7 @@ async fn run_association(
                                     status::SOP_CLASS_NOT_SUPPORTED,
                                     None,
                                 )
-                            };
-                            if cmd.data_set_type != NO_DATA_SET {
-                                // A C-ECHO-RQ has no data set (PS3.7 9.3.5.1); one that says
-                                // it has is answered once the data set has been read through
-                                // (answered at once, the data set then aborted the
-                                // association as "without a command": a red-team finding).
-                                discarding = Some((pc, rsp));
-                            } else {
-                                send_command(association, config, pc, rsp)
-                                    .await
-                                    .map_err(|r| (r, counts))?;
-                            }
+                            })
                         }
                         C_STORE_RQ if cmd.data_set_type != NO_DATA_SET => {
                             let upload = begin_upload(
@@ -1147,10 +1142,10 @@ async fn run_association(
                                 overflow: None,
                                 reservation: Reservation::new(budget),
                             });
+                            None
                         }
-                        C_CANCEL_RQ => {
-                            // Nothing of ours to cancel, and no response to give.
-                        }
+                        // Nothing of ours to cancel, and no response to give.
+                        C_CANCEL_RQ => None,
                         // A response (bit 15 of the command field) to a request this SCP
                         // never sent: a protocol error, not a request to answer with a
                         // "response" to it (a red-team finding).
@@ -1166,7 +1161,7 @@ async fn run_association(
                             } else {
                                 (status::UNRECOGNIZED_OPERATION, "operation not supported")
                             };
-                            let rsp = response(
+                            Some(response(
                                 field | 0x8000,
                                 cmd.message_id,
                                 &cmd.sop_class_uid,
@@ -1174,15 +1169,17 @@ async fn run_association(
                                     .then_some(cmd.sop_instance_uid.as_str()),
                                 status,
                                 Some(comment),
-                            );
-                            if cmd.data_set_type != NO_DATA_SET {
-                                // Its data set follows: read it through, then answer.
-                                discarding = Some((pc, rsp));
-                            } else {
-                                send_command(association, config, pc, rsp)
-                                    .await
-                                    .map_err(|r| (r, counts))?;
-                            }
+                            ))
+                        }
+                    };
+                    if let Some(rsp) = answer {
+                        if cmd.data_set_type != NO_DATA_SET {
+                            // Its data set follows: read it through, then answer.
+                            discarding = Some((pc, rsp));
+                        } else {
+                            send_command(association, config, pc, rsp)
+                                .await
+                                .map_err(|r| (r, counts))?;
                         }
                     }
                 }
