@@ -70,8 +70,11 @@ pub fn results(command: ResultsCommand) -> anyhow::Result<()> {
                     .series_instances(study, series)
                     .map(|i| !i.is_empty())
                     .unwrap_or(false);
-                if !held {
-                    gone.borrow_mut().push(series.to_owned());
+                // Asked once per (series, bundle): named once (a purged study of 1,000 series
+                // printed 2,000 lines with two bundles: a review's finding).
+                let mut gone = gone.borrow_mut();
+                if !held && !gone.iter().any(|s| s == series) {
+                    gone.push(series.to_owned());
                 }
                 held
             })?;
