@@ -22,7 +22,14 @@ use super::grpc::proto::model_infer_request::{InferInputTensor, InferRequestedOu
 const VARINT: u8 = 0;
 const FIXED64: u8 = 1;
 const LEN: u8 = 2;
+const START_GROUP: u8 = 3;
+const END_GROUP: u8 = 4;
 const FIXED32: u8 = 5;
+
+/// Groups (proto2's, wire types 3 and 4) nested in an unknown field at most this deep: prost
+/// skips them to its recursion limit of 100 levels in all, messages included (a message here
+/// nests at most 4 deep).
+const MAX_GROUP_DEPTH: usize = 64;
 
 /// Vectors and maps grow by doubling: what they hold may be up to twice their contents.
 const GROWTH: usize = 2;
@@ -75,10 +82,39 @@ impl Counts {
         Ok(())
     }
 
-    /// An unknown field, skipped.
-    fn unknown(&mut self, r: &mut Reader<'_>, wire: u8) -> Result<(), String> {
+    /// An unknown field (`field`), skipped as prost skips it: a group (proto2) to its end,
+    /// every field inside it counted too (groups were refused, where prost decodes a
+    /// message holding one: a re-attack's finding).
+    fn unknown(&mut self, r: &mut Reader<'_>, field: u64, wire: u8) -> Result<(), String> {
+        self.skip_unknown(r, field, wire, 0)
+    }
+
+    fn skip_unknown(
+        &mut self,
+        r: &mut Reader<'_>,
+        field: u64,
+        wire: u8,
+        depth: usize,
+    ) -> Result<(), String> {
         self.one_more()?;
-        r.skip(wire)
+        if wire != START_GROUP {
+            return r.skip(wire);
+        }
+        if depth >= MAX_GROUP_DEPTH {
+            return Err(format!("groups nested more than {MAX_GROUP_DEPTH} deep"));
+        }
+        loop {
+            let Some((inner, inner_wire)) = r.key()? else {
+                return Err("a group is not closed".to_owned());
+            };
+            if inner_wire == END_GROUP {
+                if inner != field {
+                    return Err("a group is closed by another field's end".to_owned());
+                }
+                return Ok(());
+            }
+            self.skip_unknown(r, inner, inner_wire, depth + 1)?;
+        }
     }
 
     /// A singular field (of number `field` < 64) met: counted when `seen` holds it already.
@@ -142,7 +178,7 @@ pub(crate) fn infer_request_bound(message: &[u8]) -> Result<usize, String> {
             }
             (1..=7, _) => return Err(format!("field {field} has the wrong wire type {wire}")),
             _ => {
-                counts.unknown(&mut r, wire)?;
+                counts.unknown(&mut r, field, wire)?;
                 0
             }
         };
@@ -229,7 +265,7 @@ fn input_tensor(bytes: &[u8], counts: &mut Counts) -> Result<usize, String> {
             }
             (1..=5, _) => return Err(format!("input field {field} has the wrong wire type")),
             _ => {
-                counts.unknown(&mut r, wire)?;
+                counts.unknown(&mut r, field, wire)?;
                 0
             }
         };
@@ -257,7 +293,7 @@ fn requested_output(bytes: &[u8], counts: &mut Counts) -> Result<usize, String> 
             }
             (1 | 2, _) => return Err(format!("output field {field} has the wrong wire type")),
             _ => {
-                counts.unknown(&mut r, wire)?;
+                counts.unknown(&mut r, field, wire)?;
                 0
             }
         };
@@ -284,7 +320,7 @@ fn map_entry(bytes: &[u8], counts: &mut Counts) -> Result<usize, String> {
                 parameter(r.len_delimited()?, counts)?;
             }
             (1 | 2, _) => return Err(format!("parameter field {field} has the wrong wire type")),
-            _ => counts.unknown(&mut r, wire)?,
+            _ => counts.unknown(&mut r, field, wire)?,
         }
     }
     Ok((size_of::<(String, InferParameter)>() + 1) * GROWTH + bytes.len())
@@ -312,7 +348,7 @@ fn parameter(bytes: &[u8], counts: &mut Counts) -> Result<(), String> {
             (1..=5, _) => {
                 return Err(format!("parameter choice {field} has the wrong wire type"));
             }
-            _ => counts.unknown(&mut r, wire)?,
+            _ => counts.unknown(&mut r, field, wire)?,
         }
     }
     Ok(())
@@ -332,7 +368,7 @@ fn contents(bytes: &[u8], counts: &mut Counts) -> Result<usize, String> {
             3 | 5 | 7 => 8,
             8 => size_of::<Vec<u8>>(),
             _ => {
-                counts.unknown(&mut r, wire)?;
+                counts.unknown(&mut r, field, wire)?;
                 continue;
             }
         };
@@ -423,6 +459,11 @@ impl<'a> Reader<'a> {
             return Ok(None);
         }
         let key = self.varint()?;
+        // prost refuses a key over 32 bits (it passed here as an unknown field, and prost's
+        // refusal inside tonic was answered INTERNAL, unaudited: a re-attack's finding).
+        if key > u64::from(u32::MAX) {
+            return Err("a field key over 32 bits".to_owned());
+        }
         let field = key >> 3;
         if field == 0 {
             return Err("field number 0".to_owned());
@@ -457,8 +498,8 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    /// Skips a field prost does not keep (groups, wire types 3 and 4, are refused, as prost
-    /// refuses them in proto3 messages).
+    /// Skips a field prost does not keep, of any wire type but a group's (which
+    /// [`Counts::unknown`] walks) and 6 or 7 (none).
     fn skip(&mut self, wire: u8) -> Result<(), String> {
         match wire {
             VARINT => self.varint().map(drop),
@@ -743,6 +784,14 @@ mod tests {
             packed_shape(&eleven),
             [&[0x08][..], &ten].concat(), // a varint field over 64 bits (unknown field 1 varint: wrong type, also refused)
             [&[0x48][..], &ten].concat(), // an unknown varint field over 64 bits
+            // A key over 32 bits (field 2^29; prost: "invalid key value"), at the top and
+            // inside an input (a re-attack's finding).
+            vec![0x80, 0x80, 0x80, 0x80, 0x10, 0x00],
+            vec![0x2a, 6, 0x80, 0x80, 0x80, 0x80, 0x10, 0x00],
+            // Groups: one never closed, one closed by another field's end, an end alone.
+            vec![0x4b, 0x08, 0x05],
+            vec![0x4b, 0x54],
+            vec![0x4c],
         ] {
             assert!(
                 ModelInferRequest::decode(bad.as_slice()).is_err(),
@@ -750,6 +799,17 @@ mod tests {
             );
             assert!(infer_request_bound(&bad).is_err(), "{bad:x?}");
         }
+        // An unknown group, fields inside it and nested groups, is skipped as prost skips it
+        // (the walk refused groups: a re-attack's finding).
+        let grouped = [
+            0x0a, 1, b'm', 0x4b, 0x08, 0x05, 0x5b, 0x10, 0x01, 0x5c, 0x4c,
+        ]
+        .to_vec();
+        assert!(ModelInferRequest::decode(grouped.as_slice()).is_ok());
+        assert!(infer_request_bound(&grouped).is_ok());
+        // Groups nested past the walk's depth are refused.
+        let deep = [vec![0x4b; 70], vec![0x4c; 70]].concat();
+        assert!(infer_request_bound(&deep).is_err());
         // The largest ten-byte varint is a varint, for both.
         let mut max = vec![0xff; 9];
         max.push(0x01);
