@@ -193,6 +193,19 @@ struct Net {
     /// or its unfolded input): rows are run in passes that keep it within
     /// [`MAX_PASS_ACTIVATION_BYTES`].
     row_bytes: usize,
+    /// What one row's forward pass keeps for a backward pass, in bytes: the input, every
+    /// layer's output (a convolution's before and after its pool) and a convolution's
+    /// unfolded input.
+    kept_bytes: usize,
+}
+
+impl Net {
+    /// What one row's forward and backward pass is estimated to keep, in bytes.
+    fn gradient_row_bytes(&self) -> usize {
+        self.row_bytes
+            .saturating_mul(GRADIENT_ROW_FACTOR)
+            .max(self.kept_bytes.saturating_mul(GRADIENT_KEPT_FACTOR))
+    }
 }
 
 /// The most one row's largest forward tensor may take for a model to load: an architecture
@@ -216,6 +229,12 @@ const MAX_ARCHITECTURE_BYTES: usize = 4 << 20;
 /// (measured on the lesion model: about 34 MB a row, 14.5 times its largest, conv2's 2.4 MB
 /// unfolded input; rounded up).
 const GRADIENT_ROW_FACTOR: usize = 16;
+/// The same in units of what its forward pass keeps for the backward one (every layer's
+/// output, a convolution's unfolded input; [`Net::kept_bytes`]): the activations, their
+/// gradients and the autograd's own copies. The largest tensor alone misses the depth: 100
+/// small layers took 3.4 GB for a pass estimated at 256 MiB, 300 aborted the server (a
+/// red-team finding).
+const GRADIENT_KEPT_FACTOR: usize = 3;
 
 /// A candle model ready to run. Instances share the weights (candle tensors are
 /// reference-counted and immutable).
@@ -376,6 +395,7 @@ fn build(
             MAX_ROW_ACTIVATION_BYTES >> 20
         ));
     };
+    let mut kept_elements = row_elements;
     let mut layers = Vec::with_capacity(file.layers.len());
     let mut gradcam = None;
     let mut seen_names = HashSet::new();
@@ -435,14 +455,20 @@ fn build(
                 // Its output and its unfolded input (candle's convolution unfolds each
                 // kernel window: C·kh·kw values per output position).
                 let positions = oh.checked_mul(ow);
-                let largest = positions.and_then(|p| {
+                let sizes = positions.and_then(|p| {
                     let output = p.checked_mul(s.out_channels)?;
                     let unfolded = p.checked_mul(ci)?.checked_mul(kh)?.checked_mul(kw)?;
-                    Some(output.max(unfolded))
+                    Some((output, unfolded))
                 });
-                match largest {
-                    Some(n) if n.saturating_mul(4) <= MAX_ROW_ACTIVATION_BYTES => {
-                        row_elements = row_elements.max(n);
+                match sizes {
+                    Some((output, unfolded))
+                        if output.max(unfolded).saturating_mul(4) <= MAX_ROW_ACTIVATION_BYTES =>
+                    {
+                        row_elements = row_elements.max(output.max(unfolded));
+                        // Its output (and its activation's), its unfolded input.
+                        kept_elements = kept_elements
+                            .saturating_add(output.saturating_mul(2))
+                            .saturating_add(unfolded);
                     }
                     _ => {
                         return fail(format!(
@@ -487,6 +513,8 @@ fn build(
                         }
                         oh /= k;
                         ow /= k;
+                        kept_elements = kept_elements
+                            .saturating_add(oh.saturating_mul(ow).saturating_mul(s.out_channels));
                         Some(k)
                     }
                 };
@@ -559,6 +587,7 @@ fn build(
                     ));
                 }
                 row_elements = row_elements.max(s.out_features);
+                kept_elements = kept_elements.saturating_add(s.out_features);
                 shape = vec![s.out_features];
                 layers.push(Built::Linear(Linear::new(weight, bias)));
             }
@@ -652,6 +681,7 @@ fn build(
             input,
             classes: shape[0],
             row_bytes: row_elements.saturating_mul(4),
+            kept_bytes: kept_elements.saturating_mul(4),
         },
         metadata,
     ))
@@ -948,7 +978,7 @@ impl Backend for CandleBackend {
         // One row whose pass alone would keep far more than a pass may is refused, not run
         // in a chunk of one (integrated gradients on a model of 536 MB a row took 9 GB: a
         // red-team finding).
-        let row_pass = self.net.row_bytes.saturating_mul(GRADIENT_ROW_FACTOR);
+        let row_pass = self.net.gradient_row_bytes();
         if row_pass > MAX_GRADIENT_ROW_BYTES {
             return Err(InferenceError::WorkingMemory {
                 needed: row_pass as u64,
@@ -959,15 +989,10 @@ impl Backend for CandleBackend {
         // about 15 times a row's largest forward tensor (chunks of 32 path points on the
         // lesion model peaked at 1.2 GB, none of it charged to the server's memory budget:
         // a red-team finding). Chunks are sized to keep that within MAX_GRADIENT_PASS_BYTES.
-        let chunk = request.max_batch.max(1).min(
-            (MAX_GRADIENT_PASS_BYTES
-                / self
-                    .net
-                    .row_bytes
-                    .max(1)
-                    .saturating_mul(GRADIENT_ROW_FACTOR))
-            .max(1),
-        );
+        let chunk = request
+            .max_batch
+            .max(1)
+            .min((MAX_GRADIENT_PASS_BYTES / self.net.gradient_row_bytes().max(1)).max(1));
         let mut values = Vec::with_capacity(rows * h * w);
         let mut gaps = vec![];
         let mut bases = vec![];
@@ -1513,6 +1538,88 @@ mod tests {
         for (x, y) in a.values.iter().zip(&c.values) {
             assert!((x - y).abs() < 1e-6);
         }
+    }
+
+    /// A model of many small layers: its gradient pass keeps every layer's activations,
+    /// which its largest tensor alone does not tell (100 such layers took 3.4 GB for a pass
+    /// estimated at 256 MiB, 300 aborted the server: a red-team finding). Its rows then run
+    /// one at a time, and a model too deep for one row's pass has its gradients refused.
+    #[test]
+    fn a_deep_model_is_charged_for_every_layer_of_its_gradient_pass() {
+        let deep = |n: usize| {
+            let mut layers: Vec<serde_json::Value> = (0..n)
+                .map(|i| {
+                    serde_json::json!({"name": format!("c{i}"), "type": "conv2d",
+                        "in_channels": 4, "out_channels": 4, "kernel_size": [1, 1],
+                        "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1,
+                        "bias": false, "weight": format!("c{i}.weight"),
+                        "weight_shape": [4, 4, 1, 1], "activation": "relu",
+                        "output_shape": [-1, 4, 64, 64]})
+                })
+                .collect();
+            layers.push(serde_json::json!({"name": "gap", "type": "global_avg_pool",
+                "output_shape": [-1, 4]}));
+            layers.push(
+                serde_json::json!({"name": "fc", "type": "linear", "in_features": 4,
+                "out_features": 2, "bias": false, "weight": "fc.weight", "weight_shape": [2, 4],
+                "output_shape": [-1, 2]}),
+            );
+            let arch = serde_json::json!({
+                "format": 1, "dtype": "F32",
+                "input": {"name": "image", "shape": [-1, 4, 64, 64], "layout": "NCHW"},
+                "output": {"name": "p", "shape": [-1, 2], "labels": ["a", "b"]},
+                "layers": layers,
+            });
+            let names: Vec<String> = (0..n).map(|i| format!("c{i}.weight")).collect();
+            let mut w: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = names
+                .iter()
+                .map(|name| {
+                    (
+                        name.as_str(),
+                        "F32",
+                        vec![4, 4, 1, 1],
+                        f32_bytes(&values(16, 1, 0.5)),
+                    )
+                })
+                .collect();
+            w.push((
+                "fc.weight",
+                "F32",
+                vec![2, 4],
+                f32_bytes(&values(8, 2, 0.5)),
+            ));
+            load(&arch, &w).unwrap()
+        };
+        let layer = 3 * 4 * 64 * 64 * 4; // output, activation, unfolded input; f32
+        let b = deep(100);
+        assert!(b.net.gradient_row_bytes() >= 100 * layer * GRADIENT_KEPT_FACTOR);
+        assert!(b.net.row_bytes * GRADIENT_ROW_FACTOR < 100 * layer);
+        // A few rows a pass (at most 4 within the pass budget; the largest tensor alone
+        // made it 256).
+        assert!(MAX_GRADIENT_PASS_BYTES / b.net.gradient_row_bytes() <= 4);
+        // Deep enough that one row's pass is over the limit: refused.
+        let mut b = deep(2000);
+        let refused = b.gradients(
+            &GradientRequest {
+                input: NamedTensor::new(
+                    "image",
+                    Tensor::from_vec(vec![1, 4, 64, 64], vec![0.5f32; 4 * 64 * 64]).unwrap(),
+                ),
+                output: 0,
+                targets: vec![1],
+                method: GradientMethod::IntegratedGradients {
+                    baseline: 0.0,
+                    steps: 4,
+                },
+                max_batch: 16,
+            },
+            &|| false,
+        );
+        assert!(
+            matches!(refused, Err(InferenceError::WorkingMemory { .. })),
+            "{:?}",
+            refused.map(|o| o.forward_passes)
+        );
     }
 
     /// A cancelled job stops before its next pass: the check runs between chunks, and the
