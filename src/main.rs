@@ -405,6 +405,20 @@ fn main() -> anyhow::Result<()> {
                         (None, None) => String::new(),
                     };
                     println!("{}", printable(&verified_line(&what, &summary, &anchored)));
+                    // Verified from its rotated files alone: said (it was silent, a
+                    // re-attack's finding).
+                    if postgres_url.is_none()
+                        && let Some(p) = &path
+                        && !p.exists()
+                    {
+                        println!(
+                            "{}",
+                            printable(&format!(
+                                "note {}: the live file is absent; the trail ends at its last rotated file (a server stopped while it rotated; records written after it would be gone: keep an --anchor)",
+                                p.display()
+                            ))
+                        );
+                    }
                     Ok(())
                 }
                 Err(e) => {

@@ -258,6 +258,10 @@ fn a_live_file_missing_for_a_moment_is_waited_for() {
     assert_eq!(summary.records, 32);
     assert!(summary.files.len() >= 2, "{:?}", summary.files);
     assert_eq!(audit::verify(dir.path()).unwrap().records, 32);
+    // The command line says the live file is absent (it was silent).
+    let (ok, out) = cli_verify(&[path.as_os_str()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("the live file is absent"), "{out}");
 }
 
 #[test]
@@ -745,6 +749,48 @@ async fn readiness_follows_whether_the_audit_trail_can_be_written() {
         assert_eq!(infer(&state).await, StatusCode::OK);
         assert_eq!(audit::verify(&log).unwrap().records, 2);
     }
+    // SQLite's write lock held by another client (not a Nightingale server: no flock): the
+    // append fails after its busy wait, and readiness stays 503 while the lock is held (a
+    // read of the last row said all was well: a re-attack's finding), then comes back.
+    let models = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.sqlite3");
+    let audit = AuditLog::start(Box::new(SqliteStore::open(&log, false).unwrap())).unwrap();
+    let state = AppState::new(
+        wdbc_repository(models.path()),
+        audit,
+        HttpConfig::default(),
+        None,
+    );
+    state.set_ready(true);
+    assert_eq!(infer(&state).await, StatusCode::OK);
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (locked, is_locked) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            let conn = rusqlite::Connection::open(&log).unwrap();
+            conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+            locked.send(()).unwrap();
+            let _ = released.recv_timeout(Duration::from_secs(60));
+            conn.execute_batch("ROLLBACK").unwrap();
+        })
+    };
+    is_locked.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!(infer(&state).await, StatusCode::SERVICE_UNAVAILABLE);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        get_status(&state, "/v2/health/ready").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get_status(&state, "/v2/health/ready").await != StatusCode::OK {
+        assert!(Instant::now() < deadline, "readiness never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(infer(&state).await, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -776,6 +822,18 @@ async fn a_full_disk_during_a_burst_answers_503_recovers_and_the_chain_verifies(
     assert!(refused > 0, "the disk never filled up");
     // Still full: still refused, and the log still verifies (no half-written records).
     assert_eq!(audit::verify(&log).unwrap().records, ok);
+    // Not ready while full, though the file is in place (readiness came back after a
+    // second while every record still failed: a re-attack's finding).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let ready = Request::get("/v2/health/ready")
+        .body(Body::empty())
+        .unwrap();
+    let status = http::app(state.clone())
+        .oneshot(ready)
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     // Space returns: the server recovers by itself.
     std::fs::remove_file(&filler).unwrap();
     for s in burst(&state, 32).await {

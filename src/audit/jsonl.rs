@@ -315,12 +315,40 @@ impl AuditStore for JsonLinesStore {
         if self.dirty {
             self.repair()?;
         }
-        self.live().map(drop)
+        let location = self.path.display().to_string();
+        has_room(self.live()?, &location)
     }
 
     fn describe(&self) -> String {
         format!("JSON lines {}", self.path.display())
     }
+}
+
+/// Free space a failing trail's file system must have before the trail is called writable
+/// again ([`AuditStore::check`]).
+const MIN_ROOM: u64 = 64 << 10;
+
+/// Whether the file system holding `file` has [`MIN_ROOM`] free for its user (a full disk
+/// passed the in-place check, and readiness came back while every record still failed: a
+/// re-attack's finding).
+pub(super) fn has_room(file: &File, location: &str) -> Result<(), AuditError> {
+    let stat = rustix::fs::fstatvfs(file).map_err(|e| AuditError::Write {
+        location: location.to_owned(),
+        reason: format!("cannot read the file system's free space: {e}"),
+    })?;
+    let blocks = if rustix::process::geteuid().is_root() {
+        stat.f_bfree
+    } else {
+        stat.f_bavail
+    };
+    let free = blocks.saturating_mul(stat.f_frsize);
+    if free < MIN_ROOM {
+        return Err(AuditError::Write {
+            location: location.to_owned(),
+            reason: format!("its file system has {free} bytes free"),
+        });
+    }
+    Ok(())
 }
 
 fn misplaced_error(path: &Path, what: &str) -> AuditError {

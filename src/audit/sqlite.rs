@@ -122,7 +122,18 @@ impl AuditStore for SqliteStore {
                 reason: "its last record is not the one this server wrote last".into(),
             });
         }
-        Ok(())
+        // The write lock an append takes (another client holding it made every append
+        // wait 5 s and fail while a read said all was well: a re-attack's finding), and
+        // room on the disk.
+        let err = |source| AuditError::Sqlite {
+            location: self.location.clone(),
+            source,
+        };
+        self.conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .and_then(|tx| tx.rollback())
+            .map_err(err)?;
+        super::jsonl::has_room(&self._lock, &self.location)
     }
 
     fn append(&mut self, events: &[&AuditEvent], unix_ms: u64) -> Result<(), AuditError> {

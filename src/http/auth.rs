@@ -1219,7 +1219,7 @@ fn verify_jwt(jwt: &JwtConfig, token: &str) -> Result<(Caller, u64), JwtError> {
     };
     Ok((
         Caller {
-            id: format!("jwt:{}#{}", printable(&jwt.issuer), identity_text(sub)),
+            id: issuer_subject("jwt", &jwt.issuer, Some(sub)),
             roles,
         },
         exp,
@@ -1258,6 +1258,28 @@ fn reads_as_itself(c: char) -> bool {
 /// identities never share an id (an id owns validation runs: a 255-character OIDC subject
 /// cut to 200 read another's run; a subject written as another's printable text and digest,
 /// `x?~9ab6…` for `x\n`, took that one's id).
+/// The id of a token's caller: `prefix:<issuer>#<subject>` (no subject: nothing after the
+/// `#`; a token's `sub` is never empty). An issuer or subject holding `#` (or changed for
+/// printing) carries a digest of the whole, so that no two (issuer, subject) pairs share an
+/// id (`A` with `x#y` and `A#x` with `y` did; so did no subject and the subject `-`: the
+/// id owns a CDS card's feedback, a red-team finding).
+fn issuer_subject(prefix: &str, issuer: &str, subject: Option<&str>) -> String {
+    let part = |s: &str| {
+        if s.contains('#') {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(s.as_bytes());
+            format!("{}~{}", printable(s), hex::encode(&digest[..8]))
+        } else {
+            identity_text(s)
+        }
+    };
+    format!(
+        "{prefix}:{}#{}",
+        part(issuer),
+        subject.map(part).unwrap_or_default()
+    )
+}
+
 fn identity_text(s: &str) -> String {
     use sha2::Digest;
     let shown = printable(s);
@@ -1363,11 +1385,7 @@ pub(crate) async fn enforce(
                 Ok(v) => Caller {
                     // Shortened or cleaned subjects carry a digest of the whole, as other
                     // callers' do: two EHR clients never share an audit actor (red-team).
-                    id: format!(
-                        "cds:{}#{}",
-                        printable(&v.issuer),
-                        identity_text(v.subject.as_deref().unwrap_or("-"))
-                    ),
+                    id: issuer_subject("cds", &v.issuer, v.subject.as_deref()),
                     roles: Roles::NONE,
                 },
                 Err(e) => {
@@ -1649,6 +1667,23 @@ mod tests {
         assert_eq!(identity_text("carol?"), "carol?");
         assert_eq!(identity_text("dr-alice"), "dr-alice");
         assert!(!identity_text("carol\u{7}").contains('\u{7}'));
+        // A token's (issuer, subject): `#` in either, or no subject, never lands on another
+        // pair's id (a re-attack's finding).
+        let ids = [
+            issuer_subject("cds", "https://a.example", Some("x#y")),
+            issuer_subject("cds", "https://a.example#x", Some("y")),
+            issuer_subject("cds", "https://a.example", None),
+            issuer_subject("cds", "https://a.example", Some("-")),
+        ];
+        for (i, a) in ids.iter().enumerate() {
+            for b in &ids[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(
+            issuer_subject("cds", "https://a.example", Some("ehr-client")),
+            "cds:https://a.example#ehr-client"
+        );
         // A subject written as another's id (its printable text and digest) is not that id.
         let victim = identity_text("x\n");
         assert!(victim.starts_with("x?~"), "{victim}");
