@@ -18,7 +18,10 @@
 //!   start while the bundle is in the repository;
 //! - more than [`MAX_NODES`] nodes in all;
 //! - a file in ONNX Runtime's own format (`ORTM` at bytes 4..8), which ONNX Runtime loads
-//!   from memory too, and whose contents this view cannot see.
+//!   from memory too, and whose contents this view cannot see;
+//! - a main graph that defines a value twice (two nodes' outputs, or a node's output named
+//!   as a graph input or initializer): ONNX is single-assignment, ONNX Runtime refuses such a
+//!   graph, and tract served the last definition (a red-team finding).
 //!
 //! Protobuf nesting deeper than prost's limit (100 levels) fails to decode, and is refused as
 //! unreadable.
@@ -88,6 +91,8 @@ struct Graph {
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct Node {
+    #[prost(bytes = "vec", repeated, tag = "2")]
+    output: Vec<Vec<u8>>,
     #[prost(message, repeated, tag = "5")]
     attribute: Vec<Attribute>,
 }
@@ -137,6 +142,8 @@ struct SparseTensor {
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct ValueInfo {
+    #[prost(bytes = "vec", tag = "1")]
+    name: Vec<u8>,
     #[prost(message, optional, tag = "2")]
     r#type: Option<Type>,
 }
@@ -294,6 +301,9 @@ pub(crate) fn check(model: &[u8], name: &Path) -> Result<(), InferenceError> {
     let proto = Model::decode(model).map_err(|e| {
         InferenceError::load(name, format!("the file is not a readable ONNX model: {e}"))
     })?;
+    if let Some(g) = &proto.graph {
+        defined_once(g, name)?;
+    }
     let mut found = Findings::default();
     for g in proto.graph.iter().chain(
         proto
@@ -342,9 +352,80 @@ pub(crate) fn check(model: &[u8], name: &Path) -> Result<(), InferenceError> {
     Ok(())
 }
 
+/// Every value of the main graph defined once: its inputs and initializers (an input may
+/// have an initializer of its name, its default), then each node's outputs.
+fn defined_once(g: &Graph, name: &Path) -> Result<(), InferenceError> {
+    let mut defined: std::collections::HashSet<&[u8]> = g
+        .input
+        .iter()
+        .map(|v| v.name.as_slice())
+        .chain(g.initializer.iter().map(|t| t.name.as_slice()))
+        .collect();
+    for node in &g.node {
+        // An empty name is an optional output left out.
+        for output in node.output.iter().filter(|o| !o.is_empty()) {
+            if !defined.insert(output.as_slice()) {
+                let shown: String = String::from_utf8_lossy(output).chars().take(64).collect();
+                return Err(InferenceError::load(
+                    name,
+                    format!(
+                        "the graph defines the value {shown:?} more than once (ONNX assigns each value once)"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node(output: &str) -> Node {
+        Node {
+            output: vec![output.as_bytes().to_vec()],
+            attribute: vec![],
+        }
+    }
+
+    fn value(name: &str) -> ValueInfo {
+        ValueInfo {
+            name: name.as_bytes().to_vec(),
+            r#type: None,
+        }
+    }
+
+    /// A value defined twice (two producers, or a node writing a graph input) is refused;
+    /// an input with an initializer of its name (its default) and outputs left out are not.
+    #[test]
+    fn a_value_defined_twice_is_refused() {
+        let model = |nodes: Vec<Node>| {
+            Model {
+                graph: Some(Graph {
+                    node: nodes,
+                    initializer: vec![Tensor {
+                        name: b"x".to_vec(),
+                        external_data: vec![],
+                        data_location: 0,
+                    }],
+                    input: vec![value("x")],
+                    output: vec![value("y")],
+                    value_info: vec![],
+                    sparse_initializer: vec![],
+                }),
+                training_info: vec![],
+                functions: vec![],
+            }
+            .encode_to_vec()
+        };
+        check(&model(vec![node("y"), node("")]), Path::new("m.onnx")).unwrap();
+        for nodes in [vec![node("y"), node("y")], vec![node("x"), node("y")]] {
+            let err = check(&model(nodes), Path::new("m.onnx")).unwrap_err();
+            let why = std::error::Error::source(&err).map(|s| s.to_string());
+            assert!(why.is_some_and(|w| w.contains("more than once")), "{err}");
+        }
+    }
 
     /// Red-team finding: bytes that ONNX Runtime reads as its own format and prost as an
     /// ONNX model with nothing in it (the root offset `08 00 09 00` is also two protobuf
