@@ -1113,6 +1113,10 @@ pub(crate) async fn explain_decoded(
                 .iter()
                 .map(|(range, _, _)| data[range.clone()].to_vec())
                 .collect();
+            let _turn = DRAWING
+                .acquire()
+                .await
+                .map_err(|_| AppError::internal("heatmap drawing is closed"))?;
             let pngs = tokio::task::spawn_blocking(move || {
                 drawings
                     .iter()
@@ -1145,8 +1149,13 @@ pub(crate) async fn explain_decoded(
 }
 
 /// The most pixels the heatmaps of one request may have in all (band and caption included):
-/// 4096 x 4096, about 50 MB of RGB.
-const MAX_HEATMAP_PIXELS: usize = 1 << 24;
+/// 2048 x 2048. Drawing takes about 30 bytes a pixel (the plane, its grey and RGB copies,
+/// the PNG): ~125 MB at most (at 16 Mi pixels one drawing took 500 MB: a re-attack's
+/// finding).
+const MAX_HEATMAP_PIXELS: usize = 1 << 22;
+
+/// Requests whose heatmaps are drawn at once (each within [`MAX_HEATMAP_PIXELS`]).
+static DRAWING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// The heatmap's second line: the model, its version and the server's.
 fn heatmap_model_line(model: &LoadedModel) -> String {

@@ -322,7 +322,7 @@ created = "2026-12-06"
 def test_heatmaps_of_a_model_of_any_image_size_are_bounded(tmp_path):
     """A red-team finding: a model with open height and width drew a heatmap of whatever size
     it was sent (8 MB of a 2,097,152 x 1 image took 3.9 GB and a minute, and stalled every
-    other request): heatmaps over 16 Mi pixels in all are refused with the reason, before
+    other request): heatmaps over 4 Mi pixels in all are refused with the reason, before
     any forward pass when the images alone are too large, and the server stays live."""
     open_size_bundle(tmp_path / "repo")
     binary = Path(os.environ.get("NIGHTINGALE_BIN", "target/debug/nightingale"))
@@ -331,10 +331,8 @@ def test_heatmaps_of_a_model_of_any_image_size_are_bounded(tmp_path):
     addr = f"127.0.0.1:{_free_port()}"
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
-        # (A body limit above the 64 MiB that 16 Mi FP32 pixels take.)
         proc = subprocess.Popen([str(binary), "serve", "--repository", str(tmp_path / "repo"),
-                                 "--http-addr", addr, "--data-dir", str(tmp_path / "data"),
-                                 "--max-body-bytes", str(128 << 20)],
+                                 "--http-addr", addr, "--data-dir", str(tmp_path / "data")],
                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_ready(proc, addr, log)
@@ -365,10 +363,10 @@ def test_heatmaps_of_a_model_of_any_image_size_are_bounded(tmp_path):
             assert r.status_code == 400, r.text
             return r.json()["error"]
         # The images alone: refused before any forward pass.
-        assert "at most 16777216" in refused((1, 1, 4100, 4100))
+        assert "at most 4194304" in refused((1, 1, 2100, 2100))
         # Small images, each drawn as wide as its caption (1 x 262,144: ~600 x 262,144).
-        assert "at most 16777216" in refused((1, 1, 262144, 1))
-        assert "at most 16777216" in refused((1, 1, 1, 2097152))
+        assert "at most 4194304" in refused((1, 1, 262144, 1))
+        assert "at most 4194304" in refused((1, 1, 1, 2097152))
         r = requests.get(f"http://{addr}/v2/health/live", timeout=10)
         assert r.status_code == 200
     finally:
