@@ -1113,11 +1113,14 @@ pub(crate) async fn explain_decoded(
                 .iter()
                 .map(|(range, _, _)| data[range.clone()].to_vec())
                 .collect();
-            let _turn = DRAWING
+            let turn = DRAWING
                 .acquire()
                 .await
                 .map_err(|_| AppError::internal("heatmap drawing is closed"))?;
             let pngs = tokio::task::spawn_blocking(move || {
+                // Held by the drawing itself: a request dropped at its deadline leaves the
+                // drawing to finish, and its turn with it.
+                let _turn = turn;
                 drawings
                     .iter()
                     .zip(&inputs)
