@@ -545,6 +545,9 @@ impl DicomDataset {
             ));
         }
         let source = PixelSource::open(&full, &self.limits).map_err(|e| e.to_string())?;
+        source
+            .refuse_modality_lut_sequence()
+            .map_err(|e| e.to_string())?;
         let options = DecodeOptions {
             colour: Colour::Grey,
             limits: self.limits.clone(),

@@ -711,6 +711,21 @@ impl PixelSource {
         &self.header
     }
 
+    /// For a caller that computes modality values itself from the frames' stored values,
+    /// slope and intercept (a model's preprocessing): refuses a grey image whose modality
+    /// transform is a Modality LUT Sequence, which those cannot carry (it was ignored: the
+    /// pipeline scored an image whose LUT inverted it as if it had none, a red-team finding
+    /// against pydicom's `apply_modality_lut`).
+    pub fn refuse_modality_lut_sequence(&self) -> Result<(), PixelError> {
+        let h = &self.header;
+        if h.samples == 1 && h.photometric != Photometric::Palette && h.modality_lut_sequence {
+            return Err(PixelError::UnsupportedLut {
+                what: "Modality LUT Sequence",
+            });
+        }
+        Ok(())
+    }
+
     pub fn object(&self) -> &DefaultDicomObject {
         &self.obj
     }
@@ -1314,9 +1329,12 @@ fn rescale_keeps_the_range(bits_stored: u16, signed: bool, slope: f64, intercept
 }
 
 /// Decodes one JPEG frame to its samples: grey as stored (8 or 16 bits); colour (8 bits) to
-/// RGB with the colour transform the Photometric Interpretation implies (RGB: none; YBR:
-/// YCbCr → RGB), conformed to the codestream as pydicom does (component ids "RGB" mean RGB;
-/// a JFIF marker means YBR).
+/// interleaved RGB with the colour transform the Photometric Interpretation implies (RGB:
+/// none; YBR: YCbCr → RGB), conformed to the codestream as pydicom does (component ids "RGB"
+/// mean RGB; a JFIF marker means YBR). jpeg-decoder's `ColorTransform::RGB` is its
+/// no-conversion path for RGB that interleaves the samples; its `None` writes each row as
+/// all its R, then all its G, then all its B (every RGB JPEG was decoded so, its rows
+/// scrambled: a red-team finding against pydicom and dcmtk).
 fn decode_jpeg(data: &[u8], h: &ImageHeader, frame: u32) -> Result<Vec<i64>, PixelError> {
     let expected = h.frame_pixels() as usize * usize::from(h.samples);
     let mut decoder = jpeg_decoder::Decoder::new(data);
@@ -1326,7 +1344,7 @@ fn decode_jpeg(data: &[u8], h: &ImageHeader, frame: u32) -> Result<Vec<i64>, Pix
         let rgb_ids = matches!(ids, Some([82, 71, 66]) | Some([114, 103, 98]));
         let is_rgb = rgb_ids || (h.photometric == Photometric::Rgb && !jfif);
         decoder.set_color_transform(if is_rgb {
-            jpeg_decoder::ColorTransform::None
+            jpeg_decoder::ColorTransform::RGB
         } else {
             jpeg_decoder::ColorTransform::YCbCr
         });

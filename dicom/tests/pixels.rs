@@ -262,6 +262,38 @@ fn real_files_decode_as_pydicom_decodes_them() {
 
 // --- hostile and synthetic inputs ----------------------------------------------------------
 
+/// An RGB image compressed as JPEG baseline without a colour transform (dcmtk's `+eb +cr`)
+/// decodes to the uncompressed image it was made from, sample for sample within the lossy
+/// codec's error. The fixtures' samples (every row's first value) and sums could not see
+/// each row decoded as all its R, then its G, then its B, which jpeg-decoder's
+/// `ColorTransform::None` gives (a red-team finding: every RGB JPEG was so scrambled).
+#[test]
+fn an_rgb_jpeg_decodes_to_the_image_it_was_made_from() {
+    let Some(dirs) = packages() else { return };
+    let decode = |path: PathBuf| {
+        let options = DecodeOptions::default();
+        let source = PixelSource::open(&path, &options.limits).unwrap();
+        let frame = source.frames(&options).next().unwrap().unwrap();
+        assert_eq!(frame.samples, 3);
+        frame.data
+    };
+    let original = decode(dirs.1.join("data/SC_rgb.dcm"));
+    let jpeg = decode(dirs.0.join("data/test_files/SC_rgb_dcmtk_+eb+cr.dcm"));
+    assert_eq!(original.len(), jpeg.len());
+    let worst = original
+        .iter()
+        .zip(&jpeg)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let mean = original
+        .iter()
+        .zip(&jpeg)
+        .map(|(a, b)| f64::from((a - b).abs()))
+        .sum::<f64>()
+        / original.len() as f64;
+    assert!(worst <= 16.0 && mean <= 2.0, "worst {worst}, mean {mean}");
+}
+
 fn element(tag: dicom_core::Tag, vr: VR, value: PrimitiveValue) -> DataElement<InMemDicomObject> {
     DataElement::new(tag, vr, value)
 }
@@ -819,6 +851,32 @@ fn a_monochrome2_image_whose_presentation_lut_is_inverse_is_inverted_as_monochro
     let plain = frame_of("MONOCHROME2", Some("IDENTITY"));
     assert!(plain[0] < plain[2], "{plain:?}");
     assert_eq!(frame_of("MONOCHROME2", None), plain);
+}
+
+/// A caller computing modality values itself (a model's preprocessing, from stored values,
+/// slope and intercept) is told of a Modality LUT Sequence it cannot carry: the pipeline
+/// scored an image whose LUT inverted it as if it had none (a red-team finding). An image
+/// without one passes; the frames themselves still decode as stored.
+#[test]
+fn a_modality_lut_sequence_is_refused_to_callers_of_stored_values() {
+    let plain = grey(1, 4, 1, 16, PrimitiveValue::U16(vec![0u16, 1, 2, 3].into()));
+    let mut with_lut = plain.clone();
+    let item = InMemDicomObject::from_element_iter([DataElement::new(
+        tags::LUT_DESCRIPTOR,
+        VR::US,
+        PrimitiveValue::U16(vec![4u16, 0, 16].into()),
+    )]);
+    with_lut.put(DataElement::new(
+        tags::MODALITY_LUT_SEQUENCE,
+        VR::SQ,
+        dicom_core::value::DataSetSequence::from(vec![item]),
+    ));
+    let source = PixelSource::from_object(plain, &Limits::default()).unwrap();
+    source.refuse_modality_lut_sequence().unwrap();
+    let source = PixelSource::from_object(with_lut, &Limits::default()).unwrap();
+    let e = source.refuse_modality_lut_sequence().unwrap_err();
+    assert_eq!(e.reason(), "unsupported_lut");
+    assert!(source.frame(0, &DecodeOptions::default()).is_ok());
 }
 
 #[test]

@@ -369,6 +369,9 @@ impl Pipeline {
             let tensors = blocking(move || {
                 let pre = preprocessing;
                 let source = PixelSource::open(&path, &limits).map_err(pixel_failure)?;
+                source
+                    .refuse_modality_lut_sequence()
+                    .map_err(pixel_failure)?;
                 let options = DecodeOptions {
                     colour: Colour::Grey,
                     limits: limits.clone(),
@@ -668,6 +671,9 @@ impl Pipeline {
             blocking(move || {
                 let limits = Limits::default();
                 let source = PixelSource::open(&path, &limits).map_err(pixel_failure)?;
+                source
+                    .refuse_modality_lut_sequence()
+                    .map_err(pixel_failure)?;
                 let options = DecodeOptions {
                     colour: Colour::Grey,
                     limits: limits.clone(),
@@ -1231,6 +1237,9 @@ pub(crate) fn assemble_volume(
                 drop(open.take());
                 let source =
                     PixelSource::open(&paths[slice.instance], &limits).map_err(pixel_failure)?;
+                source
+                    .refuse_modality_lut_sequence()
+                    .map_err(pixel_failure)?;
                 open = Some((slice.instance, source));
             }
             let (_, source) = open.as_ref().expect("opened above");
