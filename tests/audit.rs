@@ -467,11 +467,32 @@ fn a_sqlite_trail_changed_under_the_server_fails_closed() {
         err.to_string().contains("changed under the server"),
         "{err}"
     );
+    // The database moved away (with its WAL and shared memory) while the server writes it:
+    // refused, as the JSON-lines store refuses a live file moved away (its records went to a
+    // file the trail no longer held, answered 200: a re-attack's finding); put back, it goes
+    // on.
+    drop(store);
+    let mut store = SqliteStore::open(&path, false).unwrap();
+    append(&mut store, 4..5);
+    let aside = dir.path().join("aside");
+    std::fs::create_dir(&aside).unwrap();
+    let files = ["audit.sqlite3", "audit.sqlite3-wal", "audit.sqlite3-shm"];
+    for f in files {
+        let _ = std::fs::rename(dir.path().join(f), aside.join(f));
+    }
+    let three = event(5);
+    let err = store.append(&[&three], 1).unwrap_err();
+    assert!(err.to_string().contains("moved away"), "{err}");
+    for f in files {
+        let _ = std::fs::rename(aside.join(f), dir.path().join(f));
+    }
+    append(&mut store, 5..6);
+    assert_eq!(audit::verify(&path).unwrap().last_seq(), Some(4));
     // A trail left as it was written goes on.
     drop(store);
     let mut store = SqliteStore::open(&path, false).unwrap();
-    append(&mut store, 4..6);
-    assert_eq!(audit::verify(&path).unwrap().last_seq(), Some(4));
+    append(&mut store, 6..8);
+    assert_eq!(audit::verify(&path).unwrap().last_seq(), Some(6));
 }
 
 /// The database with its WAL folded in, so a plain file copy holds every record.

@@ -315,8 +315,8 @@ impl AuditStore for JsonLinesStore {
         if self.dirty {
             self.repair()?;
         }
-        let location = self.path.display().to_string();
-        has_room(self.live()?, &location)
+        self.live()?;
+        has_room(&self.path, &self.path.display().to_string())
     }
 
     fn describe(&self) -> String {
@@ -328,25 +328,51 @@ impl AuditStore for JsonLinesStore {
 /// again ([`AuditStore::check`]).
 const MIN_ROOM: u64 = 64 << 10;
 
-/// Whether the file system holding `file` has [`MIN_ROOM`] free for its user (a full disk
-/// passed the in-place check, and readiness came back while every record still failed: a
-/// re-attack's finding).
-pub(super) fn has_room(file: &File, location: &str) -> Result<(), AuditError> {
-    let stat = rustix::fs::fstatvfs(file).map_err(|e| AuditError::Write {
-        location: location.to_owned(),
-        reason: format!("cannot read the file system's free space: {e}"),
-    })?;
-    let blocks = if rustix::process::geteuid().is_root() {
-        stat.f_bfree
-    } else {
-        stat.f_bavail
+/// Whether this process can write [`MIN_ROOM`] more bytes beside the trail at `path`: an
+/// unnamed file in its folder is given that much space (`fallocate`), then let go. A full
+/// disk passed the in-place check and readiness came back while every record failed (a
+/// re-attack's finding); the free-space count was no answer either (root without
+/// CAP_SYS_RESOURCE sees the reserved blocks it cannot use: a second one). Where the file
+/// system has no unnamed files or no `fallocate`, its free space for unprivileged users.
+pub(super) fn has_room(path: &Path, location: &str) -> Result<(), AuditError> {
+    use rustix::fs::{FallocateFlags, Mode, OFlags};
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
     };
-    let free = blocks.saturating_mul(stat.f_frsize);
+    let full = |reason: String| AuditError::Write {
+        location: location.to_owned(),
+        reason,
+    };
+    let probe = rustix::fs::open(
+        dir,
+        OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    );
+    let unsupported = |e: rustix::io::Errno| {
+        matches!(
+            e,
+            rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR
+        )
+    };
+    match probe {
+        Ok(fd) => match rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, MIN_ROOM) {
+            Ok(()) => return Ok(()),
+            Err(e) if !unsupported(e) => {
+                return Err(full(format!("its folder has no room for a record: {e}")));
+            }
+            Err(_) => {}
+        },
+        Err(e) if !unsupported(e) => {
+            return Err(full(format!("its folder cannot be written: {e}")));
+        }
+        Err(_) => {}
+    }
+    let stat = rustix::fs::statvfs(dir)
+        .map_err(|e| full(format!("cannot read the file system's free space: {e}")))?;
+    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
     if free < MIN_ROOM {
-        return Err(AuditError::Write {
-            location: location.to_owned(),
-            reason: format!("its file system has {free} bytes free"),
-        });
+        return Err(full(format!("its file system has {free} bytes free")));
     }
     Ok(())
 }

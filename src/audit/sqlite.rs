@@ -26,6 +26,11 @@ pub struct SqliteStore {
     /// its live file): a second server on the same database was not refused, and the first
     /// then failed every request closed while answering ready (a red-team finding).
     _lock: std::fs::File,
+    /// The database's path, and the (device, inode) it named at open: the file moved away or
+    /// deleted took every record to a file the trail no longer holds, answered 200 (a
+    /// re-attack's finding; the JSON-lines store fails closed so).
+    path: std::path::PathBuf,
+    identity: (u64, u64),
     location: String,
     /// The chain's end as this server last saw it (read at open, then written): the
     /// database's end must still be it before each group is appended, and must be the group's
@@ -74,6 +79,14 @@ impl SqliteStore {
             })?
         };
         super::jsonl::take_lock(path, &lock)?;
+        let identity = {
+            use std::os::unix::fs::MetadataExt as _;
+            let meta = lock.metadata().map_err(|source| AuditError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+            (meta.dev(), meta.ino())
+        };
         let err = |source| AuditError::Sqlite {
             location: location.clone(),
             source,
@@ -89,12 +102,29 @@ impl SqliteStore {
         let mut store = SqliteStore {
             conn,
             _lock: lock,
+            path: path.to_owned(),
+            identity,
             location,
             last: None,
         };
         // Refuse to continue from a forged or unreadable last record, as the file store does.
         store.last = store.tail_row(&store.conn)?.map(|t| (t.seq, t.hash));
         Ok(store)
+    }
+
+    /// Fails unless the path still names the database this store opened.
+    fn in_place(&self) -> Result<(), AuditError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let here = std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if here != Some(self.identity) {
+            return Err(AuditError::Write {
+                location: self.location.clone(),
+                reason: "the database file was moved away, deleted or replaced while the server wrote it (records must not go to a file the trail no longer holds): put it back, or restart the server".into(),
+            });
+        }
+        Ok(())
     }
 
     fn tail_row(&self, conn: &Connection) -> Result<Option<super::Tail>, AuditError> {
@@ -133,10 +163,12 @@ impl AuditStore for SqliteStore {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .and_then(|tx| tx.rollback())
             .map_err(err)?;
-        super::jsonl::has_room(&self._lock, &self.location)
+        self.in_place()?;
+        super::jsonl::has_room(&self.path, &self.location)
     }
 
     fn append(&mut self, events: &[&AuditEvent], unix_ms: u64) -> Result<(), AuditError> {
+        self.in_place()?;
         let location = self.location.clone();
         let err = |source| AuditError::Sqlite {
             location: location.clone(),
