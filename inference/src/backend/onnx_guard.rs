@@ -19,9 +19,11 @@
 //! - more than [`MAX_NODES`] nodes in all;
 //! - a file in ONNX Runtime's own format (`ORTM` at bytes 4..8), which ONNX Runtime loads
 //!   from memory too, and whose contents this view cannot see;
-//! - a main graph that defines a value twice (two nodes' outputs, or a node's output named
-//!   as a graph input or initializer): ONNX is single-assignment, ONNX Runtime refuses such a
-//!   graph, and tract served the last definition (a red-team finding).
+//! - a graph that defines a value twice (two nodes' outputs, or a node's output named as a
+//!   graph input or initializer), a subgraph (an `If`'s branch, a `Loop`'s or `Scan`'s body)
+//!   included, whose names may not define again a name of the graphs around it: ONNX is
+//!   single-assignment, ONNX Runtime refuses such a graph, and tract served the last
+//!   definition (red-team findings).
 //!
 //! Protobuf nesting deeper than prost's limit (100 levels) fails to decode, and is refused as
 //! unreadable.
@@ -302,7 +304,7 @@ pub(crate) fn check(model: &[u8], name: &Path) -> Result<(), InferenceError> {
         InferenceError::load(name, format!("the file is not a readable ONNX model: {e}"))
     })?;
     if let Some(g) = &proto.graph {
-        defined_once(g, name)?;
+        defined_once(g, &mut std::collections::HashSet::new(), 0, name)?;
     }
     let mut found = Findings::default();
     for g in proto.graph.iter().chain(
@@ -352,30 +354,64 @@ pub(crate) fn check(model: &[u8], name: &Path) -> Result<(), InferenceError> {
     Ok(())
 }
 
-/// Every value of the main graph defined once: its inputs and initializers (an input may
-/// have an initializer of its name, its default), then each node's outputs.
-fn defined_once(g: &Graph, name: &Path) -> Result<(), InferenceError> {
-    let mut defined: std::collections::HashSet<&[u8]> = g
+/// Every value of graph `g` defined once, none a name `outer` (the graphs around it)
+/// already defines: its inputs and initializers (an input may have an initializer of its
+/// name, its default), then each node's outputs, then each node's subgraphs in the scope so
+/// far. `outer` is given back as it was.
+fn defined_once<'a>(
+    g: &'a Graph,
+    outer: &mut std::collections::HashSet<&'a [u8]>,
+    depth: usize,
+    name: &Path,
+) -> Result<(), InferenceError> {
+    let twice = |value: &[u8]| {
+        let shown: String = String::from_utf8_lossy(value).chars().take(64).collect();
+        InferenceError::load(
+            name,
+            format!(
+                "the graph defines the value {shown:?} more than once (ONNX assigns each value once, subgraphs included)"
+            ),
+        )
+    };
+    // Prost's nesting limit (100) bounds the depth already; this keeps the recursion's own.
+    if depth > 100 {
+        return Err(InferenceError::load(name, "subgraphs nested too deep"));
+    }
+    let mut mine: std::collections::HashSet<&'a [u8]> = std::collections::HashSet::new();
+    for v in g
         .input
         .iter()
         .map(|v| v.name.as_slice())
         .chain(g.initializer.iter().map(|t| t.name.as_slice()))
-        .collect();
+        .filter(|v| !v.is_empty())
+    {
+        if outer.contains(v) {
+            return Err(twice(v));
+        }
+        mine.insert(v);
+    }
     for node in &g.node {
         // An empty name is an optional output left out.
         for output in node.output.iter().filter(|o| !o.is_empty()) {
-            if !defined.insert(output.as_slice()) {
-                let shown: String = String::from_utf8_lossy(output).chars().take(64).collect();
-                return Err(InferenceError::load(
-                    name,
-                    format!(
-                        "the graph defines the value {shown:?} more than once (ONNX assigns each value once)"
-                    ),
-                ));
+            if outer.contains(output.as_slice()) || !mine.insert(output.as_slice()) {
+                return Err(twice(output));
             }
         }
     }
-    Ok(())
+    let added: Vec<&'a [u8]> = mine.into_iter().collect();
+    outer.extend(added.iter().copied());
+    let result = g.node.iter().try_for_each(|node| {
+        node.attribute.iter().try_for_each(|a| {
+            a.g.iter()
+                .map(|b| b.as_ref())
+                .chain(a.graphs.iter())
+                .try_for_each(|sub| defined_once(sub, outer, depth + 1, name))
+        })
+    });
+    for v in added {
+        outer.remove(v);
+    }
+    result
 }
 
 #[cfg(test)]
@@ -420,7 +456,43 @@ mod tests {
             .encode_to_vec()
         };
         check(&model(vec![node("y"), node("")]), Path::new("m.onnx")).unwrap();
-        for nodes in [vec![node("y"), node("y")], vec![node("x"), node("y")]] {
+        // Subgraphs (an If's two branches): each its own scope beside the other, inside the
+        // graph around it.
+        let branch = |outputs: &[&str]| Graph {
+            node: outputs.iter().map(|o| node(o)).collect(),
+            initializer: vec![],
+            input: vec![],
+            output: vec![],
+            value_info: vec![],
+            sparse_initializer: vec![],
+        };
+        let if_node = |then: Graph, otherwise: Graph| Node {
+            output: vec![b"y".to_vec()],
+            attribute: vec![
+                Attribute {
+                    g: Some(Box::new(then)),
+                    ..Attribute::default()
+                },
+                Attribute {
+                    g: Some(Box::new(otherwise)),
+                    ..Attribute::default()
+                },
+            ],
+        };
+        check(
+            &model(vec![if_node(branch(&["t", "u"]), branch(&["t", "u"]))]),
+            Path::new("m.onnx"),
+        )
+        .unwrap();
+        for nodes in [
+            vec![node("y"), node("y")],
+            vec![node("x"), node("y")],
+            // Inside a branch: twice, or a name of the graph around it (an initializer, a
+            // node's output): ONNX Runtime refuses them, tract served the last definition.
+            vec![if_node(branch(&["t", "t"]), branch(&[]))],
+            vec![if_node(branch(&["x"]), branch(&[]))],
+            vec![if_node(branch(&[]), branch(&["y"]))],
+        ] {
             let err = check(&model(nodes), Path::new("m.onnx")).unwrap_err();
             let why = std::error::Error::source(&err).map(|s| s.to_string());
             assert!(why.is_some_and(|w| w.contains("more than once")), "{err}");
