@@ -197,6 +197,8 @@ struct Net {
     /// layer's output (a convolution's before and after its pool) and a convolution's
     /// unfolded input.
     kept_bytes: usize,
+    /// The bytes of its weights and biases.
+    weight_bytes: usize,
 }
 
 impl Net {
@@ -205,6 +207,11 @@ impl Net {
         self.row_bytes
             .saturating_mul(GRADIENT_ROW_FACTOR)
             .max(self.kept_bytes.saturating_mul(GRADIENT_KEPT_FACTOR))
+    }
+
+    /// What any gradient pass keeps whatever its rows (the weights' gradients), in bytes.
+    fn gradient_pass_bytes(&self) -> usize {
+        self.weight_bytes.saturating_mul(WEIGHT_GRADIENT_FACTOR)
     }
 }
 
@@ -229,6 +236,10 @@ const MAX_ARCHITECTURE_BYTES: usize = 4 << 20;
 /// (measured on the lesion model: about 34 MB a row, 14.5 times its largest, conv2's 2.4 MB
 /// unfolded input; rounded up).
 const GRADIENT_ROW_FACTOR: usize = 16;
+/// What a gradient pass keeps for the weights, in units of their bytes, whatever its rows:
+/// candle's backward pass makes each weight's gradient (a linear layer of 256 MiB of weights
+/// took ~560 MB in one row's pass, estimated at 64 MiB: a re-attack's finding).
+const WEIGHT_GRADIENT_FACTOR: usize = 3;
 /// The same in units of what its forward pass keeps for the backward one (every layer's
 /// output, a convolution's unfolded input; [`Net::kept_bytes`]): the activations, their
 /// gradients and the autograd's own copies. The largest tensor alone misses the depth: 100
@@ -396,6 +407,7 @@ fn build(
         ));
     };
     let mut kept_elements = row_elements;
+    let mut weight_elements = 0usize;
     let mut layers = Vec::with_capacity(file.layers.len());
     let mut gradcam = None;
     let mut seen_names = HashSet::new();
@@ -479,6 +491,9 @@ fn build(
                     }
                 }
                 let weight = take(&s.weight, &want, lname)?;
+                weight_elements = weight_elements
+                    .saturating_add(want.iter().product::<usize>())
+                    .saturating_add(s.out_channels);
                 let bias = match (s.bias, &s.bias_tensor) {
                     (true, Some(b)) => Some(take(b, &[s.out_channels], lname)?),
                     (false, None) => None,
@@ -571,6 +586,9 @@ fn build(
                     ));
                 }
                 let weight = take(&s.weight, &want, lname)?;
+                weight_elements = weight_elements
+                    .saturating_add(want.iter().product::<usize>())
+                    .saturating_add(s.out_features);
                 let bias = match (s.bias, &s.bias_tensor) {
                     (true, Some(b)) => Some(take(b, &[s.out_features], lname)?),
                     (false, None) => None,
@@ -682,6 +700,7 @@ fn build(
             classes: shape[0],
             row_bytes: row_elements.saturating_mul(4),
             kept_bytes: kept_elements.saturating_mul(4),
+            weight_bytes: weight_elements.saturating_mul(4),
         },
         metadata,
     ))
@@ -978,7 +997,8 @@ impl Backend for CandleBackend {
         // One row whose pass alone would keep far more than a pass may is refused, not run
         // in a chunk of one (integrated gradients on a model of 536 MB a row took 9 GB: a
         // red-team finding).
-        let row_pass = self.net.gradient_row_bytes();
+        let fixed = self.net.gradient_pass_bytes();
+        let row_pass = self.net.gradient_row_bytes().saturating_add(fixed);
         if row_pass > MAX_GRADIENT_ROW_BYTES {
             return Err(InferenceError::WorkingMemory {
                 needed: row_pass as u64,
@@ -989,10 +1009,10 @@ impl Backend for CandleBackend {
         // about 15 times a row's largest forward tensor (chunks of 32 path points on the
         // lesion model peaked at 1.2 GB, none of it charged to the server's memory budget:
         // a red-team finding). Chunks are sized to keep that within MAX_GRADIENT_PASS_BYTES.
-        let chunk = request
-            .max_batch
-            .max(1)
-            .min((MAX_GRADIENT_PASS_BYTES / self.net.gradient_row_bytes().max(1)).max(1));
+        let chunk = request.max_batch.max(1).min(
+            (MAX_GRADIENT_PASS_BYTES.saturating_sub(fixed) / self.net.gradient_row_bytes().max(1))
+                .max(1),
+        );
         let mut values = Vec::with_capacity(rows * h * w);
         let mut gaps = vec![];
         let mut bases = vec![];
@@ -1538,6 +1558,41 @@ mod tests {
         for (x, y) in a.values.iter().zip(&c.values) {
             assert!((x - y).abs() < 1e-6);
         }
+    }
+
+    /// A gradient pass keeps its weights' gradients whatever its rows: a model whose weights
+    /// alone would keep over the row limit has its gradients refused, and heavy weights leave
+    /// fewer rows a pass (a linear layer of 256 MiB of weights took ~560 MB in one row's
+    /// pass, estimated at 64 MiB: a re-attack's finding).
+    #[test]
+    fn a_gradient_pass_is_charged_for_its_weights_gradients() {
+        let mut b = load(&architecture(), &weights()).unwrap();
+        // c1 3x1x3x3 + 3, c2 4x3x3x3 + 4, fc 2x4 + 2, f32.
+        assert_eq!(b.net.weight_bytes, (27 + 3 + 108 + 4 + 8 + 2) * 4);
+        let plain = ig(&mut b, image(3, 5), vec![1, 0, 1], 8, 64);
+        // Weights heavy enough that a pass has room for one row: the same answer, in more
+        // passes.
+        let room = MAX_GRADIENT_PASS_BYTES - b.net.gradient_row_bytes() / 2;
+        Arc::get_mut(&mut b.net).unwrap().weight_bytes = room / WEIGHT_GRADIENT_FACTOR;
+        let heavy = ig(&mut b, image(3, 5), vec![1, 0, 1], 8, 64);
+        assert_eq!(plain.values, heavy.values);
+        // Weights whose gradients alone pass the row limit: refused.
+        Arc::get_mut(&mut b.net).unwrap().weight_bytes = MAX_GRADIENT_ROW_BYTES / 2;
+        let refused = b.gradients(
+            &GradientRequest {
+                input: image(1, 5),
+                output: 0,
+                targets: vec![1],
+                method: GradientMethod::GradCam,
+                max_batch: 16,
+            },
+            &|| false,
+        );
+        assert!(
+            matches!(refused, Err(InferenceError::WorkingMemory { .. })),
+            "{:?}",
+            refused.map(|o| o.forward_passes)
+        );
     }
 
     /// A model of many small layers: its gradient pass keeps every layer's activations,
