@@ -114,6 +114,7 @@ impl CdsStore {
             source,
         })?;
         let db = open(&path).map_err(sql)?;
+        crate::pipeline::store::quick_check(&db).map_err(sql)?;
         // A store from before cards kept their client (feedback from another EHR replaced
         // a card's outcome: a red-team finding) gets the column, its cards none: any client.
         db.execute_batch(
@@ -454,6 +455,37 @@ mod tests {
         // No comment text is stored anywhere.
         let text = std::fs::read(store.path()).unwrap();
         assert!(!String::from_utf8_lossy(&text).contains("free text"));
+    }
+
+    /// A store whose pages were damaged is refused at open (it opened, and every use then
+    /// failed: a red-team finding on the results store, which shares the check).
+    #[test]
+    fn a_damaged_store_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = CdsStore::open(dir.path()).unwrap();
+            store.record_cards((0..2000).map(|i| {
+                (
+                    format!("00000000-0000-0000-0000-{i:012}"),
+                    card("risk", Some(("icu-mortality", "1")), Utc::now()),
+                )
+            }));
+        }
+        let path = dir.path().join("feedback.sqlite3");
+        let db = open(&path).unwrap();
+        db.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+        drop(db);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let page = 4096;
+        assert!(bytes.len() > 6 * page, "{} bytes", bytes.len());
+        for b in &mut bytes[3 * page + 8..4 * page] {
+            *b = 0x5a;
+        }
+        std::fs::write(&path, bytes).unwrap();
+        let Err(e) = CdsStore::open(dir.path()) else {
+            panic!("a damaged store opened")
+        };
+        assert!(e.to_string().contains("damaged"), "{e}");
     }
 
     /// A store made before cards kept their client opens with the column added; its cards

@@ -987,10 +987,23 @@ impl ServeArgs {
                 "admin_token must be visible ASCII characters without spaces (it is sent in an HTTP header)".into(),
             ));
         }
+        // Relative paths in the file are read from its folder (the TLS files, `[auth]`'s, the
+        // trusted keys, the CDS issuers' JWKS files); on the command line, from the working
+        // directory. A relative `tls_client_ca` read from wherever the service was started
+        // could be another CA (a review's finding); so could a trusted key (a red-team's).
+        let config_dir = match &self.config {
+            Some(path) => path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            None => PathBuf::new(),
+        };
         let trusted_keys = if !self.trusted_keys.is_empty() {
             self.trusted_keys
         } else {
-            file.trusted_keys.clone().unwrap_or_default()
+            file.trusted_keys
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| config_dir.join(p))
+                .collect()
         };
         // On/off settings: the flag or its environment variable (`false` too) wins over
         // the file (an explicit false in the environment could not turn off the file's
@@ -1019,13 +1032,6 @@ impl ServeArgs {
         }
         let repository_poll =
             (poll_secs > 0.0).then(|| std::time::Duration::from_secs_f64(poll_secs));
-        // Relative paths in the file are read from its folder (the TLS files, `[auth]`'s);
-        // on the command line, from the working directory. A relative `tls_client_ca` read
-        // from wherever the service was started could be another CA (a review's finding).
-        let config_dir = match &self.config {
-            Some(path) => path.parent().map(Path::to_path_buf).unwrap_or_default(),
-            None => PathBuf::new(),
-        };
         let from_file = |p: Option<PathBuf>| p.map(|p| config_dir.join(p));
         let tls = resolve_tls(
             self.tls_cert.or(from_file(file.tls_cert)),
@@ -1329,14 +1335,26 @@ impl ServeArgs {
         };
         // ---- end DICOM pipeline ----
         // ---- CDS Hooks (issue 10) ----
-        let cds_trust = if self.cds_trust.is_empty() {
-            file.cds_trust.clone().unwrap_or_default()
+        let (cds_trust, trust_dir) = if self.cds_trust.is_empty() {
+            (
+                file.cds_trust.clone().unwrap_or_default(),
+                config_dir.clone(),
+            )
         } else {
-            self.cds_trust.clone()
+            (self.cds_trust.clone(), PathBuf::new())
         };
         let trust = cds_trust
             .iter()
-            .map(|t| t.parse().map_err(ConfigError::Invalid))
+            .map(|t| {
+                t.parse::<crate::cds::TrustedIssuer>()
+                    .map_err(ConfigError::Invalid)
+                    .map(|mut issuer| {
+                        if let crate::cds::JwksSource::File(path) = &mut issuer.jwks {
+                            *path = trust_dir.join(&*path);
+                        }
+                        issuer
+                    })
+            })
             .collect::<Result<Vec<crate::cds::TrustedIssuer>, _>>()?;
         let cds_base_url = self.cds_base_url.clone().or(file.cds_base_url.clone());
         if let Some(base) = &cds_base_url
@@ -1738,6 +1756,34 @@ mod tests {
             assert!(!e.contains("SECRET"), "{e}");
             assert!(e.contains("line "), "{e}");
         }
+    }
+
+    /// A red-team finding: `trusted_keys` and `cds_trust` JWKS files named in the config file
+    /// were read from the working directory, where the TLS and `[auth]` files are read from
+    /// the file's folder (a trust anchor read from wherever the service starts could be
+    /// another).
+    #[test]
+    fn trusted_keys_and_jwks_files_in_the_config_file_are_read_from_its_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Path::new(env!("CARGO_MANIFEST_DIR")).join("keys/demo/nightingale-demo.pub");
+        std::fs::copy(&key, dir.path().join("k.pub")).unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(
+            &path,
+            "trusted_keys = [\"k.pub\"]\nrequire_signatures = true\ncds_trust = [\"https://ehr.example=jwks.json\"]\n",
+        )
+        .unwrap();
+        let config = ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert!(config.signatures.require && config.signatures.trusted.len() == 1);
+        assert_eq!(
+            config.cds.trust[0].jwks,
+            crate::cds::JwksSource::File(dir.path().join("jwks.json"))
+        );
     }
 
     #[test]

@@ -308,6 +308,10 @@ fn main() -> anyhow::Result<()> {
                 }
                 None => None,
             };
+            // One server a data folder: two shared its spool, results and CDS stores, pins and
+            // release ledger (with an audit trail of their own each), and routed series twice
+            // (a red-team finding). Held for the process's life.
+            let _data_folder = lock_data_folder(&config.data_dir)?;
             // Opened before the async runtime starts: the database clients block.
             let audit = open_audit(&config.audit)?;
             // The tensor digests of every record are sealed with the deployment's key.
@@ -500,6 +504,31 @@ fn init_tracing_at(format: LogFormat, level: &str) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Takes `<data-dir>/serve.lock` (created owner-only), exclusively (`flock`); the file is
+/// returned and must be kept open.
+fn lock_data_folder(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the data folder {}", dir.display()))?;
+    let path = dir.join("serve.lock");
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "the data folder {} is in use by another server (it holds {}): give each server its own --data-dir",
+            dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(anyhow::anyhow!(e).context(format!("cannot lock {}", path.display())))
+        }
     }
 }
 

@@ -228,6 +228,70 @@ fn serve_until_listening(args: &[&str], envs: &[(&str, &str)]) -> (bool, String)
     (listening, log)
 }
 
+/// One server a data folder: a second on the same folder is refused at start, naming it,
+/// even with an audit trail of its own (two shared the spool, the results and CDS stores,
+/// the pins and the release ledger, and routed series twice: a red-team finding).
+#[test]
+fn a_second_server_on_one_data_folder_is_refused() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(dir.path().join("repository")).unwrap();
+    let mut first = bin()
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--repository",
+            "repository",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("NIGHTINGALE_LOG", "info")
+        .env_remove("NIGHTINGALE_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = first.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("listening") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the first server listens");
+    let audit = dir.path().join("own-audit.jsonl");
+    let data_arg = data.to_str().unwrap();
+    let audit_arg = audit.to_str().unwrap();
+    let (listening, log) = serve_until_listening(
+        &[
+            "--data-dir",
+            data_arg,
+            "--audit-log",
+            audit_arg,
+            "--http-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let _ = first.kill();
+    let _ = first.wait();
+    assert!(!listening, "{log}");
+    assert!(log.contains("in use by another server"), "{log}");
+    // Once the first has stopped, the folder is free.
+    let (listening, log) =
+        serve_until_listening(&["--data-dir", data_arg, "--http-addr", "127.0.0.1:0"], &[]);
+    assert!(listening, "{log}");
+}
+
 #[test]
 fn a_network_address_without_credentials_refuses_to_start_unless_insecure() {
     let (listening, log) = serve_until_listening(&["--http-addr", "0.0.0.0:0"], &[]);

@@ -135,12 +135,30 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Refuses a damaged SQLite database (`PRAGMA quick_check`): one whose pages were damaged
+/// opened, the server answered ready and acknowledged DICOM, and the pipeline then failed on
+/// it four times a second for good (a red-team finding).
+pub fn quick_check(db: &Connection) -> rusqlite::Result<()> {
+    let verdict: String = db.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+    if verdict != "ok" {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+            Some(format!(
+                "the database is damaged ({}); restore it from a backup or move it aside",
+                verdict.chars().take(200).collect::<String>()
+            )),
+        ));
+    }
+    Ok(())
+}
+
 impl ResultsStore {
     pub fn open(path: &Path) -> rusqlite::Result<ResultsStore> {
         let db = Connection::open(path)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "FULL")?;
         db.busy_timeout(std::time::Duration::from_secs(10))?;
+        quick_check(&db)?;
         db.execute_batch(
             "CREATE TABLE IF NOT EXISTS cursor (
                 id INTEGER PRIMARY KEY CHECK (id = 1),
