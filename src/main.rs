@@ -308,10 +308,13 @@ fn main() -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            // One server a data folder: two shared its spool, results and CDS stores, pins and
-            // release ledger (with an audit trail of their own each), and routed series twice
-            // (a red-team finding). Held for the process's life.
-            let _data_folder = lock_data_folder(&config.data_dir)?;
+            // One server with a DICOM spool a data folder: two shared the pipeline's results
+            // store (with an audit trail of their own each) and routed series twice (a
+            // red-team finding). Held for the process's life.
+            let _data_folder = match &config.dicomweb {
+                Some(_) => Some(lock_data_folder(&config.data_dir)?),
+                None => None,
+            };
             // Opened before the async runtime starts: the database clients block.
             let audit = open_audit(&config.audit)?;
             // The tensor digests of every record are sealed with the deployment's key.

@@ -228,9 +228,9 @@ fn serve_until_listening(args: &[&str], envs: &[(&str, &str)]) -> (bool, String)
     (listening, log)
 }
 
-/// One server a data folder: a second on the same folder is refused at start, naming it,
-/// even with an audit trail of its own (two shared the spool, the results and CDS stores,
-/// the pins and the release ledger, and routed series twice: a red-team finding).
+/// One server with a DICOM spool a data folder: a second on the same folder is refused at
+/// start, naming it, even with an audit trail and a spool of its own (two shared the
+/// pipeline's results store and routed series twice: a red-team finding).
 #[test]
 fn a_second_server_on_one_data_folder_is_refused() {
     use std::io::BufRead;
@@ -248,6 +248,8 @@ fn a_second_server_on_one_data_folder_is_refused() {
         ])
         .arg("--data-dir")
         .arg(&data)
+        .arg("--dicom-spool")
+        .arg(dir.path().join("spool-1"))
         .env("NIGHTINGALE_LOG", "info")
         .env_remove("NIGHTINGALE_CONFIG")
         .stdout(std::process::Stdio::null())
@@ -269,14 +271,18 @@ fn a_second_server_on_one_data_folder_is_refused() {
     rx.recv_timeout(std::time::Duration::from_secs(60))
         .expect("the first server listens");
     let audit = dir.path().join("own-audit.jsonl");
+    let spool = dir.path().join("spool-2");
     let data_arg = data.to_str().unwrap();
     let audit_arg = audit.to_str().unwrap();
+    let spool_arg = spool.to_str().unwrap();
     let (listening, log) = serve_until_listening(
         &[
             "--data-dir",
             data_arg,
             "--audit-log",
             audit_arg,
+            "--dicom-spool",
+            spool_arg,
             "--http-addr",
             "127.0.0.1:0",
         ],
@@ -287,8 +293,17 @@ fn a_second_server_on_one_data_folder_is_refused() {
     assert!(!listening, "{log}");
     assert!(log.contains("in use by another server"), "{log}");
     // Once the first has stopped, the folder is free.
-    let (listening, log) =
-        serve_until_listening(&["--data-dir", data_arg, "--http-addr", "127.0.0.1:0"], &[]);
+    let (listening, log) = serve_until_listening(
+        &[
+            "--data-dir",
+            data_arg,
+            "--dicom-spool",
+            spool_arg,
+            "--http-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
     assert!(listening, "{log}");
 }
 
