@@ -512,10 +512,7 @@ async fn a_silent_association_is_aborted_after_the_idle_timeout() {
         let mut assoc = connect(addr, &[(CT, EXPLICIT_LE)]).unwrap();
         // Say nothing: the next thing the server sends is its A-ABORT (well within the
         // client's own read timeout).
-        match assoc.receive() {
-            Ok(Pdu::AbortRQ { .. }) => {}
-            other => panic!("expected A-ABORT, got {other:?}"),
-        }
+        expect_abort(&mut assoc, "");
     })
     .await
     .unwrap();
@@ -538,10 +535,7 @@ async fn a_pdu_larger_than_negotiated_aborts_the_association_and_the_server_goes
         )
         .unwrap();
         assoc.inner_stream().write_all(&bytes).unwrap();
-        match assoc.receive() {
-            Ok(Pdu::AbortRQ { .. }) => {}
-            other => panic!("expected A-ABORT, got {other:?}"),
-        }
+        expect_abort(&mut assoc, "");
         let mut assoc = connect(addr, &[(CT, EXPLICIT_LE)]).unwrap();
         let pc = accepted_pc(&assoc);
         assert_eq!(
@@ -603,10 +597,7 @@ async fn a_command_on_a_context_never_negotiated_aborts_the_association() {
         assoc
             .send(&pdata(unknown, PDataValueType::Command, true, command))
             .unwrap();
-        match assoc.receive() {
-            Ok(Pdu::AbortRQ { .. }) => {}
-            other => panic!("expected A-ABORT, got {other:?}"),
-        }
+        expect_abort(&mut assoc, "");
         echo(addr);
     })
     .await
@@ -703,10 +694,7 @@ async fn a_request_not_served_is_answered_after_its_data_set_and_c_cancel_gets_n
         assoc
             .send(&pdata(pc, PDataValueType::Command, true, rsp))
             .unwrap();
-        match assoc.receive() {
-            Ok(Pdu::AbortRQ { .. }) => {}
-            other => panic!("expected A-ABORT after a response from the SCU, got {other:?}"),
-        }
+        expect_abort(&mut assoc, " after a response from the SCU");
         echo(addr);
     })
     .await
@@ -762,10 +750,7 @@ async fn an_echo_announcing_a_data_set_and_a_command_split_over_contexts() {
                 tail.to_vec(),
             ))
             .unwrap();
-        match assoc.receive() {
-            Ok(Pdu::AbortRQ { .. }) => {}
-            other => panic!("expected A-ABORT, got {other:?}"),
-        }
+        expect_abort(&mut assoc, "");
         echo(addr);
     })
     .await

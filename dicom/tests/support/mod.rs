@@ -381,6 +381,14 @@ pub fn raw_associate(addr: SocketAddr, contexts: &[(&str, &str)]) -> Pdu {
     }
 }
 
+/// The association's next PDU is an A-ABORT (`after`, for the message: " after …" or "").
+pub fn expect_abort(assoc: &mut ClientAssociation<std::net::TcpStream>, after: &str) {
+    match assoc.receive() {
+        Ok(Pdu::AbortRQ { .. }) => {}
+        other => panic!("expected A-ABORT{after}, got {other:?}"),
+    }
+}
+
 /// A C-ECHO over a new association: the server is still serving.
 pub fn echo(addr: SocketAddr) {
     const VERIFICATION: &str = "1.2.840.10008.1.1";

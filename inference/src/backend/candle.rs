@@ -1560,6 +1560,15 @@ mod tests {
         }
     }
 
+    /// The gradient job was refused for the working memory it would keep.
+    fn assert_over_working_memory(result: Result<GradientSaliency, InferenceError>) {
+        assert!(
+            matches!(result, Err(InferenceError::WorkingMemory { .. })),
+            "{:?}",
+            result.map(|o| o.forward_passes)
+        );
+    }
+
     /// A gradient pass keeps its weights' gradients whatever its rows: a model whose weights
     /// alone would keep over the row limit has its gradients refused, and heavy weights leave
     /// fewer rows a pass (a linear layer of 256 MiB of weights took ~560 MB in one row's
@@ -1588,11 +1597,7 @@ mod tests {
             },
             &|| false,
         );
-        assert!(
-            matches!(refused, Err(InferenceError::WorkingMemory { .. })),
-            "{:?}",
-            refused.map(|o| o.forward_passes)
-        );
+        assert_over_working_memory(refused);
     }
 
     /// A model of many small layers: its gradient pass keeps every layer's activations,
@@ -1670,11 +1675,7 @@ mod tests {
             },
             &|| false,
         );
-        assert!(
-            matches!(refused, Err(InferenceError::WorkingMemory { .. })),
-            "{:?}",
-            refused.map(|o| o.forward_passes)
-        );
+        assert_over_working_memory(refused);
     }
 
     /// A cancelled job stops before its next pass: the check runs between chunks, and the
