@@ -318,21 +318,30 @@ fn main() -> anyhow::Result<()> {
             // Opened before the async runtime starts: the database clients block.
             let audit = open_audit(&config.audit)?;
             // The tensor digests of every record are sealed with the deployment's key.
+            let existed = std::fs::symlink_metadata(&config.audit_digest_key).is_ok();
             let key = nightingale::audit::DigestKey::load_or_create(&config.audit_digest_key)
                 .with_context(|| {
                     format!("audit digest key {}", config.audit_digest_key.display())
                 })?;
-            tracing::info!(key_id = %key.id(), path = %config.audit_digest_key.display(), "audit digests keyed");
+            tracing::info!(key_id = %key.id(), path = %config.audit_digest_key.display(), made = !existed, "audit digests keyed");
+            let start = start_record(&key, !existed);
             let audit = audit.with_digest_key(key);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("ng-http")
                 .build()?;
-            let served = runtime.block_on(serve(config, audit, tls));
-            // Dropping the runtime would wait for every blocking task (a validation run's
-            // bootstrap: hours): the process exits once what it must finish has.
-            runtime.shutdown_timeout(std::time::Duration::from_secs(5));
-            served
+            let served = runtime.block_on(serve(config, audit, tls, start));
+            match served {
+                // A start-up step still running on the blocking pool (a spool indexed again)
+                // is left to the process's end: it went on for seconds after the stop,
+                // holding the data folder (a review's finding). Nothing it does needs
+                // finishing: the spool and the stores are crash-safe.
+                Ok(Stopped::DuringStartUp) => runtime.shutdown_background(),
+                // Dropping the runtime would wait for every blocking task (a validation run's
+                // bootstrap: hours): the process exits once what it must finish has.
+                _ => runtime.shutdown_timeout(std::time::Duration::from_secs(5)),
+            }
+            served.map(|_| ())
         }
         Command::Audit {
             command:
@@ -559,13 +568,22 @@ async fn serve(
     config: ServeConfig,
     audit: AuditLog,
     tls: Option<Arc<rustls::ServerConfig>>,
-) -> anyhow::Result<()> {
+    start: nightingale::audit::AuditEvent,
+) -> anyhow::Result<Stopped> {
     tracing::info!(
         ?config,
         "starting nightingale {}",
         env!("CARGO_PKG_VERSION")
     );
     catch_file_size_signal();
+    // SIGTERM, Ctrl-C and SIGHUP are handled from here on, start-up included: they were
+    // handled only once start-up had done its slow steps, so a SIGHUP then ended the server
+    // (its default action) and a SIGTERM waited for the end of a re-indexing (a review's
+    // finding). Without TLS there is nothing to reload, but a SIGHUP (a `systemctl reload`, a
+    // log rotation hook) must not end the server either.
+    let stop = Stop::install();
+    #[cfg(unix)]
+    let _ignore_hangups = log_sighup(tls.is_some());
     let load_options = RepositoryOptions {
         backend: config.backend,
         intra_op_threads: config.intra_op_threads,
@@ -604,6 +622,12 @@ async fn serve(
         load_options.clone(),
     ));
     tracing::info!(store = %audit.location(), "audit trail open");
+    // The trail says which key seals the digests of the records after this one. A trail that
+    // cannot be written now is not fatal: readiness says so, and every request is refused
+    // until it can be.
+    if let Err(e) = audit.record(start).await {
+        tracing::warn!(error = %e, "the start record could not be written to the audit trail");
+    }
     log_access(&config);
     let state = AppState::new(
         repository.clone(),
@@ -621,47 +645,11 @@ async fn serve(
         },
         Some(http::install_recorder()),
     );
-    // CDS Hooks (issue 10): the services, the trusted EHRs' keys.
-    let cds = nightingale::cds::Cds::new(&config.cds, &repository)
-        .context("cannot start the CDS Hooks service")?
-        .with_store(nightingale::cds_store::CdsStore::open(
-            &config.data_dir.join("cds"),
-        )?)
-        .context("cannot open the CDS feedback store")?;
-    tracing::info!(
-        services = cds.services.iter().count(),
-        trusted_issuers = config.cds.trust.len(),
-        "CDS Hooks at /cds-services{}",
-        if config.cds.trust.is_empty() {
-            " (no --cds-trust: every call answers 401)"
-        } else {
-            ""
-        }
-    );
-    state.set_cds(cds);
-    // JWKS by URL: fetched before serving (a failure is logged; its tokens are refused until
-    // a later fetch works), then every JWKS_REFRESH, and when a token names an unknown key.
-    if state.cds().verifier.urls().next().is_some() {
-        state.cds().refresh_jwks().await;
-        let st = state.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(nightingale::cds::JWKS_REFRESH).await;
-                st.cds().refresh_jwks().await;
-            }
-        });
-    }
-    // Validation runs (issue 11): role researcher; each run loads its own copy of the bundle.
-    let validation = http::validation::Validation::new(
-        config.validation_root.clone(),
-        &config.data_dir,
-        config.validation_max_upload_bytes,
-        validation_options,
-    )
-    .with_max_run(config.validation_max_run);
-    validation.remove_abandoned_uploads();
-    validation.restore_runs();
-    state.set_validation(validation);
+    // The listeners serve from here on, while the stores open: until they are, every route
+    // but the health checks and the metrics answers 503 "starting" (liveness probes timed out
+    // while a spool of thousands of files found without its index was indexed again, and an
+    // orchestrator restarting the server on them never let it finish: a review's finding).
+    state.set_starting(true);
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.http_addr))?;
@@ -692,103 +680,61 @@ async fn serve(
             Some(listener)
         }
     };
+    let tls = tls.zip(config.tls.clone());
+    let max_connections = (config.max_connections, config.max_connections_per_client);
+    let http_server = tokio::spawn(serve_router(
+        listener,
+        http::app(state.clone()),
+        tls.clone(),
+        false,
+        max_connections,
+        stop.clone(),
+    ));
+    #[cfg(feature = "grpc")]
+    let grpc_server = grpc_listener.map(|listener| {
+        tokio::spawn(serve_router(
+            listener,
+            http::grpc::router(state.clone()),
+            tls,
+            true,
+            max_connections,
+            stop.clone(),
+        ))
+    });
+    #[cfg(not(feature = "grpc"))]
+    let grpc_server: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
+    // Either server failing ends the process, as it did when both ran in one `try_join!`.
+    let servers = async move {
+        let http = async { http_server.await? };
+        let grpc = async {
+            match grpc_server {
+                Some(server) => server.await?,
+                None => Ok(()),
+            }
+        };
+        tokio::try_join!(http, grpc).map(|_| ())
+    };
+    tokio::pin!(servers);
 
-    // ---- DICOM ingest (issue 8): the SCP runs beside HTTP until shutdown; DICOMweb shares
-    // its spool (or has one of its own with --dicom-spool alone) ----
-    // DICOMweb's settings exist whenever a spool is configured (with or without the SCP) and
-    // carry the spool's path, options, retention and audit settings.
-    let spool_at = config
-        .dicomweb
-        .as_ref()
-        .map(|w| (w.spool.clone(), w.spool_options.clone()));
-    let spool = match spool_at {
-        None => None,
-        Some((path, options)) => {
-            let at = path.clone();
-            let (spool, recovery) =
-                tokio::task::spawn_blocking(move || nightingale_dicom::Spool::open(&at, options))
-                    .await?
-                    .with_context(|| format!("cannot open the DICOM spool {}", path.display()))?;
-            tracing::info!(spool = %spool.root().display(), ?recovery, "DICOM spool open");
-            // From the start, not only once something is stored: a spool already near its
-            // high-water mark after a restart can alert before a store is refused.
-            if let Ok(free) = spool.free_bytes() {
-                metrics::gauge!("nightingale_dicom_spool_free_bytes").set(free as f64);
-            }
-            Some(Arc::new(spool))
+    // The slow steps (stores checked and opened, a spool indexed again, validation runs
+    // listed again, JWKS fetched), each on the blocking pool where it blocks; a stop asked
+    // meanwhile ends the server without waiting for them (the spool and the stores are
+    // crash-safe: a re-indexing cut short starts again at the next start).
+    let running = tokio::select! {
+        // The stop first: the listeners end on it too (or on an error of their own).
+        biased;
+        () = stop.requested() => {
+            servers.await?;
+            tracing::info!("stopped during start-up");
+            return Ok(Stopped::DuringStartUp);
         }
-    };
-    if let (Some(web), Some(spool)) = (config.dicomweb.clone(), spool.clone()) {
-        state.set_dicomweb(http::dicomweb::DicomWeb::new(
-            spool,
-            web.limits,
-            web.audit_uids,
-        ));
-        tracing::info!("DICOMweb on: STOW-RS and QIDO-RS at /dicomweb");
-    }
-    // Retention (OPS slice) runs on the spool whichever way it was opened.
-    let retention = match (&spool, &config.dicomweb) {
-        (Some(spool), Some(w)) => dicom_cli::retention_task(spool.clone(), w.retention),
-        _ => None,
-    };
-    // ---- DICOM pipeline (issue 9): series in the spool → routed bundles → SR/SC to PACS ----
-    let pipeline = match (&config.pipeline, &spool) {
-        (Some(settings), Some(spool)) => {
-            let mut pc =
-                nightingale::pipeline::PipelineConfig::new(config.data_dir.join("results"));
-            pc.destinations = settings.destinations.clone();
-            pc.quiet = settings.quiet;
-            pc.complete_at = settings.complete_at;
-            pc.late = settings.late;
-            pc.calling_ae_title = settings.calling_ae_title.clone();
-            pc.routes = settings.routes.clone();
-            pc.retention = config.dicomweb.as_ref().and_then(|w| w.retention);
-            // -- results delivery retries (issue 9, PEERS slice) --
-            if let Some(retry) = settings.retry {
-                pc.backoff = retry;
-            }
-            if let Some(n) = settings.max_attempts {
-                pc.max_attempts = n;
-            }
-            if let Some(t) = settings.exchange_timeout {
-                pc.exchange_timeout = t;
-            }
-            let pipeline = nightingale::pipeline::Pipeline::open(pc, spool.clone(), state.clone())
-                .context("cannot start the DICOM pipeline")?;
-            state.set_results(http::results::Results {
-                store: pipeline.store.clone(),
-                dir: pipeline.config.results_dir.clone(),
-            });
-            tracing::info!(
-                destinations = settings.destinations.len(),
-                quiet_secs = settings.quiet.as_secs_f64(),
-                "DICOM pipeline on: results at /results/studies/{{study}}"
-            );
-            Some(tokio::spawn(pipeline.run()))
+        served = &mut servers => {
+            served?;
+            tracing::info!("stopped during start-up");
+            return Ok(Stopped::DuringStartUp);
         }
-        _ => None,
+        started = start_services(&config, &state, validation_options) => started?,
     };
-    // ---- end DICOM pipeline ----
-    let dicom = match (config.dicom.clone(), spool) {
-        (Some(dicom), Some(spool)) => {
-            // Every association and instance is audited (OPS slice).
-            let sink = nightingale::audit::dicom::DicomAuditSink::new(
-                state.audit.clone(),
-                dicom.audit_uids,
-            );
-            let scp = nightingale_dicom::Scp::bind(dicom.scp.clone(), spool)
-                .await?
-                .with_events(sink);
-            tracing::info!(
-                addr = %scp.local_addr()?,
-                ae_title = %dicom.scp.ae_title,
-                "listening (DICOM)"
-            );
-            Some(tokio::spawn(scp.serve(std::future::pending())))
-        }
-        _ => None,
-    };
-    // ---- end DICOM ----
 
     // Live at once; ready when the initial load is done (failed bundles are reported, not
     // fatal). The poller starts from what the initial load saw.
@@ -811,39 +757,7 @@ async fn serve(
             }
         })
     };
-    let tls = tls.zip(config.tls.as_ref());
-    // Without TLS there is nothing to reload, but a SIGHUP (a `systemctl reload`, a log
-    // rotation hook) must not end the server as its default action does: it stopped at once,
-    // without its graceful shutdown or the held audit records (a review's finding).
-    #[cfg(unix)]
-    let _ignore_hangups = tls.is_none().then(log_sighup);
-    let max_connections = (config.max_connections, config.max_connections_per_client);
-    let http_server = serve_router(
-        listener,
-        http::app(state.clone()),
-        tls.clone(),
-        false,
-        max_connections,
-    );
-    #[cfg(feature = "grpc")]
-    let grpc_server = async {
-        match grpc_listener {
-            Some(listener) => {
-                serve_router(
-                    listener,
-                    http::grpc::router(state.clone()),
-                    tls,
-                    true,
-                    max_connections,
-                )
-                .await
-            }
-            None => Ok(()),
-        }
-    };
-    #[cfg(not(feature = "grpc"))]
-    let grpc_server = async { anyhow::Ok(()) };
-    tokio::try_join!(http_server, grpc_server)?;
+    servers.await?;
     // The last second's unauthenticated CDS refusals, counted and not yet written.
     state.flush_held_audit().await;
     // Validation runs write inference records to the audit trail: they stop before the
@@ -865,17 +779,218 @@ async fn serve(
         }
     }
     loader.abort();
-    if let Some(scp) = dicom {
-        scp.abort();
-    }
-    if let Some(retention) = retention {
-        retention.abort();
-    }
-    if let Some(pipeline) = pipeline {
-        pipeline.abort();
-    }
+    running.abort();
     tracing::info!("stopped");
-    Ok(())
+    Ok(Stopped::Serving)
+}
+
+/// When `serve` stopped.
+enum Stopped {
+    /// Before start-up was done (a step may still run on the blocking pool).
+    DuringStartUp,
+    /// After serving.
+    Serving,
+}
+
+/// The tasks that [`start_services`] started beside the listeners, stopped at shutdown.
+struct Running {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    fn abort(self) {
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Runs `step` on the blocking pool (start-up's steps that read files or databases: a spool
+/// indexed again took seconds on the async runtime's threads, which answer the health
+/// checks meanwhile).
+async fn blocking<T: Send + 'static>(
+    step: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(step).await?
+}
+
+/// Start-up's slow steps, while the listeners answer "starting": CDS Hooks and its store,
+/// validation runs, the DICOM spool, DICOMweb, retention, the pipeline and the SCP.
+async fn start_services(
+    config: &ServeConfig,
+    state: &Arc<AppState>,
+    validation_options: RepositoryOptions,
+) -> anyhow::Result<Running> {
+    let mut tasks = vec![];
+    // CDS Hooks (issue 10): the services, the trusted EHRs' keys.
+    let cds = {
+        let settings = config.cds.clone();
+        let repository = state.repository.clone();
+        let store = config.data_dir.join("cds");
+        blocking(move || {
+            nightingale::cds::Cds::new(&settings, &repository)
+                .context("cannot start the CDS Hooks service")?
+                .with_store(nightingale::cds_store::CdsStore::open(&store)?)
+                .context("cannot open the CDS feedback store")
+        })
+        .await?
+    };
+    tracing::info!(
+        services = cds.services.iter().count(),
+        trusted_issuers = config.cds.trust.len(),
+        "CDS Hooks at /cds-services{}",
+        if config.cds.trust.is_empty() {
+            " (no --cds-trust: every call answers 401)"
+        } else {
+            ""
+        }
+    );
+    state.set_cds(cds);
+    // JWKS by URL: fetched before serving (a failure is logged; its tokens are refused until
+    // a later fetch works), then every JWKS_REFRESH, and when a token names an unknown key.
+    if state.cds().verifier.urls().next().is_some() {
+        state.cds().refresh_jwks().await;
+        let st = state.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(nightingale::cds::JWKS_REFRESH).await;
+                st.cds().refresh_jwks().await;
+            }
+        }));
+    }
+    // Validation runs (issue 11): role researcher; each run loads its own copy of the bundle.
+    let validation = {
+        let root = config.validation_root.clone();
+        let data_dir = config.data_dir.clone();
+        let max_upload = config.validation_max_upload_bytes;
+        let max_run = config.validation_max_run;
+        blocking(move || {
+            let validation =
+                http::validation::Validation::new(root, &data_dir, max_upload, validation_options)
+                    .with_max_run(max_run);
+            validation.remove_abandoned_uploads();
+            validation.restore_runs();
+            Ok(validation)
+        })
+        .await?
+    };
+    state.set_validation(validation);
+
+    // ---- DICOM ingest (issue 8): the SCP runs beside HTTP until shutdown; DICOMweb shares
+    // its spool (or has one of its own with --dicom-spool alone) ----
+    // DICOMweb's settings exist whenever a spool is configured (with or without the SCP) and
+    // carry the spool's path, options, retention and audit settings.
+    let spool = match &config.dicomweb {
+        None => None,
+        Some(web) => {
+            let (path, options) = (web.spool.clone(), web.spool_options.clone());
+            let (spool, recovery) = blocking(move || {
+                nightingale_dicom::Spool::open(&path, options)
+                    .with_context(|| format!("cannot open the DICOM spool {}", path.display()))
+            })
+            .await?;
+            tracing::info!(spool = %spool.root().display(), ?recovery, "DICOM spool open");
+            // From the start, not only once something is stored: a spool already near its
+            // high-water mark after a restart can alert before a store is refused.
+            if let Ok(free) = spool.free_bytes() {
+                metrics::gauge!("nightingale_dicom_spool_free_bytes").set(free as f64);
+            }
+            Some(Arc::new(spool))
+        }
+    };
+    if let (Some(web), Some(spool)) = (config.dicomweb.clone(), spool.clone()) {
+        state.set_dicomweb(http::dicomweb::DicomWeb::new(
+            spool,
+            web.limits,
+            web.audit_uids,
+        ));
+        tracing::info!("DICOMweb on: STOW-RS and QIDO-RS at /dicomweb");
+    }
+    // Retention (OPS slice) runs on the spool whichever way it was opened.
+    if let (Some(spool), Some(w)) = (&spool, &config.dicomweb)
+        && let Some(retention) = dicom_cli::retention_task(spool.clone(), w.retention)
+    {
+        tasks.push(retention);
+    }
+    // ---- DICOM pipeline (issue 9): series in the spool → routed bundles → SR/SC to PACS ----
+    if let (Some(settings), Some(spool)) = (&config.pipeline, &spool) {
+        let mut pc = nightingale::pipeline::PipelineConfig::new(config.data_dir.join("results"));
+        pc.destinations = settings.destinations.clone();
+        pc.quiet = settings.quiet;
+        pc.complete_at = settings.complete_at;
+        pc.late = settings.late;
+        pc.calling_ae_title = settings.calling_ae_title.clone();
+        pc.routes = settings.routes.clone();
+        pc.retention = config.dicomweb.as_ref().and_then(|w| w.retention);
+        // -- results delivery retries (issue 9, PEERS slice) --
+        if let Some(retry) = settings.retry {
+            pc.backoff = retry;
+        }
+        if let Some(n) = settings.max_attempts {
+            pc.max_attempts = n;
+        }
+        if let Some(t) = settings.exchange_timeout {
+            pc.exchange_timeout = t;
+        }
+        let pipeline = {
+            let (spool, state) = (spool.clone(), state.clone());
+            blocking(move || {
+                nightingale::pipeline::Pipeline::open(pc, spool, state)
+                    .context("cannot start the DICOM pipeline")
+            })
+            .await?
+        };
+        state.set_results(http::results::Results {
+            store: pipeline.store.clone(),
+            dir: pipeline.config.results_dir.clone(),
+        });
+        tracing::info!(
+            destinations = settings.destinations.len(),
+            quiet_secs = settings.quiet.as_secs_f64(),
+            "DICOM pipeline on: results at /results/studies/{{study}}"
+        );
+        tasks.push(tokio::spawn(pipeline.run()));
+    }
+    // ---- end DICOM pipeline ----
+    // Every route's store is open: the HTTP routes serve from here (before the SCP says it
+    // listens, so that a client waiting for that line finds them open).
+    state.set_starting(false);
+    if let (Some(dicom), Some(spool)) = (config.dicom.clone(), spool) {
+        // Every association and instance is audited (OPS slice).
+        let sink =
+            nightingale::audit::dicom::DicomAuditSink::new(state.audit.clone(), dicom.audit_uids);
+        let scp = nightingale_dicom::Scp::bind(dicom.scp.clone(), spool)
+            .await?
+            .with_events(sink);
+        tracing::info!(
+            addr = %scp.local_addr()?,
+            ae_title = %dicom.scp.ae_title,
+            "listening (DICOM)"
+        );
+        tasks.push(tokio::spawn(scp.serve(std::future::pending())));
+    }
+    // ---- end DICOM ----
+    Ok(Running { tasks })
+}
+
+/// The audit record of this start ([`nightingale::audit::EventKind::ServerStart`]).
+fn start_record(key: &nightingale::audit::DigestKey, made: bool) -> nightingale::audit::AuditEvent {
+    let mut event = nightingale::audit::AuditEvent::blank(
+        nightingale::audit::EventKind::ServerStart,
+        uuid::Uuid::new_v4().to_string(),
+        Some("startup".to_owned()),
+    );
+    event.detail = Some(format!(
+        "nightingale {}; tensor digests sealed with audit digest key {} ({})",
+        env!("CARGO_PKG_VERSION"),
+        key.id(),
+        if made {
+            "made at this start"
+        } else {
+            "read from its file"
+        }
+    ));
+    event
 }
 
 /// Says at start-up who may do what (never a key or token), and warns loudly when
@@ -934,9 +1049,10 @@ fn log_access(config: &ServeConfig) {
 async fn serve_router(
     listener: tokio::net::TcpListener,
     app: axum::Router,
-    tls: Option<(Arc<rustls::ServerConfig>, &nightingale::tls::TlsSettings)>,
+    tls: Option<(Arc<rustls::ServerConfig>, nightingale::tls::TlsSettings)>,
     nodelay: bool,
     (max_connections, max_per_client): (usize, usize),
+    stop: Stop,
 ) -> anyhow::Result<()> {
     match tls {
         Some((server_config, settings)) => {
@@ -944,8 +1060,9 @@ async fn serve_router(
                 listener,
                 app,
                 server_config,
-                settings,
+                &settings,
                 (max_connections, max_per_client),
+                stop,
             )
             .await
         }
@@ -956,7 +1073,7 @@ async fn serve_router(
                 max_per_client,
                 ..Default::default()
             };
-            Ok(http::serve::serve(listener, app, limits, shutdown_signal()).await?)
+            Ok(http::serve::serve(listener, app, limits, stop.requested_owned()).await?)
         }
     }
 }
@@ -969,6 +1086,7 @@ async fn serve_tls(
     server_config: Arc<rustls::ServerConfig>,
     settings: &nightingale::tls::TlsSettings,
     (max_connections, max_per_client): (usize, usize),
+    stop: Stop,
 ) -> anyhow::Result<()> {
     use axum_server::tls_rustls::RustlsConfig;
     let rustls_config = RustlsConfig::from_config(server_config);
@@ -981,7 +1099,7 @@ async fn serve_tls(
     let shutdown = {
         let handle = handle.clone();
         tokio::spawn(async move {
-            shutdown_signal().await;
+            stop.requested().await;
             handle.graceful_shutdown(None);
         })
     };
@@ -1026,12 +1144,15 @@ fn verified_line(what: &str, summary: &nightingale::audit::ChainSummary, anchore
     )
 }
 
-/// Logs each SIGHUP of a server without TLS (nothing to reload). The handler is in place
-/// when this returns (before the listeners serve), not when the task first runs.
+/// Keeps a SIGHUP from ending the server (its default action) from the moment this returns:
+/// without TLS each is logged (nothing to reload); with TLS the listener's reloader takes
+/// them once it serves (tokio's handler stays installed for the life of the process, so one
+/// in between is ignored).
 #[cfg(unix)]
-fn log_sighup() -> Option<tokio::task::JoinHandle<()>> {
+fn log_sighup(tls: bool) -> Option<tokio::task::JoinHandle<()>> {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::hangup()) {
+        Ok(_) if tls => None,
         Ok(mut hangups) => Some(tokio::spawn(async move {
             while hangups.recv().await.is_some() {
                 tracing::info!("SIGHUP: no TLS configured, nothing to reload; serving on");
@@ -1044,26 +1165,65 @@ fn log_sighup() -> Option<tokio::task::JoinHandle<()>> {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// The request to stop (SIGTERM, or Ctrl-C / SIGINT), shared by the listeners and start-up.
+#[derive(Clone)]
+struct Stop(tokio::sync::watch::Receiver<bool>);
+
+impl Stop {
+    /// Installs the handlers; they are in place when this returns.
+    fn install() -> Stop {
+        let (asked, stop) = tokio::sync::watch::channel(false);
+        let signals = Self::signals();
+        tokio::spawn(async move {
+            match signals {
+                Ok(signals) => {
+                    signals.await;
+                    tracing::info!("shutting down: finishing in-flight requests");
+                    let _ = asked.send(true);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM and SIGINT");
+                }
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+            // The sender stays: a closed channel would read as a stop.
+            std::future::pending::<()>().await;
+        });
+        Stop(stop)
     }
-    tracing::info!("shutting down: finishing in-flight requests");
+
+    /// The first SIGTERM or SIGINT, its handlers installed before this returns.
+    #[cfg(unix)]
+    fn signals() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn signals() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+    }
+
+    /// Resolves once a stop was asked (at once if it already was).
+    async fn requested(&self) {
+        let mut stop = self.0.clone();
+        if stop.wait_for(|asked| *asked).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// [`Stop::requested`] for a listener that keeps the future.
+    async fn requested_owned(self) {
+        self.requested().await;
+    }
 }
 
 /// Whether every bundle and version listed verifies (a refused one makes the command exit 1,

@@ -1149,3 +1149,74 @@ async fn compressed_and_field_flooded_messages_are_bounded_before_they_are_decod
     assert_eq!(code, Code::InvalidArgument as i32, "{message}");
     assert!(message.contains("fields of no known number"), "{message}");
 }
+
+/// Refusals made before tonic sees a call (start-up, the open-request limits) are gRPC
+/// statuses with their message and `retry-after` in the trailers-only answer, as the other
+/// refusals are: they were an HTTP 503 with a JSON body, which tritonclient.grpc reported as
+/// "Received http2 header with status: 503", message and Retry-After lost (a review's
+/// finding). The health checks are answered while starting (live, not ready).
+#[tokio::test]
+async fn refusals_before_the_service_are_grpc_statuses() {
+    let server = Server::start(HttpConfig {
+        max_open_requests: 1,
+        max_open_requests_per_client: Some(1),
+        request_timeout: Duration::from_secs(30),
+        ..HttpConfig::default()
+    })
+    .await;
+    server.state.set_starting(true);
+    let mut c = server.client();
+    assert!(
+        c.server_live(ServerLiveRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .live
+    );
+    assert!(
+        !c.server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    let e = c
+        .server_metadata(ServerMetadataRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("the server is starting"), "{e:?}");
+    assert_eq!(e.metadata().get("retry-after").unwrap(), "5");
+    let e = c.model_infer(raw_request(&rows(1))).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    server.state.set_starting(false);
+    assert!(
+        c.server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+
+    // One place among the open requests: a call whose message never arrives holds it, and
+    // the next call is refused as gRPC.
+    let app = http::grpc::router(server.state.clone());
+    let held = tokio::spawn(app.oneshot(stalled_infer(None)));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match c.server_metadata(ServerMetadataRequest {}).await {
+            Err(e) if e.code() == Code::Unavailable => {
+                assert!(e.message().contains("max_open_requests"), "{e:?}");
+                assert_eq!(e.metadata().get("retry-after").unwrap(), "1");
+                break;
+            }
+            // The stalled call has not taken its place yet.
+            Ok(_) => {
+                assert!(tokio::time::Instant::now() < deadline, "never refused");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    held.abort();
+}

@@ -207,6 +207,54 @@ async fn health_and_server_metadata() {
     }
 }
 
+/// While start-up opens its stores, `serve` listens: the health checks and the metrics are
+/// answered (live 200, ready 503), every other route 503 "starting" with Retry-After, so that
+/// CDS Hooks, DICOMweb or validation are not answered as if they were not configured (the
+/// HTTP port was answered only after the slow steps: liveness probes timed out while a large
+/// spool was indexed again, a review's finding). The process side is in
+/// tests/peer/test_dicomweb.py (`test_listening_while_the_spool_is_indexed_again`).
+#[tokio::test]
+async fn starting_answers_health_and_metrics_only() {
+    let f = Fixture::default();
+    f.state.set_starting(true);
+    assert_eq!(f.get("/v2/health/live").await.0, StatusCode::OK);
+    assert_eq!(
+        f.get("/v2/health/ready").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(f.get("/metrics").await.0, StatusCode::OK);
+    for uri in [
+        "/v2".to_owned(),
+        format!("/v2/models/{MODEL}"),
+        "/cds-services".to_owned(),
+        "/dicomweb/studies".to_owned(),
+        "/validation/runs".to_owned(),
+    ] {
+        let (s, h, b) = f
+            .call(Request::get(uri.as_str()).body(Body::empty()).unwrap())
+            .await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{uri}");
+        assert_eq!(h[axum::http::header::RETRY_AFTER], "5", "{uri}");
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert!(error_of(&v).contains("starting"), "{uri}: {v}");
+    }
+    let (s, v) = f
+        .post_json(
+            &format!("/v2/models/{MODEL}/infer"),
+            &json_request(&[vec![0.0; 30]]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(error_of(&v).contains("starting"), "{v}");
+    f.state.set_starting(false);
+    assert_eq!(f.get("/v2/health/ready").await.0, StatusCode::OK);
+    assert_eq!(f.get("/cds-services").await.0, StatusCode::OK);
+    assert_eq!(
+        f.get(&format!("/v2/models/{MODEL}")).await.0,
+        StatusCode::OK
+    );
+}
+
 #[tokio::test]
 async fn model_metadata_and_readiness() {
     let f = Fixture::default();

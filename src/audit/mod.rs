@@ -70,6 +70,10 @@ pub enum EventKind {
     /// ingest; the search's keys by name, never their values). Written before the data is
     /// sent: patient data does not leave without its access record.
     DicomwebRead,
+    /// A server started: its version, and the audit digest key (by its id, never the key)
+    /// that seals the tensor digests of the records after it, and whether that key was made
+    /// at this start (a key deleted or replaced beside a trail shows in the trail itself).
+    ServerStart,
 }
 
 /// How the request ended, as the client saw it.

@@ -143,6 +143,9 @@ pub struct AppState {
     pub(crate) admission: Admission,
     pub(crate) auth: auth::Authenticator,
     ready: AtomicBool,
+    /// Start-up is opening the stores (`serve` listens meanwhile): every route but the
+    /// health checks and the metrics answers 503 ([`AppState::set_starting`]).
+    starting: AtomicBool,
     /// DICOMweb (STOW-RS, QIDO-RS) over the DICOM spool; unset: those routes answer 404.
     dicomweb: std::sync::OnceLock<dicomweb::DicomWeb>,
     /// The DICOM pipeline's results store; unset: `/results` answers 404.
@@ -202,6 +205,7 @@ impl AppState {
             config,
             metrics,
             ready: AtomicBool::new(false),
+            starting: AtomicBool::new(false),
             dicomweb: std::sync::OnceLock::new(),
             results: std::sync::OnceLock::new(),
             cds: std::sync::OnceLock::new(),
@@ -284,8 +288,21 @@ impl AppState {
         self.ready.store(ready, Ordering::Release);
     }
 
+    /// While `starting`, every route but the health checks and `/metrics` answers 503
+    /// "starting" with Retry-After: `serve` listens (liveness probes are answered) while its
+    /// stores open, and the routes that need them (CDS Hooks, DICOMweb, results, validation)
+    /// must not answer as if they were not configured.
+    pub fn set_starting(&self, starting: bool) {
+        self.starting.store(starting, Ordering::Release);
+    }
+
+    pub fn is_starting(&self) -> bool {
+        self.starting.load(Ordering::Acquire)
+    }
+
+    /// The initial load is done, and start-up too ([`AppState::set_starting`]).
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && !self.is_starting()
     }
 
     /// Bytes of the in-flight budget ([`HttpConfig::max_inflight_bytes`]) free now.
@@ -481,13 +498,36 @@ pub(crate) async fn open_request(
     request: Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    // A gRPC call is refused as gRPC (a status in the trailers-only answer, `retry-after`
+    // among them): an HTTP 503 with a JSON body reached tritonclient.grpc as "Received http2
+    // header with status: 503", message and Retry-After lost (a review's finding).
+    let grpc = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let answer = move |e: AppError| -> axum::response::Response {
+        #[cfg(feature = "grpc")]
+        if grpc {
+            return tonic::Status::from(e).into_http();
+        }
+        let _ = grpc;
+        e.into_response()
+    };
     let refuse = |reason: &'static str, what: String| {
         ::metrics::counter!("nightingale_http_requests_refused_total", "reason" => reason)
             .increment(1);
-        AppError::overloaded(what).into_response()
+        answer(AppError::overloaded(what))
     };
     let client = request.extensions().get::<clients::ClientAddr>().copied();
     let health = always_answered(request.uri().path());
+    if !health && state.is_starting() && request.uri().path() != "/metrics" {
+        ::metrics::counter!("nightingale_http_requests_refused_total", "reason" => "starting")
+            .increment(1);
+        let mut refusal =
+            AppError::overloaded("the server is starting (opening its stores); retry later");
+        refusal.retry_after = Some(error::NOT_READY_RETRY_AFTER_SECS);
+        return answer(refusal);
+    }
     let counts = if health {
         &state.health_by_client
     } else {

@@ -100,3 +100,25 @@ def test_a_record_digest_is_the_keyed_hmac_an_auditor_recomputes(tmp_path):
     check = subprocess.run([binary, "audit", "verify", str(data / "audit")], capture_output=True,
                            text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
+
+    # Each start says which key seals the records after it (its id: the first 16 hex digits
+    # of the key's SHA-256), and whether it was made then; a key deleted beside the trail is
+    # made anew at the next start, and the trail shows the change.
+    key_id = hashlib.sha256(key).hexdigest()[:16]
+    starts = [r for r in records if r["kind"] == "server-start"]
+    assert [r["detail"].split("; ", 1)[1] for r in starts] == [
+        f"tensor digests sealed with audit digest key {key_id} (made at this start)",
+        f"tensor digests sealed with audit digest key {key_id} (read from its file)",
+    ], starts
+    assert records[0]["kind"] == "server-start" and records[0]["actor"] == "startup"
+    (data / "audit-digest.key").unlink()
+    proc, _ = start(data, tmp_path / "server2.log")
+    stop(proc)
+    new_key = bytes.fromhex((data / "audit-digest.key").read_text().strip())
+    assert new_key != key
+    starts = [r for f in sorted((data / "audit").glob("*.jsonl"))
+              for r in map(json.loads, f.read_text().splitlines()) if r["kind"] == "server-start"]
+    assert len(starts) == 3, starts
+    last = starts[-1]
+    assert last["detail"].endswith(
+        f"audit digest key {hashlib.sha256(new_key).hexdigest()[:16]} (made at this start)"), last
