@@ -1343,6 +1343,27 @@ pub struct Observation {
     pub issued: Option<String>,
     pub value_quantity: Option<Quantity>,
     pub value_codeable_concept: Option<CodeableConcept>,
+    /// `valueBoolean` as sent (a JSON value that is not a boolean is not usable).
+    pub value_boolean: Option<serde_json::Value>,
+    // Whether a `value[x]` of a type the readers do not read is given: such a value is not
+    // "no value" (a *Breathing room air* observation answered "No" was scored as room air,
+    // from its code alone: a red-team finding). See [`Observation::other_value`].
+    #[serde(default, deserialize_with = "given")]
+    pub value_string: bool,
+    #[serde(default, deserialize_with = "given")]
+    pub value_integer: bool,
+    #[serde(default, deserialize_with = "given")]
+    pub value_range: bool,
+    #[serde(default, deserialize_with = "given")]
+    pub value_ratio: bool,
+    #[serde(default, deserialize_with = "given")]
+    pub value_sampled_data: bool,
+    #[serde(default, deserialize_with = "given")]
+    pub value_time: bool,
+    #[serde(default, deserialize_with = "given")]
+    pub value_date_time: bool,
+    #[serde(default, deserialize_with = "given")]
+    pub value_period: bool,
     pub data_absent_reason: Option<CodeableConcept>,
     #[serde(default)]
     pub component: Vec<ObservationComponent>,
@@ -1355,7 +1376,40 @@ pub struct ObservationComponent {
     pub code: CodeableConcept,
     pub value_quantity: Option<Quantity>,
     pub value_codeable_concept: Option<CodeableConcept>,
+    /// As [`Observation::value_boolean`].
+    pub value_boolean: Option<serde_json::Value>,
+    #[serde(default, deserialize_with = "given")]
+    pub value_string: bool,
+    #[serde(default, deserialize_with = "given")]
+    pub value_integer: bool,
+    #[serde(default, deserialize_with = "given")]
+    pub value_range: bool,
+    #[serde(default, deserialize_with = "given")]
+    pub value_ratio: bool,
+    #[serde(default, deserialize_with = "given")]
+    pub value_sampled_data: bool,
+    #[serde(default, deserialize_with = "given")]
+    pub value_time: bool,
+    #[serde(default, deserialize_with = "given")]
+    pub value_date_time: bool,
+    #[serde(default, deserialize_with = "given")]
+    pub value_period: bool,
     pub data_absent_reason: Option<CodeableConcept>,
+}
+
+impl ObservationComponent {
+    /// Whether a `value[x]` of a type other than Quantity, CodeableConcept or boolean is
+    /// given.
+    pub fn other_value(&self) -> bool {
+        self.value_string
+            || self.value_integer
+            || self.value_range
+            || self.value_ratio
+            || self.value_sampled_data
+            || self.value_time
+            || self.value_date_time
+            || self.value_period
+    }
 }
 
 /// Where in time something may lie ([`Observation::time_bounds`]).
@@ -1448,6 +1502,19 @@ pub enum TimeSource {
 }
 
 impl Observation {
+    /// Whether a `value[x]` of a type other than Quantity, CodeableConcept or boolean is
+    /// given.
+    pub fn other_value(&self) -> bool {
+        self.value_string
+            || self.value_integer
+            || self.value_range
+            || self.value_ratio
+            || self.value_sampled_data
+            || self.value_time
+            || self.value_date_time
+            || self.value_period
+    }
+
     /// The time the observation gives, and where it came from: `effectiveDateTime`,
     /// `effectiveInstant`, `effectivePeriod` (its end, else its start), else `issued`.
     /// Whether it gives more than one `effective[x]` (invalid R4: a red-team finding had

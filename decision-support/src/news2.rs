@@ -30,6 +30,11 @@ use crate::vitals::{
     self, Acvpu, OxygenSupply, Parameter, Unusable, UnusableReason, Vitals, VitalsOptions,
 };
 
+/// LOINC codes of a pregnancy-status Observation: 82810-3 (US Core, IPS) and 11449-6, the
+/// older code still widely sent for the same answer list (only 82810-3 was read: a pregnant
+/// patient coded 11449-6 was scored, a red-team finding).
+pub const PREGNANCY_STATUS: [&str; 2] = ["82810-3", "11449-6"];
+
 /// The SpO2 scale in use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SpO2Scale {
@@ -325,7 +330,7 @@ pub struct News2Settings {
     /// Active Conditions that mean the patient is pregnant (default: SNOMED 77386006
     /// *Pregnancy*, 72892002 *Normal pregnancy*).
     pub pregnancy_conditions: Vec<SystemCode>,
-    /// How far back a pregnancy-status Observation (LOINC 82810-3) is read (default 280
+    /// How far back a pregnancy-status Observation ([`PREGNANCY_STATUS`]) is read (default 280
     /// days).
     pub pregnancy_look_back: Duration,
 }
@@ -528,7 +533,7 @@ fn pregnant(
     let candidates: Vec<(TimeBounds, &Observation)> = resources
         .observations
         .iter()
-        .filter(|o| o.code.has(LOINC, "82810-3") && o.status.is_final())
+        .filter(|o| PREGNANCY_STATUS.iter().any(|c| o.code.has(LOINC, c)) && o.status.is_final())
         .filter(|o| of_patient(o.subject.as_ref(), patient_id))
         .map(|o| (o.time_bounds(), o))
         .filter(|(b, _)| {
@@ -702,7 +707,9 @@ pub fn assess(
             ConditionsRead::All
         },
         pregnancy_status_unread: resources.unreadable.iter().any(|u| {
-            u.search && u.resource_type == "Observation" && u.may_have_code(LOINC, "82810-3")
+            u.search
+                && u.resource_type == "Observation"
+                && PREGNANCY_STATUS.iter().any(|c| u.may_have_code(LOINC, c))
         }),
     }))
 }

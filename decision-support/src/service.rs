@@ -198,7 +198,7 @@ pub fn news2_prefetch() -> BTreeMap<String, String> {
         // search alone never returned it: a red-team finding).
         (
             "pregnancy".to_owned(),
-            "Observation?patient={{context.patientId}}&code=http://loinc.org|82810-3&_sort=-date&_count=1"
+"Observation?patient={{context.patientId}}&code=http://loinc.org|82810-3,http://loinc.org|11449-6&_sort=-date&_count=1"
                 .to_owned(),
         ),
     ])

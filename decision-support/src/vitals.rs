@@ -37,14 +37,16 @@
 //! | parameter | Observation (or component) code | value |
 //! |---|---|---|
 //! | respiration rate | LOINC 9279-1 | `/min` (any UCUM annotation, e.g. `{breaths}/min`) |
-//! | SpO2 | LOINC 59408-5 (pulse oximetry), 2708-6 (arterial saturation) | `%`, or a fraction (`1`, `{ratio}`) × 100 |
+//! | SpO2 | LOINC 59408-5 (pulse oximetry), 2708-6 (arterial saturation), 20564-1 (in blood), 2710-2 (capillary, by oximetry) | `%`, or a fraction (`1`, `{ratio}`) × 100 |
 //! | air or oxygen | LOINC 3150-0 inhaled oxygen concentration | `%` or fraction; ≤ 21 % is air (room air is 20.9 %), more is oxygen |
 //! | | LOINC 3151-8 inhaled oxygen flow rate | `L/min` (`l/min`, `mL/min`); 0 is air, more is oxygen |
-//! | | SNOMED 722742002 *Breathing room air*, 371825009 *Patient on oxygen* (as the code, or as the value of a 3150-0/3151-8 observation) | — |
-//! | systolic BP | LOINC 8480-6, alone or as a component (of the BP panel 85354-9 or any other) | `mm[Hg]`, `kPa` (× 7.500617) |
-//! | pulse | LOINC 8867-4 | `/min` (e.g. `{beats}/min`) |
+//! | | SNOMED 722742002 *Breathing room air*, 371825009 *Patient on oxygen* (as the code, or as the value of a 3150-0/3151-8 observation) | none (the code says it), or yes/no: `valueBoolean`, or SNOMED 373066001 *Yes* / 373067005 *No*, LOINC LA33-6 / LA32-8 (a "no" says the other); any other value is not usable |
+//! | systolic BP | LOINC 8480-6, 8459-0 (sitting), 8460-8 (standing), 8461-6 (supine), 76534-7 (non-invasive), alone or as a component (of the BP panel 85354-9 or any other) | `mm[Hg]`, `kPa` (× 7.500617) |
+//! | pulse | LOINC 8867-4, 8889-8 (by pulse oximetry), 8893-0 (peripheral artery, by palpation) | `/min` (e.g. `{beats}/min`) |
 //! | consciousness | LOINC 67775-7 *Level of responsiveness*, SNOMED 1104441000000107 *ACVPU scale score* (UK) | see below |
-//! | temperature | LOINC 8310-5 | `Cel`, `[degF]`, `K` |
+//! | temperature | LOINC 8310-5, 8331-1 (oral), 8332-9 (rectal), 8333-7 (tympanic), 8328-7 (axillary), 8329-5 (core) | `Cel`, `[degF]`, `K` |
+//!
+//! A parameter's value is the newest of any of its codes.
 //!
 //! The oxygen components 3150-0 and 3151-8 are also read from any observation's components
 //! (the FHIR pulse-oximetry profile puts them on the SpO2 observation).
@@ -490,9 +492,10 @@ pub fn parameters_of_codes(codes: Option<&[CodeableConcept]>) -> Vec<Parameter> 
 
 /// Which parameter a code stands for (an observation's or a component's).
 fn parameter_of(code: &CodeableConcept) -> Option<Parameter> {
+    let any = |codes: &[&str]| codes.iter().any(|c| loinc(code, c));
     if loinc(code, "9279-1") {
         Some(Parameter::RespirationRate)
-    } else if loinc(code, "59408-5") || loinc(code, "2708-6") {
+    } else if any(&SPO2_CODES) {
         Some(Parameter::OxygenSaturation)
     } else if loinc(code, "3150-0")
         || loinc(code, "3151-8")
@@ -500,18 +503,31 @@ fn parameter_of(code: &CodeableConcept) -> Option<Parameter> {
         || code.has(SNOMED, ON_OXYGEN)
     {
         Some(Parameter::AirOrOxygen)
-    } else if loinc(code, "8480-6") {
+    } else if any(&SYSTOLIC_CODES) {
         Some(Parameter::SystolicBloodPressure)
-    } else if loinc(code, "8867-4") {
+    } else if any(&PULSE_CODES) {
         Some(Parameter::PulseRate)
     } else if loinc(code, "67775-7") || code.has(SNOMED, "1104441000000107") {
         Some(Parameter::Consciousness)
-    } else if loinc(code, "8310-5") {
+    } else if any(&TEMPERATURE_CODES) {
         Some(Parameter::Temperature)
     } else {
         None
     }
 }
+
+// Each parameter's LOINC codes: the vital-signs profile's own, and the more specific codes
+// device feeds send alone (a newer pulse from an oximeter, 8889-8, or an oral temperature,
+// 8331-1, was passed over for a ten-hour-old value and the card said nothing: a red-team
+// finding). The newest value of any of a parameter's codes is its value.
+/// SpO2: by pulse oximetry, arterial, in blood, capillary by oximetry.
+const SPO2_CODES: [&str; 4] = ["59408-5", "2708-6", "20564-1", "2710-2"];
+/// Systolic BP: the profile's, sitting, standing, supine, non-invasive.
+const SYSTOLIC_CODES: [&str; 5] = ["8480-6", "8459-0", "8460-8", "8461-6", "76534-7"];
+/// Heart rate: the profile's, by pulse oximetry, peripheral artery by palpation.
+const PULSE_CODES: [&str; 3] = ["8867-4", "8889-8", "8893-0"];
+/// Body temperature: the profile's, oral, rectal, tympanic membrane, axillary, core.
+const TEMPERATURE_CODES: [&str; 6] = ["8310-5", "8331-1", "8332-9", "8333-7", "8328-7", "8329-5"];
 
 const ROOM_AIR: &str = "722742002";
 const ON_OXYGEN: &str = "371825009";
@@ -623,16 +639,74 @@ fn supply_from_code(c: &CodeableConcept) -> Result<Option<OxygenSupply>, Unusabl
     }
 }
 
-fn supply(
-    code: &CodeableConcept,
-    quantity: Option<&Quantity>,
-    concept: Option<&CodeableConcept>,
-) -> Result<Value, UnusableReason> {
+/// A Yes or No answer (SNOMED 373066001 / 373067005, LOINC LA33-6 / LA32-8); codings that
+/// say both are no answer.
+fn yes_or_no(c: &CodeableConcept) -> Result<Option<bool>, UnusableReason> {
+    let yes = c.has(SNOMED, "373066001") || c.has(LOINC, "LA33-6");
+    let no = c.has(SNOMED, "373067005") || c.has(LOINC, "LA32-8");
+    match (yes, no) {
+        (true, true) => Err(UnusableReason::UnknownAnswer),
+        (true, false) => Ok(Some(true)),
+        (false, true) => Ok(Some(false)),
+        (false, false) => Ok(None),
+    }
+}
+
+/// An observation's value, as each reader needs it.
+#[derive(Clone, Copy)]
+struct Answer<'a> {
+    quantity: Option<&'a Quantity>,
+    concept: Option<&'a CodeableConcept>,
+    boolean: Option<&'a serde_json::Value>,
+    /// A `value[x]` of another type (string, integer, ...).
+    other: bool,
+}
+
+impl Answer<'_> {
+    fn is_none(&self) -> bool {
+        self.quantity.is_none() && self.concept.is_none() && self.boolean.is_none() && !self.other
+    }
+}
+
+fn supply(code: &CodeableConcept, answer: Answer<'_>) -> Result<Value, UnusableReason> {
+    let Answer {
+        quantity,
+        concept,
+        boolean,
+        other,
+    } = answer;
     let from_code = supply_from_code(code)?;
+    // *Breathing room air* or *Patient on oxygen* answered yes or no (`valueBoolean`, or a
+    // Yes/No concept): a "no" says the other (a room-air observation answered false was
+    // scored as air, from its code alone: a red-team finding).
+    let yes_no = concept.map(yes_or_no).transpose()?.flatten();
+    let answered = match (boolean, yes_no) {
+        (None, answer) => answer,
+        (Some(serde_json::Value::Bool(b)), None) => Some(*b),
+        (Some(serde_json::Value::Bool(b)), Some(c)) if *b == c => Some(c),
+        (Some(_), _) => return Err(UnusableReason::UnknownAnswer),
+    };
+    if let Some(yes) = answered {
+        return match from_code {
+            Some(s) if quantity.is_none() && !other => Ok(Value::Supply(match (s, yes) {
+                (s, true) => s,
+                (OxygenSupply::Air, false) => OxygenSupply::Oxygen,
+                (OxygenSupply::Oxygen, false) => OxygenSupply::Air,
+            })),
+            // A yes or no to a concentration or a flow rate, or beside another value.
+            _ => Err(UnusableReason::UnknownAnswer),
+        };
+    }
+    if other {
+        return Err(UnusableReason::UnknownAnswer);
+    }
     let from_concept = concept.map(supply_from_code).transpose()?.flatten();
     match (from_code, from_concept) {
         // The observation's code and its coded value disagree.
         (Some(a), Some(b)) if a != b => return Err(UnusableReason::UnknownAnswer),
+        // A coded value that says neither air nor oxygen (nor yes or no) is not read as
+        // agreeing with the code.
+        (Some(_), None) if concept.is_some() => return Err(UnusableReason::UnknownAnswer),
         (Some(s), _) | (None, Some(s)) => return Ok(Value::Supply(s)),
         (None, None) => {}
     }
@@ -697,21 +771,20 @@ fn acvpu(concept: Option<&CodeableConcept>) -> Result<Value, UnusableReason> {
 fn value_of(
     parameter: Parameter,
     code: &CodeableConcept,
-    quantity: Option<&Quantity>,
-    concept: Option<&CodeableConcept>,
+    answer: Answer<'_>,
     absent: bool,
 ) -> Result<Value, UnusableReason> {
     if absent {
-        return Err(if quantity.is_none() && concept.is_none() {
+        return Err(if answer.is_none() {
             UnusableReason::NoValue
         } else {
             UnusableReason::AbsentReasonWithValue
         });
     }
     match parameter {
-        Parameter::AirOrOxygen => supply(code, quantity, concept),
-        Parameter::Consciousness => acvpu(concept),
-        _ => number(parameter, quantity.ok_or(UnusableReason::NoValue)?),
+        Parameter::AirOrOxygen => supply(code, answer),
+        Parameter::Consciousness => acvpu(answer.concept),
+        _ => number(parameter, answer.quantity.ok_or(UnusableReason::NoValue)?),
     }
 }
 
@@ -739,8 +812,12 @@ pub fn extract(
                 value_of(
                     p,
                     &o.code,
-                    o.value_quantity.as_ref(),
-                    o.value_codeable_concept.as_ref(),
+                    Answer {
+                        quantity: o.value_quantity.as_ref(),
+                        concept: o.value_codeable_concept.as_ref(),
+                        boolean: o.value_boolean.as_ref(),
+                        other: o.other_value(),
+                    },
                     o.data_absent_reason.is_some(),
                 ),
             ));
@@ -750,7 +827,9 @@ pub fn extract(
                 code,
                 value_quantity,
                 value_codeable_concept,
+                value_boolean,
                 data_absent_reason,
+                ..
             } = c;
             if let Some(p) = parameter_of(code) {
                 // A component of its own parameter (e.g. an SpO2 observation that repeats
@@ -763,8 +842,12 @@ pub fn extract(
                     value_of(
                         p,
                         code,
-                        value_quantity.as_ref(),
-                        value_codeable_concept.as_ref(),
+                        Answer {
+                            quantity: value_quantity.as_ref(),
+                            concept: value_codeable_concept.as_ref(),
+                            boolean: value_boolean.as_ref(),
+                            other: c.other_value(),
+                        },
                         data_absent_reason.is_some(),
                     ),
                 ));

@@ -153,7 +153,7 @@ fn the_caller_can_fetch_what_was_not_prefetched() {
             ),
             (
                 "pregnancy".to_owned(),
-                "Observation?patient=1288992&code=http://loinc.org|82810-3&_sort=-date&_count=1"
+                "Observation?patient=1288992&code=http://loinc.org|82810-3,http://loinc.org|11449-6&_sort=-date&_count=1"
                     .to_owned()
             ),
             (

@@ -323,26 +323,31 @@ fn pregnancy_is_not_applicable() {
         run(items, &News2Settings::default()),
         Assessment::NotApplicable(NotApplicable::Pregnancy)
     );
-    // A pregnancy-status observation (LOINC 82810-3 = LA15173-0 Pregnant).
-    let mut items = vec![
-        patient("1990-01-01"),
-        coded(LOINC, "82810-3", Some((LOINC, "LA15173-0"))),
-    ];
-    items.extend(vitals());
-    assert_eq!(
-        run(items, &News2Settings::default()),
-        Assessment::NotApplicable(NotApplicable::Pregnancy)
-    );
-    // "Not pregnant" (LA26683-5): scored.
-    let mut items = vec![
-        patient("1990-01-01"),
-        coded(LOINC, "82810-3", Some((LOINC, "LA26683-5"))),
-    ];
-    items.extend(vitals());
-    assert!(matches!(
-        run(items, &News2Settings::default()),
-        Assessment::Scored(_)
-    ));
+    // A pregnancy-status observation (LOINC 82810-3, or the older 11449-6 with the same
+    // answers, which was not read and the patient scored: a red-team finding) =
+    // LA15173-0 Pregnant.
+    for code in ["82810-3", "11449-6"] {
+        let mut items = vec![
+            patient("1990-01-01"),
+            coded(LOINC, code, Some((LOINC, "LA15173-0"))),
+        ];
+        items.extend(vitals());
+        assert_eq!(
+            run(items, &News2Settings::default()),
+            Assessment::NotApplicable(NotApplicable::Pregnancy),
+            "{code}"
+        );
+        // "Not pregnant" (LA26683-5): scored.
+        let mut items = vec![
+            patient("1990-01-01"),
+            coded(LOINC, code, Some((LOINC, "LA26683-5"))),
+        ];
+        items.extend(vitals());
+        assert!(
+            matches!(run(items, &News2Settings::default()), Assessment::Scored(_)),
+            "{code}"
+        );
+    }
     // A resolved pregnancy condition: scored.
     let mut resolved = condition(SNOMED, "77386006");
     resolved["clinicalStatus"]["coding"][0]["code"] = json!("resolved");
@@ -717,4 +722,149 @@ fn a_flood_of_copies_of_one_id_is_bounded_and_leaves_the_parameter_in_doubt() {
     assert_eq!(r.unreadable.len(), 2_000 - MAX_COPIES);
     let assessed = assess(&r, now(), Some("p1"), &News2Settings::default());
     assert!(!matches!(assessed, Assessment::Scored(_)), "{assessed:?}");
+}
+
+/// *Breathing room air* or *Patient on oxygen* answered yes or no (`valueBoolean`, or a
+/// Yes/No concept): a "no" says the other. A room-air observation answered false or "No"
+/// was scored as air from its code alone, 2 points under the chart (a red-team finding).
+/// Any other answer (a string, a concept that is neither) makes the parameter unusable.
+#[test]
+fn a_yes_or_no_answer_to_room_air_or_oxygen_is_read() {
+    let with_supply = |supply: Value| {
+        let mut items = vec![patient("1950-01-01")];
+        let mut v = vitals();
+        v[2] = supply;
+        items.extend(v);
+        run(items, &News2Settings::default())
+    };
+    let scored = |a: Assessment| match a {
+        Assessment::Scored(s) => s.score.sub_score(Parameter::AirOrOxygen),
+        other => panic!("not scored: {other:?}"),
+    };
+    let answered = |code: &str, answer: Value| {
+        let mut o = coded(SNOMED, code, None);
+        o.as_object_mut()
+            .unwrap()
+            .extend(answer.as_object().unwrap().clone());
+        o
+    };
+    let yes_no = |system: &str, code: &str| json!({"valueCodeableConcept": {"coding": [{"system": system, "code": code}]}});
+    // Room air: true (or Yes) is air, false (or No) oxygen.
+    for (answer, oxygen) in [
+        (json!({"valueBoolean": true}), false),
+        (json!({"valueBoolean": false}), true),
+        (yes_no(SNOMED, "373066001"), false),
+        (yes_no(SNOMED, "373067005"), true),
+        (yes_no(LOINC, "LA33-6"), false),
+        (yes_no(LOINC, "LA32-8"), true),
+    ] {
+        let got = scored(with_supply(answered("722742002", answer.clone())));
+        assert_eq!(got, if oxygen { 2 } else { 0 }, "room air {answer}");
+        // On oxygen: the reverse.
+        let got = scored(with_supply(answered("371825009", answer.clone())));
+        assert_eq!(got, if oxygen { 0 } else { 2 }, "on oxygen {answer}");
+    }
+    // Answers that cannot be read: unusable, never air.
+    for answer in [
+        json!({"valueString": "No"}),
+        json!({"valueInteger": 0}),
+        json!({"valueBoolean": "false"}),
+        yes_no(SNOMED, "260385009"), // Negative (not a yes/no answer of this list)
+        json!({"valueBoolean": true,
+               "valueCodeableConcept": {"coding": [{"system": SNOMED, "code": "373067005"}]}}),
+    ] {
+        let Assessment::Incomplete(i) = with_supply(answered("722742002", answer.clone())) else {
+            panic!("scored with an unreadable answer {answer}")
+        };
+        assert_eq!(i.unusable.len(), 1, "{answer}");
+        assert_eq!(i.unusable[0].parameter, Parameter::AirOrOxygen, "{answer}");
+        assert_eq!(
+            i.unusable[0].reason,
+            UnusableReason::UnknownAnswer,
+            "{answer}"
+        );
+    }
+}
+
+/// A parameter's value is the newest of any of its codes: the more specific LOINC codes
+/// device feeds send alone (heart rate by pulse oximetry 8889-8, oral temperature 8331-1,
+/// systolic sitting 8459-0, SpO2 in blood 20564-1) were skipped, and a ten-hour-old value of
+/// the profile's code scored, the card silent about the newer reading (a red-team finding).
+#[test]
+fn a_newer_value_under_a_more_specific_code_is_the_value() {
+    let at = |mut o: Value, time: &str| {
+        o["effectiveDateTime"] = json!(time);
+        o
+    };
+    let old = "2024-05-01T02:00:00Z";
+    let new = "2024-05-01T11:55:00Z";
+    // RR 16, SpO2 97, air, SBP 120, pulse 70, alert, 37.0: 0, ten hours old.
+    let baseline = || {
+        vec![
+            patient("1950-01-01"),
+            at(q("9279-1", 16.0, "/min"), old),
+            at(q("59408-5", 97.0, "%"), old),
+            at(coded(SNOMED, "722742002", None), old),
+            at(q("8480-6", 120.0, "mm[Hg]"), old),
+            at(q("8867-4", 70.0, "/min"), old),
+            at(coded(LOINC, "67775-7", Some((SNOMED, "248234008"))), old),
+            at(q("8310-5", 37.0, "Cel"), old),
+        ]
+    };
+    let settings = News2Settings {
+        vitals: nightingale_decision_support::vitals::VitalsOptions {
+            look_back: chrono::Duration::hours(24),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let Assessment::Scored(s) = run(baseline(), &settings) else {
+        panic!("baseline not scored")
+    };
+    assert_eq!(s.score.total, 0);
+    for (newer, parameter, points) in [
+        (q("8889-8", 140.0, "/min"), Parameter::PulseRate, 3),
+        (q("8893-0", 140.0, "/min"), Parameter::PulseRate, 3),
+        (q("8331-1", 39.6, "Cel"), Parameter::Temperature, 2),
+        (q("8332-9", 39.6, "Cel"), Parameter::Temperature, 2),
+        (q("8333-7", 39.6, "Cel"), Parameter::Temperature, 2),
+        (q("8328-7", 39.6, "Cel"), Parameter::Temperature, 2),
+        (q("8329-5", 39.6, "Cel"), Parameter::Temperature, 2),
+        (
+            q("8459-0", 85.0, "mm[Hg]"),
+            Parameter::SystolicBloodPressure,
+            3,
+        ),
+        (
+            q("8460-8", 85.0, "mm[Hg]"),
+            Parameter::SystolicBloodPressure,
+            3,
+        ),
+        (
+            q("8461-6", 85.0, "mm[Hg]"),
+            Parameter::SystolicBloodPressure,
+            3,
+        ),
+        (
+            q("76534-7", 85.0, "mm[Hg]"),
+            Parameter::SystolicBloodPressure,
+            3,
+        ),
+        (q("20564-1", 85.0, "%"), Parameter::OxygenSaturation, 3),
+        (q("2710-2", 85.0, "%"), Parameter::OxygenSaturation, 3),
+    ] {
+        let code = newer["code"]["coding"][0]["code"].clone();
+        let mut items = baseline();
+        items.push(at(newer, new));
+        let Assessment::Scored(s) = run(items, &settings) else {
+            panic!("{code}: not scored")
+        };
+        assert_eq!(s.score.sub_score(parameter), points, "{code}");
+        assert_eq!(s.score.total, points, "{code}");
+        assert_eq!(
+            s.vitals.time(parameter),
+            Some(new.parse().unwrap()),
+            "{code}"
+        );
+    }
 }
