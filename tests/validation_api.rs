@@ -369,6 +369,27 @@ async fn an_uploaded_dataset_is_validated_then_deleted() {
         .await;
     assert_eq!(report["model"]["version"], 2);
     assert_eq!(report["settings"]["seed"], 3);
+    // The page runs no script and loads nothing, whatever its text.
+    let req = Request::get(format!("/validation/runs/{id}/report.html"))
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", key("researcher")),
+        )
+        .body(Body::empty())
+        .unwrap();
+    let (s, h, page) = server.send(req).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h[header::CONTENT_TYPE], "text/html; charset=utf-8");
+    let policy = h[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+    assert!(
+        policy.starts_with("default-src 'none';") && policy.contains("sandbox"),
+        "{policy}"
+    );
+    assert_eq!(h[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+    assert!(
+        page.as_str().unwrap().contains("<svg") && !page.as_str().unwrap().contains("<script"),
+        "the report is self-contained and script-free"
+    );
     // An upload's report says so: the deployment gate does not count it.
     assert_eq!(report["dataset"]["origin"], "upload");
 }

@@ -748,6 +748,24 @@ def test_multiclass_predictions_and_subgroups_match_scikit_learn_exactly(orienta
         assert rep["confusion"] == skm.confusion_matrix(yy, pred, labels=list(range(len(labels)))).tolist()
 
     check(r, y, prob)
+    # A row whose class probabilities are not one distribution (every class 1.0, summing to
+    # 8: the report's Brier was 7) is refused naming its row, as a score outside [0, 1] is;
+    # rounding to 4 decimals is not.
+    lines = pred_csv.read_text().splitlines()
+    cells = lines[3].split(",")
+    bad_csv = tmp_path / "not_a_distribution.csv"
+    bad_csv.write_text("\n".join([*lines[:3], ",".join(cells[:2] + ["1.0"] * len(labels)), *lines[4:]]) + "\n")
+    _, _, text = validate("--model", "image-orientation", "--output", "orientation", "--predictions",
+                          str(bad_csv), "--bootstrap", "0", out=tmp_path / "bad", expect=2)
+    assert "row 3: the class probabilities sum to 8" in text, text
+    rounded_csv = tmp_path / "rounded.csv"
+    with open(rounded_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "source", *[f"score_{l}" for l in labels]])
+        for i in range(len(y)):
+            w.writerow([labels[y[i]], source[i], *[f"{v:.4f}" for v in prob[i]]])
+    validate("--model", "image-orientation", "--output", "orientation", "--predictions", str(rounded_csv),
+             "--bootstrap", "0", out=tmp_path / "rounded", expect=0)
     assert r["subgroups"], "one subgroup per held-out source image"
     for sg in r["subgroups"]:
         mask = np.array(source) == sg["value"]

@@ -39,6 +39,10 @@ pub enum DatasetError {
     MissingColumns { path: PathBuf, missing: Vec<String> },
     #[error("{path}: column {column:?} appears more than once in the header")]
     DuplicateColumn { path: PathBuf, column: String },
+    #[error(
+        "{path}: row {row}: the class probabilities sum to {sum}: a row's must sum to 1 (within {CLASS_SUM_TOLERANCE})"
+    )]
+    NotADistribution { path: PathBuf, row: u64, sum: f64 },
     #[error("{path}: row {row}: the prediction in column {column:?} {reason}")]
     BadPrediction {
         path: PathBuf,
@@ -47,6 +51,9 @@ pub enum DatasetError {
         reason: String,
     },
 }
+
+/// How far a row's class probabilities may sum from 1 (values rounded to a few decimals).
+pub const CLASS_SUM_TOLERANCE: f64 = 0.01;
 
 /// Why a relative path was refused by [`path_under`].
 #[derive(Debug, PartialEq, Eq)]
@@ -604,6 +611,17 @@ impl CsvDataset {
             .iter()
             .map(probability)
             .collect::<Result<Vec<f64>, _>>()?;
+        // One distribution over the classes: a row of 1.0 in every column (summing to 8) was
+        // scored, a Brier of 7 in the report, and shrinking a row's other classes lowers its
+        // Brier (a red-team finding). Rounding to a few decimals is allowed for.
+        let sum: f64 = class_scores.iter().sum();
+        if !class_scores.is_empty() && (sum - 1.0).abs() > CLASS_SUM_TOLERANCE {
+            return Err(DatasetError::NotADistribution {
+                path: self.path.clone(),
+                row,
+                sum,
+            });
+        }
         let subgroups = self
             .subgroup_idx
             .iter()
