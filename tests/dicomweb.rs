@@ -864,6 +864,21 @@ async fn qido_lists_what_was_stored() {
     assert_eq!(count(&studies[0], "00201208"), 3);
     assert_eq!(uid(&studies[1], "0020000D"), OTHER_STUDY);
     assert_eq!(count(&studies[1], "00201208"), 1);
+    // Instance Availability, returned by default at every level.
+    for path in [
+        "/dicomweb/studies",
+        "/dicomweb/series",
+        "/dicomweb/instances",
+    ] {
+        let (_, v) = server.get(path).await;
+        for item in v.as_array().unwrap() {
+            assert_eq!(
+                item["00080056"],
+                json!({"vr": "CS", "Value": ["ONLINE"]}),
+                "{path}"
+            );
+        }
+    }
 
     let (_, v) = server
         .get(&format!("/dicomweb/studies?StudyInstanceUID={OTHER_STUDY}"))
@@ -935,11 +950,21 @@ async fn qido_lists_what_was_stored() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert!(h[header::WARNING].to_str().unwrap().contains("PatientName"));
     // fuzzymatching=true: only literal matching is done, and the answer says so (PS3.18
-    // 8.3.4.1); false needs no word.
-    for (fuzzy, warned) in [("true", true), ("TRUE", true), ("false", false)] {
+    // 8.3.4.1); false needs no word. includefield asking for attributes beyond the default
+    // ones: only those are returned, and the answer says so.
+    const LITERAL: &str = "Only literal matching has been performed";
+    const DEFAULTS: &str = "includefield parameter is not supported";
+    for (query, said, warned) in [
+        ("fuzzymatching=true", LITERAL, true),
+        ("fuzzymatching=TRUE", LITERAL, true),
+        ("fuzzymatching=false", LITERAL, false),
+        ("includefield=00100010", DEFAULTS, true),
+        ("includefield=all", DEFAULTS, true),
+        ("includefield=", DEFAULTS, false),
+    ] {
         let (s, h, v) = server
             .send(
-                Request::get(format!("/dicomweb/studies?fuzzymatching={fuzzy}"))
+                Request::get(format!("/dicomweb/studies?{query}"))
                     .body(Body::empty())
                     .unwrap(),
             )
@@ -949,11 +974,9 @@ async fn qido_lists_what_was_stored() {
             .get(header::WARNING)
             .map(|w| w.to_str().unwrap().to_owned());
         assert_eq!(
-            warning
-                .as_deref()
-                .is_some_and(|w| w.contains("Only literal matching has been performed")),
+            warning.as_deref().is_some_and(|w| w.contains(said)),
             warned,
-            "{fuzzy}: {warning:?}"
+            "{query}: {warning:?}"
         );
     }
     let (s, v) = server.get("/dicomweb/studies?limit=many").await;

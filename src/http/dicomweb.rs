@@ -1070,6 +1070,11 @@ async fn search(
         let fuzzy = params
             .iter()
             .any(|(k, v)| k == "fuzzymatching" && v.eq_ignore_ascii_case("true"));
+        // Only the attributes returned by default are returned: a client asking for more
+        // is told (it could not tell "empty" from "not returned": a review's finding).
+        let include = params
+            .iter()
+            .any(|(k, v)| k == "includefield" && !v.trim().is_empty());
         let (mut q, ignored) = query_of(level, params)?;
         let limit = q.limit;
         // A path key narrows the query: a query key for the same attribute must agree.
@@ -1148,6 +1153,12 @@ async fn search(
         if fuzzy {
             warnings.push(
                 "299 nightingale \"The fuzzymatching parameter is not supported. Only literal matching has been performed.\""
+                    .to_owned(),
+            );
+        }
+        if include {
+            warnings.push(
+                "299 nightingale \"The includefield parameter is not supported. Only the attributes returned by default are included.\""
                     .to_owned(),
             );
         }
@@ -1266,6 +1277,11 @@ fn with_url(mut object: Value, url: Option<Value>) -> Value {
     object
 }
 
+/// Instance Availability (0008,0056), returned by default at every level (PS3.18 tables
+/// 10.6.3-3 to -5): what the spool lists, it holds.
+static ONLINE: std::sync::LazyLock<Value> =
+    std::sync::LazyLock::new(|| json!({"vr": "CS", "Value": ["ONLINE"]}));
+
 fn study_json(r: &qido::StudyRow, base: Option<&str>) -> Value {
     let modalities = attribute("CS", &r.modalities);
     let object = json!({
@@ -1275,6 +1291,7 @@ fn study_json(r: &qido::StudyRow, base: Option<&str>) -> Value {
         "0020000D": ui(&r.study_uid),
         "00201206": is(r.series),
         "00201208": is(r.instances),
+        "00080056": ONLINE.clone(),
     });
     with_url(object, study_url(base, &r.study_uid))
 }
@@ -1288,6 +1305,7 @@ fn series_json(r: &qido::SeriesRow, base: Option<&str>) -> Value {
         "0020000E": ui(&r.series_uid),
         "00200011": number("IS", r.series_number),
         "00201209": is(r.instances),
+        "00080056": ONLINE.clone(),
     });
     with_url(object, series_url(base, &r.study_uid, &r.series_uid))
 }
@@ -1308,6 +1326,7 @@ fn instance_json(r: &qido::InstanceRow, base: Option<&str>) -> Value {
         "00280010": number("US", a.rows.map(i64::from)),
         "00280011": number("US", a.columns.map(i64::from)),
         "00083002": ui(&r.transfer_syntax),
+        "00080056": ONLINE.clone(),
     });
     with_url(
         object,

@@ -149,6 +149,29 @@ def test_qido_lists_what_pydicom_reads(server, sent):
     assert [i["00080018"]["Value"][0] for i in hits] == [one.SOPInstanceUID]
 
 
+def _secondary_capture(study: str, series: str) -> pydicom.Dataset:
+    """A 2 x 2 Secondary Capture built in code (a new SOP Instance UID), with its file meta
+    as pydicom 3 makes it (no group length)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns = 2, 2
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = bytes([0, 64, 128, 255])
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
 def _value(item: dict, tag: str):
     values = item.get(tag, {}).get("Value")
     return values[0] if values else None
@@ -536,24 +559,7 @@ def test_a_data_set_built_in_code_is_stored_as_dicomweb_client_sends_it(server):
     unless told otherwise, and dicomweb-client's store_instances sends what it writes: every
     such instance was refused 0xC000 (a red-team finding; dcmtk reads both). Stored, found,
     and retrieved equal to what was built."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "OT"
-    ds.Rows, ds.Columns = 2, 2
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = bytes([0, 64, 128, 255])
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = _secondary_capture(generate_uid(), generate_uid())
     assert "FileMetaInformationGroupLength" not in ds.file_meta
     client = DICOMwebClient(url=server.url)
     answer = client.store_instances([ds])
@@ -563,3 +569,125 @@ def test_a_data_set_built_in_code_is_stored_as_dicomweb_client_sends_it(server):
                                    media_types=ANY_SYNTAX)
     assert got.PixelData == ds.PixelData
     assert _equal_datasets(ds, got) == []
+
+
+# Files in the spool without their index rows: indexed again at the next start.
+UNINDEXED_FILES = 300
+
+
+def test_listening_while_start_up_is_slow(tmp_path):
+    """Start-up's slow steps (here a JWKS URL whose server accepts and never answers, within
+    a 60 s fetch deadline; a spool found without its index is another) run while the server
+    listens: live 200, ready 503, every other route 503 "starting" with Retry-After; a
+    SIGHUP is logged and ignored, and a SIGTERM stops it at once (it answered nothing until
+    start-up was done, a SIGHUP ended it with status 129, and a SIGTERM waited: a review's
+    finding). The next start indexes the spool's files, and QIDO-RS finds each instance, UIDs
+    as pydicom wrote them."""
+    import signal
+    import socket
+    import threading
+
+    spool = tmp_path / "spool"
+    folder = spool / "instances" / "unindexed"
+    folder.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    uids = set()
+    for i in range(UNINDEXED_FILES):
+        ds = _secondary_capture(study, series)
+        ds.InstanceNumber = i + 1
+        ds.save_as(folder / f"{i}.dcm", enforce_file_format=True)
+        uids.add(ds.SOPInstanceUID)
+    (tmp_path / "models").mkdir()
+
+    # The JWKS server: accepts, reads nothing, answers nothing.
+    stall = socket.socket()
+    stall.bind(("127.0.0.1", 0))
+    stall.listen(8)
+    held = []
+    done = threading.Event()
+
+    def hold():
+        stall.settimeout(0.2)
+        while not done.is_set():
+            try:
+                held.append(stall.accept()[0])
+            except OSError:
+                pass
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [str(_binary()), "serve", "--repository", str(tmp_path / "models"),
+           "--http-addr", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "data"),
+           "--dicom-spool", str(spool)]
+    stalled = ["--cds-trust", f"https://ehr.example.org=http://127.0.0.1:{stall.getsockname()[1]}/jwks.json",
+               "--cds-fetch-timeout-ms", "60000"]
+    log_path = tmp_path / "first.log"
+
+    def log() -> str:
+        return log_path.read_text(errors="replace")
+
+    def live() -> bool:
+        try:
+            return requests.get(f"{base}/v2/health/live", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    with open(log_path, "wb") as err:
+        proc = subprocess.Popen(cmd + stalled, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not (live() and held):
+            assert proc.poll() is None, log()
+            assert time.monotonic() < deadline, f"not live within {START_TIMEOUT_S} s:\n{log()}"
+            time.sleep(0.05)
+        assert requests.get(f"{base}/v2/health/ready", timeout=5).status_code == 503
+        assert requests.get(f"{base}/metrics", timeout=5).status_code == 200
+        for path in ["/dicomweb/studies", "/cds-services", "/v2"]:
+            r = requests.get(f"{base}{path}", timeout=5)
+            assert r.status_code == 503 and "starting" in r.json()["error"], (path, r.text)
+            assert r.headers["Retry-After"] == "5"
+        proc.send_signal(signal.SIGHUP)
+        wait_deadline = time.monotonic() + 10
+        while "SIGHUP" not in log():
+            assert proc.poll() is None, f"SIGHUP ended the server ({proc.returncode}):\n{log()}"
+            assert time.monotonic() < wait_deadline, f"SIGHUP not logged:\n{log()}"
+            time.sleep(0.05)
+        assert proc.poll() is None and live(), log()
+        proc.send_signal(signal.SIGTERM)
+        # Well within the JWKS fetch's 60 s deadline.
+        assert proc.wait(timeout=20) == 0, log()
+        assert "stopped during start-up" in log(), log()
+        assert "DICOM spool open" not in log(), log()
+    finally:
+        stop(proc)
+        done.set()
+        holder.join(timeout=5)
+        for s in held:
+            s.close()
+        stall.close()
+
+    # Started again (without the stalling JWKS server): every file is indexed and found.
+    log_path = tmp_path / "second.log"
+    with open(log_path, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, log()
+            assert time.monotonic() < deadline, f"not ready:\n{log()}"
+            try:
+                if requests.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        found = DICOMwebClient(url=f"{base}/dicomweb").search_for_instances(
+            study_instance_uid=study, get_remaining=True)
+        assert {item["00080018"]["Value"][0] for item in found} == uids
+        assert f"files_indexed: {UNINDEXED_FILES}," in log(), log()
+        assert not any((spool / "quarantine").iterdir())
+    finally:
+        stop(proc)
