@@ -1401,7 +1401,7 @@ async fn a_risk_service_answers_with_the_risk_its_reasons_and_the_model_version(
     assert_eq!(icu["prefetch"]["patient"], "Patient/{{context.patientId}}");
     assert_eq!(
         icu["prefetch"]["observations"],
-        "Observation?patient={{context.patientId}}&code=http://loinc.org|55284-4,http://loinc.org|8480-6,http://loinc.org|85354-9,http://loinc.org|8867-4&_sort=-date&_count=100"
+        "Observation?patient={{context.patientId}}&code=http://loinc.org|55284-4,http://loinc.org|76534-7,http://loinc.org|8459-0,http://loinc.org|8460-8,http://loinc.org|8461-6,http://loinc.org|8480-6,http://loinc.org|85354-9,http://loinc.org|8867-4,http://loinc.org|8889-8,http://loinc.org|8893-0&_sort=-date&_count=100"
     );
     assert!(
         icu["prefetch"]["conditions"]

@@ -1676,6 +1676,19 @@ impl Condition {
     /// inactive, an encounter diagnosis of pneumonia scored infection "no": a red-team
     /// finding).
     pub fn activity(&self) -> Activity {
+        self.activity_as_of(None)
+    }
+
+    /// [`Condition::activity`] at `now`: without a clinical status, an `abatement[x]` makes it
+    /// inactive only when it surely ended by `now` (`abatementBoolean: true`, or an
+    /// `abatementDateTime` / `abatementPeriod.end` wholly before `now`); one dated later (a
+    /// pregnancy's expected end), an age, a range or a text leaves it unknown (a sepsis with
+    /// no status and an abatement three days ahead was read as over: a red-team finding).
+    pub fn activity_at(&self, now: DateTime<Utc>) -> Activity {
+        self.activity_as_of(Some(now))
+    }
+
+    fn activity_as_of(&self, now: Option<DateTime<Utc>>) -> Activity {
         let refuted = self.verification_status.as_ref().is_some_and(|c| {
             condition_status_code(c, CONDITION_VER_STATUS, CONDITION_VER_STATUS_STU3)
                 .iter()
@@ -1696,9 +1709,27 @@ impl Condition {
         match activities.next() {
             Some(first) if activities.all(|a| a == first) => first,
             Some(_) => Activity::Unknown,
-            None if self.abated() => Activity::Inactive,
+            None if now.is_none_or(|now| self.abated_by(now)) && self.abated() => {
+                Activity::Inactive
+            }
             None => Activity::Unknown,
         }
+    }
+
+    /// Whether an `abatement[x]` says it ended by `now`.
+    fn abated_by(&self, now: DateTime<Utc>) -> bool {
+        let ended_by = |text: Option<&str>| {
+            text.and_then(|t| date_time_bounds(t).latest())
+                .is_some_and(|latest| latest <= now)
+        };
+        self.abatement_boolean == Some(serde_json::Value::Bool(true))
+            || ended_by(self.abatement_date_time.as_ref().and_then(|v| v.as_str()))
+            || ended_by(
+                self.abatement_period
+                    .as_ref()
+                    .and_then(|p| p.get("end"))
+                    .and_then(|e| e.as_str()),
+            )
     }
 
     /// Whether an `abatement[x]` is given.
@@ -1729,10 +1760,10 @@ impl Condition {
         }
     }
 
-    /// Whether the condition may hold now ([`Activity::Active`] or [`Activity::Unknown`])
-    /// and is coded as one of `codes`.
-    pub fn may_be_active_one_of(&self, codes: &[SystemCode]) -> bool {
-        self.activity() != Activity::Inactive
+    /// Whether the condition may hold at `now` ([`Activity::Active`] or
+    /// [`Activity::Unknown`], [`Condition::activity_at`]) and is coded as one of `codes`.
+    pub fn may_be_active_one_of(&self, codes: &[SystemCode], now: DateTime<Utc>) -> bool {
+        self.activity_at(now) != Activity::Inactive
             && self.code.as_ref().is_some_and(|c| c.has_any(codes))
     }
 

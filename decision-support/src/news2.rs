@@ -520,7 +520,7 @@ fn pregnant(
     if resources.conditions.iter().any(|c| {
         of_patient(c.subject.as_ref(), patient_id)
             && (c.is_active_one_of(&settings.pregnancy_conditions)
-                || (c.may_be_active_one_of(&settings.pregnancy_conditions)
+                || (c.may_be_active_one_of(&settings.pregnancy_conditions, now)
                     && c.time_bounds().may_be_at_or_after(window_start)))
     }) {
         return true;

@@ -37,7 +37,7 @@ use std::fmt;
 use chrono::{DateTime, Duration, Utc};
 use nightingale_models::manifest::{FeatureSpec, FhirSource};
 
-use crate::fhir::{ACT_CODE, Observation, Quantity, Resources, SystemCode, later_reading};
+use crate::fhir::{ACT_CODE, LOINC, Observation, Quantity, Resources, SystemCode, later_reading};
 use crate::news2::{find_patient, of_patient};
 use crate::vitals::{UnusableReason, pending_reading, truncate, ucum};
 
@@ -304,7 +304,7 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
             // A matching Condition that may hold (its status cannot be read, or copies of it
             // disagree) is neither yes nor no.
             let maybe = mine().any(|c| {
-                c.may_be_active_one_of(&codes)
+                c.may_be_active_one_of(&codes, cx.now)
                     || (disputed(c) && c.code.as_ref().is_some_and(|k| k.has_any(&codes)))
             });
             // "No" needs every Condition: a search answered, and not one page of a longer
@@ -528,8 +528,9 @@ fn observation(
     let mut dated: Vec<Found<'_>> = vec![];
     // Readings of this code not final yet (their times; `None`: cannot be read).
     let mut pending: Vec<Option<DateTime<Utc>>> = vec![];
+    let family = codes_of(code);
     for o in &resources.observations {
-        let Some(quantity) = value_with_code(o, code) else {
+        let Some(quantity) = value_with_code(o, &family) else {
             continue;
         };
         if !of_patient(o.subject.as_ref(), Some(cx.patient_id)) {
@@ -593,7 +594,7 @@ fn observation(
             && u.resource_type == "Observation"
             && u.codes.as_ref().is_none_or(|cs| {
                 cs.iter()
-                    .any(|c| c.has(&code.system, &code.code) || is_panel_of(c, code))
+                    .any(|c| has_any(c, &family) || is_panel_of(c, code))
             })
     });
     // Of one time, the later issued is a correction only if both say when they were
@@ -627,7 +628,7 @@ fn observation(
         resources.observations_unread_after(t, |codes| {
             codes.is_none_or(|cs| {
                 cs.iter()
-                    .any(|c| c.has(&code.system, &code.code) || is_panel_of(c, code))
+                    .any(|c| has_any(c, &family) || is_panel_of(c, code))
             })
         })
     }) {
@@ -642,7 +643,7 @@ fn observation(
     }
     if resources.unreadable.iter().any(|u| {
         u.resource_type == "Observation"
-            && u.may_have_code(&code.system, &code.code)
+            && family.iter().any(|c| u.may_have_code(&c.system, &c.code))
             && u.time.is_none_or(|ut| time.is_none_or(|t| ut >= t))
     }) {
         out.value = Err(Missing::Unusable(UnusableReason::UnreadableObservation));
@@ -687,11 +688,27 @@ fn is_panel_of(c: &crate::fhir::CodeableConcept, code: &SystemCode) -> bool {
         && crate::service::is_bp_panel(c)
 }
 
-/// The quantity of `o` (or of its component) coded `code`; `Some(Err)` when coded so but
-/// without a usable quantity (none, or one given with a `dataAbsentReason`).
+/// `code`, and the LOINC codes charting the same vital sign ([`crate::vitals::loinc_family`]).
+pub(crate) fn codes_of(code: &SystemCode) -> Vec<SystemCode> {
+    match (code.system == LOINC)
+        .then(|| crate::vitals::loinc_family(&code.code))
+        .flatten()
+    {
+        Some(family) => family.iter().map(|c| SystemCode::new(LOINC, c)).collect(),
+        None => vec![code.clone()],
+    }
+}
+
+/// Whether `c` has any of `codes`.
+fn has_any(c: &crate::fhir::CodeableConcept, codes: &[SystemCode]) -> bool {
+    codes.iter().any(|code| c.has(&code.system, &code.code))
+}
+
+/// The quantity of `o` (or of its component) coded one of `codes`; `Some(Err)` when coded so
+/// but without a usable quantity (none, or one given with a `dataAbsentReason`).
 fn value_with_code<'a>(
     o: &'a Observation,
-    code: &SystemCode,
+    codes: &[SystemCode],
 ) -> Option<Result<&'a Quantity, UnusableReason>> {
     let present = |q: &'a Quantity, absent: bool| {
         if absent {
@@ -700,7 +717,7 @@ fn value_with_code<'a>(
             Ok(q)
         }
     };
-    if o.code.has(&code.system, &code.code)
+    if has_any(&o.code, codes)
         && let Some(q) = &o.value_quantity
     {
         return Some(present(q, o.data_absent_reason.is_some()));
@@ -708,15 +725,9 @@ fn value_with_code<'a>(
     // Of several components with the code, one value only: two that differ make it
     // unusable, whatever their order (the first taken, a panel with systolic components
     // of 120 and 70 gave either risk by their order: a red-team finding).
-    let mut components = o
-        .component
-        .iter()
-        .filter(|c| c.code.has(&code.system, &code.code));
+    let mut components = o.component.iter().filter(|c| has_any(&c.code, codes));
     let Some(first) = components.next() else {
-        return o
-            .code
-            .has(&code.system, &code.code)
-            .then_some(Err(UnusableReason::NoValue));
+        return has_any(&o.code, codes).then_some(Err(UnusableReason::NoValue));
     };
     if components.any(|c| c.value_quantity != first.value_quantity) {
         return Some(Err(UnusableReason::Conflicting));
@@ -801,6 +812,31 @@ mod tests {
             "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
             "subject": {"reference": "Patient/p1"}, "effectiveDateTime": time,
             "valueQuantity": {"value": value, "system": "http://unitsofmeasure.org", "code": unit}})
+    }
+
+    /// A feature declared with the profile's code reads the newest value of any code that
+    /// charts the same vital sign (a newer systolic of 80 charted sitting, 8459-0, was passed
+    /// over for a 140 from ten hours before under 8480-6: a red-team finding); a search
+    /// for the feature asks for them too.
+    #[test]
+    fn a_newer_value_under_a_code_of_the_same_vital_sign_is_the_value() {
+        for code in ["8459-0", "8460-8", "8461-6", "76534-7"] {
+            let mut newer = sbp(80.0, "mm[Hg]", "2024-05-01T11:55:00Z");
+            newer["code"]["coding"][0]["code"] = json!(code);
+            let mut items = base();
+            items.push(sbp(140.0, "mm[Hg]", "2024-05-01T02:00:00Z"));
+            items.push(newer);
+            let m = map_features(&features(), &resources(items), &context(true));
+            assert_eq!(value_of(&m, "systolic_bp"), Ok(80.0), "{code}");
+        }
+        let prefetch = crate::service::risk_prefetch(&features());
+        let search = &prefetch["observations"];
+        for code in ["8480-6", "8459-0", "76534-7", "85354-9"] {
+            assert!(
+                search.contains(&format!("http://loinc.org|{code}")),
+                "{search}"
+            );
+        }
     }
 
     fn base() -> Vec<Value> {
@@ -1490,6 +1526,33 @@ mod tests {
         let mut items = base();
         items[1].as_object_mut().unwrap().remove("clinicalStatus");
         items[1]["abatementDateTime"] = json!("2023-01-01");
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert_eq!(value_of(&m, "infection"), Ok(0.0));
+        // ... but one that ends after now (or whose end is an age, a range or a text) has not
+        // surely ended: neither yes nor no (a sepsis with no status and an abatement three
+        // days ahead was read as over, 35 % where it is 43 %: a red-team finding).
+        for abatement in [
+            json!({"abatementDateTime": "2024-05-04"}),
+            json!({"abatementPeriod": {"start": "2024-04-01", "end": "2024-05-04"}}),
+            json!({"abatementString": "resolving"}),
+            json!({"abatementAge": {"value": 80, "unit": "a"}}),
+        ] {
+            let mut items = base();
+            items[1].as_object_mut().unwrap().remove("clinicalStatus");
+            items[1]
+                .as_object_mut()
+                .unwrap()
+                .extend(abatement.as_object().unwrap().clone());
+            let m = map_features(&features(), &resources(items), &context(true));
+            assert_eq!(
+                value_of(&m, "infection"),
+                Err(Missing::ConditionStatusUnknown),
+                "{abatement}"
+            );
+        }
+        let mut items = base();
+        items[1].as_object_mut().unwrap().remove("clinicalStatus");
+        items[1]["abatementPeriod"] = json!({"start": "2024-04-01", "end": "2024-04-20"});
         let m = map_features(&features(), &resources(items), &context(true));
         assert_eq!(value_of(&m, "infection"), Ok(0.0));
         let m = with_status(json!({"coding": [{"code": "resolved"}]}));

@@ -228,6 +228,14 @@ pub fn risk_prefetch<'a>(
     for f in features {
         if let Some(c) = &f.code {
             codes.insert(c.clone());
+            // The codes charting the same vital sign are read too: searched for.
+            if let Some((system, code)) = c.split_once('|') {
+                codes.extend(
+                    crate::risk::codes_of(&SystemCode::new(system, code))
+                        .into_iter()
+                        .map(|c| format!("{}|{}", c.system, c.code)),
+                );
+            }
             // Blood pressures are often charted as a panel with the pressures as its
             // components; FHIR R4's `code` search matches `Observation.code` only, so the
             // panels' own codes are searched for too (`combo-code` would match components,

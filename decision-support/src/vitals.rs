@@ -528,6 +528,24 @@ const SYSTOLIC_CODES: [&str; 5] = ["8480-6", "8459-0", "8460-8", "8461-6", "7653
 const PULSE_CODES: [&str; 3] = ["8867-4", "8889-8", "8893-0"];
 /// Body temperature: the profile's, oral, rectal, tympanic membrane, axillary, core.
 const TEMPERATURE_CODES: [&str; 6] = ["8310-5", "8331-1", "8332-9", "8333-7", "8328-7", "8329-5"];
+/// Diastolic BP: the profile's, sitting, standing, supine, non-invasive (risk features).
+const DIASTOLIC_CODES: [&str; 5] = ["8462-4", "8453-3", "8454-1", "8455-8", "76535-4"];
+
+/// The LOINC codes that chart the same vital sign as `code` (itself among them), where it is
+/// one of these families: a risk feature declared with the profile's code reads the newest
+/// value of any of them, as NEWS2 does (a risk card used a ten-hour-old systolic of 140 where
+/// a newer 80 was charted as 8459-0, sitting: a red-team finding).
+pub(crate) fn loinc_family(code: &str) -> Option<&'static [&'static str]> {
+    [
+        &SPO2_CODES[..],
+        &SYSTOLIC_CODES[..],
+        &PULSE_CODES[..],
+        &TEMPERATURE_CODES[..],
+        &DIASTOLIC_CODES[..],
+    ]
+    .into_iter()
+    .find(|family| family.contains(&code))
+}
 
 const ROOM_AIR: &str = "722742002";
 const ON_OXYGEN: &str = "371825009";
@@ -697,7 +715,9 @@ fn supply(code: &CodeableConcept, answer: Answer<'_>) -> Result<Value, UnusableR
             _ => Err(UnusableReason::UnknownAnswer),
         };
     }
-    if other {
+    // Any other value beside a code that is itself the answer: a *Breathing room air*
+    // observation carrying 2 L/min was scored as air (a red-team finding).
+    if other || (from_code.is_some() && quantity.is_some()) {
         return Err(UnusableReason::UnknownAnswer);
     }
     let from_concept = concept.map(supply_from_code).transpose()?.flatten();

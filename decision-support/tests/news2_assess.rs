@@ -348,6 +348,23 @@ fn pregnancy_is_not_applicable() {
             "{code}"
         );
     }
+    // No clinical status, and an abatement after now (the expected delivery date): it has
+    // not surely ended, so it may hold: not applicable (it was read as over, and scored: a
+    // red-team finding). One that ended before now: scored.
+    for (end, applicable) in [("2024-09-01", false), ("2024-03-01", true)] {
+        let mut c = condition(SNOMED, "77386006");
+        c.as_object_mut().unwrap().remove("clinicalStatus");
+        c["abatementDateTime"] = json!(end);
+        c["recordedDate"] = json!("2024-02-01");
+        let mut items = vec![patient("1990-01-01"), c];
+        items.extend(vitals());
+        let got = run(items, &News2Settings::default());
+        assert_eq!(
+            matches!(got, Assessment::Scored(_)),
+            applicable,
+            "{end}: {got:?}"
+        );
+    }
     // A resolved pregnancy condition: scored.
     let mut resolved = condition(SNOMED, "77386006");
     resolved["clinicalStatus"]["coding"][0]["code"] = json!("resolved");
@@ -768,6 +785,7 @@ fn a_yes_or_no_answer_to_room_air_or_oxygen_is_read() {
     for answer in [
         json!({"valueString": "No"}),
         json!({"valueInteger": 0}),
+        json!({"valueQuantity": {"value": 2.0, "unit": "L/min", "system": UCUM, "code": "L/min"}}),
         json!({"valueBoolean": "false"}),
         yes_no(SNOMED, "260385009"), // Negative (not a yes/no answer of this list)
         json!({"valueBoolean": true,
