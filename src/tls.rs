@@ -258,6 +258,24 @@ fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 /// Reads the PEM files and builds the server configuration (ALPN `h2`, `http/1.1`). Call
 /// [`install_crypto_provider`] first.
 pub fn load_server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
+    let (config, verifier) = load_parts(settings)?;
+    put_in_service(verifier);
+    Ok(config)
+}
+
+/// A client certificate verifier, the one of the configuration in service.
+type Verifier = Arc<dyn rustls::server::danger::ClientCertVerifier>;
+
+/// Makes `verifier` the one open connections' certificates are verified again with, and bumps
+/// the generation so that they are ([`ClientCertificate::stale`]).
+fn put_in_service(verifier: Option<Verifier>) {
+    *CLIENT_VERIFIER.write().unwrap_or_else(|p| p.into_inner()) = verifier;
+    crate::http::identity::client_cas_replaced();
+}
+
+/// The server configuration, and its client certificate verifier (with `--tls-client-ca`).
+fn load_parts(settings: &TlsSettings) -> Result<(Arc<ServerConfig>, Option<Verifier>), TlsError> {
+    let mut client_verifier: Option<Verifier> = None;
     let chain = certificates(&settings.cert)?;
     let key = private_key(&settings.key)?;
     let builder = ServerConfig::builder();
@@ -288,6 +306,7 @@ pub fn load_server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, T
                     path: path.clone(),
                     source,
                 })?;
+            client_verifier = Some(verifier.clone());
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -308,7 +327,7 @@ pub fn load_server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, T
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
     }
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), client_verifier))
 }
 
 /// `Ok` when `der` is a CA certificate (basic constraints `CA:TRUE`, and a key usage, where
@@ -357,7 +376,7 @@ pub async fn reload_on_sighup(settings: TlsSettings, config: RustlsConfig) {
         let loaded = {
             let settings = settings.clone();
             tokio::task::spawn_blocking(move || {
-                load_server_config(&settings).map(|c| (c, validity_problem(&settings.cert)))
+                load_parts(&settings).map(|c| (c, validity_problem(&settings.cert)))
             })
             .await
         };
@@ -367,12 +386,22 @@ pub async fn reload_on_sighup(settings: TlsSettings, config: RustlsConfig) {
                 problem = %problem,
                 "SIGHUP: TLS reload refused: the new certificate is not valid now; the previous certificate stays in service"
             ),
-            Ok(Ok((new, None))) => {
+            Ok(Ok(((new, verifier), None))) => {
                 config.reload_from_config(new);
                 tracing::info!(
                     cert = %settings.cert.display(),
                     "SIGHUP: TLS certificate reloaded"
                 );
+                // The client CAs as read now: open connections' certificates are verified
+                // again against them at their next request, and refused (401) if they no
+                // longer chain to them.
+                if let Some(path) = &settings.client_ca {
+                    put_in_service(verifier);
+                    tracing::info!(
+                        client_ca = %path.display(),
+                        "SIGHUP: client CAs reloaded; open connections' certificates are verified again against them"
+                    );
+                }
             }
             Ok(Err(e)) => tracing::error!(
                 error = %e,
@@ -454,7 +483,58 @@ pub fn client_certificate(der: &[u8]) -> Option<ClientCertificate> {
             .map(|names| format!("SAN:{names}"))
             .unwrap_or_else(|| format!("SHA256:{sha256}"));
     }
-    Some(ClientCertificate { subject, sha256 })
+    Some(ClientCertificate {
+        subject,
+        sha256,
+        chain: Arc::from(vec![CertificateDer::from(der.to_vec())]),
+        not_after: Some(cert.validity().not_after.timestamp()),
+        checked: Arc::new(std::sync::atomic::AtomicU64::new(
+            crate::http::identity::client_ca_generation(),
+        )),
+    })
+}
+
+/// The client certificate verifier in service (the one of the configuration new handshakes
+/// get): [`ClientCertificate::stale`] verifies open connections' chains again with it.
+static CLIENT_VERIFIER: std::sync::RwLock<
+    Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+> = std::sync::RwLock::new(None);
+
+/// Why a chain verified again failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reverified {
+    /// A certificate of every path is past its notAfter.
+    Expired,
+    /// The client CAs in service do not trust it (or none are).
+    Untrusted,
+}
+
+/// Verifies `chain` (leaf first) again against the client CAs in service, now.
+pub fn verify_in_service(chain: &[CertificateDer<'static>]) -> Result<(), Reverified> {
+    let verifier = CLIENT_VERIFIER
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let (Some(verifier), Some((leaf, intermediates))) = (verifier, chain.split_first()) else {
+        return Err(Reverified::Untrusted);
+    };
+    match verifier.verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now()) {
+        Ok(_) => Ok(()),
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+        )) => Err(Reverified::Expired),
+        Err(_) => Err(Reverified::Untrusted),
+    }
+}
+
+/// The earliest notAfter of a chain's certificates (Unix seconds).
+fn chain_not_after(chain: &[CertificateDer<'_>]) -> Option<i64> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    chain
+        .iter()
+        .filter_map(|der| X509Certificate::from_der(der.as_ref()).ok())
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .min()
 }
 
 /// A certificate's subject alternative names as `KIND:value`, comma-separated, in its order
@@ -632,13 +712,25 @@ where
                     "plain HTTP on the HTTPS port: answered 400",
                 ));
             }
+            let generation = crate::http::identity::client_ca_generation();
             let (stream, service) = inner.accept(stream, service).await?;
             let (_, connection) = stream.get_ref();
             let certificate = connection
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .and_then(|leaf| match client_certificate(leaf) {
-                    Some(c) => Some(Arc::new(c)),
+                    Some(mut c) => {
+                        // The whole chain presented, checked against the CAs of the
+                        // generation read before the handshake began (a reload during the
+                        // handshake has it verified again at its first request: a review's
+                        // finding).
+                        if let Some(chain) = connection.peer_certificates() {
+                            c.not_after = chain_not_after(chain).or(c.not_after);
+                            c.chain = chain.iter().map(|d| d.clone().into_owned()).collect();
+                        }
+                        c.checked = Arc::new(std::sync::atomic::AtomicU64::new(generation));
+                        Some(Arc::new(c))
+                    }
                     None => {
                         tracing::warn!(
                             "verified client certificate whose subject does not parse: ignored"
@@ -785,7 +877,7 @@ mod tests {
 
     #[test]
     fn garbage_is_not_a_certificate() {
-        assert_eq!(client_certificate(b"not DER"), None);
+        assert!(client_certificate(b"not DER").is_none());
     }
 
     #[test]

@@ -760,6 +760,11 @@ async fn a_verified_client_certificate_gets_its_configured_roles() {
     let cert = ClientCertificate {
         subject: "CN=pacs-gateway,O=Hospital".into(),
         sha256: "00".repeat(32),
+        chain: std::sync::Arc::from(vec![]),
+        not_after: None,
+        checked: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
+            nightingale::http::identity::client_ca_generation(),
+        )),
     };
     let with_cert = |path: &str, method: Method| {
         let mut req = Request::builder()

@@ -891,6 +891,8 @@ pub enum AuthError {
     JwtNotConfigured,
     #[error("invalid token: {0}")]
     Jwt(#[from] JwtError),
+    #[error("the TLS client certificate {0}: connect again")]
+    StaleCertificate(&'static str),
 }
 
 /// Why a JWT was refused.
@@ -1037,6 +1039,9 @@ impl Authenticator {
             return Err(AuthError::Invalid);
         }
         if let Some(cert) = extensions.get::<ClientCertificate>() {
+            if let Some(why) = cert.stale() {
+                return Err(AuthError::StaleCertificate(why));
+            }
             return Ok(Caller {
                 id: format!("tls:{}", identity_text(&cert.subject)),
                 roles: self.client_certificate_roles.union(self.anonymous),

@@ -3,10 +3,66 @@
 //! configured client CA; the auth layer maps it to roles.
 
 /// A verified TLS client certificate.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct ClientCertificate {
     /// The certificate's subject, as text (for the audit trail's actor and the logs).
     pub subject: String,
     /// Lowercase hex SHA-256 of the DER certificate.
     pub sha256: String,
+    /// The chain the client presented, leaf first: verified again against the client CAs in
+    /// service when they change, or when a certificate of it reaches its notAfter.
+    pub chain: std::sync::Arc<[rustls::pki_types::CertificateDer<'static>]>,
+    /// The earliest notAfter of the chain presented (Unix seconds): from then on each request
+    /// verifies the chain again (the path verified may not use that certificate).
+    pub not_after: Option<i64>,
+    /// The generation of the client CAs it was last verified against
+    /// ([`client_ca_generation`]), shared by the connection's requests.
+    pub checked: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Bumped each time a reload (SIGHUP) puts new client CAs in service.
+static CLIENT_CA_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The generation of the client CAs in service.
+pub fn client_ca_generation() -> u64 {
+    CLIENT_CA_GENERATION.load(std::sync::atomic::Ordering::Acquire)
+}
+
+/// New client CAs are in service: certificates verified against the old ones are verified
+/// again at their next request ([`ClientCertificate::stale`]).
+pub fn client_cas_replaced() {
+    CLIENT_CA_GENERATION.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+}
+
+impl ClientCertificate {
+    /// Why the certificate no longer identifies its connection's caller, if it does not. It
+    /// was checked once, at the handshake, and a keep-alive connection then kept its identity
+    /// past its expiry and past a reload that removed its CA (a review's finding): now, once
+    /// the client CAs in service have changed since it was verified, or a certificate of its
+    /// chain has reached its notAfter, the chain is verified again against the CAs in service
+    /// (as a new handshake would be: an expired certificate the path does not use, or CAs
+    /// that still trust it, change nothing).
+    pub fn stale(&self) -> Option<&'static str> {
+        use std::sync::atomic::Ordering;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let current = client_ca_generation();
+        let past = self.not_after.is_some_and(|t| now >= t);
+        if self.checked.load(Ordering::Acquire) == current && !past {
+            return None;
+        }
+        match crate::tls::verify_in_service(&self.chain) {
+            Ok(()) => {
+                self.checked.store(current, Ordering::Release);
+                None
+            }
+            Err(crate::tls::Reverified::Expired) => {
+                Some("has expired since the connection was made")
+            }
+            Err(crate::tls::Reverified::Untrusted) => {
+                Some("is no longer trusted by the client CAs in service")
+            }
+        }
+    }
 }

@@ -374,3 +374,84 @@ def test_beyond_max_connections_per_client_a_new_tls_connection_is_closed_at_onc
             s.close()
     finally:
         server.stop()
+
+
+def test_a_client_certificate_is_checked_again_on_each_request(pki, tmp_path):
+    """A client certificate was checked once, at the handshake: a keep-alive connection kept
+    its identity past the certificate's expiry, and past a reload (SIGHUP) that replaced the
+    client CAs, so a revoked CA's clients went on being served (a review's finding). Now the
+    chain is verified again against the CAs in service once they were reloaded, or once a
+    certificate of it reached its notAfter: 401 on the open connection where it no longer
+    verifies (a new handshake is refused too), served on where it does (a CA added beside
+    its own)."""
+    import datetime
+    import signal
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    expires = now + datetime.timedelta(seconds=6)
+    short = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "short-lived")]))
+             .issuer_name(ca_cert.subject).public_key(key.public_key())
+             .serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(expires)
+             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+             .sign(ca_key, hashes.SHA256()))
+    (tmp_path / "short.pem").write_bytes(short.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "short.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    client_ca = tmp_path / "client-ca.pem"
+    client_ca.write_bytes((pki / "ca.pem").read_bytes())
+    server = TlsServer(pki, ["--tls-client-ca", str(client_ca), "--tls-client-auth", "required"])
+    long_lived = (str(pki / "client.pem"), str(pki / "client.key"))
+    server.wait_ready(long_lived)
+    url = f"https://{server.addr}/v2/models/{MODEL}"
+
+    def session(cert) -> requests.Session:
+        s = requests.Session()
+        # Not from the environment: REQUESTS_CA_BUNDLE would replace the session's CA.
+        s.trust_env = False
+        s.cert, s.verify = cert, str(pki / "ca.pem")
+        return s
+
+    try:
+        expiring = session((str(tmp_path / "short.pem"), str(tmp_path / "short.key")))
+        assert expiring.get(url, timeout=10).status_code == 200
+        wait = (expires - datetime.datetime.now(datetime.timezone.utc)).total_seconds() + 1.5
+        assert 0 < wait < 30
+        time.sleep(wait)
+        r = expiring.get(url, timeout=10)  # the same connection
+        assert r.status_code == 401, r.text
+        assert "has expired since the connection was made" in r.json()["error"], r.text
+
+        kept = session(long_lived)
+        assert kept.get(url, timeout=10).status_code == 200
+
+        def reload(pem: bytes, times: int) -> None:
+            client_ca.write_bytes(pem)
+            server.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 20
+            while server.log().count("client CAs reloaded") < times:
+                assert time.monotonic() < deadline, server.log()
+                time.sleep(0.1)
+
+        # Another CA added beside the client's: still trusted, served on.
+        reload((pki / "ca.pem").read_bytes() + (pki / "other-ca.pem").read_bytes(), 1)
+        assert kept.get(url, timeout=10).status_code == 200
+        # The client's CA removed: refused on the open connection.
+        reload((pki / "other-ca.pem").read_bytes(), 2)
+        r = kept.get(url, timeout=10)  # the same connection
+        assert r.status_code == 401, r.text
+        assert "no longer trusted by the client CAs in service" in r.json()["error"], r.text
+        with pytest.raises(requests.exceptions.SSLError):
+            session(long_lived).get(url, timeout=10)
+    finally:
+        server.stop()
