@@ -457,6 +457,11 @@ async fn classification_extension() {
     }
     // `label` has one value per row (shape [-1]): ranking it would rank the rows (the
     // patients) against each other: 400, not one answer for the batch.
+    // Refused before the model runs (it ran first: an execution in the statistics, and
+    // outputs digested in the audit record, for a request refused: a review's finding).
+    let executions = |v: &Value| v["model_stats"][0]["execution_count"].as_u64().unwrap();
+    let stats = format!("/v2/models/{MODEL}/versions/1/stats");
+    let before: Value = serde_json::from_slice(&f.get(&stats).await.1).unwrap();
     req["outputs"] = json!([{"name": "label", "parameters": {"classification": 1}}]);
     let (s, v) = f
         .post_json(&format!("/v2/models/{MODEL}/infer"), &req)
@@ -466,6 +471,8 @@ async fn classification_extension() {
         v["error"].as_str().unwrap().contains("one value per row"),
         "{v}"
     );
+    let after: Value = serde_json::from_slice(&f.get(&stats).await.1).unwrap();
+    assert_eq!(executions(&after), executions(&before), "{after}");
 }
 
 #[tokio::test]

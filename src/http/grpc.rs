@@ -986,14 +986,14 @@ async fn infer(
     // before decoding).
     let wire = message.encoded_len();
     ticket.charge_at_least(wire.saturating_mul(BODY_CHARGE_FACTOR))?;
-    let (request, raw_out) = decode_request(message, &model.worker.metadata().inputs, &mut |n| {
+    let (request, _) = decode_request(message, &model.worker.metadata().inputs, &mut |n| {
         ticket.charge(n)
     })?;
     let decoded: usize = request.inputs.iter().map(|t| t.tensor.memory_len()).sum();
     ticket.charge_at_least(wire.saturating_add(decoded))?;
     let id = request.id.clone();
     let (outputs, _) = v2::infer_decoded(model, request, audit).await?;
-    let answer = encode_response(model, id, outputs, raw_out);
+    let answer = encode_response(model, id, outputs);
     // The answer is held until the client has taken it: charged like an HTTP answer
     // ([`v2::respond`]); one the budget has no room for now is refused after the model ran
     // (its audit record stands), as over HTTP.
@@ -1241,56 +1241,30 @@ fn typed_tensor(
     }
 }
 
-/// The typed `contents` of an output (FP16 has none: see [`encode_response`]).
-fn typed_contents(tensor: &Tensor) -> InferTensorContents {
-    let mut c = InferTensorContents::default();
-    match tensor {
-        Tensor::Bool(a) => c.bool_contents = a.iter().copied().collect(),
-        Tensor::Int8(a) => c.int_contents = a.iter().map(|&x| i32::from(x)).collect(),
-        Tensor::Int16(a) => c.int_contents = a.iter().map(|&x| i32::from(x)).collect(),
-        Tensor::Int32(a) => c.int_contents = a.iter().copied().collect(),
-        Tensor::Int64(a) => c.int64_contents = a.iter().copied().collect(),
-        Tensor::Uint8(a) => c.uint_contents = a.iter().map(|&x| u32::from(x)).collect(),
-        Tensor::Uint16(a) => c.uint_contents = a.iter().map(|&x| u32::from(x)).collect(),
-        Tensor::Uint32(a) => c.uint_contents = a.iter().copied().collect(),
-        Tensor::Uint64(a) => c.uint64_contents = a.iter().copied().collect(),
-        Tensor::Fp32(a) => c.fp32_contents = a.iter().copied().collect(),
-        Tensor::Fp64(a) => c.fp64_contents = a.iter().copied().collect(),
-        Tensor::Bytes(a) => c.bytes_contents = a.iter().cloned().collect(),
-        Tensor::Fp16(_) => {}
-    }
-    c
-}
-
-/// The answer: outputs in `raw_output_contents` (Triton's layout, as Triton answers) when the
-/// request came raw or an output is FP16, else typed `contents`.
+/// The answer: outputs in `raw_output_contents` whatever the request's inputs came in, as
+/// Triton answers (typed requests got typed `contents` back, which tritonclient.grpc's
+/// `InferResult.as_numpy`, and any client built against Triton, cannot read: a review's
+/// finding).
 fn encode_response(
     model: &LoadedModel,
     id: Option<String>,
     outputs: Vec<OutputTensor>,
-    raw: bool,
 ) -> ModelInferResponse {
-    let raw = raw || outputs.iter().any(|o| o.datatype == DataType::Fp16);
     let mut tensors = Vec::with_capacity(outputs.len());
-    let mut raw_output_contents = Vec::with_capacity(if raw { outputs.len() } else { 0 });
+    let mut raw_output_contents = Vec::with_capacity(outputs.len());
     for o in outputs {
         let Some(codec::JsonData(tensor)) = o.data else {
             continue;
         };
-        let contents = if raw {
-            let mut bytes = Vec::with_capacity(tensor.raw_len());
-            tensor.write_raw(&mut bytes);
-            raw_output_contents.push(Bytes::from(bytes));
-            None
-        } else {
-            Some(typed_contents(&tensor))
-        };
+        let mut bytes = Vec::with_capacity(tensor.raw_len());
+        tensor.write_raw(&mut bytes);
+        raw_output_contents.push(Bytes::from(bytes));
         tensors.push(InferOutputTensor {
             name: o.name,
             datatype: o.datatype.as_str().to_owned(),
             shape: tensor.shape().iter().map(|&d| d as i64).collect(),
             parameters: HashMap::new(),
-            contents,
+            contents: None,
         });
     }
     ModelInferResponse {
@@ -1501,7 +1475,13 @@ mod tests {
             ..Default::default()
         };
         let t = typed_tensor(DataType::Bytes, vec![1], 1, t).unwrap();
-        assert_eq!(typed_contents(&t).bytes_contents, vec![b"a".to_vec()]);
+        let mut raw = vec![];
+        t.write_raw(&mut raw);
+        assert_eq!(
+            raw,
+            [1, 0, 0, 0, b'a'],
+            "a BYTES element: its u32 length, its bytes"
+        );
         // Values in another datatype's field beside the right one: refused, not dropped.
         let c = InferTensorContents {
             fp32_contents: vec![1.0; 2],

@@ -472,6 +472,23 @@ async fn infer_loaded(
 /// digest and row count, checks the requested outputs, runs the model through its worker
 /// (batcher, back-pressure), records the outputs' digest, and picks the outputs to return
 /// (with the classification extension), each with its binary flag.
+/// Whether the manifest declares `output` as one value per row (`[-1]`): its only axis is the
+/// batch, not classes, so ranking it would mix the rows (patients).
+fn one_value_per_row(model: &LoadedModel, output: &str) -> bool {
+    model
+        .manifest
+        .outputs
+        .iter()
+        .find(|o| o.name == output)
+        .is_some_and(|o| o.shape.len() == 1 && o.shape[0] < 0)
+}
+
+fn no_class_axis(output: &str) -> AppError {
+    AppError::bad_request(format!(
+        "classification needs a class axis: output {output:?} has one value per row (shape [-1]); ask for it without classification"
+    ))
+}
+
 pub(crate) async fn infer_decoded(
     model: &LoadedModel,
     request: codec::DecodedRequest,
@@ -492,6 +509,12 @@ pub(crate) async fn infer_decoded(
                     o.name,
                     meta.outputs.iter().map(|s| &s.name).collect::<Vec<_>>()
                 )));
+            }
+            // Classification of an output of one value per row is refused before the model
+            // runs (it was refused after: a model execution, a failed one in the statistics,
+            // for a request that could not be answered, a review's finding).
+            if o.classification.is_some_and(|k| k > 0) && one_value_per_row(model, &o.name) {
+                return Err(no_class_axis(&o.name));
             }
         }
     }
@@ -646,13 +669,9 @@ pub(super) fn select_outputs(
                             .find(|o| o.name == choice.name);
                         // An output of one value per row (`[-1]`): its only axis is the
                         // batch, not classes; ranking it would mix the rows (patients).
-                        if found.tensor.shape().len() == 1
-                            && spec.is_some_and(|o| o.shape.len() == 1 && o.shape[0] < 0)
+                        if found.tensor.shape().len() == 1 && one_value_per_row(model, &choice.name)
                         {
-                            return Err(AppError::bad_request(format!(
-                                "classification needs a class axis: output {:?} has one value per row (shape [-1]); ask for it without classification",
-                                choice.name
-                            )));
+                            return Err(no_class_axis(&choice.name));
                         }
                         let labels = spec.map(|o| o.labels.clone()).unwrap_or_default();
                         // Ranked per row where the output has rows: on a model that batches

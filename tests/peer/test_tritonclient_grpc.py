@@ -176,6 +176,32 @@ def test_infer_equals_http_and_onnxruntime(grpc, http, test_rows, reference):
         assert response["model_name"] == MODEL and response["model_version"] == VERSION
 
 
+def test_a_typed_request_is_answered_in_raw_contents_as_triton_answers(servers, test_rows, reference):
+    """A client built from Triton's proto that sends typed `contents` (tritonclient itself
+    sends raw) reads the answer as Triton gives it, in `raw_output_contents`: typed answers to
+    typed requests could not be read by tritonclient.grpc's InferResult (a review's
+    finding)."""
+    import grpc as grpcio
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    x, _ = test_rows
+    batch = np.ascontiguousarray(x[:3])
+    request = service_pb2.ModelInferRequest(model_name=MODEL, model_version=VERSION, id="typed")
+    tensor = request.inputs.add(name="features", datatype="FP32", shape=list(batch.shape))
+    tensor.contents.fp32_contents.extend(batch.ravel().tolist())
+    for name in ("probabilities", "label"):
+        request.outputs.add(name=name)
+    with grpcio.insecure_channel(servers[1]) as channel:
+        response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, metadata=(("x-request-id", "grpc-typed-peer"),), timeout=30)
+    _grpc_request_ids.append("grpc-typed-peer")
+    assert len(response.raw_output_contents) == 2
+    result = grpcclient.InferResult(response)
+    label, prob = reference(batch)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), prob, atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(result.as_numpy("label"), label)
+
+
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
 def test_compressed_requests_are_inflated(grpc, test_rows, reference, algorithm):
     """tritonclient.grpc's `compression_algorithm` (as Triton accepts it, and as HTTP does)."""
