@@ -1637,7 +1637,7 @@ fn resolve_tls(
 }
 
 /// Whether an http(s) URL names this machine (`localhost` or a loopback address).
-pub(crate) fn url_is_loopback(url: &str) -> bool {
+pub fn url_is_loopback(url: &str) -> bool {
     reqwest::Url::parse(url).is_ok_and(|url| host_is_loopback(&url))
 }
 
@@ -1700,6 +1700,19 @@ fn without_values(message: &str) -> String {
         Some(at) => message.split_at(at),
         None => (message, ""),
     };
+    // An unknown key is named when it looks like one (letters, digits, `_`, `-`): the value
+    // hidden was the misspelt key itself, so the message said which of 80 names it expected
+    // but not which one was wrong (a review's finding).
+    if let Some(name) = head
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.strip_suffix('`'))
+        && (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return format!("unknown field `{name}`{tail}");
+    }
     match head.find(['`', '"']) {
         Some(q) => format!("{}…{tail}", &head[..q]),
         None => message.to_owned(),
@@ -2281,6 +2294,15 @@ mod tests {
             assert!(e.contains(kept), "{e}");
         }
         assert_eq!(without_values("unknown field `x"), "unknown field …");
+        // A misspelt key is named; anything that does not look like a key is not.
+        assert_eq!(
+            without_values("unknown field `results_destination`, expected one of `a`"),
+            "unknown field `results_destination`, expected one of `a`"
+        );
+        assert_eq!(
+            without_values("unknown field `sk live 123`, expected one of `a`"),
+            "unknown field …, expected one of `a`"
+        );
         assert_eq!(
             without_values("invalid type: integer `1`, expected `a` or `b`"),
             "invalid type: integer …, expected `a` or `b`"

@@ -1023,6 +1023,35 @@ fn log_access(config: &ServeConfig) {
     if !admin_possible {
         tracing::info!("model control (admin) is disabled: no admin key configured");
     }
+    // What else --insecure relaxed, each said at every start (only the HTTP and gRPC
+    // listeners were: a DICOM SCP open to any calling AE, an EHR's token sent in clear text,
+    // went unsaid, a review's finding).
+    if let Some(dicom) = &config.dicom
+        && !dicom.scp.addr.ip().is_loopback()
+        && dicom.scp.allowed.is_none()
+    {
+        tracing::warn!(
+            addr = %dicom.scp.addr,
+            "INSECURE: the DICOM SCP on {} accepts associations from any calling AE on the network (--insecure, no --dicom-allowed-ae): anyone who can connect can store instances",
+            dicom.scp.addr
+        );
+    }
+    for url in config
+        .cds
+        .fhir_servers
+        .iter()
+        .filter(|u| u.starts_with("http://") && !nightingale::config::url_is_loopback(u))
+    {
+        tracing::warn!(
+            fhir_server = %url,
+            "INSECURE: FHIR fetches to {url} send the EHR's access token in clear text (--insecure)"
+        );
+    }
+    if config.cds.any_host && !config.cds.trust.is_empty() {
+        tracing::warn!(
+            "INSECURE: CDS Hooks on a network address without --cds-base-url: a token's audience is checked against the Host header (--insecure), so a token minted for another service may be replayed here"
+        );
+    }
     // Every listener facing the network where anyone who connects holds roles (only
     // `metrics` is allowed there without --insecure: see AuthConfig::check_bind).
     for addr in std::iter::once(config.http_addr).chain(config.grpc_addr) {
@@ -1507,6 +1536,12 @@ fn init_bundle(args: InitArgs) -> anyhow::Result<()> {
     match &report.selftest {
         Some(st) => {
             println!("  {st}");
+            // The rows ship with the bundle to every server that loads it (a review's
+            // finding: the docs said self-test inputs hold no patient data).
+            eprintln!(
+                "note: the sample rows are stored as they are in {}/1/selftest.json and ship with the bundle: use synthetic or de-identified rows, never a patient's",
+                report.bundle_dir.display()
+            );
             println!(
                 "hint: the self-test's reference outputs come from {} itself; for an independent \
                  reference run: models/train/selftest.py {} 1 --reuse-inputs --update-manifest \

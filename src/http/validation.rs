@@ -252,7 +252,7 @@ impl Validation {
             return Err(AppError::new(
                 StatusCode::CONFLICT,
                 format!(
-                    "a validation run of {} is still running (one run per model at a time; its owner or an admin can cancel it)",
+                    "a validation run of {} is still running (one run per model at a time; its owner, or a caller holding admin besides researcher, can cancel it)",
                     busy.model
                 ),
             ));

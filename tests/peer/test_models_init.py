@@ -276,6 +276,10 @@ def test_filled_in_and_signed_bundle_checks_clean_under_required_signatures(fixt
     init = _run("models", "init", fixtures / "skl_logreg.onnx", "--name", "m", "--repository", repo,
                 "--sample", fixtures / "skl_logreg.csv", "--task", "tabular-risk")
     assert init.returncode == 0, init.stderr
+    # The sample rows ship with the bundle as they are: said, with where (a review's finding:
+    # the docs said self-test inputs hold no patient data).
+    assert f"note: the sample rows are stored as they are in {repo / 'm'}/1/selftest.json" in init.stderr, \
+        init.stderr
     manifest = repo / "m" / "bundle.toml"
     text = manifest.read_text()
     assert sum('"TODO: ' in ln for ln in text.splitlines() if not ln.startswith("#")) == len(TODO_FIELDS)
