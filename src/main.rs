@@ -680,7 +680,18 @@ async fn serve(
             Some(listener)
         }
     };
-    let tls = tls.zip(config.tls.clone());
+    // One TLS configuration for both listeners, and one reload task for it: each listener
+    // reloaded on its own, so a SIGHUP during a CA file's rewrite could leave one listener on
+    // the old CAs while the log said they were reloaded (a re-attack's finding).
+    let tls = tls.map(axum_server::tls_rustls::RustlsConfig::from_config);
+    #[cfg(unix)]
+    let _reload = match (&tls, &config.tls) {
+        (Some(rustls), Some(settings)) => Some(tokio::spawn(nightingale::tls::reload_on_sighup(
+            settings.clone(),
+            rustls.clone(),
+        ))),
+        _ => None,
+    };
     let max_connections = (config.max_connections, config.max_connections_per_client);
     let http_server = tokio::spawn(serve_router(
         listener,
@@ -1078,18 +1089,17 @@ fn log_access(config: &ServeConfig) {
 async fn serve_router(
     listener: tokio::net::TcpListener,
     app: axum::Router,
-    tls: Option<(Arc<rustls::ServerConfig>, nightingale::tls::TlsSettings)>,
+    tls: Option<axum_server::tls_rustls::RustlsConfig>,
     nodelay: bool,
     (max_connections, max_per_client): (usize, usize),
     stop: Stop,
 ) -> anyhow::Result<()> {
     match tls {
-        Some((server_config, settings)) => {
+        Some(rustls_config) => {
             serve_tls(
                 listener,
                 app,
-                server_config,
-                &settings,
+                rustls_config,
                 (max_connections, max_per_client),
                 stop,
             )
@@ -1107,23 +1117,16 @@ async fn serve_router(
     }
 }
 
-/// HTTPS (HTTP/2 by ALPN, else HTTP/1.1) with the certificate reloaded on SIGHUP and the
-/// client certificate, when verified, in each request's extensions.
+/// HTTPS (HTTP/2 by ALPN, else HTTP/1.1) on `rustls_config` (reloaded on SIGHUP by `serve`'s
+/// one reload task) with the client certificate, when verified, in each request's
+/// extensions.
 async fn serve_tls(
     listener: tokio::net::TcpListener,
     app: axum::Router,
-    server_config: Arc<rustls::ServerConfig>,
-    settings: &nightingale::tls::TlsSettings,
+    rustls_config: axum_server::tls_rustls::RustlsConfig,
     (max_connections, max_per_client): (usize, usize),
     stop: Stop,
 ) -> anyhow::Result<()> {
-    use axum_server::tls_rustls::RustlsConfig;
-    let rustls_config = RustlsConfig::from_config(server_config);
-    #[cfg(unix)]
-    let reload = tokio::spawn(nightingale::tls::reload_on_sighup(
-        settings.clone(),
-        rustls_config.clone(),
-    ));
     let handle = axum_server::Handle::new();
     let shutdown = {
         let handle = handle.clone();
@@ -1146,8 +1149,6 @@ async fn serve_tls(
         .handle(handle)
         .serve(app.into_make_service())
         .await;
-    #[cfg(unix)]
-    reload.abort();
     shutdown.abort();
     Ok(result?)
 }

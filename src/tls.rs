@@ -487,7 +487,9 @@ pub fn client_certificate(der: &[u8]) -> Option<ClientCertificate> {
         subject,
         sha256,
         chain: Arc::from(vec![CertificateDer::from(der.to_vec())]),
-        not_after: Some(cert.validity().not_after.timestamp()),
+        not_after: Arc::new(std::sync::atomic::AtomicI64::new(
+            cert.validity().not_after.timestamp(),
+        )),
         checked: Arc::new(std::sync::atomic::AtomicU64::new(
             crate::http::identity::client_ca_generation(),
         )),
@@ -529,11 +531,17 @@ pub fn verify_in_service(chain: &[CertificateDer<'static>]) -> Result<(), Reveri
 
 /// The earliest notAfter of a chain's certificates (Unix seconds).
 fn chain_not_after(chain: &[CertificateDer<'_>]) -> Option<i64> {
+    earliest_not_after_after(chain, i64::MIN)
+}
+
+/// The earliest notAfter of a chain's certificates that is after `now` (Unix seconds).
+pub fn earliest_not_after_after(chain: &[CertificateDer<'_>], now: i64) -> Option<i64> {
     use x509_parser::prelude::{FromDer, X509Certificate};
     chain
         .iter()
         .filter_map(|der| X509Certificate::from_der(der.as_ref()).ok())
         .map(|(_, c)| c.validity().not_after.timestamp())
+        .filter(|t| *t > now)
         .min()
 }
 
@@ -725,7 +733,9 @@ where
                         // handshake has it verified again at its first request: a review's
                         // finding).
                         if let Some(chain) = connection.peer_certificates() {
-                            c.not_after = chain_not_after(chain).or(c.not_after);
+                            if let Some(t) = chain_not_after(chain) {
+                                c.not_after = Arc::new(std::sync::atomic::AtomicI64::new(t));
+                            }
                             c.chain = chain.iter().map(|d| d.clone().into_owned()).collect();
                         }
                         c.checked = Arc::new(std::sync::atomic::AtomicU64::new(generation));

@@ -761,7 +761,7 @@ async fn a_verified_client_certificate_gets_its_configured_roles() {
         subject: "CN=pacs-gateway,O=Hospital".into(),
         sha256: "00".repeat(32),
         chain: std::sync::Arc::from(vec![]),
-        not_after: None,
+        not_after: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX)),
         checked: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
             nightingale::http::identity::client_ca_generation(),
         )),

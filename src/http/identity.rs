@@ -12,9 +12,11 @@ pub struct ClientCertificate {
     /// The chain the client presented, leaf first: verified again against the client CAs in
     /// service when they change, or when a certificate of it reaches its notAfter.
     pub chain: std::sync::Arc<[rustls::pki_types::CertificateDer<'static>]>,
-    /// The earliest notAfter of the chain presented (Unix seconds): from then on each request
-    /// verifies the chain again (the path verified may not use that certificate).
-    pub not_after: Option<i64>,
+    /// When the chain is next verified again, at the latest (Unix seconds; `i64::MAX`:
+    /// never): the earliest notAfter of the chain presented, then, after a verification
+    /// past it, the earliest notAfter still ahead (an expired certificate the path does not
+    /// use made every request verify the chain again: a re-attack's finding).
+    pub not_after: std::sync::Arc<std::sync::atomic::AtomicI64>,
     /// The generation of the client CAs it was last verified against
     /// ([`client_ca_generation`]), shared by the connection's requests.
     pub checked: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -48,13 +50,20 @@ impl ClientCertificate {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         let current = client_ca_generation();
-        let past = self.not_after.is_some_and(|t| now >= t);
+        let past = now >= self.not_after.load(Ordering::Acquire);
         if self.checked.load(Ordering::Acquire) == current && !past {
             return None;
         }
         match crate::tls::verify_in_service(&self.chain) {
             Ok(()) => {
                 self.checked.store(current, Ordering::Release);
+                if past {
+                    // The path verified now uses certificates valid now only: the earliest
+                    // notAfter still ahead bounds it.
+                    let next = crate::tls::earliest_not_after_after(&self.chain, now);
+                    self.not_after
+                        .store(next.unwrap_or(i64::MAX), Ordering::Release);
+                }
                 None
             }
             Err(crate::tls::Reverified::Expired) => {

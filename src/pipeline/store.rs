@@ -820,8 +820,12 @@ impl ResultsStore {
         rows.next().transpose()
     }
 
-    /// Pending objects due by `now`, oldest first, for destinations other than `busy`
-    /// (those with a delivery under way).
+    /// Pending objects due by `now`, for destinations other than `busy` (those with a
+    /// delivery under way), by job, oldest first. An object of an earlier job of the same
+    /// series and destination goes with a due one even before its own back-off ends: each
+    /// object kept its own back-off, so after an outage a superseded job's results (more
+    /// attempts, a longer back-off) reached PACS after those that replace them, and a PACS
+    /// showing the latest result showed the stale one (a review's finding).
     pub fn objects_due(
         &self,
         now: i64,
@@ -829,9 +833,13 @@ impl ResultsStore {
         busy: &[String],
     ) -> rusqlite::Result<Vec<ResultObject>> {
         let mut stmt = self.db.prepare_cached(&format!(
-            "{OBJECT_SELECT} WHERE delivery = 'pending' AND next_attempt_ms <= ?1
-                AND destination NOT IN (SELECT value FROM json_each(?3))
-             ORDER BY next_attempt_ms LIMIT ?2"
+            "{OBJECT_SELECT} o WHERE o.delivery = 'pending'
+                AND o.destination NOT IN (SELECT value FROM json_each(?3))
+                AND (o.next_attempt_ms <= ?1 OR EXISTS (
+                    SELECT 1 FROM objects n WHERE n.delivery = 'pending'
+                        AND n.next_attempt_ms <= ?1 AND n.destination = o.destination
+                        AND n.series_uid = o.series_uid AND n.job_id > o.job_id))
+             ORDER BY o.job_id, o.next_attempt_ms LIMIT ?2"
         ))?;
         let busy = serde_json::to_string(busy).unwrap_or_else(|_| "[]".into());
         let rows = stmt.query_map(params![now, limit as i64, busy], object_row)?;
@@ -1436,6 +1444,36 @@ mod tests {
         );
         // Reprocessing the study makes one job per (series, bundle, route).
         assert_eq!(store.reprocess("1.2", None).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn an_earlier_jobs_pending_objects_go_first_with_a_due_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
+        let old = store.add_job("1.2", "9", "r", "m", 1, "P@h:1").unwrap();
+        let new = store.add_job("1.2", "9", "r", "m", 1, "P@h:1").unwrap();
+        let at = |uid: &str, job: i64, next: i64, destination: &str| ResultObject {
+            next_attempt_ms: next,
+            attempts: 3,
+            ..result_row(uid, job, destination, "pending")
+        };
+        // The earlier job's object backs off longer (more attempts); the later one is due.
+        store.add_object(&at("5.1", old, 10_000, "P@h:1")).unwrap();
+        store.add_object(&at("5.2", new, 100, "P@h:1")).unwrap();
+        // Another destination's and another series' are not pulled forward.
+        store.add_object(&at("5.3", old, 10_000, "Q@h:2")).unwrap();
+        let mut other = at("5.4", old, 10_000, "P@h:1");
+        other.series_uid = "8".into();
+        store.add_object(&other).unwrap();
+        let due: Vec<String> = store
+            .objects_due(1_000, 10, &[])
+            .unwrap()
+            .into_iter()
+            .map(|o| o.sop_instance_uid)
+            .collect();
+        assert_eq!(due, ["5.1", "5.2"]);
+        // Nothing due: nothing pulled.
+        assert!(store.objects_due(50, 10, &[]).unwrap().is_empty());
     }
 
     #[test]
