@@ -1058,7 +1058,8 @@ fn log_access(config: &ServeConfig) {
             "INSECURE: FHIR fetches to {url} send the EHR's access token in clear text (--insecure)"
         );
     }
-    if config.cds.any_host && !config.cds.trust.is_empty() {
+    // (`any_host`: trusted issuers on a network address without --cds-base-url.)
+    if config.cds.any_host {
         tracing::warn!(
             "INSECURE: CDS Hooks on a network address without --cds-base-url: a token's audience is checked against the Host header (--insecure), so a token minted for another service may be replayed here"
         );
@@ -1175,9 +1176,9 @@ fn verified_line(what: &str, summary: &nightingale::audit::ChainSummary, anchore
 }
 
 /// Keeps a SIGHUP from ending the server (its default action) from the moment this returns:
-/// without TLS each is logged (nothing to reload); with TLS the listener's reloader takes
-/// them once it serves (tokio's handler stays installed for the life of the process, so one
-/// in between is ignored).
+/// without TLS each is logged (nothing to reload); with TLS `serve`'s reload task takes them
+/// once it runs (tokio's handler stays installed for the life of the process, so one in
+/// between is ignored).
 #[cfg(unix)]
 fn log_sighup(tls: bool) -> Option<tokio::task::JoinHandle<()>> {
     use tokio::signal::unix::{SignalKind, signal};

@@ -270,7 +270,7 @@ type Verifier = Arc<dyn rustls::server::danger::ClientCertVerifier>;
 /// the generation so that they are ([`ClientCertificate::stale`]).
 fn put_in_service(verifier: Option<Verifier>) {
     *CLIENT_VERIFIER.write().unwrap_or_else(|p| p.into_inner()) = verifier;
-    crate::http::identity::client_cas_replaced();
+    CLIENT_CA_GENERATION.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
 }
 
 /// The server configuration, and its client certificate verifier (with `--tls-client-ca`).
@@ -442,16 +442,21 @@ pub fn validity_problem(cert: &Path) -> Option<String> {
     None
 }
 
-/// The [`ClientCertificate`] of a DER certificate: its subject as RFC 4514 text (most specific
-/// RDN first, e.g. `CN=pacs-gateway,O=Radiology`, as `openssl x509 -nameopt RFC2253` prints it
-/// for ASCII names) and the SHA-256 of the DER bytes. A certificate with an empty subject (a
-/// workload certificate that names itself in its subject alternative names only) is known by
-/// those names, `SAN:DNS:a.example,URI:spiffe://…` (in the certificate's order); one with
-/// neither by its SHA-256, `SHA256:<hex>`: every such certificate was the one caller `tls:`.
-/// `None` if the certificate does not parse.
-pub fn client_certificate(der: &[u8]) -> Option<ClientCertificate> {
+/// The [`ClientCertificate`] of a chain a client presented (leaf first), verified against the
+/// client CAs of `generation`: the leaf's subject as RFC 4514 text (most specific RDN first,
+/// e.g. `CN=pacs-gateway,O=Radiology`, as `openssl x509 -nameopt RFC2253` prints it for ASCII
+/// names) and the SHA-256 of its DER bytes. A certificate with an empty subject (a workload
+/// certificate that names itself in its subject alternative names only) is known by those
+/// names, `SAN:DNS:a.example,URI:spiffe://…` (in the certificate's order); one with neither by
+/// its SHA-256, `SHA256:<hex>`: every such certificate was the one caller `tls:`. `None` if
+/// the chain is empty or its leaf does not parse.
+pub fn client_certificate(
+    chain: &[CertificateDer<'_>],
+    generation: u64,
+) -> Option<ClientCertificate> {
     use x509_parser::asn1_rs::ToDer;
     use x509_parser::prelude::{FromDer, X509Certificate};
+    let der = chain.first()?.as_ref();
     let (_, cert) = X509Certificate::from_der(der).ok()?;
     let registry = x509_parser::objects::oid_registry();
     let mut rdns = Vec::new();
@@ -483,17 +488,26 @@ pub fn client_certificate(der: &[u8]) -> Option<ClientCertificate> {
             .map(|names| format!("SAN:{names}"))
             .unwrap_or_else(|| format!("SHA256:{sha256}"));
     }
+    // Verified again from its chain's earliest notAfter on (an intermediate may expire
+    // before the leaf), and once the client CAs change after `generation`.
+    let not_after = earliest_not_after_after(chain, i64::MIN).unwrap_or(i64::MAX);
     Some(ClientCertificate {
         subject,
         sha256,
-        chain: Arc::from(vec![CertificateDer::from(der.to_vec())]),
-        not_after: Arc::new(std::sync::atomic::AtomicI64::new(
-            cert.validity().not_after.timestamp(),
-        )),
-        checked: Arc::new(std::sync::atomic::AtomicU64::new(
-            crate::http::identity::client_ca_generation(),
-        )),
+        chain: chain.iter().map(|d| d.clone().into_owned()).collect(),
+        not_after: Arc::new(std::sync::atomic::AtomicI64::new(not_after)),
+        checked: Arc::new(std::sync::atomic::AtomicU64::new(generation)),
     })
+}
+
+/// Bumped each time a verifier is put in service (start-up, each SIGHUP reload with
+/// `--tls-client-ca`): certificates verified against an earlier one are verified again at
+/// their next request ([`ClientCertificate::stale`]).
+static CLIENT_CA_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The generation of the client CAs in service.
+pub fn client_ca_generation() -> u64 {
+    CLIENT_CA_GENERATION.load(std::sync::atomic::Ordering::Acquire)
 }
 
 /// The client certificate verifier in service (the one of the configuration new handshakes
@@ -527,11 +541,6 @@ pub fn verify_in_service(chain: &[CertificateDer<'static>]) -> Result<(), Reveri
         )) => Err(Reverified::Expired),
         Err(_) => Err(Reverified::Untrusted),
     }
-}
-
-/// The earliest notAfter of a chain's certificates (Unix seconds).
-fn chain_not_after(chain: &[CertificateDer<'_>]) -> Option<i64> {
-    earliest_not_after_after(chain, i64::MIN)
 }
 
 /// The earliest notAfter of a chain's certificates that is after `now` (Unix seconds).
@@ -720,27 +729,16 @@ where
                     "plain HTTP on the HTTPS port: answered 400",
                 ));
             }
-            let generation = crate::http::identity::client_ca_generation();
+            // Read before the handshake begins: a reload during the handshake has the chain
+            // verified again at its first request (a review's finding).
+            let generation = client_ca_generation();
             let (stream, service) = inner.accept(stream, service).await?;
             let (_, connection) = stream.get_ref();
             let certificate = connection
                 .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(|leaf| match client_certificate(leaf) {
-                    Some(mut c) => {
-                        // The whole chain presented, checked against the CAs of the
-                        // generation read before the handshake began (a reload during the
-                        // handshake has it verified again at its first request: a review's
-                        // finding).
-                        if let Some(chain) = connection.peer_certificates() {
-                            if let Some(t) = chain_not_after(chain) {
-                                c.not_after = Arc::new(std::sync::atomic::AtomicI64::new(t));
-                            }
-                            c.chain = chain.iter().map(|d| d.clone().into_owned()).collect();
-                        }
-                        c.checked = Arc::new(std::sync::atomic::AtomicU64::new(generation));
-                        Some(Arc::new(c))
-                    }
+                .filter(|chain| !chain.is_empty())
+                .and_then(|chain| match client_certificate(chain, generation) {
+                    Some(c) => Some(Arc::new(c)),
                     None => {
                         tracing::warn!(
                             "verified client certificate whose subject does not parse: ignored"
@@ -887,7 +885,8 @@ mod tests {
 
     #[test]
     fn garbage_is_not_a_certificate() {
-        assert!(client_certificate(b"not DER").is_none());
+        assert!(client_certificate(&[CertificateDer::from(b"not DER".to_vec())], 0).is_none());
+        assert!(client_certificate(&[], 0).is_none());
     }
 
     #[test]

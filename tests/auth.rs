@@ -763,7 +763,7 @@ async fn a_verified_client_certificate_gets_its_configured_roles() {
         chain: std::sync::Arc::from(vec![]),
         not_after: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX)),
         checked: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
-            nightingale::http::identity::client_ca_generation(),
+            nightingale::tls::client_ca_generation(),
         )),
     };
     let with_cert = |path: &str, method: Method| {

@@ -18,22 +18,8 @@ pub struct ClientCertificate {
     /// use made every request verify the chain again: a re-attack's finding).
     pub not_after: std::sync::Arc<std::sync::atomic::AtomicI64>,
     /// The generation of the client CAs it was last verified against
-    /// ([`client_ca_generation`]), shared by the connection's requests.
+    /// ([`crate::tls::client_ca_generation`]), shared by the connection's requests.
     pub checked: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-/// Bumped each time a reload (SIGHUP) puts new client CAs in service.
-static CLIENT_CA_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// The generation of the client CAs in service.
-pub fn client_ca_generation() -> u64 {
-    CLIENT_CA_GENERATION.load(std::sync::atomic::Ordering::Acquire)
-}
-
-/// New client CAs are in service: certificates verified against the old ones are verified
-/// again at their next request ([`ClientCertificate::stale`]).
-pub fn client_cas_replaced() {
-    CLIENT_CA_GENERATION.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
 }
 
 impl ClientCertificate {
@@ -49,7 +35,7 @@ impl ClientCertificate {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let current = client_ca_generation();
+        let current = crate::tls::client_ca_generation();
         let past = now >= self.not_after.load(Ordering::Acquire);
         if self.checked.load(Ordering::Acquire) == current && !past {
             return None;
