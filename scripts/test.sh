@@ -3,18 +3,15 @@
 # `models check` on the shipped bundles, and the real-peer tests (Triton's tritonclient
 # against a running server, compared with onnxruntime) on both engines.
 #
-# Installs what it needs by name: Python packages from PyPI into .venv (pinned in
-# tests/peer/requirements.txt); the ONNX Runtime library for --features ort comes from the
-# pinned `onnxruntime` wheel there.
+# Installs what it needs by name first (scripts/deps.sh: Python packages from PyPI into .venv,
+# pinned in tests/peer/requirements.txt, and Debian packages); the ONNX Runtime library for
+# --features ort comes from the pinned `onnxruntime` wheel there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3}
+# Python packages (.venv) and Debian packages, where missing: scripts/deps.sh says which and why.
+scripts/deps.sh
 VENV=${NIGHTINGALE_VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/peer/requirements.txt
 
 ORT_DYLIB_PATH=$("$VENV/bin/python" - <<'PY'
 import glob, os, onnxruntime
@@ -23,72 +20,14 @@ print(libs[0])
 PY
 )
 export ORT_DYLIB_PATH
-
-# minisign (Debian) for the signature interop tests (tests/peer/test_signatures.py).
-if ! command -v minisign >/dev/null 2>&1; then
-  echo "== installing minisign (Debian)"
-  apt-get install -y -qq minisign >/dev/null 2>&1 || {
-    apt-get update -qq && apt-get install -y -qq minisign >/dev/null
-  }
-fi
-
-# dcmtk (Debian) for the DICOM SCP's real-peer tests (tests/peer/test_dicom_scp.py):
-# echoscu and storescu.
-if ! command -v storescu >/dev/null 2>&1; then
-  echo "== installing dcmtk (Debian)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -qq dcmtk >/dev/null 2>&1 || {
-    apt-get update -qq && apt-get install -y -qq dcmtk >/dev/null
-  }
-fi
-
-# dicom3tools (Debian) for the DICOM result objects' checks (dicom/tests/results.rs, issue 9
-# RESULTS slice): dciodvfy on every SR and SC. NIGHTINGALE_PEERS=1 makes that test run dciodvfy
-# and tests/peer/check_result_objects.py (pydicom, from $NIGHTINGALE_VENV) and fail without them.
-if ! command -v dciodvfy >/dev/null 2>&1; then
-  echo "== installing dicom3tools (Debian)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -qq dicom3tools >/dev/null 2>&1 || {
-    apt-get update -qq && apt-get install -y -qq dicom3tools >/dev/null
-  }
-fi
+# NIGHTINGALE_PEERS=1: the tests that need a peer (dciodvfy, pydicom, Orthanc, ...) fail
+# without it instead of skipping.
 export NIGHTINGALE_PEERS=1 NIGHTINGALE_VENV="$VENV"
-
-# Orthanc (Debian) as the real PACS of the DICOM pipeline's peer test
-# (tests/peer/test_dicom_orthanc.py, issue 9 PEERS slice), and with its DICOMweb plugin as a
-# STOW/QIDO/WADO client (tests/peer/test_dicomweb_orthanc.py): the tests start their own
-# Orthanc on free loopback ports with a generated configuration (the packaged service is not
-# used).
-if { ! command -v Orthanc >/dev/null 2>&1 && [ ! -x /usr/sbin/Orthanc ]; } \
-  || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then
-  echo "== installing orthanc and orthanc-dicomweb (Debian)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb >/dev/null 2>&1 || {
-    apt-get update -qq && apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb >/dev/null
-  }
-fi
-
-# Chromium (Debian) renders the validation report headless in tests/peer/test_validation.py
-# (no console errors; a screenshot in target/test-artifacts/validation).
-if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-headless-shell >/dev/null 2>&1; then
-  echo "== installing chromium (Debian)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || {
-    apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null
-  }
-fi
 
 # PostgreSQL for the scale-out audit store's tests (required, not skipped): Debian's
 # postgresql, a cluster started with pg_ctlcluster, a role and a database for the tests.
 # Set NIGHTINGALE_TEST_POSTGRES_URL yourself to use another server.
 if [ -z "${NIGHTINGALE_TEST_POSTGRES_URL:-}" ]; then
-  if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
-    echo "== installing PostgreSQL (Debian postgresql)"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq postgresql >/dev/null 2>&1 || {
-      apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
-    }
-  fi
   PG_VERSION=$(ls /usr/lib/postgresql | sort -V | tail -1)
   if ! pg_lsclusters -h | grep -q "^$PG_VERSION main"; then
     pg_createcluster "$PG_VERSION" main >/dev/null
@@ -106,22 +45,12 @@ SQL
   export NIGHTINGALE_TEST_POSTGRES_URL="host=127.0.0.1 port=$PG_PORT user=nightingale password=nightingale-test dbname=nightingale_test"
 fi
 
-# The TLS tests make a throwaway PKI with the openssl command-line tool (scripts/test-pki.sh).
-if ! command -v openssl >/dev/null 2>&1; then
-  echo "== installing openssl (Debian openssl)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -qq openssl >/dev/null 2>&1 || {
-    apt-get update -qq && apt-get install -y -qq openssl >/dev/null
-  }
-fi
-
 # Pixel decode tests (issue 9, PIXELS slice): dicom/tests/pixels.rs reads real DICOM files
 # from the installed pydicom and pydicom-data wheels (nothing copied into the repository);
 # with NIGHTINGALE_PEERS=1 a missing package fails the test instead of skipping it.
 NIGHTINGALE_PYDICOM_DIR=$("$VENV/bin/python" -c 'import os, pydicom; print(os.path.dirname(pydicom.__file__))')
 NIGHTINGALE_PYDICOM_DATA_DIR=$("$VENV/bin/python" -c 'import os, data_store; print(os.path.dirname(data_store.__file__))')
 export NIGHTINGALE_PYDICOM_DIR NIGHTINGALE_PYDICOM_DATA_DIR
-export NIGHTINGALE_PEERS=1
 
 echo "== Rust tests (default features: tract)"
 cargo test --workspace --locked
