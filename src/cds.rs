@@ -1512,9 +1512,9 @@ fn resolves_elsewhere(path: &str) -> bool {
         })
 }
 
-/// `url` for a log line: user information (`user:password@`) left out (a JWKS URL's
-/// password was logged: a red-team finding).
-fn without_userinfo(url: &str) -> String {
+/// `url` for a log line or an error: user information (`user:password@`) left out (a JWKS
+/// URL's password was logged: a red-team finding; a FHIR server's too: a review's).
+pub fn without_userinfo(url: &str) -> String {
     match url.split_once("://") {
         Some((scheme, rest)) => {
             let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());

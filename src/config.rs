@@ -1075,13 +1075,33 @@ impl ServeArgs {
         let dicom = match dicom_addr {
             None => None,
             Some(addr) => {
+                // One port per listener: found here, naming both, where the SCP's bind failed
+                // late with only the address (a review's finding). Port 0 is a free port each.
+                for (other, what) in [
+                    (Some(http_addr), "http_addr (--http-addr)"),
+                    (grpc_addr, "grpc_addr (--grpc-addr)"),
+                ] {
+                    if let Some(other) = other.filter(|o| o.port() != 0 && o.port() == addr.port())
+                        && (other.ip() == addr.ip()
+                            || other.ip().is_unspecified()
+                            || addr.ip().is_unspecified())
+                    {
+                        return Err(ConfigError::Invalid(format!(
+                            "the DICOM SCP's address {addr} (dicom_addr, --dicom-addr, --dicom-port) \
+                             takes the port of {what} {other}: give each its own port"
+                        )));
+                    }
+                }
+                // At least a second: a DICOM peer's round trip is not sub-second by contract
+                // (an idle timeout of 1e-9 s was taken, and every association aborted: a
+                // review's finding).
                 let secs = |v: Option<f64>, default: f64, what: &str| {
                     let v = v.unwrap_or(default);
-                    if v.is_finite() && v > 0.0 && v <= 86_400.0 {
+                    if v.is_finite() && (1.0..=86_400.0).contains(&v) {
                         Ok(std::time::Duration::from_secs_f64(v))
                     } else {
                         Err(ConfigError::Invalid(format!(
-                            "{what} must be more than 0 and at most 86400 seconds"
+                            "{what} must be between 1 and 86400 seconds"
                         )))
                     }
                 };
@@ -1142,6 +1162,36 @@ impl ServeArgs {
                 } else {
                     file.dicom_sop_classes.clone().unwrap_or_default()
                 };
+                // The SCP's own limits, named as they are set here (its check names them by
+                // what they are, which read as the HTTP settings of the same name).
+                if !(4096..=16 << 20).contains(&scp.max_pdu_length) {
+                    return Err(ConfigError::Invalid(
+                        "dicom_max_pdu (--dicom-max-pdu) must be between 4096 and 16777216 bytes"
+                            .into(),
+                    ));
+                }
+                if !(1..=65_536).contains(&scp.max_associations) {
+                    return Err(ConfigError::Invalid(
+                        "dicom_max_associations (--dicom-max-associations) must be between 1 and 65536"
+                            .into(),
+                    ));
+                }
+                // No DICOM instance is smaller (file meta and the attributes every store
+                // needs): 0 refused every C-STORE (a review's finding).
+                if scp.max_instance_bytes < 1024 {
+                    return Err(ConfigError::Invalid(
+                        "dicom_max_instance_bytes (--dicom-max-instance-bytes) must be at least 1024 \
+                         (there is no unlimited)"
+                            .into(),
+                    ));
+                }
+                if scp.max_inflight_bytes < scp.max_instance_bytes {
+                    return Err(ConfigError::Invalid(format!(
+                        "dicom_max_inflight_bytes (--dicom-max-inflight-bytes, {}) must be at least \
+                         dicom_max_instance_bytes ({})",
+                        scp.max_inflight_bytes, scp.max_instance_bytes
+                    )));
+                }
                 scp.check()
                     .map_err(|e| ConfigError::Invalid(e.to_string()))?;
                 Some(DicomConfig {
@@ -1382,7 +1432,8 @@ impl ServeArgs {
             .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
         {
             return Err(ConfigError::Invalid(format!(
-                "cds_fhir_servers: {bad:?} is not an http(s) URL"
+                "cds_fhir_servers: {:?} is not an http(s) URL",
+                crate::cds::without_userinfo(bad)
             )));
         }
         // The EHR's bearer token goes with every fetch: in clear text only to this machine.
@@ -1392,7 +1443,8 @@ impl ServeArgs {
             && !insecure
         {
             return Err(ConfigError::Invalid(format!(
-                "cds_fhir_servers: {bad:?}: the EHR's access token would be sent in clear text; use https:// (http:// only on a loopback host), or --insecure"
+                "cds_fhir_servers: {:?}: the EHR's access token would be sent in clear text; use https:// (http:// only on a loopback host), or --insecure",
+                crate::cds::without_userinfo(bad)
             )));
         }
         let fetch_ms = self
@@ -2156,6 +2208,73 @@ mod tests {
             },
             "cuda_device",
             "between 0 and 1023",
+        );
+        // The DICOM SCP's settings (a review's findings): a sub-second idle timeout aborted
+        // every association, 0 bytes refused every C-STORE, and the errors did not name them.
+        let dicom = |f: &dyn Fn(&mut ServeArgs)| {
+            let mut args = ServeArgs {
+                dicom_port: Some(11112),
+                data_dir: Some(PathBuf::from("/tmp/nightingale-config-test")),
+                ..ServeArgs::default()
+            };
+            f(&mut args);
+            args
+        };
+        for secs in [1e-9, 0.5, 0.0, -1.0, f64::NAN, 86_401.0] {
+            refused(
+                dicom(&|a| a.dicom_idle_timeout_secs = Some(secs)),
+                "dicom_idle_timeout_secs",
+                "between 1 and 86400",
+            );
+            refused(
+                dicom(&|a| a.dicom_association_timeout_secs = Some(secs)),
+                "dicom_association_timeout_secs",
+                "between 1 and 86400",
+            );
+        }
+        for bytes in [0, 1023] {
+            refused(
+                dicom(&|a| a.dicom_max_instance_bytes = Some(bytes)),
+                "--dicom-max-instance-bytes",
+                "at least 1024",
+            );
+        }
+        refused(
+            dicom(&|a| {
+                a.dicom_max_instance_bytes = Some(1 << 30);
+                a.dicom_max_inflight_bytes = Some(1 << 20);
+            }),
+            "--dicom-max-inflight-bytes",
+            "at least",
+        );
+        refused(
+            dicom(&|a| a.dicom_max_pdu = Some(100)),
+            "--dicom-max-pdu",
+            "between 4096 and 16777216",
+        );
+        refused(
+            dicom(&|a| a.dicom_max_associations = Some(0)),
+            "--dicom-max-associations",
+            "between 1 and 65536",
+        );
+        // The HTTP or gRPC listener's port: named at start, before anything listens.
+        refused(
+            dicom(&|a| a.http_addr = Some("127.0.0.1:11112".parse().unwrap())),
+            "takes the port of http_addr",
+            "127.0.0.1:11112",
+        );
+        refused(
+            dicom(&|a| {
+                a.grpc_addr = Some("0.0.0.0:11112".parse().unwrap());
+                a.insecure = Some(true);
+            }),
+            "takes the port of grpc_addr",
+            "0.0.0.0:11112",
+        );
+        assert!(
+            dicom(&|a| a.http_addr = Some("127.0.0.1:0".parse().unwrap()))
+                .resolve()
+                .is_ok()
         );
         refused(
             ServeArgs {

@@ -308,11 +308,16 @@ fn main() -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            // One server with a DICOM spool a data folder: two shared the pipeline's results
-            // store (with an audit trail of their own each) and routed series twice (a
-            // red-team finding). Held for the process's life.
-            let _data_folder = match &config.dicomweb {
-                Some(_) => Some(lock_data_folder(&config.data_dir)?),
+            // One server with a DICOM spool a data folder, and one a spool: two shared the
+            // pipeline's results store (with an audit trail of their own each) and routed
+            // series twice (a red-team finding), and two on one spool given with
+            // --dicom-spool outside their data folders each routed every series and sent
+            // its results to PACS (a review's finding). Held for the process's life.
+            let _locks = match &config.dicomweb {
+                Some(web) => Some((
+                    lock_folder(&config.data_dir, "serve.lock", "data folder", "--data-dir")?,
+                    lock_folder(&web.spool, ".serve.lock", "DICOM spool", "--dicom-spool")?,
+                )),
                 None => None,
             };
             // Opened before the async runtime starts: the database clients block.
@@ -521,10 +526,21 @@ fn init_tracing_at(format: LogFormat, level: &str) {
 
 /// Takes `<data-dir>/serve.lock` (created owner-only), exclusively (`flock`); the file is
 /// returned and must be kept open.
-fn lock_data_folder(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create the data folder {}", dir.display()))?;
-    let path = dir.join("serve.lock");
+/// Locks `dir` (`what`, set by `flag`) for this server: the lock is the file `name` in it,
+/// held exclusive until the file is dropped. The folder is made if missing (owner only).
+fn lock_folder(
+    dir: &std::path::Path,
+    name: &str,
+    what: &str,
+    flag: &str,
+) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create the {what} {}", dir.display()))?;
+    let path = dir.join(name);
     let mut options = std::fs::OpenOptions::new();
     options.create(true).append(true);
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
@@ -534,7 +550,7 @@ fn lock_data_folder(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "the data folder {} is in use by another server (it holds {}): give each server its own --data-dir",
+            "the {what} {} is in use by another server (it holds {}): give each server its own {flag}",
             dir.display(),
             path.display()
         ),
@@ -971,7 +987,8 @@ async fn start_services(
         let sink =
             nightingale::audit::dicom::DicomAuditSink::new(state.audit.clone(), dicom.audit_uids);
         let scp = nightingale_dicom::Scp::bind(dicom.scp.clone(), spool)
-            .await?
+            .await
+            .context("the DICOM SCP (dicom_addr, --dicom-addr, --dicom-port)")?
             .with_events(sink);
         tracing::info!(
             addr = %scp.local_addr()?,
@@ -1053,6 +1070,7 @@ fn log_access(config: &ServeConfig) {
         .iter()
         .filter(|u| u.starts_with("http://") && !nightingale::config::url_is_loopback(u))
     {
+        let url = nightingale::cds::without_userinfo(url);
         tracing::warn!(
             fhir_server = %url,
             "INSECURE: FHIR fetches to {url} send the EHR's access token in clear text (--insecure)"

@@ -125,6 +125,27 @@ fn jsonl_groups_restarts_and_tampering() {
         JsonLinesStore::open(&p, Options::default()),
         Err(AuditError::BrokenTail { .. })
     ));
+    // Nor is a trail ending in blank lines (the server writes none: records were appended
+    // after them, and the break stayed in the middle of the trail: a review's finding);
+    // a trail with CRLF line ends is still one.
+    for (what, end) in [
+        ("blank", "\n\n"),
+        ("spaces", "\n  \n"),
+        ("crlf blank", "\r\n\r\n"),
+    ] {
+        let p = dir.path().join(format!("{what}.jsonl"));
+        let ending = if what == "crlf blank" { "\r\n" } else { "\n" };
+        std::fs::write(&p, lines.join(ending) + end).unwrap();
+        match JsonLinesStore::open(&p, Options::default()) {
+            Err(AuditError::BrokenTail { reason, .. }) => {
+                assert!(reason.contains("blank"), "{what}: {reason}")
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    let p = dir.path().join("crlf.jsonl");
+    std::fs::write(&p, lines.join("\r\n") + "\r\n").unwrap();
+    assert!(JsonLinesStore::open(&p, Options::default()).is_ok());
 }
 
 #[test]

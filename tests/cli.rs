@@ -230,7 +230,7 @@ fn serve_until_listening(args: &[&str], envs: &[(&str, &str)]) -> (bool, String)
 
 /// One server with a DICOM spool a data folder: a second on the same folder is refused at
 /// start, naming it, even with an audit trail and a spool of its own (two shared the
-/// pipeline's results store and routed series twice: a red-team finding).
+/// pipeline's results store and routed series twice: a red-team finding); and one a spool.
 #[test]
 fn a_second_server_on_one_data_folder_is_refused() {
     use std::io::BufRead;
@@ -288,10 +288,32 @@ fn a_second_server_on_one_data_folder_is_refused() {
         ],
         &[],
     );
+    // Its own data folder, the first server's spool: refused too (both routed every series
+    // and sent their results to PACS: a review's finding).
+    let other_data = dir.path().join("data-2");
+    let first_spool = dir.path().join("spool-1");
+    let (spool_listening, spool_log) = serve_until_listening(
+        &[
+            "--data-dir",
+            other_data.to_str().unwrap(),
+            "--dicom-spool",
+            first_spool.to_str().unwrap(),
+            "--http-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
     let _ = first.kill();
     let _ = first.wait();
     assert!(!listening, "{log}");
     assert!(log.contains("in use by another server"), "{log}");
+    assert!(!spool_listening, "{spool_log}");
+    assert!(
+        spool_log.contains("the DICOM spool")
+            && spool_log.contains("in use by another server")
+            && spool_log.contains("--dicom-spool"),
+        "{spool_log}"
+    );
     // Once the first has stopped, the folder is free.
     let (listening, log) = serve_until_listening(
         &[
@@ -346,6 +368,36 @@ fn a_network_address_without_credentials_refuses_to_start_unless_insecure() {
     // Loopback needs nothing.
     let (listening, log) = serve_until_listening(&["--http-addr", "127.0.0.1:0"], &[]);
     assert!(listening && !log.contains("INSECURE"), "{log}");
+
+    // A FHIR server's user information is not shown, in the refusal nor in the INSECURE
+    // warning (both printed the password: a review's finding).
+    let fhir = "http://alice:S3cretPW@fhir.example.org/fhir";
+    let (listening, log) = serve_until_listening(
+        &["--http-addr", "127.0.0.1:0", "--cds-fhir-server", fhir],
+        &[],
+    );
+    assert!(!listening, "{log}");
+    assert!(
+        log.contains("cds_fhir_servers") && log.contains("http://…@fhir.example.org/fhir"),
+        "{log}"
+    );
+    assert!(!log.contains("S3cretPW") && !log.contains("alice"), "{log}");
+    let (listening, log) = serve_until_listening(
+        &[
+            "--http-addr",
+            "127.0.0.1:0",
+            "--cds-fhir-server",
+            fhir,
+            "--insecure",
+        ],
+        &[],
+    );
+    assert!(listening, "{log}");
+    assert!(
+        log.contains("INSECURE: FHIR fetches to http://…@fhir.example.org/fhir"),
+        "{log}"
+    );
+    assert!(!log.contains("S3cretPW") && !log.contains("alice"), "{log}");
 }
 
 #[test]

@@ -350,6 +350,9 @@ impl Spool {
         if !options.repair {
             return Ok(report);
         }
+        // The repairs take the index per step, after the maintenance lock where they take
+        // that too (the order a store answered from the index takes them in).
+        drop(db);
 
         let mut repaired = Repaired::default();
         for (bad, uid) in report.bad_rows.iter().zip(&bad_uids) {
@@ -360,9 +363,23 @@ impl Spool {
             if matches!(bad.problem, Problem::CannotRead { .. }) && !not_a_file {
                 repaired.left_unreadable += 1;
             } else if matches!(bad.problem, Problem::Missing | Problem::ForeignPath) || not_a_file {
+                // Under the maintenance lock, exclusive, and the file looked at again: a
+                // server beside this answers the re-send of a lost instance under that lock
+                // (shared) by writing its file again under the indexed name, and acknowledges
+                // it; the row of a file that came back is kept (it was dropped, and the
+                // acknowledged instance was on disk but in no index: a review's finding).
+                let _maintenance = self.exclusive_maintenance()?;
+                let came_back = matches!(bad.problem, Problem::Missing)
+                    && fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
+                if came_back {
+                    repaired.skipped_recent += 1;
+                    continue;
+                }
+                let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
                 db.execute("DELETE FROM instances WHERE sop_instance_uid = ?1", [uid])?;
                 repaired.rows_dropped += 1;
             } else if let Problem::RowDiffers { .. } = bad.problem {
+                let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
                 // The file is what was stored: its row is made again from it, as for a file
                 // found without one (a file another row already claims goes to quarantine).
                 db.execute("DELETE FROM instances WHERE sop_instance_uid = ?1", [uid])?;
@@ -374,6 +391,7 @@ impl Spool {
             } else if settled(&path) {
                 let reason = format!("content differs from the index: {}", bad.problem);
                 self.quarantine_file(&path, &reason, "changed")?;
+                let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
                 db.execute("DELETE FROM instances WHERE sop_instance_uid = ?1", [uid])?;
                 repaired.files_quarantined += 1;
             } else {
@@ -389,6 +407,7 @@ impl Spool {
                 .strip_prefix(&self.root)
                 .map(|r| r.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
             if self.index_or_quarantine(&db, &path, &relative)? {
                 repaired.files_indexed += 1;
             } else {
@@ -422,6 +441,17 @@ impl Spool {
 
     /// Indexes a file without a row, as a received instance is (true), or moves it to
     /// quarantine with the reason it fails the checks (false).
+    /// The maintenance lock, exclusive, waited for at most a minute (a purge batch, a row
+    /// dropped by a repair).
+    fn exclusive_maintenance(&self) -> Result<fs::File, MaintenanceError> {
+        self.maintenance_lock(true, std::time::Duration::from_secs(60))
+            .map_err(|e| MaintenanceError::Io {
+                op: "lock",
+                path: self.root.join(crate::spool::MAINTENANCE_LOCK),
+                source: std::io::Error::other(e.to_string()),
+            })
+    }
+
     fn index_or_quarantine(
         &self,
         db: &rusqlite::Connection,
@@ -476,13 +506,7 @@ impl Spool {
                 // maintenance lock, exclusive, also keeps out a server beside this process
                 // (`nightingale spool purge` while it runs), which answers a re-sent
                 // instance under it, shared, marking it received anew.
-                let _maintenance = self
-                    .maintenance_lock(true, std::time::Duration::from_secs(60))
-                    .map_err(|e| MaintenanceError::Io {
-                        op: "lock",
-                        path: self.root.join(crate::spool::MAINTENANCE_LOCK),
-                        source: std::io::Error::other(e.to_string()),
-                    })?;
+                let _maintenance = self.exclusive_maintenance()?;
                 let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
                 let batch: Vec<(String, String, i64, i64)> = {
                     let mut stmt = db.prepare(

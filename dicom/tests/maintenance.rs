@@ -80,6 +80,16 @@ fn uids(spool: &Spool) -> Vec<String> {
         .collect()
 }
 
+/// The spool's maintenance lock file, opened as another process would to take the lock.
+fn maintenance_lock_file(spool: &Path) -> std::fs::File {
+    std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(spool.join(".maintenance.lock"))
+        .unwrap()
+}
+
 fn rel(spool: &Spool, path: &Path) -> PathBuf {
     path.strip_prefix(spool.root()).unwrap().to_owned()
 }
@@ -648,12 +658,7 @@ fn a_re_sent_instance_is_received_anew_and_waits_for_a_purge_batch() {
     db.execute("UPDATE instances SET received_at_ms = ?1", [then_ms])
         .unwrap();
     // Another process's purge batch holds the lock: the re-send waits for it.
-    let lock = std::fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.path().join(".maintenance.lock"))
-        .unwrap();
+    let lock = maintenance_lock_file(dir.path());
     lock.lock().unwrap();
     let (done, finished) = std::sync::mpsc::channel();
     let resend = {
@@ -704,4 +709,46 @@ fn a_re_sent_instance_is_received_anew_and_waits_for_a_purge_batch() {
         .recv_timeout(Duration::from_secs(30))
         .expect("answered without waiting on the FIFO");
     assert!(outcome.is_err());
+}
+
+#[test]
+fn a_repair_keeps_the_row_of_a_file_a_re_send_wrote_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let files = store_some(&spool, "1.2.3.70", 1);
+    drop(spool);
+    let bytes = std::fs::read(&files[0]).unwrap();
+    std::fs::remove_file(&files[0]).unwrap();
+    // A server beside the repair answers the re-send of the lost instance under the
+    // maintenance lock, shared, writing its file again under the indexed name.
+    let lock = maintenance_lock_file(dir.path());
+    lock.lock_shared().unwrap();
+    let spool = std::sync::Arc::new(Spool::open_for_maintenance(dir.path()).unwrap());
+    let repair = {
+        let spool = spool.clone();
+        std::thread::spawn(move || spool.check(&now_check(true)))
+    };
+    // The check reads a one-row index and finds the file missing in well under this; its
+    // repair then waits for the lock.
+    std::thread::sleep(Duration::from_secs(1));
+    std::fs::write(&files[0], &bytes).unwrap();
+    lock.unlock().unwrap();
+    let report = repair.join().unwrap().unwrap();
+    assert_eq!(
+        report
+            .bad_rows
+            .iter()
+            .map(|b| b.problem.clone())
+            .collect::<Vec<_>>(),
+        vec![Problem::Missing],
+        "the check saw the file missing"
+    );
+    let repaired = report.repaired.clone().unwrap();
+    assert_eq!((repaired.rows_dropped, repaired.skipped_recent), (0, 1));
+    assert!(
+        !report.is_clean_now(),
+        "a repair that skipped a row says so"
+    );
+    assert_eq!(uids(&spool), vec!["1.2.3.70.1.1".to_owned()]);
+    assert!(spool.check(&now_check(false)).unwrap().is_consistent());
 }

@@ -396,24 +396,59 @@ impl DigestKey {
         }
         let text = std::str::from_utf8(&bytes).map_err(|_| invalid("not text"))?;
         let bytes = hex::decode(text.trim()).map_err(|_| invalid("not hex"))?;
+        if text.trim().is_empty() {
+            return Err(invalid(
+                "empty (left by a start that failed while making it, so no record was sealed \
+                 with it): delete it, and a new key is made at the next start",
+            ));
+        }
         let key: [u8; 32] = bytes.try_into().map_err(|_| invalid("not 32 bytes"))?;
         Ok(DigestKey(key))
     }
 
+    /// Written whole to a temporary file beside `path`, synced, then linked in as `path`
+    /// (which fails where something is there already, as `create_new` would) and the folder
+    /// synced: `path` is never seen empty or cut (a disk full at the first start left an
+    /// empty key, and every later start was refused: a review's finding).
     fn create(path: &Path) -> std::io::Result<DigestKey> {
         use std::io::Write as _;
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|e| std::io::Error::other(e.to_string()))?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut f = options.open(path)?;
-        f.write_all(format!("{}\n", hex::encode(key)).as_bytes())?;
-        f.sync_all()?;
+        let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                dir
+            }
+            None => Path::new("."),
+        };
+        let name = path.file_name().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "names no file")
+        })?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".{}.tmp", std::process::id()));
+        let tmp = dir.join(tmp_name);
+        let written = (|| {
+            // This process's own name: one left by a crash is written over (a link in its
+            // place is not followed).
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            {
+                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+                std::os::unix::fs::OpenOptionsExt::custom_flags(
+                    &mut options,
+                    rustix::fs::OFlags::NOFOLLOW.bits() as i32,
+                );
+            }
+            let mut f = options.open(&tmp)?;
+            f.write_all(format!("{}\n", hex::encode(key)).as_bytes())?;
+            f.sync_all()?;
+            std::fs::hard_link(&tmp, path)
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        written?;
+        std::fs::File::open(dir)?.sync_all()?;
         Ok(DigestKey(key))
     }
 
@@ -917,6 +952,13 @@ mod tests {
         let made = DigestKey::load_or_create(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        // Made beside and linked in whole: nothing else is left in the folder.
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["audit-digest.key"]);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 65);
         let again = DigestKey::load_or_create(&path).unwrap();
         assert_eq!(made.seal("abc"), again.seal("abc"));
         assert_eq!(made.id(), again.id());
@@ -931,6 +973,10 @@ mod tests {
             let e = DigestKey::load_or_create(&path).unwrap_err().to_string();
             assert!(e.contains("64 hex digits"), "{bad:?}: {e}");
         }
+        // An empty key (left by an older start that failed while writing it) says what to do.
+        std::fs::write(&path, "").unwrap();
+        let e = DigestKey::load_or_create(&path).unwrap_err().to_string();
+        assert!(e.contains("empty") && e.contains("delete it"), "{e}");
         // A link to nothing, a folder, a FIFO: refused at once (a link to nothing recursed
         // until the stack overflowed, a FIFO blocked for ever).
         let dangling = dir.path().join("dangling.key");
