@@ -355,6 +355,8 @@ pub async fn poll(
     let mut retry: BTreeMap<String, (tokio::time::Instant, Duration)> = BTreeMap::new();
     // The deployment policy's evidence each refused model was last loaded again for.
     let mut tried_evidence: BTreeMap<String, [u8; 32]> = BTreeMap::new();
+    // Bundles whose folder is there without a `bundle.toml` file: said once, kept serving.
+    let mut without_manifest: std::collections::BTreeSet<String> = Default::default();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -433,6 +435,13 @@ pub async fn poll(
             }
         }
         retry.retain(|name, _| now.contains_key(name));
+        without_manifest.retain(|name| {
+            let back = now.contains_key(name);
+            if back {
+                tracing::info!(model = %name, "bundle.toml is back");
+            }
+            !back
+        });
         let gone: Vec<String> = applied
             .keys()
             .filter(|n| !now.contains_key(*n))
@@ -443,6 +452,19 @@ pub async fn poll(
             if previous.contains_key(&name) {
                 continue;
             }
+            // The folder is there, its `bundle.toml` is not a file (deleted and being written
+            // again by a deploy tool, a dangling link, a folder): a bad bundle, not a removed
+            // one. The versions it serves go on, as for a manifest that does not verify (it
+            // unloaded every version of the model: a review's finding); a manifest back as it
+            // was changes nothing, a new one is loaded as any change is.
+            if state.repository.root().join(&name).is_dir() {
+                if without_manifest.insert(name.clone()) {
+                    tracing::warn!(model = %name,
+                        "bundle.toml is missing or not a file: the versions loaded keep serving; remove the folder, or unload the model, to stop serving it");
+                }
+                continue;
+            }
+            without_manifest.remove(&name);
             applied.remove(&name);
             tracing::info!(model = %name, "bundle removed from disk: unloading");
             let _ = unload(&state, &name, POLLER, "-").await;

@@ -444,6 +444,68 @@ async fn a_permission_change_is_a_change_the_poller_sees() {
     assert_ne!(f.state.repository.fingerprints(), before);
 }
 
+/// A bundle folder still there without its `bundle.toml` (a deploy tool deleting and writing
+/// it again, a dangling link in its place) keeps serving what it served: it unloaded every
+/// version of the model, where a manifest that does not verify is refused and the loaded
+/// versions go on (a review's finding). Only the folder's removal unloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_without_its_manifest_for_a_while_keeps_serving() {
+    let f = Fixture::new(&[1]).await;
+    let seen = f.state.repository.fingerprints();
+    let poller = tokio::spawn(nightingale::deploy::poll(
+        f.state.clone(),
+        Duration::from_millis(100),
+        seen,
+    ));
+    let manifest = f.bundle().join("bundle.toml");
+    let aside = f.dir.path().join("bundle.toml.aside");
+    std::fs::rename(&manifest, &aside).unwrap();
+    // Ten polls without it, then a dangling link for ten more: served all along.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (s, v) = f.infer_version().await;
+        assert_eq!(
+            (s, v["model_version"].as_str()),
+            (StatusCode::OK, Some("1")),
+            "{v}"
+        );
+    }
+    std::os::unix::fs::symlink(f.dir.path().join("nowhere"), &manifest).unwrap();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (s, v) = f.infer_version().await;
+        assert_eq!(
+            (s, v["model_version"].as_str()),
+            (StatusCode::OK, Some("1")),
+            "{v}"
+        );
+    }
+    std::fs::remove_file(&manifest).unwrap();
+    std::fs::rename(&aside, &manifest).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (s, v) = f.infer_version().await;
+    assert_eq!(
+        (s, v["model_version"].as_str()),
+        (StatusCode::OK, Some("1")),
+        "{v}"
+    );
+    assert!(
+        !f.audit()
+            .await
+            .iter()
+            .any(|r| r.event.kind == EventKind::ModelUnload),
+        "unloaded"
+    );
+    // The folder removed: unloaded, as before.
+    let trash = f.dir.path().join("trash");
+    std::fs::rename(f.bundle(), &trash).unwrap();
+    eventually("the model is unloaded", async || {
+        f.infer_version().await.0 == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    poller.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_poller_swaps_a_new_version_in_and_refuses_a_broken_one() {
     let f = Fixture::new(&[1]).await;
