@@ -1606,6 +1606,9 @@ pub(crate) fn authorize(
             };
             if !roles.iter().any(|r| caller.has(*r)) {
                 if caller.is_anonymous() {
+                    // Logged as the other refusals are (anonymous tries at model control left
+                    // no trace: a review's finding).
+                    tracing::warn!(caller = "anonymous", needs, endpoint, "credentials missing");
                     return Err(Denied {
                         error: AppError::new(
                             StatusCode::UNAUTHORIZED,
