@@ -341,6 +341,15 @@ enum Plan {
     Gradients(GradientMethod),
 }
 
+/// A plan checked before the prediction: what each row's perturber is made from once the
+/// model's scores are known.
+enum Spec {
+    Occlusion(ImageShape, OcclusionOptions),
+    Rise(ImageShape, RiseOptions),
+    KernelShap(Vec<Vec<f32>>, KernelShapOptions),
+    Ready(Plan),
+}
+
 /// Turns for explanations across the server: a few run at once and finish, the next wait in
 /// line (a bounded one), and the models' queues keep room for `/infer`.
 pub(crate) struct Turns {
@@ -417,9 +426,8 @@ pub(super) async fn explain_loaded(
     let decoded: usize = request.inputs.iter().map(|t| t.tensor.memory_len()).sum();
     ticket.charge_at_least(body.len().saturating_add(decoded))?;
     drop(body);
-    let turn = state.explain_turns.take().await?;
-    let explained = explain_decoded(state, model, request, audit).await?;
-    drop(turn);
+    let explained =
+        explain_in_turn(state, model, request, audit, state.explain_turns.take()).await?;
     let Explained {
         id,
         wanted,
@@ -504,6 +512,19 @@ pub(crate) async fn explain_decoded(
     model: &LoadedModel,
     request: codec::DecodedRequest,
     audit: &mut AuditEvent,
+) -> Result<Explained, AppError> {
+    explain_in_turn(state, model, request, audit, std::future::ready(Ok(()))).await
+}
+
+/// [`explain_decoded`], whose model runs once `turn` gives a turn, held until the end: every
+/// check that needs no forward pass is made before it is waited for (a request that could
+/// never succeed waited for a turn, or was told to try again later: a review's finding).
+async fn explain_in_turn<T>(
+    state: &AppState,
+    model: &LoadedModel,
+    request: codec::DecodedRequest,
+    audit: &mut AuditEvent,
+    turn: impl std::future::Future<Output = Result<T, AppError>>,
 ) -> Result<Explained, AppError> {
     audit.input_sha256 = Some(tensors_sha256(&request.inputs));
     audit.rows = request
@@ -702,7 +723,109 @@ pub(crate) async fn explain_decoded(
         }
     }
 
-    // The prediction itself.
+    let rows = shape[0];
+    if rows == 0 {
+        return Err(AppError::bad_request("/explain needs at least one row"));
+    }
+    let seed = params.seed.unwrap_or(0);
+    let invalid = |e: nightingale_inference::explain::ExplainError| {
+        // The engine's reasons may already name the method.
+        let text = e.to_string();
+        let prefix = format!("{}: ", method.as_str());
+        AppError::bad_request(if text.starts_with(&prefix) {
+            text
+        } else {
+            format!("{prefix}{text}")
+        })
+    };
+    // The method's options and forward passes are checked before any pass runs, the
+    // prediction's included (an explanation over its budget, or with options its method
+    // refuses, ran the prediction of every row first, in a turn: a review's finding).
+    let spec = match method {
+        Method::Occlusion => {
+            let shape = image.expect("checked");
+            let defaults = OcclusionOptions::for_image(shape);
+            let options = OcclusionOptions {
+                patch: params.patch.unwrap_or(defaults.patch),
+                stride: params
+                    .stride
+                    .unwrap_or_else(|| params.patch.map_or(defaults.stride, |p| (p / 2).max(1))),
+                baseline: params.baseline.unwrap_or(defaults.baseline),
+            };
+            options.check().map_err(invalid)?;
+            check_budget(method, Occlusion::passes(shape, options), rows, budget)?;
+            Spec::Occlusion(shape, options)
+        }
+        Method::Rise => {
+            let shape = image.expect("checked");
+            let defaults = RiseOptions::default();
+            let options = RiseOptions {
+                samples: params.samples.unwrap_or(defaults.samples),
+                grid: params.grid.unwrap_or(defaults.grid),
+                keep: params.keep.unwrap_or(defaults.keep),
+                baseline: params.baseline.unwrap_or(defaults.baseline),
+                seed,
+            };
+            options.check(shape).map_err(invalid)?;
+            check_budget(method, options.samples, rows, budget)?;
+            Spec::Rise(shape, options)
+        }
+        Method::KernelShap => {
+            let features = tabular.expect("checked");
+            let background: Vec<Vec<f32>> = model
+                .manifest
+                .explain
+                .as_ref()
+                .map(|e| {
+                    e.background
+                        .iter()
+                        .map(|r| r.iter().map(|&v| v as f32).collect())
+                        .collect()
+                })
+                .unwrap_or_default();
+            if background.is_empty() {
+                return Err(AppError::bad_request(format!(
+                    "kernel_shap needs a background sample, and {}'s bundle declares none ([explain] background)",
+                    model.name
+                )));
+            }
+            let options = KernelShapOptions {
+                samples: params.samples.unwrap_or(512),
+                link: Link::Identity,
+                seed,
+            };
+            options.check(features, &background).map_err(invalid)?;
+            check_budget(
+                method,
+                KernelShap::passes(features, background.len(), options.samples),
+                rows,
+                budget,
+            )?;
+            Spec::KernelShap(background, options)
+        }
+        Method::Linear => Spec::Ready(Plan::Linear),
+        Method::GradCam => {
+            let gm = GradientMethod::GradCam;
+            check_budget(method, gm.passes_per_row(), rows, budget)?;
+            Spec::Ready(Plan::Gradients(gm))
+        }
+        Method::IntegratedGradients => {
+            let gm = GradientMethod::IntegratedGradients {
+                baseline: params.baseline.unwrap_or(0.0),
+                steps: params.steps.unwrap_or(DEFAULT_IG_STEPS),
+            };
+            if params.steps == Some(0) {
+                return Err(AppError::bad_request(
+                    "integrated_gradients: parameters.steps must be at least 1",
+                ));
+            }
+            check_budget(method, gm.passes_per_row(), rows, budget)?;
+            Spec::Ready(Plan::Gradients(gm))
+        }
+    };
+
+    // Everything that can be refused without the model is: the turn, then the prediction.
+    let _turn = turn.await?;
     let data: Vec<f32> = input
         .tensor
         .view::<f32>()
@@ -710,10 +833,6 @@ pub(crate) async fn explain_decoded(
         .iter()
         .copied()
         .collect();
-    let rows = shape[0];
-    if rows == 0 {
-        return Err(AppError::bad_request("/explain needs at least one row"));
-    }
     let row_len = data.len() / rows;
     let outputs = model.worker.infer_uncounted(request.inputs).await?;
     let scores = score_table(&outputs[out_ix].tensor, rows)?;
@@ -761,119 +880,27 @@ pub(crate) async fn explain_decoded(
     };
     let score_of = |r: usize| score.of(&scores[r * classes..(r + 1) * classes], targets[r]);
 
-    let seed = params.seed.unwrap_or(0);
     let row = |r: usize| data[r * row_len..(r + 1) * row_len].to_vec();
-    let invalid = |e: nightingale_inference::explain::ExplainError| {
-        // The engine's reasons may already name the method.
-        let text = e.to_string();
-        let prefix = format!("{}: ", method.as_str());
-        AppError::bad_request(if text.starts_with(&prefix) {
-            text
-        } else {
-            format!("{prefix}{text}")
-        })
+    let perturbers = |make: &dyn Fn(usize) -> Result<Box<dyn Perturber>, _>| {
+        (0..rows)
+            .map(make)
+            .collect::<Result<Vec<_>, _>>()
+            .map(Plan::Perturb)
+            .map_err(invalid)
     };
-    let plan = match method {
-        Method::Occlusion => {
-            let shape = image.expect("checked");
-            let defaults = OcclusionOptions::for_image(shape);
-            let options = OcclusionOptions {
-                patch: params.patch.unwrap_or(defaults.patch),
-                stride: params
-                    .stride
-                    .unwrap_or_else(|| params.patch.map_or(defaults.stride, |p| (p / 2).max(1))),
-                baseline: params.baseline.unwrap_or(defaults.baseline),
-            };
-            check_budget(method, Occlusion::passes(shape, options), rows, budget)?;
-            Plan::Perturb(
-                (0..rows)
-                    .map(|r| {
-                        Occlusion::new(row(r), shape, score_of(r), options)
-                            .map(|m| Box::new(m) as Box<dyn Perturber>)
-                    })
-                    .collect::<Result<_, _>>()
-                    .map_err(invalid)?,
-            )
-        }
-        Method::Rise => {
-            let shape = image.expect("checked");
-            let defaults = RiseOptions::default();
-            let options = RiseOptions {
-                samples: params.samples.unwrap_or(defaults.samples),
-                grid: params.grid.unwrap_or(defaults.grid),
-                keep: params.keep.unwrap_or(defaults.keep),
-                baseline: params.baseline.unwrap_or(defaults.baseline),
-                seed,
-            };
-            check_budget(method, options.samples, rows, budget)?;
-            Plan::Perturb(
-                (0..rows)
-                    .map(|r| {
-                        Rise::new(row(r), shape, options).map(|m| Box::new(m) as Box<dyn Perturber>)
-                    })
-                    .collect::<Result<_, _>>()
-                    .map_err(invalid)?,
-            )
-        }
-        Method::KernelShap => {
-            let features = tabular.expect("checked");
-            let background: Vec<Vec<f32>> = model
-                .manifest
-                .explain
-                .as_ref()
-                .map(|e| {
-                    e.background
-                        .iter()
-                        .map(|r| r.iter().map(|&v| v as f32).collect())
-                        .collect()
-                })
-                .unwrap_or_default();
-            if background.is_empty() {
-                return Err(AppError::bad_request(format!(
-                    "kernel_shap needs a background sample, and {}'s bundle declares none ([explain] background)",
-                    model.name
-                )));
-            }
-            let options = KernelShapOptions {
-                samples: params.samples.unwrap_or(512),
-                link: Link::Identity,
-                seed,
-            };
-            check_budget(
-                method,
-                KernelShap::passes(features, background.len(), options.samples),
-                rows,
-                budget,
-            )?;
-            Plan::Perturb(
-                (0..rows)
-                    .map(|r| {
-                        KernelShap::new(row(r), background.clone(), score_of(r), options)
-                            .map(|m| Box::new(m) as Box<dyn Perturber>)
-                    })
-                    .collect::<Result<_, _>>()
-                    .map_err(invalid)?,
-            )
-        }
-        Method::Linear => Plan::Linear,
-        Method::GradCam => {
-            let gm = GradientMethod::GradCam;
-            check_budget(method, gm.passes_per_row(), rows, budget)?;
-            Plan::Gradients(gm)
-        }
-        Method::IntegratedGradients => {
-            let gm = GradientMethod::IntegratedGradients {
-                baseline: params.baseline.unwrap_or(0.0),
-                steps: params.steps.unwrap_or(DEFAULT_IG_STEPS),
-            };
-            if params.steps == Some(0) {
-                return Err(AppError::bad_request(
-                    "integrated_gradients: parameters.steps must be at least 1",
-                ));
-            }
-            check_budget(method, gm.passes_per_row(), rows, budget)?;
-            Plan::Gradients(gm)
-        }
+    let plan = match spec {
+        Spec::Occlusion(shape, options) => perturbers(&|r| {
+            Occlusion::new(row(r), shape, score_of(r), options)
+                .map(|m| Box::new(m) as Box<dyn Perturber>)
+        })?,
+        Spec::Rise(shape, options) => perturbers(&|r| {
+            Rise::new(row(r), shape, options).map(|m| Box::new(m) as Box<dyn Perturber>)
+        })?,
+        Spec::KernelShap(background, options) => perturbers(&|r| {
+            KernelShap::new(row(r), background.clone(), score_of(r), options)
+                .map(|m| Box::new(m) as Box<dyn Perturber>)
+        })?,
+        Spec::Ready(plan) => plan,
     };
     let chunk = forward_pass_chunk(model, row_len.saturating_mul(4));
     let gradient_method = match &plan {
@@ -1388,5 +1415,152 @@ mod tests {
         assert_eq!(turns.waiting.load(std::sync::atomic::Ordering::Acquire), 0);
         drop(held);
         assert!(turns.slots.try_acquire().is_ok());
+    }
+
+    /// Whatever can be refused without the model is refused before a turn is waited for and
+    /// before the prediction runs: a bad request waited for a turn (or was told to try again
+    /// later while the turns were taken), and one over its budget ran the prediction of
+    /// every row first (a review's findings).
+    #[tokio::test]
+    async fn refusals_come_before_the_turn_and_the_prediction() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundles = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/bundles");
+        let repo = dir.path().join("repo");
+        for model in ["wdbc-malignancy", "lesion-detection"] {
+            copy(&bundles.join(model), &repo.join(model));
+        }
+        let repository = Arc::new(nightingale_models::Repository::new(
+            &repo,
+            Default::default(),
+        ));
+        repository.load_all().unwrap();
+        let state = crate::http::AppState::new(
+            repository.clone(),
+            crate::audit::AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap(),
+            crate::http::HttpConfig::default(),
+            None,
+        );
+        let wdbc = repository.get("wdbc-malignancy", None).unwrap();
+        let lesion = repository.get("lesion-detection", None).unwrap();
+        let decode = |model: &LoadedModel, body: serde_json::Value| {
+            codec::decode_request(
+                body.to_string().as_bytes(),
+                None,
+                &model.worker.metadata().inputs,
+                &mut |_| Ok(()),
+            )
+            .unwrap()
+        };
+        let table = |parameters: serde_json::Value| {
+            serde_json::json!({"parameters": parameters, "inputs": [{"name": "features",
+                "shape": [2, 30], "datatype": "FP32", "data": vec![1.0f32; 60]}]})
+        };
+        let image = |parameters: serde_json::Value| {
+            let shape = &lesion.worker.metadata().inputs[0].shape;
+            let (c, h, w) = (shape[1] as usize, shape[2] as usize, shape[3] as usize);
+            serde_json::json!({"parameters": parameters, "inputs": [{"name":
+                lesion.worker.metadata().inputs[0].name, "shape": [2, c, h, w],
+                "datatype": "FP32", "data": vec![0.5f32; 2 * c * h * w]}]})
+        };
+        let executions = |model: &LoadedModel| model.worker.stats().snapshot().execution_count;
+        let before = (executions(&wdbc), executions(&lesion));
+        for (model, body, why) in [
+            (
+                &wdbc,
+                table(serde_json::json!({"method": "bogus"})),
+                "unknown explanation method",
+            ),
+            (
+                &wdbc,
+                table(serde_json::json!({"method": "kernel_shap", "foo": 1})),
+                "unknown parameter",
+            ),
+            (
+                &wdbc,
+                table(serde_json::json!({"method": "kernel_shap", "samples": 1_000_000})),
+                "forward passes",
+            ),
+            (
+                &wdbc,
+                table(serde_json::json!({"method": "kernel_shap", "samples": 0})),
+                "samples must be at least 1",
+            ),
+            (
+                &lesion,
+                image(serde_json::json!({"method": "rise", "samples": 1_000_000})),
+                "forward passes",
+            ),
+            (
+                &lesion,
+                image(serde_json::json!({"method": "rise", "grid": 0})),
+                "grid must be",
+            ),
+            (
+                &lesion,
+                image(serde_json::json!({"method": "rise", "p": 0.0})),
+                "keep (p)",
+            ),
+            (
+                &lesion,
+                image(serde_json::json!({"method": "occlusion", "patch": 1, "stride": 1})),
+                "forward passes",
+            ),
+            (
+                &lesion,
+                image(serde_json::json!({"method": "occlusion", "patch": 2, "stride": 3})),
+                "must not exceed the patch",
+            ),
+        ] {
+            let mut audit = AuditEvent::blank(crate::audit::EventKind::Explain, "t".into(), None);
+            let turn = std::future::poll_fn(|_| -> std::task::Poll<Result<(), AppError>> {
+                panic!("waited for a turn: {why}")
+            });
+            let refused =
+                match explain_in_turn(&state, model, decode(model, body), &mut audit, turn).await {
+                    Ok(_) => panic!("{why}: explained"),
+                    Err(e) => e,
+                };
+            assert_eq!(
+                refused.status,
+                StatusCode::BAD_REQUEST,
+                "{}",
+                refused.message
+            );
+            assert!(refused.message.contains(why), "{why}: {}", refused.message);
+        }
+        assert_eq!(
+            (executions(&wdbc), executions(&lesion)),
+            before,
+            "the model ran"
+        );
+        // A request that passes waits for its turn, then runs.
+        let waited = std::sync::atomic::AtomicBool::new(false);
+        let mut audit = AuditEvent::blank(crate::audit::EventKind::Explain, "t".into(), None);
+        let body = table(serde_json::json!({"method": "kernel_shap", "samples": 64}));
+        let turn = async {
+            waited.store(true, std::sync::atomic::Ordering::Release);
+            Ok::<_, AppError>(())
+        };
+        let explained = explain_in_turn(&state, &wdbc, decode(&wdbc, body), &mut audit, turn).await;
+        assert!(
+            explained.is_ok(),
+            "{:?}",
+            explained.err().map(|e| e.message)
+        );
+        assert!(waited.load(std::sync::atomic::Ordering::Acquire));
+        assert!(executions(&wdbc) > before.0);
+    }
+
+    fn copy(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
     }
 }

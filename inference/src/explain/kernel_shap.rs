@@ -58,6 +58,30 @@ pub struct KernelShapOptions {
     pub seed: u64,
 }
 
+impl KernelShapOptions {
+    /// What [`KernelShap::new`] refuses of the options and the background for rows of
+    /// `features` values, checked before any forward pass (the prediction included).
+    pub fn check(&self, features: usize, background: &[Vec<f32>]) -> Result<(), ExplainError> {
+        if background.is_empty() {
+            return Err(ExplainError::Invalid(
+                "kernel_shap needs a background sample".into(),
+            ));
+        }
+        if let Some(row) = background.iter().find(|r| r.len() != features) {
+            return Err(ExplainError::Invalid(format!(
+                "kernel_shap: a background row has {} values for {features} features",
+                row.len()
+            )));
+        }
+        if self.samples == 0 {
+            return Err(ExplainError::Invalid(
+                "kernel_shap: samples must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// KernelSHAP of one row.
 pub struct KernelShap {
     x: Vec<f32>,
@@ -137,23 +161,7 @@ impl KernelShap {
         score: f64,
         options: KernelShapOptions,
     ) -> Result<Self, ExplainError> {
-        if background.is_empty() {
-            return Err(ExplainError::Invalid(
-                "kernel_shap needs a background sample".into(),
-            ));
-        }
-        if let Some(row) = background.iter().find(|r| r.len() != x.len()) {
-            return Err(ExplainError::Invalid(format!(
-                "kernel_shap: a background row has {} values for {} features",
-                row.len(),
-                x.len()
-            )));
-        }
-        if options.samples == 0 {
-            return Err(ExplainError::Invalid(
-                "kernel_shap: samples must be at least 1".into(),
-            ));
-        }
+        options.check(x.len(), &background)?;
         let varying: Vec<usize> = (0..x.len())
             .filter(|&j| background.iter().any(|b| b[j] != x[j]))
             .collect();

@@ -31,6 +31,31 @@ impl OcclusionOptions {
             baseline: 0.0,
         }
     }
+
+    /// What [`Occlusion::new`] refuses of the options themselves, checked before any forward
+    /// pass (the prediction included).
+    pub fn check(&self) -> Result<(), ExplainError> {
+        if self.patch == 0 || self.stride == 0 {
+            return Err(ExplainError::Invalid(
+                "occlusion: patch and stride must be at least 1 pixel".into(),
+            ));
+        }
+        // A stride over the patch leaves pixels no window covers, whose saliency would read
+        // as 0 — "occluding this changes nothing" — where nothing was measured (a red-team
+        // finding).
+        if self.stride > self.patch {
+            return Err(ExplainError::Invalid(format!(
+                "occlusion: the stride ({}) must not exceed the patch ({}): every pixel is covered by a window",
+                self.stride, self.patch
+            )));
+        }
+        if !self.baseline.is_finite() {
+            return Err(ExplainError::Invalid(
+                "occlusion: the baseline must be finite".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Window starts along an axis of `len` pixels.
@@ -67,25 +92,7 @@ impl Occlusion {
         options: OcclusionOptions,
     ) -> Result<Self, ExplainError> {
         shape.check(&x)?;
-        if options.patch == 0 || options.stride == 0 {
-            return Err(ExplainError::Invalid(
-                "occlusion: patch and stride must be at least 1 pixel".into(),
-            ));
-        }
-        // A stride over the patch leaves pixels no window covers, whose saliency would read
-        // as 0 — "occluding this changes nothing" — where nothing was measured (a red-team
-        // finding).
-        if options.stride > options.patch {
-            return Err(ExplainError::Invalid(format!(
-                "occlusion: the stride ({}) must not exceed the patch ({}): every pixel is covered by a window",
-                options.stride, options.patch
-            )));
-        }
-        if !options.baseline.is_finite() {
-            return Err(ExplainError::Invalid(
-                "occlusion: the baseline must be finite".into(),
-            ));
-        }
+        options.check()?;
         let patch_h = options.patch.min(shape.height);
         let patch_w = options.patch.min(shape.width);
         let ys = starts(shape.height, patch_h, options.stride);

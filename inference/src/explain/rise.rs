@@ -41,6 +41,37 @@ impl Default for RiseOptions {
     }
 }
 
+impl RiseOptions {
+    /// What [`Rise::new`] refuses of the options for an image of `shape`, checked before any
+    /// forward pass (the prediction included).
+    pub fn check(&self, shape: ImageShape) -> Result<(), ExplainError> {
+        if self.samples == 0 {
+            return Err(ExplainError::Invalid(
+                "rise: samples must be at least 1".into(),
+            ));
+        }
+        if self.grid == 0 || self.grid > shape.height.min(shape.width) {
+            return Err(ExplainError::Invalid(format!(
+                "rise: grid must be 1..={} cells for a {}×{} image",
+                shape.height.min(shape.width),
+                shape.height,
+                shape.width
+            )));
+        }
+        if !(self.keep > 0.0 && self.keep <= 1.0) {
+            return Err(ExplainError::Invalid(
+                "rise: keep (p) must be in (0, 1]".into(),
+            ));
+        }
+        if !self.baseline.is_finite() {
+            return Err(ExplainError::Invalid(
+                "rise: the baseline must be finite".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// RISE of one image.
 pub struct Rise {
     x: Vec<f32>,
@@ -58,29 +89,7 @@ impl Rise {
     /// `x`: the image (`C·H·W` values).
     pub fn new(x: Vec<f32>, shape: ImageShape, options: RiseOptions) -> Result<Self, ExplainError> {
         shape.check(&x)?;
-        if options.samples == 0 {
-            return Err(ExplainError::Invalid(
-                "rise: samples must be at least 1".into(),
-            ));
-        }
-        if options.grid == 0 || options.grid > shape.height.min(shape.width) {
-            return Err(ExplainError::Invalid(format!(
-                "rise: grid must be 1..={} cells for a {}×{} image",
-                shape.height.min(shape.width),
-                shape.height,
-                shape.width
-            )));
-        }
-        if !(options.keep > 0.0 && options.keep <= 1.0) {
-            return Err(ExplainError::Invalid(
-                "rise: keep (p) must be in (0, 1]".into(),
-            ));
-        }
-        if !options.baseline.is_finite() {
-            return Err(ExplainError::Invalid(
-                "rise: the baseline must be finite".into(),
-            ));
-        }
+        options.check(shape)?;
         Ok(Rise {
             x,
             shape,
