@@ -19,6 +19,7 @@ The admin token the server gets is `ADMIN_TOKEN` (fixture `admin_headers`).
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import shutil
 import socket
@@ -234,34 +235,48 @@ def client(server_url):
     c.close()
 
 
+def _rebuilt_testdata(bundle: str, script: str, timeout_s: int) -> Path:
+    """The bundle's testdata/ when present, else the folder its training script's
+    --testdata-only rebuilds from the real DICOM files in the PyPI packages: once per
+    checkout and version of the training scripts, kept under target/peer-cache/ so that the
+    second engine's session (scripts/test.sh runs the peers on tract, then on ort) reads it
+    back instead of rebuilding it (a minute or two of CI each)."""
+    folder = REPO / "models" / "bundles" / bundle / "testdata"
+    if (folder / "images.npy").exists():
+        return folder
+    digest = hashlib.sha256()
+    for source in sorted((REPO / "models" / "train").glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    cache = REPO / "target" / "peer-cache" / f"{bundle}-testdata-{digest.hexdigest()[:16]}"
+    if (cache / "images.npy").exists():
+        return cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{cache.name}.tmp-", dir=cache.parent))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "models/train" / script), "--testdata-only", "--out", str(work)],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
+    )
+    if proc.returncode != 0:
+        shutil.rmtree(work, ignore_errors=True)
+    assert proc.returncode == 0, f"--testdata-only failed:\n{proc.stdout}\n{proc.stderr}"
+    try:
+        # Whole or not at all: a session killed while rebuilding leaves no half folder here.
+        os.rename(work, cache)
+    except OSError:
+        # Another session placed it first: that one is read.
+        shutil.rmtree(work, ignore_errors=True)
+    return cache
+
+
 @pytest.fixture(scope="session")
-def orientation_testdata(tmp_path_factory) -> Path:
+def orientation_testdata() -> Path:
     """The folder of image-orientation's held-out test split (images.npy, labels.npy,
-    samples.json): the bundle's testdata/ when present, else rebuilt once per session by the
-    training script's --testdata-only from the real DICOM files in the PyPI packages."""
-    folder = REPO / "models" / "bundles" / "image-orientation" / "testdata"
-    if not (folder / "images.npy").exists():
-        folder = tmp_path_factory.mktemp("image-orientation-testdata")
-        proc = subprocess.run(
-            [sys.executable, str(REPO / "models/train/image_orientation.py"), "--testdata-only", "--out", str(folder)],
-            cwd=REPO, capture_output=True, text=True, timeout=600,
-        )
-        assert proc.returncode == 0, f"--testdata-only failed:\n{proc.stdout}\n{proc.stderr}"
-    return folder
+    samples.json): see `_rebuilt_testdata`."""
+    return _rebuilt_testdata("image-orientation", "image_orientation.py", 600)
 
 
 @pytest.fixture(scope="session")
-def lesion_testdata(tmp_path_factory) -> Path:
+def lesion_testdata() -> Path:
     """The folder of lesion-detection's held-out test split (images.npy [300, 1, 128, 128],
-    labels.npy, masks.npy): the bundle's testdata/ when present, else rebuilt once per session
-    by the training script's --testdata-only (numpy + pydicom) from the real DICOM files in the
-    PyPI packages."""
-    folder = REPO / "models" / "bundles" / "lesion-detection" / "testdata"
-    if not (folder / "images.npy").exists():
-        folder = tmp_path_factory.mktemp("lesion-detection-testdata")
-        proc = subprocess.run(
-            [sys.executable, str(REPO / "models/train/lesion_detection.py"), "--testdata-only", "--out", str(folder)],
-            cwd=REPO, capture_output=True, text=True, timeout=900,
-        )
-        assert proc.returncode == 0, f"--testdata-only failed:\n{proc.stdout}\n{proc.stderr}"
-    return folder
+    labels.npy, masks.npy): see `_rebuilt_testdata`."""
+    return _rebuilt_testdata("lesion-detection", "lesion_detection.py", 900)
