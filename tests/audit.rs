@@ -148,6 +148,65 @@ fn jsonl_groups_restarts_and_tampering() {
     assert!(JsonLinesStore::open(&p, Options::default()).is_ok());
 }
 
+/// A check of the trail holds its rotation lock shared while it lists and reads the files:
+/// the server's rotation waits for its next group (a rotation during a check made it read
+/// the new empty live file, or miss a file rotated twice meanwhile, and call a sound trail
+/// cut short or broken: a review's finding).
+#[test]
+fn a_rotation_waits_while_a_check_reads_the_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let mut store = JsonLinesStore::open(
+        &path,
+        Options {
+            fsync: false,
+            rotate_bytes: 1,
+        },
+    )
+    .unwrap();
+    let rotated = || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                let name = name.to_string_lossy();
+                name.starts_with("audit.") && name != "audit.jsonl"
+            })
+            .count()
+    };
+    append(&mut store, 0..2);
+    assert_eq!(rotated(), 1);
+    // A check (another process: its own open file) holds the lock shared.
+    let lock = std::fs::File::open(dir.path().join(".audit.jsonl.rotation-lock")).unwrap();
+    lock.lock_shared().unwrap();
+    append(&mut store, 2..4);
+    append(&mut store, 4..6);
+    assert_eq!(rotated(), 1, "rotated during a check");
+    lock.unlock().unwrap();
+    append(&mut store, 6..8);
+    assert_eq!(rotated(), 2);
+    drop(store);
+    let summary = audit::verify(&path).unwrap();
+    assert_eq!((summary.records, summary.last_seq()), (8, Some(7)));
+    // The check takes the lock itself: a rotation waits while it holds it.
+    lock.lock().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let checked = path.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(audit::verify(&checked).map(|s| s.records));
+    });
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_millis(300))
+            .is_err(),
+        "the check did not wait for the rotation under way"
+    );
+    lock.unlock().unwrap();
+    let records = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the check ends once the rotation is done");
+    assert_eq!(records.unwrap(), 8);
+}
+
 #[test]
 fn a_file_that_is_not_a_trail_is_refused_and_left_as_it_was() {
     // A red-team finding: `validate --audit-log` pointed at a model file cut off everything

@@ -74,7 +74,43 @@ pub struct JsonLinesStore {
     /// A failed write may have left bytes past `good_len`: truncate before writing more.
     dirty: bool,
     tail: Option<Tail>,
+    /// [`rotation_lock_path`], open while the store is: a rotation takes it exclusive, and
+    /// waits for its next chance while a check holds it shared.
+    rotation_lock: Option<File>,
 }
+
+/// The lock a check of the trail holds shared while it lists and reads the files (`flock`
+/// on `.<live file name>.rotation-lock` beside the live file), and a rotation takes
+/// exclusive: a rotation during a check made it read the new, empty live file after the
+/// last rotated file it had listed, or miss a file rotated twice meanwhile, and report a
+/// sound trail cut short or broken (a review's finding, under a rotation every ~100 ms).
+fn rotation_lock_path(live: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(live.file_name().unwrap_or_default());
+    name.push(".rotation-lock");
+    live.with_file_name(name)
+}
+
+/// Holds the rotation lock of the trail whose live file is `live` shared, while the value
+/// lives: waited for at most [`PAUSE_WAIT`] (a rotation holds it for a rename); `None`
+/// where there is none (a trail of an older server, one never rotated) or it cannot be
+/// had, and the check reads as before, listing the files again when they changed.
+fn pause_rotation(live: &Path) -> Option<File> {
+    let lock = File::open(rotation_lock_path(live)).ok()?;
+    let deadline = std::time::Instant::now() + PAUSE_WAIT;
+    loop {
+        match lock.try_lock_shared() {
+            Ok(()) => return Some(lock),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// How long a check waits for a rotation under way to end.
+const PAUSE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Locks the live file `file` (of `path`) for this store (`flock`, exclusive, held while the
 /// handle is open): a second writer of the same trail (another server on the same data
@@ -147,6 +183,24 @@ impl JsonLinesStore {
             tail = last_record(newest, &f, len)?;
         }
         let identity = identity(&file).map_err(io(path))?;
+        // Made where it can be (owner only); a trail without it rotates as before.
+        let lock_path = rotation_lock_path(path);
+        let rotation_lock = {
+            let mut options = OpenOptions::new();
+            options.create(true).truncate(false).write(true);
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            std::os::unix::fs::OpenOptionsExt::custom_flags(
+                &mut options,
+                rustix::fs::OFlags::NOFOLLOW.bits() as i32,
+            );
+            options
+                .open(&lock_path)
+                .inspect_err(|e| {
+                    tracing::warn!(path = %lock_path.display(), error = %e,
+                        "cannot open the audit trail's rotation lock: a check may read a rotation half done")
+                })
+                .ok()
+        };
         Ok(JsonLinesStore {
             path: path.to_owned(),
             options,
@@ -155,6 +209,7 @@ impl JsonLinesStore {
             good_len,
             dirty: false,
             tail,
+            rotation_lock,
         })
     }
 
@@ -227,8 +282,32 @@ impl JsonLinesStore {
         Ok(())
     }
 
-    /// Renames the live file to its rotated name and starts a new one.
+    /// Renames the live file to its rotated name and starts a new one; once a check of the
+    /// trail holding [`rotation_lock_path`] is done (tried again after the next group).
     fn rotate(&mut self) -> Result<(), AuditError> {
+        let lock = self.rotation_lock.take();
+        if let Some(l) = &lock {
+            match l.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    tracing::debug!("audit log rotation postponed: a check is reading the trail");
+                    self.rotation_lock = lock;
+                    return Ok(());
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    tracing::warn!(error = %e, "cannot take the audit trail's rotation lock; rotating");
+                }
+            }
+        }
+        let rotated = self.rotate_now();
+        if let Some(l) = &lock {
+            let _ = l.unlock();
+        }
+        self.rotation_lock = lock;
+        rotated
+    }
+
+    fn rotate_now(&mut self) -> Result<(), AuditError> {
         let first_seq = {
             let file = File::open(&self.path).map_err(io(&self.path))?;
             let mut first = String::new();
@@ -703,6 +782,8 @@ fn regular(path: &Path) -> Result<(), AuditError> {
 /// check failed "records were removed from its end" on a sound trail: a review's finding).
 /// A result stands when the log's files are the same before and after the read.
 fn verify_log(path: &Path, watch: Option<u64>, archived: bool) -> Result<ChainSummary, AuditError> {
+    // No rotation while the files are listed and read (a server of this version).
+    let _paused = pause_rotation(&live_name(path).unwrap_or_else(|| path.to_owned()));
     let mut attempt = 0;
     loop {
         let set = LogSet::of(path)?;
