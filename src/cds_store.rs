@@ -66,9 +66,12 @@ impl Drop for CdsStore {
 
 fn open(path: &Path) -> rusqlite::Result<Connection> {
     let db = Connection::open(path)?;
+    db.busy_timeout(std::time::Duration::from_secs(10))?;
+    // Another program's database, another store's, or a newer layout: refused before
+    // anything in it is changed.
+    nightingale_dicom::sqlite_schema::CDS.check(&db)?;
     db.pragma_update(None, "journal_mode", "WAL")?;
     db.pragma_update(None, "synchronous", "FULL")?;
-    db.busy_timeout(std::time::Duration::from_secs(10))?;
     Ok(db)
 }
 
@@ -137,6 +140,9 @@ impl CdsStore {
         // Indexes: a feedback item replaces its card's earlier one (a scan of every row per
         // item took 10 s a post at a million rows: a red-team finding).
         db.execute_batch(SCHEMA).map_err(sql)?;
+        nightingale_dicom::sqlite_schema::CDS
+            .mark(&db)
+            .map_err(sql)?;
         let cutoff = (Utc::now() - Duration::days(CARD_RETENTION_DAYS)).to_rfc3339();
         db.execute("DELETE FROM cards WHERE issued_at < ?1", [&cutoff])
             .map_err(sql)?;

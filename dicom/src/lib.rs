@@ -35,6 +35,7 @@ pub mod reencode;
 pub mod series;
 pub mod sop;
 pub mod spool;
+pub mod sqlite_schema;
 pub mod stow;
 pub mod structure;
 mod ul;

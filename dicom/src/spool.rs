@@ -751,9 +751,12 @@ impl Spool {
             narrow(&path, 0o600).map_err(io(&path))?;
         }
         let db = Connection::open(&index)?;
+        db.busy_timeout(std::time::Duration::from_secs(10))?;
+        // Another program's database, another store's, or a newer layout: refused before
+        // anything in it is changed (the journal mode included).
+        crate::sqlite_schema::SPOOL_INDEX.check(&db)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
-        db.busy_timeout(std::time::Duration::from_secs(10))?;
         db.execute_batch(
             "CREATE TABLE IF NOT EXISTS instances (
                 sop_instance_uid TEXT PRIMARY KEY,
@@ -771,6 +774,7 @@ impl Spool {
         )?;
         add_attribute_columns(&db)?;
         add_arrival_sequence(&db)?;
+        crate::sqlite_schema::SPOOL_INDEX.mark(&db)?;
         let anonymous_temps =
             !options.named_temp_files && anonymous_temps_work(&root.join(TMP_DIR));
         let direct_writes =

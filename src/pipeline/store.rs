@@ -155,9 +155,12 @@ pub fn quick_check(db: &Connection) -> rusqlite::Result<()> {
 impl ResultsStore {
     pub fn open(path: &Path) -> rusqlite::Result<ResultsStore> {
         let db = Connection::open(path)?;
+        db.busy_timeout(std::time::Duration::from_secs(10))?;
+        // Another program's database, another store's, or a newer layout: refused before
+        // anything in it is changed.
+        nightingale_dicom::sqlite_schema::RESULTS.check(&db)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "FULL")?;
-        db.busy_timeout(std::time::Duration::from_secs(10))?;
         quick_check(&db)?;
         db.execute_batch(
             "CREATE TABLE IF NOT EXISTS cursor (
@@ -240,6 +243,7 @@ impl ResultsStore {
              );
              INSERT OR IGNORE INTO job_seq (id, high) SELECT 1, coalesce(max(id), 0) FROM jobs;",
         )?;
+        nightingale_dicom::sqlite_schema::RESULTS.mark(&db)?;
         Ok(ResultsStore { db })
     }
 
@@ -1039,6 +1043,48 @@ mod tests {
                 (third, JobState::Done)
             ]
         );
+    }
+
+    /// The store marks its database, and refuses one that is not it (another store of
+    /// Nightingale's, a newer layout) without changing it (it was opened as it was, its
+    /// tables made beside whatever it held).
+    #[test]
+    fn the_store_is_marked_and_refuses_other_databases() {
+        use nightingale_dicom::sqlite_schema::{RESULTS, SPOOL_INDEX};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sqlite3");
+        drop(ResultsStore::open(&path).unwrap());
+        let db = Connection::open(&path).unwrap();
+        let id: i32 = db
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(id, RESULTS.application_id);
+        // From the spool's index in its place: refused, named, nothing made in it.
+        let spool = dir.path().join("index.sqlite3");
+        let other = Connection::open(&spool).unwrap();
+        other.execute_batch("CREATE TABLE instances (x)").unwrap();
+        SPOOL_INDEX.mark(&other).unwrap();
+        drop(other);
+        let e = ResultsStore::open(&spool).err().unwrap().to_string();
+        assert!(
+            e.contains("DICOM spool index, not its DICOM pipeline results store"),
+            "{e}"
+        );
+        let tables: i64 = Connection::open(&spool)
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(tables, 1);
+        // A newer layout of the store itself.
+        db.pragma_update(None, "user_version", RESULTS.version + 1)
+            .unwrap();
+        drop(db);
+        let e = ResultsStore::open(&path).err().unwrap().to_string();
+        assert!(e.contains("newer Nightingale"), "{e}");
     }
 
     /// Red-team finding: retention purged a routed series' oldest instance, and a late one
