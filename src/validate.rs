@@ -449,7 +449,72 @@ struct DicomDataset {
     pending: VecDeque<Row>,
     /// (path relative to the folder, SHA-256) of each file read, in manifest order.
     files: Vec<(String, String)>,
+    /// The row that first named each file (device, inode) and each content (SHA-256): a
+    /// file named again, under its name or another, is the same image, not another row.
+    seen_files: std::collections::HashMap<(u64, u64), u64>,
+    seen_contents: std::collections::HashMap<String, u64>,
     bytes: u64,
+}
+
+/// A dataset file opened once, for what follows to read the very file that was checked: a
+/// path swapped meanwhile for a link out of the folder or a FIFO (a review's finding: a file
+/// outside the folder was read and a run blocked for good) is refused at the open, and the
+/// readers reopen the open file itself through `/proc/self/fd` rather than the name.
+struct OpenedFile {
+    file: std::fs::File,
+    len: u64,
+    identity: (u64, u64),
+}
+
+impl OpenedFile {
+    /// `full` (canonical, so holding no link) opened with no link followed anywhere along
+    /// it (`openat2` RESOLVE_NO_SYMLINKS; `O_NOFOLLOW` on the last component where the
+    /// kernel lacks openat2), without blocking, then checked to be a regular file.
+    fn open(full: &Path) -> Result<OpenedFile, String> {
+        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+        let fd = match rustix::fs::openat2(
+            rustix::fs::CWD,
+            full,
+            flags,
+            Mode::empty(),
+            ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        ) {
+            Err(rustix::io::Errno::NOSYS) => {
+                rustix::fs::openat(rustix::fs::CWD, full, flags, Mode::empty())
+            }
+            other => other,
+        }
+        .map_err(|e| match e {
+            rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => {
+                "the file is outside the dataset folder".to_owned()
+            }
+            rustix::io::Errno::NOENT => "the file is missing".to_owned(),
+            _ => "the file cannot be read".to_owned(),
+        })?;
+        let file = std::fs::File::from(fd);
+        let meta = file
+            .metadata()
+            .map_err(|_| "the file cannot be read".to_owned())?;
+        if !meta.is_file() || meta.len() > MAX_DICOM_FILE_BYTES {
+            return Err(format!(
+                "not a regular file of at most {MAX_DICOM_FILE_BYTES} bytes"
+            ));
+        }
+        use std::os::unix::fs::MetadataExt as _;
+        Ok(OpenedFile {
+            file,
+            len: meta.len(),
+            identity: (meta.dev(), meta.ino()),
+        })
+    }
+
+    /// A name that opens this very file again (its descriptor under `/proc/self/fd`), for
+    /// the readers that take a path.
+    fn path(&self) -> PathBuf {
+        use std::os::fd::AsRawFd as _;
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
 }
 
 /// The largest DICOM file a dataset row may name.
@@ -480,6 +545,8 @@ impl DicomDataset {
             limits: nightingale_dicom::pixels::Limits::default(),
             pending: VecDeque::new(),
             files: Vec::new(),
+            seen_files: Default::default(),
+            seen_contents: Default::default(),
             bytes: 0,
         })
     }
@@ -494,7 +561,7 @@ impl DicomDataset {
             Some(Ok(r)) => r,
         };
         let rel = r.file.clone().unwrap_or_default();
-        match self.decode(&rel) {
+        match self.decode(&rel, r.row) {
             Ok(frames) => {
                 for features in frames {
                     self.pending.push_back(Row {
@@ -509,23 +576,34 @@ impl DicomDataset {
         }
     }
 
-    /// The preprocessed frames of one file.
-    fn decode(&mut self, rel: &str) -> Result<Vec<Vec<f32>>, String> {
+    /// The preprocessed frames of the file row `row` names.
+    fn decode(&mut self, rel: &str, row: u64) -> Result<Vec<Vec<f32>>, String> {
         use nightingale_dicom::pixels::{Colour, DecodeOptions, PixelSource};
         let full = path_under(&self.dir, rel).map_err(|e| match e {
             PathRefused::Missing => "the file is missing".to_owned(),
             _ => "the file is outside the dataset folder".to_owned(),
         })?;
-        let meta = std::fs::metadata(&full).map_err(|_| "the file cannot be read".to_owned())?;
-        if !meta.is_file() || meta.len() > MAX_DICOM_FILE_BYTES {
+        let opened = OpenedFile::open(&full)?;
+        // One image is one row: the same file or the same bytes named again met the gate's
+        // minimum sample and narrowed its intervals (a review's finding: six files named
+        // twenty times each passed a gate that the six alone fail).
+        if let Some(first) = self.seen_files.get(&opened.identity) {
             return Err(format!(
-                "not a regular file of at most {MAX_DICOM_FILE_BYTES} bytes"
+                "the same file as row {first}: an image counts once"
             ));
         }
+        self.seen_files.insert(opened.identity, row);
+        let full = opened.path();
         let sha256 = nightingale_models::sha256_file(&full)
             .map_err(|_| "the file cannot be read".to_owned())?;
+        if let Some(first) = self.seen_contents.get(&sha256) {
+            return Err(format!(
+                "the same bytes as the file of row {first}: an image counts once"
+            ));
+        }
+        self.seen_contents.insert(sha256.clone(), row);
         self.files.push((rel.to_owned(), sha256));
-        self.bytes += meta.len();
+        self.bytes += opened.len;
         // Before any pixel is decoded. A review's findings: every frame of a multi-frame
         // file was a row of its own, so one 10-frame file met a minimum of 10 negatives (its
         // frames are one image's, not independent rows), and a 4,096-frame file of 18 KB
@@ -1625,15 +1703,25 @@ fn print_summary(r: &Report, out: &Path, secs: f64, predictions: bool) {
 
 /// The gate's criteria, each passed or failed, and where the report is.
 fn print_verdict(r: &Report, out: &Path) {
-    if let Some(g) = &r.gate {
-        for c in &g.criteria {
-            println!(
-                "gate      {} {}: {}",
-                if c.passed { "PASS" } else { "FAIL" },
-                c.criterion,
-                c.reason.as_deref().unwrap_or("ok")
-            );
+    match &r.gate {
+        Some(g) => {
+            for c in &g.criteria {
+                println!(
+                    "gate      {} {}: {}",
+                    if c.passed { "PASS" } else { "FAIL" },
+                    c.criterion,
+                    c.reason.as_deref().unwrap_or("ok")
+                );
+            }
         }
+        // Exit 0 all the same, but a report without a gate never lets a version serve under
+        // `--require-validation` (it printed nothing, and the server's refusal read as a
+        // failed metric: a review's finding).
+        None if r.source == "inference" => println!(
+            "gate      none: the bundle declares no [[validation.gate]], so this report cannot let \
+             it serve under --require-validation (docs/validation.md)"
+        ),
+        None => {}
     }
     println!("report    {}", out.join("report.html").display());
 }
@@ -1722,9 +1810,10 @@ pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionChec
     };
     let check = move |name: &str, version: u64, manifest_sha256: &str| {
         let candidates = report_candidates(&reports);
-        // (created, passed) of the newest report that counts.
-        let mut newest: Option<(String, bool)> = None;
+        // (created, passed, judged by a gate) of the newest report that counts.
+        let mut newest: Option<(String, bool, bool)> = None;
         let mut others_only = false;
+        let mut predictions_only = false;
         for path in candidates {
             let Ok(meta) = std::fs::metadata(&path) else {
                 continue;
@@ -1746,11 +1835,15 @@ pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionChec
                 continue;
             };
             let Some(model) = head.model else { continue };
-            if head.source != "inference"
-                || model.name != name
+            if model.name != name
                 || model.version != version
                 || model.manifest_sha256 != manifest_sha256
             {
+                continue;
+            }
+            if head.source != "inference" {
+                // Scored from predictions the model did not make here (`--predictions`).
+                predictions_only = true;
                 continue;
             }
             if head
@@ -1787,16 +1880,21 @@ pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionChec
             // ordered by anything but the folder listing: a failed one among them decides,
             // whatever that order (a review made the same pair pass or fail by renaming
             // folders).
-            let newer = newest.as_ref().is_none_or(|(created, was_passed)| {
+            let newer = newest.as_ref().is_none_or(|(created, was_passed, _)| {
                 head.created > *created || (head.created == *created && *was_passed)
             });
             if newer {
-                newest = Some((head.created, passed));
+                newest = Some((head.created, passed, head.gate.is_some()));
             }
         }
         Err(match newest {
-            Some((_, true)) => return Ok(()),
-            Some((created, false)) => format!(
+            Some((_, true, _)) => return Ok(()),
+            Some((created, false, false)) => format!(
+                "its newest validation report for manifest {manifest_sha256} ({created}) has no \
+                 gate: the bundle declares no [[validation.gate]], and a report passes the \
+                 deployment gate only on its criteria (--require-validation; docs/validation.md)"
+            ),
+            Some((created, false, true)) => format!(
                 "its newest validation report for manifest {manifest_sha256} ({created}) does \
                  not pass a gate (--require-validation)"
             ),
@@ -1806,6 +1904,12 @@ pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionChec
                  deployment gate does not count: validate on a dataset under --validation-root \
                  as an admin or with `nightingale \
                  validate` (--require-validation)"
+            ),
+            None if predictions_only => format!(
+                "its only validation reports of {name} version {version} for manifest \
+                 {manifest_sha256} were scored from given predictions (--predictions), which \
+                 the deployment gate does not count: validate the model itself (--model) \
+                 (--require-validation)"
             ),
             // The data folder is not named: this is answered over HTTP, to callers who may
             // not learn the server's paths (a review's finding).

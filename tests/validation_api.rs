@@ -1103,6 +1103,22 @@ fn require_validation_promotes_only_versions_with_a_passing_report() {
     write("v2", &report);
     let err = gated().load(MODEL).unwrap_err().to_string();
     assert!(err.contains("of researchers' runs"), "{err}");
+    // Nor reports scored from given predictions, and the refusal says so (it said there was
+    // no report at all: a review's finding).
+    let mut scored = report.clone();
+    scored["dataset"]["origin"] = json!("file");
+    scored["source"] = json!("predictions");
+    write("v2", &scored);
+    let err = gated().load(MODEL).unwrap_err().to_string();
+    assert!(err.contains("scored from given predictions"), "{err}");
+    // A report of a bundle that declares no gate: the refusal names the missing gate (it
+    // read as a failed metric: a review's finding).
+    let mut ungated = report.clone();
+    ungated["dataset"]["origin"] = json!("file");
+    ungated["gate"] = Value::Null;
+    write("v2", &ungated);
+    let err = gated().load(MODEL).unwrap_err().to_string();
+    assert!(err.contains("declares no [[validation.gate]]"), "{err}");
     // The operator's passing report again, and a newer upload and researcher's run that
     // fail: still serves.
     report["dataset"]["origin"] = json!("file");

@@ -676,6 +676,11 @@ def _dicom_dataset(folder: Path) -> tuple[list[np.ndarray], list[int], list[str]
     # the pipeline would never send them to the bundle (a review's findings).
     shutil.copy(get_testdata_file("emri_small.dcm"), folder / "multi.dcm")
     shutil.copy(get_testdata_file("US1_UNCR.dcm"), folder / "us.dcm")
+    # An image named again counts once, whatever the name (a review's finding: six files named
+    # twenty times each passed a gate the six alone fail); a FIFO is refused without blocking.
+    shutil.copy(folder / rows[1][0], folder / "copy.dcm")
+    os.symlink(rows[2][0], folder / "link.dcm")
+    os.mkfifo(folder / "fifo.dcm")
     with open(folder / "manifest.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "label", "source"])
@@ -684,6 +689,10 @@ def _dicom_dataset(folder: Path) -> tuple[list[np.ndarray], list[int], list[str]
         w.writerow(["../outside.dcm", 1, "x"])
         w.writerow(["multi.dcm", 0, "x"])
         w.writerow(["us.dcm", 1, "x"])
+        w.writerow([rows[0][0], 0, "x"])
+        w.writerow(["copy.dcm", 1, "x"])
+        w.writerow(["link.dcm", 2, "x"])
+        w.writerow(["fifo.dcm", 0, "x"])
     return inputs, labels, sources
 
 
@@ -700,8 +709,12 @@ def test_a_dicom_folder_is_decoded_and_preprocessed_as_the_pipeline_does(tmp_pat
     d = r["dataset"]
     assert d["kind"] == "dicom-folder" and d["rows_used"] == len(y), d
     reasons = {u["row"]: u["reason"] for u in d["unusable"]}
-    assert set(reasons) == {len(y) + 1, len(y) + 2, len(y) + 3, len(y) + 4}, reasons
+    assert set(reasons) == set(range(len(y) + 1, len(y) + 9)), reasons
     assert "outside the dataset folder" in reasons[len(y) + 2]
+    assert reasons[len(y) + 5] == "the same file as row 1: an image counts once", reasons
+    assert reasons[len(y) + 6] == "the same bytes as the file of row 2: an image counts once", reasons
+    assert reasons[len(y) + 7] == "the same file as row 3: an image counts once", reasons
+    assert reasons[len(y) + 8].startswith("not a regular file"), reasons
     assert reasons[len(y) + 3].startswith("10 frames: a row of a DICOM dataset is one single-frame image"), reasons
     assert "does not take it (modality \"US\" not accepted)" in reasons[len(y) + 4], reasons
     assert abs(r["auroc"]["value"] - skm.roc_auc_score(y, prob, multi_class="ovr", average="macro")) < 1e-3
