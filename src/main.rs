@@ -226,6 +226,12 @@ struct InitArgs {
     /// ONNX Runtime shared library for --backend ort (default: ORT_DYLIB_PATH).
     #[arg(long, env = "NIGHTINGALE_ORT_LIBRARY")]
     ort_library: Option<PathBuf>,
+    /// Add this version to the existing bundle --name instead of scaffolding a new one: the
+    /// model as version N with checksums, a self-test (--sample, else the newest earlier
+    /// version's self-test inputs through the new model), `[versions.N]` appended to
+    /// bundle.toml and its release raised; sign again afterwards.
+    #[arg(long, value_name = "N")]
+    version: Option<u64>,
 }
 
 #[cfg(feature = "mimalloc")]
@@ -1522,6 +1528,9 @@ fn init_bundle(args: InitArgs) -> anyhow::Result<()> {
             ..RepositoryOptions::default()
         },
     };
+    if args.version.is_some() {
+        return add_version(&args.model, &options, args.version);
+    }
     let report = match nightingale_models::init(&args.model, &options) {
         Ok(report) => report,
         Err(e) => {
@@ -1585,6 +1594,56 @@ fn init_bundle(args: InitArgs) -> anyhow::Result<()> {
         "next: once bundle.toml is final, sign it (the signature covers its text): \
          nightingale models sign --key KEY {}",
         report.bundle_dir.display()
+    );
+    Ok(())
+}
+
+/// `models init --version N`: a version added to an existing bundle.
+fn add_version(
+    model: &std::path::Path,
+    options: &nightingale_models::InitOptions,
+    version: Option<u64>,
+) -> anyhow::Result<()> {
+    let added = match nightingale_models::init::add_version(model, options, version) {
+        Ok(added) => added,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1)
+        }
+    };
+    let report = &added.report;
+    for d in &report.disagreements {
+        eprintln!("warning: {d}");
+    }
+    for note in &report.notes {
+        eprintln!("note: {note}");
+    }
+    println!(
+        "added version {} to {} (loaded on {})",
+        added.version,
+        report.bundle_dir.display(),
+        report.engine
+    );
+    match (&report.selftest, added.selftest_from) {
+        (Some(st), Some(from)) => println!("  {st}, on version {from}'s self-test inputs"),
+        (Some(st), None) => println!("  {st}, on the sample rows"),
+        (None, _) => println!("  no self-test"),
+    }
+    if let Some((from, to)) = added.release {
+        println!("  release raised from {from} to {to}");
+    }
+    println!(
+        "next: sign the new manifest (the signature covers its text{}): nightingale models sign --key KEY {}",
+        if added.was_signed {
+            "; the old signature no longer verifies, so servers that check signatures keep serving the earlier versions until then"
+        } else {
+            ""
+        },
+        report.bundle_dir.display()
+    );
+    println!(
+        "next: under --require-validation, validate version {} (and every version that may serve or be rolled back to) against the new manifest",
+        added.version
     );
     Ok(())
 }

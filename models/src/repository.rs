@@ -131,7 +131,7 @@ pub struct Bundle {
     /// What the manifest's signature established.
     pub signature: SignatureStatus,
     /// The manifest's exact text, as parsed (and as its signature covers).
-    text: Arc<str>,
+    pub(crate) text: Arc<str>,
     /// SHA-256 of that text (hex): what the audit trail's load records and the deployment
     /// policy name the manifest by.
     pub manifest_sha256: String,

@@ -265,17 +265,19 @@ fn parse(bytes: &[u8], metadata: &ModelMetadata) -> Result<File, SelfTestError> 
     Ok(file)
 }
 
-/// Runs the reference inputs through `backend` and compares every reference output.
-pub fn run(
-    backend: &mut dyn Backend,
-    metadata: &ModelMetadata,
-    spec: &SelfTestSpec,
+/// The reference inputs of a `selftest.json` (`bytes`) for a model of `metadata`, in its
+/// inputs' order: `models init --version` runs another version's through a new model.
+pub(crate) fn reference_inputs(
     bytes: &[u8],
-) -> Result<SelfTestReport, SelfTestError> {
-    let file = parse(bytes, metadata)?;
+    metadata: &ModelMetadata,
+) -> Result<Vec<NamedTensor>, SelfTestError> {
+    inputs_of(&parse(bytes, metadata)?, metadata)
+}
+
+fn inputs_of(file: &File, metadata: &ModelMetadata) -> Result<Vec<NamedTensor>, SelfTestError> {
     let by_name: BTreeMap<&str, &FileTensor> =
         file.inputs.iter().map(|t| (t.name.as_str(), t)).collect();
-    let inputs = metadata
+    metadata
         .inputs
         .iter()
         .map(|s| {
@@ -284,7 +286,18 @@ pub fn run(
                 by_name[s.name.as_str()].to_tensor()?,
             ))
         })
-        .collect::<Result<Vec<_>, SelfTestError>>()?;
+        .collect()
+}
+
+/// Runs the reference inputs through `backend` and compares every reference output.
+pub fn run(
+    backend: &mut dyn Backend,
+    metadata: &ModelMetadata,
+    spec: &SelfTestSpec,
+    bytes: &[u8],
+) -> Result<SelfTestReport, SelfTestError> {
+    let file = parse(bytes, metadata)?;
+    let inputs = inputs_of(&file, metadata)?;
     let rows = inputs
         .first()
         .and_then(|t| t.tensor.shape().first().copied())

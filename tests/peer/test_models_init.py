@@ -296,6 +296,54 @@ def test_filled_in_and_signed_bundle_checks_clean_under_required_signatures(fixt
     assert len(lines) == 2 and not any(ln.startswith("warn") for ln in lines), lines
 
 
+def test_a_version_added_to_a_bundle_checks_and_serves_its_own_outputs(fixtures, tmp_path):
+    """`models init --version N` adds a version to an existing bundle (a review's finding: the
+    docs gave no way to make version N's entry, checksums and self-test): the model as N with
+    its checksums, version 1's self-test inputs run through the new model (reference outputs
+    checked here against onnxruntime on the new file), `[versions.N]` appended to bundle.toml
+    as it is, its release raised; nothing changes where the new model does not fit the bundle."""
+    repo = tmp_path / "repo"
+    first = _run("models", "init", fixtures / "skl_logreg.onnx", "--name", "m", "--repository", repo,
+                 "--sample", fixtures / "skl_logreg.csv")
+    assert first.returncode == 0, first.stderr
+    manifest = repo / "m" / "bundle.toml"
+    manifest.write_text("# kept as written\nrelease = 1\n" + manifest.read_text())
+    added = _run("models", "init", fixtures / "skl_gradient_boosting.onnx", "--name", "m",
+                 "--repository", repo, "--version", "2")
+    assert added.returncode == 0, added.stdout + added.stderr
+    assert "added version 2" in added.stdout and "release raised from 1 to 2" in added.stdout, added.stdout
+    text = manifest.read_text()
+    assert text.startswith("# kept as written\nrelease = 2\n"), text[:200]
+    m = tomllib.loads(text)
+    assert sorted(m["versions"]) == ["1", "2"] and m["release"] == 2
+    st1 = json.loads((repo / "m" / "1" / "selftest.json").read_text())
+    st2 = json.loads((repo / "m" / "2" / "selftest.json").read_text())
+    assert st2["inputs"] == st1["inputs"]
+    x = np.array(st2["inputs"][0]["data"], dtype=np.float32).reshape(st2["inputs"][0]["shape"])
+    expected = _ort_outputs(_session(fixtures / "skl_gradient_boosting.onnx"), x)
+    assert sorted(o["name"] for o in st2["outputs"]) == sorted(expected)
+    for o in st2["outputs"]:
+        got = np.array(o["data"]).reshape(o["shape"])
+        np.testing.assert_allclose(got, expected[o["name"]], atol=1e-5, rtol=1e-4, err_msg=o["name"])
+    check = _run("models", "check", repo / "m")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert [p.name for p in repo.iterdir()] == ["m"], "a staging folder was left behind"
+    # Refused, nothing changed: the version again, a model that does not fit the bundle's
+    # inputs, a bundle that is not there.
+    before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+    again = _run("models", "init", fixtures / "skl_logreg.onnx", "--name", "m", "--repository", repo,
+                 "--version", "2")
+    assert again.returncode == 1 and "version 2 of m already exists" in again.stderr, again.stderr
+    misfit = _run("models", "init", fixtures / "torch_cnn.onnx", "--name", "m", "--repository", repo,
+                  "--version", "3")
+    assert misfit.returncode == 1 and "do not fit the new model" in misfit.stderr, misfit.stderr
+    missing = _run("models", "init", fixtures / "skl_logreg.onnx", "--name", "other", "--repository", repo,
+                   "--version", "2")
+    assert missing.returncode == 1 and "holds no bundle to add a version to" in missing.stderr, missing.stderr
+    assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
+    assert [p.name for p in repo.iterdir()] == ["m"]
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
