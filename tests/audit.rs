@@ -205,6 +205,42 @@ fn a_rotation_waits_while_a_check_reads_the_trail() {
         .recv_timeout(std::time::Duration::from_secs(30))
         .expect("the check ends once the rotation is done");
     assert_eq!(records.unwrap(), 8);
+    // A FIFO in the lock's place is no lock: the check reads as before, without waiting on it.
+    let lock_path = dir.path().join(".audit.jsonl.rotation-lock");
+    std::fs::remove_file(&lock_path).unwrap();
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&lock_path)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(audit::verify(&path).map(|s| s.records));
+    });
+    let records = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the check does not wait on a FIFO");
+    assert_eq!(records.unwrap(), 8);
+    // Nor does the store, which opens and rotates as before.
+    let live = dir.path().join("audit.jsonl");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let opened = JsonLinesStore::open(
+            &live,
+            Options {
+                fsync: false,
+                rotate_bytes: 1,
+            },
+        )
+        .map(|mut store| append(&mut store, 8..10));
+        let _ = tx.send(opened.is_ok());
+    });
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the store does not wait on a FIFO")
+    );
 }
 
 #[test]

@@ -96,7 +96,17 @@ fn rotation_lock_path(live: &Path) -> PathBuf {
 /// where there is none (a trail of an older server, one never rotated) or it cannot be
 /// had, and the check reads as before, listing the files again when they changed.
 fn pause_rotation(live: &Path) -> Option<File> {
-    let lock = File::open(rotation_lock_path(live)).ok()?;
+    // Not followed if a link, not waited on if a FIFO: only a regular file is a lock.
+    let mut options = OpenOptions::new();
+    options.read(true);
+    std::os::unix::fs::OpenOptionsExt::custom_flags(
+        &mut options,
+        (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
+    );
+    let lock = options.open(rotation_lock_path(live)).ok()?;
+    if !lock.metadata().ok()?.is_file() {
+        return None;
+    }
     let deadline = std::time::Instant::now() + PAUSE_WAIT;
     loop {
         match lock.try_lock_shared() {
@@ -189,12 +199,20 @@ impl JsonLinesStore {
             let mut options = OpenOptions::new();
             options.create(true).truncate(false).write(true);
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            // A link is not followed, a FIFO not waited on: only a regular file is a lock.
             std::os::unix::fs::OpenOptionsExt::custom_flags(
                 &mut options,
-                rustix::fs::OFlags::NOFOLLOW.bits() as i32,
+                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
             );
             options
                 .open(&lock_path)
+                .and_then(|f| {
+                    if f.metadata()?.is_file() {
+                        Ok(f)
+                    } else {
+                        Err(std::io::Error::other("not a regular file"))
+                    }
+                })
                 .inspect_err(|e| {
                     tracing::warn!(path = %lock_path.display(), error = %e,
                         "cannot open the audit trail's rotation lock: a check may read a rotation half done")
