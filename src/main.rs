@@ -547,12 +547,8 @@ fn lock_folder(
         .create(dir)
         .with_context(|| format!("cannot create the {what} {}", dir.display()))?;
     let path = dir.join(name);
-    let mut options = std::fs::OpenOptions::new();
-    options.create(true).append(true);
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let file = options
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    let file = nightingale_models::open_lock_file(&path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(

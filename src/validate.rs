@@ -453,6 +453,9 @@ struct DicomDataset {
     /// file named again, under its name or another, is the same image, not another row.
     seen_files: std::collections::HashMap<(u64, u64), u64>,
     seen_contents: std::collections::HashMap<String, u64>,
+    /// ... and each SOP Instance UID: one instance re-encoded, or with a byte changed in a
+    /// private tag, is still one image (a re-attack: 16 instances counted as 80 rows).
+    seen_instances: std::collections::HashMap<String, u64>,
     bytes: u64,
 }
 
@@ -510,10 +513,41 @@ impl OpenedFile {
     }
 
     /// A name that opens this very file again (its descriptor under `/proc/self/fd`), for
-    /// the readers that take a path.
-    fn path(&self) -> PathBuf {
+    /// the readers that take a path; `full` (the name checked) where `/proc` is not mounted
+    /// (every row was refused without it: a re-attack's finding), said once in the log.
+    fn path(&self, full: &Path) -> PathBuf {
         use std::os::fd::AsRawFd as _;
-        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+        static PROC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let proc = *PROC.get_or_init(|| {
+            let mounted = Path::new("/proc/self/fd").is_dir();
+            if !mounted {
+                tracing::warn!(
+                    "/proc is not mounted: DICOM dataset files are decoded by their names, after the check that they are in the folder"
+                );
+            }
+            mounted
+        });
+        if proc {
+            PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+        } else {
+            full.to_owned()
+        }
+    }
+
+    /// SHA-256 (hex) of the open file, read from its start.
+    fn sha256(&self) -> std::io::Result<String> {
+        use sha2::Digest as _;
+        use std::io::Read as _;
+        let mut hasher = sha2::Sha256::new();
+        let mut reader = std::io::BufReader::with_capacity(1 << 16, &self.file);
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match reader.read(&mut buf)? {
+                0 => break,
+                n => hasher.update(&buf[..n]),
+            }
+        }
+        Ok(hex::encode(hasher.finalize()))
     }
 }
 
@@ -547,6 +581,7 @@ impl DicomDataset {
             files: Vec::new(),
             seen_files: Default::default(),
             seen_contents: Default::default(),
+            seen_instances: Default::default(),
             bytes: 0,
         })
     }
@@ -593,9 +628,10 @@ impl DicomDataset {
             ));
         }
         self.seen_files.insert(opened.identity, row);
-        let full = opened.path();
-        let sha256 = nightingale_models::sha256_file(&full)
+        let sha256 = opened
+            .sha256()
             .map_err(|_| "the file cannot be read".to_owned())?;
+        let full = opened.path(&full);
         if let Some(first) = self.seen_contents.get(&sha256) {
             return Err(format!(
                 "the same bytes as the file of row {first}: an image counts once"
@@ -611,6 +647,15 @@ impl DicomDataset {
         // not take (a US colour image for a CR/DX/CT/MR bundle) were scored as rows.
         let header = nightingale_dicom::series::SeriesHeader::read(&full)
             .map_err(|_| "not a readable DICOM file".to_owned())?;
+        if !header.sop_instance_uid.is_empty() {
+            if let Some(first) = self.seen_instances.get(&header.sop_instance_uid) {
+                return Err(format!(
+                    "the same instance (SOP Instance UID) as row {first}: an image counts once"
+                ));
+            }
+            self.seen_instances
+                .insert(header.sop_instance_uid.clone(), row);
+        }
         if header.frames > 1 {
             return Err(format!(
                 "{} frames: a row of a DICOM dataset is one single-frame image (the frames of one file are not independent rows; multi-frame files are not validated)",

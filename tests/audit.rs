@@ -148,6 +148,30 @@ fn jsonl_groups_restarts_and_tampering() {
     assert!(JsonLinesStore::open(&p, Options::default()).is_ok());
 }
 
+/// Rotated files of the trail `audit.jsonl` in `dir`.
+fn rotated_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("audit.") && name != "audit.jsonl"
+        })
+        .count()
+}
+
+/// A JSON-lines store at `path` that rotates after every group.
+fn rotating_at_every_group(path: &Path) -> JsonLinesStore {
+    JsonLinesStore::open(
+        path,
+        Options {
+            fsync: false,
+            rotate_bytes: 1,
+        },
+    )
+    .unwrap()
+}
+
 /// A check of the trail holds its rotation lock shared while it lists and reads the files:
 /// the server's rotation waits for its next group (a rotation during a check made it read
 /// the new empty live file, or miss a file rotated twice meanwhile, and call a sound trail
@@ -156,24 +180,8 @@ fn jsonl_groups_restarts_and_tampering() {
 fn a_rotation_waits_while_a_check_reads_the_trail() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
-    let mut store = JsonLinesStore::open(
-        &path,
-        Options {
-            fsync: false,
-            rotate_bytes: 1,
-        },
-    )
-    .unwrap();
-    let rotated = || {
-        std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| {
-                let name = e.as_ref().unwrap().file_name();
-                let name = name.to_string_lossy();
-                name.starts_with("audit.") && name != "audit.jsonl"
-            })
-            .count()
-    };
+    let mut store = rotating_at_every_group(&path);
+    let rotated = || rotated_files(dir.path());
     append(&mut store, 0..2);
     assert_eq!(rotated(), 1);
     // A check (another process: its own open file) holds the lock shared.
@@ -241,6 +249,30 @@ fn a_rotation_waits_while_a_check_reads_the_trail() {
         rx.recv_timeout(std::time::Duration::from_secs(30))
             .expect("the store does not wait on a FIFO")
     );
+}
+
+/// The rotation lock removed while the server runs is made again at the next rotation, and
+/// holds rotations off again (checks read without it until a restart: a re-attack's finding).
+#[test]
+fn a_removed_rotation_lock_is_made_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let lock_path = dir.path().join(".audit.jsonl.rotation-lock");
+    let mut store = rotating_at_every_group(&path);
+    let rotated = || rotated_files(dir.path());
+    std::fs::remove_file(&lock_path).unwrap();
+    append(&mut store, 0..2);
+    assert_eq!(rotated(), 1);
+    assert!(lock_path.is_file(), "made again");
+    let lock = std::fs::File::open(&lock_path).unwrap();
+    lock.lock_shared().unwrap();
+    append(&mut store, 2..4);
+    assert_eq!(rotated(), 1, "rotated during a check");
+    lock.unlock().unwrap();
+    append(&mut store, 4..6);
+    assert_eq!(rotated(), 2);
+    drop(store);
+    assert_eq!(audit::verify(&path).unwrap().records, 6);
 }
 
 #[test]

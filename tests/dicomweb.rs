@@ -55,6 +55,21 @@ impl Server {
         Server::with_http(limits, options, HttpConfig::default())
     }
 
+    /// A server whose in-flight budget (`--max-inflight-bytes`) is `bytes`.
+    fn with_budget(bytes: usize) -> Server {
+        Server::with_http(
+            DicomWebConfig::default(),
+            SpoolOptions {
+                min_free_bytes: 0,
+                ..Default::default()
+            },
+            HttpConfig {
+                max_inflight_bytes: bytes,
+                ..HttpConfig::default()
+            },
+        )
+    }
+
     fn with_http(limits: DicomWebConfig, options: SpoolOptions, http: HttpConfig) -> Server {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("models")).unwrap();
@@ -1780,17 +1795,7 @@ async fn wado_boundaries_are_random_q_values_rank_syntaxes_and_re_encoding_is_bu
         file.extend_from_slice(&value);
     }
     // A budget smaller than twice the file: no room to re-encode it.
-    let server = Server::with_http(
-        DicomWebConfig::default(),
-        SpoolOptions {
-            min_free_bytes: 0,
-            ..Default::default()
-        },
-        HttpConfig {
-            max_inflight_bytes: file.len(),
-            ..HttpConfig::default()
-        },
-    );
+    let server = Server::with_budget(file.len());
     let instance = stow_one(&server, &file, 92).await;
     let study = format!("/dicomweb/studies/{STUDY}");
     // Any syntax taken: sent as stored, under a boundary that differs at each answer.
@@ -1914,4 +1919,48 @@ fn audit_records(
 
 fn detail_map(r: &nightingale::audit::AuditRecord) -> std::collections::BTreeMap<String, String> {
     support::detail_pairs(r.event.detail.as_deref())
+}
+
+/// A streamed retrieval holds 512 KiB of the in-flight budget until its body is done or its
+/// client gone (hyper's write buffer and a chunk read ahead): clients that ask and never read
+/// held ~470 KB each outside any budget (a review: 2,000 of them took the server from 135 MB
+/// to 1.07 GB). Beyond the budget: 503 with Retry-After, before the read is audited.
+#[tokio::test]
+async fn unread_retrievals_hold_the_in_flight_budget() {
+    let server = Server::with_budget(5 << 18); // 1.25 MiB: room for two retrievals
+    let file = part10(STUDY, SERIES, &sop(95), 1);
+    let instance = stow_one(&server, &file, 95).await;
+    let study = format!("/dicomweb/studies/{STUDY}");
+    let retrievals_audited = || {
+        std::fs::read_to_string(server._dir.path().join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"retrieve\""))
+            .count()
+    };
+    // Two answers whose bodies nobody reads: held.
+    let first = retrieve(&server, &instance, None).await;
+    let second = retrieve(&server, &study, None).await;
+    assert_eq!(
+        (first.status(), second.status()),
+        (StatusCode::OK, StatusCode::OK)
+    );
+    let audited = retrievals_audited();
+    let third = retrieve(&server, &study, None).await;
+    assert_eq!(third.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(third.headers().contains_key(header::RETRY_AFTER));
+    assert_eq!(
+        retrievals_audited(),
+        audited,
+        "a refused retrieval is not audited"
+    );
+    // Read to its end, the first gives its bytes back; dropped unread, the second too.
+    let (boundary, body) = multipart_answer(first).await;
+    let stored = std::fs::read(&server.spool.instances().unwrap()[0].path).unwrap();
+    assert!(split_multipart(&body, &boundary)[0].1 == stored);
+    drop(second);
+    for uri in [&instance, &study] {
+        let (_, body) = multipart_answer(retrieve(&server, uri, None).await).await;
+        assert!(!body.is_empty());
+    }
 }

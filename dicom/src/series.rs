@@ -45,6 +45,8 @@ pub struct SeriesHeader {
     pub frames: u32,
     pub transfer_syntax: String,
     pub instance_number: Option<i64>,
+    /// SOP Instance UID (its padding trimmed): one instance, however its file is encoded.
+    pub sop_instance_uid: String,
     /// SHA-256 (hex) of the Patient ID, when there is one: enough to match a patient's
     /// results later (CDS imaging cards) without keeping the identifier itself.
     pub patient_id_sha256: Option<String>,
@@ -158,6 +160,7 @@ impl SeriesHeader {
                 .unwrap_or(1),
             transfer_syntax: crate::sop::trim_uid(obj.meta().transfer_syntax()).to_owned(),
             instance_number: int(tags::INSTANCE_NUMBER),
+            sop_instance_uid: crate::sop::trim_uid(&text(tags::SOP_INSTANCE_UID)).to_owned(),
             patient_id_sha256: Some(text(tags::PATIENT_ID))
                 .filter(|id| !id.is_empty())
                 .map(|id| patient_key(&id, Some(&issuer_of_patient_id(obj)))),

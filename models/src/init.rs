@@ -204,6 +204,10 @@ pub enum InitError {
         path: PathBuf,
         reason: String,
     },
+    #[error(
+        "another `models init --version` is adding a version to {name}: run again once it is done"
+    )]
+    Busy { name: String },
     #[error("the scaffolded manifest is not valid (nothing was written): {reason}")]
     Manifest { reason: String },
 }
@@ -353,6 +357,28 @@ pub fn add_version(
     if !fs::symlink_metadata(&manifest_path).is_ok_and(|m| m.is_file()) {
         return Err(InitError::NoBundle { path: dest });
     }
+    // One version added at a time to a bundle: two at once each replaced bundle.toml with its
+    // own copy, and the first one's version was left unlisted, which refused the whole
+    // bundle (a review's finding). The lock is a hidden file of the repository (never
+    // removed: a removal races with the next holder), held until this returns.
+    let lock_path = options
+        .repository
+        .join(format!(".{}.init.lock", options.name));
+    let _lock = crate::checksum::open_lock_file(&lock_path)
+        .map_err(|source| InitError::Write {
+            path: lock_path.clone(),
+            source,
+        })
+        .and_then(|lock| match lock.try_lock() {
+            Ok(()) => Ok(lock),
+            Err(fs::TryLockError::WouldBlock) => Err(InitError::Busy {
+                name: options.name.clone(),
+            }),
+            Err(fs::TryLockError::Error(source)) => Err(InitError::Write {
+                path: lock_path.clone(),
+                source,
+            }),
+        })?;
     let existing = Bundle::open(&dest).map_err(|source| InitError::Existing {
         path: dest.clone(),
         source: Box::new(source),
@@ -426,10 +452,25 @@ pub fn add_version(
         path: vdir.clone(),
         source,
     })?;
+    if json.is_some() && selftest_name == MODEL_FILE {
+        return Err(InitError::Manifest {
+            reason: format!(
+                "the manifest's [selftest] file is {selftest_name:?}, the name init gives the model: rename the self-test file in [selftest]"
+            ),
+        });
+    }
     write(&vdir.join(MODEL_FILE), &bytes)?;
     let mut files = vec![MODEL_FILE.to_owned()];
     if let Some(json) = &json {
-        write(&vdir.join(&selftest_name), json.as_bytes())?;
+        // The self-test may sit in a folder of the version (`file = "ref/st.json"`).
+        let path = vdir.join(&selftest_name);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(|source| InitError::Write {
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
+        write(&path, json.as_bytes())?;
         files.push(selftest_name.clone());
     }
     if json.is_none() && existing.manifest.selftest.is_some() {
@@ -437,41 +478,59 @@ pub fn add_version(
             "version {version} has no self-test (no --sample, and no earlier version has one), while the manifest's [selftest] asks for one: give --sample rows.csv"
         ));
     }
-    let mut text = existing.text.to_string();
-    let release = match existing.manifest.release {
-        Some(r) => match raise_release(&text, r) {
-            Some(raised) => {
-                text = raised;
-                Some((r, r + 1))
-            }
-            None => {
-                notes.push(format!(
-                    "the manifest's release ({r}) was not raised (its line is not `release = {r}` at the top): raise it before signing, or servers that served release {r} keep the old manifest"
-                ));
-                None
-            }
-        },
-        None => None,
+    // The file's own line ends for the lines added (a CRLF manifest stays CRLF).
+    let nl = if existing.text.contains("\r\n") {
+        "\r\n"
+    } else {
+        "\n"
     };
-    if !text.ends_with('\n') {
-        text.push('\n');
-    }
     let source_name = model
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
-    text.push_str(&format!(
-        "\n[versions.{version}]\ndescription = {}\nmodel_file = \"{MODEL_FILE}\"\n\n[versions.{version}.files]\n",
+    let mut added = format!(
+        "{nl}[versions.{version}]{nl}description = {}{nl}model_file = \"{MODEL_FILE}\"{nl}{nl}[versions.{version}.files]{nl}",
         q(&format!(
             "{source_name} as given to nightingale models init --version {version}"
         ))
-    ));
+    );
     for f in &files {
         let path = vdir.join(f);
         let digest = sha256_file(&path).map_err(|source| InitError::Read { path, source })?;
-        text.push_str(&format!("{} = {}\n", q(f), q(&digest)));
+        added.push_str(&format!("{} = {}{nl}", q(f), q(&digest)));
     }
-    let manifest = Manifest::parse(&text).map_err(|e| InitError::Manifest { reason: e.0 })?;
+    let with_version = |base: &str| {
+        let mut text = base.to_owned();
+        if !text.ends_with('\n') {
+            text.push_str(nl);
+        }
+        text.push_str(&added);
+        text
+    };
+    // The release raised where the parsed manifest then says so (a `release = 1` line inside a
+    // multi-line string was raised in its place, and the key kept: a review's finding).
+    let raised = existing.manifest.release.and_then(|r| {
+        raise_release(&existing.text, r)
+            .into_iter()
+            .find_map(|edited| {
+                let text = with_version(&edited);
+                let parsed = Manifest::parse(&text).ok()?;
+                (parsed.release == Some(r + 1)).then_some((text, parsed, r))
+            })
+    });
+    let (text, manifest, release) = match raised {
+        Some((text, parsed, r)) => (text, parsed, Some((r, r + 1))),
+        None => {
+            if let Some(r) = existing.manifest.release {
+                notes.push(format!(
+                    "the manifest's release ({r}) was not raised (no top-level `release = {r}` line init can edit): raise it before signing, or servers that served release {r} keep the old manifest"
+                ));
+            }
+            let text = with_version(&existing.text);
+            let parsed = Manifest::parse(&text).map_err(|e| InitError::Manifest { reason: e.0 })?;
+            (text, parsed, None)
+        }
+    };
     write(&bundle_dir.join(MANIFEST_FILE), text.as_bytes())?;
     if let crate::manifest::PolicyKind::Specific = manifest.version_policy.policy {
         notes.push(format!(
@@ -494,6 +553,20 @@ pub fn add_version(
 
     // In place: the version folder, then the manifest that lists it (a poller that sees the
     // folder first refuses it as unlisted until the manifest follows, and serves on).
+    // bundle.toml as it was read: one edited meanwhile (by hand; another init waits for the
+    // lock) is not replaced by a copy without the edit.
+    let now = fs::read(&manifest_path).map_err(|source| InitError::Read {
+        path: manifest_path.clone(),
+        source,
+    })?;
+    if now != existing.text.as_bytes() {
+        return Err(InitError::Manifest {
+            reason: format!(
+                "{} changed while version {version} was being added: nothing was changed; run init again",
+                manifest_path.display()
+            ),
+        });
+    }
     let placed = dest.join(version.to_string());
     fs::rename(&vdir, &placed).map_err(|source| InitError::Write {
         path: placed.clone(),
@@ -529,31 +602,48 @@ pub fn add_version(
     })
 }
 
-/// `text` with its top-level `release = r` line raised to `r + 1`; `None` where no such line
-/// stands before the first table.
-fn raise_release(text: &str, r: u64) -> Option<String> {
-    let mut out = String::with_capacity(text.len() + 2);
-    let mut raised = false;
-    let mut in_tables = false;
+/// `text` with the number of a `release = r` line before the first table raised to `r + 1`,
+/// the rest of the line (a comment, its line end) kept: one text per such line, in order.
+/// The caller keeps the first whose parse says so (a line may stand inside a multi-line
+/// string).
+fn raise_release(text: &str, r: u64) -> Vec<String> {
+    let want = r.to_string();
+    let mut at = 0;
+    let mut out = Vec::new();
     for line in text.split_inclusive('\n') {
-        let trimmed = line.trim();
-        in_tables |= trimmed.starts_with('[');
-        let value = trimmed
-            .strip_prefix("release")
-            .map(str::trim_start)
-            .and_then(|rest| rest.strip_prefix('='))
-            .map(|rest| rest.split('#').next().unwrap_or_default().trim());
-        if !in_tables && !raised && value == Some(r.to_string().as_str()) {
-            out.push_str(&format!("release = {}", r + 1));
-            if line.ends_with('\n') {
-                out.push('\n');
-            }
-            raised = true;
-        } else {
-            out.push_str(line);
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('[') {
+            break;
         }
+        let indent = line.len() - trimmed.len();
+        if let Some(rest) = trimmed.strip_prefix("release") {
+            let after_key = rest.trim_start();
+            if let Some(value) = after_key.strip_prefix('=') {
+                let number = value.trim_start();
+                let digits = number.len()
+                    - number
+                        .trim_start_matches(|c: char| c.is_ascii_digit())
+                        .len();
+                let tail = &number[digits..];
+                let ends = tail.trim_start();
+                if number[..digits] == want && (ends.is_empty() || ends.starts_with('#')) {
+                    let start = at
+                        + indent
+                        + "release".len()
+                        + (rest.len() - after_key.len())
+                        + 1
+                        + (value.len() - number.len());
+                    let mut edited = String::with_capacity(text.len() + 1);
+                    edited.push_str(&text[..start]);
+                    edited.push_str(&(r + 1).to_string());
+                    edited.push_str(&text[start + digits..]);
+                    out.push(edited);
+                }
+            }
+        }
+        at += line.len();
     }
-    raised.then_some(out)
+    out
 }
 
 /// `selftest.json` for a new version: the inputs of version `from`'s self-test (`path`),
@@ -1466,6 +1556,30 @@ fn manifest_text(p: &ManifestParts) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The release line's number raised, the rest of the line kept (a comment, CRLF), one
+    /// text per candidate line before the first table (a review's findings: a comment was
+    /// dropped, CRLF lost, and a line inside a multi-line string raised in place of the key).
+    #[test]
+    fn release_lines_are_raised_in_place() {
+        assert_eq!(
+            raise_release("release = 1\nname = \"x\"\n", 1),
+            ["release = 2\nname = \"x\"\n"]
+        );
+        assert_eq!(
+            raise_release("release=9 # by hand\r\n", 9),
+            ["release=10 # by hand\r\n"]
+        );
+        assert_eq!(raise_release("  release = 3", 3), ["  release = 4"]);
+        assert!(raise_release("release = 12\n", 1).is_empty());
+        assert!(raise_release("release = 1x\n", 1).is_empty());
+        assert!(raise_release("[t]\nrelease = 1\n", 1).is_empty());
+        let text = "description = \"\"\"\nrelease = 1\n\"\"\"\nrelease = 1\n";
+        let candidates = raise_release(text, 1);
+        assert_eq!(candidates.len(), 2);
+        assert!(candidates[1].ends_with("\"\"\"\nrelease = 2\n"));
+        assert!(candidates[1].contains("\nrelease = 1\n\"\"\""));
+    }
 
     fn csv_error(text: &str) -> String {
         let dir = tempfile::tempdir().unwrap();

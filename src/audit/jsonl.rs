@@ -119,6 +119,19 @@ fn pause_rotation(live: &Path) -> Option<File> {
     }
 }
 
+/// The rotation lock of the trail whose live file is `live`, made where it can be (owner
+/// only; a link is not followed, a FIFO not waited on); `None`, said in the log, where it
+/// cannot: the trail then rotates as before, and a check may read a rotation half done.
+fn open_rotation_lock(live: &Path) -> Option<File> {
+    let path = rotation_lock_path(live);
+    nightingale_models::open_lock_file(&path)
+        .inspect_err(|e| {
+            tracing::warn!(path = %path.display(), error = %e,
+                "cannot open the audit trail's rotation lock: a check may read a rotation half done")
+        })
+        .ok()
+}
+
 /// How long a check waits for a rotation under way to end.
 const PAUSE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -193,32 +206,7 @@ impl JsonLinesStore {
             tail = last_record(newest, &f, len)?;
         }
         let identity = identity(&file).map_err(io(path))?;
-        // Made where it can be (owner only); a trail without it rotates as before.
-        let lock_path = rotation_lock_path(path);
-        let rotation_lock = {
-            let mut options = OpenOptions::new();
-            options.create(true).truncate(false).write(true);
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            // A link is not followed, a FIFO not waited on: only a regular file is a lock.
-            std::os::unix::fs::OpenOptionsExt::custom_flags(
-                &mut options,
-                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
-            );
-            options
-                .open(&lock_path)
-                .and_then(|f| {
-                    if f.metadata()?.is_file() {
-                        Ok(f)
-                    } else {
-                        Err(std::io::Error::other("not a regular file"))
-                    }
-                })
-                .inspect_err(|e| {
-                    tracing::warn!(path = %lock_path.display(), error = %e,
-                        "cannot open the audit trail's rotation lock: a check may read a rotation half done")
-                })
-                .ok()
-        };
+        let rotation_lock = open_rotation_lock(path);
         Ok(JsonLinesStore {
             path: path.to_owned(),
             options,
@@ -303,7 +291,7 @@ impl JsonLinesStore {
     /// Renames the live file to its rotated name and starts a new one; once a check of the
     /// trail holding [`rotation_lock_path`] is done (tried again after the next group).
     fn rotate(&mut self) -> Result<(), AuditError> {
-        let lock = self.rotation_lock.take();
+        let lock = self.held_rotation_lock();
         if let Some(l) = &lock {
             match l.try_lock() {
                 Ok(()) => {}
@@ -323,6 +311,29 @@ impl JsonLinesStore {
         }
         self.rotation_lock = lock;
         rotated
+    }
+
+    /// The rotation lock, opened again when its name no longer leads to the file held
+    /// (deleted or replaced while the server ran: checks then read without it, and an
+    /// anchored check failed on a sound trail again: a re-attack's finding).
+    fn held_rotation_lock(&mut self) -> Option<File> {
+        let held = self.rotation_lock.take();
+        let path = rotation_lock_path(&self.path);
+        let in_place = held.as_ref().is_some_and(|f| {
+            use std::os::unix::fs::MetadataExt as _;
+            match (f.metadata(), fs::symlink_metadata(&path)) {
+                (Ok(a), Ok(b)) => b.is_file() && a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            }
+        });
+        if in_place {
+            return held;
+        }
+        // Made again where it is gone; another regular file in its place is the lock now;
+        // anything else is refused (and said) as at the start.
+        tracing::warn!(path = %path.display(),
+            "the audit trail's rotation lock was removed or replaced: opened again");
+        open_rotation_lock(&self.path)
     }
 
     fn rotate_now(&mut self) -> Result<(), AuditError> {

@@ -26,6 +26,33 @@ use crate::pipeline::uid_tag;
 /// Chunk size of the streamed file.
 const CHUNK: usize = 64 * 1024;
 
+/// What one streamed retrieval holds while it is sent, charged to the in-flight budget
+/// (`--max-inflight-bytes`) until its body is done or its client gone: hyper's write buffer
+/// (about 400 KiB before it stops taking chunks) and a chunk read ahead. A client that asks
+/// and never reads held ~470 KB of it outside any budget (a review: 2,000 such retrievals
+/// took the server from 135 MB to 1.07 GB).
+const STREAM_HOLD: usize = 512 * 1024;
+
+/// The ticket a streamed retrieval holds ([`STREAM_HOLD`], or the whole budget where it is
+/// smaller): 503 with Retry-After when the budget has no room for it now.
+fn streaming_ticket(state: &AppState) -> Result<super::Ticket, AppError> {
+    let mut ticket = state.admission.receiving()?;
+    ticket.charge(STREAM_HOLD.min(state.admission.budget()))?;
+    Ok(ticket)
+}
+
+/// `stream`, holding `ticket` until it is dropped (its last chunk sent, or its client gone).
+fn holding<S: futures_util::Stream + Send>(
+    stream: S,
+    ticket: super::Ticket,
+) -> impl futures_util::Stream<Item = S::Item> + Send {
+    use futures_util::StreamExt as _;
+    stream.map(move |item| {
+        let _held = &ticket;
+        item
+    })
+}
+
 /// A UID a retrieve may name: what the spool keeps and a URL path holds as it is (a stored
 /// UID with letters included, as senders write them).
 fn valid_uid(uid: &str) -> bool {
@@ -488,6 +515,11 @@ async fn retrieve_many(
         ("bytes", bytes.to_string()),
     ];
     let level = if series.is_some() { "series" } else { "study" };
+    // Before the read is audited: a retrieval the budget has no room for is not one.
+    let ticket = match streaming_ticket(&state) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
     let who = caller_of(&caller);
     if let Err(e) = audit_read(&state, who, &headers, "retrieve", level, &named, &fields).await {
         return e.into_response();
@@ -499,7 +531,10 @@ async fn retrieve_many(
     let boundary = boundary();
     let content_type =
         format!("multipart/related; type=\"application/dicom\"; boundary={boundary}");
-    let body = Body::from_stream(stream_files(state.clone(), boundary, found));
+    let body = Body::from_stream(holding(
+        stream_files(state.clone(), boundary, found),
+        ticket,
+    ));
     let mut response = (StatusCode::OK, body).into_response();
     if let Ok(v) = HeaderValue::from_str(&content_type) {
         response.headers_mut().insert(header::CONTENT_TYPE, v);
@@ -723,6 +758,10 @@ pub(crate) async fn retrieve_instance(
         );
         found.as_stored();
     }
+    let ticket = match streaming_ticket(&state) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
     let file = match tokio::fs::File::open(&found.path).await {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -761,7 +800,7 @@ pub(crate) async fn retrieve_instance(
         found.transfer_syntax
     ));
     let tail = Bytes::from(format!("\r\n--{boundary}--\r\n"));
-    let body = Body::from_stream(stream_file(head, file, tail));
+    let body = Body::from_stream(holding(stream_file(head, file, tail), ticket));
     let content_type = format!(
         "multipart/related; type=\"application/dicom\"; transfer-syntax={}; boundary={boundary}",
         found.transfer_syntax

@@ -327,7 +327,8 @@ def test_a_version_added_to_a_bundle_checks_and_serves_its_own_outputs(fixtures,
         np.testing.assert_allclose(got, expected[o["name"]], atol=1e-5, rtol=1e-4, err_msg=o["name"])
     check = _run("models", "check", repo / "m")
     assert check.returncode == 0, check.stdout + check.stderr
-    assert [p.name for p in repo.iterdir()] == ["m"], "a staging folder was left behind"
+    # (The hidden lock file stays: removing it would race with the next holder.)
+    assert sorted(p.name for p in repo.iterdir()) == [".m.init.lock", "m"], "a staging folder was left behind"
     # Refused, nothing changed: the version again, a model that does not fit the bundle's
     # inputs, a bundle that is not there.
     before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
@@ -341,7 +342,37 @@ def test_a_version_added_to_a_bundle_checks_and_serves_its_own_outputs(fixtures,
                    "--version", "2")
     assert missing.returncode == 1 and "holds no bundle to add a version to" in missing.stderr, missing.stderr
     assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
-    assert [p.name for p in repo.iterdir()] == ["m"]
+    assert sorted(p.name for p in repo.iterdir()) == [".m.init.lock", "m"]
+    # Two at once: each either adds its version (listed, and the bundle checks) or is refused
+    # because the other holds the bundle (both said "added", and one was left unlisted, which
+    # refused the whole bundle: a review's finding).
+    procs = {v: subprocess.Popen([str(_binary()), "models", "init", str(fixtures / "skl_imputer_pipeline.onnx"),
+                                  "--name", "m", "--repository", str(repo), "--version", v],
+                                 cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for v in ("3", "4")}
+    outcomes = {v: (p.wait(timeout=120), p.stderr.read()) for v, p in procs.items()}
+    listed = tomllib.loads(manifest.read_text())["versions"]
+    for v, (code, err) in outcomes.items():
+        if code == 0:
+            assert v in listed, (v, listed)
+        else:
+            assert "another `models init --version` is adding a version to m" in err, err
+            assert not (repo / "m" / v).exists()
+    assert any(code == 0 for code, _ in outcomes.values())
+    check = _run("models", "check", repo / "m")
+    assert check.returncode == 0, check.stdout + check.stderr
+    # A `release = N` line inside a multi-line string is not the key: the key is raised.
+    text = manifest.read_text()
+    release = tomllib.loads(text)["release"]
+    lines = text.splitlines(keepends=True)
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("description = "))
+    manifest.write_text(f'description = """\nrelease = {release}\n"""\n' + "".join(lines[:first] + lines[first + 1:]))
+    added = _run("models", "init", fixtures / "skl_logreg.onnx", "--name", "m", "--repository", repo,
+                 "--version", "9")
+    assert added.returncode == 0, added.stderr
+    after = tomllib.loads(manifest.read_text())
+    assert after["release"] == release + 1, added.stdout
+    assert after["description"] == f"release = {release}\n", after["description"]
 
 
 def _free_port() -> int:

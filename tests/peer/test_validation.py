@@ -681,6 +681,10 @@ def _dicom_dataset(folder: Path) -> tuple[list[np.ndarray], list[int], list[str]
     shutil.copy(folder / rows[1][0], folder / "copy.dcm")
     os.symlink(rows[2][0], folder / "link.dcm")
     os.mkfifo(folder / "fifo.dcm")
+    # The same instance re-encoded (Implicit VR): one image too, by its SOP Instance UID.
+    again = pydicom.dcmread(folder / rows[3][0])
+    again.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    again.save_as(folder / "reencoded.dcm", enforce_file_format=True)
     with open(folder / "manifest.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "label", "source"])
@@ -693,6 +697,7 @@ def _dicom_dataset(folder: Path) -> tuple[list[np.ndarray], list[int], list[str]
         w.writerow(["copy.dcm", 1, "x"])
         w.writerow(["link.dcm", 2, "x"])
         w.writerow(["fifo.dcm", 0, "x"])
+        w.writerow(["reencoded.dcm", 3, "x"])
     return inputs, labels, sources
 
 
@@ -709,12 +714,13 @@ def test_a_dicom_folder_is_decoded_and_preprocessed_as_the_pipeline_does(tmp_pat
     d = r["dataset"]
     assert d["kind"] == "dicom-folder" and d["rows_used"] == len(y), d
     reasons = {u["row"]: u["reason"] for u in d["unusable"]}
-    assert set(reasons) == set(range(len(y) + 1, len(y) + 9)), reasons
+    assert set(reasons) == set(range(len(y) + 1, len(y) + 10)), reasons
     assert "outside the dataset folder" in reasons[len(y) + 2]
     assert reasons[len(y) + 5] == "the same file as row 1: an image counts once", reasons
     assert reasons[len(y) + 6] == "the same bytes as the file of row 2: an image counts once", reasons
     assert reasons[len(y) + 7] == "the same file as row 3: an image counts once", reasons
     assert reasons[len(y) + 8].startswith("not a regular file"), reasons
+    assert reasons[len(y) + 9] == "the same instance (SOP Instance UID) as row 4: an image counts once", reasons
     assert reasons[len(y) + 3].startswith("10 frames: a row of a DICOM dataset is one single-frame image"), reasons
     assert "does not take it (modality \"US\" not accepted)" in reasons[len(y) + 4], reasons
     assert abs(r["auroc"]["value"] - skm.roc_auc_score(y, prob, multi_class="ovr", average="macro")) < 1e-3
