@@ -615,11 +615,15 @@ pub fn assess(
     // Only searches that may hold the parameter count (not a consciousness or pregnancy
     // search for a temperature).
     for p in Parameter::ALL {
+        let may_hold = |codes: Option<&[_]>| vitals::parameters_of_codes(codes).contains(&p);
         vitals.doubt(p, UnusableReason::NewerMayBeUnread, |t| {
-            resources.observations_unread_after(t, |codes| {
-                vitals::parameters_of_codes(codes).contains(&p)
-            })
+            resources.observations_unread_after(t, may_hold)
         });
+        // None found, and what was not read reaches into the look-back window: one may be
+        // there, not "none recorded" (a review's finding).
+        if resources.observations_unread_after(now - settings.vitals.look_back, may_hold) {
+            vitals.not_read(p, UnusableReason::MayBeUnread);
+        }
     }
     // An Observation entry that could not be read may be a parameter's latest value: that
     // value is then not known (one older than the look-back window cannot be).

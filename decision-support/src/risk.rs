@@ -610,8 +610,18 @@ fn observation(
         conflicting = true;
     }
     let Some((time, _, quantity, _)) = best else {
+        // None found, and what a search read in part did not read reaches into the look-back
+        // window: one may be there, not "no recent result" (a review's finding).
+        let may_be_unread = resources.observations_unread_after(cx.now - look_back, |codes| {
+            codes.is_none_or(|cs| {
+                cs.iter()
+                    .any(|c| has_any(c, &family) || is_panel_of(c, code))
+            })
+        });
         out.value = Err(if search_not_read {
             Missing::Unusable(UnusableReason::SearchNotRead)
+        } else if may_be_unread {
+            Missing::Unusable(UnusableReason::MayBeUnread)
         } else {
             Missing::NoObservation
         });

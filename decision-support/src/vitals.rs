@@ -219,6 +219,10 @@ pub enum UnusableReason {
     /// The Observation search was answered only in part (pages not read), and not newest
     /// first as far as its last page read: a newer value may be on a page not read.
     NewerMayBeUnread,
+    /// No value on the pages read of an Observation search answered only in part, whose
+    /// pages not read reach into the look-back window: one may be there (it read as "no
+    /// value recorded", a review's finding).
+    MayBeUnread,
     /// An Observation that may be of this parameter, as new as its latest value or newer
     /// (or undated), could not be read: it may be the latest.
     UnreadableObservation,
@@ -265,6 +269,10 @@ impl fmt::Display for UnusableReason {
             UnusableReason::Conflicting => f.write_str(
                 "different values recorded at the same time, so none was used (check the \
                  charted observations)",
+            ),
+            UnusableReason::MayBeUnread => f.write_str(
+                "none on the pages read: the observation search was answered only in part, \
+                 so a value may be on a page that was not read",
             ),
             UnusableReason::NewerMayBeUnread => f.write_str(
                 "the observation search was answered only in part, so a newer value may be \

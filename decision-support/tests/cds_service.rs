@@ -369,6 +369,45 @@ fn one_page_of_an_unsorted_observation_search_gives_no_score() {
         "{}",
         detail(&out)
     );
+    // Newest first, only pulse rates on the page read, which reaches back 2.5 hours of a
+    // 12-hour look-back: the other parameters may be on the pages not read, which the card
+    // says (it said "no value recorded in the look-back window": a review's finding).
+    let pulses: Vec<Value> = set
+        .iter()
+        .filter(|e| e.to_string().contains("8867-4"))
+        .cloned()
+        .collect();
+    assert_eq!(pulses.len(), 1);
+    let mut older_pulse = pulses[0].clone();
+    older_pulse["resource"]["effectiveDateTime"] = json!("2024-05-01T09:00:00Z");
+    older_pulse["resource"]["id"] = json!("old-pulse");
+    let out = service
+        .evaluate_news2(
+            &request(
+                patient("1925-12-23"),
+                paged(vec![pulses[0].clone(), older_pulse]),
+            ),
+            vec![],
+            now(),
+            &Limits::default(),
+        )
+        .unwrap();
+    let Assessment::Incomplete(i) = &out.assessment else {
+        panic!("scored from one page of pulses: {:?}", out.assessment)
+    };
+    assert_eq!(i.unusable.len(), 6, "{i:?}");
+    assert!(
+        i.unusable
+            .iter()
+            .all(|u| u.reason == UnusableReason::MayBeUnread),
+        "{i:?}"
+    );
+    assert!(
+        detail(&out).contains("none on the pages read")
+            && !detail(&out).contains("no value recorded"),
+        "{}",
+        detail(&out)
+    );
     // The whole search (no next link, total = matches): scored whatever the order.
     let mut whole = vitals_bundle();
     whole["entry"]
