@@ -1255,6 +1255,7 @@ impl ServeArgs {
                         .or(file.dicom_max_inflight_bytes)
                         .unwrap_or(defaults.max_inflight_bytes),
                     https: tls.is_some(),
+                    max_streams: defaults.max_streams,
                     extra_sop_classes: if !self.dicom_sop_classes.is_empty() {
                         self.dicom_sop_classes.clone()
                     } else {

@@ -647,14 +647,12 @@ impl DicomDataset {
         // not take (a US colour image for a CR/DX/CT/MR bundle) were scored as rows.
         let header = nightingale_dicom::series::SeriesHeader::read(&full)
             .map_err(|_| "not a readable DICOM file".to_owned())?;
-        if !header.sop_instance_uid.is_empty() {
-            if let Some(first) = self.seen_instances.get(&header.sop_instance_uid) {
-                return Err(format!(
-                    "the same instance (SOP Instance UID) as row {first}: an image counts once"
-                ));
-            }
-            self.seen_instances
-                .insert(header.sop_instance_uid.clone(), row);
+        // Counted once used: a copy refused (cut short, a syntax not decoded) leaves the place
+        // to a good copy after it (a re-attack's finding: both were lost).
+        if let Some(first) = self.seen_instances.get(&header.sop_instance_uid) {
+            return Err(format!(
+                "the same instance (SOP Instance UID) as row {first}: an image counts once"
+            ));
         }
         if header.frames > 1 {
             return Err(format!(
@@ -692,6 +690,9 @@ impl DicomDataset {
         }
         if out.is_empty() {
             return Err("no frame was decoded".to_owned());
+        }
+        if !header.sop_instance_uid.is_empty() {
+            self.seen_instances.insert(header.sop_instance_uid, row);
         }
         Ok(out)
     }

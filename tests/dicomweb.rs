@@ -1921,13 +1921,17 @@ fn detail_map(r: &nightingale::audit::AuditRecord) -> std::collections::BTreeMap
     support::detail_pairs(r.event.detail.as_deref())
 }
 
-/// A streamed retrieval holds 512 KiB of the in-flight budget until its body is done or its
-/// client gone (hyper's write buffer and a chunk read ahead): clients that ask and never read
-/// held ~470 KB each outside any budget (a review: 2,000 of them took the server from 135 MB
-/// to 1.07 GB). Beyond the budget: 503 with Retry-After, before the read is audited.
+/// A streamed retrieval holds a place among the answers being sent (`max_streams`) until its
+/// body is done or its client gone: clients that ask and never read held ~470 KB each without
+/// bound (a review: 2,000 of them took the server from 135 MB to 1.07 GB). Beyond: 503 with
+/// Retry-After, before the read is audited; the inference budget is not touched (charged to
+/// it, one client's unread retrievals starved every inference: a re-attack's finding).
 #[tokio::test]
-async fn unread_retrievals_hold_the_in_flight_budget() {
-    let server = Server::with_budget(5 << 18); // 1.25 MiB: room for two retrievals
+async fn unread_retrievals_hold_their_own_places() {
+    let server = Server::new(DicomWebConfig {
+        max_streams: 2,
+        ..DicomWebConfig::default()
+    });
     let file = part10(STUDY, SERIES, &sop(95), 1);
     let instance = stow_one(&server, &file, 95).await;
     let study = format!("/dicomweb/studies/{STUDY}");
@@ -1938,12 +1942,18 @@ async fn unread_retrievals_hold_the_in_flight_budget() {
             .filter(|l| l.contains("\"retrieve\""))
             .count()
     };
+    let budget = server.state.inflight_bytes_free();
     // Two answers whose bodies nobody reads: held.
     let first = retrieve(&server, &instance, None).await;
     let second = retrieve(&server, &study, None).await;
     assert_eq!(
         (first.status(), second.status()),
         (StatusCode::OK, StatusCode::OK)
+    );
+    assert_eq!(
+        server.state.inflight_bytes_free(),
+        budget,
+        "the inference budget"
     );
     let audited = retrievals_audited();
     let third = retrieve(&server, &study, None).await;
@@ -1954,7 +1964,7 @@ async fn unread_retrievals_hold_the_in_flight_budget() {
         audited,
         "a refused retrieval is not audited"
     );
-    // Read to its end, the first gives its bytes back; dropped unread, the second too.
+    // Read to its end, the first gives its place back; dropped unread, the second too.
     let (boundary, body) = multipart_answer(first).await;
     let stored = std::fs::read(&server.spool.instances().unwrap()[0].path).unwrap();
     assert!(split_multipart(&body, &boundary)[0].1 == stored);

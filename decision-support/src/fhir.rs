@@ -986,26 +986,34 @@ impl Resources {
 }
 
 /// The effective time of a partial Bundle's last matched Observation when its matched
-/// Observations are in newest-first order and all dated; `None` otherwise (none at all
-/// included: nothing says what the rest holds).
+/// Observations are in newest-first order and all dated, and the page shows that order (two
+/// times at least, the later first); `None` otherwise (none at all included: nothing says
+/// what the rest holds). A page of one time, or of one entry, may be the first page of a
+/// search sorted oldest first, whose newest values are on the pages not read (taken as
+/// newest first, a parameter it did not hold read as "no value recorded": a re-attack's
+/// finding).
 fn newest_first_reach(b: &Bundle) -> Option<DateTime<Utc>> {
     // What is not read is no newer than the last read is; of a date without a time, no
     // later than the end of that date in any zone.
     let mut last: Option<TimeBounds> = None;
+    let mut descended = false;
     for e in b.entry.iter().filter(|e| e.matched) {
         if let Some(Resource::Observation(o)) = &e.resource {
             let bounds = o.time_bounds();
-            let (Some(earliest), Some(_)) = (bounds.earliest(), bounds.latest()) else {
+            let (Some(earliest), Some(latest)) = (bounds.earliest(), bounds.latest()) else {
                 return None;
             };
-            if last
-                .and_then(TimeBounds::latest)
-                .is_some_and(|l| earliest > l)
-            {
-                return None;
+            if let Some(previous) = last {
+                if previous.latest().is_some_and(|l| earliest > l) {
+                    return None;
+                }
+                descended |= previous.earliest().is_some_and(|e| latest < e);
             }
             last = Some(bounds);
         }
+    }
+    if !descended {
+        return None;
     }
     last.and_then(TimeBounds::latest)
 }

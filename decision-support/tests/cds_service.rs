@@ -408,6 +408,29 @@ fn one_page_of_an_unsorted_observation_search_gives_no_score() {
         "{}",
         detail(&out)
     );
+    // A first page of one entry, two days old: it cannot show its order (a search sorted
+    // oldest first holds its newest values on the pages not read), so none of the seven is
+    // "not recorded" (a re-attack's finding).
+    let mut two_days = set[0].clone();
+    two_days["resource"]["effectiveDateTime"] = json!("2024-04-29T12:00:00Z");
+    let out = service
+        .evaluate_news2(
+            &request(patient("1925-12-23"), paged(vec![two_days])),
+            vec![],
+            now(),
+            &Limits::default(),
+        )
+        .unwrap();
+    let Assessment::Incomplete(i) = &out.assessment else {
+        panic!("scored from one old entry: {:?}", out.assessment)
+    };
+    assert_eq!(i.unusable.len(), 7, "{i:?}");
+    assert!(
+        i.unusable
+            .iter()
+            .all(|u| u.reason == UnusableReason::MayBeUnread),
+        "{i:?}"
+    );
     // The whole search (no next link, total = matches): scored whatever the order.
     let mut whole = vitals_bundle();
     whole["entry"]

@@ -602,19 +602,17 @@ pub fn add_version(
     })
 }
 
-/// `text` with the number of a `release = r` line before the first table raised to `r + 1`,
-/// the rest of the line (a comment, its line end) kept: one text per such line, in order.
-/// The caller keeps the first whose parse says so (a line may stand inside a multi-line
-/// string).
+/// `text` with the number of a `release = r` line raised to `r + 1`, the rest of the line (a
+/// comment, its line end) kept: one text per such line, in order. The caller keeps the first
+/// whose parse says the top-level key was raised (a line may stand inside a multi-line
+/// string, and a line of that string may look like a table header: the text is not parsed
+/// here, a re-attack's finding).
 fn raise_release(text: &str, r: u64) -> Vec<String> {
     let want = r.to_string();
     let mut at = 0;
     let mut out = Vec::new();
     for line in text.split_inclusive('\n') {
         let trimmed = line.trim_start();
-        if trimmed.starts_with('[') {
-            break;
-        }
         let indent = line.len() - trimmed.len();
         if let Some(rest) = trimmed.strip_prefix("release") {
             let after_key = rest.trim_start();
@@ -1573,7 +1571,11 @@ mod tests {
         assert_eq!(raise_release("  release = 3", 3), ["  release = 4"]);
         assert!(raise_release("release = 12\n", 1).is_empty());
         assert!(raise_release("release = 1x\n", 1).is_empty());
-        assert!(raise_release("[t]\nrelease = 1\n", 1).is_empty());
+        // A candidate after a table header too: the parse tells which one is the key.
+        assert_eq!(
+            raise_release("[t]\nrelease = 1\n", 1),
+            ["[t]\nrelease = 2\n"]
+        );
         let text = "description = \"\"\"\nrelease = 1\n\"\"\"\nrelease = 1\n";
         let candidates = raise_release(text, 1);
         assert_eq!(candidates.len(), 2);

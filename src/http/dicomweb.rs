@@ -47,6 +47,11 @@ pub struct DicomWebConfig {
     /// SOP classes stored beside the standard storage classes (`--dicom-sop-class`, as
     /// the DIMSE SCP takes them).
     pub extra_sop_classes: Vec<String>,
+    /// WADO-RS answers streamed at once, over all clients: each holds up to about 512 KiB
+    /// until its client has read it (hyper's write buffer and a chunk read ahead); beyond,
+    /// 503 with Retry-After. A bound of their own: charged to the inference budget, one
+    /// client's unread retrievals starved every inference (a re-attack's finding).
+    pub max_streams: usize,
 }
 
 impl Default for DicomWebConfig {
@@ -58,9 +63,13 @@ impl Default for DicomWebConfig {
             max_inflight_bytes: 4 << 30,
             https: false,
             extra_sop_classes: Vec::new(),
+            max_streams: DEFAULT_MAX_STREAMS,
         }
     }
 }
+
+/// [`DicomWebConfig::max_streams`]'s default: 512 answers, 256 MiB held at most.
+pub const DEFAULT_MAX_STREAMS: usize = 512;
 
 /// DICOMweb over a spool.
 pub struct DicomWeb {
@@ -73,6 +82,8 @@ pub struct DicomWeb {
     /// QIDO-RS searches answered at once ([`MAX_CONCURRENT_SEARCHES`]); others wait their
     /// turn, within their deadline.
     searches: Arc<tokio::sync::Semaphore>,
+    /// WADO-RS answers being streamed ([`DicomWebConfig::max_streams`]).
+    pub(crate) streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// QIDO-RS searches built at once. An answer of 10,000 instances is about 10 MB of JSON and
@@ -98,6 +109,7 @@ impl DicomWeb {
         DicomWeb {
             budget: Budget::new(config.max_inflight_bytes),
             searches: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_SEARCHES)),
+            streams: Arc::new(tokio::sync::Semaphore::new(config.max_streams.max(1))),
             spool,
             config,
             audit_uids,

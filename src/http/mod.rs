@@ -1165,12 +1165,6 @@ impl Admission {
         }
     }
 
-    /// The in-flight byte budget (`--max-inflight-bytes`), as whole units of the semaphore
-    /// that counts it: the most one ticket can be charged.
-    pub(crate) fn budget(&self) -> usize {
-        self.budget / UNIT * UNIT
-    }
-
     /// A place among the requests in flight (503 when all are taken); bytes are charged to it.
     pub(crate) fn admit(&self) -> Result<Ticket, AppError> {
         let mut ticket = self.receiving()?;

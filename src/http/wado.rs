@@ -26,29 +26,35 @@ use crate::pipeline::uid_tag;
 /// Chunk size of the streamed file.
 const CHUNK: usize = 64 * 1024;
 
-/// What one streamed retrieval holds while it is sent, charged to the in-flight budget
-/// (`--max-inflight-bytes`) until its body is done or its client gone: hyper's write buffer
-/// (about 400 KiB before it stops taking chunks) and a chunk read ahead. A client that asks
-/// and never reads held ~470 KB of it outside any budget (a review: 2,000 such retrievals
-/// took the server from 135 MB to 1.07 GB).
-const STREAM_HOLD: usize = 512 * 1024;
-
-/// The ticket a streamed retrieval holds ([`STREAM_HOLD`], or the whole budget where it is
-/// smaller): 503 with Retry-After when the budget has no room for it now.
-fn streaming_ticket(state: &AppState) -> Result<super::Ticket, AppError> {
-    let mut ticket = state.admission.receiving()?;
-    ticket.charge(STREAM_HOLD.min(state.admission.budget()))?;
-    Ok(ticket)
+/// The place a streamed retrieval holds among the answers being sent
+/// ([`super::dicomweb::DicomWebConfig::max_streams`]) until its body is done or its client
+/// gone: each holds up to about 512 KiB (hyper's write buffer, a chunk read ahead), which a
+/// client that asks and never reads kept without bound (a review: 2,000 such retrievals took
+/// the server from 135 MB to 1.07 GB). 503 with Retry-After when every place is taken.
+fn stream_slot(state: &AppState) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, AppError> {
+    let Some(web) = state.dicomweb() else {
+        return Ok(None);
+    };
+    web.streams
+        .clone()
+        .try_acquire_owned()
+        .map(Some)
+        .map_err(|_| {
+            AppError::overloaded(format!(
+                "{} WADO-RS answers are being sent (each holds memory until its client has read it): retry later",
+                web.config.max_streams
+            ))
+        })
 }
 
-/// `stream`, holding `ticket` until it is dropped (its last chunk sent, or its client gone).
-fn holding<S: futures_util::Stream + Send>(
+/// `stream`, holding `held` until it is dropped (its last chunk sent, or its client gone).
+fn holding<S: futures_util::Stream + Send, T: Send + 'static>(
     stream: S,
-    ticket: super::Ticket,
+    held: T,
 ) -> impl futures_util::Stream<Item = S::Item> + Send {
     use futures_util::StreamExt as _;
     stream.map(move |item| {
-        let _held = &ticket;
+        let _held = &held;
         item
     })
 }
@@ -516,7 +522,7 @@ async fn retrieve_many(
     ];
     let level = if series.is_some() { "series" } else { "study" };
     // Before the read is audited: a retrieval the budget has no room for is not one.
-    let ticket = match streaming_ticket(&state) {
+    let ticket = match stream_slot(&state) {
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
@@ -758,7 +764,7 @@ pub(crate) async fn retrieve_instance(
         );
         found.as_stored();
     }
-    let ticket = match streaming_ticket(&state) {
+    let ticket = match stream_slot(&state) {
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
