@@ -1162,20 +1162,6 @@ impl ServeArgs {
                 } else {
                     file.dicom_sop_classes.clone().unwrap_or_default()
                 };
-                // The SCP's own limits, named as they are set here (its check names them by
-                // what they are, which read as the HTTP settings of the same name).
-                if !(4096..=16 << 20).contains(&scp.max_pdu_length) {
-                    return Err(ConfigError::Invalid(
-                        "dicom_max_pdu (--dicom-max-pdu) must be between 4096 and 16777216 bytes"
-                            .into(),
-                    ));
-                }
-                if !(1..=65_536).contains(&scp.max_associations) {
-                    return Err(ConfigError::Invalid(
-                        "dicom_max_associations (--dicom-max-associations) must be between 1 and 65536"
-                            .into(),
-                    ));
-                }
                 // No DICOM instance is smaller (file meta and the attributes every store
                 // needs): 0 refused every C-STORE (a review's finding).
                 if scp.max_instance_bytes < 1024 {
@@ -1185,13 +1171,7 @@ impl ServeArgs {
                             .into(),
                     ));
                 }
-                if scp.max_inflight_bytes < scp.max_instance_bytes {
-                    return Err(ConfigError::Invalid(format!(
-                        "dicom_max_inflight_bytes (--dicom-max-inflight-bytes, {}) must be at least \
-                         dicom_max_instance_bytes ({})",
-                        scp.max_inflight_bytes, scp.max_instance_bytes
-                    )));
-                }
+                // The SCP's other limits: its check names each by its setting.
                 scp.check()
                     .map_err(|e| ConfigError::Invalid(e.to_string()))?;
                 Some(DicomConfig {

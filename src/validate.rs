@@ -536,18 +536,7 @@ impl OpenedFile {
 
     /// SHA-256 (hex) of the open file, read from its start.
     fn sha256(&self) -> std::io::Result<String> {
-        use sha2::Digest as _;
-        use std::io::Read as _;
-        let mut hasher = sha2::Sha256::new();
-        let mut reader = std::io::BufReader::with_capacity(1 << 16, &self.file);
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            match reader.read(&mut buf)? {
-                0 => break,
-                n => hasher.update(&buf[..n]),
-            }
-        }
-        Ok(hex::encode(hasher.finalize()))
+        nightingale_models::sha256_reader(&self.file)
     }
 }
 

@@ -176,6 +176,44 @@ fn audit_verify_fails_on_a_missing_log() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL"));
 }
 
+/// Starts `serve` in `dir` (on its folder `repository`, HTTP on a free loopback port, info
+/// log, no config file or admin token from the environment) with `args`; its log lines come
+/// on the receiver.
+fn spawn_serve(
+    dir: &std::path::Path,
+    args: &[&str],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = bin()
+        .current_dir(dir)
+        .args([
+            "serve",
+            "--repository",
+            "repository",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .env("NIGHTINGALE_LOG", "info")
+        .env_remove("NIGHTINGALE_CONFIG")
+        .env_remove("NIGHTINGALE_ADMIN_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
 /// Runs `serve` in a temporary folder until it logs that it listens (or exits), then stops
 /// it. Returns whether it was listening, and its log.
 fn serve_until_listening(args: &[&str], envs: &[(&str, &str)]) -> (bool, String) {
@@ -233,43 +271,25 @@ fn serve_until_listening(args: &[&str], envs: &[(&str, &str)]) -> (bool, String)
 /// pipeline's results store and routed series twice: a red-team finding); and one a spool.
 #[test]
 fn a_second_server_on_one_data_folder_is_refused() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir(dir.path().join("repository")).unwrap();
-    let mut first = bin()
-        .current_dir(dir.path())
-        .args([
-            "serve",
-            "--repository",
-            "repository",
-            "--http-addr",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--dicom-spool")
-        .arg(dir.path().join("spool-1"))
-        .env("NIGHTINGALE_LOG", "info")
-        .env_remove("NIGHTINGALE_CONFIG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = first.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.contains("listening") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(std::time::Duration::from_secs(60))
-        .expect("the first server listens");
+    let first_spool = dir.path().join("spool-1");
+    let (mut first, lines) = spawn_serve(
+        dir.path(),
+        &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--dicom-spool",
+            first_spool.to_str().unwrap(),
+        ],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !lines
+        .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+        .expect("the first server listens")
+        .contains("listening")
+    {}
     let audit = dir.path().join("own-audit.jsonl");
     let spool = dir.path().join("spool-2");
     let data_arg = data.to_str().unwrap();
@@ -291,7 +311,6 @@ fn a_second_server_on_one_data_folder_is_refused() {
     // Its own data folder, the first server's spool: refused too (both routed every series
     // and sent their results to PACS: a review's finding).
     let other_data = dir.path().join("data-2");
-    let first_spool = dir.path().join("spool-1");
     let (spool_listening, spool_log) = serve_until_listening(
         &[
             "--data-dir",
@@ -772,37 +791,10 @@ fn a_fifo_or_a_device_where_a_file_is_read_is_refused_at_once() {
 /// which the test binary's other threads share.
 #[test]
 fn refusals_for_credentials_are_logged_anonymous_ones_too() {
-    use std::io::{BufRead, Read, Write};
+    use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("repository")).unwrap();
-    let mut child = bin()
-        .current_dir(dir.path())
-        .args([
-            "serve",
-            "--repository",
-            "repository",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--admin-token",
-            "the-admin-token-0123456789",
-        ])
-        .env("NIGHTINGALE_LOG", "info")
-        .env_remove("NIGHTINGALE_CONFIG")
-        .env_remove("NIGHTINGALE_ADMIN_TOKEN")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut child, rx) = spawn_serve(dir.path(), &["--admin-token", "the-admin-token-0123456789"]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let addr = loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());

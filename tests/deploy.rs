@@ -461,25 +461,21 @@ async fn a_bundle_without_its_manifest_for_a_while_keeps_serving() {
     let aside = f.dir.path().join("bundle.toml.aside");
     std::fs::rename(&manifest, &aside).unwrap();
     // Ten polls without it, then a dangling link for ten more: served all along.
-    for _ in 0..10 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let (s, v) = f.infer_version().await;
-        assert_eq!(
-            (s, v["model_version"].as_str()),
-            (StatusCode::OK, Some("1")),
-            "{v}"
-        );
-    }
+    // Version 1 answers at each of ten polls.
+    let serves_for_ten_polls = async || {
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let (s, v) = f.infer_version().await;
+            assert_eq!(
+                (s, v["model_version"].as_str()),
+                (StatusCode::OK, Some("1")),
+                "{v}"
+            );
+        }
+    };
+    serves_for_ten_polls().await;
     std::os::unix::fs::symlink(f.dir.path().join("nowhere"), &manifest).unwrap();
-    for _ in 0..10 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let (s, v) = f.infer_version().await;
-        assert_eq!(
-            (s, v["model_version"].as_str()),
-            (StatusCode::OK, Some("1")),
-            "{v}"
-        );
-    }
+    serves_for_ten_polls().await;
     std::fs::remove_file(&manifest).unwrap();
     std::fs::rename(&aside, &manifest).unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;

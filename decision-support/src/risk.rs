@@ -589,14 +589,17 @@ fn observation(
     }
     out.newer_not_final = newer_not_final(&pending, best.as_ref().and_then(|b| b.0));
     // A search that may hold this code was asked for and not read: "no result" is not known.
-    let search_not_read = resources.unreadable.iter().any(|u| {
-        u.search
-            && u.resource_type == "Observation"
-            && u.codes.as_ref().is_none_or(|cs| {
-                cs.iter()
-                    .any(|c| has_any(c, &family) || is_panel_of(c, code))
-            })
-    });
+    // Whether a search's codes (none: not by code) may find this feature.
+    let may_hold = |codes: Option<&[crate::fhir::CodeableConcept]>| {
+        codes.is_none_or(|cs| {
+            cs.iter()
+                .any(|c| has_any(c, &family) || is_panel_of(c, code))
+        })
+    };
+    let search_not_read = resources
+        .unreadable
+        .iter()
+        .any(|u| u.search && u.resource_type == "Observation" && may_hold(u.codes.as_deref()));
     // Of one time, the later issued is a correction only if both say when they were
     // issued: a value of the latest's time that differs from it, where one of the two has no
     // issue time, makes the feature missing (an SBP of 60 issued beside a 120 that said
@@ -612,12 +615,7 @@ fn observation(
     let Some((time, _, quantity, _)) = best else {
         // None found, and what a search read in part did not read reaches into the look-back
         // window: one may be there, not "no recent result" (a review's finding).
-        let may_be_unread = resources.observations_unread_after(cx.now - look_back, |codes| {
-            codes.is_none_or(|cs| {
-                cs.iter()
-                    .any(|c| has_any(c, &family) || is_panel_of(c, code))
-            })
-        });
+        let may_be_unread = resources.observations_unread_after(cx.now - look_back, may_hold);
         out.value = Err(if search_not_read {
             Missing::Unusable(UnusableReason::SearchNotRead)
         } else if may_be_unread {
@@ -634,14 +632,7 @@ fn observation(
     }
     // From a search read in part, the latest found is the latest only if what was not read
     // is no newer ([`Resources::observations_unread_after`]).
-    if time.is_some_and(|t| {
-        resources.observations_unread_after(t, |codes| {
-            codes.is_none_or(|cs| {
-                cs.iter()
-                    .any(|c| has_any(c, &family) || is_panel_of(c, code))
-            })
-        })
-    }) {
+    if time.is_some_and(|t| resources.observations_unread_after(t, may_hold)) {
         out.value = Err(Missing::Unusable(UnusableReason::NewerMayBeUnread));
         return;
     }

@@ -143,17 +143,18 @@ impl ScpConfig {
         }
         if !(4096..=16 << 20).contains(&self.max_pdu_length) {
             return Err(ScpError::InvalidSetting {
-                what: "max PDU length must be between 4096 and 16777216",
+                what: "dicom_max_pdu (--dicom-max-pdu) must be between 4096 and 16777216 bytes",
             });
         }
         if self.max_inflight_bytes < self.max_instance_bytes {
             return Err(ScpError::InvalidSetting {
-                what: "max in-flight bytes must be at least max instance bytes",
+                what: "dicom_max_inflight_bytes (--dicom-max-inflight-bytes) must be at least \
+                       dicom_max_instance_bytes (--dicom-max-instance-bytes)",
             });
         }
         if !(1..=MAX_ASSOCIATIONS).contains(&self.max_associations) {
             return Err(ScpError::InvalidSetting {
-                what: "max associations must be 1..=65536",
+                what: "dicom_max_associations (--dicom-max-associations) must be between 1 and 65536",
             });
         }
         if self.association_timeout.is_zero() || self.idle_timeout.is_zero() {

@@ -11,11 +11,15 @@ use crate::error::BundleError;
 
 /// Hex SHA-256 of a file, streamed.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = fs::File::open(path)?;
+    sha256_reader(fs::File::open(path)?)
+}
+
+/// Hex SHA-256 of what `reader` gives to its end, streamed (an open file, say).
+pub fn sha256_reader(mut reader: impl Read) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = file.read(&mut buf)?;
+        let n = reader.read(&mut buf)?;
         if n == 0 {
             break;
         }

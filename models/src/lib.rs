@@ -22,7 +22,9 @@ mod repository;
 pub mod selftest;
 pub mod signature;
 
-pub use checksum::{FILE_LIMIT, open_lock_file, read_verified, sha256_file, verify_folder};
+pub use checksum::{
+    FILE_LIMIT, open_lock_file, read_verified, sha256_file, sha256_reader, verify_folder,
+};
 pub use error::{BundleError, RepositoryError};
 pub use init::{InitError, InitOptions, InitReport, init};
 pub use manifest::{ConceptCode, Manifest, SelfTestSpec, TaskKind, Tolerance, check_sctid};
