@@ -739,8 +739,46 @@ pub(crate) fn is_usable_request_id(b: &[u8]) -> bool {
     !b.is_empty() && b.len() <= 128 && b.iter().all(u8::is_ascii_graphic)
 }
 
-async fn not_found() -> AppError {
-    AppError::not_found("no such endpoint")
+async fn not_found(uri: axum::http::Uri) -> AppError {
+    match triton_extension(uri.path()) {
+        Some(extension) => AppError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            format!(
+                "{extension} is not served by Nightingale: it serves health, metadata, infer, model config, statistics and the repository calls of the KServe v2 / Triton protocol; no shared memory, trace or log settings, or generate (docs/grpc.md lists the same over gRPC)"
+            ),
+        ),
+        None => AppError::not_found("no such endpoint"),
+    }
+}
+
+/// The Triton HTTP extension a path belongs to, where Nightingale does not serve it: a Triton
+/// user's `register_system_shared_memory` got `404 no such endpoint`, which reads like a
+/// wrong URL, where gRPC said the call is not served (a review's finding).
+fn triton_extension(path: &str) -> Option<&'static str> {
+    let rest = path.strip_prefix("/v2/")?;
+    let first = rest.split('/').next().unwrap_or_default();
+    match first {
+        "systemsharedmemory" => return Some("system shared memory"),
+        "cudasharedmemory" => return Some("CUDA shared memory"),
+        "logging" => return Some("the logging extension"),
+        "trace" => return Some("the trace extension"),
+        _ => {}
+    }
+    if first == "models" {
+        let last = rest
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or_default();
+        let before_last = rest.trim_end_matches('/').rsplit('/').nth(1);
+        if before_last == Some("trace") && last == "setting" {
+            return Some("the trace extension");
+        }
+        if matches!(last, "generate" | "generate_stream") {
+            return Some("the generate extension");
+        }
+    }
+    None
 }
 
 async fn method_not_allowed() -> AppError {
