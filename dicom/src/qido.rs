@@ -116,6 +116,20 @@ struct Keys {
     instance_number: bool,
 }
 
+/// `WHERE` and the clauses joined by `AND`; empty for none.
+fn where_of(clauses: &[String]) -> String {
+    if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    }
+}
+
+/// Whether the values of a code key match anything: none given, or a pattern of only `*`.
+fn universal(values: &[String]) -> bool {
+    values.is_empty() || values.iter().any(|p| p.bytes().all(|b| b == b'*'))
+}
+
 /// `n` SQL parameter marks: `?, ?, ?`.
 fn marks(n: usize) -> String {
     vec!["?"; n].join(", ")
@@ -140,11 +154,24 @@ fn any_of(column: &str, values: &[String], clauses: &mut Vec<String>, params: &m
 }
 
 impl Query {
-    /// `WHERE ...` over the given UID columns and the attribute keys of `keys`, and its
-    /// parameters.
+    /// `WHERE ...` over the given UID columns, the study's keys and the attribute keys of
+    /// `keys`, and its parameters.
     fn filter(&self, columns: &[(&str, &[String])], keys: Keys) -> (String, Vec<Value>) {
         let mut clauses = vec![];
         let mut params = vec![];
+        self.uid_and_study_clauses(columns, &mut clauses, &mut params);
+        self.attribute_clauses(keys, &mut clauses, &mut params);
+        (where_of(&clauses), params)
+    }
+
+    /// The clauses of the given UID columns and of the study's own keys
+    /// (ModalitiesInStudy, StudyDate), which select whole studies.
+    fn uid_and_study_clauses(
+        &self,
+        columns: &[(&str, &[String])],
+        clauses: &mut Vec<String>,
+        params: &mut Vec<Value>,
+    ) {
         for (column, values) in columns {
             if values.is_empty() {
                 continue;
@@ -152,19 +179,9 @@ impl Query {
             clauses.push(format!("{column} IN ({})", marks(values.len())));
             params.extend(values.iter().map(|v| Value::Text(v.clone())));
         }
-        let universal =
-            |v: &[String]| v.is_empty() || v.iter().any(|p| p.bytes().all(|b| b == b'*'));
-        if keys.modality && !universal(&self.modalities) {
-            any_of("modality", &self.modalities, &mut clauses, &mut params);
-        }
         if !universal(&self.modalities_in_study) {
             let mut inner = vec![];
-            any_of(
-                "modality",
-                &self.modalities_in_study,
-                &mut inner,
-                &mut params,
-            );
+            any_of("modality", &self.modalities_in_study, &mut inner, params);
             clauses.push(format!(
                 "study_uid IN (SELECT study_uid FROM instances WHERE {})",
                 inner.join(" AND ")
@@ -193,6 +210,14 @@ impl Query {
                 ));
             }
         }
+    }
+
+    /// The clauses of the series' and instances' own keys that `keys` names (Modality,
+    /// SeriesNumber, InstanceNumber), on columns of those names.
+    fn attribute_clauses(&self, keys: Keys, clauses: &mut Vec<String>, params: &mut Vec<Value>) {
+        if keys.modality && !universal(&self.modalities) {
+            any_of("modality", &self.modalities, clauses, params);
+        }
         for (on, column, values) in [
             (keys.series_number, "series_number", &self.series_numbers),
             (
@@ -206,12 +231,6 @@ impl Query {
                 params.extend(values.iter().map(|n| Value::Integer(*n)));
             }
         }
-        let sql = if clauses.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", clauses.join(" AND "))
-        };
-        (sql, params)
     }
 
     fn page(&self, params: &mut Vec<Value>) -> &'static str {
@@ -224,17 +243,24 @@ impl Query {
     }
 }
 
-/// The rows a series or instance search matches (`matched`), and the date of each of their
-/// studies (`dates`: its instances' earliest), as the study level answers it and matches on:
-/// the series and instance levels answer it too, not each row's own (a series of a study
-/// matched on 20231231 was answered with its own 20240102: a red-team finding). Each study's
-/// date is computed once (a subquery per answered row made a search of a 10,000-instance
-/// study take 50 s: a review's finding).
+/// The rows a search matches (`matched`), and the date and time of each of their studies
+/// (`dates`: `date_of`, `date`, `time`): its instances' earliest date, and the earliest time
+/// among the instances of that date, as every level answers them and the study level matches
+/// on: not each row's own (a series of a study matched on 20231231 was answered with its own
+/// 20240102: a red-team finding), and a time from the same instances as the date (the
+/// earliest date and the earliest time taken apart answered 20240101 000100 for instances of
+/// 20240102 000100 and 20240101 235900: a review's finding). Each study's are computed once
+/// (a subquery per answered row made a search of a 10,000-instance study take 50 s).
 fn with_study_dates(filter: &str) -> String {
     format!(
         "WITH matched AS (SELECT * FROM instances {filter}),
-              dates AS (SELECT study_uid AS date_of, MIN(study_date) AS date FROM instances
-                        WHERE study_uid IN (SELECT study_uid FROM matched) GROUP BY study_uid)"
+              firsts AS (SELECT study_uid AS first_of, MIN(study_date) AS first_date
+                         FROM instances WHERE study_uid IN (SELECT study_uid FROM matched)
+                         GROUP BY study_uid),
+              dates AS (SELECT first_of AS date_of, first_date AS date, MIN(study_time) AS time
+                        FROM firsts JOIN instances
+                             ON study_uid = first_of AND study_date IS first_date
+                        GROUP BY first_of)"
     )
 }
 
@@ -249,9 +275,12 @@ impl Spool {
         let (filter, mut params) = q.filter(&[("study_uid", &q.study_uids)], keys);
         let page = q.page(&mut params);
         let sql = format!(
-            "SELECT study_uid, COUNT(DISTINCT series_uid), COUNT(*), MAX(received_at_ms),
-                    MIN(study_date), MIN(study_time), GROUP_CONCAT(DISTINCT modality)
-             FROM instances {filter} GROUP BY study_uid ORDER BY study_uid {page}"
+            "{}
+             SELECT study_uid, COUNT(DISTINCT series_uid), COUNT(*), MAX(received_at_ms),
+                    MIN(date), MIN(time), GROUP_CONCAT(DISTINCT modality)
+             FROM matched JOIN dates ON date_of = study_uid GROUP BY study_uid
+             ORDER BY study_uid {page}",
+            with_study_dates(&filter)
         );
         let db = self.searcher();
         let mut stmt = db.prepare(&sql)?;
@@ -276,22 +305,41 @@ impl Spool {
 
     /// Series matching `StudyInstanceUID`, `SeriesInstanceUID`, `Modality`,
     /// `ModalitiesInStudy`, `SeriesNumber` and `StudyDate`.
+    ///
+    /// A series is answered with its own attributes over all its instances (its count, its
+    /// least Modality and SeriesNumber where its instances disagree), and `Modality` and
+    /// `SeriesNumber` match those: matched per instance, one series of instances 1/CT, 2/MR,
+    /// 1/CT was answered as 1/CT with 2 instances, or as 2/MR with 1, by the filter asked
+    /// (a review's finding).
     pub fn query_series(&self, q: &Query) -> Result<Vec<SeriesRow>, StoreError> {
+        let mut clauses = vec![];
+        let mut params = vec![];
+        q.uid_and_study_clauses(
+            &[("study_uid", &q.study_uids), ("series_uid", &q.series_uids)],
+            &mut clauses,
+            &mut params,
+        );
+        let filter = where_of(&clauses);
+        let mut own = vec![];
         let keys = Keys {
             modality: true,
             series_number: true,
             instance_number: false,
         };
-        let (filter, mut params) = q.filter(
-            &[("study_uid", &q.study_uids), ("series_uid", &q.series_uids)],
-            keys,
-        );
+        q.attribute_clauses(keys, &mut own, &mut params);
+        let own = where_of(&own);
         let page = q.page(&mut params);
         let sql = format!(
-            "{}
-             SELECT study_uid, series_uid, COUNT(*), MAX(received_at_ms), MIN(modality),
-                    MIN(series_number), MIN(date), MIN(study_time)
-             FROM matched JOIN dates ON date_of = study_uid GROUP BY study_uid, series_uid
+            "{},
+              answered AS (SELECT study_uid, series_uid, COUNT(*) AS instances,
+                                MAX(received_at_ms) AS received, MIN(modality) AS modality,
+                                MIN(series_number) AS series_number, MIN(date) AS date,
+                                MIN(time) AS time
+                         FROM matched JOIN dates ON date_of = study_uid
+                         GROUP BY study_uid, series_uid)
+             SELECT study_uid, series_uid, instances, received, modality, series_number, date,
+                    time
+             FROM answered {own}
              ORDER BY study_uid, series_uid {page}",
             with_study_dates(&filter)
         );
@@ -332,7 +380,7 @@ impl Spool {
         let sql = format!(
             "{}
              SELECT study_uid, series_uid, sop_instance_uid, sop_class_uid, transfer_syntax,
-                    received_at_ms, size, modality, date, study_time, series_number,
+                    received_at_ms, size, modality, date, time, series_number,
                     instance_number, rows, columns, number_of_frames
              FROM matched JOIN dates ON date_of = study_uid
              ORDER BY study_uid, series_uid, sop_instance_uid {page}",
@@ -376,13 +424,31 @@ mod tests {
     /// A secondary capture data set (Explicit VR Little Endian) of `series` in study
     /// 1.2.3.9, dated `date`.
     fn instance(series: &str, sop: &str, date: &str) -> Vec<u8> {
+        instance_of(series, sop, date, "", "OT", "")
+    }
+
+    /// [`instance`] with a study time, a modality and a series number.
+    fn instance_of(
+        series: &str,
+        sop: &str,
+        date: &str,
+        time: &str,
+        modality: &str,
+        number: &str,
+    ) -> Vec<u8> {
         let mut d = Vec::new();
         element(&mut d, 0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.7");
         element(&mut d, 0x0008, 0x0018, b"UI", sop.as_bytes());
         element(&mut d, 0x0008, 0x0020, b"DA", date.as_bytes());
-        element(&mut d, 0x0008, 0x0060, b"CS", b"OT");
+        if !time.is_empty() {
+            element(&mut d, 0x0008, 0x0030, b"TM", time.as_bytes());
+        }
+        element(&mut d, 0x0008, 0x0060, b"CS", modality.as_bytes());
         element(&mut d, 0x0020, 0x000D, b"UI", b"1.2.3.9");
         element(&mut d, 0x0020, 0x000E, b"UI", series.as_bytes());
+        if !number.is_empty() {
+            element(&mut d, 0x0020, 0x0011, b"IS", number.as_bytes());
+        }
         element(&mut d, 0x0028, 0x0010, b"US", &1u16.to_le_bytes());
         element(&mut d, 0x0028, 0x0011, b"US", &2u16.to_le_bytes());
         // Pixel Data, OW: a 4-byte length after two reserved bytes.
@@ -458,5 +524,80 @@ mod tests {
             })
             .unwrap();
         assert!(matched.is_empty(), "{matched:?}");
+    }
+
+    /// A review's findings: a series whose instances disagree (1/CT, 2/MR, 1/CT) was
+    /// answered with the attributes and count of the instances the filter kept, and a study
+    /// with the earliest date and the earliest time of different instances.
+    #[test]
+    fn a_series_and_a_study_are_answered_whole_whatever_the_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SpoolOptions {
+            min_free_bytes: 0,
+            ..Default::default()
+        };
+        let spool = Spool::open(dir.path(), options).unwrap().0;
+        for (sop, date, time, modality, number) in [
+            ("1.2.3.9.1.1", "20240102", "000100", "CT", "1"),
+            ("1.2.3.9.1.2", "20240101", "235900", "MR", "2"),
+            ("1.2.3.9.1.3", "20240101", "235930", "CT", "1"),
+        ] {
+            let data = instance_of("1.2.3.9.1", sop, date, time, modality, number);
+            spool.store(&data, &incoming()).unwrap();
+        }
+        let whole = |q: Query| spool.query_series(&q).unwrap();
+        let all = whole(Query::default());
+        assert_eq!(all.len(), 1);
+        let series = &all[0];
+        assert_eq!(series.instances, 3);
+        assert_eq!(series.modality.as_deref(), Some("CT"));
+        assert_eq!(series.series_number, Some(1));
+        assert_eq!(series.study_date.as_deref(), Some("20240101"));
+        assert_eq!(series.study_time.as_deref(), Some("235900"));
+        for q in [
+            Query {
+                series_numbers: vec![1],
+                ..Query::default()
+            },
+            Query {
+                modalities: vec!["C?".into()],
+                ..Query::default()
+            },
+        ] {
+            assert_eq!(whole(q.clone()), all, "{q:?}");
+        }
+        // Keys that only some of its instances carry do not match the series.
+        for q in [
+            Query {
+                series_numbers: vec![2],
+                ..Query::default()
+            },
+            Query {
+                modalities: vec!["MR".into()],
+                ..Query::default()
+            },
+        ] {
+            assert_eq!(whole(q.clone()), vec![], "{q:?}");
+        }
+        // The study: the date and time of the same instances, at every level.
+        let studies = spool.query_studies(&Query::default()).unwrap();
+        assert_eq!(studies.len(), 1);
+        assert_eq!(studies[0].study_date.as_deref(), Some("20240101"));
+        assert_eq!(studies[0].study_time.as_deref(), Some("235900"));
+        let instances = spool.query_instances(&Query::default()).unwrap();
+        assert_eq!(instances.len(), 3);
+        for i in &instances {
+            assert_eq!(i.attributes.study_date.as_deref(), Some("20240101"));
+            assert_eq!(i.attributes.study_time.as_deref(), Some("235900"));
+        }
+        // An instance search still matches each instance's own keys.
+        let mr = spool
+            .query_instances(&Query {
+                modalities: vec!["MR".into()],
+                ..Query::default()
+            })
+            .unwrap();
+        assert_eq!(mr.len(), 1);
+        assert_eq!(mr[0].sop_instance_uid, "1.2.3.9.1.2");
     }
 }

@@ -877,6 +877,48 @@ fn query_of(
     Ok((q, ignored))
 }
 
+/// The ignored keys as a QIDO-RS Warning names them: each once, as sent (a byte other than
+/// a letter, digit, `.`, `-` or `_` percent-encoded, so `StudyInstanceUID%00` is not shown as
+/// the supported `StudyInstanceUID`), at most [`SHOWN_KEYS`] of at most 64 bytes each, then
+/// how many more. A key repeated 4,000 times made a 52 KB header, which proxies refuse
+/// (nginx's default buffer is 4-8 KB): a review's finding.
+fn ignored_keys_shown(ignored: &[String]) -> String {
+    let mut shown: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for key in ignored {
+        let mut name = String::new();
+        for b in key.bytes() {
+            if name.len() >= 64 {
+                name.push_str("...");
+                break;
+            }
+            if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_') {
+                name.push(char::from(b));
+            } else {
+                name.push_str(&format!("%{b:02X}"));
+            }
+        }
+        if name.is_empty() {
+            name = "(empty key)".to_owned();
+        }
+        if !seen.insert(name.clone()) {
+            continue;
+        }
+        if shown.len() < SHOWN_KEYS {
+            shown.push(name);
+        }
+    }
+    let more = seen.len() - shown.len();
+    let mut text = shown.join(", ");
+    if more > 0 {
+        text.push_str(&format!(" and {more} more"));
+    }
+    text
+}
+
+/// Most ignored keys a QIDO-RS Warning names.
+const SHOWN_KEYS: usize = 16;
+
 /// The answer when a STOW-RS part cannot be written aside.
 fn staging_error(e: &std::io::Error) -> AppError {
     if e.kind() == std::io::ErrorKind::StorageFull {
@@ -1151,15 +1193,7 @@ async fn search(
         if !ignored.is_empty() {
             warnings.push(format!(
                 "299 nightingale \"The following attributes are not supported for matching at this level and were ignored: {}\"",
-                ignored
-                    .iter()
-                    .map(|k| {
-                        let name: String =
-                            k.chars().filter(|c| c.is_ascii_alphanumeric()).take(64).collect();
-                        if name.is_empty() { "(unreadable key)".to_owned() } else { name }
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                ignored_keys_shown(&ignored)
             ));
         }
         if fuzzy {
