@@ -167,6 +167,7 @@ async fn before_the_message(
     }
     match one_message(
         request,
+        rule.map_or("", |r| r.method),
         timeout,
         state.config.max_body_bytes.min(UNARY_LIMIT),
     )
@@ -251,6 +252,7 @@ const UNARY_LIMIT: usize = 1 << 20;
 /// CPU before any credentials were read, a red-team finding).
 async fn one_message(
     request: axum::extract::Request,
+    method: &str,
     timeout: Duration,
     limit: usize,
 ) -> Result<axum::extract::Request, AppError> {
@@ -296,11 +298,36 @@ async fn one_message(
             got.extend_from_slice(&message);
             parts.headers.remove("grpc-encoding");
         }
+        if got.len() - 5 == declared {
+            decodes(method, &got[5..]).map_err(|e| {
+                AppError::bad_request(format!("the {method} request message is malformed: {e}"))
+            })?;
+        }
     }
     Ok(axum::extract::Request::from_parts(
         parts,
         axum::body::Body::from(got),
     ))
+}
+
+/// Whether `message` decodes as `method`'s request: one that does not is refused here
+/// INVALID_ARGUMENT, where tonic answered INTERNAL (its answer to a decode error), which tells
+/// a client the server failed rather than its message (a README known issue). At most
+/// [`UNARY_LIMIT`] bytes, decoded again by tonic when sound.
+fn decodes(method: &str, message: &[u8]) -> Result<(), prost::DecodeError> {
+    match method {
+        "ServerLive" => proto::ServerLiveRequest::decode(message).map(drop),
+        "ServerReady" => proto::ServerReadyRequest::decode(message).map(drop),
+        "ServerMetadata" => proto::ServerMetadataRequest::decode(message).map(drop),
+        "ModelReady" => proto::ModelReadyRequest::decode(message).map(drop),
+        "ModelMetadata" => proto::ModelMetadataRequest::decode(message).map(drop),
+        "ModelConfig" => proto::ModelConfigRequest::decode(message).map(drop),
+        "ModelStatistics" => proto::ModelStatisticsRequest::decode(message).map(drop),
+        "RepositoryIndex" => proto::RepositoryIndexRequest::decode(message).map(drop),
+        "RepositoryModelLoad" => proto::RepositoryModelLoadRequest::decode(message).map(drop),
+        "RepositoryModelUnload" => proto::RepositoryModelUnloadRequest::decode(message).map(drop),
+        _ => Ok(()),
+    }
 }
 
 /// A small compressed message inflated, at most `limit` bytes (a MiB: this runs on the async
