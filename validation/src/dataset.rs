@@ -6,7 +6,7 @@
 //! Labels are `0`/`1` (1 = the bundle's positive label) or one of the output's class names.
 //! Reasons never quote feature, subgroup or patient-id values (they may identify someone).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
@@ -369,8 +369,50 @@ impl QuoteState {
     }
 }
 
+/// The rows of a dataset seen so far, by a digest of their contents: a row equal to an
+/// earlier one is unusable ("the same record as row N"), so a file listed twice, or rows
+/// copied, count once. Copied rows passed the gate's minimum sample and narrowed its
+/// intervals (13 rows failed the gate, the same 13 twice passed it: a review's finding), as
+/// images named twice did before DICOM datasets counted an image once.
+#[derive(Default)]
+struct SeenRows {
+    first: HashMap<[u8; 16], u64>,
+}
+
+impl SeenRows {
+    /// `Some(first row)` when `parts` were seen before; else remembers them as `row`'s.
+    fn repeated<'a>(&mut self, row: u64, parts: impl Iterator<Item = &'a [u8]>) -> Option<u64> {
+        let mut h = Sha256::new();
+        for part in parts {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        let digest: [u8; 32] = h.finalize().into();
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest[..16]);
+        match self.first.entry(key) {
+            std::collections::hash_map::Entry::Occupied(first) => Some(*first.get()),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(row);
+                None
+            }
+        }
+    }
+}
+
+/// The reason given for a row equal to an earlier one.
+fn repeated_reason(first: u64, what: &str) -> String {
+    format!(
+        "the same {what} as row {first}: a row counts once (give records that are truly identical an id column of their own to keep them apart)"
+    )
+}
+
 /// A CSV dataset read row by row.
 pub struct CsvDataset {
+    /// Rows seen, for a dataset of features (not one of predictions, whose rounded scores
+    /// and labels repeat in patients of their own, nor one of DICOM files, whose files are
+    /// compared by the run).
+    seen: Option<SeenRows>,
     path: PathBuf,
     reader: csv::Reader<HashingReader<File>>,
     labels: LabelSpec,
@@ -480,7 +522,9 @@ impl CsvDataset {
             .take(MAX_IGNORED_LISTED)
             .map(|n| cut_name(n))
             .collect();
+        let features_only = score_idx.is_none() && class_score_idx.is_empty() && file_idx.is_none();
         Ok(CsvDataset {
+            seen: features_only.then(SeenRows::default),
             path: path.to_owned(),
             reader,
             labels,
@@ -653,6 +697,16 @@ impl CsvDataset {
                 Some(f.to_owned())
             }
         };
+        // Every field of the record, the ignored ones too (an id column keeps apart records
+        // that are truly identical otherwise).
+        if let Some(seen) = &mut self.seen
+            && let Some(first) = seen.repeated(row, rec.iter().map(str::as_bytes))
+        {
+            return Ok(Some(Err(Unusable {
+                row,
+                reason: repeated_reason(first, "record"),
+            })));
+        }
         Ok(Some(Ok(Row {
             row,
             features,
@@ -714,6 +768,7 @@ pub struct NpyDataset {
     rows: u64,
     bytes_per_row: u64,
     files: Vec<(String, String)>,
+    seen: SeenRows,
 }
 
 fn npy_error(path: &Path, reason: impl std::fmt::Display) -> DatasetError {
@@ -824,6 +879,7 @@ impl NpyDataset {
             rows: 0,
             bytes_per_row: row_len as u64 * 4,
             files,
+            seen: SeenRows::default(),
         })
     }
 
@@ -868,6 +924,17 @@ impl NpyDataset {
             return Ok(Some(Err(Unusable {
                 row,
                 reason: "the image holds non-finite values".to_owned(),
+            })));
+        }
+        let bits: Vec<u8> = features.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let label_bytes = label.to_le_bytes();
+        if let Some(first) = self
+            .seen
+            .repeated(row, [bits.as_slice(), &label_bytes[..]].into_iter())
+        {
+            return Ok(Some(Err(Unusable {
+                row,
+                reason: repeated_reason(first, "image and label"),
             })));
         }
         Ok(Some(Ok(Row {
@@ -959,6 +1026,49 @@ mod tests {
             out.push(r);
         }
         out
+    }
+
+    /// A review's finding: the same rows twice passed a gate the rows alone failed. A row
+    /// equal to an earlier one in every field is unusable and names it; a field that differs
+    /// (an id column, ignored or not) keeps two rows apart; predictions files, whose
+    /// rounded scores repeat in patients of their own, are not compared.
+    #[test]
+    fn a_record_repeated_counts_once() {
+        let cols = Columns {
+            features: vec!["a".into(), "b".into()],
+            label: "label".into(),
+            ..Columns::default()
+        };
+        let text = "a,b,label,id\n1,2,1,p1\n3,4,0,p2\n1,2,1,p1\n1,2,1,p3\n1,2,0,p1\n3,4,0,p2\n";
+        let f = write(text);
+        let mut ds = CsvDataset::open(f.path(), &cols, labels()).unwrap();
+        let rows = read_all(&mut ds);
+        let repeated: Vec<(u64, &str)> = rows
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .map(|u| (u.row, u.reason.as_str()))
+            .collect();
+        assert_eq!(repeated.len(), 2, "{repeated:?}");
+        assert_eq!(repeated[0].0, 3);
+        assert!(
+            repeated[0].1.starts_with("the same record as row 1:"),
+            "{repeated:?}"
+        );
+        assert_eq!(repeated[1].0, 6);
+        assert!(
+            repeated[1].1.starts_with("the same record as row 2:"),
+            "{repeated:?}"
+        );
+
+        let predictions = Columns {
+            features: vec![],
+            label: "label".into(),
+            score: Some("score".into()),
+            ..Columns::default()
+        };
+        let f = write("label,score\n1,0.9\n1,0.9\n0,0.1\n0,0.1\n");
+        let mut ds = CsvDataset::open(f.path(), &predictions, labels()).unwrap();
+        assert!(read_all(&mut ds).iter().all(Result::is_ok));
     }
 
     /// Red-team finding: a quote opened and never closed took every later row into one
@@ -1149,17 +1259,36 @@ mod tests {
     #[test]
     fn npy_tensor_rows_and_class_labels() {
         let dir = tempfile::tempdir().unwrap();
-        let pixels: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, f32::NAN, 6.0, 7.0, 8.0, 9.0]
+        let pixels: Vec<u8> = [
+            1.0f32,
+            2.0,
+            3.0,
+            4.0,
+            f32::NAN,
+            6.0,
+            7.0,
+            8.0,
+            9.0,
+            1.0,
+            2.0,
+            3.0,
+            1.0,
+            2.0,
+            3.0,
+        ]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+        std::fs::write(
+            dir.path().join("images.npy"),
+            npy("<f4", "(5, 1, 3)", &pixels),
+        )
+        .unwrap();
+        let labels: Vec<u8> = [2i64, 1, 5, 2, 1]
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();
-        std::fs::write(
-            dir.path().join("images.npy"),
-            npy("<f4", "(3, 1, 3)", &pixels),
-        )
-        .unwrap();
-        let labels: Vec<u8> = [2i64, 1, 5].iter().flat_map(|v| v.to_le_bytes()).collect();
-        std::fs::write(dir.path().join("labels.npy"), npy("<i8", "(3,)", &labels)).unwrap();
+        std::fs::write(dir.path().join("labels.npy"), npy("<i8", "(5,)", &labels)).unwrap();
         assert!(NpyDataset::is_npy_folder(dir.path()));
         let spec = LabelSpec {
             positive: String::new(),
@@ -1175,9 +1304,21 @@ mod tests {
         assert_eq!(second.reason, "the image holds non-finite values");
         let third = ds.next_row().unwrap().unwrap().unwrap_err();
         assert!(third.reason.contains("below 3"), "{}", third.reason);
+        // the first image and label again: counted once; the same image of another class
+        // is a row of its own
+        let again = ds.next_row().unwrap().unwrap().unwrap_err();
+        assert!(
+            again
+                .reason
+                .starts_with("the same image and label as row 1:"),
+            "{}",
+            again.reason
+        );
+        let other = ds.next_row().unwrap().unwrap().unwrap();
+        assert_eq!((other.row, other.class), (5, 1));
         assert!(ds.next_row().unwrap().is_none());
         let s = ds.finish();
-        assert_eq!(s.rows_read, 3);
+        assert_eq!(s.rows_read, 5);
         assert_eq!(s.files.len(), 2);
         // class names and indices in a CSV label column
         assert_eq!(spec.class_of("b"), Some(1));

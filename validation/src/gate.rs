@@ -37,6 +37,19 @@ pub struct GateResult {
     pub criteria: Vec<CriterionResult>,
 }
 
+/// Whether `a` is below `b` by more than floating-point rounding ([`AT_LIMIT`], relative to
+/// the larger magnitude, at least absolute): a metric at its limit passes. Compared exactly,
+/// a Brier score of exactly 0.09 computed as 0.09000000000000005 failed `max = 0.09` with
+/// "0.0900 is above the maximum 0.09", and an ECE of 0.3 computed as 0.29999999999999993
+/// passed a minimum of 0.3 by luck of the rounding (a review's finding).
+fn below(a: f64, b: f64) -> bool {
+    a < b - AT_LIMIT * a.abs().max(b.abs()).max(1.0)
+}
+
+/// How near a limit a metric counts as at it: far above the rounding of sums over millions
+/// of rows, far below any difference a gate is written to tell apart.
+const AT_LIMIT: f64 = 1e-9;
+
 fn find<'m>(metrics: &'m Metrics, c: &GateCriterion) -> Option<&'m Metric> {
     match &c.threshold {
         None => metrics.metric(&c.metric),
@@ -298,16 +311,16 @@ fn check_with<'m>(
                 }),
             ),
             Some(v) => {
-                let low = c.min.filter(|&m| v < m);
-                let high = c.max.filter(|&m| v > m);
+                let low = c.min.filter(|&m| below(v, m));
+                let high = c.max.filter(|&m| below(m, v));
                 // A confidence limit is never more lenient than the estimate itself: an
                 // interval that does not contain its estimate (a cluster bootstrap's lay
                 // wholly above it: a red-team finding) cannot pass a gate the estimate fails.
                 let estimate = metric
                     .and_then(|m| m.value)
                     .filter(|_| matches!(bound, "ci_lower" | "ci_upper"));
-                let estimate_low = c.min.zip(estimate).filter(|(m, e)| e < m);
-                let estimate_high = c.max.zip(estimate).filter(|(m, e)| e > m);
+                let estimate_low = c.min.zip(estimate).filter(|&(m, e)| below(e, m));
+                let estimate_high = c.max.zip(estimate).filter(|&(m, e)| below(m, e));
                 match (low, high, estimate_low, estimate_high) {
                     (Some(m), ..) => (false, Some(format!("{v:.4} is below the minimum {m}"))),
                     (_, Some(m), ..) => (false, Some(format!("{v:.4} is above the maximum {m}"))),
@@ -787,6 +800,29 @@ mod tests {
         let lower = by_name(&g, "auroc.ci_lower").observed.unwrap();
         assert!(lower >= 0.9 && lower < m.auroc.value.unwrap(), "{lower}");
         assert!(g.criteria.iter().all(|c| c.reason.is_none()));
+    }
+
+    /// A metric at its limit passes though rounding put it a hair beyond (a review: a
+    /// Brier score of exactly 0.09, computed as 0.09000000000000005, failed `max = 0.09`);
+    /// one beyond it by more than rounding fails.
+    #[test]
+    fn a_metric_at_its_limit_passes_whatever_the_rounding() {
+        let y: Vec<bool> = (0..20).map(|i| i < 10).collect();
+        let p: Vec<f64> = y.iter().map(|&t| if t { 0.7 } else { 0.3 }).collect();
+        let m = metrics_of(&y, &p);
+        let brier = m.brier.value.unwrap();
+        assert!((brier - 0.09).abs() < 1e-15, "{brier}");
+        let gate = |max: f64| ValidationSpec {
+            gate: vec![criterion("brier", GateBound::Value, None, Some(max))],
+            min_positives: Some(2),
+            min_negatives: Some(2),
+            max_unusable_fraction: None,
+        };
+        let g = check(&gate(0.09), Some(1), &m, &Settings::default());
+        assert!(by_name(&g, "brier").passed, "{g:?}");
+        let g = check(&gate(0.0899), Some(1), &m, &Settings::default());
+        assert!(!by_name(&g, "brier").passed, "{g:?}");
+        assert!(!below(0.3 - 1e-16, 0.3) && below(0.2999, 0.3));
     }
 
     /// Multi-class: the smallest class present is held to `min_positives`, the rows outside
