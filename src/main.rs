@@ -762,7 +762,7 @@ async fn serve(
             tracing::info!("stopped during start-up");
             return Ok(Stopped::DuringStartUp);
         }
-        started = start_services(&config, &state, validation_options) => started?,
+        started = start_services(&config, &state, validation_options, &stop) => started?,
     };
 
     // Live at once; ready when the initial load is done (failed bundles are reported, not
@@ -787,6 +787,10 @@ async fn serve(
         })
     };
     servers.await?;
+    // The DICOM SCP and the pipeline stop with the listeners (each within its grace, from
+    // the same signal): their associations' ends and the deliveries under way are recorded
+    // before the audit trail's last records below.
+    let running = running.drained().await;
     // The last second's unauthenticated CDS refusals, counted and not yet written.
     state.flush_held_audit().await;
     // Validation runs write inference records to the audit trail: they stop before the
@@ -821,12 +825,23 @@ enum Stopped {
     Serving,
 }
 
-/// The tasks that [`start_services`] started beside the listeners, stopped at shutdown.
+/// The tasks that [`start_services`] started beside the listeners, stopped at shutdown:
+/// `draining` end by themselves on the stop signal (the DICOM SCP, the pipeline), `tasks`
+/// are aborted.
 struct Running {
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    draining: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
+    /// Waits for the tasks that end by themselves (each bounds its own wait).
+    async fn drained(mut self) -> Running {
+        for task in self.draining.drain(..) {
+            let _ = task.await;
+        }
+        self
+    }
+
     fn abort(self) {
         for task in self.tasks {
             task.abort();
@@ -849,8 +864,10 @@ async fn start_services(
     config: &ServeConfig,
     state: &Arc<AppState>,
     validation_options: RepositoryOptions,
+    stop: &Stop,
 ) -> anyhow::Result<Running> {
     let mut tasks = vec![];
+    let mut draining = vec![];
     // CDS Hooks (issue 10): the services, the trusted EHRs' keys.
     let cds = {
         let settings = config.cds.clone();
@@ -978,7 +995,7 @@ async fn start_services(
             quiet_secs = settings.quiet.as_secs_f64(),
             "DICOM pipeline on: results at /results/studies/{{study}}"
         );
-        tasks.push(tokio::spawn(pipeline.run()));
+        draining.push(tokio::spawn(pipeline.run(stop.clone().requested_owned())));
     }
     // ---- end DICOM pipeline ----
     // Every route's store is open: the HTTP routes serve from here (before the SCP says it
@@ -997,10 +1014,10 @@ async fn start_services(
             ae_title = %dicom.scp.ae_title,
             "listening (DICOM)"
         );
-        tasks.push(tokio::spawn(scp.serve(std::future::pending())));
+        draining.push(tokio::spawn(scp.serve(stop.clone().requested_owned())));
     }
     // ---- end DICOM ----
-    Ok(Running { tasks })
+    Ok(Running { tasks, draining })
 }
 
 /// The audit record of this start ([`nightingale::audit::EventKind::ServerStart`]).
@@ -1229,8 +1246,21 @@ impl Stop {
             match signals {
                 Ok(signals) => {
                     signals.await;
-                    tracing::info!("shutting down: finishing in-flight requests");
+                    tracing::info!(
+                        "shutting down: finishing in-flight requests (a second SIGTERM or Ctrl-C stops at once)"
+                    );
                     let _ = asked.send(true);
+                    // A second signal ends the process without waiting for the drain (a
+                    // slow client held a stop for its whole grace, and a second Ctrl-C was
+                    // ignored: a review's finding). What was answered is on disk: records
+                    // are durable before their answers, the spool before its acknowledgement.
+                    if let Ok(again) = Self::signals() {
+                        again.await;
+                        tracing::warn!(
+                            "second stop signal: exiting now, without waiting for in-flight work"
+                        );
+                        std::process::exit(1);
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot listen for SIGTERM and SIGINT");

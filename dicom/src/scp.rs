@@ -382,9 +382,19 @@ impl Scp {
         self.listener.local_addr()
     }
 
-    /// Accepts associations until `shutdown` completes.
+    /// Accepts associations until `shutdown` completes, then stops: no new connection is
+    /// accepted, a request arriving on a connection not yet associated is refused (transient,
+    /// local limit exceeded), and each association ends with an A-ABORT once the request in
+    /// progress (a C-STORE whose data set is arriving) is answered, its end audited. Returns
+    /// when every association has ended, or after [`SHUTDOWN_GRACE`] (an SCU that stalls in
+    /// the middle of a data set). Every association and its instances ran on until the
+    /// process ended, unaudited, and were accepted while the HTTP listeners drained (a
+    /// review's finding).
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let (stopping, stop_seen) = tokio::sync::watch::channel(false);
+        // Each connection's task holds a sender: all gone, every association has ended.
+        let (alive, mut all_ended) = tokio::sync::mpsc::channel::<()>(1);
         loop {
             let accepted = tokio::select! {
                 _ = &mut shutdown => break,
@@ -435,7 +445,10 @@ impl Scp {
             let spool = self.spool.clone();
             let budget = self.budget.clone();
             let events = self.events.clone();
+            let stopping = stop_seen.clone();
+            let alive = alive.clone();
             tokio::spawn(async move {
+                let _alive = alive;
                 let deadline = tokio::time::Instant::now() + config.association_timeout;
                 let mut stream = stream;
                 let mut buf = BytesMut::with_capacity(8 << 10);
@@ -473,9 +486,30 @@ impl Scp {
                         slots,
                         waiting: (place, waiting),
                     },
+                    stopping,
                 };
                 serve_association(stream, start, &config, &spool, &budget, events).await;
             });
+        }
+        drop(self.listener);
+        self.slots.close();
+        stopping.send_replace(true);
+        drop(alive);
+        let active = self.config.max_associations - self.slots.available_permits();
+        if active > 0 {
+            tracing::info!(
+                active,
+                "DICOM: stopping; associations end once their request in progress is answered"
+            );
+        }
+        if tokio::time::timeout(SHUTDOWN_GRACE, all_ended.recv())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace_secs = SHUTDOWN_GRACE.as_secs(),
+                "DICOM: associations still open at the end of the shutdown grace are cut"
+            );
         }
     }
 }
@@ -746,7 +780,12 @@ struct Start {
     /// What was read of the connection so far (the request goes on from here).
     buf: BytesMut,
     admission: Admission,
+    /// `true` once the SCP stops ([`Scp::serve`]).
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
+
+/// How long a stopping SCP waits for its associations' requests in progress.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 async fn serve_association(
     stream: TcpStream,
@@ -762,6 +801,7 @@ async fn serve_association(
         opened,
         mut buf,
         admission,
+        mut stopping,
     } = start;
     // PS3.8 Table 9-10, state Sta2 (awaiting the A-ASSOCIATE-RQ): an A-ABORT closes the
     // connection (AA-2); an A-RELEASE-RQ is answered with an A-ABORT (AA-1), never with a
@@ -948,7 +988,15 @@ async fn serve_association(
         contexts_accepted: accepted,
     };
     Reporter::send(&reporter.events, accepted_event).await;
-    let ending = run_association(&mut association, config, spool, budget, &reporter).await;
+    let ending = run_association(
+        &mut association,
+        config,
+        spool,
+        budget,
+        &reporter,
+        &mut stopping,
+    )
+    .await;
     reporter.ended(&ending).await;
     let (stored, failed) = match ending {
         Ok(Ending::Released(counts)) => {
@@ -1017,6 +1065,7 @@ async fn run_association(
     spool: &Arc<Spool>,
     budget: &Arc<Budget>,
     reporter: &Reporter,
+    stopping: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<Ending, (&'static str, Counts)> {
     let calling_ae = reporter.calling_ae.as_str();
     let mut counts: Counts = (0, 0);
@@ -1031,11 +1080,29 @@ async fn run_association(
     // The memory of the last data set received into the spool, for the next one.
     let mut spare: Vec<u8> = Vec::new();
     loop {
-        let next = tokio::time::timeout(
+        // Between requests (none in progress, no PDU of one begun in the read buffer), a
+        // stopping SCP ends the association; a request in progress is answered first.
+        let between = pending.is_none()
+            && discarding.is_none()
+            && command.is_empty()
+            && association.get_mut().1.is_empty();
+        if between && *stopping.borrow() {
+            return Err(("the server is shutting down", counts));
+        }
+        let receiving = tokio::time::timeout(
             config.idle_timeout,
             receive(association, config.max_pdu_length),
-        )
-        .await;
+        );
+        let next = if between {
+            tokio::select! {
+                next = receiving => next,
+                _ = stopping.wait_for(|stop| *stop) => {
+                    return Err(("the server is shutting down", counts));
+                }
+            }
+        } else {
+            receiving.await
+        };
         let pdu = match next {
             Ok(Ok(pdu)) => pdu,
             Ok(Err(e)) => {

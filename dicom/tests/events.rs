@@ -155,3 +155,70 @@ async fn an_instance_whose_record_fails_is_not_acknowledged() {
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].sop_instance_uid, "1.2.3.7.1.9");
 }
+
+/// A review's finding: a stopping server's SCP went on accepting associations and storing
+/// instances until the process ended, and the associations' ends were never audited. Once
+/// `serve`'s shutdown completes: an open association is aborted between requests with its
+/// end reported (`the server is shutting down`), no new connection is accepted, and `serve`
+/// returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_scp_aborts_its_associations_between_requests_and_reports_their_end() {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let (spool, _dir) = support::temp_spool();
+    let scp = Scp::bind(
+        ScpConfig::new("127.0.0.1:0".parse().unwrap()),
+        spool.clone(),
+    )
+    .await
+    .unwrap()
+    .with_events(Arc::new(ChannelSink(tx)));
+    let addr = scp.local_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(scp.serve(async move {
+        let _ = stopped.await;
+    }));
+    let files = tempfile::tempdir().unwrap();
+    let paths: Vec<_> = (1..=2)
+        .map(|i| {
+            let p = files.path().join(format!("{i}.dcm"));
+            write_ct(&p, &format!("1.2.3.7.1.{i}"));
+            scu::Part10File::open(&p).unwrap()
+        })
+        .collect();
+    let contexts = vec![(CT.to_owned(), EXPLICIT_LE.to_owned())];
+    let mut association = scu::StoreAssociation::open(&addr, &options(), &contexts)
+        .await
+        .unwrap();
+    let status = association.store(&paths[0]).await.unwrap();
+    assert!(status.is_success(), "{status:?}");
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), serving)
+        .await
+        .expect("serve returns once its associations have ended")
+        .unwrap();
+    // the second instance is not acknowledged: the association is gone
+    let second = tokio::time::timeout(Duration::from_secs(20), association.store(&paths[1]))
+        .await
+        .expect("answered within 20 s");
+    assert!(second.is_err() || !second.unwrap().is_success());
+    assert!(
+        tokio::net::TcpStream::connect(&addr).await.is_err(),
+        "no new connection once stopped"
+    );
+    let mut events = Vec::new();
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+        events.push(e);
+    }
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            DicomEvent::AssociationAborted {
+                reason: Some("the server is shutting down"),
+                stored: 1,
+                ..
+            }
+        )),
+        "{events:#?}"
+    );
+    assert_eq!(spool.instances().unwrap().len(), 1);
+}

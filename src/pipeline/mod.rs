@@ -169,6 +169,22 @@ pub struct Pipeline {
     /// Destinations with a delivery under way (each has its own task, so one that stalls
     /// holds only its own objects, for at most the C-STORE exchange bound).
     sending: Mutex<std::collections::BTreeSet<String>>,
+    /// Set when the server stops: a delivery under way sends no further object.
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+/// How long a stopping pipeline waits for the C-STOREs under way to be answered.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Aborts its tasks when dropped (the pipeline's workers, with the task that holds them).
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 /// The pipeline could not start.
@@ -233,6 +249,7 @@ impl Pipeline {
             jobs: Notify::new(),
             outbox: Notify::new(),
             sending: Mutex::new(Default::default()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -240,24 +257,66 @@ impl Pipeline {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs the assembler, the job runner and the outbox until the task is dropped.
-    pub async fn run(self: Arc<Self>) {
+    /// Runs the assembler, the job runner and the outbox until `shutdown` completes, then
+    /// stops them: no series is routed and no job or delivery started any more (a job cut
+    /// short runs again at the next start, as after a crash), and the C-STOREs under way are
+    /// answered and recorded before this returns, within [`SHUTDOWN_GRACE`]. It ran on while
+    /// the server drained and was then dropped in the middle of a C-STORE, and the result
+    /// the PACS had stored was sent again at the next start, at every routine restart (a
+    /// review's finding).
+    pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         // Series are routed, and jobs run, only once the initial model load is done: at a
         // restart with series waiting, routing before the bundles were loaded left them
         // unmatched ("no route") and failed the interrupted jobs ("unknown model") for good
         // (a review's finding). Results waiting to be sent go at once.
         let sender = tokio::spawn(self.clone().send_forever());
-        if !self.state.is_ready() {
-            tracing::info!("DICOM pipeline: waiting for the initial model load");
-            while !self.state.is_ready() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        let me = self.clone();
+        let work = tokio::spawn(async move {
+            if !me.state.is_ready() {
+                tracing::info!("DICOM pipeline: waiting for the initial model load");
+                while !me.state.is_ready() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
+            me.check_routes();
+            let assembler = tokio::spawn(me.clone().assemble_forever());
+            let runner = tokio::spawn(me.clone().run_jobs_forever());
+            let kept = tokio::spawn(me.clone().keep_missing_results_in_spool());
+            let _abort = AbortOnDrop(vec![
+                assembler.abort_handle(),
+                runner.abort_handle(),
+                kept.abort_handle(),
+            ]);
+            let _ = tokio::join!(assembler, runner, kept);
+        });
+        let _abort = AbortOnDrop(vec![sender.abort_handle(), work.abort_handle()]);
+        shutdown.await;
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        sender.abort();
+        work.abort();
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        let mut said = false;
+        while !self.busy_destinations().is_empty() && tokio::time::Instant::now() < deadline {
+            if !said {
+                tracing::info!(
+                    "DICOM pipeline: stopping once the deliveries under way are answered"
+                );
+                said = true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.check_routes();
-        let assembler = tokio::spawn(self.clone().assemble_forever());
-        let runner = tokio::spawn(self.clone().run_jobs_forever());
-        let kept = tokio::spawn(self.clone().keep_missing_results_in_spool());
-        let _ = tokio::join!(assembler, runner, sender, kept);
+        if !self.busy_destinations().is_empty() {
+            tracing::warn!(
+                grace_secs = SHUTDOWN_GRACE.as_secs(),
+                "DICOM pipeline: a delivery still under way at the end of the shutdown grace is cut; its object is sent again at the next start"
+            );
+        }
+    }
+
+    /// Whether the server is stopping ([`Pipeline::run`]'s shutdown came).
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Once the initial models are loaded: a warning for each route's bundle that is not

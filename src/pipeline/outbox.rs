@@ -99,7 +99,7 @@ impl Pipeline {
         Ok(tokio::task::spawn_blocking(move || me.store().next_due(&busy)).await??)
     }
 
-    fn busy_destinations(&self) -> Vec<String> {
+    pub(super) fn busy_destinations(&self) -> Vec<String> {
         self.sending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -159,6 +159,11 @@ impl Pipeline {
         // it to the dead-letter folder without one being sent: a red-team finding).
         let mut broken: Option<String> = None;
         for (i, (o, file)) in files.iter().enumerate() {
+            // The server is stopping: the objects not yet tried wait for the next start,
+            // untouched (no attempt charged).
+            if self.stopping() {
+                break;
+            }
             if let Some(why) = broken.take() {
                 match StoreAssociation::open(&target.addr, &options, &contexts).await {
                     Ok(a) => association = a,

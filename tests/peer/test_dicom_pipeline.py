@@ -598,3 +598,62 @@ def test_a_heatmap_bundle_sends_its_saliency_in_the_sc(work):
     finally:
         stop(server.proc)
         stop(pacs.proc)
+
+
+def test_a_stop_during_a_delivery_waits_for_its_answer_and_sends_nothing_twice(work):
+    """A review's finding: on SIGTERM the pipeline was dropped in the middle of a C-STORE the
+    PACS then completed, and the object was sent again at the next start (at every routine
+    restart, not only after a crash). Now the C-STORE under way is answered and recorded
+    before the server exits, no further object is started, and after a restart every object
+    reaches the destination exactly once."""
+    import signal
+    import threading
+    import time
+
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    received: list[str] = []
+    entered = threading.Event()
+    slow = {"first": True}
+
+    def on_store(event):
+        if slow["first"]:
+            slow["first"] = False
+            entered.set()
+            time.sleep(3)  # the stop comes while this C-STORE waits for its answer
+        received.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    ae = AE(ae_title="SLOWPACS")
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    pacs = ae.start_server(("127.0.0.1", port), block=False,
+                           evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        server = Server(work, f"SLOWPACS@127.0.0.1:{port}")
+        try:
+            source = work / "source.dcm"
+            ds = with_new_uids(get_testdata_file("CT_small.dcm"), source)
+            store(server.port, [source])
+            assert entered.wait(RESULT_TIMEOUT_S), "a delivery started"
+            server.proc.send_signal(signal.SIGTERM)
+            assert server.proc.wait(timeout=60) == 0, server.log()[-3000:]
+            assert received, "the C-STORE under way was answered before the exit"
+            assert len(received) == 1, f"no new object started while stopping: {received}"
+        finally:
+            stop(server.proc)
+        server = Server(work, f"SLOWPACS@127.0.0.1:{port}")
+        try:
+            report = wait_for(
+                lambda: (r := server.results(str(ds.StudyInstanceUID))) and all(
+                    o["delivery"] == "sent"
+                    for s in r["series"] for j in s["jobs"] for o in j["objects"]) and r,
+                RESULT_TIMEOUT_S, "every object sent after the restart")
+            objects = [o for s in report["series"] for j in s["jobs"] for o in j["objects"]]
+            assert len(objects) == 2, objects
+            assert all(o["attempts"] == 1 for o in objects), objects
+            assert sorted(received) == sorted(set(received)) and len(received) == 2, received
+        finally:
+            stop(server.proc)
+    finally:
+        pacs.shutdown()

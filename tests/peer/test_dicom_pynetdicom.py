@@ -265,3 +265,60 @@ def test_an_abort_in_the_middle_of_an_object_stores_nothing(server, tmp_path):
     assoc.release()
     assert uid in server.index()
     assert server.alive()
+
+
+def test_sigterm_ends_open_associations_audited_and_a_second_signal_exits_at_once(tmp_path):
+    """A review's finding: on SIGTERM the SCP went on accepting associations and storing
+    instances through the HTTP drain, then dropped them unaudited. Now: the open association
+    is aborted between requests, with an audit record whose reason says so; the server exits
+    0 promptly; every acknowledged instance is in the spool. A second SIGTERM while a slow
+    HTTP client holds the drain exits at once (1) instead of after the 30 s grace."""
+    import json
+    import signal
+    import socket
+
+    s = Server(tmp_path, [])
+    try:
+        ae = _ae()
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", s.port, ae_title="NIGHTINGALE")
+        assert assoc.is_established
+        first = _with_new_uid(Path(get_testdata_file("CT_small.dcm")), tmp_path / "1.dcm")
+        status = assoc.send_c_store(pydicom.dcmread(tmp_path / "1.dcm"))
+        assert status.Status == 0x0000
+        s.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + TIMEOUT_S
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert assoc.is_aborted, "the open association is aborted"
+        assert s.proc.wait(timeout=TIMEOUT_S) == 0, s.log()[-3000:]
+        assert first in s.index()
+        records = [json.loads(line) for line in
+                   (s.data / "audit" / "audit.jsonl").read_text().splitlines() if line.strip()]
+        ends = [r.get("detail", "") for r in records if r.get("kind") == "dicom-association"]
+        assert any("event=aborted by=local" in d and "reason=the_server_is_shutting_down" in d
+                   for d in ends), ends
+    finally:
+        s.stop()
+
+    # A second signal: a STOW-RS request whose body never ends holds the drain.
+    again = tmp_path / "again"
+    again.mkdir()
+    s = Server(again, [])
+    try:
+        slow = socket.create_connection(("127.0.0.1", s.http_port), timeout=TIMEOUT_S)
+        slow.sendall(b"POST /dicomweb/studies HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: multipart/related; type=\"application/dicom\"; boundary=b\r\n"
+                     b"Content-Length: 100000\r\n\r\n--b\r\nContent-Type: application/dicom\r\n\r\n")
+        time.sleep(0.5)
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert s.alive(), "the first signal waits for the drain"
+        started = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=10) == 1
+        assert time.monotonic() - started < 10
+        assert "second stop signal" in s.log()
+        slow.close()
+    finally:
+        s.stop()
