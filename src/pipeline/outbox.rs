@@ -24,6 +24,10 @@ pub const DEAD_LETTER_DIR: &str = "dead-letter";
 /// objects at most this long per attempt, and never another destination's.
 pub const SEND_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How long a delivery waits for the destination's answer to its A-RELEASE, every object's
+/// outcome recorded already.
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
+
 /// Removes a destination from the ones being sent to when its task ends, and wakes the
 /// sender for what came due meanwhile.
 struct Idle(Arc<Pipeline>, String);
@@ -219,8 +223,12 @@ impl Pipeline {
                 }
             }
         }
+        // Every object's delivery is recorded: a PACS that never answers the A-RELEASE
+        // holds this destination's next objects for at most RELEASE_WAIT (it held them
+        // for the 60 s DIMSE timeout per association: a review's observation), then the
+        // connection is closed.
         if broken.is_none() {
-            let _ = association.release().await;
+            let _ = tokio::time::timeout(RELEASE_WAIT, association.release()).await;
         }
     }
 
