@@ -253,6 +253,10 @@ pub struct ServeArgs {
     /// --request-timeout-ms). [default: 600]
     #[arg(long, env = "NIGHTINGALE_DICOMWEB_TIMEOUT_SECS")]
     pub dicomweb_timeout_secs: Option<f64>,
+    /// Most WADO-RS answers streamed at once (each holds up to ~512 KiB of send buffer until
+    /// its client has read it; beyond, 503 with Retry-After), 1 to 65536. [default: 512]
+    #[arg(long, env = "NIGHTINGALE_DICOMWEB_MAX_STREAMS")]
+    pub dicomweb_max_streams: Option<usize>,
     // ---- end DICOMweb ----
     // ---- DICOM pipeline (issue 9): on whenever the DICOM spool is ----
     /// Send every result (SR and SC) to this PACS by C-STORE: AE@HOST:PORT (repeat for
@@ -478,6 +482,7 @@ struct FileConfig {
     dicomweb_max_part_bytes: Option<u64>,
     dicomweb_max_request_bytes: Option<u64>,
     dicomweb_timeout_secs: Option<f64>,
+    dicomweb_max_streams: Option<usize>,
     // ---- end DICOMweb ----
     // ---- DICOM pipeline (issue 9) ----
     results_destinations: Option<Vec<String>>,
@@ -1235,13 +1240,21 @@ impl ServeArgs {
                         .or(file.dicom_max_inflight_bytes)
                         .unwrap_or(defaults.max_inflight_bytes),
                     https: tls.is_some(),
-                    max_streams: defaults.max_streams,
+                    max_streams: self
+                        .dicomweb_max_streams
+                        .or(file.dicomweb_max_streams)
+                        .unwrap_or(defaults.max_streams),
                     extra_sop_classes: if !self.dicom_sop_classes.is_empty() {
                         self.dicom_sop_classes.clone()
                     } else {
                         file.dicom_sop_classes.clone().unwrap_or_default()
                     },
                 };
+                if !(1..=65_536).contains(&limits.max_streams) {
+                    return Err(ConfigError::Invalid(
+                        "dicomweb_max_streams must be between 1 and 65536".into(),
+                    ));
+                }
                 if limits.max_inflight_bytes < limits.max_part_bytes {
                     return Err(ConfigError::Invalid(
                         "dicom_max_inflight_bytes must be at least dicomweb_max_part_bytes: a STOW-RS part is held in memory whole".into(),
@@ -2767,6 +2780,7 @@ mod tests {
             dicomweb_max_part_bytes: Some(1000),
             dicomweb_max_request_bytes: Some(5000),
             dicomweb_timeout_secs: Some(30.0),
+            dicomweb_max_streams: Some(64),
             ..ServeArgs::default()
         }
         .resolve()
@@ -2774,6 +2788,16 @@ mod tests {
         assert!(c.dicom.is_none());
         let w = c.dicomweb.unwrap();
         assert_eq!(w.spool, PathBuf::from("/spool"));
+        assert_eq!(w.limits.max_streams, 64);
+        for streams in [0, 65_537] {
+            let refused = ServeArgs {
+                dicom_spool: Some("/spool".into()),
+                dicomweb_max_streams: Some(streams),
+                ..ServeArgs::default()
+            }
+            .resolve();
+            assert!(refused.is_err(), "{streams}");
+        }
         assert_eq!(w.limits.max_part_bytes, 1000);
         assert_eq!(w.limits.max_request_bytes, 5000);
         assert_eq!(w.limits.request_timeout, std::time::Duration::from_secs(30));
