@@ -189,15 +189,15 @@ fn describe() {
             "nightingale_pipeline_results_not_indexed_total",
             "result objects the spool could not take",
         ),
+        (
+            "nightingale_model_load_refusals_total",
+            "loads of a model refused (bad bundle, signature, release, validation gate, ...), by model",
+        ),
     ] {
         describe_counter!(name, help);
     }
     for (name, help) in [
         ("nightingale_models_loaded", "model versions being served"),
-        (
-            "nightingale_model_load_refusals_total",
-            "loads of a model refused (bad bundle, signature, release, validation gate, ...), by model",
-        ),
         (
             "nightingale_queue_depth",
             "requests waiting for a model version's worker",
