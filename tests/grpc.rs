@@ -1126,7 +1126,28 @@ async fn a_malformed_message_of_any_method_is_invalid_argument() {
             text.contains("request message is malformed"),
             "{method}: {text}"
         );
+        // The same, gzip-compressed: checked once inflated (a re-attack: INTERNAL still)
+        let (code, text) = raw_gzip_call(&server, method, &message).await;
+        assert_eq!(code, Code::InvalidArgument as i32, "{method} gzip: {text}");
+        assert!(text.contains("request message is malformed"), "{text}");
     }
+    // A sound compressed message is answered.
+    let sound = prost::Message::encode_to_vec(&ModelMetadataRequest {
+        name: MODEL.into(),
+        version: String::new(),
+    });
+    assert_eq!(
+        raw_gzip_call(&server, "ModelMetadata", &sound).await.0,
+        Code::Ok as i32
+    );
+}
+
+/// [`raw_call`] with the message gzip-compressed (flag 1, `grpc-encoding: gzip`).
+async fn raw_gzip_call(server: &Server, method: &str, message: &[u8]) -> (i32, String) {
+    use std::io::Write as _;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(message).unwrap();
+    framed_call(server, method, &gz.finish().unwrap(), Some("gzip")).await
 }
 
 /// A compressed message of a call other than `ModelInfer` is held to the same 1 MiB once
@@ -1171,14 +1192,26 @@ async fn compressed_and_field_flooded_messages_are_bounded_before_they_are_decod
 /// One uncompressed `message` sent as a call of `method` through the gRPC router, and the
 /// call's status and message (within 30 s).
 async fn raw_call(server: &Server, method: &str, message: &[u8]) -> (i32, String) {
-    let mut framed = vec![0u8];
+    framed_call(server, method, message, None).await
+}
+
+/// One message framed as gRPC does (compressed, flag 1, when `encoding` names how).
+async fn framed_call(
+    server: &Server,
+    method: &str,
+    message: &[u8],
+    encoding: Option<&str>,
+) -> (i32, String) {
+    let mut framed = vec![u8::from(encoding.is_some())];
     framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
     framed.extend_from_slice(message);
-    let call = axum::http::Request::post(format!("/inference.GRPCInferenceService/{method}"))
+    let mut call = axum::http::Request::post(format!("/inference.GRPCInferenceService/{method}"))
         .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(axum::body::Body::from(framed))
-        .unwrap();
+        .header("te", "trailers");
+    if let Some(encoding) = encoding {
+        call = call.header("grpc-encoding", encoding);
+    }
+    let call = call.body(axum::body::Body::from(framed)).unwrap();
     let app = http::grpc::router(server.state.clone());
     let r = tokio::time::timeout(Duration::from_secs(30), app.oneshot(call))
         .await

@@ -110,6 +110,8 @@ pub struct ScpConfig {
     /// like dcmtk's `storescp` and Orthanc, since modalities are often configured with
     /// another node's title.
     pub check_called_ae: bool,
+    /// How long a stopping SCP waits for the requests in progress ([`Scp::serve`]).
+    pub shutdown_grace: Duration,
 }
 
 impl ScpConfig {
@@ -130,6 +132,7 @@ impl ScpConfig {
             max_instance_bytes: 2 << 30,
             max_inflight_bytes: 4 << 30,
             extra_sop_classes: Vec::new(),
+            shutdown_grace: SHUTDOWN_GRACE,
         }
     }
 
@@ -392,7 +395,7 @@ impl Scp {
     /// review's finding).
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let (stopping, stop_seen) = tokio::sync::watch::channel(false);
+        let (stopping, stop_seen) = tokio::sync::watch::channel(Stopping::No);
         // Each connection's task holds a sender: all gone, every association has ended.
         let (alive, mut all_ended) = tokio::sync::mpsc::channel::<()>(1);
         loop {
@@ -445,18 +448,35 @@ impl Scp {
             let spool = self.spool.clone();
             let budget = self.budget.clone();
             let events = self.events.clone();
-            let stopping = stop_seen.clone();
+            let mut stopping = stop_seen.clone();
             let alive = alive.clone();
             tokio::spawn(async move {
                 let _alive = alive;
                 let deadline = tokio::time::Instant::now() + config.association_timeout;
                 let mut stream = stream;
                 let mut buf = BytesMut::with_capacity(8 << 10);
-                let opened = tokio::time::timeout_at(
-                    deadline,
-                    opening(&mut stream, &mut buf, config.max_pdu_length),
-                )
-                .await;
+                // A connection still to send its request is closed when the SCP stops (one
+                // silent connection held a stop for its 30 s association timeout: a
+                // re-attack's finding).
+                let opened = tokio::select! {
+                    opened = tokio::time::timeout_at(
+                        deadline,
+                        opening(&mut stream, &mut buf, config.max_pdu_length),
+                    ) => opened,
+                    () = reached(&mut stopping, Stopping::Stop) => {
+                        association_outcome("shutting_down");
+                        tracing::info!(%peer, "DICOM connection closed before its A-ASSOCIATE-RQ: the server is shutting down");
+                        Reporter::send(
+                            &events,
+                            DicomEvent::AssociationRejected {
+                                peer,
+                                reason: "shutting_down",
+                            },
+                        )
+                        .await;
+                        return;
+                    }
+                };
                 let Ok(opened) = opened else {
                     association_outcome("timeout");
                     tracing::info!(%peer, "DICOM association not established: no A-ASSOCIATE-RQ in time");
@@ -493,7 +513,7 @@ impl Scp {
         }
         drop(self.listener);
         self.slots.close();
-        stopping.send_replace(true);
+        stopping.send_replace(Stopping::Stop);
         drop(alive);
         let active = self.config.max_associations - self.slots.available_permits();
         if active > 0 {
@@ -502,17 +522,40 @@ impl Scp {
                 "DICOM: stopping; associations end once their request in progress is answered"
             );
         }
-        if tokio::time::timeout(SHUTDOWN_GRACE, all_ended.recv())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                grace_secs = SHUTDOWN_GRACE.as_secs(),
-                "DICOM: associations still open at the end of the shutdown grace are cut"
-            );
+        let grace = self.config.shutdown_grace;
+        if tokio::time::timeout(grace, all_ended.recv()).await.is_ok() {
+            return;
         }
+        // An SCU that stalls in the middle of a data set: its association is aborted where
+        // it waits, its end audited (cut without a word when the process ended: a
+        // re-attack's finding), and the instance is not acknowledged.
+        tracing::warn!(
+            grace_secs = grace.as_secs_f64(),
+            "DICOM: associations still open at the end of the shutdown grace are cut"
+        );
+        stopping.send_replace(Stopping::Cut);
+        let _ = tokio::time::timeout(CUT_GRACE, all_ended.recv()).await;
     }
 }
+
+/// How far a stopping SCP is ([`Scp::serve`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Stopping {
+    No,
+    /// Associations end between requests; connections not yet associated are closed.
+    Stop,
+    /// The grace is over: associations end wherever they wait.
+    Cut,
+}
+
+/// Resolves once the SCP has reached `level` of its stop (or its `serve` has ended). The
+/// watch's read guard is dropped inside (it is not `Send`).
+async fn reached(stopping: &mut tokio::sync::watch::Receiver<Stopping>, level: Stopping) {
+    let _ = stopping.wait_for(|s| *s >= level).await;
+}
+
+/// How long a cut association has to record its end.
+const CUT_GRACE: Duration = Duration::from_secs(5);
 
 /// What admits a connection: the waiting place it holds until its association stands, and
 /// the association slots, one of which it takes then.
@@ -780,11 +823,12 @@ struct Start {
     /// What was read of the connection so far (the request goes on from here).
     buf: BytesMut,
     admission: Admission,
-    /// `true` once the SCP stops ([`Scp::serve`]).
-    stopping: tokio::sync::watch::Receiver<bool>,
+    /// How far the SCP is in stopping ([`Scp::serve`]).
+    stopping: tokio::sync::watch::Receiver<Stopping>,
 }
 
-/// How long a stopping SCP waits for its associations' requests in progress.
+/// How long a stopping SCP waits for its associations' requests in progress, by default
+/// ([`ScpConfig::shutdown_grace`]).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 async fn serve_association(
@@ -931,13 +975,16 @@ async fn serve_association(
     // transient, local limit exceeded. The waiting place is given back either way.
     let Admission { slots, waiting } = admission;
     drop(waiting);
-    let Ok(_slot) = slots.try_acquire_owned() else {
-        association_outcome("busy");
-        tracing::warn!(%peer, "DICOM association refused: too many associations");
-        let rejected = DicomEvent::AssociationRejected {
-            peer,
-            reason: "busy",
+    let Ok(_slot) = slots.clone().try_acquire_owned() else {
+        // Closed: the SCP is stopping (it was recorded as busy: a re-attack's finding).
+        let (reason, said) = if slots.is_closed() {
+            ("shutting_down", "the server is shutting down")
+        } else {
+            ("busy", "too many associations")
         };
+        association_outcome(reason);
+        tracing::warn!(%peer, "DICOM association refused: {said}");
+        let rejected = DicomEvent::AssociationRejected { peer, reason };
         if let Err(e) = events.event(rejected).await {
             tracing::error!(error = %e, "DICOM event not recorded");
         }
@@ -1065,7 +1112,7 @@ async fn run_association(
     spool: &Arc<Spool>,
     budget: &Arc<Budget>,
     reporter: &Reporter,
-    stopping: &mut tokio::sync::watch::Receiver<bool>,
+    stopping: &mut tokio::sync::watch::Receiver<Stopping>,
 ) -> Result<Ending, (&'static str, Counts)> {
     let calling_ae = reporter.calling_ae.as_str();
     let mut counts: Counts = (0, 0);
@@ -1086,22 +1133,22 @@ async fn run_association(
             && discarding.is_none()
             && command.is_empty()
             && association.get_mut().1.is_empty();
-        if between && *stopping.borrow() {
+        if between && *stopping.borrow() != Stopping::No {
             return Err(("the server is shutting down", counts));
         }
         let receiving = tokio::time::timeout(
             config.idle_timeout,
             receive(association, config.max_pdu_length),
         );
-        let next = if between {
-            tokio::select! {
-                next = receiving => next,
-                _ = stopping.wait_for(|stop| *stop) => {
-                    return Err(("the server is shutting down", counts));
-                }
-            }
+        // Between requests the stop ends it; in the middle of one, only the cut.
+        let (level, why) = if between {
+            (Stopping::Stop, "the server is shutting down")
         } else {
-            receiving.await
+            (Stopping::Cut, "cut at the end of the shutdown grace")
+        };
+        let next = tokio::select! {
+            next = receiving => next,
+            () = reached(stopping, level) => return Err((why, counts)),
         };
         let pdu = match next {
             Ok(Ok(pdu)) => pdu,

@@ -29,6 +29,9 @@ use tokio::net::TcpStream;
 
 use crate::sop;
 
+/// Deflated Explicit VR Little Endian.
+const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
+
 const C_STORE_RQ: u16 = 0x0001;
 const C_STORE_RSP: u16 = 0x8001;
 const C_ECHO_RQ: u16 = 0x0030;
@@ -233,10 +236,17 @@ impl Part10File {
         let (meta, _) =
             crate::meta::read_file_meta(&meta_bytes).map_err(|e| meta_error(e.to_string()))?;
         let dataset_offset = 144 + group_len;
+        // The command names the instance the data set carries, as dcmtk's storescu and
+        // dcmsend do: an SCP compares the command's UIDs with the data set's, and a file
+        // whose meta names another (pydicom's rtplan.dcm) was refused 0xA900 where storescu
+        // sent it (a review's finding). The meta's where the data set cannot be read.
+        let (class_in_data, instance_in_data) = dataset_uids(path);
         Ok(Part10File {
             path: path.to_owned(),
-            sop_class_uid: sop::trim_uid(meta.media_storage_sop_class_uid()).to_owned(),
-            sop_instance_uid: sop::trim_uid(meta.media_storage_sop_instance_uid()).to_owned(),
+            sop_class_uid: class_in_data
+                .unwrap_or_else(|| sop::trim_uid(meta.media_storage_sop_class_uid()).to_owned()),
+            sop_instance_uid: instance_in_data
+                .unwrap_or_else(|| sop::trim_uid(meta.media_storage_sop_instance_uid()).to_owned()),
             transfer_syntax: sop::trim_uid(meta.transfer_syntax()).to_owned(),
             dataset_offset,
             dataset_len: file_len - dataset_offset,
@@ -246,6 +256,22 @@ impl Part10File {
     fn context(&self) -> (String, String) {
         (self.sop_class_uid.clone(), self.transfer_syntax.clone())
     }
+}
+
+/// The SOP Class and SOP Instance UIDs of the data set of the Part 10 file at `path`, each
+/// `None` where absent, empty or unreadable (its elements are read up to them only).
+fn dataset_uids(path: &Path) -> (Option<String>, Option<String>) {
+    let Ok(obj) = crate::meta::open_file(path, Some(dicom_core::Tag(0x0008, 0x0019))) else {
+        return (None, None);
+    };
+    let uid = |tag| {
+        obj.element(tag)
+            .ok()
+            .and_then(|e| e.to_str().ok())
+            .map(|v| sop::trim_uid(&v).to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    (uid(tags::SOP_CLASS_UID), uid(tags::SOP_INSTANCE_UID))
 }
 
 /// Every file under `paths` (folders recursively, in name order). Entries that cannot be
@@ -395,7 +421,16 @@ impl StoreAssociation {
             f.seek(std::io::SeekFrom::Start(file.dataset_offset))
                 .await
                 .map_err(io)?;
-            (Box::pin(f), file.dataset_len)
+            // PS3.5 A.5: a deflated stream of odd length is sent with one NUL after it
+            // (readers stop at the stream's own end). Sent as it was, dcmtk's storescp
+            // aborted with "Odd Fragment Length" (pydicom's image_dfl.dcm: a review's
+            // finding).
+            if file.transfer_syntax == DEFLATED && file.dataset_len % 2 == 1 {
+                let padded = f.take(file.dataset_len).chain(std::io::Cursor::new([0u8]));
+                (Box::pin(padded), file.dataset_len + 1)
+            } else {
+                (Box::pin(f), file.dataset_len)
+            }
         };
         let message_id = self.take_message_id();
         let command = c_store_rq(message_id, &file.sop_class_uid, &file.sop_instance_uid);

@@ -222,3 +222,95 @@ async fn a_stopping_scp_aborts_its_associations_between_requests_and_reports_the
     );
     assert_eq!(spool.instances().unwrap().len(), 1);
 }
+
+/// Re-attack findings: a connection that never sent its request held a stop for its 30 s
+/// association timeout, and an association stalled in the middle of a data set was cut at
+/// the end of the grace with no record of its end. Now the first is closed at once (audited
+/// `shutting_down`), and the second is aborted at the grace, its end reported, its instance
+/// neither acknowledged nor stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_scp_closes_silent_connections_at_once_and_reports_stalled_ones_at_its_grace() {
+    use dicom_ul::pdu::PDataValueType;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let (spool, _dir) = support::temp_spool();
+    let mut config = ScpConfig::new("127.0.0.1:0".parse().unwrap());
+    config.shutdown_grace = Duration::from_secs(1);
+    let scp = Scp::bind(config, spool.clone())
+        .await
+        .unwrap()
+        .with_events(Arc::new(ChannelSink(tx)));
+    let addr = scp.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(scp.serve(async move {
+        let _ = stopped.await;
+    }));
+    let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // An association whose C-STORE stops half way through its data set.
+    let stalled = tokio::task::spawn_blocking(move || {
+        let mut assoc = support::connect(addr, &[(CT, EXPLICIT_LE)]).unwrap();
+        let pc = support::accepted_pc(&assoc);
+        let data = support::ct("1.2.3.7.9.1");
+        assoc
+            .send(&support::pdata(
+                pc,
+                PDataValueType::Command,
+                true,
+                support::c_store_rq(1, "1.2.3.7.9.1"),
+            ))
+            .unwrap();
+        assoc
+            .send(&support::pdata(
+                pc,
+                PDataValueType::Data,
+                false,
+                data[..data.len() / 2].to_vec(),
+            ))
+            .unwrap();
+        assoc
+    })
+    .await
+    .unwrap();
+    // Both are seen by the SCP before the stop: the association's accepted event.
+    let mut events = Vec::new();
+    while !events
+        .iter()
+        .any(|e| matches!(e, DicomEvent::AssociationAccepted { .. }))
+    {
+        let e = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("accepted within 20 s")
+            .unwrap();
+        events.push(e);
+    }
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), serving)
+        .await
+        .expect("serve returns after its grace")
+        .unwrap();
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+        events.push(e);
+    }
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            DicomEvent::AssociationRejected {
+                reason: "shutting_down",
+                ..
+            }
+        )),
+        "{events:#?}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            DicomEvent::AssociationAborted {
+                reason: Some("cut at the end of the shutdown grace"),
+                stored: 0,
+                ..
+            }
+        )),
+        "{events:#?}"
+    );
+    assert!(spool.instances().unwrap().is_empty());
+    drop((silent, stalled));
+}

@@ -298,7 +298,11 @@ async fn one_message(
             got.extend_from_slice(&message);
             parts.headers.remove("grpc-encoding");
         }
-        if got.len() - 5 == declared {
+        // The whole message, uncompressed (inflated above: its length is the new prefix's;
+        // compared with the compressed length, an inflated message was never checked, and
+        // tonic answered INTERNAL: a re-attack's finding).
+        let whole = u32::from_be_bytes([got[1], got[2], got[3], got[4]]) as usize;
+        if got[0] == 0 && got.len() - 5 == whole {
             decodes(method, &got[5..]).map_err(|e| {
                 AppError::bad_request(format!("the {method} request message is malformed: {e}"))
             })?;

@@ -229,6 +229,31 @@ def test_a_peer_taking_only_implicit_vr_gets_the_data_set_re_encoded(work):
             if "FFFC" not in d] == [], got
 
 
+def test_an_odd_deflated_stream_is_padded_and_the_data_sets_uids_are_named(work):
+    """A review's findings, with pydicom's own files: image_dfl.dcm's deflated stream is 4,303
+    bytes, sent without the NUL PS3.5 A.5 asks for (storescp aborted: "Odd Fragment Length");
+    rtplan.dcm's meta names another SOP Instance UID than its data set, and the command named
+    the meta's (storescp refused 0xA900; storescu names the data set's)."""
+    deflated = Path(get_testdata_file("image_dfl.dcm"))
+    rtplan = Path(get_testdata_file("rtplan.dcm"))
+    assert len(_dataset_bytes(deflated)) % 2 == 1
+    plan = pydicom.dcmread(rtplan, stop_before_pixels=True)
+    assert plan.file_meta.MediaStorageSOPInstanceUID != plan.SOPInstanceUID
+    scp = StoreScp(work, "+xa", "+B")
+    try:
+        r = nightingale("dicom", "store", "--addr", scp.addr, "--called-ae", "STORESCP",
+                        str(deflated), str(rtplan))
+    finally:
+        scp.stop()
+    assert r.returncode == 0, r.stdout + r.stderr + scp.log()
+    received = scp.received()
+    got = received[str(pydicom.dcmread(deflated, stop_before_pixels=True).SOPInstanceUID)]
+    assert _dataset_bytes(got) == _dataset_bytes(deflated) + b"\0"
+    assert _differences(pydicom.dcmread(deflated), pydicom.dcmread(got)) == []
+    got = received[str(plan.SOPInstanceUID)]
+    assert _dataset_bytes(got) == _dataset_bytes(rtplan)
+
+
 def test_refused_association_and_unreachable_host_are_clear_errors(work):
     scp = StoreScp(work, "--refuse")
     try:

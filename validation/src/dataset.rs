@@ -380,14 +380,10 @@ struct SeenRows {
 }
 
 impl SeenRows {
-    /// `Some(first row)` when `parts` were seen before; else remembers them as `row`'s.
-    fn repeated<'a>(&mut self, row: u64, parts: impl Iterator<Item = &'a [u8]>) -> Option<u64> {
-        let mut h = Sha256::new();
-        for part in parts {
-            h.update((part.len() as u64).to_le_bytes());
-            h.update(part);
-        }
-        let digest: [u8; 32] = h.finalize().into();
+    /// `Some(first row)` when a row of this `key` was seen before; else remembers it as
+    /// `row`'s.
+    fn repeated(&mut self, row: u64, key: &[u8]) -> Option<u64> {
+        let digest: [u8; 32] = Sha256::digest(key).into();
         let mut key = [0u8; 16];
         key.copy_from_slice(&digest[..16]);
         match self.first.entry(key) {
@@ -400,11 +396,54 @@ impl SeenRows {
     }
 }
 
+/// What a CSV column is to [`SeenRows`]: rows are compared by their features' values (the
+/// numbers the model sees: `14.45` and `14.450`, `1044` and `1044.0`, one record: a
+/// re-attack's finding), their label's class, and the other fields' trimmed text.
+#[derive(Clone, Copy)]
+enum FieldKind {
+    Feature(usize),
+    Label,
+    Text,
+}
+
 /// The reason given for a row equal to an earlier one.
 fn repeated_reason(first: u64, what: &str) -> String {
     format!(
         "the same {what} as row {first}: a row counts once (give records that are truly identical an id column of their own to keep them apart)"
     )
+}
+
+/// The bytes a CSV record is compared by ([`FieldKind`]): each field tagged with its kind,
+/// a feature as its value's bits (-0 as 0), the label as its class, text trimmed and
+/// length-prefixed.
+fn record_key(
+    rec: &csv::StringRecord,
+    kinds: &[FieldKind],
+    features: &[f32],
+    class: usize,
+) -> Vec<u8> {
+    let mut key = Vec::with_capacity(16 * kinds.len());
+    for (field, kind) in rec.iter().zip(kinds) {
+        match *kind {
+            FieldKind::Feature(k) => {
+                let v = features[k];
+                let v = if v == 0.0 { 0.0f32 } else { v };
+                key.push(b'f');
+                key.extend_from_slice(&v.to_bits().to_le_bytes());
+            }
+            FieldKind::Label => {
+                key.push(b'l');
+                key.extend_from_slice(&(class as u64).to_le_bytes());
+            }
+            FieldKind::Text => {
+                let t = field.trim();
+                key.push(b't');
+                key.extend_from_slice(&(t.len() as u64).to_le_bytes());
+                key.extend_from_slice(t.as_bytes());
+            }
+        }
+    }
+    key
 }
 
 /// A CSV dataset read row by row.
@@ -413,6 +452,8 @@ pub struct CsvDataset {
     /// and labels repeat in patients of their own, nor one of DICOM files, whose files are
     /// compared by the run).
     seen: Option<SeenRows>,
+    /// Each column's kind, for [`SeenRows`].
+    kinds: Vec<FieldKind>,
     path: PathBuf,
     reader: csv::Reader<HashingReader<File>>,
     labels: LabelSpec,
@@ -523,8 +564,14 @@ impl CsvDataset {
             .map(|n| cut_name(n))
             .collect();
         let features_only = score_idx.is_none() && class_score_idx.is_empty() && file_idx.is_none();
+        let mut kinds = vec![FieldKind::Text; names.len()];
+        for (k, &i) in feature_idx.iter().enumerate() {
+            kinds[i] = FieldKind::Feature(k);
+        }
+        kinds[label_idx] = FieldKind::Label;
         Ok(CsvDataset {
             seen: features_only.then(SeenRows::default),
+            kinds,
             path: path.to_owned(),
             reader,
             labels,
@@ -700,7 +747,7 @@ impl CsvDataset {
         // Every field of the record, the ignored ones too (an id column keeps apart records
         // that are truly identical otherwise).
         if let Some(seen) = &mut self.seen
-            && let Some(first) = seen.repeated(row, rec.iter().map(str::as_bytes))
+            && let Some(first) = seen.repeated(row, &record_key(rec, &self.kinds, &features, class))
         {
             return Ok(Some(Err(Unusable {
                 row,
@@ -926,12 +973,9 @@ impl NpyDataset {
                 reason: "the image holds non-finite values".to_owned(),
             })));
         }
-        let bits: Vec<u8> = features.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let label_bytes = label.to_le_bytes();
-        if let Some(first) = self
-            .seen
-            .repeated(row, [bits.as_slice(), &label_bytes[..]].into_iter())
-        {
+        let mut key: Vec<u8> = features.iter().flat_map(|v| v.to_le_bytes()).collect();
+        key.extend_from_slice(&label.to_le_bytes());
+        if let Some(first) = self.seen.repeated(row, &key) {
             return Ok(Some(Err(Unusable {
                 row,
                 reason: repeated_reason(first, "image and label"),
@@ -1039,7 +1083,9 @@ mod tests {
             label: "label".into(),
             ..Columns::default()
         };
-        let text = "a,b,label,id\n1,2,1,p1\n3,4,0,p2\n1,2,1,p1\n1,2,1,p3\n1,2,0,p1\n3,4,0,p2\n";
+        // rows 3, 6 and 7 repeat rows 1, 2 and 1 (row 7 written otherwise: the same
+        // numbers, the same id once trimmed); rows 4 and 5 differ by their id and label
+        let text = "a,b,label,id\n1,2,1,p1\n3,4,0,p2\n1,2,1,p1\n1,2,1,p3\n1,2,0,p1\n3,4,0,p2\n1.0,2.00,1, p1 \n";
         let f = write(text);
         let mut ds = CsvDataset::open(f.path(), &cols, labels()).unwrap();
         let rows = read_all(&mut ds);
@@ -1048,7 +1094,12 @@ mod tests {
             .filter_map(|r| r.as_ref().err())
             .map(|u| (u.row, u.reason.as_str()))
             .collect();
-        assert_eq!(repeated.len(), 2, "{repeated:?}");
+        assert_eq!(repeated.len(), 3, "{repeated:?}");
+        assert_eq!(repeated[2].0, 7);
+        assert!(
+            repeated[2].1.starts_with("the same record as row 1:"),
+            "{repeated:?}"
+        );
         assert_eq!(repeated[0].0, 3);
         assert!(
             repeated[0].1.starts_with("the same record as row 1:"),
