@@ -464,31 +464,13 @@ impl Scp {
                         opening(&mut stream, &mut buf, config.max_pdu_length),
                     ) => opened,
                     () = reached(&mut stopping, Stopping::Stop) => {
-                        association_outcome("shutting_down");
-                        tracing::info!(%peer, "DICOM connection closed before its A-ASSOCIATE-RQ: the server is shutting down");
-                        Reporter::send(
-                            &events,
-                            DicomEvent::AssociationRejected {
-                                peer,
-                                reason: "shutting_down",
-                            },
-                        )
-                        .await;
-                        return;
+                        let said = "DICOM connection closed before its A-ASSOCIATE-RQ: the server is shutting down";
+                        return not_associated(&events, peer, "shutting_down", said).await;
                     }
                 };
                 let Ok(opened) = opened else {
-                    association_outcome("timeout");
-                    tracing::info!(%peer, "DICOM association not established: no A-ASSOCIATE-RQ in time");
-                    Reporter::send(
-                        &events,
-                        DicomEvent::AssociationRejected {
-                            peer,
-                            reason: "timeout",
-                        },
-                    )
-                    .await;
-                    return;
+                    let said = "DICOM association not established: no A-ASSOCIATE-RQ in time";
+                    return not_associated(&events, peer, "timeout", said).await;
                 };
                 // The connection keeps its waiting place (bounded per host and in all) until
                 // its association is accepted or refused, and takes an association slot only
@@ -546,6 +528,19 @@ enum Stopping {
     Stop,
     /// The grace is over: associations end wherever they wait.
     Cut,
+}
+
+/// A connection that ends without an association: counted by `reason`, logged with `said`
+/// (no AE title: the peer's bytes), and reported.
+async fn not_associated(
+    events: &Arc<dyn EventSink>,
+    peer: SocketAddr,
+    reason: &'static str,
+    said: &str,
+) {
+    association_outcome(reason);
+    tracing::info!(%peer, "{said}");
+    Reporter::send(events, DicomEvent::AssociationRejected { peer, reason }).await;
 }
 
 /// Resolves once the SCP has reached `level` of its stop (or its `serve` has ended). The
@@ -906,19 +901,20 @@ async fn serve_association(
     }
     let mut stream = stream;
     let limit = MAX_ASSOCIATE_RQ.max(config.max_pdu_length);
-    let pdu = match tokio::time::timeout_at(deadline, read_request(&mut stream, &mut buf, limit))
-        .await
-    {
+    // The rest of a request begun before the stop is not waited for (a half-sent request
+    // held the stop for the association timeout: a re-attack's finding).
+    let read = tokio::select! {
+        read = tokio::time::timeout_at(deadline, read_request(&mut stream, &mut buf, limit)) => read,
+        () = reached(&mut stopping, Stopping::Stop) => {
+            let said = "DICOM connection closed in the middle of its A-ASSOCIATE-RQ: the server is shutting down";
+            return not_associated(&events, peer, "shutting_down", said).await;
+        }
+    };
+    let pdu = match read {
         Ok(Ok(pdu)) => pdu,
         Ok(Err(None)) => {
-            association_outcome("not_established");
-            tracing::info!(%peer, "DICOM association not established: connection closed");
-            let rejected = DicomEvent::AssociationRejected {
-                peer,
-                reason: "not_established",
-            };
-            Reporter::send(&events, rejected).await;
-            return;
+            let said = "DICOM association not established: connection closed";
+            return not_associated(&events, peer, "not_established", said).await;
         }
         Ok(Err(Some(e))) => {
             // Sta2, event 19 (an invalid PDU): AA-1.
@@ -927,14 +923,8 @@ async fn serve_association(
             return;
         }
         Err(_) => {
-            association_outcome("timeout");
-            tracing::info!(%peer, "DICOM association not established: no A-ASSOCIATE-RQ in time");
-            let rejected = DicomEvent::AssociationRejected {
-                peer,
-                reason: "timeout",
-            };
-            Reporter::send(&events, rejected).await;
-            return;
+            let said = "DICOM association not established: no A-ASSOCIATE-RQ in time";
+            return not_associated(&events, peer, "timeout", said).await;
         }
     };
     let rq = match pdu {
@@ -1035,15 +1025,23 @@ async fn serve_association(
         contexts_accepted: accepted,
     };
     Reporter::send(&reporter.events, accepted_event).await;
-    let ending = run_association(
-        &mut association,
-        config,
-        spool,
-        budget,
-        &reporter,
-        &mut stopping,
-    )
-    .await;
+    // At the end of a stop's grace the association ends wherever it waits: for the rest of
+    // a data set, or for a peer that does not read its responses (a send blocked there saw
+    // no cut, and the association ended unaudited with the process: a re-attack's finding).
+    let mut cut = stopping.clone();
+    let ending = tokio::select! {
+        ending = run_association(
+            &mut association,
+            config,
+            spool,
+            budget,
+            &reporter,
+            &mut stopping,
+        ) => ending,
+        () = reached(&mut cut, Stopping::Cut) => {
+            Err(("cut at the end of the shutdown grace", reporter.tally()))
+        }
+    };
     reporter.ended(&ending).await;
     let (stored, failed) = match ending {
         Ok(Ending::Released(counts)) => {
@@ -1140,15 +1138,13 @@ async fn run_association(
             config.idle_timeout,
             receive(association, config.max_pdu_length),
         );
-        // Between requests the stop ends it; in the middle of one, only the cut.
-        let (level, why) = if between {
-            (Stopping::Stop, "the server is shutting down")
-        } else {
-            (Stopping::Cut, "cut at the end of the shutdown grace")
-        };
+        // Between requests the stop ends it (in the middle of one, only the cut, which
+        // `serve_association` watches).
         let next = tokio::select! {
             next = receiving => next,
-            () = reached(stopping, level) => return Err((why, counts)),
+            () = reached(stopping, Stopping::Stop), if between => {
+                return Err(("the server is shutting down", counts));
+            }
         };
         let pdu = match next {
             Ok(Ok(pdu)) => pdu,
@@ -1672,6 +1668,9 @@ struct Reporter {
     association: u64,
     peer: SocketAddr,
     calling_ae: String,
+    /// The association's counts as of its last answered instance (stored, failed): what an
+    /// association cut at the end of a stop's grace reports.
+    tally: (std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64),
 }
 
 impl Reporter {
@@ -1681,7 +1680,14 @@ impl Reporter {
             association: ASSOCIATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             peer,
             calling_ae: calling_ae.to_owned(),
+            tally: Default::default(),
         }
+    }
+
+    /// The counts [`Reporter::instance_done`] last saw.
+    fn tally(&self) -> Counts {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.tally.0.load(Relaxed), self.tally.1.load(Relaxed))
     }
 
     /// Sends an event; a sink failure is logged (association events do not change answers).
@@ -1732,11 +1738,19 @@ impl Reporter {
         } else {
             DicomEvent::InstanceRefused(event)
         };
-        if Reporter::send(&self.events, event).await || !success {
+        let recorded = Reporter::send(&self.events, event).await;
+        if !recorded && success {
+            counts.0 -= 1;
+            counts.1 += 1;
+        }
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.tally.0.store(counts.0, Relaxed);
+            self.tally.1.store(counts.1, Relaxed);
+        }
+        if recorded || !success {
             return rsp;
         }
-        counts.0 -= 1;
-        counts.1 += 1;
         metrics::counter!("nightingale_dicom_instances_failed_total", "reason" => "audit")
             .increment(1);
         response(

@@ -240,14 +240,16 @@ impl Part10File {
         // dcmsend do: an SCP compares the command's UIDs with the data set's, and a file
         // whose meta names another (pydicom's rtplan.dcm) was refused 0xA900 where storescu
         // sent it (a review's finding). The meta's where the data set cannot be read.
-        let (class_in_data, instance_in_data) = dataset_uids(path);
+        let transfer_syntax = sop::trim_uid(meta.transfer_syntax()).to_owned();
+        let (class_in_data, instance_in_data) =
+            dataset_uids(&mut file, file_len - dataset_offset, &transfer_syntax);
         Ok(Part10File {
             path: path.to_owned(),
             sop_class_uid: class_in_data
                 .unwrap_or_else(|| sop::trim_uid(meta.media_storage_sop_class_uid()).to_owned()),
             sop_instance_uid: instance_in_data
                 .unwrap_or_else(|| sop::trim_uid(meta.media_storage_sop_instance_uid()).to_owned()),
-            transfer_syntax: sop::trim_uid(meta.transfer_syntax()).to_owned(),
+            transfer_syntax,
             dataset_offset,
             dataset_len: file_len - dataset_offset,
         })
@@ -258,21 +260,99 @@ impl Part10File {
     }
 }
 
-/// The SOP Class and SOP Instance UIDs of the data set of the Part 10 file at `path`, each
-/// `None` where absent, empty or unreadable (its elements are read up to them only).
-fn dataset_uids(path: &Path) -> (Option<String>, Option<String>) {
-    let Ok(obj) = crate::meta::open_file(path, Some(dicom_core::Tag(0x0008, 0x0019))) else {
+/// The SOP Class and SOP Instance UIDs of a data set, read from `file` (positioned at its
+/// start, `len` bytes long, in `transfer_syntax`), each `None` where absent, empty or not
+/// found where it should be. Only the first [`UID_PREFIX`] bytes are read (inflated, for
+/// Deflated), and only their top-level elements, by their lengths, up to (0008,0018): an
+/// undefined length, or a length past what was read, ends the search. A full parse of the
+/// data set took a 60 KB file of 3,000 nested sequences to a stack overflow, and one
+/// declaring a 4 GB element to 4 GB of memory (a re-attack's findings).
+fn dataset_uids(
+    file: &mut std::fs::File,
+    len: u64,
+    transfer_syntax: &str,
+) -> (Option<String>, Option<String>) {
+    let mut raw = Vec::new();
+    if file
+        .take(UID_PREFIX.min(len))
+        .read_to_end(&mut raw)
+        .is_err()
+    {
         return (None, None);
+    }
+    let bytes = if transfer_syntax == DEFLATED {
+        // A stream cut at the prefix ends in an error: what was inflated before it is kept.
+        let mut inflated = Vec::new();
+        let _ = flate2::read::DeflateDecoder::new(raw.as_slice())
+            .take(UID_PREFIX)
+            .read_to_end(&mut inflated);
+        inflated
+    } else {
+        raw
     };
-    let uid = |tag| {
-        obj.element(tag)
-            .ok()
-            .and_then(|e| e.to_str().ok())
-            .map(|v| sop::trim_uid(&v).to_owned())
-            .filter(|v| !v.is_empty())
+    let big_endian = transfer_syntax == "1.2.840.10008.1.2.2";
+    let explicit = transfer_syntax != "1.2.840.10008.1.2";
+    let u16_at = |at: usize| {
+        let b = [bytes[at], bytes[at + 1]];
+        if big_endian {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        }
     };
-    (uid(tags::SOP_CLASS_UID), uid(tags::SOP_INSTANCE_UID))
+    let u32_at = |at: usize| {
+        let b = [bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]];
+        if big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
+    };
+    let (mut class, mut instance) = (None, None);
+    let mut at = 0usize;
+    while at + 8 <= bytes.len() {
+        let tag = (u16_at(at), u16_at(at + 2));
+        if tag > (0x0008, 0x0018) {
+            break;
+        }
+        let (length, header) = if explicit {
+            let vr = [bytes[at + 4], bytes[at + 5]];
+            if crate::structure::long_length(vr) {
+                if at + 12 > bytes.len() {
+                    break;
+                }
+                (u32_at(at + 8), 12)
+            } else {
+                (u32::from(u16_at(at + 6)), 8)
+            }
+        } else {
+            (u32_at(at + 4), 8)
+        };
+        let start = at + header;
+        let Some(end) = start
+            .checked_add(length as usize)
+            .filter(|&e| e <= bytes.len())
+        else {
+            break; // an undefined length (0xFFFFFFFF) too
+        };
+        let text = || {
+            std::str::from_utf8(&bytes[start..end])
+                .ok()
+                .map(|v| sop::trim_uid(v).to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        match tag {
+            (0x0008, 0x0016) => class = text(),
+            (0x0008, 0x0018) => instance = text(),
+            _ => {}
+        }
+        at = end;
+    }
+    (class, instance)
 }
+
+/// How much of a data set [`dataset_uids`] reads.
+const UID_PREFIX: u64 = 64 << 10;
 
 /// Every file under `paths` (folders recursively, in name order). Entries that cannot be
 /// listed are returned as errors in place. Inside a folder, links to folders are not

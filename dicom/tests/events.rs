@@ -245,6 +245,15 @@ async fn a_stopping_scp_closes_silent_connections_at_once_and_reports_stalled_on
         let _ = stopped.await;
     }));
     let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // and one that sent 60 bytes of its A-ASSOCIATE-RQ (past the first 42 the SCP reads
+    // before the rest: it held the stop for the association timeout too)
+    let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let rq = support::pdu_bytes(&dicom_ul::pdu::Pdu::AssociationRQ(support::associate_rq(
+        &[(CT, EXPLICIT_LE)],
+    )));
+    tokio::io::AsyncWriteExt::write_all(&mut half, &rq[..60])
+        .await
+        .unwrap();
     // An association whose C-STORE stops half way through its data set.
     let stalled = tokio::task::spawn_blocking(move || {
         let mut assoc = support::connect(addr, &[(CT, EXPLICIT_LE)]).unwrap();
@@ -290,16 +299,19 @@ async fn a_stopping_scp_closes_silent_connections_at_once_and_reports_stalled_on
     while let Ok(Some(e)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
         events.push(e);
     }
-    assert!(
-        events.iter().any(|e| matches!(
-            e,
-            DicomEvent::AssociationRejected {
-                reason: "shutting_down",
-                ..
-            }
-        )),
-        "{events:#?}"
-    );
+    let closed = events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                DicomEvent::AssociationRejected {
+                    reason: "shutting_down",
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(closed, 2, "{events:#?}");
     assert!(
         events.iter().any(|e| matches!(
             e,
@@ -312,5 +324,5 @@ async fn a_stopping_scp_closes_silent_connections_at_once_and_reports_stalled_on
         "{events:#?}"
     );
     assert!(spool.instances().unwrap().is_empty());
-    drop((silent, stalled));
+    drop((silent, half, stalled));
 }

@@ -144,6 +144,62 @@ fn part10(dir: &Path) -> PathBuf {
     path
 }
 
+/// `part10`'s file with its data set replaced by `dataset` (its meta kept).
+fn with_dataset(dir: &Path, name: &str, dataset: &[u8]) -> PathBuf {
+    let good = std::fs::read(part10(dir)).unwrap();
+    let group = u32::from_le_bytes(good[140..144].try_into().unwrap()) as usize;
+    let mut bytes = good[..144 + group].to_vec();
+    bytes.extend_from_slice(dataset);
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// An element in Explicit VR Little Endian with a 2-byte length.
+fn short_element(tag: (u16, u16), vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+    let mut e = Vec::new();
+    e.extend_from_slice(&tag.0.to_le_bytes());
+    e.extend_from_slice(&tag.1.to_le_bytes());
+    e.extend_from_slice(vr);
+    e.extend_from_slice(&(value.len() as u16).to_le_bytes());
+    e.extend_from_slice(value);
+    e
+}
+
+/// The C-STORE names the data set's UIDs (pydicom's rtplan.dcm: its meta names another
+/// instance), read from the first top-level elements only: a data set of 3,000 nested
+/// sequences (a stack overflow when the data set was parsed whole) and one declaring a 4 GB
+/// element (4 GB of memory) fall back to the meta's UIDs at once (re-attack findings).
+#[test]
+fn the_data_sets_uids_are_read_from_its_first_elements_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut other = short_element((0x0008, 0x0016), b"UI", b"1.2.840.10008.5.1.4.1.1.2\0");
+    other.extend(short_element((0x0008, 0x0018), b"UI", b"1.2.3.777\0"));
+    other.extend(short_element((0x0010, 0x0010), b"PN", b"X^Y "));
+    let file = Part10File::open(&with_dataset(dir.path(), "other.dcm", &other)).unwrap();
+    assert_eq!(file.sop_instance_uid, "1.2.3.777");
+    assert_eq!(file.sop_class_uid, CT);
+
+    let mut deep = vec![
+        0x08, 0x00, 0x06, 0x00, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+    ];
+    for _ in 0..3000 {
+        deep.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        deep.extend_from_slice(&[
+            0x08, 0x00, 0x06, 0x00, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ]);
+    }
+    let mut huge = vec![
+        0x08, 0x00, 0x10, 0x00, b'U', b'N', 0, 0, 0xF0, 0xFF, 0xFF, 0xFF,
+    ];
+    huge.extend_from_slice(&[0u8; 100]);
+    for (name, dataset) in [("deep.dcm", deep), ("huge.dcm", huge)] {
+        let file = Part10File::open(&with_dataset(dir.path(), name, &dataset)).unwrap();
+        assert_eq!(file.sop_instance_uid, "1.2.3.200.1.1", "{name}");
+        assert_eq!(file.sop_class_uid, CT, "{name}");
+    }
+}
+
 async fn store_against(how: Trickle, dimse: Duration, exchange: Duration) -> StoreFailure {
     let dir = tempfile::tempdir().unwrap();
     let file = Part10File::open(&part10(dir.path())).unwrap();
