@@ -1070,6 +1070,15 @@ fn log_access(config: &ServeConfig) {
     if !admin_possible {
         tracing::info!("model control (admin) is disabled: no admin key configured");
     }
+    // An empty variable is no token (a deployment template whose secret was not filled in
+    // disabled model control with nothing said but the line above).
+    if config.admin_token.is_none()
+        && std::env::var_os("NIGHTINGALE_ADMIN_TOKEN").is_some_and(|v| v.is_empty())
+    {
+        tracing::warn!(
+            "NIGHTINGALE_ADMIN_TOKEN is set but empty: it is no admin token (model load/unload needs an admin key)"
+        );
+    }
     // What else --insecure relaxed, each said at every start (only the HTTP and gRPC
     // listeners were: a DICOM SCP open to any calling AE, an EHR's token sent in clear text,
     // went unsaid, a review's finding).

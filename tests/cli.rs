@@ -860,3 +860,18 @@ fn refusals_for_credentials_are_logged_anonymous_ones_too() {
         "{log:#?}"
     );
 }
+
+/// An empty `NIGHTINGALE_ADMIN_TOKEN` (a deployment template whose secret was not filled in)
+/// is no token, and the start says so as a warning.
+#[test]
+fn an_empty_admin_token_variable_is_named_at_start() {
+    let (listening, log) = serve_until_listening(
+        &["--http-addr", "127.0.0.1:0", "--data-dir", "data"],
+        &[("NIGHTINGALE_ADMIN_TOKEN", "")],
+    );
+    assert!(listening, "{log}");
+    assert!(
+        log.contains("NIGHTINGALE_ADMIN_TOKEN is set but empty"),
+        "{log}"
+    );
+}
