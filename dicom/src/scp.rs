@@ -549,6 +549,9 @@ async fn reached(stopping: &mut tokio::sync::watch::Receiver<Stopping>, level: S
     let _ = stopping.wait_for(|s| *s >= level).await;
 }
 
+/// Why an association cut at the end of a stop's grace ended.
+const CUT: &str = "cut at the end of the shutdown grace";
+
 /// How long a cut association has to record its end.
 const CUT_GRACE: Duration = Duration::from_secs(5);
 
@@ -1025,23 +1028,15 @@ async fn serve_association(
         contexts_accepted: accepted,
     };
     Reporter::send(&reporter.events, accepted_event).await;
-    // At the end of a stop's grace the association ends wherever it waits: for the rest of
-    // a data set, or for a peer that does not read its responses (a send blocked there saw
-    // no cut, and the association ended unaudited with the process: a re-attack's finding).
-    let mut cut = stopping.clone();
-    let ending = tokio::select! {
-        ending = run_association(
-            &mut association,
-            config,
-            spool,
-            budget,
-            &reporter,
-            &mut stopping,
-        ) => ending,
-        () = reached(&mut cut, Stopping::Cut) => {
-            Err(("cut at the end of the shutdown grace", reporter.tally()))
-        }
-    };
+    let ending = run_association(
+        &mut association,
+        config,
+        spool,
+        budget,
+        &reporter,
+        &mut stopping,
+    )
+    .await;
     reporter.ended(&ending).await;
     let (stored, failed) = match ending {
         Ok(Ending::Released(counts)) => {
@@ -1125,12 +1120,11 @@ async fn run_association(
     // The memory of the last data set received into the spool, for the next one.
     let mut spare: Vec<u8> = Vec::new();
     loop {
-        // Between requests (none in progress, no PDU of one begun in the read buffer), a
-        // stopping SCP ends the association; a request in progress is answered first.
-        let between = pending.is_none()
-            && discarding.is_none()
-            && command.is_empty()
-            && association.get_mut().1.is_empty();
+        // Between requests (none in progress), a stopping SCP ends the association; a
+        // request in progress is answered first. Bytes of the next one already read do not
+        // make it one in progress (an SCU sending requests without reading the responses
+        // always had some, and went on storing for the whole grace: a re-attack's finding).
+        let between = pending.is_none() && discarding.is_none() && command.is_empty();
         if between && *stopping.borrow() != Stopping::No {
             return Err(("the server is shutting down", counts));
         }
@@ -1138,13 +1132,18 @@ async fn run_association(
             config.idle_timeout,
             receive(association, config.max_pdu_length),
         );
-        // Between requests the stop ends it (in the middle of one, only the cut, which
-        // `serve_association` watches).
+        // Between requests the stop ends it; in the middle of one, only the cut at the end
+        // of the grace. The cut is watched where the association waits on its peer (here
+        // and in `send_command`), never while an instance is stored and audited (dropped
+        // there, an instance was kept unaudited: a re-attack's finding).
+        let (level, why) = if between {
+            (Stopping::Stop, "the server is shutting down")
+        } else {
+            (Stopping::Cut, CUT)
+        };
         let next = tokio::select! {
             next = receiving => next,
-            () = reached(stopping, Stopping::Stop), if between => {
-                return Err(("the server is shutting down", counts));
-            }
+            () = reached(stopping, level) => return Err((why, counts)),
         };
         let pdu = match next {
             Ok(Ok(pdu)) => pdu,
@@ -1288,7 +1287,7 @@ async fn run_association(
                             // Its data set follows: read it through, then answer.
                             discarding = Some((pc, rsp));
                         } else {
-                            send_command(association, config, pc, rsp)
+                            send_command(association, config, pc, rsp, stopping)
                                 .await
                                 .map_err(|r| (r, counts))?;
                         }
@@ -1301,7 +1300,7 @@ async fn run_association(
                         }
                         if value.is_last {
                             let (pc, rsp) = discarding.take().expect("discarding");
-                            send_command(association, config, pc, rsp)
+                            send_command(association, config, pc, rsp, stopping)
                                 .await
                                 .map_err(|r| (r, counts))?;
                         }
@@ -1359,7 +1358,7 @@ async fn run_association(
                     let rsp = reporter
                         .instance_done(event, status, message_id, rsp, &mut counts)
                         .await;
-                    send_command(association, config, pc_id, rsp)
+                    send_command(association, config, pc_id, rsp, stopping)
                         .await
                         .map_err(|r| (r, counts))?;
                 }
@@ -1668,9 +1667,6 @@ struct Reporter {
     association: u64,
     peer: SocketAddr,
     calling_ae: String,
-    /// The association's counts as of its last answered instance (stored, failed): what an
-    /// association cut at the end of a stop's grace reports.
-    tally: (std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64),
 }
 
 impl Reporter {
@@ -1680,14 +1676,7 @@ impl Reporter {
             association: ASSOCIATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             peer,
             calling_ae: calling_ae.to_owned(),
-            tally: Default::default(),
         }
-    }
-
-    /// The counts [`Reporter::instance_done`] last saw.
-    fn tally(&self) -> Counts {
-        use std::sync::atomic::Ordering::Relaxed;
-        (self.tally.0.load(Relaxed), self.tally.1.load(Relaxed))
     }
 
     /// Sends an event; a sink failure is logged (association events do not change answers).
@@ -1738,19 +1727,11 @@ impl Reporter {
         } else {
             DicomEvent::InstanceRefused(event)
         };
-        let recorded = Reporter::send(&self.events, event).await;
-        if !recorded && success {
-            counts.0 -= 1;
-            counts.1 += 1;
-        }
-        {
-            use std::sync::atomic::Ordering::Relaxed;
-            self.tally.0.store(counts.0, Relaxed);
-            self.tally.1.store(counts.1, Relaxed);
-        }
-        if recorded || !success {
+        if Reporter::send(&self.events, event).await || !success {
             return rsp;
         }
+        counts.0 -= 1;
+        counts.1 += 1;
         metrics::counter!("nightingale_dicom_instances_failed_total", "reason" => "audit")
             .increment(1);
         response(
@@ -1930,6 +1911,7 @@ async fn send_command(
     config: &ScpConfig,
     presentation_context_id: u8,
     data: Vec<u8>,
+    stopping: &mut tokio::sync::watch::Receiver<Stopping>,
 ) -> Result<(), &'static str> {
     // Fragments that fit the peer's maximum PDU length (PS3.8 9.3.5: the PDU's variable
     // field, whose PDV item adds a 4-byte length, the context id and the message control
@@ -1964,7 +1946,13 @@ async fn send_command(
         }
         Ok::<_, std::io::Error>(())
     };
-    match tokio::time::timeout(config.idle_timeout, send_all).await {
+    // A peer that reads nothing holds this until the idle timeout, or the end of a stop's
+    // grace (it held the association past the cut, which ended it unaudited).
+    let sent = tokio::select! {
+        sent = tokio::time::timeout(config.idle_timeout, send_all) => sent,
+        () = reached(stopping, Stopping::Cut) => return Err(CUT),
+    };
+    match sent {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err("cannot send the response"),
         Err(_) => Err("timeout sending the response"),

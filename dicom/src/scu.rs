@@ -261,47 +261,37 @@ impl Part10File {
 }
 
 /// The SOP Class and SOP Instance UIDs of a data set, read from `file` (positioned at its
-/// start, `len` bytes long, in `transfer_syntax`), each `None` where absent, empty or not
-/// found where it should be. Only the first [`UID_PREFIX`] bytes are read (inflated, for
-/// Deflated), and only their top-level elements, by their lengths, up to (0008,0018): an
-/// undefined length, or a length past what was read, ends the search. A full parse of the
-/// data set took a 60 KB file of 3,000 nested sequences to a stack overflow, and one
-/// declaring a 4 GB element to 4 GB of memory (a re-attack's findings).
+/// start, `len` bytes long, in `transfer_syntax`; inflated for Deflated), each `None` where
+/// absent, empty or not found. Its elements are read by their headers up to the end of
+/// group 0008 (in any order there), values skipped by their lengths (undefined-length
+/// sequences item by item, at most [`UID_DEPTH`] deep), at most [`UID_SCAN`] bytes in all,
+/// and only the two UIDs' values kept. A full parse of the data set took a 60 KB file of
+/// 3,000 nested sequences to a stack overflow, and one declaring a 4 GB element to 4 GB of
+/// memory (a re-attack's findings); a first fix that read 64 KiB missed UIDs after a larger
+/// element or a sequence (a second re-attack).
 fn dataset_uids(
     file: &mut std::fs::File,
     len: u64,
     transfer_syntax: &str,
 ) -> (Option<String>, Option<String>) {
-    let mut raw = Vec::new();
-    if file
-        .take(UID_PREFIX.min(len))
-        .read_to_end(&mut raw)
-        .is_err()
-    {
-        return (None, None);
-    }
-    let bytes = if transfer_syntax == DEFLATED {
-        // A stream cut at the prefix ends in an error: what was inflated before it is kept.
-        let mut inflated = Vec::new();
-        let _ = flate2::read::DeflateDecoder::new(raw.as_slice())
-            .take(UID_PREFIX)
-            .read_to_end(&mut inflated);
-        inflated
+    const UNDEFINED: u32 = 0xFFFF_FFFF;
+    let plain = std::io::BufReader::new(file.take(len));
+    let inner: Box<dyn Read + '_> = if transfer_syntax == DEFLATED {
+        Box::new(flate2::read::DeflateDecoder::new(plain))
     } else {
-        raw
+        Box::new(plain)
     };
+    let mut reader = inner.take(UID_SCAN);
     let big_endian = transfer_syntax == "1.2.840.10008.1.2.2";
     let explicit = transfer_syntax != "1.2.840.10008.1.2";
-    let u16_at = |at: usize| {
-        let b = [bytes[at], bytes[at + 1]];
+    let u16_of = |b: [u8; 2]| {
         if big_endian {
             u16::from_be_bytes(b)
         } else {
             u16::from_le_bytes(b)
         }
     };
-    let u32_at = |at: usize| {
-        let b = [bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]];
+    let u32_of = |b: [u8; 4]| {
         if big_endian {
             u32::from_be_bytes(b)
         } else {
@@ -309,50 +299,85 @@ fn dataset_uids(
         }
     };
     let (mut class, mut instance) = (None, None);
-    let mut at = 0usize;
-    while at + 8 <= bytes.len() {
-        let tag = (u16_at(at), u16_at(at + 2));
-        if tag > (0x0008, 0x0018) {
+    let mut depth = 0usize;
+    loop {
+        let mut head = [0u8; 8];
+        if reader.read_exact(&mut head).is_err() {
             break;
         }
-        let (length, header) = if explicit {
-            let vr = [bytes[at + 4], bytes[at + 5]];
-            if crate::structure::long_length(vr) {
-                if at + 12 > bytes.len() {
-                    break;
-                }
-                (u32_at(at + 8), 12)
-            } else {
-                (u32::from(u16_at(at + 6)), 8)
+        let group = u16_of([head[0], head[1]]);
+        let element = u16_of([head[2], head[3]]);
+        let short = u32_of([head[4], head[5], head[6], head[7]]);
+        // Items and delimiters: a tag and a 4-byte length in every transfer syntax.
+        if group == 0xFFFE {
+            match element {
+                0xE000 if short == UNDEFINED => depth += 1,
+                0xE000 if skip(&mut reader, short) => {}
+                0xE00D | 0xE0DD if depth > 0 => depth -= 1,
+                _ => break,
             }
-        } else {
-            (u32_at(at + 4), 8)
-        };
-        let start = at + header;
-        let Some(end) = start
-            .checked_add(length as usize)
-            .filter(|&e| e <= bytes.len())
-        else {
-            break; // an undefined length (0xFFFFFFFF) too
-        };
-        let text = || {
-            std::str::from_utf8(&bytes[start..end])
-                .ok()
-                .map(|v| sop::trim_uid(v).to_owned())
-                .filter(|v| !v.is_empty())
-        };
-        match tag {
-            (0x0008, 0x0016) => class = text(),
-            (0x0008, 0x0018) => instance = text(),
-            _ => {}
+            if depth > UID_DEPTH {
+                break;
+            }
+            continue;
         }
-        at = end;
+        if depth == 0 && group > 0x0008 {
+            break;
+        }
+        let length = if !explicit {
+            short
+        } else if crate::structure::long_length([head[4], head[5]]) {
+            let mut long = [0u8; 4];
+            if reader.read_exact(&mut long).is_err() {
+                break;
+            }
+            u32_of(long)
+        } else {
+            u32::from(u16_of([head[6], head[7]]))
+        };
+        if length == UNDEFINED {
+            // A sequence (or an undefined-length value made of items): its items follow.
+            depth += 1;
+            if depth > UID_DEPTH {
+                break;
+            }
+            continue;
+        }
+        let wanted = depth == 0 && group == 0x0008 && matches!(element, 0x0016 | 0x0018);
+        if !wanted || length > 1024 {
+            if !skip(&mut reader, length) {
+                break;
+            }
+            continue;
+        }
+        let mut value = vec![0u8; length as usize];
+        if reader.read_exact(&mut value).is_err() {
+            break;
+        }
+        let text = std::str::from_utf8(&value)
+            .ok()
+            .map(|v| sop::trim_uid(v).to_owned())
+            .filter(|v| !v.is_empty());
+        if element == 0x0016 {
+            class = text;
+        } else {
+            instance = text;
+        }
     }
     (class, instance)
 }
 
-/// How much of a data set [`dataset_uids`] reads.
-const UID_PREFIX: u64 = 64 << 10;
+/// Reads past `n` bytes of `reader`; `false` when it ends first.
+fn skip(reader: &mut impl Read, n: u32) -> bool {
+    std::io::copy(&mut reader.take(u64::from(n)), &mut std::io::sink())
+        .is_ok_and(|copied| copied == u64::from(n))
+}
+
+/// How much of a data set (inflated) [`dataset_uids`] reads at most.
+const UID_SCAN: u64 = 16 << 20;
+
+/// How deeply nested sequences [`dataset_uids`] reads through.
+const UID_DEPTH: usize = 64;
 
 /// Every file under `paths` (folders recursively, in name order). Entries that cannot be
 /// listed are returned as errors in place. Inside a folder, links to folders are not

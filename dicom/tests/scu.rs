@@ -179,6 +179,45 @@ fn the_data_sets_uids_are_read_from_its_first_elements_only() {
     let file = Part10File::open(&with_dataset(dir.path(), "other.dcm", &other)).unwrap();
     assert_eq!(file.sop_instance_uid, "1.2.3.777");
     assert_eq!(file.sop_class_uid, CT);
+    // The same UIDs after an 80 KB sequence of defined length, after one of undefined
+    // length with an item, and after an element of group 0008 out of order (a second
+    // re-attack: the first 64 KiB alone missed them).
+    let sequence = |defined: bool| {
+        let mut item_body = Vec::new();
+        for _ in 0..10 {
+            item_body.extend(short_element((0x0008, 0x0100), b"SH", &[b'A'; 8000]));
+        }
+        let mut item = vec![0xFE, 0xFF, 0x00, 0xE0];
+        if defined {
+            item.extend_from_slice(&(item_body.len() as u32).to_le_bytes());
+            item.extend(item_body);
+        } else {
+            item.extend_from_slice(&[0xFF; 4]);
+            item.extend(item_body);
+            item.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+        }
+        let mut sq = vec![0x08, 0x00, 0x06, 0x00, b'S', b'Q', 0, 0];
+        if defined {
+            sq.extend_from_slice(&(item.len() as u32).to_le_bytes());
+            sq.extend(item);
+        } else {
+            sq.extend_from_slice(&[0xFF; 4]);
+            sq.extend(item);
+            sq.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        }
+        sq.extend(other.clone());
+        sq
+    };
+    let mut out_of_order = short_element((0x0008, 0x0020), b"DA", b"20240101");
+    out_of_order.extend(other.clone());
+    for (name, dataset) in [
+        ("defined.dcm", sequence(true)),
+        ("undefined.dcm", sequence(false)),
+        ("order.dcm", out_of_order),
+    ] {
+        let file = Part10File::open(&with_dataset(dir.path(), name, &dataset)).unwrap();
+        assert_eq!(file.sop_instance_uid, "1.2.3.777", "{name}");
+    }
 
     let mut deep = vec![
         0x08, 0x00, 0x06, 0x00, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
