@@ -408,8 +408,8 @@ fn model_input(m: &Manifest, tensors: bool) -> anyhow::Result<Input> {
     if !tensors {
         if m.preprocessing.is_some() {
             bail!(
-                "bundle {:?} takes images: give a folder with images.npy and labels.npy \
-                 (DICOM folders are not yet supported), or --predictions",
+                "bundle {:?} takes images: give a folder with images.npy and labels.npy, \
+                 or one with manifest.csv naming DICOM files, or --predictions",
                 m.name
             );
         }

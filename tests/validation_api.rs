@@ -338,22 +338,41 @@ async fn a_run_on_a_server_side_dataset_reports_scikit_learns_auroc_and_is_audit
 async fn an_uploaded_dataset_is_validated_then_deleted() {
     let server = Server::new();
     let csv = std::fs::read(test_csv()).unwrap();
-    let req = Request::post(format!(
-        "/validation/runs?model={MODEL}@2&bootstrap=50&seed=3"
-    ))
-    .header(
-        header::AUTHORIZATION,
-        format!("Bearer {}", key("researcher")),
-    )
-    .header(header::CONTENT_TYPE, "text/csv; charset=utf-8")
-    .body(Body::from(csv))
-    .unwrap();
-    let (s, h, v) = server.send(req).await;
+    let upload = |query: &str| {
+        Request::post(format!("/validation/runs?{query}"))
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", key("researcher")),
+            )
+            .header(header::CONTENT_TYPE, "text/csv; charset=utf-8")
+            .body(Body::from(csv.clone()))
+            .unwrap()
+    };
+    // An option given twice is refused (the last one was taken: a review's finding).
+    let (s, _, v) = server
+        .send(upload(&format!("model={MODEL}&bootstrap=1&bootstrap=2")))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("given twice"), "{v}");
+    // A CSV declared in another character set than UTF-8 is refused up front (415), not
+    // accepted and then failed on its first accented byte.
+    let mut latin1 = upload(&format!("model={MODEL}"));
+    latin1.headers_mut().insert(
+        header::CONTENT_TYPE,
+        "text/csv; charset=\"ISO-8859-1\"".parse().unwrap(),
+    );
+    let (s, _, v) = server.send(latin1).await;
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{v}");
+    // No version asked: the run names the one it evaluated once done (it stayed null).
+    let (s, h, v) = server
+        .send(upload(&format!("model={MODEL}&bootstrap=50&seed=3")))
+        .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     let id = v["id"].as_str().unwrap().to_owned();
     assert_eq!(h[header::LOCATION], format!("/validation/runs/{id}"));
     let done = server.wait(&id).await;
     assert_eq!(done["status"], "done", "{done}");
+    assert_eq!(done["version"], 2, "{done}");
     let run_dir = server.dir.path().join("data/validation/runs").join(&id);
     assert!(run_dir.join("report.json").is_file());
     assert!(

@@ -83,7 +83,9 @@ impl Drop for Uploading {
 struct Run {
     id: String,
     model: String,
-    version: Option<u64>,
+    /// The version asked for (`NAME@VERSION`), else the one the run evaluated once it is
+    /// done (it stayed null: a review's finding).
+    version: std::sync::OnceLock<u64>,
     created: String,
     /// Who started it: only they (or an admin) see, cancel and read it.
     owner: String,
@@ -131,6 +133,15 @@ struct RunRecord {
     total_bytes: u64,
 }
 
+/// A run's version as known: `Some` set, `None` to be set once the run is done.
+fn version_lock(version: Option<u64>) -> std::sync::OnceLock<u64> {
+    let lock = std::sync::OnceLock::new();
+    if let Some(v) = version {
+        let _ = lock.set(v);
+    }
+    lock
+}
+
 /// A run's record's name in its folder.
 const RUN_FILE: &str = "run.json";
 
@@ -148,7 +159,7 @@ impl Run {
         let record = RunRecord {
             id: self.id.clone(),
             model: self.model.clone(),
-            version: self.version,
+            version: self.version.get().copied(),
             created: self.created.clone(),
             owner: self.owner.clone(),
             state: state.clone(),
@@ -403,14 +414,36 @@ fn under_root(root: &FsPath, rel: &str) -> Result<PathBuf, AppError> {
     })
 }
 
+/// The `charset` parameter of the request's Content-Type, lower-cased, quotes removed.
+fn declared_charset(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    value.split(';').skip(1).find_map(|p| {
+        let (name, v) = p.split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("charset")
+            .then(|| v.trim().trim_matches('"').to_ascii_lowercase())
+    })
+}
+
 /// `POST /validation/runs`.
 pub(crate) async fn create(
     State(state): State<Arc<AppState>>,
     caller: Option<Extension<Caller>>,
-    Query(query): Query<HashMap<String, String>>,
+    Query(pairs): Query<Vec<(String, String)>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    // An option given twice is refused, as a JSON body's duplicate field is (the last one
+    // was taken: `bootstrap=1&bootstrap=2` ran 2, a review's finding).
+    let mut query = HashMap::new();
+    for (key, value) in pairs {
+        if query.contains_key(&key) {
+            let shown: String = key.chars().take(64).collect();
+            return AppError::bad_request(format!("query parameter {shown:?} is given twice"))
+                .into_response();
+        }
+        query.insert(key, value);
+    }
     match create_run(&state, caller, query, &headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -489,6 +522,17 @@ async fn create_run(
             (request, path, false)
         }
         "text/csv" => {
+            // The CSV reader takes UTF-8 only: an upload declared in another character set
+            // is refused here, not accepted and then failed (a review's finding: a Latin-1
+            // export was taken with 202, and its run failed on the first accented note).
+            if let Some(charset) = declared_charset(headers)
+                && !matches!(charset.as_str(), "utf-8" | "utf8" | "us-ascii")
+            {
+                return Err(AppError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "an uploaded CSV must be UTF-8 (Content-Type: text/csv; charset=utf-8): convert it first, e.g. iconv -f latin1 -t utf-8",
+                ));
+            }
             let request = RunRequest {
                 model: query.get("model").cloned().unwrap_or_default(),
                 dataset: None,
@@ -619,10 +663,12 @@ async fn create_run(
     let run = Arc::new(Run {
         id: id.clone(),
         model: name,
-        version: request
-            .model
-            .split_once('@')
-            .and_then(|(_, v)| v.parse().ok()),
+        version: version_lock(
+            request
+                .model
+                .split_once('@')
+                .and_then(|(_, v)| v.parse().ok()),
+        ),
         // To the millisecond: runs are listed again in this order after a restart.
         created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         owner: owner.clone(),
@@ -681,9 +727,14 @@ async fn create_run(
             let _ = std::fs::remove_file(&dataset);
         }
         let next = match outcome {
-            Ok(report) => RunState::Done {
-                gate_passed: report.gate.as_ref().map(|g| g.passed),
-            },
+            Ok(report) => {
+                if let Some(model) = &report.model {
+                    let _ = worker.version.set(model.version);
+                }
+                RunState::Done {
+                    gate_passed: report.gate.as_ref().map(|g| g.passed),
+                }
+            }
             Err(e) => RunState::Failed {
                 // Server paths are not the caller's business: the dataset by the name it
                 // was given, the rest relative to the repository or the run.
@@ -979,7 +1030,7 @@ impl Validation {
             let run = Run {
                 id,
                 model: record.model,
-                version: record.version,
+                version: version_lock(record.version),
                 created: record.created,
                 owner: record.owner,
                 progress: Arc::new(progress),
@@ -1140,7 +1191,7 @@ fn describe(run: &Run) -> serde_json::Value {
     json!({
         "id": run.id,
         "model": run.model,
-        "version": run.version,
+        "version": run.version.get(),
         "created": run.created,
         "status": status,
         "progress": {
@@ -1298,7 +1349,7 @@ mod tests {
         Arc::new(Run {
             id: uuid::Uuid::new_v4().to_string(),
             model: model.into(),
-            version: None,
+            version: std::sync::OnceLock::new(),
             created: String::new(),
             owner: Caller::ANONYMOUS.into(),
             progress: Arc::default(),
