@@ -356,13 +356,20 @@ async fn an_uploaded_dataset_is_validated_then_deleted() {
     assert!(v["error"].as_str().unwrap().contains("given twice"), "{v}");
     // A CSV declared in another character set than UTF-8 is refused up front (415), not
     // accepted and then failed on its first accented byte.
-    let mut latin1 = upload(&format!("model={MODEL}"));
-    latin1.headers_mut().insert(
-        header::CONTENT_TYPE,
-        "text/csv; charset=\"ISO-8859-1\"".parse().unwrap(),
-    );
-    let (s, _, v) = server.send(latin1).await;
-    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{v}");
+    // So is one whose charset cannot be told (given twice, quoted past a `;`).
+    for declared in [
+        "text/csv; charset=\"ISO-8859-1\"",
+        "text/csv; charset=utf-8; charset=latin1",
+        "text/csv; charset=\"utf-8;latin1\"",
+        "text/csv; header=\"a;charset=utf-8\"; charset=latin1",
+    ] {
+        let mut latin1 = upload(&format!("model={MODEL}"));
+        latin1
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, declared.parse().unwrap());
+        let (s, _, v) = server.send(latin1).await;
+        assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{declared}: {v}");
+    }
     // No version asked: the run names the one it evaluated once done (it stayed null).
     let (s, h, v) = server
         .send(upload(&format!("model={MODEL}&bootstrap=50&seed=3")))

@@ -1948,7 +1948,11 @@ async fn send_command(
     };
     // A peer that reads nothing holds this until the idle timeout, or the end of a stop's
     // grace (it held the association past the cut, which ended it unaudited).
+    // The send first: a response the socket takes at once goes out even after the cut (an
+    // instance stored just before it was answered A-ABORT by the draw of a fair select: a
+    // re-attack's finding).
     let sent = tokio::select! {
+        biased;
         sent = tokio::time::timeout(config.idle_timeout, send_all) => sent,
         () = reached(stopping, Stopping::Cut) => return Err(CUT),
     };

@@ -300,6 +300,10 @@ fn dataset_uids(
     };
     let (mut class, mut instance) = (None, None);
     let mut depth = 0usize;
+    // The depth from which elements are in Implicit VR: the content of a UN of undefined
+    // length (PS3.5 6.2.2): read as Explicit VR, the UIDs after one were missed (a
+    // re-attack's finding).
+    let mut implicit_from: Option<usize> = None;
     loop {
         let mut head = [0u8; 8];
         if reader.read_exact(&mut head).is_err() {
@@ -316,6 +320,9 @@ fn dataset_uids(
                 0xE00D | 0xE0DD if depth > 0 => depth -= 1,
                 _ => break,
             }
+            if implicit_from.is_some_and(|from| depth < from) {
+                implicit_from = None;
+            }
             if depth > UID_DEPTH {
                 break;
             }
@@ -324,9 +331,11 @@ fn dataset_uids(
         if depth == 0 && group > 0x0008 {
             break;
         }
-        let length = if !explicit {
+        let vr = [head[4], head[5]];
+        let explicit_here = explicit && implicit_from.is_none();
+        let length = if !explicit_here {
             short
-        } else if crate::structure::long_length([head[4], head[5]]) {
+        } else if crate::structure::long_length(vr) {
             let mut long = [0u8; 4];
             if reader.read_exact(&mut long).is_err() {
                 break;
@@ -338,6 +347,9 @@ fn dataset_uids(
         if length == UNDEFINED {
             // A sequence (or an undefined-length value made of items): its items follow.
             depth += 1;
+            if explicit_here && &vr == b"UN" {
+                implicit_from = Some(depth);
+            }
             if depth > UID_DEPTH {
                 break;
             }
@@ -841,6 +853,12 @@ async fn implicit_dataset(file: &Part10File) -> Result<Vec<u8>, StoreFailure> {
         let dataset = raw
             .get(offset as usize..)
             .ok_or_else(|| meta_error("the file is shorter than its meta group".into()))?;
+        // Its structure first, as the SCP checks what it receives (nesting at most 64 deep,
+        // every length within the data set): parsed as it was, a 108 KB file of 3,000
+        // nested sequences overflowed the stack, and a 368-byte one declaring a 2 GB item
+        // took 2 GB (a re-attack's findings).
+        crate::structure::check(dataset, crate::structure::Encoding::of(EXPLICIT_VR_LE))
+            .map_err(|e| meta_error(format!("the data set is malformed: {e}")))?;
         let explicit = dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased();
         let implicit = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
         let object = InMemDicomObject::read_dataset_with_ts(dataset, &explicit)

@@ -208,12 +208,23 @@ fn the_data_sets_uids_are_read_from_its_first_elements_only() {
         sq.extend(other.clone());
         sq
     };
+    // a UN of undefined length: its content is Implicit VR (PS3.5 6.2.2)
+    let mut un = vec![
+        0x08, 0x00, 0x06, 0x00, b'U', b'N', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+    ];
+    un.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+    un.extend_from_slice(&[0x08, 0x00, 0x00, 0x01, 6, 0, 0, 0]);
+    un.extend_from_slice(b"CODE01");
+    un.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+    un.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+    un.extend(other.clone());
     let mut out_of_order = short_element((0x0008, 0x0020), b"DA", b"20240101");
     out_of_order.extend(other.clone());
     for (name, dataset) in [
         ("defined.dcm", sequence(true)),
         ("undefined.dcm", sequence(false)),
         ("order.dcm", out_of_order),
+        ("un.dcm", un),
     ] {
         let file = Part10File::open(&with_dataset(dir.path(), name, &dataset)).unwrap();
         assert_eq!(file.sop_instance_uid, "1.2.3.777", "{name}");

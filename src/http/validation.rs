@@ -414,15 +414,37 @@ fn under_root(root: &FsPath, rel: &str) -> Result<PathBuf, AppError> {
     })
 }
 
-/// The `charset` parameter of the request's Content-Type, lower-cased, quotes removed.
+/// The `charset` parameter of the request's Content-Type, lower-cased, its quotes removed;
+/// `Some("")` (no charset any reader takes) when it is given twice or a parameter is quoted
+/// in a way this reading cannot follow (a quote holding `;`): the first of several was
+/// taken, so `charset=utf-8; charset=latin1` passed (a re-attack's finding).
 fn declared_charset(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
-    value.split(';').skip(1).find_map(|p| {
-        let (name, v) = p.split_once('=')?;
-        name.trim()
-            .eq_ignore_ascii_case("charset")
-            .then(|| v.trim().trim_matches('"').to_ascii_lowercase())
-    })
+    let mut found = None;
+    for parameter in value.split(';').skip(1) {
+        let Some((name, v)) = parameter.split_once('=') else {
+            if parameter.contains('"') {
+                return Some(String::new());
+            }
+            continue;
+        };
+        let v = v.trim();
+        let unquoted = match v.strip_prefix('"') {
+            Some(rest) => match rest.strip_suffix('"') {
+                Some(inner) if !inner.contains('"') => inner,
+                _ => return Some(String::new()),
+            },
+            None if v.contains('"') => return Some(String::new()),
+            None => v,
+        };
+        if name.trim().eq_ignore_ascii_case("charset") {
+            if found.is_some() {
+                return Some(String::new());
+            }
+            found = Some(unquoted.to_ascii_lowercase());
+        }
+    }
+    found
 }
 
 /// `POST /validation/runs`.

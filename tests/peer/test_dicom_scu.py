@@ -254,6 +254,34 @@ def test_an_odd_deflated_stream_is_padded_and_the_data_sets_uids_are_named(work)
     assert _dataset_bytes(got) == _dataset_bytes(rtplan)
 
 
+def test_a_malformed_file_re_encoded_for_an_implicit_peer_fails_alone(work):
+    """A re-attack's finding: re-encoded for a peer taking Implicit VR only (`storescp +xi`),
+    a 108 KB file of 3,000 nested sequences overflowed the SCU's stack (the whole run
+    aborted, later files never sent). Its structure is checked first: it fails alone."""
+    ct = work / "ct.dcm"
+    uid = _with_new_uid(Path(get_testdata_file("CT_small.dcm")), ct)
+    raw = ct.read_bytes()
+    group_length = int.from_bytes(raw[140:144], "little")
+    deep_set = bytearray(b"\x08\x00\x06\x00SQ\x00\x00\xff\xff\xff\xff")
+    for _ in range(3000):
+        deep_set += b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+        deep_set += b"\x08\x00\x06\x00SQ\x00\x00\xff\xff\xff\xff"
+    deep = work / "deep.dcm"
+    deep.write_bytes(raw[:144 + group_length] + bytes(deep_set))
+    scp = StoreScp(work, "+xi")
+    try:
+        r = nightingale("dicom", "store", "--addr", scp.addr, "--called-ae", "STORESCP",
+                        str(deep), str(ct))
+    finally:
+        scp.stop()
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert "overflow" not in out, out
+    assert f"FAIL {deep}" in out and "malformed" in out, out
+    assert f"ok   {ct}" in out, out
+    assert set(scp.received()) == {uid}
+
+
 def test_refused_association_and_unreachable_host_are_clear_errors(work):
     scp = StoreScp(work, "--refuse")
     try:
