@@ -199,6 +199,30 @@ impl Pipeline {
                     }
                 }
             }
+            // The audit trail failing is transient: the job waits for it to be writable and
+            // runs again (it ended failed, and a few seconds of a database outage cost its
+            // series the result for good: a review's finding). Nothing else runs meanwhile;
+            // it would fail the same way. A stop leaves it processing: queued again at the
+            // next start.
+            Err(failure) if failure.code == "audit" && !self.state.audit.is_writable() => {
+                tracing::warn!(
+                    job = job.id,
+                    %series,
+                    bundle = %job.bundle,
+                    detail = %failure.detail,
+                    "series not processed: the audit trail cannot be written; it runs again once it can"
+                );
+                self.discard_unrecorded_objects(&job);
+                while !self.state.audit.is_writable() {
+                    if self.stopping() {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                if let Err(e) = self.store().requeue_job(job.id) {
+                    tracing::error!(error = %e, "results store: job not queued again");
+                }
+            }
             Err(failure) => {
                 tracing::warn!(
                     job = job.id,

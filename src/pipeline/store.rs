@@ -663,6 +663,16 @@ impl ResultsStore {
         }))
     }
 
+    /// Puts a processing job back in the queue (its run could not be recorded: the audit
+    /// trail failing). Returns whether it was processing.
+    pub fn requeue_job(&self, id: i64) -> rusqlite::Result<bool> {
+        let updated = self.db.execute(
+            "UPDATE jobs SET state = 'queued', updated_ms = ?2 WHERE id = ?1 AND state = 'processing'",
+            params![id, now_ms()],
+        )?;
+        Ok(updated > 0)
+    }
+
     /// Ends a job (done or failed).
     pub fn finish_job(
         &self,
@@ -1392,6 +1402,24 @@ mod tests {
         assert!(store.take_job().unwrap().is_none());
         assert_eq!(store.requeue_interrupted().unwrap(), 1);
         assert!(store.take_job().unwrap().is_some());
+    }
+
+    /// A job whose run could not be recorded (the audit trail failing) is queued again, and
+    /// taken again; one no longer processing is left as it is.
+    #[test]
+    fn a_job_not_recorded_is_queued_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
+        store.add_job("1.2", "1.2.3", "r", "m", 1, "").unwrap();
+        let job = store.take_job().unwrap().unwrap();
+        assert!(store.requeue_job(job.id).unwrap());
+        let again = store.take_job().unwrap().unwrap();
+        assert_eq!(again.id, job.id);
+        store
+            .finish_job(job.id, JobState::Failed, "1", Some("x"), None)
+            .unwrap();
+        assert!(!store.requeue_job(job.id).unwrap());
+        assert!(store.take_job().unwrap().is_none());
     }
 
     fn result_row(uid: &str, job_id: i64, destination: &str, delivery: &str) -> ResultObject {
