@@ -832,6 +832,8 @@ pub async fn echo(addr: &str, options: &ScuOptions) -> Result<DimseStatus, ScuEr
 
 /// Explicit VR Little Endian.
 const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
+/// An Explicit VR element header's VR, reserved bytes and undefined length, for a UN.
+const UN_UNDEFINED: &[u8] = b"UN\0\0\xFF\xFF\xFF\xFF";
 /// Implicit VR Little Endian, DICOM's default transfer syntax.
 const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
 
@@ -859,6 +861,20 @@ async fn implicit_dataset(file: &Part10File) -> Result<Vec<u8>, StoreFailure> {
         // took 2 GB (a re-attack's findings).
         crate::structure::check(dataset, crate::structure::Encoding::of(EXPLICIT_VR_LE))
             .map_err(|e| meta_error(format!("the data set is malformed: {e}")))?;
+        // A UN of undefined length holds Implicit VR (PS3.5 6.2.2), which the re-encoder
+        // reads as Explicit: a valid file was refused after taking 1.1 GB (four bytes of
+        // its text read as a length), and another sent with other content than its own (a
+        // re-attack's finding). Such a file goes only to a peer taking it as it is. Its
+        // header's bytes are looked for anywhere: a value holding them by chance is refused
+        // too, never changed.
+        if dataset
+            .windows(UN_UNDEFINED.len())
+            .any(|w| w == UN_UNDEFINED)
+        {
+            return Err(meta_error(
+                "the data set holds a UN element of undefined length, which cannot be re-encoded in Implicit VR: send it to a peer that takes Explicit VR".into(),
+            ));
+        }
         let explicit = dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased();
         let implicit = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
         let object = InMemDicomObject::read_dataset_with_ts(dataset, &explicit)

@@ -171,6 +171,9 @@ pub struct Pipeline {
     sending: Mutex<std::collections::BTreeSet<String>>,
     /// Set when the server stops: a delivery under way sends no further object.
     stopping: std::sync::atomic::AtomicBool,
+    /// Jobs in a row whose run could not be recorded (the audit trail failing): each waits
+    /// longer before it runs again.
+    pub(crate) audit_retries: std::sync::atomic::AtomicU32,
 }
 
 /// How long a stopping pipeline waits for the C-STOREs under way to be answered.
@@ -250,6 +253,7 @@ impl Pipeline {
             outbox: Notify::new(),
             sending: Mutex::new(Default::default()),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            audit_retries: std::sync::atomic::AtomicU32::new(0),
         }))
     }
 

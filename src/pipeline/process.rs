@@ -147,6 +147,8 @@ impl Pipeline {
         let outcome = self.clone().process(&job).await;
         match outcome {
             Ok((findings, objects)) => {
+                self.audit_retries
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
                 let json = serde_json::to_value(&findings).ok();
                 tracing::info!(
                     job = job.id,
@@ -213,7 +215,15 @@ impl Pipeline {
                     "series not processed: the audit trail cannot be written; it runs again once it can"
                 );
                 self.discard_unrecorded_objects(&job);
-                while !self.state.audit.is_writable() {
+                // A trail that says it is writable again and still refuses (a database that
+                // answers its check but not an insert) ran the job every 1.5 s: each retry
+                // in a row waits twice as long, up to a minute (a re-attack's finding).
+                let retries = self
+                    .audit_retries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let backoff = std::time::Duration::from_secs(1 << retries.min(6));
+                let not_before = tokio::time::Instant::now() + backoff;
+                while !self.state.audit.is_writable() || tokio::time::Instant::now() < not_before {
                     if self.stopping() {
                         return;
                     }

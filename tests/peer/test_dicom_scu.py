@@ -268,16 +268,25 @@ def test_a_malformed_file_re_encoded_for_an_implicit_peer_fails_alone(work):
         deep_set += b"\x08\x00\x06\x00SQ\x00\x00\xff\xff\xff\xff"
     deep = work / "deep.dcm"
     deep.write_bytes(raw[:144 + group_length] + bytes(deep_set))
+    # A valid file with a private UN of undefined length (Implicit VR inside, PS3.5 6.2.2):
+    # the re-encoder read it as Explicit VR, took 1.1 GB and failed, or sent other content.
+    un_item = (b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + b"\x08\x00\x00\x01\x06\x00\x00\x00CODE01"
+               + b"\xfe\xff\x0d\xe0\x00\x00\x00\x00")
+    un_set = (b"\x15\x00\x10\x00LO\x04\x00ACME" + b"\x15\x00\x10\x10UN\x00\x00\xff\xff\xff\xff"
+              + un_item + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")
+    private = work / "private-un.dcm"
+    private.write_bytes(raw + un_set)
     scp = StoreScp(work, "+xi")
     try:
         r = nightingale("dicom", "store", "--addr", scp.addr, "--called-ae", "STORESCP",
-                        str(deep), str(ct))
+                        str(deep), str(private), str(ct))
     finally:
         scp.stop()
     out = r.stdout + r.stderr
     assert r.returncode == 1, out
     assert "overflow" not in out, out
     assert f"FAIL {deep}" in out and "malformed" in out, out
+    assert f"FAIL {private}" in out and "UN element of undefined length" in out, out
     assert f"ok   {ct}" in out, out
     assert set(scp.received()) == {uid}
 
