@@ -408,9 +408,12 @@ enum FieldKind {
 
 /// The reason given for a row equal to an earlier one.
 fn repeated_reason(first: u64, what: &str) -> String {
-    format!(
-        "the same {what} as row {first}: a row counts once (give records that are truly identical an id column of their own to keep them apart)"
-    )
+    let advice = if what == "record" {
+        " (give records that are truly identical an id column of their own to keep them apart)"
+    } else {
+        ""
+    };
+    format!("the same {what} as row {first}: a row counts once{advice}")
 }
 
 /// The bytes a CSV record is compared by ([`FieldKind`]): each field tagged with its kind,
@@ -454,6 +457,8 @@ pub struct CsvDataset {
     seen: Option<SeenRows>,
     /// Each column's kind, for [`SeenRows`].
     kinds: Vec<FieldKind>,
+    /// The header's column names (for errors).
+    column_names: Vec<String>,
     path: PathBuf,
     reader: csv::Reader<HashingReader<File>>,
     labels: LabelSpec,
@@ -572,6 +577,7 @@ impl CsvDataset {
         Ok(CsvDataset {
             seen: features_only.then(SeenRows::default),
             kinds,
+            column_names: names.clone(),
             path: path.to_owned(),
             reader,
             labels,
@@ -621,10 +627,22 @@ impl CsvDataset {
                         reason: format!("{len} fields where the header has {expected_len}"),
                     })));
                 }
+                // Not UTF-8: the column by its header's name (the csv crate's message counts
+                // fields from 0, which sent an operator to the column before: a review's
+                // finding).
+                let reason = match e.kind() {
+                    csv::ErrorKind::Utf8 { err, .. } => format!(
+                        "column {:?} is not UTF-8 (a Latin-1 or Windows-1252 export? convert it: iconv -f latin1 -t utf-8)",
+                        self.column_names
+                            .get(err.field())
+                            .map_or("?", String::as_str)
+                    ),
+                    _ => e.to_string(),
+                };
                 return Err(DatasetError::Csv {
                     path: self.path.clone(),
                     row,
-                    reason: e.to_string(),
+                    reason,
                 });
             }
         }
@@ -1120,6 +1138,19 @@ mod tests {
         let f = write("label,score\n1,0.9\n1,0.9\n0,0.1\n0,0.1\n");
         let mut ds = CsvDataset::open(f.path(), &predictions, labels()).unwrap();
         assert!(read_all(&mut ds).iter().all(Result::is_ok));
+
+        // A byte that is not UTF-8 names its column by the header (a Latin-1 note)
+        let mut latin1 = b"a,b,label,note\n1,2,1,ok\n3,4,0,M".to_vec();
+        latin1.extend_from_slice(&[0xFC]);
+        latin1.extend_from_slice(b"ller\n");
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut f, &latin1).unwrap();
+        let mut ds = CsvDataset::open(f.path(), &cols, labels()).unwrap();
+        assert!(ds.next_row().unwrap().unwrap().is_ok());
+        let Err(DatasetError::Csv { reason, .. }) = ds.next_row() else {
+            panic!("not a CSV error");
+        };
+        assert!(reason.contains("column \"note\" is not UTF-8"), "{reason}");
     }
 
     /// Red-team finding: a quote opened and never closed took every later row into one
@@ -1365,6 +1396,7 @@ mod tests {
             "{}",
             again.reason
         );
+        assert!(!again.reason.contains("id column"), "{}", again.reason);
         let other = ds.next_row().unwrap().unwrap().unwrap();
         assert_eq!((other.row, other.class), (5, 1));
         assert!(ds.next_row().unwrap().is_none());

@@ -50,6 +50,17 @@ fn below(a: f64, b: f64) -> bool {
 /// of rows, far below any difference a gate is written to tell apart.
 const AT_LIMIT: f64 = 1e-9;
 
+/// A metric's value in a gate's reason: four decimals, or every digit where four would read
+/// as its limit (`0.0900 is above the maximum 0.09` puzzled a review).
+fn shown(v: f64, limit: f64) -> String {
+    let four = format!("{v:.4}");
+    if four.parse::<f64>().ok() == Some(limit) {
+        format!("{v}")
+    } else {
+        four
+    }
+}
+
 fn find<'m>(metrics: &'m Metrics, c: &GateCriterion) -> Option<&'m Metric> {
     match &c.threshold {
         None => metrics.metric(&c.metric),
@@ -322,8 +333,14 @@ fn check_with<'m>(
                 let estimate_low = c.min.zip(estimate).filter(|&(m, e)| below(e, m));
                 let estimate_high = c.max.zip(estimate).filter(|&(m, e)| below(m, e));
                 match (low, high, estimate_low, estimate_high) {
-                    (Some(m), ..) => (false, Some(format!("{v:.4} is below the minimum {m}"))),
-                    (_, Some(m), ..) => (false, Some(format!("{v:.4} is above the maximum {m}"))),
+                    (Some(m), ..) => (
+                        false,
+                        Some(format!("{} is below the minimum {m}", shown(v, m))),
+                    ),
+                    (_, Some(m), ..) => (
+                        false,
+                        Some(format!("{} is above the maximum {m}", shown(v, m))),
+                    ),
                     (_, _, Some((m, e)), _) => (
                         false,
                         Some(format!(
@@ -822,6 +839,9 @@ mod tests {
         assert!(by_name(&g, "brier").passed, "{g:?}");
         let g = check(&gate(0.0899), Some(1), &m, &Settings::default());
         assert!(!by_name(&g, "brier").passed, "{g:?}");
+        // a value that four decimals would show as its limit is shown whole
+        assert_eq!(shown(0.090003, 0.09), "0.090003");
+        assert_eq!(shown(0.0912, 0.09), "0.0912");
         assert!(!below(0.3 - 1e-16, 0.3) && below(0.2999, 0.3));
     }
 
