@@ -268,7 +268,8 @@ impl Part10File {
 /// and only the two UIDs' values kept. A full parse of the data set took a 60 KB file of
 /// 3,000 nested sequences to a stack overflow, and one declaring a 4 GB element to 4 GB of
 /// memory (a re-attack's findings); a first fix that read 64 KiB missed UIDs after a larger
-/// element or a sequence (a second re-attack).
+/// element or a sequence (a second re-attack). Not [`crate::structure::walk`]: it checks a
+/// whole data set held in memory, and this reads the start of a file of any size.
 fn dataset_uids(
     file: &mut std::fs::File,
     len: u64,
@@ -832,8 +833,6 @@ pub async fn echo(addr: &str, options: &ScuOptions) -> Result<DimseStatus, ScuEr
 
 /// Explicit VR Little Endian.
 const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
-/// An Explicit VR element header's VR, reserved bytes and undefined length, for a UN.
-const UN_UNDEFINED: &[u8] = b"UN\0\0\xFF\xFF\xFF\xFF";
 /// Implicit VR Little Endian, DICOM's default transfer syntax.
 const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
 
@@ -859,18 +858,16 @@ async fn implicit_dataset(file: &Part10File) -> Result<Vec<u8>, StoreFailure> {
         // every length within the data set): parsed as it was, a 108 KB file of 3,000
         // nested sequences overflowed the stack, and a 368-byte one declaring a 2 GB item
         // took 2 GB (a re-attack's findings).
-        crate::structure::check(dataset, crate::structure::Encoding::of(EXPLICIT_VR_LE))
-            .map_err(|e| meta_error(format!("the data set is malformed: {e}")))?;
+        let undefined_un = crate::structure::check_for_undefined_un(
+            dataset,
+            crate::structure::Encoding::of(EXPLICIT_VR_LE),
+        )
+        .map_err(|e| meta_error(format!("the data set is malformed: {e}")))?;
         // A UN of undefined length holds Implicit VR (PS3.5 6.2.2), which the re-encoder
         // reads as Explicit: a valid file was refused after taking 1.1 GB (four bytes of
         // its text read as a length), and another sent with other content than its own (a
-        // re-attack's finding). Such a file goes only to a peer taking it as it is. Its
-        // header's bytes are looked for anywhere: a value holding them by chance is refused
-        // too, never changed.
-        if dataset
-            .windows(UN_UNDEFINED.len())
-            .any(|w| w == UN_UNDEFINED)
-        {
+        // re-attack's finding). Such a file goes only to a peer taking it as it is.
+        if undefined_un {
             return Err(meta_error(
                 "the data set holds a UN element of undefined length, which cannot be re-encoded in Implicit VR: send it to a peer that takes Explicit VR".into(),
             ));

@@ -173,7 +173,16 @@ pub fn walk(
     encoding: Encoding,
     wanted: &[(u16, u16)],
 ) -> Result<Vec<Option<Found>>, StructureError> {
-    walk_with(bytes, encoding, wanted, None)
+    walk_with(bytes, encoding, wanted, None, &std::cell::Cell::new(false))
+}
+
+/// Checks the structure of `bytes` like [`check`], and returns whether it holds a UN element
+/// of undefined length (whose content is Implicit VR, PS3.5 6.2.2: what a re-encoder that
+/// reads it as the data set's own VR form gets wrong).
+pub fn check_for_undefined_un(bytes: &[u8], encoding: Encoding) -> Result<bool, StructureError> {
+    let seen = std::cell::Cell::new(false);
+    walk_with(bytes, encoding, &[], None, &seen)?;
+    Ok(seen.get())
 }
 
 /// Data Set Trailing Padding.
@@ -193,7 +202,13 @@ const TRAILING_PADDING: (u16, u16) = (0xFFFC, 0xFFFC);
 pub fn content_digest(bytes: &[u8], encoding: Encoding) -> Result<[u8; 32], StructureError> {
     use sha2::Digest as _;
     let digest = std::cell::RefCell::new(sha2::Sha256::new());
-    walk_with(bytes, encoding, &[], Some(&digest))?;
+    walk_with(
+        bytes,
+        encoding,
+        &[],
+        Some(&digest),
+        &std::cell::Cell::new(false),
+    )?;
     Ok(digest.into_inner().finalize().into())
 }
 
@@ -202,6 +217,7 @@ fn walk_with(
     encoding: Encoding,
     wanted: &[(u16, u16)],
     digest: Option<&std::cell::RefCell<sha2::Sha256>>,
+    undefined_un: &std::cell::Cell<bool>,
 ) -> Result<Vec<Option<Found>>, StructureError> {
     if encoding.deflated {
         use std::io::Read;
@@ -231,7 +247,7 @@ fn walk_with(
             deflated: false,
             ..encoding
         };
-        return walk_with(&inflated, plain, wanted, digest);
+        return walk_with(&inflated, plain, wanted, digest, undefined_un);
     }
     let walker = Walker {
         bytes,
@@ -240,6 +256,7 @@ fn walk_with(
         found: std::cell::RefCell::new(vec![None; wanted.len()]),
         digest,
         top_level: std::cell::RefCell::new(std::collections::BTreeMap::new()),
+        undefined_un,
     };
     let end = walker.dataset(0, Some(bytes.len()), encoding.explicit_vr, 0)?;
     debug_assert_eq!(end, bytes.len());
@@ -256,6 +273,8 @@ struct Walker<'a> {
     digest: Option<&'a std::cell::RefCell<sha2::Sha256>>,
     /// Where each top-level element was met (start, end), to compare a repeat with it.
     top_level: std::cell::RefCell<std::collections::BTreeMap<(u16, u16), (usize, usize)>>,
+    /// Set when a UN element of undefined length is met ([`check_for_undefined_un`]).
+    undefined_un: &'a std::cell::Cell<bool>,
 }
 
 /// What [`content_digest`] hashes between elements' tags and values.
@@ -321,6 +340,7 @@ impl Walker<'_> {
             digest: self.digest,
             // Used for items only (nested), whose elements are not compared.
             top_level: std::cell::RefCell::default(),
+            undefined_un: self.undefined_un,
         }
     }
 
@@ -602,6 +622,7 @@ impl Walker<'_> {
                     // UN of undefined length: a sequence encoded in Implicit VR Little
                     // Endian, whatever the data set's byte order (PS3.5 6.2.2).
                     Some([b'U', b'N']) => {
+                        self.undefined_un.set(true);
                         self.implicit_le()
                             .sequence(h.value, None, false, depth + 1)?
                     }
