@@ -337,6 +337,17 @@ fn main() -> anyhow::Result<()> {
             tracing::info!(key_id = %key.id(), path = %config.audit_digest_key.display(), made = !existed, "audit digests keyed");
             let start = start_record(&key, !existed);
             let audit = audit.with_digest_key(key);
+            // DICOM records the trail cannot take are held (fsynced) and written to it later
+            // (nightingale::audit::held); those an earlier run held are checked here.
+            let audit = match &config.dicomweb {
+                Some(_) => {
+                    let path = nightingale::audit::held::path_in(&config.data_dir);
+                    let held = nightingale::audit::held::Held::open(&path)
+                        .with_context(|| format!("held DICOM audit records {}", path.display()))?;
+                    audit.with_held(Arc::new(held))
+                }
+                None => audit,
+            };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("ng-http")
@@ -600,6 +611,11 @@ async fn serve(
     // finding). Without TLS there is nothing to reload, but a SIGHUP (a `systemctl reload`, a
     // log rotation hook) must not end the server either.
     let stop = Stop::install();
+    // Held DICOM records (an earlier run's, or this one's) go to the trail once it can
+    // take them; a record cut short by the stop is written again at the next start.
+    if let Some(held) = audit.held() {
+        tokio::spawn(held.clone().replay_forever(audit.clone()));
+    }
     #[cfg(unix)]
     let _ignore_hangups = log_sighup(tls.is_some());
     let load_options = RepositoryOptions {

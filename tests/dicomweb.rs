@@ -72,12 +72,23 @@ impl Server {
 
     fn with_http(limits: DicomWebConfig, options: SpoolOptions, http: HttpConfig) -> Server {
         let dir = tempfile::tempdir().unwrap();
+        let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
+        Server::build(dir, audit, limits, options, http)
+    }
+
+    /// A server in `dir` whose records go to `audit`.
+    fn build(
+        dir: tempfile::TempDir,
+        audit: AuditLog,
+        limits: DicomWebConfig,
+        options: SpoolOptions,
+        http: HttpConfig,
+    ) -> Server {
         std::fs::create_dir(dir.path().join("models")).unwrap();
         let repository = Arc::new(Repository::new(
             dir.path().join("models"),
             RepositoryOptions::default(),
         ));
-        let audit = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
         let state = AppState::new(repository, audit, http, None);
         let (spool, _) = Spool::open(&dir.path().join("spool"), options).unwrap();
         let spool = Arc::new(spool);
@@ -1984,4 +1995,116 @@ async fn unread_retrievals_hold_their_own_places() {
         let (_, body) = multipart_answer(retrieve(&server, uri, None).await).await;
         assert!(!body.is_empty());
     }
+}
+
+/// A JSON-lines trail that fails while `down` is set (a PostgreSQL audit store whose server
+/// is down).
+struct Outage {
+    inner: nightingale::audit::jsonl::JsonLinesStore,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Outage {
+    fn refuse(&self) -> Result<(), nightingale::audit::AuditError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(nightingale::audit::AuditError::Write {
+                location: "outage".into(),
+                reason: "the audit store is down".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl nightingale::audit::AuditStore for Outage {
+    fn append(
+        &mut self,
+        events: &[&nightingale::audit::AuditEvent],
+        unix_ms: u64,
+    ) -> Result<(), nightingale::audit::AuditError> {
+        self.refuse()?;
+        self.inner.append(events, unix_ms)
+    }
+    fn check(&mut self) -> Result<(), nightingale::audit::AuditError> {
+        self.refuse()
+    }
+    fn describe(&self) -> String {
+        "outage".into()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_stored_while_the_audit_trail_is_down_are_held_and_recorded_once_it_is_back() {
+    use nightingale::audit::held::{Held, path_in};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let trail = dir.path().join("audit.jsonl");
+    let down = Arc::new(AtomicBool::new(true));
+    let inner =
+        nightingale::audit::jsonl::JsonLinesStore::open(&trail, Default::default()).unwrap();
+    let held = Arc::new(Held::open(&path_in(dir.path())).unwrap());
+    let audit = AuditLog::start(Box::new(Outage {
+        inner,
+        down: down.clone(),
+    }))
+    .unwrap()
+    .with_held(held.clone());
+    let server = Server::build(
+        dir,
+        audit.clone(),
+        DicomWebConfig::default(),
+        SpoolOptions {
+            min_free_bytes: 0,
+            ..Default::default()
+        },
+        HttpConfig::default(),
+    );
+    let files: Vec<Vec<u8>> = (1..3).map(|n| part10(STUDY, SERIES, &sop(n), 1)).collect();
+    let (s, v) = server.stow("/dicomweb/studies", dicom_parts(&files)).await;
+    // Stored and acknowledged: each part's record is held, fsynced (it was 0x0110, the
+    // instance kept in the spool unaudited).
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(referenced(&v), vec![sop(1), sop(2)]);
+    assert_eq!(held.waiting(), 2);
+    let read = |p: &std::path::Path| -> Vec<nightingale::audit::AuditRecord> {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    assert!(read(&trail).is_empty());
+    let kept = read(held.path());
+    assert!(
+        kept.iter().all(
+            |r| r.event.kind == nightingale::audit::EventKind::DicomInstance
+                && r.event
+                    .actor
+                    .as_deref()
+                    .is_some_and(|a| a.starts_with("STOW-RS:"))
+        ),
+        "{kept:#?}"
+    );
+    // A search reads patient data: it is not answered without its record.
+    let (s, _) = server.get("/dicomweb/studies").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+
+    down.store(false, Ordering::SeqCst);
+    held.replay_some(&audit).await.unwrap();
+    held.replay_some(&audit).await.unwrap();
+    assert!(!held.is_active() && !held.path().exists());
+    let written = read(&trail);
+    assert_eq!(written.len(), 2, "{written:#?}");
+    for (w, k) in written.iter().zip(&kept) {
+        let detail = w.event.detail.as_deref().unwrap();
+        assert_eq!(
+            detail,
+            format!(
+                "{} held_at_ms={}",
+                k.event.detail.as_deref().unwrap(),
+                k.unix_ms
+            )
+        );
+    }
+    nightingale::audit::verify(&trail).unwrap();
 }

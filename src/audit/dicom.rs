@@ -282,7 +282,7 @@ impl DicomAuditSink {
 
     /// Stores the record of a STOW-RS part (before the part is reported as stored).
     pub async fn record_stow(&self, part: &StowPart<'_>) -> Result<(), super::AuditError> {
-        self.log.record(self.stow_record(part)).await
+        self.log.record_or_hold(self.stow_record(part)).await
     }
 }
 
@@ -290,9 +290,12 @@ impl EventSink for DicomAuditSink {
     fn event(&self, event: DicomEvent) -> SinkFuture<'_> {
         let record = self.record_of(&event);
         Box::pin(async move {
-            self.log.record(record).await.map_err(|e| SinkError {
-                reason: e.to_string(),
-            })
+            self.log
+                .record_or_hold(record)
+                .await
+                .map_err(|e| SinkError {
+                    reason: e.to_string(),
+                })
         })
     }
 }

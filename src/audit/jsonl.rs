@@ -368,6 +368,13 @@ impl JsonLinesStore {
     }
 }
 
+impl JsonLinesStore {
+    /// The chain's last record (`None` for an empty trail).
+    pub fn tail(&self) -> Option<&Tail> {
+        self.tail.as_ref()
+    }
+}
+
 impl AuditStore for JsonLinesStore {
     fn append(&mut self, events: &[&AuditEvent], unix_ms: u64) -> Result<(), AuditError> {
         if self.file.is_some() {

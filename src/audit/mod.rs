@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 pub mod anchor;
 mod chain;
 pub mod dicom;
+pub mod held;
 pub mod jsonl;
 pub mod postgres;
 pub mod sqlite;
@@ -477,6 +478,8 @@ pub struct AuditLog {
     writable: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Seals the tensor digests of every record ([`DigestKey`]); None: plain SHA-256.
     key: Option<std::sync::Arc<DigestKey>>,
+    /// Where DICOM records go while the trail cannot be written ([`held`]).
+    held: Option<std::sync::Arc<held::Held>>,
 }
 
 impl AuditLog {
@@ -510,6 +513,7 @@ impl AuditLog {
             location,
             writable,
             key: None,
+            held: None,
         })
     }
 
@@ -524,6 +528,36 @@ impl AuditLog {
     pub fn with_digest_key(mut self, key: DigestKey) -> AuditLog {
         self.key = Some(std::sync::Arc::new(key));
         self
+    }
+
+    /// The same log, holding the DICOM records it cannot write in `held` until it can
+    /// ([`AuditLog::record_or_hold`]; [`held::Held::replay_forever`] writes them).
+    pub fn with_held(mut self, held: std::sync::Arc<held::Held>) -> AuditLog {
+        self.held = Some(held);
+        self
+    }
+
+    /// The held DICOM records, if this log holds them.
+    pub fn held(&self) -> Option<&std::sync::Arc<held::Held>> {
+        self.held.as_ref()
+    }
+
+    /// Appends a DICOM record and waits until it is stored: in the trail, or, while the trail
+    /// cannot be written (or records are held already, which keeps their order), in the held
+    /// records ([`held`]), fsynced. Without held records, as [`AuditLog::record`].
+    pub async fn record_or_hold(&self, event: AuditEvent) -> Result<(), AuditError> {
+        let Some(held) = &self.held else {
+            return self.record(event).await;
+        };
+        if !held.is_active() {
+            match self.record(event.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::error!(error = %e, "audit record not written: held for the trail");
+                }
+            }
+        }
+        held.hold(event).await
     }
 
     /// The record as it is stored: its tensor digests sealed under the key, if any.

@@ -586,7 +586,7 @@ async fn store_inner(
         tracing::warn!(count, size = refused_rest_bytes, reasons = ?refused_rest, "STOW-RS: more parts refused (counted in one audit record)");
         let record =
             audit.stow_refused_summary(&request_id, caller, refused_rest_bytes, &refused_rest);
-        if let Err(e) = state.audit.record(record).await {
+        if let Err(e) = state.audit.record_or_hold(record).await {
             tracing::error!(error = %e, "STOW-RS: the audit record of refused parts cannot be written");
         }
     }

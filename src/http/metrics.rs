@@ -214,6 +214,10 @@ fn describe() {
             "nightingale_dicom_spool_free_bytes",
             "free bytes on the DICOM spool's file system",
         ),
+        (
+            "nightingale_audit_held_records",
+            "DICOM audit records held while the trail could not be written, not in it yet",
+        ),
     ] {
         describe_gauge!(name, help);
     }

@@ -401,7 +401,12 @@ pub(crate) async fn audit_read(
     );
     state.audit.record(record).await.map_err(|e| {
         tracing::error!(error = %e, "DICOMweb: the access record of a read cannot be written; nothing sent");
-        AppError::internal("the audit record of this read cannot be written")
+        // 503 as for an inference: the trail comes back, the read can be tried again (it
+        // was a 500 "internal server error", which says nothing and invites no retry).
+        AppError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the audit trail cannot be written: no received data is sent without its access record",
+        )
     })
 }
 

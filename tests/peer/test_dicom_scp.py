@@ -16,6 +16,8 @@ sent and from dcmtk's own report, never from Nightingale:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -462,3 +464,87 @@ def test_metrics_count_what_storescu_saw(server, tmp_path):
                          reason="missing_pixel_data") == before_bad + 1
     assert server.metric("nightingale_dicom_associations_total", outcome="accepted") == before_assoc + 1
     assert server.metric("nightingale_dicom_spool_free_bytes") > 0
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _detail(record: dict) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in (record.get("detail") or "").split() if "=" in kv)
+
+
+def test_instances_stored_while_the_audit_trail_is_down_are_acknowledged_and_audited_once_it_is_back(tmp_path):
+    # The trail fails: its live file is moved away under the server (which refuses to write
+    # a file that is not the one it opened). storescu's instances are acknowledged with their
+    # records held (fsynced) beside the trail, and written to it, in order, once it is back.
+    # They were answered 0x0110 after being committed to the spool, and stayed there
+    # unaudited; the association's records were dropped.
+    s = Server(tmp_path, [])
+    try:
+        trail = s.data / "audit" / "audit.jsonl"
+        held = s.data / "audit-held" / "dicom.jsonl"
+        wait_for_records = time.monotonic() + 20
+        while not _records(trail) and time.monotonic() < wait_for_records:
+            time.sleep(0.1)
+        before = len(_records(trail))
+        assert before > 0, "the server's start is recorded"
+        away = trail.with_name("audit.jsonl.away")
+        trail.rename(away)
+
+        ct = Path(get_testdata_file("CT_small.dcm"))
+        files, uids = [], []
+        for i in range(3):
+            f = tmp_path / f"ct{i}.dcm"
+            uids.append(_with_new_uid(ct, f))
+            files.append(f)
+        r = storescu(s.port, files)
+        out = r.stdout + r.stderr
+        assert out.count("Received Store Response (Success)") == 3, out
+        assert set(s.index()) >= set(uids)
+        held_records = _records(held)
+        kinds = [(rec["kind"], _detail(rec)["event"]) for rec in held_records]
+        assert kinds == [("dicom-association", "accepted"), *[("dicom-instance", "stored")] * 3,
+                         ("dicom-association", "released")], kinds
+        verified = subprocess.run([str(_binary()), "audit", "verify", str(held)],
+                                  capture_output=True, text=True, timeout=60)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        assert s.metric("nightingale_audit_held_records") == 5
+        assert len(_records(away)) == before, "nothing reached the trail while it was down"
+
+        away.rename(trail)
+        deadline = time.monotonic() + 30
+        while held.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not held.exists(), s.log()[-4000:]
+        records = _records(trail)[before:]
+        dicom = [rec for rec in records if rec["kind"].startswith("dicom-")]
+        assert [(rec["kind"], _detail(rec)["event"]) for rec in dicom] == kinds
+        for rec, was in zip(dicom, held_records):
+            d = _detail(rec)
+            assert int(d["held_at_ms"]) == was["unix_ms"] <= rec["unix_ms"], rec
+            assert {k: v for k, v in d.items() if k != "held_at_ms"} == _detail(was)
+        sent = {hashlib.sha256(uid.encode()).hexdigest() for uid in uids}
+        assert {_detail(rec)["sop_instance_sha256"] for rec in dicom[1:4]} == sent
+        verified = subprocess.run([str(_binary()), "audit", "verify", str(trail)],
+                                  capture_output=True, text=True, timeout=60)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        assert s.metric("nightingale_audit_held_records") == 0
+
+        # Back to normal: the next instance's record goes straight to the trail.
+        f = tmp_path / "ct-after.dcm"
+        uid = _with_new_uid(ct, f)
+        r = storescu(s.port, [f])
+        assert "Received Store Response (Success)" in r.stdout + r.stderr
+        deadline = time.monotonic() + 20
+        want = hashlib.sha256(uid.encode()).hexdigest()
+        while time.monotonic() < deadline:
+            last = [rec for rec in _records(trail) if _detail(rec).get("sop_instance_sha256") == want]
+            if last:
+                break
+            time.sleep(0.1)
+        assert last and "held_at_ms" not in _detail(last[0]), last
+        assert not held.exists()
+        assert s.alive()
+    finally:
+        s.stop()
