@@ -339,14 +339,17 @@ fn main() -> anyhow::Result<()> {
             let audit = audit.with_digest_key(key);
             // DICOM records the trail cannot take are held (fsynced) and written to it later
             // (nightingale::audit::held); those an earlier run held are checked here.
-            let audit = match &config.dicomweb {
-                Some(_) => {
-                    let path = nightingale::audit::held::path_in(&config.data_dir);
-                    let held = nightingale::audit::held::Held::open(&path)
-                        .with_context(|| format!("held DICOM audit records {}", path.display()))?;
-                    audit.with_held(Arc::new(held))
-                }
-                None => audit,
+            // Those of an earlier run are written to the trail even when DICOM is off now (they
+            // lay unnoticed: a review's finding).
+            let held_path = nightingale::audit::held::path_in(&config.data_dir);
+            let audit = if config.dicomweb.is_some()
+                || std::fs::symlink_metadata(&held_path).is_ok()
+            {
+                let held = nightingale::audit::held::Held::open(&held_path)
+                    .with_context(|| format!("held DICOM audit records {}", held_path.display()))?;
+                audit.with_held(Arc::new(held))
+            } else {
+                audit
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

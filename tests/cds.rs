@@ -1766,3 +1766,131 @@ async fn a_newer_reading_not_yet_final_is_named_on_the_card() {
     let detail = card["detail"].as_str().unwrap();
     assert!(detail.contains("- SpO2: a reading at "), "{detail}");
 }
+
+/// Feedback the store cannot take (its database locked by another writer) is answered 503,
+/// and the trail says so: the record of each item, written before the store was tried, is
+/// followed by one saying it was not stored, and the override statistics do not move (a
+/// review's finding: the trail held the item as taken, "ok", alone, and it was counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_the_store_cannot_take_is_503_and_recorded_as_not_stored() {
+    let server = Server::new(vec![], Duration::from_secs(1));
+    let request = patient_view(
+        Some(json!({"patient": patient(), "vitals": vitals_bundle(), "conditions": null})),
+        None,
+    );
+    let (s, v) = server.call(&request).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let card = v["cards"][0]["uuid"].as_str().unwrap().to_owned();
+    let lock = rusqlite::Connection::open(server.dir.path().join("cds/feedback.sqlite3")).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let fb = json!({"feedback": [{"card": card, "outcome": "overridden",
+        "overrideReason": {"reason": {"system": "http://example.org/reasons", "code": "known"}},
+        "outcomeTimestamp": chrono::Utc::now().to_rfc3339()}]});
+    let token = server
+        .ehr
+        .token(&format!("http://{HOST}/cds-services/{SERVICE}"));
+    let (s, v) = server
+        .send(server.post(
+            &format!("/cds-services/{SERVICE}/feedback"),
+            Some(&token),
+            fb.to_string().into_bytes(),
+        ))
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    lock.execute_batch("ROLLBACK").unwrap();
+    let records: Vec<Value> = server
+        .audit()
+        .into_iter()
+        .filter(|r| r["kind"] == "cds-feedback" && r["request_id"] == card.as_str())
+        .collect();
+    assert_eq!(records.len(), 2, "{records:#?}");
+    assert_eq!(records[0]["outcome"], "ok");
+    assert_eq!(records[1]["outcome"], "failed");
+    assert_eq!(records[1]["status"], 503);
+    assert!(
+        records[1]["detail"]
+            .as_str()
+            .unwrap()
+            .ends_with("stored=false")
+    );
+    let stats = server.state.cds().stats.lock().unwrap().clone();
+    assert_eq!(
+        stats.override_rate(SERVICE, Some(("news2", "rcp-2017"))),
+        None
+    );
+    // Sent again once the store can take it: stored, counted once.
+    let token = server
+        .ehr
+        .token(&format!("http://{HOST}/cds-services/{SERVICE}"));
+    let (s, v) = server
+        .send(server.post(
+            &format!("/cds-services/{SERVICE}/feedback"),
+            Some(&token),
+            fb.to_string().into_bytes(),
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let stats = server.state.cds().stats.lock().unwrap().clone();
+    assert_eq!(
+        stats.override_rate(SERVICE, Some(("news2", "rcp-2017"))),
+        Some(1.0)
+    );
+}
+
+/// CDS Hooks 2.0: a prefetch key answered `null` means the EHR has no data for it (a search
+/// that found nothing), while a key left out was not fetched. `null` Conditions are "none"
+/// (they were read as not fetched: no risk score for a patient without Conditions); vitals
+/// left out, with no FHIR server to ask, are not "no value recorded" of every parameter; a
+/// template naming an optional context field the call lacks (encounterId) leaves its key
+/// unread instead of failing the call with 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn null_prefetch_is_no_data_and_a_key_left_out_is_not_read() {
+    let server = Server::new(vec![], Duration::from_secs(1));
+    // Vitals left out, no fhirServer.
+    let (s, v) = server
+        .call(&patient_view(
+            Some(json!({"patient": patient(), "conditions": null})),
+            None,
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let detail = v["cards"][0]["detail"].as_str().unwrap();
+    assert!(!detail.contains("no value recorded"), "{detail}");
+    assert!(
+        detail.contains("could not be read") || detail.contains("not read"),
+        "{detail}"
+    );
+    // Vitals `null`: the EHR has none: "no value recorded" is then what it says.
+    let (s, v) = server
+        .call(&patient_view(
+            Some(json!({"patient": patient(), "vitals": null, "conditions": null})),
+            None,
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let detail = v["cards"][0]["detail"].as_str().unwrap();
+    assert!(detail.contains("no value recorded"), "{detail}");
+    // Conditions `null`: none, so the score says nothing of Conditions not checked.
+    let (s, v) = server
+        .call(&patient_view(
+            Some(json!({"patient": patient(), "vitals": vitals_bundle(), "conditions": null})),
+            None,
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let detail = v["cards"][0]["detail"].as_str().unwrap();
+    assert!(
+        !detail.contains("conditions were not available"),
+        "{detail}"
+    );
+    // Left out: not checked, and the card says so.
+    let (s, v) = server
+        .call(&patient_view(
+            Some(json!({"patient": patient(), "vitals": vitals_bundle()})),
+            None,
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let detail = v["cards"][0]["detail"].as_str().unwrap();
+    assert!(detail.contains("conditions were not available"), "{detail}");
+}

@@ -162,6 +162,13 @@ impl HookRequest {
     pub fn prefetched(&self, key: &str) -> Option<&Value> {
         self.prefetch.as_ref()?.get(key).filter(|v| !v.is_null())
     }
+
+    /// Whether the client answered the prefetch `key`, with data or with `null` (CDS Hooks
+    /// 2.0: `null` when it has no data for it; the key left out when it chose not to fetch
+    /// it or could not).
+    pub fn answered(&self, key: &str) -> bool {
+        self.prefetch.as_ref().is_some_and(|p| p.contains_key(key))
+    }
 }
 
 /// Fills a prefetch template's `{{context.NAME}}` tokens with the request's context strings

@@ -140,8 +140,8 @@ pub enum JwksError {
         key: String,
         reason: &'static str,
     },
-    #[error("the JWKS of {issuer:?} has no signature key")]
-    Empty { issuer: String },
+    #[error("the JWKS of {issuer:?} has no key that can verify a token (ignored: {ignored})")]
+    Empty { issuer: String, ignored: String },
     #[error("issuer {issuer:?} is empty or trusted twice")]
     Issuer { issuer: String },
 }
@@ -263,46 +263,87 @@ fn algorithm(name: &str) -> Option<Algorithm> {
     })
 }
 
-/// The signature keys of a JWKS (encryption keys are skipped; an HMAC key, an unsupported
-/// curve, a duplicate or missing `kid`, or an `alg` that does not fit the key is an error).
-fn parse_keys(issuer: &str, jwks: &JwkSet) -> Result<Vec<Key>, JwksError> {
-    let mut keys = vec![];
-    let mut kids = HashSet::new();
-    for (index, jwk) in jwks.keys.iter().enumerate() {
+/// A JWK Set read key by key: a key this server cannot read as a JWK (a `kty` it does not
+/// know) is ignored, not an error for the whole set (RFC 7517, 5).
+#[derive(Deserialize)]
+struct RawJwkSet {
+    keys: Vec<Value>,
+}
+
+/// The keys of the JWKS `bytes`, each read on its own.
+fn read_set(issuer: &str, bytes: &[u8]) -> Result<Vec<Result<Jwk, String>>, JwksError> {
+    let raw: RawJwkSet = serde_json::from_slice(bytes).map_err(|source| JwksError::Parse {
+        issuer: issuer.to_owned(),
+        source,
+    })?;
+    Ok(raw
+        .keys
+        .into_iter()
+        .map(|key| serde_json::from_value::<Jwk>(key).map_err(|e| e.to_string()))
+        .collect())
+}
+
+/// The signature keys of a JWKS. Keys that cannot verify a CDS Hooks token are ignored, as
+/// RFC 7517 (5) asks of a JWK Set's keys a reader does not understand or support, each
+/// named in a warning: encryption keys, keys of another type or curve (Ed25519, P-521, an
+/// HMAC secret), without a `kid`, with an `alg` that is not a signature algorithm or does not
+/// fit the key, or whose `kid` is shared with another key (which one a token means cannot be
+/// told). One such key failed the whole set: an EHR publishing an Ed25519 key beside its new
+/// ES384 key was locked out after a rotation, while its withdrawn key stayed trusted (a
+/// review's finding). A set with no usable key is an error.
+fn parse_keys(issuer: &str, jwks: &[Result<Jwk, String>]) -> Result<Vec<Key>, JwksError> {
+    let mut keys: Vec<Key> = vec![];
+    let mut ignored: Vec<(String, &'static str)> = vec![];
+    let mut kids: HashMap<String, usize> = HashMap::new();
+    for (index, jwk) in jwks.iter().enumerate() {
+        let jwk = match jwk {
+            Ok(jwk) => jwk,
+            Err(_) => {
+                ignored.push((
+                    format!("#{index}"),
+                    "not a JWK this server can read (its kty?)",
+                ));
+                continue;
+            }
+        };
         let name = jwk
             .common
             .key_id
             .clone()
             .unwrap_or_else(|| format!("#{index}"));
-        let bad = |reason| JwksError::Key {
-            issuer: issuer.to_owned(),
-            key: printable(&name),
-            reason,
-        };
         if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
             continue;
         }
-        let kid = jwk
-            .common
-            .key_id
-            .clone()
-            .ok_or_else(|| bad("it has no kid (CDS Hooks tokens name their key)"))?;
-        if !kids.insert(kid.clone()) {
-            return Err(bad("the kid appears twice"));
-        }
-        let kind = key_kind(jwk).map_err(bad)?;
-        let alg = match jwk.common.key_algorithm {
-            None => None,
-            Some(a) => {
-                let alg = Algorithm::try_from(a)
-                    .map_err(|_| bad("its alg is not a signature algorithm"))?;
-                if !kind.verifies(alg) {
-                    return Err(bad("its alg does not fit its key type"));
-                }
-                Some(alg)
+        let Some(kid) = jwk.common.key_id.clone() else {
+            ignored.push((name, "it has no kid (CDS Hooks tokens name their key)"));
+            continue;
+        };
+        *kids.entry(kid.clone()).or_default() += 1;
+        let kind = match key_kind(jwk) {
+            Ok(kind) => kind,
+            Err(reason) => {
+                ignored.push((name, reason));
+                continue;
             }
         };
-        let key = DecodingKey::from_jwk(jwk).map_err(|_| bad("its key material is invalid"))?;
+        let alg = match jwk.common.key_algorithm {
+            None => None,
+            Some(a) => match Algorithm::try_from(a) {
+                Err(_) => {
+                    ignored.push((name, "its alg is not a signature algorithm"));
+                    continue;
+                }
+                Ok(alg) if !kind.verifies(alg) => {
+                    ignored.push((name, "its alg does not fit its key type"));
+                    continue;
+                }
+                Ok(alg) => Some(alg),
+            },
+        };
+        let Ok(key) = DecodingKey::from_jwk(jwk) else {
+            ignored.push((name, "its key material is invalid"));
+            continue;
+        };
         keys.push(Key {
             kid,
             alg,
@@ -310,9 +351,24 @@ fn parse_keys(issuer: &str, jwks: &JwkSet) -> Result<Vec<Key>, JwksError> {
             key,
         });
     }
+    keys.retain(|k| {
+        let shared = kids.get(&k.kid).is_some_and(|n| *n > 1);
+        if shared {
+            ignored.push((k.kid.clone(), "its kid is another key's too"));
+        }
+        !shared
+    });
+    for (key, reason) in &ignored {
+        tracing::warn!(issuer = %printable(issuer), key = %printable(key), reason, "JWKS key ignored");
+    }
     if keys.is_empty() {
         return Err(JwksError::Empty {
             issuer: issuer.to_owned(),
+            ignored: ignored
+                .iter()
+                .map(|(key, reason)| format!("{}: {reason}", printable(key)))
+                .collect::<Vec<_>>()
+                .join("; "),
         });
     }
     Ok(keys)
@@ -385,11 +441,7 @@ impl Verifier {
                 limit: MAX_JWKS_BYTES,
             });
         }
-        let set: JwkSet = serde_json::from_slice(bytes).map_err(|source| JwksError::Parse {
-            issuer: issuer.to_owned(),
-            source,
-        })?;
-        let keys = parse_keys(issuer, &set)?;
+        let keys = parse_keys(issuer, &read_set(issuer, bytes)?)?;
         let n = keys.len();
         self.issuers
             .write()
@@ -398,10 +450,14 @@ impl Verifier {
         Ok(n)
     }
 
-    /// Trusts `issuer` with the signature keys of `jwks` (encryption keys are skipped; an
-    /// HMAC key, an unsupported curve, a duplicate or missing `kid`, or an `alg` that does
-    /// not fit the key is an error).
+    /// Trusts `issuer` with the signature keys of `jwks` (keys that cannot verify a token are
+    /// ignored: see `parse_keys`; a set without any usable key is an error).
     pub fn trust(&mut self, issuer: &str, jwks: &JwkSet) -> Result<(), JwksError> {
+        let keys: Vec<Result<Jwk, String>> = jwks.keys.iter().cloned().map(Ok).collect();
+        self.trust_keys(issuer, &keys)
+    }
+
+    fn trust_keys(&mut self, issuer: &str, jwks: &[Result<Jwk, String>]) -> Result<(), JwksError> {
         if issuer.is_empty()
             || self.read_issuers().contains_key(issuer)
             || self.urls.contains_key(issuer)
@@ -447,11 +503,8 @@ impl Verifier {
                 limit: MAX_JWKS_BYTES,
             });
         }
-        let set: JwkSet = serde_json::from_slice(&text).map_err(|source| JwksError::Parse {
-            issuer: issuer.to_owned(),
-            source,
-        })?;
-        self.trust(issuer, &set)
+        let keys = read_set(issuer, &text)?;
+        self.trust_keys(issuer, &keys)
     }
 
     /// Verifies the value of an `Authorization` header (`Bearer <JWT>`), for the service

@@ -46,14 +46,14 @@
 //!                     {"system": "http://snomed.info/sct", "code": "248234008"}]}}}, // alert: 0
 //!             loinc("8310-5", 101.3, "[degF]"),      // 38.5 °C: 1
 //!         ]},
-//!         "conditions": null,
 //!         "consciousness": {"resourceType": "Bundle", "type": "searchset", "entry": []},
 //!         "pregnancy": {"resourceType": "Bundle", "type": "searchset", "entry": []}
 //!     }
 //! }))?;
 //!
 //! let service = services.get("nightingale-news2").expect("built in");
-//! // What the EHR did not prefetch, as FHIR queries for the caller to fetch:
+//! // What the EHR left out (`null` would say it has none), as FHIR queries for the caller
+//! // to fetch:
 //! assert_eq!(service.missing_prefetch(&request)?,
 //!            vec![("conditions".to_owned(), "Condition?patient=1288992".to_owned())]);
 //! let now = "2024-05-01T12:00:00Z".parse()?;

@@ -570,17 +570,28 @@ impl Service {
         }
     }
 
-    /// The prefetch keys the request did not fill (absent or `null`), each with its
-    /// template rendered for this request (a FHIR query relative to `fhirServer`), for the
-    /// caller to fetch.
+    /// The prefetch keys the request left out (the client chose not to fetch them, or could
+    /// not: CDS Hooks 2.0), each with its template rendered for this request (a FHIR query
+    /// relative to `fhirServer`), for the caller to fetch. A key answered `null` is not
+    /// missing: the client has no data for it. A template naming a context field the request
+    /// does not have (an optional one, such as `encounterId`) cannot be fetched: its key is
+    /// left out here and counted as not read ([`Service::collect`]); it failed the whole
+    /// call with 400 (a review's finding).
     pub fn missing_prefetch(
         &self,
         request: &HookRequest,
     ) -> Result<Vec<(String, String)>, RequestError> {
         let mut out = vec![];
         for (key, template) in &self.prefetch {
-            if request.prefetched(key).is_none() {
-                out.push((key.clone(), render_prefetch(template, request)?));
+            if request.answered(key) {
+                continue;
+            }
+            match render_prefetch(template, request) {
+                Ok(query) => out.push((key.clone(), query)),
+                // The hook's own required field (patient-view's patientId) is the request's
+                // error, not a key to leave unread.
+                Err(RequestError::TemplateContext { field }) if field != "patientId" => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(out)
@@ -617,7 +628,26 @@ impl Service {
                 // EHR sends under another key is not what the service's templates select
                 // (another patient's search, any number of keys of 10,000 resources each:
                 // a red-team finding), and is left unread.
-                if value.is_null() || !self.prefetch.contains_key(key) {
+                if !self.prefetch.contains_key(key) {
+                    continue;
+                }
+                if value.is_null() {
+                    // No data (CDS Hooks 2.0): a search that found nothing. It was read as
+                    // "not fetched", and a patient with no Conditions never got a risk score
+                    // from a conformant EHR (a review's finding). A read's `null` adds nothing.
+                    if self.prefetch[key].contains('?') {
+                        let no_matches = serde_json::json!({
+                            "resourceType": "Bundle", "type": "searchset", "total": 0, "entry": []
+                        });
+                        let none = Resource::from_value(&no_matches, limits).map_err(|source| {
+                            RequestError::Prefetch {
+                                key: key.chars().take(64).collect(),
+                                source,
+                            }
+                        })?;
+                        conditions_read |= searches_conditions(key);
+                        self.add_answer(&mut resources, key, none);
+                    }
                     continue;
                 }
                 let r = Resource::from_value(value, limits).map_err(|source| {
@@ -631,14 +661,27 @@ impl Service {
                 self.add_answer(&mut resources, key, r);
             }
         }
+        let fetched_keys: Vec<String> = fetched.iter().map(|(k, _)| k.clone()).collect();
         for (key, r) in fetched {
             conditions_read |= searches_conditions(&key)
                 && matches!(&r, Resource::Bundle(b) if b.is_search_answer());
             self.add_answer(&mut resources, &key, r);
         }
-        for key in &failed {
-            if let Some(template) = self.prefetch.get(key) {
-                resources.add_unread_search(unread_search(template));
+        // A search whose fetch failed is not read: what it would have held is unknown, never
+        // "nothing recorded". So is an Observation search of any code (the vitals) that the
+        // client left out and that was not fetched (no FHIR server that may be asked, a
+        // template this request cannot fill): a NEWS2 card said "no value recorded" of every
+        // parameter when nothing was read (a review's finding). A search by code left out
+        // (consciousness, pregnancy: searches beside the vitals) does not hold the others'
+        // values in doubt, as before; the Conditions are marked below.
+        for (key, template) in &self.prefetch {
+            let failed_key = failed.contains(key);
+            if !failed_key && (request.answered(key) || fetched_keys.iter().any(|k| k == key)) {
+                continue;
+            }
+            let search = unread_search(template);
+            if failed_key || search.resource_type == "Observation" && search.codes.is_none() {
+                resources.add_unread_search(search);
             }
         }
         if !conditions_read {

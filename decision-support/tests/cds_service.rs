@@ -31,7 +31,8 @@ fn request(patient: Value, vitals: Value) -> HookRequest {
             "subject": "cds-service4"
         },
         "context": {"userId": "Practitioner/example", "patientId": "1288992", "encounterId": "89284"},
-        "prefetch": {"patient": patient, "vitals": vitals, "conditions": null}
+        "prefetch": {"patient": patient, "vitals": vitals, "conditions": null,
+                     "consciousness": null, "pregnancy": null}
     }))
     .unwrap()
 }
@@ -137,7 +138,13 @@ fn missing_data_is_an_info_card_listing_it() {
 fn the_caller_can_fetch_what_was_not_prefetched() {
     let services = Services::builtin();
     let service = services.get(DEFAULT_NEWS2_ID).unwrap();
-    let req = request(patient("1925-12-23"), Value::Null);
+    // Keys left out (the EHR chose not to fetch them, or could not: CDS Hooks 2.0) are
+    // fetched; a key answered `null` is not (the EHR has no data for it).
+    let mut req = request(patient("1925-12-23"), Value::Null);
+    let prefetch = req.prefetch.as_mut().unwrap();
+    for key in ["conditions", "consciousness", "pregnancy", "vitals"] {
+        prefetch.remove(key);
+    }
     let missing = service.missing_prefetch(&req).unwrap();
     assert_eq!(
         missing,
@@ -163,12 +170,47 @@ fn the_caller_can_fetch_what_was_not_prefetched() {
             ),
         ]
     );
-    // Without the vitals: every parameter missing.
+    // Without the vitals (not fetched): every parameter unknown, not "none recorded".
     let out = service
         .evaluate_news2(&req, vec![], now(), &Limits::default())
         .unwrap();
-    assert!(matches!(out.assessment, Assessment::Incomplete(ref i) if i.missing.len() == 7));
-    // With what the caller fetched: scored.
+    assert!(
+        matches!(out.assessment, Assessment::Incomplete(ref i)
+            if i.missing.is_empty() && i.unusable.len() == 7),
+        "{:?}",
+        out.assessment
+    );
+    assert!(
+        !detail(&out).contains("no value recorded"),
+        "{}",
+        detail(&out)
+    );
+    // With what the caller fetched (the vitals; none of the other searches found anything):
+    // scored.
+    let fetched = Resource::from_value(&vitals_bundle(), &Limits::default()).unwrap();
+    let none = || {
+        Resource::from_value(
+            &json!({"resourceType": "Bundle", "type": "searchset", "total": 0}),
+            &Limits::default(),
+        )
+        .unwrap()
+    };
+    let out = service
+        .evaluate_news2(
+            &req,
+            vec![
+                ("vitals".to_owned(), fetched),
+                ("conditions".to_owned(), none()),
+                ("consciousness".to_owned(), none()),
+                ("pregnancy".to_owned(), none()),
+            ],
+            now(),
+            &Limits::default(),
+        )
+        .unwrap();
+    assert_eq!(out.response.cards[0].indicator, Indicator::Critical);
+    // Only the vitals fetched: the searches by code beside them (consciousness, pregnancy)
+    // not read do not stop the score.
     let fetched = Resource::from_value(&vitals_bundle(), &Limits::default()).unwrap();
     let out = service
         .evaluate_news2(
@@ -219,6 +261,7 @@ fn bad_requests_are_errors_not_cards() {
     // template's token as "not supported").
     for patient_id in [None, Some(json!(1288992))] {
         let mut req = request(patient("1925-12-23"), vitals_bundle());
+        req.prefetch.as_mut().unwrap().remove("consciousness");
         match patient_id {
             None => req.context.remove("patientId"),
             Some(v) => req.context.insert("patientId".into(), v),
@@ -254,16 +297,21 @@ fn a_score_without_the_conditions_says_they_were_not_checked() {
     let outcome = json!({"resourceType": "OperationOutcome",
         "issue": [{"severity": "error", "code": "processing"}]});
     let searchset = json!({"resourceType": "Bundle", "type": "searchset", "total": 0});
+    // Left out (not fetched: unknown), an OperationOutcome (the fetch failed), none found
+    // (`null`, CDS Hooks 2.0's "no data", or an empty searchset).
     for (conditions, read) in [
-        (Value::Null, ConditionsRead::None),
-        (outcome, ConditionsRead::None),
-        (searchset.clone(), ConditionsRead::All),
+        (None, ConditionsRead::None),
+        (Some(outcome), ConditionsRead::None),
+        (Some(Value::Null), ConditionsRead::All),
+        (Some(searchset.clone()), ConditionsRead::All),
     ] {
         let mut req = request(patient("1925-12-23"), vitals_bundle());
-        req.prefetch
-            .as_mut()
-            .unwrap()
-            .insert("conditions".to_owned(), conditions.clone());
+        let prefetch = req.prefetch.as_mut().unwrap();
+        match &conditions {
+            Some(c) => prefetch.insert("conditions".to_owned(), c.clone()),
+            None => prefetch.remove("conditions"),
+        };
+        let conditions = conditions.unwrap_or(json!("left out"));
         let out = service
             .evaluate_news2(&req, vec![], now(), &Limits::default())
             .unwrap();
@@ -800,5 +848,41 @@ fn an_operation_outcome_in_a_searchs_place_is_a_search_not_read() {
         detail(&out).contains("pregnancy status could not be read"),
         "{}",
         detail(&out)
+    );
+}
+
+/// A prefetch template naming an optional context field (patient-view's `encounterId`) that
+/// a call does not have cannot be fetched: its key is left unread, and the call is answered
+/// (it was refused 400 "context.encounterId is missing" whatever else it held: a review's
+/// finding). The hook's own required field (`patientId`) missing is still the call's error
+/// (`bad_requests_are_errors_not_cards`).
+#[test]
+fn a_template_naming_an_optional_context_field_the_call_lacks_leaves_its_key_unread() {
+    use nightingale_decision_support::service::CdsSection;
+    let mut config = CdsSection::default().services.remove(0);
+    let mut prefetch = nightingale_decision_support::service::news2_prefetch();
+    prefetch.insert(
+        "encounter".into(),
+        "Encounter/{{context.encounterId}}".into(),
+    );
+    config.prefetch = Some(prefetch);
+    let services = CdsSection {
+        services: vec![config],
+    }
+    .validate()
+    .unwrap();
+    let service = services.get(DEFAULT_NEWS2_ID).unwrap();
+    let mut req = request(patient("1925-12-23"), vitals_bundle());
+    req.context.remove("encounterId");
+    assert_eq!(service.missing_prefetch(&req).unwrap(), vec![]);
+    let out = service
+        .evaluate_news2(&req, vec![], now(), &Limits::default())
+        .unwrap();
+    assert_eq!(out.response.cards[0].indicator, Indicator::Critical);
+    // With the field, the key is fetched.
+    let req = request(patient("1925-12-23"), vitals_bundle());
+    assert_eq!(
+        service.missing_prefetch(&req).unwrap(),
+        vec![("encounter".to_owned(), "Encounter/89284".to_owned())]
     );
 }

@@ -344,3 +344,85 @@ fn jwks_files_and_untrustworthy_keys() {
         Err(JwtError::UntrustedIssuer { .. })
     ));
 }
+
+/// Keys of a JWK Set that cannot verify a CDS Hooks token are ignored (RFC 7517, 5), not a
+/// reason to refuse the whole set: an EHR that publishes an Ed25519 or P-521 key, an
+/// encryption key without `use`, a key of a `kty` no library knows, beside its signing keys,
+/// is still trusted for those (a review's finding: it was locked out after a rotation).
+#[test]
+fn keys_that_cannot_verify_a_token_are_ignored_not_the_whole_set() {
+    let k = keys();
+    let mut set = serde_json::to_value(&k.jwks).unwrap();
+    let extra = [
+        json!({"kty": "OKP", "crv": "Ed25519", "kid": "ed-1",
+               "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}),
+        json!({"kty": "EC", "crv": "P-521", "kid": "ec-521",
+               "x": "AekpBQ8ST8a8VcfVOTNl353vSrDCLLJXmPk06wTjxrrjcBpXp5EOnYG_NjFZ6OvLFV1jSfS9tsz4qUxcWceqwQGk",
+               "y": "ADSmRA43Z1DSNx_RvcLI87cdL07l6jQyyBXMoxVg_l2Th-x3S1WDhjDly79ajL4Kkd0AZMaZmh9ubmf63e3kyMj2"}),
+        json!({"kty": "oct", "kid": "h", "k": "c2VjcmV0"}),
+        json!({"kty": "RSA", "kid": "rsa-enc", "alg": "RSA-OAEP",
+               "n": set["keys"][1]["n"], "e": "AQAB"}),
+        json!({"kty": "PQC", "kid": "future-1", "pub": "AAAA"}),
+        json!({"kty": "RSA", "n": set["keys"][1]["n"], "e": "AQAB"}),
+    ];
+    set["keys"].as_array_mut().unwrap().extend(extra);
+    let bytes = serde_json::to_vec(&set).unwrap();
+
+    // From a file at start-up.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ehr.jwks.json");
+    std::fs::write(&path, &bytes).unwrap();
+    let mut v = Verifier::new(JwtOptions::default());
+    v.trust_file(ISS, &path).unwrap();
+    let t = sign(Algorithm::ES384, "ec-1", &k.ec, &claims("a"));
+    v.verify(&t, AUD, NOW).unwrap();
+    let t = sign(Algorithm::RS384, "rsa-1", &k.rsa, &claims("b"));
+    v.verify(&t, AUD, NOW).unwrap();
+    // A token naming an ignored key is refused as naming no key of the issuer.
+    let t = sign(Algorithm::RS384, "rsa-enc", &k.rsa, &claims("c"));
+    assert!(matches!(
+        v.verify(&t, AUD, NOW),
+        Err(JwtError::UnknownKid { .. })
+    ));
+
+    // Fetched from a URL: a rotation to a set with such keys takes effect (the withdrawn key
+    // stops verifying, the new one starts).
+    let mut v = Verifier::new(JwtOptions::default());
+    v.trust_url(ISS, "https://ehr.example.org/jwks.json")
+        .unwrap();
+    let mut rotated = set.clone();
+    rotated["keys"].as_array_mut().unwrap().remove(0); // ec-1 withdrawn
+    assert_eq!(
+        v.refresh(ISS, &serde_json::to_vec(&rotated).unwrap())
+            .unwrap(),
+        1
+    );
+    let t = sign(Algorithm::ES384, "ec-1", &k.ec, &claims("d"));
+    assert!(v.verify(&t, AUD, NOW).is_err());
+    let t = sign(Algorithm::RS384, "rsa-1", &k.rsa, &claims("e"));
+    v.verify(&t, AUD, NOW).unwrap();
+
+    // Two keys sharing a kid: which one a token means cannot be told, both are ignored.
+    let mut twins = serde_json::to_value(&k.jwks).unwrap();
+    twins["keys"][1]["kid"] = json!("ec-1");
+    let mut v = Verifier::new(JwtOptions::default());
+    v.trust_url(ISS, "https://ehr.example.org/jwks.json")
+        .unwrap();
+    let err = v
+        .refresh(ISS, &serde_json::to_vec(&twins).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("another key's too"), "{err}");
+
+    // A set of nothing usable is refused, saying why each key was ignored.
+    let useless = json!({"keys": [set["keys"][2], set["keys"][4]]});
+    let err = Verifier::new(JwtOptions::default())
+        .trust_file(ISS, &{
+            let p = dir.path().join("useless.json");
+            std::fs::write(&p, serde_json::to_vec(&useless).unwrap()).unwrap();
+            p
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("symmetric") && err.contains("ed-1"), "{err}");
+}

@@ -12,13 +12,20 @@
 //! record is in the trail. While records are held, new DICOM records are held behind them, so
 //! that the trail keeps their order.
 //!
+//! A trail that does not answer within [`super::TRAIL_WAIT`] counts as failing. Records are
+//! held as the trail would store them (tensor digests sealed with the deployment's key).
+//!
 //! Progress is kept in `dicom.jsonl.replayed` (the sequence number and hash of the last held
 //! record written to the trail): a crash during the replay writes at most the record being
-//! replayed twice (both copies carry the same `held_at_ms`). A held file whose chain does not
-//! verify stops the server at start-up: its records would otherwise be lost or forged into
-//! the trail (move it aside to start; its records are then not in the trail). Only when the
-//! held file cannot be written either (the disk full) is an instance answered failed, as
-//! before.
+//! replayed twice (both copies carry the same `held_at_ms`). A record may also be in the
+//! trail twice when the trail failed or hung in the middle of taking it (a PostgreSQL
+//! connection broken during its COMMIT, which cannot tell whether it committed): once as
+//! written, once held. A held file whose chain does not verify, or that holds anything but
+//! DICOM association and instance records, stops the server at start-up (move it aside to
+//! start; its records are then not in the trail). The chain is plain SHA-256, as the trail's:
+//! it shows damage, not who wrote it, and a file cut at a line end looks whole — the folder
+//! is the owner's only, like the trail's. Only when the held file cannot be written either
+//! (the disk full) is an instance answered failed, as before.
 
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -29,7 +36,7 @@ use std::time::Duration;
 
 use super::chain::{ChainChecker, Tail, check_line};
 use super::jsonl::{JsonLinesStore, Options};
-use super::{AuditError, AuditEvent, AuditLog, AuditRecord, AuditStore};
+use super::{AuditError, AuditEvent, AuditLog, AuditRecord, AuditStore, EventKind};
 
 /// The held records' file in `data_dir`.
 pub fn path_in(data_dir: &Path) -> PathBuf {
@@ -154,10 +161,16 @@ impl Held {
         self.lock().waiting()
     }
 
-    /// Holds a record (appended and fsynced) until the trail can take it.
-    pub async fn hold(self: &Arc<Self>, event: AuditEvent) -> Result<(), AuditError> {
+    /// Holds a record (appended and fsynced) until the trail can take it: `after_failure`,
+    /// because the trail refused it; otherwise only behind records held already (`false`
+    /// when there are none any more: the trail takes it).
+    pub async fn hold(
+        self: &Arc<Self>,
+        event: AuditEvent,
+        after_failure: bool,
+    ) -> Result<bool, AuditError> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || me.hold_now(&event))
+        tokio::task::spawn_blocking(move || me.hold_now(&event, after_failure))
             .await
             .map_err(|e| AuditError::Write {
                 location: self.path.display().to_string(),
@@ -165,8 +178,11 @@ impl Held {
             })?
     }
 
-    fn hold_now(&self, event: &AuditEvent) -> Result<(), AuditError> {
+    fn hold_now(&self, event: &AuditEvent, after_failure: bool) -> Result<bool, AuditError> {
         let mut state = self.lock();
+        if !after_failure && !self.is_active() {
+            return Ok(false);
+        }
         if !self.active.swap(true, Ordering::SeqCst) {
             tracing::warn!(
                 path = %self.path.display(),
@@ -189,7 +205,7 @@ impl Held {
                 metrics::gauge!("nightingale_audit_held_records").set(state.waiting() as f64);
                 drop(state);
                 self.wake.notify_one();
-                Ok(())
+                Ok(true)
             }
             Err(e) => {
                 if state.waiting() == 0 {
@@ -243,7 +259,7 @@ impl Held {
             let mut event = record.event;
             let detail = event.detail.take().unwrap_or_default();
             event.detail = Some(format!("{detail} held_at_ms={}", record.unix_ms));
-            log.record(event).await?;
+            log.record_held(event).await?;
             let me = self.clone();
             let _ = tokio::task::spawn_blocking(move || me.replayed(tail, next)).await;
         }
@@ -283,6 +299,9 @@ impl Held {
             let (seq, _, hash) = check_line(text).map_err(broken)?;
             let record: AuditRecord =
                 serde_json::from_str(text).map_err(|e| broken(e.to_string()))?;
+            if !is_dicom(record.event.kind) {
+                return Err(broken(NOT_DICOM.into()));
+            }
             out.push((record, Tail { seq, hash }, offset));
         }
         Ok(out)
@@ -331,6 +350,11 @@ impl Held {
 
     fn remove_marker(&self) {
         let _ = fs::remove_file(&self.marker);
+        // The store's rotation lock, made beside the file when it was opened.
+        let mut lock = std::ffi::OsString::from(".");
+        lock.push(self.path.file_name().unwrap_or_default());
+        lock.push(".rotation-lock");
+        let _ = fs::remove_file(self.path.with_file_name(lock));
     }
 
     /// `<seq> <hash>` of the last held record the trail has, fsynced, then renamed over the
@@ -339,7 +363,14 @@ impl Held {
         let mut name = self.marker.file_name().unwrap_or_default().to_owned();
         name.push(".tmp");
         let tmp = self.marker.with_file_name(name);
-        let mut f = File::create(&tmp)?;
+        let mut f = std::os::unix::fs::OpenOptionsExt::mode(
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true),
+            0o600,
+        )
+        .open(&tmp)?;
         writeln!(f, "{} {}", tail.seq, tail.hash)?;
         f.sync_data()?;
         fs::rename(&tmp, &self.marker)
@@ -353,6 +384,19 @@ impl Held {
             hash: hash.to_owned(),
         })
     }
+}
+
+/// Only DICOM records are ever held: a held file with another kind of record was not written
+/// by this server (the trail would take a forged inference record as its own).
+fn is_dicom(kind: EventKind) -> bool {
+    matches!(kind, EventKind::DicomAssociation | EventKind::DicomInstance)
+}
+
+const NOT_DICOM: &str = "a record that is not a DICOM association or instance record";
+
+#[derive(serde::Deserialize)]
+struct Kind {
+    kind: EventKind,
 }
 
 /// Checks the held file's whole chain: its last record, the marked record if it is in the
@@ -387,7 +431,12 @@ fn scan(
         if !line.ends_with('\n') {
             return Err(broken("a line longer than any record".into()));
         }
-        checker.push(line.trim_end_matches('\n')).map_err(broken)?;
+        let text = line.trim_end_matches('\n');
+        checker.push(text).map_err(broken)?;
+        let kind = serde_json::from_str::<Kind>(text).map_err(|e| broken(e.to_string()))?;
+        if !is_dicom(kind.kind) {
+            return Err(broken(NOT_DICOM.into()));
+        }
         at += n as u64;
         if checker.tail.as_ref() == marked {
             replayed = checker.tail.clone();
@@ -604,11 +653,98 @@ mod tests {
         fs::write(&path, text.replacen("n=1", "n=7", 1)).unwrap();
         let err = Held::open(&path).unwrap_err().to_string();
         assert!(err.contains("do not verify"), "{err}");
+        // A chain made whole again but holding another kind of record (an inference record
+        // forged to be laundered into the trail).
+        let forged = crate::audit::chain::seal(
+            None,
+            &[&AuditEvent::blank(
+                EventKind::Inference,
+                "x".into(),
+                Some("dr-nobody".into()),
+            )],
+            1,
+        );
+        fs::write(&path, format!("{}\n", forged[0].line)).unwrap();
+        let err = Held::open(&path).unwrap_err().to_string();
+        assert!(err.contains("not a DICOM"), "{err}");
         // A record taken out breaks it too.
         let lines: Vec<&str> = text.lines().collect();
         fs::write(&path, format!("{}\n{}\n", lines[0], lines[2])).unwrap();
         let err = Held::open(&path).unwrap_err().to_string();
         assert!(err.contains("do not verify"), "{err}");
+    }
+
+    /// A store whose appends hang while `hung` is set (a PostgreSQL server that stopped
+    /// answering), then go through.
+    struct Hung {
+        inner: JsonLinesStore,
+        hung: Arc<AtomicBool>,
+    }
+
+    impl AuditStore for Hung {
+        fn append(&mut self, events: &[&AuditEvent], unix_ms: u64) -> Result<(), AuditError> {
+            while self.hung.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            self.inner.append(events, unix_ms)
+        }
+        fn describe(&self) -> String {
+            "hung".into()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_trail_that_does_not_answer_is_failing_and_records_are_held_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let hung = Arc::new(AtomicBool::new(true));
+        let inner =
+            JsonLinesStore::open(&dir.path().join("audit.jsonl"), Options::default()).unwrap();
+        let key = crate::audit::DigestKey::from_bytes([7; 32]);
+        let held = Arc::new(Held::open(&path_in(dir.path())).unwrap());
+        let log = AuditLog::start(Box::new(Hung {
+            inner,
+            hung: hung.clone(),
+        }))
+        .unwrap()
+        .with_digest_key(crate::audit::DigestKey::from_bytes([7; 32]))
+        .with_held(held.clone());
+        let digest = "ab".repeat(32);
+        let mut e = event(0);
+        e.input_sha256 = Some(digest.clone());
+        let started = std::time::Instant::now();
+        log.record_or_hold(e).await.unwrap();
+        assert!(started.elapsed() >= crate::audit::TRAIL_WAIT);
+        until("a trail that does not answer is not writable", || {
+            !log.is_writable()
+        })
+        .await;
+        assert_eq!(held.waiting(), 1);
+        // Held as the trail stores it: the digest sealed with the deployment's key.
+        let kept: AuditRecord =
+            serde_json::from_str(fs::read_to_string(held.path()).unwrap().trim()).unwrap();
+        assert_eq!(kept.event.input_sha256, Some(key.seal(&digest)));
+        // The next record does not wait: it is held behind the first.
+        let started = std::time::Instant::now();
+        log.record_or_hold(event(1)).await.unwrap();
+        assert!(started.elapsed() < crate::audit::TRAIL_WAIT);
+        assert_eq!(held.waiting(), 2);
+
+        // The trail answers again: it took the first record late (once as written, once
+        // held: documented), and the held ones follow, sealed once.
+        hung.store(false, Ordering::SeqCst);
+        until("the trail writable", || log.is_writable()).await;
+        held.replay_some(&log).await.unwrap();
+        held.replay_some(&log).await.unwrap();
+        assert!(!held.is_active());
+        let all = trail_records(dir.path());
+        let details: Vec<&str> = all.iter().map(detail).collect();
+        assert_eq!(all.len(), 3, "{details:#?}");
+        assert_eq!(details[0], "event=stored n=0");
+        assert!(details[1].starts_with("event=stored n=0 held_at_ms="));
+        assert!(details[2].starts_with("event=stored n=1 held_at_ms="));
+        for r in &all[..2] {
+            assert_eq!(r.event.input_sha256, Some(key.seal(&digest)));
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -476,6 +476,10 @@ pub struct AuditLog {
     /// False while the trail cannot be written (the last append failed, and no check since
     /// found it writable): readiness answers 503, as every request would be refused.
     writable: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// When the writer began the store call it is in (Unix ms), 0 when it is in none: a call
+    /// that has run longer than [`STALLED`] makes the trail not writable (a PostgreSQL server
+    /// that stopped answering held every write, readiness 200: a review's finding).
+    busy_since: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Seals the tensor digests of every record ([`DigestKey`]); None: plain SHA-256.
     key: Option<std::sync::Arc<DigestKey>>,
     /// Where DICOM records go while the trail cannot be written ([`held`]).
@@ -500,10 +504,11 @@ impl AuditLog {
         let location = store.describe();
         let (tx, rx) = mpsc::channel::<Job>(4096);
         let writable = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let flag = writable.clone();
+        let busy_since = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (flag, busy) = (writable.clone(), busy_since.clone());
         std::thread::Builder::new()
             .name("ng-audit".into())
-            .spawn(move || run_writer(store, rx, &flag))
+            .spawn(move || run_writer(store, rx, &flag, &busy))
             .map_err(|source| AuditError::Io {
                 path: PathBuf::from(&location),
                 source,
@@ -512,6 +517,7 @@ impl AuditLog {
             tx,
             location,
             writable,
+            busy_since,
             key: None,
             held: None,
         })
@@ -520,7 +526,10 @@ impl AuditLog {
     /// Whether records can be written now: false from a failed append until an append, or
     /// the writer's check while nothing is queued (every [`CHECK_INTERVAL`]), succeeds.
     pub fn is_writable(&self) -> bool {
-        self.writable.load(std::sync::atomic::Ordering::Acquire)
+        use std::sync::atomic::Ordering;
+        let since = self.busy_since.load(Ordering::Acquire);
+        let stalled = since != 0 && unix_ms().saturating_sub(since) > STALLED.as_millis() as u64;
+        self.writable.load(Ordering::Acquire) && !stalled
     }
 
     /// The same log, sealing the tensor digests of every record it is given from now on with
@@ -545,19 +554,37 @@ impl AuditLog {
     /// Appends a DICOM record and waits until it is stored: in the trail, or, while the trail
     /// cannot be written (or records are held already, which keeps their order), in the held
     /// records ([`held`]), fsynced. Without held records, as [`AuditLog::record`].
+    ///
+    /// A trail that does not answer within [`TRAIL_WAIT`] counts as failing: the record is
+    /// held (the trail may still take it once it answers: the record is then in it twice,
+    /// the second copy marked `held_at_ms`). The digests are sealed before a record is held:
+    /// the held file keeps what the trail will.
     pub async fn record_or_hold(&self, event: AuditEvent) -> Result<(), AuditError> {
         let Some(held) = &self.held else {
             return self.record(event).await;
         };
-        if !held.is_active() {
-            match self.record(event.clone()).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::error!(error = %e, "audit record not written: held for the trail");
-                }
-            }
+        let event = self.sealed(event);
+        // Behind the records held already, while there are some (`false`: the last of them
+        // reached the trail meanwhile).
+        if held.is_active() && held.hold(event.clone(), false).await? {
+            return Ok(());
         }
-        held.hold(event).await
+        match tokio::time::timeout(TRAIL_WAIT, self.record_sealed(event.clone())).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "audit record not written: held for the trail");
+            }
+            Err(_) => tracing::error!(
+                wait_s = TRAIL_WAIT.as_secs(),
+                "the audit trail did not answer: the record is held for it"
+            ),
+        }
+        held.hold(event, true).await.map(|_| ())
+    }
+
+    /// Writes a held record (sealed when it was held) to the trail.
+    pub(crate) async fn record_held(&self, event: AuditEvent) -> Result<(), AuditError> {
+        self.record_sealed(event).await
     }
 
     /// The record as it is stored: its tensor digests sealed under the key, if any.
@@ -580,9 +607,14 @@ impl AuditLog {
 
     /// Appends a record and waits until it is stored.
     pub async fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
+        self.record_sealed(self.sealed(event)).await
+    }
+
+    /// [`AuditLog::record`] of a record whose digests are sealed already.
+    async fn record_sealed(&self, event: AuditEvent) -> Result<(), AuditError> {
         let permit = self.tx.reserve().await.map_err(|_| AuditError::Stopped)?;
         let (ack, done) = oneshot::channel();
-        permit.send((self.sealed(event), Some(ack)));
+        permit.send((event, Some(ack)));
         self.wait(done).await
     }
 
@@ -738,11 +770,16 @@ const MAX_RETRIED: usize = 65_536;
 const RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 /// How often a failing trail with nothing to write is checked ([`AuditStore::check`]).
 const CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// A store call running longer than this makes the trail not writable ([`AuditLog::is_writable`]).
+const STALLED: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long [`AuditLog::record_or_hold`] waits for the trail before it holds a record.
+pub const TRAIL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn run_writer(
     mut store: Box<dyn AuditStore>,
     mut rx: mpsc::Receiver<Job>,
     writable: &std::sync::atomic::AtomicBool,
+    busy_since: &std::sync::atomic::AtomicU64,
 ) {
     use std::sync::atomic::Ordering;
     let mut retry: std::collections::VecDeque<AuditEvent> = std::collections::VecDeque::new();
@@ -755,7 +792,10 @@ fn run_writer(
                 Ok(job) => group.push(job),
                 Err(mpsc::error::TryRecvError::Empty) => {
                     std::thread::sleep(CHECK_INTERVAL);
-                    if store.check().is_ok() {
+                    busy_since.store(unix_ms(), Ordering::Release);
+                    let checked = store.check();
+                    busy_since.store(0, Ordering::Release);
+                    if checked.is_ok() {
                         tracing::info!("the audit trail can be written again: ready");
                         writable.store(true, Ordering::Release);
                     }
@@ -787,7 +827,10 @@ fn run_writer(
             event.bound();
         }
         let events: Vec<&AuditEvent> = group.iter().map(|(e, _)| e).collect();
-        let result = store.append(&events, unix_ms());
+        let now = unix_ms();
+        busy_since.store(now, Ordering::Release);
+        let result = store.append(&events, now);
+        busy_since.store(0, Ordering::Release);
         match &result {
             Ok(()) => {
                 metrics::counter!("nightingale_audit_records_total").increment(group.len() as u64)

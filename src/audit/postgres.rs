@@ -74,7 +74,21 @@ fn connect(url: &str, location: &str) -> Result<Client, AuditError> {
         location: location.to_owned(),
         source,
     };
-    let mut client = Client::connect(url, NoTls).map_err(err)?;
+    let mut config: ::postgres::Config = url.parse().map_err(err)?;
+    // A server that stops answering (a host gone, a network cut) fails a write within
+    // seconds instead of holding the writer for the kernel's ~15 minutes of retransmissions:
+    // the trail is then failing, readiness 503, and DICOM records are held (a review's
+    // finding: a frozen server hung every C-STORE, readiness 200). Set in the URL to change.
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(std::time::Duration::from_secs(30));
+    }
+    if config.get_keepalives_idle() == std::time::Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(std::time::Duration::from_secs(30));
+    }
+    let mut client = config.connect(NoTls).map_err(err)?;
     client.batch_execute(SCHEMA).map_err(err)?;
     Ok(client)
 }

@@ -284,14 +284,16 @@ async fn answer_call(
             .filter(|(k, v)| service.prefetch().contains_key(*k) && next_link(v).is_some())
             .count()
     });
+    // CDS Hooks 2.0: the service may use the FHIR server when the client gives both
+    // `fhirServer` and `fhirAuthorization` (it was read without a token too).
     if (!missing.is_empty() || paged > 0)
-        && let Some(server) = request.fhir_server.as_deref()
+        && let (Some(server), Some(authorization)) = (
+            request.fhir_server.as_deref(),
+            request.fhir_authorization.as_ref(),
+        )
     {
         if cds.may_fetch(server) {
-            let token = request
-                .fhir_authorization
-                .as_ref()
-                .map(|a| a.access_token.as_str());
+            let token = Some(authorization.access_token.as_str());
             // What is fetched is held, parsed, with the body until the answer is built:
             // charged to the call's ticket as the body was.
             let budget = FetchBudget::new(cds.fetch_max_bytes, |n| {
@@ -567,6 +569,7 @@ async fn answer_feedback(
             return AppError::bad_request(e.to_string()).into_response();
         }
     };
+    let mut recorded = Vec::with_capacity(events.len());
     for e in &events {
         let (model, version) = e.model.clone().unwrap_or_default();
         let outcome = match e.outcome {
@@ -601,7 +604,7 @@ async fn answer_feedback(
                 e.outcome_timestamp.to_rfc3339()
             )),
         };
-        if let Err(err) = state.audit.record(event).await {
+        if let Err(err) = state.audit.record(event.clone()).await {
             tracing::error!(error = %err, "audit record of CDS feedback not written");
             return AppError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -609,14 +612,7 @@ async fn answer_feedback(
             )
             .into_response();
         }
-        metrics::counter!(
-            "nightingale_cds_feedback_total",
-            "service" => e.service.clone(),
-            "model" => model.clone(),
-            "version" => version.clone(),
-            "outcome" => outcome
-        )
-        .increment(1);
+        recorded.push(event);
     }
     // A transaction on the store's file: on the blocking pool (written on the async runtime,
     // concurrent posts stalled every other request for seconds: a red-team finding).
@@ -631,11 +627,37 @@ async fn answer_feedback(
     };
     if let Err(e) = stored {
         tracing::error!(error = %e, "CDS feedback not stored");
+        // Each record above said the feedback was taken: the trail says it was not kept
+        // (an audit record "ok" stood alone for feedback answered 503: a review's finding).
+        for mut event in recorded {
+            event.status = 503;
+            event.outcome = Outcome::Failed;
+            event.detail = event.detail.map(|d| format!("{d} stored=false"));
+            if let Err(err) = state.audit.record(event).await {
+                tracing::error!(error = %err, "audit record of CDS feedback not stored not written");
+            }
+        }
         return AppError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the feedback could not be stored; retry later",
         )
         .into_response();
+    }
+    // Counted once stored (feedback refused by the store was counted, and counted again when
+    // the EHR sent it again).
+    for e in &events {
+        let (model, version) = e.model.clone().unwrap_or_default();
+        metrics::counter!(
+            "nightingale_cds_feedback_total",
+            "service" => e.service.clone(),
+            "model" => model,
+            "version" => version,
+            "outcome" => match e.outcome {
+                Feedback::Accepted => "accepted",
+                Feedback::Overridden => "overridden",
+            }
+        )
+        .increment(1);
     }
     let previous = cds
         .ledger
