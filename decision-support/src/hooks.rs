@@ -171,9 +171,33 @@ impl HookRequest {
     }
 }
 
-/// Fills a prefetch template's `{{context.NAME}}` tokens with the request's context strings
-/// (percent-encoded for a URL query), e.g. `Observation?patient={{context.patientId}}`.
-/// Any other token is an error.
+/// The prefetch tokens of CDS Hooks 2.0 naming the user, each with the resource type whose
+/// id it stands for: the id of `context.userId` (`Practitioner/123`) when it is of that type.
+pub const USER_TOKENS: [(&str, &str); 4] = [
+    ("userPractitionerId", "Practitioner"),
+    ("userPractitionerRoleId", "PractitionerRole"),
+    ("userPatientId", "Patient"),
+    ("userRelatedPersonId", "RelatedPerson"),
+];
+
+/// The value of the user token `token` for `request`: `None` when `token` is not one; `Some`
+/// of `None` when the call's `userId` is not of the token's resource type (or absent).
+fn user_token<'a>(token: &str, request: &'a HookRequest) -> Option<Option<&'a str>> {
+    let (_, kind) = USER_TOKENS.iter().find(|(name, _)| *name == token)?;
+    Some(
+        request
+            .context_str("userId")
+            .and_then(|user| user.split_once('/'))
+            .filter(|(k, id)| k == kind && !id.is_empty() && !id.contains('/'))
+            .map(|(_, id)| id),
+    )
+}
+
+/// Fills a prefetch template's `{{context.NAME}}` tokens with the request's context strings,
+/// and its user tokens (`{{userPractitionerId}}`, … [`USER_TOKENS`]) with the id of the
+/// call's `userId` (percent-encoded for a URL query), e.g.
+/// `Observation?patient={{context.patientId}}`. Any other token is an error; a user token
+/// whose type is not the `userId`'s is a missing context field.
 pub fn render_prefetch(template: &str, request: &HookRequest) -> Result<String, RequestError> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
@@ -184,16 +208,24 @@ pub fn render_prefetch(template: &str, request: &HookRequest) -> Result<String, 
             token: after.chars().take(40).collect(),
         })?;
         let token = after[..end].trim();
-        let name = token
-            .strip_prefix("context.")
-            .ok_or_else(|| RequestError::Template {
-                token: token.chars().take(40).collect(),
-            })?;
-        let value = request
-            .context_str(name)
-            .ok_or_else(|| RequestError::TemplateContext {
-                field: name.chars().take(40).collect(),
-            })?;
+        let value = match user_token(token, request) {
+            Some(id) => id.ok_or_else(|| RequestError::TemplateContext {
+                field: token.to_owned(),
+            })?,
+            None => {
+                let name =
+                    token
+                        .strip_prefix("context.")
+                        .ok_or_else(|| RequestError::Template {
+                            token: token.chars().take(40).collect(),
+                        })?;
+                request
+                    .context_str(name)
+                    .ok_or_else(|| RequestError::TemplateContext {
+                        field: name.chars().take(40).collect(),
+                    })?
+            }
+        };
         if !value.is_empty() && value.bytes().all(|b| b == b'.') {
             return Err(RequestError::DotSegment {
                 field: token
@@ -668,7 +700,20 @@ mod tests {
             render_prefetch("Patient/{{ context.patientId }}", &r2).unwrap(),
             "Patient/a%20b%26c%3Dd"
         );
-        assert!(render_prefetch("Patient/{{userPractitionerId}}", &r).is_err());
+        // A user token: the id of `userId` when of its type, else a missing context field.
+        let user = r.context_str("userId").unwrap().to_owned();
+        match user.split_once('/') {
+            Some(("Practitioner", id)) => assert_eq!(
+                render_prefetch("Practitioner/{{userPractitionerId}}", &r).unwrap(),
+                format!("Practitioner/{id}")
+            ),
+            _ => assert!(render_prefetch("Practitioner/{{userPractitionerId}}", &r).is_err()),
+        }
+        assert!(matches!(
+            render_prefetch("Patient/{{userPatientId}}", &r),
+            Err(RequestError::TemplateContext { .. })
+        ));
+        assert!(render_prefetch("Patient/{{userNobodyId}}", &r).is_err());
         assert!(render_prefetch("Patient/{{context.nothing}}", &r).is_err());
         assert!(render_prefetch("Patient/{{context.patientId", &r).is_err());
         // `Patient/..` would be the server's base once a URL resolves it.

@@ -368,7 +368,8 @@ fn valid_id(id: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Whether every `{{…}}` token of `template` is `{{context.NAME}}`.
+/// Whether every `{{…}}` token of `template` is `{{context.NAME}}` or a user token
+/// ([`crate::hooks::USER_TOKENS`]).
 fn template_ok(template: &str) -> bool {
     let mut rest = template;
     while let Some(start) = rest.find("{{") {
@@ -377,8 +378,12 @@ fn template_ok(template: &str) -> bool {
             return false;
         };
         let token = after[..end].trim();
+        let user = crate::hooks::USER_TOKENS
+            .iter()
+            .any(|(name, _)| *name == token);
         match token.strip_prefix("context.") {
             Some(name) if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric()) => {}
+            _ if user => {}
             _ => return false,
         }
         rest = &after[end + 2..];
@@ -939,9 +944,7 @@ mod tests {
             Err(ConfigError::Invalid { .. })
         ));
         assert!(matches!(
-            parse(&svc(
-                "prefetch = { p = \"Patient/{{userPractitionerId}}\" }"
-            )),
+            parse(&svc("prefetch = { p = \"Patient/{{userNobodyId}}\" }")),
             Err(ConfigError::Prefetch { .. })
         ));
         let risk = svc("bundles = [\"m\"]\nthresholds = { m = 1.5 }").replace("news2", "risk");

@@ -865,6 +865,13 @@ fn a_template_naming_an_optional_context_field_the_call_lacks_leaves_its_key_unr
         "encounter".into(),
         "Encounter/{{context.encounterId}}".into(),
     );
+    // CDS Hooks 2.0's user tokens: the id of `context.userId` when of their type (the call's
+    // user is `Practitioner/example`); they were refused as unsupported at start-up.
+    prefetch.insert("me".into(), "Practitioner/{{userPractitionerId}}".into());
+    prefetch.insert(
+        "role".into(),
+        "PractitionerRole?_id={{userPractitionerRoleId}}".into(),
+    );
     config.prefetch = Some(prefetch);
     let services = CdsSection {
         services: vec![config],
@@ -874,7 +881,10 @@ fn a_template_naming_an_optional_context_field_the_call_lacks_leaves_its_key_unr
     let service = services.get(DEFAULT_NEWS2_ID).unwrap();
     let mut req = request(patient("1925-12-23"), vitals_bundle());
     req.context.remove("encounterId");
-    assert_eq!(service.missing_prefetch(&req).unwrap(), vec![]);
+    assert_eq!(
+        service.missing_prefetch(&req).unwrap(),
+        vec![("me".to_owned(), "Practitioner/example".to_owned())]
+    );
     let out = service
         .evaluate_news2(&req, vec![], now(), &Limits::default())
         .unwrap();
@@ -883,6 +893,9 @@ fn a_template_naming_an_optional_context_field_the_call_lacks_leaves_its_key_unr
     let req = request(patient("1925-12-23"), vitals_bundle());
     assert_eq!(
         service.missing_prefetch(&req).unwrap(),
-        vec![("encounter".to_owned(), "Encounter/89284".to_owned())]
+        vec![
+            ("encounter".to_owned(), "Encounter/89284".to_owned()),
+            ("me".to_owned(), "Practitioner/example".to_owned())
+        ]
     );
 }
