@@ -2108,3 +2108,128 @@ async fn parts_stored_while_the_audit_trail_is_down_are_held_and_recorded_once_i
     }
     nightingale::audit::verify(&trail).unwrap();
 }
+
+/// A trail whose appends hang while `hung` is set, then go through.
+struct Hung {
+    inner: nightingale::audit::jsonl::JsonLinesStore,
+    hung: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl nightingale::audit::AuditStore for Hung {
+    fn append(
+        &mut self,
+        events: &[&nightingale::audit::AuditEvent],
+        unix_ms: u64,
+    ) -> Result<(), nightingale::audit::AuditError> {
+        while self.hung.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.inner.append(events, unix_ms)
+    }
+    fn describe(&self) -> String {
+        "hung".into()
+    }
+}
+
+/// A STOW-RS request cut at its deadline while its parts are stored and recorded: every
+/// instance the spool keeps has its record (a review's finding: the handler, dropped at the
+/// deadline between a part's store and its record, left the parts stored meanwhile in the
+/// spool, served by QIDO/WADO, with no record). The trail is slow here, so that the deadline
+/// falls while the records of the first parts are written and the next parts are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_instance_stored_by_a_request_cut_at_its_deadline_is_recorded() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let trail = dir.path().join("audit.jsonl");
+    let hung = Arc::new(AtomicBool::new(true));
+    let inner =
+        nightingale::audit::jsonl::JsonLinesStore::open(&trail, Default::default()).unwrap();
+    let audit = AuditLog::start(Box::new(Hung {
+        inner,
+        hung: hung.clone(),
+    }))
+    .unwrap();
+    let server = Server::build(
+        dir,
+        audit,
+        DicomWebConfig {
+            request_timeout: Duration::from_secs(1),
+            ..DicomWebConfig::default()
+        },
+        SpoolOptions {
+            min_free_bytes: 0,
+            ..Default::default()
+        },
+        HttpConfig::default(),
+    );
+    let files: Vec<Vec<u8>> = (1..9).map(|n| part10(STUDY, SERIES, &sop(n), 1)).collect();
+    let (s, v) = server.stow("/dicomweb/studies", dicom_parts(&files)).await;
+    assert_eq!(s, StatusCode::REQUEST_TIMEOUT, "{v}");
+    let stored = server.stored();
+    assert!(!stored.is_empty(), "the first parts were stored");
+    hung.store(false, Ordering::SeqCst);
+    // Each stored instance's record, by the SHA-256 of its UID, within 20 s.
+    let wanted: Vec<String> = stored
+        .iter()
+        .map(|uid| nightingale::audit::dicom::uid_sha256(uid))
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&trail).unwrap_or_default();
+        let missing: Vec<&String> = wanted
+            .iter()
+            .filter(|h| !text.contains(h.as_str()))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {} stored instances have no record",
+            missing.len(),
+            wanted.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    nightingale::audit::verify(&trail).unwrap();
+}
+
+/// One client holds at most an eighth of the stream places: a place is held for as long as
+/// its client keeps reading, and two retrievals read at 20 KB/s held every place for hours,
+/// every other client answered 503 (a review's finding). Another client is served.
+#[tokio::test]
+async fn one_client_holds_at_most_an_eighth_of_the_stream_places() {
+    use nightingale::http::clients::ClientAddr;
+    let server = Server::new(DicomWebConfig {
+        max_streams: 16,
+        ..DicomWebConfig::default()
+    });
+    let file = part10(STUDY, SERIES, &sop(96), 1);
+    let instance = stow_one(&server, &file, 96).await;
+    let from = |ip: [u8; 4]| {
+        let mut req = Request::get(instance.as_str()).body(Body::empty()).unwrap();
+        req.extensions_mut()
+            .insert(ClientAddr(std::net::IpAddr::from(ip)));
+        http::app(server.state.clone()).oneshot(req)
+    };
+    // Two answers client A does not read: its share (16 / 8).
+    let first = from([10, 0, 0, 1]).await.unwrap();
+    let second = from([10, 0, 0, 1]).await.unwrap();
+    assert_eq!(
+        (first.status(), second.status()),
+        (StatusCode::OK, StatusCode::OK)
+    );
+    let third = from([10, 0, 0, 1]).await.unwrap();
+    assert_eq!(third.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(third.headers().contains_key(header::RETRY_AFTER));
+    let body = third.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("this client"),
+        "{body:?}"
+    );
+    // Client B is served; A is again once one of its answers is done.
+    let other = from([10, 0, 0, 2]).await.unwrap();
+    assert_eq!(other.status(), StatusCode::OK);
+    drop(first);
+    assert_eq!(from([10, 0, 0, 1]).await.unwrap().status(), StatusCode::OK);
+}

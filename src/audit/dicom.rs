@@ -284,6 +284,12 @@ impl DicomAuditSink {
     pub async fn record_stow(&self, part: &StowPart<'_>) -> Result<(), super::AuditError> {
         self.log.record_or_hold(self.stow_record(part)).await
     }
+
+    /// [`DicomAuditSink::record_stow`] on a thread that may block: in the task that stored
+    /// the part ([`super::AuditLog::record_or_hold_blocking`]).
+    pub fn record_stow_blocking(&self, part: &StowPart<'_>) -> Result<(), super::AuditError> {
+        self.log.record_or_hold_blocking(self.stow_record(part))
+    }
 }
 
 impl EventSink for DicomAuditSink {

@@ -178,7 +178,12 @@ impl Held {
             })?
     }
 
-    fn hold_now(&self, event: &AuditEvent, after_failure: bool) -> Result<bool, AuditError> {
+    /// [`Held::hold`] on this thread (one that may block).
+    pub(crate) fn hold_now(
+        &self,
+        event: &AuditEvent,
+        after_failure: bool,
+    ) -> Result<bool, AuditError> {
         let mut state = self.lock();
         if !after_failure && !self.is_active() {
             return Ok(false);

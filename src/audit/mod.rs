@@ -582,6 +582,57 @@ impl AuditLog {
         held.hold(event, true).await.map(|_| ())
     }
 
+    /// [`AuditLog::record_or_hold`] on a thread that may block (the blocking pool, never an
+    /// async worker): what stores a received instance records it in the same task, so that
+    /// an HTTP request cut short (its deadline, the end of the shutdown grace) cannot leave
+    /// an instance stored without its record (a review's finding: a STOW-RS answered 408
+    /// left instances in the spool, served by QIDO/WADO, with no record).
+    pub fn record_or_hold_blocking(&self, event: AuditEvent) -> Result<(), AuditError> {
+        use tokio::sync::oneshot::error::TryRecvError;
+        let event = self.sealed(event);
+        if let Some(held) = &self.held
+            && held.is_active()
+            && held.hold_now(&event, false)?
+        {
+            return Ok(());
+        }
+        let (ack, mut done) = oneshot::channel();
+        self.tx
+            .blocking_send((event.clone(), Some(ack)))
+            .map_err(|_| AuditError::Stopped)?;
+        let started = Instant::now();
+        let mut pause = std::time::Duration::from_micros(50);
+        let answer = loop {
+            match done.try_recv() {
+                Ok(answer) => break Some(answer),
+                Err(TryRecvError::Closed) => return Err(AuditError::Stopped),
+                Err(TryRecvError::Empty) => {
+                    if self.held.is_some() && started.elapsed() >= TRAIL_WAIT {
+                        break None;
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(2));
+                }
+            }
+        };
+        let error = match answer {
+            Some(Ok(())) => return Ok(()),
+            Some(Err(reason)) => AuditError::Write {
+                location: self.location.clone(),
+                reason,
+            },
+            None => AuditError::Write {
+                location: self.location.clone(),
+                reason: format!("no answer within {} s", TRAIL_WAIT.as_secs()),
+            },
+        };
+        let Some(held) = &self.held else {
+            return Err(error);
+        };
+        tracing::error!(error = %error, "audit record not written: held for the trail");
+        held.hold_now(&event, true).map(|_| ())
+    }
+
     /// Writes a held record (sealed when it was held) to the trail.
     pub(crate) async fn record_held(&self, event: AuditEvent) -> Result<(), AuditError> {
         self.record_sealed(event).await

@@ -84,6 +84,9 @@ pub struct DicomWeb {
     searches: Arc<tokio::sync::Semaphore>,
     /// WADO-RS answers being streamed ([`DicomWebConfig::max_streams`]).
     pub(crate) streams: Arc<tokio::sync::Semaphore>,
+    /// The stream places each client holds (at most an eighth of them,
+    /// [`super::wado::streams_per_client`]).
+    pub(crate) streams_by_client: Arc<super::clients::ClientCounts>,
 }
 
 /// QIDO-RS searches built at once. An answer of 10,000 instances is about 10 MB of JSON and
@@ -110,6 +113,9 @@ impl DicomWeb {
             budget: Budget::new(config.max_inflight_bytes),
             searches: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_SEARCHES)),
             streams: Arc::new(tokio::sync::Semaphore::new(config.max_streams.max(1))),
+            streams_by_client: super::clients::ClientCounts::new(super::wado::streams_per_client(
+                config.max_streams,
+            )),
             spool,
             config,
             audit_uids,
@@ -481,17 +487,32 @@ async fn store_inner(
             let study = study.clone();
             let extra = extra_sop_classes.clone();
             in_memory += len;
+            let (audit, request_id, caller) =
+                (audit.clone(), request_id.clone(), caller.to_owned());
             let task = tokio::task::spawn_blocking(move || {
                 if !charged {
                     metrics::counter!("nightingale_dicom_stow_busy_total").increment(1);
-                    return Ok((PartOutcome::Failed(out_of_memory_budget()), len));
+                    return Ok((PartOutcome::Failed(out_of_memory_budget()), len, None));
                 }
                 let part = part.load()?;
                 let size = part.body.len();
-                Ok::<_, std::io::Error>((
-                    stow::store_part(&spool, &part, study.as_deref(), &extra),
-                    size,
-                ))
+                let outcome = stow::store_part(&spool, &part, study.as_deref(), &extra);
+                // A stored part's record is written here, in the task that stored it: this
+                // task runs to its end even when the request is cut short (its deadline, the
+                // end of the shutdown grace), which dropped the handler between the store
+                // and its record (a review's finding: a 408 left instances unaudited).
+                let unrecorded = match &outcome {
+                    PartOutcome::Stored(s) => audit
+                        .record_stow_blocking(&StowPart {
+                            request_id: &request_id,
+                            caller: &caller,
+                            instance: stored_event(s, size),
+                        })
+                        .err()
+                        .map(|e| e.to_string()),
+                    PartOutcome::Failed(_) => None,
+                };
+                Ok::<_, std::io::Error>((outcome, size, unrecorded))
             });
             pending.push_back(Pending {
                 task,
@@ -515,13 +536,8 @@ async fn store_inner(
         drop(reservation);
         in_memory -= len;
         match outcome {
-            Ok((PartOutcome::Stored(s), size)) => {
-                let record = StowPart {
-                    request_id: &request_id,
-                    caller,
-                    instance: stored_event(&s, size),
-                };
-                if let Err(e) = audit.record_stow(&record).await {
+            Ok((PartOutcome::Stored(s), size, unrecorded)) => {
+                if let Some(e) = unrecorded {
                     tracing::error!(error = %e, "STOW-RS: the audit record of a stored part cannot be written; reported as failed");
                     failed.push(stow::Failure {
                         sop_class_uid: Some(s.sop_class_uid.clone()),
@@ -547,7 +563,7 @@ async fn store_inner(
                 );
                 stored.push(s);
             }
-            Ok((PartOutcome::Failed(f), size)) => {
+            Ok((PartOutcome::Failed(f), size, _)) => {
                 metrics::counter!("nightingale_dicom_stow_instances_failed_total", "reason" => f.kind)
                     .increment(1);
                 if refused_records < STOW_REFUSED_RECORDS {

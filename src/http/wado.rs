@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use tokio::io::AsyncReadExt;
 
 use super::auth::Caller;
+use super::clients::ClientAddr;
 use super::{AppError, AppState};
 use crate::pipeline::uid_tag;
 
@@ -31,20 +32,48 @@ const CHUNK: usize = 64 * 1024;
 /// gone: each holds up to about 512 KiB (hyper's write buffer, a chunk read ahead), which a
 /// client that asks and never reads kept without bound (a review: 2,000 such retrievals took
 /// the server from 135 MB to 1.07 GB). 503 with Retry-After when every place is taken.
-fn stream_slot(state: &AppState) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, AppError> {
+///
+/// One client (an IPv4 address, an IPv6 /64) holds at most an eighth of the places
+/// ([`streams_per_client`]): a place is held for as long as the client keeps reading, and
+/// two retrievals read at 20 KB/s held the only two places for hours, every other client
+/// answered 503 (a review's finding).
+fn stream_slot(
+    state: &AppState,
+    client: Option<&Extension<ClientAddr>>,
+) -> Result<Option<StreamSlot>, AppError> {
     let Some(web) = state.dicomweb() else {
         return Ok(None);
     };
-    web.streams
-        .clone()
-        .try_acquire_owned()
-        .map(Some)
-        .map_err(|_| {
-            AppError::overloaded(format!(
-                "{} WADO-RS answers are being sent (each holds memory until its client has read it): retry later",
-                web.config.max_streams
-            ))
-        })
+    let mine = match client {
+        Some(Extension(ClientAddr(ip))) => match web.streams_by_client.admit(*ip) {
+            Some(slot) => Some(slot),
+            None => {
+                return Err(AppError::overloaded(format!(
+                    "this client is being sent {} WADO-RS answers, its share of --dicomweb-max-streams: retry later",
+                    web.streams_by_client.max()
+                )));
+            }
+        },
+        None => None,
+    };
+    let place = web.streams.clone().try_acquire_owned().map_err(|_| {
+        AppError::overloaded(format!(
+            "{} WADO-RS answers are being sent (each holds memory until its client has read it): retry later",
+            web.config.max_streams
+        ))
+    })?;
+    Ok(Some((place, mine)))
+}
+
+/// A stream place, and its client's share of them.
+type StreamSlot = (
+    tokio::sync::OwnedSemaphorePermit,
+    Option<super::clients::ClientSlot>,
+);
+
+/// The stream places one client may hold: an eighth of `--dicomweb-max-streams`, at least 1.
+pub(crate) fn streams_per_client(max_streams: usize) -> usize {
+    (max_streams / 8).max(1)
 }
 
 /// `stream`, holding `held` until it is dropped (its last chunk sent, or its client gone).
@@ -358,20 +387,22 @@ fn find_all(state: &AppState, study: &str, series: Option<&str>) -> Result<Vec<F
 pub(crate) async fn retrieve_study(
     State(state): State<Arc<AppState>>,
     caller: Option<Extension<Caller>>,
+    client: Option<Extension<ClientAddr>>,
     Path(study): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    retrieve_many(state, caller, study, None, headers).await
+    retrieve_many(state, caller, client, study, None, headers).await
 }
 
 /// `GET /dicomweb/studies/{study}/series/{series}`.
 pub(crate) async fn retrieve_series(
     State(state): State<Arc<AppState>>,
     caller: Option<Extension<Caller>>,
+    client: Option<Extension<ClientAddr>>,
     Path((study, series)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    retrieve_many(state, caller, study, Some(series), headers).await
+    retrieve_many(state, caller, client, study, Some(series), headers).await
 }
 
 /// Records a read of received DICOM in the audit trail before it is answered
@@ -461,6 +492,7 @@ fn precheck(
 async fn retrieve_many(
     state: Arc<AppState>,
     caller: Option<Extension<Caller>>,
+    client: Option<Extension<ClientAddr>>,
     study: String,
     series: Option<String>,
     headers: HeaderMap,
@@ -527,7 +559,7 @@ async fn retrieve_many(
     ];
     let level = if series.is_some() { "series" } else { "study" };
     // Before the read is audited: a retrieval the budget has no room for is not one.
-    let ticket = match stream_slot(&state) {
+    let ticket = match stream_slot(&state, client.as_ref()) {
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
@@ -667,6 +699,7 @@ fn stream_files(
 pub(crate) async fn retrieve_instance(
     State(state): State<Arc<AppState>>,
     caller: Option<Extension<Caller>>,
+    client: Option<Extension<ClientAddr>>,
     Path((study, series, sop)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Response {
@@ -769,7 +802,7 @@ pub(crate) async fn retrieve_instance(
         );
         found.as_stored();
     }
-    let ticket = match stream_slot(&state) {
+    let ticket = match stream_slot(&state, client.as_ref()) {
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
