@@ -2131,6 +2131,37 @@ impl nightingale::audit::AuditStore for Hung {
     }
 }
 
+/// A server whose trail (`audit.jsonl` in its folder) hangs while the flag returned is set
+/// (set at first when `hung`).
+fn with_hung_trail(
+    hung: bool,
+    limits: DicomWebConfig,
+) -> (Server, Arc<std::sync::atomic::AtomicBool>) {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(hung));
+    let inner = nightingale::audit::jsonl::JsonLinesStore::open(
+        &dir.path().join("audit.jsonl"),
+        Default::default(),
+    )
+    .unwrap();
+    let audit = AuditLog::start(Box::new(Hung {
+        inner,
+        hung: flag.clone(),
+    }))
+    .unwrap();
+    let server = Server::build(
+        dir,
+        audit,
+        limits,
+        SpoolOptions {
+            min_free_bytes: 0,
+            ..Default::default()
+        },
+        HttpConfig::default(),
+    );
+    (server, flag)
+}
+
 /// A STOW-RS request cut at its deadline while its parts are stored and recorded: every
 /// instance the spool keeps has its record (a review's finding: the handler, dropped at the
 /// deadline between a part's store and its record, left the parts stored meanwhile in the
@@ -2138,30 +2169,15 @@ impl nightingale::audit::AuditStore for Hung {
 /// falls while the records of the first parts are written and the next parts are stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_instance_stored_by_a_request_cut_at_its_deadline_is_recorded() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let dir = tempfile::tempdir().unwrap();
-    let trail = dir.path().join("audit.jsonl");
-    let hung = Arc::new(AtomicBool::new(true));
-    let inner =
-        nightingale::audit::jsonl::JsonLinesStore::open(&trail, Default::default()).unwrap();
-    let audit = AuditLog::start(Box::new(Hung {
-        inner,
-        hung: hung.clone(),
-    }))
-    .unwrap();
-    let server = Server::build(
-        dir,
-        audit,
+    use std::sync::atomic::Ordering;
+    let (server, hung) = with_hung_trail(
+        true,
         DicomWebConfig {
             request_timeout: Duration::from_secs(1),
             ..DicomWebConfig::default()
         },
-        SpoolOptions {
-            min_free_bytes: 0,
-            ..Default::default()
-        },
-        HttpConfig::default(),
     );
+    let trail = server._dir.path().join("audit.jsonl");
     let files: Vec<Vec<u8>> = (1..9).map(|n| part10(STUDY, SERIES, &sop(n), 1)).collect();
     let (s, v) = server.stow("/dicomweb/studies", dicom_parts(&files)).await;
     assert_eq!(s, StatusCode::REQUEST_TIMEOUT, "{v}");
@@ -2232,4 +2248,23 @@ async fn one_client_holds_at_most_an_eighth_of_the_stream_places() {
     assert_eq!(other.status(), StatusCode::OK);
     drop(first);
     assert_eq!(from([10, 0, 0, 1]).await.unwrap().status(), StatusCode::OK);
+}
+
+/// A search or retrieval whose access record the trail does not take within its wait is
+/// refused 503, not held for as long as the trail hangs (a re-attack: a frozen PostgreSQL
+/// audit store held QIDO and WADO requests for minutes, past their deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_the_trail_does_not_record_in_time_is_503() {
+    use std::sync::atomic::Ordering;
+    let (server, hung) = with_hung_trail(false, DicomWebConfig::default());
+    let file = part10(STUDY, SERIES, &sop(97), 1);
+    stow_one(&server, &file, 97).await;
+    hung.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let (s, v) = tokio::time::timeout(Duration::from_secs(30), server.get("/dicomweb/studies"))
+        .await
+        .expect("answered while the trail hangs");
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(started.elapsed() >= nightingale::audit::TRAIL_WAIT);
+    hung.store(false, Ordering::SeqCst);
 }

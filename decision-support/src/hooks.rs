@@ -117,7 +117,7 @@ pub enum RequestError {
         source: crate::fhir::FhirError,
     },
     /// A context field a prefetch template names is absent or not a string.
-    #[error("context.{field} is missing or not a string (the service's prefetch needs it)")]
+    #[error("context.{field} is missing, empty or not a string (the service's prefetch needs it)")]
     TemplateContext { field: String },
     /// A prefetch template uses a token this crate does not fill.
     #[error("prefetch template token {{{{{token}}}}} is not supported")]
@@ -219,8 +219,11 @@ pub fn render_prefetch(template: &str, request: &HookRequest) -> Result<String, 
                         .ok_or_else(|| RequestError::Template {
                             token: token.chars().take(40).collect(),
                         })?;
+                // An empty value is no value: `Condition?patient=` asks many FHIR servers for
+                // every patient's Conditions (a re-attack's finding).
                 request
                     .context_str(name)
+                    .filter(|v| !v.is_empty())
                     .ok_or_else(|| RequestError::TemplateContext {
                         field: name.chars().take(40).collect(),
                     })?

@@ -318,7 +318,6 @@ fn parse_keys(issuer: &str, jwks: &[Result<Jwk, String>]) -> Result<Vec<Key>, Jw
             ignored.push((name, "it has no kid (CDS Hooks tokens name their key)"));
             continue;
         };
-        *kids.entry(kid.clone()).or_default() += 1;
         let kind = match key_kind(jwk) {
             Ok(kind) => kind,
             Err(reason) => {
@@ -344,6 +343,10 @@ fn parse_keys(issuer: &str, jwks: &[Result<Jwk, String>]) -> Result<Vec<Key>, Jw
             ignored.push((name, "its key material is invalid"));
             continue;
         };
+        // Only keys that can verify count for a shared kid: RFC 7517 (4.5) lets keys of
+        // other types share one, and an Ed25519 key sharing the new ES384 key's kid had both
+        // ignored, locking the EHR out (a re-attack's finding).
+        *kids.entry(kid.clone()).or_default() += 1;
         keys.push(Key {
             kid,
             alg,
@@ -358,17 +361,33 @@ fn parse_keys(issuer: &str, jwks: &[Result<Jwk, String>]) -> Result<Vec<Key>, Jw
         }
         !shared
     });
-    for (key, reason) in &ignored {
-        tracing::warn!(issuer = %printable(issuer), key = %printable(key), reason, "JWKS key ignored");
+    // One line for the set, naming the first few (a 1 MiB set of unusable keys made 24,000
+    // lines a fetch, and a token with an unknown kid makes a fetch every 30 s).
+    if !ignored.is_empty() {
+        let named: Vec<String> = ignored
+            .iter()
+            .take(8)
+            .map(|(key, reason)| format!("{}: {reason}", printable(key)))
+            .collect();
+        tracing::warn!(
+            issuer = %printable(issuer),
+            ignored = ignored.len(),
+            keys = %named.join("; "),
+            "JWKS keys that cannot verify a token ignored"
+        );
     }
     if keys.is_empty() {
+        let mut named: Vec<String> = ignored
+            .iter()
+            .take(8)
+            .map(|(key, reason)| format!("{}: {reason}", printable(key)))
+            .collect();
+        if ignored.len() > 8 {
+            named.push(format!("and {} more", ignored.len() - 8));
+        }
         return Err(JwksError::Empty {
             issuer: issuer.to_owned(),
-            ignored: ignored
-                .iter()
-                .map(|(key, reason)| format!("{}: {reason}", printable(key)))
-                .collect::<Vec<_>>()
-                .join("; "),
+            ignored: named.join("; "),
         });
     }
     Ok(keys)

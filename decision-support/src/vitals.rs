@@ -259,8 +259,8 @@ impl fmt::Display for UnusableReason {
                  (check the device or charting clock)",
             ),
             UnusableReason::SearchNotRead => f.write_str(
-                "the FHIR search that holds it could not be read from the EHR's FHIR server, \
-                 so the latest value is not known",
+                "the FHIR search that holds it was not answered, by the prefetch or by the EHR's \
+                 FHIR server, so the latest value is not known",
             ),
             UnusableReason::UnreadableObservation => f.write_str(
                 "an observation that may be of it, as recent or undated, could not be read \

@@ -259,7 +259,7 @@ fn bad_requests_are_errors_not_cards() {
     );
     // Its prefetch cannot be rendered either: the message names the field (it named the
     // template's token as "not supported").
-    for patient_id in [None, Some(json!(1288992))] {
+    for patient_id in [None, Some(json!(1288992)), Some(json!(""))] {
         let mut req = request(patient("1925-12-23"), vitals_bundle());
         req.prefetch.as_mut().unwrap().remove("consciousness");
         match patient_id {
@@ -269,7 +269,7 @@ fn bad_requests_are_errors_not_cards() {
         let e = service.missing_prefetch(&req).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "context.patientId is missing or not a string (the service's prefetch needs it)"
+            "context.patientId is missing, empty or not a string (the service's prefetch needs it)"
         );
     }
     let req = request(
@@ -719,7 +719,7 @@ fn a_search_that_could_not_be_read_is_not_nothing_recorded() {
     assert_eq!(i.unusable[0].parameter, Parameter::Consciousness);
     assert_eq!(i.unusable[0].reason, UnusableReason::SearchNotRead);
     assert!(
-        detail(&out).contains("could not be read from the EHR's FHIR server"),
+        detail(&out).contains("was not answered, by the prefetch or by the EHR's FHIR server"),
         "{}",
         detail(&out)
     );

@@ -402,7 +402,26 @@ fn keys_that_cannot_verify_a_token_are_ignored_not_the_whole_set() {
     let t = sign(Algorithm::RS384, "rsa-1", &k.rsa, &claims("e"));
     v.verify(&t, AUD, NOW).unwrap();
 
-    // Two keys sharing a kid: which one a token means cannot be told, both are ignored.
+    // A key that cannot verify sharing a usable key's kid (RFC 7517 4.5: keys of other types
+    // may): the usable one is kept.
+    let mut shared = serde_json::to_value(&k.jwks).unwrap();
+    shared["keys"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"kty": "OKP", "crv": "Ed25519", "kid": "ec-1",
+                     "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}));
+    let mut v = Verifier::new(JwtOptions::default());
+    v.trust_url(ISS, "https://ehr.example.org/jwks.json")
+        .unwrap();
+    assert_eq!(
+        v.refresh(ISS, &serde_json::to_vec(&shared).unwrap())
+            .unwrap(),
+        2
+    );
+    let t = sign(Algorithm::ES384, "ec-1", &k.ec, &claims("f"));
+    v.verify(&t, AUD, NOW).unwrap();
+
+    // Two usable keys sharing a kid: which one a token means cannot be told, both are ignored.
     let mut twins = serde_json::to_value(&k.jwks).unwrap();
     twins["keys"][1]["kid"] = json!("ec-1");
     let mut v = Verifier::new(JwtOptions::default());

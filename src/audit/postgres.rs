@@ -98,6 +98,10 @@ impl PostgresStore {
     /// Must not be called on an async runtime thread (the client blocks).
     pub fn open(url: &str) -> Result<Self, AuditError> {
         let location = redact(url);
+        // The connect timeout bounds the TCP connection, not the server's answer to the
+        // start-up handshake: a server that accepts and never answers holds the start here
+        // (known), which this line at least shows (a re-attack's finding: a silent hang).
+        tracing::info!(store = %location, "connecting to the PostgreSQL audit store");
         let mut client = connect(url, &location)?;
         tail(&mut client, &location)?;
         Ok(PostgresStore {

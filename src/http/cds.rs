@@ -606,6 +606,9 @@ async fn answer_feedback(
         };
         if let Err(err) = state.audit.record(event.clone()).await {
             tracing::error!(error = %err, "audit record of CDS feedback not written");
+            // The items recorded before it are not stored either: the trail says so where
+            // it can (an "ok" record stood alone for a 503: a re-attack's finding).
+            not_stored(&state, recorded).await;
             return AppError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the audit trail cannot be written",
@@ -629,14 +632,7 @@ async fn answer_feedback(
         tracing::error!(error = %e, "CDS feedback not stored");
         // Each record above said the feedback was taken: the trail says it was not kept
         // (an audit record "ok" stood alone for feedback answered 503: a review's finding).
-        for mut event in recorded {
-            event.status = 503;
-            event.outcome = Outcome::Failed;
-            event.detail = event.detail.map(|d| format!("{d} stored=false"));
-            if let Err(err) = state.audit.record(event).await {
-                tracing::error!(error = %err, "audit record of CDS feedback not stored not written");
-            }
-        }
+        not_stored(&state, recorded).await;
         return AppError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the feedback could not be stored; retry later",
@@ -680,6 +676,18 @@ async fn answer_feedback(
         }
     }
     StatusCode::OK.into_response()
+}
+
+/// Records that the feedback items of `recorded` (each recorded as taken) were not stored.
+async fn not_stored(state: &AppState, recorded: Vec<AuditEvent>) {
+    for mut event in recorded {
+        event.status = 503;
+        event.outcome = Outcome::Failed;
+        event.detail = event.detail.map(|d| format!("{d} stored=false"));
+        if let Err(err) = state.audit.record(event).await {
+            tracing::error!(error = %err, "the record of CDS feedback not stored cannot be written");
+        }
+    }
 }
 
 /// Cards of the imaging pipeline's results for the request's patient: on patient-view, when

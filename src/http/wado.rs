@@ -430,7 +430,18 @@ pub(crate) async fn audit_read(
         uids,
         fields,
     );
-    state.audit.record(record).await.map_err(|e| {
+    // A trail that does not answer within TRAIL_WAIT is failing, as for DICOM ingest: the
+    // read is refused (it hung for as long as the trail did: a re-attack's finding). The
+    // record may still reach the trail once it answers: a read recorded, not sent.
+    let written = tokio::time::timeout(crate::audit::TRAIL_WAIT, state.audit.record(record))
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::audit::AuditError::Write {
+                location: state.audit.location().to_owned(),
+                reason: format!("no answer within {} s", crate::audit::TRAIL_WAIT.as_secs()),
+            })
+        });
+    written.map_err(|e| {
         tracing::error!(error = %e, "DICOMweb: the access record of a read cannot be written; nothing sent");
         // 503 as for an inference: the trail comes back, the read can be tried again (it
         // was a 500 "internal server error", which says nothing and invites no retry).

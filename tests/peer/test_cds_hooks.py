@@ -372,7 +372,7 @@ def test_a_search_that_fails_leaves_what_it_holds_unknown(work, ehr, fhir):
         assert status == 200, body
         [card] = body["cards"]
         assert card["summary"] == "NEWS2 not calculated: missing Consciousness", card
-        assert "could not be read from the EHR's FHIR server" in card["detail"], card
+        assert "was not answered, by the prefetch or by the EHR's FHIR server" in card["detail"], card
     finally:
         stop(s.proc)
 
