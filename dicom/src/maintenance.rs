@@ -217,12 +217,18 @@ impl Spool {
     /// `options.repair`, repairs what it found (see [`CheckOptions::repair`]).
     pub fn check(&self, options: &CheckOptions) -> Result<CheckReport, MaintenanceError> {
         let mut report = CheckReport::default();
+        // A file dated further in the future than the settle window (planted, or restored
+        // from a host whose clock ran ahead) is settled: it was listed as "recent, not
+        // checked" for as long as its date lay ahead, and the check passed (a review's
+        // finding). One dated just ahead (a clock stepped back) is still recent.
         let settled = |path: &Path| -> bool {
-            fs::symlink_metadata(path)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| SystemTime::now().duration_since(t).ok())
-                .is_some_and(|age| age >= options.settle)
+            let Some(modified) = fs::symlink_metadata(path).and_then(|m| m.modified()).ok() else {
+                return false;
+            };
+            match SystemTime::now().duration_since(modified) {
+                Ok(age) => age >= options.settle,
+                Err(ahead) => ahead.duration() > options.settle.max(Duration::from_secs(60)),
+            }
         };
         let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
         let rows: Vec<(String, String, i64, String, RowFacts, bool)> = {

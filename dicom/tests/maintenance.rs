@@ -245,6 +245,24 @@ fn temp_files_are_reported_and_only_settled_ones_deleted() {
     let report = spool.check(&now_check(true)).unwrap();
     assert_eq!(report.repaired.unwrap().temp_files_deleted, 1);
     assert!(!tmp.exists());
+
+    // Dated a day ahead (planted, or restored from a host whose clock ran ahead): settled,
+    // not "recent" for as long as its date lies ahead (the check passed, a review's finding).
+    std::fs::write(&tmp, b"half an instance").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&tmp)
+        .unwrap()
+        .set_modified(SystemTime::now() + Duration::from_secs(86_400))
+        .unwrap();
+    let report = spool
+        .check(&CheckOptions {
+            repair: false,
+            settle: Duration::from_secs(3600),
+        })
+        .unwrap();
+    assert_eq!(report.temp_files, vec![PathBuf::from("tmp/12345-1-0.part")]);
+    assert!(!report.is_consistent());
 }
 
 #[test]

@@ -502,6 +502,10 @@ def test_instances_stored_while_the_audit_trail_is_down_are_acknowledged_and_aud
         out = r.stdout + r.stderr
         assert out.count("Received Store Response (Success)") == 3, out
         assert set(s.index()) >= set(uids)
+        # The association's end is recorded once it is released, after storescu has its answer.
+        deadline = time.monotonic() + 20
+        while len(_records(held)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
         held_records = _records(held)
         kinds = [(rec["kind"], _detail(rec)["event"]) for rec in held_records]
         assert kinds == [("dicom-association", "accepted"), *[("dicom-instance", "stored")] * 3,
