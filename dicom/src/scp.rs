@@ -385,6 +385,12 @@ impl Scp {
         self.listener.local_addr()
     }
 
+    /// The bytes of data sets being received now, over all associations (a data set is
+    /// charged as it arrives): lets a caller see that a C-STORE is under way.
+    pub fn inflight(&self) -> Arc<Budget> {
+        self.budget.clone()
+    }
+
     /// Accepts associations until `shutdown` completes, then stops: no new connection is
     /// accepted, a request arriving on a connection not yet associated is refused (transient,
     /// local limit exceeded), and each association ends with an A-ABORT once the request in
