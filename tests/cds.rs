@@ -254,6 +254,19 @@ impl Server {
         req.body(Body::from(body)).unwrap()
     }
 
+    /// Posts CDS feedback on the NEWS2 service with a fresh valid token.
+    async fn feedback(&self, body: &Value) -> (StatusCode, Value) {
+        let token = self
+            .ehr
+            .token(&format!("http://{HOST}/cds-services/{SERVICE}"));
+        self.send(self.post(
+            &format!("/cds-services/{SERVICE}/feedback"),
+            Some(&token),
+            body.to_string().into_bytes(),
+        ))
+        .await
+    }
+
     /// A hook call with a fresh valid token.
     async fn call(&self, request: &Value) -> (StatusCode, Value) {
         self.call_service(SERVICE, request).await
@@ -416,16 +429,7 @@ async fn a_patient_view_call_gets_its_news2_card_and_feedback_is_joined_to_it() 
     let fb = json!({"feedback": [{"card": card["uuid"], "outcome": "overridden",
         "overrideReason": {"reason": {"system": "http://example.org/reasons", "code": "not-relevant"}, "userComment": "post-op"},
         "outcomeTimestamp": chrono::Utc::now().to_rfc3339()}]});
-    let token = server
-        .ehr
-        .token(&format!("http://{HOST}/cds-services/{SERVICE}"));
-    let (s, v) = server
-        .send(server.post(
-            &format!("/cds-services/{SERVICE}/feedback"),
-            Some(&token),
-            fb.to_string().into_bytes(),
-        ))
-        .await;
+    let (s, v) = server.feedback(&fb).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let stats = server.state.cds().stats.lock().unwrap().clone();
     assert_eq!(
@@ -439,18 +443,9 @@ async fn a_patient_view_call_gets_its_news2_card_and_feedback_is_joined_to_it() 
             .any(|r| r["kind"] == "cds-feedback" && r["request_id"] == card["uuid"])
     );
     // Feedback on a card never issued: 400.
-    let token = server
-        .ehr
-        .token(&format!("http://{HOST}/cds-services/{SERVICE}"));
     let unknown = json!({"feedback": [{"card": "0b5f0c1e-8a7e-4b1e-9d5c-1b2c3d4e5f60", "outcome": "overridden",
         "outcomeTimestamp": chrono::Utc::now().to_rfc3339()}]});
-    let (s, v) = server
-        .send(server.post(
-            &format!("/cds-services/{SERVICE}/feedback"),
-            Some(&token),
-            unknown.to_string().into_bytes(),
-        ))
-        .await;
+    let (s, v) = server.feedback(&unknown).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     // Refused calls and feedback are audited too (a red-team finding: only answered ones
     // were): the refused feedback above, a malformed call, and a call without a token.
@@ -506,18 +501,9 @@ async fn a_patient_view_call_gets_its_news2_card_and_feedback_is_joined_to_it() 
     let server = server.restart();
     let stats = server.state.cds().stats.lock().unwrap().clone();
     assert_eq!(stats.counts(SERVICE, Some(("news2", "rcp-2017"))), (0, 1));
-    let token = server
-        .ehr
-        .token(&format!("http://{HOST}/cds-services/{SERVICE}"));
     let again = json!({"feedback": [{"card": card["uuid"], "outcome": "overridden",
         "outcomeTimestamp": chrono::Utc::now().to_rfc3339()}]});
-    let (s, v) = server
-        .send(server.post(
-            &format!("/cds-services/{SERVICE}/feedback"),
-            Some(&token),
-            again.to_string().into_bytes(),
-        ))
-        .await;
+    let (s, v) = server.feedback(&again).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     // The same card's feedback again, after the restart: it replaces the card's outcome
     // (each card counts once, as its latest feedback says; it was counted twice).
@@ -1786,16 +1772,7 @@ async fn feedback_the_store_cannot_take_is_503_and_recorded_as_not_stored() {
     let fb = json!({"feedback": [{"card": card, "outcome": "overridden",
         "overrideReason": {"reason": {"system": "http://example.org/reasons", "code": "known"}},
         "outcomeTimestamp": chrono::Utc::now().to_rfc3339()}]});
-    let token = server
-        .ehr
-        .token(&format!("http://{HOST}/cds-services/{SERVICE}"));
-    let (s, v) = server
-        .send(server.post(
-            &format!("/cds-services/{SERVICE}/feedback"),
-            Some(&token),
-            fb.to_string().into_bytes(),
-        ))
-        .await;
+    let (s, v) = server.feedback(&fb).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     lock.execute_batch("ROLLBACK").unwrap();
     let records: Vec<Value> = server
@@ -1819,16 +1796,7 @@ async fn feedback_the_store_cannot_take_is_503_and_recorded_as_not_stored() {
         None
     );
     // Sent again once the store can take it: stored, counted once.
-    let token = server
-        .ehr
-        .token(&format!("http://{HOST}/cds-services/{SERVICE}"));
-    let (s, v) = server
-        .send(server.post(
-            &format!("/cds-services/{SERVICE}/feedback"),
-            Some(&token),
-            fb.to_string().into_bytes(),
-        ))
-        .await;
+    let (s, v) = server.feedback(&fb).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let stats = server.state.cds().stats.lock().unwrap().clone();
     assert_eq!(
