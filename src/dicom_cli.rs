@@ -282,8 +282,14 @@ pub fn spool(command: SpoolCommand) -> anyhow::Result<()> {
                     shown(f)
                 );
             }
+            for f in &report.other_files {
+                println!(
+                    "other     {} (not a spool file: neither checked nor purged)",
+                    shown(f)
+                );
+            }
             println!(
-                "{} {}: {} index rows, {} files; {} bad rows, {} unindexed files, {} temporary files, {} links; {} recent files not checked",
+                "{} {}: {} index rows, {} files; {} bad rows, {} unindexed files, {} temporary files, {} links; {} recent files not checked; {} other files",
                 if report.is_consistent() {
                     "ok  "
                 } else {
@@ -296,7 +302,8 @@ pub fn spool(command: SpoolCommand) -> anyhow::Result<()> {
                 report.unindexed.len(),
                 report.temp_files.len(),
                 report.links.len(),
-                report.in_progress.len()
+                report.in_progress.len(),
+                report.other_files.len()
             );
             if let Some(r) = &report.repaired {
                 println!(
@@ -348,7 +355,12 @@ pub fn spool(command: SpoolCommand) -> anyhow::Result<()> {
                 report.quarantine_files,
                 humantime::format_duration(older_than)
             );
-            if report.foreign_rows > 0 || report.kept > 0 {
+            if dry_run && report.foreign_rows > 0 {
+                println!(
+                    "  {} index rows naming paths the spool never writes would be dropped (nothing deleted for them)",
+                    report.foreign_rows
+                );
+            } else if report.foreign_rows > 0 || report.kept > 0 {
                 println!(
                     "  {} index rows naming paths the spool never writes dropped (nothing deleted for them); {} instances kept: their files could not be deleted (see the log)",
                     report.foreign_rows, report.kept

@@ -1599,6 +1599,62 @@ async fn missing_inputs_are_named_on_an_info_card_never_imputed() {
     assert!(!server.audit().iter().any(|e| e["kind"] == "inference"));
 }
 
+/// A risk service's searches left out by the EHR (and not fetched: no FHIR server to ask)
+/// leave their features not known: the card said "no recent result" of the blood pressure
+/// and heart rate, and "no current encounter", as if the searches had found nothing (a
+/// review's finding). A search answered `null` (no data) still reads "no recent result".
+#[tokio::test]
+async fn a_risk_search_left_out_is_not_known_and_one_answered_null_is_no_result() {
+    let server = Server::with_bundles(vec![], Duration::from_secs(1), &["icu-mortality"]);
+    let mut prefetch = icu_prefetch(true);
+    let map = prefetch.as_object_mut().unwrap();
+    map.remove("observations");
+    map.remove("encounters");
+    let (s, v) = server
+        .call_service(
+            "nightingale-icu-mortality",
+            &patient_view(Some(prefetch.clone()), None),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let card = &v["cards"][0];
+    assert_eq!(card["indicator"], "info", "{card}");
+    let detail = card["detail"].as_str().unwrap().replace('\\', "");
+    assert!(!detail.contains("no recent result"), "{detail}");
+    assert!(!detail.contains("no current encounter"), "{detail}");
+    for name in ["systolic bp", "heart rate"] {
+        let line = detail
+            .lines()
+            .find(|l| l.to_lowercase().contains(name))
+            .unwrap_or_else(|| panic!("{name} in {detail}"));
+        assert!(line.contains("was not answered"), "{line}");
+    }
+    assert!(
+        detail.contains("encounters were not available (the search was not answered"),
+        "{detail}"
+    );
+    // Answered `null`: the EHR has none of them.
+    let map = prefetch.as_object_mut().unwrap();
+    map.insert("observations".into(), Value::Null);
+    map.insert("encounters".into(), Value::Null);
+    let (s, v) = server
+        .call_service(
+            "nightingale-icu-mortality",
+            &patient_view(Some(prefetch), None),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let detail = v["cards"][0]["detail"].as_str().unwrap().replace('\\', "");
+    assert!(detail.contains("no recent result"), "{detail}");
+    // The call names its encounter, which a search that found none does not hold.
+    assert!(
+        detail.contains("context.encounterId) was not among the encounters read"),
+        "{detail}"
+    );
+    assert!(!detail.contains("was not answered"), "{detail}");
+    assert!(!server.audit().iter().any(|e| e["kind"] == "inference"));
+}
+
 /// `--cds-trust ISSUER=URL`: the JWKS is fetched when a token names a key not yet known (keys
 /// rotate), and a `jku` header is accepted only when it is that very URL.
 #[tokio::test]

@@ -142,6 +142,22 @@ fn check_reports_a_missing_file_and_repair_fixes_it() {
     assert_eq!(indexed(&spool), vec!["1.2.3.2.1.1".to_owned()]);
     let (code, out) = run(&["spool", "check", "--spool", s]);
     assert_eq!(code, 0, "{out}");
+
+    // A file the spool never writes (an editor's backup beside an instance) is named, not
+    // checked, not repaired away, and not an inconsistency (it was not mentioned at all).
+    let backup = files[1].with_extension("dcm~");
+    std::fs::copy(&files[1], &backup).unwrap();
+    let (code, out) = run(&["spool", "check", "--spool", s, "--repair"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!(
+            "other     instances/1.2.3.2/1.2.3.2.1/{} (not a spool file",
+            backup.file_name().unwrap().to_str().unwrap()
+        )),
+        "{out}"
+    );
+    assert!(out.contains("; 1 other files"), "{out}");
+    assert!(backup.exists());
 }
 
 /// `run` as a user other than root where this test runs as root (root reads any file): the

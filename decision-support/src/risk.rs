@@ -366,7 +366,7 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
                 // current encounter": a red-team finding).
                 [] if resources.is_unread("Encounter") => {
                     out.value = Err(Missing::Encounter(
-                        "the encounters were not available (the search could not be read)",
+                        "the encounters were not available (the search was not answered or could not be read)",
                     ))
                 }
                 // The encounter in context is not among those read (the search returns

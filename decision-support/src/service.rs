@@ -678,14 +678,21 @@ impl Service {
         // template this request cannot fill): a NEWS2 card said "no value recorded" of every
         // parameter when nothing was read (a review's finding). A search by code left out
         // (consciousness, pregnancy: searches beside the vitals) does not hold the others'
-        // values in doubt, as before; the Conditions are marked below.
+        // values in doubt, as before; the Conditions are marked below. A risk service's every
+        // search is its features' only source: one left out and not fetched leaves the
+        // features it would have found not known (an Observation search by code read "no
+        // recent result", an Encounter search "no current encounter": a review's finding).
+        let risk = self.config.kind == ServiceKind::Risk;
         for (key, template) in &self.prefetch {
             let failed_key = failed.contains(key);
             if !failed_key && (request.answered(key) || fetched_keys.iter().any(|k| k == key)) {
                 continue;
             }
             let search = unread_search(template);
-            if failed_key || search.resource_type == "Observation" && search.codes.is_none() {
+            if failed_key
+                || search.resource_type == "Observation" && search.codes.is_none()
+                || risk && template.contains('?')
+            {
                 resources.add_unread_search(search);
             }
         }

@@ -153,6 +153,11 @@ pub struct CheckReport {
     /// through one is [`Problem::ForeignPath`]); `repair` deletes the link, never what it
     /// points to.
     pub links: Vec<PathBuf>,
+    /// Entries under `instances/` that are neither folders, `.dcm` files nor links (an
+    /// editor's backup, a manual copy under another name, a FIFO): the spool never writes
+    /// one, and neither the check nor the purge reads or deletes them. Reported so that an
+    /// operator sees them; not an inconsistency of the index.
+    pub other_files: Vec<PathBuf>,
     /// Unindexed and temporary files younger than [`CheckOptions::settle`]: stores a running
     /// server may have under way. Reported, not counted as inconsistent (a check of a live
     /// spool failed while instances arrived), never repaired.
@@ -313,7 +318,13 @@ impl Spool {
         let mut files = Vec::new();
         let mut links = Vec::new();
         let instances = self.root.join(INSTANCES_DIR);
-        collect_entries(&instances, &mut files, &mut links).map_err(io("list", &instances))?;
+        let mut other = Vec::new();
+        collect_entries(&instances, &mut files, &mut links, &mut other)
+            .map_err(io("list", &instances))?;
+        report.other_files = other
+            .iter()
+            .filter_map(|p| p.strip_prefix(&self.root).ok().map(Path::to_owned))
+            .collect();
         report.files = files.len();
         let mut unindexed_abs = Vec::new();
         for path in files {
@@ -493,14 +504,22 @@ impl Spool {
             ..PurgeReport::default()
         };
         if dry_run {
+            // Each row as the purge would take it: one naming a path the spool never writes
+            // is dropped, not purged (the dry run counted it among the instances to go).
             let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
-            let (n, bytes): (i64, i64) = db.query_row(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances WHERE received_at_ms < ?1",
-                [cutoff_ms],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
-            report.instances = n as usize;
-            report.bytes = bytes as u64;
+            let mut stmt =
+                db.prepare("SELECT path, size FROM instances WHERE received_at_ms < ?1")?;
+            let mut rows = stmt.query([cutoff_ms])?;
+            while let Some(row) = rows.next()? {
+                let relative: String = row.get(0)?;
+                let size: i64 = row.get(1)?;
+                if crate::spool::indexed_path(&self.root, &relative, true).is_some() {
+                    report.instances += 1;
+                    report.bytes += size as u64;
+                } else {
+                    report.foreign_rows += 1;
+                }
+            }
         } else {
             let instances = self.root.join(INSTANCES_DIR);
             // Where the last batch ended (arrival time, UID): a row kept (its file could not

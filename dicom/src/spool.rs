@@ -2305,15 +2305,17 @@ fn create_dirs_durably(base: &Path, dir: &Path) -> std::io::Result<()> {
 
 /// The `.dcm` regular files under `dir`, at any depth (links are not followed).
 pub(crate) fn collect_dcm(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    collect_entries(dir, out, &mut Vec::new())
+    collect_entries(dir, out, &mut Vec::new(), &mut Vec::new())
 }
 
 /// The `.dcm` regular files and the symbolic links (of any name) under `dir`, at any depth
-/// (links to folders are not followed).
+/// (links to folders are not followed), and in `other` everything else that is not a folder
+/// (a file not named `.dcm`, a FIFO, a socket).
 pub(crate) fn collect_entries(
     dir: &Path,
     files: &mut Vec<PathBuf>,
     links: &mut Vec<PathBuf>,
+    other: &mut Vec<PathBuf>,
 ) -> std::io::Result<()> {
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
@@ -2322,9 +2324,11 @@ pub(crate) fn collect_entries(
         if kind.is_symlink() {
             links.push(path);
         } else if kind.is_dir() {
-            collect_entries(&path, files, links)?;
+            collect_entries(&path, files, links, other)?;
         } else if kind.is_file() && path.extension().is_some_and(|e| e == "dcm") {
             files.push(path);
+        } else {
+            other.push(path);
         }
     }
     Ok(())
