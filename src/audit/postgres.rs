@@ -4,6 +4,10 @@
 //! and checks the chain's tail, and inserts: replicas append to one chain in turn, and a failed
 //! write rolls the whole group back. A lost connection is re-opened before the next group.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::Duration;
+
 use ::postgres::{Client, NoTls};
 
 use super::chain::{ChainChecker, seal};
@@ -69,7 +73,79 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// How long a connection may take, the server's answer to the start-up handshake and the
+/// schema statement included.
+const CONNECT_WITHIN: Duration = Duration::from_secs(15);
+
+/// Connection attempts still waiting for a server that accepted them and has not answered
+/// (each on a thread of its own, which ends when the server answers or the connection dies).
+static PENDING_CONNECTS: AtomicUsize = AtomicUsize::new(0);
+
+/// At most this many such attempts wait at once: another is refused until one ends.
+const MAX_PENDING_CONNECTS: usize = 2;
+
 fn connect(url: &str, location: &str) -> Result<Client, AuditError> {
+    connect_within(url, location, CONNECT_WITHIN, true)
+}
+
+/// Connects and (with `schema`) creates the table if needed, within `limit`. The client library bounds only
+/// the TCP connection: a server that accepts and never answers its start-up handshake (a
+/// frozen PostgreSQL, a proxy whose database is gone) held `serve` at its start for as long
+/// as it stayed silent (a review's finding). The attempt runs on a thread of its own, left
+/// to end by itself when it takes longer than `limit`.
+fn connect_within(
+    url: &str,
+    location: &str,
+    limit: Duration,
+    schema: bool,
+) -> Result<Client, AuditError> {
+    let config = config(url, location)?;
+    let slow = |reason: String| AuditError::Write {
+        location: location.to_owned(),
+        reason,
+    };
+    if PENDING_CONNECTS.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING_CONNECTS {
+        PENDING_CONNECTS.fetch_sub(1, Ordering::SeqCst);
+        return Err(slow(
+            "earlier connection attempts are still waiting for the server to answer".into(),
+        ));
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let spawned = std::thread::Builder::new()
+        .name("audit-pg-connect".into())
+        .spawn(move || {
+            let result = config.connect(NoTls).and_then(|mut client| {
+                if schema {
+                    client.batch_execute(SCHEMA)?;
+                }
+                Ok(client)
+            });
+            PENDING_CONNECTS.fetch_sub(1, Ordering::SeqCst);
+            // The caller may have given up: the client is then dropped here.
+            let _ = tx.send(result);
+        });
+    if let Err(e) = spawned {
+        PENDING_CONNECTS.fetch_sub(1, Ordering::SeqCst);
+        return Err(slow(format!("cannot start a connection thread: {e}")));
+    }
+    match rx.recv_timeout(limit) {
+        Ok(result) => result.map_err(|source| AuditError::Postgres {
+            location: location.to_owned(),
+            source,
+        }),
+        Err(RecvTimeoutError::Timeout) => Err(slow(format!(
+            "the server did not complete the connection within {} s (it accepted the \
+             connection and has not answered)",
+            limit.as_secs_f64()
+        ))),
+        Err(RecvTimeoutError::Disconnected) => {
+            Err(slow("the connection attempt ended without a result".into()))
+        }
+    }
+}
+
+/// The connection settings of `url`, with the timeouts below where it sets none.
+fn config(url: &str, location: &str) -> Result<::postgres::Config, AuditError> {
     let err = |source| AuditError::Postgres {
         location: location.to_owned(),
         source,
@@ -88,9 +164,7 @@ fn connect(url: &str, location: &str) -> Result<Client, AuditError> {
     if config.get_keepalives_idle() == std::time::Duration::from_secs(2 * 60 * 60) {
         config.keepalives_idle(std::time::Duration::from_secs(30));
     }
-    let mut client = config.connect(NoTls).map_err(err)?;
-    client.batch_execute(SCHEMA).map_err(err)?;
-    Ok(client)
+    Ok(config)
 }
 
 impl PostgresStore {
@@ -98,9 +172,7 @@ impl PostgresStore {
     /// Must not be called on an async runtime thread (the client blocks).
     pub fn open(url: &str) -> Result<Self, AuditError> {
         let location = redact(url);
-        // The connect timeout bounds the TCP connection, not the server's answer to the
-        // start-up handshake: a server that accepts and never answers holds the start here
-        // (known), which this line at least shows (a re-attack's finding: a silent hang).
+        // Before connecting, so that a slow server's wait is seen in the log.
         tracing::info!(store = %location, "connecting to the PostgreSQL audit store");
         let mut client = connect(url, &location)?;
         tail(&mut client, &location)?;
@@ -209,7 +281,7 @@ pub fn verify_watching(url: &str, watch: Option<u64>) -> Result<ChainSummary, Au
         location: location.clone(),
         source,
     };
-    let mut client = Client::connect(url, NoTls).map_err(err)?;
+    let mut client = connect_within(url, &location, CONNECT_WITHIN, false)?;
     let mut checker = ChainChecker::from_genesis();
     checker.watch = watch;
     let mut tx = client.transaction().map_err(err)?;
@@ -240,7 +312,38 @@ pub fn verify_watching(url: &str, watch: Option<u64>) -> Result<ChainSummary, Au
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::{connect_within, redact};
+
+    /// A server that accepts the connection and never answers the start-up handshake fails
+    /// the connection within its limit, with a reason (it held `serve` at its start).
+    #[test]
+    fn a_server_that_accepts_and_never_answers_fails_the_connection_in_time() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let silent = std::thread::spawn(move || {
+            // Holds the connection open, reads nothing and answers nothing, until the test
+            // has its answer (at most 60 s).
+            let (held, _) = listener.accept().unwrap();
+            let _ = wait.recv_timeout(std::time::Duration::from_secs(60));
+            drop(held);
+        });
+        let url = format!("host=127.0.0.1 port={port} user=ng password=S3cretPW dbname=audit");
+        let err = connect_within(
+            &url,
+            &redact(&url),
+            std::time::Duration::from_millis(500),
+            true,
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+        done.send(()).unwrap();
+        // Timed out, not ended by the server closing the connection.
+        assert!(err.contains("did not complete the connection"), "{err}");
+        assert!(!err.contains("S3cret"), "{err}");
+        silent.join().unwrap();
+    }
 
     #[test]
     fn the_password_is_never_shown_whatever_its_spelling() {
