@@ -1103,7 +1103,8 @@ async fn an_older_release_put_back_needs_an_admin_s_explicit_release() {
 /// Red-team finding: a rollback's pin lived in memory only, and a restart served the
 /// version rolled back from again. With the server's pins kept in its data folder, a
 /// restart serves the pinned version (audited as a rollback by `startup`); a plain load
-/// lifts the pin for good.
+/// lifts the pin for good. An unload in between keeps the pin, and the index says so (it
+/// said "not pinned" while the restart served the pin: a review's finding).
 #[tokio::test]
 async fn a_rollback_holds_across_a_restart_until_a_plain_load() {
     let mut f = Fixture::with(&[1, 2], None, |_| {}, true).await;
@@ -1112,6 +1113,16 @@ async fn a_rollback_holds_across_a_restart_until_a_plain_load() {
         .post(&uri, r#"{"parameters": {"version": "1"}}"#, Some(TOKEN))
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
+    let unload = format!("/v2/repository/models/{MODEL}/unload");
+    let (s, v) = f.post(&unload, "", Some(TOKEN)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let index = f.index().await;
+    assert_eq!(index.len(), 1, "{index:?}");
+    assert_eq!(
+        (&index[0]["state"], &index[0]["pinned"]),
+        (&json!("UNLOADED"), &json!(true)),
+        "{index:?}"
+    );
     // restart (its own audit trail: the first server's is still held): the pinned version
     // alone, pinned
     f.state = Fixture::start(f.dir.path(), None, true, "audit-2.jsonl").await;

@@ -43,17 +43,42 @@ pub(crate) enum NotRegular {
 /// (and a parse error would then quote what it points to), opening a FIFO blocks until a
 /// writer comes, and a device never ends. The path is inspected without following links, and
 /// the file opened must be the very file inspected, so swapping one in between is refused too.
+/// The open itself neither follows a link nor waits for a FIFO's writer: a FIFO swapped in
+/// between the two hung the repository poller, and a load under its lock, for good (a
+/// review's finding).
 pub(crate) fn open_regular(path: &Path) -> Result<fs::File, NotRegular> {
     let inspected = fs::symlink_metadata(path).map_err(NotRegular::Io)?;
     if !inspected.is_file() {
         return Err(NotRegular::Kind);
     }
-    let file = fs::File::open(path).map_err(NotRegular::Io)?;
+    let file = open_without_waiting(path).map_err(|e| {
+        // A link swapped in: refused by O_NOFOLLOW.
+        if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+            NotRegular::Kind
+        } else {
+            NotRegular::Io(e)
+        }
+    })?;
     let opened = file.metadata().map_err(NotRegular::Io)?;
     if !opened.is_file() || !same_file(&inspected, &opened) {
         return Err(NotRegular::Kind);
     }
     Ok(file)
+}
+
+/// Opens `path` to read, without following a link in its place (`ELOOP`) and without
+/// waiting for a FIFO's writer or a device's carrier (a regular file reads as ever).
+fn open_without_waiting(path: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(
+            (rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::NONBLOCK
+                | rustix::fs::OFlags::NOCTTY)
+                .bits() as i32,
+        )
+        .open(path)
 }
 
 /// Opens (creating it, owner only) the lock file `path`, to `flock` it: a link in its place is
@@ -92,23 +117,37 @@ fn same_file(_: &fs::Metadata, _: &fs::Metadata) -> bool {
 /// cannot be listed in a manifest (TOML is UTF-8), so such a file is unlisted whatever the
 /// manifest says (its name was read lossily, and matched a listed `x\u{FFFD}`: a red-team
 /// finding).
+/// The deepest folder a version folder may hold its files in (`1/a/b/.../x`: `a` is at depth
+/// 1). The repository's poller watches every file to this depth and one below, so a change
+/// at any depth a load reads is seen (a file at depth 9 was read by loads and not watched: a
+/// review's finding).
+pub const MAX_FOLDER_DEPTH: usize = 16;
+
 fn list_files(dir: &Path) -> Result<Vec<String>, BundleError> {
     fn walk(
         root: &Path,
         dir: &Path,
+        depth: usize,
         out: &mut Vec<String>,
         not_utf8: &mut Option<PathBuf>,
-    ) -> std::io::Result<()> {
-        for entry in fs::read_dir(dir)? {
-            let entry = entry?;
-            let kind = entry.file_type()?;
+    ) -> Result<(), BundleError> {
+        if depth > MAX_FOLDER_DEPTH {
+            return Err(BundleError::TooDeep {
+                path: dir.to_owned(),
+                limit: MAX_FOLDER_DEPTH,
+            });
+        }
+        let io = |source| BundleError::io(dir, source);
+        for entry in fs::read_dir(dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let kind = entry.file_type().map_err(io)?;
             let path = entry.path();
             if entry.file_name().to_str().is_none() {
                 not_utf8.get_or_insert(path);
                 continue;
             }
             if kind.is_dir() {
-                walk(root, &path, out, not_utf8)?;
+                walk(root, &path, depth + 1, out, not_utf8)?;
             } else {
                 let rel = path.strip_prefix(root).unwrap_or(&path);
                 let parts: Vec<&str> = rel
@@ -122,7 +161,7 @@ fn list_files(dir: &Path) -> Result<Vec<String>, BundleError> {
     }
     let mut out = vec![];
     let mut not_utf8 = None;
-    walk(dir, dir, &mut out, &mut not_utf8).map_err(|source| BundleError::io(dir, source))?;
+    walk(dir, dir, 0, &mut out, &mut not_utf8)?;
     if let Some(path) = not_utf8 {
         return Err(BundleError::UnlistedFile { path });
     }
@@ -195,4 +234,50 @@ pub fn read_verified(
         out.insert(name.clone(), bytes);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::open_without_waiting;
+
+    /// What `open_regular` opens after its inspection (where a FIFO or a link may have been
+    /// swapped in) is opened without waiting for a writer and without following a link.
+    #[test]
+    fn a_fifo_or_link_swapped_in_is_opened_without_waiting_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("bundle.toml.minisig");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if !made.is_ok_and(|s| s.success()) {
+            eprintln!("mkfifo unavailable; FIFO case skipped");
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let opened = open_without_waiting(&path).map(|f| f.metadata().unwrap().is_file());
+            let _ = tx.send(opened);
+        });
+        // No writer ever comes: a plain open would wait for good.
+        let opened = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the open of a FIFO returned");
+        assert!(!opened.unwrap(), "a FIFO is not a regular file");
+
+        let target = dir.path().join("real");
+        std::fs::write(&target, b"x").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = open_without_waiting(&link).unwrap_err();
+        assert_eq!(
+            err.raw_os_error(),
+            Some(rustix::io::Errno::LOOP.raw_os_error())
+        );
+        assert!(
+            open_without_waiting(&target)
+                .unwrap()
+                .metadata()
+                .unwrap()
+                .is_file()
+        );
+    }
 }

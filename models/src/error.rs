@@ -42,6 +42,8 @@ pub enum BundleError {
     UnlistedFile { path: PathBuf },
     #[error("{path} is larger than {limit} bytes, the most a bundle's file may hold")]
     FileTooLarge { path: PathBuf, limit: u64 },
+    #[error("{path}: folders nested deeper than {limit} levels in a version folder")]
+    TooDeep { path: PathBuf, limit: usize },
     #[error("{path} is listed in bundle.toml but missing (or not a regular file)")]
     MissingFile { path: PathBuf },
     #[error(
@@ -162,6 +164,7 @@ impl BundleError {
             | BundleError::UnlistedFile { path }
             | BundleError::MissingFile { path }
             | BundleError::FileTooLarge { path, .. }
+            | BundleError::TooDeep { path, .. }
             | BundleError::NotRegularFile { path }
             | BundleError::BundleLinked { path }
             | BundleError::EngineThreads { path, .. }
@@ -203,6 +206,7 @@ impl BundleError {
                 | BundleError::UnlistedFile { path }
                 | BundleError::MissingFile { path }
                 | BundleError::FileTooLarge { path, .. }
+                | BundleError::TooDeep { path, .. }
                 | BundleError::NotRegularFile { path }
                 | BundleError::BundleLinked { path }
                 | BundleError::EngineThreads { path, .. }

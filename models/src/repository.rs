@@ -1538,8 +1538,11 @@ impl Repository {
         let entry = models.entry(name.to_owned()).or_default();
         entry.versions.clear();
         entry.state = Some(ModelState::Unloaded);
+        // A rollback's pin stays, in memory as in the pins kept for a restart: the index
+        // says "pinned" of an unloaded model that a restart serves at its pinned version
+        // (it said "not pinned", and the restart served the pin: a review's finding). An
+        // operator's plain load lifts the hold and the pin together.
         if hold {
-            entry.pinned = None;
             entry.held = true;
         }
         entry.refused = None;
@@ -1697,7 +1700,9 @@ impl Repository {
 /// Adds every file below `dir` (path, size, modification time) to `hash`, in name order.
 fn fingerprint_tree(root: &Path, dir: &Path, depth: usize, hash: &mut sha2::Sha256) {
     use sha2::Digest;
-    if depth > 8 {
+    // The version folders are at depth 1 of the bundle's folder: their deepest files, and
+    // the folder a load refuses as too deep, are watched.
+    if depth > crate::checksum::MAX_FOLDER_DEPTH + 2 {
         return;
     }
     let mut entries: Vec<_> = match fs::read_dir(dir) {

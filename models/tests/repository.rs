@@ -598,3 +598,50 @@ fn an_instance_limit_caps_what_each_version_runs() {
     assert_eq!(opened.instances(&options(1)), 1);
     assert_eq!(opened.instances(&options(0)), 64);
 }
+
+/// A version folder's files may lie up to 16 folders deep, each of them watched by the
+/// poller's fingerprint; deeper is refused with a reason. A file at depth 9 was read by loads
+/// and not watched, so a fix in place was never loaded (a review's finding); a folder nested
+/// 2,025 deep was walked whole.
+#[test]
+fn files_deeper_than_the_limit_are_refused_and_every_file_read_is_watched() {
+    let (dir, bundle) = repo_with_copy();
+    let repo = Repository::new(dir.path(), RepositoryOptions::default());
+    let mut folder = bundle.join("1");
+    let mut relative = Vec::new();
+    for level in 0..16 {
+        let name = format!("d{level}");
+        folder.push(&name);
+        relative.push(name);
+    }
+    std::fs::create_dir_all(&folder).unwrap();
+    let deep = folder.join("x.txt");
+    std::fs::write(&deep, b"first").unwrap();
+    let listed = format!("{}/x.txt", relative.join("/"));
+    let sha = nightingale_models::sha256_file(&deep).unwrap();
+    let manifest = std::fs::read_to_string(bundle.join("bundle.toml")).unwrap();
+    std::fs::write(
+        bundle.join("bundle.toml"),
+        manifest.replace(
+            "[versions.1.files]\n",
+            &format!("[versions.1.files]\n\"{listed}\" = \"{sha}\"\n"),
+        ),
+    )
+    .unwrap();
+    Bundle::open(&bundle).unwrap().verify(1).unwrap();
+    // A change there changes the bundle's fingerprint (the poller reloads on it).
+    let before = repo.fingerprints()[MODEL];
+    std::fs::write(&deep, b"other").unwrap();
+    assert_ne!(repo.fingerprints()[MODEL], before);
+    std::fs::write(&deep, b"first").unwrap();
+    // One folder deeper: refused, naming where.
+    let deeper = folder.join("d16");
+    std::fs::create_dir(&deeper).unwrap();
+    std::fs::write(deeper.join("y.txt"), b"y").unwrap();
+    let err = Bundle::open(&bundle).unwrap().verify(1).unwrap_err();
+    assert!(matches!(err, BundleError::TooDeep { .. }), "{err}");
+    assert!(err.to_string().contains("d16"), "{err}");
+    let before = repo.fingerprints()[MODEL];
+    std::fs::write(deeper.join("y.txt"), b"z").unwrap();
+    assert_ne!(repo.fingerprints()[MODEL], before);
+}
