@@ -1140,6 +1140,29 @@ async fn a_malformed_message_of_any_method_is_invalid_argument() {
         raw_gzip_call(&server, "ModelMetadata", &sound).await.0,
         Code::Ok as i32
     );
+    // Frames that are no whole message (none, a short prefix, a message cut short, a
+    // compressed flag of 2): INVALID_ARGUMENT with the reason, as for ModelInfer (tonic
+    // answered INTERNAL "Missing request message", "Unexpected EOF": a review's finding).
+    // Not a gRPC call (a plain HTTP health probe at this port): 415, not 200.
+    let app = http::grpc::router(server.state.clone());
+    let probe = axum::http::Request::get("/v2/health/ready")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), app.oneshot(probe))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(r.status(), axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    for (method, body, reason) in [
+        ("ServerLive", vec![], "carries no request message"),
+        ("ServerLive", vec![0, 0], "carries no request message"),
+        ("ModelMetadata", vec![0, 0, 0, 0, 9, 0x0A], "cut short"),
+        ("ServerLive", vec![2, 0, 0, 0, 0], "compressed flag"),
+    ] {
+        let (code, text) = bytes_call(&server, method, body, None).await;
+        assert_eq!(code, Code::InvalidArgument as i32, "{method}: {text}");
+        assert!(text.contains(reason), "{method}: {text}");
+    }
 }
 
 /// [`raw_call`] with the message gzip-compressed (flag 1, `grpc-encoding: gzip`).
@@ -1205,6 +1228,16 @@ async fn framed_call(
     let mut framed = vec![u8::from(encoding.is_some())];
     framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
     framed.extend_from_slice(message);
+    bytes_call(server, method, framed, encoding).await
+}
+
+/// A call of `method` whose body is `framed` as it is (within 30 s).
+async fn bytes_call(
+    server: &Server,
+    method: &str,
+    framed: Vec<u8>,
+    encoding: Option<&str>,
+) -> (i32, String) {
     let mut call = axum::http::Request::post(format!("/inference.GRPCInferenceService/{method}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers");

@@ -102,6 +102,21 @@ async fn before_the_message(
         .strip_prefix(SERVICE_PREFIX)
         .and_then(auth::grpc_rule_for);
     let request_id = request_id(request.headers());
+    // Not a gRPC call at all (a health probe pointed at this port by mistake): 415, as the
+    // gRPC over HTTP/2 spec asks, where tonic's answer was 200 with an empty body, which a
+    // plain HTTP probe takes for healthy (a review's note).
+    let grpc = request
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/grpc"));
+    if !grpc {
+        drain_briefly(request).await;
+        return axum::response::IntoResponse::into_response((
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "this is Nightingale's gRPC port (KServe v2 GRPCInferenceService): calls need content-type application/grpc; HTTP is on the HTTP port\n",
+        ));
+    }
     // A method this server does not serve (ModelStreamInfer, the shared-memory calls,
     // TraceSetting, LogSettings): UNIMPLEMENTED with the reason, where tonic's answer had an
     // empty message and tritonclient's stream callback could not say why it failed (a
@@ -151,6 +166,12 @@ async fn before_the_message(
     if let Some(asked) = grpc_timeout(request.headers()) {
         timeout = timeout.min(asked);
     }
+    // One deadline for the whole call, reading its message included: the handler's was set
+    // anew once the message was in, so a call could take twice the request timeout (a
+    // review's finding; HTTP answered 408).
+    request
+        .extensions_mut()
+        .insert(CallDeadline(Instant::now() + timeout));
     if rule.is_some_and(|r| r.method == "ModelInfer") {
         let actor = request
             .extensions()
@@ -278,11 +299,25 @@ async fn one_message(
         Ok(got)
     };
     let mut got = within(timeout, read).await?;
-    if got.len() >= 5 {
+    // As for ModelInfer: a call without a whole message, or with a compressed flag that is
+    // neither 0 nor 1, is the client's error (INVALID_ARGUMENT), where tonic answered
+    // INTERNAL, without the request id (a review's finding).
+    if got.len() < 5 {
+        return Err(AppError::bad_request("the call carries no request message"));
+    }
+    {
         let declared = u32::from_be_bytes([got[1], got[2], got[3], got[4]]) as usize;
         if got.len() - 5 > declared {
             return Err(AppError::bad_request(
                 "a unary call carries one request message; more followed it",
+            ));
+        }
+        if got.len() - 5 < declared {
+            return Err(AppError::bad_request("the request message is cut short"));
+        }
+        if got[0] > 1 {
+            return Err(AppError::bad_request(
+                "the message's compressed flag is not 0 or 1",
             ));
         }
         if got[0] == 1 && got.len() - 5 == declared {
@@ -567,6 +602,10 @@ struct Admitted(Arc<std::sync::Mutex<Option<Ticket>>>);
 #[derive(Clone)]
 struct Authorized(Caller);
 
+/// When the call must be answered by, set as it arrived ([`before_the_message`]).
+#[derive(Clone, Copy)]
+struct CallDeadline(Instant);
+
 struct Service {
     state: Arc<AppState>,
 }
@@ -620,7 +659,10 @@ impl Service {
         if let Some(asked) = grpc_timeout(&headers) {
             timeout = timeout.min(asked);
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = match extensions.get::<CallDeadline>() {
+            Some(CallDeadline(at)) => (*at).min(Instant::now() + timeout),
+            None => Instant::now() + timeout,
+        };
         let call = Call {
             caller,
             request_id: request_id.clone(),

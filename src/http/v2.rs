@@ -599,8 +599,7 @@ struct HeldBody {
     _ticket: super::Ticket,
 }
 
-/// The piece of an answer hyper is given at a time.
-const HELD_CHUNK: usize = 256 << 10;
+use super::HELD_CHUNK;
 
 impl http_body::Body for HeldBody {
     type Data = bytes::Bytes;
