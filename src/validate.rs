@@ -147,6 +147,11 @@ pub struct RunContext {
     /// The run's identifier (a server's run: its id in `/validation/runs/{id}`); a new UUID
     /// when None.
     pub run_id: Option<String>,
+    /// The dataset's path was checked, canonical, under the server's validation root when the
+    /// run was asked for: it must be that very path still. A link swapped in its place (or
+    /// along it) after the check had the run read a file outside the root (a review's
+    /// finding); the run then fails, and every file of it is opened with no link followed.
+    pub confined: bool,
 }
 
 /// How far a run has read its dataset.
@@ -429,7 +434,7 @@ fn model_input(m: &Manifest, tensors: bool) -> anyhow::Result<Input> {
     })
 }
 
-pub use nightingale_validation::dataset::{PathRefused, path_under};
+pub use nightingale_validation::dataset::{PathRefused, path_in, path_under};
 
 /// An image dataset: a folder with `manifest.csv` naming DICOM files under it (a `file`
 /// column, the label column, optional subgroup and patient-id columns). Each file is decoded
@@ -474,27 +479,14 @@ impl OpenedFile {
     /// it (`openat2` RESOLVE_NO_SYMLINKS; `O_NOFOLLOW` on the last component where the
     /// kernel lacks openat2), without blocking, then checked to be a regular file.
     fn open(full: &Path) -> Result<OpenedFile, String> {
-        use rustix::fs::{Mode, OFlags, ResolveFlags};
-        let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOFOLLOW;
-        let fd = match rustix::fs::openat2(
-            rustix::fs::CWD,
-            full,
-            flags,
-            Mode::empty(),
-            ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-        ) {
-            Err(rustix::io::Errno::NOSYS) => {
-                rustix::fs::openat(rustix::fs::CWD, full, flags, Mode::empty())
-            }
-            other => other,
-        }
-        .map_err(|e| match e {
-            rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => {
-                "the file is outside the dataset folder".to_owned()
-            }
-            rustix::io::Errno::NOENT => "the file is missing".to_owned(),
-            _ => "the file cannot be read".to_owned(),
-        })?;
+        let fd =
+            nightingale_validation::dataset::open_without_links(full).map_err(|e| match e {
+                rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => {
+                    "the file is outside the dataset folder".to_owned()
+                }
+                rustix::io::Errno::NOENT => "the file is missing".to_owned(),
+                _ => "the file cannot be read".to_owned(),
+            })?;
         let file = std::fs::File::from(fd);
         let meta = file
             .metadata()
@@ -558,9 +550,9 @@ impl DicomDataset {
         let manifest = CsvDataset::open(&in_folder(dir, "manifest.csv")?, columns, labels)?;
         Ok(DicomDataset {
             manifest,
-            dir: dir
-                .canonicalize()
-                .with_context(|| format!("cannot read {}", dir.display()))?,
+            // Canonical already (the run's dataset path): not resolved again, which would
+            // follow a link swapped in for the folder.
+            dir: dir.to_owned(),
             pre,
             accepts: accepts
                 .as_ref()
@@ -603,9 +595,27 @@ impl DicomDataset {
     /// The preprocessed frames of the file row `row` names.
     fn decode(&mut self, rel: &str, row: u64) -> Result<Vec<Vec<f32>>, String> {
         use nightingale_dicom::pixels::{Colour, DecodeOptions, PixelSource};
-        let full = path_under(&self.dir, rel).map_err(|e| match e {
+        let full = path_in(&self.dir, rel).map_err(|e| match e {
             PathRefused::Missing => "the file is missing".to_owned(),
-            _ => "the file is outside the dataset folder".to_owned(),
+            // `..` or a leading `/` leaves the folder; `./x` does not, but is not plain either
+            // (it was called "outside": a review's finding).
+            PathRefused::NotRelative
+                if std::path::Path::new(rel).components().any(|c| {
+                    matches!(
+                        c,
+                        std::path::Component::ParentDir
+                            | std::path::Component::RootDir
+                            | std::path::Component::Prefix(_)
+                    )
+                }) =>
+            {
+                "the file is outside the dataset folder (a path with .. or a leading /)".to_owned()
+            }
+            PathRefused::NotRelative => {
+                "not a plain relative path in the dataset folder (no . segment, no empty name)"
+                    .to_owned()
+            }
+            _ => "the file is outside the dataset folder, or a link leads to it".to_owned(),
         })?;
         let opened = OpenedFile::open(&full)?;
         // One image is one row: the same file or the same bytes named again met the gate's
@@ -1147,6 +1157,15 @@ fn run_job_inner(args: &ValidateArgs, ctx: RunContext) -> anyhow::Result<Report>
             (d.clone(), Some(model_input(&l.model.manifest, tensors)?))
         }
         (None, None) => bail!("give --dataset or --predictions"),
+    };
+    // From here on the dataset is read by its canonical path, through no link: a link
+    // anywhere in it is refused at each open (`open_dataset_file`, `path_in`).
+    let path = match path.canonicalize() {
+        Ok(canonical) if ctx.confined && canonical != path => bail!(
+            "the dataset changed after the run was asked for: a link now stands in its place or along its path"
+        ),
+        Ok(canonical) => canonical,
+        Err(e) => bail!("cannot read {}: {e}", path.display()),
     };
     if let Some(a) = loaded.first()
         && let Some(b) = loaded.get(1)

@@ -1310,3 +1310,75 @@ fn a_panic_in_a_run_is_an_error_not_a_lost_thread() {
     let text = format!("{err:#}");
     assert!(text.contains("internal error (a panic"), "{text}");
 }
+
+/// A review's finding: a dataset checked under the validation root when its run was asked
+/// for, then replaced by a link to a file (or a folder) outside the root before the run read
+/// it, was read, its columns in the report. A server's run (`confined`) reads the very path
+/// it checked: a link in its place now fails the run, and the files of a folder dataset are
+/// resolved against the folder as it was, not against where a link now leads.
+#[test]
+fn a_dataset_replaced_by_a_link_after_its_check_is_not_read() {
+    use clap::Parser;
+    use nightingale::validate::{RunContext, ValidateCommand, run_job};
+
+    use nightingale_validation::dataset::{PathRefused, path_in};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let repo = root.join("repo");
+    copy_dir(
+        &repo_dir().join("models/bundles").join(MODEL),
+        &repo.join(MODEL),
+    );
+    let outside = root.join("outside.csv");
+    std::fs::copy(test_csv(), &outside).unwrap();
+    // Checked as a plain file; then a link to a file elsewhere stands in its place.
+    let dataset = root.join("vroot/d.csv");
+    std::fs::create_dir_all(dataset.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(&outside, &dataset).unwrap();
+    let args = ValidateCommand::try_parse_from([
+        "validate",
+        "--repository",
+        repo.to_str().unwrap(),
+        "--model",
+        MODEL,
+        "--dataset",
+        dataset.to_str().unwrap(),
+        "--out",
+        root.join("out").to_str().unwrap(),
+        "--bootstrap",
+        "0",
+        "--quiet",
+    ])
+    .unwrap()
+    .args;
+    let ctx = RunContext {
+        confined: true,
+        ..RunContext::default()
+    };
+    let err = run_job(&args, ctx).expect_err("a link in the checked path's place");
+    assert!(
+        format!("{err:#}").contains("changed after the run was asked for"),
+        "{err:#}"
+    );
+    // The command line follows a link it is given, as ever.
+    run_job(&args, RunContext::default()).unwrap();
+
+    // A folder dataset replaced by a link: its files are not found through the link.
+    let folder = root.join("vroot/ds");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("manifest.csv"), "file,label\n").unwrap();
+    assert_eq!(
+        path_in(&folder, "manifest.csv"),
+        Ok(folder.join("manifest.csv"))
+    );
+    let elsewhere = root.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("manifest.csv"), "file,label\n").unwrap();
+    std::fs::remove_dir_all(&folder).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &folder).unwrap();
+    assert_eq!(path_in(&folder, "manifest.csv"), Err(PathRefused::Outside));
+    assert_eq!(
+        path_in(&folder, "./manifest.csv"),
+        Err(PathRefused::NotRelative)
+    );
+}

@@ -716,6 +716,7 @@ async fn create_run(
         progress: Some(run.progress.clone()),
         actor: Some(owner),
         run_id: Some(id.clone()),
+        confined: !uploaded,
     };
     let worker = run.clone();
     let working = validation.working.clone();

@@ -73,15 +73,7 @@ pub enum PathRefused {
 /// server's validation root, the files a DICOM dataset's manifest names, and the files of a
 /// dataset folder.
 pub fn path_under(root: &Path, rel: &str) -> Result<PathBuf, PathRefused> {
-    let relative = Path::new(rel);
-    if rel.is_empty()
-        || rel.len() > 1024
-        || !relative
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)))
-    {
-        return Err(PathRefused::NotRelative);
-    }
+    let relative = plain_relative(rel)?;
     let root = root.canonicalize().map_err(|_| PathRefused::RootMissing)?;
     let joined = root.join(relative);
     let Ok(full) = joined.canonicalize() else {
@@ -110,16 +102,23 @@ pub fn path_under(root: &Path, rel: &str) -> Result<PathBuf, PathRefused> {
 /// ends). Opened without waiting for a writer, so a FIFO swapped in after the check is
 /// refused too.
 pub fn open_dataset_file(path: &Path) -> Result<File, DatasetError> {
-    use std::os::unix::fs::OpenOptionsExt;
     let io_err = |source| DatasetError::Io {
         path: path.to_owned(),
         source,
     };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
-        .open(path)
-        .map_err(io_err)?;
+    // The path is canonical, so a link met is one swapped in after it was checked (a
+    // review's finding: a dataset replaced by a link out of the validation root after the
+    // run was accepted was read).
+    let opened = open_without_links(path);
+    let file = match opened {
+        Ok(fd) => File::from(fd),
+        Err(rustix::io::Errno::LOOP | rustix::io::Errno::XDEV) => {
+            return Err(DatasetError::Outside {
+                path: path.to_owned(),
+            });
+        }
+        Err(e) => return Err(io_err(io::Error::from(e))),
+    };
     if !file.metadata().map_err(io_err)?.is_file() {
         return Err(DatasetError::NotRegular {
             path: path.to_owned(),
@@ -128,11 +127,73 @@ pub fn open_dataset_file(path: &Path) -> Result<File, DatasetError> {
     Ok(file)
 }
 
-/// `name` in the dataset folder `dir`, links followed, refused when it leads outside it (a
-/// tensor folder's `images.npy` linking to a file elsewhere on the server).
+/// `rel` in the folder `dir` (canonical: no link along it), resolved (links followed) to a
+/// path with no link in it, refused ([`PathRefused::Outside`]) when that is not under `dir`.
+/// Unlike [`path_under`], `dir` is not resolved again: resolved, a dataset folder replaced
+/// by a link after its run was accepted had the run read the folder the link led to (a
+/// review's finding); here such a folder leads outside `dir` as it was.
+pub fn path_in(dir: &Path, rel: &str) -> Result<PathBuf, PathRefused> {
+    let relative = plain_relative(rel)?;
+    let full = dir.join(relative);
+    match full.canonicalize() {
+        Ok(canonical) if canonical.starts_with(dir) => Ok(canonical),
+        Ok(_) => Err(PathRefused::Outside),
+        // Missing where what exists of it is in the folder, outside otherwise.
+        Err(_) => {
+            let inside = full
+                .ancestors()
+                .skip(1)
+                .find_map(|a| a.canonicalize().ok())
+                .is_some_and(|a| a.starts_with(dir));
+            Err(if inside {
+                PathRefused::Missing
+            } else {
+                PathRefused::Outside
+            })
+        }
+    }
+}
+
+/// `rel` when it is a plain relative path: not empty, at most 1,024 bytes, only names (no
+/// root, `.` or `..`).
+fn plain_relative(rel: &str) -> Result<&Path, PathRefused> {
+    let relative = Path::new(rel);
+    if rel.is_empty()
+        || rel.len() > 1024
+        || !relative
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(PathRefused::NotRelative);
+    }
+    Ok(relative)
+}
+
+/// Opens `path` to read with no link followed anywhere along it (`openat2`
+/// RESOLVE_NO_SYMLINKS; `O_NOFOLLOW` on its last component where the kernel lacks openat2),
+/// without blocking (a FIFO does not wait for a writer). A link met is `ELOOP` (or `EXDEV`).
+pub fn open_without_links(path: &Path) -> Result<std::os::fd::OwnedFd, rustix::io::Errno> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+    match rustix::fs::openat2(
+        rustix::fs::CWD,
+        path,
+        flags,
+        Mode::empty(),
+        ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    ) {
+        Err(rustix::io::Errno::NOSYS) => {
+            rustix::fs::openat(rustix::fs::CWD, path, flags, Mode::empty())
+        }
+        other => other,
+    }
+}
+
+/// `name` in the dataset folder `dir` (canonical), refused when a link is met on the way
+/// ([`path_in`]: a tensor folder's `images.npy` linking to a file elsewhere on the server).
 pub fn in_folder(dir: &Path, name: &str) -> Result<PathBuf, DatasetError> {
     let path = dir.join(name);
-    path_under(dir, name).map_err(|e| match e {
+    path_in(dir, name).map_err(|e| match e {
         PathRefused::Outside => DatasetError::Outside { path },
         _ => DatasetError::Io {
             path,

@@ -795,7 +795,7 @@ pub fn compute_metrics(
             (
                 m(
                     c.intercept,
-                    "the calibration-in-the-large fit has no finite maximum (scores of exactly 0 or 1 decide the rows that could place it)",
+                    "the calibration-in-the-large fit has no finite maximum (scores of 0 or 1, or within 1e-12 of them, decide the rows that could place it)",
                 ),
                 m(
                     c.slope,
