@@ -314,7 +314,7 @@ pub fn uid_sha256(uid: &str) -> String {
 
 /// A DIMSE status as an outcome: success and warnings are `ok`, out of resources is
 /// `overloaded`, processing failures are `failed`, the rest (the object refused) `rejected`.
-fn outcome_of(status: u16) -> Outcome {
+pub(crate) fn outcome_of(status: u16) -> Outcome {
     match status {
         0x0000 | 0x0001 => Outcome::Ok,
         s if s & 0xF000 == 0xB000 => Outcome::Ok,

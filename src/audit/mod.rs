@@ -62,6 +62,11 @@ pub enum EventKind {
     /// A result object (SR, SC) made by the DICOM pipeline from a model's output (issue 9):
     /// its SOP Instance UID (hashed), the model and version that made it.
     DicomResult,
+    /// A result object's delivery to a destination by C-STORE ended: delivered (with the
+    /// destination's status), refused by it, or given up (dead-lettered); `actor` is the
+    /// destination as configured (`AE@host:port`), `request_id` the job's. Who received a
+    /// patient's results is in the trail, not only in the results store its retention purges.
+    DicomResultSent,
     /// A CDS Hooks call answered (issue 10): the service, hookInstance, cards and latency.
     CdsHook,
     /// Feedback on a CDS card: accepted or overridden, and why (coded).

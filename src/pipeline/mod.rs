@@ -679,6 +679,41 @@ impl Pipeline {
         Ok(made)
     }
 
+    /// Every destination the configuration names now: its routes', or the default ones.
+    pub(super) fn configured_destinations(&self) -> std::collections::BTreeSet<String> {
+        if self.config.routes.is_empty() {
+            return self
+                .config
+                .destinations
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+        }
+        self.config
+            .routes
+            .iter()
+            .flat_map(|r| r.destinations.iter().map(ToString::to_string))
+            .collect()
+    }
+
+    /// The destinations the configuration names now for the route called `name` (a job's
+    /// route), `None` when it names no such route any more. A job sends to these, not to
+    /// those of the configuration it was made under: results queued, interrupted or
+    /// reprocessed went on to a PACS the operator had removed (a review's finding), and a
+    /// PACS added never got a reprocessed study.
+    pub(super) fn route_destinations(&self, name: &str) -> Option<Vec<String>> {
+        if let Some(route) = self.config.routes.iter().find(|r| r.name == name) {
+            return Some(route.destinations.iter().map(ToString::to_string).collect());
+        }
+        (self.config.routes.is_empty() && name.starts_with("bundle:")).then(|| {
+            self.config
+                .destinations
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        })
+    }
+
     /// The configured routes, or one per serving bundle with a `[dicom]` section.
     fn routes(&self) -> Vec<Route> {
         if !self.config.routes.is_empty() {

@@ -74,7 +74,19 @@ impl Pipeline {
                 .await??
         };
         let mut by_destination: BTreeMap<String, Vec<ResultObject>> = BTreeMap::new();
+        // An object queued for a destination the configuration no longer names is not sent
+        // there (it went, after a restart, to a PACS the operator had removed: a review's
+        // finding): given up, kept in the dead-letter folder, said in the log and the trail.
+        let configured = self.configured_destinations();
         for o in due {
+            if !configured.contains(&o.destination) {
+                self.give_up(
+                    &o,
+                    "the destination is no longer configured (--results-destination, [[dicom.routes]]): not sent",
+                );
+                self.audit_sent(&o, None, "given-up").await;
+                continue;
+            }
             by_destination
                 .entry(o.destination.clone())
                 .or_default()
@@ -118,6 +130,7 @@ impl Pipeline {
             Err(e) => {
                 for o in &objects {
                     self.give_up(o, &format!("bad destination: {e}"));
+                    self.audit_sent(o, None, "given-up").await;
                 }
                 return;
             }
@@ -127,7 +140,10 @@ impl Pipeline {
             match Part10File::open(&self.config.results_dir.join(&o.path)) {
                 Ok(f) => files.push((o, f)),
                 // Not the error's text: it holds the path, whose name holds a UID.
-                Err(e) => self.give_up(&o, &format!("result file unreadable: {}", file_error(&e))),
+                Err(e) => {
+                    self.give_up(&o, &format!("result file unreadable: {}", file_error(&e)));
+                    self.audit_sent(&o, None, "given-up").await;
+                }
             }
         }
         if files.is_empty() {
@@ -152,7 +168,9 @@ impl Pipeline {
             Ok(a) => a,
             Err(e) => {
                 for (o, _) in &files {
-                    self.failed_attempt(o, &format!("association: {e}"));
+                    if self.failed_attempt(o, &format!("association: {e}")) {
+                        self.audit_sent(o, None, "given-up").await;
+                    }
                 }
                 return;
             }
@@ -174,13 +192,24 @@ impl Pipeline {
                     Err(e) => {
                         let why = format!("association (opened again after: {why}): {e}");
                         for (o, _) in &files[i..] {
-                            self.failed_attempt(o, &why);
+                            if self.failed_attempt(o, &why) {
+                                self.audit_sent(o, None, "given-up").await;
+                            }
                         }
                         return;
                     }
                 }
             }
-            match association.store(file).await {
+            let stored = association.store(file).await;
+            if let Ok(status) = &stored {
+                let event = if status.is_success() || status.is_warning() {
+                    "delivered"
+                } else {
+                    "refused"
+                };
+                self.audit_sent(o, Some(status.status), event).await;
+            }
+            match stored {
                 Ok(status) if status.is_success() => self.delivered(o, None),
                 // Stored, but not as sent (coerced, elements discarded): kept with the
                 // object (it was shown as plainly sent: a red-team finding).
@@ -198,17 +227,22 @@ impl Pipeline {
                 }
                 // Sending the same object again cannot change these: given up at once
                 // (they were retried to the maximum).
-                Ok(status) if status.is_permanent_failure() => self.give_up(
-                    o,
-                    &format!(
-                        "the destination refused it for good: status 0x{:04X}",
-                        status.status
-                    ),
-                ),
-                Ok(status) => self.failed_attempt(
-                    o,
-                    &format!("the destination answered status 0x{:04X}", status.status),
-                ),
+                Ok(status) if status.is_permanent_failure() => {
+                    self.give_up(
+                        o,
+                        &format!(
+                            "the destination refused it for good: status 0x{:04X}",
+                            status.status
+                        ),
+                    );
+                    self.audit_sent(o, Some(status.status), "given-up").await;
+                }
+                Ok(status) => {
+                    let why = format!("the destination answered status 0x{:04X}", status.status);
+                    if self.failed_attempt(o, &why) {
+                        self.audit_sent(o, Some(status.status), "given-up").await;
+                    }
+                }
                 Err(e) => {
                     let why = match &e {
                         nightingale_dicom::scu::StoreFailure::File(f) => {
@@ -219,7 +253,9 @@ impl Pipeline {
                     if matches!(e, nightingale_dicom::scu::StoreFailure::Association(_)) {
                         broken = Some(why.clone());
                     }
-                    self.failed_attempt(o, &why);
+                    if self.failed_attempt(o, &why) {
+                        self.audit_sent(o, None, "given-up").await;
+                    }
                 }
             }
         }
@@ -254,11 +290,13 @@ impl Pipeline {
         }
     }
 
-    fn failed_attempt(&self, o: &ResultObject, why: &str) {
+    /// Records a failed attempt, or gives the object up after the last one (returns
+    /// whether it was given up).
+    fn failed_attempt(&self, o: &ResultObject, why: &str) -> bool {
         let attempts = o.attempts + 1;
         if attempts >= self.config.max_attempts {
             self.give_up(o, why);
-            return;
+            return true;
         }
         let delay = backoff(self.config.backoff, self.config.max_backoff, attempts);
         tracing::warn!(
@@ -278,6 +316,36 @@ impl Pipeline {
         };
         if let Err(e) = self.store().delivery(&retry) {
             tracing::error!(error = %e, "results store: attempt not recorded");
+        }
+        false
+    }
+
+    /// Audits how an object's delivery ended: `delivered` or `refused` with the destination's
+    /// DIMSE status, or `given-up` (dead-lettered). The destination (as configured, an
+    /// address and AE title) is the record's actor; the object by its hashed UIDs.
+    async fn audit_sent(&self, o: &ResultObject, status: Option<u16>, event: &str) {
+        let outcome = match (status, event) {
+            (Some(s), _) => crate::audit::dicom::outcome_of(s),
+            (None, _) => crate::audit::Outcome::Failed,
+        };
+        let record = crate::audit::AuditEvent {
+            status: status.unwrap_or(0),
+            outcome,
+            detail: Some(format!(
+                "event={event} kind={} attempt={} sop_instance_sha256={} series_sha256={}",
+                o.kind,
+                o.attempts + 1,
+                super::uid_tag(&o.sop_instance_uid),
+                super::uid_tag(&o.series_uid)
+            )),
+            ..crate::audit::AuditEvent::blank(
+                crate::audit::EventKind::DicomResultSent,
+                format!("pipeline-job-{}", o.job_id),
+                Some(o.destination.chars().take(256).collect()),
+            )
+        };
+        if let Err(e) = self.state.audit.record(record).await {
+            tracing::error!(error = %e, "audit record of a result delivery not written");
         }
     }
 

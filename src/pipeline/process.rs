@@ -975,12 +975,38 @@ impl Pipeline {
         let dir = Path::new(OBJECTS_DIR).join(job.id.to_string());
         // What an interrupted earlier run of this job wrote (never recorded, never sent).
         self.discard_unrecorded_objects(job);
-        let destinations: Vec<&str> = job
+        let stored: Vec<&str> = job
             .destinations
             .split(',')
             .map(str::trim)
             .filter(|d| !d.is_empty())
             .collect();
+        // The destinations configured now for the job's route (or, its route gone, those of
+        // the job's that are still configured), not those of the configuration it was made
+        // under.
+        let destinations: Vec<String> = match self.route_destinations(&job.route) {
+            Some(now) => now,
+            None => {
+                let configured = self.configured_destinations();
+                stored
+                    .iter()
+                    .filter(|d| configured.contains(**d))
+                    .map(|d| (*d).to_owned())
+                    .collect()
+            }
+        };
+        if destinations
+            .iter()
+            .map(String::as_str)
+            .ne(stored.iter().copied())
+        {
+            tracing::info!(
+                job = job.id,
+                made_for = stored.len(),
+                now = destinations.len(),
+                "the job's results go to the destinations configured now, not those of when it was queued"
+            );
+        }
         let mut out = Vec::new();
         for (object, kind) in [(sr, "SR"), (sc, "SC")] {
             let relative = dir.join(format!("{kind}-{}.dcm", object.sop_instance_uid));

@@ -389,6 +389,70 @@ def test_a_destination_that_is_down_ends_in_the_dead_letter_folder(work):
         stop(server.proc)
 
 
+def test_results_go_only_to_the_destinations_configured_now_and_each_delivery_is_audited(work):
+    """A review's finding: objects queued for a destination that was then removed from the
+    configuration (a typo'd second PACS, down at first) went to it after the restart, and a
+    reprocess copied the old job's destinations. Now a queued object for a destination no
+    longer configured is given up unsent, a reprocess sends to the route's destinations as
+    configured now, and every delivery's end is in the audit trail with the destination."""
+    pacs = StoreScp(work)
+    wrong = free_port()  # nothing listens there yet
+    server = Server(work, f"STORESCP@127.0.0.1:{pacs.port}",
+                    extra=("--results-destination", f"WRONG@127.0.0.1:{wrong}"))
+    late = None
+    try:
+        source = work / "source.dcm"
+        ds = with_new_uids(get_testdata_file("CT_small.dcm"), source)
+        study = str(ds.StudyInstanceUID)
+        store(server.port, [source])
+        wait_for(lambda: len(pacs.files()) >= 2, RESULT_TIMEOUT_S, "the SR and SC at the PACS")
+        wait_for(
+            lambda: (r := server.results(study)) and any(
+                o["destination"].startswith("WRONG@") and o["attempts"] >= 1
+                for s in r["series"] for j in s["jobs"] for o in j["objects"]),
+            RESULT_TIMEOUT_S, "a failed attempt to the wrong destination")
+        stop(server.proc)
+        # The operator removes it; then something answers at its address.
+        server = Server(work, f"STORESCP@127.0.0.1:{pacs.port}", port=server.port)
+        late = StoreScp(work, name="wrong", port=wrong)
+        report = wait_for(
+            lambda: (r := server.results(study)) and all(
+                o["delivery"] == "dead" for s in r["series"] for j in s["jobs"] for o in j["objects"]
+                if o["destination"].startswith("WRONG@")) and r,
+            RESULT_TIMEOUT_S, "the removed destination's objects given up")
+        for o in (o for s in report["series"] for j in s["jobs"] for o in j["objects"]
+                  if o["destination"].startswith("WRONG@")):
+            assert "no longer configured" in o["last_error"], o
+        # A reprocess sends to the PACS configured now only.
+        out = subprocess.run([str(binary()), "results", "reprocess", "--study", study,
+                              "--data-dir", str(server.data)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        wait_for(lambda: len(pacs.files()) >= 4, RESULT_TIMEOUT_S, "the reprocessed SR and SC")
+        report = wait_for(
+            lambda: (r := server.results(study)) and len(r["series"][0]["jobs"]) == 2
+            and all(o["delivery"] == "sent" for o in r["series"][0]["jobs"][1]["objects"]) and r,
+            RESULT_TIMEOUT_S, "the reprocessed job's objects sent")
+        assert {o["destination"] for o in report["series"][0]["jobs"][1]["objects"]} == {
+            f"STORESCP@127.0.0.1:{pacs.port}"}
+        assert late.files() == [], "nothing reached the removed destination"
+        # Each delivery's end is audited, with the destination and no UID in clear.
+        records = [json.loads(line) for line in
+                   (server.data / "audit" / "audit.jsonl").read_text().splitlines()]
+        sent = [r for r in records if r["kind"] == "dicom-result-sent"]
+        delivered = [r for r in sent if "event=delivered" in r["detail"]]
+        given_up = [r for r in sent if "event=given-up" in r["detail"]]
+        assert len(delivered) == 4 and {r["actor"] for r in delivered} == {f"STORESCP@127.0.0.1:{pacs.port}"}
+        assert all(r["status"] == 0 and r["outcome"] == "ok" for r in delivered)
+        assert len(given_up) == 2 and {r["actor"] for r in given_up} == {f"WRONG@127.0.0.1:{wrong}"}
+        assert not any(study in json.dumps(r) for r in sent)
+    finally:
+        stop(server.proc)
+        stop(pacs.proc)
+        if late is not None:
+            stop(late.proc)
+
+
 def test_reprocess_makes_a_new_result_series_and_keeps_the_old(work):
     pacs = StoreScp(work)
     server = Server(work, f"STORESCP@127.0.0.1:{pacs.port}")
