@@ -171,7 +171,7 @@ fn list_files(dir: &Path) -> Result<Vec<String>, BundleError> {
 
 /// Checks that `dir` holds exactly the listed files with the listed checksums.
 pub fn verify_folder(dir: &Path, files: &BTreeMap<String, String>) -> Result<(), BundleError> {
-    read_verified(dir, files).map(drop)
+    read_verified_keeping(dir, files, |_| false).map(drop)
 }
 
 /// The largest file a bundle's version may list: 2 GiB, ONNX's own limit for a model file
@@ -185,6 +185,17 @@ pub const FILE_LIMIT: u64 = crate::init::MODEL_LIMIT;
 pub fn read_verified(
     dir: &Path,
     files: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, Vec<u8>>, BundleError> {
+    read_verified_keeping(dir, files, |_| true)
+}
+
+/// [`read_verified`], returning the bytes of the files `keep` names only: the others are
+/// hashed as they are read and not held (a load held every listed file at once, so a signed
+/// version with ten 1.9 GiB data files beside its model needed ~19 GB: a review's finding).
+pub fn read_verified_keeping(
+    dir: &Path,
+    files: &BTreeMap<String, String>,
+    keep: impl Fn(&str) -> bool,
 ) -> Result<BTreeMap<String, Vec<u8>>, BundleError> {
     for present in list_files(dir)? {
         if !files.contains_key(&present) {
@@ -216,14 +227,29 @@ pub fn read_verified(
         if len > FILE_LIMIT {
             return Err(too_large());
         }
-        let mut bytes = Vec::with_capacity(len as usize);
-        file.take(FILE_LIMIT + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|source| BundleError::io(&path, source))?;
-        if bytes.len() as u64 > FILE_LIMIT {
-            return Err(too_large());
+        let kept = keep(name);
+        let mut bytes = Vec::with_capacity(if kept { len as usize } else { 0 });
+        let mut hasher = Sha256::new();
+        let mut read = 0u64;
+        let mut chunk = vec![0u8; 1 << 20];
+        let mut reader = file.take(FILE_LIMIT + 1);
+        loop {
+            let n = match reader.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(source) => return Err(BundleError::io(&path, source)),
+            };
+            read += n as u64;
+            if read > FILE_LIMIT {
+                return Err(too_large());
+            }
+            hasher.update(&chunk[..n]);
+            if kept {
+                bytes.extend_from_slice(&chunk[..n]);
+            }
         }
-        let actual = hex::encode(Sha256::digest(&bytes));
+        let actual = hex::encode(hasher.finalize());
         if !actual.eq_ignore_ascii_case(expected) {
             return Err(BundleError::ChecksumMismatch {
                 path,
@@ -231,14 +257,37 @@ pub fn read_verified(
                 actual,
             });
         }
-        out.insert(name.clone(), bytes);
+        if kept {
+            out.insert(name.clone(), bytes);
+        }
     }
     Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::open_without_waiting;
+    use super::{open_without_waiting, read_verified_keeping};
+
+    /// Only the files the load reads are held; the others are checked all the same.
+    #[test]
+    fn files_not_kept_are_checked_and_not_held() {
+        use sha2::Digest as _;
+        let dir = tempfile::tempdir().unwrap();
+        let model = vec![7u8; 3 << 20];
+        let data = vec![9u8; (2 << 20) + 5];
+        std::fs::write(dir.path().join("model.onnx"), &model).unwrap();
+        std::fs::write(dir.path().join("data.bin"), &data).unwrap();
+        let sha = |b: &[u8]| hex::encode(sha2::Sha256::digest(b));
+        let mut files = std::collections::BTreeMap::new();
+        files.insert("model.onnx".to_owned(), sha(&model));
+        files.insert("data.bin".to_owned(), sha(&data));
+        let kept = read_verified_keeping(dir.path(), &files, |n| n == "model.onnx").unwrap();
+        assert_eq!(kept.keys().collect::<Vec<_>>(), ["model.onnx"]);
+        assert_eq!(kept["model.onnx"], model);
+        files.insert("data.bin".to_owned(), sha(b"other"));
+        let err = read_verified_keeping(dir.path(), &files, |n| n == "model.onnx").unwrap_err();
+        assert!(err.to_string().contains("checksum mismatch"), "{err}");
+    }
 
     /// What `open_regular` opens after its inspection (where a FIFO or a link may have been
     /// swapped in) is opened without waiting for a writer and without following a link.

@@ -14,7 +14,7 @@ use nightingale_inference::{
     ModelWorker, TractKernels, WorkerConfig,
 };
 
-use crate::checksum::{NotRegular, open_regular, read_verified, verify_folder};
+use crate::checksum::{NotRegular, open_regular, read_verified_keeping, verify_folder};
 use crate::error::{BundleError, RepositoryError};
 use crate::manifest::{BackendPreference, Manifest, SelfTestSpec, parse_version, valid_name};
 use crate::selftest::{self, SelfTestError, SelfTestReport};
@@ -324,7 +324,22 @@ impl Bundle {
     ) -> Result<LoadedModel, BundleError> {
         let vdir = self.dir.join(version.to_string());
         let entry = &self.manifest.versions[&version.to_string()];
-        let mut files = read_verified(&vdir, &entry.files)?;
+        // Only what the load reads is held: the model, its self-test and a candle bundle's
+        // architecture file; the other listed files are checked and not kept.
+        let wanted = |name: &str| {
+            name == entry.model_file
+                || self
+                    .manifest
+                    .selftest
+                    .as_ref()
+                    .is_some_and(|s| s.file == name)
+                || self
+                    .manifest
+                    .candle
+                    .as_ref()
+                    .is_some_and(|c| c.config == name)
+        };
+        let mut files = read_verified_keeping(&vdir, &entry.files, wanted)?;
         let model_path = vdir.join(&entry.model_file);
         let model = files
             .remove(&entry.model_file)
