@@ -1382,3 +1382,62 @@ fn a_dataset_replaced_by_a_link_after_its_check_is_not_read() {
         Err(PathRefused::NotRelative)
     );
 }
+
+/// A review's finding: one researcher trickling four uploads held every upload place, and
+/// everyone else's upload was refused 503 until the request deadline, over and over. One
+/// caller holds at most half of the places; another caller still gets one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_caller_cannot_hold_every_upload_place() {
+    use futures_util::StreamExt as _;
+    let server = Server::new();
+    // An upload whose body never ends (a client trickling it), as `key`'s.
+    let stalled = |key: &str| {
+        Request::post(format!("/validation/runs?model={MODEL}"))
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .header(header::CONTENT_TYPE, "text/csv; charset=utf-8")
+            .body(Body::from_stream(
+                futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+                    b"label,",
+                ))])
+                .chain(futures_util::stream::pending()),
+            ))
+            .unwrap()
+    };
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let app = http::app(server.state.clone());
+        let req = stalled(&key("researcher"));
+        held.push(tokio::spawn(async move { app.oneshot(req).await }));
+    }
+    // A third of the same caller's is refused once the two hold their places (bounded).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "never refused");
+        let app = http::app(server.state.clone());
+        if let Ok(Ok(res)) = tokio::time::timeout(
+            Duration::from_secs(5),
+            app.oneshot(stalled(&key("researcher"))),
+        )
+        .await
+        {
+            let status = res.status();
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            let text = String::from_utf8_lossy(&body);
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+            assert!(text.contains("the most one caller may"), "{text}");
+            break;
+        }
+    }
+    // Another researcher's upload takes a place and is being received (it waits for its
+    // body, not refused).
+    let app = http::app(server.state.clone());
+    let other = tokio::time::timeout(
+        Duration::from_secs(2),
+        app.oneshot(stalled(OTHER_RESEARCHER)),
+    )
+    .await;
+    assert!(other.is_err(), "refused: {other:?}");
+    for h in held {
+        h.abort();
+    }
+}

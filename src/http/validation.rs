@@ -63,6 +63,8 @@ pub struct Validation {
     working: Arc<std::sync::atomic::AtomicUsize>,
     /// Uploads being received (each to its own run folder, up to `max_upload_bytes`).
     uploading: Arc<std::sync::atomic::AtomicUsize>,
+    /// ... of them, per caller ([`MAX_UPLOADS_PER_CALLER`]).
+    uploaders: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 /// Uploads received at once, over all callers: what waits on disk for a run is bounded by
@@ -70,12 +72,28 @@ pub struct Validation {
 /// were all stored before their 404).
 const MAX_UPLOADS: usize = MAX_WORKING_RUNS;
 
-/// An upload in progress, counted until dropped.
-struct Uploading(Arc<std::sync::atomic::AtomicUsize>);
+/// Uploads one caller may have received at once: one researcher trickling four uploads a
+/// byte at a time held every place until the request deadline, over and over, and
+/// everyone else's upload was refused (a review's finding).
+const MAX_UPLOADS_PER_CALLER: usize = if MAX_UPLOADS > 2 { MAX_UPLOADS / 2 } else { 1 };
+
+/// An upload in progress, counted (over all callers, and for its caller) until dropped.
+struct Uploading {
+    all: Arc<std::sync::atomic::AtomicUsize>,
+    by_caller: Arc<Mutex<HashMap<String, usize>>>,
+    caller: String,
+}
 
 impl Drop for Uploading {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.all.fetch_sub(1, Ordering::Relaxed);
+        let mut by_caller = self.by_caller.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = by_caller.get_mut(&self.caller) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                by_caller.remove(&self.caller);
+            }
+        }
     }
 }
 
@@ -220,6 +238,7 @@ impl Validation {
             order: Mutex::new(Vec::new()),
             working: Arc::default(),
             uploading: Arc::default(),
+            uploaders: Arc::default(),
         }
     }
 
@@ -271,10 +290,25 @@ impl Validation {
         Ok(())
     }
 
-    /// A place among the uploads received at once ([`MAX_UPLOADS`]), or 503.
-    fn uploading(&self) -> Result<Uploading, AppError> {
+    /// A place among the uploads received at once ([`MAX_UPLOADS`], at most
+    /// [`MAX_UPLOADS_PER_CALLER`] of them `caller`'s), or 503.
+    fn uploading(&self, caller: &str) -> Result<Uploading, AppError> {
+        {
+            let mut by_caller = self.uploaders.lock().unwrap_or_else(|p| p.into_inner());
+            let mine = by_caller.entry(caller.to_owned()).or_insert(0);
+            if *mine >= MAX_UPLOADS_PER_CALLER {
+                return Err(AppError::overloaded(format!(
+                    "you have {MAX_UPLOADS_PER_CALLER} dataset uploads being received, the most one caller may; retry when one has ended"
+                )));
+            }
+            *mine += 1;
+        }
         let before = self.uploading.fetch_add(1, Ordering::Relaxed);
-        let place = Uploading(self.uploading.clone());
+        let place = Uploading {
+            all: self.uploading.clone(),
+            by_caller: self.uploaders.clone(),
+            caller: caller.to_owned(),
+        };
         if before >= MAX_UPLOADS {
             return Err(AppError::overloaded(format!(
                 "{MAX_UPLOADS} dataset uploads are being received; retry later"
@@ -603,7 +637,10 @@ async fn create_run(
                 return Err(AppError::not_found(format!("unknown model {name:?}")));
             }
             validation.precheck(name)?;
-            let _place = validation.uploading()?;
+            let uploader = caller
+                .as_ref()
+                .map_or_else(|| Caller::ANONYMOUS.to_owned(), |c| c.0.id.clone());
+            let _place = validation.uploading(&uploader)?;
             let path = dir.join(UPLOAD_FILE);
             upload.0 = Some(dir.clone());
             owner_lock = Some(hold_run_folder(&dir).map_err(folder_error)?);
