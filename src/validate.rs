@@ -676,6 +676,13 @@ impl DicomDataset {
         let mut out = Vec::new();
         for frame in source.frames(&options) {
             let frame = frame.map_err(|e| e.to_string())?;
+            // As the pipeline leaves it out (it would not make a finding of it).
+            if crate::pipeline::process::is_blank(&frame) {
+                return Err(
+                    "one pixel value only (a blank image): the pipeline makes no finding of it"
+                        .to_owned(),
+                );
+            }
             let image = nightingale_models::Image {
                 rows: frame.rows,
                 cols: frame.cols,

@@ -392,6 +392,11 @@ impl Pipeline {
         // Each frame: decode, preprocess, infer (the worker batches with other callers).
         let mut results: Vec<FrameResult> = Vec::new();
         let (mut decode_time, mut infer_time) = (Duration::ZERO, Duration::ZERO);
+        // Frames of one value only (blank: a 1 x 1 image, a constant one) hold nothing to
+        // read, and a model stretched over one made a confident finding of it (a review's
+        // finding: "misoriented, p = 0.875" of a 1-pixel CT): left out of the series' finding,
+        // and a series of nothing else fails.
+        let mut blank_frames = 0usize;
         for (index, path) in paths.iter().enumerate() {
             let (path, preprocessing, limits, shape) = (
                 path.clone(),
@@ -412,13 +417,20 @@ impl Pipeline {
                     ..DecodeOptions::default()
                 };
                 let mut out = Vec::new();
+                let mut blank = 0usize;
                 for frame in source.frames(&options) {
                     let frame = frame.map_err(pixel_failure)?;
+                    if is_blank(&frame) {
+                        blank += 1;
+                        continue;
+                    }
                     out.push((frame.index, model_input(&pre, &frame, &shape)?));
                 }
-                Ok(out)
+                Ok((out, blank))
             })
             .await?;
+            let (tensors, blank) = tensors;
+            blank_frames += blank;
             decode_time += started.elapsed();
             for (frame, tensor) in tensors {
                 let started = Instant::now();
@@ -433,8 +445,23 @@ impl Pipeline {
                 });
             }
         }
+        if results.is_empty() && blank_frames > 0 {
+            return Err(JobFailure::new(
+                "blank_image",
+                format!(
+                    "every frame ({blank_frames}) holds one pixel value only (a blank image): nothing for the model to read"
+                ),
+            ));
+        }
         if results.is_empty() {
             return Err(JobFailure::new("no_frames", "no frame was decoded"));
+        }
+        if blank_frames > 0 {
+            tracing::info!(
+                job = job.id,
+                blank_frames,
+                "frames of one pixel value only left out of the series' finding"
+            );
         }
 
         // The series' finding per reported output: its highest probability.
@@ -1344,6 +1371,14 @@ pub(crate) fn assemble_volume(
     let tensor =
         Tensor::from_vec(dims, data).map_err(|e| JobFailure::new("input_shape", e.to_string()))?;
     Ok((tensor, plan))
+}
+
+/// Whether every value of a decoded frame is the same (a blank image).
+pub(crate) fn is_blank(frame: &pixels::Frame) -> bool {
+    frame
+        .data
+        .split_first()
+        .is_none_or(|(first, rest)| rest.iter().all(|v| v == first))
 }
 
 /// One decoded frame preprocessed as the bundle declares, as the model's input tensor.

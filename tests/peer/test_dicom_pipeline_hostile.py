@@ -203,6 +203,16 @@ def at_the_limit(d: Path, study: str, series: str) -> list[Path]:
     return [_save(ds, d / "limit.dcm")]
 
 
+def blank(rows: int, cols: int):
+    """A slice of one value (`rows` x `cols`): nothing to read (a model stretched over a
+    constant or a 1 x 1 image made a confident finding of it: a review's finding)."""
+    def build(d: Path, study: str, series: str) -> list[Path]:
+        ds = _ct(study, series)
+        _set_pixels(ds, np.full((rows, cols), 1024, dtype=np.uint16))
+        return [_save(ds, d / "blank.dcm")]
+    return build
+
+
 def thousand_frames(d: Path, study: str, series: str) -> list[Path]:
     ds = _ct(study, series)
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
@@ -235,6 +245,8 @@ CASES = {
     "corrupt-jpeg": (corrupt_jpeg, ("-xy",), "failed", "decode_failed", "frame 0"),
     "8200x8200": (huge, (), "failed", "too_many_pixels", "8200 x 8200"),
     "1000-frames": (thousand_frames, (), "unmatched", "", "1000 frames"),
+    "blank": (blank(64, 64), (), "failed", "blank_image", "one pixel value only"),
+    "one-pixel": (blank(1, 1), (), "failed", "blank_image", "one pixel value only"),
 }
 
 
