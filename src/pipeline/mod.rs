@@ -581,6 +581,20 @@ impl Pipeline {
             self.store().settle_series(row, "unmatched", Some(reason))?;
             return Ok(0);
         }
+        // Study and Series Instance UIDs the results API cannot name (a `/`, `..`: not DICOM
+        // UIDs at all, though the spool keeps them under hashed paths) are not processed:
+        // results referencing them went to PACS while the operator could neither see nor
+        // track them (a review's finding).
+        if !(nightingale_dicom::sop::is_url_safe_uid(&row.study_uid)
+            && nightingale_dicom::sop::is_url_safe_uid(&row.series_uid))
+        {
+            let reason = "the Study or Series Instance UID is not 1-64 letters, digits, dots, '-' or '_': not processed (its results could not be named)";
+            tracing::info!(series = %tag, reason, "series not routed: stored, not processed");
+            metrics::counter!("nightingale_pipeline_series_total", "outcome" => "unmatched")
+                .increment(1);
+            self.store().settle_series(row, "failed", Some(reason))?;
+            return Ok(0);
+        }
         // The Patient ID's hash, for the CDS imaging cards (the ID itself is not kept).
         self.store()
             .set_patient(row, header.patient_id_sha256.as_deref())?;

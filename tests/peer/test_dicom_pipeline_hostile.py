@@ -847,6 +847,27 @@ def test_a_series_waiting_across_a_restart_is_processed_once_the_models_are_load
         shutil.rmtree(work, ignore_errors=True)
 
 
+def test_a_series_whose_uids_the_results_api_cannot_name_is_not_processed(pipeline, work):
+    """A review's finding: a CT whose Study Instance UID holds `/` and `..` (stored under a
+    hashed path) was processed and its SR and SC sent to PACS with the UID copied, while
+    the results API could not name the study. Such a series is stored, not processed, and
+    the log says why; the next good series is done."""
+    server, pacs = pipeline
+    d = work / "slash-uid"
+    d.mkdir()
+    before_files = len(pacs.files())
+    before = server.metric("nightingale_pipeline_series_total", outcome="unmatched")
+    ds = _ct(generate_uid(), generate_uid())
+    ds.StudyInstanceUID = "1.2.826.0.1/../../evil"
+    store(server.port, [_save(ds, d / "slash.dcm")])
+    wait_for(lambda: server.metric("nightingale_pipeline_series_total", outcome="unmatched") > before,
+             RESULT_TIMEOUT_S, "the series settled, not processed")
+    assert "its results could not be named" in server.log()
+    assert "evil" not in server.log()
+    assert len(pacs.files()) == before_files
+    send_good_series(server, pacs, d)
+
+
 def test_results_sent_back_in_are_not_processed_again():
     """Red-team finding: a PACS that forwards new objects back to the AI node (here: the results
     destination is Nightingale's own port) and a bundle that takes OT made every result
