@@ -1869,8 +1869,16 @@ pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionChec
         }
         hash.finalize().into()
     };
+    // Each report read once while it stays the same file (inode, size, modification time):
+    // every load check read and parsed every report in the folder again (5,000 researchers'
+    // reports took 5.6 s per bundle load: a review's finding).
+    type Seen = (u64, u64, std::time::SystemTime);
+    type Cache = std::collections::HashMap<PathBuf, (Seen, Option<Arc<ReportHead>>)>;
+    let cache: std::sync::Mutex<Cache> = std::sync::Mutex::default();
     let check = move |name: &str, version: u64, manifest_sha256: &str| {
         let candidates = report_candidates(&reports);
+        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.retain(|path, _| candidates.contains(path));
         // (created, passed, judged by a gate) of the newest report that counts.
         let mut newest: Option<(String, bool, bool)> = None;
         let mut others_only = false;
@@ -1889,13 +1897,27 @@ pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionChec
                     "a validation report over 32 MiB is not read for --require-validation");
                 continue;
             }
-            let Ok(bytes) = std::fs::read(&path) else {
+            use std::os::unix::fs::MetadataExt as _;
+            let seen: Seen = (
+                meta.ino(),
+                meta.len(),
+                meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+            );
+            let head = match cache.get(&path) {
+                Some((was, head)) if *was == seen => head.clone(),
+                _ => {
+                    let head = std::fs::read(&path)
+                        .ok()
+                        .and_then(|bytes| serde_json::from_slice::<ReportHead>(&bytes).ok())
+                        .map(Arc::new);
+                    cache.insert(path.clone(), (seen, head.clone()));
+                    head
+                }
+            };
+            let Some(head) = head else {
                 continue;
             };
-            let Ok(head) = serde_json::from_slice::<ReportHead>(&bytes) else {
-                continue;
-            };
-            let Some(model) = head.model else { continue };
+            let Some(model) = &head.model else { continue };
             if model.name != name
                 || model.version != version
                 || model.manifest_sha256 != manifest_sha256
@@ -1945,7 +1967,7 @@ pub fn require_validation(reports: PathBuf) -> nightingale_models::PromotionChec
                 head.created > *created || (head.created == *created && *was_passed)
             });
             if newer {
-                newest = Some((head.created, passed, head.gate.is_some()));
+                newest = Some((head.created.clone(), passed, head.gate.is_some()));
             }
         }
         Err(match newest {
@@ -2101,6 +2123,31 @@ mod promotion_tests {
             report(dir.path(), "usual", "2026-12-05T06:41:48Z", true);
             assert!((check.0)("m", 2, "abc").is_ok());
         }
+    }
+
+    /// Reports are read once and kept while they stay the same file (a review's finding:
+    /// every load check parsed every report again); one replaced, even by one of the same
+    /// size, or removed, is read anew.
+    #[test]
+    fn a_report_replaced_between_checks_is_read_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        report(dir.path(), "run", "2026-12-05T06:41:47Z", true);
+        let check = require_validation(dir.path().to_path_buf());
+        assert!((check.0)("m", 2, "abc").is_ok());
+        assert!((check.0)("m", 2, "abc").is_ok());
+        // Replaced as reports are written (a new file renamed over it), "passed": false
+        // with one space less elsewhere: the same size.
+        let path = dir.path().join("run/report.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let failed = text
+            .replace("\"passed\":true", "\"passed\":false")
+            .replacen("2026-12-05T06:41:47Z", "2026-12-05T06:41:4Z", 1);
+        assert_eq!(failed.len(), text.len());
+        std::fs::write(dir.path().join("run/new.json"), failed).unwrap();
+        std::fs::rename(dir.path().join("run/new.json"), &path).unwrap();
+        assert!((check.0)("m", 2, "abc").is_err());
+        std::fs::remove_file(&path).unwrap();
+        assert!((check.0)("m", 2, "abc").is_err());
     }
 
     /// A review's finding: reports made in the same second were ordered by the folder
