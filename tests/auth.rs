@@ -965,3 +965,67 @@ async fn a_model_request_is_audited_with_its_caller() {
         "the key itself is in the trail"
     );
 }
+
+/// A review's observation: refused attempts at model control (load, unload) were only
+/// logged. Each is audited (`access-refused`): the path, the status, the caller with a key
+/// but not the role, or `unauthenticated`; the key itself is not in the trail.
+#[tokio::test]
+async fn refused_model_control_is_audited() {
+    let server = Server::with_auth(fixture_auth());
+    let infer_key = key(Role::Infer);
+    let load = format!("/v2/repository/models/{MODEL}/load");
+    for (authorization, want) in [
+        (None, StatusCode::UNAUTHORIZED),
+        (Some(format!("Bearer {infer_key}")), StatusCode::FORBIDDEN),
+        (
+            Some("Bearer not-a-key".to_owned()),
+            StatusCode::UNAUTHORIZED,
+        ),
+    ] {
+        let mut req = Request::post(&load);
+        if let Some(a) = &authorization {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        let (s, _, v) = server.send(req.body(Body::empty()).unwrap()).await;
+        assert_eq!(s, want, "{v}");
+    }
+    // Records are written on the audit writer's thread: wait for them (bounded).
+    let path = server._dir.path().join("audit.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let refused = loop {
+        let trail = std::fs::read_to_string(&path).unwrap_or_default();
+        let refused: Vec<Value> = trail
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|r| r["kind"] == "access-refused")
+            .collect();
+        if refused.len() >= 3 || std::time::Instant::now() > deadline {
+            assert!(
+                !trail.contains(&infer_key),
+                "the key itself is in the trail"
+            );
+            break refused;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let seen: Vec<(u64, String)> = refused
+        .iter()
+        .map(|r| {
+            (
+                r["status"].as_u64().unwrap(),
+                r["actor"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(seen.len(), 3, "{refused:?}");
+    assert_eq!(seen[0], (401, "unauthenticated".to_owned()));
+    assert_eq!(seen[1].0, 403);
+    assert!(seen[1].1.starts_with("api-key:"), "{seen:?}");
+    assert_eq!(seen[2], (401, "unauthenticated".to_owned()));
+    assert!(refused.iter().all(|r| {
+        r["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("path={load}"))
+    }));
+}

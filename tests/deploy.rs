@@ -276,6 +276,8 @@ async fn rollback_serves_the_named_version_alone_and_is_audited_with_its_actor()
         vec![
             (EventKind::ModelLoad, "1", "startup"),
             (EventKind::ModelLoad, "2", "startup"),
+            // The attempt without the token: refused, and audited.
+            (EventKind::AccessRefused, "", "unauthenticated"),
             (EventKind::ModelRollback, "1", "admin-token"),
             // Version 2 stopped serving with the rollback: recorded too.
             (EventKind::ModelUnload, "2", "admin-token"),
@@ -283,7 +285,7 @@ async fn rollback_serves_the_named_version_alone_and_is_audited_with_its_actor()
             (EventKind::ModelLoad, "2", "admin-token"),
         ]
     );
-    let rollback = control[2];
+    let rollback = control[3];
     assert_eq!(rollback.event.model_sha256, model_sha(&f.bundle(), 1));
     assert_eq!(rollback.event.outcome, Outcome::Ok);
     assert!(

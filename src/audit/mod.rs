@@ -67,6 +67,10 @@ pub enum EventKind {
     /// destination as configured (`AE@host:port`), `request_id` the job's. Who received a
     /// patient's results is in the trail, not only in the results store its retention purges.
     DicomResultSent,
+    /// A request to an admin endpoint (model load, unload, rollback; HTTP or gRPC) refused
+    /// for its credentials (401, 403): the path, the status and the caller (or
+    /// `unauthenticated`: those are throttled, a burst then one a second, the rest counted).
+    AccessRefused,
     /// A CDS Hooks call answered (issue 10): the service, hookInstance, cards and latency.
     CdsHook,
     /// Feedback on a CDS card: accepted or overridden, and why (coded).

@@ -1425,7 +1425,12 @@ pub(crate) async fn enforce(
                 path.as_str(),
             ) {
                 Ok(caller) => caller,
-                Err(denied) => return denied.into_response(),
+                Err(denied) => {
+                    denied
+                        .audit_if_admin(&state, rule.access, req.uri().path())
+                        .await;
+                    return denied.into_response();
+                }
             }
         }
     };
@@ -1541,6 +1546,29 @@ fn foreign_host(req: &Request) -> Option<String> {
 pub(crate) struct Denied {
     pub(crate) error: AppError,
     pub(crate) challenge: Option<bool>,
+    /// The caller, when it was authenticated (and lacks the role).
+    pub(crate) caller: Option<String>,
+}
+
+impl Denied {
+    /// Audits the refusal when `access` is the admin role's: refused attempts at model
+    /// control (load, unload, rollback) were only logged (a review's observation). The
+    /// caller, or `unauthenticated` (throttled: anyone can send these).
+    pub(crate) async fn audit_if_admin(&self, state: &AppState, access: Access, path: &str) {
+        if access != ADMIN {
+            return;
+        }
+        super::cds::audit_refusal(
+            state,
+            crate::audit::EventKind::AccessRefused,
+            path,
+            self.caller
+                .clone()
+                .unwrap_or_else(|| super::cds::UNAUTHENTICATED.to_owned()),
+            self.error.status,
+        )
+        .await;
+    }
 }
 
 impl IntoResponse for Denied {
@@ -1574,6 +1602,7 @@ pub(crate) fn authorize(
                 "CDS Hooks services are checked by their own rules",
             ),
             challenge: None,
+            caller: None,
         }),
         Access::Role(_) | Access::AnyOf(_) => {
             let roles = access.roles();
@@ -1592,6 +1621,7 @@ pub(crate) fn authorize(
                 return Err(Denied {
                     error: AppError::new(StatusCode::FORBIDDEN, disabled(roles[0])),
                     challenge: None,
+                    caller: None,
                 });
             }
             let caller = match auth.authenticate(headers, extensions) {
@@ -1601,6 +1631,7 @@ pub(crate) fn authorize(
                     return Err(Denied {
                         error: AppError::new(StatusCode::UNAUTHORIZED, e.to_string()),
                         challenge: Some(true),
+                        caller: None,
                     });
                 }
             };
@@ -1617,6 +1648,7 @@ pub(crate) fn authorize(
                             ),
                         ),
                         challenge: Some(false),
+                        caller: None,
                     });
                 }
                 tracing::warn!(caller = %caller.id, needs, endpoint, "role missing");
@@ -1626,6 +1658,7 @@ pub(crate) fn authorize(
                         format!("{} does not hold {needs} this endpoint needs", caller.id),
                     ),
                     challenge: None,
+                    caller: Some(caller.id.clone()),
                 });
             }
             Ok(caller)

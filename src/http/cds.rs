@@ -179,7 +179,7 @@ pub(crate) async fn audit_refusal(
         ..AuditEvent::blank(kind, "-".to_owned(), Some(actor))
     };
     if let Err(e) = state.audit.record(event).await {
-        tracing::error!(error = %e, "audit record of a refused CDS request not written");
+        tracing::error!(error = %e, "audit record of a refused request not written");
     }
 }
 
@@ -195,16 +195,21 @@ pub(crate) async fn write_held_summary(
         return;
     }
     let status = StatusCode::UNAUTHORIZED;
+    let what = if kind == EventKind::AccessRefused {
+        "admin-endpoint"
+    } else {
+        "CDS Hooks"
+    };
     let event = AuditEvent {
         status: status.as_u16(),
         outcome: Outcome::from_status(status.as_u16()),
         detail: Some(format!(
-            "{held} unauthenticated CDS Hooks requests refused, not recorded one by one (more than one a second)"
+            "{held} unauthenticated {what} requests refused, not recorded one by one (more than one a second)"
         )),
         ..AuditEvent::blank(kind, "-".to_owned(), Some(UNAUTHENTICATED.to_owned()))
     };
     if let Err(e) = audit.record(event).await {
-        tracing::error!(error = %e, "audit summary of refused CDS requests not written");
+        tracing::error!(error = %e, "audit summary of refused requests not written");
     }
 }
 

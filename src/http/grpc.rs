@@ -159,7 +159,12 @@ async fn before_the_message(
                 }
                 request.extensions_mut().insert(Authorized(caller));
             }
-            Err(denied) => return to_status(denied.error, &request_id).into_http(),
+            Err(denied) => {
+                denied
+                    .audit_if_admin(&state, rule.access, request.uri().path())
+                    .await;
+                return to_status(denied.error, &request_id).into_http();
+            }
         }
     }
     let mut timeout = state.config.request_timeout;

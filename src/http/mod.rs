@@ -166,7 +166,7 @@ pub struct AppState {
     /// Audit records of CDS Hooks refusals without credentials, calls and feedback each
     /// their own: a burst, then one a second, the rest counted and summarised
     /// ([`crate::audit::throttle`]).
-    pub(crate) unauthenticated_audit: [Arc<crate::audit::throttle::Throttle>; 2],
+    pub(crate) unauthenticated_audit: [Arc<crate::audit::throttle::Throttle>; 3],
 }
 
 /// [`AppState::unauthenticated_audit`]'s burst and steady rate.
@@ -226,17 +226,23 @@ impl AppState {
         for kind in [
             crate::audit::EventKind::CdsHook,
             crate::audit::EventKind::CdsFeedback,
+            crate::audit::EventKind::AccessRefused,
         ] {
             cds::write_held_summary(&self.audit, &self.held_audit_of(kind), kind).await;
         }
     }
 
-    /// The throttle of one kind of unauthenticated CDS refusal.
+    /// The throttle of one kind of unauthenticated refusal (CDS calls, CDS feedback, the
+    /// admin endpoints).
     pub(crate) fn held_audit_of(
         &self,
         kind: crate::audit::EventKind,
     ) -> Arc<crate::audit::throttle::Throttle> {
-        let i = usize::from(kind == crate::audit::EventKind::CdsFeedback);
+        let i = match kind {
+            crate::audit::EventKind::CdsFeedback => 1,
+            crate::audit::EventKind::AccessRefused => 2,
+            _ => 0,
+        };
         self.unauthenticated_audit[i].clone()
     }
 
