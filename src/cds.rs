@@ -16,9 +16,7 @@ use nightingale_decision_support::cards::{
     risk_not_applicable_card, risk_unavailable_card,
 };
 use nightingale_decision_support::feedback::{CardLedger, IssuedCard, OverrideStats};
-use nightingale_decision_support::fhir::{
-    Limits, NewestFirst, Resource, Resources, is_next, sanitise,
-};
+use nightingale_decision_support::fhir::{Limits, Resource, Resources, is_next, sanitise};
 use nightingale_decision_support::hooks::{Card, HookRequest, Source};
 use nightingale_decision_support::jwt::{JwtOptions, Verifier};
 use nightingale_decision_support::news2::find_patient;
@@ -535,7 +533,6 @@ impl Cds {
         token: Option<&str>,
         queries: &[(String, String)],
         budget: &FetchBudget<'_>,
-        needed_since: &PagingCutoffs,
     ) -> Vec<(String, Resource)> {
         let base = fhir_server.trim_end_matches('/');
         let deadline = tokio::time::Instant::now() + self.fetch_timeout;
@@ -568,8 +565,7 @@ impl Cds {
                     }
                 };
                 fetch_outcome("ok");
-                let since = needed_since.get(key).copied();
-                self.read_rest_of_search(base, token, key, &mut value, deadline, budget, since)
+                self.read_rest_of_search(base, token, key, &mut value, deadline, budget)
                     .await;
                 match Resource::from_value(&value, &self.limits) {
                     Ok(r) => Some((key.clone(), r)),
@@ -602,7 +598,6 @@ impl Cds {
         prefetch: &mut BTreeMap<String, Value>,
         declared: &BTreeMap<String, String>,
         budget: &FetchBudget<'_>,
-        needed_since: &PagingCutoffs,
     ) {
         let base = fhir_server.trim_end_matches('/');
         let deadline = tokio::time::Instant::now() + self.fetch_timeout;
@@ -610,8 +605,7 @@ impl Cds {
             .iter_mut()
             .filter(|(k, v)| declared.contains_key(*k) && next_link(v).is_some())
             .map(|(key, value)| {
-                let since = needed_since.get(key).copied();
-                self.read_rest_of_search(base, token, key, value, deadline, budget, since)
+                self.read_rest_of_search(base, token, key, value, deadline, budget)
             });
         futures_util::future::join_all(searches).await;
     }
@@ -624,13 +618,6 @@ impl Cds {
     /// already (a server paging in a loop), [`MAX_SEARCH_PAGES`] pages were read, a page
     /// would pass the call's `budget` or the resource limit, a page is not a Bundle, or the
     /// deadline passes.
-    ///
-    /// An Observation search whose pages, newest first, have reached before `needed_since`
-    /// (the oldest time its readers look at, [`Service::paging_window`]) is not read further
-    /// either: the pages left hold older values only, and the search reads as one read in
-    /// part, back to that time ([`NewestFirst`]). A ward patient's vital signs over a long
-    /// stay were read for 20 pages where the first held the last day's.
-    #[allow(clippy::too_many_arguments)]
     async fn read_rest_of_search(
         &self,
         base: &str,
@@ -639,29 +626,11 @@ impl Cds {
         bundle: &mut Value,
         deadline: tokio::time::Instant,
         budget: &FetchBudget<'_>,
-        needed_since: Option<chrono::DateTime<chrono::Utc>>,
     ) {
         let mut pages = 1;
         let mut read = BTreeSet::new();
         let mut held = resources_in(bundle);
-        let mut order = NewestFirst::default();
-        let needed_since = needed_since
-            .filter(|_| next_link(bundle).is_some())
-            .and_then(|t| match Resource::from_value(bundle, &self.limits) {
-                Ok(Resource::Bundle(b)) => {
-                    order.feed(&b);
-                    Some(t)
-                }
-                _ => None,
-            });
         while let Some(next) = next_link(bundle) {
-            if let Some(t) = needed_since
-                && order.reach().is_some_and(|reach| reach < t)
-            {
-                tracing::debug!(prefetch = %key, pages,
-                    "FHIR search read back past the oldest time its readers need: older pages not read");
-                return;
-            }
             let stop = if pages >= MAX_SEARCH_PAGES {
                 Some("more pages than are read")
             } else if !on_server(base, next) {
@@ -693,7 +662,7 @@ impl Cds {
                     return;
                 }
             };
-            match accept_page(bundle, page, held, &self.limits, &mut order) {
+            match accept_page(bundle, page, held, &self.limits) {
                 Ok(added) => held += added,
                 Err(why) => {
                     tracing::warn!(prefetch = %key, pages, reason = %why, "FHIR search page refused");
@@ -813,50 +782,6 @@ impl<'a> FetchBudget<'a> {
 /// included: 20 pages of a server's usual 50 to 100 entries each.
 pub const MAX_SEARCH_PAGES: usize = 20;
 
-/// Per prefetch key, the oldest time the readers of its search need
-/// ([`Cds::paging_cutoffs`]).
-pub type PagingCutoffs = BTreeMap<String, chrono::DateTime<chrono::Utc>>;
-
-impl Cds {
-    /// For each of `service`'s prefetch keys whose pages need not be read back further than
-    /// some time ([`Service::paging_window`]), that time as of `now`. A risk service's
-    /// window is the longest look-back of the features of the bundles it serves now.
-    pub fn paging_cutoffs(
-        &self,
-        state: &AppState,
-        service: &Service,
-        now: chrono::DateTime<chrono::Utc>,
-    ) -> PagingCutoffs {
-        let mut risk_look_back = service.look_back();
-        if service.kind() == ServiceKind::Risk {
-            for bundle in &service.config().bundles {
-                let Ok(model) = state.repository.get(bundle, None) else {
-                    continue;
-                };
-                for hours in model
-                    .manifest
-                    .inputs
-                    .iter()
-                    .flat_map(|i| i.features.iter())
-                    .filter_map(|f| f.look_back_hours)
-                {
-                    // As the mapping reads it (whole seconds).
-                    let own = chrono::Duration::seconds((hours * 3600.0) as i64);
-                    risk_look_back = risk_look_back.max(own);
-                }
-            }
-        }
-        service
-            .prefetch()
-            .keys()
-            .filter_map(|key| {
-                let window = service.paging_window(key, risk_look_back)?;
-                Some((key.clone(), now.checked_sub_signed(window)?))
-            })
-            .collect()
-    }
-}
-
 fn fetch_outcome(outcome: &'static str) {
     metrics::counter!("nightingale_cds_fhir_fetches_total", "outcome" => outcome).increment(1);
 }
@@ -933,24 +858,23 @@ fn entry_key(entry: &Value) -> Option<String> {
 /// whole), its links replace `into`'s (its `next`, or none on the last page), and its
 /// `total` is kept where it is the larger (more matches announced than delivered leaves the
 /// search partial). Refused, `into` is unchanged (its `next` link stays: the search reads as
-/// partial). Returns the resources added. The page's matches are fed to `order`.
+/// partial). Returns the resources added.
 fn accept_page(
     into: &mut Value,
     page: Value,
     held: usize,
     limits: &Limits,
-    order: &mut NewestFirst,
 ) -> Result<usize, String> {
     let left = limits.max_resources.saturating_sub(held);
     let check = Limits {
         max_resources: left,
         ..*limits
     };
-    let parsed = match Resource::from_value(&page, &check) {
-        Ok(Resource::Bundle(b)) => b,
+    match Resource::from_value(&page, &check) {
+        Ok(Resource::Bundle(_)) => {}
         Ok(_) => return Err("a page that is not a Bundle".into()),
         Err(e) => return Err(format!("a page the FHIR reader refuses: {e}")),
-    };
+    }
     let Value::Object(mut page) = page else {
         return Err("a page that is not a JSON object".into());
     };
@@ -994,7 +918,6 @@ fn accept_page(
     {
         into.insert("total".into(), Value::from(total));
     }
-    order.feed(&parsed);
     Ok(added)
 }
 
@@ -1790,10 +1713,7 @@ mod tests {
         assert_eq!(resources_in(&b), 2);
         let page2 = json!({"resourceType": "Bundle", "type": "searchset",
             "link": [{"relation": "next", "url": "u3"}], "entry": [patient(2)]});
-        assert_eq!(
-            accept_page(&mut b, page2, 2, &limits, &mut NewestFirst::default()),
-            Ok(1)
-        );
+        assert_eq!(accept_page(&mut b, page2, 2, &limits), Ok(1));
         assert_eq!(next_link(&b), Some("u3"));
 
         // Refused whole, the search unchanged (its next link kept: it reads as partial).
@@ -1811,7 +1731,7 @@ mod tests {
             json!({"resourceType": "Bundle", "entry": (10..18).map(patient).collect::<Vec<_>>()}),
         ] {
             assert!(
-                accept_page(&mut b, bad.clone(), 3, &limits, &mut NewestFirst::default()).is_err(),
+                accept_page(&mut b, bad.clone(), 3, &limits).is_err(),
                 "{bad}"
             );
             assert_eq!(b, before);
@@ -1819,10 +1739,7 @@ mod tests {
 
         // The last page: no links; the search is whole.
         let last = json!({"resourceType": "Bundle", "entry": [patient(3)]});
-        assert_eq!(
-            accept_page(&mut b, last, 3, &limits, &mut NewestFirst::default()),
-            Ok(1)
-        );
+        assert_eq!(accept_page(&mut b, last, 3, &limits), Ok(1));
         assert_eq!(next_link(&b), None);
         assert_eq!(b["entry"].as_array().unwrap().len(), 3);
         assert!(complete(&b));
@@ -1831,10 +1748,7 @@ mod tests {
         let mut b = json!({"resourceType": "Bundle", "type": "searchset",
             "link": [{"relation": "next", "url": "u2"}], "entry": []});
         let page = json!({"resourceType": "Bundle", "type": "searchset", "total": 3});
-        assert_eq!(
-            accept_page(&mut b, page, 1, &limits, &mut NewestFirst::default()),
-            Ok(0)
-        );
+        assert_eq!(accept_page(&mut b, page, 1, &limits), Ok(0));
         assert_eq!(b["total"], 3);
         assert!(!complete(&b));
 
@@ -1842,10 +1756,7 @@ mod tests {
         let mut b = json!({"resourceType": "Bundle", "type": "searchset", "total": 2,
             "link": [{"relation": "next", "url": "u2"}], "entry": [patient(1)]});
         let again = json!({"resourceType": "Bundle", "type": "searchset", "total": 2, "entry": [patient(1)]});
-        assert_eq!(
-            accept_page(&mut b, again, 2, &limits, &mut NewestFirst::default()),
-            Ok(0)
-        );
+        assert_eq!(accept_page(&mut b, again, 2, &limits), Ok(0));
         assert_eq!(b["entry"].as_array().unwrap().len(), 1);
         assert!(!complete(&b));
 

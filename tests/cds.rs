@@ -1144,64 +1144,6 @@ async fn a_search_answered_in_pages_is_read_to_its_end_on_the_fhir_server_only()
     }
 }
 
-/// A vital-signs search answered newest first in pages is read back only as far as NEWS2
-/// looks (12 hours by default): the pages beyond hold older values, and were read for up to
-/// 20 pages (the whole fetch deadline on a slow server) where the first held the last
-/// day's. A page that ends within the window is still followed.
-#[tokio::test]
-async fn pages_older_than_the_look_back_are_not_read() {
-    let seen: Seen = Arc::new(Mutex::new(Vec::new()));
-    let pages: Pages = Arc::default();
-    let fhir = fhir_server(Fhir::Pages(pages.clone()), seen.clone()).await;
-    let server = Server::new(vec![fhir.clone()], Duration::from_secs(5));
-    let page2 = format!("{fhir}/Observation?patient={PATIENT}&_page=2");
-    // Page 2 links to page 3 and so on: a long stay's older vital signs.
-    {
-        let mut p = pages.lock().unwrap();
-        for n in 2..30 {
-            let older = obs(100 + n, "9279-1", qty(12.0, "/min"));
-            let mut older = older;
-            older["effectiveDateTime"] = json!(when(60 * 24 * n as i64));
-            p.insert(
-                format!("/fhir/Observation?patient={PATIENT}&_page={n}"),
-                json!({"resourceType": "Bundle", "type": "searchset",
-                       "link": [{"relation": "next", "url": format!("{fhir}/Observation?patient={PATIENT}&_page={}", n + 1)}],
-                       "entry": [{"resource": older}]}),
-            );
-        }
-    }
-    for (last_minutes_ago, pages_read) in [(60 * 24, 0), (60 * 6, 1)] {
-        seen.lock().unwrap().clear();
-        // The first page: the last set of vital signs (30 minutes ago), then an older
-        // respiratory rate, the page's last entry.
-        let mut first = vitals_pages(7, &page2).0;
-        let mut older = obs(99, "9279-1", qty(14.0, "/min"));
-        older["effectiveDateTime"] = json!(when(last_minutes_ago));
-        first["entry"]
-            .as_array_mut()
-            .unwrap()
-            .push(json!({"resource": older}));
-        let prefetch = json!({"patient": patient(), "vitals": first,
-            "conditions": no_conditions(), "consciousness": no_pregnancy_status(),
-            "pregnancy": no_pregnancy_status()});
-        let (s, v) = tokio::time::timeout(
-            Duration::from_secs(20),
-            server.call(&patient_view(Some(prefetch), Some(&fhir))),
-        )
-        .await
-        .expect("answered");
-        assert_eq!(s, StatusCode::OK, "{v}");
-        // Scored from the last set: what was not read is older than the window.
-        assert!(news2_summary(&v).starts_with("NEWS2 7 "), "{v}");
-        let seen = seen.lock().unwrap().clone();
-        assert_eq!(
-            seen.len(),
-            pages_read,
-            "last entry {last_minutes_ago} min ago: {seen:?}"
-        );
-    }
-}
-
 #[tokio::test]
 async fn what_is_fetched_from_fhir_is_charged_to_the_in_flight_memory_budget() {
     // 4 MiB of budget; the FHIR server's Observation search answers 300 KB, which parsed may

@@ -993,58 +993,29 @@ impl Resources {
 /// newest first, a parameter it did not hold read as "no value recorded": a re-attack's
 /// finding).
 fn newest_first_reach(b: &Bundle) -> Option<DateTime<Utc>> {
-    let mut order = NewestFirst::default();
-    order.feed(b);
-    order.reach()
-}
-
-/// [`newest_first_reach`] of a search's pages read one after another: fed each page in turn,
-/// its [`NewestFirst::reach`] is that of one Bundle holding them all. A reader of a search
-/// answered in pages newest first may stop once the reach lies before the oldest time it
-/// needs: what the pages not read hold is older still.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct NewestFirst {
-    last: Option<TimeBounds>,
-    descended: bool,
-    /// Not in newest-first order, or an Observation not dated: no reach, whatever follows.
-    broken: bool,
-}
-
-impl NewestFirst {
-    /// Takes the matched Observations of the next page, in their order.
-    pub fn feed(&mut self, b: &Bundle) {
-        // What is not read is no newer than the last read is; of a date without a time, no
-        // later than the end of that date in any zone.
-        for e in b.entry.iter().filter(|e| e.matched) {
-            if self.broken {
-                return;
-            }
-            if let Some(Resource::Observation(o)) = &e.resource {
-                let bounds = o.time_bounds();
-                let (Some(earliest), Some(latest)) = (bounds.earliest(), bounds.latest()) else {
-                    self.broken = true;
-                    return;
-                };
-                if let Some(previous) = self.last {
-                    if previous.latest().is_some_and(|l| earliest > l) {
-                        self.broken = true;
-                        return;
-                    }
-                    self.descended |= previous.earliest().is_some_and(|e| latest < e);
+    // What is not read is no newer than the last read is; of a date without a time, no
+    // later than the end of that date in any zone.
+    let mut last: Option<TimeBounds> = None;
+    let mut descended = false;
+    for e in b.entry.iter().filter(|e| e.matched) {
+        if let Some(Resource::Observation(o)) = &e.resource {
+            let bounds = o.time_bounds();
+            let (Some(earliest), Some(latest)) = (bounds.earliest(), bounds.latest()) else {
+                return None;
+            };
+            if let Some(previous) = last {
+                if previous.latest().is_some_and(|l| earliest > l) {
+                    return None;
                 }
-                self.last = Some(bounds);
+                descended |= previous.earliest().is_some_and(|e| latest < e);
             }
+            last = Some(bounds);
         }
     }
-
-    /// The latest time what follows the pages fed may hold, when they showed newest-first
-    /// order (two times at least, the later first) and every Observation was dated.
-    pub fn reach(&self) -> Option<DateTime<Utc>> {
-        if self.broken || !self.descended {
-            return None;
-        }
-        self.last.and_then(TimeBounds::latest)
+    if !descended {
+        return None;
     }
+    last.and_then(TimeBounds::latest)
 }
 
 /// The resource types [`Resources`] keeps.

@@ -729,33 +729,6 @@ impl Service {
         self.news2.vitals.look_back
     }
 
-    /// How far back the readers of prefetch `key`'s Observations look, when its template is
-    /// an Observation search that returns its matches newest first (`_sort=-date`): its
-    /// pages need not be read past that time (what they hold is older, and a search read in
-    /// part is read as such: a value may be missing only where what was not read could be
-    /// recent enough). `risk_look_back` is the longest look-back of a risk service's
-    /// features. `None`: every page is read (another search, or NEWS2's pregnancy status,
-    /// read over months).
-    pub fn paging_window(&self, key: &str, risk_look_back: Duration) -> Option<Duration> {
-        let template = self.prefetch.get(key)?;
-        let (path, query) = template.split_once('?')?;
-        if path != "Observation" || !query.split('&').any(|p| p == "_sort=-date") {
-            return None;
-        }
-        match self.config.kind {
-            ServiceKind::News2 => {
-                if crate::news2::PREGNANCY_STATUS
-                    .iter()
-                    .any(|code| query.contains(code))
-                {
-                    return None;
-                }
-                Some(self.look_back())
-            }
-            ServiceKind::Risk => Some(risk_look_back.max(self.look_back())),
-        }
-    }
-
     /// Answers a NEWS2 hook request as of `now`: the request's prefetch (every entry under a
     /// key the service declares, a resource or a Bundle; `null` skipped) plus `fetched` (what the caller fetched for
     /// [`Service::missing_prefetch`]) are assessed for `context.patientId`, and the
@@ -951,57 +924,6 @@ mod tests {
         );
         assert_eq!(s.get("icu-mortality").unwrap().kind(), ServiceKind::Risk);
         assert!(s.get("icu-mortality").unwrap().prefetch().is_empty());
-    }
-
-    /// Only an Observation search sorted newest first has a paging window: NEWS2's look-back
-    /// (not for the pregnancy status, read over months), a risk service's longest.
-    #[test]
-    fn paging_windows() {
-        let s = parse(
-            r#"
-            [[cds.services]]
-            id = "ward-news2"
-            hook = "patient-view"
-            description = "NEWS2"
-            kind = "news2"
-            look_back_minutes = 240
-
-            [[cds.services]]
-            id = "risk"
-            hook = "patient-view"
-            description = "risk"
-            kind = "risk"
-            bundles = ["m"]
-            [cds.services.prefetch]
-            sorted = "Observation?patient={{context.patientId}}&code=http://loinc.org|8480-6&_sort=-date"
-            unsorted = "Observation?patient={{context.patientId}}&code=http://loinc.org|8480-6"
-            conditions = "Condition?patient={{context.patientId}}&_sort=-date"
-            "#,
-        )
-        .unwrap();
-        let w = s.get("ward-news2").unwrap();
-        let day = Duration::hours(24);
-        let mut windows = 0;
-        for (key, template) in w.prefetch() {
-            let window = w.paging_window(key, day);
-            if template.starts_with("Observation?") && !template.contains("82810-3") {
-                assert_eq!(window, Some(Duration::hours(4)), "{template}");
-                windows += 1;
-            } else {
-                assert_eq!(window, None, "{template}");
-            }
-        }
-        // The vital signs and the level of consciousness.
-        assert_eq!(windows, 2);
-        let r = s.get("risk").unwrap();
-        assert_eq!(r.paging_window("sorted", day), Some(day));
-        assert_eq!(
-            r.paging_window("sorted", Duration::hours(1)),
-            Some(r.look_back())
-        );
-        assert_eq!(r.paging_window("unsorted", day), None);
-        assert_eq!(r.paging_window("conditions", day), None);
-        assert_eq!(r.paging_window("nothing", day), None);
     }
 
     #[test]

@@ -306,28 +306,15 @@ async fn answer_call(
                     .charge(n.saturating_mul(PARSED_JSON_FACTOR))
                     .map_err(|e| e.message)
             });
-            // Taken before the fetch: the assessment's own time is later, its windows no
-            // older than these.
-            let cutoffs = cds.paging_cutoffs(&state, service, chrono::Utc::now());
             let prefetch = &mut request.prefetch;
             let rest = async {
                 if let Some(prefetch) = prefetch {
-                    cds.read_rest_of_prefetch(
-                        server,
-                        token,
-                        prefetch,
-                        service.prefetch(),
-                        &budget,
-                        &cutoffs,
-                    )
-                    .await;
+                    cds.read_rest_of_prefetch(server, token, prefetch, service.prefetch(), &budget)
+                        .await;
                 }
             };
-            (fetched, ()) = futures_util::future::join(
-                cds.fetch(server, token, &missing, &budget, &cutoffs),
-                rest,
-            )
-            .await;
+            (fetched, ()) =
+                futures_util::future::join(cds.fetch(server, token, &missing, &budget), rest).await;
             // A search asked for and not read is not "nothing recorded": what it would have
             // held is unknown (a consciousness search that failed let an older "Alert" from
             // the vitals be scored: a red-team finding).
