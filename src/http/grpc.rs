@@ -155,6 +155,7 @@ async fn before_the_message(
                     &request,
                     rule.method,
                 ) {
+                    drain_briefly(request).await;
                     return to_status(refused, &request_id).into_http();
                 }
                 request.extensions_mut().insert(Authorized(caller));
@@ -163,6 +164,11 @@ async fn before_the_message(
                 denied
                     .audit_if_admin(&state, rule.access, request.uri().path())
                     .await;
+                // What the client is still sending is read briefly first, as for an
+                // unserved method: answered at once, the stream's reset raced the client's
+                // upload and curl saw an HTTP/2 stream error instead of the status (a
+                // re-attack: 1 of 6 anonymous RepositoryModelLoad calls).
+                drain_briefly(request).await;
                 return to_status(denied.error, &request_id).into_http();
             }
         }
