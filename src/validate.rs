@@ -2135,8 +2135,8 @@ mod promotion_tests {
         let check = require_validation(dir.path().to_path_buf());
         assert!((check.0)("m", 2, "abc").is_ok());
         assert!((check.0)("m", 2, "abc").is_ok());
-        // Replaced as reports are written (a new file renamed over it), "passed": false
-        // with one space less elsewhere: the same size.
+        // Replaced as reports are written (a new file renamed over it): "passed": false, and
+        // the creation time one character shorter, so the file keeps its size.
         let path = dir.path().join("run/report.json");
         let text = std::fs::read_to_string(&path).unwrap();
         let failed = text

@@ -113,16 +113,16 @@ fn same_file(_: &fs::Metadata, _: &fs::Metadata) -> bool {
     true
 }
 
-/// Every regular file under `dir`, as `/`-separated relative paths. A name that is not UTF-8
-/// cannot be listed in a manifest (TOML is UTF-8), so such a file is unlisted whatever the
-/// manifest says (its name was read lossily, and matched a listed `x\u{FFFD}`: a red-team
-/// finding).
 /// The deepest folder a version folder may hold its files in (`1/a/b/.../x`: `a` is at depth
 /// 1). The repository's poller watches every file to this depth and one below, so a change
 /// at any depth a load reads is seen (a file at depth 9 was read by loads and not watched: a
 /// review's finding).
 pub const MAX_FOLDER_DEPTH: usize = 16;
 
+/// Every regular file under `dir`, as `/`-separated relative paths, at most
+/// [`MAX_FOLDER_DEPTH`] folders deep. A name that is not UTF-8 cannot be listed in a
+/// manifest (TOML is UTF-8), so such a file is unlisted whatever the manifest says (its name
+/// was read lossily, and matched a listed `x\u{FFFD}`: a red-team finding).
 fn list_files(dir: &Path) -> Result<Vec<String>, BundleError> {
     fn walk(
         root: &Path,

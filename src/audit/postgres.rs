@@ -88,8 +88,8 @@ fn connect(url: &str, location: &str) -> Result<Client, AuditError> {
     connect_within(url, location, CONNECT_WITHIN, true)
 }
 
-/// Connects and (with `schema`) creates the table if needed, within `limit`. The client library bounds only
-/// the TCP connection: a server that accepts and never answers its start-up handshake (a
+/// Connects and (with `schema`) creates the table if needed, within `limit`. The client
+/// library bounds only the TCP connection: a server that accepts and never answers its start-up handshake (a
 /// frozen PostgreSQL, a proxy whose database is gone) held `serve` at its start for as long
 /// as it stayed silent (a review's finding). The attempt runs on a thread of its own, left
 /// to end by itself when it takes longer than `limit`.

@@ -316,22 +316,18 @@ async fn one_message(
     if got.len() < 5 {
         return Err(AppError::bad_request("the call carries no request message"));
     }
-    {
-        let declared = u32::from_be_bytes([got[1], got[2], got[3], got[4]]) as usize;
-        if got.len() - 5 > declared {
-            return Err(AppError::bad_request(
-                "a unary call carries one request message; more followed it",
-            ));
-        }
-        if got.len() - 5 < declared {
-            return Err(AppError::bad_request("the request message is cut short"));
-        }
-        if got[0] > 1 {
-            return Err(AppError::bad_request(
-                "the message's compressed flag is not 0 or 1",
-            ));
-        }
-        if got[0] == 1 && got.len() - 5 == declared {
+    let declared = u32::from_be_bytes([got[1], got[2], got[3], got[4]]) as usize;
+    if got.len() - 5 > declared {
+        return Err(AppError::bad_request(
+            "a unary call carries one request message; more followed it",
+        ));
+    }
+    if got.len() - 5 < declared {
+        return Err(AppError::bad_request("the request message is cut short"));
+    }
+    match got[0] {
+        0 => {}
+        1 => {
             let Some(coding) = coding_of(&parts.headers)? else {
                 return Err(AppError::bad_request(
                     "the message is marked compressed but the call names no grpc-encoding (or identity)",
@@ -344,16 +340,17 @@ async fn one_message(
             got.extend_from_slice(&message);
             parts.headers.remove("grpc-encoding");
         }
-        // The whole message, uncompressed (inflated above: its length is the new prefix's;
-        // compared with the compressed length, an inflated message was never checked, and
-        // tonic answered INTERNAL: a re-attack's finding).
-        let whole = u32::from_be_bytes([got[1], got[2], got[3], got[4]]) as usize;
-        if got[0] == 0 && got.len() - 5 == whole {
-            decodes(method, &got[5..]).map_err(|e| {
-                AppError::bad_request(format!("the {method} request message is malformed: {e}"))
-            })?;
+        _ => {
+            return Err(AppError::bad_request(
+                "the message's compressed flag is not 0 or 1",
+            ));
         }
     }
+    // The whole message, uncompressed (inflated above: checked once inflated, where an
+    // inflated message was never checked and tonic answered INTERNAL: a re-attack's finding).
+    decodes(method, &got[5..]).map_err(|e| {
+        AppError::bad_request(format!("the {method} request message is malformed: {e}"))
+    })?;
     Ok(axum::extract::Request::from_parts(
         parts,
         axum::body::Body::from(got),

@@ -580,50 +580,16 @@ pub(super) fn respond(
             .header(HEADER_LENGTH, HeaderValue::from(n)),
         None => builder.header(header::CONTENT_TYPE, "application/json"),
     };
-    // The ticket goes with the body: its budget is released once the answer has been sent.
+    // The ticket goes with the body, handed to hyper in pieces ([`super::Holding`]): its
+    // budget is released once the answer's last piece has been taken, where a body given
+    // whole released it at once while hyper still held every byte for a client that did
+    // not read.
     builder
-        .body(Body::new(HeldBody {
-            rest: bytes::Bytes::from(encoded.body),
-            _ticket: ticket,
-        }))
+        .body(Body::new(super::Holding::new(
+            Body::from(encoded.body),
+            ticket,
+        )))
         .map_err(|e| AppError::internal(e.to_string()))
-}
-
-/// A response body that holds its request's admission ticket until it has been sent (or
-/// dropped), keeping the body's length for Content-Length. It is handed to hyper in pieces
-/// of [`HELD_CHUNK`] bytes, each when hyper has written the one before: the ticket (charged
-/// for the whole answer) is held until the last piece is taken, where a body given whole
-/// released it at once while hyper still held every byte for a client that did not read.
-struct HeldBody {
-    rest: bytes::Bytes,
-    _ticket: super::Ticket,
-}
-
-use super::HELD_CHUNK;
-
-impl http_body::Body for HeldBody {
-    type Data = bytes::Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
-        if self.rest.is_empty() {
-            return std::task::Poll::Ready(None);
-        }
-        let n = self.rest.len().min(HELD_CHUNK);
-        let piece = self.rest.split_to(n);
-        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(piece))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.rest.is_empty()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.rest.len() as u64)
-    }
 }
 
 /// The outputs to return, in the order asked (or the model's), each with its binary flag.
@@ -761,8 +727,8 @@ pub async fn model_stats_version(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::HttpConfig;
     use crate::http::codec::{InferResponse, JsonData, OutputTensor};
+    use crate::http::{HELD_CHUNK, HttpConfig};
     use http_body::Body as _;
     use http_body_util::BodyExt;
     use nightingale_inference::Tensor;

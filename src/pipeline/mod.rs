@@ -156,6 +156,11 @@ pub fn uid_tag(uid: &str) -> String {
     hex::encode(&Sha256::digest(uid.as_bytes())[..6])
 }
 
+/// Destinations as a job stores them (`AE@host:port`).
+fn names(destinations: &[Destination]) -> impl Iterator<Item = String> + '_ {
+    destinations.iter().map(ToString::to_string)
+}
+
 /// The running pipeline, shared by its tasks and the results API.
 pub struct Pipeline {
     pub config: PipelineConfig,
@@ -575,10 +580,7 @@ impl Pipeline {
         // would make another, without end.
         if self.store().is_result_series(&row.series_uid)? {
             let reason = "the series is one of this node's own result objects: not processed again";
-            tracing::info!(series = %tag, reason, "series not routed: stored, not processed");
-            metrics::counter!("nightingale_pipeline_series_total", "outcome" => "own_result")
-                .increment(1);
-            self.store().settle_series(row, "unmatched", Some(reason))?;
+            self.not_routed(row, &tag, "own_result", "unmatched", reason)?;
             return Ok(0);
         }
         // Study and Series Instance UIDs the results API cannot name (a `/`, `..`: not DICOM
@@ -589,10 +591,7 @@ impl Pipeline {
             && nightingale_dicom::sop::is_url_safe_uid(&row.series_uid))
         {
             let reason = "the Study or Series Instance UID is not 1-64 letters, digits, dots, '-' or '_': not processed (its results could not be named)";
-            tracing::info!(series = %tag, reason, "series not routed: stored, not processed");
-            metrics::counter!("nightingale_pipeline_series_total", "outcome" => "unmatched")
-                .increment(1);
-            self.store().settle_series(row, "failed", Some(reason))?;
+            self.not_routed(row, &tag, "unmatched", "failed", reason)?;
             return Ok(0);
         }
         // The Patient ID's hash, for the CDS imaging cards (the ID itself is not kept).
@@ -679,11 +678,7 @@ impl Pipeline {
             } else {
                 refusals.join("; ")
             };
-            tracing::info!(series = %tag, %reason, "series not routed: stored, not processed");
-            metrics::counter!("nightingale_pipeline_series_total", "outcome" => "unmatched")
-                .increment(1);
-            self.store()
-                .settle_series(row, "unmatched", Some(&reason))?;
+            self.not_routed(row, &tag, "unmatched", "unmatched", &reason)?;
         } else {
             tracing::info!(series = %tag, jobs = made, "series routed");
             metrics::counter!("nightingale_pipeline_series_total", "outcome" => "routed")
@@ -693,20 +688,30 @@ impl Pipeline {
         Ok(made)
     }
 
+    /// Settles a series that is stored and not processed, in `state` with `reason` (logged,
+    /// without UIDs), counted under `outcome`.
+    fn not_routed(
+        &self,
+        row: &SeriesRow,
+        tag: &str,
+        outcome: &'static str,
+        state: &str,
+        reason: &str,
+    ) -> rusqlite::Result<()> {
+        tracing::info!(series = %tag, reason, "series not routed: stored, not processed");
+        metrics::counter!("nightingale_pipeline_series_total", "outcome" => outcome).increment(1);
+        self.store().settle_series(row, state, Some(reason))
+    }
+
     /// Every destination the configuration names now: its routes', or the default ones.
     pub(super) fn configured_destinations(&self) -> std::collections::BTreeSet<String> {
         if self.config.routes.is_empty() {
-            return self
-                .config
-                .destinations
-                .iter()
-                .map(ToString::to_string)
-                .collect();
+            return names(&self.config.destinations).collect();
         }
         self.config
             .routes
             .iter()
-            .flat_map(|r| r.destinations.iter().map(ToString::to_string))
+            .flat_map(|r| names(&r.destinations))
             .collect()
     }
 
@@ -717,15 +722,10 @@ impl Pipeline {
     /// PACS added never got a reprocessed study.
     pub(super) fn route_destinations(&self, name: &str) -> Option<Vec<String>> {
         if let Some(route) = self.config.routes.iter().find(|r| r.name == name) {
-            return Some(route.destinations.iter().map(ToString::to_string).collect());
+            return Some(names(&route.destinations).collect());
         }
-        (self.config.routes.is_empty() && name.starts_with("bundle:")).then(|| {
-            self.config
-                .destinations
-                .iter()
-                .map(ToString::to_string)
-                .collect()
-        })
+        (self.config.routes.is_empty() && name.starts_with("bundle:"))
+            .then(|| names(&self.config.destinations).collect())
     }
 
     /// The configured routes, or one per serving bundle with a `[dicom]` section.

@@ -83,8 +83,9 @@ impl Pipeline {
                 self.give_up(
                     &o,
                     "the destination is no longer configured (--results-destination, [[dicom.routes]]): not sent",
-                );
-                self.audit_sent(&o, None, "given-up").await;
+                    None,
+                )
+                .await;
                 continue;
             }
             by_destination
@@ -129,8 +130,8 @@ impl Pipeline {
             Ok(d) => d,
             Err(e) => {
                 for o in &objects {
-                    self.give_up(o, &format!("bad destination: {e}"));
-                    self.audit_sent(o, None, "given-up").await;
+                    self.give_up(o, &format!("bad destination: {e}"), None)
+                        .await;
                 }
                 return;
             }
@@ -141,8 +142,8 @@ impl Pipeline {
                 Ok(f) => files.push((o, f)),
                 // Not the error's text: it holds the path, whose name holds a UID.
                 Err(e) => {
-                    self.give_up(&o, &format!("result file unreadable: {}", file_error(&e)));
-                    self.audit_sent(&o, None, "given-up").await;
+                    let why = format!("result file unreadable: {}", file_error(&e));
+                    self.give_up(&o, &why, None).await;
                 }
             }
         }
@@ -168,9 +169,8 @@ impl Pipeline {
             Ok(a) => a,
             Err(e) => {
                 for (o, _) in &files {
-                    if self.failed_attempt(o, &format!("association: {e}")) {
-                        self.audit_sent(o, None, "given-up").await;
-                    }
+                    self.failed_attempt(o, &format!("association: {e}"), None)
+                        .await;
                 }
                 return;
             }
@@ -192,9 +192,7 @@ impl Pipeline {
                     Err(e) => {
                         let why = format!("association (opened again after: {why}): {e}");
                         for (o, _) in &files[i..] {
-                            if self.failed_attempt(o, &why) {
-                                self.audit_sent(o, None, "given-up").await;
-                            }
+                            self.failed_attempt(o, &why, None).await;
                         }
                         return;
                     }
@@ -228,20 +226,15 @@ impl Pipeline {
                 // Sending the same object again cannot change these: given up at once
                 // (they were retried to the maximum).
                 Ok(status) if status.is_permanent_failure() => {
-                    self.give_up(
-                        o,
-                        &format!(
-                            "the destination refused it for good: status 0x{:04X}",
-                            status.status
-                        ),
+                    let why = format!(
+                        "the destination refused it for good: status 0x{:04X}",
+                        status.status
                     );
-                    self.audit_sent(o, Some(status.status), "given-up").await;
+                    self.give_up(o, &why, Some(status.status)).await;
                 }
                 Ok(status) => {
                     let why = format!("the destination answered status 0x{:04X}", status.status);
-                    if self.failed_attempt(o, &why) {
-                        self.audit_sent(o, Some(status.status), "given-up").await;
-                    }
+                    self.failed_attempt(o, &why, Some(status.status)).await;
                 }
                 Err(e) => {
                     let why = match &e {
@@ -253,9 +246,7 @@ impl Pipeline {
                     if matches!(e, nightingale_dicom::scu::StoreFailure::Association(_)) {
                         broken = Some(why.clone());
                     }
-                    if self.failed_attempt(o, &why) {
-                        self.audit_sent(o, None, "given-up").await;
-                    }
+                    self.failed_attempt(o, &why, None).await;
                 }
             }
         }
@@ -290,13 +281,13 @@ impl Pipeline {
         }
     }
 
-    /// Records a failed attempt, or gives the object up after the last one (returns
-    /// whether it was given up).
-    fn failed_attempt(&self, o: &ResultObject, why: &str) -> bool {
+    /// Records a failed attempt (`status`: the destination's answer, if it gave one), or
+    /// gives the object up after the last one.
+    async fn failed_attempt(&self, o: &ResultObject, why: &str, status: Option<u16>) {
         let attempts = o.attempts + 1;
         if attempts >= self.config.max_attempts {
-            self.give_up(o, why);
-            return true;
+            self.give_up(o, why, status).await;
+            return;
         }
         let delay = backoff(self.config.backoff, self.config.max_backoff, attempts);
         tracing::warn!(
@@ -317,20 +308,18 @@ impl Pipeline {
         if let Err(e) = self.store().delivery(&retry) {
             tracing::error!(error = %e, "results store: attempt not recorded");
         }
-        false
     }
 
     /// Audits how an object's delivery ended: `delivered` or `refused` with the destination's
     /// DIMSE status, or `given-up` (dead-lettered). The destination (as configured, an
     /// address and AE title) is the record's actor; the object by its hashed UIDs.
     async fn audit_sent(&self, o: &ResultObject, status: Option<u16>, event: &str) {
-        let outcome = match (status, event) {
-            (Some(s), _) => crate::audit::dicom::outcome_of(s),
-            (None, _) => crate::audit::Outcome::Failed,
-        };
         let record = crate::audit::AuditEvent {
             status: status.unwrap_or(0),
-            outcome,
+            outcome: status.map_or(
+                crate::audit::Outcome::Failed,
+                crate::audit::dicom::outcome_of,
+            ),
             detail: Some(format!(
                 "event={event} kind={} attempt={} sop_instance_sha256={} series_sha256={}",
                 o.kind,
@@ -350,8 +339,10 @@ impl Pipeline {
     }
 
     /// Copies the object to the dead-letter folder (other destinations may still send the
-    /// file); it is not sent to this destination again.
-    fn give_up(&self, o: &ResultObject, why: &str) {
+    /// file); it is not sent to this destination again. Audited (`given-up`, with the
+    /// destination's `status` when it answered one).
+    async fn give_up(&self, o: &ResultObject, why: &str, status: Option<u16>) {
+        self.audit_sent(o, status, "given-up").await;
         let from = self.config.results_dir.join(&o.path);
         let relative = std::path::Path::new(DEAD_LETTER_DIR).join(format!(
             "{}-{}-{}.dcm",

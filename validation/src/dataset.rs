@@ -109,8 +109,7 @@ pub fn open_dataset_file(path: &Path) -> Result<File, DatasetError> {
     // The path is canonical, so a link met is one swapped in after it was checked (a
     // review's finding: a dataset replaced by a link out of the validation root after the
     // run was accepted was read).
-    let opened = open_without_links(path);
-    let file = match opened {
+    let file = match open_without_links(path) {
         Ok(fd) => File::from(fd),
         Err(rustix::io::Errno::LOOP | rustix::io::Errno::XDEV) => {
             return Err(DatasetError::Outside {
@@ -189,8 +188,9 @@ pub fn open_without_links(path: &Path) -> Result<std::os::fd::OwnedFd, rustix::i
     }
 }
 
-/// `name` in the dataset folder `dir` (canonical), refused when a link is met on the way
-/// ([`path_in`]: a tensor folder's `images.npy` linking to a file elsewhere on the server).
+/// `name` in the dataset folder `dir` (canonical), links followed, refused when it leads
+/// outside the folder ([`path_in`]: a tensor folder's `images.npy` linking to a file elsewhere
+/// on the server).
 pub fn in_folder(dir: &Path, name: &str) -> Result<PathBuf, DatasetError> {
     let path = dir.join(name);
     path_in(dir, name).map_err(|e| match e {
