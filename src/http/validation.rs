@@ -1405,6 +1405,32 @@ pub(crate) async fn report_html(
 mod tests {
     use super::*;
 
+    /// A review's finding: one researcher trickling four uploads held every upload place,
+    /// and everyone else's upload was refused 503 until the request deadline, over and over.
+    /// One caller holds at most half of the places; another still gets one; a place given
+    /// back is the caller's again.
+    #[test]
+    fn one_caller_cannot_hold_every_upload_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = Validation::new(None, dir.path(), 1 << 20, Default::default());
+        let mine: Vec<Uploading> = (0..MAX_UPLOADS_PER_CALLER)
+            .map(|_| v.uploading("api-key:r1").unwrap())
+            .collect();
+        let refused = v.uploading("api-key:r1").err().unwrap();
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            refused.message.contains("the most one caller may"),
+            "{}",
+            refused.message
+        );
+        let other = v.uploading("api-key:r2").unwrap();
+        drop(mine);
+        let again = v.uploading("api-key:r1").unwrap();
+        drop((other, again));
+        assert!(v.uploaders.lock().unwrap().is_empty());
+        assert_eq!(v.uploading.load(Ordering::Relaxed), 0);
+    }
+
     fn run(model: &str) -> Arc<Run> {
         Arc::new(Run {
             id: uuid::Uuid::new_v4().to_string(),
