@@ -1382,3 +1382,85 @@ fn a_dataset_replaced_by_a_link_after_its_check_is_not_read() {
         Err(PathRefused::NotRelative)
     );
 }
+/// A review's finding: one researcher trickling four uploads held every upload place, and
+/// everyone else's upload was refused 503 until the request deadline, over and over. One
+/// caller holds at most half of the places; another caller still gets one. (The first
+/// version of this test raced: its third upload could take a place before the two it meant
+/// to hold had theirs. Each held upload is now seen on disk before the next is sent.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_caller_cannot_hold_every_upload_place() {
+    use futures_util::StreamExt as _;
+    let server = Server::new();
+    let runs = server.dir.path().join("data/validation/runs");
+    // An upload whose body never ends (a client trickling it), as `key`'s.
+    let stalled = |key: &str| {
+        Request::post(format!("/validation/runs?model={MODEL}"))
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .header(header::CONTENT_TYPE, "text/csv; charset=utf-8")
+            .body(Body::from_stream(
+                futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+                    b"label,",
+                ))])
+                .chain(futures_util::stream::pending()),
+            ))
+            .unwrap()
+    };
+    // The uploads being received: their folders, each with its dataset file begun.
+    let receiving = || {
+        std::fs::read_dir(&runs).map_or(0, |d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.path().join("dataset.csv").exists())
+                .count()
+        })
+    };
+    let until_receiving = |n: usize, what: &'static str| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while receiving() < n {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let send = |req: Request<Body>| {
+        let app = http::app(server.state.clone());
+        tokio::spawn(async move { app.oneshot(req).await })
+    };
+    let mut held = Vec::new();
+    for n in 1..=2 {
+        held.push(send(stalled(&key("researcher"))));
+        until_receiving(n, "a held upload never began").await;
+    }
+    // A third of the same caller's is refused at once.
+    let res = tokio::time::timeout(
+        Duration::from_secs(10),
+        http::app(server.state.clone()).oneshot(stalled(&key("researcher"))),
+    )
+    .await
+    .expect("the third upload was not answered")
+    .unwrap();
+    let status = res.status();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(text.contains("the most one caller may"), "{text}");
+    assert_eq!(receiving(), 2);
+    // Another researcher's upload takes a place and is being received.
+    let other = send(stalled(OTHER_RESEARCHER));
+    until_receiving(3, "another caller's upload was not received").await;
+    assert!(!other.is_finished(), "{other:?}");
+    // A held upload given up gives its place back: the caller's next one is received.
+    held.pop().unwrap().abort();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while receiving() > 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the given-up upload stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = send(stalled(&key("researcher")));
+    until_receiving(3, "the caller's next upload was not received").await;
+    assert!(!again.is_finished(), "{again:?}");
+    for h in held.into_iter().chain([other, again]) {
+        h.abort();
+    }
+}
