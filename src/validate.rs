@@ -678,10 +678,10 @@ impl DicomDataset {
             let frame = frame.map_err(|e| e.to_string())?;
             // As the pipeline leaves it out (it would not make a finding of it).
             if crate::pipeline::process::is_blank(&frame) {
-                return Err(
-                    "one pixel value only (a blank image): the pipeline makes no finding of it"
-                        .to_owned(),
-                );
+                return Err(format!(
+                    "one pixel value only, or nearly, or under {} pixels on a side (a blank image): the pipeline makes no finding of it",
+                    crate::pipeline::process::MIN_FRAME_SIDE
+                ));
             }
             let image = nightingale_models::Image {
                 rows: frame.rows,

@@ -392,10 +392,11 @@ impl Pipeline {
         // Each frame: decode, preprocess, infer (the worker batches with other callers).
         let mut results: Vec<FrameResult> = Vec::new();
         let (mut decode_time, mut infer_time) = (Duration::ZERO, Duration::ZERO);
-        // Frames of one value only (blank: a 1 x 1 image, a constant one) hold nothing to
-        // read, and a model stretched over one made a confident finding of it (a review's
-        // finding: "misoriented, p = 0.875" of a 1-pixel CT): left out of the series' finding,
-        // and a series of nothing else fails.
+        // Frames holding no picture (blank: a 1 x 1 image, a constant one, one with a noise
+        // floor or a burned-in label only; see `is_blank`) hold nothing to read, and a model
+        // stretched over one made a confident finding of it (a review's finding:
+        // "misoriented, p = 0.875" of a 1-pixel CT): left out of the series' finding, and a
+        // series of nothing else fails.
         let mut blank_frames = 0usize;
         for (index, path) in paths.iter().enumerate() {
             let (path, preprocessing, limits, shape) = (
@@ -449,7 +450,7 @@ impl Pipeline {
             return Err(JobFailure::new(
                 "blank_image",
                 format!(
-                    "every frame ({blank_frames}) holds one pixel value only (a blank image): nothing for the model to read"
+                    "every frame ({blank_frames}) holds one pixel value only, or nearly (all but 1 % within {NEAR_BLANK_LEVELS} stored levels), or is under {MIN_FRAME_SIDE} pixels on a side (a blank image): nothing for the model to read"
                 ),
             ));
         }
@@ -460,7 +461,7 @@ impl Pipeline {
             tracing::info!(
                 job = job.id,
                 blank_frames,
-                "frames of one pixel value only left out of the series' finding"
+                "blank frames (one pixel value, or nearly) left out of the series' finding"
             );
         }
 
@@ -1373,12 +1374,36 @@ pub(crate) fn assemble_volume(
     Ok((tensor, plan))
 }
 
-/// Whether every value of a decoded frame is the same (a blank image).
+/// A frame with fewer rows or columns than this holds no picture a model can read (a 1 x 2
+/// image was stretched to the model's input and given a finding).
+pub(crate) const MIN_FRAME_SIDE: usize = 8;
+
+/// Stored levels within which all but 1 % of a frame's values lie (at 8 bits stored or
+/// more) for it to count as holding no picture: a constant with a noise floor of a level or
+/// two, or with a burned-in label, was stretched by a percentile window into a picture.
+pub(crate) const NEAR_BLANK_LEVELS: f32 = 4.0;
+
+/// Whether a decoded frame holds nothing for a model to read: one value only (a constant
+/// image), fewer than [`MIN_FRAME_SIDE`] rows or columns, or, in stored values of 8 bits or
+/// more, all but 1 % of its values within [`NEAR_BLANK_LEVELS`] levels (the 0.5th to the
+/// 99.5th percentile, from at most 65,536 evenly spaced values). Not a test of whether an
+/// image is one the model knows (pure noise is read as a picture).
 pub(crate) fn is_blank(frame: &pixels::Frame) -> bool {
-    frame
-        .data
-        .split_first()
-        .is_none_or(|(first, rest)| rest.iter().all(|v| v == first))
+    let data = &frame.data;
+    let Some((first, rest)) = data.split_first() else {
+        return true;
+    };
+    if rest.iter().all(|v| v == first) || frame.rows.min(frame.cols) < MIN_FRAME_SIDE {
+        return true;
+    }
+    if frame.values != pixels::Values::Stored || frame.bits_stored < 8 {
+        return false;
+    }
+    let step = (data.len() / 65_536).max(1);
+    let mut sample: Vec<f32> = data.iter().step_by(step).copied().collect();
+    sample.sort_unstable_by(f32::total_cmp);
+    let cut = sample.len() / 200;
+    sample[sample.len() - 1 - cut] - sample[cut] < NEAR_BLANK_LEVELS
 }
 
 /// One decoded frame preprocessed as the bundle declares, as the model's input tensor.
@@ -1776,5 +1801,64 @@ mod tests {
         }
         assert_eq!(widen(1, 8, 1, vec![7; 8], 8), (8, vec![7; 8]));
         assert!(SC_MIN_COLUMNS >= 8 * results::AI_RESULT_LABEL.len());
+    }
+
+    /// A review's finding: only exactly blank frames were left out; a constant with a noise
+    /// floor, a label burned into a blank, or a 1 x 2 image was stretched into a picture and
+    /// given a confident finding.
+    #[test]
+    fn frames_holding_no_picture_are_blank() {
+        let frame = |rows: usize, cols: usize, bits: u16, data: Vec<f32>| pixels::Frame {
+            index: 0,
+            rows,
+            cols,
+            samples: 1,
+            data,
+            slope: 1.0,
+            intercept: -1024.0,
+            monochrome1: false,
+            values: pixels::Values::Stored,
+            window: None,
+            bits_stored: bits,
+        };
+        // A deterministic noise floor of -1, 0, +1 levels around 1024.
+        let noisy = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| 1024.0 + ((i * 7919 % 3) as f32 - 1.0))
+                .collect()
+        };
+        assert!(is_blank(&frame(1, 1, 16, vec![5.0])));
+        assert!(is_blank(&frame(0, 0, 16, vec![])));
+        assert!(is_blank(&frame(64, 64, 16, vec![1024.0; 64 * 64])));
+        assert!(is_blank(&frame(1, 2, 16, vec![0.0, 4095.0])));
+        assert!(is_blank(&frame(64, 64, 12, noisy(64 * 64))));
+        // A label of 16 pixels (0.4 %) at full white burned into a constant.
+        let mut labelled = vec![0.0; 64 * 64];
+        labelled[..16].fill(4095.0);
+        assert!(is_blank(&frame(64, 64, 12, labelled.clone())));
+        // Large frames are judged from a sample of their values, the same way.
+        assert!(is_blank(&frame(1024, 1024, 16, noisy(1024 * 1024))));
+
+        // Pictures: a gradient, a low-contrast 8-bit image, a 2 % label, a 1-bit image
+        // (two levels are its whole range), values not in stored levels.
+        let gradient: Vec<f32> = (0..64 * 64).map(|i| (i % 64) as f32).collect();
+        assert!(!is_blank(&frame(64, 64, 8, gradient)));
+        let low: Vec<f32> = (0..64 * 64).map(|i| 100.0 + (i % 8) as f32).collect();
+        assert!(!is_blank(&frame(64, 64, 8, low)));
+        labelled[..82].fill(4095.0);
+        assert!(!is_blank(&frame(64, 64, 12, labelled)));
+        let bits: Vec<f32> = (0..64 * 64).map(|i| (i % 2) as f32).collect();
+        assert!(!is_blank(&frame(64, 64, 1, bits)));
+        let voi = pixels::Frame {
+            values: pixels::Values::Voi,
+            ..frame(8, 8, 16, (0..64).map(|i| i as f32 / 1000.0).collect())
+        };
+        assert!(!is_blank(&voi));
+        assert!(!is_blank(&frame(
+            8,
+            8,
+            8,
+            (0..64).map(|i| i as f32).collect()
+        )));
     }
 }

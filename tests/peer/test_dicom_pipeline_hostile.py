@@ -213,6 +213,25 @@ def blank(rows: int, cols: int):
     return build
 
 
+def near_blank(d: Path, study: str, series: str) -> list[Path]:
+    """A constant slice with a noise floor of one level and a 3 x 3 label burned in: a
+    percentile window stretched it into a picture, and the model made a finding of it (a
+    review's finding)."""
+    ds = _ct(study, series)
+    noise = np.random.default_rng(7).integers(-1, 2, size=(64, 64))
+    x = (1024 + noise).astype(np.uint16)
+    x[:3, :3] = 4095
+    _set_pixels(ds, x)
+    return [_save(ds, d / "near-blank.dcm")]
+
+
+def two_pixels(d: Path, study: str, series: str) -> list[Path]:
+    """A 1 x 2 slice of two values: under 8 pixels on a side, no picture."""
+    ds = _ct(study, series)
+    _set_pixels(ds, np.array([[0, 4095]], dtype=np.uint16))
+    return [_save(ds, d / "two-pixels.dcm")]
+
+
 def thousand_frames(d: Path, study: str, series: str) -> list[Path]:
     ds = _ct(study, series)
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
@@ -247,6 +266,8 @@ CASES = {
     "1000-frames": (thousand_frames, (), "unmatched", "", "1000 frames"),
     "blank": (blank(64, 64), (), "failed", "blank_image", "one pixel value only"),
     "one-pixel": (blank(1, 1), (), "failed", "blank_image", "one pixel value only"),
+    "two-pixels": (two_pixels, (), "failed", "blank_image", "under 8 pixels on a side"),
+    "near-blank": (near_blank, (), "failed", "blank_image", "one pixel value only, or nearly"),
 }
 
 
