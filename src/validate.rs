@@ -677,11 +677,19 @@ impl DicomDataset {
         for frame in source.frames(&options) {
             let frame = frame.map_err(|e| e.to_string())?;
             // As the pipeline leaves it out (it would not make a finding of it).
-            if crate::pipeline::process::is_blank(&frame) {
-                return Err(format!(
-                    "one pixel value only, or nearly, or under {} pixels on a side (a blank image): the pipeline makes no finding of it",
-                    crate::pipeline::process::MIN_FRAME_SIDE
-                ));
+            use crate::pipeline::process::{MIN_FRAME_SIDE, NOISE_CORRELATION, NoPicture};
+            match crate::pipeline::process::no_picture(&frame) {
+                Some(NoPicture::Blank) => {
+                    return Err(format!(
+                        "one pixel value only, or nearly, or under {MIN_FRAME_SIDE} pixels on a side (a blank image): the pipeline makes no finding of it"
+                    ));
+                }
+                Some(NoPicture::Noise) => {
+                    return Err(format!(
+                        "reads as noise (neighbouring pixels uncorrelated, r < {NOISE_CORRELATION}): the pipeline makes no finding of it"
+                    ));
+                }
+                None => {}
             }
             let image = nightingale_models::Image {
                 rows: frame.rows,

@@ -19,7 +19,7 @@ The bad inputs are built here with pydicom from pydicom's own test files (dcmtk'
   see dicom/src/pixels.rs) → failed, `unsupported_transfer_syntax`;
 - a JPEG baseline image whose compressed scan is cut off and overwritten → failed,
   `decode_failed`;
-- a 60000 x 2 image is NOT refused: the bundle pads it square and scales it to 224 x 224,
+- a 60000 x 8 image is NOT refused (under 8 pixels on a side holds no picture: `blank_image`): the bundle pads it square and scales it to 224 x 224,
   which is well defined; the probability in the results API equals onnxruntime's on the
   numpy reference's tensor (computed without the 60000 x 60000 padded array), and its SC is
   widened so that the burned-in warning fits (Columns at least the label's width in the
@@ -181,7 +181,8 @@ def corrupt_jpeg(d: Path, study: str, series: str) -> list[Path]:
 
 def sliver(d: Path, study: str, series: str) -> list[Path]:
     ds = _ct(study, series)
-    _set_pixels(ds, (np.arange(120_000, dtype=np.uint32) % 251).astype(np.uint8).reshape(2, 60_000)
+    # 8 columns: the fewest a frame may have to be read (fewer hold no picture, blank_image).
+    _set_pixels(ds, (np.arange(480_000, dtype=np.uint32) % 251).astype(np.uint8).reshape(8, 60_000)
                 .T.copy())
     return [_save(ds, d / "sliver.dcm")]
 
@@ -223,6 +224,13 @@ def near_blank(d: Path, study: str, series: str) -> list[Path]:
     x[:3, :3] = 4095
     _set_pixels(ds, x)
     return [_save(ds, d / "near-blank.dcm")]
+
+
+def noise(d: Path, study: str, series: str) -> list[Path]:
+    """A slice of white noise: no picture (a model made a confident finding of it)."""
+    ds = _ct(study, series)
+    _set_pixels(ds, np.random.default_rng(3).integers(0, 4096, size=(128, 128)).astype(np.uint16))
+    return [_save(ds, d / "noise.dcm")]
 
 
 def two_pixels(d: Path, study: str, series: str) -> list[Path]:
@@ -267,6 +275,7 @@ CASES = {
     "blank": (blank(64, 64), (), "failed", "blank_image", "one pixel value only"),
     "one-pixel": (blank(1, 1), (), "failed", "blank_image", "one pixel value only"),
     "two-pixels": (two_pixels, (), "failed", "blank_image", "under 8 pixels on a side"),
+    "noise": (noise, (), "failed", "noise_image", "read as noise"),
     "near-blank": (near_blank, (), "failed", "blank_image", "one pixel value only, or nearly"),
 }
 
@@ -356,7 +365,7 @@ def test_bad_series_fails_with_a_reason_and_the_next_one_is_done(pipeline, work,
 
 
 def sliver_reference(path: Path) -> float:
-    """P(misoriented) from onnxruntime on the numpy reference's tensor of a rows x 2 image.
+    """P(misoriented) from onnxruntime on the numpy reference's tensor of a rows x 8 image.
 
     `imaging.preprocess` pads to rows x rows (60000^2 float64: 29 GB), then area-resizes the
     rows, then the columns. Resizing rows works column by column and the padding columns stay
@@ -368,6 +377,7 @@ def sliver_reference(path: Path) -> float:
     v = ds.pixel_array.astype(np.float64) * float(getattr(ds, "RescaleSlope", 1.0)) \
         + float(getattr(ds, "RescaleIntercept", 0.0))
     rows, cols = v.shape
+    assert cols < spec.width
     x = imaging.area_resize_axis(imaging.window01(v, spec), spec.height, 0)
     padded = np.full((spec.height, rows), spec.pad_value)
     left = (rows - cols) // 2
@@ -380,7 +390,7 @@ def sliver_reference(path: Path) -> float:
     return float(session.run(None, {"image": y})[names.index("misoriented")][0][1])
 
 
-def test_a_60000_by_2_image_is_processed_as_the_reference_and_its_sc_is_legible(pipeline, work):
+def test_a_60000_by_8_image_is_processed_as_the_reference_and_its_sc_is_legible(pipeline, work):
     server, pacs = pipeline
     d = work / "sliver"
     d.mkdir()
@@ -394,7 +404,7 @@ def test_a_60000_by_2_image_is_processed_as_the_reference_and_its_sc_is_legible(
     [job] = report["series"][0]["jobs"]
     assert job["state"] == "done", report
     expected = sliver_reference(source)
-    print(f"60000x2: served {job['findings'][0]['probability']} onnxruntime {expected}")
+    print(f"60000x8: served {job['findings'][0]['probability']} onnxruntime {expected}")
     assert abs(job["findings"][0]["probability"] - expected) < 1e-4
     [sc_path] = [f for f in set(pacs.files()) - before
                  if pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID == SC_CLASS]
