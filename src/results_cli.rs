@@ -11,7 +11,8 @@ use clap::{Args, Subcommand};
 #[derive(Subcommand, Debug)]
 pub enum ResultsCommand {
     /// Queue a study again through the pipeline (new result series; the old ones are kept,
-    /// marked superseded). The running server picks the jobs up.
+    /// marked superseded), and route again its series that no route took. The running
+    /// server picks the jobs up.
     Reprocess {
         /// The Study Instance UID.
         #[arg(long)]
@@ -65,7 +66,7 @@ pub fn results(command: ResultsCommand) -> anyhow::Result<()> {
             let spool = nightingale_dicom::Spool::open_for_maintenance(&spool_path)
                 .map_err(|e| anyhow::anyhow!("the DICOM spool: {e}"))?;
             let gone = std::cell::RefCell::new(Vec::new());
-            let jobs = store.reprocess_series(study, model.as_deref(), |series| {
+            let held = |series: &str| {
                 let held = spool
                     .series_instances(study, series)
                     .map(|i| !i.is_empty())
@@ -77,7 +78,12 @@ pub fn results(command: ResultsCommand) -> anyhow::Result<()> {
                     gone.push(series.to_owned());
                 }
                 held
-            })?;
+            };
+            let jobs = store.reprocess_series(study, model.as_deref(), held)?;
+            // Series no route took (they arrived while their bundle was not serving, or
+            // before their route was configured): routed again by the running server, as
+            // if they had just arrived (they had no job to repeat: a review's finding).
+            let rerouted = store.reroute_unmatched(study, held)?;
             let gone = gone.into_inner();
             for series in &gone {
                 println!(
@@ -85,12 +91,21 @@ pub fn results(command: ResultsCommand) -> anyhow::Result<()> {
                     spool_path.display()
                 );
             }
+            if !rerouted.is_empty() {
+                println!(
+                    "routed again: {} series that no route took (the server routes them as it does a series that has just arrived)",
+                    rerouted.len()
+                );
+            }
+            if jobs.is_empty() && !rerouted.is_empty() {
+                return Ok(());
+            }
             if jobs.is_empty() {
                 anyhow::bail!(
                     "nothing to reprocess: {}",
                     if gone.is_empty() {
                         format!(
-                            "no earlier job for that study{}",
+                            "no earlier job, and no series no route took, for that study{}",
                             model.map(|m| format!(" and model {m}")).unwrap_or_default()
                         )
                     } else {

@@ -902,6 +902,9 @@ struct Entry {
     /// Unloaded by model control (an operator's unload, e.g. a recall): loads that honour
     /// pins (the repository poller's) leave it unloaded until a plain load asks for it.
     held: bool,
+    /// Whether a version it served when it was last unloaded declared `[dicom]` (an imaging
+    /// bundle the DICOM pipeline routes series to).
+    unloaded_imaging: bool,
 }
 
 /// Counts a load out of [`Repository::loads_pending`] when it returns (or unwinds).
@@ -1551,6 +1554,9 @@ impl Repository {
         }
         let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
         let entry = models.entry(name.to_owned()).or_default();
+        if !entry.versions.is_empty() {
+            entry.unloaded_imaging = entry.versions.values().any(|m| m.manifest.dicom.is_some());
+        }
         entry.versions.clear();
         entry.state = Some(ModelState::Unloaded);
         // A rollback's pin stays, in memory as in the pins kept for a restart: the index
@@ -1603,6 +1609,22 @@ impl Repository {
                     version: v.chars().take(32).collect(),
                 }),
         }
+    }
+
+    /// The imaging models (a version they served declared `[dicom]`) that serve no version
+    /// now because they were unloaded (by model control, or by the poller when their folder
+    /// went away), not because their load was refused: a deployment may bring them back.
+    pub fn unloaded_imaging(&self) -> Vec<String> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        models
+            .iter()
+            .filter(|(_, e)| {
+                e.versions.is_empty()
+                    && e.unloaded_imaging
+                    && matches!(e.state, Some(ModelState::Unloaded))
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Every version being served.

@@ -151,6 +151,21 @@ pub fn purge_results(
 /// The reason a routed series' late instances were not processed.
 const LATE_IGNORED: &str = "late instances ignored";
 
+/// How long after its last instance a series waits for a bundle that is not serving (one
+/// its route names, or any an operator or a deployment unloaded) before it is routed to
+/// what serves (or left unmatched): a series that arrived during a rollback, an unload and
+/// load, or a bundle folder moved aside and back was left unmatched for good (a review's
+/// finding). `nightingale results reprocess --study` routes an unmatched series again.
+pub const ROUTE_WAIT: Duration = Duration::from_secs(15 * 60);
+
+/// How often a series waiting for a bundle is looked at again.
+const ROUTE_RECHECK: Duration = Duration::from_secs(2);
+
+/// How long after it was made a queued job waits for its bundle to serve before it runs
+/// anyway (and fails `bundle_unavailable`): jobs queued when their bundle was unloaded
+/// failed at once, for good (a review's finding).
+pub const JOB_WAIT: Duration = Duration::from_secs(24 * 3600);
+
 /// A short, non-reversible tag for a UID in logs (UIDs are not written to logs).
 pub fn uid_tag(uid: &str) -> String {
     hex::encode(&Sha256::digest(uid.as_bytes())[..6])
@@ -632,19 +647,62 @@ impl Pipeline {
             self.store().defer_series(row, until)?;
             return Ok(0);
         }
+        // A bundle the series' routes name that is not serving now (a rollback, an unload
+        // and load, a folder moved aside and back), or with routes made from the bundles,
+        // any bundle unloaded: the series waits for it (at most ROUTE_WAIT after its last
+        // instance), then goes to what serves.
+        let waited_out = now - row.last_received_ms > ROUTE_WAIT.as_millis() as i64;
+        let mut waiting: Vec<&str> = Vec::new();
+        let unloaded = if self.config.routes.is_empty() {
+            self.state.repository.unloaded_imaging()
+        } else {
+            Vec::new()
+        };
+        if !waited_out {
+            waiting.extend(unloaded.iter().map(String::as_str));
+            waiting.extend(
+                matching
+                    .iter()
+                    .flat_map(|r| &r.bundles)
+                    .filter(|b| self.state.repository.get(b, None).is_err())
+                    .map(String::as_str),
+            );
+            waiting.sort_unstable();
+            waiting.dedup();
+        }
+        if !waiting.is_empty() {
+            let reason = format!(
+                "waiting for bundle {} to serve (at most {} min after the last instance)",
+                waiting.join(", "),
+                ROUTE_WAIT.as_secs() / 60
+            );
+            let until = now + ROUTE_RECHECK.as_millis() as i64;
+            self.store()
+                .defer_series_because(row, until, Some(&reason))?;
+            return Ok(0);
+        }
+        for name in &unloaded {
+            refusals.push(format!(
+                "bundle {name} was unloaded (waited {} min)",
+                ROUTE_WAIT.as_secs() / 60
+            ));
+        }
         let mut made = 0;
         for route in matching {
             for bundle in &route.bundles {
                 // The bundle's own [dicom] section has the last word.
-                let accepts = self
-                    .state
-                    .repository
-                    .get(bundle, None)
-                    .ok()
-                    .and_then(|m| m.manifest.dicom.clone());
-                let Some(accepts) = accepts else {
+                let serving = self.state.repository.get(bundle, None).ok();
+                let Some(serving) = serving else {
                     refusals.push(format!(
-                        "{}: bundle {bundle} is not serving or declares no [dicom]",
+                        "{}: bundle {bundle} is not serving (waited {} min)",
+                        route.name,
+                        ROUTE_WAIT.as_secs() / 60
+                    ));
+                    continue;
+                };
+                let Some(accepts) = serving.manifest.dicom.clone() else {
+                    refusals.push(format!(
+                        "{}: bundle {bundle} declares no [dicom]",
                         route.name
                     ));
                     continue;
@@ -761,7 +819,17 @@ impl Pipeline {
         loop {
             let job = {
                 let me = self.clone();
-                tokio::task::spawn_blocking(move || me.store().take_job()).await
+                let mut serving: Vec<String> = me
+                    .state
+                    .repository
+                    .loaded()
+                    .iter()
+                    .map(|m| m.name.clone())
+                    .collect();
+                serving.sort_unstable();
+                serving.dedup();
+                let waited_out = store::now_ms() - JOB_WAIT.as_millis() as i64;
+                tokio::task::spawn_blocking(move || me.store().take_job(&serving, waited_out)).await
             };
             match job {
                 Ok(Ok(Some(job))) => {

@@ -138,6 +138,7 @@ impl Pipeline {
     pub(crate) async fn run_job(self: Arc<Self>, job: Job) {
         let started = Instant::now();
         let series = super::uid_tag(&job.series_uid);
+        // The version a failed job records (a done one records the version it ran).
         let version = self
             .state
             .repository
@@ -146,7 +147,7 @@ impl Pipeline {
             .unwrap_or_default();
         let outcome = self.clone().process(&job).await;
         match outcome {
-            Ok((findings, objects)) => {
+            Ok((findings, objects, version)) => {
                 self.audit_retries
                     .store(0, std::sync::atomic::Ordering::Relaxed);
                 let json = serde_json::to_value(&findings).ok();
@@ -229,6 +230,31 @@ impl Pipeline {
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 }
+                if let Err(e) = self.store().requeue_job(job.id) {
+                    tracing::error!(error = %e, "results store: job not queued again");
+                }
+            }
+            // Its bundle not serving (unloaded by an operator, a recall; moved aside for a
+            // deployment), or another version serving than the one it began on (a rollback,
+            // a new version): the job goes back to the queue, and runs (again, whole) once
+            // its bundle serves, for at most JOB_WAIT after it was made. It failed for good
+            // and kept inferring on a recalled version: a review's findings.
+            Err(failure)
+                if matches!(failure.code, "bundle_unavailable" | "bundle_changed")
+                    && super::store::now_ms() - job.created_ms
+                        < super::JOB_WAIT.as_millis() as i64 =>
+            {
+                tracing::info!(
+                    job = job.id,
+                    %series,
+                    bundle = %job.bundle,
+                    reason = failure.code,
+                    detail = %failure.detail,
+                    "series not processed now: it runs again once its bundle serves"
+                );
+                metrics::counter!("nightingale_pipeline_jobs_requeued_total", "reason" => failure.code)
+                    .increment(1);
+                self.discard_unrecorded_objects(&job);
                 if let Err(e) = self.store().requeue_job(job.id) {
                     tracing::error!(error = %e, "results store: job not queued again");
                 }
@@ -321,7 +347,7 @@ impl Pipeline {
     async fn process(
         self: Arc<Self>,
         job: &Job,
-    ) -> Result<(Vec<SeriesFinding>, Vec<ResultObject>), JobFailure> {
+    ) -> Result<(Vec<SeriesFinding>, Vec<ResultObject>, String), JobFailure> {
         let model = self
             .state
             .repository
@@ -541,7 +567,7 @@ impl Pipeline {
         let objects = self
             .deliver(job, &model, &instances, paths, &findings, heatmap)
             .await?;
-        Ok((findings, objects))
+        Ok((findings, objects, model.version.to_string()))
     }
 
     /// The series' instances in the spool (arrival order), bounded: the first
@@ -584,6 +610,7 @@ impl Pipeline {
         findings: &[SeriesFinding],
         heatmap: Option<HeatmapMap>,
     ) -> Result<Vec<ResultObject>, JobFailure> {
+        self.still_serving(job, model)?;
         let started = Instant::now();
         let objects = {
             let me = self.clone();
@@ -617,7 +644,7 @@ impl Pipeline {
         pre: Preprocessing,
         accepts: &DicomAccepts,
         reported: Vec<Reported>,
-    ) -> Result<(Vec<SeriesFinding>, Vec<ResultObject>), JobFailure> {
+    ) -> Result<(Vec<SeriesFinding>, Vec<ResultObject>, String), JobFailure> {
         let shape = model_volume_shape(&model, &pre)?;
         let instances = self.series_instances(job)?;
         let paths: Vec<PathBuf> = instances.iter().map(|s| s.path.clone()).collect();
@@ -661,7 +688,25 @@ impl Pipeline {
         let objects = self
             .deliver(job, &model, &instances, paths, &findings, None)
             .await?;
-        Ok((findings, objects))
+        Ok((findings, objects, model.version.to_string()))
+    }
+
+    /// Whether `model`, which the job began on, still serves its bundle: an unload (a
+    /// recall) or another version stops the job before its next inference and before its
+    /// results are made (it went on inferring on a recalled version, and sent its SR after
+    /// the recall: a review's finding).
+    fn still_serving(&self, job: &Job, model: &Arc<LoadedModel>) -> Result<(), JobFailure> {
+        match self.state.repository.get(&job.bundle, None) {
+            Ok(now) if Arc::ptr_eq(&now, model) => Ok(()),
+            Ok(now) => Err(JobFailure::new(
+                "bundle_changed",
+                format!(
+                    "version {} serves now; the job began on version {}",
+                    now.version, model.version
+                ),
+            )),
+            Err(e) => Err(JobFailure::new("bundle_unavailable", e.to_string())),
+        }
     }
 
     /// One inference, audited like a KServe request; returns the reported probabilities.
@@ -673,6 +718,7 @@ impl Pipeline {
         tensor: Tensor,
         reported: &[Reported],
     ) -> Result<Vec<f32>, JobFailure> {
+        self.still_serving(job, model)?;
         let inputs = vec![NamedTensor::new(input, tensor)];
         let mut event = AuditEvent {
             kind: EventKind::Inference,

@@ -420,12 +420,58 @@ impl ResultsStore {
     /// A series some of whose routes want a longer quiet time: not looked at again before
     /// `until_ms` (or a new instance).
     pub fn defer_series(&self, row: &SeriesRow, until_ms: i64) -> rusqlite::Result<()> {
+        self.defer_series_because(row, until_ms, None)
+    }
+
+    /// [`ResultsStore::defer_series`], with the reason shown meanwhile (a bundle it waits
+    /// for), or none.
+    pub fn defer_series_because(
+        &self,
+        row: &SeriesRow,
+        until_ms: i64,
+        reason: Option<&str>,
+    ) -> rusqlite::Result<()> {
         self.db.execute(
-            "UPDATE series SET not_before_ms = ?3, updated_ms = ?4
+            "UPDATE series SET not_before_ms = ?3, updated_ms = ?4, reason = ?5
              WHERE study_uid = ?1 AND series_uid = ?2",
-            params![row.study_uid, row.series_uid, until_ms, now_ms()],
+            params![row.study_uid, row.series_uid, until_ms, now_ms(), reason],
         )?;
         Ok(())
+    }
+
+    /// Puts the study's series that no route took (`unmatched`, and no job) back to be
+    /// routed again, as if they had just arrived, when `keep` accepts them (by Series
+    /// Instance UID): `nightingale results reprocess` of a series that arrived while its
+    /// bundle was not serving, or before its route was configured. Returns their UIDs.
+    pub fn reroute_unmatched(
+        &self,
+        study_uid: &str,
+        keep: impl Fn(&str) -> bool,
+    ) -> rusqlite::Result<Vec<String>> {
+        let unmatched: Vec<String> = {
+            let mut stmt = self.db.prepare(
+                "SELECT series_uid FROM series s WHERE study_uid = ?1 AND state = 'unmatched'
+                   AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = s.study_uid
+                                   AND j.series_uid = s.series_uid)
+                 ORDER BY series_uid",
+            )?;
+            let rows = stmt.query_map([study_uid], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut out = Vec::new();
+        for series in unmatched {
+            if !keep(&series) {
+                continue;
+            }
+            self.db.execute(
+                "UPDATE series SET state = 'assembling', reason = NULL, not_before_ms = 0,
+                                   updated_ms = ?3
+                 WHERE study_uid = ?1 AND series_uid = ?2 AND state = 'unmatched'",
+                params![study_uid, series, now_ms()],
+            )?;
+            out.push(series);
+        }
+        Ok(out)
     }
 
     pub fn series(&self, study_uid: &str) -> rusqlite::Result<Vec<SeriesRow>> {
@@ -641,13 +687,26 @@ impl ResultsStore {
         })
     }
 
-    /// The oldest queued job, marked processing.
-    pub fn take_job(&self) -> rusqlite::Result<Option<Job>> {
+    /// The oldest queued job of a bundle in `serving`, or made before `waited_out_ms` (it
+    /// has waited long enough for its bundle: it runs, and fails if the bundle is still not
+    /// serving), marked processing. A job of a bundle that is not serving (unloaded by an
+    /// operator, moved away for a deployment) waits in the queue for it: such jobs failed
+    /// `bundle_unavailable` for good, a review's finding.
+    pub fn take_job(
+        &self,
+        serving: &[String],
+        waited_out_ms: i64,
+    ) -> rusqlite::Result<Option<Job>> {
+        let serving = serde_json::to_string(serving).unwrap_or_else(|_| "[]".to_owned());
         let job = self
             .db
             .query_row(
-                &format!("{JOB_SELECT} WHERE state = 'queued' ORDER BY id LIMIT 1"),
-                [],
+                &format!(
+                    "{JOB_SELECT} WHERE state = 'queued'
+                       AND (bundle IN (SELECT value FROM json_each(?1)) OR created_ms < ?2)
+                     ORDER BY id LIMIT 1"
+                ),
+                params![serving, waited_out_ms],
                 job_row,
             )
             .optional()?;
@@ -1004,7 +1063,7 @@ mod tests {
         assert_eq!(store.series_ready(i64::MAX, None, 10).unwrap().len(), 1);
 
         let first = store.add_job("1.2", "1.2.3", "r", "m", 2, "").unwrap();
-        let job = store.take_job().unwrap().unwrap();
+        let job = store.take_job(&[], i64::MAX).unwrap().unwrap();
         assert_eq!(job.id, first);
         store
             .finish_job(first, JobState::Done, "1", None, None)
@@ -1024,7 +1083,7 @@ mod tests {
             states(&store),
             vec![(first, JobState::Done), (second, JobState::Queued)]
         );
-        store.take_job().unwrap().unwrap();
+        store.take_job(&[], i64::MAX).unwrap().unwrap();
         store
             .finish_job(second, JobState::Failed, "1", Some("mixed_series"), None)
             .unwrap();
@@ -1043,7 +1102,7 @@ mod tests {
                 (third, JobState::Queued)
             ]
         );
-        store.take_job().unwrap().unwrap();
+        store.take_job(&[], i64::MAX).unwrap().unwrap();
         assert!(store.complete_job(third, "1", None, &[]).unwrap());
         assert_eq!(
             states(&store),
@@ -1127,12 +1186,90 @@ mod tests {
         let store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
         store.note_series("1.2", "1.2.3", 1, 1_000).unwrap();
         let first = store.add_job("1.2", "1.2.3", "r", "m", 1, "").unwrap();
-        store.take_job().unwrap();
+        store.take_job(&[], i64::MAX).unwrap();
         assert!(store.complete_job(first, "1", None, &[]).unwrap());
         store.note_series("1.2", "1.2.3", 3, 2_000).unwrap();
         let again = store.reprocess("1.2", None).unwrap();
         let jobs = store.jobs_of_study("1.2").unwrap();
         assert_eq!(jobs.iter().find(|j| j.id == again[0]).unwrap().instances, 3);
+    }
+
+    /// A review's finding: jobs queued while their bundle was unloaded failed for good. A
+    /// queued job waits for its bundle to serve (others' jobs run meanwhile), or until it
+    /// has waited its time out.
+    #[test]
+    fn a_job_waits_in_the_queue_for_its_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
+        let a = store
+            .add_job("1.2", "1.2.3", "r", "recalled", 1, "")
+            .unwrap();
+        let b = store
+            .add_job("1.2", "1.2.4", "r", "serving", 1, "")
+            .unwrap();
+        let serving = ["serving".to_owned()];
+        let taken = |waited_out| store.take_job(&serving, waited_out).unwrap().map(|j| j.id);
+        // The older job's bundle is not serving: the other runs first, then nothing.
+        assert_eq!(taken(0), Some(b));
+        assert_eq!(taken(0), None);
+        // Once its bundle serves, it runs.
+        let both = ["recalled".to_owned(), "serving".to_owned()];
+        assert_eq!(store.take_job(&both, 0).unwrap().map(|j| j.id), Some(a));
+        // Back in the queue (its bundle unloaded while it ran), it waits again; made before
+        // the waiting time's start, it runs anyway (and fails there).
+        assert!(store.requeue_job(a).unwrap());
+        assert_eq!(taken(0), None);
+        assert_eq!(taken(now_ms() + 1), Some(a));
+        let jobs = store.jobs_of_study("1.2").unwrap();
+        assert!(jobs.iter().all(|j| j.state == JobState::Processing));
+    }
+
+    /// A review's finding: a series that arrived while its bundle was unloaded stayed
+    /// unmatched, and `results reprocess` had no job to repeat. Such a series is routed
+    /// again; one with a job, or not unmatched, is not.
+    #[test]
+    fn reprocess_routes_unmatched_series_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
+        for series in ["1.2.3", "1.2.4", "1.2.5", "1.2.6"] {
+            store.note_series("1.2", series, 1, 1_000).unwrap();
+        }
+        let rows = store.series("1.2").unwrap();
+        let row = |uid: &str| rows.iter().find(|r| r.series_uid == uid).unwrap();
+        store
+            .settle_series(row("1.2.3"), "unmatched", Some("bundle m is not serving"))
+            .unwrap();
+        store
+            .settle_series(row("1.2.4"), "unmatched", Some("own"))
+            .unwrap();
+        store
+            .settle_series(row("1.2.5"), "failed", Some("header"))
+            .unwrap();
+        store
+            .settle_series(row("1.2.6"), "unmatched", Some("x"))
+            .unwrap();
+        store.add_job("1.2", "1.2.6", "r", "m", 1, "").unwrap();
+        // 1.2.4 is not kept (e.g. no longer in the spool).
+        let again = store.reroute_unmatched("1.2", |s| s != "1.2.4").unwrap();
+        assert_eq!(again, ["1.2.3"]);
+        let rows = store.series("1.2").unwrap();
+        let state = |uid: &str| {
+            let r = rows.iter().find(|r| r.series_uid == uid).unwrap();
+            (r.state.clone(), r.reason.clone())
+        };
+        assert_eq!(state("1.2.3"), ("assembling".to_owned(), None));
+        assert_eq!(state("1.2.4").0, "unmatched");
+        assert_eq!(state("1.2.5").0, "failed");
+        assert_eq!(state("1.2.6").0, "unmatched");
+        // Ready to be routed at once.
+        let ready = store.series_ready(i64::MAX, None, 10).unwrap();
+        assert_eq!(
+            ready
+                .iter()
+                .map(|r| r.series_uid.as_str())
+                .collect::<Vec<_>>(),
+            ["1.2.3"]
+        );
     }
 
     #[test]
@@ -1141,7 +1278,7 @@ mod tests {
         let mut store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
         store.note_series("1.2", "1.2.3", 1, 1_000).unwrap();
         let first = store.add_job("1.2", "1.2.3", "r", "m", 1, "P@h:1").unwrap();
-        store.take_job().unwrap();
+        store.take_job(&[], i64::MAX).unwrap();
         store
             .finish_job(first, JobState::Done, "1", None, None)
             .unwrap();
@@ -1154,7 +1291,7 @@ mod tests {
         assert_eq!(jobs[0].state, JobState::Done);
         assert_eq!(jobs[1].state, JobState::Queued);
         assert_eq!(jobs[1].destinations, "P@h:1");
-        store.take_job().unwrap();
+        store.take_job(&[], i64::MAX).unwrap();
         store
             .finish_job(again[0], JobState::Done, "2", None, None)
             .unwrap();
@@ -1186,7 +1323,7 @@ mod tests {
         let job = store
             .add_job("1.2", "1.2.3", "r", "m", 1, "A@h:1,B@h:2")
             .unwrap();
-        store.take_job().unwrap();
+        store.take_job(&[], i64::MAX).unwrap();
         store
             .finish_job(job, JobState::Done, "1", None, None)
             .unwrap();
@@ -1221,7 +1358,10 @@ mod tests {
         assert!(next > job, "{next} after {job}");
         drop(store);
         let store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
-        assert_eq!(store.take_job().unwrap().map(|j| j.id), Some(next));
+        assert_eq!(
+            store.take_job(&[], i64::MAX).unwrap().map(|j| j.id),
+            Some(next)
+        );
         store
             .finish_job(next, JobState::Failed, "1", Some("why"), None)
             .unwrap();
@@ -1248,7 +1388,7 @@ mod tests {
         let store = ResultsStore::open(&results.join(super::super::STORE_FILE)).unwrap();
         store.note_series("1.2", "1.2.3", 1, 1_000).unwrap();
         let job = store.add_job("1.2", "1.2.3", "r", "m", 1, "A@h:1").unwrap();
-        store.take_job().unwrap();
+        store.take_job(&[], i64::MAX).unwrap();
         store
             .finish_job(job, JobState::Done, "1", None, None)
             .unwrap();
@@ -1300,7 +1440,7 @@ mod tests {
             store.set_patient(&row, patient).unwrap();
             store.settle_series(&row, "routed", None).unwrap();
             let job = store.add_job("1.2", series, "r", "m", 1, "").unwrap();
-            store.take_job().unwrap();
+            store.take_job(&[], i64::MAX).unwrap();
             store.set_job_patient(job, patient).unwrap();
             store
                 .finish_job(job, JobState::Done, "3", None, None)
@@ -1325,7 +1465,7 @@ mod tests {
         // jobs kept it) is no one's: the series' hash is not read in its place (a later
         // red-team finding: through it an unnamed patient's finding showed on Y's card).
         let unnamed = store.add_job("1.2", "1.2.2", "r", "m2", 1, "").unwrap();
-        while let Some(j) = store.take_job().unwrap() {
+        while let Some(j) = store.take_job(&[], i64::MAX).unwrap() {
             if j.id == unnamed {
                 break;
             }
@@ -1393,15 +1533,15 @@ mod tests {
         {
             let store = ResultsStore::open(&path).unwrap();
             store.add_job("1.2", "1.2.3", "r", "m", 1, "").unwrap();
-            assert!(store.take_job().unwrap().is_some());
-            assert!(store.take_job().unwrap().is_none());
+            assert!(store.take_job(&[], i64::MAX).unwrap().is_some());
+            assert!(store.take_job(&[], i64::MAX).unwrap().is_none());
         }
         // Opening the store (as `results reprocess`, `spool purge` or the retention task
         // do) leaves a running job alone; the server's start re-queues it.
         let store = ResultsStore::open(&path).unwrap();
-        assert!(store.take_job().unwrap().is_none());
+        assert!(store.take_job(&[], i64::MAX).unwrap().is_none());
         assert_eq!(store.requeue_interrupted().unwrap(), 1);
-        assert!(store.take_job().unwrap().is_some());
+        assert!(store.take_job(&[], i64::MAX).unwrap().is_some());
     }
 
     /// A job whose run could not be recorded (the audit trail failing) is queued again, and
@@ -1411,15 +1551,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
         store.add_job("1.2", "1.2.3", "r", "m", 1, "").unwrap();
-        let job = store.take_job().unwrap().unwrap();
+        let job = store.take_job(&[], i64::MAX).unwrap().unwrap();
         assert!(store.requeue_job(job.id).unwrap());
-        let again = store.take_job().unwrap().unwrap();
+        let again = store.take_job(&[], i64::MAX).unwrap().unwrap();
         assert_eq!(again.id, job.id);
         store
             .finish_job(job.id, JobState::Failed, "1", Some("x"), None)
             .unwrap();
         assert!(!store.requeue_job(job.id).unwrap());
-        assert!(store.take_job().unwrap().is_none());
+        assert!(store.take_job(&[], i64::MAX).unwrap().is_none());
     }
 
     fn result_row(uid: &str, job_id: i64, destination: &str, delivery: &str) -> ResultObject {
@@ -1443,7 +1583,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
         let job = store.add_job("1.2", "1.2.3", "r", "m", 1, "P@h:1").unwrap();
-        store.take_job().unwrap().unwrap();
+        store.take_job(&[], i64::MAX).unwrap().unwrap();
         let rows = [
             result_row("5.1", job, "P@h:1", "pending"),
             result_row("5.2", job, "P@h:1", "pending"),
@@ -1492,7 +1632,7 @@ mod tests {
         );
         // A rerun of ct-a queued while its job runs: the running one is superseded, and its
         // end records nothing (one current result per series, bundle and route).
-        assert_eq!(store.take_job().unwrap().unwrap().id, a);
+        assert_eq!(store.take_job(&[], i64::MAX).unwrap().unwrap().id, a);
         let again = store
             .add_job("1.2", "1.2.3", "ct-a", "m", 2, "A@h:1")
             .unwrap();
@@ -1557,7 +1697,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
         let done = store.add_job("1.2", "1.2.3", "r", "m", 1, "P@h:1").unwrap();
-        store.take_job().unwrap().unwrap();
+        store.take_job(&[], i64::MAX).unwrap().unwrap();
         assert!(
             store
                 .complete_job(
@@ -1569,7 +1709,7 @@ mod tests {
                 .unwrap()
         );
         let running = store.add_job("1.2", "1.2.4", "r", "m", 1, "P@h:1").unwrap();
-        store.take_job().unwrap().unwrap();
+        store.take_job(&[], i64::MAX).unwrap().unwrap();
         store
             .add_object(&result_row("5.2", running, "P@h:1", "pending"))
             .unwrap();

@@ -29,6 +29,7 @@ import shutil
 import sys
 import subprocess
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -513,6 +514,107 @@ def test_reprocess_makes_a_new_result_series_and_keeps_the_old(work):
         assert "no longer in the spool" in out.stdout and "none of its series" in out.stderr
         report = server.results(study)
         assert [j["state"] for j in report["series"][0]["jobs"]] == ["superseded", "done"]
+    finally:
+        stop(server.proc)
+        stop(pacs.proc)
+
+
+def _model_control(server: Server, action: str, token: str) -> int:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{server.http}/v2/repository/models/image-orientation/{action}",
+        data=b"{}", method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return r.status
+
+
+def test_a_series_sent_while_its_bundle_is_unloaded_is_processed_once_it_serves(work, monkeypatch):
+    """A review's finding: a series that arrived while its bundle was unloaded (an operator's
+    unload and load, a folder moved aside by a deployment) was left unmatched for good, and
+    `results reprocess` had no job to repeat. It waits for the bundle, and is processed once
+    the bundle serves again; one that waited its time out is routed again by `reprocess`."""
+    token = "pipeline-admin-token-0123456789"
+    monkeypatch.setenv("NIGHTINGALE_ADMIN_TOKEN", token)
+    pacs = StoreScp(work)
+    server = Server(work, f"STORESCP@127.0.0.1:{pacs.port}")
+    try:
+        assert _model_control(server, "unload", token) == 200
+        source = work / "source.dcm"
+        ds = with_new_uids(get_testdata_file("CT_small.dcm"), source)
+        study = str(ds.StudyInstanceUID)
+        store(server.port, [source])
+        # Waiting for the bundle, said in the results API (not unmatched, no job).
+        report = wait_for(
+            lambda: (r := server.results(study)) and r["series"]
+            and "waiting for bundle image-orientation" in (r["series"][0]["reason"] or "") and r,
+            RESULT_TIMEOUT_S, "the series to wait for its bundle")
+        [series] = report["series"]
+        assert series["state"] == "assembling" and not series["jobs"], report
+        assert not pacs.files()
+        # The bundle back: the series is processed, once.
+        assert _model_control(server, "load", token) == 200
+        files = wait_for(lambda: len(pacs.files()) >= 2 and pacs.files(), RESULT_TIMEOUT_S,
+                         "the SR and SC once the bundle serves")
+        report = wait_for(
+            lambda: (r := server.results(study)) and r["series"][0]["jobs"]
+            and r["series"][0]["jobs"][0]["state"] == "done" and r,
+            RESULT_TIMEOUT_S, "the job done")
+        [job] = report["series"][0]["jobs"]
+        assert job["bundle"] == "image-orientation"
+        assert len(files) == 2
+    finally:
+        stop(server.proc)
+        stop(pacs.proc)
+
+
+def test_an_unload_stops_a_running_job_and_it_runs_again_once_the_bundle_serves(work, monkeypatch):
+    """A review's finding: an operator's unload (a recall) did not stop a job running: it
+    went on inferring with the recalled version for seconds and sent its SR afterwards. The
+    job stops before its next inference, goes back to the queue, and runs whole again on
+    the version that serves once the bundle is loaded."""
+    token = "pipeline-admin-token-0123456789"
+    monkeypatch.setenv("NIGHTINGALE_ADMIN_TOKEN", token)
+    pacs = StoreScp(work)
+    server = Server(work, f"STORESCP@127.0.0.1:{pacs.port}")
+    try:
+        # A long series: 300 slices (CT_small, each its own instance), one job.
+        study, series = generate_uid(), generate_uid()
+        files = []
+        for k in range(300):
+            ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.InstanceNumber = k + 1
+            path = work / f"slice{k:03}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+        store(server.port, files)
+        wait_for(lambda: (r := server.results(study)) and r["series"][0]["jobs"]
+                 and r["series"][0]["jobs"][0]["state"] == "processing",
+                 RESULT_TIMEOUT_S, "the job to run")
+        assert _model_control(server, "unload", token) == 200
+        report = wait_for(
+            lambda: (r := server.results(study)) and r["series"][0]["jobs"][0]["state"] == "queued"
+            and r, RESULT_TIMEOUT_S, "the job back in the queue")
+        assert not pacs.files(), "results sent after the unload"
+        # At most the one inference under way when the unload came is after its record.
+        audit = [json.loads(line) for line in
+                 (server.data / "audit" / "audit.jsonl").read_text().splitlines()]
+        unload = max(r["seq"] for r in audit if r["kind"] == "model-unload")
+        late = [r for r in audit if r["kind"] == "inference" and r["seq"] > unload]
+        assert len(late) <= 1, late
+        time.sleep(2)  # still queued: it waits for its bundle
+        assert server.results(study)["series"][0]["jobs"][0]["state"] == "queued"
+        assert _model_control(server, "load", token) == 200
+        report = wait_for(
+            lambda: (r := server.results(study)) and r["series"][0]["jobs"][0]["state"] == "done"
+            and r, 3 * RESULT_TIMEOUT_S, "the job done once the bundle serves")
+        [job] = report["series"][0]["jobs"]
+        assert job["instances"] == 300 and job["reason"] is None, job
+        sent = wait_for(lambda: len(pacs.files()) >= 2 and pacs.files(), RESULT_TIMEOUT_S,
+                        "the SR and SC")
+        assert len(sent) == 2
     finally:
         stop(server.proc)
         stop(pacs.proc)
