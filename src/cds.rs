@@ -304,6 +304,10 @@ impl Cds {
             }
         }
         let services = section.validate()?;
+        // A risk service naming a bundle the repository does not hold (a typo) starts, its
+        // cards saying the model is not serving: said once at start (a review's finding).
+        let known: Vec<String> = repository.index().into_iter().map(|e| e.name).collect();
+        services.warn_unknown_bundles(|b| known.iter().any(|k| k == b));
         let mut verifier = Verifier::new(JwtOptions::default());
         for t in &settings.trust {
             match &t.jwks {

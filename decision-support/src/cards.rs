@@ -408,12 +408,30 @@ pub struct RiskCard {
     pub newer_not_final: Vec<(String, Option<DateTime<Utc>>)>,
 }
 
-fn percent(p: f64) -> String {
+/// `p` as a percentage to `decimals` places (to none, a risk under 1 % reads "<1%").
+fn percent_to(p: f64, decimals: usize) -> String {
     let v = p * 100.0;
-    if v > 0.0 && v < 1.0 {
+    if decimals == 0 && v > 0.0 && v < 1.0 {
         "<1%".to_owned()
     } else {
-        format!("{v:.0}%")
+        format!("{v:.decimals$}%")
+    }
+}
+
+/// A risk and its threshold as percentages, to whole percents unless they would then read
+/// the same while they differ: then to as many decimals as tell them apart (at most 6).
+/// "risk 18% (below the 18% threshold)" for 0.181894 against 0.183632 read as a
+/// contradiction (a red-team finding); it reads "18.19% (below the 18.36% threshold)".
+/// Rounding keeps their order, so the shown values never contradict "below" or "at or
+/// above".
+fn percents(risk: f64, threshold: f64) -> (String, String) {
+    let mut decimals = 0;
+    loop {
+        let (r, t) = (percent_to(risk, decimals), percent_to(threshold, decimals));
+        if r != t || risk == threshold || decimals >= 6 {
+            return (r, t);
+        }
+        decimals += 1;
     }
 }
 
@@ -428,12 +446,13 @@ fn logit_of(p: f64) -> f64 {
 /// contribution to six decimals, the intended use and the caveat.
 pub fn risk_card(r: &RiskCard) -> Card {
     let above = r.risk >= r.threshold;
+    let (risk_shown, threshold_shown) = percents(r.risk, r.threshold);
     let summary = format!(
         "{} risk {} ({} the {} threshold) — {} {}{}",
         r.title,
-        percent(r.risk),
+        risk_shown,
         if above { "at or above" } else { "below" },
-        percent(r.threshold),
+        threshold_shown,
         r.model_name,
         r.model_version,
         if r.newer_not_final.is_empty() {
@@ -447,9 +466,9 @@ pub fn risk_card(r: &RiskCard) -> Card {
     let mut detail = format!(
         "**{}**: {} (p = {:.6}; operating threshold {}, p = {:.6}), model {} version {}.\n\n",
         escape(&r.title),
-        percent(r.risk),
+        risk_shown,
         r.risk,
-        percent(r.threshold),
+        threshold_shown,
         r.threshold,
         escape(&r.model_name),
         escape(&r.model_version)
@@ -791,6 +810,57 @@ mod tests {
         let d = risk_card(&r).detail.unwrap();
         assert!(d.contains("estimated by KernelSHAP from 126 sampled coalitions"));
         assert!(!d.contains("training mean"));
+    }
+
+    /// Red-team finding: rounded to whole percents, p = 0.181894 against a threshold of
+    /// 0.183632 read "risk 18% (below the 18% threshold)".
+    #[test]
+    fn a_risk_and_its_threshold_are_shown_apart() {
+        let with = |p: f64, t: f64| {
+            let mut r = risk(p);
+            r.threshold = t;
+            risk_card(&r)
+        };
+        let c = with(0.181894, 0.183632);
+        assert!(
+            c.summary
+                .starts_with("ICU mortality risk 18.2% (below the 18.4% threshold)"),
+            "{}",
+            c.summary
+        );
+        let d = c.detail.unwrap();
+        assert!(
+            d.contains("18.2% (p = 0.181894; operating threshold 18.4%, p = 0.183632)"),
+            "{d}"
+        );
+        // Two decimals where one is not enough; rounding never reverses the order.
+        assert!(
+            with(0.300_4, 0.3)
+                .summary
+                .starts_with("ICU mortality risk 30.04% (at or above the 30.00% threshold)")
+        );
+        assert!(
+            with(0.299_96, 0.3)
+                .summary
+                .starts_with("ICU mortality risk 29.996% (below the 30.000% threshold)")
+        );
+        // Both under 1 %.
+        assert!(
+            with(0.004, 0.006)
+                .summary
+                .starts_with("ICU mortality risk 0.4% (below the 0.6% threshold)")
+        );
+        // Equal, or apart in whole percents: as before.
+        assert!(
+            with(0.3, 0.3)
+                .summary
+                .starts_with("ICU mortality risk 30% (at or above the 30% threshold)")
+        );
+        assert!(
+            with(0.005, 0.3)
+                .summary
+                .starts_with("ICU mortality risk <1% (below the 30% threshold)")
+        );
     }
 
     #[test]

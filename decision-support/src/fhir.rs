@@ -15,7 +15,8 @@
 //! - [`Encounter`]: `id`, `status`, `class`, `subject`;
 //! - [`Bundle`]: `type`, `total`, `link[].relation` (only whether one is `next`),
 //!   `entry[].fullUrl`, `entry[].resource`, `entry[].search.mode` (only whether it is
-//!   `match`). A search page that is not the whole result ([`Bundle::is_complete`]) is
+//!   `match`), an OperationOutcome entry's `issue[].severity` and `issue[].code`. A search
+//!   page that is not the whole result ([`Bundle::is_complete`]) is
 //!   remembered by [`Resources`] ([`Resources::is_complete`]), so that "no such Condition
 //!   was found" is never read from one page of a longer search.
 //!
@@ -311,15 +312,19 @@ fn read_resource(
                     .and_then(|r| r.status.as_deref())
                     .is_some_and(|s| !s.trim_start().starts_with('2'))
                     || e.resource.as_ref().is_some_and(is_error_outcome);
+                let outcome = e.resource.as_ref().is_some_and(is_outcome);
                 entry.push(BundleEntry {
                     full_url: e.full_url.clone(),
                     failed,
+                    partial: e.resource.as_ref().is_some_and(is_partial_outcome),
                     resource,
-                    matched: e
-                        .search
-                        .as_ref()
-                        .and_then(|s| s.mode.as_deref())
-                        .is_none_or(|m| m == "match"),
+                    // An OperationOutcome is the search's outcome whatever its mode says (one
+                    // without a mode counted as a match against `total`).
+                    matched: !outcome
+                        && e.search
+                            .as_ref()
+                            .and_then(|s| s.mode.as_deref())
+                            .is_none_or(|m| m == "match"),
                 });
             }
             Resource::Bundle(Bundle {
@@ -445,12 +450,43 @@ impl Bundle {
 }
 
 impl Bundle {
-    /// [`Bundle::is_complete`] for this Bundle's own entries, nested Bundles aside.
+    /// [`Bundle::is_complete`] for this Bundle's own entries, nested Bundles aside: no `next`
+    /// page, a `total` no more than its matches, no outcome saying results were left out
+    /// ([`BundleEntry::partial`]: an `incomplete` warning was read as the whole result, a
+    /// red-team finding), and no match without its resource (an entry of only a `fullUrl`
+    /// holds what was not read).
     fn is_whole_page(&self) -> bool {
+        // History and batch or transaction responses have entries without a resource by
+        // design (a deletion, a request's status); a search's match never does.
+        let entries_hold_resources = !matches!(
+            self.bundle_type.as_deref(),
+            Some("history" | "batch-response" | "transaction-response")
+        );
+        let match_without_resource = entries_hold_resources
+            && self
+                .entry
+                .iter()
+                .any(|e| e.matched && e.resource.is_none() && !e.failed);
         !self.has_next
             && self
                 .total
                 .is_none_or(|total| total <= self.matches() as u64)
+            && !self.entry.iter().any(|e| e.partial)
+            && !match_without_resource
+    }
+
+    /// Whether every match of this Bundle (and of a nested one) is a resource of
+    /// `resource_type` (an entry that could not be read counts as of its type): a search
+    /// answered with resources of another type (Observations under a Condition search) is
+    /// a broken answer, not "none found" (a red-team finding).
+    pub fn matches_only(&self, resource_type: &str) -> bool {
+        self.entry
+            .iter()
+            .filter(|e| e.matched)
+            .all(|e| match &e.resource {
+                None => true,
+                Some(r) => r.resource_type() == resource_type,
+            })
     }
 }
 
@@ -468,6 +504,11 @@ pub struct BundleEntry {
     /// OperationOutcome with an issue of severity `error` or `fatal` (a search's outcome
     /// entry, a batch's failed request).
     pub failed: bool,
+    /// The entry is an OperationOutcome with an issue, of any severity, whose code says the
+    /// result may lack resources that match: `incomplete`, `suppressed` or `too-costly`
+    /// (FHIR R4 IssueType). The Bundle is then not the whole result
+    /// ([`Bundle::is_complete`]).
+    pub partial: bool,
 }
 
 impl Bundle {
@@ -478,6 +519,31 @@ impl Bundle {
     pub fn is_search_answer(&self) -> bool {
         self.bundle_type.as_deref() == Some("searchset") && !self.entry.iter().any(|e| e.failed)
     }
+}
+
+/// Whether `value` is an OperationOutcome.
+fn is_outcome(value: &Value) -> bool {
+    value.get("resourceType").and_then(Value::as_str) == Some("OperationOutcome")
+}
+
+/// Whether `value` is an OperationOutcome with an issue, of any severity (a `warning`
+/// included), whose code says matching resources may have been left out (FHIR R4
+/// IssueType): `incomplete` (not all the data matching the criteria was returned),
+/// `suppressed` (withheld by business rules or security) or `too-costly` (the server
+/// stopped short).
+fn is_partial_outcome(value: &Value) -> bool {
+    is_outcome(value)
+        && value
+            .get("issue")
+            .and_then(Value::as_array)
+            .is_some_and(|issues| {
+                issues.iter().any(|i| {
+                    matches!(
+                        i.get("code").and_then(Value::as_str).map(str::trim),
+                        Some("incomplete" | "suppressed" | "too-costly")
+                    )
+                })
+            })
 }
 
 /// Whether `value` is an OperationOutcome with an issue of severity `error` or `fatal`.
@@ -1042,9 +1108,29 @@ pub struct Coding {
 }
 
 impl Coding {
-    /// Whether this is `code` of `system` (both compared exactly, as FHIR codes are).
+    /// Whether this is `code` of `system` (both compared exactly, as FHIR codes are; a
+    /// system's OID form is the same system: [`canonical_system`]).
     pub fn is(&self, system: &str, code: &str) -> bool {
-        self.system.as_deref() == Some(system) && self.code.as_deref() == Some(code)
+        self.system
+            .as_deref()
+            .is_some_and(|s| canonical_system(s) == canonical_system(system))
+            && self.code.as_deref() == Some(code)
+    }
+}
+
+/// A code system's canonical URI: SNOMED CT's and LOINC's OIDs as `urn:oid:` (as HL7 v2
+/// and CDA feeds write them) are [`SNOMED`] and [`LOINC`] (a Condition coded
+/// `urn:oid:2.16.840.1.113883.6.96` was not matched: a red-team finding); any other system
+/// as written.
+pub fn canonical_system(system: &str) -> &str {
+    let oid = system
+        .get(..8)
+        .filter(|p| p.eq_ignore_ascii_case("urn:oid:"))
+        .map(|_| &system[8..]);
+    match oid {
+        Some("2.16.840.1.113883.6.96") => SNOMED,
+        Some("2.16.840.1.113883.6.1") => LOINC,
+        _ => system,
     }
 }
 
@@ -1084,8 +1170,24 @@ impl CodeableConcept {
     pub fn code_in(&self, system: &str) -> Option<&str> {
         self.coding
             .iter()
-            .find(|c| c.system.as_deref() == Some(system))
+            .find(|c| {
+                c.system
+                    .as_deref()
+                    .is_some_and(|s| canonical_system(s) == canonical_system(system))
+            })
             .and_then(|c| c.code.as_deref())
+    }
+
+    /// Whether a coding gives a code in one of `systems` ([`canonical_system`]s): when not
+    /// (no coding, text only, only other systems' codes), whether it is one of those
+    /// systems' codes cannot be told.
+    pub fn has_code_in(&self, systems: &[&str]) -> bool {
+        self.coding.iter().any(|c| {
+            c.code.as_deref().is_some_and(|k| !k.trim().is_empty())
+                && c.system
+                    .as_deref()
+                    .is_some_and(|s| systems.contains(&canonical_system(s)))
+        })
     }
 }
 
@@ -2062,6 +2164,53 @@ mod tests {
             v["link"] = json!([{"relation": next, "url": "x"}]);
             assert!(!bundle(v).is_complete(), "{next:?}");
         }
+    }
+
+    /// Red-team findings: an OperationOutcome warning that results were left out, and a match
+    /// of only a `fullUrl`, were read as the whole result; OIDs of SNOMED CT and LOINC were
+    /// other systems.
+    #[test]
+    fn an_outcome_of_results_left_out_or_a_match_without_resource_is_not_whole() {
+        let bundle = |v: Value| match parse(v).unwrap() {
+            Resource::Bundle(b) => b,
+            other => panic!("{other:?}"),
+        };
+        for code in ["incomplete", "suppressed", "too-costly"] {
+            let mut v = condition_page(3, Some(3), false);
+            v["entry"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"search": {"mode": "outcome"},
+                "resource": {"resourceType": "OperationOutcome",
+                    "issue": [{"severity": "warning", "code": code}]}}));
+            let b = bundle(v);
+            assert!(!b.is_complete() && b.is_search_answer(), "{code}");
+            assert_eq!(b.matches(), 3);
+        }
+        let mut v = condition_page(3, None, false);
+        v["entry"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"fullUrl": "http://ehr.example/Condition/c9"}));
+        assert!(!bundle(v).is_complete());
+        // A history's deletion has no resource by design.
+        let mut v = condition_page(3, None, false);
+        v["type"] = json!("history");
+        v["entry"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"fullUrl": "http://ehr.example/Condition/c9"}));
+        assert!(bundle(v).is_complete());
+        assert!(bundle(condition_page(3, None, false)).matches_only("Condition"));
+        assert!(!bundle(condition_page(3, None, false)).matches_only("Observation"));
+        assert_eq!(canonical_system("urn:oid:2.16.840.1.113883.6.96"), SNOMED);
+        assert_eq!(canonical_system("URN:OID:2.16.840.1.113883.6.1"), LOINC);
+        assert_eq!(
+            canonical_system("urn:oid:2.16.840.1.113883.6.90"),
+            "urn:oid:2.16.840.1.113883.6.90"
+        );
+        assert!(CodeableConcept::of("urn:oid:2.16.840.1.113883.6.96", "1").has(SNOMED, "1"));
+        assert!(CodeableConcept::of(SNOMED, "1").has("urn:oid:2.16.840.1.113883.6.96", "1"));
     }
 
     #[test]

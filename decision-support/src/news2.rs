@@ -640,10 +640,11 @@ pub fn assess(
                 UnusableReason::UnreadableObservation
             };
             vitals.doubt(p, reason.clone(), |t| u.time.is_none_or(|ut| ut >= t));
-            // A search not read says nothing of a parameter it found nothing for either.
-            if u.search {
-                vitals.not_read(p, reason);
-            }
+            // A search not read says nothing of a parameter it found nothing for either; nor
+            // is a parameter whose only observation in the window could not be read (a value
+            // written as a string, a status outside FHIR's codes) "not recorded" (a red-team
+            // finding).
+            vitals.not_read(p, reason);
         }
     }
     let unusable_params: Vec<Parameter> = vitals.unusable.iter().map(|u| u.parameter).collect();

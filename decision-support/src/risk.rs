@@ -18,8 +18,10 @@
 //! - **condition**: 1 when an active Condition of this patient has one of the codes
 //!   ([`crate::fhir::Condition::is_active`]); 0 only when the patient's Conditions were read
 //!   (a Condition search was prefetched or fetched) **in full** (no Bundle of Conditions
-//!   was one page of a longer result: a `next` link, or a `total` above its matches), else
-//!   missing.
+//!   was read in part: a `next` link, a `total` above its matches, an OperationOutcome
+//!   saying results were left out, a match without its resource), else missing; missing
+//!   too when a Condition that may hold has no code in the listed codes' systems (no code,
+//!   text only, ICD-10 where SNOMED CT is listed). Codes match exactly (no subsumption).
 //! - **encounter-class**: the current Encounter is the one named by `context.encounterId`
 //!   (whatever its status but `entered-in-error` and `cancelled`, which are left out as if
 //!   absent: a `finished` one is still the admission being assessed; one not among the
@@ -76,6 +78,10 @@ pub enum Missing {
     /// A Condition with one of the codes may hold, but its clinical status cannot be read
     /// (none, text only, another system's code).
     ConditionStatusUnknown,
+    /// A Condition that may hold has no code in the systems of the feature's codes (no code,
+    /// text only, or only codes of other systems, such as ICD-10 where SNOMED CT is
+    /// listed): whether it is one of them cannot be told. The systems, as listed.
+    ConditionUnclassified(String),
     /// No current Encounter could be told apart (none, several, or one without a class).
     Encounter(&'static str),
     /// Outside the range the bundle says the model was trained on (`min`/`max`): the model
@@ -95,6 +101,11 @@ impl fmt::Display for Missing {
             Missing::NoConditions => f.write_str("the patient's conditions were not available"),
             Missing::ConditionStatusUnknown => f.write_str(
                 "a matching condition is recorded without a clinical status that can be read",
+            ),
+            Missing::ConditionUnclassified(systems) => write!(
+                f,
+                "a Condition that may be active could not be classified (no code in {systems}), \
+                 so whether it is one of the listed conditions is not known"
             ),
             Missing::Encounter(why) => write!(f, "{why}"),
             Missing::OutOfRange { value, range } => write!(
@@ -168,8 +179,15 @@ pub fn plain_name(name: &str) -> String {
     name.replace('_', " ")
 }
 
+/// A value as a clinician reads it: to two decimals at most, trailing zeros dropped. A value
+/// too large for two decimals to mean anything (1e308 overflowed when scaled by 100 and was
+/// shown as "inf": a red-team finding) is shown in scientific notation as it is.
 fn number(v: f64) -> String {
-    let r = (v * 100.0).round() / 100.0;
+    if !v.is_finite() || v.abs() >= 1e15 {
+        return format!("{v:e}");
+    }
+    // `+ 0.0`: a value that rounds to zero from below is "0", not "-0".
+    let r = (v * 100.0).round() / 100.0 + 0.0;
     if r == r.trunc() {
         format!("{r:.0}")
     } else {
@@ -301,6 +319,22 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
             };
             let disputed = |c: &crate::fhir::Condition| resources.condition_disputed(c);
             let present = mine().any(|c| c.is_active_one_of(&codes) && !disputed(c));
+            // The systems the feature's codes are in (OID forms as their URIs): a Condition
+            // that may hold and has no code in them (none, text only, ICD-10 where SNOMED CT
+            // is listed) may be one of the listed conditions; it was read as "not that
+            // condition", and the feature as "no" (a red-team finding). A Condition coded in
+            // a listed system with another code is not one of them: codes are matched
+            // exactly, without subsumption (a documented limit).
+            let mut systems: Vec<&str> = codes
+                .iter()
+                .map(|c| crate::fhir::canonical_system(&c.system))
+                .collect();
+            systems.sort_unstable();
+            systems.dedup();
+            let unclassified = mine().any(|c| {
+                c.activity_at(cx.now) != crate::fhir::Activity::Inactive
+                    && !c.code.as_ref().is_some_and(|k| k.has_code_in(&systems))
+            });
             // A matching Condition that may hold (its status cannot be read, or copies of it
             // disagree) is neither yes nor no.
             let maybe = mine().any(|c| {
@@ -313,6 +347,8 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
             let all_read = cx.conditions_read && resources.is_complete("Condition");
             if !present && maybe {
                 out.value = Err(Missing::ConditionStatusUnknown);
+            } else if !present && unclassified {
+                out.value = Err(Missing::ConditionUnclassified(systems.join(" or ")));
             } else if present || all_read {
                 flag(&mut out, present, "yes (active condition)", "no");
             } else {
@@ -356,10 +392,21 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
             // "The only in-progress Encounter" holds only if every Encounter was read: with
             // one page of a longer search, another may be on the next.
             let partial = cx.encounter_id.is_none() && !resources.is_complete("Encounter");
+            // An Encounter entry that could not be read (an R5 `class` list, a malformed
+            // field) may be the current one: said as such, not as "one page of a longer
+            // search" (a red-team finding).
+            let unreadable = resources
+                .unreadable
+                .iter()
+                .any(|u| u.resource_type == "Encounter" && !u.search);
+            const UNREADABLE: &str = "an Encounter could not be read (a malformed field, such as \
+                 a class written as a list), so the current encounter cannot be told";
             match current.as_slice() {
+                _ if partial && unreadable => out.value = Err(Missing::Encounter(UNREADABLE)),
                 _ if partial => {
                     out.value = Err(Missing::Encounter(
-                        "the encounters were only partly available (one page of a longer search)",
+                        "the encounters were only partly available (one page of a longer \
+                         search, or the FHIR server said some were left out)",
                     ))
                 }
                 // A search not read found no encounter, nor that there is none (it said "no
@@ -369,6 +416,8 @@ fn map_source(f: &FeatureSpec, resources: &Resources, cx: &MappingContext<'_>) -
                         "the encounters were not available (the search was not answered or could not be read)",
                     ))
                 }
+                // The encounter in context may be the one that could not be read.
+                [] if unreadable => out.value = Err(Missing::Encounter(UNREADABLE)),
                 // The encounter in context is not among those read (the search returns
                 // encounters under way; a finished one is not asked for): not known to be
                 // absent (it was "no current encounter": a red-team finding).
@@ -616,8 +665,19 @@ fn observation(
         // None found, and what a search read in part did not read reaches into the look-back
         // window: one may be there, not "no recent result" (a review's finding).
         let may_be_unread = resources.observations_unread_after(cx.now - look_back, may_hold);
+        // An entry that could not be read (a value written as a string, a status outside
+        // FHIR's codes) that may be of this code and in the window may be the latest: it was
+        // "no recent result" when it was the only one of its code (a red-team finding).
+        let unreadable = resources.unreadable.iter().any(|u| {
+            !u.search
+                && u.resource_type == "Observation"
+                && family.iter().any(|c| u.may_have_code(&c.system, &c.code))
+                && u.time.is_none_or(|ut| ut >= cx.now - look_back)
+        });
         out.value = Err(if search_not_read {
             Missing::Unusable(UnusableReason::SearchNotRead)
+        } else if unreadable {
+            Missing::Unusable(UnusableReason::UnreadableObservation)
         } else if may_be_unread {
             Missing::Unusable(UnusableReason::MayBeUnread)
         } else {
@@ -1802,6 +1862,200 @@ mod tests {
             Err(Missing::Unusable(UnusableReason::Time(
                 DateError::SeveralTimes
             )))
+        );
+    }
+
+    /// Red-team finding: an active Condition that cannot be classified (no code, text only,
+    /// codes only in another system than the feature lists) was read as "not that
+    /// condition", and the feature as "no".
+    #[test]
+    fn a_condition_that_cannot_be_classified_is_not_a_no() {
+        let with_code = |code: Option<Value>, status: &str| {
+            let mut items = base();
+            items.remove(1);
+            let mut c = json!({"resourceType": "Condition", "id": "c9",
+                "subject": {"reference": "Patient/p1"},
+                "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": status}]}});
+            if let Some(code) = code {
+                c["code"] = code;
+            }
+            items.push(c);
+            map_features(&features(), &resources(items), &context(true))
+        };
+        let unclassified = Err(Missing::ConditionUnclassified(crate::fhir::SNOMED.into()));
+        for code in [
+            None,
+            Some(json!({"text": "Sepsis"})),
+            Some(
+                json!({"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "A41.9"}]}),
+            ),
+            Some(json!({"coding": [{"system": crate::fhir::SNOMED}]})),
+            Some(json!({"coding": [{"code": "91302008"}]})),
+        ] {
+            let m = with_code(code.clone(), "active");
+            assert_eq!(value_of(&m, "infection"), unclassified, "{code:?}");
+            let why = m.missing().join("; ");
+            assert!(
+                why.contains("could not be classified (no code in http://snomed.info/sct)"),
+                "{why}"
+            );
+            // Resolved, it does not matter what it was.
+            let m = with_code(code.clone(), "resolved");
+            assert_eq!(value_of(&m, "infection"), Ok(0.0), "{code:?}");
+        }
+        // Coded in the listed system with another code: not that condition (codes are
+        // matched exactly, without subsumption: a documented limit).
+        let other = json!({"coding": [{"system": crate::fhir::SNOMED, "code": "59621000"}]});
+        assert_eq!(
+            value_of(&with_code(Some(other), "active"), "infection"),
+            Ok(0.0)
+        );
+        // ... also when its SNOMED CT code is given beside an ICD-10 one.
+        let both = json!({"coding": [
+            {"system": "http://hl7.org/fhir/sid/icd-10", "code": "I10"},
+            {"system": crate::fhir::SNOMED, "code": "59621000"}]});
+        assert_eq!(
+            value_of(&with_code(Some(both), "active"), "infection"),
+            Ok(0.0)
+        );
+        // SNOMED CT's OID is SNOMED CT: the listed code found, and another code a "no".
+        let oid = |code: &str| json!({"coding": [{"system": "urn:oid:2.16.840.1.113883.6.96", "code": code}]});
+        assert_eq!(
+            value_of(&with_code(Some(oid("91302008")), "active"), "infection"),
+            Ok(1.0)
+        );
+        assert_eq!(
+            value_of(&with_code(Some(oid("59621000")), "active"), "infection"),
+            Ok(0.0)
+        );
+        // An infection recorded beside an unclassifiable Condition is a "yes".
+        let mut items = base();
+        items.push(
+            json!({"resourceType": "Condition", "subject": {"reference": "Patient/p1"},
+            "clinicalStatus": {"coding": [{"code": "active"}]}, "code": {"text": "?"}}),
+        );
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert_eq!(value_of(&m, "infection"), Ok(1.0));
+        // Its clinical status unreadable too: it may hold, and it may be one of them.
+        let mut items = base();
+        items.remove(1);
+        items.push(
+            json!({"resourceType": "Condition", "subject": {"reference": "Patient/p1"},
+            "code": {"text": "chest infection"}}),
+        );
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert_eq!(value_of(&m, "infection"), unclassified);
+        // Another patient's: not this patient's conditions.
+        let mut items = base();
+        items.remove(1);
+        items.push(
+            json!({"resourceType": "Condition", "subject": {"reference": "Patient/p2"},
+            "clinicalStatus": {"coding": [{"code": "active"}]}, "code": {"text": "sepsis"}}),
+        );
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert_eq!(value_of(&m, "infection"), Ok(0.0));
+    }
+
+    /// LOINC's OID is LOINC: a systolic pressure coded `urn:oid:2.16.840.1.113883.6.1` is the
+    /// newest value, not passed over for an older one.
+    #[test]
+    fn an_observation_coded_with_the_loinc_oid_is_read() {
+        let mut newer = sbp(80.0, "mm[Hg]", "2024-05-01T11:55:00Z");
+        newer["code"]["coding"][0]["system"] = json!("urn:oid:2.16.840.1.113883.6.1");
+        let mut items = base();
+        items.push(sbp(140.0, "mm[Hg]", "2024-05-01T02:00:00Z"));
+        items.push(newer);
+        let m = map_features(&features(), &resources(items), &context(true));
+        assert_eq!(value_of(&m, "systolic_bp"), Ok(80.0));
+    }
+
+    /// Red-team finding: an Observation of the feature's code that could not be read (a value
+    /// written as a string, a status outside FHIR's codes), the only one of its code, was
+    /// "no recent result".
+    #[test]
+    fn an_only_observation_that_could_not_be_read_is_named() {
+        let mut as_string = sbp(95.0, "mm[Hg]", "2024-05-01T11:00:00Z");
+        as_string["valueQuantity"]["value"] = json!("95");
+        let mut bogus = sbp(95.0, "mm[Hg]", "2024-05-01T11:00:00Z");
+        bogus["status"] = json!("bogus");
+        let mut undated = as_string.clone();
+        undated.as_object_mut().unwrap().remove("effectiveDateTime");
+        for bad in [as_string.clone(), bogus, undated] {
+            let bundle = json!({"resourceType": "Bundle", "type": "collection",
+                "entry": [{"resource": bad}]});
+            let mut r = resources(base());
+            r.add(Resource::from_value(&bundle, &Limits::default()).unwrap());
+            assert_eq!(r.unreadable.len(), 1);
+            let m = map_features(&features(), &r, &context(true));
+            assert_eq!(
+                value_of(&m, "systolic_bp"),
+                Err(Missing::Unusable(UnusableReason::UnreadableObservation))
+            );
+            assert!(
+                m.missing().join("; ").contains("could not be read"),
+                "{:?}",
+                m.missing()
+            );
+        }
+        // One of another code, or older than the look-back window: no recent result.
+        let mut other = as_string.clone();
+        other["code"]["coding"][0]["code"] = json!("8867-4");
+        let mut old = as_string;
+        old["effectiveDateTime"] = json!("2024-04-30T10:00:00Z");
+        for quiet in [other, old] {
+            let bundle = json!({"resourceType": "Bundle", "type": "collection",
+                "entry": [{"resource": quiet}]});
+            let mut r = resources(base());
+            r.add(Resource::from_value(&bundle, &Limits::default()).unwrap());
+            let m = map_features(&features(), &r, &context(true));
+            assert_eq!(value_of(&m, "systolic_bp"), Err(Missing::NoObservation));
+        }
+    }
+
+    /// Red-team finding: an Encounter with an R5-style `class` list could not be read, and
+    /// the card blamed "one page of a longer search".
+    #[test]
+    fn an_encounter_that_could_not_be_read_is_named_as_such() {
+        let r5 = json!({"resourceType": "Encounter", "id": "e1", "status": "in-progress",
+            "class": [{"coding": [{"system": ACT_CODE, "code": "EMER"}]}],
+            "subject": {"reference": "Patient/p1"}});
+        let bundle =
+            json!({"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": r5}]});
+        let mut r = resources(vec![base()[0].clone(), base()[1].clone()]);
+        r.add(Resource::from_value(&bundle, &Limits::default()).unwrap());
+        for encounter_id in [None, Some("e1")] {
+            let value = value_of(
+                &map_features(&features(), &r, &encounter_context(encounter_id)),
+                "emergency",
+            );
+            let Err(Missing::Encounter(why)) = &value else {
+                panic!("{value:?}");
+            };
+            assert!(why.contains("an Encounter could not be read"), "{why}");
+            assert!(!why.contains("page"), "{why}");
+        }
+    }
+
+    /// Red-team finding: 1e308 mm[Hg] was shown as "inf mm[Hg]" (scaled by 100 to round, it
+    /// overflowed).
+    #[test]
+    fn a_huge_value_is_shown_as_it_is() {
+        assert_eq!(number(1e308), "1e308");
+        assert_eq!(number(-2.5e20), "-2.5e20");
+        assert_eq!(number(88.0), "88");
+        assert_eq!(number(90.007_404), "90.01");
+        assert_eq!(number(-0.001), "0");
+        let mut specs = features();
+        specs[1].max = Some(212.0);
+        let mut items = base();
+        items.push(sbp(1e308, "mm[Hg]", "2024-05-01T11:00:00Z"));
+        let m = map_features(&specs, &resources(items), &context(true));
+        assert_eq!(
+            value_of(&m, "systolic_bp"),
+            Err(Missing::OutOfRange {
+                value: "1e308 mm[Hg]".into(),
+                range: "at most 212 mm[Hg]".into()
+            })
         );
     }
 

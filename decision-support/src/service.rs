@@ -106,9 +106,7 @@ fn default_services() -> Vec<ServiceConfig> {
         scale2_conditions: vec![],
         pregnancy_conditions: None,
         prefetch: None,
-        usage_requirements: Some(
-            "Read access to the patient's Patient, Observation and Condition resources".to_owned(),
-        ),
+        usage_requirements: usage_requirements(&news2_prefetch()),
         wording: Wording::default(),
     }]
 }
@@ -145,6 +143,64 @@ fn unread_search(template: &str) -> Unreadable {
         _ => "Other",
     };
     Unreadable::search(resource_type, search_codes(template))
+}
+
+/// The resource type a search template returns as matches: `Type?…`, `Type/$op?…` (as
+/// `Observation/$lastn`), or a compartment's `Patient/{id}/Type?…`; `None` when it cannot be
+/// told (another form, an operation over several types such as `$everything`).
+fn searched_type(template: &str) -> Option<&str> {
+    let path = template.split_once('?').map_or(template, |(p, _)| p);
+    let is_type = |s: &str| {
+        s.starts_with(|c: char| c.is_ascii_uppercase())
+            && s.bytes().all(|b| b.is_ascii_alphanumeric())
+    };
+    match path.split('/').collect::<Vec<_>>().as_slice() {
+        [t] if is_type(t) => Some(t),
+        [t, op] if is_type(t) && *op == "$lastn" => Some(t),
+        ["Patient", _, t] if is_type(t) => Some(t),
+        _ => None,
+    }
+}
+
+/// The resource types the templates of a prefetch ask for, in the order Patient,
+/// Observation, Condition, Encounter, then others by name.
+fn prefetch_types(prefetch: &BTreeMap<String, String>) -> Vec<String> {
+    let mut types: Vec<String> = vec![];
+    for template in prefetch.values() {
+        let path = template
+            .split_once('?')
+            .map_or(template.as_str(), |(p, _)| p);
+        let t = searched_type(template)
+            .or_else(|| path.split('/').next())
+            .filter(|t| !t.is_empty());
+        if let Some(t) = t
+            && !types.iter().any(|k| k == t)
+        {
+            types.push(t.to_owned());
+        }
+    }
+    let rank = |t: &str| {
+        ["Patient", "Observation", "Condition", "Encounter"]
+            .iter()
+            .position(|k| *k == t)
+            .unwrap_or(4)
+    };
+    types.sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.cmp(b)));
+    types
+}
+
+/// A discovery `usageRequirements` naming the resource types `prefetch` asks for ("Read
+/// access to the patient's Patient and Observation resources"); `None` for no prefetch. It
+/// was written by hand, and named Condition and Encounter for a service that reads neither
+/// (a review's finding).
+pub fn usage_requirements(prefetch: &BTreeMap<String, String>) -> Option<String> {
+    let types = prefetch_types(prefetch);
+    let list = match types.as_slice() {
+        [] => return None,
+        [only] => only.clone(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    };
+    Some(format!("Read access to the patient's {list} resources"))
 }
 
 /// The codes an Observation search template asks for (`code=system|code,...`); `None` when
@@ -306,11 +362,8 @@ pub fn builtin_risk_service(
         look_back_minutes: None,
         scale2_conditions: vec![],
         pregnancy_conditions: None,
+        usage_requirements: usage_requirements(&prefetch),
         prefetch: Some(prefetch),
-        usage_requirements: Some(
-            "Read access to the patient's Patient, Observation, Condition and Encounter resources"
-                .to_owned(),
-        ),
         wording: Wording::default(),
     }
 }
@@ -331,6 +384,10 @@ pub enum ConfigError {
     Invalid { id: String, reason: &'static str },
     #[error("cds service {id:?}: threshold of bundle {bundle:?} must lie in (0, 1)")]
     Threshold { id: String, bundle: String },
+    #[error(
+        "cds service {id:?}: bundle {bundle:?} is named twice in `bundles` (each bundle gives one card)"
+    )]
+    DuplicateBundle { id: String, bundle: String },
     #[error(
         "cds service {id:?}: prefetch template {key:?} uses a token other than {{{{context.NAME}}}}"
     )]
@@ -432,6 +489,16 @@ impl CdsSection {
                 }
                 _ => {}
             }
+            // A bundle named twice would answer two identical cards.
+            let mut bundles = BTreeSet::new();
+            for b in &c.bundles {
+                if !bundles.insert(b.as_str()) {
+                    return Err(ConfigError::DuplicateBundle {
+                        id: c.id.clone(),
+                        bundle: b.clone(),
+                    });
+                }
+            }
             for (bundle, t) in &c.thresholds {
                 if !c.bundles.contains(bundle) {
                     return Err(invalid(
@@ -508,6 +575,40 @@ impl Services {
     /// Every service, in configuration order.
     pub fn iter(&self) -> impl Iterator<Item = &Service> {
         self.services.iter()
+    }
+
+    /// The bundles risk services name that `known` says are not in the model repository,
+    /// as (service id, bundle). Such a service still starts (a bundle may be added to the
+    /// repository later), and its card for that bundle says the model is not serving; the
+    /// caller that builds the services with the repository at hand warns of these
+    /// ([`Services::warn_unknown_bundles`]).
+    pub fn unknown_bundles(&self, known: impl Fn(&str) -> bool) -> Vec<(&str, &str)> {
+        self.services
+            .iter()
+            .filter(|s| s.config.kind == ServiceKind::Risk)
+            .flat_map(|s| {
+                s.config
+                    .bundles
+                    .iter()
+                    .filter(|b| !known(b))
+                    .map(move |b| (s.config.id.as_str(), b.as_str()))
+            })
+            .collect()
+    }
+
+    /// Logs a warning for each of [`Services::unknown_bundles`] (configuration names only, no
+    /// patient data); returns how many there were.
+    pub fn warn_unknown_bundles(&self, known: impl Fn(&str) -> bool) -> usize {
+        let unknown = self.unknown_bundles(known);
+        for (service, bundle) in &unknown {
+            tracing::warn!(
+                service = %service,
+                bundle = %bundle,
+                "a CDS risk service names a model bundle that is not in the repository: its \
+                 cards will say the model is not serving until the bundle is loaded"
+            );
+        }
+        unknown.len()
     }
 
     /// The discovery response (`GET /cds-services`).
@@ -661,15 +762,13 @@ impl Service {
                         source,
                     }
                 })?;
-                conditions_read |= searches_conditions(key)
-                    && matches!(&r, Resource::Bundle(b) if b.is_search_answer());
+                conditions_read |= searches_conditions(key) && self.answers(key, &r);
                 self.add_answer(&mut resources, key, r);
             }
         }
         let fetched_keys: Vec<String> = fetched.iter().map(|(k, _)| k.clone()).collect();
         for (key, r) in fetched {
-            conditions_read |= searches_conditions(&key)
-                && matches!(&r, Resource::Bundle(b) if b.is_search_answer());
+            conditions_read |= searches_conditions(&key) && self.answers(&key, &r);
             self.add_answer(&mut resources, &key, r);
         }
         // A search whose fetch failed is not read: what it would have held is unknown, never
@@ -712,9 +811,10 @@ impl Service {
         let Some(template) = self.prefetch.get(key) else {
             return resources.add(r);
         };
-        // Only a searchset without a failed entry answers a search (a batch-response whose
-        // search failed, or a searchset with an error outcome, was read as empty too).
-        if template.contains('?') && !matches!(&r, Resource::Bundle(b) if b.is_search_answer()) {
+        // Only a searchset without a failed entry, whose matches are of the searched type,
+        // answers a search (a batch-response whose search failed, or a searchset with an
+        // error outcome, was read as empty too).
+        if template.contains('?') && !self.answers(key, &r) {
             resources.add_unread_search(unread_search(template));
             return;
         }
@@ -722,6 +822,20 @@ impl Service {
             .split_once('?')
             .map_or(template.as_str(), |(p, _)| p);
         resources.add_search_answer(r, path, search_codes(template).as_deref());
+    }
+
+    /// Whether `r` answers the search of the prefetch `key`: a searchset without a failed
+    /// entry ([`crate::fhir::Bundle::is_search_answer`]) whose matches are all of the type the
+    /// template searches ([`crate::fhir::Bundle::matches_only`]). A searchset of Observations
+    /// under the Condition key read as "every Condition read, none found" (a red-team
+    /// finding): an answer of another type is a broken answer, as an OperationOutcome in its
+    /// place is.
+    fn answers(&self, key: &str, r: &Resource) -> bool {
+        let Some(template) = self.prefetch.get(key) else {
+            return false;
+        };
+        matches!(r, Resource::Bundle(b) if b.is_search_answer()
+            && searched_type(template).is_none_or(|t| b.matches_only(t)))
     }
 
     /// How far back Observations are read.
@@ -924,6 +1038,102 @@ mod tests {
         );
         assert_eq!(s.get("icu-mortality").unwrap().kind(), ServiceKind::Risk);
         assert!(s.get("icu-mortality").unwrap().prefetch().is_empty());
+    }
+
+    /// Review findings: a bundle named twice in one service gave two identical cards; a
+    /// bundle not in the repository starts (it may be loaded later) and is reported.
+    #[test]
+    fn a_bundle_named_twice_is_refused_and_an_unknown_one_reported() {
+        let risk = |bundles: &str| {
+            format!(
+                "[[cds.services]]\nid = \"icu\"\nhook = \"patient-view\"\ndescription = \"d\"\nkind = \"risk\"\nbundles = {bundles}\n"
+            )
+        };
+        let e = parse(&risk(r#"["icu-mortality", "icu-mortality"]"#)).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::DuplicateBundle { id, bundle } if id == "icu" && bundle == "icu-mortality"),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("named twice"), "{e}");
+        let s = parse(&risk(r#"["icu-mortality", "no-such-bundle"]"#)).unwrap();
+        let known = |b: &str| b == "icu-mortality";
+        assert_eq!(s.unknown_bundles(known), vec![("icu", "no-such-bundle")]);
+        assert_eq!(s.warn_unknown_bundles(known), 1);
+        assert!(s.unknown_bundles(|_| true).is_empty());
+        // NEWS2 services name no bundles.
+        assert!(Services::builtin().unknown_bundles(|_| false).is_empty());
+    }
+
+    /// Review finding: the built-in risk services' discovery said they read Patient,
+    /// Observation, Condition and Encounter whatever their prefetch asked for (the Pima
+    /// service asks for Patient and Observation only).
+    #[test]
+    fn usage_requirements_name_what_the_prefetch_reads() {
+        #[derive(Deserialize)]
+        struct Features {
+            f: Vec<FeatureSpec>,
+        }
+        let features = |text: &str| toml::from_str::<Features>(text).unwrap().f;
+        // Pima: Observations and the age.
+        let pima = features(
+            r#"
+            [[f]]
+            name = "glucose"
+            unit = "mg/dL"
+            code = "http://loinc.org|1518-0"
+            [[f]]
+            name = "age"
+            unit = "a"
+            fhir = "patient-age"
+            "#,
+        );
+        let s = builtin_risk_service("pima-diabetes", "d", risk_prefetch(&pima));
+        assert_eq!(
+            s.usage_requirements.as_deref(),
+            Some("Read access to the patient's Patient and Observation resources")
+        );
+        let icu = features(
+            r#"
+            [[f]]
+            name = "sbp"
+            unit = "mm[Hg]"
+            code = "http://loinc.org|8480-6"
+            [[f]]
+            name = "infection"
+            unit = "1"
+            fhir = "condition"
+            conditions = ["http://snomed.info/sct|91302008"]
+            [[f]]
+            name = "emergency"
+            unit = "1"
+            fhir = "encounter-class"
+            encounter_class = ["EMER"]
+            [[f]]
+            name = "female"
+            unit = "1"
+            fhir = "patient-female"
+            "#,
+        );
+        let s = builtin_risk_service("icu-mortality", "d", risk_prefetch(&icu));
+        assert_eq!(
+            s.usage_requirements.as_deref(),
+            Some(
+                "Read access to the patient's Patient, Observation, Condition and Encounter resources"
+            )
+        );
+        // Conditions alone; nothing at all.
+        let s = builtin_risk_service("x", "d", risk_prefetch(&icu[1..2]));
+        assert_eq!(
+            s.usage_requirements.as_deref(),
+            Some("Read access to the patient's Condition resources")
+        );
+        assert_eq!(usage_requirements(&BTreeMap::new()), None);
+        // NEWS2 (vitals, consciousness and pregnancy are all Observations).
+        let d = Services::builtin().discovery();
+        assert_eq!(
+            d.services[0].usage_requirements.as_deref(),
+            Some("Read access to the patient's Patient, Observation and Condition resources")
+        );
     }
 
     #[test]

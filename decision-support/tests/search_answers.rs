@@ -1,0 +1,402 @@
+//! What a search's answer says about what it did not return: an OperationOutcome warning that
+//! results were left out (FHIR R4 IssueType `incomplete`, `suppressed`, `too-costly`), an
+//! answer of another resource type, a match without its resource, an Observation entry that
+//! could not be read. None of them may read as "none found" (a red-team review's findings).
+//! Expected values follow FHIR R4 (Bundle, OperationOutcome) and the mapping's documented
+//! rules (docs/cds-hooks.md), not the code under test.
+
+use chrono::{DateTime, Duration, Utc};
+use nightingale_decision_support::fhir::{Limits, Resource, Resources};
+use nightingale_decision_support::hooks::HookRequest;
+use nightingale_decision_support::news2::{Assessment, ConditionsRead, News2Settings, assess};
+use nightingale_decision_support::risk::{MappingContext, Missing, map_features};
+use nightingale_decision_support::service::{DEFAULT_NEWS2_ID, Service, Services};
+use nightingale_decision_support::vitals::{Parameter, UnusableReason};
+use nightingale_models::manifest::FeatureSpec;
+use serde_json::{Value, json};
+
+const LOINC: &str = "http://loinc.org";
+const SNOMED: &str = "http://snomed.info/sct";
+const UCUM: &str = "http://unitsofmeasure.org";
+const ACTIVE: &str = "http://terminology.hl7.org/CodeSystem/condition-clinical";
+
+fn now() -> DateTime<Utc> {
+    "2024-05-01T12:00:00Z".parse().unwrap()
+}
+
+/// A risk service with the ICU bundle's kinds of source: systolic pressure, infection,
+/// emergency admission; its prefetch searches each type.
+fn risk_service() -> Services {
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        cds: nightingale_decision_support::service::CdsSection,
+    }
+    let text = r#"
+        [[cds.services]]
+        id = "icu"
+        hook = "patient-view"
+        description = "ICU mortality risk"
+        kind = "risk"
+        bundles = ["icu-mortality"]
+        [cds.services.prefetch]
+        patient = "Patient/{{context.patientId}}"
+        observations = "Observation?patient={{context.patientId}}&code=http://loinc.org|8480-6&_sort=-date&_count=100"
+        conditions = "Condition?patient={{context.patientId}}"
+        encounters = "Encounter?patient={{context.patientId}}&status=arrived,triaged,in-progress,onleave"
+    "#;
+    toml::from_str::<Doc>(text).unwrap().cds.validate().unwrap()
+}
+
+fn features() -> Vec<FeatureSpec> {
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        f: Vec<FeatureSpec>,
+    }
+    toml::from_str::<Doc>(
+        r#"
+        [[f]]
+        name = "systolic_bp"
+        unit = "mm[Hg]"
+        code = "http://loinc.org|8480-6"
+        [[f]]
+        name = "infection"
+        unit = "1"
+        fhir = "condition"
+        conditions = ["http://snomed.info/sct|91302008"]
+        [[f]]
+        name = "emergency"
+        unit = "1"
+        fhir = "encounter-class"
+        encounter_class = ["EMER"]
+        "#,
+    )
+    .unwrap()
+    .f
+}
+
+fn sbp(value: f64, time: &str) -> Value {
+    json!({"resourceType": "Observation", "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": "8480-6"}]},
+        "subject": {"reference": "Patient/p1"}, "effectiveDateTime": time,
+        "valueQuantity": {"value": value, "system": UCUM, "code": "mm[Hg]"}})
+}
+
+/// An active Condition of p1 that is not an infection (essential hypertension).
+fn hypertension() -> Value {
+    json!({"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/p1"},
+        "clinicalStatus": {"coding": [{"system": ACTIVE, "code": "active"}]},
+        "code": {"coding": [{"system": SNOMED, "code": "59621000"}]}})
+}
+
+fn emergency_encounter() -> Value {
+    json!({"resourceType": "Encounter", "id": "e1", "status": "in-progress",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "EMER"},
+        "subject": {"reference": "Patient/p1"}})
+}
+
+/// An OperationOutcome entry of a searchset (`search.mode` `outcome`) with one issue.
+fn outcome(severity: &str, code: &str) -> Value {
+    json!({"search": {"mode": "outcome"}, "resource": {"resourceType": "OperationOutcome",
+        "issue": [{"severity": severity, "code": code,
+            "diagnostics": "Some results were not returned"}]}})
+}
+
+/// A searchset of `resources` as matches, then `extra` entries as they are.
+fn searchset(resources: Vec<Value>, extra: Vec<Value>) -> Value {
+    let mut entry: Vec<Value> = resources
+        .into_iter()
+        .map(|r| json!({"search": {"mode": "match"}, "resource": r}))
+        .collect();
+    entry.extend(extra);
+    json!({"resourceType": "Bundle", "type": "searchset", "entry": entry})
+}
+
+fn request(prefetch: Value) -> HookRequest {
+    serde_json::from_value(json!({
+        "hook": "patient-view",
+        "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+        "context": {"userId": "Practitioner/example", "patientId": "p1"},
+        "prefetch": prefetch
+    }))
+    .unwrap()
+}
+
+/// The prefetch of every key, each a whole answer: SBP 120 at 11:00, hypertension, one
+/// emergency encounter.
+fn whole() -> Value {
+    json!({
+        "patient": {"resourceType": "Patient", "id": "p1", "birthDate": "1950-06-15", "gender": "female"},
+        "observations": searchset(vec![sbp(120.0, "2024-05-01T11:00:00Z")], vec![]),
+        "conditions": searchset(vec![hypertension()], vec![]),
+        "encounters": searchset(vec![emergency_encounter()], vec![]),
+    })
+}
+
+/// The mapped features (systolic bp, infection, emergency) of a risk call with `prefetch`.
+fn map(service: &Service, prefetch: Value) -> (Vec<Result<f64, Missing>>, bool, Resources) {
+    let (resources, conditions_read) = service
+        .collect(&request(prefetch), vec![], &Limits::default())
+        .unwrap();
+    let cx = MappingContext {
+        patient_id: "p1",
+        encounter_id: None,
+        now: now(),
+        look_back: Duration::hours(12),
+        future_skew: Duration::minutes(5),
+        conditions_read,
+    };
+    let m = map_features(&features(), &resources, &cx);
+    (
+        m.features.into_iter().map(|f| f.value).collect(),
+        conditions_read,
+        resources,
+    )
+}
+
+#[test]
+fn the_whole_answer_is_read_as_before() {
+    let services = risk_service();
+    let (v, read, _) = map(services.get("icu").unwrap(), whole());
+    assert!(read);
+    assert_eq!(v, vec![Ok(120.0), Ok(0.0), Ok(1.0)]);
+}
+
+/// Finding 1: a searchset with an OperationOutcome saying results were left out, at any
+/// severity, is a search read in part: "no infection" is not known, an older value is not
+/// known to be the latest, and "the only current encounter" is not known.
+#[test]
+fn an_outcome_saying_results_were_left_out_is_a_search_read_in_part() {
+    let services = risk_service();
+    let service = services.get("icu").unwrap();
+    for code in ["incomplete", "suppressed", "too-costly"] {
+        for severity in ["warning", "information"] {
+            let left_out = || vec![outcome(severity, code)];
+            // Conditions: "no" becomes not known.
+            let mut p = whole();
+            p["conditions"] = searchset(vec![hypertension()], left_out());
+            let (v, read, r) = map(service, p);
+            assert!(!read, "{code} {severity}");
+            assert!(!r.is_complete("Condition"), "{code} {severity}");
+            assert_eq!(v[1], Err(Missing::NoConditions), "{code} {severity}");
+            // Only the searched type is in doubt.
+            assert_eq!(v[0], Ok(120.0), "{code} {severity}");
+            assert_eq!(v[2], Ok(1.0), "{code} {severity}");
+            // Observations: one value on the page, nothing to say the rest is older.
+            let mut p = whole();
+            p["observations"] = searchset(vec![sbp(120.0, "2024-05-01T08:00:00Z")], left_out());
+            let (v, _, _) = map(service, p);
+            assert_eq!(
+                v[0],
+                Err(Missing::Unusable(UnusableReason::NewerMayBeUnread)),
+                "{code} {severity}"
+            );
+            // Nothing on the page: not "no recent result".
+            let mut p = whole();
+            p["observations"] = searchset(vec![], left_out());
+            let (v, _, _) = map(service, p);
+            assert_eq!(
+                v[0],
+                Err(Missing::Unusable(UnusableReason::MayBeUnread)),
+                "{code} {severity}"
+            );
+            // Encounters: another in progress may have been left out.
+            let mut p = whole();
+            p["encounters"] = searchset(vec![emergency_encounter()], left_out());
+            let (v, _, _) = map(service, p);
+            assert!(
+                matches!(&v[2], Err(Missing::Encounter(why)) if why.contains("only partly")),
+                "{code} {severity}: {:?}",
+                v[2]
+            );
+        }
+    }
+    // The rule for searches read in part applies as it does to pages not read: values that
+    // came newest first (11:00, then 10:00) hold the newest, so the 11:00 value is used.
+    let mut p = whole();
+    p["observations"] = searchset(
+        vec![
+            sbp(130.0, "2024-05-01T11:00:00Z"),
+            sbp(120.0, "2024-05-01T10:00:00Z"),
+        ],
+        vec![outcome("warning", "incomplete")],
+    );
+    assert_eq!(map(service, p).0[0], Ok(130.0));
+    // An outcome of another code (a plain note) says nothing was left out.
+    for (severity, code) in [("information", "informational"), ("warning", "processing")] {
+        let mut p = whole();
+        p["conditions"] = searchset(vec![hypertension()], vec![outcome(severity, code)]);
+        let (v, read, _) = map(service, p);
+        assert!(read, "{code}");
+        assert_eq!(v[1], Ok(0.0), "{code}");
+    }
+}
+
+/// Finding 1, NEWS2: the same rule on its Condition and vital-sign searches.
+#[test]
+fn news2_reads_an_outcome_saying_results_were_left_out_as_a_search_read_in_part() {
+    let services = Services::builtin();
+    let service = services.get(DEFAULT_NEWS2_ID).unwrap();
+    let vitals: Value =
+        serde_json::from_str(include_str!("fixtures/news2-vitals-bundle.json")).unwrap();
+    let mut patient: Value = serde_json::from_str(include_str!("fixtures/patient.json")).unwrap();
+    patient["birthDate"] = json!("1925-12-23");
+    let call = |vitals: Value, conditions: Value| {
+        let r: HookRequest = serde_json::from_value(json!({
+            "hook": "patient-view",
+            "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+            "context": {"userId": "Practitioner/example", "patientId": "1288992"},
+            "prefetch": {"patient": patient.clone(), "vitals": vitals, "conditions": conditions,
+                "consciousness": null, "pregnancy": null}
+        }))
+        .unwrap();
+        service
+            .evaluate_news2(&r, vec![], now(), &Limits::default())
+            .unwrap()
+            .assessment
+    };
+    let no_conditions = searchset(vec![], vec![]);
+    let Assessment::Scored(s) = call(vitals.clone(), no_conditions.clone()) else {
+        panic!("the fixture is scored")
+    };
+    assert_eq!(s.conditions, ConditionsRead::All);
+    // Conditions with an `incomplete` warning: pregnancy and scale 2 were not checked
+    // against all of them.
+    let partial = searchset(vec![], vec![outcome("warning", "incomplete")]);
+    let Assessment::Scored(s) = call(vitals.clone(), partial) else {
+        panic!("still scored")
+    };
+    assert_eq!(s.conditions, ConditionsRead::OnePage);
+    // Vitals with a `suppressed` warning: every value is of one time, so nothing says what
+    // was left out is older; no score.
+    let mut suppressed = vitals.clone();
+    suppressed["entry"]
+        .as_array_mut()
+        .unwrap()
+        .push(outcome("warning", "suppressed"));
+    let Assessment::Incomplete(i) = call(suppressed, no_conditions) else {
+        panic!("a search read in part is not scored")
+    };
+    assert_eq!(i.unusable.len(), 7, "{i:?}");
+    assert!(
+        i.unusable
+            .iter()
+            .all(|u| u.reason == UnusableReason::NewerMayBeUnread)
+    );
+}
+
+/// Finding 3: a search answered with resources of another type is a broken answer, not
+/// "every Condition read, none found" or "no recent result".
+#[test]
+fn an_answer_of_another_type_is_a_search_not_read() {
+    let services = risk_service();
+    let service = services.get("icu").unwrap();
+    // Observations under the Condition key.
+    let mut p = whole();
+    p["conditions"] = searchset(vec![sbp(120.0, "2024-05-01T11:00:00Z")], vec![]);
+    let (v, read, r) = map(service, p);
+    assert!(!read);
+    assert!(r.is_unread("Condition"));
+    assert_eq!(v[1], Err(Missing::NoConditions));
+    // Conditions under the Observation key.
+    let mut p = whole();
+    p["observations"] = searchset(vec![hypertension()], vec![]);
+    let (v, _, _) = map(service, p);
+    assert_eq!(v[0], Err(Missing::Unusable(UnusableReason::SearchNotRead)));
+    // A mixed answer (a Condition and an Observation as matches) is no answer either.
+    let mut p = whole();
+    p["conditions"] = searchset(
+        vec![hypertension(), sbp(120.0, "2024-05-01T11:00:00Z")],
+        vec![],
+    );
+    let (v, read, _) = map(service, p);
+    assert!(!read);
+    assert_eq!(v[1], Err(Missing::NoConditions));
+    // Resources added by `_include` (mode `include`) may be of any type.
+    let mut p = whole();
+    let mut conditions = searchset(vec![hypertension()], vec![]);
+    conditions["entry"].as_array_mut().unwrap().push(json!(
+        {"search": {"mode": "include"}, "resource": {"resourceType": "Patient", "id": "p1"}}));
+    p["conditions"] = conditions;
+    let (v, read, _) = map(service, p);
+    assert!(read);
+    assert_eq!(v[1], Ok(0.0));
+}
+
+/// Finding 3: a match of only a `fullUrl` (its resource not sent) is not a whole read, and
+/// an OperationOutcome without a `search.mode` is no match to count against `total`.
+#[test]
+fn a_match_without_its_resource_is_not_a_whole_read() {
+    let services = risk_service();
+    let service = services.get("icu").unwrap();
+    let mut p = whole();
+    p["conditions"] = searchset(
+        vec![hypertension()],
+        vec![
+            json!({"fullUrl": "https://ehr.example/fhir/Condition/c9", "search": {"mode": "match"}}),
+        ],
+    );
+    let (v, read, _) = map(service, p);
+    assert!(!read);
+    assert_eq!(v[1], Err(Missing::NoConditions));
+    // The same without a mode (a match by default).
+    let mut p = whole();
+    p["conditions"] = searchset(
+        vec![hypertension()],
+        vec![json!({"fullUrl": "https://ehr.example/fhir/Condition/c9"})],
+    );
+    assert!(!map(service, p).1);
+    // `total` 2 with one Condition and an OperationOutcome without a mode: one of two.
+    let mut p = whole();
+    let mut conditions = searchset(vec![hypertension()], vec![]);
+    conditions["total"] = json!(2);
+    conditions["entry"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"resource": {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "information", "code": "informational"}]}}));
+    p["conditions"] = conditions;
+    let (v, read, _) = map(service, p);
+    assert!(!read);
+    assert_eq!(v[1], Err(Missing::NoConditions));
+}
+
+/// Finding 4, NEWS2: a parameter whose only observation in the window could not be read is
+/// said to be so, not "no value recorded"; one older than the window is not recorded.
+#[test]
+fn news2_names_an_observation_that_could_not_be_read() {
+    let pulse = |value: Value, status: &str, time: &str| {
+        json!({"resourceType": "Observation", "status": status,
+            "code": {"coding": [{"system": LOINC, "code": "8867-4"}]},
+            "subject": {"reference": "Patient/p1"}, "effectiveDateTime": time,
+            "valueQuantity": {"value": value, "system": UCUM, "code": "/min"}})
+    };
+    let run = |entry: Value| {
+        let bundle = json!({"resourceType": "Bundle", "type": "collection", "entry": [
+            {"resource": {"resourceType": "Patient", "id": "p1", "birthDate": "1950-01-01"}},
+            {"resource": entry}]});
+        let r = Resources::from(Resource::from_value(&bundle, &Limits::default()).unwrap());
+        match assess(&r, now(), Some("p1"), &News2Settings::default()) {
+            Assessment::Incomplete(i) => i,
+            other => panic!("{other:?}"),
+        }
+    };
+    for bad in [
+        pulse(json!("95"), "final", "2024-05-01T11:00:00Z"),
+        pulse(json!(95), "bogus", "2024-05-01T11:00:00Z"),
+    ] {
+        let i = run(bad);
+        assert!(!i.missing.contains(&Parameter::PulseRate), "{i:?}");
+        let u = i
+            .unusable
+            .iter()
+            .find(|u| u.parameter == Parameter::PulseRate)
+            .expect("pulse named");
+        assert_eq!(u.reason, UnusableReason::UnreadableObservation);
+        // The other parameters are not in doubt: no value recorded.
+        assert!(i.missing.contains(&Parameter::Temperature));
+    }
+    // Older than the 12-hour window: no value recorded, as before.
+    let i = run(pulse(json!("95"), "final", "2024-04-30T11:00:00Z"));
+    assert!(i.missing.contains(&Parameter::PulseRate), "{i:?}");
+}
