@@ -10,6 +10,20 @@ use clap::{Args, Subcommand};
 
 #[derive(Subcommand, Debug)]
 pub enum ResultsCommand {
+    /// List the series not routed (waiting for a bundle, unmatched, failed) and the jobs
+    /// not done (queued, processing, failed), with their Study and Series Instance UIDs
+    /// and reasons: what to look at, or to `reprocess`.
+    List {
+        /// Only this state (series: assembling, unmatched, failed, routed; jobs: queued,
+        /// processing, failed, done, superseded).
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many series, and this many jobs.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        results: ResultsArgs,
+    },
     /// Queue a study again through the pipeline (new result series; the old ones are kept,
     /// marked superseded), and route again its series that no route took. The running
     /// server picks the jobs up.
@@ -39,22 +53,50 @@ pub struct ResultsArgs {
 
 pub fn results(command: ResultsCommand) -> anyhow::Result<()> {
     match command {
+        ResultsCommand::List {
+            state,
+            limit,
+            results,
+        } => {
+            let store = open_store(&results)?;
+            let state = state.as_deref().map(str::trim);
+            let series = store.series_in_state(state, limit)?;
+            let jobs = store.jobs_in_state(state, limit)?;
+            if series.is_empty() && jobs.is_empty() {
+                println!("nothing listed");
+                return Ok(());
+            }
+            // Tab-separated, one line per series or job; texts cut to one line.
+            let text = |s: Option<&str>| s.unwrap_or("-").replace(['\t', '\n', '\r'], " ");
+            for s in &series {
+                println!(
+                    "series\t{}\t{}\t{}\t{} instances\t{}",
+                    s.study_uid,
+                    s.series_uid,
+                    s.state,
+                    s.instances,
+                    text(s.reason.as_deref())
+                );
+            }
+            for j in &jobs {
+                println!(
+                    "job {}\t{}\t{}\t{}\t{}\t{}",
+                    j.id,
+                    j.study_uid,
+                    j.series_uid,
+                    j.bundle,
+                    j.state.as_str(),
+                    text(j.reason.as_deref())
+                );
+            }
+            Ok(())
+        }
         ResultsCommand::Reprocess {
             study,
             model,
             results,
         } => {
-            let path = results
-                .data_dir
-                .join("results")
-                .join(nightingale::pipeline::STORE_FILE);
-            if !path.is_file() {
-                anyhow::bail!(
-                    "no pipeline results at {} (has `serve` run with this --data-dir and a DICOM spool?)",
-                    path.display()
-                );
-            }
-            let store = nightingale::pipeline::store::ResultsStore::open(&path)?;
+            let store = open_store(&results)?;
             let study = study.trim();
             // A series the spool no longer holds (retention, a purge) cannot be processed
             // again: its new job would fail and supersede the results it has (a red-team
@@ -124,4 +166,19 @@ pub fn results(command: ResultsCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The results store of `serve`'s data folder (refused when there is none).
+fn open_store(results: &ResultsArgs) -> anyhow::Result<nightingale::pipeline::store::ResultsStore> {
+    let path = results
+        .data_dir
+        .join("results")
+        .join(nightingale::pipeline::STORE_FILE);
+    if !path.is_file() {
+        anyhow::bail!(
+            "no pipeline results at {} (has `serve` run with this --data-dir and a DICOM spool?)",
+            path.display()
+        );
+    }
+    Ok(nightingale::pipeline::store::ResultsStore::open(&path)?)
 }

@@ -439,6 +439,36 @@ impl ResultsStore {
         Ok(())
     }
 
+    /// Series in `state`, or in every state but `routed` (waiting, unmatched, failed), the
+    /// longest-standing first, at most `limit`: `nightingale results list`, for an operator
+    /// to find the studies to look at (the log names series by a hash only).
+    pub fn series_in_state(
+        &self,
+        state: Option<&str>,
+        limit: usize,
+    ) -> rusqlite::Result<Vec<SeriesRow>> {
+        let mut stmt = self.db.prepare(
+            "SELECT study_uid, series_uid, instances, last_received_ms, routed_instances,
+                    state, reason, last_row
+             FROM series WHERE (?1 IS NULL AND state != 'routed') OR state = ?1
+             ORDER BY updated_ms, study_uid, series_uid LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![state, limit as i64], series_row)?;
+        rows.collect()
+    }
+
+    /// Jobs in `state`, or queued, processing and failed ones (a failed job stays failed
+    /// until a rerun supersedes it), the oldest first, at most `limit`.
+    pub fn jobs_in_state(&self, state: Option<&str>, limit: usize) -> rusqlite::Result<Vec<Job>> {
+        let mut stmt = self.db.prepare(&format!(
+            "{JOB_SELECT} WHERE (?1 IS NULL AND state IN ('queued', 'processing', 'failed'))
+                OR state = ?1
+             ORDER BY id LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![state, limit as i64], job_row)?;
+        rows.collect()
+    }
+
     /// Puts the study's series that no route took (`unmatched`, and no job) back to be
     /// routed again, as if they had just arrived, when `keep` accepts them (by Series
     /// Instance UID): `nightingale results reprocess` of a series that arrived while its
@@ -1270,6 +1300,21 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["1.2.3"]
         );
+        // What an operator lists: every series not routed, or those of one state; the jobs
+        // not done.
+        let uids =
+            |rows: Vec<SeriesRow>| rows.into_iter().map(|r| r.series_uid).collect::<Vec<_>>();
+        let mut listed = uids(store.series_in_state(None, 10).unwrap());
+        listed.sort();
+        assert_eq!(listed, ["1.2.3", "1.2.4", "1.2.5", "1.2.6"]);
+        assert_eq!(
+            uids(store.series_in_state(Some("failed"), 10).unwrap()),
+            ["1.2.5"]
+        );
+        assert_eq!(store.series_in_state(None, 1).unwrap().len(), 1);
+        let jobs = store.jobs_in_state(None, 10).unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert!(store.jobs_in_state(Some("done"), 10).unwrap().is_empty());
     }
 
     #[test]

@@ -551,6 +551,13 @@ def test_a_series_sent_while_its_bundle_is_unloaded_is_processed_once_it_serves(
         [series] = report["series"]
         assert series["state"] == "assembling" and not series["jobs"], report
         assert not pacs.files()
+        # An operator finds it by `results list` (the log names series by a hash only).
+        out = subprocess.run([str(binary()), "results", "list", "--data-dir", str(server.data)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        [line] = [l for l in out.stdout.splitlines() if study in l]
+        assert line.split("\t")[:4] == ["series", study, str(ds.SeriesInstanceUID), "assembling"]
+        assert "waiting for bundle image-orientation" in line
         # The bundle back: the series is processed, once.
         assert _model_control(server, "load", token) == 200
         files = wait_for(lambda: len(pacs.files()) >= 2 and pacs.files(), RESULT_TIMEOUT_S,
