@@ -821,46 +821,49 @@ mod tests {
             r.threshold = t;
             risk_card(&r)
         };
-        let c = with(0.181894, 0.183632);
-        assert!(
-            c.summary
-                .starts_with("ICU mortality risk 18.2% (below the 18.4% threshold)"),
-            "{}",
-            c.summary
-        );
-        let d = c.detail.unwrap();
+        let d = with(0.181894, 0.183632).detail.unwrap();
         assert!(
             d.contains("18.2% (p = 0.181894; operating threshold 18.4%, p = 0.183632)"),
             "{d}"
         );
-        // Two decimals where one is not enough; rounding never reverses the order.
-        assert!(
-            with(0.300_4, 0.3)
-                .summary
-                .starts_with("ICU mortality risk 30.04% (at or above the 30.00% threshold)")
-        );
-        assert!(
-            with(0.299_96, 0.3)
-                .summary
-                .starts_with("ICU mortality risk 29.996% (below the 30.000% threshold)")
-        );
-        // Both under 1 %.
-        assert!(
-            with(0.004, 0.006)
-                .summary
-                .starts_with("ICU mortality risk 0.4% (below the 0.6% threshold)")
-        );
-        // Equal, or apart in whole percents: as before.
-        assert!(
-            with(0.3, 0.3)
-                .summary
-                .starts_with("ICU mortality risk 30% (at or above the 30% threshold)")
-        );
-        assert!(
-            with(0.005, 0.3)
-                .summary
-                .starts_with("ICU mortality risk <1% (below the 30% threshold)")
-        );
+        for (p, t, summary) in [
+            (
+                0.181894,
+                0.183632,
+                "ICU mortality risk 18.2% (below the 18.4% threshold)",
+            ),
+            // Two decimals where one is not enough; rounding never reverses the order.
+            (
+                0.300_4,
+                0.3,
+                "ICU mortality risk 30.04% (at or above the 30.00% threshold)",
+            ),
+            (
+                0.299_96,
+                0.3,
+                "ICU mortality risk 29.996% (below the 30.000% threshold)",
+            ),
+            // Both under 1 %.
+            (
+                0.004,
+                0.006,
+                "ICU mortality risk 0.4% (below the 0.6% threshold)",
+            ),
+            // Equal, or apart in whole percents: as before.
+            (
+                0.3,
+                0.3,
+                "ICU mortality risk 30% (at or above the 30% threshold)",
+            ),
+            (
+                0.005,
+                0.3,
+                "ICU mortality risk <1% (below the 30% threshold)",
+            ),
+        ] {
+            let c = with(p, t);
+            assert!(c.summary.starts_with(summary), "{}", c.summary);
+        }
     }
 
     #[test]

@@ -526,40 +526,37 @@ fn is_outcome(value: &Value) -> bool {
     value.get("resourceType").and_then(Value::as_str) == Some("OperationOutcome")
 }
 
+/// Whether `value` is an OperationOutcome with an issue of which `issue` holds.
+fn has_outcome_issue(value: &Value, issue: impl Fn(&Value) -> bool) -> bool {
+    is_outcome(value)
+        && value
+            .get("issue")
+            .and_then(Value::as_array)
+            .is_some_and(|issues| issues.iter().any(issue))
+}
+
 /// Whether `value` is an OperationOutcome with an issue, of any severity (a `warning`
 /// included), whose code says matching resources may have been left out (FHIR R4
 /// IssueType): `incomplete` (not all the data matching the criteria was returned),
 /// `suppressed` (withheld by business rules or security) or `too-costly` (the server
 /// stopped short).
 fn is_partial_outcome(value: &Value) -> bool {
-    is_outcome(value)
-        && value
-            .get("issue")
-            .and_then(Value::as_array)
-            .is_some_and(|issues| {
-                issues.iter().any(|i| {
-                    matches!(
-                        i.get("code").and_then(Value::as_str).map(str::trim),
-                        Some("incomplete" | "suppressed" | "too-costly")
-                    )
-                })
-            })
+    has_outcome_issue(value, |i| {
+        matches!(
+            i.get("code").and_then(Value::as_str).map(str::trim),
+            Some("incomplete" | "suppressed" | "too-costly")
+        )
+    })
 }
 
 /// Whether `value` is an OperationOutcome with an issue of severity `error` or `fatal`.
 fn is_error_outcome(value: &Value) -> bool {
-    value.get("resourceType").and_then(Value::as_str) == Some("OperationOutcome")
-        && value
-            .get("issue")
-            .and_then(Value::as_array)
-            .is_some_and(|issues| {
-                issues.iter().any(|i| {
-                    matches!(
-                        i.get("severity").and_then(Value::as_str),
-                        Some("error" | "fatal")
-                    )
-                })
-            })
+    has_outcome_issue(value, |i| {
+        matches!(
+            i.get("severity").and_then(Value::as_str),
+            Some("error" | "fatal")
+        )
+    })
 }
 
 /// The resources of one or more inputs, Bundles flattened, by type.

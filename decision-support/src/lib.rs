@@ -120,3 +120,12 @@ pub mod news2;
 pub mod risk;
 pub mod service;
 pub mod vitals;
+
+// The crate by its name in its unit tests too, as the shared test setup names it.
+#[cfg(test)]
+extern crate self as nightingale_decision_support;
+
+/// Test setup shared with the integration tests (tests/support/mod.rs).
+#[cfg(test)]
+#[path = "../tests/support/mod.rs"]
+mod test_support;

@@ -808,12 +808,6 @@ mod tests {
     use crate::fhir::{DateError, Limits, Resource};
     use serde_json::{Value, json};
 
-    const NOW: &str = "2024-05-01T12:00:00Z";
-
-    fn now() -> DateTime<Utc> {
-        NOW.parse().unwrap()
-    }
-
     fn resources(items: Vec<Value>) -> Resources {
         let mut r = Resources::new();
         for v in items {
@@ -823,49 +817,18 @@ mod tests {
     }
 
     fn features() -> Vec<FeatureSpec> {
-        let toml = r#"
-            [[f]]
-            name = "age"
-            unit = "a"
-            fhir = "patient-age"
-            [[f]]
-            name = "systolic_bp"
-            unit = "mm[Hg]"
-            code = "http://loinc.org|8480-6"
-            [[f]]
-            name = "female"
-            unit = "1"
-            fhir = "patient-female"
-            [[f]]
-            name = "infection"
-            unit = "1"
-            fhir = "condition"
-            conditions = ["http://snomed.info/sct|91302008"]
-            [[f]]
-            name = "emergency"
-            unit = "1"
-            fhir = "encounter-class"
-            encounter_class = ["EMER"]
-            [[f]]
-            name = "pedigree"
-            unit = "1"
-        "#;
-        #[derive(serde::Deserialize)]
-        struct Doc {
-            f: Vec<FeatureSpec>,
-        }
-        toml::from_str::<Doc>(toml).unwrap().f
+        crate::test_support::features(&[
+            "age",
+            "systolic_bp",
+            "female",
+            "infection",
+            "emergency",
+            "pedigree",
+        ])
     }
 
     fn context(conditions_read: bool) -> MappingContext<'static> {
-        MappingContext {
-            patient_id: "p1",
-            encounter_id: None,
-            now: now(),
-            look_back: Duration::hours(12),
-            future_skew: Duration::minutes(5),
-            conditions_read,
-        }
+        crate::test_support::mapping_context(conditions_read)
     }
 
     fn sbp(value: f64, unit: &str, time: &str) -> Value {

@@ -893,6 +893,7 @@ impl Service {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support;
 
     #[derive(Deserialize)]
     struct Doc {
@@ -929,27 +930,13 @@ mod tests {
 
     #[test]
     fn one_page_of_a_longer_condition_search_is_not_the_patients_conditions() {
-        let services = parse(
-            r#"
-            [[cds.services]]
-            id = "icu"
-            hook = "patient-view"
-            description = "ICU mortality risk"
-            kind = "risk"
-            bundles = ["icu-mortality"]
-            prefetch = { conditions = "Condition?patient={{context.patientId}}&clinical-status=active" }
-            "#,
-        )
+        let services = parse(&test_support::icu_risk_service(
+            r#"prefetch = { conditions = "Condition?patient={{context.patientId}}&clinical-status=active" }"#,
+        ))
         .unwrap();
         let service = services.get("icu").unwrap();
         let request = |prefetch: serde_json::Value| -> HookRequest {
-            serde_json::from_value(serde_json::json!({
-                "hook": "patient-view",
-                "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
-                "context": {"userId": "Practitioner/example", "patientId": "p1"},
-                "prefetch": {"conditions": prefetch}
-            }))
-            .unwrap()
+            test_support::hook_request("p1", serde_json::json!({"conditions": prefetch}))
         };
         let read = |prefetch: serde_json::Value, fetched: Vec<(String, Resource)>| {
             service
@@ -1069,51 +1056,15 @@ mod tests {
     /// service asks for Patient and Observation only).
     #[test]
     fn usage_requirements_name_what_the_prefetch_reads() {
-        #[derive(Deserialize)]
-        struct Features {
-            f: Vec<FeatureSpec>,
-        }
-        let features = |text: &str| toml::from_str::<Features>(text).unwrap().f;
+        let features = test_support::features;
         // Pima: Observations and the age.
-        let pima = features(
-            r#"
-            [[f]]
-            name = "glucose"
-            unit = "mg/dL"
-            code = "http://loinc.org|1518-0"
-            [[f]]
-            name = "age"
-            unit = "a"
-            fhir = "patient-age"
-            "#,
-        );
+        let pima = features(&["glucose", "age"]);
         let s = builtin_risk_service("pima-diabetes", "d", risk_prefetch(&pima));
         assert_eq!(
             s.usage_requirements.as_deref(),
             Some("Read access to the patient's Patient and Observation resources")
         );
-        let icu = features(
-            r#"
-            [[f]]
-            name = "sbp"
-            unit = "mm[Hg]"
-            code = "http://loinc.org|8480-6"
-            [[f]]
-            name = "infection"
-            unit = "1"
-            fhir = "condition"
-            conditions = ["http://snomed.info/sct|91302008"]
-            [[f]]
-            name = "emergency"
-            unit = "1"
-            fhir = "encounter-class"
-            encounter_class = ["EMER"]
-            [[f]]
-            name = "female"
-            unit = "1"
-            fhir = "patient-female"
-            "#,
-        );
+        let icu = features(&["systolic_bp", "infection", "emergency", "female"]);
         let s = builtin_risk_service("icu-mortality", "d", risk_prefetch(&icu));
         assert_eq!(
             s.usage_requirements.as_deref(),

@@ -1,7 +1,6 @@
 //! NEWS2 from FHIR resources: a score only with every parameter, never for patients under
 //! 16 or in pregnancy. Expected scores are summed by hand from RCP NEWS2 (2017) Chart 1.
 
-use chrono::{DateTime, Utc};
 use nightingale_decision_support::fhir::{Limits, Resource, Resources, SystemCode};
 use nightingale_decision_support::news2::{
     AgeProblem, Assessment, ClinicalRisk, ConditionsRead, News2Settings, NotApplicable, SpO2Scale,
@@ -10,14 +9,11 @@ use nightingale_decision_support::news2::{
 use nightingale_decision_support::vitals::{Parameter, UnusableReason};
 use serde_json::{Value, json};
 
-const LOINC: &str = "http://loinc.org";
-const SNOMED: &str = "http://snomed.info/sct";
-const UCUM: &str = "http://unitsofmeasure.org";
-const T: &str = "2024-05-01T11:00:00Z";
+mod support;
 
-fn now() -> DateTime<Utc> {
-    "2024-05-01T12:00:00Z".parse().unwrap()
-}
+use support::{LOINC, SNOMED, UCUM, now};
+
+const T: &str = "2024-05-01T11:00:00Z";
 
 fn q(code: &str, value: f64, unit: &str) -> Value {
     json!({"resourceType": "Observation", "status": "final",

@@ -5,24 +5,20 @@
 //! Expected values follow FHIR R4 (Bundle, OperationOutcome) and the mapping's documented
 //! rules (docs/cds-hooks.md), not the code under test.
 
-use chrono::{DateTime, Duration, Utc};
 use nightingale_decision_support::fhir::{Limits, Resource, Resources};
 use nightingale_decision_support::hooks::HookRequest;
 use nightingale_decision_support::news2::{Assessment, ConditionsRead, News2Settings, assess};
-use nightingale_decision_support::risk::{MappingContext, Missing, map_features};
+use nightingale_decision_support::risk::{Missing, map_features};
 use nightingale_decision_support::service::{DEFAULT_NEWS2_ID, Service, Services};
 use nightingale_decision_support::vitals::{Parameter, UnusableReason};
 use nightingale_models::manifest::FeatureSpec;
 use serde_json::{Value, json};
 
-const LOINC: &str = "http://loinc.org";
-const SNOMED: &str = "http://snomed.info/sct";
-const UCUM: &str = "http://unitsofmeasure.org";
-const ACTIVE: &str = "http://terminology.hl7.org/CodeSystem/condition-clinical";
+mod support;
 
-fn now() -> DateTime<Utc> {
-    "2024-05-01T12:00:00Z".parse().unwrap()
-}
+use support::{LOINC, SNOMED, UCUM, hook_request, icu_risk_service, mapping_context, now};
+
+const ACTIVE: &str = "http://terminology.hl7.org/CodeSystem/condition-clinical";
 
 /// A risk service with the ICU bundle's kinds of source: systolic pressure, infection,
 /// emergency admission; its prefetch searches each type.
@@ -31,47 +27,24 @@ fn risk_service() -> Services {
     struct Doc {
         cds: nightingale_decision_support::service::CdsSection,
     }
-    let text = r#"
-        [[cds.services]]
-        id = "icu"
-        hook = "patient-view"
-        description = "ICU mortality risk"
-        kind = "risk"
-        bundles = ["icu-mortality"]
+    let text = icu_risk_service(
+        r#"
         [cds.services.prefetch]
         patient = "Patient/{{context.patientId}}"
         observations = "Observation?patient={{context.patientId}}&code=http://loinc.org|8480-6&_sort=-date&_count=100"
         conditions = "Condition?patient={{context.patientId}}"
         encounters = "Encounter?patient={{context.patientId}}&status=arrived,triaged,in-progress,onleave"
-    "#;
-    toml::from_str::<Doc>(text).unwrap().cds.validate().unwrap()
+        "#,
+    );
+    toml::from_str::<Doc>(&text)
+        .unwrap()
+        .cds
+        .validate()
+        .unwrap()
 }
 
 fn features() -> Vec<FeatureSpec> {
-    #[derive(serde::Deserialize)]
-    struct Doc {
-        f: Vec<FeatureSpec>,
-    }
-    toml::from_str::<Doc>(
-        r#"
-        [[f]]
-        name = "systolic_bp"
-        unit = "mm[Hg]"
-        code = "http://loinc.org|8480-6"
-        [[f]]
-        name = "infection"
-        unit = "1"
-        fhir = "condition"
-        conditions = ["http://snomed.info/sct|91302008"]
-        [[f]]
-        name = "emergency"
-        unit = "1"
-        fhir = "encounter-class"
-        encounter_class = ["EMER"]
-        "#,
-    )
-    .unwrap()
-    .f
+    support::features(&["systolic_bp", "infection", "emergency"])
 }
 
 fn sbp(value: f64, time: &str) -> Value {
@@ -112,13 +85,7 @@ fn searchset(resources: Vec<Value>, extra: Vec<Value>) -> Value {
 }
 
 fn request(prefetch: Value) -> HookRequest {
-    serde_json::from_value(json!({
-        "hook": "patient-view",
-        "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
-        "context": {"userId": "Practitioner/example", "patientId": "p1"},
-        "prefetch": prefetch
-    }))
-    .unwrap()
+    hook_request("p1", prefetch)
 }
 
 /// The prefetch of every key, each a whole answer: SBP 120 at 11:00, hypertension, one
@@ -132,25 +99,40 @@ fn whole() -> Value {
     })
 }
 
+/// [`whole`] with the answer of `key` replaced by `answer`.
+fn whole_but(key: &str, answer: Value) -> Value {
+    let mut p = whole();
+    p[key] = answer;
+    p
+}
+
 /// The mapped features (systolic bp, infection, emergency) of a risk call with `prefetch`.
 fn map(service: &Service, prefetch: Value) -> (Vec<Result<f64, Missing>>, bool, Resources) {
     let (resources, conditions_read) = service
         .collect(&request(prefetch), vec![], &Limits::default())
         .unwrap();
-    let cx = MappingContext {
-        patient_id: "p1",
-        encounter_id: None,
-        now: now(),
-        look_back: Duration::hours(12),
-        future_skew: Duration::minutes(5),
-        conditions_read,
-    };
+    let cx = mapping_context(conditions_read);
     let m = map_features(&features(), &resources, &cx);
     (
         m.features.into_iter().map(|f| f.value).collect(),
         conditions_read,
         resources,
     )
+}
+
+/// The mapped features and resources of a risk call whose Condition search answered
+/// `conditions`, asserting that the patient's Conditions were not read: "no infection" is
+/// not known (`case` names the call in a failure).
+#[track_caller]
+fn conditions_not_read(
+    service: &Service,
+    conditions: Value,
+    case: &str,
+) -> (Vec<Result<f64, Missing>>, Resources) {
+    let (v, read, r) = map(service, whole_but("conditions", conditions));
+    assert!(!read, "{case}");
+    assert_eq!(v[1], Err(Missing::NoConditions), "{case}");
+    (v, r)
 }
 
 #[test]
@@ -172,36 +154,33 @@ fn an_outcome_saying_results_were_left_out_is_a_search_read_in_part() {
         for severity in ["warning", "information"] {
             let left_out = || vec![outcome(severity, code)];
             // Conditions: "no" becomes not known.
-            let mut p = whole();
-            p["conditions"] = searchset(vec![hypertension()], left_out());
-            let (v, read, r) = map(service, p);
-            assert!(!read, "{code} {severity}");
+            let case = format!("{code} {severity}");
+            let answer = searchset(vec![hypertension()], left_out());
+            let (v, r) = conditions_not_read(service, answer, &case);
             assert!(!r.is_complete("Condition"), "{code} {severity}");
-            assert_eq!(v[1], Err(Missing::NoConditions), "{code} {severity}");
             // Only the searched type is in doubt.
             assert_eq!(v[0], Ok(120.0), "{code} {severity}");
             assert_eq!(v[2], Ok(1.0), "{code} {severity}");
-            // Observations: one value on the page, nothing to say the rest is older.
-            let mut p = whole();
-            p["observations"] = searchset(vec![sbp(120.0, "2024-05-01T08:00:00Z")], left_out());
-            let (v, _, _) = map(service, p);
-            assert_eq!(
-                v[0],
-                Err(Missing::Unusable(UnusableReason::NewerMayBeUnread)),
-                "{code} {severity}"
-            );
-            // Nothing on the page: not "no recent result".
-            let mut p = whole();
-            p["observations"] = searchset(vec![], left_out());
-            let (v, _, _) = map(service, p);
-            assert_eq!(
-                v[0],
-                Err(Missing::Unusable(UnusableReason::MayBeUnread)),
-                "{code} {severity}"
-            );
+            // Observations: one value on the page, nothing to say the rest is older; nothing
+            // on the page: not "no recent result".
+            for (page, why) in [
+                (
+                    vec![sbp(120.0, "2024-05-01T08:00:00Z")],
+                    UnusableReason::NewerMayBeUnread,
+                ),
+                (vec![], UnusableReason::MayBeUnread),
+            ] {
+                let (v, _, _) = map(
+                    service,
+                    whole_but("observations", searchset(page, left_out())),
+                );
+                assert_eq!(v[0], Err(Missing::Unusable(why)), "{code} {severity}");
+            }
             // Encounters: another in progress may have been left out.
-            let mut p = whole();
-            p["encounters"] = searchset(vec![emergency_encounter()], left_out());
+            let p = whole_but(
+                "encounters",
+                searchset(vec![emergency_encounter()], left_out()),
+            );
             let (v, _, _) = map(service, p);
             assert!(
                 matches!(&v[2], Err(Missing::Encounter(why)) if why.contains("only partly")),
@@ -212,19 +191,23 @@ fn an_outcome_saying_results_were_left_out_is_a_search_read_in_part() {
     }
     // The rule for searches read in part applies as it does to pages not read: values that
     // came newest first (11:00, then 10:00) hold the newest, so the 11:00 value is used.
-    let mut p = whole();
-    p["observations"] = searchset(
-        vec![
-            sbp(130.0, "2024-05-01T11:00:00Z"),
-            sbp(120.0, "2024-05-01T10:00:00Z"),
-        ],
-        vec![outcome("warning", "incomplete")],
+    let p = whole_but(
+        "observations",
+        searchset(
+            vec![
+                sbp(130.0, "2024-05-01T11:00:00Z"),
+                sbp(120.0, "2024-05-01T10:00:00Z"),
+            ],
+            vec![outcome("warning", "incomplete")],
+        ),
     );
     assert_eq!(map(service, p).0[0], Ok(130.0));
     // An outcome of another code (a plain note) says nothing was left out.
     for (severity, code) in [("information", "informational"), ("warning", "processing")] {
-        let mut p = whole();
-        p["conditions"] = searchset(vec![hypertension()], vec![outcome(severity, code)]);
+        let p = whole_but(
+            "conditions",
+            searchset(vec![hypertension()], vec![outcome(severity, code)]),
+        );
         let (v, read, _) = map(service, p);
         assert!(read, "{code}");
         assert_eq!(v[1], Ok(0.0), "{code}");
@@ -241,14 +224,11 @@ fn news2_reads_an_outcome_saying_results_were_left_out_as_a_search_read_in_part(
     let mut patient: Value = serde_json::from_str(include_str!("fixtures/patient.json")).unwrap();
     patient["birthDate"] = json!("1925-12-23");
     let call = |vitals: Value, conditions: Value| {
-        let r: HookRequest = serde_json::from_value(json!({
-            "hook": "patient-view",
-            "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
-            "context": {"userId": "Practitioner/example", "patientId": "1288992"},
-            "prefetch": {"patient": patient.clone(), "vitals": vitals, "conditions": conditions,
-                "consciousness": null, "pregnancy": null}
-        }))
-        .unwrap();
+        let r: HookRequest = hook_request(
+            "1288992",
+            json!({"patient": patient.clone(), "vitals": vitals, "conditions": conditions,
+                "consciousness": null, "pregnancy": null}),
+        );
         service
             .evaluate_news2(&r, vec![], now(), &Limits::default())
             .unwrap()
@@ -291,33 +271,24 @@ fn an_answer_of_another_type_is_a_search_not_read() {
     let services = risk_service();
     let service = services.get("icu").unwrap();
     // Observations under the Condition key.
-    let mut p = whole();
-    p["conditions"] = searchset(vec![sbp(120.0, "2024-05-01T11:00:00Z")], vec![]);
-    let (v, read, r) = map(service, p);
-    assert!(!read);
+    let answer = searchset(vec![sbp(120.0, "2024-05-01T11:00:00Z")], vec![]);
+    let (_, r) = conditions_not_read(service, answer, "observations");
     assert!(r.is_unread("Condition"));
-    assert_eq!(v[1], Err(Missing::NoConditions));
     // Conditions under the Observation key.
-    let mut p = whole();
-    p["observations"] = searchset(vec![hypertension()], vec![]);
+    let p = whole_but("observations", searchset(vec![hypertension()], vec![]));
     let (v, _, _) = map(service, p);
     assert_eq!(v[0], Err(Missing::Unusable(UnusableReason::SearchNotRead)));
     // A mixed answer (a Condition and an Observation as matches) is no answer either.
-    let mut p = whole();
-    p["conditions"] = searchset(
+    let answer = searchset(
         vec![hypertension(), sbp(120.0, "2024-05-01T11:00:00Z")],
         vec![],
     );
-    let (v, read, _) = map(service, p);
-    assert!(!read);
-    assert_eq!(v[1], Err(Missing::NoConditions));
+    conditions_not_read(service, answer, "mixed");
     // Resources added by `_include` (mode `include`) may be of any type.
-    let mut p = whole();
     let mut conditions = searchset(vec![hypertension()], vec![]);
     conditions["entry"].as_array_mut().unwrap().push(json!(
         {"search": {"mode": "include"}, "resource": {"resourceType": "Patient", "id": "p1"}}));
-    p["conditions"] = conditions;
-    let (v, read, _) = map(service, p);
+    let (v, read, _) = map(service, whole_but("conditions", conditions));
     assert!(read);
     assert_eq!(v[1], Ok(0.0));
 }
@@ -328,25 +299,23 @@ fn an_answer_of_another_type_is_a_search_not_read() {
 fn a_match_without_its_resource_is_not_a_whole_read() {
     let services = risk_service();
     let service = services.get("icu").unwrap();
-    let mut p = whole();
-    p["conditions"] = searchset(
+    let answer = searchset(
         vec![hypertension()],
         vec![
             json!({"fullUrl": "https://ehr.example/fhir/Condition/c9", "search": {"mode": "match"}}),
         ],
     );
-    let (v, read, _) = map(service, p);
-    assert!(!read);
-    assert_eq!(v[1], Err(Missing::NoConditions));
+    conditions_not_read(service, answer, "a match of a fullUrl");
     // The same without a mode (a match by default).
-    let mut p = whole();
-    p["conditions"] = searchset(
-        vec![hypertension()],
-        vec![json!({"fullUrl": "https://ehr.example/fhir/Condition/c9"})],
+    let p = whole_but(
+        "conditions",
+        searchset(
+            vec![hypertension()],
+            vec![json!({"fullUrl": "https://ehr.example/fhir/Condition/c9"})],
+        ),
     );
     assert!(!map(service, p).1);
     // `total` 2 with one Condition and an OperationOutcome without a mode: one of two.
-    let mut p = whole();
     let mut conditions = searchset(vec![hypertension()], vec![]);
     conditions["total"] = json!(2);
     conditions["entry"]
@@ -355,10 +324,7 @@ fn a_match_without_its_resource_is_not_a_whole_read() {
         .push(json!({"resource": {
         "resourceType": "OperationOutcome",
         "issue": [{"severity": "information", "code": "informational"}]}}));
-    p["conditions"] = conditions;
-    let (v, read, _) = map(service, p);
-    assert!(!read);
-    assert_eq!(v[1], Err(Missing::NoConditions));
+    conditions_not_read(service, conditions, "an outcome without a mode");
 }
 
 /// Finding 4, NEWS2: a parameter whose only observation in the window could not be read is
