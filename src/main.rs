@@ -729,7 +729,18 @@ async fn serve(
         ))),
         _ => None,
     };
-    let max_connections = (config.max_connections, config.max_connections_per_client);
+    // A response the client takes nothing of is dropped after the stall timeout, or the
+    // request deadline when shorter (a client holding a large answer unread held its
+    // budget for 120 s whatever `--request-timeout-secs` said: a review's finding).
+    let send_stall = config
+        .request_timeout
+        .min(http::idle::SEND_STALL_TIMEOUT)
+        .max(std::time::Duration::from_secs(1));
+    let max_connections = (
+        config.max_connections,
+        config.max_connections_per_client,
+        send_stall,
+    );
     let http_server = tokio::spawn(serve_router(
         listener,
         http::app(state.clone()),
@@ -1157,7 +1168,7 @@ async fn serve_router(
     app: axum::Router,
     tls: Option<axum_server::tls_rustls::RustlsConfig>,
     nodelay: bool,
-    (max_connections, max_per_client): (usize, usize),
+    (max_connections, max_per_client, send_stall): (usize, usize, std::time::Duration),
     stop: Stop,
 ) -> anyhow::Result<()> {
     match tls {
@@ -1166,7 +1177,7 @@ async fn serve_router(
                 listener,
                 app,
                 rustls_config,
-                (max_connections, max_per_client),
+                (max_connections, max_per_client, send_stall),
                 stop,
             )
             .await
@@ -1176,6 +1187,7 @@ async fn serve_router(
                 nodelay,
                 max_connections,
                 max_per_client,
+                send_stall,
                 ..Default::default()
             };
             Ok(http::serve::serve(listener, app, limits, stop.requested_owned()).await?)
@@ -1190,7 +1202,7 @@ async fn serve_tls(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     rustls_config: axum_server::tls_rustls::RustlsConfig,
-    (max_connections, max_per_client): (usize, usize),
+    (max_connections, max_per_client, send_stall): (usize, usize, std::time::Duration),
     stop: Stop,
 ) -> anyhow::Result<()> {
     let handle = axum_server::Handle::new();
@@ -1209,7 +1221,8 @@ async fn serve_tls(
         .acceptor(
             nightingale::tls::ClientCertAcceptor::new(rustls_config)
                 .with_connection_cap(handle.clone(), max_connections)
-                .with_client_cap(max_per_client),
+                .with_client_cap(max_per_client)
+                .with_send_stall(send_stall),
         )
         .accept_error_handler(nightingale::tls::connection_refused)
         .handle(handle)

@@ -630,6 +630,9 @@ pub struct ClientCertAcceptor {
     /// A connection with no request in flight for this long is closed
     /// ([`crate::http::idle`]).
     idle_timeout: Duration,
+    /// A response the client takes nothing of for this long is dropped
+    /// ([`crate::http::idle::SEND_STALL_TIMEOUT`] by default).
+    send_stall: Duration,
     /// Connections per client ([`crate::http::clients`]).
     clients: Arc<crate::http::clients::ClientCounts>,
 }
@@ -640,6 +643,7 @@ impl ClientCertAcceptor {
             inner: RustlsAcceptor::new(config),
             cap: None,
             idle_timeout: crate::http::serve::DEFAULT_IDLE_TIMEOUT,
+            send_stall: crate::http::idle::SEND_STALL_TIMEOUT,
             clients: crate::http::clients::ClientCounts::new(
                 crate::http::clients::DEFAULT_MAX_PER_CLIENT,
             ),
@@ -649,6 +653,12 @@ impl ClientCertAcceptor {
     /// Closes connections with no request in flight for `timeout`.
     pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
+        self
+    }
+
+    /// Drops a response the client takes nothing of for `stall`.
+    pub fn with_send_stall(mut self, stall: Duration) -> Self {
+        self.send_stall = stall;
         self
     }
 
@@ -683,6 +693,7 @@ where
     fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
         let inner = self.inner.clone();
         let idle_timeout = self.idle_timeout;
+        let send_stall = self.send_stall;
         let slot = match stream.peer_addr() {
             Ok(peer) => self.clients.admit(peer.ip()).ok_or(()),
             // Not a connected socket any more: nothing to count, nothing to serve.
@@ -754,14 +765,16 @@ where
             let activity = Activity::holding(Some(slot));
             Ok((
                 IdleClose::new(stream, activity.clone(), idle_timeout)
-                    .with_first_byte_deadline(crate::http::serve::HEADER_READ_TIMEOUT),
+                    .with_first_byte_deadline(crate::http::serve::HEADER_READ_TIMEOUT)
+                    .with_write_stall(send_stall),
                 Tracked::new(
                     WithClientCert {
                         inner: service,
                         certificate,
                     },
                     activity,
-                ),
+                )
+                .with_stall_timeout(send_stall),
             ))
         })
     }

@@ -1012,10 +1012,27 @@ pub struct EncodedResponse {
 
 /// Encodes outputs; those flagged binary go after the JSON header as raw bytes, written
 /// straight into the body (no per-tensor copy).
+/// Outputs of at least this many bytes have their answer's exact length counted before it
+/// is written (a pass of the JSON encoder without a buffer), for the in-flight budget.
+const COUNTED_ANSWER_BYTES: usize = 256 << 10;
+
+/// The answer: JSON, or JSON then the binary outputs. `admit` is asked for the answer's
+/// exact length before the answer is written when its outputs hold [`COUNTED_ANSWER_BYTES`] or more (a 659-byte
+/// request's 369 MB JSON answer was built before the in-flight budget was asked: a
+/// review's finding); a refusal is returned, nothing written. The buffer is then made to
+/// that length at once (it grew by doubling).
 pub fn encode_response(
     mut response: InferResponse,
     binary_flags: &[bool],
+    admit: impl FnOnce(usize) -> Result<(), AppError>,
 ) -> Result<EncodedResponse, AppError> {
+    let large = response
+        .outputs
+        .iter()
+        .filter_map(|o| o.data.as_ref())
+        .map(|d| d.0.raw_len())
+        .fold(0usize, usize::saturating_add)
+        >= COUNTED_ANSWER_BYTES;
     let mut binary: Vec<Tensor> = vec![];
     for (out, &flag) in response.outputs.iter_mut().zip(binary_flags) {
         if flag && let Some(JsonData(tensor)) = out.data.take() {
@@ -1026,7 +1043,16 @@ pub fn encode_response(
         }
     }
     let tail: usize = binary.iter().map(Tensor::raw_len).sum();
-    let mut body = Vec::with_capacity(4096 + tail);
+    let mut capacity = 4096 + tail;
+    if large {
+        let mut count = Count(0);
+        serde_json::to_writer(&mut count, &response)
+            .map_err(|e| AppError::internal(format!("cannot encode response: {e}")))?;
+        let total = count.0.saturating_add(tail);
+        admit(total)?;
+        capacity = total;
+    }
+    let mut body = Vec::with_capacity(capacity);
     serde_json::to_writer(&mut body, &response)
         .map_err(|e| AppError::internal(format!("cannot encode response: {e}")))?;
     if binary_flags.iter().any(|&b| b) {
@@ -1560,5 +1586,19 @@ mod classify_tests {
                 ]
             )
         );
+    }
+}
+
+/// A writer that only counts what it is given.
+struct Count(usize);
+
+impl std::io::Write for Count {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

@@ -1104,18 +1104,33 @@ async fn infer(
     ticket.charge_at_least(wire.saturating_add(decoded))?;
     let id = request.id.clone();
     let (outputs, _) = v2::infer_decoded(model, request, audit).await?;
-    let answer = encode_response(model, id, outputs);
     // The answer is held until the client has taken it: charged like an HTTP answer
-    // ([`v2::respond`]); one the budget has no room for now is refused after the model ran
-    // (its audit record stands), as over HTTP.
-    ticket
-        .charge_at_least(answer.encoded_len())
-        .inspect_err(|_| {
-            tracing::warn!(
-                bytes = answer.encoded_len(),
-                "an answer was refused: no room for it in the in-flight memory budget"
-            );
-        })?;
+    // ([`v2::respond`]), before it is made (the outputs and their encoding); one the budget
+    // has no room for now is refused after the model ran (its audit record stands), as
+    // over HTTP.
+    let bound = outputs
+        .iter()
+        .map(|o| {
+            let t = o
+                .data
+                .as_ref()
+                .map_or(0, |d| d.0.memory_len() + d.0.raw_len());
+            t.saturating_add(256 + o.name.len())
+        })
+        .fold(4096usize, usize::saturating_add);
+    ticket.charge_answer(bound).inspect_err(|_| {
+        tracing::warn!(
+            bytes = bound,
+            "an answer was refused: no room for it in the in-flight memory budget"
+        );
+    })?;
+    let answer = encode_response(model, id, outputs);
+    ticket.hold(answer.encoded_len()).inspect_err(|_| {
+        tracing::warn!(
+            bytes = answer.encoded_len(),
+            "an answer was refused: no room for it in the in-flight memory budget"
+        );
+    })?;
     ticket.release_place();
     Ok((answer, ticket))
 }

@@ -125,7 +125,7 @@ impl<IO> IdleClose<IO> {
         }
     }
 
-    /// Another write deadline than [`SEND_STALL_TIMEOUT`] (tests).
+    /// Another write deadline than [`SEND_STALL_TIMEOUT`] (a shorter request deadline, tests).
     pub fn with_write_stall(mut self, stall: Duration) -> Self {
         self.write_stall = stall;
         self
@@ -299,7 +299,7 @@ impl<S> Tracked<S> {
         }
     }
 
-    /// Another stall timeout than [`SEND_STALL_TIMEOUT`] (tests).
+    /// Another stall timeout than [`SEND_STALL_TIMEOUT`] (a shorter request deadline, tests).
     pub fn with_stall_timeout(mut self, stall: Duration) -> Self {
         self.stall = stall;
         self

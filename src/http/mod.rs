@@ -1350,6 +1350,41 @@ impl Ticket {
         ))
     }
 
+    /// Charges an answer's `total` bytes (its outputs and their encoding) before it is
+    /// encoded: 503 when the budget has no room now, 413 naming the answer when it would not
+    /// fit even in an idle server (it is not the request's body that is too large).
+    pub(crate) fn charge_answer(&mut self, total: usize) -> Result<(), AppError> {
+        self.charge_at_least(total).map_err(|e| {
+            if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+                AppError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the answer needs {total} bytes in flight (the model's outputs and their encoding), more than the server's whole budget of {} bytes (max_inflight_bytes): ask for fewer rows or outputs, or for binary outputs",
+                        self.budget
+                    ),
+                )
+            } else {
+                e
+            }
+        })
+    }
+
+    /// Holds exactly `total` bytes from now (an encoded answer, once the outputs it was
+    /// made from are freed): more is charged (503 when there is no room), the excess of an
+    /// upper bound charged before is given back.
+    pub(crate) fn hold(&mut self, total: usize) -> Result<(), AppError> {
+        self.charge_at_least(total)?;
+        let keep = total.div_ceil(UNIT);
+        if let Some(held) = &mut self.bytes {
+            let excess = held.num_permits().saturating_sub(keep);
+            if excess > 0 {
+                drop(held.split(excess));
+            }
+        }
+        self.charged = total;
+        Ok(())
+    }
+
     /// Gives back every byte charged so far (a request refused while its body is still
     /// arriving).
     pub(crate) fn release_bytes(&mut self) {

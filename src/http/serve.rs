@@ -39,6 +39,10 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
     /// TCP_NODELAY on accepted connections.
     pub nodelay: bool,
+    /// A response the client takes nothing of for this long is dropped
+    /// ([`super::idle::SEND_STALL_TIMEOUT`] by default; `serve` makes it no longer than the
+    /// request deadline).
+    pub send_stall: Duration,
 }
 
 impl ConnectionLimits {
@@ -93,6 +97,7 @@ impl Default for ConnectionLimits {
             shutdown_grace: Duration::from_secs(30),
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             nodelay: false,
+            send_stall: super::idle::SEND_STALL_TIMEOUT,
         }
     }
 }
@@ -144,10 +149,11 @@ pub async fn serve(
         }
         let builder = builder.clone();
         let activity = super::idle::Activity::holding(Some(slot));
-        let service = hyper_util::service::TowerToHyperService::new(super::idle::Tracked::new(
-            app.clone(),
-            activity.clone(),
-        ));
+        let service = hyper_util::service::TowerToHyperService::new(
+            super::idle::Tracked::new(app.clone(), activity.clone())
+                .with_stall_timeout(limits.send_stall),
+        );
+        let send_stall = limits.send_stall;
         let idle_timeout = limits.idle_timeout;
         let watcher = graceful.watcher();
         let first_byte = limits.header_read_timeout;
@@ -157,7 +163,8 @@ pub async fn serve(
             // the HTTP/2 preface (held for the 300 s idle timeout: a red-team finding), is
             // ended by the first-byte deadline, as on the TLS listener.
             let io = super::idle::IdleClose::new(tcp, activity, idle_timeout)
-                .with_first_byte_deadline(first_byte);
+                .with_first_byte_deadline(first_byte)
+                .with_write_stall(send_stall);
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             if let Err(e) = watcher.watch(connection.into_owned()).await {
                 tracing::debug!(error = %e, "HTTP connection ended with an error");

@@ -558,20 +558,34 @@ pub(super) fn respond(
     flags: &[bool],
     mut ticket: super::Ticket,
 ) -> Result<Response, AppError> {
-    let encoded = codec::encode_response(response, flags)?;
     // The answer is held in memory until the client has taken it: it is charged to the
     // in-flight budget like the request was (an 11 KB gzipped explain request answered
     // with 10 MB of JSON parked that much per unread connection, outside the budget: a
-    // red-team finding). The model has run; an answer the budget has no room for now is
-    // refused with 503, as the request would have been (its audit record stands).
-    ticket
-        .charge_at_least(encoded.body.len())
-        .inspect_err(|_| {
+    // red-team finding), and before it is made, with the outputs it is made from (a
+    // 659-byte request's 369 MB of JSON was built first: a review's finding). The model
+    // has run; an answer the budget has no room for now is refused with 503, as the
+    // request would have been (its audit record stands).
+    let refused = |bytes: usize| {
+        move |_: &AppError| {
             tracing::warn!(
-                bytes = encoded.body.len(),
+                bytes,
                 "an answer was refused: no room for it in the in-flight memory budget"
             );
-        })?;
+        }
+    };
+    let outputs: usize = response
+        .outputs
+        .iter()
+        .filter_map(|o| o.data.as_ref())
+        .map(|d| d.0.memory_len())
+        .fold(0, usize::saturating_add);
+    let encoded = codec::encode_response(response, flags, |len| {
+        let total = outputs.saturating_add(len);
+        ticket.charge_answer(total).inspect_err(refused(total))
+    })?;
+    ticket
+        .hold(encoded.body.len())
+        .inspect_err(refused(encoded.body.len()))?;
     ticket.release_place();
     let mut builder = Response::builder().status(StatusCode::OK);
     builder = match encoded.header_len {
@@ -763,11 +777,13 @@ mod tests {
         let admission = crate::http::Admission::new(&config);
         let free = || admission.bytes.available_permits();
         let all = free();
-        let response = respond(zeros(600_000), &[false], admission.admit().unwrap()).unwrap();
+        let response = respond(zeros(400_000), &[false], admission.admit().unwrap()).unwrap();
         let len = response.body().size_hint().exact().unwrap() as usize;
         assert!(len > 1 << 20, "{len}");
-        // Charged for the whole answer while it is held.
+        // Charged for the whole answer while it is held, and no more (what its outputs held
+        // while it was made is given back).
         assert!(all - free() >= len / 1024, "{} of {all}", free());
+        assert!(all - free() <= len.div_ceil(1024), "{} of {all}", free());
         let mut body = response.into_body();
         let mut pieces = 0;
         let mut got = 0;
@@ -784,9 +800,19 @@ mod tests {
         assert!(pieces > 1);
         drop(body);
         assert_eq!(free(), all);
-        // An answer larger than the whole budget: refused, nothing kept.
+        // An answer larger than the whole budget: refused (before it is made: a review's
+        // finding), naming the answer, nothing kept.
         let e = respond(zeros(3_000_000), &[false], admission.admit().unwrap()).unwrap_err();
         assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", e.message);
+        assert!(e.message.contains("the answer needs"), "{}", e.message);
+        assert_eq!(free(), all);
+        // One that would fit an idle server while others hold the budget: 503, before it is
+        // made.
+        let mut other = admission.admit().unwrap();
+        other.charge_at_least(3 << 20).unwrap();
+        let e = respond(zeros(300_000), &[true], admission.admit().unwrap()).unwrap_err();
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE, "{}", e.message);
+        drop(other);
         assert_eq!(free(), all);
     }
 }
