@@ -313,7 +313,9 @@ fn read_resource(
                     .is_some_and(|s| !s.trim_start().starts_with('2'))
                     || e.resource.as_ref().is_some_and(is_error_outcome);
                 let outcome = e.resource.as_ref().is_some_and(is_outcome);
+                let mode = e.search.as_ref().and_then(|s| s.mode.as_deref());
                 entry.push(BundleEntry {
+                    said_match: !outcome && mode == Some("match"),
                     full_url: e.full_url.clone(),
                     failed,
                     partial: e.resource.as_ref().is_some_and(is_partial_outcome),
@@ -475,18 +477,24 @@ impl Bundle {
             && !match_without_resource
     }
 
-    /// Whether every match of this Bundle (and of a nested one) is a resource of
-    /// `resource_type` (an entry that could not be read counts as of its type): a search
-    /// answered with resources of another type (Observations under a Condition search) is
-    /// a broken answer, not "none found" (a red-team finding).
+    /// Whether this Bundle's matches are resources of `resource_type` (an entry that could
+    /// not be read counts as of its type): a search answered with resources of another type
+    /// (Observations under a Condition search) is a broken answer, not "none found" (a
+    /// red-team finding). An entry of another type whose `search.mode` is absent is taken
+    /// as included (a server that leaves out `include` on its `_include`d Patient) when the
+    /// page holds resources of the searched type, or nothing else: such entries made a whole
+    /// search "not answered" (a re-attack's finding); one that says `match` never is.
     pub fn matches_only(&self, resource_type: &str) -> bool {
-        self.entry
-            .iter()
-            .filter(|e| e.matched)
-            .all(|e| match &e.resource {
-                None => true,
-                Some(r) => r.resource_type() == resource_type,
-            })
+        let (mut of_type, mut unmarked_other) = (false, false);
+        for e in self.entry.iter().filter(|e| e.matched) {
+            match &e.resource {
+                None => {}
+                Some(r) if r.resource_type() == resource_type => of_type = true,
+                Some(_) if e.said_match => return false,
+                Some(_) => unmarked_other = true,
+            }
+        }
+        of_type || !unmarked_other
     }
 }
 
@@ -500,6 +508,9 @@ pub struct BundleEntry {
     /// `include`, a resource added by `_include`, nor `outcome`). `Bundle.total` counts
     /// matches only.
     pub matched: bool,
+    /// `search.mode` says `match` (not absent): a resource of another type than the search's
+    /// that says so makes the answer a broken one ([`Bundle::matches_only`]).
+    pub said_match: bool,
     /// The entry reports a failure: a `response.status` that is not 2xx, or an
     /// OperationOutcome with an issue of severity `error` or `fatal` (a search's outcome
     /// entry, a batch's failed request).
@@ -1056,6 +1067,12 @@ impl Resources {
 /// newest first, a parameter it did not hold read as "no value recorded": a re-attack's
 /// finding).
 fn newest_first_reach(b: &Bundle) -> Option<DateTime<Utc>> {
+    // A server that says it left results out (`suppressed`: withheld for privacy; any
+    // `incomplete`) may have left out the newest: nothing says the rest is older (a
+    // re-attack: a risk card scored from the values around a withheld one).
+    if b.entry.iter().any(|e| e.partial) {
+        return None;
+    }
     // What is not read is no newer than the last read is; of a date without a time, no
     // later than the end of that date in any zone.
     let mut last: Option<TimeBounds> = None;

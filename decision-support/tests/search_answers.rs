@@ -189,19 +189,40 @@ fn an_outcome_saying_results_were_left_out_is_a_search_read_in_part() {
             );
         }
     }
-    // The rule for searches read in part applies as it does to pages not read: values that
-    // came newest first (11:00, then 10:00) hold the newest, so the 11:00 value is used.
-    let p = whole_but(
-        "observations",
-        searchset(
-            vec![
-                sbp(130.0, "2024-05-01T11:00:00Z"),
-                sbp(120.0, "2024-05-01T10:00:00Z"),
-            ],
-            vec![outcome("warning", "incomplete")],
-        ),
-    );
-    assert_eq!(map(service, p).0[0], Ok(130.0));
+    // Unlike pages not read (an older tail), what a server left out may be the newest
+    // (`suppressed`: withheld for privacy): values that came newest first (11:00, then
+    // 10:00) are not used either (a re-attack: a card scored around a withheld value).
+    for code in ["incomplete", "suppressed"] {
+        let p = whole_but(
+            "observations",
+            searchset(
+                vec![
+                    sbp(130.0, "2024-05-01T11:00:00Z"),
+                    sbp(120.0, "2024-05-01T10:00:00Z"),
+                ],
+                vec![outcome("warning", code)],
+            ),
+        );
+        assert_eq!(
+            map(service, p).0[0],
+            Err(Missing::Unusable(UnusableReason::NewerMayBeUnread)),
+            "{code}"
+        );
+    }
+    // A page of the searched type with an `_include`d resource whose `search.mode` the
+    // server left out is a whole answer (such entries made it "not answered": a re-attack's
+    // finding); a resource of another type that says `match` still breaks it.
+    let mut page = searchset(vec![hypertension()], vec![]);
+    page["entry"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"resource": {"resourceType": "Patient", "id": "p1"}}));
+    let (v, read, _) = map(service, whole_but("conditions", page.clone()));
+    assert!(read);
+    assert_eq!(v[1], Ok(0.0));
+    page["entry"][1]["search"] = json!({"mode": "match"});
+    let (_, read, _) = map(service, whole_but("conditions", page));
+    assert!(!read);
     // An outcome of another code (a plain note) says nothing was left out.
     for (severity, code) in [("information", "informational"), ("warning", "processing")] {
         let p = whole_but(

@@ -1016,6 +1016,35 @@ pub struct EncodedResponse {
 /// is written (a pass of the JSON encoder without a buffer), for the in-flight budget.
 const COUNTED_ANSWER_BYTES: usize = 256 << 10;
 
+/// Whether the answer's outputs hold [`COUNTED_ANSWER_BYTES`] or more.
+pub fn is_large(response: &InferResponse) -> bool {
+    response
+        .outputs
+        .iter()
+        .filter_map(|o| o.data.as_ref())
+        .map(|d| d.0.raw_len())
+        .fold(0usize, usize::saturating_add)
+        >= COUNTED_ANSWER_BYTES
+}
+
+/// What [`encode_response`] writes at least, without a pass over the values: the binary
+/// outputs' bytes, and two characters (a digit and a comma) per element written as JSON.
+pub fn answer_len_at_least(response: &InferResponse, binary_flags: &[bool]) -> usize {
+    response
+        .outputs
+        .iter()
+        .zip(binary_flags.iter().chain(std::iter::repeat(&false)))
+        .filter_map(|(o, &binary)| o.data.as_ref().map(|d| (&d.0, binary)))
+        .map(|(t, binary)| {
+            if binary {
+                t.raw_len()
+            } else {
+                t.len().saturating_mul(2)
+            }
+        })
+        .fold(0usize, usize::saturating_add)
+}
+
 /// The answer: JSON, or JSON then the binary outputs. `admit` is asked for the answer's
 /// exact length before the answer is written when its outputs hold [`COUNTED_ANSWER_BYTES`] or more (a 659-byte
 /// request's 369 MB JSON answer was built before the in-flight budget was asked: a
@@ -1026,13 +1055,7 @@ pub fn encode_response(
     binary_flags: &[bool],
     admit: impl FnOnce(usize) -> Result<(), AppError>,
 ) -> Result<EncodedResponse, AppError> {
-    let large = response
-        .outputs
-        .iter()
-        .filter_map(|o| o.data.as_ref())
-        .map(|d| d.0.raw_len())
-        .fold(0usize, usize::saturating_add)
-        >= COUNTED_ANSWER_BYTES;
+    let large = is_large(&response);
     let mut binary: Vec<Tensor> = vec![];
     for (out, &flag) in response.outputs.iter_mut().zip(binary_flags) {
         if flag && let Some(JsonData(tensor)) = out.data.take() {

@@ -485,7 +485,7 @@ pub(super) async fn explain_loaded(
         id,
         outputs: tensors,
     };
-    respond(response, &flags, ticket)
+    respond(response, &flags, ticket).await
 }
 
 /// An explanation made: the prediction's outputs, the attribution tensor and its

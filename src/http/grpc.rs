@@ -1102,6 +1102,8 @@ async fn infer(
     })?;
     let decoded: usize = request.inputs.iter().map(|t| t.tensor.memory_len()).sum();
     ticket.charge_at_least(wire.saturating_add(decoded))?;
+    // The outputs the model will make, as far as its declared shapes tell, before it runs.
+    ticket.charge_answer_more(v2::declared_outputs_len(model, &request))?;
     let id = request.id.clone();
     let (outputs, _) = v2::infer_decoded(model, request, audit).await?;
     // The answer is held until the client has taken it: charged like an HTTP answer

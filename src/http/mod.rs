@@ -1354,19 +1354,29 @@ impl Ticket {
     /// encoded: 503 when the budget has no room now, 413 naming the answer when it would not
     /// fit even in an idle server (it is not the request's body that is too large).
     pub(crate) fn charge_answer(&mut self, total: usize) -> Result<(), AppError> {
-        self.charge_at_least(total).map_err(|e| {
-            if e.status == StatusCode::PAYLOAD_TOO_LARGE {
-                AppError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "the answer needs {total} bytes in flight (the model's outputs and their encoding), more than the server's whole budget of {} bytes (max_inflight_bytes): ask for fewer rows or outputs, or for binary outputs",
-                        self.budget
-                    ),
-                )
-            } else {
-                e
-            }
-        })
+        self.charge_at_least(total)
+            .map_err(|e| self.answer_refusal(e, total))
+    }
+
+    /// [`Ticket::charge_answer`] of `more` bytes beyond what is charged (a model's declared
+    /// outputs, before it runs, beside its inputs).
+    pub(crate) fn charge_answer_more(&mut self, more: usize) -> Result<(), AppError> {
+        let total = self.charged.saturating_add(more);
+        self.charge(more).map_err(|e| self.answer_refusal(e, total))
+    }
+
+    /// A 413 for an answer of `total` bytes names the answer, not the request's body.
+    fn answer_refusal(&self, e: AppError, total: usize) -> AppError {
+        if e.status != StatusCode::PAYLOAD_TOO_LARGE {
+            return e;
+        }
+        AppError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the answer needs {total} bytes in flight (the model's outputs and their encoding), more than the server's whole budget of {} bytes (max_inflight_bytes): ask for fewer rows or outputs (over HTTP, binary outputs take less than JSON)",
+                self.budget
+            ),
+        )
     }
 
     /// Holds exactly `total` bytes from now (an encoded answer, once the outputs it was

@@ -381,6 +381,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_ready(proc: subprocess.Popen, addr: str, err_path: Path) -> None:
+    """Until the server at `addr` is ready (bounded); fails with its log if it exits."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        assert proc.poll() is None, err_path.read_text(errors="replace")[-5000:]
+        assert time.monotonic() < deadline, "server not ready"
+        try:
+            if requests.get(f"http://{addr}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def server(scaffolded, tmp_path_factory):
     """A server on the scaffolded repository."""
@@ -393,17 +407,7 @@ def server(scaffolded, tmp_path_factory):
                                  "--audit-log", str(logdir / "audit.jsonl")],
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, env=_env())
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, err_path.read_text(errors="replace")[-5000:]
-            try:
-                if requests.get(f"http://{addr}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail(f"server not ready in {READY_TIMEOUT_S} s:\n{err_path.read_text(errors='replace')[-5000:]}")
+        _wait_ready(proc, addr, err_path)
         yield addr
     finally:
         proc.terminate()
@@ -562,3 +566,71 @@ def test_text_from_the_file_cannot_become_a_setting(tmp_path):
     assert "evil??[intended_use]?summary" in text, text
     check = _run("models", "check", repo / "inject")
     assert check.returncode == 0, check.stderr
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def test_an_answer_larger_than_the_budget_is_refused_before_the_model_makes_it(tmp_path):
+    """Review findings: a model's outputs and their encoding were charged to
+    `--max-inflight-bytes` only once the answer was made (a 659-byte request's 369 MB JSON
+    answer was built, the server at 2.8x its budget; then a 1.3 KB request had its 1 GiB
+    output made before the 413). The outputs a model's declared shapes give are charged
+    before it runs; an answer that fits is served as onnxruntime computes it."""
+    import onnx
+
+    # x FP32 [N, 4] -> Tile -> y FP32 [N, 4 Mi]: 16 MiB a row, declared.
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["x", "reps"], ["y"])], "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4 << 20])],
+        [helper.make_tensor("reps", TensorProto.INT64, [2], [1, 1 << 20])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "big.onnx"
+    onnx.save(model, path)
+    repo = tmp_path / "repo"
+    init = _run("models", "init", path, "--name", "big", "--repository", repo)
+    assert init.returncode == 0, init.stderr
+    addr = f"127.0.0.1:{_free_port()}"
+    err_path = tmp_path / "stderr.log"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen([str(_binary()), "serve", "--repository", str(repo), "--http-addr", addr,
+                                 "--data-dir", str(tmp_path / "data"),
+                                 "--max-inflight-bytes", str(64 << 20), "--max-body-bytes", str(1 << 20)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, env=_env())
+    try:
+        _wait_ready(proc, addr, err_path)
+        url = f"http://{addr}/v2/models/big/infer"
+
+        def ask(rows: int) -> requests.Response:
+            x = np.arange(rows * 4, dtype=np.float32).reshape(rows, 4)
+            body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, 4],
+                                "data": x.ravel().tolist()}],
+                    "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}
+            return requests.post(url, json=body, timeout=120)
+
+        before = _peak_rss_mib(proc.pid)
+        # 8 rows: 128 MiB of outputs declared, over the 64 MiB budget: refused before the
+        # model runs, naming the answer, and the server's memory does not grow by it.
+        r = ask(8)
+        assert r.status_code == 413, r.text
+        assert "the answer needs" in r.json()["error"], r.text
+        grew = _peak_rss_mib(proc.pid) - before
+        print(f"peak RSS grew {grew:.0f} MiB for a refused 128 MiB answer")
+        assert grew < 64, grew
+        # 1 row (16 MiB, binary): served, equal to onnxruntime's answer.
+        r = ask(1)
+        assert r.status_code == 200, r.text
+        header = int(r.headers["Inference-Header-Content-Length"])
+        y = np.frombuffer(r.content[header:], dtype=np.float32)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        [expected] = session.run(None, {"x": np.arange(4, dtype=np.float32).reshape(1, 4)})
+        assert np.array_equal(y, expected.ravel())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
