@@ -16,11 +16,14 @@ pub enum ResultsCommand {
     List {
         /// Only this state (series: assembling, unmatched, failed, routed; jobs: queued,
         /// processing, failed, done, superseded).
-        #[arg(long)]
+        #[arg(long, value_parser = [
+            "assembling", "unmatched", "failed", "routed",
+            "queued", "processing", "done", "superseded",
+        ])]
         state: Option<String>,
         /// At most this many series, and this many jobs.
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
         #[command(flatten)]
         results: ResultsArgs,
     },
@@ -60,8 +63,8 @@ pub fn results(command: ResultsCommand) -> anyhow::Result<()> {
         } => {
             let store = open_store(&results)?;
             let state = state.as_deref().map(str::trim);
-            let series = store.series_in_state(state, limit)?;
-            let jobs = store.jobs_in_state(state, limit)?;
+            let series = store.series_in_state(state, limit as usize)?;
+            let jobs = store.jobs_in_state(state, limit as usize)?;
             if series.is_empty() && jobs.is_empty() {
                 println!("nothing listed");
                 return Ok(());

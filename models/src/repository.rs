@@ -902,9 +902,9 @@ struct Entry {
     /// Unloaded by model control (an operator's unload, e.g. a recall): loads that honour
     /// pins (the repository poller's) leave it unloaded until a plain load asks for it.
     held: bool,
-    /// Whether a version it served when it was last unloaded declared `[dicom]` (an imaging
-    /// bundle the DICOM pipeline routes series to).
-    unloaded_imaging: bool,
+    /// The `[dicom]` section of the newest version it served when it was last unloaded (an
+    /// imaging bundle the DICOM pipeline routes series to, and what it accepted).
+    unloaded_dicom: Option<crate::manifest::DicomAccepts>,
 }
 
 /// Counts a load out of [`Repository::loads_pending`] when it returns (or unwinds).
@@ -1554,8 +1554,8 @@ impl Repository {
         }
         let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
         let entry = models.entry(name.to_owned()).or_default();
-        if !entry.versions.is_empty() {
-            entry.unloaded_imaging = entry.versions.values().any(|m| m.manifest.dicom.is_some());
+        if let Some(newest) = entry.versions.values().next_back() {
+            entry.unloaded_dicom = newest.manifest.dicom.clone();
         }
         entry.versions.clear();
         entry.state = Some(ModelState::Unloaded);
@@ -1611,20 +1611,30 @@ impl Repository {
         }
     }
 
-    /// The imaging models (a version they served declared `[dicom]`) that serve no version
-    /// now because they were unloaded (by model control, or by the poller when their folder
-    /// went away), not because their load was refused: a deployment may bring them back.
-    pub fn unloaded_imaging(&self) -> Vec<String> {
+    /// The imaging models (their newest version declared `[dicom]`, returned) that serve no
+    /// version now because they were unloaded (by model control, or by the poller when
+    /// their folder went away), not because their load was refused, and whose folder is in
+    /// the repository: a deployment may bring them back (a folder gone for good is a
+    /// bundle retired).
+    pub fn unloaded_imaging(&self) -> Vec<(String, crate::manifest::DicomAccepts)> {
         let models = self.models.read().unwrap_or_else(|p| p.into_inner());
         models
             .iter()
-            .filter(|(_, e)| {
+            .filter(|(name, e)| {
                 e.versions.is_empty()
-                    && e.unloaded_imaging
                     && matches!(e.state, Some(ModelState::Unloaded))
+                    && self.root.join(name.as_str()).is_dir()
             })
-            .map(|(name, _)| name.clone())
+            .filter_map(|(name, e)| Some((name.clone(), e.unloaded_dicom.clone()?)))
             .collect()
+    }
+
+    /// Whether `name` is a model this repository knows: one it has loaded or tried to, or a
+    /// folder in it.
+    pub fn knows(&self, name: &str) -> bool {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        models.contains_key(name)
+            || (crate::manifest::valid_name(name) && self.root.join(name).is_dir())
     }
 
     /// Every version being served.

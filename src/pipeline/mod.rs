@@ -151,20 +151,35 @@ pub fn purge_results(
 /// The reason a routed series' late instances were not processed.
 const LATE_IGNORED: &str = "late instances ignored";
 
-/// How long after its last instance a series waits for a bundle that is not serving (one
-/// its route names, or any an operator or a deployment unloaded) before it is routed to
-/// what serves (or left unmatched): a series that arrived during a rollback, an unload and
-/// load, or a bundle folder moved aside and back was left unmatched for good (a review's
-/// finding). `nightingale results reprocess --study` routes an unmatched series again.
-pub const ROUTE_WAIT: Duration = Duration::from_secs(15 * 60);
-
-/// How often a series waiting for a bundle is looked at again.
-const ROUTE_RECHECK: Duration = Duration::from_secs(2);
-
 /// How long after it was made a queued job waits for its bundle to serve before it runs
 /// anyway (and fails `bundle_unavailable`): jobs queued when their bundle was unloaded
-/// failed at once, for good (a review's finding).
+/// failed at once, for good, and series that arrived meanwhile were left unmatched (a
+/// review's findings).
 pub const JOB_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// Why a bundle's `[dicom]` section refuses a series (its first instance's header, and
+/// every calling AE its instances came from), if it does.
+pub(crate) fn bundle_refuses(
+    accepts: &nightingale_models::manifest::DicomAccepts,
+    header: &SeriesHeader,
+    instances: &[nightingale_dicom::Stored],
+) -> Option<String> {
+    let m = Match::of_bundle(accepts);
+    let mut aes: Vec<&str> = instances.iter().map(|i| i.calling_ae.as_str()).collect();
+    aes.sort_unstable();
+    aes.dedup();
+    aes.iter()
+        .find_map(|ae| m.mismatch(header, ae))
+        .or_else(|| route::volume_mismatch(accepts, header, instances.len() as u64))
+}
+
+/// A queued job's reason while its bundle is not serving.
+pub(crate) fn waiting_for(bundle: &str) -> String {
+    format!(
+        "waiting for bundle {bundle} to serve (at most {} h after the job was made)",
+        JOB_WAIT.as_secs() / 3600
+    )
+}
 
 /// A short, non-reversible tag for a UID in logs (UIDs are not written to logs).
 pub fn uid_tag(uid: &str) -> String {
@@ -380,7 +395,7 @@ impl Pipeline {
                     tracing::warn!(
                         route = %route.name,
                         bundle = %bundle,
-                        "route names a bundle that is not being served: its series will be unmatched until it is"
+                        "route names a bundle that is not being served: its jobs wait for it to serve (up to 24 h), and one the repository does not hold gets none"
                     );
                     continue;
                 };
@@ -647,71 +662,50 @@ impl Pipeline {
             self.store().defer_series(row, until)?;
             return Ok(0);
         }
-        // A bundle the series' routes name that is not serving now (a rollback, an unload
-        // and load, a folder moved aside and back), or with routes made from the bundles,
-        // any bundle unloaded: the series waits for it (at most ROUTE_WAIT after its last
-        // instance), then goes to what serves.
-        let waited_out = now - row.last_received_ms > ROUTE_WAIT.as_millis() as i64;
-        let mut waiting: Vec<&str> = Vec::new();
-        let unloaded = if self.config.routes.is_empty() {
-            self.state.repository.unloaded_imaging()
-        } else {
-            Vec::new()
-        };
-        if !waited_out {
-            waiting.extend(unloaded.iter().map(String::as_str));
-            waiting.extend(
-                matching
-                    .iter()
-                    .flat_map(|r| &r.bundles)
-                    .filter(|b| self.state.repository.get(b, None).is_err())
-                    .map(String::as_str),
-            );
-            waiting.sort_unstable();
-            waiting.dedup();
-        }
-        if !waiting.is_empty() {
-            let reason = format!(
-                "waiting for bundle {} to serve (at most {} min after the last instance)",
-                waiting.join(", "),
-                ROUTE_WAIT.as_secs() / 60
-            );
-            let until = now + ROUTE_RECHECK.as_millis() as i64;
-            self.store()
-                .defer_series_because(row, until, Some(&reason))?;
-            return Ok(0);
-        }
-        for name in &unloaded {
-            refusals.push(format!(
-                "bundle {name} was unloaded (waited {} min)",
-                ROUTE_WAIT.as_secs() / 60
-            ));
-        }
+        // A bundle that is not serving now (a rollback, an unload and load, a folder moved
+        // aside and back) still gets its job when the repository knows it (and, unloaded,
+        // its last `[dicom]` takes the series): the job waits in the queue for its bundle
+        // (`JOB_WAIT`), and the bundle's `[dicom]` is asked again when it runs. Such series
+        // were left unmatched for good (a review's finding); holding the whole series for
+        // it held every other bundle's result too (a re-attack's finding).
+        let unloaded = self.state.repository.unloaded_imaging();
         let mut made = 0;
         for route in matching {
             for bundle in &route.bundles {
                 // The bundle's own [dicom] section has the last word.
                 let serving = self.state.repository.get(bundle, None).ok();
-                let Some(serving) = serving else {
-                    refusals.push(format!(
-                        "{}: bundle {bundle} is not serving (waited {} min)",
-                        route.name,
-                        ROUTE_WAIT.as_secs() / 60
-                    ));
-                    continue;
+                let accepts = match &serving {
+                    Some(model) => model.manifest.dicom.clone(),
+                    None => unloaded
+                        .iter()
+                        .find(|(name, _)| name == bundle)
+                        .map(|(_, accepts)| accepts.clone()),
                 };
-                let Some(accepts) = serving.manifest.dicom.clone() else {
+                let waits = serving.is_none();
+                if waits && !self.state.repository.knows(bundle) {
                     refusals.push(format!(
-                        "{}: bundle {bundle} declares no [dicom]",
+                        "{}: bundle {bundle} is not in the repository",
                         route.name
                     ));
                     continue;
-                };
-                if let Some(why) = mismatch(&Match::of_bundle(&accepts))
-                    .or_else(|| route::volume_mismatch(&accepts, &header, instances.len() as u64))
-                {
-                    refusals.push(format!("{}: bundle {bundle} refuses: {why}", route.name));
-                    continue;
+                }
+                match &accepts {
+                    Some(accepts) => {
+                        if let Some(why) = bundle_refuses(accepts, &header, &instances) {
+                            refusals
+                                .push(format!("{}: bundle {bundle} refuses: {why}", route.name));
+                            continue;
+                        }
+                    }
+                    None if !waits => {
+                        refusals.push(format!(
+                            "{}: bundle {bundle} declares no [dicom]",
+                            route.name
+                        ));
+                        continue;
+                    }
+                    // Not serving, never seen serving: its `[dicom]` is asked when it runs.
+                    None => {}
                 }
                 let destinations = route
                     .destinations
@@ -719,7 +713,7 @@ impl Pipeline {
                     .map(|d| d.to_string())
                     .collect::<Vec<_>>()
                     .join(",");
-                self.store().add_job(
+                let id = self.store().add_job(
                     &row.study_uid,
                     &row.series_uid,
                     &route.name,
@@ -727,6 +721,10 @@ impl Pipeline {
                     row.instances,
                     &destinations,
                 )?;
+                if waits {
+                    self.store()
+                        .set_job_reason(id, Some(&waiting_for(bundle)))?;
+                }
                 made += 1;
             }
         }
@@ -799,6 +797,15 @@ impl Pipeline {
             .filter(|m| m.manifest.dicom.is_some())
             .map(|m| m.name.clone())
             .collect();
+        // And the imaging bundles unloaded for now (their folder still here): their jobs
+        // wait for them.
+        names.extend(
+            self.state
+                .repository
+                .unloaded_imaging()
+                .into_iter()
+                .map(|(name, _)| name),
+        );
         names.sort();
         names.dedup();
         names

@@ -24,6 +24,7 @@ use super::Pipeline;
 use super::outbox::OBJECTS_DIR;
 use super::store::{Job, JobState, ResultObject, now_ms};
 use crate::audit::{AuditEvent, EventKind, Outcome, tensors_sha256};
+use nightingale_dicom::series::SeriesHeader;
 
 /// The most instances one job reads (a larger series fails with a reason).
 pub const MAX_SERIES_INSTANCES: usize = 5_000;
@@ -255,7 +256,13 @@ impl Pipeline {
                 metrics::counter!("nightingale_pipeline_jobs_requeued_total", "reason" => failure.code)
                     .increment(1);
                 self.discard_unrecorded_objects(&job);
-                if let Err(e) = self.store().requeue_job(job.id) {
+                let waiting =
+                    (failure.code == "bundle_unavailable").then(|| super::waiting_for(&job.bundle));
+                let store = self.store();
+                if let Err(e) = store
+                    .requeue_job(job.id)
+                    .and_then(|_| store.set_job_reason(job.id, waiting.as_deref()))
+                {
                     tracing::error!(error = %e, "results store: job not queued again");
                 }
             }
@@ -361,6 +368,27 @@ impl Pipeline {
                 "the bundle declares no [preprocessing] or [dicom]",
             ));
         };
+        // The bundle's `[dicom]` as it serves now has the last word: a job made while it
+        // was not serving (or before a new version) was routed without it, or by an older one.
+        {
+            let instances = self.series_instances(job)?;
+            let first = instances.first().map(|i| i.path.clone());
+            let header = blocking(move || {
+                first
+                    .map(|p| SeriesHeader::read(&p))
+                    .transpose()
+                    .map_err(|e| JobFailure::new("unreadable_header", e.detail))
+            })
+            .await?;
+            if let Some(header) = header
+                && let Some(why) = super::bundle_refuses(&accepts, &header, &instances)
+            {
+                return Err(JobFailure::new(
+                    "bundle_refuses",
+                    format!("the bundle's [dicom] refuses the series: {why}"),
+                ));
+            }
+        }
         // The route's `report` list, where it has one, else the bundle's.
         let route_report = self
             .config
@@ -490,7 +518,7 @@ impl Pipeline {
             return Err(JobFailure::new(
                 "blank_image",
                 format!(
-                    "every frame ({blank_frames}) holds one pixel value only, or nearly (all but 1 % within {NEAR_BLANK_LEVELS} stored levels), or is under {MIN_FRAME_SIDE} pixels on a side (a blank image): nothing for the model to read"
+                    "every frame ({blank_frames}) holds one pixel value only, or nearly (all but at most 0.5 % and 256 pixels within {NEAR_BLANK_LEVELS} stored levels), or is under {MIN_FRAME_SIDE} pixels on a side (a blank image): nothing for the model to read"
                 ),
             ));
         }
@@ -695,9 +723,23 @@ impl Pipeline {
     /// recall) or another version stops the job before its next inference and before its
     /// results are made (it went on inferring on a recalled version, and sent its SR after
     /// the recall: a review's finding).
-    fn still_serving(&self, job: &Job, model: &Arc<LoadedModel>) -> Result<(), JobFailure> {
+    /// The same files loaded again (a plain load of what serves, the poller after a touch)
+    /// are the same version: the job goes on with them (it started over at every such load,
+    /// and a load repeated every second held it and the queue: a re-attack's finding).
+    fn still_serving(
+        &self,
+        job: &Job,
+        model: &Arc<LoadedModel>,
+    ) -> Result<Arc<LoadedModel>, JobFailure> {
         match self.state.repository.get(&job.bundle, None) {
-            Ok(now) if Arc::ptr_eq(&now, model) => Ok(()),
+            Ok(now)
+                if Arc::ptr_eq(&now, model)
+                    || (now.version == model.version
+                        && now.model_sha256 == model.model_sha256
+                        && now.manifest_sha256 == model.manifest_sha256) =>
+            {
+                Ok(now)
+            }
             Ok(now) => Err(JobFailure::new(
                 "bundle_changed",
                 format!(
@@ -718,7 +760,7 @@ impl Pipeline {
         tensor: Tensor,
         reported: &[Reported],
     ) -> Result<Vec<f32>, JobFailure> {
-        self.still_serving(job, model)?;
+        let model = &self.still_serving(job, model)?;
         let inputs = vec![NamedTensor::new(input, tensor)];
         let mut event = AuditEvent {
             kind: EventKind::Inference,
@@ -1439,10 +1481,15 @@ pub(crate) fn assemble_volume(
 /// image was stretched to the model's input and given a finding).
 pub(crate) const MIN_FRAME_SIDE: usize = 8;
 
-/// Stored levels within which all but 1 % of a frame's values lie (at 8 bits stored or
+/// Stored levels within which all but a few of a frame's values lie (at 8 bits stored or
 /// more) for it to count as holding no picture: a constant with a noise floor of a level or
 /// two, or with a burned-in label, was stretched by a percentile window into a picture.
 pub(crate) const NEAR_BLANK_LEVELS: f32 = 4.0;
+
+/// The most pixels outside those levels a blank frame may hold: 0.5 % of the frame, and at
+/// most 256 (a small label or marker). A share alone read a small real anatomy on a large
+/// shuttered background (64 x 64 of 1280 x 1280: 0.25 %) as blank (a re-attack's finding).
+pub(crate) const NEAR_BLANK_OUTSIDE: (f64, f64) = (0.005, 256.0);
 
 /// Below this correlation of neighbouring pixels (the larger of the row and the column
 /// neighbours') a frame reads as noise: 0.54 and more in every real image of pydicom's,
@@ -1515,8 +1562,8 @@ fn reads_as_noise(frame: &pixels::Frame) -> bool {
 
 /// Whether a decoded frame holds nothing for a model to read: one value only (a constant
 /// image), fewer than [`MIN_FRAME_SIDE`] rows or columns, or, in stored values of 8 bits or
-/// more, all but 1 % of its values within [`NEAR_BLANK_LEVELS`] levels (the 0.5th to the
-/// 99.5th percentile, from at most 65,536 evenly spaced values).
+/// more, all its values within [`NEAR_BLANK_LEVELS`] levels but [`NEAR_BLANK_OUTSIDE`] (the
+/// densest such band of at most 65,536 evenly spaced values, scaled to the frame).
 fn is_blank(frame: &pixels::Frame) -> bool {
     let data = &frame.data;
     let Some((first, rest)) = data.split_first() else {
@@ -1531,8 +1578,18 @@ fn is_blank(frame: &pixels::Frame) -> bool {
     let step = (data.len() / 65_536).max(1);
     let mut sample: Vec<f32> = data.iter().step_by(step).copied().collect();
     sample.sort_unstable_by(f32::total_cmp);
-    let cut = sample.len() / 200;
-    sample[sample.len() - 1 - cut] - sample[cut] < NEAR_BLANK_LEVELS
+    // The most sampled values within one band of NEAR_BLANK_LEVELS.
+    let (mut start, mut densest) = (0, 0);
+    for end in 0..sample.len() {
+        while sample[end] - sample[start] >= NEAR_BLANK_LEVELS {
+            start += 1;
+        }
+        densest = densest.max(end + 1 - start);
+    }
+    let n = data.len() as f64;
+    let outside = (sample.len() - densest) as f64 / sample.len() as f64 * n;
+    let (share, most) = NEAR_BLANK_OUTSIDE;
+    outside <= (share * n).min(most)
 }
 
 /// One decoded frame preprocessed as the bundle declares, as the model's input tensor.
@@ -1971,6 +2028,15 @@ mod tests {
         let mut labelled = vec![0.0; 64 * 64];
         labelled[..16].fill(4095.0);
         assert!(blank(&frame(64, 64, 12, labelled.clone())));
+        // Real anatomy small against a large shuttered background is a picture: 4,096
+        // pixels of it (0.25 % of 1280 x 1280) are more than a label (a re-attack's finding).
+        let mut shuttered = vec![0.0; 1280 * 1280];
+        for r in 0..64 {
+            for c in 0..64 {
+                shuttered[(600 + r) * 1280 + 600 + c] = 100.0 + ((r * 7 + c * 13) % 50) as f32;
+            }
+        }
+        assert!(!blank(&frame(1280, 1280, 12, shuttered)));
         // Large frames are judged from a sample of their values, the same way.
         assert!(blank(&frame(1024, 1024, 16, noisy(1024 * 1024))));
 

@@ -420,21 +420,19 @@ impl ResultsStore {
     /// A series some of whose routes want a longer quiet time: not looked at again before
     /// `until_ms` (or a new instance).
     pub fn defer_series(&self, row: &SeriesRow, until_ms: i64) -> rusqlite::Result<()> {
-        self.defer_series_because(row, until_ms, None)
+        self.db.execute(
+            "UPDATE series SET not_before_ms = ?3, updated_ms = ?4
+             WHERE study_uid = ?1 AND series_uid = ?2",
+            params![row.study_uid, row.series_uid, until_ms, now_ms()],
+        )?;
+        Ok(())
     }
 
-    /// [`ResultsStore::defer_series`], with the reason shown meanwhile (a bundle it waits
-    /// for), or none.
-    pub fn defer_series_because(
-        &self,
-        row: &SeriesRow,
-        until_ms: i64,
-        reason: Option<&str>,
-    ) -> rusqlite::Result<()> {
+    /// Sets a job's reason (a queued job waiting for its bundle), or clears it.
+    pub fn set_job_reason(&self, id: i64, reason: Option<&str>) -> rusqlite::Result<()> {
         self.db.execute(
-            "UPDATE series SET not_before_ms = ?3, updated_ms = ?4, reason = ?5
-             WHERE study_uid = ?1 AND series_uid = ?2",
-            params![row.study_uid, row.series_uid, until_ms, now_ms(), reason],
+            "UPDATE jobs SET reason = ?2 WHERE id = ?1",
+            params![id, reason],
         )?;
         Ok(())
     }

@@ -531,8 +531,9 @@ def _model_control(server: Server, action: str, token: str) -> int:
 def test_a_series_sent_while_its_bundle_is_unloaded_is_processed_once_it_serves(work, monkeypatch):
     """A review's finding: a series that arrived while its bundle was unloaded (an operator's
     unload and load, a folder moved aside by a deployment) was left unmatched for good, and
-    `results reprocess` had no job to repeat. It waits for the bundle, and is processed once
-    the bundle serves again; one that waited its time out is routed again by `reprocess`."""
+    `results reprocess` had no job to repeat. Its job waits in the queue for the bundle, and
+    runs once the bundle serves again; a series the bundle's last `[dicom]` refuses is not
+    held for it (a re-attack's finding)."""
     token = "pipeline-admin-token-0123456789"
     monkeypatch.setenv("NIGHTINGALE_ADMIN_TOKEN", token)
     pacs = StoreScp(work)
@@ -543,21 +544,38 @@ def test_a_series_sent_while_its_bundle_is_unloaded_is_processed_once_it_serves(
         ds = with_new_uids(get_testdata_file("CT_small.dcm"), source)
         study = str(ds.StudyInstanceUID)
         store(server.port, [source])
-        # Waiting for the bundle, said in the results API (not unmatched, no job).
+        # Routed; its job waits for the bundle, said in the results API.
         report = wait_for(
-            lambda: (r := server.results(study)) and r["series"]
-            and "waiting for bundle image-orientation" in (r["series"][0]["reason"] or "") and r,
-            RESULT_TIMEOUT_S, "the series to wait for its bundle")
+            lambda: (r := server.results(study)) and r["series"] and r["series"][0]["jobs"] and r,
+            RESULT_TIMEOUT_S, "the series to be routed")
         [series] = report["series"]
-        assert series["state"] == "assembling" and not series["jobs"], report
+        [job] = series["jobs"]
+        assert series["state"] == "routed" and job["state"] == "queued", report
+        assert "waiting for bundle image-orientation" in job["reason"], job
+        time.sleep(2)
+        assert server.results(study)["series"][0]["jobs"][0]["state"] == "queued"
         assert not pacs.files()
         # An operator finds it by `results list` (the log names series by a hash only).
         out = subprocess.run([str(binary()), "results", "list", "--data-dir", str(server.data)],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         [line] = [l for l in out.stdout.splitlines() if study in l]
-        assert line.split("\t")[:4] == ["series", study, str(ds.SeriesInstanceUID), "assembling"]
+        assert line.split("\t")[1:5] == [study, str(ds.SeriesInstanceUID), "image-orientation",
+                                          "queued"], line
         assert "waiting for bundle image-orientation" in line
+        out = subprocess.run([str(binary()), "results", "list", "--state", "waiting",
+                              "--data-dir", str(server.data)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "assembling" in out.stderr, out
+        # A series the unloaded bundle's [dicom] refuses (ultrasound) is not held for it.
+        us = work / "us.dcm"
+        us_ds = with_new_uids(get_testdata_file("US1_UNCR.dcm"), us)
+        store(server.port, [us])
+        report = wait_for(
+            lambda: (r := server.results(str(us_ds.StudyInstanceUID))) and r["series"]
+            and r["series"][0]["state"] == "unmatched" and r,
+            RESULT_TIMEOUT_S, "the ultrasound series unmatched")
+        assert "refuses" in report["series"][0]["reason"], report
         # The bundle back: the series is processed, once.
         assert _model_control(server, "load", token) == 200
         files = wait_for(lambda: len(pacs.files()) >= 2 and pacs.files(), RESULT_TIMEOUT_S,
@@ -600,6 +618,11 @@ def test_an_unload_stops_a_running_job_and_it_runs_again_once_the_bundle_serves(
         wait_for(lambda: (r := server.results(study)) and r["series"][0]["jobs"]
                  and r["series"][0]["jobs"][0]["state"] == "processing",
                  RESULT_TIMEOUT_S, "the job to run")
+        # The same files loaded again (a plain load of what serves) are the same version:
+        # the job goes on (it started over at every such load: a re-attack's finding).
+        assert _model_control(server, "load", token) == 200
+        assert server.results(study)["series"][0]["jobs"][0]["state"] == "processing"
+        assert server.metric("nightingale_pipeline_jobs_requeued_total") == 0
         assert _model_control(server, "unload", token) == 200
         report = wait_for(
             lambda: (r := server.results(study)) and r["series"][0]["jobs"][0]["state"] == "queued"
