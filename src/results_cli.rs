@@ -10,9 +10,10 @@ use clap::{Args, Subcommand};
 
 #[derive(Subcommand, Debug)]
 pub enum ResultsCommand {
-    /// List the series not routed (waiting for a bundle, unmatched, failed) and the jobs
-    /// not done (queued, processing, failed), with their Study and Series Instance UIDs
-    /// and reasons: what to look at, or to `reprocess`.
+    /// List the series not routed (still assembling, unmatched, failed), or routed without
+    /// a bundle their routes name, and the jobs not done (queued, among them those waiting
+    /// for their bundle; processing; failed), with their Study and Series Instance UIDs and
+    /// reasons: what to look at, or to `reprocess`.
     List {
         /// Only this state (series: assembling, unmatched, failed, routed; jobs: queued,
         /// processing, failed, done, superseded).
@@ -124,11 +125,14 @@ pub fn results(command: ResultsCommand) -> anyhow::Result<()> {
                 }
                 held
             };
-            let jobs = store.reprocess_series(study, model.as_deref(), held)?;
-            // Series no route took (they arrived while their bundle was not serving, or
-            // before their route was configured): routed again by the running server, as
-            // if they had just arrived (they had no job to repeat: a review's finding).
-            let rerouted = store.reroute_unmatched(study, held)?;
+            // Series no route took, or routed without a bundle their routes name (they
+            // arrived while it was not in the repository, or before their route was
+            // configured): routed again by the running server, as if they had just arrived
+            // (they had no job to repeat: a review's finding), their other jobs with them.
+            let rerouted = store.reroute_unmatched(study, model.as_deref(), held)?;
+            let jobs = store.reprocess_series(study, model.as_deref(), |s| {
+                !rerouted.iter().any(|r| r == s) && held(s)
+            })?;
             let gone = gone.into_inner();
             for series in &gone {
                 println!(
@@ -138,7 +142,7 @@ pub fn results(command: ResultsCommand) -> anyhow::Result<()> {
             }
             if !rerouted.is_empty() {
                 println!(
-                    "routed again: {} series that no route took (the server routes them as it does a series that has just arrived)",
+                    "routed again: {} series that no route took, or that missed a bundle (the server routes them as it does a series that has just arrived)",
                     rerouted.len()
                 );
             }

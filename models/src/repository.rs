@@ -1629,12 +1629,11 @@ impl Repository {
             .collect()
     }
 
-    /// Whether `name` is a model this repository knows: one it has loaded or tried to, or a
-    /// folder in it.
+    /// Whether `name` is a bundle folder in this repository now (what a server knows of a
+    /// folder gone outlives it only until a restart: a series was given a job for it, or
+    /// not, by whether the server had restarted, a re-attack's finding).
     pub fn knows(&self, name: &str) -> bool {
-        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
-        models.contains_key(name)
-            || (crate::manifest::valid_name(name) && self.root.join(name).is_dir())
+        crate::manifest::valid_name(name) && self.root.join(name).is_dir()
     }
 
     /// Every version being served.

@@ -151,6 +151,12 @@ pub fn purge_results(
 /// The reason a routed series' late instances were not processed.
 const LATE_IGNORED: &str = "late instances ignored";
 
+/// The start of a routed series' reason when a bundle its routes name got no job (not in
+/// the repository then: a folder moved aside during a deployment): the series is listed by
+/// `results list`, and `results reprocess` routes it again (it was lost without a record: a
+/// re-attack's finding).
+pub const ROUTED_WITHOUT: &str = "routed without ";
+
 /// How long after it was made a queued job waits for its bundle to serve before it runs
 /// anyway (and fails `bundle_unavailable`): jobs queued when their bundle was unloaded
 /// failed at once, for good, and series that arrived meanwhile were left unmatched (a
@@ -558,7 +564,10 @@ impl Pipeline {
         // Late instances of a series that was routed are ignored; one that was left
         // unmatched or failed is looked at again (it was marked "routed, late instances
         // ignored", its real outcome hidden: a red-team finding).
-        let was_routed = row.reason.as_deref().is_none_or(|r| r == LATE_IGNORED);
+        let was_routed = row
+            .reason
+            .as_deref()
+            .is_none_or(|r| r == LATE_IGNORED || r.starts_with(ROUTED_WITHOUT));
         if row.routed_instances > 0 && self.config.late == Late::Ignore && was_routed {
             tracing::info!(series = %tag, "late instances ignored (late = ignore)");
             self.store()
@@ -669,6 +678,7 @@ impl Pipeline {
         // were left unmatched for good (a review's finding); holding the whole series for
         // it held every other bundle's result too (a re-attack's finding).
         let unloaded = self.state.repository.unloaded_imaging();
+        let mut missed: Vec<String> = Vec::new();
         let mut made = 0;
         for route in matching {
             for bundle in &route.bundles {
@@ -687,6 +697,7 @@ impl Pipeline {
                         "{}: bundle {bundle} is not in the repository",
                         route.name
                     ));
+                    missed.push(bundle.clone());
                     continue;
                 }
                 match &accepts {
@@ -739,7 +750,16 @@ impl Pipeline {
             tracing::info!(series = %tag, jobs = made, "series routed");
             metrics::counter!("nightingale_pipeline_series_total", "outcome" => "routed")
                 .increment(1);
-            self.store().settle_series(row, "routed", None)?;
+            missed.sort_unstable();
+            missed.dedup();
+            let reason = (!missed.is_empty()).then(|| {
+                format!(
+                    "{ROUTED_WITHOUT}bundle {}: not in the repository (`results reprocess` routes it again)",
+                    missed.join(", ")
+                )
+            });
+            self.store()
+                .settle_series(row, "routed", reason.as_deref())?;
         }
         Ok(made)
     }

@@ -448,10 +448,16 @@ impl ResultsStore {
         let mut stmt = self.db.prepare(
             "SELECT study_uid, series_uid, instances, last_received_ms, routed_instances,
                     state, reason, last_row
-             FROM series WHERE (?1 IS NULL AND state != 'routed') OR state = ?1
+             FROM series
+             WHERE (?1 IS NULL AND (state != 'routed'
+                                    OR substr(reason, 1, length(?3)) = ?3))
+                OR state = ?1
              ORDER BY updated_ms, study_uid, series_uid LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![state, limit as i64], series_row)?;
+        let rows = stmt.query_map(
+            params![state, limit as i64, super::ROUTED_WITHOUT],
+            series_row,
+        )?;
         rows.collect()
     }
 
@@ -467,23 +473,34 @@ impl ResultsStore {
         rows.collect()
     }
 
-    /// Puts the study's series that no route took (`unmatched`, and no job) back to be
-    /// routed again, as if they had just arrived, when `keep` accepts them (by Series
+    /// Puts the study's series that no route took (`unmatched`, and no job), and those
+    /// routed without a bundle their routes name ([`super::ROUTED_WITHOUT`]; with `bundle`,
+    /// only those that have no job of it), back to be routed again, as if they had just
+    /// arrived (every route that takes them runs), when `keep` accepts them (by Series
     /// Instance UID): `nightingale results reprocess` of a series that arrived while its
-    /// bundle was not serving, or before its route was configured. Returns their UIDs.
+    /// bundle was not in the repository, or before its route was configured. Returns their
+    /// UIDs.
     pub fn reroute_unmatched(
         &self,
         study_uid: &str,
+        bundle: Option<&str>,
         keep: impl Fn(&str) -> bool,
     ) -> rusqlite::Result<Vec<String>> {
         let unmatched: Vec<String> = {
             let mut stmt = self.db.prepare(
-                "SELECT series_uid FROM series s WHERE study_uid = ?1 AND state = 'unmatched'
-                   AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = s.study_uid
-                                   AND j.series_uid = s.series_uid)
+                "SELECT series_uid FROM series s WHERE study_uid = ?1
+                   AND ((state = 'unmatched'
+                         AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = s.study_uid
+                                         AND j.series_uid = s.series_uid))
+                        OR (state = 'routed' AND substr(reason, 1, length(?2)) = ?2
+                            AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = s.study_uid
+                                            AND j.series_uid = s.series_uid
+                                            AND ?3 IS NOT NULL AND j.bundle = ?3)))
                  ORDER BY series_uid",
             )?;
-            let rows = stmt.query_map([study_uid], |r| r.get(0))?;
+            let rows = stmt.query_map(params![study_uid, super::ROUTED_WITHOUT, bundle], |r| {
+                r.get(0)
+            })?;
             rows.collect::<rusqlite::Result<_>>()?
         };
         let mut out = Vec::new();
@@ -494,7 +511,7 @@ impl ResultsStore {
             self.db.execute(
                 "UPDATE series SET state = 'assembling', reason = NULL, not_before_ms = 0,
                                    updated_ms = ?3
-                 WHERE study_uid = ?1 AND series_uid = ?2 AND state = 'unmatched'",
+                 WHERE study_uid = ?1 AND series_uid = ?2",
                 params![study_uid, series, now_ms()],
             )?;
             out.push(series);
@@ -1278,7 +1295,9 @@ mod tests {
             .unwrap();
         store.add_job("1.2", "1.2.6", "r", "m", 1, "").unwrap();
         // 1.2.4 is not kept (e.g. no longer in the spool).
-        let again = store.reroute_unmatched("1.2", |s| s != "1.2.4").unwrap();
+        let again = store
+            .reroute_unmatched("1.2", None, |s| s != "1.2.4")
+            .unwrap();
         assert_eq!(again, ["1.2.3"]);
         let rows = store.series("1.2").unwrap();
         let state = |uid: &str| {

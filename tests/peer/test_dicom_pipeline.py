@@ -42,7 +42,7 @@ from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from dicom_support import (identifiers_in, REPO, RESULT_TIMEOUT_S, SC_CLASS, SR_CLASS, Server, StoreScp, binary,
+from dicom_support import (BUNDLE, identifiers_in, REPO, RESULT_TIMEOUT_S, SC_CLASS, SR_CLASS, Server, StoreScp, binary,
                            dciodvfy_errors, expected_probability, free_port, imaging,
                            referenced_uids, spool_index, sr_numbers, stop, store, tool, wait_for,
                            with_new_uids)
@@ -519,9 +519,9 @@ def test_reprocess_makes_a_new_result_series_and_keeps_the_old(work):
         stop(pacs.proc)
 
 
-def _model_control(server: Server, action: str, token: str) -> int:
+def _model_control(server: Server, action: str, token: str, model: str = "image-orientation") -> int:
     req = urllib.request.Request(
-        f"http://127.0.0.1:{server.http}/v2/repository/models/image-orientation/{action}",
+        f"http://127.0.0.1:{server.http}/v2/repository/models/{model}/{action}",
         data=b"{}", method="POST",
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
@@ -587,6 +587,61 @@ def test_a_series_sent_while_its_bundle_is_unloaded_is_processed_once_it_serves(
         [job] = report["series"][0]["jobs"]
         assert job["bundle"] == "image-orientation"
         assert len(files) == 2
+    finally:
+        stop(server.proc)
+        stop(pacs.proc)
+
+
+def test_a_series_routed_without_a_bundle_aside_is_listed_and_reprocess_routes_it_again(work, monkeypatch):
+    """A re-attack's finding: a series that came while one of its route's bundles was out of
+    the repository (unloaded, its folder moved aside by a deployment) got no job for it and
+    no record of that, and `results reprocess` could not bring it back. It is routed to what
+    is there, says which bundle it went without, is listed, and is routed again by
+    `reprocess` once the bundle is back."""
+    token = "pipeline-admin-token-0123456789"
+    monkeypatch.setenv("NIGHTINGALE_ADMIN_TOKEN", token)
+    lesion = REPO / "models" / "bundles" / "lesion-detection"
+    config = work / "routes.toml"
+    config.write_text('[[routes]]\nname = "ct"\nmodality = ["CT"]\n'
+                      'bundles = ["image-orientation", "lesion-detection"]\n')
+    pacs = StoreScp(work)
+    server = Server(work, f"STORESCP@127.0.0.1:{pacs.port}", ("--config", str(config)),
+                    bundles=(BUNDLE, lesion))
+    aside = work / "aside"
+    try:
+        assert _model_control(server, "unload", token, "lesion-detection") == 200
+        shutil.move(work / "models" / "lesion-detection", aside)
+        source = work / "source.dcm"
+        ds = with_new_uids(get_testdata_file("CT_small.dcm"), source)
+        study = str(ds.StudyInstanceUID)
+        store(server.port, [source])
+        report = wait_for(
+            lambda: (r := server.results(study)) and r["series"] and r["series"][0]["jobs"]
+            and r["series"][0]["jobs"][0]["state"] == "done" and r,
+            RESULT_TIMEOUT_S, "image-orientation's job done")
+        [series] = report["series"]
+        assert [j["bundle"] for j in series["jobs"]] == ["image-orientation"], report
+        assert series["state"] == "routed"
+        assert "routed without bundle lesion-detection" in series["reason"], series
+        out = subprocess.run([str(binary()), "results", "list", "--data-dir", str(server.data)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert any(study in l and "routed without bundle lesion-detection" in l
+                   for l in out.stdout.splitlines()), out.stdout
+        # The bundle back: `reprocess` routes the series again, lesion-detection included.
+        shutil.move(aside, work / "models" / "lesion-detection")
+        assert _model_control(server, "load", token, "lesion-detection") == 200
+        out = subprocess.run([str(binary()), "results", "reprocess", "--study", study,
+                              "--model", "lesion-detection", "--data-dir", str(server.data)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, (out.stdout, out.stderr)
+        assert "routed again: 1 series" in out.stdout, out.stdout
+        report = wait_for(
+            lambda: (r := server.results(study)) and any(
+                j["bundle"] == "lesion-detection" and j["state"] == "done"
+                for j in r["series"][0]["jobs"]) and r,
+            3 * RESULT_TIMEOUT_S, "lesion-detection's job done")
+        assert report["series"][0]["reason"] is None, report
     finally:
         stop(server.proc)
         stop(pacs.proc)
