@@ -35,7 +35,8 @@ pub enum ResultsCommand {
         /// The Study Instance UID.
         #[arg(long)]
         study: String,
-        /// Only this bundle's results (default: every bundle that processed the study).
+        /// Only this bundle's results (default: every bundle that processed the study); a
+        /// series routed without it is routed again (its other bundles run again too).
         #[arg(long)]
         model: Option<String>,
         #[command(flatten)]

@@ -151,6 +151,16 @@ pub fn purge_results(
 /// The reason a routed series' late instances were not processed.
 const LATE_IGNORED: &str = "late instances ignored";
 
+/// The bundles a routed series went without, read from its reason (see [`ROUTED_WITHOUT`]).
+pub fn routed_without(reason: &str) -> Vec<&str> {
+    reason
+        .strip_prefix(ROUTED_WITHOUT)
+        .and_then(|r| r.strip_prefix("bundle "))
+        .and_then(|r| r.split_once(':'))
+        .map(|(names, _)| names.split(", ").collect())
+        .unwrap_or_default()
+}
+
 /// The start of a routed series' reason when a bundle its routes name got no job (not in
 /// the repository then: a folder moved aside during a deployment): the series is listed by
 /// `results list`, and `results reprocess` routes it again (it was lost without a record: a
@@ -570,8 +580,13 @@ impl Pipeline {
             .is_none_or(|r| r == LATE_IGNORED || r.starts_with(ROUTED_WITHOUT));
         if row.routed_instances > 0 && self.config.late == Late::Ignore && was_routed {
             tracing::info!(series = %tag, "late instances ignored (late = ignore)");
-            self.store()
-                .settle_series(row, "routed", Some(LATE_IGNORED))?;
+            // A bundle it went without stays said (overwritten, the series was lost again:
+            // a re-attack's finding).
+            let reason = match row.reason.as_deref() {
+                Some(r) if r.starts_with(ROUTED_WITHOUT) => r,
+                _ => LATE_IGNORED,
+            };
+            self.store().settle_series(row, "routed", Some(reason))?;
             return Ok(0);
         }
         let instances = self

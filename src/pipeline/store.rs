@@ -437,8 +437,10 @@ impl ResultsStore {
         Ok(())
     }
 
-    /// Series in `state`, or in every state but `routed` (waiting, unmatched, failed), the
-    /// longest-standing first, at most `limit`: `nightingale results list`, for an operator
+    /// Series in `state`, or in every state but `routed` (waiting, unmatched, failed) and
+    /// those routed without a bundle, the latest first (a route naming a bundle gone for good
+    /// lists every series it matches: newer failures were pushed out of the first page, a
+    /// re-attack's finding), at most `limit`: `nightingale results list`, for an operator
     /// to find the studies to look at (the log names series by a hash only).
     pub fn series_in_state(
         &self,
@@ -452,7 +454,7 @@ impl ResultsStore {
              WHERE (?1 IS NULL AND (state != 'routed'
                                     OR substr(reason, 1, length(?3)) = ?3))
                 OR state = ?1
-             ORDER BY updated_ms, study_uid, series_uid LIMIT ?2",
+             ORDER BY updated_ms DESC, study_uid, series_uid LIMIT ?2",
         )?;
         let rows = stmt.query_map(
             params![state, limit as i64, super::ROUTED_WITHOUT],
@@ -488,20 +490,32 @@ impl ResultsStore {
     ) -> rusqlite::Result<Vec<String>> {
         let unmatched: Vec<String> = {
             let mut stmt = self.db.prepare(
-                "SELECT series_uid FROM series s WHERE study_uid = ?1
+                "SELECT series_uid, state, coalesce(reason, '') FROM series s
+                 WHERE study_uid = ?1
                    AND ((state = 'unmatched'
                          AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = s.study_uid
                                          AND j.series_uid = s.series_uid))
-                        OR (state = 'routed' AND substr(reason, 1, length(?2)) = ?2
-                            AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = s.study_uid
-                                            AND j.series_uid = s.series_uid
-                                            AND ?3 IS NOT NULL AND j.bundle = ?3)))
+                        OR (state = 'routed' AND substr(reason, 1, length(?2)) = ?2))
                  ORDER BY series_uid",
             )?;
-            let rows = stmt.query_map(params![study_uid, super::ROUTED_WITHOUT, bundle], |r| {
-                r.get(0)
+            let rows = stmt.query_map(params![study_uid, super::ROUTED_WITHOUT], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
             })?;
-            rows.collect::<rusqlite::Result<_>>()?
+            let rows = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            // A series routed without bundles is routed again for one of them only (`bundle`
+            // another, or unknown, re-ran and resent every other bundle's results: a
+            // re-attack's finding).
+            rows.into_iter()
+                .filter(|(_, state, reason)| {
+                    state == "unmatched"
+                        || bundle.is_none_or(|b| super::routed_without(reason).contains(&b))
+                })
+                .map(|(series, _, _)| series)
+                .collect()
         };
         let mut out = Vec::new();
         for series in unmatched {
@@ -1332,6 +1346,35 @@ mod tests {
         let jobs = store.jobs_in_state(None, 10).unwrap();
         assert_eq!(jobs.len(), 1);
         assert!(store.jobs_in_state(Some("done"), 10).unwrap().is_empty());
+        // A series routed without bundles is routed again for one of them only (a re-attack:
+        // `--model` of another bundle, or a typo, re-ran every other bundle).
+        store.note_series("1.3", "1.3.1", 1, 1_000).unwrap();
+        let rows = store.series("1.3").unwrap();
+        let reason = format!(
+            "{}bundle m, n: not in the repository",
+            crate::pipeline::ROUTED_WITHOUT
+        );
+        store
+            .settle_series(&rows[0], "routed", Some(&reason))
+            .unwrap();
+        assert_eq!(crate::pipeline::routed_without(&reason), ["m", "n"]);
+        assert!(
+            store
+                .series_in_state(None, 10)
+                .unwrap()
+                .iter()
+                .any(|r| r.series_uid == "1.3.1")
+        );
+        assert!(
+            store
+                .reroute_unmatched("1.3", Some("x"), |_| true)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store.reroute_unmatched("1.3", Some("n"), |_| true).unwrap(),
+            ["1.3.1"]
+        );
     }
 
     #[test]

@@ -628,6 +628,12 @@ def test_a_series_routed_without_a_bundle_aside_is_listed_and_reprocess_routes_i
         assert out.returncode == 0, out.stderr
         assert any(study in l and "routed without bundle lesion-detection" in l
                    for l in out.stdout.splitlines()), out.stdout
+        # `--model` of a bundle it did not go without (a typo) routes nothing again (it re-ran
+        # and resent the other bundle's results: a re-attack's finding).
+        out = subprocess.run([str(binary()), "results", "reprocess", "--study", study,
+                              "--model", "no-such-model", "--data-dir", str(server.data)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "routed again" not in out.stdout, (out.stdout, out.stderr)
         # The bundle back: `reprocess` routes the series again, lesion-detection included.
         shutil.move(aside, work / "models" / "lesion-detection")
         assert _model_control(server, "load", token, "lesion-detection") == 200
