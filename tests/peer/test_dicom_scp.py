@@ -513,6 +513,11 @@ def test_instances_stored_while_the_audit_trail_is_down_are_acknowledged_and_aud
         verified = subprocess.run([str(_binary()), "audit", "verify", str(held)],
                                   capture_output=True, text=True, timeout=60)
         assert verified.returncode == 0, verified.stdout + verified.stderr
+        # The gauge is set just after a record is written to the held file (bounded wait: a
+        # run read it between the two once).
+        deadline = time.monotonic() + 10
+        while s.metric("nightingale_audit_held_records") != 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert s.metric("nightingale_audit_held_records") == 5
         assert len(_records(away)) == before, "nothing reached the trail while it was down"
 
