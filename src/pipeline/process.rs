@@ -368,10 +368,11 @@ impl Pipeline {
                 "the bundle declares no [preprocessing] or [dicom]",
             ));
         };
+        // The series' instances, listed once for the job.
+        let instances = self.series_instances(job)?;
         // The bundle's `[dicom]` as it serves now has the last word: a job made while it
         // was not serving (or before a new version) was routed without it, or by an older one.
         {
-            let instances = self.series_instances(job)?;
             let first = instances.first().map(|i| i.path.clone());
             let header = blocking(move || {
                 first
@@ -399,13 +400,12 @@ impl Pipeline {
         let reported = reported_outputs(&model, route_report.as_ref().unwrap_or(&accepts.report))?;
         if accepts.is_volume() {
             return self
-                .process_volume(job, model, pre, &accepts, reported)
+                .process_volume(job, model, pre, &accepts, reported, instances)
                 .await;
         }
         let input_shape = model_input_shape(&model, &pre)?;
 
-        // The series, its headers, and one check that it is one kind of image.
-        let instances = self.series_instances(job)?;
+        // The series' headers, and one check that it is one kind of image.
         let paths: Vec<PathBuf> = instances.iter().map(|s| s.path.clone()).collect();
         let max_frames = accepts.max_frames.unwrap_or(u32::MAX);
         let limits = Limits::default();
@@ -672,9 +672,9 @@ impl Pipeline {
         pre: Preprocessing,
         accepts: &DicomAccepts,
         reported: Vec<Reported>,
+        instances: Vec<nightingale_dicom::Stored>,
     ) -> Result<(Vec<SeriesFinding>, Vec<ResultObject>, String), JobFailure> {
         let shape = model_volume_shape(&model, &pre)?;
-        let instances = self.series_instances(job)?;
         let paths: Vec<PathBuf> = instances.iter().map(|s| s.path.clone()).collect();
         let (min, max) = accepts.slices();
         let started = Instant::now();
@@ -1494,7 +1494,8 @@ pub(crate) const NEAR_BLANK_OUTSIDE: (f64, f64) = (0.005, 256.0);
 /// Below this correlation of neighbouring pixels (the larger of the row and the column
 /// neighbours') a frame reads as noise: 0.54 and more in every real image of pydicom's,
 /// pydicom-data's and deid-data's test files (16 x 16 thumbnails the lowest), about 0 for
-/// white noise (and for compressed bytes taken as native pixels).
+/// white noise (and for compressed bytes taken as native pixels); one direction alone goes
+/// to -0.88 in some of those files (`scripts/picture_stats.py`).
 pub(crate) const NOISE_CORRELATION: f64 = 0.2;
 
 /// Why a decoded frame holds no picture for a model to read.
