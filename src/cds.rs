@@ -1262,7 +1262,8 @@ impl Cds {
         let passes = method.forward_passes();
         let coalitions = passes / background.len() - 1;
         let mut method: Box<dyn Perturber> = Box::new(method);
-        let chunk = crate::http::explain::forward_pass_chunk(model, x32.len() * 4);
+        // One explanation (a card's), outside the explanations' turns: its rows are small.
+        let chunk = crate::http::explain::forward_pass_chunk(model, x32.len() * 4, 1);
         let patient = match Tensor::from_vec(vec![1, x32.len()], x32) {
             Ok(t) => vec![NamedTensor::new(input, t)],
             Err(e) => return Ok(Err(e.to_string())),

@@ -65,7 +65,10 @@ impl Drop for CdsStore {
 }
 
 fn open(path: &Path) -> rusqlite::Result<Connection> {
+    // Its owner's alone, what is deleted overwritten (as the results store).
+    nightingale_dicom::spool::private_database(path).map_err(crate::pipeline::store::io_error)?;
     let db = Connection::open(path)?;
+    db.pragma_update(None, "secure_delete", true)?;
     db.busy_timeout(std::time::Duration::from_secs(10))?;
     // Another program's database, another store's, or a newer layout: refused before
     // anything in it is changed.
@@ -112,10 +115,12 @@ impl CdsStore {
             path: path.clone(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
-            path: dir.to_owned(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir)
+            .and_then(|()| nightingale_dicom::spool::narrow(dir, 0o700))
+            .map_err(|source| StoreError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
         let db = open(&path).map_err(sql)?;
         crate::pipeline::store::quick_check(&db).map_err(sql)?;
         // A store from before cards kept their client (feedback from another EHR replaced

@@ -282,8 +282,9 @@ pub struct ServeArgs {
     /// after each failed attempt, up to 300 s). [default: 2]
     #[arg(long, env = "NIGHTINGALE_RESULTS_RETRY_SECS")]
     pub results_retry_secs: Option<f64>,
-    /// Delivery attempts per result object before it goes to the dead-letter folder.
-    /// [default: 6]
+    /// Delivery attempts per result object before it goes to the dead-letter folder (with
+    /// the default delays, 100 attempts span about 7.7 hours: a PACS restart or a night's
+    /// maintenance; `nightingale results resend` sends dead letters again). [default: 100]
     #[arg(long, env = "NIGHTINGALE_RESULTS_MAX_ATTEMPTS")]
     pub results_max_attempts: Option<u32>,
     /// Bound on one whole C-STORE exchange of a result object with a destination (request,
@@ -1348,9 +1349,9 @@ impl ServeArgs {
                     0.01..=3_600.0,
                 )?;
                 let max_attempts = self.results_max_attempts.or(file.results_max_attempts);
-                if matches!(max_attempts, Some(n) if !(1..=100).contains(&n)) {
+                if matches!(max_attempts, Some(n) if !(1..=1000).contains(&n)) {
                     return Err(ConfigError::Invalid(
-                        "results_max_attempts must be between 1 and 100".into(),
+                        "results_max_attempts must be between 1 and 1000".into(),
                     ));
                 }
                 let exchange_timeout = seconds_within(

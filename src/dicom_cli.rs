@@ -373,21 +373,131 @@ pub fn spool(command: SpoolCommand) -> anyhow::Result<()> {
                      give --data-dir to purge the results of the same data folder with it"
                 );
             }
-            if let Some(results) = spool.results() {
-                let counts = nightingale::pipeline::purge_results(&results, cutoff, dry_run)?;
-                println!(
-                    "{} {}: {} jobs, {} result objects ({} files), {} series",
-                    if dry_run { "would purge" } else { "purged" },
-                    shown(&results),
-                    counts.jobs,
-                    counts.objects,
-                    counts.files.len(),
-                    counts.series
+            // What this deleted is kept in the spool's index until the server writes it to
+            // the audit trail (it holds the trail; at its next start if it is not running):
+            // a purge left no record anywhere (a review's finding).
+            let mut also = format!(
+                "command=spool-purge older_than={} force={force}",
+                humantime::format_duration(older_than)
+                    .to_string()
+                    .replace(' ', "")
+            );
+            let results = match spool.results() {
+                Some(results) => {
+                    match nightingale::pipeline::purge_results(&results, cutoff, dry_run) {
+                        Ok(counts) => {
+                            println!(
+                                "{} {}: {} jobs, {} result objects ({} files), {} series",
+                                if dry_run { "would purge" } else { "purged" },
+                                shown(&results),
+                                counts.jobs,
+                                counts.objects,
+                                counts.files.len(),
+                                counts.series
+                            );
+                            if counts.jobs + counts.objects + counts.series > 0 {
+                                also.push_str(&format!(
+                                    " result_jobs={} result_objects={} result_series={}",
+                                    counts.jobs, counts.objects, counts.series
+                                ));
+                            }
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                None => Ok(()),
+            };
+            let purged_results = also.contains(" result_");
+            let recorded = opened.record_purge(
+                &operator(),
+                cutoff,
+                &report,
+                if purged_results || report.instances > 0 || report.quarantine_files > 0 {
+                    &also
+                } else {
+                    ""
+                },
+            );
+            if let Err(e) = recorded {
+                eprintln!(
+                    "error: the purge is not recorded for the audit trail: {}",
+                    text(&e)
                 );
+                results?;
+                std::process::exit(1);
             }
+            results?;
             Ok(())
         }
     }
+}
+
+/// Who runs a purge from the command line, as its audit record names it: `operator`, and
+/// the login name where the environment gives one (printable, at most 64 characters).
+pub(crate) fn operator() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_default();
+    let user: String = user
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(64)
+        .collect();
+    if user.is_empty() {
+        "operator".to_owned()
+    } else {
+        format!("operator:{user}")
+    }
+}
+
+/// Writes the purges the spool has kept ([`nightingale_dicom::Spool::record_purge`]: the
+/// retention task's, an operator's `nightingale spool purge`) to the audit trail, at
+/// start-up and every 5 s. A purge whose records the trail refuses stays kept and is tried
+/// again (its records already written are then written again).
+pub fn purge_audit_task(
+    spool: Arc<nightingale_dicom::Spool>,
+    audit: nightingale::audit::AuditLog,
+    uids: nightingale::audit::dicom::UidAudit,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let kept = {
+                let spool = spool.clone();
+                tokio::task::spawn_blocking(move || spool.purges_to_audit(64)).await
+            };
+            let entries = match kept {
+                Ok(Ok(entries)) => entries,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "spool purges not read for the audit trail");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "spool purge audit panicked");
+                    continue;
+                }
+            };
+            'entries: for entry in entries {
+                for record in nightingale::audit::dicom::purge_records(&entry, uids) {
+                    if let Err(e) = audit.record(record).await {
+                        tracing::warn!(error = %e,
+                            "a spool purge is not in the audit trail yet: tried again later");
+                        break 'entries;
+                    }
+                }
+                let spool = spool.clone();
+                match tokio::task::spawn_blocking(move || spool.purge_audited(entry.id)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e,
+                        "a spool purge audited is not marked so: its records may be written again"),
+                    Err(e) => tracing::error!(error = %e, "spool purge audit panicked"),
+                }
+            }
+        }
+    })
 }
 
 /// The retention task of `serve`: purges what is older than `retention` at start-up, then
@@ -413,7 +523,9 @@ pub fn retention_task(
                 let cutoff = SystemTime::now()
                     .checked_sub(retention)
                     .unwrap_or(SystemTime::UNIX_EPOCH);
-                spool.purge(cutoff, false)
+                let report = spool.purge(cutoff, false)?;
+                spool.record_purge("retention", cutoff, &report, "")?;
+                Ok::<_, nightingale_dicom::maintenance::MaintenanceError>(report)
             })
             .await;
             match purged {

@@ -560,6 +560,10 @@ fn lock_folder(
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("cannot create the {what} {}", dir.display()))?;
+    // One made beforehand (a package's `mkdir /var/lib/nightingale`, 0755) is its owner's
+    // alone too: it holds patient data (a review found the results store readable by all).
+    nightingale_dicom::spool::narrow(dir, 0o700)
+        .with_context(|| format!("cannot narrow the {what} {} to its owner", dir.display()))?;
     let path = dir.join(name);
     let file = nightingale_models::open_lock_file(&path)
         .with_context(|| format!("cannot open the lock file {}", path.display()))?;
@@ -982,11 +986,17 @@ async fn start_services(
         ));
         tracing::info!("DICOMweb on: STOW-RS and QIDO-RS at /dicomweb");
     }
-    // Retention (OPS slice) runs on the spool whichever way it was opened.
-    if let (Some(spool), Some(w)) = (&spool, &config.dicomweb)
-        && let Some(retention) = dicom_cli::retention_task(spool.clone(), w.retention)
-    {
-        tasks.push(retention);
+    // Retention (OPS slice) runs on the spool whichever way it was opened; every purge's
+    // record reaches the audit trail through the spool's index.
+    if let (Some(spool), Some(w)) = (&spool, &config.dicomweb) {
+        if let Some(retention) = dicom_cli::retention_task(spool.clone(), w.retention) {
+            tasks.push(retention);
+        }
+        tasks.push(dicom_cli::purge_audit_task(
+            spool.clone(),
+            state.audit.clone(),
+            w.audit_uids,
+        ));
     }
     // ---- DICOM pipeline (issue 9): series in the spool → routed bundles → SR/SC to PACS ----
     if let (Some(settings), Some(spool)) = (&config.pipeline, &spool) {

@@ -11,15 +11,17 @@ use clap::{Args, Subcommand};
 #[derive(Subcommand, Debug)]
 pub enum ResultsCommand {
     /// List the series not routed (still assembling, unmatched, failed), or routed without
-    /// a bundle their routes name, and the jobs not done (queued, among them those waiting
-    /// for their bundle; processing; failed), with their Study and Series Instance UIDs and
-    /// reasons: what to look at, or to `reprocess`.
+    /// a bundle their routes name, the jobs not done (queued, among them those waiting
+    /// for their bundle; processing; failed), and the result objects not delivered (given
+    /// up, `dead`; or being retried), with their Study and Series Instance UIDs and
+    /// reasons: what to look at, to `reprocess`, or to `resend`.
     List {
         /// Only this state (series: assembling, unmatched, failed, routed; jobs: queued,
-        /// processing, failed, done, superseded).
+        /// processing, failed, done, superseded; result objects: dead, retrying).
         #[arg(long, value_parser = [
             "assembling", "unmatched", "failed", "routed",
             "queued", "processing", "done", "superseded",
+            "dead", "retrying",
         ])]
         state: Option<String>,
         /// At most this many series, and this many jobs.
@@ -39,6 +41,20 @@ pub enum ResultsCommand {
         /// series routed without it is routed again (its other bundles run again too).
         #[arg(long)]
         model: Option<String>,
+        #[command(flatten)]
+        results: ResultsArgs,
+    },
+    /// Send again the result objects given up (`dead`: a destination down or refusing for
+    /// longer than the attempts allow), from the dead-letter folder, once the destination
+    /// is back: each is tried anew (`--results-max-attempts`). The running server picks
+    /// them up within a second. Objects of superseded jobs are not sent again.
+    Resend {
+        /// Only this study's (Study Instance UID).
+        #[arg(long)]
+        study: Option<String>,
+        /// Only those for this destination (as `results list` shows it: AE@host:port).
+        #[arg(long)]
+        destination: Option<String>,
         #[command(flatten)]
         results: ResultsArgs,
     },
@@ -65,9 +81,22 @@ pub fn results(command: ResultsCommand) -> anyhow::Result<()> {
         } => {
             let store = open_store(&results)?;
             let state = state.as_deref().map(str::trim);
-            let series = store.series_in_state(state, limit as usize)?;
-            let jobs = store.jobs_in_state(state, limit as usize)?;
-            if series.is_empty() && jobs.is_empty() {
+            let objects_only = matches!(state, Some("dead" | "retrying"));
+            let (series, jobs) = if objects_only {
+                (Vec::new(), Vec::new())
+            } else {
+                (
+                    store.series_in_state(state, limit as usize)?,
+                    store.jobs_in_state(state, limit as usize)?,
+                )
+            };
+            let objects = match state {
+                None => store.undelivered(None, limit as usize)?,
+                Some("dead") => store.undelivered(Some("dead"), limit as usize)?,
+                Some("retrying") => store.undelivered(Some("pending"), limit as usize)?,
+                Some(_) => Vec::new(),
+            };
+            if series.is_empty() && jobs.is_empty() && objects.is_empty() {
                 println!("nothing listed");
                 return Ok(());
             }
@@ -94,6 +123,74 @@ pub fn results(command: ResultsCommand) -> anyhow::Result<()> {
                     text(j.reason.as_deref())
                 );
             }
+            for (study, o) in &objects {
+                let state = if o.delivery == "dead" {
+                    "dead".to_owned()
+                } else {
+                    format!("retrying (attempt {} next)", o.attempts + 1)
+                };
+                println!(
+                    "object {}	{}	{}	{}	{}	{}	{}	{}",
+                    o.kind,
+                    study,
+                    o.series_uid,
+                    o.sop_instance_uid,
+                    text(Some(&o.destination)),
+                    state,
+                    o.attempts,
+                    text(o.last_error.as_deref())
+                );
+            }
+            Ok(())
+        }
+        ResultsCommand::Resend {
+            study,
+            destination,
+            results,
+        } => {
+            let mut store = open_store(&results)?;
+            let dir = results.data_dir.join("results");
+            let (queued, missing) = store.resend_dead(
+                study.as_deref().map(str::trim),
+                destination.as_deref().map(str::trim),
+                |path| {
+                    let relative = std::path::Path::new(path);
+                    relative.is_relative()
+                        && relative
+                            .components()
+                            .all(|c| matches!(c, std::path::Component::Normal(_)))
+                        && dir.join(relative).is_file()
+                },
+            )?;
+            if missing > 0 {
+                println!(
+                    "not sent again: {missing} object(s) whose file is no longer in {} (retention?)",
+                    dir.display()
+                );
+            }
+            if queued == 0 {
+                anyhow::bail!("nothing to send again: no result object given up{}", {
+                    let mut which = String::new();
+                    if study.is_some() {
+                        which.push_str(" for that study");
+                    }
+                    if destination.is_some() {
+                        which.push_str(" to that destination");
+                    }
+                    which
+                });
+            }
+            log_operator(
+                &store,
+                &format!(
+                    "command=results-resend study_sha256={} destination={} objects={queued}",
+                    study.as_deref().map_or("*".to_owned(), |s| {
+                        nightingale::audit::dicom::uid_sha256(s.trim())
+                    }),
+                    destination.as_deref().map_or("*".to_owned(), clean)
+                ),
+            );
+            println!("queued {queued} result object(s) to be sent again");
             Ok(())
         }
         ResultsCommand::Reprocess {
@@ -148,6 +245,15 @@ pub fn results(command: ResultsCommand) -> anyhow::Result<()> {
                 );
             }
             if jobs.is_empty() && !rerouted.is_empty() {
+                log_operator(
+                    &store,
+                    &format!(
+                        "command=results-reprocess study_sha256={} model={} jobs=0 rerouted={}",
+                        nightingale::audit::dicom::uid_sha256(study),
+                        model.as_deref().map_or("*".to_owned(), clean),
+                        rerouted.len()
+                    ),
+                );
                 return Ok(());
             }
             if jobs.is_empty() {
@@ -163,6 +269,16 @@ pub fn results(command: ResultsCommand) -> anyhow::Result<()> {
                     }
                 );
             }
+            log_operator(
+                &store,
+                &format!(
+                    "command=results-reprocess study_sha256={} model={} jobs={} rerouted={}",
+                    nightingale::audit::dicom::uid_sha256(study),
+                    model.as_deref().map_or("*".to_owned(), clean),
+                    jobs.len(),
+                    rerouted.len()
+                ),
+            );
             println!(
                 "queued {} job(s): {}",
                 jobs.len(),
@@ -174,6 +290,23 @@ pub fn results(command: ResultsCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Keeps the command for the audit trail (the server writes it); a failure is said, not
+/// fatal: what was queued stays queued.
+fn log_operator(store: &nightingale::pipeline::store::ResultsStore, detail: &str) {
+    if let Err(e) = store.log_operator(&crate::dicom_cli::operator(), detail) {
+        eprintln!("warning: the command is not kept for the audit trail: {e}");
+    }
+}
+
+/// A name given on the command line as a record quotes it: printable ASCII, no spaces, at
+/// most 128 characters.
+fn clean(name: &str) -> String {
+    name.chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(128)
+        .collect()
 }
 
 /// The results store of `serve`'s data folder (refused when there is none).

@@ -396,6 +396,9 @@ async fn bad_explain_requests_get_their_reason() {
     let last = server.audit_records().pop().unwrap();
     assert_eq!(last["status"], 400, "{last}");
     assert!(last["output_sha256"].is_null(), "{last}");
+    // Its record says what was asked (the records of explanations not answered were bare:
+    // a review's finding).
+    assert_eq!(last["detail"], "method=kernel_shap", "{last}");
     // The image bundle declares no [explain] and this server runs without --explain.
     let image = vec![0.0f32; 224 * 224];
     let body = json!({"parameters": {"method": "occlusion"},

@@ -199,6 +199,33 @@ pub struct PurgeReport {
     /// are, the reason logged); the purge goes on with the others.
     pub kept: usize,
     pub dry_run: bool,
+    /// The studies instances were deleted from: SHA-256 of the Study Instance UID (as the
+    /// audit trail names them) → instances deleted (the record of a purge; a dry run
+    /// leaves it empty).
+    pub studies: std::collections::BTreeMap<String, u64>,
+}
+
+/// A purge that deleted something, as [`Spool::record_purge`] kept it in the spool's index
+/// until the server has written it to the audit trail ([`Spool::purges_to_audit`]): a
+/// purge run beside a running server (`nightingale spool purge`) cannot write to the
+/// trail, which the server holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurgeLogEntry {
+    pub id: i64,
+    /// When it ended (ms since the epoch).
+    pub at_ms: i64,
+    /// What was older than this was deleted.
+    pub cutoff_ms: i64,
+    /// Who ran it: `retention`, or the operator's command.
+    pub by: String,
+    pub instances: u64,
+    pub bytes: u64,
+    pub quarantine_files: u64,
+    /// Further `name=value` words for its record: the operator's options, what else the
+    /// same purge deleted (the pipeline's results).
+    pub also: String,
+    /// Study UIDs' SHA-256 → instances deleted.
+    pub studies: Vec<(String, u64)>,
 }
 
 /// Rows deleted per lock: a live server's stores wait at most this many file deletions.
@@ -533,23 +560,23 @@ impl Spool {
                 // instance under it, shared, marking it received anew.
                 let _maintenance = self.exclusive_maintenance()?;
                 let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
-                let batch: Vec<(String, String, i64, i64)> = {
+                let batch: Vec<(String, String, i64, i64, String)> = {
                     let mut stmt = db.prepare(
-                        "SELECT sop_instance_uid, path, size, received_at_ms FROM instances
+                        "SELECT sop_instance_uid, path, size, received_at_ms, study_uid FROM instances
                          WHERE received_at_ms < ?1
                            AND (received_at_ms > ?2
                                 OR (received_at_ms = ?2 AND sop_instance_uid > ?3))
                          ORDER BY received_at_ms, sop_instance_uid LIMIT ?4",
                     )?;
                     stmt.query_map(params![cutoff_ms, after.0, after.1, PURGE_BATCH], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                     })?
                     .collect::<Result<_, _>>()?
                 };
                 if batch.is_empty() {
                     break;
                 }
-                for (uid, relative, size, received) in batch {
+                for (uid, relative, size, received, study) in batch {
                     after = (received, uid.clone());
                     let Some(path) = crate::spool::indexed_path(&self.root, &relative, true) else {
                         tracing::warn!(
@@ -575,6 +602,12 @@ impl Spool {
                     remove_empty_parents(&path, &instances);
                     report.instances += 1;
                     report.bytes += size as u64;
+                    *report
+                        .studies
+                        .entry(hex::encode(Sha256::digest(
+                            study.trim_end_matches(['\0', ' ']).as_bytes(),
+                        )))
+                        .or_default() += 1;
                 }
             }
         }
@@ -610,6 +643,112 @@ impl Spool {
             );
         }
         Ok(report)
+    }
+
+    /// Keeps the record of a purge that deleted something (`also`: what else it deleted,
+    /// as `name=value` words) until the server writes it to the audit trail. A purge that
+    /// deleted nothing, or a dry run, is not recorded.
+    pub fn record_purge(
+        &self,
+        by: &str,
+        cutoff: SystemTime,
+        report: &PurgeReport,
+        also: &str,
+    ) -> Result<(), MaintenanceError> {
+        if report.dry_run
+            || (report.instances == 0 && report.quarantine_files == 0 && also.is_empty())
+        {
+            return Ok(());
+        }
+        let cutoff_ms = cutoff
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let mut db = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = db.transaction()?;
+        tx.execute(
+            "INSERT INTO purge_log (at_ms, cutoff_ms, by, instances, bytes, quarantine_files, also)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                now_ms(),
+                cutoff_ms,
+                by,
+                report.instances as i64,
+                report.bytes as i64,
+                report.quarantine_files as i64,
+                also
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        for (study, n) in &report.studies {
+            tx.execute(
+                "INSERT INTO purge_log_studies (purge_id, study_sha256, instances) VALUES (?1, ?2, ?3)",
+                params![id, study, *n as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The purges recorded and not yet written to the audit trail, oldest first (at most
+    /// `limit`).
+    pub fn purges_to_audit(&self, limit: usize) -> Result<Vec<PurgeLogEntry>, MaintenanceError> {
+        let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries: Vec<PurgeLogEntry> = db
+            .prepare(
+                "SELECT id, at_ms, cutoff_ms, by, instances, bytes, quarantine_files, also
+                 FROM purge_log WHERE audited = 0 ORDER BY id LIMIT ?1",
+            )?
+            .query_map([limit as i64], |r| {
+                Ok(PurgeLogEntry {
+                    id: r.get(0)?,
+                    at_ms: r.get(1)?,
+                    cutoff_ms: r.get(2)?,
+                    by: r.get(3)?,
+                    instances: r.get::<_, i64>(4)?.max(0) as u64,
+                    bytes: r.get::<_, i64>(5)?.max(0) as u64,
+                    quarantine_files: r.get::<_, i64>(6)?.max(0) as u64,
+                    also: r.get(7)?,
+                    studies: Vec::new(),
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut stmt = db.prepare(
+            "SELECT study_sha256, instances FROM purge_log_studies WHERE purge_id = ?1
+             ORDER BY study_sha256",
+        )?;
+        for entry in &mut entries {
+            entry.studies = stmt
+                .query_map([entry.id], |r| {
+                    Ok((r.get(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+                })?
+                .collect::<Result<_, _>>()?;
+        }
+        Ok(entries)
+    }
+
+    /// Marks a purge written to the audit trail: its studies are forgotten, and its entry
+    /// too unless it is the one with the latest cutoff ([`Spool::purged_before_ms`]).
+    pub fn purge_audited(&self, id: i64) -> Result<(), MaintenanceError> {
+        let mut db = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = db.transaction()?;
+        tx.execute("UPDATE purge_log SET audited = 1 WHERE id = ?1", [id])?;
+        tx.execute("DELETE FROM purge_log_studies WHERE purge_id = ?1", [id])?;
+        tx.execute(
+            "DELETE FROM purge_log WHERE audited = 1 AND id != (
+                 SELECT id FROM purge_log ORDER BY cutoff_ms DESC, id DESC LIMIT 1)",
+            [],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The latest cutoff of a purge that deleted something: what was received before it
+    /// was deleted on purpose, and is not to be stored again (the pipeline's result objects
+    /// at start-up).
+    pub fn purged_before_ms(&self) -> Result<Option<i64>, MaintenanceError> {
+        let db = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(db.query_row("SELECT max(cutoff_ms) FROM purge_log", [], |r| r.get(0))?)
     }
 
     /// Moves a file of the spool into quarantine with a note of why.

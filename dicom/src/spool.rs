@@ -774,6 +774,10 @@ impl Spool {
         )?;
         add_attribute_columns(&db)?;
         add_arrival_sequence(&db)?;
+        add_purge_log(&db)?;
+        // What a purge deletes is overwritten in the index file, not left in its free pages
+        // (a review read purged studies' UIDs back from the file with `grep -a`).
+        db.pragma_update(None, "secure_delete", true)?;
         crate::sqlite_schema::SPOOL_INDEX.mark(&db)?;
         let anonymous_temps =
             !options.named_temp_files && anonymous_temps_work(&root.join(TMP_DIR));
@@ -1942,6 +1946,30 @@ fn add_attribute_columns(db: &Connection) -> rusqlite::Result<()> {
 /// one transaction) numbers its rows by their rowids, so a cursor kept as a rowid stays
 /// valid; one above `high` (rowids reused before the migration, or an index replaced) is
 /// brought back to `high` by [`Spool::series_touched_since`].
+/// The purges kept until the server audits them ([`Spool::record_purge`]): tables a binary
+/// from before them ignores.
+fn add_purge_log(db: &Connection) -> rusqlite::Result<()> {
+    db.execute_batch(
+        "CREATE TABLE IF NOT EXISTS purge_log (
+             id INTEGER PRIMARY KEY,
+             at_ms INTEGER NOT NULL,
+             cutoff_ms INTEGER NOT NULL,
+             by TEXT NOT NULL,
+             instances INTEGER NOT NULL,
+             bytes INTEGER NOT NULL,
+             quarantine_files INTEGER NOT NULL,
+             also TEXT NOT NULL,
+             audited INTEGER NOT NULL DEFAULT 0
+         );
+         CREATE TABLE IF NOT EXISTS purge_log_studies (
+             purge_id INTEGER NOT NULL,
+             study_sha256 TEXT NOT NULL,
+             instances INTEGER NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS purge_log_studies_purge ON purge_log_studies (purge_id);",
+    )
+}
+
 fn add_arrival_sequence(db: &Connection) -> rusqlite::Result<()> {
     // Under the write lock: a second process opening the same index (`spool purge` beside
     // a running server) sees the column or adds it, never both.
@@ -2239,7 +2267,7 @@ fn private_dirs(dir: &Path) -> std::io::Result<()> {
 
 /// Takes every permission of group and others from `path` (a folder or a regular file, not
 /// a link; one not there is left alone) beyond `mode`.
-pub(crate) fn narrow(path: &Path, mode: u32) -> std::io::Result<()> {
+pub fn narrow(path: &Path, mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let meta = match fs::symlink_metadata(path) {
         Ok(m) => m,
@@ -2249,6 +2277,19 @@ pub(crate) fn narrow(path: &Path, mode: u32) -> std::io::Result<()> {
     let now = meta.permissions().mode() & 0o7777;
     if (meta.is_dir() || meta.is_file()) && now & !mode != 0 {
         fs::set_permissions(path, fs::Permissions::from_mode(now & mode))?;
+    }
+    Ok(())
+}
+
+/// An SQLite database at `path` (made if missing) and its WAL and shared-memory files,
+/// their owner's alone (0600): the stores beside the spool (the pipeline's results, CDS
+/// feedback) name studies and patients' digests too.
+pub fn private_database(path: &Path) -> std::io::Result<()> {
+    private_file(path)?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    narrow(path, 0o600)?;
+    for suffix in ["-wal", "-shm"] {
+        narrow(&path.with_file_name(format!("{name}{suffix}")), 0o600)?;
     }
     Ok(())
 }

@@ -306,6 +306,51 @@ impl EventSink for DicomAuditSink {
     }
 }
 
+/// The records of a purge the spool kept ([`nightingale_dicom::maintenance::PurgeLogEntry`]):
+/// the purge's (`event=purged`: when, the cutoff, counts, the words it was kept with),
+/// then, where UIDs are hashed, one per study (`event=study-deleted instances=N
+/// study_sha256=…`).
+pub fn purge_records(
+    entry: &nightingale_dicom::maintenance::PurgeLogEntry,
+    uids: UidAudit,
+) -> Vec<AuditEvent> {
+    let id = format!("purge-{}-{}", entry.at_ms, entry.id);
+    let actor = Some(entry.by.chars().take(256).collect::<String>());
+    let mut detail = format!(
+        "event=purged at_ms={} cutoff_ms={} instances={} bytes={} quarantine_files={} studies={}",
+        entry.at_ms,
+        entry.cutoff_ms,
+        entry.instances,
+        entry.bytes,
+        entry.quarantine_files,
+        entry.studies.len()
+    );
+    if !entry.also.is_empty() {
+        let _ = write!(detail, " {}", entry.also);
+    }
+    let mut records = vec![AuditEvent {
+        detail: Some(detail),
+        ..AuditEvent::blank(EventKind::SpoolPurge, id.clone(), actor.clone())
+    }];
+    if uids == UidAudit::Hash {
+        for (study, n) in &entry.studies {
+            // Only a digest: the index is the spool's, but a record quotes nothing else.
+            let study: String = study
+                .chars()
+                .filter(|c| c.is_ascii_hexdigit())
+                .take(64)
+                .collect();
+            records.push(AuditEvent {
+                detail: Some(format!(
+                    "event=study-deleted instances={n} study_sha256={study}"
+                )),
+                ..AuditEvent::blank(EventKind::SpoolPurge, id.clone(), actor.clone())
+            });
+        }
+    }
+    records
+}
+
 /// SHA-256 (hex) of a UID's text, trailing padding removed.
 pub fn uid_sha256(uid: &str) -> String {
     let uid = uid.trim_end_matches(['\0', ' ']);

@@ -80,6 +80,18 @@ pub enum EventKind {
     /// ingest; the search's keys by name, never their values). Written before the data is
     /// sent: patient data does not leave without its access record.
     DicomwebRead,
+    /// Received DICOM deleted: a purge of the spool (`retention`, or an operator's
+    /// `nightingale spool purge`, recorded by the server once it runs), one record for the
+    /// purge (who, the cutoff, what it deleted) and one per study it deleted instances of
+    /// (DICOM PS3.15's "Study Deleted" event; the study's UID hashed or omitted as for
+    /// ingest); the pipeline's results deleted by their retention.
+    SpoolPurge,
+    /// A command an operator ran on the data folder and the server then acted on
+    /// (`nightingale results reprocess`, `results resend`): who (`operator:<login>`), when
+    /// (`at_ms`), the command and what it queued, the study by its UID's SHA-256. Kept by
+    /// the command in the results store and written by the server (within 5 s, or at its
+    /// next start).
+    OperatorCommand,
     /// A server started: its version, and the audit digest key (by its id, never the key)
     /// that seals the tensor digests of the records after it, and whether that key was made
     /// at this start (a key deleted or replaced beside a trail shows in the trail itself).

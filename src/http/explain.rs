@@ -538,6 +538,10 @@ async fn explain_in_turn<T>(
             "parameters.method is missing; the methods are {EXPLAIN_METHODS:?}"
         ))
     })?;
+    // The record of an explanation that ends without an answer (refused, stopped at its
+    // deadline, its client gone) says what was asked too (a review found it bare); an
+    // answered one's says what was done.
+    audit.detail = Some(format!("method={}", method.as_str()));
     // The one input, and what kind of data it is.
     let meta = model.worker.metadata();
     let [input_spec] = meta.inputs.as_slice() else {
@@ -867,6 +871,16 @@ async fn explain_in_turn<T>(
     let targets: Vec<usize> = (0..rows)
         .map(|r| fixed_target.unwrap_or_else(|| argmax(&scores[r * classes..(r + 1) * classes])))
         .collect();
+    audit.detail = Some(format!(
+        "method={} output={} target={}",
+        method.as_str(),
+        output_spec.name,
+        targets
+            .iter()
+            .map(|&t| labels.get(t).cloned().unwrap_or_else(|| t.to_string()))
+            .collect::<Vec<_>>()
+            .join(",")
+    ));
     let link = params.link.unwrap_or(if labels.is_empty() {
         Link::Identity
     } else {
@@ -902,7 +916,11 @@ async fn explain_in_turn<T>(
         })?,
         Spec::Ready(plan) => plan,
     };
-    let chunk = forward_pass_chunk(model, row_len.saturating_mul(4));
+    let chunk = forward_pass_chunk(
+        model,
+        row_len.saturating_mul(4),
+        state.config.explain.max_concurrent,
+    );
     let gradient_method = match &plan {
         Plan::Gradients(gm) => Some(gm.clone()),
         _ => None,
@@ -1205,12 +1223,15 @@ fn heatmap_too_large(pixels: usize) -> AppError {
 
 /// Rows per batch an explanation's forward passes go to the model's worker in: its
 /// `max_batch_size` (64 without batching), within its rows-per-request limit.
-/// At most half the model's `queue_bytes` of inputs at once (`row_bytes` a row): a chunk of
-/// large images over it was refused 503 "retry later" at every try (a 1 x 2,097,152 image's
-/// 64 passes of 8 MB against 256 MiB).
-pub(crate) fn forward_pass_chunk(model: &LoadedModel, row_bytes: usize) -> usize {
+/// The explanations that may run at once (`at_once`), each with two batches in flight,
+/// take at most half the model's `queue_bytes` of inputs together (`row_bytes` a row): a
+/// chunk of large images over it was refused 503 "retry later" at every try (a 1 x
+/// 2,097,152 image's 64 passes of 8 MB against 256 MiB), and two explanations sized for
+/// half the queue each filled it, the second refused 503 after its first passes (a
+/// review's finding).
+pub(crate) fn forward_pass_chunk(model: &LoadedModel, row_bytes: usize, at_once: usize) -> usize {
     let config = model.worker.config();
-    let by_queue = (config.queue_bytes / 2) / row_bytes.max(1);
+    let by_queue = (config.queue_bytes / 2) / at_once.max(1).saturating_mul(2) / row_bytes.max(1);
     config
         .batching
         .as_ref()

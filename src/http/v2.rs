@@ -283,8 +283,10 @@ pub(crate) struct ModelCall {
 /// its audit record says (408 or 499): such calls were counted nowhere (a red-team finding).
 impl Drop for ModelCall {
     fn drop(&mut self) {
-        if self.audit.is_some() {
-            self.count(false, "client_error");
+        if let Some(record) = &self.audit {
+            // As its record will say: its deadline passed (408), or its client left (499).
+            let timed_out = record.deadline().is_some_and(|d| Instant::now() >= d);
+            self.count(false, if timed_out { "timeout" } else { "client_gone" });
         } else if let Some((ok, outcome)) = self.committing.take() {
             // Dropped while its record was being written (a red-team finding: such calls
             // were counted nowhere).
@@ -422,10 +424,16 @@ impl ModelCall {
     }
 }
 
-/// The `outcome` label of a call's metrics.
+/// The `outcome` label of a call's metrics, as the audit trail's outcome: `success`,
+/// `overloaded` (429, 503: refused by the server's limits, as it should under load),
+/// `timeout` (408), `client_gone` (499), `client_error` (other 4xx, 501) or `server_error`
+/// (a review found shed load counted as server errors, which dashboards alert on).
 pub(crate) fn outcome_of<T>(result: &Result<T, AppError>) -> &'static str {
     match result {
         Ok(_) => "success",
+        Err(e) if matches!(e.status.as_u16(), 429 | 503) => "overloaded",
+        Err(e) if e.status == StatusCode::REQUEST_TIMEOUT => "timeout",
+        Err(e) if e.status.as_u16() == 499 => "client_gone",
         // 501: something this server does not do, asked for by the caller.
         Err(e) if e.status.is_client_error() || e.status == StatusCode::NOT_IMPLEMENTED => {
             "client_error"
@@ -796,6 +804,37 @@ mod tests {
     use crate::http::codec::{InferResponse, JsonData, OutputTensor};
     use crate::http::{HELD_CHUNK, HttpConfig};
     use http_body::Body as _;
+
+    /// The metrics' outcome is the audit's: shed load is not a server error (dashboards
+    /// alert on those), a deadline not the caller's error (a review's finding).
+    #[test]
+    fn outcomes_follow_the_audit() {
+        let of = |status: u16| {
+            outcome_of::<()>(&Err(AppError::new(
+                StatusCode::from_u16(status).unwrap(),
+                "x",
+            )))
+        };
+        assert_eq!(outcome_of::<()>(&Ok(())), "success");
+        assert_eq!(of(503), "overloaded");
+        assert_eq!(of(429), "overloaded");
+        assert_eq!(of(408), "timeout");
+        assert_eq!(of(499), "client_gone");
+        assert_eq!(of(400), "client_error");
+        assert_eq!(of(413), "client_error");
+        assert_eq!(of(501), "client_error");
+        assert_eq!(of(500), "server_error");
+        assert_eq!(of(422), "client_error");
+        for status in [503, 429, 408, 499, 400, 501, 500] {
+            let audited = crate::audit::Outcome::from_status(status);
+            let label = of(status);
+            assert_eq!(
+                label == "server_error",
+                audited == crate::audit::Outcome::Failed,
+                "{status}"
+            );
+        }
+    }
     use http_body_util::BodyExt;
     use nightingale_inference::Tensor;
 

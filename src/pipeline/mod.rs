@@ -80,7 +80,7 @@ impl PipelineConfig {
             complete_at: None,
             late: Late::Rerun,
             calling_ae_title: "NIGHTINGALE".into(),
-            max_attempts: 6,
+            max_attempts: 100,
             exchange_timeout: outbox::SEND_EXCHANGE_TIMEOUT,
             backoff: Duration::from_secs(2),
             max_backoff: Duration::from_secs(300),
@@ -267,10 +267,12 @@ impl Pipeline {
             config.results_dir.join(outbox::OBJECTS_DIR),
             config.results_dir.join(outbox::DEAD_LETTER_DIR),
         ] {
-            std::fs::create_dir_all(&dir).map_err(|source| PipelineError::Io {
-                path: dir.clone(),
-                source,
-            })?;
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| nightingale_dicom::spool::narrow(&dir, 0o700))
+                .map_err(|source| PipelineError::Io {
+                    path: dir.clone(),
+                    source,
+                })?;
         }
         let store = ResultsStore::open(&config.results_dir.join(STORE_FILE))?;
         let requeued = store.requeue_interrupted()?;
@@ -325,6 +327,7 @@ impl Pipeline {
         // unmatched ("no route") and failed the interrupted jobs ("unknown model") for good
         // (a review's finding). Results waiting to be sent go at once.
         let sender = tokio::spawn(self.clone().send_forever());
+        let operators = tokio::spawn(self.clone().audit_operators_forever());
         let me = self.clone();
         let work = tokio::spawn(async move {
             if !me.state.is_ready() {
@@ -344,7 +347,11 @@ impl Pipeline {
             ]);
             let _ = tokio::join!(assembler, runner, kept);
         });
-        let _abort = AbortOnDrop(vec![sender.abort_handle(), work.abort_handle()]);
+        let _abort = AbortOnDrop(vec![
+            sender.abort_handle(),
+            work.abort_handle(),
+            operators.abort_handle(),
+        ]);
         shutdown.await;
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -447,6 +454,11 @@ impl Pipeline {
                 .config
                 .retention
                 .map_or(0, |r| store::now_ms().saturating_sub(r.as_millis() as i64));
+            // Nor what a purge deleted on purpose: results of jobs that ended before its
+            // cutoff came back into the spool at the next start, received anew (a review's
+            // finding).
+            let purged_before = me.spool.purged_before_ms().map_err(|e| e.to_string())?;
+            let since = since.max(purged_before.unwrap_or(0));
             let objects = me
                 .store()
                 .done_objects_since(since)
@@ -480,6 +492,40 @@ impl Pipeline {
         }
     }
 
+    /// Writes the operators' commands the results store kept to the audit trail, at start
+    /// and every 5 s ([`ResultsStore::log_operator`]). One the trail refuses is tried again
+    /// (a command whose record was written but not then forgotten is written twice).
+    async fn audit_operators_forever(self: Arc<Self>) {
+        loop {
+            let me = self.clone();
+            let kept = tokio::task::spawn_blocking(move || me.store().operator_commands(64)).await;
+            match kept {
+                Ok(Ok(commands)) => {
+                    for (id, at_ms, by, detail) in commands {
+                        let mut event = crate::audit::AuditEvent::blank(
+                            crate::audit::EventKind::OperatorCommand,
+                            format!("operator-{at_ms}-{id}"),
+                            Some(by.chars().take(256).collect()),
+                        );
+                        event.detail = Some(format!("at_ms={at_ms} {detail}"));
+                        if let Err(e) = self.state.audit.record(event).await {
+                            tracing::warn!(error = %e,
+                                "an operator's command is not in the audit trail yet: tried again later");
+                            break;
+                        }
+                        if let Err(e) = self.store().operator_audited(id) {
+                            tracing::warn!(error = %e,
+                                "an operator's command audited is not marked so: its record may be written again");
+                        }
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "operators' commands not read"),
+                Err(e) => tracing::error!(error = %e, "operators' commands audit panicked"),
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    }
+
     async fn assemble_forever(self: Arc<Self>) {
         let mut last_purge: Option<std::time::Instant> = None;
         loop {
@@ -497,12 +543,31 @@ impl Pipeline {
                     .unwrap_or(std::time::UNIX_EPOCH);
                 match tokio::task::spawn_blocking(move || purge_results(&dir, cutoff, false)).await
                 {
-                    Ok(Ok(c)) if c.jobs + c.series > 0 => tracing::info!(
-                        jobs = c.jobs,
-                        objects = c.objects,
-                        series = c.series,
-                        "results retention: old results purged"
-                    ),
+                    Ok(Ok(c)) if c.jobs + c.series + c.objects > 0 => {
+                        tracing::info!(
+                            jobs = c.jobs,
+                            objects = c.objects,
+                            series = c.series,
+                            "results retention: old results purged"
+                        );
+                        let mut event = crate::audit::AuditEvent::blank(
+                            crate::audit::EventKind::SpoolPurge,
+                            format!("results-purge-{}", store::now_ms()),
+                            Some("retention".to_owned()),
+                        );
+                        event.detail = Some(format!(
+                            "event=results-purged cutoff_ms={} result_jobs={} result_objects={} result_series={}",
+                            cutoff
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_millis()),
+                            c.jobs,
+                            c.objects,
+                            c.series
+                        ));
+                        if let Err(e) = self.state.audit.record(event).await {
+                            tracing::warn!(error = %e, "results retention not audited");
+                        }
+                    }
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::error!(error = %e, "results retention failed"),
                     Err(e) => tracing::error!(error = %e, "results retention panicked"),

@@ -267,6 +267,7 @@ impl Pipeline {
                 }
             }
             Err(failure) => {
+                let failure = self.purged_instead(&job, failure).await;
                 tracing::warn!(
                     job = job.id,
                     %series,
@@ -625,6 +626,38 @@ impl Pipeline {
             ));
         }
         Ok(instances)
+    }
+
+    /// `failure`, or `purged` where instances the job was made for left the spool while it
+    /// ran (a `spool purge --force`, retention): a file gone mid-job made it fail
+    /// `unreadable`, which reads as a corrupt file from the modality (a review's finding).
+    async fn purged_instead(&self, job: &Job, failure: JobFailure) -> JobFailure {
+        if matches!(failure.code, "no_instances" | "purged") {
+            return failure;
+        }
+        let spool = self.spool.clone();
+        let (study, series) = (job.study_uid.clone(), job.series_uid.clone());
+        let count = job.instances;
+        let missing = blocking(move || {
+            let mut listed = spool
+                .series_instances(&study, &series)
+                .map_err(|e| JobFailure::new("spool", e.to_string()))?;
+            made_for(&mut listed, count);
+            let gone = listed.iter().filter(|i| !i.path.exists()).count() as u64;
+            Ok(count.saturating_sub(listed.len() as u64) + gone)
+        })
+        .await
+        .unwrap_or(0);
+        if missing == 0 {
+            return failure;
+        }
+        JobFailure::new(
+            "purged",
+            format!(
+                "{missing} of the {} instances it was made for were deleted from the spool while it ran (a purge); it then failed {failure}",
+                job.instances
+            ),
+        )
     }
 
     /// The result objects, written durably, and their audit records; returns their rows,

@@ -128,6 +128,14 @@ pub struct ResultsStore {
     db: Connection,
 }
 
+/// An I/O error met while opening a store, as SQLite's "cannot open".
+pub(crate) fn io_error(e: std::io::Error) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+        Some(format!("cannot make the store its owner's alone: {e}")),
+    )
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -154,7 +162,11 @@ pub fn quick_check(db: &Connection) -> rusqlite::Result<()> {
 
 impl ResultsStore {
     pub fn open(path: &Path) -> rusqlite::Result<ResultsStore> {
+        // Its owner's alone, and what is deleted overwritten (it names studies, series and
+        // patients' digests; a review found it 0644 and purged UIDs in its free pages).
+        nightingale_dicom::spool::private_database(path).map_err(io_error)?;
         let db = Connection::open(path)?;
+        db.pragma_update(None, "secure_delete", true)?;
         db.busy_timeout(std::time::Duration::from_secs(10))?;
         // Another program's database, another store's, or a newer layout: refused before
         // anything in it is changed.
@@ -243,8 +255,50 @@ impl ResultsStore {
              );
              INSERT OR IGNORE INTO job_seq (id, high) SELECT 1, coalesce(max(id), 0) FROM jobs;",
         )?;
+        // Operators' commands on the store (`results reprocess`, `results resend`), kept
+        // until the server writes them to the audit trail, which it holds (they were in no
+        // record: a review's finding). A table a binary from before it ignores.
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS operator_log (
+                 id INTEGER PRIMARY KEY,
+                 at_ms INTEGER NOT NULL,
+                 by TEXT NOT NULL,
+                 detail TEXT NOT NULL
+             );",
+        )?;
         nightingale_dicom::sqlite_schema::RESULTS.mark(&db)?;
         Ok(ResultsStore { db })
+    }
+
+    /// Keeps an operator's command (`by`: who; `detail`: `name=value` words, no patient
+    /// data) until the server audits it ([`ResultsStore::operator_commands`]).
+    pub fn log_operator(&self, by: &str, detail: &str) -> rusqlite::Result<()> {
+        self.db.execute(
+            "INSERT INTO operator_log (at_ms, by, detail) VALUES (?1, ?2, ?3)",
+            params![now_ms(), by, detail],
+        )?;
+        Ok(())
+    }
+
+    /// Operators' commands not yet audited, oldest first: (id, when, who, detail).
+    pub fn operator_commands(
+        &self,
+        limit: usize,
+    ) -> rusqlite::Result<Vec<(i64, i64, String, String)>> {
+        let mut stmt = self
+            .db
+            .prepare("SELECT id, at_ms, by, detail FROM operator_log ORDER BY id LIMIT ?1")?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?;
+        rows.collect()
+    }
+
+    /// Forgets an operator's command once it is in the audit trail.
+    pub fn operator_audited(&self, id: i64) -> rusqlite::Result<()> {
+        self.db
+            .execute("DELETE FROM operator_log WHERE id = ?1", [id])?;
+        Ok(())
     }
 
     /// Jobs that were running when the server stopped run again: for the server, as its
@@ -923,7 +977,90 @@ impl ResultsStore {
         rows.collect()
     }
 
-    /// Objects due for a delivery attempt.
+    /// Result objects not delivered, with their job's Study Instance UID, latest job first:
+    /// given up (`dead`: in the dead-letter folder) and, unless `which` is `dead`, still
+    /// tried after a failed attempt (`pending` with attempts made; `which` = `pending`
+    /// lists only those).
+    pub fn undelivered(
+        &self,
+        which: Option<&str>,
+        limit: usize,
+    ) -> rusqlite::Result<Vec<(String, ResultObject)>> {
+        let mut stmt = self.db.prepare(
+            "SELECT j.study_uid, o.sop_instance_uid, o.job_id, o.kind, o.series_uid,
+                    o.sop_class_uid, o.path, o.destination, o.delivery, o.attempts,
+                    o.next_attempt_ms, o.last_error
+             FROM objects o JOIN jobs j ON j.id = o.job_id
+             WHERE (o.delivery = 'dead' AND coalesce(?1, 'dead') = 'dead')
+                OR (o.delivery = 'pending' AND o.attempts > 0
+                    AND coalesce(?1, 'pending') = 'pending')
+             ORDER BY o.job_id DESC, o.kind DESC, o.destination LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![which, limit as i64], |r| {
+            Ok((
+                r.get(0)?,
+                ResultObject {
+                    sop_instance_uid: r.get(1)?,
+                    job_id: r.get(2)?,
+                    kind: r.get(3)?,
+                    series_uid: r.get(4)?,
+                    sop_class_uid: r.get(5)?,
+                    path: r.get(6)?,
+                    destination: r.get(7)?,
+                    delivery: r.get(8)?,
+                    attempts: r.get(9)?,
+                    next_attempt_ms: r.get(10)?,
+                    last_error: r.get(11)?,
+                },
+            ))
+        })?;
+        rows.collect()
+    }
+
+    /// Puts result objects given up (`dead`) back to be sent, as new, from their file (the
+    /// dead-letter copy): those of done jobs (not superseded) of `study` and to
+    /// `destination` where given, whose file `has_file` finds (given the path relative to
+    /// the results folder). `nightingale results resend`, once a destination is back: they
+    /// were given up after a minute's outage and nothing sent them again (a review's
+    /// finding). Returns (put back, left for want of their file).
+    pub fn resend_dead(
+        &mut self,
+        study: Option<&str>,
+        destination: Option<&str>,
+        has_file: impl Fn(&str) -> bool,
+    ) -> rusqlite::Result<(usize, usize)> {
+        let tx = self.db.transaction()?;
+        let dead: Vec<(String, String, String)> = {
+            let mut stmt = tx.prepare(
+                "SELECT o.sop_instance_uid, o.destination, o.path
+                 FROM objects o JOIN jobs j ON j.id = o.job_id
+                 WHERE o.delivery = 'dead' AND j.state = 'done'
+                   AND (?1 IS NULL OR j.study_uid = ?1)
+                   AND (?2 IS NULL OR o.destination = ?2)",
+            )?;
+            stmt.query_map(params![study, destination], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?
+        };
+        let (mut queued, mut missing) = (0, 0);
+        for (sop, dest, path) in dead {
+            if dest.is_empty() || !has_file(&path) {
+                missing += usize::from(!dest.is_empty());
+                continue;
+            }
+            tx.execute(
+                "UPDATE objects SET delivery = 'pending', attempts = 0, next_attempt_ms = ?3,
+                        last_error = 'sent again (nightingale results resend)'
+                 WHERE sop_instance_uid = ?1 AND destination = ?2 AND delivery = 'dead'",
+                params![sop, dest, now_ms()],
+            )?;
+            queued += 1;
+        }
+        tx.commit()?;
+        Ok((queued, missing))
+    }
+
     /// The file of a result object (relative to the results folder), by its study, series
     /// and SOP Instance UIDs: the copy waiting in or sent from the objects folder first,
     /// else a dead letter's copy.
@@ -958,6 +1095,7 @@ impl ResultsStore {
     /// object kept its own back-off, so after an outage a superseded job's results (more
     /// attempts, a longer back-off) reached PACS after those that replace them, and a PACS
     /// showing the latest result showed the stale one (a review's finding).
+    /// Objects due for a delivery attempt.
     pub fn objects_due(
         &self,
         now: i64,

@@ -24,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 REPO = Path(__file__).resolve().parents[2]
@@ -186,6 +187,23 @@ def with_new_uids(src: str, dst: Path) -> pydicom.Dataset:
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.save_as(dst, enforce_file_format=True)
     return ds
+
+
+def long_series(work: Path, slices: int) -> tuple[str, list[Path]]:
+    """A series of `slices` instances (CT_small, each its own instance, one job): its Study
+    Instance UID and its files."""
+    study, series = generate_uid(), generate_uid()
+    files = []
+    for k in range(slices):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = k + 1
+        path = work / f"slice{k:03}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return study, files
 
 
 def store(port: int, files: list[Path], extra: tuple[str, ...] = ()) -> None:

@@ -44,8 +44,8 @@ from pydicom.uid import generate_uid
 
 from dicom_support import (BUNDLE, identifiers_in, REPO, RESULT_TIMEOUT_S, SC_CLASS, SR_CLASS, Server, StoreScp, binary,
                            dciodvfy_errors, expected_probability, free_port, imaging,
-                           referenced_uids, spool_index, sr_numbers, stop, store, tool, wait_for,
-                           with_new_uids)
+                           long_series, referenced_uids, spool_index, sr_numbers, stop, store,
+                           tool, wait_for, with_new_uids)
 
 sys.path.insert(0, str(REPO / "models" / "train"))
 import lesion_detection as ld  # noqa: E402  (the reference occlusion of the lesion bundle)
@@ -664,17 +664,7 @@ def test_an_unload_stops_a_running_job_and_it_runs_again_once_the_bundle_serves(
     server = Server(work, f"STORESCP@127.0.0.1:{pacs.port}")
     try:
         # A long series: 300 slices (CT_small, each its own instance), one job.
-        study, series = generate_uid(), generate_uid()
-        files = []
-        for k in range(300):
-            ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-            ds.SOPInstanceUID = generate_uid()
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            ds.InstanceNumber = k + 1
-            path = work / f"slice{k:03}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            files.append(path)
+        study, files = long_series(work, 300)
         store(server.port, files)
         wait_for(lambda: (r := server.results(study)) and r["series"][0]["jobs"]
                  and r["series"][0]["jobs"][0]["state"] == "processing",

@@ -19,6 +19,7 @@ whose hash chain is verified at the end.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tempfile
@@ -257,7 +258,7 @@ def test_errors_reach_a_triton_client(url):
         assert why in r.json()["error"], r.text
 
 
-def open_size_bundle(repo: Path) -> None:
+def open_size_bundle(repo: Path, *, batching: str = "", methods: str = '"occlusion"') -> None:
     """A bundle whose image input has open height and width ([-1, 1, -1, -1]): two scores
     from the image's mean and maximum, soft-maxed (built here with onnx's helper)."""
     from onnx import TensorProto, helper
@@ -288,7 +289,7 @@ task = "image-classification"
 description = "test: an image model of any size"
 platform = "onnx"
 backend = "any"
-
+{batching}
 [version_policy]
 policy = "latest"
 latest = 1
@@ -307,7 +308,7 @@ description = "two scores"
 labels = ["mean", "max"]
 
 [explain]
-methods = ["occlusion"]
+methods = [{methods}]
 max_forward_passes = 65536
 
 [versions.1]
@@ -319,12 +320,8 @@ created = "2026-12-06"
 ''')
 
 
-def test_heatmaps_of_a_model_of_any_image_size_are_bounded(tmp_path):
-    """A red-team finding: a model with open height and width drew a heatmap of whatever size
-    it was sent (8 MB of a 2,097,152 x 1 image took 3.9 GB and a minute, and stalled every
-    other request): heatmaps over 4 Mi pixels in all are refused with the reason, before
-    any forward pass when the images alone are too large, and the server stays live."""
-    open_size_bundle(tmp_path / "repo")
+def serve_repo(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`serve` of the repository `tmp_path/repo`, ready: (the process, its address)."""
     binary = Path(os.environ.get("NIGHTINGALE_BIN", "target/debug/nightingale"))
     if not binary.is_absolute():
         binary = REPO / binary
@@ -332,10 +329,62 @@ def test_heatmaps_of_a_model_of_any_image_size_are_bounded(tmp_path):
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(binary), "serve", "--repository", str(tmp_path / "repo"),
-                                 "--http-addr", addr, "--data-dir", str(tmp_path / "data")],
+                                 "--http-addr", addr, "--data-dir", str(tmp_path / "data"),
+                                 *extra],
                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_ready(proc, addr, log)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, addr
+
+
+def test_explanations_at_once_share_the_models_queue(tmp_path):
+    """A review's finding: each explanation's batches were sized for half the model's
+    `queue_bytes`, two in flight, so two explanations at once filled the queue and the
+    second was refused 503 after its first forward passes. The explanations that may run at
+    once (`--explain-max-concurrent`) now take half the queue together."""
+    open_size_bundle(tmp_path / "repo", methods='"occlusion", "rise"', batching="""
+[batching]
+max_batch_size = 64
+max_queue_delay_us = 1000
+queue_bytes = 4194304
+""")
+    proc, addr = serve_repo(tmp_path, "--explain", "--explain-max-concurrent", "2")
+    try:
+        # 256 KiB images: 8 a batch (before: 16 of the 4 MiB queue per explanation, in
+        # flight), 256 passes each, two at a time, three times over.
+        rng = np.random.default_rng(7)
+        image = rng.random((1, 1, 256, 256), dtype=np.float32)
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(2) as pool:
+            for round in range(3):
+                answers = list(pool.map(
+                    lambda seed: explain(addr, "open-size", image,
+                                         {"method": "rise", "samples": 256, "seed": seed},
+                                         input_name="x", binary=True),
+                    [2 * round, 2 * round + 1]))
+                for res in answers:
+                    assert res.as_numpy("prob_saliency").shape == (1, 256, 256)
+        records = [json.loads(line) for line in
+                   (tmp_path / "data" / "audit" / "audit.jsonl").read_text().splitlines()]
+        explains = [r for r in records if r["kind"] == "explain"]
+        assert len(explains) == 6 and all(r["outcome"] == "ok" for r in explains), explains
+        assert all(r["detail"].startswith("method=rise forward_passes=256") for r in explains)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_heatmaps_of_a_model_of_any_image_size_are_bounded(tmp_path):
+    """A red-team finding: a model with open height and width drew a heatmap of whatever size
+    it was sent (8 MB of a 2,097,152 x 1 image took 3.9 GB and a minute, and stalled every
+    other request): heatmaps over 4 Mi pixels in all are refused with the reason, before
+    any forward pass when the images alone are too large, and the server stays live."""
+    open_size_bundle(tmp_path / "repo")
+    proc, addr = serve_repo(tmp_path)
+    try:
         # An ordinary size: a PNG as wide as the caption, the saliency where onnxruntime
         # puts it (the maximum's pixel is the only one whose occlusion moves "max").
         image = np.zeros((1, 1, 32, 48), dtype=np.float32)
