@@ -1048,6 +1048,18 @@ impl ServeArgs {
         // Roles and credentials: `[auth]` (relative paths from the config file's folder), and
         // the start-up rule for addresses other than loopback.
         let mut auth = file.auth.unwrap_or_default().resolve(&config_dir)?;
+        // `--admin-token` is one more key: one of `[[auth.api_keys]]` with its secret was
+        // shadowed by it, silently (a review's finding).
+        if let Some(token) = &admin_token {
+            use sha2::Digest as _;
+            let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+            if let Some(k) = auth.api_keys.iter().find(|k| k.sha256 == digest) {
+                return Err(ConfigError::Invalid(format!(
+                    "admin_token is the key of auth.api_keys {:?}: give each its own secret",
+                    k.name
+                )));
+            }
+        }
         // Verified TLS client certificates are a credential (mutual TLS).
         auth.client_certificates_verified = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         let insecure = self.insecure.or(file.insecure).unwrap_or(false);
@@ -2371,6 +2383,30 @@ mod tests {
                 "{bad}"
             );
         }
+        // The admin token may not be an API key's secret too (it shadowed the key).
+        let token = "0123456789abcdef-secret";
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[[auth.api_keys]]\nname = \"dup\"\nrole = \"researcher\"\nsha256 = \"{}\"\n",
+                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()))
+            ),
+        )
+        .unwrap();
+        let e = ServeArgs {
+            admin_token: Some(token.into()),
+            config: Some(path),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("admin_token is the key of auth.api_keys \"dup\""),
+            "{e}"
+        );
     }
 
     /// Red-team finding: a secret written as a bare number, or pasted where a role name

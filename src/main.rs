@@ -292,8 +292,22 @@ fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Serve(args) => {
+            let config_file = args.config.clone().or_else(|| {
+                let default = std::path::PathBuf::from("nightingale.toml");
+                default.is_file().then_some(default)
+            });
             let config = args.resolve()?;
             init_tracing(config.log_format);
+            // The file may hold secrets (the admin token, a database password).
+            if let Some(path) = &config_file
+                && let Ok(bytes) = nightingale::files::read_regular(path, 1 << 20)
+                && String::from_utf8_lossy(&bytes).contains("admin_token")
+            {
+                nightingale::files::warn_if_others_can_read(
+                    path,
+                    "the config file, which sets admin_token,",
+                );
+            }
             raise_open_file_limit();
             // TLS files are read now, so that a bad certificate or key fails before anything
             // else starts, naming the file.
@@ -562,8 +576,14 @@ fn lock_folder(
         .with_context(|| format!("cannot create the {what} {}", dir.display()))?;
     // One made beforehand (a package's `mkdir /var/lib/nightingale`, 0755) is its owner's
     // alone too: it holds patient data (a review found the results store readable by all).
-    nightingale_dicom::spool::narrow(dir, 0o700)
-        .with_context(|| format!("cannot narrow the {what} {} to its owner", dir.display()))?;
+    // The folder a link names (the link itself has no mode of its own to narrow).
+    let real = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+    nightingale_dicom::spool::narrow(&real, 0o700).with_context(|| {
+        format!(
+            "cannot make the {what} {} its owner's alone ({flag})",
+            dir.display()
+        )
+    })?;
     let path = dir.join(name);
     let file = nightingale_models::open_lock_file(&path)
         .with_context(|| format!("cannot open the lock file {}", path.display()))?;

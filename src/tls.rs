@@ -234,6 +234,7 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 
 fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let bytes = read(path)?;
+    crate::files::warn_if_others_can_read(path, "the TLS private key");
     // PKCS#8 encrypted, or a traditional PEM key with its encryption headers: both read as
     // "no private key" or "not a PEM file" otherwise.
     let text = String::from_utf8_lossy(&bytes);

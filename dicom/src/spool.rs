@@ -2267,6 +2267,12 @@ fn private_dirs(dir: &Path) -> std::io::Result<()> {
 
 /// Takes every permission of group and others from `path` (a folder or a regular file, not
 /// a link; one not there is left alone) beyond `mode`.
+///
+/// A folder shared by design is refused, not changed: one with the sticky bit, or that
+/// every user may write (`/tmp` given as the data folder was made 0700 for everyone: a
+/// review's finding). A folder's set-group-ID bit is kept, and one the server may not
+/// change (another user's, e.g. root's and group-writable for the server's group) is left
+/// as it is, with a warning.
 pub fn narrow(path: &Path, mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let meta = match fs::symlink_metadata(path) {
@@ -2275,7 +2281,30 @@ pub fn narrow(path: &Path, mode: u32) -> std::io::Result<()> {
         Err(e) => return Err(e),
     };
     let now = meta.permissions().mode() & 0o7777;
-    if (meta.is_dir() || meta.is_file()) && now & !mode != 0 {
+    if meta.is_dir() {
+        if now & 0o1002 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is a shared folder (mode {now:04o}: sticky, or writable by every user): patient data needs a folder of the server's own",
+                    path.display()
+                ),
+            ));
+        }
+        if now & 0o777 & !mode != 0 {
+            let narrowed = (now & mode) | (now & 0o2000);
+            match fs::set_permissions(path, fs::Permissions::from_mode(narrowed)) {
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    tracing::warn!(
+                        folder = %path.display(),
+                        mode = %format!("{now:04o}"),
+                        "a folder holding patient data is open to others and not the server's to narrow: left as it is"
+                    );
+                }
+                r => r?,
+            }
+        }
+    } else if meta.is_file() && now & !mode != 0 {
         fs::set_permissions(path, fs::Permissions::from_mode(now & mode))?;
     }
     Ok(())
@@ -2397,6 +2426,35 @@ pub(crate) fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A folder is narrowed to its owner with its set-group-ID bit kept; a shared one
+    /// (sticky, or writable by all: `/tmp` given as the data folder) is refused unchanged;
+    /// a file is narrowed.
+    #[test]
+    fn folders_are_narrowed_and_shared_ones_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let set = |p: &Path, m: u32| fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
+        let own = dir.path().join("own");
+        fs::create_dir(&own).unwrap();
+        set(&own, 0o2775);
+        narrow(&own, 0o700).unwrap();
+        assert_eq!(mode(&own), 0o2700);
+        for shared in [0o1777, 0o0777, 0o1700] {
+            let d = dir.path().join(format!("shared{shared:o}"));
+            fs::create_dir(&d).unwrap();
+            set(&d, shared);
+            let e = narrow(&d, 0o700).unwrap_err();
+            assert!(e.to_string().contains("shared folder"), "{e}");
+            assert_eq!(mode(&d), shared);
+        }
+        let file = dir.path().join("f");
+        fs::write(&file, b"x").unwrap();
+        set(&file, 0o644);
+        narrow(&file, 0o600).unwrap();
+        assert_eq!(mode(&file), 0o600);
+    }
 
     /// `write_image` writes exactly the image, whatever its length and alignment, with
     /// `O_DIRECT` (where the file system takes it) or without.

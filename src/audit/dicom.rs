@@ -314,8 +314,29 @@ pub fn purge_records(
     entry: &nightingale_dicom::maintenance::PurgeLogEntry,
     uids: UidAudit,
 ) -> Vec<AuditEvent> {
+    // The index is the spool owner's, but a record quotes nothing it did not make: `by` as
+    // printable ASCII, `also` as `name=value` words, studies as 64 hex digits (a review
+    // planted newlines, bidi controls and a forged `event=` in them).
     let id = format!("purge-{}-{}", entry.at_ms, entry.id);
-    let actor = Some(entry.by.chars().take(256).collect::<String>());
+    let actor = Some(
+        entry
+            .by
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(256)
+            .collect::<String>(),
+    );
+    let word = |w: &&str| {
+        w.split_once('=').is_some_and(|(name, value)| {
+            !name.is_empty()
+                && name != "event"
+                && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._*:-".contains(&b))
+        })
+    };
+    let also: Vec<&str> = entry.also.split(' ').filter(word).collect();
     let mut detail = format!(
         "event=purged at_ms={} cutoff_ms={} instances={} bytes={} quarantine_files={} studies={}",
         entry.at_ms,
@@ -325,8 +346,8 @@ pub fn purge_records(
         entry.quarantine_files,
         entry.studies.len()
     );
-    if !entry.also.is_empty() {
-        let _ = write!(detail, " {}", entry.also);
+    if !also.is_empty() {
+        let _ = write!(detail, " {}", also.join(" "));
     }
     let mut records = vec![AuditEvent {
         detail: Some(detail),
@@ -334,12 +355,9 @@ pub fn purge_records(
     }];
     if uids == UidAudit::Hash {
         for (study, n) in &entry.studies {
-            // Only a digest: the index is the spool's, but a record quotes nothing else.
-            let study: String = study
-                .chars()
-                .filter(|c| c.is_ascii_hexdigit())
-                .take(64)
-                .collect();
+            if study.len() != 64 || !study.bytes().all(|b| b.is_ascii_hexdigit()) {
+                continue;
+            }
             records.push(AuditEvent {
                 detail: Some(format!(
                     "event=study-deleted instances={n} study_sha256={study}"
@@ -388,5 +406,46 @@ fn uid_text(uid: &str) -> String {
         "-".into()
     } else {
         "invalid".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nightingale_dicom::maintenance::PurgeLogEntry;
+
+    /// A purge's records quote only what the spool made: `by` printable, `also` as
+    /// `name=value` words (no `event=`), studies as 64 hex digits; with UIDs omitted, no
+    /// study records (a review planted newlines, bidi controls and a forged `event=`).
+    #[test]
+    fn purge_records_quote_only_well_formed_words() {
+        let study = "ab".repeat(32);
+        let entry = PurgeLogEntry {
+            id: 3,
+            at_ms: 1_000,
+            cutoff_ms: 500,
+            by: "operator:ev\nil\u{202e}".into(),
+            instances: 2,
+            bytes: 10,
+            quarantine_files: 0,
+            also: "command=spool-purge older_than=1ns\nevent=study-deleted patient=John^Doe force=true"
+                .into(),
+            studies: vec![(study.clone(), 2), ("1.2.840.113619".into(), 1), (String::new(), 1)],
+        };
+        let records = purge_records(&entry, UidAudit::Hash);
+        assert_eq!(records.len(), 2, "{records:?}");
+        assert_eq!(records[0].actor.as_deref(), Some("operator:evil"));
+        assert_eq!(
+            records[0].detail.as_deref(),
+            Some(
+                "event=purged at_ms=1000 cutoff_ms=500 instances=2 bytes=10 quarantine_files=0 studies=3 command=spool-purge force=true"
+            )
+        );
+        assert_eq!(
+            records[1].detail.as_deref(),
+            Some(format!("event=study-deleted instances=2 study_sha256={study}").as_str())
+        );
+        assert_eq!(records[1].request_id, "purge-1000-3");
+        assert_eq!(purge_records(&entry, UidAudit::Omit).len(), 1);
     }
 }

@@ -737,6 +737,11 @@ impl AuthSection {
             if api_keys.iter().any(|o| o.name == k.name) {
                 return Err(AuthConfigError::DuplicateName { name: k.name });
             }
+            // One or the other: a leftover `roles` line beside `role` granted both silently
+            // (a review's finding).
+            if k.role.is_some() && k.roles.is_some() {
+                return Err(AuthConfigError::RoleAndRoles { name: k.name });
+            }
             let roles: Roles = k
                 .role
                 .into_iter()
@@ -815,6 +820,8 @@ pub enum AuthConfigError {
     Digest { name: String },
     #[error("auth.api_keys: {a:?} and {b:?} have the same key")]
     DuplicateKey { a: String, b: String },
+    #[error("auth.api_keys: {name:?} sets both role and roles: give one")]
+    RoleAndRoles { name: String },
     #[error(
         "auth.anonymous_roles cannot hold admin: model control needs a key (--admin-token or [[auth.api_keys]])"
     )]
@@ -1899,6 +1906,12 @@ mod tests {
                     "[[api_keys]]\nname = \"x\"\nrole = \"infer\"\nsha256 = \"{digest}\"\n[[api_keys]]\nname = \"y\"\nrole = \"admin\"\nsha256 = \"{digest}\"\n"
                 ),
                 "same key",
+            ),
+            (
+                format!(
+                    "[[api_keys]]\nname = \"x\"\nrole = \"infer\"\nroles = [\"admin\"]\nsha256 = \"{digest}\"\n"
+                ),
+                "both role and roles",
             ),
             (
                 format!("[[api_keys]]\nname = \"x\"\nrole = \"infer\"\nsha = \"{digest}\"\n"),

@@ -138,7 +138,18 @@ impl Pipeline {
         };
         let mut files = Vec::new();
         for o in objects {
+            let trim = |uid: &str| uid.trim_end_matches(['\0', ' ']).to_owned();
             match Part10File::open(&self.config.results_dir.join(&o.path)) {
+                // The file must hold the object its row names: a dead-letter file replaced
+                // by another (another patient's) went out under the row's name, and its
+                // audit record named the row's object (a review's finding).
+                Ok(f)
+                    if trim(&f.sop_instance_uid) != trim(&o.sop_instance_uid)
+                        || trim(&f.sop_class_uid) != trim(&o.sop_class_uid) =>
+                {
+                    let why = "result file holds another object than its row names (SOP Instance or Class UID differs): not sent";
+                    self.give_up(&o, why, None).await;
+                }
                 Ok(f) => files.push((o, f)),
                 // Not the error's text: it holds the path, whose name holds a UID.
                 Err(e) => {
@@ -352,7 +363,21 @@ impl Pipeline {
         ));
         // The folder is made again if it went (an operator's clean-up).
         let _ = std::fs::create_dir_all(self.config.results_dir.join(DEAD_LETTER_DIR));
-        let copied = std::fs::copy(&from, self.config.results_dir.join(&relative));
+        // An object sent again from its dead-letter copy (`results resend`) and given up
+        // again is there already: copying a file onto itself truncated it to nothing, and
+        // the object was lost (a review's finding). Otherwise copied beside and renamed
+        // over, so that a link planted at the name is replaced, not written through.
+        let copied = if std::path::Path::new(&o.path) == relative {
+            Ok(0)
+        } else {
+            let to = self.config.results_dir.join(&relative);
+            let beside = to.with_extension(format!("dcm.tmp-{}", std::process::id()));
+            std::fs::copy(&from, &beside)
+                .and_then(|n| std::fs::rename(&beside, &to).map(|()| n))
+                .inspect_err(|_| {
+                    let _ = std::fs::remove_file(&beside);
+                })
+        };
         let moved = copied.is_ok();
         metrics::counter!("nightingale_pipeline_dead_letters_total").increment(1);
         match &copied {
@@ -389,7 +414,10 @@ impl Pipeline {
         // The original, once no row names it (this was its last destination), goes: its
         // copy in the dead-letter folder is what retention purges, and the original, left
         // with no row, held patient data past retention (a red-team finding).
-        if moved && matches!(self.store().path_referenced(&o.path), Ok(false)) {
+        if moved
+            && std::path::Path::new(&o.path) != relative
+            && matches!(self.store().path_referenced(&o.path), Ok(false))
+        {
             let original = self.config.results_dir.join(&o.path);
             if std::fs::remove_file(&original).is_ok()
                 && let Some(dir) = original.parent()

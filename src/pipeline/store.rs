@@ -1018,7 +1018,8 @@ impl ResultsStore {
     }
 
     /// Puts result objects given up (`dead`) back to be sent, as new, from their file (the
-    /// dead-letter copy): those of done jobs (not superseded) of `study` and to
+    /// dead-letter copy): those of done jobs (not superseded, nor about to be: no later job
+    /// of the same series, bundle and route, a `reprocess` queued) of `study` and to
     /// `destination` where given, whose file `has_file` finds (given the path relative to
     /// the results folder). `nightingale results resend`, once a destination is back: they
     /// were given up after a minute's outage and nothing sent them again (a review's
@@ -1036,7 +1037,10 @@ impl ResultsStore {
                  FROM objects o JOIN jobs j ON j.id = o.job_id
                  WHERE o.delivery = 'dead' AND j.state = 'done'
                    AND (?1 IS NULL OR j.study_uid = ?1)
-                   AND (?2 IS NULL OR o.destination = ?2)",
+                   AND (?2 IS NULL OR o.destination = ?2)
+                   AND NOT EXISTS (SELECT 1 FROM jobs k
+                       WHERE k.study_uid = j.study_uid AND k.series_uid = j.series_uid
+                         AND k.bundle = j.bundle AND k.route = j.route AND k.id > j.id)",
             )?;
             stmt.query_map(params![study, destination], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))

@@ -150,6 +150,17 @@ def test_results_given_up_are_listed_and_sent_again_once_the_pacs_is_back(work):
         # Another study, or another destination: nothing to send.
         out = cli("results", "resend", "--study", "1.2.3", "--data-dir", str(server.data))
         assert out.returncode == 1 and "nothing to send again" in out.stderr, out.stderr
+        # Sent again while the PACS is still down: given up again, the dead-letter copies
+        # whole (copying each onto itself truncated it: the object was lost, a re-attack's
+        # finding).
+        letters = sorted((server.data / "results" / "dead-letter").iterdir())
+        sizes = [p.stat().st_size for p in letters]
+        assert len(letters) == 2 and all(sizes), sizes
+        out = cli("results", "resend", "--data-dir", str(server.data))
+        assert out.returncode == 0 and "queued 2" in out.stdout, out.stdout + out.stderr
+        wait_for(lambda: not dead(), 30, "the objects tried again")
+        wait_for(dead, RESULT_TIMEOUT_S, "both objects given up again")
+        assert [p.stat().st_size for p in letters] == sizes
         # The PACS is back: sent again, once each.
         pacs = StoreScp(work, port=port)
         out = cli("results", "resend", "--study", study, "--data-dir", str(server.data))
@@ -161,14 +172,18 @@ def test_results_given_up_are_listed_and_sent_again_once_the_pacs_is_back(work):
         assert out.stdout.strip() == "nothing listed", out.stdout
         out = cli("results", "resend", "--data-dir", str(server.data))
         assert out.returncode == 1 and "nothing to send again" in out.stderr
-        # The operator's command is in the audit trail (the server writes it), once.
+        # The operator's commands are in the audit trail (the server writes them), once each.
         study_sha = hashlib.sha256(study.encode()).hexdigest()
-        [command] = wait_for(
-            lambda: [r for r in audit_records(server) if r["kind"] == "operator-command"],
-            30, "the resend's record in the audit trail")
-        assert command["actor"].startswith("operator"), command
-        assert command["detail"].endswith(
-            f"command=results-resend study_sha256={study_sha} destination=* objects=2"), command
+        first, second = wait_for(
+            lambda: len(r := [r for r in audit_records(server)
+                              if r["kind"] == "operator-command"]) == 2 and r,
+            30, "the resends' records in the audit trail")
+        assert all(c["actor"].startswith("operator") for c in (first, second)), (first, second)
+        assert first["detail"].endswith("command=results-resend study_sha256=* destination=* objects=2")
+        assert second["detail"].endswith(
+            f"command=results-resend study_sha256={study_sha} destination=* objects=2"), second
+        time.sleep(6)
+        assert len([r for r in audit_records(server) if r["kind"] == "operator-command"]) == 2
     finally:
         stop(server.proc)
         if pacs:
