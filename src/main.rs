@@ -1028,6 +1028,9 @@ async fn start_services(
         pc.calling_ae_title = settings.calling_ae_title.clone();
         pc.routes = settings.routes.clone();
         pc.retention = config.dicomweb.as_ref().and_then(|w| w.retention);
+        if let Some(w) = &config.dicomweb {
+            pc.audit_uids = w.audit_uids;
+        }
         // -- results delivery retries (issue 9, PEERS slice) --
         if let Some(retry) = settings.retry {
             pc.backoff = retry;

@@ -207,6 +207,45 @@ async fn health_and_server_metadata() {
     }
 }
 
+/// During the initial model load, a model not loaded yet is 503 with Retry-After, not 404
+/// "unknown" (clients take a 404 as final: a review saw them during every restart); once
+/// the load is done, an unknown model is 404.
+#[tokio::test]
+async fn models_not_loaded_yet_are_503_during_the_initial_load() {
+    let f = Fixture::default();
+    f.state.set_ready(false);
+    for uri in [
+        "/v2/models/not-loaded-yet".to_owned(),
+        "/v2/models/not-loaded-yet/ready".to_owned(),
+        format!("/v2/models/{MODEL}/versions/99"),
+    ] {
+        let (s, h, b) = f
+            .call(Request::get(uri.as_str()).body(Body::empty()).unwrap())
+            .await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{uri}");
+        assert_eq!(h[axum::http::header::RETRY_AFTER], "5", "{uri}");
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert!(error_of(&v).contains("still loading"), "{uri}: {v}");
+    }
+    let (s, v) = f
+        .post_json(
+            "/v2/models/not-loaded-yet/infer",
+            &json_request(&[vec![0.0; 30]]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    // A model loaded already serves meanwhile.
+    assert_eq!(
+        f.get(&format!("/v2/models/{MODEL}")).await.0,
+        StatusCode::OK
+    );
+    f.state.set_ready(true);
+    assert_eq!(
+        f.get("/v2/models/not-loaded-yet").await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
 /// While start-up opens its stores, `serve` listens: the health checks and the metrics are
 /// answered (live 200, ready 503), every other route 503 "starting" with Retry-After, so that
 /// CDS Hooks, DICOMweb or validation are not answered as if they were not configured (the

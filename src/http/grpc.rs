@@ -817,7 +817,7 @@ impl GrpcInferenceService for Service {
         self.serve("ModelMetadata", request, |state, call| async move {
             let m = call.message;
             let version = version_of(&m.version);
-            let model = state.repository.get(&m.name, version)?;
+            let model = state.model(&m.name, version)?;
             let meta = model.worker.metadata();
             let spec = |s: &nightingale_inference::TensorSpec| TensorMetadata {
                 name: s.name.clone(),
@@ -841,7 +841,7 @@ impl GrpcInferenceService for Service {
     ) -> Result<Response<ModelConfigResponse>, Status> {
         self.serve("ModelConfig", request, |state, call| async move {
             let m = call.message;
-            let model = state.repository.get(&m.name, version_of(&m.version))?;
+            let model = state.model(&m.name, version_of(&m.version))?;
             Ok(ModelConfigResponse {
                 config: Some(model_config_message(model_config::of(&state, &model))),
             })
@@ -890,10 +890,10 @@ impl GrpcInferenceService for Service {
             let models: Vec<Arc<LoadedModel>> = if m.name.is_empty() {
                 state.repository.loaded()
             } else if let Some(version) = version_of(&m.version) {
-                vec![state.repository.get(&m.name, Some(version))?]
+                vec![state.model(&m.name, Some(version))?]
             } else {
                 // Every served version, as Triton does when no version is named.
-                state.repository.get(&m.name, None)?;
+                state.model(&m.name, None)?;
                 state
                     .repository
                     .loaded()

@@ -306,6 +306,33 @@ impl AppState {
         self.starting.load(Ordering::Acquire)
     }
 
+    /// A served model (or version), as [`Repository::get`]; during the initial model load,
+    /// one not loaded yet is 503 "still loading" with Retry-After, not 404 "unknown": KServe
+    /// clients and integration engines take a 404 as final and do not retry (a review's
+    /// finding: requests during a restart got 404 for models the server was loading).
+    pub(crate) fn model(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Arc<nightingale_models::LoadedModel>, error::AppError> {
+        self.repository.get(name, version).map_err(|e| {
+            let unknown = matches!(
+                e,
+                nightingale_models::RepositoryError::UnknownModel { .. }
+                    | nightingale_models::RepositoryError::UnknownVersion { .. }
+            );
+            if unknown && !self.ready.load(Ordering::Acquire) {
+                let mut refusal = error::AppError::overloaded(format!(
+                    "{e}: the server is still loading its models; retry later"
+                ));
+                refusal.retry_after = Some(error::NOT_READY_RETRY_AFTER_SECS);
+                refusal
+            } else {
+                e.into()
+            }
+        })
+    }
+
     /// The initial load is done, and start-up too ([`AppState::set_starting`]).
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && !self.is_starting()

@@ -97,7 +97,7 @@ pub async fn model_metadata(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
 ) -> Result<Json<serde_json::Value>, AppError> {
-    let m = state.repository.get(&model, None)?;
+    let m = state.model(&model, None)?;
     Ok(Json(metadata_body(&state, &m, true)))
 }
 
@@ -105,7 +105,7 @@ pub async fn model_metadata_version(
     State(state): State<Arc<AppState>>,
     Path((model, version)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, AppError> {
-    let m = state.repository.get(&model, Some(&version))?;
+    let m = state.model(&model, Some(&version))?;
     Ok(Json(metadata_body(&state, &m, false)))
 }
 
@@ -113,7 +113,7 @@ pub async fn model_config(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
 ) -> Result<Json<model_config::ModelConfig>, AppError> {
-    let m = state.repository.get(&model, None)?;
+    let m = state.model(&model, None)?;
     Ok(Json(model_config::of(&state, &m)))
 }
 
@@ -121,7 +121,7 @@ pub async fn model_config_version(
     State(state): State<Arc<AppState>>,
     Path((model, version)): Path<(String, String)>,
 ) -> Result<Json<model_config::ModelConfig>, AppError> {
-    let m = state.repository.get(&model, Some(&version))?;
+    let m = state.model(&model, Some(&version))?;
     Ok(Json(model_config::of(&state, &m)))
 }
 
@@ -129,7 +129,7 @@ pub async fn model_ready(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
 ) -> Result<StatusCode, AppError> {
-    state.repository.get(&model, None)?;
+    state.model(&model, None)?;
     audit_writable(&state)
 }
 
@@ -137,7 +137,7 @@ pub async fn model_ready_version(
     State(state): State<Arc<AppState>>,
     Path((model, version)): Path<(String, String)>,
 ) -> Result<StatusCode, AppError> {
-    state.repository.get(&model, Some(&version))?;
+    state.model(&model, Some(&version))?;
     audit_writable(&state)
 }
 
@@ -308,7 +308,7 @@ impl ModelCall {
         deadline: Option<Instant>,
     ) -> Result<ModelCall, AppError> {
         let start = Instant::now();
-        let loaded = state.repository.get(model, version)?;
+        let loaded = state.model(model, version)?;
         let audit = state.audit.pending(
             AuditEvent {
                 kind: match op {
@@ -779,7 +779,7 @@ pub async fn model_stats(
     Path(model): Path<String>,
 ) -> Result<Json<serde_json::Value>, AppError> {
     // Every served version, as Triton does when no version is named.
-    state.repository.get(&model, None)?;
+    state.model(&model, None)?;
     let stats: Vec<_> = state
         .repository
         .loaded()
@@ -794,7 +794,7 @@ pub async fn model_stats_version(
     State(state): State<Arc<AppState>>,
     Path((model, version)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, AppError> {
-    let m = state.repository.get(&model, Some(&version))?;
+    let m = state.model(&model, Some(&version))?;
     Ok(Json(json!({ "model_stats": [stats_json(&m)] })))
 }
 

@@ -70,6 +70,9 @@ pub struct PipelineConfig {
     pub poll: Duration,
     /// How long finished results are kept (the spool's retention; `None`: forever).
     pub retention: Option<Duration>,
+    /// How the UIDs of studies, series and result objects appear in the pipeline's audit
+    /// records: as ingest's (`--dicom-audit-uids`).
+    pub audit_uids: crate::audit::dicom::UidAudit,
 }
 
 impl PipelineConfig {
@@ -88,6 +91,7 @@ impl PipelineConfig {
             routes: Vec::new(),
             poll: Duration::from_millis(250),
             retention: None,
+            audit_uids: crate::audit::dicom::UidAudit::Hash,
         }
     }
 }
@@ -195,6 +199,21 @@ pub(crate) fn waiting_for(bundle: &str) -> String {
         "waiting for bundle {bundle} to serve (at most {} h after the job was made)",
         JOB_WAIT.as_secs() / 3600
     )
+}
+
+/// The UIDs of a pipeline audit record as ingest's records give them: `{name}_sha256=` and
+/// the full SHA-256 of each UID's text, space-separated, or nothing where UIDs are omitted
+/// (the pipeline's records gave 12-hex-digit prefixes under `*_sha256` names, with `omit`
+/// too: a review's finding; an auditor's SHA-256 of a UID did not find them).
+pub(crate) fn audit_uids(uids: crate::audit::dicom::UidAudit, pairs: &[(&str, &str)]) -> String {
+    if uids == crate::audit::dicom::UidAudit::Omit {
+        return String::new();
+    }
+    pairs
+        .iter()
+        .map(|(name, uid)| format!("{name}_sha256={}", crate::audit::dicom::uid_sha256(uid)))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A short, non-reversible tag for a UID in logs (UIDs are not written to logs).

@@ -209,6 +209,18 @@ impl Pipeline {
                     }
                 }
             }
+            // The data set goes to the destination now: its record first, and the attempt
+            // charged. A crash between the destination's answer and its record left a
+            // delivery of patient data in no record, and its resend said `attempt=1` (a
+            // review's finding: 14 of 32 kill -9s under load).
+            self.audit_sent(o, None, "sending").await;
+            let charged = ResultObject {
+                attempts: o.attempts + 1,
+                ..o.clone()
+            };
+            if let Err(e) = self.store().delivery(&charged) {
+                tracing::error!(error = %e, "results store: attempt not recorded");
+            }
             let stored = association.store(file).await;
             if let Ok(status) = &stored {
                 let event = if status.is_success() || status.is_warning() {
@@ -321,23 +333,34 @@ impl Pipeline {
         }
     }
 
-    /// Audits how an object's delivery ended: `delivered` or `refused` with the destination's
-    /// DIMSE status, or `given-up` (dead-lettered). The destination (as configured, an
-    /// address and AE title) is the record's actor; the object by its hashed UIDs.
+    /// Audits an object's C-STORE: `sending` (before the data set goes), then `delivered`
+    /// or `refused` with the destination's DIMSE status; or `given-up` (dead-lettered). The
+    /// destination (as configured, an address and AE title) is the record's actor; the
+    /// object by its hashed UIDs.
     async fn audit_sent(&self, o: &ResultObject, status: Option<u16>, event: &str) {
         let record = crate::audit::AuditEvent {
             status: status.unwrap_or(0),
-            outcome: status.map_or(
-                crate::audit::Outcome::Failed,
-                crate::audit::dicom::outcome_of,
+            outcome: match status {
+                Some(s) => crate::audit::dicom::outcome_of(s),
+                None if event == "sending" => crate::audit::Outcome::Ok,
+                None => crate::audit::Outcome::Failed,
+            },
+            detail: Some(
+                format!(
+                    "event={event} kind={} attempt={} {}",
+                    o.kind,
+                    o.attempts + 1,
+                    super::audit_uids(
+                        self.config.audit_uids,
+                        &[
+                            ("sop_instance", &o.sop_instance_uid),
+                            ("series", &o.series_uid)
+                        ],
+                    )
+                )
+                .trim_end()
+                .to_owned(),
             ),
-            detail: Some(format!(
-                "event={event} kind={} attempt={} sop_instance_sha256={} series_sha256={}",
-                o.kind,
-                o.attempts + 1,
-                super::uid_tag(&o.sop_instance_uid),
-                super::uid_tag(&o.series_uid)
-            )),
             ..crate::audit::AuditEvent::blank(
                 crate::audit::EventKind::DicomResultSent,
                 format!("pipeline-job-{}", o.job_id),

@@ -807,11 +807,11 @@ impl Pipeline {
             status: 500,
             outcome: Outcome::Failed,
             actor: Some("dicom-pipeline".into()),
-            detail: Some(format!(
-                "study_sha256={} series_sha256={}",
-                super::uid_tag(&job.study_uid),
-                super::uid_tag(&job.series_uid)
-            )),
+            detail: Some(super::audit_uids(
+                self.config.audit_uids,
+                &[("study", &job.study_uid), ("series", &job.series_uid)],
+            ))
+            .filter(|d| !d.is_empty()),
         };
         let outputs = model.worker.infer(inputs).await;
         if let Ok(outputs) = &outputs {
@@ -947,16 +947,15 @@ impl Pipeline {
             event.status = 200;
             event.outcome = Outcome::Ok;
         }
-        event.detail = Some(format!(
-            "study_sha256={} series_sha256={}{}",
-            super::uid_tag(&job.study_uid),
-            super::uid_tag(&job.series_uid),
-            event
-                .detail
-                .as_ref()
-                .map(|d| format!(" {d}"))
-                .unwrap_or_default()
-        ));
+        let uids = super::audit_uids(
+            self.config.audit_uids,
+            &[("study", &job.study_uid), ("series", &job.series_uid)],
+        );
+        event.detail = match (uids.is_empty(), event.detail.take()) {
+            (true, d) => d,
+            (false, Some(d)) => Some(format!("{uids} {d}")),
+            (false, None) => Some(uids),
+        };
         self.state
             .audit
             .record(event)
@@ -1222,12 +1221,21 @@ impl Pipeline {
             status: 200,
             outcome: Outcome::Ok,
             actor: Some("dicom-pipeline".into()),
-            detail: Some(format!(
-                "kind={kind} sop_instance_sha256={} study_sha256={} series_sha256={}",
-                super::uid_tag(&object.sop_instance_uid),
-                super::uid_tag(&job.study_uid),
-                super::uid_tag(&job.series_uid)
-            )),
+            detail: Some(
+                format!(
+                    "kind={kind} {}",
+                    super::audit_uids(
+                        self.config.audit_uids,
+                        &[
+                            ("sop_instance", &object.sop_instance_uid),
+                            ("study", &job.study_uid),
+                            ("series", &job.series_uid),
+                        ],
+                    )
+                )
+                .trim_end()
+                .to_owned(),
+            ),
         };
         if let Err(e) = self.state.audit.record(event).await {
             tracing::error!(error = %e, "audit record of a result object not written");

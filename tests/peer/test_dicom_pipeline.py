@@ -447,6 +447,13 @@ def test_results_go_only_to_the_destinations_configured_now_and_each_delivery_is
         assert all(r["status"] == 0 and r["outcome"] == "ok" for r in delivered)
         assert len(given_up) == 2 and {r["actor"] for r in given_up} == {f"WRONG@127.0.0.1:{wrong}"}
         assert not any(study in json.dumps(r) for r in sent)
+        # Each C-STORE is on record before its data set goes (a crash between the PACS's
+        # answer and the record left it in none), the object by its UID's full SHA-256.
+        sending = [r for r in sent if "event=sending" in r["detail"]]
+        assert len(sending) == 4, sending
+        sha = lambda r: r["detail"].split("sop_instance_sha256=")[1].split()[0]  # noqa: E731
+        assert sorted(map(sha, sending)) == sorted(map(sha, delivered))
+        assert all(len(sha(r)) == 64 for r in sent)
     finally:
         stop(server.proc)
         stop(pacs.proc)
