@@ -207,6 +207,15 @@ async fn health_and_server_metadata() {
     }
 }
 
+/// A GET of `uri` answered 503 with `Retry-After: 5` and an error saying `why`.
+async fn refused_for_now(f: &Fixture, uri: &str, why: &str) {
+    let (s, h, b) = f.call(Request::get(uri).body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{uri}");
+    assert_eq!(h[axum::http::header::RETRY_AFTER], "5", "{uri}");
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert!(error_of(&v).contains(why), "{uri}: {v}");
+}
+
 /// During the initial model load, a model not loaded yet is 503 with Retry-After, not 404
 /// "unknown" (clients take a 404 as final: a review saw them during every restart); once
 /// the load is done, an unknown model is 404.
@@ -219,13 +228,7 @@ async fn models_not_loaded_yet_are_503_during_the_initial_load() {
         "/v2/models/not-loaded-yet/ready".to_owned(),
         format!("/v2/models/{MODEL}/versions/99"),
     ] {
-        let (s, h, b) = f
-            .call(Request::get(uri.as_str()).body(Body::empty()).unwrap())
-            .await;
-        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{uri}");
-        assert_eq!(h[axum::http::header::RETRY_AFTER], "5", "{uri}");
-        let v: Value = serde_json::from_slice(&b).unwrap();
-        assert!(error_of(&v).contains("still loading"), "{uri}: {v}");
+        refused_for_now(&f, &uri, "still loading").await;
     }
     let (s, v) = f
         .post_json(
@@ -269,13 +272,7 @@ async fn starting_answers_health_and_metrics_only() {
         "/dicomweb/studies".to_owned(),
         "/validation/runs".to_owned(),
     ] {
-        let (s, h, b) = f
-            .call(Request::get(uri.as_str()).body(Body::empty()).unwrap())
-            .await;
-        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{uri}");
-        assert_eq!(h[axum::http::header::RETRY_AFTER], "5", "{uri}");
-        let v: Value = serde_json::from_slice(&b).unwrap();
-        assert!(error_of(&v).contains("starting"), "{uri}: {v}");
+        refused_for_now(&f, &uri, "starting").await;
     }
     let (s, v) = f
         .post_json(
