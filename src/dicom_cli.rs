@@ -121,7 +121,8 @@ pub struct SpoolArgs {
     /// The spool folder (as `serve --dicom-spool`).
     #[arg(long, env = "NIGHTINGALE_DICOM_SPOOL", conflicts_with = "data_dir")]
     spool: Option<PathBuf>,
-    /// The data folder of `serve`; the spool is its `spool` folder.
+    /// The data folder of `serve`; the spool is its `spool` folder. [default:
+    /// nightingale-data, in the working directory, when --spool is not given either]
     #[arg(long, env = "NIGHTINGALE_DATA_DIR")]
     data_dir: Option<PathBuf>,
 }

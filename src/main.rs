@@ -53,7 +53,8 @@ enum Command {
     /// calibration, subgroups, decision curve; report.json + report.html in --out; exit 0
     /// when the bundle's gate passes, 1 when a criterion fails, 2 on a usage or data error.
     Validate(Box<nightingale::validate::ValidateArgs>),
-    /// The DICOM pipeline's results: reprocess a study.
+    /// The DICOM pipeline's results: list what needs looking at, reprocess a study, send again
+    /// results given up.
     Results {
         #[command(subcommand)]
         command: results_cli::ResultsCommand,

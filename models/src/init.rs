@@ -1426,6 +1426,9 @@ fn manifest_text(p: &ManifestParts) -> String {
     ));
     line("platform = \"onnx\"");
     line("backend = \"any\"");
+    line("# Replay protection: a server that served release N refuses an older signed manifest;");
+    line("# `models init --version` raises it (docs/bundle-format.md, \"Releases\").");
+    line("release = 1");
     line("");
     line("[version_policy]");
     line("policy = \"latest\"");
