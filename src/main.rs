@@ -339,7 +339,13 @@ fn main() -> anyhow::Result<()> {
                     lock_folder(&config.data_dir, "serve.lock", "data folder", "--data-dir")?,
                     lock_folder(&web.spool, ".serve.lock", "DICOM spool", "--dicom-spool")?,
                 )),
-                None => None,
+                None => {
+                    // Its own, narrowed, without DICOM too: it holds the audit trail and
+                    // the CDS store (a shared folder was taken as it was: a re-attack's
+                    // finding).
+                    own_folder(&config.data_dir, "data folder", "--data-dir")?;
+                    None
+                }
             };
             // Opened before the async runtime starts: the database clients block.
             let audit = open_audit(&config.audit)?;
@@ -569,6 +575,26 @@ fn lock_folder(
     what: &str,
     flag: &str,
 ) -> anyhow::Result<std::fs::File> {
+    own_folder(dir, what, flag)?;
+    let path = dir.join(name);
+    let file = nightingale_models::open_lock_file(&path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "the {what} {} is in use by another server (it holds {}): give each server its own {flag}",
+            dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(anyhow::anyhow!(e).context(format!("cannot lock {}", path.display())))
+        }
+    }
+}
+
+/// Makes `dir` (0700) where it is missing and narrows it to its owner where it is there;
+/// a shared folder (sticky, writable by all) is refused.
+fn own_folder(dir: &std::path::Path, what: &str, flag: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt as _;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -584,21 +610,7 @@ fn lock_folder(
             "cannot make the {what} {} its owner's alone ({flag})",
             dir.display()
         )
-    })?;
-    let path = dir.join(name);
-    let file = nightingale_models::open_lock_file(&path)
-        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "the {what} {} is in use by another server (it holds {}): give each server its own {flag}",
-            dir.display(),
-            path.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(anyhow::anyhow!(e).context(format!("cannot lock {}", path.display())))
-        }
-    }
+    })
 }
 
 fn open_audit(config: &AuditConfig) -> anyhow::Result<AuditLog> {

@@ -875,3 +875,28 @@ fn an_empty_admin_token_variable_is_named_at_start() {
         "{log}"
     );
 }
+
+/// The data folder is the server's own, with DICOM on or not: one made 0755 beforehand is
+/// narrowed to 0700, a shared one (sticky, or writable by every user: `/tmp` given by
+/// mistake) refused unchanged (without DICOM it was taken as it was: a re-attack's finding).
+#[test]
+fn a_shared_data_folder_is_refused_and_an_open_one_narrowed() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let base = tempfile::tempdir().unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    for (made, listens, after) in [
+        (0o755, true, 0o700),
+        (0o1777, false, 0o1777),
+        (0o777, false, 0o777),
+    ] {
+        let data = base.path().join(format!("data-{made:o}"));
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(made)).unwrap();
+        let (listening, log) = serve_until_listening(&["--data-dir", data.to_str().unwrap()], &[]);
+        assert_eq!(listening, listens, "{made:o}: {log}");
+        if !listens {
+            assert!(log.contains("shared folder"), "{made:o}: {log}");
+        }
+        assert_eq!(mode(&data), after, "{made:o}");
+    }
+}

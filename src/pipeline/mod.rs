@@ -216,6 +216,19 @@ pub(crate) fn audit_uids(uids: crate::audit::dicom::UidAudit, pairs: &[(&str, &s
         .join(" ")
 }
 
+/// An operator's command's words as its record gives them: with UIDs omitted, no
+/// `*_sha256=` word but `=*` (every study).
+fn operator_detail(uids: crate::audit::dicom::UidAudit, detail: String) -> String {
+    if uids != crate::audit::dicom::UidAudit::Omit {
+        return detail;
+    }
+    detail
+        .split(' ')
+        .filter(|w| !w.contains("_sha256=") || w.ends_with("=*"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A short, non-reversible tag for a UID in logs (UIDs are not written to logs).
 pub fn uid_tag(uid: &str) -> String {
     hex::encode(&Sha256::digest(uid.as_bytes())[..6])
@@ -526,6 +539,10 @@ impl Pipeline {
                             format!("operator-{at_ms}-{id}"),
                             Some(by.chars().take(256).collect()),
                         );
+                        // The command cannot know the server's `--dicom-audit-uids`: with
+                        // `omit`, its study's hash is left out here (a re-attack found it in
+                        // the trail).
+                        let detail = operator_detail(self.config.audit_uids, detail);
                         event.detail = Some(format!("at_ms={at_ms} {detail}"));
                         if let Err(e) = self.state.audit.record(event).await {
                             tracing::warn!(error = %e,
@@ -992,5 +1009,32 @@ impl Pipeline {
             };
             let _ = tokio::time::timeout(wait, self.outbox.notified()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::dicom::UidAudit;
+
+    /// With `--dicom-audit-uids omit`, an operator's command's record names no study (the
+    /// command hashed it, not knowing the setting: a re-attack's finding); `*` stays.
+    #[test]
+    fn operator_commands_follow_the_uid_setting() {
+        let detail = "command=results-resend study_sha256=ab12 destination=* objects=2";
+        assert_eq!(operator_detail(UidAudit::Hash, detail.into()), detail);
+        assert_eq!(
+            operator_detail(UidAudit::Omit, detail.into()),
+            "command=results-resend destination=* objects=2"
+        );
+        assert_eq!(
+            operator_detail(UidAudit::Omit, "study_sha256=* objects=1".into()),
+            "study_sha256=* objects=1"
+        );
+        assert_eq!(
+            audit_uids(UidAudit::Hash, &[("study", "1.2.3")]),
+            format!("study_sha256={}", crate::audit::dicom::uid_sha256("1.2.3"))
+        );
+        assert_eq!(audit_uids(UidAudit::Omit, &[("study", "1.2.3")]), "");
     }
 }

@@ -27,6 +27,8 @@ pub const SEND_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a delivery waits for the destination's answer to its A-RELEASE, every object's
 /// outcome recorded already.
 const RELEASE_WAIT: Duration = Duration::from_secs(10);
+/// How long an object waits when its `sending` record could not be written.
+const AUDIT_RETRY: Duration = Duration::from_secs(5);
 
 /// Removes a destination from the ones being sent to when its task ends, and wakes the
 /// sender for what came due meanwhile.
@@ -213,7 +215,16 @@ impl Pipeline {
             // charged. A crash between the destination's answer and its record left a
             // delivery of patient data in no record, and its resend said `attempt=1` (a
             // review's finding: 14 of 32 kill -9s under load).
-            self.audit_sent(o, None, "sending").await;
+            //
+            // No record, no delivery: while the trail cannot be written, this object and
+            // those behind it wait (not charged an attempt: the destination is not at
+            // fault) and go once it can (they went unrecorded: a re-attack's finding).
+            if !self.audit_sent(o, None, "sending").await {
+                for (o, _) in &files[i..] {
+                    self.postpone_for_audit(o);
+                }
+                break;
+            }
             let charged = ResultObject {
                 attempts: o.attempts + 1,
                 ..o.clone()
@@ -337,7 +348,7 @@ impl Pipeline {
     /// or `refused` with the destination's DIMSE status; or `given-up` (dead-lettered). The
     /// destination (as configured, an address and AE title) is the record's actor; the
     /// object by its hashed UIDs.
-    async fn audit_sent(&self, o: &ResultObject, status: Option<u16>, event: &str) {
+    async fn audit_sent(&self, o: &ResultObject, status: Option<u16>, event: &str) -> bool {
         let record = crate::audit::AuditEvent {
             status: status.unwrap_or(0),
             outcome: match status {
@@ -367,8 +378,27 @@ impl Pipeline {
                 Some(o.destination.chars().take(256).collect()),
             )
         };
-        if let Err(e) = self.state.audit.record(record).await {
-            tracing::error!(error = %e, "audit record of a result delivery not written");
+        match self.state.audit.record(record).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "audit record of a result delivery not written");
+                false
+            }
+        }
+    }
+
+    /// An object not sent for want of its `sending` record: due again in a few seconds,
+    /// its attempts unchanged.
+    fn postpone_for_audit(&self, o: &ResultObject) {
+        let later = ResultObject {
+            next_attempt_ms: now_ms() + AUDIT_RETRY.as_millis() as i64,
+            last_error: Some(
+                "not sent: the audit trail cannot be written; sent once it can".into(),
+            ),
+            ..o.clone()
+        };
+        if let Err(e) = self.store().delivery(&later) {
+            tracing::error!(error = %e, "results store: postponed delivery not recorded");
         }
     }
 
@@ -376,6 +406,8 @@ impl Pipeline {
     /// file); it is not sent to this destination again. Audited (`given-up`, with the
     /// destination's `status` when it answered one).
     async fn give_up(&self, o: &ResultObject, why: &str, status: Option<u16>) {
+        // Given up all the same: its record may be missing while the trail fails (the
+        // log says so); the object stays in the dead-letter folder.
         self.audit_sent(o, status, "given-up").await;
         let from = self.config.results_dir.join(&o.path);
         let relative = std::path::Path::new(DEAD_LETTER_DIR).join(format!(

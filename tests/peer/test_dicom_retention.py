@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import stat
 import subprocess
 import tempfile
@@ -184,6 +185,65 @@ def test_results_given_up_are_listed_and_sent_again_once_the_pacs_is_back(work):
             f"command=results-resend study_sha256={study_sha} destination=* objects=2"), second
         time.sleep(6)
         assert len([r for r in audit_records(server) if r["kind"] == "operator-command"]) == 2
+    finally:
+        stop(server.proc)
+        if pacs:
+            stop(pacs.proc)
+
+
+def test_results_wait_for_the_audit_trail_before_they_go(work):
+    """A re-attack's finding: with the audit trail unwritable (its SQLite database locked by
+    another process), results went to the PACS with no record at all. An object now goes
+    only once its `sending` record is written; meanwhile it waits, not charged an attempt."""
+    port = free_port()  # the PACS is down at first
+    server = Server(work, f"STORESCP@127.0.0.1:{port}",
+                    extra=("--audit-store", "sqlite", "--results-retry-secs", "0.5"))
+    pacs = None
+    trail = server.data / "audit.sqlite3"
+    try:
+        source = work / "ct.dcm"
+        ds = with_new_uids(get_testdata_file("CT_small.dcm"), source)
+        study = str(ds.StudyInstanceUID)
+        store(server.port, [source])
+
+        def objects():
+            r = server.results(study)
+            return [o for s in (r or {}).get("series", []) for j in s["jobs"] for o in j["objects"]]
+
+        wait_for(lambda: len(objects()) == 2 and all(o["attempts"] >= 1 for o in objects()),
+                 RESULT_TIMEOUT_S, "a failed attempt for each object")
+        lock = sqlite3.connect(trail, isolation_level=None, timeout=10)
+        lock.execute("BEGIN IMMEDIATE")  # the trail cannot be written from now on
+        try:
+            pacs = StoreScp(work, port=port)
+
+            def held() -> bool:
+                # The results store itself: its API is refused (503) while reads cannot be
+                # audited.
+                db = sqlite3.connect(f"file:{server.data / 'results' / 'results.sqlite3'}?mode=ro",
+                                     uri=True, timeout=10)
+                try:
+                    rows = db.execute("SELECT delivery, last_error FROM objects").fetchall()
+                finally:
+                    db.close()
+                return len(rows) == 2 and all(
+                    d == "pending" and "audit trail cannot be written" in (e or "") for d, e in rows)
+
+            wait_for(held, 60, "the objects held for the audit trail")
+            assert pacs.files() == []
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        wait_for(lambda: delivered(server, study), RESULT_TIMEOUT_S, "the SR and SC delivered")
+        assert len(pacs.files()) == 2
+        db = sqlite3.connect(f"file:{trail}?mode=ro", uri=True, timeout=10)
+        try:
+            sent = [json.loads(r) for (r,) in db.execute("SELECT record FROM audit_log")]
+        finally:
+            db.close()
+        sent = [r for r in sent if r["kind"] == "dicom-result-sent"]
+        for event in ("sending", "delivered"):
+            assert len([r for r in sent if f"event={event} " in r["detail"]]) == 2, sent
     finally:
         stop(server.proc)
         if pacs:
