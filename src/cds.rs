@@ -293,6 +293,25 @@ impl Cds {
                 ));
             }
         }
+        // The imaging pipeline's results: a service of their own, built in where a
+        // Patient ID's system is given and no `[[cds.services]]` entry of that kind is.
+        match (
+            &settings.imaging_identifier_system,
+            section
+                .services
+                .iter()
+                .any(|s| s.kind == ServiceKind::Imaging),
+        ) {
+            (Some(_), false) => section
+                .services
+                .push(nightingale_decision_support::service::builtin_imaging_service()),
+            (None, true) => {
+                return Err(CdsError::Unsupported(
+                    "an imaging service needs --cds-imaging-identifier-system (the FHIR identifier system of the images' Patient ID)".into(),
+                ));
+            }
+            _ => {}
+        }
         for s in &mut section.services {
             if s.kind == ServiceKind::Risk && s.prefetch.is_none() {
                 let features = s

@@ -17,25 +17,95 @@ use crate::pipeline::store::Job;
 /// At most this many imaging cards per call (the newest first).
 pub const MAX_CARDS: usize = 10;
 
-/// The value of the patient's identifier of `system`, from the request's prefetched
-/// Patient: the one whose id is `context.patientId` (or the only one, if it has no id), as
-/// NEWS2 and the risk cards find it. A Patient with another id is never used: its studies
-/// are someone else's.
-pub fn patient_identifier(request: &HookRequest, system: &str, limits: &Limits) -> Option<String> {
-    let mut resources = Resources::new();
-    for value in request.prefetch.as_ref()?.values() {
-        if value.get("resourceType").and_then(|t| t.as_str()) == Some("Patient")
-            && let Ok(r) = Resource::from_value(value, limits)
-        {
-            resources.add(r);
-        }
-    }
-    // A value with a control character is no Patient ID (FHIR strings have none; a NUL in
-    // it could name another issuer's key: a red-team finding).
-    find_patient(&resources, request.patient_id())?
-        .identifier_value(system)
+/// The values of the patient's identifiers of `system` in use now (not `use: old`, no
+/// period ended), from `resources` (the service's declared prefetch and what was fetched
+/// from the FHIR server): the Patient whose id is `patient_id` (or the only one, if it has no
+/// id), as NEWS2 and the risk cards find it. A Patient with another id is never used: its
+/// studies are someone else's. A value with a control character is no Patient ID (FHIR
+/// strings have none; a NUL in it could name another issuer's key: a red-team finding).
+pub fn patient_identifiers(
+    resources: &Resources,
+    patient_id: Option<&str>,
+    system: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Vec<String> {
+    let Some(patient) = find_patient(resources, patient_id) else {
+        return Vec::new();
+    };
+    let mut values: Vec<String> = patient
+        .current_identifier_values(system, now)
+        .into_iter()
         .map(|v| v.trim().to_owned())
         .filter(|v| !v.is_empty() && !v.chars().any(char::is_control))
+        .collect();
+    values.sort();
+    values.dedup();
+    values
+}
+
+/// The Patient resources of a request's prefetch under `keys` (the service's declared
+/// ones: others are not read), as [`patient_identifiers`] takes them.
+pub fn prefetched_patients(
+    request: &HookRequest,
+    keys: impl Fn(&str) -> bool,
+    limits: &Limits,
+) -> Vec<Resource> {
+    let Some(prefetch) = request.prefetch.as_ref() else {
+        return Vec::new();
+    };
+    prefetch
+        .iter()
+        .filter(|(k, v)| {
+            keys(k) && v.get("resourceType").and_then(|t| t.as_str()) == Some("Patient")
+        })
+        .filter_map(|(_, v)| Resource::from_value(v, limits).ok())
+        .collect()
+}
+
+/// Where a job's result objects are, for its card.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// At least one destination took them.
+    InPacs,
+    /// Not yet: being sent, or tried again.
+    Pending,
+    /// Given up for every destination (the dead-letter folder).
+    NotDelivered,
+    /// No destination was configured: kept by Nightingale only.
+    Local,
+}
+
+impl Delivery {
+    /// From a job's objects' delivery states (`sent`, `pending`, `dead`, `local`).
+    pub fn of<'a>(states: impl IntoIterator<Item = &'a str>) -> Delivery {
+        let states: Vec<&str> = states.into_iter().collect();
+        if states.contains(&"sent") {
+            Delivery::InPacs
+        } else if states.contains(&"pending") {
+            Delivery::Pending
+        } else if states.contains(&"dead") {
+            Delivery::NotDelivered
+        } else {
+            Delivery::Local
+        }
+    }
+
+    fn sentence(self) -> &'static str {
+        match self {
+            Delivery::InPacs => {
+                "The full result (a DICOM Structured Report and a Secondary Capture) was sent to PACS, next to the images."
+            }
+            Delivery::Pending => {
+                "The full result (a DICOM Structured Report and a Secondary Capture) is **not in PACS yet**: its delivery is still being tried."
+            }
+            Delivery::NotDelivered => {
+                "The full result (a DICOM Structured Report and a Secondary Capture) **did not reach PACS**: its delivery was given up (an operator can send it again)."
+            }
+            Delivery::Local => {
+                "The full result (a DICOM Structured Report and a Secondary Capture) is kept by Nightingale: no PACS destination is configured."
+            }
+        }
+    }
 }
 
 /// One finding of a job, as the pipeline stored it.
@@ -48,11 +118,18 @@ struct Finding {
     positive: bool,
 }
 
-/// The cards of a patient's finished jobs; `base` is the server's URL (`http(s)://host`),
-/// for the link to each study's results. Each card is paired with its (bundle, version).
-pub fn cards(jobs: &[Job], base: &str) -> Vec<(Card, (String, String))> {
+/// The cards of a patient's finished jobs, newest first, each with its delivery and the
+/// time it was made; `base` is the server's URL (`http(s)://host`), for the link to each
+/// study's results; `more`: the patient has results beyond those shown (a last card says
+/// so). Each card is paired with its (bundle, version) and its job's id.
+pub fn cards(
+    jobs: &[(Job, Delivery)],
+    base: &str,
+    more: bool,
+) -> Vec<(Card, (String, String), Option<i64>)> {
     let mut out = Vec::new();
-    for job in jobs {
+    let mut cut = more;
+    'jobs: for (job, delivery) in jobs {
         let Some(findings) = job
             .findings
             .clone()
@@ -60,9 +137,13 @@ pub fn cards(jobs: &[Job], base: &str) -> Vec<(Card, (String, String))> {
         else {
             continue;
         };
+        let made = chrono::DateTime::from_timestamp_millis(job.updated_ms)
+            .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+            .unwrap_or_else(|| "an unknown time".to_owned());
         for f in findings {
             if out.len() >= MAX_CARDS {
-                return out;
+                cut = true;
+                break 'jobs;
             }
             let verdict = if f.positive { "at or above" } else { "below" };
             let summary = format!(
@@ -71,11 +152,16 @@ pub fn cards(jobs: &[Job], base: &str) -> Vec<(Card, (String, String))> {
             );
             let detail = format!(
                 "The imaging model **{}** version **{}** read a series of this patient's study \
-                 and gave **{}** ({}) a probability of **{:.3}**, {verdict} its operating \
-                 threshold of {:.3}.\n\n\
-                 **AI result – not for diagnosis without review.** The full result (a DICOM \
-                 Structured Report and a Secondary Capture) is in PACS next to the images.",
-                job.bundle, job.bundle_version, f.label, f.output, f.probability, f.threshold
+                 on {made} and gave **{}** ({}) a probability of **{:.3}**, {verdict} its \
+                 operating threshold of {:.3}.\n\n\
+                 **AI result – not for diagnosis without review.** {}",
+                job.bundle,
+                job.bundle_version,
+                f.label,
+                f.output,
+                f.probability,
+                f.threshold,
+                delivery.sentence()
             );
             let card = Card::builder(
                 &summary,
@@ -84,15 +170,10 @@ pub fn cards(jobs: &[Job], base: &str) -> Vec<(Card, (String, String))> {
                 } else {
                     Indicator::Info
                 },
-                Source {
-                    label: format!(
-                        "Nightingale imaging AI: {} {}",
-                        job.bundle, job.bundle_version
-                    ),
-                    url: None,
-                    icon: None,
-                    topic: None,
-                },
+                source(&format!(
+                    "Nightingale imaging AI: {} {}",
+                    job.bundle, job.bundle_version
+                )),
             )
             .detail(detail)
             .link(Link {
@@ -102,10 +183,36 @@ pub fn cards(jobs: &[Job], base: &str) -> Vec<(Card, (String, String))> {
                 app_context: None,
             })
             .build();
-            out.push((card, (job.bundle.clone(), job.bundle_version.clone())));
+            out.push((
+                card,
+                (job.bundle.clone(), job.bundle_version.clone()),
+                Some(job.id),
+            ));
         }
     }
+    if cut {
+        let card = Card::builder(
+            &format!("More AI imaging results for this patient than the {MAX_CARDS} shown"),
+            Indicator::Info,
+            source("Nightingale imaging AI"),
+        )
+        .detail(format!(
+            "Only the {MAX_CARDS} newest findings are shown here; the patient's other imaging AI \
+             results are in PACS and in Nightingale's results."
+        ))
+        .build();
+        out.push((card, (String::new(), String::new()), None));
+    }
     out
+}
+
+fn source(label: &str) -> Source {
+    Source {
+        label: label.to_owned(),
+        url: None,
+        icon: None,
+        topic: None,
+    }
 }
 
 #[cfg(test)]
@@ -137,9 +244,10 @@ mod tests {
             {"output": "probabilities", "label": "misoriented", "probability": 0.83,
              "threshold": 0.63, "positive": true, "instance_index": 0, "frame": 0}
         ]));
-        let cards = cards(&[j], "http://n.test:8000");
+        let cards = cards(&[(j, Delivery::InPacs)], "http://n.test:8000", false);
         assert_eq!(cards.len(), 1);
-        let (card, model) = &cards[0];
+        let (card, model, job_id) = &cards[0];
+        assert_eq!(*job_id, Some(1));
         assert_eq!(model, &("image-orientation".to_owned(), "1".to_owned()));
         assert_eq!(card.indicator, Indicator::Warning);
         assert!(
@@ -157,8 +265,98 @@ mod tests {
                 .unwrap()
                 .contains("not for diagnosis")
         );
+        assert!(
+            card.detail
+                .as_deref()
+                .unwrap()
+                .contains("1970-01-01 00:00 UTC")
+        );
+        assert!(card.detail.as_deref().unwrap().contains("was sent to PACS"));
         // A job without readable findings gives no card.
-        assert!(super::cards(&[job(serde_json::json!("?"))], "x").is_empty());
+        assert!(
+            super::cards(
+                &[(job(serde_json::json!("?")), Delivery::InPacs)],
+                "x",
+                false
+            )
+            .is_empty()
+        );
+        // Where the result is not in PACS, the card says so; more results than shown: a
+        // last card says so.
+        let one = serde_json::json!([{"output": "p", "label": "l", "probability": 0.2,
+            "threshold": 0.5, "positive": false}]);
+        for (delivery, says) in [
+            (Delivery::Pending, "not in PACS yet"),
+            (Delivery::NotDelivered, "did not reach PACS"),
+            (Delivery::Local, "no PACS destination"),
+        ] {
+            let c = super::cards(&[(job(one.clone()), delivery)], "x", false);
+            assert!(
+                c[0].0.detail.as_deref().unwrap().contains(says),
+                "{delivery:?}"
+            );
+        }
+        let many: Vec<_> = (0..12)
+            .map(|_| (job(one.clone()), Delivery::InPacs))
+            .collect();
+        let c = super::cards(&many, "x", false);
+        assert_eq!(c.len(), MAX_CARDS + 1);
+        assert!(
+            c[MAX_CARDS]
+                .0
+                .summary
+                .starts_with("More AI imaging results")
+        );
+        assert_eq!(c[MAX_CARDS].2, None);
+        assert_eq!(Delivery::of(["dead", "sent"]), Delivery::InPacs);
+        assert_eq!(Delivery::of(["dead", "pending"]), Delivery::Pending);
+        assert_eq!(Delivery::of(["dead"]), Delivery::NotDelivered);
+        assert_eq!(Delivery::of(["local"]), Delivery::Local);
+    }
+
+    /// The identifier a request's prefetch (every key) gives, one at most.
+    fn patient_identifier(request: &HookRequest, system: &str, limits: &Limits) -> Option<String> {
+        let mut resources = Resources::new();
+        for r in prefetched_patients(request, |_| true, limits) {
+            resources.add(r);
+        }
+        let mut v =
+            patient_identifiers(&resources, request.patient_id(), system, chrono::Utc::now());
+        (v.len() <= 1).then(|| v.pop()).flatten()
+    }
+
+    /// Every identifier of the system in use is matched, not only the first; a retired
+    /// one (`use: old`, a period that ended) is not; a Patient under a key the service does
+    /// not declare is not read (a review's findings).
+    #[test]
+    fn identifiers_in_use_are_matched_and_retired_ones_not() {
+        let request: HookRequest = serde_json::from_value(serde_json::json!({
+            "hook": "patient-view", "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+            "context": {"patientId": "p1"},
+            "prefetch": {"patient": {"resourceType": "Patient", "id": "p1", "identifier": [
+                {"system": "urn:nhs", "value": "A"},
+                {"system": "urn:nhs", "value": "B"},
+                {"system": "urn:nhs", "value": "OLD", "use": "old"},
+                {"system": "urn:nhs", "value": "ENDED", "period": {"end": "2001-01-01"}},
+                {"system": "urn:nhs", "value": "RUNS", "period": {"end": "2999-01-01T00:00:00Z"}},
+                {"system": "urn:nhs", "value": "BAD-END", "period": {"end": "soon"}}]}}
+        }))
+        .unwrap();
+        let limits = Limits::default();
+        let of = |keys: &dyn Fn(&str) -> bool| {
+            let mut resources = Resources::new();
+            for r in prefetched_patients(&request, keys, &limits) {
+                resources.add(r);
+            }
+            patient_identifiers(
+                &resources,
+                request.patient_id(),
+                "urn:nhs",
+                chrono::Utc::now(),
+            )
+        };
+        assert_eq!(of(&|k| k == "patient"), ["A", "B", "RUNS"]);
+        assert!(of(&|k| k == "other").is_empty());
     }
 
     #[test]

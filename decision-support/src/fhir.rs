@@ -1353,6 +1353,10 @@ pub struct Period {
 pub struct Identifier {
     pub system: Option<String>,
     pub value: Option<String>,
+    /// `usual`, `official`, `temp`, `secondary`, `old`.
+    #[serde(rename = "use")]
+    pub use_: Option<String>,
+    pub period: Option<Period>,
 }
 
 impl fmt::Debug for Identifier {
@@ -1416,6 +1420,27 @@ impl Patient {
             .iter()
             .find(|i| i.system.as_deref() == Some(system))
             .and_then(|i| i.value.as_deref())
+    }
+
+    /// The values of every identifier of `system` in use at `now`: not `use: old`, and not
+    /// one whose period ended before `now` (an end that cannot be read counts as ended).
+    pub fn current_identifier_values(
+        &self,
+        system: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Vec<&str> {
+        self.identifier
+            .iter()
+            .filter(|i| i.system.as_deref() == Some(system))
+            .filter(|i| i.use_.as_deref() != Some("old"))
+            .filter(|i| {
+                i.period
+                    .as_ref()
+                    .and_then(|p| p.end.as_deref())
+                    .is_none_or(|end| period_end_after(end, now))
+            })
+            .filter_map(|i| i.value.as_deref())
+            .collect()
     }
 }
 
@@ -1712,6 +1737,12 @@ impl Observation {
             _ => None,
         }
     }
+}
+
+/// Whether a period ending at `end` (a FHIR dateTime) may still run at `now`: its end may
+/// lie after `now` (an end that cannot be read: no).
+fn period_end_after(end: &str, now: DateTime<Utc>) -> bool {
+    date_time_bounds(end).latest().is_some_and(|t| t > now)
 }
 
 /// Where a FHIR date or dateTime `text` may lie: a time with its zone is that instant; a

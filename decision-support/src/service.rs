@@ -39,6 +39,10 @@ pub enum ServiceKind {
     News2,
     /// Risk-model cards from model bundles (served by the root package).
     Risk,
+    /// The DICOM pipeline's imaging results of the patient (served by the root package,
+    /// with `--cds-imaging-identifier-system`): one service, so that an EHR calling every
+    /// patient-view service shows each finding once.
+    Imaging,
 }
 
 /// One `[[cds.services]]` entry, as written.
@@ -92,6 +96,36 @@ impl Default for CdsSection {
 
 /// The id of the built-in NEWS2 service.
 pub const DEFAULT_NEWS2_ID: &str = "nightingale-news2";
+
+/// The id of the built-in imaging-results service.
+pub const DEFAULT_IMAGING_ID: &str = "nightingale-imaging-results";
+
+/// The prefetch of an imaging-results service: the Patient, for its identifier.
+pub fn imaging_prefetch() -> BTreeMap<String, String> {
+    BTreeMap::from([(
+        "patient".to_owned(),
+        "Patient/{{context.patientId}}".to_owned(),
+    )])
+}
+
+/// The built-in imaging-results service: id `nightingale-imaging-results`, `patient-view`.
+pub fn builtin_imaging_service() -> ServiceConfig {
+    ServiceConfig {
+        id: DEFAULT_IMAGING_ID.to_owned(),
+        hook: "patient-view".to_owned(),
+        title: Some("AI imaging results".to_owned()),
+        description: "Findings of the imaging AI models on this patient's studies (the DICOM pipeline's results, unreviewed), newest first, with the study date and whether the full result reached PACS".to_owned(),
+        kind: ServiceKind::Imaging,
+        bundles: vec![],
+        thresholds: BTreeMap::new(),
+        look_back_minutes: None,
+        scale2_conditions: vec![],
+        pregnancy_conditions: None,
+        usage_requirements: usage_requirements(&imaging_prefetch()),
+        prefetch: Some(imaging_prefetch()),
+        wording: Wording::default(),
+    }
+}
 
 fn default_services() -> Vec<ServiceConfig> {
     vec![ServiceConfig {
@@ -487,6 +521,14 @@ impl CdsSection {
                 ServiceKind::News2 if !c.bundles.is_empty() || !c.thresholds.is_empty() => {
                     return Err(invalid("a NEWS2 service takes no bundles or thresholds"));
                 }
+                ServiceKind::Imaging if !c.bundles.is_empty() || !c.thresholds.is_empty() => {
+                    return Err(invalid(
+                        "an imaging service takes no bundles or thresholds (it shows every imaging bundle's results)",
+                    ));
+                }
+                ServiceKind::Imaging if c.hook != "patient-view" => {
+                    return Err(invalid("an imaging service answers the patient-view hook"));
+                }
                 _ => {}
             }
             // A bundle named twice would answer two identical cards.
@@ -528,6 +570,7 @@ impl CdsSection {
                 (Some(p), _) => p.clone(),
                 (None, ServiceKind::News2) => news2_prefetch(),
                 (None, ServiceKind::Risk) => BTreeMap::new(),
+                (None, ServiceKind::Imaging) => imaging_prefetch(),
             };
             for (key, template) in &prefetch {
                 if !template_ok(template) {

@@ -336,6 +336,7 @@ async fn answer_call(
 
     let now = chrono::Utc::now();
     let client = caller_id(&caller);
+    let mut shown = String::new();
     let (response, kind, models): (CdsResponse, &'static str, Vec<(String, String)>) = match service
         .kind()
     {
@@ -370,6 +371,50 @@ async fn answer_call(
                 outcome.response,
                 kind,
                 vec![(NEWS2_MODEL.0.to_owned(), NEWS2_MODEL.1.to_owned())],
+            )
+        }
+        // The imaging pipeline's results of this patient: one service of their own (every
+        // patient-view service carried them, so an EHR calling each showed every finding
+        // several times: a review's finding).
+        ServiceKind::Imaging => {
+            let imaging = imaging_cards(&state, service, &request, &fetched, &headers).await;
+            let mut models: Vec<(String, String)> = Vec::new();
+            let mut jobs = Vec::new();
+            for (card, (bundle, version), job) in &imaging {
+                let model = (!bundle.is_empty()).then_some((bundle.as_str(), version.as_str()));
+                cds.remember_cards(&[card], service.id(), model, &client, now);
+                if !bundle.is_empty() && !models.iter().any(|m| &m.0 == bundle && &m.1 == version) {
+                    models.push((bundle.clone(), version.clone()));
+                }
+                if let Some(job) = job
+                    && !jobs.contains(job)
+                {
+                    jobs.push(*job);
+                }
+            }
+            // Which results were shown: their jobs, as the pipeline's records name them
+            // (`pipeline-job-N`, with the study and series).
+            shown = jobs
+                .iter()
+                .map(|j| format!("pipeline-job-{j}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let kind = if imaging.iter().any(|(c, _, _)| {
+                c.indicator == nightingale_decision_support::hooks::Indicator::Warning
+            }) {
+                "warning"
+            } else if imaging.is_empty() {
+                "empty"
+            } else {
+                "info"
+            };
+            (
+                CdsResponse {
+                    cards: imaging.into_iter().map(|(card, _, _)| card).collect(),
+                    system_actions: vec![],
+                },
+                kind,
+                models,
             )
         }
         ServiceKind::Risk => {
@@ -433,27 +478,6 @@ async fn answer_call(
             )
         }
     };
-    // Imaging results of this patient (patient-view, when configured).
-    let imaging = imaging_cards(&state, &request, &headers, service.config().hook.as_str()).await;
-    let mut response = response;
-    let mut models = models;
-    if !imaging.is_empty() {
-        for (card, (bundle, version)) in &imaging {
-            cds.remember_cards(
-                &[card],
-                service.id(),
-                Some((bundle.as_str(), version.as_str())),
-                &client,
-                now,
-            );
-            if !models.iter().any(|m| &m.0 == bundle && &m.1 == version) {
-                models.push((bundle.clone(), version.clone()));
-            }
-        }
-    }
-    response
-        .cards
-        .extend(imaging.into_iter().map(|(card, _)| card));
     let body = match serde_json::to_vec(&response) {
         Ok(b) => b,
         Err(e) => return AppError::internal(e.to_string()).into_response(),
@@ -484,11 +508,16 @@ async fn answer_call(
         outcome: Outcome::Ok,
         actor: Some(caller_id(&caller)),
         detail: Some(format!(
-            "service={} hook={} outcome={kind} cards={} latency_ms={:.1}",
+            "service={} hook={} outcome={kind} cards={} latency_ms={:.1}{}",
             service.id(),
             service.config().hook,
             cards.join(","),
-            elapsed.as_secs_f64() * 1e3
+            elapsed.as_secs_f64() * 1e3,
+            if shown.is_empty() {
+                String::new()
+            } else {
+                format!(" results={shown}")
+            }
         )),
     };
     if let Err(e) = state.audit.record(event).await {
@@ -695,47 +724,80 @@ async fn not_stored(state: &AppState, recorded: Vec<AuditEvent>) {
     }
 }
 
-/// Cards of the imaging pipeline's results for the request's patient: on patient-view, when
-/// `--cds-imaging-identifier-system` is set and the pipeline runs.
+/// The imaging-results service's cards: the pipeline's results of the patient whose
+/// identifier (`--cds-imaging-identifier-system`, every one in use) is the images' Patient
+/// ID, found from the service's declared prefetch and what was fetched from the FHIR server
+/// (cards were missing where the EHR fetched nothing: a review's finding). Each card comes
+/// with its (bundle, version) and its job's id.
 async fn imaging_cards(
     state: &Arc<AppState>,
+    service: &nightingale_decision_support::service::Service,
     request: &HookRequest,
+    fetched: &[(String, nightingale_decision_support::fhir::Resource)],
     headers: &axum::http::HeaderMap,
-    hook: &str,
-) -> Vec<(nightingale_decision_support::hooks::Card, (String, String))> {
+) -> Vec<(
+    nightingale_decision_support::hooks::Card,
+    (String, String),
+    Option<i64>,
+)> {
+    use crate::cds_imaging::{Delivery, MAX_CARDS};
     let cds = state.cds();
     let (Some(system), Some(results)) = (&cds.imaging_identifier_system, state.results()) else {
         return Vec::new();
     };
-    if hook != "patient-view" {
+    let mut resources = nightingale_decision_support::fhir::Resources::new();
+    for r in crate::cds_imaging::prefetched_patients(
+        request,
+        |k| service.prefetch().contains_key(k),
+        &cds.limits,
+    ) {
+        resources.add(r);
+    }
+    for (_, r) in fetched {
+        resources.add(r.clone());
+    }
+    let ids = crate::cds_imaging::patient_identifiers(
+        &resources,
+        request.patient_id(),
+        system,
+        chrono::Utc::now(),
+    );
+    // Each ID without an issuer, and with each issuer configured as this system's.
+    let keys: Vec<String> = ids
+        .iter()
+        .flat_map(|id| {
+            std::iter::once(nightingale_dicom::series::patient_id_sha256(id)).chain(
+                cds.imaging_issuers
+                    .iter()
+                    .map(|i| nightingale_dicom::series::patient_key(id, Some(i))),
+            )
+        })
+        .collect();
+    if keys.is_empty() {
         return Vec::new();
     }
-    let Some(id) = crate::cds_imaging::patient_identifier(request, system, &cds.limits) else {
-        return Vec::new();
-    };
-    // The ID without an issuer, and with each issuer configured as this system's.
-    let keys: Vec<String> = std::iter::once(nightingale_dicom::series::patient_id_sha256(&id))
-        .chain(
-            cds.imaging_issuers
-                .iter()
-                .map(|i| nightingale_dicom::series::patient_key(&id, Some(i))),
-        )
-        .collect();
     let store = results.store.clone();
-    let jobs = tokio::task::spawn_blocking(move || {
+    let found = tokio::task::spawn_blocking(move || {
         let store = store.lock().unwrap_or_else(|p| p.into_inner());
         let mut jobs = vec![];
         for key in &keys {
-            jobs.extend(store.done_jobs_of_patient(key, crate::cds_imaging::MAX_CARDS)?);
+            jobs.extend(store.done_jobs_of_patient(key, MAX_CARDS + 1)?);
         }
         jobs.sort_by(|a, b| b.updated_ms.cmp(&a.updated_ms).then(b.id.cmp(&a.id)));
         jobs.dedup_by_key(|j| j.id);
-        jobs.truncate(crate::cds_imaging::MAX_CARDS);
-        Ok::<_, rusqlite::Error>(jobs)
+        let more = jobs.len() > MAX_CARDS;
+        jobs.truncate(MAX_CARDS);
+        let mut with_delivery = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let objects = store.objects_of_job(job.id)?;
+            let delivery = Delivery::of(objects.iter().map(|o| o.delivery.as_str()));
+            with_delivery.push((job, delivery));
+        }
+        Ok::<_, rusqlite::Error>((with_delivery, more))
     })
     .await;
-    let jobs = match jobs {
-        Ok(Ok(jobs)) => jobs,
+    let (jobs, more) = match found {
+        Ok(Ok(found)) => found,
         Ok(Err(e)) => {
             tracing::error!(error = %e, "results store: imaging results not read");
             return Vec::new();
@@ -761,7 +823,7 @@ async fn imaging_cards(
             format!("{}://{host}", if cds.https { "https" } else { "http" })
         }
     };
-    crate::cds_imaging::cards(&jobs, &base)
+    crate::cds_imaging::cards(&jobs, &base, more)
 }
 
 /// A serde error without the input's text (it may hold patient data): where it failed.

@@ -918,6 +918,46 @@ impl ResultsStore {
         rows.collect()
     }
 
+    /// The newest `limit` jobs of a study (oldest first) and how many older ones there are
+    /// besides, with their result objects (one query each, not one per job: a study of
+    /// 60,000 jobs held the store for 17 s, and every CDS call and the pipeline with it: a
+    /// review's finding).
+    #[allow(clippy::type_complexity)]
+    pub fn study_results(
+        &self,
+        study_uid: &str,
+        limit: usize,
+    ) -> rusqlite::Result<(Vec<Job>, usize, Vec<ResultObject>)> {
+        let total: i64 = self.db.query_row(
+            "SELECT count(*) FROM jobs WHERE study_uid = ?1",
+            [study_uid],
+            |r| r.get(0),
+        )?;
+        let mut jobs: Vec<Job> = {
+            let mut stmt = self.db.prepare_cached(&format!(
+                "{JOB_SELECT} WHERE study_uid = ?1 ORDER BY id DESC LIMIT ?2"
+            ))?;
+            stmt.query_map(params![study_uid, limit as i64], job_row)?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        jobs.reverse();
+        let first = jobs.first().map_or(i64::MAX, |j| j.id);
+        let objects = {
+            let mut stmt = self.db.prepare_cached(
+                "SELECT o.sop_instance_uid, o.job_id, o.kind, o.series_uid, o.sop_class_uid,
+                        o.path, o.destination, o.delivery, o.attempts, o.next_attempt_ms,
+                        o.last_error
+                 FROM objects o JOIN jobs j ON j.id = o.job_id
+                 WHERE j.study_uid = ?1 AND j.id >= ?2
+                 ORDER BY o.job_id, o.kind DESC, o.sop_instance_uid",
+            )?;
+            stmt.query_map(params![study_uid, first], object_row)?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        let left_out = (total.max(0) as usize).saturating_sub(jobs.len());
+        Ok((jobs, left_out, objects))
+    }
+
     /// Adds a result object of a job, with its delivery state.
     pub fn add_object(&self, o: &ResultObject) -> rusqlite::Result<()> {
         insert_object(&self.db, o)
@@ -1234,6 +1274,49 @@ fn series_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SeriesRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A study's results: the newest jobs up to the limit, the others counted, and only
+    /// the objects of the jobs listed (read in one query, not one per job).
+    #[test]
+    fn a_studys_results_are_its_newest_jobs_and_their_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultsStore::open(&dir.path().join("r.sqlite3")).unwrap();
+        let ids: Vec<i64> = (0..3)
+            .map(|k| {
+                store
+                    .add_job("1.2", &format!("1.2.{k}"), "r", "b", 1, "")
+                    .unwrap()
+            })
+            .collect();
+        store.add_job("9.9", "9.9.1", "r", "b", 1, "").unwrap();
+        for &id in &ids {
+            store
+                .add_object(&ResultObject {
+                    sop_instance_uid: format!("2.25.{id}"),
+                    job_id: id,
+                    kind: "SR".into(),
+                    series_uid: "2.25.1".into(),
+                    sop_class_uid: "1.2.840.10008.5.1.4.1.1.88.33".into(),
+                    path: format!("objects/{id}/SR.dcm"),
+                    destination: String::new(),
+                    delivery: "local".into(),
+                    attempts: 0,
+                    next_attempt_ms: 0,
+                    last_error: None,
+                })
+                .unwrap();
+        }
+        let (jobs, left_out, objects) = store.study_results("1.2", 2).unwrap();
+        assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), &ids[1..]);
+        assert_eq!(left_out, 1);
+        assert_eq!(
+            objects.iter().map(|o| o.job_id).collect::<Vec<_>>(),
+            &ids[1..]
+        );
+        let (jobs, left_out, _) = store.study_results("1.2", 1000).unwrap();
+        assert_eq!((jobs.len(), left_out), (3, 0));
+        assert_eq!(store.study_results("7.7", 10).unwrap().0.len(), 0);
+    }
 
     #[test]
     fn series_reopen_on_new_instances_and_jobs_supersede() {

@@ -731,17 +731,40 @@ def test_the_result_comes_to_the_ehr_as_a_cds_card(work):
                 j["state"] == "done" for s in r["series"] for j in s["jobs"]) and r,
             RESULT_TIMEOUT_S, "the job done")
         [job] = report["series"][0]["jobs"]
+        # The NHS number is the patient's second identifier (every one in use is matched).
         patient = {"resourceType": "Patient", "id": "p-1", "birthDate": "1950-01-01",
-                   "identifier": [{"system": system, "value": "9434765919"}]}
-        aud = f"http://127.0.0.1:{server.http}/cds-services/nightingale-news2"
-        body = json.dumps(patient_view("p-1", {"patient": patient})).encode()
-        req = urllib.request.Request(aud, data=body, method="POST", headers={
-            "Content-Type": "application/json", "Authorization": f"Bearer {ehr.token(aud)}"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            cards = json.load(r)["cards"]
+                   "identifier": [{"system": system, "value": "1111111111", "use": "old"},
+                                  {"system": system, "value": "9434765919"}]}
+
+        def call(service: str, prefetch: dict) -> list[dict]:
+            aud = f"http://127.0.0.1:{server.http}/cds-services/{service}"
+            body = json.dumps(patient_view("p-1", prefetch)).encode()
+            req = urllib.request.Request(aud, data=body, method="POST", headers={
+                "Content-Type": "application/json", "Authorization": f"Bearer {ehr.token(aud)}"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.load(r)["cards"]
+
+        # The imaging results are a service of their own, discovered; NEWS2 no longer
+        # repeats them (every patient-view service did: an EHR calling each showed each
+        # finding several times).
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http}/cds-services", timeout=30) as r:
+            services = {s["id"]: s for s in json.load(r)["services"]}
+        assert services["nightingale-imaging-results"]["prefetch"] == {
+            "patient": "Patient/{{context.patientId}}"}
+        assert not [c for c in call("nightingale-news2", {"patient": patient})
+                    if c["summary"].startswith("AI imaging result")]
+        cards = call("nightingale-imaging-results", {"patient": patient})
         imaging = [c for c in cards if c["summary"].startswith("AI imaging result")]
         assert len(imaging) == 1, cards
         card = imaging[0]
+        # Its delivery is said as it is (the destination is down), and the trail names the
+        # job whose result was shown.
+        assert "not in PACS yet" in card["detail"], card["detail"]
+        records = [json.loads(line) for line in
+                   (server.data / "audit" / "audit.jsonl").read_text().splitlines()]
+        [hook] = [r for r in records if r["kind"] == "cds-hook"
+                  and "service=nightingale-imaging-results" in r["detail"]]
+        assert hook["detail"].endswith(f" results=pipeline-job-{job['job']}"), hook
         finding = job["findings"][0]
         assert f"(image-orientation v{job['version']})" in card["summary"]
         assert f"{finding['probability']:.2f}" in card["summary"]
@@ -749,12 +772,9 @@ def test_the_result_comes_to_the_ehr_as_a_cds_card(work):
         assert card["links"][0]["url"].endswith(f"/results/studies/{ds.StudyInstanceUID}")
         # Another patient gets no imaging card; the ID is not in the log.
         other = {**patient, "identifier": [{"system": system, "value": "9999999999"}]}
-        body = json.dumps(patient_view("p-1", {"patient": other})).encode()
-        req = urllib.request.Request(aud, data=body, method="POST", headers={
-            "Content-Type": "application/json", "Authorization": f"Bearer {ehr.token(aud)}"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            assert not [c for c in json.load(r)["cards"]
-                        if c["summary"].startswith("AI imaging result")]
+        assert not call("nightingale-imaging-results", {"patient": other})
+        # Under a key the service does not declare, the Patient is not read.
+        assert not call("nightingale-imaging-results", {"someone": patient})
         assert "9434765919" not in server.log()
     finally:
         stop(server.proc)
