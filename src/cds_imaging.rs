@@ -29,7 +29,14 @@ pub fn patient_identifiers(
     system: &str,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Vec<String> {
-    let Some(patient) = find_patient(resources, patient_id) else {
+    // The patient in context by id: a Patient without one (an EHR's, or a FHIR server's
+    // answer to a read) cannot be told to be this patient (a re-attack's finding).
+    let Some(patient_id) = patient_id else {
+        return Vec::new();
+    };
+    let Some(patient) =
+        find_patient(resources, Some(patient_id)).filter(|p| p.id.as_deref() == Some(patient_id))
+    else {
         return Vec::new();
     };
     let mut values: Vec<String> = patient
@@ -63,10 +70,12 @@ pub fn prefetched_patients(
 }
 
 /// Where a job's result objects are, for its card.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Delivery {
-    /// At least one destination took them.
+    /// Every kind (SR, SC) was taken by a destination.
     InPacs,
+    /// Some kinds were, not these: still being tried (`pending`) or given up.
+    Partly { missing: Vec<String>, pending: bool },
     /// Not yet: being sent, or tried again.
     Pending,
     /// Given up for every destination (the dead-letter folder).
@@ -76,11 +85,30 @@ pub enum Delivery {
 }
 
 impl Delivery {
-    /// From a job's objects' delivery states (`sent`, `pending`, `dead`, `local`).
-    pub fn of<'a>(states: impl IntoIterator<Item = &'a str>) -> Delivery {
-        let states: Vec<&str> = states.into_iter().collect();
+    /// From a job's objects: (kind, delivery state: `sent`, `pending`, `dead`, `local`). The
+    /// result is in PACS where each kind was sent to a destination (a card said "the full
+    /// result was sent" where the SC had been given up: a re-attack's finding).
+    pub fn of<'a>(objects: impl IntoIterator<Item = (&'a str, &'a str)>) -> Delivery {
+        let objects: Vec<(&str, &str)> = objects.into_iter().collect();
+        let mut kinds: Vec<&str> = objects.iter().map(|(k, _)| *k).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        let sent = |kind: &str| objects.iter().any(|(k, s)| *k == kind && *s == "sent");
+        let missing: Vec<String> = kinds
+            .iter()
+            .filter(|k| !sent(k))
+            .map(|k| (*k).to_owned())
+            .collect();
+        let states: Vec<&str> = objects.iter().map(|(_, s)| *s).collect();
         if states.contains(&"sent") {
-            Delivery::InPacs
+            if missing.is_empty() {
+                Delivery::InPacs
+            } else {
+                let pending = objects
+                    .iter()
+                    .any(|(k, s)| missing.iter().any(|m| m == k) && *s == "pending");
+                Delivery::Partly { missing, pending }
+            }
         } else if states.contains(&"pending") {
             Delivery::Pending
         } else if states.contains(&"dead") {
@@ -90,8 +118,27 @@ impl Delivery {
         }
     }
 
-    fn sentence(self) -> &'static str {
-        match self {
+    fn sentence(&self) -> String {
+        let text = match self {
+            Delivery::Partly { missing, pending } => {
+                return format!(
+                    "**Only part of the full result reached PACS**: its {} {}.",
+                    missing
+                        .iter()
+                        .map(|k| match k.as_str() {
+                            "SR" => "Structured Report",
+                            "SC" => "Secondary Capture",
+                            other => other,
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" and "),
+                    if *pending {
+                        "is not there yet (its delivery is still being tried)"
+                    } else {
+                        "did not arrive (its delivery was given up; an operator can send it again)"
+                    }
+                );
+            }
             Delivery::InPacs => {
                 "The full result (a DICOM Structured Report and a Secondary Capture) was sent to PACS, next to the images."
             }
@@ -104,7 +151,8 @@ impl Delivery {
             Delivery::Local => {
                 "The full result (a DICOM Structured Report and a Secondary Capture) is kept by Nightingale: no PACS destination is configured."
             }
-        }
+        };
+        text.to_owned()
     }
 }
 
@@ -290,7 +338,7 @@ mod tests {
             (Delivery::NotDelivered, "did not reach PACS"),
             (Delivery::Local, "no PACS destination"),
         ] {
-            let c = super::cards(&[(job(one.clone()), delivery)], "x", false);
+            let c = super::cards(&[(job(one.clone()), delivery.clone())], "x", false);
             assert!(
                 c[0].0.detail.as_deref().unwrap().contains(says),
                 "{delivery:?}"
@@ -308,10 +356,35 @@ mod tests {
                 .starts_with("More AI imaging results")
         );
         assert_eq!(c[MAX_CARDS].2, None);
-        assert_eq!(Delivery::of(["dead", "sent"]), Delivery::InPacs);
-        assert_eq!(Delivery::of(["dead", "pending"]), Delivery::Pending);
-        assert_eq!(Delivery::of(["dead"]), Delivery::NotDelivered);
-        assert_eq!(Delivery::of(["local"]), Delivery::Local);
+        // Each kind sent to some destination: in PACS; one kind not: partly, saying which.
+        assert_eq!(
+            Delivery::of([("SR", "dead"), ("SR", "sent"), ("SC", "sent")]),
+            Delivery::InPacs
+        );
+        let partly = Delivery::of([("SR", "sent"), ("SC", "dead")]);
+        assert_eq!(
+            partly,
+            Delivery::Partly {
+                missing: vec!["SC".into()],
+                pending: false
+            }
+        );
+        assert!(
+            partly
+                .sentence()
+                .contains("Secondary Capture did not arrive")
+        );
+        assert!(
+            Delivery::of([("SR", "pending"), ("SC", "sent")])
+                .sentence()
+                .contains("Structured Report is not there yet")
+        );
+        assert_eq!(
+            Delivery::of([("SR", "dead"), ("SC", "pending")]),
+            Delivery::Pending
+        );
+        assert_eq!(Delivery::of([("SR", "dead")]), Delivery::NotDelivered);
+        assert_eq!(Delivery::of([("SR", "local")]), Delivery::Local);
     }
 
     /// The identifier a request's prefetch (every key) gives, one at most.
@@ -339,7 +412,9 @@ mod tests {
                 {"system": "urn:nhs", "value": "OLD", "use": "old"},
                 {"system": "urn:nhs", "value": "ENDED", "period": {"end": "2001-01-01"}},
                 {"system": "urn:nhs", "value": "RUNS", "period": {"end": "2999-01-01T00:00:00Z"}},
-                {"system": "urn:nhs", "value": "BAD-END", "period": {"end": "soon"}}]}}
+                {"system": "urn:nhs", "value": "BAD-END", "period": {"end": "soon"}},
+                {"system": "urn:nhs", "value": "LATER", "period": {"start": "2999-01-01"}},
+                {"system": "urn:nhs", "value": "STARTED", "period": {"start": "2001-01-01"}}]}}
         }))
         .unwrap();
         let limits = Limits::default();
@@ -355,7 +430,7 @@ mod tests {
                 chrono::Utc::now(),
             )
         };
-        assert_eq!(of(&|k| k == "patient"), ["A", "B", "RUNS"]);
+        assert_eq!(of(&|k| k == "patient"), ["A", "B", "RUNS", "STARTED"]);
         assert!(of(&|k| k == "other").is_empty());
     }
 
@@ -412,23 +487,12 @@ mod tests {
             .as_deref(),
             Some("A")
         );
-        assert_eq!(
-            call(a.clone(), vec![patient(None, "A")]).as_deref(),
-            Some("A")
-        );
-        // No patient named: only an unambiguous single record.
+        // A record without an id cannot be told to be the patient in context (a FHIR server
+        // answering a read without one: a re-attack's finding), nor any without a patient
+        // in context.
+        assert_eq!(call(a.clone(), vec![patient(None, "A")]), None);
         let none = serde_json::json!({"userId": "Practitioner/1"});
-        assert_eq!(
-            call(none.clone(), vec![patient(Some("pB"), "B")]).as_deref(),
-            Some("B")
-        );
-        assert_eq!(
-            call(
-                none,
-                vec![patient(Some("pB"), "B"), patient(Some("pC"), "C")]
-            ),
-            None
-        );
+        assert_eq!(call(none, vec![patient(Some("pB"), "B")]), None);
     }
 
     /// Red-team finding: an identifier value with a NUL could name another issuer's key.

@@ -1422,8 +1422,9 @@ impl Patient {
             .and_then(|i| i.value.as_deref())
     }
 
-    /// The values of every identifier of `system` in use at `now`: not `use: old`, and not
-    /// one whose period ended before `now` (an end that cannot be read counts as ended).
+    /// The values of every identifier of `system` in use at `now`: not `use: old`, not one
+    /// whose period ended before `now` (an end that cannot be read counts as ended), nor one
+    /// whose period has not started (a start that cannot be read counts as not started).
     pub fn current_identifier_values(
         &self,
         system: &str,
@@ -1438,6 +1439,14 @@ impl Patient {
                     .as_ref()
                     .and_then(|p| p.end.as_deref())
                     .is_none_or(|end| period_end_after(end, now))
+            })
+            .filter(|i| {
+                i.period
+                    .as_ref()
+                    .and_then(|p| p.start.as_deref())
+                    .is_none_or(|start| {
+                        date_time_bounds(start).earliest().is_some_and(|t| t <= now)
+                    })
             })
             .filter_map(|i| i.value.as_deref())
             .collect()

@@ -114,7 +114,7 @@ pub fn builtin_imaging_service() -> ServiceConfig {
         id: DEFAULT_IMAGING_ID.to_owned(),
         hook: "patient-view".to_owned(),
         title: Some("AI imaging results".to_owned()),
-        description: "Findings of the imaging AI models on this patient's studies (the DICOM pipeline's results, unreviewed), newest first, with the study date and whether the full result reached PACS".to_owned(),
+        description: "Findings of the imaging AI models on this patient's studies (the DICOM pipeline's results, unreviewed), newest first, with when the model read the series and whether the full result reached PACS".to_owned(),
         kind: ServiceKind::Imaging,
         bundles: vec![],
         thresholds: BTreeMap::new(),
@@ -487,11 +487,20 @@ impl CdsSection {
     pub fn validate(self) -> Result<Services, ConfigError> {
         let mut seen = BTreeSet::new();
         let mut services = vec![];
+        let mut imaging = false;
         for c in self.services {
             valid_id(&c.id).map_err(|reason| ConfigError::Id {
                 id: c.id.clone(),
                 reason,
             })?;
+            // One imaging service: two answered every finding twice to an EHR calling
+            // both (a re-attack's finding).
+            if c.kind == ServiceKind::Imaging && std::mem::replace(&mut imaging, true) {
+                return Err(ConfigError::Invalid {
+                    id: c.id.clone(),
+                    reason: "a second imaging service (one shows the imaging results)",
+                });
+            }
             if !seen.insert(c.id.clone()) {
                 return Err(ConfigError::DuplicateId { id: c.id });
             }
@@ -528,6 +537,18 @@ impl CdsSection {
                 }
                 ServiceKind::Imaging if c.hook != "patient-view" => {
                     return Err(invalid("an imaging service answers the patient-view hook"));
+                }
+                // Its Patient is read by id (a search's Bundle, or no prefetch, never
+                // found the patient: a re-attack's finding).
+                ServiceKind::Imaging
+                    if c.prefetch.as_ref().is_some_and(|p| {
+                        !p.values()
+                            .any(|t| t.trim() == "Patient/{{context.patientId}}")
+                    }) =>
+                {
+                    return Err(invalid(
+                        "an imaging service's prefetch must read the Patient: patient = \"Patient/{{context.patientId}}\"",
+                    ));
                 }
                 _ => {}
             }
@@ -1092,6 +1113,52 @@ mod tests {
         assert!(s.unknown_bundles(|_| true).is_empty());
         // NEWS2 services name no bundles.
         assert!(Services::builtin().unknown_bundles(|_| false).is_empty());
+    }
+
+    /// The imaging-results service: one, on patient-view, reading the Patient by id, with
+    /// no bundles (two answered every finding twice; a search prefetch or none never found
+    /// the patient: a re-attack's findings).
+    #[test]
+    fn an_imaging_service_is_one_reading_its_patient() {
+        let imaging = |id: &str, extra: &str| {
+            format!(
+                "[[cds.services]]\nid = \"{id}\"\nhook = \"patient-view\"\ndescription = \"d\"\nkind = \"imaging\"\n{extra}"
+            )
+        };
+        let s = parse(&imaging("img", "")).unwrap();
+        let service = s.get("img").unwrap();
+        assert_eq!(service.kind(), ServiceKind::Imaging);
+        assert_eq!(service.prefetch(), &imaging_prefetch());
+        for (text, says) in [
+            (
+                imaging("a", "") + &imaging("b", ""),
+                "a second imaging service",
+            ),
+            (imaging("a", "bundles = [\"x\"]\n"), "takes no bundles"),
+            (
+                imaging("a", "").replace("patient-view", "order-select"),
+                "patient-view hook",
+            ),
+            (
+                imaging(
+                    "a",
+                    "[cds.services.prefetch]\npt = \"Patient?_id={{context.patientId}}\"\n",
+                ),
+                "must read the Patient",
+            ),
+            (
+                imaging("a", "[cds.services.prefetch]\n"),
+                "must read the Patient",
+            ),
+        ] {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(says), "{text}: {e}");
+        }
+        assert_eq!(
+            builtin_imaging_service().id,
+            DEFAULT_IMAGING_ID,
+            "the built-in one"
+        );
     }
 
     /// Review finding: the built-in risk services' discovery said they read Patient,

@@ -377,12 +377,24 @@ async fn answer_call(
         // patient-view service carried them, so an EHR calling each showed every finding
         // several times: a review's finding).
         ServiceKind::Imaging => {
+            // patient-view names its patient (it answered one found some other way).
+            if request.patient_id().is_none() {
+                return AppError::bad_request("the hook context has no patientId").into_response();
+            }
             let imaging = imaging_cards(&state, service, &request, &fetched, &headers).await;
             let mut models: Vec<(String, String)> = Vec::new();
             let mut jobs = Vec::new();
             for (card, (bundle, version), job) in &imaging {
-                let model = (!bundle.is_empty()).then_some((bundle.as_str(), version.as_str()));
-                cds.remember_cards(&[card], service.id(), model, &client, now);
+                // The "more results" card has no model: nothing to give feedback on.
+                if !bundle.is_empty() {
+                    cds.remember_cards(
+                        &[card],
+                        service.id(),
+                        Some((bundle.as_str(), version.as_str())),
+                        &client,
+                        now,
+                    );
+                }
                 if !bundle.is_empty() && !models.iter().any(|m| &m.0 == bundle && &m.1 == version) {
                     models.push((bundle.clone(), version.clone()));
                 }
@@ -790,7 +802,11 @@ async fn imaging_cards(
         let mut with_delivery = Vec::with_capacity(jobs.len());
         for job in jobs {
             let objects = store.objects_of_job(job.id)?;
-            let delivery = Delivery::of(objects.iter().map(|o| o.delivery.as_str()));
+            let delivery = Delivery::of(
+                objects
+                    .iter()
+                    .map(|o| (o.kind.as_str(), o.delivery.as_str())),
+            );
             with_delivery.push((job, delivery));
         }
         Ok::<_, rusqlite::Error>((with_delivery, more))
