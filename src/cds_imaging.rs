@@ -72,8 +72,10 @@ pub fn prefetched_patients(
 /// Where a job's result objects are, for its card.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Delivery {
-    /// Every kind (SR, SC) was taken by a destination.
+    /// One destination took every kind (SR, SC).
     InPacs,
+    /// Every kind was taken, but by different destinations: none holds them all.
+    Split,
     /// Some kinds were, not these: still being tried (`pending`) or given up.
     Partly { missing: Vec<String>, pending: bool },
     /// Not yet: being sent, or tried again.
@@ -88,25 +90,36 @@ impl Delivery {
     /// From a job's objects: (kind, delivery state: `sent`, `pending`, `dead`, `local`). The
     /// result is in PACS where each kind was sent to a destination (a card said "the full
     /// result was sent" where the SC had been given up: a re-attack's finding).
-    pub fn of<'a>(objects: impl IntoIterator<Item = (&'a str, &'a str)>) -> Delivery {
-        let objects: Vec<(&str, &str)> = objects.into_iter().collect();
-        let mut kinds: Vec<&str> = objects.iter().map(|(k, _)| *k).collect();
+    pub fn of<'a>(objects: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>) -> Delivery {
+        let objects: Vec<(&str, &str, &str)> = objects.into_iter().collect();
+        let mut kinds: Vec<&str> = objects.iter().map(|(k, _, _)| *k).collect();
         kinds.sort_unstable();
         kinds.dedup();
-        let sent = |kind: &str| objects.iter().any(|(k, s)| *k == kind && *s == "sent");
+        let sent = |kind: &str| objects.iter().any(|(k, _, s)| *k == kind && *s == "sent");
+        // A destination that took every kind (the SR at one PACS and the SC at another is
+        // no full result anywhere: a re-attack's finding).
+        let whole = objects.iter().any(|(_, d, _)| {
+            kinds.iter().all(|k| {
+                objects
+                    .iter()
+                    .any(|(k2, d2, s)| k2 == k && d2 == d && *s == "sent")
+            })
+        });
         let missing: Vec<String> = kinds
             .iter()
             .filter(|k| !sent(k))
             .map(|k| (*k).to_owned())
             .collect();
-        let states: Vec<&str> = objects.iter().map(|(_, s)| *s).collect();
+        let states: Vec<&str> = objects.iter().map(|(_, _, s)| *s).collect();
         if states.contains(&"sent") {
-            if missing.is_empty() {
+            if whole {
                 Delivery::InPacs
+            } else if missing.is_empty() {
+                Delivery::Split
             } else {
                 let pending = objects
                     .iter()
-                    .any(|(k, s)| missing.iter().any(|m| m == k) && *s == "pending");
+                    .any(|(k, _, s)| missing.iter().any(|m| m == k) && *s == "pending");
                 Delivery::Partly { missing, pending }
             }
         } else if states.contains(&"pending") {
@@ -150,6 +163,9 @@ impl Delivery {
             }
             Delivery::Local => {
                 "The full result (a DICOM Structured Report and a Secondary Capture) is kept by Nightingale: no PACS destination is configured."
+            }
+            Delivery::Split => {
+                "**The full result is split across PACS destinations**: its Structured Report and its Secondary Capture reached different ones, and none holds both."
             }
         };
         text.to_owned()
@@ -358,10 +374,24 @@ mod tests {
         assert_eq!(c[MAX_CARDS].2, None);
         // Each kind sent to some destination: in PACS; one kind not: partly, saying which.
         assert_eq!(
-            Delivery::of([("SR", "dead"), ("SR", "sent"), ("SC", "sent")]),
+            Delivery::of([
+                ("SR", "A", "dead"),
+                ("SR", "B", "sent"),
+                ("SC", "B", "sent"),
+                ("SC", "A", "dead")
+            ]),
             Delivery::InPacs
         );
-        let partly = Delivery::of([("SR", "sent"), ("SC", "dead")]);
+        // The SR at one destination and the SC at another: no full result anywhere.
+        let split = Delivery::of([
+            ("SR", "A", "sent"),
+            ("SC", "A", "dead"),
+            ("SR", "B", "dead"),
+            ("SC", "B", "sent"),
+        ]);
+        assert_eq!(split, Delivery::Split);
+        assert!(split.sentence().contains("none holds both"));
+        let partly = Delivery::of([("SR", "A", "sent"), ("SC", "A", "dead")]);
         assert_eq!(
             partly,
             Delivery::Partly {
@@ -375,16 +405,16 @@ mod tests {
                 .contains("Secondary Capture did not arrive")
         );
         assert!(
-            Delivery::of([("SR", "pending"), ("SC", "sent")])
+            Delivery::of([("SR", "A", "pending"), ("SC", "A", "sent")])
                 .sentence()
                 .contains("Structured Report is not there yet")
         );
         assert_eq!(
-            Delivery::of([("SR", "dead"), ("SC", "pending")]),
+            Delivery::of([("SR", "A", "dead"), ("SC", "A", "pending")]),
             Delivery::Pending
         );
-        assert_eq!(Delivery::of([("SR", "dead")]), Delivery::NotDelivered);
-        assert_eq!(Delivery::of([("SR", "local")]), Delivery::Local);
+        assert_eq!(Delivery::of([("SR", "A", "dead")]), Delivery::NotDelivered);
+        assert_eq!(Delivery::of([("SR", "", "local")]), Delivery::Local);
     }
 
     /// The identifier a request's prefetch (every key) gives, one at most.

@@ -542,12 +542,11 @@ impl CdsSection {
                 // found the patient: a re-attack's finding).
                 ServiceKind::Imaging
                     if c.prefetch.as_ref().is_some_and(|p| {
-                        !p.values()
-                            .any(|t| t.trim() == "Patient/{{context.patientId}}")
+                        p.is_empty() || p.values().any(|t| t != "Patient/{{context.patientId}}")
                     }) =>
                 {
                     return Err(invalid(
-                        "an imaging service's prefetch must read the Patient: patient = \"Patient/{{context.patientId}}\"",
+                        "an imaging service's prefetch must read the Patient, and only it: patient = \"Patient/{{context.patientId}}\"",
                     ));
                 }
                 _ => {}

@@ -385,16 +385,10 @@ async fn answer_call(
             let mut models: Vec<(String, String)> = Vec::new();
             let mut jobs = Vec::new();
             for (card, (bundle, version), job) in &imaging {
-                // The "more results" card has no model: nothing to give feedback on.
-                if !bundle.is_empty() {
-                    cds.remember_cards(
-                        &[card],
-                        service.id(),
-                        Some((bundle.as_str(), version.as_str())),
-                        &client,
-                        now,
-                    );
-                }
+                // The "more results" card is of no model; feedback on it is taken all the
+                // same (refused, it failed the EHR's whole batch: a re-attack's finding).
+                let model = (!bundle.is_empty()).then_some((bundle.as_str(), version.as_str()));
+                cds.remember_cards(&[card], service.id(), model, &client, now);
                 if !bundle.is_empty() && !models.iter().any(|m| &m.0 == bundle && &m.1 == version) {
                     models.push((bundle.clone(), version.clone()));
                 }
@@ -805,7 +799,7 @@ async fn imaging_cards(
             let delivery = Delivery::of(
                 objects
                     .iter()
-                    .map(|o| (o.kind.as_str(), o.delivery.as_str())),
+                    .map(|o| (o.kind.as_str(), o.destination.as_str(), o.delivery.as_str())),
             );
             with_delivery.push((job, delivery));
         }

@@ -22,6 +22,15 @@ pub struct Results {
     pub dir: std::path::PathBuf,
 }
 
+/// Whether a series has jobs, none of them among those listed.
+fn job_list_left_out(
+    listed: &std::collections::HashSet<&str>,
+    any: &std::collections::HashSet<String>,
+    series: &str,
+) -> bool {
+    !listed.contains(series) && any.contains(series)
+}
+
 /// The most jobs a study's answer lists: the newest (older ones are counted in
 /// `jobs_left_out`).
 pub const MAX_JOBS: usize = 1000;
@@ -52,11 +61,11 @@ pub async fn study(
         // The rows are read under the store's lock, the answer built after it (the lock
         // was held while every job's objects were read and the JSON built: a study of
         // 60,000 jobs stalled every CDS call and the pipeline for 17 s, a review's finding).
-        let (series, jobs, left_out, objects) = {
+        let (series, jobs, left_out, objects, any_jobs) = {
             let store = results.store.lock().unwrap_or_else(|p| p.into_inner());
             let series = store.series(&study)?;
-            let (jobs, left_out, objects) = store.study_results(&study, MAX_JOBS)?;
-            (series, jobs, left_out, objects)
+            let (jobs, left_out, objects, any_jobs) = store.study_results(&study, MAX_JOBS)?;
+            (series, jobs, left_out, objects, any_jobs)
         };
         if series.is_empty() && jobs.is_empty() {
             return Ok(serde_json::Value::Null);
@@ -66,14 +75,23 @@ pub async fn study(
         for o in &objects {
             by_job.entry(o.job_id).or_default().push(o);
         }
-        // The series with jobs listed, then the others, at most MAX_JOBS in all (a study of
-        // 20,000 series listed them all, most with no job: a re-attack's finding).
+        // The series whose jobs are listed, then those with jobs left out (marked), then
+        // the others, at most MAX_JOBS in all (a study of 20,000 series listed them all,
+        // most with no job, and then series with jobs as if they had none: re-attacks'
+        // findings).
         let with_jobs: std::collections::HashSet<&str> =
             jobs.iter().map(|j| j.series_uid.as_str()).collect();
-        let (mut listed, rest): (Vec<_>, Vec<_>) = series
-            .iter()
-            .partition(|s| with_jobs.contains(s.series_uid.as_str()));
-        listed.extend(rest);
+        let rank = |s: &&crate::pipeline::store::SeriesRow| {
+            if with_jobs.contains(s.series_uid.as_str()) {
+                0
+            } else if any_jobs.contains(&s.series_uid) {
+                1
+            } else {
+                2
+            }
+        };
+        let mut listed: Vec<_> = series.iter().collect();
+        listed.sort_by_key(rank);
         let series_left_out = listed.len().saturating_sub(MAX_JOBS);
         listed.truncate(MAX_JOBS);
         let mut out = Vec::new();
@@ -108,13 +126,17 @@ pub async fn study(
                     })).collect::<Vec<_>>(),
                 }));
             }
-            out.push(json!({
+            let mut entry = json!({
                 "series_instance_uid": s.series_uid,
                 "instances": s.instances,
                 "state": s.state,
                 "reason": s.reason,
                 "jobs": job_list,
-            }));
+            });
+            if job_list_left_out(&with_jobs, &any_jobs, &s.series_uid) {
+                entry["jobs_left_out"] = true.into();
+            }
+            out.push(entry);
         }
         let mut body = json!({ "study_instance_uid": study, "series": out });
         if left_out > 0 {

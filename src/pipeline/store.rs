@@ -922,12 +922,18 @@ impl ResultsStore {
     /// besides, with their result objects (one query each, not one per job: a study of
     /// 60,000 jobs held the store for 17 s, and every CDS call and the pipeline with it: a
     /// review's finding).
+    /// Also the series that have any job.
     #[allow(clippy::type_complexity)]
     pub fn study_results(
         &self,
         study_uid: &str,
         limit: usize,
-    ) -> rusqlite::Result<(Vec<Job>, usize, Vec<ResultObject>)> {
+    ) -> rusqlite::Result<(
+        Vec<Job>,
+        usize,
+        Vec<ResultObject>,
+        std::collections::HashSet<String>,
+    )> {
         let total: i64 = self.db.query_row(
             "SELECT count(*) FROM jobs WHERE study_uid = ?1",
             [study_uid],
@@ -955,7 +961,14 @@ impl ResultsStore {
                 .collect::<rusqlite::Result<_>>()?
         };
         let left_out = (total.max(0) as usize).saturating_sub(jobs.len());
-        Ok((jobs, left_out, objects))
+        let with_jobs = {
+            let mut stmt = self
+                .db
+                .prepare_cached("SELECT DISTINCT series_uid FROM jobs WHERE study_uid = ?1")?;
+            stmt.query_map([study_uid], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        Ok((jobs, left_out, objects, with_jobs))
     }
 
     /// Adds a result object of a job, with its delivery state.
@@ -1306,14 +1319,15 @@ mod tests {
                 })
                 .unwrap();
         }
-        let (jobs, left_out, objects) = store.study_results("1.2", 2).unwrap();
+        let (jobs, left_out, objects, with_jobs) = store.study_results("1.2", 2).unwrap();
+        assert_eq!(with_jobs.len(), 3);
         assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), &ids[1..]);
         assert_eq!(left_out, 1);
         assert_eq!(
             objects.iter().map(|o| o.job_id).collect::<Vec<_>>(),
             &ids[1..]
         );
-        let (jobs, left_out, _) = store.study_results("1.2", 1000).unwrap();
+        let (jobs, left_out, _, _) = store.study_results("1.2", 1000).unwrap();
         assert_eq!((jobs.len(), left_out), (3, 0));
         assert_eq!(store.study_results("7.7", 10).unwrap().0.len(), 0);
     }
