@@ -383,42 +383,34 @@ pub fn spool(command: SpoolCommand) -> anyhow::Result<()> {
                     .to_string()
                     .replace(' ', "")
             );
-            let results = match spool.results() {
-                Some(results) => {
-                    match nightingale::pipeline::purge_results(&results, cutoff, dry_run) {
-                        Ok(counts) => {
-                            println!(
-                                "{} {}: {} jobs, {} result objects ({} files), {} series",
-                                if dry_run { "would purge" } else { "purged" },
-                                shown(&results),
-                                counts.jobs,
-                                counts.objects,
-                                counts.files.len(),
-                                counts.series
-                            );
-                            if counts.jobs + counts.objects + counts.series > 0 {
-                                also.push_str(&format!(
-                                    " result_jobs={} result_objects={} result_series={}",
-                                    counts.jobs, counts.objects, counts.series
-                                ));
-                            }
-                            Ok(())
-                        }
-                        Err(e) => Err(e),
+            let mut results_deleted = false;
+            let results = spool.results().map_or(Ok(()), |results| {
+                nightingale::pipeline::purge_results(&results, cutoff, dry_run).map(|counts| {
+                    println!(
+                        "{} {}: {} jobs, {} result objects ({} files), {} series",
+                        if dry_run { "would purge" } else { "purged" },
+                        shown(&results),
+                        counts.jobs,
+                        counts.objects,
+                        counts.files.len(),
+                        counts.series
+                    );
+                    if counts.jobs + counts.objects + counts.series > 0 {
+                        results_deleted = true;
+                        also.push_str(&format!(
+                            " result_jobs={} result_objects={} result_series={}",
+                            counts.jobs, counts.objects, counts.series
+                        ));
                     }
-                }
-                None => Ok(()),
-            };
-            let purged_results = also.contains(" result_");
+                })
+            });
+            // A purge that deleted nothing is not recorded (its words alone would be).
+            let deleted = results_deleted || report.instances > 0 || report.quarantine_files > 0;
             let recorded = opened.record_purge(
                 &operator(),
                 cutoff,
                 &report,
-                if purged_results || report.instances > 0 || report.quarantine_files > 0 {
-                    &also
-                } else {
-                    ""
-                },
+                if deleted { &also } else { "" },
             );
             if let Err(e) = recorded {
                 eprintln!(

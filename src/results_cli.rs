@@ -244,16 +244,19 @@ pub fn results(command: ResultsCommand) -> anyhow::Result<()> {
                     rerouted.len()
                 );
             }
-            if jobs.is_empty() && !rerouted.is_empty() {
+            if !jobs.is_empty() || !rerouted.is_empty() {
                 log_operator(
                     &store,
                     &format!(
-                        "command=results-reprocess study_sha256={} model={} jobs=0 rerouted={}",
+                        "command=results-reprocess study_sha256={} model={} jobs={} rerouted={}",
                         nightingale::audit::dicom::uid_sha256(study),
                         model.as_deref().map_or("*".to_owned(), clean),
+                        jobs.len(),
                         rerouted.len()
                     ),
                 );
+            }
+            if jobs.is_empty() && !rerouted.is_empty() {
                 return Ok(());
             }
             if jobs.is_empty() {
@@ -269,16 +272,6 @@ pub fn results(command: ResultsCommand) -> anyhow::Result<()> {
                     }
                 );
             }
-            log_operator(
-                &store,
-                &format!(
-                    "command=results-reprocess study_sha256={} model={} jobs={} rerouted={}",
-                    nightingale::audit::dicom::uid_sha256(study),
-                    model.as_deref().map_or("*".to_owned(), clean),
-                    jobs.len(),
-                    rerouted.len()
-                ),
-            );
             println!(
                 "queued {} job(s): {}",
                 jobs.len(),

@@ -22,15 +22,6 @@ pub struct Results {
     pub dir: std::path::PathBuf,
 }
 
-/// Whether a series has jobs, none of them among those listed.
-fn job_list_left_out(
-    listed: &std::collections::HashSet<&str>,
-    any: &std::collections::HashSet<String>,
-    series: &str,
-) -> bool {
-    !listed.contains(series) && any.contains(series)
-}
-
 /// The most jobs a study's answer lists: the newest (older ones are counted in
 /// `jobs_left_out`).
 pub const MAX_JOBS: usize = 1000;
@@ -133,7 +124,8 @@ pub async fn study(
                 "reason": s.reason,
                 "jobs": job_list,
             });
-            if job_list_left_out(&with_jobs, &any_jobs, &s.series_uid) {
+            // Jobs, none of them among those listed.
+            if rank(&s) == 1 {
                 entry["jobs_left_out"] = true.into();
             }
             out.push(entry);

@@ -41,10 +41,20 @@ def audit_records(server: Server) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def delivered(server: Server, study: str) -> bool:
+def result_objects(server: Server, study: str) -> list[dict]:
+    """The study's result objects, as the results API lists them (none before it knows it)."""
     r = server.results(study)
-    objects = [o for s in (r or {}).get("series", []) for j in s["jobs"] for o in j["objects"]]
-    return len(objects) == 2 and all(o["delivery"] == "sent" for o in objects)
+    return [o for s in (r or {}).get("series", []) for j in s["jobs"] for o in j["objects"]]
+
+
+def all_in(server: Server, study: str, delivery: str) -> bool:
+    """Whether the study's SR and SC are both in this delivery state."""
+    objects = result_objects(server, study)
+    return len(objects) == 2 and all(o["delivery"] == delivery for o in objects)
+
+
+def delivered(server: Server, study: str) -> bool:
+    return all_in(server, study, "sent")
 
 
 def test_a_purge_is_audited_and_what_it_deleted_stays_deleted(work):
@@ -134,10 +144,7 @@ def test_results_given_up_are_listed_and_sent_again_once_the_pacs_is_back(work):
         store(server.port, [source])
 
         def dead():
-            r = server.results(study)
-            objects = [o for s in (r or {}).get("series", []) for j in s["jobs"]
-                       for o in j["objects"]]
-            return len(objects) == 2 and all(o["delivery"] == "dead" for o in objects)
+            return all_in(server, study, "dead")
 
         wait_for(dead, RESULT_TIMEOUT_S, "both objects given up")
         out = cli("results", "list", "--data-dir", str(server.data))
@@ -207,8 +214,7 @@ def test_results_wait_for_the_audit_trail_before_they_go(work):
         store(server.port, [source])
 
         def objects():
-            r = server.results(study)
-            return [o for s in (r or {}).get("series", []) for j in s["jobs"] for o in j["objects"]]
+            return result_objects(server, study)
 
         wait_for(lambda: len(objects()) == 2 and all(o["attempts"] >= 1 for o in objects()),
                  RESULT_TIMEOUT_S, "a failed attempt for each object")
