@@ -439,8 +439,8 @@ pub use nightingale_validation::dataset::{PathRefused, path_in, path_under};
 /// An image dataset: a folder with `manifest.csv` naming DICOM files under it (a `file`
 /// column, the label column, optional subgroup and patient-id columns). Each file is decoded
 /// and preprocessed as the imaging pipeline does (`nightingale_dicom::pixels` with its
-/// limits, grey, then the bundle's `[preprocessing]`); each frame is one row with its file's
-/// label. A file that cannot be read, decoded or preprocessed makes its row unusable, with
+/// limits, grey, then the bundle's `[preprocessing]`); each file is one row (a single-frame
+/// image: multi-frame files are refused), with its label. A file that cannot be read, decoded or preprocessed makes its row unusable, with
 /// the reason.
 struct DicomDataset {
     manifest: CsvDataset,
@@ -461,6 +461,10 @@ struct DicomDataset {
     /// ... and each SOP Instance UID: one instance re-encoded, or with a byte changed in a
     /// private tag, is still one image (a re-attack: 16 instances counted as 80 rows).
     seen_instances: std::collections::HashMap<String, u64>,
+    /// ... and each preprocessed image with its label, as a tensor dataset's: copies of one
+    /// image under new SOP Instance UIDs, or re-encoded, counted as rows of their own (a
+    /// review's finding: six images saved five times each met a minimum of 10 positives).
+    seen_images: nightingale_validation::dataset::SeenRows,
     bytes: u64,
 }
 
@@ -563,6 +567,7 @@ impl DicomDataset {
             seen_files: Default::default(),
             seen_contents: Default::default(),
             seen_instances: Default::default(),
+            seen_images: Default::default(),
             bytes: 0,
         })
     }
@@ -579,6 +584,22 @@ impl DicomDataset {
         let rel = r.file.clone().unwrap_or_default();
         match self.decode(&rel, r.row) {
             Ok(frames) => {
+                for features in &frames {
+                    let mut key: Vec<u8> = features
+                        .iter()
+                        .flat_map(|v| (v + 0.0).to_bits().to_le_bytes())
+                        .collect();
+                    key.extend_from_slice(&(r.class as u64).to_le_bytes());
+                    if let Some(first) = self.seen_images.repeated(r.row, &key) {
+                        return Ok(Some(Err(Unusable {
+                            row: r.row,
+                            reason: nightingale_validation::dataset::repeated_reason(
+                                first,
+                                "image (after preprocessing) and label",
+                            ),
+                        })));
+                    }
+                }
                 for features in frames {
                     self.pending.push_back(Row {
                         features,
@@ -648,6 +669,13 @@ impl DicomDataset {
             .map_err(|_| "not a readable DICOM file".to_owned())?;
         // Counted once used: a copy refused (cut short, a syntax not decoded) leaves the place
         // to a good copy after it (a re-attack's finding: both were lost).
+        // An object without its own UID is no instance a PACS could send (the spool refuses
+        // it), and copies of it could not be told apart (a review's finding).
+        if header.sop_instance_uid.trim().is_empty() {
+            return Err(
+                "no SOP Instance UID: not an image instance (the DICOM node refuses it)".to_owned(),
+            );
+        }
         if let Some(first) = self.seen_instances.get(&header.sop_instance_uid) {
             return Err(format!(
                 "the same instance (SOP Instance UID) as row {first}: an image counts once"
@@ -705,9 +733,7 @@ impl DicomDataset {
         if out.is_empty() {
             return Err("no frame was decoded".to_owned());
         }
-        if !header.sop_instance_uid.is_empty() {
-            self.seen_instances.insert(header.sop_instance_uid, row);
-        }
+        self.seen_instances.insert(header.sop_instance_uid, row);
         Ok(out)
     }
 

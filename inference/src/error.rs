@@ -52,6 +52,15 @@ pub enum InferenceError {
     NotText { name: String, index: usize },
     #[error("batch size 0: a request must carry at least one row")]
     EmptyBatch,
+    /// A dimension of size 0 (other than the batch's, [`InferenceError::EmptyBatch`]): no
+    /// data to run, and tract panicked on it, leaving its state to fail the next request (a
+    /// review's finding).
+    #[error("input {name:?} has shape {shape:?}: a dimension of size 0 holds no data to run")]
+    EmptyDimension { name: String, shape: Vec<usize> },
+    /// The inputs' sizes fit each input's declared shape but not each other (two inputs
+    /// whose dimensions must agree, as the model's graph says).
+    #[error("the inputs' sizes do not fit the model together: {reason}")]
+    DimensionsDisagree { reason: String },
     #[error(
         "running the model on this input needs at least {needed} bytes of working memory, more than the limit of {limit} bytes (max_inference_bytes); send fewer rows or smaller inputs"
     )]
@@ -116,6 +125,8 @@ impl InferenceError {
                 | InferenceError::BatchTooLarge { .. }
                 | InferenceError::TooManyRows { .. }
                 | InferenceError::EmptyBatch
+                | InferenceError::EmptyDimension { .. }
+                | InferenceError::DimensionsDisagree { .. }
                 | InferenceError::WorkingMemory { .. }
                 | InferenceError::NonFinite { .. }
                 | InferenceError::NotText { .. }

@@ -541,6 +541,14 @@ impl ModelWorker {
                     got: input.tensor.shape().to_vec(),
                 });
             }
+            // The batch's own dimension is checked below (EmptyBatch).
+            let skip = usize::from(self.batches);
+            if input.tensor.shape().iter().skip(skip).any(|&d| d == 0) {
+                return Err(InferenceError::EmptyDimension {
+                    shape: input.tensor.shape().to_vec(),
+                    name: input.name,
+                });
+            }
             if !self.config.allow_non_finite.contains(&input.name) && !all_finite(&input.tensor) {
                 return Err(InferenceError::NonFinite { name: input.name });
             }

@@ -685,6 +685,19 @@ def _dicom_dataset(folder: Path) -> tuple[list[np.ndarray], list[int], list[str]
     again = pydicom.dcmread(folder / rows[3][0])
     again.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     again.save_as(folder / "reencoded.dcm", enforce_file_format=True)
+    # The same image under a new SOP Instance UID: one image still, by its preprocessed pixels
+    # and label; a file without a SOP Instance UID is no instance; a link that leads nowhere
+    # (a loop) is not "missing" (a review's findings).
+    anew = pydicom.dcmread(folder / rows[5][0])
+    anew.SOPInstanceUID = generate_uid()
+    anew.file_meta.MediaStorageSOPInstanceUID = anew.SOPInstanceUID
+    anew.save_as(folder / "anew.dcm", enforce_file_format=True)
+    nouid = pydicom.dcmread(folder / rows[6][0])
+    nouid.PatientComments = "another copy"
+    del nouid.SOPInstanceUID
+    nouid.save_as(folder / "nouid.dcm", enforce_file_format=True)
+    os.symlink("loop2.dcm", folder / "loop1.dcm")
+    os.symlink("loop1.dcm", folder / "loop2.dcm")
     with open(folder / "manifest.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "label", "source"])
@@ -698,6 +711,9 @@ def _dicom_dataset(folder: Path) -> tuple[list[np.ndarray], list[int], list[str]
         w.writerow(["link.dcm", 2, "x"])
         w.writerow(["fifo.dcm", 0, "x"])
         w.writerow(["reencoded.dcm", 3, "x"])
+        w.writerow(["anew.dcm", 5, "x"])
+        w.writerow(["nouid.dcm", 6, "x"])
+        w.writerow(["loop1.dcm", 7, "x"])
     return inputs, labels, sources
 
 
@@ -714,13 +730,16 @@ def test_a_dicom_folder_is_decoded_and_preprocessed_as_the_pipeline_does(tmp_pat
     d = r["dataset"]
     assert d["kind"] == "dicom-folder" and d["rows_used"] == len(y), d
     reasons = {u["row"]: u["reason"] for u in d["unusable"]}
-    assert set(reasons) == set(range(len(y) + 1, len(y) + 10)), reasons
+    assert set(reasons) == set(range(len(y) + 1, len(y) + 13)), reasons
     assert "outside the dataset folder" in reasons[len(y) + 2]
     assert reasons[len(y) + 5] == "the same file as row 1: an image counts once", reasons
     assert reasons[len(y) + 6] == "the same bytes as the file of row 2: an image counts once", reasons
     assert reasons[len(y) + 7] == "the same file as row 3: an image counts once", reasons
     assert reasons[len(y) + 8].startswith("not a regular file"), reasons
     assert reasons[len(y) + 9] == "the same instance (SOP Instance UID) as row 4: an image counts once", reasons
+    assert reasons[len(y) + 10] == "the same image (after preprocessing) and label as row 6: a row counts once", reasons
+    assert reasons[len(y) + 11].startswith("no SOP Instance UID"), reasons
+    assert reasons[len(y) + 12] == "the file is outside the dataset folder, or a link leads to it", reasons
     assert reasons[len(y) + 3].startswith("10 frames: a row of a DICOM dataset is one single-frame image"), reasons
     assert "does not take it (modality \"US\" not accepted)" in reasons[len(y) + 4], reasons
     assert abs(r["auroc"]["value"] - skm.roc_auc_score(y, prob, multi_class="ovr", average="macro")) < 1e-3

@@ -137,7 +137,10 @@ pub fn path_in(dir: &Path, rel: &str) -> Result<PathBuf, PathRefused> {
     match full.canonicalize() {
         Ok(canonical) if canonical.starts_with(dir) => Ok(canonical),
         Ok(_) => Err(PathRefused::Outside),
-        // Missing where what exists of it is in the folder, outside otherwise.
+        // Missing where what exists of it is in the folder, outside otherwise. A name that
+        // is there but does not resolve is a link (dangling, or a loop): not "missing" (a
+        // review's finding), and not followed.
+        Err(_) if full.symlink_metadata().is_ok() => Err(PathRefused::Outside),
         Err(_) => {
             let inside = full
                 .ancestors()
@@ -436,14 +439,14 @@ impl QuoteState {
 /// intervals (13 rows failed the gate, the same 13 twice passed it: a review's finding), as
 /// images named twice did before DICOM datasets counted an image once.
 #[derive(Default)]
-struct SeenRows {
+pub struct SeenRows {
     first: HashMap<[u8; 16], u64>,
 }
 
 impl SeenRows {
     /// `Some(first row)` when a row of this `key` was seen before; else remembers it as
     /// `row`'s.
-    fn repeated(&mut self, row: u64, key: &[u8]) -> Option<u64> {
+    pub fn repeated(&mut self, row: u64, key: &[u8]) -> Option<u64> {
         let digest: [u8; 32] = Sha256::digest(key).into();
         let mut key = [0u8; 16];
         key.copy_from_slice(&digest[..16]);
@@ -468,7 +471,7 @@ enum FieldKind {
 }
 
 /// The reason given for a row equal to an earlier one.
-fn repeated_reason(first: u64, what: &str) -> String {
+pub fn repeated_reason(first: u64, what: &str) -> String {
     let advice = if what == "record" {
         " (give records that are truly identical an id column of their own to keep them apart)"
     } else {

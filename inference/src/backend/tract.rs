@@ -345,18 +345,34 @@ fn run_bounded(
     let mut live = 0u64;
     // Once a node made more than its typed facts said, the rest is sized from actual inputs.
     let mut concrete = false;
-    let outcome = state.run_plan_with_eval(values, |ctx, op_state, node, inputs| {
-        if let Some(shapes) = shapes.take() {
-            // The first node: tract has resolved the inputs' symbols.
-            memory.size(plan.model(), ctx.symbols, shapes, planned);
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        state.run_plan_with_eval(values, |ctx, op_state, node, inputs| {
+            if let Some(shapes) = shapes.take() {
+                // The first node: tract has resolved the inputs' symbols.
+                memory.size(plan.model(), ctx.symbols, shapes, planned);
+            }
+            let expected = memory.before(node, ctx.symbols, &inputs, live, concrete, planned)?;
+            let outputs = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs)?;
+            let (now, over) = memory.after(node.id, &outputs, expected, live, sizes);
+            live = now;
+            concrete |= over;
+            Ok::<_, TractError>(outputs)
+        })
+    }));
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        // A panic leaves the state as it was mid-run (a failed run's symbols: the next
+        // request failed with a clash, a review's finding): a new one from the same plan.
+        Err(panic) => {
+            match TypedSimpleState::new(&plan) {
+                Ok(fresh) => *state = fresh,
+                Err(_) => {
+                    let _ = state.reset_turn();
+                }
+            }
+            std::panic::resume_unwind(panic);
         }
-        let expected = memory.before(node, ctx.symbols, &inputs, live, concrete, planned)?;
-        let outputs = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs)?;
-        let (now, over) = memory.after(node.id, &outputs, expected, live, sizes);
-        live = now;
-        concrete |= over;
-        Ok::<_, TractError>(outputs)
-    });
+    };
     if concrete {
         *facts_failed += 1;
         tracing::debug!("a node made more than its typed facts said: sized from actual inputs");
@@ -371,6 +387,22 @@ fn run_bounded(
                 needed: too_much.needed,
                 limit: too_much.limit,
             },
+            // Inputs whose sizes each fit their declared shape but not one another (one
+            // symbol given two values): the caller's to fix, 400 with tract's reason (it
+            // names the symbols and their values, no data), not a server error.
+            None if e
+                .chain()
+                .any(|c| c.to_string().starts_with("Clashing resolution")) =>
+            {
+                let reason = e
+                    .chain()
+                    .map(|c| c.to_string())
+                    .find(|m| m.starts_with("Clashing resolution"))
+                    .unwrap_or_default();
+                InferenceError::DimensionsDisagree {
+                    reason: reason.chars().take(300).collect(),
+                }
+            }
             None => InferenceError::backend(NAME, e),
         }
     })
@@ -533,7 +565,6 @@ mod tests {
     #[test]
     fn graphs_over_the_node_limit_are_refused_before_planning() {
         use crate::backend::onnx_guard::MAX_NODES;
-        use prost::Message;
         use tract_onnx::pb;
         let chain = |n: usize| {
             let value = |name: &str| pb::ValueInfoProto {
@@ -562,21 +593,12 @@ mod tests {
                 }],
                 ..Default::default()
             };
-            pb::ModelProto {
-                ir_version: 8,
-                opset_import: vec![pb::OperatorSetIdProto {
-                    domain: String::new(),
-                    version: 17,
-                }],
-                graph: Some(pb::GraphProto {
-                    node: (0..n).map(node).collect(),
-                    input: vec![value("x")],
-                    output: vec![value("y")],
-                    ..Default::default()
-                }),
+            opset17(pb::GraphProto {
+                node: (0..n).map(node).collect(),
+                input: vec![value("x")],
+                output: vec![value("y")],
                 ..Default::default()
-            }
-            .encode_to_vec()
+            })
         };
         let name = Path::new("chain.onnx");
         let err = crate::backend::onnx_guard::check(&chain(MAX_NODES + 1), name).unwrap_err();
@@ -856,5 +878,143 @@ mod tests {
         )];
         let out = cnn.infer(two).unwrap();
         assert_eq!(out[0].tensor.shape(), &[2, 8, 1, 1]);
+    }
+
+    /// `a: [N, M]` and `b: [N, M]` (symbolic), `sum = ReduceSum(a, axis 1)` and `y = a + b`.
+    fn two_symbolic_inputs() -> Vec<u8> {
+        use tract_onnx::pb;
+        use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension::Value};
+        let value = |name: &str, dims: &[&str]| pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: pb::tensor_proto::DataType::Float as i32,
+                    shape: Some(pb::TensorShapeProto {
+                        dim: dims
+                            .iter()
+                            .map(|d| Dimension {
+                                value: Some(Value::DimParam((*d).into())),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let node = |op: &str, inputs: &[&str], output: &str| pb::NodeProto {
+            op_type: op.into(),
+            input: inputs.iter().map(|i| (*i).into()).collect(),
+            output: vec![output.into()],
+            attribute: match op {
+                "ReduceSum" => vec![pb::AttributeProto {
+                    name: "keepdims".into(),
+                    r#type: pb::attribute_proto::AttributeType::Int as i32,
+                    i: 0,
+                    ..Default::default()
+                }],
+                _ => vec![],
+            },
+            ..Default::default()
+        };
+        let axes = pb::TensorProto {
+            name: "axes".into(),
+            dims: vec![1],
+            data_type: pb::tensor_proto::DataType::Int64 as i32,
+            int64_data: vec![1],
+            ..Default::default()
+        };
+        opset17(pb::GraphProto {
+            node: vec![
+                node("ReduceSum", &["a", "axes"], "sum"),
+                node("Add", &["a", "b"], "y"),
+            ],
+            initializer: vec![axes],
+            input: vec![value("a", &["N", "M"]), value("b", &["N", "M"])],
+            output: vec![value("sum", &["N"]), value("y", &["N", "M"])],
+            ..Default::default()
+        })
+    }
+
+    /// `graph` as an ONNX model of opset 17, encoded.
+    fn opset17(graph: tract_onnx::pb::GraphProto) -> Vec<u8> {
+        use prost::Message;
+        tract_onnx::pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![tract_onnx::pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: 17,
+            }],
+            graph: Some(graph),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn ab(a: [usize; 2], b: [usize; 2]) -> Vec<NamedTensor> {
+        let t = |s: [usize; 2]| Tensor::from_vec(s.to_vec(), vec![1.0f32; s[0] * s[1]]).unwrap();
+        vec![NamedTensor::new("a", t(a)), NamedTensor::new("b", t(b))]
+    }
+
+    /// Two inputs whose sizes each fit `[N, M]` but not each other are the caller's error
+    /// (400 with tract's reason), not a server error, and the next request runs (a review's
+    /// finding: 500 "inference failed" with the reason only in the log).
+    #[test]
+    fn inputs_whose_symbols_clash_are_a_client_error_and_the_next_request_runs() {
+        let model = two_symbolic_inputs();
+        let mut backend =
+            TractBackend::load_bytes(&model, Path::new("ab.onnx"), &LoadOptions::default())
+                .unwrap();
+        let err = backend.infer(ab([1, 3], [1, 4])).unwrap_err();
+        assert!(
+            matches!(&err, InferenceError::DimensionsDisagree { reason } if reason.contains("Clashing")),
+            "{err:?}"
+        );
+        assert!(err.is_client_error());
+        let out = backend.infer(ab([2, 3], [2, 3])).unwrap();
+        assert_eq!(fp32(&out), [3.0, 3.0]);
+        assert_eq!(out[1].tensor.shape(), &[2, 3]);
+    }
+
+    /// A panic inside tract (it panicked on a zero-sized dimension, which the worker now
+    /// refuses before the engine) leaves the state of the failed run behind: the next
+    /// request, another caller's, failed with a clash. The state is made anew.
+    #[test]
+    fn after_a_panic_in_tract_the_next_request_runs() {
+        let model = two_symbolic_inputs();
+        let mut backend =
+            TractBackend::load_bytes(&model, Path::new("ab.onnx"), &LoadOptions::default())
+                .unwrap();
+        assert_eq!(fp32(&backend.infer(ab([1, 3], [1, 3])).unwrap()), [3.0]);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            backend.infer(ab([1, 0], [1, 0]))
+        }));
+        // tract 0.23 panics here; should a later version not, it must at least answer.
+        if let Ok(answer) = panicked {
+            drop(answer);
+        }
+        assert_eq!(fp32(&backend.infer(ab([3, 2], [3, 2])).unwrap()), [2.0; 3]);
+        assert_eq!(fp32(&backend.infer(ab([1, 3], [1, 3])).unwrap()), [3.0]);
+    }
+
+    /// The worker refuses a zero-sized dimension before the engine (400 naming the input),
+    /// the batch's own as an empty batch, and serves the next request.
+    #[tokio::test]
+    async fn the_worker_refuses_a_zero_sized_dimension_before_the_engine() {
+        let model = two_symbolic_inputs();
+        let backend =
+            TractBackend::load_bytes(&model, Path::new("ab.onnx"), &LoadOptions::default())
+                .unwrap();
+        let worker =
+            crate::worker::ModelWorker::spawn(Box::new(backend), Default::default()).unwrap();
+        let err = worker.infer(ab([1, 0], [1, 0])).await.unwrap_err();
+        assert!(
+            matches!(&err, InferenceError::EmptyDimension { name, shape } if name == "a" && shape == &[1, 0]),
+            "{err:?}"
+        );
+        assert!(err.is_client_error());
+        let out = worker.infer(ab([1, 3], [1, 3])).await.unwrap();
+        assert_eq!(fp32(&out), [3.0]);
     }
 }
