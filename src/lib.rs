@@ -12,7 +12,8 @@ pub mod deploy;
 pub mod files;
 pub mod heatmap;
 pub mod http;
-pub mod log_limit;
+/// In the DICOM crate, whose SCP uses it too; the HTTP and TLS layers' as well.
+pub use nightingale_dicom::log_limit;
 pub mod log_line;
 // ---- issue 9: the DICOM pipeline (series → models → results to PACS) ----
 pub mod pipeline;

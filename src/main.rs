@@ -1084,13 +1084,18 @@ async fn start_services(
         let scp = nightingale_dicom::Scp::bind(dicom.scp.clone(), spool)
             .await
             .context("the DICOM SCP (dicom_addr, --dicom-addr, --dicom-port)")?
-            .with_events(sink);
+            .with_events(sink.clone());
         tracing::info!(
             addr = %scp.local_addr()?,
             ae_title = %dicom.scp.ae_title,
             "listening (DICOM)"
         );
-        draining.push(tokio::spawn(scp.serve(stop.clone().requested_owned())));
+        let stopped = stop.clone().requested_owned();
+        draining.push(tokio::spawn(async move {
+            scp.serve(stopped).await;
+            // The refusals of the last second, held back, are not lost with the process.
+            sink.flush_refused().await;
+        }));
     }
     // ---- end DICOM ----
     Ok(Running { tasks, draining })

@@ -974,15 +974,21 @@ async fn refused_model_control_is_audited() {
     let server = Server::with_auth(fixture_auth());
     let infer_key = key(Role::Infer);
     let load = format!("/v2/repository/models/{MODEL}/load");
-    for (authorization, want) in [
+    for (i, authorization_want) in [
         (None, StatusCode::UNAUTHORIZED),
         (Some(format!("Bearer {infer_key}")), StatusCode::FORBIDDEN),
         (
             Some("Bearer not-a-key".to_owned()),
             StatusCode::UNAUTHORIZED,
         ),
-    ] {
-        let mut req = Request::post(&load);
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (authorization, want) = authorization_want;
+        // Each record carries the request's id, as the log and the response do (it was
+        // "-": a review's finding).
+        let mut req = Request::post(&load).header("x-request-id", format!("refused-{i}"));
         if let Some(a) = &authorization {
             req = req.header(header::AUTHORIZATION, a);
         }
@@ -1022,6 +1028,11 @@ async fn refused_model_control_is_audited() {
     assert_eq!(seen[1].0, 403);
     assert!(seen[1].1.starts_with("api-key:"), "{seen:?}");
     assert_eq!(seen[2], (401, "unauthenticated".to_owned()));
+    let ids: Vec<&str> = refused
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["refused-0", "refused-1", "refused-2"]);
     assert!(refused.iter().all(|r| {
         r["detail"]
             .as_str()

@@ -20,6 +20,7 @@
 
 pub mod attributes;
 pub mod events;
+pub mod log_limit;
 pub mod maintenance;
 pub mod meta;
 pub mod multipart;

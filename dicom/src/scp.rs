@@ -432,7 +432,9 @@ impl Scp {
                     .any(|h| canonical_ip(h) == canonical_ip(peer.ip()))
             {
                 association_outcome("host_not_allowed");
-                tracing::info!(%peer, "DICOM connection closed: no allowlist entry names this host");
+                if let Some(not_logged) = UNASSOCIATED_LOG.allow() {
+                    tracing::info!(%peer, not_logged, "DICOM connection closed: no allowlist entry names this host");
+                }
                 continue;
             }
             // Until its A-ASSOCIATE-RQ arrives a connection holds a waiting place (bounded
@@ -441,12 +443,16 @@ impl Scp {
             // refused as busy.
             let Ok(waiting) = self.waiting.clone().try_acquire_owned() else {
                 association_outcome("busy");
-                tracing::warn!(%peer, "DICOM connection closed: too many connections waiting for their A-ASSOCIATE-RQ");
+                if let Some(not_logged) = UNASSOCIATED_LOG.allow() {
+                    tracing::warn!(%peer, not_logged, "DICOM connection closed: too many connections waiting for their A-ASSOCIATE-RQ");
+                }
                 continue;
             };
             let Some(place) = WaitingPlace::take(&self.waiting_by_host, peer.ip()) else {
                 association_outcome("busy");
-                tracing::warn!(%peer, "DICOM connection closed: too many connections from this host waiting for their A-ASSOCIATE-RQ");
+                if let Some(not_logged) = UNASSOCIATED_LOG.allow() {
+                    tracing::warn!(%peer, not_logged, "DICOM connection closed: too many connections from this host waiting for their A-ASSOCIATE-RQ");
+                }
                 continue;
             };
             let config = self.config.clone();
@@ -536,6 +542,13 @@ enum Stopping {
     Cut,
 }
 
+/// The log lines of connections that end without an association (refused at accept,
+/// closed or aborted before their request, refused at negotiation): anyone who reaches the
+/// port causes them at will, and 5,000 junk connections wrote 5,000 lines in a second (a
+/// review's finding). At most one a second, the rest counted in the next; the metrics
+/// (`nightingale_dicom_associations_total` by outcome) and the audit trail count each.
+static UNASSOCIATED_LOG: crate::log_limit::LogLimit = crate::log_limit::LogLimit::new();
+
 /// A connection that ends without an association: counted by `reason`, logged with `said`
 /// (no AE title: the peer's bytes), and reported.
 async fn not_associated(
@@ -545,7 +558,9 @@ async fn not_associated(
     said: &str,
 ) {
     association_outcome(reason);
-    tracing::info!(%peer, "{said}");
+    if let Some(not_logged) = UNASSOCIATED_LOG.allow() {
+        tracing::info!(%peer, not_logged, "{said}");
+    }
     Reporter::send(events, DicomEvent::AssociationRejected { peer, reason }).await;
 }
 
@@ -857,16 +872,22 @@ async fn serve_association(
     let opening = match opened {
         Opened::Closed => {
             association_outcome("not_established");
-            tracing::info!(%peer, "DICOM connection closed before its A-ASSOCIATE-RQ");
+            if let Some(not_logged) = UNASSOCIATED_LOG.allow() {
+                tracing::info!(%peer, not_logged, "DICOM connection closed before its A-ASSOCIATE-RQ");
+            }
             return;
         }
         Opened::Other(0x07) => {
             association_outcome("not_established");
-            tracing::info!(%peer, "DICOM connection closed: A-ABORT before any association");
+            if let Some(not_logged) = UNASSOCIATED_LOG.allow() {
+                tracing::info!(%peer, not_logged, "DICOM connection closed: A-ABORT before any association");
+            }
             return;
         }
         Opened::Other(0x05) => {
-            tracing::info!(%peer, "DICOM association aborted: A-RELEASE-RQ before any association");
+            if let Some(not_logged) = UNASSOCIATED_LOG.allow() {
+                tracing::info!(%peer, not_logged, "DICOM association aborted: A-RELEASE-RQ before any association");
+            }
             abort_unassociated(stream, AbortRQSource::ServiceUser, config, &events, peer).await;
             return;
         }
@@ -890,7 +911,9 @@ async fn serve_association(
     // Every A-ABORT sent while the request is awaited is PS3.8's AA-1 (Table 9-10, Sta2 with
     // events 3, 4, 10, 12, 13 and 19): service-user source, reason not significant.
     if let Some(why) = refused {
-        tracing::info!(%peer, why, "DICOM association aborted");
+        if let Some(not_logged) = UNASSOCIATED_LOG.allow() {
+            tracing::info!(%peer, not_logged, why, "DICOM association aborted");
+        }
         abort_unassociated(stream, AbortRQSource::ServiceUser, config, &events, peer).await;
         return;
     }
@@ -898,7 +921,9 @@ async fn serve_association(
         && !o.calling_ae_valid
     {
         // The title itself is not logged: it is whatever bytes the peer chose.
-        tracing::info!(%peer, "DICOM association rejected: calling AE title not a valid AE title");
+        if let Some(not_logged) = UNASSOCIATED_LOG.allow() {
+            tracing::info!(%peer, not_logged, "DICOM association rejected: calling AE title not a valid AE title");
+        }
         let rj = Pdu::AssociationRJ(AssociationRJ {
             result: AssociationRJResult::Permanent,
             source: AssociationRJSource::ServiceUser(
@@ -927,7 +952,9 @@ async fn serve_association(
         }
         Ok(Err(Some(e))) => {
             // Sta2, event 19 (an invalid PDU): AA-1.
-            tracing::info!(%peer, error = %error_summary(&e), "DICOM association aborted: the A-ASSOCIATE-RQ cannot be read");
+            if let Some(not_logged) = UNASSOCIATED_LOG.allow() {
+                tracing::info!(%peer, not_logged, error = %error_summary(&e), "DICOM association aborted: the A-ASSOCIATE-RQ cannot be read");
+            }
             abort_unassociated(stream, AbortRQSource::ServiceUser, config, &events, peer).await;
             return;
         }
@@ -940,7 +967,9 @@ async fn serve_association(
         Pdu::AssociationRQ(rq) => rq,
         _ => {
             // Sta2 with another PDU (events 3, 4, 10, 13, 19): AA-1.
-            tracing::info!(%peer, "DICOM association aborted: another PDU than an A-ASSOCIATE-RQ");
+            if let Some(not_logged) = UNASSOCIATED_LOG.allow() {
+                tracing::info!(%peer, not_logged, "DICOM association aborted: another PDU than an A-ASSOCIATE-RQ");
+            }
             abort_unassociated(stream, AbortRQSource::ServiceUser, config, &events, peer).await;
             return;
         }
@@ -965,7 +994,9 @@ async fn serve_association(
         Ok(accepted) => accepted,
         Err(refusal) => {
             let reason = refusal.reason();
-            tracing::info!(%peer, reason, "DICOM association refused");
+            if let Some(not_logged) = UNASSOCIATED_LOG.allow() {
+                tracing::info!(%peer, not_logged, reason, "DICOM association refused");
+            }
             refuse(stream, &refusal.answer(), reason, config, &events, peer).await;
             return;
         }

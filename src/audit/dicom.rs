@@ -41,6 +41,42 @@ pub struct DicomAuditSink {
     uids: UidAudit,
     /// Distinguishes this process's association numbers from an earlier run's.
     run: u64,
+    refused: Arc<Refused>,
+}
+
+/// Associations refused or never established are recorded a burst one by one, then one a
+/// second, the rest counted by reason and named in one record (as the unauthenticated HTTP
+/// refusals are, [`super::throttle`]): anyone who reaches the DICOM port causes them, and
+/// junk connections grew the trail by 2 MB a second until its disk was full and every
+/// inference refused (a review's finding).
+struct Refused {
+    throttle: super::throttle::Throttle,
+    /// Held back and not yet named by a record: reasons and their counts, the peers' hosts
+    /// (at most [`HELD_HOSTS`]).
+    held: std::sync::Mutex<HeldRefusals>,
+}
+
+#[derive(Default)]
+struct HeldRefusals {
+    reasons: std::collections::BTreeMap<&'static str, u64>,
+    hosts: std::collections::HashSet<std::net::IpAddr>,
+}
+
+/// The distinct hosts a summary counts, at most.
+const HELD_HOSTS: usize = 4096;
+
+impl HeldRefusals {
+    /// ` reasons=a:1,b:2 hosts=N` and forgets them.
+    fn take(&mut self) -> String {
+        let mut d = String::from(" reasons=");
+        for (i, (reason, n)) in std::mem::take(&mut self.reasons).iter().enumerate() {
+            let _ = write!(d, "{}{reason}:{n}", if i > 0 { "," } else { "" });
+        }
+        let hosts = std::mem::take(&mut self.hosts).len();
+        let more = if hosts >= HELD_HOSTS { "+" } else { "" };
+        let _ = write!(d, " hosts={hosts}{more}");
+        d
+    }
 }
 
 impl DicomAuditSink {
@@ -49,7 +85,58 @@ impl DicomAuditSink {
             log,
             uids,
             run: super::unix_ms(),
+            refused: Arc::new(Refused {
+                throttle: super::throttle::Throttle::new(
+                    crate::http::UNAUTHENTICATED_AUDIT_BURST,
+                    crate::http::UNAUTHENTICATED_AUDIT_PER_SECOND,
+                ),
+                held: Default::default(),
+            }),
         })
+    }
+
+    /// Writes the record of the refused associations held back and not yet named (at
+    /// shutdown, and a second after the first held back).
+    pub async fn flush_refused(&self) {
+        write_refused_summary(&self.log, &self.refused).await;
+    }
+
+    /// `Some(record)` to write for a refused association, `None` when it is held back
+    /// (counted; its summary scheduled where it is the first).
+    fn throttle_refused(
+        &self,
+        record: AuditEvent,
+        peer: std::net::IpAddr,
+        reason: &'static str,
+    ) -> Option<AuditEvent> {
+        use super::throttle::Decision;
+        let mut held = self.refused.held.lock().unwrap_or_else(|p| p.into_inner());
+        match self.refused.throttle.decide() {
+            Decision::Record { held_before: 0 } => Some(record),
+            Decision::Record { held_before } => {
+                let named = held.take();
+                let mut record = record;
+                if let Some(d) = record.detail.as_mut() {
+                    let _ = write!(d, " held_before={held_before}{named}");
+                }
+                Some(record)
+            }
+            Decision::Hold { schedule_summary } => {
+                metrics::counter!("nightingale_audit_refusals_summarised_total").increment(1);
+                *held.reasons.entry(reason).or_default() += 1;
+                if held.hosts.len() < HELD_HOSTS {
+                    held.hosts.insert(peer);
+                }
+                if schedule_summary && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let (log, refused) = (self.log.clone(), self.refused.clone());
+                    runtime.spawn(async move {
+                        tokio::time::sleep(super::throttle::SUMMARY_AFTER).await;
+                        write_refused_summary(&log, &refused).await;
+                    });
+                }
+                None
+            }
+        }
     }
 
     /// The audit record of an event.
@@ -292,9 +379,42 @@ impl DicomAuditSink {
     }
 }
 
+/// One record for the refused associations held back and not yet named (none when there
+/// are none): `event=rejected-summary count=N reasons=… hosts=…`.
+async fn write_refused_summary(log: &AuditLog, refused: &Refused) {
+    let detail = {
+        let mut held = refused.held.lock().unwrap_or_else(|p| p.into_inner());
+        let count = refused.throttle.take_held();
+        if count == 0 {
+            return;
+        }
+        format!(
+            "event=rejected-summary count={count}{} (more than one a second: not recorded one by one)",
+            held.take()
+        )
+    };
+    let record = AuditEvent {
+        outcome: Outcome::Rejected,
+        detail: Some(detail),
+        ..AuditEvent::blank(EventKind::DicomAssociation, "-".into(), Some("?".into()))
+    };
+    if let Err(e) = log.record_or_hold(record).await {
+        tracing::error!(error = %e, "audit summary of refused DICOM associations not written");
+    }
+}
+
 impl EventSink for DicomAuditSink {
     fn event(&self, event: DicomEvent) -> SinkFuture<'_> {
         let record = self.record_of(&event);
+        let record = match &event {
+            DicomEvent::AssociationRejected { peer, reason } => {
+                self.throttle_refused(record, peer.ip(), reason)
+            }
+            _ => Some(record),
+        };
+        let Some(record) = record else {
+            return Box::pin(async { Ok(()) });
+        };
         Box::pin(async move {
             self.log
                 .record_or_hold(record)
@@ -447,5 +567,91 @@ mod tests {
         );
         assert_eq!(records[1].request_id, "purge-1000-3");
         assert_eq!(purge_records(&entry, UidAudit::Omit).len(), 1);
+    }
+
+    fn details(path: &std::path::Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| r["kind"] == "dicom-association")
+            .map(|r| r["detail"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    /// Refused associations: a burst one by one, then held back and counted by reason and
+    /// host in one record a second later (5,000 junk connections were 5,000 records); the
+    /// next one let through names those held since; shutdown writes what is still held.
+    #[tokio::test]
+    async fn refused_associations_past_a_burst_are_counted_in_one_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let sink = DicomAuditSink::new(AuditLog::open(&path, false).unwrap(), UidAudit::Hash);
+        let burst = crate::http::UNAUTHENTICATED_AUDIT_BURST as usize;
+        let peer = |i: u8| std::net::SocketAddr::from(([127, 0, 0, i], 4000));
+        for i in 0..burst + 30 {
+            let reason = if i % 3 == 0 {
+                "calling_ae"
+            } else {
+                "not_established"
+            };
+            let event = DicomEvent::AssociationRejected {
+                peer: peer((i % 7) as u8 + 1),
+                reason,
+            };
+            sink.event(event).await.unwrap();
+        }
+        let written = details(&path);
+        assert_eq!(written.len(), burst, "{written:?}");
+        assert!(
+            written
+                .iter()
+                .all(|d| d.starts_with("event=rejected reason="))
+        );
+        // The summary, a second after the first held back (bounded wait).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while details(&path).len() == burst && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let written = details(&path);
+        assert_eq!(written.len(), burst + 1, "{written:?}");
+        // Of i in burst..burst+30: i % 3 == 0 ten times.
+        assert!(
+            written[burst].starts_with(
+                "event=rejected-summary count=30 reasons=calling_ae:10,not_established:20 hosts=7 "
+            ),
+            "{}",
+            written[burst]
+        );
+        // Nothing held: a flush writes nothing.
+        sink.flush_refused().await;
+        assert_eq!(details(&path).len(), burst + 1);
+        // Held again (the bucket refills at one a second: at most a burst's worth pass),
+        // then written at shutdown; every refusal is accounted for.
+        for _ in 0..2 * burst {
+            let event = DicomEvent::AssociationRejected {
+                peer: peer(9),
+                reason: "timeout",
+            };
+            sink.event(event).await.unwrap();
+        }
+        sink.flush_refused().await;
+        let written = details(&path);
+        let (last, one_by_one) = written[burst + 1..].split_last().unwrap();
+        assert!(
+            one_by_one
+                .iter()
+                .all(|d| d.starts_with("event=rejected reason=timeout")),
+            "{one_by_one:?}"
+        );
+        let held: usize = last
+            .strip_prefix("event=rejected-summary count=")
+            .and_then(|r| r.split_once(' '))
+            .and_then(|(n, rest)| rest.starts_with("reasons=timeout:").then_some(n))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{last}"));
+        assert!(last.contains(" hosts=1 "), "{last}");
+        assert_eq!(one_by_one.len() + held, 2 * burst, "{written:?}");
+        assert!(held >= burst, "{written:?}");
     }
 }

@@ -40,6 +40,13 @@ use subtle::ConstantTimeEq;
 use super::identity::ClientCertificate;
 use super::{AppError, AppState};
 
+/// The log lines of refusals anyone can cause at will, without credentials (a CDS token,
+/// credentials refused or missing, a cross-site or rebinding request), each at most one a
+/// second ([`crate::log_limit`]): a client sending bad tokens in a loop wrote 3 MB of log
+/// lines in 15 s (a review's finding). The audit trail and the metrics count every one.
+static STRANGER_LOGS: [crate::log_limit::LogLimit; 5] =
+    [const { crate::log_limit::LogLimit::new() }; 5];
+
 /// What a caller may do. Each route needs one role (or none, see [`Access::Public`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -1401,7 +1408,9 @@ pub(crate) async fn enforce(
                     roles: Roles::NONE,
                 },
                 Err(e) => {
-                    tracing::warn!(reason = %e, path = path.as_str(), "CDS Hooks token refused");
+                    if let Some(not_logged) = STRANGER_LOGS[0].allow() {
+                        tracing::warn!(reason = %e, path = path.as_str(), not_logged, "CDS Hooks token refused");
+                    }
                     metrics::counter!("nightingale_cds_unauthorized_total").increment(1);
                     let kind = if path.as_str().ends_with("/feedback") {
                         crate::audit::EventKind::CdsFeedback
@@ -1414,6 +1423,7 @@ pub(crate) async fn enforce(
                         req.uri().path(),
                         super::cds::UNAUTHENTICATED.to_owned(),
                         StatusCode::UNAUTHORIZED,
+                        &super::request_id_of(req.headers()),
                     )
                     .await;
                     return unauthorized(
@@ -1434,7 +1444,12 @@ pub(crate) async fn enforce(
                 Ok(caller) => caller,
                 Err(denied) => {
                     denied
-                        .audit_if_admin(&state, rule.access, req.uri().path())
+                        .audit_if_admin(
+                            &state,
+                            rule.access,
+                            req.uri().path(),
+                            &super::request_id_of(req.headers()),
+                        )
                         .await;
                     return denied.into_response();
                 }
@@ -1481,7 +1496,9 @@ pub(crate) fn refuse_rebinding(
         return None;
     }
     if let Some(origin) = cross_origin(req) {
-        tracing::warn!(origin = %printable(&origin), endpoint, "anonymous request from a web page of another origin refused");
+        if let Some(not_logged) = STRANGER_LOGS[1].allow() {
+            tracing::warn!(origin = %printable(&origin), endpoint, not_logged, "anonymous request from a web page of another origin refused");
+        }
         return Some(AppError::new(
             StatusCode::FORBIDDEN,
             "a request from a web page of another origin, without credentials or with only a client certificate (which a browser sends by itself), is refused (cross-site request forgery); call the server directly or present an API key or token",
@@ -1491,7 +1508,9 @@ pub(crate) fn refuse_rebinding(
         return None;
     }
     let host = foreign_host(req)?;
-    tracing::warn!(host = %printable(&host), endpoint, "anonymous request under another host name refused");
+    if let Some(not_logged) = STRANGER_LOGS[2].allow() {
+        tracing::warn!(host = %printable(&host), endpoint, not_logged, "anonymous request under another host name refused");
+    }
     Some(AppError::new(
         StatusCode::FORBIDDEN,
         "a request without credentials to this loopback server must name it by a loopback Host (localhost, 127.0.0.1, [::1]): another name is how a web page reaches it from a browser (DNS rebinding); call it by its loopback name or present a credential",
@@ -1561,7 +1580,13 @@ impl Denied {
     /// Audits the refusal when `access` is the admin role's: refused attempts at model
     /// control (load, unload, rollback) were only logged (a review's observation). The
     /// caller, or `unauthenticated` (throttled: anyone can send these).
-    pub(crate) async fn audit_if_admin(&self, state: &AppState, access: Access, path: &str) {
+    pub(crate) async fn audit_if_admin(
+        &self,
+        state: &AppState,
+        access: Access,
+        path: &str,
+        request_id: &str,
+    ) {
         if access != ADMIN {
             return;
         }
@@ -1573,6 +1598,7 @@ impl Denied {
                 .clone()
                 .unwrap_or_else(|| super::cds::UNAUTHENTICATED.to_owned()),
             self.error.status,
+            request_id,
         )
         .await;
     }
@@ -1634,7 +1660,9 @@ pub(crate) fn authorize(
             let caller = match auth.authenticate(headers, extensions) {
                 Ok(caller) => caller,
                 Err(e) => {
-                    tracing::warn!(reason = %e, endpoint, "credentials refused");
+                    if let Some(not_logged) = STRANGER_LOGS[3].allow() {
+                        tracing::warn!(reason = %e, endpoint, not_logged, "credentials refused");
+                    }
                     return Err(Denied {
                         error: AppError::new(StatusCode::UNAUTHORIZED, e.to_string()),
                         challenge: Some(true),
@@ -1646,7 +1674,15 @@ pub(crate) fn authorize(
                 if caller.is_anonymous() {
                     // Logged as the other refusals are (anonymous tries at model control left
                     // no trace: a review's finding).
-                    tracing::warn!(caller = "anonymous", needs, endpoint, "credentials missing");
+                    if let Some(not_logged) = STRANGER_LOGS[4].allow() {
+                        tracing::warn!(
+                            caller = "anonymous",
+                            needs,
+                            endpoint,
+                            not_logged,
+                            "credentials missing"
+                        );
+                    }
                     return Err(Denied {
                         error: AppError::new(
                             StatusCode::UNAUTHORIZED,

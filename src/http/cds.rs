@@ -145,6 +145,7 @@ pub(crate) async fn audit_refusal(
     path: &str,
     actor: String,
     status: StatusCode,
+    request_id: &str,
 ) {
     let mut detail = format!("path={} refused", printable(path));
     if actor == UNAUTHENTICATED {
@@ -176,7 +177,8 @@ pub(crate) async fn audit_refusal(
         status: status.as_u16(),
         outcome: Outcome::from_status(status.as_u16()),
         detail: Some(detail),
-        ..AuditEvent::blank(kind, "-".to_owned(), Some(actor))
+        // The id the log and the response carry (it was "-": a review's finding).
+        ..AuditEvent::blank(kind, request_id.chars().take(128).collect(), Some(actor))
     };
     if let Err(e) = state.audit.record(event).await {
         tracing::error!(error = %e, "audit record of a refused request not written");
@@ -225,6 +227,7 @@ pub(crate) async fn call(
     body: Body,
 ) -> Response {
     let actor = caller_id(&caller);
+    let request_id = super::request_id_of(&headers);
     let response = answer_call(state.clone(), caller, &id, headers, body).await;
     // Every refusal of a served service is counted, whatever refused it (counted at each
     // refusal, some were audited and never counted: a red-team finding); an unknown
@@ -239,7 +242,16 @@ pub(crate) async fn call(
     }
     if response.status() != StatusCode::OK {
         let path = format!("/cds-services/{id}");
-        audit_refusal(&state, EventKind::CdsHook, &path, actor, response.status()).await;
+        let status = response.status();
+        audit_refusal(
+            &state,
+            EventKind::CdsHook,
+            &path,
+            actor,
+            status,
+            &request_id,
+        )
+        .await;
     }
     response
 }
@@ -552,6 +564,7 @@ pub(crate) async fn feedback(
     body: Body,
 ) -> Response {
     let actor = caller_id(&caller);
+    let request_id = super::request_id_of(&headers);
     let response = answer_feedback(state.clone(), caller, &id, headers, body).await;
     if response.status() != StatusCode::OK {
         let path = format!("/cds-services/{id}/feedback");
@@ -561,6 +574,7 @@ pub(crate) async fn feedback(
             &path,
             actor,
             response.status(),
+            &request_id,
         )
         .await;
     }

@@ -162,7 +162,7 @@ async fn before_the_message(
             }
             Err(denied) => {
                 denied
-                    .audit_if_admin(&state, rule.access, request.uri().path())
+                    .audit_if_admin(&state, rule.access, request.uri().path(), &request_id)
                     .await;
                 // What the client is still sending is read briefly first, as for an
                 // unserved method: answered at once, the stream's reset raced the client's

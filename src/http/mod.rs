@@ -170,8 +170,8 @@ pub struct AppState {
 }
 
 /// [`AppState::unauthenticated_audit`]'s burst and steady rate.
-const UNAUTHENTICATED_AUDIT_BURST: u32 = 20;
-const UNAUTHENTICATED_AUDIT_PER_SECOND: f64 = 1.0;
+pub(crate) const UNAUTHENTICATED_AUDIT_BURST: u32 = 20;
+pub(crate) const UNAUTHENTICATED_AUDIT_PER_SECOND: f64 = 1.0;
 
 impl AppState {
     pub fn new(
@@ -749,6 +749,19 @@ fn log_failure(
 /// (empty, non-ASCII, longer) is dropped here so that `SetRequestIdLayer` gives the request a
 /// UUID: the log, the audit record and the response then name the same id (a non-ASCII id
 /// was echoed back but audited as "-").
+/// The request's id as the log and the response carry it (`x-request-id`, set by the
+/// request-id layer where the client gave none usable), at most 128 characters; `-` where
+/// there is none.
+pub(crate) fn request_id_of(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .chars()
+        .take(128)
+        .collect()
+}
+
 async fn usable_request_id(mut request: Request) -> Request {
     let usable = request
         .headers()

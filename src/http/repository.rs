@@ -231,15 +231,7 @@ fn only_keys(
     }
 }
 
-fn request_id(headers: &HeaderMap) -> String {
-    headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .chars()
-        .take(128)
-        .collect()
-}
+use super::request_id_of as request_id;
 
 pub async fn unload(
     State(state): State<Arc<AppState>>,

@@ -1,5 +1,6 @@
 //! At most one log line a second for events a stranger can cause at will (connections
-//! refused at accept, TLS handshakes refused): a client connecting and closing in a loop
+//! refused at accept, TLS handshakes refused, credentials refused, DICOM connections that
+//! never become an association): a client connecting and closing in a loop
 //! wrote a line per attempt, megabytes of log in seconds (a red-team finding). What is not
 //! logged is counted and named in the next line; the metrics count every event.
 
