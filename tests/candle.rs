@@ -369,3 +369,58 @@ async fn integrated_gradients_equal_torch_and_are_complete() {
     );
     assert!((sum - (fx - f0)).abs() < 2e-3 * (fx - f0).abs().max(0.01));
 }
+
+/// The audit trail names a candle model by its architecture file and weights together (the
+/// SHA-256 of the one's bytes followed by the other's): the weights' checksum alone named two
+/// networks alike (a review changed the architecture file under the same weights). And the
+/// architecture file's output labels must be bundle.toml's: swapped, they were served with
+/// bundle.toml's without a word (a review's finding).
+#[test]
+fn a_candle_model_is_named_by_its_architecture_and_weights_and_its_labels_are_checked() {
+    use sha2::Digest;
+    let bundle = repo().join("models/bundles/lesion-detection-candle");
+    let architecture = std::fs::read(bundle.join("1/architecture.json")).unwrap();
+    let weights = std::fs::read(bundle.join("1/model.safetensors")).unwrap();
+    let mut both = architecture.clone();
+    both.extend_from_slice(&weights);
+    let loaded = load("lesion-detection-candle");
+    assert_eq!(
+        loaded.model_sha256,
+        hex::encode(sha2::Sha256::digest(&both))
+    );
+    assert_ne!(
+        loaded.model_sha256,
+        hex::encode(sha2::Sha256::digest(&weights))
+    );
+
+    // A copy whose architecture file lists the labels the other way round (checksum
+    // updated, unsigned): refused, naming both lists.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("lesion-detection-candle");
+    std::fs::create_dir_all(copy.join("1")).unwrap();
+    for f in ["1/model.safetensors", "1/selftest.json", "MODEL_CARD.md"] {
+        std::fs::copy(bundle.join(f), copy.join(f)).unwrap();
+    }
+    let mut file: Value = serde_json::from_slice(&architecture).unwrap();
+    file["output"]["labels"] = serde_json::json!(["present", "absent"]);
+    let swapped = serde_json::to_vec_pretty(&file).unwrap();
+    std::fs::write(copy.join("1/architecture.json"), &swapped).unwrap();
+    let manifest = std::fs::read_to_string(bundle.join("bundle.toml"))
+        .unwrap()
+        .replace(
+            &hex::encode(sha2::Sha256::digest(&architecture)),
+            &hex::encode(sha2::Sha256::digest(&swapped)),
+        );
+    std::fs::write(copy.join("bundle.toml"), manifest).unwrap();
+    let Err(err) = Bundle::open(&copy)
+        .unwrap()
+        .load_version(1, &RepositoryOptions::default())
+    else {
+        panic!("labels that contradict bundle.toml must be refused");
+    };
+    let said = format!("{err}: {:?}", std::error::Error::source(&err));
+    assert!(
+        said.contains("labels") && said.contains("\"present\", \"absent\""),
+        "{said}"
+    );
+}

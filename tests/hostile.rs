@@ -662,3 +662,55 @@ async fn requests_that_would_have_tract_allocate_past_the_limit_are_refused_and_
         json!([6.5, 7.0, 8.0, 9.0, 6.5, 7.0, 8.0, 9.0])
     );
 }
+
+/// A client that closes its connection before its body ends (a declared length not sent, a
+/// chunk cut short) is audited `client-gone` (499), as one gone while the model runs: it
+/// was audited and counted as a bad request (400), which is the caller's error (a review's
+/// finding). A body that is malformed, not cut, stays a 400.
+#[test]
+fn a_client_gone_mid_body_is_audited_client_gone() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let (server, addr) = start_server(dir.path(), &[], "warn");
+    let path = format!("/v2/models/{MODEL}/infer");
+    for head_and_part in [
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nx-request-id: cut-length\r\nContent-Length: 1000\r\n\r\n{{\"inputs\":"
+        ),
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nx-request-id: cut-chunk\r\nTransfer-Encoding: chunked\r\n\r\n100\r\n{{\"inputs\":"
+        ),
+    ] {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.write_all(head_and_part.as_bytes()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        drop(stream);
+    }
+    // A whole body that is not JSON: still the caller's error.
+    let (status, _, _) = exchange(addr, b"{not json", false).unwrap();
+    assert_eq!(status, 400);
+    let trail = dir.path().join("audit.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let records = loop {
+        let records: Vec<Value> = std::fs::read_to_string(&trail)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|r: &Value| {
+                r["request_id"]
+                    .as_str()
+                    .is_some_and(|i| i.starts_with("cut-"))
+            })
+            .collect();
+        if records.len() >= 2 || std::time::Instant::now() > deadline {
+            break records;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    drop(server);
+    assert_eq!(records.len(), 2, "{records:?}");
+    for r in &records {
+        assert_eq!(r["status"], 499, "{r}");
+        assert_eq!(r["outcome"], "client-gone", "{r}");
+    }
+}

@@ -547,7 +547,7 @@ async fn bad_requests_get_400_with_the_reason() {
         ),
         (
             json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": vec!["a"; 30]}]}),
-            "wrong type",
+            "data element 0 is a string: FP32 data takes numbers",
         ),
         (
             json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32"}]}),
@@ -1413,9 +1413,9 @@ async fn nested_data_up_to_the_depth_limit() {
     // Elements of the wrong kind (each other datatype's decoder: src/http/codec.rs tests; a
     // datatype the model does not take is refused before its data is read).
     for (datatype, data, needle) in [
-        ("FP32", json!([[true]]), "wrong type"),
-        ("FP32", json!([[null]]), "wrong type"),
-        ("FP32", json!([{"a": 1}]), "wrong type"),
+        ("FP32", json!([[true]]), "data element 0 is true"),
+        ("FP32", json!([[null]]), "data element 0 is null"),
+        ("FP32", json!([{"a": 1}]), "data element 0 is an object"),
         (
             "INT64",
             json!([[1.5]]),

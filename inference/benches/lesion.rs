@@ -63,6 +63,7 @@ fn engines() -> Vec<(&'static str, Box<dyn Backend>)> {
         nightingale_inference::load_candle(
             "conv-classifier",
             &read("architecture.json"),
+            &candle.join("architecture.json"),
             &read("model.safetensors"),
             &candle,
             &options(BackendKind::Candle),

@@ -863,6 +863,7 @@ async fn an_abandoned_gradient_job_stops_and_frees_the_instance() {
     let candle = nightingale_inference::load_candle(
         "conv-classifier",
         &read("architecture.json"),
+        &dir.join("architecture.json"),
         &read("model.safetensors"),
         &dir,
         &LoadOptions {

@@ -1152,7 +1152,13 @@ impl Manifest {
                             c.config
                         ));
                     }
-                    if entry.model_file == c.config || !entry.model_file.ends_with(".safetensors") {
+                    if entry.model_file == c.config {
+                        return fail(format!(
+                            "version {version}: [candle] config {:?} names the weights (model_file); it names the architecture file",
+                            c.config
+                        ));
+                    }
+                    if !entry.model_file.ends_with(".safetensors") {
                         return fail(format!(
                             "version {version}: model_file {:?} must name the safetensors weights",
                             entry.model_file
@@ -1573,6 +1579,58 @@ impl Manifest {
     }
 
     /// The inputs and outputs this bundle declares, in the given order of names (the model's).
+    /// A candle architecture file's output labels and positive label, where it gives them,
+    /// are the manifest's: it said "absent, present" where the manifest said "present,
+    /// absent", and the manifest's were served without a word (a review's finding). What
+    /// else is wrong with the file is the engine's to say (called after it loaded).
+    pub fn check_candle_output(&self, config: &[u8]) -> Result<(), InvalidManifest> {
+        #[derive(Deserialize)]
+        struct File {
+            output: Output,
+        }
+        #[derive(Deserialize)]
+        struct Output {
+            name: String,
+            #[serde(default)]
+            labels: Option<Vec<String>>,
+            #[serde(default)]
+            positive_label: Option<String>,
+        }
+        let Ok(file) = serde_json::from_slice::<File>(config) else {
+            return Ok(());
+        };
+        let Some(declared) = self.outputs.iter().find(|o| o.name == file.output.name) else {
+            return Ok(());
+        };
+        let fail = |what: &str, file: String, manifest: String| {
+            Err(InvalidManifest(format!(
+                "output {:?}: the candle architecture file's {what} {file} differ from bundle.toml's {manifest}",
+                shown(&declared.name)
+            )))
+        };
+        if let Some(labels) = &file.output.labels
+            && !declared.labels.is_empty()
+            && *labels != declared.labels
+        {
+            return fail(
+                "labels",
+                shown(&format!("{labels:?}")).into_owned(),
+                shown(&format!("{:?}", declared.labels)).into_owned(),
+            );
+        }
+        if let (Some(positive), Some(wanted)) =
+            (&file.output.positive_label, &declared.positive_label)
+            && positive != wanted
+        {
+            return fail(
+                "positive_label",
+                shown(&format!("{positive:?}")).into_owned(),
+                shown(&format!("{wanted:?}")).into_owned(),
+            );
+        }
+        Ok(())
+    }
+
     pub fn metadata_in_order(
         &self,
         model: &ModelMetadata,

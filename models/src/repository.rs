@@ -362,6 +362,21 @@ impl Bundle {
             ),
             None => None,
         };
+        // What the audit trail names the model by. A candle network is its architecture
+        // file and its weights: the weights' checksum alone named two networks alike (a
+        // review changed the architecture file under the same weights), so it is the SHA-256
+        // of the architecture file's bytes followed by the weights' (`cat architecture.json
+        // model.safetensors | sha256sum`).
+        let model_sha256 = match &candle_config {
+            Some(config) => {
+                use sha2::Digest as _;
+                let mut h = sha2::Sha256::new();
+                h.update(config);
+                h.update(&model);
+                hex::encode(h.finalize())
+            }
+            None => entry.files[&entry.model_file].to_ascii_lowercase(),
+        };
         let model = Model {
             bytes: &model,
             candle_config: candle_config.as_deref(),
@@ -423,7 +438,7 @@ impl Bundle {
             name: self.manifest.name.clone(),
             version,
             manifest: Arc::new(self.manifest.clone()),
-            model_sha256: entry.files[&entry.model_file].to_ascii_lowercase(),
+            model_sha256,
             manifest_sha256: self.manifest_sha256.clone(),
             selftest: report,
             signature: self.signature.clone(),
@@ -481,20 +496,42 @@ impl Bundle {
         }
         let mut backend = guarded(&model_path, engine_name, "loading the model", || {
             match (&self.manifest.candle, model.candle_config) {
-                (Some(spec), Some(config)) => nightingale_inference::load_candle(
-                    &spec.architecture,
-                    config,
-                    model.bytes,
-                    &name,
-                    &load,
-                ),
-                _ => nightingale_inference::load_bytes(model.bytes, &name, &load),
+                (Some(spec), Some(config)) => {
+                    let config_name = name.with_file_name(&spec.config);
+                    nightingale_inference::load_candle(
+                        &spec.architecture,
+                        config,
+                        &config_name,
+                        model.bytes,
+                        &name,
+                        &load,
+                    )
+                    // The architecture file's errors name it (they named the weights).
+                    .map_err(|source| match &source {
+                        nightingale_inference::InferenceError::Load { path, .. }
+                            if *path == config_name =>
+                        {
+                            BundleError::Inference {
+                                path: vdir.join(&spec.config),
+                                source,
+                            }
+                        }
+                        _ => inference_err(source),
+                    })
+                }
+                _ => nightingale_inference::load_bytes(model.bytes, &name, &load)
+                    .map_err(inference_err),
             }
-            .map_err(inference_err)
         })?;
         let declared = self
             .manifest
             .metadata_in_order(backend.metadata())
+            .and_then(|declared| {
+                if let Some(config) = model.candle_config {
+                    self.manifest.check_candle_output(config)?;
+                }
+                Ok(declared)
+            })
             .map_err(|source| BundleError::Manifest {
                 path: self.dir.join(MANIFEST_FILE),
                 source,

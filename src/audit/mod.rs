@@ -123,6 +123,8 @@ impl Outcome {
             200..=299 => Outcome::Ok,
             408 => Outcome::Timeout,
             429 | 503 => Outcome::Overloaded,
+            // Answered to nobody: the client went away (a body cut by its client).
+            499 => Outcome::ClientGone,
             // 501: something this server does not do, asked for by the caller.
             400..=499 | 501 => Outcome::Rejected,
             _ => Outcome::Failed,

@@ -128,32 +128,90 @@ impl<'de> Deserialize<'de> for ParameterValue {
     }
 }
 
+/// The inference request in `json`: one JSON object ([`ObjectOnly`]) and nothing after it.
+fn parse_request(json: &[u8]) -> serde_json::Result<InferRequest<'_>> {
+    use serde::de::DeserializeSeed as _;
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let request = ObjectOnly::<InferRequest>::new().deserialize(&mut de)?;
+    de.end()?;
+    Ok(request)
+}
+
 /// A JSON array of at most `N` elements, refused at the `N + 1`th (before it is built).
 fn at_most<'de, D, T, const N: usize>(d: D) -> Result<Vec<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,
 {
-    struct Bounded<T, const N: usize>(std::marker::PhantomData<T>);
-    impl<'de, T: Deserialize<'de>, const N: usize> serde::de::Visitor<'de> for Bounded<T, N> {
-        type Value = Vec<T>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            write!(f, "an array of at most {N} elements")
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
-            let mut out = Vec::new();
-            while let Some(x) = seq.next_element()? {
-                if out.len() == N {
-                    return Err(serde::de::Error::custom(format!(
-                        "an array of more than {N} elements where at most {N} are taken"
-                    )));
-                }
-                out.push(x);
+    d.deserialize_seq(Bounded::<T, N, false>(std::marker::PhantomData))
+}
+
+/// The visitor of [`at_most`] and, each element an object, [`objects_at_most`].
+struct Bounded<T, const N: usize, const OBJECTS: bool>(std::marker::PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>, const N: usize, const OBJECTS: bool> serde::de::Visitor<'de>
+    for Bounded<T, N, OBJECTS>
+{
+    type Value = Vec<T>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "an array of at most {N} elements")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        let mut out = Vec::new();
+        loop {
+            let x = if OBJECTS {
+                seq.next_element_seed(ObjectOnly::<T>::new())?
+            } else {
+                seq.next_element()?
+            };
+            let Some(x) = x else {
+                return Ok(out);
+            };
+            if out.len() == N {
+                return Err(serde::de::Error::custom(format!(
+                    "an array of more than {N} elements where at most {N} are taken"
+                )));
             }
-            Ok(out)
+            out.push(x);
         }
     }
-    d.deserialize_seq(Bounded::<T, N>(std::marker::PhantomData))
+}
+
+/// A `T` (a derived struct) from a JSON object only: serde's derive also takes an array of
+/// the fields in order, so `[null, null, [...]]` was served as a request and `["x", [1, 30],
+/// "FP32", null, [...]]` as an input (a review's finding; the protocol's are objects).
+struct ObjectOnly<T>(std::marker::PhantomData<T>);
+
+impl<T> ObjectOnly<T> {
+    fn new() -> Self {
+        ObjectOnly(std::marker::PhantomData)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> serde::de::DeserializeSeed<'de> for ObjectOnly<T> {
+    type Value = T;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectOnly<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+    }
+}
+
+/// [`at_most`] `N` elements, each a JSON object ([`ObjectOnly`]).
+fn objects_at_most<'de, D, T, const N: usize>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    d.deserialize_seq(Bounded::<T, N, true>(std::marker::PhantomData))
 }
 
 /// The requested outputs: [`at_most`] [`MAX_TENSORS`], or `None` (`null` or absent).
@@ -162,7 +220,9 @@ where
     D: serde::Deserializer<'de>,
 {
     #[derive(Deserialize)]
-    struct Listed(#[serde(deserialize_with = "at_most::<_, _, MAX_TENSORS>")] Vec<RequestedOutput>);
+    struct Listed(
+        #[serde(deserialize_with = "objects_at_most::<_, _, MAX_TENSORS>")] Vec<RequestedOutput>,
+    );
     Ok(Option::<Listed>::deserialize(d)?.map(|l| l.0))
 }
 
@@ -188,7 +248,7 @@ pub struct InferRequest<'a> {
     pub id: Option<String>,
     #[serde(default, deserialize_with = "unique_parameters")]
     pub parameters: Option<HashMap<String, serde_json::Value>>,
-    #[serde(borrow, deserialize_with = "at_most::<_, _, MAX_TENSORS>")]
+    #[serde(borrow, deserialize_with = "objects_at_most::<_, _, MAX_TENSORS>")]
     pub inputs: Vec<InputTensor<'a>>,
     #[serde(default, deserialize_with = "outputs_at_most")]
     pub outputs: Option<Vec<RequestedOutput>>,
@@ -350,7 +410,7 @@ pub fn decode_request(
             )));
         }
     };
-    let request: InferRequest = serde_json::from_slice(json)
+    let request = parse_request(json)
         .map_err(|e| AppError::bad_request(format!("malformed inference request JSON: {e}")))?;
     if request.inputs.is_empty() {
         return Err(AppError::bad_request("the request has no inputs"));
@@ -605,8 +665,8 @@ fn parse_json_data(
 /// A tensor element as JSON carries it; `None`: the JSON value is of the wrong kind or out of
 /// range for the datatype.
 trait Scalar: Sized {
-    /// What the error says when a value has the wrong kind.
-    const WRONG_TYPE: &'static str = "data holds a value of the wrong type for the datatype";
+    /// The JSON values this datatype takes, for the error naming one it does not.
+    const TAKES: &'static str;
     /// The fewest JSON characters one element takes (`1`, `true`, `""`): bounds the vector
     /// reserved up front by what the text can hold.
     const MIN_CHARS: usize = 1;
@@ -628,6 +688,7 @@ trait Scalar: Sized {
 }
 
 impl Scalar for bool {
+    const TAKES: &'static str = "true or false";
     const MIN_CHARS: usize = 4;
     fn from_bool(b: bool) -> Option<Self> {
         Some(b)
@@ -637,6 +698,7 @@ impl Scalar for bool {
 macro_rules! int_scalar {
     ($($t:ty),*) => {$(
         impl Scalar for $t {
+            const TAKES: &'static str = concat!("integers from ", stringify!($t), "::MIN to ", stringify!($t), "::MAX");
             fn from_i64(i: i64) -> Option<Self> {
                 <$t>::try_from(i).ok()
             }
@@ -650,6 +712,7 @@ int_scalar!(u8, u16, u32, u64, i8, i16, i32, i64);
 
 // Integers and decimals both convert, as serde_json converts them for `f32`/`f64`.
 impl Scalar for f32 {
+    const TAKES: &'static str = "numbers";
     fn from_i64(i: i64) -> Option<Self> {
         Some(i as f32)
     }
@@ -662,6 +725,7 @@ impl Scalar for f32 {
 }
 
 impl Scalar for f64 {
+    const TAKES: &'static str = "numbers";
     fn from_i64(i: i64) -> Option<Self> {
         Some(i as f64)
     }
@@ -676,6 +740,7 @@ impl Scalar for f64 {
 // FP16 rounds once, from the f64 JSON gives (as numpy's `np.float16(x)` does): through f32
 // first, 2049.0000000001 became 2048 instead of 2050 (a red-team finding).
 impl Scalar for half::f16 {
+    const TAKES: &'static str = "numbers";
     fn from_i64(i: i64) -> Option<Self> {
         Some(f16_nearest(i as f64))
     }
@@ -719,7 +784,7 @@ fn f16_nearest(x: f64) -> half::f16 {
 }
 
 impl Scalar for Vec<u8> {
-    const WRONG_TYPE: &'static str = "BYTES data must be strings";
+    const TAKES: &'static str = "strings";
     const MIN_CHARS: usize = 2;
     fn from_string(s: &str) -> Option<Self> {
         Some(s.as_bytes().to_vec())
@@ -821,9 +886,21 @@ impl<T: Scalar + Element> Node<'_, '_, T> {
         Err(e)
     }
 
-    fn push<E: serde::de::Error>(self, value: Option<T>) -> Result<(), E> {
+    /// Adds an element; `None` (`seen` says what the JSON held) is refused with the
+    /// element's index, what it was and what the datatype takes (every refusal said "the
+    /// wrong type", an integer out of range included: a review's finding).
+    fn push<E: serde::de::Error>(self, value: Option<T>, seen: Seen<'_>) -> Result<(), E> {
         let Some(value) = value else {
-            return self.stop(T::WRONG_TYPE.to_string());
+            let index = self.sink.out.len();
+            let what = match seen {
+                Seen::Number(n) => format!("{n}"),
+                Seen::Kind(kind) => kind.to_owned(),
+            };
+            return self.stop(format!(
+                "data element {index} is {what}: {} data takes {}",
+                T::DATATYPE,
+                T::TAKES
+            ));
         };
         if !self.sink.same_kind(self.depth, false) {
             let here = self.depth;
@@ -903,26 +980,36 @@ impl<'de, T: Scalar + Element> serde::de::Visitor<'de> for Node<'_, '_, T> {
     }
 
     fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
-        self.push(T::from_bool(v))
+        self.push(
+            T::from_bool(v),
+            Seen::Kind(if v { "true" } else { "false" }),
+        )
     }
     fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
-        self.push(T::from_i64(v))
+        self.push(T::from_i64(v), Seen::Number(&v))
     }
     fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
-        self.push(T::from_u64(v))
+        self.push(T::from_u64(v), Seen::Number(&v))
     }
     fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
-        self.push(T::from_f64(v))
+        self.push(T::from_f64(v), Seen::Number(&v))
     }
     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
-        self.push(T::from_string(v))
+        self.push(T::from_string(v), Seen::Kind("a string"))
     }
     fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
-        self.push(None)
+        self.push(None, Seen::Kind("null"))
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
-        self.push(None)
+        self.push(None, Seen::Kind("an object"))
     }
+}
+
+/// What a refused element was, for its error: a number (quoted as read: no data of a
+/// string is echoed back) or a kind of value.
+enum Seen<'a> {
+    Number(&'a dyn std::fmt::Display),
+    Kind(&'static str),
 }
 
 #[derive(Debug, Serialize)]
@@ -1458,17 +1545,96 @@ mod tests {
     #[test]
     fn each_decoder_refuses_elements_of_the_wrong_kind() {
         for (datatype, data, needle) in [
-            (DataType::Fp32, "[[true]]", "wrong type"),
-            (DataType::Int64, "[[1.5]]", "wrong type"),
-            (DataType::Uint8, "[[256]]", "wrong type"),
-            (DataType::Bool, "[[1]]", "wrong type"),
-            (DataType::Bytes, "[[1]]", "BYTES data must be strings"),
-            (DataType::Fp32, "[[null]]", "wrong type"),
-            (DataType::Fp32, "[{\"a\": 1}]", "wrong type"),
+            (
+                DataType::Fp32,
+                "[[true]]",
+                "data element 0 is true: FP32 data takes numbers",
+            ),
+            (
+                DataType::Int64,
+                "[[1.5]]",
+                "data element 0 is 1.5: INT64 data takes integers from i64::MIN to i64::MAX",
+            ),
+            (
+                DataType::Uint8,
+                "[[256]]",
+                "data element 0 is 256: UINT8 data takes integers from u8::MIN to u8::MAX",
+            ),
+            (
+                DataType::Int8,
+                "[[-129]]",
+                "data element 0 is -129: INT8 data takes integers from i8::MIN to i8::MAX",
+            ),
+            (
+                DataType::Int64,
+                "[9223372036854775808]",
+                "data element 0 is 9223372036854775808: INT64",
+            ),
+            (
+                DataType::Bool,
+                "[[1]]",
+                "data element 0 is 1: BOOL data takes true or false",
+            ),
+            (
+                DataType::Bytes,
+                "[[1]]",
+                "data element 0 is 1: BYTES data takes strings",
+            ),
+            (
+                DataType::Fp32,
+                "[[null]]",
+                "data element 0 is null: FP32 data takes numbers",
+            ),
+            (
+                DataType::Fp32,
+                "[{\"a\": 1}]",
+                "data element 0 is an object: FP32",
+            ),
+            (
+                DataType::Uint8,
+                "[\"secret\"]",
+                "data element 0 is a string: UINT8",
+            ),
         ] {
             let e = parse_json_data(datatype, vec![1, 1], 1, data).unwrap_err();
-            assert!(e.contains(needle), "{datatype:?} {data}: {e}");
+            assert!(e.starts_with(needle), "{datatype:?} {data}: {e}");
         }
+        // The element's index in row-major order.
+        let e = parse_json_data(DataType::Uint8, vec![1, 3], 3, "[[1, 2, 300]]").unwrap_err();
+        assert!(e.starts_with("data element 2 is 300: UINT8"), "{e}");
+    }
+
+    /// The request, its inputs and its outputs are JSON objects: serde's derive took arrays
+    /// of their fields in order too (a review's finding).
+    #[test]
+    fn requests_inputs_and_outputs_are_objects_not_arrays() {
+        let specs = [TensorSpec {
+            name: "x".into(),
+            datatype: DataType::Fp32,
+            shape: vec![-1, 2],
+        }];
+        let ok = decode(
+            serde_json::json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}], "outputs": [{"name": "y"}]}),
+            &specs,
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        for body in [
+            serde_json::json!([null, null, [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]]),
+            serde_json::json!({"inputs": [["x", [1, 2], "FP32", null, [1, 2]]]}),
+            serde_json::json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}], "outputs": [["y"]]}),
+        ] {
+            let e = decode(body.clone(), &specs).unwrap_err();
+            assert!(e.contains("expected a JSON object"), "{body}: {e}");
+        }
+        // Nothing after the object.
+        let e = decode_request(
+            br#"{"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]} {}"#,
+            None,
+            &specs,
+            &mut |_| Ok(()),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("trailing characters"), "{}", e.message);
     }
 
     #[test]

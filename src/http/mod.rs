@@ -1154,8 +1154,7 @@ async fn read_body_charged(
     let mut received = 0usize;
     let mut refused: Option<AppError> = None;
     while let Some(frame) = body.frame().await {
-        let frame = frame
-            .map_err(|e| AppError::bad_request(format!("cannot read the request body: {e}")))?;
+        let frame = frame.map_err(|e| body_error(&e))?;
         let Ok(data) = frame.into_data() else {
             continue;
         };
@@ -1220,6 +1219,35 @@ async fn read_body_charged(
     }
 }
 
+/// The answer to a body that could not be read: 499 (audited `client-gone`) where the
+/// client closed or reset the connection before its body ended, else 400. A client gone
+/// mid-upload was audited and counted as a bad request (a review's finding).
+fn body_error(e: &axum::Error) -> AppError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    let mut gone = false;
+    while let Some(c) = cause {
+        if let Some(h) = c.downcast_ref::<hyper::Error>() {
+            gone |= h.is_incomplete_message() || h.is_canceled() || h.is_closed();
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            gone |= matches!(
+                io.kind(),
+                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+            );
+        }
+        cause = c.source();
+    }
+    if gone {
+        AppError::new(
+            StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            "the client closed the connection before its request body ended",
+        )
+    } else {
+        AppError::bad_request(format!("cannot read the request body: {e}"))
+    }
+}
+
 /// Reads a body up to the configured limit (413 beyond it).
 pub(crate) async fn read_body(
     headers: &HeaderMap,
@@ -1246,7 +1274,7 @@ pub(crate) async fn read_body(
         if length_limit || e.to_string().contains("length limit") {
             too_large()
         } else {
-            AppError::bad_request(format!("cannot read the request body: {e}"))
+            body_error(&e)
         }
     })
 }

@@ -263,11 +263,13 @@ fn dims(shape: &[i64]) -> String {
 }
 
 impl CandleBackend {
-    /// Builds `architecture` from its architecture file and safetensors weights. `name` only
-    /// labels errors.
+    /// Builds `architecture` from its architecture file (`config`, named `config_name`) and
+    /// safetensors weights (named `name`). The names only label errors: an error in the
+    /// architecture file names it, not the weights (a review's finding).
     pub fn load(
         architecture: &str,
         config: &[u8],
+        config_name: &Path,
         weights: &[u8],
         name: &Path,
         options: &LoadOptions,
@@ -283,7 +285,7 @@ impl CandleBackend {
         // A few KiB in practice; parsed whole, a 400 MB one took 7 GB (a red-team finding).
         if config.len() > MAX_ARCHITECTURE_BYTES {
             return Err(invalid(
-                name,
+                config_name,
                 format!(
                     "architecture file of {} bytes; at most {} MiB",
                     config.len(),
@@ -292,11 +294,12 @@ impl CandleBackend {
             ));
         }
         let file: ArchitectureFile = serde_json::from_slice(config)
-            .map_err(|e| invalid(name, format!("architecture file: {e}")))?;
+            .map_err(|e| invalid(config_name, format!("architecture file: {e}")))?;
         let device = device(options).map_err(|e| invalid(name, e))?;
         let tensors = candle_core::safetensors::load_buffer(weights, &device)
             .map_err(|e| invalid(name, format!("not a valid safetensors file: {e}")))?;
-        let (net, metadata) = build(&file, tensors, device).map_err(|e| invalid(name, e))?;
+        // Its checks are of the architecture, against itself and the weights.
+        let (net, metadata) = build(&file, tensors, device).map_err(|e| invalid(config_name, e))?;
         Ok(CandleBackend {
             net: Arc::new(net),
             metadata: Arc::new(metadata),
@@ -650,10 +653,28 @@ fn build(
             shape[0]
         ));
     }
+    // The output's activation is the layers' own: "sigmoid" over a softmax layer was taken
+    // without a word (a review's finding).
+    let softmax = matches!(layers.last(), Some(Built::Softmax));
+    match file.output.activation.as_deref() {
+        None => {}
+        Some("softmax") if softmax => {}
+        Some("none" | "identity" | "logits") if !softmax => {}
+        Some(other) => {
+            return Err(format!(
+                "output activation {other:?} but the layers end in {}",
+                if softmax {
+                    "a softmax (\"softmax\")"
+                } else {
+                    "a linear layer (\"none\")"
+                }
+            ));
+        }
+    }
+    // Compared with bundle.toml's by the repository (Manifest::check_candle_output).
     let _ = (
         &file.input.preprocessing,
         &file.output.positive_label,
-        &file.output.activation,
         &file.output.layout,
         &file.model,
         &file.version,
@@ -1174,6 +1195,7 @@ mod tests {
         CandleBackend::load(
             CONV_CLASSIFIER,
             &serde_json::to_vec(arch).unwrap(),
+            Path::new("test/1/architecture.json"),
             &safetensors(w),
             Path::new("test/1/model.safetensors"),
             &LoadOptions::default(),
@@ -1293,6 +1315,16 @@ mod tests {
                 edit(&|a| a["output"]["shape"] = serde_json::json!([-1, 3])),
                 w.clone(),
                 "output shape [-1, 3]",
+            ),
+            (
+                edit(&|a| a["output"]["activation"] = "sigmoid".into()),
+                w.clone(),
+                "output activation \"sigmoid\" but the layers end in a softmax",
+            ),
+            (
+                edit(&|a| a["output"]["activation"] = "none".into()),
+                w.clone(),
+                "output activation \"none\" but the layers end in a softmax",
             ),
             (
                 edit(&|a| a["layers"][0]["pool"]["stride"] = serde_json::json!([1, 1])),
@@ -1425,6 +1457,7 @@ mod tests {
             let e = CandleBackend::load(
                 CONV_CLASSIFIER,
                 &serde_json::to_vec(&arch).unwrap(),
+                Path::new("test/1/architecture.json"),
                 &bytes,
                 Path::new("m"),
                 &LoadOptions::default(),
@@ -1440,6 +1473,7 @@ mod tests {
         let e = CandleBackend::load(
             CONV_CLASSIFIER,
             b"{",
+            Path::new("test/1/architecture.json"),
             &good,
             Path::new("m"),
             &LoadOptions::default(),
@@ -1447,9 +1481,12 @@ mod tests {
         .err()
         .unwrap();
         assert!(format!("{e:?}").contains("architecture file"), "{e:?}");
+        // named by its own name, not the weights'
+        assert!(e.to_string().contains("test/1/architecture.json"), "{e}");
         let e = CandleBackend::load(
             "transformer",
             &[],
+            Path::new("test/1/architecture.json"),
             &good,
             Path::new("m"),
             &LoadOptions::default(),

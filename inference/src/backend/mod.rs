@@ -334,10 +334,12 @@ pub fn load_bytes(
 
 /// Loads a native candle model: `architecture` (a name this build implements, e.g.
 /// `conv-classifier`), its architecture file's bytes and its safetensors weights. Everything
-/// is checked before anything runs (see the candle backend's docs). `name` only labels errors.
+/// is checked before anything runs (see the candle backend's docs). `config_name` and
+/// `name` (the weights') only label errors.
 pub fn load_candle(
     architecture: &str,
     config: &[u8],
+    config_name: &Path,
     weights: &[u8],
     name: &Path,
     options: &LoadOptions,
@@ -347,6 +349,7 @@ pub fn load_candle(
         Ok(Box::new(candle::CandleBackend::load(
             architecture,
             config,
+            config_name,
             weights,
             name,
             options,
@@ -354,7 +357,7 @@ pub fn load_candle(
     }
     #[cfg(not(feature = "candle"))]
     {
-        let _ = (architecture, config, weights, name, options);
+        let _ = (architecture, config, config_name, weights, name, options);
         Err(InferenceError::BackendNotCompiled { backend: "candle" })
     }
 }
