@@ -714,3 +714,52 @@ fn a_client_gone_mid_body_is_audited_client_gone() {
         assert_eq!(r["outcome"], "client-gone", "{r}");
     }
 }
+
+/// The same over HTTP/2: a client that resets its stream (CANCEL) before its body ends is
+/// audited `client-gone` (it was a 400: a re-attack's finding).
+#[test]
+fn an_http2_stream_reset_mid_body_is_audited_client_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, addr) = start_server(dir.path(), &[], "warn");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(connection);
+        let request = axum::http::Request::post(format!("http://{addr}/v2/models/{MODEL}/infer"))
+            .header("content-length", "1000")
+            .header("x-request-id", "cut-h2")
+            .body(())
+            .unwrap();
+        let (_response, mut stream) = client.send_request(request, false).unwrap();
+        stream
+            .send_data(bytes::Bytes::from_static(b"{\"inputs\":"), false)
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        stream.send_reset(h2::Reason::CANCEL);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    });
+    let trail = dir.path().join("audit.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let record = loop {
+        let found = std::fs::read_to_string(&trail)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|r| r["request_id"] == "cut-h2");
+        if let Some(r) = found {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no record of the reset request"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    drop(server);
+    assert_eq!(record["status"], 499, "{record}");
+    assert_eq!(record["outcome"], "client-gone", "{record}");
+}

@@ -35,8 +35,9 @@ pub enum DicomEvent {
     /// An association request was refused or never completed.
     AssociationRejected {
         peer: SocketAddr,
-        /// Short stable reason: `not_established` (closed, aborted, or an invalid PDU),
-        /// `timeout`, `busy`, or the A-ASSOCIATE-RJ's: `protocol_version`,
+        /// Short stable reason: `not_established` (aborted, or an invalid PDU; a connection
+        /// closed before sending anything is counted in the metrics only), `timeout`, `busy`,
+        /// `host_not_allowed` (refused at accept), or the A-ASSOCIATE-RJ's: `protocol_version`,
         /// `application_context`, `calling_ae` (an invalid title or one the allowlist
         /// refuses), `called_ae`, `no_context`; `context_ids` (aborted).
         reason: &'static str,

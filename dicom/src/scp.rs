@@ -399,6 +399,17 @@ impl Scp {
     /// the middle of a data set). Every association and its instances ran on until the
     /// process ended, unaudited, and were accepted while the HTTP listeners drained (a
     /// review's finding).
+    /// Reports a connection refused at accept (`reason`: `host_not_allowed`, `busy`) off the
+    /// accept loop, which a write of its record must not hold. The event sink bounds what a
+    /// flood of them writes (the audit's throttle): a host the allowlist refuses was counted
+    /// in the metrics only (a re-attack's finding).
+    fn report_refused_at_accept(&self, peer: SocketAddr, reason: &'static str) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            Reporter::send(&events, DicomEvent::AssociationRejected { peer, reason }).await;
+        });
+    }
+
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let (stopping, stop_seen) = tokio::sync::watch::channel(Stopping::No);
@@ -435,6 +446,7 @@ impl Scp {
                 if let Some(not_logged) = UNASSOCIATED_LOG.allow() {
                     tracing::info!(%peer, not_logged, "DICOM connection closed: no allowlist entry names this host");
                 }
+                self.report_refused_at_accept(peer, "host_not_allowed");
                 continue;
             }
             // Until its A-ASSOCIATE-RQ arrives a connection holds a waiting place (bounded
@@ -446,6 +458,7 @@ impl Scp {
                 if let Some(not_logged) = UNASSOCIATED_LOG.allow() {
                     tracing::warn!(%peer, not_logged, "DICOM connection closed: too many connections waiting for their A-ASSOCIATE-RQ");
                 }
+                self.report_refused_at_accept(peer, "busy");
                 continue;
             };
             let Some(place) = WaitingPlace::take(&self.waiting_by_host, peer.ip()) else {
@@ -453,6 +466,7 @@ impl Scp {
                 if let Some(not_logged) = UNASSOCIATED_LOG.allow() {
                     tracing::warn!(%peer, not_logged, "DICOM connection closed: too many connections from this host waiting for their A-ASSOCIATE-RQ");
                 }
+                self.report_refused_at_accept(peer, "busy");
                 continue;
             };
             let config = self.config.clone();
@@ -878,11 +892,8 @@ async fn serve_association(
             return;
         }
         Opened::Other(0x07) => {
-            association_outcome("not_established");
-            if let Some(not_logged) = UNASSOCIATED_LOG.allow() {
-                tracing::info!(%peer, not_logged, "DICOM connection closed: A-ABORT before any association");
-            }
-            return;
+            let said = "DICOM connection closed: A-ABORT before any association";
+            return not_associated(&events, peer, "not_established", said).await;
         }
         Opened::Other(0x05) => {
             if let Some(not_logged) = UNASSOCIATED_LOG.allow() {

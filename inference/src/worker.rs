@@ -831,8 +831,11 @@ impl Instance {
             tracing::debug_span!(parent: &jobs[0].span, "execute", requests = jobs.len(), rows);
         let _entered = span.enter();
         // Where the shapes cannot tell whether the joined batch fits (its sizes depend on
-        // values), the requests are kept, to run one by one if the engine refuses it.
-        let (inputs, replies, kept) = if fits.is_none() {
+        // values), the requests are kept, to run one by one if the engine refuses it; so are
+        // those of any batch of several, to run one by one if the engine panics on it: one
+        // caller's input that panicked tract failed the requests batched with it (a
+        // re-attack's finding), and alone, only its own fails.
+        let (inputs, replies, kept) = if fits.is_none() || jobs.len() > 1 {
             match concat_inputs(&jobs) {
                 Ok(inputs) => (inputs, Vec::new(), Some(jobs)),
                 Err(e) => {
@@ -857,7 +860,13 @@ impl Instance {
         let outcome = infer_caught(&mut *self.backend, inputs, &self.last_compute_ns);
         let inferred = Instant::now();
         let replies = match kept {
-            Some(jobs) if matches!(outcome, Err(InferenceError::WorkingMemory { .. })) => {
+            // Kept: several requests.
+            Some(jobs)
+                if matches!(
+                    outcome,
+                    Err(InferenceError::WorkingMemory { .. } | InferenceError::Panicked)
+                ) =>
+            {
                 for job in jobs {
                     self.execute_counted(vec![job], false);
                 }

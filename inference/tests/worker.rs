@@ -251,6 +251,77 @@ async fn batched_results_equal_single_results_exactly() {
     assert_eq!(stats.success.count, n as u64);
 }
 
+/// Panics (as tract's kernels do on some inputs) on a batch holding a row whose first
+/// feature is -999.
+struct PanicsOnSentinel(Box<dyn Backend>);
+
+impl Backend for PanicsOnSentinel {
+    fn name(&self) -> &'static str {
+        "panics-on-sentinel"
+    }
+    fn metadata(&self) -> &ModelMetadata {
+        self.0.metadata()
+    }
+    fn infer(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, InferenceError> {
+        if let Tensor::Fp32(a) = &inputs[0].tensor
+            && a.rows().into_iter().any(|r| r[0] == -999.0)
+        {
+            panic!("index out of range");
+        }
+        self.0.infer(inputs)
+    }
+    fn fork(&self) -> Result<Box<dyn Backend>, InferenceError> {
+        Ok(Box::new(PanicsOnSentinel(self.0.fork()?)))
+    }
+}
+
+/// One caller's request that makes the engine panic fails alone: the requests batched with
+/// it run again one by one and get their answers (they got the panic: a re-attack's
+/// finding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_batch_fails_only_the_request_that_caused_it() {
+    let rows = rows();
+    let mut single = load();
+    let h = Harness::with_backend(
+        WorkerConfig {
+            queue_capacity: 64,
+            batching: Some(BatchingConfig {
+                max_batch_size: 8,
+                max_queue_delay: Duration::from_millis(1),
+                preferred_batch_sizes: vec![],
+            }),
+            ..WorkerConfig::default()
+        },
+        Box::new(PanicsOnSentinel(load())),
+    );
+    let spawn = |x: Vec<NamedTensor>| {
+        let w = h.worker.clone();
+        tokio::spawn(async move { w.infer(x).await })
+    };
+    let first = spawn(input(&rows[..1]));
+    h.until_blocked().await;
+    let mut bad_row = rows[1].clone();
+    bad_row[0] = -999.0;
+    let bad = spawn(input(std::slice::from_ref(&bad_row)));
+    h.until_queued(1).await;
+    let good: Vec<_> = (2..5)
+        .map(|i| spawn(input(std::slice::from_ref(&rows[i]))))
+        .collect();
+    h.until_queued(4).await;
+    h.open();
+    bounded(first).await.unwrap().unwrap();
+    assert!(matches!(
+        bounded(bad).await.unwrap(),
+        Err(InferenceError::Panicked)
+    ));
+    for (i, task) in (2..5).zip(good) {
+        let want = single.infer(input(std::slice::from_ref(&rows[i]))).unwrap();
+        assert_eq!(bounded(task).await.unwrap().unwrap(), want, "row {i}");
+    }
+    // The first alone, the batch of four (which panicked), then each of the four alone.
+    assert_eq!(*h.calls.lock().unwrap(), vec![1, 4, 1, 1, 1, 1]);
+}
+
 /// Requests that would pass the engine's working-memory limit once joined run one by one,
 /// each with its exact single answer (joined, the batch would have been refused whole).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1604,12 +1604,13 @@ impl Manifest {
         };
         let fail = |what: &str, file: String, manifest: String| {
             Err(InvalidManifest(format!(
-                "output {:?}: the candle architecture file's {what} {file} differ from bundle.toml's {manifest}",
+                "output {:?}: the candle architecture file gives {what} {file}, bundle.toml {manifest}",
                 shown(&declared.name)
             )))
         };
+        // Where the file gives them, bundle.toml gives the same (none there is not the same:
+        // a re-attack's finding).
         if let Some(labels) = &file.output.labels
-            && !declared.labels.is_empty()
             && *labels != declared.labels
         {
             return fail(
@@ -1618,14 +1619,13 @@ impl Manifest {
                 shown(&format!("{:?}", declared.labels)).into_owned(),
             );
         }
-        if let (Some(positive), Some(wanted)) =
-            (&file.output.positive_label, &declared.positive_label)
-            && positive != wanted
+        if let Some(positive) = &file.output.positive_label
+            && Some(positive) != declared.positive_label.as_ref()
         {
             return fail(
                 "positive_label",
                 shown(&format!("{positive:?}")).into_owned(),
-                shown(&format!("{wanted:?}")).into_owned(),
+                shown(&format!("{:?}", declared.positive_label)).into_owned(),
             );
         }
         Ok(())

@@ -745,10 +745,6 @@ fn log_failure(
     }
 }
 
-/// A client's `X-Request-Id` is kept when it is 1 to 128 visible ASCII characters; any other
-/// (empty, non-ASCII, longer) is dropped here so that `SetRequestIdLayer` gives the request a
-/// UUID: the log, the audit record and the response then name the same id (a non-ASCII id
-/// was echoed back but audited as "-").
 /// The request's id as the log and the response carry it (`x-request-id`, set by the
 /// request-id layer where the client gave none usable), at most 128 characters; `-` where
 /// there is none.
@@ -762,6 +758,10 @@ pub(crate) fn request_id_of(headers: &HeaderMap) -> String {
         .collect()
 }
 
+/// A client's `X-Request-Id` is kept when it is 1 to 128 visible ASCII characters; any other
+/// (empty, non-ASCII, longer) is dropped here so that `SetRequestIdLayer` gives the request a
+/// UUID: the log, the audit record and the response then name the same id (a non-ASCII id
+/// was echoed back but audited as "-").
 async fn usable_request_id(mut request: Request) -> Request {
     let usable = request
         .headers()
@@ -1228,6 +1228,11 @@ fn body_error(e: &axum::Error) -> AppError {
     while let Some(c) = cause {
         if let Some(h) = c.downcast_ref::<hyper::Error>() {
             gone |= h.is_incomplete_message() || h.is_canceled() || h.is_closed();
+        }
+        // HTTP/2: the client reset the stream or sent GOAWAY before its body ended (a
+        // re-attack's finding: audited 400).
+        if let Some(h) = c.downcast_ref::<h2::Error>() {
+            gone |= h.is_io() || (h.is_remote() && (h.is_reset() || h.is_go_away()));
         }
         if let Some(io) = c.downcast_ref::<std::io::Error>() {
             use std::io::ErrorKind::*;
