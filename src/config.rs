@@ -422,6 +422,7 @@ pub enum LogFormat {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
+    /// Every path key is read from the file's folder when relative ([`FileConfig::paths_from`]).
     repository: Option<PathBuf>,
     http_addr: Option<SocketAddr>,
     grpc_addr: Option<SocketAddr>,
@@ -732,6 +733,40 @@ pub enum ConfigError {
     Auth(#[from] crate::http::auth::AuthConfigError),
 }
 
+impl FileConfig {
+    /// The file's relative paths read from its folder `dir`, as its TLS, `[auth]` and trust
+    /// files are: the data folder, the repository, the audit trail and the spool were read
+    /// from the working directory, so the same file started from another folder (systemd
+    /// starts in `/`) began a new audit trail and digest key there (a review's finding). An
+    /// empty path is refused with its key named (`data_dir = ""` wrote into the working
+    /// directory).
+    fn paths_from(&mut self, dir: &Path) -> Result<(), ConfigError> {
+        for (key, path) in [
+            ("repository", &mut self.repository),
+            ("ort_library", &mut self.ort_library),
+            ("data_dir", &mut self.data_dir),
+            ("audit_log", &mut self.audit_log),
+            ("audit_digest_key", &mut self.audit_digest_key),
+            ("dicom_spool", &mut self.dicom_spool),
+            ("validation_root", &mut self.validation_root),
+            ("validation_reports", &mut self.validation_reports),
+        ] {
+            let Some(p) = path.as_mut() else {
+                continue;
+            };
+            if p.as_os_str().is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} is empty: name a path, or leave the key out"
+                )));
+            }
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+        Ok(())
+    }
+}
+
 impl ServeArgs {
     /// Merges flags/env over the config file over defaults, and checks the result.
     /// Flags win over the environment, also across a pair where one overrides the other
@@ -752,13 +787,19 @@ impl ServeArgs {
     }
 
     pub fn resolve(self) -> Result<ServeConfig, ConfigError> {
-        let file = match &self.config {
+        let mut file = match &self.config {
             Some(path) => read_file(path)?,
             None if Path::new("nightingale.toml").is_file() => {
                 read_file(Path::new("nightingale.toml"))?
             }
             None => FileConfig::default(),
         };
+        file.paths_from(
+            self.config
+                .as_deref()
+                .and_then(Path::parent)
+                .unwrap_or(Path::new("")),
+        )?;
         let backend = match self.backend.or(file.backend).unwrap_or(BackendArg::Tract) {
             BackendArg::Tract => BackendKind::Tract,
             BackendArg::Ort => BackendKind::Ort,
@@ -1076,6 +1117,18 @@ impl ServeArgs {
         if let Some(addr) = grpc_addr {
             auth.check_bind(addr, insecure)?;
             auth.loopback_grpc_listener = crate::http::auth::is_loopback(addr);
+            // Found here, naming both (it failed after HTTP was listening: a review's
+            // finding). Port 0 is a free port each.
+            if addr.port() != 0
+                && addr.port() == http_addr.port()
+                && (addr.ip() == http_addr.ip()
+                    || addr.ip().is_unspecified()
+                    || http_addr.ip().is_unspecified())
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "grpc_addr (--grpc-addr) {addr} takes the port of http_addr (--http-addr) {http_addr}: give each its own port"
+                )));
+            }
         }
 
         // DICOMweb (issue 8): read before the DICOM block takes the spool path.
@@ -1805,6 +1858,56 @@ mod tests {
             assert!(args(ok, false).resolve().is_ok(), "{ok}");
         }
         assert!(args("http://fhir.example.org/r4", true).resolve().is_ok());
+    }
+
+    /// gRPC on the HTTP port is refused before anything listens, naming both.
+    #[test]
+    fn grpc_on_the_http_port_is_refused() {
+        let args = |grpc: &str| ServeArgs {
+            http_addr: Some("127.0.0.1:18000".parse().unwrap()),
+            grpc_addr: Some(grpc.parse().unwrap()),
+            ..ServeArgs::default()
+        };
+        let e = args("127.0.0.1:18000").resolve().unwrap_err().to_string();
+        assert!(e.contains("takes the port of http_addr"), "{e}");
+        assert!(args("127.0.0.1:18001").resolve().is_ok());
+        assert!(args("127.0.0.1:0").resolve().is_ok());
+    }
+
+    /// Relative paths in the file are the file's folder's, wherever the server is started
+    /// (they were the working directory's: the same file started elsewhere began a new
+    /// audit trail there); an empty one is refused, naming its key (a review's findings).
+    #[test]
+    fn relative_paths_in_the_file_are_read_from_its_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        let path = etc.join("n.toml");
+        std::fs::write(
+            &path,
+            "data_dir = \"data\"\nrepository = \"bundles\"\naudit_log = \"/var/log/a.jsonl\"\n",
+        )
+        .unwrap();
+        let args = || ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        };
+        let config = args().resolve().unwrap();
+        assert_eq!(config.data_dir, etc.join("data"));
+        assert_eq!(config.repository, etc.join("bundles"));
+        // The command line's stay the working directory's.
+        let flagged = ServeArgs {
+            data_dir: Some("here".into()),
+            ..args()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(flagged.data_dir, PathBuf::from("here"));
+        for key in ["data_dir", "dicom_spool", "audit_log"] {
+            std::fs::write(&path, format!("{key} = \"\"\n")).unwrap();
+            let e = args().resolve().unwrap_err().to_string();
+            assert!(e.contains(&format!("{key} is empty")), "{e}");
+        }
     }
 
     /// Red-team finding: a TOML error printed the offending line, so a typo next to (or in)

@@ -329,14 +329,28 @@ fn main() -> anyhow::Result<()> {
             let config = args.resolve()?;
             init_tracing(config.log_format);
             log_panics();
-            // The file may hold secrets (the admin token, a database password).
+            // Which file was read, if any: a `./nightingale.toml` that is a dangling link or a
+            // folder was passed over without a word (a review's finding).
+            match &config_file {
+                Some(path) => tracing::info!(path = %path.display(), "config file read"),
+                None if std::fs::symlink_metadata("nightingale.toml").is_ok() => {
+                    tracing::warn!(
+                        "./nightingale.toml is not a readable file (a dangling link or a folder): not read; built-in defaults and flags apply"
+                    )
+                }
+                None => {}
+            }
+            // The file may hold secrets: the admin token, a database password (that one was
+            // not warned about: a review's finding).
             if let Some(path) = &config_file
                 && let Ok(bytes) = nightingale::files::read_regular(path, 1 << 20)
-                && String::from_utf8_lossy(&bytes).contains("admin_token")
+                && ["admin_token", "audit_postgres_url"]
+                    .iter()
+                    .any(|key| String::from_utf8_lossy(&bytes).contains(key))
             {
                 nightingale::files::warn_if_others_can_read(
                     path,
-                    "the config file, which sets admin_token,",
+                    "the config file, which sets admin_token or audit_postgres_url,",
                 );
             }
             raise_open_file_limit();
@@ -429,6 +443,14 @@ fn main() -> anyhow::Result<()> {
                 },
         } => {
             use nightingale::audit::anchor as anchors;
+            // Both named: the file was ignored for the database (whose variable a `serve`
+            // environment sets), and a tampered file passed unseen (a review's finding).
+            if path.is_some() && postgres_url.is_some() {
+                eprintln!(
+                    "error: both a PATH and a PostgreSQL trail (--postgres-url or NIGHTINGALE_AUDIT_POSTGRES_URL) are named: check one at a time (unset the variable to check the file)"
+                );
+                std::process::exit(2)
+            }
             let anchored = match &anchor {
                 Some(file) => match anchors::read(file) {
                     Ok(a) => a,

@@ -176,6 +176,25 @@ fn audit_verify_fails_on_a_missing_log() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL"));
 }
 
+/// A PATH and a PostgreSQL trail named together (its variable set for `serve`): refused,
+/// exit 2, where the file was ignored and an intact database said "ok" (a review's finding).
+#[test]
+fn audit_verify_refuses_a_path_and_a_database_together() {
+    let out = bin()
+        .args(["audit", "verify", "/nonexistent/audit.jsonl"])
+        .env(
+            "NIGHTINGALE_AUDIT_POSTGRES_URL",
+            "host=127.0.0.1 port=1 user=u dbname=d",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("check one at a time"),
+        "{out:?}"
+    );
+}
+
 /// Starts `serve` in `dir` (on its folder `repository`, HTTP on a free loopback port, info
 /// log, no config file or admin token from the environment) with `args`; its log lines come
 /// on the receiver.

@@ -187,6 +187,8 @@ pub enum InitError {
         "version {version} of {name} already exists (in its bundle.toml or as a folder): choose another --version"
     )]
     VersionExists { name: String, version: u64 },
+    #[error("version 0 is not a version: versions are numbered from 1")]
+    VersionZero,
     #[error(
         "the bundle {path} does not open (nothing was written): {}",
         crate::error::chain(source)
@@ -390,10 +392,10 @@ pub fn add_version(
         .filter_map(|v| v.parse().ok())
         .collect();
     let version = version.unwrap_or_else(|| numbers.iter().max().map_or(1, |m| m + 1));
-    if version == 0
-        || numbers.contains(&version)
-        || fs::symlink_metadata(dest.join(version.to_string())).is_ok()
-    {
+    if version == 0 {
+        return Err(InitError::VersionZero);
+    }
+    if numbers.contains(&version) || fs::symlink_metadata(dest.join(version.to_string())).is_ok() {
         return Err(InitError::VersionExists {
             name: options.name.clone(),
             version,
