@@ -835,7 +835,7 @@ impl Instance {
         // those of any batch of several, to run one by one if the engine panics on it: one
         // caller's input that panicked tract failed the requests batched with it (a
         // re-attack's finding), and alone, only its own fails.
-        let (inputs, replies, kept) = if fits.is_none() || jobs.len() > 1 {
+        let (inputs, replies, kept) = if jobs.len() > 1 {
             match concat_inputs(&jobs) {
                 Ok(inputs) => (inputs, Vec::new(), Some(jobs)),
                 Err(e) => {
@@ -846,15 +846,11 @@ impl Instance {
                 }
             }
         } else {
-            match join(jobs) {
-                Ok((inputs, replies)) => (inputs, replies, None),
-                Err((e, replies)) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
-                    }
-                    return;
-                }
-            }
+            // One request: its inputs as they are.
+            let Some(job) = jobs.into_iter().next() else {
+                return;
+            };
+            (job.inputs, vec![job.reply], None)
         };
         let joined = Instant::now();
         let outcome = infer_caught(&mut *self.backend, inputs, &self.last_compute_ns);
@@ -970,27 +966,6 @@ fn concat_inputs(jobs: &[Job]) -> Result<Vec<NamedTensor>, InferenceError> {
             ))
         })
         .collect()
-}
-
-/// Concatenates the requests' inputs along axis 0.
-#[allow(clippy::type_complexity)]
-fn join(
-    mut jobs: Vec<Job>,
-) -> Result<(Vec<NamedTensor>, Vec<Reply>), (InferenceError, Vec<Reply>)> {
-    if jobs.len() == 1 {
-        let job = jobs.pop().expect("one job");
-        return Ok((job.inputs, vec![job.reply]));
-    }
-    let n = jobs[0].inputs.len();
-    let mut joined = Vec::with_capacity(n);
-    for i in 0..n {
-        let parts: Vec<&Tensor> = jobs.iter().map(|j| &j.inputs[i].tensor).collect();
-        match Tensor::concat(&parts) {
-            Ok(t) => joined.push(NamedTensor::new(jobs[0].inputs[i].name.clone(), t)),
-            Err(e) => return Err((e.into(), jobs.into_iter().map(|j| j.reply).collect())),
-        }
-    }
-    Ok((joined, jobs.into_iter().map(|j| j.reply).collect()))
 }
 
 /// Splits each output along axis 0 into the requests' row counts.
